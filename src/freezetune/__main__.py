@@ -1,0 +1,3 @@
+from freezetune.cli import main
+
+raise SystemExit(main())

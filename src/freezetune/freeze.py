@@ -1,0 +1,251 @@
+"""Freezing and the BatchNorm policy of frozen parts.
+
+A spec names what to (un)freeze: ``"backbone"`` (all but the head), ``"all"``, ``"none"``, an int ``n`` (the first
+``n`` stages, negative as in slicing), a stage name, a glob over qualified module/parameter names, or a list of
+these. BatchNorm layers inside a frozen part follow one of three policies:
+
+- ``"frozen"``: affine parameters and running statistics frozen; the layer stays in eval mode even after
+  ``model.train()`` (a forward pre-hook puts it back), so a training pass leaves its statistics bit-identical.
+- ``"affine"``: weight/bias stay trainable, statistics update in train mode (fastai/Lightning ``train_bn=True``).
+- ``"train"``: weight/bias frozen, statistics update in train mode (what plain ``requires_grad=False`` does).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Sequence
+
+from torch import nn
+
+from freezetune.errors import SpecError, choices
+from freezetune.stages import Stage, stages
+
+BN_POLICIES = ("frozen", "affine", "train")
+KEYWORDS = ("backbone", "all", "none")
+
+Spec = str | int | Sequence[str | int]
+
+# The policy freezetune keeps on a BatchNorm module it froze: a plain attribute, so it survives deepcopy/pickling.
+# The eval-keeping hook is found again by identity of its function rather than through a stored handle, because a
+# deep-copied handle would still point at the original module's hook table.
+_POLICY_ATTR = "_freezetune_bn"
+
+
+def freeze(model: nn.Module, spec: Spec = "backbone", *, bn: str = "frozen") -> None:
+    """Freeze the parameters ``spec`` names; BatchNorm layers inside follow the ``bn`` policy.
+
+    >>> import torchvision
+    >>> m = torchvision.models.resnet18()
+    >>> freeze(m, "backbone")
+    >>> count_parameters(m)
+    (513000, 11689512)
+    """
+    _check_bn(bn)
+    st = stages(model)
+    params = _resolve(model, st, spec)
+    for p in params.values():
+        p.requires_grad_(False)
+    for bn_module in _bn_modules_within(model, params):
+        setattr(bn_module, _POLICY_ATTR, bn)
+    _apply_bn_policies(model)
+
+
+def unfreeze(model: nn.Module, spec: Spec = "all", *, bn: str = "frozen") -> None:
+    """Make the parameters ``spec`` names trainable; their BatchNorm layers become ordinary layers again.
+
+    ``bn`` is re-applied to the BatchNorm layers of the parts that stay frozen.
+
+    >>> import torchvision
+    >>> m = torchvision.models.resnet18()
+    >>> freeze(m, "all"); unfreeze(m, "layer4")
+    >>> [s.name for s in stages(m) if s.num_trainable]
+    ['layer4']
+    """
+    _check_bn(bn)
+    st = stages(model)
+    params = _resolve(model, st, spec)
+    for p in params.values():
+        p.requires_grad_(True)
+    for bn_module in _bn_modules_within(model, params):
+        _release(bn_module)
+        bn_module.train(model.training)
+    for module in model.modules():
+        if getattr(module, _POLICY_ATTR, None) is not None:
+            setattr(module, _POLICY_ATTR, bn)
+    _apply_bn_policies(model)
+
+
+def freeze_to(model: nn.Module, n: int, *, bn: str = "frozen") -> None:
+    """Freeze ``stages[:n]`` and make ``stages[n:]`` trainable (``n`` may be negative, as in slicing).
+
+    >>> import torchvision
+    >>> m = torchvision.models.resnet18()
+    >>> freeze_to(m, -2)
+    >>> [s.name for s in stages(m) if s.num_trainable]
+    ['layer4', 'fc']
+    """
+    if not isinstance(n, int) or isinstance(n, bool):
+        raise SpecError(f"freeze_to takes an int number of stages, got {n!r}")
+    st = stages(model)
+    names = [s.name for s in st]
+    frozen, trainable = names[:n], names[n:]
+    if trainable:
+        unfreeze(model, trainable, bn=bn)
+    if frozen:
+        freeze(model, frozen, bn=bn)
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """``(trainable, total)`` parameter counts; shared parameters count once.
+
+    >>> count_parameters(nn.Linear(3, 2))
+    (8, 8)
+    """
+    params = list(model.parameters())  # de-duplicated by identity
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+def bn_mode(stage: Stage, model: nn.Module) -> str:
+    """The BatchNorm mode of a stage: its frozen policy, ``"trainable"``, ``"mixed"`` or ``"-"`` (no BatchNorm)."""
+    modes = set()
+    for name in stage.modules:
+        for module in model.get_submodule(name).modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                modes.add(getattr(module, _POLICY_ATTR, None) or "trainable")
+    if not modes:
+        return "-"
+    return modes.pop() if len(modes) == 1 else "mixed"
+
+
+def summary(model: nn.Module) -> str:
+    """A table with one row per stage: name, parameters, trainable parameters, BatchNorm mode.
+
+    >>> print(summary(nn.Sequential(nn.Linear(3, 2))).splitlines()[0].split())
+    ['stage', 'params', 'trainable', 'bn']
+    """
+    st = stages(model)
+    width = max([len(s.name) for s in st] + [5])
+    lines = [f"{'stage':<{width}}  {'params':>12}  {'trainable':>12}  bn"]
+    for s in st:
+        lines.append(f"{s.name:<{width}}  {s.num_params:>12,}  {s.num_trainable:>12,}  {bn_mode(s, model)}")
+    trainable, total = count_parameters(model)
+    pct = 100.0 * trainable / max(total, 1)
+    lines.append(f"{'total':<{width}}  {total:>12,}  {trainable:>12,}  ({pct:.1f}% trainable)")
+    return "\n".join(lines)
+
+
+# --- spec resolution ----------------------------------------------------------------------------------------
+
+
+def resolve_stages(model: nn.Module, spec: Spec) -> list[Stage]:
+    """The stages that ``spec`` touches, in model order (a glob touching part of a stage includes that stage)."""
+    st = stages(model)
+    ids = {id(p) for p in _resolve(model, st, spec).values()}
+    return [s for s in st if any(id(p) in ids for p in s.params)]
+
+
+def _resolve(model: nn.Module, st: list[Stage], spec: Spec) -> dict[int, nn.Parameter]:
+    """Map a spec to the parameters it names, keyed by identity."""
+    if isinstance(spec, (list, tuple)):
+        out: dict[int, nn.Parameter] = {}
+        for item in spec:
+            out.update(_resolve(model, st, item))
+        return out
+    if isinstance(spec, int) and not isinstance(spec, bool):
+        return _params_of(st[:spec])
+    if not isinstance(spec, str):
+        raise SpecError(f"a freeze spec is a str, an int or a list of them, got {type(spec).__name__}")
+    return _resolve_name(model, st, spec)
+
+
+def _resolve_name(model: nn.Module, st: list[Stage], spec: str) -> dict[int, nn.Parameter]:
+    if spec == "backbone":
+        return _params_of(st[:-1])
+    if spec == "all":
+        return _params_of(st)
+    if spec == "none":
+        return {}
+    by_name = {s.name: s for s in st}
+    if spec in by_name:
+        return _params_of([by_name[spec]])
+    matched = [s for s in st if fnmatch.fnmatchcase(s.name, spec)]
+    out = _params_of(matched)
+    for mod_name, module in model.named_modules():
+        if mod_name and fnmatch.fnmatchcase(mod_name, spec):
+            out.update({id(p): p for p in module.parameters()})
+    for p_name, p in model.named_parameters():
+        if fnmatch.fnmatchcase(p_name, spec):
+            out[id(p)] = p
+    if not out:
+        raise SpecError(
+            f"{spec!r} matches no stage, module or parameter; stages are: {choices(s.name for s in st)} "
+            f"(or {choices(KEYWORDS)}, an int, or a glob such as 'layer[1-3]*')"
+        )
+    return out
+
+
+def _params_of(selected: list[Stage]) -> dict[int, nn.Parameter]:
+    return {id(p): p for s in selected for p in s.params}
+
+
+# --- BatchNorm policy ---------------------------------------------------------------------------------------
+
+
+def _check_bn(bn: str) -> None:
+    if bn not in BN_POLICIES:
+        raise SpecError(f"unknown BatchNorm policy {bn!r}; choose one of {choices(BN_POLICIES)}")
+
+
+def _bn_modules_within(model: nn.Module, params: dict[int, nn.Parameter]) -> list[nn.Module]:
+    """BatchNorm layers whose parameters all lie in ``params`` (non-affine ones: whose parent's do)."""
+    out = []
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.modules.batchnorm._BatchNorm):
+            continue
+        own = list(module.parameters())
+        if not own:
+            parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
+            own = list(parent.parameters())
+        if own and all(id(p) in params for p in own):
+            out.append(module)
+    return out
+
+
+def _apply_bn_policies(model: nn.Module) -> None:
+    for module in model.modules():
+        policy = getattr(module, _POLICY_ATTR, None)
+        if policy is None or not isinstance(module, nn.modules.batchnorm._BatchNorm):
+            continue
+        for p in module.parameters(recurse=False):
+            p.requires_grad_(policy == "affine")
+        if policy == "frozen":
+            if not _has_eval_hook(module):
+                module.register_forward_pre_hook(_keep_eval)
+            module.eval()
+        elif _has_eval_hook(module):
+            _remove_eval_hook(module)
+            module.train(model.training)
+
+
+def _release(module: nn.Module) -> None:
+    """Make a BatchNorm layer an ordinary one again: no policy, no hook, trainable, following model.train()."""
+    _remove_eval_hook(module)
+    setattr(module, _POLICY_ATTR, None)
+    for p in module.parameters(recurse=False):
+        p.requires_grad_(True)
+
+
+def _keep_eval(module: nn.Module, args: tuple) -> None:
+    # model.train() flips every submodule back to training mode; a frozen BN must keep using (and never update)
+    # its running statistics, so it is put back into eval mode right before each forward.
+    if module.training:
+        module.eval()
+
+
+def _has_eval_hook(module: nn.Module) -> bool:
+    return any(h is _keep_eval for h in module._forward_pre_hooks.values())
+
+
+def _remove_eval_hook(module: nn.Module) -> None:
+    for key in [k for k, h in module._forward_pre_hooks.items() if h is _keep_eval]:
+        del module._forward_pre_hooks[key]

@@ -1,0 +1,114 @@
+"""Optimizer parameter groups: one group per stage, trainable parameters only, each parameter exactly once.
+
+The learning rate of a stage follows one rule, shared with progressive unfreezing so a stage unfrozen later gets the
+LR it would have had from the start: an explicit ``stage_lrs[name]``, else ``lr / decay**depth`` where the head has
+depth 0 and depth counts every stage, frozen or not.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+from torch import nn
+
+from freezetune.errors import FreezetuneError, SpecError, choices
+from freezetune.stages import Stage, stages
+
+
+class LRRule:
+    """The per-stage learning-rate rule: ``stage_lrs`` overrides, else ``lr / decay**depth`` (head depth 0).
+
+    >>> rule = LRRule(["stem", "body", "head"], 1e-3, decay=10)
+    >>> rule("body")
+    0.0001
+    """
+
+    def __init__(
+        self,
+        stage_names: list[str],
+        lr: float,
+        *,
+        stage_lrs: Mapping[str, float] | None = None,
+        decay: float | None = None,
+    ) -> None:
+        unknown = sorted(set(stage_lrs or {}) - set(stage_names))
+        if unknown:
+            raise SpecError(f"stage_lrs names unknown stage(s) {choices(unknown)}; stages are: {choices(stage_names)}")
+        if decay is not None and decay <= 0:
+            raise SpecError(f"decay must be > 0, got {decay}")
+        self.depth = {name: len(stage_names) - 1 - i for i, name in enumerate(stage_names)}
+        self.lr, self.stage_lrs, self.decay = float(lr), dict(stage_lrs or {}), decay
+
+    def __call__(self, stage_name: str) -> float:
+        if stage_name in self.stage_lrs:
+            return float(self.stage_lrs[stage_name])
+        if self.decay:
+            return self.lr / self.decay ** self.depth[stage_name]
+        return self.lr
+
+
+def param_groups(
+    model: nn.Module,
+    lr: float,
+    *,
+    stage_lrs: Mapping[str, float] | None = None,
+    decay: float | None = None,
+    weight_decay: float = 0.0,
+) -> list[dict]:
+    """Optimizer groups for the trainable parameters of ``model``, one per stage (head last).
+
+    With ``weight_decay > 0`` each stage also gets a ``"<stage>/no_decay"`` twin holding its biases, norm
+    parameters and the model's declared ``no_weight_decay()`` names (position embeddings, class tokens).
+
+    >>> import torch, torchvision
+    >>> import freezetune as ft
+    >>> m = torchvision.models.resnet18()
+    >>> ft.freeze_to(m, -3)
+    >>> [(g["name"], g["lr"]) for g in ft.param_groups(m, 1e-3, stage_lrs={"layer4": 1e-4, "layer3": 5e-5})]
+    [('layer3', 5e-05), ('layer4', 0.0001), ('fc', 0.001)]
+    """
+    st = stages(model)
+    rule = LRRule([s.name for s in st], lr, stage_lrs=stage_lrs, decay=decay)
+    no_decay = no_decay_names(model)
+    seen: set[int] = set()
+    groups: list[dict] = []
+    for stage in st:
+        groups += stage_groups(stage, rule(stage.name), weight_decay, no_decay, seen)
+    if not groups:
+        raise FreezetuneError(
+            f"the model has no trainable parameters; unfreeze a stage first (stages are: {choices(s.name for s in st)})"
+        )
+    return groups
+
+
+def stage_groups(
+    stage: Stage, lr: float, weight_decay: float, no_decay: set[str], seen: set[int]
+) -> list[dict]:
+    """The group(s) of one stage's trainable parameters not in ``seen`` (updated in place)."""
+    decay_params: list[nn.Parameter] = []
+    skip_params: list[nn.Parameter] = []
+    for name, p in zip(stage.param_names, stage.params, strict=True):
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))  # by identity: tied weights go once, equal-valued distinct params are all kept
+        if weight_decay > 0 and (p.ndim <= 1 or name in no_decay):
+            skip_params.append(p)
+        else:
+            decay_params.append(p)
+    out = []
+    if decay_params:
+        out.append({"params": decay_params, "name": stage.name, "lr": lr, "weight_decay": weight_decay})
+    if skip_params:
+        out.append({"params": skip_params, "name": f"{stage.name}/no_decay", "lr": lr, "weight_decay": 0.0})
+    return out
+
+
+def no_decay_names(model: nn.Module) -> set[str]:
+    """Parameter names the model declares exempt from weight decay (timm's ``no_weight_decay()``), expanded."""
+    declared = getattr(model, "no_weight_decay", None)
+    names: Iterable[str] = declared() if callable(declared) else ()
+    out = set()
+    for name, _ in model.named_parameters():
+        if any(name == d or name.startswith(d + ".") for d in names):
+            out.add(name)
+    return out

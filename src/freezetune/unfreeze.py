@@ -1,0 +1,242 @@
+"""Progressive unfreezing: widen the trainable part of a model on a schedule or when the metric stalls.
+
+Schedules:
+- ``"epoch:N"``: every N epochs unfreeze the next frozen stage counted from the head (ULMFiT's gradual unfreezing).
+- ``"plateau:patience=P,min_delta=D,mode=max"``: unfreeze the next stage when the metric given to ``step`` has not
+  improved by more than D for P consecutive calls.
+- ``{epoch: spec}``: an explicit plan; ``spec`` (any freeze spec) trains from that (0-based) epoch on.
+
+``step(epoch, metric)`` is called at the end of each epoch (0-based); what it unfreezes trains from the next epoch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from freezetune.errors import CheckpointError, SpecError, choices
+from freezetune.freeze import Spec, resolve_stages, unfreeze
+from freezetune.param_groups import LRRule, no_decay_names, stage_groups
+from freezetune.stages import Stage, stages
+
+_FORMS = ("epoch:N", "plateau:patience=P,min_delta=D,mode=max|min", "{epoch: spec}")
+_LR_KEYS = ("lr", "initial_lr", "max_lr", "min_lr")  # keys LR schedulers keep per group, all scaled alike
+
+
+@dataclass
+class Schedule:
+    """A parsed unfreezing schedule (see the module docstring for the forms)."""
+
+    kind: str  # "epoch" | "plateau" | "plan"
+    every: int = 0
+    patience: int = 2
+    min_delta: float = 0.0
+    mode: str = "max"
+    plan: dict[int, Spec] = field(default_factory=dict)
+
+
+def parse_schedule(schedule: str | Mapping[int, Spec] | Schedule) -> Schedule:
+    """Parse ``"epoch:N"``, ``"plateau:patience=P,min_delta=D,mode=max"`` or a ``{epoch: spec}`` plan.
+
+    >>> parse_schedule("plateau:patience=3").patience
+    3
+    """
+    if isinstance(schedule, Schedule):
+        return schedule
+    if isinstance(schedule, Mapping):
+        return Schedule("plan", plan={int(k): v for k, v in schedule.items()})
+    kind, _, args = str(schedule).strip().partition(":")
+    try:
+        if kind == "epoch":
+            every = int(args)
+            if every < 1:
+                raise ValueError
+            return Schedule("epoch", every=every)
+        if kind == "plateau":
+            return _parse_plateau(args)
+    except ValueError:
+        pass
+    raise SpecError(f"bad unfreeze schedule {schedule!r}; the forms are: {choices(_FORMS)}")
+
+
+def _parse_plateau(args: str) -> Schedule:
+    out = Schedule("plateau")
+    for item in filter(None, (a.strip() for a in args.split(","))):
+        key, _, value = item.partition("=")
+        if key == "patience":
+            out.patience = int(value)
+        elif key == "min_delta":
+            out.min_delta = float(value)
+        elif key == "mode" and value in ("max", "min"):
+            out.mode = value
+        else:
+            raise ValueError(item)
+    if out.patience < 1:
+        raise ValueError("patience")
+    return out
+
+
+class Unfreezer:
+    """Unfreeze stages on a schedule, adding their parameters to ``optimizer`` with the ``param_groups`` LR rule.
+
+    A given ``scheduler`` keeps driving the new groups: their LR keys and the scheduler's per-group lists are
+    extended from a reference group, scaled by the ratio of the two stages' rule LRs.
+
+    >>> import torch, torchvision, freezetune as ft
+    >>> m = torchvision.models.resnet18(); ft.freeze(m, "backbone")
+    >>> opt = torch.optim.SGD(ft.param_groups(m, 0.1, decay=10), lr=0.1)
+    >>> u = ft.Unfreezer(m, opt, "epoch:1", lr=0.1, decay=10)
+    >>> u.step(0), [g["name"] for g in opt.param_groups]
+    (['layer4'], ['fc', 'layer4'])
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        schedule: str | Mapping[int, Spec] | Schedule,
+        *,
+        lr: float,
+        stage_lrs: Mapping[str, float] | None = None,
+        decay: float | None = None,
+        bn: str = "frozen",
+        weight_decay: float = 0.0,
+        scheduler: object | None = None,
+    ) -> None:
+        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.schedule = parse_schedule(schedule)
+        self.rule = LRRule([s.name for s in stages(model)], lr, stage_lrs=stage_lrs, decay=decay)
+        self.bn, self.weight_decay = bn, weight_decay
+        self.unfrozen: list[str] = []
+        self.events: list[tuple[int, list[str]]] = []
+        self.added_groups: list[str] = []
+        self.best: float | None = None
+        self.num_bad = 0
+        for spec in (self.schedule.plan or {}).values():
+            resolve_stages(model, spec)  # validate the whole plan now, not at epoch 40
+        if 0 in self.schedule.plan:
+            self._unfreeze([s.name for s in resolve_stages(model, self.schedule.plan[0])])
+
+    def step(self, epoch: int, metric: float | None = None) -> list[str]:
+        """Advance the schedule at the end of ``epoch`` (0-based); returns the stages unfrozen by this call."""
+        names: list[str] = []
+        if self.schedule.kind == "epoch" and (epoch + 1) % self.schedule.every == 0:
+            names = self._next_frozen()
+        elif self.schedule.kind == "plateau":
+            names = self._next_frozen() if self._stalled(metric) else []
+        elif self.schedule.kind == "plan" and (epoch + 1) in self.schedule.plan:
+            names = [s.name for s in resolve_stages(self.model, self.schedule.plan[epoch + 1])]
+        done = self._unfreeze(names)
+        if done:
+            self.events.append((epoch, done))
+        return done
+
+    def frozen_stages(self) -> list[Stage]:
+        """Stages that still hold a frozen parameter, in model order."""
+        return [s for s in stages(self.model) if any(not p.requires_grad for p in s.params)]
+
+    def state_dict(self) -> dict:
+        return {
+            "unfrozen": list(self.unfrozen),
+            "events": [[e, list(n)] for e, n in self.events],
+            "groups": list(self.added_groups),
+            "best": self.best,
+            "num_bad": self.num_bad,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Re-apply the unfrozen stages and re-create their optimizer groups, in the order they were made.
+
+        Call it after building the model, freezing it as at the start and creating the optimizer (and scheduler),
+        and before ``optimizer.load_state_dict`` — whose group count then matches.
+        """
+        missing = [n for n in state["unfrozen"] if n not in self.rule.depth]
+        if missing:
+            raise CheckpointError(f"checkpoint unfroze stage(s) {choices(missing)} this model does not have")
+        already = set(self.unfrozen)
+        self._unfreeze([n for n in state["unfrozen"] if n not in already])
+        if self.added_groups != list(state["groups"]):
+            raise CheckpointError(
+                f"re-created optimizer groups {self.added_groups} differ from the checkpoint's {state['groups']}; "
+                "freeze the model as at the start of the run before loading"
+            )
+        self.events = [(int(e), list(n)) for e, n in state["events"]]
+        self.best, self.num_bad = state["best"], int(state["num_bad"])
+
+    # --- internals ------------------------------------------------------------------------------------------
+
+    def _next_frozen(self) -> list[str]:
+        frozen = self.frozen_stages()
+        return [frozen[-1].name] if frozen else []
+
+    def _stalled(self, metric: float | None) -> bool:
+        if metric is None:
+            raise SpecError("a plateau schedule needs the monitored metric: call step(epoch, metric)")
+        sched, metric = self.schedule, float(metric)
+        sign = 1.0 if sched.mode == "max" else -1.0
+        if self.best is None or sign * (metric - self.best) > sched.min_delta:
+            self.best, self.num_bad = metric, 0
+            return False
+        self.num_bad += 1
+        if self.num_bad >= sched.patience:
+            self.num_bad = 0
+            return True
+        return False
+
+    def _unfreeze(self, names: list[str]) -> list[str]:
+        if not names:
+            return []
+        unfreeze(self.model, names, bn=self.bn)
+        by_name = {s.name: s for s in stages(self.model)}
+        seen = {id(p) for g in self.optimizer.param_groups for p in g["params"]}
+        no_decay = no_decay_names(self.model)
+        for name in names:
+            for group in stage_groups(by_name[name], self.rule(name), self.weight_decay, no_decay, seen):
+                self._add_group(group)
+            if name not in self.unfrozen:
+                self.unfrozen.append(name)
+        return names
+
+    def _add_group(self, group: dict) -> None:
+        existing = next((g for g in self.optimizer.param_groups if g.get("name") == group["name"]), None)
+        if existing is not None:
+            # e.g. BN affine params trained under bn="affine": the stage already has a group; grow it
+            existing["params"].extend(group["params"])
+            self.added_groups.append(f"+{group['name']}")
+            return
+        ref_index, ratio = self._reference(group)
+        ref = self.optimizer.param_groups[ref_index]
+        for key, value in ref.items():
+            if key in _LR_KEYS:
+                group[key] = value * ratio
+            elif key not in group and key != "params":
+                group[key] = value  # momentum/betas and scheduler bookkeeping follow the reference
+        self.optimizer.add_param_group(group)
+        self.added_groups.append(group["name"])
+        self._extend_scheduler(ref_index, ratio, group["lr"])
+
+    def _reference(self, group: dict) -> tuple[int, float]:
+        """A group to copy scheduler state from, and the LR ratio of the new group's stage to it."""
+        target = self.rule(group["name"].split("/")[0])
+        for i, g in enumerate(self.optimizer.param_groups):
+            stage = str(g.get("name", "")).split("/")[0]
+            if stage in self.rule.depth:
+                return i, target / self.rule(stage)
+        g = self.optimizer.param_groups[0]
+        return 0, target / g.get("max_lr", g.get("initial_lr", g["lr"]))
+
+    def _extend_scheduler(self, ref_index: int, ratio: float, lr: float) -> None:
+        if self.scheduler is None:
+            return
+        n_before = len(self.optimizer.param_groups) - 1
+        for sched in [self.scheduler, *getattr(self.scheduler, "_schedulers", [])]:
+            for attr in ("base_lrs", "min_lrs"):
+                values = getattr(sched, attr, None)
+                if isinstance(values, list) and len(values) == n_before:
+                    values.append(values[ref_index] * (ratio if attr == "base_lrs" else 1.0))
+            last = getattr(sched, "_last_lr", None)
+            if isinstance(last, list) and len(last) == n_before:
+                last.append(lr)
