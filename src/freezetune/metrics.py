@@ -1,0 +1,261 @@
+"""Classification metrics accumulated over batches: loss, top-1/top-k, per-class accuracy, macro-F1, confusion.
+
+The meter keeps a C x C confusion matrix and a top-k hit count, never the logits, so evaluating a large validation
+set costs O(C^2) memory. Accuracies are fractions in [0, 1]; the report and plots format them as percentages.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from matplotlib.figure import Figure
+
+from freezetune._io import atomic_output
+from freezetune.errors import DataError
+
+_MAX_TOPK = 5
+
+
+class ClassificationMeter:
+    """Accumulate classification metrics over batches; works in any training loop.
+
+    Args:
+        num_classes: Number of classes C; inferred from the first batch of logits when ``None``.
+
+    >>> meter = ClassificationMeter(3)
+    >>> meter.update(torch.tensor([[2.0, 0.1, 0.0], [0.0, 0.2, 3.0]]), torch.tensor([0, 1]), loss=0.5)
+    >>> r = meter.compute()
+    >>> r["acc"], r["n"], r["confusion"][1]
+    (0.5, 2, [0, 0, 1])
+    """
+
+    def __init__(self, num_classes: int | None = None) -> None:
+        if num_classes is not None and num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        self.num_classes = num_classes
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget every batch seen so far (e.g. between epochs)."""
+        c = self.num_classes
+        self._confusion = None if c is None else torch.zeros(c, c, dtype=torch.long)
+        self._topk_hits = 0
+        self._n = 0
+        self._loss_sum = 0.0
+        self._loss_n = 0
+
+    @property
+    def topk(self) -> int:
+        """The k of the top-k accuracy: min(5, C)."""
+        return min(_MAX_TOPK, self.num_classes or _MAX_TOPK)
+
+    def update(self, logits: torch.Tensor, targets: torch.Tensor, loss: float | torch.Tensor | None = None) -> None:
+        """Add one batch.
+
+        Args:
+            logits: ``[B, C]`` scores, any float dtype and device (moved to CPU float32 here).
+            targets: ``[B]`` integer class indices in ``[0, C)``.
+            loss: Either the batch *mean* loss (float or 0-d tensor; weighted by B so ``compute`` gives the mean per
+                sample even with a short last batch), or ``[B]`` per-sample losses. ``None`` skips loss tracking.
+        """
+        logits = logits.detach().to("cpu", torch.float32)
+        targets = targets.detach().to("cpu", torch.long).reshape(-1)
+        self._check_batch(logits, targets)
+        c, b = self.num_classes, targets.numel()
+        preds = logits.argmax(dim=1)
+        self._confusion += torch.bincount(targets * c + preds, minlength=c * c).reshape(c, c)
+        top = logits.topk(self.topk, dim=1).indices
+        self._topk_hits += int((top == targets[:, None]).any(dim=1).sum())
+        self._n += b
+        if loss is not None:
+            self._add_loss(loss, b)
+
+    def _check_batch(self, logits: torch.Tensor, targets: torch.Tensor) -> None:
+        if logits.dim() != 2:
+            raise ValueError(f"logits must be [B, C], got shape {tuple(logits.shape)}")
+        if logits.shape[0] != targets.numel():
+            raise ValueError(f"{logits.shape[0]} rows of logits but {targets.numel()} targets")
+        if self.num_classes is None:
+            self.num_classes = logits.shape[1]
+            self.reset()
+        if logits.shape[1] != self.num_classes:
+            raise ValueError(f"logits have {logits.shape[1]} classes, the meter was built for {self.num_classes}")
+        if targets.numel() and (targets.min() < 0 or targets.max() >= self.num_classes):
+            bad = targets[(targets < 0) | (targets >= self.num_classes)][0].item()
+            raise DataError(
+                f"target label {bad} is outside the {self.num_classes} classes (valid: 0..{self.num_classes - 1})"
+            )
+
+    def _add_loss(self, loss: float | torch.Tensor, batch_size: int) -> None:
+        if isinstance(loss, torch.Tensor):
+            loss = loss.detach().to("cpu", torch.float64)
+            if loss.numel() == batch_size and batch_size != 1:
+                self._loss_sum += float(loss.sum())
+                self._loss_n += batch_size
+                return
+            if loss.numel() != 1:
+                raise ValueError(
+                    f"loss must be a scalar or have one value per sample ({batch_size}), got {loss.numel()}"
+                )
+            loss = float(loss)
+        self._loss_sum += float(loss) * batch_size
+        self._loss_n += batch_size
+
+    def compute(self) -> dict:
+        """Return the metrics of every batch since the last ``reset``.
+
+        Returns:
+            ``loss`` (mean per sample, ``None`` if no batch passed a loss), ``acc`` (top-1), ``top5`` (top-k with
+            ``k = topk = min(5, C)``), ``per_class_acc`` (recall per class; ``None`` for a class with no samples),
+            ``macro_f1``, ``confusion`` (C x C ints, rows = true class, columns = predicted), ``n``, ``topk``.
+            ``macro_f1`` averages F1 over classes that occur as a target *or* a prediction: a class that is absent
+            from both has undefined F1 and is left out (the convention of ``sklearn.metrics.f1_score`` with
+            ``average="macro"`` and no ``labels``); a class predicted but never present counts as F1 = 0.
+
+        Raises:
+            ValueError: if no batch was added.
+        """
+        if self._n == 0:
+            raise ValueError("ClassificationMeter.compute() called before any update()")
+        cm = self._confusion.double()
+        tp, support, predicted = cm.diag(), cm.sum(dim=1), cm.sum(dim=0)
+        per_class = [None if s == 0 else float(t / s) for t, s in zip(tp.tolist(), support.tolist(), strict=True)]
+        denom = support + predicted  # 2TP + FP + FN
+        seen = denom > 0
+        macro_f1 = float((2 * tp[seen] / denom[seen]).mean()) if seen.any() else 0.0
+        return {
+            "loss": self._loss_sum / self._loss_n if self._loss_n else None,
+            "acc": float(tp.sum() / self._n),
+            "top5": self._topk_hits / self._n,
+            "topk": self.topk,
+            "per_class_acc": per_class,
+            "macro_f1": macro_f1,
+            "confusion": self._confusion.tolist(),
+            "n": self._n,
+        }
+
+
+def _pct(x: float | None) -> str:
+    return "  n/a" if x is None else f"{100 * x:5.1f}%"
+
+
+def _check_classes(result: dict, classes: list[str]) -> int:
+    c = len(result["confusion"])
+    if len(classes) != c:
+        raise DataError(f"got {len(classes)} class names for a result with {c} classes")
+    return c
+
+
+def format_report(result: dict, classes: list[str], max_classes: int = 20) -> str:
+    """Format a ``ClassificationMeter.compute()`` result as a text block for the terminal.
+
+    Up to ``max_classes`` classes the full per-class table and confusion matrix are shown. Beyond that the table lists
+    the ``max_classes`` worst classes (the ones worth looking at) and the matrix is replaced by the most frequent
+    confusions.
+
+    Args:
+        result: Output of ``ClassificationMeter.compute()``.
+        classes: Class names, index-aligned with the confusion matrix.
+        max_classes: Largest class count shown in full.
+
+    Returns:
+        A multi-line string without a trailing newline.
+
+    >>> m = ClassificationMeter(2)
+    >>> m.update(torch.tensor([[1.0, 0.0], [0.0, 1.0]]), torch.tensor([0, 0]))
+    >>> print(format_report(m.compute(), ["cat", "dog"]).splitlines()[0])
+    n 2  loss n/a  top-1  50.0%  top-2 100.0%  macro-F1 0.3333
+    """
+    c = _check_classes(result, classes)
+    loss = "n/a" if result["loss"] is None else f"{result['loss']:.4f}"
+    lines = [
+        f"n {result['n']}  loss {loss}  top-1 {_pct(result['acc'])}  top-{result.get('topk', 5)} {_pct(result['top5'])}"
+        f"  macro-F1 {result['macro_f1']:.4f}"
+    ]
+    lines += _per_class_lines(result, classes, max_classes)
+    lines += _confusion_lines(result["confusion"], classes) if c <= max_classes else _top_confusions(result, classes)
+    return "\n".join(lines)
+
+
+def _per_class_lines(result: dict, classes: list[str], max_classes: int) -> list[str]:
+    support = [sum(row) for row in result["confusion"]]
+    order = list(range(len(classes)))
+    header = "per-class accuracy:"
+    if len(classes) > max_classes:
+        # Classes without samples have no accuracy; sort them last so the worst real classes come first.
+        order.sort(key=lambda i: (result["per_class_acc"][i] is None, result["per_class_acc"][i] or 0.0))
+        order = order[:max_classes]
+        header = f"per-class accuracy (worst {max_classes} of {len(classes)}):"
+    width = max(len(classes[i]) for i in order)
+    lines = [header]
+    lines += [f"  {classes[i]:<{width}}  {_pct(result['per_class_acc'][i])}  (n={support[i]})" for i in order]
+    return lines
+
+
+def _confusion_lines(confusion: list[list[int]], classes: list[str]) -> list[str]:
+    # Columns carry indices, not names: names would make the matrix too wide to read; rows give index and name.
+    labels = [f"{i} {name}" for i, name in enumerate(classes)]
+    lw = max(len(s) for s in labels)
+    cw = max(len(str(v)) for row in confusion for v in row + [len(classes) - 1])
+    lines = ["confusion matrix (rows = true, columns = predicted):"]
+    lines.append("  " + " " * lw + "".join(f" {j:>{cw}}" for j in range(len(classes))))
+    lines += [
+        "  " + f"{label:<{lw}}" + "".join(f" {v:>{cw}}" for v in row)
+        for label, row in zip(labels, confusion, strict=True)
+    ]
+    return lines
+
+
+def _top_confusions(result: dict, classes: list[str], limit: int = 10) -> list[str]:
+    cm = result["confusion"]
+    pairs = [(cm[i][j], i, j) for i in range(len(cm)) for j in range(len(cm)) if i != j and cm[i][j] > 0]
+    pairs.sort(reverse=True)
+    lines = [f"most frequent confusions (true -> predicted), top {min(limit, len(pairs))} of {len(pairs)}:"]
+    lines += [f"  {classes[i]} -> {classes[j]}: {n}" for n, i, j in pairs[:limit]]
+    return lines
+
+
+def plot_confusion(result: dict, classes: list[str], path: str | Path) -> Path:
+    """Save the confusion matrix as a PNG: colour = fraction of each true class, counts written in cells if C <= 20.
+
+    Uses a standalone matplotlib ``Figure`` (Agg canvas), so it needs no display and leaves pyplot state untouched.
+
+    Args:
+        result: Output of ``ClassificationMeter.compute()``.
+        classes: Class names, index-aligned with the confusion matrix.
+        path: Destination PNG; written atomically.
+
+    Returns:
+        ``path`` as a ``Path``.
+
+    >>> import tempfile
+    >>> m = ClassificationMeter(2)
+    >>> m.update(torch.tensor([[1.0, 0.0], [0.0, 1.0]]), torch.tensor([0, 1]))
+    >>> plot_confusion(m.compute(), ["cat", "dog"], Path(tempfile.mkdtemp()) / "cm.png").read_bytes()[:4]
+    b'\\x89PNG'
+    """
+    c = _check_classes(result, classes)
+    counts = torch.tensor(result["confusion"], dtype=torch.float64)
+    frac = counts / counts.sum(dim=1, keepdim=True).clamp(min=1)
+    side = min(4.0 + 0.45 * c, 24.0)
+    fig = Figure(figsize=(side + 1.5, side), dpi=100, layout="constrained")
+    ax = fig.add_subplot()
+    im = ax.imshow(frac.numpy(), cmap="Blues", vmin=0.0, vmax=1.0)
+    fig.colorbar(im, ax=ax, fraction=0.046, label="fraction of true class")
+    if c <= 50:  # beyond that tick labels overlap into a black bar
+        ax.set_xticks(range(c), classes, rotation=45, ha="right", rotation_mode="anchor")
+        ax.set_yticks(range(c), classes)
+    if c <= 20:
+        for i in range(c):
+            for j in range(c):
+                dark = frac[i, j] > 0.5
+                ax.text(
+                    j, i, int(counts[i, j]), ha="center", va="center", fontsize=8, color="white" if dark else "black"
+                )
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(f"confusion matrix  (top-1 {100 * result['acc']:.1f}%, n={result['n']})")
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp, format="png")
+    return Path(path)

@@ -1,0 +1,143 @@
+"""ClassificationMeter against sklearn, the text report and the confusion plot."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, recall_score, top_k_accuracy_score
+
+from freezetune.errors import DataError
+from freezetune.metrics import ClassificationMeter, format_report, plot_confusion
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _random_batches(num_classes: int, sizes: list[int], seed: int = 0, skip_class: int | None = None):
+    g = torch.Generator().manual_seed(seed)
+    batches = []
+    for b in sizes:
+        logits = torch.randn(b, num_classes, generator=g)
+        targets = torch.randint(0, num_classes, (b,), generator=g)
+        if skip_class is not None:  # a class that is never a target and never predicted
+            targets[targets == skip_class] = (skip_class + 1) % num_classes
+            logits[:, skip_class] = -100.0
+        # Make predictions better than chance so every metric is away from its trivial value.
+        logits[torch.arange(b), targets] += 1.0
+        batches.append((logits, targets))
+    return batches
+
+
+def _accumulate(batches, num_classes=None) -> dict:
+    meter = ClassificationMeter(num_classes)
+    for logits, targets in batches:
+        meter.update(logits, targets)
+    return meter.compute()
+
+
+@pytest.mark.parametrize("skip_class", [None, 3])
+def test_meter_matches_sklearn_over_several_batches(skip_class):
+    c = 7
+    batches = _random_batches(c, [32, 17, 1, 50], skip_class=skip_class)
+    result = _accumulate(batches, c)
+    logits = torch.cat([b[0] for b in batches])
+    y = torch.cat([b[1] for b in batches]).numpy()
+    pred = logits.argmax(1).numpy()
+
+    assert result["n"] == len(y)
+    assert result["acc"] == pytest.approx(accuracy_score(y, pred))
+    # Classes absent from targets and predictions are left out of the mean, as sklearn does without `labels`.
+    assert result["macro_f1"] == pytest.approx(f1_score(y, pred, average="macro"))
+    assert result["confusion"] == confusion_matrix(y, pred, labels=list(range(c))).tolist()
+    assert result["top5"] == pytest.approx(top_k_accuracy_score(y, logits.numpy(), k=5, labels=list(range(c))))
+    recall = recall_score(y, pred, average=None, labels=list(range(c)), zero_division=0)
+    for i, acc in enumerate(result["per_class_acc"]):
+        if skip_class == i:
+            assert acc is None  # no samples: accuracy undefined, not 0
+        else:
+            assert acc == pytest.approx(recall[i])
+
+
+def test_low_precision_logits_and_inferred_classes():
+    batches = _random_batches(4, [8, 8], seed=1)
+    ref = _accumulate(batches, 4)
+    half = _accumulate([(lg.to(torch.bfloat16), t) for lg, t in batches])  # num_classes inferred
+    assert half["confusion"] == ref["confusion"]
+
+
+def test_topk_uses_min_5_c():
+    meter = ClassificationMeter(3)
+    # True class ranked 3rd of 3: a top-3 hit, a top-1 miss.
+    meter.update(torch.tensor([[3.0, 2.0, 1.0]]), torch.tensor([2]))
+    r = meter.compute()
+    assert (r["acc"], r["top5"], r["topk"]) == (0.0, 1.0, 3)
+
+    meter = ClassificationMeter(10)
+    logits = torch.arange(10.0).flip(0)[None].repeat(2, 1)  # class 0 scores highest, class 9 lowest
+    meter.update(logits, torch.tensor([4, 5]))  # ranks 5 and 6
+    assert meter.compute()["top5"] == 0.5
+
+
+def test_loss_is_mean_per_sample_across_uneven_batches():
+    meter = ClassificationMeter(2)
+    meter.update(torch.zeros(3, 2), torch.zeros(3, dtype=torch.long), loss=1.0)  # batch mean of 3 samples
+    meter.update(torch.zeros(1, 2), torch.zeros(1, dtype=torch.long), loss=torch.tensor(5.0))
+    meter.update(torch.zeros(2, 2), torch.zeros(2, dtype=torch.long), loss=torch.tensor([2.0, 4.0]))  # per sample
+    assert meter.compute()["loss"] == pytest.approx((3 * 1.0 + 5.0 + 2.0 + 4.0) / 6)
+
+
+def test_loss_is_none_without_losses_and_reset_clears():
+    meter = ClassificationMeter(2)
+    meter.update(torch.zeros(2, 2), torch.tensor([0, 1]))
+    assert meter.compute()["loss"] is None
+    meter.reset()
+    with pytest.raises(ValueError, match="before any update"):
+        meter.compute()
+
+
+def test_bad_inputs_raise_clear_errors():
+    meter = ClassificationMeter(3)
+    with pytest.raises(DataError, match="target label 3 .*0..2"):
+        meter.update(torch.zeros(2, 3), torch.tensor([0, 3]))
+    with pytest.raises(ValueError, match="4 classes"):
+        meter.update(torch.zeros(2, 4), torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="2 rows of logits but 3 targets"):
+        meter.update(torch.zeros(2, 3), torch.tensor([0, 1, 2]))
+
+
+def test_format_report_shows_names_metrics_and_matrix():
+    classes = ["cat", "dog", "sea turtle"]
+    meter = ClassificationMeter(3)
+    meter.update(torch.eye(3)[[0, 1, 1, 2]] * 5, torch.tensor([0, 1, 2, 2]), loss=0.25)
+    text = format_report(meter.compute(), classes)
+    for name in classes:
+        assert name in text
+    assert "loss 0.2500" in text and "top-1  75.0%" in text and "top-3 100.0%" in text
+    assert "macro-F1" in text
+    # Row of true class 2 ("sea turtle"): one predicted as 1, one as 2.
+    assert any(line.split()[-3:] == ["0", "1", "1"] and "sea turtle" in line for line in text.splitlines())
+
+
+def test_format_report_truncates_many_classes():
+    c = 60
+    classes = [f"class_{i:02d}" for i in range(c)]
+    result = _accumulate(_random_batches(c, [400], seed=2), c)
+    text = format_report(result, classes, max_classes=20)
+    assert "worst 20 of 60" in text
+    assert "most frequent confusions" in text
+    assert len(text.splitlines()) < 40
+    worst = min((a, i) for i, a in enumerate(result["per_class_acc"]) if a is not None)[1]
+    assert classes[worst] in text
+
+
+def test_format_report_rejects_wrong_class_count():
+    result = _accumulate(_random_batches(3, [5]), 3)
+    with pytest.raises(DataError, match="2 class names .* 3 classes"):
+        format_report(result, ["a", "b"])
+
+
+@pytest.mark.parametrize("c", [4, 30])
+def test_plot_confusion_writes_png(tmp_path, c):
+    result = _accumulate(_random_batches(c, [64], seed=3), c)
+    out = plot_confusion(result, [f"c{i}" for i in range(c)], tmp_path / "sub" / "cm.png")
+    assert out.read_bytes()[:8] == PNG_MAGIC
+    assert [p.name for p in out.parent.iterdir()] == ["cm.png"]  # no temp file left behind

@@ -1,0 +1,168 @@
+"""metrics.csv logging (header growth, resume, truncate), TensorBoard, report plot, epoch line and atomic writes."""
+
+from __future__ import annotations
+
+import csv
+import pickle
+
+import pytest
+import torch
+
+from freezetune._io import atomic_save, atomic_write_text
+from freezetune.reporting import MetricsLogger, format_epoch_line, plot_report, read_metrics, unfreeze_events
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _csv(path):
+    with open(path, newline="") as f:
+        return list(csv.reader(f))
+
+
+def _row(epoch: int, unfrozen: str = "", **extra) -> dict:
+    return {
+        "epoch": epoch,
+        "train_loss": 1.0 / epoch,
+        "train_acc": 0.5 + 0.04 * epoch,
+        "val_loss": 1.2 / epoch,
+        "val_acc": 0.45 + 0.04 * epoch,
+        "lr/head": 1e-3,
+        "unfrozen": unfrozen,
+        **extra,
+    }
+
+
+def test_header_extends_when_a_new_column_appears(tmp_path):
+    log = MetricsLogger(tmp_path, tensorboard=False)
+    log.log_epoch({"epoch": 1, "train_loss": 0.5, "lr/head": 1e-3, "unfrozen": ""})
+    log.log_epoch({"epoch": 2, "train_loss": 0.4, "lr/head": 1e-3, "unfrozen": ""})
+    log.log_epoch({"epoch": 3, "train_loss": 0.3, "lr/head": 1e-3, "lr/layer4": 1e-4, "unfrozen": ["layer4", "layer3"]})
+    assert _csv(tmp_path / "metrics.csv") == [
+        ["epoch", "train_loss", "lr/head", "unfrozen", "lr/layer4"],
+        ["1", "0.5", "0.001", "", ""],
+        ["2", "0.4", "0.001", "", ""],
+        ["3", "0.3", "0.001", "layer4;layer3", "0.0001"],
+    ]
+
+
+def test_values_round_trip(tmp_path):
+    values = {"epoch": 1, "a": 0.1 + 0.2, "b": 1 / 3, "t": torch.tensor(2.5), "s": "x,y", "n": None}
+    log = MetricsLogger(tmp_path, tensorboard=False)
+    log.log_epoch(values)
+    (row,) = read_metrics(tmp_path / "metrics.csv")
+    assert row == {"epoch": 1, "a": 0.1 + 0.2, "b": 1 / 3, "t": 2.5, "s": "x,y"}  # exact float equality
+
+
+def test_resume_appends_and_truncate_drops_later_epochs(tmp_path):
+    log = MetricsLogger(tmp_path, tensorboard=False)
+    for e in (1, 2, 3, 4):
+        log.log_epoch(_row(e))
+    log.close()
+
+    # The run crashed after logging epoch 4 but its last checkpoint is from epoch 2.
+    resumed = MetricsLogger(tmp_path, tensorboard=False)
+    assert [r["epoch"] for r in resumed.rows] == [1, 2, 3, 4]
+    assert resumed.truncate(after_epoch=2) == 2
+    assert [r[0] for r in _csv(tmp_path / "metrics.csv")[1:]] == ["1", "2"]
+    resumed.log_epoch(_row(3, unfrozen="layer4", **{"lr/layer4": 1e-4}))
+    rows = read_metrics(tmp_path / "metrics.csv")
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    assert rows[0]["train_loss"] == 1.0 and rows[2]["lr/layer4"] == 1e-4
+
+
+def test_resume_repairs_a_line_cut_by_a_crash(tmp_path):
+    log = MetricsLogger(tmp_path, tensorboard=False)
+    log.log_epoch(_row(1))
+    with open(tmp_path / "metrics.csv", "a") as f:
+        f.write("2,0.5")  # partial line, no newline
+    resumed = MetricsLogger(tmp_path, tensorboard=False)
+    resumed.log_epoch(_row(3))  # appending blindly would glue "3,..." onto the cut line
+    resumed.log_epoch(_row(4))
+    rows = read_metrics(tmp_path / "metrics.csv")
+    assert [r["epoch"] for r in rows] == [1, 2, 3, 4]
+    assert rows[2]["train_loss"] == 1 / 3
+
+
+def test_log_epoch_requires_epoch(tmp_path):
+    with pytest.raises(ValueError, match="no 'epoch' key"):
+        MetricsLogger(tmp_path, tensorboard=False).log_epoch({"train_loss": 1.0})
+
+
+def test_tensorboard_gets_numeric_scalars(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    with MetricsLogger(tmp_path) as log:
+        log.log_epoch(_row(1))
+        log.log_epoch(_row(2, unfrozen="layer4"))
+    acc = EventAccumulator(str(tmp_path))
+    acc.Reload()
+    tags = acc.Tags()["scalars"]
+    assert {"train_loss", "val_acc", "lr/head"} <= set(tags)
+    assert "unfrozen" not in tags and "epoch" not in tags
+    assert [(s.step, round(s.value, 6)) for s in acc.Scalars("train_loss")] == [(1, 1.0), (2, 0.5)]
+
+
+def test_unfreeze_events_from_csv(tmp_path):
+    log = MetricsLogger(tmp_path, tensorboard=False)
+    for e, stages in [(1, ""), (2, ""), (3, "layer4"), (4, ""), (5, "layer3;layer2")]:
+        log.log_epoch(_row(e, unfrozen=stages))
+    assert unfreeze_events(read_metrics(log.path)) == [(3, "layer4"), (5, "layer3;layer2")]
+
+
+def test_plot_report_writes_png(tmp_path):
+    log = MetricsLogger(tmp_path, tensorboard=False)
+    for e in range(1, 9):
+        lrs = {"lr/layer4": 1e-4 * e} if e >= 4 else {}
+        log.log_epoch(_row(e, unfrozen="layer4" if e == 4 else "", **lrs))
+    out = plot_report(log.path, tmp_path / "report.png")
+    assert out.read_bytes()[:8] == PNG_MAGIC
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_plot_report_skips_missing_columns(tmp_path):
+    atomic_write_text(tmp_path / "metrics.csv", "epoch,val_acc\n1,0.5\n2,0.6\n")
+    assert plot_report(tmp_path / "metrics.csv", tmp_path / "a.png").read_bytes()[:8] == PNG_MAGIC
+    atomic_write_text(tmp_path / "metrics.csv", "epoch\n")
+    assert plot_report(tmp_path / "metrics.csv", tmp_path / "b.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_format_epoch_line():
+    row = {
+        "epoch": 3,
+        "epochs": 10,
+        "train_loss": 0.5123,
+        "train_acc": 0.8123,
+        "val_loss": 0.43,
+        "val_acc": 0.85,
+        "lr": 1e-3,
+        "trainable_params": 1_234_567,
+        "total_params": 4_700_000,
+        "epoch_time_s": 12.34,
+        "img_per_s": 812.4,
+        "unfrozen": "layer4",
+    }
+    assert format_epoch_line(row) == (
+        "epoch 3/10  train_loss 0.512 acc 81.2%  val_loss 0.430 acc 85.0%  lr 1.0e-03  trainable 1.2M/4.7M"
+        "  12.3s 812 img/s  unfrozen: layer4"
+    )
+    # Per-group LRs without a single `lr`: the range of the non-zero ones; missing fields are left out.
+    assert format_epoch_line({"epoch": 1, "lr/head": 1e-3, "lr/layer4": 1e-4, "lr/stem": 0.0}) == (
+        "epoch 1  lr 1.0e-04..1.0e-03"
+    )
+
+
+def test_atomic_save_keeps_old_file_when_save_fails(tmp_path):
+    path = tmp_path / "ckpt.pt"
+    atomic_save({"epoch": 1}, path)
+    with pytest.raises((pickle.PicklingError, AttributeError, TypeError)):
+        atomic_save({"epoch": 2, "fn": lambda: None}, path)
+    assert torch.load(path) == {"epoch": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]
+
+
+def test_atomic_write_text_replaces_and_cleans_up(tmp_path):
+    path = tmp_path / "deep" / "note.txt"
+    atomic_write_text(path, "one\n")
+    atomic_write_text(path, "two\n")
+    assert path.read_text() == "two\n"
+    assert [p.name for p in path.parent.iterdir()] == ["note.txt"]
