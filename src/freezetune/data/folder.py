@@ -1,0 +1,203 @@
+"""Image files on disk: class-per-folder trees, ``path,label`` CSV files, and single-image loading for predict."""
+
+from __future__ import annotations
+
+import csv
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset
+
+from freezetune.errors import DataError, choices
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+_CSV_HEADER_NAMES = {"path", "file", "filename", "filepath", "image", "image_path", "img"}
+_CSV_LABEL_NAMES = {"label", "class", "target", "category", "y"}
+
+
+def load_image(path: str | Path) -> Image.Image:
+    """Open an image file as an RGB PIL image (grayscale, palette and RGBA are converted).
+
+    Raises:
+        DataError: the file is missing or is not an image PIL can read.
+
+    >>> load_image("photo.jpg").mode  # doctest: +SKIP
+    'RGB'
+    """
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except (OSError, UnidentifiedImageError) as e:
+        raise DataError(f"cannot read image '{path}': {e}") from e
+
+
+def _is_image(p: Path) -> bool:
+    return p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
+
+
+def _images_under(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if _is_image(p))
+
+
+def list_images(paths: list[str]) -> list[str]:
+    """Expand a list of files and directories into image files; directories are searched recursively, sorted.
+
+    Files named explicitly are kept as given (in order); directories contribute their images with a known extension
+    (``IMAGE_EXTENSIONS``).
+
+    Raises:
+        DataError: a path does not exist, or no image was found at all.
+
+    >>> list_images(["cat.jpg", "more_pets/"])  # doctest: +SKIP
+    ['cat.jpg', 'more_pets/a.png', 'more_pets/sub/b.jpg']
+    """
+    out: list[str] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            out += [str(f) for f in _images_under(p)]
+        elif p.is_file():
+            out.append(str(p))
+        else:
+            raise DataError(f"image path '{p}' does not exist")
+    if not out:
+        raise DataError(f"no images found in {choices(paths)}; expected files ending in {', '.join(IMAGE_EXTENSIONS)}")
+    return out
+
+
+class FileImageDataset(Dataset):
+    """Images read from disk on access: ``samples`` is a list of ``(path, class_index)``.
+
+    ``__getitem__`` returns ``(transform(pil_rgb_image), label)``; without a transform the PIL image.
+
+    >>> ds = FileImageDataset([("a.png", 0), ("b.png", 1)], ["cat", "dog"])
+    >>> len(ds), ds.targets.tolist()
+    (2, [0, 1])
+    """
+
+    def __init__(self, samples: list[tuple[str, int]], classes: list[str], transform: Callable | None = None):
+        self.samples, self.classes, self.transform = list(samples), list(classes), transform
+        self.targets = torch.tensor([label for _, label in self.samples], dtype=torch.long)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int):
+        path, label = self.samples[i]
+        img = load_image(path)
+        return (self.transform(img) if self.transform else img), label
+
+    def select(self, indices: torch.Tensor, transform: Callable | None = None) -> FileImageDataset:
+        """A new dataset with the samples at ``indices`` and ``transform``."""
+        return FileImageDataset([self.samples[int(i)] for i in indices], self.classes, transform)
+
+
+def folder_classes(root: str | Path) -> list[str]:
+    """Class names of a ``root/<class>/*`` tree: the sorted subfolders that hold at least one image.
+
+    Raises:
+        DataError: ``root`` is not a directory or has no class subfolder with images.
+
+    >>> folder_classes("flowers/train")  # doctest: +SKIP
+    ['daisy', 'rose', 'tulip']
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"image folder '{root}' does not exist; expected a directory with one subfolder per class")
+    subdirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    classes = [d.name for d in subdirs if any(_is_image(p) for p in d.rglob("*"))]
+    empty = [d.name for d in subdirs if d.name not in classes]
+    if empty:
+        log.warning("skipping %d class folder(s) without images in '%s': %s", len(empty), root, choices(empty))
+    if not classes:
+        raise DataError(
+            f"no class folders with images in '{root}'; expected {root}/<class>/*.jpg (extensions: "
+            f"{', '.join(IMAGE_EXTENSIONS)})"
+        )
+    return classes
+
+
+def scan_folder(root: str | Path, classes: list[str] | None = None) -> FileImageDataset:
+    """Read a ``root/<class>/*`` tree (images found recursively inside each class folder).
+
+    Args:
+        root: the directory holding one subfolder per class.
+        classes: class list to index against (e.g. the train classes when reading val); defaults to the folder's own.
+
+    Raises:
+        DataError: the folder is missing or empty, or has a class not in ``classes``.
+
+    >>> scan_folder("flowers/val", classes=["daisy", "rose"]).classes  # doctest: +SKIP
+    ['daisy', 'rose']
+    """
+    own = folder_classes(root)
+    classes = list(classes) if classes is not None else own
+    unknown = [c for c in own if c not in classes]
+    if unknown:
+        raise DataError(f"class folder(s) {choices(unknown)} in '{root}' are not training classes: {choices(classes)}")
+    index = {c: i for i, c in enumerate(classes)}
+    samples = [(str(p), index[c]) for c in own for p in _images_under(Path(root) / c)]
+    return FileImageDataset(samples, classes)
+
+
+def _is_header(row: list[str], base: Path) -> bool:
+    # A header names its columns; a data row's first cell is an image that exists.
+    named = row[0].strip().lower() in _CSV_HEADER_NAMES or (len(row) > 1 and row[1].strip().lower() in _CSV_LABEL_NAMES)
+    return named and not (base / row[0].strip()).is_file()
+
+
+def _read_csv_rows(path: Path) -> list[tuple[str, str]]:
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as f:
+            rows = [r for r in csv.reader(f) if r and any(cell.strip() for cell in r)]
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise DataError(f"cannot read CSV '{path}': {e}") from e
+    if rows and _is_header(rows[0], path.parent):
+        rows = rows[1:]
+    bad = next((n for n, r in enumerate(rows, 1) if len(r) < 2 or not r[0].strip() or not r[1].strip()), None)
+    if bad is not None:
+        raise DataError(f"CSV '{path}' row {bad} is {rows[bad - 1]!r}; expected 'path,label'")
+    if not rows:
+        raise DataError(f"CSV '{path}' has no rows; expected lines of 'path,label'")
+    return [(r[0].strip(), r[1].strip()) for r in rows]
+
+
+def _sorted_labels(labels: set[str]) -> list[str]:
+    # All-integer labels sort numerically so '10' comes after '9', matching what users expect of class ids.
+    if all(label.lstrip("-").isdigit() for label in labels):
+        return sorted(labels, key=int)
+    return sorted(labels)
+
+
+def read_csv(path: str | Path, classes: list[str] | None = None) -> FileImageDataset:
+    """Read a ``path,label`` CSV (optional header); relative paths are relative to the CSV's folder.
+
+    Args:
+        path: the CSV file.
+        classes: class list to index against (e.g. the train classes when reading val); defaults to the CSV's sorted
+            unique labels.
+
+    Raises:
+        DataError: unreadable CSV, malformed row, image file missing, or a label not in ``classes``.
+
+    >>> read_csv("labels.csv").classes  # doctest: +SKIP
+    ['cat', 'dog']
+    """
+    path = Path(path)
+    rows = _read_csv_rows(path)
+    classes = list(classes) if classes is not None else _sorted_labels({label for _, label in rows})
+    index = {c: i for i, c in enumerate(classes)}
+    unknown = sorted({label for _, label in rows if label not in index})
+    if unknown:
+        raise DataError(
+            f"CSV '{path}' has label(s) {choices(unknown)} that are not training classes: {choices(classes)}"
+        )
+    files = [(path.parent / p) if not Path(p).is_absolute() else Path(p) for p, _ in rows]
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        raise DataError(f"CSV '{path}' lists {len(missing)} missing image file(s), first: '{missing[0]}'")
+    return FileImageDataset([(str(f), index[label]) for f, (_, label) in zip(files, rows, strict=True)], classes)

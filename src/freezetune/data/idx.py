@@ -1,0 +1,179 @@
+"""IDX datasets (MNIST, Fashion-MNIST): read ``*-idx?-ubyte[.gz]`` files into an in-memory uint8 dataset.
+
+An in-memory dataset keeps every image as one uint8 tensor, so a GPU pipeline can move ``.images`` to the device once
+and augment whole batches there instead of decoding per sample.
+"""
+
+from __future__ import annotations
+
+import gzip
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from freezetune.errors import DataError, choices
+
+FASHION_CLASSES = [
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+]
+DIGIT_CLASSES = [str(d) for d in range(10)]
+
+# The third magic byte names the element type; only uint8 (0x08) makes sense for images and labels.
+_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"), 0x0D: np.dtype(">f4")}
+_SPLIT_PREFIX = {"train": "train", "test": "t10k"}
+
+
+def read_idx(path: str | Path) -> np.ndarray:
+    """Read one IDX file (gzip-compressed or raw) into a numpy array of its declared shape.
+
+    Args:
+        path: an ``*-idx?-ubyte`` file, optionally ``.gz``.
+
+    Returns:
+        The array, e.g. ``uint8 [N, 28, 28]`` for images or ``uint8 [N]`` for labels.
+
+    Raises:
+        DataError: the file is missing, has a bad magic number or is shorter/longer than its header says.
+
+    >>> read_idx("/usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz").shape  # doctest: +SKIP
+    (10000,)
+    """
+    path = Path(path)
+    try:
+        with path.open("rb") as f:
+            raw = f.read()
+        if raw[:2] == b"\x1f\x8b":  # gzip magic, whatever the file is called
+            raw = gzip.decompress(raw)
+    except (OSError, EOFError) as e:
+        raise DataError(f"cannot read IDX file '{path}': {e}") from e
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES or not 1 <= raw[3] <= 4:
+        raise DataError(
+            f"'{path}' is not an IDX file: bad magic number {raw[:4].hex() or '(empty)'}; "
+            "expected 0000 + type byte + 1..4 dimensions (e.g. 00000803 for images, 00000801 for labels)"
+        )
+    ndim, dtype = raw[3], np.dtype(_IDX_DTYPES[raw[2]])
+    header = 4 + 4 * ndim
+    shape = tuple(int(d) for d in np.frombuffer(raw[4:header], dtype=">u4")) if len(raw) >= header else ()
+    expected = header + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if len(shape) != ndim or len(raw) != expected:
+        raise DataError(f"IDX file '{path}' is truncated or corrupt: {len(raw)} bytes, header says {expected}")
+    return np.frombuffer(raw, dtype=dtype, offset=header).reshape(shape)
+
+
+def _find(root: Path, prefix: str, kind: str) -> Path | None:
+    # Accept the common spellings: train-images-idx3-ubyte, train-images.idx3-ubyte, with or without .gz.
+    hits = sorted(p for p in root.glob(f"{prefix}-{kind}*") if "ubyte" in p.name and p.is_file())
+    return hits[0] if hits else None
+
+
+def idx_files(root: str | Path, split: str) -> tuple[Path, Path] | None:
+    """Return the (images, labels) IDX files of ``split`` ("train" or "test") under ``root``, or None if absent.
+
+    >>> idx_files("/nonexistent", "train") is None
+    True
+    """
+    prefix = _SPLIT_PREFIX[split]
+    images, labels = _find(Path(root), prefix, "images"), _find(Path(root), prefix, "labels")
+    return (images, labels) if images and labels else None
+
+
+def is_idx_dir(path: str | Path) -> bool:
+    """True if ``path`` is a directory holding at least the train IDX image and label files.
+
+    >>> is_idx_dir("/nonexistent")
+    False
+    """
+    return Path(path).is_dir() and idx_files(path, "train") is not None
+
+
+def idx_class_names(root: str | Path) -> list[str]:
+    """Class names of an IDX directory: Fashion-MNIST if its name contains 'fashion', else digits '0'..'9'.
+
+    >>> idx_class_names("/data/fashion-mnist")[0]
+    'T-shirt/top'
+    """
+    return list(FASHION_CLASSES if "fashion" in Path(root).name.lower() else DIGIT_CLASSES)
+
+
+class InMemoryImageDataset(Dataset):
+    """Images held as one uint8 tensor ``[N, H, W]`` or ``[N, H, W, C]`` plus int64 ``targets``.
+
+    ``__getitem__`` returns ``(transform(image_chw_uint8), label)``; without a transform the uint8 ``[C, H, W]``
+    tensor itself.
+
+    >>> ds = InMemoryImageDataset(torch.zeros(2, 4, 4, dtype=torch.uint8), torch.tensor([0, 1]), ["a", "b"])
+    >>> ds[1][0].shape, ds[1][1]
+    (torch.Size([1, 4, 4]), 1)
+    """
+
+    def __init__(
+        self, images: torch.Tensor, targets: torch.Tensor, classes: list[str], transform: Callable | None = None
+    ):
+        if images.dtype != torch.uint8 or images.dim() not in (3, 4) or len(images) != len(targets):
+            raise DataError(
+                f"in-memory images must be uint8 [N,H,W] or [N,H,W,C] with one target each; got "
+                f"{images.dtype} {tuple(images.shape)} and {len(targets)} targets"
+            )
+        self.images, self.targets = images, targets.long()
+        self.classes, self.transform = list(classes), transform
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        img = self.images[i]
+        img = img.unsqueeze(0) if img.dim() == 2 else img.permute(2, 0, 1)
+        return (self.transform(img) if self.transform else img), int(self.targets[i])
+
+    def select(self, indices: torch.Tensor, transform: Callable | None = None) -> InMemoryImageDataset:
+        """A new dataset with the rows ``indices`` (copied, so the original can be freed) and ``transform``."""
+        return InMemoryImageDataset(self.images[indices], self.targets[indices], self.classes, transform)
+
+
+def load_idx(root: str | Path, split: str = "train", transform: Callable | None = None) -> InMemoryImageDataset:
+    """Load the official ``split`` ("train" or "test") of an IDX directory into memory.
+
+    Args:
+        root: directory with ``train-*`` and ``t10k-*`` IDX files (e.g. a Fashion-MNIST download).
+        split: "train" or "test".
+        transform: applied per sample in ``__getitem__``.
+
+    Raises:
+        DataError: files missing, unreadable, or images and labels disagree in count.
+
+    >>> ds = load_idx("/usr/share/datasets/fashion-mnist", "test")  # doctest: +SKIP
+    >>> len(ds), ds.images.shape  # doctest: +SKIP
+    (10000, torch.Size([10000, 28, 28]))
+    """
+    if split not in _SPLIT_PREFIX:
+        raise DataError(f"unknown IDX split {split!r}; choose one of: {choices(_SPLIT_PREFIX)}")
+    files = idx_files(root, split)
+    if files is None:
+        prefix = _SPLIT_PREFIX[split]
+        raise DataError(
+            f"no {split} IDX files in '{root}'; expected {prefix}-images-idx3-ubyte[.gz] and {prefix}-labels-idx1-ubyte[.gz]"
+        )
+    images, labels = read_idx(files[0]), read_idx(files[1])
+    if images.dtype != np.uint8 or images.ndim not in (3, 4) or labels.ndim != 1 or len(images) != len(labels):
+        raise DataError(
+            f"IDX files in '{root}' do not match: images {images.dtype} {images.shape}, labels {labels.shape}; "
+            "expected uint8 images [N,H,W] and N labels"
+        )
+    classes = idx_class_names(root)
+    if len(labels) and int(labels.max()) >= len(classes):
+        classes = [str(c) for c in range(int(labels.max()) + 1)]
+    # np.frombuffer arrays are read-only; copy once so torch owns writable memory.
+    images_t, targets = torch.from_numpy(images.copy()), torch.from_numpy(labels.astype(np.int64))
+    return InMemoryImageDataset(images_t, targets, classes, transform)

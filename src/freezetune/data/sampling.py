@@ -1,0 +1,79 @@
+"""Seeded, per-class index selection: few-shot subsets and stratified validation splits.
+
+Both work on a ``targets`` LongTensor and return indices, so they apply to any dataset that exposes ``.targets``
+and can ``select`` a subset of itself.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from freezetune.errors import ConfigError
+
+
+def _indices_by_class(targets: torch.Tensor) -> dict[int, torch.Tensor]:
+    # Sorting by class keeps the iteration order (and so the random draws) independent of dataset order quirks.
+    return {int(c): torch.nonzero(targets == c).flatten() for c in torch.unique(targets, sorted=True)}
+
+
+def per_class_indices(targets: torch.Tensor, k: int, seed: int = 0) -> tuple[torch.Tensor, dict[int, int]]:
+    """Pick ``k`` random indices of every class (all of a class that has fewer).
+
+    Args:
+        targets: class index of every sample (1-D integer tensor).
+        k: images wanted per class (>= 1).
+        seed: the same seed and targets always give the same indices.
+
+    Returns:
+        The chosen indices in ascending order, and how many were taken per class (``{class: count}``), so the caller
+        can report classes that had fewer than ``k``.
+
+    >>> idx, counts = per_class_indices(torch.tensor([0, 0, 0, 1]), k=2, seed=0)
+    >>> len(idx), counts
+    (3, {0: 2, 1: 1})
+    """
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ConfigError(f"per_class must be a positive integer, got {k!r}")
+    gen = torch.Generator().manual_seed(seed)
+    chosen, counts = [], {}
+    for cls, idx in _indices_by_class(targets).items():
+        pick = idx[torch.randperm(len(idx), generator=gen)[:k]]
+        chosen.append(pick)
+        counts[cls] = len(pick)
+    if not chosen:
+        return torch.empty(0, dtype=torch.long), counts
+    return torch.sort(torch.cat(chosen)).values, counts
+
+
+def stratified_split(targets: torch.Tensor, fraction: float, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split indices into (train, val) so that every class gives about ``fraction`` of its samples to val.
+
+    A class with at least two samples always keeps one in train and gives at least one to val; a class with a single
+    sample stays in train. The two index sets never overlap.
+
+    Args:
+        targets: class index of every sample (1-D integer tensor).
+        fraction: share of each class that goes to val, strictly between 0 and 1.
+        seed: the same seed and targets always give the same split.
+
+    Returns:
+        ``(train_indices, val_indices)``, each in ascending order.
+
+    >>> tr, va = stratified_split(torch.tensor([0] * 10 + [1] * 10), fraction=0.2, seed=0)
+    >>> len(tr), len(va)
+    (16, 4)
+    """
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 < fraction < 1.0:
+        raise ConfigError(f"val_split must be a fraction strictly between 0 and 1, got {fraction!r}")
+    gen = torch.Generator().manual_seed(seed)
+    train, val = [], []
+    for idx in _indices_by_class(targets).values():
+        perm = idx[torch.randperm(len(idx), generator=gen)]
+        n_val = min(max(round(fraction * len(idx)), 1), len(idx) - 1)
+        val.append(perm[:n_val])
+        train.append(perm[n_val:])
+    empty = torch.empty(0, dtype=torch.long)
+    return (
+        torch.sort(torch.cat(train)).values if train else empty,
+        torch.sort(torch.cat(val)).values if val else empty,
+    )

@@ -1,0 +1,105 @@
+"""Image transforms built from a model's ``Preprocess``: one eval pipeline and three training augmentation presets.
+
+Every pipeline accepts a PIL image or a uint8 tensor ``[C, H, W]`` (C = 1 or 3), turns grayscale into 3 channels and
+returns a plain float32 tensor ``[3, input_size, input_size]`` normalised with the model's mean/std. Geometry and
+colour ops run on uint8 because they are cheaper there; conversion to float happens last.
+"""
+
+from __future__ import annotations
+
+import torch
+from torchvision.transforms import InterpolationMode, v2
+
+from freezetune.errors import ConfigError, choices
+from freezetune.preprocess import Preprocess
+
+AUG_PRESETS = ("none", "light", "standard")
+
+_INTERPOLATIONS = {
+    "nearest": InterpolationMode.NEAREST,
+    "bilinear": InterpolationMode.BILINEAR,
+    "bicubic": InterpolationMode.BICUBIC,
+}
+
+
+def interpolation_mode(name: str) -> InterpolationMode:
+    """Map a ``Preprocess.interpolation`` name to torchvision's enum.
+
+    >>> interpolation_mode("bicubic").value
+    'bicubic'
+    """
+    if name not in _INTERPOLATIONS:
+        raise ConfigError(f"unknown interpolation {name!r}; choose one of: {choices(_INTERPOLATIONS)}")
+    return _INTERPOLATIONS[name]
+
+
+def _to_uint8_rgb() -> list[v2.Transform]:
+    # ToImage wraps tensors and converts PIL; RGB expands 1-channel input so 3-channel mean/std apply.
+    return [v2.ToImage(), v2.RGB()]
+
+
+def _to_normalized_float(pre: Preprocess) -> list[v2.Transform]:
+    return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean=list(pre.mean), std=list(pre.std))]
+
+
+def _eval_geometry(pre: Preprocess) -> list[v2.Transform]:
+    if not 0.0 < pre.crop_pct <= 1.0:
+        raise ConfigError(f"crop_pct must be in (0, 1], got {pre.crop_pct!r}")
+    resize = int(pre.input_size / pre.crop_pct)
+    interp = interpolation_mode(pre.interpolation)
+    return [v2.Resize(resize, interpolation=interp, antialias=True), v2.CenterCrop(pre.input_size)]
+
+
+def eval_transform(pre: Preprocess) -> v2.Compose:
+    """Deterministic eval pipeline: resize the short side to ``input_size / crop_pct``, center-crop, normalise.
+
+    Args:
+        pre: the model's preprocessing (size, mean/std, interpolation, crop_pct).
+
+    Returns:
+        A callable taking a PIL image or uint8 ``[C, H, W]`` tensor and returning float ``[3, S, S]``.
+
+    >>> t = eval_transform(Preprocess(input_size=32))
+    >>> t(torch.zeros(1, 28, 28, dtype=torch.uint8)).shape
+    torch.Size([3, 32, 32])
+    """
+    return v2.Compose([*_to_uint8_rgb(), *_eval_geometry(pre), *_to_normalized_float(pre), v2.ToPureTensor()])
+
+
+def train_transform(pre: Preprocess, aug: str = "light") -> v2.Compose:
+    """Training pipeline for one of the augmentation presets.
+
+    Presets:
+        ``none``: same geometry as eval (resize + center-crop), no randomness.
+        ``light``: random resized crop (scale 0.7-1) + horizontal flip; gentle, suits few-shot fine-tuning.
+        ``standard``: random resized crop (scale 0.25-1) + flip + TrivialAugmentWide + random erasing (p=0.25).
+
+    Args:
+        pre: the model's preprocessing (size, mean/std, interpolation).
+        aug: preset name, one of ``AUG_PRESETS``.
+
+    Returns:
+        A callable taking a PIL image or uint8 ``[C, H, W]`` tensor and returning float ``[3, S, S]``.
+
+    >>> t = train_transform(Preprocess(input_size=32), aug="standard")
+    >>> t(torch.zeros(3, 40, 50, dtype=torch.uint8)).dtype
+    torch.float32
+    """
+    if aug not in AUG_PRESETS:
+        raise ConfigError(f"unknown augmentation preset {aug!r}; choose one of: {choices(AUG_PRESETS)}")
+    if aug == "none":
+        return eval_transform(pre)
+    interp = interpolation_mode(pre.interpolation)
+    scale = (0.7, 1.0) if aug == "light" else (0.25, 1.0)
+    ops: list[v2.Transform] = [
+        *_to_uint8_rgb(),
+        v2.RandomResizedCrop(pre.input_size, scale=scale, interpolation=interp, antialias=True),
+        v2.RandomHorizontalFlip(),
+    ]
+    if aug == "standard":
+        ops.append(v2.TrivialAugmentWide(interpolation=interp))
+    ops += _to_normalized_float(pre)
+    if aug == "standard":
+        # Erasing runs after normalisation so the erased patch is zero-mean noise, not a black square.
+        ops.append(v2.RandomErasing(p=0.25, value="random"))
+    return v2.Compose([*ops, v2.ToPureTensor()])

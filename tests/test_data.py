@@ -1,0 +1,283 @@
+"""Tests for freezetune.data: IDX/folder/CSV readers, splits, few-shot subsets, transforms and loaders."""
+
+from __future__ import annotations
+
+import gzip
+import logging
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from freezetune.data import build_datasets, build_loader, eval_transform, list_images, load_image, train_transform
+from freezetune.data.idx import FASHION_CLASSES, InMemoryImageDataset, read_idx
+from freezetune.data.sampling import per_class_indices, stratified_split
+from freezetune.errors import ConfigError, DataError
+from freezetune.preprocess import Preprocess
+
+FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
+PRE = Preprocess(input_size=16, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+COLOURS = {"blue": (0, 0, 255), "green": (0, 255, 0), "red": (255, 0, 0)}
+
+
+def write_idx(path: Path, array: np.ndarray, gz: bool) -> None:
+    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    data = header + array.astype(np.uint8).tobytes()
+    path.write_bytes(gzip.compress(data) if gz else data)
+
+
+def make_idx_dir(root: Path, n_train: int = 60, n_test: int = 20, gz: bool = True) -> Path:
+    """Tiny MNIST-style dir; every image is filled with its own index so overlaps between splits are detectable."""
+    root.mkdir(parents=True)
+    ext = ".gz" if gz else ""
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        images = np.stack([np.full((8, 8), i % 256) for i in range(n)]) if n else np.zeros((0, 8, 8))
+        write_idx(root / f"{prefix}-images-idx3-ubyte{ext}", images, gz)
+        write_idx(root / f"{prefix}-labels-idx1-ubyte{ext}", np.arange(n) % 10, gz)
+    return root
+
+
+def make_folder(root: Path, per_class: int, fmt: str = "png") -> Path:
+    for name, rgb in COLOURS.items():
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            Image.new("RGB", (20 + i, 24), rgb).save(root / name / f"{i}.{fmt}")
+    return root
+
+
+# ---- IDX ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("gz", [True, False])
+def test_read_idx_gzip_and_raw(tmp_path, gz):
+    arr = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
+    write_idx(tmp_path / "x-idx3-ubyte", arr, gz)
+    out = read_idx(tmp_path / "x-idx3-ubyte")
+    assert out.dtype == np.uint8 and np.array_equal(out, arr)
+
+
+def test_read_idx_bad_magic_and_truncated(tmp_path):
+    (tmp_path / "bad").write_bytes(b"\x12\x34\x08\x03" + b"\x00" * 20)
+    with pytest.raises(DataError, match="bad magic"):
+        read_idx(tmp_path / "bad")
+    write_idx(tmp_path / "short", np.zeros((4, 5, 5)), gz=False)
+    (tmp_path / "short").write_bytes((tmp_path / "short").read_bytes()[:-3])
+    with pytest.raises(DataError, match="truncated"):
+        read_idx(tmp_path / "short")
+
+
+def test_idx_dir_classes_and_test_as_val(tmp_path):
+    fashion = build_datasets(str(make_idx_dir(tmp_path / "fashion-tiny")), preprocess=PRE)
+    assert fashion.source == "idx" and fashion.classes == FASHION_CLASSES
+    assert isinstance(fashion.train, InMemoryImageDataset) and fashion.train.images.dtype == torch.uint8
+    assert fashion.val is fashion.test and len(fashion.test) == 20  # no val_split: the official test split is val
+    x, y = fashion.train[3]
+    assert x.shape == (3, 16, 16) and x.dtype == torch.float32 and y == 3
+    digits = build_datasets(str(make_idx_dir(tmp_path / "mnist", gz=False)), preprocess=PRE)
+    assert digits.classes == [str(d) for d in range(10)]
+
+
+def test_idx_val_split_and_per_class_never_overlap(tmp_path):
+    root = str(make_idx_dir(tmp_path / "mnist", n_train=200))
+    b = build_datasets(root, val_split=0.2, per_class=5, seed=1, preprocess=PRE)
+    train_ids = set(b.train.images[:, 0, 0].tolist())
+    val_ids = set(b.val.images[:, 0, 0].tolist())
+    assert len(val_ids) == 40 and len(train_ids) == 50 and not train_ids & val_ids
+    assert torch.bincount(b.train.targets, minlength=10).tolist() == [5] * 10
+    assert torch.bincount(b.val.targets, minlength=10).tolist() == [4] * 10
+    assert len(b.test) == 20
+
+
+@pytest.mark.skipif(not FASHION_DIR.is_dir(), reason="Fashion-MNIST not installed")
+def test_real_fashion_mnist():
+    b = build_datasets(str(FASHION_DIR), preprocess=PRE)
+    assert (len(b.train), len(b.test)) == (60000, 10000)
+    assert b.train.images.shape == (60000, 28, 28) and b.train.targets.dtype == torch.int64
+    assert b.classes[0] == "T-shirt/top" and b.classes[9] == "Ankle boot"
+    assert torch.bincount(b.test.targets).tolist() == [1000] * 10
+
+
+# ---- folders and CSV ----------------------------------------------------------------------------------------------
+
+
+def test_folder_train_val_test_dirs(tmp_path):
+    make_folder(tmp_path / "train", 4)
+    make_folder(tmp_path / "valid", 2, fmt="jpg")
+    make_folder(tmp_path / "test", 1, fmt="bmp")
+    b = build_datasets(str(tmp_path), preprocess=PRE, aug="none")
+    assert b.source == "folder" and b.classes == ["blue", "green", "red"]
+    assert (len(b.train), len(b.val), len(b.test)) == (12, 6, 3)
+    x, y = b.val[0]
+    # A pure colour survives the pipeline: un-normalise and the label's channel is the bright one.
+    rgb = (x * 0.25 + 0.5).mean(dim=(1, 2))
+    assert b.classes[y] == "blue" and rgb.argmax() == 2 and rgb[2] > 0.95
+
+
+def test_folder_val_dir_with_unknown_class(tmp_path):
+    make_folder(tmp_path / "train", 2)
+    (tmp_path / "val" / "purple").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(tmp_path / "val" / "purple" / "a.png")
+    with pytest.raises(DataError, match="purple"):
+        build_datasets(str(tmp_path), preprocess=PRE)
+
+
+def test_flat_folder_with_val_split_is_stratified_and_disjoint(tmp_path):
+    make_folder(tmp_path, 10)
+    b = build_datasets(str(tmp_path), val_split=0.3, preprocess=PRE)
+    assert (len(b.train), len(b.val)) == (21, 9) and b.test is None
+    assert torch.bincount(b.val.targets).tolist() == [3, 3, 3]
+    assert not {p for p, _ in b.train.samples} & {p for p, _ in b.val.samples}
+    again = build_datasets(str(tmp_path), val_split=0.3, preprocess=PRE)
+    assert again.val.samples == b.val.samples
+
+
+def test_csv_with_and_without_header(tmp_path):
+    make_folder(tmp_path / "imgs", 2)
+    lines = [f"imgs/{c}/{i}.png,{c}" for c in COLOURS for i in range(2)]
+    (tmp_path / "plain.csv").write_text("\n".join(lines) + "\n")
+    (tmp_path / "head.csv").write_text("path,label\n" + "\n".join(lines[:3]) + "\n")
+    b = build_datasets(str(tmp_path / "plain.csv"), val_data=str(tmp_path / "head.csv"), preprocess=PRE)
+    assert b.source == "csv" and b.classes == ["blue", "green", "red"]
+    assert (len(b.train), len(b.val)) == (6, 3) and b.val.targets.tolist() == [0, 0, 1]
+    assert b.train[5][0].shape == (3, 16, 16) and b.train[5][1] == 2
+
+
+def test_csv_errors_name_the_problem(tmp_path):
+    make_folder(tmp_path / "imgs", 1)
+    (tmp_path / "train.csv").write_text("imgs/red/0.png,red\nimgs/blue/0.png,blue\n")
+    (tmp_path / "val.csv").write_text("imgs/red/0.png,cyan\n")
+    with pytest.raises(DataError, match="cyan"):
+        build_datasets(str(tmp_path / "train.csv"), val_data=str(tmp_path / "val.csv"), preprocess=PRE)
+    (tmp_path / "gone.csv").write_text("imgs/nothere.png,red\n")
+    with pytest.raises(DataError, match="nothere.png"):
+        build_datasets(str(tmp_path / "gone.csv"), preprocess=PRE)
+
+
+def test_missing_or_empty_paths_raise_data_error(tmp_path):
+    missing = tmp_path / "no_such_dir"
+    with pytest.raises(DataError, match=str(missing)):
+        build_datasets(str(missing), preprocess=PRE)
+    (tmp_path / "empty" / "cls").mkdir(parents=True)
+    with pytest.raises(DataError, match="no class folders with images"):
+        build_datasets(str(tmp_path / "empty"), preprocess=PRE)
+
+
+def test_bad_options_are_config_errors_before_any_io(tmp_path):
+    missing = str(tmp_path / "missing")  # ConfigError, not DataError: options are checked before the data is read
+    with pytest.raises(ConfigError, match="not both"):
+        build_datasets(missing, val_data=missing, val_split=0.1, preprocess=PRE)
+    with pytest.raises(ConfigError, match="val_split.*per_class"):
+        build_datasets(missing, val_split=1.5, per_class=0, preprocess=PRE)
+
+
+def test_list_images_and_load_image(tmp_path):
+    make_folder(tmp_path / "d", 2)
+    (tmp_path / "d" / "notes.txt").write_text("not an image")
+    Image.new("L", (5, 5), 128).save(tmp_path / "gray.png")
+    found = list_images([str(tmp_path / "gray.png"), str(tmp_path / "d")])
+    assert found[0].endswith("gray.png") and len(found) == 7 and found[1:] == sorted(found[1:])
+    assert load_image(found[0]).mode == "RGB"
+    with pytest.raises(DataError, match="nope"):
+        list_images([str(tmp_path / "nope")])
+    with pytest.raises(DataError, match="notes.txt"):
+        load_image(tmp_path / "d" / "notes.txt")
+
+
+# ---- sampling -----------------------------------------------------------------------------------------------------
+
+
+def test_per_class_counts_and_seeded_determinism(caplog):
+    targets = torch.tensor([0] * 20 + [1] * 3 + [2] * 8)
+    idx, counts = per_class_indices(targets, k=5, seed=0)
+    assert counts == {0: 5, 1: 3, 2: 5} and len(set(idx.tolist())) == 13
+    assert torch.equal(idx, per_class_indices(targets, k=5, seed=0)[0])
+    assert not torch.equal(idx, per_class_indices(targets, k=5, seed=1)[0])
+    with pytest.raises(ConfigError, match="per_class"):
+        per_class_indices(targets, k=0)
+
+
+def test_per_class_warns_about_short_classes(tmp_path, caplog):
+    root = make_idx_dir(tmp_path / "mnist", n_train=25)  # classes 0-4 have 3 images, 5-9 have 2
+    with caplog.at_level(logging.WARNING, logger="freezetune.data"):
+        b = build_datasets(str(root), per_class=3, preprocess=PRE)
+    assert len(b.train) == 25 and "5 of 10 classes have fewer" in caplog.text
+
+
+def test_stratified_split_edge_cases():
+    train, val = stratified_split(torch.tensor([0, 1, 1, 2, 2, 2, 2]), fraction=0.5, seed=0)
+    assert sorted(train.tolist() + val.tolist()) == list(range(7))
+    assert 0 in train.tolist()  # a single-image class stays in train
+    for bad in (0.0, 1.0, 1.5):
+        with pytest.raises(ConfigError, match="val_split"):
+            stratified_split(torch.tensor([0, 1]), fraction=bad)
+
+
+# ---- transforms ---------------------------------------------------------------------------------------------------
+
+
+def test_eval_transform_shape_dtype_and_normalisation():
+    t = eval_transform(PRE)
+    for img in (Image.new("RGB", (40, 30), (51, 102, 204)), torch.full((1, 30, 40), 102, dtype=torch.uint8)):
+        x = t(img)
+        assert type(x) is torch.Tensor and x.shape == (3, 16, 16) and x.dtype == torch.float32
+    expected = (torch.tensor([51, 102, 204]) / 255 - 0.5) / 0.25
+    assert torch.allclose(t(Image.new("RGB", (40, 30), (51, 102, 204))).mean(dim=(1, 2)), expected, atol=1e-4)
+    gray = t(torch.full((1, 30, 40), 102, dtype=torch.uint8))
+    assert torch.allclose(gray, torch.full_like(gray, (102 / 255 - 0.5) / 0.25), atol=1e-4)
+
+
+@pytest.mark.parametrize("aug", ["none", "light", "standard"])
+def test_train_presets_output(aug):
+    torch.manual_seed(0)
+    t = train_transform(PRE, aug)
+    for img in (Image.new("RGB", (37, 23)), torch.randint(0, 256, (1, 28, 28), dtype=torch.uint8)):
+        x = t(img)
+        assert x.shape == (3, 16, 16) and x.dtype == torch.float32
+
+
+def test_train_light_is_random_and_none_is_not():
+    torch.manual_seed(0)
+    img = torch.randint(0, 256, (3, 40, 40), dtype=torch.uint8)
+    light, none = train_transform(PRE, "light"), train_transform(PRE, "none")
+    assert not torch.equal(light(img), light(img))
+    assert torch.equal(none(img), none(img))
+
+
+def test_unknown_aug_and_interpolation_are_config_errors():
+    with pytest.raises(ConfigError, match="'none', 'light', 'standard'"):
+        train_transform(PRE, "heavy")
+    with pytest.raises(ConfigError, match="lanczos"):
+        eval_transform(Preprocess(input_size=16, interpolation="lanczos"))
+
+
+# ---- loaders ------------------------------------------------------------------------------------------------------
+
+
+def _labels_dataset(n: int = 40) -> InMemoryImageDataset:
+    return InMemoryImageDataset(torch.zeros(n, 4, 4, dtype=torch.uint8), torch.arange(n), [str(i) for i in range(n)])
+
+
+def test_loader_shuffle_is_seeded_and_eval_is_ordered():
+    def order(seed, train=True):
+        return torch.cat([y for _, y in build_loader(_labels_dataset(), batch_size=8, train=train, seed=seed)])
+
+    assert torch.equal(order(3), order(3)) and not torch.equal(order(3), order(4))
+    assert order(3, train=False).tolist() == list(range(40))
+    loader = build_loader(_labels_dataset(), batch_size=8, train=True)
+    assert loader.num_workers == 0 and not loader.pin_memory  # in-memory data on CPU: no worker processes
+    with pytest.raises(ConfigError, match="batch_size"):
+        build_loader(_labels_dataset(), batch_size=0, train=True)
+
+
+@pytest.mark.multiprocess
+def test_worker_augmentation_is_reproducible(tmp_path):
+    root = str(make_idx_dir(tmp_path / "mnist", n_train=16))
+
+    def first_batch():
+        b = build_datasets(root, preprocess=PRE, aug="standard")
+        return next(iter(build_loader(b.train, batch_size=16, train=True, workers=1, seed=5)))[0]
+
+    assert torch.equal(first_batch(), first_batch())
