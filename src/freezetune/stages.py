@@ -59,7 +59,9 @@ def stages(model: nn.Module) -> list[Stage]:
     """
     head = _head_container(model, head_name(model))
     decl = _declare(model, head)
-    return _assign(model, decl + [(head, [head])])
+    if not decl or decl[-1][0] != head:  # a family rule may declare the head itself, with extra members
+        decl.append((head, [head]))
+    return _assign(model, decl)
 
 
 def head_name(model: nn.Module) -> str:
@@ -71,7 +73,10 @@ def head_name(model: nn.Module) -> str:
     """
     get_classifier = getattr(model, "get_classifier", None)
     if callable(get_classifier) and _is_timm(model):
-        found = _name_of(model, get_classifier())
+        classifier = get_classifier()
+        if isinstance(classifier, (tuple, list)):  # distilled models return (head, head_dist): the first is primary
+            classifier = classifier[0] if classifier else None
+        found = _name_of(model, classifier) if isinstance(classifier, nn.Module) else None
         if found:
             return found
     base = _hf_base_prefix(model)
@@ -104,8 +109,9 @@ def replace_head(model: nn.Module, num_classes: int) -> nn.Module:
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "num_labels"):
         config.num_labels = num_classes  # keep HF config in sync so save/load round-trips
-    if hasattr(model, "num_classes"):
-        model.num_classes = num_classes
+    for attr in ("num_classes", "num_labels"):  # HF forward() reads self.num_labels to shape its loss
+        if isinstance(getattr(model, attr, None), int):
+            setattr(model, attr, num_classes)
     return model
 
 
@@ -151,15 +157,34 @@ def _timm_decl(model: nn.Module, head: str) -> _Decl | None:
     from timm.models import group_parameters
 
     matcher = matcher_fn(coarse=True)
+    matched = _timm_matched(model, matcher)
     regexes = _matcher_regexes(matcher)
-    # Unmatched parameters (outside the head) are left out here and join their predecessor's stage in _assign.
-    matched = {n for n, _ in model.named_parameters() if not _under(n, head) and any(re.match(r, n) for r in regexes)}
     decl: _Decl = []
     for names in group_parameters(model, matcher).values():
-        members = [n for n in names if n in matched]
+        members = [n for n in names if n in matched and not _under(n, head)]
         if members:
             decl.append((_timm_stage_name(len(decl), members, matcher, regexes), members))
-    return _dedupe_names(decl)
+    # timm leaves the classifier and its neck (pre-logits norm, a distillation head) unmatched, after every group:
+    # those trailing parameters are the head. Unmatched ones in between join their predecessor's stage in _assign.
+    names = [n for n, _ in model.named_parameters()]
+    last = max((i for i, n in enumerate(names) if n in matched and not _under(n, head)), default=-1)
+    trailing = [n for n in names[last + 1 :] if n not in matched and not _under(n, head)]
+    return _dedupe_names(decl) + [(head, [head, *trailing])]
+
+
+def _timm_matched(model: nn.Module, matcher: dict | object) -> set[str]:
+    """Parameter names that timm's group matcher places in a group (dict of regexes, or a callable giving ordinals)."""
+    out = set()
+    for name, _ in model.named_parameters():
+        if isinstance(matcher, dict):
+            hit = any(re.match(r, name) for r in _matcher_regexes(matcher))
+        else:
+            ordinal = matcher(name)
+            first = ordinal[0] if isinstance(ordinal, (tuple, list)) else ordinal
+            hit = first is not None and first != float("inf")  # timm's marker for "no group"
+        if hit:
+            out.add(name)
+    return out
 
 
 def _hf_decl(model: nn.Module, head: str) -> _Decl | None:
@@ -249,9 +274,13 @@ def _head_container(model: nn.Module, head: str) -> str:
     return head
 
 
-def _matcher_regexes(matcher: dict) -> list[str]:
+def _matcher_regexes(matcher: dict | object) -> list[str]:
+    if not isinstance(matcher, dict):
+        return []  # a callable matcher: stages are named after their first module
     out = []
     for value in matcher.values():
+        if value is None:
+            continue
         if isinstance(value, str):
             out.append(value)
         else:
@@ -260,7 +289,7 @@ def _matcher_regexes(matcher: dict) -> list[str]:
 
 
 def _timm_stage_name(i: int, members: list[str], matcher: dict, regexes: list[str]) -> str:
-    stem = matcher.get("stem")
+    stem = matcher.get("stem") if isinstance(matcher, dict) else None
     if i == 0 and isinstance(stem, str) and re.match(stem, members[0]):
         return "stem"
     for r in regexes:

@@ -263,3 +263,30 @@ def build_loader(
         pin_memory=cuda,
         persistent_workers=workers > 0,
     )
+
+
+def build_eval_dataset(data: str, *, preprocess: Preprocess, classes: list[str]) -> Dataset:
+    """The evaluation set of ``data`` for a trained model: an IDX test split, a ``test/`` (else ``val/``) folder,
+    or the whole folder/CSV; labels are checked against the model's ``classes``.
+
+    >>> build_eval_dataset("/usr/share/datasets/fashion-mnist", preprocess=Preprocess(32),
+    ...                    classes=[str(i) for i in range(10)])  # doctest: +SKIP
+    """
+    path = Path(data)
+    if not path.exists():
+        raise DataError(f"data path '{data}' does not exist; expected {_EXPECTED}")
+    if path.is_dir() and is_idx_dir(path):
+        ds = load_idx(path, "test" if idx_files(path, "test") else "train")
+        if len(ds.classes) != len(classes):
+            raise DataError(f"'{data}' has {len(ds.classes)} classes; the model was trained on {len(classes)}")
+    elif path.is_dir() and (path / "train").is_dir():
+        split = _first_dir(path, ("test", *_VAL_DIRS))
+        if split is None:
+            raise DataError(f"'{data}' has train/ but no test/ or val/ folder to evaluate on")
+        ds = scan_folder(split, classes)
+    elif path.is_dir():
+        ds = scan_folder(path, classes)
+    else:
+        ds = read_csv(path, classes)
+    ds.transform = eval_transform(preprocess)
+    return ds

@@ -1,0 +1,108 @@
+"""Checkpoints: ``best.pt`` (weights + all that ``predict`` needs) and ``last.pt`` (full resume state).
+
+Both carry the model name, classes, preprocessing and the resolved config, so a checkpoint alone rebuilds the model.
+Writes are atomic (temp file + rename): a crash mid-save never leaves a half-written checkpoint over a good one.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from freezetune import __version__
+from freezetune._io import atomic_save
+from freezetune.errors import CheckpointError
+from freezetune.preprocess import Preprocess
+
+BEST = "best.pt"
+LAST = "last.pt"
+
+
+def model_record(model: nn.Module, cfg_dict: dict, classes: list[str], preprocess: Preprocess) -> dict[str, Any]:
+    """What rebuilds and uses a model: weights, architecture name, classes, preprocessing, config."""
+    return {
+        "freezetune_version": __version__,
+        "model": cfg_dict["model"],
+        "classes": list(classes),
+        "preprocess": preprocess.to_dict(),
+        "config": dict(cfg_dict),
+        "state_dict": {k: v.detach().cpu() for k, v in _unwrap(model).state_dict().items()},
+    }
+
+
+def save(record: dict[str, Any], path: str | Path) -> Path:
+    return atomic_save(record, path)
+
+
+def load(path: str | Path) -> dict[str, Any]:
+    """Load a freezetune checkpoint (tensors and plain data only: ``weights_only=True``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
+    try:
+        record = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a corrupt or foreign file: say which, not a pickle traceback
+        raise CheckpointError(f"cannot read checkpoint {str(path)!r}: {str(exc).splitlines()[0]}") from None
+    if not isinstance(record, dict) or "state_dict" not in record or "classes" not in record:
+        raise CheckpointError(f"{str(path)!r} is not a freezetune checkpoint (no state_dict/classes)")
+    return record
+
+
+def build_model(record: dict[str, Any]) -> tuple[nn.Module, Preprocess]:
+    """Rebuild the architecture named in a checkpoint, with its head, and load its weights."""
+    from freezetune.models import create_model
+    from freezetune.stages import replace_head
+
+    model, _ = create_model(record["model"], None)
+    replace_head(model, len(record["classes"]))
+    missing, unexpected = model.load_state_dict(record["state_dict"], strict=False)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"checkpoint weights do not fit {record['model']}: missing {missing[:3]}, unexpected {unexpected[:3]}"
+        )
+    return model, Preprocess.from_dict(record["preprocess"])
+
+
+def rng_state() -> dict[str, Any]:
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": _numpy_state_to_plain(np.random.get_state()),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(_tuplify(state["python"]))
+    np.random.set_state(_numpy_state_from_plain(state["numpy"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _numpy_state_to_plain(state: tuple) -> list:
+    # numpy arrays are not allowed by weights_only loading; a list of ints is
+    kind, keys, pos, has_gauss, cached = state
+    return [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)]
+
+
+def _numpy_state_from_plain(plain: list) -> tuple:
+    kind, keys, pos, has_gauss, cached = plain
+    return kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached
+
+
+def _tuplify(value: Any) -> Any:
+    return tuple(_tuplify(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The plain module under DDP / torch.compile wrappers, so checkpoint keys never carry their prefixes."""
+    model = getattr(model, "_orig_mod", model)
+    return getattr(model, "module", model) if isinstance(model, nn.parallel.DistributedDataParallel) else model

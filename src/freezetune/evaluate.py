@@ -1,0 +1,70 @@
+"""Evaluation and prediction: run a model over data without gradients and summarise what it got right."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from freezetune.metrics import ClassificationMeter
+from freezetune.precision import Precision
+
+
+def logits_of(output: object) -> torch.Tensor:
+    """Class scores from a model output: a tensor, or an object/dict with ``logits`` (Hugging Face)."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, dict):
+        return output["logits"]
+    return output.logits
+
+
+@torch.inference_mode()
+def evaluate(
+    model: nn.Module,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    precision: Precision,
+    *,
+    num_classes: int,
+    channels_last: bool = False,
+) -> dict:
+    """Loss, top-1/top-k accuracy, per-class accuracy, macro-F1 and confusion matrix over ``batches``.
+
+    >>> import torch; from freezetune.precision import resolve_precision
+    >>> m = torch.nn.Linear(4, 3)
+    >>> data = [(torch.randn(8, 4), torch.randint(0, 3, (8,)))]
+    >>> evaluate(m, data, resolve_precision(torch.device("cpu"), "off"), num_classes=3)["n"]
+    8
+    """
+    was_training = model.training
+    model.eval()
+    meter = ClassificationMeter(num_classes)
+    loss_fn = nn.CrossEntropyLoss(reduction="none")
+    try:
+        for inputs, targets in batches:
+            inputs = to_device(inputs, precision.device, channels_last)
+            targets = targets.to(precision.device, non_blocking=True)
+            with precision.autocast():
+                logits = logits_of(model(inputs))
+            meter.update(logits.float(), targets, loss_fn(logits.float(), targets))
+    finally:
+        model.train(was_training)
+    return meter.compute()
+
+
+@torch.inference_mode()
+def predict_probs(model: nn.Module, inputs: torch.Tensor, precision: Precision) -> torch.Tensor:
+    """Softmax class probabilities for a batch of preprocessed images."""
+    model.eval()
+    with precision.autocast():
+        logits = logits_of(model(inputs.to(precision.device)))
+    return logits.float().softmax(dim=-1).cpu()
+
+
+def to_device(inputs: torch.Tensor, device: torch.device, channels_last: bool = False) -> torch.Tensor:
+    # non_blocking pairs with pinned host memory: the copy overlaps the previous step's compute
+    inputs = inputs.to(device, non_blocking=True)
+    if channels_last and inputs.ndim == 4:
+        inputs = inputs.contiguous(memory_format=torch.channels_last)
+    return inputs

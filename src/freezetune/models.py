@@ -1,0 +1,409 @@
+"""Build a model by name from timm, torchvision or Hugging Face, with its weights and input preprocessing.
+
+Names carry their library as a prefix (``timm:resnet18``, ``torchvision:resnet18``, ``hf:DIR_OR_ID``) because the
+libraries share model names but not weights or layer names. The model keeps its original classifier so pretrained
+heads load; replacing the head is the caller's step. Pretrained weights come, in order, from a pip-packaged copy,
+the library's local cache, or a download; offline, a download fails within seconds with a ``WeightsError`` instead
+of hanging.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import os
+import socket
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import replace
+from pathlib import Path
+from typing import Literal
+from urllib.parse import urlparse
+
+import torch
+from torch import nn
+
+from freezetune.errors import ConfigError, WeightsError, choices
+from freezetune.preprocess import Preprocess
+from freezetune.weights import load_weights, packaged_weights
+
+log = logging.getLogger(__name__)
+
+PREFIXES = ("timm", "torchvision", "hf")
+WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
+RANDOM_WEIGHTS = ("none", "random")
+PRETRAINED_WEIGHTS = ("imagenet", "default")
+_CONNECT_TIMEOUT_S = 3.0
+_DOWNLOAD_TIMEOUT_S = 60.0  # per socket operation: a stalled transfer fails instead of hanging
+_HF_HOST = "huggingface.co"
+_HF_PIL_RESAMPLE = {0: "nearest", 2: "bilinear", 3: "bicubic"}  # PIL.Image.Resampling values in HF configs
+
+# "packaged": pretrained weights come from a local file we load ourselves, so build without downloading.
+Source = Literal["random", "pretrained", "packaged"]
+Builder = Callable[[str, str, Source], tuple[nn.Module, Preprocess | None]]
+
+
+def create_model(
+    name: str, weights: str | os.PathLike | None = "imagenet", *, img_size: int | None = None
+) -> tuple[nn.Module, Preprocess | None]:
+    """Build ``name`` with the requested weights and return it with its input preprocessing.
+
+    Args:
+        name: ``timm:NAME``, ``torchvision:NAME`` or ``hf:DIR_OR_ID`` (image or sequence classification).
+        weights: ``"imagenet"``/``"default"`` for the library's pretrained weights (a pip-packaged copy is used
+            offline when one is registered in ``freezetune.weights.PACKAGED_WEIGHTS``), ``None``/``"none"``/
+            ``"random"`` for random init, or a path to a ``.pth``/``.pt``/``.bin``/``.safetensors`` file.
+        img_size: overrides the preprocessing input size (crop_pct is kept).
+
+    Returns:
+        ``(model, preprocess)``; the model keeps its original classifier. ``preprocess`` is None for text models.
+
+    Raises:
+        ConfigError: unknown prefix, model name or weights value; transformers missing for ``hf:``.
+        WeightsError: pretrained weights cannot be fetched (offline) or a weights file does not fit.
+
+    >>> model, pre = create_model("torchvision:resnet18", weights="none", img_size=128)
+    >>> model.fc.out_features, pre.input_size
+    (1000, 128)
+    """
+    library, arch = _split_name(name)
+    mode = _weights_mode(weights)
+    packaged = packaged_weights(name) if mode == "pretrained" else None
+    source: Source = "packaged" if packaged else "pretrained" if mode == "pretrained" else "random"
+    model, pre = _BUILDERS[library](name, arch, source)
+    if packaged is not None:
+        report = load_weights(model, packaged)
+        log.info("%s: using packaged pretrained weights: %s", name, report.message)
+    elif mode == "path":
+        log.info("%s: %s", name, load_weights(model, weights).message)
+    return model, _resize(pre, img_size, name)
+
+
+def _split_name(name: str) -> tuple[str, str]:
+    prefix, sep, arch = str(name).partition(":")
+    if sep and prefix in PREFIXES and arch:
+        return prefix, arch
+    hint = ""
+    if not sep:
+        known = [
+            f"{p}:{name}"
+            for p, names in (("timm", _timm_names), ("torchvision", _torchvision_names))
+            if name in names()
+        ]
+        hint = f"; did you mean {' or '.join(map(repr, known))}?" if known else ""
+    prefixes = choices(f"{p}:" for p in PREFIXES)
+    raise ConfigError(f"unknown model {name!r}: the name must start with one of the prefixes {prefixes}{hint}")
+
+
+def _weights_mode(weights: str | os.PathLike | None) -> Literal["random", "pretrained", "path"]:
+    if weights is None:
+        return "random"
+    text = os.fspath(weights)
+    if text.lower() in RANDOM_WEIGHTS:
+        return "random"
+    if text.lower() in PRETRAINED_WEIGHTS:
+        return "pretrained"
+    if Path(text).suffix.lower() in WEIGHT_SUFFIXES or os.sep in text or Path(text).exists():
+        return "path"
+    valid = choices([*PRETRAINED_WEIGHTS, *RANDOM_WEIGHTS])
+    raise ConfigError(f"unknown weights {text!r}; use one of: {valid}, or a path ending in {'/'.join(WEIGHT_SUFFIXES)}")
+
+
+def _resize(pre: Preprocess | None, img_size: int | None, name: str) -> Preprocess | None:
+    if img_size is None:
+        return pre
+    if isinstance(img_size, bool) or not isinstance(img_size, int) or img_size <= 0:
+        raise ConfigError(f"img_size must be a positive integer, got {img_size!r}")
+    if pre is None:
+        raise ConfigError(f"img_size={img_size} applies to image models; {name!r} is not one")
+    return replace(pre, input_size=img_size)
+
+
+def _unknown_model(library: str, arch: str, known: list[str]) -> ConfigError:
+    close = difflib.get_close_matches(arch, known, n=5, cutoff=0.6)
+    hint = f"; close matches: {choices(f'{library}:{c}' for c in close)}" if close else f" ({len(known)} known)"
+    return ConfigError(f"unknown {library} model {arch!r}{hint}")
+
+
+# --- network ---------------------------------------------------------------------------------------------------
+
+
+def _hub_offline() -> bool:
+    return any(
+        os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")
+        for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    )
+
+
+def _can_reach(host: str, port: int = 443, timeout: float = _CONNECT_TIMEOUT_S) -> bool:
+    """True if a TCP connection to ``host`` opens within ``timeout`` seconds."""
+    result: list[bool] = []
+
+    def attempt() -> None:
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            result.append(True)
+        except OSError:
+            result.append(False)
+
+    # The DNS lookup inside create_connection ignores the timeout and can stall for long offline; a daemon
+    # thread bounds the whole check.
+    worker = threading.Thread(target=attempt, daemon=True)
+    worker.start()
+    worker.join(timeout + 1.0)
+    return bool(result and result[0])
+
+
+def _offline_error(name: str, detail: str = "") -> WeightsError:
+    why = f"offline? {detail}" if detail else "offline?"
+    return WeightsError(
+        f"could not download pretrained weights for {name} ({why}); pass --weights PATH or --weights none"
+    )
+
+
+def _require_network(name: str, host: str, *, hub: bool = False) -> None:
+    if hub and _hub_offline():
+        raise _offline_error(name, "HF_HUB_OFFLINE is set")
+    if not _can_reach(host):
+        raise _offline_error(name, f"cannot reach {host}")
+
+
+@contextmanager
+def _download_guard(name: str, why: str = "") -> Iterator[None]:
+    """Bound every socket operation of a download and turn network failures into ``WeightsError``."""
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(_DOWNLOAD_TIMEOUT_S)  # torch.hub's urlopen has no timeout of its own
+    try:
+        yield
+    except OSError as e:  # URLError, timeouts, connection resets and huggingface_hub errors are all OSErrors
+        raise _offline_error(name, why or _first_line(e)) from e
+    finally:
+        socket.setdefaulttimeout(previous)
+
+
+# --- torchvision -----------------------------------------------------------------------------------------------
+
+
+def _torchvision_names() -> list[str]:
+    import torchvision.models as tvm
+
+    return tvm.list_models(module=tvm)  # classification models only: detection/video heads are not ours
+
+
+def _torchvision_model(name: str, arch: str, source: Source) -> tuple[nn.Module, Preprocess]:
+    import torchvision.models as tvm
+
+    if arch not in _torchvision_names():
+        raise _unknown_model("torchvision", arch, _torchvision_names())
+    if source == "random":
+        return tvm.get_model(arch, weights=None), Preprocess()
+    default = tvm.get_model_weights(arch).DEFAULT
+    pre = _torchvision_preprocess(default)
+    if source == "packaged":
+        return tvm.get_model(arch, weights=None), pre
+    url = urlparse(default.url)
+    if not Path(torch.hub.get_dir(), "checkpoints", Path(url.path).name).is_file():
+        _require_network(name, url.hostname or "download.pytorch.org")
+    with _download_guard(name):
+        return tvm.get_model(arch, weights="DEFAULT"), pre
+
+
+def _torchvision_preprocess(weights: object) -> Preprocess:
+    t = weights.transforms()
+    crop = int(t.crop_size[0])
+    resize = int(t.resize_size[0]) if isinstance(t.resize_size, (list, tuple)) else int(t.resize_size)
+    return Preprocess(
+        input_size=crop,
+        mean=tuple(float(m) for m in t.mean),
+        std=tuple(float(s) for s in t.std),
+        interpolation=_known_interpolation(t.interpolation.value),
+        crop_pct=crop / resize,
+    )
+
+
+def _known_interpolation(value: object) -> str:
+    return value if value in ("nearest", "bilinear", "bicubic") else "bilinear"
+
+
+# --- timm ------------------------------------------------------------------------------------------------------
+
+
+def _timm_names() -> list[str]:
+    import timm
+
+    return timm.list_models()
+
+
+def _timm_model(name: str, arch: str, source: Source) -> tuple[nn.Module, Preprocess]:
+    import timm
+
+    if not timm.is_model(arch):
+        raise _unknown_model("timm", arch, _timm_names())
+    cfg = _timm_pretrained_cfg(arch)
+    model = _timm_pretrained(name, arch, cfg) if source == "pretrained" else timm.create_model(arch)
+    return model, _timm_preprocess(model)
+
+
+def _timm_pretrained_cfg(arch: str) -> dict:
+    import timm
+    from timm.models import get_pretrained_cfg
+
+    try:
+        cfg = get_pretrained_cfg(arch)
+    except RuntimeError as e:  # an architecture with a pretrained tag timm does not know: "resnet18.xyz"
+        tags = timm.list_pretrained(arch.split(".")[0] + ".*")
+        raise ConfigError(f"unknown timm pretrained tag in {arch!r}; known: {choices(tags)}") from e
+    return cfg.to_dict() if cfg is not None else {}
+
+
+def _timm_pretrained(name: str, arch: str, cfg: dict) -> nn.Module:
+    import timm
+
+    if not (cfg.get("hf_hub_id") or cfg.get("url")):
+        raise WeightsError(f"timm has no pretrained weights for {arch!r}; pass --weights PATH or --weights none")
+    cached = _timm_cached_file(cfg)
+    if cached is not None:
+        log.info("%s: using cached pretrained weights %s", name, cached)
+        # Loading the cached file directly skips huggingface_hub's freshness check, which stalls offline.
+        return timm.create_model(arch, pretrained=True, pretrained_cfg_overlay={"file": str(cached)})
+    hub = bool(cfg.get("hf_hub_id"))
+    _require_network(name, _HF_HOST if hub else (urlparse(cfg["url"]).hostname or ""), hub=hub)
+    with _download_guard(name):
+        return timm.create_model(arch, pretrained=True)
+
+
+def _timm_cached_file(cfg: dict) -> Path | None:
+    """A weights file timm downloaded earlier (Hugging Face cache first, as timm prefers the hub), or None."""
+    hub_id = cfg.get("hf_hub_id")
+    if hub_id:
+        from huggingface_hub import try_to_load_from_cache
+
+        repo, _, revision = hub_id.partition("@")
+        for filename in filter(None, (cfg.get("hf_hub_filename"), "model.safetensors", "pytorch_model.bin")):
+            hit = try_to_load_from_cache(repo, filename, revision=revision or None)
+            if isinstance(hit, str):
+                return Path(hit)
+    url = cfg.get("url")
+    if url:
+        path = Path(torch.hub.get_dir(), "checkpoints", Path(urlparse(url).path).name)
+        if path.is_file():
+            return path
+    return None
+
+
+def _timm_preprocess(model: nn.Module) -> Preprocess:
+    from timm.data import resolve_data_config
+
+    cfg = resolve_data_config({}, model=model)
+    return Preprocess(
+        input_size=int(cfg["input_size"][-1]),  # (C, H, W); timm image models are square
+        mean=tuple(float(m) for m in cfg["mean"]),
+        std=tuple(float(s) for s in cfg["std"]),
+        interpolation=_known_interpolation(cfg.get("interpolation")),
+        crop_pct=float(cfg.get("crop_pct") or 0.875),
+    )
+
+
+# --- Hugging Face ----------------------------------------------------------------------------------------------
+
+
+def _import_transformers():
+    try:
+        import transformers
+    except ImportError as e:
+        raise ConfigError("hf: models need the transformers package: pip install 'freezetune[hf]'") from e
+    return transformers
+
+
+def _hf_model(name: str, arch: str, source: Source) -> tuple[nn.Module, Preprocess | None]:
+    transformers = _import_transformers()
+    # A hub id offline is served from the local cache only, so nothing waits on network timeouts.
+    cache_only = not Path(arch).is_dir() and (_hub_offline() or not _can_reach(_HF_HOST))
+    config = _hf_config(transformers, name, arch, cache_only)
+    auto, is_image = _hf_auto_class(transformers, config, arch)
+    model = _hf_pretrained(auto, name, arch, cache_only) if source == "pretrained" else auto.from_config(config)
+    return model, (_hf_preprocess(arch, cache_only) if is_image else None)
+
+
+def _hf_pretrained(auto, name: str, arch: str, cache_only: bool) -> nn.Module:
+    if Path(arch).is_dir():
+        try:
+            return auto.from_pretrained(arch)
+        except OSError as e:
+            raise WeightsError(f"cannot load weights from {arch!r}: {_first_line(e)}") from e
+    with _download_guard(name, "not in the local Hugging Face cache" if cache_only else ""):
+        return auto.from_pretrained(arch, local_files_only=cache_only)
+
+
+def _hf_config(transformers, name: str, arch: str, cache_only: bool):
+    try:
+        return transformers.AutoConfig.from_pretrained(arch, local_files_only=cache_only)
+    except (OSError, ValueError) as e:
+        where = "not a local directory and not in the Hugging Face cache (offline?)" if cache_only else _first_line(e)
+        raise ConfigError(
+            f"cannot load {name!r}: {where}; give a model directory or a hub id like 'google/vit-base-patch16-224'"
+        ) from e
+
+
+def _hf_auto_class(transformers, config, arch: str):
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES,
+        MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
+    )
+
+    if config.model_type in MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES:
+        return transformers.AutoModelForImageClassification, True
+    if config.model_type in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES:
+        return transformers.AutoModelForSequenceClassification, False
+    raise ConfigError(
+        f"Hugging Face model {arch!r} has type {config.model_type!r}, which has no image or sequence classification class"
+    )
+
+
+def _hf_preprocess(arch: str, cache_only: bool) -> Preprocess:
+    from transformers.image_processing_base import ImageProcessingMixin
+
+    try:
+        settings, _ = ImageProcessingMixin.get_image_processor_dict(arch, local_files_only=cache_only)
+    except (OSError, ValueError):
+        log.warning("%s has no image processor config; using ImageNet preprocessing defaults", arch)
+        return Preprocess()
+    return _preprocess_from_hf(settings)
+
+
+def _hf_side(value: object, default: int | None) -> int | None:
+    if isinstance(value, int):
+        return value
+    if isinstance(value, dict):
+        return value.get("shortest_edge") or value.get("height") or default
+    return default
+
+
+def _preprocess_from_hf(settings: dict) -> Preprocess:
+    """Translate an image-processor config (``size``, ``crop_size``, ``crop_pct``, ``resample``) into ``Preprocess``."""
+    size = _hf_side(settings.get("size"), 224)
+    crop = _hf_side(settings.get("crop_size"), None) if settings.get("do_center_crop") else None
+    if settings.get("crop_pct"):  # ConvNeXt style: resize to size / crop_pct, crop size
+        input_size, crop_pct = size, float(settings["crop_pct"])
+    elif crop:
+        input_size, crop_pct = crop, crop / size
+    else:
+        # ViT style resizes straight to size x size; short-side resize + full crop is the closest Preprocess rule.
+        input_size, crop_pct = size, 1.0
+    default = Preprocess()
+    return Preprocess(
+        input_size=int(input_size),
+        mean=tuple(float(m) for m in settings.get("image_mean") or default.mean),
+        std=tuple(float(s) for s in settings.get("image_std") or default.std),
+        interpolation=_HF_PIL_RESAMPLE.get(settings.get("resample"), "bilinear"),
+        crop_pct=crop_pct,
+    )
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+_BUILDERS: dict[str, Builder] = {"timm": _timm_model, "torchvision": _torchvision_model, "hf": _hf_model}

@@ -1,0 +1,76 @@
+"""Device and mixed precision: pick the device, the autocast dtype and whether a GradScaler is needed."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+from freezetune.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Precision:
+    """The resolved device and autocast settings of a run."""
+
+    device: torch.device
+    amp_dtype: torch.dtype | None  # None: full fp32
+
+    @property
+    def needs_scaler(self) -> bool:
+        # fp16 gradients underflow without loss scaling; bf16 has fp32's exponent range and needs none
+        return self.amp_dtype is torch.float16 and self.device.type == "cuda"
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def scaler(self) -> torch.amp.GradScaler:
+        return torch.amp.GradScaler(self.device.type, enabled=self.needs_scaler)
+
+    def describe(self) -> str:
+        amp = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.amp_dtype]
+        return f"{self.device} {amp}"
+
+
+def resolve_device(spec: str = "auto") -> torch.device:
+    """``auto`` picks CUDA, then MPS, then CPU; an explicit device that is not there is a user error.
+
+    >>> resolve_device("cpu")
+    device(type='cpu')
+    """
+    if spec == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        raise ConfigError(f"unknown device {spec!r}; use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device {spec!r} asked for, but CUDA is not available here; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(f"device {spec!r}: only {torch.cuda.device_count()} CUDA device(s) here")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("device 'mps' asked for, but MPS is not available here; use --device cpu")
+    return device
+
+
+def resolve_precision(device: torch.device, amp: str = "auto") -> Precision:
+    """``auto``: bf16 on CUDA cards that support it, else fp16 (with a GradScaler); off on CPU unless asked.
+
+    >>> resolve_precision(torch.device("cpu"), "auto").amp_dtype is None
+    True
+    """
+    if amp == "off" or (amp == "auto" and device.type != "cuda"):
+        return Precision(device, None)
+    if amp == "bf16" or (amp == "auto" and torch.cuda.is_bf16_supported()):
+        return Precision(device, torch.bfloat16)
+    if amp in ("fp16", "auto"):
+        return Precision(device, torch.float16)
+    raise ConfigError(f"unknown amp mode {amp!r}; use auto, bf16, fp16 or off")

