@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from freezetune import checkpoint
 from freezetune._io import atomic_write_text
+from freezetune.cache import FeatureStore, build_store, store_loader
 from freezetune.config import TrainConfig, validate
 from freezetune.data import DataBundle, build_datasets, build_loader
 from freezetune.errors import CheckpointError, ConfigError
@@ -32,6 +33,7 @@ from freezetune.models import create_model
 from freezetune.optim import build_optimizer, build_scheduler
 from freezetune.precision import resolve_device, resolve_precision
 from freezetune.reporting import MetricsLogger, format_epoch_line, plot_report
+from freezetune.split import Split, split_model
 from freezetune.stages import replace_head
 from freezetune.unfreeze import Unfreezer
 
@@ -96,14 +98,17 @@ class Trainer:
         self.model.to(self.device, memory_format=torch.channels_last if self.channels_last else torch.preserve_format)
         self.train_loader = self._loader(self.data.train, train=True)
         self.optimizer = build_optimizer(self.model, cfg)
-        self.scheduler = build_scheduler(self.optimizer, cfg, len(self.train_loader))
+        self.steps_per_epoch = len(self.train_loader)  # what the LR schedule was sized for (a cache keeps it)
+        self.scheduler = build_scheduler(self.optimizer, cfg, self.steps_per_epoch)
         self.unfreezer = self._unfreezer()
         self.scaler = self.precision.scaler()
-        self.forward = self._compiled()
+        self.forward = self.model
         self.start_epoch, self.best_epoch, self.best_metric, self.bad_epochs = 0, 0, None, 0
         self.metrics = MetricsLogger(self.run_dir, tensorboard=cfg.tensorboard)
         if cfg.resume:
             self._resume()
+        self.cache: _Cache | None = None
+        self._setup_cache()
         cfg.save(self.run_dir / "config.yaml")
         atomic_write_text(self.run_dir / "classes.json", json.dumps(self.classes, indent=1))
 
@@ -115,6 +120,35 @@ class Trainer:
             device=str(self.device), seed=self.cfg.seed,
         )  # fmt: skip
 
+    def _setup_cache(self) -> None:
+        """Cache the frozen prefix's features when the config allows and the model splits (else say why not)."""
+        cfg = self.cfg
+        if self.cache is not None:  # an unfreeze invalidated the cache: back to images unless a new one is built
+            self.train_loader = self._loader(self.data.train, train=True)
+        self.cache = None
+        self.forward = self._compiled(self.model)
+        if cfg.cache == "off":
+            return
+        split, why = split_model(self.model)
+        if split is None:
+            self.echo(f"feature cache off: {why}")
+            return
+        views = 1 if cfg.aug == "none" else cfg.cache_views
+        start = time.perf_counter()
+        build = dict(views=views, batch_size=cfg.batch_size, seed=cfg.seed, spill_dir=self.run_dir / "cache",
+                     channels_last=self.channels_last, place="auto" if cfg.cache == "auto" else cfg.cache)  # fmt: skip
+        train_store, info = build_store(split, self.data.train, self.precision, **build)
+        val_store = None
+        if self.data.val is not None:
+            val_store, _ = build_store(split, self.data.val, self.precision, **{**build, "views": 1})
+        self.cache = _Cache(split, train_store, val_store)
+        self.train_loader = store_loader(train_store, batch_size=cfg.batch_size, train=True, seed=cfg.seed)
+        self.forward = self._compiled(split.suffix_train)
+        self.echo(f"feature cache: {why}; {info.describe()}; built in {time.perf_counter() - start:.1f}s")
+        if views == 1 and cfg.aug != "none":
+            self.echo(f"note: one cached view with aug {cfg.aug!r}: every epoch sees the same augmentation of an "
+                      "image (raise --cache-views for more)")  # fmt: skip
+
     def _unfreezer(self) -> Unfreezer | None:
         cfg = self.cfg
         if not cfg.unfreeze or cfg.unfreeze == "none":
@@ -124,12 +158,8 @@ class Trainer:
             bn=cfg.bn, weight_decay=cfg.weight_decay, scheduler=self.scheduler,
         )  # fmt: skip
 
-    def _compiled(self):
-        if not self.cfg.compile:
-            return self.model
-        # Dynamo guards do not cover requires_grad flips (pytorch#139476): after an unfreeze the stale graph would
-        # keep the newly trainable weights out of autograd, so _after_unfreeze resets and compiles again.
-        return torch.compile(self.model)
+    def _compiled(self, module: nn.Module):
+        return recompile(module) if self.cfg.compile else module
 
     # --- the loop -------------------------------------------------------------------------------------------
 
@@ -139,10 +169,21 @@ class Trainer:
         self.echo(f"{cfg.model} on {self.precision.describe()}: {len(self.data.train)} train images, "
                   f"{len(self.classes)} classes, {trainable:,}/{total:,} parameters trainable")  # fmt: skip
         self.echo(summary(self.model))
+        try:
+            self._epochs()
+        finally:  # Ctrl-C too: flush TensorBoard; metrics.csv and last.pt already hold every finished epoch
+            self.metrics.close()
+        plot_report(self.run_dir / "metrics.csv", self.run_dir / "report.png")
+        test = self._final_test()
+        return RunResult(self.run_dir, self.best_epoch, self.best_metric, test, list(self.metrics.rows))
+
+    def _epochs(self) -> None:
+        cfg = self.cfg
         unfrozen_now = self._unfrozen_before(self.start_epoch)
         for epoch in range(self.start_epoch, cfg.epochs):
             row = self._run_epoch(epoch, unfrozen_now)
-            unfrozen_now = self._step_unfreezer(epoch, row)
+            last = epoch + 1 == cfg.epochs  # nothing trains after the last epoch: no unfreeze, no cache rebuild
+            unfrozen_now = "" if last else self._step_unfreezer(epoch, row)
             improved = self._track_best(epoch, row)
             self._save_last(epoch)
             if improved:
@@ -150,26 +191,25 @@ class Trainer:
             if cfg.early_stop and self.bad_epochs >= cfg.early_stop:
                 self.echo(f"early stop: {cfg.monitor} did not improve for {cfg.early_stop} epochs")
                 break
-        self.metrics.close()
-        plot_report(self.run_dir / "metrics.csv", self.run_dir / "report.png")
-        test = self._final_test()
-        return RunResult(self.run_dir, self.best_epoch, self.best_metric, test, list(self.metrics.rows))
 
     def _run_epoch(self, epoch: int, unfrozen: str) -> dict:
         _seed_epoch(self.cfg.seed, epoch, self.train_loader)
+        if self.cache is not None:
+            self.cache.train.set_epoch(epoch)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         start = time.perf_counter()
         train_stats = self._train_epoch(epoch)
         seconds = time.perf_counter() - start
+        samples = train_stats.pop("samples")  # feeds img/s; not a column of its own
         row = {"epoch": epoch + 1, "epochs": self.cfg.epochs, **train_stats}
-        val = self._evaluate(self.data.val) if self.data.val is not None else None
+        val = self._evaluate_val() if self.data.val is not None else None
         if val is not None:
             row.update(val_loss=val["loss"], val_acc=val["acc"], val_top5=val["top5"], val_f1=val["macro_f1"])
         trainable, total = count_parameters(self.model)
         row.update({f"lr/{g.get('name', i)}": g["lr"] for i, g in enumerate(self.optimizer.param_groups)})
         row.update(trainable_params=trainable, total_params=total, epoch_time_s=seconds)
-        row.update(img_per_s=train_stats.pop("samples") / max(seconds, 1e-9), peak_mem_mb=_peak_memory_mb(self.device))
+        row.update(img_per_s=samples / max(seconds, 1e-9), peak_mem_mb=_peak_memory_mb(self.device))
         row["unfrozen"] = unfrozen
         self.metrics.log_epoch(row)
         self.echo(format_epoch_line(row))
@@ -219,9 +259,15 @@ class Trainer:
             out["mem"] = f"{torch.cuda.max_memory_allocated(self.device) / 2**30:.1f}G"
         return out
 
-    def _evaluate(self, dataset) -> dict:
+    def _evaluate_val(self) -> dict:
+        if self.cache is not None and self.cache.val is not None:
+            loader = store_loader(self.cache.val, batch_size=self.cfg.batch_size * 2, train=False, seed=self.cfg.seed)
+            return evaluate(self.cache.split.suffix_eval, loader, self.precision, num_classes=len(self.classes))
+        return self._evaluate(self.data.val, self.forward)
+
+    def _evaluate(self, dataset, model: nn.Module) -> dict:
         loader = self._loader(dataset, train=False)
-        return evaluate(self.forward, loader, self.precision, num_classes=len(self.classes),
+        return evaluate(model, loader, self.precision, num_classes=len(self.classes),
                         channels_last=self.channels_last)  # fmt: skip
 
     # --- unfreezing, best tracking, checkpoints -------------------------------------------------------------
@@ -233,9 +279,7 @@ class Trainer:
         if names:
             self.echo(f"unfroze {', '.join(names)} (trainable {count_parameters(self.model)[0]:,} parameters)")
             self.bad_epochs = 0  # new capacity: give it the full early-stop patience
-            if self.cfg.compile:
-                torch._dynamo.reset()
-                self.forward = torch.compile(self.model)
+            self._setup_cache()  # the frozen prefix got shorter: rebuild at the new boundary, or drop the cache
         return ";".join(names)
 
     def _unfrozen_before(self, epoch: int) -> str:
@@ -269,6 +313,7 @@ class Trainer:
         record = self._record()
         record.update(
             epoch=epoch + 1,
+            steps_per_epoch=self.steps_per_epoch,
             optimizer=self.optimizer.state_dict(),
             scheduler=self.scheduler.state_dict() if self.scheduler is not None else None,
             scaler=self.scaler.state_dict(),
@@ -280,15 +325,17 @@ class Trainer:
 
     def _resume(self) -> None:
         record = checkpoint.load(self.run_dir / checkpoint.LAST)
-        if record.get("model") != self.cfg.model or record.get("classes") != self.classes:
-            raise CheckpointError(
-                f"{self.run_dir / checkpoint.LAST} is a run of {record.get('model')} on {len(record['classes'])} "
-                f"classes; this config is {self.cfg.model} on {len(self.classes)}: resume with the run's own config"
-            )
+        self._check_resumable(record)
         self.model.load_state_dict(record["state_dict"])
         if self.unfreezer is not None and record.get("unfreezer"):
             self.unfreezer.load_state_dict(record["unfreezer"])  # before the optimizer: re-creates its groups
-        self.optimizer.load_state_dict(record["optimizer"])
+        try:
+            self.optimizer.load_state_dict(record["optimizer"])
+        except ValueError as exc:  # torch's group-size mismatch: the trainable set differs from the run's
+            raise CheckpointError(
+                f"the optimizer state in {self.run_dir / checkpoint.LAST} does not fit this config's trainable "
+                f"parameters (changed --freeze, --unfreeze or --bn?): {str(exc).splitlines()[0]}"
+            ) from None
         if self.scheduler is not None and record.get("scheduler"):
             self.scheduler.load_state_dict(record["scheduler"])
         self.scaler.load_state_dict(record["scaler"])
@@ -297,8 +344,25 @@ class Trainer:
         self.best_epoch, self.best_metric, self.bad_epochs = best["epoch"], best["metric"], best["bad_epochs"]
         self.start_epoch = int(record["epoch"])
         self.metrics.truncate(self.start_epoch)
-        self.forward = self._compiled()
         self.echo(f"resumed {self.run_dir} after epoch {self.start_epoch}")
+
+    def _check_resumable(self, record: dict) -> None:
+        path, cfg = self.run_dir / checkpoint.LAST, self.cfg
+        if record.get("model") != cfg.model or record.get("classes") != self.classes:
+            raise CheckpointError(
+                f"{path} is a run of {record.get('model')} on {len(record['classes'])} classes; this config is "
+                f"{cfg.model} on {len(self.classes)}: resume with the run's own config"
+            )
+        old = dict(record.get("config") or {}, steps_per_epoch=record.get("steps_per_epoch"))
+        new = {"epochs": cfg.epochs, "scheduler": cfg.scheduler, "warmup_epochs": cfg.warmup_epochs,
+               "steps_per_epoch": self.steps_per_epoch}  # fmt: skip
+        changed = [f"{k} {old[k]!r} -> {v!r}" for k, v in new.items() if old.get(k) is not None and old[k] != v]
+        # A per-step LR schedule cannot be stretched mid-run (OneCycleLR raises once past its total_steps).
+        if changed and not (cfg.scheduler == "none" and old.get("scheduler") == "none"):
+            raise ConfigError(
+                f"cannot resume {path} with {', '.join(changed)}: its {old.get('scheduler')} LR schedule spans the "
+                "run's original length; resume with the run's values, or start a new run"
+            )
 
     def _final_test(self) -> dict | None:
         test = self.data.test
@@ -306,12 +370,19 @@ class Trainer:
         if test is None or not best_path.exists():
             return None
         self.model.load_state_dict(checkpoint.load(best_path)["state_dict"])
-        result = self._evaluate(test)
+        result = self._evaluate(test, self.model)
         plot_confusion(result, self.classes, self.run_dir / "confusion.png")
         atomic_write_text(self.run_dir / "test_metrics.json", json.dumps(result, indent=1))
         self.echo(format_report(result, self.classes))
         self.echo(f"test accuracy {100 * result['acc']:.2f}% (best.pt, epoch {self.best_epoch}) -> {self.run_dir}")
         return result
+
+
+@dataclass
+class _Cache:
+    split: Split
+    train: FeatureStore
+    val: FeatureStore | None
 
 
 def _prepare_run_dir(cfg: TrainConfig) -> Path:
@@ -328,8 +399,23 @@ def _prepare_run_dir(cfg: TrainConfig) -> Path:
             f"run dir {str(run_dir)!r} already holds a run ({', '.join(existing)}); "
             "pass --resume to continue it or choose another --out"
         )
-    run_dir.mkdir(parents=True, exist_ok=True)
+    # Not created here: a set-up error (unknown model, bad data path) must not leave an empty run dir behind.
+    # MetricsLogger creates it once the model and data are ready.
     return run_dir
+
+
+def recompile(module: nn.Module, backend: str | None = None) -> nn.Module:
+    """Compile ``module`` afresh after resetting dynamo: call it again after every freeze/unfreeze.
+
+    Dynamo guards did not cover ``requires_grad`` flips (pytorch#139476): a graph traced while a stage was frozen
+    could keep that stage out of autograd after it was unfrozen. Resetting drops every cached graph of the process.
+
+    >>> fast = recompile(nn.Linear(2, 2), backend="eager")
+    >>> fast(torch.zeros(1, 2)).shape
+    torch.Size([1, 2])
+    """
+    torch._dynamo.reset()
+    return torch.compile(module, backend=backend or "inductor")
 
 
 def _use_channels_last(cfg: TrainConfig, model: nn.Module, device: torch.device) -> bool:

@@ -1,0 +1,239 @@
+"""Split a model at the input of its first trainable stage into a frozen prefix and a trainable suffix.
+
+The split is what makes the feature cache possible: a frozen, deterministic prefix computes the same features every
+epoch, so they are computed once. Models are traced with ``torch.fx`` (BatchNorm, dropout and timm's untraceable
+modules stay leaf calls so they keep reading their ``training`` flag at run time). Where the graph cannot be cut at
+one tensor — or the model does not trace — the split falls back to the head alone (timm's ``forward_features`` /
+``forward_head``, or the input of the classifier module), and says why.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import fx, nn
+
+from freezetune.stages import stages
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Split:
+    """``suffix(prefix(x)) == model(x)``; ``prefix`` holds only frozen, deterministic computation."""
+
+    prefix: nn.Module
+    suffix_train: nn.Module  # traced in train mode (functional dropout etc. as in training)
+    suffix_eval: nn.Module
+    boundary: str  # name of the first stage the suffix computes (or "head")
+    how: str  # "fx" | "timm-head" | "head-hook"
+
+
+def split_model(model: nn.Module) -> tuple[Split | None, str]:
+    """Split ``model`` at its first trainable stage; returns ``(split, reason)`` with ``split`` None if impossible.
+
+    >>> import torchvision, freezetune as ft
+    >>> m = torchvision.models.resnet18(); ft.freeze_to(m, 4)
+    >>> split_model(m)[0].boundary
+    'layer4'
+    """
+    st = stages(model)
+    first = next((i for i, s in enumerate(st) if any(p.requires_grad for p in s.params)), None)
+    if first is None:
+        return None, "nothing is trainable"
+    if first == 0:
+        return None, f"the first stage ({st[0].name}) is trainable: there is no frozen prefix to cache"
+    problem = _prefix_problem(model, st[:first])
+    if problem:
+        return None, problem
+    try:
+        split = _fx_split(model, st[first].name)
+        if split is not None:
+            return split, f"cached at the input of {split.boundary} (fx)"
+        why = "no single tensor crosses the stage boundary"
+    except Exception as exc:  # any tracing failure: the model is just not fx-traceable
+        why = f"the model does not trace with torch.fx ({type(exc).__name__})"
+    head = _head_split(model)
+    if head is None:
+        return None, f"{why}, and the head input cannot be captured"
+    return head, f"{why}; caching the head input only"
+
+
+def _prefix_problem(model: nn.Module, prefix_stages: list) -> str | None:
+    """Why the prefix is not deterministic in training mode, or None when it is."""
+    for stage in prefix_stages:
+        for name in stage.modules:
+            for sub_name, m in model.get_submodule(name).named_modules():
+                full = f"{name}.{sub_name}".rstrip(".")
+                if isinstance(m, nn.modules.batchnorm._BatchNorm) and getattr(m, "_freezetune_bn", None) != "frozen":
+                    return f"BatchNorm {full} updates its statistics in training (bn policy is not 'frozen')"
+                if _is_stochastic(m):
+                    return f"{full} ({type(m).__name__}) is random in training"
+    return None
+
+
+def _is_stochastic(m: nn.Module) -> bool:
+    kind = type(m).__name__
+    p = getattr(m, "p", None) if "Dropout" in kind else getattr(m, "drop_prob", None) if "DropPath" in kind else None
+    return bool(p)
+
+
+class _Tracer(fx.Tracer):
+    """Keep norm, dropout and timm's no-trace modules as leaves: they read ``self.training`` at run time."""
+
+    def __init__(self) -> None:
+        leaves: tuple = (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd)
+        autowrap: tuple = ()
+        try:
+            from timm.layers import DropPath
+            from timm.models._features_fx import get_notrace_functions, get_notrace_modules
+
+            leaves += (DropPath, *get_notrace_modules())
+            autowrap = tuple(get_notrace_functions())
+        except ImportError:
+            pass
+        super().__init__(autowrap_functions=autowrap)
+        self.leaves = leaves
+
+    def is_leaf_module(self, m: nn.Module, qualified_name: str) -> bool:
+        return isinstance(m, self.leaves) or super().is_leaf_module(m, qualified_name)
+
+
+def _trace(model: nn.Module, training: bool) -> fx.Graph:
+    was = model.training
+    model.train(training)
+    try:
+        return _Tracer().trace(model)
+    finally:
+        model.train(was)
+
+
+def _fx_split(model: nn.Module, boundary: str) -> Split | None:
+    graphs = {}
+    for training in (True, False):
+        graph = _trace(model, training)
+        cut = _find_cut(model, graph)
+        if cut is None:
+            return None
+        graphs[training] = (graph, *cut)
+    g_train, idx_train, live_train = graphs[True]
+    if idx_train != graphs[False][1]:
+        return None  # train and eval graphs disagree before the boundary: not a deterministic prefix
+    prefix = fx.GraphModule(model, _prefix_graph(g_train, idx_train, live_train))
+    suffix_train = fx.GraphModule(model, _suffix_graph(g_train, idx_train, live_train))
+    suffix_eval = fx.GraphModule(model, _suffix_graph(*graphs[False]))
+    return Split(prefix, suffix_train, suffix_eval, boundary, "fx")
+
+
+def _find_cut(model: nn.Module, graph: fx.Graph) -> tuple[int, fx.Node] | None:
+    """The latest node index before any trainable or random op at which exactly one value crosses over."""
+    nodes = list(graph.nodes)
+    limit = next((i for i, n in enumerate(nodes) if _uses_trainable(model, n) or _random_call(n)), len(nodes) - 1)
+    for cut in range(limit, 1, -1):
+        before = set(nodes[:cut])
+        crossing = {a for n in nodes[cut:] for a in n.all_input_nodes if a in before and a.op != "get_attr"}
+        if len(crossing) == 1:
+            live = crossing.pop()
+            if live.op != "placeholder":
+                return cut, live
+            return None
+    return None
+
+
+def _uses_trainable(model: nn.Module, node: fx.Node) -> bool:
+    if node.op == "call_module":
+        return any(p.requires_grad for p in model.get_submodule(node.target).parameters())
+    if node.op == "get_attr":
+        obj = _get_attr(model, node.target)
+        return isinstance(obj, torch.Tensor) and obj.requires_grad
+    return False
+
+
+def _random_call(node: fx.Node) -> bool:
+    if node.op == "call_module":
+        return False  # leaf modules were checked in _prefix_problem / run with their own flag
+    name = getattr(node.target, "__name__", str(node.target))
+    return "dropout" in name and bool(node.kwargs.get("training", len(node.args) > 2 and node.args[2]))
+
+
+def _get_attr(model: nn.Module, target: str):
+    obj = model
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _prefix_graph(graph: fx.Graph, cut: int, live: fx.Node) -> fx.Graph:
+    out, env = fx.Graph(), {}
+    for node in list(graph.nodes)[:cut]:
+        env[node] = out.node_copy(node, lambda n: env[n])
+    out.output(env[live])
+    return out
+
+
+def _suffix_graph(graph: fx.Graph, cut: int, live: fx.Node) -> fx.Graph:
+    nodes = list(graph.nodes)
+    out, env = fx.Graph(), {}
+    env[live] = out.placeholder("features")
+    for node in nodes[:cut]:
+        if node.op == "get_attr":  # constants used on both sides are simply read again
+            env[node] = out.node_copy(node, lambda n: env[n])
+    for node in nodes[cut:]:
+        env[node] = out.node_copy(node, lambda n: env[n])
+    return out
+
+
+class _HeadOnly(nn.Module):
+    """Run only the part of a model after a captured head input (``forward_head`` or the classifier module)."""
+
+    def __init__(self, model: nn.Module, fn_name: str | None, head: str | None) -> None:
+        super().__init__()
+        self.model, self.fn_name, self.head = model, fn_name, head
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        if self.fn_name:
+            return getattr(self.model, self.fn_name)(features)
+        return self.model.get_submodule(self.head)(features)
+
+
+class _HeadInput(nn.Module):
+    """Compute what the head receives: ``forward_features`` or the classifier module's input (captured by a hook)."""
+
+    def __init__(self, model: nn.Module, head: str | None) -> None:
+        super().__init__()
+        self.model, self.head = model, head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.head is None:
+            return self.model.forward_features(x)
+        captured = []
+
+        def grab(module, args):
+            captured.append(args[0])
+            raise _Captured
+
+        handle = self.model.get_submodule(self.head).register_forward_pre_hook(grab)
+        try:
+            self.model(x)
+        except _Captured:
+            pass
+        finally:
+            handle.remove()
+        return captured[0]
+
+
+class _Captured(Exception):
+    """Stops the forward pass once the head input is captured (the head itself need not run)."""
+
+
+def _head_split(model: nn.Module) -> Split | None:
+    *body, head = stages(model)
+    if any(p.requires_grad for s in body for p in s.params) or len(head.modules) != 1:
+        return None  # only the head may train when the cut is at the head, and it must be one module
+    if callable(getattr(model, "forward_features", None)) and callable(getattr(model, "forward_head", None)):
+        return Split(_HeadInput(model, None), *[_HeadOnly(model, "forward_head", None)] * 2, "head", "timm-head")
+    # the whole head container (e.g. Sequential(Dropout, Linear)), so its own dropout still runs in training
+    name = head.modules[0]
+    return Split(_HeadInput(model, name), *[_HeadOnly(model, None, name)] * 2, "head", "head-hook")
