@@ -12,7 +12,7 @@ from freezetune.errors import FreezetuneError
 from freezetune.freeze import count_parameters, freeze, freeze_to, summary, unfreeze
 from freezetune.param_groups import param_groups
 from freezetune.stages import Stage, head_name, replace_head, stages
-from freezetune.unfreeze import Unfreezer
+from freezetune.unfreezing import Unfreezer
 
 __version__ = "0.1.0"
 

@@ -40,7 +40,7 @@ def freeze(model: nn.Module, spec: Spec = "backbone", *, bn: str = "frozen") -> 
     >>> count_parameters(m)
     (513000, 11689512)
     """
-    _check_bn(bn)
+    check_bn_policy(bn)
     st = stages(model)
     params = _resolve(model, st, spec)
     for p in params.values():
@@ -61,7 +61,7 @@ def unfreeze(model: nn.Module, spec: Spec = "all", *, bn: str = "frozen") -> Non
     >>> [s.name for s in stages(m) if s.num_trainable]
     ['layer4']
     """
-    _check_bn(bn)
+    check_bn_policy(bn)
     st = stages(model)
     params = _resolve(model, st, spec)
     for p in params.values():
@@ -191,7 +191,8 @@ def _params_of(selected: list[Stage]) -> dict[int, nn.Parameter]:
 # --- BatchNorm policy ---------------------------------------------------------------------------------------
 
 
-def _check_bn(bn: str) -> None:
+def check_bn_policy(bn: str) -> None:
+    """Raise ``SpecError`` naming the three policies unless ``bn`` is one of them."""
     if bn not in BN_POLICIES:
         raise SpecError(f"unknown BatchNorm policy {bn!r}; choose one of {choices(BN_POLICIES)}")
 

@@ -81,9 +81,7 @@ def param_groups(
     return groups
 
 
-def stage_groups(
-    stage: Stage, lr: float, weight_decay: float, no_decay: set[str], seen: set[int]
-) -> list[dict]:
+def stage_groups(stage: Stage, lr: float, weight_decay: float, no_decay: set[str], seen: set[int]) -> list[dict]:
     """The group(s) of one stage's trainable parameters not in ``seen`` (updated in place)."""
     decay_params: list[nn.Parameter] = []
     skip_params: list[nn.Parameter] = []

@@ -265,13 +265,13 @@ def _head_container(model: nn.Module, head: str) -> str:
     if base:
         top = head.split(".")[0]
         return top
-    parent = head.rpartition(".")[0]
-    while parent:
+    found, parent = head, head.rpartition(".")[0]
+    while parent:  # the outermost head-like ancestor: timm's ``head`` around ``head.classifier.4``
         leaf = parent.rpartition(".")[2]
         if leaf in {"classifier", "head", "heads", "fc"} or leaf.endswith("head"):
-            return parent
+            found = parent
         parent = parent.rpartition(".")[0]
-    return head
+    return found
 
 
 def _matcher_regexes(matcher: dict | object) -> list[str]:

@@ -18,12 +18,16 @@ import torch
 from torch import nn
 
 from freezetune.errors import CheckpointError, SpecError, choices
-from freezetune.freeze import Spec, resolve_stages, unfreeze
+from freezetune.freeze import Spec, check_bn_policy, resolve_stages, unfreeze
 from freezetune.param_groups import LRRule, no_decay_names, stage_groups
 from freezetune.stages import Stage, stages
 
 _FORMS = ("epoch:N", "plateau:patience=P,min_delta=D,mode=max|min", "{epoch: spec}")
 _LR_KEYS = ("lr", "initial_lr", "max_lr", "min_lr")  # keys LR schedulers keep per group, all scaled alike
+# Per-group lists LR schedulers keep outside the optimizer (zipped strictly with the groups): LR values are scaled
+# to the new stage, everything else (floors, lambdas, momenta) is copied from the reference group.
+_SCALED_LISTS = ("base_lrs", "max_lrs")
+_COPIED_LISTS = ("min_lrs", "lr_lambdas", "base_momentums", "max_momentums")
 
 
 @dataclass
@@ -106,6 +110,7 @@ class Unfreezer:
         weight_decay: float = 0.0,
         scheduler: object | None = None,
     ) -> None:
+        check_bn_policy(bn)
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.schedule = parse_schedule(schedule)
         self.rule = LRRule([s.name for s in stages(model)], lr, stage_lrs=stage_lrs, decay=decay)
@@ -187,6 +192,8 @@ class Unfreezer:
         return False
 
     def _unfreeze(self, names: list[str]) -> list[str]:
+        frozen = {s.name for s in self.frozen_stages()}
+        names = [n for n in names if n in frozen]  # a plan may name a stage that already trains: nothing to do
         if not names:
             return []
         unfreeze(self.model, names, bn=self.bn)
@@ -233,10 +240,10 @@ class Unfreezer:
             return
         n_before = len(self.optimizer.param_groups) - 1
         for sched in [self.scheduler, *getattr(self.scheduler, "_schedulers", [])]:
-            for attr in ("base_lrs", "min_lrs"):
+            for attr in _SCALED_LISTS + _COPIED_LISTS:
                 values = getattr(sched, attr, None)
                 if isinstance(values, list) and len(values) == n_before:
-                    values.append(values[ref_index] * (ratio if attr == "base_lrs" else 1.0))
+                    values.append(values[ref_index] * ratio if attr in _SCALED_LISTS else values[ref_index])
             last = getattr(sched, "_last_lr", None)
             if isinstance(last, list) and len(last) == n_before:
                 last.append(lr)

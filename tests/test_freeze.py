@@ -1,0 +1,291 @@
+"""Freeze specs, freeze_to, the BatchNorm policies, a real optimizer step on a frozen model, deepcopy and summary."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import freezetune as ft
+from conftest import TinyCNN, bn_layers, clone_params, make_batch
+
+torchvision = pytest.importorskip("torchvision")
+
+RESNET = ["stem", "layer1", "layer2", "layer3", "layer4", "fc"]
+
+
+def stage_sizes(model: nn.Module) -> dict[str, int]:
+    return {s.name: s.num_params for s in ft.stages(model)}
+
+
+def trainable_stages(model: nn.Module) -> list[str]:
+    """Stages whose parameters are all trainable (a frozen stage under bn="frozen" has none)."""
+    return [s.name for s in ft.stages(model) if all(p.requires_grad for p in s.parameters())]
+
+
+def expect_trainable(model: nn.Module, names: list[str]) -> None:
+    sizes = stage_sizes(model)
+    assert trainable_stages(model) == names
+    assert ft.count_parameters(model) == (sum(sizes[n] for n in names), sum(sizes.values()))
+
+
+# --- specs --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("spec", "trainable"),
+    [
+        ("backbone", ["fc"]),
+        ("all", []),
+        ("none", RESNET),
+        (2, ["layer2", "layer3", "layer4", "fc"]),
+        (-2, ["layer4", "fc"]),
+        (0, RESNET),
+        ("layer3", ["stem", "layer1", "layer2", "layer4", "fc"]),
+        ("layer[1-3]*", ["stem", "layer4", "fc"]),
+        (["stem", "layer1", "fc"], ["layer2", "layer3", "layer4"]),
+        (["stem", 3], ["layer3", "layer4", "fc"]),
+    ],
+)
+def test_freeze_spec_forms(resnet18, spec, trainable):
+    ft.freeze(resnet18, spec)
+    expect_trainable(resnet18, trainable)
+
+
+def test_freeze_glob_over_qualified_module_names(resnet18):
+    ft.freeze(resnet18, "layer4.*.conv2")
+    frozen = [n for n, p in resnet18.named_parameters() if not p.requires_grad]
+    assert frozen == ["layer4.0.conv2.weight", "layer4.1.conv2.weight"]
+    assert ft.count_parameters(resnet18)[0] == ft.count_parameters(resnet18)[1] - 2 * 512 * 512 * 9
+
+
+def test_freeze_everything_is_allowed(resnet18):
+    ft.freeze(resnet18, "all")
+    assert ft.count_parameters(resnet18)[0] == 0
+
+
+@pytest.mark.parametrize("spec", ["layer5", "block*", ["stem", "nope"]])
+def test_unknown_spec_lists_stage_names(resnet18, spec):
+    with pytest.raises(ft.FreezetuneError) as info:
+        ft.freeze(resnet18, spec)
+    message = str(info.value)
+    assert "matches no stage" in message
+    for name in RESNET:
+        assert repr(name) in message
+    assert all(p.requires_grad for p in resnet18.parameters()), "a failed freeze must not half-apply"
+
+
+def test_unknown_spec_in_unfreeze_and_bad_types(resnet18):
+    with pytest.raises(ft.FreezetuneError, match="layer9"):
+        ft.unfreeze(resnet18, "layer9")
+    with pytest.raises(ft.FreezetuneError, match="float"):
+        ft.freeze(resnet18, 1.5)
+    with pytest.raises(ft.FreezetuneError, match="int"):
+        ft.freeze_to(resnet18, "2")
+
+
+def test_public_unfreeze_is_the_function():
+    # the Unfreezer's module (freezetune.unfreezing) must not shadow the public ``ft.unfreeze`` function.
+    from freezetune.freeze import unfreeze
+
+    assert ft.unfreeze is unfreeze
+
+
+def test_unfreeze_spec(resnet18):
+    ft.freeze(resnet18, "all")
+    ft.unfreeze(resnet18, "layer4")
+    expect_trainable(resnet18, ["layer4"])
+    ft.unfreeze(resnet18, ["fc", "layer[23]"])
+    expect_trainable(resnet18, ["layer2", "layer3", "layer4", "fc"])
+
+
+@pytest.mark.parametrize(
+    ("n", "trainable"),
+    [(2, ["layer2", "layer3", "layer4", "fc"]), (-3, ["layer3", "layer4", "fc"]), (0, RESNET), (6, []), (-1, ["fc"])],
+)
+def test_freeze_to(resnet18, n, trainable):
+    ft.freeze(resnet18, "all")  # freeze_to also re-opens stages[n:]
+    ft.freeze_to(resnet18, n)
+    expect_trainable(resnet18, trainable)
+
+
+# --- BatchNorm policies -------------------------------------------------------------------------------------
+
+
+def train_forward(model: nn.Module, seed: int = 0) -> None:
+    model.train()
+    with torch.no_grad():
+        model(make_batch(seed, size=32)[0])
+
+
+def bn_stats(module: nn.Module) -> list[torch.Tensor]:
+    return [t.clone() for bn in bn_layers(module) for t in (bn.running_mean, bn.running_var, bn.num_batches_tracked)]
+
+
+def same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+@pytest.mark.parametrize(
+    ("bn", "stats_move", "affine_trainable"), [("frozen", False, False), ("affine", True, True), ("train", True, False)]
+)
+def test_bn_policy(resnet18, bn, stats_move, affine_trainable):
+    ft.freeze_to(resnet18, -2, bn=bn)  # stem..layer3 frozen; layer4 and fc trainable
+    frozen_part, open_part = resnet18.layer2, resnet18.layer4
+    before_frozen, before_open = bn_stats(frozen_part), bn_stats(open_part)
+    train_forward(resnet18)
+    assert same(bn_stats(frozen_part), before_frozen) is not stats_move
+    assert not same(bn_stats(open_part), before_open), "BN of trainable stages must always update"
+    for bn_layer in bn_layers(frozen_part):
+        assert bn_layer.weight.requires_grad is affine_trainable
+        assert bn_layer.bias.requires_grad is affine_trainable
+        assert bn_layer.training is stats_move  # "frozen" BN stays in eval under model.train()
+    assert all(p.requires_grad for p in open_part.parameters())
+    assert all(not p.requires_grad for n, p in resnet18.layer2.named_parameters() if "conv" in n)
+
+
+def test_frozen_bn_uses_running_stats_in_train_mode(tiny_cnn):
+    ft.freeze(tiny_cnn, "backbone")
+    x = make_batch(1)[0]
+    tiny_cnn.eval()
+    with torch.no_grad():
+        expected = tiny_cnn(x)
+    tiny_cnn.train()
+    with torch.no_grad():
+        assert torch.equal(tiny_cnn(x), expected)
+
+
+def test_unfreezing_makes_bn_ordinary_again(resnet18):
+    ft.freeze(resnet18, "backbone")
+    ft.unfreeze(resnet18, "layer4")
+    before_l4, before_l1 = bn_stats(resnet18.layer4), bn_stats(resnet18.layer1)
+    train_forward(resnet18)
+    assert not same(bn_stats(resnet18.layer4), before_l4)
+    assert same(bn_stats(resnet18.layer1), before_l1)
+    assert all(bn.training and bn.weight.requires_grad for bn in bn_layers(resnet18.layer4))
+    resnet18.eval()
+    assert not any(bn.training for bn in bn_layers(resnet18.layer4))
+
+
+def test_switching_policy_of_frozen_part(resnet18):
+    ft.freeze(resnet18, "backbone", bn="frozen")
+    ft.freeze(resnet18, "backbone", bn="train")
+    before = bn_stats(resnet18.layer1)
+    train_forward(resnet18)
+    assert not same(bn_stats(resnet18.layer1), before)
+    assert not resnet18.layer1[0].bn1.weight.requires_grad
+
+
+def test_unfreeze_reapplies_its_policy_to_the_parts_still_frozen(resnet18):
+    ft.freeze(resnet18, "backbone", bn="frozen")
+    ft.unfreeze(resnet18, "layer4", bn="train")
+    before = bn_stats(resnet18.layer1)
+    train_forward(resnet18)
+    assert not same(bn_stats(resnet18.layer1), before)
+    assert not resnet18.layer1[0].bn1.weight.requires_grad
+
+
+@pytest.mark.parametrize("call", [ft.freeze, ft.unfreeze, lambda m, s, bn: ft.freeze_to(m, 2, bn=bn)])
+def test_unknown_bn_policy_names_the_three(resnet18, call):
+    with pytest.raises(ft.FreezetuneError) as info:
+        call(resnet18, "backbone", bn="eval")
+    for word in ("'eval'", "'frozen'", "'affine'", "'train'"):
+        assert word in str(info.value)
+
+
+def test_non_affine_bn_follows_its_parent():
+    model = nn.Sequential()
+    model.add_module("body", nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, affine=False)))
+    model.add_module("pool", nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten()))
+    model.add_module("head", nn.Linear(4, 2))
+    ft.freeze(model, "backbone")
+    before = bn_stats(model.body)
+    train_forward(model)
+    assert same(bn_stats(model.body), before)
+
+
+# --- a real optimizer step ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("make_opt", ["sgd", "adamw"])
+def test_optimizer_step_leaves_frozen_weights_bit_identical(tiny_cnn, make_opt):
+    ft.freeze(tiny_cnn, "backbone")
+    if make_opt == "sgd":
+        opt = torch.optim.SGD(ft.param_groups(tiny_cnn, 0.1), lr=0.1, momentum=0.9)
+    else:  # decoupled weight decay would move any frozen parameter that sat in a group, even without a gradient
+        groups = ft.param_groups(tiny_cnn, 0.1, weight_decay=0.5)
+        grouped = {id(p) for g in groups for p in g["params"]}
+        assert grouped == {id(p) for p in tiny_cnn.head.parameters()}
+        opt = torch.optim.AdamW(groups, lr=0.1)
+    before, stats = clone_params(tiny_cnn), bn_stats(tiny_cnn)
+    tiny_cnn.train()
+    for step in range(2):
+        x, y = make_batch(step)
+        opt.zero_grad()
+        nn.functional.cross_entropy(tiny_cnn(x), y).backward()
+        opt.step()
+    after = clone_params(tiny_cnn)
+    for name in before:
+        if name.startswith("head."):
+            assert not torch.equal(before[name], after[name]), f"{name} did not train"
+        else:
+            assert torch.equal(before[name], after[name]), f"frozen {name} moved"
+    assert same(bn_stats(tiny_cnn), stats)
+
+
+# --- deepcopy -----------------------------------------------------------------------------------------------
+
+
+def test_deepcopy_keeps_frozen_bn_and_is_independent(tiny_cnn):
+    ft.freeze(tiny_cnn, "backbone", bn="frozen")
+    twin = copy.deepcopy(tiny_cnn)
+    before = bn_stats(twin)
+    train_forward(twin)
+    assert same(bn_stats(twin), before), "the copy's frozen BN updated its statistics"
+    assert not any(bn.training for bn in bn_layers(twin))
+    assert ft.summary(twin) == ft.summary(tiny_cnn)
+
+    ft.unfreeze(twin, "all")
+    train_forward(twin)
+    assert not same(bn_stats(twin), before), "the unfrozen copy's BN should update"
+    original = bn_stats(tiny_cnn)
+    train_forward(tiny_cnn)
+    assert same(bn_stats(tiny_cnn), original), "unfreezing the copy released the original's BN"
+    assert trainable_stages(tiny_cnn) == ["head"]
+
+
+# --- counting and summary -----------------------------------------------------------------------------------
+
+
+def test_count_parameters_counts_shared_once():
+    model = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 3))
+    model[1].weight = model[0].weight
+    assert ft.count_parameters(model) == (9 + 3 + 3, 9 + 3 + 3)
+    model[0].bias.requires_grad_(False)
+    assert ft.count_parameters(model) == (12, 15)
+
+
+def test_summary_has_one_row_per_stage(resnet18):
+    ft.freeze_to(resnet18, -2, bn="affine")
+    lines = ft.summary(resnet18).splitlines()
+    rows = {line.split()[0]: line.split() for line in lines[1:]}
+    sizes = stage_sizes(resnet18)
+    assert list(rows)[:-1] == RESNET and list(rows)[-1] == "total"
+    trainable = {s.name: s.num_trainable for s in ft.stages(resnet18)}
+    for name in RESNET:
+        assert rows[name][1] == f"{sizes[name]:,}"
+        assert rows[name][2] == f"{trainable[name]:,}"
+    assert rows["layer1"][3] == "affine" and rows["layer4"][3] == "trainable" and rows["fc"][3] == "-"
+    assert int(rows["layer1"][2].replace(",", "")) > 0  # BN affine params train under "affine"
+    assert rows["total"][2] == f"{ft.count_parameters(resnet18)[0]:,}"
+
+
+def test_summary_generic_model_shows_frozen_bn():
+    model = TinyCNN()
+    ft.freeze(model, "backbone")
+    text = ft.summary(model)
+    for name in TinyCNN.STAGES:
+        assert name in text
+    assert text.splitlines()[1].split()[2:] == ["0", "frozen"]

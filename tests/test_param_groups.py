@@ -1,0 +1,143 @@
+"""Optimizer parameter groups: trainable-only, identity de-dup, per-stage LR rule, no-decay twins."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import freezetune as ft
+from conftest import TinyCNN
+
+torchvision = pytest.importorskip("torchvision")
+
+RESNET = ["stem", "layer1", "layer2", "layer3", "layer4", "fc"]
+
+
+def lrs(groups: list[dict]) -> dict[str, float]:
+    return {g["name"]: g["lr"] for g in groups}
+
+
+def grouped_ids(groups: list[dict]) -> list[int]:
+    return [id(p) for g in groups for p in g["params"]]
+
+
+def test_seed_example(resnet18):
+    ft.freeze_to(resnet18, -3)
+    groups = ft.param_groups(resnet18, 1e-3, stage_lrs={"layer4": 1e-4, "layer3": 5e-5})
+    assert [(g["name"], g["lr"], g["weight_decay"]) for g in groups] == [
+        ("layer3", 5e-5, 0.0),
+        ("layer4", 1e-4, 0.0),
+        ("fc", 1e-3, 0.0),
+    ]
+    expected = [p for name in ("layer3", "layer4", "fc") for p in resnet18.get_submodule(name).parameters()]
+    assert grouped_ids(groups) == [id(p) for p in expected]
+
+
+def test_only_trainable_params_each_exactly_once(resnet18):
+    ft.freeze(resnet18, ["stem", "layer2"])
+    groups = ft.param_groups(resnet18, 0.1, weight_decay=0.01)
+    ids = grouped_ids(groups)
+    assert len(ids) == len(set(ids))
+    assert set(ids) == {id(p) for p in resnet18.parameters() if p.requires_grad}
+    assert not {"stem", "layer2", "stem/no_decay", "layer2/no_decay"} & {g["name"] for g in groups}
+    for g in groups:
+        assert set(g) >= {"params", "name", "lr", "weight_decay"}
+
+
+class TiedWithTwins(nn.Module):
+    """Tied input/output embeddings, plus two distinct parameters with identical values."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(10, 4)
+        self.body = nn.Linear(4, 4)
+        self.twin_a = nn.Parameter(torch.zeros(4, 4))
+        self.twin_b = nn.Parameter(torch.zeros(4, 4))  # equal values, different tensors: both must be optimized
+        self.out = nn.Linear(4, 10)
+        self.out.weight = self.embed.weight
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_identity_dedup_with_tied_weights(weight_decay):
+    model = TiedWithTwins()
+    groups = ft.param_groups(model, 1e-3, weight_decay=weight_decay)
+    ids = grouped_ids(groups)
+    assert ids.count(id(model.embed.weight)) == 1
+    assert id(model.twin_a) in ids and id(model.twin_b) in ids
+    assert len(ids) == len(set(ids)) == len(list(model.parameters()))
+    torch.optim.AdamW(groups)  # torch itself rejects a parameter that appears twice
+
+
+def test_decay_counts_every_stage_frozen_or_not(resnet18):
+    ft.freeze_to(resnet18, -2)
+    assert lrs(ft.param_groups(resnet18, 1e-2, decay=10)) == pytest.approx({"layer4": 1e-3, "fc": 1e-2})
+    ft.unfreeze(resnet18, "all")
+    got = lrs(ft.param_groups(resnet18, 1.0, decay=2))
+    assert list(got) == RESNET
+    assert got == pytest.approx({name: 1.0 / 2**depth for depth, name in enumerate(reversed(RESNET))})
+
+
+def test_stage_lrs_override_decay(resnet18):
+    got = lrs(ft.param_groups(resnet18, 1e-2, decay=10, stage_lrs={"layer1": 0.5, "fc": 0.25}))
+    assert got["layer1"] == 0.5 and got["fc"] == 0.25
+    assert got["layer4"] == pytest.approx(1e-3) and got["layer2"] == pytest.approx(1e-5)
+
+
+def test_without_decay_every_stage_gets_lr(resnet18):
+    assert set(lrs(ft.param_groups(resnet18, 3e-4)).values()) == {3e-4}
+
+
+def test_no_decay_twins_hold_biases_and_norm_params(resnet18):
+    ft.freeze_to(resnet18, -2)
+    groups = ft.param_groups(resnet18, 1e-3, decay=10, weight_decay=0.05)
+    by_name = {g["name"]: g for g in groups}
+    assert list(by_name) == ["layer4", "layer4/no_decay", "fc", "fc/no_decay"]
+    bn_ids = {id(p) for m in resnet18.layer4.modules() if isinstance(m, nn.BatchNorm2d) for p in m.parameters()}
+    assert {id(p) for p in by_name["layer4/no_decay"]["params"]} == bn_ids
+    assert [id(p) for p in by_name["fc/no_decay"]["params"]] == [id(resnet18.fc.bias)]
+    assert [id(p) for p in by_name["fc"]["params"]] == [id(resnet18.fc.weight)]
+    assert all(p.ndim >= 2 for p in by_name["layer4"]["params"])
+    assert by_name["layer4"]["weight_decay"] == 0.05 and by_name["layer4/no_decay"]["weight_decay"] == 0.0
+    assert by_name["layer4/no_decay"]["lr"] == by_name["layer4"]["lr"] == pytest.approx(1e-4)
+
+
+def test_declared_no_weight_decay_names_go_to_the_twin():
+    timm = pytest.importorskip("timm")
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=3)
+    ft.freeze(model, "all")
+    ft.unfreeze(model, "stem")  # patch_embed, cls_token, pos_embed
+    groups = {g["name"]: g for g in ft.param_groups(model, 1e-3, weight_decay=0.05)}
+    skip = {id(p) for p in groups["stem/no_decay"]["params"]}
+    assert {id(model.cls_token), id(model.pos_embed), id(model.patch_embed.proj.bias)} <= skip
+    assert [id(p) for p in groups["stem"]["params"]] == [id(model.patch_embed.proj.weight)]
+
+
+def test_groups_drive_a_real_optimizer():
+    model = TinyCNN()
+    ft.freeze_to(model, 2)
+    opt = torch.optim.AdamW(ft.param_groups(model, 1e-3, decay=2, weight_decay=0.1))
+    assert [g["name"] for g in opt.param_groups] == [
+        "block2",
+        "block2/no_decay",
+        "block3",
+        "block3/no_decay",
+        "head",
+        "head/no_decay",
+    ]
+    assert opt.param_groups[0]["lr"] == pytest.approx(2.5e-4)
+
+
+def test_no_trainable_params_is_a_clear_error(resnet18):
+    ft.freeze(resnet18, "all")  # allowed ...
+    with pytest.raises(ft.FreezetuneError, match="no trainable parameters") as info:
+        ft.param_groups(resnet18, 1e-3)  # ... but there is nothing to optimize
+    assert "'layer4'" in str(info.value)
+
+
+def test_bad_stage_lrs_and_decay(resnet18):
+    with pytest.raises(ft.FreezetuneError, match="'layer9'") as info:
+        ft.param_groups(resnet18, 1e-3, stage_lrs={"layer9": 1e-4})
+    assert "'fc'" in str(info.value)
+    with pytest.raises(ft.FreezetuneError, match="decay"):
+        ft.param_groups(resnet18, 1e-3, decay=0)

@@ -1,0 +1,214 @@
+"""Stage discovery, head lookup and head replacement across model families (torchvision, timm, HF, generic)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import freezetune as ft
+from conftest import TinyCNN, tiny_bert
+
+torchvision = pytest.importorskip("torchvision")
+timm = pytest.importorskip("timm")
+
+RESNET = ["stem", "layer1", "layer2", "layer3", "layer4", "fc"]
+_BUILDERS = {
+    "tv_resnet18": lambda: torchvision.models.resnet18(),
+    "tv_efficientnet_b0": lambda: torchvision.models.efficientnet_b0(),
+    "tv_vit_b_16": lambda: torchvision.models.vit_b_16(),
+    "timm_tf_efficientnet_lite0": lambda: timm.create_model("tf_efficientnet_lite0", pretrained=False),
+    "timm_resnet18": lambda: timm.create_model("resnet18", pretrained=False),
+    "timm_vit_tiny": lambda: timm.create_model("vit_tiny_patch16_224", pretrained=False),
+    "hf_bert": lambda: tiny_bert(),
+    "sequential": lambda: nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2)),
+}
+_EXPECTED = {
+    "tv_resnet18": RESNET,
+    "tv_efficientnet_b0": [f"features.{i}" for i in range(9)] + ["classifier"],
+    "tv_vit_b_16": ["stem"] + [f"encoder_layer_{i}" for i in range(12)] + ["norm", "heads"],
+    "timm_tf_efficientnet_lite0": ["stem"] + [f"blocks.{i}" for i in range(7)] + ["classifier"],
+    "timm_resnet18": RESNET,
+    # timm's coarse matcher merges the final norm into the last block (its MATCH_PREV_GROUP rule).
+    "timm_vit_tiny": ["stem"] + [f"blocks.{i}" for i in range(12)] + ["head"],
+    "hf_bert": ["embeddings", "encoder.layer.0", "encoder.layer.1", "pooler", "classifier"],
+    "sequential": ["0", "2", "4"],
+}
+
+
+@pytest.fixture(scope="module")
+def built() -> dict[str, nn.Module]:
+    """Every family's model, built once for the module (no pretrained weights)."""
+    torch.manual_seed(0)
+    return {name: build() for name, build in _BUILDERS.items()}
+
+
+def assert_partition(model: nn.Module, stages: list[ft.Stage]) -> None:
+    """Every parameter of ``model`` is in exactly one stage (by identity), and stages run input -> output."""
+    ids = [id(p) for s in stages for p in s.parameters()]
+    assert len(ids) == len(set(ids)), "a parameter is in two stages"
+    assert set(ids) == {id(p) for p in model.parameters()}, "a parameter is in no stage"
+    assert sum(s.num_params for s in stages) == sum(p.numel() for p in model.parameters())
+    position = {id(p): i for i, p in enumerate(model.parameters())}
+    firsts = [min(position[id(p)] for p in s.parameters()) for s in stages[:-1]]
+    assert firsts == sorted(firsts), "stages are not in input -> output order"
+
+
+@pytest.mark.parametrize("family", list(_BUILDERS))
+def test_stage_discovery(built, family):
+    model = built[family]
+    stages = ft.stages(model)
+    assert [s.name for s in stages] == _EXPECTED[family]
+    assert_partition(model, stages)
+    head = model.get_submodule(ft.head_name(model))
+    head_ids = {id(p) for p in head.parameters()}
+    assert head_ids and head_ids <= {id(p) for p in stages[-1].parameters()}, "the head is not the last stage"
+    for stage in stages:
+        assert stage.modules, f"stage {stage.name} lists no module"
+        for name in stage.modules:  # qualified names that resolve on the model
+            model.get_submodule(name)
+        assert stage.num_params == sum(p.numel() for p in stage.parameters())
+
+
+def test_stage_contents_of_known_families(built):
+    resnet = {s.name: s for s in ft.stages(built["tv_resnet18"])}
+    assert resnet["stem"].modules == ("conv1", "bn1")
+    assert resnet["fc"].modules == ("fc",)
+    vit = built["tv_vit_b_16"]
+    stem_ids = {id(p) for p in ft.stages(vit)[0].parameters()}
+    for p in (vit.class_token, vit.encoder.pos_embedding, *vit.conv_proj.parameters()):
+        assert id(p) in stem_ids
+    timm_vit = built["timm_vit_tiny"]
+    timm_stem = {id(p) for p in ft.stages(timm_vit)[0].parameters()}
+    assert {id(timm_vit.cls_token), id(timm_vit.pos_embed)} <= timm_stem
+    bert = {s.name: s for s in ft.stages(built["hf_bert"])}
+    assert bert["encoder.layer.1"].modules == ("bert.encoder.layer.1",)
+
+
+@pytest.mark.parametrize(
+    ("family", "head"),
+    [
+        ("tv_resnet18", "fc"),
+        ("tv_efficientnet_b0", "classifier.1"),
+        ("tv_vit_b_16", "heads.head"),
+        ("timm_tf_efficientnet_lite0", "classifier"),
+        ("timm_vit_tiny", "head"),
+        ("hf_bert", "classifier"),
+        ("sequential", "4"),
+    ],
+)
+def test_head_name(built, family, head):
+    assert ft.head_name(built[family]) == head
+
+
+def test_unmatched_parameter_joins_a_neighbouring_stage():
+    model = torchvision.models.resnet18()
+    model.register_parameter("logit_scale", nn.Parameter(torch.ones(1)))  # no family rule declares it
+    model.layer2.register_parameter("gate", nn.Parameter(torch.zeros(3)))
+    stages = ft.stages(model)
+    assert [s.name for s in stages] == RESNET
+    assert_partition(model, stages)
+    holders = [s.name for s in stages if any(p is model.logit_scale for p in s.parameters())]
+    assert len(holders) == 1
+    assert any(p is model.layer2.gate for p in stages[2].parameters())
+
+
+def test_timm_distilled_model_keeps_both_heads_in_the_head_stage():
+    model = timm.create_model("levit_128s", pretrained=False, num_classes=5)  # get_classifier() -> (head, head_dist)
+    stages = ft.stages(model)
+    assert_partition(model, stages)
+    assert ft.head_name(model) == "head"
+    assert stages[-1].name == "head"
+    assert set(stages[-1].modules) == {"head", "head_dist"}
+    ft.freeze(model, "backbone")
+    assert all(p.requires_grad for p in model.head.parameters())
+    assert all(p.requires_grad for p in model.head_dist.parameters())
+
+
+def test_timm_callable_group_matcher():
+    model = timm.create_model("resnet10t", pretrained=False, num_classes=4)
+
+    def matcher(name: str) -> float:  # the callable form some timm models (inception_v3, cait) return
+        top = name.split(".")[0]
+        return {"conv1": 0, "bn1": 0, "layer1": 1, "layer2": 2, "layer3": 3, "layer4": 4}.get(top, float("inf"))
+
+    model.group_matcher = lambda coarse=False: matcher
+    stages = ft.stages(model)
+    assert_partition(model, stages)
+    assert stages[-1].name == "fc"
+    assert [s.name for s in stages][1:] == ["layer1", "layer2", "layer3", "layer4", "fc"]
+
+
+def test_generic_fallback_uses_top_level_children_and_last_linear():
+    model = TinyCNN()
+    stages = ft.stages(model)
+    assert [s.name for s in stages] == list(TinyCNN.STAGES)
+    assert ft.head_name(model) == "head"
+    assert_partition(model, stages)
+
+
+def test_tied_weights_belong_to_one_stage():
+    class TiedLM(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Embedding(10, 4)
+            self.body = nn.Linear(4, 4)
+            self.out = nn.Linear(4, 10)
+            self.out.weight = self.embed.weight
+
+    model = TiedLM()
+    stages = ft.stages(model)
+    assert_partition(model, stages)
+    assert sum(any(p is model.embed.weight for p in s.parameters()) for s in stages) == 1
+
+
+def test_model_without_linear_head_raises():
+    with pytest.raises(ft.FreezetuneError, match="classifier head"):
+        ft.stages(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()))
+
+
+# --- replace_head -------------------------------------------------------------------------------------------
+
+
+def test_replace_head_torchvision_gives_new_trainable_head():
+    model = torchvision.models.resnet18()
+    ft.freeze(model, "all")
+    old = model.fc
+    assert ft.replace_head(model, 7) is model
+    assert model.fc is not old and model.fc.out_features == 7 and model.fc.in_features == old.in_features
+    assert all(p.requires_grad for p in model.fc.parameters())
+    assert ft.count_parameters(model)[0] == 512 * 7 + 7
+    assert model(torch.randn(1, 3, 32, 32)).shape == (1, 7)
+
+
+def test_replace_head_nested_and_generic():
+    eff = torchvision.models.efficientnet_b0()
+    ft.replace_head(eff, 4)
+    assert eff.classifier[1].out_features == 4
+    seq = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    ft.replace_head(seq, 5)
+    assert seq(torch.randn(2, 4)).shape == (2, 5)
+
+
+def test_replace_head_timm_uses_its_own_reset():
+    model = timm.create_model("resnet18", pretrained=False)
+    ft.replace_head(model, 6)
+    assert model.get_classifier().out_features == 6
+    assert model.num_classes == 6
+    assert ft.stages(model)[-1].name == "fc"
+
+
+def test_replace_head_hf_keeps_config_and_loss_in_sync():
+    model = tiny_bert(num_labels=3)
+    ft.replace_head(model, 5)
+    assert model.classifier.out_features == 5
+    assert model.config.num_labels == 5 and model.num_labels == 5
+    ids = torch.randint(0, 64, (2, 6))
+    out = model(input_ids=ids, labels=torch.tensor([4, 1]))  # labels >= 3 fail if num_labels were stale
+    assert out.logits.shape == (2, 5) and torch.isfinite(out.loss)
+
+
+@pytest.mark.parametrize("bad", [0, -3])
+def test_replace_head_rejects_bad_class_count(bad):
+    with pytest.raises(ft.FreezetuneError, match=str(bad)):
+        ft.replace_head(nn.Sequential(nn.Linear(4, 2)), bad)

@@ -1,0 +1,277 @@
+"""Progressive unfreezing: schedules, optimizer groups, LR schedulers driving new groups, and resume."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.optim.lr_scheduler import CosineAnnealingLR, LambdaLR, OneCycleLR
+
+import freezetune as ft
+from conftest import TinyCNN, make_batch
+
+LR = 0.1
+
+
+def frozen_setup(schedule, *, decay=2.0, weight_decay=0.0, bn="frozen", make_scheduler=None):
+    """TinyCNN with only the head trainable, its optimizer (AdamW), an optional LR scheduler and the Unfreezer."""
+    torch.manual_seed(0)
+    model = TinyCNN()
+    ft.freeze(model, "backbone", bn=bn)
+    opt = torch.optim.AdamW(ft.param_groups(model, LR, decay=decay, weight_decay=weight_decay))
+    sched = make_scheduler(opt) if make_scheduler else None
+    unfreezer = ft.Unfreezer(
+        model, opt, schedule, lr=LR, decay=decay, bn=bn, weight_decay=weight_decay, scheduler=sched
+    )
+    return model, opt, sched, unfreezer
+
+
+def group_names(opt: torch.optim.Optimizer) -> list[str]:
+    return [g["name"] for g in opt.param_groups]
+
+
+def assert_each_param_once(model: nn.Module, opt: torch.optim.Optimizer) -> None:
+    ids = [id(p) for g in opt.param_groups for p in g["params"]]
+    assert len(ids) == len(set(ids)), "a parameter sits in two optimizer groups"
+    assert set(ids) == {id(p) for p in model.parameters() if p.requires_grad}
+
+
+def run_schedule(unfreezer: ft.Unfreezer, epochs: int, metrics=None) -> dict[int, list[str]]:
+    events = {}
+    for epoch in range(epochs):
+        done = unfreezer.step(epoch, None if metrics is None else metrics[epoch])
+        if done:
+            events[epoch] = done
+    return events
+
+
+# --- schedules ----------------------------------------------------------------------------------------------
+
+
+def test_epoch_schedule_unfreezes_from_the_head_every_n_epochs():
+    model, opt, _, unfreezer = frozen_setup("epoch:2")
+    assert run_schedule(unfreezer, 12) == {1: ["block3"], 3: ["block2"], 5: ["block1"], 7: ["stem"]}
+    assert group_names(opt) == ["head", "block3", "block2", "block1", "stem"]
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([LR / 2**d for d in range(5)])
+    assert unfreezer.frozen_stages() == []
+    assert ft.count_parameters(model)[0] == ft.count_parameters(model)[1]
+    assert_each_param_once(model, opt)
+
+
+def test_unfrozen_stage_trains_and_its_bn_updates():
+    model, opt, _, unfreezer = frozen_setup("epoch:1")
+    unfreezer.step(0)
+    stem_before = model.stem[0].weight.detach().clone()
+    block3_before = [t.detach().clone() for t in (model.block3[0].weight, model.block3[1].running_mean)]
+    model.train()
+    x, y = make_batch(0)
+    nn.functional.cross_entropy(model(x), y).backward()
+    opt.step()
+    assert not torch.equal(model.block3[0].weight, block3_before[0])
+    assert not torch.equal(model.block3[1].running_mean, block3_before[1])
+    assert torch.equal(model.stem[0].weight, stem_before)
+
+
+@pytest.mark.parametrize("mode", ["max", "min"])
+def test_plateau_schedule(mode):
+    metrics = [0.50, 0.60, 0.605, 0.609, 0.70, 0.70, 0.695, 0.80, 0.80, 0.805, 0.90]
+    sign = 1 if mode == "max" else -1
+    _, opt, _, unfreezer = frozen_setup(f"plateau:patience=2,min_delta=0.01,mode={mode}")
+    events = run_schedule(unfreezer, len(metrics), [sign * m for m in metrics])
+    assert events == {3: ["block3"], 6: ["block2"], 9: ["block1"]}
+    assert group_names(opt) == ["head", "block3", "block2", "block1"]
+    state = unfreezer.state_dict()
+    assert state["best"] == pytest.approx(sign * 0.90) and state["num_bad"] == 0
+
+
+def test_plateau_needs_the_metric():
+    _, _, _, unfreezer = frozen_setup("plateau:patience=1")
+    with pytest.raises(ft.FreezetuneError, match="metric"):
+        unfreezer.step(0)
+
+
+def test_dict_plan():
+    model, opt, _, unfreezer = frozen_setup({0: "block3", 2: ["block2", "block1"], 4: "st*"})
+    assert group_names(opt) == ["head", "block3"], "epoch 0 of the plan applies at once"
+    assert run_schedule(unfreezer, 6) == {1: ["block1", "block2"], 3: ["stem"]}
+    assert unfreezer.frozen_stages() == []
+    assert_each_param_once(model, opt)
+
+
+def test_plan_naming_a_trainable_stage_reports_nothing():
+    _, opt, _, unfreezer = frozen_setup({1: "head", 2: "block3"})
+    assert run_schedule(unfreezer, 3) == {1: ["block3"]}
+    assert group_names(opt) == ["head", "block3"]
+
+
+def test_plan_is_validated_up_front():
+    with pytest.raises(ft.FreezetuneError, match="'block9'") as info:
+        frozen_setup({0: "block3", 40: "block9"})
+    assert "'stem'" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "bad", ["epoch:0", "epoch:x", "plateau:patience=0", "plateau:speed=1", "cosine", "plateau:mode=up"]
+)
+def test_bad_schedule_lists_the_forms(bad):
+    with pytest.raises(ft.FreezetuneError, match="epoch:N") as info:
+        frozen_setup(bad)
+    assert repr(bad) in str(info.value)
+
+
+def test_bad_bn_policy_is_reported_at_construction():
+    _, opt, _, unfreezer = frozen_setup("epoch:1")
+    with pytest.raises(ft.FreezetuneError, match="'frozen'"):
+        ft.Unfreezer(unfreezer.model, opt, "epoch:1", lr=LR, bn="eval")
+
+
+@pytest.mark.parametrize(("bn", "weight_decay"), [("frozen", 0.0), ("frozen", 0.05), ("affine", 0.0), ("affine", 0.05)])
+def test_no_duplicate_params_after_repeated_steps(bn, weight_decay):
+    model, opt, _, unfreezer = frozen_setup("epoch:1", bn=bn, weight_decay=weight_decay)
+    assert_each_param_once(model, opt)
+    for epoch in range(8):
+        unfreezer.step(epoch)
+        assert_each_param_once(model, opt)
+        model.train()
+        opt.zero_grad()
+        x, y = make_batch(epoch)
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    for g in opt.param_groups:
+        expected = LR / 2.0 ** (4 - TinyCNN.STAGES.index(g["name"].split("/")[0]))
+        assert g["lr"] == pytest.approx(expected)
+        assert g["weight_decay"] == (0.0 if g["name"].endswith("/no_decay") else weight_decay)
+
+
+# --- LR schedulers keep driving new groups ------------------------------------------------------------------
+
+TOTAL = 12
+
+
+def cosine(opt):
+    return CosineAnnealingLR(opt, T_max=TOTAL + 4)  # ends above zero, so LR ratios stay defined
+
+
+def one_cycle(opt):
+    return OneCycleLR(opt, max_lr=[g["lr"] for g in opt.param_groups], total_steps=TOTAL + 1, pct_start=0.4)
+
+
+def lambda_lr(opt):
+    return LambdaLR(opt, lambda step: 0.9**step)
+
+
+@pytest.mark.parametrize("make_scheduler", [cosine, one_cycle, lambda_lr])
+def test_scheduler_drives_new_groups_like_groups_present_from_the_start(make_scheduler):
+    """A stage unfrozen mid-run follows the schedule phase: its LR equals that of a run where it always had a group."""
+    model, opt, sched, unfreezer = frozen_setup("epoch:3", weight_decay=0.01, make_scheduler=make_scheduler)
+    torch.manual_seed(0)
+    reference = TinyCNN()  # every stage trainable from step 0: the LRs the unfrozen groups must follow
+    ref_opt = torch.optim.AdamW(ft.param_groups(reference, LR, decay=2.0, weight_decay=0.01))
+    ref_sched = make_scheduler(ref_opt)
+    for step in range(TOTAL):
+        for o, s in ((opt, sched), (ref_opt, ref_sched)):
+            o.step()  # no gradients: parameters do not move, only the schedule advances
+            s.step()
+        new = unfreezer.step(step)
+        ref = {g["name"]: g for g in ref_opt.param_groups}
+        for g in opt.param_groups:
+            assert g["lr"] == pytest.approx(ref[g["name"]]["lr"], rel=1e-9), (step, g["name"])
+            assert g["betas"] == pytest.approx(ref[g["name"]]["betas"]), "OneCycleLR momentum must follow too"
+        if new:
+            ratio = opt.param_groups[-1]["lr"] / opt.param_groups[0]["lr"]
+            assert ratio == pytest.approx(unfreezer.rule(new[0]) / unfreezer.rule("head"))
+    assert group_names(opt)[::2] == ["head", "block3", "block2", "block1", "stem"]
+    assert sched.get_last_lr() == pytest.approx([g["lr"] for g in opt.param_groups])
+
+
+# --- state_dict / resume ------------------------------------------------------------------------------------
+
+EPOCHS, STEPS = 4, 3
+
+
+def build_run():
+    """Everything a training script builds at start: model frozen to its head, AdamW + weight decay, OneCycleLR."""
+    torch.manual_seed(0)
+    model = TinyCNN()
+    ft.freeze_to(model, -1)
+    opt = torch.optim.AdamW(ft.param_groups(model, LR, decay=2.0, weight_decay=0.05))
+    sched = OneCycleLR(opt, max_lr=[g["lr"] for g in opt.param_groups], total_steps=EPOCHS * STEPS)
+    unfreezer = ft.Unfreezer(model, opt, "epoch:1", lr=LR, decay=2.0, weight_decay=0.05, scheduler=sched)
+    return model, opt, sched, unfreezer
+
+
+def train(model, opt, sched, unfreezer, epochs: range) -> None:
+    for epoch in epochs:
+        model.train()
+        for i in range(STEPS):
+            x, y = make_batch(100 * epoch + i)
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+            sched.step()
+        unfreezer.step(epoch)
+
+
+def test_resume_through_state_dict_matches_an_uninterrupted_run(tmp_path):
+    straight = build_run()
+    train(*straight, range(EPOCHS))
+
+    first = build_run()
+    train(*first, range(2))
+    model, opt, sched, unfreezer = first
+    path = tmp_path / "ckpt.pt"
+    torch.save(
+        {
+            "model": model.state_dict(),
+            "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict(),
+            "unfreezer": unfreezer.state_dict(),
+        },
+        path,
+    )
+    del first, model, opt, sched, unfreezer  # "kill" the run
+
+    saved = torch.load(path, weights_only=False)
+    model, opt, sched, unfreezer = resumed = build_run()  # freeze_to as at start -> optimizer -> scheduler
+    unfreezer.load_state_dict(saved["unfreezer"])
+    opt.load_state_dict(saved["optimizer"])
+    sched.load_state_dict(saved["scheduler"])
+    model.load_state_dict(saved["model"])
+    assert group_names(opt) == group_names(straight[1])[: len(group_names(opt))]
+    train(*resumed, range(2, EPOCHS))
+
+    assert group_names(opt) == group_names(straight[1])
+    for (name, a), b in zip(straight[0].state_dict().items(), model.state_dict().values(), strict=True):
+        assert torch.equal(a, b), f"{name} differs after resume"
+    assert [g["lr"] for g in opt.param_groups] == [g["lr"] for g in straight[1].param_groups]
+    assert unfreezer.state_dict() == straight[3].state_dict()
+
+
+def test_state_dict_records_stages_plateau_and_groups():
+    _, _, _, unfreezer = frozen_setup("plateau:patience=2", weight_decay=0.05)
+    run_schedule(unfreezer, 4, [0.5, 0.4, 0.4, 0.45])
+    state = unfreezer.state_dict()
+    assert state["unfrozen"] == ["block3"]
+    assert state["groups"] == ["block3", "block3/no_decay"]
+    assert state["best"] == 0.5 and state["num_bad"] == 1
+    assert state["events"] == [[2, ["block3"]]]
+
+    _, opt, _, fresh = frozen_setup("plateau:patience=2", weight_decay=0.05)
+    fresh.load_state_dict(state)
+    assert group_names(opt) == ["head", "head/no_decay", "block3", "block3/no_decay"]
+    assert fresh.step(4, 0.45) == ["block2"], "plateau counter must resume, not restart"
+
+
+def test_load_state_dict_rejects_a_model_not_frozen_as_at_start():
+    _, _, _, unfreezer = frozen_setup("epoch:1")
+    unfreezer.step(0)
+    state = unfreezer.state_dict()
+    torch.manual_seed(0)
+    model = TinyCNN()
+    ft.freeze_to(model, -2)  # block3 already trainable: its group would not be re-created
+    opt = torch.optim.AdamW(ft.param_groups(model, LR))
+    with pytest.raises(ft.FreezetuneError, match="freeze the model as at the start"):
+        ft.Unfreezer(model, opt, "epoch:1", lr=LR).load_state_dict(state)
+    state["unfrozen"] = ["block7"]
+    with pytest.raises(ft.FreezetuneError, match="'block7'"):
+        ft.Unfreezer(model, opt, "epoch:1", lr=LR).load_state_dict(state)
