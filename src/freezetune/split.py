@@ -40,14 +40,14 @@ def split_model(model: nn.Module) -> tuple[Split | None, str]:
     'layer4'
     """
     st = stages(model)
+    moving = _moving_batchnorm(model)
+    if moving:
+        return None, moving
     first = next((i for i, s in enumerate(st) if any(p.requires_grad for p in s.params)), None)
     if first is None:
         return None, "nothing is trainable"
     if first == 0:
         return None, f"the first stage ({st[0].name}) is trainable: there is no frozen prefix to cache"
-    problem = _prefix_problem(model, st[:first])
-    if problem:
-        return None, problem
     try:
         split = _fx_split(model, st[first].name)
         if split is not None:
@@ -55,22 +55,18 @@ def split_model(model: nn.Module) -> tuple[Split | None, str]:
         why = "no single tensor crosses the stage boundary"
     except Exception as exc:  # any tracing failure: the model is just not fx-traceable
         why = f"the model does not trace with torch.fx ({type(exc).__name__})"
-    head = _head_split(model)
+    head, problem = _head_split(model)
     if head is None:
-        return None, f"{why}, and the head input cannot be captured"
+        return None, f"{why}, and {problem}"
     return head, f"{why}; caching the head input only"
 
 
-def _prefix_problem(model: nn.Module, prefix_stages: list) -> str | None:
-    """Why the prefix is not deterministic in training mode, or None when it is."""
-    for stage in prefix_stages:
-        for name in stage.modules:
-            for sub_name, m in model.get_submodule(name).named_modules():
-                full = f"{name}.{sub_name}".rstrip(".")
-                if isinstance(m, nn.modules.batchnorm._BatchNorm) and getattr(m, "_freezetune_bn", None) != "frozen":
-                    return f"BatchNorm {full} updates its statistics in training (bn policy is not 'frozen')"
-                if _is_stochastic(m):
-                    return f"{full} ({type(m).__name__}) is random in training"
+def _moving_batchnorm(model: nn.Module) -> str | None:
+    """A frozen-part BatchNorm whose statistics move in training makes every earlier cached feature stale."""
+    for name, m in model.named_modules():
+        policy = getattr(m, "_freezetune_bn", None)
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and policy in ("affine", "train"):
+            return f"BatchNorm {name} updates its statistics in training (bn policy {policy!r}, not 'frozen')"
     return None
 
 
@@ -130,7 +126,9 @@ def _fx_split(model: nn.Module, boundary: str) -> Split | None:
 def _find_cut(model: nn.Module, graph: fx.Graph) -> tuple[int, fx.Node] | None:
     """The latest node index before any trainable or random op at which exactly one value crosses over."""
     nodes = list(graph.nodes)
-    limit = next((i for i, n in enumerate(nodes) if _uses_trainable(model, n) or _random_call(n)), len(nodes) - 1)
+    limit = next(
+        (i for i, n in enumerate(nodes) if _uses_trainable(model, n) or _random_call(model, n)), len(nodes) - 1
+    )
     for cut in range(limit, 1, -1):
         before = set(nodes[:cut])
         crossing = {a for n in nodes[cut:] for a in n.all_input_nodes if a in before and a.op != "get_attr"}
@@ -151,9 +149,12 @@ def _uses_trainable(model: nn.Module, node: fx.Node) -> bool:
     return False
 
 
-def _random_call(node: fx.Node) -> bool:
+def _random_call(model: nn.Module, node: fx.Node) -> bool:
+    """Dropout-like ops must run in the suffix: a cached prefix would freeze one random mask forever."""
     if node.op == "call_module":
-        return False  # leaf modules were checked in _prefix_problem / run with their own flag
+        return _is_stochastic(model.get_submodule(node.target))
+    if node.op != "call_function":
+        return False
     name = getattr(node.target, "__name__", str(node.target))
     return "dropout" in name and bool(node.kwargs.get("training", len(node.args) > 2 and node.args[2]))
 
@@ -228,12 +229,17 @@ class _Captured(Exception):
     """Stops the forward pass once the head input is captured (the head itself need not run)."""
 
 
-def _head_split(model: nn.Module) -> Split | None:
+def _head_split(model: nn.Module) -> tuple[Split | None, str]:
     *body, head = stages(model)
-    if any(p.requires_grad for s in body for p in s.params) or len(head.modules) != 1:
-        return None  # only the head may train when the cut is at the head, and it must be one module
-    if callable(getattr(model, "forward_features", None)) and callable(getattr(model, "forward_head", None)):
-        return Split(_HeadInput(model, None), *[_HeadOnly(model, "forward_head", None)] * 2, "head", "timm-head")
-    # the whole head container (e.g. Sequential(Dropout, Linear)), so its own dropout still runs in training
+    if any(p.requires_grad for s in body for p in s.params):
+        return None, "layers before the head train, so the head input is not fixed"
+    if len(head.modules) != 1:
+        return None, "the head is not one module whose input could be captured"
     name = head.modules[0]
-    return Split(_HeadInput(model, name), *[_HeadOnly(model, None, name)] * 2, "head", "head-hook")
+    random = [n for n, m in model.named_modules() if _is_stochastic(m) and not (n + ".").startswith(name + ".")]
+    if random:
+        return None, f"{random[0]} is random in training and runs before the head"
+    if callable(getattr(model, "forward_features", None)) and callable(getattr(model, "forward_head", None)):
+        return Split(_HeadInput(model, None), *[_HeadOnly(model, "forward_head", None)] * 2, "head", "timm-head"), ""
+    # the whole head container (e.g. Sequential(Dropout, Linear)), so its own dropout still runs in training
+    return Split(_HeadInput(model, name), *[_HeadOnly(model, None, name)] * 2, "head", "head-hook"), ""

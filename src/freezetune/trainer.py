@@ -25,6 +25,7 @@ from freezetune._io import atomic_write_text
 from freezetune.cache import FeatureStore, build_store, store_loader
 from freezetune.config import TrainConfig, validate
 from freezetune.data import DataBundle, build_datasets, build_loader
+from freezetune.data.gpu import build_device_loader, should_use_device_loader
 from freezetune.errors import CheckpointError, ConfigError
 from freezetune.evaluate import evaluate, logits_of, to_device
 from freezetune.freeze import count_parameters, freeze, summary
@@ -35,7 +36,7 @@ from freezetune.precision import resolve_device, resolve_precision
 from freezetune.reporting import MetricsLogger, format_epoch_line, plot_report
 from freezetune.split import Split, split_model
 from freezetune.stages import replace_head
-from freezetune.unfreeze import Unfreezer
+from freezetune.unfreezing import Unfreezer
 
 log = logging.getLogger(__name__)
 _RUN_FILES = ("last.pt", "best.pt", "metrics.csv")
@@ -115,6 +116,14 @@ class Trainer:
     # --- set-up helpers -------------------------------------------------------------------------------------
 
     def _loader(self, dataset, *, train: bool):
+        """Images to batches: on the device (uint8 arrays / nvJPEG + batched augmentation) when it applies."""
+        if should_use_device_loader(dataset, self.device, self.cfg.decode):
+            loader = build_device_loader(
+                dataset, batch_size=self.cfg.batch_size, train=train, device=self.device, seed=self.cfg.seed,
+                preprocess=self.preprocess, aug=self.cfg.aug if train else "none",
+            )  # fmt: skip
+            if loader is not None:
+                return loader
         return build_loader(
             dataset, batch_size=self.cfg.batch_size, train=train, workers=self.cfg.workers,
             device=str(self.device), seed=self.cfg.seed,
@@ -266,7 +275,12 @@ class Trainer:
         return self._evaluate(self.data.val, self.forward)
 
     def _evaluate(self, dataset, model: nn.Module) -> dict:
-        loader = self._loader(dataset, train=False)
+        if dataset is self.data.val:
+            # built once: a device loader copies the whole set to the GPU, a worker pool takes time to start
+            self._val_loader = getattr(self, "_val_loader", None) or self._loader(dataset, train=False)
+            loader = self._val_loader
+        else:
+            loader = self._loader(dataset, train=False)
         return evaluate(model, loader, self.precision, num_classes=len(self.classes),
                         channels_last=self.channels_last)  # fmt: skip
 

@@ -1,0 +1,149 @@
+"""Splitting a model at its first trainable stage: suffix(prefix(x)) must be the model, in train and eval mode."""
+
+import pytest
+import timm
+import torch
+import torchvision
+from torch import nn
+
+import freezetune as ft
+from freezetune.split import split_model
+
+
+def _same_function(model: nn.Module, split, size: int = 64) -> None:
+    x = torch.randn(4, 3, size, size)
+    for training in (True, False):
+        model.train(training)
+        suffix = split.suffix_train if training else split.suffix_eval
+        with torch.no_grad():
+            torch.manual_seed(0)
+            want = model(x)
+            torch.manual_seed(0)
+            got = suffix(split.prefix(x))
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_resnet_splits_at_first_trainable_stage():
+    model = torchvision.models.resnet18(num_classes=5)
+    ft.freeze_to(model, 4)
+    split, why = split_model(model)
+    assert split is not None and split.boundary == "layer4" and split.how == "fx", why
+    _same_function(model, split)
+
+
+def test_prefix_output_shape_is_the_boundary_input():
+    model = torchvision.models.resnet18(num_classes=5)
+    ft.freeze_to(model, 3)
+    split, _ = split_model(model)
+    with torch.no_grad():
+        feats = split.prefix(torch.randn(2, 3, 64, 64))
+    assert feats.shape == (2, 128, 8, 8)  # layer2's output feeds layer3
+
+
+def test_timm_head_only_with_dropout_in_head_matches_in_training():
+    model = timm.create_model("test_efficientnet", num_classes=4, drop_rate=0.3)
+    ft.freeze(model, "backbone")
+    split, why = split_model(model)
+    assert split is not None, why
+    _same_function(model, split)
+
+
+def test_suffix_trains_the_models_own_parameters():
+    model = torchvision.models.resnet18(num_classes=3)
+    ft.freeze_to(model, -2)
+    split, _ = split_model(model)
+    before = model.layer4[0].conv1.weight.detach().clone()
+    opt = torch.optim.SGD(ft.param_groups(model, 0.1), lr=0.1)
+    with torch.no_grad():
+        feats = split.prefix(torch.randn(4, 3, 64, 64))
+    split.suffix_train(feats).sum().backward()
+    opt.step()
+    assert not torch.equal(model.layer4[0].conv1.weight, before)
+
+
+@pytest.mark.parametrize(
+    "bn, expected",
+    [("train", "BatchNorm"), ("affine", "BatchNorm")],
+)
+def test_prefix_with_moving_batchnorm_is_not_cacheable(bn, expected):
+    model = torchvision.models.resnet18(num_classes=3)
+    ft.freeze(model, "backbone", bn=bn)
+    split, why = split_model(model)
+    assert split is None and expected in why
+
+
+def test_dropout_in_prefix_moves_the_cut_before_it():
+    model = nn.Sequential(nn.Linear(8, 8), nn.Dropout(0.5), nn.ReLU(), nn.Linear(8, 3))
+    ft.freeze(model, "backbone")
+    split, why = split_model(model)
+    assert split is not None, why
+    assert not any(isinstance(m, nn.Dropout) for m in split.prefix.modules())  # the random mask is drawn each step
+    x = torch.randn(5, 8)
+    model.train()
+    torch.manual_seed(1)
+    want = model(x)
+    torch.manual_seed(1)
+    torch.testing.assert_close(split.suffix_train(split.prefix(x)), want)
+
+
+def test_nothing_frozen_is_not_cacheable():
+    model = torchvision.models.resnet18(num_classes=3)
+    split, why = split_model(model)
+    assert split is None and "no frozen prefix" in why
+
+
+class _Untraceable(nn.Module):
+    """Data-dependent control flow: torch.fx cannot trace it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten()
+        )
+        self.head = nn.Sequential(nn.Dropout(0.2), nn.Linear(4, 3))
+
+    def forward(self, x):
+        if x.sum() > 0:
+            x = x * 1.0
+        return self.head(self.body(x))
+
+
+def test_untraceable_model_falls_back_to_the_head_input():
+    model = _Untraceable()
+    ft.freeze(model, "backbone")
+    split, why = split_model(model)
+    assert split is not None and split.how == "head-hook" and "does not trace" in why
+    _same_function(model, split, size=16)
+
+
+class _UntraceableThreeStages(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+        self.mid = nn.Sequential(nn.Conv2d(4, 4, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        if x.sum() > 0:
+            x = x * 1.0
+        return self.head(self.mid(self.stem(x)))
+
+
+def test_untraceable_model_with_trainable_body_is_not_cached():
+    model = _UntraceableThreeStages()
+    ft.freeze(model, "stem")
+    split, why = split_model(model)
+    assert split is None and "before the head train" in why, why
+
+
+class _UntraceableWithDropout(_Untraceable):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body.insert(2, nn.Dropout(0.3))
+
+
+def test_untraceable_model_with_dropout_before_head_is_not_cached():
+    model = _UntraceableWithDropout()
+    ft.freeze(model, "backbone")
+    split, why = split_model(model)
+    assert split is None and "random" in why
