@@ -1,0 +1,140 @@
+"""The frozen-prefix feature cache: training from it computes the same function as training without it."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from freezetune.cache import FeatureStore, build_store, store_loader
+from freezetune.config import TrainConfig
+from freezetune.data import build_loader
+from freezetune.precision import resolve_precision
+from freezetune.split import split_model
+from freezetune.trainer import Trainer
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    """3 classes x 10 train / 4 val images with class-specific colour and texture."""
+    root = tmp_path_factory.mktemp("imgs")
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 10), ("val", 4)):
+        for c in range(3):
+            folder = root / split / f"class{c}"
+            folder.mkdir(parents=True)
+            for i in range(n):
+                base = np.zeros((20, 20, 3), np.uint8)
+                base[..., c] = 160
+                noise = rng.integers(0, 90, (20, 20, 3), dtype=np.uint8)
+                Image.fromarray(base + noise).save(folder / f"{i}.png")
+    return root
+
+
+def _config(root, tmp_path, name, **kw) -> TrainConfig:
+    base = dict(
+        model="timm:test_efficientnet", weights="none", data=str(root), img_size=32, epochs=3, batch_size=8,
+        aug="none", device="cpu", workers=0, progress=False, tensorboard=False, out=str(tmp_path / name),
+        freeze="backbone", seed=3,
+    )  # fmt: skip
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _losses(trainer: Trainer) -> list[tuple[float, float]]:
+    result = trainer.fit()
+    return [(row["train_loss"], row["val_loss"]) for row in result.history]
+
+
+def test_cached_training_matches_uncached(image_folder, tmp_path):
+    cached = Trainer(_config(image_folder, tmp_path, "cached", cache="memory"), echo=lambda *_: None)
+    plain = Trainer(_config(image_folder, tmp_path, "plain", cache="off"), echo=lambda *_: None)
+    assert cached.cache is not None and plain.cache is None
+    got, want = _losses(cached), _losses(plain)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    head_c = cached.model.get_classifier().weight
+    head_p = plain.model.get_classifier().weight
+    torch.testing.assert_close(head_c, head_p, rtol=1e-4, atol=1e-5)
+
+
+def test_unfreeze_rebuilds_cache_at_new_boundary_and_still_matches(image_folder, tmp_path):
+    boundaries = []
+    cached = Trainer(
+        _config(image_folder, tmp_path, "c", cache="auto", unfreeze="epoch:1"),
+        echo=lambda line: boundaries.append(line) if "feature cache" in line else None,
+    )
+    plain = Trainer(_config(image_folder, tmp_path, "p", cache="off", unfreeze="epoch:1"), echo=lambda *_: None)
+    np.testing.assert_allclose(_losses(cached), _losses(plain), rtol=1e-4, atol=1e-5)
+    # built at the head, then rebuilt after each of the two unfreezes (none after the last epoch)
+    assert len(boundaries) == 3, boundaries
+    assert len({line.split(";")[0] for line in boundaries}) == 3  # three different boundaries
+
+
+def test_cache_turns_off_when_boundary_is_no_longer_cacheable(image_folder, tmp_path):
+    lines = []
+    trainer = Trainer(
+        _config(image_folder, tmp_path, "x", cache="auto", unfreeze={1: "all"}, epochs=2),
+        echo=lines.append,
+    )
+    assert trainer.cache is not None
+    trainer.fit()
+    assert trainer.cache is None
+    assert any("feature cache off" in line for line in lines)
+
+
+def test_disk_cache_spills_to_run_dir_and_matches(image_folder, tmp_path):
+    disk = Trainer(_config(image_folder, tmp_path, "d", cache="disk", epochs=2), echo=lambda *_: None)
+    assert (tmp_path / "d" / "cache" / "feature_cache.bin").is_file()
+    mem = Trainer(_config(image_folder, tmp_path, "m", cache="memory", epochs=2), echo=lambda *_: None)
+    np.testing.assert_allclose(_losses(disk), _losses(mem), rtol=1e-6, atol=1e-7)
+
+
+def test_views_are_sampled_per_epoch_reproducibly(image_folder, tmp_path):
+    trainer = Trainer(
+        _config(image_folder, tmp_path, "v", cache="memory", aug="light", cache_views=3, epochs=1),
+        echo=lambda *_: None,
+    )
+    store = trainer.cache.train
+    assert store.features.shape[0] == 3
+    assert not torch.equal(store.features[0], store.features[1])  # distinct augmented views were stored
+    store.set_epoch(4)
+    first = store.view.clone()
+    store.set_epoch(5)
+    assert not torch.equal(first, store.view)
+    store.set_epoch(4)
+    assert torch.equal(first, store.view)
+    assert set(first.tolist()) <= {0, 1, 2}
+
+
+def test_store_loader_shuffles_like_the_image_loader():
+    n = 37
+    feats = torch.arange(n, dtype=torch.float32).view(1, n, 1)
+    store = FeatureStore(feats, torch.arange(n), seed=0)
+    cached = store_loader(store, batch_size=8, train=True, seed=5)
+
+    class Items(torch.utils.data.Dataset):
+        def __len__(self):
+            return n
+
+        def __getitem__(self, i):
+            return torch.tensor([float(i)]), i
+
+    images = build_loader(Items(), batch_size=8, train=True, workers=0, seed=5)
+    for epoch in range(2):
+        for loader in (cached, images):
+            loader.generator.manual_seed(100 + epoch)
+        got = [y.tolist() for _, y in cached]
+        want = [y.tolist() for _, y in images]
+        assert got == want
+        assert sorted(sum(got, [])) == list(range(n))
+
+
+def test_build_store_rejects_nothing_and_reports_placement(image_folder, tmp_path):
+    trainer = Trainer(_config(image_folder, tmp_path, "s", cache="off", epochs=1), echo=lambda *_: None)
+    split, _ = split_model(trainer.model)
+    store, info = build_store(
+        split, trainer.data.train, resolve_precision(torch.device("cpu"), "off"),
+        views=1, batch_size=4, seed=0, spill_dir=tmp_path / "spill",
+    )  # fmt: skip
+    assert len(store) == len(trainer.data.train) == 30
+    assert info.place == "cpu" and info.bytes == store.features.numel() * 4
+    assert "MiB on cpu" in info.describe()
