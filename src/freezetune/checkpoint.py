@@ -7,6 +7,7 @@ Writes are atomic (temp file + rename): a crash mid-save never leaves a half-wri
 from __future__ import annotations
 
 import random
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -42,15 +43,26 @@ def save(record: dict[str, Any], path: str | Path) -> Path:
 def load(path: str | Path) -> dict[str, Any]:
     """Load a freezetune checkpoint (tensors and plain data only: ``weights_only=True``)."""
     path = Path(path)
+    if path.is_dir():
+        hint = f"; did you mean {str(path / BEST)!r}?" if (path / BEST).is_file() else ""
+        raise CheckpointError(f"checkpoint {str(path)!r} is a directory, not a checkpoint file{hint}")
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
     try:
         record = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # a corrupt or foreign file: say which, not a pickle traceback
-        raise CheckpointError(f"cannot read checkpoint {str(path)!r}: {str(exc).splitlines()[0]}") from None
+        raise CheckpointError(f"cannot read checkpoint {str(path)!r}: {_load_failure(path, exc)}") from None
     if not isinstance(record, dict) or "state_dict" not in record or "classes" not in record:
         raise CheckpointError(f"{str(path)!r} is not a freezetune checkpoint (no state_dict/classes)")
     return record
+
+
+def _load_failure(path: Path, exc: Exception) -> str:
+    # torch's own messages mislead here ("KeyError: '101'" for a text file; "re-run with weights_only=False",
+    # which would execute arbitrary pickled code): say what the file is instead.
+    if not zipfile.is_zipfile(path):
+        return f"not a PyTorch checkpoint file ({type(exc).__name__})"
+    return f"a PyTorch file holding more than tensors and plain data, not a checkpoint ({type(exc).__name__})"
 
 
 def build_model(record: dict[str, Any]) -> tuple[nn.Module, Preprocess]:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from freezetune import __version__
 from freezetune.config import TrainConfig, field_names, load_config, parse_override
-from freezetune.errors import FreezetuneError
+from freezetune.errors import ConfigError, FreezetuneError
 
 _BOOL_FLAGS = ("channels_last", "compile", "resume", "tensorboard", "progress")
 _HELP = {
@@ -111,9 +111,11 @@ def _train_config(args) -> TrainConfig:
     overrides = dict(parse_override(item) for item in args.overrides)
     overrides.update({k: getattr(args, k) for k in field_names() if getattr(args, k, None) is not None})
     base = args.config
-    run_config = Path(overrides.get("out") or ".") / "config.yaml"
-    if base is None and overrides.get("resume") and run_config.is_file():
-        base = run_config  # resuming: the run's own config, with the flags given now on top (e.g. more epochs)
+    out = overrides.get("out")
+    # Resuming: the run's own config, with the flags given now on top. Without --out there is no run to read
+    # (a config.yaml in the current directory is not one).
+    if base is None and overrides.get("resume") and out and (Path(out) / "config.yaml").is_file():
+        base = Path(out) / "config.yaml"
     return load_config(base, overrides)
 
 
@@ -157,6 +159,8 @@ def _cmd_predict(args) -> int:
     from freezetune.evaluate import predict_probs
     from freezetune.precision import resolve_device, resolve_precision
 
+    if args.topk < 1:
+        raise ConfigError(f"--topk must be >= 1, got {args.topk}")
     record = checkpoint.load(args.checkpoint)
     model, pre = checkpoint.build_model(record)
     precision = resolve_precision(resolve_device(args.device))

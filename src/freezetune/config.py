@@ -93,7 +93,7 @@ def field_names() -> list[str]:
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
     """Build a config from an optional YAML file, then ``overrides`` (CLI flags, ``key=value`` pairs).
 
-    >>> load_config(overrides={"epochs": 3}).epochs
+    >>> load_config(overrides={"data": "images/", "epochs": 3}).epochs
     3
     """
     values: dict[str, Any] = {}
@@ -168,10 +168,27 @@ def validate(cfg: TrainConfig) -> None:
         problems.append(f"label_smoothing must be in [0, 1), got {cfg.label_smoothing}")
     if cfg.warmup_epochs < 0 or cfg.warmup_epochs >= cfg.epochs:
         problems.append(f"warmup_epochs must be in [0, epochs), got {cfg.warmup_epochs}")
+    if cfg.early_stop is not None and cfg.early_stop < 1:
+        problems.append(f"early_stop must be >= 1 epochs, got {cfg.early_stop}")
+    problems += _schedule_problems(cfg.unfreeze)
     if cfg.data is None:
         problems.append("data is required (an image folder, a CSV file or an IDX directory)")
     if problems:
         raise ConfigError("invalid config: " + "; ".join(problems))
+
+
+def _schedule_problems(unfreeze: str | dict | None) -> list[str]:
+    # Checked here so a typo fails before the model and data load; stage names need the model and wait for it.
+    if unfreeze is None or unfreeze == "none":
+        return []
+    from freezetune.errors import SpecError
+    from freezetune.unfreezing import parse_schedule  # imports torch: only when a schedule is given
+
+    try:
+        parse_schedule(unfreeze)
+    except (SpecError, TypeError, ValueError) as exc:
+        return [str(exc)]
+    return []
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
@@ -204,6 +221,8 @@ def _coerce(key: str, value: Any) -> Any:
         return parse_stage_lrs(value)
     if key == "unfreeze" and isinstance(value, dict):
         return value
+    if key == "freeze" and isinstance(value, (list, tuple)):
+        return ",".join(str(v) for v in value)  # YAML list -> the "stem,layer1" form the CLI takes
     kinds = {f.name: f.type for f in fields(TrainConfig)}
     kind = str(kinds.get(key, ""))
     try:

@@ -55,10 +55,20 @@ def evaluate(
 
 @torch.inference_mode()
 def predict_probs(model: nn.Module, inputs: torch.Tensor, precision: Precision) -> torch.Tensor:
-    """Softmax class probabilities for a batch of preprocessed images."""
+    """Softmax class probabilities for a batch of preprocessed images (the model's train/eval mode is kept).
+
+    >>> import torch; from freezetune.precision import resolve_precision
+    >>> probs = predict_probs(torch.nn.Linear(4, 3), torch.randn(2, 4), resolve_precision(torch.device("cpu")))
+    >>> probs.shape, bool(torch.allclose(probs.sum(-1), torch.ones(2)))
+    (torch.Size([2, 3]), True)
+    """
+    was_training = model.training
     model.eval()
-    with precision.autocast():
-        logits = logits_of(model(inputs.to(precision.device)))
+    try:
+        with precision.autocast():
+            logits = logits_of(model(inputs.to(precision.device)))
+    finally:
+        model.train(was_training)
     return logits.float().softmax(dim=-1).cpu()
 
 

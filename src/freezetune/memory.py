@@ -83,14 +83,19 @@ def _activation_bytes(model: nn.Module, input_size: int) -> int:
 
     device = next(model.parameters()).device
     x = torch.randn(2, 3, input_size, input_size, device=device)
-    was_training = model.training
+    # Measuring must not change the model: a train-mode forward updates BatchNorm running statistics, and
+    # model.train() flips every submodule's mode; both are put back. No backward runs (the pack hook fires during
+    # the forward), so the caller's .grad tensors are left alone too.
+    modes = [(m, m.training) for m in model.modules()]
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]
     model.train()
     try:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            out = logits_of(model(x))
-        if out.requires_grad:
-            out.float().sum().backward()
+            logits_of(model(x))
     finally:
-        model.zero_grad(set_to_none=True)
-        model.train(was_training)
+        with torch.no_grad():
+            for b, saved in buffers:
+                b.copy_(saved)
+        for m, mode in modes:
+            m.training = mode
     return count

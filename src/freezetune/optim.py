@@ -28,11 +28,13 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_pe
     warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
     if cfg.scheduler == "onecycle":
         pct = warmup / total if warmup else 0.25
+        # OneCycleLR divides by (pct_start * total - 1): the warm-up must span at least two steps, or a short run
+        # (e.g. 4 steps at the default 0.25) dies with ZeroDivisionError before training starts.
         return torch.optim.lr_scheduler.OneCycleLR(
             optimizer,
             max_lr=[g["lr"] for g in optimizer.param_groups],
             total_steps=total,
-            pct_start=min(max(pct, 1.0 / total), 0.9),
+            pct_start=min(max(pct, 2.0 / total), 0.9),
             cycle_momentum=cfg.optimizer == "sgd",  # Adam's betas cycling gives nothing measurable here
         )
     if cfg.scheduler == "cosine":

@@ -1,0 +1,78 @@
+"""Helpers for the engine and CLI tests: a generated image folder and in-process runs of the CLI on tiny models.
+
+Not a conftest: test modules import what they need, so the core-API fixtures in ``conftest.py`` stay separate.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from freezetune.cli import main
+
+# Colour and stripe direction per class: easy enough that two epochs of a tiny random-init model learn something.
+CLASSES = {"blue": ((40, 60, 220), 0), "green": ((40, 200, 60), 1), "red": ((220, 40, 40), 2)}
+
+# A 100k-parameter timm model with BatchNorm, random init, 32 px: a CLI run takes about a second on a CPU.
+TINY = ["--model", "timm:test_efficientnet", "--weights", "none", "--img-size", "32", "--device", "cpu",
+        "--workers", "0", "--no-progress", "--batch-size", "8", "--cache", "off"]  # fmt: skip
+
+
+def make_image_folder(root: Path, *, train: int = 12, val: int = 4, test: int = 4, size: int = 40) -> Path:
+    """Write ``root/{train,val,test}/<class>/*.png``: per class a noisy colour with stripes of its own direction."""
+    rng = np.random.default_rng(0)
+    for split, n in (("train", train), ("val", val), ("test", test)):
+        if not n:
+            continue
+        for name, (rgb, direction) in CLASSES.items():
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                Image.fromarray(_sample(rng, rgb, direction, size)).save(folder / f"{name}_{i}.png")
+    return root
+
+
+def _sample(rng: np.random.Generator, rgb: tuple[int, int, int], direction: int, size: int) -> np.ndarray:
+    grid = np.arange(size)
+    stripes = {0: grid[None, :] + 0 * grid[:, None], 1: grid[:, None] + 0 * grid[None, :], 2: grid[:, None] + grid}
+    mask = (stripes[direction] // 4) % 2 == 0
+    img = np.asarray(rgb, dtype=np.float64)[None, None, :] * np.where(mask, 1.0, 0.6)[..., None]
+    return np.clip(img + rng.normal(0, 20, img.shape), 0, 255).astype(np.uint8)
+
+
+def run_cli(capsys, *argv: str | os.PathLike) -> tuple[int, str, str]:
+    """Run ``freezetune ARGV`` in this process; returns (exit code, stdout, stderr)."""
+    capsys.readouterr()  # drop anything printed before
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def train_argv(data: Path, out: Path, *extra: str | os.PathLike) -> list[str]:
+    """``train`` on ``data`` into ``out`` with the tiny model (flags given later win)."""
+    return ["train", "--data", str(data), "--out", str(out), *TINY, *[str(e) for e in extra]]
+
+
+def snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
+    """Content and mtime of every file under ``folder``: equal snapshots mean nothing was touched."""
+    return {
+        str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns) for p in folder.rglob("*") if p.is_file()
+    }
+
+
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """Run torch on one CPU thread: tiny models gain nothing from more, and when other processes share the cores,
+    OpenMP threads that wait on each other make a one-second run take ten times as long."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

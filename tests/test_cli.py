@@ -1,0 +1,317 @@
+"""The ``freezetune`` command line end to end on a CPU: train -> eval / predict / export / inspect, and user errors.
+
+One tiny run (timm ``test_efficientnet``, random init, 32 px, generated PNGs) is trained once per module and shared.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+from safetensors.torch import load_file
+
+import freezetune as ft
+from _engine_fixtures import CLASSES, make_image_folder, one_thread, run_cli, snapshot, train_argv
+from freezetune import __version__, checkpoint
+from freezetune.cli import main
+from freezetune.reporting import plot_report, read_metrics, unfreeze_events
+
+RUN_FILES = ("config.yaml", "metrics.csv", "report.png", "classes.json", "best.pt", "last.pt", "confusion.png",
+             "test_metrics.json")  # fmt: skip
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    with one_thread():
+        yield
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_image_folder(tmp_path_factory.mktemp("images"))
+
+
+@pytest.fixture(scope="module")
+def run(data, tmp_path_factory):
+    """A finished 2-epoch run: head first, ``blocks.4`` unfrozen after epoch 1; stdout kept for the checks."""
+    out = tmp_path_factory.mktemp("runs") / "run"
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        code = main(train_argv(data, out, "--epochs", "2", "--freeze", "backbone", "--unfreeze", "epoch:1"))
+    assert code == 0, stdout.getvalue()
+    return out, stdout.getvalue()
+
+
+def _metrics_rows(run_dir):
+    with open(run_dir / "metrics.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+# --- train --------------------------------------------------------------------------------------------------------
+
+
+def test_train_writes_every_run_file(run):
+    run_dir, stdout = run
+    missing = [f for f in RUN_FILES if not (run_dir / f).is_file()]
+    assert not missing, f"missing {missing} in {sorted(p.name for p in run_dir.iterdir())}"
+    assert list(run_dir.glob("events.out.tfevents.*")), "no TensorBoard events file"
+    assert json.loads((run_dir / "classes.json").read_text()) == sorted(CLASSES)
+    for png in ("report.png", "confusion.png"):
+        assert (run_dir / png).read_bytes()[:4] == b"\x89PNG"
+    test = json.loads((run_dir / "test_metrics.json").read_text())
+    assert test["n"] == 12 and 0.0 <= test["acc"] <= 1.0
+    assert "epoch 2/2" in stdout and "test accuracy" in stdout
+
+
+def test_metrics_csv_has_one_row_per_epoch_with_every_column(run):
+    rows = _metrics_rows(run[0])
+    assert [r["epoch"] for r in rows] == ["1", "2"]
+    expected = ("train_loss", "train_acc", "val_loss", "val_acc", "lr/classifier", "trainable_params", "epoch_time_s",
+                "img_per_s", "peak_mem_mb", "unfrozen")  # fmt: skip
+    assert set(expected) <= set(rows[0]), f"columns: {list(rows[0])}"
+    assert "samples" not in rows[0]  # the sample count feeds img/s; it is not a metric
+    for row in rows:
+        for key in expected[:-1]:
+            assert float(row[key]) >= 0, (key, row[key])
+        assert 0 <= float(row["val_acc"]) <= 1 and float(row["img_per_s"]) > 0 and float(row["peak_mem_mb"]) > 0
+    # the head trains from epoch 1; blocks.4 joins (with its own LR group) from epoch 2
+    assert rows[0]["lr/blocks.4"] == "" and float(rows[1]["lr/blocks.4"]) > 0
+    assert int(rows[1]["trainable_params"]) > int(rows[0]["trainable_params"])
+
+
+def test_tensorboard_events_hold_the_epoch_scalars(run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run[0]))
+    acc.Reload()
+    assert {"train_loss", "val_acc", "lr/classifier"} <= set(acc.Tags()["scalars"])
+    assert [e.step for e in acc.Scalars("train_loss")] == [1, 2]
+    rows = _metrics_rows(run[0])
+    assert acc.Scalars("val_loss")[1].value == pytest.approx(float(rows[1]["val_loss"]), rel=1e-6)
+
+
+def test_unfreeze_event_reaches_metrics_csv_and_report(run, tmp_path):
+    run_dir = run[0]
+    rows = read_metrics(run_dir / "metrics.csv")
+    assert unfreeze_events(rows) == [(2, "blocks.4")]  # trained from epoch 2 on
+    assert "unfroze blocks.4" in run[1]
+    # report.png draws the event: the same CSV with the unfrozen cell cleared renders fewer red (marker) pixels.
+    rows = _metrics_rows(run_dir)
+    with open(tmp_path / "metrics.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows({**r, "unfrozen": ""} for r in rows)
+    plain = plot_report(tmp_path / "metrics.csv", tmp_path / "report.png")
+    assert _red_pixels(run_dir / "report.png") > _red_pixels(plain) + 50
+
+
+def _red_pixels(png) -> int:
+    rgb = np.asarray(Image.open(png).convert("RGB")).astype(int)
+    marker = np.array([214, 39, 40])  # matplotlib "tab:red", the unfreeze line colour
+    return int((np.abs(rgb - marker).sum(-1) < 60).sum())
+
+
+def test_config_yaml_of_the_run_resolves_to_the_same_config(run, data, capsys):
+    from freezetune.config import load_config
+
+    saved = load_config(run[0] / "config.yaml")
+    argv = train_argv(data, run[0], "--epochs", "2", "--freeze", "backbone", "--unfreeze", "epoch:1", "--print-config")
+    code, out, _ = run_cli(capsys, *argv)
+    assert code == 0
+    printed = load_config(overrides=yaml.safe_load(out))
+    assert saved == printed
+    assert (saved.epochs, saved.freeze, saved.unfreeze, saved.img_size) == (2, "backbone", "epoch:1", 32)
+
+
+# --- eval / predict / export / inspect ----------------------------------------------------------------------------
+
+
+def test_eval_prints_the_report_and_matches_the_run_test_metrics(run, data, capsys, tmp_path):
+    run_dir = run[0]
+    plot = tmp_path / "confusion.png"
+    code, out, err = run_cli(capsys, "eval", "--checkpoint", run_dir / "best.pt", "--data", data, "--device", "cpu",
+                             "--plot", plot)  # fmt: skip
+    assert code == 0, err
+    head = out.splitlines()[0]
+    for word in ("loss", "top-1", "top-3", "macro-F1"):
+        assert word in head
+    assert "per-class accuracy" in out and "confusion matrix" in out
+    assert all(name in out for name in CLASSES)
+    assert plot.read_bytes()[:4] == b"\x89PNG"
+    # eval evaluates data/test with best.pt, as the run's final test did
+    test = json.loads((run_dir / "test_metrics.json").read_text())
+    assert f"top-1 {100 * test['acc']:5.1f}%" in head, (head, test["acc"])
+    assert f"n {test['n']} " in head
+
+
+def test_predict_json_gives_topk_classes_with_probabilities(run, data, capsys):
+    images = data / "test" / "red"
+    code, out, err = run_cli(capsys, "predict", "--checkpoint", run[0] / "best.pt", images, "--topk", "2", "--json",
+                             "--device", "cpu")  # fmt: skip
+    assert code == 0, err
+    results = json.loads(out)
+    assert len(results) == 4 and {r["path"] for r in results} == {str(p) for p in images.glob("*.png")}
+    for r in results:
+        assert [set(p) for p in r["top"]] == [{"class", "prob"}] * 2
+        assert {p["class"] for p in r["top"]} <= set(CLASSES)
+        probs = [p["prob"] for p in r["top"]]
+        assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1 + 1e-5
+    # all classes: the probabilities of one image sum to one
+    code, out, _ = run_cli(capsys, "predict", "--checkpoint", run[0] / "best.pt", images / "red_0.png", "--topk", "9",
+                           "--json", "--device", "cpu")  # fmt: skip
+    (only,) = json.loads(out)
+    assert code == 0 and len(only["top"]) == 3 and sum(p["prob"] for p in only["top"]) == pytest.approx(1, abs=1e-5)
+
+
+def test_predict_text_output_names_classes_with_percentages(run, data, capsys):
+    code, out, _ = run_cli(capsys, "predict", "--checkpoint", run[0] / "best.pt", data / "test" / "blue" / "blue_0.png",
+                           "--topk", "1", "--device", "cpu")  # fmt: skip
+    assert code == 0
+    line = out.strip()
+    assert line.startswith(str(data / "test" / "blue" / "blue_0.png")) and line.endswith("%")
+    assert any(f"  {name} " in line for name in CLASSES)
+
+
+def test_export_safetensors_loads_into_a_fresh_model_with_identical_logits(run, capsys, tmp_path):
+    import timm
+
+    target = tmp_path / "m.safetensors"
+    code, out, err = run_cli(capsys, "export", "--checkpoint", run[0] / "best.pt", "--to", target)
+    assert code == 0, err
+    meta = json.loads((tmp_path / "m.json").read_text())
+    record = checkpoint.load(run[0] / "best.pt")
+    assert meta["classes"] == sorted(CLASSES) and meta["model"] == "timm:test_efficientnet"
+    assert meta["preprocess"] == record["preprocess"] and meta["preprocess"]["input_size"] == 32
+    fresh = ft.replace_head(timm.create_model("test_efficientnet"), len(meta["classes"]))
+    fresh.load_state_dict(load_file(target), strict=True)
+    trained, _ = checkpoint.build_model(record)
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(fresh.eval()(x), trained.eval()(x))
+
+
+def test_inspect_prints_stage_table_and_memory_estimate(capsys):
+    code, out, err = run_cli(capsys, "inspect", "--model", "timm:test_efficientnet", "--img-size", "32")
+    assert code == 0, err
+    assert "head: classifier" in out
+    table = {line.split()[0]: line.split()[1:] for line in out.splitlines() if line.split()}
+    for stage in ("stem", "blocks.0", "blocks.4", "classifier"):
+        assert stage in table, out
+    assert table["blocks.0"][1] == "0" and table["classifier"][0] == table["classifier"][1]  # backbone frozen
+    full, frozen = (float(table[mode][-1].replace(",", "")) for mode in ("full", "frozen"))
+    assert 0 < frozen < full
+
+
+# --- user errors --------------------------------------------------------------------------------------------------
+
+
+def _assert_user_error(code, out, err, *needles):
+    assert code == 2, (code, out, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("freezetune: error: "), err
+    assert "Traceback" not in err + out
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+
+
+@pytest.mark.parametrize(
+    ("extra", "needles"),
+    [
+        (["--model", "timm:no_such_net"], ["no_such_net"]),
+        (["--freeze", "blocks.9"], ["blocks.9", "stages are", "blocks.4"]),
+        (["--bn", "bogus"], ["bogus", "frozen"]),
+        (["--unfreeze", "weekly"], ["weekly", "epoch:N"]),
+        (["--epochs", "0", "--lr", "-1"], ["epochs", "lr"]),  # every problem in one message
+    ],
+)
+def test_train_user_errors_exit_2_with_one_line(data, tmp_path, capsys, extra, needles):
+    out_dir = tmp_path / "run"
+    code, out, err = run_cli(capsys, *train_argv(data, out_dir, *extra))
+    _assert_user_error(code, out, err, *needles)
+    assert not out_dir.exists()  # a failed set-up leaves no empty run dir behind
+
+
+def test_bad_data_path_is_a_user_error(tmp_path, capsys):
+    code, out, err = run_cli(capsys, *train_argv(tmp_path / "nope", tmp_path / "run"))
+    _assert_user_error(code, out, err, "nope", "does not exist")
+
+
+def test_existing_run_dir_without_resume_is_refused_and_left_untouched(run, data, capsys):
+    before = snapshot(run[0])
+    code, out, err = run_cli(capsys, *train_argv(data, run[0], "--epochs", "1"))
+    _assert_user_error(code, out, err, str(run[0]), "--resume")
+    assert snapshot(run[0]) == before
+
+
+def test_resume_without_last_pt_is_a_user_error(data, tmp_path, capsys):
+    code, out, err = run_cli(capsys, *train_argv(data, tmp_path / "fresh", "--resume"))
+    _assert_user_error(code, out, err, "last.pt")
+
+
+def test_export_refuses_to_overwrite_without_force(run, capsys, tmp_path):
+    target = tmp_path / "m.safetensors"
+    target.write_bytes(b"precious")
+    code, out, err = run_cli(capsys, "export", "--checkpoint", run[0] / "best.pt", "--to", target)
+    _assert_user_error(code, out, err, "m.safetensors", "--force")
+    assert target.read_bytes() == b"precious" and not (tmp_path / "m.json").exists()
+    code, _, _ = run_cli(capsys, "export", "--checkpoint", run[0] / "best.pt", "--to", target, "--force")
+    assert code == 0 and target.read_bytes() != b"precious"
+
+
+@pytest.mark.parametrize("kind", ["png", "text", "directory", "missing"])
+def test_eval_of_a_non_checkpoint_is_a_user_error(run, data, capsys, tmp_path, kind):
+    path = {
+        "png": data / "test" / "red" / "red_0.png",
+        "text": tmp_path / "notes.pt",
+        "directory": run[0],
+        "missing": tmp_path / "gone.pt",
+    }[kind]
+    (tmp_path / "notes.pt").write_text("hello\n")
+    code, out, err = run_cli(capsys, "eval", "--checkpoint", path, "--data", data, "--device", "cpu")
+    hint = {"png": "not a PyTorch checkpoint", "text": "not a PyTorch checkpoint", "directory": "best.pt",
+            "missing": "does not exist"}[kind]  # fmt: skip
+    _assert_user_error(code, out, err, str(path), hint)
+
+
+@pytest.mark.parametrize(
+    ("argv", "needles"),
+    [
+        (["predict", "IMAGE_MISSING", "--topk", "2"], ["nothere.png", "does not exist"]),
+        (["predict", "IMAGE", "--topk", "0"], ["--topk", "0"]),
+        (["inspect", "--model", "timm:test_efficientnet", "--freeze", "blocks.9"], ["blocks.9", "blocks.4"]),
+        (["inspect", "--model", "test_efficientnet"], ["test_efficientnet", "timm:"]),  # no library prefix
+    ],
+)
+def test_predict_and_inspect_user_errors(run, data, capsys, argv, needles):
+    image = data / "test" / "red" / "red_0.png"
+    argv = [{"IMAGE": str(image), "IMAGE_MISSING": str(data / "nothere.png")}.get(a, a) for a in argv]
+    if argv[0] == "predict":
+        argv += ["--checkpoint", str(run[0] / "best.pt"), "--device", "cpu"]
+    _assert_user_error(*run_cli(capsys, *argv), *needles)
+
+
+def test_unknown_device_is_a_user_error(run, data, capsys):
+    code, out, err = run_cli(capsys, "eval", "--checkpoint", run[0] / "best.pt", "--data", data, "--device", "tpu9")
+    _assert_user_error(code, out, err, "tpu9")
+
+
+# --- the installed entry point -----------------------------------------------------------------------------------
+
+
+def test_python_dash_m_freezetune_help_and_version():
+    help_ = subprocess.run([sys.executable, "-m", "freezetune", "--help"], capture_output=True, text=True, timeout=60)
+    assert help_.returncode == 0, help_.stderr
+    for command in ("train", "eval", "predict", "inspect", "export"):
+        assert command in help_.stdout
+    version = subprocess.run([sys.executable, "-m", "freezetune", "--version"], capture_output=True, text=True,
+                             timeout=60)  # fmt: skip
+    assert version.returncode == 0 and version.stdout.strip() == f"freezetune {__version__}"

@@ -1,0 +1,114 @@
+"""Run configuration: defaults, YAML files, ``key=value`` overrides, CLI flags, validation and ``--print-config``."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from _engine_fixtures import run_cli
+from freezetune.config import TrainConfig, field_names, load_config, parse_override, parse_stage_lrs, validate
+from freezetune.errors import ConfigError
+
+
+def _print_config(capsys, *argv: str) -> dict:
+    code, out, err = run_cli(capsys, "train", "--print-config", *argv)
+    assert code == 0, err
+    return yaml.safe_load(out)
+
+
+def test_print_config_shows_every_resolved_value(capsys):
+    printed = _print_config(capsys, "--data", "imgs", "--lr", "3e-4", "--freeze", "backbone", "--no-progress")
+    assert list(printed) == field_names()  # every key, in declaration order
+    assert printed["data"] == "imgs" and printed["lr"] == 3e-4 and printed["freeze"] == "backbone"
+    assert printed["progress"] is False
+    assert printed["epochs"] == TrainConfig().epochs and printed["model"] == TrainConfig().model  # defaults
+    assert load_config(overrides=printed) == TrainConfig(data="imgs", lr=3e-4, freeze="backbone", progress=False)
+
+
+def test_yaml_file_then_key_value_then_flags(tmp_path, capsys):
+    config = tmp_path / "run.yaml"
+    config.write_text("data: imgs\nepochs: 7\nlr: 0.01\nbatch-size: 16\nstage_lrs: {blocks.4: 1.0e-4}\n")
+    printed = _print_config(capsys, "--config", str(config), "epochs=5", "momentum=0.5", "--epochs", "3")
+    assert printed["epochs"] == 3  # a flag beats key=value, which beats the file
+    assert printed["momentum"] == 0.5 and printed["lr"] == 0.01 and printed["batch_size"] == 16
+    assert printed["stage_lrs"] == {"blocks.4": 1e-4}
+
+
+@pytest.mark.parametrize(
+    ("item", "key", "value"),
+    [
+        ("lr=3e-4", "lr", 3e-4),
+        ("batch-size=64", "batch_size", 64),
+        ("compile=true", "compile", True),
+        ("img_size=null", "img_size", None),
+        ("freeze=stem,blocks.0", "freeze", "stem,blocks.0"),
+        ("unfreeze=plateau:patience=2", "unfreeze", "plateau:patience=2"),
+        ("stage_lrs=layer4=1e-4,layer3=5e-5", "stage_lrs", {"layer4": 1e-4, "layer3": 5e-5}),
+    ],
+)
+def test_key_value_overrides_are_typed(item, key, value):
+    assert parse_override(item) == (key, value)
+
+
+def test_unknown_key_suggests_the_closest(capsys):
+    code, out, err = run_cli(capsys, "train", "--data", "imgs", "--print-config", "epoch=3")
+    assert code == 2 and out == ""
+    assert err.startswith("freezetune: error: ") and len(err.strip().splitlines()) == 1
+    assert "'epoch' (did you mean 'epochs'?)" in err
+    with pytest.raises(ConfigError, match="did you mean 'batch_size'"):
+        load_config(overrides={"batchsize": 4, "data": "x"})
+
+
+def test_bad_yaml_files_are_user_errors(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(tmp_path / "list.yaml")
+    (tmp_path / "broken.yaml").write_text("lr: [1,\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(tmp_path / "broken.yaml")
+    (tmp_path / "typed.yaml").write_text("data: x\nepochs: many\n")
+    with pytest.raises(ConfigError, match="epochs expects int, got 'many'"):
+        load_config(tmp_path / "typed.yaml")
+
+
+def test_validation_reports_every_problem_at_once():
+    cfg = TrainConfig(data=None, epochs=0, lr=-1.0, bn="melt", optimizer="lion", early_stop=0, unfreeze="weekly")
+    with pytest.raises(ConfigError) as info:
+        validate(cfg)
+    message = str(info.value)
+    for needle in ("epochs must be >= 1", "lr must be > 0", "bn 'melt'", "'frozen'", "optimizer 'lion'",
+                   "early_stop", "unfreeze schedule 'weekly'", "data is required"):  # fmt: skip
+        assert needle in message, needle
+    assert "\n" not in message
+
+
+def test_valid_unfreeze_schedules_pass_validation():
+    for schedule in ("epoch:2", "plateau:patience=2,min_delta=0.01,mode=min", {3: "blocks.4"}, "none", None):
+        validate(TrainConfig(data="x", unfreeze=schedule))
+
+
+def test_freeze_list_in_yaml_becomes_the_cli_form(tmp_path):
+    (tmp_path / "c.yaml").write_text("data: x\nfreeze: [stem, blocks.0, 2]\n")
+    assert load_config(tmp_path / "c.yaml").freeze == "stem,blocks.0,2"
+
+
+def test_saved_config_round_trips(tmp_path):
+    cfg = TrainConfig(data="imgs", model="timm:test_vit", img_size=32, freeze="stem,blocks.0", unfreeze={2: "blocks.4"},
+                      stage_lrs={"blocks.4": 1e-4}, decay=2.5, grad_clip=1.0, channels_last=False, early_stop=3,
+                      val_split=0.2, per_class=5, out=str(tmp_path / "run"))  # fmt: skip
+    cfg.save(tmp_path / "config.yaml")
+    assert load_config(tmp_path / "config.yaml") == cfg
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text())["stage_lrs"] == {"blocks.4": 1e-4}
+
+
+def test_stage_lrs_parsing_rejects_bad_entries():
+    assert parse_stage_lrs({"a": "1e-3"}) == {"a": 1e-3}
+    with pytest.raises(ConfigError, match="layer4='fast'"):
+        parse_stage_lrs("layer4=fast")
+
+
+def test_override_without_equals_sign_lists_the_keys():
+    with pytest.raises(ConfigError, match="not key=value; keys are: 'model'"):
+        parse_override("lr")

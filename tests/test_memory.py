@@ -1,0 +1,73 @@
+"""Training memory estimate: freezing must shrink gradients, optimizer state and (measured) activations."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import freezetune as ft
+from _engine_fixtures import one_thread
+from freezetune.memory import estimate_memory, format_memory
+from freezetune.models import create_model
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    with one_thread():
+        yield
+
+
+@pytest.fixture
+def model():
+    torch.manual_seed(0)
+    m, _ = create_model("timm:test_efficientnet", "none")
+    ft.replace_head(m, 3)
+    ft.freeze(m, "backbone")
+    return m
+
+
+def test_freezing_shrinks_every_trainable_component(model):
+    est = estimate_memory(model, 32, 16)
+    full, frozen = est["full"], est["frozen"]
+    assert frozen["weights"] == full["weights"] > 0  # frozen weights still sit in memory
+    for part in ("grads", "optimizer", "activations", "total"):
+        assert frozen[part] < full[part], part
+    trainable, total = ft.count_parameters(model)
+    assert frozen["grads"] == pytest.approx(trainable * 4 / 2**20)
+    assert frozen["optimizer"] == pytest.approx(2 * frozen["grads"])  # AdamW: two moments per parameter
+    assert full["grads"] == pytest.approx(total * 4 / 2**20)
+
+
+def test_activations_are_measured_from_the_input_size_and_batch(model):
+    ft.unfreeze(model, "all")
+    small = estimate_memory(model, 32, 8)["full"]["activations"]
+    large = estimate_memory(model, 64, 8)["full"]["activations"]
+    assert large > 3 * small  # four times the pixels
+    assert estimate_memory(model, 32, 16)["full"]["activations"] == pytest.approx(2 * small)
+
+
+def test_sgd_keeps_half_the_optimizer_state_of_adamw(model):
+    adamw = estimate_memory(model, 32, 4)["frozen"]["optimizer"]
+    sgd = estimate_memory(model, 32, 4, optimizer="sgd")["frozen"]["optimizer"]
+    assert sgd == pytest.approx(adamw / 2)
+
+
+def test_estimating_leaves_the_model_as_it_was(model):
+    model.eval()
+    model.classifier.weight.grad = torch.ones_like(model.classifier.weight)
+    flags = [p.requires_grad for p in model.parameters()]
+    buffers = [b.clone() for b in model.buffers()]
+    ft.unfreeze(model, "blocks.4")  # a trainable stage whose BatchNorm would update its statistics in train mode
+    flags = [p.requires_grad for p in model.parameters()]
+    estimate_memory(model, 32, 4)
+    assert [p.requires_grad for p in model.parameters()] == flags
+    assert all(torch.equal(a, b) for a, b in zip(buffers, model.buffers(), strict=True))
+    assert not any(m.training for m in model.modules())
+    assert torch.equal(model.classifier.weight.grad, torch.ones_like(model.classifier.weight))
+
+
+def test_format_memory_is_a_table_of_both_modes(model):
+    text = format_memory(estimate_memory(model, 32, 4), 4)
+    lines = text.splitlines()
+    assert "batch 4" in lines[0] and lines[1].split() == ["weights", "grads", "optimizer", "activations", "total"]
+    assert [line.split()[0] for line in lines[2:]] == ["full", "frozen"]
