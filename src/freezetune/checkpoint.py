@@ -17,7 +17,7 @@ from torch import nn
 
 from freezetune import __version__
 from freezetune._io import atomic_save
-from freezetune.errors import CheckpointError
+from freezetune.errors import CheckpointError, ConfigError
 from freezetune.preprocess import Preprocess
 
 BEST = "best.pt"
@@ -78,6 +78,80 @@ def build_model(record: dict[str, Any]) -> tuple[nn.Module, Preprocess]:
             f"checkpoint weights do not fit {record['model']}: missing {missing[:3]}, unexpected {unexpected[:3]}"
         )
     return model, Preprocess.from_dict(record["preprocess"])
+
+
+# --- the trainer's checkpoints (the trainer is duck-typed to keep this module import-light) --------------
+
+
+def _record(trainer) -> dict:
+    return model_record(trainer.model, trainer.cfg.to_dict(), trainer.classes, trainer.preprocess)
+
+
+def save_best(trainer, epoch: int, row: dict) -> None:
+    """Write ``best.pt``: the weights and everything ``predict`` needs, with the epoch's metrics."""
+    record = _record(trainer)
+    record.update(epoch=epoch + 1, metrics={k: v for k, v in row.items() if isinstance(v, (int, float))})
+    save(record, trainer.run_dir / BEST)
+
+
+def save_last(trainer, epoch: int) -> None:
+    """Write ``last.pt``: the full resume state after ``epoch`` (0-based)."""
+    record = _record(trainer)
+    record.update(
+        epoch=epoch + 1,
+        steps_per_epoch=trainer.steps_per_epoch,
+        optimizer=trainer.optimizer.state_dict(),
+        scheduler=trainer.scheduler.state_dict() if trainer.scheduler is not None else None,
+        scaler=trainer.scaler.state_dict(),
+        unfreezer=trainer.unfreezer.state_dict() if trainer.unfreezer is not None else None,
+        best={"epoch": trainer.best_epoch, "metric": trainer.best_metric, "bad_epochs": trainer.bad_epochs},
+        rng=rng_state(),
+    )
+    save(record, trainer.run_dir / LAST)
+
+
+def restore(trainer) -> None:
+    """Continue a run from its ``last.pt``: call after the trainer is set up as at the start of that run."""
+    record = load(trainer.run_dir / LAST)
+    _check_resumable(trainer, record)
+    trainer.model.load_state_dict(record["state_dict"])
+    if trainer.unfreezer is not None and record.get("unfreezer"):
+        trainer.unfreezer.load_state_dict(record["unfreezer"])  # before the optimizer: re-creates its groups
+    try:
+        trainer.optimizer.load_state_dict(record["optimizer"])
+    except ValueError as exc:  # torch's group-size mismatch: the trainable set differs from the run's
+        raise CheckpointError(
+            f"the optimizer state in {trainer.run_dir / LAST} does not fit this config's trainable "
+            f"parameters (changed --freeze, --unfreeze or --bn?): {str(exc).splitlines()[0]}"
+        ) from None
+    if trainer.scheduler is not None and record.get("scheduler"):
+        trainer.scheduler.load_state_dict(record["scheduler"])
+    trainer.scaler.load_state_dict(record["scaler"])
+    set_rng_state(record["rng"])
+    best = record["best"]
+    trainer.best_epoch, trainer.best_metric, trainer.bad_epochs = best["epoch"], best["metric"], best["bad_epochs"]
+    trainer.start_epoch = int(record["epoch"])
+    trainer.metrics.truncate(trainer.start_epoch)
+    trainer.echo(f"resumed {trainer.run_dir} after epoch {trainer.start_epoch}")
+
+
+def _check_resumable(trainer, record: dict) -> None:
+    path, cfg = trainer.run_dir / LAST, trainer.cfg
+    if record.get("model") != cfg.model or record.get("classes") != trainer.classes:
+        raise CheckpointError(
+            f"{path} is a run of {record.get('model')} on {len(record['classes'])} classes; this config is "
+            f"{cfg.model} on {len(trainer.classes)}: resume with the run's own config"
+        )
+    old = dict(record.get("config") or {}, steps_per_epoch=record.get("steps_per_epoch"))
+    new = {"epochs": cfg.epochs, "scheduler": cfg.scheduler, "warmup_epochs": cfg.warmup_epochs,
+           "steps_per_epoch": trainer.steps_per_epoch}  # fmt: skip
+    changed = [f"{k} {old[k]!r} -> {v!r}" for k, v in new.items() if old.get(k) is not None and old[k] != v]
+    # A per-step LR schedule cannot be stretched mid-run (OneCycleLR raises once past its total_steps).
+    if changed and not (cfg.scheduler == "none" and old.get("scheduler") == "none"):
+        raise ConfigError(
+            f"cannot resume {path} with {', '.join(changed)}: its {old.get('scheduler')} LR schedule spans the "
+            "run's original length; resume with the run's values, or start a new run"
+        )
 
 
 def rng_state() -> dict[str, Any]:

@@ -8,14 +8,10 @@ from __future__ import annotations
 
 import json
 import logging
-import random
-import resource
 import time
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
@@ -26,7 +22,7 @@ from freezetune.cache import FeatureStore, build_store, store_loader
 from freezetune.config import TrainConfig, validate
 from freezetune.data import DataBundle, build_datasets, build_loader
 from freezetune.data.gpu import build_device_loader, should_use_device_loader
-from freezetune.errors import CheckpointError, ConfigError
+from freezetune.errors import ConfigError
 from freezetune.evaluate import evaluate, logits_of, to_device
 from freezetune.freeze import count_parameters, freeze, summary
 from freezetune.metrics import format_report, plot_confusion
@@ -34,12 +30,19 @@ from freezetune.models import create_model
 from freezetune.optim import build_optimizer, build_scheduler
 from freezetune.precision import resolve_device, resolve_precision
 from freezetune.reporting import MetricsLogger, format_epoch_line, plot_report
+from freezetune.runtime import (
+    peak_memory_mb,
+    prepare_run_dir,
+    recompile,
+    seed_epoch,
+    seed_everything,
+    use_channels_last,
+)
 from freezetune.split import Split, split_model
 from freezetune.stages import replace_head
 from freezetune.unfreezing import Unfreezer
 
 log = logging.getLogger(__name__)
-_RUN_FILES = ("last.pt", "best.pt", "metrics.csv")
 
 
 @dataclass
@@ -83,8 +86,8 @@ class Trainer:
         self.cfg, self.echo = cfg, echo
         self.device = resolve_device(cfg.device)
         self.precision = resolve_precision(self.device, cfg.amp)
-        self.run_dir = _prepare_run_dir(cfg)
-        _seed_everything(cfg.seed)
+        self.run_dir = prepare_run_dir(cfg)
+        seed_everything(cfg.seed)
         self.model, self.preprocess = create_model(cfg.model, cfg.weights, img_size=cfg.img_size)
         if self.preprocess is None:
             raise ConfigError(f"{cfg.model} is not an image model; the trainer fine-tunes image classifiers")
@@ -95,7 +98,7 @@ class Trainer:
         self.classes = self.data.classes
         replace_head(self.model, len(self.classes))
         freeze(self.model, parse_freeze_spec(cfg.freeze), bn=cfg.bn)
-        self.channels_last = _use_channels_last(cfg, self.model, self.device)
+        self.channels_last = use_channels_last(cfg, self.model, self.device)
         self.model.to(self.device, memory_format=torch.channels_last if self.channels_last else torch.preserve_format)
         self.train_loader = self._loader(self.data.train, train=True)
         self.optimizer = build_optimizer(self.model, cfg)
@@ -107,7 +110,7 @@ class Trainer:
         self.start_epoch, self.best_epoch, self.best_metric, self.bad_epochs = 0, 0, None, 0
         self.metrics = MetricsLogger(self.run_dir, tensorboard=cfg.tensorboard)
         if cfg.resume:
-            self._resume()
+            checkpoint.restore(self)
         self.cache: _Cache | None = None
         self._setup_cache()
         cfg.save(self.run_dir / "config.yaml")
@@ -194,15 +197,15 @@ class Trainer:
             last = epoch + 1 == cfg.epochs  # nothing trains after the last epoch: no unfreeze, no cache rebuild
             unfrozen_now = "" if last else self._step_unfreezer(epoch, row)
             improved = self._track_best(epoch, row)
-            self._save_last(epoch)
+            checkpoint.save_last(self, epoch)
             if improved:
-                self._save_best(epoch, row)
+                checkpoint.save_best(self, epoch, row)
             if cfg.early_stop and self.bad_epochs >= cfg.early_stop:
                 self.echo(f"early stop: {cfg.monitor} did not improve for {cfg.early_stop} epochs")
                 break
 
     def _run_epoch(self, epoch: int, unfrozen: str) -> dict:
-        _seed_epoch(self.cfg.seed, epoch, self.train_loader)
+        seed_epoch(self.cfg.seed, epoch, self.train_loader)
         if self.cache is not None:
             self.cache.train.set_epoch(epoch)
         if self.device.type == "cuda":
@@ -218,7 +221,7 @@ class Trainer:
         trainable, total = count_parameters(self.model)
         row.update({f"lr/{g.get('name', i)}": g["lr"] for i, g in enumerate(self.optimizer.param_groups)})
         row.update(trainable_params=trainable, total_params=total, epoch_time_s=seconds)
-        row.update(img_per_s=samples / max(seconds, 1e-9), peak_mem_mb=_peak_memory_mb(self.device))
+        row.update(img_per_s=samples / max(seconds, 1e-9), peak_mem_mb=peak_memory_mb(self.device))
         row["unfrozen"] = unfrozen
         self.metrics.log_epoch(row)
         self.echo(format_epoch_line(row))
@@ -315,69 +318,6 @@ class Trainer:
             self.bad_epochs += 1
         return better
 
-    def _record(self) -> dict:
-        return checkpoint.model_record(self.model, self.cfg.to_dict(), self.classes, self.preprocess)
-
-    def _save_best(self, epoch: int, row: dict) -> None:
-        record = self._record()
-        record.update(epoch=epoch + 1, metrics={k: v for k, v in row.items() if isinstance(v, (int, float))})
-        checkpoint.save(record, self.run_dir / checkpoint.BEST)
-
-    def _save_last(self, epoch: int) -> None:
-        record = self._record()
-        record.update(
-            epoch=epoch + 1,
-            steps_per_epoch=self.steps_per_epoch,
-            optimizer=self.optimizer.state_dict(),
-            scheduler=self.scheduler.state_dict() if self.scheduler is not None else None,
-            scaler=self.scaler.state_dict(),
-            unfreezer=self.unfreezer.state_dict() if self.unfreezer is not None else None,
-            best={"epoch": self.best_epoch, "metric": self.best_metric, "bad_epochs": self.bad_epochs},
-            rng=checkpoint.rng_state(),
-        )
-        checkpoint.save(record, self.run_dir / checkpoint.LAST)
-
-    def _resume(self) -> None:
-        record = checkpoint.load(self.run_dir / checkpoint.LAST)
-        self._check_resumable(record)
-        self.model.load_state_dict(record["state_dict"])
-        if self.unfreezer is not None and record.get("unfreezer"):
-            self.unfreezer.load_state_dict(record["unfreezer"])  # before the optimizer: re-creates its groups
-        try:
-            self.optimizer.load_state_dict(record["optimizer"])
-        except ValueError as exc:  # torch's group-size mismatch: the trainable set differs from the run's
-            raise CheckpointError(
-                f"the optimizer state in {self.run_dir / checkpoint.LAST} does not fit this config's trainable "
-                f"parameters (changed --freeze, --unfreeze or --bn?): {str(exc).splitlines()[0]}"
-            ) from None
-        if self.scheduler is not None and record.get("scheduler"):
-            self.scheduler.load_state_dict(record["scheduler"])
-        self.scaler.load_state_dict(record["scaler"])
-        checkpoint.set_rng_state(record["rng"])
-        best = record["best"]
-        self.best_epoch, self.best_metric, self.bad_epochs = best["epoch"], best["metric"], best["bad_epochs"]
-        self.start_epoch = int(record["epoch"])
-        self.metrics.truncate(self.start_epoch)
-        self.echo(f"resumed {self.run_dir} after epoch {self.start_epoch}")
-
-    def _check_resumable(self, record: dict) -> None:
-        path, cfg = self.run_dir / checkpoint.LAST, self.cfg
-        if record.get("model") != cfg.model or record.get("classes") != self.classes:
-            raise CheckpointError(
-                f"{path} is a run of {record.get('model')} on {len(record['classes'])} classes; this config is "
-                f"{cfg.model} on {len(self.classes)}: resume with the run's own config"
-            )
-        old = dict(record.get("config") or {}, steps_per_epoch=record.get("steps_per_epoch"))
-        new = {"epochs": cfg.epochs, "scheduler": cfg.scheduler, "warmup_epochs": cfg.warmup_epochs,
-               "steps_per_epoch": self.steps_per_epoch}  # fmt: skip
-        changed = [f"{k} {old[k]!r} -> {v!r}" for k, v in new.items() if old.get(k) is not None and old[k] != v]
-        # A per-step LR schedule cannot be stretched mid-run (OneCycleLR raises once past its total_steps).
-        if changed and not (cfg.scheduler == "none" and old.get("scheduler") == "none"):
-            raise ConfigError(
-                f"cannot resume {path} with {', '.join(changed)}: its {old.get('scheduler')} LR schedule spans the "
-                "run's original length; resume with the run's values, or start a new run"
-            )
-
     def _final_test(self) -> dict | None:
         test = self.data.test
         best_path = self.run_dir / checkpoint.BEST
@@ -399,64 +339,5 @@ class _Cache:
     val: FeatureStore | None
 
 
-def _prepare_run_dir(cfg: TrainConfig) -> Path:
-    if cfg.out:
-        run_dir = Path(cfg.out)
-    else:
-        short = cfg.model.split(":")[-1].replace("/", "_")
-        run_dir = Path("runs") / f"{short}-{datetime.now():%Y%m%d-%H%M%S}"
-    existing = [f for f in _RUN_FILES if (run_dir / f).exists()]
-    if cfg.resume and not (run_dir / checkpoint.LAST).exists():
-        raise CheckpointError(f"cannot resume: {run_dir / checkpoint.LAST} does not exist")
-    if existing and not cfg.resume:
-        raise ConfigError(
-            f"run dir {str(run_dir)!r} already holds a run ({', '.join(existing)}); "
-            "pass --resume to continue it or choose another --out"
-        )
-    # Not created here: a set-up error (unknown model, bad data path) must not leave an empty run dir behind.
-    # MetricsLogger creates it once the model and data are ready.
-    return run_dir
-
-
-def recompile(module: nn.Module, backend: str | None = None) -> nn.Module:
-    """Compile ``module`` afresh after resetting dynamo: call it again after every freeze/unfreeze.
-
-    Dynamo guards did not cover ``requires_grad`` flips (pytorch#139476): a graph traced while a stage was frozen
-    could keep that stage out of autograd after it was unfrozen. Resetting drops every cached graph of the process.
-
-    >>> fast = recompile(nn.Linear(2, 2), backend="eager")
-    >>> fast(torch.zeros(1, 2)).shape
-    torch.Size([1, 2])
-    """
-    torch._dynamo.reset()
-    return torch.compile(module, backend=backend or "inductor")
-
-
-def _use_channels_last(cfg: TrainConfig, model: nn.Module, device: torch.device) -> bool:
-    if cfg.channels_last is not None:
-        return cfg.channels_last
-    # NHWC lets cuDNN use tensor-core convolutions under AMP; on CPU it brings nothing reliable
-    return device.type == "cuda" and any(isinstance(m, nn.Conv2d) for m in model.modules())
-
-
 def _monitored(row: dict, monitor: str) -> float | None:
     return row.get(monitor)
-
-
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def _seed_epoch(seed: int, epoch: int, loader) -> None:
-    # Each epoch's shuffle, augmentation and dropout depend only on (seed, epoch): a resumed run repeats them exactly.
-    torch.manual_seed(seed * 100_003 + epoch)
-    if getattr(loader, "generator", None) is not None:
-        loader.generator.manual_seed(seed * 100_003 + epoch)
-
-
-def _peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB; process-wide peak

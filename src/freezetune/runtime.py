@@ -1,0 +1,77 @@
+"""Run-level plumbing of the trainer: the run directory, seeding, compilation, memory readings."""
+
+from __future__ import annotations
+
+import random
+import resource
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from freezetune import checkpoint
+from freezetune.config import TrainConfig
+from freezetune.errors import CheckpointError, ConfigError
+
+RUN_FILES = ("last.pt", "best.pt", "metrics.csv")
+
+
+def prepare_run_dir(cfg: TrainConfig) -> Path:
+    if cfg.out:
+        run_dir = Path(cfg.out)
+    else:
+        short = cfg.model.split(":")[-1].replace("/", "_")
+        run_dir = Path("runs") / f"{short}-{datetime.now():%Y%m%d-%H%M%S}"
+    existing = [f for f in RUN_FILES if (run_dir / f).exists()]
+    if cfg.resume and not (run_dir / checkpoint.LAST).exists():
+        raise CheckpointError(f"cannot resume: {run_dir / checkpoint.LAST} does not exist")
+    if existing and not cfg.resume:
+        raise ConfigError(
+            f"run dir {str(run_dir)!r} already holds a run ({', '.join(existing)}); "
+            "pass --resume to continue it or choose another --out"
+        )
+    # Not created here: a set-up error (unknown model, bad data path) must not leave an empty run dir behind.
+    # MetricsLogger creates it once the model and data are ready.
+    return run_dir
+
+
+def recompile(module: nn.Module, backend: str | None = None) -> nn.Module:
+    """Compile ``module`` afresh after resetting dynamo: call it again after every freeze/unfreeze.
+
+    Dynamo guards did not cover ``requires_grad`` flips (pytorch#139476): a graph traced while a stage was frozen
+    could keep that stage out of autograd after it was unfrozen. Resetting drops every cached graph of the process.
+
+    >>> fast = recompile(nn.Linear(2, 2), backend="eager")
+    >>> fast(torch.zeros(1, 2)).shape
+    torch.Size([1, 2])
+    """
+    torch._dynamo.reset()
+    return torch.compile(module, backend=backend or "inductor")
+
+
+def use_channels_last(cfg: TrainConfig, model: nn.Module, device: torch.device) -> bool:
+    if cfg.channels_last is not None:
+        return cfg.channels_last
+    # NHWC lets cuDNN use tensor-core convolutions under AMP; on CPU it brings nothing reliable
+    return device.type == "cuda" and any(isinstance(m, nn.Conv2d) for m in model.modules())
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def seed_epoch(seed: int, epoch: int, loader) -> None:
+    # Each epoch's shuffle, augmentation and dropout depend only on (seed, epoch): a resumed run repeats them exactly.
+    torch.manual_seed(seed * 100_003 + epoch)
+    if getattr(loader, "generator", None) is not None:
+        loader.generator.manual_seed(seed * 100_003 + epoch)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB; process-wide peak
