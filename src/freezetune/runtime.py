@@ -69,6 +69,9 @@ def seed_epoch(seed: int, epoch: int, loader) -> None:
     torch.manual_seed(seed * 100_003 + epoch)
     if getattr(loader, "generator", None) is not None:
         loader.generator.manual_seed(seed * 100_003 + epoch)
+    sampler = getattr(loader, "sampler", None)
+    if hasattr(sampler, "set_epoch"):  # DDP's DistributedSampler shuffles by (seed, epoch) itself
+        sampler.set_epoch(epoch)
 
 
 def peak_memory_mb(device: torch.device) -> float:

@@ -22,6 +22,16 @@ from freezetune.cache import FeatureStore, build_store, store_loader
 from freezetune.config import TrainConfig, validate
 from freezetune.data import DataBundle, build_datasets, build_loader
 from freezetune.data.gpu import build_device_loader, should_use_device_loader
+from freezetune.distributed import (
+    all_reduce_sum,
+    barrier,
+    broadcast,
+    device_for,
+    init_from_env,
+    sharded_loader,
+    shutdown,
+    wrap,
+)
 from freezetune.errors import ConfigError
 from freezetune.evaluate import evaluate, logits_of, to_device
 from freezetune.freeze import count_parameters, freeze, summary
@@ -62,7 +72,11 @@ def train(cfg: TrainConfig, *, echo=print) -> RunResult:
     >>> from freezetune.config import TrainConfig
     >>> train(TrainConfig(data="DIR_OF_IMAGES", epochs=3))  # doctest: +SKIP
     """
-    return Trainer(cfg, echo=echo).fit()
+    trainer = Trainer(cfg, echo=echo)
+    try:
+        return trainer.fit()
+    finally:
+        shutdown(trainer.dist)
 
 
 def parse_freeze_spec(text: str | int | list) -> str | int | list:
@@ -83,10 +97,12 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, *, echo=print) -> None:
         validate(cfg)
-        self.cfg, self.echo = cfg, echo
-        self.device = resolve_device(cfg.device)
+        self.dist = init_from_env(cfg.device)
+        self.cfg, self.echo = cfg, echo if self.dist.is_main else _quiet
+        self.device = resolve_device(device_for(self.dist, cfg.device))
         self.precision = resolve_precision(self.device, cfg.amp)
         self.run_dir = prepare_run_dir(cfg)
+        barrier(self.dist)  # every rank checked the run dir before rank 0 writes into it
         seed_everything(cfg.seed)
         self.model, self.preprocess = create_model(cfg.model, cfg.weights, img_size=cfg.img_size)
         if self.preprocess is None:
@@ -108,18 +124,23 @@ class Trainer:
         self.scaler = self.precision.scaler()
         self.forward = self.model
         self.start_epoch, self.best_epoch, self.best_metric, self.bad_epochs = 0, 0, None, 0
-        self.metrics = MetricsLogger(self.run_dir, tensorboard=cfg.tensorboard)
+        self.metrics = MetricsLogger(self.run_dir, tensorboard=cfg.tensorboard) if self.dist.is_main else _NoLog()
         if cfg.resume:
             checkpoint.restore(self)
         self.cache: _Cache | None = None
         self._setup_cache()
-        cfg.save(self.run_dir / "config.yaml")
-        atomic_write_text(self.run_dir / "classes.json", json.dumps(self.classes, indent=1))
+        if self.dist.is_main:
+            cfg.save(self.run_dir / "config.yaml")
+            atomic_write_text(self.run_dir / "classes.json", json.dumps(self.classes, indent=1))
 
     # --- set-up helpers -------------------------------------------------------------------------------------
 
     def _loader(self, dataset, *, train: bool):
         """Images to batches: on the device (uint8 arrays / nvJPEG + batched augmentation) when it applies."""
+        if self.dist.enabled and train:
+            workers = self.cfg.workers if self.cfg.workers is not None else (4 if self.device.type == "cuda" else 0)
+            return sharded_loader(dataset, batch_size=self.cfg.batch_size, info=self.dist, seed=self.cfg.seed,
+                                  workers=workers, device=self.device)  # fmt: skip
         if should_use_device_loader(dataset, self.device, self.cfg.decode):
             loader = build_device_loader(
                 dataset, batch_size=self.cfg.batch_size, train=train, device=self.device, seed=self.cfg.seed,
@@ -138,8 +159,12 @@ class Trainer:
         if self.cache is not None:  # an unfreeze invalidated the cache: back to images unless a new one is built
             self.train_loader = self._loader(self.data.train, train=True)
         self.cache = None
-        self.forward = self._compiled(self.model)
+        # DDP fixes its parameter set when it wraps: after every unfreeze the model is wrapped again
+        self.forward = self._compiled(wrap(self.model, self.dist, self.device))
         if cfg.cache == "off":
+            return
+        if self.dist.enabled:
+            self.echo(f"feature cache off: not yet supported with {self.dist.world} DDP processes")
             return
         split, why = split_model(self.model)
         if split is None:
@@ -185,8 +210,11 @@ class Trainer:
             self._epochs()
         finally:  # Ctrl-C too: flush TensorBoard; metrics.csv and last.pt already hold every finished epoch
             self.metrics.close()
-        plot_report(self.run_dir / "metrics.csv", self.run_dir / "report.png")
-        test = self._final_test()
+        test = None
+        if self.dist.is_main:
+            plot_report(self.run_dir / "metrics.csv", self.run_dir / "report.png")
+            test = self._final_test()
+        barrier(self.dist)
         return RunResult(self.run_dir, self.best_epoch, self.best_metric, test, list(self.metrics.rows))
 
     def _epochs(self) -> None:
@@ -197,9 +225,10 @@ class Trainer:
             last = epoch + 1 == cfg.epochs  # nothing trains after the last epoch: no unfreeze, no cache rebuild
             unfrozen_now = "" if last else self._step_unfreezer(epoch, row)
             improved = self._track_best(epoch, row)
-            checkpoint.save_last(self, epoch)
-            if improved:
-                checkpoint.save_best(self, epoch, row)
+            if self.dist.is_main:
+                checkpoint.save_last(self, epoch)
+                if improved:
+                    checkpoint.save_best(self, epoch, row)
             if cfg.early_stop and self.bad_epochs >= cfg.early_stop:
                 self.echo(f"early stop: {cfg.monitor} did not improve for {cfg.early_stop} epochs")
                 break
@@ -216,6 +245,7 @@ class Trainer:
         samples = train_stats.pop("samples")  # feeds img/s; not a column of its own
         row = {"epoch": epoch + 1, "epochs": self.cfg.epochs, **train_stats}
         val = self._evaluate_val() if self.data.val is not None else None
+        val = broadcast(val, self.dist)  # rank 0's numbers drive every rank's unfreeze and early-stop decisions
         if val is not None:
             row.update(val_loss=val["loss"], val_acc=val["acc"], val_top5=val["top5"], val_f1=val["macro_f1"])
         trainable, total = count_parameters(self.model)
@@ -250,8 +280,11 @@ class Trainer:
             seen += len(targets)
             if step % 10 == 0 or step == len(self.train_loader) - 1:
                 bar.set_postfix(self._postfix(loss_sum, correct, seen, start), refresh=False)
-        return {"train_loss": (loss_sum / max(seen, 1)).item(), "train_acc": (correct.float() / max(seen, 1)).item(),
-                "samples": seen}  # fmt: skip
+        totals = all_reduce_sum(torch.stack([loss_sum, correct.float(), torch.tensor(float(seen), device=self.device)]),
+                                self.dist).tolist()  # fmt: skip
+        loss_total, correct_total, seen_total = totals
+        return {"train_loss": loss_total / max(seen_total, 1), "train_acc": correct_total / max(seen_total, 1),
+                "samples": int(seen_total)}  # fmt: skip
 
     def _optimize(self, loss: torch.Tensor, params: list[nn.Parameter]) -> None:
         self.optimizer.zero_grad(set_to_none=True)
@@ -337,6 +370,25 @@ class _Cache:
     split: Split
     train: FeatureStore
     val: FeatureStore | None
+
+
+def _quiet(*_: object) -> None:
+    """Ranks other than 0 print nothing: one log per job, not one per GPU."""
+
+
+class _NoLog:
+    """The metrics logger of ranks other than 0: rank 0 alone writes metrics.csv and TensorBoard."""
+
+    rows: list = []
+
+    def log_epoch(self, row: dict) -> None:
+        pass
+
+    def truncate(self, after_epoch: int) -> int:
+        return 0
+
+    def close(self) -> None:
+        pass
 
 
 def _monitored(row: dict, monitor: str) -> float | None:

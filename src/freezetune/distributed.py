@@ -1,0 +1,101 @@
+"""Several GPUs with ``torchrun``: process group from the environment, DDP wrapping, rank-0-only side effects.
+
+``torchrun --nproc_per_node=4 -m freezetune train ...`` runs one process per GPU. Every rank trains on its shard of
+each epoch; rank 0 alone evaluates, logs and writes checkpoints, and broadcasts the monitored metric so every rank
+unfreezes and stops at the same epoch. A single process (no ``WORLD_SIZE``) takes none of these paths.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """This process's place in the job (``world == 1``: not distributed)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_from_env(device_spec: str = "auto") -> DistInfo:
+    """Join the process group torchrun describes in the environment (NCCL on CUDA, else Gloo).
+
+    >>> init_from_env().enabled  # not under torchrun
+    False
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistInfo()
+    info = DistInfo(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
+    use_cuda = torch.cuda.is_available() and device_spec != "cpu"
+    if use_cuda:
+        torch.cuda.set_device(info.local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    return info
+
+
+def device_for(info: DistInfo, spec: str) -> str:
+    """Each rank owns one GPU: ``cuda`` becomes ``cuda:LOCAL_RANK``."""
+    if info.enabled and spec in ("auto", "cuda") and torch.cuda.is_available():
+        return f"cuda:{info.local_rank}"
+    return spec
+
+
+def wrap(model: nn.Module, info: DistInfo, device: torch.device) -> nn.Module:
+    """DDP over the parameters that train *now*; call again after an unfreeze (DDP fixes its set at construction)."""
+    if not info.enabled or not any(p.requires_grad for p in model.parameters()):
+        return model
+    ids = [device.index] if device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+
+def all_reduce_sum(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    if info.enabled:
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+    return value
+
+
+def broadcast(value: object, info: DistInfo) -> object:
+    """Rank 0's value on every rank (the monitored metric, the stop decision)."""
+    if not info.enabled:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def barrier(info: DistInfo) -> None:
+    if info.enabled:
+        dist.barrier()
+
+
+def shutdown(info: DistInfo) -> None:
+    if info.enabled and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def sharded_loader(dataset, *, batch_size: int, info: DistInfo, seed: int, workers: int, device: torch.device):
+    """Each rank reads its own 1/world of every epoch (``set_epoch`` reshuffles; ``seed_epoch`` calls it)."""
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    sampler = DistributedSampler(dataset, num_replicas=info.world, rank=info.rank, shuffle=True, seed=seed)
+    return DataLoader(
+        dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
+        pin_memory=device.type == "cuda", persistent_workers=workers > 0,
+    )  # fmt: skip
