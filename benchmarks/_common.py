@@ -1,0 +1,223 @@
+"""Shared pieces of the benchmarks: data preparation, the one evaluation function, timers, memory, tables.
+
+Benchmarks are not tests: they print what they measured and the ratios between contenders of the same run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+
+import torch
+from torch import nn
+
+FASHION = "/usr/share/datasets/fashion-mnist"
+MODEL = "timm:tf_efficientnet_lite0"
+RESULT_TAG = "RESULT "
+
+# The packaged ImageNet weights load from disk; a hub lookup would only stall on a machine without network.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def pick_device(spec: str) -> torch.device:
+    """``auto`` -> CUDA when present; an explicit ``cuda`` without CUDA is a clear error, not a crash later."""
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(spec)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {spec}: CUDA is not available on this machine")
+    return device
+
+
+def sync(device: torch.device) -> None:
+    # CUDA kernels run asynchronously: a timer read without a sync measures only the launch.
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@contextmanager
+def timed(device: torch.device, out: dict, key: str) -> Iterator[None]:
+    """Add the wall time of the block (device work included) to ``out[key]``."""
+    sync(device)
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        sync(device)
+        out[key] = out.get(key, 0.0) + time.perf_counter() - start
+
+
+def autocast(device: torch.device, dtype: torch.dtype = torch.bfloat16):
+    """Mixed precision on CUDA, plain fp32 on CPU (CPU autocast is slower than fp32 for these models)."""
+    return torch.autocast("cuda", dtype=dtype) if device.type == "cuda" else nullcontext()
+
+
+class PeakMemory:
+    """Peak memory of what runs after ``start()``: CUDA max allocated, or on CPU the process's peak RSS above
+    its RSS at ``start()``.
+
+    On Linux the kernel's peak-RSS mark (VmHWM) is reset at ``start()`` through ``/proc/self/clear_refs``, so a
+    transient peak of the imports does not hide the growth. Where that is refused the fallback is the growth of
+    ``ru_maxrss``, honest only in a fresh process; the transfer benchmark gives each contender one anyway.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.base = 0.0
+        self.reset = False
+
+    def start(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+            self.reset, self.base = True, _proc_status_mib("VmRSS")
+        except OSError:
+            self.reset, self.base = False, _maxrss_mib()
+
+    def mib(self, extra_cuda_peak: float = 0.0) -> float:
+        if self.device.type == "cuda":
+            return max(torch.cuda.max_memory_allocated(self.device) / 2**20, extra_cuda_peak)
+        return (_proc_status_mib("VmHWM") if self.reset else _maxrss_mib()) - self.base
+
+
+def _maxrss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def _proc_status_mib(key: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) / 1024  # kB
+    raise OSError(f"no {key} in /proc/self/status")
+
+
+# --- data -----------------------------------------------------------------------------------------------------
+
+
+def preprocess_for(res: int):
+    """The model's own preprocessing (mean/std, interpolation, crop) at ``res`` pixels."""
+    from freezetune.models import create_model
+
+    _, pre = create_model(MODEL, "imagenet", img_size=res)
+    return pre
+
+
+def prepare_data(path: Path, *, per_class: int, seed: int, res: int, test_n: int, val_n: int = 50) -> dict:
+    """Build the shared data once and save it: every contender then reads the same tensors.
+
+    The train subset is freezetune's own ``per_class`` draw (``build_datasets``), so the library-driven recipes,
+    which load the IDX files themselves, train on exactly these images. Images pass through freezetune's eval
+    transform (``aug none``) as one batch, which equals the per-sample transform bit for bit. Test images are kept
+    as uint8 after resize/crop (``normalize`` restores them to within one float ulp) to stay small at 224 px.
+    """
+    from freezetune.data import build_datasets, eval_transform
+
+    pre = preprocess_for(res)
+    bundle = build_datasets(FASHION, per_class=per_class, seed=seed, preprocess=pre, aug="none")
+    transform = eval_transform(pre)
+    train = bundle.train
+    test = bundle.test
+    x_test = torch.cat([_as_uint8(transform(test.images[i : i + 1000].unsqueeze(1)), pre)
+                        for i in range(0, min(test_n, len(test)), 1000)])[:test_n]  # fmt: skip
+    data = {
+        "x_train": transform(train.images.unsqueeze(1)),
+        "y_train": train.targets.clone(),
+        "x_test": x_test,
+        "y_test": test.targets[:test_n].clone(),
+        "mean": pre.mean,
+        "std": pre.std,
+        "res": res,
+        "classes": list(bundle.classes),
+        "val_dir": str(path.parent / "val-idx"),
+    }
+    val_images, data["y_val"] = _write_val_idx(Path(data["val_dir"]), per_class, seed, val_n)
+    data["x_val"] = transform(val_images.unsqueeze(1))
+    torch.save(data, path)
+    return data
+
+
+def _as_uint8(x: torch.Tensor, pre) -> torch.Tensor:
+    mean, std = torch.tensor(pre.mean).view(1, 3, 1, 1), torch.tensor(pre.std).view(1, 3, 1, 1)
+    return torch.round((x * std + mean) * 255).clamp(0, 255).to(torch.uint8)
+
+
+def normalize(x_u8: torch.Tensor, mean, std) -> torch.Tensor:
+    """uint8 ``[N, 3, H, W]`` -> the float tensor the model's eval transform produces (same ops, same order)."""
+    m = torch.tensor(mean, device=x_u8.device).view(1, 3, 1, 1)
+    s = torch.tensor(std, device=x_u8.device).view(1, 3, 1, 1)
+    return x_u8.to(torch.float32).div(255).sub(m).div(s)
+
+
+def _write_val_idx(root: Path, per_class: int, seed: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """An IDX directory of ``n`` train images outside the subset, for the per-epoch validation some contenders
+    run: cheap, disjoint from the training images, and not the test set."""
+    from freezetune.data.idx import load_idx
+    from freezetune.data.sampling import per_class_indices
+
+    full = load_idx(FASHION, "train")
+    used = set(per_class_indices(full.targets, per_class, seed)[0].tolist())  # the draw build_datasets made
+    rows = torch.tensor([i for i in range(len(full)) if i not in used][:n])
+    root.mkdir(parents=True, exist_ok=True)
+    for prefix in ("train", "t10k"):
+        _write_idx(root / f"{prefix}-images-idx3-ubyte", full.images[rows])
+        _write_idx(root / f"{prefix}-labels-idx1-ubyte", full.targets[rows].to(torch.uint8))
+    return full.images[rows], full.targets[rows]
+
+
+def _write_idx(path: Path, array: torch.Tensor) -> None:
+    header = bytes([0, 0, 0x08, array.dim()]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    path.write_bytes(header + array.contiguous().numpy().tobytes())
+
+
+def load_data(path: str | Path) -> dict:
+    return torch.load(path, mmap=True, weights_only=True)
+
+
+# --- evaluation: one function for every contender ---------------------------------------------------------------
+
+
+@torch.inference_mode()
+def test_accuracy(model: nn.Module, data: dict, device: torch.device, batch_size: int = 256) -> float:
+    """Top-1 accuracy on the shared test tensor, in eval mode (bf16 autocast on CUDA, fp32 on CPU)."""
+    model = model.to(device).eval()
+    correct = 0
+    for i in range(0, len(data["y_test"]), batch_size):
+        x = normalize(data["x_test"][i : i + batch_size].to(device), data["mean"], data["std"])
+        with autocast(device):
+            logits = model(x)
+        logits = logits if isinstance(logits, torch.Tensor) else logits[0]
+        correct += int((logits.float().argmax(-1).cpu() == data["y_test"][i : i + batch_size]).sum())
+    return correct / len(data["y_test"])
+
+
+# --- subprocesses and tables -------------------------------------------------------------------------------------
+
+
+def run_worker(argv: list[str], log: Path) -> dict:
+    """Run ``python argv`` in a fresh process; its last ``RESULT {json}`` line on stdout is the result."""
+    with log.open("w") as err:
+        proc = subprocess.run([sys.executable, *argv], stdout=subprocess.PIPE, stderr=err, text=True)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT_TAG)]
+    if proc.returncode != 0 or not lines:
+        tail = log.read_text().strip().splitlines()[-1:]
+        return {"error": f"exit {proc.returncode}: {' | '.join(tail) or 'no output'} (log: {log})"}
+    return json.loads(lines[-1][len(RESULT_TAG) :])
+
+
+def emit(result: dict) -> None:
+    print(RESULT_TAG + json.dumps(result), flush=True)
+
+
+def table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    fmt = "  ".join(f"{{:<{w}}}" if i == 0 else f"{{:>{w}}}" for i, w in enumerate(widths))
+    lines = [fmt.format(*header), fmt.format(*["-" * w for w in widths])]
+    return "\n".join(lines + [fmt.format(*map(str, r)) for r in rows])

@@ -1,0 +1,243 @@
+"""Throughput benchmark: what a frozen backbone and freezetune's feature cache buy, per model.
+
+Per model, on random data already on the device (random weights: speed does not depend on them):
+
+- inference img/s (eval, ``inference_mode``, bf16 autocast on CUDA);
+- frozen-backbone training img/s: ``freezetune.freeze(model, "backbone")`` (BatchNorm frozen), a full training
+  step on the whole model, no cache;
+- full fine-tune training img/s;
+- a head-only run over ``--n-images`` through freezetune's cache (``split_model`` + ``build_store`` +
+  ``store_loader``, training steps on ``suffix_train``): first epoch (cache build + one epoch) vs a cached epoch,
+  and the whole 10-epoch run vs one inference pass over the same images.
+
+    python benchmarks/throughput.py                                   # CPU: 64 px, batch 32, 512 images
+    python benchmarks/throughput.py --device cuda                     # GPU: 224 px, batch 128, 8192 images
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+
+import timm
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+from _common import autocast, pick_device, sync, table
+from freezetune import freeze
+from freezetune.cache import build_store, store_loader
+from freezetune.precision import resolve_precision
+from freezetune.split import split_model
+
+DEFAULT_MODELS = "tf_efficientnet_lite0,resnet50,vit_base_patch16_224"  # timm's ViT-B/16
+NUM_CLASSES = 10
+EPOCHS = 10
+
+
+def make_model(name: str, res: int, device: torch.device) -> nn.Module:
+    # ViTs have a fixed token grid: build them for ``res`` (timm resizes the position embedding at creation).
+    extra = {"img_size": res} if "vit" in name or "deit" in name else {}
+    model = timm.create_model(name, pretrained=False, num_classes=NUM_CLASSES, **extra)
+    return model.to(device, memory_format=_memory_format(model, device))
+
+
+def _memory_format(model: nn.Module, device: torch.device) -> torch.memory_format:
+    # What freezetune's trainer does: NHWC for convnets on CUDA (tensor-core convolutions under AMP).
+    conv = any(isinstance(m, nn.Conv2d) for m in model.modules())
+    return torch.channels_last if device.type == "cuda" and conv else torch.contiguous_format
+
+
+def interleaved(steps: dict, device: torch.device, iters: int, warmup: int) -> dict[str, float]:
+    """Median seconds per call of each step, timed in turns (a, b, c, a, b, c, ...) after ``warmup`` calls each.
+
+    Taking turns exposes every step to the same drift of a shared machine; the median shrugs off the outliers.
+    """
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(iters):
+        for name, step in steps.items():
+            sync(device)
+            start = time.perf_counter()
+            step()
+            sync(device)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def inference_step(model: nn.Module, x: torch.Tensor, device: torch.device):
+    model.eval()
+
+    def step() -> None:
+        with torch.inference_mode(), autocast(device):
+            model(x)
+
+    return step
+
+
+def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device):
+    """One optimisation step on whatever is trainable (AdamW, as freezetune's default)."""
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+
+    def step() -> None:
+        with autocast(device):
+            loss = F.cross_entropy(model(x).float(), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def speeds(name: str, args, device: torch.device) -> dict:
+    """Inference, frozen-backbone training and full fine-tune img/s, each on its own model, timed in turns."""
+    infer, frozen, full = (make_model(name, args.res, device) for _ in range(3))
+    freeze(frozen, "backbone", bn="frozen")
+    x = torch.randn(args.batch_size, 3, args.res, args.res, device=device)
+    x = x.contiguous(memory_format=_memory_format(infer, device))
+    y = torch.randint(0, NUM_CLASSES, (args.batch_size,), device=device)
+    steps = {"infer": inference_step(infer, x, device), "frozen": train_step(frozen, x, y, device),
+             "full": train_step(full, x, y, device)}  # fmt: skip
+    seconds = interleaved(steps, device, args.iters, args.warmup)
+    return {k: args.batch_size / v for k, v in seconds.items()}
+
+
+def cached_run(name: str, args, device: torch.device) -> dict:
+    """A head-only run over ``n_images``: one inference pass, then cache build + 10 epochs from the cache."""
+    model = make_model(name, args.res, device)
+    freeze(model, "backbone", bn="frozen")
+    split, why = split_model(model)
+    if split is None:
+        return {"why": why}
+    precision = resolve_precision(device, "auto")
+    images = torch.randn(args.n_images, 3, args.res, args.res)  # on the host: build_store's loader may fork workers
+    dataset = TensorDataset(images, torch.randint(0, NUM_CLASSES, (args.n_images,)))
+    channels_last = _memory_format(model, device) == torch.channels_last
+    # The same loader build_store uses (batch 2 x batch size, same workers), so the two passes differ only in
+    # what runs on each batch.
+    workers = min(4, os.cpu_count() or 1) if device.type == "cuda" else 0
+    loader = DataLoader(dataset, batch_size=2 * args.batch_size, num_workers=workers)
+    _warm(model, loader, device, channels_last)
+    out: dict = {"infer_pass": [], "build": []}
+    with tempfile.TemporaryDirectory() as spill:
+        for _ in range(args.passes):  # in turns, keeping the fastest of each: noise only ever adds time
+            out["infer_pass"].append(_timed_pass(model, loader, device, channels_last))
+            sync(device)
+            start = time.perf_counter()
+            store, info = build_store(split, dataset, precision, views=1, batch_size=args.batch_size, seed=0,
+                                      spill_dir=spill, channels_last=channels_last)  # fmt: skip
+            sync(device)
+            out["build"].append(time.perf_counter() - start)
+        out["epochs"] = _cached_epochs(split.suffix_train, store, args.batch_size, precision, device)
+    out.update(infer_pass=min(out["infer_pass"]), build=min(out["build"]), place=info.place)
+    return out
+
+
+def _warm(model: nn.Module, loader: DataLoader, device: torch.device, channels_last: bool) -> None:
+    x, _ = next(iter(loader))
+    x = x.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    model.eval()
+    with torch.inference_mode(), autocast(device):
+        model(x)
+
+
+def _timed_pass(model: nn.Module, loader: DataLoader, device: torch.device, channels_last: bool) -> float:
+    model.eval()
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    sync(device)
+    start = time.perf_counter()
+    with torch.inference_mode(), autocast(device):
+        for x, _ in loader:
+            model(x.to(device, non_blocking=True, memory_format=fmt))
+    sync(device)
+    return time.perf_counter() - start
+
+
+def _cached_epochs(suffix: nn.Module, store, batch_size: int, precision, device: torch.device) -> list[float]:
+    suffix.train()
+    optimizer = torch.optim.AdamW([p for p in suffix.parameters() if p.requires_grad], lr=1e-3)
+    loader = store_loader(store, batch_size=batch_size, train=True, seed=0)
+    times = []
+    for epoch in range(EPOCHS):
+        store.set_epoch(epoch)
+        sync(device)
+        start = time.perf_counter()
+        for feats, targets in loader:
+            with precision.autocast():
+                loss = F.cross_entropy(suffix(feats).float(), targets.to(device, non_blocking=True))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def report(results: dict[str, dict], device: torch.device) -> str:
+    rows, checks = [], []
+    frozen_target, first_target = (0.95, None) if device.type == "cuda" else (0.9, 0.05)
+    for name, r in results.items():
+        s, c = r["speeds"], r["cache"]
+        ratio = s["frozen"] / s["infer"]
+        row = [name, f"{s['infer']:.0f}", f"{s['frozen']:.0f}", f"{s['full']:.0f}", f"{ratio:.2f}"]
+        checks.append(f"{name}: frozen training / inference = {ratio:.2f} (target >= {frozen_target})")
+        if "why" in c:
+            rows.append([*row, "-", "-", "-", "-", f"no cache: {c['why']}"])
+            continue
+        first, cached = c["build"] + c["epochs"][0], statistics.median(c["epochs"][1:])
+        run = c["build"] + sum(c["epochs"])
+        rows.append([*row, f"{first:.2f}", f"{cached:.3f}", f"{cached / first:.3f}", f"{run / c['infer_pass']:.2f}",
+                     f"cache on {c['place']}"])  # fmt: skip
+        if first_target is not None:
+            checks.append(f"{name}: cached epoch / first epoch = {cached / first:.3f} (target <= {first_target})")
+        if device.type == "cuda":
+            checks.append(f"{name}: 10-epoch head-only run / one inference pass = {run / c['infer_pass']:.2f} "
+                          "(target <= 1.2)")  # fmt: skip
+    header = ["model", "infer img/s", "frozen img/s", "full img/s", "frozen/infer", "1st epoch s", "cached epoch s",
+              "cached/1st", "10ep/infer", "note"]  # fmt: skip
+    return table(rows, header) + "\n\n" + "\n".join(checks)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--models", default=DEFAULT_MODELS, help=f"comma-separated timm names (default {DEFAULT_MODELS})")
+    p.add_argument("--batch-size", type=int, default=None, help="default 32 on CPU, 128 on CUDA")
+    p.add_argument("--res", type=int, default=None, help="default 64 on CPU, 224 on CUDA")
+    p.add_argument("--n-images", type=int, default=None, help="images of the cached run (512 CPU, 8192 CUDA)")
+    p.add_argument("--iters", type=int, default=None, help="timed steps per measurement (default 9 CPU, 20 CUDA)")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--passes", type=int, default=2, help="inference passes / cache builds, the fastest counts")
+    args = p.parse_args(argv)
+    cuda = pick_device(args.device).type == "cuda"
+    args.batch_size = args.batch_size or (128 if cuda else 32)
+    args.res = args.res or (224 if cuda else 64)
+    args.n_images = args.n_images or (8192 if cuda else 512)
+    args.iters = args.iters or (20 if cuda else 9)
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    device = pick_device(args.device)
+    torch.manual_seed(0)
+    results = {}
+    for name in [m.strip() for m in args.models.split(",") if m.strip()]:
+        start = time.perf_counter()
+        results[name] = {"speeds": speeds(name, args, device), "cache": cached_run(name, args, device)}
+        print(f"  {name}: measured in {time.perf_counter() - start:.0f}s", flush=True)
+    print(f"\nthroughput on {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}, "
+          f"{torch.get_num_threads()} threads): {args.res} px, batch {args.batch_size}, "
+          f"cached run over {args.n_images} images x {EPOCHS} epochs")  # fmt: skip
+    print(report(results, device))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,389 @@
+"""Transfer benchmark: freezetune recipes vs Lightning, fastai, a plain full fine-tune and the seed script.
+
+Every contender fine-tunes the same ImageNet EfficientNet-Lite0 on the same Fashion-MNIST subset (``--per-class``
+images per class, seed 0), preprocessed the same way, and is scored by the same function on the same test images.
+Each contender runs in a fresh subprocess, so its peak memory is its own. Training time excludes model creation
+and evaluation on both sides; it includes whatever a user pays to train: freezetune's feature-cache build, the
+frameworks' own per-epoch work (Lightning's and freezetune's checkpoints, fastai's validation of 50 images).
+
+    python benchmarks/transfer.py --res 64 --per-class 100 --epochs 3            # CPU, a few minutes
+    python benchmarks/transfer.py --device cuda --res 224 --epochs 10            # one GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import random
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+from _common import (
+    FASHION,
+    MODEL,
+    PeakMemory,
+    autocast,
+    emit,
+    load_data,
+    pick_device,
+    prepare_data,
+    run_worker,
+    table,
+    test_accuracy,
+    timed,
+)
+from freezetune.config import TrainConfig
+from freezetune.models import create_model
+from freezetune.trainer import Trainer
+
+# Freezetune recipes: TrainConfig overrides on top of the library defaults (AdamW 1e-3, one-cycle, weight decay
+# 0.05, label smoothing 0.1, BatchNorm of frozen stages frozen, feature cache auto). ``aug none`` for every
+# contender: none of the peers augments either.
+RECIPES = {
+    "ft-head": {"freeze": "backbone"},
+    "ft-partial": {"freeze": "4"},  # stem + blocks.0-2 frozen and cached; blocks.3-6 and the head train
+    "ft-progressive": {"freeze": "backbone", "unfreeze": "epoch:1"},
+    "ft-full": {"freeze": "none"},
+}
+PEERS = {"seed": None, "lightning": "lightning", "fastai": "fastai", "full": None}  # name -> package needed
+CONTENDERS = [*PEERS, *RECIPES]
+
+
+def pretrained(num_classes: int | None = None) -> nn.Module:
+    """The shared starting point: EfficientNet-Lite0 with ImageNet weights (packaged, offline)."""
+    model, _ = create_model(MODEL, "imagenet")
+    if num_classes is not None:
+        model.classifier = nn.Linear(model.classifier.in_features, num_classes)
+    return model
+
+
+def train_loader(data: dict, args, device: torch.device) -> DataLoader:
+    dataset = TensorDataset(data["x_train"].clone(), data["y_train"].clone())
+    return DataLoader(dataset, batch_size=args.batch_size, shuffle=True, pin_memory=device.type == "cuda",
+                      generator=torch.Generator().manual_seed(0))  # fmt: skip
+
+
+# --- the peers ----------------------------------------------------------------------------------------------
+
+
+def run_seed(data: dict, args, device: torch.device) -> tuple[nn.Module, dict]:
+    """The seed script as it was: everything frozen by requires_grad, a new fc, Adam 1e-3, fp16 AMP on CUDA.
+
+    ``model.train()`` every epoch lets the frozen BatchNorm layers re-estimate their statistics on the new data:
+    the trap this benchmark reproduces on purpose.
+    """
+    model = pretrained()
+    for p in model.parameters():
+        p.requires_grad = False
+    model.classifier = nn.Linear(model.classifier.in_features, len(data["classes"]))
+    model.to(device)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda")
+    loader, times = train_loader(data, args, device), {}
+    with timed(device, times, "train"):
+        for _ in range(args.epochs):
+            model.train()
+            for x, y in loader:
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                optimizer.zero_grad()
+                with autocast(device, torch.float16):
+                    loss = F.cross_entropy(model(x), y)
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+    return model, {"seconds": times["train"]}
+
+
+def run_full(data: dict, args, device: torch.device) -> tuple[nn.Module, dict]:
+    """A strong plain full fine-tune: all layers, AdamW 1e-3, one-cycle, weight decay 0.05, label smoothing 0.1."""
+    model = pretrained(len(data["classes"])).to(device)
+    loader, times = train_loader(data, args, device), {}
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=1e-3, total_steps=args.epochs * len(loader))
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=0.1)
+    with timed(device, times, "train"):
+        for _ in range(args.epochs):
+            model.train()
+            for x, y in loader:
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                with autocast(device):
+                    loss = loss_fn(model(x).float(), y)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                schedule.step()
+    return model, {"seconds": times["train"]}
+
+
+def run_lightning(data: dict, args, device: torch.device) -> tuple[nn.Module, dict]:
+    """Lightning's ``BackboneFinetuning`` as documented: ``self.backbone`` + ``self.head``, an optimizer over the
+    trainable parameters; the backbone unfreezes at epoch ``epochs // 2`` (the default, 10, would never unfreeze
+    in a 10-epoch run), with the callback's other defaults (lr ratio 0.1, x1.5 per epoch, ``train_bn=True``)."""
+    import lightning as L
+    from lightning.pytorch.callbacks import BackboneFinetuning
+
+    class Classifier(L.LightningModule):
+        def __init__(self, backbone: nn.Module, head: nn.Module) -> None:
+            super().__init__()
+            self.backbone, self.head = backbone, head
+
+        def forward(self, x):
+            return self.head(self.backbone(x))
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return F.cross_entropy(self(x), y)
+
+        def configure_optimizers(self):
+            return torch.optim.Adam(filter(lambda p: p.requires_grad, self.parameters()), lr=1e-3)
+
+    backbone = pretrained()
+    head = nn.Linear(backbone.classifier.in_features, len(data["classes"]))
+    backbone.classifier = nn.Identity()
+    module, at = Classifier(backbone, head), max(1, args.epochs // 2)
+    cuda = device.type == "cuda"
+    trainer = L.Trainer(
+        max_epochs=args.epochs, accelerator="gpu" if cuda else "cpu", devices=[device.index or 0] if cuda else 1,
+        precision="bf16-mixed" if cuda else "32-true", callbacks=[BackboneFinetuning(unfreeze_backbone_at_epoch=at)],
+        logger=False, enable_progress_bar=False, enable_model_summary=False, default_root_dir=args.work_dir,
+    )  # fmt: skip
+    times: dict = {}
+    with timed(device, times, "train"):
+        trainer.fit(module, train_loader(data, args, device))
+    return module, {"seconds": times["train"], "note": f"backbone unfreezes at epoch {at}"}
+
+
+def run_fastai(data: dict, args, device: torch.device) -> tuple[nn.Module, dict]:
+    """fastai's ``fine_tune`` with its defaults (freeze_epochs=1, base_lr=2e-3, lr_mult=100, Adam, train_bn).
+
+    ``fine_tune(n)`` trains 1 frozen + n unfrozen epochs; it is called with ``epochs - 1`` so every contender
+    makes the same number of passes over the data.
+    """
+    from fastai.callback import fp16, progress, schedule  # noqa: F401  (they add to_fp16, no_bar, fine_tune)
+    from fastai.data.core import DataLoaders
+    from fastai.learner import Learner
+    from fastai.losses import CrossEntropyLossFlat
+    from fastai.torch_core import params
+
+    body = pretrained()
+    head = nn.Linear(body.classifier.in_features, len(data["classes"]))
+    body.classifier = nn.Identity()
+    model = nn.Sequential(body, head)
+    train = TensorDataset(data["x_train"].clone(), data["y_train"].clone())
+    valid = TensorDataset(data["x_val"].clone(), data["y_val"].clone())
+    dls = DataLoaders.from_dsets(train, valid, bs=args.batch_size, device=device)
+    learn = Learner(dls, model, loss_func=CrossEntropyLossFlat(), splitter=lambda m: [params(m[0]), params(m[1])])
+    if device.type == "cuda":
+        (getattr(learn, "to_bf16", None) or learn.to_fp16)()
+    unfrozen, times = max(1, args.epochs - 1), {}
+    with timed(device, times, "train"), learn.no_bar(), learn.no_logging():
+        learn.fine_tune(unfrozen)
+    return learn.model, {"seconds": times["train"], "note": f"fine_tune({unfrozen}): 1 frozen + {unfrozen} epochs"}
+
+
+# --- freezetune, through the library ------------------------------------------------------------------------
+
+
+class TimedTrainer(Trainer):
+    """freezetune's Trainer, unchanged, with stopwatches around what a user pays for training and what is not
+    training (the per-epoch validation, subtracted)."""
+
+    def __init__(self, cfg: TrainConfig, **kwargs) -> None:
+        self.cache_setup_s, self.val_s, self.epochs_s, self.cache_peak, self.in_fit = 0.0, 0.0, 0.0, 0.0, False
+        super().__init__(cfg, **kwargs)
+
+    def _setup_cache(self) -> None:
+        times: dict = {}
+        with timed(self.device, times, "s"):
+            super()._setup_cache()
+        if not self.in_fit:  # a rebuild after an unfreeze happens inside _epochs and is timed there
+            self.cache_setup_s += times["s"]
+        if self.device.type == "cuda":
+            self.cache_peak = max(self.cache_peak, torch.cuda.max_memory_allocated(self.device) / 2**20)
+
+    def _evaluate_val(self) -> dict:
+        times: dict = {}
+        with timed(self.device, times, "s"):
+            result = super()._evaluate_val()
+        self.val_s += times["s"]
+        return result
+
+    def _epochs(self) -> None:
+        self.in_fit, times = True, {}
+        with timed(self.device, times, "s"):
+            super()._epochs()
+        self.epochs_s = times["s"]
+
+
+def run_freezetune(name: str, data: dict, args, device: torch.device) -> tuple[nn.Module, dict]:
+    cfg = TrainConfig(
+        model=MODEL, weights="imagenet", img_size=args.res, data=FASHION, val_data=data["val_dir"],
+        per_class=args.per_class, aug="none", batch_size=args.batch_size, epochs=args.epochs, device=str(device),
+        out=str(Path(args.work_dir) / "run"), tensorboard=False, progress=False, seed=0, **RECIPES[name],
+    )  # fmt: skip
+    trainer = TimedTrainer(cfg, echo=lambda line: print(line, file=sys.stderr))
+    trainer.data.test = None  # the shared test tensor is scored below, by the same code as every contender
+    trainer.fit()
+    seconds = trainer.cache_setup_s + trainer.epochs_s - trainer.val_s
+    peaks = [trainer.cache_peak, *(row.get("peak_mem_mb", 0.0) for row in trainer.metrics.rows)]
+    cache = f"cache {trainer.cache_setup_s:.1f}s" if trainer.cache is not None or trainer.cache_setup_s > 0.5 else ""
+    return trainer.model, {"seconds": seconds, "cuda_peak": max(peaks) if device.type == "cuda" else 0.0,
+                           "note": cache}  # fmt: skip
+
+
+def worker(args) -> None:
+    device = pick_device(args.device)
+    args.work_dir = tempfile.mkdtemp(prefix=f"{args.worker}-", dir=args.work_dir)  # repeats never share a run dir
+    package = PEERS.get(args.worker)
+    if package:
+        importlib.import_module(package)  # the framework's import is not training memory
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    memory = PeakMemory(device)
+    data = load_data(args.data_file)
+    memory.start()
+    torch.manual_seed(0)
+    random.seed(0)  # fastai shuffles with Python's random
+    if args.worker in RECIPES:
+        model, info = run_freezetune(args.worker, data, args, device)
+    else:
+        model, info = globals()[f"run_{args.worker}"](data, args, device)
+    peak = memory.mib(info.pop("cuda_peak", 0.0))
+    emit({"acc": test_accuracy(model, data, device), "peak_mib": peak, **info})
+
+
+# --- the parent: prepare once, run each contender in its own process, report --------------------------------
+
+
+def run_all(args, names: list[str]) -> dict[str, dict]:
+    device = pick_device(args.device)
+    test_n = args.test_n or (2000 if device.type == "cpu" else 10_000)
+    data_file = Path(args.work_dir) / "data.pt"
+    start = time.perf_counter()
+    prepare_data(data_file, per_class=args.per_class, seed=0, res=args.res, test_n=test_n)
+    print(f"data: {args.per_class}/class x 10 classes at {args.res} px, {test_n} test images "
+          f"({time.perf_counter() - start:.0f}s to prepare); device {device}", flush=True)  # fmt: skip
+    forwarded = ["--device", str(device), "--res", str(args.res), "--epochs", str(args.epochs),
+                 "--per-class", str(args.per_class), "--batch-size", str(args.batch_size),
+                 "--threads", str(args.threads or 0)]  # fmt: skip
+    runs: dict[str, list[dict]] = {name: [] for name in names}
+    # Round-robin repeats: a burst of load from a neighbour then hits one repeat of several contenders, not
+    # every repeat of one.
+    for rep in range(args.repeat):
+        for name in names:
+            package = PEERS.get(name)
+            if package and importlib.util.find_spec(package) is None:
+                runs[name].append({"skipped": "skipped (not installed)"})
+                continue
+            argv = [__file__, "--worker", name, "--data-file", str(data_file), "--work-dir", args.work_dir, *forwarded]
+            runs[name].append(run_worker(argv, Path(args.work_dir) / f"{name}-{rep}.log"))
+            print(f"  {name}: {_brief(runs[name][-1])}", flush=True)
+    return {name: _fastest(r) for name, r in runs.items()}
+
+
+def _fastest(runs: list[dict]) -> dict:
+    """The fastest of a contender's repeats (noise only ever adds time); accuracy is the same in each."""
+    done = [r for r in runs if "acc" in r]
+    if not done:
+        return runs[-1]
+    best = dict(min(done, key=lambda r: r["seconds"]))
+    if len(runs) > 1:
+        times = "/".join(f"{r['seconds']:.1f}" if "acc" in r else "failed" for r in runs)
+        best["note"] = f"{best.get('note', '')} (fastest of {times} s)".strip()
+    return best
+
+
+def _brief(r: dict) -> str:
+    if "acc" not in r:
+        return r.get("skipped") or r.get("error", "?")
+    return f"{100 * r['acc']:.2f}% in {r['seconds']:.1f}s, peak {r['peak_mib']:.0f} MiB"
+
+
+def report(results: dict[str, dict]) -> str:
+    def ratio(r: dict, ref: str) -> str:
+        base = results.get(ref, {})
+        return f"{r['seconds'] / base['seconds']:.2f}" if "acc" in r and "acc" in base else "-"
+
+    rows = []
+    for name, r in results.items():
+        if "acc" not in r:
+            rows.append([name, "-", "-", "-", "-", "-", (r.get("skipped") or r.get("error", "?"))[-90:]])
+            continue
+        rows.append([name, f"{100 * r['acc']:.2f}", f"{r['seconds']:.1f}", f"{r['peak_mib']:.0f}",
+                     ratio(r, "lightning"), ratio(r, "full"), r.get("note", "")])  # fmt: skip
+    header = ["contender", "test acc %", "train s", "peak MiB", "x lightning", "x full", "note"]
+    lines = [table(rows, header), "", acceptance(results, "lightning", "Lightning", 1 / 3, "1/3")]
+    return "\n".join([*lines, acceptance(results, "full", "the full fine-tune", 1 / 2, "1/2")])
+
+
+def acceptance(results: dict[str, dict], ref: str, label: str, target: float, target_text: str) -> str:
+    """Issue C's check: the fastest freezetune recipe that reaches the reference's accuracy, and its time ratio."""
+    base = results.get(ref, {})
+    ours = {n: r for n, r in results.items() if n in RECIPES and "acc" in r}
+    if "acc" not in base or not ours:
+        return f"vs {label}: not measured in this run"
+    reached = [n for n, r in ours.items() if r["acc"] >= base["acc"]]
+    name = min(reached, key=lambda n: ours[n]["seconds"]) if reached else max(ours, key=lambda n: ours[n]["acc"])
+    r = ours[name]
+    ratio = r["seconds"] / base["seconds"]
+    verdict = "met" if reached and ratio <= target else "NOT met"
+    if not reached:
+        return (f"no freezetune recipe reaches {label}'s accuracy ({100 * base['acc']:.2f}%); the best, {name}, "
+                f"gets {100 * r['acc']:.2f}% in {r['seconds']:.1f} s = {ratio:.2f} x {label}'s time "
+                f"(target <= {target_text}): {verdict}")  # fmt: skip
+    return (f"freezetune {name} reaches {label}'s accuracy ({100 * base['acc']:.2f}%, it gets {100 * r['acc']:.2f}%) "
+            f"in {r['seconds']:.1f} s = {ratio:.2f} x {label}'s time (target <= {target_text}): {verdict}")  # fmt: skip
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--res", type=int, default=None, help="input pixels (default 64 on CPU, 224 on CUDA)")
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--per-class", type=int, default=100)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--test-n", type=int, default=None, help="first N test images (default 2000 on CPU, all on CUDA)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads per contender (default: torch's); 1 resists a busy shared machine")  # fmt: skip
+    p.add_argument("--repeat", type=int, default=1, help="run each contender N times, report the fastest")
+    p.add_argument("--only", default=None, help=f"comma-separated subset of: {', '.join(CONTENDERS)}")
+    p.add_argument("--work-dir", default=None, help="where data, logs and run dirs go (default: a temp dir)")
+    p.add_argument("--worker", choices=CONTENDERS, help=argparse.SUPPRESS)
+    p.add_argument("--data-file", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.res is None:
+        args.res = 224 if pick_device(args.device).type == "cuda" else 64
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.worker:
+        return worker(args)
+    names = CONTENDERS if not args.only else [n.strip() for n in args.only.split(",") if n.strip()]
+    unknown = [n for n in names if n not in CONTENDERS]
+    if unknown:
+        raise SystemExit(f"unknown contender(s) {', '.join(unknown)}; choose from: {', '.join(CONTENDERS)}")
+    own_dir = args.work_dir is None
+    args.work_dir = args.work_dir or tempfile.mkdtemp(prefix="ft-transfer-")
+    Path(args.work_dir).mkdir(parents=True, exist_ok=True)
+    results = run_all(args, names)
+    print()
+    print(f"transfer: {MODEL} ImageNet -> Fashion-MNIST, {args.per_class}/class, {args.res} px, "
+          f"{args.epochs} epochs, batch {args.batch_size}, {args.threads or torch.get_num_threads()} threads")  # fmt: skip
+    print(report(results))
+    if own_dir and not any("error" in r for r in results.values()):
+        shutil.rmtree(args.work_dir, ignore_errors=True)  # kept when a contender failed: its log is there
+
+
+if __name__ == "__main__":
+    main()
