@@ -51,6 +51,7 @@ from freezetune.trainer import Trainer
 RECIPES = {
     "ft-head": {"freeze": "backbone"},
     "ft-partial": {"freeze": "4"},  # stem + blocks.0-2 frozen and cached; blocks.3-6 and the head train
+    "ft-last3": {"freeze": "-3"},  # the main job's recipe: stem..blocks.4 frozen and cached; blocks.5-6 + head train
     "ft-progressive": {"freeze": "backbone", "unfreeze": "epoch:1"},
     "ft-full": {"freeze": "none"},
 }
