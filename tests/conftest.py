@@ -74,3 +74,15 @@ def resnet18() -> nn.Module:
     torchvision = pytest.importorskip("torchvision")
     torch.manual_seed(0)
     return torchvision.models.resnet18(num_classes=10)
+
+
+@pytest.fixture(scope="module")
+def single_thread_module():
+    """Torch on one thread for a whole module: with the 2 cores shared, two threads each spin-wait and crawl.
+
+    Engine test modules opt in with ``pytestmark = pytest.mark.usefixtures("single_thread_module")``.
+    """
+    from _engine_fixtures import one_thread
+
+    with one_thread():
+        yield

@@ -10,7 +10,6 @@ import torch
 from torch import nn
 
 import freezetune as ft
-from _engine_fixtures import one_thread
 from freezetune import checkpoint
 from freezetune.errors import CheckpointError
 from freezetune.models import create_model
@@ -19,10 +18,7 @@ from freezetune.preprocess import Preprocess
 CLASSES = ["cat", "dog", "emu"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with one_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("single_thread_module")
 
 
 @pytest.fixture(scope="module")

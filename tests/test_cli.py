@@ -20,7 +20,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import freezetune as ft
-from _engine_fixtures import CLASSES, make_image_folder, one_thread, run_cli, snapshot, train_argv
+from _engine_fixtures import CLASSES, make_image_folder, run_cli, snapshot, train_argv
 from freezetune import __version__, checkpoint
 from freezetune.cli import main
 from freezetune.reporting import plot_report, read_metrics, unfreeze_events
@@ -29,10 +29,7 @@ RUN_FILES = ("config.yaml", "metrics.csv", "report.png", "classes.json", "best.p
              "test_metrics.json")  # fmt: skip
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with one_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("single_thread_module")
 
 
 @pytest.fixture(scope="module")

@@ -10,18 +10,13 @@ from safetensors.torch import load_file
 from torch import nn
 
 import freezetune as ft
-from _engine_fixtures import one_thread
 from freezetune import checkpoint
 from freezetune.errors import CheckpointError
 from freezetune.export import export_checkpoint
 from freezetune.models import create_model
 from freezetune.preprocess import Preprocess
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with one_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("single_thread_module")
 
 
 @pytest.fixture(scope="module")

@@ -6,15 +6,10 @@ import pytest
 import torch
 
 import freezetune as ft
-from _engine_fixtures import one_thread
 from freezetune.memory import estimate_memory, format_memory
 from freezetune.models import create_model
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with one_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("single_thread_module")
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import freezetune as ft
-from _engine_fixtures import make_image_folder, one_thread, run_cli, snapshot, train_argv
+from _engine_fixtures import make_image_folder, run_cli, snapshot, train_argv
 from freezetune import checkpoint, trainer
 from freezetune.config import TrainConfig
 from freezetune.errors import ConfigError
@@ -22,10 +22,7 @@ from freezetune.precision import resolve_device, resolve_precision
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with one_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("single_thread_module")
 
 
 @pytest.fixture(scope="module")
