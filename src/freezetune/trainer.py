@@ -117,6 +117,7 @@ class Trainer:
         self.channels_last = use_channels_last(cfg, self.model, self.device)
         self.model.to(self.device, memory_format=torch.channels_last if self.channels_last else torch.preserve_format)
         self.train_loader = self._loader(self.data.train, train=True)
+        self._val_loader = None  # built on first use, then kept
         self.optimizer = build_optimizer(self.model, cfg)
         self.steps_per_epoch = len(self.train_loader)  # what the LR schedule was sized for (a cache keeps it)
         self.scheduler = build_scheduler(self.optimizer, cfg, self.steps_per_epoch)
@@ -313,7 +314,8 @@ class Trainer:
     def _evaluate(self, dataset, model: nn.Module) -> dict:
         if dataset is self.data.val:
             # built once: a device loader copies the whole set to the GPU, a worker pool takes time to start
-            self._val_loader = getattr(self, "_val_loader", None) or self._loader(dataset, train=False)
+            if self._val_loader is None:
+                self._val_loader = self._loader(dataset, train=False)
             loader = self._val_loader
         else:
             loader = self._loader(dataset, train=False)
