@@ -9,7 +9,7 @@ from PIL import Image
 from torch.utils.data import TensorDataset
 from torchvision.transforms.v2 import functional as TF
 
-from freezetune.data import FileImageDataset, InMemoryImageDataset, eval_transform, gpu, load_image
+from freezetune.data import FileImageDataset, InMemoryImageDataset, augment, eval_transform, gpu, load_image
 from freezetune.data.gpu import (
     DeviceImageLoader,
     DeviceJpegLoader,
@@ -109,11 +109,11 @@ def test_warp_matches_torchvision_resized_crop(canvas):
     # Checks the affine coordinate convention on non-square images and boxes, also through the JPEG loader's
     # squash-to-canvas step (boxes stay in original pixels). Only the interior is compared: near a box edge the warp
     # reads the neighbouring pixels where resized_crop repeats the edge.
-    aug = gpu.BatchAugment(Preprocess(input_size=48), "light", torch.device("cpu"))
+    aug = augment.BatchAugment(Preprocess(input_size=48), "light", torch.device("cpu"))
     img = smooth_images(1, 30, 40).permute(0, 3, 1, 2).float()
     boxes = torch.tensor([[3.0, 5.0, 20.0, 12.0], [0.0, 10.0, 30.0, 25.0], [6.0, 0.0, 16.0, 40.0]])
     flip = torch.tensor([False, True, False])
-    src = gpu._resize(img, (aug.canvas, aug.canvas), "bilinear") if canvas else img
+    src = augment.resize(img, (aug.canvas, aug.canvas), "bilinear") if canvas else img
     out = aug.warp(src.expand(3, -1, -1, -1), torch.tensor([[30.0, 40.0]]).expand(3, 2), boxes, flip)
     for sample, (top, left, h, w), flipped in zip(out, boxes.int().tolist(), flip, strict=True):
         ref = TF.resized_crop(img[0], top, left, h, w, [48, 48], antialias=True)  # upsampling: no antialias effect
