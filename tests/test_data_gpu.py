@@ -9,7 +9,15 @@ from PIL import Image
 from torch.utils.data import TensorDataset
 from torchvision.transforms.v2 import functional as TF
 
-from freezetune.data import FileImageDataset, InMemoryImageDataset, augment, eval_transform, gpu, load_image
+from freezetune.data import (
+    FileImageDataset,
+    InMemoryImageDataset,
+    augment,
+    build_loader,
+    eval_transform,
+    gpu,
+    load_image,
+)
 from freezetune.data.gpu import (
     DeviceImageLoader,
     DeviceJpegLoader,
@@ -146,6 +154,30 @@ def test_shuffle_visits_every_image_once_per_epoch():
     assert torch.cat([y for _, y in evaluation]).tolist() == list(range(n))
 
 
+def test_epoch_order_matches_the_cpu_loader_for_the_same_seed():
+    # switching --decode gpu/cpu (or turning the feature cache on) must not change which images share a batch
+    n = 23
+    ds = InMemoryImageDataset(torch.zeros(n, 8, 8, dtype=torch.uint8), torch.arange(n), [str(i) for i in range(n)])
+    device = DeviceImageLoader(ds, batch_size=4, train=True, device="cpu", preprocess=PRE, aug="none", seed=11)
+    cpu = build_loader(ds, batch_size=4, train=True, workers=0, seed=11)
+    for epoch in range(2):
+        for loader in (device, cpu):
+            loader.generator.manual_seed(100 + epoch)
+        assert [y.tolist() for _, y in device] == [y.tolist() for _, y in cpu]
+
+
+def test_unshuffled_rows_keep_dataset_order_while_augmenting():
+    images = smooth_images(10, 30, 30)
+    ds = dataset(images)
+    loader = DeviceImageLoader(ds, batch_size=4, train=True, device="cpu", preprocess=PRE, aug="light",
+                               rows=[7, 2, 5], shuffle=False)  # fmt: skip
+    x, y = one_batch(loader)
+    assert len(loader) == 1 and y.tolist() == [7 % 5, 2 % 5, 5 % 5]
+    ref, _ = one_batch(DeviceImageLoader(dataset(images[[7, 2, 5]]), batch_size=4, train=False, device="cpu",
+                                         preprocess=PRE))  # fmt: skip
+    assert not torch.allclose(x, ref)  # augmented, not the eval geometry
+
+
 @pytest.mark.parametrize("aug", ["light", "standard"])
 def test_augmented_values_stay_in_normalised_range(aug):
     ds = dataset(torch.randint(0, 256, (32, 40, 40, 3), dtype=torch.uint8))
@@ -181,7 +213,8 @@ def test_jpeg_loader_eval_matches_cpu_pipeline_and_labels(tmp_path, monkeypatch)
     fallback = []
     real = gpu._decode_cpu
     monkeypatch.setattr(gpu, "_decode_cpu", lambda data, path: fallback.append(path) or real(data, path))
-    loader = DeviceJpegLoader(ds, batch_size=4, train=False, device="cpu", preprocess=PRE, threads=2)
+    # batch_decode: the nvJPEG path's batched decode_jpeg call, run with the CPU decoder
+    loader = DeviceJpegLoader(ds, batch_size=4, train=False, device="cpu", preprocess=PRE, threads=2, batch_decode=True)
     batches = list(loader)
     x, y = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
     assert len(loader) == len(batches) == 3 and x.shape == (10, 3, 32, 32)
@@ -190,6 +223,10 @@ def test_jpeg_loader_eval_matches_cpu_pipeline_and_labels(tmp_path, monkeypatch)
     tf = eval_transform(PRE)
     ref = torch.stack([tf(load_image(p)) for p, _ in ds.samples])
     assert (x - ref).abs().max() < 0.05  # same decoder library, float vs uint8 resize
+    fallback.clear()
+    plain = torch.cat([b[0] for b in DeviceJpegLoader(ds, batch_size=4, train=False, device="cpu", preprocess=PRE)])
+    assert len(fallback) == len(ds)  # without batch decoding every file is decoded in the reader threads
+    assert torch.equal(plain, x)
 
 
 @pytest.mark.parametrize("aug", ["none", "light", "standard"])

@@ -199,8 +199,17 @@ def build_datasets(
     return DataBundle(train=train, val=val, test=test, classes=list(train.classes), source=source)
 
 
+def usable_cpus() -> int:
+    """CPUs this process may run on (a container's or ``taskset``'s limit, not the machine's count).
+
+    >>> usable_cpus() >= 1
+    True
+    """
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def _default_workers(dataset: Dataset, cuda: bool) -> int:
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cpus = usable_cpus()
     if cuda:
         return min(4, cpus)
     # On CPU, in-memory uint8 samples are cheap to transform and worker start-up plus IPC costs more than it saves;

@@ -18,15 +18,15 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg, read_file
 
+from freezetune.data import usable_cpus
 from freezetune.data.augment import BatchAugment, resize
 from freezetune.data.folder import FileImageDataset, load_image
 from freezetune.data.idx import InMemoryImageDataset
@@ -40,12 +40,14 @@ _JPEG_MAGIC = b"\xff\xd8\xff"
 
 
 class _DeviceLoader:
-    """Shared batching: ``len`` in batches (last one partial), shuffled order from ``generator`` when training."""
+    """Shared batching: ``len`` in batches (last one partial), order shuffled by ``generator`` when ``shuffle``."""
 
-    def __init__(self, n: int, *, batch_size: int, train: bool, device, seed: int, preprocess: Preprocess, aug: str):
+    def __init__(self, n: int, *, batch_size: int, train: bool, device, seed: int, preprocess: Preprocess, aug: str,
+                 shuffle: bool | None) -> None:  # fmt: skip
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
         self.n, self.batch_size, self.train = n, batch_size, train
+        self.shuffle = train if shuffle is None else shuffle
         self.device = torch.device(device)
         self.generator = torch.Generator().manual_seed(seed)
         self.augment = BatchAugment(preprocess, aug if train else "none", self.device)
@@ -54,7 +56,12 @@ class _DeviceLoader:
         return math.ceil(self.n / self.batch_size)
 
     def _batches(self) -> list[torch.Tensor]:
-        order = torch.randperm(self.n, generator=self.generator) if self.train else torch.arange(self.n)
+        if not self.shuffle:
+            return list(torch.arange(self.n).split(self.batch_size))
+        # A DataLoader draws its workers' base seed from the generator before its sampler shuffles; drawing it here
+        # too gives the epoch order of the CPU loader and of the feature cache for the same seed (tested).
+        torch.empty((), dtype=torch.int64).random_(generator=self.generator)
+        order = torch.randperm(self.n, generator=self.generator)
         return list(order.split(self.batch_size))
 
 
@@ -69,6 +76,8 @@ class DeviceImageLoader(_DeviceLoader):
         seed: initial seed of ``generator`` (the trainer reseeds it every epoch).
         preprocess: the model's input size, mean/std, interpolation and crop_pct.
         aug: augmentation preset for training, one of ``AUG_PRESETS``.
+        rows: only these dataset indices, in this order (a shard); default all.
+        shuffle: override the order: ``False`` keeps dataset order while augmenting (the feature cache's build).
 
     >>> ds = InMemoryImageDataset(torch.zeros(10, 28, 28, dtype=torch.uint8), torch.arange(10), list("0123456789"))
     >>> loader = DeviceImageLoader(ds, batch_size=4, train=True, device="cpu", preprocess=Preprocess(input_size=32))
@@ -77,16 +86,18 @@ class DeviceImageLoader(_DeviceLoader):
     """
 
     def __init__(self, dataset: InMemoryImageDataset, *, batch_size: int, train: bool, device: torch.device | str,
-                 seed: int = 0, preprocess: Preprocess, aug: str = "light") -> None:  # fmt: skip
-        super().__init__(len(dataset), batch_size=batch_size, train=train, device=device, seed=seed,
-                         preprocess=preprocess, aug=aug)  # fmt: skip
-        images = dataset.images
+                 seed: int = 0, preprocess: Preprocess, aug: str = "light", rows: Sequence[int] | None = None,
+                 shuffle: bool | None = None) -> None:  # fmt: skip
+        pick = slice(None) if rows is None else torch.as_tensor(list(rows), dtype=torch.long)
+        images, targets = dataset.images[pick], dataset.targets[pick]  # a slice is a view: no copy of the whole set
+        super().__init__(len(targets), batch_size=batch_size, train=train, device=device, seed=seed,
+                         preprocess=preprocess, aug=aug, shuffle=shuffle)  # fmt: skip
         images = images.unsqueeze(1) if images.dim() == 3 else images.permute(0, 3, 1, 2)
         if images.shape[1] not in (1, 3):
             raise DataError(f"in-memory images need 1 or 3 channels for the device loader, got {images.shape[1]}")
         # One copy to the device for the whole run: per batch only indices and augmentation parameters move.
         self.images = images.contiguous().to(self.device)
-        self.targets = dataset.targets.to(self.device)
+        self.targets = targets.to(self.device)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for idx in self._batches():
@@ -107,13 +118,14 @@ def _decode_cpu(data: torch.Tensor, path: str) -> torch.Tensor:
         return torch.from_numpy(np.array(load_image(path))).permute(2, 0, 1).contiguous()
 
 
-def _read_encoded(path: str) -> torch.Tensor:
-    """Runs in the reader threads: JPEG bytes stay encoded (1-D) for the batch decode; anything else is decoded."""
+def _read_encoded(path: str, keep_jpeg: bool) -> torch.Tensor:
+    """Runs in the reader threads: JPEG bytes stay encoded (1-D) for the batch decode on the GPU (``keep_jpeg``);
+    everything else is decoded here, in parallel, rather than one file after another in the training thread."""
     try:
         data = read_file(path)
     except RuntimeError as e:
         raise DataError(f"cannot read image '{path}': {str(e).splitlines()[-1]}") from None
-    return data if _is_jpeg(data) else _decode_cpu(data, path)
+    return data if keep_jpeg and _is_jpeg(data) else _decode_cpu(data, path)
 
 
 def _by_size(images: list[torch.Tensor], fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
@@ -140,6 +152,9 @@ class DeviceJpegLoader(_DeviceLoader):
     Args:
         dataset: a ``FileImageDataset`` (``samples`` of ``(path, label)``).
         threads: reader threads (default ``min(8, cpus)``); ``prefetch`` batches are read ahead.
+        batch_decode: decode the JPEGs of a batch in one ``decode_jpeg`` call on ``device`` (default: on CUDA);
+            otherwise every file is decoded in the reader threads.
+        rows, shuffle: as ``DeviceImageLoader``.
         Others: as ``DeviceImageLoader``.
 
     >>> loader = DeviceJpegLoader(FileImageDataset([("a.jpg", 0)], ["a"]), batch_size=2, train=False,
@@ -150,14 +165,17 @@ class DeviceJpegLoader(_DeviceLoader):
 
     def __init__(self, dataset: FileImageDataset, *, batch_size: int, train: bool, device: torch.device | str,
                  seed: int = 0, preprocess: Preprocess, aug: str = "light", threads: int | None = None,
-                 prefetch: int = 2) -> None:  # fmt: skip
-        super().__init__(len(dataset), batch_size=batch_size, train=train, device=device, seed=seed,
-                         preprocess=preprocess, aug=aug)  # fmt: skip
-        self.paths = [str(p) for p, _ in dataset.samples]
-        self.targets = dataset.targets.to(self.device)
-        self.threads = threads or min(8, os.cpu_count() or 1)
+                 prefetch: int = 2, rows: Sequence[int] | None = None, shuffle: bool | None = None,
+                 batch_decode: bool | None = None) -> None:  # fmt: skip
+        rows = range(len(dataset)) if rows is None else rows
+        super().__init__(len(rows), batch_size=batch_size, train=train, device=device, seed=seed,
+                         preprocess=preprocess, aug=aug, shuffle=shuffle)  # fmt: skip
+        self.paths = [str(dataset.samples[i][0]) for i in rows]
+        self.targets = dataset.targets[torch.as_tensor(list(rows), dtype=torch.long)].to(self.device)
+        self.threads = threads or min(8, usable_cpus())
         self.prefetch = max(1, prefetch)
         self._decode_device = self.device if self.device.type == "cuda" else torch.device("cpu")
+        self._batch_decode = self.device.type == "cuda" if batch_decode is None else batch_decode
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         batches = self._batches()
@@ -166,7 +184,8 @@ class DeviceJpegLoader(_DeviceLoader):
 
         def submit(k: int) -> None:
             if k < len(batches):
-                pending.append([pool.submit(_read_encoded, self.paths[i]) for i in batches[k].tolist()])
+                keep = self._batch_decode
+                pending.append([pool.submit(_read_encoded, self.paths[i], keep) for i in batches[k].tolist()])
 
         try:
             for k in range(self.prefetch):
@@ -215,7 +234,7 @@ class DeviceJpegLoader(_DeviceLoader):
             log.warning(
                 "nvJPEG could not decode any image of a batch of %d; decoding on the CPU from now on", len(data)
             )
-            self._decode_device = torch.device("cpu")
+            self._decode_device, self._batch_decode = torch.device("cpu"), False  # decode in the reader threads
         return out
 
 
@@ -253,8 +272,11 @@ def should_use_device_loader(dataset, device: torch.device | str, decode: str = 
 
 
 def build_device_loader(dataset, *, batch_size: int, train: bool, device: torch.device | str, seed: int,
-                        preprocess: Preprocess, aug: str) -> DeviceImageLoader | DeviceJpegLoader | None:  # fmt: skip
+                        preprocess: Preprocess, aug: str, rows: Sequence[int] | None = None,
+                        shuffle: bool | None = None) -> DeviceImageLoader | DeviceJpegLoader | None:  # fmt: skip
     """A device loader for ``dataset``, or None when it has no device pipeline (use the CPU ``DataLoader``).
+
+    ``rows`` and ``shuffle`` are passed on (see ``DeviceImageLoader``).
 
     In-memory datasets larger than a quarter of the free GPU memory also give None: the model needs the rest.
 
@@ -265,7 +287,8 @@ def build_device_loader(dataset, *, batch_size: int, train: bool, device: torch.
     ('DeviceImageLoader', 2)
     """
     device = torch.device(device)
-    kwargs = dict(batch_size=batch_size, train=train, device=device, seed=seed, preprocess=preprocess, aug=aug)
+    kwargs = dict(batch_size=batch_size, train=train, device=device, seed=seed, preprocess=preprocess, aug=aug,
+                  rows=rows, shuffle=shuffle)  # fmt: skip
     if not _supported(dataset):
         return None
     if isinstance(dataset, FileImageDataset):
