@@ -138,3 +138,23 @@ def test_build_store_rejects_nothing_and_reports_placement(image_folder, tmp_pat
     assert len(store) == len(trainer.data.train) == 30
     assert info.place == "cpu" and info.bytes == store.features.numel() * 4
     assert "MiB on cpu" in info.describe()
+
+
+def test_cache_is_built_through_the_device_loader_and_matches_uncached(image_folder, tmp_path, monkeypatch):
+    # decode="gpu" runs the device pipeline on the CPU: the cache must read images the way training does
+    import freezetune.trainer as trainer_mod
+
+    calls = []
+    real = trainer_mod.build_device_loader
+
+    def spy(dataset, **kw):
+        calls.append(kw)
+        return real(dataset, **kw)
+
+    monkeypatch.setattr(trainer_mod, "build_device_loader", spy)
+    cached = Trainer(_config(image_folder, tmp_path, "gc", cache="memory", decode="gpu"), echo=lambda *_: None)
+    assert cached.cache is not None
+    builds = [kw for kw in calls if kw.get("shuffle") is False]
+    assert [kw["train"] for kw in builds] == [True, False]  # the train and the val cache, in dataset order
+    plain = Trainer(_config(image_folder, tmp_path, "gp", cache="off", decode="gpu"), echo=lambda *_: None)
+    np.testing.assert_allclose(_losses(cached), _losses(plain), rtol=1e-4, atol=1e-5)

@@ -5,19 +5,31 @@ image, K augmented views of the prefix output (``cache_views``; one with ``aug n
 view per image. Storage is the GPU when it fits half of the free memory, else pinned CPU memory when it fits half
 of the available RAM, else a memory-mapped file in the run directory. Batches come out of a ``DataLoader`` over
 batch indices, so shuffling uses the same seeded sampler as the uncached path: same views, same order, same
-function (checked in the tests on CPU in fp32).
+function (checked in the tests on CPU in fp32). Under DDP every rank runs the prefix over its own block of images
+and the ranks exchange the features, so each holds the whole cache and samples its shard as uncached DDP does.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
+from torch.utils.data import (
+    BatchSampler,
+    DataLoader,
+    Dataset,
+    DistributedSampler,
+    RandomSampler,
+    SequentialSampler,
+    Subset,
+)
 
+from freezetune.data import usable_cpus
+from freezetune.distributed import DistInfo, shard_rows, sum_across_ranks
 from freezetune.errors import DataError
 from freezetune.precision import Precision
 from freezetune.split import Split
@@ -76,49 +88,84 @@ def build_store(
     spill_dir: str | Path,
     channels_last: bool = False,
     place: str = "auto",
+    batches: Callable[[int], Iterable[tuple[torch.Tensor, torch.Tensor]]] | None = None,
+    dist: DistInfo | None = None,
 ) -> tuple[FeatureStore, CacheInfo]:
-    """Run ``split.prefix`` over ``views`` passes of ``dataset`` (its own transform) and store the outputs.
+    """Run ``split.prefix`` over ``views`` passes of ``dataset`` and store the outputs.
 
-    ``place``: ``"auto"`` (GPU, else RAM, else disk, by budget), ``"memory"`` (never disk) or ``"disk"``.
+    Args:
+        place: ``"auto"`` (GPU, else RAM, else disk, by budget), ``"memory"`` (never disk) or ``"disk"``.
+        batches: ``view -> (inputs, labels)`` batches of this rank's rows (``shard_rows``) in dataset order, each
+            view augmented reproducibly, e.g. a device loader with ``shuffle=False``; default a ``DataLoader`` over
+            the dataset's own transform, seeded per view.
+        dist: under DDP each rank computes its block of rows and the ranks exchange them.
     """
-    from freezetune.evaluate import to_device
-
-    n = len(dataset)
-    loader = DataLoader(dataset, batch_size=batch_size * 2, shuffle=False, num_workers=_workers(precision))
+    dist = dist or DistInfo()
+    n, rows = len(dataset), shard_rows(len(dataset), dist)
+    if len(rows) == 0:
+        raise DataError(f"cannot build a feature cache over {n} image(s) with {dist.world} processes")
+    source = batches or _loader_batches(Subset(dataset, rows), batch_size, seed, precision)
     storage: torch.Tensor | None = None
     info: CacheInfo | None = None
-    targets = torch.empty(n, dtype=torch.long)
+    targets = torch.zeros(n, dtype=torch.long)
     for v in range(views):
-        torch.manual_seed(seed * 104_729 + v)  # each view's augmentation is reproducible
-        start = 0
-        for inputs, labels in loader:
-            with torch.inference_mode(), precision.autocast():
-                feats = split.prefix(to_device(inputs, precision.device, channels_last))
+        start = rows.start
+        for inputs, labels in source(v):
+            feats = _prefix(split, inputs, precision, channels_last)
             if storage is None:
-                storage, info = _allocate((views, n, *feats.shape[1:]), feats.dtype, precision, spill_dir, place)
+                storage, info = _allocate((views, n, *feats.shape[1:]), feats.dtype, precision, spill_dir, place,
+                                          zeroed=dist.enabled)  # fmt: skip
             storage[v, start : start + len(labels)] = feats.to(storage.device)
             targets[start : start + len(labels)] = labels
             start += len(labels)
     if storage is None or info is None:
         raise DataError("cannot build a feature cache over an empty dataset")
+    # every rank filled only its own rows of zeroed tensors: summing over ranks gives each the whole cache
+    sum_across_ranks(storage, dist)
+    sum_across_ranks(targets, dist)
     return FeatureStore(storage, targets, seed), info
 
 
-def store_loader(store: FeatureStore, *, batch_size: int, train: bool, seed: int) -> DataLoader:
-    """Batches of cached features, shuffled exactly like ``build_loader`` shuffles images (same seeded sampler)."""
+def _prefix(split: Split, inputs, precision: Precision, channels_last: bool) -> torch.Tensor:
+    from freezetune.evaluate import to_device
+
+    with torch.inference_mode(), precision.autocast():
+        return split.prefix(to_device(inputs, precision.device, channels_last))
+
+
+def _loader_batches(dataset: Dataset, batch_size: int, seed: int, precision: Precision):
+    loader = DataLoader(dataset, batch_size=batch_size * 2, shuffle=False, num_workers=_workers(precision))
+
+    def view(v: int) -> DataLoader:
+        torch.manual_seed(seed * 104_729 + v)  # each view's augmentation is reproducible
+        return loader
+
+    return view
+
+
+def store_loader(store: FeatureStore, *, batch_size: int, train: bool, seed: int, dist: DistInfo | None = None):
+    """Batches of cached features, shuffled exactly like ``build_loader`` shuffles images (same seeded sampler).
+
+    Under DDP (``dist``) a training loader yields this rank's shard of each epoch, as ``sharded_loader`` does.
+    """
     gen = torch.Generator().manual_seed(seed)
-    sampler = RandomSampler(store, generator=gen) if train else SequentialSampler(store)
+    if train and dist is not None and dist.enabled:
+        sampler = DistributedSampler(store, num_replicas=dist.world, rank=dist.rank, shuffle=True, seed=seed)
+    else:
+        sampler = RandomSampler(store, generator=gen) if train else SequentialSampler(store)
     batches = BatchSampler(sampler, batch_size, drop_last=False)
     return DataLoader(store, sampler=batches, batch_size=None, generator=gen if train else None,
                       pin_memory=store.features.device.type == "cpu" and torch.cuda.is_available())  # fmt: skip
 
 
-def _allocate(shape: tuple[int, ...], dtype: torch.dtype, precision: Precision, spill_dir: str | Path, place: str):
+def _allocate(shape: tuple[int, ...], dtype: torch.dtype, precision: Precision, spill_dir: str | Path, place: str,
+              zeroed: bool = False):  # fmt: skip
     nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+    new = torch.zeros if zeroed else torch.empty
     if precision.device.type == "cuda" and place != "disk":
         free = torch.cuda.mem_get_info(precision.device)[0] // 2
         if nbytes <= free:
-            return torch.empty(shape, dtype=dtype, device=precision.device), CacheInfo("gpu", nbytes, free, *_vs(shape))
+            return new(shape, dtype=dtype, device=precision.device), CacheInfo("gpu", nbytes, free, *_vs(shape))
     ram = _available_ram() // 2
     if place == "memory" and nbytes > ram:
         log.warning(
@@ -126,11 +173,12 @@ def _allocate(shape: tuple[int, ...], dtype: torch.dtype, precision: Precision, 
         )
     if nbytes <= ram and place != "disk":
         pinned = precision.device.type == "cuda"
-        t = torch.empty(shape, dtype=dtype, pin_memory=pinned)
+        t = new(shape, dtype=dtype, pin_memory=pinned)
         return t, CacheInfo("pinned" if pinned else "cpu", nbytes, ram, *_vs(shape))
     path = Path(spill_dir) / "feature_cache.bin"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.unlink(missing_ok=True)  # a rebuilt cache has another shape; an old mapping stays valid until dropped
+    # a new file reads as zeros, which is what ``zeroed`` asks for
     t = torch.from_file(str(path), shared=True, size=torch.Size(shape).numel(), dtype=dtype).view(shape)
     return t, CacheInfo("disk", nbytes, ram, *_vs(shape))
 
@@ -147,4 +195,4 @@ def _available_ram() -> int:
 
 
 def _workers(precision: Precision) -> int:
-    return min(4, os.cpu_count() or 1) if precision.device.type == "cuda" else 0
+    return min(4, usable_cpus()) if precision.device.type == "cuda" else 0

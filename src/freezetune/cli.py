@@ -184,11 +184,11 @@ def _cmd_predict(args) -> int:
 
 
 def _cmd_inspect(args) -> int:
+    from freezetune.config import parse_freeze_spec
     from freezetune.freeze import freeze, summary
     from freezetune.memory import estimate_memory, format_memory
     from freezetune.models import create_model
     from freezetune.stages import head_name, replace_head
-    from freezetune.trainer import parse_freeze_spec
 
     model, pre = create_model(args.model, args.weights, img_size=args.img_size)
     if args.num_classes:

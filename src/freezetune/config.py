@@ -239,3 +239,16 @@ def _coerce(key: str, value: Any) -> Any:
     except (TypeError, ValueError):
         raise ConfigError(f"{key} expects {kind}, got {value!r}") from None
     return value
+
+
+def parse_freeze_spec(text: str | int | list) -> str | int | list:
+    """CLI/YAML freeze spec: ``"3"`` -> 3, ``"stem,layer1"`` -> ``["stem", "layer1"]``, else the string.
+
+    >>> parse_freeze_spec("-2"), parse_freeze_spec("stem,layer1"), parse_freeze_spec("backbone")
+    (-2, ['stem', 'layer1'], 'backbone')
+    """
+    if isinstance(text, (int, list)):
+        return text
+    parts = [p.strip() for p in str(text).split(",") if p.strip()]
+    items = [int(p) if p.lstrip("-").isdigit() else p for p in parts]
+    return items[0] if len(items) == 1 else items

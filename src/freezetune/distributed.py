@@ -80,6 +80,36 @@ def broadcast(value: object, info: DistInfo) -> object:
     return box[0]
 
 
+def shard_rows(n: int, info: DistInfo) -> range:
+    """This rank's contiguous block of ``n`` rows (all of them when not distributed); blocks differ by at most one.
+
+    >>> shard_rows(10, DistInfo(rank=1, world=3))
+    range(3, 6)
+    """
+    return range(n * info.rank // info.world, n * (info.rank + 1) // info.world)
+
+
+def sum_across_ranks(t: torch.Tensor, info: DistInfo, chunk_bytes: int = 64 * 2**20) -> torch.Tensor:
+    """Sum ``t`` over all ranks in place, wherever it lives (GPU, pinned RAM, a disk memmap), chunk by chunk.
+
+    Each chunk travels through the backend's device (NCCL only reduces CUDA tensors) and, on Gloo, as float32
+    (Gloo has no bfloat16 reduction). Ranks that fill disjoint rows of a zeroed tensor share them this way.
+    """
+    if not info.enabled:
+        return t
+    nccl = dist.get_backend() == "nccl"
+    device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+    wire = t.dtype if nccl or not t.is_floating_point() else torch.float32
+    flat = t.view(-1)
+    step = max(1, chunk_bytes // max(1, t.element_size()))
+    for start in range(0, flat.numel(), step):
+        part = flat[start : start + step]
+        chunk = part.to(device, wire)
+        dist.all_reduce(chunk, op=dist.ReduceOp.SUM)
+        part.copy_(chunk)
+    return t
+
+
 def barrier(info: DistInfo) -> None:
     if info.enabled:
         dist.barrier()

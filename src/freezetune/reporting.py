@@ -127,6 +127,21 @@ class MetricsLogger:
         self._writer.flush()
 
 
+class NullMetricsLogger:
+    """The metrics logger of DDP ranks other than 0: rank 0 alone writes metrics.csv and TensorBoard."""
+
+    rows: list = []
+
+    def log_epoch(self, row: dict) -> None:
+        pass
+
+    def truncate(self, after_epoch: int) -> int:
+        return 0
+
+    def close(self) -> None:
+        pass
+
+
 def _cell_value(v: Any) -> Any:
     if isinstance(v, torch.Tensor):
         v = v.item()

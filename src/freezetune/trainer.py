@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from freezetune import checkpoint
 from freezetune._io import atomic_write_text
 from freezetune.cache import FeatureStore, build_store, store_loader
-from freezetune.config import TrainConfig, validate
+from freezetune.config import TrainConfig, parse_freeze_spec, validate
 from freezetune.data import DataBundle, build_datasets, build_loader
 from freezetune.data.gpu import build_device_loader, should_use_device_loader
 from freezetune.distributed import (
@@ -28,6 +28,7 @@ from freezetune.distributed import (
     broadcast,
     device_for,
     init_from_env,
+    shard_rows,
     sharded_loader,
     shutdown,
     wrap,
@@ -39,7 +40,7 @@ from freezetune.metrics import format_report, plot_confusion
 from freezetune.models import create_model
 from freezetune.optim import build_optimizer, build_scheduler
 from freezetune.precision import resolve_device, resolve_precision
-from freezetune.reporting import MetricsLogger, format_epoch_line, plot_report
+from freezetune.reporting import MetricsLogger, NullMetricsLogger, format_epoch_line, plot_report
 from freezetune.runtime import (
     peak_memory_mb,
     prepare_run_dir,
@@ -79,19 +80,6 @@ def train(cfg: TrainConfig, *, echo=print) -> RunResult:
         shutdown(trainer.dist)
 
 
-def parse_freeze_spec(text: str | int | list) -> str | int | list:
-    """CLI/YAML freeze spec: ``"3"`` -> 3, ``"stem,layer1"`` -> ``["stem", "layer1"]``, else the string.
-
-    >>> parse_freeze_spec("-2"), parse_freeze_spec("stem,layer1"), parse_freeze_spec("backbone")
-    (-2, ['stem', 'layer1'], 'backbone')
-    """
-    if isinstance(text, (int, list)):
-        return text
-    parts = [p.strip() for p in str(text).split(",") if p.strip()]
-    items = [int(p) if p.lstrip("-").isdigit() else p for p in parts]
-    return items[0] if len(items) == 1 else items
-
-
 class Trainer:
     """One training run, set up from a validated config (model, data, optimizer, schedules, run directory)."""
 
@@ -125,7 +113,9 @@ class Trainer:
         self.scaler = self.precision.scaler()
         self.forward = self.model
         self.start_epoch, self.best_epoch, self.best_metric, self.bad_epochs = 0, 0, None, 0
-        self.metrics = MetricsLogger(self.run_dir, tensorboard=cfg.tensorboard) if self.dist.is_main else _NoLog()
+        self.metrics = (
+            MetricsLogger(self.run_dir, tensorboard=cfg.tensorboard) if self.dist.is_main else NullMetricsLogger()
+        )
         if cfg.resume:
             checkpoint.restore(self)
         self.cache: _Cache | None = None
@@ -164,28 +154,51 @@ class Trainer:
         self.forward = self._compiled(wrap(self.model, self.dist, self.device))
         if cfg.cache == "off":
             return
-        if self.dist.enabled:
-            self.echo(f"feature cache off: not yet supported with {self.dist.world} DDP processes")
-            return
         split, why = split_model(self.model)
         if split is None:
             self.echo(f"feature cache off: {why}")
             return
         views = 1 if cfg.aug == "none" else cfg.cache_views
         start = time.perf_counter()
-        build = dict(views=views, batch_size=cfg.batch_size, seed=cfg.seed, spill_dir=self.run_dir / "cache",
+        spill = self.run_dir / "cache" / (f"rank{self.dist.rank}" if self.dist.enabled else "")
+        build = dict(views=views, batch_size=cfg.batch_size, seed=cfg.seed, spill_dir=spill, dist=self.dist,
                      channels_last=self.channels_last, place="auto" if cfg.cache == "auto" else cfg.cache)  # fmt: skip
-        train_store, info = build_store(split, self.data.train, self.precision, **build)
+        train_store, info = build_store(split, self.data.train, self.precision, **build,
+                                        batches=self._cache_batches(self.data.train, train=True))  # fmt: skip
         val_store = None
         if self.data.val is not None:
-            val_store, _ = build_store(split, self.data.val, self.precision, **{**build, "views": 1})
+            val_store, _ = build_store(split, self.data.val, self.precision, **{**build, "views": 1},
+                                       batches=self._cache_batches(self.data.val, train=False))  # fmt: skip
         self.cache = _Cache(split, train_store, val_store)
-        self.train_loader = store_loader(train_store, batch_size=cfg.batch_size, train=True, seed=cfg.seed)
-        self.forward = self._compiled(split.suffix_train)
+        self.train_loader = store_loader(train_store, batch_size=cfg.batch_size, train=True, seed=cfg.seed,
+                                         dist=self.dist)  # fmt: skip
+        self.forward = self._compiled(wrap(split.suffix_train, self.dist, self.device))
         self.echo(f"feature cache: {why}; {info.describe()}; built in {time.perf_counter() - start:.1f}s")
         if views == 1 and cfg.aug != "none":
             self.echo(f"note: one cached view with aug {cfg.aug!r}: every epoch sees the same augmentation of an "
                       "image (raise --cache-views for more)")  # fmt: skip
+
+    def _cache_batches(self, dataset, *, train: bool):
+        """Images for the cache build read like training reads them: through the device pipeline when it applies.
+
+        Returns ``view -> batches`` of this rank's rows in dataset order (see ``build_store``), or None for the
+        CPU ``DataLoader`` over the dataset's own transform.
+        """
+        if not should_use_device_loader(dataset, self.device, self.cfg.decode):
+            return None
+        loader = build_device_loader(
+            dataset, batch_size=2 * self.cfg.batch_size, train=train, device=self.device, seed=self.cfg.seed,
+            preprocess=self.preprocess, aug=self.cfg.aug if train else "none", shuffle=False,
+            rows=shard_rows(len(dataset), self.dist),
+        )  # fmt: skip
+        if loader is None:
+            return None
+
+        def view(v: int):
+            loader.generator.manual_seed(self.cfg.seed * 104_729 + v)  # each view's augmentation is reproducible
+            return loader
+
+        return view
 
     def _unfreezer(self) -> Unfreezer | None:
         cfg = self.cfg
@@ -376,21 +389,6 @@ class _Cache:
 
 def _quiet(*_: object) -> None:
     """Ranks other than 0 print nothing: one log per job, not one per GPU."""
-
-
-class _NoLog:
-    """The metrics logger of ranks other than 0: rank 0 alone writes metrics.csv and TensorBoard."""
-
-    rows: list = []
-
-    def log_epoch(self, row: dict) -> None:
-        pass
-
-    def truncate(self, after_epoch: int) -> int:
-        return 0
-
-    def close(self) -> None:
-        pass
 
 
 def _monitored(row: dict, monitor: str) -> float | None:
