@@ -281,3 +281,14 @@ def test_worker_augmentation_is_reproducible(tmp_path):
         return next(iter(build_loader(b.train, batch_size=16, train=True, workers=1, seed=5)))[0]
 
     assert torch.equal(first_batch(), first_batch())
+
+
+@pytest.mark.parametrize("interpolation", ["bicubic", "bilinear", "nearest"])
+def test_standard_augmentation_runs_with_every_interpolation(interpolation):
+    # most timm models ask for bicubic, which TrivialAugmentWide cannot apply to tensors
+    t = train_transform(Preprocess(input_size=24, interpolation=interpolation), aug="standard")
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(40):  # TrivialAugmentWide draws one op per call: enough calls to reach the geometric ones
+        out = t(torch.randint(0, 256, (3, 30, 36), dtype=torch.uint8, generator=gen))
+        assert out.shape == (3, 24, 24) and torch.isfinite(out).all()

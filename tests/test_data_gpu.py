@@ -297,3 +297,11 @@ def test_cuda_loaders_match_the_cpu_device_path(tmp_path):
         assert (gpu_x.cpu() - cpu_x).abs().max() < 0.1  # nvJPEG's IDCT differs from libjpeg-turbo's by a few levels
         x, _ = one_batch(cls(ds, batch_size=16, train=True, device="cuda", preprocess=PRE, aug="standard"))
         assert x.is_cuda and x.shape[1:] == (3, 32, 32) and torch.isfinite(x).all()
+
+
+def test_large_shrink_is_close_to_a_direct_antialiased_resize():
+    # the block-average pre-shrink (which keeps CUDA's antialias kernels inside their limits) barely changes pixels
+    img = smooth_images(1, 1200, 900).permute(0, 3, 1, 2).float()
+    got = augment.resize(img, (40, 30), "bicubic")
+    want = torch.nn.functional.interpolate(img, size=(40, 30), mode="bicubic", align_corners=False, antialias=True)
+    assert got.shape == want.shape and (got - want).abs().max() < 1.0  # grey levels of 255

@@ -71,10 +71,10 @@ class FeatureStore(Dataset):
 
     def __getitem__(self, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         index = torch.as_tensor(idx, dtype=torch.long)
-        view = self.view[index]
+        targets, view = self.targets[index], self.view[index]  # indexed on the CPU: no device round trip per batch
         if self.features.device.type != "cpu":
-            index, view = index.to(self.features.device), view.to(self.features.device)
-        return self.features[view, index], self.targets[index.cpu()]
+            index, view = index.to(self.features.device, non_blocking=True), view.to(self.features.device)
+        return self.features[view, index], targets
 
 
 def build_store(
@@ -143,10 +143,12 @@ def _loader_batches(dataset: Dataset, batch_size: int, seed: int, precision: Pre
     return view
 
 
-def store_loader(store: FeatureStore, *, batch_size: int, train: bool, seed: int, dist: DistInfo | None = None):
+def store_loader(store: FeatureStore, *, batch_size: int, train: bool, seed: int, dist: DistInfo | None = None,
+                 pin: bool = False) -> DataLoader:  # fmt: skip
     """Batches of cached features, shuffled exactly like ``build_loader`` shuffles images (same seeded sampler).
 
     Under DDP (``dist``) a training loader yields this rank's shard of each epoch, as ``sharded_loader`` does.
+    ``pin``: page-lock batches of a CPU-resident store (for a CUDA run).
     """
     gen = torch.Generator().manual_seed(seed)
     if train and dist is not None and dist.enabled:
@@ -155,7 +157,7 @@ def store_loader(store: FeatureStore, *, batch_size: int, train: bool, seed: int
         sampler = RandomSampler(store, generator=gen) if train else SequentialSampler(store)
     batches = BatchSampler(sampler, batch_size, drop_last=False)
     return DataLoader(store, sampler=batches, batch_size=None, generator=gen if train else None,
-                      pin_memory=store.features.device.type == "cpu" and torch.cuda.is_available())  # fmt: skip
+                      pin_memory=pin and store.features.device.type == "cpu")  # fmt: skip
 
 
 def _allocate(shape: tuple[int, ...], dtype: torch.dtype, precision: Precision, spill_dir: str | Path, place: str,
@@ -188,6 +190,14 @@ def _vs(shape: tuple[int, ...]) -> tuple[int, tuple[int, ...]]:
 
 
 def _available_ram() -> int:
+    # MemAvailable counts the page cache the kernel would give back; free pages alone understate it badly
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     try:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError):

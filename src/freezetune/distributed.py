@@ -1,8 +1,8 @@
 """Several GPUs with ``torchrun``: process group from the environment, DDP wrapping, rank-0-only side effects.
 
 ``torchrun --nproc_per_node=4 -m freezetune train ...`` runs one process per GPU. Every rank trains on its shard of
-each epoch; rank 0 alone evaluates, logs and writes checkpoints, and broadcasts the monitored metric so every rank
-unfreezes and stops at the same epoch. A single process (no ``WORLD_SIZE``) takes none of these paths.
+each epoch and evaluates (a DDP forward is a collective: all ranks must run it); rank 0 alone logs and writes
+checkpoints, and broadcasts its monitored metric so every rank unfreezes and stops at the same epoch. A single process (no ``WORLD_SIZE``) takes none of these paths.
 """
 
 from __future__ import annotations
@@ -51,8 +51,14 @@ def init_from_env(device_spec: str = "auto") -> DistInfo:
 
 
 def device_for(info: DistInfo, spec: str) -> str:
-    """Each rank owns one GPU: ``cuda`` becomes ``cuda:LOCAL_RANK``."""
-    if info.enabled and spec in ("auto", "cuda") and torch.cuda.is_available():
+    """Each rank owns one GPU: ``auto``, ``cuda`` or any ``cuda:N`` becomes ``cuda:LOCAL_RANK``.
+
+    Several ranks on one GPU is a configuration NCCL refuses; ``CUDA_VISIBLE_DEVICES`` picks the GPUs instead.
+
+    >>> device_for(DistInfo(rank=1, world=2, local_rank=1), "cpu")
+    'cpu'
+    """
+    if info.enabled and (spec == "auto" or spec.startswith("cuda")) and torch.cuda.is_available():
         return f"cuda:{info.local_rank}"
     return spec
 

@@ -69,8 +69,17 @@ def resolve_precision(device: torch.device, amp: str = "auto") -> Precision:
     """
     if amp == "off" or (amp == "auto" and device.type != "cuda"):
         return Precision(device, None)
-    if amp == "bf16" or (amp == "auto" and torch.cuda.is_bf16_supported()):
+    if amp == "bf16" or (amp == "auto" and _native_bf16(device)):
         return Precision(device, torch.bfloat16)
     if amp in ("fp16", "auto"):
         return Precision(device, torch.float16)
     raise ConfigError(f"unknown amp mode {amp!r}; use auto, bf16, fp16 or off")
+
+
+def _native_bf16(device: torch.device) -> bool:
+    # Ampere and newer compute in bf16; older cards (T4, V100) only emulate it, slower than fp16 with a scaler.
+    with torch.cuda.device(device):
+        try:
+            return torch.cuda.is_bf16_supported(including_emulation=False)
+        except TypeError:  # torch before 2.3 has no such argument and never counted emulation
+            return torch.cuda.is_bf16_supported()

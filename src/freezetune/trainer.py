@@ -171,7 +171,7 @@ class Trainer:
                                        batches=self._cache_batches(self.data.val, train=False))  # fmt: skip
         self.cache = _Cache(split, train_store, val_store)
         self.train_loader = store_loader(train_store, batch_size=cfg.batch_size, train=True, seed=cfg.seed,
-                                         dist=self.dist)  # fmt: skip
+                                         dist=self.dist, pin=self.device.type == "cuda")  # fmt: skip
         self.forward = self._compiled(wrap(split.suffix_train, self.dist, self.device))
         self.echo(f"feature cache: {why}; {info.describe()}; built in {time.perf_counter() - start:.1f}s")
         if views == 1 and cfg.aug != "none":
@@ -320,8 +320,10 @@ class Trainer:
 
     def _evaluate_val(self) -> dict:
         if self.cache is not None and self.cache.val is not None:
-            loader = store_loader(self.cache.val, batch_size=self.cfg.batch_size * 2, train=False, seed=self.cfg.seed)
-            return evaluate(self.cache.split.suffix_eval, loader, self.precision, num_classes=len(self.classes))
+            loader = store_loader(self.cache.val, batch_size=self.cfg.batch_size * 2, train=False, seed=self.cfg.seed,
+                                  pin=self.device.type == "cuda")  # fmt: skip
+            return evaluate(self.cache.split.suffix_eval, loader, self.precision, num_classes=len(self.classes),
+                            channels_last=self.channels_last)  # fmt: skip
         return self._evaluate(self.data.val, self.forward)
 
     def _evaluate(self, dataset, model: nn.Module) -> dict:

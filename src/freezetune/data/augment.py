@@ -24,9 +24,18 @@ _GRAY = (0.2989, 0.587, 0.114)
 
 
 def resize(x: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor:
-    """Float resize with the CPU pipeline's conventions (v2.Resize: antialias, align_corners=False)."""
+    """Float resize with the CPU pipeline's conventions (v2.Resize: antialias, align_corners=False).
+
+    >>> resize(torch.zeros(1, 3, 4000, 3000), (64, 48), "bicubic").shape
+    torch.Size([1, 3, 64, 48])
+    """
     if mode == "nearest":
         return F.interpolate(x, size=size, mode="nearest")
+    # CUDA's antialiased kernels hold a whole filter window in shared memory and fail beyond ~40x shrinking
+    # (a 6000 px photo at --img-size 64): average whole blocks first, which is what the antialias filter does anyway
+    k = int(min(x.shape[-2] / size[0], x.shape[-1] / size[1]) // 8)
+    if k >= 2:
+        x = F.avg_pool2d(x, k)
     return F.interpolate(x, size=size, mode=mode, align_corners=False, antialias=True)
 
 

@@ -219,6 +219,10 @@ class DeviceJpegLoader(_DeviceLoader):
         return [img.to(self.device, non_blocking=True) for img in out]
 
     def _decode_jpegs(self, data: list[torch.Tensor], paths: list[str]) -> list[torch.Tensor]:
+        if self._decode_device.type == "cuda":
+            # nvJPEG writes on a stream of its own into memory allocated on ours: let kernels still queued on ours
+            # (which may read memory the allocator is about to hand out again) finish first
+            torch.cuda.current_stream(self._decode_device).synchronize()
         try:
             return decode_jpeg(data, mode=ImageReadMode.RGB, device=self._decode_device)
         except RuntimeError:  # one bad file fails the whole call: find it and decode the rest

@@ -97,7 +97,13 @@ def train_transform(pre: Preprocess, aug: str = "light") -> v2.Compose:
         v2.RandomHorizontalFlip(),
     ]
     if aug == "standard":
-        ops.append(v2.TrivialAugmentWide(interpolation=interp))
+        # its geometric ops accept only nearest/bilinear on tensors: a bicubic model (most timm ones) gets bilinear
+        nearest = interp == v2.InterpolationMode.NEAREST
+        ops.append(
+            v2.TrivialAugmentWide(
+                interpolation=v2.InterpolationMode.NEAREST if nearest else v2.InterpolationMode.BILINEAR
+            )
+        )
     ops += _to_normalized_float(pre)
     if aug == "standard":
         # Erasing runs after normalisation so the erased patch is zero-mean noise, not a black square.
