@@ -1,0 +1,76 @@
+"""The trainer on a CUDA device: mixed precision, channels_last, the GPU-resident feature cache, device loaders.
+
+Skipped without a GPU (CI has none); ``benchmarks/gpu.sh`` runs them first on a lent GPU machine. Each trains a
+100k-parameter model for an epoch or two: seconds on any GPU.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from _engine_fixtures import make_image_folder
+from freezetune import checkpoint
+from freezetune.config import TrainConfig
+from freezetune.data.gpu import DeviceJpegLoader
+from freezetune.trainer import Trainer
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_image_folder(tmp_path_factory.mktemp("cuda-data"))
+
+
+def _config(data, tmp_path, name: str, **kw) -> TrainConfig:
+    base = dict(
+        model="timm:test_efficientnet", weights="none", data=str(data), img_size=32, epochs=2, batch_size=8,
+        device="cuda", progress=False, tensorboard=False, out=str(tmp_path / name), seed=0,
+    )  # fmt: skip
+    return TrainConfig(**{**base, **kw})
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_cached_head_training_on_the_gpu(data, tmp_path, amp):
+    lines: list[str] = []
+    trainer = Trainer(_config(data, tmp_path, amp, amp=amp, freeze="backbone", cache="auto"), echo=lines.append)
+    assert trainer.channels_last
+    assert trainer.precision.amp_dtype is {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+    assert trainer.cache is not None and trainer.cache.train.features.is_cuda  # small: the GPU budget holds it
+    assert isinstance(trainer._val_loader or trainer._loader(trainer.data.val, train=False), DeviceJpegLoader)
+    result = trainer.fit()
+    assert all(np.isfinite(r["train_loss"]) for r in result.history)
+    assert result.test is not None and 0.0 <= result.test["acc"] <= 1.0
+    # checkpoints written from the GPU load anywhere
+    state = checkpoint.load(trainer.run_dir / checkpoint.BEST)["state_dict"]
+    assert all(t.device.type == "cpu" for t in state.values())
+
+
+def test_full_finetune_with_fp16_grad_scaler_and_unfreeze(data, tmp_path):
+    trainer = Trainer(
+        _config(data, tmp_path, "fp16", amp="fp16", freeze="backbone", unfreeze="epoch:1", cache="auto"),
+        echo=lambda *_: None,
+    )
+    assert trainer.scaler.is_enabled()
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    result = trainer.fit()
+    assert all(np.isfinite(r["train_loss"]) for r in result.history)
+    assert [r["unfrozen"] for r in result.history] == ["", "blocks.4"]  # unfrozen after epoch 1
+    last = checkpoint.load(trainer.run_dir / checkpoint.LAST)["state_dict"]  # the model itself now holds best.pt
+    moved = [n for n, p in before.items() if not torch.equal(last[n], p.cpu())]
+    assert any(n.startswith("classifier") for n in moved) and any(n.startswith("blocks") for n in moved)
+
+
+def test_cached_matches_uncached_in_fp32_on_the_gpu(data, tmp_path):
+    # the same check as tests/test_cache.py, through the CUDA device loader and the GPU-resident store
+    kw = dict(amp="off", aug="none", freeze="backbone", channels_last=False)
+    cached = Trainer(_config(data, tmp_path, "c", cache="memory", **kw), echo=lambda *_: None)
+    plain = Trainer(_config(data, tmp_path, "p", cache="off", **kw), echo=lambda *_: None)
+    got = [(r["train_loss"], r["val_loss"]) for r in cached.fit().history]
+    want = [(r["train_loss"], r["val_loss"]) for r in plain.fit().history]
+    np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-4)  # cuDNN picks kernels per shape: not bit-equal
