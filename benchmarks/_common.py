@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-FASHION = "/usr/share/datasets/fashion-mnist"
+# FREEZETUNE_FASHION_MNIST: where the IDX files are on a machine without the Debian package (a GPU machine).
+FASHION = os.environ.get("FREEZETUNE_FASHION_MNIST", "/usr/share/datasets/fashion-mnist")
 MODEL = "timm:tf_efficientnet_lite0"
 RESULT_TAG = "RESULT "
 

@@ -1,38 +1,60 @@
 #!/usr/bin/env bash
-# The one-GPU benchmark run: throughput.py, then transfer.py at 224 px, 10 epochs, 100 images per class, all on
-# --device cuda, then one summary of both. Sized for under 5 minutes on one H100 (untested on a GPU so far).
+# The one-GPU benchmark run, sized for about 5 minutes on one H100/H200: the CUDA tests, throughput.py (frozen
+# training vs inference, cached head-only run vs one inference pass), loader.py (JPEG folder: GPU path vs CPU
+# loader), then transfer.py at 224 px, 10 epochs, 100 images per class; then one summary. Each step runs under its
+# own time limit and a failed step does not stop the others (its status is in the summary).
 #
-#   bash scripts/bench-env.sh && bash benchmarks/gpu.sh        # with Lightning and fastai (.venv-bench)
-#   PYTHON=.venv/bin/python bash benchmarks/gpu.sh              # without: those two are reported as skipped
+#   bash scripts/bench-env.sh && bash benchmarks/gpu.sh     # a CUDA machine of your own (.venv-bench: the peers)
+#   bash scripts/device-bundle.sh                           # here, for the lent GPU machine: data + weights into
+#   device run: bash benchmarks/gpu.sh, carry [".device"]   #   .device/, which that machine lacks
 #
-# Results land in $BENCH_OUT (default: a new temp dir), one text file per benchmark.
-set -euo pipefail
+# Python: $PYTHON, else .venv-bench, else .venv, else python3 (the lent machine's, with torch, timm, lightning);
+# freezetune comes from src/ when it is not installed. Results: one text file per step in $BENCH_OUT (default $OUT
+# when set, else a new temp dir). TRANSFER_ONLY=a,b,... picks transfer contenders.
+set -uo pipefail
 cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 # the Lite0 ImageNet weights are packaged: never wait on a hub
 
-py="${PYTHON:-.venv-bench/bin/python}"
-if [ ! -x "$py" ]; then
-  echo "gpu.sh: $py not found; falling back to .venv (Lightning and fastai will be skipped)" >&2
-  py=.venv/bin/python
-fi
-# Guard: every command below passes --device cuda, which must fail here and now rather than after minutes of setup.
+py="${PYTHON:-}"
+for candidate in .venv-bench/bin/python .venv/bin/python python3; do
+  [ -n "$py" ] && break
+  command -v "$candidate" >/dev/null 2>&1 && py=$candidate
+done
+if [ -d .device/site ]; then export PYTHONPATH="$PWD/.device/site${PYTHONPATH:+:$PYTHONPATH}"; fi
+if ! "$py" -c 'import freezetune' 2>/dev/null; then export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"; fi
+if [ -d .device/fashion-mnist ]; then export FREEZETUNE_FASHION_MNIST="$PWD/.device/fashion-mnist"; fi
+# Every step passes --device cuda: fail here and now rather than after minutes of set-up.
 if ! "$py" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'; then
-  echo "gpu.sh: no CUDA device visible; for CPU numbers see benchmarks/README.md" >&2
+  echo "gpu.sh: $py sees no CUDA device; for CPU numbers see benchmarks/README.md" >&2
   exit 2
 fi
 
-export HF_HUB_OFFLINE=1 # the EfficientNet-Lite0 ImageNet weights are packaged: never wait on a hub
-out="${BENCH_OUT:-$(mktemp -d -t freezetune-bench-XXXXXX)}"
+out="${BENCH_OUT:-${OUT:-$(mktemp -d -t freezetune-bench-XXXXXX)}}"
 mkdir -p "$out"
+: >"$out/steps.txt"
 start=$SECONDS
 
-echo "== throughput ($("$py" -c 'import torch; print(torch.cuda.get_device_name(0))')) =="
-"$py" benchmarks/throughput.py --device cuda | tee "$out/throughput.txt"
+step() { # step NAME LIMIT_S COMMAND...: run with a time limit, keep the output in $out/NAME.txt
+  local name=$1 limit=$2 t0=$SECONDS rc
+  shift 2
+  echo "== $name (limit ${limit}s) =="
+  timeout -k 10 "$limit" "$@" 2>&1 | tee "$out/$name.txt"
+  rc=${PIPESTATUS[0]}
+  echo "$name: exit $rc after $((SECONDS - t0)) s$([ "$rc" = 124 ] && echo ' (time limit)')" | tee -a "$out/steps.txt"
+}
 
-echo "== transfer =="
-"$py" benchmarks/transfer.py --device cuda --res 224 --epochs 10 --per-class 100 | tee "$out/transfer.txt"
+step env 30 "$py" -c 'import sys, torch, torchvision, timm; print("python", sys.version.split()[0], "torch", torch.__version__, "torchvision", torchvision.__version__, "timm", timm.__version__, "|", torch.cuda.get_device_name(0), "|", torch.get_num_threads(), "threads")'
+step tests 60 "$py" -m pytest -q -p no:cacheprovider -m gpu tests/test_cuda.py tests/test_data_gpu.py
+step throughput 100 "$py" benchmarks/throughput.py --device cuda
+step loader 50 "$py" benchmarks/loader.py --device cuda
+step transfer 150 "$py" benchmarks/transfer.py --device cuda --res 224 --epochs 10 --per-class 100 \
+  --only "${TRANSFER_ONLY:-seed,lightning,full,ft-head,ft-last3}"
 
 echo
 echo "================================ summary ($((SECONDS - start)) s, files in $out) ================================"
-sed -n '/^throughput on/,$p' "$out/throughput.txt"
-echo
-sed -n '/^transfer:/,$p' "$out/transfer.txt"
+cat "$out/env.txt" "$out/steps.txt"
+tail -n 3 "$out/tests.txt"
+for name in throughput loader transfer; do
+  echo
+  sed -n "/^$name/,\$p" "$out/$name.txt" # each benchmark's table starts with a line naming it
+done

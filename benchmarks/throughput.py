@@ -17,7 +17,6 @@ Per model, on random data already on the device (random weights: speed does not 
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import tempfile
 import time
@@ -26,7 +25,7 @@ import timm
 import torch
 from torch import nn
 from torch.nn import functional as F
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
 
 from _common import autocast, pick_device, sync, table
 from freezetune import freeze
@@ -84,7 +83,8 @@ def inference_step(model: nn.Module, x: torch.Tensor, device: torch.device):
 def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device):
     """One optimisation step on whatever is trainable (AdamW, as freezetune's default)."""
     model.train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-3, fused=device.type == "cuda")  # as freezetune's build_optimizer
 
     def step() -> None:
         with autocast(device):
@@ -110,29 +110,32 @@ def speeds(name: str, args, device: torch.device) -> dict:
 
 
 def cached_run(name: str, args, device: torch.device) -> dict:
-    """A head-only run over ``n_images``: one inference pass, then cache build + 10 epochs from the cache."""
+    """A head-only run over ``n_images``: one inference pass, then cache build + 10 epochs from the cache.
+
+    The images sit on the device already, in batches of 2 x batch size (what build_store reads), so both passes
+    measure the model and the cache, not an input pipeline (``loader.py`` measures that).
+    """
     model = make_model(name, args.res, device)
     freeze(model, "backbone", bn="frozen")
     split, why = split_model(model)
     if split is None:
         return {"why": why}
     precision = resolve_precision(device, "auto")
-    images = torch.randn(args.n_images, 3, args.res, args.res)  # on the host: build_store's loader may fork workers
-    dataset = TensorDataset(images, torch.randint(0, NUM_CLASSES, (args.n_images,)))
-    channels_last = _memory_format(model, device) == torch.channels_last
-    # The same loader build_store uses (batch 2 x batch size, same workers), so the two passes differ only in
-    # what runs on each batch.
-    workers = min(4, os.cpu_count() or 1) if device.type == "cuda" else 0
-    loader = DataLoader(dataset, batch_size=2 * args.batch_size, num_workers=workers)
-    _warm(model, loader, device, channels_last)
+    fmt = _memory_format(model, device)
+    images = torch.randn(args.n_images, 3, args.res, args.res, device=device).contiguous(memory_format=fmt)
+    labels = torch.randint(0, NUM_CLASSES, (args.n_images,), device=device)
+    batches = list(zip(images.split(2 * args.batch_size), labels.split(2 * args.batch_size), strict=True))
+    dataset = TensorDataset(images, labels)  # build_store reads only its length: the batches come from ``batches``
+    _timed_pass(model, batches[:1], device)  # warm-up
     out: dict = {"infer_pass": [], "build": []}
     with tempfile.TemporaryDirectory() as spill:
         for _ in range(args.passes):  # in turns, keeping the fastest of each: noise only ever adds time
-            out["infer_pass"].append(_timed_pass(model, loader, device, channels_last))
+            out["infer_pass"].append(_timed_pass(model, batches, device))
             sync(device)
             start = time.perf_counter()
             store, info = build_store(split, dataset, precision, views=1, batch_size=args.batch_size, seed=0,
-                                      spill_dir=spill, channels_last=channels_last)  # fmt: skip
+                                      spill_dir=spill, channels_last=fmt == torch.channels_last,
+                                      batches=lambda view: batches)  # fmt: skip
             sync(device)
             out["build"].append(time.perf_counter() - start)
         out["epochs"] = _cached_epochs(split.suffix_train, store, args.batch_size, precision, device)
@@ -140,29 +143,21 @@ def cached_run(name: str, args, device: torch.device) -> dict:
     return out
 
 
-def _warm(model: nn.Module, loader: DataLoader, device: torch.device, channels_last: bool) -> None:
-    x, _ = next(iter(loader))
-    x = x.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+def _timed_pass(model: nn.Module, batches: list, device: torch.device) -> float:
     model.eval()
-    with torch.inference_mode(), autocast(device):
-        model(x)
-
-
-def _timed_pass(model: nn.Module, loader: DataLoader, device: torch.device, channels_last: bool) -> float:
-    model.eval()
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
     sync(device)
     start = time.perf_counter()
     with torch.inference_mode(), autocast(device):
-        for x, _ in loader:
-            model(x.to(device, non_blocking=True, memory_format=fmt))
+        for x, _ in batches:
+            model(x)
     sync(device)
     return time.perf_counter() - start
 
 
 def _cached_epochs(suffix: nn.Module, store, batch_size: int, precision, device: torch.device) -> list[float]:
     suffix.train()
-    optimizer = torch.optim.AdamW([p for p in suffix.parameters() if p.requires_grad], lr=1e-3)
+    params = [p for p in suffix.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-3, fused=device.type == "cuda")  # as freezetune's build_optimizer
     loader = store_loader(store, batch_size=batch_size, train=True, seed=0)
     times = []
     for epoch in range(EPOCHS):

@@ -16,7 +16,8 @@ trap 'rm -f "$pins"' EXIT
 printf 'torch==2.14.1\ntorchvision==0.29.1\n' >"$pins"
 # torch/torchvision first: on this machine kind both come from local disk.
 "$py" -m pip install -q -c "$pins" "torch==2.14.1" "torchvision==0.29.1"
-"$py" -m pip install -q -c "$pins" -e ".[weights]"
+# scikit-image: the photos loader.py turns into JPEGs; pytest: gpu.sh runs the CUDA tests with this interpreter
+"$py" -m pip install -q -c "$pins" -e ".[weights]" scikit-image pytest
 for peer in lightning fastai; do
   if ! "$py" -m pip install -q -c "$pins" "$peer"; then
     echo "bench-env: $peer cannot be installed beside torch 2.14.1; the benchmark will report it skipped" >&2
