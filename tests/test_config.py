@@ -103,6 +103,13 @@ def test_saved_config_round_trips(tmp_path):
     assert yaml.safe_load((tmp_path / "config.yaml").read_text())["stage_lrs"] == {"blocks.4": 1e-4}
 
 
+def test_saved_config_of_a_resumed_run_starts_a_fresh_run_when_reused(tmp_path):
+    # a resumed run rewrites config.yaml; passing that file as --config for a new --out must not try to resume
+    TrainConfig(data="d", epochs=7, resume=True).save(tmp_path / "config.yaml")
+    cfg = load_config(tmp_path / "config.yaml")
+    assert cfg.resume is False and cfg.epochs == 7
+
+
 def test_stage_lrs_parsing_rejects_bad_entries():
     assert parse_stage_lrs({"a": "1e-3"}) == {"a": 1e-3}
     with pytest.raises(ConfigError, match="layer4='fast'"):

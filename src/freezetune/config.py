@@ -78,9 +78,11 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     def save(self, path: str | Path) -> None:
+        """Write the config as YAML; ``resume`` is saved as false: it is an action on a run, not one of its
+        settings, and the file reused as ``--config`` for another run must start that run afresh."""
         from freezetune._io import atomic_write_text
 
-        atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
+        atomic_write_text(path, yaml.safe_dump({**self.to_dict(), "resume": False}, sort_keys=False))
 
     def dump(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
