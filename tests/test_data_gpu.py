@@ -24,8 +24,10 @@ from freezetune.data.gpu import (
     build_device_loader,
     should_use_device_loader,
 )
+from freezetune.distributed import DistInfo, shard_sampler, sharded_loader
 from freezetune.errors import ConfigError, DataError
 from freezetune.preprocess import Preprocess
+from freezetune.runtime import seed_epoch
 
 PRE = Preprocess(input_size=32)
 
@@ -164,6 +166,26 @@ def test_epoch_order_matches_the_cpu_loader_for_the_same_seed():
         for loader in (device, cpu):
             loader.generator.manual_seed(100 + epoch)
         assert [y.tolist() for _, y in device] == [y.tolist() for _, y in cpu]
+
+
+def test_ddp_shards_match_the_cpu_sharded_loader():
+    # under torchrun each rank's device loader must visit the same images as the CPU DistributedSampler path
+    n = 21
+    ds = InMemoryImageDataset(torch.zeros(n, 8, 8, dtype=torch.uint8), torch.arange(n), [str(i) for i in range(n)])
+    seen = []
+    for rank in range(2):
+        info = DistInfo(rank=rank, world=2)
+        device = DeviceImageLoader(ds, batch_size=4, train=True, device="cpu", preprocess=PRE, aug="light",
+                                   sampler=shard_sampler(n, info, seed=3))  # fmt: skip
+        cpu = sharded_loader(ds, batch_size=4, info=info, seed=3, workers=0, device=torch.device("cpu"))
+        for epoch in range(2):
+            seed_epoch(3, epoch, device, rank=rank)
+            seed_epoch(3, epoch, cpu, rank=rank)
+            got = [y.tolist() for _, y in device]
+            assert got == [y.tolist() for _, y in cpu] and len(device) == len(got) == 3
+            seen.append(sum(got, []))
+    assert sorted(seen[0] + seen[2]) == sorted([*range(n), seen[0][0]])  # epoch 0, both ranks: one item padded
+    assert seen[0] != seen[1]  # the next epoch reshuffles
 
 
 def test_unshuffled_rows_keep_dataset_order_while_augmenting():

@@ -45,7 +45,8 @@ def test_torchrun_two_processes_train_with_unfreeze(tmp_path):
 @pytest.mark.multiprocess
 def test_torchrun_feature_cache_matches_uncached_ddp(tmp_path):
     # each rank caches its block of images and the ranks exchange them; every rank then samples its shard of each
-    # epoch exactly as uncached DDP does, so the two runs compute the same losses
+    # epoch exactly as uncached DDP does, so the two runs compute the same losses. --decode gpu runs the device
+    # pipeline on the CPU: the cache builds through it and the uncached run trains from its DDP-sharded batches.
     data = make_image_folder(tmp_path / "data")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     rows, logs = {}, {}
@@ -55,7 +56,8 @@ def test_torchrun_feature_cache_matches_uncached_ddp(tmp_path):
             sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
             "-m", "freezetune", "train", "--model", "timm:test_efficientnet", "--weights", "none", "--data", str(data),
             "--img-size", "32", "--epochs", "2", "--batch-size", "4", "--device", "cpu", "--workers", "0",
-            "--no-progress", "--freeze", "backbone", "--aug", "none", "--cache", cache, "--out", str(out),
+            "--no-progress", "--freeze", "backbone", "--aug", "none", "--cache", cache, "--decode", "gpu",
+            "--out", str(out),
         ]  # fmt: skip
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
         assert proc.returncode == 0, proc.stderr[-2000:]

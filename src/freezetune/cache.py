@@ -22,14 +22,13 @@ from torch.utils.data import (
     BatchSampler,
     DataLoader,
     Dataset,
-    DistributedSampler,
     RandomSampler,
     SequentialSampler,
     Subset,
 )
 
 from freezetune.data import usable_cpus
-from freezetune.distributed import DistInfo, shard_rows, sum_across_ranks
+from freezetune.distributed import DistInfo, shard_rows, shard_sampler, sum_across_ranks
 from freezetune.errors import DataError
 from freezetune.precision import Precision
 from freezetune.split import Split
@@ -152,7 +151,7 @@ def store_loader(store: FeatureStore, *, batch_size: int, train: bool, seed: int
     """
     gen = torch.Generator().manual_seed(seed)
     if train and dist is not None and dist.enabled:
-        sampler = DistributedSampler(store, num_replicas=dist.world, rank=dist.rank, shuffle=True, seed=seed)
+        sampler = shard_sampler(len(store), dist, seed)
     else:
         sampler = RandomSampler(store, generator=gen) if train else SequentialSampler(store)
     batches = BatchSampler(sampler, batch_size, drop_last=False)

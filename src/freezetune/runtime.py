@@ -64,11 +64,14 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def seed_epoch(seed: int, epoch: int, loader) -> None:
-    # Each epoch's shuffle, augmentation and dropout depend only on (seed, epoch): a resumed run repeats them exactly.
-    torch.manual_seed(seed * 100_003 + epoch)
+def seed_epoch(seed: int, epoch: int, loader, rank: int = 0) -> None:
+    # Each epoch's shuffle, augmentation and dropout depend only on (seed, epoch, DDP rank): a resumed run repeats
+    # them exactly. The rank term keeps ranks from drawing the same crops and masks for their different images; the
+    # shard order itself comes from the sampler's own seed, the same on every rank.
+    base = seed * 100_003 + epoch + rank * 1_000_000_007
+    torch.manual_seed(base)
     if getattr(loader, "generator", None) is not None:
-        loader.generator.manual_seed(seed * 100_003 + epoch)
+        loader.generator.manual_seed(base)
     sampler = getattr(loader, "sampler", None)
     sampler = getattr(sampler, "sampler", sampler)  # the feature cache's loader wraps it in a BatchSampler
     if hasattr(sampler, "set_epoch"):  # DDP's DistributedSampler shuffles by (seed, epoch) itself

@@ -29,6 +29,7 @@ from freezetune.distributed import (
     device_for,
     init_from_env,
     shard_rows,
+    shard_sampler,
     sharded_loader,
     shutdown,
     wrap,
@@ -128,17 +129,19 @@ class Trainer:
 
     def _loader(self, dataset, *, train: bool):
         """Images to batches: on the device (uint8 arrays / nvJPEG + batched augmentation) when it applies."""
-        if self.dist.enabled and train:
-            workers = self.cfg.workers if self.cfg.workers is not None else (4 if self.device.type == "cuda" else 0)
-            return sharded_loader(dataset, batch_size=self.cfg.batch_size, info=self.dist, seed=self.cfg.seed,
-                                  workers=workers, device=self.device)  # fmt: skip
+        shard = self.dist.enabled and train  # DDP: each rank trains on its 1/world of every epoch
         if should_use_device_loader(dataset, self.device, self.cfg.decode):
             loader = build_device_loader(
                 dataset, batch_size=self.cfg.batch_size, train=train, device=self.device, seed=self.cfg.seed,
                 preprocess=self.preprocess, aug=self.cfg.aug if train else "none",
+                sampler=shard_sampler(len(dataset), self.dist, self.cfg.seed) if shard else None,
             )  # fmt: skip
             if loader is not None:
                 return loader
+        if shard:
+            workers = self.cfg.workers if self.cfg.workers is not None else (4 if self.device.type == "cuda" else 0)
+            return sharded_loader(dataset, batch_size=self.cfg.batch_size, info=self.dist, seed=self.cfg.seed,
+                                  workers=workers, device=self.device)  # fmt: skip
         return build_loader(
             dataset, batch_size=self.cfg.batch_size, train=train, workers=self.cfg.workers,
             device=str(self.device), seed=self.cfg.seed,
@@ -248,7 +251,7 @@ class Trainer:
                 break
 
     def _run_epoch(self, epoch: int, unfrozen: str) -> dict:
-        seed_epoch(self.cfg.seed, epoch, self.train_loader)
+        seed_epoch(self.cfg.seed, epoch, self.train_loader, rank=self.dist.rank)
         if self.cache is not None:
             self.cache.train.set_epoch(epoch)
         if self.device.type == "cuda":

@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import math
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -40,22 +40,26 @@ _JPEG_MAGIC = b"\xff\xd8\xff"
 
 
 class _DeviceLoader:
-    """Shared batching: ``len`` in batches (last one partial), order shuffled by ``generator`` when ``shuffle``."""
+    """Shared batching: ``len`` in batches (last one partial), order shuffled by ``generator`` when ``shuffle``, or
+    each epoch's order from ``sampler`` (DDP: this rank's shard, reshuffled by ``sampler.set_epoch``)."""
 
     def __init__(self, n: int, *, batch_size: int, train: bool, device, seed: int, preprocess: Preprocess, aug: str,
-                 shuffle: bool | None) -> None:  # fmt: skip
+                 shuffle: bool | None, sampler: Iterable[int] | None) -> None:  # fmt: skip
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
         self.n, self.batch_size, self.train = n, batch_size, train
         self.shuffle = train if shuffle is None else shuffle
+        self.sampler = sampler  # ``runtime.seed_epoch`` calls its ``set_epoch``, as for a DataLoader's sampler
         self.device = torch.device(device)
         self.generator = torch.Generator().manual_seed(seed)
         self.augment = BatchAugment(preprocess, aug if train else "none", self.device)
 
     def __len__(self) -> int:
-        return math.ceil(self.n / self.batch_size)
+        return math.ceil((self.n if self.sampler is None else len(self.sampler)) / self.batch_size)
 
     def _batches(self) -> list[torch.Tensor]:
+        if self.sampler is not None:
+            return list(torch.tensor(list(self.sampler), dtype=torch.long).split(self.batch_size))
         if not self.shuffle:
             return list(torch.arange(self.n).split(self.batch_size))
         # A DataLoader draws its workers' base seed from the generator before its sampler shuffles; drawing it here
@@ -78,6 +82,8 @@ class DeviceImageLoader(_DeviceLoader):
         aug: augmentation preset for training, one of ``AUG_PRESETS``.
         rows: only these dataset indices, in this order (a shard); default all.
         shuffle: override the order: ``False`` keeps dataset order while augmenting (the feature cache's build).
+        sampler: each epoch's order, as positions in ``rows`` (under DDP a ``DistributedSampler``); overrides
+            ``shuffle``.
 
     >>> ds = InMemoryImageDataset(torch.zeros(10, 28, 28, dtype=torch.uint8), torch.arange(10), list("0123456789"))
     >>> loader = DeviceImageLoader(ds, batch_size=4, train=True, device="cpu", preprocess=Preprocess(input_size=32))
@@ -87,11 +93,11 @@ class DeviceImageLoader(_DeviceLoader):
 
     def __init__(self, dataset: InMemoryImageDataset, *, batch_size: int, train: bool, device: torch.device | str,
                  seed: int = 0, preprocess: Preprocess, aug: str = "light", rows: Sequence[int] | None = None,
-                 shuffle: bool | None = None) -> None:  # fmt: skip
+                 shuffle: bool | None = None, sampler: Iterable[int] | None = None) -> None:  # fmt: skip
         pick = slice(None) if rows is None else torch.as_tensor(list(rows), dtype=torch.long)
         images, targets = dataset.images[pick], dataset.targets[pick]  # a slice is a view: no copy of the whole set
         super().__init__(len(targets), batch_size=batch_size, train=train, device=device, seed=seed,
-                         preprocess=preprocess, aug=aug, shuffle=shuffle)  # fmt: skip
+                         preprocess=preprocess, aug=aug, shuffle=shuffle, sampler=sampler)  # fmt: skip
         images = images.unsqueeze(1) if images.dim() == 3 else images.permute(0, 3, 1, 2)
         if images.shape[1] not in (1, 3):
             raise DataError(f"in-memory images need 1 or 3 channels for the device loader, got {images.shape[1]}")
@@ -154,7 +160,7 @@ class DeviceJpegLoader(_DeviceLoader):
         threads: reader threads (default ``min(8, cpus)``); ``prefetch`` batches are read ahead.
         batch_decode: decode the JPEGs of a batch in one ``decode_jpeg`` call on ``device`` (default: on CUDA);
             otherwise every file is decoded in the reader threads.
-        rows, shuffle: as ``DeviceImageLoader``.
+        rows, shuffle, sampler: as ``DeviceImageLoader``.
         Others: as ``DeviceImageLoader``.
 
     >>> loader = DeviceJpegLoader(FileImageDataset([("a.jpg", 0)], ["a"]), batch_size=2, train=False,
@@ -166,10 +172,10 @@ class DeviceJpegLoader(_DeviceLoader):
     def __init__(self, dataset: FileImageDataset, *, batch_size: int, train: bool, device: torch.device | str,
                  seed: int = 0, preprocess: Preprocess, aug: str = "light", threads: int | None = None,
                  prefetch: int = 2, rows: Sequence[int] | None = None, shuffle: bool | None = None,
-                 batch_decode: bool | None = None) -> None:  # fmt: skip
+                 sampler: Iterable[int] | None = None, batch_decode: bool | None = None) -> None:  # fmt: skip
         rows = range(len(dataset)) if rows is None else rows
         super().__init__(len(rows), batch_size=batch_size, train=train, device=device, seed=seed,
-                         preprocess=preprocess, aug=aug, shuffle=shuffle)  # fmt: skip
+                         preprocess=preprocess, aug=aug, shuffle=shuffle, sampler=sampler)  # fmt: skip
         self.paths = [str(dataset.samples[i][0]) for i in rows]
         self.targets = dataset.targets[torch.as_tensor(list(rows), dtype=torch.long)].to(self.device)
         self.threads = threads or min(8, usable_cpus())
@@ -277,10 +283,11 @@ def should_use_device_loader(dataset, device: torch.device | str, decode: str = 
 
 def build_device_loader(dataset, *, batch_size: int, train: bool, device: torch.device | str, seed: int,
                         preprocess: Preprocess, aug: str, rows: Sequence[int] | None = None,
-                        shuffle: bool | None = None) -> DeviceImageLoader | DeviceJpegLoader | None:  # fmt: skip
+                        shuffle: bool | None = None,
+                        sampler: Iterable[int] | None = None) -> DeviceImageLoader | DeviceJpegLoader | None:  # fmt: skip
     """A device loader for ``dataset``, or None when it has no device pipeline (use the CPU ``DataLoader``).
 
-    ``rows`` and ``shuffle`` are passed on (see ``DeviceImageLoader``).
+    ``rows``, ``shuffle`` and ``sampler`` are passed on (see ``DeviceImageLoader``).
 
     In-memory datasets larger than a quarter of the free GPU memory also give None: the model needs the rest.
 
@@ -292,7 +299,7 @@ def build_device_loader(dataset, *, batch_size: int, train: bool, device: torch.
     """
     device = torch.device(device)
     kwargs = dict(batch_size=batch_size, train=train, device=device, seed=seed, preprocess=preprocess, aug=aug,
-                  rows=rows, shuffle=shuffle)  # fmt: skip
+                  rows=rows, shuffle=shuffle, sampler=sampler)  # fmt: skip
     if not _supported(dataset):
         return None
     if isinstance(dataset, FileImageDataset):
