@@ -263,3 +263,18 @@ def test_fashion_mnist_few_shot_with_packaged_imagenet_weights(tmp_path, capsys,
     test = json.loads((out / "test_metrics.json").read_text())
     assert test["n"] == 10_000  # the official test split, never seen in training or model selection
     assert test["acc"] > 0.30, f"test accuracy {test['acc']:.3f} (chance is 0.10)"
+
+
+def test_each_epoch_starts_the_training_loader_once(data, tmp_path, monkeypatch):
+    # a progress bar that iterates the loader itself (tqdm.auto calls iter() up front) started a DataLoader twice an
+    # epoch: a worker prefetch thrown away and the shuffle drawn from a different generator state than other loaders
+    cfg = TrainConfig(model="timm:test_efficientnet", weights="none", data=str(data), img_size=32, epochs=2,
+                      batch_size=8, device="cpu", workers=0, progress=True, tensorboard=False, cache="off",
+                      out=str(tmp_path / "run"))  # fmt: skip
+    t = trainer.Trainer(cfg, echo=lambda *_: None)
+    starts = []
+    loader_type = type(t.train_loader)
+    real_iter = loader_type.__iter__
+    monkeypatch.setattr(loader_type, "__iter__", lambda self: starts.append(self is t.train_loader) or real_iter(self))
+    t.fit()
+    assert starts.count(True) == 2

@@ -281,22 +281,25 @@ class Trainer:
         # Running sums stay on the device: reading them every step would sync the GPU each batch.
         loss_sum = torch.zeros((), device=self.device)
         correct = torch.zeros((), device=self.device, dtype=torch.long)
-        seen = 0
-        bar = tqdm(self.train_loader, desc=f"epoch {epoch + 1}/{self.cfg.epochs}", leave=False,
-                   disable=not self.cfg.progress, dynamic_ncols=True)  # fmt: skip
+        seen, n = 0, len(self.train_loader)
         start = time.perf_counter()
-        for step, (inputs, targets) in enumerate(bar):
-            inputs = to_device(inputs, self.device, self.channels_last)
-            targets = targets.to(self.device, non_blocking=True)
-            with self.precision.autocast():
-                logits = logits_of(self.forward(inputs))
-                loss = loss_fn(logits.float(), targets)
-            self._optimize(loss, params)
-            loss_sum += loss.detach() * len(targets)
-            correct += (logits.detach().argmax(-1) == targets).sum()
-            seen += len(targets)
-            if step % 10 == 0 or step == len(self.train_loader) - 1:
-                bar.set_postfix(self._postfix(loss_sum, correct, seen, start), refresh=False)
+        # Driven by hand: given the loader, tqdm.auto calls iter() on it up front and again to loop, so a DataLoader
+        # would start twice an epoch (a wasted worker prefetch, a second shuffle-seed draw).
+        with tqdm(total=n, desc=f"epoch {epoch + 1}/{self.cfg.epochs}", leave=False, disable=not self.cfg.progress,
+                  dynamic_ncols=True) as bar:  # fmt: skip
+            for step, (inputs, targets) in enumerate(self.train_loader):
+                inputs = to_device(inputs, self.device, self.channels_last)
+                targets = targets.to(self.device, non_blocking=True)
+                with self.precision.autocast():
+                    logits = logits_of(self.forward(inputs))
+                    loss = loss_fn(logits.float(), targets)
+                self._optimize(loss, params)
+                loss_sum += loss.detach() * len(targets)
+                correct += (logits.detach().argmax(-1) == targets).sum()
+                seen += len(targets)
+                bar.update()
+                if not bar.disable and (step % 10 == 0 or step == n - 1):  # .item() syncs: not every step
+                    bar.set_postfix(self._postfix(loss_sum, correct, seen, start), refresh=False)
         totals = all_reduce_sum(torch.stack([loss_sum, correct.float(), torch.tensor(float(seen), device=self.device)]),
                                 self.dist).tolist()  # fmt: skip
         loss_total, correct_total, seen_total = totals
