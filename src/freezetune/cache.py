@@ -12,14 +12,14 @@ and the ranks exchange the features, so each holds the whole cache and samples i
 from __future__ import annotations
 
 import logging
+import math
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch.utils.data import (
-    BatchSampler,
     DataLoader,
     Dataset,
     RandomSampler,
@@ -53,27 +53,56 @@ class CacheInfo:
 
 
 class FeatureStore(Dataset):
-    """Cached prefix outputs ``[views, N, ...]`` and targets; ``__getitem__`` takes a list of indices (a batch)."""
+    """Cached prefix outputs ``[views, N, ...]`` and targets; ``__getitem__`` takes a list of indices (a batch).
+
+    Targets and the epoch's view choice are kept on the features' device too, so ``batch`` needs no host copy.
+    """
 
     def __init__(self, features: torch.Tensor, targets: torch.Tensor, seed: int) -> None:
         self.features, self.targets, self.seed = features, targets, seed
-        self.view = torch.zeros(len(targets), dtype=torch.long)
+        self.device = features.device
+        self._targets = targets.to(self.device)
+        self.set_epoch(0)
 
     def __len__(self) -> int:
         return len(self.targets)
 
     def set_epoch(self, epoch: int) -> None:
         """Pick this epoch's view of each image (seeded by epoch, so a resumed run picks the same)."""
-        views = self.features.shape[0]
+        views, n = self.features.shape[0], len(self.targets)
         gen = torch.Generator().manual_seed(self.seed * 7_919 + epoch)
-        self.view = torch.randint(views, (len(self.targets),), generator=gen) if views > 1 else self.view
+        self.view = torch.randint(views, (n,), generator=gen) if views > 1 else torch.zeros(n, dtype=torch.long)
+        self._view = self.view.to(self.device)  # one copy an epoch
+
+    def batch(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Features and targets of ``index`` (a long tensor on the store's device)."""
+        return self.features[self._view[index], index], self._targets[index]
 
     def __getitem__(self, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        index = torch.as_tensor(idx, dtype=torch.long)
-        targets, view = self.targets[index], self.view[index]  # indexed on the CPU: no device round trip per batch
-        if self.features.device.type != "cpu":
-            index, view = index.to(self.features.device, non_blocking=True), view.to(self.features.device)
-        return self.features[view, index], targets
+        return self.batch(torch.as_tensor(idx, dtype=torch.long).to(self.device))
+
+
+class StoreLoader:
+    """One epoch of ``FeatureStore`` batches in ``sampler`` order, like a ``DataLoader`` over the store.
+
+    The epoch's order moves to the store's device once and each batch is a slice of it there: a per-batch index
+    copied from pageable host memory would make CUDA wait for every queued kernel before each training step.
+    ``generator`` and ``sampler`` are the attributes ``runtime.seed_epoch`` reseeds, as for the image loaders.
+    """
+
+    def __init__(self, store: FeatureStore, batch_size: int, sampler, generator: torch.Generator | None, pin: bool):
+        self.store, self.batch_size, self.sampler, self.generator, self.pin = store, batch_size, sampler, generator, pin
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.sampler) / self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if self.generator is not None:  # a DataLoader's base-seed draw: the same order as the image loaders
+            torch.empty((), dtype=torch.int64).random_(generator=self.generator)
+        order = torch.tensor(list(self.sampler), dtype=torch.long).to(self.store.device)
+        for index in order.split(self.batch_size):
+            features, targets = self.store.batch(index)
+            yield (features.pin_memory(), targets.pin_memory()) if self.pin else (features, targets)
 
 
 def build_store(
@@ -143,7 +172,7 @@ def _loader_batches(dataset: Dataset, batch_size: int, seed: int, precision: Pre
 
 
 def store_loader(store: FeatureStore, *, batch_size: int, train: bool, seed: int, dist: DistInfo | None = None,
-                 pin: bool = False) -> DataLoader:  # fmt: skip
+                 pin: bool = False) -> StoreLoader:  # fmt: skip
     """Batches of cached features, shuffled exactly like ``build_loader`` shuffles images (same seeded sampler).
 
     Under DDP (``dist``) a training loader yields this rank's shard of each epoch, as ``sharded_loader`` does.
@@ -154,9 +183,7 @@ def store_loader(store: FeatureStore, *, batch_size: int, train: bool, seed: int
         sampler = shard_sampler(len(store), dist, seed)
     else:
         sampler = RandomSampler(store, generator=gen) if train else SequentialSampler(store)
-    batches = BatchSampler(sampler, batch_size, drop_last=False)
-    return DataLoader(store, sampler=batches, batch_size=None, generator=gen if train else None,
-                      pin_memory=pin and store.features.device.type == "cpu")  # fmt: skip
+    return StoreLoader(store, batch_size, sampler, gen if train else None, pin and store.device.type == "cpu")
 
 
 def _allocate(shape: tuple[int, ...], dtype: torch.dtype, precision: Precision, spill_dir: str | Path, place: str,

@@ -73,7 +73,6 @@ def seed_epoch(seed: int, epoch: int, loader, rank: int = 0) -> None:
     if getattr(loader, "generator", None) is not None:
         loader.generator.manual_seed(base)
     sampler = getattr(loader, "sampler", None)
-    sampler = getattr(sampler, "sampler", sampler)  # the feature cache's loader wraps it in a BatchSampler
     if hasattr(sampler, "set_epoch"):  # DDP's DistributedSampler shuffles by (seed, epoch) itself
         sampler.set_epoch(epoch)
 
