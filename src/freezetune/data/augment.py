@@ -145,10 +145,15 @@ class BatchAugment:
         theta[:, 0, 2] = (2 * left + w) / width - 1
         theta[:, 1, 1] = h / height
         theta[:, 1, 2] = (2 * top + h) / height - 1
-        theta = theta.to(self.device, non_blocking=True)
+        theta = self._upload(theta)
         grid = F.affine_grid(theta, [len(x), x.shape[1], self.size, self.size], align_corners=False)
         out = F.grid_sample(x, grid, mode=self.mode, padding_mode="border", align_corners=False)
         return out.clamp_(0, 255)
+
+    def _upload(self, t: torch.Tensor) -> torch.Tensor:
+        """Random parameters drawn on the host to the device without a sync: a copy from pageable memory would make
+        CUDA finish every queued kernel (the training step) before the augmentation could even be queued."""
+        return t.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else t
 
     def finish(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         """Colour jitter (``standard``), gray -> RGB, normalisation and random erasing of a float batch (0..255)."""
@@ -160,7 +165,7 @@ class BatchAugment:
         return x
 
     def _jitter(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        b, c = (torch.empty(2, len(x), 1, 1, 1).uniform_(1 - _JITTER, 1 + _JITTER, generator=gen)).to(self.device)
+        b, c = self._upload(torch.empty(2, len(x), 1, 1, 1).uniform_(1 - _JITTER, 1 + _JITTER, generator=gen))
         x = x.mul_(b).clamp_(0, 255)
         gray = x if x.shape[1] == 1 else sum(wt * x[:, i : i + 1] for i, wt in enumerate(_GRAY))
         mean = gray.mean(dim=(1, 2, 3), keepdim=True)
@@ -177,13 +182,13 @@ class BatchAugment:
         seed = int(torch.randint(0, 2**62, (1,), generator=gen))
         if len(chosen) == 0:
             return x
-        box = torch.stack([top, top + h, left, left + w], 1)[chosen].to(self.device)
+        box = self._upload(torch.stack([top, top + h, left, left + w], 1)[chosen])
         rows = torch.arange(s, device=self.device).view(1, s, 1)
         cols = torch.arange(s, device=self.device).view(1, 1, s)
         inside = (rows >= box[:, 0, None, None]) & (rows < box[:, 1, None, None])
         inside = inside & (cols >= box[:, 2, None, None]) & (cols < box[:, 3, None, None])
         # Per-pixel Gaussian noise like RandomErasing(value="random"); drawn on the device, seeded from ``gen``.
         noise = torch.randn(len(chosen), 3, s, s, device=self.device, generator=self._noise_gen.manual_seed(seed))
-        chosen = chosen.to(self.device)
+        chosen = self._upload(chosen)
         x[chosen] = torch.where(inside[:, None], noise, x[chosen])
         return x

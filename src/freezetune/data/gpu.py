@@ -106,8 +106,11 @@ class DeviceImageLoader(_DeviceLoader):
         self.targets = targets.to(self.device)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for idx in self._batches():
-            idx = idx.to(self.device, non_blocking=True)
+        batches = self._batches()
+        if not batches:
+            return
+        # the epoch's order goes to the device once (a per-batch copy from pageable memory syncs the stream)
+        for idx in torch.cat(batches).to(self.device).split(self.batch_size):
             yield self.augment(self.images[idx], self.generator), self.targets[idx]
 
 
