@@ -271,6 +271,13 @@ def test_jpeg_loader_names_an_unreadable_file(tmp_path):
                               preprocess=PRE)  # fmt: skip
     with pytest.raises(DataError, match="broken.jpg"):
         list(loader)
+    # batch decoding: the failed batch is retried file by file, and the bad file is still named
+    good = tmp_path / "good.jpg"
+    Image.fromarray(smooth_images(1, 20, 20)[0].numpy()).save(good)
+    both = FileImageDataset([(str(good), 0), (str(bad), 0)], ["a"])
+    batched = DeviceJpegLoader(both, batch_size=2, train=False, device="cpu", preprocess=PRE, batch_decode=True)
+    with pytest.raises(DataError, match="broken.jpg"):
+        list(batched)
     missing = DeviceJpegLoader(FileImageDataset([(str(tmp_path / "gone.png"), 0)], ["a"]), batch_size=2,
                                train=False, device="cpu", preprocess=PRE)  # fmt: skip
     with pytest.raises(DataError, match="gone.png"):

@@ -185,6 +185,7 @@ class DeviceJpegLoader(_DeviceLoader):
         self.prefetch = max(1, prefetch)
         self._decode_device = self.device if self.device.type == "cuda" else torch.device("cpu")
         self._batch_decode = self.device.type == "cuda" if batch_decode is None else batch_decode
+        self._side_stream: torch.cuda.Stream | None = None  # created on first CUDA decode
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         batches = self._batches()
@@ -227,19 +228,36 @@ class DeviceJpegLoader(_DeviceLoader):
                 out[i] = img
         return [img.to(self.device, non_blocking=True) for img in out]
 
+    def _nvjpeg(self, data: list[torch.Tensor]) -> list[torch.Tensor]:
+        """``decode_jpeg`` on the decode device; on CUDA its outputs are allocated on a stream of our own.
+
+        nvJPEG writes on a private stream into memory allocated on the caller's current stream. Allocated on the
+        training stream, that memory may have just been freed by kernels still queued there, which nvJPEG would then
+        overwrite under them. A side stream's blocks hold only decode outputs (``record_stream`` keeps each until the
+        training stream is done with it), and the training stream waits for the decode without the host waiting.
+        """
+        device = self._decode_device
+        if device.type != "cuda":
+            return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+        if self._side_stream is None:
+            self._side_stream = torch.cuda.Stream(device=device)
+        main = torch.cuda.current_stream(device)
+        with torch.cuda.stream(self._side_stream):
+            out = decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+        main.wait_stream(self._side_stream)
+        for img in out:
+            img.record_stream(main)
+        return out
+
     def _decode_jpegs(self, data: list[torch.Tensor], paths: list[str]) -> list[torch.Tensor]:
-        if self._decode_device.type == "cuda":
-            # nvJPEG writes on a stream of its own into memory allocated on ours: let kernels still queued on ours
-            # (which may read memory the allocator is about to hand out again) finish first
-            torch.cuda.current_stream(self._decode_device).synchronize()
         try:
-            return decode_jpeg(data, mode=ImageReadMode.RGB, device=self._decode_device)
+            return self._nvjpeg(data)
         except RuntimeError:  # one bad file fails the whole call: find it and decode the rest
             pass
         out, on_device = [], 0
         for d, p in zip(data, paths, strict=True):
             try:
-                out.append(decode_jpeg(d, mode=ImageReadMode.RGB, device=self._decode_device))
+                out.append(self._nvjpeg([d])[0])
                 on_device += 1
             except RuntimeError:
                 out.append(_decode_cpu(d, p))
