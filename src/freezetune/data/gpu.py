@@ -127,14 +127,18 @@ def _decode_cpu(data: torch.Tensor, path: str) -> torch.Tensor:
         return torch.from_numpy(np.array(load_image(path))).permute(2, 0, 1).contiguous()
 
 
-def _read_encoded(path: str, keep_jpeg: bool) -> torch.Tensor:
+def _read_encoded(path: str, keep_jpeg: bool, pin: bool) -> torch.Tensor:
     """Runs in the reader threads: JPEG bytes stay encoded (1-D) for the batch decode on the GPU (``keep_jpeg``);
-    everything else is decoded here, in parallel, rather than one file after another in the training thread."""
+    everything else is decoded here, in parallel, rather than one file after another in the training thread, and
+    page-locked (``pin``) so its copy to the GPU does not stall the training stream."""
     try:
         data = read_file(path)
     except RuntimeError as e:
         raise DataError(f"cannot read image '{path}': {str(e).splitlines()[-1]}") from None
-    return data if keep_jpeg and _is_jpeg(data) else _decode_cpu(data, path)
+    if keep_jpeg and _is_jpeg(data):
+        return data
+    image = _decode_cpu(data, path)
+    return image.pin_memory() if pin else image
 
 
 def _by_size(images: list[torch.Tensor], fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
@@ -194,17 +198,18 @@ class DeviceJpegLoader(_DeviceLoader):
 
         def submit(k: int) -> None:
             if k < len(batches):
-                keep = self._batch_decode
-                pending.append([pool.submit(_read_encoded, self.paths[i], keep) for i in batches[k].tolist()])
+                keep, pin = self._batch_decode, self.device.type == "cuda"
+                pending.append([pool.submit(_read_encoded, self.paths[i], keep, pin) for i in batches[k].tolist()])
 
         try:
             for k in range(self.prefetch):
                 submit(k)
-            for k, idx in enumerate(batches):
+            on_device = torch.cat(batches).to(self.device).split(self.batch_size) if batches else []  # one copy
+            for k, (idx, idx_device) in enumerate(zip(batches, on_device, strict=True)):
                 items = [f.result() for f in pending.popleft()]
                 submit(k + self.prefetch)  # read ahead while this batch decodes and the model trains
                 images = self._decode([self.paths[i] for i in idx.tolist()], items)
-                yield self._transform(images), self.targets[idx.to(self.device)]
+                yield self._transform(images), self.targets[idx_device]
         finally:  # also when the consumer stops early: do not leave reads running
             pool.shutdown(wait=False, cancel_futures=True)
 
