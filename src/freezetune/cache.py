@@ -3,9 +3,8 @@
 A 10-epoch head-only run otherwise pays ten forward passes over data that never changes. The cache stores, per
 image, K augmented views of the prefix output (``cache_views``; one with ``aug none``) and each epoch samples one
 view per image. Storage is the GPU when it fits half of the free memory, else pinned CPU memory when it fits half
-of the available RAM, else a memory-mapped file in the run directory. Batches come out of a ``DataLoader`` over
-batch indices, so shuffling uses the same seeded sampler as the uncached path: same views, same order, same
-function (checked in the tests on CPU in fp32). Under DDP every rank runs the prefix over its own block of images
+of the available RAM, else a memory-mapped file in the run directory. ``StoreLoader`` batches them with the same
+seeded sampler as the uncached path: same views, same order, same function (checked in the tests on CPU in fp32). Under DDP every rank runs the prefix over its own block of images
 and the ranks exchange the features, so each holds the whole cache and samples its shard as uncached DDP does.
 """
 
@@ -130,8 +129,10 @@ def build_store(
     """
     dist = dist or DistInfo()
     n, rows = len(dataset), shard_rows(len(dataset), dist)
+    if n == 0:
+        raise DataError("cannot build a feature cache over an empty dataset")
     if len(rows) == 0:
-        raise DataError(f"cannot build a feature cache over {n} image(s) with {dist.world} processes")
+        raise DataError(f"cannot build a feature cache over {n} image(s) with {dist.world} processes: use fewer")
     source = batches or _loader_batches(Subset(dataset, rows), batch_size, seed, precision)
     storage: torch.Tensor | None = None
     info: CacheInfo | None = None

@@ -148,19 +148,21 @@ class Trainer:
         )  # fmt: skip
 
     def _setup_cache(self) -> None:
-        """Cache the frozen prefix's features when the config allows and the model splits (else say why not)."""
-        cfg = self.cfg
+        """Cache the frozen prefix's features when the config allows and the model splits (else say why not), then
+        set what each step runs: the suffix on cached features, else the model; DDP-wrapped (DDP fixes its parameter
+        set when it wraps, so this runs again after every unfreeze) and compiled when asked."""
         if self.cache is not None:  # an unfreeze invalidated the cache: back to images unless a new one is built
             self.train_loader = self._loader(self.data.train, train=True)
-        self.cache = None
-        # DDP fixes its parameter set when it wraps: after every unfreeze the model is wrapped again
-        self.forward = self._compiled(wrap(self.model, self.dist, self.device))
-        if cfg.cache == "off":
-            return
+        self.cache = self._build_cache() if self.cfg.cache != "off" else None
+        module = self.cache.split.suffix_train if self.cache is not None else self.model
+        self.forward = self._compiled(wrap(module, self.dist, self.device))
+
+    def _build_cache(self) -> _Cache | None:
+        cfg = self.cfg
         split, why = split_model(self.model)
         if split is None:
             self.echo(f"feature cache off: {why}")
-            return
+            return None
         views = 1 if cfg.aug == "none" else cfg.cache_views
         start = time.perf_counter()
         spill = self.run_dir / "cache" / (f"rank{self.dist.rank}" if self.dist.enabled else "")
@@ -172,14 +174,13 @@ class Trainer:
         if self.data.val is not None:
             val_store, _ = build_store(split, self.data.val, self.precision, **{**build, "views": 1},
                                        batches=self._cache_batches(self.data.val, train=False))  # fmt: skip
-        self.cache = _Cache(split, train_store, val_store)
         self.train_loader = store_loader(train_store, batch_size=cfg.batch_size, train=True, seed=cfg.seed,
                                          dist=self.dist, pin=self.device.type == "cuda")  # fmt: skip
-        self.forward = self._compiled(wrap(split.suffix_train, self.dist, self.device))
         self.echo(f"feature cache: {why}; {info.describe()}; built in {time.perf_counter() - start:.1f}s")
         if views == 1 and cfg.aug != "none":
             self.echo(f"note: one cached view with aug {cfg.aug!r}: every epoch sees the same augmentation of an "
                       "image (raise --cache-views for more)")  # fmt: skip
+        return _Cache(split, train_store, val_store)
 
     def _cache_batches(self, dataset, *, train: bool):
         """Images for the cache build read like training reads them: through the device pipeline when it applies.
