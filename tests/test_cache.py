@@ -138,6 +138,13 @@ def test_build_store_rejects_nothing_and_reports_placement(image_folder, tmp_pat
     assert len(store) == len(trainer.data.train) == 30
     assert info.place == "cpu" and info.bytes == store.features.numel() * 4
     assert "MiB on cpu" in info.describe()
+    # image files decode in loader processes (as build_loader's default); the features do not depend on it
+    parallel, _ = build_store(
+        split, trainer.data.train, resolve_precision(torch.device("cpu"), "off"),
+        views=1, batch_size=4, seed=0, spill_dir=tmp_path / "spill", workers=2,
+    )  # fmt: skip
+    torch.testing.assert_close(parallel.features, store.features, rtol=0, atol=0)
+    assert torch.equal(parallel.targets, store.targets)
 
 
 def test_cache_is_built_through_the_device_loader_and_matches_uncached(image_folder, tmp_path, monkeypatch):

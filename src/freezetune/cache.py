@@ -26,7 +26,7 @@ from torch.utils.data import (
     Subset,
 )
 
-from freezetune.data import usable_cpus
+from freezetune.data import default_workers
 from freezetune.distributed import DistInfo, shard_rows, shard_sampler, sum_across_ranks
 from freezetune.errors import DataError
 from freezetune.precision import Precision
@@ -117,6 +117,7 @@ def build_store(
     place: str = "auto",
     batches: Callable[[int], Iterable[tuple[torch.Tensor, torch.Tensor]]] | None = None,
     dist: DistInfo | None = None,
+    workers: int | None = None,
 ) -> tuple[FeatureStore, CacheInfo]:
     """Run ``split.prefix`` over ``views`` passes of ``dataset`` and store the outputs.
 
@@ -126,6 +127,7 @@ def build_store(
             view augmented reproducibly, e.g. a device loader with ``shuffle=False``; default a ``DataLoader`` over
             the dataset's own transform, seeded per view.
         dist: under DDP each rank computes its block of rows and the ranks exchange them.
+        workers: processes of the default ``DataLoader`` (default as ``build_loader``'s).
     """
     dist = dist or DistInfo()
     n, rows = len(dataset), shard_rows(len(dataset), dist)
@@ -133,7 +135,9 @@ def build_store(
         raise DataError("cannot build a feature cache over an empty dataset")
     if len(rows) == 0:
         raise DataError(f"cannot build a feature cache over {n} image(s) with {dist.world} processes: use fewer")
-    source = batches or _loader_batches(Subset(dataset, rows), batch_size, seed, precision)
+    if workers is None:
+        workers = default_workers(dataset, precision.device.type == "cuda")
+    source = batches or _loader_batches(Subset(dataset, rows), batch_size, seed, workers)
     storage: torch.Tensor | None = None
     info: CacheInfo | None = None
     targets = torch.zeros(n, dtype=torch.long)
@@ -162,8 +166,8 @@ def _prefix(split: Split, inputs, precision: Precision, channels_last: bool) -> 
         return split.prefix(to_device(inputs, precision.device, channels_last))
 
 
-def _loader_batches(dataset: Dataset, batch_size: int, seed: int, precision: Precision):
-    loader = DataLoader(dataset, batch_size=batch_size * 2, shuffle=False, num_workers=_workers(precision))
+def _loader_batches(dataset: Dataset, batch_size: int, seed: int, workers: int):
+    loader = DataLoader(dataset, batch_size=batch_size * 2, shuffle=False, num_workers=workers)
 
     def view(v: int) -> DataLoader:
         torch.manual_seed(seed * 104_729 + v)  # each view's augmentation is reproducible
@@ -229,7 +233,3 @@ def _available_ram() -> int:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError):
         return 4 * 2**30
-
-
-def _workers(precision: Precision) -> int:
-    return min(4, usable_cpus()) if precision.device.type == "cuda" else 0

@@ -167,7 +167,8 @@ class Trainer:
         start = time.perf_counter()
         spill = self.run_dir / "cache" / (f"rank{self.dist.rank}" if self.dist.enabled else "")
         build = dict(views=views, batch_size=cfg.batch_size, seed=cfg.seed, spill_dir=spill, dist=self.dist,
-                     channels_last=self.channels_last, place="auto" if cfg.cache == "auto" else cfg.cache)  # fmt: skip
+                     channels_last=self.channels_last, place="auto" if cfg.cache == "auto" else cfg.cache,
+                     workers=cfg.workers)  # fmt: skip
         train_store, info = build_store(split, self.data.train, self.precision, **build,
                                         batches=self._cache_batches(self.data.train, train=True))  # fmt: skip
         val_store = None

@@ -208,7 +208,13 @@ def usable_cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def _default_workers(dataset: Dataset, cuda: bool) -> int:
+def default_workers(dataset: Dataset, cuda: bool) -> int:
+    """Loader processes when the user sets none: ``min(4, cpus)`` for a CUDA run; on the CPU, 0 for in-memory
+    datasets and ``min(2, cpus)`` for image files.
+
+    >>> default_workers(InMemoryImageDataset(torch.zeros(1, 2, 2, dtype=torch.uint8), torch.zeros(1), ["a"]), False)
+    0
+    """
     cpus = usable_cpus()
     if cuda:
         return min(4, cpus)
@@ -259,7 +265,7 @@ def build_loader(
     if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 0):
         raise ConfigError(f"workers must be a non-negative integer, got {workers!r}")
     cuda = str(device).startswith("cuda")
-    workers = _default_workers(dataset, cuda) if workers is None else workers
+    workers = default_workers(dataset, cuda) if workers is None else workers
     return DataLoader(
         dataset,
         batch_size=batch_size,
