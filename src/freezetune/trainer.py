@@ -350,7 +350,7 @@ class Trainer:
     def _step_unfreezer(self, epoch: int, row: dict) -> str:
         if self.unfreezer is None:
             return ""
-        names = self.unfreezer.step(epoch, _monitored(row, self.cfg.monitor))
+        names = self.unfreezer.step(epoch, row.get(self.cfg.monitor))
         if names:
             self.echo(f"unfroze {', '.join(names)} (trainable {count_parameters(self.model)[0]:,} parameters)")
             self.bad_epochs = 0  # new capacity: give it the full early-stop patience
@@ -363,7 +363,7 @@ class Trainer:
         return ";".join(n for e, names in events if e == epoch - 1 for n in names)
 
     def _track_best(self, epoch: int, row: dict) -> bool:
-        metric = _monitored(row, self.cfg.monitor)
+        metric = row.get(self.cfg.monitor)
         if metric is None:  # no validation data: the latest epoch is the best we know
             self.best_epoch = epoch + 1
             return True
@@ -399,7 +399,3 @@ class _Cache:
 
 def _quiet(*_: object) -> None:
     """Ranks other than 0 print nothing: one log per job, not one per GPU."""
-
-
-def _monitored(row: dict, monitor: str) -> float | None:
-    return row.get(monitor)
