@@ -165,3 +165,28 @@ def test_cache_is_built_through_the_device_loader_and_matches_uncached(image_fol
     assert [kw["train"] for kw in builds] == [True, False]  # the train and the val cache, in dataset order
     plain = Trainer(_config(image_folder, tmp_path, "gp", cache="off", decode="gpu"), echo=lambda *_: None)
     np.testing.assert_allclose(_losses(cached), _losses(plain), rtol=1e-4, atol=1e-5)
+
+
+def test_cache_features_for_your_own_loop(image_folder, tmp_path):
+    # the public API: freeze, cache once, train the suffix on cached batches; the suffix on cached features must
+    # compute what the whole model computes on the images
+    import freezetune as ft
+
+    trainer = Trainer(_config(image_folder, tmp_path, "own", cache="off", epochs=1), echo=lambda *_: None)
+    model, dataset = trainer.model, trainer.data.train
+    split, store = ft.cache_features(model, dataset, batch_size=8, spill_dir=tmp_path / "spill")
+    model.eval()
+    images = torch.stack([dataset[i][0] for i in range(6)])
+    with torch.no_grad():
+        torch.testing.assert_close(split.suffix_eval(store.features[0, :6]), model(images), rtol=1e-4, atol=1e-5)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    head = model.get_classifier().weight.detach().clone()
+    for feats, y in ft.store_loader(store, batch_size=8, train=True, seed=0):
+        loss = torch.nn.functional.cross_entropy(split.suffix_train(feats), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert not torch.equal(head, model.get_classifier().weight)  # the suffix shares the model's parameters
+    ft.unfreeze(model, "all")
+    with pytest.raises(ft.FreezetuneError, match="cannot cache features"):
+        ft.cache_features(model, dataset)

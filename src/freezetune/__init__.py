@@ -16,11 +16,24 @@ from freezetune.unfreezing import Unfreezer
 
 __version__ = "0.1.0"
 
+_LAZY = {"cache_features": "freezetune.cache", "store_loader": "freezetune.cache"}
+
+
+def __getattr__(name: str):
+    # The feature cache pulls in the data pipeline (torchvision): import it when first used, not with the package.
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'freezetune' has no attribute {name!r}")
+
+
 __all__ = [
     "FreezetuneError",
     "Stage",
     "Unfreezer",
     "__version__",
+    "cache_features",
     "count_parameters",
     "freeze",
     "freeze_to",
@@ -28,6 +41,7 @@ __all__ = [
     "param_groups",
     "replace_head",
     "stages",
+    "store_loader",
     "summary",
     "unfreeze",
 ]

@@ -13,11 +13,13 @@ from __future__ import annotations
 import logging
 import math
 import os
+import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 from torch.utils.data import (
     DataLoader,
     Dataset,
@@ -28,7 +30,7 @@ from torch.utils.data import (
 
 from freezetune.data import default_workers
 from freezetune.distributed import DistInfo, shard_rows, shard_sampler, sum_across_ranks
-from freezetune.errors import DataError
+from freezetune.errors import ConfigError, DataError
 from freezetune.precision import Precision
 from freezetune.split import Split
 
@@ -157,6 +159,48 @@ def build_store(
     sum_across_ranks(storage, dist)
     sum_across_ranks(targets, dist)
     return FeatureStore(storage, targets, seed), info
+
+
+def cache_features(
+    model: nn.Module,
+    dataset: Dataset,
+    *,
+    batch_size: int = 64,
+    amp: str = "auto",
+    views: int = 1,
+    seed: int = 0,
+    place: str = "auto",
+    spill_dir: str | Path | None = None,
+) -> tuple[Split, FeatureStore]:
+    """For your own training loop: split ``model`` at its first trainable stage and run the frozen prefix over
+    ``dataset`` once (``views`` passes of its own transform) on the model's device.
+
+    Train ``split.suffix_train`` on ``store_loader(store, ...)`` batches (call ``store.set_epoch(epoch)`` first when
+    ``views > 1``); ``split.suffix_eval`` evaluates. The model must be frozen first (``freeze``), with BatchNorm
+    policy ``"frozen"`` in the prefix.
+
+    Raises:
+        ConfigError: the model cannot be cached (the reason is named: nothing frozen, moving BatchNorm, ...).
+
+    >>> import torchvision, freezetune as ft
+    >>> from torch.utils.data import TensorDataset
+    >>> model = ft.replace_head(torchvision.models.resnet18(), 3); ft.freeze(model, "backbone")
+    >>> split, store = cache_features(model, TensorDataset(torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 0])))
+    >>> split.suffix_eval(store.features[0]).shape
+    torch.Size([4, 3])
+    """
+    from freezetune.precision import resolve_precision
+    from freezetune.split import split_model
+
+    split, why = split_model(model)
+    if split is None:
+        raise ConfigError(f"cannot cache features: {why}")
+    device = next(model.parameters()).device
+    spill_dir = spill_dir if spill_dir is not None else tempfile.mkdtemp(prefix="freezetune-cache-")
+    store, info = build_store(split, dataset, resolve_precision(device, amp), views=views, batch_size=batch_size,
+                              seed=seed, spill_dir=spill_dir, place=place)  # fmt: skip
+    log.info("feature cache: %s", info.describe())
+    return split, store
 
 
 def _prefix(split: Split, inputs, precision: Precision, channels_last: bool) -> torch.Tensor:
