@@ -28,7 +28,7 @@ from torch.utils.data import (
     Subset,
 )
 
-from freezetune.data import default_workers
+from freezetune.data import default_workers, draw_loader_seed
 from freezetune.distributed import DistInfo, shard_rows, shard_sampler, sum_across_ranks
 from freezetune.errors import ConfigError, DataError
 from freezetune.precision import Precision
@@ -98,8 +98,8 @@ class StoreLoader:
         return math.ceil(len(self.sampler) / self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        if self.generator is not None:  # a DataLoader's base-seed draw: the same order as the image loaders
-            torch.empty((), dtype=torch.int64).random_(generator=self.generator)
+        if self.generator is not None:
+            draw_loader_seed(self.generator)  # the same order as the image loaders
         order = torch.tensor(list(self.sampler), dtype=torch.long).to(self.store.device)
         for index in order.split(self.batch_size):
             features, targets = self.store.batch(index)

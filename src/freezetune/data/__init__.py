@@ -208,6 +208,15 @@ def usable_cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
+def draw_loader_seed(generator: torch.Generator) -> None:
+    """Consume what a ``DataLoader`` draws from its generator when an epoch starts (its workers' base seed).
+
+    Loaders of freezetune's own (device loaders, the feature cache's) call it before shuffling, so for the same
+    seed they visit the same batches as the CPU ``DataLoader`` (tested against ``build_loader``).
+    """
+    torch.empty((), dtype=torch.int64).random_(generator=generator)
+
+
 def default_workers(dataset: Dataset, cuda: bool) -> int:
     """Loader processes when the user sets none: ``min(4, cpus)`` for a CUDA run; on the CPU, 0 for in-memory
     datasets and ``min(2, cpus)`` for image files.

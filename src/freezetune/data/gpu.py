@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg, read_file
 
-from freezetune.data import usable_cpus
+from freezetune.data import draw_loader_seed, usable_cpus
 from freezetune.data.augment import BatchAugment, resize
 from freezetune.data.folder import FileImageDataset, load_image
 from freezetune.data.idx import InMemoryImageDataset
@@ -62,9 +62,7 @@ class _DeviceLoader:
             return list(torch.tensor(list(self.sampler), dtype=torch.long).split(self.batch_size))
         if not self.shuffle:
             return list(torch.arange(self.n).split(self.batch_size))
-        # A DataLoader draws its workers' base seed from the generator before its sampler shuffles; drawing it here
-        # too gives the epoch order of the CPU loader and of the feature cache for the same seed (tested).
-        torch.empty((), dtype=torch.int64).random_(generator=self.generator)
+        draw_loader_seed(self.generator)  # the CPU loader's and the feature cache's order for the same seed
         order = torch.randperm(self.n, generator=self.generator)
         return list(order.split(self.batch_size))
 
