@@ -169,18 +169,17 @@ def test_unfreezing_makes_bn_ordinary_again(resnet18):
     assert not any(bn.training for bn in bn_layers(resnet18.layer4))
 
 
-def test_switching_policy_of_frozen_part(resnet18):
+@pytest.mark.parametrize(
+    "switch",
+    [
+        lambda m: ft.freeze(m, "backbone", bn="train"),  # a second freeze switches the frozen part's policy
+        lambda m: ft.unfreeze(m, "layer4", bn="train"),  # unfreeze re-applies its policy to the parts still frozen
+    ],
+    ids=["freeze-again", "unfreeze"],
+)
+def test_a_later_call_switches_the_policy_of_the_frozen_part(resnet18, switch):
     ft.freeze(resnet18, "backbone", bn="frozen")
-    ft.freeze(resnet18, "backbone", bn="train")
-    before = bn_stats(resnet18.layer1)
-    train_forward(resnet18)
-    assert not same(bn_stats(resnet18.layer1), before)
-    assert not resnet18.layer1[0].bn1.weight.requires_grad
-
-
-def test_unfreeze_reapplies_its_policy_to_the_parts_still_frozen(resnet18):
-    ft.freeze(resnet18, "backbone", bn="frozen")
-    ft.unfreeze(resnet18, "layer4", bn="train")
+    switch(resnet18)
     before = bn_stats(resnet18.layer1)
     train_forward(resnet18)
     assert not same(bn_stats(resnet18.layer1), before)
