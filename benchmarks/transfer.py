@@ -194,49 +194,21 @@ def run_fastai(data: dict, args, device: torch.device) -> tuple[nn.Module, dict]
 # --- freezetune, through the library ------------------------------------------------------------------------
 
 
-class TimedTrainer(Trainer):
-    """freezetune's Trainer, unchanged, with stopwatches around what a user pays for training and what is not
-    training (the per-epoch validation, subtracted)."""
-
-    def __init__(self, cfg: TrainConfig, **kwargs) -> None:
-        self.cache_setup_s, self.val_s, self.epochs_s, self.cache_peak, self.in_fit = 0.0, 0.0, 0.0, 0.0, False
-        super().__init__(cfg, **kwargs)
-
-    def _setup_cache(self) -> None:
-        times: dict = {}
-        with timed(self.device, times, "s"):
-            super()._setup_cache()
-        if not self.in_fit:  # a rebuild after an unfreeze happens inside _epochs and is timed there
-            self.cache_setup_s += times["s"]
-        if self.device.type == "cuda":
-            self.cache_peak = max(self.cache_peak, torch.cuda.max_memory_allocated(self.device) / 2**20)
-
-    def _evaluate_val(self) -> dict:
-        times: dict = {}
-        with timed(self.device, times, "s"):
-            result = super()._evaluate_val()
-        self.val_s += times["s"]
-        return result
-
-    def _epochs(self) -> None:
-        self.in_fit, times = True, {}
-        with timed(self.device, times, "s"):
-            super()._epochs()
-        self.epochs_s = times["s"]
-
-
 def run_freezetune(name: str, data: dict, args, device: torch.device) -> tuple[nn.Module, dict]:
     cfg = TrainConfig(
         model=MODEL, weights="imagenet", img_size=args.res, data=FASHION, val_data=data["val_dir"],
         per_class=args.per_class, aug="none", batch_size=args.batch_size, epochs=args.epochs, device=str(device),
         out=str(Path(args.work_dir) / "run"), tensorboard=False, progress=False, seed=0, **RECIPES[name],
     )  # fmt: skip
-    trainer = TimedTrainer(cfg, echo=lambda line: print(line, file=sys.stderr))
+    trainer = Trainer(cfg, echo=lambda line: print(line, file=sys.stderr))
+    cache_peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else 0.0
     trainer.data.test = None  # the shared test tensor is scored below, by the same code as every contender
-    trainer.fit()
-    seconds = trainer.cache_setup_s + trainer.epochs_s - trainer.val_s
-    peaks = [trainer.cache_peak, *(row.get("peak_mem_mb", 0.0) for row in trainer.metrics.rows)]
-    cache = f"cache {trainer.cache_setup_s:.1f}s" if trainer.cache is not None or trainer.cache_setup_s > 0.5 else ""
+    result = trainer.fit()
+    # what a user pays to train: the cache build at set-up and the epoch loop, less the per-epoch validation
+    spent = result.seconds
+    seconds = spent["cache"] + spent["epochs"] - spent["val"]
+    peaks = [cache_peak, *(row.get("peak_mem_mb", 0.0) for row in result.history)]
+    cache = f"cache {spent['cache']:.1f}s" if spent["cache"] > 0 else ""
     return trainer.model, {"seconds": seconds, "cuda_peak": max(peaks) if device.type == "cuda" else 0.0,
                            "note": cache}  # fmt: skip
 

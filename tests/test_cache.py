@@ -7,7 +7,7 @@ from PIL import Image
 
 from freezetune.cache import FeatureStore, build_store, store_loader
 from freezetune.config import TrainConfig
-from freezetune.data import build_loader
+from freezetune.data import Loaders, build_loader
 from freezetune.precision import resolve_precision
 from freezetune.split import split_model
 from freezetune.trainer import Trainer
@@ -48,7 +48,7 @@ def _losses(trainer: Trainer) -> list[tuple[float, float]]:
 def test_cached_training_matches_uncached(image_folder, tmp_path):
     cached = Trainer(_config(image_folder, tmp_path, "cached", cache="memory"), echo=lambda *_: None)
     plain = Trainer(_config(image_folder, tmp_path, "plain", cache="off"), echo=lambda *_: None)
-    assert cached.cache is not None and plain.cache is None
+    assert cached.features.cached and not plain.features.cached
     got, want = _losses(cached), _losses(plain)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
     head_c = cached.model.get_classifier().weight
@@ -75,15 +75,15 @@ def test_cache_turns_off_when_boundary_is_no_longer_cacheable(image_folder, tmp_
         _config(image_folder, tmp_path, "x", cache="auto", unfreeze={1: "all"}, epochs=2),
         echo=lines.append,
     )
-    assert trainer.cache is not None
+    assert trainer.features.cached
     trainer.fit()
-    assert trainer.cache is None
+    assert not trainer.features.cached
     assert any("feature cache off" in line for line in lines)
 
 
 def test_disk_cache_spills_to_run_dir_and_matches(image_folder, tmp_path):
     disk = Trainer(_config(image_folder, tmp_path, "d", cache="disk", epochs=2), echo=lambda *_: None)
-    assert (tmp_path / "d" / "cache" / "feature_cache.bin").is_file()
+    assert (tmp_path / "d" / "cache" / "train" / "feature_cache.bin").is_file()
     mem = Trainer(_config(image_folder, tmp_path, "m", cache="memory", epochs=2), echo=lambda *_: None)
     np.testing.assert_allclose(_losses(disk), _losses(mem), rtol=1e-6, atol=1e-7)
 
@@ -93,7 +93,7 @@ def test_views_are_sampled_per_epoch_reproducibly(image_folder, tmp_path):
         _config(image_folder, tmp_path, "v", cache="memory", aug="light", cache_views=3, epochs=1),
         echo=lambda *_: None,
     )
-    store = trainer.cache.train
+    store = trainer.features.train_store
     assert store.features.shape[0] == 3
     assert not torch.equal(store.features[0], store.features[1])  # distinct augmented views were stored
     store.set_epoch(4)
@@ -121,7 +121,7 @@ def test_store_loader_shuffles_like_the_image_loader():
     images = build_loader(Items(), batch_size=8, train=True, workers=0, seed=5)
     for epoch in range(2):
         for loader in (cached, images):
-            loader.generator.manual_seed(100 + epoch)
+            loader.set_epoch(100 + epoch)
         got = [y.tolist() for _, y in cached]
         want = [y.tolist() for _, y in images]
         assert got == want
@@ -131,37 +131,39 @@ def test_store_loader_shuffles_like_the_image_loader():
 def test_build_store_rejects_nothing_and_reports_placement(image_folder, tmp_path):
     trainer = Trainer(_config(image_folder, tmp_path, "s", cache="off", epochs=1), echo=lambda *_: None)
     split, _ = split_model(trainer.model)
-    store, info = build_store(
-        split, trainer.data.train, resolve_precision(torch.device("cpu"), "off"),
-        views=1, batch_size=4, seed=0, spill_dir=tmp_path / "spill",
-    )  # fmt: skip
+    train = trainer.data.train
+
+    def views(workers: int):
+        loaders = Loaders(batch_size=2, device=torch.device("cpu"), seed=0, preprocess=trainer.preprocess,
+                          decode="cpu", workers=workers)  # fmt: skip
+        return loaders.views(train, train=True)
+
+    precision = resolve_precision(torch.device("cpu"), "off")
+    store, info = build_store(split, len(train), views(0), precision, views=1, spill_dir=tmp_path / "spill")
     assert len(store) == len(trainer.data.train) == 30
     assert info.place == "cpu" and info.bytes == store.features.numel() * 4
     assert "MiB on cpu" in info.describe()
     # image files decode in loader processes (as build_loader's default); the features do not depend on it
-    parallel, _ = build_store(
-        split, trainer.data.train, resolve_precision(torch.device("cpu"), "off"),
-        views=1, batch_size=4, seed=0, spill_dir=tmp_path / "spill", workers=2,
-    )  # fmt: skip
+    parallel, _ = build_store(split, len(train), views(2), precision, views=1, spill_dir=tmp_path / "spill")
     torch.testing.assert_close(parallel.features, store.features, rtol=0, atol=0)
     assert torch.equal(parallel.targets, store.targets)
 
 
 def test_cache_is_built_through_the_device_loader_and_matches_uncached(image_folder, tmp_path, monkeypatch):
     # decode="gpu" runs the device pipeline on the CPU: the cache must read images the way training does
-    import freezetune.trainer as trainer_mod
+    from freezetune.data import gpu
 
     calls = []
-    real = trainer_mod.build_device_loader
+    real = gpu.build_device_loader
 
     def spy(dataset, **kw):
         calls.append(kw)
         return real(dataset, **kw)
 
-    monkeypatch.setattr(trainer_mod, "build_device_loader", spy)
+    monkeypatch.setattr(gpu, "build_device_loader", spy)
     cached = Trainer(_config(image_folder, tmp_path, "gc", cache="memory", decode="gpu"), echo=lambda *_: None)
-    assert cached.cache is not None
-    builds = [kw for kw in calls if kw.get("shuffle") is False]
+    assert cached.features.cached
+    builds = [kw for kw in calls if kw.get("rows") is not None and not kw["order"].shuffle]
     assert [kw["train"] for kw in builds] == [True, False]  # the train and the val cache, in dataset order
     plain = Trainer(_config(image_folder, tmp_path, "gp", cache="off", decode="gpu"), echo=lambda *_: None)
     np.testing.assert_allclose(_losses(cached), _losses(plain), rtol=1e-4, atol=1e-5)

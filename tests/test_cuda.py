@@ -41,8 +41,8 @@ def test_cached_head_training_on_the_gpu(data, tmp_path, amp):
     trainer = Trainer(_config(data, tmp_path, amp, amp=amp, freeze="backbone", cache="auto"), echo=lines.append)
     assert trainer.channels_last
     assert trainer.precision.amp_dtype is {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
-    assert trainer.cache is not None and trainer.cache.train.features.is_cuda  # small: the GPU budget holds it
-    assert isinstance(trainer._val_loader or trainer._loader(trainer.data.val, train=False), DeviceJpegLoader)
+    assert trainer.features.cached and trainer.features.train_store.features.is_cuda  # small: the GPU budget holds it
+    assert isinstance(trainer.loaders.eval(trainer.data.val), DeviceJpegLoader)
     result = trainer.fit()
     assert all(np.isfinite(r["train_loss"]) for r in result.history)
     assert result.test is not None and 0.0 <= result.test["acc"] <= 1.0
@@ -56,7 +56,7 @@ def test_full_finetune_with_fp16_grad_scaler_and_unfreeze(data, tmp_path):
         _config(data, tmp_path, "fp16", amp="fp16", freeze="backbone", unfreeze="epoch:1", cache="auto"),
         echo=lambda *_: None,
     )
-    assert trainer.scaler.is_enabled()
+    assert trainer.state.scaler.is_enabled()
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
     result = trainer.fit()
     assert all(np.isfinite(r["train_loss"]) for r in result.history)

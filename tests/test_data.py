@@ -267,7 +267,7 @@ def test_loader_shuffle_is_seeded_and_eval_is_ordered():
     assert torch.equal(order(3), order(3)) and not torch.equal(order(3), order(4))
     assert order(3, train=False).tolist() == list(range(40))
     loader = build_loader(_labels_dataset(), batch_size=8, train=True)
-    assert loader.num_workers == 0 and not loader.pin_memory  # in-memory data on CPU: no worker processes
+    assert loader.loader.num_workers == 0 and not loader.loader.pin_memory  # in-memory data on CPU: no workers
     with pytest.raises(ConfigError, match="batch_size"):
         build_loader(_labels_dataset(), batch_size=0, train=True)
 

@@ -24,10 +24,10 @@ from freezetune.data.gpu import (
     build_device_loader,
     should_use_device_loader,
 )
-from freezetune.distributed import DistInfo, shard_sampler, sharded_loader
+from freezetune.data.loaders import EpochOrder, Loaders
+from freezetune.distributed import DistInfo
 from freezetune.errors import ConfigError, DataError
 from freezetune.preprocess import Preprocess
-from freezetune.runtime import seed_epoch
 
 PRE = Preprocess(input_size=32)
 
@@ -132,12 +132,12 @@ def test_warp_matches_torchvision_resized_crop(canvas):
         assert (sample - ref)[:, 2:-2, 2:-2].abs().max() < (1.5 if canvas else 0.01)
 
 
-def test_reseeding_the_generator_replays_the_epoch():
+def test_setting_the_epoch_replays_it():
     ds = dataset(smooth_images(12, 30, 30))
     loader = DeviceImageLoader(ds, batch_size=5, train=True, device="cpu", preprocess=PRE, aug="standard")
 
     def epoch(seed: int):
-        loader.generator.manual_seed(seed)
+        loader.set_epoch(seed)
         return list(loader)
 
     first, again, other = epoch(7), epoch(7), epoch(8)
@@ -164,23 +164,23 @@ def test_epoch_order_matches_the_cpu_loader_for_the_same_seed():
     cpu = build_loader(ds, batch_size=4, train=True, workers=0, seed=11)
     for epoch in range(2):
         for loader in (device, cpu):
-            loader.generator.manual_seed(100 + epoch)
+            loader.set_epoch(100 + epoch)
         assert [y.tolist() for _, y in device] == [y.tolist() for _, y in cpu]
 
 
 def test_ddp_shards_match_the_cpu_sharded_loader():
-    # under torchrun each rank's device loader must visit the same images as the CPU DistributedSampler path
+    # under torchrun each rank's device loader must visit the same images as the CPU loader's shard
     n = 21
     ds = InMemoryImageDataset(torch.zeros(n, 8, 8, dtype=torch.uint8), torch.arange(n), [str(i) for i in range(n)])
     seen = []
     for rank in range(2):
         info = DistInfo(rank=rank, world=2)
-        device = DeviceImageLoader(ds, batch_size=4, train=True, device="cpu", preprocess=PRE, aug="light",
-                                   sampler=shard_sampler(n, info, seed=3))  # fmt: skip
-        cpu = sharded_loader(ds, batch_size=4, info=info, seed=3, workers=0, device=torch.device("cpu"))
+        kw = dict(batch_size=4, device=torch.device("cpu"), seed=3, preprocess=PRE, aug="light", workers=0, dist=info)
+        device, cpu = Loaders(**kw, decode="gpu").train(ds), Loaders(**kw, decode="cpu").train(ds)
+        assert isinstance(device, DeviceImageLoader) and not isinstance(cpu, DeviceImageLoader)
         for epoch in range(2):
-            seed_epoch(3, epoch, device, rank=rank)
-            seed_epoch(3, epoch, cpu, rank=rank)
+            device.set_epoch(epoch)
+            cpu.set_epoch(epoch)
             got = [y.tolist() for _, y in device]
             assert got == [y.tolist() for _, y in cpu] and len(device) == len(got) == 3
             seen.append(sum(got, []))
@@ -192,7 +192,7 @@ def test_unshuffled_rows_keep_dataset_order_while_augmenting():
     images = smooth_images(10, 30, 30)
     ds = dataset(images)
     loader = DeviceImageLoader(ds, batch_size=4, train=True, device="cpu", preprocess=PRE, aug="light",
-                               rows=[7, 2, 5], shuffle=False)  # fmt: skip
+                               rows=[7, 2, 5], order=EpochOrder(3, shuffle=False))  # fmt: skip
     x, y = one_batch(loader)
     assert len(loader) == 1 and y.tolist() == [7 % 5, 2 % 5, 5 % 5]
     ref, _ = one_batch(DeviceImageLoader(dataset(images[[7, 2, 5]]), batch_size=4, train=False, device="cpu",
@@ -256,7 +256,7 @@ def test_jpeg_loader_train_is_shuffled_and_reproducible(tmp_path, aug):
     ds = write_images(tmp_path)
     loader = DeviceJpegLoader(ds, batch_size=3, train=True, device="cpu", preprocess=PRE, aug=aug, threads=2)
     first = list(loader)
-    loader.generator.manual_seed(0)  # the seed the loader started from
+    loader.set_epoch(0)  # the epoch the loader started at
     again = list(loader)
     assert all(torch.equal(a[0], b[0]) for a, b in zip(first, again, strict=True))
     labels = torch.cat([y for _, y in first])

@@ -204,8 +204,9 @@ def test_trainer_recompiles_after_each_unfreeze(data, tmp_path, capsys, monkeypa
 def test_schedules_run_their_whole_length_even_when_short(scheduler, epochs, steps, warmup):
     cfg = TrainConfig(data="x", epochs=epochs, warmup_epochs=warmup, scheduler=scheduler, lr=0.1)
     model = nn.Linear(2, 2)
-    optimizer = build_optimizer(model, cfg)
-    schedule = build_scheduler(optimizer, cfg, steps)
+    optimizer = build_optimizer(model, cfg.optimizer, cfg.lr)
+    schedule = build_scheduler(optimizer, cfg.scheduler, epochs=epochs, steps_per_epoch=steps,
+                               warmup_epochs=cfg.warmup_epochs)  # fmt: skip
     lrs = []
     for _ in range(epochs * steps):
         lrs.append(optimizer.param_groups[0]["lr"])  # the LR this step trains with
@@ -219,8 +220,8 @@ def test_schedules_run_their_whole_length_even_when_short(scheduler, epochs, ste
 
 def test_onecycle_peaks_at_the_configured_lr_and_anneals():
     cfg = TrainConfig(data="x", epochs=4, lr=0.01, scheduler="onecycle")
-    optimizer = build_optimizer(nn.Linear(4, 2), cfg)
-    schedule = build_scheduler(optimizer, cfg, 10)
+    optimizer = build_optimizer(nn.Linear(4, 2), cfg.optimizer, cfg.lr)
+    schedule = build_scheduler(optimizer, cfg.scheduler, epochs=cfg.epochs, steps_per_epoch=10)
     lrs = []
     for _ in range(40):
         lrs.append(optimizer.param_groups[0]["lr"])
@@ -273,8 +274,9 @@ def test_each_epoch_starts_the_training_loader_once(data, tmp_path, monkeypatch)
                       out=str(tmp_path / "run"))  # fmt: skip
     t = trainer.Trainer(cfg, echo=lambda *_: None)
     starts = []
-    loader_type = type(t.train_loader)
+    loader = t.features.train_batches(0).loader  # the DataLoader under the run's CPU loader
+    loader_type = type(loader)
     real_iter = loader_type.__iter__
-    monkeypatch.setattr(loader_type, "__iter__", lambda self: starts.append(self is t.train_loader) or real_iter(self))
+    monkeypatch.setattr(loader_type, "__iter__", lambda self: starts.append(self is loader) or real_iter(self))
     t.fit()
     assert starts.count(True) == 2

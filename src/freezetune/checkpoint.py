@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import random
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -80,74 +81,83 @@ def build_model(record: dict[str, Any]) -> tuple[nn.Module, Preprocess]:
     return model, Preprocess.from_dict(record["preprocess"])
 
 
-# --- the trainer's checkpoints (the trainer is duck-typed to keep this module import-light) --------------
+# --- the trainer's checkpoints: each function takes what it saves and returns what it restores ----------------
 
 
-def _record(trainer) -> dict:
-    return model_record(trainer.model, trainer.cfg.to_dict(), trainer.classes, trainer.preprocess)
+@dataclass
+class TrainingState:
+    """The objects a resume must bring back, besides the ``Progress``: model, optimizer and its companions."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any | None  # a torch LR scheduler
+    scaler: torch.amp.GradScaler
+    unfreezer: Any | None  # freezetune.unfreezing.Unfreezer
 
 
-def save_best(trainer, epoch: int, row: dict) -> None:
-    """Write ``best.pt``: the weights and everything ``predict`` needs, with the epoch's metrics."""
-    record = _record(trainer)
-    record.update(epoch=epoch + 1, metrics={k: v for k, v in row.items() if isinstance(v, (int, float))})
-    save(record, trainer.run_dir / BEST)
+def save_best(path: str | Path, record: dict[str, Any], epoch: int, row: dict) -> Path:
+    """Write ``best.pt``: ``record`` (``model_record``: the weights and all ``predict`` needs) with the epoch's metrics.
+
+    ``epoch`` is 0-based.
+    """
+    metrics = {k: v for k, v in row.items() if isinstance(v, (int, float))}
+    return save({**record, "epoch": epoch + 1, "metrics": metrics}, path)
 
 
-def save_last(trainer, epoch: int) -> None:
-    """Write ``last.pt``: the full resume state after ``epoch`` (0-based)."""
-    record = _record(trainer)
-    record.update(
-        epoch=epoch + 1,
-        steps_per_epoch=trainer.steps_per_epoch,
-        optimizer=trainer.optimizer.state_dict(),
-        scheduler=trainer.scheduler.state_dict() if trainer.scheduler is not None else None,
-        scaler=trainer.scaler.state_dict(),
-        unfreezer=trainer.unfreezer.state_dict() if trainer.unfreezer is not None else None,
-        best={"epoch": trainer.best_epoch, "metric": trainer.best_metric, "bad_epochs": trainer.bad_epochs},
-        rng=rng_state(),
+def save_last(path: str | Path, record: dict[str, Any], state: TrainingState, progress, steps_per_epoch: int) -> Path:
+    """Write ``last.pt``: ``record`` plus the full resume state after ``progress.epoch`` finished epochs."""
+    return save(
+        {
+            **record,
+            "epoch": progress.epoch,
+            "steps_per_epoch": steps_per_epoch,
+            "optimizer": state.optimizer.state_dict(),
+            "scheduler": state.scheduler.state_dict() if state.scheduler is not None else None,
+            "scaler": state.scaler.state_dict(),
+            "unfreezer": state.unfreezer.state_dict() if state.unfreezer is not None else None,
+            "progress": progress.state_dict(),
+            "rng": rng_state(),
+        },
+        path,
     )
-    save(record, trainer.run_dir / LAST)
 
 
-def restore(trainer) -> None:
-    """Continue a run from its ``last.pt``: call after the trainer is set up as at the start of that run."""
-    record = load(trainer.run_dir / LAST)
-    _check_resumable(trainer, record)
-    trainer.model.load_state_dict(record["state_dict"])
-    if trainer.unfreezer is not None and record.get("unfreezer"):
-        trainer.unfreezer.load_state_dict(record["unfreezer"])  # before the optimizer: re-creates its groups
+def restore(path: str | Path, state: TrainingState, progress, *, expect: dict[str, Any]) -> None:
+    """Continue a run from its ``last.pt``: load into ``state`` (set up as at the start of that run) and ``progress``.
+
+    ``expect`` holds what the run must share with ``last.pt`` (``model``, ``classes``, ``epochs``, ``scheduler``,
+    ``warmup_epochs``, ``steps_per_epoch``); a mismatch is refused with the reason.
+    """
+    record = load(path)
+    _check_resumable(Path(path), record, expect)
+    state.model.load_state_dict(record["state_dict"])
+    if state.unfreezer is not None and record.get("unfreezer"):
+        state.unfreezer.load_state_dict(record["unfreezer"])  # before the optimizer: re-creates its groups
     try:
-        trainer.optimizer.load_state_dict(record["optimizer"])
+        state.optimizer.load_state_dict(record["optimizer"])
     except ValueError as exc:  # torch's group-size mismatch: the trainable set differs from the run's
         raise CheckpointError(
-            f"the optimizer state in {trainer.run_dir / LAST} does not fit this config's trainable "
+            f"the optimizer state in {path} does not fit this config's trainable "
             f"parameters (changed --freeze, --unfreeze or --bn?): {str(exc).splitlines()[0]}"
         ) from None
-    if trainer.scheduler is not None and record.get("scheduler"):
-        trainer.scheduler.load_state_dict(record["scheduler"])
-    trainer.scaler.load_state_dict(record["scaler"])
+    if state.scheduler is not None and record.get("scheduler"):
+        state.scheduler.load_state_dict(record["scheduler"])
+    state.scaler.load_state_dict(record["scaler"])
     set_rng_state(record["rng"])
-    best = record["best"]
-    trainer.best_epoch, trainer.best_metric, trainer.bad_epochs = best["epoch"], best["metric"], best["bad_epochs"]
-    trainer.start_epoch = int(record["epoch"])
-    trainer.metrics.truncate(trainer.start_epoch)
-    trainer.echo(f"resumed {trainer.run_dir} after epoch {trainer.start_epoch}")
+    progress.load_state_dict({**record["progress"], "monitor": progress.monitor})
 
 
-def _check_resumable(trainer, record: dict) -> None:
-    path, cfg = trainer.run_dir / LAST, trainer.cfg
-    if record.get("model") != cfg.model or record.get("classes") != trainer.classes:
+def _check_resumable(path: Path, record: dict, expect: dict[str, Any]) -> None:
+    if record.get("model") != expect["model"] or record.get("classes") != expect["classes"]:
         raise CheckpointError(
             f"{path} is a run of {record.get('model')} on {len(record['classes'])} classes; this config is "
-            f"{cfg.model} on {len(trainer.classes)}: resume with the run's own config"
+            f"{expect['model']} on {len(expect['classes'])}: resume with the run's own config"
         )
     old = dict(record.get("config") or {}, steps_per_epoch=record.get("steps_per_epoch"))
-    new = {"epochs": cfg.epochs, "scheduler": cfg.scheduler, "warmup_epochs": cfg.warmup_epochs,
-           "steps_per_epoch": trainer.steps_per_epoch}  # fmt: skip
-    changed = [f"{k} {old[k]!r} -> {v!r}" for k, v in new.items() if old.get(k) is not None and old[k] != v]
+    schedule = ("epochs", "scheduler", "warmup_epochs", "steps_per_epoch")
+    changed = [f"{k} {old[k]!r} -> {expect[k]!r}" for k in schedule if old.get(k) is not None and old[k] != expect[k]]
     # A per-step LR schedule cannot be stretched mid-run (OneCycleLR raises once past its total_steps).
-    if changed and not (cfg.scheduler == "none" and old.get("scheduler") == "none"):
+    if changed and not (expect["scheduler"] == "none" and old.get("scheduler") == "none"):
         raise ConfigError(
             f"cannot resume {path} with {', '.join(changed)}: its {old.get('scheduler')} LR schedule spans the "
             "run's original length; resume with the run's values, or start a new run"

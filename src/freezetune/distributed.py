@@ -125,27 +125,3 @@ def barrier(info: DistInfo) -> None:
 def shutdown(info: DistInfo) -> None:
     if info.enabled and dist.is_initialized():
         dist.destroy_process_group()
-
-
-def shard_sampler(n: int, info: DistInfo, seed: int):
-    """This rank's 1/world of each epoch over ``n`` items: the same global shuffle on every rank (``seed``),
-    reshuffled by ``set_epoch`` (``runtime.seed_epoch`` calls it). Image, device and feature-cache loaders share it,
-    so all three give a rank the same items in the same epoch.
-
-    >>> s = shard_sampler(10, DistInfo(rank=1, world=2), seed=0); s.set_epoch(3); len(list(s))
-    5
-    """
-    from torch.utils.data import DistributedSampler
-
-    return DistributedSampler(range(n), num_replicas=info.world, rank=info.rank, shuffle=True, seed=seed)
-
-
-def sharded_loader(dataset, *, batch_size: int, info: DistInfo, seed: int, workers: int, device: torch.device):
-    """Each rank reads its own 1/world of every epoch (``shard_sampler``)."""
-    from torch.utils.data import DataLoader
-
-    sampler = shard_sampler(len(dataset), info, seed)
-    return DataLoader(
-        dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
-        pin_memory=device.type == "cuda", persistent_workers=workers > 0,
-    )  # fmt: skip

@@ -5,30 +5,36 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from freezetune.config import TrainConfig
 from freezetune.param_groups import param_groups
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW/Adam/SGD over the trainable parameters only, one group per stage (see ``param_groups``)."""
-    groups = param_groups(model, cfg.lr, stage_lrs=cfg.stage_lrs, decay=cfg.decay, weight_decay=cfg.weight_decay)
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
-    cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
+def build_optimizer(model: nn.Module, name: str = "adamw", lr: float = 1e-3, *, stage_lrs: dict[str, float] | None = None,
+                    decay: float | None = None, weight_decay: float = 0.05,
+                    momentum: float = 0.9) -> torch.optim.Optimizer:  # fmt: skip
+    """AdamW/Adam/SGD over the trainable parameters only, one group per stage (see ``param_groups``).
+
+    >>> build_optimizer(nn.Linear(2, 2), "sgd", 0.1).defaults["nesterov"]
+    True
+    """
+    groups = param_groups(model, lr, stage_lrs=stage_lrs, decay=decay, weight_decay=weight_decay)
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=momentum > 0)
+    cls = torch.optim.AdamW if name == "adamw" else torch.optim.Adam
     # One fused kernel per step instead of a dozen: a cached head-only step is launch-bound on a GPU
     cuda = any(p.is_cuda for g in groups for p in g["params"])
-    return cls(groups, lr=cfg.lr, **({"fused": True} if cuda else {}))
+    return cls(groups, lr=lr, **({"fused": True} if cuda else {}))
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int):
+def build_scheduler(optimizer: torch.optim.Optimizer, kind: str, *, epochs: int, steps_per_epoch: int,
+                    warmup_epochs: float = 0.0):  # fmt: skip
     """A per-step schedule: one-cycle (warm-up then cosine annealing), cosine with optional linear warm-up, or none.
 
-    Returns None for ``scheduler: none``. Groups added later by the Unfreezer are driven too (it extends the
-    scheduler's per-group lists).
+    Returns None for ``kind="none"``. Groups added later by the Unfreezer are driven too (it extends the
+    scheduler's per-group lists). One-cycle cycles momentum only for SGD.
     """
-    total = max(1, cfg.epochs * steps_per_epoch)
-    warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
-    if cfg.scheduler == "onecycle":
+    total = max(1, epochs * steps_per_epoch)
+    warmup = int(round(warmup_epochs * steps_per_epoch))
+    if kind == "onecycle":
         pct = warmup / total if warmup else 0.25
         # OneCycleLR divides by (pct_start * total - 1): the warm-up must span at least two steps, or a short run
         # (e.g. 4 steps at the default 0.25) dies with ZeroDivisionError before training starts.
@@ -37,9 +43,9 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_pe
             max_lr=[g["lr"] for g in optimizer.param_groups],
             total_steps=total,
             pct_start=min(max(pct, 2.0 / total), 0.9),
-            cycle_momentum=cfg.optimizer == "sgd",  # Adam's betas cycling gives nothing measurable here
+            cycle_momentum=isinstance(optimizer, torch.optim.SGD),  # Adam's betas cycling gives nothing measurable
         )
-    if cfg.scheduler == "cosine":
+    if kind == "cosine":
         cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, total - warmup))
         if not warmup:
             return cosine

@@ -24,6 +24,10 @@ from freezetune.errors import DataError
 METRICS_CSV = "metrics.csv"
 
 
+# A list in a metrics.csv cell (the stages unfrozen after an epoch) is written joined by this, and only here.
+LIST_SEP = ";"
+
+
 class MetricsLogger:
     """Append one row per epoch to ``run_dir/metrics.csv`` and mirror the numeric values to TensorBoard.
 
@@ -146,7 +150,7 @@ def _cell_value(v: Any) -> Any:
     if isinstance(v, torch.Tensor):
         v = v.item()
     if isinstance(v, (list, tuple)):
-        return ";".join(str(x) for x in v)
+        return LIST_SEP.join(str(x) for x in v)
     if isinstance(v, bool) or v is None or isinstance(v, str):
         return v
     if isinstance(v, numbers.Integral):
@@ -342,7 +346,8 @@ def format_epoch_line(row: dict[str, Any]) -> str:
         speed.append(f"{row['img_per_s']:.0f} img/s")
     parts.append(" ".join(speed))
     if row.get("unfrozen"):
-        parts.append("unfrozen: " + ", ".join(s for s in str(row["unfrozen"]).split(";") if s))
+        names = row["unfrozen"] if isinstance(row["unfrozen"], (list, tuple)) else str(row["unfrozen"]).split(LIST_SEP)
+        parts.append("unfrozen: " + ", ".join(s for s in names if s))
     return "  ".join(p for p in parts if p)
 
 

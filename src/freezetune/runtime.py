@@ -12,28 +12,29 @@ import torch
 from torch import nn
 
 from freezetune import checkpoint
-from freezetune.config import TrainConfig
+from freezetune.data.loaders import epoch_seed
 from freezetune.errors import CheckpointError, ConfigError
 
 RUN_FILES = ("last.pt", "best.pt", "metrics.csv")
 
 
-def prepare_run_dir(cfg: TrainConfig) -> Path:
-    if cfg.out:
-        run_dir = Path(cfg.out)
+def prepare_run_dir(out: str | None, model: str, *, resume: bool) -> Path:
+    """The run directory: ``out``, or ``runs/MODEL-TIMESTAMP``; refused when it holds a run and ``resume`` is off, or
+    lacks ``last.pt`` when it is on. Not created here: a set-up error (unknown model, bad data path) must not leave an
+    empty run dir behind; ``MetricsLogger`` creates it once the model and data are ready."""
+    if out:
+        run_dir = Path(out)
     else:
-        short = cfg.model.split(":")[-1].replace("/", "_")
+        short = model.split(":")[-1].replace("/", "_")
         run_dir = Path("runs") / f"{short}-{datetime.now():%Y%m%d-%H%M%S}"
     existing = [f for f in RUN_FILES if (run_dir / f).exists()]
-    if cfg.resume and not (run_dir / checkpoint.LAST).exists():
+    if resume and not (run_dir / checkpoint.LAST).exists():
         raise CheckpointError(f"cannot resume: {run_dir / checkpoint.LAST} does not exist")
-    if existing and not cfg.resume:
+    if existing and not resume:
         raise ConfigError(
             f"run dir {str(run_dir)!r} already holds a run ({', '.join(existing)}); "
             "pass --resume to continue it or choose another --out"
         )
-    # Not created here: a set-up error (unknown model, bad data path) must not leave an empty run dir behind.
-    # MetricsLogger creates it once the model and data are ready.
     return run_dir
 
 
@@ -51,9 +52,10 @@ def recompile(module: nn.Module, backend: str | None = None) -> nn.Module:
     return torch.compile(module, backend=backend or "inductor")
 
 
-def use_channels_last(cfg: TrainConfig, model: nn.Module, device: torch.device) -> bool:
-    if cfg.channels_last is not None:
-        return cfg.channels_last
+def use_channels_last(setting: bool | None, model: nn.Module, device: torch.device) -> bool:
+    """``setting`` when given, else NHWC for a convnet on CUDA."""
+    if setting is not None:
+        return setting
     # NHWC lets cuDNN use tensor-core convolutions under AMP; on CPU it brings nothing reliable
     return device.type == "cuda" and any(isinstance(m, nn.Conv2d) for m in model.modules())
 
@@ -64,17 +66,11 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def seed_epoch(seed: int, epoch: int, loader, rank: int = 0) -> None:
-    # Each epoch's shuffle, augmentation and dropout depend only on (seed, epoch, DDP rank): a resumed run repeats
-    # them exactly. The rank term keeps ranks from drawing the same crops and masks for their different images; the
-    # shard order itself comes from the sampler's own seed, the same on every rank.
-    base = seed * 100_003 + epoch + rank * 1_000_000_007
-    torch.manual_seed(base)
-    if getattr(loader, "generator", None) is not None:
-        loader.generator.manual_seed(base)
-    sampler = getattr(loader, "sampler", None)
-    if hasattr(sampler, "set_epoch"):  # DDP's DistributedSampler shuffles by (seed, epoch) itself
-        sampler.set_epoch(epoch)
+def seed_epoch(seed: int, epoch: int, rank: int = 0) -> None:
+    # Each epoch's augmentation (in-process CPU transforms) and dropout depend only on (seed, epoch, DDP rank): a
+    # resumed run repeats them exactly. The rank term keeps ranks from drawing the same crops and masks for their
+    # different images. The loaders seed their own order and workers (``Loaders``, ``set_epoch``).
+    torch.manual_seed(epoch_seed(seed, epoch, rank))
 
 
 def peak_memory_mb(device: torch.device) -> float:

@@ -19,17 +19,17 @@ from __future__ import annotations
 import logging
 import math
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg, read_file
 
-from freezetune.data import draw_loader_seed, usable_cpus
 from freezetune.data.augment import BatchAugment, resize
 from freezetune.data.folder import FileImageDataset, load_image
 from freezetune.data.idx import InMemoryImageDataset
+from freezetune.data.loaders import EpochOrder, check_batch_size, epoch_seed, usable_cpus
 from freezetune.errors import ConfigError, DataError, choices
 from freezetune.preprocess import Preprocess
 
@@ -40,31 +40,29 @@ _JPEG_MAGIC = b"\xff\xd8\xff"
 
 
 class _DeviceLoader:
-    """Shared batching: ``len`` in batches (last one partial), order shuffled by ``generator`` when ``shuffle``, or
-    each epoch's order from ``sampler`` (DDP: this rank's shard, reshuffled by ``sampler.set_epoch``)."""
+    """Shared batching: ``len`` in batches (last one partial), each epoch's order from ``order`` (an ``EpochOrder``:
+    shuffled when training, under DDP this rank's shard), augmentation drawn from ``generator``."""
 
     def __init__(self, n: int, *, batch_size: int, train: bool, device, seed: int, preprocess: Preprocess, aug: str,
-                 shuffle: bool | None, sampler: Iterable[int] | None) -> None:  # fmt: skip
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
-        self.n, self.batch_size, self.train = n, batch_size, train
-        self.shuffle = train if shuffle is None else shuffle
-        self.sampler = sampler  # ``runtime.seed_epoch`` calls its ``set_epoch``, as for a DataLoader's sampler
+                 order: EpochOrder | None, rank: int = 0) -> None:  # fmt: skip
+        self.n, self.batch_size, self.train = n, check_batch_size(batch_size), train
+        self.order = order if order is not None else EpochOrder(n, shuffle=train, seed=seed)
+        self.seed, self.rank = seed, rank
         self.device = torch.device(device)
-        self.generator = torch.Generator().manual_seed(seed)
+        self.generator = torch.Generator()
         self.augment = BatchAugment(preprocess, aug if train else "none", self.device)
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Pick the epoch's order and augmentation (a resumed run repeats both)."""
+        self.order.set_epoch(epoch)
+        self.generator.manual_seed(epoch_seed(self.seed, epoch, self.rank))
 
     def __len__(self) -> int:
-        return math.ceil((self.n if self.sampler is None else len(self.sampler)) / self.batch_size)
+        return math.ceil(len(self.order) / self.batch_size)
 
     def _batches(self) -> list[torch.Tensor]:
-        if self.sampler is not None:
-            return list(torch.tensor(list(self.sampler), dtype=torch.long).split(self.batch_size))
-        if not self.shuffle:
-            return list(torch.arange(self.n).split(self.batch_size))
-        draw_loader_seed(self.generator)  # the CPU loader's and the feature cache's order for the same seed
-        order = torch.randperm(self.n, generator=self.generator)
-        return list(order.split(self.batch_size))
+        return list(self.order.indices().split(self.batch_size))
 
 
 class DeviceImageLoader(_DeviceLoader):
@@ -79,9 +77,9 @@ class DeviceImageLoader(_DeviceLoader):
         preprocess: the model's input size, mean/std, interpolation and crop_pct.
         aug: augmentation preset for training, one of ``AUG_PRESETS``.
         rows: only these dataset indices, in this order (a shard); default all.
-        shuffle: override the order: ``False`` keeps dataset order while augmenting (the feature cache's build).
-        sampler: each epoch's order, as positions in ``rows`` (under DDP a ``DistributedSampler``); overrides
-            ``shuffle``.
+        order: each epoch's order, as positions in ``rows`` (an ``EpochOrder``; default shuffled when ``train``).
+            ``EpochOrder(n, shuffle=False)`` keeps dataset order while augmenting (the feature cache's build).
+        rank: the DDP rank, so ranks draw different augmentation.
 
     >>> ds = InMemoryImageDataset(torch.zeros(10, 28, 28, dtype=torch.uint8), torch.arange(10), list("0123456789"))
     >>> loader = DeviceImageLoader(ds, batch_size=4, train=True, device="cpu", preprocess=Preprocess(input_size=32))
@@ -91,11 +89,11 @@ class DeviceImageLoader(_DeviceLoader):
 
     def __init__(self, dataset: InMemoryImageDataset, *, batch_size: int, train: bool, device: torch.device | str,
                  seed: int = 0, preprocess: Preprocess, aug: str = "light", rows: Sequence[int] | None = None,
-                 shuffle: bool | None = None, sampler: Iterable[int] | None = None) -> None:  # fmt: skip
+                 order: EpochOrder | None = None, rank: int = 0) -> None:  # fmt: skip
         pick = slice(None) if rows is None else torch.as_tensor(list(rows), dtype=torch.long)
         images, targets = dataset.images[pick], dataset.targets[pick]  # a slice is a view: no copy of the whole set
         super().__init__(len(targets), batch_size=batch_size, train=train, device=device, seed=seed,
-                         preprocess=preprocess, aug=aug, shuffle=shuffle, sampler=sampler)  # fmt: skip
+                         preprocess=preprocess, aug=aug, order=order, rank=rank)  # fmt: skip
         images = images.unsqueeze(1) if images.dim() == 3 else images.permute(0, 3, 1, 2)
         if images.shape[1] not in (1, 3):
             raise DataError(f"in-memory images need 1 or 3 channels for the device loader, got {images.shape[1]}")
@@ -165,7 +163,7 @@ class DeviceJpegLoader(_DeviceLoader):
         threads: reader threads (default ``min(8, cpus)``); ``prefetch`` batches are read ahead.
         batch_decode: decode the JPEGs of a batch in one ``decode_jpeg`` call on ``device`` (default: on CUDA);
             otherwise every file is decoded in the reader threads.
-        rows, shuffle, sampler: as ``DeviceImageLoader``.
+        rows, order, rank: as ``DeviceImageLoader``.
         Others: as ``DeviceImageLoader``.
 
     >>> loader = DeviceJpegLoader(FileImageDataset([("a.jpg", 0)], ["a"]), batch_size=2, train=False,
@@ -176,11 +174,11 @@ class DeviceJpegLoader(_DeviceLoader):
 
     def __init__(self, dataset: FileImageDataset, *, batch_size: int, train: bool, device: torch.device | str,
                  seed: int = 0, preprocess: Preprocess, aug: str = "light", threads: int | None = None,
-                 prefetch: int = 2, rows: Sequence[int] | None = None, shuffle: bool | None = None,
-                 sampler: Iterable[int] | None = None, batch_decode: bool | None = None) -> None:  # fmt: skip
+                 prefetch: int = 2, rows: Sequence[int] | None = None, order: EpochOrder | None = None,
+                 rank: int = 0, batch_decode: bool | None = None) -> None:  # fmt: skip
         rows = range(len(dataset)) if rows is None else rows
         super().__init__(len(rows), batch_size=batch_size, train=train, device=device, seed=seed,
-                         preprocess=preprocess, aug=aug, shuffle=shuffle, sampler=sampler)  # fmt: skip
+                         preprocess=preprocess, aug=aug, order=order, rank=rank)  # fmt: skip
         self.paths = [str(dataset.samples[i][0]) for i in rows]
         self.targets = dataset.targets[torch.as_tensor(list(rows), dtype=torch.long)].to(self.device)
         self.threads = threads or min(8, usable_cpus())
@@ -307,11 +305,11 @@ def should_use_device_loader(dataset, device: torch.device | str, decode: str = 
 
 def build_device_loader(dataset, *, batch_size: int, train: bool, device: torch.device | str, seed: int,
                         preprocess: Preprocess, aug: str, rows: Sequence[int] | None = None,
-                        shuffle: bool | None = None,
-                        sampler: Iterable[int] | None = None) -> DeviceImageLoader | DeviceJpegLoader | None:  # fmt: skip
+                        order: EpochOrder | None = None,
+                        rank: int = 0) -> DeviceImageLoader | DeviceJpegLoader | None:  # fmt: skip
     """A device loader for ``dataset``, or None when it has no device pipeline (use the CPU ``DataLoader``).
 
-    ``rows``, ``shuffle`` and ``sampler`` are passed on (see ``DeviceImageLoader``).
+    ``rows``, ``order`` and ``rank`` are passed on (see ``DeviceImageLoader``).
 
     In-memory datasets larger than a quarter of the free GPU memory also give None: the model needs the rest.
 
@@ -323,7 +321,7 @@ def build_device_loader(dataset, *, batch_size: int, train: bool, device: torch.
     """
     device = torch.device(device)
     kwargs = dict(batch_size=batch_size, train=train, device=device, seed=seed, preprocess=preprocess, aug=aug,
-                  rows=rows, shuffle=shuffle, sampler=sampler)  # fmt: skip
+                  rows=rows, order=order, rank=rank)  # fmt: skip
     if not _supported(dataset):
         return None
     if isinstance(dataset, FileImageDataset):

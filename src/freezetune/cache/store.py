@@ -1,4 +1,4 @@
-"""Frozen-prefix feature cache: run the frozen, deterministic part of a model once per input and train the rest.
+"""Feature stores: the frozen prefix's outputs, computed once per input (and view), batched like images.
 
 A 10-epoch head-only run otherwise pays ten forward passes over data that never changes. The cache stores, per
 image, K augmented views of the prefix output (``cache_views``; one with ``aug none``) and each epoch samples one
@@ -20,16 +20,10 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.utils.data import (
-    DataLoader,
-    Dataset,
-    RandomSampler,
-    SequentialSampler,
-    Subset,
-)
+from torch.utils.data import Dataset
 
-from freezetune.data import default_workers, draw_loader_seed
-from freezetune.distributed import DistInfo, shard_rows, shard_sampler, sum_across_ranks
+from freezetune.data.loaders import EpochOrder, check_batch_size
+from freezetune.distributed import DistInfo, shard_rows, sum_across_ranks
 from freezetune.errors import ConfigError, DataError
 from freezetune.precision import Precision
 from freezetune.split import Split
@@ -84,68 +78,63 @@ class FeatureStore(Dataset):
 
 
 class StoreLoader:
-    """One epoch of ``FeatureStore`` batches in ``sampler`` order, like a ``DataLoader`` over the store.
+    """One epoch of ``FeatureStore`` batches in ``order`` (an ``EpochOrder``), like an image loader over the store.
 
     The epoch's order moves to the store's device once and each batch is a slice of it there: a per-batch index
     copied from pageable host memory would make CUDA wait for every queued kernel before each training step.
-    ``generator`` and ``sampler`` are the attributes ``runtime.seed_epoch`` reseeds, as for the image loaders.
     """
 
-    def __init__(self, store: FeatureStore, batch_size: int, sampler, generator: torch.Generator | None, pin: bool):
-        self.store, self.batch_size, self.sampler, self.generator, self.pin = store, batch_size, sampler, generator, pin
+    def __init__(self, store: FeatureStore, batch_size: int, order: EpochOrder, pin: bool = False) -> None:
+        self.store, self.batch_size, self.order, self.pin = store, check_batch_size(batch_size), order, pin
+
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch's order and its choice of view per image, as the image loaders pick their augmentation."""
+        self.order.set_epoch(epoch)
+        self.store.set_epoch(epoch)
 
     def __len__(self) -> int:
-        return math.ceil(len(self.sampler) / self.batch_size)
+        return math.ceil(len(self.order) / self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        if self.generator is not None:
-            draw_loader_seed(self.generator)  # the same order as the image loaders
-        order = torch.tensor(list(self.sampler), dtype=torch.long).to(self.store.device)
-        for index in order.split(self.batch_size):
+        for index in self.order.indices().to(self.store.device).split(self.batch_size):
             features, targets = self.store.batch(index)
             yield (features.pin_memory(), targets.pin_memory()) if self.pin else (features, targets)
 
 
 def build_store(
     split: Split,
-    dataset: Dataset,
+    n: int,
+    batches: Callable[[int], Iterable[tuple[torch.Tensor, torch.Tensor]]],
     precision: Precision,
     *,
     views: int,
-    batch_size: int,
-    seed: int,
     spill_dir: str | Path,
+    seed: int = 0,
     channels_last: bool = False,
     place: str = "auto",
-    batches: Callable[[int], Iterable[tuple[torch.Tensor, torch.Tensor]]] | None = None,
     dist: DistInfo | None = None,
-    workers: int | None = None,
 ) -> tuple[FeatureStore, CacheInfo]:
-    """Run ``split.prefix`` over ``views`` passes of ``dataset`` and store the outputs.
+    """Run ``split.prefix`` over ``views`` passes of a dataset of ``n`` items and store the outputs.
 
     Args:
-        place: ``"auto"`` (GPU, else RAM, else disk, by budget), ``"memory"`` (never disk) or ``"disk"``.
         batches: ``view -> (inputs, labels)`` batches of this rank's rows (``shard_rows``) in dataset order, each
-            view augmented reproducibly, e.g. a device loader with ``shuffle=False``; default a ``DataLoader`` over
-            the dataset's own transform, seeded per view.
+            view augmented reproducibly: ``Loaders.views``.
+        place: ``"auto"`` (GPU, else RAM, else disk, by budget), ``"memory"`` (never disk) or ``"disk"``.
+        seed: seeds each epoch's choice of view (``FeatureStore.set_epoch``).
         dist: under DDP each rank computes its block of rows and the ranks exchange them.
-        workers: processes of the default ``DataLoader`` (default as ``build_loader``'s).
     """
     dist = dist or DistInfo()
-    n, rows = len(dataset), shard_rows(len(dataset), dist)
+    rows = shard_rows(n, dist)
     if n == 0:
         raise DataError("cannot build a feature cache over an empty dataset")
     if len(rows) == 0:
         raise DataError(f"cannot build a feature cache over {n} image(s) with {dist.world} processes: use fewer")
-    if workers is None:
-        workers = default_workers(dataset, precision.device.type == "cuda")
-    source = batches or _loader_batches(Subset(dataset, rows), batch_size, seed, workers)
     storage: torch.Tensor | None = None
     info: CacheInfo | None = None
     targets = torch.zeros(n, dtype=torch.long)
     for v in range(views):
         start = rows.start
-        for inputs, labels in source(v):
+        for inputs, labels in batches(v):
             feats = _prefix(split, inputs, precision, channels_last)
             if storage is None:
                 storage, info = _allocate((views, n, *feats.shape[1:]), feats.dtype, precision, spill_dir, place,
@@ -175,8 +164,8 @@ def cache_features(
     """For your own training loop: split ``model`` at its first trainable stage and run the frozen prefix over
     ``dataset`` once (``views`` passes of its own transform) on the model's device.
 
-    Train ``split.suffix_train`` on ``store_loader(store, ...)`` batches (call ``store.set_epoch(epoch)`` first when
-    ``views > 1``); ``split.suffix_eval`` evaluates. The model must be frozen first (``freeze``), with BatchNorm
+    Train ``split.suffix_train`` on ``store_loader(store, ...)`` batches (call ``loader.set_epoch(epoch)`` each epoch
+    when ``views > 1``); ``split.suffix_eval`` evaluates. The model must be frozen first (``freeze``), with BatchNorm
     policy ``"frozen"`` in the prefix.
 
     Raises:
@@ -189,16 +178,20 @@ def cache_features(
     >>> split.suffix_eval(store.features[0]).shape
     torch.Size([4, 3])
     """
+    from freezetune.data.loaders import Loaders
     from freezetune.precision import resolve_precision
+    from freezetune.preprocess import Preprocess
     from freezetune.split import split_model
 
     split, why = split_model(model)
     if split is None:
         raise ConfigError(f"cannot cache features: {why}")
     device = next(model.parameters()).device
+    # the dataset's own transform: the CPU loader, never a device pipeline (which would ignore it)
+    loaders = Loaders(batch_size=batch_size, device=device, seed=seed, preprocess=Preprocess(), decode="cpu")
     spill_dir = spill_dir if spill_dir is not None else tempfile.mkdtemp(prefix="freezetune-cache-")
-    store, info = build_store(split, dataset, resolve_precision(device, amp), views=views, batch_size=batch_size,
-                              seed=seed, spill_dir=spill_dir, place=place)  # fmt: skip
+    store, info = build_store(split, len(dataset), loaders.views(dataset, train=True), resolve_precision(device, amp),
+                              views=views, seed=seed, spill_dir=spill_dir, place=place)  # fmt: skip
     log.info("feature cache: %s", info.describe())
     return split, store
 
@@ -210,29 +203,15 @@ def _prefix(split: Split, inputs, precision: Precision, channels_last: bool) -> 
         return split.prefix(to_device(inputs, precision.device, channels_last))
 
 
-def _loader_batches(dataset: Dataset, batch_size: int, seed: int, workers: int):
-    loader = DataLoader(dataset, batch_size=batch_size * 2, shuffle=False, num_workers=workers)
-
-    def view(v: int) -> DataLoader:
-        torch.manual_seed(seed * 104_729 + v)  # each view's augmentation is reproducible
-        return loader
-
-    return view
-
-
 def store_loader(store: FeatureStore, *, batch_size: int, train: bool, seed: int, dist: DistInfo | None = None,
                  pin: bool = False) -> StoreLoader:  # fmt: skip
-    """Batches of cached features, shuffled exactly like ``build_loader`` shuffles images (same seeded sampler).
+    """Batches of cached features, in the order the image loaders of the same seed use (``EpochOrder``).
 
-    Under DDP (``dist``) a training loader yields this rank's shard of each epoch, as ``sharded_loader`` does.
-    ``pin``: page-lock batches of a CPU-resident store (for a CUDA run).
+    Under DDP (``dist``) a training loader yields this rank's shard of each epoch. ``pin``: page-lock batches of a
+    CPU-resident store (for a CUDA run).
     """
-    gen = torch.Generator().manual_seed(seed)
-    if train and dist is not None and dist.enabled:
-        sampler = shard_sampler(len(store), dist, seed)
-    else:
-        sampler = RandomSampler(store, generator=gen) if train else SequentialSampler(store)
-    return StoreLoader(store, batch_size, sampler, gen if train else None, pin and store.device.type == "cpu")
+    order = EpochOrder(len(store), shuffle=train, seed=seed, dist=dist if train else None)
+    return StoreLoader(store, batch_size, order, pin and store.device.type == "cpu")
 
 
 def _allocate(shape: tuple[int, ...], dtype: torch.dtype, precision: Precision, spill_dir: str | Path, place: str,

@@ -1,0 +1,10 @@
+"""Frozen-prefix feature cache: run the frozen, deterministic part of a model once per input and train the rest.
+
+``store.py`` builds and batches the stored features (``cache_features`` and ``store_loader`` for your own loop);
+``path.py`` is the trainer's ``FeaturePath``, which decides per trainable set whether a step reads images or features.
+"""
+
+from freezetune.cache.path import FeaturePath
+from freezetune.cache.store import CacheInfo, FeatureStore, StoreLoader, build_store, cache_features, store_loader
+
+__all__ = ["CacheInfo", "FeaturePath", "FeatureStore", "StoreLoader", "build_store", "cache_features", "store_loader"]

@@ -1,0 +1,121 @@
+"""The feature path of a run: what each training step runs, and on what batches.
+
+With the feature cache on and the model split at its first trainable stage, a step runs the trainable suffix on
+stored prefix features; otherwise it runs the whole model on images. ``FeaturePath`` owns that choice, the batch
+sources of training and validation, and the modules that consume them. After an unfreeze the frozen prefix is
+shorter: ``build()`` again rebuilds the cache at the new boundary (or falls back to images) and re-prepares the
+module (DDP fixes its parameter set when it wraps, so the wrap follows every change of the trainable set).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from torch import nn
+
+from freezetune.cache.store import CacheInfo, FeatureStore, StoreLoader, build_store
+from freezetune.data.datasets import DataBundle
+from freezetune.data.loaders import Loaders
+from freezetune.precision import Precision
+from freezetune.split import Split, split_model
+
+
+class FeaturePath:
+    """Images through the whole model, or cached prefix features through the trainable suffix.
+
+    Args:
+        model: the model being trained (frozen parts already frozen).
+        data: the run's datasets.
+        loaders: the run's loader factory.
+        precision: device and autocast of the run (the cache is built under it).
+        cache: ``auto`` | ``off`` | ``memory`` | ``disk`` (where a cache may live; ``off`` never caches).
+        views: augmented views per training image in the cache.
+        spill_dir: where a disk cache lives.
+        channels_last: feed convolutions NHWC.
+        prepare: wraps the module a step runs (DDP, ``torch.compile``); called on every build.
+        echo: receives the log lines (why a cache is or is not used, what it holds).
+    """
+
+    def __init__(self, model: nn.Module, data: DataBundle, loaders: Loaders, precision: Precision, *, cache: str,
+                 views: int, spill_dir: Path, channels_last: bool = False,
+                 prepare: Callable[[nn.Module], nn.Module] = lambda m: m, echo: Callable[[str], None] = print) -> None:  # fmt: skip
+        self.model, self.data, self.loaders, self.precision = model, data, loaders, precision
+        self.cache, self.views, self.spill_dir, self.channels_last = cache, views, spill_dir, channels_last
+        self.prepare, self.echo = prepare, echo
+        self.split: Split | None = None
+        self.train_store: FeatureStore | None = None
+        self.val_store: FeatureStore | None = None
+        self._images = None  # the training image loader, built on first use and kept (its workers start once)
+        self._val_images = None
+        self.train_module: nn.Module = model
+        self.build_seconds = 0.0  # all cache builds so far
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Training batches per epoch, the same cached or not (what an LR schedule is sized for)."""
+        return -(-len(self.loaders.order(len(self.data.train), train=True)) // self.loaders.batch_size)
+
+    @property
+    def cached(self) -> bool:
+        return self.split is not None
+
+    def build(self) -> None:
+        """Decide the path for the model's current trainable set: (re)build the cache, or read images."""
+        self.split, self.train_store, self.val_store = None, None, None  # an old cache is stale: free it first
+        if self.cache != "off":
+            self._build_cache()
+        self.train_module = self.prepare(self.split.suffix_train if self.split is not None else self.model)
+
+    def train_batches(self, epoch: int):
+        """The epoch's training batches (its order, augmentation and cached views are fixed by ``epoch``)."""
+        if self.train_store is not None:
+            batches = StoreLoader(self.train_store, self.loaders.batch_size, self.loaders.order(len(self.train_store),
+                                  train=True), pin=self._pin)  # fmt: skip
+        else:
+            if self._images is None:
+                self._images = self.loaders.train(self.data.train)
+            batches = self._images
+        batches.set_epoch(epoch)
+        return batches
+
+    def val_batches(self) -> tuple[nn.Module, object] | None:
+        """``(module, batches)`` that evaluate the validation set, or None without one."""
+        if self.data.val is None:
+            return None
+        if self.val_store is not None:
+            order = self.loaders.order(len(self.val_store), train=False)
+            return self.split.suffix_eval, StoreLoader(self.val_store, 2 * self.loaders.batch_size, order, self._pin)
+        if self._val_images is None:  # built once: a device loader copies the whole set over, workers take time
+            self._val_images = self.loaders.eval(self.data.val)
+        return self.train_module, self._val_images
+
+    @property
+    def _pin(self) -> bool:
+        return self.loaders.device.type == "cuda"
+
+    def _build_cache(self) -> None:
+        split, why = split_model(self.model)
+        if split is None:
+            self.echo(f"feature cache off: {why}")
+            return
+        views = 1 if self.loaders.aug == "none" else self.views
+        start = time.perf_counter()
+        self.train_store, info = self._store(split, self.data.train, views=views, train=True)
+        if self.data.val is not None:
+            self.val_store, _ = self._store(split, self.data.val, views=1, train=False)
+        self.split = split
+        seconds = time.perf_counter() - start
+        self.build_seconds += seconds
+        self.echo(f"feature cache: {why}; {info.describe()}; built in {seconds:.1f}s")
+        if views == 1 and self.loaders.aug != "none":
+            self.echo(f"note: one cached view with aug {self.loaders.aug!r}: every epoch sees the same augmentation "
+                      "of an image (raise --cache-views for more)")  # fmt: skip
+
+    def _store(self, split: Split, dataset, *, views: int, train: bool) -> tuple[FeatureStore, CacheInfo]:
+        dist = self.loaders.dist
+        spill = self.spill_dir / (f"rank{dist.rank}" if dist.enabled else "") / ("train" if train else "val")
+        return build_store(split, len(dataset), self.loaders.views(dataset, train=train), self.precision, views=views,
+                           spill_dir=spill, seed=self.loaders.seed, channels_last=self.channels_last,
+                           place="auto" if self.cache == "auto" else self.cache, dist=dist)  # fmt: skip

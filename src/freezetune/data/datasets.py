@@ -1,0 +1,209 @@
+"""Datasets of a run: IDX (MNIST-style), image folders and CSV files, with seeded splits and few-shot subsets.
+
+``build_datasets`` turns one ``--data`` path into train/val/test datasets with the right transforms;
+``build_eval_dataset`` reads the data a trained model is evaluated on.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch.utils.data import Dataset
+
+from freezetune.data.folder import read_csv, scan_folder
+from freezetune.data.idx import idx_files, is_idx_dir, load_idx
+from freezetune.data.sampling import per_class_indices, stratified_split
+from freezetune.data.transforms import eval_transform, train_transform
+from freezetune.errors import ConfigError, DataError
+from freezetune.preprocess import Preprocess
+
+log = logging.getLogger(__name__)
+
+_VAL_DIRS = ("val", "valid", "validation")
+_EXPECTED = "an IDX directory (train-images-idx3-ubyte[.gz], ...), an image folder (DIR/<class>/*) or a CSV file"
+
+
+@dataclass
+class DataBundle:
+    """The datasets of one run; ``classes[i]`` is the name of label ``i`` in all three."""
+
+    train: Dataset
+    val: Dataset | None
+    test: Dataset | None
+    classes: list[str]
+    source: str  # "idx" | "folder" | "csv"
+
+
+def _first_dir(root: Path, names: tuple[str, ...]) -> Path | None:
+    return next((root / n for n in names if (root / n).is_dir()), None)
+
+
+def _load_source(data: str) -> tuple[str, Dataset, Dataset | None, Dataset | None]:
+    """Read ``data`` without transforms: (source, train, val given by the layout or None, test or None)."""
+    path = Path(data)
+    if not path.exists():
+        raise DataError(f"data path '{data}' does not exist; expected {_EXPECTED}")
+    if path.is_file():
+        if path.suffix.lower() != ".csv":
+            raise DataError(f"data file '{data}' is not a CSV; expected {_EXPECTED}")
+        return "csv", read_csv(path), None, None
+    if is_idx_dir(path):
+        test = load_idx(path, "test") if idx_files(path, "test") else None
+        return "idx", load_idx(path, "train"), None, test
+    train_dir = path / "train"
+    if not train_dir.is_dir():
+        return "folder", scan_folder(path), None, None
+    train = scan_folder(train_dir)
+    val_dir, test_dir = _first_dir(path, _VAL_DIRS), _first_dir(path, ("test",))
+    val = scan_folder(val_dir, train.classes) if val_dir else None
+    return "folder", train, val, scan_folder(test_dir, train.classes) if test_dir else None
+
+
+def _load_val(val_data: str, classes: list[str]) -> Dataset:
+    """Read explicit validation data (CSV, class folder or IDX directory's test split) against the train classes."""
+    path = Path(val_data)
+    if not path.exists():
+        raise DataError(f"val data path '{val_data}' does not exist; expected {_EXPECTED}")
+    if path.is_file():
+        return read_csv(path, classes)
+    if is_idx_dir(path):
+        val = load_idx(path, "test" if idx_files(path, "test") else "train")
+        if len(val.targets) and int(val.targets.max()) >= len(classes):
+            raise DataError(
+                f"val data '{val_data}' has labels up to {int(val.targets.max())}; train has {len(classes)}"
+            )
+        val.classes = list(classes)
+        return val
+    return scan_folder(path, classes)
+
+
+def _check_options(val_data: str | None, val_split: float | None, per_class: int | None) -> None:
+    problems = []
+    if val_data is not None and val_split is not None:
+        problems.append(f"give either val_data ({val_data!r}) or val_split ({val_split!r}), not both")
+    if val_split is not None and (
+        isinstance(val_split, bool) or not isinstance(val_split, (int, float)) or not 0.0 < val_split < 1.0
+    ):
+        problems.append(f"val_split must be a fraction strictly between 0 and 1, got {val_split!r}")
+    if per_class is not None and (isinstance(per_class, bool) or not isinstance(per_class, int) or per_class < 1):
+        problems.append(f"per_class must be a positive integer, got {per_class!r}")
+    if problems:
+        raise ConfigError("; ".join(problems))
+
+
+def _take_per_class(train: Dataset, per_class: int, seed: int) -> Dataset:
+    idx, counts = per_class_indices(train.targets, per_class, seed)
+    short = {train.classes[c]: n for c, n in counts.items() if n < per_class}
+    if short:
+        listed = ", ".join(f"{name}: {n}" for name, n in list(short.items())[:10])
+        log.warning(
+            "per_class=%d: %d of %d classes have fewer training images and use all they have (%s)",
+            per_class,
+            len(short),
+            len(counts),
+            listed,
+        )
+    return train.select(idx)
+
+
+def build_datasets(
+    data: str,
+    *,
+    val_data: str | None = None,
+    val_split: float | None = None,
+    per_class: int | None = None,
+    seed: int = 0,
+    preprocess: Preprocess,
+    aug: str = "light",
+) -> DataBundle:
+    """Build train/val/test datasets from one data path, with train augmentation and eval transforms.
+
+    ``data`` may be an IDX directory (MNIST/Fashion-MNIST files), an image folder (``DIR/train/<class>/*`` plus
+    optional ``DIR/val|valid|validation/<class>/*`` and ``DIR/test/<class>/*``, or just ``DIR/<class>/*``), or a
+    ``path,label`` CSV file (the train set).
+
+    Validation data, first rule that applies:
+        1. ``val_data`` (a CSV, a ``DIR/<class>/*`` folder, or an IDX directory's test split);
+        2. a ``val/`` folder in the layout (``val_split`` is then ignored, with a warning);
+        3. a seeded stratified ``val_split`` fraction of the train set, taken *before* ``per_class``;
+        4. otherwise the test split (official IDX test set or ``test/`` folder) doubles as val, so model selection
+           sees test data; pass ``val_split`` for a clean held-out set. Without any of these, ``val`` is None.
+
+    ``per_class`` keeps K random training images per class (all of a class with fewer, logged as a warning). It is
+    drawn from what remains after the val split, so val and train never share an image.
+
+    Args:
+        data: dataset path (see above).
+        val_data: explicit validation data; cannot be combined with ``val_split``.
+        val_split: fraction of each train class held out for validation, in (0, 1).
+        per_class: few-shot subsample size per class for the train set.
+        seed: seeds the val split and the few-shot subsample.
+        preprocess: the model's input preprocessing (size, mean/std, ...).
+        aug: training augmentation preset, one of ``AUG_PRESETS``.
+
+    Raises:
+        DataError: a path is missing or holds no usable data.
+        ConfigError: bad ``aug``, ``val_split`` or ``per_class``, or both ``val_data`` and ``val_split``.
+
+    >>> bundle = build_datasets("/usr/share/datasets/fashion-mnist", per_class=10,
+    ...                         preprocess=Preprocess(input_size=32))  # doctest: +SKIP
+    >>> len(bundle.train), len(bundle.val), bundle.classes[0]  # doctest: +SKIP
+    (100, 10000, 'T-shirt/top')
+    """
+    # Check every option before reading data: loading a large IDX set only to fail on a typo wastes the user's time.
+    _check_options(val_data, val_split, per_class)
+    train_tf, eval_tf = train_transform(preprocess, aug), eval_transform(preprocess)
+    source, train, val, test = _load_source(data)
+    if val_data is not None:
+        val = _load_val(val_data, train.classes)
+    elif val is not None and val_split is not None:
+        log.warning("'%s' has a validation folder; ignoring val_split=%s", data, val_split)
+    elif val_split is not None:
+        train_idx, val_idx = stratified_split(train.targets, val_split, seed)
+        train, val = train.select(train_idx), train.select(val_idx)
+    elif val is None:
+        val = test
+    if per_class is not None:
+        train = _take_per_class(train, per_class, seed)
+    train.transform = train_tf
+    for ds in (val, test):
+        if ds is not None:
+            ds.transform = eval_tf
+    log.info(
+        "%s data: %d train, %s val, %s test images, %d classes",
+        source,
+        len(train),
+        len(val) if val is not None else "no",
+        len(test) if test is not None else "no",
+        len(train.classes),
+    )
+    return DataBundle(train=train, val=val, test=test, classes=list(train.classes), source=source)
+
+
+def build_eval_dataset(data: str, *, preprocess: Preprocess, classes: list[str]) -> Dataset:
+    """The evaluation set of ``data`` for a trained model: an IDX test split, a ``test/`` (else ``val/``) folder,
+    or the whole folder/CSV; labels are checked against the model's ``classes``.
+
+    >>> build_eval_dataset("/usr/share/datasets/fashion-mnist", preprocess=Preprocess(32),
+    ...                    classes=[str(i) for i in range(10)])  # doctest: +SKIP
+    """
+    path = Path(data)
+    if not path.exists():
+        raise DataError(f"data path '{data}' does not exist; expected {_EXPECTED}")
+    if path.is_dir() and is_idx_dir(path):
+        ds = load_idx(path, "test" if idx_files(path, "test") else "train")
+        if len(ds.classes) != len(classes):
+            raise DataError(f"'{data}' has {len(ds.classes)} classes; the model was trained on {len(classes)}")
+    elif path.is_dir() and (path / "train").is_dir():
+        split = _first_dir(path, ("test", *_VAL_DIRS))
+        if split is None:
+            raise DataError(f"'{data}' has train/ but no test/ or val/ folder to evaluate on")
+        ds = scan_folder(split, classes)
+    elif path.is_dir():
+        ds = scan_folder(path, classes)
+    else:
+        ds = read_csv(path, classes)
+    ds.transform = eval_transform(preprocess)
+    return ds

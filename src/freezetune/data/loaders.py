@@ -1,0 +1,278 @@
+"""From datasets to batches: the one place that decides how a run reads its data.
+
+``Loaders`` is the run's loader factory. One call per purpose (``train``, ``eval``, ``views`` for the feature-cache
+build, ``order`` for a cached store) decides CPU ``DataLoader`` vs device loader (``data/gpu.py``), DDP sharding,
+the worker default and seeding. Every loader kind draws its epoch order from one ``EpochOrder``, so for the same
+seed and epoch the CPU loader, the device loaders and the feature cache visit the same images in the same batches,
+by construction.
+
+Seeds, all derived from the run's ``seed``:
+- ``epoch_seed(seed, epoch)``: the epoch's order (the same on every DDP rank, which then takes its shard);
+- ``epoch_seed(seed, epoch, rank)``: the epoch's augmentation, dropout and loader-worker seeds (ranks differ);
+- ``view_seed(seed, v)``: the augmentation of the feature cache's view ``v``.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
+
+from freezetune.data.idx import InMemoryImageDataset
+from freezetune.distributed import DistInfo, shard_rows
+from freezetune.errors import ConfigError
+from freezetune.preprocess import Preprocess
+
+
+def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
+    """The seed of one epoch: its order (``rank=0`` on every rank) or a rank's random draws.
+
+    >>> epoch_seed(0, 2), epoch_seed(0, 2, rank=1) != epoch_seed(0, 2)
+    (2, True)
+    """
+    return seed * 100_003 + epoch + rank * 1_000_000_007
+
+
+def view_seed(seed: int, view: int) -> int:
+    """The seed of the feature cache's augmented view ``view`` (one pass over the data each).
+
+    >>> view_seed(1, 0)
+    104729
+    """
+    return seed * 104_729 + view
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (a container's or ``taskset``'s limit, not the machine's count).
+
+    >>> usable_cpus() >= 1
+    True
+    """
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def default_workers(dataset: Dataset, cuda: bool) -> int:
+    """Loader processes when the user sets none: ``min(4, cpus)`` for a CUDA run; on the CPU, 0 for in-memory
+    datasets and ``min(2, cpus)`` for image files.
+
+    >>> default_workers(InMemoryImageDataset(torch.zeros(1, 2, 2, dtype=torch.uint8), torch.zeros(1), ["a"]), False)
+    0
+    """
+    cpus = usable_cpus()
+    if cuda:
+        return min(4, cpus)
+    # On CPU, in-memory uint8 samples are cheap to transform and worker start-up plus IPC costs more than it saves;
+    # decoding files (JPEG/PNG) is the slow part and does gain from a couple of processes.
+    return 0 if isinstance(dataset, InMemoryImageDataset) else min(2, cpus)
+
+
+def check_batch_size(batch_size: object) -> int:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
+    return batch_size
+
+
+class EpochOrder(Sampler[int]):
+    """The order of ``n`` items in an epoch: shuffled by ``epoch_seed(seed, epoch)``, or ``0..n-1``.
+
+    Under DDP (``dist``) a shuffled order is this rank's shard: the same permutation on every rank, padded by
+    repetition to a multiple of the world size, every ``world``-th item from ``rank``. ``set_epoch`` picks the epoch;
+    without it each pass continues the random stream (a new order per pass, reproducible from ``seed``).
+
+    The first draw of each epoch's generator is kept as ``worker_seed``: it is what a ``DataLoader`` draws for its
+    workers' base seed before shuffling, so the order is the same whoever iterates it.
+
+    >>> o = EpochOrder(5, shuffle=True, seed=0); o.set_epoch(1); sorted(o) == [0, 1, 2, 3, 4]
+    True
+    """
+
+    def __init__(self, n: int, *, shuffle: bool, seed: int = 0, dist: DistInfo | None = None) -> None:
+        self.n, self.shuffle, self.seed, self.dist = n, shuffle, seed, dist or DistInfo()
+        self.generator = torch.Generator()
+        self.worker_seed = 0
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.generator.manual_seed(epoch_seed(self.seed, epoch))
+
+    def __len__(self) -> int:
+        if not (self.shuffle and self.dist.enabled):
+            return self.n
+        return -(-self.n // self.dist.world)
+
+    def indices(self) -> torch.Tensor:
+        """This pass's order as a tensor (advances the random stream like one iteration)."""
+        if not self.shuffle:
+            return torch.arange(self.n)
+        self.worker_seed = int(torch.empty((), dtype=torch.int64).random_(generator=self.generator))
+        order = torch.randperm(self.n, generator=self.generator)
+        if not self.dist.enabled:
+            return order
+        padded = order.repeat(-(-len(self) * self.dist.world // max(self.n, 1)))[: len(self) * self.dist.world]
+        return padded[self.dist.rank :: self.dist.world]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices().tolist())
+
+
+class CpuLoader:
+    """A ``DataLoader`` (per-sample transforms, worker processes) driven by an ``EpochOrder``.
+
+    ``set_epoch`` picks the epoch's order and reseeds the loader's generator, from which the ``DataLoader`` draws its
+    workers' seeds: a rank's augmentation then depends on (seed, epoch, rank) alone.
+    """
+
+    def __init__(self, dataset: Dataset, order: EpochOrder, *, batch_size: int, workers: int, pin: bool, rank: int = 0):
+        self.order, self.rank = order, rank
+        self.loader = _dataloader(dataset, order, batch_size=batch_size, workers=workers, pin=pin)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.order.set_epoch(epoch)
+        self.loader.generator.manual_seed(epoch_seed(self.order.seed, epoch, self.rank))
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator:
+        return iter(self.loader)
+
+
+def _seed_worker(worker_id: int) -> None:
+    # torch seeds each worker from the loader's generator; derive numpy/random from it so any library is reproducible.
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def _dataloader(dataset: Dataset, order: Iterable[int], *, batch_size: int, workers: int, pin: bool,
+                generator: torch.Generator | None = None, persistent: bool = True) -> DataLoader:  # fmt: skip
+    """The one ``DataLoader`` constructor of the package (training, evaluation and cache-build reads)."""
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=order,
+        num_workers=workers,
+        generator=generator if generator is not None else torch.Generator(),
+        worker_init_fn=_seed_worker if workers > 0 else None,
+        # Pinned host memory makes .to(device, non_blocking=True) truly asynchronous; useless without CUDA.
+        pin_memory=pin,
+        persistent_workers=persistent and workers > 0,
+    )
+
+
+def build_loader(dataset: Dataset, *, batch_size: int, train: bool, workers: int | None = None, device: str = "cpu",
+                 seed: int = 0) -> CpuLoader:  # fmt: skip
+    """A reproducible CPU loader for your own loop: shuffled for training (``set_epoch`` to pick an epoch's order),
+    in order for evaluation. Same seed, same batches.
+
+    With ``workers=0`` augmentation draws from the global torch RNG, so seed it with ``torch.manual_seed`` as well.
+
+    Args:
+        dataset: any map-style dataset.
+        batch_size: samples per batch (>= 1).
+        train: shuffle if True.
+        workers: loader processes; default ``default_workers``.
+        device: the training device; "cuda..." turns on pinned memory.
+        seed: seeds shuffling and worker RNGs.
+
+    >>> ds = InMemoryImageDataset(torch.zeros(10, 4, 4, dtype=torch.uint8), torch.arange(10), [str(i) for i in range(10)])
+    >>> [len(y) for _, y in build_loader(ds, batch_size=4, train=True)]
+    [4, 4, 2]
+    """
+    check_batch_size(batch_size)
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 0):
+        raise ConfigError(f"workers must be a non-negative integer, got {workers!r}")
+    cuda = str(device).startswith("cuda")
+    workers = default_workers(dataset, cuda) if workers is None else workers
+    order = EpochOrder(len(dataset), shuffle=train, seed=seed)
+    loader = CpuLoader(dataset, order, batch_size=batch_size, workers=workers, pin=cuda)
+    loader.set_epoch(0)
+    return loader
+
+
+@dataclass(frozen=True)
+class Loaders:
+    """How one run reads data: every loader of the run (training, evaluation, the feature-cache build) comes from here.
+
+    Args:
+        batch_size: training and evaluation batch size (cache builds read twice as many at once).
+        device: the training device.
+        seed: the run's seed (see the module docstring for what derives from it).
+        preprocess: the model's input size, normalisation and interpolation (device pipelines use it).
+        aug: training augmentation preset.
+        decode: ``auto`` | ``gpu`` | ``cpu``: where images are decoded and augmented (see ``should_use_device_loader``).
+        workers: CPU loader processes (None: ``default_workers``).
+        dist: this process's place in a torchrun job; training reads this rank's shard of each epoch.
+    """
+
+    batch_size: int
+    device: torch.device
+    seed: int
+    preprocess: Preprocess
+    aug: str = "light"
+    decode: str = "auto"
+    workers: int | None = None
+    dist: DistInfo = DistInfo()
+
+    def order(self, n: int, *, train: bool) -> EpochOrder:
+        """The epoch order every training loader of this run uses (this rank's shard under DDP)."""
+        return EpochOrder(n, shuffle=train, seed=self.seed, dist=self.dist if train else None)
+
+    def train(self, dataset: Dataset):
+        """Shuffled, augmented batches of this rank's shard of each epoch; call ``set_epoch`` before each epoch."""
+        return self._loader(dataset, self.order(len(dataset), train=True), train=True, batch_size=self.batch_size)
+
+    def eval(self, dataset: Dataset):
+        """All of ``dataset`` in order, with the eval transform."""
+        return self._loader(dataset, self.order(len(dataset), train=False), train=False, batch_size=self.batch_size)
+
+    def views(self, dataset: Dataset, *, train: bool) -> Callable[[int], Iterable]:
+        """For the feature-cache build: ``view -> batches`` of this rank's block of rows (``shard_rows``) in dataset
+        order, augmented (``train``) reproducibly per view."""
+        rows = shard_rows(len(dataset), self.dist)
+        in_order = EpochOrder(len(rows), shuffle=False)
+        device = self._device_loader(dataset, rows=rows, order=in_order, train=train, batch_size=2 * self.batch_size)
+        if device is not None:
+
+            def device_view(v: int):
+                device.generator.manual_seed(view_seed(self.seed, v))
+                return device
+
+            return device_view
+        subset = Subset(dataset, rows)
+        # not persistent: fresh workers per view, each seeded off its view's global seed
+        loader = _dataloader(subset, range(len(rows)), batch_size=2 * self.batch_size, workers=self._workers(dataset),
+                             pin=self.device.type == "cuda", generator=torch.default_generator,
+                             persistent=False)  # fmt: skip
+
+        def cpu_view(v: int):
+            # CPU transforms draw from the global RNG (in-process) or from workers seeded off it: seed it per view
+            torch.manual_seed(view_seed(self.seed, v))
+            return loader
+
+        return cpu_view
+
+    def _workers(self, dataset: Dataset) -> int:
+        return self.workers if self.workers is not None else default_workers(dataset, self.device.type == "cuda")
+
+    def _loader(self, dataset: Dataset, order: EpochOrder, *, train: bool, batch_size: int):
+        device = self._device_loader(dataset, order=order, train=train, batch_size=batch_size)
+        if device is not None:
+            return device
+        return CpuLoader(dataset, order, batch_size=batch_size, workers=self._workers(dataset),
+                         pin=self.device.type == "cuda", rank=self.dist.rank)  # fmt: skip
+
+    def _device_loader(self, dataset: Dataset, *, train: bool, batch_size: int, **where):
+        from freezetune.data.gpu import build_device_loader, should_use_device_loader
+
+        if not should_use_device_loader(dataset, self.device, self.decode):
+            return None
+        return build_device_loader(dataset, batch_size=batch_size, train=train, device=self.device, seed=self.seed,
+                                   preprocess=self.preprocess, aug=self.aug if train else "none", rank=self.dist.rank,
+                                   **where)  # fmt: skip

@@ -1,0 +1,64 @@
+"""How far a run has come: finished epochs, the best epoch and its metric, epochs without improvement.
+
+A small object with ``state_dict()``, saved in ``last.pt`` and restored on resume, so the trainer keeps no loose
+counters. ``update`` is the one place that decides whether an epoch improved on the best.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from freezetune.config import MONITORS
+
+
+@dataclass
+class Progress:
+    """Progress of a run monitored on ``monitor`` (``val_acc`` is maximised, ``val_loss`` minimised).
+
+    >>> p = Progress("val_acc"); p.update(0, 0.5), p.update(1, 0.4), p.best_epoch, p.bad_epochs
+    (True, False, 1, 1)
+    """
+
+    monitor: str = "val_acc"
+    epoch: int = 0  # epochs finished
+    best_epoch: int = 0  # 1-based; 0 before the first epoch
+    best_metric: float | None = None
+    bad_epochs: int = 0  # epochs since the best one
+
+    def __post_init__(self) -> None:
+        if self.monitor not in MONITORS:
+            raise ValueError(f"monitor must be one of {MONITORS}, got {self.monitor!r}")
+
+    def update(self, epoch: int, metric: float | None) -> bool:
+        """Record that ``epoch`` (0-based) finished with ``metric``; True when it is the new best.
+
+        Without a metric (no validation data) the latest epoch is the best we know. A non-finite metric never
+        becomes the best.
+        """
+        self.epoch = epoch + 1
+        if metric is None:
+            self.best_epoch, self.bad_epochs = epoch + 1, 0
+            return True
+        finite = math.isfinite(metric)
+        better = finite and (
+            self.best_metric is None
+            or (metric > self.best_metric if self.monitor == "val_acc" else metric < self.best_metric)
+        )
+        if better:
+            self.best_metric, self.best_epoch, self.bad_epochs = metric, epoch + 1, 0
+        else:
+            self.bad_epochs += 1
+        return better
+
+    def reset_patience(self) -> None:
+        """New capacity (an unfreeze): give it the full early-stop patience."""
+        self.bad_epochs = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for key, value in state.items():
+            setattr(self, key, value)
