@@ -41,7 +41,8 @@ def test_yaml_file_then_key_value_then_flags(tmp_path, capsys):
         ("batch-size=64", "batch_size", 64),
         ("compile=true", "compile", True),
         ("img_size=null", "img_size", None),
-        ("freeze=stem,blocks.0", "freeze", "stem,blocks.0"),
+        ("freeze=stem,blocks.0", "freeze", ["stem", "blocks.0"]),  # parsed once, here, into its final form
+        ("freeze=-3", "freeze", -3),
         ("unfreeze=plateau:patience=2", "unfreeze", "plateau:patience=2"),
         ("stage_lrs=layer4=1e-4,layer3=5e-5", "stage_lrs", {"layer4": 1e-4, "layer3": 5e-5}),
     ],
@@ -89,9 +90,11 @@ def test_valid_unfreeze_schedules_pass_validation():
         validate(TrainConfig(data="x", unfreeze=schedule))
 
 
-def test_freeze_list_in_yaml_becomes_the_cli_form(tmp_path):
+def test_freeze_list_in_yaml_stays_a_list_and_equals_the_cli_form(tmp_path):
     (tmp_path / "c.yaml").write_text("data: x\nfreeze: [stem, blocks.0, 2]\n")
-    assert load_config(tmp_path / "c.yaml").freeze == "stem,blocks.0,2"
+    cfg = load_config(tmp_path / "c.yaml")
+    assert cfg.freeze == ["stem", "blocks.0", 2]
+    assert load_config(overrides={"data": "x", "freeze": "stem,blocks.0,2"}) == cfg
 
 
 def test_saved_config_round_trips(tmp_path):

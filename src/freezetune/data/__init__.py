@@ -19,8 +19,9 @@ from torch.utils.data import DataLoader, Dataset
 from freezetune.data.folder import FileImageDataset, list_images, load_image, read_csv, scan_folder
 from freezetune.data.idx import InMemoryImageDataset, idx_files, is_idx_dir, load_idx
 from freezetune.data.sampling import per_class_indices, stratified_split
-from freezetune.data.transforms import AUG_PRESETS, eval_transform, train_transform
+from freezetune.data.transforms import eval_transform, train_transform
 from freezetune.errors import ConfigError, DataError
+from freezetune.options import AUG_PRESETS, fraction_problem, positive_int_problem
 from freezetune.preprocess import Preprocess
 
 log = logging.getLogger(__name__)
@@ -100,12 +101,11 @@ def _check_options(val_data: str | None, val_split: float | None, per_class: int
     problems = []
     if val_data is not None and val_split is not None:
         problems.append(f"give either val_data ({val_data!r}) or val_split ({val_split!r}), not both")
-    if val_split is not None and (
-        isinstance(val_split, bool) or not isinstance(val_split, (int, float)) or not 0.0 < val_split < 1.0
-    ):
-        problems.append(f"val_split must be a fraction strictly between 0 and 1, got {val_split!r}")
-    if per_class is not None and (isinstance(per_class, bool) or not isinstance(per_class, int) or per_class < 1):
-        problems.append(f"per_class must be a positive integer, got {per_class!r}")
+    if val_split is not None:
+        problems.append(fraction_problem("val_split", val_split))
+    if per_class is not None:
+        problems.append(positive_int_problem("per_class", per_class))
+    problems = [p for p in problems if p]
     if problems:
         raise ConfigError("; ".join(problems))
 

@@ -31,11 +31,11 @@ from freezetune.data.augment import BatchAugment, resize
 from freezetune.data.folder import FileImageDataset, load_image
 from freezetune.data.idx import InMemoryImageDataset
 from freezetune.errors import ConfigError, DataError, choices
+from freezetune.options import DECODE_MODES
 from freezetune.preprocess import Preprocess
 
 log = logging.getLogger(__name__)
 
-DECODE_MODES = ("auto", "gpu", "cpu")
 _JPEG_MAGIC = b"\xff\xd8\xff"
 
 
