@@ -102,3 +102,27 @@ def test_data_checks_and_config_checks_say_the_same():
     data = _message(lambda: build_datasets("x", val_split=1.5, per_class=0, preprocess=Preprocess(8)))
     for problem in (options.fraction_problem("val_split", 1.5), options.positive_int_problem("per_class", 0)):
         assert problem in config and problem in data
+
+
+def test_memory_estimate_covers_every_optimizer_choice():
+    from torch import nn
+
+    from freezetune.memory import estimate_memory
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 6 * 6, 2))
+    state = {opt: estimate_memory(model, 8, 2, optimizer=opt)["full"]["optimizer"] for opt in options.OPTIMIZERS}
+    assert state["sgd"] > 0 and state["adamw"] == state["adam"] == 2 * state["sgd"]
+
+
+def test_library_defaults_are_the_config_defaults():
+    import inspect
+
+    from freezetune.data import train_transform
+    from freezetune.freeze import freeze, freeze_to, unfreeze
+    from freezetune.unfreezing import Unfreezer
+
+    defaults = TrainConfig()
+    for fn in (freeze, unfreeze, freeze_to, Unfreezer):
+        assert inspect.signature(fn).parameters["bn"].default == defaults.bn
+    assert inspect.signature(train_transform).parameters["aug"].default == defaults.aug
+    assert inspect.signature(freeze).parameters["spec"].default == options.FREEZE_DEFAULT

@@ -19,7 +19,9 @@ import yaml
 from freezetune.errors import ConfigError, choices
 from freezetune.options import (
     AMP_MODES,
+    AUG_DEFAULT,
     AUG_PRESETS,
+    BN_DEFAULT,
     BN_POLICIES,
     CACHE_MODES,
     DECODE_MODES,
@@ -57,12 +59,12 @@ class TrainConfig:
     val_data: str | None = None
     val_split: float | None = None
     per_class: int | None = None
-    aug: str = "light"
+    aug: str = AUG_DEFAULT
     batch_size: int = 32
     workers: int | None = None
     # freezing
     freeze: str | int | list[str | int] = "none"  # held parsed: "-3" -> -3, "stem,layer1" -> ["stem", "layer1"]
-    bn: str = "frozen"
+    bn: str = BN_DEFAULT
     unfreeze: str | dict[int, str] | None = None
     # optimisation
     epochs: int = 10

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from torch import nn
 
 from freezetune.errors import SpecError, choices
-from freezetune.options import BN_POLICIES, FREEZE_DEFAULT, FREEZE_KEYWORDS, check_choice
+from freezetune.options import BN_DEFAULT, BN_POLICIES, FREEZE_DEFAULT, FREEZE_KEYWORDS, check_choice
 from freezetune.stages import Stage, stages
 
 Spec = str | int | Sequence[str | int]
@@ -29,7 +29,7 @@ Spec = str | int | Sequence[str | int]
 _POLICY_ATTR = "_freezetune_bn"
 
 
-def freeze(model: nn.Module, spec: Spec = FREEZE_DEFAULT, *, bn: str = "frozen") -> None:
+def freeze(model: nn.Module, spec: Spec = FREEZE_DEFAULT, *, bn: str = BN_DEFAULT) -> None:
     """Freeze the parameters ``spec`` names; BatchNorm layers inside follow the ``bn`` policy.
 
     >>> import torchvision
@@ -48,7 +48,7 @@ def freeze(model: nn.Module, spec: Spec = FREEZE_DEFAULT, *, bn: str = "frozen")
     _apply_bn_policies(model)
 
 
-def unfreeze(model: nn.Module, spec: Spec = "all", *, bn: str = "frozen") -> None:
+def unfreeze(model: nn.Module, spec: Spec = "all", *, bn: str = BN_DEFAULT) -> None:
     """Make the parameters ``spec`` names trainable; their BatchNorm layers become ordinary layers again.
 
     ``bn`` is re-applied to the BatchNorm layers of the parts that stay frozen.
@@ -73,7 +73,7 @@ def unfreeze(model: nn.Module, spec: Spec = "all", *, bn: str = "frozen") -> Non
     _apply_bn_policies(model)
 
 
-def freeze_to(model: nn.Module, n: int, *, bn: str = "frozen") -> None:
+def freeze_to(model: nn.Module, n: int, *, bn: str = BN_DEFAULT) -> None:
     """Freeze ``stages[:n]`` and make ``stages[n:]`` trainable (``n`` may be negative, as in slicing).
 
     >>> import torchvision

@@ -15,6 +15,7 @@ OPTIMIZERS = ("adamw", "adam", "sgd")
 SCHEDULERS = ("onecycle", "cosine", "none")
 AMP_MODES = ("auto", "bf16", "fp16", "off")
 BN_POLICIES = ("frozen", "affine", "train")  # BatchNorm in frozen parts; see ``freezetune.freeze``
+BN_DEFAULT = "frozen"  # the one policy under which a frozen prefix is deterministic (and can be cached)
 FREEZE_KEYWORDS = ("backbone", "all", "none")
 FREEZE_DEFAULT = "backbone"  # what ``freeze(model)`` freezes and ``inspect`` shows: all but the head
 MONITORS = ("val_acc", "val_loss")
@@ -59,6 +60,7 @@ AUGMENTATIONS = {
     "standard": AugPreset(crop_scale=(0.25, 1.0), flip_p=0.5, color=True, erase_p=0.25),
 }
 AUG_PRESETS = tuple(AUGMENTATIONS)
+AUG_DEFAULT = "light"
 
 
 def aug_preset(name: str) -> AugPreset:

@@ -11,7 +11,7 @@ import torch
 from torchvision.transforms import InterpolationMode, v2
 
 from freezetune.errors import ConfigError, choices
-from freezetune.options import aug_preset, check, crop_pct_problem
+from freezetune.options import AUG_DEFAULT, aug_preset, check, crop_pct_problem
 from freezetune.preprocess import Preprocess
 
 _INTERPOLATIONS = {
@@ -64,7 +64,7 @@ def eval_transform(pre: Preprocess) -> v2.Compose:
     return v2.Compose([*_to_uint8_rgb(), *_eval_geometry(pre), *_to_normalized_float(pre), v2.ToPureTensor()])
 
 
-def train_transform(pre: Preprocess, aug: str = "light") -> v2.Compose:
+def train_transform(pre: Preprocess, aug: str = AUG_DEFAULT) -> v2.Compose:
     """Training pipeline for one of the augmentation presets (``freezetune.options.AUGMENTATIONS``).
 
     Presets:
