@@ -58,11 +58,13 @@ def evaluate_model(
     num_classes: int,
     precision: Precision,
     batch_size: int = _BATCH_SIZE,
+    workers: int | None = None,
     channels_last: bool = False,
 ) -> dict:
     """Evaluate ``model`` on every sample of ``dataset`` (its transform already set), in order, without gradients.
 
-    Returns ``evaluate``'s metrics: loss, acc, top-k, per-class accuracy, macro-F1, confusion, n.
+    Returns ``evaluate``'s metrics: loss, acc, top-k, per-class accuracy, macro-F1, confusion, n. ``workers``: loader
+    processes (default: ``data.default_workers``).
 
     >>> from freezetune.data import InMemoryImageDataset
     >>> ds = InMemoryImageDataset(torch.zeros(5, 2, 2, dtype=torch.uint8), torch.tensor([0, 1, 0, 1, 0]), ["a", "b"])
@@ -73,7 +75,7 @@ def evaluate_model(
     """
     from freezetune.data import build_loader  # imports torchvision: only when data is evaluated
 
-    loader = build_loader(dataset, batch_size=batch_size, train=False, device=str(precision.device))
+    loader = build_loader(dataset, batch_size=batch_size, train=False, workers=workers, device=str(precision.device))
     return evaluate(model, loader, precision, num_classes=num_classes, channels_last=channels_last)
 
 
