@@ -283,7 +283,7 @@ def test_eval_of_a_non_checkpoint_is_a_user_error(run, data, capsys, tmp_path, k
     ("argv", "needles"),
     [
         (["predict", "IMAGE_MISSING", "--topk", "2"], ["nothere.png", "does not exist"]),
-        (["predict", "IMAGE", "--topk", "0"], ["--topk", "0"]),
+        (["predict", "IMAGE", "--topk", "0"], ["topk must be >= 1, got 0"]),
         (["inspect", "--model", "timm:test_efficientnet", "--freeze", "blocks.9"], ["blocks.9", "blocks.4"]),
         (["inspect", "--model", "test_efficientnet"], ["test_efficientnet", "timm:"]),  # no library prefix
     ],
@@ -312,3 +312,16 @@ def test_python_dash_m_freezetune_help_and_version():
     version = subprocess.run([sys.executable, "-m", "freezetune", "--version"], capture_output=True, text=True,
                              timeout=60)  # fmt: skip
     assert version.returncode == 0 and version.stdout.strip() == f"freezetune {__version__}"
+
+
+def test_command_defaults_come_from_the_config_dataclass():
+    from freezetune.cli import _parser
+    from freezetune.config import TrainConfig
+    from freezetune.options import FREEZE_DEFAULT
+
+    parser, defaults = _parser(), TrainConfig()
+    evaluate = parser.parse_args(["eval", "--checkpoint", "c.pt", "--data", "d"])
+    assert (evaluate.batch_size, evaluate.device) == (defaults.batch_size, defaults.device)
+    inspect = parser.parse_args(["inspect", "--model", "timm:x"])
+    assert (inspect.batch_size, inspect.bn, inspect.freeze) == (defaults.batch_size, defaults.bn, FREEZE_DEFAULT)
+    assert parser.parse_args(["predict", "--checkpoint", "c.pt", "a.png"]).device == defaults.device

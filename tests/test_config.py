@@ -6,7 +6,17 @@ import pytest
 import yaml
 
 from _engine_fixtures import run_cli
-from freezetune.config import TrainConfig, field_names, load_config, parse_override, parse_stage_lrs, validate
+from freezetune.config import (
+    TrainConfig,
+    coerce,
+    field_names,
+    load_config,
+    parse_freeze_spec,
+    parse_override,
+    parse_stage_lrs,
+    scalar_type,
+    validate,
+)
 from freezetune.errors import ConfigError
 
 
@@ -41,7 +51,8 @@ def test_yaml_file_then_key_value_then_flags(tmp_path, capsys):
         ("batch-size=64", "batch_size", 64),
         ("compile=true", "compile", True),
         ("img_size=null", "img_size", None),
-        ("freeze=stem,blocks.0", "freeze", "stem,blocks.0"),
+        ("freeze=stem,blocks.0", "freeze", ["stem", "blocks.0"]),  # parsed once, here, into its final form
+        ("freeze=-3", "freeze", -3),
         ("unfreeze=plateau:patience=2", "unfreeze", "plateau:patience=2"),
         ("stage_lrs=layer4=1e-4,layer3=5e-5", "stage_lrs", {"layer4": 1e-4, "layer3": 5e-5}),
     ],
@@ -89,9 +100,11 @@ def test_valid_unfreeze_schedules_pass_validation():
         validate(TrainConfig(data="x", unfreeze=schedule))
 
 
-def test_freeze_list_in_yaml_becomes_the_cli_form(tmp_path):
+def test_freeze_list_in_yaml_stays_a_list_and_equals_the_cli_form(tmp_path):
     (tmp_path / "c.yaml").write_text("data: x\nfreeze: [stem, blocks.0, 2]\n")
-    assert load_config(tmp_path / "c.yaml").freeze == "stem,blocks.0,2"
+    cfg = load_config(tmp_path / "c.yaml")
+    assert cfg.freeze == ["stem", "blocks.0", 2]
+    assert load_config(overrides={"data": "x", "freeze": "stem,blocks.0,2"}) == cfg
 
 
 def test_saved_config_round_trips(tmp_path):
@@ -119,3 +132,48 @@ def test_stage_lrs_parsing_rejects_bad_entries():
 def test_override_without_equals_sign_lists_the_keys():
     with pytest.raises(ConfigError, match="not key=value; keys are: 'model'"):
         parse_override("lr")
+
+
+def test_print_config_read_back_with_config_gives_the_same_config(tmp_path, capsys):
+    argv = ("--data", "imgs", "--freeze", "stem,blocks.0,-1", "--stage-lrs", "blocks.4=1e-4", "--no-tensorboard",
+            "--img-size", "48", "val_split=0.25", "unfreeze={3: blocks.4}")  # fmt: skip
+    code, first, err = run_cli(capsys, "train", "--print-config", *argv)
+    assert code == 0, err
+    (tmp_path / "printed.yaml").write_text(first)
+    code, second, err = run_cli(capsys, "train", "--print-config", "--config", tmp_path / "printed.yaml")
+    assert code == 0, err
+    assert second == first
+    cfg = load_config(tmp_path / "printed.yaml")
+    assert cfg == load_config(overrides=yaml.safe_load(first))
+    assert (cfg.freeze, cfg.stage_lrs, cfg.unfreeze) == (["stem", "blocks.0", -1], {"blocks.4": 1e-4}, {3: "blocks.4"})
+    assert (cfg.img_size, cfg.val_split, cfg.tensorboard) == (48, 0.25, False)
+
+
+@pytest.mark.parametrize("name", field_names())
+def test_every_field_converts_from_text_to_its_declared_type(name):
+    default = getattr(TrainConfig(), name)
+    kind = scalar_type(name)
+    if kind is None:  # structured: parsed, and a parsed value parses to itself
+        assert coerce(name, default) == default
+    elif default is not None:
+        assert coerce(name, str(default)) == default and type(coerce(name, str(default))) is kind
+    assert coerce(name, None) == ({} if name == "stage_lrs" else None)
+
+
+def test_type_hints_drive_conversion_and_cli_flag_types():
+    assert [n for n in field_names() if scalar_type(n) is bool] == [
+        "channels_last", "compile", "resume", "tensorboard", "progress"]  # fmt: skip
+    assert (scalar_type("val_split"), scalar_type("out"), scalar_type("freeze"), scalar_type("unfreeze")) == (
+        float, str, None, None)  # fmt: skip
+    assert coerce("compile", "yes") is True and coerce("img_size", "64") == 64
+    with pytest.raises(ConfigError, match=r"img_size expects int \| None, got 'big'"):
+        coerce("img_size", "big")
+    assert coerce("epoch", "3") == "3"  # an unknown key passes through: load_config reports it with suggestions
+
+
+def test_freeze_spec_is_parsed_once_and_parsing_again_changes_nothing():
+    for raw, parsed in [("-3", -3), ("stem, layer1", ["stem", "layer1"]), (["stem", "2"], ["stem", 2]),
+                        (["layer4"], "layer4"), ("layer[1-3]*", "layer[1-3]*"), (2, 2)]:  # fmt: skip
+        assert parse_freeze_spec(raw) == parsed
+        assert parse_freeze_spec(parsed) == parsed
+        assert TrainConfig(freeze=raw).freeze == parsed

@@ -16,11 +16,19 @@ from freezetune.unfreezing import Unfreezer
 
 __version__ = "0.1.0"
 
-_LAZY = {"cache_features": "freezetune.cache", "store_loader": "freezetune.cache"}
+_LAZY = {
+    "cache_features": "freezetune.cache",
+    "store_loader": "freezetune.cache",
+    **dict.fromkeys(
+        ("evaluate_checkpoint", "evaluate_model", "load_model", "predict_files", "write_evaluation"),
+        "freezetune.inference",
+    ),
+}
 
 
 def __getattr__(name: str):
-    # The feature cache pulls in the data pipeline (torchvision): import it when first used, not with the package.
+    # The feature cache and inference pull in the data pipeline (torchvision) and matplotlib: import them when first
+    # used, not with the package.
     if name in _LAZY:
         import importlib
 
@@ -35,13 +43,18 @@ __all__ = [
     "__version__",
     "cache_features",
     "count_parameters",
+    "evaluate_checkpoint",
+    "evaluate_model",
     "freeze",
     "freeze_to",
     "head_name",
+    "load_model",
     "param_groups",
+    "predict_files",
     "replace_head",
     "stages",
     "store_loader",
     "summary",
     "unfreeze",
+    "write_evaluation",
 ]

@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
+import types
+import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -14,15 +17,33 @@ from typing import Any
 import yaml
 
 from freezetune.errors import ConfigError, choices
+from freezetune.options import (
+    AMP_MODES,
+    AUG_DEFAULT,
+    AUG_PRESETS,
+    BN_DEFAULT,
+    BN_POLICIES,
+    CACHE_MODES,
+    DECODE_MODES,
+    MONITORS,
+    OPTIMIZERS,
+    SCHEDULERS,
+    choice_problem,
+    fraction_problem,
+    positive_int_problem,
+)
 
-OPTIMIZERS = ("adamw", "adam", "sgd")
-SCHEDULERS = ("onecycle", "cosine", "none")
-AMP_MODES = ("auto", "bf16", "fp16", "off")
-BN_POLICIES = ("frozen", "affine", "train")
-AUG_PRESETS = ("none", "light", "standard")
-MONITORS = ("val_acc", "val_loss")
-CACHE_MODES = ("auto", "off", "memory", "disk")
-DECODERS = ("auto", "cpu", "gpu")
+# The choices of each choice field: ``validate`` checks them, the CLI lists them in ``--help``.
+FIELD_CHOICES = {
+    "optimizer": OPTIMIZERS,
+    "scheduler": SCHEDULERS,
+    "amp": AMP_MODES,
+    "bn": BN_POLICIES,
+    "aug": AUG_PRESETS,
+    "monitor": MONITORS,
+    "cache": CACHE_MODES,
+    "decode": DECODE_MODES,
+}
 
 
 @dataclass
@@ -38,13 +59,13 @@ class TrainConfig:
     val_data: str | None = None
     val_split: float | None = None
     per_class: int | None = None
-    aug: str = "light"
+    aug: str = AUG_DEFAULT
     batch_size: int = 32
     workers: int | None = None
     # freezing
-    freeze: str = "none"
-    bn: str = "frozen"
-    unfreeze: str | None = None
+    freeze: str | int | list[str | int] = "none"  # held parsed: "-3" -> -3, "stem,layer1" -> ["stem", "layer1"]
+    bn: str = BN_DEFAULT
+    unfreeze: str | dict[int, str] | None = None
     # optimisation
     epochs: int = 10
     optimizer: str = "adamw"
@@ -73,6 +94,11 @@ class TrainConfig:
     monitor: str = "val_acc"
     tensorboard: bool = True
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        # Parsed once, here, whichever way the config was made (YAML, CLI, Python): the run and config.yaml see
+        # the final form, and a YAML list stays a list.
+        self.freeze = _parse_freeze(self.freeze)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -103,7 +129,7 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         values.update(_read_yaml(Path(path)))
     values.update({k: v for k, v in (overrides or {}).items() if v is not None})
     _check_keys(values)
-    cfg = TrainConfig(**{k: _coerce(k, v) for k, v in values.items()})
+    cfg = TrainConfig(**{k: coerce(k, v) for k, v in values.items()})
     validate(cfg)
     return cfg
 
@@ -118,7 +144,7 @@ def parse_override(item: str) -> tuple[str, Any]:
     if not sep:
         raise ConfigError(f"override {item!r} is not key=value; keys are: {choices(field_names())}")
     key = key.strip().replace("-", "_")
-    return key, _coerce(key, yaml.safe_load(raw) if raw.strip() else None)
+    return key, coerce(key, yaml.safe_load(raw) if raw.strip() else None)
 
 
 def parse_stage_lrs(text: str | dict | None) -> dict[str, float]:
@@ -143,38 +169,28 @@ def parse_stage_lrs(text: str | dict | None) -> dict[str, float]:
 
 
 def validate(cfg: TrainConfig) -> None:
-    """Raise one ConfigError listing every problem of ``cfg``."""
-    problems = []
-    for name, allowed in (
-        ("optimizer", OPTIMIZERS),
-        ("scheduler", SCHEDULERS),
-        ("amp", AMP_MODES),
-        ("bn", BN_POLICIES),
-        ("aug", AUG_PRESETS),
-        ("monitor", MONITORS),
-        ("cache", CACHE_MODES),
-        ("decode", DECODERS),
-    ):
-        if getattr(cfg, name) not in allowed:
-            problems.append(f"{name} {getattr(cfg, name)!r} is not one of {choices(allowed)}")
-    for name in ("epochs", "batch_size", "cache_views"):
-        if getattr(cfg, name) < 1:
-            problems.append(f"{name} must be >= 1, got {getattr(cfg, name)}")
+    """Raise one ConfigError listing every problem of ``cfg``.
+
+    >>> validate(TrainConfig(data="imgs", bn="melt"))
+    Traceback (most recent call last):
+    freezetune.errors.ConfigError: invalid config: unknown bn 'melt'; choose one of: 'frozen', 'affine', 'train'
+    """
+    problems = [choice_problem(name, getattr(cfg, name), allowed) for name, allowed in FIELD_CHOICES.items()]
+    problems += [positive_int_problem(name, getattr(cfg, name)) for name in ("epochs", "batch_size", "cache_views")]
+    problems += [positive_int_problem(name, getattr(cfg, name)) for name in ("per_class", "early_stop")
+                 if getattr(cfg, name) is not None]  # fmt: skip
+    if cfg.val_split is not None:
+        problems.append(fraction_problem("val_split", cfg.val_split))
     if cfg.lr <= 0:
         problems.append(f"lr must be > 0, got {cfg.lr}")
-    if cfg.val_split is not None and not 0 < cfg.val_split < 1:
-        problems.append(f"val_split must be between 0 and 1, got {cfg.val_split}")
-    if cfg.per_class is not None and cfg.per_class < 1:
-        problems.append(f"per_class must be >= 1, got {cfg.per_class}")
     if not 0 <= cfg.label_smoothing < 1:
         problems.append(f"label_smoothing must be in [0, 1), got {cfg.label_smoothing}")
     if cfg.warmup_epochs < 0 or cfg.warmup_epochs >= cfg.epochs:
         problems.append(f"warmup_epochs must be in [0, epochs), got {cfg.warmup_epochs}")
-    if cfg.early_stop is not None and cfg.early_stop < 1:
-        problems.append(f"early_stop must be >= 1 epochs, got {cfg.early_stop}")
     problems += _schedule_problems(cfg.unfreeze)
     if cfg.data is None:
         problems.append("data is required (an image folder, a CSV file or an IDX directory)")
+    problems = [p for p in problems if p]
     if problems:
         raise ConfigError("invalid config: " + "; ".join(problems))
 
@@ -218,39 +234,86 @@ def _check_keys(values: dict[str, Any]) -> None:
         raise ConfigError(f"unknown config key(s) {', '.join(hints)}; keys are: {choices(known, limit=60)}")
 
 
-def _coerce(key: str, value: Any) -> Any:
-    if key == "stage_lrs":
-        return parse_stage_lrs(value)
-    if key == "unfreeze" and isinstance(value, dict):
-        return value
-    if key == "freeze" and isinstance(value, (list, tuple)):
-        return ",".join(str(v) for v in value)  # YAML list -> the "stem,layer1" form the CLI takes
-    kinds = {f.name: f.type for f in fields(TrainConfig)}
-    kind = str(kinds.get(key, ""))
-    try:
-        if value is None or isinstance(value, bool):
-            return value
-        if kind.startswith("int"):
-            return int(value)
-        if kind.startswith("float"):
-            return float(value)
-        if kind.startswith("bool"):
-            return str(value).lower() in ("1", "true", "yes", "on")
-        if kind.startswith("str"):
-            return str(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{key} expects {kind}, got {value!r}") from None
-    return value
+@functools.cache
+def field_types() -> dict[str, Any]:
+    """The resolved type hint of every ``TrainConfig`` field (``"int | None"`` becomes ``int | None``)."""
+    return typing.get_type_hints(TrainConfig)
 
 
-def parse_freeze_spec(text: str | int | list) -> str | int | list:
-    """CLI/YAML freeze spec: ``"3"`` -> 3, ``"stem,layer1"`` -> ``["stem", "layer1"]``, else the string.
+def scalar_type(name: str) -> type | None:
+    """The plain type (int, float, bool or str) a field holds, optional or not; None for structured fields.
 
-    >>> parse_freeze_spec("-2"), parse_freeze_spec("stem,layer1"), parse_freeze_spec("backbone")
-    (-2, ['stem', 'layer1'], 'backbone')
+    >>> scalar_type("img_size"), scalar_type("channels_last"), scalar_type("stage_lrs")
+    (<class 'int'>, <class 'bool'>, None)
     """
-    if isinstance(text, (int, list)):
-        return text
-    parts = [p.strip() for p in str(text).split(",") if p.strip()]
-    items = [int(p) if p.lstrip("-").isdigit() else p for p in parts]
-    return items[0] if len(items) == 1 else items
+    hint = field_types().get(name)
+    kinds = [k for k in typing.get_args(hint) if k is not type(None)] if _is_union(hint) else [hint]
+    return kinds[0] if len(kinds) == 1 and kinds[0] in (int, float, bool, str) else None
+
+
+def coerce(name: str, value: Any) -> Any:
+    """Turn a raw YAML or CLI value of field ``name`` into the value the config holds.
+
+    Plain fields convert to their type (``"3"`` -> 3 for an int); ``freeze``, ``unfreeze`` and ``stage_lrs`` are
+    parsed into their final form. None (unset) and unknown keys (reported later, all together) pass through.
+
+    >>> coerce("epochs", "3"), coerce("freeze", "stem,layer1"), coerce("stage_lrs", "layer4=1e-4")
+    (3, ['stem', 'layer1'], {'layer4': 0.0001})
+    """
+    if name in _PARSERS:
+        return _PARSERS[name](value)
+    if value is None or name not in field_types():
+        return value
+    kind = scalar_type(name)
+    if kind is None or isinstance(value, bool):
+        return value
+    try:
+        if kind is bool:
+            return str(value).lower() in ("1", "true", "yes", "on")
+        return kind(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name} expects {_type_name(field_types()[name])}, got {value!r}") from None
+
+
+def _is_union(hint: Any) -> bool:
+    return typing.get_origin(hint) in (typing.Union, types.UnionType)
+
+
+def _type_name(hint: Any) -> str:
+    if _is_union(hint):
+        return " | ".join(_type_name(k) for k in typing.get_args(hint))
+    return "None" if hint is type(None) else getattr(hint, "__name__", str(hint))
+
+
+def parse_freeze_spec(spec: str | int | list | tuple) -> str | int | list:
+    """A freeze spec from the CLI or YAML in its final form; parsing it again changes nothing.
+
+    A comma-separated string or a list becomes a list of names and ints (``"-2"`` -> -2); a single item stays
+    itself.
+
+    >>> parse_freeze_spec("-2"), parse_freeze_spec("stem,layer1"), parse_freeze_spec(["stem", "3"])
+    (-2, ['stem', 'layer1'], ['stem', 3])
+    >>> parse_freeze_spec(parse_freeze_spec("stem,layer1")), parse_freeze_spec("backbone")
+    (['stem', 'layer1'], 'backbone')
+    """
+    items = list(spec) if isinstance(spec, (list, tuple)) else [spec]
+    tokens: list[str | int] = []
+    for item in items:
+        if isinstance(item, int):
+            tokens.append(item)
+            continue
+        parts = [p.strip() for p in str(item).split(",") if p.strip()]
+        tokens += [int(p) if p.lstrip("-").isdigit() else p for p in parts]
+    return tokens[0] if len(tokens) == 1 else tokens
+
+
+def _parse_freeze(value: Any) -> str | int | list | None:
+    return None if value is None else parse_freeze_spec(value)
+
+
+def _parse_unfreeze(value: Any) -> str | dict | None:
+    return value if value is None or isinstance(value, dict) else str(value)
+
+
+# Structured fields: parsed, not converted; each parser takes None (unset) too.
+_PARSERS = {"freeze": _parse_freeze, "unfreeze": _parse_unfreeze, "stage_lrs": parse_stage_lrs}

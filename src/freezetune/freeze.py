@@ -18,10 +18,8 @@ from collections.abc import Sequence
 from torch import nn
 
 from freezetune.errors import SpecError, choices
+from freezetune.options import BN_DEFAULT, BN_POLICIES, FREEZE_DEFAULT, FREEZE_KEYWORDS, check_choice
 from freezetune.stages import Stage, stages
-
-BN_POLICIES = ("frozen", "affine", "train")
-KEYWORDS = ("backbone", "all", "none")
 
 Spec = str | int | Sequence[str | int]
 
@@ -31,7 +29,7 @@ Spec = str | int | Sequence[str | int]
 _POLICY_ATTR = "_freezetune_bn"
 
 
-def freeze(model: nn.Module, spec: Spec = "backbone", *, bn: str = "frozen") -> None:
+def freeze(model: nn.Module, spec: Spec = FREEZE_DEFAULT, *, bn: str = BN_DEFAULT) -> None:
     """Freeze the parameters ``spec`` names; BatchNorm layers inside follow the ``bn`` policy.
 
     >>> import torchvision
@@ -50,7 +48,7 @@ def freeze(model: nn.Module, spec: Spec = "backbone", *, bn: str = "frozen") -> 
     _apply_bn_policies(model)
 
 
-def unfreeze(model: nn.Module, spec: Spec = "all", *, bn: str = "frozen") -> None:
+def unfreeze(model: nn.Module, spec: Spec = "all", *, bn: str = BN_DEFAULT) -> None:
     """Make the parameters ``spec`` names trainable; their BatchNorm layers become ordinary layers again.
 
     ``bn`` is re-applied to the BatchNorm layers of the parts that stay frozen.
@@ -75,7 +73,7 @@ def unfreeze(model: nn.Module, spec: Spec = "all", *, bn: str = "frozen") -> Non
     _apply_bn_policies(model)
 
 
-def freeze_to(model: nn.Module, n: int, *, bn: str = "frozen") -> None:
+def freeze_to(model: nn.Module, n: int, *, bn: str = BN_DEFAULT) -> None:
     """Freeze ``stages[:n]`` and make ``stages[n:]`` trainable (``n`` may be negative, as in slicing).
 
     >>> import torchvision
@@ -179,7 +177,7 @@ def _resolve_name(model: nn.Module, st: list[Stage], spec: str) -> dict[int, nn.
     if not out:
         raise SpecError(
             f"{spec!r} matches no stage, module or parameter; stages are: {choices(s.name for s in st)} "
-            f"(or {choices(KEYWORDS)}, an int, or a glob such as 'layer[1-3]*')"
+            f"(or {choices(FREEZE_KEYWORDS)}, an int, or a glob such as 'layer[1-3]*')"
         )
     return out
 
@@ -193,8 +191,7 @@ def _params_of(selected: list[Stage]) -> dict[int, nn.Parameter]:
 
 def check_bn_policy(bn: str) -> None:
     """Raise ``SpecError`` naming the three policies unless ``bn`` is one of them."""
-    if bn not in BN_POLICIES:
-        raise SpecError(f"unknown BatchNorm policy {bn!r}; choose one of {choices(BN_POLICIES)}")
+    check_choice("BatchNorm policy", bn, BN_POLICIES, SpecError)
 
 
 def _bn_modules_within(model: nn.Module, params: dict[int, nn.Parameter]) -> list[nn.Module]:

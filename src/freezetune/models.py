@@ -25,15 +25,13 @@ import torch
 from torch import nn
 
 from freezetune.errors import ConfigError, WeightsError, choices
+from freezetune.options import MODEL_SOURCES, PRETRAINED_WEIGHTS, RANDOM_WEIGHTS
 from freezetune.preprocess import Preprocess
 from freezetune.weights import load_weights, packaged_weights
 
 log = logging.getLogger(__name__)
 
-PREFIXES = ("timm", "torchvision", "hf")
 WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
-RANDOM_WEIGHTS = ("none", "random")
-PRETRAINED_WEIGHTS = ("imagenet", "default")
 _CONNECT_TIMEOUT_S = 3.0
 _DOWNLOAD_TIMEOUT_S = 60.0  # per socket operation: a stalled transfer fails instead of hanging
 _HF_HOST = "huggingface.co"
@@ -82,7 +80,7 @@ def create_model(
 
 def _split_name(name: str) -> tuple[str, str]:
     prefix, sep, arch = str(name).partition(":")
-    if sep and prefix in PREFIXES and arch:
+    if sep and prefix in MODEL_SOURCES and arch:
         return prefix, arch
     hint = ""
     if not sep:
@@ -92,7 +90,7 @@ def _split_name(name: str) -> tuple[str, str]:
             if name in names()
         ]
         hint = f"; did you mean {' or '.join(map(repr, known))}?" if known else ""
-    prefixes = choices(f"{p}:" for p in PREFIXES)
+    prefixes = choices(f"{p}:" for p in MODEL_SOURCES)
     raise ConfigError(f"unknown model {name!r}: the name must start with one of the prefixes {prefixes}{hint}")
 
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from freezetune.errors import ConfigError
+from freezetune.options import AMP_MODES, check_choice
 
 
 @dataclass(frozen=True)
@@ -67,13 +68,12 @@ def resolve_precision(device: torch.device, amp: str = "auto") -> Precision:
     >>> resolve_precision(torch.device("cpu"), "auto").amp_dtype is None
     True
     """
+    check_choice("amp mode", amp, AMP_MODES)
     if amp == "off" or (amp == "auto" and device.type != "cuda"):
         return Precision(device, None)
     if amp == "bf16" or (amp == "auto" and _native_bf16(device)):
         return Precision(device, torch.bfloat16)
-    if amp in ("fp16", "auto"):
-        return Precision(device, torch.float16)
-    raise ConfigError(f"unknown amp mode {amp!r}; use auto, bf16, fp16 or off")
+    return Precision(device, torch.float16)  # fp16, or auto on a card without native bf16
 
 
 def _native_bf16(device: torch.device) -> bool:

@@ -10,7 +10,7 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from freezetune.config import MONITORS
+from freezetune.options import MONITORS
 
 
 @dataclass

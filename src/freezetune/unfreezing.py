@@ -19,6 +19,7 @@ from torch import nn
 
 from freezetune.errors import CheckpointError, SpecError, choices
 from freezetune.freeze import Spec, check_bn_policy, resolve_stages, unfreeze
+from freezetune.options import BN_DEFAULT
 from freezetune.param_groups import LRRule, no_decay_names, stage_groups
 from freezetune.stages import Stage, stages
 
@@ -106,7 +107,7 @@ class Unfreezer:
         lr: float,
         stage_lrs: Mapping[str, float] | None = None,
         decay: float | None = None,
-        bn: str = "frozen",
+        bn: str = BN_DEFAULT,
         weight_decay: float = 0.0,
         scheduler: object | None = None,
     ) -> None:

@@ -6,7 +6,8 @@ from freezetune.data.datasets import DataBundle, build_datasets, build_eval_data
 from freezetune.data.folder import FileImageDataset, list_images, load_image
 from freezetune.data.idx import InMemoryImageDataset
 from freezetune.data.loaders import Loaders, build_loader, default_workers, usable_cpus
-from freezetune.data.transforms import AUG_PRESETS, eval_transform, train_transform
+from freezetune.data.transforms import eval_transform, train_transform
+from freezetune.options import AUG_PRESETS
 
 __all__ = [
     "AUG_PRESETS",

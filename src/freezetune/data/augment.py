@@ -1,7 +1,8 @@
 """Batched augmentation on the training device: per-sample random crops, flips, colour and erasing for whole batches.
 
-The device loaders (``freezetune.data.gpu``) hand whole uint8 batches to ``BatchAugment``, which reproduces the CPU
-presets of ``freezetune.data.transforms`` with a few tensor ops per batch instead of a Python call per image.
+The device loaders (``freezetune.data.gpu``) hand whole uint8 batches to ``BatchAugment``, which reads the same preset
+parameters (``freezetune.options.AUGMENTATIONS``) as the CPU pipeline of ``freezetune.data.transforms`` and applies
+them with a few tensor ops per batch instead of a Python call per image.
 """
 
 from __future__ import annotations
@@ -11,14 +12,10 @@ import math
 import torch
 import torch.nn.functional as F
 
-from freezetune.data.transforms import AUG_PRESETS, interpolation_mode
-from freezetune.errors import ConfigError, choices
+from freezetune.data.transforms import interpolation_mode
+from freezetune.options import aug_preset, check, crop_pct_problem
 from freezetune.preprocess import Preprocess
 
-_TRAIN_SCALE = {"light": (0.7, 1.0), "standard": (0.25, 1.0)}  # random resized crop area, as the CPU presets
-_CROP_RATIO = (3 / 4, 4 / 3)
-_ERASE_SCALE, _ERASE_RATIO, _ERASE_P = (0.02, 0.33), (0.3, 3.3), 0.25
-_JITTER = 0.4  # brightness and contrast factors in [1 - 0.4, 1 + 0.4]
 _TRIES = 10  # box draws per sample before falling back, as torchvision does
 _GRAY = (0.2989, 0.587, 0.114)
 
@@ -79,16 +76,15 @@ class BatchAugment:
     """
 
     def __init__(self, pre: Preprocess, aug: str, device: torch.device) -> None:
-        if aug not in AUG_PRESETS:
-            raise ConfigError(f"unknown augmentation preset {aug!r}; choose one of: {choices(AUG_PRESETS)}")
-        if not 0.0 < pre.crop_pct <= 1.0:
-            raise ConfigError(f"crop_pct must be in (0, 1], got {pre.crop_pct!r}")
+        self.preset = aug_preset(aug)
+        check(crop_pct_problem(pre.crop_pct))
         self.size, self.aug, self.device = pre.input_size, aug, torch.device(device)
         self.mode = interpolation_mode(pre.interpolation).value
         self.resize_to = int(pre.input_size / pre.crop_pct)
-        self.random_crop = aug in _TRAIN_SCALE
+        self.random_crop = self.preset.crop_scale is not None
         # The smallest crop spans about sqrt(min_scale) of a side; a canvas this large keeps it at ~1 px per output px.
-        self.canvas = math.ceil(self.size / math.sqrt(_TRAIN_SCALE[aug][0])) if self.random_crop else self.resize_to
+        min_scale = self.preset.crop_scale[0] if self.random_crop else None
+        self.canvas = math.ceil(self.size / math.sqrt(min_scale)) if self.random_crop else self.resize_to
         std = torch.tensor(pre.std, device=self.device).view(1, 3, 1, 1)
         self._scale = 1.0 / (255.0 * std)  # x / 255 then (x - mean) / std, folded into one multiply-add
         self._shift = torch.tensor(pre.mean, device=self.device).view(1, 3, 1, 1) / std
@@ -123,14 +119,15 @@ class BatchAugment:
             gen: CPU generator for the crop boxes and flips.
         """
         height, width = sizes[:, 0], sizes[:, 1]
-        h, w = _sample_boxes(height * width, _TRAIN_SCALE[self.aug], _CROP_RATIO, gen)
+        ratio = self.preset.crop_ratio
+        h, w = _sample_boxes(height * width, self.preset.crop_scale, ratio, gen)
         h, w, ok = _first_fit(h, w, height, width)
         # No box fitted: the whole image, trimmed to the nearest allowed aspect ratio (torchvision's fallback).
-        h = torch.where(ok, h, torch.minimum(height, width / _CROP_RATIO[0]))
-        w = torch.where(ok, w, torch.minimum(width, height * _CROP_RATIO[1]))
+        h = torch.where(ok, h, torch.minimum(height, width / ratio[0]))
+        w = torch.where(ok, w, torch.minimum(width, height * ratio[1]))
         top = torch.rand(len(x), generator=gen) * (height - h)
         left = torch.rand(len(x), generator=gen) * (width - w)
-        flip = torch.rand(len(x), generator=gen) < 0.5
+        flip = torch.rand(len(x), generator=gen) < self.preset.flip_p
         return self.warp(x, sizes, torch.stack([top, left, h, w], 1), flip)
 
     def warp(self, x: torch.Tensor, sizes: torch.Tensor, boxes: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
@@ -156,16 +153,17 @@ class BatchAugment:
         return t.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else t
 
     def finish(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        """Colour jitter (``standard``), gray -> RGB, normalisation and random erasing of a float batch (0..255)."""
-        if self.aug == "standard":
+        """Colour jitter, gray -> RGB, normalisation and random erasing (as the preset asks) of a float batch (0..255)."""
+        if self.preset.color:
             x = self._jitter(x, gen)
         x = x.expand(-1, 3, -1, -1) * self._scale - self._shift  # out of place: also materialises the expand
-        if self.aug == "standard":
+        if self.preset.erase_p:
             x = self._erase(x, gen)
         return x
 
     def _jitter(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        b, c = self._upload(torch.empty(2, len(x), 1, 1, 1).uniform_(1 - _JITTER, 1 + _JITTER, generator=gen))
+        jitter = self.preset.jitter
+        b, c = self._upload(torch.empty(2, len(x), 1, 1, 1).uniform_(1 - jitter, 1 + jitter, generator=gen))
         x = x.mul_(b).clamp_(0, 255)
         gray = x if x.shape[1] == 1 else sum(wt * x[:, i : i + 1] for i, wt in enumerate(_GRAY))
         mean = gray.mean(dim=(1, 2, 3), keepdim=True)
@@ -174,11 +172,11 @@ class BatchAugment:
     def _erase(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         n, s = len(x), self.size
         full = torch.full((n,), float(s))
-        h, w = _sample_boxes(full * full, _ERASE_SCALE, _ERASE_RATIO, gen)
+        h, w = _sample_boxes(full * full, self.preset.erase_scale, self.preset.erase_ratio, gen)
         h, w, ok = _first_fit(h.round(), w.round(), full - 1, full - 1)  # torchvision needs the box strictly inside
         top = (torch.rand(n, generator=gen) * (s - h + 1)).floor()
         left = (torch.rand(n, generator=gen) * (s - w + 1)).floor()
-        chosen = torch.nonzero((torch.rand(n, generator=gen) < _ERASE_P) & ok).flatten()
+        chosen = torch.nonzero((torch.rand(n, generator=gen) < self.preset.erase_p) & ok).flatten()
         seed = int(torch.randint(0, 2**62, (1,), generator=gen))
         if len(chosen) == 0:
             return x

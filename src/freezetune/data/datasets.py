@@ -83,12 +83,11 @@ def _check_options(val_data: str | None, val_split: float | None, per_class: int
     problems = []
     if val_data is not None and val_split is not None:
         problems.append(f"give either val_data ({val_data!r}) or val_split ({val_split!r}), not both")
-    if val_split is not None and (
-        isinstance(val_split, bool) or not isinstance(val_split, (int, float)) or not 0.0 < val_split < 1.0
-    ):
-        problems.append(f"val_split must be a fraction strictly between 0 and 1, got {val_split!r}")
-    if per_class is not None and (isinstance(per_class, bool) or not isinstance(per_class, int) or per_class < 1):
-        problems.append(f"per_class must be a positive integer, got {per_class!r}")
+    if val_split is not None:
+        problems.append(fraction_problem("val_split", val_split))
+    if per_class is not None:
+        problems.append(positive_int_problem("per_class", per_class))
+    problems = [p for p in problems if p]
     if problems:
         raise ConfigError("; ".join(problems))
 
@@ -116,7 +115,7 @@ def build_datasets(
     per_class: int | None = None,
     seed: int = 0,
     preprocess: Preprocess,
-    aug: str = "light",
+    aug: str = AUG_DEFAULT,
 ) -> DataBundle:
     """Build train/val/test datasets from one data path, with train augmentation and eval transforms.
 

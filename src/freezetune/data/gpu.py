@@ -31,11 +31,11 @@ from freezetune.data.folder import FileImageDataset, load_image
 from freezetune.data.idx import InMemoryImageDataset
 from freezetune.data.loaders import EpochOrder, check_batch_size, epoch_seed, usable_cpus
 from freezetune.errors import ConfigError, DataError, choices
+from freezetune.options import AUG_DEFAULT, DECODE_MODES
 from freezetune.preprocess import Preprocess
 
 log = logging.getLogger(__name__)
 
-DECODE_MODES = ("auto", "gpu", "cpu")
 _JPEG_MAGIC = b"\xff\xd8\xff"
 
 
@@ -88,7 +88,7 @@ class DeviceImageLoader(_DeviceLoader):
     """
 
     def __init__(self, dataset: InMemoryImageDataset, *, batch_size: int, train: bool, device: torch.device | str,
-                 seed: int = 0, preprocess: Preprocess, aug: str = "light", rows: Sequence[int] | None = None,
+                 seed: int = 0, preprocess: Preprocess, aug: str = AUG_DEFAULT, rows: Sequence[int] | None = None,
                  order: EpochOrder | None = None, rank: int = 0) -> None:  # fmt: skip
         pick = slice(None) if rows is None else torch.as_tensor(list(rows), dtype=torch.long)
         images, targets = dataset.images[pick], dataset.targets[pick]  # a slice is a view: no copy of the whole set
@@ -173,7 +173,7 @@ class DeviceJpegLoader(_DeviceLoader):
     """
 
     def __init__(self, dataset: FileImageDataset, *, batch_size: int, train: bool, device: torch.device | str,
-                 seed: int = 0, preprocess: Preprocess, aug: str = "light", threads: int | None = None,
+                 seed: int = 0, preprocess: Preprocess, aug: str = AUG_DEFAULT, threads: int | None = None,
                  prefetch: int = 2, rows: Sequence[int] | None = None, order: EpochOrder | None = None,
                  rank: int = 0, batch_decode: bool | None = None) -> None:  # fmt: skip
         rows = range(len(dataset)) if rows is None else rows

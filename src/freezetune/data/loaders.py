@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 from freezetune.data.idx import InMemoryImageDataset
 from freezetune.distributed import DistInfo, shard_rows
-from freezetune.errors import ConfigError
+from freezetune.options import AUG_DEFAULT, check, non_negative_int_problem, positive_int_problem
 from freezetune.preprocess import Preprocess
 
 
@@ -72,8 +72,7 @@ def default_workers(dataset: Dataset, cuda: bool) -> int:
 
 
 def check_batch_size(batch_size: object) -> int:
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
+    check(positive_int_problem("batch_size", batch_size))
     return batch_size
 
 
@@ -186,8 +185,8 @@ def build_loader(dataset: Dataset, *, batch_size: int, train: bool, workers: int
     [4, 4, 2]
     """
     check_batch_size(batch_size)
-    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 0):
-        raise ConfigError(f"workers must be a non-negative integer, got {workers!r}")
+    if workers is not None:
+        check(non_negative_int_problem("workers", workers))
     cuda = str(device).startswith("cuda")
     workers = default_workers(dataset, cuda) if workers is None else workers
     order = EpochOrder(len(dataset), shuffle=train, seed=seed)
@@ -215,7 +214,7 @@ class Loaders:
     device: torch.device
     seed: int
     preprocess: Preprocess
-    aug: str = "light"
+    aug: str = AUG_DEFAULT
     decode: str = "auto"
     workers: int | None = None
     dist: DistInfo = DistInfo()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from freezetune.errors import ConfigError
+from freezetune.options import check, fraction_problem, positive_int_problem
 
 
 def _indices_by_class(targets: torch.Tensor) -> dict[int, torch.Tensor]:
@@ -32,8 +32,7 @@ def per_class_indices(targets: torch.Tensor, k: int, seed: int = 0) -> tuple[tor
     >>> len(idx), counts
     (3, {0: 2, 1: 1})
     """
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ConfigError(f"per_class must be a positive integer, got {k!r}")
+    check(positive_int_problem("per_class", k))
     gen = torch.Generator().manual_seed(seed)
     chosen, counts = [], {}
     for cls, idx in _indices_by_class(targets).items():
@@ -63,8 +62,7 @@ def stratified_split(targets: torch.Tensor, fraction: float, seed: int = 0) -> t
     >>> len(tr), len(va)
     (16, 4)
     """
-    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 < fraction < 1.0:
-        raise ConfigError(f"val_split must be a fraction strictly between 0 and 1, got {fraction!r}")
+    check(fraction_problem("val_split", fraction))
     gen = torch.Generator().manual_seed(seed)
     train, val = [], []
     for idx in _indices_by_class(targets).values():

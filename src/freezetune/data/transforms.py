@@ -11,9 +11,8 @@ import torch
 from torchvision.transforms import InterpolationMode, v2
 
 from freezetune.errors import ConfigError, choices
+from freezetune.options import AUG_DEFAULT, aug_preset, check, crop_pct_problem
 from freezetune.preprocess import Preprocess
-
-AUG_PRESETS = ("none", "light", "standard")
 
 _INTERPOLATIONS = {
     "nearest": InterpolationMode.NEAREST,
@@ -43,8 +42,7 @@ def _to_normalized_float(pre: Preprocess) -> list[v2.Transform]:
 
 
 def _eval_geometry(pre: Preprocess) -> list[v2.Transform]:
-    if not 0.0 < pre.crop_pct <= 1.0:
-        raise ConfigError(f"crop_pct must be in (0, 1], got {pre.crop_pct!r}")
+    check(crop_pct_problem(pre.crop_pct))
     resize = int(pre.input_size / pre.crop_pct)
     interp = interpolation_mode(pre.interpolation)
     return [v2.Resize(resize, interpolation=interp, antialias=True), v2.CenterCrop(pre.input_size)]
@@ -66,8 +64,8 @@ def eval_transform(pre: Preprocess) -> v2.Compose:
     return v2.Compose([*_to_uint8_rgb(), *_eval_geometry(pre), *_to_normalized_float(pre), v2.ToPureTensor()])
 
 
-def train_transform(pre: Preprocess, aug: str = "light") -> v2.Compose:
-    """Training pipeline for one of the augmentation presets.
+def train_transform(pre: Preprocess, aug: str = AUG_DEFAULT) -> v2.Compose:
+    """Training pipeline for one of the augmentation presets (``freezetune.options.AUGMENTATIONS``).
 
     Presets:
         ``none``: same geometry as eval (resize + center-crop), no randomness.
@@ -85,18 +83,18 @@ def train_transform(pre: Preprocess, aug: str = "light") -> v2.Compose:
     >>> t(torch.zeros(3, 40, 50, dtype=torch.uint8)).dtype
     torch.float32
     """
-    if aug not in AUG_PRESETS:
-        raise ConfigError(f"unknown augmentation preset {aug!r}; choose one of: {choices(AUG_PRESETS)}")
-    if aug == "none":
+    preset = aug_preset(aug)
+    if preset.crop_scale is None:
         return eval_transform(pre)
     interp = interpolation_mode(pre.interpolation)
-    scale = (0.7, 1.0) if aug == "light" else (0.25, 1.0)
     ops: list[v2.Transform] = [
         *_to_uint8_rgb(),
-        v2.RandomResizedCrop(pre.input_size, scale=scale, interpolation=interp, antialias=True),
-        v2.RandomHorizontalFlip(),
+        v2.RandomResizedCrop(
+            pre.input_size, scale=preset.crop_scale, ratio=preset.crop_ratio, interpolation=interp, antialias=True
+        ),
+        v2.RandomHorizontalFlip(p=preset.flip_p),
     ]
-    if aug == "standard":
+    if preset.color:
         # its geometric ops accept only nearest/bilinear on tensors: a bicubic model (most timm ones) gets bilinear
         nearest = interp == v2.InterpolationMode.NEAREST
         ops.append(
@@ -105,7 +103,9 @@ def train_transform(pre: Preprocess, aug: str = "light") -> v2.Compose:
             )
         )
     ops += _to_normalized_float(pre)
-    if aug == "standard":
+    if preset.erase_p:
         # Erasing runs after normalisation so the erased patch is zero-mean noise, not a black square.
-        ops.append(v2.RandomErasing(p=0.25, value="random"))
+        ops.append(
+            v2.RandomErasing(p=preset.erase_p, scale=preset.erase_scale, ratio=preset.erase_ratio, value="random")
+        )
     return v2.Compose([*ops, v2.ToPureTensor()])

@@ -1,0 +1,147 @@
+"""Every choice list and value check of freezetune, defined once: the config, the CLI and the modules that act on a
+choice all import them from here, so an error message always lists the choices the code accepts.
+
+Torch-free on purpose: ``config`` and the CLI's argument parser import it without loading torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from freezetune.errors import ConfigError, choices
+
+OPTIMIZERS = ("adamw", "adam", "sgd")
+SCHEDULERS = ("onecycle", "cosine", "none")
+AMP_MODES = ("auto", "bf16", "fp16", "off")
+BN_POLICIES = ("frozen", "affine", "train")  # BatchNorm in frozen parts; see ``freezetune.freeze``
+BN_DEFAULT = "frozen"  # the one policy under which a frozen prefix is deterministic (and can be cached)
+FREEZE_KEYWORDS = ("backbone", "all", "none")
+FREEZE_DEFAULT = "backbone"  # what ``freeze(model)`` freezes and ``inspect`` shows: all but the head
+MONITORS = ("val_acc", "val_loss")
+CACHE_MODES = ("auto", "off", "memory", "disk")
+DECODE_MODES = ("auto", "gpu", "cpu")
+MODEL_SOURCES = ("timm", "torchvision", "hf")  # the prefix of a model name, as in "timm:resnet50"
+RANDOM_WEIGHTS = ("none", "random")
+PRETRAINED_WEIGHTS = ("imagenet", "default")
+
+
+@dataclass(frozen=True)
+class AugPreset:
+    """The parameters of one training augmentation preset, read by both pipelines: the per-image CPU one
+    (``freezetune.data.transforms``) and the batched device one (``freezetune.data.augment``).
+
+    Attributes:
+        crop_scale: area fraction range of the random resized crop; None: eval geometry (resize + center-crop).
+        crop_ratio: aspect-ratio range of the crop box (sampled log-uniformly).
+        flip_p: probability of a horizontal flip.
+        color: colour augmentation; on the CPU TrivialAugmentWide, on the device its batched stand-in, brightness
+            and contrast factors drawn in ``[1 - jitter, 1 + jitter]``.
+        jitter: see ``color``.
+        erase_p: probability of random erasing (per-pixel noise, after normalisation).
+        erase_scale: area fraction range of the erased box.
+        erase_ratio: aspect-ratio range of the erased box.
+    """
+
+    crop_scale: tuple[float, float] | None = None
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    flip_p: float = 0.0
+    color: bool = False
+    jitter: float = 0.4
+    erase_p: float = 0.0
+    erase_scale: tuple[float, float] = (0.02, 0.33)
+    erase_ratio: tuple[float, float] = (0.3, 3.3)
+
+
+AUGMENTATIONS = {
+    "none": AugPreset(),
+    # gentle: suits few-shot fine-tuning
+    "light": AugPreset(crop_scale=(0.7, 1.0), flip_p=0.5),
+    "standard": AugPreset(crop_scale=(0.25, 1.0), flip_p=0.5, color=True, erase_p=0.25),
+}
+AUG_PRESETS = tuple(AUGMENTATIONS)
+AUG_DEFAULT = "light"
+
+
+def aug_preset(name: str) -> AugPreset:
+    """The parameters of augmentation preset ``name``; a ``ConfigError`` listing the presets otherwise.
+
+    >>> aug_preset("light").crop_scale
+    (0.7, 1.0)
+    """
+    check_choice("augmentation preset", name, AUG_PRESETS)
+    return AUGMENTATIONS[name]
+
+
+# --- checks: each returns the problem as text (None if fine), so a caller can report many at once -------------
+
+
+def choice_problem(name: str, value: object, allowed: Iterable[object]) -> str | None:
+    """``"unknown bn 'melt'; choose one of: 'frozen', 'affine', 'train'"``, or None when ``value`` is allowed.
+
+    >>> choice_problem("amp", "fp8", AMP_MODES)
+    "unknown amp 'fp8'; choose one of: 'auto', 'bf16', 'fp16', 'off'"
+    """
+    allowed = tuple(allowed)
+    return None if value in allowed else f"unknown {name} {value!r}; choose one of: {choices(allowed)}"
+
+
+def positive_int_problem(name: str, value: object) -> str | None:
+    """Problem of a count that must be an integer >= 1 (``bool`` is not a count).
+
+    >>> positive_int_problem("batch_size", 0), positive_int_problem("epochs", 2.5), positive_int_problem("epochs", 3)
+    ('batch_size must be >= 1, got 0', 'epochs must be an integer, got 2.5', None)
+    """
+    if isinstance(value, bool) or not isinstance(value, int):
+        return f"{name} must be an integer, got {value!r}"
+    return None if value >= 1 else f"{name} must be >= 1, got {value!r}"
+
+
+def non_negative_int_problem(name: str, value: object) -> str | None:
+    """Problem of a count that may be 0 (``workers``).
+
+    >>> non_negative_int_problem("workers", -1)
+    'workers must be >= 0, got -1'
+    """
+    if isinstance(value, bool) or not isinstance(value, int):
+        return f"{name} must be an integer, got {value!r}"
+    return None if value >= 0 else f"{name} must be >= 0, got {value!r}"
+
+
+def fraction_problem(name: str, value: object) -> str | None:
+    """Problem of a share that must lie strictly between 0 and 1 (``val_split``).
+
+    >>> fraction_problem("val_split", 1.0)
+    'val_split must be a fraction strictly between 0 and 1, got 1.0'
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value < 1.0:
+        return f"{name} must be a fraction strictly between 0 and 1, got {value!r}"
+    return None
+
+
+def crop_pct_problem(value: float) -> str | None:
+    """Problem of an eval ``crop_pct`` (the eval resize is ``input_size / crop_pct``): it must be in (0, 1].
+
+    >>> crop_pct_problem(0.875) is None, crop_pct_problem(0)
+    (True, 'crop_pct must be in (0, 1], got 0')
+    """
+    return None if 0.0 < value <= 1.0 else f"crop_pct must be in (0, 1], got {value!r}"
+
+
+def check(problem: str | None, error: type[Exception] = ConfigError) -> None:
+    """Raise ``error(problem)`` when there is a problem.
+
+    >>> check(positive_int_problem("topk", 5))
+    """
+    if problem is not None:
+        raise error(problem)
+
+
+def check_choice(name: str, value: object, allowed: Iterable[object], error: type[Exception] = ConfigError) -> None:
+    """Raise ``error`` naming ``value`` and listing the choices unless ``value`` is one of ``allowed``.
+
+    >>> check_choice("decode", "tpu", DECODE_MODES)
+    Traceback (most recent call last):
+    freezetune.errors.ConfigError: unknown decode 'tpu'; choose one of: 'auto', 'gpu', 'cpu'
+    """
+    check(choice_problem(name, value, allowed), error)

@@ -1,0 +1,115 @@
+"""Using a trained model as a library: evaluate a checkpoint, write the evaluation, predict image files."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import freezetune as ft
+from _engine_fixtures import CLASSES, make_image_folder
+from freezetune import checkpoint
+from freezetune.errors import ConfigError, DataError
+from freezetune.inference import (
+    evaluate_checkpoint,
+    evaluate_model,
+    format_predictions,
+    load_model,
+    predict_files,
+    write_evaluation,
+)
+from freezetune.metrics import format_report
+from freezetune.models import create_model
+from freezetune.preprocess import Preprocess
+
+pytestmark = pytest.mark.usefixtures("single_thread_module")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_image_folder(tmp_path_factory.mktemp("images"), train=1, val=0, test=4)
+
+
+@pytest.fixture(scope="module")
+def best_pt(tmp_path_factory):
+    """An untrained 3-class tiny model whose BatchNorm statistics moved: its predictions differ between images."""
+    torch.manual_seed(0)
+    model, _ = create_model("timm:test_efficientnet", "none")
+    ft.replace_head(model, len(CLASSES))
+    with torch.no_grad():
+        model.train()(torch.randn(8, 3, 32, 32))
+        model.get_classifier().weight.mul_(50)  # confident predictions: no near-ties for batching to flip
+    record = checkpoint.model_record(model, {"model": "timm:test_efficientnet"}, sorted(CLASSES), Preprocess(32))
+    return checkpoint.save(record, tmp_path_factory.mktemp("run") / "best.pt")
+
+
+def test_evaluate_checkpoint_scores_the_test_split_as_predict_files_ranks_it(best_pt, data):
+    result = evaluate_checkpoint(best_pt, data, batch_size=5, device="cpu")
+    assert result["classes"] == sorted(CLASSES) and result["n"] == 4 * len(CLASSES)  # data/test, not data/train
+    records = predict_files(best_pt, [data / "test"], topk=1, device="cpu")
+    hits = [r["top"][0]["class"] == r["path"].split("/")[-2] for r in records]
+    assert result["acc"] == pytest.approx(sum(hits) / len(hits))
+
+
+def test_evaluate_checkpoint_takes_a_record_and_a_dataset(best_pt, data):
+    from freezetune.data import build_eval_dataset
+
+    record = checkpoint.load(best_pt)
+    dataset = build_eval_dataset(str(data), preprocess=Preprocess(32), classes=record["classes"])
+    by_path = evaluate_checkpoint(best_pt, data, device="cpu")
+    by_record = evaluate_checkpoint(record, dataset, batch_size=1, device="cpu")
+    assert by_record["confusion"] == by_path["confusion"]
+    assert by_record["loss"] == pytest.approx(by_path["loss"], rel=1e-5)
+
+
+def test_evaluate_model_is_the_in_memory_half(best_pt, data):
+    loaded = load_model(best_pt, device="cpu")
+    assert not loaded.model.training and loaded.classes == sorted(CLASSES)
+    from freezetune.data import build_eval_dataset
+
+    dataset = build_eval_dataset(str(data), preprocess=loaded.preprocess, classes=loaded.classes)
+    result = evaluate_model(loaded.model, dataset, num_classes=3, precision=loaded.precision, batch_size=7)
+    expected = evaluate_checkpoint(best_pt, data, device="cpu")
+    assert set(result) == set(expected) - {"classes"}
+    assert result["confusion"] == expected["confusion"] and result["n"] == expected["n"]
+    assert result["loss"] == pytest.approx(expected["loss"], rel=1e-5)
+
+
+def test_write_evaluation_writes_the_plot_and_json_it_is_given(best_pt, data, tmp_path):
+    result = evaluate_checkpoint(best_pt, data, device="cpu")
+    text = write_evaluation(result, result["classes"], plot=tmp_path / "c.png", metrics=tmp_path / "m.json")
+    assert text == format_report(result, result["classes"])
+    assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
+    assert json.loads((tmp_path / "m.json").read_text()) == json.loads(json.dumps(result))
+    write_evaluation(result, result["classes"])  # nothing asked, nothing written
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.png", "m.json"]
+
+
+def test_predict_files_ranks_every_image_in_path_order(best_pt, data):
+    files = sorted(str(p) for p in (data / "test" / "red").glob("*.png"))
+    loaded = load_model(best_pt, device="cpu")
+    records = predict_files(loaded, files, topk=9, batch_size=3)
+    assert [r["path"] for r in records] == files
+    for r in records:
+        probs = [p["prob"] for p in r["top"]]
+        assert {p["class"] for p in r["top"]} == set(CLASSES)  # topk beyond the classes: all of them
+        assert probs == sorted(probs, reverse=True) and sum(probs) == pytest.approx(1, abs=1e-5)
+    one_by_one = predict_files(best_pt, files, topk=9, batch_size=1, device="cpu")  # batching changes nothing
+    assert [[p["class"] for p in r["top"]] for r in one_by_one] == [[p["class"] for p in r["top"]] for r in records]
+    probs = [p["prob"] for r in one_by_one for p in r["top"]]
+    assert probs == pytest.approx([p["prob"] for r in records for p in r["top"]], abs=1e-5)
+    assert json.loads(json.dumps(records)) == records
+
+
+def test_predict_files_user_errors(best_pt, data):
+    with pytest.raises(ConfigError, match="topk must be >= 1, got 0"):
+        predict_files(best_pt, [data], topk=0, device="cpu")
+    with pytest.raises(DataError, match="nothere.png"):
+        predict_files(best_pt, [data / "nothere.png"], device="cpu")
+
+
+def test_format_predictions_one_line_per_image():
+    records = [{"path": "a.png", "top": [{"class": "red", "prob": 0.75}, {"class": "blue", "prob": 0.25}]},
+               {"path": "b.png", "top": [{"class": "blue", "prob": 1.0}]}]  # fmt: skip
+    assert format_predictions(records) == "a.png  red 75.0%  blue 25.0%\nb.png  blue 100.0%"

@@ -1,0 +1,128 @@
+"""One source of choices and checks: the config and the modules acting on a choice list the same values, and both
+augmentation pipelines read the same preset parameters."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from freezetune import options
+from freezetune.config import FIELD_CHOICES, TrainConfig, validate
+from freezetune.errors import ConfigError, FreezetuneError, choices
+from freezetune.options import AugPreset
+from freezetune.preprocess import Preprocess
+
+
+def _message(call) -> str:
+    with pytest.raises(FreezetuneError) as info:
+        call()
+    return str(info.value)
+
+
+def _owner_calls():
+    """Per config field, a call of the module that acts on the choice, with a bad value."""
+    import torchvision
+
+    from freezetune.data import InMemoryImageDataset, train_transform
+    from freezetune.data.augment import BatchAugment
+    from freezetune.data.gpu import should_use_device_loader
+    from freezetune.freeze import freeze
+    from freezetune.precision import resolve_precision
+
+    ds = InMemoryImageDataset(torch.zeros(1, 4, 4, dtype=torch.uint8), torch.zeros(1), ["a"])
+    return {
+        "aug": [lambda: train_transform(Preprocess(8), "bogus"), lambda: BatchAugment(Preprocess(8), "bogus", "cpu")],
+        "decode": [lambda: should_use_device_loader(ds, "cpu", "bogus")],
+        "bn": [lambda: freeze(torchvision.models.resnet18(), "backbone", bn="bogus")],
+        "amp": [lambda: resolve_precision(torch.device("cpu"), "bogus")],
+    }
+
+
+@pytest.mark.parametrize("name", ["aug", "decode", "bn", "amp"])
+def test_config_and_owning_module_list_the_same_choices(name):
+    listed = choices(FIELD_CHOICES[name])
+    assert listed in _message(lambda: validate(TrainConfig(data="x", **{name: "bogus"})))
+    for call in _owner_calls()[name]:
+        assert listed in _message(call)
+
+
+def test_every_choice_field_is_validated_against_its_list():
+    for name, allowed in FIELD_CHOICES.items():
+        assert getattr(TrainConfig(), name) in allowed, name  # the default is a valid choice
+        message = _message(lambda name=name: validate(TrainConfig(data="x", **{name: "bogus"})))
+        assert f"unknown {name} 'bogus'; choose one of: {choices(allowed)}" in message
+
+
+def test_aug_presets_are_the_parameter_table():
+    assert options.AUG_PRESETS == ("none", "light", "standard")
+    assert options.aug_preset("light").crop_scale == (0.7, 1.0)
+    assert options.aug_preset("standard") == AugPreset(crop_scale=(0.25, 1.0), flip_p=0.5, color=True, erase_p=0.25)
+    with pytest.raises(ConfigError, match="'none', 'light', 'standard'"):
+        options.aug_preset("heavy")
+
+
+@pytest.mark.parametrize("flip_p", [0.0, 1.0])
+def test_cpu_and_device_pipelines_read_the_same_preset(monkeypatch, flip_p):
+    """A preset whose crop is the whole image: both pipelines output the image, mirrored exactly when it says so."""
+    from freezetune.data import train_transform
+    from freezetune.data.augment import BatchAugment
+
+    preset = AugPreset(crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), flip_p=flip_p)
+    monkeypatch.setitem(options.AUGMENTATIONS, "light", preset)
+    pre = Preprocess(input_size=16, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+    image = torch.zeros(3, 16, 16, dtype=torch.uint8)
+    image[:, :, :4] = 255  # a bright left edge: a flip moves it to the right
+    expected = image.float() / 255
+    expected = expected.flip(-1) if flip_p else expected
+    torch.manual_seed(0)
+    cpu = train_transform(pre, "light")(image)
+    device = BatchAugment(pre, "light", torch.device("cpu"))(image[None], torch.Generator().manual_seed(0))[0]
+    torch.testing.assert_close(cpu, expected)
+    torch.testing.assert_close(device, expected)
+
+
+@pytest.mark.parametrize(
+    ("check", "value", "problem"),
+    [
+        (options.positive_int_problem, 0, "n must be >= 1, got 0"),
+        (options.positive_int_problem, True, "n must be an integer, got True"),
+        (options.positive_int_problem, 2, None),
+        (options.fraction_problem, 0.0, "n must be a fraction strictly between 0 and 1, got 0.0"),
+        (options.fraction_problem, 0.5, None),
+    ],
+)
+def test_checks_name_the_value(check, value, problem):
+    assert check("n", value) == problem
+
+
+def test_data_checks_and_config_checks_say_the_same():
+    from freezetune.data import build_datasets
+
+    config = _message(lambda: validate(TrainConfig(data="x", val_split=1.5, per_class=0)))
+    data = _message(lambda: build_datasets("x", val_split=1.5, per_class=0, preprocess=Preprocess(8)))
+    for problem in (options.fraction_problem("val_split", 1.5), options.positive_int_problem("per_class", 0)):
+        assert problem in config and problem in data
+
+
+def test_memory_estimate_covers_every_optimizer_choice():
+    from torch import nn
+
+    from freezetune.memory import estimate_memory
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 6 * 6, 2))
+    state = {opt: estimate_memory(model, 8, 2, optimizer=opt)["full"]["optimizer"] for opt in options.OPTIMIZERS}
+    assert state["sgd"] > 0 and state["adamw"] == state["adam"] == 2 * state["sgd"]
+
+
+def test_library_defaults_are_the_config_defaults():
+    import inspect
+
+    from freezetune.data import train_transform
+    from freezetune.freeze import freeze, freeze_to, unfreeze
+    from freezetune.unfreezing import Unfreezer
+
+    defaults = TrainConfig()
+    for fn in (freeze, unfreeze, freeze_to, Unfreezer):
+        assert inspect.signature(fn).parameters["bn"].default == defaults.bn
+    assert inspect.signature(train_transform).parameters["aug"].default == defaults.aug
+    assert inspect.signature(freeze).parameters["spec"].default == options.FREEZE_DEFAULT
