@@ -17,6 +17,7 @@ from freezetune.data.idx import idx_files, is_idx_dir, load_idx
 from freezetune.data.sampling import per_class_indices, stratified_split
 from freezetune.data.transforms import eval_transform, train_transform
 from freezetune.errors import ConfigError, DataError
+from freezetune.options import AUG_DEFAULT, fraction_problem, positive_int_problem
 from freezetune.preprocess import Preprocess
 
 log = logging.getLogger(__name__)
