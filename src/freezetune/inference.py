@@ -18,6 +18,7 @@ from torch.utils.data import Dataset
 from freezetune import checkpoint as ckpt
 from freezetune._io import atomic_write_text
 from freezetune.config import TrainConfig
+from freezetune.data.loaders import Loaders
 from freezetune.evaluate import evaluate, predict_probs
 from freezetune.options import check, positive_int_problem
 from freezetune.precision import Precision, resolve_device, resolve_precision
@@ -60,11 +61,14 @@ def evaluate_model(
     batch_size: int = _BATCH_SIZE,
     workers: int | None = None,
     channels_last: bool = False,
+    loaders: Loaders | None = None,
 ) -> dict:
     """Evaluate ``model`` on every sample of ``dataset`` (its transform already set), in order, without gradients.
 
     Returns ``evaluate``'s metrics: loss, acc, top-k, per-class accuracy, macro-F1, confusion, n. ``workers``: loader
-    processes (default: ``data.default_workers``).
+    processes (default: ``data.default_workers``). ``loaders``: a run's loader factory (then ``batch_size`` and
+    ``workers`` are its own, and image data may go through the device pipeline); default the CPU loader over the
+    dataset's own transform.
 
     >>> from freezetune.data import InMemoryImageDataset
     >>> ds = InMemoryImageDataset(torch.zeros(5, 2, 2, dtype=torch.uint8), torch.tensor([0, 1, 0, 1, 0]), ["a", "b"])
@@ -73,10 +77,10 @@ def evaluate_model(
     >>> evaluate_model(model, ds, num_classes=2, precision=resolve_precision(torch.device("cpu")))["n"]
     5
     """
-    from freezetune.data import build_loader  # imports torchvision: only when data is evaluated
-
-    loader = build_loader(dataset, batch_size=batch_size, train=False, workers=workers, device=str(precision.device))
-    return evaluate(model, loader, precision, num_classes=num_classes, channels_last=channels_last)
+    if loaders is None:
+        loaders = Loaders(batch_size=batch_size, device=precision.device, seed=0, preprocess=Preprocess(),
+                          decode="cpu", workers=workers)  # fmt: skip
+    return evaluate(model, loaders.eval(dataset), precision, num_classes=num_classes, channels_last=channels_last)
 
 
 def evaluate_checkpoint(
@@ -97,9 +101,9 @@ def evaluate_checkpoint(
         from freezetune.data import build_eval_dataset
 
         dataset = build_eval_dataset(str(data), preprocess=loaded.preprocess, classes=loaded.classes)
-    result = evaluate_model(
-        loaded.model, dataset, num_classes=len(loaded.classes), precision=loaded.precision, batch_size=batch_size
-    )
+    loaders = Loaders(batch_size=batch_size, device=loaded.precision.device, seed=0, preprocess=loaded.preprocess)
+    result = evaluate_model(loaded.model, dataset, num_classes=len(loaded.classes), precision=loaded.precision,
+                            loaders=loaders)  # fmt: skip
     return {**result, "classes": loaded.classes}
 
 

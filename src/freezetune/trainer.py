@@ -15,7 +15,6 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from freezetune import checkpoint
 from freezetune._io import atomic_write_text
@@ -26,12 +25,12 @@ from freezetune.distributed import all_reduce_sum, barrier, broadcast, device_fo
 from freezetune.errors import ConfigError
 from freezetune.evaluate import evaluate, logits_of, to_device
 from freezetune.freeze import count_parameters, freeze, summary
-from freezetune.metrics import format_report, plot_confusion
+from freezetune.inference import evaluate_model, write_evaluation
 from freezetune.models import create_model
 from freezetune.optim import build_optimizer, build_scheduler
 from freezetune.precision import resolve_device, resolve_precision
 from freezetune.progress import Progress
-from freezetune.reporting import MetricsLogger, NullMetricsLogger, format_epoch_line, plot_report
+from freezetune.reporting import MetricsLogger, NullMetricsLogger, TrainProgress, format_epoch_line, plot_report
 from freezetune.runtime import (
     peak_memory_mb,
     prepare_run_dir,
@@ -171,8 +170,7 @@ class Trainer:
     def _epochs(self) -> None:
         cfg, unfreezer = self.cfg, self.state.unfreezer
         # stages unfrozen after the previous epoch: non-empty only when resuming right after an unfreeze
-        events = unfreezer.events if unfreezer is not None else []
-        unfrozen = [n for e, names in events if e == self.progress.epoch - 1 for n in names]
+        unfrozen = unfreezer.unfrozen_after(self.progress.epoch - 1) if unfreezer is not None else []
         for epoch in range(self.progress.epoch, cfg.epochs):
             row = self._run_epoch(epoch, unfrozen)
             last = epoch + 1 == cfg.epochs  # nothing trains after the last epoch: no unfreeze, no cache rebuild
@@ -203,10 +201,10 @@ class Trainer:
         val = broadcast(val, self.dist)  # rank 0's numbers drive every rank's unfreeze and early-stop decisions
         if val is not None:
             row.update(val_loss=val["loss"], val_acc=val["acc"], val_top5=val["top5"], val_f1=val["macro_f1"])
-        trainable, total = count_parameters(self.model)
         row.update({f"lr/{g.get('name', i)}": g["lr"] for i, g in enumerate(self.state.optimizer.param_groups)})
-        row.update(trainable_params=trainable, total_params=total, epoch_time_s=seconds)
-        row.update(img_per_s=samples / max(seconds, 1e-9), peak_mem_mb=peak_memory_mb(self.device), unfrozen=unfrozen)
+        row.update(zip(("trainable_params", "total_params"), count_parameters(self.model), strict=True))
+        row.update(epoch_time_s=seconds, img_per_s=samples / max(seconds, 1e-9), peak_mem_mb=peak_memory_mb(self.device),
+                   unfrozen=unfrozen)  # fmt: skip
         self.metrics.log_epoch(row)
         self.echo(format_epoch_line(row))
         return row
@@ -214,32 +212,17 @@ class Trainer:
     def _train_epoch(self, epoch: int, batches) -> dict:
         self.model.train()
         loss_fn = nn.CrossEntropyLoss(label_smoothing=self.cfg.label_smoothing)
-        # Running sums stay on the device: reading them every step would sync the GPU each batch.
-        loss_sum = torch.zeros((), device=self.device)
-        correct = torch.zeros((), device=self.device, dtype=torch.long)
-        seen = 0
-        # Driven by hand: given the loader, tqdm.auto calls iter() on it up front and again to loop, so a DataLoader
-        # would start twice an epoch (a wasted worker prefetch, a second shuffle-seed draw).
-        with tqdm(total=len(batches), desc=f"epoch {epoch + 1}/{self.cfg.epochs}", leave=False,
-                  disable=not self.cfg.progress, dynamic_ncols=True) as bar:  # fmt: skip
-            for step, (inputs, targets) in enumerate(batches):
-                inputs = to_device(inputs, self.device, self.channels_last)
-                targets = targets.to(self.device, non_blocking=True)
-                with self.precision.autocast():
-                    logits = logits_of(self.features.train_module(inputs))
-                    loss = loss_fn(logits.float(), targets)
-                self._optimize(loss)
-                loss_sum += loss.detach() * len(targets)
-                correct += (logits.detach().argmax(-1) == targets).sum()
-                seen += len(targets)
-                bar.update()
-                if not bar.disable and (step % 10 == 0 or step == len(batches) - 1):  # .item() syncs: not every step
-                    bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", acc=f"{100 * correct.item() / seen:.1f}%",
-                                    refresh=False)  # fmt: skip
-        totals = torch.stack([loss_sum, correct.float(), torch.tensor(float(seen), device=self.device)])
-        loss_total, correct_total, seen_total = all_reduce_sum(totals, self.dist).tolist()
-        return {"train_loss": loss_total / max(seen_total, 1), "train_acc": correct_total / max(seen_total, 1),
-                "samples": int(seen_total)}  # fmt: skip
+        meter = TrainProgress(len(batches), f"epoch {epoch + 1}/{self.cfg.epochs}", enabled=self.cfg.progress,
+                              device=self.device)  # fmt: skip
+        for inputs, targets in batches:
+            inputs = to_device(inputs, self.device, self.channels_last)
+            targets = targets.to(self.device, non_blocking=True)
+            with self.precision.autocast():
+                logits = logits_of(self.features.train_module(inputs))
+                loss = loss_fn(logits.float(), targets)
+            self._optimize(loss)
+            meter.update(loss, logits, targets)
+        return meter.close(lambda totals: all_reduce_sum(totals, self.dist))
 
     def _optimize(self, loss: torch.Tensor) -> None:
         optimizer, scaler = self.state.optimizer, self.state.scaler
@@ -275,16 +258,15 @@ class Trainer:
         return names
 
     def _final_test(self) -> dict | None:
-        test = self.data.test
+        """``best.pt`` on the test split, once, at the end: the one number no decision of the run has seen."""
         best_path = self.run_dir / checkpoint.BEST
-        if test is None or not best_path.exists():
+        if self.data.test is None or not best_path.exists():
             return None
         self.model.load_state_dict(checkpoint.load(best_path)["state_dict"])
-        result = evaluate(self.model, self.loaders.eval(test), self.precision, num_classes=len(self.classes),
-                          channels_last=self.channels_last)  # fmt: skip
-        plot_confusion(result, self.classes, self.run_dir / "confusion.png")
-        atomic_write_text(self.run_dir / "test_metrics.json", json.dumps(result, indent=1))
-        self.echo(format_report(result, self.classes))
+        result = evaluate_model(self.model, self.data.test, num_classes=len(self.classes), precision=self.precision,
+                                channels_last=self.channels_last, loaders=self.loaders)  # fmt: skip
+        self.echo(write_evaluation(result, self.classes, plot=self.run_dir / "confusion.png",
+                                   metrics=self.run_dir / "test_metrics.json"))  # fmt: skip
         self.echo(f"test accuracy {100 * result['acc']:.2f}% (best.pt, epoch {self.progress.best_epoch}) -> "
                   f"{self.run_dir}")  # fmt: skip
         return result

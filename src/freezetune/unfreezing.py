@@ -140,6 +140,10 @@ class Unfreezer:
             self.events.append((epoch, done))
         return done
 
+    def unfrozen_after(self, epoch: int) -> list[str]:
+        """The stages this Unfreezer unfroze at the end of ``epoch`` (0-based), in the order it unfroze them."""
+        return [name for e, names in self.events if e == epoch for name in names]
+
     def frozen_stages(self) -> list[Stage]:
         """Stages that still hold a frozen parameter, in model order."""
         return [s for s in stages(self.model) if any(not p.requires_grad for p in s.params)]
