@@ -122,13 +122,25 @@ def save_last(path: str | Path, record: dict[str, Any], state: TrainingState, pr
     )
 
 
-def restore(path: str | Path, state: TrainingState, progress, *, expect: dict[str, Any]) -> None:
+def save_epoch(run_dir: Path, record: dict[str, Any], state: TrainingState, progress, steps_per_epoch: int, *,
+               row: dict, improved: bool) -> None:  # fmt: skip
+    """After an epoch: ``best.pt`` when it improved, then ``last.pt``. Best first: a ``last.pt`` that names epoch N
+    as the best never outlives a missing ``best.pt``."""
+    if improved:
+        save_best(run_dir / BEST, record, progress.epoch - 1, row)
+    save_last(run_dir / LAST, record, state, progress, steps_per_epoch)
+
+
+def restore(path: str | Path, state: TrainingState, progress, *, config: dict[str, Any], classes: list[str],
+            steps_per_epoch: int) -> None:  # fmt: skip
     """Continue a run from its ``last.pt``: load into ``state`` (set up as at the start of that run) and ``progress``.
 
-    ``expect`` holds what the run must share with ``last.pt`` (``model``, ``classes``, ``epochs``, ``scheduler``,
-    ``warmup_epochs``, ``steps_per_epoch``); a mismatch is refused with the reason.
+    ``config``, ``classes`` and ``steps_per_epoch`` are this run's: its model, classes and LR schedule must be those
+    of ``last.pt``; a mismatch is refused with the reason.
     """
     record = load(path)
+    expect = {**{k: config[k] for k in ("model", "epochs", "scheduler", "warmup_epochs")}, "classes": classes,
+              "steps_per_epoch": steps_per_epoch}  # fmt: skip
     _check_resumable(Path(path), record, expect)
     state.model.load_state_dict(record["state_dict"])
     if state.unfreezer is not None and record.get("unfreezer"):

@@ -8,8 +8,8 @@ from torch import nn
 from freezetune.param_groups import param_groups
 
 
-def build_optimizer(model: nn.Module, name: str = "adamw", lr: float = 1e-3, *, stage_lrs: dict[str, float] | None = None,
-                    decay: float | None = None, weight_decay: float = 0.05,
+def build_optimizer(model: nn.Module, name: str = "adamw", lr: float = 1e-3, *,
+                    stage_lrs: dict[str, float] | None = None, decay: float | None = None, weight_decay: float = 0.05,
                     momentum: float = 0.9) -> torch.optim.Optimizer:  # fmt: skip
     """AdamW/Adam/SGD over the trainable parameters only, one group per stage (see ``param_groups``).
 

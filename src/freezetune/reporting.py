@@ -364,6 +364,26 @@ def _lr_text(row: dict[str, Any]) -> str:
     return f"lr {hi:.1e}" if lo == hi else f"lr {lo:.1e}..{hi:.1e}"
 
 
+def epoch_row(epoch: int, epochs: int, train: dict, val: dict | None, *, seconds: float, optimizer,
+              params: tuple[int, int], peak_mb: float, unfrozen: list[str]) -> dict[str, Any]:  # fmt: skip
+    """One ``metrics.csv`` row: train and val metrics, every group's LR, trainable/total parameters, time, memory, and
+    the stages unfrozen after the epoch. ``epoch`` is 0-based; ``train`` holds ``train_loss``, ``train_acc`` and
+    ``samples`` (which feeds img/s).
+
+    >>> epoch_row(0, 3, {"train_loss": 1.0, "train_acc": 0.5, "samples": 8}, None, seconds=2.0, optimizer=None,
+    ...           params=(10, 20), peak_mb=1.0, unfrozen=[])["img_per_s"]
+    4.0
+    """
+    row = {"epoch": epoch + 1, "epochs": epochs, "train_loss": train["train_loss"], "train_acc": train["train_acc"]}
+    if val is not None:
+        row.update(val_loss=val["loss"], val_acc=val["acc"], val_top5=val["top5"], val_f1=val["macro_f1"])
+    groups = optimizer.param_groups if optimizer is not None else []
+    row.update({f"lr/{g.get('name', i)}": g["lr"] for i, g in enumerate(groups)})
+    row.update(trainable_params=params[0], total_params=params[1], epoch_time_s=seconds)
+    row.update(img_per_s=train["samples"] / max(seconds, 1e-9), peak_mem_mb=peak_mb, unfrozen=unfrozen)
+    return row
+
+
 def format_epoch_line(row: dict[str, Any]) -> str:
     """Format the one log line printed after each epoch; missing fields are left out.
 

@@ -1,9 +1,8 @@
 """The training engine: pretrained model -> freeze -> new head -> train (progressive unfreezing) -> best checkpoint.
 
-``train(cfg)`` is the whole run; ``Trainer`` exposes its parts for notebooks. Per epoch: train on the trainable
-stages, evaluate, step the Unfreezer with the monitored metric, log a row, save ``best.pt`` when it improved and
-``last.pt``. What a step reads (images or cached features) is the ``FeaturePath``'s business; how data becomes
-batches is the ``Loaders``'; what a resume restores is ``checkpoint``'s; how far the run is, ``Progress``'s.
+``train(cfg)`` is the whole run; ``Trainer`` exposes its parts for notebooks. What a step reads (images or cached
+features) is the ``FeaturePath``'s business; how data becomes batches, the ``Loaders'``; how far the run is,
+``Progress``'s; what a resume restores, ``checkpoint``'s.
 """
 
 from __future__ import annotations
@@ -16,29 +15,20 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from freezetune import checkpoint
+from freezetune import checkpoint, reporting, runtime
 from freezetune._io import atomic_write_text
 from freezetune.cache import FeaturePath
 from freezetune.config import TrainConfig, parse_freeze_spec, validate
 from freezetune.data import Loaders, build_datasets
 from freezetune.distributed import all_reduce_sum, barrier, broadcast, device_for, init_from_env, shutdown, wrap
 from freezetune.errors import ConfigError
-from freezetune.evaluate import evaluate, logits_of, to_device
+from freezetune.evaluate import logits_of, to_device
 from freezetune.freeze import count_parameters, freeze, summary
 from freezetune.inference import evaluate_model, write_evaluation
 from freezetune.models import create_model
 from freezetune.optim import build_optimizer, build_scheduler
 from freezetune.precision import resolve_device, resolve_precision
 from freezetune.progress import Progress
-from freezetune.reporting import MetricsLogger, NullMetricsLogger, TrainProgress, format_epoch_line, plot_report
-from freezetune.runtime import (
-    peak_memory_mb,
-    prepare_run_dir,
-    recompile,
-    seed_epoch,
-    seed_everything,
-    use_channels_last,
-)
 from freezetune.stages import replace_head
 from freezetune.unfreezing import Unfreezer
 
@@ -89,9 +79,9 @@ class Trainer:
         self.device = resolve_device(device_for(self.dist, cfg.device))
         self.precision = resolve_precision(self.device, cfg.amp)
         # decided once, by rank 0: a timestamped default name must not differ between ranks
-        self.run_dir = broadcast(prepare_run_dir(cfg.out, cfg.model, resume=cfg.resume), self.dist)
+        self.run_dir = broadcast(runtime.prepare_run_dir(cfg.out, cfg.model, resume=cfg.resume), self.dist)
         barrier(self.dist)  # every rank checked the run dir before rank 0 writes into it
-        seed_everything(cfg.seed)
+        runtime.seed_everything(cfg.seed)
         self.model, self.preprocess = create_model(cfg.model, cfg.weights, img_size=cfg.img_size)
         if self.preprocess is None:
             raise ConfigError(f"{cfg.model} is not an image model; the trainer fine-tunes image classifiers")
@@ -100,18 +90,19 @@ class Trainer:
         self.classes = self.data.classes
         replace_head(self.model, len(self.classes))
         freeze(self.model, parse_freeze_spec(cfg.freeze), bn=cfg.bn)
-        self.channels_last = use_channels_last(cfg.channels_last, self.model, self.device)
+        self.channels_last = runtime.use_channels_last(cfg.channels_last, self.model, self.device)
         self.model.to(self.device, memory_format=torch.channels_last if self.channels_last else torch.preserve_format)
         self.loaders = Loaders(batch_size=cfg.batch_size, device=self.device, seed=cfg.seed, preprocess=self.preprocess,
                                aug=cfg.aug, decode=cfg.decode, workers=cfg.workers, dist=self.dist)  # fmt: skip
         self.features = FeaturePath(self.model, self.data, self.loaders, self.precision, cache=cfg.cache,
                                     views=cfg.cache_views, spill_dir=self.run_dir / "cache",
-                                    channels_last=self.channels_last, prepare=self._prepare, echo=self.echo)  # fmt: skip
+                                    channels_last=self.channels_last, prepare=self._prepare,
+                                    echo=self.echo)  # fmt: skip
         self.steps_per_epoch = self.features.steps_per_epoch
         self.state = checkpoint.TrainingState(self.model, *self._optimization())
         self.progress = Progress(cfg.monitor)
-        main = self.dist.is_main
-        self.metrics = MetricsLogger(self.run_dir, tensorboard=cfg.tensorboard) if main else NullMetricsLogger()
+        self.metrics = reporting.MetricsLogger(self.run_dir, tensorboard=cfg.tensorboard) if self.dist.is_main \
+            else reporting.NullMetricsLogger()  # fmt: skip
         if cfg.resume:
             self._resume()
         self.features.build()
@@ -134,17 +125,15 @@ class Trainer:
         return optimizer, scheduler, self.precision.scaler(), unfreezer
 
     def _resume(self) -> None:
-        expect = {"model": self.cfg.model, "classes": self.classes, "epochs": self.cfg.epochs,
-                  "scheduler": self.cfg.scheduler, "warmup_epochs": self.cfg.warmup_epochs,
-                  "steps_per_epoch": self.steps_per_epoch}  # fmt: skip
-        checkpoint.restore(self.run_dir / checkpoint.LAST, self.state, self.progress, expect=expect)
+        checkpoint.restore(self.run_dir / checkpoint.LAST, self.state, self.progress, config=self.cfg.to_dict(),
+                           classes=self.classes, steps_per_epoch=self.steps_per_epoch)  # fmt: skip
         self.metrics.truncate(self.progress.epoch)
         self.echo(f"resumed {self.run_dir} after epoch {self.progress.epoch}")
 
     def _prepare(self, module: nn.Module) -> nn.Module:
         """What a step runs: DDP over the parameters that train now, compiled when asked."""
         module = wrap(module, self.dist, self.device)
-        return recompile(module) if self.cfg.compile else module
+        return runtime.recompile(module) if self.cfg.compile else module
 
     # --- the loop -------------------------------------------------------------------------------------------
 
@@ -161,7 +150,7 @@ class Trainer:
         self.seconds["epochs"] = time.perf_counter() - start
         test = None
         if self.dist.is_main:
-            plot_report(self.run_dir / "metrics.csv", self.run_dir / "report.png")
+            reporting.plot_report(self.run_dir / "metrics.csv", self.run_dir / "report.png")
             test = self._final_test()
         barrier(self.dist)
         p = self.progress
@@ -178,42 +167,35 @@ class Trainer:
             improved = self.progress.update(epoch, row.get(cfg.monitor))
             if self.dist.is_main:
                 record = checkpoint.model_record(self.model, cfg.to_dict(), self.classes, self.preprocess)
-                if improved:  # best first: a last.pt that names epoch N as best never outlives a missing best.pt
-                    checkpoint.save_best(self.run_dir / checkpoint.BEST, record, epoch, row)
-                checkpoint.save_last(self.run_dir / checkpoint.LAST, record, self.state, self.progress,
-                                     self.steps_per_epoch)  # fmt: skip
+                checkpoint.save_epoch(self.run_dir, record, self.state, self.progress, self.steps_per_epoch, row=row,
+                                      improved=improved)  # fmt: skip
             if cfg.early_stop and self.progress.bad_epochs >= cfg.early_stop:
                 self.echo(f"early stop: {cfg.monitor} did not improve for {cfg.early_stop} epochs")
                 break
 
     def _run_epoch(self, epoch: int, unfrozen: list[str]) -> dict:
-        seed_epoch(self.cfg.seed, epoch, rank=self.dist.rank)
+        runtime.seed_epoch(self.cfg.seed, epoch, rank=self.dist.rank)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         start = time.perf_counter()
         train_stats = self._train_epoch(epoch, self.features.train_batches(epoch))
         seconds = time.perf_counter() - start
-        samples = train_stats.pop("samples")  # feeds img/s; not a column of its own
-        row = {"epoch": epoch + 1, "epochs": self.cfg.epochs, **train_stats}
         start = time.perf_counter()
-        val = self._evaluate_val()
+        val = self.features.evaluate_val(self.precision, num_classes=len(self.classes))
         self.seconds["val"] += time.perf_counter() - start
         val = broadcast(val, self.dist)  # rank 0's numbers drive every rank's unfreeze and early-stop decisions
-        if val is not None:
-            row.update(val_loss=val["loss"], val_acc=val["acc"], val_top5=val["top5"], val_f1=val["macro_f1"])
-        row.update({f"lr/{g.get('name', i)}": g["lr"] for i, g in enumerate(self.state.optimizer.param_groups)})
-        row.update(zip(("trainable_params", "total_params"), count_parameters(self.model), strict=True))
-        row.update(epoch_time_s=seconds, img_per_s=samples / max(seconds, 1e-9), peak_mem_mb=peak_memory_mb(self.device),
-                   unfrozen=unfrozen)  # fmt: skip
+        row = reporting.epoch_row(epoch, self.cfg.epochs, train_stats, val, seconds=seconds, unfrozen=unfrozen,
+                                  optimizer=self.state.optimizer, params=count_parameters(self.model),
+                                  peak_mb=runtime.peak_memory_mb(self.device))  # fmt: skip
         self.metrics.log_epoch(row)
-        self.echo(format_epoch_line(row))
+        self.echo(reporting.format_epoch_line(row))
         return row
 
     def _train_epoch(self, epoch: int, batches) -> dict:
         self.model.train()
         loss_fn = nn.CrossEntropyLoss(label_smoothing=self.cfg.label_smoothing)
-        meter = TrainProgress(len(batches), f"epoch {epoch + 1}/{self.cfg.epochs}", enabled=self.cfg.progress,
-                              device=self.device)  # fmt: skip
+        meter = reporting.TrainProgress(len(batches), f"epoch {epoch + 1}/{self.cfg.epochs}",
+                                        enabled=self.cfg.progress, device=self.device)  # fmt: skip
         for inputs, targets in batches:
             inputs = to_device(inputs, self.device, self.channels_last)
             targets = targets.to(self.device, non_blocking=True)
@@ -236,14 +218,6 @@ class Trainer:
         scaler.update()
         if self.state.scheduler is not None:
             self.state.scheduler.step()
-
-    def _evaluate_val(self) -> dict | None:
-        val = self.features.val_batches()
-        if val is None:
-            return None
-        module, batches = val
-        return evaluate(module, batches, self.precision, num_classes=len(self.classes),
-                        channels_last=self.channels_last)  # fmt: skip
 
     # --- unfreezing and the final test ----------------------------------------------------------------------
 

@@ -18,6 +18,7 @@ from torch import nn
 from freezetune.cache.store import CacheInfo, FeatureStore, StoreLoader, build_store
 from freezetune.data.datasets import DataBundle
 from freezetune.data.loaders import Loaders
+from freezetune.evaluate import evaluate
 from freezetune.precision import Precision
 from freezetune.split import Split, split_model
 
@@ -40,7 +41,8 @@ class FeaturePath:
 
     def __init__(self, model: nn.Module, data: DataBundle, loaders: Loaders, precision: Precision, *, cache: str,
                  views: int, spill_dir: Path, channels_last: bool = False,
-                 prepare: Callable[[nn.Module], nn.Module] = lambda m: m, echo: Callable[[str], None] = print) -> None:  # fmt: skip
+                 prepare: Callable[[nn.Module], nn.Module] = lambda m: m,
+                 echo: Callable[[str], None] = print) -> None:  # fmt: skip
         self.model, self.data, self.loaders, self.precision = model, data, loaders, precision
         self.cache, self.views, self.spill_dir, self.channels_last = cache, views, spill_dir, channels_last
         self.prepare, self.echo = prepare, echo
@@ -80,16 +82,19 @@ class FeaturePath:
         batches.set_epoch(epoch)
         return batches
 
-    def val_batches(self) -> tuple[nn.Module, object] | None:
-        """``(module, batches)`` that evaluate the validation set, or None without one."""
+    def evaluate_val(self, precision: Precision, *, num_classes: int) -> dict | None:
+        """``evaluate``'s metrics on the validation set (on its cached features when there are), or None without one."""
         if self.data.val is None:
             return None
         if self.val_store is not None:
             order = self.loaders.order(len(self.val_store), train=False)
-            return self.split.suffix_eval, StoreLoader(self.val_store, 2 * self.loaders.batch_size, order, self._pin)
-        if self._val_images is None:  # built once: a device loader copies the whole set over, workers take time
-            self._val_images = self.loaders.eval(self.data.val)
-        return self.train_module, self._val_images
+            module, batches = self.split.suffix_eval, StoreLoader(self.val_store, 2 * self.loaders.batch_size, order,
+                                                                  self._pin)  # fmt: skip
+        else:
+            if self._val_images is None:  # built once: a device loader copies the whole set over, workers take time
+                self._val_images = self.loaders.eval(self.data.val)
+            module, batches = self.train_module, self._val_images
+        return evaluate(module, batches, precision, num_classes=num_classes, channels_last=self.channels_last)
 
     @property
     def _pin(self) -> bool:

@@ -3,9 +3,10 @@
 A 10-epoch head-only run otherwise pays ten forward passes over data that never changes. The cache stores, per
 image, K augmented views of the prefix output (``cache_views``; one with ``aug none``) and each epoch samples one
 view per image. Storage is the GPU when it fits half of the free memory, else pinned CPU memory when it fits half
-of the available RAM, else a memory-mapped file in the run directory. ``StoreLoader`` batches them with the same
-seeded sampler as the uncached path: same views, same order, same function (checked in the tests on CPU in fp32). Under DDP every rank runs the prefix over its own block of images
-and the ranks exchange the features, so each holds the whole cache and samples its shard as uncached DDP does.
+of the available RAM, else a memory-mapped file in the run directory. ``StoreLoader`` batches them in the same
+``EpochOrder`` as the uncached path: same views, same order, same function (checked in the tests on CPU in fp32).
+Under DDP every rank runs the prefix over its own block of images and the ranks exchange the features, so each holds
+the whole cache and samples its shard as uncached DDP does.
 """
 
 from __future__ import annotations
