@@ -117,7 +117,7 @@ class FreezetuneFinetuning(Callback):
         # Again after strategy.setup: sync_batchnorm=True swaps the BatchNorm modules, dropping their frozen policy.
         freeze(net, self.freeze_spec, bn=self.bn)
         # DDP has just wrapped the model: what trains now is exactly what its reducer all-reduces; gradients of
-        # anything unfrozen from here on are all-reduced by on_before_optimizer_step.
+        # anything unfrozen from here on are all-reduced by on_after_backward.
         self._reduced_by_ddp = {id(p) for p in pl_module.parameters() if p.requires_grad}
         optimizer = _first_optimizer(trainer)
         configs = trainer.lr_scheduler_configs
@@ -166,9 +166,10 @@ class FreezetuneFinetuning(Callback):
         if opened:
             rank_zero_info(f"freezetune: unfroze {', '.join(opened)} after epoch {epoch - 1}")
 
-    def on_before_optimizer_step(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
-    ) -> None:
+    def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Here rather than in on_before_optimizer_step: that one runs after AMP's unscale_, whose inf/NaN check would
+        # then see each rank's own gradients and could skip the step on one rank only. With gradient accumulation
+        # this averages every micro-batch; the average is linear, so the accumulated sum is still the average.
         if trainer.world_size > 1:
             _all_reduce_grads(
                 [p for p in pl_module.parameters() if p.requires_grad and id(p) not in self._reduced_by_ddp]
@@ -227,10 +228,10 @@ def _all_reduce_grads(params: list[nn.Parameter]) -> None:
     wrapper (``strategy.model``, its forward redirection, hooks and comm state), and swapping it mid-fit goes through
     private API. Why not register every parameter with DDP from the start: frozen parameters would then need
     ``requires_grad`` during the wrap and ``find_unused_parameters=True`` afterwards, all-reducing zeros for the whole
-    frozen backbone every step. An explicit all-reduce of only the late-unfrozen parameters, after backward and
-    before clipping and the optimizer step (and only at accumulation boundaries), costs one collective of exactly
-    the gradients DDP skips. Every rank holds the same list (same schedule, rank 0's metric), so the collective
-    matches; a missing gradient counts as zeros.
+    frozen backbone every step. An explicit all-reduce of only the late-unfrozen parameters after each backward
+    (before AMP unscaling, clipping and the optimizer step) costs one collective of exactly the gradients DDP
+    skips. Every rank holds the same list (same schedule, rank 0's metric), so the collectives match; a missing
+    gradient counts as zeros.
     """
     if not params or not dist.is_available() or not dist.is_initialized():
         return
