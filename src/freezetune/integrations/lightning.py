@@ -44,7 +44,8 @@ class FreezetuneFinetuning(Callback):
     ``configure_optimizers`` builds the optimizer over the parameters that train at the start, ideally with
     ``ft.param_groups(self.model, lr, stage_lrs=..., decay=...)`` (one named group per stage); the callback adds a group
     for each stage it unfreezes, with the LR the same rule gives (``stage_lrs[name]``, else ``lr / decay**depth``),
-    and extends the first LR scheduler to drive it.
+    and extends the first LR scheduler to drive it. Lightning's warning "Found N module(s) in eval mode at the start of
+    training" names the frozen BatchNorm layers, which stay in eval mode on purpose (``bn="frozen"``).
 
     Args:
         freeze: What is frozen before training: ``"backbone"``, ``"all"``, an int, a stage name, a glob or a list.
@@ -101,7 +102,7 @@ class FreezetuneFinetuning(Callback):
             return
         self._reset()
         # Before the strategy wraps the model: DDP then registers exactly the parameters that train from the start.
-        freeze(self.network(pl_module), self.freeze_spec, bn=self.bn)
+        freeze(self._network(pl_module), self.freeze_spec, bn=self.bn)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._stepped = int(state_dict["stepped_epoch"])
@@ -112,7 +113,7 @@ class FreezetuneFinetuning(Callback):
             self.unfreezer.load_state_dict(state_dict["unfreezer"])
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        net = self.network(pl_module)
+        net = self._network(pl_module)
         _check_strategy(trainer)
         # Again after strategy.setup: sync_batchnorm=True swaps the BatchNorm modules, dropping their frozen policy.
         freeze(net, self.freeze_spec, bn=self.bn)
@@ -181,7 +182,7 @@ class FreezetuneFinetuning(Callback):
 
     # --- helpers ---------------------------------------------------------------------------------------------
 
-    def network(self, pl_module: pl.LightningModule) -> nn.Module:
+    def _network(self, pl_module: pl.LightningModule) -> nn.Module:
         """The module freezetune's stages are read from: ``pl_module.<module>``, or ``pl_module`` when None."""
         if self.module is None:
             return pl_module
