@@ -1,9 +1,11 @@
-"""Export: safetensors weights plus a JSON sidecar that together rebuild the model outside freezetune."""
+"""Export: safetensors weights, an ONNX graph or a torch.export program, each with a JSON sidecar."""
 
 from __future__ import annotations
 
 import json
 
+import numpy as np
+import onnxruntime
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -11,7 +13,9 @@ from torch import nn
 
 import freezetune as ft
 from freezetune import checkpoint
-from freezetune.errors import CheckpointError
+from freezetune import export as export_module
+from freezetune.cli import main as cli_main
+from freezetune.errors import CheckpointError, ConfigError
 from freezetune.export import export_checkpoint
 from freezetune.models import create_model
 from freezetune.preprocess import Preprocess
@@ -79,3 +83,60 @@ def test_tied_weights_export_as_separate_copies(tmp_path):
     weights, _ = export_checkpoint(path, tmp_path / "tied.safetensors")
     tensors = load_file(weights)
     assert torch.equal(tensors["0.weight"], tensors["1.weight"])
+
+
+# --- ONNX and torch.export ---------------------------------------------------------------------------------------
+
+
+def _checkpoint_logits(best_pt, x: torch.Tensor) -> torch.Tensor:
+    model, _ = checkpoint.build_model(checkpoint.load(best_pt))
+    with torch.no_grad():
+        return model.eval()(x)
+
+
+def test_onnx_export_runs_in_onnxruntime_with_the_checkpoint_logits_at_any_batch(best_pt, tmp_path, capsys):
+    code = cli_main(["export", "--checkpoint", str(best_pt), "--to", str(tmp_path / "m.onnx")])
+    assert code == 0 and "m.onnx" in capsys.readouterr().out
+    meta = json.loads((tmp_path / "m.json").read_text())
+    assert meta["classes"] == list("abcd") and meta["onnx"] == {"input": "input", "output": "logits"}
+    session = onnxruntime.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    (inp,) = session.get_inputs()
+    assert inp.name == "input" and isinstance(inp.shape[0], str) and inp.shape[1:] == [3, 32, 32]  # dynamic batch
+    for n in (1, 5):  # neither is the batch of 2 it was traced with
+        x = torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(n))
+        (logits,) = session.run(["logits"], {"input": x.numpy()})
+        np.testing.assert_allclose(logits, _checkpoint_logits(best_pt, x).numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_pt2_export_loads_and_gives_the_checkpoint_logits_at_any_batch(best_pt, tmp_path):
+    target, sidecar = export_checkpoint(best_pt, tmp_path / "m.pt2")
+    assert json.loads(sidecar.read_text())["model"] == "timm:test_efficientnet"
+    program = torch.export.load(str(target)).module()
+    for n in (1, 3):
+        x = torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(n))
+        with torch.no_grad():
+            torch.testing.assert_close(program(x), _checkpoint_logits(best_pt, x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("suffix", [".onnx", ".pt2"])
+def test_graph_export_never_overwrites_without_force(best_pt, tmp_path, suffix):
+    target = tmp_path / f"m{suffix}"
+    target.write_bytes(b"keep me")
+    with pytest.raises(CheckpointError, match=f"m{suffix} already exist"):
+        export_checkpoint(best_pt, target)
+    assert target.read_bytes() == b"keep me" and not (tmp_path / "m.json").exists()
+
+
+def test_onnx_export_without_onnx_names_the_extra_to_install(best_pt, tmp_path, monkeypatch):
+    real_find_spec = export_module.importlib.util.find_spec
+    monkeypatch.setattr(
+        export_module.importlib.util, "find_spec", lambda name: None if name == "onnxscript" else real_find_spec(name)
+    )
+    with pytest.raises(ConfigError, match=r"needs onnxscript: pip install 'freezetune\[onnx\]'") as info:
+        export_checkpoint(best_pt, tmp_path / "m.onnx")
+    assert "\n" not in str(info.value) and not list(tmp_path.iterdir())
+
+
+def test_unknown_export_suffix_lists_the_formats(best_pt, tmp_path):
+    with pytest.raises(CheckpointError, match=r"must end in .safetensors, .onnx or .pt2"):
+        export_checkpoint(best_pt, tmp_path / "m.tflite")

@@ -1,36 +1,62 @@
-"""Export a trained checkpoint as ``.safetensors`` weights plus a JSON sidecar (classes, preprocessing, model)."""
+"""Export a trained checkpoint for use outside freezetune, always with a JSON sidecar (classes, preprocessing, model).
+
+Formats, chosen by the target's suffix:
+
+- ``.safetensors``: the weights; rebuild the architecture named in the sidecar and load them.
+- ``.onnx``: the eval-mode graph with a dynamic batch dimension (input ``"input"``, output ``"logits"``), for
+  onnxruntime, TensorRT and friends; needs the ``[onnx]`` extra.
+- ``.pt2``: a ``torch.export`` program with a dynamic batch dimension; ``torch.export.load(path).module()`` runs it
+  without the model's Python code.
+"""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
+import torch
 from safetensors.torch import save_file
+from torch import nn
 
 from freezetune import checkpoint
 from freezetune._io import atomic_output, atomic_write_text
-from freezetune.errors import CheckpointError
+from freezetune.errors import CheckpointError, ConfigError
+
+FORMATS = (".safetensors", ".onnx", ".pt2")
+ONNX_INPUT, ONNX_OUTPUT = "input", "logits"
+_ONNX_MODULES = ("onnx", "onnxscript")  # the torch.export-based ONNX exporter needs both
 
 
 def export_checkpoint(ckpt_path: str | Path, to: str | Path, *, force: bool = False) -> tuple[Path, Path]:
-    """Write ``to`` (safetensors) and ``to`` with ``.json`` beside it; never overwrite unless ``force``.
+    """Write ``to`` (format by suffix, see the module docstring) and ``to`` with ``.json`` beside it.
+
+    Never overwrites an existing file unless ``force``.
+
+    Raises:
+        CheckpointError: an unknown suffix, an existing target without ``force``, an unreadable checkpoint.
+        ConfigError: ``.onnx`` without the ``onnx``/``onnxscript`` packages.
 
     >>> export_checkpoint("runs/x/best.pt", "model.safetensors")  # doctest: +SKIP
     (PosixPath('model.safetensors'), PosixPath('model.json'))
+    >>> export_checkpoint("runs/x/best.pt", "model.onnx")  # doctest: +SKIP
+    (PosixPath('model.onnx'), PosixPath('model.json'))
     """
     to = Path(to)
-    if to.suffix != ".safetensors":
-        raise CheckpointError(f"export target {str(to)!r} must end in .safetensors")
+    if to.suffix not in FORMATS:
+        raise CheckpointError(f"export target {str(to)!r} must end in {', '.join(FORMATS[:-1])} or {FORMATS[-1]}")
     sidecar = to.with_suffix(".json")
     existing = [str(p) for p in (to, sidecar) if p.exists()]
     if existing and not force:
         raise CheckpointError(f"{' and '.join(existing)} already exist(s); pass --force to overwrite")
+    if to.suffix == ".onnx":
+        _require_onnx()  # before loading anything: a missing package is the first thing the user should hear
     record = checkpoint.load(ckpt_path)
-    # safetensors refuses tensors that share memory (tied weights) and non-contiguous ones: store plain copies
-    tensors = {k: v.contiguous().clone() for k, v in record["state_dict"].items()}
     to.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_output(to) as tmp:
-        save_file(tensors, str(tmp), metadata={"format": "pt", "model": record["model"]})
+    if to.suffix == ".safetensors":
+        _save_safetensors(record, to)
+    else:
+        _save_graph(record, to)
     meta = {
         "model": record["model"],
         "classes": record["classes"],
@@ -38,5 +64,53 @@ def export_checkpoint(ckpt_path: str | Path, to: str | Path, *, force: bool = Fa
         "freezetune_version": record.get("freezetune_version"),
         "epoch": record.get("epoch"),
     }
+    if to.suffix == ".onnx":
+        meta["onnx"] = {"input": ONNX_INPUT, "output": ONNX_OUTPUT}
     atomic_write_text(sidecar, json.dumps(meta, indent=1))
     return to, sidecar
+
+
+def _save_safetensors(record: dict, to: Path) -> None:
+    # safetensors refuses tensors that share memory (tied weights) and non-contiguous ones: store plain copies
+    tensors = {k: v.contiguous().clone() for k, v in record["state_dict"].items()}
+    with atomic_output(to) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt", "model": record["model"]})
+
+
+def _require_onnx() -> None:
+    missing = [m for m in _ONNX_MODULES if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ConfigError(
+            f"exporting to .onnx needs {' and '.join(missing)}: pip install 'freezetune[onnx]' "
+            f"(or choose {FORMATS[0]} or {FORMATS[2]})"
+        )
+
+
+def _save_graph(record: dict, to: Path) -> None:
+    """Trace the eval-mode model once and write it as ONNX or a ``torch.export`` program."""
+    model, pre = checkpoint.build_model(record)
+    model.eval()
+    # batch 2, not 1: torch.export specialises a size-1 dimension to the constant 1, which would pin the batch
+    example = (torch.zeros(2, 3, pre.input_size, pre.input_size),)
+    batch = ({0: torch.export.Dim("batch")},)
+    with atomic_output(to) as tmp:
+        if to.suffix == ".onnx":
+            _save_onnx(model, example, batch, tmp)
+        else:
+            torch.export.save(torch.export.export(model, example, dynamic_shapes=batch), str(tmp))
+
+
+def _save_onnx(model: nn.Module, example: tuple, batch: tuple, tmp: Path) -> None:
+    # external_data=False: one self-contained file that can be renamed atomically (ONNX caps that at 2 GB, far
+    # above the image classifiers freezetune fine-tunes).
+    torch.onnx.export(
+        model,
+        example,
+        str(tmp),
+        input_names=[ONNX_INPUT],
+        output_names=[ONNX_OUTPUT],
+        dynamic_shapes=batch,
+        dynamo=True,
+        external_data=False,
+        verbose=False,
+    )

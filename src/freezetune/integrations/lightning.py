@@ -1,0 +1,247 @@
+"""PyTorch Lightning: freeze by a freezetune spec, unfreeze on a schedule, stay correct under DDP and across resumes.
+
+``FreezetuneFinetuning`` does what Lightning's ``BackboneFinetuning`` does, without its two failures:
+
+- DDP (Lightning issue #20340): DDP fixes the set of parameters it all-reduces when it wraps the model, so a stage
+  unfrozen later would train on each rank's own gradients and the ranks would drift apart. This callback
+  all-reduces the gradients of those parameters itself, and every rank follows rank 0's metric, so all ranks
+  unfreeze the same stages at the same epoch.
+- Resume (#21901): the unfrozen stages and their optimizer groups are part of the callback's state and are re-created
+  before Lightning loads the optimizer state, so a resumed run trains exactly what the interrupted one did.
+
+Lightning's order, which the hooks below rely on: ``setup`` (we freeze) -> restore of the module and callback state
+(``load_state_dict``) -> ``strategy.setup`` (DDP wraps, ``configure_optimizers`` runs) -> ``on_fit_start`` (we
+re-create the unfrozen stages' groups) -> restore of the optimizer and scheduler state -> training.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from freezetune.errors import ConfigError, choices
+from freezetune.freeze import Spec, check_bn_policy, count_parameters, freeze
+from freezetune.stages import stages
+from freezetune.unfreezing import Unfreezer, parse_schedule
+
+try:
+    import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import Callback
+    from lightning.pytorch.utilities import rank_zero_info
+except ImportError:  # pragma: no cover - only without the extra
+    raise ConfigError(
+        "freezetune.integrations.lightning needs lightning: pip install 'freezetune[lightning]'"
+    ) from None
+
+
+class FreezetuneFinetuning(Callback):
+    """Freeze before fit, unfreeze stages on a schedule, keep the BatchNorm policy; DDP- and resume-safe.
+
+    ``configure_optimizers`` builds the optimizer over the parameters that train at the start, ideally with
+    ``ft.param_groups(self.model, lr, stage_lrs=..., decay=...)`` (one named group per stage); the callback adds a group
+    for each stage it unfreezes, with the LR the same rule gives (``stage_lrs[name]``, else ``lr / decay**depth``),
+    and extends the first LR scheduler to drive it. Lightning's warning "Found N module(s) in eval mode at the start of
+    training" names the frozen BatchNorm layers, which stay in eval mode on purpose (``bn="frozen"``).
+
+    Args:
+        freeze: What is frozen before training: ``"backbone"``, ``"all"``, an int, a stage name, a glob or a list.
+        unfreeze: ``"epoch:N"``, ``"plateau:patience=P,min_delta=D,mode=max|min"``, ``{epoch: spec}`` or None.
+            What a schedule opens at the end of epoch ``e`` trains from epoch ``e + 1``.
+        bn: BatchNorm policy in the frozen parts: ``"frozen"``, ``"affine"`` or ``"train"``.
+        lr: The head's LR for the rule; None takes it from the optimizer group named after the head (else group 0).
+        stage_lrs: Per-stage LRs, as in ``ft.param_groups``.
+        decay: LR divisor per stage of depth, as in ``ft.param_groups``.
+        weight_decay: Weight decay of the groups added later (biases and norms get a ``/no_decay`` twin when > 0).
+        monitor: The logged metric a plateau schedule watches (rank 0's value decides for every rank).
+        module: The LightningModule attribute holding the network; None for the LightningModule itself.
+
+    >>> import lightning.pytorch as L  # doctest: +SKIP
+    >>> cb = FreezetuneFinetuning("backbone", "plateau:patience=2", stage_lrs={"layer4": 1e-4}, monitor="val_acc")
+    >>> L.Trainer(callbacks=[cb], strategy="ddp").fit(lit_module)  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        freeze: Spec = "backbone",
+        unfreeze: str | Mapping[int, Spec] | None = "epoch:1",
+        *,
+        bn: str = "frozen",
+        lr: float | None = None,
+        stage_lrs: Mapping[str, float] | None = None,
+        decay: float | None = None,
+        weight_decay: float = 0.0,
+        monitor: str = "val_acc",
+        module: str | None = "model",
+    ) -> None:
+        check_bn_policy(bn)
+        self.freeze_spec, self.schedule = freeze, parse_schedule(unfreeze if unfreeze is not None else {})
+        self.bn, self.lr, self.stage_lrs, self.decay = bn, lr, dict(stage_lrs or {}), decay
+        self.weight_decay, self.monitor, self.module = weight_decay, monitor, module
+        self.unfreezer: Unfreezer | None = None
+        self._reset()
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(freeze=repr(self.freeze_spec), module=self.module)
+
+    def _reset(self) -> None:
+        self.unfreezer = None
+        self._pending: dict | None = None  # Unfreezer state from a checkpoint, applied once the optimizer exists
+        self._stepped = -1  # the last epoch whose end the schedule has seen
+        self._metric: tuple[int, float] | None = None  # (epoch, value) of the last monitored value
+        self._reduced_by_ddp: set[int] = set()
+
+    # --- hooks, in the order Lightning calls them ------------------------------------------------------------
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        self._reset()
+        # Before the strategy wraps the model: DDP then registers exactly the parameters that train from the start.
+        freeze(self._network(pl_module), self.freeze_spec, bn=self.bn)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._stepped = int(state_dict["stepped_epoch"])
+        self._metric = tuple(state_dict["metric"]) if state_dict["metric"] is not None else None
+        if self.unfreezer is None:
+            self._pending = state_dict["unfreezer"]  # the usual order: the optimizer does not exist yet
+        else:
+            self.unfreezer.load_state_dict(state_dict["unfreezer"])
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        net = self._network(pl_module)
+        _check_strategy(trainer)
+        # Again after strategy.setup: sync_batchnorm=True swaps the BatchNorm modules, dropping their frozen policy.
+        freeze(net, self.freeze_spec, bn=self.bn)
+        # DDP has just wrapped the model: what trains now is exactly what its reducer all-reduces; gradients of
+        # anything unfrozen from here on are all-reduced by on_after_backward.
+        self._reduced_by_ddp = {id(p) for p in pl_module.parameters() if p.requires_grad}
+        optimizer = _first_optimizer(trainer)
+        configs = trainer.lr_scheduler_configs
+        self.unfreezer = Unfreezer(
+            net,
+            optimizer,
+            self.schedule,
+            lr=self._head_lr(net, optimizer),
+            stage_lrs=self.stage_lrs,
+            decay=self.decay,
+            bn=self.bn,
+            weight_decay=self.weight_decay,
+            scheduler=configs[0].scheduler if configs else None,
+        )
+        if self._pending is not None:
+            # Before restore_training_state loads the optimizer: its groups must match the checkpoint's in number
+            # and order, so the stages unfrozen before the checkpoint get their groups back here.
+            self.unfreezer.load_state_dict(self._pending)
+            self._pending = None
+        trainable, total = count_parameters(net)
+        rank_zero_info(f"freezetune: {trainable:,} of {total:,} parameters train; unfrozen {self.unfreezer.unfrozen}")
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Recorded here, before ModelCheckpoint (Lightning runs checkpoint callbacks last) saves our state with it.
+        if not trainer.sanity_checking:
+            self._record_metric(trainer)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._record_metric(trainer)  # runs without a validation loop too: a training metric can be monitored
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # The schedule sees the end of epoch e at the start of e + 1, so a checkpoint written anywhere in between
+        # (validation end, train epoch end) resumes into the same step instead of skipping it.
+        epoch = trainer.current_epoch
+        if self.unfreezer is None or self._stepped >= epoch - 1:
+            return
+        # Every rank must open the same stages (a rank that unfreezes alone would all-reduce gradients no other
+        # rank sends), so all follow rank 0's metric, whatever each logged without sync_dist.
+        metric = trainer.strategy.broadcast(self._metric[1] if self._metric and self._metric[0] == epoch - 1 else None)
+        if metric is None and self.schedule.kind == "plateau":
+            logged = choices(sorted(trainer.callback_metrics)) or "none"
+            raise ConfigError(f"FreezetuneFinetuning monitors {self.monitor!r}, not logged in epoch {epoch - 1}; "
+                              f"logged metrics: {logged}")  # fmt: skip
+        opened = self.unfreezer.step(epoch - 1, metric)
+        self._stepped = epoch - 1
+        if opened:
+            rank_zero_info(f"freezetune: unfroze {', '.join(opened)} after epoch {epoch - 1}")
+
+    def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Here rather than in on_before_optimizer_step: that one runs after AMP's unscale_, whose inf/NaN check would
+        # then see each rank's own gradients and could skip the step on one rank only. With gradient accumulation
+        # this averages every micro-batch; the average is linear, so the accumulated sum is still the average.
+        if trainer.world_size > 1:
+            _all_reduce_grads(
+                [p for p in pl_module.parameters() if p.requires_grad and id(p) not in self._reduced_by_ddp]
+            )
+
+    def state_dict(self) -> dict[str, Any]:
+        unfreezer = self.unfreezer.state_dict() if self.unfreezer is not None else self._pending
+        return {"unfreezer": unfreezer, "stepped_epoch": self._stepped, "metric": self._metric}
+
+    # --- helpers ---------------------------------------------------------------------------------------------
+
+    def _network(self, pl_module: pl.LightningModule) -> nn.Module:
+        """The module freezetune's stages are read from: ``pl_module.<module>``, or ``pl_module`` when None."""
+        if self.module is None:
+            return pl_module
+        net = getattr(pl_module, self.module, None)
+        if not isinstance(net, nn.Module):
+            children = [name for name, _ in pl_module.named_children()]
+            raise ConfigError(
+                f"the LightningModule has no submodule {self.module!r}; pass module= one of {choices(children)} "
+                "or None (the whole LightningModule)"
+            )
+        return net
+
+    def _record_metric(self, trainer: pl.Trainer) -> None:
+        value = trainer.callback_metrics.get(self.monitor)
+        if value is not None:
+            self._metric = (trainer.current_epoch, float(value))
+
+    def _head_lr(self, net: nn.Module, optimizer: torch.optim.Optimizer) -> float:
+        if self.lr is not None:
+            return float(self.lr)
+        head = stages(net)[-1].name
+        group = next((g for g in optimizer.param_groups if g.get("name") == head), optimizer.param_groups[0])
+        return float(group.get("initial_lr", group["lr"]))  # a scheduler may already have moved "lr"
+
+
+def _check_strategy(trainer: pl.Trainer) -> None:
+    if trainer.world_size > 1 and not isinstance(trainer.strategy.model, nn.parallel.DistributedDataParallel):
+        raise ConfigError(
+            f"FreezetuneFinetuning supports one device or DDP ({choices(['ddp', 'ddp_spawn', 'ddp_notebook'])}); "
+            f"this trainer uses {type(trainer.strategy).__name__}"
+        )
+
+
+def _first_optimizer(trainer: pl.Trainer) -> torch.optim.Optimizer:
+    if not trainer.optimizers:
+        raise ConfigError("FreezetuneFinetuning needs an optimizer: configure_optimizers returned none")
+    return trainer.optimizers[0]
+
+
+def _all_reduce_grads(params: list[nn.Parameter]) -> None:
+    """Average ``params``' gradients over the ranks, in one collective, as DDP does for the parameters it wrapped.
+
+    Why not re-wrap the model in a new DDP after an unfreeze (freezetune's own trainer does): Lightning owns the
+    wrapper (``strategy.model``, its forward redirection, hooks and comm state), and swapping it mid-fit goes through
+    private API. Why not register every parameter with DDP from the start: frozen parameters would then need
+    ``requires_grad`` during the wrap and ``find_unused_parameters=True`` afterwards, all-reducing zeros for the whole
+    frozen backbone every step. An explicit all-reduce of only the late-unfrozen parameters after each backward
+    (before AMP unscaling, clipping and the optimizer step) costs one collective of exactly the gradients DDP
+    skips. Every rank holds the same list (same schedule, rank 0's metric), so the collectives match; a missing
+    gradient counts as zeros.
+    """
+    if not params or not dist.is_available() or not dist.is_initialized():
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch._utils._flatten_dense_tensors(grads)
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    for p, averaged in zip(params, torch._utils._unflatten_dense_tensors(flat, grads), strict=True):
+        if p.grad is None:
+            p.grad = averaged
+        else:
+            p.grad.copy_(averaged)

@@ -1,0 +1,85 @@
+"""The container files: compose services, the base image's torch against our requirement, the entrypoint's token.
+
+No Docker engine runs here; these check what can be checked without one (hadolint lints the Dockerfile in
+scripts/test.sh).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+from packaging.requirements import Requirement
+from packaging.version import Version
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: pytest itself depends on tomli, the same parser
+    import tomli as tomllib
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCKER = ROOT / "docker"
+
+
+def test_compose_has_jupyter_and_train_services_with_a_gpu_and_the_data_and_runs_volumes():
+    services = yaml.safe_load((DOCKER / "compose.yaml").read_text())["services"]
+    assert set(services) == {"jupyter", "train"}
+    for name, service in services.items():
+        (device,) = service["deploy"]["resources"]["reservations"]["devices"]
+        assert device["driver"] == "nvidia" and "gpu" in device["capabilities"], name
+        mounts = {v.split(":")[1] for v in service["volumes"]}
+        assert {"/data", "/runs"} <= mounts, name
+    assert services["jupyter"]["command"] == ["jupyter"] and "JUPYTER_TOKEN" in services["jupyter"]["environment"]
+    assert services["jupyter"]["ports"] == ["127.0.0.1:8888:8888"]  # not published on every interface
+    assert services["train"]["command"][0] == "train"
+
+
+def test_the_base_image_torch_satisfies_the_package_requirement():
+    base = re.search(r"^FROM pytorch/pytorch:(\d+\.\d+\.\d+)-cuda", (DOCKER / "Dockerfile").read_text(), re.M)
+    assert base, "the Dockerfile's FROM line is no longer a pytorch/pytorch:X.Y.Z-cudaA.B tag"
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    (torch_req,) = [Requirement(d) for d in deps if Requirement(d).name == "torch"]
+    assert Version(base.group(1)) in torch_req.specifier, f"image torch {base.group(1)} vs {torch_req}"
+
+
+def test_the_image_installs_tmux_and_runs_as_a_non_root_user():
+    text = (DOCKER / "Dockerfile").read_text()
+    assert re.search(r"apt-get install[^\n]*\btmux\b", text)
+    users = re.findall(r"^USER\s+(\S+)", text, re.M)
+    assert users and users[-1].split(":")[0] not in ("root", "0")
+
+
+@pytest.fixture
+def fake_jupyter(tmp_path):
+    """A ``jupyter`` on PATH that prints its arguments, so the entrypoint runs without JupyterLab."""
+    (tmp_path / "jupyter").write_text('#!/bin/sh\necho "jupyter-args: $*"\n')
+    (tmp_path / "jupyter").chmod(0o755)
+    return tmp_path
+
+
+def _entrypoint(bin_dir: Path, token: str | None) -> str:
+    env = {k: v for k, v in os.environ.items() if k != "JUPYTER_TOKEN"}
+    env["PATH"] = f"{bin_dir}{os.pathsep}{env['PATH']}"
+    if token is not None:
+        env["JUPYTER_TOKEN"] = token
+    proc = subprocess.run(["bash", str(DOCKER / "entrypoint.sh"), "jupyter"], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+@pytest.mark.parametrize("token", [None, ""])
+def test_jupyter_without_a_token_gets_a_generated_one_and_prints_it(fake_jupyter, token):
+    out = _entrypoint(fake_jupyter, token)
+    printed = re.search(r"token \(set JUPYTER_TOKEN to choose your own\): ([0-9a-f]+)\n", out)
+    assert printed and len(printed.group(1)) == 48
+    assert f"--IdentityProvider.token={printed.group(1)}" in out.split("jupyter-args: ")[1]
+    assert _entrypoint(fake_jupyter, token) != out  # random, not a constant baked into the image
+
+
+def test_jupyter_uses_the_given_token_and_prints_nothing_about_it(fake_jupyter):
+    out = _entrypoint(fake_jupyter, "s3cret")
+    assert out.startswith("jupyter-args: ") and "--IdentityProvider.token=s3cret" in out and "--ip=0.0.0.0" in out

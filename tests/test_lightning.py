@@ -1,0 +1,114 @@
+"""FreezetuneFinetuning with Lightning's real Trainer on CPU: unfreeze-and-train, DDP across two ranks, resume."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning.pytorch as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+
+from _lightning_fixtures import FAST, LitTiny, loaders
+from conftest import clone_params
+from freezetune.errors import ConfigError
+from freezetune.integrations.lightning import FreezetuneFinetuning
+
+pytestmark = pytest.mark.usefixtures("single_thread_module")
+TESTS = Path(__file__).resolve().parent
+
+
+class Probe(Callback):
+    """Records, at the start of each epoch and of training, what trains and which optimizer groups exist."""
+
+    def __init__(self) -> None:
+        self.seen: dict[str, dict] = {}
+
+    def _record(self, key: str, trainer: L.Trainer, lit: LitTiny) -> None:
+        opt = trainer.optimizers[0]
+        self.seen[key] = {
+            "trainable": [n for n, m in lit.model.named_children() if any(p.requires_grad for p in m.parameters())],
+            "groups": {g["name"]: g["lr"] for g in opt.param_groups},
+            "block3_steps": [int(opt.state[p]["step"]) for p in lit.model.block3.parameters() if p in opt.state],
+        }
+
+    def on_train_start(self, trainer, lit) -> None:
+        self._record("train_start", trainer, lit)
+
+    def on_train_epoch_start(self, trainer, lit) -> None:
+        self._record(f"epoch{trainer.current_epoch}", trainer, lit)
+
+
+def test_a_stage_unfrozen_after_epoch_0_trains_with_its_lr_while_frozen_batchnorm_stays_put():
+    lit, probe = LitTiny(), Probe()
+    before = clone_params(lit.model)
+    bn1 = lit.model.block1[1].running_mean.clone()
+    callback = FreezetuneFinetuning("backbone", "epoch:1", stage_lrs={"block3": 1e-3})
+    trainer = L.Trainer(max_epochs=2, enable_checkpointing=False, callbacks=[callback, probe], **FAST)
+    trainer.fit(lit, *loaders())
+    assert probe.seen["epoch0"]["trainable"] == ["head"] and list(probe.seen["epoch0"]["groups"]) == ["head"]
+    assert probe.seen["epoch1"]["trainable"] == ["block3", "head"]
+    assert probe.seen["epoch1"]["groups"] == {"head": 1e-2, "block3": 1e-3}
+    after = clone_params(lit.model)
+    assert not torch.equal(after["block3.0.weight"], before["block3.0.weight"])  # trained during epoch 1
+    assert torch.equal(after["block2.0.weight"], before["block2.0.weight"])
+    # Lightning calls model.train() every epoch: the frozen BatchNorm still never updated its statistics
+    assert torch.equal(lit.model.block1[1].running_mean, bn1) and not lit.model.block1[1].training
+
+
+def test_resume_after_an_unfreeze_keeps_the_stage_and_its_optimizer_state(tmp_path):
+    cb1 = FreezetuneFinetuning("backbone", "epoch:1", stage_lrs={"block3": 1e-3})
+    saver = ModelCheckpoint(dirpath=tmp_path, save_last=True)  # saves at validation end, after epoch 1's unfreeze
+    L.Trainer(max_epochs=2, callbacks=[cb1, saver], **FAST).fit(LitTiny(), *loaders())
+
+    lit, probe = LitTiny(), Probe()
+    cb2 = FreezetuneFinetuning("backbone", "epoch:1", stage_lrs={"block3": 1e-3})
+    trainer = L.Trainer(max_epochs=3, enable_checkpointing=False, callbacks=[cb2, probe], **FAST)
+    trainer.fit(lit, *loaders(), ckpt_path=tmp_path / "last.ckpt")
+    # after Lightning restored the optimizer: block3 trains, has its group and its Adam state from epoch 1 (4 steps)
+    assert probe.seen["train_start"]["trainable"] == ["block3", "head"]
+    assert probe.seen["train_start"]["groups"] == {"head": 1e-2, "block3": 1e-3}
+    assert probe.seen["train_start"]["block3_steps"] == [4, 4, 4]
+    # and the schedule goes on from where it was: block2 opens after epoch 1, exactly once
+    assert probe.seen["epoch2"]["trainable"] == ["block2", "block3", "head"]
+    assert [g["name"] for g in trainer.optimizers[0].param_groups] == ["head", "block3", "block2"]
+
+
+def test_a_plateau_schedule_without_its_metric_names_the_logged_ones():
+    callback = FreezetuneFinetuning("backbone", "plateau:patience=1", monitor="val_f1")
+    trainer = L.Trainer(max_epochs=2, enable_checkpointing=False, callbacks=[callback], **FAST)
+    with pytest.raises(ConfigError, match=r"monitors 'val_f1', not logged in epoch 0; logged metrics: 'val_acc'"):
+        trainer.fit(LitTiny(), *loaders())
+
+
+def test_an_unknown_module_attribute_lists_the_children():
+    callback = FreezetuneFinetuning(module="backbone")
+    trainer = L.Trainer(max_epochs=1, enable_checkpointing=False, callbacks=[callback], **FAST)
+    with pytest.raises(ConfigError, match=r"no submodule 'backbone'; pass module= one of 'model'"):
+        trainer.fit(LitTiny(), *loaders())
+
+
+@pytest.mark.multiprocess
+def test_ddp_ranks_unfreeze_together_and_stay_identical(tmp_path):
+    # rank 0 logs a plateau, rank 1 an improving metric: only rank 0's decision, broadcast, unfreezes both
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(TESTS.parent / "src"), str(TESTS)])}
+    proc = subprocess.run(
+        [sys.executable, str(TESTS / "_lightning_ddp_worker.py"), str(tmp_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    assert [r["world_size"] for r in ranks] == [2, 2]
+    assert [r["unfrozen"] for r in ranks] == [["block3"], ["block3"]]
+    assert [r["groups"] for r in ranks] == [["head", "block3"], ["head", "block3"]]
+    end0, end1 = ranks[0]["end"], ranks[1]["end"]
+    assert not torch.equal(end0["block3.0.weight"], ranks[0]["start"]["block3.0.weight"])  # it trained...
+    diverged = [k for k in end0 if not torch.equal(end0[k], end1[k])]
+    assert diverged == []  # ...on gradients averaged over both ranks' shards
+    assert torch.equal(end0["block2.0.weight"], ranks[0]["start"]["block2.0.weight"])

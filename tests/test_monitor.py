@@ -1,0 +1,113 @@
+"""GpuMonitor with NVML faked: averages of what NVML reported, the right GPU, and never an error for training."""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from freezetune.monitor import GpuMonitor
+
+
+class NVMLError(Exception):
+    pass
+
+
+class FakeNVML:
+    """Stands in for ``pynvml``: utilisation alternates 40/80 %, used memory 1024/3072 MiB, every call recorded."""
+
+    NVMLError = NVMLError
+
+    def __init__(self, fail_init: bool = False, fail_samples: bool = False) -> None:
+        self.fail_init, self.fail_samples = fail_init, fail_samples
+        self.calls: list[str] = []
+        self.util: list[int] = []
+        self.mem_mib: list[int] = []
+        self.open = 0
+
+    def nvmlInit(self):
+        self.calls.append("init")
+        if self.fail_init:
+            raise NVMLError("Driver Not Loaded")
+        self.open += 1
+
+    def nvmlShutdown(self):
+        self.open -= 1
+
+    def nvmlDeviceGetHandleByUUID(self, uuid):
+        self.calls.append(uuid)
+        return "handle"
+
+    def nvmlDeviceGetHandleByIndex(self, index):
+        self.calls.append(f"index {index}")
+        return "handle"
+
+    def nvmlDeviceGetUtilizationRates(self, handle):
+        if self.fail_samples:
+            raise NVMLError("GPU is lost")
+        self.util.append(40 if len(self.util) % 2 == 0 else 80)
+        return SimpleNamespace(gpu=self.util[-1], memory=0)
+
+    def nvmlDeviceGetMemoryInfo(self, handle):
+        self.mem_mib.append(1024 if len(self.mem_mib) % 2 == 0 else 3072)
+        return SimpleNamespace(used=self.mem_mib[-1] * 2**20, total=80 * 2**30, free=0)
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: SimpleNamespace(uuid=f"uuid-of-{i}"))
+
+
+def _install(monkeypatch, nvml: FakeNVML | None) -> None:
+    monkeypatch.setitem(sys.modules, "pynvml", nvml)  # None makes `import pynvml` raise ImportError
+
+
+def test_averages_what_nvml_reported_over_the_epoch(monkeypatch, fake_cuda):
+    nvml = FakeNVML()
+    _install(monkeypatch, nvml)
+    monitor = GpuMonitor("cuda:1", interval_s=0.01).start()
+    time.sleep(0.1)
+    stats = monitor.stop()
+    assert len(nvml.util) >= 3  # one at start, the polled ones, one at stop
+    assert stats == {
+        "gpu_util_pct": pytest.approx(sum(nvml.util) / len(nvml.util)),
+        "gpu_mem_mb": pytest.approx(sum(nvml.mem_mib) / len(nvml.mem_mib)),
+        "gpu_mem_peak_mb": 3072.0,
+    }
+    assert nvml.calls[:2] == ["init", "GPU-uuid-of-1"]  # by UUID: cuda:1 need not be NVML's GPU 1
+    assert nvml.open == 0 and not any(t.name == "freezetune-gpu-monitor" for t in threading.enumerate())
+
+
+def test_a_second_epoch_starts_from_fresh_samples(monkeypatch, fake_cuda):
+    nvml = FakeNVML()
+    _install(monkeypatch, nvml)
+    monitor = GpuMonitor("cuda", interval_s=60)  # no polled samples: exactly the start and stop ones
+    assert monitor.start().stop()["gpu_util_pct"] == 60.0  # 40 and 80
+    with monitor:
+        pass
+    assert monitor.result["gpu_mem_mb"] == 2048.0 and len(nvml.util) == 4
+
+
+def test_cpu_gives_an_empty_dict_without_touching_nvml(monkeypatch):
+    nvml = FakeNVML()
+    _install(monkeypatch, nvml)
+    assert GpuMonitor(torch.device("cpu")).start().stop() == {}
+    assert nvml.calls == []
+
+
+@pytest.mark.parametrize(
+    "nvml",
+    [None, FakeNVML(fail_init=True), FakeNVML(fail_samples=True)],
+    ids=["pynvml-missing", "nvml-init-fails", "every-sample-fails"],
+)
+def test_no_nvml_or_a_failing_one_gives_an_empty_dict_and_no_error(monkeypatch, fake_cuda, nvml):
+    _install(monkeypatch, nvml)
+    monitor = GpuMonitor(0, interval_s=0.01).start()
+    time.sleep(0.03)
+    assert monitor.stop() == {}
+    assert nvml is None or nvml.open == 0

@@ -1,0 +1,30 @@
+"""Package metadata: torch is never capped (a pinned container keeps its build) and ``[all]`` has every extra."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from packaging.requirements import Requirement
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: pytest itself depends on tomli, the same parser
+    import tomli as tomllib
+
+PROJECT = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]
+
+
+def test_torch_and_torchvision_have_a_floor_and_no_upper_bound():
+    reqs = {r.name: r for r in map(Requirement, PROJECT["dependencies"])}
+    for name in ("torch", "torchvision"):
+        operators = {spec.operator for spec in reqs[name].specifier}
+        assert operators == {">="}, f"{name}: {reqs[name]} (an upper bound makes pip replace a container's torch)"
+
+
+def test_all_extra_holds_every_optional_extra():
+    extras = PROJECT["optional-dependencies"]
+    (combined,) = extras["all"]
+    names = set(re.fullmatch(r"freezetune\[(.+)\]", combined).group(1).split(","))
+    assert names == set(extras) - {"all", "dev"}
+    assert {"hf", "weights", "onnx", "lightning", "monitor"} <= names
