@@ -69,11 +69,15 @@ def test_read_idx_bad_magic_and_truncated(tmp_path):
         read_idx(tmp_path / "short")
 
 
-def test_idx_dir_classes_and_test_as_val(tmp_path):
+def test_idx_dir_classes_and_a_held_out_val_never_the_test_split(tmp_path):
     fashion = build_datasets(str(make_idx_dir(tmp_path / "fashion-tiny")), preprocess=PRE)
     assert fashion.source == "idx" and fashion.classes == FASHION_CLASSES
     assert isinstance(fashion.train, InMemoryImageDataset) and fashion.train.images.dtype == torch.uint8
-    assert fashion.val is fashion.test and len(fashion.test) == 20  # no val_split: the official test split is val
+    # no val_split: the model selection set is held out of train, never the official test split
+    assert fashion.val is not fashion.test and len(fashion.test) == 20
+    assert "held out" in fashion.val_source and "test split is only scored at the end" in fashion.val_source
+    train_ids, val_ids = set(fashion.train.images[:, 0, 0].tolist()), set(fashion.val.images[:, 0, 0].tolist())
+    assert len(val_ids) == 10 and not train_ids & val_ids  # 10 % of each class's 6, at least one: one per class
     x, y = fashion.train[3]
     assert x.shape == (3, 16, 16) and x.dtype == torch.float32 and y == 3
     digits = build_datasets(str(make_idx_dir(tmp_path / "mnist", gz=False)), preprocess=PRE)
@@ -94,8 +98,10 @@ def test_idx_val_split_and_per_class_never_overlap(tmp_path):
 @pytest.mark.skipif(not FASHION_DIR.is_dir(), reason="Fashion-MNIST not installed")
 def test_real_fashion_mnist():
     b = build_datasets(str(FASHION_DIR), preprocess=PRE)
-    assert (len(b.train), len(b.test)) == (60000, 10000)
-    assert b.train.images.shape == (60000, 28, 28) and b.train.targets.dtype == torch.int64
+    # all 60 000 official training images: 100 per class held out for validation (10 %, capped), the rest train
+    assert (len(b.train), len(b.val), len(b.test)) == (59000, 1000, 10000)
+    assert b.train.images.shape == (59000, 28, 28) and b.train.targets.dtype == torch.int64
+    assert torch.bincount(b.val.targets).tolist() == [100] * 10
     assert b.classes[0] == "T-shirt/top" and b.classes[9] == "Ankle boot"
     assert torch.bincount(b.test.targets).tolist() == [1000] * 10
 
@@ -202,7 +208,8 @@ def test_per_class_counts_and_seeded_determinism(caplog):
 def test_per_class_warns_about_short_classes(tmp_path, caplog):
     root = make_idx_dir(tmp_path / "mnist", n_train=25)  # classes 0-4 have 3 images, 5-9 have 2
     with caplog.at_level(logging.WARNING, logger="freezetune.data"):
-        b = build_datasets(str(root), per_class=3, preprocess=PRE)
+        # explicit validation data: nothing is held out of the 25 training images
+        b = build_datasets(str(root), per_class=3, val_data=str(root), preprocess=PRE)
     assert len(b.train) == 25 and "5 of 10 classes have fewer" in caplog.text
 
 

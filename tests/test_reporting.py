@@ -166,3 +166,17 @@ def test_atomic_write_text_replaces_and_cleans_up(tmp_path):
     atomic_write_text(path, "two\n")
     assert path.read_text() == "two\n"
     assert [p.name for p in path.parent.iterdir()] == ["note.txt"]
+
+
+def test_gpu_readings_reach_the_row_the_log_line_and_the_csv(tmp_path):
+    # on CUDA, TrainProgress adds GpuMonitor's averages to the train stats: they become columns and log text
+    from freezetune.reporting import epoch_row
+
+    train = {"train_loss": 1.0, "train_acc": 0.5, "samples": 8, "gpu_util_pct": 87.0, "gpu_mem_mb": 2048.0}
+    row = epoch_row(0, 2, train, None, seconds=1.0, optimizer=None, params=(1, 2), peak_mb=0.0, unfrozen=["layer4"])
+    assert row["gpu_util_pct"] == 87.0 and row["gpu_mem_mb"] == 2048.0 and row["unfrozen"] == ["layer4"]
+    assert "GPU 87% 2.0 GiB" in format_epoch_line(row)
+    with MetricsLogger(tmp_path, tensorboard=False) as log:
+        log.log_epoch(row)
+    (back,) = read_metrics(tmp_path / "metrics.csv")
+    assert back["gpu_util_pct"] == 87.0 and back["unfrozen"] == "layer4"

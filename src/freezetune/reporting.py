@@ -146,6 +146,9 @@ class TrainProgress:
     def __init__(self, total: int, desc: str, *, enabled: bool, device: torch.device) -> None:
         from tqdm.auto import tqdm
 
+        from freezetune.monitor import GpuMonitor
+
+        self.gpu = GpuMonitor(device).start()  # a no-op off CUDA or without nvidia-ml-py
         self.total, self.step, self.seen = total, 0, 0
         self.loss_sum = torch.zeros((), device=device)
         self.correct = torch.zeros((), device=device, dtype=torch.long)
@@ -162,13 +165,15 @@ class TrainProgress:
         self.step += 1
 
     def close(self, reduce=lambda t: t) -> dict[str, float]:
-        """Close the bar; the epoch's mean loss, accuracy and sample count, summed over ranks by ``reduce``."""
+        """Close the bar; the epoch's mean loss, accuracy and sample count, summed over ranks by ``reduce``, and on
+        CUDA this GPU's mean utilisation and memory (``GpuMonitor``)."""
         self.bar.close()
+        gpu = self.gpu.stop()
         totals = torch.stack(
             [self.loss_sum, self.correct.float(), torch.tensor(float(self.seen), device=self.loss_sum.device)]
         )
         loss, correct, seen = reduce(totals).tolist()
-        return {"train_loss": loss / max(seen, 1), "train_acc": correct / max(seen, 1), "samples": int(seen)}
+        return {"train_loss": loss / max(seen, 1), "train_acc": correct / max(seen, 1), "samples": int(seen), **gpu}
 
 
 class NullMetricsLogger:
@@ -380,7 +385,9 @@ def epoch_row(epoch: int, epochs: int, train: dict, val: dict | None, *, seconds
     groups = optimizer.param_groups if optimizer is not None else []
     row.update({f"lr/{g.get('name', i)}": g["lr"] for i, g in enumerate(groups)})
     row.update(trainable_params=params[0], total_params=params[1], epoch_time_s=seconds)
-    row.update(img_per_s=train["samples"] / max(seconds, 1e-9), peak_mem_mb=peak_mb, unfrozen=unfrozen)
+    row.update(img_per_s=train["samples"] / max(seconds, 1e-9), peak_mem_mb=peak_mb)
+    row.update({k: v for k, v in train.items() if k.startswith("gpu_")})  # GpuMonitor's readings, on CUDA
+    row["unfrozen"] = unfrozen
     return row
 
 
@@ -404,6 +411,8 @@ def format_epoch_line(row: dict[str, Any]) -> str:
         speed.append(f"{row['epoch_time_s']:.1f}s")
     if row.get("img_per_s") is not None:
         speed.append(f"{row['img_per_s']:.0f} img/s")
+    if row.get("gpu_util_pct") is not None:
+        speed.append(f"GPU {row['gpu_util_pct']:.0f}% {row.get('gpu_mem_mb', 0) / 1024:.1f} GiB")
     parts.append(" ".join(speed))
     if row.get("unfrozen"):
         names = row["unfrozen"] if isinstance(row["unfrozen"], (list, tuple)) else str(row["unfrozen"]).split(LIST_SEP)

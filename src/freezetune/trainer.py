@@ -140,7 +140,8 @@ class Trainer:
     def fit(self) -> RunResult:
         trainable, total = count_parameters(self.model)
         self.echo(f"{self.cfg.model} on {self.precision.describe()}: {len(self.data.train)} train images, "
-                  f"{len(self.classes)} classes, {trainable:,}/{total:,} parameters trainable")  # fmt: skip
+                  f"{len(self.classes)} classes, {trainable:,}/{total:,} parameters trainable\n"
+                  f"validation: {self.data.val_source}")  # fmt: skip
         self.echo(summary(self.model))
         start = time.perf_counter()
         try:

@@ -23,6 +23,8 @@ from freezetune.preprocess import Preprocess
 log = logging.getLogger(__name__)
 
 _VAL_DIRS = ("val", "valid", "validation")
+AUTO_VAL_FRACTION = 0.1  # held out per class when no validation data is given
+AUTO_VAL_MAX_PER_CLASS = 100  # enough to rank recipes, cheap to evaluate every epoch
 _EXPECTED = "an IDX directory (train-images-idx3-ubyte[.gz], ...), an image folder (DIR/<class>/*) or a CSV file"
 
 
@@ -35,6 +37,7 @@ class DataBundle:
     test: Dataset | None
     classes: list[str]
     source: str  # "idx" | "folder" | "csv"
+    val_source: str = ""  # where the validation set came from, in words (the trainer prints it)
 
 
 def _first_dir(root: Path, names: tuple[str, ...]) -> Path | None:
@@ -93,6 +96,11 @@ def _check_options(val_data: str | None, val_split: float | None, per_class: int
         raise ConfigError("; ".join(problems))
 
 
+def _hold_out(train: Dataset, fraction: float, seed: int, max_per_class: int | None = None) -> tuple[Dataset, Dataset]:
+    train_idx, val_idx = stratified_split(train.targets, fraction, seed, max_per_class)
+    return train.select(train_idx), train.select(val_idx)
+
+
 def _take_per_class(train: Dataset, per_class: int, seed: int) -> Dataset:
     idx, counts = per_class_indices(train.targets, per_class, seed)
     short = {train.classes[c]: n for c, n in counts.items() if n < per_class}
@@ -128,8 +136,11 @@ def build_datasets(
         1. ``val_data`` (a CSV, a ``DIR/<class>/*`` folder, or an IDX directory's test split);
         2. a ``val/`` folder in the layout (``val_split`` is then ignored, with a warning);
         3. a seeded stratified ``val_split`` fraction of the train set, taken *before* ``per_class``;
-        4. otherwise the test split (official IDX test set or ``test/`` folder) doubles as val, so model selection
-           sees test data; pass ``val_split`` for a clean held-out set. Without any of these, ``val`` is None.
+        4. otherwise a held-out part of the train set: ``AUTO_VAL_FRACTION`` (10 %) of each class, at least one and at
+           most ``AUTO_VAL_MAX_PER_CLASS`` (100) per class (a class of one image gives none), taken before
+           ``per_class``. The test split is never validation data: model selection, unfreezing, early stopping and
+           the auto recipe see only the validation set, and the test split is scored once, at the end.
+    ``DataBundle.val_source`` says which rule gave the validation set.
 
     ``per_class`` keeps K random training images per class (all of a class with fewer, logged as a warning). It is
     drawn from what remains after the val split, so val and train never share an image.
@@ -150,7 +161,7 @@ def build_datasets(
     >>> bundle = build_datasets("/usr/share/datasets/fashion-mnist", per_class=10,
     ...                         preprocess=Preprocess(input_size=32))  # doctest: +SKIP
     >>> len(bundle.train), len(bundle.val), bundle.classes[0]  # doctest: +SKIP
-    (100, 10000, 'T-shirt/top')
+    (100, 1000, 'T-shirt/top')
     """
     # Check every option before reading data: loading a large IDX set only to fail on a typo wastes the user's time.
     _check_options(val_data, val_split, per_class)
@@ -160,11 +171,19 @@ def build_datasets(
         val = _load_val(val_data, train.classes)
     elif val is not None and val_split is not None:
         log.warning("'%s' has a validation folder; ignoring val_split=%s", data, val_split)
+    if val_data is not None:
+        val_source = f"val_data {val_data!r}"
+    elif val is not None:
+        val_source = "the validation folder"
     elif val_split is not None:
-        train_idx, val_idx = stratified_split(train.targets, val_split, seed)
-        train, val = train.select(train_idx), train.select(val_idx)
-    elif val is None:
-        val = test
+        train, val = _hold_out(train, val_split, seed)
+        val_source = f"val_split {val_split}: {len(val)} training images held out"
+    else:
+        train, val = _hold_out(train, AUTO_VAL_FRACTION, seed, AUTO_VAL_MAX_PER_CLASS)
+        val_source = (f"no validation data given: {len(val)} training images held out ({AUTO_VAL_FRACTION:.0%} per "
+                      f"class, 1 to {AUTO_VAL_MAX_PER_CLASS} each); the test split is only scored at the end")  # fmt: skip
+    if val is not None and len(val) == 0:
+        val, val_source = None, "none (every class has a single training image)"
     if per_class is not None:
         train = _take_per_class(train, per_class, seed)
     train.transform = train_tf
@@ -179,7 +198,8 @@ def build_datasets(
         len(test) if test is not None else "no",
         len(train.classes),
     )
-    return DataBundle(train=train, val=val, test=test, classes=list(train.classes), source=source)
+    return DataBundle(train=train, val=val, test=test, classes=list(train.classes), source=source,
+                      val_source=val_source)  # fmt: skip
 
 
 def build_eval_dataset(data: str, *, preprocess: Preprocess, classes: list[str]) -> Dataset:

@@ -44,7 +44,8 @@ def per_class_indices(targets: torch.Tensor, k: int, seed: int = 0) -> tuple[tor
     return torch.sort(torch.cat(chosen)).values, counts
 
 
-def stratified_split(targets: torch.Tensor, fraction: float, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def stratified_split(targets: torch.Tensor, fraction: float, seed: int = 0,
+                     max_per_class: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """Split indices into (train, val) so that every class gives about ``fraction`` of its samples to val.
 
     A class with at least two samples always keeps one in train and gives at least one to val; a class with a single
@@ -54,6 +55,7 @@ def stratified_split(targets: torch.Tensor, fraction: float, seed: int = 0) -> t
         targets: class index of every sample (1-D integer tensor).
         fraction: share of each class that goes to val, strictly between 0 and 1.
         seed: the same seed and targets always give the same split.
+        max_per_class: at most this many of a class go to val.
 
     Returns:
         ``(train_indices, val_indices)``, each in ascending order.
@@ -67,7 +69,7 @@ def stratified_split(targets: torch.Tensor, fraction: float, seed: int = 0) -> t
     train, val = [], []
     for idx in _indices_by_class(targets).values():
         perm = idx[torch.randperm(len(idx), generator=gen)]
-        n_val = min(max(round(fraction * len(idx)), 1), len(idx) - 1)
+        n_val = min(max(round(fraction * len(idx)), 1), len(idx) - 1, max_per_class or len(idx))
         val.append(perm[:n_val])
         train.append(perm[n_val:])
     empty = torch.empty(0, dtype=torch.long)
