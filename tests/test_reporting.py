@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from freezetune._io import atomic_save, atomic_write_text
-from freezetune.reporting import MetricsLogger, format_epoch_line, plot_report, read_metrics, unfreeze_events
+from freezetune.epoch_log import format_epoch_line
+from freezetune.reporting import MetricsLogger, plot_report, read_metrics, unfreeze_events
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -170,7 +171,7 @@ def test_atomic_write_text_replaces_and_cleans_up(tmp_path):
 
 def test_gpu_readings_reach_the_row_the_log_line_and_the_csv(tmp_path):
     # on CUDA, TrainProgress adds GpuMonitor's averages to the train stats: they become columns and log text
-    from freezetune.reporting import epoch_row
+    from freezetune.epoch_log import epoch_row
 
     train = {"train_loss": 1.0, "train_acc": 0.5, "samples": 8, "gpu_util_pct": 87.0, "gpu_mem_mb": 2048.0}
     row = epoch_row(0, 2, train, None, seconds=1.0, optimizer=None, params=(1, 2), peak_mb=0.0, unfrozen=["layer4"])

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from freezetune import checkpoint, reporting, runtime
+from freezetune import checkpoint, epoch_log, reporting, runtime
 from freezetune._io import atomic_write_text
 from freezetune.cache import FeaturePath
 from freezetune.config import TrainConfig, parse_freeze_spec, validate
@@ -185,17 +185,17 @@ class Trainer:
         val = self.features.evaluate_val(self.precision, num_classes=len(self.classes))
         self.seconds["val"] += time.perf_counter() - start
         val = broadcast(val, self.dist)  # rank 0's numbers drive every rank's unfreeze and early-stop decisions
-        row = reporting.epoch_row(epoch, self.cfg.epochs, train_stats, val, seconds=seconds, unfrozen=unfrozen,
+        row = epoch_log.epoch_row(epoch, self.cfg.epochs, train_stats, val, seconds=seconds, unfrozen=unfrozen,
                                   optimizer=self.state.optimizer, params=count_parameters(self.model),
                                   peak_mb=runtime.peak_memory_mb(self.device))  # fmt: skip
         self.metrics.log_epoch(row)
-        self.echo(reporting.format_epoch_line(row))
+        self.echo(epoch_log.format_epoch_line(row))
         return row
 
     def _train_epoch(self, epoch: int, batches) -> dict:
         self.model.train()
         loss_fn = nn.CrossEntropyLoss(label_smoothing=self.cfg.label_smoothing)
-        meter = reporting.TrainProgress(len(batches), f"epoch {epoch + 1}/{self.cfg.epochs}",
+        meter = epoch_log.TrainProgress(len(batches), f"epoch {epoch + 1}/{self.cfg.epochs}",
                                         enabled=self.cfg.progress, device=self.device)  # fmt: skip
         for inputs, targets in batches:
             inputs = to_device(inputs, self.device, self.channels_last)
@@ -213,8 +213,7 @@ class Trainer:
         scaler.scale(loss).backward()
         if self.cfg.grad_clip:
             scaler.unscale_(optimizer)
-            params = [p for g in optimizer.param_groups for p in g["params"]]
-            nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
+            nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], self.cfg.grad_clip)
         scaler.step(optimizer)
         scaler.update()
         if self.state.scheduler is not None:

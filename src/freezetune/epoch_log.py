@@ -1,0 +1,131 @@
+"""What a training epoch reports: its running loss and accuracy with the progress bar (``TrainProgress``), its
+``metrics.csv`` row (``epoch_row``) and the one log line printed after it (``format_epoch_line``).
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any
+
+import torch
+
+from freezetune.reporting import LIST_SEP
+
+
+class TrainProgress:
+    """A training epoch's running loss and accuracy with its progress bar.
+
+    The sums stay on the device: reading them every step would sync the GPU each batch, so the bar's numbers are
+    refreshed every tenth step. The bar is driven by hand: given the loader, tqdm.auto calls iter() on it up front
+    and again to loop, so a DataLoader would start twice an epoch (a wasted worker prefetch, a second seed draw).
+
+    >>> p = TrainProgress(2, "epoch 1/1", enabled=False, device=torch.device("cpu"))
+    >>> p.update(torch.tensor(0.5), torch.tensor([[1.0, 0.0]]), torch.tensor([0])); p.close()["train_acc"]
+    1.0
+    """
+
+    def __init__(self, total: int, desc: str, *, enabled: bool, device: torch.device) -> None:
+        from tqdm.auto import tqdm
+
+        from freezetune.monitor import GpuMonitor
+
+        self.gpu = GpuMonitor(device).start()  # a no-op off CUDA or without nvidia-ml-py
+        self.total, self.step, self.seen = total, 0, 0
+        self.loss_sum = torch.zeros((), device=device)
+        self.correct = torch.zeros((), device=device, dtype=torch.long)
+        self.bar = tqdm(total=total, desc=desc, leave=False, disable=not enabled, dynamic_ncols=True)
+
+    def update(self, loss: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> None:
+        self.loss_sum += loss.detach() * len(targets)
+        self.correct += (logits.detach().argmax(-1) == targets).sum()
+        self.seen += len(targets)
+        self.bar.update()
+        if not self.bar.disable and (self.step % 10 == 0 or self.step == self.total - 1):  # .item() syncs
+            loss, acc = self.loss_sum.item() / self.seen, 100 * self.correct.item() / self.seen
+            self.bar.set_postfix(loss=f"{loss:.3f}", acc=f"{acc:.1f}%", refresh=False)
+        self.step += 1
+
+    def close(self, reduce=lambda t: t) -> dict[str, float]:
+        """Close the bar; the epoch's mean loss, accuracy and sample count, summed over ranks by ``reduce``, and on
+        CUDA this GPU's mean utilisation and memory (``GpuMonitor``)."""
+        self.bar.close()
+        gpu = self.gpu.stop()
+        totals = torch.stack(
+            [self.loss_sum, self.correct.float(), torch.tensor(float(self.seen), device=self.loss_sum.device)]
+        )
+        loss, correct, seen = reduce(totals).tolist()
+        return {"train_loss": loss / max(seen, 1), "train_acc": correct / max(seen, 1), "samples": int(seen), **gpu}
+
+
+def _human(n: float) -> str:
+    for div, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if abs(n) >= div:
+            return f"{n / div:.1f}{suffix}"
+    return f"{n:g}"
+
+
+def _lr_text(row: dict[str, Any]) -> str:
+    lrs = [row["lr"]] if isinstance(row.get("lr"), numbers.Real) else []
+    lrs = lrs or [v for k, v in row.items() if k.startswith("lr/") and isinstance(v, numbers.Real) and v > 0]
+    if not lrs:
+        return ""
+    lo, hi = min(lrs), max(lrs)
+    return f"lr {hi:.1e}" if lo == hi else f"lr {lo:.1e}..{hi:.1e}"
+
+
+def epoch_row(epoch: int, epochs: int, train: dict, val: dict | None, *, seconds: float, optimizer,
+              params: tuple[int, int], peak_mb: float, unfrozen: list[str]) -> dict[str, Any]:  # fmt: skip
+    """One ``metrics.csv`` row: train and val metrics, every group's LR, trainable/total parameters, time, memory, and
+    the stages unfrozen after the epoch. ``epoch`` is 0-based; ``train`` holds ``train_loss``, ``train_acc`` and
+    ``samples`` (which feeds img/s).
+
+    >>> epoch_row(0, 3, {"train_loss": 1.0, "train_acc": 0.5, "samples": 8}, None, seconds=2.0, optimizer=None,
+    ...           params=(10, 20), peak_mb=1.0, unfrozen=[])["img_per_s"]
+    4.0
+    """
+    row = {"epoch": epoch + 1, "epochs": epochs, "train_loss": train["train_loss"], "train_acc": train["train_acc"]}
+    if val is not None:
+        row.update(val_loss=val["loss"], val_acc=val["acc"], val_top5=val["top5"], val_f1=val["macro_f1"])
+    groups = optimizer.param_groups if optimizer is not None else []
+    row.update({f"lr/{g.get('name', i)}": g["lr"] for i, g in enumerate(groups)})
+    row.update(trainable_params=params[0], total_params=params[1], epoch_time_s=seconds)
+    row.update(img_per_s=train["samples"] / max(seconds, 1e-9), peak_mem_mb=peak_mb)
+    row.update({k: v for k, v in train.items() if k.startswith("gpu_")})  # GpuMonitor's readings, on CUDA
+    row["unfrozen"] = unfrozen
+    return row
+
+
+def format_epoch_line(row: dict[str, Any]) -> str:
+    """Format the one log line printed after each epoch; missing fields are left out.
+
+    With several ``lr/<group>`` columns and no ``lr``, the range of the non-zero group LRs is shown.
+
+    >>> format_epoch_line({"epoch": 3, "epochs": 10, "train_loss": 0.512, "train_acc": 0.812, "val_loss": 0.43,
+    ...     "val_acc": 0.85, "lr": 1e-3, "trainable_params": 1.2e6, "total_params": 4.7e6, "epoch_time_s": 12.3,
+    ...     "img_per_s": 812, "unfrozen": "layer4"})
+    'epoch 3/10  train_loss 0.512 acc 81.2%  val_loss 0.430 acc 85.0%  lr 1.0e-03  trainable 1.2M/4.7M  12.3s 812 img/s  unfrozen: layer4'
+    """
+    parts = [f"epoch {row['epoch']}" + (f"/{row['epochs']}" if row.get("epochs") is not None else "")]
+    parts += [_split_text(row, "train"), _split_text(row, "val"), _lr_text(row)]
+    if row.get("trainable_params") is not None:
+        total = f"/{_human(row['total_params'])}" if row.get("total_params") is not None else ""
+        parts.append(f"trainable {_human(row['trainable_params'])}{total}")
+    speed = []
+    if row.get("epoch_time_s") is not None:
+        speed.append(f"{row['epoch_time_s']:.1f}s")
+    if row.get("img_per_s") is not None:
+        speed.append(f"{row['img_per_s']:.0f} img/s")
+    if row.get("gpu_util_pct") is not None:
+        speed.append(f"GPU {row['gpu_util_pct']:.0f}% {row.get('gpu_mem_mb', 0) / 1024:.1f} GiB")
+    parts.append(" ".join(speed))
+    if row.get("unfrozen"):
+        names = row["unfrozen"] if isinstance(row["unfrozen"], (list, tuple)) else str(row["unfrozen"]).split(LIST_SEP)
+        parts.append("unfrozen: " + ", ".join(s for s in names if s))
+    return "  ".join(p for p in parts if p)
+
+
+def _split_text(row: dict[str, Any], split: str) -> str:
+    loss, acc = row.get(f"{split}_loss"), row.get(f"{split}_acc")
+    if loss is None:
+        return "" if acc is None else f"{split}_acc {100 * acc:.1f}%"
+    return f"{split}_loss {loss:.3f}" + ("" if acc is None else f" acc {100 * acc:.1f}%")
