@@ -18,7 +18,7 @@ from torch import nn
 
 from freezetune import __version__
 from freezetune._io import atomic_save
-from freezetune.errors import CheckpointError, ConfigError
+from freezetune.errors import CheckpointError, ConfigError, choices
 from freezetune.preprocess import Preprocess
 
 BEST = "best.pt"
@@ -79,6 +79,19 @@ def build_model(record: dict[str, Any]) -> tuple[nn.Module, Preprocess]:
             f"checkpoint weights do not fit {record['model']}: missing {missing[:3]}, unexpected {unexpected[:3]}"
         )
     return model, Preprocess.from_dict(record["preprocess"])
+
+
+def init_from(model: nn.Module, path: str | Path, classes: list[str]) -> None:
+    """Load the weights of a freezetune checkpoint, head included, into ``model`` (same architecture and classes)."""
+    record = load(path)
+    if list(record["classes"]) != list(classes):
+        raise CheckpointError(f"init checkpoint {str(path)!r} was trained on {len(record['classes'])} other classes "
+                              f"({choices(record['classes'], limit=5)}); the data has {choices(classes, limit=5)}")  # fmt: skip
+    try:
+        model.load_state_dict(record["state_dict"])
+    except RuntimeError as exc:
+        raise CheckpointError(f"init checkpoint {str(path)!r} does not fit this model ({record.get('model')} "
+                              f"weights): {str(exc).splitlines()[0]}") from None  # fmt: skip
 
 
 # --- the trainer's checkpoints: each function takes what it saves and returns what it restores ----------------

@@ -15,7 +15,8 @@ from pathlib import Path
 from freezetune import __version__
 from freezetune.config import FIELD_CHOICES, TrainConfig, field_names, load_config, parse_override, scalar_type
 from freezetune.errors import FreezetuneError
-from freezetune.options import FREEZE_DEFAULT, MODEL_SOURCES, PRETRAINED_WEIGHTS, RANDOM_WEIGHTS
+from freezetune.options import FREEZE_DEFAULT, MODEL_SOURCES, PRETRAINED_WEIGHTS, RANDOM_WEIGHTS, RECIPES
+from freezetune.sweep import DEFAULT_RECIPES
 
 _DEFAULTS = TrainConfig()
 _HELP = {
@@ -24,7 +25,12 @@ _HELP = {
     f"{'|'.join(RANDOM_WEIGHTS)}, or a weights file",
     "data": "image folder (DIR/train/<class>/*), CSV path,label, or IDX directory (MNIST/Fashion-MNIST)",
     "per_class": "few-shot: K seeded training images per class",
-    "freeze": "backbone, all, none, N (first N stages, negative ok), stage names or globs, comma-separated",
+    "freeze": "auto (measured), backbone, all, none, bitfit, N (first N stages, negative ok), stage names or globs, "
+    "comma-separated",
+    "recipe": "a named procedure: " + " | ".join(RECIPES) + " (last-K: the last K stages train)",
+    "budget": "wall-clock budget for the auto recipe or a sweep, e.g. 90s, 5m, 1h",
+    "init": "a freezetune checkpoint whose weights (head included) start the run",
+    "cache_dir": "keep feature caches here and reuse them across runs",
     "bn": "BatchNorm in frozen parts (frozen: eval statistics)",
     "unfreeze": "epoch:N | plateau:patience=P,min_delta=D,mode=max",
     "stage_lrs": "per-stage LRs, e.g. 'layer4=1e-4,layer3=5e-5'",
@@ -72,6 +78,17 @@ def _parser() -> argparse.ArgumentParser:
 
 def _train_parser(sub) -> None:
     p = sub.add_parser("train", help="fine-tune a model")
+    _config_flags(p)
+    p.set_defaults(func=_cmd_train)
+    p = sub.add_parser("sweep", help="compare recipes on the validation split; write the winner as a config")
+    p.add_argument("--recipes", default=",".join(DEFAULT_RECIPES),
+                   help=f"comma-separated, from {' | '.join(RECIPES)} (or last-K)")  # fmt: skip
+    _config_flags(p)
+    p.set_defaults(func=_cmd_sweep)
+
+
+def _config_flags(p: argparse.ArgumentParser) -> None:
+    """Every ``TrainConfig`` field as a flag, a ``--config`` file and ``key=value`` overrides (train and sweep)."""
     p.add_argument("--config", help="YAML file with the same keys as the flags")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -88,7 +105,6 @@ def _train_parser(sub) -> None:
         # None when not given, so a config file's value is not overwritten by a default. Structured fields (freeze,
         # unfreeze, stage_lrs) stay text here and are parsed by load_config, as YAML and key=value values are.
         p.add_argument(flag, type=kind or str, default=None, help=text)
-    p.set_defaults(func=_cmd_train)
 
 
 def _eval_parser(sub) -> None:
@@ -146,6 +162,18 @@ def _cmd_train(args) -> int:
         print(cfg.dump(), end="")
         return 0
     train(cfg)
+    return 0
+
+
+def _cmd_sweep(args) -> int:
+    from freezetune.sweep import sweep
+
+    cfg = _train_config(args)
+    if args.print_config:
+        print(cfg.dump(), end="")
+        return 0
+    out = cfg.out or "runs/sweep"
+    sweep(cfg, [r.strip() for r in args.recipes.split(",") if r.strip()], out=out)
     return 0
 
 

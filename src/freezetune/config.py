@@ -30,7 +30,9 @@ from freezetune.options import (
     SCHEDULERS,
     choice_problem,
     fraction_problem,
+    parse_duration,
     positive_int_problem,
+    recipe_problem,
 )
 
 # The choices of each choice field: ``validate`` checks them, the CLI lists them in ``--help``.
@@ -54,6 +56,7 @@ class TrainConfig:
     model: str = "timm:tf_efficientnet_lite0"
     weights: str = "imagenet"
     img_size: int | None = None
+    init: str | None = None  # a freezetune checkpoint whose weights (head included) start the run
     # data
     data: str | None = None
     val_data: str | None = None
@@ -63,7 +66,9 @@ class TrainConfig:
     batch_size: int = 32
     workers: int | None = None
     # freezing
-    freeze: str | int | list[str | int] = "none"  # held parsed: "-3" -> -3, "stem,layer1" -> ["stem", "layer1"]
+    freeze: str | int | list[str | int] = "auto"  # held parsed: "-3" -> -3, "stem,layer1" -> ["stem", "layer1"]
+    recipe: str | None = None  # a named procedure (options.RECIPE_HELP); "auto" is what freeze: auto runs
+    budget: str | None = None  # wall-clock budget the auto recipe plans for, e.g. "5m"
     bn: str = BN_DEFAULT
     unfreeze: str | dict[int, str] | None = None
     # optimisation
@@ -84,6 +89,7 @@ class TrainConfig:
     compile: bool = False
     cache: str = "auto"
     cache_views: int = 1
+    cache_dir: str | None = None  # keep feature stores here and reuse them across runs (sweeps do)
     decode: str = "auto"
     device: str = "auto"
     # run
@@ -94,6 +100,7 @@ class TrainConfig:
     monitor: str = "val_acc"
     tensorboard: bool = True
     progress: bool = True
+    final_test: bool = True  # score best.pt on the test split at the end (a sweep turns it off)
 
     def __post_init__(self) -> None:
         # Parsed once, here, whichever way the config was made (YAML, CLI, Python): the run and config.yaml see
@@ -188,6 +195,13 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.warmup_epochs < 0 or cfg.warmup_epochs >= cfg.epochs:
         problems.append(f"warmup_epochs must be in [0, epochs), got {cfg.warmup_epochs}")
     problems += _schedule_problems(cfg.unfreeze)
+    problems.append(recipe_problem(cfg.recipe))
+    if cfg.recipe is not None and cfg.freeze != "auto":
+        problems.append(f"give a recipe ({cfg.recipe!r}) or a freeze spec ({cfg.freeze!r}), not both")
+    try:
+        parse_duration(cfg.budget)
+    except ConfigError as exc:
+        problems.append(str(exc))
     if cfg.data is None:
         problems.append("data is required (an image folder, a CSV file or an IDX directory)")
     problems = [p for p in problems if p]

@@ -1,6 +1,7 @@
 """Freezing and the BatchNorm policy of frozen parts.
 
-A spec names what to (un)freeze: ``"backbone"`` (all but the head), ``"all"``, ``"none"``, an int ``n`` (the first
+A spec names what to (un)freeze: ``"backbone"`` (all but the head), ``"all"``, ``"none"``, ``"bitfit"`` (the
+backbone but its biases and normalisation parameters), an int ``n`` (the first
 ``n`` stages, negative as in slicing), a stage name, a glob over qualified module/parameter names, or a list of
 these. BatchNorm layers inside a frozen part follow one of three policies:
 
@@ -163,6 +164,11 @@ def _resolve_name(model: nn.Module, st: list[Stage], spec: str) -> dict[int, nn.
         return _params_of(st)
     if spec == "none":
         return {}
+    if spec == "bitfit":
+        return _bitfit_frozen(model, st)
+    if spec == "auto":
+        raise SpecError("freeze 'auto' is a recipe, decided by measurement: run it through freezetune.train(cfg) "
+                        "or the CLI, or give a freeze spec")  # fmt: skip
     by_name = {s.name: s for s in st}
     if spec in by_name:
         return _params_of([by_name[spec]])
@@ -180,6 +186,19 @@ def _resolve_name(model: nn.Module, st: list[Stage], spec: str) -> dict[int, nn.
             f"(or {choices(FREEZE_KEYWORDS)}, an int, or a glob such as 'layer[1-3]*')"
         )
     return out
+
+
+_NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
+
+
+def _bitfit_frozen(model: nn.Module, st: list[Stage]) -> dict[int, nn.Parameter]:
+    """BitFit (Ben Zaken et al. 2022): every backbone weight but biases and normalisation parameters is frozen.
+
+    The norms' parameters keep training, so their BatchNorm layers are not frozen either (as with ``bn="affine"``).
+    """
+    keep = {id(p) for m in model.modules() if isinstance(m, _NORMS) for p in m.parameters(recurse=False)}
+    keep |= {id(p) for name, p in model.named_parameters() if name.endswith("bias")}
+    return {i: p for i, p in _params_of(st[:-1]).items() if i not in keep}
 
 
 def _params_of(selected: list[Stage]) -> dict[int, nn.Parameter]:

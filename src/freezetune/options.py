@@ -16,9 +16,21 @@ SCHEDULERS = ("onecycle", "cosine", "none")
 AMP_MODES = ("auto", "bf16", "fp16", "off")
 BN_POLICIES = ("frozen", "affine", "train")  # BatchNorm in frozen parts; see ``freezetune.freeze``
 BN_DEFAULT = "frozen"  # the one policy under which a frozen prefix is deterministic (and can be cached)
-FREEZE_KEYWORDS = ("backbone", "all", "none")
+FREEZE_KEYWORDS = ("backbone", "all", "none", "bitfit")  # bitfit: all but biases, norms and the head
 FREEZE_DEFAULT = "backbone"  # what ``freeze(model)`` freezes and ``inspect`` shows: all but the head
 MONITORS = ("val_acc", "val_loss")
+# Named fine-tuning procedures (``--recipe``), each in one line; ``freezetune.recipes`` carries them out.
+RECIPE_HELP = {
+    "auto": "measure on the validation split which stages to freeze, then fine-tune the rest (the default)",
+    "linear-probe": "only the new head trains, on cached features of the frozen backbone",
+    "last-k": "the last k stages and the head train, the rest stays frozen and cached (last-2, last-3, ...; k=2)",
+    "full": "every layer trains",
+    "gradual": "the head first, then one more stage after each epoch (epoch:1 unfreezing)",
+    "plateau": "the head first, then one more stage whenever validation accuracy stalls for an epoch",
+    "lp-ft": "a linear probe fits the head on frozen features, then every layer fine-tunes from it",
+    "bitfit": "only biases and normalisation layers (and the head) train",
+}
+RECIPES = tuple(RECIPE_HELP)
 CACHE_MODES = ("auto", "off", "memory", "disk")
 DECODE_MODES = ("auto", "gpu", "cpu")
 MODEL_SOURCES = ("timm", "torchvision", "hf")  # the prefix of a model name, as in "timm:resnet50"
@@ -126,6 +138,40 @@ def crop_pct_problem(value: float) -> str | None:
     (True, 'crop_pct must be in (0, 1], got 0')
     """
     return None if 0.0 < value <= 1.0 else f"crop_pct must be in (0, 1], got {value!r}"
+
+
+def recipe_problem(name: str | None) -> str | None:
+    """Problem of a recipe name: one of ``RECIPES``, or ``last-K`` with a whole K >= 1.
+
+    >>> recipe_problem("last-3") is None, recipe_problem("last-0") is not None, recipe_problem("fast") is not None
+    (True, True, True)
+    """
+    if name is None or name in RECIPES:
+        return None
+    k = name.removeprefix("last-") if isinstance(name, str) and name.startswith("last-") else None
+    if k is not None and k.isdigit() and int(k) >= 1:
+        return None
+    return choice_problem("recipe", name, RECIPES)
+
+
+def parse_duration(text: str | int | float | None) -> float | None:
+    """Seconds in a budget such as ``"90s"``, ``"5m"``, ``"1.5h"`` or a plain number of seconds.
+
+    >>> parse_duration("5m"), parse_duration("90"), parse_duration(None)
+    (300.0, 90.0, None)
+    """
+    if text is None:
+        return None
+    raw = str(text).strip().lower()
+    scale = {"s": 1, "m": 60, "h": 3600}.get(raw[-1:], None)
+    number = raw[:-1] if scale else raw
+    try:
+        seconds = float(number) * (scale or 1)
+    except ValueError:
+        raise ConfigError(f"budget {text!r} is not a duration such as '90s', '5m' or '1h'") from None
+    if seconds <= 0:
+        raise ConfigError(f"budget must be positive, got {text!r}")
+    return seconds
 
 
 def check(problem: str | None, error: type[Exception] = ConfigError) -> None:

@@ -1,13 +1,15 @@
-"""How far a run has come: finished epochs, the best epoch and its metric, epochs without improvement.
+"""How far a run has come (``Progress``: finished epochs, the best epoch and its metric, epochs without
+improvement) and what a finished run produced (``RunResult``).
 
-A small object with ``state_dict()``, saved in ``last.pt`` and restored on resume, so the trainer keeps no loose
-counters. ``update`` is the one place that decides whether an epoch improved on the best.
+``Progress`` is a small object with ``state_dict()``, saved in ``last.pt`` and restored on resume, so the trainer
+keeps no loose counters. ``update`` is the one place that decides whether an epoch improved on the best.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 from freezetune.options import MONITORS
@@ -62,3 +64,17 @@ class Progress:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for key, value in state.items():
             setattr(self, key, value)
+
+
+@dataclass
+class RunResult:
+    """What a finished run produced: where, the best validation metric, the test metrics of ``best.pt``, and the
+    seconds spent (``cache``: the feature-cache build at set-up; ``epochs``: the epoch loop, with its checkpoints and
+    any cache rebuild after an unfreeze; ``val``: the validation within it). Training cost: cache + epochs - val."""
+
+    run_dir: Path
+    best_epoch: int
+    best_metric: float | None
+    test: dict | None = None
+    history: list[dict] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)

@@ -22,11 +22,7 @@ def prepare_run_dir(out: str | None, model: str, *, resume: bool) -> Path:
     """The run directory: ``out``, or ``runs/MODEL-TIMESTAMP``; refused when it holds a run and ``resume`` is off, or
     lacks ``last.pt`` when it is on. Not created here: a set-up error (unknown model, bad data path) must not leave an
     empty run dir behind; ``MetricsLogger`` creates it once the model and data are ready."""
-    if out:
-        run_dir = Path(out)
-    else:
-        short = model.split(":")[-1].replace("/", "_")
-        run_dir = Path("runs") / f"{short}-{datetime.now():%Y%m%d-%H%M%S}"
+    run_dir = Path(out) if out else default_run_dir(model)
     existing = [f for f in RUN_FILES if (run_dir / f).exists()]
     if resume and not (run_dir / checkpoint.LAST).exists():
         raise CheckpointError(f"cannot resume: {run_dir / checkpoint.LAST} does not exist")
@@ -36,6 +32,15 @@ def prepare_run_dir(out: str | None, model: str, *, resume: bool) -> Path:
             "pass --resume to continue it or choose another --out"
         )
     return run_dir
+
+
+def default_run_dir(model: str) -> Path:
+    """``runs/MODEL-YYYYmmdd-HHMMSS``: where a run goes without ``--out``.
+
+    >>> str(default_run_dir("timm:resnet50")).startswith("runs/resnet50-")
+    True
+    """
+    return Path("runs") / f"{model.split(':')[-1].replace('/', '_')}-{datetime.now():%Y%m%d-%H%M%S}"
 
 
 def recompile(module: nn.Module, backend: str | None = None) -> nn.Module:
@@ -73,7 +78,25 @@ def seed_epoch(seed: int, epoch: int, rank: int = 0) -> None:
     torch.manual_seed(epoch_seed(seed, epoch, rank))
 
 
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new peak-memory reading: CUDA's allocator counter, or on Linux the kernel's peak-RSS mark (VmHWM)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # "5" resets VmHWM to the current RSS
+    except OSError:
+        pass  # not Linux, or not allowed: the reading stays process-wide
+
+
 def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory since ``reset_peak_memory``: allocated CUDA memory, or the process's peak RSS on the CPU."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB; process-wide peak

@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from torch import nn
 
-from freezetune import checkpoint, epoch_log, reporting, runtime
+from freezetune import checkpoint, epoch_log, recipes, reporting, runtime
 from freezetune._io import atomic_write_text
 from freezetune.cache import FeaturePath
 from freezetune.config import TrainConfig, parse_freeze_spec, validate
@@ -28,31 +26,21 @@ from freezetune.inference import evaluate_model, write_evaluation
 from freezetune.models import create_model
 from freezetune.optim import build_optimizer, build_scheduler
 from freezetune.precision import resolve_device, resolve_precision
-from freezetune.progress import Progress
+from freezetune.progress import Progress, RunResult
 from freezetune.stages import replace_head
 from freezetune.unfreezing import Unfreezer
-
-
-@dataclass
-class RunResult:
-    """What a finished run produced: where, the best validation metric, the test metrics of ``best.pt``, and the
-    seconds spent (``cache``: the feature-cache build at set-up; ``epochs``: the epoch loop, with its checkpoints and
-    any cache rebuild after an unfreeze; ``val``: the validation within it). Training cost: cache + epochs - val."""
-
-    run_dir: Path
-    best_epoch: int
-    best_metric: float | None
-    test: dict | None = None
-    history: list[dict] = field(default_factory=list)
-    seconds: dict[str, float] = field(default_factory=dict)
 
 
 def train(cfg: TrainConfig, *, echo=print) -> RunResult:
     """Run a whole fine-tuning job as configured; ``echo`` receives the human-readable log lines.
 
+    A recipe (``recipe``, or ``freeze: auto``, the default) runs through ``freezetune.recipes``.
+
     >>> from freezetune.config import TrainConfig
     >>> train(TrainConfig(data="DIR_OF_IMAGES", epochs=3))  # doctest: +SKIP
     """
+    if recipes.recipe_of(cfg) is not None:
+        return recipes.run(cfg, echo=echo)
     trainer = Trainer(cfg, echo=echo)
     try:
         return trainer.fit()
@@ -89,13 +77,15 @@ class Trainer:
                                    seed=cfg.seed, preprocess=self.preprocess, aug=cfg.aug)  # fmt: skip
         self.classes = self.data.classes
         replace_head(self.model, len(self.classes))
+        if cfg.init:  # an earlier run's weights, head included (a recipe's previous phase)
+            checkpoint.init_from(self.model, cfg.init, self.classes)
         freeze(self.model, parse_freeze_spec(cfg.freeze), bn=cfg.bn)
         self.channels_last = runtime.use_channels_last(cfg.channels_last, self.model, self.device)
         self.model.to(self.device, memory_format=torch.channels_last if self.channels_last else torch.preserve_format)
         self.loaders = Loaders(batch_size=cfg.batch_size, device=self.device, seed=cfg.seed, preprocess=self.preprocess,
                                aug=cfg.aug, decode=cfg.decode, workers=cfg.workers, dist=self.dist)  # fmt: skip
         self.features = FeaturePath(self.model, self.data, self.loaders, self.precision, cache=cfg.cache,
-                                    views=cfg.cache_views, spill_dir=self.run_dir / "cache",
+                                    views=cfg.cache_views, spill_dir=self.run_dir / "cache", cache_dir=cfg.cache_dir,
                                     channels_last=self.channels_last, prepare=self._prepare,
                                     echo=self.echo)  # fmt: skip
         self.steps_per_epoch = self.features.steps_per_epoch
@@ -176,8 +166,7 @@ class Trainer:
 
     def _run_epoch(self, epoch: int, unfrozen: list[str]) -> dict:
         runtime.seed_epoch(self.cfg.seed, epoch, rank=self.dist.rank)
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
+        runtime.reset_peak_memory(self.device)
         start = time.perf_counter()
         train_stats = self._train_epoch(epoch, self.features.train_batches(epoch))
         seconds = time.perf_counter() - start
@@ -234,7 +223,7 @@ class Trainer:
     def _final_test(self) -> dict | None:
         """``best.pt`` on the test split, once, at the end: the one number no decision of the run has seen."""
         best_path = self.run_dir / checkpoint.BEST
-        if self.data.test is None or not best_path.exists():
+        if not self.cfg.final_test or self.data.test is None or not best_path.exists():
             return None
         self.model.load_state_dict(checkpoint.load(best_path)["state_dict"])
         result = evaluate_model(self.model, self.data.test, num_classes=len(self.classes), precision=self.precision,

@@ -15,8 +15,10 @@ from pathlib import Path
 
 from torch import nn
 
-from freezetune.cache.store import CacheInfo, FeatureStore, StoreLoader, build_store
+from freezetune.cache import disk
+from freezetune.cache.store import CacheInfo, FeatureStore, StoreLoader, build_store, placed_store
 from freezetune.data.datasets import DataBundle
+from freezetune.data.gpu import should_use_device_loader
 from freezetune.data.loaders import Loaders
 from freezetune.evaluate import evaluate
 from freezetune.precision import Precision
@@ -34,17 +36,20 @@ class FeaturePath:
         cache: ``auto`` | ``off`` | ``memory`` | ``disk`` (where a cache may live; ``off`` never caches).
         views: augmented views per training image in the cache.
         spill_dir: where a disk cache lives.
+        cache_dir: where stores are kept between runs and found again (``cache/disk.py``); None keeps none.
         channels_last: feed convolutions NHWC.
         prepare: wraps the module a step runs (DDP, ``torch.compile``); called on every build.
         echo: receives the log lines (why a cache is or is not used, what it holds).
     """
 
     def __init__(self, model: nn.Module, data: DataBundle, loaders: Loaders, precision: Precision, *, cache: str,
-                 views: int, spill_dir: Path, channels_last: bool = False,
+                 views: int, spill_dir: Path, cache_dir: Path | None = None, channels_last: bool = False,
                  prepare: Callable[[nn.Module], nn.Module] = lambda m: m,
                  echo: Callable[[str], None] = print) -> None:  # fmt: skip
         self.model, self.data, self.loaders, self.precision = model, data, loaders, precision
         self.cache, self.views, self.spill_dir, self.channels_last = cache, views, spill_dir, channels_last
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else None
+        self.reused = 0  # stores found in cache_dir instead of built
         self.prepare, self.echo = prepare, echo
         self.split: Split | None = None
         self.train_store: FeatureStore | None = None
@@ -106,21 +111,36 @@ class FeaturePath:
             self.echo(f"feature cache off: {why}")
             return
         views = 1 if self.loaders.aug == "none" else self.views
-        start = time.perf_counter()
+        start, reused = time.perf_counter(), self.reused
         self.train_store, info = self._store(split, self.data.train, views=views, train=True)
         if self.data.val is not None:
             self.val_store, _ = self._store(split, self.data.val, views=1, train=False)
         self.split = split
         seconds = time.perf_counter() - start
         self.build_seconds += seconds
-        self.echo(f"feature cache: {why}; {info.describe()}; built in {seconds:.1f}s")
+        how = f"read from {self.cache_dir}" if self.reused > reused else "built"
+        self.echo(f"feature cache: {why}; {info.describe()}; {how} in {seconds:.1f}s")
         if views == 1 and self.loaders.aug != "none":
             self.echo(f"note: one cached view with aug {self.loaders.aug!r}: every epoch sees the same augmentation "
                       "of an image (raise --cache-views for more)")  # fmt: skip
 
     def _store(self, split: Split, dataset, *, views: int, train: bool) -> tuple[FeatureStore, CacheInfo]:
-        dist = self.loaders.dist
+        dist, loaders = self.loaders.dist, self.loaders
         spill = self.spill_dir / (f"rank{dist.rank}" if dist.enabled else "") / ("train" if train else "val")
-        return build_store(split, len(dataset), self.loaders.views(dataset, train=train), self.precision, views=views,
-                           spill_dir=spill, seed=self.loaders.seed, channels_last=self.channels_last,
-                           place="auto" if self.cache == "auto" else self.cache, dist=dist)  # fmt: skip
+        place = "auto" if self.cache == "auto" else self.cache
+        key = None
+        if self.cache_dir is not None and not dist.enabled:  # DDP ranks build their blocks together: never reused
+            key = disk.store_key(split, dataset, preprocess=loaders.preprocess.to_dict(), views=views,
+                                 aug=loaders.aug if train else "eval", seed=loaders.seed, device=loaders.device.type,
+                                 device_pipeline=should_use_device_loader(dataset, loaders.device, loaders.decode),
+                                 dtype=str(self.precision.amp_dtype), channels_last=self.channels_last)  # fmt: skip
+            found = disk.load(self.cache_dir, key) if key is not None else None
+            if found is not None:
+                self.reused += 1
+                return placed_store(*found, self.precision, seed=loaders.seed, spill_dir=spill, place=place)
+        store, info = build_store(split, len(dataset), loaders.views(dataset, train=train), self.precision,
+                                  views=views, spill_dir=spill, seed=loaders.seed, channels_last=self.channels_last,
+                                  place=place, dist=dist)  # fmt: skip
+        if key is not None:
+            disk.save(self.cache_dir, key, store.features, store.targets)
+        return store, info

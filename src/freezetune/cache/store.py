@@ -215,6 +215,14 @@ def store_loader(store: FeatureStore, *, batch_size: int, train: bool, seed: int
     return StoreLoader(store, batch_size, order, pin and store.device.type == "cpu")
 
 
+def placed_store(features: torch.Tensor, targets: torch.Tensor, precision: Precision, *, seed: int,
+                 spill_dir: str | Path, place: str = "auto") -> tuple[FeatureStore, CacheInfo]:  # fmt: skip
+    """A ``FeatureStore`` of features computed earlier (e.g. read from disk), placed as ``build_store`` places them."""
+    storage, info = _allocate(tuple(features.shape), features.dtype, precision, spill_dir, place)
+    storage.copy_(features)
+    return FeatureStore(storage, targets.clone(), seed), info
+
+
 def _allocate(shape: tuple[int, ...], dtype: torch.dtype, precision: Precision, spill_dir: str | Path, place: str,
               zeroed: bool = False):  # fmt: skip
     nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()

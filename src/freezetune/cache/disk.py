@@ -1,0 +1,92 @@
+"""Feature stores kept on disk between runs, so a sweep or a later ``train`` does not run the same prefix twice.
+
+A stored store is found again by a key over everything its features depend on: the frozen prefix's weights and
+buffers (not the model's name: a prefix fine-tuned in an earlier phase computes other features), the cut, the
+images (their bytes, or each file's path, size and modification time), the labels, how images become inputs (the
+model's preprocessing, the augmentation preset, the decode path), the number of views, the seed and the dtype.
+Anything that changes one of these misses the cache; nothing stale is ever read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+
+from freezetune._io import atomic_save
+from freezetune.data.folder import FileImageDataset
+from freezetune.data.idx import InMemoryImageDataset
+from freezetune.split import Split
+
+log = logging.getLogger(__name__)
+
+VERSION = 1  # bump when the stored layout or what a key covers changes
+
+
+def data_fingerprint(dataset: Dataset) -> str | None:
+    """A digest of the samples of ``dataset`` and their labels, or None when it cannot be had cheaply.
+
+    >>> ds = InMemoryImageDataset(torch.zeros(2, 4, 4, dtype=torch.uint8), torch.tensor([0, 1]), ["a", "b"])
+    >>> len(data_fingerprint(ds))
+    40
+    """
+    h = hashlib.sha1()
+    if isinstance(dataset, InMemoryImageDataset):
+        h.update(dataset.images.contiguous().numpy().tobytes())
+    elif isinstance(dataset, FileImageDataset):
+        for path, _ in dataset.samples:
+            try:
+                st = os.stat(path)
+            except OSError:
+                return None
+            h.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    else:
+        return None
+    h.update(torch.as_tensor(dataset.targets).numpy().tobytes())
+    return h.hexdigest()
+
+
+def weights_fingerprint(module: torch.nn.Module) -> str:
+    """A digest of a module's parameters and buffers (names, shapes, dtypes, values)."""
+    h = hashlib.sha1()
+    for name, t in sorted(module.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def store_key(split: Split, dataset: Dataset, **inputs: object) -> str | None:
+    """The key of the features ``split.prefix`` computes over ``dataset``; ``inputs`` describe how images become
+    inputs (preprocessing, augmentation, decode path, views, seed, dtype). None: this dataset cannot be keyed."""
+    data = data_fingerprint(dataset)
+    if data is None:
+        return None
+    described = json.dumps({"v": VERSION, "boundary": split.boundary, "how": split.how, "data": data,
+                            "prefix": weights_fingerprint(split.prefix), **inputs}, sort_keys=True, default=str)  # fmt: skip
+    return hashlib.sha1(described.encode()).hexdigest()[:24]
+
+
+def load(cache_dir: Path, key: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Stored ``(features, targets)`` under ``key``, memory-mapped, or None."""
+    path = Path(cache_dir) / f"{key}.pt"
+    if not path.is_file():
+        return None
+    try:
+        record = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return record["features"], record["targets"]
+    except Exception as exc:  # a damaged file is a miss, never an error: it is rebuilt and rewritten
+        log.warning("ignoring unreadable feature cache %s (%s)", path, type(exc).__name__)
+        return None
+
+
+def save(cache_dir: Path, key: str, features: torch.Tensor, targets: torch.Tensor) -> Path:
+    """Store ``(features, targets)`` under ``key`` (written atomically)."""
+    Path(cache_dir).mkdir(parents=True, exist_ok=True)
+    record = {"features": features.detach().cpu().contiguous(), "targets": targets.cpu()}
+    return atomic_save(record, Path(cache_dir) / f"{key}.pt")

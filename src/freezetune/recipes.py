@@ -1,0 +1,109 @@
+"""Named fine-tuning procedures: what each freezes, in which phases, and the runner that carries them out.
+
+A recipe turns one config into phases, each an ordinary training run. Most recipes are one phase with a freeze spec
+and an unfreeze schedule; ``lp-ft`` is two (a probe of the head, then a full fine-tune starting from it, in a
+``probe/`` run below the run directory); ``auto`` decides the freeze by measurement first (``freezetune.auto``).
+The last phase's run is the run: its ``best.pt`` and metrics are in ``out``. ``options.RECIPE_HELP`` holds the
+one-line description of each.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from freezetune.config import TrainConfig
+from freezetune.errors import ConfigError
+
+_SINGLE = {  # recipe -> the settings of its one phase
+    "linear-probe": {"freeze": "backbone", "unfreeze": None},
+    "full": {"freeze": "none", "unfreeze": None},
+    "gradual": {"freeze": "backbone", "unfreeze": "epoch:1"},
+    "plateau": {"freeze": "backbone", "unfreeze": "plateau:patience=1"},
+    "bitfit": {"freeze": "bitfit", "unfreeze": None},
+}
+LAST_K_DEFAULT = 2
+PROBE_LR_FACTOR = 10  # a head alone on frozen features takes a larger step than a whole network
+
+
+@dataclass
+class Phase:
+    """One training run of a recipe: its name and the config it runs with."""
+
+    name: str
+    cfg: TrainConfig
+
+
+def recipe_of(cfg: TrainConfig) -> str | None:
+    """The recipe a config asks for: ``recipe``, ``"auto"`` for ``freeze: auto``, else None (a plain run).
+
+    >>> recipe_of(TrainConfig(data="d")), recipe_of(TrainConfig(data="d", freeze="-3"))
+    ('auto', None)
+    """
+    if cfg.recipe is not None:
+        return cfg.recipe
+    return "auto" if cfg.freeze == "auto" else None
+
+
+def phases(cfg: TrainConfig, recipe: str) -> list[Phase]:
+    """The training runs of a named recipe other than ``auto`` (which measures first), in order.
+
+    >>> [p.name for p in phases(TrainConfig(data="d", out="runs/x"), "lp-ft")]
+    ['probe', 'fine-tune']
+    >>> phases(TrainConfig(data="d"), "last-3")[0].cfg.freeze
+    -4
+    """
+    base = dataclasses.replace(cfg, recipe=None)
+    if recipe in _SINGLE:
+        return [Phase(recipe, dataclasses.replace(base, **_SINGLE[recipe]))]
+    if recipe.startswith("last-"):
+        k = LAST_K_DEFAULT if recipe == "last-k" else int(recipe.removeprefix("last-"))
+        return [Phase(recipe, dataclasses.replace(base, freeze=-(k + 1), unfreeze=None))]
+    if recipe == "lp-ft":
+        out = Path(cfg.out) if cfg.out else None
+        probe = dataclasses.replace(base, freeze="backbone", unfreeze=None, lr=cfg.lr * PROBE_LR_FACTOR,
+                                    out=str(out / "probe") if out else None, final_test=False)  # fmt: skip
+        return [Phase("probe", probe), Phase("fine-tune", dataclasses.replace(base, freeze="none", unfreeze=None))]
+    raise ConfigError(f"recipe {recipe!r} has no phases here; 'auto' is planned by freezetune.auto")
+
+
+def run(cfg: TrainConfig, *, echo: Callable[[str], None] = print, train: Callable | None = None):
+    """Carry out the recipe ``cfg`` asks for (see ``recipe_of``) and return the last phase's ``RunResult``.
+
+    A later phase starts from the weights of the one before (``init``); a finished phase is not run again, so a
+    ``--resume`` of a recipe continues where it stopped.
+    """
+    from freezetune import trainer
+
+    train = train or trainer.train
+    recipe = recipe_of(cfg)
+    if recipe is None:
+        return train(cfg, echo=echo)
+    if recipe == "auto":
+        from freezetune import auto
+
+        return auto.run(dataclasses.replace(cfg, recipe=None, freeze="auto"), echo=echo, train=train)
+    result, steps = None, phases(cfg, recipe)
+    for i, phase in enumerate(steps):
+        phase_cfg = phase.cfg
+        if result is not None:  # start from the previous phase's best weights, head included
+            phase_cfg = dataclasses.replace(phase_cfg, init=str(result.run_dir / "best.pt"))
+        echo(f"recipe {recipe}: phase {i + 1}/{len(steps)} ({phase.name}): freeze {phase_cfg.freeze!r}")
+        result = _run_phase(phase_cfg, train, echo, last=i + 1 == len(steps))
+    return result
+
+
+def _run_phase(cfg: TrainConfig, train: Callable, echo: Callable[[str], None], *, last: bool):
+    from freezetune import checkpoint
+    from freezetune.progress import RunResult
+
+    out = Path(cfg.out) if cfg.out else None
+    done = out is not None and (out / checkpoint.LAST).is_file() and not last
+    if done and int(checkpoint.load(out / checkpoint.LAST).get("epoch", 0)) >= cfg.epochs:
+        echo(f"  already done: {out}")
+        record = checkpoint.load(out / checkpoint.BEST)
+        return RunResult(out, int(record.get("epoch", 0)), None)
+    resume = cfg.resume and out is not None and (out / checkpoint.LAST).is_file()
+    return train(dataclasses.replace(cfg, resume=resume), echo=echo)

@@ -1,0 +1,154 @@
+"""Run several recipes on the same data and keep the evidence: ``freezetune sweep``.
+
+Every recipe trains on the training split and is judged on the validation split alone (the test split is never
+scored). All runs share one feature directory, so a frozen prefix already computed for one recipe (same weights,
+cut, images, transform and dtype: ``cache/disk.py``) is read back by the next one, and by a later sweep or ``train``
+given the same ``cache_dir``. The sweep writes ``sweep.csv`` (one row per recipe), ``sweep.png`` (validation
+accuracy against training seconds, the Pareto front marked) and ``winner.yaml``, which ``train --config`` runs again.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from freezetune._io import atomic_output, atomic_write_text
+from freezetune.config import TrainConfig
+from freezetune.errors import ConfigError
+from freezetune.options import RECIPES, check, parse_duration, recipe_problem
+
+DEFAULT_RECIPES = ("linear-probe", "last-k", "auto", "full")
+COLUMNS = ("recipe", "val_acc", "train_s", "peak_mem_mb", "trainable_params", "best_epoch", "run_dir")
+
+
+@dataclass
+class SweepResult:
+    """The rows of a sweep (``COLUMNS``), the winning recipe, and where its files are."""
+
+    rows: list[dict]
+    winner: str
+    out: Path
+
+
+def sweep(cfg: TrainConfig, recipes: list[str] | tuple[str, ...] = DEFAULT_RECIPES, *, out: str | Path,
+          echo: Callable[[str], None] = print) -> SweepResult:  # fmt: skip
+    """Run each recipe with ``cfg``'s settings into ``out/<recipe>`` and compare them on the validation split.
+
+    ``cfg.budget`` (e.g. ``"5m"``) bounds the whole sweep: once it is spent, the remaining recipes are skipped.
+
+    >>> sweep(TrainConfig(data="images/", epochs=3), ["linear-probe", "auto"], out="runs/sweep")  # doctest: +SKIP
+    """
+    from freezetune import recipes as recipes_mod
+
+    for name in recipes:
+        check(recipe_problem(name))
+    out = Path(out)
+    if (out / "sweep.csv").exists() and not cfg.resume:
+        raise ConfigError(f"{str(out)!r} already holds a sweep (sweep.csv); choose another --out")
+    features = cfg.cache_dir or str(out / "features")
+    budget, start, rows = parse_duration(cfg.budget), time.perf_counter(), []
+    for name in recipes:
+        if budget is not None and time.perf_counter() - start > budget:
+            echo(f"sweep: budget {cfg.budget} spent; skipping {name}")
+            continue
+        echo(f"sweep: recipe {name}")
+        run_cfg = dataclasses.replace(cfg, recipe=name, freeze="auto", out=str(out / name), cache_dir=features,
+                                      final_test=False, budget=None)  # fmt: skip
+        result = recipes_mod.run(run_cfg, echo=echo)
+        rows.append(_row(name, result))
+    if not rows:
+        raise ConfigError("the sweep ran no recipe (budget too small?)")
+    winner = max(rows, key=lambda r: (r["val_acc"], -r["train_s"]))
+    _write(out, rows, winner, cfg)
+    echo(format_table(rows, winner["recipe"]))
+    echo(f"winner: {winner['recipe']} -> {out / 'winner.yaml'} (freezetune train --config {out / 'winner.yaml'})")
+    return SweepResult(rows, winner["recipe"], out)
+
+
+def _row(name: str, result) -> dict:
+    history = result.history or [{}]
+    spent = result.seconds or {}
+    return {
+        "recipe": name,
+        "val_acc": result.best_metric if result.best_metric is not None else float("nan"),
+        "train_s": spent.get("cache", 0.0) + spent.get("epochs", 0.0) - spent.get("val", 0.0),
+        "peak_mem_mb": max(r.get("peak_mem_mb", 0.0) for r in history),
+        "trainable_params": history[-1].get("trainable_params", 0),
+        "best_epoch": result.best_epoch,
+        "run_dir": str(result.run_dir),
+    }
+
+
+def format_table(rows: list[dict], winner: str) -> str:
+    """The sweep's rows as an aligned text table, the winner marked.
+
+    >>> print(format_table([{"recipe": "full", "val_acc": 0.8, "train_s": 12.0, "peak_mem_mb": 900.0,
+    ...                      "trainable_params": 3_400_000, "best_epoch": 3, "run_dir": "r"}], "full"))
+    recipe          val acc  train s  peak MiB  trainable
+    full *            80.0%     12.0       900      3.40M
+    """
+    lines = [f"{'recipe':14s}  {'val acc':>7s}  {'train s':>7s}  {'peak MiB':>8s}  {'trainable':>9s}"]
+    for r in rows:
+        name = r["recipe"] + (" *" if r["recipe"] == winner else "")
+        lines.append(f"{name:14s}  {100 * r['val_acc']:6.1f}%  {r['train_s']:7.1f}  {r['peak_mem_mb']:8.0f}  "
+                     f"{r['trainable_params'] / 1e6:8.2f}M")  # fmt: skip
+    return "\n".join(lines)
+
+
+def pareto_front(rows: list[dict]) -> list[dict]:
+    """Rows no other row beats on both validation accuracy (higher) and training time (lower), fastest first.
+
+    >>> [r["recipe"] for r in pareto_front([{"recipe": "a", "val_acc": .8, "train_s": 10},
+    ...     {"recipe": "b", "val_acc": .7, "train_s": 20}, {"recipe": "c", "val_acc": .9, "train_s": 30}])]
+    ['a', 'c']
+    """
+    front = [r for r in rows if not any(o["val_acc"] >= r["val_acc"] and o["train_s"] <= r["train_s"]
+                                        and (o["val_acc"], -o["train_s"]) != (r["val_acc"], -r["train_s"])
+                                        for o in rows)]  # fmt: skip
+    return sorted(front, key=lambda r: r["train_s"])
+
+
+def _write(out: Path, rows: list[dict], winner: dict, cfg: TrainConfig) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(out / "sweep.csv", text.getvalue())
+    _plot(rows, winner["recipe"], out / "sweep.png")
+    atomic_write_text(out / "winner.yaml", yaml.safe_dump(_winner_config(cfg, winner), sort_keys=False))
+
+
+def _winner_config(cfg: TrainConfig, winner: dict) -> dict:
+    """The config that trains the winner again: its recipe on the sweep's settings, a fresh run with a test score."""
+    values = {**cfg.to_dict(), "recipe": winner["recipe"], "freeze": "auto", "out": None, "resume": False,
+              "final_test": True, "budget": None}  # fmt: skip
+    return values
+
+
+def _plot(rows: list[dict], winner: str, path: Path) -> None:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.4, 4.4))
+    ax = fig.subplots()
+    for r in rows:
+        ax.scatter(r["train_s"], 100 * r["val_acc"], color="tab:red" if r["recipe"] == winner else "tab:blue")
+        ax.annotate(r["recipe"], (r["train_s"], 100 * r["val_acc"]), textcoords="offset points", xytext=(4, 4))
+    front = pareto_front(rows)
+    ax.plot([r["train_s"] for r in front], [100 * r["val_acc"] for r in front], "--", color="gray",
+            label="Pareto front")  # fmt: skip
+    ax.set(xlabel="training seconds", ylabel="validation accuracy (%)", title="recipes on the validation split")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+
+
+__all__ = ["DEFAULT_RECIPES", "RECIPES", "SweepResult", "format_table", "pareto_front", "sweep"]

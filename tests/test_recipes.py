@@ -1,0 +1,142 @@
+"""Named recipes, the auto recipe and sweeps, end to end on a tiny model (``recipes.py``, ``auto.py``, ``sweep.py``)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+
+from _engine_fixtures import make_image_folder, run_cli, train_argv
+from freezetune import checkpoint
+from freezetune.config import TrainConfig, load_config
+from freezetune.errors import ConfigError
+from freezetune.freeze import freeze
+from freezetune.models import create_model
+from freezetune.recipes import phases, recipe_of
+from freezetune.reporting import read_metrics
+from freezetune.stages import replace_head
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    # no val/ folder: the validation split is held out of train, and test/ is scored only at the end
+    return make_image_folder(tmp_path_factory.mktemp("images"), train=14, val=0, test=4)
+
+
+def _cfg(data, out, **kw) -> TrainConfig:
+    base = dict(model="timm:test_efficientnet", weights="none", img_size=32, device="cpu", workers=0, progress=False,
+                batch_size=8, epochs=2, tensorboard=False, data=str(data), out=str(out))  # fmt: skip
+    return TrainConfig(**{**base, **kw})
+
+
+def test_each_named_recipe_says_what_it_freezes():
+    cfg = TrainConfig(data="d", out="runs/x")
+    assert recipe_of(cfg) == "auto" and recipe_of(TrainConfig(data="d", freeze="none")) is None
+    single = {name: phases(cfg, name)[0].cfg for name in ("linear-probe", "full", "gradual", "plateau", "bitfit")}
+    assert single["linear-probe"].freeze == "backbone" and single["linear-probe"].unfreeze is None
+    assert single["full"].freeze == "none"
+    assert single["gradual"].unfreeze == "epoch:1" and single["plateau"].unfreeze.startswith("plateau")
+    assert single["bitfit"].freeze == "bitfit"
+    assert phases(cfg, "last-k")[0].cfg.freeze == -3 and phases(cfg, "last-1")[0].cfg.freeze == -2
+    probe, tune = phases(cfg, "lp-ft")
+    assert (probe.cfg.freeze, tune.cfg.freeze) == ("backbone", "none") and probe.cfg.out == "runs/x/probe"
+    assert probe.cfg.lr > tune.cfg.lr and not probe.cfg.final_test
+
+
+def test_recipe_and_freeze_together_or_an_unknown_recipe_are_refused():
+    with pytest.raises(ConfigError, match="not both"):
+        load_config(overrides={"data": "d", "recipe": "full", "freeze": "-2"})
+    with pytest.raises(ConfigError, match="unknown recipe 'fast'.*'lp-ft'"):
+        load_config(overrides={"data": "d", "recipe": "fast"})
+    assert load_config(overrides={"data": "d", "recipe": "last-4"}).recipe == "last-4"
+
+
+def test_bitfit_trains_only_biases_norms_and_the_head():
+    model, _ = create_model("timm:test_efficientnet", "none", img_size=32)
+    replace_head(model, 3)
+    freeze(model, "bitfit")
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    norms = {f"{m}.{p}" for m, mod in model.named_modules() if isinstance(mod, torch.nn.BatchNorm2d)
+             for p, _ in mod.named_parameters(recurse=False)}  # fmt: skip
+    assert trainable and all(n.endswith("bias") or n in norms or n.startswith("classifier") for n in trainable)
+    assert norms <= set(trainable)
+    assert "classifier.weight" in trainable and "conv_stem.weight" not in trainable
+    assert any(n.startswith("blocks.") and n.endswith("bn1.weight") for n in trainable)
+
+
+def test_lp_ft_fine_tunes_every_layer_from_the_probed_head(data, tmp_path, capsys):
+    code, out, err = run_cli(capsys, *train_argv(data, tmp_path / "run", "--recipe", "lp-ft"))
+    assert code == 0, err
+    assert "phase 1/2 (probe)" in out and "phase 2/2 (fine-tune)" in out
+    probe = checkpoint.load(tmp_path / "run" / "probe" / "best.pt")
+    final = checkpoint.load(tmp_path / "run" / "last.pt")
+    assert final["config"]["init"] == str(tmp_path / "run" / "probe" / "best.pt")
+    assert final["config"]["freeze"] == "none" and probe["config"]["freeze"] == "backbone"
+    # the probe trained only the head: its backbone is the starting (random-init) one, the fine-tune moved it
+    assert not torch.equal(final["state_dict"]["conv_stem.weight"], probe["state_dict"]["conv_stem.weight"])
+    assert (tmp_path / "run" / "test_metrics.json").is_file()
+
+
+def test_auto_measures_on_the_validation_split_and_keeps_its_evidence(data, tmp_path, monkeypatch):
+    from freezetune import trainer
+    from freezetune.cache import path as feature_path
+
+    evaluated = []
+    real = feature_path.evaluate
+
+    def spy(module, batches, *args, **kw):  # every validation of every trial and of the final run
+        result = real(module, batches, *args, **kw)
+        evaluated.append(result["n"])
+        return result
+
+    monkeypatch.setattr(feature_path, "evaluate", spy)
+    lines = []
+    result = trainer.train(_cfg(data, tmp_path / "auto", cache="auto"), echo=lines.append)
+    recipe = json.loads((tmp_path / "auto" / "recipe.json").read_text())
+    assert [t["trained_stages"] for t in recipe["trials"]] == [1, 2, 3]
+    assert all(0 <= t["val_acc"] <= 1 and t["seconds"] > 0 for t in recipe["trials"])
+    choice = recipe["choice"]
+    assert choice["freeze"] == -(choice["trained_stages"] + 1) and choice["epochs"] == 2 and choice["why"]
+    final = checkpoint.load(tmp_path / "auto" / "last.pt")
+    assert final["config"]["freeze"] == choice["freeze"] and final["epoch"] == 2
+    # 3 trials of one epoch and the final run's 2 epochs, each on the 3 held-out images, never the 12 test images
+    assert evaluated == [3] * 5 and result.test["n"] == 12
+    assert any("auto: chose to train the last" in line for line in lines)
+    # the chosen candidate's cache was read back from the trials' feature directory, not computed again
+    assert any("read from" in line for line in lines[lines.index(next(ln for ln in lines if "auto: chose" in ln)) :])
+
+
+def test_sweep_compares_recipes_reuses_features_and_its_winner_reproduces(data, tmp_path, capsys, monkeypatch):
+    from freezetune.cache import store
+
+    prefix_calls = []
+    real = store._prefix
+    monkeypatch.setattr(store, "_prefix", lambda *a, **kw: prefix_calls.append(1) or real(*a, **kw))
+    recipes = "linear-probe,last-2,full"
+    code, out, err = run_cli(capsys, "sweep", *train_argv(data, tmp_path / "sweep", "--cache", "auto")[1:],
+                             "--recipes", recipes)  # fmt: skip
+    assert code == 0, err
+    rows = list(read_metrics(tmp_path / "sweep" / "sweep.csv"))
+    assert [r["recipe"] for r in rows] == recipes.split(",")
+    assert all(0 <= r["val_acc"] <= 1 and r["train_s"] > 0 and r["trainable_params"] > 0 for r in rows)
+    assert rows[0]["trainable_params"] < rows[1]["trainable_params"] < rows[2]["trainable_params"]
+    assert (tmp_path / "sweep" / "sweep.png").stat().st_size > 0 and "winner:" in out
+    assert not any((tmp_path / "sweep" / r["recipe"] / "test_metrics.json").exists() for r in rows)  # no test score
+    first = len(prefix_calls)
+    assert first > 0
+    # a second sweep with the same feature directory computes no prefix output at all
+    features = tmp_path / "sweep" / "features"
+    code, _, err = run_cli(capsys, "sweep", *train_argv(data, tmp_path / "again", "--cache", "auto")[1:],
+                           "--recipes", "linear-probe,last-2", "--cache-dir", str(features))  # fmt: skip
+    assert code == 0, err
+    assert len(prefix_calls) == first
+    # the winner's config trains the same run again: same validation accuracy
+    winner = yaml.safe_load((tmp_path / "sweep" / "winner.yaml").read_text())
+    best = max(rows, key=lambda r: (r["val_acc"], -r["train_s"]))
+    assert winner["recipe"] == best["recipe"] and winner["final_test"]
+    code, _, err = run_cli(capsys, "train", "--config", tmp_path / "sweep" / "winner.yaml", "--out", tmp_path / "w")
+    assert code == 0, err
+    again = max(r["val_acc"] for r in read_metrics(tmp_path / "w" / "metrics.csv"))
+    assert again == pytest.approx(best["val_acc"], abs=1e-9)
