@@ -100,12 +100,16 @@ def test_auto_measures_on_the_validation_split_and_keeps_its_evidence(data, tmp_
     choice = recipe["choice"]
     assert choice["freeze"] == -(choice["trained_stages"] + 1) and choice["epochs"] == 2 and choice["why"]
     final = checkpoint.load(tmp_path / "auto" / "last.pt")
-    assert final["config"]["freeze"] == choice["freeze"] and final["epoch"] == 2
-    # 3 trials of one epoch and the final run's 2 epochs, each on the 3 held-out images, never the 12 test images
-    assert evaluated == [3] * 5 and result.test["n"] == 12
+    assert final["config"]["freeze"] == choice["freeze"] and final["epoch"] == 2 and result.run_dir == tmp_path / "auto"
+    assert yaml.safe_load((tmp_path / "auto" / "config.yaml").read_text())["out"] == str(tmp_path / "auto")
+    # 3 trial epochs, then the chosen one's second epoch, each on the 3 held-out images; the 12 test images once
+    assert evaluated == [3] * 4 and result.test["n"] == 12
     assert any("auto: chose to train the last" in line for line in lines)
-    # the chosen candidate's cache was read back from the trials' feature directory, not computed again
-    assert any("read from" in line for line in lines[lines.index(next(ln for ln in lines if "auto: chose" in ln)) :])
+    # one cache for all candidates: built by the first trial, read back by the others
+    caches = [line for line in lines if "feature cache:" in line]
+    assert len(caches) == 3 and "built" in caches[0] and all("read from" in line for line in caches[1:])
+    others = [t["trained_stages"] for t in recipe["trials"] if t["trained_stages"] != choice["trained_stages"]]
+    assert all(not (tmp_path / "auto" / "auto-trials" / f"last-{k}" / "best.pt").exists() for k in others)
 
 
 def test_sweep_compares_recipes_reuses_features_and_its_winner_reproduces(data, tmp_path, capsys, monkeypatch):

@@ -147,3 +147,20 @@ def test_untraceable_model_with_dropout_before_head_is_not_cached():
     ft.freeze(model, "backbone")
     split, why = split_model(model)
     assert split is None and "random" in why
+
+
+def test_an_earlier_cut_runs_the_frozen_stages_in_the_suffix():
+    # the auto recipe's candidates share one cache: a model frozen up to layer4 can be cut before layer3
+    model = torchvision.models.resnet18(num_classes=3).eval()
+    ft.freeze_to(model, 4)  # stem .. layer3 frozen; layer4 and fc train
+    split, why = split_model(model, at="layer3")
+    assert split.boundary == "layer3" and "layer3" in why
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        features = split.prefix(x)
+        assert features.shape == (2, 128, 8, 8)  # layer3's input, not layer4's
+        torch.testing.assert_close(split.suffix_eval(features), model(x))
+    split.suffix_train(features).sum().backward()
+    assert model.layer4[0].conv1.weight.grad is not None and model.layer3[0].conv1.weight.grad is None
+    assert split_model(model, at="layer4")[0].boundary == "layer4"
+    assert split_model(model, at="fc")[0] is None  # past the first trainable stage: refused, with the reason

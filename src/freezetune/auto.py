@@ -5,14 +5,15 @@ by tuning the last stages over frozen features, a larger one by tuning deeper. T
 cheap to ask the data. The procedure, every step printed and written to ``recipe.json`` in the run directory:
 
 1. Candidates: the last ``k`` stages and the head train, for ``k = 1 .. MAX_TRAINED_STAGES`` (fewer on a model with
-   fewer stages); everything before is frozen (BatchNorm frozen) and its output cached.
-2. Trials: each candidate fine-tunes for one epoch (the run's settings, its LR schedule compressed into that epoch)
-   and is scored on the validation split. The test split is never looked at. The caches of the trials are kept in
-   the run's feature directory, so the chosen candidate's cache is read back, not recomputed.
+   fewer stages); everything before is frozen (BatchNorm frozen). All candidates share one feature cache, cut before
+   the deepest candidate's first trainable stage: the prefix runs once per image for all of them.
+2. Trials: each candidate trains its first epoch of the run (the run's settings and LR schedule) and is scored on
+   the validation split. The test split is never looked at.
 3. Choice: the cheapest candidate (fewest trainable stages) whose validation accuracy is within ``TOLERANCE`` of the
    best trial: more trainable stages must earn their extra time.
-4. The run: the chosen freeze for ``epochs`` epochs, or, with ``budget``, for as many epochs as the time left
-   affords at the trial's measured epoch time (at least one).
+4. The run: the chosen candidate goes on from its trial epoch to the last epoch (no work is thrown away); with
+   ``budget`` it stops once the budget cannot pay for another epoch at its measured epoch time. Its files end up
+   in the run directory; the trials' metrics stay in ``auto-trials/``.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -31,57 +33,100 @@ from freezetune.options import parse_duration
 MAX_TRAINED_STAGES = 3  # candidates train the last 1, 2 or 3 stages (and the head)
 TOLERANCE = 0.005  # validation accuracy within half a point of the best counts as as good
 RECIPE_FILE = "recipe.json"
+TRIALS_DIR = "auto-trials"
 
 
 def run(cfg: TrainConfig, *, echo: Callable[[str], None] = print, train: Callable | None = None):
-    """Measure, choose, train (see the module docstring); returns the final run's ``RunResult``."""
-    from freezetune import runtime, trainer
+    """Measure, choose, train (see the module docstring); returns the run's ``RunResult`` (in ``cfg.out``)."""
+    from freezetune import runtime
+    from freezetune.trainer import Trainer
 
-    train = train or trainer.train
     out = Path(cfg.out) if cfg.out else runtime.default_run_dir(cfg.model)
-    cache_dir = cfg.cache_dir or str(out / "features")
-    base = dataclasses.replace(cfg, recipe=None, out=str(out), cache_dir=cache_dir, budget=None)
     saved = out / RECIPE_FILE
     if cfg.resume and saved.is_file():  # the decision was made before the interruption: keep it
         decision = json.loads(saved.read_text())
-        echo(f"auto: resuming with the earlier decision: {decision['choice']['freeze']!r}")
-    else:
-        decision = decide(base, echo=echo, train=train, budget=parse_duration(cfg.budget))
-        atomic_write_text(saved, json.dumps(decision, indent=1))
-    choice = decision["choice"]
-    return train(dataclasses.replace(base, freeze=choice["freeze"], epochs=choice["epochs"]), echo=echo)
-
-
-def decide(cfg: TrainConfig, *, echo: Callable[[str], None], train: Callable, budget: float | None) -> dict:
-    """Run the trials and choose; returns the evidence and the choice (what ``recipe.json`` holds)."""
-    start = time.perf_counter()
-    count = _trainable_stage_count(cfg)
-    ks = list(range(1, min(MAX_TRAINED_STAGES, count) + 1))
-    echo(f"auto: choosing how many of the last stages to train ({', '.join(map(str, ks))}) by one trial epoch each "
-         f"on the validation split")  # fmt: skip
-    trials = []
+        echo(f"auto: resuming with the earlier decision: freeze {decision['choice']['freeze']!r}")
+        done = (out / "last.pt").is_file()  # the chosen run already moved into out
+        base = _base(cfg, out, decision["cut"])
+        path = out if done else out / TRIALS_DIR / f"last-{decision['choice']['trained_stages']}"
+        winner = Trainer(dataclasses.replace(base, freeze=decision["choice"]["freeze"], out=str(path), resume=True),
+                         echo=echo)  # fmt: skip
+        return _finish(winner, out, echo) if not done else winner.fit()
+    runtime.prepare_run_dir(str(out), cfg.model, resume=False)  # refuse a run dir in use before any trial
+    ks, cut = _candidates(cfg)
+    base = _base(cfg, out, cut)
+    start, trials, trainers = time.perf_counter(), [], {}
+    echo(f"auto: choosing how many of the last stages to train ({', '.join(map(str, ks))}) from one trial epoch "
+         f"each, scored on the validation split (features cached once, before {cut})")  # fmt: skip
     for k in ks:
-        trial_cfg = dataclasses.replace(
-            cfg, freeze=-(k + 1), unfreeze=None, epochs=1, warmup_epochs=0.0, early_stop=None, final_test=False,
-            tensorboard=False, resume=False, out=str(Path(cfg.out) / "auto-trials" / f"last-{k}"),
-        )  # fmt: skip
-        result = train(trial_cfg, echo=_indented(echo))
-        seconds = result.seconds.get("cache", 0.0) + result.seconds.get("epochs", 0.0) - result.seconds.get("val", 0.0)
-        epoch_s = result.history[-1].get("epoch_time_s", seconds) if result.history else seconds
-        trials.append({"trained_stages": k, "freeze": -(k + 1), "val_acc": result.best_metric, "seconds": seconds,
-                       "epoch_s": epoch_s})  # fmt: skip
-        echo(f"auto: last {k} stage(s) + head: val acc {_pct(result.best_metric)} after one epoch ({seconds:.1f}s)")
+        trial_cfg = dataclasses.replace(base, freeze=-(k + 1), out=str(out / TRIALS_DIR / f"last-{k}"))
+        trainer = trainers[k] = Trainer(trial_cfg, echo=_indented(echo))
+        result = trainer.fit(stop=1)
+        trials.append(_trial(k, result))
+        echo(f"auto: last {k} stage(s) + head: val acc {_pct(result.best_metric)} after its first epoch "
+             f"({trials[-1]['seconds']:.1f}s)")  # fmt: skip
     choice = choose(trials)
-    epochs = cfg.epochs
-    if budget is not None:
-        left = budget - (time.perf_counter() - start)
-        epochs = max(1, math.floor(left / max(choice["epoch_s"], 1e-6)))
     why = (f"the fewest trained stages within {100 * TOLERANCE:.1f} points of the best trial "
-           f"({_pct(max(t['val_acc'] for t in trials))})")  # fmt: skip
-    echo(f"auto: chose to train the last {choice['trained_stages']} stage(s) + head (freeze {choice['freeze']}), "
-         f"{epochs} epoch(s): {why}")  # fmt: skip
-    return {"procedure": __doc__.split("\n\n", 2)[2].strip(), "trials": trials, "tolerance": TOLERANCE,
-            "budget_s": budget, "choice": {**choice, "epochs": epochs, "why": why}}  # fmt: skip
+           f"({_pct(max((t['val_acc'] or 0) for t in trials))})")  # fmt: skip
+    stop = _affordable(cfg, choice, time.perf_counter() - start)
+    echo(f"auto: chose to train the last {choice['trained_stages']} stage(s) + head (freeze {choice['freeze']}) for "
+         f"{stop} epoch(s): {why}")  # fmt: skip
+    decision = {"procedure": __doc__.split("\n\n", 2)[2].strip(), "cut": cut, "trials": trials,
+                "tolerance": TOLERANCE, "budget_s": parse_duration(cfg.budget),
+                "choice": {**choice, "epochs": stop, "why": why}}  # fmt: skip
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(saved, json.dumps(decision, indent=1))
+    for k, trainer in trainers.items():  # the others' weights are not needed; their metrics stay as evidence
+        if k != choice["trained_stages"]:
+            for name in ("best.pt", "last.pt"):
+                (trainer.run_dir / name).unlink(missing_ok=True)
+    winner = trainers[choice["trained_stages"]]
+    return _finish(winner, out, echo, stop=stop)
+
+
+def _finish(winner, out: Path, echo: Callable[[str], None], stop: int | None = None):
+    """The chosen candidate trains on to the end; its files then move into the run directory."""
+    result = winner.fit(stop=stop)
+    if int(os.environ.get("RANK", "0")) == 0:
+        for f in winner.run_dir.iterdir():
+            if f.is_file():
+                os.replace(f, out / f.name)
+        winner.cfg.save(out / "config.yaml", out=str(out))
+    echo(f"auto: run -> {out}")
+    return dataclasses.replace(result, run_dir=out)
+
+
+def _base(cfg: TrainConfig, out: Path, cut: str) -> TrainConfig:
+    return dataclasses.replace(cfg, recipe=None, budget=None, resume=False, cache_at=cut,
+                               cache_dir=cfg.cache_dir or str(out / "features"))  # fmt: skip
+
+
+def _candidates(cfg: TrainConfig) -> tuple[list[int], str]:
+    """How many last stages each candidate trains, and the stage the shared cache cuts before."""
+    from freezetune.models import create_model
+    from freezetune.stages import stages
+
+    model, _ = create_model(cfg.model, "none", img_size=cfg.img_size)
+    names = [s.name for s in stages(model)]  # the head is last
+    ks = list(range(1, min(MAX_TRAINED_STAGES, len(names) - 2) + 1)) or [1]
+    return ks, names[-(max(ks) + 1)]
+
+
+def _trial(k: int, result) -> dict:
+    spent = result.seconds
+    row = result.history[-1] if result.history else {}
+    return {"trained_stages": k, "freeze": -(k + 1), "val_acc": result.best_metric,
+            "seconds": spent.get("cache", 0.0) + spent.get("epochs", 0.0),
+            "epoch_s": row.get("epoch_time_s", 0.0), "trainable_params": row.get("trainable_params")}  # fmt: skip
+
+
+def _affordable(cfg: TrainConfig, choice: dict, spent: float) -> int:
+    """The epoch the chosen run stops after: the last one, or the last one the budget still pays for."""
+    budget = parse_duration(cfg.budget)
+    if budget is None:
+        return cfg.epochs
+    more = math.floor((budget - spent) / max(choice["epoch_s"], 1e-6))
+    return max(1, min(cfg.epochs, 1 + more))
 
 
 def choose(trials: list[dict]) -> dict:
@@ -96,15 +141,6 @@ def choose(trials: list[dict]) -> dict:
         return trials[len(trials) // 2]
     best = max(t["val_acc"] for t in scored)
     return min((t for t in scored if t["val_acc"] >= best - TOLERANCE), key=lambda t: t["trained_stages"])
-
-
-def _trainable_stage_count(cfg: TrainConfig) -> int:
-    """Stages of the model before its head (the candidates cannot train more than these)."""
-    from freezetune.models import create_model
-    from freezetune.stages import stages
-
-    model, _ = create_model(cfg.model, "none", img_size=cfg.img_size)
-    return max(1, len(stages(model)) - 1)
 
 
 def _pct(value: float | None) -> str:

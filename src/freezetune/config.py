@@ -90,6 +90,7 @@ class TrainConfig:
     cache: str = "auto"
     cache_views: int = 1
     cache_dir: str | None = None  # keep feature stores here and reuse them across runs (sweeps do)
+    cache_at: str | None = None  # cut the cache at this frozen stage, not the first trainable one
     decode: str = "auto"
     device: str = "auto"
     # run
@@ -110,12 +111,13 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def save(self, path: str | Path) -> None:
-        """Write the config as YAML; ``resume`` is saved as false: it is an action on a run, not one of its
-        settings, and the file reused as ``--config`` for another run must start that run afresh."""
+    def save(self, path: str | Path, **changes: Any) -> None:
+        """Write the config (with ``changes``) as YAML; ``resume`` is saved as false: it is an action on a run, not
+        one of its settings, and the file reused as ``--config`` for another run must start that run afresh."""
         from freezetune._io import atomic_write_text
 
-        atomic_write_text(path, yaml.safe_dump({**self.to_dict(), "resume": False}, sort_keys=False))
+        values = {**self.to_dict(), **changes, "resume": False}
+        atomic_write_text(path, yaml.safe_dump(values, sort_keys=False))
 
     def dump(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)

@@ -85,6 +85,10 @@ def run(cfg: TrainConfig, *, echo: Callable[[str], None] = print, train: Callabl
         from freezetune import auto
 
         return auto.run(dataclasses.replace(cfg, recipe=None, freeze="auto"), echo=echo, train=train)
+    if cfg.out and not cfg.resume:  # refuse a run dir in use before any phase writes below it
+        from freezetune.runtime import prepare_run_dir
+
+        prepare_run_dir(cfg.out, cfg.model, resume=False)
     result, steps = None, phases(cfg, recipe)
     for i, phase in enumerate(steps):
         phase_cfg = phase.cfg

@@ -31,8 +31,12 @@ class Split:
     how: str  # "fx" | "timm-head" | "head-hook"
 
 
-def split_model(model: nn.Module) -> tuple[Split | None, str]:
+def split_model(model: nn.Module, at: str | None = None) -> tuple[Split | None, str]:
     """Split ``model`` at its first trainable stage; returns ``(split, reason)`` with ``split`` None if impossible.
+
+    ``at`` names an earlier stage to cut at instead: the frozen stages from there on then run in the suffix (forward
+    only, no gradient flows into them), and models frozen to different depths share one cache (the auto recipe's
+    trials do).
 
     >>> import torchvision, freezetune as ft
     >>> m = torchvision.models.resnet18(); ft.freeze_to(m, 4)
@@ -46,10 +50,15 @@ def split_model(model: nn.Module) -> tuple[Split | None, str]:
     first = next((i for i, s in enumerate(st) if any(p.requires_grad for p in s.params)), None)
     if first is None:
         return None, "nothing is trainable"
+    if at is not None:
+        names = [s.name for s in st]
+        if at not in names[1 : first + 1]:
+            return None, f"cannot cut at {at!r}: the cut must be a frozen stage's start among {names[1 : first + 1]}"
+        first = names.index(at)
     if first == 0:
         return None, f"the first stage ({st[0].name}) is trainable: there is no frozen prefix to cache"
     try:
-        split = _fx_split(model, st[first].name)
+        split = _fx_split(model, st[first].name, set(st[first].param_names) if at is not None else None)
         if split is not None:
             return split, f"cached at the input of {split.boundary} (fx)"
         why = "no single tensor crosses the stage boundary"
@@ -106,11 +115,11 @@ def _trace(model: nn.Module, training: bool) -> fx.Graph:
         model.train(was)
 
 
-def _fx_split(model: nn.Module, boundary: str) -> Split | None:
+def _fx_split(model: nn.Module, boundary: str, stage_params: set[str] | None = None) -> Split | None:
     graphs = {}
     for training in (True, False):
         graph = _trace(model, training)
-        cut = _find_cut(model, graph)
+        cut = _find_cut(model, graph, stage_params)
         if cut is None:
             return None
         graphs[training] = (graph, *cut)
@@ -123,12 +132,12 @@ def _fx_split(model: nn.Module, boundary: str) -> Split | None:
     return Split(prefix, suffix_train, suffix_eval, boundary, "fx")
 
 
-def _find_cut(model: nn.Module, graph: fx.Graph) -> tuple[int, fx.Node] | None:
-    """The latest node index before any trainable or random op at which exactly one value crosses over."""
+def _find_cut(model: nn.Module, graph: fx.Graph, stage_params: set[str] | None = None) -> tuple[int, fx.Node] | None:
+    """The latest node index before any trainable or random op (or any op of the stage whose parameters are
+    ``stage_params``) at which exactly one value crosses over."""
     nodes = list(graph.nodes)
-    limit = next(
-        (i for i, n in enumerate(nodes) if _uses_trainable(model, n) or _random_call(model, n)), len(nodes) - 1
-    )
+    limit = next((i for i, n in enumerate(nodes) if _uses_trainable(model, n) or _random_call(model, n)
+                  or (stage_params and _uses_params(model, n, stage_params))), len(nodes) - 1)  # fmt: skip
     for cut in range(limit, 1, -1):
         before = set(nodes[:cut])
         crossing = {a for n in nodes[cut:] for a in n.all_input_nodes if a in before and a.op != "get_attr"}
@@ -138,6 +147,12 @@ def _find_cut(model: nn.Module, graph: fx.Graph) -> tuple[int, fx.Node] | None:
                 return cut, live
             return None
     return None
+
+
+def _uses_params(model: nn.Module, node: fx.Node, names: set[str]) -> bool:
+    if node.op == "call_module":
+        return any(f"{node.target}.{n}" in names for n, _ in model.get_submodule(node.target).named_parameters())
+    return node.op == "get_attr" and node.target in names
 
 
 def _uses_trainable(model: nn.Module, node: fx.Node) -> bool:

@@ -86,6 +86,7 @@ class Trainer:
                                aug=cfg.aug, decode=cfg.decode, workers=cfg.workers, dist=self.dist)  # fmt: skip
         self.features = FeaturePath(self.model, self.data, self.loaders, self.precision, cache=cfg.cache,
                                     views=cfg.cache_views, spill_dir=self.run_dir / "cache", cache_dir=cfg.cache_dir,
+                                    cache_at=cfg.cache_at,
                                     channels_last=self.channels_last, prepare=self._prepare,
                                     echo=self.echo)  # fmt: skip
         self.steps_per_epoch = self.features.steps_per_epoch
@@ -127,31 +128,33 @@ class Trainer:
 
     # --- the loop -------------------------------------------------------------------------------------------
 
-    def fit(self) -> RunResult:
+    def fit(self, stop: int | None = None) -> RunResult:
+        """Train until epoch ``stop`` (all epochs by default) and report. A run stopped early continues with another
+        ``fit`` (the auto recipe's trials do); only the one that finishes it plots and scores the test split."""
         trainable, total = count_parameters(self.model)
         self.echo(f"{self.cfg.model} on {self.precision.describe()}: {len(self.data.train)} train images, "
                   f"{len(self.classes)} classes, {trainable:,}/{total:,} parameters trainable\n"
-                  f"validation: {self.data.val_source}")  # fmt: skip
-        self.echo(summary(self.model))
+                  f"validation: {self.data.val_source}\n{summary(self.model)}")  # fmt: skip
         start = time.perf_counter()
         try:
-            self._epochs()
+            finished = self._epochs(stop or self.cfg.epochs)
         finally:  # Ctrl-C too: flush TensorBoard; metrics.csv and last.pt already hold every finished epoch
             self.metrics.close()
-        self.seconds["epochs"] = time.perf_counter() - start
+        self.seconds["epochs"] += time.perf_counter() - start
         test = None
-        if self.dist.is_main:
+        if self.dist.is_main and finished:
             reporting.plot_report(self.run_dir / "metrics.csv", self.run_dir / "report.png")
             test = self._final_test()
         barrier(self.dist)
         p = self.progress
         return RunResult(self.run_dir, p.best_epoch, p.best_metric, test, list(self.metrics.rows), self.seconds)
 
-    def _epochs(self) -> None:
+    def _epochs(self, stop: int) -> bool:
+        """Epochs up to ``stop``; True when the run is over (its last epoch, or an early stop)."""
         cfg, unfreezer = self.cfg, self.state.unfreezer
         # stages unfrozen after the previous epoch: non-empty only when resuming right after an unfreeze
         unfrozen = unfreezer.unfrozen_after(self.progress.epoch - 1) if unfreezer is not None else []
-        for epoch in range(self.progress.epoch, cfg.epochs):
+        for epoch in range(self.progress.epoch, min(stop, cfg.epochs)):
             row = self._run_epoch(epoch, unfrozen)
             last = epoch + 1 == cfg.epochs  # nothing trains after the last epoch: no unfreeze, no cache rebuild
             unfrozen = [] if last else self._step_unfreezer(epoch, row)
@@ -162,7 +165,8 @@ class Trainer:
                                       improved=improved)  # fmt: skip
             if cfg.early_stop and self.progress.bad_epochs >= cfg.early_stop:
                 self.echo(f"early stop: {cfg.monitor} did not improve for {cfg.early_stop} epochs")
-                break
+                return True
+        return self.progress.epoch >= cfg.epochs
 
     def _run_epoch(self, epoch: int, unfrozen: list[str]) -> dict:
         runtime.seed_epoch(self.cfg.seed, epoch, rank=self.dist.rank)

@@ -37,18 +37,21 @@ class FeaturePath:
         views: augmented views per training image in the cache.
         spill_dir: where a disk cache lives.
         cache_dir: where stores are kept between runs and found again (``cache/disk.py``); None keeps none.
+        cache_at: cut at this (frozen) stage rather than the first trainable one (``split_model``'s ``at``).
         channels_last: feed convolutions NHWC.
         prepare: wraps the module a step runs (DDP, ``torch.compile``); called on every build.
         echo: receives the log lines (why a cache is or is not used, what it holds).
     """
 
     def __init__(self, model: nn.Module, data: DataBundle, loaders: Loaders, precision: Precision, *, cache: str,
-                 views: int, spill_dir: Path, cache_dir: Path | None = None, channels_last: bool = False,
+                 views: int, spill_dir: Path, cache_dir: Path | None = None, cache_at: str | None = None,
+                 channels_last: bool = False,
                  prepare: Callable[[nn.Module], nn.Module] = lambda m: m,
                  echo: Callable[[str], None] = print) -> None:  # fmt: skip
         self.model, self.data, self.loaders, self.precision = model, data, loaders, precision
         self.cache, self.views, self.spill_dir, self.channels_last = cache, views, spill_dir, channels_last
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
+        self.cache_at = cache_at
         self.reused = 0  # stores found in cache_dir instead of built
         self.prepare, self.echo = prepare, echo
         self.split: Split | None = None
@@ -106,7 +109,7 @@ class FeaturePath:
         return self.loaders.device.type == "cuda"
 
     def _build_cache(self) -> None:
-        split, why = split_model(self.model)
+        split, why = split_model(self.model, at=self.cache_at)
         if split is None:
             self.echo(f"feature cache off: {why}")
             return
