@@ -54,6 +54,7 @@ RECIPES = {
     "ft-last3": {"freeze": "-3"},  # the main job's recipe: stem..blocks.4 frozen and cached; blocks.5-6 + head train
     "ft-progressive": {"freeze": "backbone", "unfreeze": "epoch:1"},
     "ft-full": {"freeze": "none"},
+    "ft-default": {},  # the default command: freeze auto, validation held out of train, the default augmentation
 }
 PEERS = {"seed": None, "lightning": "lightning", "fastai": "fastai", "full": None}  # name -> package needed
 CONTENDERS = [*PEERS, *RECIPES]

@@ -81,19 +81,27 @@ def run(cfg: TrainConfig, *, echo: Callable[[str], None] = print, train: Callabl
             for name in ("best.pt", "last.pt"):
                 (trainer.run_dir / name).unlink(missing_ok=True)
     winner = trainers[choice["trained_stages"]]
-    return _finish(winner, out, echo, stop=stop)
+    others = [t for k, t in trainers.items() if k != choice["trained_stages"]]
+    return _finish(winner, out, echo, stop=stop, others=others)
 
 
-def _finish(winner, out: Path, echo: Callable[[str], None], stop: int | None = None):
-    """The chosen candidate trains on to the end; its files then move into the run directory."""
+def _finish(winner, out: Path, echo: Callable[[str], None], stop: int | None = None, others: tuple = ()):
+    """The chosen candidate trains on to the end; its files then move into the run directory.
+
+    The result's seconds count every trial (the measurement is part of the training cost); only the validation
+    after the decision, which selects the best epoch as in any run, is reported apart as ``val``.
+    """
+    val_before = winner.seconds["val"]
     result = winner.fit(stop=stop)
+    seconds = {key: result.seconds[key] + sum(t.seconds[key] for t in others) for key in ("cache", "epochs")}
+    seconds["val"] = result.seconds["val"] - val_before
     if int(os.environ.get("RANK", "0")) == 0:
         for f in winner.run_dir.iterdir():
             if f.is_file():
                 os.replace(f, out / f.name)
         winner.cfg.save(out / "config.yaml", out=str(out))
     echo(f"auto: run -> {out}")
-    return dataclasses.replace(result, run_dir=out)
+    return dataclasses.replace(result, run_dir=out, seconds=seconds)
 
 
 def _base(cfg: TrainConfig, out: Path, cut: str) -> TrainConfig:
