@@ -271,7 +271,7 @@ def test_each_epoch_starts_the_training_loader_once(data, tmp_path, monkeypatch)
     # epoch: a worker prefetch thrown away and the shuffle drawn from a different generator state than other loaders
     cfg = TrainConfig(model="timm:test_efficientnet", weights="none", data=str(data), img_size=32, epochs=2,
                       batch_size=8, device="cpu", workers=0, progress=True, tensorboard=False, cache="off",
-                      out=str(tmp_path / "run"))  # fmt: skip
+                      out=str(tmp_path / "run"), freeze="none")  # fmt: skip
     t = trainer.Trainer(cfg, echo=lambda *_: None)
     starts = []
     loader = t.features.train_batches(0).loader  # the DataLoader under the run's CPU loader
@@ -280,3 +280,16 @@ def test_each_epoch_starts_the_training_loader_once(data, tmp_path, monkeypatch)
     monkeypatch.setattr(loader_type, "__iter__", lambda self: starts.append(self is loader) or real_iter(self))
     t.fit()
     assert starts.count(True) == 2
+
+
+@pytest.mark.parametrize("cache", ["off", "memory"])
+def test_a_last_training_batch_of_one_image_is_left_out_not_a_crash(tmp_path, capsys, cache):
+    # 7 images per class x 3 = 21 with batch size 4: the last batch would hold one image, which BatchNorm in train
+    # mode cannot normalise ("Expected more than 1 value per channel")
+    data = make_image_folder(tmp_path / "odd", train=7, val=2, test=0)
+    code, out, err = run_cli(capsys, *train_argv(data, tmp_path / "run", "--epochs", "2", "--freeze", "-3",
+                                                 "--batch-size", "4", "--cache", cache))  # fmt: skip
+    assert code == 0, err
+    rows = _rows(tmp_path / "run")
+    assert [r["epoch"] for r in rows] == ["1", "2"]
+    assert all(float(r["img_per_s"]) > 0 for r in rows)

@@ -52,7 +52,8 @@ def run(cfg: TrainConfig, *, echo: Callable[[str], None] = print, train: Callabl
         winner = Trainer(dataclasses.replace(base, freeze=decision["choice"]["freeze"], out=str(path), resume=True),
                          echo=echo)  # fmt: skip
         return _finish(winner, out, echo) if not done else winner.fit()
-    runtime.prepare_run_dir(str(out), cfg.model, resume=False)  # refuse a run dir in use before any trial
+    # a run dir in use is refused (or, resuming, one without last.pt) before any trial writes below it
+    runtime.prepare_run_dir(str(out), cfg.model, resume=cfg.resume)
     ks, cut = _candidates(cfg)
     base = _base(cfg, out, cut)
     start, trials, trainers = time.perf_counter(), [], {}

@@ -211,7 +211,8 @@ def store_loader(store: FeatureStore, *, batch_size: int, train: bool, seed: int
     Under DDP (``dist``) a training loader yields this rank's shard of each epoch. ``pin``: page-lock batches of a
     CPU-resident store (for a CUDA run).
     """
-    order = EpochOrder(len(store), shuffle=train, seed=seed, dist=dist if train else None)
+    order = EpochOrder(len(store), shuffle=train, seed=seed, dist=dist if train else None,
+                       batch_size=batch_size if train else None)  # fmt: skip
     return StoreLoader(store, batch_size, order, pin and store.device.type == "cpu")
 
 

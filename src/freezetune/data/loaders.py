@@ -90,8 +90,13 @@ class EpochOrder(Sampler[int]):
     True
     """
 
-    def __init__(self, n: int, *, shuffle: bool, seed: int = 0, dist: DistInfo | None = None) -> None:
+    def __init__(self, n: int, *, shuffle: bool, seed: int = 0, dist: DistInfo | None = None,
+                 batch_size: int | None = None) -> None:  # fmt: skip
         self.n, self.shuffle, self.seed, self.dist = n, shuffle, seed, dist or DistInfo()
+        # A training batch of one image cannot train BatchNorm ("expected more than 1 value per channel"): with
+        # ``batch_size`` given, an epoch whose last batch would hold one image leaves that image out (a different
+        # one each epoch, the same on every loader kind and rank).
+        self.batch_size = batch_size
         self.generator = torch.Generator()
         self.worker_seed = 0
         self.set_epoch(0)
@@ -101,20 +106,20 @@ class EpochOrder(Sampler[int]):
         self.generator.manual_seed(epoch_seed(self.seed, epoch))
 
     def __len__(self) -> int:
-        if not (self.shuffle and self.dist.enabled):
-            return self.n
-        return -(-self.n // self.dist.world)
+        n = -(-self.n // self.dist.world) if self.shuffle and self.dist.enabled else self.n
+        return n - 1 if self.batch_size and n > 1 and n % self.batch_size == 1 else n
 
     def indices(self) -> torch.Tensor:
         """This pass's order as a tensor (advances the random stream like one iteration)."""
         if not self.shuffle:
-            return torch.arange(self.n)
+            return torch.arange(self.n)[: len(self)]
         self.worker_seed = int(torch.empty((), dtype=torch.int64).random_(generator=self.generator))
         order = torch.randperm(self.n, generator=self.generator)
-        if not self.dist.enabled:
-            return order
-        padded = order.repeat(-(-len(self) * self.dist.world // max(self.n, 1)))[: len(self) * self.dist.world]
-        return padded[self.dist.rank :: self.dist.world]
+        if self.dist.enabled:
+            share = -(-self.n // self.dist.world)
+            padded = order.repeat(-(-share * self.dist.world // max(self.n, 1)))[: share * self.dist.world]
+            order = padded[self.dist.rank :: self.dist.world]
+        return order[: len(self)]
 
     def __iter__(self) -> Iterator[int]:
         return iter(self.indices().tolist())
@@ -189,7 +194,7 @@ def build_loader(dataset: Dataset, *, batch_size: int, train: bool, workers: int
         check(non_negative_int_problem("workers", workers))
     cuda = str(device).startswith("cuda")
     workers = default_workers(dataset, cuda) if workers is None else workers
-    order = EpochOrder(len(dataset), shuffle=train, seed=seed)
+    order = EpochOrder(len(dataset), shuffle=train, seed=seed, batch_size=batch_size if train else None)
     loader = CpuLoader(dataset, order, batch_size=batch_size, workers=workers, pin=cuda)
     loader.set_epoch(0)
     return loader
@@ -220,8 +225,10 @@ class Loaders:
     dist: DistInfo = DistInfo()
 
     def order(self, n: int, *, train: bool) -> EpochOrder:
-        """The epoch order every training loader of this run uses (this rank's shard under DDP)."""
-        return EpochOrder(n, shuffle=train, seed=self.seed, dist=self.dist if train else None)
+        """The epoch order every training loader of this run uses (this rank's shard under DDP; never a last
+        training batch of one image)."""
+        return EpochOrder(n, shuffle=train, seed=self.seed, dist=self.dist if train else None,
+                          batch_size=self.batch_size if train else None)  # fmt: skip
 
     def train(self, dataset: Dataset):
         """Shuffled, augmented batches of this rank's shard of each epoch; call ``set_epoch`` before each epoch."""
