@@ -96,20 +96,23 @@ def test_auto_measures_on_the_validation_split_and_keeps_its_evidence(data, tmp_
     result = trainer.train(_cfg(data, tmp_path / "auto", cache="auto"), echo=lines.append)
     recipe = json.loads((tmp_path / "auto" / "recipe.json").read_text())
     assert [t["trained_stages"] for t in recipe["trials"]] == [1, 2, 3]
-    assert all(0 <= t["val_acc"] <= 1 and t["seconds"] > 0 for t in recipe["trials"])
+    assert all(0 <= t["val_acc"] <= 1 and sum(t["seconds"].values()) > 0 for t in recipe["trials"])
     choice = recipe["choice"]
     assert choice["freeze"] == -(choice["trained_stages"] + 1) and choice["epochs"] == 2 and choice["why"]
+    assert [t["lr"] for t in recipe["trials"]] == pytest.approx([1e-2, 5e-3, 1e-2 / 3])  # lr * 10 / k
     final = checkpoint.load(tmp_path / "auto" / "last.pt")
-    assert final["config"]["freeze"] == choice["freeze"] and final["epoch"] == 2 and result.run_dir == tmp_path / "auto"
-    assert yaml.safe_load((tmp_path / "auto" / "config.yaml").read_text())["out"] == str(tmp_path / "auto")
-    # 3 trial epochs, then the chosen one's second epoch, each on the 3 held-out images; the 12 test images once
-    assert evaluated == [3] * 4 and result.test["n"] == 12
+    assert final["config"]["freeze"] == choice["freeze"] and final["config"]["lr"] == choice["lr"]
+    assert final["epoch"] == 2 and result.run_dir == tmp_path / "auto"
+    # 3 trials of one epoch, then the chosen run's 2 epochs, each on the 3 held-out images; the 12 test images once
+    assert evaluated == [3] * 5 and result.test["n"] == 12
     assert any("auto: chose to train the last" in line for line in lines)
-    # one cache for all candidates: built by the first trial, read back by the others
+    # one cache for all candidates and the run: built by the first trial, read back by the others
     caches = [line for line in lines if "feature cache:" in line]
-    assert len(caches) == 3 and "built" in caches[0] and all("read from" in line for line in caches[1:])
-    others = [t["trained_stages"] for t in recipe["trials"] if t["trained_stages"] != choice["trained_stages"]]
-    assert all(not (tmp_path / "auto" / "auto-trials" / f"last-{k}" / "best.pt").exists() for k in others)
+    assert len(caches) == 4 and "built" in caches[0] and all("read from" in line for line in caches[1:])
+    (trial,) = read_metrics(tmp_path / "auto" / "auto-trials" / "last-1" / "metrics.csv")
+    assert round(trial["img_per_s"] * trial["epoch_time_s"]) == 20  # a trial trains on half of the 39 images
+    assert not (tmp_path / "auto" / "auto-trials" / "last-1" / "best.pt").exists()
+    assert result.seconds["cache"] > 0 and result.seconds["epochs"] > 0
 
 
 def test_sweep_compares_recipes_reuses_features_and_its_winner_reproduces(data, tmp_path, capsys, monkeypatch):

@@ -73,6 +73,7 @@ class TrainConfig:
     unfreeze: str | dict[int, str] | None = None
     # optimisation
     epochs: int = 10
+    epoch_fraction: float = 1.0  # each epoch trains on this random share of the training set (auto's trials)
     optimizer: str = "adamw"
     lr: float = 1e-3
     stage_lrs: dict[str, float] = field(default_factory=dict)
@@ -190,6 +191,8 @@ def validate(cfg: TrainConfig) -> None:
                  if getattr(cfg, name) is not None]  # fmt: skip
     if cfg.val_split is not None:
         problems.append(fraction_problem("val_split", cfg.val_split))
+    if cfg.epoch_fraction != 1:
+        problems.append(fraction_problem("epoch_fraction", cfg.epoch_fraction))
     if cfg.lr <= 0:
         problems.append(f"lr must be > 0, got {cfg.lr}")
     if not 0 <= cfg.label_smoothing < 1:

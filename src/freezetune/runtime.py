@@ -58,11 +58,14 @@ def recompile(module: nn.Module, backend: str | None = None) -> nn.Module:
 
 
 def use_channels_last(setting: bool | None, model: nn.Module, device: torch.device) -> bool:
-    """``setting`` when given, else NHWC for a convnet on CUDA."""
+    """``setting`` when given, else NHWC for a convnet.
+
+    On CUDA NHWC lets cuDNN use tensor-core convolutions under AMP; on the CPU oneDNN's NHWC kernels trained
+    EfficientNet-Lite0's last stages 1.3x faster and built its cache faster too (1 thread, 64 px, 2026-11-30).
+    """
     if setting is not None:
         return setting
-    # NHWC lets cuDNN use tensor-core convolutions under AMP; on CPU it brings nothing reliable
-    return device.type == "cuda" and any(isinstance(m, nn.Conv2d) for m in model.modules())
+    return any(isinstance(m, nn.Conv2d) for m in model.modules())
 
 
 def seed_everything(seed: int) -> None:

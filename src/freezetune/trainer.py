@@ -83,7 +83,8 @@ class Trainer:
         self.channels_last = runtime.use_channels_last(cfg.channels_last, self.model, self.device)
         self.model.to(self.device, memory_format=torch.channels_last if self.channels_last else torch.preserve_format)
         self.loaders = Loaders(batch_size=cfg.batch_size, device=self.device, seed=cfg.seed, preprocess=self.preprocess,
-                               aug=cfg.aug, decode=cfg.decode, workers=cfg.workers, dist=self.dist)  # fmt: skip
+                               aug=cfg.aug, decode=cfg.decode, workers=cfg.workers, dist=self.dist,
+                               epoch_fraction=cfg.epoch_fraction)  # fmt: skip
         self.features = FeaturePath(self.model, self.data, self.loaders, self.precision, cache=cfg.cache,
                                     views=cfg.cache_views, spill_dir=self.run_dir / "cache", cache_dir=cfg.cache_dir,
                                     cache_at=cfg.cache_at,
@@ -128,33 +129,31 @@ class Trainer:
 
     # --- the loop -------------------------------------------------------------------------------------------
 
-    def fit(self, stop: int | None = None) -> RunResult:
-        """Train until epoch ``stop`` (all epochs by default) and report. A run stopped early continues with another
-        ``fit`` (the auto recipe's trials do); only the one that finishes it plots and scores the test split."""
+    def fit(self) -> RunResult:
+        """Train the remaining epochs, then plot the curves and score ``best.pt`` on the test split."""
         trainable, total = count_parameters(self.model)
         self.echo(f"{self.cfg.model} on {self.precision.describe()}: {len(self.data.train)} train images, "
                   f"{len(self.classes)} classes, {trainable:,}/{total:,} parameters trainable\n"
                   f"validation: {self.data.val_source}\n{summary(self.model)}")  # fmt: skip
         start = time.perf_counter()
         try:
-            finished = self._epochs(stop or self.cfg.epochs)
+            self._epochs()
         finally:  # Ctrl-C too: flush TensorBoard; metrics.csv and last.pt already hold every finished epoch
             self.metrics.close()
-        self.seconds["epochs"] += time.perf_counter() - start
+        self.seconds["epochs"] = time.perf_counter() - start
         test = None
-        if self.dist.is_main and finished:
+        if self.dist.is_main:
             reporting.plot_report(self.run_dir / "metrics.csv", self.run_dir / "report.png")
             test = self._final_test()
         barrier(self.dist)
         p = self.progress
         return RunResult(self.run_dir, p.best_epoch, p.best_metric, test, list(self.metrics.rows), self.seconds)
 
-    def _epochs(self, stop: int) -> bool:
-        """Epochs up to ``stop``; True when the run is over (its last epoch, or an early stop)."""
+    def _epochs(self) -> None:
         cfg, unfreezer = self.cfg, self.state.unfreezer
         # stages unfrozen after the previous epoch: non-empty only when resuming right after an unfreeze
         unfrozen = unfreezer.unfrozen_after(self.progress.epoch - 1) if unfreezer is not None else []
-        for epoch in range(self.progress.epoch, min(stop, cfg.epochs)):
+        for epoch in range(self.progress.epoch, cfg.epochs):
             row = self._run_epoch(epoch, unfrozen)
             last = epoch + 1 == cfg.epochs  # nothing trains after the last epoch: no unfreeze, no cache rebuild
             unfrozen = [] if last else self._step_unfreezer(epoch, row)
@@ -165,8 +164,7 @@ class Trainer:
                                       improved=improved)  # fmt: skip
             if cfg.early_stop and self.progress.bad_epochs >= cfg.early_stop:
                 self.echo(f"early stop: {cfg.monitor} did not improve for {cfg.early_stop} epochs")
-                return True
-        return self.progress.epoch >= cfg.epochs
+                break
 
     def _run_epoch(self, epoch: int, unfrozen: list[str]) -> dict:
         runtime.seed_epoch(self.cfg.seed, epoch, rank=self.dist.rank)

@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 
 _VAL_DIRS = ("val", "valid", "validation")
 AUTO_VAL_FRACTION = 0.1  # held out per class when no validation data is given
-AUTO_VAL_MAX_PER_CLASS = 100  # enough to rank recipes, cheap to evaluate every epoch
+AUTO_VAL_MAX_PER_CLASS = 50  # enough to rank recipes, cheap to cache and to evaluate every epoch
 _EXPECTED = "an IDX directory (train-images-idx3-ubyte[.gz], ...), an image folder (DIR/<class>/*) or a CSV file"
 
 

@@ -91,8 +91,9 @@ class EpochOrder(Sampler[int]):
     """
 
     def __init__(self, n: int, *, shuffle: bool, seed: int = 0, dist: DistInfo | None = None,
-                 batch_size: int | None = None) -> None:  # fmt: skip
+                 batch_size: int | None = None, fraction: float = 1.0) -> None:  # fmt: skip
         self.n, self.shuffle, self.seed, self.dist = n, shuffle, seed, dist or DistInfo()
+        self.fraction = fraction  # a shuffled epoch visits only this share of the items (the auto recipe's trials)
         # A training batch of one image cannot train BatchNorm ("expected more than 1 value per channel"): with
         # ``batch_size`` given, an epoch whose last batch would hold one image leaves that image out (a different
         # one each epoch, the same on every loader kind and rank).
@@ -107,6 +108,7 @@ class EpochOrder(Sampler[int]):
 
     def __len__(self) -> int:
         n = -(-self.n // self.dist.world) if self.shuffle and self.dist.enabled else self.n
+        n = max(1, round(n * self.fraction)) if self.shuffle and self.fraction < 1 else n
         return n - 1 if self.batch_size and n > 1 and n % self.batch_size == 1 else n
 
     def indices(self) -> torch.Tensor:
@@ -213,6 +215,7 @@ class Loaders:
         decode: ``auto`` | ``gpu`` | ``cpu``: where images are decoded and augmented (see ``should_use_device_loader``).
         workers: CPU loader processes (None: ``default_workers``).
         dist: this process's place in a torchrun job; training reads this rank's shard of each epoch.
+        epoch_fraction: a training epoch visits this share of the (shuffled) training set.
     """
 
     batch_size: int
@@ -223,12 +226,14 @@ class Loaders:
     decode: str = "auto"
     workers: int | None = None
     dist: DistInfo = DistInfo()
+    epoch_fraction: float = 1.0
 
     def order(self, n: int, *, train: bool) -> EpochOrder:
         """The epoch order every training loader of this run uses (this rank's shard under DDP; never a last
         training batch of one image)."""
         return EpochOrder(n, shuffle=train, seed=self.seed, dist=self.dist if train else None,
-                          batch_size=self.batch_size if train else None)  # fmt: skip
+                          batch_size=self.batch_size if train else None,
+                          fraction=self.epoch_fraction if train else 1.0)  # fmt: skip
 
     def train(self, dataset: Dataset):
         """Shuffled, augmented batches of this rank's shard of each epoch; call ``set_epoch`` before each epoch."""
