@@ -19,6 +19,8 @@ __version__ = "0.1.0"
 _LAZY = {
     "cache_features": "freezetune.cache",
     "store_loader": "freezetune.cache",
+    "TrainConfig": "freezetune.config",
+    "train": "freezetune.trainer",
     **dict.fromkeys(
         ("evaluate_checkpoint", "evaluate_model", "load_model", "predict_files", "write_evaluation"),
         "freezetune.inference",
@@ -39,6 +41,7 @@ def __getattr__(name: str):
 __all__ = [
     "FreezetuneError",
     "Stage",
+    "TrainConfig",
     "Unfreezer",
     "__version__",
     "cache_features",
@@ -55,6 +58,7 @@ __all__ = [
     "stages",
     "store_loader",
     "summary",
+    "train",
     "unfreeze",
     "write_evaluation",
 ]
