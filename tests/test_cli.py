@@ -11,6 +11,7 @@ import io
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -176,6 +177,21 @@ def test_predict_text_output_names_classes_with_percentages(run, data, capsys):
     line = out.strip()
     assert line.startswith(str(data / "test" / "blue" / "blue_0.png")) and line.endswith("%")
     assert any(f"  {name} " in line for name in CLASSES)
+
+
+def test_predict_reports_a_bad_file_and_still_predicts_the_others(run, data, capsys, tmp_path):
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    for name in ("blue_0.png", "red_1.png"):
+        (folder / name).write_bytes((data / "test" / name.split("_")[0] / name).read_bytes())
+    (folder / "broken.jpg").write_text("not an image")
+    code, out, err = run_cli(capsys, "predict", "--checkpoint", run[0] / "best.pt", folder, "--json", "--device", "cpu")
+    assert code == 2 and "Traceback" not in err
+    records = {Path(r["path"]).name: r for r in json.loads(out)}
+    assert set(records) == {"blue_0.png", "red_1.png", "broken.jpg"}
+    assert "top" in records["blue_0.png"] and "top" in records["red_1.png"]
+    assert "broken.jpg" in records["broken.jpg"]["error"]
+    assert "broken.jpg" in err and "1 of 3 file(s) could not be read" in err
 
 
 def test_export_safetensors_loads_into_a_fresh_model_with_identical_logits(run, capsys, tmp_path):

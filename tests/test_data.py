@@ -98,10 +98,10 @@ def test_idx_val_split_and_per_class_never_overlap(tmp_path):
 @pytest.mark.skipif(not FASHION_DIR.is_dir(), reason="Fashion-MNIST not installed")
 def test_real_fashion_mnist():
     b = build_datasets(str(FASHION_DIR), preprocess=PRE)
-    # all 60 000 official training images: 100 per class held out for validation (10 %, capped), the rest train
-    assert (len(b.train), len(b.val), len(b.test)) == (59000, 1000, 10000)
-    assert b.train.images.shape == (59000, 28, 28) and b.train.targets.dtype == torch.int64
-    assert torch.bincount(b.val.targets).tolist() == [100] * 10
+    # all 60 000 official training images: 50 per class held out for validation (10 %, capped), the rest train
+    assert (len(b.train), len(b.val), len(b.test)) == (59500, 500, 10000)
+    assert b.train.images.shape == (59500, 28, 28) and b.train.targets.dtype == torch.int64
+    assert torch.bincount(b.val.targets).tolist() == [50] * 10
     assert b.classes[0] == "T-shirt/top" and b.classes[9] == "Ankle boot"
     assert torch.bincount(b.test.targets).tolist() == [1000] * 10
 
@@ -299,3 +299,32 @@ def test_standard_augmentation_runs_with_every_interpolation(interpolation):
     for _ in range(40):  # TrivialAugmentWide draws one op per call: enough calls to reach the geometric ones
         out = t(torch.randint(0, 256, (3, 30, 36), dtype=torch.uint8, generator=gen))
         assert out.shape == (3, 24, 24) and torch.isfinite(out).all()
+
+
+# ---- data that must fail loudly, before training ---------------------------------------------------------------
+
+
+def test_csv_columns_are_found_by_header_name(tmp_path):
+    make_folder(tmp_path / "img", 2)
+    rows = [f"img/{c}/{i}.png,{'train' if i else 'val'},{c}" for c in COLOURS for i in range(2)]
+    (tmp_path / "a.csv").write_text("path,split,label\n" + "\n".join(rows) + "\n")
+    b = build_datasets(str(tmp_path / "a.csv"), val_split=0.5, preprocess=PRE)
+    assert b.classes == sorted(COLOURS)  # the label column, not the split column next to the path
+    (tmp_path / "b.csv").write_text("label,file,class\n" + "\n".join(f"{c},img/{c}/0.png,{c}" for c in COLOURS))
+    with pytest.raises(DataError, match="more than one label column"):
+        build_datasets(str(tmp_path / "b.csv"), preprocess=PRE)
+    (tmp_path / "c.csv").write_text("\n".join(rows) + "\n")
+    with pytest.raises(DataError, match="3 columns and no header"):
+        build_datasets(str(tmp_path / "c.csv"), preprocess=PRE)
+
+
+def test_one_class_or_an_empty_class_folder_is_refused(tmp_path):
+    (tmp_path / "solo" / "cat").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(tmp_path / "solo" / "cat" / "a.png")
+    Image.new("RGB", (8, 8)).save(tmp_path / "solo" / "cat" / "b.png")
+    with pytest.raises(DataError, match="1 class.*'cat'.*at least two"):
+        build_datasets(str(tmp_path / "solo"), preprocess=PRE)
+    make_folder(tmp_path / "gap", 2)
+    (tmp_path / "gap" / "yellow").mkdir()
+    with pytest.raises(DataError, match="'yellow'.*hold no images"):
+        build_datasets(str(tmp_path / "gap"), preprocess=PRE)

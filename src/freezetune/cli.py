@@ -192,7 +192,12 @@ def _cmd_predict(args) -> int:
 
     records = predict_files(args.checkpoint, args.images, topk=args.topk, device=args.device)
     print(json.dumps(records, indent=1) if args.json else format_predictions(records))
-    return 0
+    bad = [r for r in records if "error" in r]
+    for r in bad:
+        print(f"freezetune: error: {r['error']}", file=sys.stderr)
+    if bad:  # every good prediction is out; the exit code still says that some files were not predicted
+        print(f"freezetune: error: {len(bad)} of {len(records)} file(s) could not be read", file=sys.stderr)
+    return 2 if bad else 0
 
 
 def _cmd_inspect(args) -> int:

@@ -19,6 +19,7 @@ from freezetune import checkpoint as ckpt
 from freezetune._io import atomic_write_text
 from freezetune.config import TrainConfig
 from freezetune.data.loaders import Loaders
+from freezetune.errors import DataError
 from freezetune.evaluate import evaluate, predict_probs
 from freezetune.options import check, positive_int_problem
 from freezetune.precision import Precision, resolve_device, resolve_precision
@@ -152,7 +153,7 @@ def predict_files(
 
     Returns:
         One JSON-ready record per image, in path order: ``{"path": str, "top": [{"class": str, "prob": float}]}``,
-        most likely first.
+        most likely first; a file that cannot be read gets ``{"path": str, "error": str}`` instead.
 
     >>> predict_files("runs/r50/best.pt", ["photos/"], topk=2)  # doctest: +SKIP
     [{'path': 'photos/a.jpg', 'top': [{'class': 'cat', 'prob': 0.93}, {'class': 'dog', 'prob': 0.05}]}]
@@ -164,15 +165,23 @@ def predict_files(
     loaded = model if isinstance(model, LoadedModel) else load_model(model, device)
     transform, classes = eval_transform(loaded.preprocess), loaded.classes
     files = list_images([str(p) for p in paths])
-    records = []
+    records: dict[str, dict] = {}
     for start in range(0, len(files), batch_size):
-        chunk = files[start : start + batch_size]
-        probs = predict_probs(loaded.model, torch.stack([transform(load_image(p)) for p in chunk]), loaded.precision)
+        chunk, images = [], []
+        for path in files[start : start + batch_size]:
+            try:  # one unreadable file must not cost the predictions of all the others
+                images.append(transform(load_image(path)))
+                chunk.append(path)
+            except DataError as exc:
+                records[path] = {"path": path, "error": str(exc)}
+        if not images:
+            continue
+        probs = predict_probs(loaded.model, torch.stack(images), loaded.precision)
         top = probs.topk(min(topk, len(classes)), dim=-1)
         for path, values, indices in zip(chunk, top.values, top.indices, strict=True):
             ranked = [{"class": classes[i], "prob": round(float(v), 6)} for v, i in zip(values, indices, strict=True)]
-            records.append({"path": path, "top": ranked})
-    return records
+            records[path] = {"path": path, "top": ranked}
+    return [records[p] for p in files]
 
 
 def format_predictions(records: list[dict]) -> str:
@@ -182,5 +191,7 @@ def format_predictions(records: list[dict]) -> str:
     a.jpg  cat 90.0%  dog 10.0%
     """
     return "\n".join(
-        r["path"] + "  " + "  ".join(f"{p['class']} {100 * p['prob']:.1f}%" for p in r["top"]) for r in records
+        r["path"] + "  " + "  ".join(f"{p['class']} {100 * p['prob']:.1f}%" for p in r["top"])
+        for r in records
+        if "top" in r
     )

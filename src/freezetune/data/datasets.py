@@ -16,7 +16,7 @@ from freezetune.data.folder import read_csv, scan_folder
 from freezetune.data.idx import idx_files, is_idx_dir, load_idx
 from freezetune.data.sampling import per_class_indices, stratified_split
 from freezetune.data.transforms import eval_transform, train_transform
-from freezetune.errors import ConfigError, DataError
+from freezetune.errors import ConfigError, DataError, choices
 from freezetune.options import AUG_DEFAULT, fraction_problem, positive_int_problem
 from freezetune.preprocess import Preprocess
 
@@ -186,6 +186,10 @@ def build_datasets(
         val, val_source = None, "none (every class has a single training image)"
     if per_class is not None:
         train = _take_per_class(train, per_class, seed)
+    present = sorted({int(t) for t in train.targets.tolist()})
+    if len(present) < 2:
+        raise DataError(f"'{data}' has training images of {len(present)} class(es) "
+                        f"({choices([train.classes[c] for c in present])}); a classifier needs at least two")  # fmt: skip
     train.transform = train_tf
     for ds in (val, test):
         if ds is not None:

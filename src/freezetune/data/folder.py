@@ -110,14 +110,15 @@ def folder_classes(root: str | Path) -> list[str]:
         raise DataError(f"image folder '{root}' does not exist; expected a directory with one subfolder per class")
     subdirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     classes = [d.name for d in subdirs if any(_is_image(p) for p in d.rglob("*"))]
-    empty = [d.name for d in subdirs if d.name not in classes]
-    if empty:
-        log.warning("skipping %d class folder(s) without images in '%s': %s", len(empty), root, choices(empty))
     if not classes:
         raise DataError(
             f"no class folders with images in '{root}'; expected {root}/<class>/*.jpg (extensions: "
             f"{', '.join(IMAGE_EXTENSIONS)})"
         )
+    empty = [d.name for d in subdirs if d.name not in classes]
+    if empty:  # training on N-1 classes in silence would be wrong: say which folders, and how to proceed
+        raise DataError(f"class folder(s) {choices(empty)} in '{root}' hold no images "
+                        f"({', '.join(IMAGE_EXTENSIONS)}); add images or remove the folder(s)")  # fmt: skip
     return classes
 
 
@@ -146,8 +147,28 @@ def scan_folder(root: str | Path, classes: list[str] | None = None) -> FileImage
 
 def _is_header(row: list[str], base: Path) -> bool:
     # A header names its columns; a data row's first cell is an image that exists.
-    named = row[0].strip().lower() in _CSV_HEADER_NAMES or (len(row) > 1 and row[1].strip().lower() in _CSV_LABEL_NAMES)
+    named = any(cell.strip().lower() in _CSV_HEADER_NAMES | _CSV_LABEL_NAMES for cell in row)
     return named and not (base / row[0].strip()).is_file()
+
+
+def _csv_columns(path: Path, header: list[str] | None, width: int) -> tuple[int, int]:
+    """The (path, label) column indices: by header name, or the two columns of a headerless ``path,label`` file."""
+    if header is None:
+        if width != 2:
+            raise DataError(f"CSV '{path}' has {width} columns and no header; add a header naming the image column "
+                            f"({choices(sorted(_CSV_HEADER_NAMES))}) and the label column "
+                            f"({choices(sorted(_CSV_LABEL_NAMES))})")  # fmt: skip
+        return 0, 1
+    names = [c.strip().lower() for c in header]
+    found = {}
+    for role, allowed in (("image", _CSV_HEADER_NAMES), ("label", _CSV_LABEL_NAMES)):
+        hits = [i for i, n in enumerate(names) if n in allowed]
+        if len(hits) != 1:
+            what = "no" if not hits else "more than one"
+            raise DataError(f"CSV '{path}' header {header!r} has {what} {role} column; name exactly one of "
+                            f"{choices(sorted(allowed))}")  # fmt: skip
+        found[role] = hits[0]
+    return found["image"], found["label"]
 
 
 def _read_csv_rows(path: Path) -> list[tuple[str, str]]:
@@ -156,14 +177,16 @@ def _read_csv_rows(path: Path) -> list[tuple[str, str]]:
             rows = [r for r in csv.reader(f) if r and any(cell.strip() for cell in r)]
     except (OSError, UnicodeDecodeError, csv.Error) as e:
         raise DataError(f"cannot read CSV '{path}': {e}") from e
-    if rows and _is_header(rows[0], path.parent):
-        rows = rows[1:]
-    bad = next((n for n, r in enumerate(rows, 1) if len(r) < 2 or not r[0].strip() or not r[1].strip()), None)
-    if bad is not None:
-        raise DataError(f"CSV '{path}' row {bad} is {rows[bad - 1]!r}; expected 'path,label'")
+    header = rows.pop(0) if rows and _is_header(rows[0], path.parent) else None
     if not rows:
         raise DataError(f"CSV '{path}' has no rows; expected lines of 'path,label'")
-    return [(r[0].strip(), r[1].strip()) for r in rows]
+    image, label = _csv_columns(path, header, len(rows[0]))
+    need = max(image, label) + 1
+    bad = next((n for n, r in enumerate(rows, 1) if len(r) < need or not r[image].strip() or not r[label].strip()),
+               None)  # fmt: skip
+    if bad is not None:
+        raise DataError(f"CSV '{path}' row {bad} is {rows[bad - 1]!r}; expected an image path and a label")
+    return [(r[image].strip(), r[label].strip()) for r in rows]
 
 
 def _sorted_labels(labels: set[str]) -> list[str]:
