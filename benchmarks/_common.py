@@ -67,12 +67,17 @@ class PeakMemory:
     On Linux the kernel's peak-RSS mark (VmHWM) is reset at ``start()`` through ``/proc/self/clear_refs``, so a
     transient peak of the imports does not hide the growth. Where that is refused the fallback is the growth of
     ``ru_maxrss``, honest only in a fresh process; the transfer benchmark gives each contender one anyway.
+
+    freezetune's trainer resets the same marks at every epoch (``runtime.reset_peak_memory``, for its per-epoch
+    row), which would leave only the last epoch's peak: ``start()`` wraps that function so each reading is kept
+    before the reset. The library itself is unchanged; only this process's reference to the function is.
     """
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.base = 0.0
         self.reset = False
+        self.kept = 0.0  # the highest reading taken before one of the trainer's resets
 
     def start(self) -> None:
         if self.device.type == "cuda":
@@ -82,11 +87,26 @@ class PeakMemory:
             self.reset, self.base = True, _proc_status_mib("VmRSS")
         except OSError:
             self.reset, self.base = False, _maxrss_mib()
+        self._keep_across_resets()
 
-    def mib(self, extra_cuda_peak: float = 0.0) -> float:
+    def mib(self) -> float:
+        return max(self.kept, self._reading()) - (0.0 if self.device.type == "cuda" else self.base)
+
+    def _reading(self) -> float:
         if self.device.type == "cuda":
-            return max(torch.cuda.max_memory_allocated(self.device) / 2**20, extra_cuda_peak)
-        return (_proc_status_mib("VmHWM") if self.reset else _maxrss_mib()) - self.base
+            return torch.cuda.max_memory_allocated(self.device) / 2**20
+        return _proc_status_mib("VmHWM") if self.reset else _maxrss_mib()
+
+    def _keep_across_resets(self) -> None:
+        from freezetune import runtime
+
+        reset = runtime.reset_peak_memory
+
+        def keep_then_reset(device: torch.device) -> None:
+            self.kept = max(self.kept, self._reading())
+            reset(device)
+
+        runtime.reset_peak_memory = keep_then_reset
 
 
 def _maxrss_mib() -> float:
@@ -111,38 +131,88 @@ def preprocess_for(res: int):
     return pre
 
 
-def prepare_data(path: Path, *, per_class: int, seed: int, res: int, test_n: int, val_n: int = 50) -> dict:
+DATASETS = {"fashion": "Fashion-MNIST", "digits": "scikit-learn digits (8x8)"}
+
+
+def prepare_data(path: Path, *, dataset: str, per_class: int, seed: int, res: int, test_n: int | None,
+                 val_n: int = 50) -> dict:  # fmt: skip
     """Build the shared data once and save it: every contender then reads the same tensors.
 
-    The train subset is freezetune's own ``per_class`` draw (``build_datasets``), so the library-driven recipes,
-    which load the IDX files themselves, train on exactly these images. Images pass through freezetune's eval
-    transform (``aug none``) as one batch, which equals the per-sample transform bit for bit. Test images are kept
-    as uint8 after resize/crop (``normalize`` restores them to within one float ulp) to stay small at 224 px.
+    The train subset is freezetune's own ``per_class`` draw (``per_class_indices``, as ``build_datasets(per_class=k,
+    seed=0)`` makes it from an IDX directory with ``val_data``). It is written, with the test images, as an IDX
+    directory (``data_dir``) that the freezetune contenders read as their ``data``: they train on exactly these
+    images whatever their own seed. ``val_n`` further images outside the subset form ``val_dir``, the per-epoch
+    validation of the recipes that take ``val_data``. Images pass through freezetune's eval transform (``aug none``)
+    as one batch, which equals the per-sample transform bit for bit. Test images are kept as uint8 after
+    resize/crop (``normalize`` restores them to within one float ulp) to stay small at 224 px.
     """
-    from freezetune.data import build_datasets, eval_transform
+    from freezetune.data import eval_transform
 
+    split = _split(dataset, per_class, seed, val_n, test_n)
     pre = preprocess_for(res)
-    bundle = build_datasets(FASHION, per_class=per_class, seed=seed, preprocess=pre, aug="none")
     transform = eval_transform(pre)
-    train = bundle.train
-    test = bundle.test
-    x_test = torch.cat([_as_uint8(transform(test.images[i : i + 1000].unsqueeze(1)), pre)
-                        for i in range(0, min(test_n, len(test)), 1000)])[:test_n]  # fmt: skip
+    x_test = split["test"][0]
+    x_test = torch.cat(
+        [_as_uint8(transform(x_test[i : i + 1000].unsqueeze(1)), pre) for i in range(0, len(x_test), 1000)]
+    )
     data = {
-        "x_train": transform(train.images.unsqueeze(1)),
-        "y_train": train.targets.clone(),
+        "x_train": transform(split["train"][0].unsqueeze(1)),
+        "y_train": split["train"][1].clone(),
         "x_test": x_test,
-        "y_test": test.targets[:test_n].clone(),
+        "y_test": split["test"][1].clone(),
+        "x_val": transform(split["val"][0].unsqueeze(1)),
+        "y_val": split["val"][1].clone(),
         "mean": pre.mean,
         "std": pre.std,
         "res": res,
-        "classes": list(bundle.classes),
+        "classes": split["classes"],
+        "dataset": dataset,
+        # 'fashion' in the directory name gives freezetune's IDX reader the Fashion-MNIST class names
+        "data_dir": str(path.parent / f"{dataset}-idx"),
         "val_dir": str(path.parent / "val-idx"),
     }
-    val_images, data["y_val"] = _write_val_idx(Path(data["val_dir"]), per_class, seed, val_n)
-    data["x_val"] = transform(val_images.unsqueeze(1))
+    _write_idx_dir(Path(data["data_dir"]), split["train"], split["test"])
+    _write_idx_dir(Path(data["val_dir"]), split["val"], split["val"])
     torch.save(data, path)
     return data
+
+
+def _split(dataset: str, per_class: int, seed: int, val_n: int, test_n: int | None) -> dict:
+    """uint8 images and labels of the train subset, the validation images (the first ``val_n`` outside the subset)
+    and the test images (Fashion-MNIST: its test split; digits: everything else), the first ``test_n`` of them."""
+    from freezetune.data.sampling import per_class_indices
+
+    images, targets, test, classes = _source(dataset)
+    counts = torch.bincount(targets)
+    if test is None and per_class >= int(counts.min()):
+        raise SystemExit(f"--per-class {per_class}: {dataset} has {int(counts.min())} images in its smallest class; "
+                         f"keep --per-class below that so every class has test images")  # fmt: skip
+    subset = per_class_indices(targets, per_class, seed)[0]
+    outside = torch.ones(len(targets), dtype=torch.bool)
+    outside[subset] = False
+    rest = torch.nonzero(outside).flatten()
+    val = rest[:val_n]
+    if test is None:  # one pool: what is neither train nor validation is the test set
+        test = (images[rest[val_n:]], targets[rest[val_n:]])
+    n = len(test[1]) if test_n is None else min(test_n, len(test[1]))
+    return {"train": (images[subset], targets[subset]), "val": (images[val], targets[val]),
+            "test": (test[0][:n], test[1][:n]), "classes": classes}  # fmt: skip
+
+
+def _source(dataset: str) -> tuple[torch.Tensor, torch.Tensor, tuple | None, list[str]]:
+    """(train images uint8 [N, H, W], labels, the official test split or None, class names)."""
+    from freezetune.data.idx import DIGIT_CLASSES, FASHION_CLASSES, load_idx
+
+    if dataset == "fashion":
+        train, test = load_idx(FASHION, "train"), load_idx(FASHION, "test")
+        return train.images, train.targets, (test.images, test.targets), list(FASHION_CLASSES)
+    if dataset == "digits":
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()  # 1797 grey 8x8 images, values 0..16, about 180 per class, no official test split
+        images = torch.from_numpy(digits.images * (255 / 16)).round().to(torch.uint8)
+        return images, torch.from_numpy(digits.target).long(), None, list(DIGIT_CLASSES)
+    raise SystemExit(f"unknown dataset {dataset!r}; choose from: {', '.join(DATASETS)}")
 
 
 def _as_uint8(x: torch.Tensor, pre) -> torch.Tensor:
@@ -157,20 +227,14 @@ def normalize(x_u8: torch.Tensor, mean, std) -> torch.Tensor:
     return x_u8.to(torch.float32).div(255).sub(m).div(s)
 
 
-def _write_val_idx(root: Path, per_class: int, seed: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """An IDX directory of ``n`` train images outside the subset, for the per-epoch validation some contenders
-    run: cheap, disjoint from the training images, and not the test set."""
-    from freezetune.data.idx import load_idx
-    from freezetune.data.sampling import per_class_indices
-
-    full = load_idx(FASHION, "train")
-    used = set(per_class_indices(full.targets, per_class, seed)[0].tolist())  # the draw build_datasets made
-    rows = torch.tensor([i for i in range(len(full)) if i not in used][:n])
+def _write_idx_dir(
+    root: Path, train: tuple[torch.Tensor, torch.Tensor], test: tuple[torch.Tensor, torch.Tensor]
+) -> None:
+    """An IDX directory as freezetune reads it (``freezetune.data.idx``): train-* and t10k-* images and labels."""
     root.mkdir(parents=True, exist_ok=True)
-    for prefix in ("train", "t10k"):
-        _write_idx(root / f"{prefix}-images-idx3-ubyte", full.images[rows])
-        _write_idx(root / f"{prefix}-labels-idx1-ubyte", full.targets[rows].to(torch.uint8))
-    return full.images[rows], full.targets[rows]
+    for prefix, (images, labels) in (("train", train), ("t10k", test)):
+        _write_idx(root / f"{prefix}-images-idx3-ubyte", images)
+        _write_idx(root / f"{prefix}-labels-idx1-ubyte", labels.to(torch.uint8))
 
 
 def _write_idx(path: Path, array: torch.Tensor) -> None:

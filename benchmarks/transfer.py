@@ -1,10 +1,12 @@
 """Transfer benchmark: freezetune recipes vs Lightning, fastai, a plain full fine-tune and the seed script.
 
-Every contender fine-tunes the same ImageNet EfficientNet-Lite0 on the same Fashion-MNIST subset (``--per-class``
-images per class, seed 0), preprocessed the same way, and is scored by the same function on the same test images.
-Each contender runs in a fresh subprocess, so its peak memory is its own. Training time excludes model creation
-and evaluation on both sides; it includes whatever a user pays to train: freezetune's feature-cache build, the
-frameworks' own per-epoch work (Lightning's and freezetune's checkpoints, fastai's validation of 50 images).
+Every contender fine-tunes the same ImageNet EfficientNet-Lite0 on the same subset of Fashion-MNIST or scikit-learn's
+digits (``--per-class`` images per class, drawn with seed 0), preprocessed the same way, and is scored by the same
+function on the same test images. Each contender runs in a fresh subprocess per seed (``--seeds``), so its peak
+memory is its own; the seed sets the head's initialisation and the data order, never the training images. Training
+time excludes model creation and evaluation on both sides; it includes whatever a user pays to train: freezetune's
+feature-cache build (and the auto recipe's trials), the frameworks' own per-epoch work (Lightning's and freezetune's
+checkpoints, fastai's validation of 50 images).
 
     python benchmarks/transfer.py --res 64 --per-class 100 --epochs 3            # CPU, a few minutes
     python benchmarks/transfer.py --device cuda --res 224 --epochs 10            # one GPU
@@ -15,8 +17,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import json
 import random
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -28,7 +32,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from _common import (
-    FASHION,
+    DATASETS,
     MODEL,
     PeakMemory,
     autocast,
@@ -41,9 +45,10 @@ from _common import (
     test_accuracy,
     timed,
 )
+from freezetune import auto, checkpoint
 from freezetune.config import TrainConfig
 from freezetune.models import create_model
-from freezetune.trainer import Trainer
+from freezetune.trainer import Trainer, train
 
 # Freezetune recipes: TrainConfig overrides on top of the library defaults (AdamW 1e-3, one-cycle, weight decay
 # 0.05, label smoothing 0.1, BatchNorm of frozen stages frozen, feature cache auto). ``aug none`` for every
@@ -54,10 +59,14 @@ RECIPES = {
     "ft-last3": {"freeze": "-3"},  # the main job's recipe: stem..blocks.4 frozen and cached; blocks.5-6 + head train
     "ft-progressive": {"freeze": "backbone", "unfreeze": "epoch:1"},
     "ft-full": {"freeze": "none"},
-    "ft-default": {},  # the default command: freeze auto, validation held out of train, the default augmentation
 }
+# The default command (``freezetune train --data DIR``) through ``freezetune.trainer.train``: freeze auto, validation
+# held out of the training data, the default augmentation; ``ft-auto-noaug`` shows what that augmentation does.
+COMMANDS = {"ft-default": {}, "ft-auto-noaug": {"aug": "none"}}
+FREEZETUNE = [*RECIPES, *COMMANDS]
 PEERS = {"seed": None, "lightning": "lightning", "fastai": "fastai", "full": None}  # name -> package needed
-CONTENDERS = [*PEERS, *RECIPES]
+CONTENDERS = [*PEERS, *FREEZETUNE]
+GAIN_TARGET, TIME_TARGET = 2.0, 0.5  # ft-default: points above the best peer, time over the full fine-tune's
 
 
 def pretrained(num_classes: int | None = None) -> nn.Module:
@@ -71,7 +80,7 @@ def pretrained(num_classes: int | None = None) -> nn.Module:
 def train_loader(data: dict, args, device: torch.device) -> DataLoader:
     dataset = TensorDataset(data["x_train"].clone(), data["y_train"].clone())
     return DataLoader(dataset, batch_size=args.batch_size, shuffle=True, pin_memory=device.type == "cuda",
-                      generator=torch.Generator().manual_seed(0))  # fmt: skip
+                      generator=torch.Generator().manual_seed(args.seed))  # fmt: skip
 
 
 # --- the peers ----------------------------------------------------------------------------------------------
@@ -197,26 +206,42 @@ def run_fastai(data: dict, args, device: torch.device) -> tuple[nn.Module, dict]
 
 def run_freezetune(name: str, data: dict, args, device: torch.device) -> tuple[nn.Module, dict]:
     cfg = TrainConfig(
-        model=MODEL, weights="imagenet", img_size=args.res, data=FASHION, val_data=data["val_dir"],
+        model=MODEL, weights="imagenet", img_size=args.res, data=data["data_dir"], val_data=data["val_dir"],
         per_class=args.per_class, aug="none", batch_size=args.batch_size, epochs=args.epochs, device=str(device),
-        out=str(Path(args.work_dir) / "run"), tensorboard=False, progress=False, seed=0, **RECIPES[name],
+        out=str(Path(args.work_dir) / "run"), tensorboard=False, progress=False, seed=args.seed, **RECIPES[name],
     )  # fmt: skip
     trainer = Trainer(cfg, echo=lambda line: print(line, file=sys.stderr))
-    cache_peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else 0.0
     trainer.data.test = None  # the shared test tensor is scored below, by the same code as every contender
     result = trainer.fit()
-    # what a user pays to train: the cache build at set-up and the epoch loop, less the per-epoch validation
+    return trainer.model, _spent(result)
+
+
+def run_command(name: str, data: dict, args, device: torch.device) -> tuple[nn.Module, dict]:
+    """The default command: ``train(cfg)`` routes ``freeze: auto`` to the auto recipe, which holds its validation
+    out of the training data (no ``val_data``). Scored: the model of ``last.pt``, after the last epoch."""
+    cfg = TrainConfig(
+        model=MODEL, weights="imagenet", img_size=args.res, data=data["data_dir"], per_class=args.per_class,
+        batch_size=args.batch_size, epochs=args.epochs, device=str(device), out=str(Path(args.work_dir) / "run"),
+        tensorboard=False, progress=False, seed=args.seed, final_test=False, **COMMANDS[name],
+    )  # fmt: skip
+    result = train(cfg, echo=lambda line: print(line, file=sys.stderr))
+    model, _ = checkpoint.build_model(checkpoint.load(result.run_dir / checkpoint.LAST))
+    choice = json.loads((result.run_dir / auto.RECIPE_FILE).read_text())["choice"]
+    return model, {**_spent(result), "auto": choice["trained_stages"]}
+
+
+def _spent(result) -> dict:
+    # what a user pays to train: the cache build at set-up and the epoch loop (the auto recipe's trials included),
+    # less the per-epoch validation
     spent = result.seconds
-    seconds = spent["cache"] + spent["epochs"] - spent["val"]
-    peaks = [cache_peak, *(row.get("peak_mem_mb", 0.0) for row in result.history)]
     cache = f"cache {spent['cache']:.1f}s" if spent["cache"] > 0 else ""
-    return trainer.model, {"seconds": seconds, "cuda_peak": max(peaks) if device.type == "cuda" else 0.0,
-                           "note": cache}  # fmt: skip
+    return {"seconds": spent["cache"] + spent["epochs"] - spent["val"], "note": cache}
 
 
 def worker(args) -> None:
     device = pick_device(args.device)
-    args.work_dir = tempfile.mkdtemp(prefix=f"{args.worker}-", dir=args.work_dir)  # repeats never share a run dir
+    # repeats and seeds never share a run dir
+    args.work_dir = tempfile.mkdtemp(prefix=f"{args.worker}-s{args.seed}-", dir=args.work_dir)
     package = PEERS.get(args.worker)
     if package:
         importlib.import_module(package)  # the framework's import is not training memory
@@ -225,13 +250,15 @@ def worker(args) -> None:
     memory = PeakMemory(device)
     data = load_data(args.data_file)
     memory.start()
-    torch.manual_seed(0)
-    random.seed(0)  # fastai shuffles with Python's random
+    torch.manual_seed(args.seed)  # the new head's initialisation
+    random.seed(args.seed)  # fastai shuffles with Python's random
     if args.worker in RECIPES:
         model, info = run_freezetune(args.worker, data, args, device)
+    elif args.worker in COMMANDS:
+        model, info = run_command(args.worker, data, args, device)
     else:
         model, info = globals()[f"run_{args.worker}"](data, args, device)
-    peak = memory.mib(info.pop("cuda_peak", 0.0))
+    peak = memory.mib()
     emit({"acc": test_accuracy(model, data, device), "peak_mib": peak, **info})
 
 
@@ -240,11 +267,12 @@ def worker(args) -> None:
 
 def run_all(args, names: list[str]) -> dict[str, dict]:
     device = pick_device(args.device)
-    test_n = args.test_n or (2000 if device.type == "cpu" else 10_000)
     data_file = Path(args.work_dir) / "data.pt"
     start = time.perf_counter()
-    prepare_data(data_file, per_class=args.per_class, seed=0, res=args.res, test_n=test_n)
-    print(f"data: {args.per_class}/class x 10 classes at {args.res} px, {test_n} test images "
+    data = prepare_data(data_file, dataset=args.dataset, per_class=args.per_class, seed=0, res=args.res,
+                        test_n=args.test_n)  # fmt: skip
+    print(f"data: {DATASETS[args.dataset]}, {args.per_class}/class x {len(data['classes'])} classes at {args.res} px, "
+          f"{len(data['y_test'])} test images, {len(data['y_val'])} validation images "
           f"({time.perf_counter() - start:.0f}s to prepare); device {device}", flush=True)  # fmt: skip
     forwarded = ["--device", str(device), "--res", str(args.res), "--epochs", str(args.epochs),
                  "--per-class", str(args.per_class), "--batch-size", str(args.batch_size),
@@ -253,27 +281,51 @@ def run_all(args, names: list[str]) -> dict[str, dict]:
     # Round-robin repeats: a burst of load from a neighbour then hits one repeat of several contenders, not
     # every repeat of one.
     for rep in range(args.repeat):
-        for name in names:
-            package = PEERS.get(name)
-            if package and importlib.util.find_spec(package) is None:
-                runs[name].append({"skipped": "skipped (not installed)"})
-                continue
-            argv = [__file__, "--worker", name, "--data-file", str(data_file), "--work-dir", args.work_dir, *forwarded]
-            runs[name].append(run_worker(argv, Path(args.work_dir) / f"{name}-{rep}.log"))
-            print(f"  {name}: {_brief(runs[name][-1])}", flush=True)
-    return {name: _fastest(r) for name, r in runs.items()}
+        for seed in args.seeds:
+            for name in names:
+                runs[name].append({"seed": seed, **_run_one(args, name, seed, rep, data_file, forwarded)})
+                print(f"  {name} seed {seed}: {_brief(runs[name][-1])}", flush=True)
+    return {name: summarize(r) for name, r in runs.items()}
 
 
-def _fastest(runs: list[dict]) -> dict:
-    """The fastest of a contender's repeats (noise only ever adds time); accuracy is the same in each."""
-    done = [r for r in runs if "acc" in r]
-    if not done:
-        return runs[-1]
-    best = dict(min(done, key=lambda r: r["seconds"]))
-    if len(runs) > 1:
-        times = "/".join(f"{r['seconds']:.1f}" if "acc" in r else "failed" for r in runs)
-        best["note"] = f"{best.get('note', '')} (fastest of {times} s)".strip()
-    return best
+def _run_one(args, name: str, seed: int, rep: int, data_file: Path, forwarded: list[str]) -> dict:
+    package = PEERS.get(name)
+    if package and importlib.util.find_spec(package) is None:
+        return {"skipped": "skipped (not installed)"}
+    argv = [__file__, "--worker", name, "--seed", str(seed), "--data-file", str(data_file), "--work-dir",
+            args.work_dir, *forwarded]  # fmt: skip
+    return run_worker(argv, Path(args.work_dir) / f"{name}-s{seed}-{rep}.log")
+
+
+def summarize(runs: list[dict]) -> dict:
+    """One row from a contender's runs: accuracy = the mean over seeds (min and max beside it); time = for each seed
+    the fastest of its repeats (noise only ever adds time), then the median over seeds (the auto recipe's choice,
+    and so its work, can differ between seeds); peak memory = the highest of all runs."""
+    by_seed: dict[int, list[dict]] = {}
+    for r in runs:
+        by_seed.setdefault(r["seed"], []).append(r)
+    for seed, rs in by_seed.items():
+        if not any("acc" in r for r in rs):  # a seed without a result: no mean over the others
+            failed = rs[-1]
+            return (
+                {"skipped": failed["skipped"]} if "skipped" in failed else {"error": f"seed {seed}: {failed['error']}"}
+            )
+    done = {seed: [r for r in rs if "acc" in r] for seed, rs in by_seed.items()}
+    accs = [statistics.mean(r["acc"] for r in rs) for rs in done.values()]  # repeats of a seed agree (fixed threads)
+    fastest = {seed: min(rs, key=lambda r: r["seconds"]) for seed, rs in done.items()}
+    seconds = statistics.median(r["seconds"] for r in fastest.values())
+    typical = min(fastest.values(), key=lambda r: abs(r["seconds"] - seconds))  # its note stands for the row
+    notes = [typical.get("note", "")]
+    if any("auto" in r for r in fastest.values()):
+        chosen = "/".join(str(r.get("auto", "?")) for r in fastest.values())  # one per seed
+        notes.append(f"auto: last {chosen} stage(s) + head")
+    if len(runs) > 1:  # per seed, its repeats
+        times = ", ".join("/".join(f"{r['seconds']:.1f}" if "acc" in r else "failed" for r in rs)
+                          for rs in by_seed.values())  # fmt: skip
+        notes.append(f"(times {times} s)")
+    return {"acc": statistics.mean(accs), "acc_min": min(accs), "acc_max": max(accs), "seeds": len(accs),
+            "seconds": seconds, "peak_mib": max(r["peak_mib"] for rs in done.values() for r in rs),
+            "note": "; ".join(n for n in notes if n)}  # fmt: skip
 
 
 def _brief(r: dict) -> str:
@@ -290,19 +342,22 @@ def report(results: dict[str, dict]) -> str:
     rows = []
     for name, r in results.items():
         if "acc" not in r:
-            rows.append([name, "-", "-", "-", "-", "-", (r.get("skipped") or r.get("error", "?"))[-90:]])
+            rows.append([name, "-", "-", "-", "-", "-", "-", (r.get("skipped") or r.get("error", "?"))[-90:]])
             continue
-        rows.append([name, f"{100 * r['acc']:.2f}", f"{r['seconds']:.1f}", f"{r['peak_mib']:.0f}",
+        spread = f"{100 * r['acc_min']:.2f}-{100 * r['acc_max']:.2f}" if r["seeds"] > 1 else "-"
+        rows.append([name, f"{100 * r['acc']:.2f}", spread, f"{r['seconds']:.1f}", f"{r['peak_mib']:.0f}",
                      ratio(r, "lightning"), ratio(r, "full"), r.get("note", "")])  # fmt: skip
-    header = ["contender", "test acc %", "train s", "peak MiB", "x lightning", "x full", "note"]
+    header = ["contender", "test acc %", "min-max", "train s", "peak MiB", "x lightning", "x full", "note"]
     lines = [table(rows, header), "", acceptance(results, "lightning", "Lightning", 1 / 3, "1/3")]
-    return "\n".join([*lines, acceptance(results, "full", "the full fine-tune", 1 / 2, "1/2")])
+    return "\n".join(
+        [*lines, acceptance(results, "full", "the full fine-tune", 1 / 2, "1/2"), default_command(results)]
+    )
 
 
 def acceptance(results: dict[str, dict], ref: str, label: str, target: float, target_text: str) -> str:
     """Issue C's check: the fastest freezetune recipe that reaches the reference's accuracy, and its time ratio."""
     base = results.get(ref, {})
-    ours = {n: r for n, r in results.items() if n in RECIPES and "acc" in r}
+    ours = {n: r for n, r in results.items() if n in FREEZETUNE and "acc" in r}
     if "acc" not in base or not ours:
         return f"vs {label}: not measured in this run"
     reached = [n for n, r in ours.items() if r["acc"] >= base["acc"]]
@@ -318,6 +373,21 @@ def acceptance(results: dict[str, dict], ref: str, label: str, target: float, ta
             f"in {r['seconds']:.1f} s = {ratio:.2f} x {label}'s time (target <= {target_text}): {verdict}")  # fmt: skip
 
 
+def default_command(results: dict[str, dict]) -> str:
+    """This issue's check: the default command against the most accurate peer (mean accuracy over seeds), and its
+    time against the full fine-tune's."""
+    ours, full = results.get("ft-default", {}), results.get("full", {})
+    peers = {n: r for n, r in results.items() if n in PEERS and "acc" in r}
+    if "acc" not in ours or "acc" not in full:
+        return "freezetune's default command (ft-default) vs the best peer: not measured (needs ft-default and full)"
+    best = max(peers, key=lambda n: peers[n]["acc"])
+    gain, ratio = 100 * (ours["acc"] - peers[best]["acc"]), ours["seconds"] / full["seconds"]
+    verdict = "met" if gain >= GAIN_TARGET and ratio <= TIME_TARGET else "NOT met"
+    return (f"freezetune's default command (ft-default) vs the best peer ({best}, {100 * peers[best]['acc']:.2f}%; "
+            f"ft-default {100 * ours['acc']:.2f}%): {gain:+.2f} points (target >= +{GAIN_TARGET:.2f}), "
+            f"time = {ratio:.2f} x the full fine-tune's (target <= {TIME_TARGET:.2f}): {verdict}")  # fmt: skip
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
@@ -325,15 +395,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--per-class", type=int, default=100)
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--test-n", type=int, default=None, help="first N test images (default 2000 on CPU, all on CUDA)")
+    p.add_argument("--dataset", default="fashion", choices=list(DATASETS), help="fashion (Fashion-MNIST) | digits "
+                   "(scikit-learn's 8x8 digits: --per-class per class train, the rest test)")  # fmt: skip
+    p.add_argument("--seeds", default="0", help="comma-separated seeds; each contender runs once per seed (default 0)")
+    p.add_argument("--test-n", type=int, default=None, help="first N test images (default: all)")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads per contender (default: torch's); 1 resists a busy shared machine")  # fmt: skip
-    p.add_argument("--repeat", type=int, default=1, help="run each contender N times, report the fastest")
+    p.add_argument("--repeat", type=int, default=1, help="run each contender N times per seed, report the fastest")
     p.add_argument("--only", default=None, help=f"comma-separated subset of: {', '.join(CONTENDERS)}")
     p.add_argument("--work-dir", default=None, help="where data, logs and run dirs go (default: a temp dir)")
     p.add_argument("--worker", choices=CONTENDERS, help=argparse.SUPPRESS)
     p.add_argument("--data-file", help=argparse.SUPPRESS)
+    p.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)  # a worker's seed
     args = p.parse_args(argv)
+    try:
+        args.seeds = list(dict.fromkeys(int(x) for x in args.seeds.split(",") if x.strip()))  # in order, once each
+    except ValueError:
+        p.error(f"--seeds {args.seeds!r}: expected comma-separated integers, e.g. 0,1,2")
+    if not args.seeds:
+        p.error("--seeds: give at least one seed")
     if args.res is None:
         args.res = 224 if pick_device(args.device).type == "cuda" else 64
     return args
@@ -352,8 +432,10 @@ def main(argv: list[str] | None = None) -> None:
     Path(args.work_dir).mkdir(parents=True, exist_ok=True)
     results = run_all(args, names)
     print()
-    print(f"transfer: {MODEL} ImageNet -> Fashion-MNIST, {args.per_class}/class, {args.res} px, "
-          f"{args.epochs} epochs, batch {args.batch_size}, {args.threads or torch.get_num_threads()} threads")  # fmt: skip
+    print(f"transfer: {MODEL} ImageNet -> {DATASETS[args.dataset]}, {args.per_class}/class, {args.res} px, "
+          f"{args.epochs} epochs, batch {args.batch_size}, {args.threads or torch.get_num_threads()} threads, "
+          f"seeds {','.join(map(str, args.seeds))}")  # fmt: skip
+    print("test acc %: mean over seeds (min-max beside it); train s: each seed's fastest repeat, median over seeds")
     print(report(results))
     if own_dir and not any("error" in r for r in results.values()):
         shutil.rmtree(args.work_dir, ignore_errors=True)  # kept when a contender failed: its log is there
