@@ -99,7 +99,9 @@ def test_auto_measures_on_the_validation_split_and_keeps_its_evidence(data, tmp_
     assert all(0 <= t["val_acc"] <= 1 and sum(t["seconds"].values()) > 0 for t in recipe["trials"])
     choice = recipe["choice"]
     assert choice["freeze"] == -(choice["trained_stages"] + 1) and choice["epochs"] == 2 and choice["why"]
-    assert [t["lr"] for t in recipe["trials"]] == pytest.approx([1e-2, 5e-3, 1e-2 / 3])  # lr * 10 / k
+    # three validation images cannot overturn the default of training the last two stages
+    assert [t["n_val"] for t in recipe["trials"]] == [3, 3, 3] and choice["trained_stages"] == 2
+    assert [t["lr"] for t in recipe["trials"]] == pytest.approx([1e-2, 1e-2, 2e-2 / 3])  # lr * 10 * min(1, 2 / k)
     final = checkpoint.load(tmp_path / "auto" / "last.pt")
     assert final["config"]["freeze"] == choice["freeze"] and final["config"]["lr"] == choice["lr"]
     assert final["epoch"] == 2 and result.run_dir == tmp_path / "auto"

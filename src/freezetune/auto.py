@@ -7,12 +7,14 @@ cheap to ask the data. The procedure, every step printed and written to ``recipe
 1. Candidates: the last ``k`` stages and the head train, for ``k = 1 .. MAX_TRAINED_STAGES`` (fewer on a model with
    fewer stages); everything before is frozen (BatchNorm frozen). All candidates share one feature cache, cut before
    the deepest candidate's first trainable stage: the prefix runs once per image for all of them and for the run.
-   A partly frozen network takes larger steps than a whole one: candidate ``k`` trains at ``lr * LR_BOOST / k``
-   (1e-2, 5e-3, 3.3e-3 for the default lr 1e-3), which beat the full fine-tune's 1e-3 on every dataset measured.
+   A partly frozen network takes larger steps than a whole one: candidate ``k`` trains at
+   ``lr * LR_BOOST * min(1, 2 / k)`` (1e-2, 1e-2, 6.7e-3 for the default lr 1e-3), which beat the full fine-tune's
+   1e-3 on every dataset measured.
 2. Trials: each candidate trains one short epoch over a random ``TRIAL_FRACTION`` of the training set, with its LR
    schedule run to the end within it, and is scored on the validation split. The test split is never looked at.
-3. Choice: the cheapest candidate (fewest trainable stages) whose validation accuracy is within ``TOLERANCE`` of the
-   best trial: more trainable stages must earn their extra time.
+3. Choice: the last two stages (``DEFAULT_TRAINED_STAGES``, the best choice on every dataset measured), unless
+   another candidate beats them on the validation split by more than its noise (one standard error of the
+   difference of two accuracies on that many images): a small validation split does not get to overturn it.
 4. The run: the chosen candidate trains for ``epochs`` epochs (with ``budget``: as many as the time left affords at
    its measured pace, at least one) from the pretrained weights, reading the shared cache. The trials' metrics stay
    in ``auto-trials/``.
@@ -32,9 +34,9 @@ from freezetune.config import TrainConfig
 from freezetune.options import parse_duration
 
 MAX_TRAINED_STAGES = 3  # candidates train the last 1, 2 or 3 stages (and the head)
-LR_BOOST = 10  # the learning rate of a candidate training k stages is lr * LR_BOOST / k
+LR_BOOST = 10  # the learning rate of a candidate training k stages is lr * LR_BOOST * min(1, 2 / k)
 TRIAL_FRACTION = 0.5  # a trial epoch trains on this share of the training set
-TOLERANCE = 0.005  # validation accuracy within half a point of the best counts as as good
+DEFAULT_TRAINED_STAGES = 2  # the candidate kept unless the validation split clearly prefers another
 RECIPE_FILE = "recipe.json"
 TRIALS_DIR = "auto-trials"
 
@@ -62,14 +64,15 @@ def run(cfg: TrainConfig, *, echo: Callable[[str], None] = print, train: Callabl
          f"{TRIAL_FRACTION:.0%} of the training set, scored on the validation split (features cached once, before "
          f"{cut})")  # fmt: skip
     trials = [_trial(base, k, out, train, echo) for k in ks]
-    choice = choose(trials)
-    best = max((t["val_acc"] or 0.0) for t in trials)
-    why = f"the fewest trained stages within {100 * TOLERANCE:.1f} points of the best trial ({_pct(best)})"
+    n_val = trials[0]["n_val"]
+    choice = choose(trials, n_val)
+    why = (f"the default, last {DEFAULT_TRAINED_STAGES} stages, unless another trial beats it by more than the noise of "
+           f"{n_val} validation images")  # fmt: skip
     epochs = _affordable(cfg, choice, time.perf_counter() - start)
     echo(f"auto: chose to train the last {choice['trained_stages']} stage(s) + head (freeze {choice['freeze']}, lr "
          f"{choice['lr']:.1e}) for {epochs} epoch(s): {why}")  # fmt: skip
     decision = {"procedure": __doc__.split("\n\n", 2)[2].strip(), "cut": cut, "trials": trials,
-                "tolerance": TOLERANCE, "trial_fraction": TRIAL_FRACTION, "budget_s": parse_duration(cfg.budget),
+                "default_trained_stages": DEFAULT_TRAINED_STAGES, "trial_fraction": TRIAL_FRACTION, "budget_s": parse_duration(cfg.budget),
                 "choice": {**choice, "epochs": epochs, "why": why}}  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(saved, json.dumps(decision, indent=1))
@@ -103,16 +106,16 @@ def _trial(base: TrainConfig, k: int, out: Path, train: Callable, echo: Callable
          f"({sum(seconds.values()):.1f}s)")  # fmt: skip
     return {"trained_stages": k, "freeze": -(k + 1), "lr": trial_cfg.lr, "val_acc": result.best_metric,
             "seconds": seconds, "epoch_s": row.get("epoch_time_s", 0.0) / TRIAL_FRACTION,
-            "trainable_params": row.get("trainable_params")}  # fmt: skip
+            "trainable_params": row.get("trainable_params"), "n_val": _val_size(result)}  # fmt: skip
 
 
 def candidate_lr(lr: float, k: int) -> float:
     """The learning rate of the candidate that trains the last ``k`` stages.
 
-    >>> candidate_lr(1e-3, 1), candidate_lr(1e-3, 2)
-    (0.01, 0.005)
+    >>> candidate_lr(1e-3, 1), candidate_lr(1e-3, 2), round(candidate_lr(1e-3, 3), 5)
+    (0.01, 0.01, 0.00667)
     """
-    return lr * LR_BOOST / k
+    return lr * LR_BOOST * min(1.0, 2 / k)
 
 
 def _candidates(cfg: TrainConfig) -> tuple[list[int], str]:
@@ -134,18 +137,29 @@ def _affordable(cfg: TrainConfig, choice: dict, spent: float) -> int:
     return max(1, math.floor((budget - spent) / max(choice["epoch_s"], 1e-6)))
 
 
-def choose(trials: list[dict]) -> dict:
-    """The trial with the fewest trained stages whose validation accuracy is within ``TOLERANCE`` of the best.
+def choose(trials: list[dict], n_val: int) -> dict:
+    """The default candidate (``DEFAULT_TRAINED_STAGES``), unless another beat it on the validation split by more
+    than the noise of a split of ``n_val`` images (one standard error of the difference of two accuracies); among
+    several such, the most accurate, the cheaper one on a tie.
 
-    >>> choose([{"trained_stages": 1, "val_acc": 0.80}, {"trained_stages": 2, "val_acc": 0.83},
-    ...         {"trained_stages": 3, "val_acc": 0.832}])["trained_stages"]
-    2
+    >>> trials = [{"trained_stages": 1, "val_acc": 0.80}, {"trained_stages": 2, "val_acc": 0.83},
+    ...           {"trained_stages": 3, "val_acc": 0.86}]
+    >>> choose(trials, n_val=100)["trained_stages"], choose(trials, n_val=5000)["trained_stages"]
+    (2, 3)
     """
     scored = [t for t in trials if t["val_acc"] is not None and math.isfinite(t["val_acc"])]
-    if not scored:  # no validation data: the middle candidate, the usual best compromise
-        return trials[len(trials) // 2]
-    best = max(t["val_acc"] for t in scored)
-    return min((t for t in scored if t["val_acc"] >= best - TOLERANCE), key=lambda t: t["trained_stages"])
+    default = next((t for t in trials if t["trained_stages"] == DEFAULT_TRAINED_STAGES), trials[len(trials) // 2])
+    if not scored or default not in scored:
+        return default
+    p = default["val_acc"]
+    noise = math.sqrt(2 * max(p * (1 - p), 1 / max(n_val, 1)) / max(n_val, 1))
+    better = [t for t in scored if t["val_acc"] > p + noise]
+    return max(better, key=lambda t: (t["val_acc"], -t["trained_stages"])) if better else default
+
+
+def _val_size(result) -> int:
+    """How many images the trial was validated on (the ``val_n`` column of its epoch row)."""
+    return int(result.history[-1].get("val_n", 0)) if result.history else 0
 
 
 def _pct(value: float | None) -> str:

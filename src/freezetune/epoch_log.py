@@ -85,7 +85,8 @@ def epoch_row(epoch: int, epochs: int, train: dict, val: dict | None, *, seconds
     """
     row = {"epoch": epoch + 1, "epochs": epochs, "train_loss": train["train_loss"], "train_acc": train["train_acc"]}
     if val is not None:
-        row.update(val_loss=val["loss"], val_acc=val["acc"], val_top5=val["top5"], val_f1=val["macro_f1"])
+        row.update(val_loss=val["loss"], val_acc=val["acc"], val_top5=val["top5"], val_f1=val["macro_f1"],
+                   val_n=val["n"])  # fmt: skip
     groups = optimizer.param_groups if optimizer is not None else []
     row.update({f"lr/{g.get('name', i)}": g["lr"] for i, g in enumerate(groups)})
     row.update(trainable_params=params[0], total_params=params[1], epoch_time_s=seconds)
