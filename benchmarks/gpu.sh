@@ -48,7 +48,7 @@ step tests 60 "$py" -m pytest -q -p no:cacheprovider -m gpu tests/test_cuda.py t
 step throughput 100 "$py" benchmarks/throughput.py --device cuda
 step loader 50 "$py" benchmarks/loader.py --device cuda
 step transfer 150 "$py" benchmarks/transfer.py --device cuda --res 224 --epochs 10 --per-class 100 \
-  --only "${TRANSFER_ONLY:-seed,lightning,full,ft-head,ft-last3}"
+  --only "${TRANSFER_ONLY:-seed,lightning,full,ft-head,ft-last3,ft-default}"
 
 echo
 echo "================================ summary ($((SECONDS - start)) s, files in $out) ================================"

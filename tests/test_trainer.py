@@ -293,3 +293,22 @@ def test_a_last_training_batch_of_one_image_is_left_out_not_a_crash(tmp_path, ca
     rows = _rows(tmp_path / "run")
     assert [r["epoch"] for r in rows] == ["1", "2"]
     assert all(float(r["img_per_s"]) > 0 for r in rows)
+
+
+def test_a_non_finite_loss_stops_the_run_and_keeps_the_good_checkpoints(data, tmp_path, capsys, monkeypatch):
+    # the loss turns NaN at the 2nd step of epoch 2: the run stops with one line naming both, best.pt and last.pt
+    # keep epoch 1, and NaN never becomes the best. 36 training images in batches of 8: 5 steps an epoch.
+    real, calls = trainer.logits_of, []
+
+    def poisoned(output):  # the trainer's training steps alone call trainer.logits_of (validation has its own)
+        calls.append(1)
+        return real(output) * float("nan") if len(calls) == 5 + 2 else real(output)
+
+    monkeypatch.setattr(trainer, "logits_of", poisoned)
+    code, out, err = run_cli(capsys, *train_argv(data, tmp_path / "run", "--epochs", "3", "--freeze", "-3"))
+    assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert "not finite at epoch 2, step 2" in err and "--lr" in err
+    assert len(_rows(tmp_path / "run")) == 1 and "epoch 1/3" in out
+    best, last = checkpoint.load(tmp_path / "run" / "best.pt"), checkpoint.load(tmp_path / "run" / "last.pt")
+    assert best["epoch"] == 1 and last["epoch"] == 1
+    assert all(torch.isfinite(v).all() for v in last["state_dict"].values() if v.is_floating_point())

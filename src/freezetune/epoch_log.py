@@ -33,9 +33,13 @@ class TrainProgress:
         self.total, self.step, self.seen = total, 0, 0
         self.loss_sum = torch.zeros((), device=device)
         self.correct = torch.zeros((), device=device, dtype=torch.long)
+        self.first_bad = torch.full((), -1, device=device, dtype=torch.long)  # first step with a non-finite loss
         self.bar = tqdm(total=total, desc=desc, leave=False, disable=not enabled, dynamic_ncols=True)
 
     def update(self, loss: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> None:
+        # kept on the device and read once at the end of the epoch: no sync per step
+        bad = ~torch.isfinite(loss.detach()) & (self.first_bad < 0)
+        self.first_bad = torch.where(bad, torch.full_like(self.first_bad, self.step), self.first_bad)
         self.loss_sum += loss.detach() * len(targets)
         self.correct += (logits.detach().argmax(-1) == targets).sum()
         self.seen += len(targets)
@@ -46,15 +50,18 @@ class TrainProgress:
         self.step += 1
 
     def close(self, reduce=lambda t: t) -> dict[str, float]:
-        """Close the bar; the epoch's mean loss, accuracy and sample count, summed over ranks by ``reduce``, and on
-        CUDA this GPU's mean utilisation and memory (``GpuMonitor``)."""
+        """Close the bar; the epoch's mean loss, accuracy and sample count, summed over ranks by ``reduce``, on CUDA
+        this GPU's mean utilisation and memory (``GpuMonitor``), and ``first_bad_step``: the first step (0-based) of
+        this process whose loss was not finite, -1 if none, or 0 when another rank's was."""
         self.bar.close()
         gpu = self.gpu.stop()
-        totals = torch.stack(
-            [self.loss_sum, self.correct.float(), torch.tensor(float(self.seen), device=self.loss_sum.device)]
-        )
-        loss, correct, seen = reduce(totals).tolist()
-        return {"train_loss": loss / max(seen, 1), "train_acc": correct / max(seen, 1), "samples": int(seen), **gpu}
+        device = self.loss_sum.device
+        bad = (self.first_bad >= 0).float()
+        totals = torch.stack([self.loss_sum, self.correct.float(), torch.tensor(float(self.seen), device=device), bad])
+        loss, correct, seen, bad_ranks = reduce(totals).tolist()
+        first_bad = int(self.first_bad) if self.first_bad >= 0 else (0 if bad_ranks else -1)
+        return {"train_loss": loss / max(seen, 1), "train_acc": correct / max(seen, 1), "samples": int(seen),
+                "first_bad_step": first_bad, **gpu}  # fmt: skip
 
 
 def _human(n: float) -> str:

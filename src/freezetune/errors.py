@@ -38,3 +38,7 @@ def choices(values: Iterable[object], limit: int = 40) -> str:
     if len(items) > limit:
         items = items[: limit - 1] + [f"... ({len(items) - limit + 1} more)", items[-1]]
     return ", ".join(items)
+
+
+class TrainingError(FreezetuneError):
+    """Training cannot go on as configured (a non-finite loss: the run diverged)."""

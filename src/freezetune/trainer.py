@@ -19,7 +19,7 @@ from freezetune.cache import FeaturePath
 from freezetune.config import TrainConfig, parse_freeze_spec, validate
 from freezetune.data import Loaders, build_datasets
 from freezetune.distributed import all_reduce_sum, barrier, broadcast, device_for, init_from_env, shutdown, wrap
-from freezetune.errors import ConfigError
+from freezetune.errors import ConfigError, TrainingError
 from freezetune.evaluate import logits_of, to_device
 from freezetune.freeze import count_parameters, freeze, summary
 from freezetune.inference import evaluate_model, write_evaluation
@@ -172,6 +172,10 @@ class Trainer:
         start = time.perf_counter()
         train_stats = self._train_epoch(epoch, self.features.train_batches(epoch))
         seconds = time.perf_counter() - start
+        if (step := train_stats.pop("first_bad_step")) >= 0:  # stop before these weights reach last.pt or best.pt
+            raise TrainingError(f"the loss was not finite at epoch {epoch + 1}, step {step + 1}: training diverged; "
+                                f"best.pt and last.pt keep epoch {self.progress.best_epoch} and "
+                                f"{self.progress.epoch} (try a lower --lr or --grad-clip 1.0)")  # fmt: skip
         start = time.perf_counter()
         val = self.features.evaluate_val(self.precision, num_classes=len(self.classes))
         self.seconds["val"] += time.perf_counter() - start
