@@ -58,6 +58,8 @@ RESUMABLE = ("--epochs", "3", "--freeze", "backbone", "--unfreeze", "epoch:1", "
         ("--scheduler", "onecycle"),
         ("--scheduler", "cosine", "--warmup-epochs", "1"),
         ("--scheduler", "onecycle", "--cache", "auto"),  # frozen-prefix features cached, rebuilt after each unfreeze
+        # loader processes (the default for image files on a CPU) augmenting: fresh workers each epoch, seeded by it
+        ("--scheduler", "onecycle", "--workers", "2", "--aug", "standard"),
     ],
 )
 def test_resume_after_interrupt_matches_an_uninterrupted_run(data, tmp_path, capsys, monkeypatch, schedule):
@@ -312,3 +314,21 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_good_checkpoints(data, tm
     best, last = checkpoint.load(tmp_path / "run" / "best.pt"), checkpoint.load(tmp_path / "run" / "last.pt")
     assert best["epoch"] == 1 and last["epoch"] == 1
     assert all(torch.isfinite(v).all() for v in last["state_dict"].values() if v.is_floating_point())
+
+
+def test_a_full_disk_while_saving_is_one_line_and_keeps_the_last_good_checkpoint(data, tmp_path, capsys, monkeypatch):
+    import errno
+
+    real, saves = checkpoint.atomic_save, []
+
+    def full_disk(record, path):
+        saves.append(path)
+        if len(saves) > 2:  # epoch 1's best.pt and last.pt are written; epoch 2's first save finds the disk full
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real(record, path)
+
+    monkeypatch.setattr(checkpoint, "atomic_save", full_disk)
+    code, _, err = run_cli(capsys, *train_argv(data, tmp_path / "run", "--epochs", "3", "--freeze", "-3"))
+    assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert "No space left on device" in err and "intact" in err
+    assert checkpoint.load(tmp_path / "run" / "last.pt")["epoch"] == 1

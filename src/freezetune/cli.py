@@ -55,6 +55,10 @@ def main(argv: list[str] | None = None) -> int:
     except FreezetuneError as exc:
         print(f"freezetune: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a full disk, a read-only or vanished run dir: every write is atomic, so nothing is lost
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"freezetune: error: {exc.strerror or exc}{where}; files written before are intact", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("freezetune: interrupted; last.pt holds the last finished epoch (--resume continues)", file=sys.stderr)
         return 130

@@ -131,12 +131,16 @@ class CpuLoader:
     """A ``DataLoader`` (per-sample transforms, worker processes) driven by an ``EpochOrder``.
 
     ``set_epoch`` picks the epoch's order and reseeds the loader's generator, from which the ``DataLoader`` draws its
-    workers' seeds: a rank's augmentation then depends on (seed, epoch, rank) alone.
+    workers' seeds: a rank's augmentation then depends on (seed, epoch, rank) alone. That needs fresh workers each
+    epoch: persistent workers keep the random state they reached, so a resumed run would augment differently. Only
+    loaders without randomness (evaluation) keep theirs (``persistent``).
     """
 
-    def __init__(self, dataset: Dataset, order: EpochOrder, *, batch_size: int, workers: int, pin: bool, rank: int = 0):
+    def __init__(self, dataset: Dataset, order: EpochOrder, *, batch_size: int, workers: int, pin: bool, rank: int = 0,
+                 persistent: bool = False):  # fmt: skip
         self.order, self.rank = order, rank
-        self.loader = _dataloader(dataset, order, batch_size=batch_size, workers=workers, pin=pin)
+        self.loader = _dataloader(dataset, order, batch_size=batch_size, workers=workers, pin=pin,
+                                  persistent=persistent)  # fmt: skip
 
     def set_epoch(self, epoch: int) -> None:
         self.order.set_epoch(epoch)
@@ -277,7 +281,7 @@ class Loaders:
         if device is not None:
             return device
         return CpuLoader(dataset, order, batch_size=batch_size, workers=self._workers(dataset),
-                         pin=self.device.type == "cuda", rank=self.dist.rank)  # fmt: skip
+                         pin=self.device.type == "cuda", rank=self.dist.rank, persistent=not train)  # fmt: skip
 
     def _device_loader(self, dataset: Dataset, *, train: bool, batch_size: int, **where):
         from freezetune.data.gpu import build_device_loader, should_use_device_loader
