@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -97,6 +98,7 @@ def _trial(base: TrainConfig, k: int, out: Path, train: Callable, echo: Callable
         warmup_epochs=0.0, early_stop=None, unfreeze=None, final_test=False, tensorboard=False, resume=False,
         out=str(out / TRIALS_DIR / f"last-{k}"),
     )  # fmt: skip
+    shutil.rmtree(trial_cfg.out, ignore_errors=True)  # a trial of an interrupted earlier attempt: start it afresh
     result = train(trial_cfg, echo=_indented(echo))
     for name in ("best.pt", "last.pt"):  # the weights are not needed again; the metrics stay as evidence
         (result.run_dir / name).unlink(missing_ok=True)
