@@ -36,7 +36,7 @@ from freezetune.options import parse_duration
 
 MAX_TRAINED_STAGES = 3  # candidates train the last 1, 2 or 3 stages (and the head)
 LR_BOOST = 10  # the learning rate of a candidate training k stages is lr * LR_BOOST * min(1, 2 / k)
-TRIAL_FRACTION = 0.5  # a trial epoch trains on this share of the training set
+TRIAL_FRACTION = 1 / 3  # a trial epoch trains on this share of the training set
 DEFAULT_TRAINED_STAGES = 2  # the candidate kept unless the validation split clearly prefers another
 RECIPE_FILE = "recipe.json"
 TRIALS_DIR = "auto-trials"
