@@ -7,4 +7,4 @@ bash scripts/fashion-mnist.sh >/dev/null || echo "Fashion-MNIST unavailable: its
 .venv/bin/hadolint docker/Dockerfile
 .venv/bin/ruff check src tests benchmarks
 .venv/bin/ruff format --check src tests benchmarks
-.venv/bin/python -m pytest -q "$@"
+.venv/bin/python -m pytest -q -rs "$@"

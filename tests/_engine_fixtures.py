@@ -76,3 +76,13 @@ def one_thread() -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def fashion_mnist_dir() -> Path:
+    """Where ``scripts/fashion-mnist.sh`` put the IDX files: ``$FREEZETUNE_FASHION_MNIST``, Debian's package, else
+    torchvision's download in the user cache (the default path, missing, when none has them: the tests skip)."""
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "freezetune" / "FashionMNIST" / "raw"
+    for folder in (os.environ.get("FREEZETUNE_FASHION_MNIST"), "/usr/share/datasets/fashion-mnist", cache):
+        if folder and (Path(folder) / "t10k-labels-idx1-ubyte.gz").is_file():
+            return Path(folder)
+    return Path("/usr/share/datasets/fashion-mnist")

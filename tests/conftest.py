@@ -36,7 +36,8 @@ def make_batch(seed: int, n: int = 4, size: int = 16, num_classes: int = 3) -> t
 
 def tiny_bert_config(num_labels: int = 3):
     """A BERT config small enough to build in milliseconds (two layers, hidden size 16)."""
-    transformers = pytest.importorskip("transformers")
+    import transformers
+
     return transformers.BertConfig(
         vocab_size=64,
         hidden_size=16,
@@ -71,7 +72,8 @@ def tiny_cnn() -> TinyCNN:
 
 @pytest.fixture
 def resnet18() -> nn.Module:
-    torchvision = pytest.importorskip("torchvision")
+    import torchvision
+
     torch.manual_seed(0)
     return torchvision.models.resnet18(num_classes=10)
 

@@ -12,13 +12,14 @@ import pytest
 import torch
 from PIL import Image
 
+from _engine_fixtures import fashion_mnist_dir
 from freezetune.data import build_datasets, build_loader, eval_transform, list_images, load_image, train_transform
 from freezetune.data.idx import FASHION_CLASSES, InMemoryImageDataset, read_idx
 from freezetune.data.sampling import per_class_indices, stratified_split
 from freezetune.errors import ConfigError, DataError
 from freezetune.preprocess import Preprocess
 
-FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
+FASHION_DIR = fashion_mnist_dir()
 PRE = Preprocess(input_size=16, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
 COLOURS = {"blue": (0, 0, 255), "green": (0, 255, 0), "red": (255, 0, 0)}
 

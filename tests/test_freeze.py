@@ -11,8 +11,6 @@ from torch import nn
 import freezetune as ft
 from conftest import TinyCNN, bn_layers, clone_params, make_batch
 
-torchvision = pytest.importorskip("torchvision")
-
 RESNET = ["stem", "layer1", "layer2", "layer3", "layer4", "fc"]
 
 

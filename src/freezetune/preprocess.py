@@ -1,4 +1,5 @@
-"""How a model wants its input: size, normalisation and resize rule, stored in every checkpoint."""
+"""How a model wants its input, stored in every checkpoint: for images the size, normalisation and resize rule;
+for text (Hugging Face sequence classifiers) the tokenizer and the longest sequence."""
 
 from __future__ import annotations
 
@@ -21,6 +22,12 @@ class Preprocess:
     std: tuple[float, float, float] = field(default=IMAGENET_STD)
     interpolation: str = "bilinear"  # "bilinear" | "bicubic" | "nearest"
     crop_pct: float = 0.875  # eval: resize to input_size / crop_pct, then center-crop input_size
+    tokenizer: str | None = None  # text models: where AutoTokenizer loads from (the model's directory or hub id)
+    max_length: int = 128  # text models: longer texts are truncated
+
+    @property
+    def is_text(self) -> bool:
+        return self.tokenizer is not None
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -35,4 +42,6 @@ class Preprocess:
             std=tuple(d["std"]),
             interpolation=str(d.get("interpolation", "bilinear")),
             crop_pct=float(d.get("crop_pct", 0.875)),
+            tokenizer=d.get("tokenizer"),
+            max_length=int(d.get("max_length", 128)),
         )

@@ -19,11 +19,11 @@ from freezetune.cache import FeaturePath
 from freezetune.config import TrainConfig, parse_freeze_spec, validate
 from freezetune.data import Loaders, build_datasets
 from freezetune.distributed import all_reduce_sum, barrier, broadcast, device_for, init_from_env, shutdown, wrap
-from freezetune.errors import ConfigError, TrainingError
-from freezetune.evaluate import logits_of, to_device
+from freezetune.errors import TrainingError
+from freezetune.evaluate import logits_of, run_model, to_device
 from freezetune.freeze import count_parameters, freeze, summary
 from freezetune.inference import evaluate_model, write_evaluation
-from freezetune.models import create_model
+from freezetune.models import create_model, text_preprocess
 from freezetune.optim import build_optimizer, build_scheduler
 from freezetune.precision import resolve_device, resolve_precision
 from freezetune.progress import Progress, RunResult
@@ -71,8 +71,7 @@ class Trainer:
         barrier(self.dist)  # every rank checked the run dir before rank 0 writes into it
         runtime.seed_everything(cfg.seed)
         self.model, self.preprocess = create_model(cfg.model, cfg.weights, img_size=cfg.img_size)
-        if self.preprocess is None:
-            raise ConfigError(f"{cfg.model} is not an image model; the trainer fine-tunes image classifiers")
+        self.preprocess = self.preprocess or text_preprocess(cfg.model)  # a Hugging Face text model: its tokenizer
         self.data = build_datasets(cfg.data, val_data=cfg.val_data, val_split=cfg.val_split, per_class=cfg.per_class,
                                    seed=cfg.seed, preprocess=self.preprocess, aug=cfg.aug)  # fmt: skip
         self.classes = self.data.classes
@@ -196,7 +195,7 @@ class Trainer:
             inputs = to_device(inputs, self.device, self.channels_last)
             targets = targets.to(self.device, non_blocking=True)
             with self.precision.autocast():
-                logits = logits_of(self.features.train_module(inputs))
+                logits = logits_of(run_model(self.features.train_module, inputs))
                 loss = loss_fn(logits.float(), targets)
             self._optimize(loss)
             meter.update(loss, logits, targets)

@@ -111,6 +111,9 @@ class FeaturePath:
         return self.loaders.device.type == "cuda"
 
     def _build_cache(self) -> None:
+        if self.loaders.preprocess.is_text:
+            self.echo("feature cache off: text batches are tokenized and padded per batch, not cached")
+            return
         split, why = split_model(self.model, at=self.cache_at)
         if split is None:
             self.echo(f"feature cache off: {why}")

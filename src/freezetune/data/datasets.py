@@ -15,6 +15,7 @@ from torch.utils.data import Dataset
 from freezetune.data.folder import read_csv, scan_folder
 from freezetune.data.idx import idx_files, is_idx_dir, load_idx
 from freezetune.data.sampling import per_class_indices, stratified_split
+from freezetune.data.text import read_text_csv, text_csv_header
 from freezetune.data.transforms import eval_transform, train_transform
 from freezetune.errors import ConfigError, DataError, choices
 from freezetune.options import AUG_DEFAULT, fraction_problem, positive_int_problem
@@ -36,7 +37,7 @@ class DataBundle:
     val: Dataset | None
     test: Dataset | None
     classes: list[str]
-    source: str  # "idx" | "folder" | "csv"
+    source: str  # "idx" | "folder" | "csv" | "text"
     val_source: str = ""  # where the validation set came from, in words (the trainer prints it)
 
 
@@ -52,6 +53,8 @@ def _load_source(data: str) -> tuple[str, Dataset, Dataset | None, Dataset | Non
     if path.is_file():
         if path.suffix.lower() != ".csv":
             raise DataError(f"data file '{data}' is not a CSV; expected {_EXPECTED}")
+        if text_csv_header(path) is not None:
+            return "text", read_text_csv(path), None, None
         return "csv", read_csv(path), None, None
     if is_idx_dir(path):
         test = load_idx(path, "test") if idx_files(path, "test") else None
@@ -71,7 +74,7 @@ def _load_val(val_data: str, classes: list[str]) -> Dataset:
     if not path.exists():
         raise DataError(f"val data path '{val_data}' does not exist; expected {_EXPECTED}")
     if path.is_file():
-        return read_csv(path, classes)
+        return read_text_csv(path, classes) if text_csv_header(path) is not None else read_csv(path, classes)
     if is_idx_dir(path):
         val = load_idx(path, "test" if idx_files(path, "test") else "train")
         if len(val.targets) and int(val.targets.max()) >= len(classes):

@@ -24,6 +24,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 from freezetune.data.idx import InMemoryImageDataset
+from freezetune.data.text import TextDataset, TokenizeBatch
 from freezetune.distributed import DistInfo, shard_rows
 from freezetune.options import AUG_DEFAULT, check, non_negative_int_problem, positive_int_problem
 from freezetune.preprocess import Preprocess
@@ -68,7 +69,8 @@ def default_workers(dataset: Dataset, cuda: bool) -> int:
         return min(4, cpus)
     # On CPU, in-memory uint8 samples are cheap to transform and worker start-up plus IPC costs more than it saves;
     # decoding files (JPEG/PNG) is the slow part and does gain from a couple of processes.
-    return 0 if isinstance(dataset, InMemoryImageDataset) else min(2, cpus)
+    # Tokenizers (Rust, threaded) must not be forked into workers; tokenizing a batch in-process is cheap anyway.
+    return 0 if isinstance(dataset, (InMemoryImageDataset, TextDataset)) else min(2, cpus)
 
 
 def check_batch_size(batch_size: object) -> int:
@@ -137,10 +139,10 @@ class CpuLoader:
     """
 
     def __init__(self, dataset: Dataset, order: EpochOrder, *, batch_size: int, workers: int, pin: bool, rank: int = 0,
-                 persistent: bool = False):  # fmt: skip
+                 persistent: bool = False, collate: Callable | None = None):  # fmt: skip
         self.order, self.rank = order, rank
         self.loader = _dataloader(dataset, order, batch_size=batch_size, workers=workers, pin=pin,
-                                  persistent=persistent)  # fmt: skip
+                                  persistent=persistent, collate=collate)  # fmt: skip
 
     def set_epoch(self, epoch: int) -> None:
         self.order.set_epoch(epoch)
@@ -161,13 +163,15 @@ def _seed_worker(worker_id: int) -> None:
 
 
 def _dataloader(dataset: Dataset, order: Iterable[int], *, batch_size: int, workers: int, pin: bool,
-                generator: torch.Generator | None = None, persistent: bool = True) -> DataLoader:  # fmt: skip
+                generator: torch.Generator | None = None, persistent: bool = True,
+                collate: Callable | None = None) -> DataLoader:  # fmt: skip
     """The one ``DataLoader`` constructor of the package (training, evaluation and cache-build reads)."""
     return DataLoader(
         dataset,
         batch_size=batch_size,
         sampler=order,
         num_workers=workers,
+        collate_fn=collate,
         generator=generator if generator is not None else torch.Generator(),
         worker_init_fn=_seed_worker if workers > 0 else None,
         # Pinned host memory makes .to(device, non_blocking=True) truly asynchronous; useless without CUDA.
@@ -280,8 +284,11 @@ class Loaders:
         device = self._device_loader(dataset, order=order, train=train, batch_size=batch_size)
         if device is not None:
             return device
+        pre = self.preprocess
+        collate = TokenizeBatch(pre.tokenizer, pre.max_length) if pre.is_text else None
         return CpuLoader(dataset, order, batch_size=batch_size, workers=self._workers(dataset),
-                         pin=self.device.type == "cuda", rank=self.dist.rank, persistent=not train)  # fmt: skip
+                         pin=self.device.type == "cuda", rank=self.dist.rank, persistent=not train,
+                         collate=collate)  # fmt: skip
 
     def _device_loader(self, dataset: Dataset, *, train: bool, batch_size: int, **where):
         from freezetune.data.gpu import build_device_loader, should_use_device_loader

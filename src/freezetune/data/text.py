@@ -1,0 +1,106 @@
+"""Text classification data: a ``text,label`` CSV and the batches a Hugging Face model reads.
+
+A CSV whose header names a text column (``TEXT_COLUMNS``) and a label column is a text dataset. Batches are tokenized
+by the model's own tokenizer when they are collated, padded to their longest text (dynamic padding: a batch of short
+texts stays short) and truncated at ``Preprocess.max_length``.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+
+from freezetune.errors import ConfigError, DataError, choices
+
+TEXT_COLUMNS = ("text", "sentence", "review", "document", "content")
+LABEL_COLUMNS = ("label", "class", "target", "category", "y")
+
+
+class TextDataset(Dataset):
+    """Texts and their labels; ``classes[i]`` names label ``i``. Items are ``(text, label)``.
+
+    >>> ds = TextDataset(["good", "bad"], torch.tensor([1, 0]), ["neg", "pos"]); ds[0]
+    ('good', 1)
+    """
+
+    def __init__(self, texts: list[str], targets: torch.Tensor, classes: list[str]) -> None:
+        self.texts, self.targets, self.classes = list(texts), torch.as_tensor(targets, dtype=torch.long), classes
+        self.transform = None  # texts are tokenized per batch (``TokenizeBatch``), not per item
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def __getitem__(self, i: int) -> tuple[str, int]:
+        return self.texts[i], int(self.targets[i])
+
+    def select(self, indices, transform=None) -> TextDataset:
+        """A new dataset with the samples at ``indices`` (``transform`` is ignored: text has none)."""
+        idx = [int(i) for i in indices]
+        return TextDataset([self.texts[i] for i in idx], self.targets[idx], self.classes)
+
+
+def text_csv_header(path: Path) -> list[str] | None:
+    """The header of ``path`` when it names a text column (the file is then a text dataset), else None."""
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as f:
+            header = next(csv.reader(f), [])
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return None
+    return header if any(c.strip().lower() in TEXT_COLUMNS for c in header) else None
+
+
+def read_text_csv(path: str | Path, classes: list[str] | None = None) -> TextDataset:
+    """Read a CSV with a header naming one text column and one label column (any order, other columns ignored).
+
+    Raises:
+        DataError: unreadable file, no or several text/label columns, an empty text or label, or a label not in
+            ``classes``.
+    """
+    path = Path(path)
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as f:
+            rows = [r for r in csv.reader(f) if r and any(cell.strip() for cell in r)]
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise DataError(f"cannot read CSV '{path}': {e}") from e
+    header, rows = [c.strip().lower() for c in rows[0]], rows[1:]
+    cols = {}
+    for role, names in (("text", TEXT_COLUMNS), ("label", LABEL_COLUMNS)):
+        hits = [i for i, c in enumerate(header) if c in names]
+        if len(hits) != 1:
+            raise DataError(f"CSV '{path}' needs exactly one {role} column named one of {choices(names)}; "
+                            f"its header is {header}")  # fmt: skip
+        cols[role] = hits[0]
+    bad = next((n for n, r in enumerate(rows, 2) if len(r) <= max(cols.values()) or not r[cols["label"]].strip()), None)
+    if bad is not None:
+        raise DataError(f"CSV '{path}' line {bad} has no label (or too few columns)")
+    labels = [r[cols["label"]].strip() for r in rows]
+    classes = list(classes) if classes is not None else sorted(set(labels))
+    unknown = sorted(set(labels) - set(classes))
+    if unknown:
+        raise DataError(
+            f"CSV '{path}' has label(s) {choices(unknown)} that are not training classes: {choices(classes)}"
+        )
+    index = {c: i for i, c in enumerate(classes)}
+    return TextDataset([r[cols["text"]] for r in rows], torch.tensor([index[label] for label in labels]), classes)
+
+
+class TokenizeBatch:
+    """``collate_fn`` for text: a list of ``(text, label)`` -> (tokenized tensors padded to the longest, labels)."""
+
+    def __init__(self, tokenizer: str, max_length: int) -> None:
+        try:
+            from transformers import AutoTokenizer
+        except ImportError as e:
+            raise ConfigError("text models need the transformers package: pip install 'freezetune[hf]'") from e
+        local = Path(tokenizer).is_dir()
+        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer, local_files_only=local)
+        self.max_length = max_length
+
+    def __call__(self, items: list[tuple[str, int]]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        texts, labels = zip(*items, strict=True)
+        batch = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_length,
+                               return_tensors="pt")  # fmt: skip
+        return dict(batch), torch.tensor(labels, dtype=torch.long)

