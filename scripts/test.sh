@@ -5,6 +5,6 @@ cd "$(dirname "$0")/.."
 bash scripts/setup-env.sh dev
 bash scripts/fashion-mnist.sh >/dev/null || echo "Fashion-MNIST unavailable: its tests will skip" >&2
 .venv/bin/hadolint docker/Dockerfile
-.venv/bin/ruff check src tests benchmarks
-.venv/bin/ruff format --check src tests benchmarks
+.venv/bin/ruff check src tests benchmarks examples
+.venv/bin/ruff format --check src tests benchmarks examples
 .venv/bin/python -m pytest -q -rs "$@"
