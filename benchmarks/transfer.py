@@ -233,9 +233,8 @@ def run_command(name: str, data: dict, args, device: torch.device) -> tuple[nn.M
 def _spent(result) -> dict:
     # what a user pays to train: the cache build at set-up and the epoch loop (the auto recipe's trials included),
     # less the per-epoch validation
-    spent = result.seconds
-    cache = f"cache {spent['cache']:.1f}s" if spent["cache"] > 0 else ""
-    return {"seconds": spent["cache"] + spent["epochs"] - spent["val"], "note": cache}
+    cache = f"cache {result.seconds['cache']:.1f}s" if result.seconds["cache"] > 0 else ""
+    return {"seconds": result.train_seconds, "note": cache}
 
 
 def worker(args) -> None:

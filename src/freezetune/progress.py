@@ -78,3 +78,13 @@ class RunResult:
     test: dict | None = None
     history: list[dict] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def train_seconds(self) -> float:
+        """What the user paid to train: cache + epochs - val (the per-epoch validation selects, it does not train).
+
+        >>> RunResult(Path("r"), 1, None, seconds={"cache": 2.0, "epochs": 10.0, "val": 1.0}).train_seconds
+        11.0
+        """
+        spent = self.seconds
+        return spent.get("cache", 0.0) + spent.get("epochs", 0.0) - spent.get("val", 0.0)

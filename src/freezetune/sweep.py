@@ -74,11 +74,10 @@ def sweep(cfg: TrainConfig, recipes: list[str] | tuple[str, ...] = DEFAULT_RECIP
 
 def _row(name: str, result) -> dict:
     history = result.history or [{}]
-    spent = result.seconds or {}
     return {
         "recipe": name,
         "val_acc": result.best_metric if result.best_metric is not None else float("nan"),
-        "train_s": spent.get("cache", 0.0) + spent.get("epochs", 0.0) - spent.get("val", 0.0),
+        "train_s": result.train_seconds,
         "peak_mem_mb": max(r.get("peak_mem_mb", 0.0) for r in history),
         "trainable_params": history[-1].get("trainable_params", 0),
         "best_epoch": result.best_epoch,

@@ -85,8 +85,8 @@ class EpochOrder(Sampler[int]):
     repetition to a multiple of the world size, every ``world``-th item from ``rank``. ``set_epoch`` picks the epoch;
     without it each pass continues the random stream (a new order per pass, reproducible from ``seed``).
 
-    The first draw of each epoch's generator is kept as ``worker_seed``: it is what a ``DataLoader`` draws for its
-    workers' base seed before shuffling, so the order is the same whoever iterates it.
+    Each epoch's generator first makes the draw a ``DataLoader`` makes for its workers' base seed, then shuffles: the
+    order is the same whichever loader kind iterates it.
 
     >>> o = EpochOrder(5, shuffle=True, seed=0); o.set_epoch(1); sorted(o) == [0, 1, 2, 3, 4]
     True
@@ -101,7 +101,6 @@ class EpochOrder(Sampler[int]):
         # one each epoch, the same on every loader kind and rank).
         self.batch_size = batch_size
         self.generator = torch.Generator()
-        self.worker_seed = 0
         self.set_epoch(0)
 
     def set_epoch(self, epoch: int) -> None:
@@ -117,7 +116,7 @@ class EpochOrder(Sampler[int]):
         """This pass's order as a tensor (advances the random stream like one iteration)."""
         if not self.shuffle:
             return torch.arange(self.n)[: len(self)]
-        self.worker_seed = int(torch.empty((), dtype=torch.int64).random_(generator=self.generator))
+        torch.empty((), dtype=torch.int64).random_(generator=self.generator)  # the DataLoader's worker-seed draw
         order = torch.randperm(self.n, generator=self.generator)
         if self.dist.enabled:
             share = -(-self.n // self.dist.world)
