@@ -9,6 +9,7 @@ from torch.optim.lr_scheduler import CosineAnnealingLR, LambdaLR, OneCycleLR
 
 import freezetune as ft
 from conftest import TinyCNN, make_batch
+from freezetune.optim import build_scheduler
 
 LR = 0.1
 
@@ -160,7 +161,13 @@ def lambda_lr(opt):
     return LambdaLR(opt, lambda step: 0.9**step)
 
 
-@pytest.mark.parametrize("make_scheduler", [cosine, one_cycle, lambda_lr])
+def warmup_cosine(opt):
+    """The trainer's ``--scheduler cosine --warmup-epochs``: a SequentialLR (linear ramp, then cosine) whose inner
+    schedulers keep their own per-group lists; stages are unfrozen both during the ramp and after it."""
+    return build_scheduler(opt, "cosine", epochs=TOTAL + 4, steps_per_epoch=1, warmup_epochs=4)
+
+
+@pytest.mark.parametrize("make_scheduler", [cosine, one_cycle, lambda_lr, warmup_cosine])
 def test_scheduler_drives_new_groups_like_groups_present_from_the_start(make_scheduler):
     """A stage unfrozen mid-run follows the schedule phase: its LR equals that of a run where it always had a group."""
     model, opt, sched, unfreezer = frozen_setup("epoch:3", weight_decay=0.01, make_scheduler=make_scheduler)
