@@ -333,3 +333,37 @@ def test_a_full_disk_while_saving_is_one_line_and_keeps_the_last_good_checkpoint
     assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert "No space left on device" in err and "intact" in err
     assert checkpoint.load(tmp_path / "run" / "last.pt")["epoch"] == 1
+
+
+# --- what stays frozen --------------------------------------------------------------------------------------------
+
+
+def stage_state(model: nn.Module, record: dict) -> dict[str, dict[str, torch.Tensor]]:
+    """Each stage's slice of a state dict: its parameters and its modules' buffers (BatchNorm running statistics)."""
+    return {
+        s.name: {
+            k: v for k, v in record.items() if k in s.param_names or k.startswith(tuple(m + "." for m in s.modules))
+        }
+        for s in ft.stages(model)
+    }
+
+
+@pytest.mark.parametrize("cache", ["off", "memory"])
+def test_frozen_stages_are_bit_identical_after_a_real_run(data, tmp_path, cache):
+    # bn=frozen (the default): a frozen stage's weights AND its BatchNorm running statistics never move, whether the
+    # step reads images through the whole model or cached features through the trainable suffix
+    cfg = TrainConfig(model="timm:test_efficientnet", weights="none", data=str(data), img_size=32, epochs=2,
+                      batch_size=8, device="cpu", workers=0, progress=False, tensorboard=False, cache=cache,
+                      out=str(tmp_path / "run"), freeze="backbone", unfreeze="epoch:1", aug="standard")  # fmt: skip
+    t = trainer.Trainer(cfg, echo=lambda *_: None)
+    before = stage_state(t.model, {k: v.clone() for k, v in t.model.state_dict().items()})
+    t.fit()
+    after = stage_state(t.model, checkpoint.load(tmp_path / "run" / "last.pt")["state_dict"])
+    frozen = [s.name for s in t.state.unfreezer.frozen_stages()]
+    assert frozen == ["stem", "blocks.0", "blocks.1", "blocks.2", "blocks.3"]
+    for name in frozen:
+        assert any(k.endswith("running_var") for k in before[name]), name  # BN statistics are compared too
+        for key, value in before[name].items():
+            assert torch.equal(after[name][key], value), key
+    for name in ("blocks.4", "classifier"):  # the unfrozen stage and the head did train
+        assert any(not torch.equal(after[name][k], v) for k, v in before[name].items()), name
