@@ -1,14 +1,18 @@
 """torchrun DDP on CPU (Gloo): two processes train one run; rank 0 alone writes the run directory."""
 
+import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from _engine_fixtures import make_image_folder
+from freezetune import checkpoint
 from freezetune.distributed import DistInfo, init_from_env, wrap
+from freezetune.inference import evaluate_checkpoint
 from freezetune.reporting import read_metrics, unfreeze_events
 
 
@@ -71,3 +75,97 @@ def test_torchrun_feature_cache_matches_uncached_ddp(tmp_path):
 def test_dist_info_properties():
     info = DistInfo(rank=1, world=4, local_rank=1)
     assert info.enabled and not info.is_main
+
+
+# --- DDP proven: ranks agree, the unfrozen stage trains, resume is exact, decisions are shared --------------------
+
+WORKER = Path(__file__).with_name("_ddp_worker.py")
+# 36 training images in batches of 8 over two ranks; --aug standard: each rank draws its own augmentation
+DDP_TRAIN = ["--model", "timm:test_efficientnet", "--weights", "none", "--img-size", "32", "--batch-size", "8",
+             "--device", "cpu", "--workers", "0", "--no-progress", "--no-tensorboard", "--aug", "standard"]  # fmt: skip
+UNFREEZE_RUN = ["--epochs", "2", "--freeze", "backbone", "--unfreeze", "epoch:1"]
+
+
+def torchrun(dump: Path, *train_args, cwd: Path | None = None, **env: str) -> subprocess.CompletedProcess:
+    """``freezetune train`` on two Gloo ranks through ``_ddp_worker.py``, each rank dumping its state into ``dump``."""
+    dump.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(WORKER),
+           str(dump), "--", *DDP_TRAIN, *[str(a) for a in train_args]]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1", **env},
+                          cwd=cwd, timeout=240)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def rank_dumps(dump: Path) -> list[dict]:
+    return [torch.load(dump / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+
+
+def assert_same_state(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory):
+    """A finished two-rank run: head only in epoch 1, ``blocks.4`` unfrozen (and DDP re-wrapped) for epoch 2."""
+    root = tmp_path_factory.mktemp("ddp")
+    data = make_image_folder(root / "data")
+    out = root / "run"
+    proc = torchrun(root / "dump", *UNFREEZE_RUN, "--data", data, "--out", out)
+    return data, out, rank_dumps(root / "dump"), proc.stdout
+
+
+@pytest.mark.multiprocess
+def test_ranks_end_identical_after_training_through_an_unfreeze(ddp_run):
+    _, out, (r0, r1), _ = ddp_run
+    assert r0["events"] == r1["events"] == [(0, ["blocks.4"])]
+    assert r0["trainable"] == r1["trainable"] and any(n.startswith("blocks.4.") for n in r0["trainable"])
+    assert_same_state(r0["end"], r1["end"])  # every parameter and buffer (BatchNorm statistics included)
+    assert_same_state(r0["end"], checkpoint.load(out / "last.pt")["state_dict"])
+
+
+@pytest.mark.multiprocess
+def test_the_unfrozen_stage_trains_after_the_rewrap_and_frozen_stages_do_not_move(ddp_run):
+    _, _, (r0, _), _ = ddp_run
+    start, end = r0["start"], r0["end"]
+
+    def moved(prefix: str) -> list[str]:
+        return [k for k in start if k.startswith(prefix) and not torch.equal(start[k], end[k])]
+
+    assert moved("blocks.4.") and moved("classifier.")  # blocks.4 trained in epoch 2, after DDP re-wrapped the model
+    frozen = ("conv_stem.", "bn1.", "blocks.0.", "blocks.1.", "blocks.2.", "blocks.3.")
+    assert not [k for k in start if k.startswith(frozen) and not torch.equal(start[k], end[k])]
+
+
+@pytest.mark.multiprocess
+def test_the_final_test_is_sharded_and_equals_one_process_exactly(ddp_run):
+    data, out, (r0, r1), stdout = ddp_run
+    assert stdout.count("test accuracy") == 1
+    written = json.loads((out / "test_metrics.json").read_text())
+    assert r0["test"] == r1["test"] == written  # every rank holds the merged result; rank 0 wrote it
+    single = evaluate_checkpoint(out / "best.pt", str(data), batch_size=8, device="cpu")
+    assert single.pop("classes") == ["blue", "green", "red"]
+    assert written == single and written["n"] == 12
+
+
+@pytest.mark.multiprocess
+def test_a_ddp_run_stopped_after_epoch_1_resumes_to_the_uninterrupted_result(ddp_run, tmp_path):
+    data, whole, (w0, _), _ = ddp_run
+    out = tmp_path / "run"
+    torchrun(tmp_path / "stopped", *UNFREEZE_RUN, "--data", data, "--out", out, STOP_EPOCH="1")
+    assert checkpoint.load(out / "last.pt")["epoch"] == 1 and not (tmp_path / "stopped" / "rank0.pt").exists()
+    torchrun(tmp_path / "resumed", "--out", out, "--resume")
+    r0, r1 = rank_dumps(tmp_path / "resumed")
+    assert_same_state(r0["end"], r1["end"])
+    assert_same_state(r0["end"], w0["end"])
+    assert r0["events"] == w0["events"]  # the unfreeze after epoch 1 was re-applied, its groups re-created
+    assert learning_curves(out) == learning_curves(whole)
+
+
+def learning_curves(run_dir: Path) -> list[dict]:
+    """What ``metrics.csv`` says the run learned, without its timings."""
+    keep = ("unfrozen", "trainable_params", "train_", "val_", "lr/")
+    rows = read_metrics(run_dir / "metrics.csv")
+    return [{k: v for k, v in row.items() if k == "epoch" or k.startswith(keep)} for row in rows]

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import copy
 import math
+import threading
 from types import SimpleNamespace
 
 import pytest
 import torch
 from torch import nn
 
+from freezetune.data import InMemoryImageDataset, Loaders
+from freezetune.distributed import DistInfo
 from freezetune.evaluate import evaluate, logits_of, predict_probs, to_device
+from freezetune.inference import evaluate_model
 from freezetune.precision import resolve_precision
+from freezetune.preprocess import Preprocess
 
 CPU = resolve_precision(torch.device("cpu"), "off")
 
@@ -67,3 +73,64 @@ def test_to_device_channels_last_only_for_images():
     assert images.is_contiguous(memory_format=torch.channels_last)
     tokens = to_device(torch.zeros(2, 7, dtype=torch.long), torch.device("cpu"), channels_last=True)
     assert tokens.shape == (2, 7) and tokens.is_contiguous()
+
+
+# --- sharded evaluation (the DDP final test) ----------------------------------------------------------------------
+
+
+def _ranks_in_threads(world: int, run):
+    """Run ``run(rank)`` for every rank at once, threads standing in for processes and ``all_gather`` for gloo's."""
+    from freezetune import evaluate as evaluate_module
+
+    slots, results, meet = [None] * world, [None] * world, threading.Barrier(world, timeout=30)
+
+    def fake_all_gather(value, info):
+        slots[info.rank] = value
+        meet.wait()  # every rank has put its meter in
+        gathered = list(slots)
+        meet.wait()  # every rank has read them
+        return gathered
+
+    def body(rank):
+        try:
+            results[rank] = run(rank)
+        except BaseException as exc:  # noqa: BLE001 - handed to the test thread, which raises it
+            results[rank] = exc
+            meet.abort()
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(evaluate_module, "all_gather", fake_all_gather)
+        threads = [threading.Thread(target=body, args=(r,)) for r in range(world)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
+    return results
+
+
+@pytest.mark.parametrize(
+    ("n", "world"), [(10, 2), (9, 3), (3, 2), (17, 4), (301, 3)]
+)  # (3, 2): one batch, rank 0 gets none
+def test_sharded_evaluation_equals_one_process_exactly(n, world):
+    g = torch.Generator().manual_seed(n)
+    ds = InMemoryImageDataset(torch.randint(0, 256, (n, 4, 4), dtype=torch.uint8, generator=g),
+                              torch.randint(0, 3, (n,), generator=g), ["a", "b", "c"])  # fmt: skip
+    ds.transform = lambda img: img.float().flatten() / 255
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+
+    def loaders(rank, world):
+        return Loaders(batch_size=3, device=torch.device("cpu"), seed=0, preprocess=Preprocess(), decode="cpu",
+                       workers=0, dist=DistInfo(rank, world))  # fmt: skip
+
+    whole = evaluate_model(model, ds, num_classes=3, precision=CPU, loaders=loaders(0, 1), shard=True)
+    blocks = [list(loaders(r, world).eval(ds, shard=True)) for r in range(world)]
+    assert sum(len(b) for b in blocks) == -(-n // 3)  # whole batches, each scored by one rank
+    models = [copy.deepcopy(model) for _ in range(world)]  # one per rank, as in processes (evaluate flips its mode)
+    merged = _ranks_in_threads(world, lambda rank: evaluate_model(models[rank], ds, num_classes=3, precision=CPU,
+                                                                  loaders=loaders(rank, world), shard=True))  # fmt: skip
+    assert merged == [whole] * world, (merged, whole)  # every rank gets the whole set's numbers, loss to the last bit
+    assert whole["n"] == n

@@ -2,13 +2,15 @@
 
 ``torchrun --nproc_per_node=4 -m freezetune train ...`` runs one process per GPU. Every rank trains on its shard of
 each epoch and evaluates (a DDP forward is a collective: all ranks must run it); rank 0 alone logs and writes
-checkpoints, and broadcasts its monitored metric so every rank unfreezes and stops at the same epoch. A single
+checkpoints, and broadcasts its monitored metric so every rank unfreezes and stops at the same epoch. The final test
+is sharded: each rank scores its block of whole batches and the counts are merged (``batch_block``, ``all_gather``). A single
 process (no ``WORLD_SIZE``) takes none of these paths.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -87,6 +89,27 @@ def broadcast(value: object, info: DistInfo) -> object:
     return box[0]
 
 
+def all_gather(value: object, info: DistInfo) -> list:
+    """Every rank's ``value``, in rank order (``[value]`` when not distributed).
+
+    >>> all_gather("only", DistInfo())
+    ['only']
+    """
+    if not info.enabled:
+        return [value]
+    box: list = [None] * info.world
+    dist.all_gather_object(box, value)
+    return box
+
+
+def broadcast_tensors(tensors: Iterable[torch.Tensor], info: DistInfo) -> None:
+    """Overwrite each tensor in place with rank 0's (every rank passes the same tensors in the same order): a
+    module's ``state_dict().values()`` after rank 0 alone read a checkpoint, or its ``buffers()`` after an epoch."""
+    if info.enabled:
+        for tensor in tensors:
+            dist.broadcast(tensor, src=0)
+
+
 def shard_rows(n: int, info: DistInfo) -> range:
     """This rank's contiguous block of ``n`` rows (all of them when not distributed); blocks differ by at most one.
 
@@ -94,6 +117,19 @@ def shard_rows(n: int, info: DistInfo) -> range:
     range(3, 6)
     """
     return range(n * info.rank // info.world, n * (info.rank + 1) // info.world)
+
+
+def batch_block(n: int, batch_size: int, info: DistInfo) -> range:
+    """This rank's rows of an in-order evaluation of ``n`` rows: a contiguous block of whole batches (possibly none).
+
+    Each batch then holds the rows it holds in one process, and the ranks' blocks follow each other in rank order:
+    metrics merged in that order are exactly one process's.
+
+    >>> [batch_block(10, 4, DistInfo(rank=r, world=2)) for r in (0, 1)]
+    [range(0, 4), range(4, 10)]
+    """
+    batches = shard_rows(-(-n // batch_size), info)
+    return range(batches.start * batch_size, min(batches.stop * batch_size, n))
 
 
 def sum_across_ranks(t: torch.Tensor, info: DistInfo, chunk_bytes: int = 64 * 2**20) -> torch.Tensor:

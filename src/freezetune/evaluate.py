@@ -7,6 +7,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from freezetune.distributed import DistInfo, all_gather
 from freezetune.metrics import ClassificationMeter
 from freezetune.precision import Precision
 
@@ -28,8 +29,12 @@ def evaluate(
     *,
     num_classes: int,
     channels_last: bool = False,
+    dist: DistInfo | None = None,
 ) -> dict:
     """Loss, top-1/top-k accuracy, per-class accuracy, macro-F1 and confusion matrix over ``batches``.
+
+    ``dist``: ``batches`` are this rank's block of a sharded evaluation (``Loaders.eval(shard=True)``); every rank
+    returns the metrics of all the blocks, merged in rank order (exactly one process's numbers).
 
     >>> import torch; from freezetune.precision import resolve_precision
     >>> m = torch.nn.Linear(4, 3)
@@ -50,6 +55,11 @@ def evaluate(
             meter.update(logits.float(), targets, loss_fn(logits.float(), targets))
     finally:
         model.train(was_training)
+    if dist is not None and dist.enabled:
+        merged = ClassificationMeter(num_classes)
+        for part in all_gather(meter, dist):
+            merged.merge(part)
+        meter = merged
     return meter.compute()
 
 

@@ -63,13 +63,15 @@ def evaluate_model(
     workers: int | None = None,
     channels_last: bool = False,
     loaders: Loaders | None = None,
+    shard: bool = False,
 ) -> dict:
     """Evaluate ``model`` on every sample of ``dataset`` (its transform already set), in order, without gradients.
 
     Returns ``evaluate``'s metrics: loss, acc, top-k, per-class accuracy, macro-F1, confusion, n. ``workers``: loader
     processes (default: ``data.default_workers``). ``loaders``: a run's loader factory (then ``batch_size`` and
     ``workers`` are its own, and image data may go through the device pipeline); default the CPU loader over the
-    dataset's own transform.
+    dataset's own transform. ``shard``: every rank of the ``loaders``' torchrun job calls this, scores its block of
+    the dataset and returns the merged metrics of all (one process's numbers exactly; rank 0 need not score it alone).
 
     >>> from freezetune.data import InMemoryImageDataset
     >>> ds = InMemoryImageDataset(torch.zeros(5, 2, 2, dtype=torch.uint8), torch.tensor([0, 1, 0, 1, 0]), ["a", "b"])
@@ -81,7 +83,8 @@ def evaluate_model(
     if loaders is None:
         loaders = Loaders(batch_size=batch_size, device=precision.device, seed=0, preprocess=Preprocess(),
                           decode="cpu", workers=workers)  # fmt: skip
-    return evaluate(model, loaders.eval(dataset), precision, num_classes=num_classes, channels_last=channels_last)
+    return evaluate(model, loaders.eval(dataset, shard=shard), precision, num_classes=num_classes,
+                    channels_last=channels_last, dist=loaders.dist if shard else None)  # fmt: skip
 
 
 def evaluate_checkpoint(

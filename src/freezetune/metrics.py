@@ -42,7 +42,7 @@ class ClassificationMeter:
         self._confusion = None if c is None else torch.zeros(c, c, dtype=torch.long)
         self._topk_hits = 0
         self._n = 0
-        self._loss_sum = 0.0
+        self._loss_parts: list[float] = []  # each batch's loss sum, in batch order (see ``merge``)
         self._loss_n = 0
 
     @property
@@ -91,7 +91,7 @@ class ClassificationMeter:
         if isinstance(loss, torch.Tensor):
             loss = loss.detach().to("cpu", torch.float64)
             if loss.numel() == batch_size and batch_size != 1:
-                self._loss_sum += float(loss.sum())
+                self._loss_parts.append(float(loss.sum()))
                 self._loss_n += batch_size
                 return
             if loss.numel() != 1:
@@ -99,8 +99,34 @@ class ClassificationMeter:
                     f"loss must be a scalar or have one value per sample ({batch_size}), got {loss.numel()}"
                 )
             loss = float(loss)
-        self._loss_sum += float(loss) * batch_size
+        self._loss_parts.append(float(loss) * batch_size)
         self._loss_n += batch_size
+
+    def merge(self, other: ClassificationMeter) -> None:
+        """Add the batches ``other`` saw after the ones this meter saw (the next DDP rank's shard of an evaluation).
+
+        Counts add exactly and the loss is summed batch by batch in the merged order, so meters over consecutive
+        blocks of batches, merged in order, give exactly the numbers of one meter that saw every batch.
+
+        >>> a, b, whole = ClassificationMeter(2), ClassificationMeter(2), ClassificationMeter(2)
+        >>> batches = [(torch.tensor([[1.0, 0.0]]), torch.tensor([0]), 0.3), (torch.eye(2), torch.tensor([1, 1]), 0.7)]
+        >>> for meter, batch in ((a, batches[0]), (b, batches[1])): meter.update(*batch)
+        >>> for batch in batches: whole.update(*batch)
+        >>> a.merge(b); a.compute() == whole.compute()
+        True
+        """
+        if other.num_classes is None:  # it saw no batch
+            return
+        if self.num_classes is None:
+            self.num_classes = other.num_classes
+            self.reset()
+        if other.num_classes != self.num_classes:
+            raise ValueError(f"cannot merge a meter of {other.num_classes} classes into one of {self.num_classes}")
+        self._confusion += other._confusion
+        self._topk_hits += other._topk_hits
+        self._n += other._n
+        self._loss_parts += other._loss_parts
+        self._loss_n += other._loss_n
 
     def compute(self) -> dict:
         """Return the metrics of every batch since the last ``reset``.
@@ -118,6 +144,9 @@ class ClassificationMeter:
         """
         if self._n == 0:
             raise ValueError("ClassificationMeter.compute() called before any update()")
+        loss_sum = 0.0
+        for part in self._loss_parts:  # in order, one by one (sum() compensates from Python 3.12 on): see ``merge``
+            loss_sum += part
         cm = self._confusion.double()
         tp, support, predicted = cm.diag(), cm.sum(dim=1), cm.sum(dim=0)
         per_class = [None if s == 0 else float(t / s) for t, s in zip(tp.tolist(), support.tolist(), strict=True)]
@@ -125,7 +154,7 @@ class ClassificationMeter:
         seen = denom > 0
         macro_f1 = float((2 * tp[seen] / denom[seen]).mean()) if seen.any() else 0.0
         return {
-            "loss": self._loss_sum / self._loss_n if self._loss_n else None,
+            "loss": loss_sum / self._loss_n if self._loss_n else None,
             "acc": float(tp.sum() / self._n),
             "top5": self._topk_hits / self._n,
             "topk": self.topk,

@@ -18,7 +18,16 @@ from freezetune._io import atomic_write_text
 from freezetune.cache import FeaturePath
 from freezetune.config import TrainConfig, parse_freeze_spec, validate
 from freezetune.data import Loaders, build_datasets
-from freezetune.distributed import all_reduce_sum, barrier, broadcast, device_for, init_from_env, shutdown, wrap
+from freezetune.distributed import (
+    all_reduce_sum,
+    barrier,
+    broadcast,
+    broadcast_tensors,
+    device_for,
+    init_from_env,
+    shutdown,
+    wrap,
+)
 from freezetune.errors import TrainingError
 from freezetune.evaluate import logits_of, run_model, to_device
 from freezetune.freeze import count_parameters, freeze, summary
@@ -140,10 +149,9 @@ class Trainer:
         finally:  # Ctrl-C too: flush TensorBoard; metrics.csv and last.pt already hold every finished epoch
             self.metrics.close()
         self.seconds["epochs"] = time.perf_counter() - start
-        test = None
         if self.dist.is_main:
             reporting.plot_report(self.run_dir / "metrics.csv", self.run_dir / "report.png")
-            test = self._final_test()
+        test = self._final_test()
         barrier(self.dist)
         p = self.progress
         return RunResult(self.run_dir, p.best_epoch, p.best_metric, test, list(self.metrics.rows), self.seconds)
@@ -199,6 +207,9 @@ class Trainer:
                 loss = loss_fn(logits.float(), targets)
             self._optimize(loss)
             meter.update(loss, logits, targets)
+        # DDP hands rank 0's buffers to every rank before each forward, so after the last step each rank holds the
+        # BatchNorm statistics of its own last batch: take rank 0's, which last.pt records and validation uses
+        broadcast_tensors(self.model.buffers(), self.dist)
         return meter.close(lambda totals: all_reduce_sum(totals, self.dist))
 
     def _optimize(self, loss: torch.Tensor) -> None:
@@ -226,13 +237,22 @@ class Trainer:
         return names
 
     def _final_test(self) -> dict | None:
-        """``best.pt`` on the test split, once, at the end: the one number no decision of the run has seen."""
+        """``best.pt`` on the test split, once, at the end: the one number no decision of the run has seen.
+
+        Under DDP every rank scores its block of the test split with rank 0's ``best.pt`` and the counts are merged:
+        no rank waits at a barrier (and its timeout) while rank 0 scores a large test set alone.
+        """
         best_path = self.run_dir / checkpoint.BEST
-        if not self.cfg.final_test or self.data.test is None or not best_path.exists():
+        written = broadcast(best_path.exists(), self.dist)  # rank 0 wrote it; the other ranks may not see its disk
+        if not self.cfg.final_test or self.data.test is None or not written:
             return None
-        self.model.load_state_dict(checkpoint.load(best_path)["state_dict"])
+        if self.dist.is_main:
+            self.model.load_state_dict(checkpoint.load(best_path)["state_dict"])
+        broadcast_tensors(self.model.state_dict().values(), self.dist)
         result = evaluate_model(self.model, self.data.test, num_classes=len(self.classes), precision=self.precision,
-                                channels_last=self.channels_last, loaders=self.loaders)  # fmt: skip
+                                channels_last=self.channels_last, loaders=self.loaders, shard=True)  # fmt: skip
+        if not self.dist.is_main:
+            return result
         self.echo(write_evaluation(result, self.classes, plot=self.run_dir / "confusion.png",
                                    metrics=self.run_dir / "test_metrics.json"))  # fmt: skip
         self.echo(f"test accuracy {100 * result['acc']:.2f}% (best.pt, epoch {self.progress.best_epoch}) -> "

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 from freezetune.data.idx import InMemoryImageDataset
 from freezetune.data.text import TextDataset, TokenizeBatch
-from freezetune.distributed import DistInfo, shard_rows
+from freezetune.distributed import DistInfo, batch_block, shard_rows
 from freezetune.options import AUG_DEFAULT, check, non_negative_int_problem, positive_int_problem
 from freezetune.preprocess import Preprocess
 
@@ -246,9 +246,16 @@ class Loaders:
         """Shuffled, augmented batches of this rank's shard of each epoch; call ``set_epoch`` before each epoch."""
         return self._loader(dataset, self.order(len(dataset), train=True), train=True, batch_size=self.batch_size)
 
-    def eval(self, dataset: Dataset):
-        """All of ``dataset`` in order, with the eval transform."""
-        return self._loader(dataset, self.order(len(dataset), train=False), train=False, batch_size=self.batch_size)
+    def eval(self, dataset: Dataset, *, shard: bool = False):
+        """All of ``dataset`` in order, with the eval transform; ``shard``: only this rank's block of whole batches
+        (``batch_block``), for an evaluation whose metrics are merged across ranks (``evaluate(dist=...)``)."""
+        if not shard or not self.dist.enabled:
+            return self._loader(dataset, self.order(len(dataset), train=False), train=False, batch_size=self.batch_size)
+        rows = batch_block(len(dataset), self.batch_size, self.dist)
+        if not rows:  # fewer batches than ranks: this one scores none
+            return []
+        in_order = EpochOrder(len(rows), shuffle=False)
+        return self._loader(dataset, in_order, train=False, batch_size=self.batch_size, rows=rows)
 
     def views(self, dataset: Dataset, *, train: bool) -> Callable[[int], Iterable]:
         """For the feature-cache build: ``view -> batches`` of this rank's block of rows (``shard_rows``) in dataset
@@ -279,13 +286,15 @@ class Loaders:
     def _workers(self, dataset: Dataset) -> int:
         return self.workers if self.workers is not None else default_workers(dataset, self.device.type == "cuda")
 
-    def _loader(self, dataset: Dataset, order: EpochOrder, *, train: bool, batch_size: int):
-        device = self._device_loader(dataset, order=order, train=train, batch_size=batch_size)
+    def _loader(self, dataset: Dataset, order: EpochOrder, *, train: bool, batch_size: int, rows: range | None = None):
+        """``rows``: read only these rows of ``dataset`` (``order`` then indexes them)."""
+        device = self._device_loader(dataset, order=order, train=train, batch_size=batch_size, rows=rows)
         if device is not None:
             return device
         pre = self.preprocess
         collate = TokenizeBatch(pre.tokenizer, pre.max_length) if pre.is_text else None
-        return CpuLoader(dataset, order, batch_size=batch_size, workers=self._workers(dataset),
+        part = dataset if rows is None else Subset(dataset, rows)
+        return CpuLoader(part, order, batch_size=batch_size, workers=self._workers(dataset),
                          pin=self.device.type == "cuda", rank=self.dist.rank, persistent=not train,
                          collate=collate)  # fmt: skip
 

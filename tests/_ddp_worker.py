@@ -1,0 +1,60 @@
+"""One rank of a torchrun job for tests/test_distributed.py: ``_ddp_worker.py DUMP_DIR -- TRAIN_ARGS``.
+
+Runs ``freezetune train TRAIN_ARGS`` through the CLI, as a user's job would, then writes ``DUMP_DIR/rank<R>.pt``:
+the weights and buffers the rank started training from and ended its last epoch with (before the final test loads
+``best.pt``), the epochs it ran, its unfreeze events and trainable parameters, its run dir and its final test result.
+
+Test hooks (environment): ``STOP_EPOCH`` makes every rank exit as that (0-based) epoch is about to start, as a
+preempted job does after its last checkpoint; ``SKEW_RUN_DIR`` gives each rank its own default run dir name, as
+ranks reading the clock a second apart would, so only the broadcast of rank 0's choice keeps them together.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+
+def main(dump: Path, argv: list[str]) -> int:
+    import torch
+
+    from freezetune import runtime, trainer
+    from freezetune.cache import FeaturePath
+    from freezetune.cli import main as cli_main
+
+    torch.set_num_threads(1)
+    record: dict = {}
+    real_fit, real_test, real_batches = trainer.Trainer.fit, trainer.Trainer._final_test, FeaturePath.train_batches
+    real_run_dir, stop = runtime.default_run_dir, int(os.environ.get("STOP_EPOCH", "-1"))
+
+    def fit(self):
+        record.update(start=_state(self.model), run_dir=str(self.run_dir))
+        return real_fit(self)
+
+    def final_test(self):
+        unfreezer = self.state.unfreezer
+        record.update(end=_state(self.model), epochs=self.progress.epoch, best_epoch=self.progress.best_epoch,
+                      events=unfreezer.events if unfreezer else [],
+                      trainable=[n for n, p in self.model.named_parameters() if p.requires_grad])  # fmt: skip
+        record["test"] = real_test(self)
+        torch.save(record, dump / f"rank{self.dist.rank}.pt")
+        return record["test"]
+
+    def train_batches(self, epoch):
+        if epoch == stop:
+            os._exit(0)  # no clean-up, like a kill; 0 so that torchrun does not tear down a rank still saving
+        return real_batches(self, epoch)
+
+    trainer.Trainer.fit, trainer.Trainer._final_test, FeaturePath.train_batches = fit, final_test, train_batches
+    if os.environ.get("SKEW_RUN_DIR"):
+        runtime.default_run_dir = lambda model: Path(f"{real_run_dir(model)}-rank{os.environ['RANK']}")
+    return cli_main(["train", *argv])
+
+
+def _state(model) -> dict:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+if __name__ == "__main__":
+    sys.exit(main(Path(sys.argv[1]), sys.argv[3:] if sys.argv[2:3] == ["--"] else sys.argv[2:]))
