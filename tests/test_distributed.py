@@ -179,7 +179,8 @@ def test_ranks_share_early_stop_plateau_unfreeze_clipping_and_the_default_run_di
     data = make_image_folder(tmp_path / "data")
     dump = tmp_path / "dump"
     proc = torchrun(dump, "--data", data, "--epochs", "6", "--freeze", "backbone", "--unfreeze", "plateau:patience=2",
-                    "--early-stop", "2", "--grad-clip", "0.01", "--lr", "1e-9", cwd=tmp_path, SKEW_RUN_DIR="1")  # fmt: skip
+                    "--early-stop", "2", "--grad-clip", "0.01", "--lr", "1e-9",
+                    cwd=tmp_path, SKEW_RUN_DIR="1")  # fmt: skip
     r0, r1 = rank_dumps(dump)
     assert r0["epochs"] == r1["epochs"] == 4 and proc.stdout.count("early stop") == 1
     assert r0["events"] == r1["events"] == [(2, ["blocks.4"])]

@@ -131,6 +131,7 @@ def test_sharded_evaluation_equals_one_process_exactly(n, world):
     assert sum(len(b) for b in blocks) == -(-n // 3)  # whole batches, each scored by one rank
     models = [copy.deepcopy(model) for _ in range(world)]  # one per rank, as in processes (evaluate flips its mode)
     merged = _ranks_in_threads(world, lambda rank: evaluate_model(models[rank], ds, num_classes=3, precision=CPU,
-                                                                  loaders=loaders(rank, world), shard=True))  # fmt: skip
+                                                                  loaders=loaders(rank, world),
+                                                                  shard=True))  # fmt: skip
     assert merged == [whole] * world, (merged, whole)  # every rank gets the whole set's numbers, loss to the last bit
     assert whole["n"] == n

@@ -2,9 +2,9 @@
 
 ``torchrun --nproc_per_node=4 -m freezetune train ...`` runs one process per GPU. Every rank trains on its shard of
 each epoch and evaluates (a DDP forward is a collective: all ranks must run it); rank 0 alone logs and writes
-checkpoints, and broadcasts its monitored metric so every rank unfreezes and stops at the same epoch. The final test
-is sharded: each rank scores its block of whole batches and the counts are merged (``batch_block``, ``all_gather``). A single
-process (no ``WORLD_SIZE``) takes none of these paths.
+checkpoints, and broadcasts its monitored metric so every rank unfreezes and stops at the same epoch. The final
+test is sharded: each rank scores its block of whole batches and the counts are merged (``batch_block``,
+``all_gather``). A single process (no ``WORLD_SIZE``) takes none of these paths.
 """
 
 from __future__ import annotations
