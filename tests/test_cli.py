@@ -341,3 +341,17 @@ def test_command_defaults_come_from_the_config_dataclass():
     inspect = parser.parse_args(["inspect", "--model", "timm:x"])
     assert (inspect.batch_size, inspect.bn, inspect.freeze) == (defaults.batch_size, defaults.bn, FREEZE_DEFAULT)
     assert parser.parse_args(["predict", "--checkpoint", "c.pt", "a.png"]).device == defaults.device
+
+
+def test_unreadable_image_stops_train_before_it_starts_and_skip_bad_trains_without_it(tmp_path, capsys):
+    data = make_image_folder(tmp_path / "img", train=4, val=2, test=2)
+    bad = data / "train" / "red" / "red_1.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    before = snapshot(data)
+    code, out, err = run_cli(capsys, *train_argv(data, tmp_path / "run", "--epochs", "1"))
+    _assert_user_error(code, out, err, "1 of 12 training image file(s) cannot be read", str(bad), "--skip-bad")
+    assert not (tmp_path / "run").exists() and snapshot(data) == before
+    code, out, err = run_cli(capsys, *train_argv(data, tmp_path / "run", "--epochs", "1", "--skip-bad"))
+    assert code == 0, err
+    assert "skipped 1 unreadable image file(s)" in out
+    assert (tmp_path / "run" / "skipped.txt").read_text() == f"{bad}\n"

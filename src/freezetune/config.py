@@ -65,6 +65,7 @@ class TrainConfig:
     aug: str = AUG_DEFAULT
     batch_size: int = 32
     workers: int | None = None
+    skip_bad: bool = False  # leave out image files the pre-scan cannot read (listed in skipped.txt), not refuse
     # freezing
     freeze: str | int | list[str | int] = "auto"  # held parsed: "-3" -> -3, "stem,layer1" -> ["stem", "layer1"]
     recipe: str | None = None  # a named procedure (options.RECIPE_HELP); "auto" is what freeze: auto runs

@@ -30,6 +30,8 @@ from freezetune.progress import Progress, RunResult
 from freezetune.stages import replace_head
 from freezetune.unfreezing import Unfreezer
 
+SKIPPED = "skipped.txt"  # the image files --skip-bad left out, one path a line
+
 
 def train(cfg: TrainConfig, *, echo=print) -> RunResult:
     """Run a whole fine-tuning job as configured; ``echo`` receives the human-readable log lines.
@@ -73,7 +75,8 @@ class Trainer:
         self.model, self.preprocess = create_model(cfg.model, cfg.weights, img_size=cfg.img_size)
         self.preprocess = self.preprocess or text_preprocess(cfg.model)  # a Hugging Face text model: its tokenizer
         self.data = build_datasets(cfg.data, val_data=cfg.val_data, val_split=cfg.val_split, per_class=cfg.per_class,
-                                   seed=cfg.seed, preprocess=self.preprocess, aug=cfg.aug)  # fmt: skip
+                                   seed=cfg.seed, preprocess=self.preprocess, aug=cfg.aug,
+                                   skip_bad=cfg.skip_bad)  # fmt: skip
         self.classes = self.data.classes
         replace_head(self.model, len(self.classes))
         if cfg.init:  # an earlier run's weights, head included (a recipe's previous phase)
@@ -101,6 +104,8 @@ class Trainer:
         if self.dist.is_main:
             cfg.save(self.run_dir / "config.yaml")
             atomic_write_text(self.run_dir / "classes.json", json.dumps(self.classes, indent=1))
+            if self.data.skipped:  # what --skip-bad left out stays on record with the run
+                atomic_write_text(self.run_dir / SKIPPED, "\n".join(self.data.skipped) + "\n")
 
     def _optimization(self) -> tuple:
         cfg = self.cfg
@@ -134,6 +139,9 @@ class Trainer:
         self.echo(f"{self.cfg.model} on {self.precision.describe()}: {len(self.data.train)} train images, "
                   f"{len(self.classes)} classes, {trainable:,}/{total:,} parameters trainable\n"
                   f"validation: {self.data.val_source}\n{summary(self.model)}")  # fmt: skip
+        if self.data.skipped:
+            self.echo(f"skipped {len(self.data.skipped)} unreadable image file(s) (--skip-bad): listed in "
+                      f"{self.run_dir / SKIPPED}")  # fmt: skip
         start = time.perf_counter()
         try:
             self._epochs()
