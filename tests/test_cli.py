@@ -355,3 +355,18 @@ def test_unreadable_image_stops_train_before_it_starts_and_skip_bad_trains_witho
     assert code == 0, err
     assert "skipped 1 unreadable image file(s)" in out
     assert (tmp_path / "run" / "skipped.txt").read_text() == f"{bad}\n"
+
+
+@pytest.mark.parametrize("fmt", ["folder", "csv", "idx"])
+def test_eval_refuses_data_whose_class_names_differ_from_the_checkpoint(run, capsys, tmp_path, fmt):
+    from test_data import make_idx_dir
+
+    other = make_image_folder(tmp_path / "img", train=0, val=0, test=1)
+    (other / "test" / "red").rename(other / "test" / "purple")
+    data = {"folder": other / "test", "csv": tmp_path / "a.csv", "idx": tmp_path / "mnist"}[fmt]
+    (tmp_path / "a.csv").write_text("path,label\nimg/test/purple/red_0.png,purple\n")
+    make_idx_dir(tmp_path / "mnist")
+    before = snapshot(run[0])
+    code, out, err = run_cli(capsys, "eval", "--checkpoint", run[0] / "best.pt", "--data", data, "--device", "cpu")
+    _assert_user_error(code, out, err, "'blue', 'green', 'red'", "'0', '1'" if fmt == "idx" else "'purple'")
+    assert snapshot(run[0]) == before

@@ -375,3 +375,29 @@ def test_eval_data_with_an_unreadable_image_is_refused(tmp_path):
     _break(make_folder(tmp_path, 2))
     with pytest.raises(DataError, match=r"2 of 6 evaluation image file\(s\) cannot be read.*fix or remove them$"):
         build_eval_dataset(str(tmp_path), preprocess=PRE, classes=sorted(COLOURS))
+
+
+def test_eval_refuses_class_names_the_checkpoint_does_not_have_in_every_format(tmp_path):
+    from freezetune.data import build_eval_dataset
+
+    ckpt_classes = sorted(COLOURS)
+    make_folder(tmp_path / "folder", 1)
+    (tmp_path / "folder" / "red").rename(tmp_path / "folder" / "purple")
+    with pytest.raises(DataError, match="'purple'.*not training classes: 'blue', 'green', 'red'"):
+        build_eval_dataset(str(tmp_path / "folder"), preprocess=PRE, classes=ckpt_classes)
+    (tmp_path / "a.csv").write_text("label,path\nblue,folder/blue/0.png\npurple,folder/purple/0.png\n")
+    with pytest.raises(DataError, match="'purple'.*not training classes: 'blue', 'green', 'red'"):
+        build_eval_dataset(str(tmp_path / "a.csv"), preprocess=PRE, classes=ckpt_classes)
+    idx = make_idx_dir(tmp_path / "fashion")  # ten labels, named by the directory: Fashion-MNIST's names
+    with pytest.raises(
+        DataError, match="classes 'T-shirt/top', .*; the checkpoint's classes are '0', '1'.*classes.txt"
+    ):
+        build_eval_dataset(str(idx), preprocess=PRE, classes=[str(d) for d in range(10)])
+    names = [f"c{d}" for d in range(10)]
+    with pytest.raises(DataError, match="the checkpoint's classes are 'c0'"):  # same count, other names
+        build_eval_dataset(str(idx), preprocess=PRE, classes=names)
+    (idx / "classes.txt").write_text("\n".join(names) + "\n")
+    assert build_eval_dataset(str(idx), preprocess=PRE, classes=names).classes == names
+    (idx / "classes.txt").write_text("c0\nc1\n")
+    with pytest.raises(DataError, match="labels up to 9 but classes.txt names 2 classes"):
+        build_eval_dataset(str(idx), preprocess=PRE, classes=names)

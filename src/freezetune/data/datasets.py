@@ -13,7 +13,7 @@ from pathlib import Path
 from torch.utils.data import Dataset
 
 from freezetune.data.folder import read_csv, scan_folder
-from freezetune.data.idx import idx_files, is_idx_dir, load_idx
+from freezetune.data.idx import CLASS_NAMES_FILE, idx_files, is_idx_dir, load_idx
 from freezetune.data.sampling import per_class_indices, stratified_split
 from freezetune.data.scan import check_images
 from freezetune.data.text import read_text_csv, text_csv_header
@@ -230,6 +230,13 @@ def build_eval_dataset(data: str, *, preprocess: Preprocess, classes: list[str])
     """The evaluation set of ``data`` for a trained model: an IDX test split, a ``test/`` (else ``val/``) folder,
     or the whole folder/CSV; labels are checked against the model's ``classes``.
 
+    Folder and CSV labels are class names, matched by name: data may hold fewer classes than the model, never one
+    it does not know. IDX labels are positions, so an IDX directory's names (``classes.txt``, else the Fashion-MNIST
+    or digit names ``idx_class_names`` gives) must equal the model's, in order.
+
+    Raises:
+        DataError: the path is missing or unreadable, or its class names differ from ``classes`` as above.
+
     >>> build_eval_dataset("/usr/share/datasets/fashion-mnist", preprocess=Preprocess(32),
     ...                    classes=[str(i) for i in range(10)])  # doctest: +SKIP
     """
@@ -238,8 +245,10 @@ def build_eval_dataset(data: str, *, preprocess: Preprocess, classes: list[str])
         raise DataError(f"data path '{data}' does not exist; expected {_EXPECTED}")
     if path.is_dir() and is_idx_dir(path):
         ds = load_idx(path, "test" if idx_files(path, "test") else "train")
-        if len(ds.classes) != len(classes):
-            raise DataError(f"'{data}' has {len(ds.classes)} classes; the model was trained on {len(classes)}")
+        if ds.classes != list(classes):  # IDX labels are positions: the names must match one for one, in order
+            raise DataError(f"'{data}' has classes {choices(ds.classes)}; the checkpoint's classes are "
+                            f"{choices(classes)} (IDX files carry no names: write the checkpoint's, one a line, "
+                            f"into {path / CLASS_NAMES_FILE} if this is the same data)")  # fmt: skip
     elif path.is_dir() and (path / "train").is_dir():
         split = _first_dir(path, ("test", *_VAL_DIRS))
         if split is None:
