@@ -370,3 +370,23 @@ def test_eval_refuses_data_whose_class_names_differ_from_the_checkpoint(run, cap
     code, out, err = run_cli(capsys, "eval", "--checkpoint", run[0] / "best.pt", "--data", data, "--device", "cpu")
     _assert_user_error(code, out, err, "'blue', 'green', 'red'", "'0', '1'" if fmt == "idx" else "'purple'")
     assert snapshot(run[0]) == before
+
+
+def test_disk_cache_without_room_is_refused_before_it_is_written(tmp_path, capsys, monkeypatch):
+    import shutil
+
+    from freezetune.cache import disk
+
+    data = make_image_folder(tmp_path / "img", train=4, val=2, test=0)
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(disk.shutil, "disk_usage", lambda _: usage._replace(free=2**20))
+    run_dir = tmp_path / "run"
+    code, out, err = run_cli(capsys, *train_argv(data, run_dir, "--epochs", "1", "--cache", "disk",
+                                                 "--freeze", "backbone"))  # fmt: skip
+    _assert_user_error(code, out, err, "not enough disk space for the feature cache", "1.0 MiB free",
+                       str(run_dir / "cache" / "train"), "--cache off")  # fmt: skip
+    assert not list(run_dir.rglob("feature_cache.bin"))  # refused before the sparse file existed
+    monkeypatch.undo()  # room again: the same command runs in the same run dir, no --overwrite needed
+    code, out, err = run_cli(capsys, *train_argv(data, run_dir, "--epochs", "1", "--cache", "disk",
+                                                 "--freeze", "backbone"))  # fmt: skip
+    assert code == 0, err
