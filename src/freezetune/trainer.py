@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -19,7 +21,7 @@ from freezetune.cache import FeaturePath
 from freezetune.config import TrainConfig, parse_freeze_spec, validate
 from freezetune.data import Loaders, build_datasets
 from freezetune.distributed import all_reduce_sum, barrier, broadcast, device_for, init_from_env, shutdown, wrap
-from freezetune.errors import TrainingError
+from freezetune.errors import ResourceError, TrainingError
 from freezetune.evaluate import logits_of, run_model, to_device
 from freezetune.freeze import count_parameters, freeze, summary
 from freezetune.inference import evaluate_model, write_evaluation
@@ -41,13 +43,33 @@ def train(cfg: TrainConfig, *, echo=print) -> RunResult:
     >>> from freezetune.config import TrainConfig
     >>> train(TrainConfig(data="DIR_OF_IMAGES", epochs=3))  # doctest: +SKIP
     """
-    if recipes.recipe_of(cfg) is not None:
-        return recipes.run(cfg, echo=echo)
-    trainer = Trainer(cfg, echo=echo)
+    with out_of_memory_hint(cfg.batch_size):
+        if recipes.recipe_of(cfg) is not None:
+            return recipes.run(cfg, echo=echo)
+        trainer = Trainer(cfg, echo=echo)
+        try:
+            return trainer.fit()
+        finally:
+            shutdown(trainer.dist)
+
+
+@contextmanager
+def out_of_memory_hint(batch_size: int) -> Iterator[None]:
+    """Device memory running out is the run's size, not a bug: one line naming the batch size to try instead.
+
+    Checkpoints are written whole or not at all, so the run dir keeps the last finished epoch (``--resume``).
+
+    >>> with out_of_memory_hint(64):
+    ...     raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    Traceback (most recent call last):
+    freezetune.errors.ResourceError: the device ran out of memory at batch size 64; try --batch-size 32 ...
+    """
     try:
-        return trainer.fit()
-    finally:
-        shutdown(trainer.dist)
+        yield
+    except torch.cuda.OutOfMemoryError as e:
+        fix = f"try --batch-size {batch_size // 2}" if batch_size > 1 else "try a smaller --img-size or model"
+        raise ResourceError(f"the device ran out of memory at batch size {batch_size}; {fix} (or --amp bf16); "
+                            f"files written before are intact") from e  # fmt: skip
 
 
 class Trainer:
