@@ -244,6 +244,7 @@ def _assert_user_error(code, out, err, *needles):
         (["--bn", "bogus"], ["bogus", "frozen"]),
         (["--unfreeze", "weekly"], ["weekly", "epoch:N"]),
         (["--epochs", "0", "--lr", "-1"], ["epochs", "lr"]),  # every problem in one message
+        (["--skip-nonfinite", "-1"], ["skip_nonfinite must be >= 0, got -1"]),
     ],
 )
 def test_train_user_errors_exit_2_with_one_line(data, tmp_path, capsys, extra, needles):

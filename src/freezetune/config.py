@@ -30,6 +30,7 @@ from freezetune.options import (
     SCHEDULERS,
     choice_problem,
     fraction_problem,
+    non_negative_int_problem,
     parse_duration,
     positive_int_problem,
     recipe_problem,
@@ -85,6 +86,7 @@ class TrainConfig:
     warmup_epochs: float = 0.0
     label_smoothing: float = 0.1
     grad_clip: float | None = None
+    skip_nonfinite: int = 0  # batches per epoch whose non-finite loss is skipped (no step) before the run stops
     # speed
     amp: str = "auto"
     channels_last: bool | None = None
@@ -188,6 +190,7 @@ def validate(cfg: TrainConfig) -> None:
     """
     problems = [choice_problem(name, getattr(cfg, name), allowed) for name, allowed in FIELD_CHOICES.items()]
     problems += [positive_int_problem(name, getattr(cfg, name)) for name in ("epochs", "batch_size", "cache_views")]
+    problems.append(non_negative_int_problem("skip_nonfinite", cfg.skip_nonfinite))
     problems += [positive_int_problem(name, getattr(cfg, name)) for name in ("per_class", "early_stop")
                  if getattr(cfg, name) is not None]  # fmt: skip
     if cfg.val_split is not None:

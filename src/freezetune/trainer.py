@@ -202,9 +202,7 @@ class Trainer:
         train_stats = self._train_epoch(epoch, self.features.train_batches(epoch))
         seconds = time.perf_counter() - start
         if (step := train_stats.pop("first_bad_step")) >= 0:  # stop before these weights reach last.pt or best.pt
-            raise TrainingError(f"the loss was not finite at epoch {epoch + 1}, step {step + 1}: training diverged; "
-                                f"best.pt and last.pt keep epoch {self.progress.best_epoch} and "
-                                f"{self.progress.epoch} (try a lower --lr or --grad-clip 1.0)")  # fmt: skip
+            raise self._diverged(epoch, step)
         start = time.perf_counter()
         val = self.features.evaluate_val(self.precision, num_classes=len(self.classes))
         self.seconds["val"] += time.perf_counter() - start
@@ -221,15 +219,39 @@ class Trainer:
         loss_fn = nn.CrossEntropyLoss(label_smoothing=self.cfg.label_smoothing)
         meter = epoch_log.TrainProgress(len(batches), f"epoch {epoch + 1}/{self.cfg.epochs}",
                                         enabled=self.cfg.progress, device=self.device)  # fmt: skip
-        for inputs, targets in batches:
+        skipped = 0
+        for step, (inputs, targets) in enumerate(batches):
             inputs = to_device(inputs, self.device, self.channels_last)
             targets = targets.to(self.device, non_blocking=True)
             with self.precision.autocast():
                 logits = logits_of(run_model(self.features.train_module, inputs))
                 loss = loss_fn(logits.float(), targets)
+            if self.cfg.skip_nonfinite and self._not_finite(loss):
+                skipped += 1
+                if skipped > self.cfg.skip_nonfinite:
+                    raise self._diverged(epoch, step, skipped=skipped - 1)
+                if self.state.scheduler is not None:  # the schedule keeps its length, as AMP's skipped steps do
+                    self.state.scheduler.step()
+                continue
             self._optimize(loss)
             meter.update(loss, logits, targets)
-        return meter.close(lambda totals: all_reduce_sum(totals, self.dist))
+        stats = meter.close(lambda totals: all_reduce_sum(totals, self.dist))
+        return {**stats, "skipped_batches": skipped} if self.cfg.skip_nonfinite else stats
+
+    def _not_finite(self, loss: torch.Tensor) -> bool:
+        """Whether any rank's loss is not finite (every rank then skips the batch: DDP's backward is collective).
+
+        One host sync a step, paid only with ``skip_nonfinite`` on: without it the check stays on the device and is
+        read once an epoch (``TrainProgress``), where stopping needs no per-step decision.
+        """
+        bad = (~torch.isfinite(loss.detach())).float().reshape(1)
+        return bool(all_reduce_sum(bad, self.dist).item())
+
+    def _diverged(self, epoch: int, step: int, skipped: int = 0) -> TrainingError:
+        skips = f" after skipping {skipped} non-finite batch(es) this epoch (--skip-nonfinite)" if skipped else ""
+        return TrainingError(f"the loss was not finite at epoch {epoch + 1}, step {step + 1}{skips}: training "
+                             f"diverged; best.pt and last.pt keep epoch {self.progress.best_epoch} and "
+                             f"{self.progress.epoch} (try a lower --lr or --grad-clip 1.0)")  # fmt: skip
 
     def _optimize(self, loss: torch.Tensor) -> None:
         optimizer, scaler = self.state.optimizer, self.state.scaler
