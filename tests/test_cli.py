@@ -412,3 +412,16 @@ def test_device_out_of_memory_names_the_batch_size_to_try_and_keeps_the_run(tmp_
     after = snapshot(tmp_path / "run")
     for name in ("best.pt", "last.pt", "metrics.csv"):
         assert after[name] == before[name]
+
+
+def test_batch_size_auto_on_cpu_keeps_the_default_and_config_yaml_keeps_the_number(tmp_path, capsys):
+    data = make_image_folder(tmp_path / "img", train=4, val=2, test=0)
+    code, out, err = run_cli(capsys, *train_argv(data, tmp_path / "run", "--epochs", "1", "--batch-size", "auto"))
+    assert code == 0, err
+    assert "--batch-size auto -> 12: the default 32 (no CUDA device to measure on cpu), capped at 12 training" in out
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert saved["batch_size"] == 12  # a run from this config.yaml trains with the same batches
+    code, out, _ = run_cli(capsys, "train", "--config", tmp_path / "run" / "config.yaml", "--print-config")
+    assert code == 0 and yaml.safe_load(out)["batch_size"] == 12
+    code, out, err = run_cli(capsys, *train_argv(data, tmp_path / "run2", "--batch-size", "big"))
+    _assert_user_error(code, out, err, "batch_size must be an integer, got 'big' (or 'auto')")

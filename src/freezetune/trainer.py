@@ -7,6 +7,7 @@ features) is the ``FeaturePath``'s business; how data becomes batches, the ``Loa
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Iterator
@@ -25,8 +26,10 @@ from freezetune.errors import ResourceError, TrainingError
 from freezetune.evaluate import logits_of, run_model, to_device
 from freezetune.freeze import count_parameters, freeze, summary
 from freezetune.inference import evaluate_model, write_evaluation
+from freezetune.memory import auto_batch_size
 from freezetune.models import create_model, text_preprocess
 from freezetune.optim import build_optimizer, build_scheduler
+from freezetune.options import BATCH_AUTO
 from freezetune.precision import resolve_device, resolve_precision
 from freezetune.progress import Progress, RunResult
 from freezetune.stages import replace_head
@@ -54,7 +57,7 @@ def train(cfg: TrainConfig, *, echo=print) -> RunResult:
 
 
 @contextmanager
-def out_of_memory_hint(batch_size: int) -> Iterator[None]:
+def out_of_memory_hint(batch_size: int | str) -> Iterator[None]:
     """Device memory running out is the run's size, not a bug: one line naming the batch size to try instead.
 
     Checkpoints are written whole or not at all, so the run dir keeps the last finished epoch (``--resume``).
@@ -67,7 +70,10 @@ def out_of_memory_hint(batch_size: int) -> Iterator[None]:
     try:
         yield
     except torch.cuda.OutOfMemoryError as e:
-        fix = f"try --batch-size {batch_size // 2}" if batch_size > 1 else "try a smaller --img-size or model"
+        if batch_size == BATCH_AUTO:  # what auto measured did not leave room for the rest of the run
+            fix = "try a fixed --batch-size below the one auto printed"
+        else:
+            fix = f"try --batch-size {batch_size // 2}" if batch_size > 1 else "try a smaller --img-size or model"
         raise ResourceError(f"the device ran out of memory at batch size {batch_size}; {fix} (or --amp bf16); "
                             f"files written before are intact") from e  # fmt: skip
 
@@ -106,6 +112,8 @@ class Trainer:
         freeze(self.model, parse_freeze_spec(cfg.freeze), bn=cfg.bn)
         self.channels_last = runtime.use_channels_last(cfg.channels_last, self.model, self.device)
         self.model.to(self.device, memory_format=torch.channels_last if self.channels_last else torch.preserve_format)
+        # --batch-size auto becomes a number here, once, for every rank; config.yaml and checkpoints keep the number
+        self.cfg = cfg = dataclasses.replace(cfg, batch_size=self._batch_size())
         self.loaders = Loaders(batch_size=cfg.batch_size, device=self.device, seed=cfg.seed, preprocess=self.preprocess,
                                aug=cfg.aug, decode=cfg.decode, workers=cfg.workers, dist=self.dist,
                                epoch_fraction=cfg.epoch_fraction)  # fmt: skip
@@ -128,6 +136,19 @@ class Trainer:
             atomic_write_text(self.run_dir / "classes.json", json.dumps(self.classes, indent=1))
             if self.data.skipped:  # what --skip-bad left out stays on record with the run
                 atomic_write_text(self.run_dir / SKIPPED, "\n".join(self.data.skipped) + "\n")
+
+    def _batch_size(self) -> int:
+        if self.cfg.batch_size != BATCH_AUTO:
+            return self.cfg.batch_size
+        cap, default = len(self.data.train), TrainConfig.batch_size
+        if self.preprocess.tokenizer is not None:  # text: no image input to measure with
+            size, why = min(default, cap), "the default (a text model is not measured)"
+        else:
+            size, why = auto_batch_size(self.model, self.preprocess.input_size, device=self.device, cap=cap,
+                                        default=default, autocast=self.precision.autocast)  # fmt: skip
+        size, why = broadcast((size, why), self.dist)  # rank 0 measured; every rank must step alike
+        self.echo(f"--batch-size auto -> {size}: {why}")
+        return size
 
     def _optimization(self) -> tuple:
         cfg = self.cfg
