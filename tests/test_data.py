@@ -366,7 +366,7 @@ def test_pre_scan_names_the_first_few_and_counts_the_rest(tmp_path):
     with pytest.raises(DataError) as err:
         build_datasets(str(tmp_path), val_split=0.25, preprocess=PRE)
     assert "6 of 12" in str(err.value) and "and 1 more;" in str(err.value)
-    assert str(err.value).count(".png (") == 5
+    assert str(err.value).count(".png' (") == 5
 
 
 def test_eval_data_with_an_unreadable_image_is_refused(tmp_path):

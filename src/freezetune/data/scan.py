@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from PIL import Image
 
 from freezetune.data.folder import FileImageDataset
-from freezetune.errors import DataError, choices
+from freezetune.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +31,8 @@ def image_problem(path: str) -> str | None:
         with Image.open(path) as img:
             img.verify()  # structure and checksums where the format has them; no pixel decode
     except Exception as exc:  # PIL raises OSError, SyntaxError, struct.error ... for broken files
-        return getattr(exc, "strerror", None) or str(exc).split("\n")[0] or type(exc).__name__
+        why = getattr(exc, "strerror", None) or str(exc).split("\n")[0] or type(exc).__name__
+        return why.replace(f" {str(path)!r}", "")  # PIL repeats the path the message is already about
     return None
 
 
@@ -68,7 +69,7 @@ def check_images(ds, what: str, *, skip_bad: bool, hint: str = _HINT) -> tuple[o
     if not bad:
         return ds, []
     if not skip_bad:
-        named = choices([f"{path} ({why})" for path, why in bad[:_NAMED]])
+        named = ", ".join(f"'{path}' ({why})" for path, why in bad[:_NAMED])
         more = f" and {len(bad) - _NAMED} more" if len(bad) > _NAMED else ""
         raise DataError(f"{len(bad)} of {len(ds)} {what} image file(s) cannot be read: {named}{more}; {hint}")
     skipped = {path for path, _ in bad}
