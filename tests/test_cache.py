@@ -218,6 +218,10 @@ def test_a_full_cache_dir_keeps_no_copy_and_says_so(tmp_path, monkeypatch, caplo
     with caplog.at_level("WARNING"):
         assert disk.save(tmp_path / "c", "k", torch.zeros(4, 8), torch.zeros(4, dtype=torch.long)) is None
     assert not list((tmp_path / "c").iterdir())
-    assert "needs 0.0 MiB in" in caplog.text and "3.0 MiB free" in caplog.text and "--cache-dir" in caplog.text
+    assert (
+        "needs 0.0 MiB and 64.0 MiB to spare in" in caplog.text
+        and "3.0 MiB free" in caplog.text
+        and "--cache-dir" in caplog.text
+    )
     monkeypatch.undo()
     assert disk.save(tmp_path / "c", "k", torch.zeros(4, 8), torch.zeros(4, dtype=torch.long)).is_file()

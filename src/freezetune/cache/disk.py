@@ -47,7 +47,7 @@ def space_problem(folder: str | Path, nbytes: int) -> str | None:
     free = shutil.disk_usage(folder).free
     if nbytes + _MARGIN <= free:
         return None
-    return f"needs {_mib(nbytes)} in '{folder}', {_mib(free)} free"
+    return f"needs {_mib(nbytes)} and {_mib(_MARGIN)} to spare in '{folder}', {_mib(free)} free"
 
 
 def ensure_space(folder: str | Path, nbytes: int, hint: str) -> None:
