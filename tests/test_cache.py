@@ -206,3 +206,22 @@ def test_one_cached_view_holds_the_plain_images_not_one_random_augmentation(imag
     views = Trainer(_config(image_folder, tmp_path, "v", cache="memory", aug="light", cache_views=2, epochs=1),
                     echo=lambda *_: None)  # fmt: skip
     assert not torch.equal(views.features.train_store.features[0], plain.features.train_store.features[0])
+
+
+def test_a_full_cache_dir_keeps_no_copy_and_says_so(tmp_path, monkeypatch, caplog):
+    import shutil
+
+    from freezetune.cache import disk
+
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(disk.shutil, "disk_usage", lambda _: usage._replace(free=3 * 2**20))
+    with caplog.at_level("WARNING"):
+        assert disk.save(tmp_path / "c", "k", torch.zeros(4, 8), torch.zeros(4, dtype=torch.long)) is None
+    assert not list((tmp_path / "c").iterdir())
+    assert (
+        "needs 0.0 MiB and 64.0 MiB to spare in" in caplog.text
+        and "3.0 MiB free" in caplog.text
+        and "--cache-dir" in caplog.text
+    )
+    monkeypatch.undo()
+    assert disk.save(tmp_path / "c", "k", torch.zeros(4, 8), torch.zeros(4, dtype=torch.long)).is_file()

@@ -244,6 +244,7 @@ def _assert_user_error(code, out, err, *needles):
         (["--bn", "bogus"], ["bogus", "frozen"]),
         (["--unfreeze", "weekly"], ["weekly", "epoch:N"]),
         (["--epochs", "0", "--lr", "-1"], ["epochs", "lr"]),  # every problem in one message
+        (["--skip-nonfinite", "-1"], ["skip_nonfinite must be >= 0, got -1"]),
     ],
 )
 def test_train_user_errors_exit_2_with_one_line(data, tmp_path, capsys, extra, needles):
@@ -341,3 +342,86 @@ def test_command_defaults_come_from_the_config_dataclass():
     inspect = parser.parse_args(["inspect", "--model", "timm:x"])
     assert (inspect.batch_size, inspect.bn, inspect.freeze) == (defaults.batch_size, defaults.bn, FREEZE_DEFAULT)
     assert parser.parse_args(["predict", "--checkpoint", "c.pt", "a.png"]).device == defaults.device
+
+
+def test_unreadable_image_stops_train_before_it_starts_and_skip_bad_trains_without_it(tmp_path, capsys):
+    data = make_image_folder(tmp_path / "img", train=4, val=2, test=2)
+    bad = data / "train" / "red" / "red_1.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    before = snapshot(data)
+    code, out, err = run_cli(capsys, *train_argv(data, tmp_path / "run", "--epochs", "1"))
+    _assert_user_error(code, out, err, "1 of 12 training image file(s) cannot be read", str(bad), "--skip-bad")
+    assert not (tmp_path / "run").exists() and snapshot(data) == before
+    code, out, err = run_cli(capsys, *train_argv(data, tmp_path / "run", "--epochs", "1", "--skip-bad"))
+    assert code == 0, err
+    assert "skipped 1 unreadable image file(s)" in out
+    assert (tmp_path / "run" / "skipped.txt").read_text() == f"{bad}\n"
+
+
+@pytest.mark.parametrize("fmt", ["folder", "csv", "idx"])
+def test_eval_refuses_data_whose_class_names_differ_from_the_checkpoint(run, capsys, tmp_path, fmt):
+    from test_data import make_idx_dir
+
+    other = make_image_folder(tmp_path / "img", train=0, val=0, test=1)
+    (other / "test" / "red").rename(other / "test" / "purple")
+    data = {"folder": other / "test", "csv": tmp_path / "a.csv", "idx": tmp_path / "mnist"}[fmt]
+    (tmp_path / "a.csv").write_text("path,label\nimg/test/purple/red_0.png,purple\n")
+    make_idx_dir(tmp_path / "mnist")
+    before = snapshot(run[0])
+    code, out, err = run_cli(capsys, "eval", "--checkpoint", run[0] / "best.pt", "--data", data, "--device", "cpu")
+    _assert_user_error(code, out, err, "'blue', 'green', 'red'", "'0', '1'" if fmt == "idx" else "'purple'")
+    assert snapshot(run[0]) == before
+
+
+def test_disk_cache_without_room_is_refused_before_it_is_written(tmp_path, capsys, monkeypatch):
+    import shutil
+
+    from freezetune.cache import disk
+
+    data = make_image_folder(tmp_path / "img", train=4, val=2, test=0)
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(disk.shutil, "disk_usage", lambda _: usage._replace(free=2**20))
+    run_dir = tmp_path / "run"
+    code, out, err = run_cli(capsys, *train_argv(data, run_dir, "--epochs", "1", "--cache", "disk",
+                                                 "--freeze", "backbone"))  # fmt: skip
+    _assert_user_error(code, out, err, "not enough disk space for the feature cache", "1.0 MiB free",
+                       str(run_dir / "cache" / "train"), "--cache off")  # fmt: skip
+    assert not list(run_dir.rglob("feature_cache.bin"))  # refused before the sparse file existed
+    monkeypatch.undo()  # room again: the same command runs in the same run dir, no --overwrite needed
+    code, out, err = run_cli(capsys, *train_argv(data, run_dir, "--epochs", "1", "--cache", "disk",
+                                                 "--freeze", "backbone"))  # fmt: skip
+    assert code == 0, err
+
+
+@pytest.mark.parametrize("where", ["training", "caching"])
+def test_device_out_of_memory_names_the_batch_size_to_try_and_keeps_the_run(tmp_path, capsys, monkeypatch, where):
+    from freezetune.cache import store
+    from freezetune.trainer import Trainer
+
+    data = make_image_folder(tmp_path / "img", train=4, val=2, test=0)
+    argv = train_argv(data, tmp_path / "run", "--freeze", "backbone", "--cache", "memory", "--scheduler", "none")
+    assert run_cli(capsys, *argv, "--epochs", "1")[0] == 0
+    before = snapshot(tmp_path / "run")
+
+    def out_of_memory(*_args, **_kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB")
+
+    monkeypatch.setattr(*((Trainer, "_optimize") if where == "training" else (store, "_prefix")), out_of_memory)
+    code, out, err = run_cli(capsys, *argv, "--epochs", "2", "--resume")
+    _assert_user_error(code, out, err, "ran out of memory at batch size 8", "try --batch-size 4")
+    after = snapshot(tmp_path / "run")
+    for name in ("best.pt", "last.pt", "metrics.csv"):
+        assert after[name] == before[name]
+
+
+def test_batch_size_auto_on_cpu_keeps_the_default_and_config_yaml_keeps_the_number(tmp_path, capsys):
+    data = make_image_folder(tmp_path / "img", train=4, val=2, test=0)
+    code, out, err = run_cli(capsys, *train_argv(data, tmp_path / "run", "--epochs", "1", "--batch-size", "auto"))
+    assert code == 0, err
+    assert "--batch-size auto -> 12: the default 32 (no CUDA device to measure on cpu), capped at 12 training" in out
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert saved["batch_size"] == 12  # a run from this config.yaml trains with the same batches
+    code, out, _ = run_cli(capsys, "train", "--config", tmp_path / "run" / "config.yaml", "--print-config")
+    assert code == 0 and yaml.safe_load(out)["batch_size"] == 12
+    code, out, err = run_cli(capsys, *train_argv(data, tmp_path / "run2", "--batch-size", "big"))
+    _assert_user_error(code, out, err, "batch_size must be an integer, got 'big' (or 'auto')")

@@ -329,3 +329,75 @@ def test_one_class_or_an_empty_class_folder_is_refused(tmp_path):
     (tmp_path / "gap" / "yellow").mkdir()
     with pytest.raises(DataError, match="'yellow'.*hold no images"):
         build_datasets(str(tmp_path / "gap"), preprocess=PRE)
+
+
+def _break(folder: Path) -> list[Path]:
+    """Spoil two images of ``folder``: one is not an image at all, one is a PNG cut in half."""
+    junk, cut = folder / "blue" / "0.png", folder / "red" / "1.png"
+    junk.write_bytes(b"not an image")
+    cut.write_bytes(cut.read_bytes()[:40])
+    return [junk, cut]
+
+
+@pytest.mark.parametrize("fmt", ["folder", "csv"])
+def test_unreadable_images_are_named_before_training_or_skipped(tmp_path, fmt):
+    bad = _break(make_folder(tmp_path / "img", 4))
+    data = tmp_path / "img"
+    if fmt == "csv":
+        rows = [f"img/{c}/{i}.png,{c}" for c in COLOURS for i in range(4)]
+        (tmp_path / "a.csv").write_text("path,label\n" + "\n".join(rows) + "\n")
+        data = tmp_path / "a.csv"
+    with pytest.raises(
+        DataError, match=r"2 of 12 training image file\(s\) cannot be read: .*0\.png.*1\.png.*--skip-bad"
+    ):
+        build_datasets(str(data), val_split=0.25, preprocess=PRE)
+    b = build_datasets(str(data), val_split=0.25, preprocess=PRE, skip_bad=True)
+    assert sorted(b.skipped) == sorted(str(p) for p in bad)
+    kept = [path for ds in (b.train, b.val) for path, _ in ds.samples]
+    assert len(kept) == 10 and not set(b.skipped) & set(kept)
+
+
+def test_pre_scan_names_the_first_few_and_counts_the_rest(tmp_path):
+    make_folder(tmp_path, 4)
+    for i in range(4):
+        (tmp_path / "green" / f"{i}.png").write_bytes(b"")
+    for i in range(2):
+        (tmp_path / "blue" / f"{i}.png").write_bytes(b"GIF89a")
+    with pytest.raises(DataError) as err:
+        build_datasets(str(tmp_path), val_split=0.25, preprocess=PRE)
+    assert "6 of 12" in str(err.value) and "and 1 more;" in str(err.value)
+    assert str(err.value).count(".png' (") == 5
+
+
+def test_eval_data_with_an_unreadable_image_is_refused(tmp_path):
+    from freezetune.data import build_eval_dataset
+
+    _break(make_folder(tmp_path, 2))
+    with pytest.raises(DataError, match=r"2 of 6 evaluation image file\(s\) cannot be read.*fix or remove them$"):
+        build_eval_dataset(str(tmp_path), preprocess=PRE, classes=sorted(COLOURS))
+
+
+def test_eval_refuses_class_names_the_checkpoint_does_not_have_in_every_format(tmp_path):
+    from freezetune.data import build_eval_dataset
+
+    ckpt_classes = sorted(COLOURS)
+    make_folder(tmp_path / "folder", 1)
+    (tmp_path / "folder" / "red").rename(tmp_path / "folder" / "purple")
+    with pytest.raises(DataError, match="'purple'.*not training classes: 'blue', 'green', 'red'"):
+        build_eval_dataset(str(tmp_path / "folder"), preprocess=PRE, classes=ckpt_classes)
+    (tmp_path / "a.csv").write_text("label,path\nblue,folder/blue/0.png\npurple,folder/purple/0.png\n")
+    with pytest.raises(DataError, match="'purple'.*not training classes: 'blue', 'green', 'red'"):
+        build_eval_dataset(str(tmp_path / "a.csv"), preprocess=PRE, classes=ckpt_classes)
+    idx = make_idx_dir(tmp_path / "fashion")  # ten labels, named by the directory: Fashion-MNIST's names
+    with pytest.raises(
+        DataError, match="classes 'T-shirt/top', .*; the checkpoint's classes are '0', '1'.*classes.txt"
+    ):
+        build_eval_dataset(str(idx), preprocess=PRE, classes=[str(d) for d in range(10)])
+    names = [f"c{d}" for d in range(10)]
+    with pytest.raises(DataError, match="the checkpoint's classes are 'c0'"):  # same count, other names
+        build_eval_dataset(str(idx), preprocess=PRE, classes=names)
+    (idx / "classes.txt").write_text("\n".join(names) + "\n")
+    assert build_eval_dataset(str(idx), preprocess=PRE, classes=names).classes == names
+    (idx / "classes.txt").write_text("c0\nc1\n")
+    with pytest.raises(DataError, match="labels up to 9 but classes.txt names 2 classes"):
+        build_eval_dataset(str(idx), preprocess=PRE, classes=names)

@@ -66,3 +66,49 @@ def test_format_memory_is_a_table_of_both_modes(model):
     lines = text.splitlines()
     assert "batch 4" in lines[0] and lines[1].split() == ["weights", "grads", "optimizer", "activations", "total"]
     assert [line.split()[0] for line in lines[2:]] == ["full", "frozen"]
+
+
+class _SmallDevice(torch.nn.Module):
+    """A CNN on a pretend device that runs out of memory above ``limit`` images a batch."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__()
+        self.limit, self.batches = limit, []
+        self.body = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(),
+                                        torch.nn.LazyLinear(2))  # fmt: skip
+        self.body(torch.zeros(2, 3, 8, 8))
+
+    def forward(self, x):
+        self.batches.append(len(x))
+        if len(x) > self.limit:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return self.body(x)
+
+
+_DOUBLING = [2, 4, 8, 16, 32, 64, 128, 256]
+
+
+@pytest.mark.parametrize(
+    ("limit", "cap", "want", "tried"),
+    [(100, 1000, 64, _DOUBLING[:7]), (64, 1000, 64, _DOUBLING[:7]), (1000, 300, 300, [*_DOUBLING, 300]),
+     (5, 3, 3, [2, 3])],
+)  # fmt: skip
+def test_batch_size_search_keeps_the_largest_power_of_two_that_fits(limit, cap, want, tried):
+    from contextlib import nullcontext
+
+    from freezetune.memory import _fits, find_batch_size
+
+    model = _SmallDevice(limit).train()
+    running = model.body[1].running_mean.clone()
+    got = find_batch_size(lambda b: _fits(model, 8, b, torch.device("cpu"), nullcontext), cap)
+    assert got == want
+    assert model.batches == tried  # doubling until the first size that does not fit (then backed off), or the cap
+    assert model.training and all(p.grad is None for p in model.parameters())  # the probe left no trace
+    assert torch.equal(model.body[1].running_mean, running)
+
+
+def test_batch_size_auto_off_cuda_keeps_the_default_and_says_so():
+    from freezetune.memory import auto_batch_size
+
+    size, why = auto_batch_size(_SmallDevice(1), 8, device=torch.device("cpu"), cap=1000, default=32)
+    assert size == 32 and "default 32" in why and "no CUDA device" in why

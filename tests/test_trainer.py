@@ -367,3 +367,30 @@ def test_frozen_stages_are_bit_identical_after_a_real_run(data, tmp_path, cache)
             assert torch.equal(after[name][key], value), key
     for name in ("blocks.4", "classifier"):  # the unfrozen stage and the head did train
         assert any(not torch.equal(after[name][k], v) for k, v in before[name].items()), name
+
+
+def _poison_steps(monkeypatch, steps: set[int]) -> None:
+    """The loss turns NaN at these training steps (1-based, counted over the run)."""
+    real, calls = trainer.logits_of, []
+
+    def poisoned(output):  # the trainer's training steps alone call trainer.logits_of (validation has its own)
+        calls.append(1)
+        return real(output) * float("nan") if len(calls) in steps else real(output)
+
+    monkeypatch.setattr(trainer, "logits_of", poisoned)
+
+
+def test_skip_nonfinite_skips_a_bounded_number_of_bad_batches_per_epoch(data, tmp_path, capsys, monkeypatch):
+    # 5 steps an epoch: one NaN batch in epoch 2 is skipped (no step, counted); two in epoch 3 exceed the bound of 1
+    _poison_steps(monkeypatch, {5 + 2, 10 + 1, 10 + 4})
+    code, out, err = run_cli(capsys, *train_argv(data, tmp_path / "run", "--epochs", "3", "--freeze", "-3",
+                                                 "--skip-nonfinite", "1"))  # fmt: skip
+    assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert "not finite at epoch 3, step 4 after skipping 1 non-finite batch(es) this epoch" in err
+    rows = _rows(tmp_path / "run")
+    assert [(r["epoch"], r["skipped_batches"]) for r in rows] == [("1", "0"), ("2", "1")]
+    assert "skipped 1 non-finite batch(es)" in out and float(rows[1]["train_loss"]) == float(rows[1]["train_loss"])
+    last = checkpoint.load(tmp_path / "run" / "last.pt")
+    assert last["epoch"] == 2  # the skipped batch made no step: epoch 2's weights are finite and were kept
+    assert all(torch.isfinite(v).all() for v in last["state_dict"].values() if v.is_floating_point())
+    assert (tmp_path / "run" / "best.pt").is_file()

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -160,3 +163,31 @@ def test_packaged_efficientnet_lite0_is_found():
     path = packaged_weights("timm:tf_efficientnet_lite0")
     assert path is not None and path.is_file() and path.suffix == ".pth"
     assert packaged_weights("timm:resnet18") is None
+
+
+class _Payload:
+    """Unpickling this runs code: it writes the marker file named in it."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return exec, (f"open({self.marker!r}, 'w').write('ran')",)
+
+
+def test_a_code_running_pickle_in_the_hub_cache_is_refused_not_run(tmp_path, monkeypatch):
+    import torchvision
+
+    from freezetune.models import create_model
+
+    hub = tmp_path / "hub"
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(hub))  # torchvision's builders ask torch.hub for the dir
+    url = torchvision.models.get_model_weights("resnet18").DEFAULT.url
+    cached = hub / "checkpoints" / Path(url).name
+    cached.parent.mkdir(parents=True)
+    torch.save({"fc.weight": _Payload(tmp_path / "marker")}, cached)
+    with pytest.raises(WeightsError, match=r"refused the pretrained weights of torchvision:resnet18 in .*resnet18-.*"
+                                           r"could run code; delete it"):  # fmt: skip
+        create_model("torchvision:resnet18", "imagenet")
+    assert not (tmp_path / "marker").exists()
+    assert "TORCH_FORCE_WEIGHTS_ONLY_LOAD" not in os.environ  # the switch is off again

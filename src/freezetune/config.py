@@ -21,6 +21,7 @@ from freezetune.options import (
     AMP_MODES,
     AUG_DEFAULT,
     AUG_PRESETS,
+    BATCH_AUTO,
     BN_DEFAULT,
     BN_POLICIES,
     CACHE_MODES,
@@ -30,6 +31,7 @@ from freezetune.options import (
     SCHEDULERS,
     choice_problem,
     fraction_problem,
+    non_negative_int_problem,
     parse_duration,
     positive_int_problem,
     recipe_problem,
@@ -63,8 +65,9 @@ class TrainConfig:
     val_split: float | None = None
     per_class: int | None = None
     aug: str = AUG_DEFAULT
-    batch_size: int = 32
+    batch_size: int | str = 32  # or "auto": the largest that fits the CUDA device; config.yaml keeps the number
     workers: int | None = None
+    skip_bad: bool = False  # leave out image files the pre-scan cannot read (listed in skipped.txt), not refuse
     # freezing
     freeze: str | int | list[str | int] = "auto"  # held parsed: "-3" -> -3, "stem,layer1" -> ["stem", "layer1"]
     recipe: str | None = None  # a named procedure (options.RECIPE_HELP); "auto" is what freeze: auto runs
@@ -84,6 +87,7 @@ class TrainConfig:
     warmup_epochs: float = 0.0
     label_smoothing: float = 0.1
     grad_clip: float | None = None
+    skip_nonfinite: int = 0  # batches per epoch whose non-finite loss is skipped (no step) before the run stops
     # speed
     amp: str = "auto"
     channels_last: bool | None = None
@@ -186,7 +190,11 @@ def validate(cfg: TrainConfig) -> None:
     freezetune.errors.ConfigError: invalid config: unknown bn 'melt'; choose one of: 'frozen', 'affine', 'train'
     """
     problems = [choice_problem(name, getattr(cfg, name), allowed) for name, allowed in FIELD_CHOICES.items()]
-    problems += [positive_int_problem(name, getattr(cfg, name)) for name in ("epochs", "batch_size", "cache_views")]
+    problems += [positive_int_problem(name, getattr(cfg, name)) for name in ("epochs", "cache_views")]
+    if cfg.batch_size != BATCH_AUTO:
+        problem = positive_int_problem("batch_size", cfg.batch_size)
+        problems.append(problem and f"{problem} (or {BATCH_AUTO!r})")
+    problems.append(non_negative_int_problem("skip_nonfinite", cfg.skip_nonfinite))
     problems += [positive_int_problem(name, getattr(cfg, name)) for name in ("per_class", "early_stop")
                  if getattr(cfg, name) is not None]  # fmt: skip
     if cfg.val_split is not None:
@@ -330,9 +338,19 @@ def _parse_freeze(value: Any) -> str | int | list | None:
     return None if value is None else parse_freeze_spec(value)
 
 
+def _parse_batch_size(value: Any) -> int | str | None:
+    # "64" from the command line is a number; "auto" stays a word; anything else is left for validate to report
+    return int(value) if isinstance(value, str) and value.strip().isdigit() else value
+
+
 def _parse_unfreeze(value: Any) -> str | dict | None:
     return value if value is None or isinstance(value, dict) else str(value)
 
 
 # Structured fields: parsed, not converted; each parser takes None (unset) too.
-_PARSERS = {"freeze": _parse_freeze, "unfreeze": _parse_unfreeze, "stage_lrs": parse_stage_lrs}
+_PARSERS = {
+    "batch_size": _parse_batch_size,
+    "freeze": _parse_freeze,
+    "unfreeze": _parse_unfreeze,
+    "stage_lrs": parse_stage_lrs,
+}

@@ -99,6 +99,8 @@ def epoch_row(epoch: int, epochs: int, train: dict, val: dict | None, *, seconds
     row.update(trainable_params=params[0], total_params=params[1], epoch_time_s=seconds)
     row.update(img_per_s=train["samples"] / max(seconds, 1e-9), peak_mem_mb=peak_mb)
     row.update({k: v for k, v in train.items() if k.startswith("gpu_")})  # GpuMonitor's readings, on CUDA
+    if "skipped_batches" in train:  # --skip-nonfinite: batches whose loss was not finite made no step
+        row["skipped_batches"] = train["skipped_batches"]
     row["unfrozen"] = unfrozen
     return row
 
@@ -126,6 +128,8 @@ def format_epoch_line(row: dict[str, Any]) -> str:
     if row.get("gpu_util_pct") is not None:
         speed.append(f"GPU {row['gpu_util_pct']:.0f}% {row.get('gpu_mem_mb', 0) / 1024:.1f} GiB")
     parts.append(" ".join(speed))
+    if row.get("skipped_batches"):
+        parts.append(f"skipped {row['skipped_batches']} non-finite batch(es)")
     if row.get("unfrozen"):
         names = row["unfrozen"] if isinstance(row["unfrozen"], (list, tuple)) else str(row["unfrozen"]).split(LIST_SEP)
         parts.append("unfrozen: " + ", ".join(s for s in names if s))

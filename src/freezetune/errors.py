@@ -42,3 +42,7 @@ def choices(values: Iterable[object], limit: int = 40) -> str:
 
 class TrainingError(FreezetuneError):
     """Training cannot go on as configured (a non-finite loss: the run diverged)."""
+
+
+class ResourceError(FreezetuneError):
+    """The machine lacks room for the run as configured: disk space for a cache, device memory for a batch."""

@@ -1,4 +1,5 @@
-"""Training memory estimate: weights, gradients, optimizer state and activations, full vs as frozen now.
+"""Training memory: an estimate of weights, gradients, optimizer state and activations, full vs as frozen now; and
+the batch size that fits a CUDA device, measured (``--batch-size auto``).
 
 Activations are measured, not guessed: one forward/backward on a tiny batch counts the bytes autograd saves for the
 backward pass (which is exactly what freezing removes), then scales to the batch size.
@@ -6,9 +7,13 @@ backward pass (which is exactly what freezing removes), then scales to the batch
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
+from freezetune.errors import ResourceError
 from freezetune.evaluate import logits_of
 
 _OPT_STATE = {"adamw": 2, "adam": 2, "sgd": 1}  # fp32 tensors of state per trainable parameter
@@ -99,3 +104,69 @@ def _activation_bytes(model: nn.Module, input_size: int) -> int:
         for m, mode in modes:
             m.training = mode
     return count
+
+
+def find_batch_size(fits: Callable[[int], bool], cap: int, start: int = 2) -> int | None:
+    """The largest batch ``fits`` accepts among ``start, 2*start, 4*start, ...`` and ``cap``; None if none does.
+
+    Sizes grow by doubling until one does not fit (the last that did is kept) or the cap is reached.
+
+    >>> find_batch_size(lambda b: b <= 100, cap=1000)
+    64
+    >>> find_batch_size(lambda b: True, cap=300), find_batch_size(lambda b: False, cap=300)
+    (300, None)
+    """
+    best, size = None, max(1, min(start, cap))
+    while fits(size):
+        best = size
+        if size >= cap:
+            break
+        size = min(2 * size, cap)
+    return best
+
+
+def auto_batch_size(model: nn.Module, input_size: int, *, device: torch.device, cap: int, default: int,
+                    autocast: Callable = contextlib.nullcontext) -> tuple[int, str]:  # fmt: skip
+    """The batch size ``--batch-size auto`` trains with, and why, in words.
+
+    On CUDA: the largest power of two (at most ``cap``, the training set size) whose forward and backward through
+    ``model`` fit, with room held for the optimizer state. Elsewhere nothing can be measured without risking the
+    machine's RAM, so ``default`` (capped) is kept.
+
+    >>> auto_batch_size(nn.Linear(4, 2), 4, device=torch.device("cpu"), cap=10, default=32)
+    (10, 'the default 32 (no CUDA device to measure on cpu), capped at 10 training images')
+    """
+    if device.type != "cuda":
+        size = min(default, cap)
+        capped = f", capped at {cap} training images" if size < default else ""
+        return size, f"the default {default} (no CUDA device to measure on {device.type}){capped}"
+    size = find_batch_size(lambda b: _fits(model, input_size, b, device, autocast), cap)
+    if size is None:
+        raise ResourceError(f"not even a batch of 2 images of {input_size} px fits on {device}; try a smaller "
+                            f"--img-size or model")  # fmt: skip
+    return size, f"the largest power of two whose forward and backward fit on {device} (at most {cap})"
+
+
+def _fits(model: nn.Module, input_size: int, batch: int, device: torch.device, autocast: Callable) -> bool:
+    """One forward and backward at ``batch`` in eval mode (BatchNorm statistics untouched), gradients dropped after,
+    with the AdamW state of the trainable parameters reserved: it is allocated by the first real step."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    was_training = model.training
+    reserve = None
+    try:
+        reserve = torch.empty(2 * sum(p.numel() * p.element_size() for p in trainable), dtype=torch.uint8,
+                              device=device)  # fmt: skip
+        x = torch.randn(batch, 3, input_size, input_size, device=device)
+        with autocast():
+            out = logits_of(model.eval()(x))
+        if out.requires_grad:
+            out.float().sum().backward()
+        return True
+    except torch.cuda.OutOfMemoryError:
+        return False
+    finally:
+        del reserve
+        model.train(was_training)
+        for p in trainable:
+            p.grad = None
+        torch.cuda.empty_cache()

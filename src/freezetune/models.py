@@ -27,7 +27,7 @@ from torch import nn
 from freezetune.errors import ConfigError, WeightsError, choices
 from freezetune.options import MODEL_SOURCES, PRETRAINED_WEIGHTS, RANDOM_WEIGHTS
 from freezetune.preprocess import Preprocess
-from freezetune.weights import load_weights, packaged_weights
+from freezetune.weights import load_weights, packaged_weights, weights_only_loads
 
 log = logging.getLogger(__name__)
 
@@ -201,9 +201,10 @@ def _torchvision_model(name: str, arch: str, source: Source) -> tuple[nn.Module,
     if source == "packaged":
         return tvm.get_model(arch, weights=None), pre
     url = urlparse(default.url)
-    if not Path(torch.hub.get_dir(), "checkpoints", Path(url.path).name).is_file():
+    cached = Path(torch.hub.get_dir(), "checkpoints", Path(url.path).name)
+    if not cached.is_file():
         _require_network(name, url.hostname or "download.pytorch.org")
-    with _download_guard(name):
+    with _download_guard(name), weights_only_loads(name, cached):
         return tvm.get_model(arch, weights="DEFAULT"), pre
 
 
@@ -264,10 +265,11 @@ def _timm_pretrained(name: str, arch: str, cfg: dict) -> nn.Module:
     if cached is not None:
         log.info("%s: using cached pretrained weights %s", name, cached)
         # Loading the cached file directly skips huggingface_hub's freshness check, which stalls offline.
-        return timm.create_model(arch, pretrained=True, pretrained_cfg_overlay={"file": str(cached)})
+        with weights_only_loads(name, cached):
+            return timm.create_model(arch, pretrained=True, pretrained_cfg_overlay={"file": str(cached)})
     hub = bool(cfg.get("hf_hub_id"))
     _require_network(name, _HF_HOST if hub else (urlparse(cfg["url"]).hostname or ""), hub=hub)
-    with _download_guard(name):
+    with _download_guard(name), weights_only_loads(name, cfg.get("hf_hub_id") or cfg["url"]):
         return timm.create_model(arch, pretrained=True)
 
 
@@ -339,10 +341,12 @@ def text_preprocess(name: str, max_length: int = 128) -> Preprocess:
 def _hf_pretrained(auto, name: str, arch: str, cache_only: bool) -> nn.Module:
     if Path(arch).is_dir():
         try:
-            return auto.from_pretrained(arch)
+            with weights_only_loads(name, arch):
+                return auto.from_pretrained(arch)
         except OSError as e:
             raise WeightsError(f"cannot load weights from {arch!r}: {_first_line(e)}") from e
-    with _download_guard(name, "not in the local Hugging Face cache" if cache_only else ""):
+    with _download_guard(name, "not in the local Hugging Face cache" if cache_only else ""), \
+            weights_only_loads(name, arch):  # fmt: skip
         return auto.from_pretrained(arch, local_files_only=cache_only)
 
 

@@ -7,8 +7,11 @@ features) is the ``FeaturePath``'s business; how data becomes batches, the ``Loa
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -28,16 +31,20 @@ from freezetune.distributed import (
     shutdown,
     wrap,
 )
-from freezetune.errors import TrainingError
+from freezetune.errors import ResourceError, TrainingError
 from freezetune.evaluate import logits_of, run_model, to_device
 from freezetune.freeze import count_parameters, freeze, summary
 from freezetune.inference import evaluate_model, write_evaluation
+from freezetune.memory import auto_batch_size
 from freezetune.models import create_model, text_preprocess
 from freezetune.optim import build_optimizer, build_scheduler
+from freezetune.options import BATCH_AUTO
 from freezetune.precision import resolve_device, resolve_precision
 from freezetune.progress import Progress, RunResult
 from freezetune.stages import replace_head
 from freezetune.unfreezing import Unfreezer
+
+SKIPPED = "skipped.txt"  # the image files --skip-bad left out, one path a line
 
 
 def train(cfg: TrainConfig, *, echo=print) -> RunResult:
@@ -48,13 +55,36 @@ def train(cfg: TrainConfig, *, echo=print) -> RunResult:
     >>> from freezetune.config import TrainConfig
     >>> train(TrainConfig(data="DIR_OF_IMAGES", epochs=3))  # doctest: +SKIP
     """
-    if recipes.recipe_of(cfg) is not None:
-        return recipes.run(cfg, echo=echo)
-    trainer = Trainer(cfg, echo=echo)
+    with out_of_memory_hint(cfg.batch_size):
+        if recipes.recipe_of(cfg) is not None:
+            return recipes.run(cfg, echo=echo)
+        trainer = Trainer(cfg, echo=echo)
+        try:
+            return trainer.fit()
+        finally:
+            shutdown(trainer.dist)
+
+
+@contextmanager
+def out_of_memory_hint(batch_size: int | str) -> Iterator[None]:
+    """Device memory running out is the run's size, not a bug: one line naming the batch size to try instead.
+
+    Checkpoints are written whole or not at all, so the run dir keeps the last finished epoch (``--resume``).
+
+    >>> with out_of_memory_hint(64):
+    ...     raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    Traceback (most recent call last):
+    freezetune.errors.ResourceError: the device ran out of memory at batch size 64; try --batch-size 32 ...
+    """
     try:
-        return trainer.fit()
-    finally:
-        shutdown(trainer.dist)
+        yield
+    except torch.cuda.OutOfMemoryError as e:
+        if batch_size == BATCH_AUTO:  # what auto measured did not leave room for the rest of the run
+            fix = "try a fixed --batch-size below the one auto printed"
+        else:
+            fix = f"try --batch-size {batch_size // 2}" if batch_size > 1 else "try a smaller --img-size or model"
+        raise ResourceError(f"the device ran out of memory at batch size {batch_size}; {fix} (or --amp bf16); "
+                            f"files written before are intact") from e  # fmt: skip
 
 
 class Trainer:
@@ -82,7 +112,8 @@ class Trainer:
         self.model, self.preprocess = create_model(cfg.model, cfg.weights, img_size=cfg.img_size)
         self.preprocess = self.preprocess or text_preprocess(cfg.model)  # a Hugging Face text model: its tokenizer
         self.data = build_datasets(cfg.data, val_data=cfg.val_data, val_split=cfg.val_split, per_class=cfg.per_class,
-                                   seed=cfg.seed, preprocess=self.preprocess, aug=cfg.aug)  # fmt: skip
+                                   seed=cfg.seed, preprocess=self.preprocess, aug=cfg.aug,
+                                   skip_bad=cfg.skip_bad)  # fmt: skip
         self.classes = self.data.classes
         replace_head(self.model, len(self.classes))
         if cfg.init:  # an earlier run's weights, head included (a recipe's previous phase)
@@ -90,6 +121,8 @@ class Trainer:
         freeze(self.model, parse_freeze_spec(cfg.freeze), bn=cfg.bn)
         self.channels_last = runtime.use_channels_last(cfg.channels_last, self.model, self.device)
         self.model.to(self.device, memory_format=torch.channels_last if self.channels_last else torch.preserve_format)
+        # --batch-size auto becomes a number here, once, for every rank; config.yaml and checkpoints keep the number
+        self.cfg = cfg = dataclasses.replace(cfg, batch_size=self._batch_size())
         self.loaders = Loaders(batch_size=cfg.batch_size, device=self.device, seed=cfg.seed, preprocess=self.preprocess,
                                aug=cfg.aug, decode=cfg.decode, workers=cfg.workers, dist=self.dist,
                                epoch_fraction=cfg.epoch_fraction)  # fmt: skip
@@ -110,6 +143,21 @@ class Trainer:
         if self.dist.is_main:
             cfg.save(self.run_dir / "config.yaml")
             atomic_write_text(self.run_dir / "classes.json", json.dumps(self.classes, indent=1))
+            if self.data.skipped:  # what --skip-bad left out stays on record with the run
+                atomic_write_text(self.run_dir / SKIPPED, "\n".join(self.data.skipped) + "\n")
+
+    def _batch_size(self) -> int:
+        if self.cfg.batch_size != BATCH_AUTO:
+            return self.cfg.batch_size
+        cap, default = len(self.data.train), TrainConfig.batch_size
+        if self.preprocess.tokenizer is not None:  # text: no image input to measure with
+            size, why = min(default, cap), "the default (a text model is not measured)"
+        else:
+            size, why = auto_batch_size(self.model, self.preprocess.input_size, device=self.device, cap=cap,
+                                        default=default, autocast=self.precision.autocast)  # fmt: skip
+        size, why = broadcast((size, why), self.dist)  # rank 0 measured; every rank must step alike
+        self.echo(f"--batch-size auto -> {size}: {why}")
+        return size
 
     def _optimization(self) -> tuple:
         cfg = self.cfg
@@ -143,6 +191,9 @@ class Trainer:
         self.echo(f"{self.cfg.model} on {self.precision.describe()}: {len(self.data.train)} train images, "
                   f"{len(self.classes)} classes, {trainable:,}/{total:,} parameters trainable\n"
                   f"validation: {self.data.val_source}\n{summary(self.model)}")  # fmt: skip
+        if self.data.skipped:
+            self.echo(f"skipped {len(self.data.skipped)} unreadable image file(s) (--skip-bad): listed in "
+                      f"{self.run_dir / SKIPPED}")  # fmt: skip
         start = time.perf_counter()
         try:
             self._epochs()
@@ -180,9 +231,7 @@ class Trainer:
         train_stats = self._train_epoch(epoch, self.features.train_batches(epoch))
         seconds = time.perf_counter() - start
         if (step := train_stats.pop("first_bad_step")) >= 0:  # stop before these weights reach last.pt or best.pt
-            raise TrainingError(f"the loss was not finite at epoch {epoch + 1}, step {step + 1}: training diverged; "
-                                f"best.pt and last.pt keep epoch {self.progress.best_epoch} and "
-                                f"{self.progress.epoch} (try a lower --lr or --grad-clip 1.0)")  # fmt: skip
+            raise self._diverged(epoch, step)
         start = time.perf_counter()
         val = self.features.evaluate_val(self.precision, num_classes=len(self.classes))
         self.seconds["val"] += time.perf_counter() - start
@@ -199,18 +248,42 @@ class Trainer:
         loss_fn = nn.CrossEntropyLoss(label_smoothing=self.cfg.label_smoothing)
         meter = epoch_log.TrainProgress(len(batches), f"epoch {epoch + 1}/{self.cfg.epochs}",
                                         enabled=self.cfg.progress, device=self.device)  # fmt: skip
-        for inputs, targets in batches:
+        skipped = 0
+        for step, (inputs, targets) in enumerate(batches):
             inputs = to_device(inputs, self.device, self.channels_last)
             targets = targets.to(self.device, non_blocking=True)
             with self.precision.autocast():
                 logits = logits_of(run_model(self.features.train_module, inputs))
                 loss = loss_fn(logits.float(), targets)
+            if self.cfg.skip_nonfinite and self._not_finite(loss):
+                skipped += 1
+                if skipped > self.cfg.skip_nonfinite:
+                    raise self._diverged(epoch, step, skipped=skipped - 1)
+                if self.state.scheduler is not None:  # the schedule keeps its length, as AMP's skipped steps do
+                    self.state.scheduler.step()
+                continue
             self._optimize(loss)
             meter.update(loss, logits, targets)
         # DDP hands rank 0's buffers to every rank before each forward, so after the last step each rank holds the
         # BatchNorm statistics of its own last batch: take rank 0's, which last.pt records and validation uses
         broadcast_tensors(self.model.buffers(), self.dist)
-        return meter.close(lambda totals: all_reduce_sum(totals, self.dist))
+        stats = meter.close(lambda totals: all_reduce_sum(totals, self.dist))
+        return {**stats, "skipped_batches": skipped} if self.cfg.skip_nonfinite else stats
+
+    def _not_finite(self, loss: torch.Tensor) -> bool:
+        """Whether any rank's loss is not finite (every rank then skips the batch: DDP's backward is collective).
+
+        One host sync a step, paid only with ``skip_nonfinite`` on: without it the check stays on the device and is
+        read once an epoch (``TrainProgress``), where stopping needs no per-step decision.
+        """
+        bad = (~torch.isfinite(loss.detach())).float().reshape(1)
+        return bool(all_reduce_sum(bad, self.dist).item())
+
+    def _diverged(self, epoch: int, step: int, skipped: int = 0) -> TrainingError:
+        skips = f" after skipping {skipped} non-finite batch(es) this epoch (--skip-nonfinite)" if skipped else ""
+        return TrainingError(f"the loss was not finite at epoch {epoch + 1}, step {step + 1}{skips}: training "
+                             f"diverged; best.pt and last.pt keep epoch {self.progress.best_epoch} and "
+                             f"{self.progress.epoch} (try a lower --lr or --grad-clip 1.0)")  # fmt: skip
 
     def _optimize(self, loss: torch.Tensor) -> None:
         optimizer, scaler = self.state.optimizer, self.state.scaler

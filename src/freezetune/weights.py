@@ -8,7 +8,10 @@ files shipped as pip packages, so ``--weights imagenet`` works offline for those
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import os
+import pickle
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +25,36 @@ _WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DistributedDataParallel, torch.
 _NBT = "num_batches_tracked"
 
 StateDict = dict[str, torch.Tensor]
+_FORCE_SAFE, _FORCE_UNSAFE = "TORCH_FORCE_WEIGHTS_ONLY_LOAD", "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"
+
+
+@contextmanager
+def weights_only_loads(name: str, where: str | Path) -> Iterator[None]:
+    """Make every ``torch.load`` inside a library's model builder use ``weights_only=True``.
+
+    torchvision's builders read hub files through ``torch.hub.load_state_dict_from_url``, whose ``weights_only``
+    defaults to False: a tampered file in a shared hub cache would run code when the model is built. The builders
+    take no such argument, so torch's own switch forces it for the duration of the build (it is read per load).
+
+    Raises:
+        WeightsError: the file holds more than tensors and plain data (refused, never executed).
+
+    >>> with weights_only_loads("torchvision:resnet18", "~/.cache/torch/hub"):
+    ...     pass
+    """
+    saved = {key: os.environ.pop(key, None) for key in (_FORCE_SAFE, _FORCE_UNSAFE)}
+    os.environ[_FORCE_SAFE] = "1"
+    try:
+        yield
+    except pickle.UnpicklingError as e:
+        raise WeightsError(f"refused the pretrained weights of {name} in {str(where)!r}: the file holds more than "
+                           f"tensors, and loading it could run code; delete it to download it again, or pass "
+                           f"--weights PATH") from e  # fmt: skip
+    finally:
+        for key, value in saved.items():
+            os.environ.pop(key, None)
+            if value is not None:
+                os.environ[key] = value
 
 
 @dataclass(frozen=True)

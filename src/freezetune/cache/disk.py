@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -21,11 +22,45 @@ from torch.utils.data import Dataset
 from freezetune._io import atomic_save
 from freezetune.data.folder import FileImageDataset
 from freezetune.data.idx import InMemoryImageDataset
+from freezetune.errors import ResourceError
 from freezetune.split import Split
 
 log = logging.getLogger(__name__)
 
 VERSION = 1  # bump when the stored layout or what a key covers changes
+_MARGIN = 64 << 20  # left free for the file system and the run's own small files
+
+
+def _mib(nbytes: int) -> str:
+    return f"{nbytes / 2**20:,.1f} MiB"
+
+
+def space_problem(folder: str | Path, nbytes: int) -> str | None:
+    """Why ``nbytes`` will not fit in ``folder``'s file system (needed and free, in words), or None when they fit.
+
+    A memory-mapped file is sparse: it is created at any size and fails only when a page is written to a full disk,
+    with SIGBUS, killing the process without a word. Hence this check before it is allocated.
+
+    >>> space_problem("/", 0) is None or "free" in space_problem("/", 0)
+    True
+    """
+    free = shutil.disk_usage(folder).free
+    if nbytes + _MARGIN <= free:
+        return None
+    return f"needs {_mib(nbytes)} and {_mib(_MARGIN)} to spare in '{folder}', {_mib(free)} free"
+
+
+def ensure_space(folder: str | Path, nbytes: int, hint: str) -> None:
+    """Refuse, in one line, to write ``nbytes`` of feature cache into ``folder`` when its disk lacks the room.
+
+    Raises:
+        ResourceError: not enough free space; ``hint`` says what to change.
+
+    >>> ensure_space("/", 0, "")
+    """
+    problem = space_problem(folder, nbytes)
+    if problem is not None:
+        raise ResourceError(f"not enough disk space for the feature cache: it {problem}; {hint}")
 
 
 def data_fingerprint(dataset: Dataset) -> str | None:
@@ -85,8 +120,16 @@ def load(cache_dir: Path, key: str) -> tuple[torch.Tensor, torch.Tensor] | None:
         return None
 
 
-def save(cache_dir: Path, key: str, features: torch.Tensor, targets: torch.Tensor) -> Path:
-    """Store ``(features, targets)`` under ``key`` (written atomically)."""
+def save(cache_dir: Path, key: str, features: torch.Tensor, targets: torch.Tensor) -> Path | None:
+    """Store ``(features, targets)`` under ``key`` (written atomically); None when the disk lacks the room.
+
+    The run does not need the stored copy (it trains from the store it holds), so a full cache disk costs a warning,
+    not the features just computed.
+    """
     Path(cache_dir).mkdir(parents=True, exist_ok=True)
+    problem = space_problem(cache_dir, features.nbytes + targets.nbytes)
+    if problem is not None:
+        log.warning("feature cache not kept for later runs: it %s (choose another --cache-dir)", problem)
+        return None
     record = {"features": features.detach().cpu().contiguous(), "targets": targets.cpu()}
     return atomic_save(record, Path(cache_dir) / f"{key}.pt")

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from freezetune.cache.disk import ensure_space
 from freezetune.data.loaders import EpochOrder, check_batch_size
 from freezetune.distributed import DistInfo, shard_rows, sum_across_ranks
 from freezetune.errors import ConfigError, DataError
@@ -244,6 +245,7 @@ def _allocate(shape: tuple[int, ...], dtype: torch.dtype, precision: Precision, 
     path = Path(spill_dir) / "feature_cache.bin"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.unlink(missing_ok=True)  # a rebuilt cache has another shape; an old mapping stays valid until dropped
+    ensure_space(path.parent, nbytes, "train into an --out on a disk with room, or pass --cache off")
     # a new file reads as zeros, which is what ``zeroed`` asks for
     t = torch.from_file(str(path), shared=True, size=torch.Size(shape).numel(), dtype=dtype).view(shape)
     return t, CacheInfo("disk", nbytes, ram, *_vs(shape))

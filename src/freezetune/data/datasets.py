@@ -7,14 +7,15 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from torch.utils.data import Dataset
 
 from freezetune.data.folder import read_csv, scan_folder
-from freezetune.data.idx import idx_files, is_idx_dir, load_idx
+from freezetune.data.idx import CLASS_NAMES_FILE, idx_files, is_idx_dir, load_idx
 from freezetune.data.sampling import per_class_indices, stratified_split
+from freezetune.data.scan import check_images
 from freezetune.data.text import read_text_csv, text_csv_header
 from freezetune.data.transforms import eval_transform, train_transform
 from freezetune.errors import ConfigError, DataError, choices
@@ -39,6 +40,7 @@ class DataBundle:
     classes: list[str]
     source: str  # "idx" | "folder" | "csv" | "text"
     val_source: str = ""  # where the validation set came from, in words (the trainer prints it)
+    skipped: list[str] = field(default_factory=list)  # unreadable image files left out (``skip_bad``)
 
 
 def _first_dir(root: Path, names: tuple[str, ...]) -> Path | None:
@@ -86,6 +88,17 @@ def _load_val(val_data: str, classes: list[str]) -> Dataset:
     return scan_folder(path, classes)
 
 
+def _scan(train: Dataset, val: Dataset | None, test: Dataset | None, skip_bad: bool) -> tuple[Dataset, ...]:
+    """Every split's image files checked before any is split or trained on: (train, val, test, skipped paths)."""
+    skipped: list[str] = []
+    checked = []
+    for ds, what in ((train, "training"), (val, "validation"), (test, "test")):
+        ds, left_out = check_images(ds, what, skip_bad=skip_bad)
+        checked.append(ds)
+        skipped += left_out
+    return (*checked, skipped)
+
+
 def _check_options(val_data: str | None, val_split: float | None, per_class: int | None) -> None:
     problems = []
     if val_data is not None and val_split is not None:
@@ -128,6 +141,7 @@ def build_datasets(
     seed: int = 0,
     preprocess: Preprocess,
     aug: str = AUG_DEFAULT,
+    skip_bad: bool = False,
 ) -> DataBundle:
     """Build train/val/test datasets from one data path, with train augmentation and eval transforms.
 
@@ -156,9 +170,11 @@ def build_datasets(
         seed: seeds the val split and the few-shot subsample.
         preprocess: the model's input preprocessing (size, mean/std, ...).
         aug: training augmentation preset, one of ``AUG_PRESETS``.
+        skip_bad: leave out image files whose header cannot be read (listed in ``DataBundle.skipped``) instead of
+            refusing the data.
 
     Raises:
-        DataError: a path is missing or holds no usable data.
+        DataError: a path is missing or holds no usable data, or an image file is unreadable (without ``skip_bad``).
         ConfigError: bad ``aug``, ``val_split`` or ``per_class``, or both ``val_data`` and ``val_split``.
 
     >>> bundle = build_datasets("/usr/share/datasets/fashion-mnist", per_class=10,
@@ -174,6 +190,7 @@ def build_datasets(
         val = _load_val(val_data, train.classes)
     elif val is not None and val_split is not None:
         log.warning("'%s' has a validation folder; ignoring val_split=%s", data, val_split)
+    train, val, test, skipped = _scan(train, val, test, skip_bad)
     if val_data is not None:
         val_source = f"val_data {val_data!r}"
     elif val is not None:
@@ -206,12 +223,19 @@ def build_datasets(
         len(train.classes),
     )
     return DataBundle(train=train, val=val, test=test, classes=list(train.classes), source=source,
-                      val_source=val_source)  # fmt: skip
+                      val_source=val_source, skipped=skipped)  # fmt: skip
 
 
 def build_eval_dataset(data: str, *, preprocess: Preprocess, classes: list[str]) -> Dataset:
     """The evaluation set of ``data`` for a trained model: an IDX test split, a ``test/`` (else ``val/``) folder,
     or the whole folder/CSV; labels are checked against the model's ``classes``.
+
+    Folder and CSV labels are class names, matched by name: data may hold fewer classes than the model, never one
+    it does not know. IDX labels are positions, so an IDX directory's names (``classes.txt``, else the Fashion-MNIST
+    or digit names ``idx_class_names`` gives) must equal the model's, in order.
+
+    Raises:
+        DataError: the path is missing or unreadable, or its class names differ from ``classes`` as above.
 
     >>> build_eval_dataset("/usr/share/datasets/fashion-mnist", preprocess=Preprocess(32),
     ...                    classes=[str(i) for i in range(10)])  # doctest: +SKIP
@@ -221,8 +245,10 @@ def build_eval_dataset(data: str, *, preprocess: Preprocess, classes: list[str])
         raise DataError(f"data path '{data}' does not exist; expected {_EXPECTED}")
     if path.is_dir() and is_idx_dir(path):
         ds = load_idx(path, "test" if idx_files(path, "test") else "train")
-        if len(ds.classes) != len(classes):
-            raise DataError(f"'{data}' has {len(ds.classes)} classes; the model was trained on {len(classes)}")
+        if ds.classes != list(classes):  # IDX labels are positions: the names must match one for one, in order
+            raise DataError(f"'{data}' has classes {choices(ds.classes)}; the checkpoint's classes are "
+                            f"{choices(classes)} (IDX files carry no names: write the checkpoint's, one a line, "
+                            f"into {path / CLASS_NAMES_FILE} if this is the same data)")  # fmt: skip
     elif path.is_dir() and (path / "train").is_dir():
         split = _first_dir(path, ("test", *_VAL_DIRS))
         if split is None:
@@ -232,5 +258,6 @@ def build_eval_dataset(data: str, *, preprocess: Preprocess, classes: list[str])
         ds = scan_folder(path, classes)
     else:
         ds = read_csv(path, classes)
+    ds, _ = check_images(ds, "evaluation", skip_bad=False, hint="fix or remove them")
     ds.transform = eval_transform(preprocess)
     return ds

@@ -98,12 +98,22 @@ def is_idx_dir(path: str | Path) -> bool:
     return Path(path).is_dir() and idx_files(path, "train") is not None
 
 
+CLASS_NAMES_FILE = "classes.txt"  # an IDX directory's own class names, one a line (label 0 first)
+
+
 def idx_class_names(root: str | Path) -> list[str]:
-    """Class names of an IDX directory: Fashion-MNIST if its name contains 'fashion', else digits '0'..'9'.
+    """Class names of an IDX directory: its ``classes.txt`` (IDX files carry labels, not names), else Fashion-MNIST's
+    if the directory's name contains 'fashion', else digits '0'..'9'.
 
     >>> idx_class_names("/data/fashion-mnist")[0]
     'T-shirt/top'
     """
+    named = Path(root) / CLASS_NAMES_FILE
+    if named.is_file():
+        try:
+            return [line.strip() for line in named.read_text(encoding="utf-8").splitlines() if line.strip()]
+        except (OSError, UnicodeDecodeError) as e:
+            raise DataError(f"cannot read class names '{named}': {e}") from e
     return list(FASHION_CLASSES if "fashion" in Path(root).name.lower() else DIGIT_CLASSES)
 
 
@@ -173,6 +183,9 @@ def load_idx(root: str | Path, split: str = "train", transform: Callable | None 
         )
     classes = idx_class_names(root)
     if len(labels) and int(labels.max()) >= len(classes):
+        if (Path(root) / CLASS_NAMES_FILE).is_file():
+            raise DataError(f"'{root}' has labels up to {int(labels.max())} but {CLASS_NAMES_FILE} names "
+                            f"{len(classes)} classes; give one name a line for every label")  # fmt: skip
         classes = [str(c) for c in range(int(labels.max()) + 1)]
     # np.frombuffer arrays are read-only; copy once so torch owns writable memory.
     images_t, targets = torch.from_numpy(images.copy()), torch.from_numpy(labels.astype(np.int64))
