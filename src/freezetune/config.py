@@ -99,6 +99,7 @@ class TrainConfig:
     out: str | None = None
     resume: bool = False
     early_stop: int | None = None
+    save_every_steps: int | None = None  # also save last.pt every N training steps (resumable mid-epoch)
     monitor: str = "val_acc"
     tensorboard: bool = True
     progress: bool = True
@@ -187,7 +188,7 @@ def validate(cfg: TrainConfig) -> None:
     """
     problems = [choice_problem(name, getattr(cfg, name), allowed) for name, allowed in FIELD_CHOICES.items()]
     problems += [positive_int_problem(name, getattr(cfg, name)) for name in ("epochs", "batch_size", "cache_views")]
-    problems += [positive_int_problem(name, getattr(cfg, name)) for name in ("per_class", "early_stop")
+    problems += [positive_int_problem(name, getattr(cfg, name)) for name in ("per_class", "early_stop", "save_every_steps")
                  if getattr(cfg, name) is not None]  # fmt: skip
     if cfg.val_split is not None:
         problems.append(fraction_problem("val_split", cfg.val_split))

@@ -49,6 +49,24 @@ class TrainProgress:
             self.bar.set_postfix(loss=f"{loss:.3f}", acc=f"{acc:.1f}%", refresh=False)
         self.step += 1
 
+    def state_dict(self) -> dict[str, Any]:
+        """The running totals so far (a mid-epoch checkpoint): a resumed epoch reports what an uninterrupted one
+        would. Reads the device: call it at a save, not every step."""
+        return {"step": self.step, "seen": self.seen, "loss_sum": self.loss_sum.item(), "correct": int(self.correct),
+                "first_bad": int(self.first_bad)}  # fmt: skip
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step, self.seen = state["step"], state["seen"]
+        self.loss_sum.fill_(state["loss_sum"])
+        self.correct.fill_(state["correct"])
+        self.first_bad.fill_(state["first_bad"])
+        self.bar.update(self.step)
+
+    @property
+    def diverged(self) -> bool:
+        """Whether a step of this epoch had a non-finite loss (reads the device)."""
+        return bool(self.first_bad >= 0)
+
     def close(self, reduce=lambda t: t) -> dict[str, float]:
         """Close the bar; the epoch's mean loss, accuracy and sample count, summed over ranks by ``reduce``, on CUDA
         this GPU's mean utilisation and memory (``GpuMonitor``), and ``first_bad_step``: the first step (0-based) of
