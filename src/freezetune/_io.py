@@ -2,12 +2,14 @@
 
 Every writer goes to a temporary file in the *same directory* as the target (so ``os.replace`` is a rename on one
 filesystem, which POSIX and Windows make atomic), fsyncs it, then replaces the target. On failure the temporary
-file is removed and the old target is left untouched.
+file is removed and the old target is left untouched. A process killed outright (SIGKILL, power cut) runs no cleanup:
+its temporary files are removed by ``remove_stale_temps`` when the run directory is next prepared.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -15,6 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from freezetune.interrupt import pause_point
+
+# ``.NAME.PID.RANDOM.tmp``: the writer's pid tells a leftover of a dead process from a file being written now.
+_TEMP_NAME = re.compile(r"^\..+\.(\d+)\.[0-9a-f]{8}\.tmp$")
 
 
 @contextmanager
@@ -46,11 +53,47 @@ def atomic_output(path: str | Path) -> Iterator[Path]:
     try:
         yield tmp
         _fsync_path(tmp)
+        pause_point(f"rename:{path.name}")
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+
+
+def remove_stale_temps(directory: str | Path) -> list[Path]:
+    """Delete the temporary files that writers killed mid-write left anywhere under ``directory``.
+
+    Only files named as ``atomic_output`` names them, and only those of processes that no longer run: another live
+    process may be writing its file now. (Off POSIX, where liveness cannot be probed safely, nothing is removed.)
+
+    Returns:
+        The files removed.
+
+    >>> import tempfile
+    >>> d = Path(tempfile.mkdtemp()); _ = (d / ".last.pt.999999999.0123abcd.tmp").write_text("half")
+    >>> [p.name for p in remove_stale_temps(d)]
+    ['.last.pt.999999999.0123abcd.tmp']
+    """
+    removed = []
+    for path in sorted(Path(directory).rglob(".*.tmp")):
+        match = _TEMP_NAME.match(path.name)
+        if match and path.is_file() and not _running(int(match.group(1))):
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
+def _running(pid: int) -> bool:
+    if os.name != "posix" or pid == os.getpid():
+        return True  # Windows' os.kill(pid, 0) would terminate the process, not probe it
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:

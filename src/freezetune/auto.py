@@ -58,8 +58,9 @@ def run(cfg: TrainConfig, *, echo: Callable[[str], None] = print, train: Callabl
         final = dataclasses.replace(_base(cfg, out, decision["cut"]), freeze=choice["freeze"], lr=choice["lr"],
                                     epochs=choice["epochs"], resume=True)  # fmt: skip
         return train(final, echo=echo)
-    # a run dir in use is refused (or, resuming, one without last.pt) before any trial writes below it
-    runtime.prepare_run_dir(str(out), cfg.model, resume=cfg.resume)
+    # a run dir in use is refused (or, resuming, one no run was started in) before any trial writes below it; the
+    # trials and decision of an attempt stopped before its run finished an epoch are redone
+    runtime.prepare_run_dir(str(out), cfg.model, resume=cfg.resume, also_clear=(RECIPE_FILE, TRIALS_DIR), echo=echo)
     start = time.perf_counter()
     ks, cut = _candidates(cfg)
     base = _base(cfg, out, cut)
@@ -81,7 +82,7 @@ def run(cfg: TrainConfig, *, echo: Callable[[str], None] = print, train: Callabl
                 "choice": {**choice, "epochs": epochs, "why": why}}  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(saved, json.dumps(decision, indent=1))
-    final = dataclasses.replace(base, freeze=choice["freeze"], lr=choice["lr"], epochs=epochs)
+    final = dataclasses.replace(base, freeze=choice["freeze"], lr=choice["lr"], epochs=epochs, resume=False)
     result = train(final, echo=echo)
     # the measurement is part of the training cost: every trial's seconds count
     seconds = dict(result.seconds)

@@ -19,6 +19,7 @@ from torch import nn
 from freezetune import __version__
 from freezetune._io import atomic_save
 from freezetune.errors import CheckpointError, ConfigError, choices
+from freezetune.interrupt import pause_point
 from freezetune.preprocess import Preprocess
 
 BEST = "best.pt"
@@ -141,6 +142,7 @@ def save_epoch(run_dir: Path, record: dict[str, Any], state: TrainingState, prog
     as the best never outlives a missing ``best.pt``."""
     if improved:
         save_best(run_dir / BEST, record, progress.epoch - 1, row)
+    pause_point("checkpoint")
     save_last(run_dir / LAST, record, state, progress, steps_per_epoch)
 
 

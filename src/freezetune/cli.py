@@ -15,6 +15,7 @@ from pathlib import Path
 from freezetune import __version__
 from freezetune.config import FIELD_CHOICES, TrainConfig, field_names, load_config, parse_override, scalar_type
 from freezetune.errors import FreezetuneError
+from freezetune.interrupt import RunInterrupted
 from freezetune.options import FREEZE_DEFAULT, MODEL_SOURCES, PRETRAINED_WEIGHTS, RANDOM_WEIGHTS, RECIPES
 from freezetune.sweep import DEFAULT_RECIPES
 
@@ -59,6 +60,9 @@ def main(argv: list[str] | None = None) -> int:
         where = f" ({exc.filename})" if exc.filename else ""
         print(f"freezetune: error: {exc.strerror or exc}{where}; files written before are intact", file=sys.stderr)
         return 2
+    except RunInterrupted as exc:  # SIGTERM / SIGINT: the run saved where it stood; 143 / 130 as the shell reports
+        print(f"freezetune: {exc}", file=sys.stderr)
+        return exc.exit_code
     except KeyboardInterrupt:
         print("freezetune: interrupted; last.pt holds the last finished epoch (--resume continues)", file=sys.stderr)
         return 130

@@ -103,6 +103,7 @@ class TrainConfig:
     out: str | None = None
     resume: bool = False
     early_stop: int | None = None
+    save_every_steps: int | None = None  # also save last.pt every N training steps (resumable mid-epoch)
     monitor: str = "val_acc"
     tensorboard: bool = True
     progress: bool = True
@@ -195,7 +196,7 @@ def validate(cfg: TrainConfig) -> None:
         problem = positive_int_problem("batch_size", cfg.batch_size)
         problems.append(problem and f"{problem} (or {BATCH_AUTO!r})")
     problems.append(non_negative_int_problem("skip_nonfinite", cfg.skip_nonfinite))
-    problems += [positive_int_problem(name, getattr(cfg, name)) for name in ("per_class", "early_stop")
+    problems += [positive_int_problem(name, getattr(cfg, name)) for name in ("per_class", "early_stop", "save_every_steps")
                  if getattr(cfg, name) is not None]  # fmt: skip
     if cfg.val_split is not None:
         problems.append(fraction_problem("val_split", cfg.val_split))

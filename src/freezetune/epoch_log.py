@@ -31,6 +31,7 @@ class TrainProgress:
 
         self.gpu = GpuMonitor(device).start()  # a no-op off CUDA or without nvidia-ml-py
         self.total, self.step, self.seen = total, 0, 0
+        self.skipped = 0  # steps whose batch was not trained on (--skip-nonfinite)
         self.loss_sum = torch.zeros((), device=device)
         self.correct = torch.zeros((), device=device, dtype=torch.long)
         self.first_bad = torch.full((), -1, device=device, dtype=torch.long)  # first step with a non-finite loss
@@ -48,6 +49,30 @@ class TrainProgress:
             loss, acc = self.loss_sum.item() / self.seen, 100 * self.correct.item() / self.seen
             self.bar.set_postfix(loss=f"{loss:.3f}", acc=f"{acc:.1f}%", refresh=False)
         self.step += 1
+
+    def skip(self) -> None:
+        """A step whose batch trained nothing (its loss was not finite and ``--skip-nonfinite`` allowed a skip)."""
+        self.skipped += 1
+        self.bar.update()
+        self.step += 1
+
+    def state_dict(self) -> dict[str, Any]:
+        """The running totals so far (a mid-epoch checkpoint): a resumed epoch reports what an uninterrupted one
+        would. Reads the device: call it at a save, not every step."""
+        return {"step": self.step, "seen": self.seen, "loss_sum": self.loss_sum.item(), "correct": int(self.correct),
+                "first_bad": int(self.first_bad), "skipped": self.skipped}  # fmt: skip
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step, self.seen, self.skipped = state["step"], state["seen"], state.get("skipped", 0)
+        self.loss_sum.fill_(state["loss_sum"])
+        self.correct.fill_(state["correct"])
+        self.first_bad.fill_(state["first_bad"])
+        self.bar.update(self.step)
+
+    @property
+    def diverged(self) -> bool:
+        """Whether a step of this epoch had a non-finite loss (reads the device)."""
+        return bool(self.first_bad >= 0)
 
     def close(self, reduce=lambda t: t) -> dict[str, float]:
         """Close the bar; the epoch's mean loss, accuracy and sample count, summed over ranks by ``reduce``, on CUDA

@@ -28,6 +28,10 @@ class Progress:
     best_epoch: int = 0  # 1-based; 0 before the first epoch
     best_metric: float | None = None
     bad_epochs: int = 0  # epochs since the best one
+    # A last.pt saved mid-epoch: the steps of epoch ``epoch`` (0-based) already trained, and what continuing it
+    # exactly needs (the epoch's running train totals, the RNG state after that step). 0 and None at epoch ends.
+    step: int = 0
+    partial: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if self.monitor not in MONITORS:
@@ -39,7 +43,7 @@ class Progress:
         Without a metric (no validation data) the latest epoch is the best we know. A non-finite metric never
         becomes the best.
         """
-        self.epoch = epoch + 1
+        self.epoch, self.step, self.partial = epoch + 1, 0, None
         if metric is None:
             self.best_epoch, self.bad_epochs = epoch + 1, 0
             return True
@@ -53,6 +57,10 @@ class Progress:
         else:
             self.bad_epochs += 1
         return better
+
+    def at_step(self, step: int, partial: dict[str, Any]) -> None:
+        """Record that ``step`` steps of the unfinished epoch have trained (a mid-epoch ``last.pt`` follows)."""
+        self.step, self.partial = step, partial
 
     def reset_patience(self) -> None:
         """New capacity (an unfreeze): give it the full early-stop patience."""

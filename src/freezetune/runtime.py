@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import resource
+import shutil
 from datetime import datetime
 from pathlib import Path
 
@@ -12,26 +13,63 @@ import torch
 from torch import nn
 
 from freezetune import checkpoint
+from freezetune.auto import RECIPE_FILE, TRIALS_DIR
 from freezetune.data.loaders import epoch_seed
 from freezetune.errors import CheckpointError, ConfigError
 
 RUN_FILES = ("last.pt", "best.pt", "metrics.csv")
+# What a run writes before its first ``last.pt``: cleared when a run that never finished an epoch starts again.
+# config.yaml and classes.json stay (the new run rewrites them; a --resume reads config.yaml for its settings).
+STARTED_FILES = ("best.pt", "metrics.csv", "report.png", "confusion.png", "test_metrics.json", "cache")
+TENSORBOARD_EVENTS = "events.out.tfevents.*"
+# Signs that a run was started here (a recipe's files included): ``--resume`` of such a dir restarts it.
+RUN_TRACES = (*STARTED_FILES, "config.yaml", "classes.json", RECIPE_FILE, TRIALS_DIR)
 
 
-def prepare_run_dir(out: str | None, model: str, *, resume: bool) -> Path:
-    """The run directory: ``out``, or ``runs/MODEL-TIMESTAMP``; refused when it holds a run and ``resume`` is off, or
-    lacks ``last.pt`` when it is on. Not created here: a set-up error (unknown model, bad data path) must not leave an
-    empty run dir behind; ``MetricsLogger`` creates it once the model and data are ready."""
+def prepare_run_dir(out: str | None, model: str, *, resume: bool, clean: bool = True, also_clear: tuple[str, ...] = (),
+                    echo=print) -> Path:  # fmt: skip
+    """The run directory: ``out``, or ``runs/MODEL-TIMESTAMP``, always resumable or cleanly restartable.
+
+    A run that finished an epoch (it has ``last.pt``) is refused unless ``resume``. One stopped before that is
+    started afresh, with or without ``resume``: what it left (a partial ``metrics.csv``, a ``best.pt`` not yet
+    followed by ``last.pt``, a disk cache, and ``also_clear``: a recipe's own files) is cleared, said in one line.
+    ``resume`` of a directory that does not exist, or holds only other files, is refused. Temporary files that killed writers left are
+    removed. ``clean``: do the clearing (rank 0 alone under DDP; the other ranks only check).
+
+    Not created here: a set-up error (unknown model, bad data path) must not leave an empty run dir behind;
+    ``MetricsLogger`` creates it once the model and data are ready.
+    """
+    from freezetune._io import remove_stale_temps
+
     run_dir = Path(out) if out else default_run_dir(model)
-    existing = [f for f in RUN_FILES if (run_dir / f).exists()]
-    if resume and not (run_dir / checkpoint.LAST).exists():
-        raise CheckpointError(f"cannot resume: {run_dir / checkpoint.LAST} does not exist")
-    if existing and not resume:
+    finished = (run_dir / checkpoint.LAST).is_file()
+    if finished and not resume:
+        existing = [f for f in RUN_FILES if (run_dir / f).exists()]
         raise ConfigError(
             f"run dir {str(run_dir)!r} already holds a run ({', '.join(existing)}); "
             "pass --resume to continue it or choose another --out"
         )
+    traces = [] if finished else [f for f in RUN_TRACES if (run_dir / f).exists()]
+    # a run stopped during its set-up leaves its dir empty; a dir that does not exist is more likely a typo
+    started = traces or (run_dir.is_dir() and not any(run_dir.iterdir()))
+    if resume and not finished and not started:
+        raise CheckpointError(f"cannot resume: {run_dir / checkpoint.LAST} does not exist")
+    if clean and run_dir.is_dir():
+        cleared = _clear(run_dir, (*STARTED_FILES, *also_clear)) if traces else []
+        if cleared or (resume and not finished):  # without --resume, a dir holding only config.yaml is no news
+            what = f" (cleared {', '.join(cleared)})" if cleared else ""
+            echo(f"{run_dir}: the run there stopped before it finished an epoch (no {checkpoint.LAST}): starting it "
+                 f"afresh{what}")  # fmt: skip
+        remove_stale_temps(run_dir)
     return run_dir
+
+
+def _clear(run_dir: Path, names: tuple[str, ...]) -> list[str]:
+    """Delete ``names`` and TensorBoard event files in ``run_dir``; the names of those deleted."""
+    left = [run_dir / f for f in names if (run_dir / f).exists()] + sorted(run_dir.glob(TENSORBOARD_EVENTS))
+    for path in left:
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    return [p.name for p in left]
 
 
 def default_run_dir(model: str) -> Path:

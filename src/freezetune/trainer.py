@@ -12,6 +12,7 @@ import json
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from itertools import islice
 
 import torch
 from torch import nn
@@ -31,10 +32,11 @@ from freezetune.distributed import (
     shutdown,
     wrap,
 )
-from freezetune.errors import ResourceError, TrainingError
+from freezetune.errors import ConfigError, ResourceError, TrainingError
 from freezetune.evaluate import logits_of, run_model, to_device
 from freezetune.freeze import count_parameters, freeze, summary
 from freezetune.inference import evaluate_model, write_evaluation
+from freezetune.interrupt import StopRequest, pause_point
 from freezetune.memory import auto_batch_size
 from freezetune.models import create_model, text_preprocess
 from freezetune.optim import build_optimizer, build_scheduler
@@ -55,7 +57,9 @@ def train(cfg: TrainConfig, *, echo=print) -> RunResult:
     >>> from freezetune.config import TrainConfig
     >>> train(TrainConfig(data="DIR_OF_IMAGES", epochs=3))  # doctest: +SKIP
     """
-    with out_of_memory_hint(cfg.batch_size):
+    # SIGTERM/SIGINT end the run with RunInterrupted at once, except in the training loop (Trainer.fit), which saves
+    # its place first; the handlers found are put back after the run
+    with out_of_memory_hint(cfg.batch_size), StopRequest().listening(defer=False):
         if recipes.recipe_of(cfg) is not None:
             return recipes.run(cfg, echo=echo)
         trainer = Trainer(cfg, echo=echo)
@@ -105,9 +109,15 @@ class Trainer:
         self.echo = echo if self.dist.is_main else _quiet
         self.device = resolve_device(device_for(self.dist, cfg.device))
         self.precision = resolve_precision(self.device, cfg.amp)
+        if cfg.save_every_steps and self.dist.enabled:  # rank 0's running totals and RNG are not the other ranks'
+            raise ConfigError("save_every_steps is not supported under torchrun (DDP): last.pt is saved per epoch")
+        self.stop = StopRequest()
         # decided once, by rank 0: a timestamped default name must not differ between ranks
-        self.run_dir = broadcast(runtime.prepare_run_dir(cfg.out, cfg.model, resume=cfg.resume), self.dist)
+        self.run_dir = broadcast(runtime.prepare_run_dir(cfg.out, cfg.model, resume=cfg.resume,
+                                                         clean=self.dist.is_main, echo=self.echo), self.dist)  # fmt: skip
         barrier(self.dist)  # every rank checked the run dir before rank 0 writes into it
+        # a --resume of a run stopped before its first last.pt starts it afresh (prepare_run_dir said so)
+        self.resuming = cfg.resume and (self.run_dir / checkpoint.LAST).is_file()
         runtime.seed_everything(cfg.seed)
         self.model, self.preprocess = create_model(cfg.model, cfg.weights, img_size=cfg.img_size)
         self.preprocess = self.preprocess or text_preprocess(cfg.model)  # a Hugging Face text model: its tokenizer
@@ -136,7 +146,7 @@ class Trainer:
         self.progress = Progress(cfg.monitor)
         self.metrics = reporting.MetricsLogger(self.run_dir, tensorboard=cfg.tensorboard) if self.dist.is_main \
             else reporting.NullMetricsLogger()  # fmt: skip
-        if cfg.resume:
+        if self.resuming:
             self._resume()
         self.features.build()
         self.seconds = {"cache": self.features.build_seconds, "val": 0.0, "epochs": 0.0}
@@ -176,7 +186,9 @@ class Trainer:
         checkpoint.restore(self.run_dir / checkpoint.LAST, self.state, self.progress, config=self.cfg.to_dict(),
                            classes=self.classes, steps_per_epoch=self.steps_per_epoch)  # fmt: skip
         self.metrics.truncate(self.progress.epoch)
-        self.echo(f"resumed {self.run_dir} after epoch {self.progress.epoch}")
+        p = self.progress
+        within = f" and step {p.step}/{self.steps_per_epoch} of epoch {p.epoch + 1}" if p.step else ""
+        self.echo(f"resumed {self.run_dir} after epoch {p.epoch}{within}")
 
     def _prepare(self, module: nn.Module) -> nn.Module:
         """What a step runs: DDP over the parameters that train now, compiled when asked."""
@@ -196,7 +208,10 @@ class Trainer:
                       f"{self.run_dir / SKIPPED}")  # fmt: skip
         start = time.perf_counter()
         try:
-            self._epochs()
+            # one process: a signal is acted on at the next step boundary, after saving there; under DDP the ranks
+            # could not agree on that step without a collective every step, so a signal stops them at once
+            with self.stop.listening(defer=not self.dist.enabled):
+                self._epochs()
         finally:  # Ctrl-C too: flush TensorBoard; metrics.csv and last.pt already hold every finished epoch
             self.metrics.close()
         self.seconds["epochs"] = time.perf_counter() - start
@@ -220,6 +235,8 @@ class Trainer:
                 record = checkpoint.model_record(self.model, cfg.to_dict(), self.classes, self.preprocess)
                 checkpoint.save_epoch(self.run_dir, record, self.state, self.progress, self.steps_per_epoch, row=row,
                                       improved=improved)  # fmt: skip
+            if self.stop.requested:  # the signal came during validation or the save
+                raise self.stop.interrupted(f"after epoch {epoch + 1} (last.pt holds it)")
             if cfg.early_stop and self.progress.bad_epochs >= cfg.early_stop:
                 self.echo(f"early stop: {cfg.monitor} did not improve for {cfg.early_stop} epochs")
                 break
@@ -248,27 +265,27 @@ class Trainer:
         loss_fn = nn.CrossEntropyLoss(label_smoothing=self.cfg.label_smoothing)
         meter = epoch_log.TrainProgress(len(batches), f"epoch {epoch + 1}/{self.cfg.epochs}",
                                         enabled=self.cfg.progress, device=self.device)  # fmt: skip
-        skipped = 0
-        for step, (inputs, targets) in enumerate(batches):
+        for inputs, targets in self._remaining(batches, meter):
             inputs = to_device(inputs, self.device, self.channels_last)
             targets = targets.to(self.device, non_blocking=True)
             with self.precision.autocast():
                 logits = logits_of(run_model(self.features.train_module, inputs))
                 loss = loss_fn(logits.float(), targets)
             if self.cfg.skip_nonfinite and self._not_finite(loss):
-                skipped += 1
-                if skipped > self.cfg.skip_nonfinite:
-                    raise self._diverged(epoch, step, skipped=skipped - 1)
+                meter.skip()  # a step of the epoch (a mid-epoch save counts it) that trains nothing
+                if meter.skipped > self.cfg.skip_nonfinite:
+                    raise self._diverged(epoch, meter.step - 1, skipped=meter.skipped - 1)
                 if self.state.scheduler is not None:  # the schedule keeps its length, as AMP's skipped steps do
                     self.state.scheduler.step()
-                continue
-            self._optimize(loss)
-            meter.update(loss, logits, targets)
+            else:
+                self._optimize(loss)
+                meter.update(loss, logits, targets)
+            self._after_step(epoch, meter)
         # DDP hands rank 0's buffers to every rank before each forward, so after the last step each rank holds the
         # BatchNorm statistics of its own last batch: take rank 0's, which last.pt records and validation uses
         broadcast_tensors(self.model.buffers(), self.dist)
         stats = meter.close(lambda totals: all_reduce_sum(totals, self.dist))
-        return {**stats, "skipped_batches": skipped} if self.cfg.skip_nonfinite else stats
+        return {**stats, "skipped_batches": meter.skipped} if self.cfg.skip_nonfinite else stats
 
     def _not_finite(self, loss: torch.Tensor) -> bool:
         """Whether any rank's loss is not finite (every rank then skips the batch: DDP's backward is collective).
@@ -284,6 +301,38 @@ class Trainer:
         return TrainingError(f"the loss was not finite at epoch {epoch + 1}, step {step + 1}{skips}: training "
                              f"diverged; best.pt and last.pt keep epoch {self.progress.best_epoch} and "
                              f"{self.progress.epoch} (try a lower --lr or --grad-clip 1.0)")  # fmt: skip
+
+    def _remaining(self, batches, meter: epoch_log.TrainProgress) -> Iterator:
+        """The epoch's batches from where a mid-epoch ``last.pt`` left it (all of them otherwise).
+
+        The batches already trained are drawn and dropped rather than skipped in the sampler: the loader's
+        workers, the device pipeline's generator and the cached views then reach the next batch in exactly the
+        state they had, whatever the loader kind; only their loading is paid again. The process's RNG (in-process
+        augmentation, dropout) is then put back as it was after that step.
+        """
+        p = self.progress
+        batches = iter(batches)
+        if p.step:
+            for _ in islice(batches, p.step):
+                pass
+            meter.load_state_dict(p.partial["meter"])
+            checkpoint.set_rng_state(p.partial["rng"])
+        return batches
+
+    def _after_step(self, epoch: int, meter: epoch_log.TrainProgress) -> None:
+        """Save ``last.pt`` mid-epoch every ``save_every_steps`` steps and on a stop signal (then stop)."""
+        pause_point("step")
+        every, step = self.cfg.save_every_steps, meter.step
+        if not (self.stop.requested or (every and step % every == 0 and step < meter.total)):
+            return
+        if not meter.diverged:  # never save the weights of a non-finite step; the epoch's end reports it
+            self.progress.at_step(step, {"meter": meter.state_dict(), "rng": checkpoint.rng_state()})
+            record = checkpoint.model_record(self.model, self.cfg.to_dict(), self.classes, self.preprocess)
+            checkpoint.save_last(self.run_dir / checkpoint.LAST, record, self.state, self.progress,
+                                 self.steps_per_epoch)  # fmt: skip
+        if self.stop.requested:
+            held = f"step {step}/{meter.total} of epoch {epoch + 1}" if not meter.diverged else "its last save"
+            raise self.stop.interrupted(f"at epoch {epoch + 1}, step {step} (last.pt holds {held})")
 
     def _optimize(self, loss: torch.Tensor) -> None:
         optimizer, scaler = self.state.optimizer, self.state.scaler

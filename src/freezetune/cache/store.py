@@ -27,6 +27,7 @@ from freezetune.cache.disk import ensure_space
 from freezetune.data.loaders import EpochOrder, check_batch_size
 from freezetune.distributed import DistInfo, shard_rows, sum_across_ranks
 from freezetune.errors import ConfigError, DataError
+from freezetune.interrupt import pause_point
 from freezetune.precision import Precision
 from freezetune.split import Split
 
@@ -144,6 +145,7 @@ def build_store(
             storage[v, start : start + len(labels)] = feats.to(storage.device)
             targets[start : start + len(labels)] = labels
             start += len(labels)
+            pause_point("cache")
     if storage is None or info is None:
         raise DataError("cannot build a feature cache over an empty dataset")
     # every rank filled only its own rows of zeroed tensors: summing over ranks gives each the whole cache

@@ -1,0 +1,121 @@
+"""Stopping a run on request: SIGTERM (a cluster preempting the job) and SIGINT (Ctrl-C) end it where its state is
+saved, with one line that says how to continue; and the test hook that holds a run at a named moment so the crash
+tests can kill it exactly there.
+
+While the training loop runs, a signal is only recorded (``StopRequest.defer``): the loop finishes the step it is
+in, saves ``last.pt`` with its position in the epoch and raises ``RunInterrupted``. Elsewhere (set-up, the feature
+cache build, the final test) there is nothing to save yet, and a SIGTERM must not wait for a long cache build before
+the scheduler's SIGKILL comes: the signal raises ``RunInterrupted`` at once, and every file write being atomic, the
+run directory stays resumable or restartable.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+STOP_SIGNALS = {signal.SIGTERM: "SIGTERM", signal.SIGINT: "SIGINT"}
+# Test hook: ``NAME`` or ``NAME#K`` holds the process the K-th time it reaches ``pause_point(NAME)``, after writing its
+# pid to the file named by PAUSE_MARKER_ENV, until that file is deleted.
+PAUSE_ENV = "FREEZETUNE_TEST_PAUSE_AT"
+PAUSE_MARKER_ENV = "FREEZETUNE_TEST_PAUSE_MARKER"
+_pauses_reached: dict[str, int] = {}
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """A run stopped by SIGTERM or SIGINT. A ``KeyboardInterrupt``, so code that catches ``Exception`` (a sweep, a
+    recipe) lets it through and a notebook shows an interrupted cell; ``exit_code`` is the shell's 128 + signal.
+
+    >>> RunInterrupted(signal.SIGTERM, "stopped").exit_code
+    143
+    """
+
+    def __init__(self, signum: int, message: str) -> None:
+        super().__init__(message)
+        self.signum = signum
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + int(self.signum)
+
+
+class StopRequest:
+    """Where a run's SIGTERM and SIGINT go while ``listening``: recorded (``defer``) or raised at once.
+
+    >>> stop = StopRequest()
+    >>> with stop.listening(defer=True):
+    ...     os.kill(os.getpid(), signal.SIGTERM)
+    ...     time.sleep(0.01)
+    >>> stop.requested, stop.name
+    (True, 'SIGTERM')
+    """
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self.defer = False
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    @property
+    def name(self) -> str:
+        return STOP_SIGNALS.get(self.signum, str(self.signum))
+
+    def interrupted(self, where: str) -> RunInterrupted:
+        """The exception that ends the run after the recorded signal; ``where`` says what ``last.pt`` holds."""
+        return RunInterrupted(self.signum, f"stopped by {self.name} {where}; continue with --resume")
+
+    @contextmanager
+    def listening(self, *, defer: bool) -> Iterator[StopRequest]:
+        """Handle SIGTERM and SIGINT in this block, then restore the handlers found (a notebook's, a caller's).
+
+        Only the main thread may install handlers; elsewhere the block runs with the process's own.
+        """
+        if threading.current_thread() is not threading.main_thread():
+            yield self
+            return
+        self.defer = defer
+        previous = {s: signal.signal(s, self._handle) for s in STOP_SIGNALS}
+        try:
+            yield self
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+
+    def _handle(self, signum: int, frame) -> None:
+        if self.defer and self.signum is None:
+            self.signum = signum  # acted on at the next step boundary
+            return
+        # not in the training loop, or a second signal: a user pressing Ctrl-C twice does not want to wait
+        self.signum = signum
+        raise RunInterrupted(signum, f"stopped by {self.name}; the run dir keeps every finished epoch and "
+                             "--resume continues it (a run that finished none restarts)")  # fmt: skip
+
+
+def pause_point(name: str) -> None:
+    """Test hook: hold here when ``FREEZETUNE_TEST_PAUSE_AT`` names this point (see ``PAUSE_ENV``); otherwise free.
+
+    A pause is left only by deleting the marker file, or by a signal: a test kills the process at a known moment
+    rather than after a guessed sleep.
+
+    >>> pause_point("step")  # the variable is not set: returns at once
+    """
+    wanted = os.environ.get(PAUSE_ENV)
+    if not wanted:
+        return
+    target, _, count = wanted.partition("#")
+    if target != name:
+        return
+    _pauses_reached[name] = _pauses_reached.get(name, 0) + 1
+    if _pauses_reached[name] != int(count or 1):
+        return
+    marker = Path(os.environ[PAUSE_MARKER_ENV])
+    marker.write_text(str(os.getpid()))
+    while marker.exists():
+        time.sleep(0.02)
