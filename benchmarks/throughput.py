@@ -84,7 +84,7 @@ def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch
     """One optimisation step on whatever is trainable (AdamW, as freezetune's default)."""
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-3, fused=device.type == "cuda")  # as freezetune's build_optimizer
+    optimizer = torch.optim.AdamW(params, lr=1e-3, fused=True)  # as freezetune's build_optimizer
 
     def step() -> None:
         with autocast(device):
@@ -157,7 +157,7 @@ def _timed_pass(model: nn.Module, batches: list, device: torch.device) -> float:
 def _cached_epochs(suffix: nn.Module, store, batch_size: int, precision, device: torch.device) -> list[float]:
     suffix.train()
     params = [p for p in suffix.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-3, fused=device.type == "cuda")  # as freezetune's build_optimizer
+    optimizer = torch.optim.AdamW(params, lr=1e-3, fused=True)  # as freezetune's build_optimizer
     loader = store_loader(store, batch_size=batch_size, train=True, seed=0)
     times = []
     for epoch in range(EPOCHS):

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from torch import nn
 from torch.nn import functional as F
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import BatchSampler, DataLoader, RandomSampler, TensorDataset
 
 from _common import (
     DATASETS,
@@ -78,9 +78,11 @@ def pretrained(num_classes: int | None = None) -> nn.Module:
 
 
 def train_loader(data: dict, args, device: torch.device) -> DataLoader:
-    dataset = TensorDataset(data["x_train"].clone(), data["y_train"].clone())
-    return DataLoader(dataset, batch_size=args.batch_size, shuffle=True, pin_memory=device.type == "cuda",
-                      generator=torch.Generator().manual_seed(args.seed))  # fmt: skip
+    """The peers' training batches: the whole training set placed on the device once (as freezetune's device
+    pipeline and cache do), each batch one indexing of it, shuffled by the seed."""
+    dataset = TensorDataset(data["x_train"].to(device), data["y_train"].to(device))
+    order = RandomSampler(dataset, generator=torch.Generator().manual_seed(args.seed))
+    return DataLoader(dataset, sampler=BatchSampler(order, args.batch_size, drop_last=False), batch_size=None)
 
 
 # --- the peers ----------------------------------------------------------------------------------------------
@@ -116,16 +118,19 @@ def run_seed(data: dict, args, device: torch.device) -> tuple[nn.Module, dict]:
 
 def run_full(data: dict, args, device: torch.device) -> tuple[nn.Module, dict]:
     """A strong plain full fine-tune: all layers, AdamW 1e-3, one-cycle, weight decay 0.05, label smoothing 0.1."""
-    model = pretrained(len(data["classes"])).to(device)
+    # the speed settings freezetune uses, where they help: the fused AdamW, and channels_last on a GPU (on CPU it
+    # made this whole-network step slower: 64 s against 52 s on Fashion-MNIST at 64 px)
+    memory_format = torch.channels_last if device.type == "cuda" else torch.preserve_format
+    model = pretrained(len(data["classes"])).to(device, memory_format=memory_format)
     loader, times = train_loader(data, args, device), {}
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05, fused=True)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=1e-3, total_steps=args.epochs * len(loader))
     loss_fn = nn.CrossEntropyLoss(label_smoothing=0.1)
     with timed(device, times, "train"):
         for _ in range(args.epochs):
             model.train()
             for x, y in loader:
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                x = x.contiguous(memory_format=memory_format)
                 with autocast(device):
                     loss = loss_fn(model(x).float(), y)
                 optimizer.zero_grad(set_to_none=True)
@@ -155,7 +160,7 @@ def run_lightning(data: dict, args, device: torch.device) -> tuple[nn.Module, di
             return F.cross_entropy(self(x), y)
 
         def configure_optimizers(self):
-            return torch.optim.Adam(filter(lambda p: p.requires_grad, self.parameters()), lr=1e-3)
+            return torch.optim.Adam(filter(lambda p: p.requires_grad, self.parameters()), lr=1e-3, fused=True)
 
     backbone = pretrained()
     head = nn.Linear(backbone.classifier.in_features, len(data["classes"]))
