@@ -95,6 +95,19 @@ def test_validation_reports_every_problem_at_once():
     assert "\n" not in message
 
 
+@pytest.mark.parametrize("kw, needle", [
+    ({"val_split": 0.2}, "val_data and val_split keep theirs"),
+    ({"val_data": "v"}, "val_data and val_split keep theirs"),
+    ({"early_stop": 2}, "early_stop and a plateau unfreeze need"),
+    ({"unfreeze": "plateau:patience=1"}, "early_stop and a plateau unfreeze need"),
+])  # fmt: skip
+def test_refit_is_refused_where_a_validation_set_is_kept_or_needed(kw, needle):
+    validate(TrainConfig(data="x", refit=True))
+    validate(TrainConfig(data="x", refit=False, **kw))
+    with pytest.raises(ConfigError, match=needle):
+        validate(TrainConfig(data="x", refit=True, **kw))
+
+
 def test_valid_unfreeze_schedules_pass_validation():
     for schedule in ("epoch:2", "plateau:patience=2,min_delta=0.01,mode=min", {3: "blocks.4"}, "none", None):
         validate(TrainConfig(data="x", unfreeze=schedule))
@@ -162,7 +175,7 @@ def test_every_field_converts_from_text_to_its_declared_type(name):
 
 def test_type_hints_drive_conversion_and_cli_flag_types():
     assert [n for n in field_names() if scalar_type(n) is bool] == [
-        "skip_bad", "channels_last", "compile", "resume", "tensorboard", "progress", "final_test"]  # fmt: skip
+        "skip_bad", "refit", "channels_last", "compile", "resume", "tensorboard", "progress", "final_test"]  # fmt: skip
     assert (scalar_type("val_split"), scalar_type("out"), scalar_type("freeze"), scalar_type("unfreeze")) == (
         float, str, None, None)  # fmt: skip
     assert coerce("compile", "yes") is True and coerce("img_size", "64") == 64

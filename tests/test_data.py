@@ -96,6 +96,22 @@ def test_idx_val_split_and_per_class_never_overlap(tmp_path):
     assert len(b.test) == 20
 
 
+def test_refit_trains_on_exactly_the_trials_training_and_held_out_images(tmp_path):
+    root = str(make_idx_dir(tmp_path / "mnist", n_train=200))
+    held = build_datasets(root, per_class=5, seed=1, preprocess=PRE)
+    refit = build_datasets(root, per_class=5, seed=1, preprocess=PRE, refit=True)
+    assert refit.val is None and "train too (refit" in refit.val_source and len(refit.test) == 20
+    # the trials' training images (per_class drawn after the hold-out), then the images they were scored on
+    assert torch.equal(refit.train.images, torch.cat([held.train.images, held.val.images]))
+    assert torch.equal(refit.train.targets, torch.cat([held.train.targets, held.val.targets]))
+    assert refit.train.parts[0].images.shape[0] == 50 and refit.train.transform is not None
+    # a validation set the user gave is theirs: refit joins only the automatic hold-out
+    make_folder(tmp_path / "f" / "train", 4)
+    make_folder(tmp_path / "f" / "val", 2)
+    folder = build_datasets(str(tmp_path / "f"), preprocess=PRE, refit=True)
+    assert (len(folder.train), len(folder.val)) == (12, 6) and folder.val_source == "the validation folder"
+
+
 @pytest.mark.skipif(not FASHION_DIR.is_dir(), reason="Fashion-MNIST not installed")
 def test_real_fashion_mnist():
     b = build_datasets(str(FASHION_DIR), preprocess=PRE)

@@ -79,7 +79,8 @@ def test_lp_ft_fine_tunes_every_layer_from_the_probed_head(data, tmp_path, capsy
     assert (tmp_path / "run" / "test_metrics.json").is_file()
 
 
-def test_auto_measures_on_the_validation_split_and_keeps_its_evidence(data, tmp_path, monkeypatch):
+@pytest.mark.parametrize("refit", [None, False])
+def test_auto_measures_on_the_validation_split_and_keeps_its_evidence(data, tmp_path, monkeypatch, refit):
     from freezetune import trainer
     from freezetune.cache import path as feature_path
 
@@ -93,7 +94,7 @@ def test_auto_measures_on_the_validation_split_and_keeps_its_evidence(data, tmp_
 
     monkeypatch.setattr(feature_path, "evaluate", spy)
     lines = []
-    result = trainer.train(_cfg(data, tmp_path / "auto", cache="auto"), echo=lines.append)
+    result = trainer.train(_cfg(data, tmp_path / "auto", cache="auto", refit=refit), echo=lines.append)
     recipe = json.loads((tmp_path / "auto" / "recipe.json").read_text())
     assert [t["trained_stages"] for t in recipe["trials"]] == [1, 2, 3]
     assert all(0 <= t["val_acc"] <= 1 and sum(t["seconds"].values()) > 0 for t in recipe["trials"])
@@ -105,10 +106,18 @@ def test_auto_measures_on_the_validation_split_and_keeps_its_evidence(data, tmp_
     final = checkpoint.load(tmp_path / "auto" / "last.pt")
     assert final["config"]["freeze"] == choice["freeze"] and final["config"]["lr"] == choice["lr"]
     assert final["epoch"] == 2 and result.run_dir == tmp_path / "auto"
-    # 3 trials of one epoch, then the chosen run's 2 epochs, each on the 3 held-out images; the 12 test images once
-    assert evaluated == [3] * 5 and result.test["n"] == 12
+    # 3 trials of one epoch, each scored on the 3 held-out images; the 12 test images once, at the end. By default
+    # the chosen run then trains on those 3 images too (refit: no validation); with refit off it validates on them
+    assert choice["refit"] is (refit is None) and result.test["n"] == 12
+    if refit is None:
+        assert evaluated == [3] * 3 and result.best_metric is None
+        assert any("42 train images" in line for line in lines)  # the 39 the trials trained on + the 3 held out
+        assert any("validation: none: the 3 images held out for validation train too" in line for line in lines)
+    else:
+        assert evaluated == [3] * 5 and any("39 train images" in line for line in lines)
     assert any("auto: chose to train the last" in line for line in lines)
-    # one cache for all candidates and the run: built by the first trial, read back by the others
+    # one cache for all candidates and the run: built by the first trial, read back by the others (the refit run
+    # reads the trials' training and validation stores one after the other)
     caches = [line for line in lines if "feature cache:" in line]
     assert len(caches) == 4 and "built" in caches[0] and all("read from" in line for line in caches[1:])
     (trial,) = read_metrics(tmp_path / "auto" / "auto-trials" / "last-1" / "metrics.csv")

@@ -16,8 +16,11 @@ cheap to ask the data. The procedure, every step printed and written to ``recipe
    another candidate beats them on the validation split by more than its noise (one standard error of the
    difference of two accuracies on that many images): a small validation split does not get to overturn it.
 4. The run: the chosen candidate trains for ``epochs`` epochs (with ``budget``: as many as the time left affords at
-   its measured pace, at least one) from the pretrained weights, reading the shared cache. The trials' metrics stay
-   in ``auto-trials/``.
+   its measured pace, at least one) from the pretrained weights, reading the shared cache. When the validation set
+   was held out automatically and nothing in the run needs it (no early stopping or plateau unfreezing), those images
+   train too (``refit``; the run's ``best.pt`` is then its last epoch): the choice is made, and 10 % more data is worth
+   more than a score nobody acts on. ``--val-split``, ``--val-data`` or ``--no-refit`` keep a validation set. The
+   trials' metrics stay in ``auto-trials/``.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from freezetune._io import atomic_write_text
-from freezetune.config import TrainConfig
+from freezetune.config import TrainConfig, needs_validation
 from freezetune.options import parse_duration
 
 MAX_TRAINED_STAGES = 3  # candidates train the last 1, 2 or 3 stages (and the head)
@@ -40,6 +43,9 @@ TRIAL_FRACTION = (
     0.5  # a trial epoch trains on this share of the training set (1/3 measured worse: 82.3-82.8 % vs 83.7-84.5 %)
 )
 DEFAULT_TRAINED_STAGES = 2  # the candidate kept unless the validation split clearly prefers another
+# the choice made, the images held out to make it are training data like the rest: +1.65 and +1.05 points on the
+# Fashion-MNIST test set (3 seeds, last 2 and last 3 stages trained, 100/class, 64 px) over keeping them for validation
+REFIT_NOTE = ", on the training and the held-out validation images (refit; best.pt is its last epoch)"
 RECIPE_FILE = "recipe.json"
 TRIALS_DIR = "auto-trials"
 
@@ -56,7 +62,7 @@ def run(cfg: TrainConfig, *, echo: Callable[[str], None] = print, train: Callabl
         choice = decision["choice"]
         echo(f"auto: resuming with the earlier decision: freeze {choice['freeze']!r}, lr {choice['lr']:.1e}")
         final = dataclasses.replace(_base(cfg, out, decision["cut"]), freeze=choice["freeze"], lr=choice["lr"],
-                                    epochs=choice["epochs"], resume=True)  # fmt: skip
+                                    epochs=choice["epochs"], refit=choice.get("refit", False), resume=True)  # fmt: skip
         return train(final, echo=echo)
     # a run dir in use is refused (or, resuming, one no run was started in) before any trial writes below it; the
     # trials and decision of an attempt stopped before its run finished an epoch are redone
@@ -74,15 +80,16 @@ def run(cfg: TrainConfig, *, echo: Callable[[str], None] = print, train: Callabl
     why = (f"its trial beat the default (last {DEFAULT_TRAINED_STAGES} stages) by more than the noise of {n_val} "
            "validation images" if overturned else f"the default (last {DEFAULT_TRAINED_STAGES} stages): no trial beat "
            f"it by more than the noise of {n_val} validation images")  # fmt: skip
-    epochs = _affordable(cfg, choice, time.perf_counter() - start)
+    epochs, refit = _affordable(cfg, choice, time.perf_counter() - start), refits(cfg)
     echo(f"auto: chose to train the last {choice['trained_stages']} stage(s) + head (freeze {choice['freeze']}, lr "
-         f"{choice['lr']:.1e}) for {epochs} epoch(s): {why}")  # fmt: skip
+         f"{choice['lr']:.1e}) for {epochs} epoch(s){REFIT_NOTE if refit else ''}: {why}")  # fmt: skip
     decision = {"procedure": __doc__.split("\n\n", 2)[2].strip(), "cut": cut, "trials": trials,
                 "default_trained_stages": DEFAULT_TRAINED_STAGES, "trial_fraction": TRIAL_FRACTION, "budget_s": parse_duration(cfg.budget),
-                "choice": {**choice, "epochs": epochs, "why": why}}  # fmt: skip
+                "choice": {**choice, "epochs": epochs, "refit": refit, "why": why}}  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(saved, json.dumps(decision, indent=1))
-    final = dataclasses.replace(base, freeze=choice["freeze"], lr=choice["lr"], epochs=epochs, resume=False)
+    final = dataclasses.replace(base, freeze=choice["freeze"], lr=choice["lr"], epochs=epochs, refit=refit,
+                                resume=False)  # fmt: skip
     result = train(final, echo=echo)
     # the measurement is part of the training cost: every trial's seconds count
     seconds = dict(result.seconds)
@@ -100,7 +107,7 @@ def _trial(base: TrainConfig, k: int, out: Path, train: Callable, echo: Callable
     """Train candidate ``k`` for one short epoch and score it on the validation split."""
     trial_cfg = dataclasses.replace(
         base, freeze=-(k + 1), lr=candidate_lr(base.lr, k), epochs=1, epoch_fraction=TRIAL_FRACTION,
-        warmup_epochs=0.0, early_stop=None, unfreeze=None, final_test=False, tensorboard=False, resume=False,
+        warmup_epochs=0.0, early_stop=None, unfreeze=None, final_test=False, tensorboard=False, resume=False, refit=False,
         out=str(out / TRIALS_DIR / f"last-{k}"),
     )  # fmt: skip
     shutil.rmtree(trial_cfg.out, ignore_errors=True)  # a trial of an interrupted earlier attempt: start it afresh
@@ -114,6 +121,18 @@ def _trial(base: TrainConfig, k: int, out: Path, train: Callable, echo: Callable
     return {"trained_stages": k, "freeze": -(k + 1), "lr": trial_cfg.lr, "val_acc": result.best_metric,
             "seconds": seconds, "epoch_s": row.get("epoch_time_s", 0.0) / TRIAL_FRACTION,
             "trainable_params": row.get("trainable_params"), "n_val": _val_size(result)}  # fmt: skip
+
+
+def refits(cfg: TrainConfig) -> bool:
+    """Whether the final run trains on the held-out validation images too (``refit``): unless the config says, when
+    the validation set is the automatic hold-out (no ``val_data``/``val_split``) and nothing in the run needs it.
+
+    >>> refits(TrainConfig()), refits(TrainConfig(val_split=0.2)), refits(TrainConfig(early_stop=2))
+    (True, False, False)
+    """
+    if cfg.refit is not None:
+        return cfg.refit
+    return cfg.val_data is None and cfg.val_split is None and not needs_validation(cfg)
 
 
 def candidate_lr(lr: float, k: int) -> float:

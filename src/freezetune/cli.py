@@ -40,6 +40,8 @@ _HELP = {
     "cache": "frozen-prefix feature cache",
     "out": "run directory (default runs/MODEL-TIMESTAMP)",
     "early_stop": "stop after PATIENCE epochs without improvement of --monitor",
+    "refit": "the automatically held-out validation images train too (best.pt = last epoch); default: the auto "
+    "recipe's final run refits unless --early-stop or a plateau unfreeze needs validation",
 }
 
 

@@ -68,6 +68,9 @@ class TrainConfig:
     batch_size: int | str = 32  # or "auto": the largest that fits the CUDA device; config.yaml keeps the number
     workers: int | None = None
     skip_bad: bool = False  # leave out image files the pre-scan cannot read (listed in skipped.txt), not refuse
+    # the automatically held-out validation images train too (no validation: best.pt is the last epoch). None: the
+    # auto recipe's final run refits when nothing needs validation; other runs keep it
+    refit: bool | None = None
     # freezing
     freeze: str | int | list[str | int] = "auto"  # held parsed: "-3" -> -3, "stem,layer1" -> ["stem", "layer1"]
     recipe: str | None = None  # a named procedure (options.RECIPE_HELP); "auto" is what freeze: auto runs
@@ -209,6 +212,7 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.warmup_epochs < 0 or cfg.warmup_epochs >= cfg.epochs:
         problems.append(f"warmup_epochs must be in [0, epochs), got {cfg.warmup_epochs}")
     problems += _schedule_problems(cfg.unfreeze)
+    problems.append(_refit_problem(cfg))
     problems.append(recipe_problem(cfg.recipe))
     if cfg.recipe is not None and cfg.freeze != "auto":
         problems.append(f"give a recipe ({cfg.recipe!r}) or a freeze spec ({cfg.freeze!r}), not both")
@@ -221,6 +225,25 @@ def validate(cfg: TrainConfig) -> None:
     problems = [p for p in problems if p]
     if problems:
         raise ConfigError("invalid config: " + "; ".join(problems))
+
+
+def needs_validation(cfg: TrainConfig) -> bool:
+    """Whether a run takes decisions on the validation set during training (early stopping, a plateau unfreeze).
+
+    >>> needs_validation(TrainConfig(early_stop=3)), needs_validation(TrainConfig(unfreeze="epoch:2"))
+    (True, False)
+    """
+    return bool(cfg.early_stop) or (isinstance(cfg.unfreeze, str) and cfg.unfreeze.startswith("plateau"))
+
+
+def _refit_problem(cfg: TrainConfig) -> str | None:
+    if not cfg.refit:
+        return None
+    if cfg.val_data is not None or cfg.val_split is not None:
+        return "refit trains on the validation images held out automatically; val_data and val_split keep theirs"
+    if needs_validation(cfg):
+        return "refit leaves no validation set, which early_stop and a plateau unfreeze need"
+    return None
 
 
 def _schedule_problems(unfreeze: str | dict | None) -> list[str]:

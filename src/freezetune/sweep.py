@@ -59,8 +59,9 @@ def sweep(cfg: TrainConfig, recipes: list[str] | tuple[str, ...] = DEFAULT_RECIP
             echo(f"sweep: budget {cfg.budget} spent; skipping {name}")
             continue
         echo(f"sweep: recipe {name}")
+        # every recipe is judged on the validation split: the auto recipe keeps it through its final run (no refit)
         run_cfg = dataclasses.replace(cfg, recipe=name, freeze="auto", out=str(out / name), cache_dir=features,
-                                      final_test=False, budget=None)  # fmt: skip
+                                      final_test=False, budget=None, refit=False)  # fmt: skip
         result = recipes_mod.run(run_cfg, echo=echo)
         rows.append(_row(name, result))
     if not rows:

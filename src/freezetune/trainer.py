@@ -123,7 +123,7 @@ class Trainer:
         self.preprocess = self.preprocess or text_preprocess(cfg.model)  # a Hugging Face text model: its tokenizer
         self.data = build_datasets(cfg.data, val_data=cfg.val_data, val_split=cfg.val_split, per_class=cfg.per_class,
                                    seed=cfg.seed, preprocess=self.preprocess, aug=cfg.aug,
-                                   skip_bad=cfg.skip_bad)  # fmt: skip
+                                   skip_bad=cfg.skip_bad, refit=bool(cfg.refit))  # fmt: skip
         self.classes = self.data.classes
         replace_head(self.model, len(self.classes))
         if cfg.init:  # an earlier run's weights, head included (a recipe's previous phase)

@@ -143,16 +143,19 @@ class FeaturePath:
     ) -> tuple[FeatureStore, CacheInfo]:
         dist, loaders = self.loaders.dist, self.loaders
         spill = self.spill_dir / (f"rank{dist.rank}" if dist.enabled else "") / ("train" if train else "val")
+        parts = getattr(dataset, "parts", None) if not augment else None  # a join of datasets cached one by one
         if train and not augment:  # the training images as evaluation sees them
             dataset = dataset.select(torch.arange(len(dataset)), eval_transform(loaders.preprocess))
         place = "auto" if self.cache == "auto" else self.cache
         key = None
         if self.cache_dir is not None and not dist.enabled:  # DDP ranks build their blocks together: never reused
-            key = disk.store_key(split, dataset, preprocess=loaders.preprocess.to_dict(), views=views,
-                                 aug=loaders.aug if augment else "eval", seed=loaders.seed, device=loaders.device.type,
-                                 device_pipeline=should_use_device_loader(dataset, loaders.device, loaders.decode),
-                                 dtype=str(self.precision.amp_dtype), channels_last=self.channels_last)  # fmt: skip
+            how = dict(preprocess=loaders.preprocess.to_dict(), views=views, aug=loaders.aug if augment else "eval",
+                       seed=loaders.seed, device=loaders.device.type,
+                       device_pipeline=should_use_device_loader(dataset, loaders.device, loaders.decode),
+                       dtype=str(self.precision.amp_dtype), channels_last=self.channels_last)  # fmt: skip
+            key = disk.store_key(split, dataset, **how)
             found = disk.load(self.cache_dir, key) if key is not None else None
+            found = found or (self._load_parts(split, parts, how) if parts else None)
             if found is not None:
                 self.reused += 1
                 return placed_store(*found, self.precision, seed=loaders.seed, spill_dir=spill, place=place)
@@ -162,3 +165,12 @@ class FeaturePath:
         if key is not None:
             disk.save(self.cache_dir, key, store.features, store.targets)
         return store, info
+
+    def _load_parts(self, split: Split, parts, how: dict) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The stores of each part of a joined dataset, one after the other (the auto recipe's refit reads the
+        trials' training and validation stores this way), or None if one is not stored."""
+        keys = [disk.store_key(split, part, **how) for part in parts]
+        found = [disk.load(self.cache_dir, key) for key in keys if key is not None]
+        if len(found) < len(parts) or any(f is None for f in found):
+            return None
+        return torch.cat([f[0] for f in found], dim=1), torch.cat([f[1] for f in found])

@@ -117,6 +117,24 @@ def _hold_out(train: Dataset, fraction: float, seed: int, max_per_class: int | N
     return train.select(train_idx), train.select(val_idx)
 
 
+_HELD_OUT = "no validation data given"
+
+
+def _validation(train: Dataset, val: Dataset | None, *, val_data: str | None, val_split: float | None,
+                seed: int) -> tuple[Dataset, Dataset | None, str]:  # fmt: skip
+    """The validation set by the first rule that applies (``build_datasets``), the training set left, and the rule."""
+    if val_data is not None:
+        return train, val, f"val_data {val_data!r}"
+    if val is not None:
+        return train, val, "the validation folder"
+    if val_split is not None:
+        train, val = _hold_out(train, val_split, seed)
+        return train, val, f"val_split {val_split}: {len(val)} training images held out"
+    train, val = _hold_out(train, AUTO_VAL_FRACTION, seed, AUTO_VAL_MAX_PER_CLASS)
+    return train, val, (f"{_HELD_OUT}: {len(val)} training images held out ({AUTO_VAL_FRACTION:.0%} per class, 1 to "
+                        f"{AUTO_VAL_MAX_PER_CLASS} each); the test split is only scored at the end")  # fmt: skip
+
+
 def _take_per_class(train: Dataset, per_class: int, seed: int) -> Dataset:
     idx, counts = per_class_indices(train.targets, per_class, seed)
     short = {train.classes[c]: n for c, n in counts.items() if n < per_class}
@@ -142,6 +160,7 @@ def build_datasets(
     preprocess: Preprocess,
     aug: str = AUG_DEFAULT,
     skip_bad: bool = False,
+    refit: bool = False,
 ) -> DataBundle:
     """Build train/val/test datasets from one data path, with train augmentation and eval transforms.
 
@@ -154,7 +173,7 @@ def build_datasets(
         2. a ``val/`` folder in the layout (``val_split`` is then ignored, with a warning);
         3. a seeded stratified ``val_split`` fraction of the train set, taken *before* ``per_class``;
         4. otherwise a held-out part of the train set: ``AUTO_VAL_FRACTION`` (10 %) of each class, at least one and at
-           most ``AUTO_VAL_MAX_PER_CLASS`` (100) per class (a class of one image gives none), taken before
+           most ``AUTO_VAL_MAX_PER_CLASS`` (50) per class (a class of one image gives none), taken before
            ``per_class``. The test split is never validation data: model selection, unfreezing, early stopping and
            the auto recipe see only the validation set, and the test split is scored once, at the end.
     ``DataBundle.val_source`` says which rule gave the validation set.
@@ -170,6 +189,8 @@ def build_datasets(
         seed: seeds the val split and the few-shot subsample.
         preprocess: the model's input preprocessing (size, mean/std, ...).
         aug: training augmentation preset, one of ``AUG_PRESETS``.
+        refit: validation held out automatically (rule 4) trains too, after ``per_class``: the training set is then
+            what the auto recipe's trials trained on plus what they were scored on, and there is no validation set.
         skip_bad: leave out image files whose header cannot be read (listed in ``DataBundle.skipped``) instead of
             refusing the data.
 
@@ -191,21 +212,16 @@ def build_datasets(
     elif val is not None and val_split is not None:
         log.warning("'%s' has a validation folder; ignoring val_split=%s", data, val_split)
     train, val, test, skipped = _scan(train, val, test, skip_bad)
-    if val_data is not None:
-        val_source = f"val_data {val_data!r}"
-    elif val is not None:
-        val_source = "the validation folder"
-    elif val_split is not None:
-        train, val = _hold_out(train, val_split, seed)
-        val_source = f"val_split {val_split}: {len(val)} training images held out"
-    else:
-        train, val = _hold_out(train, AUTO_VAL_FRACTION, seed, AUTO_VAL_MAX_PER_CLASS)
-        val_source = (f"no validation data given: {len(val)} training images held out ({AUTO_VAL_FRACTION:.0%} per "
-                      f"class, 1 to {AUTO_VAL_MAX_PER_CLASS} each); the test split is only scored at the end")  # fmt: skip
+    train, val, val_source = _validation(train, val, val_data=val_data, val_split=val_split, seed=seed)
     if val is not None and len(val) == 0:
         val, val_source = None, "none (every class has a single training image)"
     if per_class is not None:
         train = _take_per_class(train, per_class, seed)
+    if refit and val is not None and val_source.startswith(_HELD_OUT):
+        # the automatic hold-out joins the training set (after per_class, so it is the trials' train + val)
+        n, train, val = len(val), train.joined(val), None
+        val_source = (f"none: the {n} images held out for validation train too (refit: the auto recipe has chosen); "
+                      "best.pt is the last epoch; the test split is only scored at the end")  # fmt: skip
     present = sorted({int(t) for t in train.targets.tolist()})
     if len(present) < 2:
         raise DataError(f"'{data}' has training images of {len(present)} class(es) "

@@ -95,6 +95,12 @@ class FileImageDataset(Dataset):
         """A new dataset with the samples at ``indices`` and ``transform``."""
         return FileImageDataset([self.samples[int(i)] for i in indices], self.classes, transform)
 
+    def joined(self, other: FileImageDataset) -> FileImageDataset:
+        """This dataset's samples, then ``other``'s (this one's classes and transform); ``parts`` keeps the two."""
+        ds = FileImageDataset(self.samples + other.samples, self.classes, self.transform)
+        ds.parts = (self, other)
+        return ds
+
 
 def folder_classes(root: str | Path) -> list[str]:
     """Class names of a ``root/<class>/*`` tree: the sorted subfolders that hold at least one image.

@@ -151,6 +151,14 @@ class InMemoryImageDataset(Dataset):
         """A new dataset with the rows ``indices`` (copied, so the original can be freed) and ``transform``."""
         return InMemoryImageDataset(self.images[indices], self.targets[indices], self.classes, transform)
 
+    def joined(self, other: InMemoryImageDataset) -> InMemoryImageDataset:
+        """This dataset's rows, then ``other``'s (this one's classes and transform); ``parts`` keeps the two, so
+        feature stores cached for each serve the join (``FeaturePath``)."""
+        ds = InMemoryImageDataset(torch.cat([self.images, other.images]), torch.cat([self.targets, other.targets]),
+                                  self.classes, self.transform)  # fmt: skip
+        ds.parts = (self, other)
+        return ds
+
 
 def load_idx(root: str | Path, split: str = "train", transform: Callable | None = None) -> InMemoryImageDataset:
     """Load the official ``split`` ("train" or "test") of an IDX directory into memory.

@@ -41,6 +41,10 @@ class TextDataset(Dataset):
         idx = [int(i) for i in indices]
         return TextDataset([self.texts[i] for i in idx], self.targets[idx], self.classes)
 
+    def joined(self, other: TextDataset) -> TextDataset:
+        """This dataset's texts, then ``other``'s."""
+        return TextDataset(self.texts + other.texts, torch.cat([self.targets, other.targets]), self.classes)
+
 
 def text_csv_header(path: Path) -> list[str] | None:
     """The header of ``path`` when it names a text column (the file is then a text dataset), else None."""
