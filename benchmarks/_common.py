@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -131,7 +132,19 @@ def preprocess_for(res: int):
     return pre
 
 
-DATASETS = {"fashion": "Fashion-MNIST", "digits": "scikit-learn digits (8x8)"}
+DATASETS = {
+    "fashion": "Fashion-MNIST",
+    "digits": "scikit-learn digits (8x8)",
+    "patches": "scikit-image photo patches (20x20, which of 10 photos)",
+}
+
+# patches: which of these scikit-image sample photos (greyscale) a 20 px patch comes from; label = position here.
+# Train patches come from the left 60 % of each photo's width, test patches from the right 40 %.
+PATCH_PHOTOS = ["brick", "camera", "coins", "grass", "gravel", "moon", "retina", "hubble_deep_field",
+                "immunohistochemistry", "coffee"]  # fmt: skip
+PATCH_SIZE, PATCH_CUT = 20, 0.6
+# 1000 + the 50 validation images: even --per-class 1000 leaves validation images of every class outside the subset.
+PATCH_TRAIN, PATCH_TEST = 1050, 200  # per class; changing either changes every later draw
 
 
 def prepare_data(path: Path, *, dataset: str, per_class: int, seed: int, res: int, test_n: int | None,
@@ -167,19 +180,19 @@ def prepare_data(path: Path, *, dataset: str, per_class: int, seed: int, res: in
         "res": res,
         "classes": split["classes"],
         "dataset": dataset,
-        # 'fashion' in the directory name gives freezetune's IDX reader the Fashion-MNIST class names
         "data_dir": str(path.parent / f"{dataset}-idx"),
         "val_dir": str(path.parent / "val-idx"),
     }
-    _write_idx_dir(Path(data["data_dir"]), split["train"], split["test"])
-    _write_idx_dir(Path(data["val_dir"]), split["val"], split["val"])
+    _write_idx_dir(Path(data["data_dir"]), split["train"], split["test"], split["classes"])
+    _write_idx_dir(Path(data["val_dir"]), split["val"], split["val"], split["classes"])
     torch.save(data, path)
     return data
 
 
 def _split(dataset: str, per_class: int, seed: int, val_n: int, test_n: int | None) -> dict:
     """uint8 images and labels of the train subset, the validation images (the first ``val_n`` outside the subset)
-    and the test images (Fashion-MNIST: its test split; digits: everything else), the first ``test_n`` of them."""
+    and the test images (Fashion-MNIST: its test split; digits: everything else; patches: those from the right 40 %
+    of the photos), the first ``test_n`` of them."""
     from freezetune.data.sampling import per_class_indices
 
     images, targets, test, classes = _source(dataset)
@@ -191,6 +204,9 @@ def _split(dataset: str, per_class: int, seed: int, val_n: int, test_n: int | No
     outside = torch.ones(len(targets), dtype=torch.bool)
     outside[subset] = False
     rest = torch.nonzero(outside).flatten()
+    if len(rest) < val_n:
+        raise SystemExit(f"--per-class {per_class}: leaves {len(rest)} {dataset} images outside the subset, fewer than "
+                         f"the {val_n} validation images; lower --per-class")  # fmt: skip
     val = rest[:val_n]
     if test is None:  # one pool: what is neither train nor validation is the test set
         test = (images[rest[val_n:]], targets[rest[val_n:]])
@@ -212,7 +228,45 @@ def _source(dataset: str) -> tuple[torch.Tensor, torch.Tensor, tuple | None, lis
         digits = load_digits()  # 1797 grey 8x8 images, values 0..16, about 180 per class, no official test split
         images = torch.from_numpy(digits.images * (255 / 16)).round().to(torch.uint8)
         return images, torch.from_numpy(digits.target).long(), None, list(DIGIT_CLASSES)
+    if dataset == "patches":
+        train, test = _patches()
+        return *train, test, list(PATCH_PHOTOS)
     raise SystemExit(f"unknown dataset {dataset!r}; choose from: {', '.join(DATASETS)}")
+
+
+def _patches() -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """(train, test) of the patches dataset: uint8 ``[N, 20, 20]`` and labels, spatially disjoint.
+
+    Drawn with ``default_rng(0)``: per photo in class order, the rows then the columns of its ``PATCH_TRAIN`` train
+    patches (columns in ``[0, cut - 20)``, cut = 60 % of the width), then those of its ``PATCH_TEST`` test patches
+    (columns in ``[cut, W - 20)``); rows in ``[0, H - 20)``. Each split is stored interleaved (patch 0 of every
+    class, then patch 1, ...): the first N test images and the first validation images outside the subset are then
+    spread over the classes; ``per_class_indices`` looks at each class on its own, so the subset does not change.
+    """
+    rng = np.random.default_rng(0)
+    train, test = [], []
+    for photo in _patch_photos():
+        h, w = photo.shape
+        cut = int(PATCH_CUT * w)
+        for out, n, lo, hi in ((train, PATCH_TRAIN, 0, cut - PATCH_SIZE), (test, PATCH_TEST, cut, w - PATCH_SIZE)):
+            rows, cols = rng.integers(0, h - PATCH_SIZE, n), rng.integers(lo, hi, n)
+            out.append(
+                np.stack([photo[r : r + PATCH_SIZE, c : c + PATCH_SIZE] for r, c in zip(rows, cols, strict=True)])
+            )
+
+    def interleaved(per_class: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+        images = torch.from_numpy(np.stack(per_class, axis=1)).flatten(0, 1)  # [n, classes, 20, 20] -> [n * classes]
+        return images, torch.arange(len(per_class)).repeat(len(per_class[0]))
+
+    return interleaved(train), interleaved(test)
+
+
+def _patch_photos() -> list[np.ndarray]:
+    """The photos of ``PATCH_PHOTOS`` as uint8 greyscale (they ship with scikit-image: no download)."""
+    from skimage import color, data, util
+
+    photos = [getattr(data, name)() for name in PATCH_PHOTOS]
+    return [p if p.ndim == 2 else util.img_as_ubyte(color.rgb2gray(p)) for p in photos]
 
 
 def _as_uint8(x: torch.Tensor, pre) -> torch.Tensor:
@@ -228,10 +282,14 @@ def normalize(x_u8: torch.Tensor, mean, std) -> torch.Tensor:
 
 
 def _write_idx_dir(
-    root: Path, train: tuple[torch.Tensor, torch.Tensor], test: tuple[torch.Tensor, torch.Tensor]
+    root: Path, train: tuple[torch.Tensor, torch.Tensor], test: tuple[torch.Tensor, torch.Tensor], classes: list[str]
 ) -> None:
-    """An IDX directory as freezetune reads it (``freezetune.data.idx``): train-* and t10k-* images and labels."""
+    """An IDX directory as freezetune reads it (``freezetune.data.idx``): train-* and t10k-* images and labels, and
+    the class names in ``classes.txt`` (without it the reader would call the patches' classes '0'..'9')."""
+    from freezetune.data.idx import CLASS_NAMES_FILE
+
     root.mkdir(parents=True, exist_ok=True)
+    (root / CLASS_NAMES_FILE).write_text("".join(f"{name}\n" for name in classes), encoding="utf-8")
     for prefix, (images, labels) in (("train", train), ("t10k", test)):
         _write_idx(root / f"{prefix}-images-idx3-ubyte", images)
         _write_idx(root / f"{prefix}-labels-idx1-ubyte", labels.to(torch.uint8))

@@ -1,14 +1,16 @@
 """Transfer benchmark: freezetune recipes vs Lightning, fastai, a plain full fine-tune and the seed script.
 
-Every contender fine-tunes the same ImageNet EfficientNet-Lite0 on the same subset of Fashion-MNIST or scikit-learn's
-digits (``--per-class`` images per class, drawn with seed 0), preprocessed the same way, and is scored by the same
-function on the same test images. Each contender runs in a fresh subprocess per seed (``--seeds``), so its peak
-memory is its own; the seed sets the head's initialisation and the data order, never the training images. Training
-time excludes model creation and evaluation on both sides; it includes whatever a user pays to train: freezetune's
-feature-cache build (and the auto recipe's trials), the frameworks' own per-epoch work (Lightning's and freezetune's
-checkpoints, fastai's validation of 50 images).
+Every contender fine-tunes the same ImageNet EfficientNet-Lite0 on the same subset (``--per-class`` images per class,
+drawn with seed 0) of Fashion-MNIST, scikit-learn's digits or ``patches`` (which of 10 scikit-image photos a 20 px
+patch comes from; train patches from the left 60 % of each photo, test patches from the right 40 %), preprocessed the
+same way, and is scored by the same function on the same test images. Each contender runs in a fresh subprocess per
+seed (``--seeds``), so its peak memory is its own; the seed sets the head's initialisation and the data order, never
+the training images. Training time excludes model creation and evaluation on both sides; it includes whatever a user
+pays to train: freezetune's feature-cache build (and the auto recipe's trials), the frameworks' own per-epoch work
+(Lightning's and freezetune's checkpoints, fastai's validation of 50 images).
 
     python benchmarks/transfer.py --res 64 --per-class 100 --epochs 3            # CPU, a few minutes
+    python benchmarks/transfer.py --dataset patches --res 64 --epochs 3          # CPU, the photo patches
     python benchmarks/transfer.py --device cuda --res 224 --epochs 10            # one GPU
 """
 
@@ -400,7 +402,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--per-class", type=int, default=100)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--dataset", default="fashion", choices=list(DATASETS), help="fashion (Fashion-MNIST) | digits "
-                   "(scikit-learn's 8x8 digits: --per-class per class train, the rest test)")  # fmt: skip
+                   "(scikit-learn's 8x8 digits: --per-class per class train, the rest test) | patches (which of 10 "
+                   "scikit-image photos a 20 px patch comes from: train from the left 60 %%, 200 test patches per "
+                   "class from the right 40 %%; --per-class up to 1000)")  # fmt: skip
     p.add_argument("--seeds", default="0", help="comma-separated seeds; each contender runs once per seed (default 0)")
     p.add_argument("--test-n", type=int, default=None, help="first N test images (default: all)")
     p.add_argument("--threads", type=int, default=None,
