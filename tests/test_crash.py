@@ -1,9 +1,12 @@
-"""Crash safety: a real training process killed (SIGKILL) or stopped (SIGTERM, SIGINT) at a chosen moment leaves a
-run dir that ``--resume`` continues, or a plain re-run restarts, to the same metrics as an uninterrupted run.
+"""Crash safety: a training process killed (SIGKILL) or stopped (SIGTERM, SIGINT) at a chosen moment leaves a run
+dir that ``--resume`` continues, or a plain re-run restarts, to the same metrics as an uninterrupted run; the auto
+recipe (trials, then the final run) too.
 
 The moments are hit exactly, not by sleeps: ``FREEZETUNE_TEST_PAUSE_AT`` holds the process at a named point
-(``freezetune.interrupt.pause_point``) until the test has signalled it. CPU, fixed seed, the default loader workers
-(two processes for image files).
+(``freezetune.interrupt.pause_point``) until the test has signalled it. The process is a fork of this one running the
+CLI's ``main``: a process of its own, signalled for real, with its own loader workers, without paying a fresh
+interpreter's import of torch for every moment. CPU, fixed seed, the default loader workers (two processes for image
+files).
 """
 
 from __future__ import annotations
@@ -15,7 +18,9 @@ import signal
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -29,8 +34,12 @@ from freezetune.interrupt import PAUSE_ENV, PAUSE_MARKER_ENV, StopRequest
 pytestmark = pytest.mark.usefixtures("single_thread_module")
 
 # 18 training images in batches of 4: 5 steps an epoch. No --workers: the default (loader processes) is under test.
-RUN = ["--model", "timm:test_efficientnet", "--weights", "none", "--img-size", "32", "--device", "cpu",
-       "--no-progress", "--batch-size", "4", "--epochs", "3", "--freeze", "-3", "--no-tensorboard"]  # fmt: skip
+TINY = ["--model", "timm:test_efficientnet", "--weights", "none", "--img-size", "32", "--device", "cpu",
+        "--no-progress", "--batch-size", "4", "--no-tensorboard"]  # fmt: skip
+RUN = [*TINY, "--epochs", "3", "--freeze", "-3"]
+# The auto recipe (no --freeze): 3 trials of 2 steps (half an epoch), then the chosen candidate for 2 epochs.
+AUTO = [*TINY, "--epochs", "2", "--cache", "auto"]
+TRIAL_STEPS = 2
 
 
 @pytest.fixture(scope="module")
@@ -49,26 +58,64 @@ def uninterrupted(data, tmp_path_factory):
     return runs
 
 
+@pytest.fixture(scope="module")
+def uninterrupted_auto(data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("whole") / "auto-recipe"
+    assert main(_auto_argv(data, out)) == 0
+    return out
+
+
 def _argv(data: Path, out: Path, cache: str, *extra: str) -> list[str]:
     return ["train", "--data", str(data), "--out", str(out), *RUN, "--cache", cache, *extra]
 
 
-def _stopped_run(argv: list[str], pause_at: str, sig: int, tmp_path: Path) -> subprocess.CompletedProcess:
-    """Run ``python -m freezetune ARGV`` until it holds at ``pause_at``, send it ``sig`` there, let it go on."""
-    marker = tmp_path / "paused"
-    env = {**os.environ, PAUSE_ENV: pause_at, PAUSE_MARKER_ENV: str(marker), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "freezetune", *argv], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+def _auto_argv(data: Path, out: Path, *extra: str) -> list[str]:
+    return ["train", "--data", str(data), "--out", str(out), *AUTO, *extra]
+
+
+class Stopped(NamedTuple):
+    returncode: int  # negative: killed by that signal
+    stdout: str
+    stderr: str
+
+
+def _stopped_run(argv: list[str], pause_at: str, sig: int, tmp_path: Path) -> Stopped:
+    """Run ``freezetune ARGV`` in a child process until it holds at ``pause_at``, send it ``sig`` there, let it go on."""
+    marker, logs = tmp_path / "paused", (tmp_path / "stdout", tmp_path / "stderr")
+    sys.stdout.flush(), sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        _child(argv, pause_at, marker, logs)
     deadline = time.monotonic() + 120
-    while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+    while not marker.exists() and os.waitpid(pid, os.WNOHANG) == (0, 0) and time.monotonic() < deadline:
         time.sleep(0.02)
-    assert marker.exists(), f"never reached {pause_at}: {proc.communicate(timeout=30)}"
-    proc.send_signal(sig)
+    if not marker.exists():  # ended (or hung) before the moment
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        pytest.fail(f"never reached {pause_at}: {logs[0].read_text()}{logs[1].read_text()}")
+    os.kill(pid, sig)
     if sig != signal.SIGKILL:
         time.sleep(0.3)  # the handler records the signal; then the run may leave the pause and act on it
         marker.unlink()
-    out, err = proc.communicate(timeout=120)
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    # output goes to files, not pipes: a killed run's loader workers would hold a pipe open until they notice
+    _, status = os.waitpid(pid, 0)
+    marker.unlink(missing_ok=True)
+    return Stopped(os.waitstatus_to_exitcode(status), logs[0].read_text(), logs[1].read_text())
+
+
+def _child(argv: list[str], pause_at: str, marker: Path, logs: tuple[Path, Path]) -> None:
+    code = 1
+    try:
+        os.environ.update({PAUSE_ENV: pause_at, PAUSE_MARKER_ENV: str(marker)})
+        for fd, path in zip((1, 2), logs, strict=True):
+            os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
+        sys.stdout, sys.stderr = open(1, "w", closefd=False), open(2, "w", closefd=False)  # noqa: SIM115
+        code = main(argv)
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        sys.stdout.flush(), sys.stderr.flush()
+        os._exit(code)
 
 
 def _rows(run_dir: Path) -> list[dict[str, str]]:
@@ -76,13 +123,17 @@ def _rows(run_dir: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-def _assert_same_run(a: Path, b: Path) -> None:
+def _assert_same_run(a: Path, b: Path, epochs: int = 3) -> None:
     """Every epoch's train/val metrics and LRs, the final weights and the test accuracy match."""
     ra, rb = _rows(a), _rows(b)
-    assert [r["epoch"] for r in rb] == [r["epoch"] for r in ra] == ["1", "2", "3"]
+    assert [r["epoch"] for r in rb] == [r["epoch"] for r in ra] == [str(e + 1) for e in range(epochs)]
     for x, y in zip(ra, rb, strict=True):
         for key in [k for k in x if k.startswith(("train_", "val_", "lr/"))]:
             assert float(y[key]) == pytest.approx(float(x[key]), rel=1e-6, abs=1e-9), (x["epoch"], key)
+    _assert_same_weights_and_test(a, b)
+
+
+def _assert_same_weights_and_test(a: Path, b: Path) -> None:
     wa, wb = checkpoint.load(a / "last.pt")["state_dict"], checkpoint.load(b / "last.pt")["state_dict"]
     for key in wa:
         torch.testing.assert_close(wb[key], wa[key], rtol=0, atol=1e-6, msg=key)
@@ -127,28 +178,99 @@ def test_a_killed_run_resumes_or_restarts_to_the_uninterrupted_metrics(data, uni
 
 # --- SIGTERM (cluster preemption) and SIGINT: saved where the run stood, one line, 143 / 130 ------------------------
 
+AT_ONCE = ("outside a training step (nothing new saved); --resume continues a run that finished an epoch, the same "
+           "command restarts one that did not")  # fmt: skip
 STOPS = [
-    pytest.param(signal.SIGTERM, "step#4", "off", "at epoch 1, step 4", id="sigterm-mid-epoch"),
-    pytest.param(signal.SIGTERM, "cache", "auto", "", id="sigterm-cache-build"),
-    pytest.param(signal.SIGINT, "step#7", "auto", "at epoch 2, step 2", id="sigint-mid-epoch-cached"),
+    pytest.param(
+        signal.SIGTERM,
+        "step#4",
+        "off",
+        4,
+        "SIGTERM at step 4/5 of epoch 1 (saved in last.pt); continue with --resume",
+        id="sigterm-mid-epoch",
+    ),  # fmt: skip
+    pytest.param(signal.SIGTERM, "cache", "auto", None, f"SIGTERM {AT_ONCE}", id="sigterm-cache-build"),
+    pytest.param(
+        signal.SIGINT,
+        "step#7",
+        "auto",
+        2,
+        "SIGINT at step 2/5 of epoch 2 (saved in last.pt); continue with --resume",
+        id="sigint-mid-epoch-cached",
+    ),  # fmt: skip
 ]
 
 
-@pytest.mark.parametrize(("sig", "pause_at", "cache", "where"), STOPS)
+@pytest.mark.parametrize(("sig", "pause_at", "cache", "step", "line"), STOPS)
 def test_a_stopped_run_saves_its_place_and_resumes_to_the_uninterrupted_metrics(data, uninterrupted, tmp_path, capsys,
-                                                                                sig, pause_at, cache, where):  # fmt: skip
+                                                                                sig, pause_at, cache, step, line):  # fmt: skip
     out = tmp_path / "run"
     stopped = _stopped_run(_argv(data, out, cache), pause_at, sig, tmp_path)
     assert stopped.returncode == 128 + sig, stopped.stderr
-    lines = stopped.stderr.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in stopped.stderr, stopped.stderr
-    assert lines[0].startswith("freezetune: stopped by SIG") and "--resume" in lines[0] and where in lines[0]
-    if where:  # stopped in the training loop: last.pt holds that step, not a finished epoch
+    assert stopped.stderr == f"freezetune: stopped by {line}\n"  # one line, no traceback
+    if step:  # stopped in the training loop: last.pt holds that step, not a finished epoch
         last, rows = checkpoint.load(out / "last.pt"), _rows(out) if (out / "metrics.csv").exists() else []
-        assert last["progress"]["step"] == int(where.rsplit(" ", 1)[1]) and len(rows) == last["epoch"]
+        assert last["progress"]["step"] == step and len(rows) == last["epoch"]
     code, _, err = run_cli(capsys, *_argv(data, out, cache, "--resume"))
     assert code == 0, err
     _assert_same_run(uninterrupted[cache], out)
+
+
+# --- the auto recipe: trials, recipe.json, then the final run -------------------------------------------------------
+# Compared by the final weights, the test split and the trials' scores: not by the final run's val columns, which
+# depend on how the final run uses the validation images.
+
+
+def _assert_same_auto_run(a: Path, b: Path) -> None:
+    ra, rb = (json.loads((d / "recipe.json").read_text()) for d in (a, b))
+    assert [t["val_acc"] for t in rb["trials"]] == [t["val_acc"] for t in ra["trials"]]
+    assert {k: rb["choice"][k] for k in ("freeze", "lr", "epochs")} == {
+        k: ra["choice"][k] for k in ("freeze", "lr", "epochs")
+    }
+    assert checkpoint.load(b / "last.pt")["epoch"] == checkpoint.load(a / "last.pt")["epoch"] == 2
+    _assert_same_weights_and_test(a, b)
+
+
+def test_an_auto_run_killed_during_a_trial_restarts_its_trials_to_the_uninterrupted_result(data, uninterrupted_auto,
+                                                                                           tmp_path, capsys):  # fmt: skip
+    out = tmp_path / "run"
+    # the first step of the second trial: the first trial finished (its metrics kept, the features cached)
+    killed = _stopped_run(_auto_argv(data, out), f"step#{TRIAL_STEPS + 1}", signal.SIGKILL, tmp_path)
+    assert killed.returncode == -signal.SIGKILL
+    trials = out / "auto-trials"
+    assert (
+        sorted(p.name for p in trials.iterdir()) == ["last-1", "last-2"]
+        and (trials / "last-1" / "metrics.csv").exists()
+    )
+    assert not (out / "recipe.json").exists() and not (out / "last.pt").exists()
+    code, stdout, err = run_cli(capsys, *_auto_argv(data, out))  # the same command: no --resume, no --overwrite
+    assert code == 0, err
+    assert (
+        f"{out}: the run there stopped before it finished an epoch (no last.pt): starting it afresh (cleared auto-trials)"
+        in stdout
+    )
+    _assert_same_auto_run(uninterrupted_auto, out)
+    assert _no_temp_files(out)
+
+
+def test_an_auto_run_killed_in_its_final_run_resumes_with_the_saved_decision(
+    data, uninterrupted_auto, tmp_path, capsys
+):
+    out = tmp_path / "run"
+    # the final run's second step: recipe.json written, no epoch finished
+    killed = _stopped_run(_auto_argv(data, out), f"step#{3 * TRIAL_STEPS + 2}", signal.SIGKILL, tmp_path)
+    assert killed.returncode == -signal.SIGKILL
+    assert (out / "recipe.json").exists() and not (out / "last.pt").exists()
+    decision = snapshot(out / "auto-trials") | {"recipe.json": (out / "recipe.json").read_bytes()}
+    # --resume keeps the decision and restarts the final run; killed again with epoch 2's last.pt not yet renamed
+    killed = _stopped_run(_auto_argv(data, out, "--resume"), "rename:last.pt#2", signal.SIGKILL, tmp_path)
+    assert killed.returncode == -signal.SIGKILL and "auto: choosing" not in killed.stdout
+    assert checkpoint.load(out / "last.pt")["epoch"] == 1
+    code, stdout, err = run_cli(capsys, *_auto_argv(data, out, "--resume"))
+    assert code == 0 and "resumed" in stdout, err
+    assert snapshot(out / "auto-trials") | {"recipe.json": (out / "recipe.json").read_bytes()} == decision
+    _assert_same_auto_run(uninterrupted_auto, out)
+    assert _no_temp_files(out)
 
 
 # --- the run dir's states, in-process -------------------------------------------------------------------------------

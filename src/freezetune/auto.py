@@ -35,6 +35,7 @@ from pathlib import Path
 
 from freezetune._io import atomic_write_text
 from freezetune.config import TrainConfig, needs_validation
+from freezetune.interrupt import RunInterrupted
 from freezetune.options import parse_duration
 
 MAX_TRAINED_STAGES = 3  # candidates train the last 1, 2 or 3 stages (and the head)
@@ -111,7 +112,11 @@ def _trial(base: TrainConfig, k: int, out: Path, train: Callable, echo: Callable
         out=str(out / TRIALS_DIR / f"last-{k}"),
     )  # fmt: skip
     shutil.rmtree(trial_cfg.out, ignore_errors=True)  # a trial of an interrupted earlier attempt: start it afresh
-    result = train(trial_cfg, echo=_indented(echo))
+    try:
+        result = train(trial_cfg, echo=_indented(echo))
+    except RunInterrupted as exc:  # the trial's last.pt is not the run's: say what a re-run does instead
+        raise RunInterrupted.by(exc.signum, f"during the trial of the last {k} stage(s) (trials are not resumed); the "
+                                "same command, with or without --resume, starts them again") from None  # fmt: skip
     for name in ("best.pt", "last.pt"):  # the weights are not needed again; the metrics stay as evidence
         (result.run_dir / name).unlink(missing_ok=True)
     row = result.history[-1] if result.history else {}

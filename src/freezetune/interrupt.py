@@ -25,6 +25,9 @@ STOP_SIGNALS = {signal.SIGTERM: "SIGTERM", signal.SIGINT: "SIGINT"}
 PAUSE_ENV = "FREEZETUNE_TEST_PAUSE_AT"
 PAUSE_MARKER_ENV = "FREEZETUNE_TEST_PAUSE_MARKER"
 _pauses_reached: dict[str, int] = {}
+# Stopped at once (set-up, cache build, final test; any moment under DDP): the saved state is whatever the run dir held.
+OUTSIDE_A_STEP = ("outside a training step (nothing new saved); --resume continues a run that finished an epoch, the same "
+                  "command restarts one that did not")  # fmt: skip
 
 
 class RunInterrupted(KeyboardInterrupt):
@@ -38,6 +41,15 @@ class RunInterrupted(KeyboardInterrupt):
     def __init__(self, signum: int, message: str) -> None:
         super().__init__(message)
         self.signum = signum
+
+    @classmethod
+    def by(cls, signum: int, how: str) -> RunInterrupted:
+        """The one line a stop prints: which signal, where it stopped and what is saved, and how to go on.
+
+        >>> str(RunInterrupted.by(signal.SIGINT, "after epoch 2 (saved in last.pt); continue with --resume"))
+        'stopped by SIGINT after epoch 2 (saved in last.pt); continue with --resume'
+        """
+        return cls(signum, f"stopped by {STOP_SIGNALS.get(signum, str(signum))} {how}")
 
     @property
     def exit_code(self) -> int:
@@ -68,8 +80,8 @@ class StopRequest:
         return STOP_SIGNALS.get(self.signum, str(self.signum))
 
     def interrupted(self, where: str) -> RunInterrupted:
-        """The exception that ends the run after the recorded signal; ``where`` says what ``last.pt`` holds."""
-        return RunInterrupted(self.signum, f"stopped by {self.name} {where}; continue with --resume")
+        """The exception that ends the run after the recorded signal; ``where`` says where and what ``last.pt`` holds."""
+        return RunInterrupted.by(self.signum, f"{where}; continue with --resume")
 
     @contextmanager
     def listening(self, *, defer: bool) -> Iterator[StopRequest]:
@@ -94,8 +106,7 @@ class StopRequest:
             return
         # not in the training loop, or a second signal: a user pressing Ctrl-C twice does not want to wait
         self.signum = signum
-        raise RunInterrupted(signum, f"stopped by {self.name}; the run dir keeps every finished epoch and "
-                             "--resume continues it (a run that finished none restarts)")  # fmt: skip
+        raise RunInterrupted.by(signum, OUTSIDE_A_STEP)
 
 
 def pause_point(name: str) -> None:

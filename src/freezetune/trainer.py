@@ -236,7 +236,7 @@ class Trainer:
                 checkpoint.save_epoch(self.run_dir, record, self.state, self.progress, self.steps_per_epoch, row=row,
                                       improved=improved)  # fmt: skip
             if self.stop.requested:  # the signal came during validation or the save
-                raise self.stop.interrupted(f"after epoch {epoch + 1} (last.pt holds it)")
+                raise self.stop.interrupted(f"after epoch {epoch + 1} (saved in last.pt)")
             if cfg.early_stop and self.progress.bad_epochs >= cfg.early_stop:
                 self.echo(f"early stop: {cfg.monitor} did not improve for {cfg.early_stop} epochs")
                 break
@@ -331,8 +331,10 @@ class Trainer:
             checkpoint.save_last(self.run_dir / checkpoint.LAST, record, self.state, self.progress,
                                  self.steps_per_epoch)  # fmt: skip
         if self.stop.requested:
-            held = f"step {step}/{meter.total} of epoch {epoch + 1}" if not meter.diverged else "its last save"
-            raise self.stop.interrupted(f"at epoch {epoch + 1}, step {step} (last.pt holds {held})")
+            saved = (
+                "not saved: a non-finite step; last.pt holds the last save" if meter.diverged else "saved in last.pt"
+            )
+            raise self.stop.interrupted(f"at step {step}/{meter.total} of epoch {epoch + 1} ({saved})")
 
     def _optimize(self, loss: torch.Tensor) -> None:
         optimizer, scaler = self.state.optimizer, self.state.scaler
