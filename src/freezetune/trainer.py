@@ -105,20 +105,8 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, *, echo=print) -> None:
         validate(cfg)
-        self.cfg, self.dist = cfg, init_from_env(cfg.device)
-        self.echo = echo if self.dist.is_main else _quiet
-        self.device = resolve_device(device_for(self.dist, cfg.device))
-        self.precision = resolve_precision(self.device, cfg.amp)
-        if cfg.save_every_steps and self.dist.enabled:  # rank 0's running totals and RNG are not the other ranks'
-            raise ConfigError("save_every_steps is not supported under torchrun (DDP): last.pt is saved per epoch")
-        self.stop = StopRequest()
-        # decided once, by rank 0: a timestamped default name must not differ between ranks
-        self.run_dir = broadcast(runtime.prepare_run_dir(cfg.out, cfg.model, resume=cfg.resume,
-                                                         clean=self.dist.is_main, echo=self.echo), self.dist)  # fmt: skip
-        barrier(self.dist)  # every rank checked the run dir before rank 0 writes into it
-        # a --resume of a run stopped before its first last.pt starts it afresh (prepare_run_dir said so)
-        self.resuming = cfg.resume and (self.run_dir / checkpoint.LAST).is_file()
-        runtime.seed_everything(cfg.seed)
+        self.cfg = cfg
+        self._process(echo)
         self.model, self.preprocess = create_model(cfg.model, cfg.weights, img_size=cfg.img_size)
         self.preprocess = self.preprocess or text_preprocess(cfg.model)  # a Hugging Face text model: its tokenizer
         self.data = build_datasets(cfg.data, val_data=cfg.val_data, val_split=cfg.val_split, per_class=cfg.per_class,
@@ -155,6 +143,24 @@ class Trainer:
             atomic_write_text(self.run_dir / "classes.json", json.dumps(self.classes, indent=1))
             if self.data.skipped:  # what --skip-bad left out stays on record with the run
                 atomic_write_text(self.run_dir / SKIPPED, "\n".join(self.data.skipped) + "\n")
+
+    def _process(self, echo) -> None:
+        """Set-up step 1: the torchrun group, device, precision, run directory (checked; created later) and seeds."""
+        cfg = self.cfg
+        self.dist = init_from_env(cfg.device)
+        self.echo = echo if self.dist.is_main else _quiet
+        self.device = resolve_device(device_for(self.dist, cfg.device))
+        self.precision = resolve_precision(self.device, cfg.amp)
+        if cfg.save_every_steps and self.dist.enabled:  # rank 0's running totals and RNG are not the other ranks'
+            raise ConfigError("save_every_steps is not supported under torchrun (DDP): last.pt is saved per epoch")
+        self.stop = StopRequest()
+        # decided once, by rank 0: a timestamped default name must not differ between ranks
+        self.run_dir = broadcast(runtime.prepare_run_dir(cfg.out, cfg.model, resume=cfg.resume,
+                                                         clean=self.dist.is_main, echo=self.echo), self.dist)  # fmt: skip
+        barrier(self.dist)  # every rank checked the run dir before rank 0 writes into it
+        # a --resume of a run stopped before its first last.pt starts it afresh (prepare_run_dir said so)
+        self.resuming = cfg.resume and (self.run_dir / checkpoint.LAST).is_file()
+        runtime.seed_everything(cfg.seed)
 
     def _batch_size(self) -> int:
         if self.cfg.batch_size != BATCH_AUTO:
