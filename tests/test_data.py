@@ -96,15 +96,23 @@ def test_idx_val_split_and_per_class_never_overlap(tmp_path):
     assert len(b.test) == 20
 
 
-def test_refit_trains_on_exactly_the_trials_training_and_held_out_images(tmp_path):
-    root = str(make_idx_dir(tmp_path / "mnist", n_train=200))
-    held = build_datasets(root, per_class=5, seed=1, preprocess=PRE)
-    refit = build_datasets(root, per_class=5, seed=1, preprocess=PRE, refit=True)
+@pytest.mark.parametrize("per_class", [None, 20])
+def test_refit_trains_on_exactly_the_trials_training_and_held_out_images(tmp_path, per_class):
+    root = str(make_idx_dir(tmp_path / "mnist", n_train=200))  # 20 a class: 2 held out, 18 train
+    held = build_datasets(root, per_class=per_class, seed=1, preprocess=PRE)
+    refit = build_datasets(root, per_class=per_class, seed=1, preprocess=PRE, refit=True)
     assert refit.val is None and "train too (refit" in refit.val_source and len(refit.test) == 20
     # the trials' training images (per_class drawn after the hold-out), then the images they were scored on
     assert torch.equal(refit.train.images, torch.cat([held.train.images, held.val.images]))
     assert torch.equal(refit.train.targets, torch.cat([held.train.targets, held.val.targets]))
-    assert refit.train.parts[0].images.shape[0] == 50 and refit.train.transform is not None
+    assert refit.train.parts[0].images.shape[0] == 180 and refit.train.transform is not None
+
+
+def test_refit_keeps_validation_it_did_not_hold_out_or_beyond_per_class(tmp_path):
+    # held out of a larger pool than the few-shot budget, the validation images are not the user's training data
+    root = str(make_idx_dir(tmp_path / "mnist", n_train=200))
+    few = build_datasets(root, per_class=5, seed=1, preprocess=PRE, refit=True)
+    assert (len(few.train), len(few.val)) == (50, 20) and "not refit" in few.val_source
     # a validation set the user gave is theirs: refit joins only the automatic hold-out
     make_folder(tmp_path / "f" / "train", 4)
     make_folder(tmp_path / "f" / "val", 2)

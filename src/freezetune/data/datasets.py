@@ -10,6 +10,7 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from torch.utils.data import Dataset
 
 from freezetune.data.folder import read_csv, scan_folder
@@ -135,6 +136,18 @@ def _validation(train: Dataset, val: Dataset | None, *, val_data: str | None, va
                         f"{AUTO_VAL_MAX_PER_CLASS} each); the test split is only scored at the end")  # fmt: skip
 
 
+def _refit(train: Dataset, val: Dataset, val_source: str, per_class: int | None) -> tuple[Dataset, Dataset | None, str]:
+    """The automatic hold-out joins the training set, after ``per_class`` (the trials' train, then their val) — unless
+    that would train on more than ``per_class`` images of a class: the held-out images then came from outside the
+    few-shot budget the user set, and stay validation."""
+    joined = torch.bincount(torch.cat([train.targets, val.targets]), minlength=len(train.classes))
+    if per_class is not None and int(joined.max()) > per_class:
+        return train, val, f"{val_source} (not refit: that would train on more than per_class={per_class} a class)"
+    source = (f"none: the {len(val)} images held out for validation train too (refit: the auto recipe has chosen); "
+              "best.pt is the last epoch; the test split is only scored at the end")  # fmt: skip
+    return train.joined(val), None, source
+
+
 def _take_per_class(train: Dataset, per_class: int, seed: int) -> Dataset:
     idx, counts = per_class_indices(train.targets, per_class, seed)
     short = {train.classes[c]: n for c, n in counts.items() if n < per_class}
@@ -218,10 +231,7 @@ def build_datasets(
     if per_class is not None:
         train = _take_per_class(train, per_class, seed)
     if refit and val is not None and val_source.startswith(_HELD_OUT):
-        # the automatic hold-out joins the training set (after per_class, so it is the trials' train + val)
-        n, train, val = len(val), train.joined(val), None
-        val_source = (f"none: the {n} images held out for validation train too (refit: the auto recipe has chosen); "
-                      "best.pt is the last epoch; the test split is only scored at the end")  # fmt: skip
+        train, val, val_source = _refit(train, val, val_source, per_class)
     present = sorted({int(t) for t in train.targets.tolist()})
     if len(present) < 2:
         raise DataError(f"'{data}' has training images of {len(present)} class(es) "
