@@ -394,3 +394,39 @@ def test_skip_nonfinite_skips_a_bounded_number_of_bad_batches_per_epoch(data, tm
     assert last["epoch"] == 2  # the skipped batch made no step: epoch 2's weights are finite and were kept
     assert all(torch.isfinite(v).all() for v in last["state_dict"].values() if v.is_floating_point())
     assert (tmp_path / "run" / "best.pt").is_file()
+
+
+@pytest.mark.parametrize("fails", [False, True], ids=["returned", "raised"])
+def test_no_loader_worker_outlives_the_run(tmp_path, monkeypatch, fails):
+    # a notebook calls train() again and again: a loader kept by a reference cycle (or by the traceback of a run that
+    # raised) kept its workers until the garbage collector ran, which then waited 5 s on each before killing it. The
+    # collector is off here: the run itself must stop every worker it started.
+    import gc
+    import multiprocessing
+
+    data = make_image_folder(tmp_path / "images", train=4, val=2, test=2)  # 3 steps an epoch
+    # no workers set: the default (2 processes for image files) is what a notebook gets
+    cfg = TrainConfig(model="timm:test_efficientnet", weights="none", data=str(data), img_size=32, epochs=2,
+                      batch_size=4, device="cpu", progress=False, tensorboard=False, cache="off", freeze="-3",
+                      out=str(tmp_path / "run"))  # fmt: skip
+    if fails:  # at the second epoch's first step, with the validation loader's workers running
+        steps = []
+
+        def step_four_fails(at: str) -> None:
+            steps.append(at)
+            if len(steps) == 4:
+                raise ZeroDivisionError
+
+        monkeypatch.setattr(trainer, "pause_point", step_four_fails)
+    before = set(multiprocessing.active_children())
+    gc.disable()
+    try:
+        if fails:
+            with pytest.raises(ZeroDivisionError):  # pytest keeps the traceback, and with it the run's frames
+                trainer.train(cfg, echo=lambda *_: None)
+        else:
+            trainer.train(cfg, echo=lambda *_: None)
+        left = set(multiprocessing.active_children()) - before
+    finally:
+        gc.enable()
+    assert not left, f"{len(left)} loader worker(s) still running after train() {'raised' if fails else 'returned'}"

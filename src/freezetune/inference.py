@@ -18,7 +18,7 @@ from torch.utils.data import Dataset
 from freezetune import checkpoint as ckpt
 from freezetune._io import atomic_write_text
 from freezetune.config import TrainConfig
-from freezetune.data.loaders import Loaders
+from freezetune.data.loaders import Loaders, close_loader
 from freezetune.errors import DataError
 from freezetune.evaluate import evaluate, predict_probs
 from freezetune.options import check, positive_int_problem
@@ -83,8 +83,12 @@ def evaluate_model(
     if loaders is None:
         loaders = Loaders(batch_size=batch_size, device=precision.device, seed=0, preprocess=Preprocess(),
                           decode="cpu", workers=workers)  # fmt: skip
-    return evaluate(model, loaders.eval(dataset, shard=shard), precision, num_classes=num_classes,
-                    channels_last=channels_last, dist=loaders.dist if shard else None)  # fmt: skip
+    batches = loaders.eval(dataset, shard=shard)
+    try:
+        return evaluate(model, batches, precision, num_classes=num_classes, channels_last=channels_last,
+                        dist=loaders.dist if shard else None)  # fmt: skip
+    finally:  # an error's traceback keeps this frame, and the loader's persistent workers with it: stop them now
+        close_loader(batches)
 
 
 def evaluate_checkpoint(

@@ -220,6 +220,7 @@ class Trainer:
                 self._epochs()
         finally:  # Ctrl-C too: flush TensorBoard; metrics.csv and last.pt already hold every finished epoch
             self.metrics.close()
+            self.features.close()  # the loaders' workers stop with the run, not when the garbage collector frees them
         self.seconds["epochs"] = time.perf_counter() - start
         if self.dist.is_main:
             reporting.plot_report(self.run_dir / "metrics.csv", self.run_dir / "report.png")

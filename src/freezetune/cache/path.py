@@ -20,7 +20,7 @@ from freezetune.cache import disk
 from freezetune.cache.store import CacheInfo, FeatureStore, StoreLoader, build_store, placed_store
 from freezetune.data.datasets import DataBundle
 from freezetune.data.gpu import should_use_device_loader
-from freezetune.data.loaders import Loaders
+from freezetune.data.loaders import Loaders, close_loader
 from freezetune.data.transforms import eval_transform
 from freezetune.evaluate import evaluate
 from freezetune.precision import Precision
@@ -105,6 +105,13 @@ class FeaturePath:
                 self._val_images = self.loaders.eval(self.data.val)
             module, batches = self.train_module, self._val_images
         return evaluate(module, batches, precision, num_classes=num_classes, channels_last=self.channels_last)
+
+    def close(self) -> None:
+        """Stop the image loaders' worker processes (the validation loader keeps its own between epochs); a later
+        epoch or validation builds the loaders again."""
+        for batches in (self._images, self._val_images):
+            close_loader(batches)
+        self._images = self._val_images = None
 
     @property
     def _pin(self) -> bool:

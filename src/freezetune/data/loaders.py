@@ -153,6 +153,24 @@ class CpuLoader:
     def __iter__(self) -> Iterator:
         return iter(self.loader)
 
+    def close(self) -> None:
+        """Stop the worker processes now; a later pass starts new ones.
+
+        A persistent ``DataLoader`` keeps its iterator, and with it its workers, until the loader itself is freed: a
+        reference cycle or a kept traceback puts that off until the garbage collector runs, which then waits 5 s on
+        each worker before killing it. torch has no public call for this; its iterator's own shutdown is the one it
+        runs when freed.
+        """
+        iterator, self.loader._iterator = self.loader._iterator, None
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()
+
+
+def close_loader(batches: Iterable) -> None:
+    """Stop the worker processes of a loader from ``Loaders`` (a device loader or a cached store has none)."""
+    if isinstance(batches, CpuLoader):
+        batches.close()
+
 
 def _seed_worker(worker_id: int) -> None:
     # torch seeds each worker from the loader's generator; derive numpy/random from it so any library is reproducible.
