@@ -70,6 +70,14 @@ def test_train_writes_every_run_file(run):
     assert "epoch 2/2" in stdout and "test accuracy" in stdout
 
 
+def test_eval_of_best_pt_reproduces_the_runs_test_metrics_to_the_last_digit(run, data):
+    # the run scored its test split in its own memory format (channels_last for a convnet); eval rebuilds it the same
+    run_dir, _ = run
+    again = ft.evaluate_checkpoint(run_dir / "best.pt", str(data), device="cpu")
+    assert again.pop("classes") == sorted(CLASSES)
+    assert again == json.loads((run_dir / "test_metrics.json").read_text())
+
+
 def test_metrics_csv_has_one_row_per_epoch_with_every_column(run):
     rows = _metrics_rows(run[0])
     assert [r["epoch"] for r in rows] == ["1", "2"]

@@ -24,6 +24,7 @@ from freezetune.evaluate import evaluate, predict_probs
 from freezetune.options import check, positive_int_problem
 from freezetune.precision import Precision, resolve_device, resolve_precision
 from freezetune.preprocess import Preprocess
+from freezetune.runtime import use_channels_last
 
 _BATCH_SIZE = TrainConfig.batch_size  # the dataclass default: evaluation results do not depend on it, only speed
 
@@ -36,12 +37,15 @@ class LoadedModel:
     classes: list[str]
     preprocess: Preprocess
     precision: Precision
+    channels_last: bool = False  # the memory format the run trained and scored its test split in
 
 
 def load_model(checkpoint: str | Path | dict, device: str = "auto") -> LoadedModel:
     """Rebuild the model of a checkpoint (a path or a record from ``checkpoint.load``) on ``device``.
 
-    Inference runs in fp32 (AMP off), as the CLI always has: the numbers do not depend on the card.
+    Inference runs in fp32 (AMP off), as the CLI always has: the numbers do not depend on the card. The memory
+    format is the run's (``runtime.use_channels_last``), so ``eval`` of ``best.pt`` on the CPU reproduces the run's
+    ``test_metrics.json`` to the last digit.
 
     >>> loaded = load_model("runs/r50/best.pt", device="cpu")  # doctest: +SKIP
     >>> loaded.classes[:2]  # doctest: +SKIP
@@ -50,7 +54,9 @@ def load_model(checkpoint: str | Path | dict, device: str = "auto") -> LoadedMod
     record = checkpoint if isinstance(checkpoint, dict) else ckpt.load(checkpoint)
     model, pre = ckpt.build_model(record)
     precision = resolve_precision(resolve_device(device))
-    return LoadedModel(model.to(precision.device).eval(), list(record["classes"]), pre, precision)
+    channels_last = use_channels_last(record.get("config", {}).get("channels_last"), model, precision.device)
+    model.to(precision.device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
+    return LoadedModel(model.eval(), list(record["classes"]), pre, precision, channels_last)
 
 
 def evaluate_model(
@@ -111,7 +117,7 @@ def evaluate_checkpoint(
         dataset = build_eval_dataset(str(data), preprocess=loaded.preprocess, classes=loaded.classes)
     loaders = Loaders(batch_size=batch_size, device=loaded.precision.device, seed=0, preprocess=loaded.preprocess)
     result = evaluate_model(loaded.model, dataset, num_classes=len(loaded.classes), precision=loaded.precision,
-                            loaders=loaders)  # fmt: skip
+                            loaders=loaders, channels_last=loaded.channels_last)  # fmt: skip
     return {**result, "classes": loaded.classes}
 
 
