@@ -20,8 +20,8 @@ cheap to ask the data. The procedure, every step printed and written to ``recipe
    was held out automatically and nothing in the run needs it (no early stopping or plateau unfreezing), those images
    train too (``refit``; the run's ``best.pt`` is then its last epoch): the choice is made, and 10 % more data is worth
    more than a score nobody acts on. With ``per_class`` they join only if no class then exceeds it (held out of a
-   larger pool, they are not the user's few-shot data). ``--val-split``, ``--val-data`` or ``--no-refit`` keep a validation set. The
-   trials' metrics stay in ``auto-trials/``.
+   larger pool, they are not the user's few-shot data). ``--val-split``, ``--val-data`` or ``--no-refit`` keep a
+   validation set. The trials' metrics stay in ``auto-trials/``.
 """
 
 from __future__ import annotations
@@ -107,8 +107,8 @@ def _trial(base: TrainConfig, k: int, out: Path, train: Callable, echo: Callable
     """Train candidate ``k`` for one short epoch and score it on the validation split."""
     trial_cfg = dataclasses.replace(
         base, freeze=-(k + 1), lr=candidate_lr(base.lr, k), epochs=1, epoch_fraction=TRIAL_FRACTION,
-        warmup_epochs=0.0, early_stop=None, unfreeze=None, final_test=False, tensorboard=False, resume=False, refit=False,
-        out=str(out / TRIALS_DIR / f"last-{k}"),
+        warmup_epochs=0.0, early_stop=None, unfreeze=None, final_test=False, tensorboard=False, resume=False,
+        refit=False, out=str(out / TRIALS_DIR / f"last-{k}"),
     )  # fmt: skip
     shutil.rmtree(trial_cfg.out, ignore_errors=True)  # a trial of an interrupted earlier attempt: start it afresh
     try:

@@ -199,8 +199,8 @@ def validate(cfg: TrainConfig) -> None:
         problem = positive_int_problem("batch_size", cfg.batch_size)
         problems.append(problem and f"{problem} (or {BATCH_AUTO!r})")
     problems.append(non_negative_int_problem("skip_nonfinite", cfg.skip_nonfinite))
-    problems += [positive_int_problem(name, getattr(cfg, name)) for name in ("per_class", "early_stop", "save_every_steps")
-                 if getattr(cfg, name) is not None]  # fmt: skip
+    optional = ("per_class", "early_stop", "save_every_steps")
+    problems += [positive_int_problem(name, getattr(cfg, name)) for name in optional if getattr(cfg, name) is not None]
     if cfg.val_split is not None:
         problems.append(fraction_problem("val_split", cfg.val_split))
     if cfg.epoch_fraction != 1:

@@ -26,8 +26,8 @@ PAUSE_ENV = "FREEZETUNE_TEST_PAUSE_AT"
 PAUSE_MARKER_ENV = "FREEZETUNE_TEST_PAUSE_MARKER"
 _pauses_reached: dict[str, int] = {}
 # Stopped at once (set-up, cache build, final test; any moment under DDP): the saved state is whatever the run dir held.
-OUTSIDE_A_STEP = ("outside a training step (nothing new saved); --resume continues a run that finished an epoch, the same "
-                  "command restarts one that did not")  # fmt: skip
+OUTSIDE_A_STEP = ("outside a training step (nothing new saved); --resume continues a run that finished an epoch, "
+                  "the same command restarts one that did not")  # fmt: skip
 
 
 class RunInterrupted(KeyboardInterrupt):
@@ -80,7 +80,7 @@ class StopRequest:
         return STOP_SIGNALS.get(self.signum, str(self.signum))
 
     def interrupted(self, where: str) -> RunInterrupted:
-        """The exception that ends the run after the recorded signal; ``where`` says where and what ``last.pt`` holds."""
+        """The exception that ends the run after the recorded signal; ``where``: where, and what ``last.pt`` holds."""
         return RunInterrupted.by(self.signum, f"{where}; continue with --resume")
 
     @contextmanager

@@ -33,8 +33,8 @@ def prepare_run_dir(out: str | None, model: str, *, resume: bool, clean: bool = 
     A run that finished an epoch (it has ``last.pt``) is refused unless ``resume``. One stopped before that is
     started afresh, with or without ``resume``: what it left (a partial ``metrics.csv``, a ``best.pt`` not yet
     followed by ``last.pt``, a disk cache, and ``also_clear``: a recipe's own files) is cleared, said in one line.
-    ``resume`` of a directory that does not exist, or holds only other files, is refused. Temporary files that killed writers left are
-    removed. ``clean``: do the clearing (rank 0 alone under DDP; the other ranks only check).
+    ``resume`` of a directory that does not exist, or holds only other files, is refused. Temporary files that killed
+    writers left are removed. ``clean``: do the clearing (rank 0 alone under DDP; the other ranks only check).
 
     Not created here: a set-up error (unknown model, bad data path) must not leave an empty run dir behind;
     ``MetricsLogger`` creates it once the model and data are ready.

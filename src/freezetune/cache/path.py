@@ -177,7 +177,7 @@ class FeaturePath:
         """The stores of each part of a joined dataset, one after the other (the auto recipe's refit reads the
         trials' training and validation stores this way), or None if one is not stored."""
         keys = [disk.store_key(split, part, **how) for part in parts]
-        found = [disk.load(self.cache_dir, key) for key in keys if key is not None]
-        if len(found) < len(parts) or any(f is None for f in found):
+        found = [disk.load(self.cache_dir, key) if key is not None else None for key in keys]
+        if any(f is None for f in found):
             return None
         return torch.cat([f[0] for f in found], dim=1), torch.cat([f[1] for f in found])

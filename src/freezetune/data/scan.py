@@ -72,7 +72,8 @@ def check_images(ds, what: str, *, skip_bad: bool, hint: str = _HINT) -> tuple[o
         named = ", ".join(f"'{path}' ({why})" for path, why in bad[:_NAMED])
         more = f" and {len(bad) - _NAMED} more" if len(bad) > _NAMED else ""
         raise DataError(f"{len(bad)} of {len(ds)} {what} image file(s) cannot be read: {named}{more}; {hint}")
-    skipped = {path for path, _ in bad}
-    keep = [i for i, (path, _) in enumerate(ds.samples) if path not in skipped]
-    log.warning("skipping %d unreadable %s image file(s), first: %s", len(bad), what, bad[0][0])
-    return FileImageDataset([ds.samples[i] for i in keep], ds.classes, ds.transform), [path for path, _ in bad]
+    skipped = [path for path, _ in bad]
+    left_out = set(skipped)
+    keep = [i for i, (path, _) in enumerate(ds.samples) if path not in left_out]
+    log.warning("skipping %d unreadable %s image file(s), first: %s", len(bad), what, skipped[0])
+    return ds.select(keep, ds.transform), skipped
