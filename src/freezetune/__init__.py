@@ -20,6 +20,7 @@ _LAZY = {
     "cache_features": "freezetune.cache",
     "store_loader": "freezetune.cache",
     "TrainConfig": "freezetune.config",
+    "use_fast_depthwise": "freezetune.depthwise",
     "train": "freezetune.trainer",
     **dict.fromkeys(
         ("evaluate_checkpoint", "evaluate_model", "load_model", "predict_files", "write_evaluation"),
@@ -60,5 +61,6 @@ __all__ = [
     "summary",
     "train",
     "unfreeze",
+    "use_fast_depthwise",
     "write_evaluation",
 ]

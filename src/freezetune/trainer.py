@@ -22,6 +22,7 @@ from freezetune._io import atomic_write_text
 from freezetune.cache import FeaturePath
 from freezetune.config import TrainConfig, parse_freeze_spec, validate
 from freezetune.data import Loaders, build_datasets
+from freezetune.depthwise import use_fast_depthwise
 from freezetune.distributed import (
     all_reduce_sum,
     barrier,
@@ -119,6 +120,8 @@ class Trainer:
         freeze(self.model, parse_freeze_spec(cfg.freeze), bn=cfg.bn)
         self.channels_last = runtime.use_channels_last(cfg.channels_last, self.model, self.device)
         self.model.to(self.device, memory_format=torch.channels_last if self.channels_last else torch.preserve_format)
+        if self.device.type == "cpu" and not cfg.compile:  # the native weight gradient of a depthwise layer is slow
+            use_fast_depthwise(self.model)
         # --batch-size auto becomes a number here, once, for every rank; config.yaml and checkpoints keep the number
         self.cfg = cfg = dataclasses.replace(cfg, batch_size=self._batch_size())
         self.loaders = Loaders(batch_size=cfg.batch_size, device=self.device, seed=cfg.seed, preprocess=self.preprocess,
