@@ -1,4 +1,5 @@
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -108,8 +109,11 @@ def test_a_cpu_run_trains_with_the_fast_layers_and_saves_plain_weights(tmp_path)
     cfg = TrainConfig(model="timm:test_efficientnet", weights="none", img_size=32, device="cpu", workers=0,
                       batch_size=4, cache="off", data=str(data), out=str(tmp_path / "run"), epochs=1, freeze="none",
                       progress=False, tensorboard=False)  # fmt: skip
-    trainer = Trainer(cfg, echo=lambda _line: None)
-    assert any(isinstance(m, FastDepthwiseConv2d) for m in trainer.model.modules())
+    lines = []
+    trainer = Trainer(dataclasses.replace(cfg, freeze=-3, cache="auto"), echo=lines.append)
+    assert any(isinstance(m, FastDepthwiseConv2d) and m.weight.requires_grad for m in trainer.model.modules())
+    # the switched layers are leaves of the fx trace: the frozen prefix is still cut off and cached
+    assert trainer.features.cached and any("cached at the input of blocks.3 (fx)" in line for line in lines), lines
     trainer.fit()
     model, _ = checkpoint.build_model(checkpoint.load(tmp_path / "run" / checkpoint.BEST))
     assert not any(isinstance(m, FastDepthwiseConv2d) for m in model.modules())  # a loaded model is plain

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx, nn
 
+from freezetune.depthwise import FastDepthwiseConv2d
 from freezetune.stages import stages
 
 log = logging.getLogger(__name__)
@@ -86,10 +87,11 @@ def _is_stochastic(m: nn.Module) -> bool:
 
 
 class _Tracer(fx.Tracer):
-    """Keep norm, dropout and timm's no-trace modules as leaves: they read ``self.training`` at run time."""
+    """Keep norm, dropout and timm's no-trace modules as leaves: they read ``self.training`` at run time. So is
+    ``FastDepthwiseConv2d``: it picks its backward by the input it gets and whether its weight trains."""
 
     def __init__(self) -> None:
-        leaves: tuple = (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd)
+        leaves: tuple = (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd, FastDepthwiseConv2d)
         autowrap: tuple = ()
         try:
             from timm.layers import DropPath
