@@ -239,8 +239,8 @@ def test_an_auto_run_killed_during_a_trial_restarts_its_trials_to_the_uninterrup
     assert killed.returncode == -signal.SIGKILL
     trials = out / "auto-trials"
     assert (
-        sorted(p.name for p in trials.iterdir()) == ["last-1", "last-2"]
-        and (trials / "last-1" / "metrics.csv").exists()
+        sorted(p.name for p in trials.iterdir()) == ["last-2", "last-3"]
+        and (trials / "last-2" / "metrics.csv").exists()
     )
     assert not (out / "recipe.json").exists() and not (out / "last.pt").exists()
     code, stdout, err = run_cli(capsys, *_auto_argv(data, out))  # the same command: no --resume, no --overwrite

@@ -96,15 +96,20 @@ def test_auto_measures_on_the_validation_split_and_keeps_its_evidence(data, tmp_
     lines = []
     result = trainer.train(_cfg(data, tmp_path / "auto", cache="auto", refit=refit), echo=lines.append)
     recipe = json.loads((tmp_path / "auto" / "recipe.json").read_text())
-    assert [t["trained_stages"] for t in recipe["trials"]] == [1, 2, 3]
+    assert [t["trained_stages"] for t in recipe["trials"]] == [2, 3, 4]
     assert all(0 <= t["val_acc"] <= 1 and sum(t["seconds"].values()) > 0 for t in recipe["trials"])
     choice = recipe["choice"]
     assert choice["freeze"] == -(choice["trained_stages"] + 1) and choice["epochs"] == 2 and choice["why"]
-    # three validation images cannot overturn the default of training the last two stages
-    assert [t["n_val"] for t in recipe["trials"]] == [3, 3, 3] and choice["trained_stages"] == 2
-    assert [t["lr"] for t in recipe["trials"]] == pytest.approx([1e-2, 1e-2, 2e-2 / 3])  # lr * 10 * min(1, 2 / k)
+    # three validation images cannot overturn the default of training the last three stages
+    assert [t["n_val"] for t in recipe["trials"]] == [3, 3, 3] and choice["trained_stages"] == 3
+    assert [t["lr"] for t in recipe["trials"]] == pytest.approx([1e-2, 2e-2 / 3, 5e-3])  # lr * 10 * min(1, 2 / k)
     final = checkpoint.load(tmp_path / "auto" / "last.pt")
     assert final["config"]["freeze"] == choice["freeze"] and final["config"]["lr"] == choice["lr"]
+    # the run starts from the chosen trial's weights; the other trials' weights are gone, their metrics kept
+    trials = tmp_path / "auto" / "auto-trials"
+    assert final["config"]["init"] == choice["init"] == str(trials / "last-3" / "best.pt")
+    assert (trials / "last-3" / "best.pt").is_file()
+    assert not any((trials / f"last-{k}" / name).exists() for k in (2, 4) for name in ("best.pt", "last.pt"))
     assert final["epoch"] == 2 and result.run_dir == tmp_path / "auto"
     # 3 trials of one epoch, each scored on the 3 held-out images; the 12 test images once, at the end. By default
     # the chosen run then trains on those 3 images too (refit: no validation); with refit off it validates on them
@@ -120,9 +125,8 @@ def test_auto_measures_on_the_validation_split_and_keeps_its_evidence(data, tmp_
     # reads the trials' training and validation stores one after the other)
     caches = [line for line in lines if "feature cache:" in line]
     assert len(caches) == 4 and "built" in caches[0] and all("read from" in line for line in caches[1:])
-    (trial,) = read_metrics(tmp_path / "auto" / "auto-trials" / "last-1" / "metrics.csv")
+    (trial,) = read_metrics(trials / "last-2" / "metrics.csv")
     assert round(trial["img_per_s"] * trial["epoch_time_s"]) == 20  # a trial trains on half of the 39 images
-    assert not (tmp_path / "auto" / "auto-trials" / "last-1" / "best.pt").exists()
     assert result.seconds["cache"] > 0 and result.seconds["epochs"] > 0
 
 

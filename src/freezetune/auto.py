@@ -4,24 +4,27 @@ Which block should train depends on the data (surgical fine-tuning, Lee et al. 2
 by tuning the last stages over frozen features, a larger one by tuning deeper. The frozen-prefix cache makes it
 cheap to ask the data. The procedure, every step printed and written to ``recipe.json`` in the run directory:
 
-1. Candidates: the last ``k`` stages and the head train, for ``k = 1 .. MAX_TRAINED_STAGES`` (fewer on a model with
-   fewer stages); everything before is frozen (BatchNorm frozen). All candidates share one feature cache, cut before
-   the deepest candidate's first trainable stage: the prefix runs once per image for all of them and for the run.
-   A partly frozen network takes larger steps than a whole one: candidate ``k`` trains at
-   ``lr * LR_BOOST * min(1, 2 / k)`` (1e-2, 1e-2, 6.7e-3 for the default lr 1e-3), which beat the full fine-tune's
+1. Candidates: the last ``k`` stages and the head train, for ``k = MIN_TRAINED_STAGES .. MAX_TRAINED_STAGES`` (2, 3
+   and 4; fewer on a model with fewer stages); everything before is frozen (BatchNorm frozen). All candidates share
+   one feature cache, cut before the deepest candidate's first trainable stage: the prefix runs once per image for all
+   of them and for the run. A partly frozen network takes larger steps than a whole one: candidate ``k`` trains at
+   ``lr * LR_BOOST * min(1, 2 / k)`` (1e-2, 6.7e-3, 5e-3 for the default lr 1e-3), which beat the full fine-tune's
    1e-3 on every dataset measured.
 2. Trials: each candidate trains one short epoch over a random ``TRIAL_FRACTION`` of the training set, with its LR
    schedule run to the end within it, and is scored on the validation split. The test split is never looked at.
-3. Choice: the last two stages (``DEFAULT_TRAINED_STAGES``, the best choice on every dataset measured), unless
-   another candidate beats them on the validation split by more than its noise (one standard error of the
-   difference of two accuracies on that many images): a small validation split does not get to overturn it.
+3. Choice: the last three stages (``DEFAULT_TRAINED_STAGES``), unless another candidate beats them on the validation
+   split by more than its noise (one standard error of the difference of two accuracies on that many images): a
+   small validation split does not get to overturn it. Trained for the whole run (3 epochs, 3 seeds, 100 images a
+   class), the last 3 were within a point of the best candidate on every dataset measured, and the last 1 (and the
+   head alone) 1.5-2.5 points below it: a half-epoch trial favours whatever learns fastest, which is not what ends best.
 4. The run: the chosen candidate trains for ``epochs`` epochs (with ``budget``: as many as the time left affords at
-   its measured pace, at least one) from the pretrained weights, reading the shared cache. When the validation set
-   was held out automatically and nothing in the run needs it (no early stopping or plateau unfreezing), those images
-   train too (``refit``; the run's ``best.pt`` is then its last epoch): the choice is made, and 10 % more data is worth
-   more than a score nobody acts on. With ``per_class`` they join only if no class then exceeds it (held out of a
-   larger pool, they are not the user's few-shot data). ``--val-split``, ``--val-data`` or ``--no-refit`` keep a
-   validation set. The trials' metrics stay in ``auto-trials/``.
+   its measured pace, at least one), reading the shared cache. It starts from its trial's weights, head included (as
+   LP-FT starts the fine-tune from a fitted head, Kumar et al. 2022): the trial's half epoch is not thrown away. When
+   the validation set was held out automatically and nothing in the run needs it (no early stopping or plateau
+   unfreezing), those images train too (``refit``; the run's ``best.pt`` is then its last epoch): the choice is made,
+   and 10 % more data is worth more than a score nobody acts on. With ``per_class`` they join only if no class then
+   exceeds it (held out of a larger pool, they are not the user's few-shot data). ``--val-split``, ``--val-data`` or
+   ``--no-refit`` keep a validation set. The trials' metrics stay in ``auto-trials/``, and the chosen one's weights.
 """
 
 from __future__ import annotations
@@ -39,13 +42,14 @@ from freezetune.config import TrainConfig, needs_validation
 from freezetune.interrupt import RunInterrupted
 from freezetune.options import parse_duration
 
-MAX_TRAINED_STAGES = 3  # candidates train the last 1, 2 or 3 stages (and the head)
+MIN_TRAINED_STAGES, MAX_TRAINED_STAGES = 2, 4  # candidates train the last 2, 3 or 4 stages (and the head)
 LR_BOOST = 10  # the learning rate of a candidate training k stages is lr * LR_BOOST * min(1, 2 / k)
-# a trial epoch trains on this share of the training set. Shorter trials cost less and choose worse: on Fashion-MNIST
-# (100/class, 64 px, 3 epochs, 3 seeds, refit) 0.35 chose the last 2 stages twice and reached 83.32 % in 16.5-23.0 s;
-# 0.5 chose the last 3 twice and reached 84.05 % in 17.7-23.8 s (the full fine-tune: 81.09 % in 42 s)
+# a trial epoch trains on this share of the training set. Shorter trials cost less and choose worse: with candidates
+# 1-3 and default 2, on Fashion-MNIST (100/class, 64 px, 3 epochs, 3 seeds, refit) 0.35 chose the last 2 stages twice
+# and reached 83.32 % in 16.5-23.0 s; 0.5 chose the last 3 twice and reached 84.05 % in 17.7-23.8 s (the full
+# fine-tune: 81.09 % in 42 s)
 TRIAL_FRACTION = 0.5
-DEFAULT_TRAINED_STAGES = 2  # the candidate kept unless the validation split clearly prefers another
+DEFAULT_TRAINED_STAGES = 3  # the candidate kept unless the validation split clearly prefers another
 RECIPE_FILE = "recipe.json"
 TRIALS_DIR = "auto-trials"
 
@@ -62,7 +66,8 @@ def run(cfg: TrainConfig, *, echo: Callable[[str], None] = print, train: Callabl
         choice = decision["choice"]
         echo(f"auto: resuming with the earlier decision: freeze {choice['freeze']!r}, lr {choice['lr']:.1e}")
         final = dataclasses.replace(_base(cfg, out, decision["cut"]), freeze=choice["freeze"], lr=choice["lr"],
-                                    epochs=choice["epochs"], refit=choice.get("refit", False), resume=True)  # fmt: skip
+                                    epochs=choice["epochs"], refit=choice.get("refit", False),
+                                    init=choice.get("init", cfg.init), resume=True)  # fmt: skip
         return train(final, echo=echo)
     # a run dir in use is refused (or, resuming, one no run was started in) before any trial writes below it; the
     # trials and decision of an attempt stopped before its run finished an epoch are redone
@@ -83,12 +88,13 @@ def run(cfg: TrainConfig, *, echo: Callable[[str], None] = print, train: Callabl
     epochs, refit = _affordable(cfg, choice, time.perf_counter() - start), refits(cfg)
     echo(f"auto: chose to train the last {choice['trained_stages']} stage(s) + head (freeze {choice['freeze']}, lr "
          f"{choice['lr']:.1e}) for {epochs} epoch(s): {why}")  # fmt: skip
+    init = _start_from(out, trials, choice, cfg.init)
     decision = {"procedure": __doc__.split("\n\n", 2)[2].strip(), "cut": cut, "trials": trials,
                 "default_trained_stages": DEFAULT_TRAINED_STAGES, "trial_fraction": TRIAL_FRACTION, "budget_s": parse_duration(cfg.budget),
-                "choice": {**choice, "epochs": epochs, "refit": refit, "why": why}}  # fmt: skip
+                "choice": {**choice, "epochs": epochs, "refit": refit, "why": why, "init": init}}  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(saved, json.dumps(decision, indent=1))
-    final = dataclasses.replace(base, freeze=choice["freeze"], lr=choice["lr"], epochs=epochs, refit=refit,
+    final = dataclasses.replace(base, freeze=choice["freeze"], lr=choice["lr"], epochs=epochs, refit=refit, init=init,
                                 resume=False)  # fmt: skip
     result = train(final, echo=echo)
     # the measurement is part of the training cost: every trial's seconds count
@@ -108,7 +114,7 @@ def _trial(base: TrainConfig, k: int, out: Path, train: Callable, echo: Callable
     trial_cfg = dataclasses.replace(
         base, freeze=-(k + 1), lr=candidate_lr(base.lr, k), epochs=1, epoch_fraction=TRIAL_FRACTION,
         warmup_epochs=0.0, early_stop=None, unfreeze=None, final_test=False, tensorboard=False, resume=False,
-        refit=False, out=str(out / TRIALS_DIR / f"last-{k}"),
+        refit=False, out=str(_trial_dir(out, k)),
     )  # fmt: skip
     shutil.rmtree(trial_cfg.out, ignore_errors=True)  # a trial of an interrupted earlier attempt: start it afresh
     try:
@@ -116,8 +122,7 @@ def _trial(base: TrainConfig, k: int, out: Path, train: Callable, echo: Callable
     except RunInterrupted as exc:  # the trial's last.pt is not the run's: say what a re-run does instead
         raise RunInterrupted.by(exc.signum, f"during the trial of the last {k} stage(s) (trials are not resumed); the "
                                 "same command, with or without --resume, starts them again") from None  # fmt: skip
-    for name in ("best.pt", "last.pt"):  # the weights are not needed again; the metrics stay as evidence
-        (result.run_dir / name).unlink(missing_ok=True)
+    (result.run_dir / "last.pt").unlink(missing_ok=True)  # best.pt may start the run (see _start_from)
     row = result.history[-1] if result.history else {}
     seconds = {key: result.seconds.get(key, 0.0) for key in ("cache", "epochs")}
     echo(f"auto: last {k} stage(s) + head at lr {trial_cfg.lr:.1e}: val acc {_pct(result.best_metric)} "
@@ -125,6 +130,20 @@ def _trial(base: TrainConfig, k: int, out: Path, train: Callable, echo: Callable
     return {"trained_stages": k, "freeze": -(k + 1), "lr": trial_cfg.lr, "val_acc": result.best_metric,
             "seconds": seconds, "epoch_s": row.get("epoch_time_s", 0.0) / TRIAL_FRACTION,
             "trainable_params": row.get("trainable_params"), "n_val": _val_size(result)}  # fmt: skip
+
+
+def _start_from(out: Path, trials: list[dict], choice: dict, init: str | None) -> str | None:
+    """The chosen trial's ``best.pt``, which starts the run (else ``init``: a trial that saved none, as one whose loss
+    was never finite); the other trials' weights are deleted."""
+    for t in trials:
+        if t is not choice:
+            (_trial_dir(out, t["trained_stages"]) / "best.pt").unlink(missing_ok=True)
+    weights = _trial_dir(out, choice["trained_stages"]) / "best.pt"
+    return str(weights) if weights.is_file() else init
+
+
+def _trial_dir(out: Path, k: int) -> Path:
+    return out / TRIALS_DIR / f"last-{k}"
 
 
 def refits(cfg: TrainConfig) -> bool:
@@ -158,7 +177,8 @@ def _candidates(cfg: TrainConfig) -> tuple[list[int], str]:
 
     model, _ = create_model(cfg.model, "none", img_size=cfg.img_size)
     names = [s.name for s in stages(model)]  # the head is last
-    ks = list(range(1, min(MAX_TRAINED_STAGES, len(names) - 2) + 1)) or [1]
+    deepest = min(MAX_TRAINED_STAGES, len(names) - 2)
+    ks = list(range(min(MIN_TRAINED_STAGES, deepest), deepest + 1)) or [1]
     return ks, names[-(max(ks) + 1)]
 
 
@@ -175,10 +195,10 @@ def choose(trials: list[dict], n_val: int) -> dict:
     than the noise of a split of ``n_val`` images (one standard error of the difference of two accuracies); among
     several such, the most accurate, the cheaper one on a tie.
 
-    >>> trials = [{"trained_stages": 1, "val_acc": 0.80}, {"trained_stages": 2, "val_acc": 0.83},
-    ...           {"trained_stages": 3, "val_acc": 0.86}]
+    >>> trials = [{"trained_stages": 2, "val_acc": 0.80}, {"trained_stages": 3, "val_acc": 0.83},
+    ...           {"trained_stages": 4, "val_acc": 0.86}]
     >>> choose(trials, n_val=100)["trained_stages"], choose(trials, n_val=5000)["trained_stages"]
-    (2, 3)
+    (3, 4)
     """
     scored = [t for t in trials if t["val_acc"] is not None and math.isfinite(t["val_acc"])]
     default = next((t for t in trials if t["trained_stages"] == DEFAULT_TRAINED_STAGES), trials[len(trials) // 2])
