@@ -52,6 +52,10 @@ def test_where_native_is_faster_frozen_layers_and_inference_keep_the_native_kern
     small = torch.randn(2, 8, 4, 4, requires_grad=True)
     with torch.no_grad():
         assert conv(small).grad_fn is None
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # bf16 on the CPU: the native kernels, and a working backward
+        out = conv(small)
+    assert out.dtype == torch.bfloat16 and out.grad_fn.name() != "_DepthwiseConvBackward"
+    out.float().sum().backward()
     conv.weight.requires_grad_(False)
     conv.bias.requires_grad_(False)
     out = conv(small)

@@ -92,6 +92,8 @@ class FastDepthwiseConv2d(nn.Conv2d):
             x.device.type == "cpu"
             and self.weight.requires_grad
             and torch.is_grad_enabled()
+            and not torch.is_autocast_enabled("cpu")  # mixed dtypes in backward: measured and tested in fp32 only
+            and x.dtype == self.weight.dtype
             and x.dim() == 4
             and faster_here(self.kernel_size, self.stride, x.shape[-2] * x.shape[-1])
         ):
