@@ -1,12 +1,12 @@
 """A faster CPU backward pass for depthwise convolutions on small feature maps.
 
 The stages a fine-tune trains are the last ones, where feature maps are small (4x4 and 2x2 in EfficientNet-Lite0 at
-64 px). There PyTorch's CPU kernel for the weight gradient of a 5x5 depthwise convolution is slow: 6-9 ms a layer at
-batch 32, 15-45x the layer's forward, most of a training step (``benchmarks/depthwise.py``). That gradient is itself
-a depthwise convolution: with the batch folded into the channels, the input convolved with the output gradient as
-its kernel gives each (channel, image) pair's k x k weight gradient, and a sum over the batch finishes it. Computed
-so, it takes 2-3 ms. Where the native kernel is faster (3x3 kernels on most maps, any kernel from 14x14 up:
-``faster_here``) it keeps the job.
+64 px). There PyTorch's CPU kernel for the weight gradient of a 5x5 depthwise convolution is slow: 5-9 ms a layer at
+batch 32, 20-50x the layer's forward, the largest part of a training step (``benchmarks/depthwise.py``). That
+gradient is itself a depthwise convolution: with the batch folded into the channels, the input convolved with the
+output gradient as its kernel gives each (channel, image) pair's k x k weight gradient, and a sum over the batch
+finishes it. Computed so, the layer's forward and backward take 2-4 ms. Where the native kernel is faster (3x3
+kernels on most maps, maps from 14x14 up: ``faster_here``) it keeps the job.
 
 ``use_fast_depthwise(model)`` switches a model's depthwise ``nn.Conv2d`` layers of stride 1 or 2 to it. The layers
 keep their parameters, their names and their forward (the same ``F.conv2d`` call); only the backward of a trainable
@@ -27,9 +27,10 @@ def faster_here(kernel: tuple[int, int], stride: tuple[int, int], pixels: int) -
     """Whether the folded weight gradient beats PyTorch's for this layer and input map (``pixels`` = H x W).
 
     From ``benchmarks/depthwise.py --grid`` (1 CPU thread, batch 32, 240-1152 channels): native is fast for 3x3
-    kernels except on 2x2 maps at stride 1 (folded 1.5-2.9x faster there, 0.1-0.5x elsewhere); for 5x5 and larger
-    the folded one is 1.8-10x faster on maps up to 8x8 at stride 1, and 1.5-2.8x on 4x4 to 8x8 at stride 2 (0.6-0.9x
-    on 2x2). On 14x14 and larger maps native wins or draws.
+    kernels except on 2x2 maps at stride 1 (folded 1.6-3.1x faster there, 0.1-0.5x elsewhere); for 5x5 and larger
+    the folded one is 1.7-9.6x faster on maps up to 8x8 at stride 1, and 1.2-3.2x on 4x4 to 8x8 at stride 2 (5x5:
+    0.6-0.8x on 2x2). On 14x14 maps it wins only with few channels (240: 2.4x) and draws or loses with many (1152:
+    0.9x at 5x5): native keeps those.
 
     >>> faster_here((5, 5), (1, 1), 16), faster_here((3, 3), (1, 1), 16), faster_here((5, 5), (1, 1), 196)
     (True, False, False)
