@@ -9,7 +9,7 @@ import torch
 import yaml
 
 from _engine_fixtures import make_image_folder, run_cli, train_argv
-from freezetune import checkpoint
+from freezetune import auto, checkpoint
 from freezetune.config import TrainConfig, load_config
 from freezetune.errors import ConfigError
 from freezetune.freeze import freeze
@@ -104,7 +104,8 @@ def test_auto_measures_on_the_validation_split_and_keeps_its_evidence(data, tmp_
     assert [t["n_val"] for t in recipe["trials"]] == [3, 3, 3] and choice["trained_stages"] == 3
     assert [t["lr"] for t in recipe["trials"]] == pytest.approx([1e-2, 2e-2 / 3, 5e-3])  # lr * 10 * min(1, 2 / k)
     final = checkpoint.load(tmp_path / "auto" / "last.pt")
-    assert final["config"]["freeze"] == choice["freeze"] and final["config"]["lr"] == choice["lr"]
+    assert final["config"]["freeze"] == choice["freeze"] and final["config"]["lr"] == choice["run_lr"]
+    assert choice["run_lr"] == pytest.approx(choice["lr"] * auto.RUN_LR_FACTOR) and auto.RUN_LR_FACTOR < 1
     # the run starts from the chosen trial's weights; the other trials' weights are gone, their metrics kept
     trials = tmp_path / "auto" / "auto-trials"
     assert final["config"]["init"] == choice["init"] == str(trials / "last-3" / "best.pt")

@@ -19,7 +19,9 @@ cheap to ask the data. The procedure, every step printed and written to ``recipe
    points below it, though its half-epoch trials often scored highest: a short trial favours what learns fastest.
 4. The run: the chosen candidate trains for ``epochs`` epochs (with ``budget``: as many as the time left affords at
    its measured pace, at least one), reading the shared cache. It starts from its trial's weights, head included (as
-   LP-FT starts the fine-tune from a fitted head, Kumar et al. 2022): the trial's half epoch is not thrown away. When
+   LP-FT starts the fine-tune from a fitted head, Kumar et al. 2022): the trial's half epoch is not thrown away. From
+   there it takes smaller steps, at ``RUN_LR_FACTOR`` times its trial's learning rate: +0.36, +0.32 and +0.55 points
+   on Fashion-MNIST, digits and photo patches over the trial's own (3 seeds each, 100 images a class). When
    the validation set was held out automatically and nothing in the run needs it (no early stopping or plateau
    unfreezing), those images train too (``refit``; the run's ``best.pt`` is then its last epoch): the choice is made,
    and 10 % more data is worth more than a score nobody acts on. With ``per_class`` they join only if no class then
@@ -50,6 +52,7 @@ LR_BOOST = 10  # the learning rate of a candidate training k stages is lr * LR_B
 # fine-tune: 81.09 % in 42 s)
 TRIAL_FRACTION = 0.5
 DEFAULT_TRAINED_STAGES = 3  # the candidate kept unless the validation split clearly prefers another
+RUN_LR_FACTOR = 0.5  # the run trains at its trial's learning rate times this
 RECIPE_FILE = "recipe.json"
 TRIALS_DIR = "auto-trials"
 
@@ -64,8 +67,9 @@ def run(cfg: TrainConfig, *, echo: Callable[[str], None] = print, train: Callabl
     if cfg.resume and saved.is_file():  # the decision was made before the interruption: keep it
         decision = json.loads(saved.read_text())
         choice = decision["choice"]
-        echo(f"auto: resuming with the earlier decision: freeze {choice['freeze']!r}, lr {choice['lr']:.1e}")
-        final = dataclasses.replace(_base(cfg, out, decision["cut"]), freeze=choice["freeze"], lr=choice["lr"],
+        run_lr = choice.get("run_lr", choice["lr"])
+        echo(f"auto: resuming with the earlier decision: freeze {choice['freeze']!r}, lr {run_lr:.1e}")
+        final = dataclasses.replace(_base(cfg, out, decision["cut"]), freeze=choice["freeze"], lr=run_lr,
                                     epochs=choice["epochs"], refit=choice.get("refit", False),
                                     init=choice.get("init", cfg.init), resume=True)  # fmt: skip
         return train(final, echo=echo)
@@ -86,15 +90,16 @@ def run(cfg: TrainConfig, *, echo: Callable[[str], None] = print, train: Callabl
            "validation images" if overturned else f"the default (last {DEFAULT_TRAINED_STAGES} stages): no trial beat "
            f"it by more than the noise of {n_val} validation images")  # fmt: skip
     epochs, refit = _affordable(cfg, choice, time.perf_counter() - start), refits(cfg)
+    run_lr = choice["lr"] * RUN_LR_FACTOR  # from the trial's fitted weights: a smaller step (see the docstring)
     echo(f"auto: chose to train the last {choice['trained_stages']} stage(s) + head (freeze {choice['freeze']}, lr "
-         f"{choice['lr']:.1e}) for {epochs} epoch(s): {why}")  # fmt: skip
+         f"{run_lr:.1e}) for {epochs} epoch(s): {why}")  # fmt: skip
     init = _start_from(out, trials, choice, cfg.init)
     decision = {"procedure": __doc__.split("\n\n", 2)[2].strip(), "cut": cut, "trials": trials,
                 "default_trained_stages": DEFAULT_TRAINED_STAGES, "trial_fraction": TRIAL_FRACTION, "budget_s": parse_duration(cfg.budget),
-                "choice": {**choice, "epochs": epochs, "refit": refit, "why": why, "init": init}}  # fmt: skip
+                "choice": {**choice, "epochs": epochs, "refit": refit, "why": why, "init": init, "run_lr": run_lr}}  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(saved, json.dumps(decision, indent=1))
-    final = dataclasses.replace(base, freeze=choice["freeze"], lr=choice["lr"], epochs=epochs, refit=refit, init=init,
+    final = dataclasses.replace(base, freeze=choice["freeze"], lr=run_lr, epochs=epochs, refit=refit, init=init,
                                 resume=False)  # fmt: skip
     result = train(final, echo=echo)
     # the measurement is part of the training cost: every trial's seconds count
