@@ -38,6 +38,13 @@ def ms_per_call(fn, repeats: int) -> float:
     return 1000 * (time.perf_counter() - start) / repeats
 
 
+def native_and_fast(module: nn.Module, run, repeats: int) -> tuple[float, float]:
+    """ms per ``run(module)`` with PyTorch's kernels, then with ``module``'s depthwise layers switched (in place)."""
+    native = ms_per_call(lambda: run(module), repeats)
+    use_fast_depthwise(module)
+    return native, ms_per_call(lambda: run(module), repeats)
+
+
 def layer_rows(model: nn.Module, x: torch.Tensor, repeats: int) -> list[list[str]]:
     """Each distinct stride-1 depthwise layer shape met by ``x``'s forward, native against fast."""
     shapes: dict[tuple, nn.Conv2d] = {}
@@ -57,9 +64,7 @@ def layer_rows(model: nn.Module, x: torch.Tensor, repeats: int) -> list[list[str
             continue
         conv = copy.deepcopy(module).requires_grad_(True)
         inp = torch.randn(shape).contiguous(memory_format=torch.channels_last).requires_grad_()
-        native = ms_per_call(lambda c=conv, i=inp: c(i).sum().backward(), repeats)
-        use_fast_depthwise(conv)
-        fast = ms_per_call(lambda c=conv, i=inp: c(i).sum().backward(), repeats)
+        native, fast = native_and_fast(conv, lambda c, i=inp: c(i).sum().backward(), repeats)
         rows.append([f"{shape[1]}ch {shape[2]}x{shape[3]} k{kernel[0]}", f"{native:.2f}", f"{fast:.2f}",
                      f"{native / fast:.2f}x"])  # fmt: skip
     return rows
@@ -74,20 +79,11 @@ def grid(repeats: int) -> None:
         for c in channels:
             conv = nn.Conv2d(c, c, kernel, stride, padding=kernel // 2, groups=c)
             x = torch.randn(32, c, size, size).contiguous(memory_format=torch.channels_last)
-            native = ms_per_call(lambda conv=conv, x=x: conv(x).sum().backward(), repeats)
-            use_fast_depthwise(conv)
-            fast = ms_per_call(lambda conv=conv, x=x: conv(x).sum().backward(), repeats)
+            native, fast = native_and_fast(conv, lambda c, x=x: c(x).sum().backward(), repeats)
             row.append(f"{native:.2f}/{fast:.2f} = {native / fast:.2f}x")
         rows.append(row)
     print(f"depthwise layer forward + backward, batch 32, {torch.get_num_threads()} thread(s): native ms / folded ms")
     print(table(rows, ["layer, input map", *(f"{c} channels" for c in channels)]))
-
-
-def step_ms(model: nn.Module, x: torch.Tensor, y: torch.Tensor, repeats: int) -> float:
-    def step():
-        nn.functional.cross_entropy(model(x), y).backward()
-
-    return ms_per_call(step, repeats)
 
 
 def main() -> None:
@@ -114,10 +110,8 @@ def main() -> None:
     tail = nn.Sequential(*copy.deepcopy(model.blocks[4:]), copy.deepcopy(model.conv_head), copy.deepcopy(model.bn2),
                          copy.deepcopy(model.global_pool), copy.deepcopy(model.classifier))  # fmt: skip
     for name, net, inp in (("blocks.4-6 + head from the cache", tail, cached), ("whole network", model, x)):
-        native = step_ms(net, inp, y, max(3, args.repeats // 4))
-        fast_net = copy.deepcopy(net)
-        use_fast_depthwise(fast_net)
-        fast = step_ms(fast_net, inp, y, max(3, args.repeats // 4))
+        step = lambda m, i=inp: nn.functional.cross_entropy(m(i), y).backward()  # noqa: E731
+        native, fast = native_and_fast(net, step, max(3, args.repeats // 4))
         rows.append([f"step: {name}", f"{native:.1f}", f"{fast:.1f}", f"{native / fast:.2f}x"])
     print(f"depthwise convolution forward + backward, {MODEL}, batch {args.batch_size}, {args.res} px, "
           f"{args.threads} thread(s), ms (lower is better)")  # fmt: skip
