@@ -163,3 +163,20 @@ def test_sweep_compares_recipes_reuses_features_and_its_winner_reproduces(data, 
     assert code == 0, err
     again = max(r["val_acc"] for r in read_metrics(tmp_path / "w" / "metrics.csv"))
     assert again == pytest.approx(best["val_acc"], abs=1e-9)
+
+
+def test_an_auto_winner_reproduces_its_validation_score_and_keeps_the_measured_batch_size(data, tmp_path, capsys):
+    # the auto recipe refits by default and --batch-size auto is measured per device: the winner's YAML pins both to
+    # the run the sweep scored
+    code, _, err = run_cli(capsys, "sweep", *train_argv(data, tmp_path / "sweep", "--batch-size", "auto")[1:],
+                           "--recipes", "auto")  # fmt: skip
+    assert code == 0, err
+    (row,) = read_metrics(tmp_path / "sweep" / "sweep.csv")
+    winner = yaml.safe_load((tmp_path / "sweep" / "winner.yaml").read_text())
+    assert winner["recipe"] == "auto" and winner["refit"] is False
+    assert winner["batch_size"] == load_config(tmp_path / "sweep" / "auto" / "config.yaml").batch_size
+    assert isinstance(winner["batch_size"], int)
+    code, _, err = run_cli(capsys, "train", "--config", tmp_path / "sweep" / "winner.yaml", "--out", tmp_path / "w")
+    assert code == 0, err
+    again = max(r["val_acc"] for r in read_metrics(tmp_path / "w" / "metrics.csv"))
+    assert again == pytest.approx(row["val_acc"], abs=1e-9)

@@ -22,7 +22,7 @@ import yaml
 from freezetune._io import atomic_output, atomic_write_text
 from freezetune.config import TrainConfig
 from freezetune.errors import ConfigError
-from freezetune.options import RECIPES, check, parse_duration, recipe_problem
+from freezetune.options import BATCH_AUTO, RECIPES, check, parse_duration, recipe_problem
 
 DEFAULT_RECIPES = ("linear-probe", "last-k", "auto", "full")
 COLUMNS = ("recipe", "val_acc", "train_s", "peak_mem_mb", "trainable_params", "best_epoch", "run_dir")
@@ -127,9 +127,17 @@ def _write(out: Path, rows: list[dict], winner: dict, cfg: TrainConfig) -> None:
 
 
 def _winner_config(cfg: TrainConfig, winner: dict) -> dict:
-    """The config that trains the winner again: its recipe on the sweep's settings, a fresh run with a test score."""
+    """The config that trains the winner again: its recipe on the sweep's settings, a fresh run with a test score.
+
+    It is the run the sweep measured: the validation images stay held out (``refit: false``; set it true to train on
+    them as well, and lose the validation score), and ``batch_size: auto`` becomes the number the winner trained with,
+    which another device or a fuller one would measure differently.
+    """
     values = {**cfg.to_dict(), "recipe": winner["recipe"], "freeze": "auto", "out": None, "resume": False,
-              "final_test": True, "budget": None}  # fmt: skip
+              "final_test": True, "budget": None, "refit": False}  # fmt: skip
+    saved = Path(winner["run_dir"]) / "config.yaml"
+    if cfg.batch_size == BATCH_AUTO and saved.is_file():
+        values["batch_size"] = yaml.safe_load(saved.read_text())["batch_size"]
     return values
 
 
