@@ -366,6 +366,19 @@ def test_unreadable_image_stops_train_before_it_starts_and_skip_bad_trains_witho
     assert (tmp_path / "run" / "skipped.txt").read_text() == f"{bad}\n"
 
 
+def test_an_image_that_fails_in_a_loader_worker_is_one_line_too(tmp_path, capsys, monkeypatch):
+    # the DataLoader re-raises a worker's error with the worker's traceback as its message; the user gets its last line
+    from freezetune.data import scan
+
+    data = make_image_folder(tmp_path / "img", train=4, val=2, test=0)
+    bad = data / "train" / "red" / "red_1.png"
+    bad.write_bytes(bad.read_bytes()[:60])
+    monkeypatch.setattr(scan, "unreadable", lambda paths: [])  # as if the file broke after the pre-scan
+    code, out, err = run_cli(capsys, *train_argv(data, tmp_path / "run", "--epochs", "1", "--workers", "2"))
+    _assert_user_error(code, out, err, f"cannot read image '{bad}'")
+    assert "worker process" not in err
+
+
 @pytest.mark.parametrize("fmt", ["folder", "csv", "idx"])
 def test_eval_refuses_data_whose_class_names_differ_from_the_checkpoint(run, capsys, tmp_path, fmt):
     from test_data import make_idx_dir

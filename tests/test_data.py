@@ -381,6 +381,29 @@ def test_unreadable_images_are_named_before_training_or_skipped(tmp_path, fmt):
     assert len(kept) == 10 and not set(b.skipped) & set(kept)
 
 
+def test_a_jpeg_cut_short_is_caught_by_the_pre_scan_though_its_header_verifies(tmp_path):
+    # PIL's verify() passes a JPEG whose compressed data was cut (an interrupted download); only a decode fails, so
+    # without the marker walk it would stop training mid-epoch even under --skip-bad
+    rng = np.random.default_rng(0)
+    make_folder(tmp_path, 0)
+    for name in COLOURS:
+        for i, progressive in enumerate((False, True, False)):
+            pixels = rng.integers(0, 255, (40, 50, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(tmp_path / name / f"{i}.jpg", progressive=progressive, quality=85)
+    cut, cut_progressive, extended = tmp_path / "red" / "0.jpg", tmp_path / "green" / "1.jpg", tmp_path / "blue" / "2.jpg"
+    for path in (cut, cut_progressive):
+        path.write_bytes(path.read_bytes()[: path.stat().st_size * 2 // 3])
+        with Image.open(path) as img:
+            img.verify()  # what the pre-scan used to rely on
+    extended.write_bytes(extended.read_bytes() + b"\x00\x00\x00\x18ftypmp42" + bytes(500))  # a motion photo's video
+    with pytest.raises(DataError, match=r"2 of 9 training image file\(s\) cannot be read: .*truncated.*--skip-bad"):
+        build_datasets(str(tmp_path), val_split=0.3, preprocess=PRE)
+    b = build_datasets(str(tmp_path), val_split=0.3, preprocess=PRE, skip_bad=True)
+    assert sorted(b.skipped) == sorted([str(cut), str(cut_progressive)])
+    for path, _ in [*b.train.samples, *b.val.samples]:
+        load_image(path)  # everything kept decodes, the appended video included
+
+
 def test_pre_scan_names_the_first_few_and_counts_the_rest(tmp_path):
     make_folder(tmp_path, 4)
     for i in range(4):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from freezetune import __version__
 from freezetune.config import FIELD_CHOICES, TrainConfig, field_names, load_config, parse_override, scalar_type
-from freezetune.errors import FreezetuneError
+from freezetune.errors import FreezetuneError, one_line
 from freezetune.interrupt import RunInterrupted
 from freezetune.options import FREEZE_DEFAULT, MODEL_SOURCES, PRETRAINED_WEIGHTS, RANDOM_WEIGHTS, RECIPES
 from freezetune.sweep import DEFAULT_RECIPES
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args) or 0
     except FreezetuneError as exc:
-        print(f"freezetune: error: {exc}", file=sys.stderr)
+        print(f"freezetune: error: {one_line(exc)}", file=sys.stderr)
         return 2
     except OSError as exc:  # a full disk, a read-only or vanished run dir: every write is atomic, so nothing is lost
         where = f" ({exc.filename})" if exc.filename else ""

@@ -40,6 +40,21 @@ def choices(values: Iterable[object], limit: int = 40) -> str:
     return ", ".join(items)
 
 
+def one_line(exc: BaseException) -> str:
+    """The line a user sees for ``exc``. A ``DataLoader`` worker re-raises an error in the main process with the
+    worker's traceback as its message ("Caught DataError in DataLoader worker process 0. Original Traceback ...");
+    the error's own message is that traceback's last line.
+
+    >>> one_line(DataError("Caught DataError in DataLoader worker process 0.\\nOriginal Traceback (most recent call "
+    ...     "last):\\n  File ...\\nfreezetune.errors.DataError: cannot read image 'a.jpg': truncated\\n"))
+    "cannot read image 'a.jpg': truncated"
+    >>> one_line(ConfigError("invalid config: epochs must be >= 1"))
+    'invalid config: epochs must be >= 1'
+    """
+    lines = str(exc).strip().splitlines() or [type(exc).__name__]
+    return lines[-1].removeprefix(f"{type(exc).__module__}.{type(exc).__qualname__}: ")
+
+
 class TrainingError(FreezetuneError):
     """Training cannot go on as configured (a non-finite loss: the run diverged)."""
 

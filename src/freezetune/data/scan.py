@@ -2,13 +2,16 @@
 the run at its start, named, instead of surfacing hours in as a worker traceback.
 
 Only headers are read (PIL opens lazily; ``verify`` checks the structure without decoding pixels), in a few threads
-because the cost is file-system latency, so ten thousand files take seconds.
+because the cost is file-system latency, so ten thousand files take seconds. ``verify`` does not notice a JPEG cut
+short (an interrupted download or copy): PIL fails on it only when it decodes the pixels, mid-training. So a JPEG's
+markers are walked to the compressed data, which must be followed by the end-of-image marker.
 """
 
 from __future__ import annotations
 
 import logging
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 from PIL import Image
 
@@ -30,10 +33,46 @@ def image_problem(path: str) -> str | None:
     try:
         with Image.open(path) as img:
             img.verify()  # structure and checksums where the format has them; no pixel decode
+            jpeg = img.format == "JPEG"
+        if jpeg and not jpeg_complete(Path(path).read_bytes()):
+            return "truncated: the JPEG data stops before its end-of-image marker"
     except Exception as exc:  # PIL raises OSError, SyntaxError, struct.error ... for broken files
         why = getattr(exc, "strerror", None) or str(exc).split("\n")[0] or type(exc).__name__
         return why.replace(f" {str(path)!r}", "")  # PIL repeats the path the message is already about
     return None
+
+
+_STANDALONE = {0x01, *range(0xD0, 0xD9)}  # markers without a length: TEM, RST0-7, SOI
+
+
+def jpeg_complete(data: bytes) -> bool:
+    """Whether the JPEG in ``data`` has its end-of-image marker after its first scan's compressed data.
+
+    Segments before the scan are skipped by their lengths (an EXIF thumbnail, a JPEG of its own with its own end
+    marker, lies inside one). Inside compressed data a 0xFF byte is always followed by 0x00 or a restart marker, so
+    the first 0xFF 0xD9 after the scan starts is the image's end; data appended after it (a phone's motion photo)
+    is allowed.
+
+    >>> jpeg_complete(bytes.fromhex("ffd8 ffda0002 1234ff00 ffd9")), jpeg_complete(bytes.fromhex("ffd8 ffda0002 1234"))
+    (True, False)
+    """
+    pos = 2  # after SOI
+    while pos + 4 <= len(data):
+        if data[pos] != 0xFF:
+            return False
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte before a marker
+            pos += 1
+        elif marker in _STANDALONE:
+            pos += 2
+        elif marker == 0xD9:  # the end before any scan
+            return False
+        else:
+            start = pos + 2 + int.from_bytes(data[pos + 2 : pos + 4], "big")
+            if marker == 0xDA:  # start of scan: the compressed data follows its header
+                return data.find(b"\xff\xd9", start) != -1
+            pos = start
+    return False
 
 
 def unreadable(paths: list[str]) -> list[tuple[str, str]]:
