@@ -435,6 +435,21 @@ def test_device_out_of_memory_names_the_batch_size_to_try_and_keeps_the_run(tmp_
         assert after[name] == before[name]
 
 
+@pytest.mark.parametrize("command", ["eval", "predict"])
+def test_eval_and_predict_out_of_memory_name_the_batch_size_to_try(data, run, capsys, monkeypatch, command):
+    from freezetune import inference
+
+    def out_of_memory(*_args, **_kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB")
+
+    monkeypatch.setattr(inference, "evaluate" if command == "eval" else "predict_probs", out_of_memory)
+    where = ["--data", str(data / "test")] if command == "eval" else [str(data / "test")]
+    before = snapshot(run[0])
+    code, out, err = run_cli(capsys, command, "--checkpoint", run[0] / "best.pt", *where, "--batch-size", "16")
+    _assert_user_error(code, out, err, "ran out of memory at batch size 16", "try --batch-size 8")
+    assert "--amp" not in err and snapshot(run[0]) == before
+
+
 def test_batch_size_auto_on_cpu_keeps_the_default_and_config_yaml_keeps_the_number(tmp_path, capsys):
     data = make_image_folder(tmp_path / "img", train=4, val=2, test=0)
     code, out, err = run_cli(capsys, *train_argv(data, tmp_path / "run", "--epochs", "1", "--batch-size", "auto"))

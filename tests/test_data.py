@@ -390,7 +390,11 @@ def test_a_jpeg_cut_short_is_caught_by_the_pre_scan_though_its_header_verifies(t
         for i, progressive in enumerate((False, True, False)):
             pixels = rng.integers(0, 255, (40, 50, 3), dtype=np.uint8)
             Image.fromarray(pixels).save(tmp_path / name / f"{i}.jpg", progressive=progressive, quality=85)
-    cut, cut_progressive, extended = tmp_path / "red" / "0.jpg", tmp_path / "green" / "1.jpg", tmp_path / "blue" / "2.jpg"
+    cut, cut_progressive, extended = (
+        tmp_path / "red" / "0.jpg",
+        tmp_path / "green" / "1.jpg",
+        tmp_path / "blue" / "2.jpg",
+    )
     for path in (cut, cut_progressive):
         path.write_bytes(path.read_bytes()[: path.stat().st_size * 2 // 3])
         with Image.open(path) as img:

@@ -133,6 +133,7 @@ def _predict_parser(sub) -> None:
     p.add_argument("images", nargs="+", help="image files or folders")
     p.add_argument("--topk", type=int, default=5)
     p.add_argument("--json", action="store_true")
+    p.add_argument("--batch-size", type=int, default=_DEFAULTS.batch_size, help="images per forward pass")
     p.add_argument("--device", default=_DEFAULTS.device)
     p.set_defaults(func=_cmd_predict)
 
@@ -189,8 +190,10 @@ def _cmd_sweep(args) -> int:
 
 def _cmd_eval(args) -> int:
     from freezetune.inference import evaluate_checkpoint, write_evaluation
+    from freezetune.memory import out_of_memory_hint
 
-    result = evaluate_checkpoint(args.checkpoint, args.data, batch_size=args.batch_size, device=args.device)
+    with out_of_memory_hint(args.batch_size, training=False):
+        result = evaluate_checkpoint(args.checkpoint, args.data, batch_size=args.batch_size, device=args.device)
     plot = Path(args.plot) if args.plot else Path(args.checkpoint).with_name("eval_confusion.png")
     print(write_evaluation(result, result["classes"], plot=plot))
     print(f"confusion matrix -> {plot}")
@@ -199,8 +202,11 @@ def _cmd_eval(args) -> int:
 
 def _cmd_predict(args) -> int:
     from freezetune.inference import format_predictions, predict_files
+    from freezetune.memory import out_of_memory_hint
 
-    records = predict_files(args.checkpoint, args.images, topk=args.topk, device=args.device)
+    with out_of_memory_hint(args.batch_size, training=False):
+        records = predict_files(args.checkpoint, args.images, topk=args.topk, batch_size=args.batch_size,
+                                device=args.device)  # fmt: skip
     print(json.dumps(records, indent=1) if args.json else format_predictions(records))
     bad = [r for r in records if "error" in r]
     for r in bad:

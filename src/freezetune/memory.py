@@ -8,13 +8,14 @@ backward pass (which is exactly what freezing removes), then scales to the batch
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
 
 from freezetune.errors import ResourceError
 from freezetune.evaluate import logits_of
+from freezetune.options import BATCH_AUTO
 
 _OPT_STATE = {"adamw": 2, "adam": 2, "sgd": 1}  # fp32 tensors of state per trainable parameter
 
@@ -170,3 +171,27 @@ def _fits(model: nn.Module, input_size: int, batch: int, device: torch.device, a
         for p in trainable:
             p.grad = None
         torch.cuda.empty_cache()
+
+
+@contextlib.contextmanager
+def out_of_memory_hint(batch_size: int | str, *, training: bool = True) -> Iterator[None]:
+    """Device memory running out is the run's size, not a bug: one line naming the batch size to try instead (for
+    ``train``, ``eval`` and ``predict``; ``training`` adds the AMP hint, which only ``train`` has a flag for).
+
+    Checkpoints are written whole or not at all, so a run dir keeps the last finished epoch (``--resume``).
+
+    >>> with out_of_memory_hint(64):
+    ...     raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    Traceback (most recent call last):
+    freezetune.errors.ResourceError: the device ran out of memory at batch size 64; try --batch-size 32 ...
+    """
+    try:
+        yield
+    except torch.cuda.OutOfMemoryError as e:
+        if batch_size == BATCH_AUTO:  # what auto measured did not leave room for the rest of the run
+            fix = "try a fixed --batch-size below the one auto printed"
+        else:
+            fix = f"try --batch-size {batch_size // 2}" if batch_size > 1 else "try a smaller --img-size or model"
+        amp = " (or --amp bf16)" if training else ""
+        raise ResourceError(f"the device ran out of memory at batch size {batch_size}; {fix}{amp}; files written "
+                            "before are intact") from e  # fmt: skip

@@ -11,7 +11,6 @@ import dataclasses
 import json
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from itertools import islice
 
 import torch
@@ -33,12 +32,12 @@ from freezetune.distributed import (
     shutdown,
     wrap,
 )
-from freezetune.errors import ConfigError, ResourceError, TrainingError
+from freezetune.errors import ConfigError, TrainingError
 from freezetune.evaluate import logits_of, run_model, to_device
 from freezetune.freeze import count_parameters, freeze, summary
 from freezetune.inference import evaluate_model, write_evaluation
 from freezetune.interrupt import StopRequest, pause_point
-from freezetune.memory import auto_batch_size
+from freezetune.memory import auto_batch_size, out_of_memory_hint
 from freezetune.models import create_model, text_preprocess
 from freezetune.optim import build_optimizer, build_scheduler
 from freezetune.options import BATCH_AUTO
@@ -68,28 +67,6 @@ def train(cfg: TrainConfig, *, echo=print) -> RunResult:
             return trainer.fit()
         finally:
             shutdown(trainer.dist)
-
-
-@contextmanager
-def out_of_memory_hint(batch_size: int | str) -> Iterator[None]:
-    """Device memory running out is the run's size, not a bug: one line naming the batch size to try instead.
-
-    Checkpoints are written whole or not at all, so the run dir keeps the last finished epoch (``--resume``).
-
-    >>> with out_of_memory_hint(64):
-    ...     raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-    Traceback (most recent call last):
-    freezetune.errors.ResourceError: the device ran out of memory at batch size 64; try --batch-size 32 ...
-    """
-    try:
-        yield
-    except torch.cuda.OutOfMemoryError as e:
-        if batch_size == BATCH_AUTO:  # what auto measured did not leave room for the rest of the run
-            fix = "try a fixed --batch-size below the one auto printed"
-        else:
-            fix = f"try --batch-size {batch_size // 2}" if batch_size > 1 else "try a smaller --img-size or model"
-        raise ResourceError(f"the device ran out of memory at batch size {batch_size}; {fix} (or --amp bf16); "
-                            f"files written before are intact") from e  # fmt: skip
 
 
 class Trainer:
