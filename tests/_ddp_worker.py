@@ -2,7 +2,8 @@
 
 Runs ``freezetune train TRAIN_ARGS`` through the CLI, as a user's job would, then writes ``DUMP_DIR/rank<R>.pt``:
 the weights and buffers the rank started training from and ended its last epoch with (before the final test loads
-``best.pt``), the epochs it ran, its unfreeze events and trainable parameters, its run dir and its final test result.
+``best.pt``), the epochs it ran, its unfreeze events and trainable parameters, its run dir, its final test result and
+how many validation images it scored in each validation.
 
 Test hooks (environment): ``STOP_EPOCH`` makes every rank exit as that (0-based) epoch is about to start, as a
 preempted job does after its last checkpoint; ``SKEW_RUN_DIR`` gives each rank its own default run dir name, as
@@ -21,10 +22,11 @@ def main(dump: Path, argv: list[str]) -> int:
 
     from freezetune import runtime, trainer
     from freezetune.cache import FeaturePath
+    from freezetune.cache import path as feature_path
     from freezetune.cli import main as cli_main
 
     torch.set_num_threads(1)
-    record: dict = {}
+    record: dict = {"val_scored": []}
     real_fit, real_test, real_batches = trainer.Trainer.fit, trainer.Trainer._final_test, FeaturePath.train_batches
     real_run_dir, stop = runtime.default_run_dir, int(os.environ.get("STOP_EPOCH", "-1"))
 
@@ -46,7 +48,20 @@ def main(dump: Path, argv: list[str]) -> int:
             os._exit(0)  # no clean-up, like a kill; 0 so that torchrun does not tear down a rank still saving
         return real_batches(self, epoch)
 
+    real_evaluate = feature_path.evaluate
+
+    def evaluate(module, batches, *args, **kwargs):  # counts the validation images this rank scores
+        record["val_scored"].append(0)
+
+        def counted():
+            for inputs, targets in batches:
+                record["val_scored"][-1] += len(targets)
+                yield inputs, targets
+
+        return real_evaluate(module, counted(), *args, **kwargs)
+
     trainer.Trainer.fit, trainer.Trainer._final_test, FeaturePath.train_batches = fit, final_test, train_batches
+    feature_path.evaluate = evaluate
     if os.environ.get("SKEW_RUN_DIR"):
         runtime.default_run_dir = lambda model: Path(f"{real_run_dir(model)}-rank{os.environ['RANK']}")
     return cli_main(["train", *argv])

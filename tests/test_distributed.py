@@ -151,6 +151,21 @@ def test_the_final_test_is_sharded_and_equals_one_process_exactly(ddp_run):
 
 
 @pytest.mark.multiprocess
+def test_ranks_share_the_validation_and_get_one_process_metrics(ddp_run, tmp_path):
+    # cached features (the run above: 12 validation images in one batch of 16) and images (batches of 8: 8 + 4)
+    _, _, (r0, r1), _ = ddp_run
+    assert [a + b for a, b in zip(r0["val_scored"], r1["val_scored"], strict=True)] == [12, 12]
+    data = make_image_folder(tmp_path / "data")
+    out = tmp_path / "run"
+    torchrun(tmp_path / "dump", "--data", data, "--out", out, "--epochs", "1", "--freeze", "backbone", "--cache", "off")
+    r0, r1 = rank_dumps(tmp_path / "dump")
+    assert (r0["val_scored"], r1["val_scored"]) == ([8], [4])
+    (row,) = read_metrics(out / "metrics.csv")
+    single = evaluate_checkpoint(out / "last.pt", str(data / "val"), batch_size=8, device="cpu")
+    assert (row["val_acc"], row["val_loss"]) == (single["acc"], pytest.approx(single["loss"], rel=1e-6))
+
+
+@pytest.mark.multiprocess
 def test_a_ddp_run_stopped_after_epoch_1_resumes_to_the_uninterrupted_result(ddp_run, tmp_path):
     data, whole, (w0, _), _ = ddp_run
     out = tmp_path / "run"

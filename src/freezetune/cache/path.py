@@ -20,8 +20,9 @@ from freezetune.cache import disk
 from freezetune.cache.store import CacheInfo, FeatureStore, StoreLoader, build_store, placed_store
 from freezetune.data.datasets import DataBundle
 from freezetune.data.gpu import should_use_device_loader
-from freezetune.data.loaders import Loaders, close_loader
+from freezetune.data.loaders import EpochOrder, Loaders, close_loader
 from freezetune.data.transforms import eval_transform
+from freezetune.distributed import batch_block
 from freezetune.evaluate import evaluate
 from freezetune.precision import Precision
 from freezetune.split import Split, split_model
@@ -93,18 +94,27 @@ class FeaturePath:
         return batches
 
     def evaluate_val(self, precision: Precision, *, num_classes: int) -> dict | None:
-        """``evaluate``'s metrics on the validation set (on its cached features when there are), or None without one."""
+        """``evaluate``'s metrics on the validation set (on its cached features when there are), or None without one.
+
+        Under DDP each rank scores its block of whole batches and every rank gets the merged metrics, one process's
+        numbers exactly (as the final test): the ranks share the work instead of each scoring all of it.
+        """
         if self.data.val is None:
             return None
+        dist = self.loaders.dist
         if self.val_store is not None:
-            order = self.loaders.order(len(self.val_store), train=False)
-            module, batches = self.split.suffix_eval, StoreLoader(self.val_store, 2 * self.loaders.batch_size, order,
-                                                                  self._pin)  # fmt: skip
+            size = 2 * self.loaders.batch_size
+            rows = batch_block(len(self.val_store), size, dist)
+            batches = StoreLoader(self.val_store, size, EpochOrder(len(rows), shuffle=False), self._pin,
+                                  first_row=rows.start)  # fmt: skip
+            module = self.split.suffix_eval
         else:
             if self._val_images is None:  # built once: a device loader copies the whole set over, workers take time
-                self._val_images = self.loaders.eval(self.data.val)
-            module, batches = self.train_module, self._val_images
-        return evaluate(module, batches, precision, num_classes=num_classes, channels_last=self.channels_last)
+                self._val_images = self.loaders.eval(self.data.val, shard=True)
+            # the ranks' blocks may differ by a batch: not through DDP's wrapper, whose forward can wait on the others
+            module, batches = self.model if dist.enabled else self.train_module, self._val_images
+        return evaluate(module, batches, precision, num_classes=num_classes, channels_last=self.channels_last,
+                        dist=dist)  # fmt: skip
 
     def close(self) -> None:
         """Stop the image loaders' worker processes (the validation loader keeps its own between epochs); a later

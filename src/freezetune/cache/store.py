@@ -87,8 +87,10 @@ class StoreLoader:
     copied from pageable host memory would make CUDA wait for every queued kernel before each training step.
     """
 
-    def __init__(self, store: FeatureStore, batch_size: int, order: EpochOrder, pin: bool = False) -> None:
+    def __init__(self, store: FeatureStore, batch_size: int, order: EpochOrder, pin: bool = False,
+                 first_row: int = 0) -> None:  # fmt: skip
         self.store, self.batch_size, self.order, self.pin = store, check_batch_size(batch_size), order, pin
+        self.first_row = first_row  # the order's rows start here (a rank's block of a sharded evaluation)
 
     def set_epoch(self, epoch: int) -> None:
         """The epoch's order and its choice of view per image, as the image loaders pick their augmentation."""
@@ -99,7 +101,7 @@ class StoreLoader:
         return math.ceil(len(self.order) / self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for index in self.order.indices().to(self.store.device).split(self.batch_size):
+        for index in (self.order.indices() + self.first_row).to(self.store.device).split(self.batch_size):
             features, targets = self.store.batch(index)
             yield (features.pin_memory(), targets.pin_memory()) if self.pin else (features, targets)
 
