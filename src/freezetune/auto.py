@@ -43,6 +43,7 @@ from freezetune._io import atomic_write_text
 from freezetune.config import TrainConfig, needs_validation
 from freezetune.interrupt import RunInterrupted
 from freezetune.options import parse_duration
+from freezetune.runtime import RECIPE_FILE, TRIALS_DIR
 
 MIN_TRAINED_STAGES, MAX_TRAINED_STAGES = 2, 4  # candidates train the last 2, 3 or 4 stages (and the head)
 LR_BOOST = 10  # the learning rate of a candidate training k stages is lr * LR_BOOST * min(1, 2 / k)
@@ -53,8 +54,6 @@ LR_BOOST = 10  # the learning rate of a candidate training k stages is lr * LR_B
 TRIAL_FRACTION = 0.5
 DEFAULT_TRAINED_STAGES = 3  # the candidate kept unless the validation split clearly prefers another
 RUN_LR_FACTOR = 0.5  # the run trains at its trial's learning rate times this
-RECIPE_FILE = "recipe.json"
-TRIALS_DIR = "auto-trials"
 
 
 def run(cfg: TrainConfig, *, echo: Callable[[str], None] = print, train: Callable | None = None):

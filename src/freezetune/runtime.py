@@ -13,7 +13,6 @@ import torch
 from torch import nn
 
 from freezetune import checkpoint
-from freezetune.auto import RECIPE_FILE, TRIALS_DIR
 from freezetune.data.loaders import epoch_seed
 from freezetune.errors import CheckpointError, ConfigError
 
@@ -22,6 +21,7 @@ RUN_FILES = ("last.pt", "best.pt", "metrics.csv")
 # config.yaml and classes.json stay (the new run rewrites them; a --resume reads config.yaml for its settings).
 STARTED_FILES = ("best.pt", "metrics.csv", "report.png", "confusion.png", "test_metrics.json", "cache")
 TENSORBOARD_EVENTS = "events.out.tfevents.*"
+RECIPE_FILE, TRIALS_DIR = "recipe.json", "auto-trials"  # the auto recipe's decision and its trials' runs
 # Signs that a run was started here (a recipe's files included): ``--resume`` of such a dir restarts it.
 RUN_TRACES = (*STARTED_FILES, "config.yaml", "classes.json", RECIPE_FILE, TRIALS_DIR)
 
