@@ -100,6 +100,7 @@ def test_validation_reports_every_problem_at_once():
     ({"val_data": "v"}, "val_data and val_split keep theirs"),
     ({"early_stop": 2}, "early_stop and a plateau unfreeze need"),
     ({"unfreeze": "plateau:patience=1"}, "early_stop and a plateau unfreeze need"),
+    ({"unfreeze": " plateau:patience=1"}, "early_stop and a plateau unfreeze need"),  # as a YAML quote may keep it
 ])  # fmt: skip
 def test_refit_is_refused_where_a_validation_set_is_kept_or_needed(kw, needle):
     validate(TrainConfig(data="x", refit=True))

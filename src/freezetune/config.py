@@ -233,7 +233,8 @@ def needs_validation(cfg: TrainConfig) -> bool:
     >>> needs_validation(TrainConfig(early_stop=3)), needs_validation(TrainConfig(unfreeze="epoch:2"))
     (True, False)
     """
-    return bool(cfg.early_stop) or (isinstance(cfg.unfreeze, str) and cfg.unfreeze.startswith("plateau"))
+    # parse_schedule's reading of the kind: the word before ":", spaces around it ignored
+    return bool(cfg.early_stop) or (isinstance(cfg.unfreeze, str) and cfg.unfreeze.strip().startswith("plateau"))
 
 
 def _refit_problem(cfg: TrainConfig) -> str | None:
