@@ -37,7 +37,8 @@ pytestmark = pytest.mark.usefixtures("single_thread_module")
 TINY = ["--model", "timm:test_efficientnet", "--weights", "none", "--img-size", "32", "--device", "cpu",
         "--no-progress", "--batch-size", "4", "--no-tensorboard"]  # fmt: skip
 RUN = [*TINY, "--epochs", "3", "--freeze", "-3"]
-# The auto recipe (no --freeze): 3 trials of 2 steps (half an epoch), then the chosen candidate for 2 epochs.
+# The auto recipe (no --freeze): on 2 validation images only the default candidate's trial runs (2 steps, half an
+# epoch), then that candidate for 2 epochs.
 AUTO = [*TINY, "--epochs", "2", "--cache", "auto"]
 TRIAL_STEPS = 2
 
@@ -234,14 +235,11 @@ def _assert_same_auto_run(a: Path, b: Path) -> None:
 def test_an_auto_run_killed_during_a_trial_restarts_its_trials_to_the_uninterrupted_result(data, uninterrupted_auto,
                                                                                            tmp_path, capsys):  # fmt: skip
     out = tmp_path / "run"
-    # the first step of the second trial: the first trial finished (its metrics kept, the features cached)
-    killed = _stopped_run(_auto_argv(data, out), f"step#{TRIAL_STEPS + 1}", signal.SIGKILL, tmp_path)
+    # the trial's last step: the features cached, the trial's epoch not finished
+    killed = _stopped_run(_auto_argv(data, out), f"step#{TRIAL_STEPS}", signal.SIGKILL, tmp_path)
     assert killed.returncode == -signal.SIGKILL
     trials = out / "auto-trials"
-    assert (
-        sorted(p.name for p in trials.iterdir()) == ["last-2", "last-3"]
-        and (trials / "last-2" / "metrics.csv").exists()
-    )
+    assert sorted(p.name for p in trials.iterdir()) == ["last-3"] and not (trials / "last-3" / "metrics.csv").exists()
     assert not (out / "recipe.json").exists() and not (out / "last.pt").exists()
     code, stdout, err = run_cli(capsys, *_auto_argv(data, out))  # the same command: no --resume, no --overwrite
     assert code == 0, err
@@ -258,7 +256,7 @@ def test_an_auto_run_killed_in_its_final_run_resumes_with_the_saved_decision(
 ):
     out = tmp_path / "run"
     # the final run's second step: recipe.json written, no epoch finished
-    killed = _stopped_run(_auto_argv(data, out), f"step#{3 * TRIAL_STEPS + 2}", signal.SIGKILL, tmp_path)
+    killed = _stopped_run(_auto_argv(data, out), f"step#{TRIAL_STEPS + 2}", signal.SIGKILL, tmp_path)
     assert killed.returncode == -signal.SIGKILL
     assert (out / "recipe.json").exists() and not (out / "last.pt").exists()
     decision = snapshot(out / "auto-trials") | {"recipe.json": (out / "recipe.json").read_bytes()}

@@ -93,6 +93,7 @@ def test_auto_measures_on_the_validation_split_and_keeps_its_evidence(data, tmp_
         return result
 
     monkeypatch.setattr(feature_path, "evaluate", spy)
+    monkeypatch.setattr(auto, "MIN_VAL_TO_COMPARE", 3)  # every candidate's trial, on the 3 held-out images
     lines = []
     result = trainer.train(_cfg(data, tmp_path / "auto", cache="auto", refit=refit), echo=lines.append)
     recipe = json.loads((tmp_path / "auto" / "recipe.json").read_text())
@@ -129,6 +130,21 @@ def test_auto_measures_on_the_validation_split_and_keeps_its_evidence(data, tmp_
     (trial,) = read_metrics(trials / "last-2" / "metrics.csv")
     assert round(trial["img_per_s"] * trial["epoch_time_s"]) == 20  # a trial trains on half of the 39 images
     assert result.seconds["cache"] > 0 and result.seconds["epochs"] > 0
+
+
+def test_auto_on_a_validation_split_too_small_to_compare_runs_only_the_default_trial(data, tmp_path):
+    lines = []
+    result = auto.run(_cfg(data, tmp_path / "auto", cache="auto"), echo=lines.append)
+    recipe = json.loads((tmp_path / "auto" / "recipe.json").read_text())
+    (trial,) = recipe["trials"]
+    assert trial["trained_stages"] == recipe["choice"]["trained_stages"] == auto.DEFAULT_TRAINED_STAGES
+    assert trial["n_val"] == 3 < auto.MIN_VAL_TO_COMPARE
+    assert "3 validation images cannot tell the candidates apart" in recipe["choice"]["why"]
+    assert any("cannot tell the candidates apart" in line for line in lines)
+    trials = tmp_path / "auto" / "auto-trials"
+    assert sorted(p.name for p in trials.iterdir()) == ["last-3"]
+    assert recipe["choice"]["init"] == str(trials / "last-3" / "best.pt")  # its trial still starts the run
+    assert checkpoint.load(tmp_path / "auto" / "last.pt")["epoch"] == 2 and result.test["n"] == 12
 
 
 def test_sweep_compares_recipes_reuses_features_and_its_winner_reproduces(data, tmp_path, capsys, monkeypatch):
