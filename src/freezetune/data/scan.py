@@ -55,11 +55,14 @@ def jpeg_complete(data: bytes) -> bool:
 
     >>> jpeg_complete(bytes.fromhex("ffd8 ffda0002 1234ff00 ffd9")), jpeg_complete(bytes.fromhex("ffd8 ffda0002 1234"))
     (True, False)
+    >>> jpeg_complete(bytes.fromhex("ffd8 ffe00004 0000 00 ffda0002 12 ffd9"))  # a stray byte before the scan
+    True
     """
     pos = 2  # after SOI
     while pos + 4 <= len(data):
-        if data[pos] != 0xFF:
-            return False
+        if data[pos] != 0xFF:  # junk between segments: skipped, as PIL's reader does
+            pos += 1
+            continue
         marker = data[pos + 1]
         if marker == 0xFF:  # fill byte before a marker
             pos += 1
