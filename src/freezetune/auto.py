@@ -111,7 +111,7 @@ def run(cfg: TrainConfig, *, echo: Callable[[str], None] = print, train: Callabl
 
 def _measure(base: TrainConfig, ks: list[int], out: Path, train: Callable, echo: Callable[[str], None]):
     """The trials (the default candidate's first), the chosen one, and why it was chosen."""
-    default_k = DEFAULT_TRAINED_STAGES if DEFAULT_TRAINED_STAGES in ks else ks[len(ks) // 2]
+    default_k = default_stages(ks)
     first = _trial(base, default_k, out, train, echo)
     n_val = first["n_val"]
     if n_val < MIN_VAL_TO_COMPARE and len(ks) > 1:
@@ -216,6 +216,16 @@ def _affordable(cfg: TrainConfig, choice: dict, spent: float) -> int:
     return max(1, math.floor((budget - spent) / max(choice["epoch_s"], 1e-6)))
 
 
+def default_stages(ks: list[int]) -> int:
+    """The default candidate among ``ks`` (ascending): ``DEFAULT_TRAINED_STAGES``, else the middle one (a model with
+    fewer stages).
+
+    >>> default_stages([2, 3, 4]), default_stages([1, 2])
+    (3, 2)
+    """
+    return DEFAULT_TRAINED_STAGES if DEFAULT_TRAINED_STAGES in ks else ks[len(ks) // 2]
+
+
 def choose(trials: list[dict], n_val: int) -> dict:
     """The default candidate (``DEFAULT_TRAINED_STAGES``), unless another beat it on the validation split by more
     than the noise of a split of ``n_val`` images (one standard error of the difference of two accuracies); among
@@ -227,7 +237,8 @@ def choose(trials: list[dict], n_val: int) -> dict:
     (3, 4)
     """
     scored = [t for t in trials if t["val_acc"] is not None and math.isfinite(t["val_acc"])]
-    default = next((t for t in trials if t["trained_stages"] == DEFAULT_TRAINED_STAGES), trials[len(trials) // 2])
+    default_k = default_stages([t["trained_stages"] for t in trials])
+    default = next(t for t in trials if t["trained_stages"] == default_k)
     if not scored or default not in scored:
         return default
     p = default["val_acc"]
