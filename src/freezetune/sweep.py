@@ -20,7 +20,7 @@ from pathlib import Path
 import yaml
 
 from freezetune._io import atomic_output, atomic_write_text
-from freezetune.config import TrainConfig
+from freezetune.config import TrainConfig, load_config
 from freezetune.errors import ConfigError
 from freezetune.options import BATCH_AUTO, RECIPES, check, parse_duration, recipe_problem
 
@@ -137,7 +137,7 @@ def _winner_config(cfg: TrainConfig, winner: dict) -> dict:
               "final_test": True, "budget": None, "refit": False}  # fmt: skip
     saved = Path(winner["run_dir"]) / "config.yaml"
     if cfg.batch_size == BATCH_AUTO and saved.is_file():
-        values["batch_size"] = yaml.safe_load(saved.read_text())["batch_size"]
+        values["batch_size"] = load_config(saved).batch_size
     return values
 
 
