@@ -5,6 +5,7 @@ Benchmarks are not tests: they print what they measured and the ratios between c
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import resource
@@ -137,6 +138,23 @@ DATASETS = {
     "digits": "scikit-learn digits (8x8)",
     "patches": "scikit-image photo patches (20x20, which of 10 photos)",
 }
+# Besides those names, ``--dataset`` takes a directory: data we have not tuned for. An IDX directory (train-* and
+# optionally t10k-* files, as MNIST-style datasets ship) or an image folder (``train/<class>/`` and optionally
+# ``test/<class>/``, or ``<class>/`` alone). Without a test split the images outside the subset are the test set.
+FOLDER_SIDE_OVER_RES = 1.25  # folder images are stored square at this x res (>= the eval transform's resize side)
+
+
+def dataset_title(dataset: str) -> str:
+    """How reports name ``dataset``: its description, or the directory it was read from."""
+    return DATASETS.get(dataset) or f"the images in {dataset}"
+
+
+def check_dataset(dataset: str) -> str:
+    """``dataset`` if it names a dataset or a directory of one, else the one-line error an argparse type raises."""
+    if dataset in DATASETS or Path(dataset).is_dir():
+        return dataset
+    raise argparse.ArgumentTypeError(f"{dataset!r} is neither one of {', '.join(DATASETS)} nor a directory")
+
 
 # patches: which of these scikit-image sample photos (greyscale) a 20 px patch comes from; label = position here.
 # Train patches come from the left 60 % of each photo's width, test patches from the right 40 %.
@@ -161,26 +179,24 @@ def prepare_data(path: Path, *, dataset: str, per_class: int, seed: int, res: in
     """
     from freezetune.data import eval_transform
 
-    split = _split(dataset, per_class, seed, val_n, test_n)
+    split = _split(dataset, per_class, seed, val_n, test_n, res)
     pre = preprocess_for(res)
     transform = eval_transform(pre)
     x_test = split["test"][0]
-    x_test = torch.cat(
-        [_as_uint8(transform(x_test[i : i + 1000].unsqueeze(1)), pre) for i in range(0, len(x_test), 1000)]
-    )
+    x_test = torch.cat([_as_uint8(transform(_chw(x_test[i : i + 1000])), pre) for i in range(0, len(x_test), 1000)])
     data = {
-        "x_train": transform(split["train"][0].unsqueeze(1)),
+        "x_train": transform(_chw(split["train"][0])).contiguous(),  # an RGB folder's come channels-last
         "y_train": split["train"][1].clone(),
         "x_test": x_test,
         "y_test": split["test"][1].clone(),
-        "x_val": transform(split["val"][0].unsqueeze(1)),
+        "x_val": transform(_chw(split["val"][0])).contiguous(),
         "y_val": split["val"][1].clone(),
         "mean": pre.mean,
         "std": pre.std,
         "res": res,
         "classes": split["classes"],
         "dataset": dataset,
-        "data_dir": str(path.parent / f"{dataset}-idx"),
+        "data_dir": str(path.parent / f"{Path(dataset).name}-idx"),
         "val_dir": str(path.parent / "val-idx"),
     }
     _write_idx_dir(Path(data["data_dir"]), split["train"], split["test"], split["classes"])
@@ -189,13 +205,18 @@ def prepare_data(path: Path, *, dataset: str, per_class: int, seed: int, res: in
     return data
 
 
-def _split(dataset: str, per_class: int, seed: int, val_n: int, test_n: int | None) -> dict:
+def _chw(images: torch.Tensor) -> torch.Tensor:
+    """uint8 ``[N, H, W]`` (grey) or ``[N, H, W, C]`` -> ``[N, C, H, W]``, what the transform takes."""
+    return images.unsqueeze(1) if images.dim() == 3 else images.permute(0, 3, 1, 2)
+
+
+def _split(dataset: str, per_class: int, seed: int, val_n: int, test_n: int | None, res: int) -> dict:
     """uint8 images and labels of the train subset, the validation images (the first ``val_n`` outside the subset)
     and the test images (Fashion-MNIST: its test split; digits: everything else; patches: those from the right 40 %
     of the photos), the first ``test_n`` of them."""
     from freezetune.data.sampling import per_class_indices
 
-    images, targets, test, classes = _source(dataset)
+    images, targets, test, classes = _source(dataset, res)
     counts = torch.bincount(targets)
     if test is None and per_class >= int(counts.min()):
         raise SystemExit(f"--per-class {per_class}: {dataset} has {int(counts.min())} images in its smallest class; "
@@ -215,9 +236,9 @@ def _split(dataset: str, per_class: int, seed: int, val_n: int, test_n: int | No
             "test": (test[0][:n], test[1][:n]), "classes": classes}  # fmt: skip
 
 
-def _source(dataset: str) -> tuple[torch.Tensor, torch.Tensor, tuple | None, list[str]]:
-    """(train images uint8 [N, H, W], labels, the official test split or None, class names)."""
-    from freezetune.data.idx import DIGIT_CLASSES, FASHION_CLASSES, load_idx
+def _source(dataset: str, res: int) -> tuple[torch.Tensor, torch.Tensor, tuple | None, list[str]]:
+    """(train images uint8 [N, H, W] or [N, H, W, C], labels, the official test split or None, class names)."""
+    from freezetune.data.idx import DIGIT_CLASSES, FASHION_CLASSES, idx_files, is_idx_dir, load_idx
 
     if dataset == "fashion":
         train, test = load_idx(FASHION, "train"), load_idx(FASHION, "test")
@@ -231,7 +252,32 @@ def _source(dataset: str) -> tuple[torch.Tensor, torch.Tensor, tuple | None, lis
     if dataset == "patches":
         train, test = _patches()
         return *train, test, list(PATCH_PHOTOS)
-    raise SystemExit(f"unknown dataset {dataset!r}; choose from: {', '.join(DATASETS)}")
+    if is_idx_dir(dataset):
+        train = load_idx(dataset, "train")
+        test = load_idx(dataset, "test") if idx_files(dataset, "test") else None
+        return train.images, train.targets, (test.images, test.targets) if test else None, train.classes
+    if Path(dataset).is_dir():
+        return _folder(Path(dataset), round(res * FOLDER_SIDE_OVER_RES))
+    raise SystemExit(f"unknown dataset {dataset!r}; choose from: {', '.join(DATASETS)}, or a directory")
+
+
+def _folder(root: Path, side: int) -> tuple[torch.Tensor, torch.Tensor, tuple | None, list[str]]:
+    """An image folder read with freezetune's own reader (``train/`` + ``test/``, or the class folders alone), each
+    image RGB, its short side resized to ``side`` and centre-cropped square: one uint8 ``[N, side, side, 3]``."""
+    from freezetune.data.folder import scan_folder
+
+    train_root = root / "train" if (root / "train").is_dir() else root
+    train = scan_folder(train_root)
+    test = scan_folder(root / "test", classes=train.classes) if (root / "test").is_dir() else None
+    return *_decoded(train, side), (_decoded(test, side) if test else None), list(train.classes)
+
+
+def _decoded(dataset, side: int) -> tuple[torch.Tensor, torch.Tensor]:
+    from torchvision.transforms import v2
+
+    square = v2.Compose([v2.Resize(side, antialias=True), v2.CenterCrop(side), v2.PILToTensor()])
+    images = [square(dataset[i][0].convert("RGB")).permute(1, 2, 0) for i in range(len(dataset))]
+    return torch.stack(images), torch.as_tensor(dataset.targets, dtype=torch.long)
 
 
 def _patches() -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
