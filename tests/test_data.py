@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import logging
 import struct
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -215,6 +216,19 @@ def test_list_images_and_load_image(tmp_path):
         list_images([str(tmp_path / "nope")])
     with pytest.raises(DataError, match="notes.txt"):
         load_image(tmp_path / "d" / "notes.txt")
+
+
+def test_load_image_palette_with_transparency_is_quiet(tmp_path):
+    # Icons and emoji often come as palette PNGs with a transparent index: PIL warns on each one it converts
+    # straight to RGB (a warning per image, from every loader worker). The pixels must stay what they were.
+    img = Image.new("P", (4, 4), 1)
+    img.putpalette([0, 0, 0, 200, 30, 10] + [0] * 762)
+    img.putpixel((0, 0), 0)
+    img.save(tmp_path / "icon.png", transparency=bytes([0, 128] + [255] * 254))  # partial alpha: kept as bytes
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        rgb = load_image(tmp_path / "icon.png")
+    assert rgb.mode == "RGB" and rgb.getpixel((0, 0)) == (0, 0, 0) and rgb.getpixel((1, 1)) == (200, 30, 10)
 
 
 # ---- sampling -----------------------------------------------------------------------------------------------------

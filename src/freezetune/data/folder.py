@@ -31,6 +31,10 @@ def load_image(path: str | Path) -> Image.Image:
     """
     try:
         with Image.open(path) as img:
+            if img.mode == "P" and isinstance(img.info.get("transparency"), bytes):
+                # A palette with per-entry alpha (icons, emoji): PIL warns on every direct RGB conversion and asks
+                # for RGBA first; the RGB values are the same either way.
+                img = img.convert("RGBA")
             return img.convert("RGB")
     except (OSError, UnidentifiedImageError) as e:
         raise DataError(f"cannot read image '{path}': {e}") from e
