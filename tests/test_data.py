@@ -422,6 +422,21 @@ def test_a_jpeg_cut_short_is_caught_by_the_pre_scan_though_its_header_verifies(t
         load_image(path)  # everything kept decodes, the appended video included
 
 
+@pytest.mark.parametrize("fmt", ["GIF", "BMP", "TIFF", "PNG", "WEBP", "ICO", "PPM"])
+def test_every_format_cut_short_is_caught_by_the_pre_scan(tmp_path, fmt):
+    # GIF, BMP and uncompressed TIFF headers verify when their pixel data is cut short, as a JPEG's did
+    from freezetune.data.scan import image_problem
+
+    pixels = np.random.default_rng(0).integers(0, 255, (48, 64, 3), dtype=np.uint8)
+    whole = tmp_path / f"whole.{fmt.lower()}"
+    Image.fromarray(pixels).save(whole, fmt)
+    assert image_problem(str(whole)) is None
+    for keep in (0.5, 0.98):
+        cut = tmp_path / f"cut{keep}.{fmt.lower()}"
+        cut.write_bytes(whole.read_bytes()[: int(whole.stat().st_size * keep)])
+        assert image_problem(str(cut)) is not None, f"{fmt} cut to {keep:.0%} passed the pre-scan"
+
+
 def test_pre_scan_names_the_first_few_and_counts_the_rest(tmp_path):
     make_folder(tmp_path, 4)
     for i in range(4):

@@ -4,7 +4,8 @@ the run at its start, named, instead of surfacing hours in as a worker traceback
 Only headers are read (PIL opens lazily; ``verify`` checks the structure without decoding pixels), in a few threads
 because the cost is file-system latency, so ten thousand files take seconds. ``verify`` does not notice a JPEG cut
 short (an interrupted download or copy): PIL fails on it only when it decodes the pixels, mid-training. So a JPEG's
-markers are walked to the compressed data, which must be followed by the end-of-image marker.
+markers are walked to the compressed data, which must be followed by the end-of-image marker. Formats other than
+JPEG, PNG and WebP are decoded in full: nothing short of that tells a cut GIF, BMP or TIFF from a whole one.
 """
 
 from __future__ import annotations
@@ -24,6 +25,12 @@ _THREADS = 8  # file opens wait on the disk, not the CPU
 _NAMED = 5  # unreadable files named in the error; the count says how many more
 
 
+# Formats whose truncation is caught without decoding pixels: PNG by verify's checksums up to its end chunk, WebP
+# (its decoder refuses a short file when it opens), JPEG by the marker walk. The headers of the others (GIF, BMP,
+# TIFF, PPM ...) do not say where their pixel data ends, so they are decoded; they are rare in datasets.
+_CHECKED_WITHOUT_DECODE = {"JPEG", "PNG", "WEBP"}
+
+
 def image_problem(path: str) -> str | None:
     """Why ``path`` is not a readable image (one short reason), or None when its header is sound.
 
@@ -33,9 +40,12 @@ def image_problem(path: str) -> str | None:
     try:
         with Image.open(path) as img:
             img.verify()  # structure and checksums where the format has them; no pixel decode
-            jpeg = img.format == "JPEG"
-        if jpeg and not jpeg_complete(Path(path).read_bytes()):
+            fmt = img.format
+        if fmt == "JPEG" and not jpeg_complete(Path(path).read_bytes()):
             return "truncated: the JPEG data stops before its end-of-image marker"
+        if fmt not in _CHECKED_WITHOUT_DECODE:
+            with Image.open(path) as img:  # verify() leaves the image unusable: open it again
+                img.load()
     except Exception as exc:  # PIL raises OSError, SyntaxError, struct.error ... for broken files
         why = getattr(exc, "strerror", None) or str(exc).split("\n")[0] or type(exc).__name__
         return why.replace(f" {str(path)!r}", "")  # PIL repeats the path the message is already about
