@@ -11,6 +11,11 @@
 # Python: $PYTHON, else .venv-bench, else .venv, else python3 (the lent machine's, with torch, timm, lightning);
 # freezetune comes from src/ when it is not installed. Results: one text file per step in $BENCH_OUT (default $OUT
 # when set, else a new temp dir). TRANSFER_ONLY=a,b,... picks transfer contenders.
+#
+# Issue D's GPU line (transfer at 10, 100 and 1000 images per class, 3 seeds) does not fit beside the rest in one
+# device call; a second call runs only it, each size under its own limit (STEPS picks steps, TRANSFER_* size them):
+#   STEPS=transfer TRANSFER_PER_CLASS="10 100 1000" TRANSFER_SEEDS=0,1,2 TRANSFER_LIMIT=150 \
+#     TRANSFER_ONLY=seed,lightning,fastai,full,ft-default bash benchmarks/gpu.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 # the Lite0 ImageNet weights are packaged: never wait on a hub
@@ -43,18 +48,30 @@ step() { # step NAME LIMIT_S COMMAND...: run with a time limit, keep the output 
   echo "$name: exit $rc after $((SECONDS - t0)) s$([ "$rc" = 124 ] && echo ' (time limit)')" | tee -a "$out/steps.txt"
 }
 
+steps=" ${STEPS:-tests throughput loader transfer} "
+wanted() { [[ "$steps" == *" $1 "* ]]; }
+
 step env 30 "$py" -c 'import sys, torch, torchvision, timm; print("python", sys.version.split()[0], "torch", torch.__version__, "torchvision", torchvision.__version__, "timm", timm.__version__, "|", torch.cuda.get_device_name(0), "|", torch.get_num_threads(), "threads")'
-step tests 60 "$py" -m pytest -q -p no:cacheprovider -m gpu tests/test_cuda.py tests/test_data_gpu.py
-step throughput 100 "$py" benchmarks/throughput.py --device cuda
-step loader 50 "$py" benchmarks/loader.py --device cuda
-step transfer 150 "$py" benchmarks/transfer.py --device cuda --res 224 --epochs 10 --per-class 100 \
-  --only "${TRANSFER_ONLY:-seed,lightning,full,ft-head,ft-last3,ft-default}"
+wanted tests && step tests 60 "$py" -m pytest -q -p no:cacheprovider -m gpu tests/test_cuda.py tests/test_data_gpu.py
+wanted throughput && step throughput 100 "$py" benchmarks/throughput.py --device cuda
+wanted loader && step loader 50 "$py" benchmarks/loader.py --device cuda
+transfers=()
+if wanted transfer; then
+  for k in ${TRANSFER_PER_CLASS:-100}; do
+    name=transfer$([ "$k" = 100 ] || echo "-$k") # transfer.txt for the usual 100 a class
+    transfers+=("$name")
+    step "$name" "${TRANSFER_LIMIT:-150}" "$py" benchmarks/transfer.py --device cuda --res 224 --epochs 10 \
+      --per-class "$k" --seeds "${TRANSFER_SEEDS:-0}" \
+      --only "${TRANSFER_ONLY:-seed,lightning,full,ft-head,ft-last3,ft-default}"
+  done
+fi
 
 echo
 echo "================================ summary ($((SECONDS - start)) s, files in $out) ================================"
 cat "$out/env.txt" "$out/steps.txt"
-tail -n 3 "$out/tests.txt"
-for name in throughput loader transfer; do
+[ -f "$out/tests.txt" ] && tail -n 3 "$out/tests.txt"
+for name in throughput loader "${transfers[@]}"; do
+  [ -f "$out/$name.txt" ] || continue
   echo
-  sed -n "/^$name/,\$p" "$out/$name.txt" # each benchmark's table starts with a line naming it
+  sed -n "/^${name%%-*}/,\$p" "$out/$name.txt" # each benchmark's table starts with a line naming it
 done
