@@ -2,8 +2,8 @@
 
 Every contender fine-tunes the same ImageNet EfficientNet-Lite0 on the same subset (``--per-class`` images per class,
 drawn with seed 0) of Fashion-MNIST, scikit-learn's digits or ``patches`` (which of 10 scikit-image photos a 20 px
-patch comes from; train patches from the left 60 % of each photo, test patches from the right 40 %), preprocessed the
-same way, and is scored by the same function on the same test images. Each contender runs in a fresh subprocess per
+patch comes from; train patches from the left 60 % of each photo, test patches from the right 40 %) or a directory
+of your own (an IDX directory or an image folder: data the recipe was not tuned on), preprocessed the same way, and is scored by the same function on the same test images. Each contender runs in a fresh subprocess per
 seed (``--seeds``), so its peak memory is its own; the seed sets the head's initialisation and the data order, never
 the training images. Training time excludes model creation and evaluation on both sides; it includes whatever a user
 pays to train: freezetune's feature-cache build (and the auto recipe's trials), the frameworks' own per-epoch work
@@ -11,6 +11,7 @@ pays to train: freezetune's feature-cache build (and the auto recipe's trials), 
 
     python benchmarks/transfer.py --res 64 --per-class 100 --epochs 3            # CPU, a few minutes
     python benchmarks/transfer.py --dataset patches --res 64 --epochs 3          # CPU, the photo patches
+    python benchmarks/transfer.py --dataset DIR --res 64 --epochs 3              # CPU, your own data
     python benchmarks/transfer.py --device cuda --res 224 --epochs 10            # one GPU
 """
 
