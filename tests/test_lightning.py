@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import lightning.pytorch as L
@@ -57,6 +58,23 @@ def test_a_stage_unfrozen_after_epoch_0_trains_with_its_lr_while_frozen_batchnor
     assert torch.equal(after["block2.0.weight"], before["block2.0.weight"])
     # Lightning calls model.train() every epoch: the frozen BatchNorm still never updated its statistics
     assert torch.equal(lit.model.block1[1].running_mean, bn1) and not lit.model.block1[1].training
+
+
+def test_frozen_batchnorm_in_eval_mode_does_not_raise_lightnings_warning_but_another_module_does():
+    # Lightning warns at fit start about every module in eval mode ("if this is intentional, you can ignore this
+    # warning"): the frozen BatchNorm layers are, by design; a module the user left in eval mode is not
+    def eval_mode_warnings(lit: LitTiny) -> list[str]:
+        trainer = L.Trainer(max_epochs=1, enable_checkpointing=False, callbacks=[FreezetuneFinetuning("backbone")],
+                            **FAST)  # fmt: skip
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            trainer.fit(lit, *loaders())
+        return [str(w.message) for w in seen if "in eval mode" in str(w.message)]
+
+    assert eval_mode_warnings(LitTiny()) == []
+    lit = LitTiny()
+    lit.model.block3[0].eval()  # a convolution: not the freezing's doing
+    assert len(eval_mode_warnings(lit)) == 1
 
 
 def test_resume_after_an_unfreeze_keeps_the_stage_and_its_optimizer_state(tmp_path):

@@ -16,6 +16,8 @@ re-create the unfrozen stages' groups) -> restore of the optimizer and scheduler
 
 from __future__ import annotations
 
+import re
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -139,7 +141,11 @@ class FreezetuneFinetuning(Callback):
             self.unfreezer.load_state_dict(self._pending)
             self._pending = None
         trainable, total = count_parameters(net)
-        rank_zero_info(f"freezetune: {trainable:,} of {total:,} parameters train; unfrozen {self.unfreezer.unfrozen}")
+        kept = _expect_frozen_norms_in_eval(pl_module)
+        rank_zero_info(
+            f"freezetune: {trainable:,} of {total:,} parameters train; unfrozen {self.unfreezer.unfrozen}"
+            + (f"; {kept} frozen BatchNorm layer(s) keep their statistics (eval mode)" if kept else "")
+        )
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Recorded here, before ModelCheckpoint (Lightning runs checkpoint callbacks last) saves our state with it.
@@ -214,6 +220,17 @@ def _check_strategy(trainer: pl.Trainer) -> None:
             f"FreezetuneFinetuning supports one device or DDP ({choices(['ddp', 'ddp_spawn', 'ddp_notebook'])}); "
             f"this trainer uses {type(trainer.strategy).__name__}"
         )
+
+
+def _expect_frozen_norms_in_eval(pl_module: pl.LightningModule) -> int:
+    """How many BatchNorm layers are in eval mode, by the frozen policy; Lightning's start-of-fit warning about them
+    ("found N module(s) in eval mode ... if this is intentional, you can ignore this warning") is silenced for that
+    exact count. A module left in eval mode that is not a BatchNorm layer changes the count, and the warning shows."""
+    in_eval = [m for m in pl_module.modules() if not m.training]
+    if not in_eval or not all(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in in_eval):
+        return 0
+    warnings.filterwarnings("ignore", message=re.escape(f"Found {len(in_eval)} module(s) in eval mode at the start"))
+    return len(in_eval)
 
 
 def _first_optimizer(trainer: pl.Trainer) -> torch.optim.Optimizer:
