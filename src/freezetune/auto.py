@@ -87,7 +87,7 @@ def run(cfg: TrainConfig, *, echo: Callable[[str], None] = print, train: Callabl
     base = _base(cfg, out, cut)
     echo(f"auto: choosing how many of the last stages to train ({', '.join(map(str, ks))}) from a trial each on "
          f"{TRIAL_FRACTION:.0%} of the training set, scored on the validation split (features cached once, before "
-         f"{cut}); the default's trial first, the others' if the split has {MIN_VAL_TO_COMPARE} images or more")  # fmt: skip
+         f"{cut}); the default's trial first, the others' if the split holds {MIN_VAL_TO_COMPARE} or more")  # fmt: skip
     trials, choice, why = _measure(base, ks, out, train, echo)
     epochs, refit = _affordable(cfg, choice, time.perf_counter() - start), refits(cfg)
     run_lr = choice["lr"] * RUN_LR_FACTOR  # from the trial's fitted weights: a smaller step (see the docstring)
@@ -113,10 +113,10 @@ def _measure(base: TrainConfig, ks: list[int], out: Path, train: Callable, echo:
     """The trials (the default candidate's first), the chosen one, and why it was chosen."""
     default_k = default_stages(ks)
     first = _trial(base, default_k, out, train, echo)
-    n_val = first["n_val"]
+    n_val, kind = first["n_val"], first["data_kind"]
     if n_val < MIN_VAL_TO_COMPARE and len(ks) > 1:
         noise = 100 * _noise(0.75, n_val)
-        return [first], first, (f"the default (last {default_k} stages): {n_val} validation images cannot tell the "
+        return [first], first, (f"the default (last {default_k} stages): {n_val} validation {kind} cannot tell the "
                                 f"candidates apart (one standard error of a difference near 75 % is {noise:.1f} points "
                                 f"on them; the candidates trained to the end differ by about 3), so only its trial "
                                 f"ran")  # fmt: skip
@@ -125,9 +125,9 @@ def _measure(base: TrainConfig, ks: list[int], out: Path, train: Callable, echo:
     choice = choose(trials, n_val)
     if choice is not first:
         return trials, choice, (f"its trial beat the default (last {default_k} stages) by more than the noise of "
-                                f"{n_val} validation images")  # fmt: skip
+                                f"{n_val} validation {kind}")  # fmt: skip
     return trials, choice, (f"the default (last {default_k} stages): no trial beat it by more than the noise of "
-                            f"{n_val} validation images")  # fmt: skip
+                            f"{n_val} validation {kind}")  # fmt: skip
 
 
 def _base(cfg: TrainConfig, out: Path, cut: str) -> TrainConfig:
@@ -155,7 +155,8 @@ def _trial(base: TrainConfig, k: int, out: Path, train: Callable, echo: Callable
          f"({sum(seconds.values()):.1f}s)")  # fmt: skip
     return {"trained_stages": k, "freeze": -(k + 1), "lr": trial_cfg.lr, "val_acc": result.best_metric,
             "seconds": seconds, "epoch_s": row.get("epoch_time_s", 0.0) / TRIAL_FRACTION,
-            "trainable_params": row.get("trainable_params"), "n_val": _val_size(result)}  # fmt: skip
+            "trainable_params": row.get("trainable_params"), "n_val": _val_size(result),
+            "data_kind": result.data_kind}  # fmt: skip
 
 
 def _start_from(out: Path, trials: list[dict], choice: dict, init: str | None) -> str | None:

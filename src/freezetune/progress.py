@@ -86,6 +86,7 @@ class RunResult:
     test: dict | None = None
     history: list[dict] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
+    data_kind: str = "images"  # what the items were, for messages: "images" or "texts"
 
     @property
     def train_seconds(self) -> float:

@@ -20,7 +20,7 @@ from freezetune import checkpoint, epoch_log, recipes, reporting, runtime
 from freezetune._io import atomic_write_text
 from freezetune.cache import FeaturePath
 from freezetune.config import TrainConfig, parse_freeze_spec, validate
-from freezetune.data import Loaders, build_datasets
+from freezetune.data import Loaders, build_datasets, noun
 from freezetune.depthwise import use_fast_depthwise
 from freezetune.distributed import (
     all_reduce_sum,
@@ -186,8 +186,9 @@ class Trainer:
     def fit(self) -> RunResult:
         """Train the remaining epochs, then plot the curves and score ``best.pt`` on the test split."""
         trainable, total = count_parameters(self.model)
-        self.echo(f"{self.cfg.model} on {self.precision.describe()}: {len(self.data.train)} train images, "
-                  f"{len(self.classes)} classes, {trainable:,}/{total:,} parameters trainable\n"
+        self.echo(f"{self.cfg.model} on {self.precision.describe()}: {len(self.data.train)} train "
+                  f"{noun(self.data.train)}, {len(self.classes)} classes, {trainable:,}/{total:,} parameters "
+                  f"trainable\n"
                   f"validation: {self.data.val_source}\n{summary(self.model)}")  # fmt: skip
         if self.data.skipped:
             self.echo(f"skipped {len(self.data.skipped)} unreadable image file(s) (--skip-bad): listed in "
@@ -207,7 +208,8 @@ class Trainer:
         test = self._final_test()
         barrier(self.dist)
         p = self.progress
-        return RunResult(self.run_dir, p.best_epoch, p.best_metric, test, list(self.metrics.rows), self.seconds)
+        return RunResult(self.run_dir, p.best_epoch, p.best_metric, test, list(self.metrics.rows), self.seconds,
+                         data_kind=noun(self.data.train))  # fmt: skip
 
     def _epochs(self) -> None:
         cfg, unfreezer = self.cfg, self.state.unfreezer

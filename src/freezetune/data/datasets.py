@@ -17,7 +17,7 @@ from freezetune.data.folder import read_csv, scan_folder
 from freezetune.data.idx import CLASS_NAMES_FILE, idx_files, is_idx_dir, load_idx
 from freezetune.data.sampling import per_class_indices, stratified_split
 from freezetune.data.scan import check_images
-from freezetune.data.text import read_text_csv, text_csv_header
+from freezetune.data.text import TextDataset, read_text_csv, text_csv_header
 from freezetune.data.transforms import eval_transform, train_transform
 from freezetune.errors import ConfigError, DataError, choices
 from freezetune.options import AUG_DEFAULT, fraction_problem, positive_int_problem
@@ -121,6 +121,15 @@ def _hold_out(train: Dataset, fraction: float, seed: int, max_per_class: int | N
 _HELD_OUT = "no validation data given"
 
 
+def noun(ds: Dataset) -> str:
+    """What the items of ``ds`` are called in messages: "texts" for a text dataset, else "images".
+
+    >>> noun(TextDataset(["fine"], torch.tensor([0]), ["a"]))
+    'texts'
+    """
+    return "texts" if isinstance(ds, TextDataset) else "images"
+
+
 def _validation(train: Dataset, val: Dataset | None, *, val_data: str | None, val_split: float | None,
                 seed: int) -> tuple[Dataset, Dataset | None, str]:  # fmt: skip
     """The validation set by the first rule that applies (``build_datasets``), the training set left, and the rule."""
@@ -130,10 +139,11 @@ def _validation(train: Dataset, val: Dataset | None, *, val_data: str | None, va
         return train, val, "the validation folder"
     if val_split is not None:
         train, val = _hold_out(train, val_split, seed)
-        return train, val, f"val_split {val_split}: {len(val)} training images held out"
+        return train, val, f"val_split {val_split}: {len(val)} training {noun(train)} held out"
     train, val = _hold_out(train, AUTO_VAL_FRACTION, seed, AUTO_VAL_MAX_PER_CLASS)
-    return train, val, (f"{_HELD_OUT}: {len(val)} training images held out ({AUTO_VAL_FRACTION:.0%} per class, 1 to "
-                        f"{AUTO_VAL_MAX_PER_CLASS} each); the test split is only scored at the end")  # fmt: skip
+    return train, val, (f"{_HELD_OUT}: {len(val)} training {noun(train)} held out ({AUTO_VAL_FRACTION:.0%} per "
+                        f"class, 1 to {AUTO_VAL_MAX_PER_CLASS} each); the test split is only scored at the "
+                        "end")  # fmt: skip
 
 
 def _refit(train: Dataset, val: Dataset, val_source: str, per_class: int | None) -> tuple[Dataset, Dataset | None, str]:
@@ -143,8 +153,8 @@ def _refit(train: Dataset, val: Dataset, val_source: str, per_class: int | None)
     joined = torch.bincount(torch.cat([train.targets, val.targets]), minlength=len(train.classes))
     if per_class is not None and int(joined.max()) > per_class:
         return train, val, f"{val_source} (not refit: that would train on more than per_class={per_class} a class)"
-    source = (f"none: the {len(val)} images held out for validation train too (refit: the auto recipe has chosen); "
-              "best.pt is the last epoch; the test split is only scored at the end")  # fmt: skip
+    source = (f"none: the {len(val)} {noun(val)} held out for validation train too (refit: the auto recipe has "
+              "chosen); best.pt is the last epoch; the test split is only scored at the end")  # fmt: skip
     return train.joined(val), None, source
 
 
@@ -241,11 +251,12 @@ def build_datasets(
         if ds is not None:
             ds.transform = eval_tf
     log.info(
-        "%s data: %d train, %s val, %s test images, %d classes",
+        "%s data: %d train, %s val, %s test %s, %d classes",
         source,
         len(train),
         len(val) if val is not None else "no",
         len(test) if test is not None else "no",
+        noun(train),
         len(train.classes),
     )
     return DataBundle(train=train, val=val, test=test, classes=list(train.classes), source=source,
