@@ -86,8 +86,9 @@ def run(cfg: TrainConfig, *, echo: Callable[[str], None] = print, train: Callabl
     ks, cut = _candidates(cfg)
     base = _base(cfg, out, cut)
     echo(f"auto: choosing how many of the last stages to train ({', '.join(map(str, ks))}) from a trial each on "
-         f"{TRIAL_FRACTION:.0%} of the training set, scored on the validation split (features cached once, before "
-         f"{cut}); the default's trial first, the others' if the split holds {MIN_VAL_TO_COMPARE} or more")  # fmt: skip
+         f"{TRIAL_FRACTION:.0%} of the training set, scored on the validation split (what comes before {cut} is "
+         f"frozen in all of them, its features cached once where the data allows); the default's trial first, the "
+         f"others' if the split holds {MIN_VAL_TO_COMPARE} or more")  # fmt: skip
     trials, choice, why = _measure(base, ks, out, train, echo)
     epochs, refit = _affordable(cfg, choice, time.perf_counter() - start), refits(cfg)
     run_lr = choice["lr"] * RUN_LR_FACTOR  # from the trial's fitted weights: a smaller step (see the docstring)
