@@ -121,6 +121,29 @@ def test_refit_keeps_validation_it_did_not_hold_out_or_beyond_per_class(tmp_path
     assert (len(folder.train), len(folder.val)) == (12, 6) and folder.val_source == "the validation folder"
 
 
+def test_per_class_warns_about_the_classes_that_train_short_and_why(tmp_path, caplog):
+    # 20 a class and per_class 20: the automatic hold-out takes 2 a class first, so the trials train on 18; refit gives
+    # them back (no warning), a val_split keeps them (the warning says where they went); 15 a class is short anyway
+    root = str(make_idx_dir(tmp_path / "mnist", n_train=200))
+
+    def warned(data: str = root, **kwargs) -> str:
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="freezetune"):
+            build_datasets(data, seed=1, preprocess=PRE, **kwargs)
+        return caplog.text
+
+    assert "per_class" not in warned(per_class=20, refit=True)
+    assert "per_class=20: 10 of 10 classes have fewer training images after the 20 held out for validation and use all" \
+        in warned(per_class=20)  # fmt: skip
+    assert "after the 40 held out" in warned(per_class=20, val_split=0.2)
+    assert "per_class=20" not in warned(per_class=18)
+    make_folder(tmp_path / "f" / "train", 4)
+    make_folder(tmp_path / "f" / "val", 2)  # a validation folder takes nothing from the training images
+    assert "3 of 3 classes have fewer training images and use all they have (blue: 4" in warned(
+        str(tmp_path / "f"), per_class=5
+    )
+
+
 @pytest.mark.skipif(not FASHION_DIR.is_dir(), reason="Fashion-MNIST not installed")
 def test_real_fashion_mnist():
     b = build_datasets(str(FASHION_DIR), preprocess=PRE)

@@ -158,19 +158,16 @@ def _refit(train: Dataset, val: Dataset, val_source: str, per_class: int | None)
     return train.joined(val), None, source
 
 
-def _take_per_class(train: Dataset, per_class: int, seed: int) -> Dataset:
-    idx, counts = per_class_indices(train.targets, per_class, seed)
-    short = {train.classes[c]: n for c, n in counts.items() if n < per_class}
+def _warn_short(train: Dataset, per_class: int, held_out: int) -> None:
+    """Name the classes that train on fewer than ``per_class`` items, and say so when ``held_out`` validation items
+    were taken from the training data first (a class of exactly ``per_class`` is then short by its share)."""
+    counts = torch.bincount(train.targets, minlength=len(train.classes)).tolist()
+    short = {train.classes[c]: n for c, n in enumerate(counts) if n < per_class}
     if short:
         listed = ", ".join(f"{name}: {n}" for name, n in list(short.items())[:10])
-        log.warning(
-            "per_class=%d: %d of %d classes have fewer training images and use all they have (%s)",
-            per_class,
-            len(short),
-            len(counts),
-            listed,
-        )
-    return train.select(idx)
+        after = f" after the {held_out} held out for validation" if held_out else ""
+        log.warning("per_class=%d: %d of %d classes have fewer training %s%s and use all they have (%s)",
+                    per_class, len(short), len(counts), noun(train), after, listed)  # fmt: skip
 
 
 def build_datasets(
@@ -235,13 +232,16 @@ def build_datasets(
     elif val is not None and val_split is not None:
         log.warning("'%s' has a validation folder; ignoring val_split=%s", data, val_split)
     train, val, test, skipped = _scan(train, val, test, skip_bad)
+    given_val = val
     train, val, val_source = _validation(train, val, val_data=val_data, val_split=val_split, seed=seed)
     if val is not None and len(val) == 0:
         val, val_source = None, "none (every class has a single training image)"
     if per_class is not None:
-        train = _take_per_class(train, per_class, seed)
+        train = train.select(per_class_indices(train.targets, per_class, seed)[0])
     if refit and val is not None and val_source.startswith(_HELD_OUT):
         train, val, val_source = _refit(train, val, val_source, per_class)
+    if per_class is not None:
+        _warn_short(train, per_class, held_out=len(val) if val is not None and val is not given_val else 0)
     present = sorted({int(t) for t in train.targets.tolist()})
     if len(present) < 2:
         raise DataError(f"'{data}' has training images of {len(present)} class(es) "
