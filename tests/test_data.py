@@ -254,6 +254,22 @@ def test_load_image_palette_with_transparency_is_quiet(tmp_path):
     assert rgb.mode == "RGB" and rgb.getpixel((0, 0)) == (0, 0, 0) and rgb.getpixel((1, 1)) == (200, 30, 10)
 
 
+def test_16_bit_and_float_images_are_scaled_to_8_bits_not_clipped(tmp_path):
+    # PIL's RGB conversion clips at 255: a 16-bit PNG (microscopy, medical, satellite) came out almost all white and a
+    # float TIFF in [0, 1] almost all black, silently
+    ramp16 = np.linspace(0, 65535, 32 * 32).reshape(32, 32).astype(np.uint16)
+    Image.fromarray(ramp16).save(tmp_path / "ramp16.png")
+    rgb = np.asarray(load_image(tmp_path / "ramp16.png"))
+    assert rgb.shape == (32, 32, 3) and (rgb[..., 0] == rgb[..., 2]).all()
+    assert np.abs(rgb[..., 0].astype(int) - ramp16 / 257).max() <= 1  # 0..65535 -> 0..255, the ramp kept
+    ramp = np.linspace(0, 1, 32 * 32).reshape(32, 32).astype(np.float32)
+    Image.fromarray(ramp, mode="F").save(tmp_path / "ramp.tif")
+    assert np.abs(np.asarray(load_image(tmp_path / "ramp.tif"))[..., 0] - ramp * 255).max() <= 1
+    wide = (ramp * 1000 - 100).astype(np.float32)  # a float image not in [0, 1]: its values, clipped to 0..255
+    Image.fromarray(wide, mode="F").save(tmp_path / "wide.tif")
+    assert np.abs(np.asarray(load_image(tmp_path / "wide.tif"))[..., 0] - np.clip(wide, 0, 255)).max() <= 1
+
+
 # ---- sampling -----------------------------------------------------------------------------------------------------
 
 

@@ -7,6 +7,7 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
@@ -35,9 +36,26 @@ def load_image(path: str | Path) -> Image.Image:
                 # A palette with per-entry alpha (icons, emoji): PIL warns on every direct RGB conversion and asks
                 # for RGBA first; the RGB values are the same either way.
                 img = img.convert("RGBA")
-            return img.convert("RGB")
+            return _eight_bit(img).convert("RGB")
     except (OSError, UnidentifiedImageError) as e:
         raise DataError(f"cannot read image '{path}': {e}") from e
+
+
+def _eight_bit(img: Image.Image) -> Image.Image:
+    """A one-channel 16-bit, 32-bit integer or float image as 8-bit grey, scaled rather than clipped.
+
+    PIL's RGB conversion clips their values at 255: a 16-bit PNG (microscopy, medical, satellite) turns almost all
+    white, a float TIFF in [0, 1] almost all black. Integers are read as 16-bit (0..65535 -> 0..255); floats in
+    [0, 1] are scaled by 255, other floats clipped to 0..255. Every other mode is returned as it is.
+    """
+    if img.mode.startswith("I"):  # I;16, I;16B, I;16L, I
+        values = np.asarray(img).astype(np.int64)
+        return Image.fromarray((np.clip(values, 0, 65535) // 257).astype(np.uint8), "L")
+    if img.mode == "F":
+        values = np.nan_to_num(np.asarray(img, dtype=np.float32))
+        scale = 255.0 if values.size and values.min() >= 0 and values.max() <= 1 else 1.0
+        return Image.fromarray(np.clip(np.round(values * scale), 0, 255).astype(np.uint8), "L")
+    return img
 
 
 def _is_image(p: Path) -> bool:
