@@ -334,3 +334,16 @@ def test_large_shrink_is_close_to_a_direct_antialiased_resize():
     got = augment.resize(img, (40, 30), "bicubic")
     want = torch.nn.functional.interpolate(img, size=(40, 30), mode="bicubic", align_corners=False, antialias=True)
     assert got.shape == want.shape and (got - want).abs().max() < 1.0  # grey levels of 255
+
+
+def test_a_16_bit_png_decodes_as_on_the_cpu_path(tmp_path):
+    # torchvision decodes a 16-bit PNG to uint16; the device loader must hand on the same 8-bit pixels as load_image
+    from torchvision.io import read_file
+
+    from freezetune.data.gpu import _decode_cpu
+
+    path = tmp_path / "ramp16.png"
+    Image.fromarray(np.linspace(0, 65535, 24 * 20).reshape(24, 20).astype(np.uint16)).save(path)
+    decoded = _decode_cpu(read_file(str(path)), str(path))
+    assert decoded.dtype == torch.uint8
+    assert torch.equal(decoded, torch.from_numpy(np.array(load_image(path))).permute(2, 0, 1))

@@ -118,9 +118,11 @@ def _decode_cpu(data: torch.Tensor, path: str) -> torch.Tensor:
     """Any image file's bytes -> uint8 ``[3, H, W]`` on the CPU: torchvision's decoders, else PIL (BMP, TIFF, ...)."""
     try:
         img = decode_image(data, mode=ImageReadMode.RGB)
-        return img[0] if img.dim() == 4 else img  # an animated GIF decodes to frames; PIL would give the first
+        if img.dtype == torch.uint8:  # a 16-bit PNG decodes to uint16: load_image scales it as the CPU path does
+            return img[0] if img.dim() == 4 else img  # an animated GIF decodes to frames; PIL would give the first
     except RuntimeError:
-        return torch.from_numpy(np.array(load_image(path))).permute(2, 0, 1).contiguous()
+        pass
+    return torch.from_numpy(np.array(load_image(path))).permute(2, 0, 1).contiguous()
 
 
 def _read_encoded(path: str, keep_jpeg: bool, pin: bool) -> torch.Tensor:
