@@ -254,6 +254,15 @@ def test_load_image_palette_with_transparency_is_quiet(tmp_path):
     assert rgb.mode == "RGB" and rgb.getpixel((0, 0)) == (0, 0, 0) and rgb.getpixel((1, 1)) == (200, 30, 10)
 
 
+def test_load_image_turns_a_photo_upright_by_its_exif_orientation(tmp_path):
+    pixels = np.random.default_rng(0).integers(0, 255, (24, 40, 3), dtype=np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "turn a quarter clockwise to view", as a phone held upright writes it
+    Image.fromarray(pixels).save(tmp_path / "phone.png", exif=exif)
+    upright = np.asarray(load_image(tmp_path / "phone.png"))
+    assert upright.shape == (40, 24, 3) and np.array_equal(upright, np.rot90(pixels, -1))
+
+
 def test_16_bit_and_float_images_are_scaled_to_8_bits_not_clipped(tmp_path):
     # PIL's RGB conversion clips at 255: a 16-bit PNG (microscopy, medical, satellite) came out almost all white and a
     # float TIFF in [0, 1] almost all black, silently

@@ -27,7 +27,7 @@ from freezetune.split import Split
 
 log = logging.getLogger(__name__)
 
-VERSION = 1  # bump when the stored layout or what a key covers changes
+VERSION = 2  # bump when the stored layout or what a key covers changes (2: photos turned upright by their EXIF tag)
 _MARGIN = 64 << 20  # left free for the file system and the run's own small files
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from freezetune.errors import DataError, choices
@@ -36,7 +36,7 @@ def load_image(path: str | Path) -> Image.Image:
                 # A palette with per-entry alpha (icons, emoji): PIL warns on every direct RGB conversion and asks
                 # for RGBA first; the RGB values are the same either way.
                 img = img.convert("RGBA")
-            return _eight_bit(img).convert("RGB")
+            return _eight_bit(ImageOps.exif_transpose(img)).convert("RGB")  # upright: data/orientation.py
     except (OSError, UnidentifiedImageError) as e:
         raise DataError(f"cannot read image '{path}': {e}") from e
 

@@ -30,6 +30,7 @@ from freezetune.data.augment import BatchAugment, resize
 from freezetune.data.folder import FileImageDataset, load_image
 from freezetune.data.idx import InMemoryImageDataset
 from freezetune.data.loaders import EpochOrder, check_batch_size, epoch_seed, usable_cpus
+from freezetune.data.orientation import exif_orientation, upright
 from freezetune.errors import ConfigError, DataError, choices
 from freezetune.options import AUG_DEFAULT, DECODE_MODES
 from freezetune.preprocess import Preprocess
@@ -117,7 +118,7 @@ def _is_jpeg(data: torch.Tensor) -> bool:
 def _decode_cpu(data: torch.Tensor, path: str) -> torch.Tensor:
     """Any image file's bytes -> uint8 ``[3, H, W]`` on the CPU: torchvision's decoders, else PIL (BMP, TIFF, ...)."""
     try:
-        img = decode_image(data, mode=ImageReadMode.RGB)
+        img = decode_image(data, mode=ImageReadMode.RGB, apply_exif_orientation=True)
         if img.dtype == torch.uint8:  # a 16-bit PNG decodes to uint16: load_image scales it as the CPU path does
             return img[0] if img.dim() == 4 else img  # an animated GIF decodes to frames; PIL would give the first
     except RuntimeError:
@@ -253,14 +254,15 @@ class DeviceJpegLoader(_DeviceLoader):
         return out
 
     def _decode_jpegs(self, data: list[torch.Tensor], paths: list[str]) -> list[torch.Tensor]:
+        # nvJPEG ignores the EXIF orientation tag: each image is turned upright after it, as load_image turns it
         try:
-            return self._nvjpeg(data)
+            return [upright(img, exif_orientation(d)) for img, d in zip(self._nvjpeg(data), data, strict=True)]
         except RuntimeError:  # one bad file fails the whole call: find it and decode the rest
             pass
         out, on_device = [], 0
         for d, p in zip(data, paths, strict=True):
             try:
-                out.append(self._nvjpeg([d])[0])
+                out.append(upright(self._nvjpeg([d])[0], exif_orientation(d)))
                 on_device += 1
             except RuntimeError:
                 out.append(_decode_cpu(d, p))

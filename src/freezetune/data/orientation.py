@@ -1,0 +1,78 @@
+"""EXIF orientation: a phone stores a photo as its sensor read it and records in a tag how to turn it upright.
+
+Viewers and phones show the photo turned; PIL and torchvision do not turn it unless asked, so a model would train on
+sideways photos that the user never saw sideways, and then meet upright ones from other tools. Every decode path of
+freezetune turns images upright the same way: ``load_image`` with PIL's ``exif_transpose``, the device loader by
+reading the tag from the JPEG bytes (``exif_orientation``) and turning the decoded tensor (``upright``), because
+nvJPEG ignores the tag.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+_HEAD = 1 << 16  # the EXIF segment precedes the image data and is at most 64 KiB
+_ORIENTATION_TAG = 0x0112
+
+# How to turn an image ``[..., H, W]`` upright, per EXIF orientation value (1 is upright already): the same
+# transforms as PIL's ``ImageOps.exif_transpose``.
+_UPRIGHT: dict[int, Callable[[torch.Tensor], torch.Tensor]] = {
+    2: lambda x: x.flip(-1),
+    3: lambda x: x.flip(-2, -1),
+    4: lambda x: x.flip(-2),
+    5: lambda x: x.transpose(-2, -1),
+    6: lambda x: x.rot90(-1, (-2, -1)),
+    7: lambda x: x.transpose(-2, -1).flip(-2, -1),
+    8: lambda x: x.rot90(1, (-2, -1)),
+}
+
+
+def upright(image: torch.Tensor, orientation: int) -> torch.Tensor:
+    """``image`` (``[..., H, W]``) turned as its EXIF ``orientation`` says; unchanged for 1 or an unknown value.
+
+    >>> upright(torch.arange(6).view(2, 3), 6).tolist()  # turned a quarter clockwise
+    [[3, 0], [4, 1], [5, 2]]
+    """
+    turn = _UPRIGHT.get(orientation)
+    return turn(image).contiguous() if turn else image
+
+
+def exif_orientation(data: bytes | torch.Tensor) -> int:
+    """The EXIF orientation (1-8) recorded in a JPEG file's bytes; 1 when it has none or it cannot be read.
+
+    >>> exif_orientation(bytes.fromhex("ffd8 ffe1001e 457869660000 4d4d002a00000008 0001 0112000300000001 00060000"))
+    6
+    """
+    if isinstance(data, torch.Tensor):
+        data = data[:_HEAD].numpy().tobytes()
+    pos = 2  # after the start-of-image marker
+    while pos + 4 <= len(data) and data[pos] == 0xFF:
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker in (0xDA, 0xD9):  # the image data (or its end) begins: no EXIF segment came before it
+            return 1
+        length = int.from_bytes(data[pos + 2 : pos + 4], "big")
+        if marker == 0xE1 and data[pos + 4 : pos + 10] == b"Exif\0\0":
+            return _tiff_orientation(data[pos + 10 : pos + 2 + length])
+        pos += 2 + length
+    return 1
+
+
+def _tiff_orientation(tiff: bytes) -> int:
+    """The orientation entry of the first image directory of an EXIF block (a little TIFF file)."""
+    order = {b"II": "little", b"MM": "big"}.get(tiff[:2])
+    if order is None or len(tiff) < 8:
+        return 1
+    ifd = int.from_bytes(tiff[4:8], order)
+    entries = int.from_bytes(tiff[ifd : ifd + 2], order) if ifd + 2 <= len(tiff) else 0
+    for entry in range(ifd + 2, ifd + 2 + 12 * entries, 12):
+        if entry + 12 > len(tiff):
+            break
+        if int.from_bytes(tiff[entry : entry + 2], order) == _ORIENTATION_TAG:
+            value = int.from_bytes(tiff[entry + 8 : entry + 10], order)  # a SHORT sits first in the value field
+            return value if 1 <= value <= 8 else 1
+    return 1
