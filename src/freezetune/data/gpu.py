@@ -126,18 +126,19 @@ def _decode_cpu(data: torch.Tensor, path: str) -> torch.Tensor:
     return torch.from_numpy(np.array(load_image(path))).permute(2, 0, 1).contiguous()
 
 
-def _read_encoded(path: str, keep_jpeg: bool, pin: bool) -> torch.Tensor:
-    """Runs in the reader threads: JPEG bytes stay encoded (1-D) for the batch decode on the GPU (``keep_jpeg``);
-    everything else is decoded here, in parallel, rather than one file after another in the training thread, and
-    page-locked (``pin``) so its copy to the GPU does not stall the training stream."""
+def _read_encoded(path: str, keep_jpeg: bool, pin: bool) -> tuple[torch.Tensor, int]:
+    """Runs in the reader threads: JPEG bytes stay encoded (1-D) for the batch decode on the GPU (``keep_jpeg``),
+    with their EXIF orientation, read here rather than in the training thread; everything else is decoded here (and
+    turned upright), in parallel, rather than one file after another in the training thread, and page-locked
+    (``pin``) so its copy to the GPU does not stall the training stream. Returns ``(tensor, orientation)``."""
     try:
         data = read_file(path)
     except RuntimeError as e:
         raise DataError(f"cannot read image '{path}': {str(e).splitlines()[-1]}") from None
     if keep_jpeg and _is_jpeg(data):
-        return data
+        return data, exif_orientation(data)
     image = _decode_cpu(data, path)
-    return image.pin_memory() if pin else image
+    return (image.pin_memory() if pin else image), 1
 
 
 def _by_size(images: list[torch.Tensor], fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
@@ -223,11 +224,12 @@ class DeviceJpegLoader(_DeviceLoader):
         sizes = torch.tensor([list(img.shape[-2:]) for img in images], dtype=torch.float32)
         return aug.finish(aug.crop(canvas, sizes, self.generator), self.generator)
 
-    def _decode(self, paths: list[str], items: list[torch.Tensor]) -> list[torch.Tensor]:
-        jpegs = [i for i, t in enumerate(items) if t.dim() == 1]
-        out = list(items)
+    def _decode(self, paths: list[str], items: list[tuple[torch.Tensor, int]]) -> list[torch.Tensor]:
+        out = [t for t, _ in items]
+        jpegs = [i for i, t in enumerate(out) if t.dim() == 1]
         if jpegs:
-            decoded = self._decode_jpegs([items[i] for i in jpegs], [paths[i] for i in jpegs])
+            decoded = self._decode_jpegs([out[i] for i in jpegs], [paths[i] for i in jpegs],
+                                         [items[i][1] for i in jpegs])  # fmt: skip
             for i, img in zip(jpegs, decoded, strict=True):
                 out[i] = img
         return [img.to(self.device, non_blocking=True) for img in out]
@@ -253,16 +255,16 @@ class DeviceJpegLoader(_DeviceLoader):
             img.record_stream(main)
         return out
 
-    def _decode_jpegs(self, data: list[torch.Tensor], paths: list[str]) -> list[torch.Tensor]:
+    def _decode_jpegs(self, data: list[torch.Tensor], paths: list[str], orientations: list[int]) -> list[torch.Tensor]:
         # nvJPEG ignores the EXIF orientation tag: each image is turned upright after it, as load_image turns it
         try:
-            return [upright(img, exif_orientation(d)) for img, d in zip(self._nvjpeg(data), data, strict=True)]
+            return [upright(img, o) for img, o in zip(self._nvjpeg(data), orientations, strict=True)]
         except RuntimeError:  # one bad file fails the whole call: find it and decode the rest
             pass
         out, on_device = [], 0
-        for d, p in zip(data, paths, strict=True):
+        for d, p, o in zip(data, paths, orientations, strict=True):
             try:
-                out.append(upright(self._nvjpeg([d])[0], exif_orientation(d)))
+                out.append(upright(self._nvjpeg([d])[0], o))
                 on_device += 1
             except RuntimeError:
                 out.append(_decode_cpu(d, p))

@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import torch
 
-_HEAD = 1 << 16  # the EXIF segment precedes the image data and is at most 64 KiB
+_HEAD = 1 << 17  # the segments before the image data that are walked past to find EXIF (each <= 64 KiB)
 _ORIENTATION_TAG = 0x0112
 
 # How to turn an image ``[..., H, W]`` upright, per EXIF orientation value (1 is upright already): the same
@@ -39,14 +39,14 @@ def upright(image: torch.Tensor, orientation: int) -> torch.Tensor:
     return turn(image).contiguous() if turn else image
 
 
-def exif_orientation(data: bytes | torch.Tensor) -> int:
+def exif_orientation(data: bytes | memoryview | torch.Tensor) -> int:
     """The EXIF orientation (1-8) recorded in a JPEG file's bytes; 1 when it has none or it cannot be read.
 
     >>> exif_orientation(bytes.fromhex("ffd8 ffe1001e 457869660000 4d4d002a00000008 0001 0112000300000001 00060000"))
     6
     """
     if isinstance(data, torch.Tensor):
-        data = data[:_HEAD].numpy().tobytes()
+        data = memoryview(data[:_HEAD].numpy())  # a view of the file's bytes: nothing copied per image
     pos = 2  # after the start-of-image marker
     while pos + 4 <= len(data) and data[pos] == 0xFF:
         marker = data[pos + 1]
@@ -64,7 +64,7 @@ def exif_orientation(data: bytes | torch.Tensor) -> int:
 
 def _tiff_orientation(tiff: bytes) -> int:
     """The orientation entry of the first image directory of an EXIF block (a little TIFF file)."""
-    order = {b"II": "little", b"MM": "big"}.get(tiff[:2])
+    order = {b"II": "little", b"MM": "big"}.get(bytes(tiff[:2]))
     if order is None or len(tiff) < 8:
         return 1
     ifd = int.from_bytes(tiff[4:8], order)
