@@ -15,6 +15,7 @@ from PIL import Image
 
 from _engine_fixtures import fashion_mnist_dir
 from freezetune.data import build_datasets, build_loader, eval_transform, list_images, load_image, train_transform
+from freezetune.data.folder import scan_folder
 from freezetune.data.idx import FASHION_CLASSES, InMemoryImageDataset, read_idx
 from freezetune.data.sampling import per_class_indices, stratified_split
 from freezetune.errors import ConfigError, DataError
@@ -252,6 +253,18 @@ def test_load_image_palette_with_transparency_is_quiet(tmp_path):
         warnings.simplefilter("error")
         rgb = load_image(tmp_path / "icon.png")
     assert rgb.mode == "RGB" and rgb.getpixel((0, 0)) == (0, 0, 0) and rgb.getpixel((1, 1)) == (200, 30, 10)
+
+
+def test_files_of_other_types_in_class_folders_are_named_not_dropped_in_silence(tmp_path, caplog):
+    make_folder(tmp_path, 2)
+    for i in range(3):
+        (tmp_path / "red" / f"IMG_{i}.HEIC").write_bytes(b"\0\0\0\x18ftypheic")  # an iPhone's photos
+    (tmp_path / "blue" / "notes.txt").write_text("labels checked")
+    (tmp_path / "blue" / ".DS_Store").write_bytes(b"")  # hidden: not the user's data
+    with caplog.at_level(logging.WARNING, logger="freezetune"):
+        ds = scan_folder(tmp_path)
+    assert len(ds) == 6
+    assert "4 file(s) left out, not of an image type read here (.heic: 3, .txt: 1)" in caplog.text
 
 
 def test_load_image_turns_a_photo_upright_by_its_exif_orientation(tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import logging
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
@@ -170,7 +171,19 @@ def scan_folder(root: str | Path, classes: list[str] | None = None) -> FileImage
         raise DataError(f"class folder(s) {choices(unknown)} in '{root}' are not training classes: {choices(classes)}")
     index = {c: i for i, c in enumerate(classes)}
     samples = [(str(p), index[c]) for c in own for p in _images_under(Path(root) / c)]
+    _warn_left_out(root, [Path(root) / c for c in own])
     return FileImageDataset(samples, classes)
+
+
+def _warn_left_out(root: str | Path, folders: list[Path]) -> None:
+    """Say which files in the class folders are not read, by extension: an iPhone's .heic photos, say, would
+    otherwise drop out of the training set in silence."""
+    left_out = Counter(p.suffix.lower() or "(no extension)" for folder in folders for p in folder.rglob("*")
+                       if p.is_file() and not p.name.startswith(".") and not _is_image(p))  # fmt: skip
+    if left_out:
+        counts = ", ".join(f"{suffix}: {n}" for suffix, n in left_out.most_common())
+        log.warning("'%s': %d file(s) left out, not of an image type read here (%s); images are %s",
+                    root, sum(left_out.values()), counts, ", ".join(IMAGE_EXTENSIONS))  # fmt: skip
 
 
 def _is_header(row: list[str], base: Path) -> bool:
