@@ -10,6 +10,7 @@ The public API works in any training loop (plain PyTorch, Lightning, a notebook)
 
 from freezetune.errors import FreezetuneError
 from freezetune.freeze import count_parameters, freeze, freeze_to, summary, unfreeze
+from freezetune.loss import balanced_class_weights
 from freezetune.param_groups import param_groups
 from freezetune.stages import Stage, head_name, replace_head, stages
 from freezetune.unfreezing import Unfreezer
@@ -45,6 +46,7 @@ __all__ = [
     "TrainConfig",
     "Unfreezer",
     "__version__",
+    "balanced_class_weights",
     "cache_features",
     "count_parameters",
     "evaluate_checkpoint",

@@ -25,6 +25,7 @@ from freezetune.options import (
     BN_DEFAULT,
     BN_POLICIES,
     CACHE_MODES,
+    CLASS_WEIGHTS,
     DECODE_MODES,
     MONITORS,
     OPTIMIZERS,
@@ -45,6 +46,7 @@ FIELD_CHOICES = {
     "bn": BN_POLICIES,
     "aug": AUG_PRESETS,
     "monitor": MONITORS,
+    "class_weights": CLASS_WEIGHTS,
     "cache": CACHE_MODES,
     "decode": DECODE_MODES,
 }
@@ -89,6 +91,7 @@ class TrainConfig:
     scheduler: str = "onecycle"
     warmup_epochs: float = 0.0
     label_smoothing: float = 0.1
+    class_weights: str = "none"  # "balanced": the training loss weighs each class by the inverse of its frequency
     grad_clip: float | None = None
     skip_nonfinite: int = 0  # batches per epoch whose non-finite loss is skipped (no step) before the run stops
     # speed

@@ -37,6 +37,7 @@ from freezetune.evaluate import logits_of, run_model, to_device
 from freezetune.freeze import count_parameters, freeze, summary
 from freezetune.inference import evaluate_model, write_evaluation
 from freezetune.interrupt import StopRequest, pause_point
+from freezetune.loss import imbalance_note, training_loss
 from freezetune.memory import auto_batch_size, out_of_memory_hint
 from freezetune.models import create_model, text_preprocess
 from freezetune.optim import build_optimizer, build_scheduler
@@ -190,6 +191,9 @@ class Trainer:
                   f"{noun(self.data.train)}, {len(self.classes)} classes, {trainable:,}/{total:,} parameters "
                   f"trainable\n"
                   f"validation: {self.data.val_source}\n{summary(self.model)}")  # fmt: skip
+        note = imbalance_note(self.cfg.class_weights, self.data.train.targets, len(self.classes), noun(self.data.train))
+        if note:
+            self.echo(note)
         if self.data.skipped:
             self.echo(f"skipped {len(self.data.skipped)} unreadable image file(s) (--skip-bad): listed in "
                       f"{self.run_dir / SKIPPED}")  # fmt: skip
@@ -251,7 +255,8 @@ class Trainer:
 
     def _train_epoch(self, epoch: int, batches) -> dict:
         self.model.train()
-        loss_fn = nn.CrossEntropyLoss(label_smoothing=self.cfg.label_smoothing)
+        loss_fn = training_loss(self.cfg.class_weights, self.cfg.label_smoothing, self.data.train.targets,
+                                len(self.classes), self.device)  # fmt: skip
         meter = epoch_log.TrainProgress(len(batches), f"epoch {epoch + 1}/{self.cfg.epochs}",
                                         enabled=self.cfg.progress, device=self.device)  # fmt: skip
         for inputs, targets in self._remaining(batches, meter):
