@@ -76,7 +76,7 @@ def test_the_auto_recipe_on_texts_speaks_of_texts(tmp_path, capsys):
     assert "44 train texts" in stdout and "4 training texts held out" in stdout  # the trial's split
     assert "4 validation texts cannot tell the candidates apart" in stdout
     assert "48 train texts" in stdout and "the 4 texts held out for validation train too" in stdout  # the refit run
-    assert " images" not in stdout + err
+    assert " images" not in stdout + err and "img/s" not in stdout and "texts/s" in stdout
     assert json.loads((out / "recipe.json").read_text())["choice"]["trained_stages"] == 3
 
 

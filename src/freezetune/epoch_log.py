@@ -130,8 +130,9 @@ def epoch_row(epoch: int, epochs: int, train: dict, val: dict | None, *, seconds
     return row
 
 
-def format_epoch_line(row: dict[str, Any]) -> str:
-    """Format the one log line printed after each epoch; missing fields are left out.
+def format_epoch_line(row: dict[str, Any], items: str = "images") -> str:
+    """Format the one log line printed after each epoch; missing fields are left out. ``items`` names what the
+    speed counts ("images": img/s, "texts": texts/s).
 
     With several ``lr/<group>`` columns and no ``lr``, the range of the non-zero group LRs is shown.
 
@@ -149,7 +150,7 @@ def format_epoch_line(row: dict[str, Any]) -> str:
     if row.get("epoch_time_s") is not None:
         speed.append(f"{row['epoch_time_s']:.1f}s")
     if row.get("img_per_s") is not None:
-        speed.append(f"{row['img_per_s']:.0f} img/s")
+        speed.append(f"{row['img_per_s']:.0f} {'img' if items == 'images' else items}/s")
     if row.get("gpu_util_pct") is not None:
         speed.append(f"GPU {row['gpu_util_pct']:.0f}% {row.get('gpu_mem_mb', 0) / 1024:.1f} GiB")
     parts.append(" ".join(speed))

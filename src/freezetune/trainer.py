@@ -250,7 +250,7 @@ class Trainer:
                                   optimizer=self.state.optimizer, params=count_parameters(self.model),
                                   peak_mb=runtime.peak_memory_mb(self.device))  # fmt: skip
         self.metrics.log_epoch(row)
-        self.echo(epoch_log.format_epoch_line(row))
+        self.echo(epoch_log.format_epoch_line(row, noun(self.data.train)))
         return row
 
     def _train_epoch(self, epoch: int, batches) -> dict:
