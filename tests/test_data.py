@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import logging
+import shutil
 import struct
 import warnings
 from pathlib import Path
@@ -496,6 +497,35 @@ def test_every_format_cut_short_is_caught_by_the_pre_scan(tmp_path, fmt):
         cut = tmp_path / f"cut{keep}.{fmt.lower()}"
         cut.write_bytes(whole.read_bytes()[: int(whole.stat().st_size * keep)])
         assert image_problem(str(cut)) is not None, f"{fmt} cut to {keep:.0%} passed the pre-scan"
+
+
+def test_copies_of_training_files_in_validation_test_or_training_itself_are_named(tmp_path, caplog):
+    # a test image that is a training image in another folder inflates the test score, in silence
+    make_folder(tmp_path / "d" / "train", 4)
+    make_folder(tmp_path / "d" / "val", 2)
+    make_folder(tmp_path / "d" / "test", 2)
+    shutil.copyfile(tmp_path / "d" / "train" / "red" / "3.png", tmp_path / "d" / "test" / "red" / "copy.png")
+    shutil.copyfile(tmp_path / "d" / "train" / "blue" / "0.png", tmp_path / "d" / "train" / "blue" / "again.png")
+    with caplog.at_level(logging.WARNING, logger="freezetune"):
+        build_datasets(str(tmp_path / "d"), preprocess=PRE)
+    # val/test images of make_folder equal the training images of the same index: 2 + 2 a class, then the copy
+    assert "7 of 7 test image file(s) are byte-identical copies of training files" in caplog.text
+    assert "6 of 6 validation image file(s) are byte-identical copies" in caplog.text
+    assert "1 training image file(s) are byte-identical copies of other training files" in caplog.text
+    assert "again.png' = '" in caplog.text and "blue/0.png'" in caplog.text
+
+
+def test_distinct_files_are_not_called_copies(tmp_path, caplog):
+    make_folder(tmp_path / "d" / "train", 3)
+    rng = np.random.default_rng(0)
+    for name in COLOURS:
+        (tmp_path / "d" / "test" / name).mkdir(parents=True)
+        Image.fromarray(rng.integers(0, 255, (24, 20, 3), dtype=np.uint8)).save(
+            tmp_path / "d" / "test" / name / "t.png"
+        )
+    with caplog.at_level(logging.WARNING, logger="freezetune"):
+        build_datasets(str(tmp_path / "d"), val_split=0.34, preprocess=PRE)
+    assert "byte-identical" not in caplog.text
 
 
 def test_pre_scan_names_the_first_few_and_counts_the_rest(tmp_path):

@@ -16,7 +16,7 @@ from torch.utils.data import Dataset
 from freezetune.data.folder import read_csv, scan_folder
 from freezetune.data.idx import CLASS_NAMES_FILE, idx_files, is_idx_dir, load_idx
 from freezetune.data.sampling import per_class_indices, stratified_split
-from freezetune.data.scan import check_images
+from freezetune.data.scan import check_images, warn_copies
 from freezetune.data.text import TextDataset, read_text_csv, text_csv_header
 from freezetune.data.transforms import eval_transform, train_transform
 from freezetune.errors import ConfigError, DataError, choices
@@ -97,6 +97,7 @@ def _scan(train: Dataset, val: Dataset | None, test: Dataset | None, skip_bad: b
         ds, left_out = check_images(ds, what, skip_bad=skip_bad)
         checked.append(ds)
         skipped += left_out
+    warn_copies(checked[0], {"validation": checked[1], "test": checked[2]})
     return (*checked, skipped)
 
 

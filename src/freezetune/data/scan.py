@@ -10,6 +10,7 @@ JPEG, PNG and WebP are decoded in full: nothing short of that tells a cut GIF, B
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -129,3 +130,66 @@ def check_images(ds, what: str, *, skip_bad: bool, hint: str = _HINT) -> tuple[o
     keep = [i for i, (path, _) in enumerate(ds.samples) if path not in left_out]
     log.warning("skipping %d unreadable %s image file(s), first: %s", len(bad), what, skipped[0])
     return ds.select(keep, ds.transform), skipped
+
+
+def copies(paths: list[str], others: list[str] | None = None) -> list[tuple[str, str]]:
+    """``(path, original)`` for each file of ``paths`` whose bytes equal a file of ``others`` (without ``others``:
+    an earlier file of ``paths``), in the order of ``paths``.
+
+    Sizes are compared first (one ``stat`` per file); only files whose size occurs twice are read and hashed, so a
+    folder of JPEGs (sizes all differ) costs no reading.
+
+    >>> copies([], ["a.png"])
+    []
+    """
+    within = others is None
+    sizes: dict[int, list[str]] = {}
+    for other in paths if within else others:
+        sizes.setdefault(_size(other), []).append(other)
+    candidates = [p for p in paths if len(sizes.get(_size(p), ())) > (1 if within else 0)]
+    digest: dict[bytes, str] = {}
+    if not within:
+        for other in dict.fromkeys(o for p in candidates for o in sizes[_size(p)]):
+            digest.setdefault(_hash(other), other)
+    found = []
+    for path in candidates:
+        h = _hash(path)
+        if h in digest and digest[h] != path:
+            found.append((path, digest[h]))
+        elif within:
+            digest.setdefault(h, path)
+    return found
+
+
+def _size(path: str) -> int:
+    try:
+        return Path(path).stat().st_size
+    except OSError:
+        return -1
+
+
+def _hash(path: str) -> bytes:
+    return hashlib.blake2b(Path(path).read_bytes(), digest_size=16).digest()
+
+
+def warn_copies(train, held: dict[str, object]) -> None:
+    """Warn when files of the ``held`` splits (validation, test) are byte-identical copies of training files, or
+    training files of each other: a score on a copy overstates what the model does on new images. Datasets without
+    files are skipped."""
+    if not isinstance(train, FileImageDataset):
+        return
+    train_paths = [path for path, _ in train.samples]
+    found = copies(train_paths)
+    if found:
+        log.warning("%d training image file(s) are byte-identical copies of other training files (first: '%s' = "
+                    "'%s'); a copy held out for validation is scored on an image the model trained on",
+                    len(found), *found[0])  # fmt: skip
+    for what, ds in held.items():
+        if not isinstance(ds, FileImageDataset):
+            continue
+        found = copies([path for path, _ in ds.samples], train_paths)
+        if found:
+            path, original = found[0]
+            log.warning("%d of %d %s image file(s) are byte-identical copies of training files (first: '%s' = '%s'); "
+                        "their %s score overstates accuracy on new images: remove them from one of the splits",
+                        len(found), len(ds), what, path, original, what)  # fmt: skip
