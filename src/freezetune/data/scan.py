@@ -6,6 +6,7 @@ because the cost is file-system latency, so ten thousand files take seconds. ``v
 short (an interrupted download or copy): PIL fails on it only when it decodes the pixels, mid-training. So a JPEG's
 markers are walked to the compressed data, which must be followed by the end-of-image marker. Formats other than
 JPEG, PNG and WebP are decoded in full: nothing short of that tells a cut GIF, BMP or TIFF from a whole one.
+The same scan names validation and test files that are byte-identical copies of training files (``warn_copies``).
 """
 
 from __future__ import annotations
