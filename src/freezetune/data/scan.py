@@ -170,7 +170,10 @@ def _size(path: str) -> int:
 
 
 def _hash(path: str) -> bytes:
-    return hashlib.blake2b(Path(path).read_bytes(), digest_size=16).digest()
+    try:
+        return hashlib.blake2b(Path(path).read_bytes(), digest_size=16).digest()
+    except OSError:  # gone since the scan: a copy of nothing
+        return f"unreadable:{path}".encode()
 
 
 def warn_copies(train, held: dict[str, object]) -> None:
