@@ -387,17 +387,22 @@ def acceptance(results: dict[str, dict], ref: str, label: str, target: float, ta
             f"in {r['seconds']:.1f} s = {ratio:.2f} x {label}'s time (target <= {target_text}): {verdict}")  # fmt: skip
 
 
+def best_peer(results: dict[str, dict]) -> str | None:
+    """The peer with the highest mean test accuracy over seeds; None when no peer was measured."""
+    peers = {n: r for n, r in results.items() if n in PEERS and "acc" in r}
+    return max(peers, key=lambda n: peers[n]["acc"]) if peers else None
+
+
 def default_command(results: dict[str, dict]) -> str:
     """This issue's check: the default command against the most accurate peer (mean accuracy over seeds), and its
     time against the full fine-tune's."""
     ours, full = results.get("ft-default", {}), results.get("full", {})
-    peers = {n: r for n, r in results.items() if n in PEERS and "acc" in r}
     if "acc" not in ours or "acc" not in full:
         return "freezetune's default command (ft-default) vs the best peer: not measured (needs ft-default and full)"
-    best = max(peers, key=lambda n: peers[n]["acc"])
-    gain, ratio = 100 * (ours["acc"] - peers[best]["acc"]), ours["seconds"] / full["seconds"]
+    best = best_peer(results)  # full is a peer: there is one
+    gain, ratio = 100 * (ours["acc"] - results[best]["acc"]), ours["seconds"] / full["seconds"]
     verdict = "met" if gain >= GAIN_TARGET and ratio <= TIME_TARGET else "NOT met"
-    return (f"freezetune's default command (ft-default) vs the best peer ({best}, {100 * peers[best]['acc']:.2f}%; "
+    return (f"freezetune's default command (ft-default) vs the best peer ({best}, {100 * results[best]['acc']:.2f}%; "
             f"ft-default {100 * ours['acc']:.2f}%): {gain:+.2f} points (target >= +{GAIN_TARGET:.2f}), "
             f"time = {ratio:.2f} x the full fine-tune's (target <= {TIME_TARGET:.2f}): {verdict}")  # fmt: skip
 
@@ -405,12 +410,10 @@ def default_command(results: dict[str, dict]) -> str:
 def gpu_target(results: dict[str, dict], acc_target: float) -> str:
     """Issue D's GPU line: ft-default's accuracy against this --per-class's target, its time against the most
     accurate peer's."""
-    ours = results.get("ft-default", {})
-    peers = {n: r for n, r in results.items() if n in PEERS and "acc" in r}
-    if "acc" not in ours or not peers:
+    ours, best = results.get("ft-default", {}), best_peer(results)
+    if "acc" not in ours or best is None:
         return "not measured (needs ft-default and a peer)"
-    best = max(peers, key=lambda n: peers[n]["acc"])
-    ratio = ours["seconds"] / peers[best]["seconds"]
+    ratio = ours["seconds"] / results[best]["seconds"]
     verdict = "met" if ours["acc"] >= acc_target and ratio <= GPU_TIME_TARGET else "NOT met"
     return (f"ft-default {100 * ours['acc']:.2f}% (target >= {100 * acc_target:.0f}%) in {ratio:.2f} x the time of "
             f"the best peer, {best} (target <= {GPU_TIME_TARGET:.2f}): {verdict}")  # fmt: skip
