@@ -144,13 +144,14 @@ def copies(paths: list[str], others: list[str] | None = None) -> list[tuple[str,
     []
     """
     within = others is None
+    size = {path: _size(path) for path in [*paths, *(others or ())]}  # one stat per file
     sizes: dict[int, list[str]] = {}
     for other in paths if within else others:
-        sizes.setdefault(_size(other), []).append(other)
-    candidates = [p for p in paths if len(sizes.get(_size(p), ())) > (1 if within else 0)]
+        sizes.setdefault(size[other], []).append(other)
+    candidates = [p for p in paths if len(sizes.get(size[p], ())) > (1 if within else 0)]
     digest: dict[bytes, str] = {}
     if not within:
-        for other in dict.fromkeys(o for p in candidates for o in sizes[_size(p)]):
+        for other in dict.fromkeys(o for p in candidates for o in sizes[size[p]]):
             digest.setdefault(_hash(other), other)
     found = []
     for path in candidates:
