@@ -60,11 +60,20 @@ def _eight_bit(img: Image.Image) -> Image.Image:
 
 
 def _is_image(p: Path) -> bool:
-    return p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
+    return p.is_file() and _image_suffix(p) and not p.name.startswith(".")
+
+
+def _image_suffix(p: Path) -> bool:
+    return p.suffix.lower() in IMAGE_EXTENSIONS
+
+
+def _files_under(folder: Path) -> list[Path]:
+    """Every file below ``folder`` that is not hidden, sorted (images and the files beside them)."""
+    return sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
 
 
 def _images_under(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if _is_image(p))
+    return [p for p in _files_under(folder) if _image_suffix(p)]
 
 
 def list_images(paths: list[str]) -> list[str]:
@@ -170,16 +179,18 @@ def scan_folder(root: str | Path, classes: list[str] | None = None) -> FileImage
     if unknown:
         raise DataError(f"class folder(s) {choices(unknown)} in '{root}' are not training classes: {choices(classes)}")
     index = {c: i for i, c in enumerate(classes)}
-    samples = [(str(p), index[c]) for c in own for p in _images_under(Path(root) / c)]
-    _warn_left_out(root, [Path(root) / c for c in own])
+    samples, left_out = [], Counter()
+    for c in own:
+        files = _files_under(Path(root) / c)
+        samples += [(str(p), index[c]) for p in files if _image_suffix(p)]
+        left_out.update(p.suffix.lower() or "(no extension)" for p in files if not _image_suffix(p))
+    _warn_left_out(root, left_out)
     return FileImageDataset(samples, classes)
 
 
-def _warn_left_out(root: str | Path, folders: list[Path]) -> None:
+def _warn_left_out(root: str | Path, left_out: Counter) -> None:
     """Say which files in the class folders are not read, by extension: an iPhone's .heic photos, say, would
     otherwise drop out of the training set in silence."""
-    left_out = Counter(p.suffix.lower() or "(no extension)" for folder in folders for p in folder.rglob("*")
-                       if p.is_file() and not p.name.startswith(".") and not _is_image(p))  # fmt: skip
     if left_out:
         counts = ", ".join(f"{suffix}: {n}" for suffix, n in left_out.most_common())
         log.warning("'%s': %d file(s) left out, not of an image type read here (%s); images are %s",
