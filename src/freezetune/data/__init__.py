@@ -10,7 +10,6 @@ from freezetune.data.transforms import eval_transform, train_transform
 from freezetune.options import AUG_PRESETS
 
 __all__ = [
-    "noun",
     "AUG_PRESETS",
     "DataBundle",
     "FileImageDataset",
@@ -23,6 +22,7 @@ __all__ = [
     "eval_transform",
     "list_images",
     "load_image",
+    "noun",
     "train_transform",
     "usable_cpus",
 ]
