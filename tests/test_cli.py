@@ -232,6 +232,13 @@ def test_inspect_prints_stage_table_and_memory_estimate(capsys):
     assert 0 < frozen < full
 
 
+@pytest.mark.parametrize(("amp", "shown"), [("bf16", "bf16 autocast"), ("off", "fp32")])
+def test_inspect_estimates_the_step_in_the_precision_asked_for(capsys, amp, shown):
+    code, out, err = run_cli(capsys, "inspect", "--model", "timm:test_efficientnet", "--img-size", "32", "--amp", amp)
+    assert code == 0, err
+    assert f"batch 32, {shown}:" in out
+
+
 # --- user errors --------------------------------------------------------------------------------------------------
 
 
@@ -311,6 +318,7 @@ def test_eval_of_a_non_checkpoint_is_a_user_error(run, data, capsys, tmp_path, k
         (["predict", "IMAGE", "--topk", "0"], ["topk must be >= 1, got 0"]),
         (["inspect", "--model", "timm:test_efficientnet", "--freeze", "blocks.9"], ["blocks.9", "blocks.4"]),
         (["inspect", "--model", "test_efficientnet"], ["test_efficientnet", "timm:"]),  # no library prefix
+        (["inspect", "--model", "timm:test_efficientnet", "--amp", "fp8"], ["fp8", "'bf16'"]),
     ],
 )
 def test_predict_and_inspect_user_errors(run, data, capsys, argv, needles):

@@ -1,12 +1,15 @@
-"""Training memory estimate: freezing must shrink gradients, optimizer state and (measured) activations."""
+"""Training memory estimate: a step's measured peak, which freezing shrinks (gradients, optimizer state, saved
+activations) but not below the forward's own working set."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
+from torch.nn import functional as F
 
 import freezetune as ft
-from freezetune.memory import estimate_memory, format_memory
+from freezetune.memory import estimate_memory, format_memory, measured_peak
 from freezetune.models import create_model
 
 pytestmark = pytest.mark.usefixtures("single_thread_module")
@@ -33,12 +36,49 @@ def test_freezing_shrinks_every_trainable_component(model):
     assert full["grads"] == pytest.approx(total * 4 / 2**20)
 
 
-def test_activations_are_measured_from_the_input_size_and_batch(model):
+def test_a_frozen_network_holds_its_forward_feature_maps_at_the_peak():
+    # frozen convolutions save nothing for backward, but the forward still holds the input, the ReLU's output and
+    # the second convolution's output at once: batch x (3 + 8 + 8) channels x 32 x 32 floats
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3))  # fmt: skip
+    for p in net[:3].parameters():
+        p.requires_grad_(False)
+    frozen = estimate_memory(net, 32, 16)["frozen"]
+    assert frozen["activations"] * 2**20 == pytest.approx(16 * 19 * 32 * 32 * 4, rel=0.02)
+    assert frozen["grads"] * 2**20 == 27 * 4  # the head's weight and bias
+
+
+def test_the_estimate_scales_each_moment_of_the_step_to_the_batch(model):
+    # what a step at batch 24 holds at its peak, measured at 24, equals the estimate made from batches of 2 and 4
     ft.unfreeze(model, "all")
-    small = estimate_memory(model, 32, 8)["full"]["activations"]
-    large = estimate_memory(model, 64, 8)["full"]["activations"]
-    assert large > 3 * small  # four times the pixels
-    assert estimate_memory(model, 32, 16)["full"]["activations"] == pytest.approx(2 * small)
+    for batch in (3, 24):
+        x, target = torch.randn(batch, 3, 32, 32), torch.zeros(batch, dtype=torch.long)
+
+        def step(x=x, target=target):
+            model.zero_grad(set_to_none=True)
+            F.cross_entropy(model(x), target).backward()
+
+        measured = (measured_peak(step) + x.nbytes + target.nbytes) / 2**20  # the batch is counted by the estimate
+        estimate = estimate_memory(model, 32, batch)["full"]
+        assert estimate["total"] - estimate["weights"] - estimate["optimizer"] == pytest.approx(measured, rel=1e-3)
+
+
+def test_weights_seen_through_views_are_not_counted_as_activations():
+    # a Linear layer whose input needs a gradient saves its weight (transposed, a view) for backward: that is the
+    # weight's memory, not the batch's (4 MiB here, against well under 1 MiB of activations at batch 4)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 64), nn.Linear(64, 16384), nn.Linear(16384, 3))
+    est = estimate_memory(net, 32, 4)["full"]
+    assert est["weights"] > 4
+    assert est["activations"] < 1
+
+
+def test_autocast_measures_the_step_in_its_dtype(model):
+    ft.unfreeze(model, "all")
+    fp32 = estimate_memory(model, 32, 16)["full"]
+    bf16 = estimate_memory(model, 32, 16, amp_dtype=torch.bfloat16)["full"]
+    assert bf16["weights"] == fp32["weights"] and bf16["optimizer"] == fp32["optimizer"]  # fp32 master weights
+    assert bf16["activations"] < 0.75 * fp32["activations"]
 
 
 def test_sgd_keeps_half_the_optimizer_state_of_adamw(model):
@@ -59,12 +99,13 @@ def test_estimating_leaves_the_model_as_it_was(model):
     assert all(torch.equal(a, b) for a, b in zip(buffers, model.buffers(), strict=True))
     assert not any(m.training for m in model.modules())
     assert torch.equal(model.classifier.weight.grad, torch.ones_like(model.classifier.weight))
+    assert all(p.grad is None for name, p in model.named_parameters() if name != "classifier.weight")
 
 
 def test_format_memory_is_a_table_of_both_modes(model):
     text = format_memory(estimate_memory(model, 32, 4), 4)
     lines = text.splitlines()
-    assert "batch 4" in lines[0] and lines[1].split() == ["weights", "grads", "optimizer", "activations", "total"]
+    assert "batch 4, fp32" in lines[0] and lines[1].split() == ["weights", "grads", "optimizer", "activations", "total"]
     assert [line.split()[0] for line in lines[2:]] == ["full", "frozen"]
 
 

@@ -16,7 +16,7 @@ from freezetune import __version__
 from freezetune.config import FIELD_CHOICES, TrainConfig, field_names, load_config, parse_override, scalar_type
 from freezetune.errors import FreezetuneError, one_line
 from freezetune.interrupt import RunInterrupted
-from freezetune.options import FREEZE_DEFAULT, MODEL_SOURCES, PRETRAINED_WEIGHTS, RANDOM_WEIGHTS, RECIPES
+from freezetune.options import AMP_MODES, FREEZE_DEFAULT, MODEL_SOURCES, PRETRAINED_WEIGHTS, RANDOM_WEIGHTS, RECIPES
 from freezetune.sweep import DEFAULT_RECIPES
 
 _DEFAULTS = TrainConfig()
@@ -151,6 +151,9 @@ def _inspect_parser(sub) -> None:
     p.add_argument("--img-size", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=_DEFAULTS.batch_size)
     p.add_argument("--num-classes", type=int, default=None)
+    p.add_argument("--amp", default=_DEFAULTS.amp,
+                   help=f"precision of the memory estimate, {' | '.join(AMP_MODES)} (auto: what train uses on this "
+                        "machine)")  # fmt: skip
     p.set_defaults(func=_cmd_inspect)
 
 
@@ -221,7 +224,7 @@ def _cmd_inspect(args) -> int:
     from freezetune.describe import describe_model
 
     print(describe_model(args.model, weights=args.weights, freeze=args.freeze, bn=args.bn, img_size=args.img_size,
-                         batch_size=args.batch_size, num_classes=args.num_classes))  # fmt: skip
+                         batch_size=args.batch_size, num_classes=args.num_classes, amp=args.amp))  # fmt: skip
     return 0
 
 

@@ -15,6 +15,7 @@ def describe_model(
     img_size: int | None = None,
     batch_size: int = TrainConfig.batch_size,
     num_classes: int | None = None,
+    amp: str = TrainConfig.amp,
 ) -> str:
     """Build model ``name``, freeze it by ``freeze`` and describe it: head, stage table, input, memory estimate.
 
@@ -26,6 +27,8 @@ def describe_model(
         img_size: input size (default: the model's own).
         batch_size: batch size of the memory estimate.
         num_classes: replace the head with one of this many classes.
+        amp: precision of the memory estimate's step, as ``train --amp`` takes it (``auto``: what a run on this
+            machine's default device uses).
 
     >>> print(describe_model("timm:test_efficientnet", img_size=32))  # doctest: +SKIP
     timm:test_efficientnet  head: classifier  freeze: backbone  bn: frozen
@@ -36,8 +39,10 @@ def describe_model(
     from freezetune.freeze import summary
     from freezetune.memory import estimate_memory, format_memory
     from freezetune.models import create_model
+    from freezetune.precision import resolve_device, resolve_precision
     from freezetune.stages import head_name, replace_head
 
+    dtype = resolve_precision(resolve_device("auto"), amp).amp_dtype  # a bad value fails before the model is built
     model, pre = create_model(name, weights, img_size=img_size)
     if num_classes:
         replace_head(model, num_classes)
@@ -46,5 +51,6 @@ def describe_model(
     if pre is not None:
         mean, std = tuple(round(m, 3) for m in pre.mean), tuple(round(s, 3) for s in pre.std)
         lines.append(f"input: {pre.input_size}px mean {mean} std {std}")
-        lines.append(format_memory(estimate_memory(model, pre.input_size, batch_size), batch_size))
+        estimate = estimate_memory(model, pre.input_size, batch_size, amp_dtype=dtype)
+        lines.append(format_memory(estimate, batch_size, dtype))
     return "\n".join(lines)

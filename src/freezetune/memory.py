@@ -1,29 +1,45 @@
-"""Training memory: an estimate of weights, gradients, optimizer state and activations, full vs as frozen now; and
-the batch size that fits a CUDA device, measured (``--batch-size auto``).
+"""Training memory: an estimate of a training step's peak (weights, gradients, optimizer state, activations), full
+vs as frozen now; and the batch size that fits a CUDA device, measured (``--batch-size auto``).
 
-Activations are measured, not guessed: one forward/backward on a tiny batch counts the bytes autograd saves for the
-backward pass (which is exactly what freezing removes), then scales to the batch size.
+The step is measured, not guessed: a forward and backward at batches of 2 and 4 under a tracker of the tensor memory
+alive after each operation, extrapolated operation by operation to the batch size. That counts what autograd saves
+for the backward pass (which freezing removes) and also the forward's own working set (the feature maps alive at
+once, which freezing keeps and which is most of a frozen network's peak).
 """
 
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Callable, Iterator
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from freezetune.errors import ResourceError
 from freezetune.evaluate import logits_of
 from freezetune.options import BATCH_AUTO
 
 _OPT_STATE = {"adamw": 2, "adam": 2, "sgd": 1}  # fp32 tensors of state per trainable parameter
+_PROBE_BATCHES = (2, 4)  # two sizes give each moment of the step its per-image slope
+_AMP_NAMES = {None: "fp32", torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast"}
 
 
 def estimate_memory(
-    model: nn.Module, input_size: int, batch_size: int, *, optimizer: str = "adamw", bytes_per_value: int = 4
-) -> dict[str, dict[str, float]]:
-    """MiB of weights, grads, optimizer state and activations for full fine-tuning and for the current freeze.
+    model: nn.Module, input_size: int, batch_size: int, *, optimizer: str = "adamw",
+    amp_dtype: torch.dtype | None = None,
+) -> dict[str, dict[str, float]]:  # fmt: skip
+    """MiB at the peak of a training step, for full fine-tuning and for the current freeze.
+
+    ``weights``, ``grads`` (of the trainable parameters) and ``optimizer`` (its state) are counted from the
+    parameters; ``activations`` is the rest of the step's measured peak: the batch, the tensors saved for the
+    backward pass and the forward's working set. ``total`` is the peak, as ``torch.cuda.max_memory_allocated`` reads
+    it over a step after the first. ``amp_dtype`` measures the step under that autocast, as a run with ``--amp``
+    trains. The model is measured where it is (a CPU copy is fine: tensor bytes do not depend on the device) and
+    left as it was: modes, BatchNorm statistics, ``requires_grad`` flags and gradients.
 
     >>> m = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.LazyLinear(2))
     >>> _ = m(torch.zeros(1, 3, 8, 8))
@@ -35,76 +51,146 @@ def estimate_memory(
     out = {}
     try:
         for mode in ("full", "frozen"):
-            if mode == "full":
-                for p in params:
-                    p.requires_grad_(True)
-            else:
-                for p, flag in zip(params, trainable_now, strict=True):
-                    p.requires_grad_(flag)
-            out[mode] = _breakdown(model, params, input_size, batch_size, optimizer, bytes_per_value)
+            for p, flag in zip(params, trainable_now, strict=True):
+                p.requires_grad_(mode == "full" or flag)
+            out[mode] = _breakdown(model, params, input_size, batch_size, optimizer, amp_dtype)
     finally:
         for p, flag in zip(params, trainable_now, strict=True):
             p.requires_grad_(flag)
     return out
 
 
-def format_memory(estimate: dict[str, dict[str, float]], batch_size: int) -> str:
+def format_memory(estimate: dict[str, dict[str, float]], batch_size: int, amp_dtype: torch.dtype | None = None) -> str:
     """A small table of the estimate, MiB per component."""
     cols = ("weights", "grads", "optimizer", "activations", "total")
-    lines = [f"training memory estimate at batch {batch_size} (MiB, fp32; AMP roughly halves activations)",
+    lines = [f"training memory estimate at batch {batch_size}, {_AMP_NAMES[amp_dtype]}: the peak of a step (MiB; "
+             "measured at batches of 2 and 4, scaled)",
              f"{'':<8}" + "".join(f"{c:>13}" for c in cols)]  # fmt: skip
     for mode, row in estimate.items():
         lines.append(f"{mode:<8}" + "".join(f"{row[c]:>13,.1f}" for c in cols))
     return "\n".join(lines)
 
 
-def _breakdown(model, params, input_size, batch_size, optimizer, nbytes) -> dict[str, float]:
+def measured_peak(step: Callable[[], object]) -> int:
+    """Bytes of the tensors ``step()`` creates and holds at once at its peak, on any device.
+
+    What ``torch.cuda.max_memory_allocated`` reads over the call less what was allocated before it (allocator
+    rounding and kernel workspaces aside), and also on a CPU, which keeps no such count.
+
+    >>> measured_peak(lambda: torch.zeros(256) + 1)  # the zeros and the sum are alive at once
+    2048
+    """
+    tracker = _LiveTensors()
+    with tracker:
+        step()
+    return max(tracker.trace, default=0)
+
+
+def _breakdown(model, params, input_size, batch_size, optimizer, amp_dtype) -> dict[str, float]:
     mib = 2**20
-    total = sum(p.numel() for p in params)
-    trainable = sum(p.numel() for p in params if p.requires_grad)
+    weights = sum(p.numel() * p.element_size() for p in params)
+    grads = sum(p.numel() * p.element_size() for p in params if p.requires_grad)
+    step = _step_peak(model, input_size, batch_size, amp_dtype)
+    # the step's peak holds the gradients only if it comes at the end of the backward pass: what it holds besides
+    # them is the activations' share (the optimizer state lives from the first step on, beside all of it)
     row = {
-        "weights": total * nbytes / mib,
-        "grads": trainable * nbytes / mib,
-        "optimizer": trainable * nbytes * _OPT_STATE.get(optimizer, 2) / mib,
-        "activations": _activation_bytes(model, input_size) * batch_size / 2 / mib,
+        "weights": weights / mib,
+        "grads": grads / mib,
+        "optimizer": grads * _OPT_STATE.get(optimizer, 2) / mib,
+        "activations": max(step - grads, 0) / mib,
     }
     row["total"] = sum(row.values())
     return row
 
 
-def _activation_bytes(model: nn.Module, input_size: int) -> int:
-    """Bytes autograd keeps for backward on a batch of 2 (counted once per storage)."""
-    seen: set[int] = set()
-    count = 0
+def _step_peak(model: nn.Module, input_size: int, batch_size: int, amp_dtype: torch.dtype | None) -> float:
+    """Bytes a forward and backward at ``batch_size`` holds at its peak, above the parameters themselves.
 
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        nonlocal count
-        if isinstance(t, nn.Parameter):
-            return t  # weights are counted apart
-        key = t.untyped_storage().data_ptr()
-        if key not in seen:
-            seen.add(key)
-            count += t.untyped_storage().nbytes()
-        return t
+    Each moment of the step (the live bytes after each operation) is a constant plus a per-image slope: two probe
+    batches give both, so the peak is found at the batch asked for even when it moves (at a small batch the
+    gradients at the end of the backward pass can outweigh the activations that dominate at a large one).
+    """
+    small, large = (_live_after_each_op(model, input_size, b, amp_dtype) for b in _PROBE_BATCHES)
+    if len(small) != len(large):  # the operations depend on the batch: scale the peaks alone
+        small, large = [max(small)], [max(large)]
+    b1, b2 = _PROBE_BATCHES
+    scale = (batch_size - b1) / (b2 - b1)
+    return max(s + (g - s) * scale for s, g in zip(small, large, strict=True))
 
+
+def _live_after_each_op(model: nn.Module, input_size: int, batch: int, amp_dtype: torch.dtype | None) -> list[int]:
     device = next(model.parameters()).device
-    x = torch.randn(2, 3, input_size, input_size, device=device)
-    # Measuring must not change the model: a train-mode forward updates BatchNorm running statistics, and
-    # model.train() flips every submodule's mode; both are put back. No backward runs (the pack hook fires during
-    # the forward), so the caller's .grad tensors are left alone too.
+    autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
+    tracker = _LiveTensors()
+    with _left_as_it_was(model), tracker:
+        x = torch.randn(batch, 3, input_size, input_size, device=device)
+        with autocast:
+            logits = logits_of(model(x))
+        target = torch.zeros(logits.shape[0], dtype=torch.long, device=device)
+        loss = F.cross_entropy(logits.float(), target)  # as the trainer: the loss in fp32
+        if loss.requires_grad:
+            loss.backward()
+    return tracker.trace
+
+
+@contextlib.contextmanager
+def _left_as_it_was(model: nn.Module) -> Iterator[None]:
+    """Train mode, no gradients, inside; modes, BatchNorm statistics and the caller's gradients put back after.
+
+    A train-mode forward updates BatchNorm running statistics, and model.train() flips every submodule's mode.
+    """
     modes = [(m, m.training) for m in model.modules()]
     buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    grads = [(p, p.grad) for p in model.parameters()]
+    for p, _ in grads:
+        p.grad = None  # a step starts without them (zero_grad(set_to_none=True)); accumulating would count a copy
     model.train()
     try:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            logits_of(model(x))
+        yield
     finally:
         with torch.no_grad():
             for b, saved in buffers:
                 b.copy_(saved)
         for m, mode in modes:
             m.training = mode
-    return count
+        for p, grad in grads:
+            p.grad = grad
+
+
+class _LiveTensors(TorchDispatchMode):
+    """Records, after each operation, the bytes of the tensor storages created inside the block and alive then.
+
+    A storage is counted when an operation first returns it and uncounted when it is freed (a weak reference's
+    callback). Storages that existed before (parameters) are never counted, views of them included: an output that
+    shares an input's storage is a view or an in-place result, not new memory.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = 0
+        self.trace: list[int] = []
+        self._refs: dict[int, weakref.ref] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self._count(t.untyped_storage(), inputs)
+        self.trace.append(self.live)
+        return out
+
+    def _count(self, storage: torch.UntypedStorage, inputs: set[int]) -> None:
+        key = id(storage)
+        if key in self._refs or storage.data_ptr() in inputs:
+            return
+        size = storage.nbytes()
+        self._refs[key] = weakref.ref(storage, lambda _, key=key, size=size: self._free(key, size))
+        self.live += size
+
+    def _free(self, key: int, size: int) -> None:
+        self.live -= size
+        del self._refs[key]
 
 
 def find_batch_size(fits: Callable[[int], bool], cap: int, start: int = 2) -> int | None:
