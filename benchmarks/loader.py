@@ -12,7 +12,7 @@ model's preprocessing (``Preprocess(input_size=res)``):
 After one untimed pass each, full passes are timed in turns (cpu, gpu, cpu, gpu, ...) and the fastest counts.
 
     python benchmarks/loader.py                       # CPU smoke check: 256 images, 64 px, batch 32, no target
-    python benchmarks/loader.py --device cuda         # 2048 images, 224 px, batch 128; target gpu/cpu >= 5
+    python benchmarks/loader.py --device cuda         # 2048 images, 224 px, batch 128; target gpu/cpu >= 6
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ PORTRAIT = 0.25  # share of 375x500 images: mixed sizes make the GPU path decode
 QUALITY = 90
 SOURCES = ("astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry", "retina", "hubble_deep_field",
            "stereo_motorcycle", "camera")  # fmt: skip
-TARGET = 5.0
+TARGET = 6.0  # issue C2: the JPEG folder reaches the device >= 6x faster than through the CPU loader
 AUG = "light"
 
 
