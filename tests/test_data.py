@@ -15,8 +15,16 @@ import torch
 from PIL import Image
 
 from _engine_fixtures import fashion_mnist_dir
-from freezetune.data import build_datasets, build_loader, eval_transform, list_images, load_image, train_transform
-from freezetune.data.folder import scan_folder
+from freezetune.data import (
+    build_datasets,
+    build_loader,
+    eval_transform,
+    folder,
+    list_images,
+    load_image,
+    train_transform,
+)
+from freezetune.data.folder import HEIF_EXTENSIONS, IMAGE_EXTENSIONS, scan_folder
 from freezetune.data.idx import FASHION_CLASSES, InMemoryImageDataset, read_idx
 from freezetune.data.sampling import per_class_indices, stratified_split
 from freezetune.errors import ConfigError, DataError
@@ -256,16 +264,50 @@ def test_load_image_palette_with_transparency_is_quiet(tmp_path):
     assert rgb.mode == "RGB" and rgb.getpixel((0, 0)) == (0, 0, 0) and rgb.getpixel((1, 1)) == (200, 30, 10)
 
 
-def test_files_of_other_types_in_class_folders_are_named_not_dropped_in_silence(tmp_path, caplog):
+def test_files_of_other_types_in_class_folders_are_named_not_dropped_in_silence(tmp_path, caplog, monkeypatch):
+    # without pillow-heif an iPhone's photos are not images here: they are named, with what reads them
+    monkeypatch.setattr(folder, "IMAGE_EXTENSIONS", tuple(e for e in IMAGE_EXTENSIONS if e not in HEIF_EXTENSIONS))
     make_folder(tmp_path, 2)
     for i in range(3):
-        (tmp_path / "red" / f"IMG_{i}.HEIC").write_bytes(b"\0\0\0\x18ftypheic")  # an iPhone's photos
+        (tmp_path / "red" / f"IMG_{i}.HEIC").write_bytes(b"\0\0\0\x18ftypheic")
     (tmp_path / "blue" / "notes.txt").write_text("labels checked")
     (tmp_path / "blue" / ".DS_Store").write_bytes(b"")  # hidden: not the user's data
     with caplog.at_level(logging.WARNING, logger="freezetune"):
         ds = scan_folder(tmp_path)
     assert len(ds) == 6
     assert "4 file(s) left out, not of an image type read here (.heic: 3, .txt: 1)" in caplog.text
+    assert "pip install 'freezetune[heic]'" in caplog.text
+    caplog.clear()
+    for i in range(3):
+        (tmp_path / "red" / f"IMG_{i}.HEIC").unlink()
+    with caplog.at_level(logging.WARNING, logger="freezetune"):
+        scan_folder(tmp_path)
+    assert ".txt: 1" in caplog.text and "heic" not in caplog.text  # the hint only where it helps
+
+
+def _heic(path: Path, pixels: np.ndarray) -> Path:
+    pytest.importorskip("pillow_heif")
+    Image.fromarray(pixels).save(path, quality=95)  # pillow-heif's encoder (x265), registered by freezetune.data
+    return path
+
+
+def test_heic_photos_are_read_on_every_path_when_pillow_heif_is_installed(tmp_path, caplog):
+    from torchvision.io import read_file
+
+    from freezetune.data.gpu import _decode_cpu
+
+    rng = np.random.default_rng(0)
+    make_folder(tmp_path, 2)
+    smooth = np.repeat(np.repeat(rng.integers(0, 255, (6, 8, 3), dtype=np.uint8), 8, axis=0), 8, axis=1)
+    photo = _heic(tmp_path / "red" / "IMG_0001.HEIC", smooth)  # 48 x 64, as a camera names it
+    with caplog.at_level(logging.WARNING, logger="freezetune"):
+        b = build_datasets(str(tmp_path), val_split=0.3, preprocess=PRE)
+    assert "left out" not in caplog.text
+    assert str(photo) in [path for ds in (b.train, b.val) for path, _ in ds.samples]
+    pixels = np.asarray(load_image(photo))
+    assert pixels.shape == smooth.shape and np.abs(pixels.astype(int) - smooth).mean() < 6  # lossy, close
+    on_gpu_path = _decode_cpu(read_file(str(photo)), str(photo))  # torchvision cannot: the PIL fallback reads it
+    assert torch.equal(on_gpu_path, torch.from_numpy(pixels.copy()).permute(2, 0, 1))
 
 
 def test_load_image_turns_a_photo_upright_by_its_exif_orientation(tmp_path):
@@ -484,14 +526,17 @@ def test_a_jpeg_cut_short_is_caught_by_the_pre_scan_though_its_header_verifies(t
         load_image(path)  # everything kept decodes, the appended video included
 
 
-@pytest.mark.parametrize("fmt", ["GIF", "BMP", "TIFF", "PNG", "WEBP", "ICO", "PPM"])
+@pytest.mark.parametrize("fmt", ["GIF", "BMP", "TIFF", "PNG", "WEBP", "ICO", "PPM", "HEIF"])
 def test_every_format_cut_short_is_caught_by_the_pre_scan(tmp_path, fmt):
-    # GIF, BMP and uncompressed TIFF headers verify when their pixel data is cut short, as a JPEG's did
+    # GIF, BMP, uncompressed TIFF and HEIC headers verify when their pixel data is cut short, as a JPEG's did
     from freezetune.data.scan import image_problem
 
     pixels = np.random.default_rng(0).integers(0, 255, (48, 64, 3), dtype=np.uint8)
     whole = tmp_path / f"whole.{fmt.lower()}"
-    Image.fromarray(pixels).save(whole, fmt)
+    if fmt == "HEIF":
+        _heic(whole, pixels)
+    else:
+        Image.fromarray(pixels).save(whole, fmt)
     assert image_problem(str(whole)) is None
     for keep in (0.5, 0.98):
         cut = tmp_path / f"cut{keep}.{fmt.lower()}"

@@ -17,7 +17,25 @@ from freezetune.errors import DataError, choices
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+HEIF_EXTENSIONS = (".heic", ".heif")  # an iPhone's photos: read through pillow-heif (extra [heic]) when installed
+HEIF_HINT = "pip install 'freezetune[heic]' (pillow-heif) to read .heic/.heif"
+
+
+def _heif_readable() -> bool:
+    """Whether PIL can open HEIC/HEIF here: pillow-heif, when installed, registers its opener with PIL, the one
+    decoder every read path ends in (``load_image``, the pre-scan, the GPU path's fallback for files torchvision
+    cannot decode). It applies the photo's rotation as it decodes and resets the EXIF tag, so nothing turns twice."""
+    try:
+        import pillow_heif
+    except ImportError:
+        return False
+    pillow_heif.register_heif_opener()
+    return True
+
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff") + (
+    HEIF_EXTENSIONS if _heif_readable() else ()
+)
 _CSV_HEADER_NAMES = {"path", "file", "filename", "filepath", "image", "image_path", "img"}
 _CSV_LABEL_NAMES = {"label", "class", "target", "category", "y"}
 
@@ -193,8 +211,9 @@ def _warn_left_out(root: str | Path, left_out: Counter) -> None:
     otherwise drop out of the training set in silence."""
     if left_out:
         counts = ", ".join(f"{suffix}: {n}" for suffix, n in left_out.most_common())
-        log.warning("'%s': %d file(s) left out, not of an image type read here (%s); images are %s",
-                    root, sum(left_out.values()), counts, ", ".join(IMAGE_EXTENSIONS))  # fmt: skip
+        hint = f"; {HEIF_HINT}" if any(suffix in HEIF_EXTENSIONS for suffix in left_out) else ""
+        log.warning("'%s': %d file(s) left out, not of an image type read here (%s); images are %s%s",
+                    root, sum(left_out.values()), counts, ", ".join(IMAGE_EXTENSIONS), hint)  # fmt: skip
 
 
 def _is_header(row: list[str], base: Path) -> bool:
