@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import freezetune.models as models
+from freezetune import download
 from freezetune.errors import ConfigError, WeightsError
 from freezetune.models import create_model
 from freezetune.preprocess import IMAGENET_MEAN, Preprocess
@@ -23,7 +24,7 @@ def offline(monkeypatch, tmp_path):
     def refuse(*args, **kwargs):
         return False
 
-    monkeypatch.setattr(models, "_can_reach", refuse)
+    monkeypatch.setattr(download, "can_reach", refuse)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     from huggingface_hub import constants as hub_constants
 
@@ -96,7 +97,7 @@ def test_hf_hub_offline_env_skips_the_network_check(offline, monkeypatch):
     def must_not_connect(*args, **kwargs):
         raise AssertionError("network checked although HF_HUB_OFFLINE is set")
 
-    monkeypatch.setattr(models, "_can_reach", must_not_connect)
+    monkeypatch.setattr(download, "can_reach", must_not_connect)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(WeightsError, match="HF_HUB_OFFLINE"):
         create_model("timm:resnet18", weights="imagenet")

@@ -12,10 +12,7 @@ from __future__ import annotations
 import difflib
 import logging
 import os
-import socket
-import threading
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Literal
@@ -24,6 +21,8 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
+from freezetune import download
+from freezetune.download import HF_HOST, download_guard, first_line, require_network
 from freezetune.errors import ConfigError, WeightsError, choices
 from freezetune.options import MODEL_SOURCES, PRETRAINED_WEIGHTS, RANDOM_WEIGHTS
 from freezetune.preprocess import Preprocess
@@ -33,9 +32,6 @@ from freezetune.weights import hf_loading_problem, load_weights, packaged_weight
 log = logging.getLogger(__name__)
 
 WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
-_CONNECT_TIMEOUT_S = 3.0
-_DOWNLOAD_TIMEOUT_S = 60.0  # per socket operation: a stalled transfer fails instead of hanging
-_HF_HOST = "huggingface.co"
 _HF_PIL_RESAMPLE = {0: "nearest", 2: "bilinear", 3: "bicubic"}  # PIL.Image.Resampling values in HF configs
 
 # "packaged": pretrained weights come from a local file we load ourselves, so build without downloading.
@@ -125,62 +121,6 @@ def _unknown_model(library: str, arch: str, known: list[str]) -> ConfigError:
     return ConfigError(f"unknown {library} model {arch!r}{hint}")
 
 
-# --- network ---------------------------------------------------------------------------------------------------
-
-
-def _hub_offline() -> bool:
-    return any(
-        os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")
-        for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
-    )
-
-
-def _can_reach(host: str, port: int = 443, timeout: float = _CONNECT_TIMEOUT_S) -> bool:
-    """True if a TCP connection to ``host`` opens within ``timeout`` seconds."""
-    result: list[bool] = []
-
-    def attempt() -> None:
-        try:
-            socket.create_connection((host, port), timeout=timeout).close()
-            result.append(True)
-        except OSError:
-            result.append(False)
-
-    # The DNS lookup inside create_connection ignores the timeout and can stall for long offline; a daemon
-    # thread bounds the whole check.
-    worker = threading.Thread(target=attempt, daemon=True)
-    worker.start()
-    worker.join(timeout + 1.0)
-    return bool(result and result[0])
-
-
-def _offline_error(name: str, detail: str = "") -> WeightsError:
-    why = f"offline? {detail}" if detail else "offline?"
-    return WeightsError(
-        f"could not download pretrained weights for {name} ({why}); pass --weights PATH or --weights none"
-    )
-
-
-def _require_network(name: str, host: str, *, hub: bool = False) -> None:
-    if hub and _hub_offline():
-        raise _offline_error(name, "HF_HUB_OFFLINE is set")
-    if not _can_reach(host):
-        raise _offline_error(name, f"cannot reach {host}")
-
-
-@contextmanager
-def _download_guard(name: str, why: str = "") -> Iterator[None]:
-    """Bound every socket operation of a download and turn network failures into ``WeightsError``."""
-    previous = socket.getdefaulttimeout()
-    socket.setdefaulttimeout(_DOWNLOAD_TIMEOUT_S)  # torch.hub's urlopen has no timeout of its own
-    try:
-        yield
-    except OSError as e:  # URLError, timeouts, connection resets and huggingface_hub errors are all OSErrors
-        raise _offline_error(name, why or _first_line(e)) from e
-    finally:
-        socket.setdefaulttimeout(previous)
-
-
 # --- torchvision -----------------------------------------------------------------------------------------------
 
 
@@ -204,8 +144,8 @@ def _torchvision_model(name: str, arch: str, source: Source) -> tuple[nn.Module,
     url = urlparse(default.url)
     cached = Path(torch.hub.get_dir(), "checkpoints", Path(url.path).name)
     if not cached.is_file():
-        _require_network(name, url.hostname or "download.pytorch.org")
-    with _download_guard(name), weights_only_loads(name, cached):
+        require_network(name, url.hostname or "download.pytorch.org")
+    with download_guard(name), weights_only_loads(name, cached):
         return tvm.get_model(arch, weights="DEFAULT"), pre
 
 
@@ -269,8 +209,8 @@ def _timm_pretrained(name: str, arch: str, cfg: dict) -> nn.Module:
         with weights_only_loads(name, cached):
             return timm.create_model(arch, pretrained=True, pretrained_cfg_overlay={"file": str(cached)})
     hub = bool(cfg.get("hf_hub_id"))
-    _require_network(name, _HF_HOST if hub else (urlparse(cfg["url"]).hostname or ""), hub=hub)
-    with _download_guard(name), weights_only_loads(name, cfg.get("hf_hub_id") or cfg["url"]):
+    require_network(name, HF_HOST if hub else (urlparse(cfg["url"]).hostname or ""), hub=hub)
+    with download_guard(name), weights_only_loads(name, cfg.get("hf_hub_id") or cfg["url"]):
         return timm.create_model(arch, pretrained=True)
 
 
@@ -320,7 +260,7 @@ def _import_transformers():
 def _hf_model(name: str, arch: str, source: Source) -> tuple[nn.Module, Preprocess | None]:
     transformers = _import_transformers()
     # A hub id offline is served from the local cache only, so nothing waits on network timeouts.
-    cache_only = not Path(arch).is_dir() and (_hub_offline() or not _can_reach(_HF_HOST))
+    cache_only = not Path(arch).is_dir() and (download.hub_offline() or not download.can_reach(HF_HOST))
     config = _hf_config(transformers, name, arch, cache_only)
     auto, is_image = _hf_auto_class(transformers, config, arch)
     model = _hf_pretrained(auto, name, arch, cache_only) if source == "pretrained" else auto.from_config(config)
@@ -345,9 +285,9 @@ def _hf_pretrained(auto, name: str, arch: str, cache_only: bool) -> nn.Module:
             with weights_only_loads(name, arch), quiet_hf_loading():
                 model, info = auto.from_pretrained(arch, output_loading_info=True)
         except OSError as e:
-            raise WeightsError(f"cannot load weights from {arch!r}: {_first_line(e)}") from e
+            raise WeightsError(f"cannot load weights from {arch!r}: {first_line(e)}") from e
     else:
-        with _download_guard(name, "not in the local Hugging Face cache" if cache_only else ""), \
+        with download_guard(name, "not in the local Hugging Face cache" if cache_only else ""), \
                 weights_only_loads(name, arch), quiet_hf_loading():  # fmt: skip
             model, info = auto.from_pretrained(arch, local_files_only=cache_only, output_loading_info=True)
     problem = hf_loading_problem(info, head_name(model))
@@ -360,7 +300,7 @@ def _hf_config(transformers, name: str, arch: str, cache_only: bool):
     try:
         return transformers.AutoConfig.from_pretrained(arch, local_files_only=cache_only)
     except (OSError, ValueError) as e:
-        where = "not a local directory and not in the Hugging Face cache (offline?)" if cache_only else _first_line(e)
+        where = "not a local directory and not in the Hugging Face cache (offline?)" if cache_only else first_line(e)
         raise ConfigError(
             f"cannot load {name!r}: {where}; give a model directory or a hub id like 'google/vit-base-patch16-224'"
         ) from e
@@ -419,11 +359,6 @@ def _preprocess_from_hf(settings: dict) -> Preprocess:
         interpolation=_HF_PIL_RESAMPLE.get(settings.get("resample"), "bilinear"),
         crop_pct=crop_pct,
     )
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 _BUILDERS: dict[str, Builder] = {"timm": _timm_model, "torchvision": _torchvision_model, "hf": _hf_model}
