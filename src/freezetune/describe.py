@@ -38,7 +38,7 @@ def describe_model(
     from freezetune.freeze import freeze as freeze_model
     from freezetune.freeze import summary
     from freezetune.memory import estimate_memory, format_memory
-    from freezetune.models import create_model
+    from freezetune.models import create_model, text_preprocess
     from freezetune.precision import resolve_device, resolve_precision
     from freezetune.stages import head_name, replace_head
 
@@ -53,4 +53,9 @@ def describe_model(
         lines.append(f"input: {pre.input_size}px mean {mean} std {std}")
         estimate = estimate_memory(model, pre.input_size, batch_size, amp_dtype=dtype)
         lines.append(format_memory(estimate, batch_size, dtype))
+    else:  # a Hugging Face text model: the preprocessing is its tokenizer, as a run builds it
+        tokens = text_preprocess(name).max_length
+        lines.append(f"input: texts, tokenized and cut at {tokens} tokens")
+        estimate = estimate_memory(model, None, batch_size, amp_dtype=dtype, tokens=tokens)
+        lines.append(format_memory(estimate, batch_size, dtype, tokens=tokens))
     return "\n".join(lines)

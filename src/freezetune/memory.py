@@ -20,7 +20,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from freezetune.errors import ResourceError
-from freezetune.evaluate import logits_of
+from freezetune.evaluate import logits_of, run_model
 from freezetune.options import BATCH_AUTO
 
 _OPT_STATE = {"adamw": 2, "adam": 2, "sgd": 1}  # fp32 tensors of state per trainable parameter
@@ -29,17 +29,23 @@ _AMP_NAMES = {None: "fp32", torch.bfloat16: "bf16 autocast", torch.float16: "fp1
 
 
 def estimate_memory(
-    model: nn.Module, input_size: int, batch_size: int, *, optimizer: str = "adamw",
-    amp_dtype: torch.dtype | None = None,
+    model: nn.Module, input_size: int | None, batch_size: int, *, optimizer: str = "adamw",
+    amp_dtype: torch.dtype | None = None, tokens: int | None = None,
 ) -> dict[str, dict[str, float]]:  # fmt: skip
     """MiB at the peak of a training step, for full fine-tuning and for the current freeze.
 
     ``weights``, ``grads`` (of the trainable parameters) and ``optimizer`` (its state) are counted from the
-    parameters; ``activations`` is the rest of the step's measured peak: the batch, the tensors saved for the
-    backward pass and the forward's working set. ``total`` is the peak, as ``torch.cuda.max_memory_allocated`` reads
-    it over a step after the first. ``amp_dtype`` measures the step under that autocast, as a run with ``--amp``
-    trains. The model is measured where it is (a CPU copy is fine: tensor bytes do not depend on the device) and
-    left as it was: modes, BatchNorm statistics, ``requires_grad`` flags and gradients.
+    parameters; ``activations`` is what grows with the batch at the step's measured peak: the batch, the tensors
+    saved for the backward pass and the forward's working set. ``total`` is the peak, as
+    ``torch.cuda.max_memory_allocated`` reads it over a step after the first: weights, optimizer state and all the
+    step holds at its peak. It is not the sum of the columns: at a large batch the peak comes as the backward pass
+    starts, before any gradient exists; at a small one, at its end, when the activations are gone.
+
+    ``amp_dtype`` measures the step under that autocast, as a run with ``--amp`` trains. The batch is ``input_size``
+    px images, or, with ``tokens``, texts of that many tokens (a Hugging Face text model; its tokenizer pads a batch
+    to its longest text, so this is the estimate for texts that long). The model is measured where it is (a CPU copy
+    is fine: tensor bytes do not depend on the device) and left as it was: modes, BatchNorm statistics,
+    ``requires_grad`` flags and gradients.
 
     >>> m = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.LazyLinear(2))
     >>> _ = m(torch.zeros(1, 3, 8, 8))
@@ -48,22 +54,25 @@ def estimate_memory(
     """
     params = list(model.parameters())
     trainable_now = [p.requires_grad for p in params]
+    sample = _sampler(model, input_size, tokens)
     out = {}
     try:
         for mode in ("full", "frozen"):
             for p, flag in zip(params, trainable_now, strict=True):
                 p.requires_grad_(mode == "full" or flag)
-            out[mode] = _breakdown(model, params, input_size, batch_size, optimizer, amp_dtype)
+            out[mode] = _breakdown(model, params, sample, batch_size, optimizer, amp_dtype)
     finally:
         for p, flag in zip(params, trainable_now, strict=True):
             p.requires_grad_(flag)
     return out
 
 
-def format_memory(estimate: dict[str, dict[str, float]], batch_size: int, amp_dtype: torch.dtype | None = None) -> str:
+def format_memory(estimate: dict[str, dict[str, float]], batch_size: int, amp_dtype: torch.dtype | None = None, *,
+                  tokens: int | None = None) -> str:  # fmt: skip
     """A small table of the estimate, MiB per component."""
     cols = ("weights", "grads", "optimizer", "activations", "total")
-    lines = [f"training memory estimate at batch {batch_size}, {_AMP_NAMES[amp_dtype]}: the peak of a step (MiB; "
+    batch = f"{batch_size} x {tokens} tokens" if tokens else f"{batch_size}"
+    lines = [f"training memory estimate at batch {batch}, {_AMP_NAMES[amp_dtype]}: the peak of a step (MiB; "
              "measured at batches of 2 and 4, scaled)",
              f"{'':<8}" + "".join(f"{c:>13}" for c in cols)]  # fmt: skip
     for mode, row in estimate.items():
@@ -86,46 +95,53 @@ def measured_peak(step: Callable[[], object]) -> int:
     return max(tracker.trace, default=0)
 
 
-def _breakdown(model, params, input_size, batch_size, optimizer, amp_dtype) -> dict[str, float]:
+def _sampler(model: nn.Module, input_size: int | None, tokens: int | None) -> Callable[[int], torch.Tensor | dict]:
+    """What makes a probe batch of ``b``: images, or a tokenized text batch (the dict a text model is called with)."""
+    device = next(model.parameters()).device
+    if tokens is None:
+        return lambda b: torch.randn(b, 3, input_size, input_size, device=device)
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None) or 2
+    return lambda b: {"input_ids": torch.randint(vocab, (b, tokens), device=device),
+                      "attention_mask": torch.ones(b, tokens, dtype=torch.long, device=device)}  # fmt: skip
+
+
+def _breakdown(model, params, sample, batch_size, optimizer, amp_dtype) -> dict[str, float]:
     mib = 2**20
     weights = sum(p.numel() * p.element_size() for p in params)
     grads = sum(p.numel() * p.element_size() for p in params if p.requires_grad)
-    step = _step_peak(model, input_size, batch_size, amp_dtype)
-    # the step's peak holds the gradients only if it comes at the end of the backward pass: what it holds besides
-    # them is the activations' share (the optimizer state lives from the first step on, beside all of it)
-    row = {
-        "weights": weights / mib,
-        "grads": grads / mib,
-        "optimizer": grads * _OPT_STATE.get(optimizer, 2) / mib,
-        "activations": max(step - grads, 0) / mib,
-    }
-    row["total"] = sum(row.values())
-    return row
+    step, per_batch = _step_peak(model, sample, batch_size, amp_dtype)
+    state = grads * _OPT_STATE.get(optimizer, 2)  # lives from the first step on, beside all the step holds
+    return {"weights": weights / mib, "grads": grads / mib, "optimizer": state / mib, "activations": per_batch / mib,
+            "total": (weights + state + step) / mib}  # fmt: skip
 
 
-def _step_peak(model: nn.Module, input_size: int, batch_size: int, amp_dtype: torch.dtype | None) -> float:
-    """Bytes a forward and backward at ``batch_size`` holds at its peak, above the parameters themselves.
+def _step_peak(model: nn.Module, sample: Callable, batch_size: int, amp_dtype: torch.dtype | None
+               ) -> tuple[float, float]:  # fmt: skip
+    """Bytes a forward and backward at ``batch_size`` holds at its peak, above the parameters themselves, and the
+    share of them that grows with the batch.
 
     Each moment of the step (the live bytes after each operation) is a constant plus a per-image slope: two probe
     batches give both, so the peak is found at the batch asked for even when it moves (at a small batch the
     gradients at the end of the backward pass can outweigh the activations that dominate at a large one).
     """
-    small, large = (_live_after_each_op(model, input_size, b, amp_dtype) for b in _PROBE_BATCHES)
+    small, large = (_live_after_each_op(model, sample, b, amp_dtype) for b in _PROBE_BATCHES)
     if len(small) != len(large):  # the operations depend on the batch: scale the peaks alone
         small, large = [max(small)], [max(large)]
     b1, b2 = _PROBE_BATCHES
-    scale = (batch_size - b1) / (b2 - b1)
-    return max(s + (g - s) * scale for s, g in zip(small, large, strict=True))
+    slopes = [(g - s) / (b2 - b1) for s, g in zip(small, large, strict=True)]
+    moments = [s + k * (batch_size - b1) for s, k in zip(small, slopes, strict=True)]
+    peak = max(range(len(moments)), key=moments.__getitem__)
+    return moments[peak], max(slopes[peak] * batch_size, 0.0)
 
 
-def _live_after_each_op(model: nn.Module, input_size: int, batch: int, amp_dtype: torch.dtype | None) -> list[int]:
+def _live_after_each_op(model: nn.Module, sample: Callable, batch: int, amp_dtype: torch.dtype | None) -> list[int]:
     device = next(model.parameters()).device
     autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
     tracker = _LiveTensors()
     with _left_as_it_was(model), tracker:
-        x = torch.randn(batch, 3, input_size, input_size, device=device)
+        x = sample(batch)
         with autocast:
-            logits = logits_of(model(x))
+            logits = logits_of(run_model(model, x))
         target = torch.zeros(logits.shape[0], dtype=torch.long, device=device)
         loss = F.cross_entropy(logits.float(), target)  # as the trainer: the loss in fp32
         if loss.requires_grad:
