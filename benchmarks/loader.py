@@ -4,7 +4,7 @@ Both produce the same thing, training batches on the device from one class-per-f
 scikit-image's sample photos, ~500x375 px, quality 90, a quarter of them portrait), with aug ``light`` and the
 model's preprocessing (``Preprocess(input_size=res)``):
 
-- *cpu*: ``build_datasets`` (PIL decode + torchvision v2 train transform) in ``build_loader`` worker processes, each
+- *cpu*: ``build_datasets`` (PIL decode + torchvision v2 train transform) in persistent ``CpuLoader`` workers, each
   batch moved with ``freezetune.evaluate.to_device`` (non_blocking, channels_last on CUDA) as the trainer does;
 - *gpu*: ``freezetune.data.gpu.DeviceJpegLoader`` on the same dataset (reader threads, one nvJPEG decode per batch,
   augmentation on the device), through the same ``to_device``.
@@ -29,8 +29,9 @@ import torch
 from PIL import Image
 
 from _common import pick_device, sync, table
-from freezetune.data import build_datasets, build_loader, usable_cpus
+from freezetune.data import build_datasets, usable_cpus
 from freezetune.data.gpu import DeviceJpegLoader
+from freezetune.data.loaders import CpuLoader, EpochOrder
 from freezetune.evaluate import to_device
 from freezetune.preprocess import Preprocess
 
@@ -98,8 +99,14 @@ def jpeg_tree(work_dir: Path, n: int) -> Path:
 def make_loaders(root: Path, args, device: torch.device) -> dict:
     """Both contenders over one dataset: freezetune's CPU ``DataLoader`` and its device JPEG loader."""
     pre = Preprocess(input_size=args.res)
-    dataset = build_datasets(str(root), preprocess=pre, aug=AUG).train  # carries the CPU train transform
-    cpu = build_loader(dataset, batch_size=args.batch_size, train=True, workers=args.workers, device=str(device))
+    # refit: the automatic validation hold-out trains too, so every image of the folder passes (and counts)
+    dataset = build_datasets(str(root), preprocess=pre, aug=AUG, refit=True).train  # with the CPU train transform
+    # build_loader's training loader, but with persistent workers: the trainer starts fresh ones each epoch (for
+    # reproducible augmentation on resume), and their start-up must not count against the CPU baseline
+    order = EpochOrder(len(dataset), shuffle=True, seed=0, batch_size=args.batch_size)
+    cpu = CpuLoader(dataset, order, batch_size=args.batch_size, workers=args.workers, pin=device.type == "cuda",
+                    persistent=True)  # fmt: skip
+    cpu.set_epoch(0)
     gpu = DeviceJpegLoader(dataset, batch_size=args.batch_size, train=True, device=device, preprocess=pre, aug=AUG,
                            threads=args.threads)  # fmt: skip
     return {"cpu": cpu, "gpu": gpu}
@@ -146,7 +153,7 @@ def report(times: dict[str, list[float]], loaders: dict, device: torch.device, a
     speed = {name: args.n_images / min(t) for name, t in times.items()}
     decode = "nvJPEG batch decode" if device.type == "cuda" else "CPU decode (device cpu)"
     notes = {
-        "cpu": f"{loaders['cpu'].num_workers} workers, PIL + torchvision v2",
+        "cpu": f"{loaders['cpu'].loader.num_workers} workers, PIL + torchvision v2",
         "gpu": f"{loaders['gpu'].threads} reader threads, {decode}",
     }
     rows = []

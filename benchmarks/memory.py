@@ -20,7 +20,6 @@ the estimate's scaling from batches of 2 and 4, while on CUDA it checks the esti
 
 from __future__ import annotations
 
-import argparse
 import copy
 import gc
 import time
@@ -32,7 +31,7 @@ from torch.nn import functional as F
 from _common import autocast, pick_device, sync, table
 from freezetune import freeze, unfreeze
 from freezetune.memory import estimate_memory, measured_peak
-from throughput import DEFAULT_MODELS, NUM_CLASSES, make_model
+from throughput import NUM_CLASSES, each_model, make_model, model_parser, sized
 
 MIB = 2**20
 FROZEN_TARGET = 1.1  # frozen training peak / inference peak
@@ -136,28 +135,12 @@ def _verdict(ok: bool) -> str:
     return "met" if ok else "NOT met"
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--models", default=DEFAULT_MODELS, help=f"comma-separated timm names (default {DEFAULT_MODELS})")
-    p.add_argument("--batch-size", type=int, default=None, help="default 32 on CPU, 128 on CUDA")
-    p.add_argument("--res", type=int, default=None, help="default 64 on CPU, 224 on CUDA")
-    args = p.parse_args(argv)
-    cuda = pick_device(args.device).type == "cuda"
-    args.batch_size = args.batch_size or (128 if cuda else 32)
-    args.res = args.res or (224 if cuda else 64)
-    return args
-
-
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
+    parser = model_parser(__doc__.splitlines()[0])
+    args = parser.parse_args(argv)
+    sized(args)
     device = pick_device(args.device)
-    torch.manual_seed(0)
-    results = {}
-    for name in [m.strip() for m in args.models.split(",") if m.strip()]:
-        start = time.perf_counter()
-        results[name] = measure(name, args, device)
-        print(f"  {name}: measured in {time.perf_counter() - start:.0f}s", flush=True)
+    results = each_model(args, lambda name: measure(name, args, device))
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU, peaks of live tensors"
     amp = "bf16 autocast" if device.type == "cuda" else "fp32"
     print(f"\nmemory on {device} ({where}): {args.res} px, batch {args.batch_size}, {amp}, peak MiB")

@@ -25,7 +25,6 @@ import timm
 import torch
 from torch import nn
 from torch.nn import functional as F
-from torch.utils.data import TensorDataset
 
 from _common import autocast, pick_device, sync, table
 from freezetune import freeze
@@ -125,7 +124,6 @@ def cached_run(name: str, args, device: torch.device) -> dict:
     images = torch.randn(args.n_images, 3, args.res, args.res, device=device).contiguous(memory_format=fmt)
     labels = torch.randint(0, NUM_CLASSES, (args.n_images,), device=device)
     batches = list(zip(images.split(2 * args.batch_size), labels.split(2 * args.batch_size), strict=True))
-    dataset = TensorDataset(images, labels)  # build_store reads only its length: the batches come from ``batches``
     _timed_pass(model, batches[:1], device)  # warm-up
     out: dict = {"infer_pass": [], "build": []}
     with tempfile.TemporaryDirectory() as spill:
@@ -133,9 +131,8 @@ def cached_run(name: str, args, device: torch.device) -> dict:
             out["infer_pass"].append(_timed_pass(model, batches, device))
             sync(device)
             start = time.perf_counter()
-            store, info = build_store(split, dataset, precision, views=1, batch_size=args.batch_size, seed=0,
-                                      spill_dir=spill, channels_last=fmt == torch.channels_last,
-                                      batches=lambda view: batches)  # fmt: skip
+            store, info = build_store(split, args.n_images, lambda view: batches, precision, views=1, seed=0,
+                                      spill_dir=spill, channels_last=fmt == torch.channels_last)  # fmt: skip
             sync(device)
             out["build"].append(time.perf_counter() - start)
         out["epochs"] = _cached_epochs(split.suffix_train, store, args.batch_size, precision, device)
@@ -200,20 +197,43 @@ def report(results: dict[str, dict], device: torch.device) -> str:
     return table(rows, header) + "\n\n" + "\n".join(checks)
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def model_parser(description: str) -> argparse.ArgumentParser:
+    """The options of a per-model benchmark (this one, ``memory.py``): device, models, batch size, resolution."""
+    p = argparse.ArgumentParser(description=description)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--models", default=DEFAULT_MODELS, help=f"comma-separated timm names (default {DEFAULT_MODELS})")
     p.add_argument("--batch-size", type=int, default=None, help="default 32 on CPU, 128 on CUDA")
     p.add_argument("--res", type=int, default=None, help="default 64 on CPU, 224 on CUDA")
+    return p
+
+
+def sized(args: argparse.Namespace) -> bool:
+    """Fill in the CPU or CUDA defaults of batch size and resolution; whether the device is CUDA."""
+    cuda = pick_device(args.device).type == "cuda"
+    args.batch_size = args.batch_size or (128 if cuda else 32)
+    args.res = args.res or (224 if cuda else 64)
+    return cuda
+
+
+def each_model(args: argparse.Namespace, measure) -> dict[str, dict]:
+    """``measure(name)`` for each of ``--models``, in order, saying how long each took."""
+    torch.manual_seed(0)
+    results = {}
+    for name in [m.strip() for m in args.models.split(",") if m.strip()]:
+        start = time.perf_counter()
+        results[name] = measure(name)
+        print(f"  {name}: measured in {time.perf_counter() - start:.0f}s", flush=True)
+    return results
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = model_parser(__doc__.splitlines()[0])
     p.add_argument("--n-images", type=int, default=None, help="images of the cached run (512 CPU, 8192 CUDA)")
     p.add_argument("--iters", type=int, default=None, help="timed steps per measurement (default 9 CPU, 20 CUDA)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--passes", type=int, default=2, help="inference passes / cache builds, the fastest counts")
     args = p.parse_args(argv)
-    cuda = pick_device(args.device).type == "cuda"
-    args.batch_size = args.batch_size or (128 if cuda else 32)
-    args.res = args.res or (224 if cuda else 64)
+    cuda = sized(args)
     args.n_images = args.n_images or (8192 if cuda else 512)
     args.iters = args.iters or (20 if cuda else 9)
     return args
@@ -222,12 +242,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     device = pick_device(args.device)
-    torch.manual_seed(0)
-    results = {}
-    for name in [m.strip() for m in args.models.split(",") if m.strip()]:
-        start = time.perf_counter()
-        results[name] = {"speeds": speeds(name, args, device), "cache": cached_run(name, args, device)}
-        print(f"  {name}: measured in {time.perf_counter() - start:.0f}s", flush=True)
+    results = each_model(args, lambda name: {"speeds": speeds(name, args, device),
+                                             "cache": cached_run(name, args, device)})  # fmt: skip
     print(f"\nthroughput on {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}, "
           f"{torch.get_num_threads()} threads): {args.res} px, batch {args.batch_size}, "
           f"cached run over {args.n_images} images x {EPOCHS} epochs")  # fmt: skip

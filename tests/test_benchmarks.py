@@ -1,0 +1,42 @@
+"""The benchmark scripts that only a GPU run uses end to end (``benchmarks/gpu.sh``) still run: a tiny CPU pass of
+each, so an API change in freezetune breaks a test here rather than a lent GPU machine's few minutes.
+
+Numbers are not checked (benchmarks are not tests); that each script runs to its table and its check lines is.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _run(script: str, *args: str) -> str:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(BENCHMARKS / script), "--device", "cpu", *args], capture_output=True,
+                          text=True, timeout=300, env=env, cwd=BENCHMARKS.parent)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return proc.stdout
+
+
+def test_throughput_runs_its_frozen_and_cached_measurements():
+    out = _run("throughput.py", "--models", "test_efficientnet", "--res", "32", "--batch-size", "4", "--n-images",
+               "16", "--iters", "1", "--warmup", "1", "--passes", "1")  # fmt: skip
+    assert "test_efficientnet: frozen training / inference =" in out
+    assert "cache on cpu" in out
+
+
+def test_memory_runs_its_peaks_and_estimates():
+    out = _run("memory.py", "--models", "test_efficientnet,test_vit", "--res", "32", "--batch-size", "4")
+    for model in ("test_efficientnet", "test_vit"):
+        assert f"{model}: frozen training peak / inference peak =" in out
+        assert f"{model}: inspect's full estimate is" in out
+
+
+def test_loader_runs_both_contenders_over_every_image(tmp_path):
+    out = _run("loader.py", "--n-images", "24", "--batch-size", "4", "--res", "32", "--repeat", "1", "--workers", "1",
+               "--work-dir", str(tmp_path))  # fmt: skip
+    assert "GPU path / CPU loader =" in out
