@@ -26,12 +26,11 @@ import time
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from _common import autocast, pick_device, sync, table
 from freezetune import freeze, unfreeze
 from freezetune.memory import estimate_memory, measured_peak
-from throughput import NUM_CLASSES, each_model, make_model, model_parser, sized
+from throughput import NUM_CLASSES, each_model, make_model, model_parser, sized, train_step
 
 MIB = 2**20
 FROZEN_TARGET = 1.1  # frozen training peak / inference peak
@@ -54,24 +53,21 @@ def nbytes(tensors) -> int:
 
 
 def step_peak(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device) -> float:
-    """The peak of a training step after the first, on whatever is trainable (as freezetune's trainer steps)."""
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-3, fused=True)
+    """The peak of a training step after the first, in the trainer's order (forward, gradients set to None, backward,
+    fused AdamW): the previous step's gradients are alive through the forward, the optimizer state throughout."""
+    step = train_step(model, x, y, device)
+    step()  # allocates the optimizer state and the gradients, as every later step finds them
+    if device.type == "cuda":
+        return peak(step, device, 0)
+    trainable = [p for p in model.parameters() if p.requires_grad]
 
-    def step() -> None:
-        with autocast(device):
-            loss = F.cross_entropy(model(x).float(), y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+    def again() -> None:  # on a CPU the tracker counts what the call creates: the gradients are made inside it
+        for p in trainable:
+            p.grad = torch.zeros_like(p)
+        step()
 
-    step()  # allocates the optimizer state, which every later step holds from its start
-    optimizer.zero_grad(set_to_none=True)
-    state = [v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
-    out = peak(step, device, nbytes([*model.parameters(), *model.buffers(), x, y, *state]))
-    optimizer.zero_grad(set_to_none=True)
-    return out
+    state = 2 * nbytes(trainable)  # AdamW's two moments
+    return peak(again, device, nbytes([*model.parameters(), *model.buffers(), x, y]) + state)
 
 
 def infer_peak(model: nn.Module, x: torch.Tensor, device: torch.device) -> float:

@@ -37,8 +37,7 @@ def describe_model(
     from freezetune.config import parse_freeze_spec
     from freezetune.freeze import freeze as freeze_model
     from freezetune.freeze import summary
-    from freezetune.memory import estimate_memory, format_memory
-    from freezetune.models import create_model, text_preprocess
+    from freezetune.models import create_model
     from freezetune.precision import resolve_device, resolve_precision
     from freezetune.stages import head_name, replace_head
 
@@ -48,14 +47,19 @@ def describe_model(
         replace_head(model, num_classes)
     freeze_model(model, parse_freeze_spec(freeze), bn=bn)
     lines = [f"{name}  head: {head_name(model)}  freeze: {freeze}  bn: {bn}", summary(model)]
+    return "\n".join([*lines, *_input_and_memory(name, model, pre, batch_size, dtype)])
+
+
+def _input_and_memory(name: str, model, pre, batch_size: int, dtype) -> list[str]:
+    """The input line and the memory estimate: on images of the model's size, or on texts at its tokenizer's cut."""
+    from freezetune.memory import estimate_memory, format_memory
+    from freezetune.models import text_preprocess
+
     if pre is not None:
         mean, std = tuple(round(m, 3) for m in pre.mean), tuple(round(s, 3) for s in pre.std)
-        lines.append(f"input: {pre.input_size}px mean {mean} std {std}")
         estimate = estimate_memory(model, pre.input_size, batch_size, amp_dtype=dtype)
-        lines.append(format_memory(estimate, batch_size, dtype))
-    else:  # a Hugging Face text model: the preprocessing is its tokenizer, as a run builds it
-        tokens = text_preprocess(name).max_length
-        lines.append(f"input: texts, tokenized and cut at {tokens} tokens")
-        estimate = estimate_memory(model, None, batch_size, amp_dtype=dtype, tokens=tokens)
-        lines.append(format_memory(estimate, batch_size, dtype, tokens=tokens))
-    return "\n".join(lines)
+        return [f"input: {pre.input_size}px mean {mean} std {std}", format_memory(estimate, batch_size, dtype)]
+    tokens = text_preprocess(name).max_length  # a Hugging Face text model: its tokenizer, as a run builds it
+    estimate = estimate_memory(model, None, batch_size, amp_dtype=dtype, tokens=tokens)
+    return [f"input: texts, tokenized and cut at {tokens} tokens", format_memory(estimate, batch_size, dtype,
+                                                                                   tokens=tokens)]  # fmt: skip

@@ -38,8 +38,9 @@ def estimate_memory(
     parameters; ``activations`` is what grows with the batch at the step's measured peak: the batch, the tensors
     saved for the backward pass and the forward's working set. ``total`` is the peak, as
     ``torch.cuda.max_memory_allocated`` reads it over a step after the first: weights, optimizer state and all the
-    step holds at its peak. It is not the sum of the columns: at a large batch the peak comes as the backward pass
-    starts, before any gradient exists; at a small one, at its end, when the activations are gone.
+    step holds at its peak. At a large batch that peak ends the forward pass, the previous step's gradients still
+    alive (the trainer frees them just before backward), and is the sum of the columns; at a small batch it can
+    come at the end of backward instead, the activations gone, and is less.
 
     ``amp_dtype`` measures the step under that autocast, as a run with ``--amp`` trains. The batch is ``input_size``
     px images, or, with ``tokens``, texts of that many tokens (a Hugging Face text model; its tokenizer pads a batch
@@ -124,17 +125,25 @@ def _step_peak(model: nn.Module, sample: Callable, batch_size: int, amp_dtype: t
     batches give both, so the peak is found at the batch asked for even when it moves (at a small batch the
     gradients at the end of the backward pass can outweigh the activations that dominate at a large one).
     """
-    small, large = (_live_after_each_op(model, sample, b, amp_dtype) for b in _PROBE_BATCHES)
+    (small, backward), (large, _) = (_live_after_each_op(model, sample, b, amp_dtype) for b in _PROBE_BATCHES)
+    # the trainer (as most loops) sets the gradients to None after the forward pass, just before backward: the
+    # previous step's gradients are alive through every moment of the forward
+    held = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     if len(small) != len(large):  # the operations depend on the batch: scale the peaks alone
-        small, large = [max(small)], [max(large)]
+        small, large, backward = [max(small)], [max(large)], 0
     b1, b2 = _PROBE_BATCHES
     slopes = [(g - s) / (b2 - b1) for s, g in zip(small, large, strict=True)]
-    moments = [s + k * (batch_size - b1) for s, k in zip(small, slopes, strict=True)]
+    moments = [
+        s + k * (batch_size - b1) + (held if i < backward else 0)
+        for i, (s, k) in enumerate(zip(small, slopes, strict=True))
+    ]
     peak = max(range(len(moments)), key=moments.__getitem__)
     return moments[peak], max(slopes[peak] * batch_size, 0.0)
 
 
-def _live_after_each_op(model: nn.Module, sample: Callable, batch: int, amp_dtype: torch.dtype | None) -> list[int]:
+def _live_after_each_op(model: nn.Module, sample: Callable, batch: int, amp_dtype: torch.dtype | None
+                        ) -> tuple[list[int], int]:  # fmt: skip
+    """The live bytes after each operation of a forward, loss and backward, and where the backward pass starts."""
     device = next(model.parameters()).device
     autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
     tracker = _LiveTensors()
@@ -144,9 +153,10 @@ def _live_after_each_op(model: nn.Module, sample: Callable, batch: int, amp_dtyp
             logits = logits_of(run_model(model, x))
         target = torch.zeros(logits.shape[0], dtype=torch.long, device=device)
         loss = F.cross_entropy(logits.float(), target)  # as the trainer: the loss in fp32
+        backward = len(tracker.trace)
         if loss.requires_grad:
             loss.backward()
-    return tracker.trace
+    return tracker.trace, backward
 
 
 @contextlib.contextmanager
