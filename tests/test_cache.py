@@ -105,6 +105,19 @@ def test_views_are_sampled_per_epoch_reproducibly(image_folder, tmp_path):
     assert set(first.tolist()) <= {0, 1, 2}
 
 
+def test_a_batch_holds_each_images_view_of_the_epoch():
+    views, n = 3, 10
+    feats = torch.randn(views, n, 4, 2)
+    index = torch.tensor([7, 0, 3, 3, 9])
+    for features in (feats, feats.transpose(2, 3)):  # contiguous (one index_select) and not (indexed per view)
+        store = FeatureStore(features, torch.arange(n) % 4, seed=1)
+        for epoch in range(3):
+            store.set_epoch(epoch)
+            got, targets = store.batch(index)
+            assert torch.equal(got, torch.stack([features[store.view[i], i] for i in index]))
+            assert torch.equal(targets, index % 4)
+
+
 def test_store_loader_shuffles_like_the_image_loader():
     n = 37
     feats = torch.arange(n, dtype=torch.float32).view(1, n, 1)

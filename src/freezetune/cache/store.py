@@ -60,6 +60,9 @@ class FeatureStore(Dataset):
         self.features, self.targets, self.seed = features, targets, seed
         self.device = features.device
         self._targets = targets.to(self.device)
+        # the views as one [views * N, ...] table (no copy): a batch is then one index_select, half the time of
+        # indexing with two tensors on a CPU (45 vs 85 us for 128 x 1280 floats)
+        self._flat = features.flatten(0, 1) if features.is_contiguous() else None
         self.set_epoch(0)
 
     def __len__(self) -> int:
@@ -71,9 +74,12 @@ class FeatureStore(Dataset):
         gen = torch.Generator().manual_seed(self.seed * 7_919 + epoch)
         self.view = torch.randint(views, (n,), generator=gen) if views > 1 else torch.zeros(n, dtype=torch.long)
         self._view = self.view.to(self.device)  # one copy an epoch
+        self._row = self._view * n + torch.arange(n, device=self.device)  # each image's row in the flat table
 
     def batch(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Features and targets of ``index`` (a long tensor on the store's device)."""
+        if self._flat is not None:
+            return self._flat.index_select(0, self._row[index]), self._targets[index]
         return self.features[self._view[index], index], self._targets[index]
 
     def __getitem__(self, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
