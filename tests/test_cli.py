@@ -319,6 +319,7 @@ def test_eval_of_a_non_checkpoint_is_a_user_error(run, data, capsys, tmp_path, k
         (["inspect", "--model", "timm:test_efficientnet", "--freeze", "blocks.9"], ["blocks.9", "blocks.4"]),
         (["inspect", "--model", "test_efficientnet"], ["test_efficientnet", "timm:"]),  # no library prefix
         (["inspect", "--model", "timm:test_efficientnet", "--amp", "fp8"], ["fp8", "'bf16'"]),
+        (["inspect", "--model", "timm:test_efficientnet", "--batch-size", "0"], ["batch_size", "got 0"]),
     ],
 )
 def test_predict_and_inspect_user_errors(run, data, capsys, argv, needles):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from freezetune.config import TrainConfig
-from freezetune.options import FREEZE_DEFAULT
+from freezetune.options import FREEZE_DEFAULT, check, positive_int_problem
 
 
 def describe_model(
@@ -41,7 +41,8 @@ def describe_model(
     from freezetune.precision import resolve_device, resolve_precision
     from freezetune.stages import head_name, replace_head
 
-    dtype = resolve_precision(resolve_device("auto"), amp).amp_dtype  # a bad value fails before the model is built
+    check(positive_int_problem("batch_size", batch_size))  # bad values fail before the model is built
+    dtype = resolve_precision(resolve_device("auto"), amp).amp_dtype
     model, pre = create_model(name, weights, img_size=img_size)
     if num_classes:
         replace_head(model, num_classes)
