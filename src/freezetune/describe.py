@@ -44,7 +44,7 @@ def describe_model(
     check(positive_int_problem("batch_size", batch_size))  # bad values fail before the model is built
     dtype = resolve_precision(resolve_device("auto"), amp).amp_dtype
     model, pre = create_model(name, weights, img_size=img_size)
-    if num_classes:
+    if num_classes is not None:  # 0 is a mistake to name, not "keep the head"
         replace_head(model, num_classes)
     freeze_model(model, parse_freeze_spec(freeze), bn=bn)
     lines = [f"{name}  head: {head_name(model)}  freeze: {freeze}  bn: {bn}", summary(model)]
