@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import yaml
 
@@ -93,6 +95,24 @@ def test_validation_reports_every_problem_at_once():
                    "early_stop", "unfreeze schedule 'weekly'", "data is required"):  # fmt: skip
         assert needle in message, needle
     assert "\n" not in message
+
+
+@pytest.mark.parametrize(
+    "kw, needle",
+    [
+        # each would train, wrongly, rather than fail: a negative clip flips every gradient's sign, a negative decay grows
+        # the weights, momentum >= 1 never forgets; a negative worker count fails deep in the DataLoader
+        ({"grad_clip": -1.0}, "grad_clip must be >= 0 (0 or unset: no clipping), got -1.0"),
+        ({"weight_decay": -0.1}, "weight_decay must be >= 0, got -0.1"),
+        ({"momentum": 1.0}, "momentum must be in [0, 1), got 1.0"),
+        ({"workers": -1}, "workers must be >= 0, got -1"),
+    ],
+)
+def test_values_that_would_train_wrong_are_refused(kw, needle):
+    with pytest.raises(ConfigError, match=re.escape(needle)):
+        validate(TrainConfig(data="imgs", **kw))
+    ok = {"grad_clip": 0.0, "weight_decay": 0.0, "momentum": 0.0, "workers": 0}
+    validate(TrainConfig(data="imgs", **{k: ok[k] for k in kw}))  # the edge of each range is fine
 
 
 @pytest.mark.parametrize("kw, needle", [

@@ -202,18 +202,15 @@ def validate(cfg: TrainConfig) -> None:
         problem = positive_int_problem("batch_size", cfg.batch_size)
         problems.append(problem and f"{problem} (or {BATCH_AUTO!r})")
     problems.append(non_negative_int_problem("skip_nonfinite", cfg.skip_nonfinite))
+    if cfg.workers is not None:
+        problems.append(non_negative_int_problem("workers", cfg.workers))
     optional = ("per_class", "early_stop", "save_every_steps")
     problems += [positive_int_problem(name, getattr(cfg, name)) for name in optional if getattr(cfg, name) is not None]
     if cfg.val_split is not None:
         problems.append(fraction_problem("val_split", cfg.val_split))
     if cfg.epoch_fraction != 1:
         problems.append(fraction_problem("epoch_fraction", cfg.epoch_fraction))
-    if cfg.lr <= 0:
-        problems.append(f"lr must be > 0, got {cfg.lr}")
-    if not 0 <= cfg.label_smoothing < 1:
-        problems.append(f"label_smoothing must be in [0, 1), got {cfg.label_smoothing}")
-    if cfg.warmup_epochs < 0 or cfg.warmup_epochs >= cfg.epochs:
-        problems.append(f"warmup_epochs must be in [0, epochs), got {cfg.warmup_epochs}")
+    problems += _range_problems(cfg)
     problems += _schedule_problems(cfg.unfreeze)
     problems.append(_refit_problem(cfg))
     problems.append(recipe_problem(cfg.recipe))
@@ -228,6 +225,20 @@ def validate(cfg: TrainConfig) -> None:
     problems = [p for p in problems if p]
     if problems:
         raise ConfigError("invalid config: " + "; ".join(problems))
+
+
+def _range_problems(cfg: TrainConfig) -> list[str]:
+    """The numbers that must lie in a range. A negative grad_clip would flip every gradient's sign (the clip factor
+    max_norm / norm goes negative) and a negative weight decay grows the weights: neither fails, both train wrong."""
+    ranges = [
+        ("lr", cfg.lr > 0, "> 0"),
+        ("label_smoothing", 0 <= cfg.label_smoothing < 1, "in [0, 1)"),
+        ("warmup_epochs", 0 <= cfg.warmup_epochs < cfg.epochs, "in [0, epochs)"),
+        ("weight_decay", cfg.weight_decay >= 0, ">= 0"),
+        ("momentum", 0 <= cfg.momentum < 1, "in [0, 1)"),
+        ("grad_clip", cfg.grad_clip is None or cfg.grad_clip >= 0, ">= 0 (0 or unset: no clipping)"),
+    ]
+    return [f"{name} must be {what}, got {getattr(cfg, name)}" for name, ok, what in ranges if not ok]
 
 
 def needs_validation(cfg: TrainConfig) -> bool:
