@@ -316,6 +316,7 @@ def test_eval_of_a_non_checkpoint_is_a_user_error(run, data, capsys, tmp_path, k
     [
         (["predict", "IMAGE_MISSING", "--topk", "2"], ["nothere.png", "does not exist"]),
         (["predict", "IMAGE", "--topk", "0"], ["topk must be >= 1, got 0"]),
+        (["eval", "--data", "DATA", "--batch-size", "0"], ["batch_size must be >= 1, got 0"]),
         (["inspect", "--model", "timm:test_efficientnet", "--freeze", "blocks.9"], ["blocks.9", "blocks.4"]),
         (["inspect", "--model", "test_efficientnet"], ["test_efficientnet", "timm:"]),  # no library prefix
         (["inspect", "--model", "timm:test_efficientnet", "--amp", "fp8"], ["fp8", "'bf16'"]),
@@ -323,10 +324,12 @@ def test_eval_of_a_non_checkpoint_is_a_user_error(run, data, capsys, tmp_path, k
         (["inspect", "--model", "timm:test_efficientnet", "--num-classes", "0"], ["num_classes", "got 0"]),
     ],
 )
-def test_predict_and_inspect_user_errors(run, data, capsys, argv, needles):
+def test_predict_eval_and_inspect_user_errors(run, data, capsys, argv, needles):
     image = data / "test" / "red" / "red_0.png"
-    argv = [{"IMAGE": str(image), "IMAGE_MISSING": str(data / "nothere.png")}.get(a, a) for a in argv]
-    if argv[0] == "predict":
+    argv = [
+        {"IMAGE": str(image), "IMAGE_MISSING": str(data / "nothere.png"), "DATA": str(data)}.get(a, a) for a in argv
+    ]
+    if argv[0] in ("predict", "eval"):
         argv += ["--checkpoint", str(run[0] / "best.pt"), "--device", "cpu"]
     _assert_user_error(*run_cli(capsys, *argv), *needles)
 

@@ -108,6 +108,7 @@ def evaluate_checkpoint(
     >>> result = evaluate_checkpoint("runs/r50/best.pt", "images/", device="cpu")  # doctest: +SKIP
     >>> print(write_evaluation(result, result["classes"], plot="runs/r50/eval_confusion.png"))  # doctest: +SKIP
     """
+    check(positive_int_problem("batch_size", batch_size))  # before the checkpoint and the data are read
     loaded = load_model(checkpoint, device)
     if isinstance(data, Dataset):
         dataset = data
