@@ -94,8 +94,14 @@ def test_auto_measures_on_the_validation_split_and_keeps_its_evidence(data, tmp_
 
     monkeypatch.setattr(feature_path, "evaluate", spy)
     monkeypatch.setattr(auto, "MIN_VAL_TO_COMPARE", 3)  # every candidate's trial, on the 3 held-out images
+    saved_last = []
+    real_save_last = checkpoint.save_last
+    monkeypatch.setattr(checkpoint, "save_last", lambda path, *a, **kw: saved_last.append(path) or real_save_last(
+        path, *a, **kw))  # fmt: skip
     lines = []
     result = trainer.train(_cfg(data, tmp_path / "auto", cache="auto", refit=refit), echo=lines.append)
+    # a trial is never resumed: it writes no last.pt (the largest file, with the optimizer's state); the run does
+    assert saved_last == [tmp_path / "auto" / checkpoint.LAST] * 2
     recipe = json.loads((tmp_path / "auto" / "recipe.json").read_text())
     assert [t["trained_stages"] for t in recipe["trials"]] == [2, 3, 4]
     assert all(0 <= t["val_acc"] <= 1 and sum(t["seconds"].values()) > 0 for t in recipe["trials"])

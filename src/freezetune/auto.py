@@ -145,11 +145,10 @@ def _trial(base: TrainConfig, k: int, out: Path, train: Callable, echo: Callable
     )  # fmt: skip
     shutil.rmtree(trial_cfg.out, ignore_errors=True)  # a trial of an interrupted earlier attempt: start it afresh
     try:
-        result = train(trial_cfg, echo=_indented(echo))
+        result = train(trial_cfg, echo=_indented(echo), resumable=False)  # trials restart, so no last.pt
     except RunInterrupted as exc:  # the trial's last.pt is not the run's: say what a re-run does instead
         raise RunInterrupted.by(exc.signum, f"during the trial of the last {k} stage(s) (trials are not resumed); the "
                                 "same command, with or without --resume, starts them again") from None  # fmt: skip
-    (result.run_dir / "last.pt").unlink(missing_ok=True)  # best.pt may start the run (see _start_from)
     row = result.history[-1] if result.history else {}
     seconds = {key: result.seconds.get(key, 0.0) for key in ("cache", "epochs")}
     echo(f"auto: last {k} stage(s) + head at lr {trial_cfg.lr:.1e}: val acc {_pct(result.best_metric)} "

@@ -137,13 +137,14 @@ def save_last(path: str | Path, record: dict[str, Any], state: TrainingState, pr
 
 
 def save_epoch(run_dir: Path, record: dict[str, Any], state: TrainingState, progress, steps_per_epoch: int, *,
-               row: dict, improved: bool) -> None:  # fmt: skip
-    """After an epoch: ``best.pt`` when it improved, then ``last.pt``. Best first: a ``last.pt`` that names epoch N
-    as the best never outlives a missing ``best.pt``."""
+               row: dict, improved: bool, last: bool = True) -> None:  # fmt: skip
+    """After an epoch: ``best.pt`` when it improved, then ``last.pt`` (unless ``last`` is False: a run that is never
+    resumed). Best first: a ``last.pt`` that names epoch N as the best never outlives a missing ``best.pt``."""
     if improved:
         save_best(run_dir / BEST, record, progress.epoch - 1, row)
-    pause_point("checkpoint")
-    save_last(run_dir / LAST, record, state, progress, steps_per_epoch)
+    if last:
+        pause_point("checkpoint")
+        save_last(run_dir / LAST, record, state, progress, steps_per_epoch)
 
 
 def restore(path: str | Path, state: TrainingState, progress, *, config: dict[str, Any], classes: list[str],

@@ -50,10 +50,12 @@ from freezetune.unfreezing import Unfreezer
 SKIPPED = "skipped.txt"  # the image files --skip-bad left out, one path a line
 
 
-def train(cfg: TrainConfig, *, echo=print) -> RunResult:
+def train(cfg: TrainConfig, *, echo=print, resumable: bool = True) -> RunResult:
     """Run a whole fine-tuning job as configured; ``echo`` receives the human-readable log lines.
 
-    A recipe (``recipe``, or ``freeze: auto``, the default) runs through ``freezetune.recipes``.
+    A recipe (``recipe``, or ``freeze: auto``, the default) runs through ``freezetune.recipes``. ``resumable=False``
+    writes no ``last.pt`` (only ``best.pt``): for a run nobody will resume, as the auto recipe's trials, whose resume
+    state (the optimizer's moments included) is the largest file a run writes.
 
     >>> from freezetune.config import TrainConfig
     >>> train(TrainConfig(data="DIR_OF_IMAGES", epochs=3))  # doctest: +SKIP
@@ -63,7 +65,7 @@ def train(cfg: TrainConfig, *, echo=print) -> RunResult:
     with out_of_memory_hint(cfg.batch_size), StopRequest().listening(defer=False):
         if recipes.recipe_of(cfg) is not None:
             return recipes.run(cfg, echo=echo)
-        trainer = Trainer(cfg, echo=echo)
+        trainer = Trainer(cfg, echo=echo, resumable=resumable)
         try:
             return trainer.fit()
         finally:
@@ -82,9 +84,9 @@ class Trainer:
     6. the feature path is built: the cache at the frozen boundary (or images), the DDP wrap, compilation.
     """
 
-    def __init__(self, cfg: TrainConfig, *, echo=print) -> None:
+    def __init__(self, cfg: TrainConfig, *, echo=print, resumable: bool = True) -> None:
         validate(cfg)
-        self.cfg = cfg
+        self.cfg, self.resumable = cfg, resumable
         self._process(echo)
         self.model, self.preprocess = create_model(cfg.model, cfg.weights, img_size=cfg.img_size)
         self.preprocess = self.preprocess or text_preprocess(cfg.model)  # a Hugging Face text model: its tokenizer
@@ -227,9 +229,10 @@ class Trainer:
             if self.dist.is_main:
                 record = checkpoint.model_record(self.model, cfg.to_dict(), self.classes, self.preprocess)
                 checkpoint.save_epoch(self.run_dir, record, self.state, self.progress, self.steps_per_epoch, row=row,
-                                      improved=improved)  # fmt: skip
+                                      improved=improved, last=self.resumable)  # fmt: skip
             if self.stop.requested:  # the signal came during validation or the save
-                raise self.stop.interrupted(f"after epoch {epoch + 1} (saved in last.pt)")
+                saved = "saved in last.pt" if self.resumable else "not saved: this run is not resumed"
+                raise self.stop.interrupted(f"after epoch {epoch + 1} ({saved})")
             if cfg.early_stop and self.progress.bad_epochs >= cfg.early_stop:
                 self.echo(f"early stop: {cfg.monitor} did not improve for {cfg.early_stop} epochs")
                 break
@@ -319,15 +322,15 @@ class Trainer:
         every, step = self.cfg.save_every_steps, meter.step
         if not (self.stop.requested or (every and step % every == 0 and step < meter.total)):
             return
-        if not meter.diverged:  # never save the weights of a non-finite step; the epoch's end reports it
-            self.progress.at_step(step, {"meter": meter.state_dict(), "rng": checkpoint.rng_state()})
+        if self.resumable and not meter.diverged:  # never save the weights of a non-finite step: the epoch's end
+            self.progress.at_step(step, {"meter": meter.state_dict(), "rng": checkpoint.rng_state()})  # reports it
             record = checkpoint.model_record(self.model, self.cfg.to_dict(), self.classes, self.preprocess)
             checkpoint.save_last(self.run_dir / checkpoint.LAST, record, self.state, self.progress,
                                  self.steps_per_epoch)  # fmt: skip
         if self.stop.requested:
-            saved = (
-                "not saved: a non-finite step; last.pt holds the last save" if meter.diverged else "saved in last.pt"
-            )
+            saved = ("not saved: this run is not resumed" if not self.resumable
+                     else "not saved: a non-finite step; last.pt holds the last save" if meter.diverged
+                     else "saved in last.pt")  # fmt: skip
             raise self.stop.interrupted(f"at step {step}/{meter.total} of epoch {epoch + 1} ({saved})")
 
     def _optimize(self, loss: torch.Tensor) -> None:
