@@ -322,8 +322,9 @@ class Trainer:
         every, step = self.cfg.save_every_steps, meter.step
         if not (self.stop.requested or (every and step % every == 0 and step < meter.total)):
             return
-        if self.resumable and not meter.diverged:  # never save the weights of a non-finite step: the epoch's end
-            self.progress.at_step(step, {"meter": meter.state_dict(), "rng": checkpoint.rng_state()})  # reports it
+        # never save the weights of a non-finite step (the epoch's end reports it), nor a run nobody resumes
+        if self.resumable and not meter.diverged:
+            self.progress.at_step(step, {"meter": meter.state_dict(), "rng": checkpoint.rng_state()})
             record = checkpoint.model_record(self.model, self.cfg.to_dict(), self.classes, self.preprocess)
             checkpoint.save_last(self.run_dir / checkpoint.LAST, record, self.state, self.progress,
                                  self.steps_per_epoch)  # fmt: skip
