@@ -13,6 +13,8 @@ from collections.abc import Callable
 
 import torch
 
+from freezetune.data.scan import jpeg_segments
+
 _HEAD = 1 << 17  # the segments before the image data that are walked past to find EXIF (each <= 64 KiB)
 _ORIENTATION_TAG = 0x0112
 
@@ -47,18 +49,9 @@ def exif_orientation(data: bytes | memoryview | torch.Tensor) -> int:
     """
     if isinstance(data, torch.Tensor):
         data = memoryview(data[:_HEAD].numpy())  # a view of the file's bytes: nothing copied per image
-    pos = 2  # after the start-of-image marker
-    while pos + 4 <= len(data) and data[pos] == 0xFF:
-        marker = data[pos + 1]
-        if marker == 0xFF:  # fill byte
-            pos += 1
-            continue
-        if marker in (0xDA, 0xD9):  # the image data (or its end) begins: no EXIF segment came before it
-            return 1
-        length = int.from_bytes(data[pos + 2 : pos + 4], "big")
-        if marker == 0xE1 and data[pos + 4 : pos + 10] == b"Exif\0\0":
-            return _tiff_orientation(data[pos + 10 : pos + 2 + length])
-        pos += 2 + length
+    for marker, start, end in jpeg_segments(data):  # up to the image data: EXIF comes before it or not at all
+        if marker == 0xE1 and data[start : start + 6] == b"Exif\0\0":
+            return _tiff_orientation(data[start + 6 : end])
     return 1
 
 

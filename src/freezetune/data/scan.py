@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -57,6 +58,36 @@ def image_problem(path: str) -> str | None:
 _STANDALONE = {0x01, *range(0xD0, 0xD9)}  # markers without a length: TEM, RST0-7, SOI
 
 
+def jpeg_segments(data: bytes | memoryview) -> Iterator[tuple[int, int, int]]:
+    """``(marker, start, end)`` of each marker segment of a JPEG up to its first scan; ``data[start:end]`` is the
+    segment's payload. The walk ends after the start-of-scan segment (its ``end`` is where the compressed data
+    begins) or at an end-of-image marker (yielded with an empty payload). Fill bytes, standalone markers and junk
+    between segments are skipped, as PIL's reader does.
+
+    >>> list(jpeg_segments(bytes.fromhex("ffd8 ffe00004 0000 00 ffda0002 12 ffd9")))  # a stray byte before the scan
+    [(224, 6, 8), (218, 13, 13)]
+    """
+    pos = 2  # after SOI
+    while pos + 4 <= len(data):
+        if data[pos] != 0xFF:  # junk between segments
+            pos += 1
+            continue
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte before a marker
+            pos += 1
+        elif marker in _STANDALONE:
+            pos += 2
+        elif marker == 0xD9:  # the end before any scan
+            yield marker, pos, pos
+            return
+        else:
+            end = pos + 2 + int.from_bytes(data[pos + 2 : pos + 4], "big")
+            yield marker, pos + 4, end
+            if marker == 0xDA:
+                return
+            pos = end
+
+
 def jpeg_complete(data: bytes) -> bool:
     """Whether the JPEG in ``data`` has its end-of-image marker after its first scan's compressed data.
 
@@ -70,23 +101,9 @@ def jpeg_complete(data: bytes) -> bool:
     >>> jpeg_complete(bytes.fromhex("ffd8 ffe00004 0000 00 ffda0002 12 ffd9"))  # a stray byte before the scan
     True
     """
-    pos = 2  # after SOI
-    while pos + 4 <= len(data):
-        if data[pos] != 0xFF:  # junk between segments: skipped, as PIL's reader does
-            pos += 1
-            continue
-        marker = data[pos + 1]
-        if marker == 0xFF:  # fill byte before a marker
-            pos += 1
-        elif marker in _STANDALONE:
-            pos += 2
-        elif marker == 0xD9:  # the end before any scan
-            return False
-        else:
-            start = pos + 2 + int.from_bytes(data[pos + 2 : pos + 4], "big")
-            if marker == 0xDA:  # start of scan: the compressed data follows its header
-                return data.find(b"\xff\xd9", start) != -1
-            pos = start
+    for marker, _, end in jpeg_segments(data):
+        if marker == 0xDA:  # start of scan: the compressed data follows its header
+            return data.find(b"\xff\xd9", end) != -1
     return False
 
 
