@@ -110,13 +110,13 @@ def _breakdown(model, params, sample, batch_size, optimizer, amp_dtype) -> dict[
     mib = 2**20
     weights = sum(p.numel() * p.element_size() for p in params)
     grads = sum(p.numel() * p.element_size() for p in params if p.requires_grad)
-    step, per_batch = _step_peak(model, sample, batch_size, amp_dtype)
+    step, per_batch = _step_peak(model, sample, batch_size, amp_dtype, grads)
     state = grads * _OPT_STATE.get(optimizer, 2)  # lives from the first step on, beside all the step holds
     return {"weights": weights / mib, "grads": grads / mib, "optimizer": state / mib, "activations": per_batch / mib,
             "total": (weights + state + step) / mib}  # fmt: skip
 
 
-def _step_peak(model: nn.Module, sample: Callable, batch_size: int, amp_dtype: torch.dtype | None
+def _step_peak(model: nn.Module, sample: Callable, batch_size: int, amp_dtype: torch.dtype | None, grads: int
                ) -> tuple[float, float]:  # fmt: skip
     """Bytes a forward and backward at ``batch_size`` holds at its peak, above the parameters themselves, and the
     share of them that grows with the batch.
@@ -127,14 +127,13 @@ def _step_peak(model: nn.Module, sample: Callable, batch_size: int, amp_dtype: t
     """
     (small, backward), (large, _) = (_live_after_each_op(model, sample, b, amp_dtype) for b in _PROBE_BATCHES)
     # the trainer (as most loops) sets the gradients to None after the forward pass, just before backward: the
-    # previous step's gradients are alive through every moment of the forward
-    held = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    # previous step's ``grads`` bytes are alive through every moment of the forward
     if len(small) != len(large):  # the operations depend on the batch: scale the peaks alone
         small, large, backward = [max(small)], [max(large)], 0
     b1, b2 = _PROBE_BATCHES
     slopes = [(g - s) / (b2 - b1) for s, g in zip(small, large, strict=True)]
     moments = [
-        s + k * (batch_size - b1) + (held if i < backward else 0)
+        s + k * (batch_size - b1) + (grads if i < backward else 0)
         for i, (s, k) in enumerate(zip(small, slopes, strict=True))
     ]
     peak = max(range(len(moments)), key=moments.__getitem__)
