@@ -199,8 +199,8 @@ def prepare_data(path: Path, *, dataset: str, per_class: int, seed: int, res: in
         "data_dir": str(path.parent / f"{Path(dataset).name}-idx"),
         "val_dir": str(path.parent / "val-idx"),
     }
-    _write_idx_dir(Path(data["data_dir"]), split["train"], split["test"], split["classes"])
-    _write_idx_dir(Path(data["val_dir"]), split["val"], split["val"], split["classes"])
+    write_idx_dir(Path(data["data_dir"]), split["train"], split["test"], split["classes"])
+    write_idx_dir(Path(data["val_dir"]), split["val"], split["val"], split["classes"])
     torch.save(data, path)
     return data
 
@@ -327,7 +327,7 @@ def normalize(x_u8: torch.Tensor, mean, std) -> torch.Tensor:
     return x_u8.to(torch.float32).div(255).sub(m).div(s)
 
 
-def _write_idx_dir(
+def write_idx_dir(
     root: Path, train: tuple[torch.Tensor, torch.Tensor], test: tuple[torch.Tensor, torch.Tensor], classes: list[str]
 ) -> None:
     """An IDX directory as freezetune reads it (``freezetune.data.idx``): train-* and t10k-* images and labels, and
@@ -337,11 +337,11 @@ def _write_idx_dir(
     root.mkdir(parents=True, exist_ok=True)
     (root / CLASS_NAMES_FILE).write_text("".join(f"{name}\n" for name in classes), encoding="utf-8")
     for prefix, (images, labels) in (("train", train), ("t10k", test)):
-        _write_idx(root / f"{prefix}-images-idx3-ubyte", images)
-        _write_idx(root / f"{prefix}-labels-idx1-ubyte", labels.to(torch.uint8))
+        write_idx(root / f"{prefix}-images-idx3-ubyte", images)
+        write_idx(root / f"{prefix}-labels-idx1-ubyte", labels.to(torch.uint8))
 
 
-def _write_idx(path: Path, array: torch.Tensor) -> None:
+def write_idx(path: Path, array: torch.Tensor) -> None:
     header = bytes([0, 0, 0x08, array.dim()]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
     path.write_bytes(header + array.contiguous().numpy().tobytes())
 

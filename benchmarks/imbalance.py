@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from _common import FASHION, MODEL, _write_idx_dir, table
+from _common import FASHION, MODEL, table, write_idx_dir
 from freezetune.config import TrainConfig
 from freezetune.data.idx import FASHION_CLASSES, load_idx
 from freezetune.trainer import train
@@ -34,7 +34,7 @@ def imbalanced_dir(root: Path, major: int, minor: int) -> Path:
         idx = torch.nonzero(train_set.targets == c).flatten()
         keep.append(idx[torch.randperm(len(idx), generator=gen)][: major if c < 5 else minor])
     keep = torch.cat(keep)
-    _write_idx_dir(root, (train_set.images[keep], train_set.targets[keep]), (test_set.images, test_set.targets),
+    write_idx_dir(root, (train_set.images[keep], train_set.targets[keep]), (test_set.images, test_set.targets),
                    list(FASHION_CLASSES))  # fmt: skip
     return root
 
