@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import threading
 
 import numpy as np
 import pytest
@@ -104,3 +105,78 @@ def test_a_run_directory_given_as_checkpoint_points_to_best_pt(trained, tmp_path
     checkpoint.save(_record(trained), tmp_path / "best.pt")
     with pytest.raises(CheckpointError, match="did you mean .*best.pt"):
         checkpoint.load(tmp_path)
+
+
+# --- the background writer ----------------------------------------------------------------------------------------
+
+
+class _GatedSave:
+    """Stands in for ``checkpoint.save``: records each write and holds the first until ``release``."""
+
+    def __init__(self, real):
+        self.real, self.written, self.first = real, [], True
+        self.started, self.gate = threading.Event(), threading.Event()
+
+    def __call__(self, record, path):
+        self.started.set()
+        if self.first:
+            self.first = False
+            assert self.gate.wait(10)
+        self.written.append((path.name, record["epoch"]))
+        return self.real(record, path)
+
+    def release(self):
+        self.gate.set()
+
+
+def test_the_writer_saves_a_snapshot_the_training_cannot_change(tmp_path, monkeypatch):
+    gated = _GatedSave(checkpoint.save)
+    monkeypatch.setattr(checkpoint, "save", gated)
+    weights, moment = torch.zeros(3), torch.zeros(3)
+    writer = checkpoint.Writer(tmp_path)
+    writer.submit(best={"epoch": 1, "state_dict": {"w": weights}},
+                  last={"epoch": 1, "state_dict": {"w": weights}, "optimizer": {"state": {0: [moment]}}})  # fmt: skip
+    assert gated.started.wait(10)
+    weights += 1  # the next step trains in place while the save is on its way to the disk
+    moment += 1
+    gated.release()
+    writer.wait()
+    best, last = torch.load(tmp_path / checkpoint.BEST), torch.load(tmp_path / checkpoint.LAST)
+    assert best["state_dict"]["w"].tolist() == last["state_dict"]["w"].tolist() == [0.0, 0.0, 0.0]
+    assert last["optimizer"]["state"][0][0].tolist() == [0.0, 0.0, 0.0]
+
+
+def test_a_save_that_waits_is_replaced_by_the_next_but_keeps_its_best(tmp_path, monkeypatch):
+    gated = _GatedSave(checkpoint.save)
+    monkeypatch.setattr(checkpoint, "save", gated)
+    writer = checkpoint.Writer(tmp_path)
+    for epoch, improved in ((1, True), (2, True), (3, False), (4, False)):
+        writer.submit(best={"epoch": epoch} if improved else None, last={"epoch": epoch})
+        assert gated.started.wait(10)  # epoch 1's best.pt is being written; the others wait their turn
+    gated.release()
+    writer.wait()
+    # epochs 2 and 3 waited and were replaced: epoch 4's last.pt, with epoch 2's best.pt written before it
+    assert gated.written == [("best.pt", 1), ("last.pt", 1), ("best.pt", 2), ("last.pt", 4)]
+    assert torch.load(tmp_path / checkpoint.BEST)["epoch"] == 2 and torch.load(tmp_path / checkpoint.LAST)["epoch"] == 4
+
+
+def test_a_failed_write_is_raised_by_the_next_save_and_by_wait(tmp_path, monkeypatch):
+    import errno
+
+    def full_disk(record, path):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(checkpoint, "save", full_disk)
+    writer = checkpoint.Writer(tmp_path)
+    writer.submit(best=None, last={"epoch": 1})
+    with pytest.raises(OSError, match="No space"):
+        writer.wait()
+    writer.wait()  # raised once
+    writer.submit(best=None, last={"epoch": 2})
+    writer.wait(raise_error=False)  # a run failing for another reason: its own error is the one reported
+    writer.submit(best=None, last={"epoch": 3})
+    for thread in threading.enumerate():  # the write fails in the background
+        if thread.name == "freezetune-checkpoint":
+            thread.join()
+    with pytest.raises(OSError, match="No space"):
+        writer.submit(best=None, last={"epoch": 4})

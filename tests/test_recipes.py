@@ -95,9 +95,14 @@ def test_auto_measures_on_the_validation_split_and_keeps_its_evidence(data, tmp_
     monkeypatch.setattr(feature_path, "evaluate", spy)
     monkeypatch.setattr(auto, "MIN_VAL_TO_COMPARE", 3)  # every candidate's trial, on the 3 held-out images
     saved_last = []
-    real_save_last = checkpoint.save_last
-    monkeypatch.setattr(checkpoint, "save_last", lambda path, *a, **kw: saved_last.append(path) or real_save_last(
-        path, *a, **kw))  # fmt: skip
+    real_submit = checkpoint.Writer.submit
+
+    def submit(writer, *, best, last):  # every save of every trial and of the final run
+        if last is not None:
+            saved_last.append(writer.run_dir / checkpoint.LAST)
+        real_submit(writer, best=best, last=last)
+
+    monkeypatch.setattr(checkpoint.Writer, "submit", submit)
     lines = []
     result = trainer.train(_cfg(data, tmp_path / "auto", cache="auto", refit=refit), echo=lines.append)
     # a trial is never resumed: it writes no last.pt (the largest file, with the optimizer's state); the run does

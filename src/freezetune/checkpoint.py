@@ -7,6 +7,7 @@ Writes are atomic (temp file + rename): a crash mid-save never leaves a half-wri
 from __future__ import annotations
 
 import random
+import threading
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -109,42 +110,128 @@ class TrainingState:
     unfreezer: Any | None  # freezetune.unfreezing.Unfreezer
 
 
-def save_best(path: str | Path, record: dict[str, Any], epoch: int, row: dict) -> Path:
-    """Write ``best.pt``: ``record`` (``model_record``: the weights and all ``predict`` needs) with the epoch's metrics.
+def best_record(record: dict[str, Any], progress, row: dict) -> dict[str, Any]:
+    """``best.pt``'s content: ``record`` (``model_record``: the weights and all ``predict`` needs) with the epoch's
+    number (``progress.epoch``, the epochs finished) and metrics."""
+    return {**record, "epoch": progress.epoch, "metrics": {k: v for k, v in row.items() if isinstance(v, (int, float))}}
 
-    ``epoch`` is 0-based.
-    """
-    metrics = {k: v for k, v in row.items() if isinstance(v, (int, float))}
-    return save({**record, "epoch": epoch + 1, "metrics": metrics}, path)
+
+def last_record(record: dict[str, Any], state: TrainingState, progress, steps_per_epoch: int) -> dict[str, Any]:
+    """``last.pt``'s content: ``record`` plus the full resume state after ``progress.epoch`` finished epochs."""
+    return {
+        **record,
+        "epoch": progress.epoch,
+        "steps_per_epoch": steps_per_epoch,
+        "optimizer": state.optimizer.state_dict(),
+        "scheduler": state.scheduler.state_dict() if state.scheduler is not None else None,
+        "scaler": state.scaler.state_dict(),
+        "unfreezer": state.unfreezer.state_dict() if state.unfreezer is not None else None,
+        "progress": progress.state_dict(),
+        "rng": rng_state(),
+    }
 
 
 def save_last(path: str | Path, record: dict[str, Any], state: TrainingState, progress, steps_per_epoch: int) -> Path:
-    """Write ``last.pt``: ``record`` plus the full resume state after ``progress.epoch`` finished epochs."""
-    return save(
-        {
-            **record,
-            "epoch": progress.epoch,
-            "steps_per_epoch": steps_per_epoch,
-            "optimizer": state.optimizer.state_dict(),
-            "scheduler": state.scheduler.state_dict() if state.scheduler is not None else None,
-            "scaler": state.scaler.state_dict(),
-            "unfreezer": state.unfreezer.state_dict() if state.unfreezer is not None else None,
-            "progress": progress.state_dict(),
-            "rng": rng_state(),
-        },
-        path,
+    """Write ``last.pt`` (``last_record``) now, in this thread."""
+    return save(last_record(record, state, progress, steps_per_epoch), path)
+
+
+def save_epoch(writer: Writer, record: dict[str, Any], state: TrainingState, progress, steps_per_epoch: int, *,
+               row: dict, improved: bool, last: bool = True) -> None:  # fmt: skip
+    """After an epoch: hand ``writer`` ``best.pt`` when the epoch improved, and ``last.pt`` (unless ``last`` is
+    False: a run that is never resumed). Both are taken now; the writer puts them on disk, best first."""
+    writer.submit(
+        best=best_record(record, progress, row) if improved else None,
+        last=last_record(record, state, progress, steps_per_epoch) if last else None,
     )
 
 
-def save_epoch(run_dir: Path, record: dict[str, Any], state: TrainingState, progress, steps_per_epoch: int, *,
-               row: dict, improved: bool, last: bool = True) -> None:  # fmt: skip
-    """After an epoch: ``best.pt`` when it improved, then ``last.pt`` (unless ``last`` is False: a run that is never
-    resumed). Best first: a ``last.pt`` that names epoch N as the best never outlives a missing ``best.pt``."""
-    if improved:
-        save_best(run_dir / BEST, record, progress.epoch - 1, row)
-    if last:
-        pause_point("checkpoint")
-        save_last(run_dir / LAST, record, state, progress, steps_per_epoch)
+class Writer:
+    """Writes a run's ``best.pt`` and ``last.pt`` in a background thread, so that an epoch shorter than its checkpoint
+    write (a head on cached features, a small dataset on a GPU) does not wait for the disk.
+
+    ``submit`` takes a snapshot of what it is given (every tensor copied to the CPU), so the training that goes on
+    cannot change a checkpoint while it is written. One save waits at most: a save submitted while another waits
+    replaces it, keeping the waiting one's ``best.pt`` when it brings none. The files on disk thus never fall more
+    than two saves behind the run, and at most two snapshots are held. Each save writes ``best.pt`` before
+    ``last.pt``: a ``last.pt`` that names epoch N the best never outlives a missing ``best.pt``. Every write is atomic;
+    a process killed mid-write leaves the previous file (see ``_io``).
+
+    ``wait`` returns once everything submitted is on disk and raises what a write raised; so does the next
+    ``submit``: a full disk stops the run at its next save, not at its end.
+
+    >>> import tempfile
+    >>> writer = Writer(Path(tempfile.mkdtemp()))
+    >>> writer.submit(best={"state_dict": {"w": torch.ones(2)}, "epoch": 1}, last=None)
+    >>> writer.wait()
+    >>> torch.load(writer.run_dir / BEST)["epoch"]
+    1
+    """
+
+    def __init__(self, run_dir: str | Path) -> None:
+        self.run_dir = Path(run_dir)
+        self._pending: dict[str, dict | None] | None = None
+        self._writing = False
+        self._error: BaseException | None = None
+        self._changed = threading.Condition()
+
+    def submit(self, *, best: dict[str, Any] | None, last: dict[str, Any] | None) -> None:
+        """Queue ``best.pt`` and/or ``last.pt`` (either may be None), snapshotted now, written in the background."""
+        self._raise_error()
+        job = {"best": _snapshot(best), "last": _snapshot(last)}
+        with self._changed:
+            if self._pending is not None and job["best"] is None:
+                job["best"] = self._pending["best"]  # the newest best.pt still has to reach the disk
+            self._pending = job
+            if not self._writing:
+                self._writing = True
+                threading.Thread(target=self._drain, name="freezetune-checkpoint", daemon=True).start()
+
+    def wait(self, *, raise_error: bool = True) -> None:
+        """Block until every submitted save is on disk; raise the first error a write met (or, with ``raise_error``
+        False, for a run already failing for another reason, drop it)."""
+        with self._changed:
+            self._changed.wait_for(lambda: not self._writing)
+        error, self._error = self._error, None
+        if error is not None and raise_error:
+            raise error
+
+    def _raise_error(self) -> None:
+        error, self._error = self._error, None
+        if error is not None:
+            raise error
+
+    def _drain(self) -> None:
+        while True:
+            with self._changed:
+                job, self._pending = self._pending, None
+                if job is None:
+                    self._writing = False
+                    self._changed.notify_all()
+                    return
+            try:
+                if job["best"] is not None:
+                    save(job["best"], self.run_dir / BEST)
+                if job["last"] is not None:
+                    pause_point("checkpoint")
+                    save(job["last"], self.run_dir / LAST)
+            except BaseException as exc:  # handed to the training thread: a thread's exception would only be printed
+                self._error = self._error or exc
+
+
+def _snapshot(value: Any) -> Any:
+    """A copy of ``value`` whose tensors are new CPU tensors and whose containers are new: nothing the run goes on
+    changing in place (weights, optimizer moments, lists in a scheduler's state) is shared with it."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {k: _snapshot(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_snapshot(v) for v in value]
+    if isinstance(value, tuple):
+        items = [_snapshot(v) for v in value]
+        return type(value)(*items) if hasattr(value, "_fields") else tuple(items)  # a namedtuple takes fields
+    return value
 
 
 def restore(path: str | Path, state: TrainingState, progress, *, config: dict[str, Any], classes: list[str],

@@ -143,6 +143,7 @@ class Trainer:
         barrier(self.dist)  # every rank checked the run dir before rank 0 writes into it
         # a --resume of a run stopped before its first last.pt starts it afresh (prepare_run_dir said so)
         self.resuming = cfg.resume and (self.run_dir / checkpoint.LAST).is_file()
+        self.checkpoints = checkpoint.Writer(self.run_dir)  # best.pt and last.pt, written beside the training
         runtime.seed_everything(cfg.seed)
 
     def _batch_size(self) -> int:
@@ -205,7 +206,9 @@ class Trainer:
             # could not agree on that step without a collective every step, so a signal stops them at once
             with self.stop.listening(defer=not self.dist.enabled):
                 self._epochs()
-        finally:  # Ctrl-C too: flush TensorBoard; metrics.csv and last.pt already hold every finished epoch
+            self.checkpoints.wait()  # best.pt is scored next
+        finally:  # Ctrl-C too: flush TensorBoard; metrics.csv and last.pt hold every finished epoch once written
+            self.checkpoints.wait(raise_error=False)  # on an error, the saves already made still land
             self.metrics.close()
             self.features.close()  # the loaders' workers stop with the run, not when the garbage collector frees them
         self.seconds["epochs"] = time.perf_counter() - start
@@ -228,9 +231,10 @@ class Trainer:
             improved = self.progress.update(epoch, row.get(cfg.monitor))
             if self.dist.is_main:
                 record = checkpoint.model_record(self.model, cfg.to_dict(), self.classes, self.preprocess)
-                checkpoint.save_epoch(self.run_dir, record, self.state, self.progress, self.steps_per_epoch, row=row,
-                                      improved=improved, last=self.resumable)  # fmt: skip
+                checkpoint.save_epoch(self.checkpoints, record, self.state, self.progress, self.steps_per_epoch,
+                                      row=row, improved=improved, last=self.resumable)  # fmt: skip
             if self.stop.requested:  # the signal came during validation or the save
+                self.checkpoints.wait()
                 saved = "saved in last.pt" if self.resumable else "not saved: this run is not resumed"
                 raise self.stop.interrupted(f"after epoch {epoch + 1} ({saved})")
             if cfg.early_stop and self.progress.bad_epochs >= cfg.early_stop:
@@ -326,9 +330,10 @@ class Trainer:
         if self.resumable and not meter.diverged:
             self.progress.at_step(step, {"meter": meter.state_dict(), "rng": checkpoint.rng_state()})
             record = checkpoint.model_record(self.model, self.cfg.to_dict(), self.classes, self.preprocess)
-            checkpoint.save_last(self.run_dir / checkpoint.LAST, record, self.state, self.progress,
-                                 self.steps_per_epoch)  # fmt: skip
+            self.checkpoints.submit(best=None, last=checkpoint.last_record(record, self.state, self.progress,
+                                                                           self.steps_per_epoch))  # fmt: skip
         if self.stop.requested:
+            self.checkpoints.wait()
             saved = ("not saved: this run is not resumed" if not self.resumable
                      else "not saved: a non-finite step; last.pt holds the last save" if meter.diverged
                      else "saved in last.pt")  # fmt: skip
