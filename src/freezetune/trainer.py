@@ -78,7 +78,7 @@ class Trainer:
     1. the process: torchrun group, device, precision, run directory (checked, created later), seeds;
     2. the model and data: pretrained model, datasets, new head, freezing, device placement;
     3. the feature path (images or cached features), which sizes the LR schedule before anything is built;
-    4. optimizer, LR schedule, Unfreezer, loss scaler;
+    4. optimizer, LR schedule, Unfreezer, loss scaler, and the loss (class weights from the training labels);
     5. on resume, ``last.pt``: weights, unfrozen stages and their groups, optimizer state, progress — before the
        cache, which must store what the restored model computes;
     6. the feature path is built: the cache at the frozen boundary (or images), the DDP wrap, compilation.
@@ -114,6 +114,8 @@ class Trainer:
                                     echo=self.echo)  # fmt: skip
         self.steps_per_epoch = self.features.steps_per_epoch
         self.state = checkpoint.TrainingState(self.model, *self._optimization())
+        self.loss_fn = training_loss(cfg.class_weights, cfg.label_smoothing, self.data.train.targets, len(self.classes),
+                                     self.device)  # fmt: skip
         self.progress = Progress(cfg.monitor)
         self.metrics = reporting.MetricsLogger(self.run_dir, tensorboard=cfg.tensorboard) if self.dist.is_main \
             else reporting.NullMetricsLogger()  # fmt: skip
@@ -262,8 +264,6 @@ class Trainer:
 
     def _train_epoch(self, epoch: int, batches) -> dict:
         self.model.train()
-        loss_fn = training_loss(self.cfg.class_weights, self.cfg.label_smoothing, self.data.train.targets,
-                                len(self.classes), self.device)  # fmt: skip
         meter = epoch_log.TrainProgress(len(batches), f"epoch {epoch + 1}/{self.cfg.epochs}",
                                         enabled=self.cfg.progress, device=self.device)  # fmt: skip
         for inputs, targets in self._remaining(batches, meter):
@@ -271,7 +271,7 @@ class Trainer:
             targets = targets.to(self.device, non_blocking=True)
             with self.precision.autocast():
                 logits = logits_of(run_model(self.features.train_module, inputs))
-                loss = loss_fn(logits.float(), targets)
+                loss = self.loss_fn(logits.float(), targets)
             if self.cfg.skip_nonfinite and self._not_finite(loss):
                 meter.skip()  # a step of the epoch (a mid-epoch save counts it) that trains nothing
                 if meter.skipped > self.cfg.skip_nonfinite:
