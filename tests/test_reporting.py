@@ -8,6 +8,7 @@ import pickle
 import pytest
 import torch
 
+from freezetune import epoch_log
 from freezetune._io import atomic_save, atomic_write_text
 from freezetune.epoch_log import format_epoch_line
 from freezetune.reporting import MetricsLogger, plot_report, read_metrics, unfreeze_events
@@ -181,3 +182,42 @@ def test_gpu_readings_reach_the_row_the_log_line_and_the_csv(tmp_path):
         log.log_epoch(row)
     (back,) = read_metrics(tmp_path / "metrics.csv")
     assert back["gpu_util_pct"] == 87.0 and back["unfrozen"] == "layer4"
+
+
+def _meter_steps(meter, losses, skips=()):
+    for i, loss in enumerate(losses):
+        if i in skips:
+            meter.skip()
+            continue
+        logits = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]])[: 2 + i % 2]
+        meter.update(torch.tensor(loss), logits, torch.tensor([0, 0, 0])[: 2 + i % 2])
+
+
+def test_an_epochs_meter_sums_its_steps_finds_the_first_non_finite_one_and_resumes_mid_epoch():
+    cpu = torch.device("cpu")
+    losses = [0.5, 1.5, 2.0, float("nan"), 0.25, float("inf")]
+    whole = epoch_log.TrainProgress(len(losses), "e", enabled=False, device=cpu)
+    _meter_steps(whole, losses, skips={2})
+    assert whole.diverged and whole.step == 6 and whole.skipped == 1
+    stats = whole.close()
+    # batches of 2, 3, (skipped), 3, 2, 3 of class 0; rows 0 and 2 of the logits say 0: 1 right of 2, 2 of 3
+    assert stats["samples"] == 13 and stats["train_acc"] == pytest.approx(8 / 13) and stats["first_bad_step"] == 3
+    finite = epoch_log.TrainProgress(3, "e", enabled=False, device=cpu)
+    _meter_steps(finite, [0.5, 1.5, 2.0])
+    assert not finite.diverged
+    assert finite.close()["train_loss"] == pytest.approx((0.5 * 2 + 1.5 * 3 + 2.0 * 2) / 7)
+    # a mid-epoch save after 2 steps, loaded by a fresh meter that goes on: the same epoch, summed the same way
+    first = epoch_log.TrainProgress(3, "e", enabled=False, device=cpu)
+    _meter_steps(first, [0.5, 1.5])
+    resumed = epoch_log.TrainProgress(3, "e", enabled=False, device=cpu)
+    resumed.load_state_dict(first.state_dict())
+    resumed.update(torch.tensor(2.0), torch.tensor([[1.0, 0.0], [1.0, 0.0]]), torch.tensor([0, 1]))
+    again = resumed.close()
+    assert again["train_loss"] == pytest.approx((0.5 * 2 + 1.5 * 3 + 2.0 * 2) / 7) and again["samples"] == 7
+    assert again["train_acc"] == pytest.approx(4 / 7) and again["first_bad_step"] == -1
+
+
+def test_an_epochs_meter_takes_more_batches_than_announced():
+    meter = epoch_log.TrainProgress(1, "e", enabled=False, device=torch.device("cpu"))
+    _meter_steps(meter, [1.0] * 5)
+    assert meter.close()["samples"] == 12

@@ -15,9 +15,13 @@ from freezetune.reporting import LIST_SEP
 class TrainProgress:
     """A training epoch's running loss and accuracy with its progress bar.
 
-    The sums stay on the device: reading them every step would sync the GPU each batch, so the bar's numbers are
-    refreshed every tenth step. The bar is driven by hand: given the loader, tqdm.auto calls iter() on it up front
-    and again to loop, so a DataLoader would start twice an epoch (a wasted worker prefetch, a second seed draw).
+    Each step's loss and correct count are written into a buffer on the device (two small copies; reading them every
+    step would sync the GPU each batch) and summed on the host when read: when the bar's numbers are refreshed, every
+    tenth step, and once at the end of the epoch. A step of a head on cached features is a handful of tiny kernels, so
+    the meter's own kernels count: five a step, where running sums and a running first-non-finite-step took fifteen.
+
+    The bar is driven by hand: given the loader, tqdm.auto calls iter() on it up front and again to loop, so a
+    DataLoader would start twice an epoch (a wasted worker prefetch, a second seed draw).
 
     >>> p = TrainProgress(2, "epoch 1/1", enabled=False, device=torch.device("cpu"))
     >>> p.update(torch.tensor(0.5), torch.tensor([[1.0, 0.0]]), torch.tensor([0])); p.close()["train_acc"]
@@ -32,47 +36,67 @@ class TrainProgress:
         self.gpu = GpuMonitor(device).start()  # a no-op off CUDA or without nvidia-ml-py
         self.total, self.step, self.seen = total, 0, 0
         self.skipped = 0  # steps whose batch was not trained on (--skip-nonfinite)
-        self.loss_sum = torch.zeros((), device=device)
-        self.correct = torch.zeros((), device=device, dtype=torch.long)
-        self.first_bad = torch.full((), -1, device=device, dtype=torch.long)  # first step with a non-finite loss
+        self.device = device
+        # step i's loss and correct count; a skipped step's stay 0, as its batch size does
+        self.losses = torch.zeros(max(total, 1), device=device)
+        self.corrects = torch.zeros(max(total, 1), device=device, dtype=torch.long)
+        self.sizes = [0] * max(total, 1)
+        self.carried = {"loss_sum": 0.0, "correct": 0, "first_bad": -1}  # the steps before a mid-epoch resume
         self.bar = tqdm(total=total, desc=desc, leave=False, disable=not enabled, dynamic_ncols=True)
 
     def update(self, loss: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> None:
-        # kept on the device and read once at the end of the epoch: no sync per step
-        bad = ~torch.isfinite(loss.detach()) & (self.first_bad < 0)
-        self.first_bad = torch.where(bad, torch.full_like(self.first_bad, self.step), self.first_bad)
-        self.loss_sum += loss.detach() * len(targets)
-        self.correct += (logits.detach().argmax(-1) == targets).sum()
+        i = self.step
+        if i >= len(self.sizes):  # more batches than announced: grow rather than fail
+            self._grow()
+        self.losses[i] = loss.detach()
+        self.corrects[i] = (logits.detach().argmax(-1) == targets).sum()
+        self.sizes[i] = len(targets)
         self.seen += len(targets)
-        self.bar.update()
-        if not self.bar.disable and (self.step % 10 == 0 or self.step == self.total - 1):  # .item() syncs
-            loss, acc = self.loss_sum.item() / self.seen, 100 * self.correct.item() / self.seen
-            self.bar.set_postfix(loss=f"{loss:.3f}", acc=f"{acc:.1f}%", refresh=False)
         self.step += 1
+        self.bar.update()
+        if not self.bar.disable and (i % 10 == 0 or i == self.total - 1):  # reading syncs
+            totals = self._totals()
+            loss, acc = totals["loss_sum"] / self.seen, 100 * totals["correct"] / self.seen
+            self.bar.set_postfix(loss=f"{loss:.3f}", acc=f"{acc:.1f}%", refresh=False)
 
     def skip(self) -> None:
         """A step whose batch trained nothing (its loss was not finite and ``--skip-nonfinite`` allowed a skip)."""
+        if self.step >= len(self.sizes):
+            self._grow()
         self.skipped += 1
         self.bar.update()
         self.step += 1
 
+    def _grow(self) -> None:
+        self.losses = torch.cat([self.losses, torch.zeros_like(self.losses)])
+        self.corrects = torch.cat([self.corrects, torch.zeros_like(self.corrects)])
+        self.sizes += [0] * len(self.sizes)
+
+    def _totals(self) -> dict[str, Any]:
+        """The sums over the steps so far (reads the device): loss x batch size, correct count, first non-finite
+        step (-1: none). In float64 on the host, whatever the device's dtypes."""
+        n = self.step
+        losses = self.losses[:n].cpu().double()
+        bad = (~torch.isfinite(losses)).nonzero()
+        first_bad = self.carried["first_bad"] if self.carried["first_bad"] >= 0 else int(bad[0]) if len(bad) else -1
+        return {"loss_sum": self.carried["loss_sum"] + float((losses * torch.tensor(self.sizes[:n])).sum()),
+                "correct": self.carried["correct"] + int(self.corrects[:n].sum()), "first_bad": first_bad}  # fmt: skip
+
     def state_dict(self) -> dict[str, Any]:
         """The running totals so far (a mid-epoch checkpoint): a resumed epoch reports what an uninterrupted one
         would. Reads the device: call it at a save, not every step."""
-        return {"step": self.step, "seen": self.seen, "loss_sum": self.loss_sum.item(), "correct": int(self.correct),
-                "first_bad": int(self.first_bad), "skipped": self.skipped}  # fmt: skip
+        return {"step": self.step, "seen": self.seen, **self._totals(), "skipped": self.skipped}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step, self.seen, self.skipped = state["step"], state["seen"], state.get("skipped", 0)
-        self.loss_sum.fill_(state["loss_sum"])
-        self.correct.fill_(state["correct"])
-        self.first_bad.fill_(state["first_bad"])
+        self.carried = {"loss_sum": float(state["loss_sum"]), "correct": int(state["correct"]),
+                        "first_bad": int(state["first_bad"])}  # fmt: skip
         self.bar.update(self.step)
 
     @property
     def diverged(self) -> bool:
         """Whether a step of this epoch had a non-finite loss (reads the device)."""
-        return bool(self.first_bad >= 0)
+        return self._totals()["first_bad"] >= 0
 
     def close(self, reduce=lambda t: t) -> dict[str, float]:
         """Close the bar; the epoch's mean loss, accuracy and sample count, summed over ranks by ``reduce``, on CUDA
@@ -80,11 +104,12 @@ class TrainProgress:
         this process whose loss was not finite, -1 if none, or 0 when another rank's was."""
         self.bar.close()
         gpu = self.gpu.stop()
-        device = self.loss_sum.device
-        bad = (self.first_bad >= 0).float()
-        totals = torch.stack([self.loss_sum, self.correct.float(), torch.tensor(float(self.seen), device=device), bad])
+        mine = self._totals()
+        dtype = torch.float32 if self.device.type == "mps" else torch.float64  # MPS has no float64
+        totals = torch.tensor([mine["loss_sum"], mine["correct"], self.seen, float(mine["first_bad"] >= 0)],
+                              dtype=dtype, device=self.device)  # fmt: skip
         loss, correct, seen, bad_ranks = reduce(totals).tolist()
-        first_bad = int(self.first_bad) if self.first_bad >= 0 else (0 if bad_ranks else -1)
+        first_bad = mine["first_bad"] if mine["first_bad"] >= 0 else (0 if bad_ranks else -1)
         return {"train_loss": loss / max(seen, 1), "train_acc": correct / max(seen, 1), "samples": int(seen),
                 "first_bad_step": first_bad, **gpu}  # fmt: skip
 
