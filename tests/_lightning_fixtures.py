@@ -44,7 +44,7 @@ class LitTiny(L.LightningModule):
         self.log("val_acc", acc)  # no sync_dist: each rank keeps its own value
 
     def configure_optimizers(self):
-        return torch.optim.AdamW(ft.param_groups(self.model, self.lr, stage_lrs=self.stage_lrs))
+        return torch.optim.AdamW(ft.param_groups(self.model, self.lr, stage_lrs=self.stage_lrs, weight_decay=0))
 
 
 def loaders(n: int = 32, batch_size: int = 8) -> tuple[DataLoader, DataLoader]:

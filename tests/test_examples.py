@@ -37,8 +37,9 @@ def test_plain_loop_unfreezes_two_stages_with_their_own_lrs():
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = proc.stdout
-    assert "unfroze blocks.4 (trains from epoch 1); optimizer groups: classifier lr=0.001, blocks.4 lr=0.0001\n" in out
-    assert "blocks.3 lr=5e-05\n" in out and "unfroze blocks.3 (trains from epoch 2)" in out
+    assert ("unfroze blocks.4 (trains from epoch 1); optimizer groups: classifier lr=0.001, classifier/no_decay "
+            "lr=0.001, blocks.4 lr=0.0001, blocks.4/no_decay lr=0.0001\n") in out  # fmt: skip
+    assert "blocks.3/no_decay lr=5e-05\n" in out and "unfroze blocks.3 (trains from epoch 2)" in out
     assert len(re.findall(r"^epoch \d: train_loss [\d.]+ val_acc [\d.]+$", out, flags=re.M)) == 3
     final = {line.split()[0]: line for line in out.split("epoch 2:")[1].splitlines() if line[:1].isalpha()}
     assert _trainable(final["blocks.3"]) > 0 and _trainable(final["blocks.4"]) > 0
@@ -60,10 +61,13 @@ def test_quickstart_notebook_trains_plots_and_predicts_on_a_real_kernel(tmp_path
 
     source_of = {i: cell.source for i, cell in enumerate(nb.cells)}
     groups = next(text(c) for i, c in enumerate(nb.cells) if "param_groups(" in source_of[i])
-    assert re.findall(r"(\S+)  lr=(\S+)", groups) == [
-        ("blocks.3", "5e-05"),
-        ("blocks.4", "0.0001"),
-        ("classifier", "0.001"),
+    assert re.findall(r"(\S+)  lr=(\S+)  weight_decay=(\S+)", groups) == [
+        ("blocks.3", "5e-05", "0.01"),  # AdamW's own default decay
+        ("blocks.3/no_decay", "5e-05", "0"),
+        ("blocks.4", "0.0001", "0.01"),
+        ("blocks.4/no_decay", "0.0001", "0"),
+        ("classifier", "0.001", "0.01"),
+        ("classifier/no_decay", "0.001", "0"),
     ]
     train = next(text(c) for i, c in enumerate(nb.cells) if "for epoch in range(EPOCHS)" in source_of[i])
     assert len(re.findall(r"^epoch \d: train_loss [\d.]+ val_loss [\d.]+ val_acc [\d.]+$", train, flags=re.M)) == 2

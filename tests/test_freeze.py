@@ -184,6 +184,17 @@ def test_a_later_call_switches_the_policy_of_the_frozen_part(resnet18, switch):
     assert not resnet18.layer1[0].bn1.weight.requires_grad
 
 
+@pytest.mark.parametrize("bn", ["affine", "train"])
+def test_unfreezing_a_stage_keeps_the_policy_the_rest_was_frozen_with(resnet18, bn):
+    ft.freeze(resnet18, "backbone", bn=bn)
+    ft.unfreeze(resnet18, "layer4")  # no bn given: layer1..3 go on training as the user chose
+    before = bn_stats(resnet18.layer1)
+    train_forward(resnet18)
+    assert not same(bn_stats(resnet18.layer1), before)
+    assert all(x.weight.requires_grad is (bn == "affine") for x in bn_layers(resnet18.layer1))
+    assert [row for row in ft.summary(resnet18).splitlines() if row.startswith("layer1")][0].endswith(bn)
+
+
 @pytest.mark.parametrize("call", [ft.freeze, ft.unfreeze, lambda m, s, bn: ft.freeze_to(m, 2, bn=bn)])
 def test_unknown_bn_policy_names_the_three(resnet18, call):
     with pytest.raises(ft.FreezetuneError) as info:

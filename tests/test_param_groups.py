@@ -22,7 +22,7 @@ def grouped_ids(groups: list[dict]) -> list[int]:
 
 def test_seed_example(resnet18):
     ft.freeze_to(resnet18, -3)
-    groups = ft.param_groups(resnet18, 1e-3, stage_lrs={"layer4": 1e-4, "layer3": 5e-5})
+    groups = ft.param_groups(resnet18, 1e-3, stage_lrs={"layer4": 1e-4, "layer3": 5e-5}, weight_decay=0)
     assert [(g["name"], g["lr"], g["weight_decay"]) for g in groups] == [
         ("layer3", 5e-5, 0.0),
         ("layer4", 1e-4, 0.0),
@@ -30,6 +30,26 @@ def test_seed_example(resnet18):
     ]
     expected = [p for name in ("layer3", "layer4", "fc") for p in resnet18.get_submodule(name).parameters()]
     assert grouped_ids(groups) == [id(p) for p in expected]
+
+
+@pytest.mark.parametrize(
+    ("make", "decay"),
+    [(lambda g: torch.optim.AdamW(g), 0.01), (lambda g: torch.optim.SGD(g, lr=0.1, weight_decay=5e-4), 5e-4)],
+    ids=["adamw-default", "sgd-asked"],
+)
+def test_without_weight_decay_the_optimizers_own_applies_and_biases_and_norms_are_spared(resnet18, make, decay):
+    # the seed's call, in the README's own AdamW(ft.param_groups(...)): the optimizer's decay must not be overridden
+    ft.freeze_to(resnet18, -2)
+    optimizer = make(ft.param_groups(resnet18, 1e-3, stage_lrs={"layer4": 1e-4}))
+    assert [(g["name"], g["weight_decay"]) for g in optimizer.param_groups] == [
+        ("layer4", decay), ("layer4/no_decay", 0.0), ("fc", decay), ("fc/no_decay", 0.0)
+    ]  # fmt: skip
+    assert all(p.ndim <= 1 for g in optimizer.param_groups if g["name"].endswith("/no_decay") for p in g["params"])
+    unfreezer = ft.Unfreezer(resnet18, optimizer, "epoch:1", lr=1e-3, stage_lrs={"layer4": 1e-4})
+    unfreezer.step(0)  # layer3 opens with the decay the optimizer's groups have
+    assert [(g["name"], g["weight_decay"]) for g in optimizer.param_groups][-2:] == [
+        ("layer3", decay), ("layer3/no_decay", 0.0)
+    ]  # fmt: skip
 
 
 def test_only_trainable_params_each_exactly_once(resnet18):
@@ -69,9 +89,9 @@ def test_identity_dedup_with_tied_weights(weight_decay):
 
 def test_decay_counts_every_stage_frozen_or_not(resnet18):
     ft.freeze_to(resnet18, -2)
-    assert lrs(ft.param_groups(resnet18, 1e-2, decay=10)) == pytest.approx({"layer4": 1e-3, "fc": 1e-2})
+    assert lrs(ft.param_groups(resnet18, 1e-2, decay=10, weight_decay=0)) == pytest.approx({"layer4": 1e-3, "fc": 1e-2})
     ft.unfreeze(resnet18, "all")
-    got = lrs(ft.param_groups(resnet18, 1.0, decay=2))
+    got = lrs(ft.param_groups(resnet18, 1.0, decay=2, weight_decay=0))
     assert list(got) == RESNET
     assert got == pytest.approx({name: 1.0 / 2**depth for depth, name in enumerate(reversed(RESNET))})
 

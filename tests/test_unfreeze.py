@@ -73,6 +73,32 @@ def test_unfrozen_stage_trains_and_its_bn_updates():
     assert torch.equal(model.stem[0].weight, stem_before)
 
 
+def test_unfreezing_keeps_the_bn_policy_the_rest_was_frozen_with():
+    torch.manual_seed(0)
+    model = TinyCNN()
+    ft.freeze(model, "backbone", bn="affine")
+    opt = torch.optim.AdamW(ft.param_groups(model, LR, weight_decay=0))
+    ft.Unfreezer(model, opt, "epoch:1", lr=LR).step(0)  # no bn given
+    assert model.stem[1].weight.requires_grad and model.block1[1].weight.requires_grad  # still "affine"
+
+
+def test_an_optimizer_built_by_another_lr_rule_is_reported():
+    model = TinyCNN()
+    ft.freeze(model, "backbone")
+    ft.unfreeze(model, "block3")
+    opt = torch.optim.AdamW(ft.param_groups(model, 1e-3, stage_lrs={"block3": 1e-4}))
+    with pytest.warns(UserWarning, match=r"do not follow this Unfreezer's rule: block3 has 0.0001 .* gives 1e-05"):
+        ft.Unfreezer(model, opt, "epoch:1", lr=1e-3, decay=100)  # README's old example: two rules
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ft.Unfreezer(model, opt, "epoch:1", lr=1e-3, stage_lrs={"block3": 1e-4})  # the same rule: silent
+        sched_opt = torch.optim.AdamW(ft.param_groups(model, 1e-3, decay=10))
+        OneCycleLR(sched_opt, max_lr=[g["lr"] for g in sched_opt.param_groups], total_steps=10)  # moves every lr
+        ft.Unfreezer(model, sched_opt, "epoch:1", lr=1e-3, decay=10)
+
+
 @pytest.mark.parametrize("mode", ["max", "min"])
 def test_plateau_schedule(mode):
     metrics = [0.50, 0.60, 0.605, 0.609, 0.70, 0.70, 0.695, 0.80, 0.80, 0.805, 0.90]

@@ -49,10 +49,12 @@ def freeze(model: nn.Module, spec: Spec = FREEZE_DEFAULT, *, bn: str = BN_DEFAUL
     _apply_bn_policies(model)
 
 
-def unfreeze(model: nn.Module, spec: Spec = "all", *, bn: str = BN_DEFAULT) -> None:
+def unfreeze(model: nn.Module, spec: Spec = "all", *, bn: str | None = None) -> None:
     """Make the parameters ``spec`` names trainable; their BatchNorm layers become ordinary layers again.
 
-    ``bn`` is re-applied to the BatchNorm layers of the parts that stay frozen.
+    The BatchNorm layers of the parts that stay frozen keep their policy, unless ``bn`` names one for all of them.
+    An int ``n`` names the first ``n`` stages, as in ``freeze``: ``unfreeze(m, -2)`` opens all stages but the last two
+    (``freeze_to(m, -2)`` is "train the last two").
 
     >>> import torchvision
     >>> m = torchvision.models.resnet18()
@@ -60,7 +62,8 @@ def unfreeze(model: nn.Module, spec: Spec = "all", *, bn: str = BN_DEFAULT) -> N
     >>> [s.name for s in stages(m) if s.num_trainable]
     ['layer4']
     """
-    check_bn_policy(bn)
+    if bn is not None:
+        check_bn_policy(bn)
     st = stages(model)
     params = _resolve(model, st, spec)
     for p in params.values():
@@ -69,7 +72,7 @@ def unfreeze(model: nn.Module, spec: Spec = "all", *, bn: str = BN_DEFAULT) -> N
         _release(bn_module)
         bn_module.train(model.training)
     for module in model.modules():
-        if getattr(module, _POLICY_ATTR, None) is not None:
+        if bn is not None and getattr(module, _POLICY_ATTR, None) is not None:
             setattr(module, _POLICY_ATTR, bn)
     _apply_bn_policies(model)
 

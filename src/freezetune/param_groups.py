@@ -53,19 +53,25 @@ def param_groups(
     *,
     stage_lrs: Mapping[str, float] | None = None,
     decay: float | None = None,
-    weight_decay: float = 0.0,
+    weight_decay: float | None = None,
 ) -> list[dict]:
     """Optimizer groups for the trainable parameters of ``model``, one per stage (head last).
 
-    With ``weight_decay > 0`` each stage also gets a ``"<stage>/no_decay"`` twin holding its biases, norm
-    parameters and the model's declared ``no_weight_decay()`` names (position embeddings, class tokens).
+    Unless ``weight_decay`` is 0, each stage also gets a ``"<stage>/no_decay"`` twin with weight decay 0, holding its
+    biases, norm parameters and the model's declared ``no_weight_decay()`` names (position embeddings, class tokens).
+    ``weight_decay`` None (the default) leaves the other groups' decay to the optimizer's own setting (AdamW's 0.01,
+    or what is passed to it); a number sets it in every group.
 
     >>> import torch, torchvision
     >>> import freezetune as ft
     >>> m = torchvision.models.resnet18()
     >>> ft.freeze_to(m, -3)
-    >>> [(g["name"], g["lr"]) for g in ft.param_groups(m, 1e-3, stage_lrs={"layer4": 1e-4, "layer3": 5e-5})]
+    >>> [(g["name"], g["lr"]) for g in ft.param_groups(m, 1e-3, stage_lrs={"layer4": 1e-4, "layer3": 5e-5},
+    ...                                                 weight_decay=0)]
     [('layer3', 5e-05), ('layer4', 0.0001), ('fc', 0.001)]
+    >>> opt = torch.optim.SGD(ft.param_groups(m, 0.1), lr=0.1, weight_decay=5e-4)
+    >>> [(g["name"], g["weight_decay"]) for g in opt.param_groups][-2:]
+    [('fc', 0.0005), ('fc/no_decay', 0.0)]
     """
     st = stages(model)
     rule = LRRule([s.name for s in st], lr, stage_lrs=stage_lrs, decay=decay)
@@ -81,21 +87,23 @@ def param_groups(
     return groups
 
 
-def stage_groups(stage: Stage, lr: float, weight_decay: float, no_decay: set[str], seen: set[int]) -> list[dict]:
-    """The group(s) of one stage's trainable parameters not in ``seen`` (updated in place)."""
+def stage_groups(stage: Stage, lr: float, weight_decay: float | None, no_decay: set[str], seen: set[int]) -> list[dict]:
+    """The group(s) of one stage's trainable parameters not in ``seen`` (updated in place); ``weight_decay`` None:
+    the optimizer's own, left out of the decaying group."""
     decay_params: list[nn.Parameter] = []
     skip_params: list[nn.Parameter] = []
     for name, p in zip(stage.param_names, stage.params, strict=True):
         if not p.requires_grad or id(p) in seen:
             continue
         seen.add(id(p))  # by identity: tied weights go once, equal-valued distinct params are all kept
-        if weight_decay > 0 and (p.ndim <= 1 or name in no_decay):
+        if weight_decay != 0 and (p.ndim <= 1 or name in no_decay):
             skip_params.append(p)
         else:
             decay_params.append(p)
     out = []
     if decay_params:
-        out.append({"params": decay_params, "name": stage.name, "lr": lr, "weight_decay": weight_decay})
+        decays = {} if weight_decay is None else {"weight_decay": weight_decay}
+        out.append({"params": decay_params, "name": stage.name, "lr": lr, **decays})
     if skip_params:
         out.append({"params": skip_params, "name": f"{stage.name}/no_decay", "lr": lr, "weight_decay": 0.0})
     return out

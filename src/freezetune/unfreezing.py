@@ -11,6 +11,7 @@ Schedules:
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -19,7 +20,6 @@ from torch import nn
 
 from freezetune.errors import CheckpointError, SpecError, choices
 from freezetune.freeze import Spec, check_bn_policy, resolve_stages, unfreeze
-from freezetune.options import BN_DEFAULT
 from freezetune.param_groups import LRRule, no_decay_names, stage_groups
 from freezetune.stages import Stage, stages
 
@@ -88,7 +88,9 @@ class Unfreezer:
     """Unfreeze stages on a schedule, adding their parameters to ``optimizer`` with the ``param_groups`` LR rule.
 
     A given ``scheduler`` keeps driving the new groups: their LR keys and the scheduler's per-group lists are
-    extended from a reference group, scaled by the ratio of the two stages' rule LRs.
+    extended from a reference group, scaled by the ratio of the two stages' rule LRs. ``weight_decay`` None (the
+    default) gives the new groups the decay of the optimizer's decaying groups (biases and norms get a ``/no_decay``
+    twin with 0 when it is not 0); ``bn`` None keeps the BatchNorm policy each frozen layer has.
 
     >>> import torch, torchvision, freezetune as ft
     >>> m = torchvision.models.resnet18(); ft.freeze(m, "backbone")
@@ -107,15 +109,18 @@ class Unfreezer:
         lr: float,
         stage_lrs: Mapping[str, float] | None = None,
         decay: float | None = None,
-        bn: str = BN_DEFAULT,
-        weight_decay: float = 0.0,
+        bn: str | None = None,
+        weight_decay: float | None = None,
         scheduler: object | None = None,
     ) -> None:
-        check_bn_policy(bn)
+        if bn is not None:
+            check_bn_policy(bn)
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.schedule = parse_schedule(schedule)
         self.rule = LRRule([s.name for s in stages(model)], lr, stage_lrs=stage_lrs, decay=decay)
-        self.bn, self.weight_decay = bn, weight_decay
+        self.bn = bn
+        self.weight_decay = _decay_in_use(optimizer) if weight_decay is None else weight_decay
+        self._check_rule()
         self.unfrozen: list[str] = []
         self.events: list[tuple[int, list[str]]] = []
         self.added_groups: list[str] = []
@@ -177,6 +182,27 @@ class Unfreezer:
         self.best, self.num_bad = state["best"], int(state["num_bad"])
 
     # --- internals ------------------------------------------------------------------------------------------
+
+    def _check_rule(self) -> None:
+        """Warn when the optimizer's stage groups do not follow this Unfreezer's LR rule: the LRs of the stages it
+        unfreezes are scaled from a present group by the rule, so a rule other than the optimizer's gives them LRs
+        that neither set of settings says."""
+        lrs = {}  # stage -> its group's LR before any scheduler moved it
+        for group in self.optimizer.param_groups:
+            stage = str(group.get("name", "")).split("/")[0]
+            if stage in self.rule.depth:
+                lrs.setdefault(stage, float(group.get("initial_lr", group["lr"])))
+        if len(lrs) < 2:
+            return
+        (ref, ref_lr), *others = sorted(lrs.items(), key=lambda item: self.rule.depth[item[0]])  # the head first
+        for stage, lr in others:
+            expected = ref_lr * self.rule(stage) / self.rule(ref)
+            if abs(lr - expected) > 1e-6 * max(abs(expected), 1e-12):
+                warnings.warn(f"the optimizer's LRs do not follow this Unfreezer's rule: {stage} has {lr:g} where the "
+                              f"rule, scaled to {ref}'s {ref_lr:g}, gives {expected:g}; the stages it unfreezes get "
+                              "LRs by the rule: give it the lr, stage_lrs and decay given to param_groups",
+                              stacklevel=3)  # fmt: skip
+                return
 
     def _next_frozen(self) -> list[str]:
         frozen = self.frozen_stages()
@@ -252,3 +278,11 @@ class Unfreezer:
             last = getattr(sched, "_last_lr", None)
             if isinstance(last, list) and len(last) == n_before:
                 last.append(lr)
+
+
+def _decay_in_use(optimizer: torch.optim.Optimizer) -> float:
+    """The weight decay of ``optimizer``'s decaying groups (not the ``/no_decay`` twins), else its default."""
+    for group in optimizer.param_groups:
+        if not str(group.get("name", "")).endswith("/no_decay"):
+            return float(group.get("weight_decay", 0.0))
+    return float(optimizer.defaults.get("weight_decay", 0.0))

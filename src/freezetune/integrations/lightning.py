@@ -57,7 +57,8 @@ class FreezetuneFinetuning(Callback):
         lr: The head's LR for the rule; None takes it from the optimizer group named after the head (else group 0).
         stage_lrs: Per-stage LRs, as in ``ft.param_groups``.
         decay: LR divisor per stage of depth, as in ``ft.param_groups``.
-        weight_decay: Weight decay of the groups added later (biases and norms get a ``/no_decay`` twin when > 0).
+        weight_decay: Weight decay of the groups added later; None: that of the optimizer's decaying groups (biases
+            and norms get a ``/no_decay`` twin with 0 unless it is 0).
         monitor: The logged metric a plateau schedule watches (rank 0's value decides for every rank).
         module: The LightningModule attribute holding the network; None for the LightningModule itself.
 
@@ -75,7 +76,7 @@ class FreezetuneFinetuning(Callback):
         lr: float | None = None,
         stage_lrs: Mapping[str, float] | None = None,
         decay: float | None = None,
-        weight_decay: float = 0.0,
+        weight_decay: float | None = None,
         monitor: str = "val_acc",
         module: str | None = "model",
     ) -> None:
