@@ -297,3 +297,21 @@ def test_summary_generic_model_shows_frozen_bn():
     for name in TinyCNN.STAGES:
         assert name in text
     assert text.splitlines()[1].split()[2:] == ["0", "frozen"]
+
+
+@pytest.mark.parametrize(
+    "call",
+    [lambda m: ft.freeze(m, 7), lambda m: ft.freeze(m, -7), lambda m: ft.freeze_to(m, 99), lambda m: ft.unfreeze(m, 7)],
+    ids=["freeze-7", "freeze--7", "freeze_to-99", "unfreeze-7"],
+)
+def test_an_int_spec_past_the_stage_count_names_the_count(resnet18, call):
+    before = [p.requires_grad for p in resnet18.parameters()]
+    with pytest.raises(
+        ft.FreezetuneError, match=r"out of range: the model has 6 stages \('stem', 'layer1', .*'fc'\).* from -6 to 6"
+    ):
+        call(resnet18)  # it froze everything, head included (7, 99) or nothing (-7)
+    assert [p.requires_grad for p in resnet18.parameters()] == before
+    ft.freeze(resnet18, 6)  # the edges are valid: all six stages
+    assert ft.count_parameters(resnet18)[0] == 0
+    ft.freeze_to(resnet18, -6)
+    assert ft.count_parameters(resnet18)[0] == ft.count_parameters(resnet18)[1]

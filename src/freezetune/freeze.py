@@ -89,6 +89,7 @@ def freeze_to(model: nn.Module, n: int, *, bn: str = BN_DEFAULT) -> None:
     if not isinstance(n, int) or isinstance(n, bool):
         raise SpecError(f"freeze_to takes an int number of stages, got {n!r}")
     st = stages(model)
+    _check_count(n, st)
     names = [s.name for s in st]
     frozen, trainable = names[:n], names[n:]
     if trainable:
@@ -154,6 +155,7 @@ def _resolve(model: nn.Module, st: list[Stage], spec: Spec) -> dict[int, nn.Para
             out.update(_resolve(model, st, item))
         return out
     if isinstance(spec, int) and not isinstance(spec, bool):
+        _check_count(spec, st)
         return _params_of(st[:spec])
     if not isinstance(spec, str):
         raise SpecError(f"a freeze spec is a str, an int or a list of them, got {type(spec).__name__}")
@@ -202,6 +204,14 @@ def _bitfit_frozen(model: nn.Module, st: list[Stage]) -> dict[int, nn.Parameter]
     keep = {id(p) for m in model.modules() if isinstance(m, _NORMS) for p in m.parameters(recurse=False)}
     keep |= {id(p) for name, p in model.named_parameters() if name.endswith("bias")}
     return {i: p for i, p in _params_of(st[:-1]).items() if i not in keep}
+
+
+def _check_count(n: int, st: list[Stage]) -> None:
+    """An int spec ``n`` names ``stages[:n]``: past the stage count it would silently mean "all" or "none"."""
+    if not -len(st) <= n <= len(st):
+        names = choices(s.name for s in st)
+        raise SpecError(f"stage count {n} is out of range: the model has {len(st)} stages ({names}); an int n names "
+                        f"the first n stages and -n all but the last n, from {-len(st)} to {len(st)}")  # fmt: skip
 
 
 def _params_of(selected: list[Stage]) -> dict[int, nn.Parameter]:
