@@ -238,3 +238,16 @@ def test_a_full_cache_dir_keeps_no_copy_and_says_so(tmp_path, monkeypatch, caplo
     )
     monkeypatch.undo()
     assert disk.save(tmp_path / "c", "k", torch.zeros(4, 8), torch.zeros(4, dtype=torch.long)).is_file()
+
+
+def test_cache_features_names_what_a_dataset_of_other_items_yields():
+    import freezetune as ft
+    from conftest import TinyCNN
+    from freezetune.errors import DataError
+
+    model = TinyCNN()
+    ft.freeze(model, "backbone")
+    with pytest.raises(DataError, match=r"\(input, target\) pairs.*first item is a dict with keys 'image', 'label'"):
+        ft.cache_features(model, [{"image": torch.zeros(3, 32, 32), "label": 0}] * 2)
+    with pytest.raises(DataError, match="empty dataset"):
+        ft.cache_features(model, [])

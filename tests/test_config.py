@@ -211,3 +211,28 @@ def test_freeze_spec_is_parsed_once_and_parsing_again_changes_nothing():
         assert parse_freeze_spec(raw) == parsed
         assert parse_freeze_spec(parsed) == parsed
         assert TrainConfig(freeze=raw).freeze == parsed
+
+
+def test_a_python_caller_gets_every_mistyped_field_named_and_paths_as_paths(tmp_path):
+    from pathlib import Path
+
+    from torch.utils.data import TensorDataset
+
+    cfg = TrainConfig(data=Path("images"), out=tmp_path / "run", val_data=None, stage_lrs="layer4=1e-4")
+    assert (cfg.data, cfg.out, cfg.stage_lrs) == ("images", str(tmp_path / "run"), {"layer4": 1e-4})
+    cfg.save(tmp_path / "config.yaml")  # a Path used to reach YAML and fail there, after the model and data loaded
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text())["data"] == "images"
+    with pytest.raises(ConfigError) as info:
+        validate(TrainConfig(data="images", epochs="1", lr="1e-3", channels_last="yes"))
+    assert str(info.value) == ("invalid config: epochs expects int, got '1' (str); lr expects float, got '1e-3' "
+                               "(str); channels_last expects bool | None, got 'yes' (str)")  # fmt: skip
+    with pytest.raises(ConfigError, match="data must be a path .* got a TensorDataset; a Dataset of your own"):
+        validate(TrainConfig(data=TensorDataset()))
+    validate(TrainConfig(data="images", lr=1, warmup_epochs=0))  # an int is a fine float
+
+
+def test_train_reports_a_mistyped_recipe_with_the_choices():
+    from freezetune.trainer import train
+
+    with pytest.raises(ConfigError, match="unknown recipe 'lastk'; choose one of: 'auto', 'linear-probe', 'last-k'"):
+        train(TrainConfig(data="images", recipe="lastk"))

@@ -62,3 +62,17 @@ def test_an_unknown_class_weights_value_lists_the_choices(tmp_path, capsys):
     data = make_image_folder(tmp_path / "data", train=2, val=1, test=0)
     code, _, err = run_cli(capsys, *train_argv(data, tmp_path / "run", "--class-weights", "inverse"))
     assert code == 2 and "class_weights" in err and "'none', 'balanced'" in err and "Traceback" not in err
+
+
+def test_class_weights_take_a_list_of_labels_and_refuse_labels_past_the_classes():
+    from freezetune.errors import DataError
+
+    # an ImageFolder's targets are a list: the README passes train_set.targets
+    assert (
+        balanced_class_weights([0, 0, 0, 1], 2).tolist()
+        == balanced_class_weights(torch.tensor([0, 0, 0, 1]), 2).tolist()
+    )
+    with pytest.raises(DataError, match=r"labels must lie in 0..2 for 3 classes; they run from 0 to 5"):
+        balanced_class_weights(torch.tensor([0, 0, 5]), 3)  # gave 6 weights for 3 classes
+    with pytest.raises(DataError, match="labels must lie in 0..2"):
+        balanced_class_weights([-1, 0], 3)

@@ -308,3 +308,12 @@ def test_load_state_dict_rejects_a_model_not_frozen_as_at_start():
     state["unfrozen"] = ["block7"]
     with pytest.raises(ft.FreezetuneError, match="'block7'"):
         ft.Unfreezer(model, opt, "epoch:1", lr=LR).load_state_dict(state)
+
+
+def test_a_plan_keyed_by_anything_but_epochs_is_a_spec_error():
+    model = TinyCNN()
+    ft.freeze(model, "backbone")
+    opt = torch.optim.AdamW(ft.param_groups(model, LR, weight_decay=0))
+    with pytest.raises(ft.FreezetuneError, match=r"maps epochs \(ints\) to freeze specs.*got key\(s\) 'two'"):
+        ft.Unfreezer(model, opt, {"two": "block3", 3: "block2"}, lr=LR)
+    assert ft.Unfreezer(model, opt, {"2": "block3"}, lr=LR).schedule.plan == {2: "block3"}  # YAML may give "2"

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
+import os
 import types
 import typing
 from dataclasses import dataclass, field, fields
@@ -119,6 +120,11 @@ class TrainConfig:
         # Parsed once, here, whichever way the config was made (YAML, CLI, Python): the run and config.yaml see
         # the final form, and a YAML list stays a list.
         self.freeze = _parse_freeze(self.freeze)
+        self.stage_lrs = parse_stage_lrs(self.stage_lrs)
+        for f in fields(self):  # a pathlib.Path from Python is the path it names (config.yaml holds strings)
+            value = getattr(self, f.name)
+            if isinstance(value, os.PathLike) and scalar_type(f.name) is str:
+                setattr(self, f.name, os.fspath(value))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -196,6 +202,9 @@ def validate(cfg: TrainConfig) -> None:
     Traceback (most recent call last):
     freezetune.errors.ConfigError: invalid config: unknown bn 'melt'; choose one of: 'frozen', 'affine', 'train'
     """
+    mistyped = _type_problems(cfg)
+    if mistyped:  # the checks below compare numbers: a "3" where 3 belongs is reported alone, not as a TypeError
+        raise ConfigError("invalid config: " + "; ".join(mistyped))
     problems = [choice_problem(name, getattr(cfg, name), allowed) for name, allowed in FIELD_CHOICES.items()]
     problems += [positive_int_problem(name, getattr(cfg, name)) for name in ("epochs", "cache_views")]
     if cfg.batch_size != BATCH_AUTO:
@@ -225,6 +234,30 @@ def validate(cfg: TrainConfig) -> None:
     problems = [p for p in problems if p]
     if problems:
         raise ConfigError("invalid config: " + "; ".join(problems))
+
+
+def _type_problems(cfg: TrainConfig) -> list[str]:
+    """Plain fields holding a value of another type: what a Python caller can pass (YAML and the CLI convert)."""
+    problems = []
+    for name, hint in field_types().items():
+        kind, value = scalar_type(name), getattr(cfg, name)
+        if kind is None or value is None or _fits(value, kind):
+            continue
+        if name in ("data", "val_data"):
+            problems.append(f"{name} must be a path (an image folder, a CSV file or an IDX directory), got a "
+                            f"{type(value).__name__}; a Dataset of your own trains in your own loop with the "
+                            "Python API (freeze, param_groups, Unfreezer)")  # fmt: skip
+        else:
+            problems.append(f"{name} expects {_type_name(hint)}, got {value!r} ({type(value).__name__})")
+    return problems
+
+
+def _fits(value: Any, kind: type) -> bool:
+    if kind is float:  # an int is a fine float; a bool is neither a number nor a word here
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, kind)
 
 
 def _range_problems(cfg: TrainConfig) -> list[str]:

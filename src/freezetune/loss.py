@@ -8,19 +8,31 @@ as if the classes were equally frequent. Validation and test losses stay unweigh
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
+from freezetune.errors import DataError
 from freezetune.options import IMBALANCE_NOTED
 
 
-def balanced_class_weights(targets: torch.Tensor, num_classes: int) -> torch.Tensor:
+def balanced_class_weights(targets: torch.Tensor | Sequence[int], num_classes: int) -> torch.Tensor:
     """Per-class loss weights ``n / (classes present * count)``: every class present weighs the same in the loss,
-    the weights average 1 over the samples, and a class without samples gets 0.
+    the weights average 1 over the samples, and a class without samples gets 0. ``targets``: the training labels,
+    a tensor or a list (an ImageFolder's ``targets``), each in ``0..num_classes - 1``.
 
     >>> balanced_class_weights(torch.tensor([0, 0, 0, 1]), 2).tolist()
     [0.6666666865348816, 2.0]
+    >>> balanced_class_weights([0, 0, 0, 1], 2).tolist()
+    [0.6666666865348816, 2.0]
     """
+    targets = torch.as_tensor(targets)
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise DataError(f"num_classes must be an int >= 1, got {num_classes!r}")
+    if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= num_classes):
+        raise DataError(f"labels must lie in 0..{num_classes - 1} for {num_classes} classes; they run from "
+                        f"{int(targets.min())} to {int(targets.max())}")  # fmt: skip
     counts = torch.bincount(targets.long().cpu(), minlength=num_classes).float()
     present = int((counts > 0).sum())
     return torch.where(counts > 0, len(targets) / (present * counts), torch.zeros_like(counts))

@@ -52,6 +52,10 @@ def parse_schedule(schedule: str | Mapping[int, Spec] | Schedule) -> Schedule:
     if isinstance(schedule, Schedule):
         return schedule
     if isinstance(schedule, Mapping):
+        bad = [k for k in schedule if not str(k).strip().lstrip("-").isdigit()]
+        if bad:
+            raise SpecError(f"an unfreeze plan maps epochs (ints) to freeze specs, e.g. {{2: 'layer4'}}; got key(s) "
+                            f"{choices(bad)}")  # fmt: skip
         return Schedule("plan", plan={int(k): v for k, v in schedule.items()})
     kind, _, args = str(schedule).strip().partition(":")
     try:

@@ -26,7 +26,7 @@ from torch.utils.data import Dataset
 from freezetune.cache.disk import ensure_space
 from freezetune.data.loaders import EpochOrder, check_batch_size
 from freezetune.distributed import DistInfo, shard_rows, sum_across_ranks
-from freezetune.errors import ConfigError, DataError
+from freezetune.errors import ConfigError, DataError, choices
 from freezetune.interrupt import pause_point
 from freezetune.precision import Precision
 from freezetune.split import Split
@@ -195,6 +195,7 @@ def cache_features(
     from freezetune.preprocess import Preprocess
     from freezetune.split import split_model
 
+    _check_pairs(dataset)
     split, why = split_model(model)
     if split is None:
         raise ConfigError(f"cannot cache features: {why}")
@@ -206,6 +207,19 @@ def cache_features(
                               views=views, seed=seed, spill_dir=spill_dir, place=place)  # fmt: skip
     log.info("feature cache: %s", info.describe())
     return split, store
+
+
+def _check_pairs(dataset: Dataset) -> None:
+    """The dataset must yield ``(input, target)`` pairs, as torchvision's do; a dict (a Hugging Face dataset's rows)
+    would be unpacked into its keys and fail deep in the loader."""
+    if len(dataset) == 0:
+        raise DataError("cache_features got an empty dataset")
+    first = dataset[0]
+    if isinstance(first, (tuple, list)) and len(first) == 2:
+        return
+    keys = f" with keys {choices(list(first))}" if isinstance(first, dict) else ""
+    raise DataError(f"cache_features takes a dataset of (input, target) pairs, as torchvision's; its first item is a "
+                    f"{type(first).__name__}{keys}")  # fmt: skip
 
 
 def _prefix(split: Split, inputs, precision: Precision, channels_last: bool) -> torch.Tensor:
