@@ -160,3 +160,9 @@ def test_bad_stage_lrs_and_decay(resnet18):
     assert "'fc'" in str(info.value)
     with pytest.raises(ft.FreezetuneError, match="decay"):
         ft.param_groups(resnet18, 1e-3, decay=0)
+
+
+def test_stage_lrs_as_text_is_read_as_the_cli_reads_it(resnet18):
+    ft.freeze_to(resnet18, -2)
+    groups = ft.param_groups(resnet18, 1e-3, stage_lrs="layer4=1e-4", weight_decay=0)  # not '-', '1', '4', '='...
+    assert lrs(groups) == {"layer4": 1e-4, "fc": 1e-3}

@@ -207,3 +207,10 @@ def test_an_auto_winner_reproduces_its_validation_score_and_keeps_the_measured_b
     assert code == 0, err
     again = max(r["val_acc"] for r in read_metrics(tmp_path / "w" / "metrics.csv"))
     assert again == pytest.approx(row["val_acc"], abs=1e-9)
+
+
+def test_sweep_reads_a_comma_separated_string_as_recipe_names(tmp_path):
+    from freezetune.sweep import sweep
+
+    with pytest.raises(ConfigError, match="unknown recipe 'lastk'"):  # it read 'l', the first letter
+        sweep(TrainConfig(data="images"), "linear-probe, lastk", out=tmp_path / "s")

@@ -28,9 +28,13 @@ class LRRule:
         stage_names: list[str],
         lr: float,
         *,
-        stage_lrs: Mapping[str, float] | None = None,
+        stage_lrs: Mapping[str, float] | str | None = None,
         decay: float | None = None,
     ) -> None:
+        if isinstance(stage_lrs, str):  # "layer4=1e-4,layer3=5e-5", as --stage-lrs takes: not its characters
+            from freezetune.config import parse_stage_lrs
+
+            stage_lrs = parse_stage_lrs(stage_lrs)
         unknown = sorted(set(stage_lrs or {}) - set(stage_names))
         if unknown:
             raise SpecError(f"stage_lrs names unknown stage(s) {choices(unknown)}; stages are: {choices(stage_names)}")
@@ -51,7 +55,7 @@ def param_groups(
     model: nn.Module,
     lr: float,
     *,
-    stage_lrs: Mapping[str, float] | None = None,
+    stage_lrs: Mapping[str, float] | str | None = None,
     decay: float | None = None,
     weight_decay: float | None = None,
 ) -> list[dict]:

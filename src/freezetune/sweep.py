@@ -37,9 +37,11 @@ class SweepResult:
     out: Path
 
 
-def sweep(cfg: TrainConfig, recipes: list[str] | tuple[str, ...] = DEFAULT_RECIPES, *, out: str | Path,
+def sweep(cfg: TrainConfig, recipes: str | list[str] | tuple[str, ...] = DEFAULT_RECIPES, *, out: str | Path,
           echo: Callable[[str], None] = print) -> SweepResult:  # fmt: skip
     """Run each recipe with ``cfg``'s settings into ``out/<recipe>`` and compare them on the validation split.
+
+    ``recipes``: names, or one comma-separated string as ``--recipes`` takes.
 
     ``cfg.budget`` (e.g. ``"5m"``) bounds the whole sweep: once it is spent, the remaining recipes are skipped.
 
@@ -47,6 +49,8 @@ def sweep(cfg: TrainConfig, recipes: list[str] | tuple[str, ...] = DEFAULT_RECIP
     """
     from freezetune import recipes as recipes_mod
 
+    if isinstance(recipes, str):  # not its letters, one recipe each
+        recipes = [r.strip() for r in recipes.split(",") if r.strip()]
     for name in recipes:
         check(recipe_problem(name))
     out = Path(out)
