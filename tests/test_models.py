@@ -159,6 +159,19 @@ def test_hf_load_reports_only_missing_weights_outside_the_head(tmp_path, capfd, 
     assert "LOAD REPORT" not in capfd.readouterr().err
 
 
+def test_hf_base_checkpoint_loads_quietly_when_only_head_layers_are_missing(tmp_path, caplog):
+    # DistilBERT's classification class adds pre_classifier in front of the classifier; a base checkpoint lacks
+    # both, and both train as the head, so nothing is reported.
+    import transformers
+
+    config = transformers.DistilBertConfig(vocab_size=64, dim=16, n_layers=1, n_heads=2, hidden_dim=32)
+    transformers.DistilBertModel(config).save_pretrained(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="freezetune"):
+        model, _ = create_model(f"hf:{tmp_path}", weights="default")
+    assert type(model).__name__ == "DistilBertForSequenceClassification"
+    assert "start random" not in caplog.text
+
+
 def test_hf_text_model_has_no_image_preprocessing():
     from pathlib import Path
 

@@ -161,6 +161,43 @@ def test_tied_weights_belong_to_one_stage():
     assert sum(any(p is model.embed.weight for p in s.parameters()) for s in stages) == 1
 
 
+def _tiny_hf(family: str) -> tuple[nn.Module, nn.Module]:
+    """A tiny Hugging Face text classifier of ``family`` and its base model (what a pretraining checkpoint holds)."""
+    import transformers as tf
+
+    size = {"hidden_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 32}
+    config, task, base = {
+        "bert": (tf.BertConfig(vocab_size=64, **size), tf.BertForSequenceClassification, tf.BertModel),
+        "distilbert": (
+            tf.DistilBertConfig(vocab_size=64, dim=16, n_layers=2, n_heads=2, hidden_dim=32),
+            tf.DistilBertForSequenceClassification,
+            tf.DistilBertModel,
+        ),
+        "deberta_v2": (
+            tf.DebertaV2Config(vocab_size=64, **size),
+            tf.DebertaV2ForSequenceClassification,
+            tf.DebertaV2Model,
+        ),
+    }[family]
+    torch.manual_seed(0)
+    return task(config), base(config)
+
+
+@pytest.mark.parametrize("family", ["bert", "distilbert", "deberta_v2"])
+def test_hf_head_stage_is_what_a_base_checkpoint_lacks(family, tmp_path):
+    # DistilBERT's pre_classifier and DeBERTa's pooler come with the classification class, random when a base
+    # checkpoint loads: they must train with the classifier. BERT's pooler is in the checkpoint: backbone.
+    model, base = _tiny_hf(family)
+    base.save_pretrained(tmp_path)
+    _, info = type(model).from_pretrained(tmp_path, output_loading_info=True)
+    stages = ft.stages(model)
+    assert_partition(model, stages)
+    assert set(stages[-1].param_names) == set(info["missing_keys"])
+    ft.replace_head(model, 4)
+    ft.freeze(model, "backbone")
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == set(info["missing_keys"])
+
+
 def test_model_without_linear_head_raises():
     with pytest.raises(ft.FreezetuneError, match="classifier head"):
         ft.stages(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()))

@@ -26,7 +26,7 @@ from freezetune.download import HF_HOST, download_guard, first_line, require_net
 from freezetune.errors import ConfigError, WeightsError, choices
 from freezetune.options import MODEL_SOURCES, PRETRAINED_WEIGHTS, RANDOM_WEIGHTS
 from freezetune.preprocess import Preprocess
-from freezetune.stages import head_name
+from freezetune.stages import stages
 from freezetune.weights import hf_loading_problem, load_weights, packaged_weights, quiet_hf_loading, weights_only_loads
 
 log = logging.getLogger(__name__)
@@ -290,7 +290,7 @@ def _hf_pretrained(auto, name: str, arch: str, cache_only: bool) -> nn.Module:
         with download_guard(name, "not in the local Hugging Face cache" if cache_only else ""), \
                 weights_only_loads(name, arch), quiet_hf_loading():  # fmt: skip
             model, info = auto.from_pretrained(arch, local_files_only=cache_only, output_loading_info=True)
-    problem = hf_loading_problem(info, head_name(model))
+    problem = hf_loading_problem(info, stages(model)[-1].modules)
     if problem:
         log.warning("%s: %s", name, problem)
     return model

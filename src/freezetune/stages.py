@@ -199,7 +199,11 @@ def _hf_decl(model: nn.Module, head: str) -> _Decl | None:
             attr = "layer" if getattr(module, "layer", None) is layers else "layers"
             decl += [(f"{child}.{attr}.{i}", [f"{base}.{child}.{attr}.{i}"]) for i in range(len(layers))]
         decl.append((child, [f"{base}.{child}"]))
-    return decl
+    # What the task class adds around its base model (DistilBERT's pre_classifier, DeBERTa's pooler, XLNet's
+    # sequence_summary) is not in a base checkpoint: it starts random and trains with the classifier. A pooler
+    # inside the base model (BERT's) is pretrained and stays a backbone stage.
+    added = [n for n, _ in model.named_children() if n != base] + [n for n, _ in model.named_parameters(recurse=False)]
+    return [*decl, (head, added)]
 
 
 def _generic_decl(model: nn.Module, head: str) -> _Decl:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import pickle
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -327,15 +327,19 @@ def quiet_hf_loading() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
-def hf_loading_problem(info: Mapping, head: str) -> str | None:
+def hf_loading_problem(info: Mapping, head: Iterable[str]) -> str | None:
     """What a user must hear from a Hugging Face load's ``output_loading_info``: weights outside the classifier
-    ``head`` that the checkpoint did not have (they start random) or whose shapes did not fit; None if none.
+    ``head`` (the modules of the head stage) that the checkpoint did not have (they start random) or whose shapes
+    did not fit; None if none.
 
-    >>> hf_loading_problem({"missing_keys": ["classifier.weight", "classifier.bias"]}, "classifier")
-    >>> hf_loading_problem({"missing_keys": ["bert.pooler.dense.weight", "classifier.bias"]}, "classifier")
+    >>> hf_loading_problem({"missing_keys": ["pre_classifier.bias"]}, ["pre_classifier", "classifier"])
+    >>> hf_loading_problem({"missing_keys": ["bert.pooler.dense.weight", "classifier.bias"]}, ["classifier"])
     "1 weight(s) not in the checkpoint start random: 'bert.pooler.dense.weight'"
     """
-    outside = sorted(k for k in info.get("missing_keys") or () if k != head and not k.startswith(head + "."))
+    heads = (head,) if isinstance(head, str) else tuple(head)
+    outside = sorted(
+        k for k in info.get("missing_keys") or () if not any(k == h or k.startswith(h + ".") for h in heads)
+    )
     mismatched = sorted(str(m[0] if isinstance(m, (tuple, list)) else m) for m in info.get("mismatched_keys") or ())
     parts = [f"{len(keys)} weight(s) {what}: {', '.join(map(repr, keys[:3]))}{' ...' if len(keys) > 3 else ''}"
              for keys, what in ((outside, "not in the checkpoint start random"), (mismatched, "of another shape"))
