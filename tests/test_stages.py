@@ -12,6 +12,16 @@ import freezetune as ft
 from conftest import TinyCNN, tiny_bert
 
 RESNET = ["stem", "layer1", "layer2", "layer3", "layer4", "fc"]
+_HF_SIZE = {"hidden_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 32}
+
+
+def _hf(family: str, task: str = "ImageClassification", **config) -> nn.Module:
+    """A tiny randomly initialised Hugging Face classifier: ``_hf("ViT", image_size=32, ...)``."""
+    import transformers
+
+    return getattr(transformers, f"{family}For{task}")(getattr(transformers, f"{family}Config")(**config))
+
+
 _BUILDERS = {
     "tv_resnet18": lambda: torchvision.models.resnet18(),
     "tv_efficientnet_b0": lambda: torchvision.models.efficientnet_b0(),
@@ -20,6 +30,11 @@ _BUILDERS = {
     "timm_resnet18": lambda: timm.create_model("resnet18", pretrained=False),
     "timm_vit_tiny": lambda: timm.create_model("vit_tiny_patch16_224", pretrained=False),
     "hf_bert": lambda: tiny_bert(),
+    "hf_vit": lambda: _hf("ViT", image_size=32, patch_size=8, **_HF_SIZE),
+    "hf_deit": lambda: _hf("DeiT", image_size=32, patch_size=8, **_HF_SIZE),
+    "hf_convnext": lambda: _hf("ConvNext", hidden_sizes=[8, 16], depths=[1, 1], num_stages=2),
+    "hf_albert": lambda: _hf("Albert", "SequenceClassification", vocab_size=64, embedding_size=8, **_HF_SIZE),
+    "hf_gpt2": lambda: _hf("GPT2", "SequenceClassification", vocab_size=64, n_embd=16, n_layer=2, n_head=2),
     "sequential": lambda: nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2)),
 }
 _EXPECTED = {
@@ -31,6 +46,13 @@ _EXPECTED = {
     # timm's coarse matcher merges the final norm into the last block (its MATCH_PREV_GROUP rule).
     "timm_vit_tiny": ["stem"] + [f"blocks.{i}" for i in range(12)] + ["head"],
     "hf_bert": ["embeddings", "encoder.layer.0", "encoder.layer.1", "pooler", "classifier"],
+    # transformers 5 keeps ViT's blocks in a ModuleList directly under the base model: still one stage per block.
+    "hf_vit": ["embeddings", "layers.0", "layers.1", "layernorm", "classifier"],
+    "hf_deit": ["embeddings", "layers.0", "layers.1", "layernorm", "classifier"],
+    "hf_convnext": ["embeddings", "encoder.stages.0", "encoder.stages.1", "layernorm", "classifier"],
+    # ALBERT's input projection (encoder.embedding_hidden_mapping_in, in front of its blocks) joins the embeddings.
+    "hf_albert": ["embeddings", "encoder.albert_layer_groups.0", "pooler", "classifier"],
+    "hf_gpt2": ["wte", "wpe", "h.0", "h.1", "ln_f", "score"],
     "sequential": ["0", "2", "4"],
 }
 
@@ -165,16 +187,15 @@ def _tiny_hf(family: str) -> tuple[nn.Module, nn.Module]:
     """A tiny Hugging Face text classifier of ``family`` and its base model (what a pretraining checkpoint holds)."""
     import transformers as tf
 
-    size = {"hidden_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 32}
     config, task, base = {
-        "bert": (tf.BertConfig(vocab_size=64, **size), tf.BertForSequenceClassification, tf.BertModel),
+        "bert": (tf.BertConfig(vocab_size=64, **_HF_SIZE), tf.BertForSequenceClassification, tf.BertModel),
         "distilbert": (
             tf.DistilBertConfig(vocab_size=64, dim=16, n_layers=2, n_heads=2, hidden_dim=32),
             tf.DistilBertForSequenceClassification,
             tf.DistilBertModel,
         ),
         "deberta_v2": (
-            tf.DebertaV2Config(vocab_size=64, **size),
+            tf.DebertaV2Config(vocab_size=64, **_HF_SIZE),
             tf.DebertaV2ForSequenceClassification,
             tf.DebertaV2Model,
         ),

@@ -50,8 +50,8 @@ def stages(model: nn.Module) -> list[Stage]:
     """Ordered stages of ``model``, input to output; the last stage is the classifier head.
 
     Recognises torchvision ResNet, ``features``/``classifier`` models (EfficientNet, MobileNet, ConvNeXt, VGG, ...),
-    torchvision ViT, timm models (through their own ``group_matcher``), Hugging Face encoder classifiers, and falls
-    back to the model's top-level children with the last ``nn.Linear`` as head.
+    torchvision ViT, timm models (through their own ``group_matcher``), Hugging Face classifiers (one stage per
+    repeated block), and falls back to the model's top-level children with the last ``nn.Linear`` as head.
 
     >>> import torchvision
     >>> [s.name for s in stages(torchvision.models.resnet18())]
@@ -194,16 +194,32 @@ def _hf_decl(model: nn.Module, head: str) -> _Decl | None:
     base_model = model.get_submodule(base)
     decl: _Decl = []
     for child, module in base_model.named_children():
-        layers = getattr(module, "layer", None) or getattr(module, "layers", None)
-        if isinstance(layers, nn.ModuleList):
-            attr = "layer" if getattr(module, "layer", None) is layers else "layers"
-            decl += [(f"{child}.{attr}.{i}", [f"{base}.{child}.{attr}.{i}"]) for i in range(len(layers))]
-        decl.append((child, [f"{base}.{child}"]))
+        decl += _hf_child_decl(base, child, module)
     # What the task class adds around its base model (DistilBERT's pre_classifier, DeBERTa's pooler, XLNet's
     # sequence_summary) is not in a base checkpoint: it starts random and trains with the classifier. A pooler
     # inside the base model (BERT's) is pretrained and stays a backbone stage.
     added = [n for n, _ in model.named_children() if n != base] + [n for n, _ in model.named_parameters(recurse=False)]
     return [*decl, (head, added)]
+
+
+def _hf_child_decl(base: str, child: str, module: nn.Module) -> _Decl:
+    """Stages of one child of a Hugging Face base model: one per repeated block, found as structure rather than by
+    attribute name: the child itself when it is an ``nn.ModuleList`` (ViT's ``layers``, GPT-2's ``h``), else its only
+    ``nn.ModuleList`` (BERT's ``encoder.layer``, ConvNeXt's ``encoder.stages``); a child with none, or several (which
+    would be ambiguous), is one stage. The child's layers after its blocks (a final norm) form one more stage."""
+    if isinstance(module, nn.ModuleList):
+        blocks, path, names = module, child, []
+    else:
+        names = [n for n, _ in module.named_children()]
+        lists = [n for n, m in module.named_children() if isinstance(m, nn.ModuleList)]
+        if len(lists) != 1:
+            return [(child, [f"{base}.{child}"])]
+        blocks, path = module.get_submodule(lists[0]), f"{child}.{lists[0]}"
+        names = names[names.index(lists[0]) + 1 :]
+    # Layers in front of the blocks (ALBERT's input projection) are left undeclared: _assign puts them with the
+    # stage before (the embeddings), so stages stay in input -> output order.
+    decl: _Decl = [(f"{path}.{i}", [f"{base}.{path}.{i}"]) for i in range(len(blocks))]
+    return [*decl, (child, [f"{base}.{child}.{n}" for n in names])]
 
 
 def _generic_decl(model: nn.Module, head: str) -> _Decl:
