@@ -10,6 +10,7 @@ from torch import nn
 
 import freezetune as ft
 from conftest import TinyCNN, tiny_bert
+from freezetune.errors import SpecError
 
 RESNET = ["stem", "layer1", "layer2", "layer3", "layer4", "fc"]
 _HF_SIZE = {"hidden_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 32}
@@ -222,6 +223,33 @@ def test_hf_head_stage_is_what_a_base_checkpoint_lacks(family, tmp_path):
 def test_model_without_linear_head_raises():
     with pytest.raises(ft.FreezetuneError, match="classifier head"):
         ft.stages(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()))
+
+
+def test_timm_model_without_classifier_says_how_to_add_one():
+    # num_classes=0 leaves an Identity where the classifier was: layer4 must not pass for the head.
+    model = timm.create_model("resnet18", pretrained=False, num_classes=0)
+    for call in (ft.head_name, ft.stages, lambda m: ft.freeze(m, "backbone")):
+        with pytest.raises(SpecError, match=r"no classifier head.*num_classes=0.*replace_head"):
+            call(model)
+    assert all(p.requires_grad for p in model.parameters())
+    ft.replace_head(model, 3)  # timm's reset_classifier builds the head back
+    ft.freeze(model, "backbone")
+    assert [s.name for s in ft.stages(model) if s.num_trainable] == ["fc"]
+    assert model(torch.randn(1, 3, 32, 32)).shape == (1, 3)
+
+
+def test_hf_base_model_has_no_head_to_replace():
+    # AutoModel gives a base model whose last Linear is the pretrained pooler: it must not be replaced as the head.
+    from transformers import BertModel
+
+    from conftest import tiny_bert_config
+
+    model = BertModel(tiny_bert_config())
+    pooler = model.pooler.dense
+    for call in (ft.head_name, ft.stages, lambda m: ft.replace_head(m, 3)):
+        with pytest.raises(SpecError, match="BertModel .*no classifier head.*AutoModelForSequenceClassification"):
+            call(model)
+    assert model.pooler.dense is pooler
 
 
 # --- replace_head -------------------------------------------------------------------------------------------

@@ -67,18 +67,23 @@ def stages(model: nn.Module) -> list[Stage]:
 def head_name(model: nn.Module) -> str:
     """Qualified name of the classifier layer (the ``nn.Linear`` that outputs class scores).
 
+    Raises:
+        SpecError: the model has no classifier: a timm model created with ``num_classes=0`` (``replace_head`` gives
+            it one), a Hugging Face base model from ``AutoModel``, or a model without an ``nn.Linear``.
+
     >>> import torchvision
     >>> head_name(torchvision.models.resnet18())
     'fc'
     """
-    get_classifier = getattr(model, "get_classifier", None)
-    if callable(get_classifier) and _is_timm(model):
-        classifier = get_classifier()
-        if isinstance(classifier, (tuple, list)):  # distilled models return (head, head_dist): the first is primary
-            classifier = classifier[0] if classifier else None
-        found = _name_of(model, classifier) if isinstance(classifier, nn.Module) else None
-        if found:
-            return found
+    found = _timm_head_name(model)
+    if found:
+        return found
+    if _is_hf_base_model(model):  # its last Linear is a pretrained pooler, not a classifier
+        raise SpecError(
+            f"{type(model).__name__} is a Hugging Face base model with no classifier head; load the checkpoint with "
+            "AutoModelForSequenceClassification or AutoModelForImageClassification (as create_model('hf:...') does), "
+            "which adds one"
+        )
     base = _hf_base_prefix(model)
     linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     if base:
@@ -86,6 +91,22 @@ def head_name(model: nn.Module) -> str:
     if not linears:
         raise SpecError(f"cannot find a classifier head in {type(model).__name__}: it has no nn.Linear layer")
     return linears[-1]
+
+
+def _timm_head_name(model: nn.Module) -> str | None:
+    """The classifier a timm model names through ``get_classifier()``; None for other models."""
+    get_classifier = getattr(model, "get_classifier", None)
+    if not (callable(get_classifier) and _is_timm(model)):
+        return None
+    classifier = get_classifier()
+    if isinstance(classifier, (tuple, list)):  # distilled models return (head, head_dist): the first is primary
+        classifier = classifier[0] if classifier else None
+    if isinstance(classifier, nn.Module) and not any(True for _ in classifier.parameters()):
+        raise SpecError(
+            f"{type(model).__name__} has no classifier head (a timm model created with num_classes=0 has "
+            f"{type(classifier).__name__} there); add one with freezetune.replace_head(model, num_classes)"
+        )
+    return _name_of(model, classifier) if isinstance(classifier, nn.Module) else None
 
 
 def replace_head(model: nn.Module, num_classes: int) -> nn.Module:
@@ -333,6 +354,17 @@ def _hf_base_prefix(model: nn.Module) -> str | None:
     if prefix and isinstance(getattr(model, prefix, None), nn.Module):
         return prefix
     return None
+
+
+def _is_hf_base_model(model: nn.Module) -> bool:
+    """A bare transformers base model, as ``AutoModel`` builds (``BertModel``): it outputs hidden states."""
+    if not type(model).__module__.startswith("transformers."):
+        return False
+    from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
+
+    # Task classes such as CLIPForImageClassification also have base_model == self, so ask AutoModel's own list.
+    bases = {n for v in MODEL_MAPPING_NAMES.values() for n in ((v,) if isinstance(v, str) else v)}
+    return type(model).__name__ in bases
 
 
 def _is_timm(model: nn.Module) -> bool:
