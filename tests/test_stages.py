@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import timm
 import torch
@@ -297,3 +299,11 @@ def test_replace_head_hf_keeps_config_and_loss_in_sync():
 def test_replace_head_rejects_bad_class_count(bad):
     with pytest.raises(ft.FreezetuneError, match=str(bad)):
         ft.replace_head(nn.Sequential(nn.Linear(4, 2)), bad)
+
+
+@pytest.mark.parametrize("bad", [0, -2, 2.5, "10", True])
+def test_replace_head_takes_a_positive_int_of_classes(bad):
+    model = torchvision.models.resnet18()
+    with pytest.raises(ft.FreezetuneError, match=rf"num_classes must be an int >= 1, got {re.escape(repr(bad))}"):
+        ft.replace_head(model, bad)  # 2.5 and '10' ended in torch's TypeError
+    assert model.fc.out_features == 1000

@@ -116,8 +116,8 @@ def replace_head(model: nn.Module, num_classes: int) -> nn.Module:
     >>> replace_head(torchvision.models.resnet18(), 10).fc.out_features
     10
     """
-    if num_classes < 1:
-        raise SpecError(f"num_classes must be >= 1, got {num_classes}")
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise SpecError(f"num_classes must be an int >= 1, got {num_classes!r}")
     if _is_timm(model) and hasattr(model, "reset_classifier"):
         model.reset_classifier(num_classes)  # timm knows its own pooling/head layout
         return model
