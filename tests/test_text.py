@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from _engine_fixtures import run_cli
+from _engine_fixtures import make_image_folder, run_cli, train_argv
 from freezetune import checkpoint
 from freezetune.data import build_datasets
 from freezetune.data.text import TextDataset, read_text_csv
@@ -61,6 +61,23 @@ def test_too_few_classes_are_counted_in_texts(tmp_path):
     (tmp_path / "one.csv").write_text("text,label\ngood,pos\nfine,pos\n")
     with pytest.raises(DataError, match=r"training texts of 1 class\(es\) \('pos'\)"):
         build_datasets(str(tmp_path / "one.csv"), preprocess=Preprocess(tokenizer=str(MINILM)))
+
+
+def test_a_text_model_refuses_image_data_and_an_image_model_text_data(tmp_path):
+    images, texts = make_image_folder(tmp_path / "img", train=2, val=0, test=0), _csv(tmp_path / "t.csv", n=1)
+    text_model, image_model = Preprocess(tokenizer=str(MINILM)), Preprocess(input_size=32)
+    with pytest.raises(DataError, match=r"img' is not a text CSV; the model is a text model .* reads a CSV"):
+        build_datasets(str(images), preprocess=text_model)
+    with pytest.raises(DataError, match=r"val data '.*img' is not a text CSV; the model is a text model"):
+        build_datasets(str(texts), val_data=str(images), preprocess=text_model)
+    with pytest.raises(DataError, match=r"t.csv' is a text CSV .*; the model is an image model and reads images"):
+        build_datasets(str(texts), preprocess=image_model)
+
+
+def test_train_refuses_a_text_csv_for_an_image_model_in_one_line(tmp_path, capsys):
+    code, stdout, err = run_cli(capsys, *train_argv(_csv(tmp_path / "t.csv", n=1), tmp_path / "run"))
+    assert code == 2 and err.startswith("freezetune: error:") and "is a text CSV" in err and "Traceback" not in err
+    assert not (tmp_path / "run" / "last.pt").exists()
 
 
 @pytest.mark.slow

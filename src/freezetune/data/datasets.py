@@ -17,7 +17,7 @@ from freezetune.data.folder import read_csv, scan_folder
 from freezetune.data.idx import CLASS_NAMES_FILE, idx_files, is_idx_dir, load_idx
 from freezetune.data.sampling import per_class_indices, stratified_split
 from freezetune.data.scan import check_images, warn_copies
-from freezetune.data.text import TextDataset, read_text_csv, text_csv_header
+from freezetune.data.text import LABEL_COLUMNS, TEXT_COLUMNS, TextDataset, read_text_csv, text_csv_header
 from freezetune.data.transforms import eval_transform, train_transform
 from freezetune.errors import ConfigError, DataError, choices
 from freezetune.options import AUG_DEFAULT, fraction_problem, positive_int_problem
@@ -69,6 +69,24 @@ def _load_source(data: str) -> tuple[str, Dataset, Dataset | None, Dataset | Non
     val_dir, test_dir = _first_dir(path, _VAL_DIRS), _first_dir(path, ("test",))
     val = scan_folder(val_dir, train.classes) if val_dir else None
     return "folder", train, val, scan_folder(test_dir, train.classes) if test_dir else None
+
+
+def _check_kind(data: str, preprocess: Preprocess, what: str = "data") -> None:
+    """A text model reads a text CSV and an image model anything else: a mismatch is named before data is read
+    (it would otherwise end in the tokenizer or the image pipeline, far from its cause)."""
+    path = Path(data)
+    if not path.exists():
+        return  # the reader says so, with what it expects
+    is_text = path.is_file() and text_csv_header(path) is not None
+    if is_text == preprocess.is_text:
+        return
+    if preprocess.is_text:
+        raise DataError(f"{what} '{data}' is not a text CSV; the model is a text model (tokenizer "
+                        f"'{preprocess.tokenizer}') and reads a CSV whose header names a text column (one of "
+                        f"{choices(TEXT_COLUMNS)}) and a label column (one of {choices(LABEL_COLUMNS)})")  # fmt: skip
+    raise DataError(f"{what} '{data}' is a text CSV (its header names a text column); the model is an image model "
+                    "and reads images (an image folder, an IDX directory or a 'path,label' CSV); text models are "
+                    "hf:DIR_OR_ID sequence classifiers")  # fmt: skip
 
 
 def _load_val(val_data: str, classes: list[str]) -> Dataset:
@@ -187,7 +205,7 @@ def build_datasets(
 
     ``data`` may be an IDX directory (MNIST/Fashion-MNIST files), an image folder (``DIR/train/<class>/*`` plus
     optional ``DIR/val|valid|validation/<class>/*`` and ``DIR/test/<class>/*``, or just ``DIR/<class>/*``), or a
-    ``path,label`` CSV file (the train set).
+    ``path,label`` CSV file (the train set); for a text model (``preprocess.tokenizer`` set), a ``text,label`` CSV.
 
     Validation data, first rule that applies:
         1. ``val_data`` (a CSV, a ``DIR/<class>/*`` folder, or an IDX directory's test split);
@@ -216,7 +234,8 @@ def build_datasets(
             refusing the data.
 
     Raises:
-        DataError: a path is missing or holds no usable data, or an image file is unreadable (without ``skip_bad``).
+        DataError: a path is missing or holds no usable data, an image file is unreadable (without ``skip_bad``), or
+            the data does not fit the model (a text CSV for an image model, anything else for a text model).
         ConfigError: bad ``aug``, ``val_split`` or ``per_class``, or both ``val_data`` and ``val_split``.
 
     >>> bundle = build_datasets("/usr/share/datasets/fashion-mnist", per_class=10,
@@ -226,6 +245,9 @@ def build_datasets(
     """
     # Check every option before reading data: loading a large IDX set only to fail on a typo wastes the user's time.
     _check_options(val_data, val_split, per_class)
+    _check_kind(data, preprocess)
+    if val_data is not None:
+        _check_kind(val_data, preprocess, "val data")
     train_tf, eval_tf = train_transform(preprocess, aug), eval_transform(preprocess)
     source, train, val, test = _load_source(data)
     if val_data is not None:
