@@ -13,8 +13,10 @@ from safetensors.torch import load_file
 from _engine_fixtures import make_image_folder, run_cli, train_argv
 from freezetune import checkpoint
 from freezetune.data import build_datasets
-from freezetune.data.text import TextDataset, read_text_csv
-from freezetune.errors import DataError
+from freezetune.data.text import TextDataset, read_text_csv, read_texts
+from freezetune.errors import ConfigError, DataError
+from freezetune.inference import LoadedModel, evaluate_checkpoint, predict_files, predict_texts
+from freezetune.precision import resolve_precision
 from freezetune.preprocess import Preprocess
 from freezetune.reporting import read_metrics
 
@@ -120,6 +122,88 @@ def test_the_auto_recipe_on_texts_speaks_of_texts(tmp_path, capsys):
     assert "48 train texts" in stdout and "the 4 texts held out for validation train too" in stdout  # the refit run
     assert " images" not in stdout + err and "img/s" not in stdout and "texts/s" in stdout
     assert json.loads((out / "recipe.json").read_text())["choice"]["trained_stages"] == 3
+
+
+@pytest.fixture(scope="module")
+def text_run(tmp_path_factory):
+    """MiniLM fine-tuned by ``train`` on a text CSV (two epochs, the top layers): (best.pt, the CSV)."""
+    from freezetune.config import TrainConfig
+    from freezetune.trainer import train
+
+    root = tmp_path_factory.mktemp("text_run")
+    data = _csv(root / "t.csv", n=2)
+    train(TrainConfig(model=f"hf:{MINILM}", weights="default", data=str(data), val_split=0.25, freeze="-3", epochs=2,
+                      lr=5e-4, batch_size=8, device="cpu", out=str(root / "run"), progress=False, tensorboard=False,
+                      workers=0))  # fmt: skip
+    return root / "run" / "best.pt", data
+
+
+@pytest.mark.slow
+def test_a_trained_text_model_is_scored_on_a_text_csv_as_it_ranks_its_texts(text_run):
+    best, data = text_run
+    result = evaluate_checkpoint(best, data, batch_size=5, device="cpu")
+    assert result["classes"] == ["neg", "pos"] and result["n"] == 24
+    records = predict_files(best, [data], topk=1, batch_size=7, device="cpu")
+    texts = [r["text"] for r in records]
+    assert texts == (GOOD * 2 + BAD * 2) and [r["row"] for r in records] == list(range(1, 25))
+    hits = [r["top"][0]["class"] == ("pos" if r["text"] in GOOD else "neg") for r in records]
+    assert result["acc"] == pytest.approx(sum(hits) / len(hits))
+    # literal strings rank as the same texts read from a file do
+    assert [r["top"] for r in predict_texts(best, texts[:3], topk=1, device="cpu")] == [r["top"] for r in records[:3]]
+
+
+@pytest.mark.slow
+def test_predict_reads_text_files_one_text_a_line(text_run, tmp_path):
+    best, _ = text_run
+    (tmp_path / "reviews.txt").write_text(f"{GOOD[0]}\n\n{BAD[0]}\n")
+    (tmp_path / "photo.png").write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe")
+    records = predict_files(best, [tmp_path / "reviews.txt", tmp_path / "photo.png"], topk=2, device="cpu")
+    assert [(r["path"], r.get("row"), r.get("text")) for r in records[:2]] == [
+        (str(tmp_path / "reviews.txt"), 1, GOOD[0]),
+        (str(tmp_path / "reviews.txt"), 2, BAD[0]),
+    ]
+    assert sum(p["prob"] for p in records[0]["top"]) == pytest.approx(1, abs=1e-5)
+    assert "cannot read" in records[2]["error"] and "photo.png" in records[2]["error"]
+
+
+@pytest.mark.slow
+def test_eval_and_predict_cli_on_a_text_model(text_run, tmp_path, capsys):
+    best, data = text_run
+    code, out, err = run_cli(capsys, "eval", "--checkpoint", best, "--data", data, "--device", "cpu",
+                             "--plot", tmp_path / "c.png")  # fmt: skip
+    assert code == 0 and out.startswith("n 24 "), err
+    (tmp_path / "r.txt").write_text(f"{GOOD[1]}\n{BAD[1]}\n")
+    (tmp_path / "bad.png").write_bytes(b"\xff\xfe\x00")
+    code, out, err = run_cli(capsys, "predict", "--checkpoint", best, tmp_path / "r.txt", tmp_path / "bad.png",
+                             "--topk", "1", "--device", "cpu")  # fmt: skip
+    lines = out.strip().splitlines()
+    assert len(lines) == 2 and lines[1].startswith(f"{tmp_path / 'r.txt'}:2  ") and lines[1].endswith(repr(BAD[1]))
+    assert code == 2 and "1 of 2 file(s) could not be read" in err  # files, not texts
+    code, _, err = run_cli(capsys, "eval", "--checkpoint", best, "--data", make_image_folder(tmp_path / "img"),
+                           "--device", "cpu")  # fmt: skip
+    assert code == 2 and "is not a text CSV; the model is a text model" in err and "Traceback" not in err
+
+
+def test_predict_texts_wants_a_list_of_strings_and_a_text_model(tmp_path):
+    with pytest.raises(ConfigError, match="texts must be a list of strings"):
+        predict_texts(tmp_path / "never_read.pt", "a joy to watch")
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 2))
+    loaded = LoadedModel(model, ["a", "b"], Preprocess(8), resolve_precision(torch.device("cpu")))
+    with pytest.raises(ConfigError, match="needs a text model .* use predict_files"):
+        predict_texts(loaded, ["a joy to watch"])
+
+
+def test_read_texts_takes_a_csv_text_column_or_lines(tmp_path):
+    (tmp_path / "a.csv").write_text('id,review\n1,fine\n2,"bad, really"\n')
+    (tmp_path / "b.txt").write_text("one\n\n  \ntwo\n")
+    assert read_texts(tmp_path / "a.csv") == ["fine", "bad, really"]
+    assert read_texts(tmp_path / "b.txt") == ["one", "two"]
+    (tmp_path / "c.csv").write_text("id,review\n1,\n")
+    with pytest.raises(DataError, match="row 1 has an empty text"):
+        read_texts(tmp_path / "c.csv")
+    (tmp_path / "empty.txt").write_text("\n")
+    with pytest.raises(DataError, match="holds no text"):
+        read_texts(tmp_path / "empty.txt")
 
 
 def _key(name: str, state: dict) -> str:

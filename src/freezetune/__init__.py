@@ -24,7 +24,7 @@ _LAZY = {
     "use_fast_depthwise": "freezetune.depthwise",
     "train": "freezetune.trainer",
     **dict.fromkeys(
-        ("evaluate_checkpoint", "evaluate_model", "load_model", "predict_files", "write_evaluation"),
+        ("evaluate_checkpoint", "evaluate_model", "load_model", "predict_files", "predict_texts", "write_evaluation"),
         "freezetune.inference",
     ),
 }
@@ -57,6 +57,7 @@ __all__ = [
     "load_model",
     "param_groups",
     "predict_files",
+    "predict_texts",
     "replace_head",
     "stages",
     "store_loader",

@@ -129,12 +129,14 @@ def _eval_parser(sub) -> None:
 
 
 def _predict_parser(sub) -> None:
-    p = sub.add_parser("predict", help="top-k classes of images")
+    p = sub.add_parser("predict", help="top-k classes of images, or of texts for a text model")
     p.add_argument("--checkpoint", required=True)
-    p.add_argument("images", nargs="+", help="image files or folders")
+    p.add_argument("images", nargs="+", metavar="PATH",
+                   help="image files or folders; for a text model, text files (one text a line), CSVs with a text "
+                        "column, or folders of them")  # fmt: skip
     p.add_argument("--topk", type=int, default=5)
     p.add_argument("--json", action="store_true")
-    p.add_argument("--batch-size", type=int, default=_DEFAULTS.batch_size, help="images per forward pass")
+    p.add_argument("--batch-size", type=int, default=_DEFAULTS.batch_size, help="images or texts per forward pass")
     p.add_argument("--device", default=_DEFAULTS.device)
     p.set_defaults(func=_cmd_predict)
 
@@ -216,7 +218,8 @@ def _cmd_predict(args) -> int:
     for r in bad:
         print(f"freezetune: error: {r['error']}", file=sys.stderr)
     if bad:  # every good prediction is out; the exit code still says that some files were not predicted
-        print(f"freezetune: error: {len(bad)} of {len(records)} file(s) could not be read", file=sys.stderr)
+        files = len({r["path"] for r in records})  # a text file gives a record per text
+        print(f"freezetune: error: {len(bad)} of {files} file(s) could not be read", file=sys.stderr)
     return 2 if bad else 0
 
 

@@ -64,8 +64,9 @@ def evaluate(
 
 
 @torch.inference_mode()
-def predict_probs(model: nn.Module, inputs: torch.Tensor, precision: Precision) -> torch.Tensor:
-    """Softmax class probabilities for a batch of preprocessed images (the model's train/eval mode is kept).
+def predict_probs(model: nn.Module, inputs: torch.Tensor | dict, precision: Precision) -> torch.Tensor:
+    """Softmax class probabilities for a batch of preprocessed images or of tokenized texts (a dict of tensors, as
+    ``data.text.TokenizeBatch.tokenize`` gives); the model's train/eval mode is kept.
 
     >>> import torch; from freezetune.precision import resolve_precision
     >>> probs = predict_probs(torch.nn.Linear(4, 3), torch.randn(2, 4), resolve_precision(torch.device("cpu")))
@@ -76,7 +77,7 @@ def predict_probs(model: nn.Module, inputs: torch.Tensor, precision: Precision) 
     model.eval()
     try:
         with precision.autocast():
-            logits = logits_of(model(inputs.to(precision.device)))
+            logits = logits_of(run_model(model, to_device(inputs, precision.device)))
     finally:
         model.train(was_training)
     return logits.float().softmax(dim=-1).cpu()

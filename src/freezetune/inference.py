@@ -1,4 +1,5 @@
-"""Using a trained model: evaluate it on a dataset, write the evaluation, and predict the classes of image files.
+"""Using a trained model: evaluate it on a dataset, write the evaluation, and predict the classes of image files or
+of texts.
 
 The CLI's ``eval`` and ``predict`` and the trainer's final test call these functions; a checkpoint (path or loaded
 record) or an in-memory model are both accepted, so the same evaluation runs in a notebook.
@@ -19,7 +20,7 @@ from freezetune import checkpoint as ckpt
 from freezetune._io import atomic_write_text
 from freezetune.config import TrainConfig
 from freezetune.data.loaders import Loaders, close_loader
-from freezetune.errors import DataError
+from freezetune.errors import ConfigError, DataError
 from freezetune.evaluate import evaluate, predict_probs
 from freezetune.options import check, positive_int_problem
 from freezetune.precision import Precision, resolve_device, resolve_precision
@@ -100,7 +101,8 @@ def evaluate_model(
 def evaluate_checkpoint(
     checkpoint: str | Path | dict, data: str | Dataset, *, batch_size: int = _BATCH_SIZE, device: str = "auto"
 ) -> dict:
-    """Evaluate a checkpoint on ``data``: a path (its test split, see ``data.build_eval_dataset``) or a dataset.
+    """Evaluate a checkpoint on ``data``: a path (its test split, see ``data.build_eval_dataset``; a text model's is a
+    ``text,label`` CSV) or a dataset.
 
     Returns:
         ``evaluate_model``'s metrics plus ``classes``, the class names index-aligned with the confusion matrix.
@@ -156,18 +158,22 @@ def predict_files(
     batch_size: int = _BATCH_SIZE,
     device: str = "auto",
 ) -> list[dict]:
-    """The ``topk`` most likely classes of each image under ``paths`` (files, or folders searched recursively).
+    """The ``topk`` most likely classes of each image under ``paths`` (files, or folders searched recursively); for
+    a text model, of each text in ``paths``: a CSV's text column, or a text file's lines (one text a line; folders
+    give their ``.txt`` and ``.csv`` files), read by ``data.text.read_texts``.
 
     Args:
         model: a ``LoadedModel`` or a checkpoint (path or record), loaded on ``device``.
-        paths: image files and folders.
-        topk: classes per image (all of them if the model has fewer).
-        batch_size: images per forward pass.
+        paths: image files and folders; for a text model, text files and folders.
+        topk: classes per image or text (all of them if the model has fewer).
+        batch_size: images or texts per forward pass.
         device: where a checkpoint is loaded (``auto``: CUDA, then MPS, then CPU).
 
     Returns:
         One JSON-ready record per image, in path order: ``{"path": str, "top": [{"class": str, "prob": float}]}``,
-        most likely first; a file that cannot be read gets ``{"path": str, "error": str}`` instead.
+        most likely first; a file that cannot be read gets ``{"path": str, "error": str}`` instead. A text model
+        gives one record per text, in file order, with ``"row"`` (the text's number in its file, from 1) and
+        ``"text"`` added; a file it cannot read gets one error record.
 
     >>> predict_files("runs/r50/best.pt", ["photos/"], topk=2)  # doctest: +SKIP
     [{'path': 'photos/a.jpg', 'top': [{'class': 'cat', 'prob': 0.93}, {'class': 'dog', 'prob': 0.05}]}]
@@ -177,7 +183,9 @@ def predict_files(
     for name, value in (("topk", topk), ("batch_size", batch_size)):
         check(positive_int_problem(name, value))
     loaded = model if isinstance(model, LoadedModel) else load_model(model, device)
-    transform, classes = eval_transform(loaded.preprocess), loaded.classes
+    if loaded.preprocess.is_text:
+        return _predict_text_files(loaded, [str(p) for p in paths], topk, batch_size)
+    transform = eval_transform(loaded.preprocess)
     files = list_images([str(p) for p in paths])
     records: dict[str, dict] = {}
     for start in range(0, len(files), batch_size):
@@ -191,21 +199,97 @@ def predict_files(
         if not images:
             continue
         probs = predict_probs(loaded.model, torch.stack(images), loaded.precision)
-        top = probs.topk(min(topk, len(classes)), dim=-1)
-        for path, values, indices in zip(chunk, top.values, top.indices, strict=True):
-            ranked = [{"class": classes[i], "prob": round(float(v), 6)} for v, i in zip(values, indices, strict=True)]
+        for path, ranked in zip(chunk, _ranked(probs, loaded.classes, topk), strict=True):
             records[path] = {"path": path, "top": ranked}
     return [records[p] for p in files]
 
 
+def predict_texts(
+    model: LoadedModel | str | Path | dict,
+    texts: Sequence[str],
+    *,
+    topk: int = 5,
+    batch_size: int = _BATCH_SIZE,
+    device: str = "auto",
+) -> list[dict]:
+    """The ``topk`` most likely classes of each of ``texts`` for a text model (``hf:`` sequence classifier).
+
+    Args:
+        model: a ``LoadedModel`` or a checkpoint (path or record) of a text model, loaded on ``device``.
+        texts: the texts, as strings.
+        topk: classes per text (all of them if the model has fewer).
+        batch_size: texts per forward pass (each batch is padded to its longest text).
+        device: where a checkpoint is loaded (``auto``: CUDA, then MPS, then CPU).
+
+    Returns:
+        One JSON-ready record per text, in order: ``{"text": str, "top": [{"class": str, "prob": float}]}``.
+
+    Raises:
+        ConfigError: the model is an image model, ``texts`` is one string rather than a list of them, or ``topk`` or
+            ``batch_size`` is not a positive integer.
+
+    >>> predict_texts("runs/minilm/best.pt", ["a joy to watch"], topk=1)  # doctest: +SKIP
+    [{'text': 'a joy to watch', 'top': [{'class': 'pos', 'prob': 0.91}]}]
+    """
+    from freezetune.data.text import TokenizeBatch
+
+    for name, value in (("topk", topk), ("batch_size", batch_size)):
+        check(positive_int_problem(name, value))
+    if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
+        raise ConfigError(f"texts must be a list of strings, got {texts!r:.80}")
+    loaded = model if isinstance(model, LoadedModel) else load_model(model, device)
+    if not loaded.preprocess.is_text:
+        raise ConfigError("predict_texts needs a text model (hf:DIR_OR_ID sequence classifier); this checkpoint's "
+                          "model reads images: use predict_files")  # fmt: skip
+    tokenizer = TokenizeBatch(loaded.preprocess.tokenizer, loaded.preprocess.max_length)
+    records = []
+    for start in range(0, len(texts), batch_size):
+        chunk = list(texts[start : start + batch_size])
+        probs = predict_probs(loaded.model, tokenizer.tokenize(chunk), loaded.precision)
+        records += [{"text": t, "top": r} for t, r in zip(chunk, _ranked(probs, loaded.classes, topk), strict=True)]
+    return records
+
+
+def _predict_text_files(loaded: LoadedModel, paths: list[str], topk: int, batch_size: int) -> list[dict]:
+    from freezetune.data.text import list_text_files, read_texts
+
+    records = []
+    for path in list_text_files(paths):
+        try:  # one unreadable file must not cost the predictions of all the others
+            texts = read_texts(path)
+        except DataError as exc:
+            records.append({"path": path, "error": str(exc)})
+            continue
+        predicted = predict_texts(loaded, texts, topk=topk, batch_size=batch_size)
+        records += [{"path": path, "row": row, **r} for row, r in enumerate(predicted, 1)]
+    return records
+
+
+def _ranked(probs: torch.Tensor, classes: list[str], topk: int) -> list[list[dict]]:
+    """Per row of ``probs``, its ``topk`` classes with their probabilities, most likely first."""
+    top = probs.topk(min(topk, len(classes)), dim=-1)
+    return [
+        [{"class": classes[i], "prob": round(float(v), 6)} for v, i in zip(values, indices, strict=True)]
+        for values, indices in zip(top.values, top.indices, strict=True)
+    ]
+
+
 def format_predictions(records: list[dict]) -> str:
-    """One line per image: its path, then each class with its probability in percent.
+    """One line per image: its path, then each class with its probability in percent; per text: its file and row
+    (when it came from a file), the classes, then the text (its first 60 characters).
 
     >>> print(format_predictions([{"path": "a.jpg", "top": [{"class": "cat", "prob": 0.9}, {"class": "dog", "prob": 0.1}]}]))
     a.jpg  cat 90.0%  dog 10.0%
+    >>> print(format_predictions([{"path": "r.txt", "row": 2, "text": "a joy", "top": [{"class": "pos", "prob": 0.8}]}]))
+    r.txt:2  pos 80.0%  'a joy'
     """
-    return "\n".join(
-        r["path"] + "  " + "  ".join(f"{p['class']} {100 * p['prob']:.1f}%" for p in r["top"])
-        for r in records
-        if "top" in r
-    )
+    return "\n".join(_prediction_line(r) for r in records if "top" in r)
+
+
+def _prediction_line(record: dict) -> str:
+    classes = "  ".join(f"{p['class']} {100 * p['prob']:.1f}%" for p in record["top"])
+    if "text" not in record:
+        return f"{record['path']}  {classes}"
+    where = f"{record['path']}:{record['row']}  " if "path" in record else ""
+    text = record["text"] if len(record["text"]) <= 60 else record["text"][:59] + "…"
+    return f"{where}{classes}  {text!r}"

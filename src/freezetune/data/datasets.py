@@ -288,14 +288,16 @@ def build_datasets(
 
 def build_eval_dataset(data: str, *, preprocess: Preprocess, classes: list[str]) -> Dataset:
     """The evaluation set of ``data`` for a trained model: an IDX test split, a ``test/`` (else ``val/``) folder,
-    or the whole folder/CSV; labels are checked against the model's ``classes``.
+    or the whole folder/CSV; for a text model (``preprocess.tokenizer`` set) a ``text,label`` CSV. Labels are checked
+    against the model's ``classes``.
 
     Folder and CSV labels are class names, matched by name: data may hold fewer classes than the model, never one
     it does not know. IDX labels are positions, so an IDX directory's names (``classes.txt``, else the Fashion-MNIST
     or digit names ``idx_class_names`` gives) must equal the model's, in order.
 
     Raises:
-        DataError: the path is missing or unreadable, or its class names differ from ``classes`` as above.
+        DataError: the path is missing or unreadable, does not fit the model (text for an image model or the other
+            way round), or its class names differ from ``classes`` as above.
 
     >>> build_eval_dataset("/usr/share/datasets/fashion-mnist", preprocess=Preprocess(32),
     ...                    classes=[str(i) for i in range(10)])  # doctest: +SKIP
@@ -303,6 +305,9 @@ def build_eval_dataset(data: str, *, preprocess: Preprocess, classes: list[str])
     path = Path(data)
     if not path.exists():
         raise DataError(f"data path '{data}' does not exist; expected {_EXPECTED}")
+    _check_kind(data, preprocess)
+    if preprocess.is_text:  # a text CSV: its texts are tokenized per batch, they take no transform
+        return read_text_csv(path, classes)
     if path.is_dir() and is_idx_dir(path):
         ds = load_idx(path, "test" if idx_files(path, "test") else "train")
         if ds.classes != list(classes):  # IDX labels are positions: the names must match one for one, in order

@@ -1,6 +1,8 @@
-"""Text classification data: a ``text,label`` CSV and the batches a Hugging Face model reads.
+"""Text classification data: a ``text,label`` CSV, the texts a trained model predicts on, and the batches a Hugging
+Face model reads.
 
-A CSV whose header names a text column (``TEXT_COLUMNS``) and a label column is a text dataset. Batches are tokenized
+A CSV whose header names a text column (``TEXT_COLUMNS``) and a label column is a text dataset; prediction reads a
+CSV's text column or a text file's lines (``read_texts``). Batches are tokenized
 by the model's own tokenizer when they are collated, padded to their longest text (dynamic padding: a batch of short
 texts stays short) and truncated at ``Preprocess.max_length``.
 """
@@ -73,9 +75,7 @@ def read_text_csv(path: str | Path, classes: list[str] | None = None) -> TextDat
     }
     if not rows:
         raise DataError(f"CSV '{path}' has no rows under its header; expected a text and its label on each row")
-    problem = next(((n, p) for n, r in enumerate(rows, 1) if (p := _row_problem(r, cols))), None)
-    if problem is not None:
-        raise DataError(f"CSV '{path}' row {problem[0]} {problem[1]}")
+    _check_rows(path, rows, cols)
     labels = [r[cols["label"]].strip() for r in rows]
     classes = list(classes) if classes is not None else sorted(set(labels))
     unknown = sorted(set(labels) - set(classes))
@@ -85,6 +85,60 @@ def read_text_csv(path: str | Path, classes: list[str] | None = None) -> TextDat
         )
     index = {c: i for i, c in enumerate(classes)}
     return TextDataset([r[cols["text"]] for r in rows], torch.tensor([index[label] for label in labels]), classes)
+
+
+TEXT_FILE_SUFFIXES = (".txt", ".csv")  # what ``list_text_files`` picks from a folder
+
+
+def read_texts(path: str | Path) -> list[str]:
+    """The texts of one file to predict on: a CSV's text column (a label column may be there, and is not read), or
+    any other file's lines (UTF-8, one text a line, blank lines skipped).
+
+    Raises:
+        DataError: unreadable or non-UTF-8 file, a CSV without exactly one text column or with an empty text, or
+            no text at all.
+
+    >>> read_texts("reviews.txt")  # doctest: +SKIP
+    ['a wonderful film', 'a waste of time']
+    """
+    path = Path(path)
+    if path.suffix.lower() == ".csv":
+        header, rows = _read_rows(path)
+        cols = {"text": _column(path, header, "text", TEXT_COLUMNS)}
+        _check_rows(path, rows, cols)
+        texts = [r[cols["text"]] for r in rows]
+    else:
+        try:
+            texts = [line for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
+        except (OSError, UnicodeDecodeError) as e:
+            raise DataError(f"cannot read '{path}' as UTF-8 text ({e}); a text model reads texts, one a line, "
+                            "or a CSV with a text column") from e  # fmt: skip
+    if not texts:
+        raise DataError(f"'{path}' holds no text")
+    return texts
+
+
+def list_text_files(paths: list[str]) -> list[str]:
+    """Files named explicitly, in order, and the ``TEXT_FILE_SUFFIXES`` files under folders (recursive, sorted).
+
+    Raises:
+        DataError: a path does not exist, or no file was found at all.
+
+    >>> list_text_files(["a.txt", "more/"])  # doctest: +SKIP
+    ['a.txt', 'more/b.csv', 'more/sub/c.txt']
+    """
+    out: list[str] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            out += sorted(str(f) for f in p.rglob("*") if f.is_file() and f.suffix.lower() in TEXT_FILE_SUFFIXES)
+        elif p.is_file():
+            out.append(str(p))
+        else:
+            raise DataError(f"text file '{p}' does not exist")
+    if not out:
+        raise DataError(f"no text files found in {choices(paths)}; expected files ending in "
+                        f"{', '.join(TEXT_FILE_SUFFIXES)}")  # fmt: skip
+    return out
 
 
 def _read_rows(path: Path) -> tuple[list[str], list[list[str]]]:
@@ -107,6 +161,12 @@ def _column(path: Path, header: list[str], role: str, names: tuple[str, ...]) ->
     return hits[0]
 
 
+def _check_rows(path: Path, rows: list[list[str]], cols: dict[str, int]) -> None:
+    problem = next(((n, p) for n, r in enumerate(rows, 1) if (p := _row_problem(r, cols))), None)
+    if problem is not None:
+        raise DataError(f"CSV '{path}' row {problem[0]} {problem[1]}")
+
+
 def _row_problem(row: list[str], cols: dict[str, int]) -> str | None:
     """What is wrong with one data row, in words, or None."""
     for role, i in cols.items():
@@ -114,7 +174,7 @@ def _row_problem(row: list[str], cols: dict[str, int]) -> str | None:
             return f"has {len(row)} column(s); its {role} is column {i + 1}"
     if not row[cols["text"]].strip():  # an empty text trains the model on nothing but its special tokens
         return "has an empty text"
-    return None if row[cols["label"]].strip() else "has no label"
+    return None if "label" not in cols or row[cols["label"]].strip() else "has no label"
 
 
 class TokenizeBatch:
@@ -131,6 +191,9 @@ class TokenizeBatch:
 
     def __call__(self, items: list[tuple[str, int]]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         texts, labels = zip(*items, strict=True)
-        batch = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_length,
-                               return_tensors="pt")  # fmt: skip
-        return dict(batch), torch.tensor(labels, dtype=torch.long)
+        return self.tokenize(list(texts)), torch.tensor(labels, dtype=torch.long)
+
+    def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        """The model's input for ``texts``: token ids and masks, padded to the longest, truncated at ``max_length``."""
+        batch = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
+        return dict(batch)
