@@ -100,6 +100,9 @@ def test_predict_files_ranks_every_image_in_path_order(best_pt, data):
     probs = [p["prob"] for r in one_by_one for p in r["top"]]
     assert probs == pytest.approx([p["prob"] for r in records for p in r["top"]], abs=1e-5)
     assert json.loads(json.dumps(records)) == records
+    folder = str(data / "test" / "red")  # one path as a string: the folder, not its characters
+    assert [r["path"] for r in predict_files(loaded, folder, topk=1)] == files
+    assert [r["path"] for r in predict_files(loaded, data / "test" / "red", topk=1)] == files
 
 
 def test_predict_files_user_errors(best_pt, data):

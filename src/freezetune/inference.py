@@ -8,6 +8,7 @@ record) or an in-memory model are both accepted, so the same evaluation runs in 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -152,7 +153,7 @@ def write_evaluation(
 
 def predict_files(
     model: LoadedModel | str | Path | dict,
-    paths: Sequence[str | Path],
+    paths: Sequence[str | Path] | str | Path,
     *,
     topk: int = 5,
     batch_size: int = _BATCH_SIZE,
@@ -182,6 +183,8 @@ def predict_files(
 
     for name, value in (("topk", topk), ("batch_size", batch_size)):
         check(positive_int_problem(name, value))
+    if isinstance(paths, (str, os.PathLike)):  # one path, not its characters
+        paths = [paths]
     loaded = model if isinstance(model, LoadedModel) else load_model(model, device)
     if loaded.preprocess.is_text:
         return _predict_text_files(loaded, [str(p) for p in paths], topk, batch_size)
