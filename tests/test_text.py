@@ -40,6 +40,8 @@ def test_text_csv_reads_columns_by_name(tmp_path):
     (tmp_path / "bad.csv").write_text("text,label,class\nhi,a,b\n")
     with pytest.raises(DataError, match="exactly one label column"):
         read_text_csv(tmp_path / "bad.csv")
+    (tmp_path / "ids.csv").write_text("text,label\na,10\nb,2\nc,1\n")
+    assert read_text_csv(tmp_path / "ids.csv").classes == ["1", "2", "10"]  # class ids in number order, as images'
 
 
 @pytest.mark.parametrize(

@@ -260,8 +260,13 @@ def _read_csv_rows(path: Path) -> list[tuple[str, str]]:
     return [(r[image].strip(), r[label].strip()) for r in rows]
 
 
-def _sorted_labels(labels: set[str]) -> list[str]:
-    # All-integer labels sort numerically so '10' comes after '9', matching what users expect of class ids.
+def sorted_labels(labels: set[str]) -> list[str]:
+    """A CSV's class names in label order: all-integer labels sort numerically ('10' after '9', as users expect of
+    class ids), others as text.
+
+    >>> sorted_labels({"10", "2", "1"}), sorted_labels({"dog", "cat"})
+    (['1', '2', '10'], ['cat', 'dog'])
+    """
     if all(label.lstrip("-").isdigit() for label in labels):
         return sorted(labels, key=int)
     return sorted(labels)
@@ -283,7 +288,7 @@ def read_csv(path: str | Path, classes: list[str] | None = None) -> FileImageDat
     """
     path = Path(path)
     rows = _read_csv_rows(path)
-    classes = list(classes) if classes is not None else _sorted_labels({label for _, label in rows})
+    classes = list(classes) if classes is not None else sorted_labels({label for _, label in rows})
     index = {c: i for i, c in enumerate(classes)}
     unknown = sorted({label for _, label in rows if label not in index})
     if unknown:

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
+from freezetune.data.folder import sorted_labels
 from freezetune.errors import ConfigError, DataError, choices
 
 TEXT_COLUMNS = ("text", "sentence", "review", "document", "content")
@@ -77,7 +78,7 @@ def read_text_csv(path: str | Path, classes: list[str] | None = None) -> TextDat
         raise DataError(f"CSV '{path}' has no rows under its header; expected a text and its label on each row")
     _check_rows(path, rows, cols)
     labels = [r[cols["label"]].strip() for r in rows]
-    classes = list(classes) if classes is not None else sorted(set(labels))
+    classes = list(classes) if classes is not None else sorted_labels(set(labels))  # as an image CSV's
     unknown = sorted(set(labels) - set(classes))
     if unknown:
         raise DataError(
