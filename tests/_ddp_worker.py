@@ -21,13 +21,12 @@ def main(dump: Path, argv: list[str]) -> int:
     import torch
 
     from freezetune import runtime, trainer
-    from freezetune.cache import FeaturePath
     from freezetune.cache import path as feature_path
     from freezetune.cli import main as cli_main
 
     torch.set_num_threads(1)
     record: dict = {"val_scored": []}
-    real_fit, real_test, real_batches = trainer.Trainer.fit, trainer.Trainer._final_test, FeaturePath.train_batches
+    real_fit, real_test, real_run_epoch = trainer.Trainer.fit, trainer.Trainer._final_test, trainer.Trainer._run_epoch
     real_run_dir, stop = runtime.default_run_dir, int(os.environ.get("STOP_EPOCH", "-1"))
 
     def fit(self):
@@ -43,10 +42,11 @@ def main(dump: Path, argv: list[str]) -> int:
         torch.save(record, dump / f"rank{self.dist.rank}.pt")
         return record["test"]
 
-    def train_batches(self, epoch):
+    def run_epoch(self, epoch, unfrozen):
         if epoch == stop:
+            self.checkpoints.wait()  # "after its last checkpoint": the background writer has put it on disk
             os._exit(0)  # no clean-up, like a kill; 0 so that torchrun does not tear down a rank still saving
-        return real_batches(self, epoch)
+        return real_run_epoch(self, epoch, unfrozen)
 
     real_evaluate = feature_path.evaluate
 
@@ -60,7 +60,7 @@ def main(dump: Path, argv: list[str]) -> int:
 
         return real_evaluate(module, counted(), *args, **kwargs)
 
-    trainer.Trainer.fit, trainer.Trainer._final_test, FeaturePath.train_batches = fit, final_test, train_batches
+    trainer.Trainer.fit, trainer.Trainer._final_test, trainer.Trainer._run_epoch = fit, final_test, run_epoch
     feature_path.evaluate = evaluate
     if os.environ.get("SKEW_RUN_DIR"):
         runtime.default_run_dir = lambda model: Path(f"{real_run_dir(model)}-rank{os.environ['RANK']}")

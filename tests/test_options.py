@@ -122,7 +122,9 @@ def test_library_defaults_are_the_config_defaults():
     from freezetune.unfreezing import Unfreezer
 
     defaults = TrainConfig()
-    for fn in (freeze, unfreeze, freeze_to, Unfreezer):
+    for fn in (freeze, freeze_to):
         assert inspect.signature(fn).parameters["bn"].default == defaults.bn
+    for fn in (unfreeze, Unfreezer):  # None: the parts still frozen keep the policy freeze gave them
+        assert inspect.signature(fn).parameters["bn"].default is None
     assert inspect.signature(train_transform).parameters["aug"].default == defaults.aug
     assert inspect.signature(freeze).parameters["spec"].default == options.FREEZE_DEFAULT

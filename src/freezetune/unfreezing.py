@@ -101,7 +101,7 @@ class Unfreezer:
     >>> opt = torch.optim.SGD(ft.param_groups(m, 0.1, decay=10), lr=0.1)
     >>> u = ft.Unfreezer(m, opt, "epoch:1", lr=0.1, decay=10)
     >>> u.step(0), [g["name"] for g in opt.param_groups]
-    (['layer4'], ['fc', 'layer4'])
+    (['layer4'], ['fc', 'fc/no_decay', 'layer4'])
     """
 
     def __init__(
