@@ -317,6 +317,31 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_good_checkpoints(data, tm
     assert all(torch.isfinite(v).all() for v in last["state_dict"].values() if v.is_floating_point())
 
 
+def test_weights_that_validate_to_a_non_finite_loss_stop_the_run_before_they_can_become_best(data, tmp_path, capsys,
+                                                                                            monkeypatch):  # fmt: skip
+    # the training loss stays finite, but the last step of epoch 2 leaves an infinite weight (an LR of 1e12 does): the
+    # validation logits are not finite, and such an epoch's accuracy (every prediction class 0) could look the best
+    real = trainer.Trainer._train_epoch
+
+    def blow_up(self, epoch, batches):
+        stats = real(self, epoch, batches)
+        if epoch == 1:
+            with torch.no_grad():
+                next(p for p in self.model.parameters() if p.requires_grad).fill_(float("inf"))
+        return stats
+
+    monkeypatch.setattr(trainer.Trainer, "_train_epoch", blow_up)
+    code, out, err = run_cli(capsys, *train_argv(data, tmp_path / "run", "--epochs", "3", "--freeze", "-3"))
+    assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert "validation loss was not finite after epoch 2: training diverged; best.pt and last.pt keep epoch 1" in err
+    assert len(_rows(tmp_path / "run")) == 1
+    assert (
+        checkpoint.load(tmp_path / "run" / "best.pt")["epoch"]
+        == checkpoint.load(tmp_path / "run" / "last.pt")["epoch"]
+        == 1
+    )
+
+
 def test_a_full_disk_while_saving_is_one_line_and_keeps_the_last_good_checkpoint(data, tmp_path, capsys, monkeypatch):
     import errno
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import time
 from collections.abc import Iterator
 from itertools import islice
@@ -256,6 +257,10 @@ class Trainer:
         val = self.features.evaluate_val(self.precision, num_classes=len(self.classes))
         self.seconds["val"] += time.perf_counter() - start
         val = broadcast(val, self.dist)  # rank 0's numbers drive every rank's unfreeze and early-stop decisions
+        if val is not None and val.get("loss") is not None and not math.isfinite(val["loss"]):
+            # non-finite logits: weights that must not become best.pt (a NaN epoch's accuracy can still look best)
+            raise TrainingError(f"the validation loss was not finite after epoch {epoch + 1}: training diverged; "
+                                f"{self._kept()}")  # fmt: skip
         row = epoch_log.epoch_row(epoch, self.cfg.epochs, train_stats, val, seconds=seconds, unfrozen=unfrozen,
                                   optimizer=self.state.optimizer, params=count_parameters(self.model),
                                   peak_mb=runtime.peak_memory_mb(self.device))  # fmt: skip
@@ -301,8 +306,11 @@ class Trainer:
     def _diverged(self, epoch: int, step: int, skipped: int = 0) -> TrainingError:
         skips = f" after skipping {skipped} non-finite batch(es) this epoch (--skip-nonfinite)" if skipped else ""
         return TrainingError(f"the loss was not finite at epoch {epoch + 1}, step {step + 1}{skips}: training "
-                             f"diverged; best.pt and last.pt keep epoch {self.progress.best_epoch} and "
-                             f"{self.progress.epoch} (try a lower --lr or --grad-clip 1.0)")  # fmt: skip
+                             f"diverged; {self._kept()}")  # fmt: skip
+
+    def _kept(self) -> str:
+        return (f"best.pt and last.pt keep epoch {self.progress.best_epoch} and {self.progress.epoch} (try a lower "
+                "--lr or --grad-clip 1.0)")  # fmt: skip
 
     def _remaining(self, batches, meter: epoch_log.TrainProgress) -> Iterator:
         """The epoch's batches from where a mid-epoch ``last.pt`` left it (all of them otherwise).
