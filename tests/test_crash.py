@@ -190,6 +190,14 @@ STOPS = [
         "SIGTERM at step 4/5 of epoch 1 (saved in last.pt); continue with --resume",
         id="sigterm-mid-epoch",
     ),  # fmt: skip
+    pytest.param(
+        signal.SIGTERM,
+        "step#5",
+        "off",
+        5,
+        "SIGTERM at step 5/5 of epoch 1 (saved in last.pt); continue with --resume",
+        id="sigterm-after-the-epochs-last-step",  # the resumed epoch trains no step, yet logs the LRs its steps used
+    ),  # fmt: skip
     pytest.param(signal.SIGTERM, "cache", "auto", None, f"SIGTERM {AT_ONCE}", id="sigterm-cache-build"),
     pytest.param(
         signal.SIGINT,

@@ -342,6 +342,17 @@ def test_weights_that_validate_to_a_non_finite_loss_stop_the_run_before_they_can
     )
 
 
+def test_each_epochs_row_logs_the_lrs_its_last_step_used(data, tmp_path, capsys):
+    code, _, err = run_cli(capsys, *train_argv(data, tmp_path / "run", "--epochs", "3", "--freeze", "-3"))
+    assert code == 0, err
+    rows = _rows(tmp_path / "run")
+    column = next(k for k in rows[0] if k.startswith("lr/"))
+    lrs = [float(r[column]) for r in rows]
+    # one-cycle: the last step's LR is the schedule's floor, lr / 25 / 1e4; the optimizer's, after the scheduler's
+    # final step, lies past the schedule's end (it read 1.5e-04 for a 3-step run)
+    assert lrs[-1] == pytest.approx(1e-3 / 25 / 1e4, rel=1e-3) and lrs[0] > lrs[1] > lrs[2]
+
+
 def test_a_full_disk_while_saving_is_one_line_and_keeps_the_last_good_checkpoint(data, tmp_path, capsys, monkeypatch):
     import errno
 

@@ -131,10 +131,12 @@ def _lr_text(row: dict[str, Any]) -> str:
 
 
 def epoch_row(epoch: int, epochs: int, train: dict, val: dict | None, *, seconds: float, optimizer,
-              params: tuple[int, int], peak_mb: float, unfrozen: list[str]) -> dict[str, Any]:  # fmt: skip
+              params: tuple[int, int], peak_mb: float, unfrozen: list[str],
+              lrs: list[float] | None = None) -> dict[str, Any]:  # fmt: skip
     """One ``metrics.csv`` row: train and val metrics, every group's LR, trainable/total parameters, time, memory, and
     the stages unfrozen after the epoch. ``epoch`` is 0-based; ``train`` holds ``train_loss``, ``train_acc`` and
-    ``samples`` (which feeds img/s).
+    ``samples`` (which feeds img/s). ``lrs``: the group LRs of the epoch's last step, in group order (the optimizer's
+    own are the next step's, after the scheduler moved them: past the end of the schedule after the last epoch).
 
     >>> epoch_row(0, 3, {"train_loss": 1.0, "train_acc": 0.5, "samples": 8}, None, seconds=2.0, optimizer=None,
     ...           params=(10, 20), peak_mb=1.0, unfrozen=[])["img_per_s"]
@@ -145,7 +147,8 @@ def epoch_row(epoch: int, epochs: int, train: dict, val: dict | None, *, seconds
         row.update(val_loss=val["loss"], val_acc=val["acc"], val_top5=val["top5"], val_f1=val["macro_f1"],
                    val_n=val["n"])  # fmt: skip
     groups = optimizer.param_groups if optimizer is not None else []
-    row.update({f"lr/{g.get('name', i)}": g["lr"] for i, g in enumerate(groups)})
+    lrs = lrs if lrs is not None and len(lrs) == len(groups) else [g["lr"] for g in groups]
+    row.update({f"lr/{g.get('name', i)}": lr for i, (g, lr) in enumerate(zip(groups, lrs, strict=True))})
     row.update(trainable_params=params[0], total_params=params[1], epoch_time_s=seconds)
     row.update(img_per_s=train["samples"] / max(seconds, 1e-9), peak_mem_mb=peak_mb)
     row.update({k: v for k, v in train.items() if k.startswith("gpu_")})  # GpuMonitor's readings, on CUDA

@@ -248,6 +248,7 @@ class Trainer:
     def _run_epoch(self, epoch: int, unfrozen: list[str]) -> dict:
         runtime.seed_epoch(self.cfg.seed, epoch, rank=self.dist.rank)
         runtime.reset_peak_memory(self.device)
+        self.step_lrs: list[float] | None = None  # the LRs the epoch's last step used, for its metrics row
         start = time.perf_counter()
         train_stats = self._train_epoch(epoch, self.features.train_batches(epoch))
         seconds = time.perf_counter() - start
@@ -263,7 +264,7 @@ class Trainer:
                                 f"{self._kept()}")  # fmt: skip
         row = epoch_log.epoch_row(epoch, self.cfg.epochs, train_stats, val, seconds=seconds, unfrozen=unfrozen,
                                   optimizer=self.state.optimizer, params=count_parameters(self.model),
-                                  peak_mb=runtime.peak_memory_mb(self.device))  # fmt: skip
+                                  peak_mb=runtime.peak_memory_mb(self.device), lrs=self.step_lrs)  # fmt: skip
         self.metrics.log_epoch(row)
         self.echo(epoch_log.format_epoch_line(row, noun(self.data.train)))
         return row
@@ -327,6 +328,7 @@ class Trainer:
                 pass
             meter.load_state_dict(p.partial["meter"])
             checkpoint.set_rng_state(p.partial["rng"])
+            self.step_lrs = p.partial.get("lrs")  # the row of an epoch saved after its last step still names them
         return batches
 
     def _after_step(self, epoch: int, meter: epoch_log.TrainProgress) -> None:
@@ -337,7 +339,8 @@ class Trainer:
             return
         # never save the weights of a non-finite step (the epoch's end reports it), nor a run nobody resumes
         if self.resumable and not meter.diverged:
-            self.progress.at_step(step, {"meter": meter.state_dict(), "rng": checkpoint.rng_state()})
+            self.progress.at_step(step, {"meter": meter.state_dict(), "rng": checkpoint.rng_state(),
+                                         "lrs": self.step_lrs})  # fmt: skip
             record = checkpoint.model_record(self.model, self.cfg.to_dict(), self.classes, self.preprocess)
             self.checkpoints.submit(best=None, last=checkpoint.last_record(record, self.state, self.progress,
                                                                            self.steps_per_epoch))  # fmt: skip
@@ -357,6 +360,7 @@ class Trainer:
             nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], self.cfg.grad_clip)
         scaler.step(optimizer)
         scaler.update()
+        self.step_lrs = [g["lr"] for g in optimizer.param_groups]
         if self.state.scheduler is not None:
             self.state.scheduler.step()
 
