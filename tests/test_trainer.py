@@ -342,6 +342,21 @@ def test_weights_that_validate_to_a_non_finite_loss_stop_the_run_before_they_can
     )
 
 
+def test_a_run_without_a_test_split_ends_on_a_line_naming_its_result_and_early_stop_only_stops_early(tmp_path,
+                                                                                                      capsys):  # fmt: skip
+    data = make_image_folder(tmp_path / "data", train=6, val=2, test=0)
+    # an LR too small to change a prediction: val_acc stalls after epoch 1; patience 1 runs out at epoch 2, the last
+    code, out, err = run_cli(capsys, *train_argv(data, tmp_path / "run", "--epochs", "2", "--freeze", "-3",
+                                                 "--early-stop", "1", "--lr", "1e-12"))  # fmt: skip
+    assert code == 0, err
+    assert "early stop" not in out  # it ran every epoch: nothing was stopped
+    assert (
+        out.rstrip().splitlines()[-1]
+        == f"best.pt: epoch 1, val_acc {float(_rows(tmp_path / 'run')[0]['val_acc']):.4f} (no test split to score) -> {tmp_path / 'run'}"
+    )
+    assert "test split is only scored" not in out
+
+
 def test_each_epochs_row_logs_the_lrs_its_last_step_used(data, tmp_path, capsys):
     code, _, err = run_cli(capsys, *train_argv(data, tmp_path / "run", "--epochs", "3", "--freeze", "-3"))
     assert code == 0, err

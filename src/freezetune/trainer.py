@@ -221,6 +221,9 @@ class Trainer:
         test = self._final_test()
         barrier(self.dist)
         p = self.progress
+        if test is None and self.cfg.final_test:  # no test split: the run still ends on a line naming its result
+            metric = f", {self.cfg.monitor} {p.best_metric:.4f}" if p.best_metric is not None else ""
+            self.echo(f"best.pt: epoch {p.best_epoch}{metric} (no test split to score) -> {self.run_dir}")
         return RunResult(self.run_dir, p.best_epoch, p.best_metric, test, list(self.metrics.rows), self.seconds,
                          data_kind=noun(self.data.train))  # fmt: skip
 
@@ -241,7 +244,7 @@ class Trainer:
                 self.checkpoints.wait()
                 saved = "saved in last.pt" if self.resumable else "not saved: this run is not resumed"
                 raise self.stop.interrupted(f"after epoch {epoch + 1} ({saved})")
-            if cfg.early_stop and self.progress.bad_epochs >= cfg.early_stop:
+            if cfg.early_stop and self.progress.bad_epochs >= cfg.early_stop and not last:
                 self.echo(f"early stop: {cfg.monitor} did not improve for {cfg.early_stop} epochs")
                 break
 

@@ -161,8 +161,7 @@ def _validation(train: Dataset, val: Dataset | None, *, val_data: str | None, va
         return train, val, f"val_split {val_split}: {len(val)} training {noun(train)} held out"
     train, val = _hold_out(train, AUTO_VAL_FRACTION, seed, AUTO_VAL_MAX_PER_CLASS)
     return train, val, (f"{_HELD_OUT}: {len(val)} training {noun(train)} held out ({AUTO_VAL_FRACTION:.0%} per "
-                        f"class, 1 to {AUTO_VAL_MAX_PER_CLASS} each); the test split is only scored at the "
-                        "end")  # fmt: skip
+                        f"class, 1 to {AUTO_VAL_MAX_PER_CLASS} each)")  # fmt: skip
 
 
 def _refit(train: Dataset, val: Dataset, val_source: str, per_class: int | None) -> tuple[Dataset, Dataset | None, str]:
@@ -173,7 +172,7 @@ def _refit(train: Dataset, val: Dataset, val_source: str, per_class: int | None)
     if per_class is not None and int(joined.max()) > per_class:
         return train, val, f"{val_source} (not refit: that would train on more than per_class={per_class} a class)"
     source = (f"none: the {len(val)} {noun(val)} held out for validation train too (refit: the auto recipe has "
-              "chosen); best.pt is the last epoch; the test split is only scored at the end")  # fmt: skip
+              "chosen); best.pt is the last epoch")  # fmt: skip
     return train.joined(val), None, source
 
 
@@ -265,6 +264,8 @@ def build_datasets(
         train, val, val_source = _refit(train, val, val_source, per_class)
     if per_class is not None:
         _warn_short(train, per_class, held_out=len(val) if val is not None and val is not given_val else 0)
+    if test is not None and val is not given_val:  # why the test split, there, is not the validation
+        val_source += "; the test split is only scored at the end"
     present = sorted({int(t) for t in train.targets.tolist()})
     if len(present) < 2:
         raise DataError(f"'{data}' has training {noun(train)} of {len(present)} class(es) "
