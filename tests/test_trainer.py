@@ -357,6 +357,20 @@ def test_a_run_without_a_test_split_ends_on_a_line_naming_its_result_and_early_s
     assert "test split is only scored" not in out
 
 
+def test_a_run_ended_inside_an_epoch_clears_its_progress_bar_before_the_last_line(data, tmp_path, capsys,
+                                                                                 monkeypatch):  # fmt: skip
+    from freezetune.errors import TrainingError
+
+    def fail(self, epoch, meter):
+        if meter.step == 2:
+            raise TrainingError("stopped here")
+
+    monkeypatch.setattr(trainer.Trainer, "_after_step", fail)
+    code, _, err = run_cli(capsys, *train_argv(data, tmp_path / "run", "--epochs", "1", "--freeze", "-3", "--progress"))
+    assert code == 2 and "epoch 1/1" in err  # the bar was drawn
+    assert err.rsplit("\r", 1)[-1] == "freezetune: error: stopped here\n"  # on a line of its own, not after the bar
+
+
 def test_each_epochs_row_logs_the_lrs_its_last_step_used(data, tmp_path, capsys):
     code, _, err = run_cli(capsys, *train_argv(data, tmp_path / "run", "--epochs", "3", "--freeze", "-3"))
     assert code == 0, err

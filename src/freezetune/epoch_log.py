@@ -98,6 +98,11 @@ class TrainProgress:
         """Whether a step of this epoch had a non-finite loss (reads the device)."""
         return self._totals()["first_bad"] >= 0
 
+    def abandon(self) -> None:
+        """An epoch ended by an exception: clear the bar's line and stop the GPU monitor's thread."""
+        self.bar.close()
+        self.gpu.stop()
+
     def close(self, reduce=lambda t: t) -> dict[str, float]:
         """Close the bar; the epoch's mean loss, accuracy and sample count, summed over ranks by ``reduce``, on CUDA
         this GPU's mean utilisation and memory (``GpuMonitor``), and ``first_bad_step``: the first step (0-based) of

@@ -276,6 +276,20 @@ class Trainer:
         self.model.train()
         meter = epoch_log.TrainProgress(len(batches), f"epoch {epoch + 1}/{self.cfg.epochs}",
                                         enabled=self.cfg.progress, device=self.device)  # fmt: skip
+        try:
+            self._steps(epoch, batches, meter)
+        except BaseException:  # a stop or an error: clear the bar's line, so the message that follows starts its own
+            meter.abandon()
+            raise
+        # DDP hands rank 0's buffers to every rank before each forward, so after the last step each rank holds the
+        # BatchNorm statistics of its own last batch: take rank 0's, which last.pt records and validation uses
+        broadcast_tensors(self.model.buffers(), self.dist)
+        stats = meter.close(lambda totals: all_reduce_sum(totals, self.dist))
+        return {**stats, "skipped_batches": meter.skipped} if self.cfg.skip_nonfinite else stats
+
+    def _steps(self, epoch: int, batches, meter: epoch_log.TrainProgress) -> None:
+        """The training steps of ``epoch`` (those a mid-epoch ``last.pt`` left, on resume), each saved after when
+        asked."""
         for inputs, targets in self._remaining(batches, meter):
             inputs = to_device(inputs, self.device, self.channels_last)
             targets = targets.to(self.device, non_blocking=True)
@@ -292,11 +306,6 @@ class Trainer:
                 self._optimize(loss)
                 meter.update(loss, logits, targets)
             self._after_step(epoch, meter)
-        # DDP hands rank 0's buffers to every rank before each forward, so after the last step each rank holds the
-        # BatchNorm statistics of its own last batch: take rank 0's, which last.pt records and validation uses
-        broadcast_tensors(self.model.buffers(), self.dist)
-        stats = meter.close(lambda totals: all_reduce_sum(totals, self.dist))
-        return {**stats, "skipped_batches": meter.skipped} if self.cfg.skip_nonfinite else stats
 
     def _not_finite(self, loss: torch.Tensor) -> bool:
         """Whether any rank's loss is not finite (every rank then skips the batch: DDP's backward is collective).
