@@ -108,14 +108,26 @@ def test_onnx_export_runs_in_onnxruntime_with_the_checkpoint_logits_at_any_batch
         np.testing.assert_allclose(logits, _checkpoint_logits(best_pt, x).numpy(), rtol=1e-4, atol=1e-5)
 
 
-def test_pt2_export_loads_and_gives_the_checkpoint_logits_at_any_batch(best_pt, tmp_path):
+def test_pt2_export_loads_and_gives_the_checkpoint_logits_at_any_batch(best_pt, tmp_path, capfd):
     target, sidecar = export_checkpoint(best_pt, tmp_path / "m.pt2")
+    assert "Expect archive file" not in capfd.readouterr().err  # torch's warning about the temporary file's name
     assert json.loads(sidecar.read_text())["model"] == "timm:test_efficientnet"
     program = torch.export.load(str(target)).module()
     for n in (1, 3):
         x = torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(n))
         with torch.no_grad():
             torch.testing.assert_close(program(x), _checkpoint_logits(best_pt, x), rtol=1e-5, atol=1e-6)
+
+
+def test_formats_of_one_checkpoint_share_its_sidecar(best_pt, tmp_path):
+    export_checkpoint(best_pt, tmp_path / "m.safetensors")
+    target, sidecar = export_checkpoint(best_pt, tmp_path / "m.pt2")  # refused before: m.json already existed
+    assert target.is_file() and json.loads(sidecar.read_text())["classes"] == list("abcd")
+    other = tmp_path / "o.json"
+    other.write_text(json.dumps({"model": "another", "classes": ["x"]}))
+    with pytest.raises(CheckpointError, match="o.json already exists and does not describe this checkpoint"):
+        export_checkpoint(best_pt, tmp_path / "o.pt2")
+    assert not (tmp_path / "o.pt2").exists() and json.loads(other.read_text())["model"] == "another"
 
 
 @pytest.mark.parametrize("suffix", [".onnx", ".pt2"])

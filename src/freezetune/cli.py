@@ -79,9 +79,11 @@ def _parser() -> argparse.ArgumentParser:
     _eval_parser(sub)
     _predict_parser(sub)
     _inspect_parser(sub)
-    p = sub.add_parser("export", help="export a checkpoint's weights to safetensors + JSON sidecar")
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--to", required=True)
+    p = sub.add_parser("export", help="export a checkpoint to .safetensors (weights), .onnx or .pt2 (graphs), with a "
+                                      "JSON sidecar (classes, preprocessing, model)")  # fmt: skip
+    p.add_argument("--checkpoint", required=True, help="a freezetune checkpoint (best.pt)")
+    p.add_argument("--to", required=True, help="the file to write; its suffix picks the format: .safetensors, .onnx "
+                                               "(needs the [onnx] extra) or .pt2 (torch.export)")  # fmt: skip
     p.add_argument("--force", action="store_true", help="overwrite an existing file")
     p.set_defaults(func=_cmd_export)
     return parser

@@ -31,7 +31,8 @@ _ONNX_MODULES = ("onnx", "onnxscript")  # the torch.export-based ONNX exporter n
 def export_checkpoint(ckpt_path: str | Path, to: str | Path, *, force: bool = False) -> tuple[Path, Path]:
     """Write ``to`` (format by suffix, see the module docstring) and ``to`` with ``.json`` beside it.
 
-    Never overwrites an existing file unless ``force``.
+    Never overwrites an existing file unless ``force``; the sidecar of another export of the same checkpoint (``m.json``
+    of ``m.safetensors`` when exporting ``m.onnx``) is not another file's: it gains the new format's keys.
 
     Raises:
         CheckpointError: an unknown suffix, an existing target without ``force``, an unreadable checkpoint.
@@ -46,17 +47,11 @@ def export_checkpoint(ckpt_path: str | Path, to: str | Path, *, force: bool = Fa
     if to.suffix not in FORMATS:
         raise CheckpointError(f"export target {str(to)!r} must end in {', '.join(FORMATS[:-1])} or {FORMATS[-1]}")
     sidecar = to.with_suffix(".json")
-    existing = [str(p) for p in (to, sidecar) if p.exists()]
-    if existing and not force:
-        raise CheckpointError(f"{' and '.join(existing)} already exist(s); pass --force to overwrite")
+    if to.exists() and not force:
+        raise CheckpointError(f"{to} already exists; pass --force to overwrite")
     if to.suffix == ".onnx":
         _require_onnx()  # before loading anything: a missing package is the first thing the user should hear
     record = checkpoint.load(ckpt_path)
-    to.parent.mkdir(parents=True, exist_ok=True)
-    if to.suffix == ".safetensors":
-        _save_safetensors(record, to)
-    else:
-        _save_graph(record, to)
     meta = {
         "model": record["model"],
         "classes": record["classes"],
@@ -64,10 +59,31 @@ def export_checkpoint(ckpt_path: str | Path, to: str | Path, *, force: bool = Fa
         "freezetune_version": record.get("freezetune_version"),
         "epoch": record.get("epoch"),
     }
+    meta = _sidecar(sidecar, meta, force)
+    to.parent.mkdir(parents=True, exist_ok=True)
+    if to.suffix == ".safetensors":
+        _save_safetensors(record, to)
+    else:
+        _save_graph(record, to)
     if to.suffix == ".onnx":
         meta["onnx"] = {"input": ONNX_INPUT, "output": ONNX_OUTPUT}
     atomic_write_text(sidecar, json.dumps(meta, indent=1))
     return to, sidecar
+
+
+def _sidecar(path: Path, meta: dict, force: bool) -> dict:
+    """What the sidecar will hold: ``meta``, plus the keys of an existing sidecar of the same checkpoint (another
+    format's export). A sidecar of anything else is the user's: kept, unless ``force``."""
+    if not path.exists() or force:
+        return meta
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        old = None
+    if not isinstance(old, dict) or any(old.get(k) != v for k, v in meta.items()):
+        raise CheckpointError(f"{path} already exists and does not describe this checkpoint; pass --force to "
+                              "overwrite")  # fmt: skip
+    return {**old, **meta}
 
 
 def _save_safetensors(record: dict, to: Path) -> None:
@@ -96,8 +112,9 @@ def _save_graph(record: dict, to: Path) -> None:
     with atomic_output(to) as tmp:
         if to.suffix == ".onnx":
             _save_onnx(model, example, batch, tmp)
-        else:
-            torch.export.save(torch.export.export(model, example, dynamic_shapes=batch), str(tmp))
+        else:  # a file object: given the temporary file's name, torch warns that it does not end in .pt2
+            with open(tmp, "wb") as f:
+                torch.export.save(torch.export.export(model, example, dynamic_shapes=batch), f)
 
 
 def _save_onnx(model: nn.Module, example: tuple, batch: tuple, tmp: Path) -> None:
