@@ -60,6 +60,26 @@ def test_weights_path_is_loaded(tmp_path):
     assert torch.equal(model.conv1.weight, source.conv1.weight)
 
 
+def test_a_weights_file_with_another_head_loads_all_but_the_head_with_a_warning(tmp_path, caplog, capsys):
+    import torchvision
+
+    from _engine_fixtures import make_image_folder, run_cli
+    from freezetune.stages import replace_head
+
+    earlier = replace_head(torchvision.models.resnet18(), 10)  # an earlier 10-class fine-tune's weights
+    torch.save(earlier.state_dict(), tmp_path / "r18_10.pt")
+    with caplog.at_level(logging.WARNING, logger="freezetune"):
+        model, _ = create_model("torchvision:resnet18", str(tmp_path / "r18_10.pt"))
+    assert torch.equal(model.layer4[1].conv2.weight, earlier.layer4[1].conv2.weight) and model.fc.out_features == 1000
+    assert "kept the model's classifier head ('fc.weight', 'fc.bias')" in caplog.text
+    # the CLI: a run replaces the head anyway; it refused with advice for Python (strict=False)
+    data = make_image_folder(tmp_path / "data", train=4, val=2, test=0, size=32)
+    code, _, err = run_cli(capsys, "train", "--data", str(data), "--out", str(tmp_path / "run"), "--model",
+                           "torchvision:resnet18", "--weights", str(tmp_path / "r18_10.pt"), "--freeze", "-2",
+                           "--epochs", "1", "--img-size", "32", "--no-progress", "--no-tensorboard")  # fmt: skip
+    assert code == 0, err
+
+
 @pytest.mark.parametrize("name", ["resnet18", "tf:resnet18", "timm:"])
 def test_unknown_prefix_lists_prefixes(name):
     with pytest.raises(ConfigError, match="'timm:', 'torchvision:', 'hf:'"):

@@ -48,7 +48,8 @@ def create_model(
         name: ``timm:NAME``, ``torchvision:NAME`` or ``hf:DIR_OR_ID`` (image or sequence classification).
         weights: ``"imagenet"``/``"default"`` for the library's pretrained weights (a pip-packaged copy is used
             offline when one is registered in ``freezetune.weights.PACKAGED_WEIGHTS``), ``None``/``"none"``/
-            ``"random"`` for random init, or a path to a ``.pth``/``.pt``/``.bin``/``.safetensors`` file.
+            ``"random"`` for random init, or a path to a ``.pth``/``.pt``/``.bin``/``.safetensors`` file (one whose
+            classifier head has another number of classes loads all but its head, with a warning).
         img_size: overrides the preprocessing input size (crop_pct is kept).
 
     Returns:
@@ -71,7 +72,9 @@ def create_model(
         report = load_weights(model, packaged)
         log.info("%s: using packaged pretrained weights: %s", name, report.message)
     elif mode == "path":
-        log.info("%s: %s", name, load_weights(model, weights).message)
+        # a file whose head has other classes (an earlier fine-tune's) loads all but it: a run replaces the head
+        report = load_weights(model, weights, strict=False)
+        (log.warning if report.skipped else log.info)("%s: %s", name, report.message)
     return model, _resize(pre, img_size, name)
 
 
