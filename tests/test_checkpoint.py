@@ -180,3 +180,14 @@ def test_a_failed_write_is_raised_by_the_next_save_and_by_wait(tmp_path, monkeyp
             thread.join()
     with pytest.raises(OSError, match="No space"):
         writer.submit(best=None, last={"epoch": 4})
+
+
+def test_an_init_checkpoint_of_another_model_or_shape_says_which(trained, tmp_path):
+    path = checkpoint.save(_record(trained), tmp_path / "best.pt")
+    other, _ = create_model("timm:resnet18", "none")
+    ft.replace_head(other, len(CLASSES))
+    with pytest.raises(CheckpointError, match=r"is a timm:test_efficientnet model; this run's is timm:resnet18: give "
+                                              r"--model timm:test_efficientnet"):  # fmt: skip
+        checkpoint.init_from(other, path, CLASSES, model_name="timm:resnet18")
+    with pytest.raises(CheckpointError, match=r"does not fit .*(Missing key|Unexpected key|size mismatch)"):
+        checkpoint.init_from(other, path, CLASSES)  # it ended at torch's "Error(s) in loading state_dict for ..."

@@ -83,17 +83,23 @@ def build_model(record: dict[str, Any]) -> tuple[nn.Module, Preprocess]:
     return model, Preprocess.from_dict(record["preprocess"])
 
 
-def init_from(model: nn.Module, path: str | Path, classes: list[str]) -> None:
-    """Load the weights of a freezetune checkpoint, head included, into ``model`` (same architecture and classes)."""
+def init_from(model: nn.Module, path: str | Path, classes: list[str], model_name: str | None = None) -> None:
+    """Load the weights of a freezetune checkpoint, head included, into ``model`` (same architecture and classes;
+    ``model_name``: the run's, to name a checkpoint of another architecture as such)."""
     record = load(path)
+    if model_name is not None and record.get("model") != model_name:
+        other = record.get("model")
+        raise CheckpointError(f"init checkpoint {str(path)!r} is a {other} model; this run's is {model_name}: give "
+                              f"--model {other}, or a checkpoint of {model_name}")  # fmt: skip
     if list(record["classes"]) != list(classes):
         raise CheckpointError(f"init checkpoint {str(path)!r} was trained on {len(record['classes'])} other classes "
                               f"({choices(record['classes'], limit=5)}); the data has {choices(classes, limit=5)}")  # fmt: skip
     try:
         model.load_state_dict(record["state_dict"])
-    except RuntimeError as exc:
+    except RuntimeError as exc:  # torch's first line only says "Error(s) in loading state_dict": the next say which
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
         raise CheckpointError(f"init checkpoint {str(path)!r} does not fit this model ({record.get('model')} "
-                              f"weights): {str(exc).splitlines()[0]}") from None  # fmt: skip
+                              f"weights): {' '.join(lines[1:3]) or lines[0]}") from None  # fmt: skip
 
 
 # --- the trainer's checkpoints: each function takes what it saves and returns what it restores ----------------

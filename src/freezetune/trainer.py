@@ -98,7 +98,7 @@ class Trainer:
         self.classes = self.data.classes
         replace_head(self.model, len(self.classes))
         if cfg.init:  # an earlier run's weights, head included (a recipe's previous phase)
-            checkpoint.init_from(self.model, cfg.init, self.classes)
+            checkpoint.init_from(self.model, cfg.init, self.classes, model_name=cfg.model)
         freeze(self.model, parse_freeze_spec(cfg.freeze), bn=cfg.bn)
         self.channels_last = runtime.use_channels_last(cfg.channels_last, self.model, self.device)
         self.model.to(self.device, memory_format=torch.channels_last if self.channels_last else torch.preserve_format)
