@@ -74,7 +74,7 @@ def test_eval_of_best_pt_reproduces_the_runs_test_metrics_to_the_last_digit(run,
     # the run scored its test split in its own memory format (channels_last for a convnet); eval rebuilds it the same
     run_dir, _ = run
     again = ft.evaluate_checkpoint(run_dir / "best.pt", str(data), device="cpu")
-    assert again.pop("classes") == sorted(CLASSES)
+    assert again.pop("classes") == sorted(CLASSES) and again.pop("data") == f"the test/ folder of {data}"
     assert again == json.loads((run_dir / "test_metrics.json").read_text())
 
 
@@ -147,7 +147,10 @@ def test_eval_prints_the_report_and_matches_the_run_test_metrics(run, data, caps
     code, out, err = run_cli(capsys, "eval", "--checkpoint", run_dir / "best.pt", "--data", data, "--device", "cpu",
                              "--plot", plot)  # fmt: skip
     assert code == 0, err
-    head = out.splitlines()[0]
+    scored, head = out.splitlines()[:2]
+    assert (
+        scored == f"scored {json.loads((run_dir / 'test_metrics.json').read_text())['n']} of the test/ folder of {data}"
+    )
     for word in ("loss", "top-1", "top-3", "macro-F1"):
         assert word in head
     assert "per-class accuracy" in out and "confusion matrix" in out

@@ -173,7 +173,7 @@ def test_eval_and_predict_cli_on_a_text_model(text_run, tmp_path, capsys):
     best, data = text_run
     code, out, err = run_cli(capsys, "eval", "--checkpoint", best, "--data", data, "--device", "cpu",
                              "--plot", tmp_path / "c.png")  # fmt: skip
-    assert code == 0 and out.startswith("n 24 "), err
+    assert code == 0 and out.startswith("scored 24 of every row of ") and "\nn 24 " in out, err
     (tmp_path / "r.txt").write_text(f"{GOOD[1]}\n{BAD[1]}\n")
     (tmp_path / "bad.png").write_bytes(b"\xff\xfe\x00")
     code, out, err = run_cli(capsys, "predict", "--checkpoint", best, tmp_path / "r.txt", tmp_path / "bad.png",

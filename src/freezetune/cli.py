@@ -203,6 +203,7 @@ def _cmd_eval(args) -> int:
     with out_of_memory_hint(args.batch_size, training=False):
         result = evaluate_checkpoint(args.checkpoint, args.data, batch_size=args.batch_size, device=args.device)
     plot = Path(args.plot) if args.plot else Path(args.checkpoint).with_name("eval_confusion.png")
+    print(f"scored {result['n']} of {result['data']}")
     print(write_evaluation(result, result["classes"], plot=plot))
     print(f"confusion matrix -> {plot}")
     return 0

@@ -106,7 +106,8 @@ def evaluate_checkpoint(
     ``text,label`` CSV) or a dataset.
 
     Returns:
-        ``evaluate_model``'s metrics plus ``classes``, the class names index-aligned with the confusion matrix.
+        ``evaluate_model``'s metrics plus ``classes``, the class names index-aligned with the confusion matrix, and
+        ``data``: what was scored, in words (``None`` for a dataset given).
 
     >>> result = evaluate_checkpoint("runs/r50/best.pt", "images/", device="cpu")  # doctest: +SKIP
     >>> print(write_evaluation(result, result["classes"], plot="runs/r50/eval_confusion.png"))  # doctest: +SKIP
@@ -122,7 +123,7 @@ def evaluate_checkpoint(
     loaders = Loaders(batch_size=batch_size, device=loaded.precision.device, seed=0, preprocess=loaded.preprocess)
     result = evaluate_model(loaded.model, dataset, num_classes=len(loaded.classes), precision=loaded.precision,
                             loaders=loaders, channels_last=loaded.channels_last)  # fmt: skip
-    return {**result, "classes": loaded.classes}
+    return {**result, "classes": loaded.classes, "data": getattr(dataset, "source", None)}
 
 
 def write_evaluation(

@@ -292,6 +292,8 @@ def build_eval_dataset(data: str, *, preprocess: Preprocess, classes: list[str])
     or the whole folder/CSV; for a text model (``preprocess.tokenizer`` set) a ``text,label`` CSV. Labels are checked
     against the model's ``classes``.
 
+    The dataset's ``source`` attribute says, in words, which split or files it holds (``eval`` prints it).
+
     Folder and CSV labels are class names, matched by name: data may hold fewer classes than the model, never one
     it does not know. IDX labels are positions, so an IDX directory's names (``classes.txt``, else the Fashion-MNIST
     or digit names ``idx_class_names`` gives) must equal the model's, in order.
@@ -308,9 +310,13 @@ def build_eval_dataset(data: str, *, preprocess: Preprocess, classes: list[str])
         raise DataError(f"data path '{data}' does not exist; expected {_EXPECTED}")
     _check_kind(data, preprocess)
     if preprocess.is_text:  # a text CSV: its texts are tokenized per batch, they take no transform
-        return read_text_csv(path, classes)
+        ds = read_text_csv(path, classes)
+        ds.source = f"every row of {path}"
+        return ds
     if path.is_dir() and is_idx_dir(path):
-        ds = load_idx(path, "test" if idx_files(path, "test") else "train")
+        split = "test" if idx_files(path, "test") else "train"
+        ds = load_idx(path, split)
+        source = f"the {split} split of the IDX directory {path}"
         if ds.classes != list(classes):  # IDX labels are positions: the names must match one for one, in order
             raise DataError(f"'{data}' has classes {choices(ds.classes)}; the checkpoint's classes are "
                             f"{choices(classes)} (IDX files carry no names: write the checkpoint's, one a line, "
@@ -319,11 +325,11 @@ def build_eval_dataset(data: str, *, preprocess: Preprocess, classes: list[str])
         split = _first_dir(path, ("test", *_VAL_DIRS))
         if split is None:
             raise DataError(f"'{data}' has train/ but no test/ or val/ folder to evaluate on")
-        ds = scan_folder(split, classes)
+        ds, source = scan_folder(split, classes), f"the {split.name}/ folder of {path}"
     elif path.is_dir():
-        ds = scan_folder(path, classes)
+        ds, source = scan_folder(path, classes), f"every image under {path}"
     else:
-        ds = read_csv(path, classes)
+        ds, source = read_csv(path, classes), f"every row of {path}"
     ds, _ = check_images(ds, "evaluation", skip_bad=False, hint="fix or remove them")
-    ds.transform = eval_transform(preprocess)
+    ds.transform, ds.source = eval_transform(preprocess), source
     return ds
