@@ -307,3 +307,13 @@ def test_replace_head_takes_a_positive_int_of_classes(bad):
     with pytest.raises(ft.FreezetuneError, match=rf"num_classes must be an int >= 1, got {re.escape(repr(bad))}"):
         ft.replace_head(model, bad)  # 2.5 and '10' ended in torch's TypeError
     assert model.fc.out_features == 1000
+
+
+@pytest.mark.parametrize(
+    ("build", "attr"), [(torchvision.models.vit_b_16, "heads"), (torchvision.models.resnet18, "fc")]
+)
+def test_a_torchvision_model_with_its_head_taken_off_is_named_headless(build, attr):
+    model = build()
+    setattr(model, attr, nn.Identity())  # the usual way to get features out of a torchvision model
+    with pytest.raises(SpecError, match=rf"has no classifier head \(its {attr} is Identity\)"):
+        ft.head_name(model)  # ViT's was encoder's last MLP layer, frozen by "backbone" as if it were the head

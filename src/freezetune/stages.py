@@ -84,6 +84,11 @@ def head_name(model: nn.Module) -> str:
             "AutoModelForSequenceClassification or AutoModelForImageClassification (as create_model('hf:...') does), "
             "which adds one"
         )
+    for attr in _HEAD_ATTRS:  # a head taken off (torchvision's heads = Identity): the last Linear is a body layer
+        module = getattr(model, attr, None)
+        if isinstance(module, nn.Module) and not any(True for _ in module.parameters()):
+            raise SpecError(f"{type(model).__name__} has no classifier head (its {attr} is {type(module).__name__}); "
+                            "build it with its classifier, which replace_head then replaces")  # fmt: skip
     base = _hf_base_prefix(model)
     linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     if base:
@@ -91,6 +96,9 @@ def head_name(model: nn.Module) -> str:
     if not linears:
         raise SpecError(f"cannot find a classifier head in {type(model).__name__}: it has no nn.Linear layer")
     return linears[-1]
+
+
+_HEAD_ATTRS = ("fc", "classifier", "head", "heads")  # where torchvision and plain models keep their classifier
 
 
 def _timm_head_name(model: nn.Module) -> str | None:
