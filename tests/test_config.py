@@ -46,6 +46,24 @@ def test_yaml_file_then_key_value_then_flags(tmp_path, capsys):
     assert printed["stage_lrs"] == {"blocks.4": 1e-4}
 
 
+@pytest.mark.parametrize("null", ["null", "~", ""])
+def test_key_null_unsets_what_the_yaml_file_set(tmp_path, capsys, null):
+    config = tmp_path / "run.yaml"
+    config.write_text("data: imgs\ngrad_clip: 1.0\nval_split: 0.2\nrecipe: last-3\n")
+    printed = _print_config(capsys, "--config", str(config), f"grad_clip={null}", f"val_split={null}")
+    assert printed["grad_clip"] is None and printed["val_split"] is None
+    # a sweep's winner.yaml names a recipe: unset it to give a freeze spec instead
+    printed = _print_config(capsys, "--config", str(config), f"recipe={null}", "freeze=-2")
+    assert printed["recipe"] is None and printed["freeze"] == -2
+    assert _print_config(capsys, "--config", str(config))["grad_clip"] == 1.0  # flags not given override nothing
+
+
+def test_null_for_a_field_that_cannot_be_unset_is_reported_with_its_default(capsys):
+    code, out, err = run_cli(capsys, "train", "--data", "imgs", "--print-config", "lr=null", "freeze=~")
+    assert code == 2 and out == "" and len(err.strip().splitlines()) == 1
+    assert "lr cannot be null (unset); give float (default: 0.001)" in err and "freeze cannot be null" in err
+
+
 @pytest.mark.parametrize(
     ("item", "key", "value"),
     [

@@ -148,13 +148,16 @@ def field_names() -> list[str]:
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
     """Build a config from an optional YAML file, then ``overrides`` (CLI flags, ``key=value`` pairs).
 
+    An override of None unsets the field (``grad_clip=null`` clears the file's grad_clip): a caller leaves out the
+    keys it was not given.
+
     >>> load_config(overrides={"data": "images/", "epochs": 3}).epochs
     3
     """
     values: dict[str, Any] = {}
     if path is not None:
         values.update(_read_yaml(Path(path)))
-    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    values.update(overrides or {})
     _check_keys(values)
     cfg = TrainConfig(**{k: coerce(k, v) for k, v in values.items()})
     validate(cfg)
@@ -241,6 +244,10 @@ def _type_problems(cfg: TrainConfig) -> list[str]:
     problems = []
     for name, hint in field_types().items():
         kind, value = scalar_type(name), getattr(cfg, name)
+        if value is None and not _allows_none(hint):  # a YAML null or key=null of a field that cannot be unset
+            problems.append(f"{name} cannot be null (unset); give {_type_name(hint)} (default: "
+                            f"{getattr(TrainConfig(), name)!r})")  # fmt: skip
+            continue
         if kind is None or value is None or _fits(value, kind):
             continue
         if name in ("data", "val_data"):
@@ -372,6 +379,10 @@ def coerce(name: str, value: Any) -> Any:
         return kind(value)
     except (TypeError, ValueError):
         raise ConfigError(f"{name} expects {_type_name(field_types()[name])}, got {value!r}") from None
+
+
+def _allows_none(hint: Any) -> bool:
+    return _is_union(hint) and type(None) in typing.get_args(hint)
 
 
 def _is_union(hint: Any) -> bool:
