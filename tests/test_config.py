@@ -152,6 +152,15 @@ def test_valid_unfreeze_schedules_pass_validation():
         validate(TrainConfig(data="x", unfreeze=schedule))
 
 
+def test_unfreeze_flag_takes_the_mapping_form_its_error_lists(tmp_path, capsys):
+    (tmp_path / "c.yaml").write_text("data: x\nunfreeze: {1: blocks.6}\n")
+    from_flag = _print_config(capsys, "--data", "x", "--unfreeze", "{1: blocks.6}")
+    assert from_flag["unfreeze"] == {1: "blocks.6"} == load_config(tmp_path / "c.yaml").unfreeze
+    assert _print_config(capsys, "--data", "x", "unfreeze={1: blocks.6}")["unfreeze"] == {1: "blocks.6"}
+    code, _, err = run_cli(capsys, "train", "--data", "x", "--print-config", "--unfreeze", "{1: blocks.6")
+    assert code == 2 and "bad unfreeze schedule '{1: blocks.6'; the forms are:" in err
+
+
 def test_freeze_list_in_yaml_stays_a_list_and_equals_the_cli_form(tmp_path):
     (tmp_path / "c.yaml").write_text("data: x\nfreeze: [stem, blocks.0, 2]\n")
     cfg = load_config(tmp_path / "c.yaml")

@@ -427,6 +427,12 @@ def _parse_batch_size(value: Any) -> int | str | None:
 
 
 def _parse_unfreeze(value: Any) -> str | dict | None:
+    # the --unfreeze flag's "{1: blocks.6}" is the mapping YAML and key=value read: read it the same way
+    if isinstance(value, str) and value.strip().startswith("{"):
+        try:
+            return yaml.safe_load(value)
+        except yaml.YAMLError:
+            return value  # validate reports it with the schedule forms
     return value if value is None or isinstance(value, dict) else str(value)
 
 
