@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from freezetune.config import TrainConfig
-from freezetune.errors import ConfigError
+from freezetune.errors import ConfigError, choices
 
 _SINGLE = {  # recipe -> the settings of its one phase
     "linear-probe": {"freeze": "backbone", "unfreeze": None},
@@ -59,14 +59,34 @@ def phases(cfg: TrainConfig, recipe: str) -> list[Phase]:
     if recipe in _SINGLE:
         return [Phase(recipe, dataclasses.replace(base, **_SINGLE[recipe]))]
     if recipe.startswith("last-"):
-        k = LAST_K_DEFAULT if recipe == "last-k" else int(recipe.removeprefix("last-"))
-        return [Phase(recipe, dataclasses.replace(base, freeze=-(k + 1), unfreeze=None))]
+        return [Phase(recipe, dataclasses.replace(base, freeze=-(last_k(recipe) + 1), unfreeze=None))]
     if recipe == "lp-ft":
         out = Path(cfg.out) if cfg.out else None
         probe = dataclasses.replace(base, freeze="backbone", unfreeze=None, lr=cfg.lr * PROBE_LR_FACTOR,
                                     out=str(out / "probe") if out else None, final_test=False)  # fmt: skip
         return [Phase("probe", probe), Phase("fine-tune", dataclasses.replace(base, freeze="none", unfreeze=None))]
     raise ConfigError(f"recipe {recipe!r} has no phases here; 'auto' is planned by freezetune.auto")
+
+
+def last_k(recipe: str) -> int:
+    """How many last stages a ``last-k`` recipe trains.
+
+    >>> last_k("last-3"), last_k("last-k")
+    (3, 2)
+    """
+    return LAST_K_DEFAULT if recipe == "last-k" else int(recipe.removeprefix("last-"))
+
+
+def check_last_k(cfg: TrainConfig, recipe: str) -> None:
+    """A ``last-k`` whose k the model's stages cannot give is the user's number, not a freeze spec's stage count."""
+    from freezetune.models import create_model
+    from freezetune.stages import stages
+
+    model, _ = create_model(cfg.model, "none", img_size=cfg.img_size)  # the structure only: random init is enough
+    body = [s.name for s in stages(model)][:-1]  # the head trains in every recipe
+    if not 1 <= last_k(recipe) <= len(body):
+        raise ConfigError(f"recipe {recipe!r}: k is out of range for {cfg.model}, whose {len(body)} stages before the "
+                          f"head are {choices(body)}; choose last-1 to last-{len(body)}")  # fmt: skip
 
 
 def run(cfg: TrainConfig, *, echo: Callable[[str], None] = print, train: Callable | None = None):
@@ -85,6 +105,8 @@ def run(cfg: TrainConfig, *, echo: Callable[[str], None] = print, train: Callabl
         from freezetune import auto
 
         return auto.run(dataclasses.replace(cfg, recipe=None, freeze="auto"), echo=echo, train=train)
+    if recipe.startswith("last-"):
+        check_last_k(cfg, recipe)
     if cfg.out and not cfg.resume:  # refuse a run dir in use before any phase writes below it
         from freezetune.runtime import prepare_run_dir
 
