@@ -356,6 +356,21 @@ def test_python_dash_m_freezetune_help_and_version():
     assert version.returncode == 0 and version.stdout.strip() == f"freezetune {__version__}"
 
 
+def test_no_command_is_a_usage_error(capsys):
+    code, out, err = run_cli(capsys)
+    assert code == 2 and out == "" and "usage: freezetune" in err and "train" in err
+
+
+def test_key_value_overrides_may_follow_flags_and_a_stray_argument_gets_the_commands_usage(capsys):
+    code, out, err = run_cli(capsys, "train", "--data", "x", "epochs=2", "--lr", "0.5", "seed=3", "--print-config")
+    printed = yaml.safe_load(out)
+    assert code == 0 and (printed["epochs"], printed["lr"], printed["seed"]) == (2, 0.5, 3)
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", "--data", "x", "epochs=2", "--lr", "0.5", "stray", "--print-config"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "usage: freezetune train" in err and "unrecognized arguments: stray" in err
+
+
 def test_command_defaults_come_from_the_config_dataclass():
     from freezetune.cli import _parser
     from freezetune.config import TrainConfig

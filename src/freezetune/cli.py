@@ -48,12 +48,13 @@ _HELP = {
 
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if not getattr(args, "command", None):  # a usage error, as argparse's own: help on stderr, exit 2
+        parser.print_help(sys.stderr)
+        return 2
+    _overrides_anywhere(args, extra)
     logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")  # fmt: skip
-    if not getattr(args, "command", None):
-        parser.print_help()
-        return 0
     try:
         return args.func(args) or 0
     except FreezetuneError as exc:
@@ -71,6 +72,16 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def _overrides_anywhere(args: argparse.Namespace, extra: list[str]) -> None:
+    """``key=value`` overrides after a flag (``epochs=2 --lr 0.5 seed=3``): argparse takes the positionals of one run
+    only and leaves the rest unrecognized. Anything else unrecognized is reported under the command's own usage."""
+    overrides = [e for e in extra if "=" in e and not e.startswith("-")] if hasattr(args, "overrides") else []
+    rest = [e for e in extra if e not in overrides]
+    if rest:
+        args.command_parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    args.overrides = [*getattr(args, "overrides", []), *overrides]
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="freezetune", description="Fine-tune pretrained models by freezing.")
     parser.add_argument("--version", action="version", version=f"freezetune {__version__}")
@@ -85,19 +96,19 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--to", required=True, help="the file to write; its suffix picks the format: .safetensors, .onnx "
                                                "(needs the [onnx] extra) or .pt2 (torch.export)")  # fmt: skip
     p.add_argument("--force", action="store_true", help="overwrite an existing file")
-    p.set_defaults(func=_cmd_export)
+    p.set_defaults(func=_cmd_export, command_parser=p)
     return parser
 
 
 def _train_parser(sub) -> None:
     p = sub.add_parser("train", help="fine-tune a model")
     _config_flags(p)
-    p.set_defaults(func=_cmd_train)
+    p.set_defaults(func=_cmd_train, command_parser=p)
     p = sub.add_parser("sweep", help="compare recipes on the validation split; write the winner as a config")
     p.add_argument("--recipes", default=",".join(DEFAULT_RECIPES),
                    help=f"comma-separated, from {' | '.join(RECIPES)} (or last-K)")  # fmt: skip
     _config_flags(p)
-    p.set_defaults(func=_cmd_sweep)
+    p.set_defaults(func=_cmd_sweep, command_parser=p)
 
 
 def _config_flags(p: argparse.ArgumentParser) -> None:
@@ -127,7 +138,7 @@ def _eval_parser(sub) -> None:
     p.add_argument("--batch-size", type=int, default=_DEFAULTS.batch_size, help="results do not depend on it")
     p.add_argument("--device", default=_DEFAULTS.device)
     p.add_argument("--plot", default=None, help="confusion-matrix PNG (default: next to the checkpoint)")
-    p.set_defaults(func=_cmd_eval)
+    p.set_defaults(func=_cmd_eval, command_parser=p)
 
 
 def _predict_parser(sub) -> None:
@@ -140,7 +151,7 @@ def _predict_parser(sub) -> None:
     p.add_argument("--json", action="store_true")
     p.add_argument("--batch-size", type=int, default=_DEFAULTS.batch_size, help="images or texts per forward pass")
     p.add_argument("--device", default=_DEFAULTS.device)
-    p.set_defaults(func=_cmd_predict)
+    p.set_defaults(func=_cmd_predict, command_parser=p)
 
 
 def _inspect_parser(sub) -> None:
@@ -158,7 +169,7 @@ def _inspect_parser(sub) -> None:
     p.add_argument("--amp", default=_DEFAULTS.amp,
                    help=f"precision of the memory estimate, {' | '.join(AMP_MODES)} (auto: what train uses on this "
                         "machine)")  # fmt: skip
-    p.set_defaults(func=_cmd_inspect)
+    p.set_defaults(func=_cmd_inspect, command_parser=p)
 
 
 def _train_config(args) -> TrainConfig:
