@@ -64,6 +64,21 @@ def test_null_for_a_field_that_cannot_be_unset_is_reported_with_its_default(caps
     assert "lr cannot be null (unset); give float (default: 0.001)" in err and "freeze cannot be null" in err
 
 
+def test_epoch_fraction_error_names_the_range_its_default_lies_in(capsys):
+    assert _print_config(capsys, "--data", "x", "--epoch-fraction", "1.0")["epoch_fraction"] == 1.0
+    code, _, err = run_cli(capsys, "train", "--data", "x", "--print-config", "--epoch-fraction", "1.5")
+    assert code == 2 and "epoch_fraction must be in (0, 1], got 1.5" in err
+
+
+def test_print_config_without_data_prints_a_template_that_a_run_still_refuses(capsys):
+    printed = _print_config(capsys, "--epochs", "3")
+    assert printed["data"] is None and printed["epochs"] == 3
+    with pytest.raises(ConfigError, match="data is required"):
+        load_config(overrides=printed)
+    code, out, err = run_cli(capsys, "train", "--print-config", "--epochs", "0")  # other problems still count
+    assert code == 2 and out == "" and "epochs must be >= 1" in err
+
+
 @pytest.mark.parametrize(
     ("item", "key", "value"),
     [

@@ -89,10 +89,17 @@ def test_cpu_and_device_pipelines_read_the_same_preset(monkeypatch, flip_p):
         (options.positive_int_problem, 2, None),
         (options.fraction_problem, 0.0, "n must be a fraction strictly between 0 and 1, got 0.0"),
         (options.fraction_problem, 0.5, None),
+        (options.fraction_problem, 1.0, "n must be a fraction strictly between 0 and 1, got 1.0"),
     ],
 )
 def test_checks_name_the_value(check, value, problem):
     assert check("n", value) == problem
+
+
+def test_a_share_that_may_be_whole_accepts_1_and_says_so():
+    assert options.fraction_problem("n", 1.0, whole=True) is None
+    assert options.fraction_problem("n", 1.5, whole=True) == "n must be in (0, 1], got 1.5"
+    assert options.fraction_problem("n", 0, whole=True) == "n must be in (0, 1], got 0"
 
 
 def test_data_checks_and_config_checks_say_the_same():

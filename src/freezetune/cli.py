@@ -181,7 +181,8 @@ def _train_config(args) -> TrainConfig:
     # (a config.yaml in the current directory is not one).
     if base is None and overrides.get("resume") and out and (Path(out) / "config.yaml").is_file():
         base = Path(out) / "config.yaml"
-    return load_config(base, overrides)
+    # --print-config shows a config without data too: a template that a run completes with --data
+    return load_config(base, overrides, need_data=not args.print_config)
 
 
 def _cmd_train(args) -> int:

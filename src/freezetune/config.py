@@ -145,11 +145,13 @@ def field_names() -> list[str]:
     return [f.name for f in fields(TrainConfig)]
 
 
-def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None, *,
+                need_data: bool = True) -> TrainConfig:  # fmt: skip
     """Build a config from an optional YAML file, then ``overrides`` (CLI flags, ``key=value`` pairs).
 
     An override of None unsets the field (``grad_clip=null`` clears the file's grad_clip): a caller leaves out the
-    keys it was not given.
+    keys it was not given. ``need_data=False`` accepts a config without ``data`` (a template, as ``--print-config``
+    writes one).
 
     >>> load_config(overrides={"data": "images/", "epochs": 3}).epochs
     3
@@ -160,7 +162,7 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     values.update(overrides or {})
     _check_keys(values)
     cfg = TrainConfig(**{k: coerce(k, v) for k, v in values.items()})
-    validate(cfg)
+    validate(cfg, need_data=need_data)
     return cfg
 
 
@@ -198,8 +200,8 @@ def parse_stage_lrs(text: str | dict | None) -> dict[str, float]:
     return out
 
 
-def validate(cfg: TrainConfig) -> None:
-    """Raise one ConfigError listing every problem of ``cfg``.
+def validate(cfg: TrainConfig, *, need_data: bool = True) -> None:
+    """Raise one ConfigError listing every problem of ``cfg`` (a missing ``data`` too, unless not ``need_data``).
 
     >>> validate(TrainConfig(data="imgs", bn="melt"))
     Traceback (most recent call last):
@@ -220,8 +222,7 @@ def validate(cfg: TrainConfig) -> None:
     problems += [positive_int_problem(name, getattr(cfg, name)) for name in optional if getattr(cfg, name) is not None]
     if cfg.val_split is not None:
         problems.append(fraction_problem("val_split", cfg.val_split))
-    if cfg.epoch_fraction != 1:
-        problems.append(fraction_problem("epoch_fraction", cfg.epoch_fraction))
+    problems.append(fraction_problem("epoch_fraction", cfg.epoch_fraction, whole=True))
     problems += _range_problems(cfg)
     problems += _schedule_problems(cfg.unfreeze)
     problems.append(_refit_problem(cfg))
@@ -232,7 +233,7 @@ def validate(cfg: TrainConfig) -> None:
         parse_duration(cfg.budget)
     except ConfigError as exc:
         problems.append(str(exc))
-    if cfg.data is None:
+    if cfg.data is None and need_data:
         problems.append("data is required (an image folder, a CSV file or an IDX directory)")
     problems = [p for p in problems if p]
     if problems:

@@ -124,15 +124,18 @@ def non_negative_int_problem(name: str, value: object) -> str | None:
     return None if value >= 0 else f"{name} must be >= 0, got {value!r}"
 
 
-def fraction_problem(name: str, value: object) -> str | None:
-    """Problem of a share that must lie strictly between 0 and 1 (``val_split``).
+def fraction_problem(name: str, value: object, *, whole: bool = False) -> str | None:
+    """Problem of a share that must lie strictly between 0 and 1 (``val_split``), or in (0, 1] when the ``whole`` is
+    a share too (``epoch_fraction``).
 
-    >>> fraction_problem("val_split", 1.0)
-    'val_split must be a fraction strictly between 0 and 1, got 1.0'
+    >>> fraction_problem("val_split", 1.0), fraction_problem("epoch_fraction", 1.5, whole=True)
+    ('val_split must be a fraction strictly between 0 and 1, got 1.0', 'epoch_fraction must be in (0, 1], got 1.5')
     """
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value < 1.0:
-        return f"{name} must be a fraction strictly between 0 and 1, got {value!r}"
-    return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return f"{name} must be a number, got {value!r}"
+    if whole:
+        return None if 0.0 < value <= 1.0 else f"{name} must be in (0, 1], got {value!r}"
+    return None if 0.0 < value < 1.0 else f"{name} must be a fraction strictly between 0 and 1, got {value!r}"
 
 
 def crop_pct_problem(value: float) -> str | None:
