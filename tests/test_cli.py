@@ -263,6 +263,7 @@ def _assert_user_error(code, out, err, *needles):
         (["--unfreeze", "weekly"], ["weekly", "epoch:N"]),
         (["--epochs", "0", "--lr", "-1"], ["epochs", "lr"]),  # every problem in one message
         (["--skip-nonfinite", "-1"], ["skip_nonfinite must be >= 0, got -1"]),
+        (["--freeze", "backbone", "--cache-at", "nosuch"], ["unknown cache_at stage 'nosuch'", "'blocks.0'"]),
         (["--recipe", "last-99"], ["'last-99': k is out of range", "last-1 to last-6"]),  # not "stage count -100"
     ],
 )

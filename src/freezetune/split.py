@@ -16,6 +16,7 @@ import torch
 from torch import fx, nn
 
 from freezetune.depthwise import FastDepthwiseConv2d
+from freezetune.errors import SpecError, choices
 from freezetune.stages import stages
 
 log = logging.getLogger(__name__)
@@ -69,6 +70,22 @@ def split_model(model: nn.Module, at: str | None = None) -> tuple[Split | None, 
     if head is None:
         return None, f"{why}, and {problem}"
     return head, f"{why}; caching the head input only"
+
+
+def check_cut(model: nn.Module, at: str | None) -> None:
+    """Raise a ``SpecError`` listing the stages when ``at`` (``cache_at``) names none the cache could cut at.
+
+    A known stage that is not frozen when the cache is built is no mistake (an unfreeze moves the boundary): the
+    run then reads images and says why.
+
+    >>> import torchvision
+    >>> check_cut(torchvision.models.resnet18(), "layer5")
+    Traceback (most recent call last):
+    freezetune.errors.SpecError: unknown cache_at stage 'layer5'; the cache can cut at: 'layer1', 'layer2', 'layer3', 'layer4', 'fc'
+    """
+    names = [s.name for s in stages(model)][1:]  # a cut at the first stage leaves no prefix to cache
+    if at is not None and at not in names:
+        raise SpecError(f"unknown cache_at stage {at!r}; the cache can cut at: {choices(names)}")
 
 
 def _moving_batchnorm(model: nn.Module) -> str | None:

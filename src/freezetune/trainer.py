@@ -45,6 +45,7 @@ from freezetune.optim import build_optimizer, build_scheduler
 from freezetune.options import BATCH_AUTO
 from freezetune.precision import resolve_device, resolve_precision
 from freezetune.progress import Progress, RunResult
+from freezetune.split import check_cut
 from freezetune.stages import replace_head
 from freezetune.unfreezing import Unfreezer
 
@@ -91,6 +92,7 @@ class Trainer:
         self.cfg, self.resumable = cfg, resumable
         self._process(echo)
         self.model, self.preprocess = create_model(cfg.model, cfg.weights, img_size=cfg.img_size)
+        check_cut(self.model, cfg.cache_at)  # a stage name needs the model: checked before any data is read
         self.preprocess = self.preprocess or text_preprocess(cfg.model)  # a Hugging Face text model: its tokenizer
         self.data = build_datasets(cfg.data, val_data=cfg.val_data, val_split=cfg.val_split, per_class=cfg.per_class,
                                    seed=cfg.seed, preprocess=self.preprocess, aug=cfg.aug,
