@@ -53,6 +53,33 @@ def test_recipe_and_freeze_together_or_an_unknown_recipe_are_refused():
     assert load_config(overrides={"data": "d", "recipe": "last-4"}).recipe == "last-4"
 
 
+@pytest.mark.parametrize(
+    ("kw", "needles"),
+    [
+        ({"recipe": "gradual", "unfreeze": "epoch:2"}, ["recipe 'gradual' sets unfreeze itself (to 'epoch:1')"]),
+        (
+            {"recipe": "last-2", "unfreeze": "epoch:1", "freeze": "-2"},  # every conflict in one message
+            ["recipe 'last-2' sets freeze itself", "recipe 'last-2' sets unfreeze itself"],
+        ),
+        ({"recipe": "lp-ft", "unfreeze": "plateau:patience=1"}, ["recipe 'lp-ft' sets unfreeze itself"]),
+        ({"cache_at": "blocks.2"}, ["freeze 'auto' (the default) sets cache_at itself"]),
+        ({"budget": "5s", "freeze": "backbone"}, ["budget '5s'", "with freeze 'backbone' it has no effect"]),
+        ({"budget": "5s", "recipe": "full"}, ["with recipe 'full' it has no effect"]),
+    ],
+)
+def test_an_option_the_recipe_would_replace_is_refused(kw, needles):
+    with pytest.raises(ConfigError) as err:
+        load_config(overrides={"data": "d", **kw})
+    for needle in needles:
+        assert needle in str(err.value)
+
+
+def test_options_a_recipe_leaves_alone_pass():
+    for kw in ({"recipe": "gradual", "stage_lrs": "blocks.4=1e-4"}, {"recipe": "last-2", "cache_at": "blocks.2"},
+               {"budget": "5m"}, {"freeze": "backbone", "unfreeze": "epoch:1", "cache_at": "blocks.2"}):  # fmt: skip
+        load_config(overrides={"data": "d", **kw})
+
+
 def test_bitfit_trains_only_biases_norms_and_the_head():
     model, _ = create_model("timm:test_efficientnet", "none", img_size=32)
     replace_head(model, 3)

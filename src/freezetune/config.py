@@ -227,8 +227,9 @@ def validate(cfg: TrainConfig, *, need_data: bool = True) -> None:
     problems += _schedule_problems(cfg.unfreeze)
     problems.append(_refit_problem(cfg))
     problems.append(recipe_problem(cfg.recipe))
-    if cfg.recipe is not None and cfg.freeze != "auto":
-        problems.append(f"give a recipe ({cfg.recipe!r}) or a freeze spec ({cfg.freeze!r}), not both")
+    from freezetune.recipes import conflict_problems  # recipes reads the config: imported when validating
+
+    problems += conflict_problems(cfg)
     try:
         parse_duration(cfg.budget)
     except ConfigError as exc:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from freezetune.config import TrainConfig
 from freezetune.errors import ConfigError, choices
+from freezetune.options import recipe_problem
 
 _SINGLE = {  # recipe -> the settings of its one phase
     "linear-probe": {"freeze": "backbone", "unfreeze": None},
@@ -24,6 +25,10 @@ _SINGLE = {  # recipe -> the settings of its one phase
     "plateau": {"freeze": "backbone", "unfreeze": "plateau:patience=1"},
     "bitfit": {"freeze": "bitfit", "unfreeze": None},
 }
+# the fields each recipe sets itself besides its freeze (``_SINGLE``'s, ``phases``', ``auto._base``): a value the
+# user gives for one of them would be replaced silently
+_SETS = {**{name: tuple(settings) for name, settings in _SINGLE.items()}, "last-k": ("freeze", "unfreeze"),
+         "lp-ft": ("freeze", "unfreeze"), "auto": ("freeze", "cache_at")}  # fmt: skip
 LAST_K_DEFAULT = 2
 PROBE_LR_FACTOR = 10  # a head alone on frozen features takes a larger step than a whole network
 
@@ -66,6 +71,30 @@ def phases(cfg: TrainConfig, recipe: str) -> list[Phase]:
                                     out=str(out / "probe") if out else None, final_test=False)  # fmt: skip
         return [Phase("probe", probe), Phase("fine-tune", dataclasses.replace(base, freeze="none", unfreeze=None))]
     raise ConfigError(f"recipe {recipe!r} has no phases here; 'auto' is planned by freezetune.auto")
+
+
+def conflict_problems(cfg: TrainConfig) -> list[str]:
+    """The options ``cfg`` gives that its recipe sets itself, and a ``budget`` no recipe plans for, each a problem.
+
+    >>> conflict_problems(TrainConfig(recipe="gradual", unfreeze="epoch:2"))
+    ["recipe 'gradual' sets unfreeze itself (to 'epoch:1'): give the recipe or unfreeze 'epoch:2', not both"]
+    """
+    recipe, defaults = recipe_of(cfg), TrainConfig()
+    problems = []
+    if cfg.budget is not None and recipe != "auto":
+        problems.append(f"budget {cfg.budget!r} plans the auto recipe (freeze auto) or a sweep; with "
+                        f"{f'recipe {recipe!r}' if recipe else f'freeze {cfg.freeze!r}'} it has no effect")  # fmt: skip
+    if recipe is None or recipe_problem(recipe):  # a plain run, or an unknown recipe (reported on its own)
+        return problems
+    for name in _SETS["last-k" if recipe.startswith("last-") else recipe]:
+        given = getattr(cfg, name)
+        if given == getattr(defaults, name):
+            continue
+        own = f" (to {_SINGLE[recipe][name]!r})" if recipe in _SINGLE else ""
+        problems.append(f"recipe {recipe!r} sets {name} itself{own}: give the recipe or {name} {given!r}, not both"
+                        if cfg.recipe else f"freeze 'auto' (the default) sets {name} itself: {name} {given!r} needs "
+                        "a freeze spec or another recipe")  # fmt: skip
+    return problems
 
 
 def last_k(recipe: str) -> int:
