@@ -357,6 +357,16 @@ def test_python_dash_m_freezetune_help_and_version():
     assert version.returncode == 0 and version.stdout.strip() == f"freezetune {__version__}"
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="device auto finds CUDA here")
+def test_decode_gpu_without_cuda_is_refused_unless_the_cpu_is_asked_for(data, tmp_path, capsys):
+    code, out, err = run_cli(capsys, *train_argv(data, tmp_path / "run", "--device", "auto", "--decode", "gpu"))
+    _assert_user_error(code, out, err, "decode 'gpu'", "device auto -> cpu", "--decode cpu")
+    assert not (tmp_path / "run").exists()
+    code, _, err = run_cli(capsys, *train_argv(data, tmp_path / "cpu", "--device", "cpu", "--decode", "gpu",
+                                               "--epochs", "1", "--freeze", "backbone", "--no-final-test"))  # fmt: skip
+    assert code == 0, err
+
+
 def test_no_command_is_a_usage_error(capsys):
     code, out, err = run_cli(capsys)
     assert code == 2 and out == "" and "usage: freezetune" in err and "train" in err

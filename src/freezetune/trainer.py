@@ -22,6 +22,7 @@ from freezetune._io import atomic_write_text
 from freezetune.cache import FeaturePath
 from freezetune.config import TrainConfig, parse_freeze_spec, validate
 from freezetune.data import Loaders, build_datasets, noun
+from freezetune.data.gpu import check_decode
 from freezetune.depthwise import use_fast_depthwise
 from freezetune.distributed import (
     all_reduce_sum,
@@ -139,6 +140,7 @@ class Trainer:
         self.dist = init_from_env(cfg.device)
         self.echo = echo if self.dist.is_main else _quiet
         self.device = resolve_device(device_for(self.dist, cfg.device))
+        check_decode(cfg.decode, cfg.device, self.device)
         self.precision = resolve_precision(self.device, cfg.amp)
         if cfg.save_every_steps and self.dist.enabled:  # rank 0's running totals and RNG are not the other ranks'
             raise ConfigError("save_every_steps is not supported under torchrun (DDP): last.pt is saved per epoch")

@@ -309,6 +309,18 @@ def should_use_device_loader(dataset, device: torch.device | str, decode: str = 
     return _supported(dataset) and (decode == "gpu" or torch.device(device).type == "cuda")
 
 
+def check_decode(decode: str, device_spec: str, device: torch.device) -> None:
+    """``decode="gpu"`` where ``device="auto"`` found no CUDA device is a user error: the batches would decode on the
+    CPU, without nvJPEG. Asked for with an explicit ``device="cpu"`` it runs the device pipeline there (as tests do).
+
+    >>> check_decode("gpu", "cpu", torch.device("cpu"))
+    """
+    if decode == "gpu" and device_spec == "auto" and device.type != "cuda":
+        raise ConfigError(f"decode 'gpu' decodes on a CUDA device, and there is none here (device auto -> "
+                          f"{device.type}); use --decode cpu or auto (or --device {device.type} to run the batched "
+                          "device pipeline there, without nvJPEG)")  # fmt: skip
+
+
 def build_device_loader(dataset, *, batch_size: int, train: bool, device: torch.device | str, seed: int,
                         preprocess: Preprocess, aug: str, rows: Sequence[int] | None = None,
                         order: EpochOrder | None = None,
