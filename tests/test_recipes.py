@@ -241,3 +241,43 @@ def test_sweep_reads_a_comma_separated_string_as_recipe_names(tmp_path):
 
     with pytest.raises(ConfigError, match="unknown recipe 'lastk'"):  # it read 'l', the first letter
         sweep(TrainConfig(data="images"), "linear-probe, lastk", out=tmp_path / "s")
+
+
+def test_a_resumed_sweep_keeps_the_measured_seconds_of_the_recipes_finished_before(data, tmp_path, monkeypatch):
+    from freezetune import recipes
+    from freezetune.sweep import sweep
+
+    real, measured = recipes.run, {}
+
+    def interrupted_at_last_2(cfg, echo):
+        if cfg.recipe == "last-2" and not cfg.resume:
+            raise KeyboardInterrupt  # Ctrl-C while the second recipe trains
+        result = real(cfg, echo=echo)
+        measured.setdefault(cfg.recipe, result.train_seconds)
+        return result
+
+    monkeypatch.setattr(recipes, "run", interrupted_at_last_2)
+    cfg = _cfg(data, None, epochs=1, cache="off")
+    with pytest.raises(KeyboardInterrupt):
+        sweep(cfg, "linear-probe,last-2", out=tmp_path / "sweep", echo=lambda _: None)
+    resumed = sweep(TrainConfig(**{**cfg.to_dict(), "resume": True}), "linear-probe,last-2", out=tmp_path / "sweep",
+                    echo=lambda _: None)  # fmt: skip
+    rows = {r["recipe"]: r for r in read_metrics(tmp_path / "sweep" / "sweep.csv")}
+    assert rows["linear-probe"]["train_s"] == pytest.approx(measured["linear-probe"], rel=1e-6)
+    assert [r["train_s"] for r in resumed.rows] == [measured["linear-probe"], measured["last-2"]]
+
+
+@pytest.mark.parametrize(
+    ("recipes", "needle"), [("last-2,last-2", "given twice: 'last-2'"), ("", "no recipe to sweep")]
+)
+def test_sweep_refuses_a_repeated_or_empty_recipe_list_before_training(data, tmp_path, capsys, recipes, needle):
+    code, out, err = run_cli(capsys, "sweep", *train_argv(data, tmp_path / "sweep")[1:], "--recipes", recipes)
+    assert code == 2 and needle in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "sweep").exists()
+
+
+def test_sweep_refuses_an_option_one_of_its_recipes_sets_itself(data, tmp_path, capsys):
+    code, _, err = run_cli(capsys, "sweep", *train_argv(data, tmp_path / "sweep", "--unfreeze", "epoch:2")[1:],
+                           "--recipes", "linear-probe,gradual")  # fmt: skip
+    assert code == 2 and "recipe 'gradual' sets unfreeze itself" in err and "recipe 'linear-probe'" in err
+    assert not (tmp_path / "sweep").exists()

@@ -204,7 +204,7 @@ def _cmd_sweep(args) -> int:
         print(cfg.dump(), end="")
         return 0
     out = cfg.out or "runs/sweep"
-    sweep(cfg, [r.strip() for r in args.recipes.split(",") if r.strip()], out=out)
+    sweep(cfg, args.recipes, out=out)
     return 0
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,11 +21,12 @@ from pathlib import Path
 import yaml
 
 from freezetune._io import atomic_output, atomic_write_text
-from freezetune.config import TrainConfig, load_config
-from freezetune.errors import ConfigError
-from freezetune.options import BATCH_AUTO, RECIPES, check, parse_duration, recipe_problem
+from freezetune.config import TrainConfig, load_config, validate
+from freezetune.errors import ConfigError, choices
+from freezetune.options import BATCH_AUTO, RECIPES, parse_duration, recipe_problem
 
 DEFAULT_RECIPES = ("linear-probe", "last-k", "auto", "full")
+ROW_FILE = "sweep_row.json"  # a finished recipe's row, in its run directory
 COLUMNS = ("recipe", "val_acc", "train_s", "peak_mem_mb", "trainable_params", "best_epoch", "run_dir")
 
 
@@ -47,27 +49,17 @@ def sweep(cfg: TrainConfig, recipes: str | list[str] | tuple[str, ...] = DEFAULT
 
     >>> sweep(TrainConfig(data="images/", epochs=3), ["linear-probe", "auto"], out="runs/sweep")  # doctest: +SKIP
     """
-    from freezetune import recipes as recipes_mod
-
-    if isinstance(recipes, str):  # not its letters, one recipe each
-        recipes = [r.strip() for r in recipes.split(",") if r.strip()]
-    for name in recipes:
-        check(recipe_problem(name))
     out = Path(out)
+    runs = _run_configs(cfg, _names(recipes), out)
     if (out / "sweep.csv").exists() and not cfg.resume:
         raise ConfigError(f"{str(out)!r} already holds a sweep (sweep.csv); choose another --out")
-    features = cfg.cache_dir or str(out / "features")
     budget, start, rows = parse_duration(cfg.budget), time.perf_counter(), []
-    for name in recipes:
-        if budget is not None and time.perf_counter() - start > budget:
+    for name, run_cfg in runs.items():
+        # a recipe finished before an interruption counts its measured seconds, not the re-read's
+        if budget is not None and time.perf_counter() - start + sum(r["train_s"] for r in rows) > budget:
             echo(f"sweep: budget {cfg.budget} spent; skipping {name}")
             continue
-        echo(f"sweep: recipe {name}")
-        # every recipe is judged on the validation split: the auto recipe keeps it through its final run (no refit)
-        run_cfg = dataclasses.replace(cfg, recipe=name, freeze="auto", out=str(out / name), cache_dir=features,
-                                      final_test=False, budget=None, refit=False)  # fmt: skip
-        result = recipes_mod.run(run_cfg, echo=echo)
-        rows.append(_row(name, result))
+        rows.append(_run_recipe(name, run_cfg, echo))
     if not rows:
         raise ConfigError("the sweep ran no recipe (budget too small?)")
     winner = max(rows, key=lambda r: (r["val_acc"], -r["train_s"]))
@@ -75,6 +67,56 @@ def sweep(cfg: TrainConfig, recipes: str | list[str] | tuple[str, ...] = DEFAULT
     echo(format_table(rows, winner["recipe"]))
     echo(f"winner: {winner['recipe']} -> {out / 'winner.yaml'} (freezetune train --config {out / 'winner.yaml'})")
     return SweepResult(rows, winner["recipe"], out)
+
+
+def _names(recipes: str | list[str] | tuple[str, ...]) -> list[str]:
+    """The recipe names, checked before anything runs: known, at least one, none twice (they share ``out/<name>``)."""
+    if isinstance(recipes, str):  # not its letters, one recipe each
+        recipes = [r.strip() for r in recipes.split(",") if r.strip()]
+    names = list(recipes)
+    if not names:
+        raise ConfigError(f"no recipe to sweep; give --recipes from: {choices(RECIPES)} (or last-K)")
+    twice = sorted({n for n in names if names.count(n) > 1})
+    problems = [recipe_problem(n) for n in names] + ([f"recipe(s) given twice: {choices(twice)}"] if twice else [])
+    problems = [p for p in problems if p]
+    if problems:
+        raise ConfigError("invalid --recipes: " + "; ".join(problems))
+    return names
+
+
+def _run_configs(cfg: TrainConfig, names: list[str], out: Path) -> dict[str, TrainConfig]:
+    """Each recipe's config, all validated before the first one trains (an option a recipe sets itself, say)."""
+    if cfg.recipe is not None or cfg.freeze != "auto":
+        raise ConfigError(f"a sweep runs each of --recipes with its own freeze; drop recipe {cfg.recipe!r} and freeze "
+                          f"{cfg.freeze!r} (recipe=null freeze=auto)")  # fmt: skip
+    features = cfg.cache_dir or str(out / "features")
+    # every recipe is judged on the validation split: the auto recipe keeps it through its final run (no refit)
+    runs = {name: dataclasses.replace(cfg, recipe=name, out=str(out / name), cache_dir=features, final_test=False,
+                                      budget=None, refit=False) for name in names}  # fmt: skip
+    problems = []
+    for run_cfg in runs.values():
+        try:
+            validate(run_cfg)
+        except ConfigError as exc:
+            problems.append(str(exc).removeprefix("invalid config: "))
+    if problems:
+        raise ConfigError("invalid config: " + "; ".join(dict.fromkeys(problems)))
+    return runs
+
+
+def _run_recipe(name: str, cfg: TrainConfig, echo: Callable[[str], None]) -> dict:
+    """Train one recipe and keep its row beside its run: a resumed sweep reads a finished recipe's row back, its
+    measured seconds included (re-reading its finished run takes a fraction of a second)."""
+    from freezetune import recipes
+
+    saved = Path(cfg.out) / ROW_FILE
+    if cfg.resume and saved.is_file():
+        echo(f"sweep: recipe {name} finished before the interruption: its row from {saved}")
+        return json.loads(saved.read_text())
+    echo(f"sweep: recipe {name}")
+    row = _row(name, recipes.run(cfg, echo=echo))
+    atomic_write_text(saved, json.dumps(row))
+    return row
 
 
 def _row(name: str, result) -> dict:
