@@ -146,7 +146,7 @@ def test_the_final_test_is_sharded_and_equals_one_process_exactly(ddp_run):
     written = json.loads((out / "test_metrics.json").read_text())
     assert r0["test"] == r1["test"] == written  # every rank holds the merged result; rank 0 wrote it
     single = evaluate_checkpoint(out / "best.pt", str(data), batch_size=8, device="cpu")
-    assert single.pop("classes") == ["blue", "green", "red"]
+    assert single.pop("classes") == ["blue", "green", "red"] and single.pop("data").startswith("the test/ folder")
     assert written == single and written["n"] == 12
 
 
