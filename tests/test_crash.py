@@ -292,8 +292,9 @@ def test_a_finished_epoch_is_never_restarted_over(data, uninterrupted, capsys):
 def test_preparing_a_run_dir_clears_what_an_unfinished_run_left_and_stale_temp_files(tmp_path):
     run = tmp_path / "run"
     (run / "cache" / "train").mkdir(parents=True)
-    for name in ("metrics.csv", "best.pt", "config.yaml", "notes.txt"):
+    for name in ("best.pt", "config.yaml", "notes.txt"):
         (run / name).write_text("x")
+    (run / "metrics.csv").write_text("epoch,val_acc\n1,0.5\n")  # stopped between epoch 1's best.pt and last.pt
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     stale, live = run / f".last.pt.{dead.stdout.strip()}.0123abcd.tmp", run / f".best.pt.{os.getpid()}.0123abcd.tmp"
     stale.write_text("half"), live.write_text("being written")
@@ -302,6 +303,49 @@ def test_preparing_a_run_dir_clears_what_an_unfinished_run_left_and_stale_temp_f
     assert len(lines) == 1 and "starting it afresh" in lines[0] and "metrics.csv" in lines[0]
     left = sorted(p.name for p in run.iterdir())
     assert left == [live.name, "config.yaml", "notes.txt"]  # the user's file and a live writer's stay
+
+
+@pytest.mark.parametrize(
+    ("files", "needles"),
+    [
+        ({"metrics.csv": "epoch\n1\n2\n", "best.pt": "x"}, ["metrics.csv: 2 epochs"]),  # a run stopped mid-way
+        ({"metrics.csv": "epoch\n1\n", "best.pt": "x", "report.png": "x"}, ["report.png"]),  # a 1-epoch run that ended
+        ({"best.pt": "x", "classes.json": "[]"}, ["best.pt"]),  # only the weights kept
+    ],
+)
+@pytest.mark.parametrize("resume", [False, True])
+def test_a_run_dir_whose_last_pt_was_deleted_is_refused_not_restarted_over(tmp_path, files, needles, resume):
+    # users delete last.pt, the largest file, to save disk: what the run finished is still theirs
+    run = tmp_path / "run"
+    run.mkdir()
+    for name, text in files.items():
+        (run / name).write_text(text)
+    before = snapshot(run)
+    with pytest.raises(ConfigError, match="no last.pt") as info:
+        runtime.prepare_run_dir(str(run), "m", resume=resume)
+    assert all(n in str(info.value) for n in [*needles, "another --out"]), info.value
+    assert snapshot(run) == before
+
+
+def test_a_run_logs_its_second_epoch_only_once_its_first_last_pt_is_on_disk(data, tmp_path, capsys, monkeypatch):
+    # the rule above restarts a dir without last.pt holding one row: a slow disk must not let a second row in first
+    from freezetune import reporting
+
+    save, log_epoch, seen = checkpoint.save, reporting.MetricsLogger.log_epoch, []
+
+    def slow_save(record, path):
+        time.sleep(0.5 if Path(path).name == "last.pt" else 0)
+        return save(record, path)
+
+    def logged(self, row):
+        seen.append((row["epoch"], (self.run_dir / "last.pt").exists()))
+        log_epoch(self, row)
+
+    monkeypatch.setattr(checkpoint, "save", slow_save)
+    monkeypatch.setattr(reporting.MetricsLogger, "log_epoch", logged)
+    code, _, err = run_cli(capsys, *_argv(data, tmp_path / "run", "off", "--epochs", "2", "--workers", "0"))
+    assert code == 0, err
+    assert seen == [(1, False), (2, True)]
 
 
 def test_resume_of_a_dir_no_run_started_in_is_refused_and_a_finished_one_needs_it(tmp_path):

@@ -20,6 +20,9 @@ RUN_FILES = ("last.pt", "best.pt", "metrics.csv")
 # What a run writes before its first ``last.pt``: cleared when a run that never finished an epoch starts again.
 # config.yaml and classes.json stay (the new run rewrites them; a --resume reads config.yaml for its settings).
 STARTED_FILES = ("best.pt", "metrics.csv", "report.png", "confusion.png", "test_metrics.json", "cache")
+# What a run writes once its epochs are done: a run stopped before its first last.pt has none of them.
+END_FILES = ("report.png", "confusion.png", "test_metrics.json")
+METRICS_CSV = "metrics.csv"
 TENSORBOARD_EVENTS = "events.out.tfevents.*"
 RECIPE_FILE, TRIALS_DIR = "recipe.json", "auto-trials"  # the auto recipe's decision and its trials' runs
 # Signs that a run was started here (a recipe's files included): ``--resume`` of such a dir restarts it.
@@ -33,8 +36,10 @@ def prepare_run_dir(out: str | None, model: str, *, resume: bool, clean: bool = 
     A run that finished an epoch (it has ``last.pt``) is refused unless ``resume``. One stopped before that is
     started afresh, with or without ``resume``: what it left (a partial ``metrics.csv``, a ``best.pt`` not yet
     followed by ``last.pt``, a disk cache, and ``also_clear``: a recipe's own files) is cleared, said in one line.
-    ``resume`` of a directory that does not exist, or holds only other files, is refused. Temporary files that killed
-    writers left are removed. ``clean``: do the clearing (rank 0 alone under DDP; the other ranks only check).
+    A directory without ``last.pt`` whose files show finished epochs (``finished_work``: its ``last.pt`` deleted) is
+    refused, with or without ``resume``: a fresh start would delete them. ``resume`` of a directory that does not
+    exist, or holds only other files, is refused. Temporary files that killed writers left are removed. ``clean``:
+    do the clearing (rank 0 alone under DDP; the other ranks only check).
 
     Not created here: a set-up error (unknown model, bad data path) must not leave an empty run dir behind;
     ``MetricsLogger`` creates it once the model and data are ready.
@@ -49,6 +54,10 @@ def prepare_run_dir(out: str | None, model: str, *, resume: bool, clean: bool = 
             f"run dir {str(run_dir)!r} already holds a run ({', '.join(existing)}); "
             "pass --resume to continue it or choose another --out"
         )
+    if not finished and (work := finished_work(run_dir)):
+        raise ConfigError(f"run dir {str(run_dir)!r} holds a run that finished epochs ({work}) but no "
+                          f"{checkpoint.LAST} to {'resume' if resume else 'continue'} it from: choose another --out, "
+                          "or move those files out of it to start the run there afresh")  # fmt: skip
     traces = [] if finished else [f for f in RUN_TRACES if (run_dir / f).exists()]
     # a run stopped during its set-up leaves its dir empty; a dir that does not exist is more likely a typo
     started = traces or (run_dir.is_dir() and not any(run_dir.iterdir()))
@@ -62,6 +71,40 @@ def prepare_run_dir(out: str | None, model: str, *, resume: bool, clean: bool = 
                  f"afresh{what}")  # fmt: skip
         remove_stale_temps(run_dir)
     return run_dir
+
+
+def finished_work(run_dir: Path) -> str | None:
+    """What in ``run_dir`` (which has no ``last.pt``) shows finished epochs, or None if it may be a run stopped in its
+    first epoch, which the same command restarts.
+
+    A run logs an epoch's ``metrics.csv`` row, then writes its ``best.pt``, then its ``last.pt``; it logs no second
+    row before its first ``last.pt`` is on disk (``Trainer._run_epoch``). A run stopped before its first ``last.pt``
+    thus holds at most one row, no ``best.pt`` without a row, and none of the files a run writes at its end.
+
+    >>> import tempfile
+    >>> d = Path(tempfile.mkdtemp())
+    >>> _ = (d / "metrics.csv").write_text("epoch,val_acc\\n1,0.5\\n")
+    >>> finished_work(d) is None
+    True
+    >>> _ = (d / "report.png").write_bytes(b"png")
+    >>> finished_work(d)
+    'metrics.csv: 1 epoch, report.png'
+    """
+    rows = _metrics_rows(run_dir / METRICS_CSV)
+    ended = [f for f in END_FILES if (run_dir / f).exists()]
+    orphan_best = rows == 0 and (run_dir / checkpoint.BEST).exists()
+    if rows < 2 and not ended and not orphan_best:
+        return None
+    held = [f"{METRICS_CSV}: {rows} epoch{'s' if rows != 1 else ''}"] if rows else []
+    return ", ".join(held + [checkpoint.BEST] * orphan_best + ended)
+
+
+def _metrics_rows(path: Path) -> int:
+    """The epochs ``metrics.csv`` records (a line cut short by a crash counts: its epoch's row had begun)."""
+    if not path.is_file():
+        return 0
+    lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    return max(len(lines) - 1, 0)
 
 
 def _clear(run_dir: Path, names: tuple[str, ...]) -> list[str]:

@@ -272,6 +272,10 @@ class Trainer:
         row = epoch_log.epoch_row(epoch, self.cfg.epochs, train_stats, val, seconds=seconds, unfrozen=unfrozen,
                                   optimizer=self.state.optimizer, params=count_parameters(self.model),
                                   peak_mb=runtime.peak_memory_mb(self.device), lrs=self.step_lrs)  # fmt: skip
+        if self.resumable and epoch > 0 and not (self.run_dir / checkpoint.LAST).exists():
+            # a dir without last.pt but with two rows holds finished work and is never restarted over
+            # (runtime.finished_work): the second row waits for the first last.pt, once a run
+            self.checkpoints.wait()
         self.metrics.log_epoch(row)
         self.echo(epoch_log.format_epoch_line(row, noun(self.data.train)))
         return row
