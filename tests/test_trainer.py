@@ -118,6 +118,7 @@ def test_train_returns_the_run_result(finished_run):
         (["--epochs", "4"], ["epochs 2 -> 4", "onecycle"]),  # OneCycleLR cannot step past its total
         (["--batch-size", "4"], ["steps_per_epoch"]),
         (["--freeze", "blocks.4"], ["optimizer", "--freeze"]),  # the trainable set differs from the run's
+        (["--optimizer", "sgd"], ["optimizer 'adamw' -> 'sgd'"]),  # was KeyError 'momentum' with config.yaml rewritten
     ],
 )
 def test_resume_that_cannot_continue_the_run_is_a_user_error(finished_run, capsys, flags, needles):

@@ -244,13 +244,11 @@ def restore(path: str | Path, state: TrainingState, progress, *, config: dict[st
             steps_per_epoch: int) -> None:  # fmt: skip
     """Continue a run from its ``last.pt``: load into ``state`` (set up as at the start of that run) and ``progress``.
 
-    ``config``, ``classes`` and ``steps_per_epoch`` are this run's: its model, classes and LR schedule must be those
-    of ``last.pt``; a mismatch is refused with the reason.
+    ``config``, ``classes`` and ``steps_per_epoch`` are this run's: its model, classes, LR schedule and optimizer must
+    be those of ``last.pt``; a mismatch is refused with the reason, before anything is loaded.
     """
     record = load(path)
-    expect = {**{k: config[k] for k in ("model", "epochs", "scheduler", "warmup_epochs")}, "classes": classes,
-              "steps_per_epoch": steps_per_epoch}  # fmt: skip
-    _check_resumable(Path(path), record, expect)
+    _check_resumable(Path(path), record, {**config, "classes": classes, "steps_per_epoch": steps_per_epoch})
     state.model.load_state_dict(record["state_dict"])
     if state.unfreezer is not None and record.get("unfreezer"):
         state.unfreezer.load_state_dict(record["unfreezer"])  # before the optimizer: re-creates its groups
@@ -283,6 +281,11 @@ def _check_resumable(path: Path, record: dict, expect: dict[str, Any]) -> None:
             f"cannot resume {path} with {', '.join(changed)}: its {old.get('scheduler')} LR schedule spans the "
             "run's original length; resume with the run's values, or start a new run"
         )
+    # last.pt's optimizer state is that optimizer's (another one fails at its first step: KeyError 'momentum')
+    changed = [f"{k} {old[k]!r} -> {expect[k]!r}" for k in ("optimizer",) if k in old and old[k] != expect[k]]
+    if changed:
+        raise ConfigError(f"cannot resume {path} with {', '.join(changed)}: its last.pt holds the state of the run's "
+                          "optimizer; resume with the run's values, or start a new run")  # fmt: skip
 
 
 def rng_state() -> dict[str, Any]:
