@@ -286,6 +286,18 @@ def test_existing_run_dir_without_resume_is_refused_and_left_untouched(run, data
     assert snapshot(run[0]) == before
 
 
+@pytest.mark.parametrize("resume", [[], ["--resume"]])
+def test_a_users_own_config_yaml_in_the_out_dir_is_refused_and_kept(data, tmp_path, capsys, resume):
+    out_dir = tmp_path / "mine"
+    out_dir.mkdir()
+    (out_dir / "config.yaml").write_text(f"data: {data}\nimg_size: 32\nepochs: 1\n")
+    before = snapshot(out_dir)
+    code, out, err = run_cli(capsys, *train_argv(data, out_dir, "--config", out_dir / "config.yaml",
+                                                 "--freeze", "backbone", *resume))  # fmt: skip
+    _assert_user_error(code, out, err, str(out_dir), "config.yaml that no run wrote", "another --out")
+    assert snapshot(out_dir) == before
+
+
 def test_resume_without_last_pt_is_a_user_error(data, tmp_path, capsys):
     code, out, err = run_cli(capsys, *train_argv(data, tmp_path / "fresh", "--resume"))
     _assert_user_error(code, out, err, "last.pt")

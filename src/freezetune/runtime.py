@@ -26,7 +26,8 @@ METRICS_CSV = "metrics.csv"
 TENSORBOARD_EVENTS = "events.out.tfevents.*"
 RECIPE_FILE, TRIALS_DIR = "recipe.json", "auto-trials"  # the auto recipe's decision and its trials' runs
 # Signs that a run was started here (a recipe's files included): ``--resume`` of such a dir restarts it.
-RUN_TRACES = (*STARTED_FILES, "config.yaml", "classes.json", RECIPE_FILE, TRIALS_DIR)
+CONFIG_FILE, CLASSES_FILE = "config.yaml", "classes.json"  # the run's resolved config and class names
+RUN_TRACES = (*STARTED_FILES, CONFIG_FILE, CLASSES_FILE, RECIPE_FILE, TRIALS_DIR)
 
 
 def prepare_run_dir(out: str | None, model: str, *, resume: bool, clean: bool = True, also_clear: tuple[str, ...] = (),
@@ -37,8 +38,9 @@ def prepare_run_dir(out: str | None, model: str, *, resume: bool, clean: bool = 
     started afresh, with or without ``resume``: what it left (a partial ``metrics.csv``, a ``best.pt`` not yet
     followed by ``last.pt``, a disk cache, and ``also_clear``: a recipe's own files) is cleared, said in one line.
     A directory without ``last.pt`` whose files show finished epochs (``finished_work``: its ``last.pt`` deleted) is
-    refused, with or without ``resume``: a fresh start would delete them. ``resume`` of a directory that does not
-    exist, or holds only other files, is refused. Temporary files that killed writers left are removed. ``clean``:
+    refused, with or without ``resume``: a fresh start would delete them; so is one holding a ``config.yaml`` no run
+    wrote (the user's own), which the run's would replace. ``resume`` of a directory that does not exist, or holds
+    only other files, is refused. Temporary files that killed writers left are removed. ``clean``:
     do the clearing (rank 0 alone under DDP; the other ranks only check).
 
     Not created here: a set-up error (unknown model, bad data path) must not leave an empty run dir behind;
@@ -59,13 +61,18 @@ def prepare_run_dir(out: str | None, model: str, *, resume: bool, clean: bool = 
                           f"{checkpoint.LAST} to {'resume' if resume else 'continue'} it from: choose another --out, "
                           "or move those files out of it to start the run there afresh")  # fmt: skip
     traces = [] if finished else [f for f in RUN_TRACES if (run_dir / f).exists()]
+    if traces == [CONFIG_FILE]:  # a run writes classes.json before its config.yaml: this one is the user's
+        raise ConfigError(f"--out {str(run_dir)!r} holds a {CONFIG_FILE} that no run wrote (no run was started "
+                          f"there), and a run writes its resolved config as {CONFIG_FILE} in its dir: keep your "
+                          "config outside the run dir, or choose another --out")  # fmt: skip
     # a run stopped during its set-up leaves its dir empty; a dir that does not exist is more likely a typo
     started = traces or (run_dir.is_dir() and not any(run_dir.iterdir()))
     if resume and not finished and not started:
         raise CheckpointError(f"cannot resume: {run_dir / checkpoint.LAST} does not exist")
     if clean and run_dir.is_dir():
         cleared = _clear(run_dir, (*STARTED_FILES, *also_clear)) if traces else []
-        if cleared or (resume and not finished):  # without --resume, a dir holding only config.yaml is no news
+        # without --resume, a dir holding only config.yaml and classes.json is no news
+        if cleared or (resume and not finished):
             what = f" (cleared {', '.join(cleared)})" if cleared else ""
             echo(f"{run_dir}: the run there stopped before it finished an epoch (no {checkpoint.LAST}): starting it "
                  f"afresh{what}")  # fmt: skip

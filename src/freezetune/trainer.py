@@ -128,9 +128,9 @@ class Trainer:
             self._resume()
         self.features.build()
         self.seconds = {"cache": self.features.build_seconds, "val": 0.0, "epochs": 0.0}
-        if self.dist.is_main:
-            cfg.save(self.run_dir / "config.yaml")
-            atomic_write_text(self.run_dir / "classes.json", json.dumps(self.classes, indent=1))
+        if self.dist.is_main:  # classes.json first: a config.yaml alone in a dir is a user's (prepare_run_dir)
+            atomic_write_text(self.run_dir / runtime.CLASSES_FILE, json.dumps(self.classes, indent=1))
+            cfg.save(self.run_dir / runtime.CONFIG_FILE)
             if self.data.skipped:  # what --skip-bad left out stays on record with the run
                 atomic_write_text(self.run_dir / SKIPPED, "\n".join(self.data.skipped) + "\n")
 
