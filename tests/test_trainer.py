@@ -117,8 +117,12 @@ def test_train_returns_the_run_result(finished_run):
     [
         (["--epochs", "4"], ["epochs 2 -> 4", "onecycle"]),  # OneCycleLR cannot step past its total
         (["--batch-size", "4"], ["steps_per_epoch"]),
-        (["--freeze", "blocks.4"], ["optimizer", "--freeze"]),  # the trainable set differs from the run's
+        (["--freeze", "blocks.4"], ["freeze 'backbone' -> 'blocks.4'"]),  # the trainable set differs from the run's
         (["--optimizer", "sgd"], ["optimizer 'adamw' -> 'sgd'"]),  # was KeyError 'momentum' with config.yaml rewritten
+        # were ignored, yet written to config.yaml as if the run had used them
+        (["--lr", "0.5", "--img-size", "64"], ["changed settings (img_size 32 -> 64, lr 0.001 -> 0.5)"]),
+        (["--bn", "train"], ["bn 'frozen' -> 'train'"]),
+        (["--val-split", "0.3"], ["val_split None -> 0.3", "start a new run"]),
     ],
 )
 def test_resume_that_cannot_continue_the_run_is_a_user_error(finished_run, capsys, flags, needles):
@@ -129,6 +133,20 @@ def test_resume_that_cannot_continue_the_run_is_a_user_error(finished_run, capsy
     assert err.startswith("freezetune: error: ") and len(err.strip().splitlines()) == 1, err
     assert all(n in err for n in needles), err
     assert snapshot(out) == before
+
+
+def test_resume_may_change_where_and_how_the_run_computes(finished_run, tmp_path, capsys):
+    import shutil
+
+    import yaml
+
+    out = tmp_path / "done"
+    shutil.copytree(finished_run[0], out)
+    flags = ["--workers", "1", "--no-progress", "--save-every-steps", "2", "--no-final-test", "--device", "cpu"]
+    code, stdout, err = run_cli(capsys, "train", "--out", out, "--resume", *flags)
+    assert code == 0 and "resumed" in stdout, err
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert (saved["workers"], saved["save_every_steps"], saved["final_test"]) == (1, 2, False)
 
 
 # --- torch.compile and unfreezing (pytorch#139476) ------------------------------------------------------------------

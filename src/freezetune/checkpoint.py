@@ -19,6 +19,7 @@ from torch import nn
 
 from freezetune import __version__
 from freezetune._io import atomic_save
+from freezetune.config import RESUME_MAY_CHANGE
 from freezetune.errors import CheckpointError, ConfigError, choices
 from freezetune.interrupt import pause_point
 from freezetune.preprocess import Preprocess
@@ -244,8 +245,9 @@ def restore(path: str | Path, state: TrainingState, progress, *, config: dict[st
             steps_per_epoch: int) -> None:  # fmt: skip
     """Continue a run from its ``last.pt``: load into ``state`` (set up as at the start of that run) and ``progress``.
 
-    ``config``, ``classes`` and ``steps_per_epoch`` are this run's: its model, classes, LR schedule and optimizer must
-    be those of ``last.pt``; a mismatch is refused with the reason, before anything is loaded.
+    ``config``, ``classes`` and ``steps_per_epoch`` are this run's: its model, classes, LR schedule and every setting
+    but those of ``config.RESUME_MAY_CHANGE`` must be those of ``last.pt``; a mismatch is refused with the reason (the
+    changed settings, old -> new), before anything is loaded.
     """
     record = load(path)
     _check_resumable(Path(path), record, {**config, "classes": classes, "steps_per_epoch": steps_per_epoch})
@@ -281,11 +283,14 @@ def _check_resumable(path: Path, record: dict, expect: dict[str, Any]) -> None:
             f"cannot resume {path} with {', '.join(changed)}: its {old.get('scheduler')} LR schedule spans the "
             "run's original length; resume with the run's values, or start a new run"
         )
-    # last.pt's optimizer state is that optimizer's (another one fails at its first step: KeyError 'momentum')
-    changed = [f"{k} {old[k]!r} -> {expect[k]!r}" for k in ("optimizer",) if k in old and old[k] != expect[k]]
+    # Any other change would train on with settings config.yaml then claims for the whole run (and another optimizer
+    # fails at its first step on this one's state: KeyError 'momentum').
+    fixed = [k for k in old if k not in (*RESUME_MAY_CHANGE, *schedule, "model") and k in expect]
+    changed = [f"{k} {old[k]!r} -> {expect[k]!r}" for k in fixed if old[k] != expect[k]]
     if changed:
-        raise ConfigError(f"cannot resume {path} with {', '.join(changed)}: its last.pt holds the state of the run's "
-                          "optimizer; resume with the run's values, or start a new run")  # fmt: skip
+        raise ConfigError(f"cannot resume {path} with changed settings ({', '.join(changed)}): a run continues with "
+                          "its own; resume with the run's values, or start a new run with another --out (a resume may "
+                          f"change only {', '.join(RESUME_MAY_CHANGE[2:])})")  # fmt: skip
 
 
 def rng_state() -> dict[str, Any]:

@@ -52,6 +52,12 @@ FIELD_CHOICES = {
     "decode": DECODE_MODES,
 }
 
+# What a --resume may change: where and how fast the run computes, what it shows and saves, not what it trains.
+# Every other setting must be the run's own (checkpoint.restore refuses the rest; epochs only stretch without an LR
+# schedule).
+RESUME_MAY_CHANGE = ("out", "resume", "device", "workers", "compile", "channels_last", "decode", "cache_dir",
+                     "save_every_steps", "tensorboard", "progress", "final_test")  # fmt: skip
+
 
 @dataclass
 class TrainConfig:
