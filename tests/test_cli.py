@@ -300,7 +300,33 @@ def test_a_users_own_config_yaml_in_the_out_dir_is_refused_and_kept(data, tmp_pa
 
 def test_resume_without_last_pt_is_a_user_error(data, tmp_path, capsys):
     code, out, err = run_cli(capsys, *train_argv(data, tmp_path / "fresh", "--resume"))
-    _assert_user_error(code, out, err, "last.pt")
+    _assert_user_error(code, out, err, "fresh' does not exist", "--resume needs the run dir of an existing run")
+
+
+@pytest.mark.parametrize(
+    ("argv", "needles"),
+    [
+        # no run there and no --data: the missing run is the problem, not the data (was "data is required")
+        (["--out", "runs/typo", "--resume"], ["'runs/typo' does not exist", "--resume needs the run dir"]),
+        # no --out: was "cannot resume: runs/<model>-<timestamp>/last.pt does not exist", a dir never named
+        (["--resume", "--data", "images"], ["nothing to resume", "--resume needs the run dir", "no --out given"]),
+    ],
+)
+def test_resume_without_a_run_dir_says_resume_needs_one(tmp_path, capsys, monkeypatch, argv, needles):
+    monkeypatch.chdir(tmp_path)
+    make_image_folder(tmp_path / "images")
+    code, out, err = run_cli(capsys, "train", *argv)
+    _assert_user_error(code, out, err, *needles)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_out_naming_a_file_is_a_user_error_and_the_file_is_kept(data, tmp_path, capsys):
+    outfile = tmp_path / "outfile"
+    outfile.write_text("mine")
+    for out in (outfile, outfile / "run"):  # was "File exists (outfile)" / "Not a directory", as if a disk error
+        code, stdout, err = run_cli(capsys, *train_argv(data, out, "--freeze", "backbone"))
+        _assert_user_error(code, stdout, err, "outfile' is a file, not a directory")
+    assert outfile.read_text() == "mine"
 
 
 def test_export_refuses_to_overwrite_without_force(run, capsys, tmp_path):

@@ -172,15 +172,20 @@ def _inspect_parser(sub) -> None:
     p.set_defaults(func=_cmd_inspect, command_parser=p)
 
 
-def _train_config(args) -> TrainConfig:
+def _train_config(args, *, run: bool = True) -> TrainConfig:
+    """The config of a ``train`` (``run``) or ``sweep`` command: file, then ``key=value`` overrides, then flags."""
     overrides = dict(parse_override(item) for item in args.overrides)
     overrides.update({k: getattr(args, k) for k in field_names() if getattr(args, k, None) is not None})
     base = args.config
     out = overrides.get("out")
     # Resuming: the run's own config, with the flags given now on top. Without --out there is no run to read
-    # (a config.yaml in the current directory is not one).
-    if base is None and overrides.get("resume") and out and (Path(out) / "config.yaml").is_file():
-        base = Path(out) / "config.yaml"
+    # (a config.yaml in the current directory is not one). The run dir is checked first: without a run there, the
+    # config's problems ("data is required") would hide the one that matters.
+    if base is None and overrides.get("resume") and run:  # a sweep's dir holds runs, not one
+        from freezetune.runtime import CONFIG_FILE, prepare_run_dir
+
+        run_dir = prepare_run_dir(out, "", resume=True, clean=False)
+        base = run_dir / CONFIG_FILE if (run_dir / CONFIG_FILE).is_file() else None
     # --print-config shows a config without data too: a template that a run completes with --data
     return load_config(base, overrides, need_data=not args.print_config)
 
@@ -199,7 +204,7 @@ def _cmd_train(args) -> int:
 def _cmd_sweep(args) -> int:
     from freezetune.sweep import sweep
 
-    cfg = _train_config(args)
+    cfg = _train_config(args, run=False)
     if args.print_config:
         print(cfg.dump(), end="")
         return 0

@@ -28,6 +28,7 @@ RECIPE_FILE, TRIALS_DIR = "recipe.json", "auto-trials"  # the auto recipe's deci
 # Signs that a run was started here (a recipe's files included): ``--resume`` of such a dir restarts it.
 CONFIG_FILE, CLASSES_FILE = "config.yaml", "classes.json"  # the run's resolved config and class names
 RUN_TRACES = (*STARTED_FILES, CONFIG_FILE, CLASSES_FILE, RECIPE_FILE, TRIALS_DIR)
+RESUME_NEEDS = "--resume needs the run dir of an existing run, given with --out"
 
 
 def prepare_run_dir(out: str | None, model: str, *, resume: bool, clean: bool = True, also_clear: tuple[str, ...] = (),
@@ -39,8 +40,8 @@ def prepare_run_dir(out: str | None, model: str, *, resume: bool, clean: bool = 
     followed by ``last.pt``, a disk cache, and ``also_clear``: a recipe's own files) is cleared, said in one line.
     A directory without ``last.pt`` whose files show finished epochs (``finished_work``: its ``last.pt`` deleted) is
     refused, with or without ``resume``: a fresh start would delete them; so is one holding a ``config.yaml`` no run
-    wrote (the user's own), which the run's would replace. ``resume`` of a directory that does not exist, or holds
-    only other files, is refused. Temporary files that killed writers left are removed. ``clean``:
+    wrote (the user's own), which the run's would replace, and an ``out`` that is (or lies below) a file. ``resume``
+    without ``out``, or of a directory that does not exist or holds only other files, is refused. Temporary files that killed writers left are removed. ``clean``:
     do the clearing (rank 0 alone under DDP; the other ranks only check).
 
     Not created here: a set-up error (unknown model, bad data path) must not leave an empty run dir behind;
@@ -48,27 +49,10 @@ def prepare_run_dir(out: str | None, model: str, *, resume: bool, clean: bool = 
     """
     from freezetune._io import remove_stale_temps
 
+    check_resume_target(out, resume)
     run_dir = Path(out) if out else default_run_dir(model)
+    traces = _check_run_dir(run_dir, resume=resume)
     finished = (run_dir / checkpoint.LAST).is_file()
-    if finished and not resume:
-        existing = [f for f in RUN_FILES if (run_dir / f).exists()]
-        raise ConfigError(
-            f"run dir {str(run_dir)!r} already holds a run ({', '.join(existing)}); "
-            "pass --resume to continue it or choose another --out"
-        )
-    if not finished and (work := finished_work(run_dir)):
-        raise ConfigError(f"run dir {str(run_dir)!r} holds a run that finished epochs ({work}) but no "
-                          f"{checkpoint.LAST} to {'resume' if resume else 'continue'} it from: choose another --out, "
-                          "or move those files out of it to start the run there afresh")  # fmt: skip
-    traces = [] if finished else [f for f in RUN_TRACES if (run_dir / f).exists()]
-    if traces == [CONFIG_FILE]:  # a run writes classes.json before its config.yaml: this one is the user's
-        raise ConfigError(f"--out {str(run_dir)!r} holds a {CONFIG_FILE} that no run wrote (no run was started "
-                          f"there), and a run writes its resolved config as {CONFIG_FILE} in its dir: keep your "
-                          "config outside the run dir, or choose another --out")  # fmt: skip
-    # a run stopped during its set-up leaves its dir empty; a dir that does not exist is more likely a typo
-    started = traces or (run_dir.is_dir() and not any(run_dir.iterdir()))
-    if resume and not finished and not started:
-        raise CheckpointError(f"cannot resume: {run_dir / checkpoint.LAST} does not exist")
     if clean and run_dir.is_dir():
         cleared = _clear(run_dir, (*STARTED_FILES, *also_clear)) if traces else []
         # without --resume, a dir holding only config.yaml and classes.json is no news
@@ -78,6 +62,40 @@ def prepare_run_dir(out: str | None, model: str, *, resume: bool, clean: bool = 
                  f"afresh{what}")  # fmt: skip
         remove_stale_temps(run_dir)
     return run_dir
+
+
+def check_resume_target(out: str | None, resume: bool) -> None:
+    """Refuse ``resume`` without ``out``: the default dir is a new timestamped one, never a run to continue."""
+    if resume and not out:
+        raise ConfigError(f"nothing to resume: {RESUME_NEEDS} (no --out given)")
+
+
+def _check_run_dir(run_dir: Path, *, resume: bool) -> list[str]:
+    """Refuse what ``prepare_run_dir`` refuses; the traces of a run stopped before its first ``last.pt`` (to clear)."""
+    blocker = next((p for p in (run_dir, *run_dir.parents) if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise ConfigError(f"--out {str(run_dir)!r} cannot be a run dir: {str(blocker)!r} is a file, not a directory")
+    if (run_dir / checkpoint.LAST).is_file():
+        if not resume:
+            existing = [f for f in RUN_FILES if (run_dir / f).exists()]
+            raise ConfigError(f"run dir {str(run_dir)!r} already holds a run ({', '.join(existing)}); pass --resume "
+                              "to continue it or choose another --out")  # fmt: skip
+        return []
+    if work := finished_work(run_dir):
+        raise ConfigError(f"run dir {str(run_dir)!r} holds a run that finished epochs ({work}) but no "
+                          f"{checkpoint.LAST} to {'resume' if resume else 'continue'} it from: choose another --out, "
+                          "or move those files out of it to start the run there afresh")  # fmt: skip
+    traces = [f for f in RUN_TRACES if (run_dir / f).exists()]
+    if traces == [CONFIG_FILE]:  # a run writes classes.json before its config.yaml: this one is the user's
+        raise ConfigError(f"--out {str(run_dir)!r} holds a {CONFIG_FILE} that no run wrote (no run was started "
+                          f"there), and a run writes its resolved config as {CONFIG_FILE} in its dir: keep your "
+                          "config outside the run dir, or choose another --out")  # fmt: skip
+    # a run stopped during its set-up leaves its dir empty; a dir that does not exist is more likely a typo
+    started = traces or (run_dir.is_dir() and not any(run_dir.iterdir()))
+    if resume and not started:
+        what = "does not exist" if not run_dir.exists() else f"holds no run (no {checkpoint.LAST})"
+        raise CheckpointError(f"cannot resume: {str(run_dir)!r} {what}; {RESUME_NEEDS}")
+    return traces
 
 
 def finished_work(run_dir: Path) -> str | None:

@@ -66,6 +66,7 @@ def train(cfg: TrainConfig, *, echo=print, resumable: bool = True) -> RunResult:
     # SIGTERM/SIGINT end the run with RunInterrupted at once, except in the training loop (Trainer.fit), which saves
     # its place first; the handlers found are put back after the run
     validate(cfg)  # before a recipe plans anything: every problem of the config, with the choices
+    runtime.check_resume_target(cfg.out, cfg.resume)  # a recipe would otherwise look in a new timestamped dir
     with out_of_memory_hint(cfg.batch_size), StopRequest().listening(defer=False):
         if recipes.recipe_of(cfg) is not None:
             return recipes.run(cfg, echo=echo)
