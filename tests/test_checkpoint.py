@@ -191,3 +191,11 @@ def test_an_init_checkpoint_of_another_model_or_shape_says_which(trained, tmp_pa
         checkpoint.init_from(other, path, CLASSES, model_name="timm:resnet18")
     with pytest.raises(CheckpointError, match=r"does not fit .*(Missing key|Unexpected key|size mismatch)"):
         checkpoint.init_from(other, path, CLASSES)  # it ended at torch's "Error(s) in loading state_dict for ..."
+
+
+def test_a_writer_without_background_writes_at_submit_in_this_thread(tmp_path):
+    writer = checkpoint.Writer(tmp_path, background=False)
+    weights = torch.zeros(2)
+    writer.submit(best=None, last={"epoch": 1, "state_dict": {"w": weights}})
+    assert torch.load(tmp_path / checkpoint.LAST)["epoch"] == 1  # on disk before submit returned, no wait
+    assert not [t for t in threading.enumerate() if t.name == "freezetune-checkpoint"]

@@ -167,6 +167,10 @@ class Writer:
     ``wait`` returns once everything submitted is on disk and raises what a write raised; so does the next
     ``submit``: a full disk stops the run at its next save, not at its end.
 
+    ``background`` False writes in the calling thread, at ``submit``, with no copy: for a run on the CPU, whose
+    cores a writer thread would take from the training (on 2 cores, Fashion-MNIST at 10 a class, 64 px, 10 epochs,
+    the run took 3.40-3.42 s with the thread against 3.30-3.32 s without).
+
     >>> import tempfile
     >>> writer = Writer(Path(tempfile.mkdtemp()))
     >>> writer.submit(best={"state_dict": {"w": torch.ones(2)}, "epoch": 1}, last=None)
@@ -175,16 +179,20 @@ class Writer:
     1
     """
 
-    def __init__(self, run_dir: str | Path) -> None:
-        self.run_dir = Path(run_dir)
+    def __init__(self, run_dir: str | Path, *, background: bool = True) -> None:
+        self.run_dir, self.background = Path(run_dir), background
         self._pending: dict[str, dict | None] | None = None
         self._writing = False
         self._error: BaseException | None = None
         self._changed = threading.Condition()
 
     def submit(self, *, best: dict[str, Any] | None, last: dict[str, Any] | None) -> None:
-        """Queue ``best.pt`` and/or ``last.pt`` (either may be None), snapshotted now, written in the background."""
+        """Queue ``best.pt`` and/or ``last.pt`` (either may be None), snapshotted now, written in the background (or
+        written now, without ``background``)."""
         self._raise_error()
+        if not self.background:
+            self._write(best, last)
+            return
         job = {"best": _snapshot(best), "last": _snapshot(last)}
         with self._changed:
             if self._pending is not None and job["best"] is None:
@@ -217,13 +225,16 @@ class Writer:
                     self._changed.notify_all()
                     return
             try:
-                if job["best"] is not None:
-                    save(job["best"], self.run_dir / BEST)
-                if job["last"] is not None:
-                    pause_point("checkpoint")
-                    save(job["last"], self.run_dir / LAST)
+                self._write(job["best"], job["last"])
             except BaseException as exc:  # handed to the training thread: a thread's exception would only be printed
                 self._error = self._error or exc
+
+    def _write(self, best: dict[str, Any] | None, last: dict[str, Any] | None) -> None:
+        if best is not None:
+            save(best, self.run_dir / BEST)
+        if last is not None:
+            pause_point("checkpoint")
+            save(last, self.run_dir / LAST)
 
 
 def _snapshot(value: Any) -> Any:
