@@ -106,16 +106,23 @@ def list_images(paths: list[str]) -> list[str]:
     >>> list_images(["cat.jpg", "more_pets/"])  # doctest: +SKIP
     ['cat.jpg', 'more_pets/a.png', 'more_pets/sub/b.jpg']
     """
+    return expand_paths(paths, _images_under, "image path", "images", IMAGE_EXTENSIONS)
+
+
+def expand_paths(paths: list[str], files_under, what: str, kind: str, suffixes) -> list[str]:
+    """Files named explicitly, in order, and ``files_under(folder)`` for each folder (``list_images``, and a text
+    model's ``list_text_files``). A missing path is a DataError naming ``what``; no file at all, one naming ``kind``
+    and the ``suffixes`` a folder is searched for."""
     out: list[str] = []
     for p in map(Path, paths):
         if p.is_dir():
-            out += [str(f) for f in _images_under(p)]
+            out += [str(f) for f in files_under(p)]
         elif p.is_file():
             out.append(str(p))
         else:
-            raise DataError(f"image path '{p}' does not exist")
+            raise DataError(f"{what} '{p}' does not exist")
     if not out:
-        raise DataError(f"no images found in {choices(paths)}; expected files ending in {', '.join(IMAGE_EXTENSIONS)}")
+        raise DataError(f"no {kind} found in {choices(paths)}; expected files ending in {', '.join(suffixes)}")
     return out
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from freezetune.data.folder import sorted_labels
+from freezetune.data.folder import expand_paths, sorted_labels
 from freezetune.errors import ConfigError, DataError, choices
 
 TEXT_COLUMNS = ("text", "sentence", "review", "document", "content")
@@ -128,18 +128,11 @@ def list_text_files(paths: list[str]) -> list[str]:
     >>> list_text_files(["a.txt", "more/"])  # doctest: +SKIP
     ['a.txt', 'more/b.csv', 'more/sub/c.txt']
     """
-    out: list[str] = []
-    for p in map(Path, paths):
-        if p.is_dir():
-            out += sorted(str(f) for f in p.rglob("*") if f.is_file() and f.suffix.lower() in TEXT_FILE_SUFFIXES)
-        elif p.is_file():
-            out.append(str(p))
-        else:
-            raise DataError(f"text file '{p}' does not exist")
-    if not out:
-        raise DataError(f"no text files found in {choices(paths)}; expected files ending in "
-                        f"{', '.join(TEXT_FILE_SUFFIXES)}")  # fmt: skip
-    return out
+
+    def under(folder: Path) -> list[Path]:
+        return sorted(f for f in folder.rglob("*") if f.is_file() and f.suffix.lower() in TEXT_FILE_SUFFIXES)
+
+    return expand_paths(paths, under, "text file", "text files", TEXT_FILE_SUFFIXES)
 
 
 def _read_rows(path: Path) -> tuple[list[str], list[list[str]]]:
