@@ -401,6 +401,28 @@ def test_each_epochs_row_logs_the_lrs_its_last_step_used(data, tmp_path, capsys)
     assert lrs[-1] == pytest.approx(1e-3 / 25 / 1e4, rel=1e-3) and lrs[0] > lrs[1] > lrs[2]
 
 
+def test_checkpoints_written_in_the_background_are_those_written_in_turn(data, tmp_path, capsys, monkeypatch):
+    # a CPU run writes in turn; on a GPU the Writer's thread writes from snapshots while the next epoch trains
+    argv = ("--epochs", "3", "--freeze", "-3", "--save-every-steps", "2")
+    code, _, err = run_cli(capsys, *train_argv(data, tmp_path / "in-turn", *argv))
+    assert code == 0, err
+    real = checkpoint.Writer
+    monkeypatch.setattr(checkpoint, "Writer", lambda run_dir, background: real(run_dir, background=True))
+    code, _, err = run_cli(capsys, *train_argv(data, tmp_path / "background", *argv))
+    assert code == 0, err
+    for name in ("best.pt", "last.pt"):
+        a, b = (checkpoint.load(tmp_path / d / name) for d in ("in-turn", "background"))
+        assert a["epoch"] == b["epoch"] and all(
+            torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"]
+        )
+
+    def learned(run: str) -> list[dict]:
+        return [{k: v for k, v in r.items() if k.startswith(("epoch", "train_", "val_", "lr/")) and k != "epoch_time_s"}
+                for r in _rows(tmp_path / run)]  # fmt: skip
+
+    assert learned("in-turn") == learned("background")
+
+
 def test_a_full_disk_while_saving_is_one_line_and_keeps_the_last_good_checkpoint(data, tmp_path, capsys, monkeypatch):
     import errno
 
