@@ -211,3 +211,14 @@ def test_read_texts_takes_a_csv_text_column_or_lines(tmp_path):
 def _key(name: str, state: dict) -> str:
     """The packaged weights are the bare encoder (no ``bert.`` prefix)."""
     return name if name in state else name.removeprefix("bert.")
+
+
+def test_a_model_directory_without_a_tokenizer_is_refused_before_training(tmp_path, capsys):
+    # transformers builds an empty tokenizer from config.json alone (5 tokens for BERT): every text would be [UNK]
+    from conftest import tiny_bert
+
+    tiny_bert(num_labels=2).save_pretrained(tmp_path / "bert")
+    code, _, err = run_cli(capsys, "train", "--model", f"hf:{tmp_path / 'bert'}", "--weights", "default", "--data",
+                           str(_csv(tmp_path / "t.csv")), "--out", str(tmp_path / "run"), "--epochs", "1")  # fmt: skip
+    assert code == 2 and "holds no tokenizer (tokenizer.json, vocab.txt, vocab.json, ...)" in err, err
+    assert "tokenizer.save_pretrained" in err and not (tmp_path / "run").exists()

@@ -274,12 +274,22 @@ def text_preprocess(name: str, max_length: int = 128) -> Preprocess:
     """The preprocessing of a Hugging Face text classifier ``hf:DIR_OR_ID``: its own tokenizer.
 
     Raises:
-        ConfigError: ``name`` is not a Hugging Face model (only those have a tokenizer here).
+        ConfigError: ``name`` is not a Hugging Face model (only those have a tokenizer here), or is a local directory
+            without tokenizer files: transformers would build an empty tokenizer from the config alone (5 tokens for
+            BERT), and every text would train as unknown tokens.
     """
     library, arch = _split_name(name)
     if library != "hf":
         raise ConfigError(f"{name} has no image preprocessing and no tokenizer; text models are hf:DIR_OR_ID")
+    if Path(arch).is_dir() and not any((Path(arch) / f).is_file() for f in TOKENIZER_FILES):
+        raise ConfigError(f"{arch!r} holds no tokenizer ({', '.join(TOKENIZER_FILES[:3])}, ...): save the model's "
+                          "tokenizer beside it (tokenizer.save_pretrained(DIR))")  # fmt: skip
     return Preprocess(tokenizer=arch, max_length=max_length)
+
+
+# A saved Hugging Face tokenizer has at least one of these (fast, WordPiece, BPE, SentencePiece vocabularies)
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "tokenizer_config.json", "spiece.model",
+                   "sentencepiece.bpe.model", "tokenizer.model", "merges.txt")  # fmt: skip
 
 
 def _hf_pretrained(auto, name: str, arch: str, cache_only: bool) -> nn.Module:
