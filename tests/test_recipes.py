@@ -281,3 +281,25 @@ def test_sweep_refuses_an_option_one_of_its_recipes_sets_itself(data, tmp_path, 
                            "--recipes", "linear-probe,gradual")  # fmt: skip
     assert code == 2 and "recipe 'gradual' sets unfreeze itself" in err and "recipe 'linear-probe'" in err
     assert not (tmp_path / "sweep").exists()
+
+
+def test_a_sweeps_budget_counts_each_second_once_and_its_winner_names_absolute_paths(tmp_path, monkeypatch):
+    from freezetune import sweep as sweep_mod
+
+    ran = []
+
+    def fake(name, cfg, echo):  # a recipe that reports 6 s of training and takes none
+        ran.append(name)
+        row = {"recipe": name, "val_acc": 0.5 + 0.1 * len(ran), "train_s": 6.0, "peak_mem_mb": None,
+               "trainable_params": 10, "best_epoch": 1, "run_dir": str(tmp_path / name)}  # fmt: skip
+        return row, False
+
+    monkeypatch.setattr(sweep_mod, "_run_recipe", fake)
+    monkeypatch.chdir(tmp_path)
+    result = sweep_mod.sweep(TrainConfig(data="images", budget="10s"), "full,linear-probe,last-2", out="s",
+                             echo=lambda line: None)  # fmt: skip
+    # the clock had already counted what was trained: adding train_s again skipped last-2 after 12 "seconds"
+    assert ran == ["full", "linear-probe", "last-2"] and result.winner == "last-2"
+    winner = yaml.safe_load((tmp_path / "s" / "winner.yaml").read_text())
+    assert winner["data"] == str(tmp_path / "images")  # it was "images": train --config from elsewhere failed
+    assert "       -" in sweep_mod.format_table(result.rows, result.winner)  # no CPU peak: not one per recipe

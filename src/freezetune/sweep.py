@@ -13,6 +13,7 @@ import csv
 import dataclasses
 import io
 import json
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -53,13 +54,16 @@ def sweep(cfg: TrainConfig, recipes: str | list[str] | tuple[str, ...] = DEFAULT
     runs = _run_configs(cfg, _names(recipes), out)
     if (out / "sweep.csv").exists() and not cfg.resume:
         raise ConfigError(f"{str(out)!r} already holds a sweep (sweep.csv); choose another --out")
-    budget, start, rows = parse_duration(cfg.budget), time.perf_counter(), []
+    budget, start, rows, carried = parse_duration(cfg.budget), time.perf_counter(), [], 0.0
     for name, run_cfg in runs.items():
-        # a recipe finished before an interruption counts its measured seconds, not the re-read's
-        if budget is not None and time.perf_counter() - start + sum(r["train_s"] for r in rows) > budget:
+        # the clock counts what this process trained; a recipe finished before an interruption adds its measured
+        # seconds (its re-read takes a fraction of a second)
+        if budget is not None and time.perf_counter() - start + carried > budget:
             echo(f"sweep: budget {cfg.budget} spent; skipping {name}")
             continue
-        rows.append(_run_recipe(name, run_cfg, echo))
+        row, read_back = _run_recipe(name, run_cfg, echo)
+        rows.append(row)
+        carried += row["train_s"] if read_back else 0.0
     if not rows:
         raise ConfigError("the sweep ran no recipe (budget too small?)")
     winner = max(rows, key=lambda r: (r["val_acc"], -r["train_s"]))
@@ -104,28 +108,33 @@ def _run_configs(cfg: TrainConfig, names: list[str], out: Path) -> dict[str, Tra
     return runs
 
 
-def _run_recipe(name: str, cfg: TrainConfig, echo: Callable[[str], None]) -> dict:
+def _run_recipe(name: str, cfg: TrainConfig, echo: Callable[[str], None]) -> tuple[dict, bool]:
     """Train one recipe and keep its row beside its run: a resumed sweep reads a finished recipe's row back, its
-    measured seconds included (re-reading its finished run takes a fraction of a second)."""
+    measured seconds included (re-reading its finished run takes a fraction of a second). The row, and whether it
+    was read back."""
     from freezetune import recipes
+    from freezetune.precision import resolve_device
 
     saved = Path(cfg.out) / ROW_FILE
     if cfg.resume and saved.is_file():
         echo(f"sweep: recipe {name} finished before the interruption: its row from {saved}")
-        return json.loads(saved.read_text())
+        return json.loads(saved.read_text()), True
     echo(f"sweep: recipe {name}")
-    row = _row(name, recipes.run(cfg, echo=echo))
+    row = _row(name, recipes.run(cfg, echo=echo), cuda=resolve_device(cfg.device).type == "cuda")
     atomic_write_text(saved, json.dumps(row))
-    return row
+    return row, False
 
 
-def _row(name: str, result) -> dict:
+def _row(name: str, result, *, cuda: bool) -> dict:
     history = result.history or [{}]
+    # A CPU reading is the process's resident peak, which holds what earlier recipes left allocated: it grew in run
+    # order whatever the recipe. CUDA's allocator counts this recipe alone.
+    peak = max(r.get("peak_mem_mb", 0.0) for r in history) if cuda else None
     return {
         "recipe": name,
         "val_acc": result.best_metric if result.best_metric is not None else float("nan"),
         "train_s": result.train_seconds,
-        "peak_mem_mb": max(r.get("peak_mem_mb", 0.0) for r in history),
+        "peak_mem_mb": peak,
         "trainable_params": history[-1].get("trainable_params", 0),
         "best_epoch": result.best_epoch,
         "run_dir": str(result.run_dir),
@@ -143,7 +152,8 @@ def format_table(rows: list[dict], winner: str) -> str:
     lines = [f"{'recipe':14s}  {'val acc':>7s}  {'train s':>7s}  {'peak MiB':>8s}  {'trainable':>9s}"]
     for r in rows:
         name = r["recipe"] + (" *" if r["recipe"] == winner else "")
-        lines.append(f"{name:14s}  {100 * r['val_acc']:6.1f}%  {r['train_s']:7.1f}  {r['peak_mem_mb']:8.0f}  "
+        peak = f"{r['peak_mem_mb']:8.0f}" if r.get("peak_mem_mb") is not None else f"{'-':>8s}"  # CPU: not measured
+        lines.append(f"{name:14s}  {100 * r['val_acc']:6.1f}%  {r['train_s']:7.1f}  {peak}  "
                      f"{r['trainable_params'] / 1e6:8.2f}M")  # fmt: skip
     return "\n".join(lines)
 
@@ -172,6 +182,9 @@ def _write(out: Path, rows: list[dict], winner: dict, cfg: TrainConfig) -> None:
     atomic_write_text(out / "winner.yaml", yaml.safe_dump(_winner_config(cfg, winner), sort_keys=False))
 
 
+_PATHS = ("data", "val_data", "cache_dir", "init")  # the config's paths, relative to the sweep's working directory
+
+
 def _winner_config(cfg: TrainConfig, winner: dict) -> dict:
     """The config that trains the winner again: its recipe on the sweep's settings, a fresh run with a test score.
 
@@ -181,6 +194,9 @@ def _winner_config(cfg: TrainConfig, winner: dict) -> dict:
     """
     values = {**cfg.to_dict(), "recipe": winner["recipe"], "freeze": "auto", "out": None, "resume": False,
               "final_test": True, "budget": None, "refit": False}  # fmt: skip
+    for key in _PATHS:  # as the sweep read them, wherever `train --config` is run from
+        if values.get(key):
+            values[key] = os.path.abspath(values[key])
     saved = Path(winner["run_dir"]) / "config.yaml"
     if cfg.batch_size == BATCH_AUTO and saved.is_file():
         values["batch_size"] = load_config(saved).batch_size
