@@ -80,6 +80,20 @@ def test_a_weights_file_with_another_head_loads_all_but_the_head_with_a_warning(
     assert code == 0, err
 
 
+def test_a_fixed_size_vit_takes_its_own_size_and_names_it_when_given_another(tmp_path):
+    import transformers
+
+    config = transformers.ViTConfig(image_size=32, patch_size=8, hidden_size=16, num_hidden_layers=2,
+                                    num_attention_heads=2, intermediate_size=32, num_labels=3)  # fmt: skip
+    transformers.ViTForImageClassification(config).save_pretrained(tmp_path / "vit")  # no preprocessor_config.json
+    _, pre = create_model(f"hf:{tmp_path / 'vit'}", "default")
+    assert pre.input_size == 32  # ImageNet's 224 failed at the first forward: "doesn't match model (32*32)"
+    with pytest.raises(ConfigError, match=r"torchvision:vit_b_16 does not take 32 px images .* --img-size 224"):
+        create_model("torchvision:vit_b_16", "none", img_size=32)  # an AssertionError traceback in train and inspect
+    _, pre = create_model("torchvision:resnet18", "none", img_size=32)  # a convnet takes any size
+    assert pre.input_size == 32
+
+
 @pytest.mark.parametrize("name", ["resnet18", "tf:resnet18", "timm:"])
 def test_unknown_prefix_lists_prefixes(name):
     with pytest.raises(ConfigError, match="'timm:', 'torchvision:', 'hf:'"):

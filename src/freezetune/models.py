@@ -68,6 +68,7 @@ def create_model(
     packaged = packaged_weights(name) if mode == "pretrained" else None
     source: Source = "packaged" if packaged else "pretrained" if mode == "pretrained" else "random"
     model, pre = _BUILDERS[library](name, arch, source)
+    default_size = pre.input_size if pre is not None else None
     if packaged is not None:
         report = load_weights(model, packaged)
         log.info("%s: using packaged pretrained weights: %s", name, report.message)
@@ -75,7 +76,24 @@ def create_model(
         # a file whose head has other classes (an earlier fine-tune's) loads all but it: a run replaces the head
         report = load_weights(model, weights, strict=False)
         (log.warning if report.skipped else log.info)("%s: %s", name, report.message)
-    return model, _resize(pre, img_size, name)
+    pre = _resize(pre, img_size, name)
+    if pre is not None and pre.input_size != default_size:
+        _check_input_size(model, name, pre.input_size, default_size)
+    return model, pre
+
+
+def _check_input_size(model: nn.Module, name: str, size: int, default: int | None) -> None:
+    """One forward pass at ``size`` px: a model whose position embeddings fix its input (a ViT without interpolation)
+    fails there in one line, not in a traceback at the first training step."""
+    was_training = model.training
+    try:
+        with torch.inference_mode():
+            model.eval()(torch.zeros(1, 3, size, size))
+    except (AssertionError, ValueError, RuntimeError) as exc:
+        raise ConfigError(f"{name} does not take {size} px images ({first_line(exc)}); give --img-size {default} or "
+                          "leave it out") from None  # fmt: skip
+    finally:
+        model.train(was_training)
 
 
 def _split_name(name: str) -> tuple[str, str]:
@@ -267,7 +285,7 @@ def _hf_model(name: str, arch: str, source: Source) -> tuple[nn.Module, Preproce
     config = _hf_config(transformers, name, arch, cache_only)
     auto, is_image = _hf_auto_class(transformers, config, arch)
     model = _hf_pretrained(auto, name, arch, cache_only) if source == "pretrained" else auto.from_config(config)
-    return model, (_hf_preprocess(arch, cache_only) if is_image else None)
+    return model, (_hf_preprocess(arch, cache_only, getattr(config, "image_size", None)) if is_image else None)
 
 
 def text_preprocess(name: str, max_length: int = 128) -> Preprocess:
@@ -334,14 +352,16 @@ def _hf_auto_class(transformers, config, arch: str):
     )
 
 
-def _hf_preprocess(arch: str, cache_only: bool) -> Preprocess:
+def _hf_preprocess(arch: str, cache_only: bool, image_size: object = None) -> Preprocess:
     from transformers.image_processing_base import ImageProcessingMixin
 
     try:
         settings, _ = ImageProcessingMixin.get_image_processor_dict(arch, local_files_only=cache_only)
     except (OSError, ValueError):
-        log.warning("%s has no image processor config; using ImageNet preprocessing defaults", arch)
-        return Preprocess()
+        # the config's image_size is what a ViT's position embeddings were made for (224 would not fit a 32 px one)
+        size = image_size if isinstance(image_size, int) and image_size > 0 else Preprocess().input_size
+        log.warning("%s has no image processor config; using ImageNet preprocessing defaults at %d px", arch, size)
+        return Preprocess(input_size=size)
     return _preprocess_from_hf(settings)
 
 
