@@ -303,3 +303,11 @@ def test_a_sweeps_budget_counts_each_second_once_and_its_winner_names_absolute_p
     winner = yaml.safe_load((tmp_path / "s" / "winner.yaml").read_text())
     assert winner["data"] == str(tmp_path / "images")  # it was "images": train --config from elsewhere failed
     assert "       -" in sweep_mod.format_table(result.rows, result.winner)  # no CPU peak: not one per recipe
+
+
+def test_a_sweeps_last_k_past_the_models_stages_is_refused_before_anything_trains(tmp_path, monkeypatch):
+    from freezetune import sweep as sweep_mod
+
+    monkeypatch.setattr(sweep_mod, "_run_recipe", lambda *a: pytest.fail("a recipe trained"))
+    with pytest.raises(ConfigError, match=r"recipe 'last-99': k is out of range .* choose last-1 to last-"):
+        sweep_mod.sweep(TrainConfig(data="images", model="timm:test_efficientnet"), "full,last-99", out=tmp_path / "s")

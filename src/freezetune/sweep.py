@@ -105,6 +105,11 @@ def _run_configs(cfg: TrainConfig, names: list[str], out: Path) -> dict[str, Tra
             problems.append(str(exc).removeprefix("invalid config: "))
     if problems:
         raise ConfigError("invalid config: " + "; ".join(dict.fromkeys(problems)))
+    from freezetune import recipes
+
+    for name, run_cfg in runs.items():  # k against the model's stages: the one check that needs the model
+        if name.startswith("last-"):
+            recipes.check_last_k(run_cfg, name)
     return runs
 
 
