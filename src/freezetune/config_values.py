@@ -1,0 +1,143 @@
+"""How a raw value (YAML, a ``key=value`` override, a CLI flag, a Python argument) becomes a ``TrainConfig`` value:
+plain fields convert to their declared type, structured ones (``freeze``, ``unfreeze``, ``stage_lrs``,
+``batch_size``) are parsed into their final form. ``freezetune.config`` re-exports the public names.
+"""
+
+from __future__ import annotations
+
+import functools
+import types
+import typing
+from typing import Any
+
+import yaml
+
+from freezetune.errors import ConfigError
+
+
+def parse_stage_lrs(text: str | dict | None) -> dict[str, float]:
+    """``"layer4=1e-4,layer3=5e-5"`` -> ``{"layer4": 1e-4, "layer3": 5e-5}``.
+
+    >>> parse_stage_lrs("layer4=1e-4,layer3=5e-5")
+    {'layer4': 0.0001, 'layer3': 5e-05}
+    """
+    if text is None:
+        return {}
+    if isinstance(text, dict):
+        items = list(text.items())
+    else:
+        items = [part.partition("=")[::2] for part in str(text).split(",") if part.strip()]
+    out = {}
+    for name, value in items:
+        try:
+            out[str(name).strip()] = float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"stage_lrs entry {name}={value!r} is not STAGE=LR (e.g. 'layer4=1e-4')") from None
+    return out
+
+
+@functools.cache
+def field_types() -> dict[str, Any]:
+    """The resolved type hint of every ``TrainConfig`` field (``"int | None"`` becomes ``int | None``)."""
+    from freezetune.config import TrainConfig  # the fields this module converts values for
+
+    return typing.get_type_hints(TrainConfig)
+
+
+def scalar_type(name: str) -> type | None:
+    """The plain type (int, float, bool or str) a field holds, optional or not; None for structured fields.
+
+    >>> scalar_type("img_size"), scalar_type("channels_last"), scalar_type("stage_lrs")
+    (<class 'int'>, <class 'bool'>, None)
+    """
+    hint = field_types().get(name)
+    kinds = [k for k in typing.get_args(hint) if k is not type(None)] if _is_union(hint) else [hint]
+    return kinds[0] if len(kinds) == 1 and kinds[0] in (int, float, bool, str) else None
+
+
+def coerce(name: str, value: Any) -> Any:
+    """Turn a raw YAML or CLI value of field ``name`` into the value the config holds.
+
+    Plain fields convert to their type (``"3"`` -> 3 for an int); ``freeze``, ``unfreeze`` and ``stage_lrs`` are
+    parsed into their final form. None (unset) and unknown keys (reported later, all together) pass through.
+
+    >>> coerce("epochs", "3"), coerce("freeze", "stem,layer1"), coerce("stage_lrs", "layer4=1e-4")
+    (3, ['stem', 'layer1'], {'layer4': 0.0001})
+    """
+    if name in _PARSERS:
+        return _PARSERS[name](value)
+    if value is None or name not in field_types():
+        return value
+    kind = scalar_type(name)
+    if kind is None or isinstance(value, bool):
+        return value
+    try:
+        if kind is bool:
+            return str(value).lower() in ("1", "true", "yes", "on")
+        return kind(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name} expects {_type_name(field_types()[name])}, got {value!r}") from None
+
+
+def _allows_none(hint: Any) -> bool:
+    return _is_union(hint) and type(None) in typing.get_args(hint)
+
+
+def _is_union(hint: Any) -> bool:
+    return typing.get_origin(hint) in (typing.Union, types.UnionType)
+
+
+def _type_name(hint: Any) -> str:
+    if _is_union(hint):
+        return " | ".join(_type_name(k) for k in typing.get_args(hint))
+    return "None" if hint is type(None) else getattr(hint, "__name__", str(hint))
+
+
+def parse_freeze_spec(spec: str | int | list | tuple) -> str | int | list:
+    """A freeze spec from the CLI or YAML in its final form; parsing it again changes nothing.
+
+    A comma-separated string or a list becomes a list of names and ints (``"-2"`` -> -2); a single item stays
+    itself.
+
+    >>> parse_freeze_spec("-2"), parse_freeze_spec("stem,layer1"), parse_freeze_spec(["stem", "3"])
+    (-2, ['stem', 'layer1'], ['stem', 3])
+    >>> parse_freeze_spec(parse_freeze_spec("stem,layer1")), parse_freeze_spec("backbone")
+    (['stem', 'layer1'], 'backbone')
+    """
+    items = list(spec) if isinstance(spec, (list, tuple)) else [spec]
+    tokens: list[str | int] = []
+    for item in items:
+        if isinstance(item, int):
+            tokens.append(item)
+            continue
+        parts = [p.strip() for p in str(item).split(",") if p.strip()]
+        tokens += [int(p) if p.lstrip("-").isdigit() else p for p in parts]
+    return tokens[0] if len(tokens) == 1 else tokens
+
+
+def _parse_freeze(value: Any) -> str | int | list | None:
+    return None if value is None else parse_freeze_spec(value)
+
+
+def _parse_batch_size(value: Any) -> int | str | None:
+    # "64" from the command line is a number; "auto" stays a word; anything else is left for validate to report
+    return int(value) if isinstance(value, str) and value.strip().isdigit() else value
+
+
+def _parse_unfreeze(value: Any) -> str | dict | None:
+    # the --unfreeze flag's "{1: blocks.6}" is the mapping YAML and key=value read: read it the same way
+    if isinstance(value, str) and value.strip().startswith("{"):
+        try:
+            return yaml.safe_load(value)
+        except yaml.YAMLError:
+            return value  # validate reports it with the schedule forms
+    return value if value is None or isinstance(value, dict) else str(value)
+
+
+# Structured fields: parsed, not converted; each parser takes None (unset) too.
+_PARSERS = {
+    "batch_size": _parse_batch_size,
+    "freeze": _parse_freeze,
+    "unfreeze": _parse_unfreeze,
+    "stage_lrs": parse_stage_lrs,
+}
