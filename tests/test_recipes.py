@@ -311,3 +311,10 @@ def test_a_sweeps_last_k_past_the_models_stages_is_refused_before_anything_train
     monkeypatch.setattr(sweep_mod, "_run_recipe", lambda *a: pytest.fail("a recipe trained"))
     with pytest.raises(ConfigError, match=r"recipe 'last-99': k is out of range .* choose last-1 to last-"):
         sweep_mod.sweep(TrainConfig(data="images", model="timm:test_efficientnet"), "full,last-99", out=tmp_path / "s")
+
+
+def test_a_sweep_given_a_freeze_spec_names_only_what_was_given(tmp_path):
+    from freezetune.sweep import sweep
+
+    with pytest.raises(ConfigError, match=r"drop freeze -2 \(recipe=null freeze=auto\)$"):  # it said "recipe None"
+        sweep(TrainConfig(data="images", freeze=-2), "full", out=tmp_path / "s")

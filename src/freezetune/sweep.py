@@ -90,9 +90,10 @@ def _names(recipes: str | list[str] | tuple[str, ...]) -> list[str]:
 
 def _run_configs(cfg: TrainConfig, names: list[str], out: Path) -> dict[str, TrainConfig]:
     """Each recipe's config, all validated before the first one trains (an option a recipe sets itself, say)."""
-    if cfg.recipe is not None or cfg.freeze != "auto":
-        raise ConfigError(f"a sweep runs each of --recipes with its own freeze; drop recipe {cfg.recipe!r} and freeze "
-                          f"{cfg.freeze!r} (recipe=null freeze=auto)")  # fmt: skip
+    given = [f"{k} {v!r}" for k, v in (("recipe", cfg.recipe), ("freeze", cfg.freeze)) if v not in (None, "auto")]
+    if given:  # only what the user gave is named (a winner.yaml holds a recipe; --freeze a spec)
+        raise ConfigError(f"a sweep runs each of --recipes with its own freeze; drop {' and '.join(given)} "
+                          "(recipe=null freeze=auto)")  # fmt: skip
     features = cfg.cache_dir or str(out / "features")
     # every recipe is judged on the validation split: the auto recipe keeps it through its final run (no refit)
     runs = {name: dataclasses.replace(cfg, recipe=name, out=str(out / name), cache_dir=features, final_test=False,
