@@ -278,3 +278,9 @@ def test_train_reports_a_mistyped_recipe_with_the_choices():
 
     with pytest.raises(ConfigError, match="unknown recipe 'lastk'; choose one of: 'auto', 'linear-probe', 'last-k'"):
         train(TrainConfig(data="images", recipe="lastk"))
+
+
+def test_cache_views_without_the_cache_is_named():
+    with pytest.raises(ConfigError, match="cache_views 3 sets how many augmented views the feature cache stores"):
+        validate(TrainConfig(data="images", cache="off", cache_views=3))  # accepted, and did nothing
+    validate(TrainConfig(data="images", cache="auto", cache_views=3))

@@ -204,6 +204,9 @@ def validate(cfg: TrainConfig, *, need_data: bool = True) -> None:
         raise ConfigError("invalid config: " + "; ".join(mistyped))
     problems = [choice_problem(name, getattr(cfg, name), allowed) for name, allowed in FIELD_CHOICES.items()]
     problems += [positive_int_problem(name, getattr(cfg, name)) for name in ("epochs", "cache_views")]
+    if cfg.cache == "off" and isinstance(cfg.cache_views, int) and cfg.cache_views > 1:  # it would do nothing
+        problems.append(f"cache_views {cfg.cache_views} sets how many augmented views the feature cache stores; with "
+                        "cache off every epoch augments afresh: drop one of them")  # fmt: skip
     if cfg.batch_size != BATCH_AUTO:
         problem = positive_int_problem("batch_size", cfg.batch_size)
         problems.append(problem and f"{problem} (or {BATCH_AUTO!r})")
