@@ -542,3 +542,22 @@ def test_batch_size_auto_on_cpu_keeps_the_default_and_config_yaml_keeps_the_numb
     assert code == 0 and yaml.safe_load(out)["batch_size"] == 12
     code, out, err = run_cli(capsys, *train_argv(data, tmp_path / "run2", "--batch-size", "big"))
     _assert_user_error(code, out, err, "batch_size must be an integer, got 'big' (or 'auto')")
+
+
+def test_what_fails_after_a_stop_signal_is_reported_as_the_stop_once(capsys, monkeypatch):
+    # under torchrun the same SIGTERM kills the loader workers, whose death the DataLoader reports over the stop
+    import signal
+
+    from freezetune import cli, interrupt
+
+    def killed_workers(args):
+        interrupt._raised = interrupt.RunInterrupted.by(signal.SIGTERM, "under torchrun, at once")
+        raise RuntimeError("DataLoader worker (pid 1) is killed by signal: Terminated.")
+
+    monkeypatch.setattr(interrupt, "_raised", None)
+    monkeypatch.setattr(cli, "_cmd_train", killed_workers)
+    code, _, err = run_cli(capsys, "train", "--data", "x")
+    assert code == 143 and err == "freezetune: stopped by SIGTERM under torchrun, at once\n"
+    monkeypatch.setenv("RANK", "1")  # the other ranks got the same signal: one line for the job
+    code, _, err = run_cli(capsys, "train", "--data", "x")
+    assert code == 143 and err == ""

@@ -9,13 +9,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
 from freezetune import __version__
 from freezetune.config import FIELD_CHOICES, TrainConfig, field_names, load_config, parse_override, scalar_type
 from freezetune.errors import FreezetuneError, one_line
-from freezetune.interrupt import RunInterrupted
+from freezetune.interrupt import RunInterrupted, raised_stop
 from freezetune.options import AMP_MODES, FREEZE_DEFAULT, MODEL_SOURCES, PRETRAINED_WEIGHTS, RANDOM_WEIGHTS, RECIPES
 from freezetune.sweep import DEFAULT_RECIPES
 
@@ -65,11 +66,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"freezetune: error: {exc.strerror or exc}{where}; files written before are intact", file=sys.stderr)
         return 2
     except RunInterrupted as exc:  # SIGTERM / SIGINT: the run saved where it stood; 143 / 130 as the shell reports
-        print(f"freezetune: {exc}", file=sys.stderr)
-        return exc.exit_code
+        return _stopped(exc)
     except KeyboardInterrupt:
         print("freezetune: interrupted; last.pt holds the last finished epoch (--resume continues)", file=sys.stderr)
         return 130
+    except Exception:
+        stop = raised_stop()  # what failed after a stop signal failed because of it (workers the signal killed)
+        if stop is None:
+            raise
+        return _stopped(stop)
+
+
+def _stopped(stop: RunInterrupted) -> int:
+    """The stop's one line (under torchrun, rank 0's alone: every rank got the same signal); 128 + the signal."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"freezetune: {stop}", file=sys.stderr)
+    return stop.exit_code
 
 
 def _overrides_anywhere(args: argparse.Namespace, extra: list[str]) -> None:

@@ -26,6 +26,8 @@ PAUSE_ENV = "FREEZETUNE_TEST_PAUSE_AT"
 PAUSE_MARKER_ENV = "FREEZETUNE_TEST_PAUSE_MARKER"
 _pauses_reached: dict[str, int] = {}
 # Stopped at once (set-up, cache build, final test; any moment under DDP): the saved state is whatever the run dir held.
+# Under torchrun a signal stops the ranks at once, in the training loop too: the ranks could not agree on a step.
+AT_ONCE_UNDER_DDP = "under torchrun, at once (last.pt holds the last finished epoch); --resume continues the run"
 OUTSIDE_A_STEP = ("outside a training step (nothing new saved); --resume continues a run that finished an epoch, "
                   "the same command restarts one that did not")  # fmt: skip
 
@@ -70,6 +72,7 @@ class StopRequest:
     def __init__(self) -> None:
         self.signum: int | None = None
         self.defer = False
+        self.at_once = OUTSIDE_A_STEP  # what a signal acted on at once says: where the run stood, what is saved
 
     @property
     def requested(self) -> bool:
@@ -84,7 +87,7 @@ class StopRequest:
         return RunInterrupted.by(self.signum, f"{where}; continue with --resume")
 
     @contextmanager
-    def listening(self, *, defer: bool) -> Iterator[StopRequest]:
+    def listening(self, *, defer: bool, at_once: str = OUTSIDE_A_STEP) -> Iterator[StopRequest]:
         """Handle SIGTERM and SIGINT in this block, then restore the handlers found (a notebook's, a caller's).
 
         Only the main thread may install handlers; elsewhere the block runs with the process's own.
@@ -92,7 +95,7 @@ class StopRequest:
         if threading.current_thread() is not threading.main_thread():
             yield self
             return
-        self.defer = defer
+        self.defer, self.at_once = defer, at_once
         previous = {s: signal.signal(s, self._handle) for s in STOP_SIGNALS}
         try:
             yield self
@@ -106,7 +109,23 @@ class StopRequest:
             return
         # not in the training loop, or a second signal: a user pressing Ctrl-C twice does not want to wait
         self.signum = signum
-        raise RunInterrupted.by(signum, OUTSIDE_A_STEP)
+        global _raised
+        _raised = RunInterrupted.by(signum, self.at_once)
+        raise _raised
+
+
+_raised: RunInterrupted | None = None  # the stop a handler raised in this process, if any
+
+
+def raised_stop() -> RunInterrupted | None:
+    """The ``RunInterrupted`` a stop signal raised in this process, if one did. Under torchrun the same SIGTERM also
+    kills the loader workers, whose death the DataLoader then reports over the stop (RuntimeError: worker killed):
+    the CLI reports the stop instead.
+
+    >>> raised_stop() is None
+    True
+    """
+    return _raised
 
 
 def pause_point(name: str) -> None:

@@ -38,7 +38,7 @@ from freezetune.errors import ConfigError, TrainingError
 from freezetune.evaluate import logits_of, run_model, to_device
 from freezetune.freeze import count_parameters, freeze, summary
 from freezetune.inference import evaluate_model, write_evaluation
-from freezetune.interrupt import StopRequest, pause_point
+from freezetune.interrupt import AT_ONCE_UNDER_DDP, OUTSIDE_A_STEP, StopRequest, pause_point
 from freezetune.loss import imbalance_note, training_loss
 from freezetune.memory import auto_batch_size, out_of_memory_hint
 from freezetune.models import create_model, text_preprocess
@@ -215,13 +215,14 @@ class Trainer:
         try:
             # one process: a signal is acted on at the next step boundary, after saving there; under DDP the ranks
             # could not agree on that step without a collective every step, so a signal stops them at once
-            with self.stop.listening(defer=not self.dist.enabled):
+            at_once = AT_ONCE_UNDER_DDP if self.dist.enabled else OUTSIDE_A_STEP
+            with self.stop.listening(defer=not self.dist.enabled, at_once=at_once):
                 self._epochs()
             self.checkpoints.wait()  # best.pt is scored next
-        finally:  # Ctrl-C too: flush TensorBoard; metrics.csv and last.pt hold every finished epoch once written
-            self.checkpoints.wait(raise_error=False)  # on an error, the saves already made still land
-            self.metrics.close()
-            self.features.close()  # the loaders' workers stop with the run, not when the garbage collector frees them
+        except BaseException:
+            self._close(failing=True)
+            raise
+        self._close(failing=False)
         self.seconds["epochs"] = time.perf_counter() - start
         if self.dist.is_main:
             reporting.plot_report(self.run_dir / "metrics.csv", self.run_dir / "report.png")
@@ -233,6 +234,18 @@ class Trainer:
             self.echo(f"best.pt: epoch {p.best_epoch}{metric} (no test split to score) -> {self.run_dir}")
         return RunResult(self.run_dir, p.best_epoch, p.best_metric, test, list(self.metrics.rows), self.seconds,
                          data_kind=noun(self.data.train))  # fmt: skip
+
+    def _close(self, *, failing: bool) -> None:
+        """After the epochs, Ctrl-C and errors too: the saves already made land, TensorBoard is flushed, the loaders'
+        workers stop with the run (not when the garbage collector frees them). A run already ``failing`` keeps its own
+        exception: what the clean-up meets then (loader workers the same SIGTERM killed) is not raised over it."""
+        steps = (lambda: self.checkpoints.wait(raise_error=not failing), self.metrics.close, self.features.close)
+        for step in steps:
+            try:
+                step()
+            except Exception:
+                if not failing:
+                    raise
 
     def _epochs(self) -> None:
         cfg, unfreezer = self.cfg, self.state.unfreezer
