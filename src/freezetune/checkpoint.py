@@ -138,11 +138,6 @@ def last_record(record: dict[str, Any], state: TrainingState, progress, steps_pe
     }
 
 
-def save_last(path: str | Path, record: dict[str, Any], state: TrainingState, progress, steps_per_epoch: int) -> Path:
-    """Write ``last.pt`` (``last_record``) now, in this thread."""
-    return save(last_record(record, state, progress, steps_per_epoch), path)
-
-
 def save_epoch(writer: Writer, record: dict[str, Any], state: TrainingState, progress, steps_per_epoch: int, *,
                row: dict, improved: bool, last: bool = True) -> None:  # fmt: skip
     """After an epoch: hand ``writer`` ``best.pt`` when the epoch improved, and ``last.pt`` (unless ``last`` is
@@ -207,9 +202,10 @@ class Writer:
         False, for a run already failing for another reason, drop it)."""
         with self._changed:
             self._changed.wait_for(lambda: not self._writing)
-        error, self._error = self._error, None
-        if error is not None and raise_error:
-            raise error
+        if raise_error:
+            self._raise_error()
+        else:
+            self._error = None
 
     def _raise_error(self) -> None:
         error, self._error = self._error, None
