@@ -109,8 +109,25 @@ def stage_groups(stage: Stage, lr: float, weight_decay: float | None, no_decay: 
         decays = {} if weight_decay is None else {"weight_decay": weight_decay}
         out.append({"params": decay_params, "name": stage.name, "lr": lr, **decays})
     if skip_params:
-        out.append({"params": skip_params, "name": f"{stage.name}/no_decay", "lr": lr, "weight_decay": 0.0})
+        out.append({"params": skip_params, "name": f"{stage.name}{NO_DECAY}", "lr": lr, "weight_decay": 0.0})
     return out
+
+
+NO_DECAY = "/no_decay"  # the suffix of a stage's twin group holding its biases and norm parameters
+
+
+def group_stage(group: dict) -> str:
+    """The stage an optimizer group of ``param_groups`` belongs to ("" for a group named otherwise, or not at all).
+
+    >>> group_stage({"name": "layer4/no_decay"}), group_stage({"name": "fc"}), group_stage({})
+    ('layer4', 'fc', '')
+    """
+    return str(group.get("name", "")).removesuffix(NO_DECAY)
+
+
+def is_no_decay(group: dict) -> bool:
+    """Whether an optimizer group is a stage's ``/no_decay`` twin."""
+    return str(group.get("name", "")).endswith(NO_DECAY)
 
 
 def no_decay_names(model: nn.Module) -> set[str]:

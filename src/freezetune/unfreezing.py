@@ -20,7 +20,7 @@ from torch import nn
 
 from freezetune.errors import CheckpointError, SpecError, choices
 from freezetune.freeze import Spec, check_bn_policy, resolve_stages, unfreeze
-from freezetune.param_groups import LRRule, no_decay_names, stage_groups
+from freezetune.param_groups import LRRule, group_stage, is_no_decay, no_decay_names, stage_groups
 from freezetune.stages import Stage, stages
 
 _FORMS = ("epoch:N", "plateau:patience=P,min_delta=D,mode=max|min", "{epoch: spec}")
@@ -193,7 +193,7 @@ class Unfreezer:
         that neither set of settings says."""
         lrs = {}  # stage -> its group's LR before any scheduler moved it
         for group in self.optimizer.param_groups:
-            stage = str(group.get("name", "")).split("/")[0]
+            stage = group_stage(group)
             if stage in self.rule.depth:
                 lrs.setdefault(stage, float(group.get("initial_lr", group["lr"])))
         if len(lrs) < 2:
@@ -262,9 +262,9 @@ class Unfreezer:
 
     def _reference(self, group: dict) -> tuple[int, float]:
         """A group to copy scheduler state from, and the LR ratio of the new group's stage to it."""
-        target = self.rule(group["name"].split("/")[0])
+        target = self.rule(group_stage(group))
         for i, g in enumerate(self.optimizer.param_groups):
-            stage = str(g.get("name", "")).split("/")[0]
+            stage = group_stage(g)
             if stage in self.rule.depth:
                 return i, target / self.rule(stage)
         g = self.optimizer.param_groups[0]
@@ -287,6 +287,6 @@ class Unfreezer:
 def _decay_in_use(optimizer: torch.optim.Optimizer) -> float:
     """The weight decay of ``optimizer``'s decaying groups (not the ``/no_decay`` twins), else its default."""
     for group in optimizer.param_groups:
-        if not str(group.get("name", "")).endswith("/no_decay"):
+        if not is_no_decay(group):
             return float(group.get("weight_decay", 0.0))
     return float(optimizer.defaults.get("weight_decay", 0.0))
