@@ -246,17 +246,22 @@ def predict_texts(
         raise ConfigError("predict_texts needs a text model (hf:DIR_OR_ID sequence classifier); this checkpoint's "
                           "model reads images: use predict_files")  # fmt: skip
     tokenizer = TokenizeBatch(loaded.preprocess.tokenizer, loaded.preprocess.max_length)
+    return _rank_texts(loaded, tokenizer, list(texts), topk, batch_size)
+
+
+def _rank_texts(loaded: LoadedModel, tokenizer, texts: list[str], topk: int, batch_size: int) -> list[dict]:
     records = []
     for start in range(0, len(texts), batch_size):
-        chunk = list(texts[start : start + batch_size])
+        chunk = texts[start : start + batch_size]
         probs = predict_probs(loaded.model, tokenizer.tokenize(chunk), loaded.precision)
         records += [{"text": t, "top": r} for t, r in zip(chunk, _ranked(probs, loaded.classes, topk), strict=True)]
     return records
 
 
 def _predict_text_files(loaded: LoadedModel, paths: list[str], topk: int, batch_size: int) -> list[dict]:
-    from freezetune.data.text import list_text_files, read_texts
+    from freezetune.data.text import TokenizeBatch, list_text_files, read_texts
 
+    tokenizer = TokenizeBatch(loaded.preprocess.tokenizer, loaded.preprocess.max_length)  # once, not once a file
     records = []
     for path in list_text_files(paths):
         try:  # one unreadable file must not cost the predictions of all the others
@@ -264,7 +269,7 @@ def _predict_text_files(loaded: LoadedModel, paths: list[str], topk: int, batch_
         except DataError as exc:
             records.append({"path": path, "error": str(exc)})
             continue
-        predicted = predict_texts(loaded, texts, topk=topk, batch_size=batch_size)
+        predicted = _rank_texts(loaded, tokenizer, texts, topk, batch_size)
         records += [{"path": path, "row": row, **r} for row, r in enumerate(predicted, 1)]
     return records
 
