@@ -15,14 +15,13 @@ from typing import Any
 import yaml
 
 from freezetune.config_values import (  # noqa: F401 - re-exported: the config's public names
-    _allows_none,
-    _parse_freeze,
-    _type_name,
+    allows_none,
     coerce,
     field_types,
     parse_freeze_spec,
     parse_stage_lrs,
     scalar_type,
+    type_name,
 )
 from freezetune.errors import ConfigError, choices
 from freezetune.options import (
@@ -132,8 +131,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         # Parsed once, here, whichever way the config was made (YAML, CLI, Python): the run and config.yaml see
         # the final form, and a YAML list stays a list.
-        self.freeze = _parse_freeze(self.freeze)
-        self.stage_lrs = parse_stage_lrs(self.stage_lrs)
+        self.freeze = coerce("freeze", self.freeze)
+        self.stage_lrs = coerce("stage_lrs", self.stage_lrs)
         for f in fields(self):  # a pathlib.Path from Python is the path it names (config.yaml holds strings)
             value = getattr(self, f.name)
             if isinstance(value, os.PathLike) and scalar_type(f.name) is str:
@@ -241,8 +240,8 @@ def _type_problems(cfg: TrainConfig) -> list[str]:
     problems = []
     for name, hint in field_types().items():
         kind, value = scalar_type(name), getattr(cfg, name)
-        if value is None and not _allows_none(hint):  # a YAML null or key=null of a field that cannot be unset
-            problems.append(f"{name} cannot be null (unset); give {_type_name(hint)} (default: "
+        if value is None and not allows_none(hint):  # a YAML null or key=null of a field that cannot be unset
+            problems.append(f"{name} cannot be null (unset); give {type_name(hint)} (default: "
                             f"{getattr(TrainConfig(), name)!r})")  # fmt: skip
             continue
         if kind is None or value is None or _fits(value, kind):
@@ -252,7 +251,7 @@ def _type_problems(cfg: TrainConfig) -> list[str]:
                             f"{type(value).__name__}; a Dataset of your own trains in your own loop with the "
                             "Python API (freeze, param_groups, Unfreezer)")  # fmt: skip
         else:
-            problems.append(f"{name} expects {_type_name(hint)}, got {value!r} ({type(value).__name__})")
+            problems.append(f"{name} expects {type_name(hint)}, got {value!r} ({type(value).__name__})")
     return problems
 
 

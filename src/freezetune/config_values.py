@@ -76,10 +76,15 @@ def coerce(name: str, value: Any) -> Any:
             return str(value).lower() in ("1", "true", "yes", "on")
         return kind(value)
     except (TypeError, ValueError):
-        raise ConfigError(f"{name} expects {_type_name(field_types()[name])}, got {value!r}") from None
+        raise ConfigError(f"{name} expects {type_name(field_types()[name])}, got {value!r}") from None
 
 
-def _allows_none(hint: Any) -> bool:
+def allows_none(hint: Any) -> bool:
+    """Whether a field's type hint admits None (the field can be unset).
+
+    >>> allows_none(int | None), allows_none(int)
+    (True, False)
+    """
     return _is_union(hint) and type(None) in typing.get_args(hint)
 
 
@@ -87,9 +92,14 @@ def _is_union(hint: Any) -> bool:
     return typing.get_origin(hint) in (typing.Union, types.UnionType)
 
 
-def _type_name(hint: Any) -> str:
+def type_name(hint: Any) -> str:
+    """A type hint as a user reads it.
+
+    >>> type_name(int | None)
+    'int | None'
+    """
     if _is_union(hint):
-        return " | ".join(_type_name(k) for k in typing.get_args(hint))
+        return " | ".join(type_name(k) for k in typing.get_args(hint))
     return "None" if hint is type(None) else getattr(hint, "__name__", str(hint))
 
 
