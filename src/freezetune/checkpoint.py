@@ -295,9 +295,10 @@ def _check_resumable(path: Path, record: dict, expect: dict[str, Any]) -> None:
     fixed = [k for k in old if k not in (*RESUME_MAY_CHANGE, *schedule, "model") and k in expect]
     changed = [f"{k} {old[k]!r} -> {expect[k]!r}" for k in fixed if old[k] != expect[k]]
     if changed:
+        may = ", ".join(k for k in RESUME_MAY_CHANGE if k not in ("out", "resume"))  # the two that name the resume
         raise ConfigError(f"cannot resume {path} with changed settings ({', '.join(changed)}): a run continues with "
                           "its own; resume with the run's values, or start a new run with another --out (a resume may "
-                          f"change only {', '.join(RESUME_MAY_CHANGE[2:])})")  # fmt: skip
+                          f"change only {may})")  # fmt: skip
 
 
 def rng_state() -> dict[str, Any]:

@@ -41,8 +41,9 @@ def prepare_run_dir(out: str | None, model: str, *, resume: bool, clean: bool = 
     A directory without ``last.pt`` whose files show finished epochs (``finished_work``: its ``last.pt`` deleted) is
     refused, with or without ``resume``: a fresh start would delete them; so is one holding a ``config.yaml`` no run
     wrote (the user's own), which the run's would replace, and an ``out`` that is (or lies below) a file. ``resume``
-    without ``out``, or of a directory that does not exist or holds only other files, is refused. Temporary files that killed writers left are removed. ``clean``:
-    do the clearing (rank 0 alone under DDP; the other ranks only check).
+    without ``out``, or of a directory that does not exist or holds only other files, is refused. Temporary files
+    that killed writers left are removed. ``clean``: do the clearing (rank 0 alone under DDP; the other ranks only
+    check).
 
     Not created here: a set-up error (unknown model, bad data path) must not leave an empty run dir behind;
     ``MetricsLogger`` creates it once the model and data are ready.
