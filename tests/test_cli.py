@@ -498,7 +498,7 @@ def test_disk_cache_without_room_is_refused_before_it_is_written(tmp_path, capsy
 @pytest.mark.parametrize("where", ["training", "caching"])
 def test_device_out_of_memory_names_the_batch_size_to_try_and_keeps_the_run(tmp_path, capsys, monkeypatch, where):
     from freezetune.cache import store
-    from freezetune.trainer import Trainer
+    from freezetune.step import Step
 
     data = make_image_folder(tmp_path / "img", train=4, val=2, test=0)
     argv = train_argv(data, tmp_path / "run", "--freeze", "backbone", "--cache", "memory", "--scheduler", "none")
@@ -508,7 +508,7 @@ def test_device_out_of_memory_names_the_batch_size_to_try_and_keeps_the_run(tmp_
     def out_of_memory(*_args, **_kwargs):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB")
 
-    monkeypatch.setattr(*((Trainer, "_optimize") if where == "training" else (store, "_prefix")), out_of_memory)
+    monkeypatch.setattr(*((Step, "_optimize") if where == "training" else (store, "_prefix")), out_of_memory)
     code, out, err = run_cli(capsys, *argv, "--epochs", "2", "--resume")
     _assert_user_error(code, out, err, "ran out of memory at batch size 8", "try --batch-size 4")
     after = snapshot(tmp_path / "run")

@@ -13,7 +13,7 @@ from torch import nn
 
 import freezetune as ft
 from _engine_fixtures import fashion_mnist_dir, make_image_folder, run_cli, snapshot, train_argv
-from freezetune import checkpoint, runtime, trainer
+from freezetune import checkpoint, runtime, step, trainer
 from freezetune.config import TrainConfig
 from freezetune.errors import ConfigError
 from freezetune.optim import build_optimizer, build_scheduler
@@ -320,13 +320,13 @@ def test_a_last_training_batch_of_one_image_is_left_out_not_a_crash(tmp_path, ca
 def test_a_non_finite_loss_stops_the_run_and_keeps_the_good_checkpoints(data, tmp_path, capsys, monkeypatch):
     # the loss turns NaN at the 2nd step of epoch 2: the run stops with one line naming both, best.pt and last.pt
     # keep epoch 1, and NaN never becomes the best. 36 training images in batches of 8: 5 steps an epoch.
-    real, calls = trainer.logits_of, []
+    real, calls = step.logits_of, []
 
-    def poisoned(output):  # the trainer's training steps alone call trainer.logits_of (validation has its own)
+    def poisoned(output):  # training steps alone call step.logits_of (validation has its own)
         calls.append(1)
         return real(output) * float("nan") if len(calls) == 5 + 2 else real(output)
 
-    monkeypatch.setattr(trainer, "logits_of", poisoned)
+    monkeypatch.setattr(step, "logits_of", poisoned)
     code, out, err = run_cli(capsys, *train_argv(data, tmp_path / "run", "--epochs", "3", "--freeze", "-3"))
     assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
     assert "not finite at epoch 2, step 2" in err and "--lr" in err
@@ -477,13 +477,13 @@ def test_frozen_stages_are_bit_identical_after_a_real_run(data, tmp_path, cache)
 
 def _poison_steps(monkeypatch, steps: set[int]) -> None:
     """The loss turns NaN at these training steps (1-based, counted over the run)."""
-    real, calls = trainer.logits_of, []
+    real, calls = step.logits_of, []
 
-    def poisoned(output):  # the trainer's training steps alone call trainer.logits_of (validation has its own)
+    def poisoned(output):  # training steps alone call step.logits_of (validation has its own)
         calls.append(1)
         return real(output) * float("nan") if len(calls) in steps else real(output)
 
-    monkeypatch.setattr(trainer, "logits_of", poisoned)
+    monkeypatch.setattr(step, "logits_of", poisoned)
 
 
 def test_skip_nonfinite_skips_a_bounded_number_of_bad_batches_per_epoch(data, tmp_path, capsys, monkeypatch):

@@ -35,7 +35,6 @@ from freezetune.distributed import (
     wrap,
 )
 from freezetune.errors import ConfigError, TrainingError
-from freezetune.evaluate import logits_of, run_model, to_device
 from freezetune.freeze import count_parameters, freeze, summary
 from freezetune.inference import evaluate_model, write_evaluation
 from freezetune.interrupt import AT_ONCE_UNDER_DDP, OUTSIDE_A_STEP, StopRequest, pause_point
@@ -48,6 +47,7 @@ from freezetune.precision import resolve_device, resolve_precision
 from freezetune.progress import Progress, RunResult
 from freezetune.split import check_cut
 from freezetune.stages import replace_head
+from freezetune.step import Step
 from freezetune.unfreezing import Unfreezer
 
 SKIPPED = "skipped.txt"  # the image files --skip-bad left out, one path a line
@@ -83,7 +83,8 @@ class Trainer:
     1. the process: torchrun group, device, precision, run directory (checked, created later), seeds;
     2. the model and data: pretrained model, datasets, new head, freezing, device placement;
     3. the feature path (images or cached features), which sizes the LR schedule before anything is built;
-    4. optimizer, LR schedule, Unfreezer, loss scaler, and the loss (class weights from the training labels);
+    4. optimizer, LR schedule, Unfreezer, loss scaler, the loss (class weights from the training labels), and the
+       ``Step`` that trains on a batch with them;
     5. on resume, ``last.pt``: weights, unfrozen stages and their groups, optimizer state, progress — before the
        cache, which must store what the restored model computes;
     6. the feature path is built: the cache at the frozen boundary (or images), the DDP wrap, compilation.
@@ -122,6 +123,8 @@ class Trainer:
         self.state = checkpoint.TrainingState(self.model, *self._optimization())
         self.loss_fn = training_loss(cfg.class_weights, cfg.label_smoothing, self.data.train.targets, len(self.classes),
                                      self.device)  # fmt: skip
+        self.step = Step(self.state, self.loss_fn, self.precision, channels_last=self.channels_last,
+                         grad_clip=cfg.grad_clip, skip_nonfinite=cfg.skip_nonfinite, dist=self.dist)  # fmt: skip
         self.progress = Progress(cfg.monitor)
         self.metrics = reporting.MetricsLogger(self.run_dir, tensorboard=cfg.tensorboard) if self.dist.is_main \
             else reporting.NullMetricsLogger()  # fmt: skip
@@ -271,7 +274,7 @@ class Trainer:
     def _run_epoch(self, epoch: int, unfrozen: list[str]) -> dict:
         runtime.seed_epoch(self.cfg.seed, epoch, rank=self.dist.rank)
         runtime.reset_peak_memory(self.device)
-        self.step_lrs: list[float] | None = None  # the LRs the epoch's last step used, for its metrics row
+        self.step.lrs = None  # the LRs the epoch's last step used, for its metrics row
         start = time.perf_counter()
         train_stats = self._train_epoch(epoch, self.features.train_batches(epoch))
         seconds = time.perf_counter() - start
@@ -287,7 +290,7 @@ class Trainer:
                                 f"{self._kept()}")  # fmt: skip
         row = epoch_log.epoch_row(epoch, self.cfg.epochs, train_stats, val, seconds=seconds, unfrozen=unfrozen,
                                   optimizer=self.state.optimizer, params=count_parameters(self.model),
-                                  peak_mb=runtime.peak_memory_mb(self.device), lrs=self.step_lrs)  # fmt: skip
+                                  peak_mb=runtime.peak_memory_mb(self.device), lrs=self.step.lrs)  # fmt: skip
         if self.resumable and epoch > 0 and not (self.run_dir / checkpoint.LAST).exists():
             # a dir without last.pt but with two rows holds finished work and is never restarted over
             # (runtime.finished_work): the second row waits for the first last.pt, once a run
@@ -315,30 +318,10 @@ class Trainer:
         """The training steps of ``epoch`` (those a mid-epoch ``last.pt`` left, on resume), each saved after when
         asked."""
         for inputs, targets in self._remaining(batches, meter):
-            inputs = to_device(inputs, self.device, self.channels_last)
-            targets = targets.to(self.device, non_blocking=True)
-            with self.precision.autocast():
-                logits = logits_of(run_model(self.features.train_module, inputs))
-                loss = self.loss_fn(logits.float(), targets)
-            if self.cfg.skip_nonfinite and self._not_finite(loss):
-                meter.skip()  # a step of the epoch (a mid-epoch save counts it) that trains nothing
-                if meter.skipped > self.cfg.skip_nonfinite:
-                    raise self._diverged(epoch, meter.step - 1, skipped=meter.skipped - 1)
-                if self.state.scheduler is not None:  # the schedule keeps its length, as AMP's skipped steps do
-                    self.state.scheduler.step()
-            else:
-                self._optimize(loss)
-                meter.update(loss, logits, targets)
+            if not self.step(self.features.train_module, inputs, targets, meter) \
+                    and meter.skipped > self.cfg.skip_nonfinite:  # fmt: skip
+                raise self._diverged(epoch, meter.step - 1, skipped=meter.skipped - 1)
             self._after_step(epoch, meter)
-
-    def _not_finite(self, loss: torch.Tensor) -> bool:
-        """Whether any rank's loss is not finite (every rank then skips the batch: DDP's backward is collective).
-
-        One host sync a step, paid only with ``skip_nonfinite`` on: without it the check stays on the device and is
-        read once an epoch (``TrainProgress``), where stopping needs no per-step decision.
-        """
-        bad = (~torch.isfinite(loss.detach())).float().reshape(1)
-        return bool(all_reduce_sum(bad, self.dist).item())
 
     def _diverged(self, epoch: int, step: int, skipped: int = 0) -> TrainingError:
         skips = f" after skipping {skipped} non-finite batch(es) this epoch (--skip-nonfinite)" if skipped else ""
@@ -364,7 +347,7 @@ class Trainer:
                 pass
             meter.load_state_dict(p.partial["meter"])
             checkpoint.set_rng_state(p.partial["rng"])
-            self.step_lrs = p.partial.get("lrs")  # the row of an epoch saved after its last step still names them
+            self.step.lrs = p.partial.get("lrs")  # the row of an epoch saved after its last step still names them
         return batches
 
     def _after_step(self, epoch: int, meter: epoch_log.TrainProgress) -> None:
@@ -376,7 +359,7 @@ class Trainer:
         # never save the weights of a non-finite step (the epoch's end reports it), nor a run nobody resumes
         if self.resumable and not meter.diverged:
             self.progress.at_step(step, {"meter": meter.state_dict(), "rng": checkpoint.rng_state(),
-                                         "lrs": self.step_lrs})  # fmt: skip
+                                         "lrs": self.step.lrs})  # fmt: skip
             record = checkpoint.model_record(self.model, self.cfg.to_dict(), self.classes, self.preprocess)
             self.checkpoints.submit(best=None, last=checkpoint.last_record(record, self.state, self.progress,
                                                                            self.steps_per_epoch))  # fmt: skip
@@ -386,19 +369,6 @@ class Trainer:
                      else "not saved: a non-finite step; last.pt holds the last save" if meter.diverged
                      else "saved in last.pt")  # fmt: skip
             raise self.stop.interrupted(f"at step {step}/{meter.total} of epoch {epoch + 1} ({saved})")
-
-    def _optimize(self, loss: torch.Tensor) -> None:
-        optimizer, scaler = self.state.optimizer, self.state.scaler
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        if self.cfg.grad_clip:
-            scaler.unscale_(optimizer)
-            nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], self.cfg.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        self.step_lrs = [g["lr"] for g in optimizer.param_groups]
-        if self.state.scheduler is not None:
-            self.state.scheduler.step()
 
     # --- unfreezing and the final test ----------------------------------------------------------------------
 

@@ -1,0 +1,87 @@
+"""One training step: a batch through the module under autocast, the loss, backward through the loss scaler, gradient
+clipping, the optimizer and LR-schedule steps; or, with ``skip_nonfinite``, a batch whose loss is not finite skipped.
+
+The ``Trainer`` decides which batches an epoch runs, when to save and when to stop; ``Step`` only trains on a batch.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+
+from freezetune.checkpoint import TrainingState
+from freezetune.distributed import DistInfo, all_reduce_sum
+from freezetune.epoch_log import TrainProgress
+from freezetune.evaluate import logits_of, run_model, to_device
+from freezetune.precision import Precision
+
+
+class Step:
+    """Trains on one batch a call; ``lrs`` are the learning rates the last optimizer step used (a metrics row's LR).
+
+    >>> import torch
+    >>> from torch import nn
+    >>> from freezetune.checkpoint import TrainingState
+    >>> from freezetune.epoch_log import TrainProgress
+    >>> from freezetune.precision import resolve_precision
+    >>> model = nn.Linear(4, 2)
+    >>> state = TrainingState(model, torch.optim.SGD(model.parameters(), lr=0.1), None,
+    ...                       resolve_precision(torch.device("cpu"), "off").scaler(), None)
+    >>> step = Step(state, nn.CrossEntropyLoss(), resolve_precision(torch.device("cpu"), "off"))
+    >>> meter = TrainProgress(1, "epoch 1/1", enabled=False, device=torch.device("cpu"))
+    >>> step(model, torch.randn(8, 4), torch.zeros(8, dtype=torch.long), meter)
+    True
+    >>> step.lrs
+    [0.1]
+    """
+
+    def __init__(self, state: TrainingState, loss_fn: nn.Module, precision: Precision, *, channels_last: bool = False,
+                 grad_clip: float | None = None, skip_nonfinite: int | None = None,
+                 dist: DistInfo | None = None) -> None:  # fmt: skip
+        self.state, self.loss_fn, self.precision, self.dist = state, loss_fn, precision, dist or DistInfo()
+        self.channels_last, self.grad_clip, self.skip_nonfinite = channels_last, grad_clip, skip_nonfinite
+        self.lrs: list[float] | None = None
+
+    def __call__(self, module: nn.Module, inputs, targets: torch.Tensor, meter: TrainProgress) -> bool:
+        """Train ``module`` on one batch and count it in ``meter``; False when the batch was skipped as non-finite
+        (``meter.skipped`` counts those; the caller decides when too many end the run)."""
+        device = self.precision.device
+        inputs = to_device(inputs, device, self.channels_last)
+        targets = targets.to(device, non_blocking=True)
+        with self.precision.autocast():
+            logits = logits_of(run_model(module, inputs))
+            loss = self.loss_fn(logits.float(), targets)
+        if self.skip_nonfinite and self._not_finite(loss):
+            meter.skip()  # a step of the epoch (a mid-epoch save counts it) that trains nothing
+            if self.state.scheduler is not None:  # the schedule keeps its length, as AMP's skipped steps do
+                with warnings.catch_warnings():  # torch's "scheduler before optimizer" warning: meant, when skipping
+                    warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step", UserWarning)
+                    self.state.scheduler.step()
+            return False
+        self._optimize(loss)
+        meter.update(loss, logits, targets)
+        return True
+
+    def _not_finite(self, loss: torch.Tensor) -> bool:
+        """Whether any rank's loss is not finite (every rank then skips the batch: DDP's backward is collective).
+
+        One host sync a step, paid only with ``skip_nonfinite`` on: without it the check stays on the device and is
+        read once an epoch (``TrainProgress``), where stopping needs no per-step decision.
+        """
+        bad = (~torch.isfinite(loss.detach())).float().reshape(1)
+        return bool(all_reduce_sum(bad, self.dist).item())
+
+    def _optimize(self, loss: torch.Tensor) -> None:
+        optimizer, scaler = self.state.optimizer, self.state.scaler
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if self.grad_clip:
+            scaler.unscale_(optimizer)
+            nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], self.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        self.lrs = [g["lr"] for g in optimizer.param_groups]
+        if self.state.scheduler is not None:
+            self.state.scheduler.step()
