@@ -208,6 +208,28 @@ def test_cache_features_for_your_own_loop(image_folder, tmp_path):
         ft.cache_features(model, dataset)
 
 
+@pytest.mark.parametrize("place", ["memory", "disk"])
+def test_cache_features_without_a_spill_dir_leaves_nothing_in_the_temp_dir(tmp_path, monkeypatch, place):
+    # a notebook caching again and again must not fill /tmp: in memory nothing is created, on disk the temporary
+    # file is removed at once while the store keeps reading it
+    import tempfile
+
+    import torchvision
+
+    import freezetune as ft
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    model = ft.replace_head(torchvision.models.resnet18(), 3)
+    ft.freeze(model, "backbone")
+    images = torch.randn(6, 3, 32, 32)
+    split, store = ft.cache_features(model, torch.utils.data.TensorDataset(images, torch.tensor([0, 1, 2] * 2)),
+                                     batch_size=4, place=place)  # fmt: skip
+    assert list(tmp_path.iterdir()) == []
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(split.suffix_eval(store.features[0]), model(images), rtol=1e-4, atol=1e-5)
+
+
 def test_one_cached_view_holds_the_plain_images_not_one_random_augmentation(image_folder, tmp_path):
     # one fixed random crop per image, seen every epoch, trained 3.4 points worse than the plain image: with a single
     # view the cache stores what evaluation sees; augmented views are cached only when there are several

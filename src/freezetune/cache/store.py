@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import tempfile
+import uuid
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -180,6 +181,10 @@ def cache_features(
     when ``views > 1``); ``split.suffix_eval`` evaluates. The model must be frozen first (``freeze``), with BatchNorm
     policy ``"frozen"`` in the prefix.
 
+    ``place``: ``"auto"`` (the device if it fits, else RAM, else disk), ``"memory"`` or ``"disk"``. A store on disk
+    is a file in ``spill_dir``; without one, a temporary file removed at once (the store keeps it mapped), so
+    nothing is left behind.
+
     Raises:
         ConfigError: the model cannot be cached (the reason is named: nothing frozen, moving BatchNorm, ...).
 
@@ -202,11 +207,26 @@ def cache_features(
     device = next(model.parameters()).device
     # the dataset's own transform: the CPU loader, never a device pipeline (which would ignore it)
     loaders = Loaders(batch_size=batch_size, device=device, seed=seed, preprocess=Preprocess(), decode="cpu")
-    spill_dir = spill_dir if spill_dir is not None else tempfile.mkdtemp(prefix="freezetune-cache-")
+    temporary = spill_dir is None
+    if temporary:  # a name, not a dir: only a store that spills to disk creates it
+        spill_dir = Path(tempfile.gettempdir()) / f"freezetune-cache-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     store, info = build_store(split, len(dataset), loaders.views(dataset, train=True), resolve_precision(device, amp),
                               views=views, seed=seed, spill_dir=spill_dir, place=place)  # fmt: skip
+    if temporary and info.place == "disk":
+        _unlink_mapped(Path(spill_dir))
     log.info("feature cache: %s", info.describe())
     return split, store
+
+
+def _unlink_mapped(spill_dir: Path) -> None:
+    """Remove a temporary spill dir whose file the store has mapped: on POSIX the mapping stays valid and the disk
+    space returns when the store is freed, so nothing is left in the temp dir after the process (a notebook that
+    caches many times would otherwise fill it). Where a mapped file cannot be removed (Windows) it stays."""
+    try:
+        (spill_dir / "feature_cache.bin").unlink()
+        spill_dir.rmdir()
+    except OSError:
+        log.info("feature cache file left in %s (it is mapped)", spill_dir)
 
 
 def _check_pairs(dataset: Dataset) -> None:
