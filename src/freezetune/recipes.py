@@ -10,6 +10,7 @@ one-line description of each.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -108,14 +109,21 @@ def last_k(recipe: str) -> int:
 
 def check_last_k(cfg: TrainConfig, recipe: str) -> None:
     """A ``last-k`` whose k the model's stages cannot give is the user's number, not a freeze spec's stage count."""
-    from freezetune.models import create_model
-    from freezetune.stages import stages
-
-    model, _ = create_model(cfg.model, "none", img_size=cfg.img_size)  # the structure only: random init is enough
-    body = [s.name for s in stages(model)][:-1]  # the head trains in every recipe
+    body = _stages_before_head(cfg.model, cfg.img_size)
     if not 1 <= last_k(recipe) <= len(body):
         raise ConfigError(f"recipe {recipe!r}: k is out of range for {cfg.model}, whose {len(body)} stages before the "
                           f"head are {choices(body)}; choose last-1 to last-{len(body)}")  # fmt: skip
+
+
+@functools.lru_cache(maxsize=8)
+def _stages_before_head(model_name: str, img_size: int | None) -> tuple[str, ...]:
+    """The stage names of ``model_name`` but the head's (which trains in every recipe). Built once a process: a
+    sweep checks each ``last-k`` before anything trains, and ``run`` checks again for its direct callers."""
+    from freezetune.models import create_model
+    from freezetune.stages import stages
+
+    model, _ = create_model(model_name, "none", img_size=img_size)  # the structure only: random init is enough
+    return tuple(s.name for s in stages(model))[:-1]
 
 
 def run(cfg: TrainConfig, *, echo: Callable[[str], None] = print, train: Callable | None = None):
