@@ -328,6 +328,17 @@ def test_a_models_stages_are_built_once_for_all_the_last_k_checks(monkeypatch):
         recipes.check_last_k(cfg, "last-99")
 
 
+@pytest.mark.parametrize("given", [["--final-test"], ["refit=true"], ["--refit", "--final-test"]])
+def test_a_sweep_refuses_what_it_would_replace_rather_than_drop_it(tmp_path, capsys, given):
+    # --final-test was accepted and scored nothing; the sweep judges on the validation split, which refit trains on
+    code, out, err = run_cli(capsys, "sweep", "--data", tmp_path / "images", "--out", tmp_path / "s", *given)
+    assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    for key in ("final_test", "refit"):
+        assert (key in err) == any(key.replace("_", "-") in g or key in g for g in given), err
+    assert not (tmp_path / "s").exists()
+    assert run_cli(capsys, "sweep", "--data", tmp_path / "images", "--no-final-test", "--print-config")[0] == 0
+
+
 def test_a_sweep_given_a_freeze_spec_names_only_what_was_given(tmp_path):
     from freezetune.sweep import sweep
 

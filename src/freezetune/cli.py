@@ -186,8 +186,7 @@ def _inspect_parser(sub) -> None:
 
 def _train_config(args, *, run: bool = True) -> TrainConfig:
     """The config of a ``train`` (``run``) or ``sweep`` command: file, then ``key=value`` overrides, then flags."""
-    overrides = dict(parse_override(item) for item in args.overrides)
-    overrides.update({k: getattr(args, k) for k in field_names() if getattr(args, k, None) is not None})
+    overrides = _given(args)
     base = args.config
     out = overrides.get("out")
     # Resuming: the run's own config, with the flags given now on top. Without --out there is no run to read
@@ -202,6 +201,13 @@ def _train_config(args, *, run: bool = True) -> TrainConfig:
     return load_config(base, overrides, need_data=not args.print_config)
 
 
+def _given(args) -> dict:
+    """The config values given on the command line: ``key=value`` overrides, then flags."""
+    given = dict(parse_override(item) for item in args.overrides)
+    given.update({k: getattr(args, k) for k in field_names() if getattr(args, k, None) is not None})
+    return given
+
+
 def _cmd_train(args) -> int:
     from freezetune.trainer import train
 
@@ -214,8 +220,9 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_sweep(args) -> int:
-    from freezetune.sweep import sweep
+    from freezetune.sweep import refuse_overridden, sweep
 
+    refuse_overridden(_given(args))
     cfg = _train_config(args, run=False)
     if args.print_config:
         print(cfg.dump(), end="")

@@ -40,6 +40,26 @@ class SweepResult:
     out: Path
 
 
+# what a sweep sets for every recipe, whatever it is given, and why: a value given on the command line that differs
+# is refused rather than dropped in silence
+SWEEP_SETS = {
+    "final_test": (False, "a sweep scores no recipe on the test split; `train --config winner.yaml` scores the winner"),
+    "refit": (False, "a sweep judges recipes on the validation split, which a refit would train on; set refit: true "
+                     "in winner.yaml instead"),
+}  # fmt: skip
+
+
+def refuse_overridden(given: dict) -> None:
+    """Refuse the values given to ``sweep`` (``--final-test``, ``refit=true``) that it would replace.
+
+    >>> refuse_overridden({"final_test": False, "lr": 0.1})
+    """
+    problems = [f"{key}={str(given[key]).lower()}: {why}" for key, (value, why) in SWEEP_SETS.items()
+                if key in given and given[key] != value]  # fmt: skip
+    if problems:
+        raise ConfigError("sweep: " + "; ".join(problems))
+
+
 def sweep(cfg: TrainConfig, recipes: str | list[str] | tuple[str, ...] = DEFAULT_RECIPES, *, out: str | Path,
           echo: Callable[[str], None] = print) -> SweepResult:  # fmt: skip
     """Run each recipe with ``cfg``'s settings into ``out/<recipe>`` and compare them on the validation split.
@@ -96,8 +116,9 @@ def _run_configs(cfg: TrainConfig, names: list[str], out: Path) -> dict[str, Tra
                           "(recipe=null freeze=auto)")  # fmt: skip
     features = cfg.cache_dir or str(out / "features")
     # every recipe is judged on the validation split: the auto recipe keeps it through its final run (no refit)
-    runs = {name: dataclasses.replace(cfg, recipe=name, out=str(out / name), cache_dir=features, final_test=False,
-                                      budget=None, refit=False) for name in names}  # fmt: skip
+    sets = {key: value for key, (value, _) in SWEEP_SETS.items()}
+    runs = {name: dataclasses.replace(cfg, recipe=name, out=str(out / name), cache_dir=features, budget=None, **sets)
+            for name in names}  # fmt: skip
     problems = []
     for run_cfg in runs.values():
         try:
