@@ -71,7 +71,7 @@ def test_a_weights_file_with_another_head_loads_all_but_the_head_with_a_warning(
     with caplog.at_level(logging.WARNING, logger="freezetune"):
         model, _ = create_model("torchvision:resnet18", str(tmp_path / "r18_10.pt"))
     assert torch.equal(model.layer4[1].conv2.weight, earlier.layer4[1].conv2.weight) and model.fc.out_features == 1000
-    assert "kept the model's classifier head ('fc.weight', 'fc.bias')" in caplog.text
+    assert "left out the file's classifier head ('fc.weight', 'fc.bias')" in caplog.text
     # the CLI: a run replaces the head anyway; it refused with advice for Python (strict=False)
     data = make_image_folder(tmp_path / "data", train=4, val=2, test=0, size=32)
     code, _, err = run_cli(capsys, "train", "--data", str(data), "--out", str(tmp_path / "run"), "--model",

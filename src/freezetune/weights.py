@@ -273,7 +273,9 @@ def _report(path: Path, pairs: dict[str, str], by_order: bool, skipped: tuple[st
     else:
         message = f"loaded {len(used)} tensors by name from {str(path)!r}"
     if skipped:
-        message += f"; kept the model's classifier head ({', '.join(map(repr, skipped))}): the file's does not fit"
+        # not "kept the model's head": a run, or inspect --num-classes, replaces that one next
+        message += (f"; left out the file's classifier head ({', '.join(map(repr, skipped))}), whose shape does not "
+                    "fit: the head starts untrained")  # fmt: skip
     return LoadReport(len(used), len(used) if by_order else 0, str(path), message, skipped)
 
 
