@@ -38,6 +38,9 @@ _BUILDERS = {
     "hf_convnext": lambda: _hf("ConvNext", hidden_sizes=[8, 16], depths=[1, 1], num_stages=2),
     "hf_albert": lambda: _hf("Albert", "SequenceClassification", vocab_size=64, embedding_size=8, **_HF_SIZE),
     "hf_gpt2": lambda: _hf("GPT2", "SequenceClassification", vocab_size=64, n_embd=16, n_layer=2, n_head=2),
+    "hf_clip": lambda: _hf("CLIP", vision_config=dict(image_size=32, patch_size=8, **_HF_SIZE), text_config=_HF_SIZE),
+    "hf_siglip": lambda: _hf("Siglip", vision_config=dict(image_size=32, patch_size=8, **_HF_SIZE),
+                             text_config=_HF_SIZE),  # fmt: skip
     "sequential": lambda: nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2)),
 }
 _EXPECTED = {
@@ -55,7 +58,12 @@ _EXPECTED = {
     "hf_convnext": ["embeddings", "encoder.stages.0", "encoder.stages.1", "layernorm", "classifier"],
     # ALBERT's input projection (encoder.embedding_hidden_mapping_in, in front of its blocks) joins the embeddings.
     "hf_albert": ["embeddings", "encoder.albert_layer_groups.0", "pooler", "classifier"],
-    "hf_gpt2": ["wte", "wpe", "h.0", "h.1", "ln_f", "score"],
+    # what comes in front of the first block is one input stage: token and position embeddings (and CLIP's
+    # pre-norm) are not two depths to freeze
+    "hf_gpt2": ["wte", "h.0", "h.1", "ln_f", "score"],
+    # their base_model_prefix ("clip") names no attribute: the one tower is the base (it was one stage)
+    "hf_clip": ["embeddings", "encoder.layers.0", "encoder.layers.1", "post_layernorm", "classifier"],
+    "hf_siglip": ["embeddings", "encoder.layers.0", "encoder.layers.1", "post_layernorm", "head", "classifier"],
     "sequential": ["0", "2", "4"],
 }
 

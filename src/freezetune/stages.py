@@ -221,9 +221,19 @@ def _hf_decl(model: nn.Module, head: str) -> _Decl | None:
     if not base:
         return None
     base_model = model.get_submodule(base)
+    children = [(c, m) for c, m in base_model.named_children() if any(True for _ in m.parameters())]
     decl: _Decl = []
-    for child, module in base_model.named_children():
-        decl += _hf_child_decl(base, child, module)
+    lead: list[str] = []  # the children in front of the first blocks: one input stage (GPT-2's wte and wpe)
+    for child, module in children:
+        child_decl = _hf_child_decl(base, child, module)
+        if not decl and len(child_decl) == 1:
+            lead.append(child)
+            continue
+        if lead and not decl:
+            decl.append((lead[0], [f"{base}.{c}" for c in lead]))
+        decl += child_decl
+    if not decl:  # no blocks anywhere: a stage per child
+        decl = [(c, [f"{base}.{c}"]) for c in lead]
     # What the task class adds around its base model (DistilBERT's pre_classifier, DeBERTa's pooler, XLNet's
     # sequence_summary) is not in a base checkpoint: it starts random and trains with the classifier. A pooler
     # inside the base model (BERT's) is pretrained and stays a backbone stage.
@@ -358,10 +368,15 @@ def _dedupe_names(decl: _Decl) -> _Decl:
 
 
 def _hf_base_prefix(model: nn.Module) -> str | None:
+    """The attribute of a Hugging Face task model that holds its pretrained base model (``bert``, ``vit``)."""
     prefix = getattr(model, "base_model_prefix", None)
     if prefix and isinstance(getattr(model, prefix, None), nn.Module):
         return prefix
-    return None
+    if not type(model).__module__.startswith("transformers."):
+        return None
+    # CLIP- and SigLIP-style classifiers name a prefix ("clip") they do not have: their one tower is the base
+    towers = [n for n, m in model.named_children() if n.endswith("_model") and any(True for _ in m.parameters())]
+    return towers[0] if len(towers) == 1 else None
 
 
 def _is_hf_base_model(model: nn.Module) -> bool:
