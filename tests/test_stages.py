@@ -39,8 +39,9 @@ _BUILDERS = {
     "hf_albert": lambda: _hf("Albert", "SequenceClassification", vocab_size=64, embedding_size=8, **_HF_SIZE),
     "hf_gpt2": lambda: _hf("GPT2", "SequenceClassification", vocab_size=64, n_embd=16, n_layer=2, n_head=2),
     "hf_clip": lambda: _hf("CLIP", vision_config=dict(image_size=32, patch_size=8, **_HF_SIZE), text_config=_HF_SIZE),
-    "hf_siglip": lambda: _hf("Siglip", vision_config=dict(image_size=32, patch_size=8, **_HF_SIZE),
-                             text_config=_HF_SIZE),  # fmt: skip
+    "hf_siglip": lambda: _hf(
+        "Siglip", vision_config=dict(image_size=32, patch_size=8, **_HF_SIZE), text_config=_HF_SIZE
+    ),
     "sequential": lambda: nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2)),
 }
 _EXPECTED = {
