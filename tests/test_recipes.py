@@ -170,6 +170,20 @@ def test_auto_measures_on_the_validation_split_and_keeps_its_evidence(data, tmp_
     assert result.seconds["cache"] > 0 and result.seconds["epochs"] > 0
 
 
+@pytest.mark.parametrize("body, ks", [(1, [1]), (2, [1]), (3, [2]), (4, [2, 3]), (5, [2, 3, 4]), (9, [2, 3, 4])])
+def test_auto_candidates_on_models_with_few_stages_train_at_least_one(monkeypatch, body, ks):
+    # a model of one stage and a head gave k = 0 and a ZeroDivisionError in the candidate's LR
+    from torch import nn
+
+    from freezetune import models
+
+    layers = [m for _ in range(body) for m in (nn.Linear(4, 4), nn.ReLU())] + [nn.Linear(4, 2)]
+    monkeypatch.setattr(models, "create_model", lambda *a, **k: (nn.Sequential(*layers), None))
+    got, cut = auto._candidates(TrainConfig(data="images"))
+    assert got == ks and all(auto.candidate_lr(1e-3, k) > 0 for k in got)
+    assert cut == str(2 * (body - max(ks)))  # the stage the deepest candidate trains from
+
+
 def test_auto_on_a_validation_split_too_small_to_compare_runs_only_the_default_trial(data, tmp_path):
     lines = []
     result = auto.run(_cfg(data, tmp_path / "auto", cache="auto"), echo=lines.append)

@@ -47,24 +47,26 @@ _BUILDERS = {
 _EXPECTED = {
     "tv_resnet18": RESNET,
     "tv_efficientnet_b0": [f"features.{i}" for i in range(9)] + ["classifier"],
-    "tv_vit_b_16": ["stem"] + [f"encoder_layer_{i}" for i in range(12)] + ["norm", "heads"],
+    # a stage of norms alone (the final norm here) joins the block before it, as timm's coarse matcher does
+    "tv_vit_b_16": ["stem"] + [f"encoder_layer_{i}" for i in range(12)] + ["heads"],
     "timm_tf_efficientnet_lite0": ["stem"] + [f"blocks.{i}" for i in range(7)] + ["classifier"],
     "timm_resnet18": RESNET,
     # timm's coarse matcher merges the final norm into the last block (its MATCH_PREV_GROUP rule).
     "timm_vit_tiny": ["stem"] + [f"blocks.{i}" for i in range(12)] + ["head"],
     "hf_bert": ["embeddings", "encoder.layer.0", "encoder.layer.1", "pooler", "classifier"],
     # transformers 5 keeps ViT's blocks in a ModuleList directly under the base model: still one stage per block.
-    "hf_vit": ["embeddings", "layers.0", "layers.1", "layernorm", "classifier"],
-    "hf_deit": ["embeddings", "layers.0", "layers.1", "layernorm", "classifier"],
-    "hf_convnext": ["embeddings", "encoder.stages.0", "encoder.stages.1", "layernorm", "classifier"],
+    "hf_vit": ["embeddings", "layers.0", "layers.1", "classifier"],
+    "hf_deit": ["embeddings", "layers.0", "layers.1", "classifier"],
+    "hf_convnext": ["embeddings", "encoder.stages.0", "encoder.stages.1", "classifier"],
     # ALBERT's input projection (encoder.embedding_hidden_mapping_in, in front of its blocks) joins the embeddings.
     "hf_albert": ["embeddings", "encoder.albert_layer_groups.0", "pooler", "classifier"],
     # what comes in front of the first block is one input stage: token and position embeddings (and CLIP's
     # pre-norm) are not two depths to freeze
-    "hf_gpt2": ["wte", "h.0", "h.1", "ln_f", "score"],
+    "hf_gpt2": ["wte", "h.0", "h.1", "score"],
     # their base_model_prefix ("clip") names no attribute: the one tower is the base (it was one stage)
-    "hf_clip": ["embeddings", "encoder.layers.0", "encoder.layers.1", "post_layernorm", "classifier"],
-    "hf_siglip": ["embeddings", "encoder.layers.0", "encoder.layers.1", "post_layernorm", "head", "classifier"],
+    "hf_clip": ["embeddings", "encoder.layers.0", "encoder.layers.1", "classifier"],
+    # SigLIP's attention-pooling head is pretrained: a stage of the tower, not the classifier
+    "hf_siglip": ["embeddings", "encoder.layers.0", "encoder.layers.1", "head", "classifier"],
     "sequential": ["0", "2", "4"],
 }
 

@@ -10,9 +10,10 @@ The public API works in any training loop (plain PyTorch, Lightning, a notebook)
 
 from freezetune.errors import FreezetuneError
 from freezetune.freeze import count_parameters, freeze, freeze_to, summary, unfreeze
+from freezetune.heads import head_name, replace_head
 from freezetune.loss import balanced_class_weights
 from freezetune.param_groups import param_groups
-from freezetune.stages import Stage, head_name, replace_head, stages
+from freezetune.stages import Stage, stages
 from freezetune.unfreezing import Unfreezer
 
 __version__ = "0.1.0"

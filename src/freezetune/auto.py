@@ -204,8 +204,10 @@ def _candidates(cfg: TrainConfig) -> tuple[list[int], str]:
 
     model, _ = create_model(cfg.model, "none", img_size=cfg.img_size)
     names = [s.name for s in stages(model)]  # the head is last
-    deepest = min(MAX_TRAINED_STAGES, len(names) - 2)
-    ks = list(range(min(MIN_TRAINED_STAGES, deepest), deepest + 1)) or [1]
+    # at least one stage stays frozen (the cache's point), except in a model of one stage and a head, whose only
+    # candidate trains it (k = 0, the head alone, would be a linear probe, and has no LR rule)
+    deepest = max(1, min(MAX_TRAINED_STAGES, len(names) - 2))
+    ks = list(range(min(MIN_TRAINED_STAGES, deepest), deepest + 1))
     return ks, names[-(max(ks) + 1)]
 
 

@@ -71,8 +71,8 @@ def _load_failure(path: Path, exc: Exception) -> str:
 
 def build_model(record: dict[str, Any]) -> tuple[nn.Module, Preprocess]:
     """Rebuild the architecture named in a checkpoint, with its head, and load its weights."""
+    from freezetune.heads import replace_head
     from freezetune.models import create_model
-    from freezetune.stages import replace_head
 
     model, _ = create_model(record["model"], None)
     replace_head(model, len(record["classes"]))

@@ -37,9 +37,9 @@ def describe_model(
     from freezetune.config import parse_freeze_spec
     from freezetune.freeze import freeze as freeze_model
     from freezetune.freeze import summary
+    from freezetune.heads import head_name, replace_head
     from freezetune.models import create_model
     from freezetune.precision import resolve_device, resolve_precision
-    from freezetune.stages import head_name, replace_head
 
     check(positive_int_problem("batch_size", batch_size))  # bad values fail before the model is built
     dtype = resolve_precision(resolve_device("auto"), amp).amp_dtype

@@ -8,13 +8,26 @@ or counted twice.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 from torch import nn
 
-from freezetune.errors import SpecError
+from freezetune.heads import (
+    aux_modules,
+    head_container,
+    head_name,
+    hf_base_prefix,
+    is_timm,
+    replace_head,
+    sibling_heads,
+    timm_heads,
+    under,
+)
+
+__all__ = ["Stage", "head_name", "replace_head", "stages"]  # head_name and replace_head live in freezetune.heads
 
 # A declared stage: its name and the qualified module/parameter names that belong to it.
 _Decl = list[tuple[str, list[str]]]
@@ -57,91 +70,58 @@ def stages(model: nn.Module) -> list[Stage]:
     >>> [s.name for s in stages(torchvision.models.resnet18())]
     ['stem', 'layer1', 'layer2', 'layer3', 'layer4', 'fc']
     """
-    head = _head_container(model, head_name(model))
+    layer = head_name(model)
+    head = head_container(model, layer)
     decl = _declare(model, head)
     if not decl or decl[-1][0] != head:  # a family rule may declare the head itself, with extra members
         decl.append((head, [head]))
-    return _assign(model, decl)
+    return _merge_norms(model, _named_neck(_assign(model, _head_apart(model, decl, layer))))
 
 
-def head_name(model: nn.Module) -> str:
-    """Qualified name of the classifier layer (the ``nn.Linear`` that outputs class scores).
-
-    Raises:
-        SpecError: the model has no classifier: a timm model created with ``num_classes=0`` (``replace_head`` gives
-            it one), a Hugging Face base model from ``AutoModel``, or a model without an ``nn.Linear``.
-
-    >>> import torchvision
-    >>> head_name(torchvision.models.resnet18())
-    'fc'
-    """
-    found = _timm_head_name(model)
-    if found:
-        return found
-    if _is_hf_base_model(model):  # its last Linear is a pretrained pooler, not a classifier
-        raise SpecError(
-            f"{type(model).__name__} is a Hugging Face base model with no classifier head; load the checkpoint with "
-            "AutoModelForSequenceClassification or AutoModelForImageClassification (as create_model('hf:...') does), "
-            "which adds one"
-        )
-    for attr in _HEAD_ATTRS:  # a head taken off (torchvision's heads = Identity): the last Linear is a body layer
-        module = getattr(model, attr, None)
-        if isinstance(module, nn.Module) and not any(True for _ in module.parameters()):
-            raise SpecError(f"{type(model).__name__} has no classifier head (its {attr} is {type(module).__name__}); "
-                            "build it with its classifier, which replace_head then replaces")  # fmt: skip
-    base = _hf_base_prefix(model)
-    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-    if base:
-        linears = [n for n in linears if not _under(n, base)]
-    if not linears:
-        raise SpecError(f"cannot find a classifier head in {type(model).__name__}: it has no nn.Linear layer")
-    return linears[-1]
+_NECK = "\0neck"  # the placeholder name of the pretrained layers beside the head, named after them once assigned
 
 
-_HEAD_ATTRS = ("fc", "classifier", "head", "heads")  # where torchvision and plain models keep their classifier
+def _head_apart(model: nn.Module, decl: _Decl, layer: str) -> _Decl:
+    """The last declaration is the head's container. Only what ``replace_head`` makes new keeps the head's name (the
+    classifier and the other outputs of its classes: auxiliary and distillation classifiers): pretrained layers the container also holds
+    (VGG's 4096-wide layers, MobileNetV3's ``conv_head``, ConvNeXt's head norm) become a stage before it, so a
+    linear probe or ``freeze("backbone")`` trains what is new and nothing pretrained. A Hugging Face task model's
+    additions stay all head: a base checkpoint holds none of them."""
+    name, members = decl[-1]
+    aux = aux_modules(model)  # GoogLeNet's aux1/aux2: their classifiers are head, the rest joins the last stage
+    body = [(n, kept) for n, prefixes in decl[:-1] if (kept := [p for p in prefixes if p not in aux])]
+    if aux and body:
+        body[-1] = (body[-1][0], [*body[-1][1], *aux])
+    if hf_base_prefix(model):
+        return [*body, (name, members)]
+    layers = timm_heads(model) if is_timm(model) else [layer, *sibling_heads(model, layer)]
+    neck = [n for n, _ in model.named_parameters()
+            if any(under(n, m) for m in members) and not any(under(n, h) for h in layers)]  # fmt: skip
+    return [*body, (_NECK, neck), (name, layers)]
 
 
-def _timm_head_name(model: nn.Module) -> str | None:
-    """The classifier a timm model names through ``get_classifier()``; None for other models."""
-    get_classifier = getattr(model, "get_classifier", None)
-    if not (callable(get_classifier) and _is_timm(model)):
-        return None
-    classifier = get_classifier()
-    if isinstance(classifier, (tuple, list)):  # distilled models return (head, head_dist): the first is primary
-        classifier = classifier[0] if classifier else None
-    if isinstance(classifier, nn.Module) and not any(True for _ in classifier.parameters()):
-        raise SpecError(
-            f"{type(model).__name__} has no classifier head (a timm model created with num_classes=0 has "
-            f"{type(classifier).__name__} there); add one with freezetune.replace_head(model, num_classes)"
-        )
-    return _name_of(model, classifier) if isinstance(classifier, nn.Module) else None
+def _named_neck(found: list[Stage]) -> list[Stage]:
+    return [dataclasses.replace(s, name=s.modules[0] if s.modules else s.param_names[0].rpartition(".")[0])
+            if s.name == _NECK else s for s in found]  # fmt: skip
 
 
-def replace_head(model: nn.Module, num_classes: int) -> nn.Module:
-    """Replace the classifier with a new, trainable layer for ``num_classes`` classes; returns ``model``.
+def _merge_norms(model: nn.Module, found: list[Stage]) -> list[Stage]:
+    """A stage of normalisation layers alone (a ViT's final norm, GPT-2's ``ln_f``, VGG-BN's BatchNorms) joins the
+    stage before it, as timm's own grouping does: it is no depth of its own to freeze or unfreeze."""
+    out: list[Stage] = []
+    for i, stage in enumerate(found):
+        if out and i < len(found) - 1 and all(_is_norm(model, n) for n in stage.param_names):
+            prev = out.pop()
+            stage = Stage(prev.name, prev.modules + stage.modules, prev.param_names + stage.param_names,
+                          prev.params + stage.params)  # fmt: skip
+        out.append(stage)
+    return out
 
-    >>> import torchvision
-    >>> replace_head(torchvision.models.resnet18(), 10).fc.out_features
-    10
-    """
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-        raise SpecError(f"num_classes must be an int >= 1, got {num_classes!r}")
-    if _is_timm(model) and hasattr(model, "reset_classifier"):
-        model.reset_classifier(num_classes)  # timm knows its own pooling/head layout
-        return model
-    name = head_name(model)
-    old = model.get_submodule(name)
-    new = nn.Linear(old.in_features, num_classes, bias=old.bias is not None)
-    new.to(device=old.weight.device, dtype=old.weight.dtype)
-    parent, _, leaf = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, leaf, new)
-    config = getattr(model, "config", None)
-    if config is not None and hasattr(config, "num_labels"):
-        config.num_labels = num_classes  # keep HF config in sync so save/load round-trips
-    for attr in ("num_classes", "num_labels"):  # HF forward() reads self.num_labels to shape its loss
-        if isinstance(getattr(model, attr, None), int):
-            setattr(model, attr, num_classes)
-    return model
+
+def _is_norm(model: nn.Module, param: str) -> bool:
+    owner = param.rpartition(".")[0]
+    kind = type(model.get_submodule(owner)).__name__ if owner else ""
+    return "norm" in kind.lower()  # BatchNorm2d, LayerNorm, GroupNorm, RMSNorm, T5LayerNorm, LayerNorm2d, ...
 
 
 # --- family declarations ------------------------------------------------------------------------------------
@@ -181,23 +161,27 @@ def _vit_decl(model: nn.Module, head: str) -> _Decl | None:
 
 def _timm_decl(model: nn.Module, head: str) -> _Decl | None:
     matcher_fn = getattr(model, "group_matcher", None)
-    if not (_is_timm(model) and callable(matcher_fn)):
+    if not (is_timm(model) and callable(matcher_fn)):
         return None
     from timm.models import group_parameters
 
-    matcher = matcher_fn(coarse=True)
+    try:
+        matcher = matcher_fn(coarse=True)
+        groups = group_parameters(model, matcher)
+    except (AssertionError, NotImplementedError, TypeError):  # "coarse grouping is not implemented for RDNet"
+        return None  # the generic rule then
     matched = _timm_matched(model, matcher)
     regexes = _matcher_regexes(matcher)
     decl: _Decl = []
-    for names in group_parameters(model, matcher).values():
-        members = [n for n in names if n in matched and not _under(n, head)]
+    for names in groups.values():
+        members = [n for n in names if n in matched and not under(n, head)]
         if members:
             decl.append((_timm_stage_name(len(decl), members, matcher, regexes), members))
     # timm leaves the classifier and its neck (pre-logits norm, a distillation head) unmatched, after every group:
     # those trailing parameters are the head. Unmatched ones in between join their predecessor's stage in _assign.
     names = [n for n, _ in model.named_parameters()]
-    last = max((i for i, n in enumerate(names) if n in matched and not _under(n, head)), default=-1)
-    trailing = [n for n in names[last + 1 :] if n not in matched and not _under(n, head)]
+    last = max((i for i, n in enumerate(names) if n in matched and not under(n, head)), default=-1)
+    trailing = [n for n in names[last + 1 :] if n not in matched and not under(n, head)]
     return _dedupe_names(decl) + [(head, [head, *trailing])]
 
 
@@ -217,7 +201,7 @@ def _timm_matched(model: nn.Module, matcher: dict | object) -> set[str]:
 
 
 def _hf_decl(model: nn.Module, head: str) -> _Decl | None:
-    base = _hf_base_prefix(model)
+    base = hf_base_prefix(model)
     if not base:
         return None
     base_model = model.get_submodule(base)
@@ -258,11 +242,34 @@ def _hf_child_decl(base: str, child: str, module: nn.Module) -> _Decl:
     # Layers in front of the blocks (ALBERT's input projection) are left undeclared: _assign puts them with the
     # stage before (the embeddings), so stages stay in input -> output order.
     decl: _Decl = [(f"{path}.{i}", [f"{base}.{path}.{i}"]) for i in range(len(blocks))]
-    return [*decl, (child, [f"{base}.{child}.{n}" for n in names])]
+    # named after what it holds: a stage called "encoder" with only the encoder's final norm in it would take
+    # freeze("encoder") from the module glob that means the whole encoder
+    return [*decl, (f"{child}.{names[0]}" if names else child, [f"{base}.{child}.{n}" for n in names])]
 
 
 def _generic_decl(model: nn.Module, head: str) -> _Decl:
-    return [(n, [n]) for n, m in model.named_children() if any(True for _ in m.parameters())]
+    """A stage per top-level child; the largest, when it is a ``Sequential``/``ModuleList`` of several blocks
+    (torchvision Swin's ``features``, RegNet's ``trunk_output``, MaxViT's ``blocks``, timm MetaFormers' ``stages``),
+    a stage per block: as one stage, freezing by depth would be all or nothing."""
+    children = [(n, m) for n, m in model.named_children() if _has_params(m) and not under(n, head)]
+    if not children:
+        return []
+    trunk = max(children, key=lambda c: sum(p.numel() for p in c[1].parameters()))[1]
+    # split only when the children alone give fewer than 3 stages (norms not counted): a model whose children are
+    # its stages (stem, block1, ...) keeps them
+    few = sum("norm" not in type(m).__name__.lower() for _, m in children) < 3
+    decl: _Decl = []
+    for name, module in children:
+        blocks = [c for c, m in module.named_children() if _has_params(m)]
+        if few and module is trunk and isinstance(module, (nn.Sequential, nn.ModuleList)) and len(blocks) > 1:
+            decl += [(f"{name}.{c}", [f"{name}.{c}"]) for c in blocks]
+        else:
+            decl.append((name, [name]))
+    return decl
+
+
+def _has_params(module: nn.Module) -> bool:
+    return any(True for _ in module.parameters())
 
 
 # --- helpers ------------------------------------------------------------------------------------------------
@@ -310,27 +317,12 @@ def _cover(model: nn.Module, names: set[str], all_names: set[str]) -> tuple[str,
     """The largest modules all of whose parameters are in ``names`` (parameter-less modules are left out)."""
     covered: list[str] = []
     for mod_name, module in model.named_modules():
-        if not mod_name or any(_under(mod_name, c) for c in covered):
+        if not mod_name or any(under(mod_name, c) for c in covered):
             continue
         own = [f"{mod_name}.{n}" for n, _ in module.named_parameters()]
         if own and all(n in names for n in own) and all(n in all_names for n in own):
             covered.append(mod_name)
     return tuple(covered)
-
-
-def _head_container(model: nn.Module, head: str) -> str:
-    """The module that holds the classifier and its private layers (e.g. ``classifier`` around ``classifier.1``)."""
-    base = _hf_base_prefix(model)
-    if base:
-        top = head.split(".")[0]
-        return top
-    found, parent = head, head.rpartition(".")[0]
-    while parent:  # the outermost head-like ancestor: timm's ``head`` around ``head.classifier.4``
-        leaf = parent.rpartition(".")[2]
-        if leaf in {"classifier", "head", "heads", "fc"} or leaf.endswith("head"):
-            found = parent
-        parent = parent.rpartition(".")[0]
-    return found
 
 
 def _matcher_regexes(matcher: dict | object) -> list[str]:
@@ -365,41 +357,3 @@ def _dedupe_names(decl: _Decl) -> _Decl:
         seen[name] = seen.get(name, 0) + 1
         out.append((name if seen[name] == 1 else f"{name}_{seen[name]}", prefixes))
     return out
-
-
-def _hf_base_prefix(model: nn.Module) -> str | None:
-    """The attribute of a Hugging Face task model that holds its pretrained base model (``bert``, ``vit``)."""
-    prefix = getattr(model, "base_model_prefix", None)
-    if prefix and isinstance(getattr(model, prefix, None), nn.Module):
-        return prefix
-    if not type(model).__module__.startswith("transformers."):
-        return None
-    # CLIP- and SigLIP-style classifiers name a prefix ("clip") they do not have: their one tower is the base
-    towers = [n for n, m in model.named_children() if n.endswith("_model") and any(True for _ in m.parameters())]
-    return towers[0] if len(towers) == 1 else None
-
-
-def _is_hf_base_model(model: nn.Module) -> bool:
-    """A bare transformers base model, as ``AutoModel`` builds (``BertModel``): it outputs hidden states."""
-    if not type(model).__module__.startswith("transformers."):
-        return False
-    from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
-
-    # Task classes such as CLIPForImageClassification also have base_model == self, so ask AutoModel's own list.
-    bases = {n for v in MODEL_MAPPING_NAMES.values() for n in ((v,) if isinstance(v, str) else v)}
-    return type(model).__name__ in bases
-
-
-def _is_timm(model: nn.Module) -> bool:
-    return type(model).__module__.startswith("timm.")
-
-
-def _name_of(model: nn.Module, target: nn.Module) -> str | None:
-    for name, module in model.named_modules():
-        if module is target and name:
-            return name
-    return None
-
-
-def _under(name: str, prefix: str) -> bool:
-    return name == prefix or name.startswith(prefix + ".")

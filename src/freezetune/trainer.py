@@ -36,6 +36,7 @@ from freezetune.distributed import (
 )
 from freezetune.errors import ConfigError, TrainingError
 from freezetune.freeze import count_parameters, freeze, summary
+from freezetune.heads import replace_head
 from freezetune.inference import evaluate_model, write_evaluation
 from freezetune.interrupt import AT_ONCE_UNDER_DDP, OUTSIDE_A_STEP, StopRequest, pause_point
 from freezetune.loss import imbalance_note, training_loss
@@ -46,7 +47,6 @@ from freezetune.options import BATCH_AUTO
 from freezetune.precision import resolve_device, resolve_precision
 from freezetune.progress import Progress, RunResult
 from freezetune.split import check_cut
-from freezetune.stages import replace_head
 from freezetune.step import Step
 from freezetune.unfreezing import Unfreezer
 

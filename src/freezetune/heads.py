@@ -1,0 +1,207 @@
+"""A model's classifier head: find it, tell it from the pretrained layers around it, and replace it.
+
+The head is what ``replace_head`` makes new: the layer that outputs class scores, plus the other outputs of the same
+classes (GoogLeNet's and Inception's auxiliary classifiers, a distilled model's second head), plus, for a Hugging
+Face task model, what the task class adds around its base model (which a base checkpoint does not hold). Pretrained
+layers in front of it inside the same container (VGG's two 4096-wide layers, MobileNetV3's ``conv_head``) are not
+head: ``stages`` gives them a stage of their own.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from freezetune.errors import SpecError
+
+HEAD_ATTRS = ("fc", "classifier", "head", "heads")  # where torchvision and plain models keep their classifier
+
+
+def head_name(model: nn.Module) -> str:
+    """Qualified name of the classifier layer (the ``nn.Linear`` that outputs class scores; SqueezeNet's is a 1x1
+    ``nn.Conv2d``).
+
+    Raises:
+        SpecError: the model has no classifier: a timm model created with ``num_classes=0`` (``replace_head`` gives
+            it one), a Hugging Face base model from ``AutoModel``, or a model without an ``nn.Linear``.
+
+    >>> import torchvision
+    >>> head_name(torchvision.models.resnet18())
+    'fc'
+    """
+    found = _timm_head_name(model)
+    if found:
+        return found
+    if is_hf_base_model(model):  # its last Linear is a pretrained pooler, not a classifier
+        raise SpecError(
+            f"{type(model).__name__} is a Hugging Face base model with no classifier head; load the checkpoint with "
+            "AutoModelForSequenceClassification or AutoModelForImageClassification (as create_model('hf:...') does), "
+            "which adds one"
+        )
+    for attr in HEAD_ATTRS:  # a head taken off (torchvision's heads = Identity): the last Linear is a body layer
+        module = getattr(model, attr, None)
+        if isinstance(module, nn.Module) and not any(True for _ in module.parameters()):
+            raise SpecError(f"{type(model).__name__} has no classifier head (its {attr} is {type(module).__name__}); "
+                            "build it with its classifier, which replace_head then replaces")  # fmt: skip
+    base = hf_base_prefix(model)
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and not _in_aux(n)]
+    if base:
+        linears = [n for n in linears if not under(n, base)]
+    if linears:
+        return linears[-1]
+    conv = _conv_classifier(model)
+    if conv:
+        return conv
+    raise SpecError(f"cannot find a classifier head in {type(model).__name__}: it has no nn.Linear layer (nor a 1x1 "
+                    "nn.Conv2d in a 'classifier')")  # fmt: skip
+
+
+def replace_head(model: nn.Module, num_classes: int) -> nn.Module:
+    """Replace the classifier, and the other outputs of the same classes (auxiliary and distillation heads), with
+    new, trainable layers for ``num_classes`` classes; returns ``model``.
+
+    >>> import torchvision
+    >>> replace_head(torchvision.models.resnet18(), 10).fc.out_features
+    10
+    """
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise SpecError(f"num_classes must be an int >= 1, got {num_classes!r}")
+    if is_timm(model) and hasattr(model, "reset_classifier"):
+        model.reset_classifier(num_classes)  # timm knows its own pooling/head layout (both heads of a distilled one)
+        return model
+    name = head_name(model)
+    for target in (name, *sibling_heads(model, name)):
+        _replace(model, target, num_classes)
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "num_labels"):
+        config.num_labels = num_classes  # keep HF config in sync so save/load round-trips
+    for attr in ("num_classes", "num_labels"):  # HF forward() reads self.num_labels to shape its loss
+        if isinstance(getattr(model, attr, None), int):
+            setattr(model, attr, num_classes)
+    return model
+
+
+def sibling_heads(model: nn.Module, head: str) -> list[str]:
+    """The other layers that output the head's classes: auxiliary classifiers (GoogLeNet's ``aux1.fc2``, Inception's
+    ``AuxLogits.fc``) and, in a Hugging Face task model, the other classifiers it adds (DeiT's distillation head)."""
+    classes = _out_features(model.get_submodule(head))
+    base = hf_base_prefix(model)
+    out = []
+    for name, module in model.named_modules():
+        if name == head or not isinstance(module, nn.Linear) or module.out_features != classes:
+            continue
+        if _in_aux(name) or (base and not under(name, base)):
+            out.append(name)
+    return out
+
+
+def aux_modules(model: nn.Module) -> list[str]:
+    """Top-level auxiliary classifiers (``aux1``, ``AuxLogits``): side branches that only an auxiliary loss trains,
+    so no stage of their own (their classifiers are head, see ``sibling_heads``)."""
+    return [n for n, m in model.named_children() if _in_aux(n) and any(True for _ in m.parameters())]
+
+
+def head_container(model: nn.Module, head: str) -> str:
+    """The module that holds the classifier (``classifier`` around ``classifier.6``, timm's ``head`` around
+    ``head.fc``); for a Hugging Face task model, the top-level child the classifier is."""
+    if hf_base_prefix(model):
+        return head.split(".")[0]
+    found, parent = head, head.rpartition(".")[0]
+    while parent:  # the outermost head-like ancestor: timm's ``head`` around ``head.classifier.4``
+        leaf = parent.rpartition(".")[2]
+        if leaf in {"classifier", "head", "heads", "fc"} or leaf.endswith("head"):
+            found = parent
+        parent = parent.rpartition(".")[0]
+    return found
+
+
+def hf_base_prefix(model: nn.Module) -> str | None:
+    """The attribute of a Hugging Face task model that holds its pretrained base model (``bert``, ``vit``)."""
+    prefix = getattr(model, "base_model_prefix", None)
+    if prefix and isinstance(getattr(model, prefix, None), nn.Module):
+        return prefix
+    if not type(model).__module__.startswith("transformers."):
+        return None
+    # CLIP- and SigLIP-style classifiers name a prefix ("clip") they do not have: their one tower is the base
+    towers = [n for n, m in model.named_children() if n.endswith("_model") and any(True for _ in m.parameters())]
+    return towers[0] if len(towers) == 1 else None
+
+
+def is_hf_base_model(model: nn.Module) -> bool:
+    """A bare transformers base model, as ``AutoModel`` builds (``BertModel``): it outputs hidden states."""
+    if not type(model).__module__.startswith("transformers."):
+        return False
+    from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
+
+    # Task classes such as CLIPForImageClassification also have base_model == self, so ask AutoModel's own list.
+    bases = {n for v in MODEL_MAPPING_NAMES.values() for n in ((v,) if isinstance(v, str) else v)}
+    return type(model).__name__ in bases
+
+
+def is_timm(model: nn.Module) -> bool:
+    return type(model).__module__.startswith("timm.")
+
+
+def under(name: str, prefix: str) -> bool:
+    """Whether qualified name ``name`` is ``prefix`` or inside it."""
+    return name == prefix or name.startswith(prefix + ".")
+
+
+# --- helpers ------------------------------------------------------------------------------------------------
+
+
+def _timm_head_name(model: nn.Module) -> str | None:
+    """The classifier a timm model names through ``get_classifier()``; None for other models."""
+    get_classifier = getattr(model, "get_classifier", None)
+    if not (callable(get_classifier) and is_timm(model)):
+        return None
+    classifier = get_classifier()
+    if isinstance(classifier, (tuple, list)):  # distilled models return (head, head_dist): the first is primary
+        classifier = classifier[0] if classifier else None
+    if isinstance(classifier, nn.Module) and not any(True for _ in classifier.parameters()):
+        raise SpecError(
+            f"{type(model).__name__} has no classifier head (a timm model created with num_classes=0 has "
+            f"{type(classifier).__name__} there); add one with freezetune.replace_head(model, num_classes)"
+        )
+    return _name_of(model, classifier) if isinstance(classifier, nn.Module) else None
+
+
+def timm_heads(model: nn.Module) -> list[str]:
+    """Every classifier a timm model names through ``get_classifier()`` (two for a distilled model)."""
+    classifier = model.get_classifier()
+    found = classifier if isinstance(classifier, (tuple, list)) else [classifier]
+    return [n for n in (_name_of(model, c) for c in found if isinstance(c, nn.Module)) if n]
+
+
+def _conv_classifier(model: nn.Module) -> str | None:
+    """SqueezeNet's head: a 1x1 convolution to the classes inside ``classifier``."""
+    container = getattr(model, "classifier", None)
+    if not isinstance(container, nn.Module):
+        return None
+    convs = [n for n, m in container.named_modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1)]
+    return f"classifier.{convs[-1]}" if convs and convs[-1] else None
+
+
+def _replace(model: nn.Module, name: str, num_classes: int) -> None:
+    old = model.get_submodule(name)
+    if isinstance(old, nn.Conv2d):
+        new: nn.Module = nn.Conv2d(old.in_channels, num_classes, 1, bias=old.bias is not None)
+    else:
+        new = nn.Linear(old.in_features, num_classes, bias=old.bias is not None)
+    new.to(device=old.weight.device, dtype=old.weight.dtype)
+    parent, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, new)
+
+
+def _out_features(module: nn.Module) -> int | None:
+    return module.out_features if isinstance(module, nn.Linear) else getattr(module, "out_channels", None)
+
+
+def _in_aux(name: str) -> bool:
+    return name.split(".")[0].lower().startswith("aux")
+
+
+def _name_of(model: nn.Module, target: nn.Module) -> str | None:
+    for name, module in model.named_modules():
+        if module is target and name:
+            return name
+    return None

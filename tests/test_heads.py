@@ -1,0 +1,109 @@
+"""The classifier head (``freezetune.heads``): what is new after ``replace_head`` is the head stage, and nothing
+pretrained is; every output of the classes is replaced."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+import torchvision
+
+import freezetune as ft
+from test_stages import assert_partition
+
+
+def _backbone_frozen(model, num_classes=3):
+    ft.replace_head(model, num_classes)
+    ft.freeze(model, "backbone")
+    return {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize(
+    "build, head, neck",
+    [
+        # the classifier Sequential holds two pretrained 4096-wide layers in front of the new one
+        (lambda: torchvision.models.vgg11(), ["classifier.6"], "classifier.0"),
+        (lambda: torchvision.models.mobilenet_v3_small(), ["classifier.3"], "classifier.0"),
+        # timm leaves conv_head out of every group: it was taken for the head
+        (lambda: timm.create_model("mobilenetv3_small_050"), ["classifier"], "conv_head"),
+        # a pretrained norm in front of the classifier joins the last stage (a stage of norms alone is no depth)
+        (lambda: timm.create_model("convnext_atto"), ["head.fc"], None),
+    ],
+)
+def test_pretrained_layers_beside_the_head_are_not_head(build, head, neck):
+    model = build()
+    trainable = _backbone_frozen(model)
+    assert trainable == {f"{h}.{p}" for h in head for p in ("weight", "bias")}  # a linear probe trains only these
+    found = ft.stages(model)
+    assert_partition(model, found)
+    assert found[-1].modules == tuple(head)
+    if neck:
+        assert found[-2].name == neck and found[-2].num_params > 0
+
+
+@pytest.mark.parametrize(
+    "build, at_least",
+    [
+        (lambda: torchvision.models.regnet_y_400mf(), ["trunk_output.block1", "trunk_output.block4"]),
+        (lambda: torchvision.models.mnasnet0_5(), ["layers.8", "layers.13"]),
+        (lambda: timm.create_model("poolformer_s12"), ["stages.0", "stages.3"]),
+    ],
+)
+def test_a_model_whose_trunk_is_one_sequential_gets_a_stage_per_block(build, at_least):
+    # as one stage, the auto recipe's "last 3 stages" became a linear probe (Swin, MaxViT, RegNet, MetaFormers)
+    model = build()
+    found = ft.stages(model)
+    assert_partition(model, found)
+    assert set(at_least) <= {s.name for s in found} and len(found) >= 5
+
+
+def test_aux_classifiers_are_replaced_and_their_trunks_are_no_stage():
+    model = torchvision.models.googlenet(weights=None, aux_logits=True, init_weights=False)
+    trainable = _backbone_frozen(model, 4)
+    assert trainable == {f"{h}.{p}" for h in ("fc", "aux1.fc2", "aux2.fc2") for p in ("weight", "bias")}
+    found = ft.stages(model)
+    assert_partition(model, found)
+    assert not any(s.name.startswith("aux") for s in found)
+    out = model.train()(torch.randn(2, 3, 64, 64))
+    assert out.logits.shape == out.aux_logits1.shape == out.aux_logits2.shape == (2, 4)  # an aux loss fits
+
+
+def test_a_hugging_face_distilled_model_gets_both_heads_replaced():
+    import transformers as tr
+
+    config = tr.DeiTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                           image_size=32, patch_size=8, num_labels=10)  # fmt: skip
+    model = tr.DeiTForImageClassificationWithTeacher(config)
+    trainable = _backbone_frozen(model)
+    assert {n.split(".")[0] for n in trainable} == {"cls_classifier", "distillation_classifier"}
+    assert model.eval()(torch.randn(1, 3, 32, 32)).logits.shape == (1, 3)  # the two heads' sum failed: 10 vs 3
+
+
+def test_squeezenets_convolution_classifier_is_its_head():
+    model = torchvision.models.squeezenet1_1()
+    assert ft.head_name(model) == "classifier.1"
+    trainable = _backbone_frozen(model, 5)
+    assert trainable == {"classifier.1.weight", "classifier.1.bias"}
+    assert model(torch.randn(1, 3, 64, 64)).shape == (1, 5)
+
+
+def test_a_timm_model_without_coarse_grouping_falls_back_to_its_children():
+    model = timm.create_model("rdnet_tiny", num_classes=3)  # "coarse grouping is not implemented for RDNet"
+    found = ft.stages(model)
+    assert_partition(model, found)
+    assert found[-1].modules == ("head.fc",) and len(found) >= 5
+
+
+def test_a_stage_after_a_models_blocks_is_named_for_what_it_holds():
+    # T5's encoder.final_layer_norm was a stage called "encoder": freeze("encoder") froze that norm alone
+    import transformers as tr
+
+    config = tr.T5Config(vocab_size=100, d_model=32, d_kv=16, d_ff=64, num_layers=2, num_heads=2, num_labels=3,
+                         decoder_start_token_id=0, pad_token_id=0)  # fmt: skip
+    model = tr.T5ForSequenceClassification(config)
+    assert "encoder" not in [s.name for s in ft.stages(model)]
+    with pytest.raises(ft.FreezetuneError, match="'encoder' matches no stage, module or parameter; stages are: .*"
+                                                 "'encoder.block.1'"):  # fmt: skip
+        ft.freeze(model, "encoder")
+    ft.freeze(model, "transformer.encoder")  # the module: all of it
+    assert not any(p.requires_grad for n, p in model.named_parameters() if ".encoder." in n)
