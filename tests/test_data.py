@@ -617,3 +617,107 @@ def test_eval_refuses_class_names_the_checkpoint_does_not_have_in_every_format(t
     (idx / "classes.txt").write_text("c0\nc1\n")
     with pytest.raises(DataError, match="labels up to 9 but classes.txt names 2 classes"):
         build_eval_dataset(str(idx), preprocess=PRE, classes=names)
+
+
+# --- what a user's own folders look like (QA round 3) ---------------------------------------------------------------
+
+
+def _tiny_split_folder(root: Path, names=("train", "val", "test"), n=3) -> Path:
+    from _engine_fixtures import make_image_folder
+
+    make_image_folder(root, train=n, val=n, test=n, size=16)
+    for old, new in zip(("train", "val", "test"), names, strict=True):
+        if old != new:
+            (root / old).rename(root / new)
+    return root
+
+
+@pytest.mark.parametrize(
+    "names", [("Train", "Val", "Test"), ("training", "dev", "testing"), ("TRAIN", "valid", "Test")]
+)
+def test_split_folders_are_found_whatever_their_case_or_usual_name(tmp_path, names):
+    # Train/ + Test/ trained a 2-class "Test vs Train" model; train/ + Val/ + Test/ ignored Val and Test in silence
+    data = build_datasets(str(_tiny_split_folder(tmp_path / "d", names)), preprocess=PRE)
+    assert len(data.classes) == 3 and "Train" not in data.classes
+    assert len(data.val) == len(data.test) == 3 * 3 and data.val_source == "the validation folder"
+
+
+def test_a_folder_of_split_folders_without_a_training_one_is_refused(tmp_path):
+    root = _tiny_split_folder(tmp_path / "d")
+    shutil.rmtree(root / "train")
+    with pytest.raises(DataError, match=r"holds split folders \('test', 'val'\) but no training folder"):
+        build_datasets(str(root), preprocess=PRE)
+
+
+def test_the_same_files_in_two_splits_are_refused(tmp_path):
+    root = _tiny_split_folder(tmp_path / "d")
+    with pytest.raises(DataError, match=r"9 of 9 validation image file\(s\) are also training files"):
+        build_datasets(str(root / "train"), val_data=str(root / "train"), preprocess=PRE)
+    shutil.rmtree(root / "val")
+    (root / "val").symlink_to(root / "test")  # validation = test: the test score would have decided the run
+    with pytest.raises(DataError, match=r"test image file\(s\) are also validation files"):
+        build_datasets(str(root), preprocess=PRE)
+
+
+def test_a_csv_listing_an_image_under_two_labels_is_refused_and_twice_under_one_is_named(tmp_path, caplog):
+    root = _tiny_split_folder(tmp_path / "d")
+    rows = [f"{p},{p.parent.name}" for p in sorted((root / "train").rglob("*.png"))]
+    (tmp_path / "two.csv").write_text("path,label\n" + "\n".join(rows + [rows[0].rsplit(",", 1)[0] + ",zzz"]))
+    with pytest.raises(
+        DataError, match=r"1 training image file\(s\) are listed with two or more labels .* as '.*', 'zzz'"
+    ):
+        build_datasets(str(tmp_path / "two.csv"), preprocess=PRE)
+    (tmp_path / "twice.csv").write_text("path,label\n" + "\n".join(rows + rows[:2]))
+    with caplog.at_level(logging.WARNING, logger="freezetune"):
+        build_datasets(str(tmp_path / "twice.csv"), preprocess=PRE)
+    assert "2 training image file(s) are listed more than once" in caplog.text
+
+
+def test_skip_bad_that_empties_a_class_is_refused(tmp_path):
+    root = _tiny_split_folder(tmp_path / "d")
+    for f in (root / "train" / "blue").iterdir():
+        f.write_bytes(b"")
+    with pytest.raises(DataError, match=r"--skip-bad left class\(es\) 'blue' without a training image"):
+        build_datasets(str(root), preprocess=PRE, skip_bad=True)
+
+
+def test_a_file_name_that_is_not_utf8_trains_caches_and_is_listed(tmp_path):
+    import os
+
+    from freezetune._io import atomic_write_text
+    from freezetune.cache.disk import data_fingerprint
+
+    root = _tiny_split_folder(tmp_path / "d")
+    first = sorted((root / "train" / "red").iterdir())[0]
+    latin = os.fsdecode(bytes(root / "train" / "red") + b"/caf\xe9.png")  # an old Latin-1 zip's name
+    shutil.copy(first, latin)
+    data = build_datasets(str(root), preprocess=PRE)
+    assert latin in [p for p, _ in data.train.samples] and data_fingerprint(data.train)
+    assert atomic_write_text(tmp_path / "skipped.txt", latin + "\n").read_bytes().endswith(b"caf\xe9.png\n")
+
+
+def test_an_image_too_large_for_pil_is_a_data_error(tmp_path, monkeypatch):
+    Image.new("L", (64, 64)).save(tmp_path / "big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 64 * 64 // 4)  # past twice the limit: PIL's DecompressionBombError
+    with pytest.raises(DataError, match="cannot read image .*big.png"):
+        load_image(tmp_path / "big.png")
+
+
+def test_hidden_and_preview_folders_inside_a_class_are_not_images_of_it(tmp_path):
+    root = _tiny_split_folder(tmp_path / "d")
+    some = sorted((root / "train" / "red").iterdir())[0]
+    for hidden in (".thumbnails", "@eaDir"):
+        (root / "train" / "blue" / hidden).mkdir()
+        shutil.copy(some, root / "train" / "blue" / hidden / "preview.png")
+    (root / "train" / "blue" / "chrome.jfif").write_bytes(some.read_bytes())  # a JPEG extension Chrome uses
+    data = build_datasets(str(root), preprocess=PRE)
+    names = [Path(p).name for p, y in data.train.samples + data.val.samples if data.classes[y] == "blue"]
+    assert "preview.png" not in names and "chrome.jfif" in names
+
+
+def test_a_csv_header_of_other_names_is_named_as_a_header(tmp_path):
+    root = _tiny_split_folder(tmp_path / "d")
+    rows = [f"{p},{p.parent.name}" for p in sorted((root / "train").rglob("*.png"))]
+    (tmp_path / "odd.csv").write_text("image_id,species\n" + "\n".join(rows))
+    with pytest.raises(DataError, match=r"header \['image_id', 'species'\] has no image column; name exactly one of"):
+        build_datasets(str(tmp_path / "odd.csv"), preprocess=PRE)

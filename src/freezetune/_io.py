@@ -111,7 +111,8 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     >>> p.read_text()
     'x,y\\n1,2\\n'
     """
-    with atomic_output(path) as tmp, open(tmp, "w", encoding="utf-8", newline="") as f:
+    # surrogateescape: a file name that is not UTF-8 (listed in skipped.txt) is written back as its own bytes
+    with atomic_output(path) as tmp, open(tmp, "w", encoding="utf-8", errors="surrogateescape", newline="") as f:
         f.write(text)
     return Path(path)
 

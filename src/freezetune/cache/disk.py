@@ -79,7 +79,8 @@ def data_fingerprint(dataset: Dataset) -> str | None:
                 st = os.stat(path)
             except OSError:
                 return None
-            h.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+            # fsencode: a file name that is not UTF-8 (an old Latin-1 zip) keeps its bytes instead of failing
+            h.update(os.fsencode(path) + f"\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     else:
         return None
     h.update(torch.as_tensor(dataset.targets).numpy().tobytes())

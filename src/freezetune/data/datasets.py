@@ -16,7 +16,7 @@ from torch.utils.data import Dataset
 from freezetune.data.folder import read_csv, scan_folder
 from freezetune.data.idx import CLASS_NAMES_FILE, idx_files, is_idx_dir, load_idx
 from freezetune.data.sampling import per_class_indices, stratified_split
-from freezetune.data.scan import check_images, warn_copies
+from freezetune.data.scan import check_images, check_overlap, warn_copies
 from freezetune.data.text import LABEL_COLUMNS, TEXT_COLUMNS, TextDataset, read_text_csv, text_csv_header
 from freezetune.data.transforms import eval_transform, train_transform
 from freezetune.errors import ConfigError, DataError, choices
@@ -25,7 +25,10 @@ from freezetune.preprocess import Preprocess
 
 log = logging.getLogger(__name__)
 
-_VAL_DIRS = ("val", "valid", "validation")
+# split folders, matched without regard to case (Train/, Val/); the first name found of each tuple wins
+_TRAIN_DIRS = ("train", "training")
+_VAL_DIRS = ("val", "valid", "validation", "dev")
+_TEST_DIRS = ("test", "testing")
 AUTO_VAL_FRACTION = 0.1  # held out per class when no validation data is given
 AUTO_VAL_MAX_PER_CLASS = 50  # enough to rank recipes, cheap to cache and to evaluate every epoch
 _EXPECTED = "an IDX directory (train-images-idx3-ubyte[.gz], ...), an image folder (DIR/<class>/*) or a CSV file"
@@ -45,7 +48,18 @@ class DataBundle:
 
 
 def _first_dir(root: Path, names: tuple[str, ...]) -> Path | None:
-    return next((root / n for n in names if (root / n).is_dir()), None)
+    """The first of ``names`` that ``root`` has as a folder, in any case (``Train/`` is ``train/``)."""
+    found = {d.name.lower(): d for d in sorted(root.iterdir(), reverse=True) if d.is_dir()}
+    return next((found[n] for n in names if n in found), None)
+
+
+def _no_train_dir(path: Path, classes: list[str]) -> None:
+    """Class folders that are all split names (``val/``, ``test/``) are a layout without its ``train/`` folder, not
+    classes called "test" and "val"."""
+    splits = {*_TRAIN_DIRS, *_VAL_DIRS, *_TEST_DIRS}
+    if classes and all(c.lower() in splits for c in classes):
+        raise DataError(f"'{path}' holds split folders ({choices(classes)}) but no training folder: put the training "
+                        f"images in {path / 'train'}/<class>/ (or give the class folders themselves)")  # fmt: skip
 
 
 def _load_source(data: str) -> tuple[str, Dataset, Dataset | None, Dataset | None]:
@@ -62,11 +76,12 @@ def _load_source(data: str) -> tuple[str, Dataset, Dataset | None, Dataset | Non
     if is_idx_dir(path):
         test = load_idx(path, "test") if idx_files(path, "test") else None
         return "idx", load_idx(path, "train"), None, test
-    train_dir = path / "train"
-    if not train_dir.is_dir():
+    train_dir = _first_dir(path, _TRAIN_DIRS)
+    if train_dir is None:
+        _no_train_dir(path, [d.name for d in path.iterdir() if d.is_dir() and not d.name.startswith(".")])
         return "folder", scan_folder(path), None, None
     train = scan_folder(train_dir)
-    val_dir, test_dir = _first_dir(path, _VAL_DIRS), _first_dir(path, ("test",))
+    val_dir, test_dir = _first_dir(path, _VAL_DIRS), _first_dir(path, _TEST_DIRS)
     val = scan_folder(val_dir, train.classes) if val_dir else None
     return "folder", train, val, scan_folder(test_dir, train.classes) if test_dir else None
 
@@ -115,6 +130,7 @@ def _scan(train: Dataset, val: Dataset | None, test: Dataset | None, skip_bad: b
         ds, left_out = check_images(ds, what, skip_bad=skip_bad)
         checked.append(ds)
         skipped += left_out
+    check_overlap(checked[0], {"validation": checked[1], "test": checked[2]})
     warn_copies(checked[0], {"validation": checked[1], "test": checked[2]})
     return (*checked, skipped)
 
@@ -254,6 +270,11 @@ def build_datasets(
     elif val is not None and val_split is not None:
         log.warning("'%s' has a validation folder; ignoring val_split=%s", data, val_split)
     train, val, test, skipped = _scan(train, val, test, skip_bad)
+    if skipped:  # a class whose every training file was unreadable would be trained as a class never seen
+        empty = [c for i, c in enumerate(train.classes) if not bool((train.targets == i).any())]
+        if empty:
+            raise DataError(f"--skip-bad left class(es) {choices(empty)} without a training image (all of its files "
+                            "were unreadable); fix the files or remove the class folder(s)")  # fmt: skip
     given_val = val
     train, val, val_source = _validation(train, val, val_data=val_data, val_split=val_split, seed=seed)
     if val is not None and len(val) == 0:
@@ -321,8 +342,8 @@ def build_eval_dataset(data: str, *, preprocess: Preprocess, classes: list[str])
             raise DataError(f"'{data}' has classes {choices(ds.classes)}; the checkpoint's classes are "
                             f"{choices(classes)} (IDX files carry no names: write the checkpoint's, one a line, "
                             f"into {path / CLASS_NAMES_FILE} if this is the same data)")  # fmt: skip
-    elif path.is_dir() and (path / "train").is_dir():
-        split = _first_dir(path, ("test", *_VAL_DIRS))
+    elif path.is_dir() and _first_dir(path, _TRAIN_DIRS) is not None:
+        split = _first_dir(path, (*_TEST_DIRS, *_VAL_DIRS))
         if split is None:
             raise DataError(f"'{data}' has train/ but no test/ or val/ folder to evaluate on")
         ds, source = scan_folder(split, classes), f"the {split.name}/ folder of {path}"

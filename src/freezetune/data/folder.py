@@ -33,7 +33,7 @@ def _heif_readable() -> bool:
     return True
 
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff") + (
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff") + (
     HEIF_EXTENSIONS if _heif_readable() else ()
 )
 _CSV_HEADER_NAMES = {"path", "file", "filename", "filepath", "image", "image_path", "img"}
@@ -56,7 +56,7 @@ def load_image(path: str | Path) -> Image.Image:
                 # for RGBA first; the RGB values are the same either way.
                 img = img.convert("RGBA")
             return _eight_bit(ImageOps.exif_transpose(img)).convert("RGB")  # upright: data/orientation.py
-    except (OSError, UnidentifiedImageError) as e:
+    except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as e:
         raise DataError(f"cannot read image '{path}': {e}") from e
 
 
@@ -86,8 +86,13 @@ def _image_suffix(p: Path) -> bool:
 
 
 def _files_under(folder: Path) -> list[Path]:
-    """Every file below ``folder`` that is not hidden, sorted (images and the files beside them)."""
-    return sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
+    """Every file below ``folder`` that is not hidden, sorted (images and the files beside them). A hidden folder
+    (``.thumbnails/``) and Synology's ``@eaDir`` hold previews of the images, not more of them."""
+    return sorted(p for p in folder.rglob("*") if p.is_file() and not _hidden(p.relative_to(folder)))
+
+
+def _hidden(relative: Path) -> bool:
+    return any(part.startswith(".") or part == "@eaDir" for part in relative.parts)
 
 
 def _images_under(folder: Path) -> list[Path]:
@@ -229,11 +234,16 @@ def _is_header(row: list[str], base: Path) -> bool:
     return named and not (base / row[0].strip()).is_file()
 
 
+def _exists(cell: str, base: Path) -> bool:
+    return (base / cell.strip()).is_file()
+
+
 def _csv_columns(path: Path, header: list[str] | None, width: int) -> tuple[int, int]:
     """The (path, label) column indices: by header name, or the two columns of a headerless ``path,label`` file."""
     if header is None:
         if width != 2:
-            raise DataError(f"CSV '{path}' has {width} columns and no header; add a header naming the image column "
+            sep = " (freezetune reads comma-separated files)" if width == 1 else ""
+            raise DataError(f"CSV '{path}' has {width} columns{sep} and no header; add a header naming the image column "
                             f"({choices(sorted(_CSV_HEADER_NAMES))}) and the label column "
                             f"({choices(sorted(_CSV_LABEL_NAMES))})")  # fmt: skip
         return 0, 1
@@ -256,6 +266,8 @@ def _read_csv_rows(path: Path) -> list[tuple[str, str]]:
     except (OSError, UnicodeDecodeError, csv.Error) as e:
         raise DataError(f"cannot read CSV '{path}': {e}") from e
     header = rows.pop(0) if rows and _is_header(rows[0], path.parent) else None
+    if header is None and len(rows) > 1 and not _exists(rows[0][0], path.parent) and _exists(rows[1][0], path.parent):
+        header = rows.pop(0)  # a header of other names ("image_id,species"): named as such, not a missing image
     if not rows:
         raise DataError(f"CSV '{path}' has no rows; expected lines of 'path,label'")
     image, label = _csv_columns(path, header, len(rows[0]))
@@ -305,5 +317,6 @@ def read_csv(path: str | Path, classes: list[str] | None = None) -> FileImageDat
     files = [(path.parent / p) if not Path(p).is_absolute() else Path(p) for p, _ in rows]
     missing = [str(f) for f in files if not f.is_file()]
     if missing:
-        raise DataError(f"CSV '{path}' lists {len(missing)} missing image file(s), first: '{missing[0]}'")
+        raise DataError(f"CSV '{path}' lists {len(missing)} missing image file(s), first: '{missing[0]}' (relative "
+                        f"paths are read from the CSV's folder, {str(path.parent)!r})")  # fmt: skip
     return FileImageDataset([(str(f), index[label]) for f, (_, label) in zip(files, rows, strict=True)], classes)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -20,7 +21,7 @@ from pathlib import Path
 from PIL import Image
 
 from freezetune.data.folder import FileImageDataset
-from freezetune.errors import DataError
+from freezetune.errors import DataError, choices
 
 log = logging.getLogger(__name__)
 
@@ -192,6 +193,37 @@ def _hash(path: str) -> bytes:
         return hashlib.blake2b(Path(path).read_bytes(), digest_size=16).digest()
     except OSError:  # gone since the scan: a copy of nothing
         return f"unreadable:{path}".encode()
+
+
+def check_overlap(train, held: dict[str, object]) -> None:
+    """Refuse the same file in two splits (validation or test data that is the training folder, a CSV listing a
+    training image) or in the training set under two labels: a score on a training image measures memory, and a test
+    image in the validation split would decide the run. Files are compared by their real path (symlinks
+    resolved); byte-identical copies under other names are ``warn_copies``' business."""
+    real = {what: [(os.path.realpath(p), y) for p, y in ds.samples] for what, ds in (("training", train), *held.items())
+            if isinstance(ds, FileImageDataset)}  # fmt: skip
+    labels: dict[str, set[int]] = {}
+    twice = 0
+    for path, y in real.get("training", ()):
+        twice += path in labels
+        labels.setdefault(path, set()).add(int(y))
+    clash = [(p, ys) for p, ys in labels.items() if len(ys) > 1]
+    if clash:
+        path, ys = clash[0]
+        raise DataError(f"{len(clash)} training image file(s) are listed with two or more labels (first: '{path}' as "
+                        f"{choices(train.classes[y] for y in sorted(ys))}); give each image one label")  # fmt: skip
+    if twice:
+        log.warning("%d training image file(s) are listed more than once: each listing weighs as one more image",
+                    twice)  # fmt: skip
+    for what, other in (("validation", "training"), ("test", "training"), ("test", "validation")):
+        if what not in real or other not in real:
+            continue
+        others = {p for p, _ in real[other]}
+        shared = [p for p, _ in real[what] if p in others]
+        if shared:
+            raise DataError(f"{len(shared)} of {len(real[what])} {what} image file(s) are also {other} files (first: "
+                            f"'{shared[0]}'): a {what} score on them is no measure of new images; give {what} data "
+                            f"apart from the {other} data")  # fmt: skip
 
 
 def warn_copies(train, held: dict[str, object]) -> None:
