@@ -721,3 +721,12 @@ def test_a_csv_header_of_other_names_is_named_as_a_header(tmp_path):
     (tmp_path / "odd.csv").write_text("image_id,species\n" + "\n".join(rows))
     with pytest.raises(DataError, match=r"header \['image_id', 'species'\] has no image column; name exactly one of"):
         build_datasets(str(tmp_path / "odd.csv"), preprocess=PRE)
+
+
+def test_an_image_csv_with_a_caption_column_is_read_as_images(tmp_path):
+    # refused as "a text CSV" for an image model because its header also named a text column
+    root = _tiny_split_folder(tmp_path / "d")
+    rows = [f"{p},{p.parent.name},a photo of {p.parent.name}" for p in sorted((root / "train").rglob("*.png"))]
+    (tmp_path / "captions.csv").write_text("filename,label,text\n" + "\n".join(rows))
+    data = build_datasets(str(tmp_path / "captions.csv"), preprocess=PRE)
+    assert data.classes == ["blue", "green", "red"] and len(data.train) + len(data.val) == 9

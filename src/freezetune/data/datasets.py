@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from freezetune.data.folder import read_csv, scan_folder
+from freezetune.data.folder import IMAGE_COLUMNS, read_csv, scan_folder
 from freezetune.data.idx import CLASS_NAMES_FILE, idx_files, is_idx_dir, load_idx
 from freezetune.data.sampling import per_class_indices, stratified_split
 from freezetune.data.scan import check_images, check_overlap, warn_copies
@@ -62,7 +62,16 @@ def _no_train_dir(path: Path, classes: list[str]) -> None:
                         f"images in {path / 'train'}/<class>/ (or give the class folders themselves)")  # fmt: skip
 
 
-def _load_source(data: str) -> tuple[str, Dataset, Dataset | None, Dataset | None]:
+def _text_csv(path: Path, text_model: bool) -> bool:
+    """Whether CSV ``path`` is a text dataset: its header names a text column, and no image column too (a caption
+    beside each image path), in which case the model decides."""
+    header = text_csv_header(path) if path.is_file() else None
+    if header is None:
+        return False
+    return text_model if IMAGE_COLUMNS & {c.strip().lower() for c in header} else True
+
+
+def _load_source(data: str, text_model: bool) -> tuple[str, Dataset, Dataset | None, Dataset | None]:
     """Read ``data`` without transforms: (source, train, val given by the layout or None, test or None)."""
     path = Path(data)
     if not path.exists():
@@ -70,7 +79,7 @@ def _load_source(data: str) -> tuple[str, Dataset, Dataset | None, Dataset | Non
     if path.is_file():
         if path.suffix.lower() != ".csv":
             raise DataError(f"data file '{data}' is not a CSV; expected {_EXPECTED}")
-        if text_csv_header(path) is not None:
+        if _text_csv(path, text_model):
             return "text", read_text_csv(path), None, None
         return "csv", read_csv(path), None, None
     if is_idx_dir(path):
@@ -92,8 +101,7 @@ def _check_kind(data: str, preprocess: Preprocess, what: str = "data") -> None:
     path = Path(data)
     if not path.exists():
         return  # the reader says so, with what it expects
-    is_text = path.is_file() and text_csv_header(path) is not None
-    if is_text == preprocess.is_text:
+    if _text_csv(path, preprocess.is_text) == preprocess.is_text:
         return
     if preprocess.is_text:
         raise DataError(f"{what} '{data}' is not a text CSV; the model is a text model (tokenizer "
@@ -104,13 +112,13 @@ def _check_kind(data: str, preprocess: Preprocess, what: str = "data") -> None:
                     "hf:DIR_OR_ID sequence classifiers")  # fmt: skip
 
 
-def _load_val(val_data: str, classes: list[str]) -> Dataset:
+def _load_val(val_data: str, classes: list[str], text_model: bool) -> Dataset:
     """Read explicit validation data (CSV, class folder or IDX directory's test split) against the train classes."""
     path = Path(val_data)
     if not path.exists():
         raise DataError(f"val data path '{val_data}' does not exist; expected {_EXPECTED}")
     if path.is_file():
-        return read_text_csv(path, classes) if text_csv_header(path) is not None else read_csv(path, classes)
+        return read_text_csv(path, classes) if _text_csv(path, text_model) else read_csv(path, classes)
     if is_idx_dir(path):
         val = load_idx(path, "test" if idx_files(path, "test") else "train")
         if len(val.targets) and int(val.targets.max()) >= len(classes):
@@ -264,9 +272,9 @@ def build_datasets(
     if val_data is not None:
         _check_kind(val_data, preprocess, "val data")
     train_tf, eval_tf = train_transform(preprocess, aug), eval_transform(preprocess)
-    source, train, val, test = _load_source(data)
+    source, train, val, test = _load_source(data, preprocess.is_text)
     if val_data is not None:
-        val = _load_val(val_data, train.classes)
+        val = _load_val(val_data, train.classes, preprocess.is_text)
     elif val is not None and val_split is not None:
         log.warning("'%s' has a validation folder; ignoring val_split=%s", data, val_split)
     train, val, test, skipped = _scan(train, val, test, skip_bad)

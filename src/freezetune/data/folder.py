@@ -36,7 +36,7 @@ def _heif_readable() -> bool:
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff") + (
     HEIF_EXTENSIONS if _heif_readable() else ()
 )
-_CSV_HEADER_NAMES = {"path", "file", "filename", "filepath", "image", "image_path", "img"}
+IMAGE_COLUMNS = {"path", "file", "filename", "filepath", "image", "image_path", "img"}  # an image CSV's header
 _CSV_LABEL_NAMES = {"label", "class", "target", "category", "y"}
 
 
@@ -230,7 +230,7 @@ def _warn_left_out(root: str | Path, left_out: Counter) -> None:
 
 def _is_header(row: list[str], base: Path) -> bool:
     # A header names its columns; a data row's first cell is an image that exists.
-    named = any(cell.strip().lower() in _CSV_HEADER_NAMES | _CSV_LABEL_NAMES for cell in row)
+    named = any(cell.strip().lower() in IMAGE_COLUMNS | _CSV_LABEL_NAMES for cell in row)
     return named and not (base / row[0].strip()).is_file()
 
 
@@ -244,12 +244,12 @@ def _csv_columns(path: Path, header: list[str] | None, width: int) -> tuple[int,
         if width != 2:
             sep = " (freezetune reads comma-separated files)" if width == 1 else ""
             raise DataError(f"CSV '{path}' has {width} columns{sep} and no header; add a header naming the image column "
-                            f"({choices(sorted(_CSV_HEADER_NAMES))}) and the label column "
+                            f"({choices(sorted(IMAGE_COLUMNS))}) and the label column "
                             f"({choices(sorted(_CSV_LABEL_NAMES))})")  # fmt: skip
         return 0, 1
     names = [c.strip().lower() for c in header]
     found = {}
-    for role, allowed in (("image", _CSV_HEADER_NAMES), ("label", _CSV_LABEL_NAMES)):
+    for role, allowed in (("image", IMAGE_COLUMNS), ("label", _CSV_LABEL_NAMES)):
         hits = [i for i, n in enumerate(names) if n in allowed]
         if len(hits) != 1:
             what = "no" if not hits else "more than one"
