@@ -730,3 +730,30 @@ def test_an_image_csv_with_a_caption_column_is_read_as_images(tmp_path):
     (tmp_path / "captions.csv").write_text("filename,label,text\n" + "\n".join(rows))
     data = build_datasets(str(tmp_path / "captions.csv"), preprocess=PRE)
     assert data.classes == ["blue", "green", "red"] and len(data.train) + len(data.val) == 9
+
+
+def test_class_names_written_decomposed_by_macos_match_the_composed_ones(tmp_path):
+    import unicodedata
+
+    root = _tiny_split_folder(tmp_path / "d")
+    for split, form in (("train", "NFC"), ("val", "NFD"), ("test", "NFD")):
+        (root / split / "red").rename(root / split / unicodedata.normalize(form, "café"))
+    data = build_datasets(str(root), preprocess=PRE)  # it said "'café' ... are not training classes: 'café', ..."
+    assert len(data.classes) == 3 and len(data.val) == len(data.test) == 9
+
+
+def test_labels_that_differ_only_in_case_or_number_format_are_named(tmp_path, caplog):
+    root = _tiny_split_folder(tmp_path / "d")
+    files = sorted((root / "train").rglob("*.png"))
+    labels = ["1.0", "2.0", "10.0", "Cat", "cat", "01", "1", "2.0", "10.0"]
+    (tmp_path / "l.csv").write_text("path,label\n" + "\n".join(f"{f},{y}" for f, y in zip(files, labels, strict=True)))
+    with caplog.at_level(logging.WARNING, logger="freezetune"):
+        data = build_datasets(str(tmp_path / "l.csv"), preprocess=PRE)
+    assert "'Cat' / 'cat'" in caplog.text and "'01' / '1' / '1.0'" in caplog.text and "'2.0' /" not in caplog.text
+    assert len(data.classes) == 7  # each is still a class: the warning names them, it does not merge them
+
+
+def test_a_macos_resource_fork_folder_is_not_a_class(tmp_path):
+    root = _tiny_split_folder(tmp_path / "d")
+    shutil.copytree(root / "train" / "red", root / "train" / "__MACOSX")
+    assert build_datasets(str(root), preprocess=PRE).classes == ["blue", "green", "red"]

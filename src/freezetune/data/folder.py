@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import unicodedata
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -176,7 +177,8 @@ def folder_classes(root: str | Path) -> list[str]:
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"image folder '{root}' does not exist; expected a directory with one subfolder per class")
-    subdirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    # __MACOSX: the resource forks an unzipped macOS archive carries, never a class
+    subdirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".") and d.name != "__MACOSX")
     classes = [d.name for d in subdirs if any(_is_image(p) for p in d.rglob("*"))]
     if not classes:
         raise DataError(
@@ -205,17 +207,22 @@ def scan_folder(root: str | Path, classes: list[str] | None = None) -> FileImage
     """
     own = folder_classes(root)
     classes = list(classes) if classes is not None else own
-    unknown = [c for c in own if c not in classes]
+    # names compared in NFC: macOS writes "café" decomposed (NFD), Linux and Windows composed, and both look alike
+    index = {_nfc(c): i for i, c in enumerate(classes)}
+    unknown = [c for c in own if _nfc(c) not in index]
     if unknown:
         raise DataError(f"class folder(s) {choices(unknown)} in '{root}' are not training classes: {choices(classes)}")
-    index = {c: i for i, c in enumerate(classes)}
     samples, left_out = [], Counter()
     for c in own:
         files = _files_under(Path(root) / c)
-        samples += [(str(p), index[c]) for p in files if _image_suffix(p)]
+        samples += [(str(p), index[_nfc(c)]) for p in files if _image_suffix(p)]
         left_out.update(p.suffix.lower() or "(no extension)" for p in files if not _image_suffix(p))
     _warn_left_out(root, left_out)
     return FileImageDataset(samples, classes)
+
+
+def _nfc(name: str) -> str:
+    return unicodedata.normalize("NFC", name)
 
 
 def _warn_left_out(root: str | Path, left_out: Counter) -> None:
@@ -283,12 +290,34 @@ def sorted_labels(labels: set[str]) -> list[str]:
     """A CSV's class names in label order: all-integer labels sort numerically ('10' after '9', as users expect of
     class ids), others as text.
 
-    >>> sorted_labels({"10", "2", "1"}), sorted_labels({"dog", "cat"})
-    (['1', '2', '10'], ['cat', 'dog'])
+    >>> sorted_labels({"10", "2", "1"}), sorted_labels({"10.0", "2.0"}), sorted_labels({"dog", "cat"})
+    (['1', '2', '10'], ['2.0', '10.0'], ['cat', 'dog'])
     """
     if all(label.lstrip("-").isdigit() for label in labels):
         return sorted(labels, key=int)
+    if all(_number(label) is not None for label in labels):  # a pandas export writes class 2 as "2.0"
+        return sorted(labels, key=lambda label: (_number(label), label))
     return sorted(labels)
+
+
+def _number(label: str) -> float | None:
+    try:
+        return float(label)
+    except ValueError:
+        return None
+
+
+def warn_similar_labels(source: str | Path, classes: list[str]) -> None:
+    """Name labels that differ only in case, spacing or number format ("Cat"/"cat", "1"/"01"/"1.0"): each is a class
+    of its own, which is rarely what was meant."""
+    groups: dict[str, list[str]] = {}
+    for c in classes:
+        key = c.strip().casefold()
+        groups.setdefault(str(_number(key)) if _number(key) is not None else " ".join(key.split()), []).append(c)
+    similar = [" / ".join(map(repr, g)) for g in groups.values() if len(g) > 1]
+    if similar:
+        log.warning("'%s': label(s) %s differ only in case, spacing or number format, and each is a class of its "
+                    "own; write each class one way if they are one", source, "; ".join(similar[:5]))  # fmt: skip
 
 
 def read_csv(path: str | Path, classes: list[str] | None = None) -> FileImageDataset:
@@ -306,9 +335,12 @@ def read_csv(path: str | Path, classes: list[str] | None = None) -> FileImageDat
     ['cat', 'dog']
     """
     path = Path(path)
-    rows = _read_csv_rows(path)
-    classes = list(classes) if classes is not None else sorted_labels({label for _, label in rows})
-    index = {c: i for i, c in enumerate(classes)}
+    rows = [(p, _nfc(label)) for p, label in _read_csv_rows(path)]  # as class folders' names are (scan_folder)
+    if classes is None:
+        classes = sorted_labels({label for _, label in rows})
+        warn_similar_labels(path, classes)
+    classes = list(classes)
+    index = {_nfc(c): i for i, c in enumerate(classes)}
     unknown = sorted({label for _, label in rows if label not in index})
     if unknown:
         raise DataError(

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from freezetune.data.folder import expand_paths, sorted_labels
+from freezetune.data.folder import expand_paths, sorted_labels, warn_similar_labels
 from freezetune.errors import ConfigError, DataError, choices
 
 TEXT_COLUMNS = ("text", "sentence", "review", "document", "content")
@@ -78,7 +78,9 @@ def read_text_csv(path: str | Path, classes: list[str] | None = None) -> TextDat
         raise DataError(f"CSV '{path}' has no rows under its header; expected a text and its label on each row")
     _check_rows(path, rows, cols)
     labels = [r[cols["label"]].strip() for r in rows]
-    classes = list(classes) if classes is not None else sorted_labels(set(labels))  # as an image CSV's
+    if classes is None:  # as an image CSV's
+        classes = sorted_labels(set(labels))
+        warn_similar_labels(path, classes)
     unknown = sorted(set(labels) - set(classes))
     if unknown:
         raise DataError(
