@@ -200,10 +200,12 @@ def test_flat_folder_with_val_split_is_stratified_and_disjoint(tmp_path):
 
 
 def test_csv_with_and_without_header(tmp_path):
-    make_folder(tmp_path / "imgs", 2)
+    make_folder(tmp_path / "imgs", 3)
     lines = [f"imgs/{c}/{i}.png,{c}" for c in COLOURS for i in range(2)]
     (tmp_path / "plain.csv").write_text("\n".join(lines) + "\n")
-    (tmp_path / "head.csv").write_text("path,label\n" + "\n".join(lines[:3]) + "\n")
+    # validation: other images than the training ones (the same files in two splits are refused)
+    val = ["imgs/blue/2.png,blue", "imgs/blue/2.png,blue", "imgs/green/2.png,green"]
+    (tmp_path / "head.csv").write_text("path,label\n" + "\n".join(val) + "\n")
     b = build_datasets(str(tmp_path / "plain.csv"), val_data=str(tmp_path / "head.csv"), preprocess=PRE)
     assert b.source == "csv" and b.classes == ["blue", "green", "red"]
     assert (len(b.train), len(b.val)) == (6, 3) and b.val.targets.tolist() == [0, 0, 1]
@@ -757,3 +759,16 @@ def test_a_macos_resource_fork_folder_is_not_a_class(tmp_path):
     root = _tiny_split_folder(tmp_path / "d")
     shutil.copytree(root / "train" / "red", root / "train" / "__MACOSX")
     assert build_datasets(str(root), preprocess=PRE).classes == ["blue", "green", "red"]
+
+
+def test_symlinked_folders_inside_a_class_are_followed_and_loose_images_named(tmp_path, caplog):
+    root = _tiny_split_folder(tmp_path / "d")
+    shutil.copytree(root / "test" / "blue", tmp_path / "elsewhere")
+    (root / "train" / "blue" / "more").symlink_to(tmp_path / "elsewhere")  # 3 more blue images, kept elsewhere
+    (root / "train" / "blue" / "loop").symlink_to(root / "train" / "blue")  # a link back up the tree: walked once
+    shutil.copy(next((root / "train" / "red").iterdir()), root / "train" / "stray.png")
+    with caplog.at_level(logging.WARNING, logger="freezetune"):
+        data = build_datasets(str(root), preprocess=PRE)
+    blue = [p for p, y in data.train.samples if data.classes[y] == "blue"]  # val/ holds the validation images
+    assert len(blue) == 6  # a symlinked folder was not followed (Python 3.11's rglob)
+    assert "1 image file(s) lie outside the class folders" in caplog.text

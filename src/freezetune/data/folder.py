@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import os
 import unicodedata
 from collections import Counter
 from collections.abc import Callable
@@ -88,12 +89,22 @@ def _image_suffix(p: Path) -> bool:
 
 def _files_under(folder: Path) -> list[Path]:
     """Every file below ``folder`` that is not hidden, sorted (images and the files beside them). A hidden folder
-    (``.thumbnails/``) and Synology's ``@eaDir`` hold previews of the images, not more of them."""
-    return sorted(p for p in folder.rglob("*") if p.is_file() and not _hidden(p.relative_to(folder)))
+    (``.thumbnails/``) and Synology's ``@eaDir`` hold previews of the images, not more of them. Symlinked folders are
+    followed (once each); a broken symlink is kept, so the image check names it rather than it vanishing."""
+    found, seen = [], set()
+    for top, dirs, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(top)
+        if real in seen:  # a link back up the tree
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs[:] = [d for d in dirs if not _hidden(d)]
+        found += [Path(top) / f for f in files if not _hidden(f)]
+    return sorted(found)
 
 
-def _hidden(relative: Path) -> bool:
-    return any(part.startswith(".") or part == "@eaDir" for part in relative.parts)
+def _hidden(name: str) -> bool:
+    return name.startswith(".") or name == "@eaDir"
 
 
 def _images_under(folder: Path) -> list[Path]:
@@ -179,7 +190,7 @@ def folder_classes(root: str | Path) -> list[str]:
         raise DataError(f"image folder '{root}' does not exist; expected a directory with one subfolder per class")
     # __MACOSX: the resource forks an unzipped macOS archive carries, never a class
     subdirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".") and d.name != "__MACOSX")
-    classes = [d.name for d in subdirs if any(_is_image(p) for p in d.rglob("*"))]
+    classes = [d.name for d in subdirs if _images_under(d)]
     if not classes:
         raise DataError(
             f"no class folders with images in '{root}'; expected {root}/<class>/*.jpg (extensions: "
@@ -217,6 +228,10 @@ def scan_folder(root: str | Path, classes: list[str] | None = None) -> FileImage
         files = _files_under(Path(root) / c)
         samples += [(str(p), index[_nfc(c)]) for p in files if _image_suffix(p)]
         left_out.update(p.suffix.lower() or "(no extension)" for p in files if not _image_suffix(p))
+    loose = [p for p in Path(root).iterdir() if _is_image(p)]
+    if loose:  # not in a class folder: no label to train them with
+        log.warning("'%s': %d image file(s) lie outside the class folders and are left out (first: '%s')", root,
+                    len(loose), loose[0].name)  # fmt: skip
     _warn_left_out(root, left_out)
     return FileImageDataset(samples, classes)
 
