@@ -292,7 +292,7 @@ def test_a_finished_epoch_is_never_restarted_over(data, uninterrupted, capsys):
 def test_preparing_a_run_dir_clears_what_an_unfinished_run_left_and_stale_temp_files(tmp_path):
     run = tmp_path / "run"
     (run / "cache" / "train").mkdir(parents=True)
-    for name in ("best.pt", "config.yaml", "notes.txt"):
+    for name in ("classes.json", "best.pt", "config.yaml", "notes.txt"):  # classes.json: a run writes it first
         (run / name).write_text("x")
     (run / "metrics.csv").write_text("epoch,val_acc\n1,0.5\n")  # stopped between epoch 1's best.pt and last.pt
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
@@ -302,7 +302,21 @@ def test_preparing_a_run_dir_clears_what_an_unfinished_run_left_and_stale_temp_f
     assert runtime.prepare_run_dir(str(run), "m", resume=True, echo=lines.append) == run
     assert len(lines) == 1 and "starting it afresh" in lines[0] and "metrics.csv" in lines[0]
     left = sorted(p.name for p in run.iterdir())
-    assert left == [live.name, "config.yaml", "notes.txt"]  # the user's file and a live writer's stay
+    assert left == [live.name, "classes.json", "config.yaml", "notes.txt"]  # the user's file and a live writer's stay
+
+
+@pytest.mark.parametrize("resume", [False, True])
+def test_files_of_a_runs_names_that_no_run_wrote_are_refused_and_kept(tmp_path, resume):
+    # --out . in a project with its own cache/ folder and TensorBoard logs: "starting it afresh (cleared cache, ...)"
+    # deleted them, although no run had ever been there
+    run = tmp_path / "project"
+    (run / "cache").mkdir(parents=True)
+    (run / "cache" / "mine.npy").write_text("x")
+    (run / "events.out.tfevents.123.host").write_text("x")
+    before = snapshot(run)
+    with pytest.raises(ConfigError, match=r"holds cache, events.out.tfevents.123.host, which no run wrote there"):
+        runtime.prepare_run_dir(str(run), "m", resume=resume)
+    assert snapshot(run) == before
 
 
 @pytest.mark.parametrize(

@@ -4,6 +4,7 @@ LR schedules, devices, and one real fine-tuning run on Fashion-MNIST with packag
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 from pathlib import Path
 
@@ -120,7 +121,12 @@ def test_train_returns_the_run_result(finished_run):
         (["--freeze", "blocks.4"], ["freeze 'backbone' -> 'blocks.4'"]),  # the trainable set differs from the run's
         (["--optimizer", "sgd"], ["optimizer 'adamw' -> 'sgd'"]),  # was KeyError 'momentum' with config.yaml rewritten
         # were ignored, yet written to config.yaml as if the run had used them
-        (["--lr", "0.5", "--img-size", "64"], ["changed settings (img_size 32 -> 64, lr 0.001 -> 0.5)"]),
+        (
+            ["--lr", "0.5", "--img-size", "64"],
+            ["with img_size 32 -> 64, lr 0.001 -> 0.5: a run continues with its own"],
+        ),
+        # every change at once: the refusal named the schedule alone, and fixing it led to the next refusal
+        (["--epochs", "4", "--lr", "0.5"], ["with epochs 2 -> 4, lr 0.001 -> 0.5: its onecycle LR schedule"]),
         (["--bn", "train"], ["bn 'frozen' -> 'train'"]),
         (["--val-split", "0.3"], ["val_split None -> 0.3", "start a new run"]),
     ],
@@ -536,3 +542,24 @@ def test_no_loader_worker_outlives_the_run(tmp_path, monkeypatch, fails):
     finally:
         gc.enable()
     assert not left, f"{len(left)} loader worker(s) still running after train() {'raised' if fails else 'returned'}"
+
+
+def test_a_resume_of_a_run_that_stopped_early_trains_no_more_epochs(data, tmp_path, monkeypatch):
+    # a batch wrapper that always passes --resume grew an early-stopped run by an epoch at every call
+    from freezetune.cache import FeaturePath
+
+    scores = iter([0.6, 0.5, 0.4, 0.3, 0.2])
+
+    def worse_each_epoch(self, precision, *, num_classes):
+        return {"loss": 1.0, "acc": next(scores), "top5": 1.0, "macro_f1": 0.5, "n": 10}
+
+    monkeypatch.setattr(FeaturePath, "evaluate_val", worse_each_epoch)
+    cfg = TrainConfig(data=str(data), out=str(tmp_path / "run"), model="timm:test_efficientnet", weights="none",
+                      img_size=32, device="cpu", workers=0, progress=False, batch_size=8, epochs=5, early_stop=1,
+                      freeze="backbone", scheduler="none", tensorboard=False)  # fmt: skip
+    lines = []
+    trainer.train(cfg, echo=lines.append)
+    assert [int(r["epoch"]) for r in _rows(tmp_path / "run")] == [1, 2]
+    assert "early stop: val_acc did not improve for 1 epoch" in lines and "1 epochs" not in " ".join(lines)
+    result = trainer.train(dataclasses.replace(cfg, resume=True), echo=lines.append)
+    assert [int(r["epoch"]) for r in _rows(tmp_path / "run")] == [1, 2] and result.best_epoch == 1

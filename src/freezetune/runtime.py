@@ -28,6 +28,7 @@ RECIPE_FILE, TRIALS_DIR = "recipe.json", "auto-trials"  # the auto recipe's deci
 # Signs that a run was started here (a recipe's files included): ``--resume`` of such a dir restarts it.
 CONFIG_FILE, CLASSES_FILE = "config.yaml", "classes.json"  # the run's resolved config and class names
 RUN_TRACES = (*STARTED_FILES, CONFIG_FILE, CLASSES_FILE, RECIPE_FILE, TRIALS_DIR)
+RUN_MARKERS = (CLASSES_FILE, RECIPE_FILE, TRIALS_DIR)  # written first by a run (a recipe): the dir is a run's
 RESUME_NEEDS = "--resume needs the run dir of an existing run, given with --out"
 
 
@@ -91,6 +92,13 @@ def _check_run_dir(run_dir: Path, *, resume: bool) -> list[str]:
         raise ConfigError(f"--out {str(run_dir)!r} holds a {CONFIG_FILE} that no run wrote (no run was started "
                           f"there), and a run writes its resolved config as {CONFIG_FILE} in its dir: keep your "
                           "config outside the run dir, or choose another --out")  # fmt: skip
+    # a run writes classes.json before anything else in its dir (a recipe, its recipe.json or auto-trials/): files of
+    # a run's names without them (a cache/ folder, a metrics.csv, TensorBoard events) are the user's, never cleared
+    foreign = [f for f in traces if f != CONFIG_FILE] + [p.name for p in sorted(run_dir.glob(TENSORBOARD_EVENTS))]
+    if foreign and not any((run_dir / f).exists() for f in RUN_MARKERS):
+        raise ConfigError(f"--out {str(run_dir)!r} holds {', '.join(foreign)}, which no run wrote there (no "
+                          f"{CLASSES_FILE}), and a run writes files of those names: choose another --out, or move "
+                          "them out of it")  # fmt: skip
     # a run stopped during its set-up leaves its dir empty; a dir that does not exist is more likely a typo
     started = traces or (run_dir.is_dir() and not any(run_dir.iterdir()))
     if resume and not started:

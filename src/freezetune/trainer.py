@@ -102,7 +102,8 @@ class Trainer:
                                    skip_bad=cfg.skip_bad, refit=bool(cfg.refit))  # fmt: skip
         self.classes = self.data.classes
         replace_head(self.model, len(self.classes))
-        if cfg.init:  # an earlier run's weights, head included (a recipe's previous phase)
+        if cfg.init and not self.resuming:  # an earlier run's weights, head included (a recipe's previous phase);
+            # a resume's come from last.pt (the init file may be gone, or named from another directory)
             checkpoint.init_from(self.model, cfg.init, self.classes, model_name=cfg.model)
         freeze(self.model, parse_freeze_spec(cfg.freeze), bn=cfg.bn)
         self.channels_last = runtime.use_channels_last(cfg.channels_last, self.model, self.device)
@@ -126,14 +127,17 @@ class Trainer:
         self.step = Step(self.state, self.loss_fn, self.precision, channels_last=self.channels_last,
                          grad_clip=cfg.grad_clip, skip_nonfinite=cfg.skip_nonfinite, dist=self.dist)  # fmt: skip
         self.progress = Progress(cfg.monitor)
-        self.metrics = reporting.MetricsLogger(self.run_dir, tensorboard=cfg.tensorboard) if self.dist.is_main \
-            else reporting.NullMetricsLogger()  # fmt: skip
         if self.resuming:
             self._resume()
+        if self.dist.is_main:  # classes.json before anything else: it marks the dir as a run's (prepare_run_dir)
+            atomic_write_text(self.run_dir / runtime.CLASSES_FILE, json.dumps(self.classes, indent=1))
+        self.metrics = reporting.MetricsLogger(self.run_dir, tensorboard=cfg.tensorboard) if self.dist.is_main \
+            else reporting.NullMetricsLogger()  # fmt: skip
+        if self.resuming:  # the rows logged after its last.pt go
+            self.metrics.truncate(self.progress.epoch)
         self.features.build()
         self.seconds = {"cache": self.features.build_seconds, "val": 0.0, "epochs": 0.0}
-        if self.dist.is_main:  # classes.json first: a config.yaml alone in a dir is a user's (prepare_run_dir)
-            atomic_write_text(self.run_dir / runtime.CLASSES_FILE, json.dumps(self.classes, indent=1))
+        if self.dist.is_main:
             cfg.save(self.run_dir / runtime.CONFIG_FILE)
             if self.data.skipped:  # what --skip-bad left out stays on record with the run
                 atomic_write_text(self.run_dir / SKIPPED, "\n".join(self.data.skipped) + "\n")
@@ -189,7 +193,6 @@ class Trainer:
     def _resume(self) -> None:
         checkpoint.restore(self.run_dir / checkpoint.LAST, self.state, self.progress, config=self.cfg.to_dict(),
                            classes=self.classes, steps_per_epoch=self.steps_per_epoch)  # fmt: skip
-        self.metrics.truncate(self.progress.epoch)
         p = self.progress
         within = f" and step {p.step}/{self.steps_per_epoch} of epoch {p.epoch + 1}" if p.step else ""
         self.echo(f"resumed {self.run_dir} after epoch {p.epoch}{within}")
@@ -254,6 +257,8 @@ class Trainer:
         cfg, unfreezer = self.cfg, self.state.unfreezer
         # stages unfrozen after the previous epoch: non-empty only when resuming right after an unfreeze
         unfrozen = unfreezer.unfrozen_after(self.progress.epoch - 1) if unfreezer is not None else []
+        if cfg.early_stop and self.progress.bad_epochs >= cfg.early_stop:  # a resume of a run that stopped early:
+            return  # it is finished (the report and the test follow), as a run that trained all its epochs is
         for epoch in range(self.progress.epoch, cfg.epochs):
             row = self._run_epoch(epoch, unfrozen)
             last = epoch + 1 == cfg.epochs  # nothing trains after the last epoch: no unfreeze, no cache rebuild
@@ -268,7 +273,8 @@ class Trainer:
                 saved = "saved in last.pt" if self.resumable else "not saved: this run is not resumed"
                 raise self.stop.interrupted(f"after epoch {epoch + 1} ({saved})")
             if cfg.early_stop and self.progress.bad_epochs >= cfg.early_stop and not last:
-                self.echo(f"early stop: {cfg.monitor} did not improve for {cfg.early_stop} epochs")
+                self.echo(f"early stop: {cfg.monitor} did not improve for {cfg.early_stop} "
+                          f"epoch{'s' if cfg.early_stop != 1 else ''}")  # fmt: skip
                 break
 
     def _run_epoch(self, epoch: int, unfrozen: list[str]) -> dict:
