@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -358,3 +360,19 @@ def test_a_sweep_given_a_freeze_spec_names_only_what_was_given(tmp_path):
 
     with pytest.raises(ConfigError, match=r"drop freeze -2 \(recipe=null freeze=auto\)$"):  # it said "recipe None"
         sweep(TrainConfig(data="images", freeze=-2), "full", out=tmp_path / "s")
+
+
+def test_an_auto_runs_config_names_its_start_and_cache_absolutely_and_a_resume_needs_neither(data, tmp_path,
+                                                                                              monkeypatch):  # fmt: skip
+    # config.yaml said init: r1/auto-trials/last-3/best.pt: a --resume or train --config from elsewhere failed
+    from freezetune import trainer
+
+    monkeypatch.chdir(tmp_path)
+    trainer.train(_cfg(data, "r1", cache="auto", epochs=2), echo=lambda line: None)
+    saved = load_config(tmp_path / "r1" / "config.yaml")
+    assert Path(saved.init).is_absolute() and Path(saved.init).is_file() and Path(saved.cache_dir).is_absolute()
+    Path(saved.init).unlink()  # the trial's weights: a resume continues from last.pt, not from them
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    resumed = dataclasses.replace(saved, out=str(tmp_path / "r1"), resume=True, data=str(data))
+    assert trainer.train(resumed, echo=lambda line: None).best_epoch >= 1

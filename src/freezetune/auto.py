@@ -36,6 +36,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -132,8 +133,10 @@ def _measure(base: TrainConfig, ks: list[int], out: Path, train: Callable, echo:
 
 
 def _base(cfg: TrainConfig, out: Path, cut: str) -> TrainConfig:
+    # absolute: the run's config.yaml names this cache (and its start weights), and a --resume or a train --config
+    # of it may run from another directory
     return dataclasses.replace(cfg, recipe=None, freeze="auto", budget=None, out=str(out), cache_at=cut,
-                               cache_dir=cfg.cache_dir or str(out / "features"))  # fmt: skip
+                               cache_dir=cfg.cache_dir or os.path.abspath(out / "features"))  # fmt: skip
 
 
 def _trial(base: TrainConfig, k: int, out: Path, train: Callable, echo: Callable[[str], None]) -> dict:
@@ -166,7 +169,7 @@ def _start_from(out: Path, trials: list[dict], choice: dict, init: str | None) -
         if t is not choice:
             (_trial_dir(out, t["trained_stages"]) / "best.pt").unlink(missing_ok=True)
     weights = _trial_dir(out, choice["trained_stages"]) / "best.pt"
-    return str(weights) if weights.is_file() else init
+    return os.path.abspath(weights) if weights.is_file() else init
 
 
 def _trial_dir(out: Path, k: int) -> Path:

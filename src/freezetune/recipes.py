@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -152,7 +153,7 @@ def run(cfg: TrainConfig, *, echo: Callable[[str], None] = print, train: Callabl
     for i, phase in enumerate(steps):
         phase_cfg = phase.cfg
         if result is not None:  # start from the previous phase's best weights, head included
-            phase_cfg = dataclasses.replace(phase_cfg, init=str(result.run_dir / "best.pt"))
+            phase_cfg = dataclasses.replace(phase_cfg, init=os.path.abspath(result.run_dir / "best.pt"))  # (auto._base)
         echo(f"recipe {recipe}: phase {i + 1}/{len(steps)} ({phase.name}): freeze {phase_cfg.freeze!r}")
         result = _run_phase(phase_cfg, train, echo, last=i + 1 == len(steps))
     return result
