@@ -283,22 +283,24 @@ def _check_resumable(path: Path, record: dict, expect: dict[str, Any]) -> None:
         )
     old = dict(record.get("config") or {}, steps_per_epoch=record.get("steps_per_epoch"))
     schedule = ("epochs", "scheduler", "warmup_epochs", "steps_per_epoch")
-    changed = [f"{k} {old[k]!r} -> {expect[k]!r}" for k in schedule if old.get(k) is not None and old[k] != expect[k]]
+    stretched = [f"{k} {old[k]!r} -> {expect[k]!r}" for k in schedule if old.get(k) is not None and old[k] != expect[k]]
     # A per-step LR schedule cannot be stretched mid-run (OneCycleLR raises once past its total_steps).
-    if changed and not (expect["scheduler"] == "none" and old.get("scheduler") == "none"):
-        raise ConfigError(
-            f"cannot resume {path} with {', '.join(changed)}: its {old.get('scheduler')} LR schedule spans the "
-            "run's original length; resume with the run's values, or start a new run"
-        )
+    if expect["scheduler"] == "none" and old.get("scheduler") == "none":
+        stretched = []
     # Any other change would train on with settings config.yaml then claims for the whole run (and another optimizer
     # fails at its first step on this one's state: KeyError 'momentum').
     fixed = [k for k in old if k not in (*RESUME_MAY_CHANGE, *schedule, "model") and k in expect]
     changed = [f"{k} {old[k]!r} -> {expect[k]!r}" for k in fixed if old[k] != expect[k]]
+    if not (stretched or changed):
+        return
+    why = []  # every change named at once: fixing one flag must not lead to the next refusal
+    if stretched:
+        why.append(f"its {old.get('scheduler')} LR schedule spans the run's original length")
     if changed:
         may = ", ".join(k for k in RESUME_MAY_CHANGE if k not in ("out", "resume"))  # the two that name the resume
-        raise ConfigError(f"cannot resume {path} with changed settings ({', '.join(changed)}): a run continues with "
-                          "its own; resume with the run's values, or start a new run with another --out (a resume may "
-                          f"change only {may})")  # fmt: skip
+        why.append(f"a run continues with its own settings (a resume may change only {may})")
+    raise ConfigError(f"cannot resume {path} with {', '.join(stretched + changed)}: {'; '.join(why)}; resume with "
+                      "the run's values, or start a new run with another --out")  # fmt: skip
 
 
 def rng_state() -> dict[str, Any]:
