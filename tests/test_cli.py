@@ -561,3 +561,23 @@ def test_what_fails_after_a_stop_signal_is_reported_as_the_stop_once(capsys, mon
     monkeypatch.setenv("RANK", "1")  # the other ranks got the same signal: one line for the job
     code, _, err = run_cli(capsys, "train", "--data", "x")
     assert code == 143 and err == ""
+
+
+def test_a_write_error_names_the_users_path_not_a_temporary_file(run, data, capsys, tmp_path):
+    (tmp_path / "plots").mkdir()
+    code, _, err = run_cli(capsys, "eval", "--checkpoint", run[0] / "best.pt", "--data", data, "--plot",
+                           tmp_path / "plots")  # fmt: skip
+    assert code == 2 and f"({tmp_path / 'plots'})" in err and ".tmp" not in err, err
+
+
+@pytest.mark.parametrize("command", ["eval", "predict"])
+def test_ctrl_c_outside_training_says_no_word_of_last_pt(run, data, capsys, monkeypatch, command):
+    from freezetune import inference
+
+    def interrupted(*_args, **_kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(inference, "evaluate_checkpoint" if command == "eval" else "predict_files", interrupted)
+    argv = ["--data", data] if command == "eval" else [str(data)]
+    code, _, err = run_cli(capsys, command, "--checkpoint", run[0] / "best.pt", *argv)
+    assert code == 130 and err == "freezetune: interrupted\n", err

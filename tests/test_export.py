@@ -45,6 +45,8 @@ def test_export_writes_weights_and_sidecar(best_pt, tmp_path):
     record = checkpoint.load(best_pt)
     assert set(tensors) == set(record["state_dict"])  # BatchNorm buffers included
     assert all(torch.equal(tensors[k], v) for k, v in record["state_dict"].items())
+    # readable as every other file written (safetensors' own save_file left 0600: a team's model folder could not read)
+    assert weights.stat().st_mode & 0o777 == sidecar.stat().st_mode & 0o777
 
 
 def test_exported_weights_give_the_checkpoint_logits(best_pt, tmp_path):

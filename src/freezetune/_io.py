@@ -55,6 +55,11 @@ def atomic_output(path: str | Path) -> Iterator[Path]:
         _fsync_path(tmp)
         pause_point(f"rename:{path.name}")
         os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        if exc.filename == str(tmp):  # the error names the hidden temporary file: name the user's path instead
+            raise type(exc)(exc.errno, exc.strerror, str(path)) from exc
+        raise
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

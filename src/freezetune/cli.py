@@ -67,8 +67,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except RunInterrupted as exc:  # SIGTERM / SIGINT: the run saved where it stood; 143 / 130 as the shell reports
         return _stopped(exc)
-    except KeyboardInterrupt:
-        print("freezetune: interrupted; last.pt holds the last finished epoch (--resume continues)", file=sys.stderr)
+    except KeyboardInterrupt:  # Ctrl-C outside a run's own handling: what is saved depends on the command
+        saved = {"train": "; last.pt holds the last finished epoch (--resume continues)",
+                 "sweep": "; --resume continues the sweep"}.get(args.command, "")  # fmt: skip
+        print(f"freezetune: interrupted{saved}", file=sys.stderr)
         return 130
     except Exception:
         stop = raised_stop()  # what failed after a stop signal failed because of it (workers the signal killed)

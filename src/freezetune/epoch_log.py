@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import numbers
+import sys
 from typing import Any
 
 import torch
@@ -42,7 +43,11 @@ class TrainProgress:
         self.corrects = torch.zeros(max(total, 1), device=device, dtype=torch.long)
         self.sizes = [0] * max(total, 1)
         self.carried = {"loss_sum": 0.0, "correct": 0, "first_bad": -1}  # the steps before a mid-epoch resume
-        self.bar = tqdm(total=total, desc=desc, leave=False, disable=not enabled, dynamic_ncols=True)
+        # redirected to a file (nohup, a batch log), a bar redrawn every step fills it with carriage returns: there it
+        # is redrawn once a minute at most; a terminal (tmux, SSH) and a notebook's widget get it live
+        live = tqdm.__module__.startswith("tqdm.notebook") or sys.stderr.isatty()
+        self.bar = tqdm(total=total, desc=desc, leave=False, disable=not enabled, dynamic_ncols=True,
+                        mininterval=0.1 if live else 60.0)  # fmt: skip
 
     def update(self, loss: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> None:
         i = self.step

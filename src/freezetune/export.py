@@ -16,7 +16,7 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
 from freezetune import checkpoint
@@ -89,8 +89,11 @@ def _sidecar(path: Path, meta: dict, force: bool) -> dict:
 def _save_safetensors(record: dict, to: Path) -> None:
     # safetensors refuses tensors that share memory (tied weights) and non-contiguous ones: store plain copies
     tensors = {k: v.contiguous().clone() for k, v in record["state_dict"].items()}
+    # written into the temporary file atomic_output made (save_file would recreate it as mode 0600, unreadable to
+    # the rest of a team, where every other file a run writes is 0644)
+    data = safetensors_bytes(tensors, metadata={"format": "pt", "model": record["model"]})
     with atomic_output(to) as tmp:
-        save_file(tensors, str(tmp), metadata={"format": "pt", "model": record["model"]})
+        tmp.write_bytes(data)
 
 
 def _require_onnx() -> None:
