@@ -581,3 +581,19 @@ def test_ctrl_c_outside_training_says_no_word_of_last_pt(run, data, capsys, monk
     argv = ["--data", data] if command == "eval" else [str(data)]
     code, _, err = run_cli(capsys, command, "--checkpoint", run[0] / "best.pt", *argv)
     assert code == 130 and err == "freezetune: interrupted\n", err
+
+
+def test_eval_writes_its_metrics_for_batch_jobs_and_a_plot_per_dataset(run, data, capsys, tmp_path):
+    run_dir = run[0]
+    code, out, err = run_cli(capsys, "eval", "--checkpoint", run_dir / "best.pt", "--data", data, "--metrics",
+                             tmp_path / "m.json")  # fmt: skip
+    assert code == 0, err
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    assert f"top-1 {100 * metrics['acc']:5.1f}%" in out and metrics["n"] > 0
+    assert (run_dir / f"eval_{Path(data).name}_confusion.png").is_file()  # not one eval_confusion.png for every dataset
+    code, _, err = run_cli(capsys, "eval", "--checkpoint", run_dir / "best.pt", "--data", data, "--plot",
+                           tmp_path / "cm.jpg")  # fmt: skip
+    assert code == 0 and (tmp_path / "cm.jpg").read_bytes()[:2] == b"\xff\xd8", err  # JPEG data, not PNG
+    code, out, err = run_cli(capsys, "eval", "--checkpoint", run_dir / "best.pt", "--data", data, "--plot",
+                             tmp_path / "cm.gif")  # fmt: skip
+    assert code == 2 and ".gif is none of them" in err and not out, err  # refused before the evaluation

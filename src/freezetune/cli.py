@@ -10,6 +10,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -151,7 +152,10 @@ def _eval_parser(sub) -> None:
     p.add_argument("--data", required=True)
     p.add_argument("--batch-size", type=int, default=_DEFAULTS.batch_size, help="results do not depend on it")
     p.add_argument("--device", default=_DEFAULTS.device)
-    p.add_argument("--plot", default=None, help="confusion-matrix PNG (default: next to the checkpoint)")
+    p.add_argument("--plot", default=None,
+                   help="confusion-matrix image, .png/.pdf/.svg/.jpg (default: eval_<data>_confusion.png next to the "
+                        "checkpoint)")  # fmt: skip
+    p.add_argument("--metrics", default=None, help="also write every metric as JSON to this file (for batch jobs)")
     p.set_defaults(func=_cmd_eval, command_parser=p)
 
 
@@ -237,13 +241,17 @@ def _cmd_sweep(args) -> int:
 def _cmd_eval(args) -> int:
     from freezetune.inference import evaluate_checkpoint, write_evaluation
     from freezetune.memory import out_of_memory_hint
+    from freezetune.metrics import plot_format
 
+    # named after the data: evaluating a second dataset must not replace the first one's plot
+    name = re.sub(r"[^\w.-]+", "_", Path(args.data).name or "data")
+    plot = Path(args.plot) if args.plot else Path(args.checkpoint).with_name(f"eval_{name}_confusion.png")
+    plot_format(plot)  # a bad suffix fails before the evaluation, not after it
     with out_of_memory_hint(args.batch_size, training=False):
         result = evaluate_checkpoint(args.checkpoint, args.data, batch_size=args.batch_size, device=args.device)
-    plot = Path(args.plot) if args.plot else Path(args.checkpoint).with_name("eval_confusion.png")
     print(f"scored {result['n']} of {result['data']}")
-    print(write_evaluation(result, result["classes"], plot=plot))
-    print(f"confusion matrix -> {plot}")
+    print(write_evaluation(result, result["classes"], plot=plot, metrics=args.metrics))
+    print(f"confusion matrix -> {plot}" + (f", metrics -> {args.metrics}" if args.metrics else ""))
     return 0
 
 

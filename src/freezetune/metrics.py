@@ -12,7 +12,7 @@ import torch
 from matplotlib.figure import Figure
 
 from freezetune._io import atomic_output
-from freezetune.errors import DataError
+from freezetune.errors import ConfigError, DataError
 
 _MAX_TOPK = 5
 
@@ -285,6 +285,23 @@ def plot_confusion(result: dict, classes: list[str], path: str | Path) -> Path:
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title(f"confusion matrix  (top-1 {100 * result['acc']:.1f}%, n={result['n']})")
+    fmt = plot_format(path)
     with atomic_output(path) as tmp:
-        fig.savefig(tmp, format="png")
+        fig.savefig(tmp, format=fmt)
     return Path(path)
+
+
+PLOT_FORMATS = {".png": "png", ".pdf": "pdf", ".svg": "svg", ".jpg": "jpg", ".jpeg": "jpg"}
+
+
+def plot_format(path: str | Path) -> str:
+    """The image format a plot path asks for by its suffix (PNG data in a ``.jpg`` file would be a lie).
+
+    >>> plot_format("cm.svg")
+    'svg'
+    """
+    suffix = Path(path).suffix.lower()
+    if suffix not in PLOT_FORMATS:
+        raise ConfigError(f"plot {str(path)!r}: a plot is written as {', '.join(PLOT_FORMATS)} by its suffix; "
+                          f"{suffix or 'no suffix'} is none of them")  # fmt: skip
+    return PLOT_FORMATS[suffix]
