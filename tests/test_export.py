@@ -130,6 +130,11 @@ def test_formats_of_one_checkpoint_share_its_sidecar(best_pt, tmp_path):
     with pytest.raises(CheckpointError, match="o.json already exists and does not describe this checkpoint"):
         export_checkpoint(best_pt, tmp_path / "o.pt2")
     assert not (tmp_path / "o.pt2").exists() and json.loads(other.read_text())["model"] == "another"
+    # --force with another checkpoint's export beside the sidecar: the export would keep a wrong description
+    (tmp_path / "o.onnx").write_bytes(b"another model's graph")
+    with pytest.raises(CheckpointError, match=r"o.json describes another checkpoint, exported beside it as .*o.onnx"):
+        export_checkpoint(best_pt, tmp_path / "o.safetensors", force=True)
+    assert not (tmp_path / "o.safetensors").exists() and json.loads(other.read_text())["model"] == "another"
 
 
 @pytest.mark.parametrize("suffix", [".onnx", ".pt2"])

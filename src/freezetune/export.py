@@ -59,7 +59,7 @@ def export_checkpoint(ckpt_path: str | Path, to: str | Path, *, force: bool = Fa
         "freezetune_version": record.get("freezetune_version"),
         "epoch": record.get("epoch"),
     }
-    meta = _sidecar(sidecar, meta, force)
+    meta = _sidecar(sidecar, meta, force, to)
     to.parent.mkdir(parents=True, exist_ok=True)
     if to.suffix == ".safetensors":
         _save_safetensors(record, to)
@@ -71,19 +71,27 @@ def export_checkpoint(ckpt_path: str | Path, to: str | Path, *, force: bool = Fa
     return to, sidecar
 
 
-def _sidecar(path: Path, meta: dict, force: bool) -> dict:
+def _sidecar(path: Path, meta: dict, force: bool, target: Path) -> dict:
     """What the sidecar will hold: ``meta``, plus the keys of an existing sidecar of the same checkpoint (another
-    format's export). A sidecar of anything else is the user's: kept, unless ``force``."""
-    if not path.exists() or force:
+    format's export). A sidecar of anything else is the user's: kept, unless ``force``; and even then kept while
+    another export beside it (``m.onnx`` for ``m.json``) still reads its description."""
+    if not path.exists():
         return meta
     try:
         old = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         old = None
-    if not isinstance(old, dict) or any(old.get(k) != v for k, v in meta.items()):
+    if isinstance(old, dict) and all(old.get(k) == v for k, v in meta.items()):
+        return {**old, **meta}
+    if not force:
         raise CheckpointError(f"{path} already exists and does not describe this checkpoint; pass --force to "
                               "overwrite")  # fmt: skip
-    return {**old, **meta}
+    others = [str(p) for p in (path.with_suffix(f) for f in FORMATS) if p != target and p.exists()]
+    if others:  # its preprocessing and classes would then be this checkpoint's: a silent lie to those files' users
+        raise CheckpointError(f"{path} describes another checkpoint, exported beside it as {', '.join(others)}; "
+                              "--force would give those this checkpoint's description: remove them too, or export "
+                              "under another name")  # fmt: skip
+    return meta
 
 
 def _save_safetensors(record: dict, to: Path) -> None:
