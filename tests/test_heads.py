@@ -107,3 +107,13 @@ def test_a_stage_after_a_models_blocks_is_named_for_what_it_holds():
         ft.freeze(model, "encoder")
     ft.freeze(model, "transformer.encoder")  # the module: all of it
     assert not any(p.requires_grad for n, p in model.named_parameters() if ".encoder." in n)
+
+
+def test_an_input_too_small_for_an_aux_classifier_is_refused_at_set_up():
+    # Inception v3 passed the eval-mode size check at 160 px and died in a traceback at the first training step, in
+    # the aux classifier that only training runs; and its random-init default was 224 px, already too small for it
+    from freezetune.errors import ConfigError
+    from freezetune.models import create_model
+
+    with pytest.raises(ConfigError, match="inception_v3 does not take 160 px images .* give --img-size 299"):
+        create_model("torchvision:inception_v3", "none", img_size=160)

@@ -85,15 +85,26 @@ def create_model(
 def _check_input_size(model: nn.Module, name: str, size: int, default: int | None) -> None:
     """One forward pass at ``size`` px: a model whose position embeddings fix its input (a ViT without interpolation)
     fails there in one line, not in a traceback at the first training step."""
-    was_training = model.training
+    from freezetune.heads import aux_modules
+
+    was_training, aux = model.training, bool(aux_modules(model))
+    # GoogLeNet's and Inception's aux classifiers run in training only (and fail there on small inputs): a pass in
+    # train mode too, after which BatchNorm's running statistics are put back
+    buffers = {k: v.clone() for k, v in model.named_buffers()} if aux else {}
     try:
         with torch.inference_mode():
             model.eval()(torch.zeros(1, 3, size, size))
+            if aux:
+                model.train()(torch.zeros(2, 3, size, size))
     except (AssertionError, ValueError, RuntimeError) as exc:
         raise ConfigError(f"{name} does not take {size} px images ({first_line(exc)}); give --img-size {default} or "
                           "leave it out") from None  # fmt: skip
     finally:
         model.train(was_training)
+        with torch.no_grad():
+            for k, v in model.named_buffers():
+                if k in buffers:
+                    v.copy_(buffers[k])
 
 
 def _split_name(name: str) -> tuple[str, str]:
@@ -156,10 +167,12 @@ def _torchvision_model(name: str, arch: str, source: Source) -> tuple[nn.Module,
 
     if arch not in _torchvision_names():
         raise _unknown_model("torchvision", arch, _torchvision_names())
-    if source == "random":
-        return tvm.get_model(arch, weights=None), Preprocess()
     default = tvm.get_model_weights(arch).DEFAULT
+    # the architecture's own input, random weights too (offline: it is the weights' metadata): Inception v3 takes
+    # 299 px, and 224 px is too small for its auxiliary classifier
     pre = _torchvision_preprocess(default)
+    if source == "random":
+        return tvm.get_model(arch, weights=None), pre
     if source == "packaged":
         return tvm.get_model(arch, weights=None), pre
     url = urlparse(default.url)
