@@ -59,7 +59,8 @@ def load_image(path: str | Path) -> Image.Image:
                 img = img.convert("RGBA")
             return _eight_bit(ImageOps.exif_transpose(img)).convert("RGB")  # upright: data/orientation.py
     except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as e:
-        raise DataError(f"cannot read image '{path}': {e}") from e
+        why = str(e).replace(f" {str(path)!r}", "").replace(f" '{path}'", "")  # PIL's message names the path again
+        raise DataError(f"cannot read image '{path}': {why}") from e
 
 
 def _eight_bit(img: Image.Image) -> Image.Image:
