@@ -126,6 +126,24 @@ def evaluate_checkpoint(
     return {**result, "classes": loaded.classes, "data": getattr(dataset, "source", None)}
 
 
+def evaluate_best(model: nn.Module, best: Path, test: Dataset, *, num_classes: int, precision: Precision,
+                  channels_last: bool, loaders: Loaders, dist) -> dict | None:  # fmt: skip
+    """A run's ``best.pt`` (rank 0's file) loaded into ``model`` and scored on ``test``; None when it was not written.
+
+    Under DDP (``dist``) every rank scores its block of ``test`` with rank 0's weights and the counts are merged: no
+    rank waits at a barrier (and its timeout) while rank 0 scores a large test set alone.
+    """
+    from freezetune.distributed import broadcast, broadcast_tensors
+
+    if not broadcast(best.exists(), dist):  # rank 0 wrote it; the other ranks may not see its disk
+        return None
+    if dist.is_main:
+        model.load_state_dict(ckpt.load(best)["state_dict"])
+    broadcast_tensors(model.state_dict().values(), dist)
+    return evaluate_model(model, test, num_classes=num_classes, precision=precision, channels_last=channels_last,
+                          loaders=loaders, shard=True)  # fmt: skip
+
+
 def write_evaluation(
     result: dict, classes: list[str], *, plot: str | Path | None = None, metrics: str | Path | None = None
 ) -> str:

@@ -37,7 +37,7 @@ from freezetune.distributed import (
 from freezetune.errors import ConfigError, TrainingError
 from freezetune.freeze import count_parameters, freeze, summary
 from freezetune.heads import replace_head
-from freezetune.inference import evaluate_model, write_evaluation
+from freezetune.inference import evaluate_best, write_evaluation
 from freezetune.interrupt import AT_ONCE_UNDER_DDP, OUTSIDE_A_STEP, StopRequest, pause_point
 from freezetune.loss import imbalance_note, training_loss
 from freezetune.memory import auto_batch_size, out_of_memory_hint
@@ -389,21 +389,13 @@ class Trainer:
         return names
 
     def _final_test(self) -> dict | None:
-        """``best.pt`` on the test split, once, at the end: the one number no decision of the run has seen.
-
-        Under DDP every rank scores its block of the test split with rank 0's ``best.pt`` and the counts are merged:
-        no rank waits at a barrier (and its timeout) while rank 0 scores a large test set alone.
-        """
-        best_path = self.run_dir / checkpoint.BEST
-        written = broadcast(best_path.exists(), self.dist)  # rank 0 wrote it; the other ranks may not see its disk
-        if not self.cfg.final_test or self.data.test is None or not written:
+        """``best.pt`` on the test split, once, at the end: the one number no decision of the run has seen."""
+        if not self.cfg.final_test or self.data.test is None:
             return None
-        if self.dist.is_main:
-            self.model.load_state_dict(checkpoint.load(best_path)["state_dict"])
-        broadcast_tensors(self.model.state_dict().values(), self.dist)
-        result = evaluate_model(self.model, self.data.test, num_classes=len(self.classes), precision=self.precision,
-                                channels_last=self.channels_last, loaders=self.loaders, shard=True)  # fmt: skip
-        if not self.dist.is_main:
+        result = evaluate_best(self.model, self.run_dir / checkpoint.BEST, self.data.test,
+                               num_classes=len(self.classes), precision=self.precision,
+                               channels_last=self.channels_last, loaders=self.loaders, dist=self.dist)  # fmt: skip
+        if result is None or not self.dist.is_main:
             return result
         self.echo(write_evaluation(result, self.classes, plot=self.run_dir / "confusion.png",
                                    metrics=self.run_dir / "test_metrics.json"))  # fmt: skip
