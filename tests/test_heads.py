@@ -22,7 +22,7 @@ def _backbone_frozen(model, num_classes=3):
     "build, head, neck",
     [
         # the classifier Sequential holds two pretrained 4096-wide layers in front of the new one
-        (lambda: torchvision.models.vgg11(), ["classifier.6"], "classifier.0"),
+        (lambda: torchvision.models.vgg11(), ["classifier.6"], "neck"),  # classifier.0 and .3: no one module
         (lambda: torchvision.models.mobilenet_v3_small(), ["classifier.3"], "classifier.0"),
         # timm leaves conv_head out of every group: it was taken for the head
         (lambda: timm.create_model("mobilenetv3_small_050"), ["classifier"], "conv_head"),
@@ -117,3 +117,49 @@ def test_an_input_too_small_for_an_aux_classifier_is_refused_at_set_up():
 
     with pytest.raises(ConfigError, match="inception_v3 does not take 160 px images .* give --img-size 299"):
         create_model("torchvision:inception_v3", "none", img_size=160)
+
+
+@pytest.mark.parametrize(
+    "name, new",
+    [
+        ("volo_d1_224", {"head", "aux_head"}),  # reset_classifier renews aux_head too: frozen, it added noise
+        ("efficientvit_m0", {"head"}),  # a BNLinear: its norm is renewed with the classifier
+        ("pit_ti_distilled_224", {"head", "head_dist"}),
+    ],
+)
+def test_what_timms_reset_classifier_renews_is_the_head_stage(name, new):
+    model = timm.create_model(name, pretrained=False)
+    old = list(model.parameters())  # kept alive: a freed parameter's id could be reused by a new one
+    before = {id(p) for p in old}
+    ft.replace_head(model, 7)
+    renewed = {n for n, p in model.named_parameters() if id(p) not in before}
+    head = ft.stages(model)[-1]
+    assert set(head.param_names) == renewed and {n.split(".")[0] for n in renewed} == new
+    assert len(ft.stages(model)) >= 5  # PiT's distillation head kept its trunk in one stage
+
+
+def test_a_head_stage_never_narrows_what_a_module_name_means():
+    # the head stage was called "classifier" and held classifier.6 alone: unfreeze(vgg, "classifier") opened only it
+    model = torchvision.models.vgg11()
+    ft.freeze(model, "all")
+    ft.unfreeze(model, "classifier")
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {
+        f"classifier.{i}.{p}" for i in (0, 3, 6) for p in ("weight", "bias")
+    }
+    assert [s.name for s in ft.stages(model)][-2:] == ["neck", "classifier.6"]
+
+
+def test_timm_stage_names_are_the_modules_they_hold_and_unique():
+    model = timm.create_model("cait_xxs24_224", pretrained=False)  # a callable group matcher
+    names = [s.name for s in ft.stages(model)]
+    assert len(set(names)) == len(names) and "blocks" not in names and "blocks.22" in names  # "blocks" was 1 of 24
+
+
+def test_a_hugging_face_classifiers_norm_is_no_head():
+    # LeViT's classifier.batch_norm is kept by replace_head and pretrained in its ImageNet checkpoint: as head, a
+    # linear probe trained it and moved its running statistics
+    import transformers as tr
+
+    model = tr.LevitForImageClassification(tr.LevitConfig(num_labels=10))
+    trainable = _backbone_frozen(model)
+    assert trainable == {"classifier.linear.weight", "classifier.linear.bias"}

@@ -166,10 +166,30 @@ def _timm_head_name(model: nn.Module) -> str | None:
 
 
 def timm_heads(model: nn.Module) -> list[str]:
-    """Every classifier a timm model names through ``get_classifier()`` (two for a distilled model)."""
+    """What timm's ``reset_classifier`` makes new: every classifier ``get_classifier()`` names (two for a distilled
+    model), with the norm it is paired with (EfficientViT-MSRA's ``BNLinear``), and the other layers of its classes
+    (VOLO's ``aux_head``, Inception's ``AuxLogits.fc``)."""
     classifier = model.get_classifier()
     found = classifier if isinstance(classifier, (tuple, list)) else [classifier]
-    return [n for n in (_name_of(model, c) for c in found if isinstance(c, nn.Module)) if n]
+    names = [_with_its_norm(model, n) for n in (_name_of(model, c) for c in found if isinstance(c, nn.Module)) if n]
+    classes = getattr(model, "num_classes", None)
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and module.out_features == classes and _in_aux(name):
+            if not any(under(name, n) for n in names):
+                names.append(name)
+    return names
+
+
+def _with_its_norm(model: nn.Module, name: str) -> str:
+    """A classifier's parent when that is a ``Sequential`` of just a norm and the classifier (EfficientViT-MSRA's
+    ``BNLinear``: built and renewed together); a head module that keeps its norm (ConvNeXt's) is no ``Sequential``."""
+    parent = name.rpartition(".")[0]
+    if not parent or not isinstance(model.get_submodule(parent), nn.Sequential):
+        return name
+    kinds = [
+        type(m).__name__.lower() for m in model.get_submodule(parent).children() if any(True for _ in m.parameters())
+    ]
+    return parent if len(kinds) == 2 and sum("norm" in k for k in kinds) == 1 else name
 
 
 def _conv_classifier(model: nn.Module) -> str | None:
@@ -197,6 +217,7 @@ def _out_features(module: nn.Module) -> int | None:
 
 
 def _in_aux(name: str) -> bool:
+    """Under an auxiliary classifier: GoogLeNet's ``aux1``, Inception's ``AuxLogits``, VOLO's ``aux_head``."""
     return name.split(".")[0].lower().startswith("aux")
 
 

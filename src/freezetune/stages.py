@@ -9,6 +9,7 @@ or counted twice.
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -75,34 +76,45 @@ def stages(model: nn.Module) -> list[Stage]:
     decl = _declare(model, head)
     if not decl or decl[-1][0] != head:  # a family rule may declare the head itself, with extra members
         decl.append((head, [head]))
-    return _merge_norms(model, _named_neck(_assign(model, _head_apart(model, decl, layer))))
+    return _merge_norms(model, _named_neck(model, _assign(model, _head_apart(model, decl, layer))))
 
 
 _NECK = "\0neck"  # the placeholder name of the pretrained layers beside the head, named after them once assigned
 
 
 def _head_apart(model: nn.Module, decl: _Decl, layer: str) -> _Decl:
-    """The last declaration is the head's container. Only what ``replace_head`` makes new keeps the head's name (the
-    classifier and the other outputs of its classes: auxiliary and distillation classifiers): pretrained layers the container also holds
-    (VGG's 4096-wide layers, MobileNetV3's ``conv_head``, ConvNeXt's head norm) become a stage before it, so a
-    linear probe or ``freeze("backbone")`` trains what is new and nothing pretrained. A Hugging Face task model's
-    additions stay all head: a base checkpoint holds none of them."""
+    """The last declaration is the head's container. Only what ``replace_head`` makes new is the head stage: the
+    classifier and the other outputs of its classes (auxiliary and distillation classifiers). Pretrained layers the
+    container also holds (VGG's 4096-wide layers, MobileNetV3's ``conv_head``, ConvNeXt's head norm) become a stage
+    before it, so a linear probe or ``freeze("backbone")`` trains what is new and nothing pretrained. A Hugging Face
+    task model's additions are new (a base checkpoint holds none of them), but for their norms, which
+    ``replace_head`` keeps and a classification checkpoint holds (LeViT's ``classifier.batch_norm``)."""
     name, members = decl[-1]
     aux = aux_modules(model)  # GoogLeNet's aux1/aux2: their classifiers are head, the rest joins the last stage
-    body = [(n, kept) for n, prefixes in decl[:-1] if (kept := [p for p in prefixes if p not in aux])]
+    body = [(n, kept) for n, prefixes in decl[:-1] if (kept := [p for p in prefixes if not _under_any(p, aux)])]
     if aux and body:
         body[-1] = (body[-1][0], [*body[-1][1], *aux])
+    params = [n for n, _ in model.named_parameters() if _under_any(n, members)]
     if hf_base_prefix(model):
-        return [*body, (name, members)]
+        neck = [n for n in params if _is_norm(model, n)]
+        return [*body, (_NECK, neck), (name, [n for n in params if n not in neck])]
     layers = timm_heads(model) if is_timm(model) else [layer, *sibling_heads(model, layer)]
-    neck = [n for n, _ in model.named_parameters()
-            if any(under(n, m) for m in members) and not any(under(n, h) for h in layers)]  # fmt: skip
-    return [*body, (_NECK, neck), (name, layers)]
+    neck = [n for n in params if not _under_any(n, layers)]
+    # the head stage keeps its container's name only when it is all of it: a stage "classifier" holding classifier.6
+    # alone would take freeze("classifier") from the module glob that means all of VGG's classifier
+    return [*body, (_NECK, neck), (name if not neck else layers[0], layers)]
 
 
-def _named_neck(found: list[Stage]) -> list[Stage]:
-    return [dataclasses.replace(s, name=s.modules[0] if s.modules else s.param_names[0].rpartition(".")[0])
-            if s.name == _NECK else s for s in found]  # fmt: skip
+def _under_any(name: str, prefixes: list[str]) -> bool:
+    return any(under(name, p) for p in prefixes)
+
+
+def _named_neck(model: nn.Module, found: list[Stage]) -> list[Stage]:
+    """The pretrained layers beside the head, named for the one module they are, else "neck"."""
+    taken = {s.name for s in found} | {n for n, _ in model.named_modules()}
+    neck = "neck" if "neck" not in taken else "head_neck"
+    return [dataclasses.replace(s, name=s.modules[0] if len(s.modules) == 1 else neck) if s.name == _NECK else s
+            for s in found]  # fmt: skip
 
 
 def _merge_norms(model: nn.Module, found: list[Stage]) -> list[Stage]:
@@ -176,13 +188,13 @@ def _timm_decl(model: nn.Module, head: str) -> _Decl | None:
     for names in groups.values():
         members = [n for n in names if n in matched and not under(n, head)]
         if members:
-            decl.append((_timm_stage_name(len(decl), members, matcher, regexes), members))
+            decl.append((_timm_stage_name(model, len(decl), members, matcher, regexes), members))
     # timm leaves the classifier and its neck (pre-logits norm, a distillation head) unmatched, after every group:
     # those trailing parameters are the head. Unmatched ones in between join their predecessor's stage in _assign.
     names = [n for n, _ in model.named_parameters()]
     last = max((i for i, n in enumerate(names) if n in matched and not under(n, head)), default=-1)
     trailing = [n for n in names[last + 1 :] if n not in matched and not under(n, head)]
-    return _dedupe_names(decl) + [(head, [head, *trailing])]
+    return _dedupe_names(decl, {n for n, _ in model.named_modules()}) + [(head, [head, *trailing])]
 
 
 def _timm_matched(model: nn.Module, matcher: dict | object) -> set[str]:
@@ -251,7 +263,8 @@ def _generic_decl(model: nn.Module, head: str) -> _Decl:
     """A stage per top-level child; the largest, when it is a ``Sequential``/``ModuleList`` of several blocks
     (torchvision Swin's ``features``, RegNet's ``trunk_output``, MaxViT's ``blocks``, timm MetaFormers' ``stages``),
     a stage per block: as one stage, freezing by depth would be all or nothing."""
-    children = [(n, m) for n, m in model.named_children() if _has_params(m) and not under(n, head)]
+    heads = {n.split(".")[0] for n in (timm_heads(model) if is_timm(model) else [])} | {head}  # PiT's head_dist too
+    children = [(n, m) for n, m in model.named_children() if _has_params(m) and n not in heads]
     if not children:
         return []
     trunk = max(children, key=lambda c: sum(p.numel() for p in c[1].parameters()))[1]
@@ -339,7 +352,7 @@ def _matcher_regexes(matcher: dict | object) -> list[str]:
     return out
 
 
-def _timm_stage_name(i: int, members: list[str], matcher: dict, regexes: list[str]) -> str:
+def _timm_stage_name(model: nn.Module, i: int, members: list[str], matcher: dict, regexes: list[str]) -> str:
     stem = matcher.get("stem") if isinstance(matcher, dict) else None
     if i == 0 and isinstance(stem, str) and re.match(stem, members[0]):
         return "stem"
@@ -347,13 +360,30 @@ def _timm_stage_name(i: int, members: list[str], matcher: dict, regexes: list[st
         m = re.match(r, members[0])
         if m and m.groups():
             return m.group(0).lstrip("^")
-    return members[0].split(".")[0]
+    # the largest module holding its parameters and no others ("repeat.0" for a callable matcher's group of one block,
+    # not "repeat": that names them all), else its first block's ("blocks.22" for CaiT's blocks.22 + blocks_token_only.0)
+    common = os.path.commonprefix([n.split(".")[:-1] for n in members]) or members[0].split(".")[:-1][:2]
+    if not common:
+        return members[0]
+    group = set(members)
+    while len(common) > 1 and all(f"{'.'.join(common[:-1])}.{n}" in group
+                                  for n, _ in model.get_submodule(".".join(common[:-1])).named_parameters()):  # fmt: skip
+        common = common[:-1]
+    return ".".join(common)
 
 
-def _dedupe_names(decl: _Decl) -> _Decl:
-    seen: dict[str, int] = {}
+def _dedupe_names(decl: _Decl, modules: set[str]) -> _Decl:
+    """Unique stage names: a repeated one gets ``_2``, ``_3``..., skipping any that names a module (Inception-ResNet's
+    second ``repeat`` group is not its ``repeat_2`` module)."""
+    seen: set[str] = set()
     out = []
     for name, prefixes in decl:
-        seen[name] = seen.get(name, 0) + 1
-        out.append((name if seen[name] == 1 else f"{name}_{seen[name]}", prefixes))
+        new, k = name, 1
+        while new in seen:
+            k += 1
+            new = f"{name}_{k}"
+            if new in modules:
+                new = name  # taken by a module: try the next number
+        seen.add(new)
+        out.append((new, prefixes))
     return out
