@@ -563,3 +563,11 @@ def test_a_resume_of_a_run_that_stopped_early_trains_no_more_epochs(data, tmp_pa
     assert "early stop: val_acc did not improve for 1 epoch" in lines and "1 epochs" not in " ".join(lines)
     result = trainer.train(dataclasses.replace(cfg, resume=True), echo=lines.append)
     assert [int(r["epoch"]) for r in _rows(tmp_path / "run")] == [1, 2] and result.best_epoch == 1
+
+
+@pytest.mark.parametrize("monitor, mode", [("val_loss", "min"), ("val_acc", "max")])
+def test_a_runs_plateau_unfreeze_follows_its_monitor(data, tmp_path, monitor, mode):
+    cfg = TrainConfig(data=str(data), out=str(tmp_path / "run"), model="timm:test_efficientnet", weights="none",
+                      img_size=32, device="cpu", workers=0, progress=False, batch_size=8, epochs=2, freeze="backbone",
+                      monitor=monitor, unfreeze="plateau:patience=1", cache="off", tensorboard=False)  # fmt: skip
+    assert trainer.Trainer(cfg, echo=lambda line: None).state.unfreezer.mode == mode

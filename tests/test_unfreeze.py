@@ -317,3 +317,20 @@ def test_a_plan_keyed_by_anything_but_epochs_is_a_spec_error():
     with pytest.raises(ft.FreezetuneError, match=r"maps epochs \(ints\) to freeze specs.*got key\(s\) 'two'"):
         ft.Unfreezer(model, opt, {"two": "block3", 3: "block2"}, lr=LR)
     assert ft.Unfreezer(model, opt, {"2": "block3"}, lr=LR).schedule.plan == {2: "block3"}  # YAML may give "2"
+
+
+def test_a_plateau_without_a_mode_follows_the_unfreezers_mode():
+    # a run monitoring val_loss: a falling loss is progress (it unfroze a stage every epoch as the loss fell)
+    model = TinyCNN()
+    ft.freeze(model, "backbone")
+    opt = torch.optim.AdamW(ft.param_groups(model, LR))
+    unfreezer = ft.Unfreezer(model, opt, "plateau:patience=1", lr=LR, mode="min")
+    assert run_schedule(unfreezer, 5, [2.0, 1.5, 1.2, 1.4, 1.6]) == {3: ["block3"], 4: ["block2"]}
+
+
+def test_a_plateau_mode_against_the_monitor_is_refused():
+    from freezetune.config import TrainConfig, validate
+
+    with pytest.raises(ft.FreezetuneError, match=r"has mode=max, but val_loss improves as it goes down"):
+        validate(TrainConfig(data="d", monitor="val_loss", unfreeze="plateau:patience=2,mode=max", freeze=-2))
+    validate(TrainConfig(data="d", monitor="val_loss", unfreeze="plateau:patience=2,mode=min", freeze=-2))

@@ -34,6 +34,7 @@ from freezetune.options import (
     CACHE_MODES,
     CLASS_WEIGHTS,
     DECODE_MODES,
+    MONITOR_MODES,
     MONITORS,
     OPTIMIZERS,
     SCHEDULERS,
@@ -218,7 +219,7 @@ def validate(cfg: TrainConfig, *, need_data: bool = True) -> None:
         problems.append(fraction_problem("val_split", cfg.val_split))
     problems.append(fraction_problem("epoch_fraction", cfg.epoch_fraction, whole=True))
     problems += _range_problems(cfg)
-    problems += _schedule_problems(cfg.unfreeze)
+    problems += _schedule_problems(cfg.unfreeze, cfg.monitor)
     problems.append(_refit_problem(cfg))
     problems.append(recipe_problem(cfg.recipe))
     from freezetune.recipes import conflict_problems  # recipes reads the config: imported when validating
@@ -297,7 +298,7 @@ def _refit_problem(cfg: TrainConfig) -> str | None:
     return None
 
 
-def _schedule_problems(unfreeze: str | dict | None) -> list[str]:
+def _schedule_problems(unfreeze: str | dict | None, monitor: str) -> list[str]:
     # Checked here so a typo fails before the model and data load; stage names need the model and wait for it.
     if unfreeze is None or unfreeze == "none":
         return []
@@ -305,9 +306,15 @@ def _schedule_problems(unfreeze: str | dict | None) -> list[str]:
     from freezetune.unfreezing import parse_schedule  # imports torch: only when a schedule is given
 
     try:
-        parse_schedule(unfreeze)
+        schedule = parse_schedule(unfreeze)
     except (SpecError, TypeError, ValueError) as exc:
         return [str(exc)]
+    mode = MONITOR_MODES.get(monitor)
+    if schedule.mode is not None and mode is not None and schedule.mode != mode:  # the plateau would wait for worse
+        return [
+            f"unfreeze {unfreeze!r} has mode={schedule.mode}, but {monitor} improves as it goes "
+            f"{'up' if mode == 'max' else 'down'}: leave mode out (it follows monitor) or give mode={mode}"
+        ]
     return []
 
 

@@ -19,6 +19,7 @@ BN_DEFAULT = "frozen"  # the one policy under which a frozen prefix is determini
 FREEZE_KEYWORDS = ("backbone", "all", "none", "bitfit")  # bitfit: all but biases, norms and the head
 FREEZE_DEFAULT = "backbone"  # what ``freeze(model)`` freezes and ``inspect`` shows: all but the head
 MONITORS = ("val_acc", "val_loss")
+MONITOR_MODES = {"val_acc": "max", "val_loss": "min"}  # which way each monitored metric improves
 # the training loss per class: "balanced" weighs each class by the inverse of its share of the training set
 CLASS_WEIGHTS = ("none", "balanced")
 IMBALANCE_NOTED = 3.0  # a run notes --class-weights when its largest class is this many times its smallest

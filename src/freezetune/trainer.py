@@ -43,7 +43,7 @@ from freezetune.loss import imbalance_note, training_loss
 from freezetune.memory import auto_batch_size, out_of_memory_hint
 from freezetune.models import create_model, text_preprocess
 from freezetune.optim import build_optimizer, build_scheduler
-from freezetune.options import BATCH_AUTO
+from freezetune.options import BATCH_AUTO, MONITOR_MODES
 from freezetune.precision import resolve_device, resolve_precision
 from freezetune.progress import Progress, RunResult
 from freezetune.split import check_cut
@@ -186,8 +186,8 @@ class Trainer:
         unfreezer = None
         if cfg.unfreeze and cfg.unfreeze != "none":
             unfreezer = Unfreezer(self.model, optimizer, cfg.unfreeze, lr=cfg.lr, stage_lrs=cfg.stage_lrs,
-                                  decay=cfg.decay, bn=cfg.bn, weight_decay=cfg.weight_decay,
-                                  scheduler=scheduler)  # fmt: skip
+                                  decay=cfg.decay, bn=cfg.bn, weight_decay=cfg.weight_decay, scheduler=scheduler,
+                                  mode=MONITOR_MODES[cfg.monitor])  # fmt: skip
         return optimizer, scheduler, self.precision.scaler(), unfreezer
 
     def _resume(self) -> None:

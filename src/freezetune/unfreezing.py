@@ -3,7 +3,8 @@
 Schedules:
 - ``"epoch:N"``: every N epochs unfreeze the next frozen stage counted from the head (ULMFiT's gradual unfreezing).
 - ``"plateau:patience=P,min_delta=D,mode=max"``: unfreeze the next stage when the metric given to ``step`` has not
-  improved by more than D for P consecutive calls.
+  improved by more than D for P consecutive calls; without ``mode``, the ``Unfreezer``'s (a run's follows its
+  ``monitor``: ``val_loss`` improves as it falls).
 - ``{epoch: spec}``: an explicit plan; ``spec`` (any freeze spec) trains from that (0-based) epoch on.
 
 ``step(epoch, metric)`` is called at the end of each epoch (0-based); what it unfreezes trains from the next epoch.
@@ -39,7 +40,7 @@ class Schedule:
     every: int = 0
     patience: int = 2
     min_delta: float = 0.0
-    mode: str = "max"
+    mode: str | None = None  # a plateau's direction when given ("max"/"min"); else the Unfreezer's ``mode``
     plan: dict[int, Spec] = field(default_factory=dict)
 
 
@@ -116,11 +117,13 @@ class Unfreezer:
         bn: str | None = None,
         weight_decay: float | None = None,
         scheduler: object | None = None,
+        mode: str = "max",
     ) -> None:
         if bn is not None:
             check_bn_policy(bn)
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.schedule = parse_schedule(schedule)
+        self.mode = self.schedule.mode or mode  # a plateau on a loss waits for it to stop falling
         self.rule = LRRule([s.name for s in stages(model)], lr, stage_lrs=stage_lrs, decay=decay)
         self.bn = bn
         self.weight_decay = _decay_in_use(optimizer) if weight_decay is None else weight_decay
@@ -216,7 +219,7 @@ class Unfreezer:
         if metric is None:
             raise SpecError("a plateau schedule needs the monitored metric: call step(epoch, metric)")
         sched, metric = self.schedule, float(metric)
-        sign = 1.0 if sched.mode == "max" else -1.0
+        sign = 1.0 if self.mode == "max" else -1.0
         if self.best is None or sign * (metric - self.best) > sched.min_delta:
             self.best, self.num_bad = metric, 0
             return False

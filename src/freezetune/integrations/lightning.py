@@ -59,7 +59,8 @@ class FreezetuneFinetuning(Callback):
         decay: LR divisor per stage of depth, as in ``ft.param_groups``.
         weight_decay: Weight decay of the groups added later; None: that of the optimizer's decaying groups (biases
             and norms get a ``/no_decay`` twin with 0 unless it is 0).
-        monitor: The logged metric a plateau schedule watches (rank 0's value decides for every rank).
+        monitor: The logged metric a plateau schedule watches (rank 0's value decides for every rank); a name with
+            "loss" in it improves as it falls, any other as it rises, unless the schedule says ``mode=``.
         module: The LightningModule attribute holding the network; None for the LightningModule itself.
 
     >>> import lightning.pytorch as L  # doctest: +SKIP
@@ -135,6 +136,7 @@ class FreezetuneFinetuning(Callback):
             bn=self.bn,
             weight_decay=self.weight_decay,
             scheduler=configs[0].scheduler if configs else None,
+            mode="min" if "loss" in self.monitor.lower() else "max",  # a schedule's own mode= wins
         )
         if self._pending is not None:
             # Before restore_training_state loads the optimizer: its groups must match the checkpoint's in number
