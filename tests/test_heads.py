@@ -125,6 +125,7 @@ def test_an_input_too_small_for_an_aux_classifier_is_refused_at_set_up():
         ("volo_d1_224", {"head", "aux_head"}),  # reset_classifier renews aux_head too: frozen, it added noise
         ("efficientvit_m0", {"head"}),  # a BNLinear: its norm is renewed with the classifier
         ("pit_ti_distilled_224", {"head", "head_dist"}),
+        ("poolformer_s12", {"head"}),  # head.fc alone: its head Sequential keeps the pretrained head.norm
     ],
 )
 def test_what_timms_reset_classifier_renews_is_the_head_stage(name, new):

@@ -181,10 +181,10 @@ def timm_heads(model: nn.Module) -> list[str]:
 
 
 def _with_its_norm(model: nn.Module, name: str) -> str:
-    """A classifier's parent when that is a ``Sequential`` of just a norm and the classifier (EfficientViT-MSRA's
-    ``BNLinear``: built and renewed together); a head module that keeps its norm (ConvNeXt's) is no ``Sequential``."""
+    """A classifier's parent when that is a norm-and-linear unit (EfficientViT-MSRA's ``BNLinear``, SHViT's
+    ``BN_Linear``: built and renewed together); a head ``Sequential`` that keeps its norm (MetaFormer's) is not one."""
     parent = name.rpartition(".")[0]
-    if not parent or not isinstance(model.get_submodule(parent), nn.Sequential):
+    if not parent or "linear" not in type(model.get_submodule(parent)).__name__.lower():
         return name
     kinds = [
         type(m).__name__.lower() for m in model.get_submodule(parent).children() if any(True for _ in m.parameters())
