@@ -564,10 +564,10 @@ def test_what_fails_after_a_stop_signal_is_reported_as_the_stop_once(capsys, mon
 
 
 def test_a_write_error_names_the_users_path_not_a_temporary_file(run, data, capsys, tmp_path):
-    (tmp_path / "plots").mkdir()
+    (tmp_path / "plot.png").mkdir()  # a directory where the plot should go
     code, _, err = run_cli(capsys, "eval", "--checkpoint", run[0] / "best.pt", "--data", data, "--plot",
-                           tmp_path / "plots")  # fmt: skip
-    assert code == 2 and f"({tmp_path / 'plots'})" in err and ".tmp" not in err, err
+                           tmp_path / "plot.png")  # fmt: skip
+    assert code == 2 and f"({tmp_path / 'plot.png'})" in err and ".tmp" not in err, err
 
 
 @pytest.mark.parametrize("command", ["eval", "predict"])
