@@ -164,7 +164,8 @@ def test_refit_is_refused_where_a_validation_set_is_kept_or_needed(kw, needle):
 
 def test_valid_unfreeze_schedules_pass_validation():
     for schedule in ("epoch:2", "plateau:patience=2,min_delta=0.01,mode=min", {3: "blocks.4"}, "none", None):
-        validate(TrainConfig(data="x", unfreeze=schedule))
+        # mode=min: a loss's direction (with val_acc's, mode=min is refused: test_unfreeze)
+        validate(TrainConfig(data="x", unfreeze=schedule, monitor="val_loss"))
 
 
 def test_unfreeze_flag_takes_the_mapping_form_its_error_lists(tmp_path, capsys):
