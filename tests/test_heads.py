@@ -164,3 +164,4 @@ def test_a_hugging_face_classifiers_norm_is_no_head():
     model = tr.LevitForImageClassification(tr.LevitConfig(num_labels=10))
     trainable = _backbone_frozen(model)
     assert trainable == {"classifier.linear.weight", "classifier.linear.bias"}
+    assert ft.stages(model)[-1].name == "classifier.linear"  # not "classifier": that module holds the norm too

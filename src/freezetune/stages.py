@@ -97,12 +97,13 @@ def _head_apart(model: nn.Module, decl: _Decl, layer: str) -> _Decl:
     params = [n for n, _ in model.named_parameters() if _under_any(n, members)]
     if hf_base_prefix(model):
         neck = [n for n in params if _is_norm(model, n)]
-        return [*body, (_NECK, neck), (name, [n for n in params if n not in neck])]
-    layers = timm_heads(model) if is_timm(model) else [layer, *sibling_heads(model, layer)]
-    neck = [n for n in params if not _under_any(n, layers)]
+        layers = [n for n in params if n not in neck]
+    else:
+        layers = timm_heads(model) if is_timm(model) else [layer, *sibling_heads(model, layer)]
+        neck = [n for n in params if not _under_any(n, layers)]
     # the head stage keeps its container's name only when it is all of it: a stage "classifier" holding classifier.6
     # alone would take freeze("classifier") from the module glob that means all of VGG's classifier
-    return [*body, (_NECK, neck), (name if not neck else layers[0], layers)]
+    return [*body, (_NECK, neck), (name if not neck else layer, layers)]
 
 
 def _under_any(name: str, prefixes: list[str]) -> bool:
