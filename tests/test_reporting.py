@@ -221,3 +221,15 @@ def test_an_epochs_meter_takes_more_batches_than_announced():
     meter = epoch_log.TrainProgress(1, "e", enabled=False, device=torch.device("cpu"))
     _meter_steps(meter, [1.0] * 5)
     assert meter.close()["samples"] == 12
+
+
+def test_the_report_draws_one_lr_line_a_stage_and_whole_epochs(tmp_path):
+    from freezetune import reporting
+
+    log = reporting.MetricsLogger(tmp_path, tensorboard=False)
+    for e in (1, 2, 3):
+        log.log_epoch({"epoch": e, "train_loss": 1 / e, "val_acc": 0.5 + e / 10, "lr/head": 1e-3 / e,
+                       "lr/head/no_decay": 1e-3 / e, "lr/layer4": 1e-4 / e})  # fmt: skip
+    rows = reporting.read_metrics(tmp_path / "metrics.csv")
+    assert reporting._lr_columns(rows) == ["lr/head", "lr/layer4"]  # the twin at the same LR was a second line
+    assert reporting.plot_report(tmp_path / "metrics.csv", tmp_path / "r.png").stat().st_size > 0

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from freezetune._io import atomic_output, atomic_write_text
 from freezetune.errors import DataError
@@ -260,6 +261,8 @@ def plot_report(metrics_csv: str | Path, out_png: str | Path) -> Path:
     for ax, (title, cols, scale, log) in zip(axes, panels, strict=True):
         _plot_panel(ax, rows, title, cols, scale, log)
     _mark_unfreezes(axes, unfreeze_events(rows))
+    _mark_best(axes[1], rows)
+    axes[-1].xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole: no 1.5 tick on a 3-epoch run
     axes[-1].set_xlabel("epoch")
     if not rows:
         axes[0].text(0.5, 0.5, "no epochs logged yet", ha="center", va="center", transform=axes[0].transAxes)
@@ -273,7 +276,8 @@ def _lr_columns(rows: list[dict[str, Any]]) -> list[str]:
     seen: dict[str, None] = {}  # ordered set: columns in first-seen order
     for row in rows:
         seen.update((k, None) for k in row if k == "lr" or k.startswith("lr/"))
-    return list(seen)
+    # a stage's /no_decay twin runs at the stage's LR (param_groups): one line each, not two on top of each other
+    return [k for k in seen if not (k.endswith("/no_decay") and k.removesuffix("/no_decay") in seen)]
 
 
 def _plot_panel(ax: Any, rows: list[dict[str, Any]], title: str, cols: list[str], scale: float, log: bool) -> None:
@@ -294,6 +298,18 @@ def _plot_panel(ax: Any, rows: list[dict[str, Any]], title: str, cols: list[str]
         ax.legend(fontsize=8, loc="best")
     else:
         ax.text(0.5, 0.5, f"no {' / '.join(cols)} logged", ha="center", va="center", transform=ax.transAxes, alpha=0.6)
+
+
+def _mark_best(ax: Any, rows: list[dict[str, Any]]) -> None:
+    """Ring the epoch of the highest validation accuracy (best.pt's, when the run monitors val_acc)."""
+    pts = [(r["epoch"], r["val_acc"]) for r in rows if isinstance(r.get("val_acc"), numbers.Real)]
+    if pts:
+        epoch, acc = max(pts, key=lambda p: (p[1], -p[0]))  # the first epoch that reached it, as best.pt keeps
+        ax.plot([epoch], [100 * acc], marker="o", markersize=10, fillstyle="none", color="tab:green", linestyle="")
+        epochs = [p[0] for p in pts]  # the label leans inwards at either end, inside the axes
+        side = "right" if epoch == max(epochs) and len(epochs) > 1 else "left" if epoch == min(epochs) else "center"
+        ax.annotate(f"best val acc {100 * acc:.1f}% (epoch {epoch})", (epoch, 100 * acc), textcoords="offset points",
+                    xytext=(0, -14), ha=side, fontsize=8, color="tab:green")  # fmt: skip
 
 
 def _mark_unfreezes(axes: Any, events: list[tuple[int, str]]) -> None:
