@@ -165,3 +165,27 @@ def test_a_hugging_face_classifiers_norm_is_no_head():
     trainable = _backbone_frozen(model)
     assert trainable == {"classifier.linear.weight", "classifier.linear.bias"}
     assert ft.stages(model)[-1].name == "classifier.linear"  # not "classifier": that module holds the norm too
+
+
+def test_hugging_face_encoder_decoders_and_parallel_block_lists_get_a_stage_per_block():
+    # OPT's embeddings and final norm were folded into its first block; BART's decoder positions sat in the encoder's
+    # last stage; PVT's encoder (parallel lists of patch embeddings, blocks and norms) was one stage
+    import transformers as tr
+
+    opt = tr.OPTForSequenceClassification(tr.OPTConfig(vocab_size=100, hidden_size=16, num_hidden_layers=2,
+                                                       ffn_dim=32, num_attention_heads=2, word_embed_proj_dim=16,
+                                                       num_labels=3))  # fmt: skip
+    assert [s.name for s in ft.stages(opt)] == ["decoder.embed_tokens", "decoder.layers.0", "decoder.layers.1", "score"]
+    assert "model.decoder.final_layer_norm.weight" in ft.stages(opt)[2].param_names  # after the blocks, as it runs
+    bart = tr.BartForSequenceClassification(tr.BartConfig(vocab_size=100, d_model=16, encoder_layers=2, decoder_layers=2,
+                                                          encoder_attention_heads=2, decoder_attention_heads=2,
+                                                          encoder_ffn_dim=32, decoder_ffn_dim=32, num_labels=3))  # fmt: skip
+    decoder_0 = next(s for s in ft.stages(bart) if s.name == "decoder.layers.0")
+    assert "model.decoder.embed_positions.weight" in decoder_0.param_names
+    pvt = tr.PvtForImageClassification(tr.PvtConfig(image_size=32, num_encoder_blocks=3, depths=[1, 1, 1],
+                                                    hidden_sizes=[8, 16, 32], num_attention_heads=[1, 1, 1],
+                                                    sequence_reduction_ratios=[4, 2, 1], patch_sizes=[4, 2, 2],
+                                                    strides=[4, 2, 2], mlp_ratios=[2, 2, 2], num_labels=3))  # fmt: skip
+    found = ft.stages(pvt)
+    assert_partition(pvt, found)
+    assert [s.name for s in found] == ["encoder.block.0", "encoder.block.1", "encoder.block.2", "classifier"]

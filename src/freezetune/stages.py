@@ -222,7 +222,7 @@ def _hf_decl(model: nn.Module, head: str) -> _Decl | None:
     decl: _Decl = []
     lead: list[str] = []  # the children in front of the first blocks: one input stage (GPT-2's wte and wpe)
     for child, module in children:
-        child_decl = _hf_child_decl(base, child, module)
+        child_decl = _hf_child_decl(base, child, module, first=not decl and not lead)
         if not decl and len(child_decl) == 1:
             lead.append(child)
             continue
@@ -238,26 +238,36 @@ def _hf_decl(model: nn.Module, head: str) -> _Decl | None:
     return [*decl, (head, added)]
 
 
-def _hf_child_decl(base: str, child: str, module: nn.Module) -> _Decl:
+def _hf_child_decl(base: str, child: str, module: nn.Module, *, first: bool) -> _Decl:
     """Stages of one child of a Hugging Face base model: one per repeated block, found as structure rather than by
-    attribute name: the child itself when it is an ``nn.ModuleList`` (ViT's ``layers``, GPT-2's ``h``), else its only
-    ``nn.ModuleList`` (BERT's ``encoder.layer``, ConvNeXt's ``encoder.stages``); a child with none, or several (which
-    would be ambiguous), is one stage. The child's layers after its blocks (a final norm) form one more stage."""
+    attribute name: the child itself when it is an ``nn.ModuleList`` (ViT's ``layers``, GPT-2's ``h``), else its
+    ``nn.ModuleList`` (BERT's ``encoder.layer``, ConvNeXt's ``encoder.stages``), or its parallel lists of one length
+    (PVT's ``patch_embeddings``/``block``/``layer_norm``: stage i holds item i of each); a child with none, or with
+    lists of different lengths, is one stage. The child's layers after its blocks (a final norm) form one more stage;
+    those in front of them (OPT's embeddings, BART's decoder positions) open the child's first block, or, in the
+    base model's ``first`` child, form an input stage of their own."""
     if isinstance(module, nn.ModuleList):
-        blocks, path, names = module, child, []
-    else:
-        names = [n for n, _ in module.named_children()]
-        lists = [n for n, m in module.named_children() if isinstance(m, nn.ModuleList)]
-        if len(lists) != 1:
-            return [(child, [f"{base}.{child}"])]
-        blocks, path = module.get_submodule(lists[0]), f"{child}.{lists[0]}"
-        names = names[names.index(lists[0]) + 1 :]
-    # Layers in front of the blocks (ALBERT's input projection) are left undeclared: _assign puts them with the
-    # stage before (the embeddings), so stages stay in input -> output order.
-    decl: _Decl = [(f"{path}.{i}", [f"{base}.{path}.{i}"]) for i in range(len(blocks))]
+        return [(f"{child}.{i}", [f"{base}.{child}.{i}"]) for i in range(len(module))]
+    names = [n for n, m in module.named_children() if any(True for _ in m.parameters())]
+    lists = [n for n in names if isinstance(module.get_submodule(n), nn.ModuleList)]
+    if not lists or len({len(module.get_submodule(n)) for n in lists}) != 1:
+        return [(child, [f"{base}.{child}"])]
+    main = max(lists, key=lambda n: sum(p.numel() for p in module.get_submodule(n).parameters()))
+    decl: _Decl = [(f"{child}.{main}.{i}", [f"{base}.{child}.{n}.{i}" for n in lists])
+                   for i in range(len(module.get_submodule(main)))]  # fmt: skip
+    at = names.index(lists[0])
+    pre = [n for n in names[:at] if n not in lists]
+    post = [n for n in names[at:] if n not in lists]
+    # a norm registered in front of the blocks is their final one (OPT's final_layer_norm): it goes after them
+    norms = [n for n in pre if "norm" in type(module.get_submodule(n)).__name__.lower()]
+    pre, post = [n for n in pre if n not in norms], [*norms, *post]
+    if pre and first:
+        decl.insert(0, (f"{child}.{pre[0]}", [f"{base}.{child}.{n}" for n in pre]))
+    elif pre:
+        decl[0] = (decl[0][0], [*decl[0][1], *(f"{base}.{child}.{n}" for n in pre)])
     # named after what it holds: a stage called "encoder" with only the encoder's final norm in it would take
     # freeze("encoder") from the module glob that means the whole encoder
-    return [*decl, (f"{child}.{names[0]}" if names else child, [f"{base}.{child}.{n}" for n in names])]
+    return [*decl, (f"{child}.{post[0]}" if post else child, [f"{base}.{child}.{n}" for n in post])]
 
 
 def _generic_decl(model: nn.Module, head: str) -> _Decl:
