@@ -26,16 +26,19 @@ _HELP = {
     "model": " or ".join(f"{s}:NAME" for s in MODEL_SOURCES[:-1]) + f" or {MODEL_SOURCES[-1]}:DIR_OR_ID",
     "weights": f"{'|'.join(PRETRAINED_WEIGHTS)} (pretrained; packaged copy used offline), "
     f"{'|'.join(RANDOM_WEIGHTS)}, or a weights file",
-    "data": "image folder (DIR/train/<class>/*), CSV path,label, or IDX directory (MNIST/Fashion-MNIST)",
+    "data": "image folder (DIR/train/<class>/*), CSV path,label, or IDX directory (MNIST/Fashion-MNIST); for a text "
+    "model (hf:), a text,label CSV",
+    "batch_size": "images or texts a step, or auto (the largest that fits the CUDA device)",
     "per_class": "few-shot: K seeded training images per class",
     "freeze": "auto (measured), backbone, all, none, bitfit, N (first N stages, negative ok), stage names or globs, "
     "comma-separated",
     "recipe": "a named procedure: " + " | ".join(RECIPES) + " (last-K: the last K stages train)",
     "budget": "wall-clock budget for the auto recipe or a sweep, e.g. 90s, 5m, 1h",
     "init": "a freezetune checkpoint whose weights (head included) start the run",
-    "cache_dir": "keep feature caches here and reuse them across runs",
+    "cache_dir": "keep feature caches here and reuse them across runs (the auto recipe: OUT/features)",
     "bn": "BatchNorm in frozen parts (frozen: eval statistics)",
-    "unfreeze": "epoch:N | plateau:patience=P,min_delta=D,mode=max",
+    "unfreeze": "epoch:N | plateau:patience=P,min_delta=D[,mode=max|min] (without mode: follows --monitor) | "
+    "{epoch: spec}",
     "stage_lrs": "per-stage LRs, e.g. 'layer4=1e-4,layer3=5e-5'",
     "decay": "LR of the stage at depth i below the head is lr / decay**i",
     "amp": "mixed precision (auto: bf16/fp16 on CUDA, off on CPU)",
@@ -121,13 +124,24 @@ def _train_parser(sub) -> None:
     p.set_defaults(func=_cmd_train, command_parser=p)
     p = sub.add_parser("sweep", help="compare recipes on the validation split; write the winner as a config")
     p.add_argument("--recipes", default=",".join(DEFAULT_RECIPES),
-                   help=f"comma-separated, from {' | '.join(RECIPES)} (or last-K)")  # fmt: skip
-    _config_flags(p)
+                   help=f"comma-separated, from {' | '.join(RECIPES)} (or last-K) [default: %(default)s]")  # fmt: skip
+    _config_flags(p, _SWEEP_HELP)
     p.set_defaults(func=_cmd_sweep, command_parser=p)
 
 
-def _config_flags(p: argparse.ArgumentParser) -> None:
-    """Every ``TrainConfig`` field as a flag, a ``--config`` file and ``key=value`` overrides (train and sweep)."""
+# where a sweep's flags mean something else than train's
+_SWEEP_HELP = {
+    "out": "sweep directory, a run per recipe below it [default: runs/sweep]",
+    "freeze": "refused: each of --recipes sets its own",
+    "recipe": "refused: give --recipes",
+    "final_test": "refused: a sweep scores no test split (train --config winner.yaml does)",
+    "refit": "refused: a sweep judges recipes on the validation split",
+}
+
+
+def _config_flags(p: argparse.ArgumentParser, overrides: dict[str, str] | None = None) -> None:
+    """Every ``TrainConfig`` field as a flag, a ``--config`` file and ``key=value`` overrides (train and sweep, whose
+    help differs where ``overrides`` says)."""
     p.add_argument("--config", help="YAML file with the same keys as the flags")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -138,6 +152,7 @@ def _config_flags(p: argparse.ArgumentParser) -> None:
             text = f"{text}; " if text else ""
             text += "one of " + " | ".join(FIELD_CHOICES[name])
         text = f"{text} [default: {getattr(_DEFAULTS, name)}]".strip()
+        text = (overrides or {}).get(name, text)
         if kind is bool:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
             continue
