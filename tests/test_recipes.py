@@ -376,3 +376,17 @@ def test_an_auto_runs_config_names_its_start_and_cache_absolutely_and_a_resume_n
     monkeypatch.chdir(tmp_path / "elsewhere")
     resumed = dataclasses.replace(saved, out=str(tmp_path / "r1"), resume=True, data=str(data))
     assert trainer.train(resumed, echo=lambda line: None).best_epoch >= 1
+
+
+def test_an_auto_run_records_the_refit_it_did_not_the_one_it_asked(data, tmp_path):
+    # with per_class, held-out images from outside the few-shot budget stay validation: recipe.json and config.yaml
+    # said refit: true all the same
+    from freezetune import trainer
+
+    lines = []
+    result = trainer.train(_cfg(data, tmp_path / "auto", cache="auto", per_class=2, epochs=1), echo=lines.append)
+    choice = json.loads((tmp_path / "auto" / "recipe.json").read_text())["choice"]
+    assert choice["refit"] is False and load_config(tmp_path / "auto" / "config.yaml").refit is False
+    assert any("stay validation (no refit): training on them too would train on more than per_class=2" in line
+               for line in lines), lines  # fmt: skip
+    assert result.history[-1]["val_n"] > 0  # the run validated, as recorded

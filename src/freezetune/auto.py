@@ -92,6 +92,11 @@ def run(cfg: TrainConfig, *, echo: Callable[[str], None] = print, train: Callabl
          f"others' if the split holds {MIN_VAL_TO_COMPARE} or more")  # fmt: skip
     trials, choice, why = _measure(base, ks, out, train, echo)
     epochs, refit = _affordable(cfg, choice, time.perf_counter() - start), refits(cfg)
+    if refit and not trials[0]["refit_fits"]:  # recorded as done (recipe.json, config.yaml), not as asked
+        refit = False
+        why = (f"training on them too would train on more than per_class={cfg.per_class} a class"
+               if cfg.per_class is not None else "they were not held out of the training data")  # fmt: skip
+        echo(f"auto: the validation {trials[0]['data_kind']} stay validation (no refit): {why}")
     run_lr = choice["lr"] * RUN_LR_FACTOR  # from the trial's fitted weights: a smaller step (see the docstring)
     echo(f"auto: chose to train the last {choice['trained_stages']} stage(s) + head (freeze {choice['freeze']}, lr "
          f"{run_lr:.1e}) for {epochs} epoch(s): {why}")  # fmt: skip
@@ -159,7 +164,7 @@ def _trial(base: TrainConfig, k: int, out: Path, train: Callable, echo: Callable
     return {"trained_stages": k, "freeze": -(k + 1), "lr": trial_cfg.lr, "val_acc": result.best_metric,
             "seconds": seconds, "epoch_s": row.get("epoch_time_s", 0.0) / TRIAL_FRACTION,
             "trainable_params": row.get("trainable_params"), "n_val": _val_size(result),
-            "data_kind": result.data_kind}  # fmt: skip
+            "data_kind": result.data_kind, "refit_fits": result.refit_fits}  # fmt: skip
 
 
 def _start_from(out: Path, trials: list[dict], choice: dict, init: str | None) -> str | None:

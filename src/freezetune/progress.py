@@ -87,6 +87,7 @@ class RunResult:
     history: list[dict] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
     data_kind: str = "images"  # what the items were, for messages: "images" or "texts"
+    refit_fits: bool = False  # its validation set could have trained too (``DataBundle.refit_fits``)
 
     @property
     def train_seconds(self) -> float:

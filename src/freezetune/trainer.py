@@ -239,7 +239,7 @@ class Trainer:
             metric = f", {self.cfg.monitor} {p.best_metric:.4f}" if p.best_metric is not None else ""
             self.echo(f"best.pt: epoch {p.best_epoch}{metric} (no test split to score) -> {self.run_dir}")
         return RunResult(self.run_dir, p.best_epoch, p.best_metric, test, list(self.metrics.rows), self.seconds,
-                         data_kind=noun(self.data.train))  # fmt: skip
+                         data_kind=noun(self.data.train), refit_fits=self.data.refit_fits)  # fmt: skip
 
     def _close(self, *, failing: bool) -> None:
         """After the epochs, Ctrl-C and errors too: the saves already made land, TensorBoard is flushed, the loaders'

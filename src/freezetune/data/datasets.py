@@ -45,6 +45,7 @@ class DataBundle:
     source: str  # "idx" | "folder" | "csv" | "text"
     val_source: str = ""  # where the validation set came from, in words (the trainer prints it)
     skipped: list[str] = field(default_factory=list)  # unreadable image files left out (``skip_bad``)
+    refit_fits: bool = False  # the validation set is the automatic hold-out and ``refit`` may train on it
 
 
 def _first_dir(root: Path, names: tuple[str, ...]) -> Path | None:
@@ -188,12 +189,17 @@ def _validation(train: Dataset, val: Dataset | None, *, val_data: str | None, va
                         f"class, 1 to {AUTO_VAL_MAX_PER_CLASS} each)")  # fmt: skip
 
 
-def _refit(train: Dataset, val: Dataset, val_source: str, per_class: int | None) -> tuple[Dataset, Dataset | None, str]:
-    """The automatic hold-out joins the training set, after ``per_class`` (the trials' train, then their val) — unless
-    that would train on more than ``per_class`` images of a class: the held-out images then came from outside the
-    few-shot budget the user set, and stay validation."""
+def _refit_fits(train: Dataset, val: Dataset, per_class: int | None) -> bool:
+    """Whether the automatic hold-out may join the training set: not when that would train on more than
+    ``per_class`` images of a class (the held-out images then came from outside the few-shot budget the user set)."""
     joined = torch.bincount(torch.cat([train.targets, val.targets]), minlength=len(train.classes))
-    if per_class is not None and int(joined.max()) > per_class:
+    return per_class is None or int(joined.max()) <= per_class
+
+
+def _refit(train: Dataset, val: Dataset, val_source: str, per_class: int | None) -> tuple[Dataset, Dataset | None, str]:
+    """The automatic hold-out joins the training set, after ``per_class`` (the trials' train, then their val), where
+    ``_refit_fits``; else it stays validation."""
+    if not _refit_fits(train, val, per_class):
         return train, val, f"{val_source} (not refit: that would train on more than per_class={per_class} a class)"
     source = (f"none: the {len(val)} {noun(val)} held out for validation train too (refit: the auto recipe has "
               "chosen); best.pt is the last epoch")  # fmt: skip
@@ -289,7 +295,9 @@ def build_datasets(
         val, val_source = None, "none (every class has a single training image)"
     if per_class is not None:
         train = train.select(per_class_indices(train.targets, per_class, seed)[0])
-    if refit and val is not None and val_source.startswith(_HELD_OUT):
+    held_out = val is not None and val_source.startswith(_HELD_OUT)
+    refit_fits = held_out and _refit_fits(train, val, per_class)
+    if refit and held_out:
         train, val, val_source = _refit(train, val, val_source, per_class)
     if per_class is not None:
         _warn_short(train, per_class, held_out=len(val) if val is not None and val is not given_val else 0)
@@ -313,7 +321,7 @@ def build_datasets(
         len(train.classes),
     )
     return DataBundle(train=train, val=val, test=test, classes=list(train.classes), source=source,
-                      val_source=val_source, skipped=skipped)  # fmt: skip
+                      val_source=val_source, skipped=skipped, refit_fits=refit_fits)  # fmt: skip
 
 
 def build_eval_dataset(data: str, *, preprocess: Preprocess, classes: list[str]) -> Dataset:
