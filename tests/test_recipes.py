@@ -389,4 +389,6 @@ def test_an_auto_run_records_the_refit_it_did_not_the_one_it_asked(data, tmp_pat
     assert choice["refit"] is False and load_config(tmp_path / "auto" / "config.yaml").refit is False
     assert any("stay validation (no refit): training on them too would train on more than per_class=2" in line
                for line in lines), lines  # fmt: skip
+    chose = next(line for line in lines if line.startswith("auto: chose"))
+    assert "per_class" not in chose, chose  # the choice keeps its own reason
     assert result.history[-1]["val_n"] > 0  # the run validated, as recorded

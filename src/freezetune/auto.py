@@ -94,9 +94,9 @@ def run(cfg: TrainConfig, *, echo: Callable[[str], None] = print, train: Callabl
     epochs, refit = _affordable(cfg, choice, time.perf_counter() - start), refits(cfg)
     if refit and not trials[0]["refit_fits"]:  # recorded as done (recipe.json, config.yaml), not as asked
         refit = False
-        why = (f"training on them too would train on more than per_class={cfg.per_class} a class"
-               if cfg.per_class is not None else "they were not held out of the training data")  # fmt: skip
-        echo(f"auto: the validation {trials[0]['data_kind']} stay validation (no refit): {why}")
+        reason = (f"training on them too would train on more than per_class={cfg.per_class} a class"
+                  if cfg.per_class is not None else "they were not held out of the training data")  # fmt: skip
+        echo(f"auto: the validation {trials[0]['data_kind']} stay validation (no refit): {reason}")
     run_lr = choice["lr"] * RUN_LR_FACTOR  # from the trial's fitted weights: a smaller step (see the docstring)
     echo(f"auto: chose to train the last {choice['trained_stages']} stage(s) + head (freeze {choice['freeze']}, lr "
          f"{run_lr:.1e}) for {epochs} epoch(s): {why}")  # fmt: skip
