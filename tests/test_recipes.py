@@ -136,6 +136,9 @@ def test_auto_measures_on_the_validation_split_and_keeps_its_evidence(data, tmp_
     result = trainer.train(_cfg(data, tmp_path / "auto", cache="auto", refit=refit), echo=lines.append)
     # a trial is never resumed: it writes no last.pt (the largest file, with the optimizer's state); the run does
     assert saved_last == [tmp_path / "auto" / checkpoint.LAST] * 2
+    # the stage table twice (the default's trial, the run); the other trials name what they train in one line
+    assert sum("trainable  bn" in line for line in lines) == 2
+    assert sum("parameters trainable: blocks." in line for line in lines) == 2
     recipe = json.loads((tmp_path / "auto" / "recipe.json").read_text())
     assert [t["trained_stages"] for t in recipe["trials"]] == [2, 3, 4]
     assert all(0 <= t["val_acc"] <= 1 and sum(t["seconds"].values()) > 0 for t in recipe["trials"])

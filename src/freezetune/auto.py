@@ -119,7 +119,7 @@ def run(cfg: TrainConfig, *, echo: Callable[[str], None] = print, train: Callabl
 def _measure(base: TrainConfig, ks: list[int], out: Path, train: Callable, echo: Callable[[str], None]):
     """The trials (the default candidate's first), the chosen one, and why it was chosen."""
     default_k = default_stages(ks)
-    first = _trial(base, default_k, out, train, echo)
+    first = _trial(base, default_k, out, train, echo, brief=False)
     n_val, kind = first["n_val"], first["data_kind"]
     if n_val < MIN_VAL_TO_COMPARE and len(ks) > 1:
         noise = 100 * _noise(0.75, n_val)
@@ -127,7 +127,7 @@ def _measure(base: TrainConfig, ks: list[int], out: Path, train: Callable, echo:
                                 f"candidates apart (one standard error of a difference near 75 % is {noise:.1f} points "
                                 f"on them; the candidates trained to the end differ by about 3), so only its trial "
                                 f"ran")  # fmt: skip
-    trials = sorted([first, *(_trial(base, k, out, train, echo) for k in ks if k != default_k)],
+    trials = sorted([first, *(_trial(base, k, out, train, echo, brief=True) for k in ks if k != default_k)],
                     key=lambda t: t["trained_stages"])  # fmt: skip
     choice = choose(trials, n_val)
     if choice is not first:
@@ -144,7 +144,7 @@ def _base(cfg: TrainConfig, out: Path, cut: str) -> TrainConfig:
                                cache_dir=cfg.cache_dir or os.path.abspath(out / "features"))  # fmt: skip
 
 
-def _trial(base: TrainConfig, k: int, out: Path, train: Callable, echo: Callable[[str], None]) -> dict:
+def _trial(base: TrainConfig, k: int, out: Path, train: Callable, echo: Callable[[str], None], *, brief: bool) -> dict:
     """Train candidate ``k`` for one short epoch and score it on the validation split."""
     trial_cfg = dataclasses.replace(
         base, freeze=-(k + 1), lr=candidate_lr(base.lr, k), epochs=1, epoch_fraction=TRIAL_FRACTION,
@@ -153,7 +153,8 @@ def _trial(base: TrainConfig, k: int, out: Path, train: Callable, echo: Callable
     )  # fmt: skip
     shutil.rmtree(trial_cfg.out, ignore_errors=True)  # a trial of an interrupted earlier attempt: start it afresh
     try:
-        result = train(trial_cfg, echo=_indented(echo), resumable=False)  # trials restart, so no last.pt
+        # trials restart, so no last.pt; the first prints the stage table, the others what they train
+        result = train(trial_cfg, echo=_indented(echo), resumable=False, brief=brief)
     except RunInterrupted as exc:  # the trial's last.pt is not the run's: say what a re-run does instead
         raise RunInterrupted.by(exc.signum, f"during the trial of the last {k} stage(s) (trials are not resumed); the "
                                 "same command, with or without --resume, starts them again") from None  # fmt: skip

@@ -47,18 +47,20 @@ from freezetune.options import BATCH_AUTO, MONITOR_MODES
 from freezetune.precision import resolve_device, resolve_precision
 from freezetune.progress import Progress, RunResult
 from freezetune.split import check_cut
+from freezetune.stages import stages
 from freezetune.step import Step
 from freezetune.unfreezing import Unfreezer
 
 SKIPPED = "skipped.txt"  # the image files --skip-bad left out, one path a line
 
 
-def train(cfg: TrainConfig, *, echo=print, resumable: bool = True) -> RunResult:
+def train(cfg: TrainConfig, *, echo=print, resumable: bool = True, brief: bool = False) -> RunResult:
     """Run a whole fine-tuning job as configured; ``echo`` receives the human-readable log lines.
 
     A recipe (``recipe``, or ``freeze: auto``, the default) runs through ``freezetune.recipes``. ``resumable=False``
     writes no ``last.pt`` (only ``best.pt``): for a run nobody will resume, as the auto recipe's trials, whose resume
-    state (the optimizer's moments included) is the largest file a run writes.
+    state (the optimizer's moments included) is the largest file a run writes. ``brief``: one line for what trains,
+    not the stage table (the auto recipe's later trials, whose table differs from the first's in a row or two).
 
     >>> from freezetune.config import TrainConfig
     >>> train(TrainConfig(data="DIR_OF_IMAGES", epochs=3))  # doctest: +SKIP
@@ -70,7 +72,7 @@ def train(cfg: TrainConfig, *, echo=print, resumable: bool = True) -> RunResult:
     with out_of_memory_hint(cfg.batch_size), StopRequest().listening(defer=False):
         if recipes.recipe_of(cfg) is not None:
             return recipes.run(cfg, echo=echo)
-        trainer = Trainer(cfg, echo=echo, resumable=resumable)
+        trainer = Trainer(cfg, echo=echo, resumable=resumable, brief=brief)
         try:
             return trainer.fit()
         finally:
@@ -90,9 +92,9 @@ class Trainer:
     6. the feature path is built: the cache at the frozen boundary (or images), the DDP wrap, compilation.
     """
 
-    def __init__(self, cfg: TrainConfig, *, echo=print, resumable: bool = True) -> None:
+    def __init__(self, cfg: TrainConfig, *, echo=print, resumable: bool = True, brief: bool = False) -> None:
         validate(cfg)
-        self.cfg, self.resumable = cfg, resumable
+        self.cfg, self.resumable, self.brief = cfg, resumable, brief
         self._process(echo)
         self.model, self.preprocess = create_model(cfg.model, cfg.weights, img_size=cfg.img_size)
         check_cut(self.model, cfg.cache_at)  # a stage name needs the model: checked before any data is read
@@ -207,10 +209,14 @@ class Trainer:
     def fit(self) -> RunResult:
         """Train the remaining epochs, then plot the curves and score ``best.pt`` on the test split."""
         trainable, total = count_parameters(self.model)
-        self.echo(f"{self.cfg.model} on {self.precision.describe()}: {len(self.data.train)} train "
-                  f"{noun(self.data.train)}, {len(self.classes)} classes, {trainable:,}/{total:,} parameters "
-                  f"trainable\n"
-                  f"validation: {self.data.val_source}\n{summary(self.model)}")  # fmt: skip
+        head = (
+            f"{self.cfg.model} on {self.precision.describe()}: {len(self.data.train)} train "
+            f"{noun(self.data.train)}, {len(self.classes)} classes, {trainable:,}/{total:,} parameters trainable"
+        )
+        if self.brief:
+            self.echo(f"{head}: {', '.join(s.name for s in stages(self.model) if s.num_trainable)}")
+        else:
+            self.echo(f"{head}\nvalidation: {self.data.val_source}\n{summary(self.model)}")
         note = imbalance_note(self.cfg.class_weights, self.data.train.targets, len(self.classes), noun(self.data.train))
         if note:
             self.echo(note)
