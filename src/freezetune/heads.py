@@ -39,7 +39,7 @@ def head_name(model: nn.Module) -> str:
         )
     for attr in HEAD_ATTRS:  # a head taken off (torchvision's heads = Identity): the last Linear is a body layer
         module = getattr(model, attr, None)
-        if isinstance(module, nn.Module) and not any(True for _ in module.parameters()):
+        if isinstance(module, nn.Module) and not has_params(module):
             raise SpecError(f"{type(model).__name__} has no classifier head (its {attr} is {type(module).__name__}); "
                             "build it with its classifier, which replace_head then replaces")  # fmt: skip
     base = hf_base_prefix(model)
@@ -97,7 +97,7 @@ def sibling_heads(model: nn.Module, head: str) -> list[str]:
 def aux_modules(model: nn.Module) -> list[str]:
     """Top-level auxiliary classifiers (``aux1``, ``AuxLogits``): side branches that only an auxiliary loss trains,
     so no stage of their own (their classifiers are head, see ``sibling_heads``)."""
-    return [n for n, m in model.named_children() if _in_aux(n) and any(True for _ in m.parameters())]
+    return [n for n, m in model.named_children() if _in_aux(n) and has_params(m)]
 
 
 def head_container(model: nn.Module, head: str) -> str:
@@ -108,7 +108,7 @@ def head_container(model: nn.Module, head: str) -> str:
     found, parent = head, head.rpartition(".")[0]
     while parent:  # the outermost head-like ancestor: timm's ``head`` around ``head.classifier.4``
         leaf = parent.rpartition(".")[2]
-        if leaf in {"classifier", "head", "heads", "fc"} or leaf.endswith("head"):
+        if leaf in HEAD_ATTRS or leaf.endswith("head"):
             found = parent
         parent = parent.rpartition(".")[0]
     return found
@@ -122,7 +122,7 @@ def hf_base_prefix(model: nn.Module) -> str | None:
     if not type(model).__module__.startswith("transformers."):
         return None
     # CLIP- and SigLIP-style classifiers name a prefix ("clip") they do not have: their one tower is the base
-    towers = [n for n, m in model.named_children() if n.endswith("_model") and any(True for _ in m.parameters())]
+    towers = [n for n, m in model.named_children() if n.endswith("_model") and has_params(m)]
     return towers[0] if len(towers) == 1 else None
 
 
@@ -141,6 +141,15 @@ def is_timm(model: nn.Module) -> bool:
     return type(model).__module__.startswith("timm.")
 
 
+def has_params(module: nn.Module) -> bool:
+    return any(True for _ in module.parameters())
+
+
+def is_norm(module: nn.Module) -> bool:
+    """A normalisation layer, by its class: BatchNorm2d, LayerNorm, GroupNorm, RMSNorm, T5LayerNorm, LayerNorm2d, ..."""
+    return "norm" in type(module).__name__.lower()
+
+
 def under(name: str, prefix: str) -> bool:
     """Whether qualified name ``name`` is ``prefix`` or inside it."""
     return name == prefix or name.startswith(prefix + ".")
@@ -151,13 +160,11 @@ def under(name: str, prefix: str) -> bool:
 
 def _timm_head_name(model: nn.Module) -> str | None:
     """The classifier a timm model names through ``get_classifier()``; None for other models."""
-    get_classifier = getattr(model, "get_classifier", None)
-    if not (callable(get_classifier) and is_timm(model)):
+    if not (callable(getattr(model, "get_classifier", None)) and is_timm(model)):
         return None
-    classifier = get_classifier()
-    if isinstance(classifier, (tuple, list)):  # distilled models return (head, head_dist): the first is primary
-        classifier = classifier[0] if classifier else None
-    if isinstance(classifier, nn.Module) and not any(True for _ in classifier.parameters()):
+    found = _timm_classifiers(model)
+    classifier = found[0] if found else None  # a distilled model's (head, head_dist): the first is primary
+    if isinstance(classifier, nn.Module) and not has_params(classifier):
         raise SpecError(
             f"{type(model).__name__} has no classifier head (a timm model created with num_classes=0 has "
             f"{type(classifier).__name__} there); add one with freezetune.replace_head(model, num_classes)"
@@ -169,8 +176,7 @@ def timm_heads(model: nn.Module) -> list[str]:
     """What timm's ``reset_classifier`` makes new: every classifier ``get_classifier()`` names (two for a distilled
     model), with the norm it is paired with (EfficientViT-MSRA's ``BNLinear``), and the other layers of its classes
     (VOLO's ``aux_head``, Inception's ``AuxLogits.fc``)."""
-    classifier = model.get_classifier()
-    found = classifier if isinstance(classifier, (tuple, list)) else [classifier]
+    found = _timm_classifiers(model)
     names = [_with_its_norm(model, n) for n in (_name_of(model, c) for c in found if isinstance(c, nn.Module)) if n]
     classes = getattr(model, "num_classes", None)
     for name, module in model.named_modules():
@@ -180,16 +186,20 @@ def timm_heads(model: nn.Module) -> list[str]:
     return names
 
 
+def _timm_classifiers(model: nn.Module) -> list:
+    """What a timm model's ``get_classifier()`` returns, as a list (a distilled model returns two)."""
+    classifier = model.get_classifier()
+    return list(classifier) if isinstance(classifier, (tuple, list)) else [classifier]
+
+
 def _with_its_norm(model: nn.Module, name: str) -> str:
     """A classifier's parent when that is a norm-and-linear unit (EfficientViT-MSRA's ``BNLinear``, SHViT's
     ``BN_Linear``: built and renewed together); a head ``Sequential`` that keeps its norm (MetaFormer's) is not one."""
     parent = name.rpartition(".")[0]
     if not parent or "linear" not in type(model.get_submodule(parent)).__name__.lower():
         return name
-    kinds = [
-        type(m).__name__.lower() for m in model.get_submodule(parent).children() if any(True for _ in m.parameters())
-    ]
-    return parent if len(kinds) == 2 and sum("norm" in k for k in kinds) == 1 else name
+    layers = [m for m in model.get_submodule(parent).children() if has_params(m)]
+    return parent if len(layers) == 2 and sum(map(is_norm, layers)) == 1 else name
 
 
 def _conv_classifier(model: nn.Module) -> str | None:

@@ -18,9 +18,11 @@ from torch import nn
 
 from freezetune.heads import (
     aux_modules,
+    has_params,
     head_container,
     head_name,
     hf_base_prefix,
+    is_norm,
     is_timm,
     replace_head,
     sibling_heads,
@@ -132,9 +134,9 @@ def _merge_norms(model: nn.Module, found: list[Stage]) -> list[Stage]:
 
 
 def _is_norm(model: nn.Module, param: str) -> bool:
+    """Whether parameter ``param`` belongs to a normalisation layer."""
     owner = param.rpartition(".")[0]
-    kind = type(model.get_submodule(owner)).__name__ if owner else ""
-    return "norm" in kind.lower()  # BatchNorm2d, LayerNorm, GroupNorm, RMSNorm, T5LayerNorm, LayerNorm2d, ...
+    return bool(owner) and is_norm(model.get_submodule(owner))
 
 
 # --- family declarations ------------------------------------------------------------------------------------
@@ -218,7 +220,7 @@ def _hf_decl(model: nn.Module, head: str) -> _Decl | None:
     if not base:
         return None
     base_model = model.get_submodule(base)
-    children = [(c, m) for c, m in base_model.named_children() if any(True for _ in m.parameters())]
+    children = [(c, m) for c, m in base_model.named_children() if has_params(m)]
     decl: _Decl = []
     lead: list[str] = []  # the children in front of the first blocks: one input stage (GPT-2's wte and wpe)
     for child, module in children:
@@ -248,7 +250,7 @@ def _hf_child_decl(base: str, child: str, module: nn.Module, *, first: bool) -> 
     base model's ``first`` child, form an input stage of their own."""
     if isinstance(module, nn.ModuleList):
         return [(f"{child}.{i}", [f"{base}.{child}.{i}"]) for i in range(len(module))]
-    names = [n for n, m in module.named_children() if any(True for _ in m.parameters())]
+    names = [n for n, m in module.named_children() if has_params(m)]
     lists = [n for n in names if isinstance(module.get_submodule(n), nn.ModuleList)]
     if not lists or len({len(module.get_submodule(n)) for n in lists}) != 1:
         return [(child, [f"{base}.{child}"])]
@@ -259,7 +261,7 @@ def _hf_child_decl(base: str, child: str, module: nn.Module, *, first: bool) -> 
     pre = [n for n in names[:at] if n not in lists]
     post = [n for n in names[at:] if n not in lists]
     # a norm registered in front of the blocks is their final one (OPT's final_layer_norm): it goes after them
-    norms = [n for n in pre if "norm" in type(module.get_submodule(n)).__name__.lower()]
+    norms = [n for n in pre if is_norm(module.get_submodule(n))]
     pre, post = [n for n in pre if n not in norms], [*norms, *post]
     if pre and first:
         decl.insert(0, (f"{child}.{pre[0]}", [f"{base}.{child}.{n}" for n in pre]))
@@ -275,25 +277,21 @@ def _generic_decl(model: nn.Module, head: str) -> _Decl:
     (torchvision Swin's ``features``, RegNet's ``trunk_output``, MaxViT's ``blocks``, timm MetaFormers' ``stages``),
     a stage per block: as one stage, freezing by depth would be all or nothing."""
     heads = {n.split(".")[0] for n in (timm_heads(model) if is_timm(model) else [])} | {head}  # PiT's head_dist too
-    children = [(n, m) for n, m in model.named_children() if _has_params(m) and n not in heads]
+    children = [(n, m) for n, m in model.named_children() if has_params(m) and n not in heads]
     if not children:
         return []
     trunk = max(children, key=lambda c: sum(p.numel() for p in c[1].parameters()))[1]
     # split only when the children alone give fewer than 3 stages (norms not counted): a model whose children are
     # its stages (stem, block1, ...) keeps them
-    few = sum("norm" not in type(m).__name__.lower() for _, m in children) < 3
+    few = sum(not is_norm(m) for _, m in children) < 3
     decl: _Decl = []
     for name, module in children:
-        blocks = [c for c, m in module.named_children() if _has_params(m)]
+        blocks = [c for c, m in module.named_children() if has_params(m)]
         if few and module is trunk and isinstance(module, (nn.Sequential, nn.ModuleList)) and len(blocks) > 1:
             decl += [(f"{name}.{c}", [f"{name}.{c}"]) for c in blocks]
         else:
             decl.append((name, [name]))
     return decl
-
-
-def _has_params(module: nn.Module) -> bool:
-    return any(True for _ in module.parameters())
 
 
 # --- helpers ------------------------------------------------------------------------------------------------
