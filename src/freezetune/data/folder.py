@@ -7,7 +7,7 @@ import logging
 import os
 import unicodedata
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -92,7 +92,12 @@ def _files_under(folder: Path) -> list[Path]:
     """Every file below ``folder`` that is not hidden, sorted (images and the files beside them). A hidden folder
     (``.thumbnails/``) and Synology's ``@eaDir`` hold previews of the images, not more of them. Symlinked folders are
     followed (once each); a broken symlink is kept, so the image check names it rather than it vanishing."""
-    found, seen = [], set()
+    return sorted(_walk(folder))
+
+
+def _walk(folder: Path) -> Iterator[Path]:
+    """``_files_under``'s files in walk order, as found (a caller that needs only the first stops there)."""
+    seen = set()
     for top, dirs, files in os.walk(folder, followlinks=True):
         real = os.path.realpath(top)
         if real in seen:  # a link back up the tree
@@ -100,8 +105,7 @@ def _files_under(folder: Path) -> list[Path]:
             continue
         seen.add(real)
         dirs[:] = [d for d in dirs if not _hidden(d)]
-        found += [Path(top) / f for f in files if not _hidden(f)]
-    return sorted(found)
+        yield from (Path(top) / f for f in files if not _hidden(f))
 
 
 def _hidden(name: str) -> bool:
@@ -191,7 +195,7 @@ def folder_classes(root: str | Path) -> list[str]:
         raise DataError(f"image folder '{root}' does not exist; expected a directory with one subfolder per class")
     # __MACOSX: the resource forks an unzipped macOS archive carries, never a class
     subdirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".") and d.name != "__MACOSX")
-    classes = [d.name for d in subdirs if _images_under(d)]
+    classes = [d.name for d in subdirs if any(_image_suffix(p) for p in _walk(d))]  # stops at a class's first image
     if not classes:
         raise DataError(
             f"no class folders with images in '{root}'; expected {root}/<class>/*.jpg (extensions: "
@@ -254,7 +258,7 @@ def _warn_left_out(root: str | Path, left_out: Counter) -> None:
 def _is_header(row: list[str], base: Path) -> bool:
     # A header names its columns; a data row's first cell is an image that exists.
     named = any(cell.strip().lower() in IMAGE_COLUMNS | _CSV_LABEL_NAMES for cell in row)
-    return named and not (base / row[0].strip()).is_file()
+    return named and not _exists(row[0], base)
 
 
 def _exists(cell: str, base: Path) -> bool:
