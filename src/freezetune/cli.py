@@ -19,7 +19,7 @@ from freezetune.config import FIELD_CHOICES, TrainConfig, field_names, load_conf
 from freezetune.errors import FreezetuneError, one_line
 from freezetune.interrupt import RunInterrupted, raised_stop
 from freezetune.options import AMP_MODES, FREEZE_DEFAULT, MODEL_SOURCES, PRETRAINED_WEIGHTS, RANDOM_WEIGHTS, RECIPES
-from freezetune.sweep import DEFAULT_RECIPES
+from freezetune.sweep import DEFAULT_RECIPES, SWEEP_SETS
 
 _DEFAULTS = TrainConfig()
 _HELP = {
@@ -129,13 +129,12 @@ def _train_parser(sub) -> None:
     p.set_defaults(func=_cmd_sweep, command_parser=p)
 
 
-# where a sweep's flags mean something else than train's
+# where a sweep's flags mean something else than train's (what it sets itself: sweep.SWEEP_SETS, with the reason)
 _SWEEP_HELP = {
     "out": "sweep directory, a run per recipe below it [default: runs/sweep]",
     "freeze": "refused: each of --recipes sets its own",
     "recipe": "refused: give --recipes",
-    "final_test": "refused: a sweep scores no test split (train --config winner.yaml does)",
-    "refit": "refused: a sweep judges recipes on the validation split",
+    **{key: f"refused when true: {why}" for key, (_, why) in SWEEP_SETS.items()},
 }
 
 
