@@ -101,9 +101,9 @@ def _check_input_size(model: nn.Module, name: str, size: int, default: int | Non
                           "leave it out") from None  # fmt: skip
     finally:
         model.train(was_training)
-        with torch.no_grad():
-            for k, v in model.named_buffers():
-                if k in buffers:
+        if buffers:  # only a train-mode pass moved them
+            with torch.no_grad():
+                for k, v in model.named_buffers():
                     v.copy_(buffers[k])
 
 
