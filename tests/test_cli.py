@@ -320,6 +320,28 @@ def test_resume_without_a_run_dir_says_resume_needs_one(tmp_path, capsys, monkey
     assert not (tmp_path / "runs").exists()
 
 
+def test_a_run_given_relative_paths_resumes_from_another_directory(data, tmp_path, capsys, monkeypatch):
+    # config.yaml kept `data: images` as typed: a --resume from another directory said "data path 'images' does not
+    # exist", and so did `train --config` of that file
+    import shutil
+
+    shutil.copytree(data, tmp_path / "images")
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run_cli(capsys, *train_argv(Path("images"), Path("r"), "--epochs", "2", "--freeze", "backbone",
+                                                 "--scheduler", "none", "--cache-dir", "feats"))  # fmt: skip
+    assert code == 0, err
+    saved = yaml.safe_load((tmp_path / "r" / "config.yaml").read_text())
+    assert saved["data"] == str(tmp_path / "images") and saved["cache_dir"] == str(tmp_path / "feats")
+    assert saved["weights"] == "none" and saved["model"] == "timm:test_efficientnet"  # keywords and names stay
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    code, out, err = run_cli(capsys, "train", "--out", tmp_path / "r", "--resume", "--epochs", "3")
+    assert code == 0 and "resumed" in out, err
+    monkeypatch.chdir(tmp_path)  # a resume given the same paths as typed, from where they were typed, is the same run
+    code, out, err = run_cli(capsys, "train", "--out", "r", "--resume", "--data", "images", "--epochs", "4")
+    assert code == 0 and "resumed" in out, err
+
+
 def test_out_naming_a_file_is_a_user_error_and_the_file_is_kept(data, tmp_path, capsys):
     outfile = tmp_path / "outfile"
     outfile.write_text("mine")

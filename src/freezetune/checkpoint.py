@@ -19,7 +19,7 @@ from torch import nn
 
 from freezetune import __version__
 from freezetune._io import atomic_save
-from freezetune.config import RESUME_MAY_CHANGE
+from freezetune.config import RESUME_MAY_CHANGE, absolute_paths
 from freezetune.errors import CheckpointError, ConfigError, choices
 from freezetune.interrupt import pause_point
 from freezetune.preprocess import Preprocess
@@ -84,11 +84,16 @@ def build_model(record: dict[str, Any]) -> tuple[nn.Module, Preprocess]:
     return model, Preprocess.from_dict(record["preprocess"])
 
 
+def _model_of(record: dict) -> str | None:
+    """The checkpoint's model name, an ``hf:DIR`` absolute (a run of an earlier version recorded it as given)."""
+    return absolute_paths({"model": record.get("model")})["model"]
+
+
 def init_from(model: nn.Module, path: str | Path, classes: list[str], model_name: str | None = None) -> None:
     """Load the weights of a freezetune checkpoint, head included, into ``model`` (same architecture and classes;
     ``model_name``: the run's, to name a checkpoint of another architecture as such)."""
     record = load(path)
-    if model_name is not None and record.get("model") != model_name:
+    if model_name is not None and _model_of(record) != absolute_paths({"model": model_name})["model"]:
         other = record.get("model")
         raise CheckpointError(f"init checkpoint {str(path)!r} is a {other} model; this run's is {model_name}: give "
                               f"--model {other}, or a checkpoint of {model_name}")  # fmt: skip
@@ -276,12 +281,13 @@ def restore(path: str | Path, state: TrainingState, progress, *, config: dict[st
 
 
 def _check_resumable(path: Path, record: dict, expect: dict[str, Any]) -> None:
-    if record.get("model") != expect["model"] or record.get("classes") != expect["classes"]:
+    if _model_of(record) != expect["model"] or record.get("classes") != expect["classes"]:
         raise CheckpointError(
             f"{path} is a run of {record.get('model')} on {len(record['classes'])} classes; this config is "
             f"{expect['model']} on {len(expect['classes'])}: resume with the run's own config"
         )
-    old = dict(record.get("config") or {}, steps_per_epoch=record.get("steps_per_epoch"))
+    # a run of an earlier version recorded its paths as given: read from here, as this run's are (config.recorded)
+    old = absolute_paths(dict(record.get("config") or {}, steps_per_epoch=record.get("steps_per_epoch")))
     schedule = ("epochs", "scheduler", "warmup_epochs", "steps_per_epoch")
     stretched = [f"{k} {old[k]!r} -> {expect[k]!r}" for k in schedule if old.get(k) is not None and old[k] != expect[k]]
     # A per-step LR schedule cannot be stretched mid-run (OneCycleLR raises once past its total_steps).

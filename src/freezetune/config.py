@@ -37,6 +37,8 @@ from freezetune.options import (
     MONITOR_MODES,
     MONITORS,
     OPTIMIZERS,
+    PRETRAINED_WEIGHTS,
+    RANDOM_WEIGHTS,
     SCHEDULERS,
     choice_problem,
     fraction_problem,
@@ -45,6 +47,8 @@ from freezetune.options import (
     positive_int_problem,
     recipe_problem,
 )
+
+WEIGHT_KEYWORDS = (*PRETRAINED_WEIGHTS, *RANDOM_WEIGHTS)
 
 # The choices of each choice field: ``validate`` checks them, the CLI lists them in ``--help``.
 FIELD_CHOICES = {
@@ -142,16 +146,47 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def recorded(self) -> dict[str, Any]:
+        """The config as a run records it (``config.yaml``, checkpoints): ``to_dict`` with its paths absolute."""
+        return absolute_paths(self.to_dict())
+
     def save(self, path: str | Path, **changes: Any) -> None:
-        """Write the config (with ``changes``) as YAML; ``resume`` is saved as false: it is an action on a run, not
-        one of its settings, and the file reused as ``--config`` for another run must start that run afresh."""
+        """Write the config (with ``changes``) as YAML, its paths absolute; ``resume`` is saved as false: it is an
+        action on a run, not one of its settings, and the file reused as ``--config`` for another run must start that
+        run afresh."""
         from freezetune._io import atomic_write_text
 
-        values = {**self.to_dict(), **changes, "resume": False}
+        values = {**self.recorded(), **changes, "resume": False}
         atomic_write_text(path, yaml.safe_dump(values, sort_keys=False))
 
     def dump(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# The settings that name a file or folder. A run records them absolute: its config.yaml and checkpoints are read again
+# by a --resume, an eval or a `train --config` that may run from another directory.
+PATH_FIELDS = ("data", "val_data", "init", "cache_dir")
+_HF = "hf:"
+
+
+def absolute_paths(values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` with its paths absolute: those of ``PATH_FIELDS``, and a weights file or the folder of an
+    ``hf:DIR`` model that exists here (a keyword such as ``weights: imagenet`` and a hub id stay as they are).
+
+    >>> absolute_paths({"data": "/data/images", "weights": "imagenet"})
+    {'data': '/data/images', 'weights': 'imagenet'}
+    """
+    out = dict(values)
+    for key in PATH_FIELDS:
+        if isinstance(out.get(key), str) and out[key]:
+            out[key] = os.path.abspath(out[key])
+    weights = out.get("weights")
+    if isinstance(weights, str) and weights.lower() not in WEIGHT_KEYWORDS and os.path.exists(weights):
+        out["weights"] = os.path.abspath(weights)
+    model = out.get("model")
+    if isinstance(model, str) and model.startswith(_HF) and os.path.exists(model.removeprefix(_HF)):
+        out["model"] = _HF + os.path.abspath(model.removeprefix(_HF))
+    return out
 
 
 def field_names() -> list[str]:

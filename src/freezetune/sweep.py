@@ -114,7 +114,7 @@ def _run_configs(cfg: TrainConfig, names: list[str], out: Path) -> dict[str, Tra
     if given:  # only what the user gave is named (a winner.yaml holds a recipe; --freeze a spec)
         raise ConfigError(f"a sweep runs each of --recipes with its own freeze; drop {' and '.join(given)} "
                           "(recipe=null freeze=auto)")  # fmt: skip
-    features = cfg.cache_dir or str(out / "features")
+    features = cfg.cache_dir or os.path.abspath(out / "features")  # each recipe's config.yaml names it
     # every recipe is judged on the validation split: the auto recipe keeps it through its final run (no refit)
     sets = {key: value for key, (value, _) in SWEEP_SETS.items()}
     runs = {name: dataclasses.replace(cfg, recipe=name, out=str(out / name), cache_dir=features, budget=None, **sets)
@@ -209,9 +209,6 @@ def _write(out: Path, rows: list[dict], winner: dict, cfg: TrainConfig) -> None:
     atomic_write_text(out / "winner.yaml", yaml.safe_dump(_winner_config(cfg, winner), sort_keys=False))
 
 
-_PATHS = ("data", "val_data", "cache_dir", "init")  # the config's paths, relative to the sweep's working directory
-
-
 def _winner_config(cfg: TrainConfig, winner: dict) -> dict:
     """The config that trains the winner again: its recipe on the sweep's settings, a fresh run with a test score.
 
@@ -219,11 +216,8 @@ def _winner_config(cfg: TrainConfig, winner: dict) -> dict:
     them as well, and lose the validation score), and ``batch_size: auto`` becomes the number the winner trained with,
     which another device or a fuller one would measure differently.
     """
-    values = {**cfg.to_dict(), "recipe": winner["recipe"], "freeze": "auto", "out": None, "resume": False,
+    values = {**cfg.recorded(), "recipe": winner["recipe"], "freeze": "auto", "out": None, "resume": False,
               "final_test": True, "budget": None, "refit": False}  # fmt: skip
-    for key in _PATHS:  # as the sweep read them, wherever `train --config` is run from
-        if values.get(key):
-            values[key] = os.path.abspath(values[key])
     saved = Path(winner["run_dir"]) / "config.yaml"
     if cfg.batch_size == BATCH_AUTO and saved.is_file():
         values["batch_size"] = load_config(saved).batch_size

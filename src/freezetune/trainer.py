@@ -193,7 +193,7 @@ class Trainer:
         return optimizer, scheduler, self.precision.scaler(), unfreezer
 
     def _resume(self) -> None:
-        checkpoint.restore(self.run_dir / checkpoint.LAST, self.state, self.progress, config=self.cfg.to_dict(),
+        checkpoint.restore(self.run_dir / checkpoint.LAST, self.state, self.progress, config=self.cfg.recorded(),
                            classes=self.classes, steps_per_epoch=self.steps_per_epoch)  # fmt: skip
         p = self.progress
         within = f" and step {p.step}/{self.steps_per_epoch} of epoch {p.epoch + 1}" if p.step else ""
@@ -271,7 +271,7 @@ class Trainer:
             unfrozen = [] if last else self._step_unfreezer(epoch, row)
             improved = self.progress.update(epoch, row.get(cfg.monitor))
             if self.dist.is_main:
-                record = checkpoint.model_record(self.model, cfg.to_dict(), self.classes, self.preprocess)
+                record = checkpoint.model_record(self.model, cfg.recorded(), self.classes, self.preprocess)
                 checkpoint.save_epoch(self.checkpoints, record, self.state, self.progress, self.steps_per_epoch,
                                       row=row, improved=improved, last=self.resumable)  # fmt: skip
             if self.stop.requested:  # the signal came during validation or the save
@@ -372,7 +372,7 @@ class Trainer:
         if self.resumable and not meter.diverged:
             self.progress.at_step(step, {"meter": meter.state_dict(), "rng": checkpoint.rng_state(),
                                          "lrs": self.step.lrs})  # fmt: skip
-            record = checkpoint.model_record(self.model, self.cfg.to_dict(), self.classes, self.preprocess)
+            record = checkpoint.model_record(self.model, self.cfg.recorded(), self.classes, self.preprocess)
             self.checkpoints.submit(best=None, last=checkpoint.last_record(record, self.state, self.progress,
                                                                            self.steps_per_epoch))  # fmt: skip
         if self.stop.requested:
