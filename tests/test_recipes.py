@@ -395,3 +395,13 @@ def test_an_auto_run_records_the_refit_it_did_not_the_one_it_asked(data, tmp_pat
     chose = next(line for line in lines if line.startswith("auto: chose"))
     assert "per_class" not in chose, chose  # the choice keeps its own reason
     assert result.history[-1]["val_n"] > 0  # the run validated, as recorded
+
+
+@pytest.mark.parametrize("folder", ["missing", "empty"])
+def test_an_auto_run_on_unreadable_data_prints_the_data_error_alone(tmp_path, capsys, folder):
+    # the auto recipe announced its trials ("auto: choosing how many of the last stages ...") before the first one
+    # found that the data path did not exist
+    (tmp_path / "empty" / "cls").mkdir(parents=True)
+    code, out, err = run_cli(capsys, *train_argv(tmp_path / folder, tmp_path / "run", "--freeze", "auto"))
+    assert code == 2 and err.startswith("freezetune: error: ") and str(tmp_path / folder) in err, err
+    assert "auto:" not in out, out

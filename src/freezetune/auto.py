@@ -86,11 +86,11 @@ def run(cfg: TrainConfig, *, echo: Callable[[str], None] = print, train: Callabl
     start = time.perf_counter()
     ks, cut = _candidates(cfg)
     base = _base(cfg, out, cut)
-    echo(f"auto: choosing how many of the last stages to train ({', '.join(map(str, ks))}) from a trial each on "
-         f"{TRIAL_FRACTION:.0%} of the training set, scored on the validation split (what comes before {cut} is "
-         f"frozen in all of them, its features cached once where the data allows); the default's trial first, the "
-         f"others' if the split holds {MIN_VAL_TO_COMPARE} or more")  # fmt: skip
-    trials, choice, why = _measure(base, ks, out, train, echo)
+    intro = (f"auto: choosing how many of the last stages to train ({', '.join(map(str, ks))}) from a trial each on "
+             f"{TRIAL_FRACTION:.0%} of the training set, scored on the validation split (what comes before {cut} is "
+             f"frozen in all of them, its features cached once where the data allows); the default's trial first, "
+             f"the others' if the split holds {MIN_VAL_TO_COMPARE} or more")  # fmt: skip
+    trials, choice, why = _measure(base, ks, out, train, _after_data(echo, intro))
     epochs, refit = _affordable(cfg, choice, time.perf_counter() - start), refits(cfg)
     if refit and not trials[0]["refit_fits"]:  # recorded as done (recipe.json, config.yaml), not as asked
         refit = False
@@ -114,6 +114,21 @@ def run(cfg: TrainConfig, *, echo: Callable[[str], None] = print, train: Callabl
     for key in ("cache", "epochs"):
         seconds[key] = seconds.get(key, 0.0) + sum(t["seconds"][key] for t in trials)
     return dataclasses.replace(result, seconds=seconds)
+
+
+def _after_data(echo: Callable[[str], None], intro: str) -> Callable[[str], None]:
+    """``echo`` that says ``intro`` before its first line: a trial's first line comes once its data is read, so a
+    data error (a wrong path, an empty folder) is the one line the user sees, not a plan that never ran."""
+    said = False
+
+    def say(line: str) -> None:
+        nonlocal said
+        if not said:
+            said = True
+            echo(intro)
+        echo(line)
+
+    return say
 
 
 def _measure(base: TrainConfig, ks: list[int], out: Path, train: Callable, echo: Callable[[str], None]):
