@@ -117,7 +117,7 @@ def test_train_returns_the_run_result(finished_run):
     ("flags", "needles"),
     [
         (["--epochs", "4"], ["epochs 2 -> 4", "onecycle"]),  # OneCycleLR cannot step past its total
-        (["--batch-size", "4"], ["steps_per_epoch"]),
+        (["--batch-size", "4"], ["batch_size 8 -> 4"]),  # named as given, before the data sizes the schedule
         (["--freeze", "blocks.4"], ["freeze 'backbone' -> 'blocks.4'"]),  # the trainable set differs from the run's
         (["--optimizer", "sgd"], ["optimizer 'adamw' -> 'sgd'"]),  # was KeyError 'momentum' with config.yaml rewritten
         # were ignored, yet written to config.yaml as if the run had used them
@@ -139,6 +139,19 @@ def test_resume_that_cannot_continue_the_run_is_a_user_error(finished_run, capsy
     assert err.startswith("freezetune: error: ") and len(err.strip().splitlines()) == 1, err
     assert all(n in err for n in needles), err
     assert snapshot(out) == before
+
+
+def test_a_resume_with_other_settings_is_refused_before_the_model_and_data_are_read(finished_run, tmp_path, capsys,
+                                                                                     monkeypatch):  # fmt: skip
+    # the refusal came after the model was built and the whole data set scanned (minutes for a large folder)
+    import shutil
+
+    out = tmp_path / "done"
+    shutil.copytree(finished_run[0], out)
+    built = []
+    monkeypatch.setattr(trainer, "create_model", lambda *a, **k: built.append(a) or pytest.fail("model built"))
+    code, stdout, err = run_cli(capsys, "train", "--out", out, "--resume", "--lr", "0.5", "--data", tmp_path / "gone")
+    assert code == 2 and "lr 0.001 -> 0.5" in err and not built, err
 
 
 def test_resume_may_change_where_and_how_the_run_computes(finished_run, tmp_path, capsys):

@@ -22,6 +22,7 @@ from freezetune._io import atomic_save
 from freezetune.config import RESUME_MAY_CHANGE, absolute_paths
 from freezetune.errors import CheckpointError, ConfigError, choices
 from freezetune.interrupt import pause_point
+from freezetune.options import BATCH_AUTO
 from freezetune.preprocess import Preprocess
 
 BEST = "best.pt"
@@ -44,8 +45,9 @@ def save(record: dict[str, Any], path: str | Path) -> Path:
     return atomic_save(record, path)
 
 
-def load(path: str | Path) -> dict[str, Any]:
-    """Load a freezetune checkpoint (tensors and plain data only: ``weights_only=True``)."""
+def load(path: str | Path, *, mmap: bool = False) -> dict[str, Any]:
+    """Load a freezetune checkpoint (tensors and plain data only: ``weights_only=True``); ``mmap``: its tensors are
+    mapped from the file, not read, until used."""
     path = Path(path)
     if path.is_dir():
         hint = f"; did you mean {str(path / BEST)!r}?" if (path / BEST).is_file() else ""
@@ -53,7 +55,7 @@ def load(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
     try:
-        record = torch.load(path, map_location="cpu", weights_only=True)
+        record = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as exc:  # a corrupt or foreign file: say which, not a pickle traceback
         raise CheckpointError(f"cannot read checkpoint {str(path)!r}: {_load_failure(path, exc)}") from None
     if not isinstance(record, dict) or "state_dict" not in record or "classes" not in record:
@@ -280,6 +282,15 @@ def restore(path: str | Path, state: TrainingState, progress, *, config: dict[st
     progress.load_state_dict({**record["progress"], "monitor": progress.monitor})
 
 
+def check_settings(path: str | Path, config: dict[str, Any]) -> None:
+    """Refuse, as ``restore`` would, a resume whose settings are not those of its ``last.pt``: checked before the
+    model and data are read (``restore`` checks again, with the classes and the schedule's length they give)."""
+    if config.get("batch_size") == BATCH_AUTO:  # a number once measured, after the data is read
+        config = {k: v for k, v in config.items() if k != "batch_size"}
+    record = load(path, mmap=True)  # the weights are not read: only the config is needed
+    _check_resumable(Path(path), record, {**config, "classes": record.get("classes")})
+
+
 def _check_resumable(path: Path, record: dict, expect: dict[str, Any]) -> None:
     if _model_of(record) != expect["model"] or record.get("classes") != expect["classes"]:
         raise CheckpointError(
@@ -289,7 +300,8 @@ def _check_resumable(path: Path, record: dict, expect: dict[str, Any]) -> None:
     # a run of an earlier version recorded its paths as given: read from here, as this run's are (config.recorded)
     old = absolute_paths(dict(record.get("config") or {}, steps_per_epoch=record.get("steps_per_epoch")))
     schedule = ("epochs", "scheduler", "warmup_epochs", "steps_per_epoch")
-    stretched = [f"{k} {old[k]!r} -> {expect[k]!r}" for k in schedule if old.get(k) is not None and old[k] != expect[k]]
+    stretched = [f"{k} {old[k]!r} -> {expect[k]!r}" for k in schedule
+                 if old.get(k) is not None and k in expect and old[k] != expect[k]]  # fmt: skip
     # A per-step LR schedule cannot be stretched mid-run (OneCycleLR raises once past its total_steps).
     if expect["scheduler"] == "none" and old.get("scheduler") == "none":
         stretched = []

@@ -161,6 +161,8 @@ class Trainer:
         barrier(self.dist)  # every rank checked the run dir before rank 0 writes into it
         # a --resume of a run stopped before its first last.pt starts it afresh (prepare_run_dir said so)
         self.resuming = cfg.resume and (self.run_dir / checkpoint.LAST).is_file()
+        if self.resuming:  # a refusal must not wait for the model and the data (a large folder's scan)
+            checkpoint.check_settings(self.run_dir / checkpoint.LAST, cfg.recorded())
         # best.pt and last.pt, written beside the training on an accelerator; on the CPU the writes would take the
         # training's cores (measured: no faster), so they are written in turn
         self.checkpoints = checkpoint.Writer(self.run_dir, background=self.device.type != "cpu")
