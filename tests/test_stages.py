@@ -182,6 +182,34 @@ def test_generic_fallback_uses_top_level_children_and_last_linear():
     assert_partition(model, stages)
 
 
+class _UserModel(nn.Module):
+    """A user's own model: a pretrained backbone and a head of their making, in the order they wrote them."""
+
+    def __init__(self, head_first: bool) -> None:
+        super().__init__()
+        if head_first:
+            self.head = nn.Sequential(nn.Linear(512, 64), nn.ReLU(), nn.Dropout(0.2), nn.Linear(64, 5))
+        self.backbone = torchvision.models.resnet18()
+        self.backbone.fc = nn.Identity()
+        if not head_first:
+            self.head = nn.Sequential(nn.Linear(512, 64), nn.ReLU(), nn.Dropout(0.2), nn.Linear(64, 5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x))
+
+
+@pytest.mark.parametrize("head_first", [False, True])
+def test_a_users_own_head_trains_whole_wherever_it_is_declared(head_first):
+    # its random hidden layer head.0 was a pretrained "neck", frozen for good by freeze("backbone"); a head declared
+    # before the backbone lost the head to the backbone's last Linear
+    model = _UserModel(head_first)
+    assert ft.head_name(model) == "head.3"
+    assert [s.name for s in ft.stages(model)] == ["backbone", "head"]
+    ft.freeze(model, "backbone")
+    trainable = {n.rpartition(".")[0] for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"head.0", "head.3"}
+
+
 def test_tied_weights_belong_to_one_stage():
     class TiedLM(nn.Module):
         def __init__(self) -> None:

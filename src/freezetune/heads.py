@@ -46,6 +46,10 @@ def head_name(model: nn.Module) -> str:
     linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and not _in_aux(n)]
     if base:
         linears = [n for n in linears if not under(n, base)]
+    else:  # the classifier a model names (a head registered before its backbone, a user's own model) comes first
+        named = [c for c, _ in model.named_children() if c in HEAD_ATTRS]
+        in_named = [n for n in linears if named and under(n, named[-1])]
+        linears = in_named or linears
     if linears:
         return linears[-1]
     conv = _conv_classifier(model)
@@ -139,6 +143,12 @@ def is_hf_base_model(model: nn.Module) -> bool:
 
 def is_timm(model: nn.Module) -> bool:
     return type(model).__module__.startswith("timm.")
+
+
+def is_library_model(model: nn.Module) -> bool:
+    """A model class of timm, torchvision or transformers, whose pretrained checkpoints hold every layer but the
+    classifier; a user's own model (a backbone and a head of their making) is not one."""
+    return type(model).__module__.split(".")[0] in ("timm", "torchvision", "transformers")
 
 
 def has_params(module: nn.Module) -> bool:

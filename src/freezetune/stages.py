@@ -22,6 +22,7 @@ from freezetune.heads import (
     head_container,
     head_name,
     hf_base_prefix,
+    is_library_model,
     is_norm,
     is_timm,
     replace_head,
@@ -90,7 +91,9 @@ def _head_apart(model: nn.Module, decl: _Decl, layer: str) -> _Decl:
     container also holds (VGG's 4096-wide layers, MobileNetV3's ``conv_head``, ConvNeXt's head norm) become a stage
     before it, so a linear probe or ``freeze("backbone")`` trains what is new and nothing pretrained. A Hugging Face
     task model's additions are new (a base checkpoint holds none of them), but for their norms, which
-    ``replace_head`` keeps and a classification checkpoint holds (LeViT's ``classifier.batch_norm``)."""
+    ``replace_head`` keeps and a classification checkpoint holds (LeViT's ``classifier.batch_norm``). So is all of
+    the head container of a user's own model (a backbone and ``head = Sequential(Linear, ReLU, Linear)``): no
+    checkpoint of a library made it, and a hidden layer they just built must not stay frozen at its random init."""
     name, members = decl[-1]
     aux = aux_modules(model)  # GoogLeNet's aux1/aux2: their classifiers are head, the rest joins the last stage
     body = [(n, kept) for n, prefixes in decl[:-1] if (kept := [p for p in prefixes if not _under_any(p, aux)])]
@@ -100,6 +103,8 @@ def _head_apart(model: nn.Module, decl: _Decl, layer: str) -> _Decl:
     if hf_base_prefix(model):
         neck = [n for n in params if _is_norm(model, n)]
         layers = [n for n in params if n not in neck]
+    elif not is_library_model(model):  # a user's own head (Linear, ReLU, Dropout, Linear) is new, all of it
+        neck, layers = [], members
     else:
         layers = timm_heads(model) if is_timm(model) else [layer, *sibling_heads(model, layer)]
         neck = [n for n in params if not _under_any(n, layers)]
