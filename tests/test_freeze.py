@@ -315,3 +315,23 @@ def test_an_int_spec_past_the_stage_count_names_the_count(resnet18, call):
     assert ft.count_parameters(resnet18)[0] == 0
     ft.freeze_to(resnet18, -6)
     assert ft.count_parameters(resnet18)[0] == ft.count_parameters(resnet18)[1]
+
+
+@pytest.mark.parametrize("wrap", [nn.DataParallel, torch.compile, lambda m: torch.compile(nn.DataParallel(m))])
+def test_a_wrapped_model_freezes_and_groups_as_the_model_itself(wrap):
+    # a wrapper was one stage "module" (or "_orig_mod") beside the head: freeze(wrapped, -2) froze nothing and
+    # freeze(wrapped, "layer4") said there was no such stage
+    import torchvision
+
+    model = torchvision.models.resnet18()
+    wrapped = wrap(model)
+    assert [s.name for s in ft.stages(wrapped)] == ["stem", "layer1", "layer2", "layer3", "layer4", "fc"]
+    ft.freeze(wrapped, -2)
+    assert [s.name for s in ft.stages(model) if s.num_trainable] == ["layer4", "fc"]
+    ft.freeze(wrapped, "layer4")
+    assert [g["name"] for g in ft.param_groups(wrapped, 1e-3)] == ["fc", "fc/no_decay"]
+    assert ft.summary(wrapped) == ft.summary(model) and ft.head_name(wrapped) == "fc"
+    opt = torch.optim.AdamW(ft.param_groups(wrapped, 1e-3))
+    ft.Unfreezer(wrapped, opt, "epoch:1", lr=1e-3).step(0)
+    assert [g["name"] for g in opt.param_groups] == ["fc", "fc/no_decay", "layer4", "layer4/no_decay"]
+    assert ft.replace_head(wrapped, 3) is wrapped and model.fc.out_features == 3

@@ -130,3 +130,15 @@ def test_ddp_ranks_unfreeze_together_and_stay_identical(tmp_path):
     diverged = [k for k in end0 if not torch.equal(end0[k], end1[k])]
     assert diverged == []  # ...on gradients averaged over both ranks' shards
     assert torch.equal(end0["block2.0.weight"], ranks[0]["start"]["block2.0.weight"])
+
+
+def test_the_head_lr_under_onecycle_is_its_peak_not_its_start():
+    # initial_lr under OneCycleLR is max_lr / div_factor: stage_lrs were scaled from it, 25x too high
+    import freezetune as ft
+    from conftest import TinyCNN
+
+    model = TinyCNN()
+    ft.freeze(model, "backbone")
+    opt = torch.optim.AdamW(ft.param_groups(model, 1e-2))
+    torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[g["lr"] for g in opt.param_groups], total_steps=10)
+    assert FreezetuneFinetuning("backbone", "epoch:1", stage_lrs={"block3": 1e-3})._head_lr(model, opt) == 1e-2

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -95,8 +97,8 @@ def test_an_optimizer_built_by_another_lr_rule_is_reported():
         warnings.simplefilter("error")
         ft.Unfreezer(model, opt, "epoch:1", lr=1e-3, stage_lrs={"block3": 1e-4})  # the same rule: silent
         sched_opt = torch.optim.AdamW(ft.param_groups(model, 1e-3, decay=10))
-        OneCycleLR(sched_opt, max_lr=[g["lr"] for g in sched_opt.param_groups], total_steps=10)  # moves every lr
-        ft.Unfreezer(model, sched_opt, "epoch:1", lr=1e-3, decay=10)
+        sched = OneCycleLR(sched_opt, max_lr=[g["lr"] for g in sched_opt.param_groups], total_steps=10)  # moves lrs
+        ft.Unfreezer(model, sched_opt, "epoch:1", lr=1e-3, decay=10, scheduler=sched)
 
 
 @pytest.mark.parametrize("mode", ["max", "min"])
@@ -334,3 +336,82 @@ def test_a_plateau_mode_against_the_monitor_is_refused():
     with pytest.raises(ft.FreezetuneError, match=r"has mode=max, but val_loss improves as it goes down"):
         validate(TrainConfig(data="d", monitor="val_loss", unfreeze="plateau:patience=2,mode=max", freeze=-2))
     validate(TrainConfig(data="d", monitor="val_loss", unfreeze="plateau:patience=2,mode=min", freeze=-2))
+
+
+def test_a_timm_scheduler_drives_the_groups_the_unfreezer_adds():
+    # timm keeps its per-group values in base_values, which was not extended: the new group kept its first LR while
+    # the head annealed to zero
+    from timm.scheduler import CosineLRScheduler
+
+    model, opt, sched, unfreezer = frozen_setup("epoch:1", make_scheduler=lambda o: CosineLRScheduler(o, t_initial=4))
+    ratios = []
+    for epoch in range(3):
+        unfreezer.step(epoch)
+        sched.step(epoch + 1)
+        lrs = {g["name"]: g["lr"] for g in opt.param_groups}
+        ratios.append(lrs["block3"] / lrs["head"])
+    assert ratios == pytest.approx([unfreezer.rule("block3") / unfreezer.rule("head")] * 3)
+
+
+def test_a_head_only_optimizer_at_another_lr_than_the_rules_absolute_stage_lrs_is_reported():
+    # the check needed two stages with groups: from the head alone (the usual start) layer LRs came out scaled by
+    # head lr / rule lr, 1e-5 for a stage_lrs of 1e-4, in silence
+    model = TinyCNN()
+    ft.freeze(model, "backbone")
+    opt = torch.optim.AdamW(ft.param_groups(model, 1e-3))
+    with pytest.warns(UserWarning, match=r"head group has lr 0.001, this Unfreezer's rule 0.01"):
+        ft.Unfreezer(model, opt, "epoch:1", lr=1e-2, stage_lrs={"block3": 1e-4})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ft.Unfreezer(model, opt, "epoch:1", lr=1e-3, stage_lrs={"block3": 1e-4})
+        ft.Unfreezer(model, opt, "epoch:1", lr=1e-2, decay=10)  # relative: scaled from whatever the head has
+
+
+def test_stages_already_in_an_optimizer_over_all_parameters_are_reported_when_stage_lrs_are_asked():
+    model = TinyCNN()
+    ft.freeze(model, "backbone")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)  # frozen parameters included, a common habit
+    unfreezer = ft.Unfreezer(model, opt, "epoch:1", lr=1e-3, stage_lrs={"block3": 1e-5})
+    with pytest.warns(UserWarning, match=r"'block3' were in the optimizer already .* not by stage_lrs/decay"):
+        assert unfreezer.step(0) == ["block3"]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"mode": "Max"}, r"unknown mode 'Max'; modes are: 'max', 'min'"),  # was taken for "min"
+        ({"schedule": {-1: "block3"}}, r"epochs from 0; got key\(s\) '-1'"),  # never fired
+        ({"optimizer": "params"}, r"takes the optimizer .* got str"),  # was AttributeError on param_groups
+    ],
+)
+def test_unfreezer_arguments_that_cannot_work_are_refused(kwargs, match):
+    model = TinyCNN()
+    ft.freeze(model, "backbone")
+    args = {"optimizer": torch.optim.AdamW(ft.param_groups(model, LR)), "schedule": "plateau:patience=1", **kwargs}
+    with pytest.raises(ft.FreezetuneError, match=match):
+        ft.Unfreezer(model, args.pop("optimizer"), args.pop("schedule"), lr=LR, **args)
+
+
+def test_an_optimizer_with_a_scheduler_not_given_to_the_unfreezer_is_reported():
+    model = TinyCNN()
+    ft.freeze(model, "backbone")
+    opt = torch.optim.AdamW(ft.param_groups(model, LR))
+    LambdaLR(opt, lambda step: 0.9**step)  # LambdaLR then failed at its next step: "zip() argument 2 is shorter"
+    with pytest.warns(UserWarning, match="pass scheduler= so the groups it adds follow it"):
+        ft.Unfreezer(model, opt, "epoch:1", lr=LR)
+
+
+def test_unfreezing_under_ddp_says_the_model_must_be_wrapped_again(tmp_path):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        model = TinyCNN()
+        ft.freeze(model, "backbone")
+        ddp = nn.parallel.DistributedDataParallel(model)
+        opt = torch.optim.AdamW(ft.param_groups(ddp, LR))
+        unfreezer = ft.Unfreezer(ddp, opt, "epoch:1", lr=LR)
+        with pytest.warns(UserWarning, match="under DistributedDataParallel: .* wrap the model again"):
+            assert unfreezer.step(0) == ["block3"]
+    finally:
+        dist.destroy_process_group()

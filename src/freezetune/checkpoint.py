@@ -21,6 +21,7 @@ from freezetune import __version__
 from freezetune._io import atomic_save
 from freezetune.config import RESUME_MAY_CHANGE, absolute_paths
 from freezetune.errors import CheckpointError, ConfigError, choices
+from freezetune.heads import unwrap
 from freezetune.interrupt import pause_point
 from freezetune.options import BATCH_AUTO
 from freezetune.preprocess import Preprocess
@@ -37,7 +38,7 @@ def model_record(model: nn.Module, cfg_dict: dict, classes: list[str], preproces
         "classes": list(classes),
         "preprocess": preprocess.to_dict(),
         "config": dict(cfg_dict),
-        "state_dict": {k: v.detach().cpu() for k, v in _unwrap(model).state_dict().items()},
+        "state_dict": {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()},  # no wrapper's prefixes
     }
 
 
@@ -353,9 +354,3 @@ def _numpy_state_from_plain(plain: list) -> tuple:
 
 def _tuplify(value: Any) -> Any:
     return tuple(_tuplify(v) for v in value) if isinstance(value, (list, tuple)) else value
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The plain module under DDP / torch.compile wrappers, so checkpoint keys never carry their prefixes."""
-    model = getattr(model, "_orig_mod", model)
-    return getattr(model, "module", model) if isinstance(model, nn.parallel.DistributedDataParallel) else model

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from torch import nn
 
 from freezetune.errors import SpecError, choices
+from freezetune.heads import unwrap
 from freezetune.options import BN_DEFAULT, BN_POLICIES, FREEZE_DEFAULT, FREEZE_KEYWORDS, check_choice
 from freezetune.stages import Stage, stages
 
@@ -40,6 +41,7 @@ def freeze(model: nn.Module, spec: Spec = FREEZE_DEFAULT, *, bn: str = BN_DEFAUL
     (513000, 11689512)
     """
     check_bn_policy(bn)
+    model = unwrap(model)
     st = stages(model)
     params = _resolve(model, st, spec)
     for p in params.values():
@@ -64,6 +66,7 @@ def unfreeze(model: nn.Module, spec: Spec = "all", *, bn: str | None = None) -> 
     """
     if bn is not None:
         check_bn_policy(bn)
+    model = unwrap(model)
     st = stages(model)
     params = _resolve(model, st, spec)
     for p in params.values():
@@ -126,6 +129,7 @@ def summary(model: nn.Module) -> str:
     >>> print(summary(nn.Sequential(nn.Linear(3, 2))).splitlines()[0].split())
     ['stage', 'params', 'trainable', 'bn']
     """
+    model = unwrap(model)
     st = stages(model)
     width = max([len(s.name) for s in st] + [5])
     lines = [f"{'stage':<{width}}  {'params':>12}  {'trainable':>12}  bn"]
@@ -142,6 +146,7 @@ def summary(model: nn.Module) -> str:
 
 def resolve_stages(model: nn.Module, spec: Spec) -> list[Stage]:
     """The stages that ``spec`` touches, in model order (a glob touching part of a stage includes that stage)."""
+    model = unwrap(model)
     st = stages(model)
     ids = {id(p) for p in _resolve(model, st, spec).values()}
     return [s for s in st if any(id(p) in ids for p in s.params)]

@@ -28,6 +28,7 @@ def head_name(model: nn.Module) -> str:
     >>> head_name(torchvision.models.resnet18())
     'fc'
     """
+    model = unwrap(model)
     found = _timm_head_name(model)
     if found:
         return found
@@ -69,9 +70,10 @@ def replace_head(model: nn.Module, num_classes: int) -> nn.Module:
     """
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise SpecError(f"num_classes must be an int >= 1, got {num_classes!r}")
+    wrapper, model = model, unwrap(model)
     if is_timm(model) and hasattr(model, "reset_classifier"):
         model.reset_classifier(num_classes)  # timm knows its own pooling/head layout (both heads of a distilled one)
-        return model
+        return wrapper
     name = head_name(model)
     for target in (name, *sibling_heads(model, name)):
         _replace(model, target, num_classes)
@@ -81,7 +83,7 @@ def replace_head(model: nn.Module, num_classes: int) -> nn.Module:
     for attr in ("num_classes", "num_labels"):  # HF forward() reads self.num_labels to shape its loss
         if isinstance(getattr(model, attr, None), int):
             setattr(model, attr, num_classes)
-    return model
+    return wrapper  # as given: a compiled model runs the new head
 
 
 def sibling_heads(model: nn.Module, head: str) -> list[str]:
@@ -139,6 +141,19 @@ def is_hf_base_model(model: nn.Module) -> bool:
     # Task classes such as CLIPForImageClassification also have base_model == self, so ask AutoModel's own list.
     bases = {n for v in MODEL_MAPPING_NAMES.values() for n in ((v,) if isinstance(v, str) else v)}
     return type(model).__name__ in bases
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model under its wrappers: DistributedDataParallel and DataParallel (``.module``), ``torch.compile``
+    (``._orig_mod``). Stages, freezing and groups act on the model itself: a wrapper is one child to them, so
+    ``freeze(ddp_model, -2)`` froze nothing and stage names read ``module.fc``."""
+    while True:
+        inner = getattr(model, "_orig_mod", None)
+        if inner is None and isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            inner = model.module
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
 
 
 def is_timm(model: nn.Module) -> bool:

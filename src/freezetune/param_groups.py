@@ -12,6 +12,7 @@ from collections.abc import Iterable, Mapping
 from torch import nn
 
 from freezetune.errors import FreezetuneError, SpecError, choices
+from freezetune.heads import unwrap
 from freezetune.stages import Stage, stages
 
 
@@ -77,6 +78,7 @@ def param_groups(
     >>> [(g["name"], g["weight_decay"]) for g in opt.param_groups][-2:]
     [('fc', 0.0005), ('fc/no_decay', 0.0)]
     """
+    model = unwrap(model)
     st = stages(model)
     rule = LRRule([s.name for s in st], lr, stage_lrs=stage_lrs, decay=decay)
     no_decay = no_decay_names(model)

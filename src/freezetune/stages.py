@@ -29,6 +29,7 @@ from freezetune.heads import (
     sibling_heads,
     timm_heads,
     under,
+    unwrap,
 )
 
 __all__ = ["Stage", "head_name", "replace_head", "stages"]  # head_name and replace_head live in freezetune.heads
@@ -74,6 +75,7 @@ def stages(model: nn.Module) -> list[Stage]:
     >>> [s.name for s in stages(torchvision.models.resnet18())]
     ['stem', 'layer1', 'layer2', 'layer3', 'layer4', 'fc']
     """
+    model = unwrap(model)
     layer = head_name(model)
     head = head_container(model, layer)
     decl = _declare(model, head)

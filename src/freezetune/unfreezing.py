@@ -21,14 +21,16 @@ from torch import nn
 
 from freezetune.errors import CheckpointError, SpecError, choices
 from freezetune.freeze import Spec, check_bn_policy, resolve_stages, unfreeze
+from freezetune.heads import unwrap
 from freezetune.param_groups import LRRule, group_stage, is_no_decay, no_decay_names, stage_groups
 from freezetune.stages import Stage, stages
 
+MODES = ("max", "min")  # a metric that improves as it rises (accuracy) or as it falls (a loss)
 _FORMS = ("epoch:N", "plateau:patience=P,min_delta=D,mode=max|min", "{epoch: spec}")
 _LR_KEYS = ("lr", "initial_lr", "max_lr", "min_lr")  # keys LR schedulers keep per group, all scaled alike
 # Per-group lists LR schedulers keep outside the optimizer (zipped strictly with the groups): LR values are scaled
 # to the new stage, everything else (floors, lambdas, momenta) is copied from the reference group.
-_SCALED_LISTS = ("base_lrs", "max_lrs")
+_SCALED_LISTS = ("base_lrs", "max_lrs", "base_values")  # base_values: timm's schedulers
 _COPIED_LISTS = ("min_lrs", "lr_lambdas", "base_momentums", "max_momentums")
 
 
@@ -53,10 +55,10 @@ def parse_schedule(schedule: str | Mapping[int, Spec] | Schedule) -> Schedule:
     if isinstance(schedule, Schedule):
         return schedule
     if isinstance(schedule, Mapping):
-        bad = [k for k in schedule if not str(k).strip().lstrip("-").isdigit()]
-        if bad:
-            raise SpecError(f"an unfreeze plan maps epochs (ints) to freeze specs, e.g. {{2: 'layer4'}}; got key(s) "
-                            f"{choices(bad)}")  # fmt: skip
+        bad = [k for k in schedule if not str(k).strip().isdigit()]
+        if bad:  # a negative epoch never comes: its stages would never open
+            raise SpecError(f"an unfreeze plan maps epochs (ints) to freeze specs, e.g. {{2: 'layer4'}}, epochs from 0;"
+                            f" got key(s) {choices(bad)}")  # fmt: skip
         return Schedule("plan", plan={int(k): v for k, v in schedule.items()})
     kind, _, args = str(schedule).strip().partition(":")
     try:
@@ -80,7 +82,7 @@ def _parse_plateau(args: str) -> Schedule:
             out.patience = int(value)
         elif key == "min_delta":
             out.min_delta = float(value)
-        elif key == "mode" and value in ("max", "min"):
+        elif key == "mode" and value in MODES:
             out.mode = value
         else:
             raise ValueError(item)
@@ -121,13 +123,24 @@ class Unfreezer:
     ) -> None:
         if bn is not None:
             check_bn_policy(bn)
-        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise SpecError(f"Unfreezer takes the optimizer (a torch.optim.Optimizer) it adds groups to, got "
+                            f"{type(optimizer).__name__}")  # fmt: skip
+        if mode not in MODES:  # any other spelling ("Max") was taken for "min": a rising accuracy a stall
+            raise SpecError(f"unknown mode {mode!r}; modes are: {choices(MODES)}")
+        # DDP all-reduces the gradients of the parameters that trained when it wrapped the model, and no others
+        self.under_ddp = _wrapped_by_ddp(model)
+        self.model, self.optimizer, self.scheduler = unwrap(model), optimizer, scheduler
         self.schedule = parse_schedule(schedule)
         self.mode = self.schedule.mode or mode  # a plateau on a loss waits for it to stop falling
         self.rule = LRRule([s.name for s in stages(model)], lr, stage_lrs=stage_lrs, decay=decay)
         self.bn = bn
         self.weight_decay = _decay_in_use(optimizer) if weight_decay is None else weight_decay
-        self._check_rule()
+        self._check_rule(bool(stage_lrs))
+        if scheduler is None and any("initial_lr" in g for g in optimizer.param_groups):
+            warnings.warn("the optimizer has an LR scheduler (its groups hold initial_lr), not given to the "
+                          "Unfreezer: pass scheduler= so the groups it adds follow it (some schedulers fail at "
+                          "their next step on a group they do not know)", stacklevel=2)  # fmt: skip
         self.unfrozen: list[str] = []
         self.events: list[tuple[int, list[str]]] = []
         self.added_groups: list[str] = []
@@ -190,15 +203,22 @@ class Unfreezer:
 
     # --- internals ------------------------------------------------------------------------------------------
 
-    def _check_rule(self) -> None:
+    def _check_rule(self, absolute: bool) -> None:
         """Warn when the optimizer's stage groups do not follow this Unfreezer's LR rule: the LRs of the stages it
         unfreezes are scaled from a present group by the rule, so a rule other than the optimizer's gives them LRs
-        that neither set of settings says."""
+        that neither set of settings says. With ``absolute`` LRs (``stage_lrs``), one group must have its own."""
         lrs = {}  # stage -> its group's LR before any scheduler moved it
         for group in self.optimizer.param_groups:
             stage = group_stage(group)
             if stage in self.rule.depth:
-                lrs.setdefault(stage, float(group.get("initial_lr", group["lr"])))
+                lrs.setdefault(stage, nominal_lr(group))
+        if len(lrs) == 1 and absolute:  # the head alone trains: its LR is the one the others are scaled from
+            ((stage, lr),) = lrs.items()
+            if abs(lr - self.rule(stage)) > 1e-6 * self.rule(stage):
+                warnings.warn(f"the optimizer's {stage} group has lr {lr:g}, this Unfreezer's rule {self.rule(stage):g}:"
+                              f" the stages it unfreezes get the rule's LRs scaled by {lr / self.rule(stage):g}, not "
+                              "the stage_lrs given; give it the lr given to param_groups", stacklevel=3)  # fmt: skip
+            return
         if len(lrs) < 2:
             return
         (ref, ref_lr), *others = sorted(lrs.items(), key=lambda item: self.rule.depth[item[0]])  # the head first
@@ -237,6 +257,11 @@ class Unfreezer:
         unfreeze(self.model, names, bn=self.bn)
         by_name = {s.name: s for s in stages(self.model)}
         seen = {id(p) for g in self.optimizer.param_groups for p in g["params"]}
+        self._warn_if_grouped_already(names, by_name)
+        if self.under_ddp:
+            warnings.warn(f"unfroze {choices(names)} under DistributedDataParallel: DDP averages the gradients of "
+                          "the parameters trainable when it wrapped the model only; wrap the model again (as "
+                          "freezetune's trainer and Lightning callback do) or the ranks drift apart", stacklevel=3)  # fmt: skip
         no_decay = no_decay_names(self.model)
         for name in names:
             for group in stage_groups(by_name[name], self.rule(name), self.weight_decay, no_decay, seen):
@@ -244,6 +269,19 @@ class Unfreezer:
             if name not in self.unfrozen:
                 self.unfrozen.append(name)
         return names
+
+    def _warn_if_grouped_already(self, names: list[str], by_name: dict[str, Stage]) -> None:
+        """An optimizer built over ``model.parameters()`` holds the frozen stages too: opened, they train at their
+        group's LR, whatever ``stage_lrs`` or ``decay`` say. (Under ``bn="affine"`` a stage's norms are in its own
+        group already, which is right.)"""
+        if not (self.rule.stage_lrs or self.rule.decay):
+            return
+        group_of = {id(p): group_stage(g) for g in self.optimizer.param_groups for p in g["params"]}
+        held = [n for n in names if any(group_of.get(id(p), n) != n for p in by_name[n].params)]
+        if held:
+            warnings.warn(f"stage(s) {choices(held)} were in the optimizer already (built over model.parameters()?): "
+                          "they train at their group's LR, not by stage_lrs/decay; build it over "
+                          "ft.param_groups(model, ...) for per-stage LRs", stacklevel=4)  # fmt: skip
 
     def _add_group(self, group: dict) -> None:
         existing = next((g for g in self.optimizer.param_groups if g.get("name") == group["name"]), None)
@@ -270,8 +308,7 @@ class Unfreezer:
             stage = group_stage(g)
             if stage in self.rule.depth:
                 return i, target / self.rule(stage)
-        g = self.optimizer.param_groups[0]
-        return 0, target / g.get("max_lr", g.get("initial_lr", g["lr"]))
+        return 0, target / nominal_lr(self.optimizer.param_groups[0])
 
     def _extend_scheduler(self, ref_index: int, ratio: float, lr: float) -> None:
         if self.scheduler is None:
@@ -285,6 +322,21 @@ class Unfreezer:
             last = getattr(sched, "_last_lr", None)
             if isinstance(last, list) and len(last) == n_before:
                 last.append(lr)
+
+
+def nominal_lr(group: dict) -> float:
+    """A group's own LR before any scheduler moved it: OneCycleLR's peak (``max_lr``; its ``initial_lr`` is the
+    peak / div_factor), else the ``initial_lr`` a scheduler saved, else ``lr``."""
+    return float(group.get("max_lr", group.get("initial_lr", group["lr"])))
+
+
+def _wrapped_by_ddp(model: nn.Module) -> bool:
+    while not isinstance(model, nn.parallel.DistributedDataParallel):
+        inner = getattr(model, "_orig_mod", None) or (model.module if isinstance(model, nn.DataParallel) else None)
+        if not isinstance(inner, nn.Module):
+            return False
+        model = inner
+    return True
 
 
 def _decay_in_use(optimizer: torch.optim.Optimizer) -> float:

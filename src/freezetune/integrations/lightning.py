@@ -28,7 +28,7 @@ from torch import nn
 from freezetune.errors import ConfigError, choices
 from freezetune.freeze import Spec, check_bn_policy, count_parameters, freeze
 from freezetune.stages import stages
-from freezetune.unfreezing import Unfreezer, parse_schedule
+from freezetune.unfreezing import Unfreezer, nominal_lr, parse_schedule
 
 try:
     import lightning.pytorch as pl
@@ -214,7 +214,7 @@ class FreezetuneFinetuning(Callback):
             return float(self.lr)
         head = stages(net)[-1].name
         group = next((g for g in optimizer.param_groups if g.get("name") == head), optimizer.param_groups[0])
-        return float(group.get("initial_lr", group["lr"]))  # a scheduler may already have moved "lr"
+        return nominal_lr(group)  # a scheduler may already have moved "lr"; OneCycleLR's initial_lr is not its LR
 
 
 def _check_strategy(trainer: pl.Trainer) -> None:
