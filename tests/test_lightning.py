@@ -102,6 +102,16 @@ def test_a_plateau_schedule_without_its_metric_names_the_logged_ones():
         trainer.fit(LitTiny(), *loaders())
 
 
+def test_a_plateau_counts_only_the_epochs_lightning_validated():
+    # with check_val_every_n_epoch=2 the callback raised "not logged in epoch 0"; an epoch without validation holds
+    # the last validation's value, no evidence of a stall
+    callback = FreezetuneFinetuning("backbone", "plateau:patience=1")
+    trainer = L.Trainer(max_epochs=6, check_val_every_n_epoch=2, enable_checkpointing=False, callbacks=[callback],
+                        **FAST)  # fmt: skip
+    trainer.fit(LitTiny(rank_metric=True), *loaders())  # rank 0 logs a constant val_acc: every validation stalls
+    assert callback.unfreezer.events == [(3, ["block3"])]  # validated after epochs 1, 3 and 5; the first sets best
+
+
 def test_an_unknown_module_attribute_lists_the_children():
     callback = FreezetuneFinetuning(module="backbone")
     trainer = L.Trainer(max_epochs=1, enable_checkpointing=False, callbacks=[callback], **FAST)

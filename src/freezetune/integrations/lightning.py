@@ -97,6 +97,7 @@ class FreezetuneFinetuning(Callback):
         self._pending: dict | None = None  # Unfreezer state from a checkpoint, applied once the optimizer exists
         self._stepped = -1  # the last epoch whose end the schedule has seen
         self._metric: tuple[int, float] | None = None  # (epoch, value) of the last monitored value
+        self._from_validation = False  # the monitor is a validation metric: only a validation loop gives a new value
         self._reduced_by_ddp: set[int] = set()
 
     # --- hooks, in the order Lightning calls them ------------------------------------------------------------
@@ -111,6 +112,7 @@ class FreezetuneFinetuning(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._stepped = int(state_dict["stepped_epoch"])
         self._metric = tuple(state_dict["metric"]) if state_dict["metric"] is not None else None
+        self._from_validation = bool(state_dict.get("from_validation", False))
         if self.unfreezer is None:
             self._pending = state_dict["unfreezer"]  # the usual order: the optimizer does not exist yet
         else:
@@ -152,11 +154,15 @@ class FreezetuneFinetuning(Callback):
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Recorded here, before ModelCheckpoint (Lightning runs checkpoint callbacks last) saves our state with it.
-        if not trainer.sanity_checking:
+        if not trainer.sanity_checking and self.monitor in trainer.callback_metrics:
+            self._from_validation = True
             self._record_metric(trainer)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._record_metric(trainer)  # runs without a validation loop too: a training metric can be monitored
+        # runs without a validation loop too: a training metric can be monitored. A validation metric is not: in an
+        # epoch without validation (check_val_every_n_epoch) its value is the last validation's, no new evidence
+        if not self._from_validation:
+            self._record_metric(trainer)
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # The schedule sees the end of epoch e at the start of e + 1, so a checkpoint written anywhere in between
@@ -167,6 +173,9 @@ class FreezetuneFinetuning(Callback):
         # Every rank must open the same stages (a rank that unfreezes alone would all-reduce gradients no other
         # rank sends), so all follow rank 0's metric, whatever each logged without sync_dist.
         metric = trainer.strategy.broadcast(self._metric[1] if self._metric and self._metric[0] == epoch - 1 else None)
+        if metric is None and self.schedule.kind == "plateau" and not _validated(trainer, epoch - 1):
+            self._stepped = epoch - 1  # no validation after that epoch: nothing to judge a plateau by
+            return
         if metric is None and self.schedule.kind == "plateau":
             logged = choices(sorted(trainer.callback_metrics)) or "none"
             raise ConfigError(f"FreezetuneFinetuning monitors {self.monitor!r}, not logged in epoch {epoch - 1}; "
@@ -187,7 +196,8 @@ class FreezetuneFinetuning(Callback):
 
     def state_dict(self) -> dict[str, Any]:
         unfreezer = self.unfreezer.state_dict() if self.unfreezer is not None else self._pending
-        return {"unfreezer": unfreezer, "stepped_epoch": self._stepped, "metric": self._metric}
+        return {"unfreezer": unfreezer, "stepped_epoch": self._stepped, "metric": self._metric,
+                "from_validation": self._from_validation}  # fmt: skip
 
     # --- helpers ---------------------------------------------------------------------------------------------
 
@@ -215,6 +225,12 @@ class FreezetuneFinetuning(Callback):
         head = stages(net)[-1].name
         group = next((g for g in optimizer.param_groups if g.get("name") == head), optimizer.param_groups[0])
         return nominal_lr(group)  # a scheduler may already have moved "lr"; OneCycleLR's initial_lr is not its LR
+
+
+def _validated(trainer: pl.Trainer, epoch: int) -> bool:
+    """Whether Lightning ran the validation loop after ``epoch`` (every ``check_val_every_n_epoch``-th epoch)."""
+    every = trainer.check_val_every_n_epoch
+    return not every or (epoch + 1) % every == 0
 
 
 def _check_strategy(trainer: pl.Trainer) -> None:
