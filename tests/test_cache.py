@@ -273,3 +273,16 @@ def test_cache_features_names_what_a_dataset_of_other_items_yields():
         ft.cache_features(model, [{"image": torch.zeros(3, 32, 32), "label": 0}] * 2)
     with pytest.raises(DataError, match="empty dataset"):
         ft.cache_features(model, [])
+
+
+def test_cache_features_refuses_an_unknown_place():
+    # "ram" was taken for "auto"
+    import torchvision
+    from torch.utils.data import TensorDataset
+
+    import freezetune as ft
+
+    model = ft.replace_head(torchvision.models.resnet18(), 3)
+    ft.freeze(model, "backbone")
+    with pytest.raises(ft.FreezetuneError, match=r"unknown place 'ram'; places are: 'auto', 'memory', 'disk'"):
+        ft.cache_features(model, TensorDataset(torch.randn(2, 3, 32, 32), torch.tensor([0, 1])), place="ram")

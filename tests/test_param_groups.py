@@ -166,3 +166,14 @@ def test_stage_lrs_as_text_is_read_as_the_cli_reads_it(resnet18):
     ft.freeze_to(resnet18, -2)
     groups = ft.param_groups(resnet18, 1e-3, stage_lrs="layer4=1e-4", weight_decay=0)  # not '-', '1', '4', '='...
     assert lrs(groups) == {"layer4": 1e-4, "fc": 1e-3}
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "named"), [({"lr": -1e-3}, "lr=-0.001"), ({"stage_lrs": {"block3": -1}}, "block3=-1")]
+)
+def test_a_negative_learning_rate_is_refused(kwargs, named):
+    model = TinyCNN()
+    ft.freeze(model, "backbone")
+    ft.unfreeze(model, "block3")
+    with pytest.raises(ft.FreezetuneError, match=f"learning rates must be numbers >= 0, got {named}"):
+        ft.param_groups(model, **{"lr": 1e-3, **kwargs})

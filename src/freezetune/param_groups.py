@@ -36,6 +36,10 @@ class LRRule:
             from freezetune.config import parse_stage_lrs
 
             stage_lrs = parse_stage_lrs(stage_lrs)
+        bad = [f"{k}={v!r}" for k, v in {"lr": lr, **dict(stage_lrs or {})}.items()
+               if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0]  # fmt: skip
+        if bad:  # a negative LR climbs the loss; torch's optimizers refuse it only at their construction
+            raise SpecError(f"learning rates must be numbers >= 0, got {', '.join(bad)}")
         unknown = sorted(set(stage_lrs or {}) - set(stage_names))
         if unknown:
             raise SpecError(f"stage_lrs names unknown stage(s) {choices(unknown)}; stages are: {choices(stage_names)}")

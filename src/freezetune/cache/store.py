@@ -32,6 +32,7 @@ from freezetune.interrupt import pause_point
 from freezetune.precision import Precision
 from freezetune.split import Split
 
+PLACES = ("auto", "memory", "disk")  # where cache_features may put its store
 log = logging.getLogger(__name__)
 
 
@@ -131,7 +132,8 @@ def build_store(
     Args:
         batches: ``view -> (inputs, labels)`` batches of this rank's rows (``shard_rows``) in dataset order, each
             view augmented reproducibly: ``Loaders.views``.
-        place: ``"auto"`` (GPU, else RAM, else disk, by budget), ``"memory"`` (never disk) or ``"disk"``.
+        place: ``"auto"`` (GPU, else RAM, else disk, by budget), ``"memory"`` (RAM; disk, with a warning, when it
+            does not fit) or ``"disk"``.
         seed: seeds each epoch's choice of view (``FeatureStore.set_epoch``).
         dist: under DDP each rank computes its block of rows and the ranks exchange them.
     """
@@ -178,10 +180,13 @@ def cache_features(
     ``dataset`` once (``views`` passes of its own transform) on the model's device.
 
     Train ``split.suffix_train`` on ``store_loader(store, ...)`` batches (call ``loader.set_epoch(epoch)`` each epoch
-    when ``views > 1``); ``split.suffix_eval`` evaluates. The model must be frozen first (``freeze``), with BatchNorm
-    policy ``"frozen"`` in the prefix.
+    when ``views > 1``); ``split.suffix_eval`` evaluates, with the model in eval mode (``model.eval()``: the suffix
+    runs the model's own layers, in the mode they are in). The model must be frozen first (``freeze``), with
+    BatchNorm policy ``"frozen"`` in the prefix. Features are stored in the precision of ``amp`` (bf16 on a recent
+    CUDA card under ``"auto"``): run the suffix under the same ``torch.autocast``, or pass ``amp="off"``.
 
-    ``place``: ``"auto"`` (the device if it fits, else RAM, else disk), ``"memory"`` or ``"disk"``. A store on disk
+    ``place``: ``"auto"`` (the device if it fits, else RAM, else disk), ``"memory"`` (RAM, spilling to disk with a
+    warning when it does not fit) or ``"disk"``. A store on disk
     is a file in ``spill_dir``; without one, a temporary file removed at once (the store keeps it mapped), so
     nothing is left behind.
 
@@ -200,6 +205,8 @@ def cache_features(
     from freezetune.preprocess import Preprocess
     from freezetune.split import split_model
 
+    if place not in PLACES:  # any other word ("ram") was taken for "auto"
+        raise ConfigError(f"unknown place {place!r}; places are: {choices(PLACES)}")
     _check_pairs(dataset)
     split, why = split_model(model)
     if split is None:
