@@ -66,7 +66,7 @@ def evaluate_model(
     dataset: Dataset,
     *,
     num_classes: int,
-    precision: Precision,
+    precision: Precision | None = None,
     batch_size: int = _BATCH_SIZE,
     workers: int | None = None,
     channels_last: bool = False,
@@ -75,7 +75,8 @@ def evaluate_model(
 ) -> dict:
     """Evaluate ``model`` on every sample of ``dataset`` (its transform already set), in order, without gradients.
 
-    Returns ``evaluate``'s metrics: loss, acc, top-k, per-class accuracy, macro-F1, confusion, n. ``workers``: loader
+    Returns ``evaluate``'s metrics: loss, acc, top-k, per-class accuracy, macro-F1, confusion, n. ``precision``:
+    default the model's device with ``amp="auto"`` (``precision.resolve_precision``). ``workers``: loader
     processes (default: ``data.default_workers``). ``loaders``: a run's loader factory (then ``batch_size`` and
     ``workers`` are its own, and image data may go through the device pipeline); default the CPU loader over the
     dataset's own transform. ``shard``: every rank of the ``loaders``' torchrun job calls this, scores its block of
@@ -85,9 +86,11 @@ def evaluate_model(
     >>> ds = InMemoryImageDataset(torch.zeros(5, 2, 2, dtype=torch.uint8), torch.tensor([0, 1, 0, 1, 0]), ["a", "b"])
     >>> ds.transform = lambda img: img.float().flatten()
     >>> model = torch.nn.Linear(4, 2)
-    >>> evaluate_model(model, ds, num_classes=2, precision=resolve_precision(torch.device("cpu")))["n"]
+    >>> evaluate_model(model, ds, num_classes=2)["n"]
     5
     """
+    if precision is None:  # a notebook's call: the model's device, its automatic precision
+        precision = resolve_precision(next(model.parameters()).device)
     if loaders is None:
         loaders = Loaders(batch_size=batch_size, device=precision.device, seed=0, preprocess=Preprocess(),
                           decode="cpu", workers=workers)  # fmt: skip
