@@ -204,10 +204,46 @@ def test_a_users_own_head_trains_whole_wherever_it_is_declared(head_first):
     # before the backbone lost the head to the backbone's last Linear
     model = _UserModel(head_first)
     assert ft.head_name(model) == "head.3"
-    assert [s.name for s in ft.stages(model)] == ["backbone", "head"]
+    backbone = ["backbone.stem", "backbone.layer1", "backbone.layer2", "backbone.layer3", "backbone.layer4"]
+    assert [s.name for s in ft.stages(model)] == [*backbone, "head"]
     ft.freeze(model, "backbone")
     trainable = {n.rpartition(".")[0] for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == {"head.0", "head.3"}
+
+
+class _Wrapper(nn.Module):
+    """A user's classifier around a library backbone, as tutorials write it (a headless timm model, an AutoModel)."""
+
+    def __init__(self, backbone: nn.Module, width: int) -> None:
+        super().__init__()
+        self.backbone, self.dropout, self.classifier = backbone, nn.Dropout(0.1), nn.Linear(width, 3)
+
+
+def _headless_resnet18() -> tuple[nn.Module, int]:
+    model = torchvision.models.resnet18()
+    model.fc = nn.Identity()
+    return model, 512
+
+
+@pytest.mark.parametrize(
+    ("build", "expected"),
+    [
+        (lambda: (timm.create_model("resnet18", num_classes=0), 512), ["stem", "layer1", "layer2", "layer3", "layer4"]),
+        (_headless_resnet18, ["stem", "layer1", "layer2", "layer3", "layer4"]),
+        (lambda: (tiny_bert().bert, 32), ["embeddings", "encoder.layer.0", "encoder.layer.1", "pooler"]),
+    ],
+)
+def test_a_library_backbone_in_a_users_model_keeps_its_stages(build, expected):
+    # the whole backbone was one stage: freeze_to(model, -3) trained all of it, freeze("layer4") found no stage
+    backbone, width = build()
+    model = _Wrapper(backbone, width)
+    stages = ft.stages(model)
+    assert [s.name for s in stages] == [f"backbone.{n}" for n in expected] + ["classifier"]
+    assert_partition(model, stages)
+    ft.freeze_to(model, -3)
+    assert [s.name for s in ft.stages(model) if s.num_trainable] == [f"backbone.{n}" for n in expected[-2:]] + [
+        "classifier"
+    ]
 
 
 def test_tied_weights_belong_to_one_stage():

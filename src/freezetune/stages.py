@@ -22,6 +22,7 @@ from freezetune.heads import (
     head_container,
     head_name,
     hf_base_prefix,
+    is_hf_base_model,
     is_library_model,
     is_norm,
     is_timm,
@@ -226,7 +227,16 @@ def _hf_decl(model: nn.Module, head: str) -> _Decl | None:
     base = hf_base_prefix(model)
     if not base:
         return None
-    base_model = model.get_submodule(base)
+    decl = _hf_body(model.get_submodule(base), base)
+    # What the task class adds around its base model (DistilBERT's pre_classifier, DeBERTa's pooler, XLNet's
+    # sequence_summary) is not in a base checkpoint: it starts random and trains with the classifier. A pooler
+    # inside the base model (BERT's) is pretrained and stays a backbone stage.
+    added = [n for n, _ in model.named_children() if n != base] + [n for n, _ in model.named_parameters(recurse=False)]
+    return [*decl, (head, added)]
+
+
+def _hf_body(base_model: nn.Module, base: str) -> _Decl:
+    """The stages of a Hugging Face base model, at ``base`` in the model: an input stage, then a stage per block."""
     children = [(c, m) for c, m in base_model.named_children() if has_params(m)]
     decl: _Decl = []
     lead: list[str] = []  # the children in front of the first blocks: one input stage (GPT-2's wte and wpe)
@@ -240,11 +250,7 @@ def _hf_decl(model: nn.Module, head: str) -> _Decl | None:
         decl += child_decl
     if not decl:  # no blocks anywhere: a stage per child
         decl = [(c, [f"{base}.{c}"]) for c in lead]
-    # What the task class adds around its base model (DistilBERT's pre_classifier, DeBERTa's pooler, XLNet's
-    # sequence_summary) is not in a base checkpoint: it starts random and trains with the classifier. A pooler
-    # inside the base model (BERT's) is pretrained and stays a backbone stage.
-    added = [n for n, _ in model.named_children() if n != base] + [n for n, _ in model.named_parameters(recurse=False)]
-    return [*decl, (head, added)]
+    return decl
 
 
 def _hf_child_decl(base: str, child: str, module: nn.Module, *, first: bool) -> _Decl:
@@ -294,11 +300,32 @@ def _generic_decl(model: nn.Module, head: str) -> _Decl:
     decl: _Decl = []
     for name, module in children:
         blocks = [c for c, m in module.named_children() if has_params(m)]
-        if few and module is trunk and isinstance(module, (nn.Sequential, nn.ModuleList)) and len(blocks) > 1:
+        body = _library_body(module, name) if few and not is_library_model(model) else None  # a user's own model
+        if body:
+            decl += body
+        elif few and module is trunk and isinstance(module, (nn.Sequential, nn.ModuleList)) and len(blocks) > 1:
             decl += [(f"{name}.{c}", [f"{name}.{c}"]) for c in blocks]
         else:
             decl.append((name, [name]))
     return decl
+
+
+def _library_body(module: nn.Module, name: str) -> _Decl | None:
+    """The stages of a library model a user's own model holds as its backbone (a timm model made with
+    ``num_classes=0``, a Hugging Face ``AutoModel``, a torchvision model with its ``fc`` taken off) at ``name``:
+    its own declaration, its head (if any) joined to its last stage. As one stage it made "the last 3 stages" all or
+    nothing. None for any other module."""
+    if not is_library_model(module):
+        return None
+    if is_hf_base_model(module):
+        return [(f"{name}.{n}", prefixes) for n, prefixes in _hf_body(module, name)]
+    decl = [(n, p) for n, p in _declare(module, _NO_HEAD) if n != _NO_HEAD]  # its parameters left join their neighbours
+    if len(decl) < 2:
+        return None
+    return [(f"{name}.{n}", [f"{name}.{p}" for p in prefixes]) for n, prefixes in decl]
+
+
+_NO_HEAD = "\0no-head"  # no parameter is under it: a library model declared as a body only
 
 
 # --- helpers ------------------------------------------------------------------------------------------------
