@@ -184,7 +184,7 @@ def test_auto_candidates_on_models_with_few_stages_train_at_least_one(monkeypatc
 
     layers = [m for _ in range(body) for m in (nn.Linear(4, 4), nn.ReLU())] + [nn.Linear(4, 2)]
     monkeypatch.setattr(models, "create_model", lambda *a, **k: (nn.Sequential(*layers), None))
-    got, cut = auto._candidates(TrainConfig(data="images"))
+    got, cut, _ = auto._candidates(TrainConfig(data="images"))
     assert got == ks and all(auto.candidate_lr(1e-3, k) > 0 for k in got)
     assert cut == str(2 * (body - max(ks)))  # the stage the deepest candidate trains from
 
