@@ -50,6 +50,11 @@ def test_text_csv_reads_columns_by_name(tmp_path):
         ('text,label\n"",pos\ngood,pos\n', r"row 1 has an empty text"),
         ("text,label\ngood,pos\n   ,neg\n", r"row 2 has an empty text"),
         ("text,label\ngood,\n", r"row 1 has no label"),
+        # read as the text "boring" of a class "long and dull", in silence
+        (
+            "text,label\ngood,pos\nboring, long and dull,neg\n",
+            r"row 2 has 3 columns, the header 2: a text with a comma",
+        ),
         ("label,x,text\npos,1\n", r"row 1 has 2 column\(s\); its text is column 3"),
         ("text,label\n", r"has no rows under its header"),
         ("", r"is empty; expected a header"),
@@ -203,9 +208,12 @@ def test_read_texts_takes_a_csv_text_column_or_lines(tmp_path):
     (tmp_path / "b.txt").write_text("one\n\n  \ntwo\n")
     assert read_texts(tmp_path / "a.csv") == ["fine", "bad, really"]
     assert read_texts(tmp_path / "b.txt") == ["one", "two"]
-    (tmp_path / "c.csv").write_text("id,review\n1,\n")
-    with pytest.raises(DataError, match="row 1 has an empty text"):
-        read_texts(tmp_path / "c.csv")
+    # an empty text is predicted on in its place: refusing it lost the predictions of every other row of the file
+    (tmp_path / "c.csv").write_text("id,review\n1,\n2,fine\n")
+    assert read_texts(tmp_path / "c.csv") == ["", "fine"]
+    (tmp_path / "d.csv").write_text("id,review\n1,bad, really\n")
+    with pytest.raises(DataError, match="row 1 has 3 columns, the header 2"):
+        read_texts(tmp_path / "d.csv")
     (tmp_path / "empty.txt").write_text("\n")
     with pytest.raises(DataError, match="holds no text"):
         read_texts(tmp_path / "empty.txt")

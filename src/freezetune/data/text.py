@@ -76,7 +76,7 @@ def read_text_csv(path: str | Path, classes: list[str] | None = None) -> TextDat
     }
     if not rows:
         raise DataError(f"CSV '{path}' has no rows under its header; expected a text and its label on each row")
-    _check_rows(path, rows, cols)
+    _check_rows(path, rows, cols, len(header))
     labels = [r[cols["label"]].strip() for r in rows]
     if classes is None:  # as an image CSV's
         classes = sorted_labels(set(labels))
@@ -98,8 +98,8 @@ def read_texts(path: str | Path) -> list[str]:
     any other file's lines (UTF-8, one text a line, blank lines skipped).
 
     Raises:
-        DataError: unreadable or non-UTF-8 file, a CSV without exactly one text column or with an empty text, or
-            no text at all.
+        DataError: unreadable or non-UTF-8 file, a CSV without exactly one text column or with a row of more columns
+            than its header, or no text at all. An empty text in a CSV is one (its row keeps its place).
 
     >>> read_texts("reviews.txt")  # doctest: +SKIP
     ['a wonderful film', 'a waste of time']
@@ -108,7 +108,7 @@ def read_texts(path: str | Path) -> list[str]:
     if path.suffix.lower() == ".csv":
         header, rows = _read_rows(path)
         cols = {"text": _column(path, header, "text", TEXT_COLUMNS)}
-        _check_rows(path, rows, cols)
+        _check_rows(path, rows, cols, len(header), empty_ok=True)
         texts = [r[cols["text"]] for r in rows]
     else:
         try:
@@ -157,18 +157,25 @@ def _column(path: Path, header: list[str], role: str, names: tuple[str, ...]) ->
     return hits[0]
 
 
-def _check_rows(path: Path, rows: list[list[str]], cols: dict[str, int]) -> None:
-    problem = next(((n, p) for n, r in enumerate(rows, 1) if (p := _row_problem(r, cols))), None)
+def _check_rows(path: Path, rows: list[list[str]], cols: dict[str, int], width: int, *, empty_ok: bool = False) -> None:
+    """Refuse the first row that is not a text and its label under a header of ``width`` columns (``empty_ok``: an
+    empty text is one, to predict on: refusing it lost every other row's prediction)."""
+    problem = next(((n, p) for n, r in enumerate(rows, 1) if (p := _row_problem(r, cols, width, empty_ok))), None)
     if problem is not None:
         raise DataError(f"CSV '{path}' row {problem[0]} {problem[1]}")
 
 
-def _row_problem(row: list[str], cols: dict[str, int]) -> str | None:
+def _row_problem(row: list[str], cols: dict[str, int], width: int, empty_ok: bool) -> str | None:
     """What is wrong with one data row, in words, or None."""
     for role, i in cols.items():
         if len(row) <= i:
             return f"has {len(row)} column(s); its {role} is column {i + 1}"
-    if not row[cols["text"]].strip():  # an empty text trains the model on nothing but its special tokens
+    if len(row) > width:  # "boring, long and dull,neg" read as the text "boring" of a class "long and dull"
+        return (
+            f"has {len(row)} columns, the header {width}: a text with a comma must be in double quotes "
+            '("boring, long and dull",neg)'
+        )
+    if not row[cols["text"]].strip() and not empty_ok:  # it trains the model on nothing but its special tokens
         return "has an empty text"
     return None if "label" not in cols or row[cols["label"]].strip() else "has no label"
 
