@@ -194,6 +194,16 @@ def test_eval_and_predict_cli_on_a_text_model(text_run, tmp_path, capsys):
     assert code == 2 and "is not a text CSV; the model is a text model" in err and "Traceback" not in err
 
 
+def test_a_text_model_exports_its_weights_and_refuses_a_graph_format_in_one_line(text_run, tmp_path, capsys):
+    # .pt2 traced an image batch into BERT: "too many values to unpack", a traceback, exit code 1
+    best, _ = text_run
+    code, out, err = run_cli(capsys, "export", "--checkpoint", best, "--to", tmp_path / "m.pt2")
+    assert code == 2 and "is a text model" in err and "exports to .safetensors" in err and "Traceback" not in err
+    assert not list(tmp_path.iterdir())
+    code, out, err = run_cli(capsys, "export", "--checkpoint", best, "--to", tmp_path / "m.safetensors")
+    assert code == 0 and (tmp_path / "m.safetensors").is_file(), err
+
+
 def test_predict_texts_wants_a_list_of_strings_and_a_text_model(tmp_path):
     with pytest.raises(ConfigError, match="texts must be a list of strings"):
         predict_texts(tmp_path / "never_read.pt", "a joy to watch")

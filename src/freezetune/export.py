@@ -35,7 +35,8 @@ def export_checkpoint(ckpt_path: str | Path, to: str | Path, *, force: bool = Fa
     of ``m.safetensors`` when exporting ``m.onnx``) is not another file's: it gains the new format's keys.
 
     Raises:
-        CheckpointError: an unknown suffix, an existing target without ``force``, an unreadable checkpoint.
+        CheckpointError: an unknown suffix, an existing target without ``force``, an unreadable checkpoint, a text
+            model to a graph format.
         ConfigError: ``.onnx`` without the ``onnx``/``onnxscript`` packages.
 
     >>> export_checkpoint("runs/x/best.pt", "model.safetensors")  # doctest: +SKIP
@@ -52,6 +53,11 @@ def export_checkpoint(ckpt_path: str | Path, to: str | Path, *, force: bool = Fa
     if to.suffix == ".onnx":
         _require_onnx()  # before loading anything: a missing package is the first thing the user should hear
     record = checkpoint.load(ckpt_path)
+    if to.suffix != ".safetensors" and (record.get("preprocess") or {}).get("tokenizer"):
+        # the graph is traced on an image batch: a text model's raised deep inside transformers
+        raise CheckpointError(f"{ckpt_path} is a text model ({record['model']}): it exports to .safetensors (its "
+                              f"weights; the tokenizer is {record['preprocess']['tokenizer']!r}), not to "
+                              f"{to.suffix}")  # fmt: skip
     meta = {
         "model": record["model"],
         "classes": record["classes"],
