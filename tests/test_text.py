@@ -243,3 +243,18 @@ def test_a_model_directory_without_a_tokenizer_is_refused_before_training(tmp_pa
                            str(_csv(tmp_path / "t.csv")), "--out", str(tmp_path / "run"), "--epochs", "1")  # fmt: skip
     assert code == 2 and "holds no tokenizer (tokenizer.json, vocab.txt, vocab.json, ...)" in err, err
     assert "tokenizer.save_pretrained" in err and not (tmp_path / "run").exists()
+
+
+def test_texts_longer_than_max_length_are_counted_and_max_length_stays_within_the_model():
+    # the cut at 128 tokens was silent, and could not be moved
+    from freezetune.data.text import truncation_note
+    from freezetune.models import text_preprocess
+
+    texts = TextDataset(["short", "word " * 40, "word " * 200], torch.tensor([0, 1, 0]), ["a", "b"])
+    assert truncation_note(texts, text_preprocess(f"hf:{MINILM}")) == (
+        "note: 1 of 3 training texts are longer than 128 tokens (the longest 202) and are cut there; --max-length N "
+        "keeps more (up to the model's own limit)"
+    )
+    assert truncation_note(texts, text_preprocess(f"hf:{MINILM}", max_length=256)) is None
+    with pytest.raises(ConfigError, match=r"max_length 600 is over .* 512 positions; give --max-length 512 or less"):
+        text_preprocess(f"hf:{MINILM}", max_length=600)

@@ -79,6 +79,7 @@ class TrainConfig:
     weights: str = "imagenet"
     img_size: int | None = None
     init: str | None = None  # a freezetune checkpoint whose weights (head included) start the run
+    max_length: int = 128  # a text model: the tokens a text keeps (longer ones are cut; the log counts them)
     # data
     data: str | None = None
     val_data: str | None = None
@@ -238,7 +239,7 @@ def validate(cfg: TrainConfig, *, need_data: bool = True) -> None:
     if mistyped:  # the checks below compare numbers: a "3" where 3 belongs is reported alone, not as a TypeError
         raise ConfigError("invalid config: " + "; ".join(mistyped))
     problems = [choice_problem(name, getattr(cfg, name), allowed) for name, allowed in FIELD_CHOICES.items()]
-    problems += [positive_int_problem(name, getattr(cfg, name)) for name in ("epochs", "cache_views")]
+    problems += [positive_int_problem(name, getattr(cfg, name)) for name in ("epochs", "cache_views", "max_length")]
     if cfg.cache == "off" and isinstance(cfg.cache_views, int) and cfg.cache_views > 1:  # it would do nothing
         problems.append(f"cache_views {cfg.cache_views} sets how many augmented views the feature cache stores; with "
                         "cache off every epoch augments afresh: drop one of them")  # fmt: skip

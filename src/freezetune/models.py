@@ -315,7 +315,22 @@ def text_preprocess(name: str, max_length: int = 128) -> Preprocess:
     if Path(arch).is_dir() and not any((Path(arch) / f).is_file() for f in TOKENIZER_FILES):
         raise ConfigError(f"{arch!r} holds no tokenizer ({', '.join(TOKENIZER_FILES[:3])}, ...): save the model's "
                           "tokenizer beside it (tokenizer.save_pretrained(DIR))")  # fmt: skip
+    limit = _max_positions(arch)
+    if limit is not None and max_length > limit:  # past it the position embeddings have no row: an IndexError
+        raise ConfigError(f"max_length {max_length} is over {name}'s {limit} positions; give --max-length {limit} "
+                          "or less")  # fmt: skip
     return Preprocess(tokenizer=arch, max_length=max_length)
+
+
+def _max_positions(arch: str) -> int | None:
+    """How many tokens the model at ``arch`` reads at most (``max_position_embeddings``), when its config says."""
+    try:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(arch, local_files_only=Path(arch).is_dir())
+    except (ImportError, OSError, ValueError):
+        return None  # create_model names what is wrong with the model
+    return getattr(config, "max_position_embeddings", None)
 
 
 # A saved Hugging Face tokenizer has at least one of these (fast, WordPiece, BPE, SentencePiece vocabularies)

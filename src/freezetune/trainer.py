@@ -23,6 +23,7 @@ from freezetune.cache import FeaturePath
 from freezetune.config import TrainConfig, parse_freeze_spec, validate
 from freezetune.data import Loaders, build_datasets, noun
 from freezetune.data.gpu import check_decode
+from freezetune.data.text import truncation_note
 from freezetune.depthwise import use_fast_depthwise
 from freezetune.distributed import (
     all_reduce_sum,
@@ -98,7 +99,7 @@ class Trainer:
         self._process(echo)
         self.model, self.preprocess = create_model(cfg.model, cfg.weights, img_size=cfg.img_size)
         check_cut(self.model, cfg.cache_at)  # a stage name needs the model: checked before any data is read
-        self.preprocess = self.preprocess or text_preprocess(cfg.model)  # a Hugging Face text model: its tokenizer
+        self.preprocess = self.preprocess or text_preprocess(cfg.model, cfg.max_length)  # a text model: its tokenizer
         self.data = build_datasets(cfg.data, val_data=cfg.val_data, val_split=cfg.val_split, per_class=cfg.per_class,
                                    seed=cfg.seed, preprocess=self.preprocess, aug=cfg.aug,
                                    skip_bad=cfg.skip_bad, refit=bool(cfg.refit))  # fmt: skip
@@ -219,8 +220,9 @@ class Trainer:
             self.echo(f"{head}: {', '.join(s.name for s in stages(self.model) if s.num_trainable)}")
         else:
             self.echo(f"{head}\nvalidation: {self.data.val_source}\n{summary(self.model)}")
-        note = imbalance_note(self.cfg.class_weights, self.data.train.targets, len(self.classes), noun(self.data.train))
-        if note:
+        notes = [imbalance_note(self.cfg.class_weights, self.data.train.targets, len(self.classes),
+                                noun(self.data.train)), None if self.brief else truncation_note(self.data.train, self.preprocess)]  # fmt: skip
+        for note in filter(None, notes):
             self.echo(note)
         if self.data.skipped:
             self.echo(f"skipped {len(self.data.skipped)} unreadable image file(s) (--skip-bad): listed in "

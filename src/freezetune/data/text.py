@@ -200,3 +200,20 @@ class TokenizeBatch:
         """The model's input for ``texts``: token ids and masks, padded to the longest, truncated at ``max_length``."""
         batch = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
         return dict(batch)
+
+
+def truncation_note(dataset: Dataset, preprocess) -> str | None:
+    """How many of a text dataset's texts are longer than the ``max_length`` tokens a text keeps, in one line; None
+    when none is (or for images). The cut is silent in the tokenizer: what lies past it never trains."""
+    if not preprocess.is_text or not len(dataset):
+        return None
+    texts = [dataset[i][0] for i in range(len(dataset))]
+    tokenizer = TokenizeBatch(preprocess.tokenizer, preprocess.max_length).tokenizer
+    lengths = [len(ids) for ids in tokenizer(texts, truncation=False, verbose=False)["input_ids"]]
+    long = sum(n > preprocess.max_length for n in lengths)
+    if not long:
+        return None
+    return (
+        f"note: {long} of {len(texts)} training texts are longer than {preprocess.max_length} tokens (the longest "
+        f"{max(lengths)}) and are cut there; --max-length N keeps more (up to the model's own limit)"
+    )
