@@ -258,3 +258,11 @@ def test_texts_longer_than_max_length_are_counted_and_max_length_stays_within_th
     assert truncation_note(texts, text_preprocess(f"hf:{MINILM}", max_length=256)) is None
     with pytest.raises(ConfigError, match=r"max_length 600 is over .* 512 positions; give --max-length 512 or less"):
         text_preprocess(f"hf:{MINILM}", max_length=600)
+
+
+def test_validation_texts_that_are_training_texts_are_named_in_a_warning(tmp_path, caplog):
+    # images that are copies were warned about; texts were not
+    train = _csv(tmp_path / "train.csv")
+    (tmp_path / "val.csv").write_text(f'text,label\n"{GOOD[0]}",pos\nan unseen text,neg\n')
+    build_datasets(str(train), val_data=str(tmp_path / "val.csv"), preprocess=Preprocess(tokenizer=str(MINILM)))
+    assert f"1 of 2 validation texts are training texts too (first: {GOOD[0]!r})" in caplog.text

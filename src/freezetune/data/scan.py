@@ -21,6 +21,7 @@ from pathlib import Path
 from PIL import Image
 
 from freezetune.data.folder import FileImageDataset
+from freezetune.data.text import TextDataset
 from freezetune.errors import DataError, choices
 
 log = logging.getLogger(__name__)
@@ -229,7 +230,10 @@ def check_overlap(train, held: dict[str, object]) -> None:
 def warn_copies(train, held: dict[str, object]) -> None:
     """Warn when files of the ``held`` splits (validation, test) are byte-identical copies of training files, or
     training files of each other: a score on a copy overstates what the model does on new images. Datasets without
-    files are skipped."""
+    files are skipped; texts are compared as texts (``_warn_text_copies``)."""
+    if isinstance(train, TextDataset):
+        _warn_text_copies(train, held)
+        return
     if not isinstance(train, FileImageDataset):
         return
     train_paths = [path for path, _ in train.samples]
@@ -247,3 +251,17 @@ def warn_copies(train, held: dict[str, object]) -> None:
             log.warning("%d of %d %s image file(s) are byte-identical copies of training files (first: '%s' = '%s'); "
                         "their %s score overstates accuracy on new images: remove them from one of the splits",
                         len(found), len(ds), what, path, original, what)  # fmt: skip
+
+
+def _warn_text_copies(train: TextDataset, held: dict[str, object]) -> None:
+    """Warn when texts of the ``held`` splits are training texts too (after stripping spaces): their score, as an
+    image copy's, overstates accuracy on new texts."""
+    seen = {t.strip() for t in train.texts}
+    for what, ds in held.items():
+        if not isinstance(ds, TextDataset):
+            continue
+        found = [t for t in ds.texts if t.strip() in seen]
+        if found:
+            log.warning("%d of %d %s texts are training texts too (first: %r); their %s score overstates accuracy on "
+                        "new texts: remove them from one of the splits", len(found), len(ds), what, found[0][:60],
+                        what)  # fmt: skip
