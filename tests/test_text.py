@@ -202,6 +202,8 @@ def test_a_text_model_exports_its_weights_and_refuses_a_graph_format_in_one_line
     assert not list(tmp_path.iterdir())
     code, out, err = run_cli(capsys, "export", "--checkpoint", best, "--to", tmp_path / "m.safetensors")
     assert code == 0 and (tmp_path / "m.safetensors").is_file(), err
+    # the sidecar described a text model's input as 224 px ImageNet-normalised images
+    assert json.loads((tmp_path / "m.json").read_text())["preprocess"] == {"tokenizer": str(MINILM), "max_length": 128}
 
 
 def test_predict_texts_wants_a_list_of_strings_and_a_text_model(tmp_path):

@@ -58,10 +58,13 @@ def export_checkpoint(ckpt_path: str | Path, to: str | Path, *, force: bool = Fa
         raise CheckpointError(f"{ckpt_path} is a text model ({record['model']}): it exports to .safetensors (its "
                               f"weights; the tokenizer is {record['preprocess']['tokenizer']!r}), not to "
                               f"{to.suffix}")  # fmt: skip
+    pre = record["preprocess"]
+    if pre.get("tokenizer"):  # a text model's input is its tokenizer's: no image size or normalisation to claim
+        pre = {k: pre[k] for k in ("tokenizer", "max_length") if k in pre}
     meta = {
         "model": record["model"],
         "classes": record["classes"],
-        "preprocess": record["preprocess"],
+        "preprocess": pre,
         "freezetune_version": record.get("freezetune_version"),
         "epoch": record.get("epoch"),
     }
