@@ -249,8 +249,7 @@ def test_a_model_directory_without_a_tokenizer_is_refused_before_training(tmp_pa
 
 def test_texts_longer_than_max_length_are_counted_and_max_length_stays_within_the_model():
     # the cut at 128 tokens was silent, and could not be moved
-    from freezetune.data.text import truncation_note
-    from freezetune.models import text_preprocess
+    from freezetune.data.text import text_preprocess, truncation_note
 
     texts = TextDataset(["short", "word " * 40, "word " * 200], torch.tensor([0, 1, 0]), ["a", "b"])
     assert truncation_note(texts, text_preprocess(f"hf:{MINILM}")) == (

@@ -53,8 +53,8 @@ def describe_model(
 
 def _input_and_memory(name: str, model, pre, batch_size: int, dtype) -> list[str]:
     """The input line and the memory estimate: on images of the model's size, or on texts at its tokenizer's cut."""
+    from freezetune.data.text import text_preprocess
     from freezetune.memory import estimate_memory, format_memory
-    from freezetune.models import text_preprocess
 
     if pre is not None:
         mean, std = tuple(round(m, 3) for m in pre.mean), tuple(round(s, 3) for s in pre.std)

@@ -23,7 +23,7 @@ from freezetune.cache import FeaturePath
 from freezetune.config import TrainConfig, parse_freeze_spec, validate
 from freezetune.data import Loaders, build_datasets, noun
 from freezetune.data.gpu import check_decode
-from freezetune.data.text import truncation_note
+from freezetune.data.text import text_preprocess, truncation_note
 from freezetune.depthwise import use_fast_depthwise
 from freezetune.distributed import (
     all_reduce_sum,
@@ -42,7 +42,7 @@ from freezetune.inference import evaluate_best, write_evaluation
 from freezetune.interrupt import AT_ONCE_UNDER_DDP, OUTSIDE_A_STEP, StopRequest, pause_point
 from freezetune.loss import imbalance_note, training_loss
 from freezetune.memory import auto_batch_size, out_of_memory_hint
-from freezetune.models import create_model, text_preprocess
+from freezetune.models import create_model
 from freezetune.optim import build_optimizer, build_scheduler
 from freezetune.options import BATCH_AUTO, MONITOR_MODES
 from freezetune.precision import resolve_device, resolve_precision

@@ -17,6 +17,7 @@ from torch.utils.data import Dataset
 
 from freezetune.data.folder import expand_paths, sorted_labels, warn_similar_labels
 from freezetune.errors import ConfigError, DataError, choices
+from freezetune.preprocess import Preprocess
 
 TEXT_COLUMNS = ("text", "sentence", "review", "document", "content")
 LABEL_COLUMNS = ("label", "class", "target", "category", "y")
@@ -217,3 +218,40 @@ def truncation_note(dataset: Dataset, preprocess) -> str | None:
         f"note: {long} of {len(texts)} training texts are longer than {preprocess.max_length} tokens (the longest "
         f"{max(lengths)}) and are cut there; --max-length N keeps more (up to the model's own limit)"
     )
+
+
+def text_preprocess(name: str, max_length: int = 128) -> Preprocess:
+    """The preprocessing of a Hugging Face text classifier ``hf:DIR_OR_ID``: its own tokenizer.
+
+    Raises:
+        ConfigError: ``name`` is not a Hugging Face model (only those have a tokenizer here), or is a local directory
+            without tokenizer files: transformers would build an empty tokenizer from the config alone (5 tokens for
+            BERT), and every text would train as unknown tokens.
+    """
+    library, _, arch = name.partition(":")
+    if library != "hf" or not arch:
+        raise ConfigError(f"{name} has no image preprocessing and no tokenizer; text models are hf:DIR_OR_ID")
+    if Path(arch).is_dir() and not any((Path(arch) / f).is_file() for f in TOKENIZER_FILES):
+        raise ConfigError(f"{arch!r} holds no tokenizer ({', '.join(TOKENIZER_FILES[:3])}, ...): save the model's "
+                          "tokenizer beside it (tokenizer.save_pretrained(DIR))")  # fmt: skip
+    limit = _max_positions(arch)
+    if limit is not None and max_length > limit:  # past it the position embeddings have no row: an IndexError
+        raise ConfigError(f"max_length {max_length} is over {name}'s {limit} positions; give --max-length {limit} "
+                          "or less")  # fmt: skip
+    return Preprocess(tokenizer=arch, max_length=max_length)
+
+
+def _max_positions(arch: str) -> int | None:
+    """How many tokens the model at ``arch`` reads at most (``max_position_embeddings``), when its config says."""
+    try:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(arch, local_files_only=Path(arch).is_dir())
+    except (ImportError, OSError, ValueError):
+        return None  # create_model names what is wrong with the model
+    return getattr(config, "max_position_embeddings", None)
+
+
+# A saved Hugging Face tokenizer has at least one of these (fast, WordPiece, BPE, SentencePiece vocabularies)
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "tokenizer_config.json", "spiece.model",
+                   "sentencepiece.bpe.model", "tokenizer.model", "merges.txt")  # fmt: skip
