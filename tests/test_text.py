@@ -267,3 +267,19 @@ def test_validation_texts_that_are_training_texts_are_named_in_a_warning(tmp_pat
     (tmp_path / "val.csv").write_text(f'text,label\n"{GOOD[0]}",pos\nan unseen text,neg\n')
     build_datasets(str(train), val_data=str(tmp_path / "val.csv"), preprocess=Preprocess(tokenizer=str(MINILM)))
     assert f"1 of 2 validation texts are training texts too (first: {GOOD[0]!r})" in caplog.text
+
+
+def test_a_text_checkpoint_predicts_where_the_model_folder_it_was_trained_from_is_gone(text_run, tmp_path,
+                                                                                        monkeypatch):  # fmt: skip
+    # best.pt named hf:/path/to/model for its architecture and tokenizer: moved to another machine, it could not be
+    # used ("not a local directory and not in the Hugging Face cache")
+    from freezetune.inference import load_model
+
+    best, _ = text_run
+    record = checkpoint.load(best)
+    assert set(record["hf_files"]) >= {"config.json", "tokenizer.json", "vocab.txt"}
+    moved = {**record, "model": "hf:/gone/minilm", "preprocess": {**record["preprocess"], "tokenizer": "/gone/minilm"}}
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    texts = [GOOD[0], BAD[1]]
+    here, elsewhere = predict_texts(load_model(best, "cpu"), texts), predict_texts(load_model(moved, "cpu"), texts)
+    assert elsewhere == here and load_model(moved, "cpu").preprocess.tokenizer.startswith(str(tmp_path / "cache"))

@@ -6,6 +6,7 @@ Writes are atomic (temp file + rename): a crash mid-save never leaves a half-wri
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import threading
 import zipfile
@@ -22,6 +23,7 @@ from freezetune._io import atomic_save
 from freezetune.config import RESUME_MAY_CHANGE, absolute_paths
 from freezetune.errors import CheckpointError, ConfigError, choices
 from freezetune.heads import unwrap
+from freezetune.hf_bundle import rebuilt_folder
 from freezetune.interrupt import pause_point
 from freezetune.options import BATCH_AUTO
 from freezetune.preprocess import Preprocess
@@ -30,9 +32,11 @@ BEST = "best.pt"
 LAST = "last.pt"
 
 
-def model_record(model: nn.Module, cfg_dict: dict, classes: list[str], preprocess: Preprocess) -> dict[str, Any]:
-    """What rebuilds and uses a model: weights, architecture name, classes, preprocessing, config."""
-    return {
+def model_record(model: nn.Module, cfg_dict: dict, classes: list[str], preprocess: Preprocess,
+                 hf_files: dict[str, str] | None = None) -> dict[str, Any]:  # fmt: skip
+    """What rebuilds and uses a model: weights, architecture name, classes, preprocessing, config; for a Hugging Face
+    model from a local folder, that folder's config and tokenizer files (``hf_bundle.bundle``)."""
+    record = {
         "freezetune_version": __version__,
         "model": cfg_dict["model"],
         "classes": list(classes),
@@ -40,6 +44,9 @@ def model_record(model: nn.Module, cfg_dict: dict, classes: list[str], preproces
         "config": dict(cfg_dict),
         "state_dict": {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()},  # no wrapper's prefixes
     }
+    if hf_files:
+        record["hf_files"] = hf_files
+    return record
 
 
 def save(record: dict[str, Any], path: str | Path) -> Path:
@@ -77,14 +84,19 @@ def build_model(record: dict[str, Any]) -> tuple[nn.Module, Preprocess]:
     from freezetune.heads import replace_head
     from freezetune.models import create_model
 
-    model, _ = create_model(record["model"], None)
+    name, pre = record["model"], Preprocess.from_dict(record["preprocess"])
+    folder = rebuilt_folder(name, record.get("hf_files"))
+    if folder is not None:  # the hf:DIR it was trained from is not on this machine: its bundled files are
+        name = f"hf:{folder}"
+        pre = dataclasses.replace(pre, tokenizer=folder if pre.tokenizer else None)
+    model, _ = create_model(name, None)
     replace_head(model, len(record["classes"]))
     missing, unexpected = model.load_state_dict(record["state_dict"], strict=False)
     if missing or unexpected:
         raise CheckpointError(
             f"checkpoint weights do not fit {record['model']}: missing {missing[:3]}, unexpected {unexpected[:3]}"
         )
-    return model, Preprocess.from_dict(record["preprocess"])
+    return model, pre
 
 
 def _model_of(record: dict) -> str | None:

@@ -17,7 +17,7 @@ from itertools import islice
 import torch
 from torch import nn
 
-from freezetune import checkpoint, epoch_log, recipes, reporting, runtime
+from freezetune import checkpoint, epoch_log, hf_bundle, recipes, reporting, runtime
 from freezetune._io import atomic_write_text
 from freezetune.cache import FeaturePath
 from freezetune.config import TrainConfig, parse_freeze_spec, validate
@@ -100,6 +100,7 @@ class Trainer:
         self.model, self.preprocess = create_model(cfg.model, cfg.weights, img_size=cfg.img_size)
         check_cut(self.model, cfg.cache_at)  # a stage name needs the model: checked before any data is read
         self.preprocess = self.preprocess or text_preprocess(cfg.model, cfg.max_length)  # a text model: its tokenizer
+        self.hf_files = hf_bundle.bundle(cfg.model)  # an hf:DIR's config and tokenizer, carried by every checkpoint
         self.data = build_datasets(cfg.data, val_data=cfg.val_data, val_split=cfg.val_split, per_class=cfg.per_class,
                                    seed=cfg.seed, preprocess=self.preprocess, aug=cfg.aug,
                                    skip_bad=cfg.skip_bad, refit=bool(cfg.refit))  # fmt: skip
@@ -275,7 +276,9 @@ class Trainer:
             unfrozen = [] if last else self._step_unfreezer(epoch, row)
             improved = self.progress.update(epoch, row.get(cfg.monitor))
             if self.dist.is_main:
-                record = checkpoint.model_record(self.model, cfg.recorded(), self.classes, self.preprocess)
+                record = checkpoint.model_record(
+                    self.model, cfg.recorded(), self.classes, self.preprocess, self.hf_files
+                )
                 checkpoint.save_epoch(self.checkpoints, record, self.state, self.progress, self.steps_per_epoch,
                                       row=row, improved=improved, last=self.resumable)  # fmt: skip
             if self.stop.requested:  # the signal came during validation or the save
@@ -376,7 +379,9 @@ class Trainer:
         if self.resumable and not meter.diverged:
             self.progress.at_step(step, {"meter": meter.state_dict(), "rng": checkpoint.rng_state(),
                                          "lrs": self.step.lrs})  # fmt: skip
-            record = checkpoint.model_record(self.model, self.cfg.recorded(), self.classes, self.preprocess)
+            record = checkpoint.model_record(
+                self.model, self.cfg.recorded(), self.classes, self.preprocess, self.hf_files
+            )
             self.checkpoints.submit(best=None, last=checkpoint.last_record(record, self.state, self.progress,
                                                                            self.steps_per_epoch))  # fmt: skip
         if self.stop.requested:
