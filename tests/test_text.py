@@ -283,3 +283,12 @@ def test_a_text_checkpoint_predicts_where_the_model_folder_it_was_trained_from_i
     texts = [GOOD[0], BAD[1]]
     here, elsewhere = predict_texts(load_model(best, "cpu"), texts), predict_texts(load_model(moved, "cpu"), texts)
     assert elsewhere == here and load_model(moved, "cpu").preprocess.tokenizer.startswith(str(tmp_path / "cache"))
+
+
+def test_a_tab_separated_text_table_reads_as_a_text_csv(tmp_path):
+    # GLUE's train.tsv ("sentence<TAB>label") was refused as "not a text CSV"
+    (tmp_path / "train.tsv").write_text("sentence\tlabel\na fine, warm film\t1\na dull one\t0\n")
+    data = build_datasets(str(tmp_path / "train.tsv"), preprocess=Preprocess(tokenizer=str(MINILM)))
+    assert data.classes == ["0", "1"] and len(data.train) + len(data.val or []) == 2
+    assert read_text_csv(tmp_path / "train.tsv").texts == ["a fine, warm film", "a dull one"]
+    assert read_texts(tmp_path / "train.tsv") == ["a fine, warm film", "a dull one"]

@@ -31,7 +31,10 @@ _VAL_DIRS = ("val", "valid", "validation", "dev")
 _TEST_DIRS = ("test", "testing")
 AUTO_VAL_FRACTION = 0.1  # held out per class when no validation data is given
 AUTO_VAL_MAX_PER_CLASS = 50  # enough to rank recipes, cheap to cache and to evaluate every epoch
-_EXPECTED = "an IDX directory (train-images-idx3-ubyte[.gz], ...), an image folder (DIR/<class>/*) or a CSV file"
+_EXPECTED = (
+    "an IDX directory (train-images-idx3-ubyte[.gz], ...), an image folder (DIR/<class>/*) or a CSV file (a "
+    "text model's: .csv or .tsv)"
+)
 
 
 @dataclass
@@ -78,6 +81,8 @@ def _load_source(data: str, text_model: bool) -> tuple[str, Dataset, Dataset | N
     if not path.exists():
         raise DataError(f"data path '{data}' does not exist; expected {_EXPECTED}")
     if path.is_file():
+        if path.suffix.lower() == ".tsv" and text_csv_header(path) is not None:  # a text table separated by tabs
+            return "text", read_text_csv(path), None, None
         if path.suffix.lower() != ".csv":
             raise DataError(f"data file '{data}' is not a CSV; expected {_EXPECTED}")
         if _text_csv(path, text_model):

@@ -50,11 +50,16 @@ class TextDataset(Dataset):
         return TextDataset(self.texts + other.texts, torch.cat([self.targets, other.targets]), self.classes)
 
 
+def delimiter(path: Path) -> str:
+    """A ``.tsv`` file's cells are separated by tabs (GLUE's ``train.tsv``), a ``.csv`` file's by commas."""
+    return "\t" if path.suffix.lower() == ".tsv" else ","
+
+
 def text_csv_header(path: Path) -> list[str] | None:
     """The header of ``path`` when it names a text column (the file is then a text dataset), else None."""
     try:
         with path.open(newline="", encoding="utf-8-sig") as f:
-            header = next(csv.reader(f), [])
+            header = next(csv.reader(f, delimiter=delimiter(path)), [])
     except (OSError, UnicodeDecodeError, csv.Error):
         return None
     return header if any(c.strip().lower() in TEXT_COLUMNS for c in header) else None
@@ -91,7 +96,8 @@ def read_text_csv(path: str | Path, classes: list[str] | None = None) -> TextDat
     return TextDataset([r[cols["text"]] for r in rows], torch.tensor([index[label] for label in labels]), classes)
 
 
-TEXT_FILE_SUFFIXES = (".txt", ".csv")  # what ``list_text_files`` picks from a folder
+TABLE_SUFFIXES = (".csv", ".tsv")  # a text table's header names its columns
+TEXT_FILE_SUFFIXES = (".txt", *TABLE_SUFFIXES)  # what ``list_text_files`` picks from a folder
 
 
 def read_texts(path: str | Path) -> list[str]:
@@ -106,7 +112,7 @@ def read_texts(path: str | Path) -> list[str]:
     ['a wonderful film', 'a waste of time']
     """
     path = Path(path)
-    if path.suffix.lower() == ".csv":
+    if path.suffix.lower() in TABLE_SUFFIXES:
         header, rows = _read_rows(path)
         cols = {"text": _column(path, header, "text", TEXT_COLUMNS)}
         _check_rows(path, rows, cols, len(header), empty_ok=True)
@@ -142,7 +148,7 @@ def _read_rows(path: Path) -> tuple[list[str], list[list[str]]]:
     """The header of a CSV (stripped, lower case) and its rows; blank lines are skipped."""
     try:
         with path.open(newline="", encoding="utf-8-sig") as f:
-            rows = [r for r in csv.reader(f) if r and any(cell.strip() for cell in r)]
+            rows = [r for r in csv.reader(f, delimiter=delimiter(path)) if r and any(cell.strip() for cell in r)]
     except (OSError, UnicodeDecodeError, csv.Error) as e:
         raise DataError(f"cannot read CSV '{path}': {e}") from e
     if not rows:
@@ -173,7 +179,7 @@ def _row_problem(row: list[str], cols: dict[str, int], width: int, empty_ok: boo
             return f"has {len(row)} column(s); its {role} is column {i + 1}"
     if len(row) > width:  # "boring, long and dull,neg" read as the text "boring" of a class "long and dull"
         return (
-            f"has {len(row)} columns, the header {width}: a text with a comma must be in double quotes "
+            f"has {len(row)} columns, the header {width}: a text with a comma (a tab in a .tsv) must be in double quotes "
             '("boring, long and dull",neg)'
         )
     if not row[cols["text"]].strip() and not empty_ok:  # it trains the model on nothing but its special tokens
