@@ -292,3 +292,18 @@ def test_a_tab_separated_text_table_reads_as_a_text_csv(tmp_path):
     assert data.classes == ["0", "1"] and len(data.train) + len(data.val or []) == 2
     assert read_text_csv(tmp_path / "train.tsv").texts == ["a fine, warm film", "a dull one"]
     assert read_texts(tmp_path / "train.tsv") == ["a fine, warm film", "a dull one"]
+
+
+def test_max_length_of_a_roberta_style_model_leaves_its_two_offset_positions(tmp_path, monkeypatch):
+    # --max-length 514 passed the check and crashed in the position embeddings (RoBERTa counts from pad_token_id + 1)
+    from transformers import RobertaConfig
+
+    from freezetune.data.text import text_preprocess
+
+    RobertaConfig(max_position_embeddings=514, pad_token_id=1).save_pretrained(tmp_path / "roberta")
+    (tmp_path / "roberta" / "vocab.json").write_text("{}")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match=r"max_length 513 is over .* 512 positions"):
+        text_preprocess("hf:roberta", max_length=513)
+    # a folder is named absolutely: checkpoints keep it, and are read from other directories
+    assert text_preprocess("hf:roberta", max_length=512).tokenizer == str(tmp_path / "roberta")

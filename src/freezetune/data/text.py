@@ -10,6 +10,7 @@ texts stays short) and truncated at ``Preprocess.max_length``.
 from __future__ import annotations
 
 import csv
+import os
 from pathlib import Path
 
 import torch
@@ -244,18 +245,29 @@ def text_preprocess(name: str, max_length: int = 128) -> Preprocess:
     if limit is not None and max_length > limit:  # past it the position embeddings have no row: an IndexError
         raise ConfigError(f"max_length {max_length} is over {name}'s {limit} positions; give --max-length {limit} "
                           "or less")  # fmt: skip
-    return Preprocess(tokenizer=arch, max_length=max_length)
+    # a folder by its absolute path: checkpoints keep this, and are read from other directories (hf:mdl from elsewhere
+    # found no tokenizer, or another folder's)
+    return Preprocess(tokenizer=os.path.abspath(arch) if Path(arch).is_dir() else arch, max_length=max_length)
 
 
 def _max_positions(arch: str) -> int | None:
-    """How many tokens the model at ``arch`` reads at most (``max_position_embeddings``), when its config says."""
+    """How many tokens the model at ``arch`` reads at most (``max_position_embeddings``), when its config says; the
+    RoBERTa family numbers positions from ``pad_token_id + 1``, so its 514 positions hold 512 tokens."""
     try:
         from transformers import AutoConfig
 
         config = AutoConfig.from_pretrained(arch, local_files_only=Path(arch).is_dir())
     except (ImportError, OSError, ValueError):
         return None  # create_model names what is wrong with the model
-    return getattr(config, "max_position_embeddings", None)
+    positions = getattr(config, "max_position_embeddings", None)
+    if positions is None or getattr(config, "model_type", None) not in _OFFSET_POSITIONS:
+        return positions
+    return positions - (getattr(config, "pad_token_id", None) or 0) - 1
+
+
+# model types whose position ids start after the padding index (transformers' create_position_ids_from_input_ids)
+_OFFSET_POSITIONS = ("roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "longformer", "roberta-prelayernorm",
+                     "data2vec-text", "ibert", "xmod", "mpnet", "luke")  # fmt: skip
 
 
 # A saved Hugging Face tokenizer has at least one of these (fast, WordPiece, BPE, SentencePiece vocabularies)
