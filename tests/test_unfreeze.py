@@ -343,14 +343,17 @@ def test_a_timm_scheduler_drives_the_groups_the_unfreezer_adds():
     # the head annealed to zero
     from timm.scheduler import CosineLRScheduler
 
-    model, opt, sched, unfreezer = frozen_setup("epoch:1", make_scheduler=lambda o: CosineLRScheduler(o, t_initial=4))
-    ratios = []
-    for epoch in range(3):
-        unfreezer.step(epoch)
-        sched.step(epoch + 1)
-        lrs = {g["name"]: g["lr"] for g in opt.param_groups}
-        ratios.append(lrs["block3"] / lrs["head"])
-    assert ratios == pytest.approx([unfreezer.rule("block3") / unfreezer.rule("head")] * 3)
+    for warmup in ({}, {"warmup_t": 3}):  # warmup: timm's per-group warmup_steps too (block3 stayed at 0 meanwhile)
+        model, opt, sched, unfreezer = frozen_setup(
+            "epoch:1", make_scheduler=lambda o, w=warmup: CosineLRScheduler(o, t_initial=6, **w)
+        )
+        ratios = []
+        for epoch in range(4):
+            unfreezer.step(epoch)
+            sched.step(epoch + 1)
+            lrs = {g["name"]: g["lr"] for g in opt.param_groups}
+            ratios.append(lrs["block3"] / lrs["head"])
+        assert ratios == pytest.approx([unfreezer.rule("block3") / unfreezer.rule("head")] * 4), warmup
 
 
 def test_a_head_only_optimizer_at_another_lr_than_the_rules_absolute_stage_lrs_is_reported():

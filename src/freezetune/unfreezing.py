@@ -322,6 +322,17 @@ class Unfreezer:
             last = getattr(sched, "_last_lr", None)
             if isinstance(last, list) and len(last) == n_before:
                 last.append(lr)
+            _extend_timm_warmup(sched, n_before)
+
+
+def _extend_timm_warmup(sched: object, n_before: int) -> None:
+    """A timm scheduler's per-group warmup increments, for the group just added: computed from its base value as
+    timm does (``(base - warmup_lr_init) / warmup_t``), or it stayed at warmup_lr_init all warmup long."""
+    steps, bases = getattr(sched, "warmup_steps", None), getattr(sched, "base_values", None)
+    if not (isinstance(steps, list) and len(steps) == n_before and isinstance(bases, list) and len(bases) > n_before):
+        return
+    warmup_t = getattr(sched, "warmup_t", 0)
+    steps.append((bases[-1] - getattr(sched, "warmup_lr_init", 0.0)) / warmup_t if warmup_t else 1)
 
 
 def nominal_lr(group: dict) -> float:
