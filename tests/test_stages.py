@@ -246,6 +246,30 @@ def test_a_library_backbone_in_a_users_model_keeps_its_stages(build, expected):
     ]
 
 
+class _TwoBackbones(nn.Module):
+    """Two library backbones (a list of them, or named), a fusion layer and a head under a name of the user's own."""
+
+    def __init__(self, as_list: bool) -> None:
+        super().__init__()
+        pair = [timm.create_model("resnet18", num_classes=0), _headless_resnet18()[0]]
+        if as_list:
+            self.backbones = nn.ModuleList(pair)
+        else:
+            self.image, self.other = pair
+        self.fusion = nn.Linear(1024, 64)
+        self.proj = nn.Sequential(nn.Linear(64, 32), nn.GELU(), nn.Linear(32, 3))
+
+
+@pytest.mark.parametrize(("as_list", "names"), [(True, ["backbones.0", "backbones.1"]), (False, ["image", "other"])])
+def test_each_library_backbone_of_a_users_model_keeps_its_stages_and_a_head_of_any_name_trains_whole(as_list, names):
+    # with a fusion layer beside them each backbone was one stage; "proj" lost its first layer to a stage of its own
+    model = _TwoBackbones(as_list)
+    layers = ["stem", "layer1", "layer2", "layer3", "layer4"]
+    assert [s.name for s in ft.stages(model)] == [f"{b}.{n}" for b in names for n in layers] + ["fusion", "proj"]
+    ft.freeze(model, "backbone")
+    assert {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad} == {"proj"}
+
+
 def test_tied_weights_belong_to_one_stage():
     class TiedLM(nn.Module):
         def __init__(self) -> None:

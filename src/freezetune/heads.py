@@ -111,6 +111,9 @@ def head_container(model: nn.Module, head: str) -> str:
     ``head.fc``); for a Hugging Face task model, the top-level child the classifier is."""
     if hf_base_prefix(model):
         return head.split(".")[0]
+    top = head.split(".")[0]
+    if top != head and not is_library_model(model) and _head_like(model.get_submodule(top)):
+        return top  # a user's own head under a name of their own: proj = Sequential(Linear, ReLU, Linear)
     found, parent = head, head.rpartition(".")[0]
     while parent:  # the outermost head-like ancestor: timm's ``head`` around ``head.classifier.4``
         leaf = parent.rpartition(".")[2]
@@ -118,6 +121,15 @@ def head_container(model: nn.Module, head: str) -> str:
             found = parent
         parent = parent.rpartition(".")[0]
     return found
+
+
+def _head_like(module: nn.Module) -> bool:
+    """A ``Sequential`` of what a classifier head is built from: linear layers, activations, dropout, norms."""
+    plain = (nn.Linear, nn.Dropout, nn.Identity, nn.Flatten)
+    return isinstance(module, nn.Sequential) and all(
+        isinstance(m, plain) or is_norm(m) or type(m).__module__ == "torch.nn.modules.activation"
+        for m in module.children()
+    )
 
 
 def hf_base_prefix(model: nn.Module) -> str | None:

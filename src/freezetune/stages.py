@@ -300,7 +300,7 @@ def _generic_decl(model: nn.Module, head: str) -> _Decl:
     decl: _Decl = []
     for name, module in children:
         blocks = [c for c, m in module.named_children() if has_params(m)]
-        body = _library_body(module, name) if few and not is_library_model(model) else None  # a user's own model
+        body = _library_bodies(module, name) if not is_library_model(model) else None  # a user's own model
         if body:
             decl += body
         elif few and module is trunk and isinstance(module, (nn.Sequential, nn.ModuleList)) and len(blocks) > 1:
@@ -314,15 +314,25 @@ def _library_body(module: nn.Module, name: str) -> _Decl | None:
     """The stages of a library model a user's own model holds as its backbone (a timm model made with
     ``num_classes=0``, a Hugging Face ``AutoModel``, a torchvision model with its ``fc`` taken off) at ``name``:
     its own declaration, its head (if any) joined to its last stage. As one stage it made "the last 3 stages" all or
-    nothing. None for any other module."""
+    nothing. None for any other module, and for a library's building block (a timm ``Mlp``), which no family rule
+    declares."""
     if not is_library_model(module):
         return None
     if is_hf_base_model(module):
         return [(f"{name}.{n}", prefixes) for n, prefixes in _hf_body(module, name)]
-    decl = [(n, p) for n, p in _declare(module, _NO_HEAD) if n != _NO_HEAD]  # its parameters left join their neighbours
-    if len(decl) < 2:
-        return None
-    return [(f"{name}.{n}", [f"{name}.{p}" for p in prefixes]) for n, prefixes in decl]
+    for rule in (_timm_decl, _resnet_decl, _vit_decl, _features_decl):
+        decl = [(n, p) for n, p in (rule(module, _NO_HEAD) or []) if n != _NO_HEAD]  # its head joins a neighbour
+        if len(decl) >= 2:
+            return [(f"{name}.{n}", [f"{name}.{p}" for p in prefixes]) for n, prefixes in decl]
+    return None
+
+
+def _library_bodies(module: nn.Module, name: str) -> _Decl | None:
+    """``_library_body`` of ``module``, or of each library model in a list or dict of them (a model per input)."""
+    if isinstance(module, (nn.ModuleList, nn.ModuleDict)):
+        bodies = [_library_body(m, f"{name}.{c}") for c, m in module.named_children()]
+        return [d for body in bodies for d in body] if bodies and all(bodies) else None
+    return _library_body(module, name)
 
 
 _NO_HEAD = "\0no-head"  # no parameter is under it: a library model declared as a body only
