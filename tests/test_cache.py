@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch import nn
 
 from freezetune.cache import FeatureStore, build_store, store_loader
 from freezetune.config import TrainConfig
@@ -286,3 +287,35 @@ def test_cache_features_refuses_an_unknown_place():
     ft.freeze(model, "backbone")
     with pytest.raises(ft.FreezetuneError, match=r"unknown place 'ram'; places are: 'auto', 'memory', 'disk'"):
         ft.cache_features(model, TensorDataset(torch.randn(2, 3, 32, 32), torch.tensor([0, 1])), place="ram")
+
+
+class _ScaledAfterHead(nn.Module):
+    """A model fx cannot trace (a branch on the batch) whose forward divides the head's output by a temperature."""
+
+    def __init__(self, temperature: float) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.fc, self.temperature = nn.Linear(4, 2), temperature
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] == 0:
+            return x.new_zeros(0, 2)
+        return self.fc(self.body(x)) / self.temperature
+
+
+def test_a_cache_that_would_drop_what_the_model_computes_after_its_head_is_refused():
+    # the head-hook split trained fc alone on the cache: the /temperature was lost, silently
+    from torch.utils.data import TensorDataset
+
+    import freezetune as ft
+
+    data = TensorDataset(torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 0, 1]))
+    for temperature, ok in ((1.0, True), (3.0, False)):
+        model = _ScaledAfterHead(temperature)
+        ft.freeze(model, "backbone")
+        if ok:
+            split, _ = ft.cache_features(model, data)
+            assert split.how == "head-hook"
+            continue
+        with pytest.raises(ft.FreezetuneError, match=r"computes after its head .* train on images \(--cache off\)"):
+            ft.cache_features(model, data)

@@ -150,6 +150,8 @@ def build_store(
         start = rows.start
         for inputs, labels in batches(v):
             feats = _prefix(split, inputs, precision, channels_last)
+            if storage is None and v == 0:
+                _check_head_hook(split, inputs, feats, precision, channels_last)
             if storage is None:
                 storage, info = _allocate((views, n, *feats.shape[1:]), feats.dtype, precision, spill_dir, place,
                                           zeroed=dist.enabled)  # fmt: skip
@@ -254,6 +256,30 @@ def _prefix(split: Split, inputs, precision: Precision, channels_last: bool) -> 
 
     with torch.inference_mode(), precision.autocast():
         return split.prefix(to_device(inputs, precision.device, channels_last))
+
+
+def _check_head_hook(split: Split, inputs, feats: torch.Tensor, precision: Precision, channels_last: bool) -> None:
+    """A split that captures the head's input by a hook (a model fx cannot trace) assumes the head's output is the
+    model's: checked on the first batch, in eval mode. A forward that computes after its head (``fc(f) / T``) would
+    otherwise train the cached head on another function than the model's, in silence."""
+    if split.how != "head-hook":
+        return
+    from freezetune.evaluate import to_device
+
+    model = split.prefix.model
+    was_training = model.training
+    try:
+        with torch.inference_mode(), precision.autocast():
+            model.eval()
+            whole = model(to_device(inputs, precision.device, channels_last)).float()
+            cut = split.suffix_eval(feats).float()
+    finally:
+        model.train(was_training)
+    if whole.shape != cut.shape or not torch.allclose(whole, cut, rtol=1e-4, atol=1e-5):
+        gap = (whole - cut).abs().max().item() if whole.shape == cut.shape else f"shape {tuple(whole.shape)}"
+        raise ConfigError(f"cannot cache features: the model's forward computes after its head {split.boundary!r} "
+                          f"(its output differs from the head's by {gap}), and the cache would train the head alone; "
+                          "train on images (--cache off)")  # fmt: skip
 
 
 def store_loader(store: FeatureStore, *, batch_size: int, train: bool, seed: int, dist: DistInfo | None = None,
