@@ -47,15 +47,15 @@ def test_text_csv_reads_columns_by_name(tmp_path):
 @pytest.mark.parametrize(
     ("content", "message"),
     [
-        ('text,label\n"",pos\ngood,pos\n', r"row 1 has an empty text"),
-        ("text,label\ngood,pos\n   ,neg\n", r"row 2 has an empty text"),
-        ("text,label\ngood,\n", r"row 1 has no label"),
+        ('text,label\n"",pos\ngood,pos\n', r"line 2 has an empty text"),
+        ("text,label\ngood,pos\n   ,neg\n", r"line 3 has an empty text"),
+        ("text,label\ngood,\n", r"line 2 has no label"),
         # read as the text "boring" of a class "long and dull", in silence
         (
             "text,label\ngood,pos\nboring, long and dull,neg\n",
-            r"row 2 has 3 columns, the header 2: a text with a comma",
+            r"line 3 has 3 columns, the header 2: a text with a comma",
         ),
-        ("label,x,text\npos,1\n", r"row 1 has 2 column\(s\); its text is column 3"),
+        ("label,x,text\npos,1\n", r"line 2 has 2 column\(s\); its text is column 3"),
         ("text,label\n", r"has no rows under its header"),
         ("", r"is empty; expected a header"),
     ],
@@ -155,7 +155,7 @@ def test_a_trained_text_model_is_scored_on_a_text_csv_as_it_ranks_its_texts(text
     assert result["classes"] == ["neg", "pos"] and result["n"] == 24
     records = predict_files(best, [data], topk=1, batch_size=7, device="cpu")
     texts = [r["text"] for r in records]
-    assert texts == (GOOD * 2 + BAD * 2) and [r["row"] for r in records] == list(range(1, 25))
+    assert texts == (GOOD * 2 + BAD * 2) and [r["row"] for r in records] == list(range(2, 26))  # lines; 1: header
     hits = [r["top"][0]["class"] == ("pos" if r["text"] in GOOD else "neg") for r in records]
     assert result["acc"] == pytest.approx(sum(hits) / len(hits))
     # literal strings rank as the same texts read from a file do
@@ -170,7 +170,7 @@ def test_predict_reads_text_files_one_text_a_line(text_run, tmp_path):
     records = predict_files(best, [tmp_path / "reviews.txt", tmp_path / "photo.png"], topk=2, device="cpu")
     assert [(r["path"], r.get("row"), r.get("text")) for r in records[:2]] == [
         (str(tmp_path / "reviews.txt"), 1, GOOD[0]),
-        (str(tmp_path / "reviews.txt"), 2, BAD[0]),
+        (str(tmp_path / "reviews.txt"), 3, BAD[0]),  # its line: the blank line 2 is no text, and was row 2's place
     ]
     assert sum(p["prob"] for p in records[0]["top"]) == pytest.approx(1, abs=1e-5)
     assert "cannot read" in records[2]["error"] and "photo.png" in records[2]["error"]
@@ -224,7 +224,7 @@ def test_read_texts_takes_a_csv_text_column_or_lines(tmp_path):
     (tmp_path / "c.csv").write_text("id,review\n1,\n2,fine\n")
     assert read_texts(tmp_path / "c.csv") == ["", "fine"]
     (tmp_path / "d.csv").write_text("id,review\n1,bad, really\n")
-    with pytest.raises(DataError, match="row 1 has 3 columns, the header 2"):
+    with pytest.raises(DataError, match="line 2 has 3 columns, the header 2"):
         read_texts(tmp_path / "d.csv")
     (tmp_path / "empty.txt").write_text("\n")
     with pytest.raises(DataError, match="holds no text"):

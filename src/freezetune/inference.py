@@ -195,8 +195,8 @@ def predict_files(
     Returns:
         One JSON-ready record per image, in path order: ``{"path": str, "top": [{"class": str, "prob": float}]}``,
         most likely first; a file that cannot be read gets ``{"path": str, "error": str}`` instead. A text model
-        gives one record per text, in file order, with ``"row"`` (the text's number in its file, from 1) and
-        ``"text"`` added; a file it cannot read gets one error record.
+        gives one record per text, in file order, with ``"row"`` (the line of the file the text starts on, from 1;
+        a CSV's header is line 1) and ``"text"`` added; a file it cannot read gets one error record.
 
     >>> predict_files("runs/r50/best.pt", ["photos/"], topk=2)  # doctest: +SKIP
     [{'path': 'photos/a.jpg', 'top': [{'class': 'cat', 'prob': 0.93}, {'class': 'dog', 'prob': 0.05}]}]
@@ -280,18 +280,18 @@ def _rank_texts(loaded: LoadedModel, tokenizer, texts: list[str], topk: int, bat
 
 
 def _predict_text_files(loaded: LoadedModel, paths: list[str], topk: int, batch_size: int) -> list[dict]:
-    from freezetune.data.text import TokenizeBatch, list_text_files, read_texts
+    from freezetune.data.text import TokenizeBatch, list_text_files, numbered_texts
 
     tokenizer = TokenizeBatch(loaded.preprocess.tokenizer, loaded.preprocess.max_length)  # once, not once a file
     records = []
     for path in list_text_files(paths):
         try:  # one unreadable file must not cost the predictions of all the others
-            texts = read_texts(path)
+            numbered = numbered_texts(path)
         except DataError as exc:
             records.append({"path": path, "error": str(exc)})
             continue
-        predicted = _rank_texts(loaded, tokenizer, texts, topk, batch_size)
-        records += [{"path": path, "row": row, **r} for row, r in enumerate(predicted, 1)]
+        predicted = _rank_texts(loaded, tokenizer, [text for _, text in numbered], topk, batch_size)
+        records += [{"path": path, "row": line, **r} for (line, _), r in zip(numbered, predicted, strict=True)]
     return records
 
 

@@ -77,13 +77,13 @@ def read_text_csv(path: str | Path, classes: list[str] | None = None) -> TextDat
     ['neg', 'pos']
     """
     path = Path(path)
-    header, rows = _read_rows(path)
+    header, rows, lines = _read_rows(path)
     cols = {
         role: _column(path, header, role, names) for role, names in (("text", TEXT_COLUMNS), ("label", LABEL_COLUMNS))
     }
     if not rows:
         raise DataError(f"CSV '{path}' has no rows under its header; expected a text and its label on each row")
-    _check_rows(path, rows, cols, len(header))
+    _check_rows(path, rows, lines, cols, len(header))
     labels = [r[cols["label"]].strip() for r in rows]
     if classes is None:  # as an image CSV's
         classes = sorted_labels(set(labels))
@@ -112,18 +112,25 @@ def read_texts(path: str | Path) -> list[str]:
     >>> read_texts("reviews.txt")  # doctest: +SKIP
     ['a wonderful film', 'a waste of time']
     """
+    return [text for _, text in numbered_texts(path)]
+
+
+def numbered_texts(path: str | Path) -> list[tuple[int, str]]:
+    """``read_texts``'s texts with the line of the file each starts on (1 is the first line; a CSV's header is its
+    line 1): what ``predict`` reports, so that each prediction points at its text whatever lines were skipped."""
     path = Path(path)
     if path.suffix.lower() in TABLE_SUFFIXES:
-        header, rows = _read_rows(path)
+        header, rows, lines = _read_rows(path)
         cols = {"text": _column(path, header, "text", TEXT_COLUMNS)}
-        _check_rows(path, rows, cols, len(header), empty_ok=True)
-        texts = [r[cols["text"]] for r in rows]
+        _check_rows(path, rows, lines, cols, len(header), empty_ok=True)
+        texts = [(line, r[cols["text"]]) for line, r in zip(lines, rows, strict=True)]
     else:
         try:
-            texts = [line for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
+            content = path.read_text(encoding="utf-8-sig").splitlines()
         except (OSError, UnicodeDecodeError) as e:
             raise DataError(f"cannot read '{path}' as UTF-8 text ({e}); a text model reads texts, one a line, "
                             "or a CSV with a text column") from e  # fmt: skip
+        texts = [(i, line) for i, line in enumerate(content, 1) if line.strip()]
     if not texts:
         raise DataError(f"'{path}' holds no text")
     return texts
@@ -145,16 +152,24 @@ def list_text_files(paths: list[str]) -> list[str]:
     return expand_paths(paths, under, "text file", "text files", TEXT_FILE_SUFFIXES)
 
 
-def _read_rows(path: Path) -> tuple[list[str], list[list[str]]]:
-    """The header of a CSV (stripped, lower case) and its rows; blank lines are skipped."""
+def _read_rows(path: Path) -> tuple[list[str], list[list[str]], list[int]]:
+    """The header of a CSV (stripped, lower case), its rows, and the line of the file each row starts on (a quoted
+    text may span lines); blank lines are skipped."""
+    rows, lines = [], []
     try:
         with path.open(newline="", encoding="utf-8-sig") as f:
-            rows = [r for r in csv.reader(f, delimiter=delimiter(path)) if r and any(cell.strip() for cell in r)]
+            reader = csv.reader(f, delimiter=delimiter(path))
+            start = 1
+            for r in reader:
+                if r and any(cell.strip() for cell in r):
+                    rows.append(r)
+                    lines.append(start)
+                start = reader.line_num + 1
     except (OSError, UnicodeDecodeError, csv.Error) as e:
         raise DataError(f"cannot read CSV '{path}': {e}") from e
     if not rows:
         raise DataError(f"CSV '{path}' is empty; expected a header naming a text and a label column")
-    return [c.strip().lower() for c in rows[0]], rows[1:]
+    return [c.strip().lower() for c in rows[0]], rows[1:], lines[1:]
 
 
 def _column(path: Path, header: list[str], role: str, names: tuple[str, ...]) -> int:
@@ -165,12 +180,15 @@ def _column(path: Path, header: list[str], role: str, names: tuple[str, ...]) ->
     return hits[0]
 
 
-def _check_rows(path: Path, rows: list[list[str]], cols: dict[str, int], width: int, *, empty_ok: bool = False) -> None:
-    """Refuse the first row that is not a text and its label under a header of ``width`` columns (``empty_ok``: an
-    empty text is one, to predict on: refusing it lost every other row's prediction)."""
-    problem = next(((n, p) for n, r in enumerate(rows, 1) if (p := _row_problem(r, cols, width, empty_ok))), None)
+def _check_rows(path: Path, rows: list[list[str]], lines: list[int], cols: dict[str, int], width: int, *,
+                empty_ok: bool = False) -> None:  # fmt: skip
+    """Refuse the first row that is not a text and its label under a header of ``width`` columns, named by its line
+    in the file (``empty_ok``: an empty text is one, to predict on: refusing it lost every other row's prediction)."""
+    problem = next(
+        ((n, p) for n, r in zip(lines, rows, strict=True) if (p := _row_problem(r, cols, width, empty_ok))), None
+    )
     if problem is not None:
-        raise DataError(f"CSV '{path}' row {problem[0]} {problem[1]}")
+        raise DataError(f"CSV '{path}' line {problem[0]} {problem[1]}")
 
 
 def _row_problem(row: list[str], cols: dict[str, int], width: int, empty_ok: bool) -> str | None:
