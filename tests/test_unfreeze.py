@@ -140,7 +140,16 @@ def test_plan_is_validated_up_front():
 
 
 @pytest.mark.parametrize(
-    "bad", ["epoch:0", "epoch:x", "plateau:patience=0", "plateau:speed=1", "cosine", "plateau:mode=up"]
+    "bad",
+    [
+        "epoch:0",
+        "epoch:x",
+        "plateau:patience=0",
+        "plateau:speed=1",
+        "cosine",
+        "plateau:mode=up",
+        "plateau:min_delta=-1",
+    ],
 )
 def test_bad_schedule_lists_the_forms(bad):
     with pytest.raises(ft.FreezetuneError, match="epoch:N") as info:

@@ -86,7 +86,7 @@ def _parse_plateau(args: str) -> Schedule:
             out.mode = value
         else:
             raise ValueError(item)
-    if out.patience < 1:
+    if out.patience < 1 or out.min_delta < 0:  # a negative min_delta counts small drops as improvements
         raise ValueError("patience")
     return out
 
