@@ -405,3 +405,18 @@ def test_an_auto_run_on_unreadable_data_prints_the_data_error_alone(tmp_path, ca
     code, out, err = run_cli(capsys, *train_argv(tmp_path / folder, tmp_path / "run", "--freeze", "auto"))
     assert code == 2 and err.startswith("freezetune: error: ") and str(tmp_path / folder) in err, err
     assert "auto:" not in out, out
+
+
+def test_trials_and_sweep_rows_are_compared_by_validation_accuracy_whatever_the_monitor(data, tmp_path, monkeypatch):
+    # with --monitor val_loss the trials' and rows' "val_acc" held the loss: the highest loss won
+    from freezetune.sweep import sweep
+
+    auto.run(_cfg(data, tmp_path / "auto", monitor="val_loss", epochs=1, cache="auto"), echo=lambda line: None)
+    trials = json.loads((tmp_path / "auto" / "recipe.json").read_text())["trials"]
+    assert trials and all(0 <= t["val_acc"] <= 1 for t in trials)
+    done = sweep(_cfg(data, None, monitor="val_loss", epochs=2), "linear-probe,last-2", out=tmp_path / "s",
+                 echo=lambda line: None)  # fmt: skip
+    for row in done.rows:
+        history = read_metrics(Path(row["run_dir"]) / "metrics.csv")
+        best = next(r for r in history if int(r["epoch"]) == row["best_epoch"])
+        assert row["val_acc"] == pytest.approx(float(best["val_acc"]))

@@ -183,9 +183,9 @@ def _trial(base: TrainConfig, k: int, boost: float, out: Path, train: Callable, 
                                 "same command, with or without --resume, starts them again") from None  # fmt: skip
     row = result.history[-1] if result.history else {}
     seconds = {key: result.seconds.get(key, 0.0) for key in ("cache", "epochs")}
-    echo(f"auto: last {k} stage(s) + head at lr {trial_cfg.lr:.1e}: val acc {_pct(result.best_metric)} "
+    echo(f"auto: last {k} stage(s) + head at lr {trial_cfg.lr:.1e}: val acc {_pct(result.best_val_acc)} "
          f"({sum(seconds.values()):.1f}s)")  # fmt: skip
-    return {"trained_stages": k, "freeze": -(k + 1), "lr": trial_cfg.lr, "val_acc": result.best_metric,
+    return {"trained_stages": k, "freeze": -(k + 1), "lr": trial_cfg.lr, "val_acc": result.best_val_acc,
             "seconds": seconds, "epoch_s": row.get("epoch_time_s", 0.0) / TRIAL_FRACTION,
             "trainable_params": row.get("trainable_params"), "n_val": _val_size(result),
             "data_kind": result.data_kind, "refit_fits": result.refit_fits}  # fmt: skip

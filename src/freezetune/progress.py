@@ -90,6 +90,18 @@ class RunResult:
     refit_fits: bool = False  # its validation set could have trained too (``DataBundle.refit_fits``)
 
     @property
+    def best_val_acc(self) -> float | None:
+        """The validation accuracy of the best epoch, whatever the run monitored: what trials and recipes are compared
+        by (a ``val_loss`` run's ``best_metric`` is a loss, and the highest one had won).
+
+        >>> RunResult(Path("r"), 2, 0.4, history=[{"epoch": 1, "val_acc": 0.5}, {"epoch": 2, "val_acc": 0.7}]).best_val_acc
+        0.7
+        """
+        row = next((r for r in self.history if r.get("epoch") == self.best_epoch), None)
+        value = row.get("val_acc") if row else None
+        return float(value) if value is not None else None
+
+    @property
     def train_seconds(self) -> float:
         """What the user paid to train: cache + epochs - val (the per-epoch validation selects, it does not train).
 

@@ -159,7 +159,7 @@ def _row(name: str, result, *, cuda: bool) -> dict:
     peak = max(r.get("peak_mem_mb", 0.0) for r in history) if cuda else None
     return {
         "recipe": name,
-        "val_acc": result.best_metric if result.best_metric is not None else float("nan"),
+        "val_acc": result.best_val_acc if result.best_val_acc is not None else float("nan"),  # not a val_loss
         "train_s": result.train_seconds,
         "peak_mem_mb": peak,
         "trainable_params": history[-1].get("trainable_params", 0),
