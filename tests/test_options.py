@@ -135,3 +135,12 @@ def test_library_defaults_are_the_config_defaults():
         assert inspect.signature(fn).parameters["bn"].default is None
     assert inspect.signature(train_transform).parameters["aug"].default == defaults.aug
     assert inspect.signature(freeze).parameters["spec"].default == options.FREEZE_DEFAULT
+
+
+@pytest.mark.parametrize("bad", ["nan", "inf", "1e400", "0", "-5m"])
+def test_a_budget_that_is_no_positive_finite_duration_is_refused(bad):
+    # nan and inf passed, and crashed (math.floor) after every trial of the auto recipe
+    from freezetune.options import parse_duration
+
+    with pytest.raises(ConfigError, match=f"budget must be a positive, finite duration, got '{bad}'"):
+        parse_duration(bad)

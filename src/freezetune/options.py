@@ -6,6 +6,7 @@ Torch-free on purpose: ``config`` and the CLI's argument parser import it withou
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -177,8 +178,8 @@ def parse_duration(text: str | int | float | None) -> float | None:
         seconds = float(number) * (scale or 1)
     except ValueError:
         raise ConfigError(f"budget {text!r} is not a duration such as '90s', '5m' or '1h'") from None
-    if seconds <= 0:
-        raise ConfigError(f"budget must be positive, got {text!r}")
+    if not math.isfinite(seconds) or seconds <= 0:  # nan and inf passed, and crashed after every trial
+        raise ConfigError(f"budget must be a positive, finite duration, got {text!r}")
     return seconds
 
 
