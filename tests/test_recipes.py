@@ -420,3 +420,19 @@ def test_trials_and_sweep_rows_are_compared_by_validation_accuracy_whatever_the_
         history = read_metrics(Path(row["run_dir"]) / "metrics.csv")
         best = next(r for r in history if int(r["epoch"]) == row["best_epoch"])
         assert row["val_acc"] == pytest.approx(float(best["val_acc"]))
+
+
+def test_a_sweep_resumes_only_with_its_own_settings_and_never_into_a_training_run(data, tmp_path):
+    # --resume --lr 0.05 read every row trained at 1e-3 back and wrote a winner.yaml with lr 0.05; a sweep into a
+    # train run's dir put its files beside that run's checkpoints
+    from freezetune.sweep import sweep
+
+    quiet = dict(echo=lambda line: None)
+    sweep(_cfg(data, None, epochs=1), "linear-probe", out=tmp_path / "s", **quiet)
+    with pytest.raises(ConfigError, match=r"cannot resume the sweep in .* with lr 0.001 -> 0.05: its recipes ran"):
+        sweep(_cfg(data, None, epochs=1, lr=0.05, resume=True), "linear-probe", out=tmp_path / "s", **quiet)
+    assert sweep(_cfg(data, None, epochs=1, resume=True), "linear-probe", out=tmp_path / "s", **quiet).rows
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "classes.json").write_text('["a", "b"]')
+    with pytest.raises(ConfigError, match=r"holds a training run \(classes.json\)"):
+        sweep(_cfg(data, None, epochs=1), "linear-probe", out=tmp_path / "run", **quiet)

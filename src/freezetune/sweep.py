@@ -28,6 +28,7 @@ from freezetune.options import BATCH_AUTO, RECIPES, parse_duration, recipe_probl
 
 DEFAULT_RECIPES = ("linear-probe", "last-k", "auto", "full")
 ROW_FILE = "sweep_row.json"  # a finished recipe's row, in its run directory
+SETTINGS_FILE = "sweep_config.yaml"  # the settings every recipe ran with: a --resume must keep them
 COLUMNS = ("recipe", "val_acc", "train_s", "peak_mem_mb", "trainable_params", "best_epoch", "run_dir")
 
 
@@ -74,6 +75,7 @@ def sweep(cfg: TrainConfig, recipes: str | list[str] | tuple[str, ...] = DEFAULT
     runs = _run_configs(cfg, _names(recipes), out)
     if (out / "sweep.csv").exists() and not cfg.resume:
         raise ConfigError(f"{str(out)!r} already holds a sweep (sweep.csv); choose another --out")
+    _keep_settings(out, cfg)
     budget, start, rows, carried = parse_duration(cfg.budget), time.perf_counter(), [], 0.0
     for name, run_cfg in runs.items():
         # the clock counts what this process trained; a recipe finished before an interruption adds its measured
@@ -91,6 +93,28 @@ def sweep(cfg: TrainConfig, recipes: str | list[str] | tuple[str, ...] = DEFAULT
     echo(format_table(rows, winner["recipe"]))
     echo(f"winner: {winner['recipe']} -> {out / 'winner.yaml'} (freezetune train --config {out / 'winner.yaml'})")
     return SweepResult(rows, winner["recipe"], out)
+
+
+def _keep_settings(out: Path, cfg: TrainConfig) -> None:
+    """Record the sweep's settings in ``out``, or on ``--resume`` check them against those recorded: rows trained
+    with other settings would be compared, and ``winner.yaml`` would name settings its winner never ran with. A
+    folder holding a training run is refused (the sweep's files would land beside its checkpoints)."""
+    from freezetune.config import RESUME_MAY_CHANGE
+    from freezetune.runtime import CLASSES_FILE
+
+    if (out / CLASSES_FILE).exists():
+        raise ConfigError(f"{str(out)!r} holds a training run ({CLASSES_FILE}); a sweep writes a run per recipe below "
+                          "its --out: choose another")  # fmt: skip
+    now = {k: v for k, v in cfg.recorded().items() if k not in (*RESUME_MAY_CHANGE, "budget")}
+    saved = out / SETTINGS_FILE
+    if cfg.resume and saved.is_file():
+        before = yaml.safe_load(saved.read_text()) or {}
+        changed = [f"{k} {before[k]!r} -> {v!r}" for k, v in now.items() if k in before and before[k] != v]
+        if changed:
+            raise ConfigError(f"cannot resume the sweep in {str(out)!r} with {', '.join(changed)}: its recipes ran "
+                              "with the sweep's own settings; resume with them, or sweep into another --out")  # fmt: skip
+        return
+    atomic_write_text(saved, yaml.safe_dump(now, sort_keys=False))
 
 
 def _names(recipes: str | list[str] | tuple[str, ...]) -> list[str]:
