@@ -436,3 +436,12 @@ def test_a_sweep_resumes_only_with_its_own_settings_and_never_into_a_training_ru
     (tmp_path / "run" / "classes.json").write_text('["a", "b"]')
     with pytest.raises(ConfigError, match=r"holds a training run \(classes.json\)"):
         sweep(_cfg(data, None, epochs=1), "linear-probe", out=tmp_path / "run", **quiet)
+
+
+def test_an_auto_run_whose_trials_spent_its_budget_says_so_and_trains_one_epoch(data, tmp_path):
+    # it printed "for 1 epoch(s)" alone, 7x over a 30 s budget, without a word of it
+    lines = []
+    auto.run(_cfg(data, tmp_path / "r", budget="0.01s", epochs=5, cache="auto"), echo=lines.append)
+    assert any(line.startswith("auto: the trials took") and "of the 0.01s budget: the run trains one epoch" in line
+               for line in lines), lines  # fmt: skip
+    assert json.loads((tmp_path / "r" / "recipe.json").read_text())["choice"]["epochs"] == 1

@@ -97,7 +97,11 @@ def run(cfg: TrainConfig, *, echo: Callable[[str], None] = print, train: Callabl
              f"the others' if the split holds {MIN_VAL_TO_COMPARE} or more")  # fmt: skip
     boost = TEXT_LR_BOOST if text else LR_BOOST
     trials, choice, why = _measure(base, ks, boost, out, train, _after_data(echo, intro))
-    epochs, refit = _affordable(cfg, choice, time.perf_counter() - start), refits(cfg)
+    spent = time.perf_counter() - start
+    epochs, refit = _affordable(cfg, choice, spent), refits(cfg)
+    budget = parse_duration(cfg.budget)
+    if budget is not None and spent >= budget:  # the run then trains one epoch: say why, not only how many
+        echo(f"auto: the trials took {spent:.0f}s of the {cfg.budget} budget: the run trains one epoch, over it")
     if refit and not trials[0]["refit_fits"]:  # recorded as done (recipe.json, config.yaml), not as asked
         refit = False
         reason = (f"training on them too would train on more than per_class={cfg.per_class} a class"
@@ -180,7 +184,7 @@ def _trial(base: TrainConfig, k: int, boost: float, out: Path, train: Callable, 
         result = train(trial_cfg, echo=_indented(echo), resumable=False, brief=brief)
     except RunInterrupted as exc:  # the trial's last.pt is not the run's: say what a re-run does instead
         raise RunInterrupted.by(exc.signum, f"during the trial of the last {k} stage(s) (trials are not resumed); the "
-                                "same command, with or without --resume, starts them again") from None  # fmt: skip
+                                "same command with --resume starts them again") from None  # fmt: skip
     row = result.history[-1] if result.history else {}
     seconds = {key: result.seconds.get(key, 0.0) for key in ("cache", "epochs")}
     echo(f"auto: last {k} stage(s) + head at lr {trial_cfg.lr:.1e}: val acc {_pct(result.best_val_acc)} "
