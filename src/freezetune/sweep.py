@@ -205,7 +205,7 @@ def format_table(rows: list[dict], winner: str) -> str:
         name = r["recipe"] + (" *" if r["recipe"] == winner else "")
         peak = f"{r['peak_mem_mb']:8.0f}" if r.get("peak_mem_mb") is not None else f"{'-':>8s}"  # CPU: not measured
         lines.append(f"{name:14s}  {100 * r['val_acc']:6.1f}%  {r['train_s']:7.1f}  {peak}  "
-                     f"{r['trainable_params'] / 1e6:8.2f}M")  # fmt: skip
+                     f"{_count(r['trainable_params']):>9s}")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -220,6 +220,15 @@ def pareto_front(rows: list[dict]) -> list[dict]:
                                         and (o["val_acc"], -o["train_s"]) != (r["val_acc"], -r["train_s"])
                                         for o in rows)]  # fmt: skip
     return sorted(front, key=lambda r: r["train_s"])
+
+
+def _count(n: int) -> str:
+    """A parameter count in a table: millions, or thousands below 0.1 M (a linear probe's 12,810 read "0.01M").
+
+    >>> _count(3_400_000), _count(12_810)
+    ('3.40M', '12.8K')
+    """
+    return f"{n / 1e6:.2f}M" if n >= 100_000 else f"{n / 1e3:.1f}K"
 
 
 def _write(out: Path, rows: list[dict], winner: dict, cfg: TrainConfig) -> None:
