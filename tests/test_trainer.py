@@ -15,7 +15,7 @@ from torch import nn
 import freezetune as ft
 from _engine_fixtures import fashion_mnist_dir, make_image_folder, run_cli, snapshot, train_argv
 from freezetune import checkpoint, runtime, step, trainer
-from freezetune.config import TrainConfig
+from freezetune.config import TrainConfig, load_config
 from freezetune.errors import ConfigError
 from freezetune.optim import build_optimizer, build_scheduler
 from freezetune.precision import resolve_device, resolve_precision
@@ -90,6 +90,21 @@ def test_resume_after_interrupt_matches_an_uninterrupted_run(data, tmp_path, cap
     wa, wb = checkpoint.load(whole / "last.pt")["state_dict"], checkpoint.load(split / "last.pt")["state_dict"]
     for key in wa:
         torch.testing.assert_close(wb[key], wa[key], rtol=0, atol=1e-6, msg=key)
+
+
+def test_a_resumed_runs_seconds_count_the_processes_before_it(data, tmp_path, capsys, monkeypatch):
+    # RunResult.seconds (a sweep's train_s) held the last process's alone: a recipe resumed in its last epoch read
+    # 3.5x cheaper than it was
+    out = tmp_path / "split"
+    with monkeypatch.context() as patch:
+        _interrupt_at(patch, 2)
+        code, _, err = run_cli(capsys, *train_argv(data, out, *RESUMABLE))
+    assert code == 130, err
+    before = checkpoint.load(out / "last.pt")["progress"]["spent"]
+    assert before["epochs"] > 0 and before["cache"] >= 0
+    cfg = load_config(out / "config.yaml", {"resume": True, "out": str(out)})
+    result = trainer.train(cfg, echo=lambda line: None)
+    assert result.seconds["epochs"] > before["epochs"] and result.seconds["val"] >= before["val"]
 
 
 @pytest.fixture(scope="module")

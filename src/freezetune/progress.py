@@ -32,6 +32,9 @@ class Progress:
     # exactly needs (the epoch's running train totals, the RNG state after that step). 0 and None at epoch ends.
     step: int = 0
     partial: dict[str, Any] | None = None
+    # seconds this run spent in the processes before this one (``RunResult.seconds``' keys): a resumed run's time
+    # counts them too (a sweep's table compared a resumed recipe by its last process's seconds alone)
+    spent: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.monitor not in MONITORS:

@@ -140,7 +140,9 @@ class Trainer:
         if self.resuming:  # the rows logged after its last.pt go
             self.metrics.truncate(self.progress.epoch)
         self.features.build()
-        self.seconds = {"cache": self.features.build_seconds, "val": 0.0, "epochs": 0.0}
+        self.seconds = {"cache": self.features.build_seconds, "val": 0.0, "epochs": 0.0}  # this process's
+        self.spent_before = dict(self.progress.spent)  # a resumed run's earlier processes'
+        self.fit_start: float | None = None
         if self.dist.is_main:
             cfg.save(self.run_dir / runtime.CONFIG_FILE)
             if self.data.skipped:  # what --skip-bad left out stays on record with the run
@@ -228,7 +230,7 @@ class Trainer:
         if self.data.skipped:
             self.echo(f"skipped {len(self.data.skipped)} unreadable image file(s) (--skip-bad): listed in "
                       f"{self.run_dir / SKIPPED}")  # fmt: skip
-        start = time.perf_counter()
+        self.fit_start = start = time.perf_counter()
         try:
             # one process: a signal is acted on at the next step boundary, after saving there; under DDP the ranks
             # could not agree on that step without a collective every step, so a signal stops them at once
@@ -241,6 +243,7 @@ class Trainer:
             raise
         self._close(failing=False)
         self.seconds["epochs"] = time.perf_counter() - start
+        self.seconds = self._spent()
         if self.dist.is_main:
             reporting.plot_report(self.run_dir / "metrics.csv", self.run_dir / "report.png")
         test = self._final_test()
@@ -251,6 +254,13 @@ class Trainer:
             self.echo(f"best.pt: epoch {p.best_epoch}{metric} (no test split to score) -> {self.run_dir}")
         return RunResult(self.run_dir, p.best_epoch, p.best_metric, test, list(self.metrics.rows), self.seconds,
                          data_kind=noun(self.data.train), refit_fits=self.data.refit_fits)  # fmt: skip
+
+    def _spent(self, *, running: bool = False) -> dict[str, float]:
+        """The run's seconds so far: this process's (``running``: the epoch loop's up to now) plus its earlier ones'."""
+        now = dict(self.seconds)
+        if running and self.fit_start is not None:
+            now["epochs"] = time.perf_counter() - self.fit_start
+        return {k: self.spent_before.get(k, 0.0) + now.get(k, 0.0) for k in {*now, *self.spent_before}}
 
     def _close(self, *, failing: bool) -> None:
         """After the epochs, Ctrl-C and errors too: the saves already made land, TensorBoard is flushed, the loaders'
@@ -275,6 +285,7 @@ class Trainer:
             last = epoch + 1 == cfg.epochs  # nothing trains after the last epoch: no unfreeze, no cache rebuild
             unfrozen = [] if last else self._step_unfreezer(epoch, row)
             improved = self.progress.update(epoch, row.get(cfg.monitor))
+            self.progress.spent = self._spent(running=True)
             if self.dist.is_main:
                 record = checkpoint.model_record(
                     self.model, cfg.recorded(), self.classes, self.preprocess, self.hf_files
@@ -377,6 +388,7 @@ class Trainer:
             return
         # never save the weights of a non-finite step (the epoch's end reports it), nor a run nobody resumes
         if self.resumable and not meter.diverged:
+            self.progress.spent = self._spent(running=True)
             self.progress.at_step(step, {"meter": meter.state_dict(), "rng": checkpoint.rng_state(),
                                          "lrs": self.step.lrs})  # fmt: skip
             record = checkpoint.model_record(
