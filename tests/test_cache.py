@@ -319,3 +319,17 @@ def test_a_cache_that_would_drop_what_the_model_computes_after_its_head_is_refus
             continue
         with pytest.raises(ft.FreezetuneError, match=r"computes after its head .* train on images \(--cache off\)"):
             ft.cache_features(model, data)
+
+
+@pytest.mark.parametrize("wrap", [nn.DataParallel, torch.compile])
+def test_cache_features_splits_the_model_inside_a_wrapper(wrap):
+    # a wrapped model did not trace ("the model does not trace with torch.fx") or had no `fc`
+    import torchvision
+    from torch.utils.data import TensorDataset
+
+    import freezetune as ft
+
+    model = ft.replace_head(torchvision.models.resnet18(), 2)
+    ft.freeze_to(model, -2)
+    split, store = ft.cache_features(wrap(model), TensorDataset(torch.randn(2, 3, 32, 32), torch.tensor([0, 1])))
+    assert split.boundary == "layer4" and split.how == "fx"

@@ -27,13 +27,15 @@ _HELP = {
     "weights": f"{'|'.join(PRETRAINED_WEIGHTS)} (pretrained; packaged copy used offline), "
     f"{'|'.join(RANDOM_WEIGHTS)}, or a weights file",
     "data": "image folder (DIR/train/<class>/*), CSV path,label, or IDX directory (MNIST/Fashion-MNIST); for a text "
-    "model (hf:), a text,label CSV",
+    "model (hf:), a text,label CSV (or .tsv)",
     "batch_size": "images or texts a step, or auto (the largest that fits the CUDA device)",
     "per_class": "few-shot: K seeded training images per class",
     "freeze": "auto (measured), backbone, all, none, bitfit, N (first N stages, negative ok), stage names or globs, "
     "comma-separated",
     "recipe": "a named procedure: " + " | ".join(RECIPES) + " (last-K: the last K stages train)",
-    "budget": "wall-clock budget for the auto recipe or a sweep, e.g. 90s, 5m, 1h",
+    "budget": "wall-clock budget for the auto recipe's trials and epochs (the epochs it trains), e.g. 90s, 5m, 1h",
+    "max_length": "a text model: the tokens a text keeps (longer texts are cut there and counted in the log; at most "
+    "the model's positions)",
     "init": "a freezetune checkpoint whose weights (head included) start the run",
     "cache_dir": "keep feature caches here and reuse them across runs (the auto recipe: OUT/features)",
     "bn": "BatchNorm in frozen parts (frozen: eval statistics)",
@@ -132,6 +134,11 @@ def _train_parser(sub) -> None:
 # where a sweep's flags mean something else than train's (what it sets itself: sweep.SWEEP_SETS, with the reason)
 _SWEEP_HELP = {
     "out": "sweep directory, a run per recipe below it [default: runs/sweep]",
+    "budget": "wall-clock budget of the sweep: a recipe starts only while it lasts (one running is not cut short; the "
+    "auto recipe inside trains --epochs)",
+    "resume": "continue an interrupted sweep: give its own command again (a setting other than those it recorded in "
+    "sweep_config.yaml is refused); finished recipes are read back",
+    "monitor": "what each recipe's best.pt is chosen by; recipes are compared by validation accuracy whatever it is",
     "freeze": "refused: each of --recipes sets its own",
     "recipe": "refused: give --recipes",
     **{key: f"refused when true: {why}" for key, (_, why) in SWEEP_SETS.items()},

@@ -28,6 +28,7 @@ from freezetune.cache.disk import ensure_space
 from freezetune.data.loaders import EpochOrder, check_batch_size
 from freezetune.distributed import DistInfo, shard_rows, sum_across_ranks
 from freezetune.errors import ConfigError, DataError, choices
+from freezetune.heads import unwrap
 from freezetune.interrupt import pause_point
 from freezetune.precision import Precision
 from freezetune.split import Split
@@ -209,6 +210,7 @@ def cache_features(
 
     if place not in PLACES:  # any other word ("ram") was taken for "auto"
         raise ConfigError(f"unknown place {place!r}; places are: {choices(PLACES)}")
+    model = unwrap(model)  # DDP, DataParallel, torch.compile: the model inside traces and splits
     _check_pairs(dataset)
     split, why = split_model(model)
     if split is None:
