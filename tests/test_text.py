@@ -203,7 +203,13 @@ def test_a_text_model_exports_its_weights_and_refuses_a_graph_format_in_one_line
     code, out, err = run_cli(capsys, "export", "--checkpoint", best, "--to", tmp_path / "m.safetensors")
     assert code == 0 and (tmp_path / "m.safetensors").is_file(), err
     # the sidecar described a text model's input as 224 px ImageNet-normalised images
-    assert json.loads((tmp_path / "m.json").read_text())["preprocess"] == {"tokenizer": str(MINILM), "max_length": 128}
+    sidecar = json.loads((tmp_path / "m.json").read_text())
+    assert sidecar["preprocess"] == {"tokenizer": str(MINILM), "max_length": 128} and sidecar["hf_files"] == "m.hf"
+    # the model folder's config and tokenizer beside the weights: the export needs no copy of that folder
+    from transformers import AutoConfig, AutoTokenizer
+
+    assert AutoTokenizer.from_pretrained(tmp_path / "m.hf")("a joy")["input_ids"][0] == 101  # [CLS]
+    assert AutoConfig.from_pretrained(tmp_path / "m.hf").hidden_size == 384
 
 
 def test_predict_texts_wants_a_list_of_strings_and_a_text_model(tmp_path):

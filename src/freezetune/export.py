@@ -68,8 +68,15 @@ def export_checkpoint(ckpt_path: str | Path, to: str | Path, *, force: bool = Fa
         "freezetune_version": record.get("freezetune_version"),
         "epoch": record.get("epoch"),
     }
+    folder = to.with_suffix(".hf")  # an hf:DIR model's config and tokenizer files, which its checkpoint carries
+    if record.get("hf_files"):
+        if folder.exists() and not force:
+            raise CheckpointError(f"{folder} already exists; pass --force to overwrite")
+        meta["hf_files"] = folder.name  # beside the sidecar: AutoConfig / AutoTokenizer.from_pretrained(it)
     meta = _sidecar(sidecar, meta, force, to)
     to.parent.mkdir(parents=True, exist_ok=True)
+    if record.get("hf_files"):
+        _save_hf_files(record["hf_files"], folder)
     if to.suffix == ".safetensors":
         _save_safetensors(record, to)
     else:
@@ -101,6 +108,16 @@ def _sidecar(path: Path, meta: dict, force: bool, target: Path) -> dict:
                               "--force would give those this checkpoint's description: remove them too, or export "
                               "under another name")  # fmt: skip
     return meta
+
+
+def _save_hf_files(files: dict[str, str], folder: Path) -> None:
+    """The bundled files (``hf_bundle``), each written whole: the export then needs no copy of the model's folder."""
+    import base64
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, data in files.items():
+        with atomic_output(folder / name) as tmp:
+            tmp.write_bytes(base64.b64decode(data))
 
 
 def _save_safetensors(record: dict, to: Path) -> None:
