@@ -333,3 +333,18 @@ def test_cache_features_splits_the_model_inside_a_wrapper(wrap):
     ft.freeze_to(model, -2)
     split, store = ft.cache_features(wrap(model), TensorDataset(torch.randn(2, 3, 32, 32), torch.tensor([0, 1])))
     assert split.boundary == "layer4" and split.how == "fx"
+
+
+def test_a_hugging_face_image_model_caches_through_its_head_hook():
+    # the head-hook check read the model's output as a tensor: a Hugging Face model returns .logits in an object
+    from torch.utils.data import TensorDataset
+    from transformers import ViTConfig, ViTForImageClassification
+
+    import freezetune as ft
+
+    config = ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                       intermediate_size=64, num_labels=3)  # fmt: skip
+    model = ViTForImageClassification(config)
+    ft.freeze(model, "backbone")
+    split, store = ft.cache_features(model, TensorDataset(torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 0])))
+    assert split.how == "head-hook" and store.features.shape[1] == 4

@@ -266,15 +266,15 @@ def _check_head_hook(split: Split, inputs, feats: torch.Tensor, precision: Preci
     otherwise train the cached head on another function than the model's, in silence."""
     if split.how != "head-hook":
         return
-    from freezetune.evaluate import to_device
+    from freezetune.evaluate import logits_of, to_device
 
     model = split.prefix.model
     was_training = model.training
     try:
         with torch.inference_mode(), precision.autocast():
             model.eval()
-            whole = model(to_device(inputs, precision.device, channels_last)).float()
-            cut = split.suffix_eval(feats).float()
+            whole = logits_of(model(to_device(inputs, precision.device, channels_last))).float()  # HF: .logits
+            cut = logits_of(split.suffix_eval(feats)).float()
     finally:
         model.train(was_training)
     if whole.shape != cut.shape or not torch.allclose(whole, cut, rtol=1e-4, atol=1e-5):
