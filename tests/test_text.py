@@ -259,10 +259,14 @@ def test_texts_longer_than_max_length_are_counted_and_max_length_stays_within_th
 
     texts = TextDataset(["short", "word " * 40, "word " * 200], torch.tensor([0, 1, 0]), ["a", "b"])
     assert truncation_note(texts, text_preprocess(f"hf:{MINILM}")) == (
-        "note: 1 of 3 training texts are longer than 128 tokens (the longest 202) and are cut there; --max-length N "
-        "keeps more (up to the model's own limit)"
+        "note: 1 of 3 training texts are longer than 128 tokens (the longest 202) and are cut there; --max-length up "
+        "to 512 keeps more"
     )
     assert truncation_note(texts, text_preprocess(f"hf:{MINILM}", max_length=256)) is None
+    longer = TextDataset(["word " * 600], torch.tensor([0]), ["a"])  # at the model's limit: no advice to raise it
+    assert truncation_note(longer, text_preprocess(f"hf:{MINILM}", max_length=512)).endswith(
+        "are cut there; the model reads 512 tokens at most"
+    )
     with pytest.raises(ConfigError, match=r"max_length 600 is over .* 512 positions; give --max-length 512 or less"):
         text_preprocess(f"hf:{MINILM}", max_length=600)
 
@@ -313,3 +317,10 @@ def test_max_length_of_a_roberta_style_model_leaves_its_two_offset_positions(tmp
         text_preprocess("hf:roberta", max_length=513)
     # a folder is named absolutely: checkpoints keep it, and are read from other directories
     assert text_preprocess("hf:roberta", max_length=512).tokenizer == str(tmp_path / "roberta")
+
+
+def test_max_length_given_to_an_image_model_is_refused(tmp_path, capsys):
+    # accepted, written to config.yaml and ignored
+    code, out, err = run_cli(capsys, *train_argv(make_image_folder(tmp_path / "img"), tmp_path / "r", "--max-length",
+                                                 "256", "--freeze", "backbone"))  # fmt: skip
+    assert code == 2 and "max_length 256 sets the tokens a text keeps" in err and "image model" in err, err

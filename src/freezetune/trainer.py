@@ -99,6 +99,9 @@ class Trainer:
         self._process(echo)
         self.model, self.preprocess = create_model(cfg.model, cfg.weights, img_size=cfg.img_size)
         check_cut(self.model, cfg.cache_at)  # a stage name needs the model: checked before any data is read
+        if self.preprocess is not None and cfg.max_length != TrainConfig.max_length:  # ignored in silence otherwise
+            raise ConfigError(f"max_length {cfg.max_length} sets the tokens a text keeps; {cfg.model} is an image "
+                              "model: drop --max-length")  # fmt: skip
         self.preprocess = self.preprocess or text_preprocess(cfg.model, cfg.max_length)  # a text model: its tokenizer
         self.hf_files = hf_bundle.bundle(cfg.model)  # an hf:DIR's config and tokenizer, carried by every checkpoint
         self.data = build_datasets(cfg.data, val_data=cfg.val_data, val_split=cfg.val_split, per_class=cfg.per_class,

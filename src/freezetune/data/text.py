@@ -239,10 +239,15 @@ def truncation_note(dataset: Dataset, preprocess) -> str | None:
     long = sum(n > preprocess.max_length for n in lengths)
     if not long:
         return None
-    return (
-        f"note: {long} of {len(texts)} training texts are longer than {preprocess.max_length} tokens (the longest "
-        f"{max(lengths)}) and are cut there; --max-length N keeps more (up to the model's own limit)"
-    )
+    limit = _max_positions(preprocess.tokenizer)  # the advice must be one that can be followed
+    if limit is None:
+        more = "--max-length N keeps more (up to the model's own limit)"
+    elif preprocess.max_length < limit:
+        more = f"--max-length up to {limit} keeps more"
+    else:
+        more = f"the model reads {limit} tokens at most"
+    return (f"note: {long} of {len(texts)} training texts are longer than {preprocess.max_length} tokens (the longest "
+            f"{max(lengths)}) and are cut there; {more}")  # fmt: skip
 
 
 def text_preprocess(name: str, max_length: int = 128) -> Preprocess:
