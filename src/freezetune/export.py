@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
-from freezetune import checkpoint
+from freezetune import checkpoint, hf_bundle
 from freezetune._io import atomic_output, atomic_write_text
 from freezetune.errors import CheckpointError, ConfigError
 
@@ -76,7 +76,7 @@ def export_checkpoint(ckpt_path: str | Path, to: str | Path, *, force: bool = Fa
     meta = _sidecar(sidecar, meta, force, to)
     to.parent.mkdir(parents=True, exist_ok=True)
     if record.get("hf_files"):
-        _save_hf_files(record["hf_files"], folder)
+        hf_bundle.write(record["hf_files"], folder)
     if to.suffix == ".safetensors":
         _save_safetensors(record, to)
     else:
@@ -108,16 +108,6 @@ def _sidecar(path: Path, meta: dict, force: bool, target: Path) -> dict:
                               "--force would give those this checkpoint's description: remove them too, or export "
                               "under another name")  # fmt: skip
     return meta
-
-
-def _save_hf_files(files: dict[str, str], folder: Path) -> None:
-    """The bundled files (``hf_bundle``), each written whole: the export then needs no copy of the model's folder."""
-    import base64
-
-    folder.mkdir(parents=True, exist_ok=True)
-    for name, data in files.items():
-        with atomic_output(folder / name) as tmp:
-            tmp.write_bytes(base64.b64decode(data))
 
 
 def _save_safetensors(record: dict, to: Path) -> None:

@@ -17,10 +17,11 @@ from pathlib import Path
 from freezetune._io import atomic_output
 
 _HF = "hf:"
-# config.json builds the architecture; the rest are the tokenizer's (fast, WordPiece, BPE, SentencePiece)
-BUNDLED_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                 "added_tokens.json", "vocab.txt", "vocab.json", "merges.txt", "spiece.model",
-                 "sentencepiece.bpe.model", "tokenizer.model")  # fmt: skip
+# A saved Hugging Face tokenizer has at least one of these (fast, WordPiece, BPE, SentencePiece vocabularies)
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "tokenizer_config.json", "spiece.model",
+                   "sentencepiece.bpe.model", "tokenizer.model", "merges.txt")  # fmt: skip
+# config.json builds the architecture; the rest are the tokenizer's
+BUNDLED_FILES = ("config.json", *TOKENIZER_FILES, "special_tokens_map.json", "added_tokens.json")
 
 
 def bundle(model: str) -> dict[str, str] | None:
@@ -46,8 +47,14 @@ def rebuilt_folder(model: str, files: dict[str, str] | None) -> str | None:
     digest = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[:16]
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     folder = cache / "freezetune" / "hf-bundles" / digest
+    write(files, folder, keep=True)
+    return str(folder)
+
+
+def write(files: dict[str, str], folder: Path, *, keep: bool = False) -> None:
+    """The bundled ``files`` as files in ``folder``, each written whole (``atomic_output``: another process may read
+    it); ``keep``: a file already there is left as it is (a folder named by its content)."""
     for name, data in files.items():
-        if not (folder / name).is_file():  # each file whole or absent (atomic_output): another process may read it
+        if not (keep and (folder / name).is_file()):
             with atomic_output(folder / name) as tmp:
                 tmp.write_bytes(base64.b64decode(data))
-    return str(folder)

@@ -18,6 +18,7 @@ from torch.utils.data import Dataset
 
 from freezetune.data.folder import expand_paths, sorted_labels, warn_similar_labels
 from freezetune.errors import ConfigError, DataError, choices
+from freezetune.hf_bundle import TOKENIZER_FILES
 from freezetune.preprocess import Preprocess
 
 TEXT_COLUMNS = ("text", "sentence", "review", "document", "content")
@@ -291,8 +292,3 @@ def _max_positions(arch: str) -> int | None:
 # model types whose position ids start after the padding index (transformers' create_position_ids_from_input_ids)
 _OFFSET_POSITIONS = ("roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "longformer", "roberta-prelayernorm",
                      "data2vec-text", "ibert", "xmod", "mpnet", "luke")  # fmt: skip
-
-
-# A saved Hugging Face tokenizer has at least one of these (fast, WordPiece, BPE, SentencePiece vocabularies)
-TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "tokenizer_config.json", "spiece.model",
-                   "sentencepiece.bpe.model", "tokenizer.model", "merges.txt")  # fmt: skip
