@@ -159,13 +159,19 @@ def unwrap(model: nn.Module) -> nn.Module:
     """The model under its wrappers: DistributedDataParallel and DataParallel (``.module``), ``torch.compile``
     (``._orig_mod``). Stages, freezing and groups act on the model itself: a wrapper is one child to them, so
     ``freeze(ddp_model, -2)`` froze nothing and stage names read ``module.fc``."""
+    return wrapping(model)[-1]
+
+
+def wrapping(model: nn.Module) -> list[nn.Module]:
+    """``model`` and the modules its wrappers hold, outermost first: ``[ddp, compiled, model]``."""
+    chain = [model]
     while True:
-        inner = getattr(model, "_orig_mod", None)
-        if inner is None and isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            inner = model.module
+        inner = getattr(chain[-1], "_orig_mod", None)
+        if inner is None and isinstance(chain[-1], (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            inner = chain[-1].module
         if not isinstance(inner, nn.Module):
-            return model
-        model = inner
+            return chain
+        chain.append(inner)
 
 
 def is_timm(model: nn.Module) -> bool:

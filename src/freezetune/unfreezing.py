@@ -21,7 +21,7 @@ from torch import nn
 
 from freezetune.errors import CheckpointError, SpecError, choices
 from freezetune.freeze import Spec, check_bn_policy, resolve_stages, unfreeze
-from freezetune.heads import unwrap
+from freezetune.heads import unwrap, wrapping
 from freezetune.param_groups import LRRule, group_stage, is_no_decay, no_decay_names, stage_groups
 from freezetune.stages import Stage, stages
 
@@ -129,7 +129,7 @@ class Unfreezer:
         if mode not in MODES:  # any other spelling ("Max") was taken for "min": a rising accuracy a stall
             raise SpecError(f"unknown mode {mode!r}; modes are: {choices(MODES)}")
         # DDP all-reduces the gradients of the parameters that trained when it wrapped the model, and no others
-        self.under_ddp = _wrapped_by_ddp(model)
+        self.under_ddp = any(isinstance(m, nn.parallel.DistributedDataParallel) for m in wrapping(model))
         self.model, self.optimizer, self.scheduler = unwrap(model), optimizer, scheduler
         self.schedule = parse_schedule(schedule)
         self.mode = self.schedule.mode or mode  # a plateau on a loss waits for it to stop falling
@@ -339,15 +339,6 @@ def nominal_lr(group: dict) -> float:
     """A group's own LR before any scheduler moved it: OneCycleLR's peak (``max_lr``; its ``initial_lr`` is the
     peak / div_factor), else the ``initial_lr`` a scheduler saved, else ``lr``."""
     return float(group.get("max_lr", group.get("initial_lr", group["lr"])))
-
-
-def _wrapped_by_ddp(model: nn.Module) -> bool:
-    while not isinstance(model, nn.parallel.DistributedDataParallel):
-        inner = getattr(model, "_orig_mod", None) or (model.module if isinstance(model, nn.DataParallel) else None)
-        if not isinstance(inner, nn.Module):
-            return False
-        model = inner
-    return True
 
 
 def _decay_in_use(optimizer: torch.optim.Optimizer) -> float:
