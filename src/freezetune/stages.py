@@ -152,7 +152,7 @@ def _is_norm(model: nn.Module, param: str) -> bool:
 
 
 def _declare(model: nn.Module, head: str) -> _Decl:
-    for rule in (_timm_decl, _resnet_decl, _vit_decl, _features_decl, hf_decl):
+    for rule in (*_FAMILY_RULES, hf_decl):
         decl = rule(model, head)
         if decl:
             return decl
@@ -249,6 +249,10 @@ def _generic_decl(model: nn.Module, head: str) -> _Decl:
     return decl
 
 
+# the rules of the model families declared by structure, in the order they are asked (_declare adds Hugging Face's)
+_FAMILY_RULES = (_timm_decl, _resnet_decl, _vit_decl, _features_decl)
+
+
 def _library_body(module: nn.Module, name: str) -> _Decl | None:
     """The stages of a library model a user's own model holds as its backbone (a timm model made with
     ``num_classes=0``, a Hugging Face ``AutoModel``, a torchvision model with its ``fc`` taken off) at ``name``:
@@ -259,7 +263,7 @@ def _library_body(module: nn.Module, name: str) -> _Decl | None:
         return None
     if is_hf_base_model(module):
         return [(f"{name}.{n}", prefixes) for n, prefixes in hf_body(module, name)]
-    for rule in (_timm_decl, _resnet_decl, _vit_decl, _features_decl):
+    for rule in _FAMILY_RULES:
         decl = [(n, p) for n, p in (rule(module, _NO_HEAD) or []) if n != _NO_HEAD]  # its head joins a neighbour
         if len(decl) >= 2:
             return [(f"{name}.{n}", [f"{name}.{p}" for p in prefixes]) for n, prefixes in decl]
