@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from _engine_fixtures import make_image_folder, run_cli, train_argv
 from freezetune import checkpoint
 from freezetune.data import build_datasets
-from freezetune.data.text import TextDataset, read_text_csv, read_texts
+from freezetune.data.text import Columns, TextDataset, read_text_csv, read_texts
 from freezetune.errors import ConfigError, DataError
 from freezetune.inference import LoadedModel, evaluate_checkpoint, predict_files, predict_texts
 from freezetune.precision import resolve_precision
@@ -324,3 +324,67 @@ def test_max_length_given_to_an_image_model_is_refused(tmp_path, capsys):
     code, out, err = run_cli(capsys, *train_argv(make_image_folder(tmp_path / "img"), tmp_path / "r", "--max-length",
                                                  "256", "--freeze", "backbone"))  # fmt: skip
     assert code == 2 and "max_length 256 sets the tokens a text keeps" in err and "image model" in err, err
+
+
+def _custom_csv(path: Path, n: int = 2) -> Path:
+    """A CSV whose columns have names of the user's own (as IMDB's review,sentiment or Yelp's stars,text)."""
+    rows = [f'"{t}",pos' for t in GOOD * n] + [f'"{t}",neg' for t in BAD * n]
+    path.write_text("body,sentiment\n" + "\n".join(rows) + "\n")
+    return path
+
+
+def test_a_csv_with_columns_of_its_own_names_reads_by_the_columns_a_run_names(tmp_path):
+    data = _custom_csv(tmp_path / "t.csv", n=1)
+    with pytest.raises(DataError, match=r"text column named one of .* \(or name yours: --text-column NAME\)"):
+        read_text_csv(data)
+    ds = read_text_csv(data, columns=Columns(("body",), ("sentiment",)))
+    assert ds.classes == ["neg", "pos"] and ds[0] == (GOOD[0], 1) and len(ds) == 12
+    (tmp_path / "plain.csv").write_text("text,label\ngood,pos\n")
+    with pytest.raises(DataError, match=r"text column named 'body' \(--text-column\); its header is \['text', 'label'"):
+        read_text_csv(tmp_path / "plain.csv", columns=Columns.of(Preprocess(tokenizer="t", text_column="Body ")))
+    assert Columns.of(Preprocess(tokenizer="t", label_column="Sentiment")) == Columns(label=("sentiment",))
+    assert Columns.of(Preprocess(text_column="body")) == Columns()  # an image model's CSV: path,label
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (("--text-column", "x", "--label-column", "X"), "text_column and label_column are both 'x'"),
+        (("--text-column", " "), "text_column is empty"),
+    ],
+)
+def test_column_names_that_cannot_work_are_refused_before_anything_runs(tmp_path, capsys, flags, message):
+    code, _, err = run_cli(capsys, *train_argv(_custom_csv(tmp_path / "t.csv"), tmp_path / "r", *flags))
+    assert code == 2 and message in err and "Traceback" not in err, err
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_text_column_given_to_an_image_model_is_refused(tmp_path, capsys):
+    # it would be written to config.yaml and ignored
+    code, _, err = run_cli(capsys, *train_argv(make_image_folder(tmp_path / "img"), tmp_path / "r", "--label-column",
+                                               "sentiment", "--freeze", "backbone"))  # fmt: skip
+    assert code == 2 and "label_column 'sentiment' names a text CSV's column" in err and "--label-column" in err, err
+
+
+@pytest.mark.slow
+def test_a_run_on_named_columns_trains_and_its_checkpoint_reads_them_for_eval_and_predict(tmp_path, capsys):
+    out, data = tmp_path / "run", _custom_csv(tmp_path / "t.csv")
+    code, stdout, err = run_cli(
+        capsys, "train", "--model", f"hf:{MINILM}", "--weights", "default", "--data", data, "--text-column", "Body",
+        "--label-column", "sentiment", "--freeze", "backbone", "--epochs", "1", "--batch-size", "8", "--device",
+        "cpu", "--no-progress", "--no-tensorboard", "--val-split", "0.25", "--out", out,
+    )  # fmt: skip
+    assert code == 0, err
+    record = checkpoint.load(out / "best.pt")
+    assert (record["preprocess"]["text_column"], record["preprocess"]["label_column"]) == ("Body", "sentiment")
+    result = evaluate_checkpoint(out / "best.pt", data, device="cpu")  # the test CSV has the training CSV's columns
+    assert result["n"] == 24
+    records = predict_files(out / "best.pt", [data], topk=1, device="cpu")
+    assert [r["text"] for r in records] == GOOD * 2 + BAD * 2
+    # another CSV's texts under another name: --text-column at predict time
+    (tmp_path / "new.csv").write_text(f'id,comment\n1,"{GOOD[0]}"\n')
+    code, stdout, err = run_cli(capsys, "predict", "--checkpoint", out / "best.pt", tmp_path / "new.csv",
+                                "--text-column", "comment", "--topk", "1", "--device", "cpu")  # fmt: skip
+    assert code == 0 and stdout.strip().endswith(repr(GOOD[0])), err
+    code, _, err = run_cli(capsys, "predict", "--checkpoint", out / "best.pt", tmp_path / "new.csv", "--device", "cpu")
+    assert code == 2 and "text column named 'body' (--text-column)" in err, err

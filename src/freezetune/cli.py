@@ -36,6 +36,10 @@ _HELP = {
     "budget": "wall-clock budget for the auto recipe's trials and epochs (the epochs it trains), e.g. 90s, 5m, 1h",
     "max_length": "a text model: the tokens a text keeps (longer texts are cut there and counted in the log; at most "
     "the model's positions)",
+    "text_column": "a text model: the CSV column of the texts (default: the one named text, sentence, review, "
+    "document or content)",
+    "label_column": "a text model: the CSV column of the labels (default: the one named label, class, target, "
+    "category or y)",
     "init": "a freezetune checkpoint whose weights (head included) start the run",
     "cache_dir": "keep feature caches here and reuse them across runs (the auto recipe: OUT/features)",
     "bn": "BatchNorm in frozen parts (frozen: eval statistics)",
@@ -187,6 +191,7 @@ def _predict_parser(sub) -> None:
                    help="image files or folders; for a text model, text files (one text a line), CSVs with a text "
                         "column, or folders of them")  # fmt: skip
     p.add_argument("--topk", type=int, default=5)
+    p.add_argument("--text-column", help="a text model: the column of a CSV's texts (default: the one it trained on)")
     p.add_argument("--json", action="store_true")
     p.add_argument("--batch-size", type=int, default=_DEFAULTS.batch_size, help="images or texts per forward pass")
     p.add_argument("--device", default=_DEFAULTS.device)
@@ -282,7 +287,7 @@ def _cmd_predict(args) -> int:
 
     with out_of_memory_hint(args.batch_size, training=False):
         records = predict_files(args.checkpoint, args.images, topk=args.topk, batch_size=args.batch_size,
-                                device=args.device)  # fmt: skip
+                                device=args.device, text_column=args.text_column)  # fmt: skip
     print(json.dumps(records, indent=1) if args.json else format_predictions(records))
     bad = [r for r in records if "error" in r]
     for r in bad:

@@ -80,6 +80,8 @@ class TrainConfig:
     img_size: int | None = None
     init: str | None = None  # a freezetune checkpoint whose weights (head included) start the run
     max_length: int = 128  # a text model: the tokens a text keeps (longer ones are cut; the log counts them)
+    text_column: str | None = None  # a text model: the CSV column of its texts (default: text, sentence, review...)
+    label_column: str | None = None  # a text model: the CSV column of its labels (default: label, class, target...)
     # data
     data: str | None = None
     val_data: str | None = None
@@ -255,6 +257,7 @@ def validate(cfg: TrainConfig, *, need_data: bool = True) -> None:
         problems.append(fraction_problem("val_split", cfg.val_split))
     problems.append(fraction_problem("epoch_fraction", cfg.epoch_fraction, whole=True))
     problems += _range_problems(cfg)
+    problems += _column_problems(cfg)
     problems += _schedule_problems(cfg.unfreeze, cfg.monitor)
     problems.append(_refit_problem(cfg))
     problems.append(recipe_problem(cfg.recipe))
@@ -270,6 +273,16 @@ def validate(cfg: TrainConfig, *, need_data: bool = True) -> None:
     problems = [p for p in problems if p]
     if problems:
         raise ConfigError("invalid config: " + "; ".join(problems))
+
+
+def _column_problems(cfg: TrainConfig) -> list[str]:
+    """A column name must name something, and the text and the label cannot be one column."""
+    names = {k: getattr(cfg, k) for k in ("text_column", "label_column") if getattr(cfg, k) is not None}
+    problems = [f"{k} is empty; give the CSV header's name of that column" for k, v in names.items() if not v.strip()]
+    if len(names) == 2 and not problems and cfg.text_column.strip().lower() == cfg.label_column.strip().lower():
+        problems.append(f"text_column and label_column are both {cfg.text_column!r}; a text and its label are two "
+                        "columns")  # fmt: skip
+    return problems
 
 
 def _type_problems(cfg: TrainConfig) -> list[str]:

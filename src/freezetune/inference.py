@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -21,6 +21,7 @@ from freezetune import checkpoint as ckpt
 from freezetune._io import atomic_write_text
 from freezetune.config import TrainConfig
 from freezetune.data.loaders import Loaders, close_loader
+from freezetune.data.text import Columns
 from freezetune.errors import ConfigError, DataError
 from freezetune.evaluate import evaluate, predict_probs
 from freezetune.options import check, positive_int_problem
@@ -180,6 +181,7 @@ def predict_files(
     topk: int = 5,
     batch_size: int = _BATCH_SIZE,
     device: str = "auto",
+    text_column: str | None = None,
 ) -> list[dict]:
     """The ``topk`` most likely classes of each image under ``paths`` (files, or folders searched recursively); for
     a text model, of each text in ``paths``: a CSV's text column, or a text file's lines (one text a line; folders
@@ -191,6 +193,8 @@ def predict_files(
         topk: classes per image or text (all of them if the model has fewer).
         batch_size: images or texts per forward pass.
         device: where a checkpoint is loaded (``auto``: CUDA, then MPS, then CPU).
+        text_column: a text model's CSVs: the column of their texts (default: the column the model trained on,
+            ``--text-column``, else the one named text, sentence, review, document or content).
 
     Returns:
         One JSON-ready record per image, in path order: ``{"path": str, "top": [{"class": str, "prob": float}]}``,
@@ -207,9 +211,15 @@ def predict_files(
         check(positive_int_problem(name, value))
     if isinstance(paths, (str, os.PathLike)):  # one path, not its characters
         paths = [paths]
+    if text_column is not None and not text_column.strip():
+        raise ConfigError("text_column is empty; give the CSV header's name of the texts' column")
     loaded = model if isinstance(model, LoadedModel) else load_model(model, device)
     if loaded.preprocess.is_text:
-        return _predict_text_files(loaded, [str(p) for p in paths], topk, batch_size)
+        pre = replace(loaded.preprocess, text_column=text_column or loaded.preprocess.text_column)
+        return _predict_text_files(loaded, [str(p) for p in paths], topk, batch_size, Columns.of(pre))
+    if text_column is not None:
+        raise ConfigError(f"text_column {text_column!r} names a text CSV's column; this checkpoint's model reads "
+                          "images: drop --text-column")  # fmt: skip
     transform = eval_transform(loaded.preprocess)
     files = list_images([str(p) for p in paths])
     records: dict[str, dict] = {}
@@ -279,14 +289,15 @@ def _rank_texts(loaded: LoadedModel, tokenizer, texts: list[str], topk: int, bat
     return records
 
 
-def _predict_text_files(loaded: LoadedModel, paths: list[str], topk: int, batch_size: int) -> list[dict]:
+def _predict_text_files(loaded: LoadedModel, paths: list[str], topk: int, batch_size: int,
+                        columns: Columns) -> list[dict]:  # fmt: skip
     from freezetune.data.text import TokenizeBatch, list_text_files, numbered_texts
 
     tokenizer = TokenizeBatch(loaded.preprocess.tokenizer, loaded.preprocess.max_length)  # once, not once a file
     records = []
     for path in list_text_files(paths):
         try:  # one unreadable file must not cost the predictions of all the others
-            numbered = numbered_texts(path)
+            numbered = numbered_texts(path, columns)
         except DataError as exc:
             records.append({"path": path, "error": str(exc)})
             continue

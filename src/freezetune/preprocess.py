@@ -1,5 +1,5 @@
 """How a model wants its input, stored in every checkpoint: for images the size, normalisation and resize rule;
-for text (Hugging Face sequence classifiers) the tokenizer and the longest sequence."""
+for text (Hugging Face sequence classifiers) the tokenizer, the longest sequence and the CSV columns read."""
 
 from __future__ import annotations
 
@@ -24,6 +24,8 @@ class Preprocess:
     crop_pct: float = 0.875  # eval: resize to input_size / crop_pct, then center-crop input_size
     tokenizer: str | None = None  # text models: where AutoTokenizer loads from (the model's directory or hub id)
     max_length: int = 128  # text models: longer texts are truncated
+    text_column: str | None = None  # text models: the CSV column of the texts (None: data.text.TEXT_COLUMNS)
+    label_column: str | None = None  # text models: the CSV column of the labels (None: data.text.LABEL_COLUMNS)
 
     @property
     def is_text(self) -> bool:
@@ -44,4 +46,6 @@ class Preprocess:
             crop_pct=float(d.get("crop_pct", 0.875)),
             tokenizer=d.get("tokenizer"),
             max_length=int(d.get("max_length", 128)),
+            text_column=d.get("text_column"),
+            label_column=d.get("label_column"),
         )

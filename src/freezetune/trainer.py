@@ -23,7 +23,7 @@ from freezetune.cache import FeaturePath
 from freezetune.config import TrainConfig, parse_freeze_spec, validate
 from freezetune.data import Loaders, build_datasets, noun
 from freezetune.data.gpu import check_decode
-from freezetune.data.text import text_preprocess, truncation_note
+from freezetune.data.text import TEXT_SETTINGS, refuse_text_settings, text_preprocess, truncation_note
 from freezetune.depthwise import use_fast_depthwise
 from freezetune.distributed import (
     all_reduce_sum,
@@ -99,10 +99,11 @@ class Trainer:
         self._process(echo)
         self.model, self.preprocess = create_model(cfg.model, cfg.weights, img_size=cfg.img_size)
         check_cut(self.model, cfg.cache_at)  # a stage name needs the model: checked before any data is read
-        if self.preprocess is not None and cfg.max_length != TrainConfig.max_length:  # ignored in silence otherwise
-            raise ConfigError(f"max_length {cfg.max_length} sets the tokens a text keeps; {cfg.model} is an image "
-                              "model: drop --max-length")  # fmt: skip
-        self.preprocess = self.preprocess or text_preprocess(cfg.model, cfg.max_length)  # a text model: its tokenizer
+        if self.preprocess is not None:  # an image model: the settings only a text model reads are refused
+            refuse_text_settings(cfg.model, {k: getattr(cfg, k) for k in TEXT_SETTINGS})
+        self.preprocess = self.preprocess or text_preprocess(  # a text model: its tokenizer and CSV columns
+            cfg.model, cfg.max_length, text_column=cfg.text_column, label_column=cfg.label_column
+        )
         self.hf_files = hf_bundle.bundle(cfg.model)  # an hf:DIR's config and tokenizer, carried by every checkpoint
         self.data = build_datasets(cfg.data, val_data=cfg.val_data, val_split=cfg.val_split, per_class=cfg.per_class,
                                    seed=cfg.seed, preprocess=self.preprocess, aug=cfg.aug,

@@ -17,7 +17,7 @@ from freezetune.data.folder import IMAGE_COLUMNS, read_csv, scan_folder
 from freezetune.data.idx import CLASS_NAMES_FILE, idx_files, is_idx_dir, load_idx
 from freezetune.data.sampling import per_class_indices, stratified_split
 from freezetune.data.scan import check_images, check_overlap, warn_copies
-from freezetune.data.text import LABEL_COLUMNS, TEXT_COLUMNS, TextDataset, read_text_csv, text_csv_header
+from freezetune.data.text import Columns, TextDataset, read_text_csv, text_csv_header
 from freezetune.data.transforms import eval_transform, train_transform
 from freezetune.errors import ConfigError, DataError, choices
 from freezetune.options import AUG_DEFAULT, fraction_problem, positive_int_problem
@@ -66,27 +66,28 @@ def _no_train_dir(path: Path, classes: list[str]) -> None:
                         f"images in {path / 'train'}/<class>/ (or give the class folders themselves)")  # fmt: skip
 
 
-def _text_csv(path: Path, text_model: bool) -> bool:
-    """Whether CSV ``path`` is a text dataset: its header names a text column, and no image column too (a caption
-    beside each image path), in which case the model decides."""
-    header = text_csv_header(path) if path.is_file() else None
+def _text_csv(path: Path, preprocess: Preprocess) -> bool:
+    """Whether CSV ``path`` is a text dataset: its header names a text column (by the names ``Columns.of``
+    ``preprocess`` gives), and no image column too (a caption beside each image path), in which case the model
+    decides."""
+    header = text_csv_header(path, Columns.of(preprocess)) if path.is_file() else None
     if header is None:
         return False
-    return text_model if IMAGE_COLUMNS & {c.strip().lower() for c in header} else True
+    return preprocess.is_text if IMAGE_COLUMNS & {c.strip().lower() for c in header} else True
 
 
-def _load_source(data: str, text_model: bool) -> tuple[str, Dataset, Dataset | None, Dataset | None]:
+def _load_source(data: str, preprocess: Preprocess) -> tuple[str, Dataset, Dataset | None, Dataset | None]:
     """Read ``data`` without transforms: (source, train, val given by the layout or None, test or None)."""
-    path = Path(data)
+    path, columns = Path(data), Columns.of(preprocess)
     if not path.exists():
         raise DataError(f"data path '{data}' does not exist; expected {_EXPECTED}")
     if path.is_file():
-        if path.suffix.lower() == ".tsv" and text_csv_header(path) is not None:  # a text table separated by tabs
-            return "text", read_text_csv(path), None, None
+        if path.suffix.lower() == ".tsv" and text_csv_header(path, columns) is not None:  # a text table, with tabs
+            return "text", read_text_csv(path, columns=columns), None, None
         if path.suffix.lower() != ".csv":
             raise DataError(f"data file '{data}' is not a CSV; expected {_EXPECTED}")
-        if _text_csv(path, text_model):
-            return "text", read_text_csv(path), None, None
+        if _text_csv(path, preprocess):
+            return "text", read_text_csv(path, columns=columns), None, None
         return "csv", read_csv(path), None, None
     if is_idx_dir(path):
         test = load_idx(path, "test") if idx_files(path, "test") else None
@@ -107,24 +108,27 @@ def _check_kind(data: str, preprocess: Preprocess, what: str = "data") -> None:
     path = Path(data)
     if not path.exists():
         return  # the reader says so, with what it expects
-    if _text_csv(path, preprocess.is_text) == preprocess.is_text:
+    if _text_csv(path, preprocess) == preprocess.is_text:
         return
     if preprocess.is_text:
+        columns = Columns.of(preprocess)
         raise DataError(f"{what} '{data}' is not a text CSV; the model is a text model (tokenizer "
-                        f"'{preprocess.tokenizer}') and reads a CSV whose header names a text column (one of "
-                        f"{choices(TEXT_COLUMNS)}) and a label column (one of {choices(LABEL_COLUMNS)})")  # fmt: skip
+                        f"'{preprocess.tokenizer}') and reads a CSV whose header names a text column "
+                        f"({columns.named('text')}) and a label column ({columns.named('label')})")  # fmt: skip
     raise DataError(f"{what} '{data}' is a text CSV (its header names a text column); the model is an image model "
                     "and reads images (an image folder, an IDX directory or a 'path,label' CSV); text models are "
                     "hf:DIR_OR_ID sequence classifiers")  # fmt: skip
 
 
-def _load_val(val_data: str, classes: list[str], text_model: bool) -> Dataset:
+def _load_val(val_data: str, classes: list[str], preprocess: Preprocess) -> Dataset:
     """Read explicit validation data (CSV, class folder or IDX directory's test split) against the train classes."""
     path = Path(val_data)
     if not path.exists():
         raise DataError(f"val data path '{val_data}' does not exist; expected {_EXPECTED}")
     if path.is_file():
-        return read_text_csv(path, classes) if _text_csv(path, text_model) else read_csv(path, classes)
+        if _text_csv(path, preprocess):
+            return read_text_csv(path, classes, Columns.of(preprocess))
+        return read_csv(path, classes)
     if is_idx_dir(path):
         val = load_idx(path, "test" if idx_files(path, "test") else "train")
         if len(val.targets) and int(val.targets.max()) >= len(classes):
@@ -283,9 +287,9 @@ def build_datasets(
     if val_data is not None:
         _check_kind(val_data, preprocess, "val data")
     train_tf, eval_tf = train_transform(preprocess, aug), eval_transform(preprocess)
-    source, train, val, test = _load_source(data, preprocess.is_text)
+    source, train, val, test = _load_source(data, preprocess)
     if val_data is not None:
-        val = _load_val(val_data, train.classes, preprocess.is_text)
+        val = _load_val(val_data, train.classes, preprocess)
     elif val is not None and val_split is not None:
         log.warning("'%s' has a validation folder; ignoring val_split=%s", data, val_split)
     train, val, test, skipped = _scan(train, val, test, skip_bad)
@@ -352,7 +356,7 @@ def build_eval_dataset(data: str, *, preprocess: Preprocess, classes: list[str])
         raise DataError(f"data path '{data}' does not exist; expected {_EXPECTED}")
     _check_kind(data, preprocess)
     if preprocess.is_text:  # a text CSV: its texts are tokenized per batch, they take no transform
-        ds = read_text_csv(path, classes)
+        ds = read_text_csv(path, classes, Columns.of(preprocess))
         ds.source = f"every row of {path}"
         return ds
     if path.is_dir() and is_idx_dir(path):

@@ -2,15 +2,16 @@
 Face model reads.
 
 A CSV whose header names a text column (``TEXT_COLUMNS``) and a label column is a text dataset; prediction reads a
-CSV's text column or a text file's lines (``read_texts``). Batches are tokenized
-by the model's own tokenizer when they are collated, padded to their longest text (dynamic padding: a batch of short
-texts stays short) and truncated at ``Preprocess.max_length``.
+CSV's text column or a text file's lines (``read_texts``); a run may name its own columns (``Columns``). Batches are
+tokenized by the model's own tokenizer when they are collated, padded to their longest text (dynamic padding: a batch
+of short texts stays short) and truncated at ``Preprocess.max_length``.
 """
 
 from __future__ import annotations
 
 import csv
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -23,6 +24,34 @@ from freezetune.preprocess import Preprocess
 
 TEXT_COLUMNS = ("text", "sentence", "review", "document", "content")
 LABEL_COLUMNS = ("label", "class", "target", "category", "y")
+
+
+@dataclass(frozen=True)
+class Columns:
+    """The header names a text CSV's text column and label column may have (any case): the usual ones, or the one a
+    run names (``--text-column review --label-column sentiment``, kept in its checkpoints' ``Preprocess``).
+
+    >>> Columns.of(Preprocess(tokenizer="bert", text_column="Review")).text
+    ('review',)
+    """
+
+    text: tuple[str, ...] = TEXT_COLUMNS
+    label: tuple[str, ...] = LABEL_COLUMNS
+
+    @classmethod
+    def of(cls, preprocess: Preprocess | None) -> Columns:
+        """The columns ``preprocess`` names, the usual names for the others (and for an image model's)."""
+        if preprocess is None or not preprocess.is_text:
+            return cls()
+        text, label = preprocess.text_column, preprocess.label_column
+        return cls(
+            (text.strip().lower(),) if text else TEXT_COLUMNS, (label.strip().lower(),) if label else LABEL_COLUMNS
+        )
+
+    def named(self, role: str) -> str:
+        """How a message names where the ``role`` column is looked for."""
+        names = self.text if role == "text" else self.label
+        return f"'{names[0]}' (--{role}-column)" if len(names) == 1 else f"one of {choices(names)}"
 
 
 class TextDataset(Dataset):
@@ -57,18 +86,19 @@ def delimiter(path: Path) -> str:
     return "\t" if path.suffix.lower() == ".tsv" else ","
 
 
-def text_csv_header(path: Path) -> list[str] | None:
+def text_csv_header(path: Path, columns: Columns = Columns()) -> list[str] | None:
     """The header of ``path`` when it names a text column (the file is then a text dataset), else None."""
     try:
         with path.open(newline="", encoding="utf-8-sig") as f:
             header = next(csv.reader(f, delimiter=delimiter(path)), [])
     except (OSError, UnicodeDecodeError, csv.Error):
         return None
-    return header if any(c.strip().lower() in TEXT_COLUMNS for c in header) else None
+    return header if any(c.strip().lower() in columns.text for c in header) else None
 
 
-def read_text_csv(path: str | Path, classes: list[str] | None = None) -> TextDataset:
-    """Read a CSV with a header naming one text column and one label column (any order, other columns ignored).
+def read_text_csv(path: str | Path, classes: list[str] | None = None, columns: Columns = Columns()) -> TextDataset:
+    """Read a CSV with a header naming one text column and one label column (any order, other columns ignored), by
+    the names ``columns`` gives.
 
     Raises:
         DataError: unreadable or empty file, no rows, no or several text/label columns, a row with an empty text or
@@ -79,9 +109,7 @@ def read_text_csv(path: str | Path, classes: list[str] | None = None) -> TextDat
     """
     path = Path(path)
     header, rows, lines = _read_rows(path)
-    cols = {
-        role: _column(path, header, role, names) for role, names in (("text", TEXT_COLUMNS), ("label", LABEL_COLUMNS))
-    }
+    cols = {role: _column(path, header, role, columns) for role in ("text", "label")}
     if not rows:
         raise DataError(f"CSV '{path}' has no rows under its header; expected a text and its label on each row")
     _check_rows(path, rows, lines, cols, len(header))
@@ -102,7 +130,7 @@ TABLE_SUFFIXES = (".csv", ".tsv")  # a text table's header names its columns
 TEXT_FILE_SUFFIXES = (".txt", *TABLE_SUFFIXES)  # what ``list_text_files`` picks from a folder
 
 
-def read_texts(path: str | Path) -> list[str]:
+def read_texts(path: str | Path, columns: Columns = Columns()) -> list[str]:
     """The texts of one file to predict on: a CSV's text column (a label column may be there, and is not read), or
     any other file's lines (UTF-8, one text a line, blank lines skipped).
 
@@ -113,16 +141,16 @@ def read_texts(path: str | Path) -> list[str]:
     >>> read_texts("reviews.txt")  # doctest: +SKIP
     ['a wonderful film', 'a waste of time']
     """
-    return [text for _, text in numbered_texts(path)]
+    return [text for _, text in numbered_texts(path, columns)]
 
 
-def numbered_texts(path: str | Path) -> list[tuple[int, str]]:
+def numbered_texts(path: str | Path, columns: Columns = Columns()) -> list[tuple[int, str]]:
     """``read_texts``'s texts with the line of the file each starts on (1 is the first line; a CSV's header is its
     line 1): what ``predict`` reports, so that each prediction points at its text whatever lines were skipped."""
     path = Path(path)
     if path.suffix.lower() in TABLE_SUFFIXES:
         header, rows, lines = _read_rows(path)
-        cols = {"text": _column(path, header, "text", TEXT_COLUMNS)}
+        cols = {"text": _column(path, header, "text", columns)}
         _check_rows(path, rows, lines, cols, len(header), empty_ok=True)
         texts = [(line, r[cols["text"]]) for line, r in zip(lines, rows, strict=True)]
     else:
@@ -173,10 +201,11 @@ def _read_rows(path: Path) -> tuple[list[str], list[list[str]], list[int]]:
     return [c.strip().lower() for c in rows[0]], rows[1:], lines[1:]
 
 
-def _column(path: Path, header: list[str], role: str, names: tuple[str, ...]) -> int:
-    hits = [i for i, c in enumerate(header) if c in names]
+def _column(path: Path, header: list[str], role: str, columns: Columns) -> int:
+    hits = [i for i, c in enumerate(header) if c in (columns.text if role == "text" else columns.label)]
     if len(hits) != 1:
-        raise DataError(f"CSV '{path}' needs exactly one {role} column named one of {choices(names)}; "
+        other = "" if len(hits) or "(" in columns.named(role) else f" (or name yours: --{role}-column NAME)"
+        raise DataError(f"CSV '{path}' needs exactly one {role} column named {columns.named(role)}{other}; "
                         f"its header is {header}")  # fmt: skip
     return hits[0]
 
@@ -251,8 +280,30 @@ def truncation_note(dataset: Dataset, preprocess) -> str | None:
             f"{max(lengths)}) and are cut there; {more}")  # fmt: skip
 
 
-def text_preprocess(name: str, max_length: int = 128) -> Preprocess:
-    """The preprocessing of a Hugging Face text classifier ``hf:DIR_OR_ID``: its own tokenizer.
+TEXT_SETTINGS = {"max_length": 128, "text_column": None, "label_column": None}  # what only a text model reads
+
+
+def refuse_text_settings(model: str, settings: dict[str, object]) -> None:
+    """Refuse the ``TEXT_SETTINGS`` given (not at their defaults) for the image model ``model``: ignored, the user
+    would believe them applied.
+
+    >>> refuse_text_settings("timm:resnet18", {"max_length": 128, "text_column": "review"})  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    freezetune.errors.ConfigError: text_column 'review' names a text CSV's column; ... image model: drop --text-column
+    """
+    given = {k: v for k, v in settings.items() if v != TEXT_SETTINGS[k]}
+    if given:
+        what = {"max_length": "sets the tokens a text keeps", "text_column": "names a text CSV's column",
+                "label_column": "names a text CSV's column"}  # fmt: skip
+        said = "; ".join(f"{k} {v!r} {what[k]}" for k, v in given.items())
+        flags = " and ".join(f"--{k.replace('_', '-')}" for k in given)
+        raise ConfigError(f"{said}; {model} is an image model: drop {flags}")
+
+
+def text_preprocess(name: str, max_length: int = 128, *, text_column: str | None = None,
+                    label_column: str | None = None) -> Preprocess:  # fmt: skip
+    """The preprocessing of a Hugging Face text classifier ``hf:DIR_OR_ID``: its own tokenizer, and the CSV columns
+    its texts and labels are read from (``None``: the usual names, ``Columns``).
 
     Raises:
         ConfigError: ``name`` is not a Hugging Face model (only those have a tokenizer here), or is a local directory
@@ -271,7 +322,8 @@ def text_preprocess(name: str, max_length: int = 128) -> Preprocess:
                           "or less")  # fmt: skip
     # a folder by its absolute path: checkpoints keep this, and are read from other directories (hf:mdl from elsewhere
     # found no tokenizer, or another folder's)
-    return Preprocess(tokenizer=os.path.abspath(arch) if Path(arch).is_dir() else arch, max_length=max_length)
+    tokenizer = os.path.abspath(arch) if Path(arch).is_dir() else arch
+    return Preprocess(tokenizer=tokenizer, max_length=max_length, text_column=text_column, label_column=label_column)
 
 
 def _max_positions(arch: str) -> int | None:
