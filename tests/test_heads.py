@@ -189,3 +189,16 @@ def test_hugging_face_encoder_decoders_and_parallel_block_lists_get_a_stage_per_
     found = ft.stages(pvt)
     assert_partition(pvt, found)
     assert [s.name for s in found] == ["encoder.block.0", "encoder.block.1", "encoder.block.2", "classifier"]
+
+
+def test_a_classifier_beside_a_parameter_free_classifier_list_is_the_head():
+    # HGNetV2 keeps its Linear in `fc` and pooling + flatten in a ModuleList called `classifier`: it was refused as
+    # a model whose head had been taken off ("its classifier is ModuleList; build it with its classifier")
+    import transformers as tr
+
+    model = tr.HGNetV2ForImageClassification(tr.HGNetV2Config(num_labels=3))
+    assert ft.head_name(model) == "fc" and ft.stages(model)[-1].name == "fc"
+    ft.replace_head(model, 5)
+    ft.freeze(model, "backbone")
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == ["fc.weight", "fc.bias"]
+    assert model(torch.randn(2, 3, 32, 32)).logits.shape == (2, 5)

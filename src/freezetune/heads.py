@@ -38,9 +38,10 @@ def head_name(model: nn.Module) -> str:
             "AutoModelForSequenceClassification or AutoModelForImageClassification (as create_model('hf:...') does), "
             "which adds one"
         )
-    for attr in HEAD_ATTRS:  # a head taken off (torchvision's heads = Identity): the last Linear is a body layer
-        module = getattr(model, attr, None)
-        if isinstance(module, nn.Module) and not has_params(module):
+    heads = {a: m for a in HEAD_ATTRS if isinstance(m := getattr(model, a, None), nn.Module)}
+    for attr, module in heads.items():  # a head taken off (torchvision's heads = Identity): the last Linear is a body
+        # layer; unless another of the names holds the classifier (HGNetV2's fc, beside a 'classifier' of pooling)
+        if not has_params(module) and not any(has_params(m) for m in heads.values()):
             raise SpecError(f"{type(model).__name__} has no classifier head (its {attr} is {type(module).__name__}); "
                             "build it with its classifier, which replace_head then replaces")  # fmt: skip
     base = hf_base_prefix(model)
@@ -48,7 +49,7 @@ def head_name(model: nn.Module) -> str:
     if base:
         linears = [n for n in linears if not under(n, base)]
     else:  # the classifier a model names (a head registered before its backbone, a user's own model) comes first
-        named = [c for c, _ in model.named_children() if c in HEAD_ATTRS]
+        named = [c for c, m in model.named_children() if c in HEAD_ATTRS and has_params(m)]
         in_named = [n for n in linears if named and under(n, named[-1])]
         linears = in_named or linears
     if linears:
