@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import onnxruntime
@@ -159,3 +161,73 @@ def test_onnx_export_without_onnx_names_the_extra_to_install(best_pt, tmp_path, 
 def test_unknown_export_suffix_lists_the_formats(best_pt, tmp_path):
     with pytest.raises(CheckpointError, match=r"must end in .safetensors, .onnx or .pt2"):
         export_checkpoint(best_pt, tmp_path / "m.tflite")
+
+
+# --- Hugging Face models: their config beside the weights, their output an object --------------------------------
+
+
+@pytest.fixture(scope="module")
+def hf_best_pt(tmp_path_factory):
+    """A checkpoint of a tiny ViT from a local folder (its config says 2 labels) fine-tuned for 3 classes."""
+    import transformers
+
+    from freezetune import hf_bundle
+
+    root = tmp_path_factory.mktemp("hf")
+    config = transformers.ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37,
+                                    image_size=32, patch_size=8)  # fmt: skip
+    transformers.ViTForImageClassification(config).save_pretrained(root / "vit")
+    name = f"hf:{root / 'vit'}"
+    torch.manual_seed(0)
+    model, pre = create_model(name, "default")
+    ft.replace_head(model, 3)
+    record = checkpoint.model_record(model, {"model": name}, ["cat", "dog", "eel"], pre, hf_bundle.bundle(name))
+    return checkpoint.save(record, root / "run" / "best.pt")
+
+
+def test_a_hugging_face_exports_config_builds_the_model_its_weights_load_into(hf_best_pt, tmp_path):
+    import transformers
+
+    weights, sidecar = export_checkpoint(hf_best_pt, tmp_path / "m.safetensors")
+    assert json.loads(sidecar.read_text())["hf_files"] == "m.hf"
+    config = transformers.AutoConfig.from_pretrained(tmp_path / "m.hf")
+    # the folder's config said 2 labels: the classifier of the model it built did not fit the weights (3 classes)
+    assert config.num_labels == 3 and config.id2label == {0: "cat", 1: "dog", 2: "eel"}
+    model = transformers.AutoModelForImageClassification.from_config(config)
+    model.load_state_dict(load_file(weights))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(x).logits, _checkpoint_logits(hf_best_pt, x).logits)
+
+
+def test_a_hugging_face_pt2_gives_logits_without_transformers_and_shares_the_folder(hf_best_pt, tmp_path):
+    export_checkpoint(hf_best_pt, tmp_path / "m.safetensors")
+    target, _ = export_checkpoint(hf_best_pt, tmp_path / "m.pt2")  # m.hf was refused: "already exists"
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    torch.save(x, tmp_path / "x.pt")
+    # a process without transformers: the program returned an ImageClassifierOutput, which it could not rebuild
+    script = ("import sys, torch; program = torch.export.load(sys.argv[1]).module(); "
+              "out = program(torch.load(sys.argv[2])); assert 'transformers' not in sys.modules; "
+              "torch.save(out, sys.argv[3])")  # fmt: skip
+    subprocess.run([sys.executable, "-c", script, target, tmp_path / "x.pt", tmp_path / "y.pt"], check=True)
+    out = torch.load(tmp_path / "y.pt")
+    assert isinstance(out, torch.Tensor)
+    torch.testing.assert_close(out, _checkpoint_logits(hf_best_pt, x).logits, rtol=1e-5, atol=1e-6)
+    (tmp_path / "o.hf").mkdir()
+    (tmp_path / "o.hf" / "config.json").write_text("{}")  # the user's, not this checkpoint's
+    with pytest.raises(CheckpointError, match="o.hf already exists and holds other files"):
+        export_checkpoint(hf_best_pt, tmp_path / "o.pt2")
+    assert not (tmp_path / "o.pt2").exists() and (tmp_path / "o.hf" / "config.json").read_text() == "{}"
+
+
+def test_a_model_that_does_not_trace_is_one_line_and_leaves_nothing(hf_best_pt, tmp_path, capsys, monkeypatch):
+    # what torch.onnx raised for a Hugging Face Swin: 130 lines of traceback, exit code 1, and m.hf left behind
+    def fails(*args, **kwargs):
+        raise RuntimeError("Cannot view a tensor with shape [4*s99, 4, 2, 16]\n...129 more lines")
+
+    monkeypatch.setattr(export_module.torch.export, "export", fails)
+    code = cli_main(["export", "--checkpoint", str(hf_best_pt), "--to", str(tmp_path / "m.pt2")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "does not export to .pt2: RuntimeError: Cannot view a tensor" in err
+    assert "export it to .safetensors or .onnx" in err and "more lines" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

@@ -22,6 +22,7 @@ from torch import nn
 from freezetune import checkpoint, hf_bundle
 from freezetune._io import atomic_output, atomic_write_text
 from freezetune.errors import CheckpointError, ConfigError
+from freezetune.evaluate import logits_of
 
 FORMATS = (".safetensors", ".onnx", ".pt2")
 ONNX_INPUT, ONNX_OUTPUT = "input", "logits"
@@ -69,18 +70,19 @@ def export_checkpoint(ckpt_path: str | Path, to: str | Path, *, force: bool = Fa
         "epoch": record.get("epoch"),
     }
     folder = to.with_suffix(".hf")  # an hf:DIR model's config and tokenizer files, which its checkpoint carries
-    if record.get("hf_files"):
-        if folder.exists() and not force:
-            raise CheckpointError(f"{folder} already exists; pass --force to overwrite")
+    files = hf_bundle.with_classes(record["hf_files"], record["classes"]) if record.get("hf_files") else None
+    if files:
+        if folder.exists() and not force and not hf_bundle.holds(folder, files):  # not another format's export
+            raise CheckpointError(f"{folder} already exists and holds other files; pass --force to overwrite")
         meta["hf_files"] = folder.name  # beside the sidecar: AutoConfig / AutoTokenizer.from_pretrained(it)
     meta = _sidecar(sidecar, meta, force, to)
     to.parent.mkdir(parents=True, exist_ok=True)
-    if record.get("hf_files"):
-        hf_bundle.write(record["hf_files"], folder)
     if to.suffix == ".safetensors":
         _save_safetensors(record, to)
     else:
-        _save_graph(record, to)
+        _save_graph(record, to)  # first: a model that does not trace leaves nothing behind
+    if files:
+        hf_bundle.write(files, folder)
     if to.suffix == ".onnx":
         meta["onnx"] = {"input": ONNX_INPUT, "output": ONNX_OUTPUT}
     atomic_write_text(sidecar, json.dumps(meta, indent=1))
@@ -129,19 +131,48 @@ def _require_onnx() -> None:
         )
 
 
+class _Logits(nn.Module):
+    """A model whose output is an object (a Hugging Face ``ImageClassifierOutput``), giving its class scores alone: a
+    loaded ``.pt2`` could not rebuild the object without importing that model's transformers module."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return logits_of(self.model(x))
+
+
 def _save_graph(record: dict, to: Path) -> None:
-    """Trace the eval-mode model once and write it as ONNX or a ``torch.export`` program."""
+    """Trace the eval-mode model once and write it as ONNX or a ``torch.export`` program.
+
+    Raises:
+        CheckpointError: the model does not trace to that format (the exporter's own error, in one line).
+    """
     model, pre = checkpoint.build_model(record)
     model.eval()
     # batch 2, not 1: torch.export specialises a size-1 dimension to the constant 1, which would pin the batch
     example = (torch.zeros(2, 3, pre.input_size, pre.input_size),)
+    with torch.no_grad():
+        if not isinstance(model(*example), torch.Tensor):
+            model = _Logits(model)
     batch = ({0: torch.export.Dim("batch")},)
+    others = " or ".join(f for f in FORMATS if f != to.suffix)
     with atomic_output(to) as tmp:
-        if to.suffix == ".onnx":
-            _save_onnx(model, example, batch, tmp)
-        else:  # a file object: given the temporary file's name, torch warns that it does not end in .pt2
-            with open(tmp, "wb") as f:
-                torch.export.save(torch.export.export(model, example, dynamic_shapes=batch), f)
+        try:
+            if to.suffix == ".onnx":
+                _save_onnx(model, example, batch, tmp)
+            else:  # a file object: given the temporary file's name, torch warns that it does not end in .pt2
+                with open(tmp, "wb") as f:
+                    torch.export.save(torch.export.export(model, example, dynamic_shapes=batch), f)
+        except Exception as exc:  # the exporters raise many kinds (torch, onnx, sympy): each is this model's limit
+            raise CheckpointError(f"{record['model']} does not export to {to.suffix}: {type(exc).__name__}: "
+                                  f"{_first_line(exc)}; export it to {others}") from exc  # fmt: skip
+
+
+def _first_line(exc: Exception) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[0][:300] if lines else "(no message)"
 
 
 def _save_onnx(model: nn.Module, example: tuple, batch: tuple, tmp: Path) -> None:

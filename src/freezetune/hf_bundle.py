@@ -58,3 +58,27 @@ def write(files: dict[str, str], folder: Path, *, keep: bool = False) -> None:
         if not (keep and (folder / name).is_file()):
             with atomic_output(folder / name) as tmp:
                 tmp.write_bytes(base64.b64decode(data))
+
+
+def with_classes(files: dict[str, str], classes: list[str]) -> dict[str, str]:
+    """``files`` with their ``config.json`` giving the run's classes (``id2label``, ``label2id``, ``num_labels``):
+    the folder's config still had the pretrained model's labels, which a model built from it would not load the
+    fine-tuned weights into (a size mismatch of the classifier).
+
+    >>> cfg = json.loads(base64.b64decode(with_classes({"config.json": "e30="}, ["cat", "dog"])["config.json"]))
+    >>> cfg["id2label"], cfg["num_labels"]
+    ({'0': 'cat', '1': 'dog'}, 2)
+    """
+    if "config.json" not in files:
+        return files
+    config = json.loads(base64.b64decode(files["config.json"]))
+    config.update(id2label={str(i): c for i, c in enumerate(classes)}, label2id={c: i for i, c in enumerate(classes)},
+                  num_labels=len(classes))  # fmt: skip
+    text = json.dumps(config, indent=2, sort_keys=True) + "\n"
+    return {**files, "config.json": base64.b64encode(text.encode()).decode("ascii")}
+
+
+def holds(folder: Path, files: dict[str, str]) -> bool:
+    """Whether ``folder`` holds exactly ``files`` (another export of the same checkpoint wrote it)."""
+    names = {p.name for p in folder.iterdir()} if folder.is_dir() else None
+    return names == set(files) and all((folder / n).read_bytes() == base64.b64decode(d) for n, d in files.items())
