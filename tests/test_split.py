@@ -164,3 +164,16 @@ def test_an_earlier_cut_runs_the_frozen_stages_in_the_suffix():
     assert model.layer4[0].conv1.weight.grad is not None and model.layer3[0].conv1.weight.grad is None
     assert split_model(model, at="layer4")[0].boundary == "layer4"
     assert split_model(model, at="fc")[0] is None  # past the first trainable stage: refused, with the reason
+
+
+def test_a_vision_transformer_with_optional_inputs_splits_at_its_first_trainable_block():
+    # timm ViT's forward(x, attn_mask=None, is_causal=False): traced as inputs, attn_mask crossed every cut with
+    # the tokens, so the cache was off ("no single tensor crosses the stage boundary")
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=3, num_classes=3).eval()
+    ft.freeze_to(model, -2)  # the last block and the head train
+    split, why = split_model(model)
+    assert split is not None and why == "cached at the input of blocks.2 (fx)", why
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(split.suffix_eval(split.prefix(x)), model(x), rtol=0, atol=0)

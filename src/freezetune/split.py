@@ -9,6 +9,7 @@ one tensor — or the model does not trace — the split falls back to the head 
 
 from __future__ import annotations
 
+import inspect
 import logging
 from dataclasses import dataclass
 
@@ -129,9 +130,21 @@ def _trace(model: nn.Module, training: bool) -> fx.Graph:
     was = model.training
     model.train(training)
     try:
-        return _Tracer().trace(model)
+        return _Tracer().trace(model, concrete_args=_defaults(model))
     finally:
         model.train(was)
+
+
+def _defaults(model: nn.Module) -> dict[str, object]:
+    """The optional inputs of ``model.forward`` after the first, at their defaults, as training calls it: traced as
+    inputs, they were values every block reads (timm ViT's ``attn_mask=None``), so that no cut had one tensor
+    crossing it."""
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())[1:]
+    except (TypeError, ValueError):
+        return {}
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return {p.name: p.default for p in params if p.kind in kinds and p.default is not inspect.Parameter.empty}
 
 
 def _fx_split(model: nn.Module, boundary: str, stage_params: set[str] | None = None) -> Split | None:
