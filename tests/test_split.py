@@ -177,3 +177,14 @@ def test_a_vision_transformer_with_optional_inputs_splits_at_its_first_trainable
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(split.suffix_eval(split.prefix(x)), model(x), rtol=0, atol=0)
+
+
+def test_a_cut_moved_by_a_random_op_names_the_stage_it_is_at():
+    # a frozen block with dropout (Swin's drop path at rate 0.1): the cut moved before it, and the log still said
+    # "cached at the input of" the first trainable stage, while every frozen stage after the cut ran each step
+    model = nn.Sequential(nn.Linear(8, 8), nn.Sequential(nn.Dropout(0.5), nn.Linear(8, 8)), nn.ReLU(), nn.Linear(8, 3))
+    assert [s.name for s in ft.stages(model)] == ["0", "1", "3"]
+    ft.freeze(model, "backbone")
+    split, why = split_model(model)
+    assert split.boundary == "1" and why.startswith("cached at the input of 1 (fx), not of 3: frozen layers"), why
+    assert split.prefix(torch.randn(2, 8)).shape == (2, 8)

@@ -18,7 +18,7 @@ from torch import fx, nn
 
 from freezetune.depthwise import FastDepthwiseConv2d
 from freezetune.errors import SpecError, choices
-from freezetune.stages import stages
+from freezetune.stages import Stage, stages
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,12 @@ def split_model(model: nn.Module, at: str | None = None) -> tuple[Split | None, 
     if first == 0:
         return None, f"the first stage ({st[0].name}) is trainable: there is no frozen prefix to cache"
     try:
-        split = _fx_split(model, st[first].name, set(st[first].param_names) if at is not None else None)
+        split = _fx_split(model, st, first, set(st[first].param_names) if at is not None else None)
+        if split is not None and split.boundary != st[first].name:  # say where the cache is, and why there
+            return split, (
+                f"cached at the input of {split.boundary} (fx), not of {st[first].name}: frozen layers "
+                "between them draw random numbers in training (dropout, drop path) and run every step"
+            )
         if split is not None:
             return split, f"cached at the input of {split.boundary} (fx)"
         why = "no single tensor crosses the stage boundary"
@@ -147,7 +152,10 @@ def _defaults(model: nn.Module) -> dict[str, object]:
     return {p.name: p.default for p in params if p.kind in kinds and p.default is not inspect.Parameter.empty}
 
 
-def _fx_split(model: nn.Module, boundary: str, stage_params: set[str] | None = None) -> Split | None:
+def _fx_split(model: nn.Module, st: list[Stage], first: int, stage_params: set[str] | None = None) -> Split | None:
+    """The split at the latest cut before stage ``first`` (of stages ``st``) that the train and eval graphs agree on;
+    its ``boundary`` is the stage the first module after the cut belongs to (an earlier one than ``first`` when a
+    random op comes before)."""
     graphs = {}
     for training in (True, False):
         graph = _trace(model, training)
@@ -161,7 +169,19 @@ def _fx_split(model: nn.Module, boundary: str, stage_params: set[str] | None = N
     prefix = fx.GraphModule(model, _prefix_graph(g_train, idx_train, live_train))
     suffix_train = fx.GraphModule(model, _suffix_graph(g_train, idx_train, live_train))
     suffix_eval = fx.GraphModule(model, _suffix_graph(*graphs[False]))
+    boundary = _stage_after(list(g_train.nodes)[idx_train:], st) or st[first].name
     return Split(prefix, suffix_train, suffix_eval, boundary, "fx")
+
+
+def _stage_after(nodes: list[fx.Node], st: list[Stage]) -> str | None:
+    """The stage of the first module or parameter ``nodes`` use."""
+    for node in nodes:
+        if node.op not in ("call_module", "get_attr"):
+            continue
+        for stage in st:
+            if any(node.target == m or node.target.startswith(f"{m}.") for m in (*stage.modules, *stage.param_names)):
+                return stage.name
+    return None
 
 
 def _find_cut(model: nn.Module, graph: fx.Graph, stage_params: set[str] | None = None) -> tuple[int, fx.Node] | None:
