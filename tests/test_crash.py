@@ -80,12 +80,16 @@ class Stopped(NamedTuple):
     stderr: str
 
 
-def _stopped_run(argv: list[str], pause_at: str, sig: int, tmp_path: Path) -> Stopped:
-    """Run ``freezetune ARGV`` in a child process until it holds at ``pause_at``, send it ``sig`` there, let it go on."""
+def _stopped_run(argv: list[str], pause_at: str, sig: int, tmp_path: Path, *, group: bool = False) -> Stopped:
+    """Run ``freezetune ARGV`` in a child process until it holds at ``pause_at``, send it ``sig`` there, let it go on.
+    ``group``: the child leads a process group, and the signal goes to the whole group, its loader workers too (as
+    ``timeout``, a terminal's Ctrl-C and cluster schedulers send it)."""
     marker, logs = tmp_path / "paused", (tmp_path / "stdout", tmp_path / "stderr")
     sys.stdout.flush(), sys.stderr.flush()
     pid = os.fork()
     if pid == 0:  # the child: never returns into pytest
+        if group:
+            os.setpgid(0, 0)
         _child(argv, pause_at, marker, logs)
     deadline = time.monotonic() + 120
     while not marker.exists() and os.waitpid(pid, os.WNOHANG) == (0, 0) and time.monotonic() < deadline:
@@ -94,7 +98,7 @@ def _stopped_run(argv: list[str], pause_at: str, sig: int, tmp_path: Path) -> St
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
         pytest.fail(f"never reached {pause_at}: {logs[0].read_text()}{logs[1].read_text()}")
-    os.kill(pid, sig)
+    (os.killpg if group else os.kill)(pid, sig)
     if sig != signal.SIGKILL:
         time.sleep(0.3)  # the handler records the signal; then the run may leave the pause and act on it
         marker.unlink()
@@ -200,6 +204,14 @@ STOPS = [
     ),  # fmt: skip
     pytest.param(signal.SIGTERM, "cache", "auto", None, f"SIGTERM {AT_ONCE}", id="sigterm-cache-build"),
     pytest.param(
+        signal.SIGTERM,
+        "step#4",
+        "off",
+        4,
+        "SIGTERM at step 4/5 of epoch 1 (saved in last.pt); continue with --resume",
+        id="sigterm-to-the-process-group-mid-epoch",  # the loader workers got it too, died, and the run crashed
+    ),  # fmt: skip
+    pytest.param(
         signal.SIGINT,
         "step#7",
         "auto",
@@ -212,9 +224,11 @@ STOPS = [
 
 @pytest.mark.parametrize(("sig", "pause_at", "cache", "step", "line"), STOPS)
 def test_a_stopped_run_saves_its_place_and_resumes_to_the_uninterrupted_metrics(data, uninterrupted, tmp_path, capsys,
-                                                                                sig, pause_at, cache, step, line):  # fmt: skip
+                                                                                request, sig, pause_at, cache, step,
+                                                                                line):  # fmt: skip
     out = tmp_path / "run"
-    stopped = _stopped_run(_argv(data, out, cache), pause_at, sig, tmp_path)
+    group = "process-group" in request.node.callspec.id
+    stopped = _stopped_run(_argv(data, out, cache), pause_at, sig, tmp_path, group=group)
     assert stopped.returncode == 128 + sig, stopped.stderr
     assert stopped.stderr == f"freezetune: stopped by {line}\n"  # one line, no traceback
     if step:  # stopped in the training loop: last.pt holds that step, not a finished epoch

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import random
+import signal
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
@@ -177,6 +178,10 @@ def _seed_worker(worker_id: int) -> None:
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
     random.seed(seed)
+    # A SIGTERM sent to the process group (timeout, a cluster preempting the job) reaches the workers too: they died of
+    # it before the main process finished its step and saved it, and the run crashed on the loader. The main process
+    # stops them when it closes the loader; a worker whose main process is gone exits by itself (torch's watchdog).
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _dataloader(dataset: Dataset, order: Iterable[int], *, batch_size: int, workers: int, pin: bool,
