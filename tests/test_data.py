@@ -88,6 +88,12 @@ def test_idx_dir_classes_and_a_held_out_val_never_the_test_split(tmp_path):
     # no val_split: the model selection set is held out of train, never the official test split
     assert fashion.val is not fashion.test and len(fashion.test) == 20
     assert "held out" in fashion.val_source and "test split is only scored at the end" in fashion.val_source
+    # a run that scores no test split (a sweep's, a trial's) does not say it will; a refit is a refit, whoever asked
+    trial = build_datasets(str(tmp_path / "fashion-tiny"), preprocess=PRE, final_test=False)
+    assert trial.val_source.endswith("; the test split is not used") and "scored" not in trial.val_source
+    refit = build_datasets(str(tmp_path / "fashion-tiny"), preprocess=PRE, refit=True)
+    assert refit.val is None and "train too (refit); best.pt is the last epoch" in refit.val_source
+    assert "auto recipe" not in refit.val_source
     train_ids, val_ids = set(fashion.train.images[:, 0, 0].tolist()), set(fashion.val.images[:, 0, 0].tolist())
     assert len(val_ids) == 10 and not train_ids & val_ids  # 10 % of each class's 6, at least one: one per class
     x, y = fashion.train[3]

@@ -107,7 +107,8 @@ class Trainer:
         self.hf_files = hf_bundle.bundle(cfg.model)  # an hf:DIR's config and tokenizer, carried by every checkpoint
         self.data = build_datasets(cfg.data, val_data=cfg.val_data, val_split=cfg.val_split, per_class=cfg.per_class,
                                    seed=cfg.seed, preprocess=self.preprocess, aug=cfg.aug,
-                                   skip_bad=cfg.skip_bad, refit=bool(cfg.refit))  # fmt: skip
+                                   skip_bad=cfg.skip_bad, refit=bool(cfg.refit),
+                                   final_test=cfg.final_test)  # fmt: skip
         self.classes = self.data.classes
         replace_head(self.model, len(self.classes))
         if cfg.init and not self.resuming:  # an earlier run's weights, head included (a recipe's previous phase);

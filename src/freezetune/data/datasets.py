@@ -210,8 +210,7 @@ def _refit(train: Dataset, val: Dataset, val_source: str, per_class: int | None)
     ``_refit_fits``; else it stays validation."""
     if not _refit_fits(train, val, per_class):
         return train, val, f"{val_source} (not refit: that would train on more than per_class={per_class} a class)"
-    source = (f"none: the {len(val)} {noun(val)} held out for validation train too (refit: the auto recipe has "
-              "chosen); best.pt is the last epoch")  # fmt: skip
+    source = f"none: the {len(val)} {noun(val)} held out for validation train too (refit); best.pt is the last epoch"
     return train.joined(val), None, source
 
 
@@ -238,6 +237,7 @@ def build_datasets(
     aug: str = AUG_DEFAULT,
     skip_bad: bool = False,
     refit: bool = False,
+    final_test: bool = True,
 ) -> DataBundle:
     """Build train/val/test datasets from one data path, with train augmentation and eval transforms.
 
@@ -270,6 +270,7 @@ def build_datasets(
             what the auto recipe's trials trained on plus what they were scored on, and there is no validation set.
         skip_bad: leave out image files whose header cannot be read (listed in ``DataBundle.skipped``) instead of
             refusing the data.
+        final_test: whether the run scores the test split at the end (what ``val_source`` says of it).
 
     Raises:
         DataError: a path is missing or holds no usable data, an image file is unreadable (without ``skip_bad``), or
@@ -311,7 +312,7 @@ def build_datasets(
     if per_class is not None:
         _warn_short(train, per_class, held_out=len(val) if val is not None and val is not given_val else 0)
     if test is not None and val is not given_val:  # why the test split, there, is not the validation
-        val_source += "; the test split is only scored at the end"
+        val_source += "; the test split is only scored at the end" if final_test else "; the test split is not used"
     present = sorted({int(t) for t in train.targets.tolist()})
     if len(present) < 2:
         raise DataError(f"'{data}' has training {noun(train)} of {len(present)} class(es) "
