@@ -208,3 +208,21 @@ def test_ranks_share_early_stop_plateau_unfreeze_clipping_and_the_default_run_di
     assert [p.name.endswith("-rank0") for p in runs] == [True]
     assert r0["run_dir"] == r1["run_dir"] == str(runs[0].relative_to(tmp_path))
     assert unfreeze_events(read_metrics(runs[0] / "metrics.csv")) == [(4, "blocks.4")]
+
+
+@pytest.mark.multiprocess
+def test_the_auto_recipe_under_torchrun_takes_rank_0s_trials_and_decision(tmp_path):
+    # rank 1 logged no metrics rows: its trial scored "n/a" on "0 validation images", it skipped the other trials
+    # rank 0 ran, and the ranks hung in collectives that never met. 402 validation images: every candidate's trial
+    data = make_image_folder(tmp_path / "data", train=12, val=134, test=2, size=32)
+    out, dump = tmp_path / "run", tmp_path / "dump"
+    proc = torchrun(dump, "--data", data, "--out", out, "--epochs", "1")
+    decision = json.loads((out / "recipe.json").read_text())
+    assert [t["trained_stages"] for t in decision["trials"]] == [2, 3, 4]
+    assert all(t["n_val"] == 402 for t in decision["trials"])
+    for k in (2, 3, 4):  # each trial and the choice said once, by rank 0
+        assert proc.stdout.count(f"auto: last {k} stage(s) + head at lr") == 1, proc.stdout
+    assert proc.stdout.count("auto: chose to train") == 1
+    r0, r1 = rank_dumps(dump)
+    assert r0["trainable"] == r1["trainable"] and r0["epochs"] == r1["epochs"] == decision["choice"]["epochs"]
+    assert_same_state(r0["end"], r1["end"])

@@ -72,9 +72,12 @@ MIN_VAL_TO_COMPARE = 400
 def run(cfg: TrainConfig, *, echo: Callable[[str], None] = print, train: Callable | None = None):
     """Measure, choose, train (see the module docstring); returns the run's ``RunResult`` (in ``cfg.out``)."""
     from freezetune import runtime, trainer
+    from freezetune.distributed import broadcast, init_from_env, main_echo
 
     train = train or trainer.train
-    out = Path(cfg.out) if cfg.out else runtime.default_run_dir(cfg.model)
+    info = init_from_env(cfg.device)  # under torchrun: rank 0 says and writes; every rank takes its decisions
+    echo = main_echo(echo, info)
+    out = broadcast(Path(cfg.out) if cfg.out else runtime.default_run_dir(cfg.model), info)  # rank 0's clock names it
     saved = out / RECIPE_FILE
     if cfg.resume and saved.is_file():  # the decision was made before the interruption: keep it
         decision = json.loads(saved.read_text())
@@ -87,7 +90,8 @@ def run(cfg: TrainConfig, *, echo: Callable[[str], None] = print, train: Callabl
         return train(final, echo=echo)
     # a run dir in use is refused (or, resuming, one no run was started in) before any trial writes below it; the
     # trials and decision of an attempt stopped before its run finished an epoch are redone
-    runtime.prepare_run_dir(str(out), cfg.model, resume=cfg.resume, also_clear=(RECIPE_FILE, TRIALS_DIR), echo=echo)
+    runtime.prepare_run_dir(str(out), cfg.model, resume=cfg.resume, also_clear=(RECIPE_FILE, TRIALS_DIR), echo=echo,
+                            clean=info.is_main)  # fmt: skip
     start = time.perf_counter()
     ks, cut, text = _candidates(cfg)
     base = _base(cfg, out, cut)
@@ -97,7 +101,7 @@ def run(cfg: TrainConfig, *, echo: Callable[[str], None] = print, train: Callabl
              f"the others' if the split holds {MIN_VAL_TO_COMPARE} or more")  # fmt: skip
     boost = TEXT_LR_BOOST if text else LR_BOOST
     trials, choice, why = _measure(base, ks, boost, out, train, _after_data(echo, intro))
-    spent = time.perf_counter() - start
+    spent = broadcast(time.perf_counter() - start, info)  # the ranks' clocks differ: a budget's epochs must not
     epochs, refit = _affordable(cfg, choice, spent), refits(cfg)
     budget = parse_duration(cfg.budget)
     if budget is not None and spent >= budget:  # the run then trains one epoch: say why, not only how many
@@ -110,12 +114,13 @@ def run(cfg: TrainConfig, *, echo: Callable[[str], None] = print, train: Callabl
     run_lr = choice["lr"] * RUN_LR_FACTOR  # from the trial's fitted weights: a smaller step (see the docstring)
     echo(f"auto: chose to train the last {choice['trained_stages']} stage(s) + head (freeze {choice['freeze']}, lr "
          f"{run_lr:.1e}) for {epochs} epoch(s): {why}")  # fmt: skip
-    init = _start_from(out, trials, choice, cfg.init)
+    init = _start_from(out, trials, choice, cfg.init, delete=info.is_main)
     decision = {"procedure": __doc__.split("\n\n", 2)[2].strip(), "cut": cut, "trials": trials,
                 "default_trained_stages": DEFAULT_TRAINED_STAGES, "trial_fraction": TRIAL_FRACTION, "budget_s": parse_duration(cfg.budget),
                 "choice": {**choice, "epochs": epochs, "refit": refit, "why": why, "init": init, "run_lr": run_lr}}  # fmt: skip
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(saved, json.dumps(decision, indent=1))
+    if info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(saved, json.dumps(decision, indent=1))
     final = dataclasses.replace(base, freeze=choice["freeze"], lr=run_lr, epochs=epochs, refit=refit, init=init,
                                 resume=False)  # fmt: skip
     result = train(final, echo=echo)
@@ -195,11 +200,11 @@ def _trial(base: TrainConfig, k: int, boost: float, out: Path, train: Callable, 
             "data_kind": result.data_kind, "refit_fits": result.refit_fits}  # fmt: skip
 
 
-def _start_from(out: Path, trials: list[dict], choice: dict, init: str | None) -> str | None:
+def _start_from(out: Path, trials: list[dict], choice: dict, init: str | None, *, delete: bool = True) -> str | None:
     """The chosen trial's ``best.pt``, which starts the run (else ``init``: a trial that saved none, as one whose loss
-    was never finite); the other trials' weights are deleted."""
+    was never finite); the other trials' weights are deleted (``delete``: by rank 0 alone under torchrun)."""
     for t in trials:
-        if t is not choice:
+        if t is not choice and delete:
             (_trial_dir(out, t["trained_stages"]) / "best.pt").unlink(missing_ok=True)
     weights = _trial_dir(out, choice["trained_stages"]) / "best.pt"
     return os.path.abspath(weights) if weights.is_file() else init

@@ -10,7 +10,7 @@ test is sharded: each rank scores its block of whole batches and the counts are 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -51,6 +51,18 @@ def init_from_env(device_spec: str = "auto") -> DistInfo:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo")
     return info
+
+
+def main_echo(echo: Callable[[str], None], info: DistInfo) -> Callable[[str], None]:
+    """``echo`` on rank 0; on the other ranks, nothing: one log per job, not one per process.
+
+    >>> main_echo(print, DistInfo(rank=1, world=2))("not shown")
+    """
+    return echo if info.is_main else _silent
+
+
+def _silent(*_: object) -> None:
+    pass
 
 
 def device_for(info: DistInfo, spec: str) -> str:
@@ -158,6 +170,12 @@ def barrier(info: DistInfo) -> None:
         dist.barrier()
 
 
-def shutdown(info: DistInfo) -> None:
-    if info.enabled and dist.is_initialized():
+def in_group() -> bool:
+    """Whether this process has joined a torchrun process group (``init_from_env``) and not left it."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def leave_group() -> None:
+    """Leave the process group this process joined, if any."""
+    if in_group():
         dist.destroy_process_group()

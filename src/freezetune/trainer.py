@@ -31,8 +31,10 @@ from freezetune.distributed import (
     broadcast,
     broadcast_tensors,
     device_for,
+    in_group,
     init_from_env,
-    shutdown,
+    leave_group,
+    main_echo,
     wrap,
 )
 from freezetune.errors import ConfigError, TrainingError
@@ -70,14 +72,17 @@ def train(cfg: TrainConfig, *, echo=print, resumable: bool = True, brief: bool =
     # its place first; the handlers found are put back after the run
     validate(cfg)  # before a recipe plans anything: every problem of the config, with the choices
     runtime.check_resume_target(cfg.out, cfg.resume)  # a recipe would otherwise look in a new timestamped dir
-    with out_of_memory_hint(cfg.batch_size), StopRequest().listening(defer=False):
-        if recipes.recipe_of(cfg) is not None:
-            return recipes.run(cfg, echo=echo)
-        trainer = Trainer(cfg, echo=echo, resumable=resumable, brief=brief)
-        try:
-            return trainer.fit()
-        finally:
-            shutdown(trainer.dist)
+    # under torchrun the outermost call leaves the process group, once: a recipe's runs (the auto recipe's trials and
+    # run) share it; left and joined again between them, the ranks' third join never met
+    owner = not in_group()
+    try:
+        with out_of_memory_hint(cfg.batch_size), StopRequest().listening(defer=False):
+            if recipes.recipe_of(cfg) is not None:
+                return recipes.run(cfg, echo=echo)
+            return Trainer(cfg, echo=echo, resumable=resumable, brief=brief).fit()
+    finally:
+        if owner:
+            leave_group()
 
 
 class Trainer:
@@ -157,7 +162,7 @@ class Trainer:
         """Set-up step 1: the torchrun group, device, precision, run directory (checked; created later) and seeds."""
         cfg = self.cfg
         self.dist = init_from_env(cfg.device)
-        self.echo = echo if self.dist.is_main else _quiet
+        self.echo = main_echo(echo, self.dist)
         self.device = resolve_device(device_for(self.dist, cfg.device))
         check_decode(cfg.decode, cfg.device, self.device)
         self.precision = resolve_precision(self.device, cfg.amp)
@@ -257,7 +262,10 @@ class Trainer:
         if test is None and self.cfg.final_test:  # no test split: the run still ends on a line naming its result
             metric = f", {self.cfg.monitor} {p.best_metric:.4f}" if p.best_metric is not None else ""
             self.echo(f"best.pt: epoch {p.best_epoch}{metric} (no test split to score) -> {self.run_dir}")
-        return RunResult(self.run_dir, p.best_epoch, p.best_metric, test, list(self.metrics.rows), self.seconds,
+        # rank 0 alone logs the rows: every rank returns its result, for what a recipe decides next (the auto recipe's
+        # trials: a rank with no rows ran other trials than rank 0, and the ranks hung in collectives that never met)
+        rows, seconds = broadcast((list(self.metrics.rows), self.seconds), self.dist)
+        return RunResult(self.run_dir, p.best_epoch, p.best_metric, test, rows, seconds,
                          data_kind=noun(self.data.train), refit_fits=self.data.refit_fits)  # fmt: skip
 
     def _spent(self, *, running: bool = False) -> dict[str, float]:
@@ -434,7 +442,3 @@ class Trainer:
         self.echo(f"test accuracy {100 * result['acc']:.2f}% (best.pt, epoch {self.progress.best_epoch}) -> "
                   f"{self.run_dir}")  # fmt: skip
         return result
-
-
-def _quiet(*_: object) -> None:
-    """Ranks other than 0 print nothing: one log per job, not one per GPU."""
