@@ -12,7 +12,7 @@ from torch import nn
 
 import freezetune as ft
 from freezetune import checkpoint
-from freezetune.errors import CheckpointError
+from freezetune.errors import CheckpointError, ConfigError
 from freezetune.models import create_model
 from freezetune.preprocess import Preprocess
 
@@ -199,3 +199,12 @@ def test_a_writer_without_background_writes_at_submit_in_this_thread(tmp_path):
     writer.submit(best=None, last={"epoch": 1, "state_dict": {"w": weights}})
     assert torch.load(tmp_path / checkpoint.LAST)["epoch"] == 1  # on disk before submit returned, no wait
     assert not [t for t in threading.enumerate() if t.name == "freezetune-checkpoint"]
+
+
+def test_a_resume_on_another_number_of_processes_says_what_steps_per_epoch_is(tmp_path):
+    # "steps_per_epoch 5 -> 10" named a setting no user ever gave: a 2-process torchrun run resumed on one process
+    config = {"model": "timm:test_efficientnet", "scheduler": "onecycle", "epochs": 3}
+    record = {"model": config["model"], "classes": ["a", "b"], "config": config, "steps_per_epoch": 5}
+    expect = {**config, "classes": ["a", "b"], "steps_per_epoch": 10}
+    with pytest.raises(ConfigError, match=r"steps_per_epoch 5 -> 10: .* the number of torchrun processes set it"):
+        checkpoint._check_resumable(tmp_path / "last.pt", record, expect)

@@ -189,7 +189,7 @@ def _trial(base: TrainConfig, k: int, boost: float, out: Path, train: Callable, 
         result = train(trial_cfg, echo=_indented(echo), resumable=False, brief=brief)
     except RunInterrupted as exc:  # the trial's last.pt is not the run's: say what a re-run does instead
         raise RunInterrupted.by(exc.signum, f"during the trial of the last {k} stage(s) (trials are not resumed); the "
-                                "same command with --resume starts them again") from None  # fmt: skip
+                                "same command, with or without --resume, starts them again") from None  # fmt: skip
     row = result.history[-1] if result.history else {}
     seconds = {key: result.seconds.get(key, 0.0) for key in ("cache", "epochs")}
     echo(f"auto: last {k} stage(s) + head at lr {trial_cfg.lr:.1e}: val acc {_pct(result.best_val_acc)} "

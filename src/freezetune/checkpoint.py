@@ -327,6 +327,9 @@ def _check_resumable(path: Path, record: dict, expect: dict[str, Any]) -> None:
     why = []  # every change named at once: fixing one flag must not lead to the next refusal
     if stretched:
         why.append(f"its {old.get('scheduler')} LR schedule spans the run's original length")
+    if any(k.startswith("steps_per_epoch ") for k in stretched):  # no setting of the user's is called that
+        why.append("steps_per_epoch is the batches of an epoch on each process: the training data, --batch-size and "
+                   "the number of torchrun processes set it (resume on as many processes as the run had)")  # fmt: skip
     if changed:
         may = ", ".join(k for k in RESUME_MAY_CHANGE if k not in ("out", "resume"))  # the two that name the resume
         why.append(f"a run continues with its own settings (a resume may change only {may})")
