@@ -619,3 +619,30 @@ def test_eval_writes_its_metrics_for_batch_jobs_and_a_plot_per_dataset(run, data
     code, out, err = run_cli(capsys, "eval", "--checkpoint", run_dir / "best.pt", "--data", data, "--plot",
                              tmp_path / "cm.gif")  # fmt: skip
     assert code == 2 and ".gif is none of them" in err and not out, err  # refused before the evaluation
+
+
+def test_a_run_whose_output_goes_to_a_file_writes_each_line_as_it_comes(tmp_path):
+    # `nohup freezetune train ... > log`: block-buffered, the log stayed empty until the process ended (tail -f
+    # showed nothing for the whole run, and a killed run lost its last lines)
+    import os
+    import time
+
+    from freezetune.interrupt import PAUSE_ENV, PAUSE_MARKER_ENV
+
+    data, marker, log = make_image_folder(tmp_path / "data"), tmp_path / "paused", tmp_path / "log"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    env.update({PAUSE_ENV: "step#2", PAUSE_MARKER_ENV: str(marker), "OMP_NUM_THREADS": "1"})
+    argv = [sys.executable, "-m", "freezetune", *train_argv(data, tmp_path / "run", "--freeze", "-2", "--epochs", "2")]
+    with open(log, "w") as out:
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env)
+    try:
+        deadline = time.monotonic() + 120
+        while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert marker.exists(), log.read_text()
+        held = log.read_text()  # the process holds in epoch 1: what it printed so far is in the file
+        assert "validation:" in held and "trainable" in held, held
+    finally:
+        marker.unlink(missing_ok=True)
+        proc.wait(timeout=120)
+    assert proc.returncode == 0 and "epoch 2/2" in log.read_text()

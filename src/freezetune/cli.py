@@ -57,6 +57,13 @@ _HELP = {
 }
 
 
+def _line_buffered(stream) -> None:
+    """Each line out as it is printed, where a terminal would not (``nohup ... > log``, ``| tee``): block-buffered,
+    a run's log stayed empty until the process ended (``tail -f`` showed nothing; a killed run lost its last lines)."""
+    if not stream.isatty() and hasattr(stream, "reconfigure"):
+        stream.reconfigure(line_buffering=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
@@ -64,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return 2
     _overrides_anywhere(args, extra)
+    _line_buffered(sys.stdout)
     logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")  # fmt: skip
     try:
