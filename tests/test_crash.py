@@ -212,6 +212,14 @@ STOPS = [
         id="sigterm-to-the-process-group-mid-epoch",  # the loader workers got it too, died, and the run crashed
     ),  # fmt: skip
     pytest.param(
+        signal.SIGHUP,
+        "step#4",
+        "off",
+        4,
+        "SIGHUP at step 4/5 of epoch 1 (saved in last.pt); continue with --resume",
+        id="sighup-to-the-process-group-mid-epoch",  # an SSH session closed: the run died, its epoch's steps lost
+    ),  # fmt: skip
+    pytest.param(
         signal.SIGINT,
         "step#7",
         "auto",
@@ -400,3 +408,18 @@ def test_signal_handlers_found_are_restored_after_listening():
         assert signal.getsignal(signal.SIGTERM) is mine
     finally:
         signal.signal(signal.SIGTERM, before)
+
+
+def test_a_hangup_is_left_to_nohup_and_to_a_terminal():
+    # under nohup (SIGHUP ignored) the run is meant to outlive the session; with output to a terminal, the closed
+    # terminal fails every write: SIGHUP stops a run only when its output goes to files and nothing ignores it
+    before = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        with StopRequest().listening(defer=True):
+            assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
+        with StopRequest().listening(defer=True):  # pytest captures the output: no terminal
+            assert signal.getsignal(signal.SIGHUP) is not signal.SIG_DFL
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGHUP, before)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -20,6 +21,12 @@ from contextlib import contextmanager
 from pathlib import Path
 
 STOP_SIGNALS = {signal.SIGTERM: "SIGTERM", signal.SIGINT: "SIGINT"}
+# A closed SSH session hangs up a run started in it (`freezetune train > log 2>&1 &`, no nohup, no tmux): stopped as by
+# SIGTERM, its place saved, when the output goes to files; to the closed terminal, every write would fail, and under
+# nohup (SIGHUP ignored) the run is meant to go on.
+HANGUP = getattr(signal, "SIGHUP", None)
+if HANGUP is not None:
+    STOP_SIGNALS[HANGUP] = "SIGHUP"
 # Test hook: ``NAME`` or ``NAME#K`` holds the process the K-th time it reaches ``pause_point(NAME)``, after writing its
 # pid to the file named by PAUSE_MARKER_ENV, until that file is deleted.
 PAUSE_ENV = "FREEZETUNE_TEST_PAUSE_AT"
@@ -88,7 +95,8 @@ class StopRequest:
 
     @contextmanager
     def listening(self, *, defer: bool, at_once: str = OUTSIDE_A_STEP) -> Iterator[StopRequest]:
-        """Handle SIGTERM and SIGINT in this block, then restore the handlers found (a notebook's, a caller's).
+        """Handle SIGTERM and SIGINT (and SIGHUP, see ``HANGUP``) in this block, then restore the handlers found (a
+        notebook's, a caller's).
 
         Only the main thread may install handlers; elsewhere the block runs with the process's own.
         """
@@ -96,7 +104,7 @@ class StopRequest:
             yield self
             return
         self.defer, self.at_once = defer, at_once
-        previous = {s: signal.signal(s, self._handle) for s in STOP_SIGNALS}
+        previous = {s: signal.signal(s, self._handle) for s in STOP_SIGNALS if s != HANGUP or _hangup_stops()}
         try:
             yield self
         finally:
@@ -112,6 +120,13 @@ class StopRequest:
         global _raised
         _raised = RunInterrupted.by(signum, self.at_once)
         raise _raised
+
+
+def _hangup_stops() -> bool:
+    """Whether a SIGHUP stops the run here (``HANGUP``): not ignored (nohup), and no output to a terminal."""
+    if signal.getsignal(HANGUP) is signal.SIG_IGN:
+        return False
+    return not any(stream is not None and stream.isatty() for stream in (sys.stdout, sys.stderr))
 
 
 _raised: RunInterrupted | None = None  # the stop a handler raised in this process, if any

@@ -345,7 +345,7 @@ class Trainer:
     def _train_epoch(self, epoch: int, batches) -> dict:
         self.model.train()
         meter = epoch_log.TrainProgress(len(batches), f"epoch {epoch + 1}/{self.cfg.epochs}",
-                                        enabled=self.cfg.progress, device=self.device)  # fmt: skip
+                                        enabled=self.cfg.progress and self.dist.is_main, device=self.device)  # fmt: skip
         try:
             self._steps(epoch, batches, meter)
         except BaseException:  # a stop or an error: clear the bar's line, so the message that follows starts its own

@@ -181,7 +181,10 @@ def _seed_worker(worker_id: int) -> None:
     # A SIGTERM sent to the process group (timeout, a cluster preempting the job) reaches the workers too: they died of
     # it before the main process finished its step and saved it, and the run crashed on the loader. The main process
     # stops them when it closes the loader; a worker whose main process is gone exits by itself (torch's watchdog).
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # So for a closed SSH session's SIGHUP, which the main process may act on (interrupt.HANGUP).
+    for name in ("SIGTERM", "SIGHUP"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
 
 
 def _dataloader(dataset: Dataset, order: Iterable[int], *, batch_size: int, workers: int, pin: bool,
