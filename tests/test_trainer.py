@@ -156,6 +156,23 @@ def test_resume_that_cannot_continue_the_run_is_a_user_error(finished_run, capsy
     assert snapshot(out) == before
 
 
+def test_a_resume_of_a_finished_run_says_it_had_finished(finished_run, tmp_path, capsys):
+    # it said "resumed DIR after epoch 2", printed the whole set-up and ended, leaving the user to guess what ran
+    import shutil
+
+    out = tmp_path / "done"
+    shutil.copytree(finished_run[0], out)
+    before = checkpoint.load(out / "last.pt")["state_dict"]
+    code, stdout, err = run_cli(capsys, "train", "--out", out, "--resume")
+    assert code == 0, err
+    assert (
+        stdout.splitlines()[0]
+        == f"resumed {out} after epoch 2: all 2 epochs were trained; nothing trains, only the run's end (report, test split) runs again"
+    )
+    after = checkpoint.load(out / "last.pt")["state_dict"]
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
 def test_a_resume_with_other_settings_is_refused_before_the_model_and_data_are_read(finished_run, tmp_path, capsys,
                                                                                      monkeypatch):  # fmt: skip
     # the refusal came after the model was built and the whole data set scanned (minutes for a large folder)

@@ -213,7 +213,12 @@ class Trainer:
                            classes=self.classes, steps_per_epoch=self.steps_per_epoch)  # fmt: skip
         p = self.progress
         within = f" and step {p.step}/{self.steps_per_epoch} of epoch {p.epoch + 1}" if p.step else ""
-        self.echo(f"resumed {self.run_dir} after epoch {p.epoch}{within}")
+        stopped = self.cfg.early_stop and p.bad_epochs >= self.cfg.early_stop
+        done = ": the run had finished (early stop)" if stopped else ""
+        if not done and p.epoch >= self.cfg.epochs and not p.step:  # a finished run: say so, not leave it to guess
+            done = f": all {self.cfg.epochs} epochs were trained"
+        then = "; nothing trains, only the run's end (report, test split) runs again" if done else ""
+        self.echo(f"resumed {self.run_dir} after epoch {p.epoch}{within}{done}{then}")
 
     def _prepare(self, module: nn.Module) -> nn.Module:
         """What a step runs: DDP over the parameters that train now, compiled when asked."""
