@@ -18,7 +18,16 @@ from freezetune import __version__
 from freezetune.config import FIELD_CHOICES, TrainConfig, field_names, load_config, parse_override, scalar_type
 from freezetune.errors import FreezetuneError, one_line
 from freezetune.interrupt import RunInterrupted, raised_stop
-from freezetune.options import AMP_MODES, FREEZE_DEFAULT, MODEL_SOURCES, PRETRAINED_WEIGHTS, RANDOM_WEIGHTS, RECIPES
+from freezetune.options import (
+    AMP_MODES,
+    FREEZE_DEFAULT,
+    LABEL_COLUMNS,
+    MODEL_SOURCES,
+    PRETRAINED_WEIGHTS,
+    RANDOM_WEIGHTS,
+    RECIPES,
+    TEXT_COLUMNS,
+)
 from freezetune.sweep import DEFAULT_RECIPES, SWEEP_SETS
 
 _DEFAULTS = TrainConfig()
@@ -36,10 +45,8 @@ _HELP = {
     "budget": "wall-clock budget for the auto recipe's trials and epochs (the epochs it trains), e.g. 90s, 5m, 1h",
     "max_length": "a text model: the tokens a text keeps (longer texts are cut there and counted in the log; at most "
     "the model's positions)",
-    "text_column": "a text model: the CSV column of the texts (default: the one named text, sentence, review, "
-    "document or content)",
-    "label_column": "a text model: the CSV column of the labels (default: the one named label, class, target, "
-    "category or y)",
+    "text_column": f"a text model: the CSV column of the texts (default: the one named {' or '.join(TEXT_COLUMNS)})",
+    "label_column": f"a text model: the CSV column of the labels (default: the one named {' or '.join(LABEL_COLUMNS)})",
     "init": "a freezetune checkpoint whose weights (head included) start the run",
     "cache_dir": "keep feature caches here and reuse them across runs (the auto recipe: OUT/features)",
     "bn": "BatchNorm in frozen parts (frozen: eval statistics)",

@@ -42,6 +42,9 @@ DECODE_MODES = ("auto", "gpu", "cpu")
 MODEL_SOURCES = ("timm", "torchvision", "hf")  # the prefix of a model name, as in "timm:resnet50"
 RANDOM_WEIGHTS = ("none", "random")
 PRETRAINED_WEIGHTS = ("imagenet", "default")
+# the header names a text CSV's text and label columns are found by (``--text-column``/``--label-column`` name others)
+TEXT_COLUMNS = ("text", "sentence", "review", "document", "content")
+LABEL_COLUMNS = ("label", "class", "target", "category", "y")
 
 
 @dataclass(frozen=True)

@@ -20,10 +20,8 @@ from torch.utils.data import Dataset
 from freezetune.data.folder import expand_paths, sorted_labels, warn_similar_labels
 from freezetune.errors import ConfigError, DataError, choices
 from freezetune.hf_bundle import TOKENIZER_FILES
+from freezetune.options import LABEL_COLUMNS, TEXT_COLUMNS
 from freezetune.preprocess import Preprocess
-
-TEXT_COLUMNS = ("text", "sentence", "review", "document", "content")
-LABEL_COLUMNS = ("label", "class", "target", "category", "y")
 
 
 @dataclass(frozen=True)
