@@ -105,7 +105,8 @@ class Trainer:
         self.model, self.preprocess = create_model(cfg.model, cfg.weights, img_size=cfg.img_size)
         check_cut(self.model, cfg.cache_at)  # a stage name needs the model: checked before any data is read
         if self.preprocess is not None:  # an image model: the settings only a text model reads are refused
-            refuse_text_settings(cfg.model, {k: getattr(cfg, k) for k in TEXT_SETTINGS})
+            given = {k: getattr(cfg, k) for k in TEXT_SETTINGS if getattr(cfg, k) != getattr(TrainConfig, k)}
+            refuse_text_settings(cfg.model, given)
         self.preprocess = self.preprocess or text_preprocess(  # a text model: its tokenizer and CSV columns
             cfg.model, cfg.max_length, text_column=cfg.text_column, label_column=cfg.label_column
         )

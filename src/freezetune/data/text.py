@@ -278,22 +278,21 @@ def truncation_note(dataset: Dataset, preprocess) -> str | None:
             f"{max(lengths)}) and are cut there; {more}")  # fmt: skip
 
 
-TEXT_SETTINGS = {"max_length": 128, "text_column": None, "label_column": None}  # what only a text model reads
+TEXT_SETTINGS = ("max_length", "text_column", "label_column")  # the TrainConfig fields only a text model reads
+_READS = {"max_length": "sets the tokens a text keeps", "text_column": "names a text CSV's column",
+          "label_column": "names a text CSV's column"}  # fmt: skip
 
 
-def refuse_text_settings(model: str, settings: dict[str, object]) -> None:
-    """Refuse the ``TEXT_SETTINGS`` given (not at their defaults) for the image model ``model``: ignored, the user
-    would believe them applied.
+def refuse_text_settings(model: str, given: dict[str, object]) -> None:
+    """Refuse the ``TEXT_SETTINGS`` ``given`` (those set to other than their defaults) for the image model ``model``:
+    ignored, the user would believe them applied.
 
-    >>> refuse_text_settings("timm:resnet18", {"max_length": 128, "text_column": "review"})  # doctest: +ELLIPSIS
+    >>> refuse_text_settings("timm:resnet18", {"text_column": "review"})  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     freezetune.errors.ConfigError: text_column 'review' names a text CSV's column; ... image model: drop --text-column
     """
-    given = {k: v for k, v in settings.items() if v != TEXT_SETTINGS[k]}
     if given:
-        what = {"max_length": "sets the tokens a text keeps", "text_column": "names a text CSV's column",
-                "label_column": "names a text CSV's column"}  # fmt: skip
-        said = "; ".join(f"{k} {v!r} {what[k]}" for k, v in given.items())
+        said = "; ".join(f"{k} {v!r} {_READS[k]}" for k, v in given.items())
         flags = " and ".join(f"--{k.replace('_', '-')}" for k in given)
         raise ConfigError(f"{said}; {model} is an image model: drop {flags}")
 
