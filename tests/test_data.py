@@ -778,3 +778,17 @@ def test_symlinked_folders_inside_a_class_are_followed_and_loose_images_named(tm
     blue = [p for p, y in data.train.samples if data.classes[y] == "blue"]  # val/ holds the validation images
     assert len(blue) == 6  # a symlinked folder was not followed (Python 3.11's rglob)
     assert "1 image file(s) lie outside the class folders" in caplog.text
+
+
+def test_a_process_that_leaves_a_loader_open_still_exits(tmp_path):
+    # loader workers that ignored every SIGTERM (so that one sent to the process group could not kill them before the
+    # main process saved its step) also ignored the one their own process sends at exit: it waited for them forever
+    import subprocess
+    import sys
+
+    script = ("import torch; from freezetune.data import build_loader; "
+              "from freezetune.data.idx import InMemoryImageDataset; "
+              "ds = InMemoryImageDataset(torch.zeros(8, 4, 4, dtype=torch.uint8), torch.arange(8) % 2, ['a', 'b']); "
+              "it = iter(build_loader(ds, batch_size=2, train=True, workers=2)); next(it); print('left open')")  # fmt: skip
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stdout.strip() == "left open", proc.stderr[-2000:]

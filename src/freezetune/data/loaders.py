@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import random
 import signal
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
@@ -178,13 +179,31 @@ def _seed_worker(worker_id: int) -> None:
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
     random.seed(seed)
-    # A SIGTERM sent to the process group (timeout, a cluster preempting the job) reaches the workers too: they died of
-    # it before the main process finished its step and saved it, and the run crashed on the loader. The main process
-    # stops them when it closes the loader; a worker whose main process is gone exits by itself (torch's watchdog).
-    # So for a closed SSH session's SIGHUP, which the main process may act on (interrupt.HANGUP).
-    for name in ("SIGTERM", "SIGHUP"):
-        if hasattr(signal, name):
-            signal.signal(getattr(signal, name), signal.SIG_IGN)
+    _signals_from_outside()
+
+
+def _signals_from_outside() -> None:
+    """In a loader worker: die of a SIGTERM from the main process (closing the loader, or exiting), live through one
+    from anyone else, and through SIGHUP. Sent to the whole process group (``timeout``, a cluster scheduler, an SSH
+    session closing: ``interrupt.HANGUP``), the signal killed the workers before the main process had finished its
+    step and saved it, and the run crashed on the loader. Ignored from everyone, though, the main process's own
+    SIGTERM at exit left it waiting for them forever. The main process stops them when it closes the loader; a worker
+    whose main process is gone exits by itself (torch's watchdog). Without ``sigwaitinfo`` (macOS) workers keep the
+    default: a group signal kills them."""
+    if not hasattr(signal, "sigwaitinfo"):
+        return
+    parent, caught = os.getppid(), {signal.SIGTERM, signal.SIGHUP}
+    signal.pthread_sigmask(
+        signal.SIG_BLOCK, caught
+    )  # in this thread and every thread started after: only wait() sees them
+
+    def wait() -> None:
+        while True:
+            info = signal.sigwaitinfo(caught)
+            if info.si_signo == signal.SIGTERM and info.si_pid == parent:
+                os._exit(128 + signal.SIGTERM)
+
+    threading.Thread(target=wait, name="freezetune-signals", daemon=True).start()
 
 
 def _dataloader(dataset: Dataset, order: Iterable[int], *, batch_size: int, workers: int, pin: bool,
