@@ -263,14 +263,16 @@ class Trainer:
         if self.dist.is_main:
             reporting.plot_report(self.run_dir / "metrics.csv", self.run_dir / "report.png")
         test = self._final_test()
+        # rank 0 alone logs the rows: every rank returns its result, for what a recipe decides next (the auto recipe's
+        # trials: a rank with no rows ran other trials than rank 0, and the ranks hung in collectives that never met)
+        rows, seconds = broadcast((list(self.metrics.rows), self.seconds), self.dist)
+        # the last collective before a rank may leave the group: a broadcast ends on its sender before the others have
+        # it, and a sender that left at once aborted ("terminate called without an active exception")
         barrier(self.dist)
         p = self.progress
         if test is None and self.cfg.final_test:  # no test split: the run still ends on a line naming its result
             metric = f", {self.cfg.monitor} {p.best_metric:.4f}" if p.best_metric is not None else ""
             self.echo(f"best.pt: epoch {p.best_epoch}{metric} (no test split to score) -> {self.run_dir}")
-        # rank 0 alone logs the rows: every rank returns its result, for what a recipe decides next (the auto recipe's
-        # trials: a rank with no rows ran other trials than rank 0, and the ranks hung in collectives that never met)
-        rows, seconds = broadcast((list(self.metrics.rows), self.seconds), self.dist)
         return RunResult(self.run_dir, p.best_epoch, p.best_metric, test, rows, seconds,
                          data_kind=noun(self.data.train), refit_fits=self.data.refit_fits)  # fmt: skip
 
