@@ -100,7 +100,11 @@ def run(cfg: TrainConfig, *, echo: Callable[[str], None] = print, train: Callabl
              f"frozen in all of them, its features cached once where the data allows); the default's trial first, "
              f"the others' if the split holds {MIN_VAL_TO_COMPARE} or more")  # fmt: skip
     boost = TEXT_LR_BOOST if text else LR_BOOST
-    trials, choice, why = _measure(base, ks, boost, out, train, _after_data(echo, intro))
+
+    def shared(trial_cfg: TrainConfig, **kwargs):  # rank 0 alone logs metrics rows: every rank takes its result
+        return broadcast(train(trial_cfg, **kwargs), info)  # (rank 1 scored "n/a", skipped trials, and the ranks hung)
+
+    trials, choice, why = _measure(base, ks, boost, out, shared, _after_data(echo, intro))
     spent = broadcast(time.perf_counter() - start, info)  # the ranks' clocks differ: a budget's epochs must not
     epochs, refit = _affordable(cfg, choice, spent), refits(cfg)
     budget = parse_duration(cfg.budget)

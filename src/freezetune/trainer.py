@@ -75,14 +75,15 @@ def train(cfg: TrainConfig, *, echo=print, resumable: bool = True, brief: bool =
     # under torchrun the outermost call leaves the process group, once: a recipe's runs (the auto recipe's trials and
     # run) share it; left and joined again between them, the ranks' third join never met
     owner = not in_group()
-    try:
-        with out_of_memory_hint(cfg.batch_size), StopRequest().listening(defer=False):
+    with out_of_memory_hint(cfg.batch_size), StopRequest().listening(defer=False):
+        try:
             if recipes.recipe_of(cfg) is not None:
                 return recipes.run(cfg, echo=echo)
-            return Trainer(cfg, echo=echo, resumable=resumable, brief=brief).fit()
-    finally:
-        if owner:
-            leave_group()
+            trainer = Trainer(cfg, echo=echo, resumable=resumable, brief=brief)
+            return trainer.fit()
+        finally:
+            if owner:
+                leave_group()
 
 
 class Trainer:
@@ -263,17 +264,12 @@ class Trainer:
         if self.dist.is_main:
             reporting.plot_report(self.run_dir / "metrics.csv", self.run_dir / "report.png")
         test = self._final_test()
-        # rank 0 alone logs the rows: every rank returns its result, for what a recipe decides next (the auto recipe's
-        # trials: a rank with no rows ran other trials than rank 0, and the ranks hung in collectives that never met)
-        rows, seconds = broadcast((list(self.metrics.rows), self.seconds), self.dist)
-        # the last collective before a rank may leave the group: a broadcast ends on its sender before the others have
-        # it, and a sender that left at once aborted ("terminate called without an active exception")
         barrier(self.dist)
         p = self.progress
         if test is None and self.cfg.final_test:  # no test split: the run still ends on a line naming its result
             metric = f", {self.cfg.monitor} {p.best_metric:.4f}" if p.best_metric is not None else ""
             self.echo(f"best.pt: epoch {p.best_epoch}{metric} (no test split to score) -> {self.run_dir}")
-        return RunResult(self.run_dir, p.best_epoch, p.best_metric, test, rows, seconds,
+        return RunResult(self.run_dir, p.best_epoch, p.best_metric, test, list(self.metrics.rows), self.seconds,
                          data_kind=noun(self.data.train), refit_fits=self.data.refit_fits)  # fmt: skip
 
     def _spent(self, *, running: bool = False) -> dict[str, float]:
