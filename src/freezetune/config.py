@@ -41,6 +41,7 @@ from freezetune.options import (
     RANDOM_WEIGHTS,
     SCHEDULERS,
     choice_problem,
+    column_name_problem,
     fraction_problem,
     non_negative_int_problem,
     parse_duration,
@@ -277,9 +278,9 @@ def validate(cfg: TrainConfig, *, need_data: bool = True) -> None:
 
 def _column_problems(cfg: TrainConfig) -> list[str]:
     """A column name must name something, and the text and the label cannot be one column."""
-    names = {k: getattr(cfg, k) for k in ("text_column", "label_column") if getattr(cfg, k) is not None}
-    problems = [f"{k} is empty; give the CSV header's name of that column" for k, v in names.items() if not v.strip()]
-    if len(names) == 2 and not problems and cfg.text_column.strip().lower() == cfg.label_column.strip().lower():
+    problems = [p for k in ("text_column", "label_column") if (p := column_name_problem(k, getattr(cfg, k)))]
+    both = cfg.text_column is not None and cfg.label_column is not None
+    if both and not problems and cfg.text_column.strip().lower() == cfg.label_column.strip().lower():
         problems.append(f"text_column and label_column are both {cfg.text_column!r}; a text and its label are two "
                         "columns")  # fmt: skip
     return problems

@@ -21,10 +21,10 @@ from freezetune import checkpoint as ckpt
 from freezetune._io import atomic_write_text
 from freezetune.config import TrainConfig
 from freezetune.data.loaders import Loaders, close_loader
-from freezetune.data.text import Columns
+from freezetune.data.text import Columns, refuse_text_settings
 from freezetune.errors import ConfigError, DataError
 from freezetune.evaluate import evaluate, predict_probs
-from freezetune.options import check, positive_int_problem
+from freezetune.options import check, column_name_problem, positive_int_problem
 from freezetune.precision import Precision, resolve_device, resolve_precision
 from freezetune.preprocess import Preprocess
 from freezetune.runtime import use_channels_last
@@ -211,15 +211,12 @@ def predict_files(
         check(positive_int_problem(name, value))
     if isinstance(paths, (str, os.PathLike)):  # one path, not its characters
         paths = [paths]
-    if text_column is not None and not text_column.strip():
-        raise ConfigError("text_column is empty; give the CSV header's name of the texts' column")
+    check(column_name_problem("text_column", text_column))
     loaded = model if isinstance(model, LoadedModel) else load_model(model, device)
     if loaded.preprocess.is_text:
         pre = replace(loaded.preprocess, text_column=text_column or loaded.preprocess.text_column)
         return _predict_text_files(loaded, [str(p) for p in paths], topk, batch_size, Columns.of(pre))
-    if text_column is not None:
-        raise ConfigError(f"text_column {text_column!r} names a text CSV's column; this checkpoint's model reads "
-                          "images: drop --text-column")  # fmt: skip
+    refuse_text_settings("this checkpoint's model", {"text_column": text_column} if text_column is not None else {})
     transform = eval_transform(loaded.preprocess)
     files = list_images([str(p) for p in paths])
     records: dict[str, dict] = {}

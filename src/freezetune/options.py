@@ -107,6 +107,15 @@ def choice_problem(name: str, value: object, allowed: Iterable[object]) -> str |
     return None if value in allowed else f"unknown {name} {value!r}; choose one of: {choices(allowed)}"
 
 
+def column_name_problem(name: str, value: str | None) -> str | None:
+    """Problem of a CSV column name (``text_column``, ``label_column``): given, it must name something.
+
+    >>> column_name_problem("text_column", " "), column_name_problem("text_column", None)
+    ("text_column is empty; give the CSV header's name of that column", None)
+    """
+    return None if value is None or value.strip() else f"{name} is empty; give the CSV header's name of that column"
+
+
 def positive_int_problem(name: str, value: object) -> str | None:
     """Problem of a count that must be an integer >= 1 (``bool`` is not a count).
 

@@ -46,9 +46,13 @@ class Columns:
             (text.strip().lower(),) if text else TEXT_COLUMNS, (label.strip().lower(),) if label else LABEL_COLUMNS
         )
 
+    def names(self, role: str) -> tuple[str, ...]:
+        """The names the ``role`` column ("text" or "label") is looked for by; one when the run named it."""
+        return self.text if role == "text" else self.label
+
     def named(self, role: str) -> str:
         """How a message names where the ``role`` column is looked for."""
-        names = self.text if role == "text" else self.label
+        names = self.names(role)
         return f"'{names[0]}' (--{role}-column)" if len(names) == 1 else f"one of {choices(names)}"
 
 
@@ -200,9 +204,10 @@ def _read_rows(path: Path) -> tuple[list[str], list[list[str]], list[int]]:
 
 
 def _column(path: Path, header: list[str], role: str, columns: Columns) -> int:
-    hits = [i for i, c in enumerate(header) if c in (columns.text if role == "text" else columns.label)]
-    if len(hits) != 1:
-        other = "" if len(hits) or "(" in columns.named(role) else f" (or name yours: --{role}-column NAME)"
+    names = columns.names(role)
+    hits = [i for i, c in enumerate(header) if c in names]
+    if len(hits) != 1:  # none of the usual names: say how to name the column
+        other = f" (or name yours: --{role}-column NAME)" if not hits and len(names) > 1 else ""
         raise DataError(f"CSV '{path}' needs exactly one {role} column named {columns.named(role)}{other}; "
                         f"its header is {header}")  # fmt: skip
     return hits[0]
