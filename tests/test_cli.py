@@ -442,6 +442,19 @@ def test_key_value_overrides_may_follow_flags_and_a_stray_argument_gets_the_comm
     assert exit_.value.code == 2 and "usage: freezetune train" in err and "unrecognized arguments: stray" in err
 
 
+def test_print_config_says_what_a_recipe_sets_and_reads_back_as_a_config(capsys, tmp_path):
+    code, out, err = run_cli(capsys, "train", "--recipe", "lp-ft", "--lr", "0.002", "--print-config")
+    assert code == 0, err
+    assert "#   probe: freeze 'backbone', lr 0.02\n#   fine-tune: freeze 'none'\n" in out  # not only "freeze: auto"
+    (tmp_path / "c.yaml").write_text(out)
+    code, again, err = run_cli(capsys, "train", "--config", tmp_path / "c.yaml", "--print-config")
+    assert code == 0 and again == out, err
+    _, auto, _ = run_cli(capsys, "train", "--print-config")
+    assert "# freeze auto: the stages to freeze are measured on the validation split" in auto
+    _, plain, _ = run_cli(capsys, "train", "--freeze", "-3", "--print-config")
+    assert "#" not in plain
+
+
 def test_command_defaults_come_from_the_config_dataclass():
     from freezetune.cli import _parser
     from freezetune.config import TrainConfig

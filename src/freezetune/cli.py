@@ -260,7 +260,9 @@ def _cmd_train(args) -> int:
 
     cfg = _train_config(args)
     if args.print_config:
-        print(cfg.dump(), end="")
+        from freezetune.recipes import plan_comment
+
+        print(cfg.dump() + plan_comment(cfg), end="")
         return 0
     train(cfg)
     return 0

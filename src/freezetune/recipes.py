@@ -18,7 +18,7 @@ from pathlib import Path
 
 from freezetune.config import TrainConfig
 from freezetune.errors import ConfigError, choices
-from freezetune.options import recipe_problem
+from freezetune.options import RECIPE_HELP, recipe_problem
 
 _SINGLE = {  # recipe -> the settings of its one phase
     "linear-probe": {"freeze": "backbone", "unfreeze": None},
@@ -73,6 +73,31 @@ def phases(cfg: TrainConfig, recipe: str) -> list[Phase]:
                                     out=str(out / "probe") if out else None, final_test=False)  # fmt: skip
         return [Phase("probe", probe), Phase("fine-tune", dataclasses.replace(base, freeze="none", unfreeze=None))]
     raise ConfigError(f"recipe {recipe!r} has no phases here; 'auto' is planned by freezetune.auto")
+
+
+def plan_comment(cfg: TrainConfig) -> str:
+    """What the recipe ``cfg`` asks for will run, as YAML comment lines ("" for a plain run).
+
+    ``--print-config`` shows the config as given, where a recipe's own settings do not appear yet (``freeze: auto``
+    under ``recipe: linear-probe``); these lines say what the recipe sets, and the config stays one that ``--config``
+    reads back.
+
+    >>> print(plan_comment(TrainConfig(data="d", recipe="gradual")), end="")
+    # recipe gradual: the head first, then one more stage after each epoch (epoch:1 unfreezing)
+    #   gradual: freeze 'backbone', unfreeze 'epoch:1'
+    """
+    recipe = recipe_of(cfg)
+    if recipe is None or recipe_problem(recipe):
+        return ""
+    if recipe == "auto":
+        return ("# freeze auto: the stages to freeze are measured on the validation split when the run starts "
+                "(printed, and written to recipe.json in the run dir)\n")  # fmt: skip
+    lines = [f"# recipe {recipe}: {RECIPE_HELP['last-k' if recipe.startswith('last-') else recipe]}"]
+    for phase in phases(cfg, recipe):
+        lr = f", lr {phase.cfg.lr:g}" if phase.cfg.lr != cfg.lr else ""
+        unfreeze = f", unfreeze {phase.cfg.unfreeze!r}" if phase.cfg.unfreeze else ""
+        lines.append(f"#   {phase.name}: freeze {phase.cfg.freeze!r}{unfreeze}{lr}")
+    return "\n".join(lines) + "\n"
 
 
 def conflict_problems(cfg: TrainConfig) -> list[str]:
