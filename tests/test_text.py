@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from _engine_fixtures import make_image_folder, run_cli, train_argv
 from freezetune import checkpoint
 from freezetune.data import build_datasets
-from freezetune.data.text import Columns, TextDataset, read_text_csv, read_texts
+from freezetune.data.text import Columns, TextDataset, TokenizeBatch, read_text_csv, read_texts
 from freezetune.errors import ConfigError, DataError
 from freezetune.inference import LoadedModel, evaluate_checkpoint, predict_files, predict_texts
 from freezetune.precision import resolve_precision
@@ -269,6 +269,18 @@ def test_texts_longer_than_max_length_are_counted_and_max_length_stays_within_th
     )
     with pytest.raises(ConfigError, match=r"max_length 600 is over .* 512 positions; give --max-length 512 or less"):
         text_preprocess(f"hf:{MINILM}", max_length=600)
+
+
+def test_a_max_length_that_leaves_only_special_tokens_is_refused_before_the_run_dir_is_made(tmp_path, capsys):
+    # --max-length 2 trained BERT on "[CLS] [SEP]" for every text: 50 % on two classes, and no word said why
+    code, _, err = run_cli(capsys, "train", "--model", f"hf:{MINILM}", "--weights", "default", "--data",
+                           str(_csv(tmp_path / "t.csv")), "--out", str(tmp_path / "run"), "--max-length", "2")  # fmt: skip
+    assert code == 2 and err.strip().endswith(
+        "max_length 2 leaves no token of a text: this tokenizer adds 2 special "
+        "tokens to each; give --max-length 3 or more (128 by default)"
+    ), err
+    assert not (tmp_path / "run").exists()
+    assert TokenizeBatch(str(MINILM), 3).tokenize(["a fine film"])["input_ids"].shape == (1, 3)
 
 
 def test_validation_texts_that_are_training_texts_are_named_in_a_warning(tmp_path, caplog):

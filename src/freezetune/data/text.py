@@ -250,6 +250,12 @@ class TokenizeBatch:
         local = Path(tokenizer).is_dir()
         self.tokenizer = AutoTokenizer.from_pretrained(tokenizer, local_files_only=local)
         self.max_length = max_length
+        special = self.tokenizer.num_special_tokens_to_add(pair=False)
+        if max_length <= special:  # only the special tokens fit: every text trains and predicts as the same input
+            raise ConfigError(
+                f"max_length {max_length} leaves no token of a text: this tokenizer adds {special} "
+                f"special tokens to each; give --max-length {special + 1} or more (128 by default)"
+            )
 
     def __call__(self, items: list[tuple[str, int]]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         texts, labels = zip(*items, strict=True)
@@ -325,7 +331,12 @@ def text_preprocess(name: str, max_length: int = 128, *, text_column: str | None
     # a folder by its absolute path: checkpoints keep this, and are read from other directories (hf:mdl from elsewhere
     # found no tokenizer, or another folder's)
     tokenizer = os.path.abspath(arch) if Path(arch).is_dir() else arch
+    if max_length <= _FEW_TOKENS:  # refused here, before the run dir is made, when it leaves no token of a text
+        TokenizeBatch(tokenizer, max_length)
     return Preprocess(tokenizer=tokenizer, max_length=max_length, text_column=text_column, label_column=label_column)
+
+
+_FEW_TOKENS = 16  # a max_length this short is checked against the tokenizer's special tokens (BERT adds 2) at once
 
 
 def _max_positions(arch: str) -> int | None:
