@@ -198,6 +198,9 @@ def test_a_classifier_beside_a_parameter_free_classifier_list_is_the_head():
 
     model = tr.HGNetV2ForImageClassification(tr.HGNetV2Config(num_labels=3))
     assert ft.head_name(model) == "fc" and ft.stages(model)[-1].name == "fc"
+    # its four blocks sit in encoder.stages: as the one stage "encoder", freezing by depth was all or nothing
+    assert [s.name for s in ft.stages(model)] == ["embedder", *(f"encoder.stages.{i}" for i in range(4)), "fc"]
+    assert_partition(model, ft.stages(model))
     ft.replace_head(model, 5)
     ft.freeze(model, "backbone")
     assert [n for n, p in model.named_parameters() if p.requires_grad] == ["fc.weight", "fc.bias"]

@@ -238,15 +238,28 @@ def _generic_decl(model: nn.Module, head: str) -> _Decl:
     few = sum(not is_norm(m) for _, m in children) < 3
     decl: _Decl = []
     for name, module in children:
-        blocks = [c for c, m in module.named_children() if has_params(m)]
         body = _library_bodies(module, name) if not is_library_model(model) else None  # a user's own model
+        blocks = _blocks(name, module) if few and module is trunk else None
         if body:
             decl += body
-        elif few and module is trunk and isinstance(module, (nn.Sequential, nn.ModuleList)) and len(blocks) > 1:
-            decl += [(f"{name}.{c}", [f"{name}.{c}"]) for c in blocks]
+        elif blocks:
+            decl += [(b, [b]) for b in blocks]
         else:
             decl.append((name, [name]))
     return decl
+
+
+def _blocks(name: str, module: nn.Module) -> list[str] | None:
+    """The blocks of a trunk, by name: the children of a ``Sequential``/``ModuleList`` of several, found through
+    wrappers whose one child with parameters is the list (HGNetV2's ``encoder.stages``: as the one stage
+    ``encoder``, the auto recipe's only candidate trained all four); None when there is no such list."""
+    while True:
+        kids = [(c, m) for c, m in module.named_children() if has_params(m)]
+        if isinstance(module, (nn.Sequential, nn.ModuleList)) and len(kids) > 1:
+            return [f"{name}.{c}" for c, _ in kids]
+        if len(kids) != 1:
+            return None
+        name, module = f"{name}.{kids[0][0]}", kids[0][1]
 
 
 # the rules of the model families declared by structure, in the order they are asked (_declare adds Hugging Face's)
