@@ -266,10 +266,11 @@ def test_a_resumed_sweep_keeps_the_measured_seconds_of_the_recipes_finished_befo
     from freezetune import recipes
     from freezetune.sweep import sweep
 
-    real, measured = recipes.run, {}
+    real, measured, stopped = recipes.run, {}, []
 
     def interrupted_at_last_2(cfg, echo):
-        if cfg.recipe == "last-2" and not cfg.resume:
+        if cfg.recipe == "last-2" and not stopped:
+            stopped.append(cfg.recipe)
             raise KeyboardInterrupt  # Ctrl-C while the second recipe trains
         result = real(cfg, echo=echo)
         measured.setdefault(cfg.recipe, result.train_seconds)
@@ -284,6 +285,31 @@ def test_a_resumed_sweep_keeps_the_measured_seconds_of_the_recipes_finished_befo
     rows = {r["recipe"]: r for r in read_metrics(tmp_path / "sweep" / "sweep.csv")}
     assert rows["linear-probe"]["train_s"] == pytest.approx(measured["linear-probe"], rel=1e-6)
     assert [r["train_s"] for r in resumed.rows] == [measured["linear-probe"], measured["last-2"]]
+
+
+def test_a_sweep_stopped_before_its_auto_recipe_began_resumes_through_it(data, tmp_path, monkeypatch):
+    # the resumed sweep asked the auto recipe to resume a run dir never made: "cannot resume: '.../auto' does not
+    # exist", and the sweep ended there (auto is in the default --recipes)
+    from freezetune import recipes
+    from freezetune.sweep import sweep
+
+    real, stopped = recipes.run, []
+
+    def stopped_before_auto(cfg, echo):
+        if cfg.recipe == "auto" and not stopped:
+            stopped.append(cfg.recipe)
+            raise KeyboardInterrupt  # Ctrl-C between two recipes
+        return real(cfg, echo=echo)
+
+    monkeypatch.setattr(recipes, "run", stopped_before_auto)
+    cfg = _cfg(data, None, epochs=1, cache="off")
+    with pytest.raises(KeyboardInterrupt):
+        sweep(cfg, "linear-probe,auto", out=tmp_path / "sweep", echo=lambda _: None)
+    assert not (tmp_path / "sweep" / "auto").exists()
+    resumed = sweep(TrainConfig(**{**cfg.to_dict(), "resume": True}), "linear-probe,auto", out=tmp_path / "sweep",
+                    echo=lambda _: None)  # fmt: skip
+    assert [r["recipe"] for r in resumed.rows] == ["linear-probe", "auto"]
+    assert (tmp_path / "sweep" / "auto" / "best.pt").is_file()
 
 
 @pytest.mark.parametrize(

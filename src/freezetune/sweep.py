@@ -171,6 +171,8 @@ def _run_recipe(name: str, cfg: TrainConfig, echo: Callable[[str], None]) -> tup
         echo(f"sweep: recipe {name} finished before the interruption: its row from {saved}")
         return json.loads(saved.read_text()), True
     echo(f"sweep: recipe {name}")
+    if cfg.resume and not Path(cfg.out).exists():  # the sweep stopped before this recipe began: it starts afresh
+        cfg = dataclasses.replace(cfg, resume=False)  # (the auto recipe refused to resume a run dir never made)
     row = _row(name, recipes.run(cfg, echo=echo), cuda=resolve_device(cfg.device).type == "cuda")
     atomic_write_text(saved, json.dumps(row))
     return row, False
