@@ -597,6 +597,13 @@ def test_what_fails_after_a_stop_signal_is_reported_as_the_stop_once(capsys, mon
     code, _, err = run_cli(capsys, "train", "--data", "x")
     assert code == 143 and err == ""
 
+    def a_bug(args):  # a later command in the same process (a notebook's): its failure is its own, not the stop
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(cli, "_cmd_train", a_bug)
+    with pytest.raises(RuntimeError, match="a bug"):
+        run_cli(capsys, "train", "--data", "x")
+
 
 def test_a_write_error_names_the_users_path_not_a_temporary_file(run, data, capsys, tmp_path):
     (tmp_path / "plot.png").mkdir()  # a directory where the plot should go

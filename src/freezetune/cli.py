@@ -17,7 +17,7 @@ from pathlib import Path
 from freezetune import __version__
 from freezetune.config import FIELD_CHOICES, TrainConfig, field_names, load_config, parse_override, scalar_type
 from freezetune.errors import FreezetuneError, one_line
-from freezetune.interrupt import RunInterrupted, raised_stop
+from freezetune.interrupt import RunInterrupted, forget_stop, raised_stop
 from freezetune.options import (
     AMP_MODES,
     FREEZE_DEFAULT,
@@ -81,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     _line_buffered(sys.stdout)
     logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")  # fmt: skip
+    forget_stop()  # a stop belongs to the command it stopped
     try:
         return args.func(args) or 0
     except FreezetuneError as exc:

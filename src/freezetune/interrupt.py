@@ -143,6 +143,13 @@ def raised_stop() -> RunInterrupted | None:
     return _raised
 
 
+def forget_stop() -> None:
+    """Forget the stop an earlier command raised in this process (``raised_stop``): a notebook or a test calling
+    the CLI again had every later failure reported as that stop ("stopped by SIGINT", exit 130)."""
+    global _raised
+    _raised = None
+
+
 def pause_point(name: str) -> None:
     """Test hook: hold here when ``FREEZETUNE_TEST_PAUSE_AT`` names this point (see ``PAUSE_ENV``); otherwise free.
 
