@@ -711,6 +711,13 @@ def test_an_image_too_large_for_pil_is_a_data_error(tmp_path, monkeypatch):
         load_image(tmp_path / "big.png")
 
 
+def test_a_broken_file_that_pil_fails_on_with_value_error_is_a_data_error(tmp_path):
+    # a cut PPM header raises ValueError in PIL: predict and eval ended in a traceback
+    (tmp_path / "bad.ppm").write_bytes(b"P6\n4 4\n255J\x00\x00\x00")
+    with pytest.raises(DataError, match=r"cannot read image .*bad.ppm.*: invalid literal for int"):
+        load_image(tmp_path / "bad.ppm")
+
+
 def test_hidden_and_preview_folders_inside_a_class_are_not_images_of_it(tmp_path):
     root = _tiny_split_folder(tmp_path / "d")
     some = sorted((root / "train" / "red").iterdir())[0]
