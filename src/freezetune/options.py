@@ -37,6 +37,7 @@ RECIPE_HELP = {
     "bitfit": "only biases and normalisation layers (and the head) train",
 }
 RECIPES = tuple(RECIPE_HELP)
+DEVICES = ("auto", "cpu", "cuda", "cuda:N", "mps")  # what --device takes (cuda:N: one GPU by number)
 CACHE_MODES = ("auto", "off", "memory", "disk")
 DECODE_MODES = ("auto", "gpu", "cpu")
 MODEL_SOURCES = ("timm", "torchvision", "hf")  # the prefix of a model name, as in "timm:resnet50"

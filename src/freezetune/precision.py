@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
-from freezetune.errors import ConfigError
-from freezetune.options import AMP_MODES, check_choice
+from freezetune.errors import ConfigError, choices
+from freezetune.options import AMP_MODES, DEVICES, check_choice
 
 
 @dataclass(frozen=True)
@@ -51,7 +51,9 @@ def resolve_device(spec: str = "auto") -> torch.device:
     try:
         device = torch.device(spec)
     except RuntimeError:
-        raise ConfigError(f"unknown device {spec!r}; use auto, cpu, cuda, cuda:N or mps") from None
+        device = None
+    if device is None or device.type not in {d.partition(":")[0] for d in DEVICES}:  # xpu, meta: tracebacks later
+        raise ConfigError(f"unsupported device {spec!r}; devices are: {choices(DEVICES)}")
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise ConfigError(f"device {spec!r} asked for, but CUDA is not available here; use --device cpu")
