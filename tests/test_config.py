@@ -98,6 +98,16 @@ def test_key_value_overrides_are_typed(item, key, value):
     assert parse_override(item) == (key, value)
 
 
+def test_a_value_its_field_cannot_hold_as_given_is_refused_not_rounded():
+    # epochs=2.5 trained 2 epochs and compile=maybe ran uncompiled, both without a word
+    for item, needle in (("epochs=2.5", "epochs expects int, got 2.5"), ("compile=maybe", "compile expects bool")):
+        with pytest.raises(ConfigError, match=re.escape(needle)):
+            parse_override(item)
+    assert parse_override("epochs=3.0") == ("epochs", 3)
+    words = {"off": False, "no": False, "0": False, "false": False, "on": True, "yes": True, "1": True}
+    assert {w: parse_override(f"compile={w}")[1] for w in words} == words
+
+
 def test_unknown_key_suggests_the_closest(capsys):
     code, out, err = run_cli(capsys, "train", "--data", "imgs", "--print-config", "epoch=3")
     assert code == 2 and out == ""
@@ -138,15 +148,23 @@ def test_validation_reports_every_problem_at_once():
         # each would train, wrongly, rather than fail: a negative clip flips every gradient's sign, a negative decay grows
         # the weights, momentum >= 1 never forgets; a negative worker count fails deep in the DataLoader
         ({"grad_clip": -1.0}, "grad_clip must be >= 0 (0 or unset: no clipping), got -1.0"),
-        ({"weight_decay": -0.1}, "weight_decay must be >= 0, got -0.1"),
+        ({"weight_decay": -0.1}, "weight_decay must be >= 0 and finite, got -0.1"),
         ({"momentum": 1.0}, "momentum must be in [0, 1), got 1.0"),
         ({"workers": -1}, "workers must be >= 0, got -1"),
+        # an infinite lr or decay passed; decay <= 0 and a negative stage lr were refused only once the model was
+        # built and the data scanned; an empty freeze (--freeze "$UNSET") froze nothing: a full fine-tune unasked
+        ({"lr": float("inf")}, "lr must be > 0 and finite, got inf"),
+        ({"weight_decay": float("inf")}, "weight_decay must be >= 0 and finite, got inf"),
+        ({"decay": 0.0}, "decay must be > 0 and finite"),
+        ({"stage_lrs": {"layer4": -1e-4}}, "stage_lrs must be numbers >= 0 and finite, got layer4=-0.0001"),
+        ({"freeze": []}, "freeze is empty; give a spec (backbone, -3, stem,layer1), none (every layer trains) or auto"),
     ],
 )
 def test_values_that_would_train_wrong_are_refused(kw, needle):
     with pytest.raises(ConfigError, match=re.escape(needle)):
         validate(TrainConfig(data="imgs", **kw))
-    ok = {"grad_clip": 0.0, "weight_decay": 0.0, "momentum": 0.0, "workers": 0}
+    ok = {"grad_clip": 0.0, "weight_decay": 0.0, "momentum": 0.0, "workers": 0, "lr": 10.0, "decay": 0.5,
+          "stage_lrs": {"layer4": 0.0}, "freeze": "none"}  # fmt: skip
     validate(TrainConfig(data="imgs", **{k: ok[k] for k in kw}))  # the edge of each range is fine
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -318,14 +319,25 @@ def _range_problems(cfg: TrainConfig) -> list[str]:
     """The numbers that must lie in a range. A negative grad_clip would flip every gradient's sign (the clip factor
     max_norm / norm goes negative) and a negative weight decay grows the weights: neither fails, both train wrong."""
     ranges = [
-        ("lr", cfg.lr > 0, "> 0"),
+        ("lr", 0 < cfg.lr < math.inf, "> 0 and finite"),
         ("label_smoothing", 0 <= cfg.label_smoothing < 1, "in [0, 1)"),
         ("warmup_epochs", 0 <= cfg.warmup_epochs < cfg.epochs, "in [0, epochs)"),
-        ("weight_decay", cfg.weight_decay >= 0, ">= 0"),
+        ("weight_decay", 0 <= cfg.weight_decay < math.inf, ">= 0 and finite"),
         ("momentum", 0 <= cfg.momentum < 1, "in [0, 1)"),
         ("grad_clip", cfg.grad_clip is None or cfg.grad_clip >= 0, ">= 0 (0 or unset: no clipping)"),
     ]
-    return [f"{name} must be {what}, got {getattr(cfg, name)}" for name, ok, what in ranges if not ok]
+    problems = [f"{name} must be {what}, got {getattr(cfg, name)}" for name, ok, what in ranges if not ok]
+    # refused here, with the rest, not by the param groups once the model is built and the data scanned
+    if cfg.decay is not None and not (isinstance(cfg.decay, (int, float)) and 0 < cfg.decay < math.inf):
+        problems.append(f"decay must be > 0 and finite (each stage's lr is the next one's / decay), got {cfg.decay}")
+    bad = [f"{k}={v!r}" for k, v in (cfg.stage_lrs or {}).items()
+           if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < math.inf]  # fmt: skip
+    if bad:
+        problems.append(f"stage_lrs must be numbers >= 0 and finite, got {', '.join(bad)}")
+    if cfg.freeze == []:  # --freeze "" (an unset shell variable): it froze nothing, a full fine-tune unasked
+        problems.append("freeze is empty; give a spec (backbone, -3, stem,layer1), none (every layer trains) or "
+                        "auto (the default)")  # fmt: skip
+    return problems
 
 
 def needs_validation(cfg: TrainConfig) -> bool:
