@@ -276,6 +276,26 @@ def test_cache_features_names_what_a_dataset_of_other_items_yields():
         ft.cache_features(model, [])
 
 
+@pytest.mark.parametrize(("place", "where"), [("auto", "gpu"), ("memory", "pinned"), ("disk", "disk")])
+def test_a_cuda_runs_cache_goes_where_its_place_says(tmp_path, monkeypatch, place, where):
+    # --cache memory put the features on the GPU when they fitted there, as auto does; memory means RAM
+    from types import SimpleNamespace
+
+    from freezetune.cache import store
+
+    real_empty, asked = torch.empty, []
+
+    def empty(*args, device=None, pin_memory=False, **kw):  # no CUDA here: record where the store was asked for
+        asked.append("gpu" if device is not None else "pinned" if pin_memory else "cpu")
+        return real_empty(*args, **kw)
+
+    monkeypatch.setattr(torch, "empty", empty)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2**40, 2**40))
+    cuda = SimpleNamespace(device=torch.device("cuda"))
+    _, info = store._allocate((1, 4, 8), torch.float32, cuda, tmp_path / "spill", place)
+    assert info.place == where and [p for p in asked if p != "cpu"] == ([] if place == "disk" else [where])
+
+
 def test_cache_features_refuses_an_unknown_place():
     # "ram" was taken for "auto"
     import torchvision

@@ -308,7 +308,7 @@ def _allocate(shape: tuple[int, ...], dtype: torch.dtype, precision: Precision, 
               zeroed: bool = False):  # fmt: skip
     nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
     new = torch.zeros if zeroed else torch.empty
-    if precision.device.type == "cuda" and place != "disk":
+    if precision.device.type == "cuda" and place == "auto":  # "memory" is RAM: the GPU's stays for the batches
         free = torch.cuda.mem_get_info(precision.device)[0] // 2
         if nbytes <= free:
             return new(shape, dtype=dtype, device=precision.device), CacheInfo("gpu", nbytes, free, *_vs(shape))
