@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -253,6 +255,15 @@ def test_an_auto_winner_reproduces_its_validation_score_and_keeps_the_measured_b
     assert code == 0, err
     again = max(r["val_acc"] for r in read_metrics(tmp_path / "w" / "metrics.csv"))
     assert again == pytest.approx(row["val_acc"], abs=1e-9)
+
+
+def test_the_default_run_works_under_python_OO_which_strips_docstrings(data, tmp_path):
+    # recipe.json's procedure is the auto module's docstring: under -OO the run crashed after its trials (None.split)
+    argv = train_argv(data, tmp_path / "run", "--epochs", "1")
+    done = subprocess.run([sys.executable, "-OO", "-m", "freezetune", *map(str, argv)], capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "docstring" in json.loads((tmp_path / "run" / "recipe.json").read_text())["procedure"]
 
 
 def test_sweep_reads_a_comma_separated_string_as_recipe_names(tmp_path):

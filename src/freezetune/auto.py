@@ -119,7 +119,7 @@ def run(cfg: TrainConfig, *, echo: Callable[[str], None] = print, train: Callabl
     echo(f"auto: chose to train the last {choice['trained_stages']} stage(s) + head (freeze {choice['freeze']}, lr "
          f"{run_lr:.1e}) for {epochs} epoch(s): {why}")  # fmt: skip
     init = _start_from(out, trials, choice, cfg.init, delete=info.is_main)
-    decision = {"procedure": __doc__.split("\n\n", 2)[2].strip(), "cut": cut, "trials": trials,
+    decision = {"procedure": _procedure(), "cut": cut, "trials": trials,
                 "default_trained_stages": DEFAULT_TRAINED_STAGES, "trial_fraction": TRIAL_FRACTION, "budget_s": parse_duration(cfg.budget),
                 "choice": {**choice, "epochs": epochs, "refit": refit, "why": why, "init": init, "run_lr": run_lr}}  # fmt: skip
     if info.is_main:
@@ -241,6 +241,14 @@ def candidate_lr(lr: float, k: int, boost: float = LR_BOOST) -> float:
     (0.01, 0.01, 0.00667)
     """
     return lr * boost * min(1.0, 2 / k)
+
+
+def _procedure() -> str:
+    """The procedure as this module's docstring tells it, for ``recipe.json``; ``python -OO`` strips docstrings
+    (the run then crashed after its trials, on None.split)."""
+    if not __doc__:
+        return "see the docstring of freezetune.auto (python -OO removed it from this process)"
+    return __doc__.split("\n\n", 2)[2].strip()
 
 
 def _candidates(cfg: TrainConfig) -> tuple[list[int], str, bool]:
