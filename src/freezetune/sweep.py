@@ -13,6 +13,7 @@ import csv
 import dataclasses
 import io
 import json
+import math
 import os
 import time
 from collections.abc import Callable
@@ -88,11 +89,22 @@ def sweep(cfg: TrainConfig, recipes: str | list[str] | tuple[str, ...] = DEFAULT
         carried += row["train_s"] if read_back else 0.0
     if not rows:
         raise ConfigError("the sweep ran no recipe (budget too small?)")
-    winner = max(rows, key=lambda r: (r["val_acc"], -r["train_s"]))
+    winner = pick_winner(rows)
     _write(out, rows, winner, cfg)
     echo(format_table(rows, winner["recipe"]))
     echo(f"winner: {winner['recipe']} -> {out / 'winner.yaml'} (freezetune train --config {out / 'winner.yaml'})")
     return SweepResult(rows, winner["recipe"], out)
+
+
+def pick_winner(rows: list[dict]) -> dict:
+    """The row with the best validation accuracy, the faster one of a tie; a row without a score (NaN) never wins
+    (``max`` kept a first-listed NaN row: it compares False both ways).
+
+    >>> pick_winner([{"recipe": "a", "val_acc": float("nan"), "train_s": 1.0},
+    ...              {"recipe": "b", "val_acc": 0.5, "train_s": 9.0}])["recipe"]
+    'b'
+    """
+    return max(rows, key=lambda r: (r["val_acc"] if math.isfinite(r["val_acc"]) else -math.inf, -r["train_s"]))
 
 
 def _keep_settings(out: Path, cfg: TrainConfig) -> None:
