@@ -799,3 +799,25 @@ def test_a_process_that_leaves_a_loader_open_still_exits(tmp_path):
               "it = iter(build_loader(ds, batch_size=2, train=True, workers=2)); next(it); print('left open')")  # fmt: skip
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and proc.stdout.strip() == "left open", proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize("start", ["fork", "forkserver"])  # forkserver: Python 3.14's default on Linux
+def test_a_loader_worker_dies_of_its_main_processs_sigterm_whatever_started_it(start):
+    # a worker dies of a SIGTERM from the process that made the loader (sent at exit to a worker still alive: one
+    # that lived through it kept the exit waiting forever). It took its parent for that process; under forkserver
+    # its parent is the fork server. (There a thread torch starts before the worker's init does not block the
+    # signal: the worker dies of SIGTERM's default action, -15, and so of a stranger's too.)
+    import subprocess
+    import sys
+
+    script = (f"import multiprocessing as mp, os, signal, torch\nif __name__ == '__main__':\n"
+              f"    mp.set_start_method({start!r})\n"
+              "    from freezetune.data import build_loader\n    from freezetune.data.idx import InMemoryImageDataset\n"
+              "    ds = InMemoryImageDataset(torch.zeros(8, 4, 4, dtype=torch.uint8), torch.arange(8) % 2, ['a', 'b'])\n"
+              "    loader = build_loader(ds, batch_size=2, train=True, workers=1); it = iter(loader); next(it)\n"
+              "    (worker,) = it._workers\n    os.kill(worker.pid, signal.SIGTERM)\n"
+              "    try:\n        worker.join(timeout=20)\n    except RuntimeError:\n        pass  # torch's SIGCHLD handler\n"
+              "    print(worker.exitcode, flush=True); os._exit(0)\n")  # fmt: skip
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=90)
+    died = {"143"} if start == "fork" else {"143", "-15"}
+    assert proc.returncode == 0 and proc.stdout.strip() in died, proc.stderr[-2000:]

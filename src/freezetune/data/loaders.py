@@ -14,6 +14,7 @@ Seeds, all derived from the run's ``seed``:
 
 from __future__ import annotations
 
+import functools
 import os
 import random
 import signal
@@ -174,25 +175,26 @@ def close_loader(batches: Iterable) -> None:
         batches.close()
 
 
-def _seed_worker(worker_id: int) -> None:
+def _seed_worker(worker_id: int, *, main: int) -> None:
     # torch seeds each worker from the loader's generator; derive numpy/random from it so any library is reproducible.
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
     random.seed(seed)
-    _signals_from_outside()
+    _signals_from_outside(main)
 
 
-def _signals_from_outside() -> None:
+def _signals_from_outside(main: int) -> None:
     """In a loader worker: die of a SIGTERM from the main process (closing the loader, or exiting), live through one
     from anyone else, and through SIGHUP. Sent to the whole process group (``timeout``, a cluster scheduler, an SSH
     session closing: ``interrupt.HANGUP``), the signal killed the workers before the main process had finished its
     step and saved it, and the run crashed on the loader. Ignored from everyone, though, the main process's own
     SIGTERM at exit left it waiting for them forever. The main process stops them when it closes the loader; a worker
     whose main process is gone exits by itself (torch's watchdog). Without ``sigwaitinfo`` (macOS) workers keep the
-    default: a group signal kills them."""
+    default: a group signal kills them. ``main`` is the process that made the loader: a worker's parent is the fork
+    server under the forkserver start method (Python 3.14's default on Linux), whose SIGTERM never comes."""
     if not hasattr(signal, "sigwaitinfo"):
         return
-    parent, caught = os.getppid(), {signal.SIGTERM, signal.SIGHUP}
+    caught = {signal.SIGTERM, signal.SIGHUP}
     signal.pthread_sigmask(
         signal.SIG_BLOCK, caught
     )  # in this thread and every thread started after: only wait() sees them
@@ -200,7 +202,7 @@ def _signals_from_outside() -> None:
     def wait() -> None:
         while True:
             info = signal.sigwaitinfo(caught)
-            if info.si_signo == signal.SIGTERM and info.si_pid == parent:
+            if info.si_signo == signal.SIGTERM and info.si_pid == main:
                 os._exit(128 + signal.SIGTERM)
 
     threading.Thread(target=wait, name="freezetune-signals", daemon=True).start()
@@ -217,7 +219,7 @@ def _dataloader(dataset: Dataset, order: Iterable[int], *, batch_size: int, work
         num_workers=workers,
         collate_fn=collate,
         generator=generator if generator is not None else torch.Generator(),
-        worker_init_fn=_seed_worker if workers > 0 else None,
+        worker_init_fn=functools.partial(_seed_worker, main=os.getpid()) if workers > 0 else None,
         # Pinned host memory makes .to(device, non_blocking=True) truly asynchronous; useless without CUDA.
         pin_memory=pin,
         persistent_workers=persistent and workers > 0,
