@@ -191,7 +191,10 @@ def test_cache_features_for_your_own_loop(image_folder, tmp_path):
 
     trainer = Trainer(_config(image_folder, tmp_path, "own", cache="off", epochs=1), echo=lambda *_: None)
     model, dataset = trainer.model, trainer.data.train
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
     split, store = ft.cache_features(model, dataset, batch_size=8, spill_dir=tmp_path / "spill")
+    assert torch.equal(torch.get_rng_state(), state)  # the caller's seed is the caller's: it was reseeded per view
     model.eval()
     images = torch.stack([dataset[i][0] for i in range(6)])
     with torch.no_grad():

@@ -221,8 +221,11 @@ def cache_features(
     temporary = spill_dir is None
     if temporary:  # a name, not a dir: only a store that spills to disk creates it
         spill_dir = Path(tempfile.gettempdir()) / f"freezetune-cache-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    store, info = build_store(split, len(dataset), loaders.views(dataset, train=True), resolve_precision(device, amp),
-                              views=views, seed=seed, spill_dir=spill_dir, place=place)  # fmt: skip
+    # the views' transforms draw from the global RNG, seeded per view: the caller's own RNG state is put back after
+    with torch.random.fork_rng(devices=[]):
+        store, info = build_store(split, len(dataset), loaders.views(dataset, train=True),
+                                  resolve_precision(device, amp), views=views, seed=seed, spill_dir=spill_dir,
+                                  place=place)  # fmt: skip
     if temporary and info.place == "disk":
         _unlink_mapped(Path(spill_dir))
     log.info("feature cache: %s", info.describe())
