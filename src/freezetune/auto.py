@@ -43,6 +43,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from freezetune import checkpoint
 from freezetune._io import atomic_write_text
 from freezetune.config import TrainConfig, needs_validation
 from freezetune.interrupt import RunInterrupted
@@ -209,8 +210,8 @@ def _start_from(out: Path, trials: list[dict], choice: dict, init: str | None, *
     was never finite); the other trials' weights are deleted (``delete``: by rank 0 alone under torchrun)."""
     for t in trials:
         if t is not choice and delete:
-            (_trial_dir(out, t["trained_stages"]) / "best.pt").unlink(missing_ok=True)
-    weights = _trial_dir(out, choice["trained_stages"]) / "best.pt"
+            (_trial_dir(out, t["trained_stages"]) / checkpoint.BEST).unlink(missing_ok=True)
+    weights = _trial_dir(out, choice["trained_stages"]) / checkpoint.BEST
     return os.path.abspath(weights) if weights.is_file() else init
 
 

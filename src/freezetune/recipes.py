@@ -158,7 +158,7 @@ def run(cfg: TrainConfig, *, echo: Callable[[str], None] = print, train: Callabl
     A later phase starts from the weights of the one before (``init``); a finished phase is not run again, so a
     ``--resume`` of a recipe continues where it stopped.
     """
-    from freezetune import trainer
+    from freezetune import checkpoint, trainer
 
     train = train or trainer.train
     recipe = recipe_of(cfg)
@@ -177,8 +177,8 @@ def run(cfg: TrainConfig, *, echo: Callable[[str], None] = print, train: Callabl
     result, steps = None, phases(cfg, recipe)
     for i, phase in enumerate(steps):
         phase_cfg = phase.cfg
-        if result is not None:  # start from the previous phase's best weights, head included
-            phase_cfg = dataclasses.replace(phase_cfg, init=os.path.abspath(result.run_dir / "best.pt"))  # (auto._base)
+        if result is not None:  # start from the previous phase's best weights, head included (as auto._base)
+            phase_cfg = dataclasses.replace(phase_cfg, init=os.path.abspath(result.run_dir / checkpoint.BEST))
         echo(f"recipe {recipe}: phase {i + 1}/{len(steps)} ({phase.name}): freeze {phase_cfg.freeze!r}")
         result = _run_phase(phase_cfg, train, echo, last=i + 1 == len(steps))
     return result

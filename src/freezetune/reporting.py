@@ -22,7 +22,7 @@ from matplotlib.ticker import MaxNLocator
 from freezetune._io import atomic_output, atomic_write_text
 from freezetune.errors import DataError
 
-METRICS_CSV = "metrics.csv"
+METRICS_CSV, REPORT_PNG = "metrics.csv", "report.png"  # a run's epoch rows and their plot
 
 
 # A list in a metrics.csv cell (the stages unfrozen after an epoch) is written joined by this, and only here.
@@ -135,7 +135,9 @@ class MetricsLogger:
 class NullMetricsLogger:
     """The metrics logger of DDP ranks other than 0: rank 0 alone writes metrics.csv and TensorBoard."""
 
-    rows: list = []
+    @property
+    def rows(self) -> list[dict[str, Any]]:  # a fresh list each time: a class-level one would be shared by all
+        return []
 
     def log_epoch(self, row: dict) -> None:
         pass

@@ -15,14 +15,15 @@ from torch import nn
 from freezetune import checkpoint
 from freezetune.data.loaders import epoch_seed
 from freezetune.errors import CheckpointError, ConfigError
+from freezetune.reporting import METRICS_CSV, REPORT_PNG
 
-RUN_FILES = ("last.pt", "best.pt", "metrics.csv")
+CONFUSION_PNG, TEST_METRICS = "confusion.png", "test_metrics.json"  # the final test's
+RUN_FILES = (checkpoint.LAST, checkpoint.BEST, METRICS_CSV)
 # What a run writes before its first ``last.pt``: cleared when a run that never finished an epoch starts again.
 # config.yaml and classes.json stay (the new run rewrites them; a --resume reads config.yaml for its settings).
-STARTED_FILES = ("best.pt", "metrics.csv", "report.png", "confusion.png", "test_metrics.json", "cache")
+STARTED_FILES = (checkpoint.BEST, METRICS_CSV, REPORT_PNG, CONFUSION_PNG, TEST_METRICS, "cache")
 # What a run writes once its epochs are done: a run stopped before its first last.pt has none of them.
-END_FILES = ("report.png", "confusion.png", "test_metrics.json")
-METRICS_CSV = "metrics.csv"
+END_FILES = (REPORT_PNG, CONFUSION_PNG, TEST_METRICS)
 TENSORBOARD_EVENTS = "events.out.tfevents.*"
 RECIPE_FILE, TRIALS_DIR = "recipe.json", "auto-trials"  # the auto recipe's decision and its trials' runs
 # Signs that a run was started here (a recipe's files included): ``--resume`` of such a dir restarts it.

@@ -263,9 +263,11 @@ def _winner_config(cfg: TrainConfig, winner: dict) -> dict:
     them as well, and lose the validation score), and ``batch_size: auto`` becomes the number the winner trained with,
     which another device or a fuller one would measure differently.
     """
+    from freezetune.runtime import CONFIG_FILE
+
     values = {**cfg.recorded(), "recipe": winner["recipe"], "freeze": "auto", "out": None, "resume": False,
               "final_test": True, "budget": None, "refit": False}  # fmt: skip
-    saved = Path(winner["run_dir"]) / "config.yaml"
+    saved = Path(winner["run_dir"]) / CONFIG_FILE
     if cfg.batch_size == BATCH_AUTO and saved.is_file():
         values["batch_size"] = load_config(saved).batch_size
     return values

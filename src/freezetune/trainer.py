@@ -262,7 +262,7 @@ class Trainer:
         self.seconds["epochs"] = time.perf_counter() - start
         self.seconds = self._spent()
         if self.dist.is_main:
-            reporting.plot_report(self.run_dir / "metrics.csv", self.run_dir / "report.png")
+            reporting.plot_report(self.run_dir / reporting.METRICS_CSV, self.run_dir / reporting.REPORT_PNG)
         test = self._final_test()
         barrier(self.dist)
         p = self.progress
@@ -441,8 +441,8 @@ class Trainer:
                                channels_last=self.channels_last, loaders=self.loaders, dist=self.dist)  # fmt: skip
         if result is None or not self.dist.is_main:
             return result
-        self.echo(write_evaluation(result, self.classes, plot=self.run_dir / "confusion.png",
-                                   metrics=self.run_dir / "test_metrics.json"))  # fmt: skip
+        self.echo(write_evaluation(result, self.classes, plot=self.run_dir / runtime.CONFUSION_PNG,
+                                   metrics=self.run_dir / runtime.TEST_METRICS))  # fmt: skip
         self.echo(f"test accuracy {100 * result['acc']:.2f}% (best.pt, epoch {self.progress.best_epoch}) -> "
                   f"{self.run_dir}")  # fmt: skip
         return result
