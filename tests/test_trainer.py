@@ -291,6 +291,11 @@ def test_schedules_run_their_whole_length_even_when_short(scheduler, epochs, ste
         assert lrs[-1] < max(lrs)  # it anneals
 
 
+def test_build_optimizer_refuses_a_name_it_does_not_build():
+    with pytest.raises(ConfigError, match="unknown optimizer 'lion'; choose one of: 'adamw', 'adam', 'sgd'"):
+        build_optimizer(nn.Linear(2, 2), "lion")  # it ran as Adam
+
+
 def test_onecycle_peaks_at_the_configured_lr_and_anneals():
     cfg = TrainConfig(data="x", epochs=4, lr=0.01, scheduler="onecycle")
     optimizer = build_optimizer(nn.Linear(4, 2), cfg.optimizer, cfg.lr)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from freezetune.options import OPTIMIZERS, check_choice
 from freezetune.param_groups import param_groups
 
 
@@ -16,6 +17,7 @@ def build_optimizer(model: nn.Module, name: str = "adamw", lr: float = 1e-3, *,
     >>> build_optimizer(nn.Linear(2, 2), "sgd", 0.1).defaults["nesterov"]
     True
     """
+    check_choice("optimizer", name, OPTIMIZERS)  # "lion" ran as Adam
     groups = param_groups(model, lr, stage_lrs=stage_lrs, decay=decay, weight_decay=weight_decay)
     if name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=momentum > 0)
