@@ -28,7 +28,7 @@ from freezetune.options import (
     RECIPES,
     TEXT_COLUMNS,
 )
-from freezetune.sweep import DEFAULT_RECIPES, SWEEP_SETS
+from freezetune.sweep import DEFAULT_OUT, DEFAULT_RECIPES, SWEEP_SETS
 
 _DEFAULTS = TrainConfig()
 _HELP = {
@@ -153,7 +153,7 @@ def _train_parser(sub) -> None:
 
 # where a sweep's flags mean something else than train's (what it sets itself: sweep.SWEEP_SETS, with the reason)
 _SWEEP_HELP = {
-    "out": "sweep directory, a run per recipe below it [default: runs/sweep]",
+    "out": f"sweep directory, a run per recipe below it [default: {DEFAULT_OUT}]",
     "budget": "wall-clock budget of the sweep: a recipe starts only while it lasts (one running is not cut short; the "
     "auto recipe inside trains --epochs)",
     "resume": "continue an interrupted sweep: give its own command again (a setting other than those it recorded in "
@@ -277,8 +277,7 @@ def _cmd_sweep(args) -> int:
     if args.print_config:
         print(cfg.dump(), end="")
         return 0
-    out = cfg.out or "runs/sweep"
-    sweep(cfg, args.recipes, out=out)
+    sweep(cfg, args.recipes)
     return 0
 
 

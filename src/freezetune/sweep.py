@@ -28,6 +28,7 @@ from freezetune.errors import ConfigError, choices
 from freezetune.options import BATCH_AUTO, RECIPES, parse_duration, recipe_problem
 
 DEFAULT_RECIPES = ("linear-probe", "last-k", "auto", "full")
+DEFAULT_OUT = "runs/sweep"  # where a sweep goes without --out
 ROW_FILE = "sweep_row.json"  # a finished recipe's row, in its run directory
 SETTINGS_FILE = "sweep_config.yaml"  # the settings every recipe ran with: a --resume must keep them
 COLUMNS = ("recipe", "val_acc", "train_s", "peak_mem_mb", "trainable_params", "best_epoch", "run_dir")
@@ -62,9 +63,11 @@ def refuse_overridden(given: dict) -> None:
         raise ConfigError("sweep: " + "; ".join(problems))
 
 
-def sweep(cfg: TrainConfig, recipes: str | list[str] | tuple[str, ...] = DEFAULT_RECIPES, *, out: str | Path,
-          echo: Callable[[str], None] = print) -> SweepResult:  # fmt: skip
+def sweep(cfg: TrainConfig, recipes: str | list[str] | tuple[str, ...] = DEFAULT_RECIPES, *,
+          out: str | Path | None = None, echo: Callable[[str], None] = print) -> SweepResult:  # fmt: skip
     """Run each recipe with ``cfg``'s settings into ``out/<recipe>`` and compare them on the validation split.
+
+    ``out``: the sweep's directory; by default ``cfg.out``, else ``DEFAULT_OUT``.
 
     ``recipes``: names, or one comma-separated string as ``--recipes`` takes.
 
@@ -72,7 +75,7 @@ def sweep(cfg: TrainConfig, recipes: str | list[str] | tuple[str, ...] = DEFAULT
 
     >>> sweep(TrainConfig(data="images/", epochs=3), ["linear-probe", "auto"], out="runs/sweep")  # doctest: +SKIP
     """
-    out = Path(out)
+    out = Path(out or cfg.out or DEFAULT_OUT)
     runs = _run_configs(cfg, _names(recipes), out)
     if (out / "sweep.csv").exists() and not cfg.resume:
         raise ConfigError(f"{str(out)!r} already holds a sweep (sweep.csv); choose another --out")
