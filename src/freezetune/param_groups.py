@@ -11,7 +11,7 @@ from collections.abc import Iterable, Mapping
 
 from torch import nn
 
-from freezetune.errors import FreezetuneError, SpecError, choices
+from freezetune.errors import SpecError, choices
 from freezetune.heads import unwrap
 from freezetune.stages import Stage, stages
 
@@ -91,7 +91,7 @@ def param_groups(
     for stage in st:
         groups += stage_groups(stage, rule(stage.name), weight_decay, no_decay, seen)
     if not groups:
-        raise FreezetuneError(
+        raise SpecError(
             f"the model has no trainable parameters; unfreeze a stage first (stages are: {choices(s.name for s in st)})"
         )
     return groups

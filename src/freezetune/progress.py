@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from freezetune.options import MONITORS
+from freezetune.options import MONITOR_MODES, MONITORS, check_choice
 
 
 @dataclass
@@ -37,8 +37,7 @@ class Progress:
     spent: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.monitor not in MONITORS:
-            raise ValueError(f"monitor must be one of {MONITORS}, got {self.monitor!r}")
+        check_choice("monitor", self.monitor, MONITORS)
 
     def update(self, epoch: int, metric: float | None) -> bool:
         """Record that ``epoch`` (0-based) finished with ``metric``; True when it is the new best.
@@ -53,7 +52,7 @@ class Progress:
         finite = math.isfinite(metric)
         better = finite and (
             self.best_metric is None
-            or (metric > self.best_metric if self.monitor == "val_acc" else metric < self.best_metric)
+            or (metric > self.best_metric if MONITOR_MODES[self.monitor] == "max" else metric < self.best_metric)
         )
         if better:
             self.best_metric, self.best_epoch, self.bad_epochs = metric, epoch + 1, 0

@@ -11,7 +11,7 @@ import dataclasses
 import json
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from itertools import islice
 
 import torch
@@ -57,7 +57,9 @@ from freezetune.unfreezing import Unfreezer
 SKIPPED = "skipped.txt"  # the image files --skip-bad left out, one path a line
 
 
-def train(cfg: TrainConfig, *, echo=print, resumable: bool = True, brief: bool = False) -> RunResult:
+def train(
+    cfg: TrainConfig, *, echo: Callable[[str], None] = print, resumable: bool = True, brief: bool = False
+) -> RunResult:
     """Run a whole fine-tuning job as configured; ``echo`` receives the human-readable log lines.
 
     A recipe (``recipe``, or ``freeze: auto``, the default) runs through ``freezetune.recipes``. ``resumable=False``

@@ -1,0 +1,31 @@
+"""``Progress``: which epoch is the best one, by the monitored metric's own direction."""
+
+from __future__ import annotations
+
+import pytest
+
+from freezetune.errors import ConfigError
+from freezetune.progress import Progress
+
+
+@pytest.mark.parametrize(("monitor", "metrics", "best"), [
+    ("val_acc", [0.5, 0.7, 0.6], 2),  # accuracy: higher is better
+    ("val_loss", [0.9, 0.4, 0.6], 2),  # loss: lower is better
+    ("val_loss", [0.9, float("nan"), 1.2], 1),  # a non-finite metric never becomes the best
+])  # fmt: skip
+def test_the_best_epoch_follows_the_monitored_metrics_direction(monitor, metrics, best):
+    progress = Progress(monitor)
+    improved = [progress.update(epoch, metric) for epoch, metric in enumerate(metrics)]
+    assert progress.best_epoch == best and progress.best_metric == metrics[best - 1]
+    assert improved == [epoch + 1 == best or epoch == 0 for epoch in range(len(metrics))]
+    assert progress.bad_epochs == len(metrics) - best and progress.epoch == len(metrics)
+
+
+def test_without_a_metric_the_latest_epoch_is_the_best_known():
+    progress = Progress("val_acc")
+    assert progress.update(0, None) and progress.update(1, None) and progress.best_epoch == 2
+
+
+def test_an_unknown_monitor_is_a_config_error_naming_the_choices():
+    with pytest.raises(ConfigError, match="unknown monitor 'acc'; choose one of: 'val_acc', 'val_loss'"):
+        Progress("acc")
