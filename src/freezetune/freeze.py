@@ -34,6 +34,20 @@ _POLICY_ATTR = "_freezetune_bn"
 def freeze(model: nn.Module, spec: Spec = FREEZE_DEFAULT, *, bn: str = BN_DEFAULT) -> None:
     """Freeze the parameters ``spec`` names; BatchNorm layers inside follow the ``bn`` policy.
 
+    Args:
+        model: any ``nn.Module`` (under DDP, ``DataParallel`` or ``torch.compile``: the model inside); its stages are
+            ``stages(model)``, head last.
+        spec: ``"backbone"`` (every stage but the head), ``"all"``, ``"none"``, ``"bitfit"`` (all but biases, norms
+            and the head), an int ``n`` (the first ``n`` stages; negative: all but the last ``-n``), a stage name, a
+            glob of parameter or stage names (``"layer[1-3]*"``), or a list of these.
+        bn: the BatchNorm layers in the frozen part: ``"frozen"`` (statistics and affine frozen, run in eval even
+            after ``model.train()``), ``"affine"`` (affine trains, statistics update) or ``"train"`` (statistics
+            update only).
+
+    Raises:
+        SpecError: an unknown stage name, a glob that matches nothing, an int beyond the stage count, an unknown
+            ``bn``; the message lists the valid choices.
+
     >>> import torchvision
     >>> m = torchvision.models.resnet18()
     >>> freeze(m, "backbone")
@@ -82,6 +96,14 @@ def unfreeze(model: nn.Module, spec: Spec = "all", *, bn: str | None = None) -> 
 
 def freeze_to(model: nn.Module, n: int, *, bn: str = BN_DEFAULT) -> None:
     """Freeze ``stages[:n]`` and make ``stages[n:]`` trainable (``n`` may be negative, as in slicing).
+
+    Args:
+        model: as in ``freeze``.
+        n: the stages to freeze, from the input: ``-2`` trains the last two (the head and the stage before it).
+        bn: the BatchNorm policy of the frozen part, as in ``freeze``.
+
+    Raises:
+        SpecError: ``n`` is not an int, or beyond the model's stage count (which the message names).
 
     >>> import torchvision
     >>> m = torchvision.models.resnet18()

@@ -71,6 +71,17 @@ def param_groups(
     ``weight_decay`` None (the default) leaves the other groups' decay to the optimizer's own setting (AdamW's 0.01,
     or what is passed to it); a number sets it in every group.
 
+    Args:
+        model: the model, frozen as wanted first (``freeze``, ``freeze_to``): frozen parameters get no group.
+        lr: the head's learning rate, and every stage's unless ``stage_lrs`` or ``decay`` says otherwise.
+        stage_lrs: learning rates by stage name (``{"layer4": 1e-4}``, or ``"layer4=1e-4,layer3=5e-5"``).
+        decay: each stage not in ``stage_lrs`` trains at ``lr / decay ** depth``, depth 0 for the head.
+        weight_decay: see above.
+
+    Raises:
+        SpecError: a negative learning rate, ``decay <= 0``, a stage name the model lacks (the stages are listed), or
+            no trainable parameter at all.
+
     >>> import torch, torchvision
     >>> import freezetune as ft
     >>> m = torchvision.models.resnet18()
