@@ -81,14 +81,7 @@ def run(cfg: TrainConfig, *, echo: Callable[[str], None] = print, train: Callabl
     out = broadcast(Path(cfg.out) if cfg.out else runtime.default_run_dir(cfg.model), info)  # rank 0's clock names it
     saved = out / RECIPE_FILE
     if cfg.resume and saved.is_file():  # the decision was made before the interruption: keep it
-        decision = json.loads(saved.read_text())
-        choice = decision["choice"]
-        run_lr = choice.get("run_lr", choice["lr"])
-        echo(f"auto: resuming with the earlier decision: freeze {choice['freeze']!r}, lr {run_lr:.1e}")
-        final = dataclasses.replace(_base(cfg, out, decision["cut"]), freeze=choice["freeze"], lr=run_lr,
-                                    epochs=choice["epochs"], refit=choice.get("refit", False),
-                                    init=choice.get("init", cfg.init), resume=True)  # fmt: skip
-        return train(final, echo=echo)
+        return train(_resumed(cfg, out, json.loads(saved.read_text()), echo), echo=echo)
     # a run dir in use is refused (or, resuming, one no run was started in) before any trial writes below it; the
     # trials and decision of an attempt stopped before its run finished an epoch are redone
     runtime.prepare_run_dir(str(out), cfg.model, resume=cfg.resume, also_clear=(RECIPE_FILE, TRIALS_DIR), echo=echo,
@@ -107,15 +100,7 @@ def run(cfg: TrainConfig, *, echo: Callable[[str], None] = print, train: Callabl
 
     trials, choice, why = _measure(base, ks, boost, out, shared, _after_data(echo, intro))
     spent = broadcast(time.perf_counter() - start, info)  # the ranks' clocks differ: a budget's epochs must not
-    epochs, refit = _affordable(cfg, choice, spent), refits(cfg)
-    budget = parse_duration(cfg.budget)
-    if budget is not None and spent >= budget:  # the run then trains one epoch: say why, not only how many
-        echo(f"auto: the trials took {spent:.0f}s of the {cfg.budget} budget: the run trains one epoch, over it")
-    if refit and not trials[0]["refit_fits"]:  # recorded as done (recipe.json, config.yaml), not as asked
-        refit = False
-        reason = (f"training on them too would train on more than per_class={cfg.per_class} a class"
-                  if cfg.per_class is not None else "they were not held out of the training data")  # fmt: skip
-        echo(f"auto: the validation {trials[0]['data_kind']} stay validation (no refit): {reason}")
+    epochs, refit = _epochs_and_refit(cfg, trials, choice, spent, echo)
     run_lr = choice["lr"] * RUN_LR_FACTOR  # from the trial's fitted weights: a smaller step (see the docstring)
     echo(f"auto: chose to train the last {choice['trained_stages']} stage(s) + head (freeze {choice['freeze']}, lr "
          f"{run_lr:.1e}) for {epochs} epoch(s): {why}")  # fmt: skip
@@ -134,6 +119,32 @@ def run(cfg: TrainConfig, *, echo: Callable[[str], None] = print, train: Callabl
     for key in ("cache", "epochs"):
         seconds[key] = seconds.get(key, 0.0) + sum(t["seconds"][key] for t in trials)
     return dataclasses.replace(result, seconds=seconds)
+
+
+def _resumed(cfg: TrainConfig, out: Path, decision: dict, echo: Callable[[str], None]) -> TrainConfig:
+    """The final run's config from the decision ``recipe.json`` kept: a resume trains what was chosen, untried."""
+    choice = decision["choice"]
+    run_lr = choice.get("run_lr", choice["lr"])
+    echo(f"auto: resuming with the earlier decision: freeze {choice['freeze']!r}, lr {run_lr:.1e}")
+    return dataclasses.replace(_base(cfg, out, decision["cut"]), freeze=choice["freeze"], lr=run_lr,
+                               epochs=choice["epochs"], refit=choice.get("refit", False),
+                               init=choice.get("init", cfg.init), resume=True)  # fmt: skip
+
+
+def _epochs_and_refit(cfg: TrainConfig, trials: list[dict], choice: dict, spent: float,
+                      echo: Callable[[str], None]) -> tuple[int, bool]:  # fmt: skip
+    """The final run's epochs (what the budget affords after ``spent`` seconds of trials) and whether its held-out
+    validation data trains too; each departure from what was asked is said."""
+    epochs, refit = _affordable(cfg, choice, spent), refits(cfg)
+    budget = parse_duration(cfg.budget)
+    if budget is not None and spent >= budget:  # the run then trains one epoch: say why, not only how many
+        echo(f"auto: the trials took {spent:.0f}s of the {cfg.budget} budget: the run trains one epoch, over it")
+    if refit and not trials[0]["refit_fits"]:  # recorded as done (recipe.json, config.yaml), not as asked
+        refit = False
+        reason = (f"training on them too would train on more than per_class={cfg.per_class} a class"
+                  if cfg.per_class is not None else "they were not held out of the training data")  # fmt: skip
+        echo(f"auto: the validation {trials[0]['data_kind']} stay validation (no refit): {reason}")
+    return epochs, refit
 
 
 def _after_data(echo: Callable[[str], None], intro: str) -> Callable[[str], None]:
