@@ -105,6 +105,25 @@ class Trainer:
         validate(cfg)
         self.cfg, self.resumable, self.brief = cfg, resumable, brief
         self._process(echo)
+        self._model_and_data()
+        # --batch-size auto becomes a number here, once, for every rank; config.yaml and checkpoints keep the number
+        self.cfg = dataclasses.replace(cfg, batch_size=self._batch_size())
+        self._training()
+        if self.resuming:
+            self._resume()
+        self._run_files()
+        self.features.build()
+        self.seconds = {"cache": self.features.build_seconds, "val": 0.0, "epochs": 0.0}  # this process's
+        self.spent_before = dict(self.progress.spent)  # a resumed run's earlier processes'
+        self.fit_start: float | None = None
+        if self.dist.is_main:
+            self.cfg.save(self.run_dir / runtime.CONFIG_FILE)
+            if self.data.skipped:  # what --skip-bad left out stays on record with the run
+                atomic_write_text(self.run_dir / SKIPPED, "\n".join(self.data.skipped) + "\n")
+
+    def _model_and_data(self) -> None:
+        """Set-up step 2: the pretrained model, the datasets, the new head, freezing, device placement."""
+        cfg = self.cfg
         self.model, self.preprocess = create_model(cfg.model, cfg.weights, img_size=cfg.img_size)
         check_cut(self.model, cfg.cache_at)  # a stage name needs the model: checked before any data is read
         if self.preprocess is not None:  # an image model: the settings only a text model reads are refused
@@ -128,8 +147,11 @@ class Trainer:
         self.model.to(self.device, memory_format=torch.channels_last if self.channels_last else torch.preserve_format)
         if self.device.type == "cpu" and not cfg.compile:  # the native weight gradient of a depthwise layer is slow
             use_fast_depthwise(self.model)
-        # --batch-size auto becomes a number here, once, for every rank; config.yaml and checkpoints keep the number
-        self.cfg = cfg = dataclasses.replace(cfg, batch_size=self._batch_size())
+
+    def _training(self) -> None:
+        """Set-up steps 3 and 4: the feature path (which sizes the LR schedule), the optimizer, schedule, Unfreezer,
+        scaler and loss, and the ``Step`` that trains on a batch with them."""
+        cfg = self.cfg
         self.loaders = Loaders(batch_size=cfg.batch_size, device=self.device, seed=cfg.seed, preprocess=self.preprocess,
                                aug=cfg.aug, decode=cfg.decode, workers=cfg.workers, dist=self.dist,
                                epoch_fraction=cfg.epoch_fraction)  # fmt: skip
@@ -145,22 +167,15 @@ class Trainer:
         self.step = Step(self.state, self.loss_fn, self.precision, channels_last=self.channels_last,
                          grad_clip=cfg.grad_clip, skip_nonfinite=cfg.skip_nonfinite, dist=self.dist)  # fmt: skip
         self.progress = Progress(cfg.monitor)
-        if self.resuming:
-            self._resume()
+
+    def _run_files(self) -> None:
+        """The run's first files (rank 0's): classes.json, then the metrics log (a resume's cut back to its last.pt)."""
         if self.dist.is_main:  # classes.json before anything else: it marks the dir as a run's (prepare_run_dir)
             atomic_write_text(self.run_dir / runtime.CLASSES_FILE, json.dumps(self.classes, indent=1))
-        self.metrics = reporting.MetricsLogger(self.run_dir, tensorboard=cfg.tensorboard) if self.dist.is_main \
+        self.metrics = reporting.MetricsLogger(self.run_dir, tensorboard=self.cfg.tensorboard) if self.dist.is_main \
             else reporting.NullMetricsLogger()  # fmt: skip
         if self.resuming:  # the rows logged after its last.pt go
             self.metrics.truncate(self.progress.epoch)
-        self.features.build()
-        self.seconds = {"cache": self.features.build_seconds, "val": 0.0, "epochs": 0.0}  # this process's
-        self.spent_before = dict(self.progress.spent)  # a resumed run's earlier processes'
-        self.fit_start: float | None = None
-        if self.dist.is_main:
-            cfg.save(self.run_dir / runtime.CONFIG_FILE)
-            if self.data.skipped:  # what --skip-bad left out stays on record with the run
-                atomic_write_text(self.run_dir / SKIPPED, "\n".join(self.data.skipped) + "\n")
 
     def _process(self, echo) -> None:
         """Set-up step 1: the torchrun group, device, precision, run directory (checked; created later) and seeds."""
