@@ -305,7 +305,7 @@ def build_datasets(
         val, val_source = None, "none (every class has a single training image)"
     if per_class is not None:
         train = train.select(per_class_indices(train.targets, per_class, seed)[0])
-    held_out = val is not None and val_source.startswith(_HELD_OUT)
+    held_out = val is not None and given_val is None and val_split is None  # the automatic hold-out (_validation)
     refit_fits = held_out and _refit_fits(train, val, per_class)
     if refit and held_out:
         train, val, val_source = _refit(train, val, val_source, per_class)
