@@ -21,12 +21,14 @@ from freezetune.interrupt import RunInterrupted, forget_stop, raised_stop
 from freezetune.options import (
     AMP_MODES,
     FREEZE_DEFAULT,
+    FREEZE_KEYWORDS,
     LABEL_COLUMNS,
     MODEL_SOURCES,
     PRETRAINED_WEIGHTS,
     RANDOM_WEIGHTS,
     RECIPES,
     TEXT_COLUMNS,
+    UNFREEZE_FORMS,
 )
 from freezetune.sweep import DEFAULT_OUT, DEFAULT_RECIPES, SWEEP_SETS
 
@@ -39,8 +41,8 @@ _HELP = {
     "model (hf:), a text,label CSV (or .tsv)",
     "batch_size": "images or texts a step, or auto (the largest that fits the CUDA device)",
     "per_class": "few-shot: K seeded training images per class",
-    "freeze": "auto (measured), backbone, all, none, bitfit, N (first N stages, negative ok), stage names or globs, "
-    "comma-separated",
+    "freeze": f"auto (measured), {', '.join(FREEZE_KEYWORDS)}, N (first N stages, negative ok), stage names or "
+    "globs, comma-separated",
     "recipe": "a named procedure: " + " | ".join(RECIPES) + " (last-K: the last K stages train)",
     "budget": "wall-clock budget for the auto recipe's trials and epochs (the epochs it trains), e.g. 90s, 5m, 1h",
     "max_length": "a text model: the tokens a text keeps (longer texts are cut there and counted in the log; at most "
@@ -50,8 +52,7 @@ _HELP = {
     "init": "a freezetune checkpoint whose weights (head included) start the run",
     "cache_dir": "keep feature caches here and reuse them across runs (the auto recipe: OUT/features)",
     "bn": "BatchNorm in frozen parts (frozen: eval statistics)",
-    "unfreeze": "epoch:N | plateau:patience=P,min_delta=D[,mode=max|min] (without mode: follows --monitor) | "
-    "{epoch: spec}",
+    "unfreeze": f"{' | '.join(UNFREEZE_FORMS)} (a plateau without mode follows --monitor)",
     "stage_lrs": "per-stage LRs, e.g. 'layer4=1e-4,layer3=5e-5'",
     "decay": "LR of the stage at depth i below the head is lr / decay**i",
     "amp": "mixed precision (auto: bf16/fp16 on CUDA, off on CPU)",

@@ -22,11 +22,11 @@ from torch import nn
 from freezetune.errors import CheckpointError, SpecError, choices
 from freezetune.freeze import Spec, check_bn_policy, resolve_stages, unfreeze
 from freezetune.heads import unwrap, wrapping
+from freezetune.options import UNFREEZE_FORMS
 from freezetune.param_groups import LRRule, group_stage, is_no_decay, no_decay_names, stage_groups
 from freezetune.stages import Stage, stages
 
 MODES = ("max", "min")  # a metric that improves as it rises (accuracy) or as it falls (a loss)
-_FORMS = ("epoch:N", "plateau:patience=P,min_delta=D,mode=max|min", "{epoch: spec}")
 _LR_KEYS = ("lr", "initial_lr", "max_lr", "min_lr")  # keys LR schedulers keep per group, all scaled alike
 # Per-group lists LR schedulers keep outside the optimizer (zipped strictly with the groups): LR values are scaled
 # to the new stage, everything else (floors, lambdas, momenta) is copied from the reference group.
@@ -71,7 +71,7 @@ def parse_schedule(schedule: str | Mapping[int, Spec] | Schedule) -> Schedule:
             return _parse_plateau(args)
     except ValueError:
         pass
-    raise SpecError(f"bad unfreeze schedule {schedule!r}; the forms are: {choices(_FORMS)}")
+    raise SpecError(f"bad unfreeze schedule {schedule!r}; the forms are: {choices(UNFREEZE_FORMS)}")
 
 
 def _parse_plateau(args: str) -> Schedule:
