@@ -369,16 +369,18 @@ def test_a_sweeps_last_k_past_the_models_stages_is_refused_before_anything_train
         sweep_mod.sweep(TrainConfig(data="images", model="timm:test_efficientnet"), "full,last-99", out=tmp_path / "s")
 
 
-def test_a_models_stages_are_built_once_for_all_the_last_k_checks(monkeypatch):
-    # a sweep checks each last-k before anything trains and recipes.run checks again: one model build for all
+def test_a_models_stages_are_built_once_for_all_the_last_k_checks_and_the_auto_plan(monkeypatch):
+    # a sweep checks each last-k before anything trains and recipes.run checks again, and the auto recipe plans its
+    # candidates from the same stages: one model build for all
     from freezetune import models, recipes
 
     built, real = [], models.create_model
     monkeypatch.setattr(models, "create_model", lambda *a, **k: built.append(a[0]) or real(*a, **k))
-    recipes._stages_before_head.cache_clear()
+    recipes.structure.cache_clear()
     cfg = TrainConfig(data="images", model="timm:test_efficientnet")
     for recipe in ("last-1", "last-2", "last-k", "last-2"):
         recipes.check_last_k(cfg, recipe)
+    assert auto._candidates(cfg)[0] == [2, 3, 4]
     assert built == ["timm:test_efficientnet"]
     with pytest.raises(ConfigError, match="k is out of range"):
         recipes.check_last_k(cfg, "last-99")

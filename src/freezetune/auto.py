@@ -266,16 +266,14 @@ def _procedure() -> str:
 def _candidates(cfg: TrainConfig) -> tuple[list[int], str, bool]:
     """How many last stages each candidate trains, the stage the shared cache cuts before, and whether the model is a
     text model (no image preprocessing)."""
-    from freezetune.models import create_model
-    from freezetune.stages import stages
+    from freezetune.recipes import structure
 
-    model, pre = create_model(cfg.model, "none", img_size=cfg.img_size)
-    names = [s.name for s in stages(model)]  # the head is last
+    names, text = structure(cfg.model, cfg.img_size)  # the head is last
     # at least one stage stays frozen (the cache's point), except in a model of one stage and a head, whose only
     # candidate trains it (k = 0, the head alone, would be a linear probe, and has no LR rule)
     deepest = max(1, min(MAX_TRAINED_STAGES, len(names) - 2))
     ks = list(range(min(MIN_TRAINED_STAGES, deepest), deepest + 1))
-    return ks, names[-(max(ks) + 1)], pre is None
+    return ks, names[-(max(ks) + 1)], text
 
 
 def _affordable(cfg: TrainConfig, choice: dict, spent: float) -> int:

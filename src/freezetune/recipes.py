@@ -135,21 +135,22 @@ def last_k(recipe: str) -> int:
 
 def check_last_k(cfg: TrainConfig, recipe: str) -> None:
     """A ``last-k`` whose k the model's stages cannot give is the user's number, not a freeze spec's stage count."""
-    body = _stages_before_head(cfg.model, cfg.img_size)
+    body = structure(cfg.model, cfg.img_size)[0][:-1]
     if not 1 <= last_k(recipe) <= len(body):
         raise ConfigError(f"recipe {recipe!r}: k is out of range for {cfg.model}, whose {len(body)} stages before the "
                           f"head are {choices(body)}; choose last-1 to last-{len(body)}")  # fmt: skip
 
 
 @functools.lru_cache(maxsize=8)
-def _stages_before_head(model_name: str, img_size: int | None) -> tuple[str, ...]:
-    """The stage names of ``model_name`` but the head's (which trains in every recipe). Built once a process: a
-    sweep checks each ``last-k`` before anything trains, and ``run`` checks again for its direct callers."""
+def structure(model_name: str, img_size: int | None) -> tuple[tuple[str, ...], bool]:
+    """The stage names of ``model_name`` (the head's last) and whether it is a text model (no image preprocessing).
+    Built once a process (random init: the structure only): a sweep checks each ``last-k`` before anything trains,
+    ``run`` checks again for its direct callers, and the auto recipe plans its candidates from it."""
     from freezetune.models import create_model
     from freezetune.stages import stages
 
-    model, _ = create_model(model_name, "none", img_size=img_size)  # the structure only: random init is enough
-    return tuple(s.name for s in stages(model))[:-1]
+    model, pre = create_model(model_name, "none", img_size=img_size)
+    return tuple(s.name for s in stages(model)), pre is None
 
 
 def run(cfg: TrainConfig, *, echo: Callable[[str], None] = print, train: Callable | None = None):
