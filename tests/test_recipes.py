@@ -178,14 +178,16 @@ def test_auto_measures_on_the_validation_split_and_keeps_its_evidence(data, tmp_
 
 
 @pytest.mark.parametrize("body, ks", [(1, [1]), (2, [1]), (3, [2]), (4, [2, 3]), (5, [2, 3, 4]), (9, [2, 3, 4])])
-def test_auto_candidates_on_models_with_few_stages_train_at_least_one(monkeypatch, body, ks):
+def test_auto_candidates_on_models_with_few_stages_train_at_least_one(monkeypatch, request, body, ks):
     # a model of one stage and a head gave k = 0 and a ZeroDivisionError in the candidate's LR
     from torch import nn
 
-    from freezetune import models
+    from freezetune import models, recipes
 
     layers = [m for _ in range(body) for m in (nn.Linear(4, 4), nn.ReLU())] + [nn.Linear(4, 2)]
     monkeypatch.setattr(models, "create_model", lambda *a, **k: (nn.Sequential(*layers), None))
+    recipes.structure.cache_clear()  # built once a process per model name: here the name stays, the model changes
+    request.addfinalizer(recipes.structure.cache_clear)  # and the fake must not stay for the tests after
     got, cut, _ = auto._candidates(TrainConfig(data="images"))
     assert got == ks and all(auto.candidate_lr(1e-3, k) > 0 for k in got)
     assert cut == str(2 * (body - max(ks)))  # the stage the deepest candidate trains from
