@@ -184,7 +184,7 @@ def test_refit_is_refused_where_a_validation_set_is_kept_or_needed(kw, needle):
 
 def test_valid_unfreeze_schedules_pass_validation():
     for schedule in ("epoch:2", "plateau:patience=2,min_delta=0.01,mode=min", {3: "blocks.4"}, "none", None):
-        # mode=min: a loss's direction (with val_acc's, mode=min is refused: test_unfreeze)
+        # mode=min: a loss's direction (with val_acc's, mode=min is refused: test_unfreezing)
         validate(TrainConfig(data="x", unfreeze=schedule, monitor="val_loss"))
 
 

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import csv
-import pickle
 
 import pytest
 import torch
 
 from freezetune import epoch_log
-from freezetune._io import atomic_save, atomic_write_text
+from freezetune._io import atomic_write_text
 from freezetune.epoch_log import format_epoch_line
 from freezetune.reporting import MetricsLogger, plot_report, read_metrics, unfreeze_events
 
@@ -151,23 +150,6 @@ def test_format_epoch_line():
     assert format_epoch_line({"epoch": 1, "lr/head": 1e-3, "lr/layer4": 1e-4, "lr/stem": 0.0}) == (
         "epoch 1  lr 1.0e-04..1.0e-03"
     )
-
-
-def test_atomic_save_keeps_old_file_when_save_fails(tmp_path):
-    path = tmp_path / "ckpt.pt"
-    atomic_save({"epoch": 1}, path)
-    with pytest.raises((pickle.PicklingError, AttributeError, TypeError)):
-        atomic_save({"epoch": 2, "fn": lambda: None}, path)
-    assert torch.load(path) == {"epoch": 1}
-    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]
-
-
-def test_atomic_write_text_replaces_and_cleans_up(tmp_path):
-    path = tmp_path / "deep" / "note.txt"
-    atomic_write_text(path, "one\n")
-    atomic_write_text(path, "two\n")
-    assert path.read_text() == "two\n"
-    assert [p.name for p in path.parent.iterdir()] == ["note.txt"]
 
 
 def test_gpu_readings_reach_the_row_the_log_line_and_the_csv(tmp_path):
