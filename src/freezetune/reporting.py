@@ -303,15 +303,14 @@ def _plot_panel(ax: Any, rows: list[dict[str, Any]], title: str, cols: list[str]
 
 
 def _mark_best(ax: Any, rows: list[dict[str, Any]]) -> None:
-    """Ring the epoch of the highest validation accuracy (best.pt's, when the run monitors val_acc)."""
+    """Ring the epoch of the highest validation accuracy (best.pt's, when the run monitors val_acc), named in the
+    legend: a label beside the ring lay across the curves below it."""
     pts = [(r["epoch"], r["val_acc"]) for r in rows if isinstance(r.get("val_acc"), numbers.Real)]
     if pts:
         epoch, acc = max(pts, key=lambda p: (p[1], -p[0]))  # the first epoch that reached it, as best.pt keeps
-        ax.plot([epoch], [100 * acc], marker="o", markersize=10, fillstyle="none", color="tab:green", linestyle="")
-        epochs = [p[0] for p in pts]  # the label leans inwards at either end, inside the axes
-        side = "right" if epoch == max(epochs) and len(epochs) > 1 else "left" if epoch == min(epochs) else "center"
-        ax.annotate(f"best val acc {100 * acc:.1f}% (epoch {epoch})", (epoch, 100 * acc), textcoords="offset points",
-                    xytext=(0, -14), ha=side, fontsize=8, color="tab:green")  # fmt: skip
+        ax.plot([epoch], [100 * acc], marker="o", markersize=10, fillstyle="none", color="tab:green", linestyle="",
+                label=f"best val acc {100 * acc:.1f}% (epoch {epoch})")  # fmt: skip
+        ax.legend(fontsize=8, loc="best")
 
 
 def _mark_unfreezes(axes: Any, events: list[tuple[int, str]]) -> None:
