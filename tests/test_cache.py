@@ -371,3 +371,17 @@ def test_a_hugging_face_image_model_caches_through_its_head_hook():
     ft.freeze(model, "backbone")
     split, store = ft.cache_features(model, TensorDataset(torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 0])))
     assert split.how == "head-hook" and store.features.shape[1] == 4
+
+
+def test_a_folders_fingerprint_is_the_same_however_its_path_is_spelled(image_folder, monkeypatch):
+    # a resume reads --data from config.yaml (absolute): a run started with a relative --data rebuilt its whole cache
+    # on resume and stored it in the cache dir a second time
+    from freezetune.cache.disk import data_fingerprint
+    from freezetune.data import build_datasets
+    from freezetune.preprocess import Preprocess
+
+    absolute = build_datasets(str(image_folder), preprocess=Preprocess(input_size=32)).train
+    monkeypatch.chdir(image_folder.parent)
+    relative = build_datasets(image_folder.name, preprocess=Preprocess(input_size=32)).train
+    assert relative.samples[0][0] != absolute.samples[0][0]  # the spelling differs ...
+    assert data_fingerprint(relative) == data_fingerprint(absolute)  # ... the files do not

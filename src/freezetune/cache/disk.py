@@ -81,8 +81,10 @@ def data_fingerprint(dataset: Dataset) -> str | None:
                 st = os.stat(path)
             except OSError:
                 return None
-            # fsencode: a file name that is not UTF-8 (an old Latin-1 zip) keeps its bytes instead of failing
-            h.update(os.fsencode(path) + f"\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+            # absolute: a resume reads --data from config.yaml, where it is absolute; a run given a relative --data
+            # never found its stores again (rebuilt and stored twice). fsencode: a file name that is not UTF-8 (an
+            # old Latin-1 zip) keeps its bytes instead of failing
+            h.update(os.fsencode(os.path.abspath(path)) + f"\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     else:
         return None
     h.update(torch.as_tensor(dataset.targets).numpy().tobytes())
