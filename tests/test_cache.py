@@ -82,9 +82,14 @@ def test_cache_turns_off_when_boundary_is_no_longer_cacheable(image_folder, tmp_
     assert any("feature cache off" in line for line in lines)
 
 
-def test_disk_cache_spills_to_run_dir_and_matches(image_folder, tmp_path):
-    disk = Trainer(_config(image_folder, tmp_path, "d", cache="disk", epochs=2), echo=lambda *_: None)
-    assert (tmp_path / "d" / "cache" / "train" / "feature_cache.bin").is_file()
+def test_disk_cache_spills_to_run_dir_and_matches_and_leaves_no_file(image_folder, tmp_path):
+    # a spilled store is a file mapped from the run dir, unlinked at once: it stayed there after the run (gigabytes
+    # with big data, which no resume reads: it rebuilds)
+    lines = []
+    disk = Trainer(_config(image_folder, tmp_path, "d", cache="disk", epochs=2), echo=lines.append)
+    assert any(line.startswith("feature cache:") and " on disk" in line for line in lines), lines
+    assert disk.features.train_store.features.untyped_storage().filename is not None  # mapped from a file
+    assert not (tmp_path / "d" / "cache").exists()
     mem = Trainer(_config(image_folder, tmp_path, "m", cache="memory", epochs=2), echo=lambda *_: None)
     np.testing.assert_allclose(_losses(disk), _losses(mem), rtol=1e-6, atol=1e-7)
 
@@ -385,3 +390,27 @@ def test_a_folders_fingerprint_is_the_same_however_its_path_is_spelled(image_fol
     relative = build_datasets(image_folder.name, preprocess=Preprocess(input_size=32)).train
     assert relative.samples[0][0] != absolute.samples[0][0]  # the spelling differs ...
     assert data_fingerprint(relative) == data_fingerprint(absolute)  # ... the files do not
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_a_containers_memory_limit_bounds_the_ram_a_cache_may_take(tmp_path, monkeypatch, version):
+    # /proc/meminfo is the host's: under docker --memory the cache went to RAM by the host's figure and the
+    # container was killed
+    from freezetune.cache import store
+
+    v1 = ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes", "memory/memory.stat", "total_inactive_file")
+    limit, usage, stat, inactive = (
+        ("memory.max", "memory.current", "memory.stat", "inactive_file") if version == 2 else v1
+    )
+    (tmp_path / "memory").mkdir()
+    (tmp_path / limit).write_text(f"{8 << 30}\n")
+    (tmp_path / usage).write_text(f"{6 << 30}\n")
+    (tmp_path / stat).write_text(f"anon {4 << 30}\n{inactive} {1 << 30}\n")
+    room = store.cgroup_room(tmp_path)
+    assert room == 3 << 30  # 8 GiB less the 6 used, of which 1 is page cache the kernel gives back
+    monkeypatch.setattr(store, "cgroup_room", lambda: room)
+    monkeypatch.setattr(store, "_machine_ram", lambda: 60 << 30)
+    assert store._available_ram() == 3 << 30
+    (tmp_path / limit).write_text("max\n" if version == 2 else "9223372036854771712\n")  # no limit
+    monkeypatch.undo()
+    assert store.cgroup_room(tmp_path) is None

@@ -227,15 +227,16 @@ def cache_features(
                                   resolve_precision(device, amp), views=views, seed=seed, spill_dir=spill_dir,
                                   place=place)  # fmt: skip
     if temporary and info.place == "disk":
-        _unlink_mapped(Path(spill_dir))
+        unlink_mapped(Path(spill_dir))
     log.info("feature cache: %s", info.describe())
     return split, store
 
 
-def _unlink_mapped(spill_dir: Path) -> None:
-    """Remove a temporary spill dir whose file the store has mapped: on POSIX the mapping stays valid and the disk
-    space returns when the store is freed, so nothing is left in the temp dir after the process (a notebook that
-    caches many times would otherwise fill it). Where a mapped file cannot be removed (Windows) it stays."""
+def unlink_mapped(spill_dir: Path) -> None:
+    """Remove a spill dir whose file a store has mapped: on POSIX the mapping stays valid and the disk space returns
+    when the store is freed, so nothing is left behind, after the process or a crash (a notebook that caches many
+    times would fill the temp dir; a run left gigabytes in its run dir that no resume reads). Where a mapped file
+    cannot be removed (Windows) it stays."""
     try:
         (spill_dir / "feature_cache.bin").unlink()
         spill_dir.rmdir()
@@ -338,6 +339,12 @@ def _vs(shape: tuple[int, ...]) -> tuple[int, tuple[int, ...]]:
 
 
 def _available_ram() -> int:
+    """The RAM this process may still take: the machine's, and within a container's memory limit what it leaves."""
+    room = cgroup_room()
+    return _machine_ram() if room is None else min(_machine_ram(), room)
+
+
+def _machine_ram() -> int:
     # MemAvailable counts the page cache the kernel would give back; free pages alone understate it badly
     try:
         with open("/proc/meminfo") as f:
@@ -350,3 +357,34 @@ def _available_ram() -> int:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError):
         return 4 * 2**30
+
+
+# cgroup v2's files, then v1's: the limit, the usage, and the usage statistics (the page cache it may give back)
+_CGROUP_FILES = (("memory.max", "memory.current", "memory.stat", "inactive_file"),
+                 ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes", "memory/memory.stat",
+                  "total_inactive_file"))  # fmt: skip
+
+
+def cgroup_room(root: str | Path = "/sys/fs/cgroup") -> int | None:
+    """What a container's memory limit leaves this process's cgroup (limit, less what it uses but the page cache the
+    kernel would give back), or None without a limit. /proc/meminfo is the host's: under ``docker run --memory 8g``
+    on a 64 GiB host a cache sized by it alone went to RAM and the container was killed.
+
+    >>> cgroup_room("/nonexistent") is None
+    True
+    """
+    for limit_name, usage_name, stat_name, inactive in _CGROUP_FILES:
+        try:
+            limit = (Path(root) / limit_name).read_text().strip()
+            usage = int((Path(root) / usage_name).read_text())
+        except (OSError, ValueError):
+            continue
+        if limit == "max" or int(limit) >= 1 << 60:  # v2's "max", v1's page-rounded LONG_MAX: no limit
+            return None
+        try:
+            stat = dict(line.split() for line in (Path(root) / stat_name).read_text().splitlines() if " " in line)
+            usage -= int(stat.get(inactive, 0))
+        except (OSError, ValueError):
+            pass
+        return max(0, int(limit) - usage)
+    return None
