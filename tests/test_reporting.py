@@ -188,8 +188,10 @@ def test_an_epochs_meter_sums_its_steps_finds_the_first_non_finite_one_and_resum
     _meter_steps(finite, [0.5, 1.5, 2.0])
     assert not finite.diverged
     assert finite.close()["train_loss"] == pytest.approx((0.5 * 2 + 1.5 * 3 + 2.0 * 2) / 7)
-    # a mid-epoch save after 2 steps, loaded by a fresh meter that goes on: the same epoch, summed the same way
+    # a mid-epoch save after 2 steps, loaded by a fresh meter that goes on: the same epoch, summed the same way, and
+    # the seconds before the stop kept (the epoch's time and img/s counted the resumed part's seconds alone)
     first = epoch_log.TrainProgress(3, "e", enabled=False, device=cpu)
+    first.started -= 150.0  # its steps took two and a half minutes
     _meter_steps(first, [0.5, 1.5])
     resumed = epoch_log.TrainProgress(3, "e", enabled=False, device=cpu)
     resumed.load_state_dict(first.state_dict())
@@ -197,6 +199,7 @@ def test_an_epochs_meter_sums_its_steps_finds_the_first_non_finite_one_and_resum
     again = resumed.close()
     assert again["train_loss"] == pytest.approx((0.5 * 2 + 1.5 * 3 + 2.0 * 2) / 7) and again["samples"] == 7
     assert again["train_acc"] == pytest.approx(4 / 7) and again["first_bad_step"] == -1
+    assert 150.0 <= again["seconds_before"] < 160.0 and finite.close()["seconds_before"] == 0.0
 
 
 def test_an_epochs_meter_takes_more_batches_than_announced():

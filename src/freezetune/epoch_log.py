@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import numbers
 import sys
+import time
 from typing import Any
 
 import torch
@@ -43,6 +44,8 @@ class TrainProgress:
         self.corrects = torch.zeros(max(total, 1), device=device, dtype=torch.long)
         self.sizes = [0] * max(total, 1)
         self.carried = {"loss_sum": 0.0, "correct": 0, "first_bad": -1}  # the steps before a mid-epoch resume
+        # ... and the seconds they took, in the process stopped then: the epoch's time and img/s count them too
+        self.started, self.seconds_before = time.perf_counter(), 0.0
         # redirected to a file (nohup, a batch log), a bar redrawn every step fills it with carriage returns: there it
         # is redrawn once a minute at most; a terminal (tmux, SSH) and a notebook's widget get it live
         live = tqdm.__module__.startswith("tqdm.notebook") or sys.stderr.isatty()
@@ -90,10 +93,12 @@ class TrainProgress:
     def state_dict(self) -> dict[str, Any]:
         """The running totals so far (a mid-epoch checkpoint): a resumed epoch reports what an uninterrupted one
         would. Reads the device: call it at a save, not every step."""
-        return {"step": self.step, "seen": self.seen, **self._totals(), "skipped": self.skipped}
+        return {"step": self.step, "seen": self.seen, **self._totals(), "skipped": self.skipped,
+                "seconds": self.seconds_before + time.perf_counter() - self.started}  # fmt: skip
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step, self.seen, self.skipped = state["step"], state["seen"], state.get("skipped", 0)
+        self.seconds_before = float(state.get("seconds", 0.0))  # (a last.pt saved before it was kept: 0)
         self.carried = {"loss_sum": float(state["loss_sum"]), "correct": int(state["correct"]),
                         "first_bad": int(state["first_bad"])}  # fmt: skip
         self.bar.update(self.step)
@@ -111,7 +116,8 @@ class TrainProgress:
     def close(self, reduce=lambda t: t) -> dict[str, float]:
         """Close the bar; the epoch's mean loss, accuracy and sample count, summed over ranks by ``reduce``, on CUDA
         this GPU's mean utilisation and memory (``GpuMonitor``), and ``first_bad_step``: the first step (0-based) of
-        this process whose loss was not finite, -1 if none, or 0 when another rank's was."""
+        this process whose loss was not finite, -1 if none, or 0 when another rank's was; ``seconds_before``: what
+        the epoch's steps took before a mid-epoch resume."""
         self.bar.close()
         gpu = self.gpu.stop()
         mine = self._totals()
@@ -121,7 +127,7 @@ class TrainProgress:
         loss, correct, seen, bad_ranks = reduce(totals).tolist()
         first_bad = mine["first_bad"] if mine["first_bad"] >= 0 else (0 if bad_ranks else -1)
         return {"train_loss": loss / max(seen, 1), "train_acc": correct / max(seen, 1), "samples": int(seen),
-                "first_bad_step": first_bad, **gpu}  # fmt: skip
+                "first_bad_step": first_bad, "seconds_before": self.seconds_before, **gpu}  # fmt: skip
 
 
 def _human(n: float) -> str:
