@@ -438,6 +438,17 @@ def test_an_auto_run_records_the_refit_it_did_not_the_one_it_asked(data, tmp_pat
     assert result.history[-1]["val_n"] > 0  # the run validated, as recorded
 
 
+def test_an_auto_run_with_a_validation_folder_says_why_it_does_not_refit(tmp_path):
+    # with a val/ folder and --per-class it blamed per_class: the images were never held out of the training data
+    from freezetune import trainer
+
+    data = make_image_folder(tmp_path / "images", train=14, val=4, test=4)
+    lines = []
+    trainer.train(_cfg(data, tmp_path / "auto", cache="auto", per_class=20, epochs=1), echo=lines.append)
+    assert any(line.endswith("stay validation (no refit): they were not held out of the training data")
+               for line in lines), lines  # fmt: skip
+
+
 @pytest.mark.parametrize("folder", ["missing", "empty"])
 def test_an_auto_run_on_unreadable_data_prints_the_data_error_alone(tmp_path, capsys, folder):
     # the auto recipe announced its trials ("auto: choosing how many of the last stages ...") before the first one

@@ -140,10 +140,8 @@ def _epochs_and_refit(cfg: TrainConfig, trials: list[dict], choice: dict, spent:
     if budget is not None and spent >= budget:  # the run then trains one epoch: say why, not only how many
         echo(f"auto: the trials took {spent:.0f}s of the {cfg.budget} budget: the run trains one epoch, over it")
     if refit and not trials[0]["refit_fits"]:  # recorded as done (recipe.json, config.yaml), not as asked
-        refit = False
-        reason = (f"training on them too would train on more than per_class={cfg.per_class} a class"
-                  if cfg.per_class is not None else "they were not held out of the training data")  # fmt: skip
-        echo(f"auto: the validation {trials[0]['data_kind']} stay validation (no refit): {reason}")
+        refit = False  # a validation folder with --per-class gave the per-class reason: the data says which
+        echo(f"auto: the validation {trials[0]['data_kind']} stay validation (no refit): {trials[0]['no_refit']}")
     return epochs, refit
 
 
@@ -213,7 +211,7 @@ def _trial(base: TrainConfig, k: int, boost: float, out: Path, train: Callable, 
     return {"trained_stages": k, "freeze": -(k + 1), "lr": trial_cfg.lr, "val_acc": result.best_val_acc,
             "seconds": seconds, "epoch_s": row.get("epoch_time_s", 0.0) / TRIAL_FRACTION,
             "trainable_params": row.get("trainable_params"), "n_val": _val_size(result),
-            "data_kind": result.data_kind, "refit_fits": result.refit_fits}  # fmt: skip
+            "data_kind": result.data_kind, "refit_fits": result.refit_fits, "no_refit": result.no_refit}  # fmt: skip
 
 
 def _start_from(out: Path, trials: list[dict], choice: dict, init: str | None, *, delete: bool = True) -> str | None:

@@ -90,6 +90,7 @@ class RunResult:
     seconds: dict[str, float] = field(default_factory=dict)
     data_kind: str = "images"  # what the items were, for messages: "images" or "texts"
     refit_fits: bool = False  # its validation set could have trained too (``DataBundle.refit_fits``)
+    no_refit: str = ""  # why it could not (``DataBundle.no_refit``)
 
     @property
     def best_val_acc(self) -> float | None:

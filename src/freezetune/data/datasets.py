@@ -49,6 +49,7 @@ class DataBundle:
     val_source: str = ""  # where the validation set came from, in words (the trainer prints it)
     skipped: list[str] = field(default_factory=list)  # unreadable image files left out (``skip_bad``)
     refit_fits: bool = False  # the validation set is the automatic hold-out and ``refit`` may train on it
+    no_refit: str = ""  # why not, in words, when it may not
 
 
 def _first_dir(root: Path, names: tuple[str, ...]) -> Path | None:
@@ -307,6 +308,8 @@ def build_datasets(
         train = train.select(per_class_indices(train.targets, per_class, seed)[0])
     held_out = val is not None and given_val is None and val_split is None  # the automatic hold-out (_validation)
     refit_fits = held_out and _refit_fits(train, val, per_class)
+    no_refit = ("" if refit_fits else f"training on them too would train on more than per_class={per_class} a class"
+                if held_out else "they were not held out of the training data")  # fmt: skip
     if refit and held_out:
         train, val, val_source = _refit(train, val, val_source, per_class)
     if per_class is not None:
@@ -331,7 +334,7 @@ def build_datasets(
         len(train.classes),
     )
     return DataBundle(train=train, val=val, test=test, classes=list(train.classes), source=source,
-                      val_source=val_source, skipped=skipped, refit_fits=refit_fits)  # fmt: skip
+                      val_source=val_source, skipped=skipped, refit_fits=refit_fits, no_refit=no_refit)  # fmt: skip
 
 
 def build_eval_dataset(data: str, *, preprocess: Preprocess, classes: list[str]) -> Dataset:
