@@ -414,3 +414,20 @@ def test_a_containers_memory_limit_bounds_the_ram_a_cache_may_take(tmp_path, mon
     (tmp_path / limit).write_text("max\n" if version == 2 else "9223372036854771712\n")  # no limit
     monkeypatch.undo()
     assert store.cgroup_room(tmp_path) is None
+
+
+def test_the_cache_line_says_which_store_was_read_and_which_built_and_where_each_lies(image_folder, tmp_path):
+    # "read from DIR" was printed when any store was read: the training store, built over minutes, included; and
+    # the validation store's size and place were never shown
+    def cache_line(name: str) -> str:
+        lines = []
+        Trainer(_config(image_folder, tmp_path, name, cache_dir=str(tmp_path / "fc")), echo=lines.append)
+        return next(line for line in lines if line.startswith("feature cache:"))
+
+    first = cache_line("a")
+    assert "; validation 0 MiB on cpu; built in" in first
+    again = cache_line("b")
+    assert f"; read from {tmp_path / 'fc'} in " in again and "built" not in again
+    largest = max((tmp_path / "fc").rglob("*.pt"), key=lambda p: p.stat().st_size)  # the training store's
+    largest.unlink()
+    assert f"; training store built, validation store read from {tmp_path / 'fc'} in " in cache_line("c")

@@ -140,16 +140,20 @@ class FeaturePath:
         # 3.4 points worse than the plain image (Fashion-MNIST, 100/class, 64 px, 2026-11-30). Augmented views are
         # cached only when there are several to sample from.
         augment = self.loaders.aug != "none" and self.views > 1
-        start, reused = time.perf_counter(), self.reused
+        start, hows = time.perf_counter(), []
         self.train_store, info = self._store(split, self.data.train, views=self.views if augment else 1,
-                                             augment=augment)  # fmt: skip
+                                             augment=augment, hows=hows)  # fmt: skip
+        val = ""
         if self.data.val is not None:
-            self.val_store, _ = self._store(split, self.data.val, views=1, augment=False, train=False)
+            self.val_store, val_info = self._store(split, self.data.val, views=1, augment=False, train=False,
+                                                   hows=hows)  # fmt: skip
+            val = f"; validation {val_info.bytes / 2**20:,.0f} MiB on {val_info.place}"
         self.split = split
         seconds = time.perf_counter() - start
         self.build_seconds += seconds
-        how = f"read from {self.cache_dir}" if self.reused > reused else "built"
-        self.echo(f"feature cache: {why}; {info.describe()}; {how} in {seconds:.1f}s")
+        # each store by what happened to it: "read from DIR" when one of two was read said the other was too
+        how = hows[0] if len(set(hows)) == 1 else f"training store {hows[0]}, validation store {hows[1]}"
+        self.echo(f"feature cache: {why}; {info.describe()}{val}; {how} in {seconds:.1f}s")
         if not augment and self.loaders.aug != "none":
             self.echo(
                 f"note: training images are cached without augmentation (aug {self.loaders.aug!r} needs "
@@ -157,8 +161,9 @@ class FeaturePath:
             )
 
     def _store(
-        self, split: Split, dataset, *, views: int, augment: bool, train: bool = True
+        self, split: Split, dataset, *, views: int, augment: bool, hows: list[str], train: bool = True
     ) -> tuple[FeatureStore, CacheInfo]:
+        """The store of ``dataset``'s prefix features, read from ``cache_dir`` or built; ``hows`` gets which."""
         dist, loaders = self.loaders.dist, self.loaders
         spill = self.spill_dir / (f"rank{dist.rank}" if dist.enabled else "") / ("train" if train else "val")
         parts = getattr(dataset, "parts", None) if not augment else None  # a join of datasets cached one by one
@@ -176,8 +181,10 @@ class FeaturePath:
             found = found or (self._load_parts(split, parts, how) if parts else None)
             if found is not None:
                 self.reused += 1
+                hows.append(f"read from {self.cache_dir}")
                 return self._unlinked(*placed_store(*found, self.precision, seed=loaders.seed, spill_dir=spill,
                                                     place=place), spill)  # fmt: skip
+        hows.append("built")
         store, info = build_store(split, len(dataset), loaders.views(dataset, train=augment), self.precision,
                                   views=views, spill_dir=spill, seed=loaders.seed, channels_last=self.channels_last,
                                   place=place, dist=dist)  # fmt: skip
