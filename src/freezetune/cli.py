@@ -58,7 +58,7 @@ _HELP = {
     "amp": "mixed precision (auto: bf16/fp16 on CUDA, off on CPU)",
     "cache": "frozen-prefix feature cache",
     "out": "run directory (default runs/MODEL-TIMESTAMP)",
-    "early_stop": "stop after PATIENCE epochs without improvement of --monitor",
+    "early_stop": "stop after PATIENCE epochs without improvement of --monitor (counted once the LR warm-up ends)",
     "class_weights": "imbalanced classes: balanced weighs the training loss by 1 / class frequency",
     "refit": "the automatically held-out validation images train too (best.pt = last epoch); default: the auto "
     "recipe's final run refits unless --early-stop or a plateau unfreeze needs validation",

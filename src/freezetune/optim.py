@@ -50,15 +50,13 @@ def build_scheduler(optimizer: torch.optim.Optimizer, kind: str, *, epochs: int,
     if kind == "onecycle" and total < 3:
         return None
     if kind == "onecycle":
-        pct = warmup / total if warmup else 0.25
+        pct = _onecycle_pct(warmup, total)
         momentum = optimizer.defaults.get("momentum", 0.0) if isinstance(optimizer, torch.optim.SGD) else 0.0
-        # OneCycleLR divides by (pct_start * total - 1): the warm-up must span at least two steps, or a short run
-        # (e.g. 4 steps at the default 0.25) dies with ZeroDivisionError before training starts.
         return torch.optim.lr_scheduler.OneCycleLR(
             optimizer,
             max_lr=[g["lr"] for g in optimizer.param_groups],
             total_steps=total,
-            pct_start=min(max(pct, 2.0 / total), 0.9),
+            pct_start=pct,
             cycle_momentum=momentum > 0,  # SGD's only: Adam's betas cycling gives nothing measurable
             max_momentum=momentum,
             base_momentum=max(0.0, momentum - 0.1),
@@ -70,3 +68,22 @@ def build_scheduler(optimizer: torch.optim.Optimizer, kind: str, *, epochs: int,
         ramp = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=0.01, total_iters=warmup)
         return torch.optim.lr_scheduler.SequentialLR(optimizer, [ramp, cosine], milestones=[warmup])
     return None
+
+
+def warmup_steps(kind: str, *, epochs: int, steps_per_epoch: int, warmup_epochs: float = 0.0) -> int:
+    """The steps over which ``build_scheduler``'s schedule raises the LR to its peak (0: none).
+
+    >>> warmup_steps("onecycle", epochs=30, steps_per_epoch=10), warmup_steps("cosine", epochs=30, steps_per_epoch=10)
+    (75, 0)
+    """
+    total = max(1, epochs * steps_per_epoch)
+    warmup = int(round(warmup_epochs * steps_per_epoch))
+    if kind == "onecycle":
+        return 0 if total < 3 else round(_onecycle_pct(warmup, total) * total)
+    return warmup if kind == "cosine" else 0
+
+
+def _onecycle_pct(warmup: int, total: int) -> float:
+    # OneCycleLR divides by (pct_start * total - 1): the warm-up must span at least two steps, or a short run (e.g.
+    # 4 steps at the default 0.25) dies with ZeroDivisionError before training starts
+    return min(max(warmup / total if warmup else 0.25, 2.0 / total), 0.9)

@@ -45,7 +45,7 @@ from freezetune.interrupt import AT_ONCE_UNDER_DDP, OUTSIDE_A_STEP, StopRequest,
 from freezetune.loss import imbalance_note, training_loss
 from freezetune.memory import auto_batch_size, out_of_memory_hint
 from freezetune.models import create_model
-from freezetune.optim import build_optimizer, build_scheduler
+from freezetune.optim import build_optimizer, build_scheduler, warmup_steps
 from freezetune.options import BATCH_AUTO, MONITOR_MODES
 from freezetune.precision import resolve_device, resolve_precision
 from freezetune.progress import Progress, RunResult
@@ -220,6 +220,8 @@ class Trainer:
                                     weight_decay=cfg.weight_decay, momentum=cfg.momentum)  # fmt: skip
         scheduler = build_scheduler(optimizer, cfg.scheduler, epochs=cfg.epochs, steps_per_epoch=self.steps_per_epoch,
                                     warmup_epochs=cfg.warmup_epochs)  # fmt: skip
+        self.warmup_steps = warmup_steps(cfg.scheduler, epochs=cfg.epochs, steps_per_epoch=self.steps_per_epoch,
+                                         warmup_epochs=cfg.warmup_epochs)  # fmt: skip
         unfreezer = None
         if cfg.unfreeze and cfg.unfreeze != "none":
             unfreezer = Unfreezer(self.model, optimizer, cfg.unfreeze, lr=cfg.lr, stage_lrs=cfg.stage_lrs,
@@ -259,7 +261,7 @@ class Trainer:
             self.echo(f"{head}\nvalidation: {self.data.val_source}\n{summary(self.model)}")
         notes = [imbalance_note(self.cfg.class_weights, self.data.train.targets, len(self.classes),
                                 noun(self.data.train)), None if self.brief else truncation_note(self.data.train, self.preprocess)]  # fmt: skip
-        for note in filter(None, notes):
+        for note in filter(None, [*notes, self._warmup_note()]):
             self.echo(note)
         if self.data.skipped:
             self.echo(f"skipped {len(self.data.skipped)} unreadable image file(s) (--skip-bad): listed in "
@@ -290,6 +292,17 @@ class Trainer:
                          data_kind=noun(self.data.train), refit_fits=self.data.refit_fits,
                          no_refit=self.data.no_refit)  # fmt: skip
 
+    def _warmup_note(self) -> str | None:
+        """When the patience of early stopping or a plateau unfreeze starts counting, if the LR warm-up delays it."""
+        first = math.ceil(self.warmup_steps / max(self.steps_per_epoch, 1))  # the first epoch that ends past the peak
+        plateau = isinstance(self.cfg.unfreeze, str) and self.cfg.unfreeze.strip().startswith("plateau")
+        waits = [what for what, on in (("early stopping", bool(self.cfg.early_stop)), ("plateau unfreezing", plateau))
+                 if on]  # fmt: skip
+        if first <= 1 or not waits:
+            return None
+        return (f"note: {' and '.join(waits)} count epochs without improvement from epoch {first} on: the "
+                f"{self.cfg.scheduler} schedule raises the LR until then")  # fmt: skip
+
     def _spent(self, *, running: bool = False) -> dict[str, float]:
         """The run's seconds so far: this process's (``running``: the epoch loop's up to now) plus its earlier ones'."""
         now = dict(self.seconds)
@@ -318,8 +331,13 @@ class Trainer:
         for epoch in range(self.progress.epoch, cfg.epochs):
             row = self._run_epoch(epoch, unfrozen)
             last = epoch + 1 == cfg.epochs  # nothing trains after the last epoch: no unfreeze, no cache rebuild
-            unfrozen = [] if last else self._step_unfreezer(epoch, row)
+            # while the LR climbs to its peak a stalling metric has not plateaued: early stop waited out its patience
+            # at the peak of a 30-epoch one-cycle (epoch 7), and a plateau unfroze the next stage there
+            warming = (epoch + 1) * self.steps_per_epoch < self.warmup_steps
+            unfrozen = [] if last else self._step_unfreezer(epoch, row, warming)
             improved = self.progress.update(epoch, row.get(cfg.monitor))
+            if warming:
+                self.progress.reset_patience()
             self.progress.spent = self._spent(running=True)
             if self.dist.is_main:
                 record = checkpoint.model_record(
@@ -442,10 +460,10 @@ class Trainer:
 
     # --- unfreezing and the final test ----------------------------------------------------------------------
 
-    def _step_unfreezer(self, epoch: int, row: dict) -> list[str]:
+    def _step_unfreezer(self, epoch: int, row: dict, warming: bool) -> list[str]:
         if self.state.unfreezer is None:
             return []
-        names = self.state.unfreezer.step(epoch, row.get(self.cfg.monitor))
+        names = self.state.unfreezer.step(epoch, row.get(self.cfg.monitor), warming_up=warming)
         if names:
             self.echo(f"unfroze {', '.join(names)} (trainable {count_parameters(self.model)[0]:,} parameters)")
             self.progress.reset_patience()

@@ -151,13 +151,17 @@ class Unfreezer:
         if 0 in self.schedule.plan:
             self._unfreeze([s.name for s in resolve_stages(model, self.schedule.plan[0])])
 
-    def step(self, epoch: int, metric: float | None = None) -> list[str]:
-        """Advance the schedule at the end of ``epoch`` (0-based); returns the stages unfrozen by this call."""
+    def step(self, epoch: int, metric: float | None = None, *, warming_up: bool = False) -> list[str]:
+        """Advance the schedule at the end of ``epoch`` (0-based); returns the stages unfrozen by this call.
+
+        ``warming_up``: the LR schedule is still raising the LR; a plateau schedule then keeps its best metric but
+        counts no stall (a metric that stalls while the LR climbs to its peak has not plateaued).
+        """
         names: list[str] = []
         if self.schedule.kind == "epoch" and (epoch + 1) % self.schedule.every == 0:
             names = self._next_frozen()
         elif self.schedule.kind == "plateau":
-            names = self._next_frozen() if self._stalled(metric) else []
+            names = self._next_frozen() if self._stalled(metric, warming_up) else []
         elif self.schedule.kind == "plan" and (epoch + 1) in self.schedule.plan:
             names = [s.name for s in resolve_stages(self.model, self.schedule.plan[epoch + 1])]
         done = self._unfreeze(names)
@@ -235,7 +239,7 @@ class Unfreezer:
         frozen = self.frozen_stages()
         return [frozen[-1].name] if frozen else []
 
-    def _stalled(self, metric: float | None) -> bool:
+    def _stalled(self, metric: float | None, warming_up: bool = False) -> bool:
         if metric is None:
             raise SpecError("a plateau schedule needs the monitored metric: call step(epoch, metric)")
         sched, metric = self.schedule, float(metric)
@@ -243,7 +247,7 @@ class Unfreezer:
         if self.best is None or sign * (metric - self.best) > sched.min_delta:
             self.best, self.num_bad = metric, 0
             return False
-        self.num_bad += 1
+        self.num_bad = 0 if warming_up else self.num_bad + 1
         if self.num_bad >= sched.patience:
             self.num_bad = 0
             return True
