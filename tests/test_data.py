@@ -821,3 +821,27 @@ def test_a_loader_worker_dies_of_its_main_processs_sigterm_whatever_started_it(s
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=90)
     died = {"143"} if start == "fork" else {"143", "-15"}
     assert proc.returncode == 0 and proc.stdout.strip() in died, proc.stderr[-2000:]
+
+
+def test_a_second_build_of_the_same_folder_scans_only_files_that_changed_or_failed(tmp_path, monkeypatch):
+    # the auto recipe builds its data once a trial and once for its run: each build scanned every file again (70 000
+    # files, 12-17 s each time)
+    import os
+
+    from freezetune.data import scan
+
+    root = _tiny_split_folder(tmp_path / "d")
+    real, scanned = scan.image_problem, []
+    monkeypatch.setattr(scan, "image_problem", lambda path: scanned.append(path) or real(path))
+    build_datasets(str(root), preprocess=PRE)
+    first = len(scanned)
+    assert first == len(list(root.rglob("*.png")))
+    changed = next((root / "train").rglob("*.png"))
+    os.utime(changed, ns=(1, 1))  # touched: scanned again
+    broken = next((root / "test").rglob("*.png"))
+    broken.write_bytes(broken.read_bytes()[:40])
+    with pytest.raises(DataError, match="1 of 9 test image file"):
+        build_datasets(str(root), preprocess=PRE)
+    assert sorted(scanned[first:]) == sorted([str(changed), str(broken)])
+    with pytest.raises(DataError, match="1 of 9 test image file"):  # a broken file is never taken for sound
+        build_datasets(str(root), preprocess=PRE)

@@ -7,6 +7,8 @@ short (an interrupted download or copy): PIL fails on it only when it decodes th
 markers are walked to the compressed data, which must be followed by the end-of-image marker. Formats other than
 JPEG, PNG and WebP are decoded in full: nothing short of that tells a cut GIF, BMP or TIFF from a whole one.
 The same scan names validation and test files that are byte-identical copies of training files (``warn_copies``).
+A process remembers the files it found sound, and the digests it took, by path, size and modification time: the auto
+recipe builds its data once a trial and once for its run, and 70 000 files took 12-17 s a scan.
 """
 
 from __future__ import annotations
@@ -28,6 +30,9 @@ log = logging.getLogger(__name__)
 
 _THREADS = 8  # file opens wait on the disk, not the CPU
 _NAMED = 5  # unreadable files named in the error; the count says how many more
+_Stamp = tuple[str, int, int]  # a file's absolute path, size and modification time (ns)
+_SOUND: set[_Stamp] = set()  # files this process found readable
+_DIGESTS: dict[_Stamp, bytes] = {}  # and the digests it took of them
 
 
 # Formats whose truncation is caught without decoding pixels: PNG by verify's checksums up to its end chunk, WebP
@@ -115,9 +120,20 @@ def unreadable(paths: list[str]) -> list[tuple[str, str]]:
     >>> unreadable([])
     []
     """
+    stamps = {path: _stamp(path) for path in paths}
+    todo = [path for path, stamp in stamps.items() if stamp is None or stamp not in _SOUND]
     with ThreadPoolExecutor(_THREADS) as pool:
-        reasons = list(pool.map(image_problem, paths))
-    return [(p, why) for p, why in zip(paths, reasons, strict=True) if why is not None]
+        reasons = dict(zip(todo, pool.map(image_problem, todo), strict=True))
+    _SOUND.update(stamps[p] for p, why in reasons.items() if why is None and stamps[p] is not None)
+    return [(p, reasons[p]) for p in paths if reasons.get(p) is not None]
+
+
+def _stamp(path: str) -> _Stamp | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return os.path.abspath(path), st.st_size, st.st_mtime_ns
 
 
 _HINT = "fix or remove them, or pass --skip-bad to train without them"
@@ -190,10 +206,16 @@ def _size(path: str) -> int:
 
 
 def _hash(path: str) -> bytes:
+    stamp = _stamp(path)
+    if stamp in _DIGESTS:
+        return _DIGESTS[stamp]
     try:
-        return hashlib.blake2b(Path(path).read_bytes(), digest_size=16).digest()
+        digest = hashlib.blake2b(Path(path).read_bytes(), digest_size=16).digest()
     except OSError:  # gone since the scan: a copy of nothing
         return f"unreadable:{path}".encode()
+    if stamp is not None:
+        _DIGESTS[stamp] = digest
+    return digest
 
 
 def check_overlap(train, held: dict[str, object]) -> None:
