@@ -431,3 +431,12 @@ def test_the_cache_line_says_which_store_was_read_and_which_built_and_where_each
     largest = max((tmp_path / "fc").rglob("*.pt"), key=lambda p: p.stat().st_size)  # the training store's
     largest.unlink()
     assert f"; training store built, validation store read from {tmp_path / 'fc'} in " in cache_line("c")
+
+
+def test_a_cache_build_shows_a_progress_bar_when_the_run_does(image_folder, tmp_path, capsys):
+    # a large folder's cache built for minutes without a word (6 min of silence before the first line on 55 000)
+    Trainer(_config(image_folder, tmp_path, "bar", progress=True), echo=lambda *_: None)
+    err = capsys.readouterr().err
+    assert "feature cache (training)" in err and "feature cache (validation)" in err and "img" in err
+    Trainer(_config(image_folder, tmp_path, "quiet"), echo=lambda *_: None)
+    assert "feature cache (" not in capsys.readouterr().err

@@ -14,6 +14,21 @@ import torch
 from freezetune.reporting import LIST_SEP
 
 
+def progress_bar(total: int, desc: str, *, enabled: bool, unit: str = "it"):
+    """A tqdm bar that clears its line when done. Redirected to a file (nohup, a batch log), a bar redrawn every step
+    fills it with carriage returns: there it is redrawn once a minute at most; a terminal (tmux, SSH) and a notebook's
+    widget get it live.
+
+    >>> progress_bar(3, "x", enabled=False).disable
+    True
+    """
+    from tqdm.auto import tqdm
+
+    live = tqdm.__module__.startswith("tqdm.notebook") or sys.stderr.isatty()
+    return tqdm(total=total, desc=desc, leave=False, disable=not enabled, dynamic_ncols=True, unit=unit,
+                mininterval=0.1 if live else 60.0)  # fmt: skip
+
+
 class TrainProgress:
     """A training epoch's running loss and accuracy with its progress bar.
 
@@ -31,8 +46,6 @@ class TrainProgress:
     """
 
     def __init__(self, total: int, desc: str, *, enabled: bool, device: torch.device) -> None:
-        from tqdm.auto import tqdm
-
         from freezetune.monitor import GpuMonitor
 
         self.gpu = GpuMonitor(device).start()  # a no-op off CUDA or without nvidia-ml-py
@@ -46,11 +59,7 @@ class TrainProgress:
         self.carried = {"loss_sum": 0.0, "correct": 0, "first_bad": -1}  # the steps before a mid-epoch resume
         # ... and the seconds they took, in the process stopped then: the epoch's time and img/s count them too
         self.started, self.seconds_before = time.perf_counter(), 0.0
-        # redirected to a file (nohup, a batch log), a bar redrawn every step fills it with carriage returns: there it
-        # is redrawn once a minute at most; a terminal (tmux, SSH) and a notebook's widget get it live
-        live = tqdm.__module__.startswith("tqdm.notebook") or sys.stderr.isatty()
-        self.bar = tqdm(total=total, desc=desc, leave=False, disable=not enabled, dynamic_ncols=True,
-                        mininterval=0.1 if live else 60.0)  # fmt: skip
+        self.bar = progress_bar(total, desc, enabled=enabled)
 
     def update(self, loss: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> None:
         i = self.step

@@ -159,7 +159,7 @@ class Trainer:
                                     views=cfg.cache_views, spill_dir=self.run_dir / "cache", cache_dir=cfg.cache_dir,
                                     cache_at=cfg.cache_at,
                                     channels_last=self.channels_last, prepare=self._prepare,
-                                    echo=self.echo)  # fmt: skip
+                                    echo=self.echo, progress=cfg.progress and self.dist.is_main)  # fmt: skip
         self.steps_per_epoch = self.features.steps_per_epoch
         self.state = checkpoint.TrainingState(self.model, *self._optimization())
         self.loss_fn = training_loss(cfg.class_weights, cfg.label_smoothing, self.data.train.targets, len(self.classes),

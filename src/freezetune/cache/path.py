@@ -51,13 +51,13 @@ class FeaturePath:
                  views: int, spill_dir: Path, cache_dir: Path | None = None, cache_at: str | None = None,
                  channels_last: bool = False,
                  prepare: Callable[[nn.Module], nn.Module] = lambda m: m,
-                 echo: Callable[[str], None] = print) -> None:  # fmt: skip
+                 echo: Callable[[str], None] = print, progress: bool = False) -> None:  # fmt: skip
         self.model, self.data, self.loaders, self.precision = model, data, loaders, precision
         self.cache, self.views, self.spill_dir, self.channels_last = cache, views, spill_dir, channels_last
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
         self.cache_at = cache_at
         self.reused = 0  # stores found in cache_dir instead of built
-        self.prepare, self.echo = prepare, echo
+        self.prepare, self.echo, self.progress = prepare, echo, progress  # progress: a bar while a store builds
         self.split: Split | None = None
         self.train_store: FeatureStore | None = None
         self.val_store: FeatureStore | None = None
@@ -187,7 +187,9 @@ class FeaturePath:
         hows.append("built")
         store, info = build_store(split, len(dataset), loaders.views(dataset, train=augment), self.precision,
                                   views=views, spill_dir=spill, seed=loaders.seed, channels_last=self.channels_last,
-                                  place=place, dist=dist)  # fmt: skip
+                                  place=place, dist=dist,
+                                  bar=f"feature cache ({'training' if train else 'validation'})" if self.progress
+                                  else None)  # fmt: skip
         if key is not None:
             disk.save(self.cache_dir, key, store.features, store.targets)
         return self._unlinked(store, info, spill)

@@ -127,6 +127,7 @@ def build_store(
     channels_last: bool = False,
     place: str = "auto",
     dist: DistInfo | None = None,
+    bar: str | None = None,
 ) -> tuple[FeatureStore, CacheInfo]:
     """Run ``split.prefix`` over ``views`` passes of a dataset of ``n`` items and store the outputs.
 
@@ -137,7 +138,10 @@ def build_store(
             does not fit) or ``"disk"``.
         seed: seeds each epoch's choice of view (``FeatureStore.set_epoch``).
         dist: under DDP each rank computes its block of rows and the ranks exchange them.
+        bar: a progress bar's title, None for none (a large folder's cache took minutes without a word).
     """
+    from freezetune.epoch_log import progress_bar  # (it reads reporting, which imports matplotlib: not at import)
+
     dist = dist or DistInfo()
     rows = shard_rows(n, dist)
     if n == 0:
@@ -147,19 +151,24 @@ def build_store(
     storage: torch.Tensor | None = None
     info: CacheInfo | None = None
     targets = torch.zeros(n, dtype=torch.long)
-    for v in range(views):
-        start = rows.start
-        for inputs, labels in batches(v):
-            feats = _prefix(split, inputs, precision, channels_last)
-            if storage is None and v == 0:
-                _check_head_hook(split, inputs, feats, precision, channels_last)
-            if storage is None:
-                storage, info = _allocate((views, n, *feats.shape[1:]), feats.dtype, precision, spill_dir, place,
-                                          zeroed=dist.enabled)  # fmt: skip
-            storage[v, start : start + len(labels)] = feats.to(storage.device)
-            targets[start : start + len(labels)] = labels
-            start += len(labels)
-            pause_point("cache")
+    meter = progress_bar(views * len(rows), bar or "", enabled=bar is not None, unit="img")
+    try:
+        for v in range(views):
+            start = rows.start
+            for inputs, labels in batches(v):
+                feats = _prefix(split, inputs, precision, channels_last)
+                if storage is None and v == 0:
+                    _check_head_hook(split, inputs, feats, precision, channels_last)
+                if storage is None:
+                    storage, info = _allocate((views, n, *feats.shape[1:]), feats.dtype, precision, spill_dir, place,
+                                              zeroed=dist.enabled)  # fmt: skip
+                storage[v, start : start + len(labels)] = feats.to(storage.device)
+                targets[start : start + len(labels)] = labels
+                start += len(labels)
+                meter.update(len(labels))
+                pause_point("cache")
+    finally:  # a stop or an error too: the bar's line is cleared for the message that follows
+        meter.close()
     if storage is None or info is None:
         raise DataError("cannot build a feature cache over an empty dataset")
     # every rank filled only its own rows of zeroed tensors: summing over ranks gives each the whole cache
