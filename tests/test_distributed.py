@@ -200,7 +200,9 @@ def test_ranks_share_early_stop_plateau_unfreeze_clipping_and_the_default_run_di
                     "--early-stop", "2", "--grad-clip", "0.01", "--lr", "1e-9",
                     cwd=tmp_path, SKEW_RUN_DIR="1")  # fmt: skip
     r0, r1 = rank_dumps(dump)
-    assert r0["epochs"] == r1["epochs"] == 4 and proc.stdout.count("early stop") == 1
+    assert (
+        r0["epochs"] == r1["epochs"] == 4 and proc.stdout.count("early stop:") == 1
+    )  # (the warm-up note says "early stopping")
     assert r0["events"] == r1["events"] == [(2, ["blocks.4"])]
     assert r0["trainable"] == r1["trainable"]
     assert_same_state(r0["end"], r1["end"])
