@@ -616,9 +616,8 @@ def test_a_resume_of_a_run_that_stopped_early_trains_no_more_epochs(data, tmp_pa
     assert [int(r["epoch"]) for r in _rows(tmp_path / "run")] == [1, 2] and result.best_epoch == 1
 
 
-def test_early_stop_and_a_plateau_unfreeze_wait_for_the_lr_warm_up_to_end(data, tmp_path, monkeypatch):
-    # a 30-epoch one-cycle warms up for 7.5 epochs: early stop waited out its patience at epoch 7, the LR still at its
-    # peak (82.6 % where 7 plain epochs gave 85.1 %), and a plateau unfroze a stage while the LR climbed
+def _stalling_run(data, tmp_path, monkeypatch, name, **kw):
+    """A run whose validation accuracy falls every epoch after the first; its metrics rows and log lines."""
     from freezetune.cache import FeaturePath
 
     scores = iter([0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.1, 0.1])
@@ -627,21 +626,55 @@ def test_early_stop_and_a_plateau_unfreeze_wait_for_the_lr_warm_up_to_end(data, 
         return {"loss": 1.0, "acc": next(scores), "top5": 1.0, "macro_f1": 0.5, "n": 10}
 
     monkeypatch.setattr(FeaturePath, "evaluate_val", worse_each_epoch)
-    cfg = TrainConfig(data=str(data), out=str(tmp_path / "run"), model="timm:test_efficientnet", weights="none",
-                      img_size=32, device="cpu", workers=0, progress=False, batch_size=8, epochs=8, early_stop=1,
-                      freeze="-2", unfreeze="plateau:patience=1", scheduler="onecycle", warmup_epochs=3,
-                      cache="off", tensorboard=False)  # fmt: skip
+    cfg = TrainConfig(
+        **{
+            **dict(
+                data=str(data),
+                out=str(tmp_path / name),
+                model="timm:test_efficientnet",
+                weights="none",
+                img_size=32,
+                device="cpu",
+                workers=0,
+                progress=False,
+                batch_size=8,
+                epochs=8,
+                scheduler="onecycle",
+                warmup_epochs=3,
+                cache="off",
+                tensorboard=False,
+            ),
+            **kw,
+        }
+    )
     lines = []
-    trainer.train(cfg, echo=lines.append)  # one-cycle: the LR peaks at the end of epoch 3 of 8
-    rows = _rows(tmp_path / "run")
-    assert [int(r["epoch"]) for r in rows] == [1, 2, 3]  # epoch 2's drop was in the warm-up: not counted
-    assert [r["unfrozen"] for r in rows] == ["", "", ""]  # the plateau unfreezes after epoch 3 (a 4th would show it)
+    trainer.train(cfg, echo=lines.append)  # one-cycle: the LR peaks at the last step of epoch 3 of 8
+    return _rows(tmp_path / name), lines
+
+
+def test_early_stop_waits_for_the_lr_warm_up_to_end(data, tmp_path, monkeypatch):
+    # a 30-epoch one-cycle warms up for 7.5 epochs: early stop waited out its patience at epoch 7, the LR still at its
+    # peak (82.6 % where 7 plain epochs gave 85.1 %)
+    rows, lines = _stalling_run(data, tmp_path, monkeypatch, "es", early_stop=1, freeze="backbone")
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3, 4]  # the drops of epochs 2 and 3 came in the warm-up
     assert "early stop: val_acc did not improve for 1 epoch" in lines
-    assert any(line.startswith("unfroze ") for line in lines), lines
     assert (
-        "note: early stopping and plateau unfreezing count epochs without improvement from epoch 3 on: the "
-        "onecycle schedule raises the LR until then"
+        "note: early stopping count epochs without improvement from epoch 4 on: the onecycle schedule raises "
+        "the LR until then"
     ) in lines
+
+
+def test_a_plateau_unfreeze_waits_for_the_lr_warm_up_and_then_gets_the_full_early_stop_patience(data, tmp_path,
+                                                                                                monkeypatch):  # fmt: skip
+    # a plateau unfroze a stage while the LR still climbed; and after an unfreeze early stopping counted the epoch of
+    # the unfreeze against the new stage: with patience 1 it stopped right there, the new stage never trained
+    rows, lines = _stalling_run(data, tmp_path, monkeypatch, "pl", early_stop=1, freeze="blocks.4",
+                                unfreeze="plateau:patience=1")  # fmt: skip
+    assert [r["unfrozen"] for r in rows] == ["", "", "", "", "blocks.4"]  # unfrozen after epoch 4, not in the warm-up
+    assert "early stop: val_acc did not improve for 1 epoch" in lines  # after epoch 5: blocks.4 trained an epoch
+    assert "note: early stopping and plateau unfreezing count epochs without improvement from epoch 4 on" in " ".join(
+        lines
+    )
 
 
 @pytest.mark.parametrize("monitor, mode", [("val_loss", "min"), ("val_acc", "max")])

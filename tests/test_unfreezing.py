@@ -113,6 +113,14 @@ def test_plateau_schedule(mode):
     assert state["best"] == pytest.approx(sign * 0.90) and state["num_bad"] == 0
 
 
+def test_a_plateau_counts_no_stall_while_the_lr_warms_up():
+    # a metric that stalls while the LR still climbs to its peak has not plateaued; its best is kept all the same
+    _, _, _, unfreezer = frozen_setup("plateau:patience=1")
+    assert [unfreezer.step(e, m, warming_up=True) for e, m in enumerate([0.5, 0.4, 0.6, 0.6])] == [[]] * 4
+    assert unfreezer.state_dict()["best"] == 0.6 and unfreezer.state_dict()["num_bad"] == 0
+    assert unfreezer.step(4, 0.55) == ["block3"]  # the first stall after the warm-up, against the best seen in it
+
+
 def test_plateau_needs_the_metric():
     _, _, _, unfreezer = frozen_setup("plateau:patience=1")
     with pytest.raises(ft.FreezetuneError, match="metric"):

@@ -294,8 +294,9 @@ class Trainer:
 
     def _warmup_note(self) -> str | None:
         """When the patience of early stopping or a plateau unfreeze starts counting, if the LR warm-up delays it."""
-        first = math.ceil(self.warmup_steps / max(self.steps_per_epoch, 1))  # the first epoch that ends past the peak
-        plateau = isinstance(self.cfg.unfreeze, str) and self.cfg.unfreeze.strip().startswith("plateau")
+        first = self.warmup_steps // max(self.steps_per_epoch, 1) + 1  # the first epoch that ends past the peak
+        unfreezer = self.state.unfreezer
+        plateau = unfreezer is not None and unfreezer.schedule.kind == "plateau"
         waits = [what for what, on in (("early stopping", bool(self.cfg.early_stop)), ("plateau unfreezing", plateau))
                  if on]  # fmt: skip
         if first <= 1 or not waits:
@@ -333,10 +334,10 @@ class Trainer:
             last = epoch + 1 == cfg.epochs  # nothing trains after the last epoch: no unfreeze, no cache rebuild
             # while the LR climbs to its peak a stalling metric has not plateaued: early stop waited out its patience
             # at the peak of a 30-epoch one-cycle (epoch 7), and a plateau unfroze the next stage there
-            warming = (epoch + 1) * self.steps_per_epoch < self.warmup_steps
+            warming = (epoch + 1) * self.steps_per_epoch <= self.warmup_steps  # its last step at or before the peak
             unfrozen = [] if last else self._step_unfreezer(epoch, row, warming)
             improved = self.progress.update(epoch, row.get(cfg.monitor))
-            if warming:
+            if warming or unfrozen:  # after the update: new stages get the full patience (they got one epoch less)
                 self.progress.reset_patience()
             self.progress.spent = self._spent(running=True)
             if self.dist.is_main:
@@ -466,7 +467,6 @@ class Trainer:
         names = self.state.unfreezer.step(epoch, row.get(self.cfg.monitor), warming_up=warming)
         if names:
             self.echo(f"unfroze {', '.join(names)} (trainable {count_parameters(self.model)[0]:,} parameters)")
-            self.progress.reset_patience()
             self.features.build()  # the frozen prefix got shorter: rebuild at the new boundary, or read images
         return names
 
