@@ -83,13 +83,13 @@ def test_cache_turns_off_when_boundary_is_no_longer_cacheable(image_folder, tmp_
 
 
 def test_disk_cache_spills_to_run_dir_and_matches_and_leaves_no_file(image_folder, tmp_path):
-    # a spilled store is a file mapped from the run dir, unlinked at once: it stayed there after the run (gigabytes
-    # with big data, which no resume reads: it rebuilds)
+    # a spilled store is a file mapped from the run dir, unlinked as soon as it is mapped: it stayed there after the
+    # run, or a stop during the build (gigabytes with big data, which no resume reads: it rebuilds)
     lines = []
     disk = Trainer(_config(image_folder, tmp_path, "d", cache="disk", epochs=2), echo=lines.append)
     assert any(line.startswith("feature cache:") and " on disk" in line for line in lines), lines
     assert disk.features.train_store.features.untyped_storage().filename is not None  # mapped from a file
-    assert not (tmp_path / "d" / "cache").exists()
+    assert not [p for p in (tmp_path / "d" / "cache").rglob("*") if not p.is_dir()]
     mem = Trainer(_config(image_folder, tmp_path, "m", cache="memory", epochs=2), echo=lambda *_: None)
     np.testing.assert_allclose(_losses(disk), _losses(mem), rtol=1e-6, atol=1e-7)
 
@@ -440,3 +440,20 @@ def test_a_cache_build_shows_a_progress_bar_when_the_run_does(image_folder, tmp_
     assert "feature cache (training)" in err and "feature cache (validation)" in err and "img" in err
     Trainer(_config(image_folder, tmp_path, "quiet"), echo=lambda *_: None)
     assert "feature cache (" not in capsys.readouterr().err
+
+
+def test_a_store_stopped_while_it_builds_leaves_no_spill_file(tmp_path):
+    from freezetune.cache import store as store_mod
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 30 * 30, 2))
+    model[0].requires_grad_(False)
+    split, _ = split_model(model)
+
+    def batches(view):  # the first batch is stored, then the run is stopped
+        yield torch.randn(2, 3, 32, 32), torch.tensor([0, 1])
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        store_mod.build_store(split, 4, batches, resolve_precision(torch.device("cpu"), "off"), views=1,
+                              spill_dir=tmp_path / "spill", place="disk")  # fmt: skip
+    assert not list(tmp_path.rglob("feature_cache.bin"))

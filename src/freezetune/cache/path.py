@@ -9,7 +9,6 @@ module (DDP fixes its parameter set when it wraps, so the wrap follows every cha
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -18,7 +17,7 @@ import torch
 from torch import nn
 
 from freezetune.cache import disk
-from freezetune.cache.store import CacheInfo, FeatureStore, StoreLoader, build_store, placed_store, unlink_mapped
+from freezetune.cache.store import CacheInfo, FeatureStore, StoreLoader, build_store, placed_store
 from freezetune.data.datasets import DataBundle
 from freezetune.data.gpu import should_use_device_loader
 from freezetune.data.loaders import EpochOrder, Loaders, close_loader
@@ -182,8 +181,7 @@ class FeaturePath:
             if found is not None:
                 self.reused += 1
                 hows.append(f"read from {self.cache_dir}")
-                return self._unlinked(*placed_store(*found, self.precision, seed=loaders.seed, spill_dir=spill,
-                                                    place=place), spill)  # fmt: skip
+                return placed_store(*found, self.precision, seed=loaders.seed, spill_dir=spill, place=place)
         hows.append("built")
         store, info = build_store(split, len(dataset), loaders.views(dataset, train=augment), self.precision,
                                   views=views, spill_dir=spill, seed=loaders.seed, channels_last=self.channels_last,
@@ -192,15 +190,6 @@ class FeaturePath:
                                   else None)  # fmt: skip
         if key is not None:
             disk.save(self.cache_dir, key, store.features, store.targets)
-        return self._unlinked(store, info, spill)
-
-    def _unlinked(self, store: FeatureStore, info: CacheInfo, spill: Path) -> tuple[FeatureStore, CacheInfo]:
-        """The store, its spill file (if on disk) unlinked at once: a resume or a rebuild makes its own anyway."""
-        if info.place == "disk":
-            unlink_mapped(spill)
-            for parent in (spill.parent, self.spill_dir):  # rank<N>/ and cache/ when nothing else is in them
-                with contextlib.suppress(OSError):
-                    parent.rmdir()
         return store, info
 
     def _load_parts(self, split: Split, parts, how: dict) -> tuple[torch.Tensor, torch.Tensor] | None:

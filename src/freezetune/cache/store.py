@@ -11,6 +11,7 @@ the whole cache and samples its shard as uncached DDP does.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -235,22 +236,22 @@ def cache_features(
         store, info = build_store(split, len(dataset), loaders.views(dataset, train=True),
                                   resolve_precision(device, amp), views=views, seed=seed, spill_dir=spill_dir,
                                   place=place)  # fmt: skip
-    if temporary and info.place == "disk":
-        unlink_mapped(Path(spill_dir))
     log.info("feature cache: %s", info.describe())
     return split, store
 
 
-def unlink_mapped(spill_dir: Path) -> None:
-    """Remove a spill dir whose file a store has mapped: on POSIX the mapping stays valid and the disk space returns
-    when the store is freed, so nothing is left behind, after the process or a crash (a notebook that caches many
-    times would fill the temp dir; a run left gigabytes in its run dir that no resume reads). Where a mapped file
-    cannot be removed (Windows) it stays."""
+def _unlink_mapped(path: Path) -> None:
+    """Remove the file a store has just mapped, and its folder if that is then empty: on POSIX the mapping stays
+    valid and the disk space returns when the store is freed, so nothing is left behind, after the process, a stop
+    during the build or a crash (a notebook that caches many times filled the temp dir; a run left gigabytes in its
+    run dir that no resume reads). Where a mapped file cannot be removed (Windows) it stays."""
     try:
-        (spill_dir / "feature_cache.bin").unlink()
-        spill_dir.rmdir()
+        path.unlink()
     except OSError:
-        log.info("feature cache file left in %s (it is mapped)", spill_dir)
+        log.info("feature cache file left in %s (it is mapped)", path)
+        return
+    with contextlib.suppress(OSError):  # not empty, or removed by another rank's store: either is fine
+        path.parent.rmdir()
 
 
 def _check_pairs(dataset: Dataset) -> None:
@@ -340,6 +341,7 @@ def _allocate(shape: tuple[int, ...], dtype: torch.dtype, precision: Precision, 
     ensure_space(path.parent, nbytes, "train into an --out on a disk with room, or pass --cache off")
     # a new file reads as zeros, which is what ``zeroed`` asks for
     t = torch.from_file(str(path), shared=True, size=torch.Size(shape).numel(), dtype=dtype).view(shape)
+    _unlink_mapped(path)
     return t, CacheInfo("disk", nbytes, ram, *_vs(shape))
 
 
