@@ -157,7 +157,7 @@ def test_validation_reports_every_problem_at_once():
         ({"weight_decay": float("inf")}, "weight_decay must be >= 0 and finite, got inf"),
         ({"decay": 0.0}, "decay must be > 0 and finite"),
         ({"stage_lrs": {"layer4": -1e-4}}, "stage_lrs must be numbers >= 0 and finite, got layer4=-0.0001"),
-        ({"freeze": []}, "freeze is empty; give a spec (backbone, -3, stem,layer1), none (every layer trains) or auto"),
+        ({"freeze": []}, "freeze is empty; give auto (the default), backbone, all, none, bitfit, a number of stages"),
     ],
 )
 def test_values_that_would_train_wrong_are_refused(kw, needle):

@@ -168,12 +168,13 @@ def test_stage_lrs_as_text_is_read_as_the_cli_reads_it(resnet18):
     assert lrs(groups) == {"layer4": 1e-4, "fc": 1e-3}
 
 
-@pytest.mark.parametrize(
-    ("kwargs", "named"), [({"lr": -1e-3}, "lr=-0.001"), ({"stage_lrs": {"block3": -1}}, "block3=-1")]
-)
-def test_a_negative_learning_rate_is_refused(kwargs, named):
+@pytest.mark.parametrize(("kwargs", "named"), [
+    ({"lr": -1e-3}, "lr=-0.001"), ({"stage_lrs": {"block3": -1}}, "block3=-1"),
+    ({"lr": float("inf")}, "lr=inf"), ({"stage_lrs": {"block3": float("nan")}}, "block3=nan"),  # NaN LRs trained
+])  # fmt: skip
+def test_a_negative_or_infinite_learning_rate_is_refused(kwargs, named):
     model = TinyCNN()
     ft.freeze(model, "backbone")
     ft.unfreeze(model, "block3")
-    with pytest.raises(ft.FreezetuneError, match=f"learning rates must be numbers >= 0, got {named}"):
+    with pytest.raises(ft.FreezetuneError, match=f"learning rates must be finite numbers >= 0, got {named}"):
         ft.param_groups(model, **{"lr": 1e-3, **kwargs})

@@ -277,7 +277,7 @@ def test_a_max_length_that_leaves_only_special_tokens_is_refused_before_the_run_
                            str(_csv(tmp_path / "t.csv")), "--out", str(tmp_path / "run"), "--max-length", "2")  # fmt: skip
     assert code == 2 and err.strip().endswith(
         "max_length 2 leaves no token of a text: this tokenizer adds 2 special "
-        "tokens to each; give --max-length 3 or more (128 by default)"
+        "tokens to each; give --max-length 3 or more"
     ), err
     assert not (tmp_path / "run").exists()
     assert TokenizeBatch(str(MINILM), 3).tokenize(["a fine film"])["input_ids"].shape == (1, 3)

@@ -20,6 +20,7 @@ from freezetune.errors import FreezetuneError, one_line
 from freezetune.interrupt import RunInterrupted, forget_stop, raised_stop
 from freezetune.options import (
     AMP_MODES,
+    DEVICES,
     FREEZE_DEFAULT,
     FREEZE_KEYWORDS,
     LABEL_COLUMNS,
@@ -58,6 +59,7 @@ _HELP = {
     "amp": "mixed precision (auto: bf16/fp16 on CUDA, off on CPU)",
     "cache": "frozen-prefix feature cache",
     "out": "run directory (default runs/MODEL-TIMESTAMP)",
+    "device": " | ".join(DEVICES),
     "early_stop": "stop after PATIENCE epochs without improvement of --monitor (counted once the LR warm-up ends)",
     "class_weights": "imbalanced classes: balanced weighs the training loss by 1 / class frequency",
     "refit": "the automatically held-out validation images train too (best.pt = last epoch); default: the auto "
@@ -193,7 +195,7 @@ def _eval_parser(sub) -> None:
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--data", required=True)
     p.add_argument("--batch-size", type=int, default=_DEFAULTS.batch_size, help="results do not depend on it")
-    p.add_argument("--device", default=_DEFAULTS.device)
+    p.add_argument("--device", default=_DEFAULTS.device, help=_HELP["device"])
     p.add_argument("--plot", default=None,
                    help="confusion-matrix image, .png/.pdf/.svg/.jpg (default: eval_<data>_confusion.png next to the "
                         "checkpoint)")  # fmt: skip
@@ -211,7 +213,7 @@ def _predict_parser(sub) -> None:
     p.add_argument("--text-column", help="a text model: the column of a CSV's texts (default: the one it trained on)")
     p.add_argument("--json", action="store_true")
     p.add_argument("--batch-size", type=int, default=_DEFAULTS.batch_size, help="images or texts per forward pass")
-    p.add_argument("--device", default=_DEFAULTS.device)
+    p.add_argument("--device", default=_DEFAULTS.device, help=_HELP["device"])
     p.set_defaults(func=_cmd_predict, command_parser=p)
 
 

@@ -35,6 +35,7 @@ from freezetune.options import (
     CACHE_MODES,
     CLASS_WEIGHTS,
     DECODE_MODES,
+    FREEZE_KEYWORDS,
     MONITOR_MODES,
     MONITORS,
     OPTIMIZERS,
@@ -335,8 +336,8 @@ def _range_problems(cfg: TrainConfig) -> list[str]:
     if bad:
         problems.append(f"stage_lrs must be numbers >= 0 and finite, got {', '.join(bad)}")
     if cfg.freeze == []:  # --freeze "" (an unset shell variable): it froze nothing, a full fine-tune unasked
-        problems.append("freeze is empty; give a spec (backbone, -3, stem,layer1), none (every layer trains) or "
-                        "auto (the default)")  # fmt: skip
+        problems.append(f"freeze is empty; give auto (the default), {', '.join(FREEZE_KEYWORDS)}, a number of "
+                        "stages (-3), or stage names (stem,layer1)")  # fmt: skip
     return problems
 
 

@@ -45,8 +45,7 @@ def build_scheduler(optimizer: torch.optim.Optimizer, kind: str, *, epochs: int,
     >>> round(opt.param_groups[0]["momentum"], 2)
     0.5
     """
-    total = max(1, epochs * steps_per_epoch)
-    warmup = int(round(warmup_epochs * steps_per_epoch))
+    total, warmup = _steps(epochs, steps_per_epoch, warmup_epochs)
     if kind == "onecycle" and total < 3:
         return None
     if kind == "onecycle":
@@ -73,14 +72,20 @@ def build_scheduler(optimizer: torch.optim.Optimizer, kind: str, *, epochs: int,
 def warmup_steps(kind: str, *, epochs: int, steps_per_epoch: int, warmup_epochs: float = 0.0) -> int:
     """The steps over which ``build_scheduler``'s schedule raises the LR to its peak (0: none).
 
-    >>> warmup_steps("onecycle", epochs=30, steps_per_epoch=10), warmup_steps("cosine", epochs=30, steps_per_epoch=10)
-    (75, 0)
+    >>> warmup_steps("onecycle", epochs=30, steps_per_epoch=10)
+    75
+    >>> warmup_steps("cosine", epochs=30, steps_per_epoch=10, warmup_epochs=2)
+    20
     """
-    total = max(1, epochs * steps_per_epoch)
-    warmup = int(round(warmup_epochs * steps_per_epoch))
+    total, warmup = _steps(epochs, steps_per_epoch, warmup_epochs)
     if kind == "onecycle":
         return 0 if total < 3 else round(_onecycle_pct(warmup, total) * total)
     return warmup if kind == "cosine" else 0
+
+
+def _steps(epochs: int, steps_per_epoch: int, warmup_epochs: float) -> tuple[int, int]:
+    """The schedule's steps in all and its asked warm-up steps (``build_scheduler`` and ``warmup_steps`` alike)."""
+    return max(1, epochs * steps_per_epoch), int(round(warmup_epochs * steps_per_epoch))
 
 
 def _onecycle_pct(warmup: int, total: int) -> float:

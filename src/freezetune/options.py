@@ -18,8 +18,8 @@ AMP_MODES = ("auto", "bf16", "fp16", "off")
 BN_POLICIES = ("frozen", "affine", "train")  # BatchNorm in frozen parts; see ``freezetune.freeze``
 BN_DEFAULT = "frozen"  # the one policy under which a frozen prefix is deterministic (and can be cached)
 FREEZE_KEYWORDS = ("backbone", "all", "none", "bitfit")  # bitfit: all but biases, norms and the head
-# the forms of an unfreeze schedule (``freezetune.unfreezing.parse_schedule``); a plateau without mode follows the monitor
-UNFREEZE_FORMS = ("epoch:N", "plateau:patience=P,min_delta=D,mode=max|min", "{epoch: spec}")
+# the forms of an unfreeze schedule (``unfreezing.parse_schedule``); a plateau without mode follows the monitor
+UNFREEZE_FORMS = ("epoch:N", "plateau:patience=P,min_delta=D[,mode=max|min]", "{epoch: spec}")
 FREEZE_DEFAULT = "backbone"  # what ``freeze(model)`` freezes and ``inspect`` shows: all but the head
 MONITORS = ("val_acc", "val_loss")
 MONITOR_MODES = {"val_acc": "max", "val_loss": "min"}  # which way each monitored metric improves

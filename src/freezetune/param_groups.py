@@ -7,6 +7,7 @@ depth 0 and depth counts every stage, frozen or not.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 
 from torch import nn
@@ -37,14 +38,14 @@ class LRRule:
 
             stage_lrs = parse_stage_lrs(stage_lrs)
         bad = [f"{k}={v!r}" for k, v in {"lr": lr, **dict(stage_lrs or {})}.items()
-               if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0]  # fmt: skip
+               if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < math.inf]  # fmt: skip
         if bad:  # a negative LR climbs the loss; torch's optimizers refuse it only at their construction
-            raise SpecError(f"learning rates must be numbers >= 0, got {', '.join(bad)}")
+            raise SpecError(f"learning rates must be finite numbers >= 0, got {', '.join(bad)}")
         unknown = sorted(set(stage_lrs or {}) - set(stage_names))
         if unknown:
             raise SpecError(f"stage_lrs names unknown stage(s) {choices(unknown)}; stages are: {choices(stage_names)}")
-        if decay is not None and decay <= 0:
-            raise SpecError(f"decay must be > 0, got {decay}")
+        if decay is not None and not 0 < decay < math.inf:  # (nan too)
+            raise SpecError(f"decay must be > 0 and finite, got {decay}")
         self.depth = {name: len(stage_names) - 1 - i for i, name in enumerate(stage_names)}
         self.lr, self.stage_lrs, self.decay = float(lr), dict(stage_lrs or {}), decay
 

@@ -58,9 +58,12 @@ def load_image(path: str | Path) -> Image.Image:
                 # for RGBA first; the RGB values are the same either way.
                 img = img.convert("RGBA")
             return _eight_bit(ImageOps.exif_transpose(img)).convert("RGB")  # upright: data/orientation.py
+    except MemoryError:
+        raise
     except Exception as e:  # PIL raises OSError, ValueError, SyntaxError, struct.error ... for broken
         # files (a cut PPM header: ValueError, a traceback from predict); scan.image_problem catches the same
         why = str(e).replace(f" {str(path)!r}", "").replace(f" '{path}'", "")  # PIL's message names the path again
+        why = why or type(e).__name__
         raise DataError(f"cannot read image '{path}': {why}") from e
 
 

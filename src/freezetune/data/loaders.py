@@ -191,7 +191,9 @@ def _signals_from_outside(main: int) -> None:
     SIGTERM at exit left it waiting for them forever. The main process stops them when it closes the loader; a worker
     whose main process is gone exits by itself (torch's watchdog). Without ``sigwaitinfo`` (macOS) workers keep the
     default: a group signal kills them. ``main`` is the process that made the loader: a worker's parent is the fork
-    server under the forkserver start method (Python 3.14's default on Linux), whose SIGTERM never comes."""
+    server under the forkserver start method (Python 3.14's default on Linux), whose SIGTERM never comes. There a
+    thread torch starts in the worker before this init runs does not block the signals, so such a worker dies of
+    anyone's SIGTERM (a group signal is not outlived, as under fork; the stop is still reported as one)."""
     if not hasattr(signal, "sigwaitinfo"):
         return
     caught = {signal.SIGTERM, signal.SIGHUP}

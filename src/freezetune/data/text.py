@@ -254,7 +254,7 @@ class TokenizeBatch:
         if max_length <= special:  # only the special tokens fit: every text trains and predicts as the same input
             raise ConfigError(
                 f"max_length {max_length} leaves no token of a text: this tokenizer adds {special} "
-                f"special tokens to each; give --max-length {special + 1} or more (128 by default)"
+                f"special tokens to each; give --max-length {special + 1} or more"
             )
 
     def __call__(self, items: list[tuple[str, int]]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
