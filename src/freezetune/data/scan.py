@@ -30,7 +30,9 @@ log = logging.getLogger(__name__)
 
 _THREADS = 8  # file opens wait on the disk, not the CPU
 _NAMED = 5  # unreadable files named in the error; the count says how many more
-_Stamp = tuple[str, int, int]  # a file's absolute path, size and modification time (ns)
+# a file's absolute path, size, inode and modification and change times (ns): a replacement that keeps the
+# modification time (cp -p, rsync -t, tar x) still changes the change time
+_Stamp = tuple[str, int, int, int, int]
 _SOUND: set[_Stamp] = set()  # files this process found readable
 _DIGESTS: dict[_Stamp, bytes] = {}  # and the digests it took of them
 
@@ -120,12 +122,19 @@ def unreadable(paths: list[str]) -> list[tuple[str, str]]:
     >>> unreadable([])
     []
     """
-    stamps = {path: _stamp(path) for path in paths}
-    todo = [path for path, stamp in stamps.items() if stamp is None or stamp not in _SOUND]
+    todo = [path for path in dict.fromkeys(paths) if _stamp(path) not in _SOUND]
     with ThreadPoolExecutor(_THREADS) as pool:
-        reasons = dict(zip(todo, pool.map(image_problem, todo), strict=True))
-    _SOUND.update(stamps[p] for p, why in reasons.items() if why is None and stamps[p] is not None)
+        reasons = dict(zip(todo, pool.map(_checked, todo), strict=True))
     return [(p, reasons[p]) for p in paths if reasons.get(p) is not None]
+
+
+def _checked(path: str) -> str | None:
+    """``image_problem``, remembered as sound only when the file did not change while it was read."""
+    before = _stamp(path)
+    why = image_problem(path)
+    if why is None and before is not None and _stamp(path) == before:
+        _SOUND.add(before)
+    return why
 
 
 def _stamp(path: str) -> _Stamp | None:
@@ -133,7 +142,7 @@ def _stamp(path: str) -> _Stamp | None:
         st = os.stat(path)
     except OSError:
         return None
-    return os.path.abspath(path), st.st_size, st.st_mtime_ns
+    return os.path.abspath(path), st.st_size, st.st_ino, st.st_mtime_ns, st.st_ctime_ns
 
 
 _HINT = "fix or remove them, or pass --skip-bad to train without them"
