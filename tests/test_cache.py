@@ -457,3 +457,16 @@ def test_a_store_stopped_while_it_builds_leaves_no_spill_file(tmp_path):
         store_mod.build_store(split, 4, batches, resolve_precision(torch.device("cpu"), "off"), views=1,
                               spill_dir=tmp_path / "spill", place="disk")  # fmt: skip
     assert not list(tmp_path.rglob("feature_cache.bin"))
+
+
+def test_a_slow_cache_build_without_a_cache_dir_suggests_one(image_folder, tmp_path, monkeypatch):
+    # a resume or a plateau unfreeze rebuilt a cache of minutes again, and nothing said --cache-dir keeps it
+    from freezetune.cache import path
+
+    monkeypatch.setattr(path, "SLOW_BUILD_S", 0.0)  # every build is slow here
+    lines = []
+    Trainer(_config(image_folder, tmp_path, "slow"), echo=lines.append)
+    assert any(line.startswith("note: the cache took") and "--cache-dir DIR keeps it" in line for line in lines)
+    lines.clear()
+    Trainer(_config(image_folder, tmp_path, "kept", cache_dir=str(tmp_path / "fc")), echo=lines.append)
+    assert not any("--cache-dir DIR keeps it" in line for line in lines)  # it has one

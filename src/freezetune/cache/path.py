@@ -27,6 +27,8 @@ from freezetune.evaluate import evaluate
 from freezetune.precision import Precision
 from freezetune.split import Split, split_model
 
+SLOW_BUILD_S = 60.0  # a cache build this long is worth keeping: the note suggests --cache-dir
+
 
 class FeaturePath:
     """Images through the whole model, or cached prefix features through the trainable suffix.
@@ -158,6 +160,10 @@ class FeaturePath:
                 f"note: training images are cached without augmentation (aug {self.loaders.aug!r} needs "
                 "--cache-views 2 or more: one fixed random view per image trains worse than the plain image)"
             )
+        # a resume, or the next run, would build it again (under DDP the ranks build their blocks together: no reuse)
+        if self.cache_dir is None and not self.loaders.dist.enabled and seconds >= SLOW_BUILD_S:
+            self.echo(f"note: the cache took {seconds:.0f}s to build; --cache-dir DIR keeps it for a resume or a later "
+                      "run on the same data (the auto recipe keeps its own in the run dir's features/)")  # fmt: skip
 
     def _store(
         self, split: Split, dataset, *, views: int, augment: bool, hows: list[str], train: bool = True
