@@ -57,7 +57,6 @@ class FeaturePath:
         self.cache, self.views, self.spill_dir, self.channels_last = cache, views, spill_dir, channels_last
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
         self.cache_at = cache_at
-        self.reused = 0  # stores found in cache_dir instead of built
         self.prepare, self.echo, self.progress = prepare, echo, progress  # progress: a bar while a store builds
         self.split: Split | None = None
         self.train_store: FeatureStore | None = None
@@ -185,7 +184,6 @@ class FeaturePath:
             found = disk.load(self.cache_dir, key) if key is not None else None
             found = found or (self._load_parts(split, parts, how) if parts else None)
             if found is not None:
-                self.reused += 1
                 hows.append(f"read from {self.cache_dir}")
                 return placed_store(*found, self.precision, seed=loaders.seed, spill_dir=spill, place=place)
         hows.append("built")

@@ -199,9 +199,8 @@ def cache_features(
     CUDA card under ``"auto"``): run the suffix under the same ``torch.autocast``, or pass ``amp="off"``.
 
     ``place``: ``"auto"`` (the device if it fits, else RAM, else disk), ``"memory"`` (RAM, spilling to disk with a
-    warning when it does not fit) or ``"disk"``. A store on disk
-    is a file in ``spill_dir``; without one, a temporary file removed at once (the store keeps it mapped), so
-    nothing is left behind.
+    warning when it does not fit) or ``"disk"``. A store on disk is a file mapped from ``spill_dir`` (without one, a
+    temporary folder) and removed from it at once, so nothing is left behind.
 
     Raises:
         ConfigError: the model cannot be cached (the reason is named: nothing frozen, moving BatchNorm, ...).
@@ -228,8 +227,7 @@ def cache_features(
     device = next(model.parameters()).device
     # the dataset's own transform: the CPU loader, never a device pipeline (which would ignore it)
     loaders = Loaders(batch_size=batch_size, device=device, seed=seed, preprocess=Preprocess(), decode="cpu")
-    temporary = spill_dir is None
-    if temporary:  # a name, not a dir: only a store that spills to disk creates it
+    if spill_dir is None:  # a name, not a dir: only a store that spills to disk creates it
         spill_dir = Path(tempfile.gettempdir()) / f"freezetune-cache-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     # the views' transforms draw from the global RNG, seeded per view: the caller's own RNG state is put back after
     with torch.random.fork_rng(devices=[]):
@@ -351,8 +349,8 @@ def _vs(shape: tuple[int, ...]) -> tuple[int, tuple[int, ...]]:
 
 def _available_ram() -> int:
     """The RAM this process may still take: the machine's, and within a container's memory limit what it leaves."""
-    room = cgroup_room()
-    return _machine_ram() if room is None else min(_machine_ram(), room)
+    ram, room = _machine_ram(), cgroup_room()
+    return ram if room is None else min(ram, room)
 
 
 def _machine_ram() -> int:

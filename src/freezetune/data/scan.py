@@ -7,8 +7,8 @@ short (an interrupted download or copy): PIL fails on it only when it decodes th
 markers are walked to the compressed data, which must be followed by the end-of-image marker. Formats other than
 JPEG, PNG and WebP are decoded in full: nothing short of that tells a cut GIF, BMP or TIFF from a whole one.
 The same scan names validation and test files that are byte-identical copies of training files (``warn_copies``).
-A process remembers the files it found sound, and the digests it took, by path, size and modification time: the auto
-recipe builds its data once a trial and once for its run, and 70 000 files took 12-17 s a scan.
+A process remembers the files it found sound, and the digests it took, by path, size, inode, modification and change
+time: the auto recipe builds its data once a trial and once for its run, and 70 000 files took 12-17 s a scan.
 """
 
 from __future__ import annotations
