@@ -76,6 +76,9 @@ class Progress:
             setattr(self, key, value)
 
 
+NOT_HELD_OUT = "they were not held out of the training data"  # why a validation set given as such does not refit
+
+
 @dataclass
 class RunResult:
     """What a finished run produced: where, the best validation metric, the test metrics of ``best.pt``, and the
@@ -89,8 +92,12 @@ class RunResult:
     history: list[dict] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
     data_kind: str = "images"  # what the items were, for messages: "images" or "texts"
-    refit_fits: bool = False  # its validation set could have trained too (``DataBundle.refit_fits``)
-    no_refit: str = ""  # why it could not (``DataBundle.no_refit``)
+    no_refit: str = NOT_HELD_OUT  # why its validation set could not train too, "" when it could (``DataBundle``)
+
+    @property
+    def refit_fits(self) -> bool:
+        """Whether its validation set could have trained too (``refit``)."""
+        return not self.no_refit
 
     @property
     def best_val_acc(self) -> float | None:

@@ -289,8 +289,7 @@ class Trainer:
             metric = f", {self.cfg.monitor} {p.best_metric:.4f}" if p.best_metric is not None else ""
             self.echo(f"best.pt: epoch {p.best_epoch}{metric} (no test split to score) -> {self.run_dir}")
         return RunResult(self.run_dir, p.best_epoch, p.best_metric, test, list(self.metrics.rows), self.seconds,
-                         data_kind=noun(self.data.train), refit_fits=self.data.refit_fits,
-                         no_refit=self.data.no_refit)  # fmt: skip
+                         data_kind=noun(self.data.train), no_refit=self.data.no_refit)  # fmt: skip
 
     def _warmup_note(self) -> str | None:
         """When the patience of early stopping or a plateau unfreeze starts counting, if the LR warm-up delays it."""

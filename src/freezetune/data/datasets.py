@@ -22,6 +22,7 @@ from freezetune.data.transforms import eval_transform, train_transform
 from freezetune.errors import ConfigError, DataError, choices
 from freezetune.options import AUG_DEFAULT, fraction_problem, positive_int_problem
 from freezetune.preprocess import Preprocess
+from freezetune.progress import NOT_HELD_OUT
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +49,12 @@ class DataBundle:
     source: str  # "idx" | "folder" | "csv" | "text"
     val_source: str = ""  # where the validation set came from, in words (the trainer prints it)
     skipped: list[str] = field(default_factory=list)  # unreadable image files left out (``skip_bad``)
-    refit_fits: bool = False  # the validation set is the automatic hold-out and ``refit`` may train on it
-    no_refit: str = ""  # why not, in words, when it may not
+    # why ``refit`` may not train on the validation set too, in words; "" when it may (the automatic hold-out)
+    no_refit: str = NOT_HELD_OUT
+
+    @property
+    def refit_fits(self) -> bool:
+        return not self.no_refit
 
 
 def _first_dir(root: Path, names: tuple[str, ...]) -> Path | None:
@@ -309,7 +314,7 @@ def build_datasets(
     held_out = val is not None and given_val is None and val_split is None  # the automatic hold-out (_validation)
     refit_fits = held_out and _refit_fits(train, val, per_class)
     no_refit = ("" if refit_fits else f"training on them too would train on more than per_class={per_class} a class"
-                if held_out else "they were not held out of the training data")  # fmt: skip
+                if held_out else NOT_HELD_OUT)  # fmt: skip
     if refit and held_out:
         train, val, val_source = _refit(train, val, val_source, per_class)
     if per_class is not None:
@@ -334,7 +339,7 @@ def build_datasets(
         len(train.classes),
     )
     return DataBundle(train=train, val=val, test=test, classes=list(train.classes), source=source,
-                      val_source=val_source, skipped=skipped, refit_fits=refit_fits, no_refit=no_refit)  # fmt: skip
+                      val_source=val_source, skipped=skipped, no_refit=no_refit)  # fmt: skip
 
 
 def build_eval_dataset(data: str, *, preprocess: Preprocess, classes: list[str]) -> Dataset:
