@@ -224,6 +224,10 @@ def test_sweep_compares_recipes_reuses_features_and_its_winner_reproduces(data, 
     assert rows[0]["trainable_params"] < rows[1]["trainable_params"] < rows[2]["trainable_params"]
     assert (tmp_path / "sweep" / "sweep.png").stat().st_size > 0 and "winner:" in out
     assert not any((tmp_path / "sweep" / r["recipe"] / "test_metrics.json").exists() for r in rows)  # no test score
+    # the sweep's log keeps every line it printed (its recipes' too), and each recipe's dir its own train.log
+    logged = (tmp_path / "sweep" / "sweep.log").read_text().splitlines()
+    assert [line.split("  ", 1)[1] for line in logged[1:]] == out.splitlines()
+    assert all((tmp_path / "sweep" / r["recipe"] / "train.log").is_file() for r in rows)
     first = len(prefix_calls)
     assert first > 0
     # a second sweep with the same feature directory computes no prefix output at all

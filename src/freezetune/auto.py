@@ -43,7 +43,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from freezetune import checkpoint
+from freezetune import checkpoint, run_log
 from freezetune._io import atomic_write_text
 from freezetune.config import TrainConfig, needs_validation
 from freezetune.interrupt import RunInterrupted
@@ -86,6 +86,7 @@ def run(cfg: TrainConfig, *, echo: Callable[[str], None] = print, train: Callabl
     # trials and decision of an attempt stopped before its run finished an epoch are redone
     runtime.prepare_run_dir(str(out), cfg.model, resume=cfg.resume, also_clear=(RECIPE_FILE, TRIALS_DIR), echo=echo,
                             clean=info.is_main)  # fmt: skip
+    run_log.log_to(out)  # the trials' lines and the choice, in the run's train.log
     start = time.perf_counter()
     ks, cut, text = _candidates(cfg)
     base = _base(cfg, out, cut)

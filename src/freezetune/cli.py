@@ -11,12 +11,13 @@ import json
 import logging
 import os
 import re
+import shlex
 import sys
 from pathlib import Path
 
-from freezetune import __version__
+from freezetune import __version__, run_log
 from freezetune.config import FIELD_CHOICES, TrainConfig, field_names, load_config, parse_override, scalar_type
-from freezetune.errors import FreezetuneError, one_line
+from freezetune.errors import FreezetuneError, one_line, os_error_line
 from freezetune.interrupt import RunInterrupted, forget_stop, raised_stop
 from freezetune.options import (
     AMP_MODES,
@@ -82,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     _overrides_anywhere(args, extra)
     _line_buffered(sys.stdout)
+    run_log.command = shlex.join(["freezetune", *(sys.argv[1:] if argv is None else argv)])  # train.log's header
     logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")  # fmt: skip
     forget_stop()  # a stop belongs to the command it stopped
@@ -91,8 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"freezetune: error: {one_line(exc)}", file=sys.stderr)
         return 2
     except OSError as exc:  # a full disk, a read-only or vanished run dir: every write is atomic, so nothing is lost
-        where = f" ({exc.filename})" if exc.filename else ""
-        print(f"freezetune: error: {exc.strerror or exc}{where}; files written before are intact", file=sys.stderr)
+        print(f"freezetune: error: {os_error_line(exc)}", file=sys.stderr)
         return 2
     except RunInterrupted as exc:  # SIGTERM / SIGINT: the run saved where it stood; 143 / 130 as the shell reports
         return _stopped(exc)

@@ -55,6 +55,17 @@ def one_line(exc: BaseException) -> str:
     return lines[-1].removeprefix(f"{type(exc).__module__}.{type(exc).__qualname__}: ")
 
 
+def os_error_line(exc: OSError) -> str:
+    """The line a user sees for an ``OSError`` that ended a command (a full disk, a read-only or vanished run dir):
+    every write being atomic, what was written before stays whole.
+
+    >>> os_error_line(OSError(28, "No space left on device", "runs/r1/last.pt"))
+    'No space left on device (runs/r1/last.pt); files written before are intact'
+    """
+    where = f" ({exc.filename})" if exc.filename else ""
+    return f"{exc.strerror or exc}{where}; files written before are intact"
+
+
 class TrainingError(FreezetuneError):
     """Training cannot go on as configured (a non-finite loss: the run diverged)."""
 

@@ -175,6 +175,10 @@ def run(cfg: TrainConfig, *, echo: Callable[[str], None] = print, train: Callabl
         from freezetune.runtime import prepare_run_dir
 
         prepare_run_dir(cfg.out, cfg.model, resume=False)
+    if cfg.out:  # the phases' lines in the recipe's train.log too (each phase's dir keeps its own)
+        from freezetune.run_log import log_to
+
+        log_to(cfg.out)
     result, steps = None, phases(cfg, recipe)
     for i, phase in enumerate(steps):
         phase_cfg = phase.cfg

@@ -26,10 +26,12 @@ from freezetune._io import atomic_output, atomic_write_text
 from freezetune.config import TrainConfig, load_config, validate
 from freezetune.errors import ConfigError, choices
 from freezetune.options import BATCH_AUTO, RECIPES, parse_duration, recipe_problem
+from freezetune.run_log import log, log_to
 
 DEFAULT_RECIPES = ("linear-probe", "last-k", "auto", "full")
 DEFAULT_OUT = "runs/sweep"  # where a sweep goes without --out
 ROW_FILE = "sweep_row.json"  # a finished recipe's row, in its run directory
+SWEEP_LOG = "sweep.log"  # the sweep's lines (its recipes' too), time-stamped; each recipe keeps its train.log
 SETTINGS_FILE = "sweep_config.yaml"  # the settings every recipe ran with: a --resume must keep them
 COLUMNS = ("recipe", "val_acc", "train_s", "peak_mem_mb", "trainable_params", "best_epoch", "run_dir")
 
@@ -79,24 +81,33 @@ def sweep(cfg: TrainConfig, recipes: str | list[str] | tuple[str, ...] = DEFAULT
     runs = _run_configs(cfg, _names(recipes), out)
     if (out / "sweep.csv").exists() and not cfg.resume:
         raise ConfigError(f"{str(out)!r} already holds a sweep (sweep.csv); choose another --out")
-    _keep_settings(out, cfg)
-    budget, start, rows, carried = parse_duration(cfg.budget), time.perf_counter(), [], 0.0
+    with log(echo, name=SWEEP_LOG) as echo:  # every recipe's lines, and the table, in the sweep's own log
+        _keep_settings(out, cfg)
+        log_to(out)
+        rows = _run_all(runs, parse_duration(cfg.budget), cfg.budget, echo)
+        winner = pick_winner(rows)
+        _write(out, rows, winner, cfg)
+        echo(format_table(rows, winner["recipe"]))
+        echo(f"winner: {winner['recipe']} -> {out / 'winner.yaml'} (freezetune train --config {out / 'winner.yaml'})")
+    return SweepResult(rows, winner["recipe"], out)
+
+
+def _run_all(runs: dict[str, TrainConfig], budget: float | None, given: str | None,
+             echo: Callable[[str], None]) -> list[dict]:  # fmt: skip
+    """Each recipe's row, in turn, until the ``budget`` (seconds; ``given`` as the user wrote it) is spent."""
+    start, rows, carried = time.perf_counter(), [], 0.0
     for name, run_cfg in runs.items():
         # the clock counts what this process trained; a recipe finished before an interruption adds its measured
         # seconds (its re-read takes a fraction of a second)
         if budget is not None and time.perf_counter() - start + carried > budget:
-            echo(f"sweep: budget {cfg.budget} spent; skipping {name}")
+            echo(f"sweep: budget {given} spent; skipping {name}")
             continue
         row, read_back = _run_recipe(name, run_cfg, echo)
         rows.append(row)
         carried += row["train_s"] if read_back else 0.0
     if not rows:
         raise ConfigError("the sweep ran no recipe (budget too small?)")
-    winner = pick_winner(rows)
-    _write(out, rows, winner, cfg)
-    echo(format_table(rows, winner["recipe"]))
-    echo(f"winner: {winner['recipe']} -> {out / 'winner.yaml'} (freezetune train --config {out / 'winner.yaml'})")
-    return SweepResult(rows, winner["recipe"], out)
+    return rows
 
 
 def pick_winner(rows: list[dict]) -> dict:

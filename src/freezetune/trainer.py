@@ -17,7 +17,7 @@ from itertools import islice
 import torch
 from torch import nn
 
-from freezetune import checkpoint, epoch_log, hf_bundle, recipes, reporting, runtime
+from freezetune import checkpoint, epoch_log, hf_bundle, recipes, reporting, run_log, runtime
 from freezetune._io import atomic_write_text
 from freezetune.cache import FeaturePath
 from freezetune.config import TrainConfig, parse_freeze_spec, validate
@@ -77,7 +77,8 @@ def train(
     # under torchrun the outermost call leaves the process group, once: a recipe's runs (the auto recipe's trials and
     # run) share it; left and joined again between them, the ranks' third join never met
     owner = not in_group()
-    with out_of_memory_hint(cfg.batch_size), StopRequest().listening(defer=False):
+    # the log (train.log) around the rest: it records the line of whatever error or stop ends the run
+    with run_log.log(echo) as echo, out_of_memory_hint(cfg.batch_size), StopRequest().listening(defer=False):
         try:
             if recipes.recipe_of(cfg) is not None:
                 return recipes.run(cfg, echo=echo)
@@ -169,7 +170,10 @@ class Trainer:
         self.progress = Progress(cfg.monitor)
 
     def _run_files(self) -> None:
-        """The run's first files (rank 0's): classes.json, then the metrics log (a resume's cut back to its last.pt)."""
+        """The run's first files (rank 0's): classes.json, then the metrics log (a resume's cut back to its last.pt).
+        From here on the run's lines, those said before included, are kept in its train.log too: not before, so a
+        refused resume leaves the run's files as they were."""
+        run_log.log_to(self.run_dir)
         if self.dist.is_main:  # classes.json before anything else: it marks the dir as a run's (prepare_run_dir)
             atomic_write_text(self.run_dir / runtime.CLASSES_FILE, json.dumps(self.classes, indent=1))
         self.metrics = reporting.MetricsLogger(self.run_dir, tensorboard=self.cfg.tensorboard) if self.dist.is_main \

@@ -1,0 +1,143 @@
+"""train.log: every line a run says, time-stamped, kept in its run directory (and the line of what ended it)."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from _engine_fixtures import make_image_folder, run_cli, train_argv
+from freezetune import run_log, step
+from freezetune.run_log import LOG_FILE, log, log_to
+
+pytestmark = pytest.mark.usefixtures("single_thread_module")
+STAMP = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d  ")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_image_folder(tmp_path_factory.mktemp("images"))
+
+
+def _said(path) -> list[str]:
+    """The log's lines without their stamps; each must have one."""
+    lines = path.read_text(encoding="utf-8").splitlines()
+    assert all(STAMP.match(line) for line in lines), lines
+    return [STAMP.sub("", line) for line in lines]
+
+
+def test_a_runs_log_holds_every_line_it_printed_once_under_a_header_naming_the_command(data, tmp_path, capsys):
+    # the default (auto) run: its trials are runs nested in it, whose lines it prints, and its final run writes to the
+    # same directory: each line still lands in train.log once
+    argv = train_argv(data, tmp_path / "run", "--epochs", "2")
+    code, out, err = run_cli(capsys, *argv)
+    assert code == 0, err
+    said = _said(tmp_path / "run" / LOG_FILE)
+    assert said[0].startswith("freezetune ") and said[0].endswith(f"freezetune {' '.join(argv)}")
+    assert said[1:] == out.splitlines()
+    assert any(line.startswith("auto: chose") for line in said) and said[-1].startswith("test accuracy")
+    trial = _said(tmp_path / "run" / "auto-trials" / "last-3" / LOG_FILE)  # a trial's dir keeps its own lines
+    assert any(line.strip().startswith("epoch 1/1") for line in trial)
+    assert not any("auto: chose" in line for line in trial)
+    # a resume (here of the finished run) appends under a header of its own: nothing written before changes
+    before = (tmp_path / "run" / LOG_FILE).read_text()
+    code, out, err = run_cli(capsys, *argv, "--resume")
+    assert code == 0, err
+    after = (tmp_path / "run" / LOG_FILE).read_text()
+    assert after.startswith(before)
+    again = _said(tmp_path / "run" / LOG_FILE)[len(before.splitlines()) :]
+    assert again[0].endswith("--resume") and again[1:] == out.splitlines()
+
+
+def test_the_error_that_ends_a_run_is_the_last_line_of_its_log(data, tmp_path, capsys, monkeypatch):
+    # the loss turns NaN in epoch 2: the run stops with one line on stderr, and the log ends on that line
+    real, calls = step.logits_of, []
+
+    def poisoned(output):
+        calls.append(1)
+        return real(output) * float("nan") if len(calls) == 5 + 2 else real(output)
+
+    monkeypatch.setattr(step, "logits_of", poisoned)
+    code, out, err = run_cli(capsys, *train_argv(data, tmp_path / "run", "--epochs", "3", "--freeze", "-3"))
+    assert code == 2 and "not finite" in err
+    said = _said(tmp_path / "run" / LOG_FILE)
+    assert said[-1] == err.strip() and said[1:-1] == out.splitlines()
+
+
+def test_a_run_that_fails_before_it_has_a_directory_makes_none_for_its_log(tmp_path, capsys):
+    code, _, err = run_cli(capsys, *train_argv(tmp_path / "missing", tmp_path / "run", "--epochs", "1"))
+    assert code == 2 and "missing" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_levels_sharing_a_directory_log_each_line_once_and_lines_wait_for_the_directory(tmp_path):
+    printed = []
+    with log(printed.append) as say:
+        say("before the directory is known")
+        log_to(tmp_path / "run")
+        say("before the directory exists")
+        assert not (tmp_path / "run").exists()  # the log creates no directory
+        (tmp_path / "run").mkdir()
+        with log(say) as inner_say:  # a nested run in the same directory (the auto recipe's final run)
+            inner_say("inner, before its directory is known")
+            log_to(tmp_path / "run")
+            inner_say("inner")
+        with log(say) as trial_say:  # a nested run in a directory of its own (a trial)
+            log_to(tmp_path / "run" / "trial")
+            (tmp_path / "run" / "trial").mkdir()
+            trial_say("trial")
+        say("after")
+    assert printed == ["before the directory is known", "before the directory exists",
+                       "inner, before its directory is known", "inner", "trial", "after"]  # fmt: skip
+    assert _said(tmp_path / "run" / LOG_FILE)[1:] == printed
+    assert _said(tmp_path / "run" / "trial" / LOG_FILE)[1:] == ["trial"]
+
+
+def test_an_error_leaving_nested_levels_is_logged_once_per_file(tmp_path):
+    from freezetune.errors import DataError
+
+    (tmp_path / "run" / "trial").mkdir(parents=True)
+    with pytest.raises(DataError):
+        with log(lambda line: None, tmp_path / "run"):
+            with log(lambda line: None, tmp_path / "run" / "trial"):
+                raise DataError("cannot read image 'a.png': truncated")
+    line = "freezetune: error: cannot read image 'a.png': truncated"
+    assert _said(tmp_path / "run" / LOG_FILE)[1:] == [line]
+    assert _said(tmp_path / "run" / "trial" / LOG_FILE)[1:] == [line]
+
+
+def test_a_bug_is_logged_with_its_traceback_and_a_stop_as_the_line_it_prints(tmp_path):
+    import signal
+
+    from freezetune.interrupt import RunInterrupted
+
+    (tmp_path / "a").mkdir()
+    with pytest.raises(ZeroDivisionError), log(lambda line: None, tmp_path / "a"):
+        1 / 0  # noqa: B018
+    text = (tmp_path / "a" / LOG_FILE).read_text()
+    assert "freezetune: failed:" in text and "Traceback" in text and "ZeroDivisionError" in text
+    (tmp_path / "b").mkdir()
+    with pytest.raises(RunInterrupted), log(lambda line: None, tmp_path / "b"):
+        raise RunInterrupted.by(signal.SIGTERM, "after epoch 2 (saved in last.pt)")
+    assert _said(tmp_path / "b" / LOG_FILE)[-1] == "freezetune: stopped by SIGTERM after epoch 2 (saved in last.pt)"
+
+
+def test_only_the_first_process_of_a_torchrun_job_logs_and_a_failing_write_never_stops_the_run(tmp_path, monkeypatch):
+    (tmp_path / "run").mkdir()
+    monkeypatch.setenv("RANK", "1")
+    with log(lambda line: None, tmp_path / "run") as say:
+        say("rank 1")
+    assert not (tmp_path / "run" / LOG_FILE).exists()
+    monkeypatch.setenv("RANK", "0")
+    (tmp_path / "run" / LOG_FILE).mkdir()  # a directory where the file goes: every write fails
+    printed = []
+    with log(printed.append, tmp_path / "run") as say:
+        say("still said")
+    assert printed == ["still said"]
+
+
+def test_the_header_names_the_python_api_when_no_command_started_the_process(tmp_path, monkeypatch):
+    monkeypatch.setattr(run_log, "command", None)
+    with log(lambda line: None, tmp_path) as say:
+        say("x")
+    assert _said(tmp_path / LOG_FILE)[0].endswith("(Python API)")
