@@ -141,3 +141,14 @@ def test_the_header_names_the_python_api_when_no_command_started_the_process(tmp
     with log(lambda line: None, tmp_path) as say:
         say("x")
     assert _said(tmp_path / LOG_FILE)[0].endswith("(Python API)")
+
+
+def test_a_refused_resume_leaves_the_runs_log_as_it_was(data, tmp_path, capsys):
+    from _engine_fixtures import snapshot
+
+    code, _, err = run_cli(capsys, *train_argv(data, tmp_path / "run", "--epochs", "1", "--freeze", "-3"))
+    assert code == 0, err
+    before = snapshot(tmp_path / "run")
+    code, _, err = run_cli(capsys, *train_argv(data, tmp_path / "run", "--epochs", "1", "--freeze", "-2", "--resume"))
+    assert code == 2 and "cannot resume" in err
+    assert snapshot(tmp_path / "run") == before
