@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 
 import pytest
@@ -152,3 +153,25 @@ def test_a_refused_resume_leaves_the_runs_log_as_it_was(data, tmp_path, capsys):
     code, _, err = run_cli(capsys, *train_argv(data, tmp_path / "run", "--epochs", "1", "--freeze", "-2", "--resume"))
     assert code == 2 and "cannot resume" in err
     assert snapshot(tmp_path / "run") == before
+
+
+def test_a_data_warning_is_said_once_a_run_and_kept_in_its_log(tmp_path, capsys, caplog):
+    # the auto recipe's trial and its run each read the data: the warning about a left-out file came once per read
+    import shutil
+
+    root = make_image_folder(tmp_path / "images")
+    (root / "train" / "red" / "notes.txt").write_text("not an image")
+    with caplog.at_level(logging.WARNING, logger="freezetune"):
+        code, _, err = run_cli(capsys, *train_argv(root, tmp_path / "run", "--epochs", "1"))
+    assert code == 0, err
+    said = [r.getMessage() for r in caplog.records if "left out" in r.getMessage()]
+    assert len(said) == 1, said
+    logged = [line for line in _said(tmp_path / "run" / LOG_FILE) if "left out" in line]
+    assert len(logged) == 1 and logged[0].startswith("WARNING freezetune.data.folder: ")
+    # a second run in the same process says it again: "once" is per run
+    caplog.clear()
+    shutil.rmtree(tmp_path / "run")
+    with caplog.at_level(logging.WARNING, logger="freezetune"):
+        code, _, err = run_cli(capsys, *train_argv(root, tmp_path / "run", "--epochs", "1"))
+    assert code == 0, err
+    assert len([r for r in caplog.records if "left out" in r.getMessage()]) == 1

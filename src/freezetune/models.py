@@ -26,6 +26,7 @@ from freezetune.download import HF_HOST, download_guard, first_line, require_net
 from freezetune.errors import ConfigError, WeightsError, choices
 from freezetune.options import MODEL_SOURCES, PRETRAINED_WEIGHTS, RANDOM_WEIGHTS
 from freezetune.preprocess import Preprocess
+from freezetune.run_log import warn_once
 from freezetune.stages import stages
 from freezetune.weights import hf_loading_problem, load_weights, packaged_weights, quiet_hf_loading, weights_only_loads
 
@@ -75,7 +76,10 @@ def create_model(
     elif mode == "path":
         # a file whose head has other classes (an earlier fine-tune's) loads all but it: a run replaces the head
         report = load_weights(model, weights, strict=False)
-        (log.warning if report.skipped else log.info)("%s: %s", name, report.message)
+        if report.skipped:
+            warn_once(log, "%s: %s", name, report.message)
+        else:
+            log.info("%s: %s", name, report.message)
     pre = _resize(pre, img_size, name)
     if pre is not None and pre.input_size != default_size:
         _check_input_size(model, name, pre.input_size, default_size)
@@ -314,7 +318,7 @@ def _hf_pretrained(auto, name: str, arch: str, cache_only: bool) -> nn.Module:
             model, info = auto.from_pretrained(arch, local_files_only=cache_only, output_loading_info=True)
     problem = hf_loading_problem(info, stages(model)[-1].modules)
     if problem:
-        log.warning("%s: %s", name, problem)
+        warn_once(log, "%s: %s", name, problem)
     return model
 
 
@@ -351,7 +355,7 @@ def _hf_preprocess(arch: str, cache_only: bool, image_size: object = None) -> Pr
     except (OSError, ValueError):
         # the config's image_size is what a ViT's position embeddings were made for (224 would not fit a 32 px one)
         size = image_size if isinstance(image_size, int) and image_size > 0 else Preprocess().input_size
-        log.warning("%s has no image processor config; using ImageNet preprocessing defaults at %d px", arch, size)
+        warn_once(log, "%s has no image processor config; using ImageNet preprocessing defaults at %d px", arch, size)
         return Preprocess(input_size=size)
     return _preprocess_from_hf(settings)
 

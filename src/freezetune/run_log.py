@@ -18,6 +18,7 @@ run: the checkpoints' writes report that.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import time
@@ -36,6 +37,7 @@ class _Level:
 
     def __init__(self, name: str) -> None:
         self.name, self.path, self.pending, self.opened = name, None, [], False
+        self.warned: set[str] = set()  # the outermost level's: the warnings said in the run (``warn_once``)
 
     def add(self, text: str) -> None:
         self.pending.append(text)
@@ -67,14 +69,47 @@ def log(echo: Callable[[str], None], run_dir: str | Path | None = None, *,
     if run_dir is not None:
         log_to(run_dir)
     say = echo if outer else _teller(echo)  # the outermost level's echo already tells every level
+    warnings = None if outer else _WarningsToLog()  # freezetune's logged warnings, in the log too
+    if warnings is not None:
+        logging.getLogger("freezetune").addHandler(warnings)
     try:
         yield say
     except BaseException as exc:
         _record(_ending(exc), exc)
         raise
     finally:
+        if warnings is not None:
+            logging.getLogger("freezetune").removeHandler(warnings)
         level.flush()
         _levels.reset(token)
+
+
+def warn_once(logger: logging.Logger, msg: str, *args: object) -> None:
+    """``logger.warning(msg, *args)``, unless the same warning was said already in this run: the auto recipe's
+    trials and final run, and a sweep's recipes, each read the data again, and its warnings came six times over.
+
+    >>> warn_once(logging.getLogger("freezetune.doc"), "%d file(s) left out", 3)  # outside a run: always said
+    """
+    levels = _levels.get()
+    if levels:
+        text = msg % args if args else msg
+        if text in levels[0].warned:
+            return
+        levels[0].warned.add(text)
+    logger.warning(msg, *args)
+
+
+class _WarningsToLog(logging.Handler):
+    """Puts the warnings freezetune's modules log (stderr's ``WARNING name: message``) in the run's log."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            _record(f"{record.levelname} {record.name}: {record.getMessage()}")
+        except Exception:  # a log line must never stop the run
+            self.handleError(record)
 
 
 def log_to(run_dir: str | Path) -> None:

@@ -23,6 +23,7 @@ from freezetune.errors import ConfigError, DataError, choices
 from freezetune.options import AUG_DEFAULT, fraction_problem, positive_int_problem
 from freezetune.preprocess import Preprocess
 from freezetune.progress import NOT_HELD_OUT
+from freezetune.run_log import warn_once
 
 log = logging.getLogger(__name__)
 
@@ -228,7 +229,7 @@ def _warn_short(train: Dataset, per_class: int, held_out: int) -> None:
     if short:
         listed = ", ".join(f"{name}: {n}" for name, n in list(short.items())[:10])
         after = f" after the {held_out} held out for validation" if held_out else ""
-        log.warning("per_class=%d: %d of %d classes have fewer training %s%s and use all they have (%s)",
+        warn_once(log, "per_class=%d: %d of %d classes have fewer training %s%s and use all they have (%s)",
                     per_class, len(short), len(counts), noun(train), after, listed)  # fmt: skip
 
 
@@ -298,7 +299,7 @@ def build_datasets(
     if val_data is not None:
         val = _load_val(val_data, train.classes, preprocess)
     elif val is not None and val_split is not None:
-        log.warning("'%s' has a validation folder; ignoring val_split=%s", data, val_split)
+        warn_once(log, "'%s' has a validation folder; ignoring val_split=%s", data, val_split)
     train, val, test, skipped = _scan(train, val, test, skip_bad)
     if skipped:  # a class whose every training file was unreadable would be trained as a class never seen
         empty = [c for i, c in enumerate(train.classes) if not bool((train.targets == i).any())]

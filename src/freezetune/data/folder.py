@@ -16,6 +16,7 @@ from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
 from freezetune.errors import DataError, choices
+from freezetune.run_log import warn_once
 
 log = logging.getLogger(__name__)
 
@@ -239,7 +240,7 @@ def scan_folder(root: str | Path, classes: list[str] | None = None) -> FileImage
         left_out.update(p.suffix.lower() or "(no extension)" for p in files if not _image_suffix(p))
     loose = [p for p in Path(root).iterdir() if _is_image(p)]
     if loose:  # not in a class folder: no label to train them with
-        log.warning("'%s': %d image file(s) lie outside the class folders and are left out (first: '%s')", root,
+        warn_once(log, "'%s': %d image file(s) lie outside the class folders and are left out (first: '%s')", root,
                     len(loose), loose[0].name)  # fmt: skip
     _warn_left_out(root, left_out)
     return FileImageDataset(samples, classes)
@@ -255,7 +256,7 @@ def _warn_left_out(root: str | Path, left_out: Counter) -> None:
     if left_out:
         counts = ", ".join(f"{suffix}: {n}" for suffix, n in left_out.most_common())
         hint = f"; {HEIF_HINT}" if any(suffix in HEIF_EXTENSIONS for suffix in left_out) else ""
-        log.warning("'%s': %d file(s) left out, not of an image type read here (%s); images are %s%s",
+        warn_once(log, "'%s': %d file(s) left out, not of an image type read here (%s); images are %s%s",
                     root, sum(left_out.values()), counts, ", ".join(IMAGE_EXTENSIONS), hint)  # fmt: skip
 
 
@@ -340,7 +341,7 @@ def warn_similar_labels(source: str | Path, classes: list[str]) -> None:
         groups.setdefault(str(_number(key)) if _number(key) is not None else " ".join(key.split()), []).append(c)
     similar = [" / ".join(map(repr, g)) for g in groups.values() if len(g) > 1]
     if similar:
-        log.warning("'%s': label(s) %s differ only in case, spacing or number format, and each is a class of its "
+        warn_once(log, "'%s': label(s) %s differ only in case, spacing or number format, and each is a class of its "
                     "own; write each class one way if they are one", source, "; ".join(similar[:5]))  # fmt: skip
 
 

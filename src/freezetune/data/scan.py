@@ -25,6 +25,7 @@ from PIL import Image
 from freezetune.data.folder import FileImageDataset
 from freezetune.data.text import TextDataset
 from freezetune.errors import DataError, choices
+from freezetune.run_log import warn_once
 
 log = logging.getLogger(__name__)
 
@@ -173,7 +174,7 @@ def check_images(ds, what: str, *, skip_bad: bool, hint: str = _HINT) -> tuple[o
     skipped = [path for path, _ in bad]
     left_out = set(skipped)
     keep = [i for i, (path, _) in enumerate(ds.samples) if path not in left_out]
-    log.warning("skipping %d unreadable %s image file(s), first: %s", len(bad), what, skipped[0])
+    warn_once(log, "skipping %d unreadable %s image file(s), first: %s", len(bad), what, skipped[0])
     return ds.select(keep, ds.transform), skipped
 
 
@@ -245,7 +246,7 @@ def check_overlap(train, held: dict[str, object]) -> None:
         raise DataError(f"{len(clash)} training image file(s) are listed with two or more labels (first: '{path}' as "
                         f"{choices(train.classes[y] for y in sorted(ys))}); give each image one label")  # fmt: skip
     if twice:
-        log.warning("%d training image file(s) are listed more than once: each listing weighs as one more image",
+        warn_once(log, "%d training image file(s) are listed more than once: each listing weighs as one more image",
                     twice)  # fmt: skip
     for what, other in (("validation", "training"), ("test", "training"), ("test", "validation")):
         if what not in real or other not in real:
@@ -270,7 +271,7 @@ def warn_copies(train, held: dict[str, object]) -> None:
     train_paths = [path for path, _ in train.samples]
     found = copies(train_paths)
     if found:
-        log.warning("%d training image file(s) are byte-identical copies of other training files (first: '%s' = "
+        warn_once(log, "%d training image file(s) are byte-identical copies of other training files (first: '%s' = "
                     "'%s'); a copy held out for validation is scored on an image the model trained on",
                     len(found), *found[0])  # fmt: skip
     for what, ds in held.items():
@@ -279,7 +280,7 @@ def warn_copies(train, held: dict[str, object]) -> None:
         found = copies([path for path, _ in ds.samples], train_paths)
         if found:
             path, original = found[0]
-            log.warning("%d of %d %s image file(s) are byte-identical copies of training files (first: '%s' = '%s'); "
+            warn_once(log, "%d of %d %s image file(s) are byte-identical copies of training files (first: '%s' = '%s'); "
                         "their %s score overstates accuracy on new images: remove them from one of the splits",
                         len(found), len(ds), what, path, original, what)  # fmt: skip
 
@@ -293,6 +294,6 @@ def _warn_text_copies(train: TextDataset, held: dict[str, object]) -> None:
             continue
         found = [t for t in ds.texts if t.strip() in seen]
         if found:
-            log.warning("%d of %d %s texts are training texts too (first: %r); their %s score overstates accuracy on "
+            warn_once(log, "%d of %d %s texts are training texts too (first: %r); their %s score overstates accuracy on "
                         "new texts: remove them from one of the splits", len(found), len(ds), what, found[0][:60],
                         what)  # fmt: skip
