@@ -20,6 +20,7 @@ from freezetune.run_log import warn_once
 
 log = logging.getLogger(__name__)
 
+ARCHIVE_EXTENSIONS = (".zip", ".tar", ".tar.gz", ".tgz", ".tar.xz", ".tar.bz2", ".7z", ".rar")
 HEIF_EXTENSIONS = (".heic", ".heif")  # an iPhone's photos: read through pillow-heif (extra [heic]) when installed
 HEIF_HINT = "pip install 'freezetune[heic]' (pillow-heif) to read .heic/.heif"
 
@@ -85,10 +86,6 @@ def _eight_bit(img: Image.Image) -> Image.Image:
     return img
 
 
-def _is_image(p: Path) -> bool:
-    return p.is_file() and _image_suffix(p) and not p.name.startswith(".")
-
-
 def _image_suffix(p: Path) -> bool:
     return p.suffix.lower() in IMAGE_EXTENSIONS
 
@@ -114,7 +111,8 @@ def _walk(folder: Path) -> Iterator[Path]:
 
 
 def _hidden(name: str) -> bool:
-    return name.startswith(".") or name == "@eaDir"
+    # Windows' thumbnail caches and folder settings, as macOS's dot files: never data, and not worth a warning
+    return name.startswith(".") or name in ("@eaDir", "Thumbs.db", "desktop.ini")
 
 
 def _images_under(folder: Path) -> list[Path]:
@@ -199,8 +197,15 @@ def folder_classes(root: str | Path) -> list[str]:
     if not root.is_dir():
         raise DataError(f"image folder '{root}' does not exist; expected a directory with one subfolder per class")
     # __MACOSX: the resource forks an unzipped macOS archive carries, never a class
-    subdirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".") and d.name != "__MACOSX")
+    entries = [d for d in root.iterdir() if not _hidden(d.name) and d.name != "__MACOSX"]
+    broken = sorted(d.name for d in entries if d.is_symlink() and not d.exists())
+    if broken:  # a link to an unmounted share is a class folder that would vanish from the run in silence
+        raise DataError(f"'{root}' holds broken symbolic link(s) {choices(broken)} (to "
+                        f"'{os.readlink(root / broken[0])}'): whatever class they lead to would be left out; mount or "
+                        "fix the link(s), or remove them")  # fmt: skip
+    subdirs = sorted(d for d in entries if d.is_dir())
     classes = [d.name for d in subdirs if any(_image_suffix(p) for p in _walk(d))]  # stops at a class's first image
+    _same_names(root, classes)
     if not classes:
         raise DataError(
             f"no class folders with images in '{root}'; expected {root}/<class>/*.jpg (extensions: "
@@ -211,6 +216,21 @@ def folder_classes(root: str | Path) -> list[str]:
         raise DataError(f"class folder(s) {choices(empty)} in '{root}' hold no images "
                         f"({', '.join(IMAGE_EXTENSIONS)}); add images or remove the folder(s)")  # fmt: skip
     return classes
+
+
+def _same_names(root: Path, classes: list[str]) -> None:
+    """Refuse two class folders whose names are one name in two Unicode forms ("café" composed, as Linux writes it,
+    and decomposed, as macOS does): classes are matched in NFC, so one of them would be a class with no image.
+    Names that differ only in case or spacing are warned about: each is a class of its own."""
+    forms: dict[str, list[str]] = {}
+    for c in classes:
+        forms.setdefault(_nfc(c), []).append(c)
+    same = next((names for names in forms.values() if len(names) > 1), None)
+    if same is not None:
+        raise DataError(f"'{root}': class folders {' and '.join(map(ascii, same))} are one name written in two Unicode "
+                        "forms (composed and decomposed, as macOS writes it): they would be two classes; merge them "
+                        "into one folder")  # fmt: skip
+    warn_similar_labels(root, classes)
 
 
 def scan_folder(root: str | Path, classes: list[str] | None = None) -> FileImageDataset:
@@ -233,31 +253,54 @@ def scan_folder(root: str | Path, classes: list[str] | None = None) -> FileImage
     unknown = [c for c in own if _nfc(c) not in index]
     if unknown:
         raise DataError(f"class folder(s) {choices(unknown)} in '{root}' are not training classes: {choices(classes)}")
-    samples, left_out = [], Counter()
+    samples, left_out = [], []
     for c in own:
         files = _files_under(Path(root) / c)
         samples += [(str(p), index[_nfc(c)]) for p in files if _image_suffix(p)]
-        left_out.update(p.suffix.lower() or "(no extension)" for p in files if not _image_suffix(p))
-    loose = [p for p in Path(root).iterdir() if _is_image(p)]
-    if loose:  # not in a class folder: no label to train them with
-        warn_once(log, "'%s': %d image file(s) lie outside the class folders and are left out (first: '%s')", root,
-                    len(loose), loose[0].name)  # fmt: skip
+        left_out += [p for p in files if not _image_suffix(p)]
+    _warn_loose(Path(root))
     _warn_left_out(root, left_out)
     return FileImageDataset(samples, classes)
+
+
+def _warn_loose(root: Path) -> None:
+    """Name the images beside the class folders (no class to train them as) and the archives there (a class folder
+    still zipped)."""
+    files = sorted(p for p in root.iterdir() if p.is_file() and not _hidden(p.name))
+    loose = [p.name for p in files if _image_suffix(p)]
+    if loose:
+        warn_once(log, "'%s': %d image file(s) lie outside the class folders and are left out (%s)", root, len(loose),
+                  _first(loose))  # fmt: skip
+    archives = [p.name for p in files if "".join(p.suffixes[-2:]).lower().endswith(ARCHIVE_EXTENSIONS)]
+    if archives:
+        warn_once(log, "'%s': archive(s) %s lie beside the class folders and are not read: unpack a class's images "
+                  "into its own folder", root, _first(archives))  # fmt: skip
+
+
+def _first(names: list[str], n: int = 3) -> str:
+    """Up to ``n`` names, and how many more.
+
+    >>> _first(["a", "b"]), _first(["a", "b", "c", "d", "e"])
+    ("'a', 'b'", "'a', 'b', 'c' and 2 more")
+    """
+    more = f" and {len(names) - n} more" if len(names) > n else ""
+    return ", ".join(map(repr, names[:n])) + more
 
 
 def _nfc(name: str) -> str:
     return unicodedata.normalize("NFC", name)
 
 
-def _warn_left_out(root: str | Path, left_out: Counter) -> None:
-    """Say which files in the class folders are not read, by extension: an iPhone's .heic photos, say, would
-    otherwise drop out of the training set in silence."""
-    if left_out:
-        counts = ", ".join(f"{suffix}: {n}" for suffix, n in left_out.most_common())
-        hint = f"; {HEIF_HINT}" if any(suffix in HEIF_EXTENSIONS for suffix in left_out) else ""
-        warn_once(log, "'%s': %d file(s) left out, not of an image type read here (%s); images are %s%s",
-                    root, sum(left_out.values()), counts, ", ".join(IMAGE_EXTENSIONS), hint)  # fmt: skip
+def _warn_left_out(root: str | Path, files: list[Path]) -> None:
+    """Say which files in the class folders are not read, by extension and the first few: an iPhone's .heic photos,
+    say, would otherwise drop out of the training set in silence."""
+    if files:
+        by_suffix = Counter(p.suffix.lower() or "(no extension)" for p in files)
+        counts = ", ".join(f"{suffix}: {n}" for suffix, n in by_suffix.most_common())
+        hint = f"; {HEIF_HINT}" if any(suffix in HEIF_EXTENSIONS for suffix in by_suffix) else ""
+        where = [str(p.relative_to(root)) for p in files]
+        warn_once(log, "'%s': %d file(s) left out, not of an image type read here (%s), e.g. %s; images are %s%s", root,
+                  len(files), counts, _first(where), ", ".join(IMAGE_EXTENSIONS), hint)  # fmt: skip
 
 
 def _is_header(row: list[str], base: Path) -> bool:
@@ -294,20 +337,24 @@ def _csv_columns(path: Path, header: list[str] | None, width: int) -> tuple[int,
 def _read_csv_rows(path: Path) -> list[tuple[str, str]]:
     try:
         with path.open(newline="", encoding="utf-8-sig") as f:
-            rows = [r for r in csv.reader(f) if r and any(cell.strip() for cell in r)]
+            reader = csv.reader(f)
+            # each row with its line in the file (a quoted cell may span lines), for messages
+            numbered = [(reader.line_num, r) for r in reader if r and any(cell.strip() for cell in r)]
     except (OSError, UnicodeDecodeError, csv.Error) as e:
         raise DataError(f"cannot read CSV '{path}': {e}") from e
-    header = rows.pop(0) if rows and _is_header(rows[0], path.parent) else None
+    rows = [r for _, r in numbered]
+    header = rows[0] if rows and _is_header(rows[0], path.parent) else None
     if header is None and len(rows) > 1 and not _exists(rows[0][0], path.parent) and _exists(rows[1][0], path.parent):
-        header = rows.pop(0)  # a header of other names ("image_id,species"): named as such, not a missing image
+        header = rows[0]  # a header of other names ("image_id,species"): named as such, not a missing image
+    if header is not None:
+        rows, numbered = rows[1:], numbered[1:]
     if not rows:
         raise DataError(f"CSV '{path}' has no rows; expected lines of 'path,label'")
     image, label = _csv_columns(path, header, len(rows[0]))
     need = max(image, label) + 1
-    bad = next((n for n, r in enumerate(rows, 1) if len(r) < need or not r[image].strip() or not r[label].strip()),
-               None)  # fmt: skip
+    bad = next(((n, r) for n, r in numbered if len(r) < need or not r[image].strip() or not r[label].strip()), None)
     if bad is not None:
-        raise DataError(f"CSV '{path}' row {bad} is {rows[bad - 1]!r}; expected an image path and a label")
+        raise DataError(f"CSV '{path}' line {bad[0]} is {bad[1]!r}; expected an image path and a label")
     return [(r[image].strip(), r[label].strip()) for r in rows]
 
 
@@ -345,13 +392,14 @@ def warn_similar_labels(source: str | Path, classes: list[str]) -> None:
                     "own; write each class one way if they are one", source, "; ".join(similar[:5]))  # fmt: skip
 
 
-def read_csv(path: str | Path, classes: list[str] | None = None) -> FileImageDataset:
+def read_csv(path: str | Path, classes: list[str] | None = None, *, missing_ok: bool = False) -> FileImageDataset:
     """Read a ``path,label`` CSV (optional header); relative paths are relative to the CSV's folder.
 
     Args:
         path: the CSV file.
         classes: class list to index against (e.g. the train classes when reading val); defaults to the CSV's sorted
             unique labels.
+        missing_ok: keep the rows of missing files (``--skip-bad``: the pre-scan leaves them out, named).
 
     Raises:
         DataError: unreadable CSV, malformed row, image file missing, or a label not in ``classes``.
@@ -373,7 +421,8 @@ def read_csv(path: str | Path, classes: list[str] | None = None) -> FileImageDat
         )
     files = [(path.parent / p) if not Path(p).is_absolute() else Path(p) for p, _ in rows]
     missing = [str(f) for f in files if not f.is_file()]
-    if missing:
+    if missing and not missing_ok:
         raise DataError(f"CSV '{path}' lists {len(missing)} missing image file(s), first: '{missing[0]}' (relative "
-                        f"paths are read from the CSV's folder, {str(path.parent)!r})")  # fmt: skip
+                        f"paths are read from the CSV's folder, {str(path.parent)!r}); --skip-bad leaves them "
+                        "out")  # fmt: skip
     return FileImageDataset([(str(f), index[label]) for f, (_, label) in zip(files, rows, strict=True)], classes)
