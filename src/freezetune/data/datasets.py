@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from freezetune.data.folder import IMAGE_COLUMNS, read_csv, scan_folder
+from freezetune.data.folder import IMAGE_COLUMNS, IMAGE_EXTENSIONS, read_csv, scan_folder
 from freezetune.data.idx import CLASS_NAMES_FILE, idx_files, is_idx_dir, load_idx
 from freezetune.data.sampling import per_class_indices, stratified_split
 from freezetune.data.scan import check_images, check_overlap, warn_copies
@@ -83,30 +83,58 @@ def _text_csv(path: Path, preprocess: Preprocess) -> bool:
     return preprocess.is_text if IMAGE_COLUMNS & {c.strip().lower() for c in header} else True
 
 
-def _load_source(data: str, preprocess: Preprocess) -> tuple[str, Dataset, Dataset | None, Dataset | None]:
-    """Read ``data`` without transforms: (source, train, val given by the layout or None, test or None)."""
+def _load_source(data: str, preprocess: Preprocess, *, read_test: bool = True,
+                 skip_bad: bool = False) -> tuple[str, Dataset, Dataset | None, Dataset | None, bool]:  # fmt: skip
+    """Read ``data`` without transforms: (source, train, val given by the layout or None, test or None, whether the
+    data has a test split). ``read_test``: read the test split (not for a run that does not score it: a broken or
+    unlabelled test file must not stop it). ``skip_bad``: a CSV's missing files are left to the pre-scan, which
+    leaves them out as it does unreadable ones."""
     path, columns = Path(data), Columns.of(preprocess)
     if not path.exists():
         raise DataError(f"data path '{data}' does not exist; expected {_EXPECTED}")
     if path.is_file():
         if path.suffix.lower() == ".tsv" and text_csv_header(path, columns) is not None:  # a text table, with tabs
-            return "text", read_text_csv(path, columns=columns), None, None
+            return "text", read_text_csv(path, columns=columns), None, None, False
         if path.suffix.lower() != ".csv":
             raise DataError(f"data file '{data}' is not a CSV; expected {_EXPECTED}")
         if _text_csv(path, preprocess):
-            return "text", read_text_csv(path, columns=columns), None, None
-        return "csv", read_csv(path), None, None
+            return "text", read_text_csv(path, columns=columns), None, None, False
+        return "csv", read_csv(path, missing_ok=skip_bad), None, None, False
     if is_idx_dir(path):
-        test = load_idx(path, "test") if idx_files(path, "test") else None
-        return "idx", load_idx(path, "train"), None, test
+        has_test = bool(idx_files(path, "test"))
+        return (
+            "idx",
+            load_idx(path, "train"),
+            None,
+            load_idx(path, "test") if has_test and read_test else None,
+            has_test,
+        )
     train_dir = _first_dir(path, _TRAIN_DIRS)
     if train_dir is None:
         _no_train_dir(path, [d.name for d in path.iterdir() if d.is_dir() and not d.name.startswith(".")])
-        return "folder", scan_folder(path), None, None
-    train = scan_folder(train_dir)
+        return "folder", scan_folder(path), None, None, False
     val_dir, test_dir = _first_dir(path, _VAL_DIRS), _first_dir(path, _TEST_DIRS)
+    _labelled(train_dir, f"a folder named {train_dir.name}/ is read as the training split ({train_dir}/<class>/*): "
+              f"if '{train_dir.name}' is a class of a flat layout, rename that folder")  # fmt: skip
+    train = scan_folder(train_dir)
+    if val_dir:
+        _labelled(val_dir, f"move it out of '{path}' (validation is then held out of {train_dir.name}/)")
     val = scan_folder(val_dir, train.classes) if val_dir else None
-    return "folder", train, val, scan_folder(test_dir, train.classes) if test_dir else None
+    if test_dir and read_test:
+        _labelled(test_dir, "pass --no-final-test to train without scoring it (it is then not read), or move it out "
+                  f"of '{path}'")  # fmt: skip
+    test = scan_folder(test_dir, train.classes) if test_dir and read_test else None
+    return "folder", train, val, test, test_dir is not None
+
+
+def _labelled(split: Path, way_out: str) -> None:
+    """Refuse a split folder of images without class folders (Kaggle's unlabelled ``test/``): nothing labels them.
+
+    ``way_out``: what the user can do instead."""
+    entries = [e for e in split.iterdir() if not e.name.startswith(".")]
+    if not any(e.is_dir() for e in entries) and any(e.suffix.lower() in IMAGE_EXTENSIONS for e in entries):
+        raise DataError(f"'{split}' holds images but no class folders ({split}/<class>/*), so nothing labels them: "
+                        f"{way_out}")  # fmt: skip
 
 
 def _check_kind(data: str, preprocess: Preprocess, what: str = "data") -> None:
@@ -127,7 +155,7 @@ def _check_kind(data: str, preprocess: Preprocess, what: str = "data") -> None:
                     "hf:DIR_OR_ID sequence classifiers")  # fmt: skip
 
 
-def _load_val(val_data: str, classes: list[str], preprocess: Preprocess) -> Dataset:
+def _load_val(val_data: str, classes: list[str], preprocess: Preprocess, *, skip_bad: bool = False) -> Dataset:
     """Read explicit validation data (CSV, class folder or IDX directory's test split) against the train classes."""
     path = Path(val_data)
     if not path.exists():
@@ -135,7 +163,7 @@ def _load_val(val_data: str, classes: list[str], preprocess: Preprocess) -> Data
     if path.is_file():
         if _text_csv(path, preprocess):
             return read_text_csv(path, classes, Columns.of(preprocess))
-        return read_csv(path, classes)
+        return read_csv(path, classes, missing_ok=skip_bad)
     if is_idx_dir(path):
         val = load_idx(path, "test" if idx_files(path, "test") else "train")
         if len(val.targets) and int(val.targets.max()) >= len(classes):
@@ -203,6 +231,20 @@ def _validation(train: Dataset, val: Dataset | None, *, val_data: str | None, va
     train, val = _hold_out(train, AUTO_VAL_FRACTION, seed, AUTO_VAL_MAX_PER_CLASS)
     return train, val, (f"{_HELD_OUT}: {len(val)} training {noun(train)} held out ({AUTO_VAL_FRACTION:.0%} per "
                         f"class, 1 to {AUTO_VAL_MAX_PER_CLASS} each)")  # fmt: skip
+
+
+def _warn_unvalidated(train: Dataset, val: Dataset | None, *, held_out: bool) -> None:
+    """Name the training classes the validation set has nothing of (a ``val/`` folder without one, or a class of one
+    image, which the automatic hold-out leaves whole): every decision the run takes on validation is blind to them."""
+    if val is None:
+        return
+    counts = torch.bincount(val.targets, minlength=len(train.classes)).tolist()
+    missing = [train.classes[c] for c, n in enumerate(counts) if n == 0]
+    if missing:
+        why = " (a class of one training image gives none)" if held_out else ""
+        warn_once(log, "the validation set has no %s of %d of the %d classes%s: %s; best.pt, early stopping and the "
+                  "auto recipe's choice are judged without them", noun(val), len(missing), len(counts), why,
+                  choices(missing, limit=10))  # fmt: skip
 
 
 def _refit_fits(train: Dataset, val: Dataset, per_class: int | None) -> bool:
@@ -295,9 +337,9 @@ def build_datasets(
     if val_data is not None:
         _check_kind(val_data, preprocess, "val data")
     train_tf, eval_tf = train_transform(preprocess, aug), eval_transform(preprocess)
-    source, train, val, test = _load_source(data, preprocess)
+    source, train, val, test, has_test = _load_source(data, preprocess, read_test=final_test, skip_bad=skip_bad)
     if val_data is not None:
-        val = _load_val(val_data, train.classes, preprocess)
+        val = _load_val(val_data, train.classes, preprocess, skip_bad=skip_bad)
     elif val is not None and val_split is not None:
         warn_once(log, "'%s' has a validation folder; ignoring val_split=%s", data, val_split)
     train, val, test, skipped = _scan(train, val, test, skip_bad)
@@ -310,6 +352,7 @@ def build_datasets(
     train, val, val_source = _validation(train, val, val_data=val_data, val_split=val_split, seed=seed)
     if val is not None and len(val) == 0:
         val, val_source = None, "none (every class has a single training image)"
+    _warn_unvalidated(train, val, held_out=given_val is None)
     if per_class is not None:
         train = train.select(per_class_indices(train.targets, per_class, seed)[0])
     held_out = val is not None and given_val is None and val_split is None  # the automatic hold-out (_validation)
@@ -320,7 +363,7 @@ def build_datasets(
         train, val, val_source = _refit(train, val, val_source, per_class)
     if per_class is not None:
         _warn_short(train, per_class, held_out=len(val) if val is not None and val is not given_val else 0)
-    if test is not None and val is not given_val:  # why the test split, there, is not the validation
+    if has_test and val is not given_val:  # why the test split, there, is not the validation
         val_source += "; the test split is only scored at the end" if final_test else "; the test split is not used"
     present = sorted({int(t) for t in train.targets.tolist()})
     if len(present) < 2:

@@ -1,0 +1,74 @@
+"""``build_datasets`` on the layouts users bring: which splits are read, and what is said of the validation set."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from freezetune.data import build_datasets
+from freezetune.errors import DataError
+from freezetune.preprocess import Preprocess
+
+PRE = Preprocess(input_size=16)
+
+
+def _images(folder: Path, n: int = 3, colour=(200, 30, 30)) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        Image.new("RGB", (8 + i, 8), (colour[0], colour[1] + 10 * i, colour[2])).save(folder / f"{i}.png")
+    return folder
+
+
+def _layout(root: Path, splits=("train", "val", "test"), classes=("bag", "coat", "sneaker")) -> Path:
+    for s, split in enumerate(splits):
+        for c, name in enumerate(classes):
+            _images(root / split / name, colour=(40 * c + 10 * s, 30, 30))
+    return root
+
+
+def test_an_unlabelled_test_folder_names_the_way_out_and_a_run_that_scores_no_test_reads_none(tmp_path):
+    # Kaggle's layout: test/ holds the images to predict, without labels. The run was refused, even with
+    # --no-final-test, by a split it never scores
+    root = _layout(tmp_path / "d", splits=("train",))
+    _images(tmp_path / "d" / "test")
+    with pytest.raises(DataError, match="no class folders.*--no-final-test"):
+        build_datasets(str(root), preprocess=PRE)
+    bundle = build_datasets(str(root), preprocess=PRE, final_test=False)
+    assert bundle.test is None and "the test split is not used" in bundle.val_source
+
+
+def test_a_broken_test_file_does_not_stop_a_run_that_scores_no_test(tmp_path):
+    root = _layout(tmp_path / "d")
+    (root / "test" / "bag" / "zero.png").write_bytes(b"")
+    with pytest.raises(DataError, match="zero.png"):
+        build_datasets(str(root), preprocess=PRE)
+    assert build_datasets(str(root), preprocess=PRE, final_test=False).test is None
+
+
+def test_a_flat_layout_with_a_class_called_train_is_told_why_it_was_read_as_the_split(tmp_path):
+    root = tmp_path / "d"
+    for c, name in enumerate(("bus", "car", "train")):
+        _images(root / name, colour=(60 * c, 30, 30))
+    with pytest.raises(DataError, match="read as the training split.*rename"):
+        build_datasets(str(root), preprocess=PRE)
+
+
+def test_validation_without_a_training_class_is_warned_of_by_name(tmp_path, caplog):
+    root = _layout(tmp_path / "d", splits=("train", "test"))
+    for c, name in enumerate(("bag", "coat")):  # val/ has no sneaker
+        _images(root / "val" / name, colour=(40 * c + 5, 30, 30))
+    with caplog.at_level(logging.WARNING, logger="freezetune"):
+        build_datasets(str(root), preprocess=PRE)
+    assert "no images of 1 of the 3 classes" in caplog.text and "'sneaker'" in caplog.text
+    # the automatic hold-out: a class of one image gives none, and that is said too
+    caplog.clear()
+    flat = tmp_path / "flat"
+    _images(flat / "bag", n=10)
+    _images(flat / "coat", n=10, colour=(90, 30, 30))
+    _images(flat / "sneaker", n=1, colour=(150, 30, 30))
+    with caplog.at_level(logging.WARNING, logger="freezetune"):
+        bundle = build_datasets(str(flat), preprocess=PRE)
+    assert len(bundle.val) == 2 and "'sneaker'" in caplog.text and "a class of one training image" in caplog.text
