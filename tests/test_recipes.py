@@ -501,3 +501,16 @@ def test_an_auto_run_whose_trials_spent_its_budget_says_so_and_trains_one_epoch(
     assert any(line.startswith("auto: the trials took") and "of the 0.01s budget: the run trains one epoch" in line
                for line in lines), lines  # fmt: skip
     assert json.loads((tmp_path / "r" / "recipe.json").read_text())["choice"]["epochs"] == 1
+
+
+def test_without_validation_images_a_sweep_is_refused_and_the_auto_recipe_says_why_it_compared_nothing(tmp_path,
+                                                                                                      capsys):  # fmt: skip
+    # one image a class: nothing to hold out. The sweep scored every recipe NaN and still named a winner; the auto
+    # recipe spoke of "0 validation images" and of validation images that "stay validation"
+    data = make_image_folder(tmp_path / "images", train=1, val=0, test=2)
+    code, out, err = run_cli(capsys, "sweep", *train_argv(data, tmp_path / "sweep", "--epochs", "1")[1:],
+                             "--recipes", "linear-probe,last-2")  # fmt: skip
+    assert code == 2 and "no validation data" in err and "--val-data" in err and "winner" not in out
+    code, out, err = run_cli(capsys, *train_argv(data, tmp_path / "run", "--epochs", "1"))
+    assert code == 0, err
+    assert "there are no validation images to compare on" in out and "stay validation" not in out

@@ -140,7 +140,9 @@ def _epochs_and_refit(cfg: TrainConfig, trials: list[dict], choice: dict, spent:
     budget = parse_duration(cfg.budget)
     if budget is not None and spent >= budget:  # the run then trains one epoch: say why, not only how many
         echo(f"auto: the trials took {spent:.0f}s of the {cfg.budget} budget: the run trains one epoch, over it")
-    if refit and not trials[0]["refit_fits"]:  # recorded as done (recipe.json, config.yaml), not as asked
+    if refit and not trials[0]["n_val"]:  # no validation images (one a class): nothing to refit, nothing to say
+        refit = False
+    elif refit and not trials[0]["refit_fits"]:  # recorded as done (recipe.json, config.yaml), not as asked
         refit = False  # a validation folder with --per-class gave the per-class reason: the data says which
         echo(f"auto: the validation {trials[0]['data_kind']} stay validation (no refit): {trials[0]['no_refit']}")
     return epochs, refit
@@ -167,6 +169,8 @@ def _measure(base: TrainConfig, ks: list[int], boost: float, out: Path, train: C
     default_k = default_stages(ks)
     first = _trial(base, default_k, boost, out, train, echo, brief=False)
     n_val, kind = first["n_val"], first["data_kind"]
+    if not n_val:
+        return [first], first, f"the default (last {default_k} stages): there are no validation {kind} to compare on"
     if n_val < MIN_VAL_TO_COMPARE and len(ks) > 1:
         noise = 100 * _noise(0.75, n_val)
         return [first], first, (f"the default (last {default_k} stages): {n_val} validation {kind} cannot tell the "
