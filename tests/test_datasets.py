@@ -72,3 +72,11 @@ def test_validation_without_a_training_class_is_warned_of_by_name(tmp_path, capl
     with caplog.at_level(logging.WARNING, logger="freezetune"):
         bundle = build_datasets(str(flat), preprocess=PRE)
     assert len(bundle.val) == 2 and "'sneaker'" in caplog.text and "a class of one training image" in caplog.text
+
+
+def test_a_second_validation_folder_is_named_as_not_read(tmp_path, caplog):
+    root = _layout(tmp_path / "d", splits=("train", "val", "valid"))
+    with caplog.at_level(logging.WARNING, logger="freezetune"):
+        bundle = build_datasets(str(root), preprocess=PRE)
+    assert bundle.val_source == "the validation folder"
+    assert "val/ and valid/: val/ is read, valid/ not" in caplog.text

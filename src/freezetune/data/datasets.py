@@ -59,9 +59,14 @@ class DataBundle:
 
 
 def _first_dir(root: Path, names: tuple[str, ...]) -> Path | None:
-    """The first of ``names`` that ``root`` has as a folder, in any case (``Train/`` is ``train/``)."""
+    """The first of ``names`` that ``root`` has as a folder, in any case (``Train/`` is ``train/``); the others
+    found (``val/`` beside ``valid/``) are named in a warning: their images are not read."""
     found = {d.name.lower(): d for d in sorted(root.iterdir(), reverse=True) if d.is_dir()}
-    return next((found[n] for n in names if n in found), None)
+    present = [found[n] for n in names if n in found]
+    if len(present) > 1:
+        warn_once(log, "'%s' has %s: %s/ is read, %s not", root, " and ".join(f"{d.name}/" for d in present),
+                  present[0].name, ", ".join(f"{d.name}/" for d in present[1:]))  # fmt: skip
+    return present[0] if present else None
 
 
 def _no_train_dir(path: Path, classes: list[str]) -> None:
