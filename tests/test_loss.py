@@ -9,7 +9,7 @@ import torch
 import yaml
 from torch.nn import functional as F
 
-import freezetune.trainer as trainer_module
+import freezetune.run_setup as run_setup
 from _engine_fixtures import make_image_folder, run_cli, train_argv
 from freezetune.loss import balanced_class_weights, imbalance_note, training_loss
 
@@ -45,8 +45,8 @@ def test_a_run_on_imbalanced_data_says_so_and_balanced_weights_train_with_its_la
     assert code == 0, err
     assert "note: the classes are imbalanced (12 to 3 training images): --class-weights balanced" in out
     seen = []
-    real = trainer_module.training_loss
-    monkeypatch.setattr(trainer_module, "training_loss", lambda *a: seen.append(a) or real(*a))
+    real = run_setup.training_loss
+    monkeypatch.setattr(run_setup, "training_loss", lambda *a: seen.append(a) or real(*a))
     args = train_argv(data, tmp_path / "balanced", "--epochs", "1", "--class-weights", "balanced")
     code, out, err = run_cli(capsys, *args)
     assert code == 0, err

@@ -14,7 +14,7 @@ from torch import nn
 
 import freezetune as ft
 from _engine_fixtures import fashion_mnist_dir, make_image_folder, run_cli, snapshot, train_argv
-from freezetune import checkpoint, runtime, step, trainer
+from freezetune import checkpoint, run_setup, runtime, step, trainer
 from freezetune.config import TrainConfig, load_config
 from freezetune.errors import ConfigError
 from freezetune.optim import build_optimizer, build_scheduler
@@ -181,7 +181,7 @@ def test_a_resume_with_other_settings_is_refused_before_the_model_and_data_are_r
     out = tmp_path / "done"
     shutil.copytree(finished_run[0], out)
     built = []
-    monkeypatch.setattr(trainer, "create_model", lambda *a, **k: built.append(a) or pytest.fail("model built"))
+    monkeypatch.setattr(run_setup, "create_model", lambda *a, **k: built.append(a) or pytest.fail("model built"))
     code, stdout, err = run_cli(capsys, "train", "--out", out, "--resume", "--lr", "0.5", "--data", tmp_path / "gone")
     assert code == 2 and "lr 0.001 -> 0.5" in err and not built, err
 

@@ -1,60 +1,39 @@
 """The training engine: pretrained model -> freeze -> new head -> train (progressive unfreezing) -> best checkpoint.
 
-``train(cfg)`` is the whole run; ``Trainer`` exposes its parts for notebooks. What a step reads (images or cached
-features) is the ``FeaturePath``'s business; how data becomes batches, the ``Loaders'``; how far the run is,
-``Progress``'s; what a resume restores, ``checkpoint``'s.
+``train(cfg)`` is the whole run; ``Trainer`` exposes its parts for notebooks. How a run is set up, and in which
+order, is ``RunSetup``'s business (``run_setup.py``); what a step reads (images or cached features), the
+``FeaturePath``'s; how data becomes batches, the ``Loaders'``; how far the run is, ``Progress``'s; what a resume
+restores, ``checkpoint``'s.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
 import time
 from collections.abc import Callable, Iterator
 from itertools import islice
 
-import torch
-from torch import nn
-
-from freezetune import checkpoint, epoch_log, hf_bundle, recipes, reporting, run_log, runtime
-from freezetune._io import atomic_write_text
-from freezetune.cache import FeaturePath
-from freezetune.config import TrainConfig, parse_freeze_spec, validate
-from freezetune.data import Loaders, build_datasets, noun
-from freezetune.data.gpu import check_decode
-from freezetune.data.text import TEXT_SETTINGS, refuse_text_settings, text_preprocess, truncation_note
-from freezetune.depthwise import use_fast_depthwise
+from freezetune import checkpoint, epoch_log, recipes, reporting, run_log, runtime
+from freezetune.config import TrainConfig, validate
+from freezetune.data import noun
+from freezetune.data.text import truncation_note
 from freezetune.distributed import (
     all_reduce_sum,
     barrier,
     broadcast,
     broadcast_tensors,
-    device_for,
     in_group,
-    init_from_env,
     leave_group,
-    main_echo,
-    wrap,
 )
-from freezetune.errors import ConfigError, TrainingError
-from freezetune.freeze import count_parameters, freeze, summary
-from freezetune.heads import replace_head
+from freezetune.errors import TrainingError
+from freezetune.freeze import count_parameters, summary
 from freezetune.inference import evaluate_best, write_evaluation
 from freezetune.interrupt import AT_ONCE_UNDER_DDP, OUTSIDE_A_STEP, StopRequest, pause_point
-from freezetune.loss import imbalance_note, training_loss
-from freezetune.memory import auto_batch_size, out_of_memory_hint
-from freezetune.models import create_model
-from freezetune.optim import build_optimizer, build_scheduler, warmup_steps
-from freezetune.options import BATCH_AUTO, MONITOR_MODES
-from freezetune.precision import resolve_device, resolve_precision
-from freezetune.progress import Progress, RunResult
-from freezetune.split import check_cut
+from freezetune.loss import imbalance_note
+from freezetune.memory import out_of_memory_hint
+from freezetune.progress import RunResult
+from freezetune.run_setup import SKIPPED, RunSetup
 from freezetune.stages import stages
-from freezetune.step import Step
-from freezetune.unfreezing import Unfreezer
-
-SKIPPED = "skipped.txt"  # the image files --skip-bad left out, one path a line
 
 
 def train(
@@ -89,168 +68,9 @@ def train(
                 leave_group()
 
 
-class Trainer:
-    """One training run, set up from a validated config. The set-up order is the run's contract:
-
-    1. the process: torchrun group, device, precision, run directory (checked, created later), seeds;
-    2. the model and data: pretrained model, datasets, new head, freezing, device placement;
-    3. the feature path (images or cached features), which sizes the LR schedule before anything is built;
-    4. optimizer, LR schedule, Unfreezer, loss scaler, the loss (class weights from the training labels), and the
-       ``Step`` that trains on a batch with them;
-    5. on resume, ``last.pt``: weights, unfrozen stages and their groups, optimizer state, progress — before the
-       cache, which must store what the restored model computes;
-    6. the feature path is built: the cache at the frozen boundary (or images), the DDP wrap, compilation.
-    """
-
-    def __init__(self, cfg: TrainConfig, *, echo=print, resumable: bool = True, brief: bool = False) -> None:
-        validate(cfg)
-        self.cfg, self.resumable, self.brief = cfg, resumable, brief
-        self._process(echo)
-        self._model_and_data()
-        # --batch-size auto becomes a number here, once, for every rank; config.yaml and checkpoints keep the number
-        self.cfg = dataclasses.replace(cfg, batch_size=self._batch_size())
-        self._training()
-        if self.resuming:
-            self._resume()
-        self._run_files()
-        self.features.build()
-        self.seconds = {"cache": self.features.build_seconds, "val": 0.0, "epochs": 0.0}  # this process's
-        self.spent_before = dict(self.progress.spent)  # a resumed run's earlier processes'
-        self.fit_start: float | None = None
-        if self.dist.is_main:
-            self.cfg.save(self.run_dir / runtime.CONFIG_FILE)
-            if self.data.skipped:  # what --skip-bad left out stays on record with the run
-                atomic_write_text(self.run_dir / SKIPPED, "\n".join(self.data.skipped) + "\n")
-
-    def _model_and_data(self) -> None:
-        """Set-up step 2: the pretrained model, the datasets, the new head, freezing, device placement."""
-        cfg = self.cfg
-        self.model, self.preprocess = create_model(cfg.model, cfg.weights, img_size=cfg.img_size)
-        check_cut(self.model, cfg.cache_at)  # a stage name needs the model: checked before any data is read
-        if self.preprocess is not None:  # an image model: the settings only a text model reads are refused
-            given = {k: getattr(cfg, k) for k in TEXT_SETTINGS if getattr(cfg, k) != getattr(TrainConfig, k)}
-            refuse_text_settings(cfg.model, given)
-        self.preprocess = self.preprocess or text_preprocess(  # a text model: its tokenizer and CSV columns
-            cfg.model, cfg.max_length, text_column=cfg.text_column, label_column=cfg.label_column
-        )
-        self.hf_files = hf_bundle.bundle(cfg.model)  # an hf:DIR's config and tokenizer, carried by every checkpoint
-        self.data = build_datasets(cfg.data, val_data=cfg.val_data, val_split=cfg.val_split, per_class=cfg.per_class,
-                                   seed=cfg.seed, preprocess=self.preprocess, aug=cfg.aug,
-                                   skip_bad=cfg.skip_bad, refit=bool(cfg.refit),
-                                   final_test=cfg.final_test)  # fmt: skip
-        self.classes = self.data.classes
-        replace_head(self.model, len(self.classes))
-        if cfg.init and not self.resuming:  # an earlier run's weights, head included (a recipe's previous phase);
-            # a resume's come from last.pt (the init file may be gone, or named from another directory)
-            checkpoint.init_from(self.model, cfg.init, self.classes, model_name=cfg.model)
-        freeze(self.model, parse_freeze_spec(cfg.freeze), bn=cfg.bn)
-        self.channels_last = runtime.use_channels_last(cfg.channels_last, self.model, self.device)
-        self.model.to(self.device, memory_format=torch.channels_last if self.channels_last else torch.preserve_format)
-        if self.device.type == "cpu" and not cfg.compile:  # the native weight gradient of a depthwise layer is slow
-            use_fast_depthwise(self.model)
-
-    def _training(self) -> None:
-        """Set-up steps 3 and 4: the feature path (which sizes the LR schedule), the optimizer, schedule, Unfreezer,
-        scaler and loss, and the ``Step`` that trains on a batch with them."""
-        cfg = self.cfg
-        self.loaders = Loaders(batch_size=cfg.batch_size, device=self.device, seed=cfg.seed, preprocess=self.preprocess,
-                               aug=cfg.aug, decode=cfg.decode, workers=cfg.workers, dist=self.dist,
-                               epoch_fraction=cfg.epoch_fraction)  # fmt: skip
-        self.features = FeaturePath(self.model, self.data, self.loaders, self.precision, cache=cfg.cache,
-                                    views=cfg.cache_views, spill_dir=self.run_dir / "cache", cache_dir=cfg.cache_dir,
-                                    cache_at=cfg.cache_at,
-                                    channels_last=self.channels_last, prepare=self._prepare,
-                                    echo=self.echo, progress=cfg.progress and self.dist.is_main)  # fmt: skip
-        self.steps_per_epoch = self.features.steps_per_epoch
-        self.state = checkpoint.TrainingState(self.model, *self._optimization())
-        self.loss_fn = training_loss(cfg.class_weights, cfg.label_smoothing, self.data.train.targets, len(self.classes),
-                                     self.device)  # fmt: skip
-        self.step = Step(self.state, self.loss_fn, self.precision, channels_last=self.channels_last,
-                         grad_clip=cfg.grad_clip, skip_nonfinite=cfg.skip_nonfinite, dist=self.dist)  # fmt: skip
-        self.progress = Progress(cfg.monitor)
-
-    def _run_files(self) -> None:
-        """The run's first files (rank 0's): classes.json, then the metrics log (a resume's cut back to its last.pt).
-        From here on the run's lines, those said before included, are kept in its train.log too: not before, so a
-        refused resume leaves the run's files as they were."""
-        run_log.log_to(self.run_dir)
-        if self.dist.is_main:  # classes.json before anything else: it marks the dir as a run's (prepare_run_dir)
-            atomic_write_text(self.run_dir / runtime.CLASSES_FILE, json.dumps(self.classes, indent=1))
-        self.metrics = reporting.MetricsLogger(self.run_dir, tensorboard=self.cfg.tensorboard) if self.dist.is_main \
-            else reporting.NullMetricsLogger()  # fmt: skip
-        if self.resuming:  # the rows logged after its last.pt go
-            self.metrics.truncate(self.progress.epoch)
-
-    def _process(self, echo) -> None:
-        """Set-up step 1: the torchrun group, device, precision, run directory (checked; created later) and seeds."""
-        cfg = self.cfg
-        self.dist = init_from_env(cfg.device)
-        self.echo = main_echo(echo, self.dist)
-        self.device = resolve_device(device_for(self.dist, cfg.device))
-        check_decode(cfg.decode, cfg.device, self.device)
-        self.precision = resolve_precision(self.device, cfg.amp)
-        if cfg.save_every_steps and self.dist.enabled:  # rank 0's running totals and RNG are not the other ranks'
-            raise ConfigError("save_every_steps is not supported under torchrun (DDP): last.pt is saved per epoch")
-        self.stop = StopRequest()
-        # decided once, by rank 0: a timestamped default name must not differ between ranks
-        self.run_dir = broadcast(runtime.prepare_run_dir(cfg.out, cfg.model, resume=cfg.resume,
-                                                         clean=self.dist.is_main, echo=self.echo), self.dist)  # fmt: skip
-        barrier(self.dist)  # every rank checked the run dir before rank 0 writes into it
-        # a --resume of a run stopped before its first last.pt starts it afresh (prepare_run_dir said so)
-        self.resuming = cfg.resume and (self.run_dir / checkpoint.LAST).is_file()
-        if self.resuming:  # a refusal must not wait for the model and the data (a large folder's scan)
-            checkpoint.check_settings(self.run_dir / checkpoint.LAST, cfg.recorded())
-        # best.pt and last.pt, written beside the training on an accelerator; on the CPU the writes would take the
-        # training's cores (measured: no faster), so they are written in turn
-        self.checkpoints = checkpoint.Writer(self.run_dir, background=self.device.type != "cpu")
-        runtime.seed_everything(cfg.seed)
-
-    def _batch_size(self) -> int:
-        if self.cfg.batch_size != BATCH_AUTO:
-            return self.cfg.batch_size
-        cap, default = len(self.data.train), TrainConfig.batch_size
-        if self.preprocess.tokenizer is not None:  # text: no image input to measure with
-            size, why = min(default, cap), "the default (a text model is not measured)"
-        else:
-            size, why = auto_batch_size(self.model, self.preprocess.input_size, device=self.device, cap=cap,
-                                        default=default, autocast=self.precision.autocast)  # fmt: skip
-        size, why = broadcast((size, why), self.dist)  # rank 0 measured; every rank must step alike
-        self.echo(f"--batch-size auto -> {size}: {why}")
-        return size
-
-    def _optimization(self) -> tuple:
-        cfg = self.cfg
-        optimizer = build_optimizer(self.model, cfg.optimizer, cfg.lr, stage_lrs=cfg.stage_lrs, decay=cfg.decay,
-                                    weight_decay=cfg.weight_decay, momentum=cfg.momentum)  # fmt: skip
-        scheduler = build_scheduler(optimizer, cfg.scheduler, epochs=cfg.epochs, steps_per_epoch=self.steps_per_epoch,
-                                    warmup_epochs=cfg.warmup_epochs)  # fmt: skip
-        self.warmup_steps = warmup_steps(cfg.scheduler, epochs=cfg.epochs, steps_per_epoch=self.steps_per_epoch,
-                                         warmup_epochs=cfg.warmup_epochs)  # fmt: skip
-        unfreezer = None
-        if cfg.unfreeze and cfg.unfreeze != "none":
-            unfreezer = Unfreezer(self.model, optimizer, cfg.unfreeze, lr=cfg.lr, stage_lrs=cfg.stage_lrs,
-                                  decay=cfg.decay, bn=cfg.bn, weight_decay=cfg.weight_decay, scheduler=scheduler,
-                                  mode=MONITOR_MODES[cfg.monitor])  # fmt: skip
-        return optimizer, scheduler, self.precision.scaler(), unfreezer
-
-    def _resume(self) -> None:
-        checkpoint.restore(self.run_dir / checkpoint.LAST, self.state, self.progress, config=self.cfg.recorded(),
-                           classes=self.classes, steps_per_epoch=self.steps_per_epoch)  # fmt: skip
-        p = self.progress
-        within = f" and step {p.step}/{self.steps_per_epoch} of epoch {p.epoch + 1}" if p.step else ""
-        stopped = self.cfg.early_stop and p.bad_epochs >= self.cfg.early_stop
-        done = ": the run had finished (early stop)" if stopped else ""
-        if not done and p.epoch >= self.cfg.epochs and not p.step:  # a finished run: say so, not leave it to guess
-            done = f": all {self.cfg.epochs} epochs were trained"
-        then = "; nothing trains, only the run's end (report, test split) runs again" if done else ""
-        self.echo(f"resumed {self.run_dir} after epoch {p.epoch}{within}{done}{then}")
-
-    def _prepare(self, module: nn.Module) -> nn.Module:
-        """What a step runs: DDP over the parameters that train now, compiled when asked."""
-        module = wrap(module, self.dist, self.device)
-        return runtime.recompile(module) if self.cfg.compile else module
-
-    # --- the loop -------------------------------------------------------------------------------------------
+class Trainer(RunSetup):
+    """One training run: set up from a validated config (``RunSetup``: what is built, in which order), then
+    ``fit()`` trains its epochs, unfreezes on schedule, saves ``best.pt``/``last.pt`` and scores the test split."""
 
     def fit(self) -> RunResult:
         """Train the remaining epochs, then plot the curves and score ``best.pt`` on the test split."""
