@@ -255,6 +255,7 @@ def test_an_auto_winner_reproduces_its_validation_score_and_keeps_the_measured_b
     (row,) = read_metrics(tmp_path / "sweep" / "sweep.csv")
     winner = yaml.safe_load((tmp_path / "sweep" / "winner.yaml").read_text())
     assert winner["recipe"] == "auto" and winner["refit"] is False
+    assert "auto: chose" in (tmp_path / "sweep" / "auto" / "train.log").read_text()  # the recipe's log has its choice
     assert winner["batch_size"] == load_config(tmp_path / "sweep" / "auto" / "config.yaml").batch_size
     assert isinstance(winner["batch_size"], int)
     code, _, err = run_cli(capsys, "train", "--config", tmp_path / "sweep" / "winner.yaml", "--out", tmp_path / "w")

@@ -199,7 +199,8 @@ def _run_recipe(name: str, cfg: TrainConfig, echo: Callable[[str], None]) -> tup
     echo(f"sweep: recipe {name}")
     if cfg.resume and not Path(cfg.out).exists():  # the sweep stopped before this recipe began: it starts afresh
         cfg = dataclasses.replace(cfg, resume=False)  # (the auto recipe refused to resume a run dir never made)
-    result = recipes.run(cfg, echo=echo)
+    with log(echo):  # the recipe's own level of the log: the auto recipe's trials and choice in its train.log too
+        result = recipes.run(cfg, echo=echo)
     if not (result.history and result.history[-1].get("val_n")):  # its rows scored NaN, and a "winner" was named
         raise ConfigError(f"sweep: recipe {name} had no validation data to be scored on (one image a class leaves "
                           "none to hold out), and a sweep compares recipes on it: give --val-data, or more images a "
