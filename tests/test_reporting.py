@@ -236,3 +236,19 @@ def test_the_best_epoch_is_named_in_the_accuracy_legend_not_over_the_curves():
         "best val acc 78.0% (epoch 2)",
     ]
     assert not ax.texts
+
+
+def test_under_monitor_val_loss_the_ring_marks_best_pts_epoch_on_the_loss_panel():
+    # the ring followed the highest accuracy whatever --monitor said: epoch 1 here, where best.pt held epoch 3
+    from matplotlib.figure import Figure
+
+    from freezetune import reporting
+
+    rows = [{"epoch": e, "val_loss": loss, "val_acc": acc} for e, loss, acc in [(1, 0.9, 0.6), (2, 0.5, 0.5),
+                                                                                (3, 0.4, 0.55)]]  # fmt: skip
+    ax = Figure().subplots()
+    reporting._mark_best(ax, rows, "val_loss")
+    assert ax.get_legend().get_texts()[-1].get_text() == "best val loss 0.4 (epoch 3)"
+    ax = Figure().subplots()
+    reporting._mark_best(ax, rows, "val_acc", epoch=3)  # best.pt's epoch, given by the run, wins over the column
+    assert ax.get_legend().get_texts()[-1].get_text() == "best val acc 55.0% (epoch 3)"

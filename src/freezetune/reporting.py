@@ -21,6 +21,7 @@ from matplotlib.ticker import MaxNLocator
 
 from freezetune._io import atomic_output, atomic_write_text
 from freezetune.errors import DataError
+from freezetune.options import MONITOR_MODES
 
 METRICS_CSV, REPORT_PNG = "metrics.csv", "report.png"  # a run's epoch rows and their plot
 
@@ -229,8 +230,9 @@ def unfreeze_events(rows: list[dict[str, Any]]) -> list[tuple[int, str]]:
     return events
 
 
-def plot_report(metrics_csv: str | Path, out_png: str | Path) -> Path:
-    """Plot loss, accuracy and (if logged) learning rates per epoch, marking unfreeze events.
+def plot_report(metrics_csv: str | Path, out_png: str | Path, *, monitor: str = "val_acc",
+                best_epoch: int | None = None) -> Path:  # fmt: skip
+    """Plot loss, accuracy and (if logged) learning rates per epoch, marking unfreeze events and the best epoch.
 
     Each unfreeze event is a dashed vertical line half an epoch before the first epoch trained with the new stages.
     Columns that are missing are skipped; a file without rows gives a figure that says so.
@@ -238,6 +240,8 @@ def plot_report(metrics_csv: str | Path, out_png: str | Path) -> Path:
     Args:
         metrics_csv: A ``metrics.csv`` written by ``MetricsLogger``.
         out_png: Destination PNG; written atomically.
+        monitor: the metric the run kept ``best.pt`` by (``val_acc`` or ``val_loss``): its panel rings the best epoch.
+        best_epoch: ``best.pt``'s epoch; by default the best of ``monitor``'s column.
 
     Returns:
         ``out_png`` as a ``Path``.
@@ -263,7 +267,7 @@ def plot_report(metrics_csv: str | Path, out_png: str | Path) -> Path:
     for ax, (title, cols, scale, log) in zip(axes, panels, strict=True):
         _plot_panel(ax, rows, title, cols, scale, log)
     _mark_unfreezes(axes, unfreeze_events(rows))
-    _mark_best(axes[1], rows)
+    _mark_best(axes[1] if monitor == "val_acc" else axes[0], rows, monitor, best_epoch)
     axes[-1].xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole: no 1.5 tick on a 3-epoch run
     axes[-1].set_xlabel("epoch")
     if not rows:
@@ -302,15 +306,21 @@ def _plot_panel(ax: Any, rows: list[dict[str, Any]], title: str, cols: list[str]
         ax.text(0.5, 0.5, f"no {' / '.join(cols)} logged", ha="center", va="center", transform=ax.transAxes, alpha=0.6)
 
 
-def _mark_best(ax: Any, rows: list[dict[str, Any]]) -> None:
-    """Ring the epoch of the highest validation accuracy (best.pt's, when the run monitors val_acc), named in the
-    legend: a label beside the ring lay across the curves below it."""
-    pts = [(r["epoch"], r["val_acc"]) for r in rows if isinstance(r.get("val_acc"), numbers.Real)]
-    if pts:
-        epoch, acc = max(pts, key=lambda p: (p[1], -p[0]))  # the first epoch that reached it, as best.pt keeps
-        ax.plot([epoch], [100 * acc], marker="o", markersize=10, fillstyle="none", color="tab:green", linestyle="",
-                label=f"best val acc {100 * acc:.1f}% (epoch {epoch})")  # fmt: skip
-        ax.legend(fontsize=8, loc="best")
+def _mark_best(ax: Any, rows: list[dict[str, Any]], monitor: str = "val_acc", epoch: int | None = None) -> None:
+    """Ring ``best.pt``'s epoch on the panel of the metric it was kept by (``epoch``, else the best of ``monitor``),
+    named in the legend: a label beside the ring lay across the curves below it. Under ``--monitor val_loss`` the ring
+    sat on the highest accuracy, an epoch best.pt did not hold."""
+    pts = [(r["epoch"], r[monitor]) for r in rows if isinstance(r.get(monitor), numbers.Real)]
+    if epoch is not None:
+        pts = [p for p in pts if p[0] == epoch]
+    if not pts:
+        return
+    sign = 1 if MONITOR_MODES[monitor] == "max" else -1
+    epoch, value = max(pts, key=lambda p: (sign * p[1], -p[0]))  # the first epoch that reached it, as best.pt keeps
+    shown = f"{100 * value:.1f}%" if monitor == "val_acc" else f"{value:.4g}"
+    ax.plot([epoch], [value * (100 if monitor == "val_acc" else 1)], marker="o", markersize=10, fillstyle="none",
+            color="tab:green", linestyle="", label=f"best {monitor.replace('_', ' ')} {shown} (epoch {epoch})")  # fmt: skip
+    ax.legend(fontsize=8, loc="best")
 
 
 def _mark_unfreezes(axes: Any, events: list[tuple[int, str]]) -> None:

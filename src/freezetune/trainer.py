@@ -105,7 +105,8 @@ class Trainer(RunSetup):
         self.seconds["epochs"] = time.perf_counter() - start
         self.seconds = self._spent()
         if self.dist.is_main:
-            reporting.plot_report(self.run_dir / reporting.METRICS_CSV, self.run_dir / reporting.REPORT_PNG)
+            reporting.plot_report(self.run_dir / reporting.METRICS_CSV, self.run_dir / reporting.REPORT_PNG,
+                                  monitor=self.cfg.monitor, best_epoch=self.progress.best_epoch)  # fmt: skip
         test = self._final_test()
         barrier(self.dist)
         p = self.progress
