@@ -515,3 +515,17 @@ def test_without_validation_images_a_sweep_is_refused_and_the_auto_recipe_says_w
     code, out, err = run_cli(capsys, *train_argv(data, tmp_path / "run", "--epochs", "1"))
     assert code == 0, err
     assert "there are no validation images to compare on" in out and "stay validation" not in out
+
+
+def test_the_auto_recipe_scales_explicit_stage_lrs_with_the_head_keeping_the_users_ratio(data, tmp_path, capsys):
+    # the recipe's boost moved the head alone: blocks.4 asked 10 times slower than the head trained 67 times slower
+    asked = ("--epochs", "1", "--lr", "1e-3", "--stage-lrs", "blocks.4=1e-4")
+    code, _, err = run_cli(capsys, *train_argv(data, tmp_path / "run", *asked))
+    assert code == 0, err
+    for cfg in (load_config(tmp_path / "run" / "auto-trials" / "last-3" / "config.yaml"),
+                load_config(tmp_path / "run" / "config.yaml")):  # fmt: skip
+        assert cfg.lr > 1e-3 and cfg.stage_lrs["blocks.4"] / cfg.lr == pytest.approx(0.1)
+    # the same command with --resume resumes as asked (recipe.json keeps the request): its --lr and --stage-lrs were
+    # laid over the final run's config.yaml, whose learning rates are the recipe's, and refused
+    code, out, err = run_cli(capsys, *train_argv(data, tmp_path / "run", *asked, "--resume"))
+    assert code == 0 and "resuming with the earlier decision" in out, err

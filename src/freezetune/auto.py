@@ -106,13 +106,13 @@ def run(cfg: TrainConfig, *, echo: Callable[[str], None] = print, train: Callabl
     echo(f"auto: chose to train the last {choice['trained_stages']} stage(s) + head (freeze {choice['freeze']}, lr "
          f"{run_lr:.1e}) for {epochs} epoch(s): {why}")  # fmt: skip
     init = _start_from(out, trials, choice, cfg.init, delete=info.is_main)
-    decision = {"procedure": _procedure(), "cut": cut, "trials": trials,
+    decision = {"procedure": _procedure(), "asked": cfg.recorded(), "cut": cut, "trials": trials,
                 "default_trained_stages": DEFAULT_TRAINED_STAGES, "trial_fraction": TRIAL_FRACTION, "budget_s": parse_duration(cfg.budget),
                 "choice": {**choice, "epochs": epochs, "refit": refit, "why": why, "init": init, "run_lr": run_lr}}  # fmt: skip
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(saved, json.dumps(decision, indent=1))
-    final = dataclasses.replace(base, freeze=choice["freeze"], lr=run_lr, epochs=epochs, refit=refit, init=init,
+    final = dataclasses.replace(_at_lr(base, run_lr), freeze=choice["freeze"], epochs=epochs, refit=refit, init=init,
                                 resume=False)  # fmt: skip
     result = train(final, echo=echo)
     # the measurement is part of the training cost: every trial's seconds count
@@ -127,9 +127,19 @@ def _resumed(cfg: TrainConfig, out: Path, decision: dict, echo: Callable[[str], 
     choice = decision["choice"]
     run_lr = choice.get("run_lr", choice["lr"])
     echo(f"auto: resuming with the earlier decision: freeze {choice['freeze']!r}, lr {run_lr:.1e}")
-    return dataclasses.replace(_base(cfg, out, decision["cut"]), freeze=choice["freeze"], lr=run_lr,
+    return dataclasses.replace(_at_lr(_base(cfg, out, decision["cut"]), run_lr), freeze=choice["freeze"],
                                epochs=choice["epochs"], refit=choice.get("refit", False),
                                init=choice.get("init", cfg.init), resume=True)  # fmt: skip
+
+
+def asked_config(run_dir: str | Path) -> dict | None:
+    """The config an auto run in ``run_dir`` was asked for (``recipe.json``'s), None for another run. Its
+    ``config.yaml`` is the final run's (the chosen freeze, the recipe's learning rates): the same command with
+    ``--resume`` laid its ``--lr`` or ``--stage-lrs`` over those and was refused; over this, it resumes as asked."""
+    saved = Path(run_dir) / RECIPE_FILE
+    if not saved.is_file():
+        return None
+    return json.loads(saved.read_text()).get("asked")  # a recipe.json of an older freezetune has none
 
 
 def _epochs_and_refit(cfg: TrainConfig, trials: list[dict], choice: dict, spent: float,
@@ -198,7 +208,7 @@ def _trial(base: TrainConfig, k: int, boost: float, out: Path, train: Callable, 
            brief: bool) -> dict:  # fmt: skip
     """Train candidate ``k`` for one short epoch and score it on the validation split."""
     trial_cfg = dataclasses.replace(
-        base, freeze=-(k + 1), lr=candidate_lr(base.lr, k, boost), epochs=1, epoch_fraction=TRIAL_FRACTION,
+        _at_lr(base, candidate_lr(base.lr, k, boost)), freeze=-(k + 1), epochs=1, epoch_fraction=TRIAL_FRACTION,
         warmup_epochs=0.0, early_stop=None, unfreeze=None, final_test=False, tensorboard=False, resume=False,
         refit=False, out=str(_trial_dir(out, k)),
     )  # fmt: skip
@@ -217,6 +227,18 @@ def _trial(base: TrainConfig, k: int, boost: float, out: Path, train: Callable, 
             "seconds": seconds, "epoch_s": row.get("epoch_time_s", 0.0) / TRIAL_FRACTION,
             "trainable_params": row.get("trainable_params"), "n_val": _val_size(result),
             "data_kind": result.data_kind, "refit_fits": result.refit_fits, "no_refit": result.no_refit}  # fmt: skip
+
+
+def _at_lr(cfg: TrainConfig, lr: float) -> TrainConfig:
+    """``cfg`` at learning rate ``lr``, its explicit ``stage_lrs`` scaled by the same factor: the ratios the user set
+    between the head and those stages hold in the trials and the run, as the ``decay`` rule's do (the boost moved
+    the head alone: ``layer4=1e-3`` beside ``--lr 1e-3`` trained 6.7 times slower than the head).
+
+    >>> _at_lr(TrainConfig(lr=1e-3, stage_lrs={"layer4": 1e-4}), 1e-2).stage_lrs
+    {'layer4': 0.001}
+    """
+    factor = lr / cfg.lr
+    return dataclasses.replace(cfg, lr=lr, stage_lrs={name: v * factor for name, v in cfg.stage_lrs.items()})
 
 
 def _start_from(out: Path, trials: list[dict], choice: dict, init: str | None, *, delete: bool = True) -> str | None:

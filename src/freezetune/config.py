@@ -199,9 +199,10 @@ def field_names() -> list[str]:
     return [f.name for f in fields(TrainConfig)]
 
 
-def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None, *,
+def load_config(path: str | Path | dict[str, Any] | None = None, overrides: dict[str, Any] | None = None, *,
                 need_data: bool = True) -> TrainConfig:  # fmt: skip
-    """Build a config from an optional YAML file, then ``overrides`` (CLI flags, ``key=value`` pairs).
+    """Build a config from an optional YAML file (or the values one holds), then ``overrides`` (CLI flags,
+    ``key=value`` pairs).
 
     An override of None unsets the field (``grad_clip=null`` clears the file's grad_clip): a caller leaves out the
     keys it was not given. ``need_data=False`` accepts a config without ``data`` (a template, as ``--print-config``
@@ -212,7 +213,7 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     """
     values: dict[str, Any] = {}
     if path is not None:
-        values.update(_read_yaml(Path(path)))
+        values.update(path if isinstance(path, dict) else _read_yaml(Path(path)))
     values.update(overrides or {})
     _check_keys(values)
     cfg = TrainConfig(**{k: coerce(k, v) for k, v in values.items()})
