@@ -80,3 +80,23 @@ def test_a_second_validation_folder_is_named_as_not_read(tmp_path, caplog):
         bundle = build_datasets(str(root), preprocess=PRE)
     assert bundle.val_source == "the validation folder"
     assert "val/ and valid/: val/ is read, valid/ not" in caplog.text
+
+
+def test_val_data_replaces_the_layouts_validation_folder_unread(tmp_path):
+    # an unlabelled val/ was refused although --val-data said where validation comes from
+    root = _layout(tmp_path / "d", splits=("train", "test"))
+    _images(root / "val")  # images, no class folders
+    other = _layout(tmp_path / "other", splits=("v",))
+    bundle = build_datasets(str(root), val_data=str(other / "v"), preprocess=PRE)
+    assert len(bundle.val) == 9 and bundle.val_source.startswith("val_data")
+
+
+def test_an_unlabelled_test_folder_stops_the_auto_recipe_before_its_trials(tmp_path, capsys):
+    # the trials do not score the test split, so they did not read it: the refusal came after all of them
+    from _engine_fixtures import make_image_folder, run_cli, train_argv
+
+    root = make_image_folder(tmp_path / "d", test=0)
+    _images(root / "test")
+    code, out, err = run_cli(capsys, *train_argv(root, tmp_path / "run", "--epochs", "1"))
+    assert code == 2 and "--no-final-test" in err and "auto: last" not in out
+    assert not (tmp_path / "run").exists()

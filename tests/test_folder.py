@@ -75,3 +75,10 @@ def test_a_bad_csv_row_is_named_by_its_line_in_the_file(tmp_path):
     csv.write_text("path,label\nimg/0.png,a\n\nimg/1.png,\n")  # line 4: no label (line 3 is blank)
     with pytest.raises(DataError, match=r"line 4 is \['img/1.png', ''\]"):
         read_csv(csv)
+
+
+def test_a_broken_symlink_named_like_a_file_beside_the_classes_is_no_class(tmp_path):
+    _images(tmp_path / "bag")
+    _images(tmp_path / "coat")
+    (tmp_path / "labels.csv").symlink_to("/nonexistent/labels.csv")
+    assert folder_classes(tmp_path) == ["bag", "coat"]

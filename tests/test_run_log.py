@@ -9,7 +9,7 @@ import pytest
 
 from _engine_fixtures import make_image_folder, run_cli, train_argv
 from freezetune import run_log, step
-from freezetune.run_log import LOG_FILE, log, log_to
+from freezetune.run_log import LOG_FILE, log, log_to, opened
 
 pytestmark = pytest.mark.usefixtures("single_thread_module")
 STAMP = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d  ")
@@ -71,7 +71,7 @@ def test_a_run_that_fails_before_it_has_a_directory_makes_none_for_its_log(tmp_p
     assert not (tmp_path / "run").exists()
 
 
-def test_levels_sharing_a_directory_log_each_line_once_and_lines_wait_for_the_directory(tmp_path):
+def test_levels_sharing_a_directory_log_each_line_once_and_lines_wait_for_the_run_to_open_it(tmp_path):
     printed = []
     with log(printed.append) as say:
         say("before the directory is known")
@@ -79,32 +79,53 @@ def test_levels_sharing_a_directory_log_each_line_once_and_lines_wait_for_the_di
         say("before the directory exists")
         assert not (tmp_path / "run").exists()  # the log creates no directory
         (tmp_path / "run").mkdir()
+        say("before a run opened it")
+        assert not (tmp_path / "run" / LOG_FILE).exists()  # a refused resume would stop here: nothing written
+        with log(say) as trial_say:  # a nested run in a directory of its own below (a trial): opening it opens both
+            log_to(tmp_path / "run" / "trial")
+            (tmp_path / "run" / "trial").mkdir()
+            opened(tmp_path / "run" / "trial")
+            trial_say("trial")
         with log(say) as inner_say:  # a nested run in the same directory (the auto recipe's final run)
             inner_say("inner, before its directory is known")
             log_to(tmp_path / "run")
+            opened(tmp_path / "run")
             inner_say("inner")
-        with log(say) as trial_say:  # a nested run in a directory of its own (a trial)
-            log_to(tmp_path / "run" / "trial")
-            (tmp_path / "run" / "trial").mkdir()
-            trial_say("trial")
         say("after")
-    assert printed == ["before the directory is known", "before the directory exists",
-                       "inner, before its directory is known", "inner", "trial", "after"]  # fmt: skip
+    assert printed == ["before the directory is known", "before the directory exists", "before a run opened it",
+                       "trial", "inner, before its directory is known", "inner", "after"]  # fmt: skip
     assert _said(tmp_path / "run" / LOG_FILE)[1:] == printed
     assert _said(tmp_path / "run" / "trial" / LOG_FILE)[1:] == ["trial"]
 
 
-def test_an_error_leaving_nested_levels_is_logged_once_per_file(tmp_path):
+def test_an_error_leaving_nested_levels_is_logged_once_per_file_and_a_stop_worded_anew_in_its_own(tmp_path):
+    import signal
+
     from freezetune.errors import DataError
+    from freezetune.interrupt import RunInterrupted
 
     (tmp_path / "run" / "trial").mkdir(parents=True)
     with pytest.raises(DataError):
         with log(lambda line: None, tmp_path / "run"):
             with log(lambda line: None, tmp_path / "run" / "trial"):
+                opened(tmp_path / "run" / "trial")
                 raise DataError("cannot read image 'a.png': truncated")
     line = "freezetune: error: cannot read image 'a.png': truncated"
     assert _said(tmp_path / "run" / LOG_FILE)[1:] == [line]
     assert _said(tmp_path / "run" / "trial" / LOG_FILE)[1:] == [line]
+    # a trial's stop, said again as the recipe's (auto._trial): the recipe's log has its own line, not the trial's
+    (tmp_path / "b" / "trial").mkdir(parents=True)
+    with pytest.raises(RunInterrupted):
+        with log(lambda line: None, tmp_path / "b"):
+            try:
+                with log(lambda line: None, tmp_path / "b" / "trial"):
+                    opened(tmp_path / "b" / "trial")
+                    raise RunInterrupted.by(signal.SIGTERM, "at step 2/5 of epoch 1; continue with --resume")
+            except RunInterrupted:
+                raise RunInterrupted.by(signal.SIGTERM, "during the trial (trials are not resumed)") from None
+    assert _said(tmp_path / "b" / LOG_FILE)[1:] == ["freezetune: stopped by SIGTERM during the trial (trials are not "
+                                                    "resumed)"]  # fmt: skip
+    assert "--resume" in _said(tmp_path / "b" / "trial" / LOG_FILE)[-1]
 
 
 def test_a_bug_is_logged_with_its_traceback_and_a_stop_as_the_line_it_prints(tmp_path):
@@ -114,25 +135,69 @@ def test_a_bug_is_logged_with_its_traceback_and_a_stop_as_the_line_it_prints(tmp
 
     (tmp_path / "a").mkdir()
     with pytest.raises(ZeroDivisionError), log(lambda line: None, tmp_path / "a"):
+        opened(tmp_path / "a")
         1 / 0  # noqa: B018
     text = (tmp_path / "a" / LOG_FILE).read_text()
     assert "freezetune: failed:" in text and "Traceback" in text and "ZeroDivisionError" in text
     (tmp_path / "b").mkdir()
     with pytest.raises(RunInterrupted), log(lambda line: None, tmp_path / "b"):
+        opened(tmp_path / "b")
         raise RunInterrupted.by(signal.SIGTERM, "after epoch 2 (saved in last.pt)")
     assert _said(tmp_path / "b" / LOG_FILE)[-1] == "freezetune: stopped by SIGTERM after epoch 2 (saved in last.pt)"
+
+
+def test_a_user_error_is_logged_as_itself_after_an_earlier_stop_in_the_process(tmp_path, monkeypatch):
+    # a notebook: a run stopped by Ctrl-C, then another failed on its data; the log said it had been stopped
+    import signal
+
+    from freezetune import interrupt
+    from freezetune.errors import DataError
+
+    monkeypatch.setattr(interrupt, "raised_stop", lambda: interrupt.RunInterrupted(signal.SIGINT, "stopped by SIGINT"))
+    (tmp_path / "a").mkdir()
+    with pytest.raises(DataError), log(lambda line: None, tmp_path / "a"):
+        opened(tmp_path / "a")
+        raise DataError("no class folders")
+    assert _said(tmp_path / "a" / LOG_FILE)[-1] == "freezetune: error: no class folders"
+
+
+def test_a_warning_is_said_once_but_kept_in_each_nested_runs_log_and_from_other_threads(tmp_path, caplog):
+    # a sweep: its second recipe's train.log lacked the data warnings its first had said
+    import threading
+
+    from freezetune.run_log import warn_once
+
+    logger = logging.getLogger("freezetune.test")
+    (tmp_path / "s" / "r1").mkdir(parents=True)
+    (tmp_path / "s" / "r2").mkdir()
+    with caplog.at_level(logging.WARNING, logger="freezetune"), log(lambda line: None, tmp_path / "s", name="s.log"):
+        opened(tmp_path / "s")
+        for recipe in ("r1", "r2"):
+            with log(lambda line: None, tmp_path / "s" / recipe):
+                opened(tmp_path / "s" / recipe)
+                warn_once(logger, "%d file(s) left out", 3)
+        worker = threading.Thread(target=lambda: logger.warning("from a reader thread"))
+        worker.start()
+        worker.join()
+    assert [r.getMessage() for r in caplog.records] == ["3 file(s) left out", "from a reader thread"]
+    for recipe in ("r1", "r2"):
+        assert _said(tmp_path / "s" / recipe / LOG_FILE)[1:] == ["WARNING freezetune.test: 3 file(s) left out"]
+    assert _said(tmp_path / "s" / "s.log")[1:] == ["WARNING freezetune.test: 3 file(s) left out",
+                                                   "WARNING freezetune.test: from a reader thread"]  # fmt: skip
 
 
 def test_only_the_first_process_of_a_torchrun_job_logs_and_a_failing_write_never_stops_the_run(tmp_path, monkeypatch):
     (tmp_path / "run").mkdir()
     monkeypatch.setenv("RANK", "1")
     with log(lambda line: None, tmp_path / "run") as say:
+        opened(tmp_path / "run")
         say("rank 1")
     assert not (tmp_path / "run" / LOG_FILE).exists()
     monkeypatch.setenv("RANK", "0")
     (tmp_path / "run" / LOG_FILE).mkdir()  # a directory where the file goes: every write fails
     printed = []
     with log(printed.append, tmp_path / "run") as say:
+        opened(tmp_path / "run")
         say("still said")
     assert printed == ["still said"]
 
@@ -140,17 +205,21 @@ def test_only_the_first_process_of_a_torchrun_job_logs_and_a_failing_write_never
 def test_the_header_names_the_python_api_when_no_command_started_the_process(tmp_path, monkeypatch):
     monkeypatch.setattr(run_log, "command", None)
     with log(lambda line: None, tmp_path) as say:
+        opened(tmp_path)
         say("x")
     assert _said(tmp_path / LOG_FILE)[0].endswith("(Python API)")
 
 
-def test_a_refused_resume_leaves_the_runs_log_as_it_was(data, tmp_path, capsys):
+@pytest.mark.parametrize("how", [("--freeze", "-3"), ()])
+def test_a_refused_resume_leaves_the_runs_log_as_it_was(data, tmp_path, capsys, how):
+    # the auto recipe's level knew its directory from the start: a refusal could be written into it
     from _engine_fixtures import snapshot
 
-    code, _, err = run_cli(capsys, *train_argv(data, tmp_path / "run", "--epochs", "1", "--freeze", "-3"))
+    code, _, err = run_cli(capsys, *train_argv(data, tmp_path / "run", "--epochs", "1", *how))
     assert code == 0, err
     before = snapshot(tmp_path / "run")
-    code, _, err = run_cli(capsys, *train_argv(data, tmp_path / "run", "--epochs", "1", "--freeze", "-2", "--resume"))
+    code, _, err = run_cli(capsys, *train_argv(data, tmp_path / "run", "--epochs", "1", *how, "--lr", "0.5",
+                                               "--resume"))  # fmt: skip
     assert code == 2 and "cannot resume" in err
     assert snapshot(tmp_path / "run") == before
 

@@ -45,7 +45,9 @@ from pathlib import Path
 
 from freezetune import checkpoint, run_log
 from freezetune._io import atomic_write_text
-from freezetune.config import TrainConfig, needs_validation
+from freezetune.config import RESUME_MAY_CHANGE, TrainConfig, needs_validation
+from freezetune.data.datasets import check_test_split
+from freezetune.errors import ConfigError
 from freezetune.interrupt import RunInterrupted
 from freezetune.options import parse_duration
 from freezetune.runtime import RECIPE_FILE, TRIALS_DIR
@@ -81,6 +83,7 @@ def run(cfg: TrainConfig, *, echo: Callable[[str], None] = print, train: Callabl
     out = broadcast(Path(cfg.out) if cfg.out else runtime.default_run_dir(cfg.model), info)  # rank 0's clock names it
     saved = out / RECIPE_FILE
     if cfg.resume and saved.is_file():  # the decision was made before the interruption: keep it
+        run_log.log_to(out)  # (written once the final run's resume is accepted)
         return train(_resumed(cfg, out, json.loads(saved.read_text()), echo), echo=echo)
     # a run dir in use is refused (or, resuming, one no run was started in) before any trial writes below it; the
     # trials and decision of an attempt stopped before its run finished an epoch are redone
@@ -88,6 +91,8 @@ def run(cfg: TrainConfig, *, echo: Callable[[str], None] = print, train: Callabl
                             clean=info.is_main)  # fmt: skip
     run_log.log_to(out)  # the trials' lines and the choice, in the run's train.log
     start = time.perf_counter()
+    if cfg.final_test:  # the trials do not read the test split: its problems would stop the run only after them
+        check_test_split(cfg.data)
     ks, cut, text = _candidates(cfg)
     base = _base(cfg, out, cut)
     intro = (f"auto: choosing how many of the last stages to train ({', '.join(map(str, ks))}) from a trial each on "
@@ -126,6 +131,12 @@ def _resumed(cfg: TrainConfig, out: Path, decision: dict, echo: Callable[[str], 
     """The final run's config from the decision ``recipe.json`` kept: a resume trains what was chosen, untried."""
     choice = decision["choice"]
     run_lr = choice.get("run_lr", choice["lr"])
+    asked, now = decision.get("asked") or {}, cfg.recorded()
+    changed = [k for k in asked if k not in RESUME_MAY_CHANGE and asked[k] != now.get(k)]
+    if changed:  # the final run's settings derive from the request: an --lr changed now would not show in them
+        raise ConfigError(f"cannot resume {out} with {', '.join(f'{k} {asked[k]!r} -> {now.get(k)!r}' for k in changed)}"
+                          ": an auto run continues as it was asked; resume with the run's values, or start a new run "
+                          "with another --out")  # fmt: skip
     echo(f"auto: resuming with the earlier decision: freeze {choice['freeze']!r}, lr {run_lr:.1e}")
     return dataclasses.replace(_at_lr(_base(cfg, out, decision["cut"]), run_lr), freeze=choice["freeze"],
                                epochs=choice["epochs"], refit=choice.get("refit", False),

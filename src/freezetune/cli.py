@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     _line_buffered(sys.stdout)
     run_log.command = shlex.join(["freezetune", *(sys.argv[1:] if argv is None else argv)])  # train.log's header
     logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")  # fmt: skip
+                        format=run_log.WARNING_FORMAT)  # fmt: skip
     forget_stop()  # a stop belongs to the command it stopped
     try:
         return args.func(args) or 0
@@ -107,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
         if stop is None:
             raise
         return _stopped(stop)
+    finally:
+        run_log.command = None  # a later Python-API run in this process (a notebook calling main) was not this
 
 
 def _stopped(stop: RunInterrupted) -> int:

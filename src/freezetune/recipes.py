@@ -179,6 +179,10 @@ def run(cfg: TrainConfig, *, echo: Callable[[str], None] = print, train: Callabl
         from freezetune.run_log import log_to
 
         log_to(cfg.out)
+    if cfg.final_test:  # the phases before the last do not read the test split: its problems would wait for them
+        from freezetune.data.datasets import check_test_split
+
+        check_test_split(cfg.data)
     result, steps = None, phases(cfg, recipe)
     for i, phase in enumerate(steps):
         phase_cfg = phase.cfg

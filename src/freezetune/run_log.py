@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator
@@ -29,21 +30,28 @@ from contextvars import ContextVar
 from pathlib import Path
 
 LOG_FILE = "train.log"  # a run's; a sweep's directory keeps "sweep.log"
+WARNING_FORMAT = "%(levelname)s %(name)s: %(message)s"  # a logged warning, on stderr and in the log
 command: str | None = None  # the command line that started this process, when the CLI did (the log's header names it)
 
 
 class _Level:
-    """One level of nesting (a run, a recipe, a sweep): its file, once known, and the lines waiting for it."""
+    """One level of nesting (a run, a recipe, a sweep): its file once known (``path``), whether a run has opened its
+    directory as its own (``confirmed``: only then is anything written there), and the lines waiting for both."""
 
     def __init__(self, name: str) -> None:
-        self.name, self.path, self.pending, self.opened = name, None, [], False
-        self.warned: set[str] = set()  # the outermost level's: the warnings said in the run (``warn_once``)
+        self.name = name
+        self.path: Path | None = None
+        self.confirmed = False
+        self.pending: list[str] = []
+        self.opened = False  # the header written, in this process
+        self.warned: set[str] = set()  # the warnings this level's log holds (once each)
 
-    def add(self, text: str) -> None:
-        self.pending.append(text)
+    def where(self) -> Path | int:
+        """What identifies this level's file: its path, or the level itself while it has none."""
+        return self.path.resolve() if self.path is not None else id(self)
 
     def flush(self) -> None:
-        if self.path is None or not self.pending or not self.path.parent.is_dir():
+        if not (self.confirmed and self.pending and self.path is not None and self.path.parent.is_dir()):
             return
         head = [] if self.opened else [_stamped(_header())]  # a resume's lines follow its own header
         try:
@@ -55,6 +63,7 @@ class _Level:
 
 
 _levels: ContextVar[tuple[_Level, ...]] = ContextVar("freezetune_run_log", default=())
+_lock = threading.Lock()  # lines come from the run's thread and, as logged warnings, from its helper threads
 
 
 @contextmanager
@@ -62,68 +71,97 @@ def log(echo: Callable[[str], None], run_dir: str | Path | None = None, *,
         name: str = LOG_FILE) -> Iterator[Callable[[str], None]]:  # fmt: skip
     """A level of the log around a run: yields the ``echo`` to say its lines with (they go to ``echo`` and to the
     log of this level and of every level around it). ``run_dir``: this level's directory, if known now (else
-    ``log_to``). An exception leaving the level is logged as the line the command-line tool prints for it."""
+    ``log_to``); nothing is written there before ``opened`` says the run made it its own. An exception leaving the
+    level is logged in its file as the line the command-line tool prints for it.
+
+    Args:
+        echo: where the lines are said (``print``, a notebook's list).
+        run_dir: the level's directory.
+        name: the log file's name in it.
+
+    >>> with log(print) as say:  # doctest: +SKIP
+    ...     say("before the directory is known: kept for it")
+    """
     level = _Level(name)
     outer = _levels.get()
     token = _levels.set((*outer, level))
     if run_dir is not None:
         log_to(run_dir)
     say = echo if outer else _teller(echo)  # the outermost level's echo already tells every level
-    warnings = None if outer else _WarningsToLog()  # freezetune's logged warnings, in the log too
+    warnings = None if outer else _WarningsToLog(_levels.get())  # freezetune's logged warnings, in the log too
     if warnings is not None:
         logging.getLogger("freezetune").addHandler(warnings)
     try:
         yield say
     except BaseException as exc:
-        _record(_ending(exc), exc)
+        _end(level, exc)
         raise
     finally:
         if warnings is not None:
             logging.getLogger("freezetune").removeHandler(warnings)
-        level.flush()
+        with _lock:
+            level.flush()
         _levels.reset(token)
 
 
 def warn_once(logger: logging.Logger, msg: str, *args: object) -> None:
     """``logger.warning(msg, *args)``, unless the same warning was said already in this run: the auto recipe's
-    trials and final run, and a sweep's recipes, each read the data again, and its warnings came six times over.
+    trials and final run, and a sweep's recipes, each read the data again, and its warnings came six times over. The
+    log of each level still gets it once (a sweep's second recipe's ``train.log`` too).
 
     >>> warn_once(logging.getLogger("freezetune.doc"), "%d file(s) left out", 3)  # outside a run: always said
     """
     levels = _levels.get()
-    if levels:
-        text = msg % args if args else msg
-        if text in levels[0].warned:
-            return
-        levels[0].warned.add(text)
-    logger.warning(msg, *args)
+    line = _warning_line(logging.WARNING, logger.name, msg % args if args else msg)
+    if levels and line in levels[0].warned:
+        _record(line, warning=True)
+        return
+    logger.warning(msg, *args)  # the handler logs it (and marks it said)
 
 
 class _WarningsToLog(logging.Handler):
-    """Puts the warnings freezetune's modules log (stderr's ``WARNING name: message``) in the run's log."""
+    """Puts the warnings freezetune's modules log (stderr's ``WARNING name: message``) in the run's log, each once
+    per file. Bound to its run's levels: a helper thread has none of its own."""
 
-    def __init__(self) -> None:
+    def __init__(self, levels: tuple[_Level, ...]) -> None:
         super().__init__(logging.WARNING)
+        self.levels = levels
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            _record(f"{record.levelname} {record.name}: {record.getMessage()}")
+            line = _warning_line(record.levelno, record.name, record.getMessage())
+            _record(line, warning=True, levels=_levels.get() or self.levels)
         except Exception:  # a log line must never stop the run
             self.handleError(record)
 
 
+def _warning_line(levelno: int, name: str, text: str) -> str:
+    """A logged warning as stderr shows it (the command line's logging format is ``WARNING_FORMAT``)."""
+    return WARNING_FORMAT % {"levelname": logging.getLevelName(levelno), "name": name, "message": text}
+
+
 def log_to(run_dir: str | Path) -> None:
     """Give the innermost level without a directory yet ``run_dir``: the run's lines so far, and from now on, are kept
-    in its log file once the directory exists."""
+    in its log file once a run there has ``opened`` it."""
     levels = _levels.get()
     for level in reversed(levels):
         if level.path is None:
             level.path = Path(run_dir) / level.name
-            if any(other.path is not None and other.path.resolve() == level.path.resolve() for other in levels
-                   if other is not level):  # fmt: skip
+            if any(other.where() == level.where() for other in levels if other is not level):
                 level.pending = []  # an outer level keeps this file, and every line said here was said there too
-            level.flush()
             return
+
+
+def opened(run_dir: str | Path) -> None:
+    """A run made ``run_dir`` its own (it passed the run-dir checks and the resume's, and writes its files now):
+    the logs there and in the directories around it (an auto recipe's, a sweep's) are written from now on. Before,
+    a refused command left a run's ``train.log`` untouched."""
+    run_dir = Path(run_dir).resolve()
+    with _lock:
+        for level in _levels.get():
+            if level.path is not None and (level.where().parent == run_dir or level.where().parent in run_dir.parents):
+                level.confirmed = True
+                level.flush()
 
 
 def _teller(echo: Callable[[str], None]) -> Callable[[str], None]:
@@ -134,42 +172,57 @@ def _teller(echo: Callable[[str], None]) -> Callable[[str], None]:
     return say
 
 
-def _record(line: str, exc: BaseException | None = None) -> None:
-    """Add ``line`` to the log of every level (once per file); ``exc``: the error it tells, logged once per file
-    as it leaves level after level."""
+def _record(line: str, *, warning: bool = False, levels: tuple[_Level, ...] | None = None) -> None:
+    """Add ``line`` to the log of every level (once per file; a ``warning`` once per level)."""
     if os.environ.get("RANK", "0") != "0":  # under torchrun the first process alone keeps the log
         return
-    told = getattr(exc, "_freezetune_logged", set()) if exc is not None else set()
-    text = _stamped(line)
-    for level in _levels.get():
-        where = level.path.resolve() if level.path is not None else id(level)
-        if where in told:
-            continue
-        told.add(where)
-        level.add(text)
+    text, told = _stamped(line), set()
+    with _lock:
+        for level in _levels.get() if levels is None else levels:
+            if level.where() in told or (warning and line in level.warned):
+                continue
+            told.add(level.where())
+            if warning:
+                level.warned.add(line)
+            level.pending.append(text)
+            level.flush()
+
+
+def _end(level: _Level, exc: BaseException) -> None:
+    """Log the line of the exception leaving ``level`` in its file, once a file: the same exception leaves the levels
+    around it too (the auto recipe's final run shares its directory), and a level around it that words it anew (a
+    trial's stop, said as the recipe's) logs its own line."""
+    if os.environ.get("RANK", "0") != "0":
+        return
+    told = getattr(exc, "_freezetune_logged", set())
+    if level.where() in told:
+        return
+    with _lock:
+        level.pending.append(_stamped(_ending(exc)))
         level.flush()
-    if exc is not None:
-        try:
-            exc._freezetune_logged = told
-        except AttributeError:  # an exception type without a __dict__: its line may then repeat in an outer file
-            pass
+    try:
+        exc._freezetune_logged = {*told, level.where()}
+    except AttributeError:  # an exception type without a __dict__: its line may then repeat in an outer file
+        pass
 
 
 def _ending(exc: BaseException) -> str:
-    """The line for the exception that ended a level: the one the CLI prints for a user error or a stop, the
-    traceback for a bug."""
+    """The line for the exception that ended a level, in ``cli.main``'s order: the one it prints for a user error, a
+    full disk or a stop; for another error after a stop signal, the stop (what it broke); else the traceback."""
     from freezetune.errors import FreezetuneError, one_line, os_error_line
     from freezetune.interrupt import RunInterrupted, raised_stop
 
-    stop = exc if isinstance(exc, RunInterrupted) else raised_stop()
-    if stop is not None:
-        return f"freezetune: {stop}"
     if isinstance(exc, FreezetuneError):
         return f"freezetune: error: {one_line(exc)}"
     if isinstance(exc, OSError):
         return f"freezetune: error: {os_error_line(exc)}"
+    if isinstance(exc, RunInterrupted):
+        return f"freezetune: {exc}"
     if isinstance(exc, KeyboardInterrupt):
         return "freezetune: interrupted"
+    stop = raised_stop()
+    if stop is not None:
+        return f"freezetune: {stop}"
     return "freezetune: failed:\n" + "".join(traceback.format_exception(exc)).rstrip()
 
 

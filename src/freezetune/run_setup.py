@@ -130,6 +130,7 @@ class RunSetup:
         From here on the run's lines, those said before included, are kept in its train.log too: not before, so a
         refused resume leaves the run's files as they were."""
         run_log.log_to(self.run_dir)
+        run_log.opened(self.run_dir)
         if self.dist.is_main:  # classes.json before anything else: it marks the dir as a run's (prepare_run_dir)
             atomic_write_text(self.run_dir / runtime.CLASSES_FILE, json.dumps(self.classes, indent=1))
         self.metrics = reporting.MetricsLogger(self.run_dir, tensorboard=self.cfg.tensorboard) if self.dist.is_main \

@@ -26,7 +26,7 @@ from freezetune._io import atomic_output, atomic_write_text
 from freezetune.config import TrainConfig, load_config, validate
 from freezetune.errors import ConfigError, choices
 from freezetune.options import BATCH_AUTO, RECIPES, parse_duration, recipe_problem
-from freezetune.run_log import log, log_to
+from freezetune.run_log import log, log_to, opened
 
 DEFAULT_RECIPES = ("linear-probe", "last-k", "auto", "full")
 DEFAULT_OUT = "runs/sweep"  # where a sweep goes without --out
@@ -84,6 +84,7 @@ def sweep(cfg: TrainConfig, recipes: str | list[str] | tuple[str, ...] = DEFAULT
     with log(echo, name=SWEEP_LOG) as echo:  # every recipe's lines, and the table, in the sweep's own log
         _keep_settings(out, cfg)
         log_to(out)
+        opened(out)  # its settings checked and kept: the dir is this sweep's
         rows = _run_all(runs, parse_duration(cfg.budget), cfg.budget, echo)
         winner = pick_winner(rows)
         _write(out, rows, winner, cfg)

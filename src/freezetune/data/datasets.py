@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from freezetune.data.folder import IMAGE_COLUMNS, IMAGE_EXTENSIONS, read_csv, scan_folder
+from freezetune.data.folder import IMAGE_COLUMNS, IMAGE_EXTENSIONS, folder_classes, read_csv, scan_folder
 from freezetune.data.idx import CLASS_NAMES_FILE, idx_files, is_idx_dir, load_idx
 from freezetune.data.sampling import per_class_indices, stratified_split
 from freezetune.data.scan import check_images, check_overlap, warn_copies
@@ -88,11 +88,12 @@ def _text_csv(path: Path, preprocess: Preprocess) -> bool:
     return preprocess.is_text if IMAGE_COLUMNS & {c.strip().lower() for c in header} else True
 
 
-def _load_source(data: str, preprocess: Preprocess, *, read_test: bool = True,
+def _load_source(data: str, preprocess: Preprocess, *, read_test: bool = True, read_val: bool = True,
                  skip_bad: bool = False) -> tuple[str, Dataset, Dataset | None, Dataset | None, bool]:  # fmt: skip
     """Read ``data`` without transforms: (source, train, val given by the layout or None, test or None, whether the
     data has a test split). ``read_test``: read the test split (not for a run that does not score it: a broken or
-    unlabelled test file must not stop it). ``skip_bad``: a CSV's missing files are left to the pre-scan, which
+    unlabelled test file must not stop it); ``read_val``: the layout's validation folder (not when ``--val-data``
+    replaces it). ``skip_bad``: a CSV's missing files are left to the pre-scan, which
     leaves them out as it does unreadable ones."""
     path, columns = Path(data), Columns.of(preprocess)
     if not path.exists():
@@ -118,18 +119,33 @@ def _load_source(data: str, preprocess: Preprocess, *, read_test: bool = True,
     if train_dir is None:
         _no_train_dir(path, [d.name for d in path.iterdir() if d.is_dir() and not d.name.startswith(".")])
         return "folder", scan_folder(path), None, None, False
-    val_dir, test_dir = _first_dir(path, _VAL_DIRS), _first_dir(path, _TEST_DIRS)
+    val_dir, test_dir = _first_dir(path, _VAL_DIRS) if read_val else None, _first_dir(path, _TEST_DIRS)
     _labelled(train_dir, f"a folder named {train_dir.name}/ is read as the training split ({train_dir}/<class>/*): "
               f"if '{train_dir.name}' is a class of a flat layout, rename that folder")  # fmt: skip
     train = scan_folder(train_dir)
     if val_dir:
         _labelled(val_dir, f"move it out of '{path}' (validation is then held out of {train_dir.name}/)")
     val = scan_folder(val_dir, train.classes) if val_dir else None
-    if test_dir and read_test:
-        _labelled(test_dir, "pass --no-final-test to train without scoring it (it is then not read), or move it out "
-                  f"of '{path}'")  # fmt: skip
-    test = scan_folder(test_dir, train.classes) if test_dir and read_test else None
+    test = _test_folder(test_dir, train.classes) if test_dir and read_test else None
     return "folder", train, val, test, test_dir is not None
+
+
+def _test_folder(test_dir: Path, classes: list[str]) -> Dataset:
+    _labelled(test_dir, "pass --no-final-test to train without scoring it (it is then not read), or move it out of "
+              f"'{test_dir.parent}'")  # fmt: skip
+    return scan_folder(test_dir, classes)
+
+
+def check_test_split(data: str) -> None:
+    """Check the test folder a run will score at its end, before a recipe's trials or first phase, which do not read
+    it: an unlabelled ``test/``, or one with a class the training folder lacks, stopped the run only after them. Its
+    classes and files are listed, its images not read (the run's own data build does that)."""
+    path = Path(data)
+    if not path.is_dir() or is_idx_dir(path):
+        return
+    train_dir, test_dir = _first_dir(path, _TRAIN_DIRS), _first_dir(path, _TEST_DIRS)
+    if train_dir is not None and test_dir is not None:
+        _test_folder(test_dir, folder_classes(train_dir))
 
 
 def _labelled(split: Path, way_out: str) -> None:
@@ -342,7 +358,8 @@ def build_datasets(
     if val_data is not None:
         _check_kind(val_data, preprocess, "val data")
     train_tf, eval_tf = train_transform(preprocess, aug), eval_transform(preprocess)
-    source, train, val, test, has_test = _load_source(data, preprocess, read_test=final_test, skip_bad=skip_bad)
+    source, train, val, test, has_test = _load_source(data, preprocess, read_test=final_test,
+                                                      read_val=val_data is None, skip_bad=skip_bad)  # fmt: skip
     if val_data is not None:
         val = _load_val(val_data, train.classes, preprocess, skip_bad=skip_bad)
     elif val is not None and val_split is not None:

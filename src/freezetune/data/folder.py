@@ -198,8 +198,10 @@ def folder_classes(root: str | Path) -> list[str]:
         raise DataError(f"image folder '{root}' does not exist; expected a directory with one subfolder per class")
     # __MACOSX: the resource forks an unzipped macOS archive carries, never a class
     entries = [d for d in root.iterdir() if not _hidden(d.name) and d.name != "__MACOSX"]
-    broken = sorted(d.name for d in entries if d.is_symlink() and not d.exists())
-    if broken:  # a link to an unmounted share is a class folder that would vanish from the run in silence
+    # a link to an unmounted share is a class folder that would vanish from the run in silence; one named like a file
+    # (labels.csv, a.jpg) is not a class
+    broken = sorted(d.name for d in entries if d.is_symlink() and not d.exists() and not d.suffix)
+    if broken:
         raise DataError(f"'{root}' holds broken symbolic link(s) {choices(broken)} (to "
                         f"'{os.readlink(root / broken[0])}'): whatever class they lead to would be left out; mount or "
                         "fix the link(s), or remove them")  # fmt: skip
