@@ -306,3 +306,8 @@ def test_cache_views_without_the_cache_is_named():
     with pytest.raises(ConfigError, match="cache_views 3 sets how many augmented views the feature cache stores"):
         validate(TrainConfig(data="images", cache="off", cache_views=3))  # accepted, and did nothing
     validate(TrainConfig(data="images", cache="auto", cache_views=3))
+
+
+def test_a_stage_named_twice_in_stage_lrs_is_refused_not_won_by_the_last():
+    with pytest.raises(ConfigError, match="names 'layer4' twice"):
+        parse_stage_lrs("layer4=1e-4,layer4=1e-2")

@@ -435,3 +435,38 @@ def test_unfreezing_under_ddp_says_the_model_must_be_wrapped_again(tmp_path):
             assert unfreezer.step(0) == ["block3"]
     finally:
         dist.destroy_process_group()
+
+
+def test_an_unfreezer_whose_bn_differs_from_the_frozen_layers_says_when_it_applies():
+    # the frozen stages' statistics started moving at the first unfreeze, an event unrelated to the policy
+    import warnings
+
+    import torchvision
+
+    import freezetune as ft
+
+    m = torchvision.models.resnet18()
+    ft.freeze(m, "backbone", bn="frozen")
+    opt = torch.optim.SGD(ft.param_groups(m, 0.1), lr=0.1)
+    with pytest.warns(UserWarning, match="from the first unfreeze on"):
+        ft.Unfreezer(m, opt, "epoch:2", lr=0.1, bn="train")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ft.Unfreezer(m, opt, "epoch:2", lr=0.1, bn="frozen")  # the same policy: nothing to say
+
+
+def test_unfreezing_a_negative_count_warns_that_it_opens_all_but_the_last_stages():
+    # fastai's freeze_to(-2) habit: unfreeze(m, -2) trained stem..layer3 and kept the head frozen, in silence
+    import torchvision
+
+    import freezetune as ft
+
+    m = torchvision.models.resnet18()
+    ft.freeze(m, "all")
+    with pytest.warns(UserWarning, match=r"opens every stage but the last 2.*freeze_to\(model, -2\)"):
+        ft.unfreeze(m, -2)
+    m = torchvision.models.resnet18()
+    ft.freeze(m, "backbone")
+    opt = torch.optim.SGD(ft.param_groups(m, 0.1), lr=0.1)
+    with pytest.warns(UserWarning, match="opens every stage but the last 2"):
+        ft.Unfreezer(m, opt, {1: -2}, lr=0.1)

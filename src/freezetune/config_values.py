@@ -29,8 +29,11 @@ def parse_stage_lrs(text: str | dict | None) -> dict[str, float]:
         items = [part.partition("=")[::2] for part in str(text).split(",") if part.strip()]
     out = {}
     for name, value in items:
+        name = str(name).strip()
+        if name in out:  # "layer4=1e-4,layer4=1e-2": the last one won in silence
+            raise ConfigError(f"stage_lrs names {name!r} twice; give each stage one LR")
         try:
-            out[str(name).strip()] = float(value)
+            out[name] = float(value)
         except (TypeError, ValueError):
             raise ConfigError(f"stage_lrs entry {name}={value!r} is not STAGE=LR (e.g. 'layer4=1e-4')") from None
     return out

@@ -14,6 +14,7 @@ these. BatchNorm layers inside a frozen part follow one of three policies:
 from __future__ import annotations
 
 import fnmatch
+import warnings
 from collections.abc import Sequence
 
 from torch import nn
@@ -42,7 +43,8 @@ def freeze(model: nn.Module, spec: Spec = FREEZE_DEFAULT, *, bn: str = BN_DEFAUL
             glob of parameter or stage names (``"layer[1-3]*"``), or a list of these.
         bn: the BatchNorm layers in the frozen part: ``"frozen"`` (statistics and affine frozen, run in eval even
             after ``model.train()``), ``"affine"`` (affine trains, statistics update) or ``"train"`` (statistics
-            update only).
+            update only). The policy lives on the layers: convert to ``SyncBatchNorm`` before freezing, as the
+            conversion builds new layers without it.
 
     Raises:
         SpecError: an unknown stage name, a glob that matches nothing, an int beyond the stage count, an unknown
@@ -80,6 +82,7 @@ def unfreeze(model: nn.Module, spec: Spec = "all", *, bn: str | None = None) -> 
     """
     if bn is not None:
         check_bn_policy(bn)
+    warn_negative_unfreeze(spec)
     model = unwrap(model)
     st = stages(model)
     params = _resolve(model, st, spec)
@@ -92,6 +95,15 @@ def unfreeze(model: nn.Module, spec: Spec = "all", *, bn: str | None = None) -> 
         if bn is not None and getattr(module, _POLICY_ATTR, None) is not None:
             setattr(module, _POLICY_ATTR, bn)
     _apply_bn_policies(model)
+
+
+def warn_negative_unfreeze(spec: Spec) -> None:
+    """Warn that a negative int opens every stage but the last ``-n``: fastai's ``freeze_to(-2)`` habit reads it as
+    "the last two", and the head then stayed frozen between trained stages."""
+    specs = spec if isinstance(spec, (list, tuple)) else [spec]
+    for n in (s for s in specs if isinstance(s, int) and not isinstance(s, bool) and s < 0):
+        warnings.warn(f"unfreezing {n} opens every stage but the last {-n} (as freeze({n}) freezes them); to train the "
+                      f"last {-n}, unfreeze their names or use freeze_to(model, {n})", stacklevel=3)  # fmt: skip
 
 
 def freeze_to(model: nn.Module, n: int, *, bn: str = BN_DEFAULT) -> None:
@@ -246,6 +258,16 @@ def _params_of(selected: list[Stage]) -> dict[int, nn.Parameter]:
 
 
 # --- BatchNorm policy ---------------------------------------------------------------------------------------
+
+
+def policies(model: nn.Module) -> set[str]:
+    """The BatchNorm policies the frozen layers of ``model`` have (empty when none is frozen).
+
+    >>> import torchvision
+    >>> m = torchvision.models.resnet18(); freeze(m, "backbone", bn="affine"); policies(m)
+    {'affine'}
+    """
+    return {p for p in (getattr(m, _POLICY_ATTR, None) for m in unwrap(model).modules()) if p is not None}
 
 
 def check_bn_policy(bn: str) -> None:

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from freezetune.errors import CheckpointError, SpecError, choices
-from freezetune.freeze import Spec, check_bn_policy, resolve_stages, unfreeze
+from freezetune.freeze import Spec, check_bn_policy, policies, resolve_stages, unfreeze, warn_negative_unfreeze
 from freezetune.heads import unwrap, wrapping
 from freezetune.options import UNFREEZE_FORMS
 from freezetune.param_groups import LRRule, group_stage, is_no_decay, no_decay_names, stage_groups
@@ -97,7 +97,9 @@ class Unfreezer:
     A given ``scheduler`` keeps driving the new groups: their LR keys and the scheduler's per-group lists are
     extended from a reference group, scaled by the ratio of the two stages' rule LRs. ``weight_decay`` None (the
     default) gives the new groups the decay of the optimizer's decaying groups (biases and norms get a ``/no_decay``
-    twin with 0 when it is not 0); ``bn`` None keeps the BatchNorm policy each frozen layer has.
+    twin with 0 when it is not 0); ``bn`` None keeps the BatchNorm policy each frozen layer has, a policy gives it
+    to every layer still frozen at the first unfreeze (the optimizer holds what trains until then; a policy that
+    differs from the frozen layers' is warned of here).
 
     >>> import torch, torchvision, freezetune as ft
     >>> m = torchvision.models.resnet18(); ft.freeze(m, "backbone")
@@ -135,6 +137,11 @@ class Unfreezer:
         self.mode = self.schedule.mode or mode  # a plateau on a loss waits for it to stop falling
         self.rule = LRRule([s.name for s in stages(model)], lr, stage_lrs=stage_lrs, decay=decay)
         self.bn = bn
+        held = policies(self.model)
+        if bn is not None and held - {bn}:  # the frozen layers' statistics would start moving mid-run, unasked
+            warnings.warn(f"the frozen BatchNorm layers have policy {choices(sorted(held))} and this Unfreezer's bn is "
+                          f"{bn!r}: it applies to the layers still frozen from the first unfreeze on; give freeze() the "
+                          "same bn to have it from the start", stacklevel=2)  # fmt: skip
         self.weight_decay = _decay_in_use(optimizer) if weight_decay is None else weight_decay
         self._check_rule(bool(stage_lrs))
         if scheduler is None and any("initial_lr" in g for g in optimizer.param_groups):
@@ -148,6 +155,7 @@ class Unfreezer:
         self.num_bad = 0
         for spec in (self.schedule.plan or {}).values():
             resolve_stages(model, spec)  # validate the whole plan now, not at epoch 40
+            warn_negative_unfreeze(spec)
         if 0 in self.schedule.plan:
             self._unfreeze([s.name for s in resolve_stages(model, self.schedule.plan[0])])
 
