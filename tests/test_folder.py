@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from freezetune.data.folder import folder_classes, read_csv, scan_folder
+from freezetune.data.folder import folder_classes, scan_folder
+from freezetune.data.image_csv import read_csv
 from freezetune.errors import DataError
 
 

@@ -46,7 +46,7 @@ from pathlib import Path
 from freezetune import checkpoint, run_log
 from freezetune._io import atomic_write_text
 from freezetune.config import RESUME_MAY_CHANGE, TrainConfig, needs_validation
-from freezetune.data.datasets import check_test_split
+from freezetune.data.layout import check_test_split
 from freezetune.errors import ConfigError
 from freezetune.interrupt import RunInterrupted
 from freezetune.options import parse_duration

@@ -180,7 +180,7 @@ def run(cfg: TrainConfig, *, echo: Callable[[str], None] = print, train: Callabl
 
         log_to(cfg.out)
     if cfg.final_test:  # the phases before the last do not read the test split: its problems would wait for them
-        from freezetune.data.datasets import check_test_split
+        from freezetune.data.layout import check_test_split
 
         check_test_split(cfg.data)
     result, steps = None, phases(cfg, recipe)

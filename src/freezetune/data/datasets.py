@@ -13,8 +13,10 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from freezetune.data.folder import IMAGE_COLUMNS, IMAGE_EXTENSIONS, folder_classes, read_csv, scan_folder
+from freezetune.data.folder import scan_folder
 from freezetune.data.idx import CLASS_NAMES_FILE, idx_files, is_idx_dir, load_idx
+from freezetune.data.image_csv import IMAGE_COLUMNS, read_csv
+from freezetune.data.layout import TEST_DIRS, TRAIN_DIRS, VAL_DIRS, first_dir, load_folder
 from freezetune.data.sampling import per_class_indices, stratified_split
 from freezetune.data.scan import check_images, check_overlap, warn_copies
 from freezetune.data.text import Columns, TextDataset, read_text_csv, text_csv_header
@@ -27,10 +29,6 @@ from freezetune.run_log import warn_once
 
 log = logging.getLogger(__name__)
 
-# split folders, matched without regard to case (Train/, Val/); the first name found of each tuple wins
-_TRAIN_DIRS = ("train", "training")
-_VAL_DIRS = ("val", "valid", "validation", "dev")
-_TEST_DIRS = ("test", "testing")
 AUTO_VAL_FRACTION = 0.1  # held out per class when no validation data is given
 AUTO_VAL_MAX_PER_CLASS = 50  # enough to rank recipes, cheap to cache and to evaluate every epoch
 _EXPECTED = (
@@ -56,26 +54,6 @@ class DataBundle:
     @property
     def refit_fits(self) -> bool:
         return not self.no_refit
-
-
-def _first_dir(root: Path, names: tuple[str, ...]) -> Path | None:
-    """The first of ``names`` that ``root`` has as a folder, in any case (``Train/`` is ``train/``); the others
-    found (``val/`` beside ``valid/``) are named in a warning: their images are not read."""
-    found = {d.name.lower(): d for d in sorted(root.iterdir(), reverse=True) if d.is_dir()}
-    present = [found[n] for n in names if n in found]
-    if len(present) > 1:
-        warn_once(log, "'%s' has %s: %s/ is read, %s not", root, " and ".join(f"{d.name}/" for d in present),
-                  present[0].name, ", ".join(f"{d.name}/" for d in present[1:]))  # fmt: skip
-    return present[0] if present else None
-
-
-def _no_train_dir(path: Path, classes: list[str]) -> None:
-    """Class folders that are all split names (``val/``, ``test/``) are a layout without its ``train/`` folder, not
-    classes called "test" and "val"."""
-    splits = {*_TRAIN_DIRS, *_VAL_DIRS, *_TEST_DIRS}
-    if classes and all(c.lower() in splits for c in classes):
-        raise DataError(f"'{path}' holds split folders ({choices(classes)}) but no training folder: put the training "
-                        f"images in {path / 'train'}/<class>/ (or give the class folders themselves)")  # fmt: skip
 
 
 def _text_csv(path: Path, preprocess: Preprocess) -> bool:
@@ -115,47 +93,7 @@ def _load_source(data: str, preprocess: Preprocess, *, read_test: bool = True, r
             load_idx(path, "test") if has_test and read_test else None,
             has_test,
         )
-    train_dir = _first_dir(path, _TRAIN_DIRS)
-    if train_dir is None:
-        _no_train_dir(path, [d.name for d in path.iterdir() if d.is_dir() and not d.name.startswith(".")])
-        return "folder", scan_folder(path), None, None, False
-    val_dir, test_dir = _first_dir(path, _VAL_DIRS) if read_val else None, _first_dir(path, _TEST_DIRS)
-    _labelled(train_dir, f"a folder named {train_dir.name}/ is read as the training split ({train_dir}/<class>/*): "
-              f"if '{train_dir.name}' is a class of a flat layout, rename that folder")  # fmt: skip
-    train = scan_folder(train_dir)
-    if val_dir:
-        _labelled(val_dir, f"move it out of '{path}' (validation is then held out of {train_dir.name}/)")
-    val = scan_folder(val_dir, train.classes) if val_dir else None
-    test = _test_folder(test_dir, train.classes) if test_dir and read_test else None
-    return "folder", train, val, test, test_dir is not None
-
-
-def _test_folder(test_dir: Path, classes: list[str]) -> Dataset:
-    _labelled(test_dir, "pass --no-final-test to train without scoring it (it is then not read), or move it out of "
-              f"'{test_dir.parent}'")  # fmt: skip
-    return scan_folder(test_dir, classes)
-
-
-def check_test_split(data: str) -> None:
-    """Check the test folder a run will score at its end, before a recipe's trials or first phase, which do not read
-    it: an unlabelled ``test/``, or one with a class the training folder lacks, stopped the run only after them. Its
-    classes and files are listed, its images not read (the run's own data build does that)."""
-    path = Path(data)
-    if not path.is_dir() or is_idx_dir(path):
-        return
-    train_dir, test_dir = _first_dir(path, _TRAIN_DIRS), _first_dir(path, _TEST_DIRS)
-    if train_dir is not None and test_dir is not None:
-        _test_folder(test_dir, folder_classes(train_dir))
-
-
-def _labelled(split: Path, way_out: str) -> None:
-    """Refuse a split folder of images without class folders (Kaggle's unlabelled ``test/``): nothing labels them.
-
-    ``way_out``: what the user can do instead."""
-    entries = [e for e in split.iterdir() if not e.name.startswith(".")]
-    if not any(e.is_dir() for e in entries) and any(e.suffix.lower() in IMAGE_EXTENSIONS for e in entries):
-        raise DataError(f"'{split}' holds images but no class folders ({split}/<class>/*), so nothing labels them: "
-                        f"{way_out}")  # fmt: skip
+    return ("folder", *load_folder(path, read_val=read_val, read_test=read_test))
 
 
 def _check_kind(data: str, preprocess: Preprocess, what: str = "data") -> None:
@@ -442,8 +380,8 @@ def build_eval_dataset(data: str, *, preprocess: Preprocess, classes: list[str])
             raise DataError(f"'{data}' has classes {choices(ds.classes)}; the checkpoint's classes are "
                             f"{choices(classes)} (IDX files carry no names: write the checkpoint's, one a line, "
                             f"into {path / CLASS_NAMES_FILE} if this is the same data)")  # fmt: skip
-    elif path.is_dir() and _first_dir(path, _TRAIN_DIRS) is not None:
-        split = _first_dir(path, (*_TEST_DIRS, *_VAL_DIRS))
+    elif path.is_dir() and first_dir(path, TRAIN_DIRS) is not None:
+        split = first_dir(path, (*TEST_DIRS, *VAL_DIRS))
         if split is None:
             raise DataError(f"'{data}' has train/ but no test/ or val/ folder to evaluate on")
         ds, source = scan_folder(split, classes), f"the {split.name}/ folder of {path}"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import logging
 import os
 import unicodedata
@@ -40,8 +39,6 @@ def _heif_readable() -> bool:
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff") + (
     HEIF_EXTENSIONS if _heif_readable() else ()
 )
-IMAGE_COLUMNS = {"path", "file", "filename", "filepath", "image", "image_path", "img"}  # an image CSV's header
-_CSV_LABEL_NAMES = {"label", "class", "target", "category", "y"}
 
 
 def load_image(path: str | Path) -> Image.Image:
@@ -226,7 +223,7 @@ def _same_names(root: Path, classes: list[str]) -> None:
     Names that differ only in case or spacing are warned about: each is a class of its own."""
     forms: dict[str, list[str]] = {}
     for c in classes:
-        forms.setdefault(_nfc(c), []).append(c)
+        forms.setdefault(nfc(c), []).append(c)
     same = next((names for names in forms.values() if len(names) > 1), None)
     if same is not None:
         raise DataError(f"'{root}': class folders {' and '.join(map(ascii, same))} are one name written in two Unicode "
@@ -251,14 +248,14 @@ def scan_folder(root: str | Path, classes: list[str] | None = None) -> FileImage
     own = folder_classes(root)
     classes = list(classes) if classes is not None else own
     # names compared in NFC: macOS writes "café" decomposed (NFD), Linux and Windows composed, and both look alike
-    index = {_nfc(c): i for i, c in enumerate(classes)}
-    unknown = [c for c in own if _nfc(c) not in index]
+    index = {nfc(c): i for i, c in enumerate(classes)}
+    unknown = [c for c in own if nfc(c) not in index]
     if unknown:
         raise DataError(f"class folder(s) {choices(unknown)} in '{root}' are not training classes: {choices(classes)}")
     samples, left_out = [], []
     for c in own:
         files = _files_under(Path(root) / c)
-        samples += [(str(p), index[_nfc(c)]) for p in files if _image_suffix(p)]
+        samples += [(str(p), index[nfc(c)]) for p in files if _image_suffix(p)]
         left_out += [p for p in files if not _image_suffix(p)]
     _warn_loose(Path(root))
     _warn_left_out(root, left_out)
@@ -289,7 +286,8 @@ def _first(names: list[str], n: int = 3) -> str:
     return ", ".join(map(repr, names[:n])) + more
 
 
-def _nfc(name: str) -> str:
+def nfc(name: str) -> str:
+    """A class name in NFC: macOS writes "café" decomposed (NFD), Linux and Windows composed."""
     return unicodedata.normalize("NFC", name)
 
 
@@ -303,61 +301,6 @@ def _warn_left_out(root: str | Path, files: list[Path]) -> None:
         where = [str(p.relative_to(root)) for p in files]
         warn_once(log, "'%s': %d file(s) left out, not of an image type read here (%s), e.g. %s; images are %s%s", root,
                   len(files), counts, _first(where), ", ".join(IMAGE_EXTENSIONS), hint)  # fmt: skip
-
-
-def _is_header(row: list[str], base: Path) -> bool:
-    # A header names its columns; a data row's first cell is an image that exists.
-    named = any(cell.strip().lower() in IMAGE_COLUMNS | _CSV_LABEL_NAMES for cell in row)
-    return named and not _exists(row[0], base)
-
-
-def _exists(cell: str, base: Path) -> bool:
-    return (base / cell.strip()).is_file()
-
-
-def _csv_columns(path: Path, header: list[str] | None, width: int) -> tuple[int, int]:
-    """The (path, label) column indices: by header name, or the two columns of a headerless ``path,label`` file."""
-    if header is None:
-        if width != 2:
-            sep = " (freezetune reads comma-separated files)" if width == 1 else ""
-            raise DataError(f"CSV '{path}' has {width} columns{sep} and no header; add a header naming the image column "
-                            f"({choices(sorted(IMAGE_COLUMNS))}) and the label column "
-                            f"({choices(sorted(_CSV_LABEL_NAMES))})")  # fmt: skip
-        return 0, 1
-    names = [c.strip().lower() for c in header]
-    found = {}
-    for role, allowed in (("image", IMAGE_COLUMNS), ("label", _CSV_LABEL_NAMES)):
-        hits = [i for i, n in enumerate(names) if n in allowed]
-        if len(hits) != 1:
-            what = "no" if not hits else "more than one"
-            raise DataError(f"CSV '{path}' header {header!r} has {what} {role} column; name exactly one of "
-                            f"{choices(sorted(allowed))}")  # fmt: skip
-        found[role] = hits[0]
-    return found["image"], found["label"]
-
-
-def _read_csv_rows(path: Path) -> list[tuple[str, str]]:
-    try:
-        with path.open(newline="", encoding="utf-8-sig") as f:
-            reader = csv.reader(f)
-            # each row with its line in the file (a quoted cell may span lines), for messages
-            numbered = [(reader.line_num, r) for r in reader if r and any(cell.strip() for cell in r)]
-    except (OSError, UnicodeDecodeError, csv.Error) as e:
-        raise DataError(f"cannot read CSV '{path}': {e}") from e
-    rows = [r for _, r in numbered]
-    header = rows[0] if rows and _is_header(rows[0], path.parent) else None
-    if header is None and len(rows) > 1 and not _exists(rows[0][0], path.parent) and _exists(rows[1][0], path.parent):
-        header = rows[0]  # a header of other names ("image_id,species"): named as such, not a missing image
-    if header is not None:
-        rows, numbered = rows[1:], numbered[1:]
-    if not rows:
-        raise DataError(f"CSV '{path}' has no rows; expected lines of 'path,label'")
-    image, label = _csv_columns(path, header, len(rows[0]))
-    need = max(image, label) + 1
-    bad = next(((n, r) for n, r in numbered if len(r) < need or not r[image].strip() or not r[label].strip()), None)
-    if bad is not None:
-        raise DataError(f"CSV '{path}' line {bad[0]} is {bad[1]!r}; expected an image path and a label")
-    return [(r[image].strip(), r[label].strip()) for r in rows]
 
 
 def sorted_labels(labels: set[str]) -> list[str]:
@@ -392,39 +335,3 @@ def warn_similar_labels(source: str | Path, classes: list[str]) -> None:
     if similar:
         warn_once(log, "'%s': label(s) %s differ only in case, spacing or number format, and each is a class of its "
                     "own; write each class one way if they are one", source, "; ".join(similar[:5]))  # fmt: skip
-
-
-def read_csv(path: str | Path, classes: list[str] | None = None, *, missing_ok: bool = False) -> FileImageDataset:
-    """Read a ``path,label`` CSV (optional header); relative paths are relative to the CSV's folder.
-
-    Args:
-        path: the CSV file.
-        classes: class list to index against (e.g. the train classes when reading val); defaults to the CSV's sorted
-            unique labels.
-        missing_ok: keep the rows of missing files (``--skip-bad``: the pre-scan leaves them out, named).
-
-    Raises:
-        DataError: unreadable CSV, malformed row, image file missing, or a label not in ``classes``.
-
-    >>> read_csv("labels.csv").classes  # doctest: +SKIP
-    ['cat', 'dog']
-    """
-    path = Path(path)
-    rows = [(p, _nfc(label)) for p, label in _read_csv_rows(path)]  # as class folders' names are (scan_folder)
-    if classes is None:
-        classes = sorted_labels({label for _, label in rows})
-        warn_similar_labels(path, classes)
-    classes = list(classes)
-    index = {_nfc(c): i for i, c in enumerate(classes)}
-    unknown = sorted({label for _, label in rows if label not in index})
-    if unknown:
-        raise DataError(
-            f"CSV '{path}' has label(s) {choices(unknown)} that are not training classes: {choices(classes)}"
-        )
-    files = [(path.parent / p) if not Path(p).is_absolute() else Path(p) for p, _ in rows]
-    missing = [str(f) for f in files if not f.is_file()]
-    if missing and not missing_ok:
-        raise DataError(f"CSV '{path}' lists {len(missing)} missing image file(s), first: '{missing[0]}' (relative "
-                        f"paths are read from the CSV's folder, {str(path.parent)!r}); --skip-bad leaves them "
-                        "out")  # fmt: skip
-    return FileImageDataset([(str(f), index[label]) for f, (_, label) in zip(files, rows, strict=True)], classes)

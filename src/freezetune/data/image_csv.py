@@ -1,0 +1,104 @@
+"""Image CSV files: ``path,label`` rows (a header optional, its column names read), paths relative to the CSV's
+folder, labels matched to classes by name as folder names are (``folder.py``)."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+from freezetune.data.folder import FileImageDataset, nfc, sorted_labels, warn_similar_labels
+from freezetune.errors import DataError, choices
+
+IMAGE_COLUMNS = {"path", "file", "filename", "filepath", "image", "image_path", "img"}  # an image CSV's header
+_CSV_LABEL_NAMES = {"label", "class", "target", "category", "y"}
+
+
+def read_csv(path: str | Path, classes: list[str] | None = None, *, missing_ok: bool = False) -> FileImageDataset:
+    """Read a ``path,label`` CSV (optional header); relative paths are relative to the CSV's folder.
+
+    Args:
+        path: the CSV file.
+        classes: class list to index against (e.g. the train classes when reading val); defaults to the CSV's sorted
+            unique labels.
+        missing_ok: keep the rows of missing files (``--skip-bad``: the pre-scan leaves them out, named).
+
+    Raises:
+        DataError: unreadable CSV, malformed row, image file missing, or a label not in ``classes``.
+
+    >>> read_csv("labels.csv").classes  # doctest: +SKIP
+    ['cat', 'dog']
+    """
+    path = Path(path)
+    rows = [(p, nfc(label)) for p, label in _read_csv_rows(path)]  # as class folders' names are (scan_folder)
+    if classes is None:
+        classes = sorted_labels({label for _, label in rows})
+        warn_similar_labels(path, classes)
+    classes = list(classes)
+    index = {nfc(c): i for i, c in enumerate(classes)}
+    unknown = sorted({label for _, label in rows if label not in index})
+    if unknown:
+        raise DataError(
+            f"CSV '{path}' has label(s) {choices(unknown)} that are not training classes: {choices(classes)}"
+        )
+    files = [(path.parent / p) if not Path(p).is_absolute() else Path(p) for p, _ in rows]
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing and not missing_ok:
+        raise DataError(f"CSV '{path}' lists {len(missing)} missing image file(s), first: '{missing[0]}' (relative "
+                        f"paths are read from the CSV's folder, {str(path.parent)!r}); --skip-bad leaves them "
+                        "out")  # fmt: skip
+    return FileImageDataset([(str(f), index[label]) for f, (_, label) in zip(files, rows, strict=True)], classes)
+
+
+def _is_header(row: list[str], base: Path) -> bool:
+    # A header names its columns; a data row's first cell is an image that exists.
+    named = any(cell.strip().lower() in IMAGE_COLUMNS | _CSV_LABEL_NAMES for cell in row)
+    return named and not _exists(row[0], base)
+
+
+def _exists(cell: str, base: Path) -> bool:
+    return (base / cell.strip()).is_file()
+
+
+def _csv_columns(path: Path, header: list[str] | None, width: int) -> tuple[int, int]:
+    """The (path, label) column indices: by header name, or the two columns of a headerless ``path,label`` file."""
+    if header is None:
+        if width != 2:
+            sep = " (freezetune reads comma-separated files)" if width == 1 else ""
+            raise DataError(f"CSV '{path}' has {width} columns{sep} and no header; add a header naming the image column "
+                            f"({choices(sorted(IMAGE_COLUMNS))}) and the label column "
+                            f"({choices(sorted(_CSV_LABEL_NAMES))})")  # fmt: skip
+        return 0, 1
+    names = [c.strip().lower() for c in header]
+    found = {}
+    for role, allowed in (("image", IMAGE_COLUMNS), ("label", _CSV_LABEL_NAMES)):
+        hits = [i for i, n in enumerate(names) if n in allowed]
+        if len(hits) != 1:
+            what = "no" if not hits else "more than one"
+            raise DataError(f"CSV '{path}' header {header!r} has {what} {role} column; name exactly one of "
+                            f"{choices(sorted(allowed))}")  # fmt: skip
+        found[role] = hits[0]
+    return found["image"], found["label"]
+
+
+def _read_csv_rows(path: Path) -> list[tuple[str, str]]:
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as f:
+            reader = csv.reader(f)
+            # each row with its line in the file (a quoted cell may span lines), for messages
+            numbered = [(reader.line_num, r) for r in reader if r and any(cell.strip() for cell in r)]
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise DataError(f"cannot read CSV '{path}': {e}") from e
+    rows = [r for _, r in numbered]
+    header = rows[0] if rows and _is_header(rows[0], path.parent) else None
+    if header is None and len(rows) > 1 and not _exists(rows[0][0], path.parent) and _exists(rows[1][0], path.parent):
+        header = rows[0]  # a header of other names ("image_id,species"): named as such, not a missing image
+    if header is not None:
+        rows, numbered = rows[1:], numbered[1:]
+    if not rows:
+        raise DataError(f"CSV '{path}' has no rows; expected lines of 'path,label'")
+    image, label = _csv_columns(path, header, len(rows[0]))
+    need = max(image, label) + 1
+    bad = next(((n, r) for n, r in numbered if len(r) < need or not r[image].strip() or not r[label].strip()), None)
+    if bad is not None:
+        raise DataError(f"CSV '{path}' line {bad[0]} is {bad[1]!r}; expected an image path and a label")
+    return [(r[image].strip(), r[label].strip()) for r in rows]

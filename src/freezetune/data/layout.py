@@ -1,0 +1,92 @@
+"""Which folders of an image-folder dataset are which split: ``train/`` (or ``training/``), ``val/`` (``valid/``,
+``validation/``, ``dev/``) and ``test/`` (``testing/``), matched without regard to case, each holding
+``<class>/*`` folders; or a flat ``DIR/<class>/*`` layout. A split folder of images without class folders (Kaggle's
+unlabelled ``test/``) is refused with the way out, and one the run does not score is not read.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from torch.utils.data import Dataset
+
+from freezetune.data.folder import IMAGE_EXTENSIONS, folder_classes, scan_folder
+from freezetune.data.idx import is_idx_dir
+from freezetune.errors import DataError, choices
+from freezetune.run_log import warn_once
+
+log = logging.getLogger(__name__)
+
+# split folders, matched without regard to case (Train/, Val/); the first name found of each tuple wins
+TRAIN_DIRS = ("train", "training")
+VAL_DIRS = ("val", "valid", "validation", "dev")
+TEST_DIRS = ("test", "testing")
+
+
+def load_folder(path: Path, *, read_val: bool = True,
+                read_test: bool = True) -> tuple[Dataset, Dataset | None, Dataset | None, bool]:  # fmt: skip
+    """The splits of the image folder ``path`` without transforms: (train, the layout's val or None, test or None,
+    whether it has a test folder); ``read_val``/``read_test``: read those folders (not when ``--val-data`` replaces
+    the one, or the run does not score the other: a broken or unlabelled test file must not stop it)."""
+    train_dir = first_dir(path, TRAIN_DIRS)
+    if train_dir is None:
+        _no_train_dir(path, [d.name for d in path.iterdir() if d.is_dir() and not d.name.startswith(".")])
+        return scan_folder(path), None, None, False
+    val_dir, test_dir = first_dir(path, VAL_DIRS) if read_val else None, first_dir(path, TEST_DIRS)
+    _labelled(train_dir, f"a folder named {train_dir.name}/ is read as the training split ({train_dir}/<class>/*): "
+              f"if '{train_dir.name}' is a class of a flat layout, rename that folder")  # fmt: skip
+    train = scan_folder(train_dir)
+    if val_dir:
+        _labelled(val_dir, f"move it out of '{path}' (validation is then held out of {train_dir.name}/)")
+    val = scan_folder(val_dir, train.classes) if val_dir else None
+    test = _test_folder(test_dir, train.classes) if test_dir and read_test else None
+    return train, val, test, test_dir is not None
+
+
+def first_dir(root: Path, names: tuple[str, ...]) -> Path | None:
+    """The first of ``names`` that ``root`` has as a folder, in any case (``Train/`` is ``train/``); the others
+    found (``val/`` beside ``valid/``) are named in a warning: their images are not read."""
+    found = {d.name.lower(): d for d in sorted(root.iterdir(), reverse=True) if d.is_dir()}
+    present = [found[n] for n in names if n in found]
+    if len(present) > 1:
+        warn_once(log, "'%s' has %s: %s/ is read, %s not", root, " and ".join(f"{d.name}/" for d in present),
+                  present[0].name, ", ".join(f"{d.name}/" for d in present[1:]))  # fmt: skip
+    return present[0] if present else None
+
+
+def _no_train_dir(path: Path, classes: list[str]) -> None:
+    """Class folders that are all split names (``val/``, ``test/``) are a layout without its ``train/`` folder, not
+    classes called "test" and "val"."""
+    splits = {*TRAIN_DIRS, *VAL_DIRS, *TEST_DIRS}
+    if classes and all(c.lower() in splits for c in classes):
+        raise DataError(f"'{path}' holds split folders ({choices(classes)}) but no training folder: put the training "
+                        f"images in {path / 'train'}/<class>/ (or give the class folders themselves)")  # fmt: skip
+
+
+def _test_folder(test_dir: Path, classes: list[str]) -> Dataset:
+    _labelled(test_dir, "pass --no-final-test to train without scoring it (it is then not read), or move it out of "
+              f"'{test_dir.parent}'")  # fmt: skip
+    return scan_folder(test_dir, classes)
+
+
+def check_test_split(data: str) -> None:
+    """Check the test folder a run will score at its end, before a recipe's trials or first phase, which do not read
+    it: an unlabelled ``test/``, or one with a class the training folder lacks, stopped the run only after them. Its
+    classes and files are listed, its images not read (the run's own data build does that)."""
+    path = Path(data)
+    if not path.is_dir() or is_idx_dir(path):
+        return
+    train_dir, test_dir = first_dir(path, TRAIN_DIRS), first_dir(path, TEST_DIRS)
+    if train_dir is not None and test_dir is not None:
+        _test_folder(test_dir, folder_classes(train_dir))
+
+
+def _labelled(split: Path, way_out: str) -> None:
+    """Refuse a split folder of images without class folders (Kaggle's unlabelled ``test/``): nothing labels them.
+
+    ``way_out``: what the user can do instead."""
+    entries = [e for e in split.iterdir() if not e.name.startswith(".")]
+    if not any(e.is_dir() for e in entries) and any(e.suffix.lower() in IMAGE_EXTENSIONS for e in entries):
+        raise DataError(f"'{split}' holds images but no class folders ({split}/<class>/*), so nothing labels them: "
+                        f"{way_out}")  # fmt: skip
