@@ -336,6 +336,9 @@ def test_a_plan_keyed_by_anything_but_epochs_is_a_spec_error():
     with pytest.raises(ft.FreezetuneError, match=r"maps epochs \(ints\) to freeze specs.*got key\(s\) 'two'"):
         ft.Unfreezer(model, opt, {"two": "block3", 3: "block2"}, lr=LR)
     assert ft.Unfreezer(model, opt, {"2": "block3"}, lr=LR).schedule.plan == {2: "block3"}  # YAML may give "2"
+    # --unfreeze "{1:block3}": YAML reads one key, "1:block3"; the message names the missing space
+    with pytest.raises(ft.FreezetuneError, match=r"got key\(s\) '1:block3'; write a space after each colon"):
+        ft.Unfreezer(model, opt, {"1:block3": None}, lr=LR)
 
 
 def test_a_plateau_without_a_mode_follows_the_unfreezers_mode():

@@ -57,8 +57,10 @@ def parse_schedule(schedule: str | Mapping[int, Spec] | Schedule) -> Schedule:
     if isinstance(schedule, Mapping):
         bad = [k for k in schedule if not str(k).strip().isdigit()]
         if bad:  # a negative epoch never comes: its stages would never open
+            # YAML reads "{1:layer4}" as the one key "1:layer4": its value needs a space after the colon
+            space = "; write a space after each colon ({1: layer4})" if any(":" in str(k) for k in bad) else ""
             raise SpecError(f"an unfreeze plan maps epochs (ints) to freeze specs, e.g. {{2: 'layer4'}}, epochs from 0;"
-                            f" got key(s) {choices(bad)}")  # fmt: skip
+                            f" got key(s) {choices(bad)}{space}")  # fmt: skip
         return Schedule("plan", plan={int(k): v for k, v in schedule.items()})
     kind, _, args = str(schedule).strip().partition(":")
     try:
