@@ -178,3 +178,18 @@ def test_a_negative_or_infinite_learning_rate_is_refused(kwargs, named):
     ft.unfreeze(model, "block3")
     with pytest.raises(ft.FreezetuneError, match=f"learning rates must be finite numbers >= 0, got {named}"):
         ft.param_groups(model, **{"lr": 1e-3, **kwargs})
+
+
+def test_a_run_says_when_a_stage_lr_it_was_given_is_never_used(tmp_path, capsys):
+    # --freeze -3 --stage-lrs for a frozen stage, no --unfreeze: the LR went nowhere, in silence
+    from _engine_fixtures import make_image_folder, run_cli, train_argv
+
+    data = make_image_folder(tmp_path / "images", train=4, val=2, test=0)
+    code, out, err = run_cli(capsys, *train_argv(data, tmp_path / "run", "--epochs", "1", "--freeze", "-3",
+                                                 "--stage-lrs", "blocks.0=1e-4,blocks.4=1e-4"))  # fmt: skip
+    assert code == 0, err
+    assert "note: stage_lrs sets 'blocks.0', frozen in this run with nothing to unfreeze it" in out
+    code, out, err = run_cli(capsys, *train_argv(data, tmp_path / "r2", "--epochs", "2", "--freeze", "-3",
+                                                 "--stage-lrs", "blocks.0=1e-4", "--unfreeze", "epoch:1"))  # fmt: skip
+    assert code == 0, err
+    assert "stage_lrs sets" not in out

@@ -157,3 +157,24 @@ def no_decay_names(model: nn.Module) -> set[str]:
         if any(name == d or name.startswith(d + ".") for d in names):
             out.add(name)
     return out
+
+
+def idle_stage_lrs(model: nn.Module, stage_lrs: Mapping[str, float], *, unfreezes: bool) -> str | None:
+    """A note naming the stages ``stage_lrs`` sets that stay frozen through a run without unfreezing (``unfreezes``
+    False): their LR is never used, and a user who set it expects it trains.
+
+    >>> import torchvision
+    >>> from freezetune.freeze import freeze
+    >>> m = torchvision.models.resnet18(); freeze(m, "backbone")
+    >>> idle_stage_lrs(m, {"layer1": 1e-4}, unfreezes=False)
+    "note: stage_lrs sets 'layer1', frozen in this run with nothing to unfreeze it: its LR is not used"
+    """
+    if unfreezes or not stage_lrs:
+        return None
+    idle = [s.name for s in stages(model) if s.name in stage_lrs and not s.num_trainable]
+    if not idle:
+        return None
+    it, its = ("it", "its") if len(idle) == 1 else ("them", "their")
+    return (
+        f"note: stage_lrs sets {choices(idle)}, frozen in this run with nothing to unfreeze {it}: {its} LR is not used"
+    )

@@ -31,6 +31,7 @@ from freezetune.inference import evaluate_best, write_evaluation
 from freezetune.interrupt import AT_ONCE_UNDER_DDP, OUTSIDE_A_STEP, StopRequest, pause_point
 from freezetune.loss import imbalance_note
 from freezetune.memory import out_of_memory_hint
+from freezetune.param_groups import idle_stage_lrs
 from freezetune.progress import RunResult
 from freezetune.run_setup import SKIPPED, RunSetup
 from freezetune.stages import stages
@@ -84,7 +85,9 @@ class Trainer(RunSetup):
         else:
             self.echo(f"{head}\nvalidation: {self.data.val_source}\n{summary(self.model)}")
         notes = [imbalance_note(self.cfg.class_weights, self.data.train.targets, len(self.classes),
-                                noun(self.data.train)), None if self.brief else truncation_note(self.data.train, self.preprocess)]  # fmt: skip
+                                noun(self.data.train)), None if self.brief else truncation_note(self.data.train, self.preprocess),
+                 None if self.brief else idle_stage_lrs(self.model, self.cfg.stage_lrs,
+                                                        unfreezes=self.state.unfreezer is not None)]  # fmt: skip
         for note in filter(None, [*notes, self._warmup_note()]):
             self.echo(note)
         if self.data.skipped:
