@@ -6,13 +6,14 @@ a notebook's cleared output); ``metrics.csv`` keeps the numbers, this file the w
 Runs nest: the auto recipe's trials and final run are runs of their own inside it, a sweep runs recipes. Each level
 keeps its own file (``log(echo)`` around it, ``log_to(dir)`` once its directory is known), and a line goes to the
 file of every level it is said in, once per file: the auto recipe's ``train.log`` holds its trials' lines, and each
-trial's directory its own. Lines said before a directory exists wait for it; a run that fails before creating its
-directory (a wrong data path) leaves no directory for the log, as it leaves none for anything else. Only the first
-process of a torchrun job writes (the others say nothing). A log that cannot be written (a full disk) never stops the
-run: the checkpoints' writes report that.
+trial's directory its own. Lines wait until a run has made the directory its own (``opened``: the run-dir and resume
+checks passed), so a refused command leaves a run's files as they were, and a run that fails before creating its
+directory (a wrong data path) leaves none. Freezetune's logged warnings are kept too, each once a file (and said once
+a run: ``warn_once``). Only the first process of a torchrun job writes (the others say nothing). A log that cannot be
+written (a full disk) never stops the run: the checkpoints' writes report that.
 
 >>> with log(print) as say:  # doctest: +SKIP
-...     log_to("runs/r1")
+...     log_to("runs/r1"); opened("runs/r1")
 ...     say("epoch 1/3: ...")  # printed, and appended to runs/r1/train.log with the time
 """
 
