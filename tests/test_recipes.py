@@ -529,3 +529,14 @@ def test_the_auto_recipe_scales_explicit_stage_lrs_with_the_head_keeping_the_use
     # laid over the final run's config.yaml, whose learning rates are the recipe's, and refused
     code, out, err = run_cli(capsys, *train_argv(data, tmp_path / "run", *asked, "--resume"))
     assert code == 0 and "resuming with the earlier decision" in out, err
+
+
+def test_an_auto_run_with_an_unfreeze_plan_resumes_its_request_read_back_from_json(data, tmp_path):
+    # recipe.json keeps the request as JSON: a plan's epoch keys came back as strings and the resume was refused
+    from freezetune import trainer
+
+    cfg = _cfg(data, tmp_path / "run", epochs=2, unfreeze={1: "blocks.1"})
+    trainer.train(cfg, echo=lambda line: None)
+    lines = []
+    trainer.train(dataclasses.replace(cfg, resume=True), echo=lines.append)
+    assert any(line.startswith("auto: resuming with the earlier decision") for line in lines)

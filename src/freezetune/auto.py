@@ -131,7 +131,8 @@ def _resumed(cfg: TrainConfig, out: Path, decision: dict, echo: Callable[[str], 
     """The final run's config from the decision ``recipe.json`` kept: a resume trains what was chosen, untried."""
     choice = decision["choice"]
     run_lr = choice.get("run_lr", choice["lr"])
-    asked, now = decision.get("asked") or {}, cfg.recorded()
+    # compared as recipe.json holds them: JSON made tuples lists and a plan's epoch keys strings
+    asked, now = decision.get("asked") or {}, json.loads(json.dumps(cfg.recorded()))
     changed = [k for k in asked if k not in RESUME_MAY_CHANGE and asked[k] != now.get(k)]
     if changed:  # the final run's settings derive from the request: an --lr changed now would not show in them
         raise ConfigError(f"cannot resume {out} with {', '.join(f'{k} {asked[k]!r} -> {now.get(k)!r}' for k in changed)}"
