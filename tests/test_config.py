@@ -311,3 +311,9 @@ def test_cache_views_without_the_cache_is_named():
 def test_a_stage_named_twice_in_stage_lrs_is_refused_not_won_by_the_last():
     with pytest.raises(ConfigError, match="names 'layer4' twice"):
         parse_stage_lrs("layer4=1e-4,layer4=1e-2")
+
+
+def test_a_freeze_glob_with_a_comma_in_its_character_set_stays_one_name():
+    # --freeze "layer[1,2]*" was split on its comma: "'layer[1' matches no stage"
+    assert parse_freeze_spec("layer[1,2]*") == "layer[1,2]*"
+    assert load_config(overrides={"data": "d", "freeze": "layer[1,2]*,stem"}).freeze == ["layer[1,2]*", "stem"]

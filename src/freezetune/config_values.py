@@ -6,6 +6,7 @@ plain fields convert to their declared type, structured ones (``freeze``, ``unfr
 from __future__ import annotations
 
 import functools
+import re
 import types
 import typing
 from typing import Any
@@ -112,6 +113,9 @@ def type_name(hint: Any) -> str:
     return "None" if hint is type(None) else getattr(hint, "__name__", str(hint))
 
 
+_OUTSIDE_BRACKETS = re.compile(r",(?![^\[]*\])")  # a comma not inside a glob's [...]: "layer[1,2]*" is one name
+
+
 def parse_freeze_spec(spec: str | int | list | tuple) -> str | int | list:
     """A freeze spec from the CLI or YAML in its final form; parsing it again changes nothing.
 
@@ -122,6 +126,8 @@ def parse_freeze_spec(spec: str | int | list | tuple) -> str | int | list:
     (-2, ['stem', 'layer1'], ['stem', 3])
     >>> parse_freeze_spec(parse_freeze_spec("stem,layer1")), parse_freeze_spec("backbone")
     (['stem', 'layer1'], 'backbone')
+    >>> parse_freeze_spec("layer[1,2]*,stem")  # a glob's character set keeps its commas
+    ['layer[1,2]*', 'stem']
     """
     items = list(spec) if isinstance(spec, (list, tuple)) else [spec]
     tokens: list[str | int] = []
@@ -129,7 +135,7 @@ def parse_freeze_spec(spec: str | int | list | tuple) -> str | int | list:
         if isinstance(item, int):
             tokens.append(item)
             continue
-        parts = [p.strip() for p in str(item).split(",") if p.strip()]
+        parts = [p.strip() for p in _OUTSIDE_BRACKETS.split(str(item)) if p.strip()]
         tokens += [int(p) if p.lstrip("-").isdigit() else p for p in parts]
     return tokens[0] if len(tokens) == 1 else tokens
 
