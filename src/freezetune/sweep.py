@@ -24,7 +24,7 @@ import yaml
 
 from freezetune._io import atomic_output, atomic_write_text
 from freezetune.config import TrainConfig, load_config, validate
-from freezetune.errors import ConfigError, choices
+from freezetune.errors import ConfigError, DataError, choices
 from freezetune.options import BATCH_AUTO, RECIPES, parse_duration, recipe_problem
 from freezetune.run_log import log, log_to, opened
 
@@ -203,7 +203,7 @@ def _run_recipe(name: str, cfg: TrainConfig, echo: Callable[[str], None]) -> tup
     with log(echo):  # the recipe's own level of the log: the auto recipe's trials and choice in its train.log too
         result = recipes.run(cfg, echo=echo)
     if not (result.history and result.history[-1].get("val_n")):  # its rows scored NaN, and a "winner" was named
-        raise ConfigError(f"sweep: recipe {name} had no validation data to be scored on (one image a class leaves "
+        raise DataError(f"sweep: recipe {name} had no validation data to be scored on (one image a class leaves "
                           "none to hold out), and a sweep compares recipes on it: give --val-data, or more images a "
                           "class")  # fmt: skip
     row = _row(name, result, cuda=resolve_device(cfg.device).type == "cuda")
