@@ -335,3 +335,15 @@ def test_a_wrapped_model_freezes_and_groups_as_the_model_itself(wrap):
     ft.Unfreezer(wrapped, opt, "epoch:1", lr=1e-3).step(0)
     assert [g["name"] for g in opt.param_groups] == ["fc", "fc/no_decay", "layer4", "layer4/no_decay"]
     assert ft.replace_head(wrapped, 3) is wrapped and model.fc.out_features == 3
+
+
+def test_a_run_says_when_its_bn_policy_changes_nothing(tmp_path, capsys):
+    # --bn affine on a model of LayerNorms (a ViT) did nothing, and nothing said so
+    from _engine_fixtures import make_image_folder, run_cli, train_argv
+
+    data = make_image_folder(tmp_path / "images", train=4, val=2, test=0)
+    for model, noted in (("timm:test_vit", True), ("timm:test_efficientnet", False)):
+        code, out, err = run_cli(capsys, *train_argv(data, tmp_path / model.split(":")[1], "--epochs", "1", "--freeze",
+                                                     "-2", "--bn", "affine", "--model", model))  # fmt: skip
+        assert code == 0, err
+        assert ("note: --bn affine changes nothing: the model has no BatchNorm layers" in out) == noted

@@ -328,3 +328,19 @@ def _has_eval_hook(module: nn.Module) -> bool:
 def _remove_eval_hook(module: nn.Module) -> None:
     for key in [k for k, h in module._forward_pre_hooks.items() if h is _keep_eval]:
         del module._forward_pre_hooks[key]
+
+
+def idle_bn_policy(model: nn.Module, bn: str) -> str | None:
+    """A note when a ``bn`` policy other than the default was asked of a model without BatchNorm layers (a ViT's
+    LayerNorms, a ConvNeXt's): it changes nothing, and nothing said so.
+
+    >>> import torchvision
+    >>> idle_bn_policy(torchvision.models.vit_b_16(), "affine")[:47]
+    'note: --bn affine changes nothing: the model ha'
+    """
+    if bn == BN_DEFAULT or any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in unwrap(model).modules()):
+        return None
+    return (
+        f"note: --bn {bn} changes nothing: the model has no BatchNorm layers (its other norms freeze and train "
+        "with their stage)"
+    )

@@ -26,7 +26,7 @@ from freezetune.distributed import (
     leave_group,
 )
 from freezetune.errors import TrainingError
-from freezetune.freeze import count_parameters, summary
+from freezetune.freeze import count_parameters, idle_bn_policy, summary
 from freezetune.inference import evaluate_best, write_evaluation
 from freezetune.interrupt import AT_ONCE_UNDER_DDP, OUTSIDE_A_STEP, StopRequest, pause_point
 from freezetune.loss import imbalance_note
@@ -87,7 +87,8 @@ class Trainer(RunSetup):
         notes = [imbalance_note(self.cfg.class_weights, self.data.train.targets, len(self.classes),
                                 noun(self.data.train)), None if self.brief else truncation_note(self.data.train, self.preprocess),
                  None if self.brief else idle_stage_lrs(self.model, self.cfg.stage_lrs,
-                                                        unfreezes=self.state.unfreezer is not None)]  # fmt: skip
+                                                        unfreezes=self.state.unfreezer is not None),
+                 None if self.brief else idle_bn_policy(self.model, self.cfg.bn)]  # fmt: skip
         for note in filter(None, [*notes, self._warmup_note()]):
             self.echo(note)
         if self.data.skipped:
