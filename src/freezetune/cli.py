@@ -17,7 +17,7 @@ from pathlib import Path
 
 from freezetune import __version__, run_log
 from freezetune.config import FIELD_CHOICES, TrainConfig, field_names, load_config, parse_override, scalar_type
-from freezetune.errors import FreezetuneError, one_line, os_error_line
+from freezetune.errors import FreezetuneError
 from freezetune.interrupt import RunInterrupted, forget_stop, raised_stop
 from freezetune.options import (
     AMP_MODES,
@@ -89,11 +89,9 @@ def main(argv: list[str] | None = None) -> int:
     forget_stop()  # a stop belongs to the command it stopped
     try:
         return args.func(args) or 0
-    except FreezetuneError as exc:
-        print(f"freezetune: error: {one_line(exc)}", file=sys.stderr)
-        return 2
-    except OSError as exc:  # a full disk, a read-only or vanished run dir: every write is atomic, so nothing is lost
-        print(f"freezetune: error: {os_error_line(exc)}", file=sys.stderr)
+    # a user error; a full disk, a read-only or vanished run dir (every write is atomic, so nothing is lost)
+    except (FreezetuneError, OSError) as exc:
+        print(run_log.ending_line(exc), file=sys.stderr)
         return 2
     except RunInterrupted as exc:  # SIGTERM / SIGINT: the run saved where it stood; 143 / 130 as the shell reports
         return _stopped(exc)

@@ -48,8 +48,8 @@ class _Level:
         self.warned: set[str] = set()  # the warnings this level's log holds (once each)
 
     def where(self) -> Path | int:
-        """What identifies this level's file: its path, or the level itself while it has none."""
-        return self.path.resolve() if self.path is not None else id(self)
+        """What identifies this level's file: its path (resolved when given), or the level itself while it has none."""
+        return self.path if self.path is not None else id(self)
 
     def flush(self) -> None:
         if not (self.confirmed and self.pending and self.path is not None and self.path.parent.is_dir()):
@@ -147,7 +147,7 @@ def log_to(run_dir: str | Path) -> None:
     levels = _levels.get()
     for level in reversed(levels):
         if level.path is None:
-            level.path = Path(run_dir) / level.name
+            level.path = Path(run_dir).resolve() / level.name  # resolved once: every line compares it
             if any(other.where() == level.where() for other in levels if other is not level):
                 level.pending = []  # an outer level keeps this file, and every line said here was said there too
             return
@@ -160,7 +160,7 @@ def opened(run_dir: str | Path) -> None:
     run_dir = Path(run_dir).resolve()
     with _lock:
         for level in _levels.get():
-            if level.path is not None and (level.where().parent == run_dir or level.where().parent in run_dir.parents):
+            if level.path is not None and run_dir.is_relative_to(level.path.parent):
                 level.confirmed = True
                 level.flush()
 
@@ -175,7 +175,7 @@ def _teller(echo: Callable[[str], None]) -> Callable[[str], None]:
 
 def _record(line: str, *, warning: bool = False, levels: tuple[_Level, ...] | None = None) -> None:
     """Add ``line`` to the log of every level (once per file; a ``warning`` once per level)."""
-    if os.environ.get("RANK", "0") != "0":  # under torchrun the first process alone keeps the log
+    if not _first_process():
         return
     text, told = _stamped(line), set()
     with _lock:
@@ -193,13 +193,13 @@ def _end(level: _Level, exc: BaseException) -> None:
     """Log the line of the exception leaving ``level`` in its file, once a file: the same exception leaves the levels
     around it too (the auto recipe's final run shares its directory), and a level around it that words it anew (a
     trial's stop, said as the recipe's) logs its own line."""
-    if os.environ.get("RANK", "0") != "0":
+    if not _first_process():
         return
     told = getattr(exc, "_freezetune_logged", set())
     if level.where() in told:
         return
     with _lock:
-        level.pending.append(_stamped(_ending(exc)))
+        level.pending.append(_stamped(ending_line(exc)))
         level.flush()
     try:
         exc._freezetune_logged = {*told, level.where()}
@@ -207,9 +207,20 @@ def _end(level: _Level, exc: BaseException) -> None:
         pass
 
 
-def _ending(exc: BaseException) -> str:
-    """The line for the exception that ended a level, in ``cli.main``'s order: the one it prints for a user error, a
-    full disk or a stop; for another error after a stop signal, the stop (what it broke); else the traceback."""
+def _first_process() -> bool:
+    """Under torchrun the first process alone keeps the log (read from the environment: a level may open before
+    the process group is joined)."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def ending_line(exc: BaseException) -> str:
+    """The line for the exception that ended a run, as ``cli.main`` prints it, in its order: a user error, a full
+    disk, a stop; for another error after a stop signal, the stop (what it broke); else the traceback.
+
+    >>> from freezetune.errors import DataError
+    >>> ending_line(DataError("no class folders"))
+    'freezetune: error: no class folders'
+    """
     from freezetune.errors import FreezetuneError, one_line, os_error_line
     from freezetune.interrupt import RunInterrupted, raised_stop
 
