@@ -83,7 +83,8 @@ def _eight_bit(img: Image.Image) -> Image.Image:
     return img
 
 
-def _image_suffix(p: Path) -> bool:
+def has_image_suffix(p: Path) -> bool:
+    """Whether ``p`` is named as an image of a type read here (``IMAGE_EXTENSIONS``, any case)."""
     return p.suffix.lower() in IMAGE_EXTENSIONS
 
 
@@ -103,17 +104,18 @@ def _walk(folder: Path) -> Iterator[Path]:
             dirs[:] = []
             continue
         seen.add(real)
-        dirs[:] = [d for d in dirs if not _hidden(d)]
-        yield from (Path(top) / f for f in files if not _hidden(f))
+        dirs[:] = [d for d in dirs if not is_hidden(d)]
+        yield from (Path(top) / f for f in files if not is_hidden(f))
 
 
-def _hidden(name: str) -> bool:
-    # Windows' thumbnail caches and folder settings, as macOS's dot files: never data, and not worth a warning
+def is_hidden(name: str) -> bool:
+    """Whether a file or folder name is never data, nor worth a warning: dot files (macOS's), a Synology NAS's
+    previews (``@eaDir``), Windows' thumbnail cache and folder settings."""
     return name.startswith(".") or name in ("@eaDir", "Thumbs.db", "desktop.ini")
 
 
 def _images_under(folder: Path) -> list[Path]:
-    return [p for p in _files_under(folder) if _image_suffix(p)]
+    return [p for p in _files_under(folder) if has_image_suffix(p)]
 
 
 def list_images(paths: list[str]) -> list[str]:
@@ -194,7 +196,7 @@ def folder_classes(root: str | Path) -> list[str]:
     if not root.is_dir():
         raise DataError(f"image folder '{root}' does not exist; expected a directory with one subfolder per class")
     # __MACOSX: the resource forks an unzipped macOS archive carries, never a class
-    entries = [d for d in root.iterdir() if not _hidden(d.name) and d.name != "__MACOSX"]
+    entries = [d for d in root.iterdir() if not is_hidden(d.name) and d.name != "__MACOSX"]
     # a link to an unmounted share is a class folder that would vanish from the run in silence; one named like a file
     # (labels.csv, a.jpg) is not a class
     broken = sorted(d.name for d in entries if d.is_symlink() and not d.exists() and not d.suffix)
@@ -203,7 +205,7 @@ def folder_classes(root: str | Path) -> list[str]:
                         f"'{os.readlink(root / broken[0])}'): whatever class they lead to would be left out; mount or "
                         "fix the link(s), or remove them")  # fmt: skip
     subdirs = sorted(d for d in entries if d.is_dir())
-    classes = [d.name for d in subdirs if any(_image_suffix(p) for p in _walk(d))]  # stops at a class's first image
+    classes = [d.name for d in subdirs if any(has_image_suffix(p) for p in _walk(d))]  # stops at a class's first image
     _same_names(root, classes)
     if not classes:
         raise DataError(
@@ -255,8 +257,8 @@ def scan_folder(root: str | Path, classes: list[str] | None = None) -> FileImage
     samples, left_out = [], []
     for c in own:
         files = _files_under(Path(root) / c)
-        samples += [(str(p), index[nfc(c)]) for p in files if _image_suffix(p)]
-        left_out += [p for p in files if not _image_suffix(p)]
+        samples += [(str(p), index[nfc(c)]) for p in files if has_image_suffix(p)]
+        left_out += [p for p in files if not has_image_suffix(p)]
     _warn_loose(Path(root))
     _warn_left_out(root, left_out)
     return FileImageDataset(samples, classes)
@@ -265,8 +267,8 @@ def scan_folder(root: str | Path, classes: list[str] | None = None) -> FileImage
 def _warn_loose(root: Path) -> None:
     """Name the images beside the class folders (no class to train them as) and the archives there (a class folder
     still zipped)."""
-    files = sorted(p for p in root.iterdir() if p.is_file() and not _hidden(p.name))
-    loose = [p.name for p in files if _image_suffix(p)]
+    files = sorted(p for p in root.iterdir() if p.is_file() and not is_hidden(p.name))
+    loose = [p.name for p in files if has_image_suffix(p)]
     if loose:
         warn_once(log, "'%s': %d image file(s) lie outside the class folders and are left out (%s)", root, len(loose),
                   _first(loose))  # fmt: skip
@@ -334,4 +336,4 @@ def warn_similar_labels(source: str | Path, classes: list[str]) -> None:
     similar = [" / ".join(map(repr, g)) for g in groups.values() if len(g) > 1]
     if similar:
         warn_once(log, "'%s': label(s) %s differ only in case, spacing or number format, and each is a class of its "
-                    "own; write each class one way if they are one", source, "; ".join(similar[:5]))  # fmt: skip
+                  "own; write each class one way if they are one", source, "; ".join(similar[:5]))  # fmt: skip

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from torch.utils.data import Dataset
 
-from freezetune.data.folder import IMAGE_EXTENSIONS, folder_classes, scan_folder
+from freezetune.data.folder import folder_classes, has_image_suffix, is_hidden, scan_folder
 from freezetune.data.idx import is_idx_dir
 from freezetune.errors import DataError, choices
 from freezetune.run_log import warn_once
@@ -31,7 +31,7 @@ def load_folder(path: Path, *, read_val: bool = True,
     the one, or the run does not score the other: a broken or unlabelled test file must not stop it)."""
     train_dir = first_dir(path, TRAIN_DIRS)
     if train_dir is None:
-        _no_train_dir(path, [d.name for d in path.iterdir() if d.is_dir() and not d.name.startswith(".")])
+        _no_train_dir(path, [d.name for d in path.iterdir() if d.is_dir() and not is_hidden(d.name)])
         return scan_folder(path), None, None, False
     val_dir, test_dir = first_dir(path, VAL_DIRS) if read_val else None, first_dir(path, TEST_DIRS)
     _labelled(train_dir, f"a folder named {train_dir.name}/ is read as the training split ({train_dir}/<class>/*): "
@@ -86,7 +86,7 @@ def _labelled(split: Path, way_out: str) -> None:
     """Refuse a split folder of images without class folders (Kaggle's unlabelled ``test/``): nothing labels them.
 
     ``way_out``: what the user can do instead."""
-    entries = [e for e in split.iterdir() if not e.name.startswith(".")]
-    if not any(e.is_dir() for e in entries) and any(e.suffix.lower() in IMAGE_EXTENSIONS for e in entries):
+    entries = [e for e in split.iterdir() if not is_hidden(e.name)]  # a NAS's @eaDir/ is no class folder either
+    if not any(e.is_dir() for e in entries) and any(has_image_suffix(e) for e in entries):
         raise DataError(f"'{split}' holds images but no class folders ({split}/<class>/*), so nothing labels them: "
                         f"{way_out}")  # fmt: skip
