@@ -135,9 +135,9 @@ def _resumed(cfg: TrainConfig, out: Path, decision: dict, echo: Callable[[str], 
     asked, now = decision.get("asked") or {}, json.loads(json.dumps(cfg.recorded()))
     changed = [k for k in asked if k not in RESUME_MAY_CHANGE and asked[k] != now.get(k)]
     if changed:  # the final run's settings derive from the request: an --lr changed now would not show in them
-        raise ConfigError(f"cannot resume {out} with {', '.join(f'{k} {asked[k]!r} -> {now.get(k)!r}' for k in changed)}"
-                          ": an auto run continues as it was asked; resume with the run's values, or start a new run "
-                          "with another --out")  # fmt: skip
+        diff = ", ".join(f"{k} {asked[k]!r} -> {now.get(k)!r}" for k in changed)
+        raise ConfigError(f"cannot resume {out} with {diff}: an auto run continues as it was asked; resume with the "
+                          "run's values, or start a new run with another --out")  # fmt: skip
     echo(f"auto: resuming with the earlier decision: freeze {choice['freeze']!r}, lr {run_lr:.1e}")
     return dataclasses.replace(_at_lr(_base(cfg, out, decision["cut"]), run_lr), freeze=choice["freeze"],
                                epochs=choice["epochs"], refit=choice.get("refit", False),

@@ -36,8 +36,9 @@ def build_scheduler(optimizer: torch.optim.Optimizer, kind: str, *, epochs: int,
 
     Returns None for ``kind="none"``, and for one-cycle over fewer than 3 steps in all: such a run cannot both warm
     up and anneal (over 2 steps it trained at lr/25, then near 0, and never at ``lr``), so it trains at ``lr``.
-    Groups added later by the Unfreezer are driven too (it extends the scheduler's per-group lists). One-cycle cycles momentum only for SGD, from the optimizer's own momentum down by
-    0.1 and back (torch's default 0.95/0.85 replaced whatever was asked: momentum 0 ran at 0.95); momentum 0 stays 0.
+    Groups added later by the Unfreezer are driven too (it extends the scheduler's per-group lists). One-cycle cycles
+    momentum only for SGD, from the optimizer's own momentum down by 0.1 and back (torch's default 0.95/0.85 replaced
+    whatever was asked: momentum 0 ran at 0.95); momentum 0 stays 0.
 
     >>> from torch import nn
     >>> opt = build_optimizer(nn.Linear(2, 2), "sgd", 0.1, momentum=0.5)

@@ -318,8 +318,9 @@ def _mark_best(ax: Any, rows: list[dict[str, Any]], monitor: str = "val_acc", ep
     sign = 1 if MONITOR_MODES[monitor] == "max" else -1
     epoch, value = max(pts, key=lambda p: (sign * p[1], -p[0]))  # the first epoch that reached it, as best.pt keeps
     shown = f"{100 * value:.1f}%" if monitor == "val_acc" else f"{value:.4g}"
+    label = f"best {monitor.replace('_', ' ')} {shown} (epoch {epoch})"
     ax.plot([epoch], [value * (100 if monitor == "val_acc" else 1)], marker="o", markersize=10, fillstyle="none",
-            color="tab:green", linestyle="", label=f"best {monitor.replace('_', ' ')} {shown} (epoch {epoch})")  # fmt: skip
+            color="tab:green", linestyle="", label=label)  # fmt: skip
     ax.legend(fontsize=8, loc="best")
 
 

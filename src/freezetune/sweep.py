@@ -204,8 +204,8 @@ def _run_recipe(name: str, cfg: TrainConfig, echo: Callable[[str], None]) -> tup
         result = recipes.run(cfg, echo=echo)
     if not (result.history and result.history[-1].get("val_n")):  # its rows scored NaN, and a "winner" was named
         raise DataError(f"sweep: recipe {name} had no validation data to be scored on (one image a class leaves "
-                          "none to hold out), and a sweep compares recipes on it: give --val-data, or more images a "
-                          "class")  # fmt: skip
+                        "none to hold out), and a sweep compares recipes on it: give --val-data, or more images a "
+                        "class")  # fmt: skip
     row = _row(name, result, cuda=resolve_device(cfg.device).type == "cuda")
     atomic_write_text(saved, json.dumps(row))
     return row, False

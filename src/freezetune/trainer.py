@@ -85,10 +85,11 @@ class Trainer(RunSetup):
         else:
             self.echo(f"{head}\nvalidation: {self.data.val_source}\n{summary(self.model)}")
         notes = [imbalance_note(self.cfg.class_weights, self.data.train.targets, len(self.classes),
-                                noun(self.data.train)), None if self.brief else truncation_note(self.data.train, self.preprocess),
-                 None if self.brief else idle_stage_lrs(self.model, self.cfg.stage_lrs,
-                                                        unfreezes=self.state.unfreezer is not None),
-                 None if self.brief else idle_bn_policy(self.model, self.cfg.bn)]  # fmt: skip
+                                noun(self.data.train))]  # fmt: skip
+        if not self.brief:  # the later trials of the auto recipe: their first said these
+            notes += [truncation_note(self.data.train, self.preprocess),
+                      idle_stage_lrs(self.model, self.cfg.stage_lrs, unfreezes=self.state.unfreezer is not None),
+                      idle_bn_policy(self.model, self.cfg.bn)]  # fmt: skip
         for note in filter(None, [*notes, self._warmup_note()]):
             self.echo(note)
         if self.data.skipped:

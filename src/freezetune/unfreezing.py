@@ -142,8 +142,8 @@ class Unfreezer:
         held = policies(self.model)
         if bn is not None and held - {bn}:  # the frozen layers' statistics would start moving mid-run, unasked
             warnings.warn(f"the frozen BatchNorm layers have policy {choices(sorted(held))} and this Unfreezer's bn is "
-                          f"{bn!r}: it applies to the layers still frozen from the first unfreeze on; give freeze() the "
-                          "same bn to have it from the start", stacklevel=2)  # fmt: skip
+                          f"{bn!r}: it applies to the layers still frozen from the first unfreeze on; give freeze() "
+                          "the same bn to have it from the start", stacklevel=2)  # fmt: skip
         self.weight_decay = _decay_in_use(optimizer) if weight_decay is None else weight_decay
         self._check_rule(bool(stage_lrs))
         if scheduler is None and any("initial_lr" in g for g in optimizer.param_groups):

@@ -71,8 +71,8 @@ def _load_source(data: str, preprocess: Preprocess, *, read_test: bool = True, r
     """Read ``data`` without transforms: (source, train, val given by the layout or None, test or None, whether the
     data has a test split). ``read_test``: read the test split (not for a run that does not score it: a broken or
     unlabelled test file must not stop it); ``read_val``: the layout's validation folder (not when ``--val-data``
-    replaces it). ``skip_bad``: a CSV's missing files are left to the pre-scan, which
-    leaves them out as it does unreadable ones."""
+    replaces it). ``skip_bad``: a CSV's missing files are left to the pre-scan, which leaves them out as it does
+    unreadable ones."""
     path, columns = Path(data), Columns.of(preprocess)
     if not path.exists():
         raise DataError(f"data path '{data}' does not exist; expected {_EXPECTED}")
@@ -231,7 +231,7 @@ def _warn_short(train: Dataset, per_class: int, held_out: int) -> None:
         listed = ", ".join(f"{name}: {n}" for name, n in list(short.items())[:10])
         after = f" after the {held_out} held out for validation" if held_out else ""
         warn_once(log, "per_class=%d: %d of %d classes have fewer training %s%s and use all they have (%s)",
-                    per_class, len(short), len(counts), noun(train), after, listed)  # fmt: skip
+                  per_class, len(short), len(counts), noun(train), after, listed)  # fmt: skip
 
 
 def build_datasets(

@@ -247,7 +247,7 @@ def check_overlap(train, held: dict[str, object]) -> None:
                         f"{choices(train.classes[y] for y in sorted(ys))}); give each image one label")  # fmt: skip
     if twice:
         warn_once(log, "%d training image file(s) are listed more than once: each listing weighs as one more image",
-                    twice)  # fmt: skip
+                  twice)  # fmt: skip
     for what, other in (("validation", "training"), ("test", "training"), ("test", "validation")):
         if what not in real or other not in real:
             continue
@@ -272,17 +272,17 @@ def warn_copies(train, held: dict[str, object]) -> None:
     found = copies(train_paths)
     if found:
         warn_once(log, "%d training image file(s) are byte-identical copies of other training files (first: '%s' = "
-                    "'%s'); a copy held out for validation is scored on an image the model trained on",
-                    len(found), *found[0])  # fmt: skip
+                  "'%s'); a copy held out for validation is scored on an image the model trained on",
+                  len(found), *found[0])  # fmt: skip
     for what, ds in held.items():
         if not isinstance(ds, FileImageDataset):
             continue
         found = copies([path for path, _ in ds.samples], train_paths)
         if found:
             path, original = found[0]
-            warn_once(log, "%d of %d %s image file(s) are byte-identical copies of training files (first: '%s' = '%s'); "
-                        "their %s score overstates accuracy on new images: remove them from one of the splits",
-                        len(found), len(ds), what, path, original, what)  # fmt: skip
+            warn_once(log, "%d of %d %s image file(s) are byte-identical copies of training files (first: '%s' = "
+                      "'%s'); their %s score overstates accuracy on new images: remove them from one of the splits",
+                      len(found), len(ds), what, path, original, what)  # fmt: skip
 
 
 def _warn_text_copies(train: TextDataset, held: dict[str, object]) -> None:
@@ -294,6 +294,6 @@ def _warn_text_copies(train: TextDataset, held: dict[str, object]) -> None:
             continue
         found = [t for t in ds.texts if t.strip() in seen]
         if found:
-            warn_once(log, "%d of %d %s texts are training texts too (first: %r); their %s score overstates accuracy on "
-                        "new texts: remove them from one of the splits", len(found), len(ds), what, found[0][:60],
-                        what)  # fmt: skip
+            warn_once(log, "%d of %d %s texts are training texts too (first: %r); their %s score overstates accuracy "
+                      "on new texts: remove them from one of the splits", len(found), len(ds), what, found[0][:60],
+                      what)  # fmt: skip
