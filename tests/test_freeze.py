@@ -10,6 +10,7 @@ from torch import nn
 
 import freezetune as ft
 from conftest import TinyCNN, bn_layers, clone_params, make_batch
+from freezetune.freeze import policies
 
 RESNET = ["stem", "layer1", "layer2", "layer3", "layer4", "fc"]
 
@@ -195,11 +196,33 @@ def test_unfreezing_a_stage_keeps_the_policy_the_rest_was_frozen_with(resnet18, 
     assert [row for row in ft.summary(resnet18).splitlines() if row.startswith("layer1")][0].endswith(bn)
 
 
+def test_affine_only_trains_scale_and_shift_on_the_pretrained_statistics(tiny_cnn):
+    # the brief's "affine-only trainable": "affine" moved the statistics too, "frozen" froze the scale and shift
+    ft.freeze(tiny_cnn, "backbone", bn="affine-only")
+    bns = bn_layers(tiny_cnn)
+    assert bns and all(b.weight.requires_grad and b.bias.requires_grad for b in bns)
+    grouped = {id(p) for g in ft.param_groups(tiny_cnn, 0.1) for p in g["params"]}
+    assert all(id(b.weight) in grouped for b in bns)
+    opt = torch.optim.SGD(ft.param_groups(tiny_cnn, 0.1), lr=0.1)
+    before, stats = clone_params(tiny_cnn), bn_stats(tiny_cnn)
+    tiny_cnn.train()
+    x, y = make_batch(0)
+    nn.functional.cross_entropy(tiny_cnn(x), y).backward()
+    opt.step()
+    after = clone_params(tiny_cnn)
+    assert same(bn_stats(tiny_cnn), stats) and not any(b.training for b in bns)  # eval kept after model.train()
+    moved = {name for name in before if not torch.equal(before[name], after[name])}
+    bn_names = {f"{n}.{k}" for n, m in tiny_cnn.named_modules() if m in bns for k in ("weight", "bias")}
+    assert bn_names <= moved and all(n in bn_names or n.startswith("head.") for n in moved)
+    assert policies(tiny_cnn) == {"affine-only"}
+    assert [r for r in ft.summary(tiny_cnn).splitlines() if r.startswith("block1")][0].endswith("affine-only")
+
+
 @pytest.mark.parametrize("call", [ft.freeze, ft.unfreeze, lambda m, s, bn: ft.freeze_to(m, 2, bn=bn)])
-def test_unknown_bn_policy_names_the_three(resnet18, call):
+def test_unknown_bn_policy_names_them_all(resnet18, call):
     with pytest.raises(ft.FreezetuneError) as info:
         call(resnet18, "backbone", bn="eval")
-    for word in ("'eval'", "'frozen'", "'affine'", "'train'"):
+    for word in ("'eval'", "'frozen'", "'affine'", "'train'", "'affine-only'"):
         assert word in str(info.value)
 
 

@@ -63,7 +63,11 @@ def test_suffix_trains_the_models_own_parameters():
 
 @pytest.mark.parametrize(
     "bn, expected",
-    [("train", "BatchNorm"), ("affine", "BatchNorm")],
+    [
+        ("train", "updates its statistics"),
+        ("affine", "updates its statistics"),
+        ("affine-only", "BatchNorm scale and shift train (bn policy 'affine-only'), the first stage's (stem) too"),
+    ],
 )
 def test_prefix_with_moving_batchnorm_is_not_cacheable(bn, expected):
     model = torchvision.models.resnet18(num_classes=3)

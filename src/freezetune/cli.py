@@ -53,7 +53,8 @@ _HELP = {
     "label_column": f"a text model: the CSV column of the labels (default: the one named {' or '.join(LABEL_COLUMNS)})",
     "init": "a freezetune checkpoint whose weights (head included) start the run",
     "cache_dir": "keep feature caches here and reuse them across runs (the auto recipe: OUT/features)",
-    "bn": "BatchNorm in frozen parts (frozen: eval statistics)",
+    "bn": "BatchNorm in frozen parts: frozen (eval statistics), affine (affine trains, statistics update), train "
+    "(statistics update), affine-only (affine trains, eval statistics)",
     "unfreeze": f"{' | '.join(UNFREEZE_FORMS)} (a plateau without mode follows --monitor)",
     "stage_lrs": "per-stage LRs, e.g. 'layer4=1e-4,layer3=5e-5'",
     "decay": "LR of the stage at depth i below the head is lr / decay**i",

@@ -239,7 +239,7 @@ def validate(cfg: TrainConfig, *, need_data: bool = True) -> None:
 
     >>> validate(TrainConfig(data="imgs", bn="melt"))
     Traceback (most recent call last):
-    freezetune.errors.ConfigError: invalid config: unknown bn 'melt'; choose one of: 'frozen', 'affine', 'train'
+    freezetune.errors.ConfigError: invalid config: unknown bn 'melt'; choose one of: 'frozen', 'affine', 'train', 'affine-only'
     """
     mistyped = _type_problems(cfg)
     if mistyped:  # the checks below compare numbers: a "3" where 3 belongs is reported alone, not as a TypeError

@@ -3,12 +3,14 @@
 A spec names what to (un)freeze: ``"backbone"`` (all but the head), ``"all"``, ``"none"``, ``"bitfit"`` (the
 backbone but its biases and normalisation parameters), an int ``n`` (the first
 ``n`` stages, negative as in slicing), a stage name, a glob over qualified module/parameter names, or a list of
-these. BatchNorm layers inside a frozen part follow one of three policies:
+these. BatchNorm layers inside a frozen part follow one of four policies:
 
 - ``"frozen"``: affine parameters and running statistics frozen; the layer stays in eval mode even after
   ``model.train()`` (a forward pre-hook puts it back), so a training pass leaves its statistics bit-identical.
 - ``"affine"``: weight/bias stay trainable, statistics update in train mode (fastai/Lightning ``train_bn=True``).
 - ``"train"``: weight/bias frozen, statistics update in train mode (what plain ``requires_grad=False`` does).
+- ``"affine-only"``: weight/bias trainable, statistics frozen as under ``"frozen"`` (eval mode kept): the scale and
+  shift adapt to the new data while the pretrained statistics stay, whatever the batch size.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from torch import nn
 
 from freezetune.errors import SpecError, choices
 from freezetune.heads import unwrap
-from freezetune.options import BN_DEFAULT, BN_POLICIES, FREEZE_DEFAULT, FREEZE_KEYWORDS, check_choice
+from freezetune.options import BN_DEFAULT, BN_EVAL_POLICIES, BN_POLICIES, FREEZE_DEFAULT, FREEZE_KEYWORDS, check_choice
 from freezetune.stages import Stage, stages
 
 Spec = str | int | Sequence[str | int]
@@ -42,8 +44,8 @@ def freeze(model: nn.Module, spec: Spec = FREEZE_DEFAULT, *, bn: str = BN_DEFAUL
             and the head), an int ``n`` (the first ``n`` stages; negative: all but the last ``-n``), a stage name, a
             glob of parameter or stage names (``"layer[1-3]*"``), or a list of these.
         bn: the BatchNorm layers in the frozen part: ``"frozen"`` (statistics and affine frozen, run in eval even
-            after ``model.train()``), ``"affine"`` (affine trains, statistics update) or ``"train"`` (statistics
-            update only). The policy lives on the layers: convert to ``SyncBatchNorm`` before freezing, as the
+            after ``model.train()``), ``"affine"`` (affine trains, statistics update), ``"train"`` (statistics
+            update only) or ``"affine-only"`` (affine trains, statistics frozen in eval). The policy lives on the layers: convert to ``SyncBatchNorm`` before freezing, as the
             conversion builds new layers without it.
 
     Raises:
@@ -271,7 +273,7 @@ def policies(model: nn.Module) -> set[str]:
 
 
 def check_bn_policy(bn: str) -> None:
-    """Raise ``SpecError`` naming the three policies unless ``bn`` is one of them."""
+    """Raise ``SpecError`` naming the policies unless ``bn`` is one of them."""
     check_choice("BatchNorm policy", bn, BN_POLICIES, SpecError)
 
 
@@ -296,8 +298,8 @@ def _apply_bn_policies(model: nn.Module) -> None:
         if policy is None or not isinstance(module, nn.modules.batchnorm._BatchNorm):
             continue
         for p in module.parameters(recurse=False):
-            p.requires_grad_(policy == "affine")
-        if policy == "frozen":
+            p.requires_grad_(policy in ("affine", "affine-only"))
+        if policy in BN_EVAL_POLICIES:
             if not _has_eval_hook(module):
                 module.register_forward_pre_hook(_keep_eval)
             module.eval()

@@ -15,7 +15,8 @@ from freezetune.errors import ConfigError, choices
 OPTIMIZERS = ("adamw", "adam", "sgd")
 SCHEDULERS = ("onecycle", "cosine", "none")
 AMP_MODES = ("auto", "bf16", "fp16", "off")
-BN_POLICIES = ("frozen", "affine", "train")  # BatchNorm in frozen parts; see ``freezetune.freeze``
+BN_POLICIES = ("frozen", "affine", "train", "affine-only")  # BatchNorm in frozen parts; see ``freezetune.freeze``
+BN_EVAL_POLICIES = ("frozen", "affine-only")  # ... whose statistics never move: the layer runs in eval
 BN_DEFAULT = "frozen"  # the one policy under which a frozen prefix is deterministic (and can be cached)
 FREEZE_KEYWORDS = ("backbone", "all", "none", "bitfit")  # bitfit: all but biases, norms and the head
 # the forms of an unfreeze schedule (``unfreezing.parse_schedule``); a plateau without mode follows the monitor

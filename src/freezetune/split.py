@@ -18,6 +18,7 @@ from torch import fx, nn
 
 from freezetune.depthwise import FastDepthwiseConv2d
 from freezetune.errors import SpecError, choices
+from freezetune.options import BN_EVAL_POLICIES
 from freezetune.stages import Stage, stages
 
 log = logging.getLogger(__name__)
@@ -53,13 +54,13 @@ def split_model(model: nn.Module, at: str | None = None) -> tuple[Split | None, 
     first = next((i for i, s in enumerate(st) if any(p.requires_grad for p in s.params)), None)
     if first is None:
         return None, "nothing is trainable"
+    if first == 0:
+        return None, _trainable_first_stage(model, st[0])
     if at is not None:
         names = [s.name for s in st]
         if at not in names[1 : first + 1]:
             return None, f"cannot cut at {at!r}: the cut must be a frozen stage's start among {names[1 : first + 1]}"
         first = names.index(at)
-    if first == 0:
-        return None, f"the first stage ({st[0].name}) is trainable: there is no frozen prefix to cache"
     try:
         split = _fx_split(model, st, first, set(st[first].param_names) if at is not None else None)
         if split is not None and split.boundary != st[first].name:  # say where the cache is, and why there
@@ -98,9 +99,24 @@ def _moving_batchnorm(model: nn.Module) -> str | None:
     """A frozen-part BatchNorm whose statistics move in training makes every earlier cached feature stale."""
     for name, m in model.named_modules():
         policy = getattr(m, "_freezetune_bn", None)
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and policy in ("affine", "train"):
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and policy is not None and policy not in BN_EVAL_POLICIES:
             return f"BatchNorm {name} updates its statistics in training (bn policy {policy!r}, not 'frozen')"
     return None
+
+
+def _trainable_first_stage(model: nn.Module, first: Stage) -> str:
+    """Why there is no prefix to cache when the first stage trains: ``bn="affine-only"`` trains the BatchNorm scale
+    and shift of every frozen stage, the first one's too."""
+    policies = {
+        getattr(m, "_freezetune_bn", None)
+        for m in model.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and any(p.requires_grad for p in m.parameters(False))
+    }
+    policies.discard(None)
+    if policies:
+        return (f"the frozen stages' BatchNorm scale and shift train (bn policy {sorted(policies)[0]!r}), the first "
+                f"stage's ({first.name}) too: there is no frozen prefix to cache")  # fmt: skip
+    return f"the first stage ({first.name}) is trainable: there is no frozen prefix to cache"
 
 
 def _is_stochastic(m: nn.Module) -> bool:

@@ -53,7 +53,7 @@ class FreezetuneFinetuning(Callback):
         freeze: What is frozen before training: ``"backbone"``, ``"all"``, an int, a stage name, a glob or a list.
         unfreeze: ``"epoch:N"``, ``"plateau:patience=P,min_delta=D,mode=max|min"``, ``{epoch: spec}`` or None.
             What a schedule opens at the end of epoch ``e`` trains from epoch ``e + 1``.
-        bn: BatchNorm policy in the frozen parts: ``"frozen"``, ``"affine"`` or ``"train"``.
+        bn: BatchNorm policy in the frozen parts: ``"frozen"``, ``"affine"``, ``"train"`` or ``"affine-only"``.
         lr: The head's LR for the rule; None takes it from the optimizer group named after the head (else group 0).
         stage_lrs: Per-stage LRs, as in ``ft.param_groups``.
         decay: LR divisor per stage of depth, as in ``ft.param_groups``.
