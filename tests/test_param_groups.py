@@ -193,3 +193,19 @@ def test_a_run_says_when_a_stage_lr_it_was_given_is_never_used(tmp_path, capsys)
                                                  "--stage-lrs", "blocks.0=1e-4", "--unfreeze", "epoch:1"))  # fmt: skip
     assert code == 0, err
     assert "stage_lrs sets" not in out
+
+
+def test_a_run_says_when_its_decay_is_never_used_as_only_the_head_trains(tmp_path, capsys):
+    # --freeze backbone --decay 10 without --unfreeze: every stage below the head stays frozen, in silence
+    from _engine_fixtures import make_image_folder, run_cli, train_argv
+
+    data = make_image_folder(tmp_path / "images", train=4, val=2, test=0)
+    code, out, err = run_cli(capsys, *train_argv(data, tmp_path / "run", "--epochs", "1", "--freeze", "backbone",
+                                                 "--decay", "10"))  # fmt: skip
+    assert code == 0, err
+    assert "note: decay 10.0 sets the LR of the stages below the head, and only the head trains" in out
+    for more in (("--freeze", "-3"), ("--freeze", "backbone", "--unfreeze", "epoch:1")):
+        code, out, err = run_cli(capsys, *train_argv(data, tmp_path / more[-1], "--epochs", "2", "--decay", "10",
+                                                     *more))  # fmt: skip
+        assert code == 0, err
+        assert "note: decay" not in out

@@ -159,19 +159,26 @@ def no_decay_names(model: nn.Module) -> set[str]:
     return out
 
 
-def idle_stage_lrs(model: nn.Module, stage_lrs: Mapping[str, float], *, unfreezes: bool) -> str | None:
+def idle_stage_lrs(model: nn.Module, stage_lrs: Mapping[str, float], *, unfreezes: bool,
+                   decay: float | None = None) -> str | None:  # fmt: skip
     """A note naming the stages ``stage_lrs`` sets that stay frozen through a run without unfreezing (``unfreezes``
-    False): their LR is never used, and a user who set it expects it trains.
+    False): their LR is never used, and a user who set it expects it trains. So is ``decay`` when only the head trains.
 
     >>> import torchvision
     >>> from freezetune.freeze import freeze
     >>> m = torchvision.models.resnet18(); freeze(m, "backbone")
     >>> idle_stage_lrs(m, {"layer1": 1e-4}, unfreezes=False)
     "note: stage_lrs sets 'layer1', frozen in this run with nothing to unfreeze it: its LR is not used"
+    >>> idle_stage_lrs(m, {}, unfreezes=False, decay=10.0)[:68]
+    'note: decay 10.0 sets the LR of the stages below the head, and only '
     """
-    if unfreezes or not stage_lrs:
+    if unfreezes:
         return None
-    idle = [s.name for s in stages(model) if s.name in stage_lrs and not s.num_trainable]
+    st = stages(model)
+    if decay and not any(s.num_trainable for s in st[:-1]):
+        return (f"note: decay {decay} sets the LR of the stages below the head, and only the head trains in this run "
+                "with nothing to unfreeze a stage: it is not used")  # fmt: skip
+    idle = [s.name for s in st if s.name in stage_lrs and not s.num_trainable]
     if not idle:
         return None
     it, its = ("it", "its") if len(idle) == 1 else ("them", "their")

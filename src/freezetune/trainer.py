@@ -88,7 +88,8 @@ class Trainer(RunSetup):
                                 noun(self.data.train))]  # fmt: skip
         if not self.brief:  # the later trials of the auto recipe: their first said these
             notes += [truncation_note(self.data.train, self.preprocess),
-                      idle_stage_lrs(self.model, self.cfg.stage_lrs, unfreezes=self.state.unfreezer is not None),
+                      idle_stage_lrs(self.model, self.cfg.stage_lrs, unfreezes=self.state.unfreezer is not None,
+                                     decay=self.cfg.decay),
                       idle_bn_policy(self.model, self.cfg.bn)]  # fmt: skip
         for note in filter(None, [*notes, self._warmup_note()]):
             self.echo(note)
