@@ -208,6 +208,18 @@ def test_auto_on_a_validation_split_too_small_to_compare_runs_only_the_default_t
     assert checkpoint.load(tmp_path / "auto" / "last.pt")["epoch"] == 2 and result.test["n"] == 12
 
 
+def test_a_two_phase_recipe_without_out_keeps_its_phases_in_one_run_dir(data, tmp_path, monkeypatch):
+    # without --out, lp-ft's probe and fine-tune made two unrelated runs/ dirs and no log held the phase lines
+    from freezetune.trainer import train
+
+    monkeypatch.chdir(tmp_path)
+    result = train(dataclasses.replace(_cfg(data, None, recipe="lp-ft", epochs=1), out=None), echo=lambda _: None)
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert result.run_dir.resolve() == run_dir.resolve() and (run_dir / "probe" / "best.pt").is_file()
+    assert "recipe lp-ft: phase 1/2 (probe)" in (run_dir / "train.log").read_text()
+    assert load_config(run_dir / "config.yaml").init == str((run_dir / "probe" / "best.pt").resolve())
+
+
 def test_sweep_compares_recipes_reuses_features_and_its_winner_reproduces(data, tmp_path, capsys, monkeypatch):
     from freezetune.cache import store
 

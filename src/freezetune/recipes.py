@@ -171,6 +171,11 @@ def run(cfg: TrainConfig, *, echo: Callable[[str], None] = print, train: Callabl
         return auto.run(dataclasses.replace(cfg, recipe=None, freeze="auto"), echo=echo, train=train)
     if recipe.startswith("last-"):
         check_last_k(cfg, recipe)
+    if not cfg.out:  # one run dir for all phases (the earlier ones below it), as --out gives, and its train.log
+        from freezetune.distributed import broadcast, init_from_env
+        from freezetune.runtime import default_run_dir
+
+        cfg = dataclasses.replace(cfg, out=str(broadcast(default_run_dir(cfg.model), init_from_env(cfg.device))))
     if cfg.out and not cfg.resume:  # refuse a run dir in use before any phase writes below it
         from freezetune.runtime import prepare_run_dir
 
