@@ -220,6 +220,24 @@ def test_a_two_phase_recipe_without_out_keeps_its_phases_in_one_run_dir(data, tm
     assert load_config(run_dir / "config.yaml").init == str((run_dir / "probe" / "best.pt").resolve())
 
 
+def test_epoch_images_makes_the_runs_epochs_and_the_auto_recipes_trials_shorter(data, tmp_path):
+    # a large training set: --epoch-images 10 trains 10 random images an epoch, and a trial half of one such epoch
+    # (the trials took half the training set, whatever the epoch)
+    lines = []
+    auto.run(_cfg(data, tmp_path / "auto", epochs=2, cache="auto", refit=False, epoch_images=10), echo=lines.append)
+    assert "a trial each on 50% of an epoch's training images" in lines[0]
+
+    def samples(run_dir: Path) -> list[int]:
+        return [round(row["img_per_s"] * row["epoch_time_s"]) for row in read_metrics(run_dir / "metrics.csv")]
+
+    assert samples(tmp_path / "auto") == [10, 10]
+    assert samples(tmp_path / "auto" / "auto-trials" / "last-3") == [5]
+    # a --budget plans the run's epochs from the trial's pace: a run epoch, not the trial's half of one
+    (trial,) = json.loads((tmp_path / "auto" / "recipe.json").read_text())["trials"]
+    (row,) = read_metrics(tmp_path / "auto" / "auto-trials" / "last-3" / "metrics.csv")
+    assert trial["epoch_s"] == pytest.approx(2 * row["epoch_time_s"])
+
+
 def test_sweep_compares_recipes_reuses_features_and_its_winner_reproduces(data, tmp_path, capsys, monkeypatch):
     from freezetune.cache import store
 

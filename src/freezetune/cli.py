@@ -47,6 +47,9 @@ _HELP = {
     "globs, comma-separated",
     "recipe": "a named procedure: " + " | ".join(RECIPES) + " (last-K: the last K stages train)",
     "budget": "wall-clock budget for the auto recipe's trials and epochs (the epochs it trains), e.g. 90s, 5m, 1h",
+    "epoch_fraction": "each epoch trains on this random share of the training set (a new draw each epoch)",
+    "epoch_images": "each epoch trains on at most this many random training images or texts (a large set's epochs "
+    "made shorter; the LR schedule and --epochs count these epochs)",
     "max_length": "a text model: the tokens a text keeps (longer texts are cut there and counted in the log; at most "
     "the model's positions)",
     "text_column": f"a text model: the CSV column of the texts (default: the one named {' or '.join(TEXT_COLUMNS)})",

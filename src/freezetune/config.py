@@ -106,6 +106,7 @@ class TrainConfig:
     # optimisation
     epochs: int = 10
     epoch_fraction: float = 1.0  # each epoch trains on this random share of the training set (auto's trials)
+    epoch_images: int | None = None  # ... and on at most this many of its images (auto's trials on large data)
     optimizer: str = "adamw"
     lr: float = 1e-3
     stage_lrs: dict[str, float] = field(default_factory=dict)
@@ -255,7 +256,7 @@ def validate(cfg: TrainConfig, *, need_data: bool = True) -> None:
     problems.append(non_negative_int_problem("skip_nonfinite", cfg.skip_nonfinite))
     if cfg.workers is not None:
         problems.append(non_negative_int_problem("workers", cfg.workers))
-    optional = ("per_class", "early_stop", "save_every_steps")
+    optional = ("per_class", "early_stop", "save_every_steps", "epoch_images")
     problems += [positive_int_problem(name, getattr(cfg, name)) for name in optional if getattr(cfg, name) is not None]
     if cfg.val_split is not None:
         problems.append(fraction_problem("val_split", cfg.val_split))

@@ -111,7 +111,7 @@ class RunSetup:
         cfg = self.cfg
         self.loaders = Loaders(batch_size=cfg.batch_size, device=self.device, seed=cfg.seed, preprocess=self.preprocess,
                                aug=cfg.aug, decode=cfg.decode, workers=cfg.workers, dist=self.dist,
-                               epoch_fraction=cfg.epoch_fraction)  # fmt: skip
+                               epoch_fraction=cfg.epoch_fraction, epoch_images=cfg.epoch_images)  # fmt: skip
         self.features = FeaturePath(self.model, self.data, self.loaders, self.precision, cache=cfg.cache,
                                     views=cfg.cache_views, spill_dir=self.run_dir / "cache", cache_dir=cfg.cache_dir,
                                     cache_at=cfg.cache_at,

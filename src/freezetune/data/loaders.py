@@ -271,7 +271,8 @@ class Loaders:
         decode: ``auto`` | ``gpu`` | ``cpu``: where images are decoded and augmented (see ``should_use_device_loader``).
         workers: CPU loader processes (None: ``default_workers``).
         dist: this process's place in a torchrun job; training reads this rank's shard of each epoch.
-        epoch_fraction: a training epoch visits this share of the (shuffled) training set.
+        epoch_fraction: a training epoch visits this share of the (shuffled) training set ...
+        epoch_images: ... and at most this many of its items (None: no limit).
     """
 
     batch_size: int
@@ -283,13 +284,25 @@ class Loaders:
     workers: int | None = None
     dist: DistInfo = DistInfo()
     epoch_fraction: float = 1.0
+    epoch_images: int | None = None
 
     def order(self, n: int, *, train: bool) -> EpochOrder:
         """The epoch order every training loader of this run uses (this rank's shard under DDP; never a last
         training batch of one image)."""
         return EpochOrder(n, shuffle=train, seed=self.seed, dist=self.dist if train else None,
                           batch_size=self.batch_size if train else None,
-                          fraction=self.epoch_fraction if train else 1.0)  # fmt: skip
+                          fraction=self.fraction(n) if train else 1.0)  # fmt: skip
+
+    def fraction(self, n: int) -> float:
+        """The share of a training set of ``n`` items a training epoch visits.
+
+        >>> Loaders(batch_size=8, device=torch.device("cpu"), seed=0, preprocess=None, epoch_fraction=0.5,
+        ...         epoch_images=100).fraction(1000)
+        0.1
+        """
+        if self.epoch_images is None or n <= self.epoch_images:
+            return self.epoch_fraction
+        return min(self.epoch_fraction, self.epoch_images / n)
 
     def train(self, dataset: Dataset):
         """Shuffled, augmented batches of this rank's shard of each epoch; call ``set_epoch`` before each epoch."""
