@@ -105,8 +105,8 @@ class TrainConfig:
     unfreeze: str | dict[int, str] | None = None
     # optimisation
     epochs: int = 10
-    epoch_fraction: float = 1.0  # each epoch trains on this random share of the training set (auto's trials)
-    epoch_images: int | None = None  # ... and on at most this many of its images (auto's trials on large data)
+    epoch_fraction: float = 1.0  # each epoch trains on this random share of the training set (a new draw each epoch)
+    epoch_images: int | None = None  # ... and on at most this many of its images or texts (a large set's epochs)
     optimizer: str = "adamw"
     lr: float = 1e-3
     stage_lrs: dict[str, float] = field(default_factory=dict)
