@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from torch import nn
@@ -152,6 +154,21 @@ def test_no_trainable_params_is_a_clear_error(resnet18):
     with pytest.raises(ft.FreezetuneError, match="no trainable parameters") as info:
         ft.param_groups(resnet18, 1e-3)  # ... but there is nothing to optimize
     assert "'layer4'" in str(info.value)
+
+
+def test_a_stage_lrs_glob_sets_every_stage_it_matches_and_a_named_stage_keeps_its_own(resnet18):
+    # a timm model's blocks.0..6 or a ViT's twelve layers, named one by one: the freeze spec took globs, stage_lrs not
+    got = lrs(ft.param_groups(resnet18, 1e-3, stage_lrs="layer[2,3,4]=1e-4,layer4=5e-4", weight_decay=0))
+    assert got == {"stem": 1e-3, "layer1": 1e-3, "layer2": 1e-4, "layer3": 1e-4, "layer4": 5e-4, "fc": 1e-3}
+    with pytest.raises(ft.FreezetuneError, match=r"'layer5\*'.*stages are: 'stem'"):
+        ft.param_groups(resnet18, 1e-3, stage_lrs={"layer5*": 1e-4})
+    with pytest.raises(ft.FreezetuneError, match=re.escape("stage 'layer3' matches both 'layer[23]' and 'layer[34]'")):
+        ft.param_groups(resnet18, 1e-3, stage_lrs={"layer[23]": 1e-4, "layer[34]": 1e-5})
+    # a stage unfrozen later gets the glob's LR, as one named outright does
+    ft.freeze(resnet18, "backbone")
+    opt = torch.optim.AdamW(ft.param_groups(resnet18, 1e-3), lr=1e-3)
+    unfreezer = ft.Unfreezer(resnet18, opt, "epoch:1", lr=1e-3, stage_lrs={"layer*": 1e-5})
+    assert unfreezer.step(0) == ["layer4"] and lrs(opt.param_groups)["layer4"] == 1e-5
 
 
 def test_bad_stage_lrs_and_decay(resnet18):

@@ -59,7 +59,7 @@ _HELP = {
     "bn": "BatchNorm in frozen parts: frozen (eval statistics), affine (affine trains, statistics update), train "
     "(statistics update), affine-only (affine trains, eval statistics)",
     "unfreeze": f"{' | '.join(UNFREEZE_FORMS)} (a plateau without mode follows --monitor)",
-    "stage_lrs": "per-stage LRs, e.g. 'layer4=1e-4,layer3=5e-5'",
+    "stage_lrs": "per-stage LRs, e.g. 'layer4=1e-4,layer3=5e-5'; a glob sets several ('blocks.[4-6]=1e-4')",
     "decay": "LR of the stage at depth i below the head is lr / decay**i",
     "amp": "mixed precision (auto: bf16/fp16 on CUDA, off on CPU)",
     "cache": "frozen-prefix feature cache",

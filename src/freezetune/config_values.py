@@ -15,19 +15,23 @@ import yaml
 
 from freezetune.errors import ConfigError
 
+_OUTSIDE_BRACKETS = re.compile(r",(?![^\[]*\])")  # a comma not inside a glob's [...]: "layer[1,2]*" is one name
+
 
 def parse_stage_lrs(text: str | dict | None) -> dict[str, float]:
-    """``"layer4=1e-4,layer3=5e-5"`` -> ``{"layer4": 1e-4, "layer3": 5e-5}``.
+    """``"layer4=1e-4,layer3=5e-5"`` -> ``{"layer4": 1e-4, "layer3": 5e-5}``; a name may be a glob of stage names.
 
     >>> parse_stage_lrs("layer4=1e-4,layer3=5e-5")
     {'layer4': 0.0001, 'layer3': 5e-05}
+    >>> parse_stage_lrs("blocks.[4,5]=1e-4")
+    {'blocks.[4,5]': 0.0001}
     """
     if text is None:
         return {}
     if isinstance(text, dict):
         items = list(text.items())
     else:
-        items = [part.partition("=")[::2] for part in str(text).split(",") if part.strip()]
+        items = [part.partition("=")[::2] for part in _OUTSIDE_BRACKETS.split(str(text)) if part.strip()]
     out = {}
     for name, value in items:
         name = str(name).strip()
@@ -111,9 +115,6 @@ def type_name(hint: Any) -> str:
     if _is_union(hint):
         return " | ".join(type_name(k) for k in typing.get_args(hint))
     return "None" if hint is type(None) else getattr(hint, "__name__", str(hint))
-
-
-_OUTSIDE_BRACKETS = re.compile(r",(?![^\[]*\])")  # a comma not inside a glob's [...]: "layer[1,2]*" is one name
 
 
 def parse_freeze_spec(spec: str | int | list | tuple) -> str | int | list:

@@ -7,6 +7,7 @@ depth 0 and depth counts every stage, frozen or not.
 
 from __future__ import annotations
 
+import fnmatch
 import math
 from collections.abc import Iterable, Mapping
 
@@ -41,9 +42,7 @@ class LRRule:
                if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < math.inf]  # fmt: skip
         if bad:  # a negative LR climbs the loss; torch's optimizers refuse it only at their construction
             raise SpecError(f"learning rates must be finite numbers >= 0, got {', '.join(bad)}")
-        unknown = sorted(set(stage_lrs or {}) - set(stage_names))
-        if unknown:
-            raise SpecError(f"stage_lrs names unknown stage(s) {choices(unknown)}; stages are: {choices(stage_names)}")
+        stage_lrs = resolve_stage_lrs(stage_lrs or {}, stage_names)
         if decay is not None and not 0 < decay < math.inf:  # (nan too)
             raise SpecError(f"decay must be > 0 and finite, got {decay}")
         self.depth = {name: len(stage_names) - 1 - i for i, name in enumerate(stage_names)}
@@ -55,6 +54,36 @@ class LRRule:
         if self.decay:
             return self.lr / self.decay ** self.depth[stage_name]
         return self.lr
+
+
+def resolve_stage_lrs(stage_lrs: Mapping[str, float], stage_names: list[str]) -> dict[str, float]:
+    """Each stage's explicit LR: a stage named outright takes its own, one a glob matches (``"blocks.[4-6]"``,
+    ``"layer*"``) the glob's.
+
+    Raises:
+        SpecError: a name or glob that matches no stage (the stages are listed), or a stage two globs match and no
+            entry names outright.
+
+    >>> resolve_stage_lrs({"blocks.[1-2]": 1e-4, "blocks.2": 2e-4}, ["blocks.0", "blocks.1", "blocks.2", "head"])
+    {'blocks.2': 0.0002, 'blocks.1': 0.0001}
+    """
+    out = {name: float(lr) for name, lr in stage_lrs.items() if name in stage_names}
+    matched_by: dict[str, str] = {}
+    unknown = []
+    for pattern, lr in stage_lrs.items():
+        if pattern in stage_names:
+            continue
+        hits = [name for name in stage_names if fnmatch.fnmatchcase(name, pattern)]
+        if not hits:
+            unknown.append(pattern)
+        for name in (n for n in hits if n not in stage_lrs):
+            if name in matched_by:
+                raise SpecError(f"stage_lrs: stage {name!r} matches both {matched_by[name]!r} and {pattern!r}; name it "
+                                "outright to give it its LR")  # fmt: skip
+            matched_by[name], out[name] = pattern, float(lr)
+    if unknown:
+        raise SpecError(f"stage_lrs names unknown stage(s) {choices(unknown)}; stages are: {choices(stage_names)}")
+    return out
 
 
 def param_groups(
@@ -75,7 +104,8 @@ def param_groups(
     Args:
         model: the model, frozen as wanted first (``freeze``, ``freeze_to``): frozen parameters get no group.
         lr: the head's learning rate, and every stage's unless ``stage_lrs`` or ``decay`` says otherwise.
-        stage_lrs: learning rates by stage name (``{"layer4": 1e-4}``, or ``"layer4=1e-4,layer3=5e-5"``).
+        stage_lrs: learning rates by stage name or glob of names (``{"layer4": 1e-4}``, ``"layer4=1e-4,layer3=5e-5"``,
+            ``"blocks.[4-6]=1e-4"``); a stage named outright takes its own over a glob's.
         decay: each stage not in ``stage_lrs`` trains at ``lr / decay ** depth``, depth 0 for the head.
         weight_decay: see above.
 
@@ -175,6 +205,7 @@ def idle_stage_lrs(model: nn.Module, stage_lrs: Mapping[str, float], *, unfreeze
     if unfreezes:
         return None
     st = stages(model)
+    stage_lrs = resolve_stage_lrs(stage_lrs, [s.name for s in st])
     if decay and not any(s.num_trainable for s in st[:-1]):
         return (f"note: decay {decay} sets the LR of the stages below the head, and only the head trains in this run "
                 "with nothing to unfreeze a stage: it is not used")  # fmt: skip
