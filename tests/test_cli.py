@@ -265,6 +265,9 @@ def _assert_user_error(code, out, err, *needles):
         (["--skip-nonfinite", "-1"], ["skip_nonfinite must be >= 0, got -1"]),
         (["--freeze", "backbone", "--cache-at", "nosuch"], ["unknown cache_at stage 'nosuch'", "'blocks.0'"]),
         (["--recipe", "last-99"], ["'last-99': k is out of range", "last-1 to last-6"]),  # not "stage count -100"
+        # the API's "unfreeze a stage first", in a CLI run, named nothing the user could do
+        (["--freeze", "all"], ["freeze 'all' leaves no parameter to train; freeze less: 'backbone' trains the head"]),
+        (["--freeze", "all", "--unfreeze", "epoch:1"], ["to train in the first epoch (an unfreeze schedule opens"]),
     ],
 )
 def test_train_user_errors_exit_2_with_one_line(data, tmp_path, capsys, extra, needles):

@@ -100,6 +100,10 @@ class RunSetup:
             # a resume's come from last.pt (the init file may be gone, or named from another directory)
             checkpoint.init_from(self.model, cfg.init, self.classes, model_name=cfg.model)
         freeze(self.model, parse_freeze_spec(cfg.freeze), bn=cfg.bn)
+        if not any(p.requires_grad for p in self.model.parameters()):  # the API's "unfreeze a stage first" misled
+            later = " in the first epoch (an unfreeze schedule opens stages only after one)" if cfg.unfreeze else ""
+            raise ConfigError(f"freeze {cfg.freeze!r} leaves no parameter to train{later}; freeze less: 'backbone' "
+                              "trains the head")  # fmt: skip
         self.channels_last = runtime.use_channels_last(cfg.channels_last, self.model, self.device)
         self.model.to(self.device, memory_format=torch.channels_last if self.channels_last else torch.preserve_format)
         if self.device.type == "cpu" and not cfg.compile:  # the native weight gradient of a depthwise layer is slow
