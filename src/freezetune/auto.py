@@ -102,7 +102,8 @@ def run(cfg: TrainConfig, *, echo: Callable[[str], None] = print, train: Callabl
     intro = (f"auto: choosing how many of the last stages to train ({', '.join(map(str, ks))}) from a trial each on "
              f"{TRIAL_FRACTION:.0%} of an epoch's training {'texts' if text else 'images'}, scored on the validation "
              f"split (what comes before {cut} is frozen in all of them, its features cached once where the data "
-             f"allows); the default's trial first, the others' if the split holds {MIN_VAL_TO_COMPARE} or more")  # fmt: skip
+             f"allows); the default's trial first, the others' if the split holds {MIN_VAL_TO_COMPARE} or "
+             "more")  # fmt: skip
     boost = TEXT_LR_BOOST if text else LR_BOOST
 
     def shared(trial_cfg: TrainConfig, **kwargs):  # rank 0 alone logs metrics rows: every rank takes its result

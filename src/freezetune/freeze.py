@@ -45,8 +45,8 @@ def freeze(model: nn.Module, spec: Spec = FREEZE_DEFAULT, *, bn: str = BN_DEFAUL
             glob of parameter or stage names (``"layer[1-3]*"``), or a list of these.
         bn: the BatchNorm layers in the frozen part: ``"frozen"`` (statistics and affine frozen, run in eval even
             after ``model.train()``), ``"affine"`` (affine trains, statistics update), ``"train"`` (statistics
-            update only) or ``"affine-only"`` (affine trains, statistics frozen in eval). The policy lives on the layers: convert to ``SyncBatchNorm`` before freezing, as the
-            conversion builds new layers without it.
+            update only) or ``"affine-only"`` (affine trains, statistics frozen in eval). The policy lives on the
+            layers: convert to ``SyncBatchNorm`` before freezing, as the conversion builds new layers without it.
 
     Raises:
         SpecError: an unknown stage name, a glob that matches nothing, an int beyond the stage count, an unknown
