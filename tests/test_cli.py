@@ -301,6 +301,26 @@ def test_a_users_own_config_yaml_in_the_out_dir_is_refused_and_kept(data, tmp_pa
     assert snapshot(out_dir) == before
 
 
+def test_a_fresh_run_clears_an_earlier_auto_runs_decision_so_its_resume_resumes_it(data, tmp_path, capsys):
+    # an auto run stopped before its final run's first epoch left recipe.json and auto-trials/; a --freeze run started
+    # there kept them, and its --resume took the stale decision and refused every setting of the run
+    import shutil
+
+    code, _, err = run_cli(capsys, *train_argv(data, tmp_path / "auto", "--epochs", "1"))
+    assert code == 0, err
+    stopped = tmp_path / "stopped"
+    stopped.mkdir()
+    for name in ("classes.json", "recipe.json"):
+        shutil.copy(tmp_path / "auto" / name, stopped / name)
+    shutil.copytree(tmp_path / "auto" / "auto-trials", stopped / "auto-trials")
+    code, out, err = run_cli(capsys, *train_argv(data, stopped, "--freeze", "-3", "--epochs", "1"))
+    assert code == 0, err
+    assert "starting it afresh (cleared recipe.json, auto-trials)" in out
+    assert not (stopped / "recipe.json").exists() and not (stopped / "auto-trials").exists()
+    code, out, err = run_cli(capsys, "train", "--out", str(stopped), "--resume")
+    assert code == 0 and "auto:" not in out, err
+
+
 def test_resume_without_last_pt_is_a_user_error(data, tmp_path, capsys):
     code, out, err = run_cli(capsys, *train_argv(data, tmp_path / "fresh", "--resume"))
     _assert_user_error(code, out, err, "fresh' does not exist", "--resume needs the run dir of an existing run")

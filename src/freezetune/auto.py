@@ -88,11 +88,10 @@ def run(cfg: TrainConfig, *, echo: Callable[[str], None] = print, train: Callabl
     saved = out / RECIPE_FILE
     if cfg.resume and saved.is_file():  # the decision was made before the interruption: keep it
         run_log.log_to(out)  # (written once the final run's resume is accepted)
-        return train(_resumed(cfg, out, json.loads(saved.read_text()), echo), echo=echo)
+        return train(_resumed(cfg, out, json.loads(saved.read_text()), echo), echo=echo, recipe_run=True)
     # a run dir in use is refused (or, resuming, one no run was started in) before any trial writes below it; the
     # trials and decision of an attempt stopped before its run finished an epoch are redone
-    runtime.prepare_run_dir(str(out), cfg.model, resume=cfg.resume, also_clear=(RECIPE_FILE, TRIALS_DIR), echo=echo,
-                            clean=info.is_main)  # fmt: skip
+    runtime.prepare_run_dir(str(out), cfg.model, resume=cfg.resume, echo=echo, clean=info.is_main)
     run_log.log_to(out)  # the trials' lines and the choice, in the run's train.log
     start = time.perf_counter()
     if cfg.final_test:  # the trials do not read the test split: its problems would stop the run only after them
@@ -124,7 +123,7 @@ def run(cfg: TrainConfig, *, echo: Callable[[str], None] = print, train: Callabl
         atomic_write_text(saved, json.dumps(decision, indent=1))
     final = dataclasses.replace(_at_lr(base, run_lr), freeze=choice["freeze"], epochs=epochs, refit=refit, init=init,
                                 resume=False)  # fmt: skip
-    result = train(final, echo=echo)
+    result = train(final, echo=echo, recipe_run=True)
     # the measurement is part of the training cost: every trial's seconds count
     seconds = dict(result.seconds)
     for key in ("cache", "epochs"):

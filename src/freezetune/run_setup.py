@@ -58,9 +58,10 @@ class RunSetup:
     6. the feature path is built: the cache at the frozen boundary (or images), the DDP wrap, compilation.
     """
 
-    def __init__(self, cfg: TrainConfig, *, echo=print, resumable: bool = True, brief: bool = False) -> None:
+    def __init__(self, cfg: TrainConfig, *, echo=print, resumable: bool = True, brief: bool = False,
+                 recipe_run: bool = False) -> None:  # fmt: skip
         validate(cfg)
-        self.cfg, self.resumable, self.brief = cfg, resumable, brief
+        self.cfg, self.resumable, self.brief, self.recipe_run = cfg, resumable, brief, recipe_run
         self._process(echo)
         self._model_and_data()
         # --batch-size auto becomes a number here, once, for every rank; config.yaml and checkpoints keep the number
@@ -155,7 +156,8 @@ class RunSetup:
         self.stop = StopRequest()
         # decided once, by rank 0: a timestamped default name must not differ between ranks
         self.run_dir = broadcast(runtime.prepare_run_dir(cfg.out, cfg.model, resume=cfg.resume,
-                                                         clean=self.dist.is_main, echo=self.echo), self.dist)  # fmt: skip
+                                                         clean=self.dist.is_main, recipe_run=self.recipe_run,
+                                                         echo=self.echo), self.dist)  # fmt: skip
         barrier(self.dist)  # every rank checked the run dir before rank 0 writes into it
         # a --resume of a run stopped before its first last.pt starts it afresh (prepare_run_dir said so)
         self.resuming = cfg.resume and (self.run_dir / checkpoint.LAST).is_file()

@@ -33,13 +33,14 @@ RUN_MARKERS = (CLASSES_FILE, RECIPE_FILE, TRIALS_DIR)  # written first by a run 
 RESUME_NEEDS = "--resume needs the run dir of an existing run, given with --out"
 
 
-def prepare_run_dir(out: str | None, model: str, *, resume: bool, clean: bool = True, also_clear: tuple[str, ...] = (),
+def prepare_run_dir(out: str | None, model: str, *, resume: bool, clean: bool = True, recipe_run: bool = False,
                     echo=print) -> Path:  # fmt: skip
     """The run directory: ``out``, or ``runs/MODEL-TIMESTAMP``, always resumable or cleanly restartable.
 
     A run that finished an epoch (it has ``last.pt``) is refused unless ``resume``. One stopped before that is
     started afresh, with or without ``resume``: what it left (a partial ``metrics.csv``, a ``best.pt`` not yet
-    followed by ``last.pt``, a disk cache, and ``also_clear``: a recipe's own files) is cleared, said in one line.
+    followed by ``last.pt``, a disk cache, an auto recipe's ``recipe.json`` and ``auto-trials/``) is cleared, said in
+    one line; ``recipe_run``: the auto recipe's final run, whose recipe made those two beside it, keeps them.
     A directory without ``last.pt`` whose files show finished epochs (``finished_work``: its ``last.pt`` deleted) is
     refused, with or without ``resume``: a fresh start would delete them; so is one holding a ``config.yaml`` no run
     wrote (the user's own), which the run's would replace, and an ``out`` that is (or lies below) a file. ``resume``
@@ -57,7 +58,8 @@ def prepare_run_dir(out: str | None, model: str, *, resume: bool, clean: bool = 
     traces = _check_run_dir(run_dir, resume=resume)
     finished = (run_dir / checkpoint.LAST).is_file()
     if clean and run_dir.is_dir():
-        cleared = _clear(run_dir, (*STARTED_FILES, *also_clear)) if traces else []
+        recipe_files = () if recipe_run else (RECIPE_FILE, TRIALS_DIR)  # an earlier auto run's, or a stale decision
+        cleared = _clear(run_dir, (*STARTED_FILES, *recipe_files)) if traces else []
         # without --resume, a dir holding only config.yaml and classes.json is no news
         if cleared or (resume and not finished):
             what = f" (cleared {', '.join(cleared)})" if cleared else ""

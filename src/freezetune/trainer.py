@@ -37,15 +37,16 @@ from freezetune.run_setup import SKIPPED, RunSetup
 from freezetune.stages import stages
 
 
-def train(
-    cfg: TrainConfig, *, echo: Callable[[str], None] = print, resumable: bool = True, brief: bool = False
-) -> RunResult:
+def train(cfg: TrainConfig, *, echo: Callable[[str], None] = print, resumable: bool = True, brief: bool = False,
+          recipe_run: bool = False) -> RunResult:  # fmt: skip
     """Run a whole fine-tuning job as configured; ``echo`` receives the human-readable log lines.
 
     A recipe (``recipe``, or ``freeze: auto``, the default) runs through ``freezetune.recipes``. ``resumable=False``
     writes no ``last.pt`` (only ``best.pt``): for a run nobody will resume, as the auto recipe's trials, whose resume
     state (the optimizer's moments included) is the largest file a run writes. ``brief``: one line for what trains,
     not the stage table (the auto recipe's later trials, whose table differs from the first's in a row or two).
+    ``recipe_run``: the auto recipe's final run, which keeps the ``recipe.json`` and ``auto-trials/`` beside it (a
+    fresh start of any other run clears them: they were an earlier run's).
 
     >>> from freezetune.config import TrainConfig
     >>> train(TrainConfig(data="DIR_OF_IMAGES", epochs=3))  # doctest: +SKIP
@@ -62,7 +63,7 @@ def train(
         try:
             if recipes.recipe_of(cfg) is not None:
                 return recipes.run(cfg, echo=echo)
-            trainer = Trainer(cfg, echo=echo, resumable=resumable, brief=brief)
+            trainer = Trainer(cfg, echo=echo, resumable=resumable, brief=brief, recipe_run=recipe_run)
             return trainer.fit()
         finally:
             if owner:
