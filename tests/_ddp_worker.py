@@ -33,12 +33,12 @@ def main(dump: Path, argv: list[str]) -> int:
         record.update(start=_state(self.model), run_dir=str(self.run_dir))
         return real_fit(self)
 
-    def final_test(self):
+    def final_test(self, **kwargs):
         unfreezer = self.state.unfreezer
         record.update(end=_state(self.model), epochs=self.progress.epoch, best_epoch=self.progress.best_epoch,
                       events=unfreezer.events if unfreezer else [],
                       trainable=[n for n, p in self.model.named_parameters() if p.requires_grad])  # fmt: skip
-        record["test"] = real_test(self)
+        record["test"] = real_test(self, **kwargs)
         torch.save(record, dump / f"rank{self.dist.rank}.pt")
         return record["test"]
 

@@ -75,7 +75,11 @@ def test_eval_of_best_pt_reproduces_the_runs_test_metrics_to_the_last_digit(run,
     run_dir, _ = run
     again = ft.evaluate_checkpoint(run_dir / "best.pt", str(data), device="cpu")
     assert again.pop("classes") == sorted(CLASSES) and again.pop("data") == f"the test/ folder of {data}"
-    assert again == json.loads((run_dir / "test_metrics.json").read_text())
+    written = json.loads((run_dir / "test_metrics.json").read_text())
+    assert (
+        written.pop("checkpoint") == "best.pt" and written.pop("epoch") == checkpoint.load(run_dir / "best.pt")["epoch"]
+    )
+    assert again == written
 
 
 def test_metrics_csv_has_one_row_per_epoch_with_every_column(run):
@@ -319,6 +323,19 @@ def test_a_fresh_run_clears_an_earlier_auto_runs_decision_so_its_resume_resumes_
     assert not (stopped / "recipe.json").exists() and not (stopped / "auto-trials").exists()
     code, out, err = run_cli(capsys, "train", "--out", str(stopped), "--resume")
     assert code == 0 and "auto:" not in out, err
+
+
+def test_a_resume_that_moves_best_pt_without_scoring_it_removes_the_earlier_test_files(tmp_path, capsys):
+    # test_metrics.json (acc of the old best.pt, which it did not name) and confusion.png outlived the resume
+    data = make_image_folder(tmp_path / "images", train=6, val=0, test=2)
+    argv = train_argv(data, tmp_path / "run", "--freeze", "-3", "--refit", "--scheduler", "none")  # best.pt: the last
+    code, _, err = run_cli(capsys, *argv, "--epochs", "1")
+    assert code == 0, err
+    assert json.loads((tmp_path / "run" / "test_metrics.json").read_text())["epoch"] == 1
+    code, out, err = run_cli(capsys, *argv, "--epochs", "2", "--resume", "--no-final-test")
+    assert code == 0, err
+    assert "removed test_metrics.json, confusion.png: they scored an earlier best.pt (this run's is epoch 2" in out
+    assert not (tmp_path / "run" / "test_metrics.json").exists() and not (tmp_path / "run" / "confusion.png").exists()
 
 
 def test_resume_without_last_pt_is_a_user_error(data, tmp_path, capsys):

@@ -98,6 +98,7 @@ class Trainer(RunSetup):
             self.echo(f"skipped {len(self.data.skipped)} unreadable image file(s) (--skip-bad): listed in "
                       f"{self.run_dir / SKIPPED}")  # fmt: skip
         self.fit_start = start = time.perf_counter()
+        best_before = self.progress.best_epoch
         try:
             # one process: a signal is acted on at the next step boundary, after saving there; under DDP the ranks
             # could not agree on that step without a collective every step, so a signal stops them at once
@@ -114,7 +115,7 @@ class Trainer(RunSetup):
         if self.dist.is_main:
             reporting.plot_report(self.run_dir / reporting.METRICS_CSV, self.run_dir / reporting.REPORT_PNG,
                                   monitor=self.cfg.monitor, best_epoch=self.progress.best_epoch)  # fmt: skip
-        test = self._final_test()
+        test = self._final_test(best_moved=self.progress.best_epoch != best_before)
         barrier(self.dist)
         p = self.progress
         if test is None and self.cfg.final_test:  # no test split: the run still ends on a line naming its result
@@ -292,6 +293,15 @@ class Trainer(RunSetup):
 
     # --- unfreezing and the final test ----------------------------------------------------------------------
 
+    def _drop_stale_test(self) -> None:
+        """A resume that moved ``best.pt`` without scoring it: the test files of an earlier attempt scored another."""
+        stale = [name for name in (runtime.TEST_METRICS, runtime.CONFUSION_PNG) if (self.run_dir / name).exists()]
+        for name in stale:
+            (self.run_dir / name).unlink()
+        if stale:
+            self.echo(f"removed {', '.join(stale)}: they scored an earlier best.pt (this run's is epoch "
+                      f"{self.progress.best_epoch}, not scored: --no-final-test or no test split)")  # fmt: skip
+
     def _step_unfreezer(self, epoch: int, row: dict, warming: bool) -> list[str]:
         if self.state.unfreezer is None:
             return []
@@ -301,14 +311,20 @@ class Trainer(RunSetup):
             self.features.build()  # the frozen prefix got shorter: rebuild at the new boundary, or read images
         return names
 
-    def _final_test(self) -> dict | None:
-        """``best.pt`` on the test split, once, at the end: the one number no decision of the run has seen."""
+    def _final_test(self, *, best_moved: bool) -> dict | None:
+        """``best.pt`` on the test split, once, at the end: the one number no decision of the run has seen. Not
+        scored (``--no-final-test``, no test split) after ``best.pt`` moved, an earlier attempt's scores go."""
         if not self.cfg.final_test or self.data.test is None:
+            if best_moved and self.dist.is_main:
+                self._drop_stale_test()
             return None
         result = evaluate_best(self.model, self.run_dir / checkpoint.BEST, self.data.test,
                                num_classes=len(self.classes), precision=self.precision,
                                channels_last=self.channels_last, loaders=self.loaders, dist=self.dist)  # fmt: skip
-        if result is None or not self.dist.is_main:
+        if result is None:
+            return None
+        result = {**result, "checkpoint": checkpoint.BEST, "epoch": self.progress.best_epoch}  # what it scored
+        if not self.dist.is_main:
             return result
         self.echo(write_evaluation(result, self.classes, plot=self.run_dir / runtime.CONFUSION_PNG,
                                    metrics=self.run_dir / runtime.TEST_METRICS))  # fmt: skip
