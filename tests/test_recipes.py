@@ -226,6 +226,8 @@ def test_epoch_images_makes_the_runs_epochs_and_the_auto_recipes_trials_shorter(
     lines = []
     auto.run(_cfg(data, tmp_path / "auto", epochs=2, cache="auto", refit=False, epoch_images=10), echo=lines.append)
     assert "a trial each on 50% of an epoch's training images" in lines[0]
+    assert any(" train images (10 an epoch), 3 classes" in line for line in lines)  # the run's header
+    assert any(" train images (5 an epoch), 3 classes" in line for line in lines)  # the trial's
 
     def samples(run_dir: Path) -> list[int]:
         return [round(row["img_per_s"] * row["epoch_time_s"]) for row in read_metrics(run_dir / "metrics.csv")]

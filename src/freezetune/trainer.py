@@ -77,9 +77,11 @@ class Trainer(RunSetup):
     def fit(self) -> RunResult:
         """Train the remaining epochs, then plot the curves and score ``best.pt`` on the test split."""
         trainable, total = count_parameters(self.model)
+        n, share = len(self.data.train), self.loaders.fraction(len(self.data.train))
+        per_epoch = f" ({max(1, round(n * share))} an epoch)" if share < 1 else ""  # --epoch-images, a trial's half
         head = (
-            f"{self.cfg.model} on {self.precision.describe()}: {len(self.data.train)} train "
-            f"{noun(self.data.train)}, {len(self.classes)} classes, {trainable:,}/{total:,} parameters trainable"
+            f"{self.cfg.model} on {self.precision.describe()}: {n} train {noun(self.data.train)}{per_epoch}, "
+            f"{len(self.classes)} classes, {trainable:,}/{total:,} parameters trainable"
         )
         if self.brief:
             self.echo(f"{head}: {', '.join(s.name for s in stages(self.model) if s.num_trainable)}")
