@@ -338,6 +338,18 @@ def test_a_resume_that_moves_best_pt_without_scoring_it_removes_the_earlier_test
     assert not (tmp_path / "run" / "test_metrics.json").exists() and not (tmp_path / "run" / "confusion.png").exists()
 
 
+def test_a_plateau_says_why_it_unfroze_and_a_min_delta_read_as_points_is_named(data, tmp_path, capsys):
+    # min_delta=0.5 on val_acc (a fraction: 50 points) unfroze a stage every epoch, with nothing said of why
+    code, out, err = run_cli(capsys, *train_argv(data, tmp_path / "run", "--freeze", "backbone", "--epochs", "3",
+                                                 "--unfreeze", "plateau:patience=1,min_delta=0.5"))  # fmt: skip
+    assert code == 0, err
+    assert "note: plateau min_delta 0.5 is in val_acc units, a fraction: 0.5 is 50 points of accuracy" in out
+    assert "unfroze blocks.4 (val_acc did not improve by more than 0.5 for 1 epoch(s); trainable " in out
+    code, out, err = run_cli(capsys, *train_argv(data, tmp_path / "r2", "--freeze", "backbone", "--epochs", "1",
+                                                 "--unfreeze", "plateau:patience=1,min_delta=0.005"))  # fmt: skip
+    assert code == 0 and "note: plateau" not in out, err
+
+
 def test_resume_without_last_pt_is_a_user_error(data, tmp_path, capsys):
     code, out, err = run_cli(capsys, *train_argv(data, tmp_path / "fresh", "--resume"))
     _assert_user_error(code, out, err, "fresh' does not exist", "--resume needs the run dir of an existing run")

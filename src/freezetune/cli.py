@@ -58,7 +58,8 @@ _HELP = {
     "cache_dir": "keep feature caches here and reuse them across runs (the auto recipe: OUT/features)",
     "bn": "BatchNorm in frozen parts: frozen (eval statistics), affine (affine trains, statistics update), train "
     "(statistics update), affine-only (affine trains, eval statistics)",
-    "unfreeze": f"{' | '.join(UNFREEZE_FORMS)} (a plateau without mode follows --monitor)",
+    "unfreeze": f"{' | '.join(UNFREEZE_FORMS)} (a plateau without mode follows --monitor; min_delta is in its units: "
+    "val_acc is a fraction, 0.005 = half a point)",
     "stage_lrs": "per-stage LRs, e.g. 'layer4=1e-4,layer3=5e-5'; a glob sets several ('blocks.[4-6]=1e-4')",
     "decay": "LR of the stage at depth i below the head is lr / decay**i",
     "amp": "mixed precision (auto: bf16/fp16 on CUDA, off on CPU)",

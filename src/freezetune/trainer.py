@@ -35,6 +35,7 @@ from freezetune.param_groups import idle_stage_lrs
 from freezetune.progress import RunResult
 from freezetune.run_setup import SKIPPED, RunSetup
 from freezetune.stages import stages
+from freezetune.unfreezing import plateau_units_note
 
 
 def train(cfg: TrainConfig, *, echo: Callable[[str], None] = print, resumable: bool = True, brief: bool = False,
@@ -93,7 +94,7 @@ class Trainer(RunSetup):
             notes += [truncation_note(self.data.train, self.preprocess),
                       idle_stage_lrs(self.model, self.cfg.stage_lrs, unfreezes=self.state.unfreezer is not None,
                                      decay=self.cfg.decay),
-                      idle_bn_policy(self.model, self.cfg.bn)]  # fmt: skip
+                      idle_bn_policy(self.model, self.cfg.bn), plateau_units_note(self.cfg.unfreeze, self.cfg.monitor)]  # fmt: skip
         for note in filter(None, [*notes, self._warmup_note()]):
             self.echo(note)
         if self.data.skipped:
@@ -309,7 +310,10 @@ class Trainer(RunSetup):
             return []
         names = self.state.unfreezer.step(epoch, row.get(self.cfg.monitor), warming_up=warming)
         if names:
-            self.echo(f"unfroze {', '.join(names)} (trainable {count_parameters(self.model)[0]:,} parameters)")
+            sched = self.state.unfreezer.schedule
+            why = (f"{self.cfg.monitor} did not improve by more than {sched.min_delta:g} for {sched.patience} "
+                   "epoch(s); " if sched.kind == "plateau" else "")  # fmt: skip
+            self.echo(f"unfroze {', '.join(names)} ({why}trainable {count_parameters(self.model)[0]:,} parameters)")
             self.features.build()  # the frozen prefix got shorter: rebuild at the new boundary, or read images
         return names
 
