@@ -659,7 +659,7 @@ def test_early_stop_waits_for_the_lr_warm_up_to_end(data, tmp_path, monkeypatch)
     assert [int(r["epoch"]) for r in rows] == [1, 2, 3, 4]  # the drops of epochs 2 and 3 came in the warm-up
     assert "early stop: val_acc did not improve for 1 epoch" in lines
     assert (
-        "note: early stopping count epochs without improvement from epoch 4 on: the onecycle schedule raises "
+        "note: early stopping counts epochs without improvement from epoch 4 on: the onecycle schedule raises "
         "the LR until then"
     ) in lines
 

@@ -260,7 +260,7 @@ def plot_report(metrics_csv: str | Path, out_png: str | Path, *, monitor: str = 
         ("accuracy (%)", ["train_acc", "val_acc"], 100.0, False),
     ]
     if lr_cols:
-        panels.append(("learning rate", lr_cols, 1.0, True))
+        panels.append(("learning rate\n(at epoch end)", lr_cols, 1.0, True))
     heights = [3, 3, 2][: len(panels)]
     fig = Figure(figsize=(8, sum(heights) + 0.8), dpi=110, layout="constrained")
     axes = fig.subplots(len(panels), 1, sharex=True, gridspec_kw={"height_ratios": heights})
@@ -269,10 +269,14 @@ def plot_report(metrics_csv: str | Path, out_png: str | Path, *, monitor: str = 
     _mark_unfreezes(axes, unfreeze_events(rows))
     _mark_best(axes[1] if monitor == "val_acc" else axes[0], rows, monitor, best_epoch)
     axes[-1].xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole: no 1.5 tick on a 3-epoch run
+    if len({r["epoch"] for r in rows}) == 1:  # one epoch: the locator fell back to ticks 0.945, 0.960, ...
+        axes[-1].set_xlim(rows[0]["epoch"] - 1, rows[0]["epoch"] + 1)
     axes[-1].set_xlabel("epoch")
     if not rows:
         axes[0].text(0.5, 0.5, "no epochs logged yet", ha="center", va="center", transform=axes[0].transAxes)
-    fig.suptitle(f"{Path(metrics_csv).parent.name or 'run'}: training report")
+    no_val = rows and not any(isinstance(r.get("val_acc"), numbers.Real) for r in rows)
+    fig.suptitle(f"{Path(metrics_csv).parent.name or 'run'}: training report"
+                 + ("\n(no validation split: best.pt is the last epoch)" if no_val else ""))  # fmt: skip
     with atomic_output(out_png) as tmp:
         fig.savefig(tmp, format="png")
     return Path(out_png)

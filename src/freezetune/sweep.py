@@ -258,12 +258,13 @@ def pareto_front(rows: list[dict]) -> list[dict]:
 
 
 def _count(n: int) -> str:
-    """A parameter count in a table: millions, or thousands below 0.1 M (a linear probe's 12,810 read "0.01M").
+    """A parameter count in a table: millions, or thousands below 1 M, as the epoch lines write them (a linear
+    probe's 12,810 read "0.01M", and 101,766 "0.10M" beside the epoch lines' "101.8K").
 
-    >>> _count(3_400_000), _count(12_810)
-    ('3.40M', '12.8K')
+    >>> _count(3_400_000), _count(101_766), _count(12_810)
+    ('3.40M', '101.8K', '12.8K')
     """
-    return f"{n / 1e6:.2f}M" if n >= 100_000 else f"{n / 1e3:.1f}K"
+    return f"{n / 1e6:.2f}M" if n >= 1_000_000 else f"{n / 1e3:.1f}K"
 
 
 def _write(out: Path, rows: list[dict], winner: dict, cfg: TrainConfig) -> None:
@@ -300,13 +301,16 @@ def _plot(rows: list[dict], winner: str, path: Path) -> None:
     fig = Figure(figsize=(6.4, 4.4))
     ax = fig.subplots()
     for r in rows:
-        ax.scatter(r["train_s"], 100 * r["val_acc"], color="tab:red" if r["recipe"] == winner else "tab:blue")
+        won = r["recipe"] == winner
+        ax.scatter(r["train_s"], 100 * r["val_acc"], color="tab:red" if won else "tab:blue", zorder=3,
+                   label=f"winner ({winner})" if won else None)  # fmt: skip
         ax.annotate(r["recipe"], (r["train_s"], 100 * r["val_acc"]), textcoords="offset points", xytext=(4, 4))
+    ax.margins(x=0.15, y=0.12)  # room for the labels beside the outermost points (the slowest one's was cut off)
     front = pareto_front(rows)
     ax.plot([r["train_s"] for r in front], [100 * r["val_acc"] for r in front], "--", color="gray",
             label="Pareto front")  # fmt: skip
     ax.set(xlabel="training seconds", ylabel="validation accuracy (%)", title="recipes on the validation split")
-    ax.legend(loc="lower right")
+    ax.legend(loc="best", fontsize=8)  # lower right sat on the slow, low-accuracy recipes
     fig.tight_layout()
     with atomic_output(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)

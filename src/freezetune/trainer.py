@@ -136,7 +136,8 @@ class Trainer(RunSetup):
                  if on]  # fmt: skip
         if first <= 1 or not waits:
             return None
-        return (f"note: {' and '.join(waits)} count epochs without improvement from epoch {first} on: the "
+        count = "counts" if len(waits) == 1 else "count"
+        return (f"note: {' and '.join(waits)} {count} epochs without improvement from epoch {first} on: the "
                 f"{self.cfg.scheduler} schedule raises the LR until then")  # fmt: skip
 
     def _spent(self, *, running: bool = False) -> dict[str, float]:
