@@ -350,6 +350,18 @@ def test_a_plateau_says_why_it_unfroze_and_a_min_delta_read_as_points_is_named(d
     assert code == 0 and "note: plateau" not in out, err
 
 
+def test_half_precision_on_a_cpu_is_named_slow_and_fp16_trains_with_loss_scaling(data, tmp_path, capsys):
+    # --amp fp16 on a CPU: 50 times fp32's epoch without a word, and no GradScaler (fp16 gradients underflow)
+    code, out, err = run_cli(capsys, *train_argv(data, tmp_path / "run", "--freeze", "backbone", "--epochs", "1",
+                                                 "--amp", "fp16"))  # fmt: skip
+    assert code == 0, err
+    assert "note: --amp fp16 on cpu: a CPU without native half-precision units emulates it" in out
+    scaler = checkpoint.load(tmp_path / "run" / "last.pt")["scaler"]
+    assert scaler and scaler["scale"] > 0  # a disabled scaler saves an empty state
+    code, out, err = run_cli(capsys, *train_argv(data, tmp_path / "off", "--freeze", "backbone", "--epochs", "1"))
+    assert code == 0 and "note: --amp" not in out, err
+
+
 def test_resume_without_last_pt_is_a_user_error(data, tmp_path, capsys):
     code, out, err = run_cli(capsys, *train_argv(data, tmp_path / "fresh", "--resume"))
     _assert_user_error(code, out, err, "fresh' does not exist", "--resume needs the run dir of an existing run")

@@ -94,7 +94,8 @@ class Trainer(RunSetup):
             notes += [truncation_note(self.data.train, self.preprocess),
                       idle_stage_lrs(self.model, self.cfg.stage_lrs, unfreezes=self.state.unfreezer is not None,
                                      decay=self.cfg.decay),
-                      idle_bn_policy(self.model, self.cfg.bn), plateau_units_note(self.cfg.unfreeze, self.cfg.monitor)]  # fmt: skip
+                      idle_bn_policy(self.model, self.cfg.bn), plateau_units_note(self.cfg.unfreeze, self.cfg.monitor),
+                      self.precision.cpu_note()]  # fmt: skip
         for note in filter(None, [*notes, self._warmup_note()]):
             self.echo(note)
         if self.data.skipped:
