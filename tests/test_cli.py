@@ -451,6 +451,8 @@ def test_eval_of_a_non_checkpoint_is_a_user_error(run, data, capsys, tmp_path, k
         (["inspect", "--model", "timm:test_efficientnet", "--amp", "fp8"], ["fp8", "'bf16'"]),
         (["inspect", "--model", "timm:test_efficientnet", "--batch-size", "0"], ["batch_size", "got 0"]),
         (["inspect", "--model", "timm:test_efficientnet", "--num-classes", "0"], ["num_classes", "got 0"]),
+        # it said "run it through freezetune.train(cfg) or the CLI" to a user of the CLI
+        (["inspect", "--model", "timm:test_efficientnet", "--freeze", "auto"], ["decided by measurement", "-4"]),
     ],
 )
 def test_predict_eval_and_inspect_user_errors(run, data, capsys, argv, needles):

@@ -103,6 +103,8 @@ def test_predict_files_ranks_every_image_in_path_order(best_pt, data):
     folder = str(data / "test" / "red")  # one path as a string: the folder, not its characters
     assert [r["path"] for r in predict_files(loaded, folder, topk=1)] == files
     assert [r["path"] for r in predict_files(loaded, data / "test" / "red", topk=1)] == files
+    # a glob no shell expanded (quoted, a script's, a Windows prompt's): "does not exist"
+    assert [r["path"] for r in predict_files(loaded, [str(data / "test" / "red" / "*.png")], topk=1)] == files
 
 
 def test_predict_files_user_errors(best_pt, data):
@@ -110,6 +112,8 @@ def test_predict_files_user_errors(best_pt, data):
         predict_files(best_pt, [data], topk=0, device="cpu")
     with pytest.raises(DataError, match="nothere.png"):
         predict_files(best_pt, [data / "nothere.png"], device="cpu")
+    with pytest.raises(DataError, match=r"image path pattern '.*\*.jpg' matches no file"):
+        predict_files(best_pt, [str(data / "test" / "*.jpg")], device="cpu")
 
 
 def test_format_predictions_one_line_per_image():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import logging
 import os
 import unicodedata
@@ -135,14 +136,20 @@ def list_images(paths: list[str]) -> list[str]:
 
 def expand_paths(paths: list[str], files_under, what: str, kind: str, suffixes) -> list[str]:
     """Files named explicitly, in order, and ``files_under(folder)`` for each folder (``list_images``, and a text
-    model's ``list_text_files``). A missing path is a DataError naming ``what``; no file at all, one naming ``kind``
-    and the ``suffixes`` a folder is searched for."""
+    model's ``list_text_files``); a glob no shell expanded (quoted, from a script or a Windows prompt) is expanded
+    here, its matches sorted. A missing path is a DataError naming ``what``; no file at all, one naming ``kind`` and
+    the ``suffixes`` a folder is searched for."""
     out: list[str] = []
     for p in map(Path, paths):
         if p.is_dir():
             out += [str(f) for f in files_under(p)]
         elif p.is_file():
             out.append(str(p))
+        elif glob.has_magic(str(p)):
+            matched = sorted(glob.glob(str(p), recursive=True))
+            if not matched:
+                raise DataError(f"{what} pattern '{p}' matches no file")
+            out += expand_paths(matched, files_under, what, kind, suffixes)
         else:
             raise DataError(f"{what} '{p}' does not exist")
     if not out:
