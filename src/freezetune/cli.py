@@ -49,7 +49,7 @@ _HELP = {
     "budget": "wall-clock budget for the auto recipe's trials and epochs (the epochs it trains), e.g. 90s, 5m, 1h",
     "epoch_fraction": "each epoch trains on this random share of the training set (a new draw each epoch)",
     "epoch_images": "each epoch trains on at most this many random training images or texts (a large set's epochs "
-    "made shorter; the LR schedule and --epochs count these epochs)",
+    "made shorter; the LR schedule and --epochs count these epochs; beside --epoch-fraction, the fewer)",
     "max_length": "a text model: the tokens a text keeps (longer texts are cut there and counted in the log; at most "
     "the model's positions)",
     "text_column": f"a text model: the CSV column of the texts (default: the one named {' or '.join(TEXT_COLUMNS)})",

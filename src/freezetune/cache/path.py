@@ -9,6 +9,7 @@ module (DDP fixes its parameter set when it wraps, so the wrap follows every cha
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -80,6 +81,7 @@ class FeaturePath:
         self.split, self.train_store, self.val_store = None, None, None  # an old cache is stale: free it first
         if self.cache != "off":
             self._build_cache()
+            _remove_empty_dirs(self.spill_dir)  # a disk store's file is unlinked once mapped; its folders stayed
         self.train_module = self.prepare(self.split.suffix_train if self.split is not None else self.model)
 
     def train_batches(self, epoch: int):
@@ -204,3 +206,14 @@ class FeaturePath:
         if any(f is None for f in found):
             return None
         return torch.cat([f[0] for f in found], dim=1), torch.cat([f[1] for f in found])
+
+
+def _remove_empty_dirs(root: Path) -> None:
+    """``root`` and the folders below it that are empty, deepest first (a folder in use stays)."""
+    if not root.is_dir():
+        return
+    for folder in sorted((p for p in root.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
+        with contextlib.suppress(OSError):
+            folder.rmdir()
+    with contextlib.suppress(OSError):
+        root.rmdir()
