@@ -21,7 +21,8 @@ from freezetune.errors import ConfigError, choices
 from freezetune.options import RECIPE_HELP, recipe_problem
 
 _SINGLE = {  # recipe -> the settings of its one phase
-    "linear-probe": {"freeze": "backbone", "unfreeze": None},
+    # the head alone: under bn affine-only (a sweep's --bn) the backbone's BatchNorm trained too, with no cache
+    "linear-probe": {"freeze": "backbone", "unfreeze": None, "bn": "frozen"},
     "full": {"freeze": "none", "unfreeze": None},
     "gradual": {"freeze": "backbone", "unfreeze": "epoch:1"},
     "plateau": {"freeze": "backbone", "unfreeze": "plateau:patience=1"},
