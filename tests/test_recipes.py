@@ -381,6 +381,14 @@ def test_sweep_refuses_an_option_one_of_its_recipes_sets_itself(data, tmp_path, 
     assert not (tmp_path / "sweep").exists()
 
 
+def test_a_sweeps_bn_applies_to_its_recipes_but_linear_probe_which_trains_the_head_alone(tmp_path):
+    from freezetune.sweep import _run_configs
+
+    runs = _run_configs(TrainConfig(data="d", bn="affine-only"), ["linear-probe", "last-2", "auto"], tmp_path)
+    assert {name: run.bn for name, run in runs.items()} == {"linear-probe": "frozen", "last-2": "affine-only",
+                                                            "auto": "affine-only"}  # fmt: skip
+
+
 def test_a_sweeps_budget_counts_each_second_once_and_its_winner_names_absolute_paths(tmp_path, monkeypatch):
     from freezetune import sweep as sweep_mod
 

@@ -114,7 +114,7 @@ def conflict_problems(cfg: TrainConfig) -> list[str]:
                         f"{f'recipe {recipe!r}' if recipe else f'freeze {cfg.freeze!r}'} it has no effect")  # fmt: skip
     if recipe is None or recipe_problem(recipe):  # a plain run, or an unknown recipe (reported on its own)
         return problems
-    for name in _SETS["last-k" if recipe.startswith("last-") else recipe]:
+    for name in sets(recipe):
         given = getattr(cfg, name)
         if given == getattr(defaults, name):
             continue
@@ -123,6 +123,15 @@ def conflict_problems(cfg: TrainConfig) -> list[str]:
                         if cfg.recipe else f"freeze 'auto' (the default) sets {name} itself: {name} {given!r} needs "
                         "a freeze spec or another recipe")  # fmt: skip
     return problems
+
+
+def sets(recipe: str) -> tuple[str, ...]:
+    """The settings ``recipe`` fixes itself (besides what it freezes), which a user may not give beside it.
+
+    >>> sets("linear-probe"), sets("last-3")
+    (('freeze', 'unfreeze', 'bn'), ('freeze', 'unfreeze'))
+    """
+    return _SETS["last-k" if recipe.startswith("last-") else recipe]
 
 
 def last_k(recipe: str) -> int:

@@ -25,7 +25,7 @@ import yaml
 from freezetune._io import atomic_output, atomic_write_text
 from freezetune.config import TrainConfig, load_config, validate
 from freezetune.errors import ConfigError, DataError, choices
-from freezetune.options import BATCH_AUTO, RECIPES, parse_duration, recipe_problem
+from freezetune.options import BATCH_AUTO, BN_DEFAULT, RECIPES, parse_duration, recipe_problem
 from freezetune.run_log import log, log_to, opened
 
 DEFAULT_RECIPES = ("linear-probe", "last-k", "auto", "full")
@@ -167,8 +167,12 @@ def _run_configs(cfg: TrainConfig, names: list[str], out: Path) -> dict[str, Tra
                           "(recipe=null freeze=auto)")  # fmt: skip
     features = cfg.cache_dir or os.path.abspath(out / "features")  # each recipe's config.yaml names it
     # every recipe is judged on the validation split: the auto recipe keeps it through its final run (no refit)
+    from freezetune import recipes
+
     sets = {key: value for key, (value, _) in SWEEP_SETS.items()}
-    runs = {name: dataclasses.replace(cfg, recipe=name, out=str(out / name), cache_dir=features, budget=None, **sets)
+    # --bn applies to the recipes that freeze BatchNorm by it; linear-probe freezes it whatever (the head alone)
+    runs = {name: dataclasses.replace(cfg, recipe=name, out=str(out / name), cache_dir=features, budget=None, **sets,
+                                      **({"bn": BN_DEFAULT} if "bn" in recipes.sets(name) else {}))
             for name in names}  # fmt: skip
     problems = []
     for run_cfg in runs.values():
@@ -178,8 +182,6 @@ def _run_configs(cfg: TrainConfig, names: list[str], out: Path) -> dict[str, Tra
             problems.append(str(exc).removeprefix("invalid config: "))
     if problems:
         raise ConfigError("invalid config: " + "; ".join(dict.fromkeys(problems)))
-    from freezetune import recipes
-
     for name, run_cfg in runs.items():  # k against the model's stages: the one check that needs the model
         if name.startswith("last-"):
             recipes.check_last_k(run_cfg, name)
