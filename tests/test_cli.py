@@ -323,6 +323,10 @@ def test_a_fresh_run_clears_an_earlier_auto_runs_decision_so_its_resume_resumes_
     assert not (stopped / "recipe.json").exists() and not (stopped / "auto-trials").exists()
     code, out, err = run_cli(capsys, "train", "--out", str(stopped), "--resume")
     assert code == 0 and "auto:" not in out, err
+    # a dir a freezetune before this fix left so (the stale recipe.json kept): its decision is not the run's
+    shutil.copy(tmp_path / "auto" / "recipe.json", stopped / "recipe.json")
+    code, out, err = run_cli(capsys, "train", "--out", str(stopped), "--resume")
+    assert code == 0 and "auto:" not in out, err
 
 
 def test_a_resume_that_moves_best_pt_without_scoring_it_removes_the_earlier_test_files(tmp_path, capsys):
@@ -360,6 +364,17 @@ def test_half_precision_on_a_cpu_is_named_slow_and_fp16_trains_with_loss_scaling
     assert scaler and scaler["scale"] > 0  # a disabled scaler saves an empty state
     code, out, err = run_cli(capsys, *train_argv(data, tmp_path / "off", "--freeze", "backbone", "--epochs", "1"))
     assert code == 0 and "note: --amp" not in out, err
+
+
+def test_a_cpu_fp16_run_saved_before_its_loss_scaling_resumes(data, tmp_path, capsys):
+    # its last.pt holds a disabled scaler's empty state: GradScaler.load_state_dict({}) raised a traceback
+    argv = train_argv(data, tmp_path / "run", "--freeze", "backbone", "--amp", "fp16", "--scheduler", "none")
+    code, _, err = run_cli(capsys, *argv, "--epochs", "1")
+    assert code == 0, err
+    record = checkpoint.load(tmp_path / "run" / "last.pt")
+    torch.save({**record, "scaler": {}}, tmp_path / "run" / "last.pt")
+    code, out, err = run_cli(capsys, *argv, "--epochs", "2", "--resume")
+    assert code == 0 and "epoch 2/2" in out, err
 
 
 def test_resume_without_last_pt_is_a_user_error(data, tmp_path, capsys):

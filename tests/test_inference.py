@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -112,8 +113,23 @@ def test_predict_files_user_errors(best_pt, data):
         predict_files(best_pt, [data], topk=0, device="cpu")
     with pytest.raises(DataError, match="nothere.png"):
         predict_files(best_pt, [data / "nothere.png"], device="cpu")
-    with pytest.raises(DataError, match=r"image path pattern '.*\*.jpg' matches no file"):
+    with pytest.raises(DataError, match=r"image path pattern '.*\*.jpg' matches no file ending in"):
         predict_files(best_pt, [str(data / "test" / "*.jpg")], device="cpu")
+
+
+def test_a_recursive_glob_predicts_each_image_once_and_skips_other_files(best_pt, data, tmp_path):
+    # "shots/**" matched the folders too, whose images were listed again (2 and 3 times); a .txt failed the command
+    import shutil
+
+    (tmp_path / "shots" / "sub").mkdir(parents=True)
+    shutil.copy(data / "test" / "red" / "red_0.png", tmp_path / "shots" / "a.png")
+    shutil.copy(data / "test" / "red" / "red_1.png", tmp_path / "shots" / "sub" / "b.png")
+    (tmp_path / "shots" / "notes.txt").write_text("not an image")
+    for pattern in ("**", "**/*", "*"):
+        records = predict_files(best_pt, [str(tmp_path / "shots" / pattern)], device="cpu")
+        got = sorted(Path(r["path"]).name for r in records)
+        assert got == (["a.png", "b.png"] if "**" in pattern else ["a.png"]), (pattern, got)
+        assert all("error" not in r for r in records)
 
 
 def test_format_predictions_one_line_per_image():

@@ -40,7 +40,8 @@ def test_each_named_recipe_says_what_it_freezes():
     assert recipe_of(cfg) == "auto" and recipe_of(TrainConfig(data="d", freeze="none")) is None
     single = {name: phases(cfg, name)[0].cfg for name in ("linear-probe", "full", "gradual", "plateau", "bitfit")}
     assert single["linear-probe"].freeze == "backbone" and single["linear-probe"].unfreeze is None
-    assert phases(dataclasses.replace(cfg, bn="affine-only"), "linear-probe")[0].cfg.bn == "frozen"  # in a sweep
+    for recipe in ("linear-probe", "lp-ft"):  # the head alone, a sweep's --bn or not
+        assert phases(dataclasses.replace(cfg, bn="affine-only"), recipe)[0].cfg.bn == "frozen"
     assert single["full"].freeze == "none"
     assert single["gradual"].unfreeze == "epoch:1" and single["plateau"].unfreeze.startswith("plateau")
     assert single["bitfit"].freeze == "bitfit"
@@ -69,6 +70,7 @@ def test_recipe_and_freeze_together_or_an_unknown_recipe_are_refused():
         ({"recipe": "lp-ft", "unfreeze": "plateau:patience=1"}, ["recipe 'lp-ft' sets unfreeze itself"]),
         # the head alone: under affine-only the backbone's BatchNorm trained too (a sweep's "linear-probe" row)
         ({"recipe": "linear-probe", "bn": "affine-only"}, ["recipe 'linear-probe' sets bn itself (to 'frozen')"]),
+        ({"recipe": "lp-ft", "bn": "train"}, ["recipe 'lp-ft' sets bn itself"]),
         ({"cache_at": "blocks.2"}, ["freeze 'auto' (the default) sets cache_at itself"]),
         ({"budget": "5s", "freeze": "backbone"}, ["budget '5s'", "with freeze 'backbone' it has no effect"]),
         ({"budget": "5s", "recipe": "full"}, ["with recipe 'full' it has no effect"]),

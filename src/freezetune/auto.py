@@ -44,6 +44,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import yaml
+
 from freezetune import checkpoint, run_log
 from freezetune._io import atomic_write_text
 from freezetune.config import RESUME_MAY_CHANGE, TrainConfig, needs_validation
@@ -51,7 +53,7 @@ from freezetune.data.layout import check_test_split
 from freezetune.errors import ConfigError
 from freezetune.interrupt import RunInterrupted
 from freezetune.options import parse_duration
-from freezetune.runtime import RECIPE_FILE, TRIALS_DIR
+from freezetune.runtime import CONFIG_FILE, RECIPE_FILE, TRIALS_DIR
 
 MIN_TRAINED_STAGES, MAX_TRAINED_STAGES = 2, 4  # candidates train the last 2, 3 or 4 stages (and the head)
 LR_BOOST = 10  # the learning rate of a candidate training k stages is lr * LR_BOOST * min(1, 2 / k)
@@ -152,10 +154,13 @@ def asked_config(run_dir: str | Path) -> dict | None:
     """The config an auto run in ``run_dir`` was asked for (``recipe.json``'s), None for another run. Its
     ``config.yaml`` is the final run's (the chosen freeze, the recipe's learning rates): the same command with
     ``--resume`` laid its ``--lr`` or ``--stage-lrs`` over those and was refused; over this, it resumes as asked."""
-    saved = Path(run_dir) / RECIPE_FILE
+    saved, config = Path(run_dir) / RECIPE_FILE, Path(run_dir) / CONFIG_FILE
     if not saved.is_file():
         return None
-    return json.loads(saved.read_text()).get("asked")  # a recipe.json of an older freezetune has none
+    decision = json.loads(saved.read_text())
+    if config.is_file() and (yaml.safe_load(config.read_text()) or {}).get("freeze") != decision["choice"]["freeze"]:
+        return None  # an earlier auto run's, left by a run that started there afresh before freezetune cleared it
+    return decision.get("asked")  # a recipe.json of an older freezetune has none
 
 
 def _epochs_and_refit(cfg: TrainConfig, trials: list[dict], choice: dict, spent: float,

@@ -290,7 +290,8 @@ def restore(path: str | Path, state: TrainingState, progress, *, config: dict[st
         ) from None
     if state.scheduler is not None and record.get("scheduler"):
         state.scheduler.load_state_dict(record["scheduler"])
-    state.scaler.load_state_dict(record["scaler"])
+    if record["scaler"] or not state.scaler.is_enabled():  # a CPU fp16 run saved a disabled scaler's {} before
+        state.scaler.load_state_dict(record["scaler"])  # it scaled: the scaler then starts at its initial scale
     set_rng_state(record["rng"])
     progress.load_state_dict({**record["progress"], "monitor": progress.monitor})
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from freezetune.config import TrainConfig
 from freezetune.errors import ConfigError, choices
-from freezetune.options import RECIPE_HELP, recipe_problem
+from freezetune.options import BN_DEFAULT, RECIPE_HELP, recipe_problem
 
 _SINGLE = {  # recipe -> the settings of its one phase
     # the head alone: under bn affine-only (a sweep's --bn) the backbone's BatchNorm trained too, with no cache
@@ -31,7 +31,7 @@ _SINGLE = {  # recipe -> the settings of its one phase
 # the fields each recipe sets itself besides its freeze (``_SINGLE``'s, ``phases``', ``auto._base``): a value the
 # user gives for one of them would be replaced silently
 _SETS = {**{name: tuple(settings) for name, settings in _SINGLE.items()}, "last-k": ("freeze", "unfreeze"),
-         "lp-ft": ("freeze", "unfreeze"), "auto": ("freeze", "cache_at")}  # fmt: skip
+         "lp-ft": ("freeze", "unfreeze", "bn"), "auto": ("freeze", "cache_at")}  # fmt: skip
 LAST_K_DEFAULT = 2
 PROBE_LR_FACTOR = 10  # a head alone on frozen features takes a larger step than a whole network
 
@@ -70,7 +70,7 @@ def phases(cfg: TrainConfig, recipe: str) -> list[Phase]:
         return [Phase(recipe, dataclasses.replace(base, freeze=-(last_k(recipe) + 1), unfreeze=None))]
     if recipe == "lp-ft":
         out = Path(cfg.out) if cfg.out else None
-        probe = dataclasses.replace(base, freeze="backbone", unfreeze=None, lr=cfg.lr * PROBE_LR_FACTOR,
+        probe = dataclasses.replace(base, freeze="backbone", unfreeze=None, bn=BN_DEFAULT, lr=cfg.lr * PROBE_LR_FACTOR,
                                     out=str(out / "probe") if out else None, final_test=False)  # fmt: skip
         return [Phase("probe", probe), Phase("fine-tune", dataclasses.replace(base, freeze="none", unfreeze=None))]
     raise ConfigError(f"recipe {recipe!r} has no phases here; 'auto' is planned by freezetune.auto")

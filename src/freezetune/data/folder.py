@@ -145,16 +145,16 @@ def expand_paths(paths: list[str], files_under, what: str, kind: str, suffixes) 
             out += [str(f) for f in files_under(p)]
         elif p.is_file():
             out.append(str(p))
-        elif glob.has_magic(str(p)):
-            matched = sorted(glob.glob(str(p), recursive=True))
+        elif glob.has_magic(str(p)):  # its files of the kind (a folder's matches are its files: "**" doubled them)
+            matched = sorted(f for f in glob.glob(str(p), recursive=True) if f.lower().endswith(tuple(suffixes)))
             if not matched:
-                raise DataError(f"{what} pattern '{p}' matches no file")
-            out += expand_paths(matched, files_under, what, kind, suffixes)
+                raise DataError(f"{what} pattern '{p}' matches no file ending in {', '.join(suffixes)}")
+            out += matched
         else:
             raise DataError(f"{what} '{p}' does not exist")
     if not out:
         raise DataError(f"no {kind} found in {choices(paths)}; expected files ending in {', '.join(suffixes)}")
-    return out
+    return list(dict.fromkeys(out))  # a file named twice (a glob and its folder) is predicted once
 
 
 class FileImageDataset(Dataset):
