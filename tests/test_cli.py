@@ -340,6 +340,17 @@ def test_a_resume_that_moves_best_pt_without_scoring_it_removes_the_earlier_test
     assert code == 0, err
     assert "removed test_metrics.json, confusion.png: they scored an earlier best.pt (this run's is epoch 2" in out
     assert not (tmp_path / "run" / "test_metrics.json").exists() and not (tmp_path / "run" / "confusion.png").exists()
+    # moved by an earlier attempt (stopped before its final test): judged by the epoch the file names
+    code, out, err = run_cli(capsys, *argv, "--epochs", "2", "--resume")  # its config keeps --no-final-test's false
+    assert code == 0 and "only the run's end (report; the test split is not scored: --final-test) runs" in out, err
+    code, _, err = run_cli(capsys, *argv, "--epochs", "2", "--resume", "--final-test")  # the finished run's test
+    assert code == 0 and json.loads((tmp_path / "run" / "test_metrics.json").read_text())["epoch"] == 2, err
+    code, out, err = run_cli(capsys, *argv, "--epochs", "2", "--resume", "--no-final-test")
+    assert code == 0 and (tmp_path / "run" / "test_metrics.json").exists(), err  # it scored this best.pt: kept
+    scored = json.loads((tmp_path / "run" / "test_metrics.json").read_text())
+    (tmp_path / "run" / "test_metrics.json").write_text(json.dumps({**scored, "epoch": 1}))
+    code, out, err = run_cli(capsys, *argv, "--epochs", "2", "--resume", "--no-final-test")
+    assert code == 0 and "removed test_metrics.json, confusion.png" in out, err
 
 
 def test_a_plateau_says_why_it_unfroze_and_a_min_delta_read_as_points_is_named(data, tmp_path, capsys):
@@ -375,6 +386,16 @@ def test_a_cpu_fp16_run_saved_before_its_loss_scaling_resumes(data, tmp_path, ca
     torch.save({**record, "scaler": {}}, tmp_path / "run" / "last.pt")
     code, out, err = run_cli(capsys, *argv, "--epochs", "2", "--resume")
     assert code == 0 and "epoch 2/2" in out, err
+
+
+def test_inspect_freeze_auto_shows_what_the_auto_recipes_default_candidate_trains(capsys):
+    # it said "run it through freezetune.train(cfg) or the CLI" to a user of the CLI
+    code, out, err = run_cli(capsys, "inspect", "--model", "timm:test_efficientnet", "--img-size", "32", "--freeze",
+                             "auto")  # fmt: skip
+    assert code == 0, err
+    assert "freeze: auto (measured when train runs; its default candidate, the last 3 stages: -4;" in out
+    rows = {line.split()[0]: line.split() for line in out.splitlines()[1:] if line.startswith(("blocks", "stem"))}
+    assert rows["blocks.1"][2] == "0" and rows["blocks.2"][2] != "0"  # frozen through blocks.1: the last 3 train
 
 
 def test_resume_without_last_pt_is_a_user_error(data, tmp_path, capsys):
@@ -466,8 +487,6 @@ def test_eval_of_a_non_checkpoint_is_a_user_error(run, data, capsys, tmp_path, k
         (["inspect", "--model", "timm:test_efficientnet", "--amp", "fp8"], ["fp8", "'bf16'"]),
         (["inspect", "--model", "timm:test_efficientnet", "--batch-size", "0"], ["batch_size", "got 0"]),
         (["inspect", "--model", "timm:test_efficientnet", "--num-classes", "0"], ["num_classes", "got 0"]),
-        # it said "run it through freezetune.train(cfg) or the CLI" to a user of the CLI
-        (["inspect", "--model", "timm:test_efficientnet", "--freeze", "auto"], ["decided by measurement", "-4"]),
     ],
 )
 def test_predict_eval_and_inspect_user_errors(run, data, capsys, argv, needles):

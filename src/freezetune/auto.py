@@ -332,6 +332,16 @@ def _affordable(cfg: TrainConfig, choice: dict, spent: float) -> int:
     return max(1, math.floor((budget - spent) / max(choice["epoch_s"], 1e-6)))
 
 
+def default_freeze(model: str, img_size: int | None = None) -> tuple[int, list[int]]:
+    """The freeze spec of the auto recipe's default candidate for ``model``, and the candidates' stage counts.
+
+    >>> default_freeze("timm:test_efficientnet", 32)
+    (-4, [2, 3, 4])
+    """
+    ks, _, _ = _candidates(TrainConfig(model=model, img_size=img_size))
+    return -(default_stages(ks) + 1), ks
+
+
 def default_stages(ks: list[int]) -> int:
     """The default candidate among ``ks`` (ascending): ``DEFAULT_TRAINED_STAGES``, else the middle one (a model with
     fewer stages).

@@ -333,7 +333,8 @@ def _check_resumable(path: Path, record: dict, expect: dict[str, Any]) -> None:
                    "the number of torchrun processes set it (resume on as many processes as the run had)")  # fmt: skip
     if changed:
         may = ", ".join(k for k in RESUME_MAY_CHANGE if k not in ("out", "resume"))  # the two that name the resume
-        why.append(f"a run continues with its own settings (a resume may change only {may}, and epochs under "
+        free = " and ".join(k for k in schedule if k not in ("scheduler", "steps_per_epoch"))  # under "none" only
+        why.append(f"a run continues with its own settings (a resume may change only {may}, and {free} under "
                    "scheduler none)")  # fmt: skip
     raise ConfigError(f"cannot resume {path} with {', '.join(stretched + changed)}: {'; '.join(why)}; resume with "
                       "the run's values, or start a new run with another --out")  # fmt: skip

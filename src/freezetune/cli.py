@@ -17,7 +17,7 @@ from pathlib import Path
 
 from freezetune import __version__, run_log
 from freezetune.config import FIELD_CHOICES, TrainConfig, field_names, load_config, parse_override, scalar_type
-from freezetune.errors import ConfigError, FreezetuneError
+from freezetune.errors import FreezetuneError
 from freezetune.interrupt import RunInterrupted, forget_stop, raised_stop
 from freezetune.options import (
     AMP_MODES,
@@ -329,9 +329,6 @@ def _cmd_predict(args) -> int:
 def _cmd_inspect(args) -> int:
     from freezetune.describe import describe_model
 
-    if args.freeze == "auto":  # the API's "run it through freezetune.train(cfg) or the CLI" spoke to another user
-        raise ConfigError("inspect shows what a freeze spec trains; --freeze auto is decided by measurement when "
-                          "train runs (its default trains the last 3 stages and the head: --freeze -4)")  # fmt: skip
     print(describe_model(args.model, weights=args.weights, freeze=args.freeze, bn=args.bn, img_size=args.img_size,
                          batch_size=args.batch_size, num_classes=args.num_classes, amp=args.amp))  # fmt: skip
     return 0

@@ -46,8 +46,15 @@ def describe_model(
     model, pre = create_model(name, weights, img_size=img_size)
     if num_classes is not None:  # 0 is a mistake to name, not "keep the head"
         replace_head(model, num_classes)
+    shown = freeze
+    if freeze == "auto":  # measured when a run starts: what its default candidate trains
+        from freezetune.auto import default_freeze
+
+        freeze, ks = default_freeze(name, img_size)
+        shown = (f"auto (measured when train runs; its default candidate, the last {-freeze - 1} stages: {freeze}; "
+                 f"the trials may choose the last {', '.join(map(str, ks))})")  # fmt: skip
     freeze_model(model, parse_freeze_spec(freeze), bn=bn)
-    lines = [f"{name}  head: {head_name(model)}  freeze: {freeze}  bn: {bn}", summary(model)]
+    lines = [f"{name}  head: {head_name(model)}  freeze: {shown}  bn: {bn}", summary(model)]
     return "\n".join([*lines, *_input_and_memory(name, model, pre, batch_size, dtype)])
 
 

@@ -139,7 +139,12 @@ class TrainProgress:
                 "first_bad_step": first_bad, "seconds_before": self.seconds_before, **gpu}  # fmt: skip
 
 
-def _human(n: float) -> str:
+def human(n: float) -> str:
+    """A count as the epoch lines and the sweep table write it.
+
+    >>> human(3_400_000), human(101_766), human(12_810)
+    ('3.4M', '101.8K', '12.8K')
+    """
     for div, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
         if abs(n) >= div:
             return f"{n / div:.1f}{suffix}"
@@ -197,8 +202,8 @@ def format_epoch_line(row: dict[str, Any], items: str = "images") -> str:
     parts = [f"epoch {row['epoch']}" + (f"/{row['epochs']}" if row.get("epochs") is not None else "")]
     parts += [_split_text(row, "train"), _split_text(row, "val"), _lr_text(row)]
     if row.get("trainable_params") is not None:
-        total = f"/{_human(row['total_params'])}" if row.get("total_params") is not None else ""
-        parts.append(f"trainable {_human(row['trainable_params'])}{total}")
+        total = f"/{human(row['total_params'])}" if row.get("total_params") is not None else ""
+        parts.append(f"trainable {human(row['trainable_params'])}{total}")
     speed = []
     if row.get("epoch_time_s") is not None:
         speed.append(f"{row['epoch_time_s']:.1f}s")

@@ -23,7 +23,15 @@ from torch import nn
 
 from freezetune.errors import SpecError, choices
 from freezetune.heads import unwrap
-from freezetune.options import BN_DEFAULT, BN_EVAL_POLICIES, BN_POLICIES, FREEZE_DEFAULT, FREEZE_KEYWORDS, check_choice
+from freezetune.options import (
+    BN_AFFINE_POLICIES,
+    BN_DEFAULT,
+    BN_EVAL_POLICIES,
+    BN_POLICIES,
+    FREEZE_DEFAULT,
+    FREEZE_KEYWORDS,
+    check_choice,
+)
 from freezetune.stages import Stage, stages
 
 Spec = str | int | Sequence[str | int]
@@ -298,7 +306,7 @@ def _apply_bn_policies(model: nn.Module) -> None:
         if policy is None or not isinstance(module, nn.modules.batchnorm._BatchNorm):
             continue
         for p in module.parameters(recurse=False):
-            p.requires_grad_(policy in ("affine", "affine-only"))
+            p.requires_grad_(policy in BN_AFFINE_POLICIES)
         if policy in BN_EVAL_POLICIES:
             if not _has_eval_hook(module):
                 module.register_forward_pre_hook(_keep_eval)

@@ -17,6 +17,7 @@ SCHEDULERS = ("onecycle", "cosine", "none")
 AMP_MODES = ("auto", "bf16", "fp16", "off")
 BN_POLICIES = ("frozen", "affine", "train", "affine-only")  # BatchNorm in frozen parts; see ``freezetune.freeze``
 BN_EVAL_POLICIES = ("frozen", "affine-only")  # ... whose statistics never move: the layer runs in eval
+BN_AFFINE_POLICIES = ("affine", "affine-only")  # ... whose weight and bias train
 BN_DEFAULT = "frozen"  # the one policy under which a frozen prefix is deterministic (and can be cached)
 FREEZE_KEYWORDS = ("backbone", "all", "none", "bitfit")  # bitfit: all but biases, norms and the head
 # the forms of an unfreeze schedule (``unfreezing.parse_schedule``); a plateau without mode follows the monitor
@@ -102,7 +103,7 @@ def aug_preset(name: str) -> AugPreset:
 
 
 def choice_problem(name: str, value: object, allowed: Iterable[object]) -> str | None:
-    """``"unknown bn 'melt'; choose one of: 'frozen', 'affine', 'train'"``, or None when ``value`` is allowed.
+    """``"unknown amp 'fp8'; choose one of: 'auto', 'bf16', 'fp16', 'off'"``, or None when ``value`` is allowed.
 
     >>> choice_problem("amp", "fp8", AMP_MODES)
     "unknown amp 'fp8'; choose one of: 'auto', 'bf16', 'fp16', 'off'"

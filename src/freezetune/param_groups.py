@@ -206,13 +206,13 @@ def idle_stage_lrs(model: nn.Module, stage_lrs: Mapping[str, float], *, unfreeze
         return None
     st = stages(model)
     stage_lrs = resolve_stage_lrs(stage_lrs, [s.name for s in st])
+    notes = []
     if decay and not any(s.num_trainable for s in st[:-1]):
-        return (f"note: decay {decay} sets the LR of the stages below the head, and only the head trains in this run "
-                "with nothing to unfreeze a stage: it is not used")  # fmt: skip
+        notes.append(f"note: decay {decay} sets the LR of the stages below the head, and only the head trains in this "
+                     "run with nothing to unfreeze a stage: it is not used")  # fmt: skip
     idle = [s.name for s in st if s.name in stage_lrs and not s.num_trainable]
-    if not idle:
-        return None
-    it, its = ("it", "its") if len(idle) == 1 else ("them", "their")
-    return (
-        f"note: stage_lrs sets {choices(idle)}, frozen in this run with nothing to unfreeze {it}: {its} LR is not used"
-    )
+    if idle:
+        it, its = ("it", "its") if len(idle) == 1 else ("them", "their")
+        notes.append(f"note: stage_lrs sets {choices(idle)}, frozen in this run with nothing to unfreeze {it}: {its} "
+                     "LR is not used")  # fmt: skip
+    return "\n".join(notes) or None

@@ -10,6 +10,8 @@ import torch
 from freezetune.errors import ConfigError, choices
 from freezetune.options import AMP_MODES, DEVICES, check_choice
 
+_AMP_NAMES = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
 
 @dataclass(frozen=True)
 class Precision:
@@ -40,13 +42,12 @@ class Precision:
         """
         if self.device.type != "cpu" or self.amp_dtype is None:
             return None
-        return (f"note: --amp {self.describe().split()[-1]} on cpu: a CPU without native half-precision units "
-                "emulates it, often several times slower than fp32 (here 2x for bf16, 50x for fp16 on an AMD EPYC); "
-                "compare an epoch with --amp off, the CPU default")  # fmt: skip
+        return (f"note: --amp {_AMP_NAMES[self.amp_dtype]} on cpu: a CPU without native half-precision units emulates "
+                "it, often several times slower than fp32 (an epoch took 2x for bf16 and 50x for fp16 on a 2-core AMD "
+                "EPYC); compare an epoch with --amp off, the CPU default")  # fmt: skip
 
     def describe(self) -> str:
-        amp = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.amp_dtype]
-        return f"{self.device} {amp}"
+        return f"{self.device} {_AMP_NAMES[self.amp_dtype]}"
 
 
 def resolve_device(spec: str = "auto") -> torch.device:

@@ -126,7 +126,7 @@ def conflict_problems(cfg: TrainConfig) -> list[str]:
 
 
 def sets(recipe: str) -> tuple[str, ...]:
-    """The settings ``recipe`` fixes itself (besides what it freezes), which a user may not give beside it.
+    """The settings ``recipe`` fixes itself, what it freezes included, which a user may not give beside it.
 
     >>> sets("linear-probe"), sets("last-3")
     (('freeze', 'unfreeze', 'bn'), ('freeze', 'unfreeze'))
@@ -181,19 +181,17 @@ def run(cfg: TrainConfig, *, echo: Callable[[str], None] = print, train: Callabl
         return auto.run(dataclasses.replace(cfg, recipe=None, freeze="auto"), echo=echo, train=train)
     if recipe.startswith("last-"):
         check_last_k(cfg, recipe)
+    from freezetune.distributed import broadcast, init_from_env
+    from freezetune.runtime import default_run_dir, prepare_run_dir
+
+    info = init_from_env(cfg.device)
     if not cfg.out:  # one run dir for all phases (the earlier ones below it), as --out gives, and its train.log
-        from freezetune.distributed import broadcast, init_from_env
-        from freezetune.runtime import default_run_dir
+        cfg = dataclasses.replace(cfg, out=str(broadcast(default_run_dir(cfg.model), info)))
+    if not cfg.resume:  # refuse a run dir in use before any phase writes below it (rank 0 alone clears)
+        prepare_run_dir(cfg.out, cfg.model, resume=False, clean=info.is_main, echo=echo)
+    from freezetune.run_log import log_to
 
-        cfg = dataclasses.replace(cfg, out=str(broadcast(default_run_dir(cfg.model), init_from_env(cfg.device))))
-    if cfg.out and not cfg.resume:  # refuse a run dir in use before any phase writes below it
-        from freezetune.runtime import prepare_run_dir
-
-        prepare_run_dir(cfg.out, cfg.model, resume=False)
-    if cfg.out:  # the phases' lines in the recipe's train.log too (each phase's dir keeps its own)
-        from freezetune.run_log import log_to
-
-        log_to(cfg.out)
+    log_to(cfg.out)  # the phases' lines in the recipe's train.log too (each phase's dir keeps its own)
     if cfg.final_test:  # the phases before the last do not read the test split: its problems would wait for them
         from freezetune.data.layout import check_test_split
 

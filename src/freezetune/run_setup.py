@@ -102,7 +102,9 @@ class RunSetup:
             checkpoint.init_from(self.model, cfg.init, self.classes, model_name=cfg.model)
         freeze(self.model, parse_freeze_spec(cfg.freeze), bn=cfg.bn)
         if not any(p.requires_grad for p in self.model.parameters()):  # the API's "unfreeze a stage first" misled
-            later = " in the first epoch (an unfreeze schedule opens stages only after one)" if cfg.unfreeze else ""
+            # (a plan's epoch-0 stages open when the optimizer exists, after this; "epoch:"/"plateau:" after an epoch)
+            later = " in the first epoch (an unfreeze schedule opens stages only after one)" if isinstance(
+                cfg.unfreeze, str) and cfg.unfreeze != "none" else ""  # fmt: skip
             raise ConfigError(f"freeze {cfg.freeze!r} leaves no parameter to train{later}; freeze less: 'backbone' "
                               "trains the head")  # fmt: skip
         self.channels_last = runtime.use_channels_last(cfg.channels_last, self.model, self.device)
@@ -205,7 +207,8 @@ class RunSetup:
         done = ": the run had finished (early stop)" if stopped else ""
         if not done and p.epoch >= self.cfg.epochs and not p.step:  # a finished run: say so, not leave it to guess
             done = f": all {self.cfg.epochs} epochs were trained"
-        then = "; nothing trains, only the run's end (report, test split) runs again" if done else ""
+        end = "report, test split" if self.cfg.final_test else "report; the test split is not scored: --final-test"
+        then = f"; nothing trains, only the run's end ({end}) runs again" if done else ""
         self.echo(f"resumed {self.run_dir} after epoch {p.epoch}{within}{done}{then}")
 
     def _prepare(self, module: nn.Module) -> nn.Module:

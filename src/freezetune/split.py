@@ -107,13 +107,12 @@ def _moving_batchnorm(model: nn.Module) -> str | None:
 def _trainable_first_stage(model: nn.Module, first: Stage) -> str:
     """Why there is no prefix to cache when the first stage trains: ``bn="affine-only"`` trains the BatchNorm scale
     and shift of every frozen stage, the first one's too."""
-    policies = {
-        getattr(m, "_freezetune_bn", None)
-        for m in model.modules()
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and any(p.requires_grad for p in m.parameters(False))
-    }
-    policies.discard(None)
-    if policies:
+    norms = [m for name in first.modules for m in model.get_submodule(name).modules()
+             if isinstance(m, nn.modules.batchnorm._BatchNorm)]  # fmt: skip
+    held = {id(p): getattr(m, "_freezetune_bn", None) for m in norms for p in m.parameters(recurse=False)}
+    trainable = [p for p in first.params if p.requires_grad]
+    policies = {held.get(id(p)) for p in trainable}
+    if trainable and None not in policies:  # every trainable parameter of it a BatchNorm's under a policy
         return (f"the frozen stages' BatchNorm scale and shift train (bn policy {sorted(policies)[0]!r}), the first "
                 f"stage's ({first.name}) too: there is no frozen prefix to cache")  # fmt: skip
     return f"the first stage ({first.name}) is trainable: there is no frozen prefix to cache"

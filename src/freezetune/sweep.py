@@ -24,6 +24,7 @@ import yaml
 
 from freezetune._io import atomic_output, atomic_write_text
 from freezetune.config import TrainConfig, load_config, validate
+from freezetune.epoch_log import human
 from freezetune.errors import ConfigError, DataError, choices
 from freezetune.options import BATCH_AUTO, BN_DEFAULT, RECIPES, parse_duration, recipe_problem
 from freezetune.run_log import log, log_to, opened
@@ -170,7 +171,8 @@ def _run_configs(cfg: TrainConfig, names: list[str], out: Path) -> dict[str, Tra
     from freezetune import recipes
 
     sets = {key: value for key, (value, _) in SWEEP_SETS.items()}
-    # --bn applies to the recipes that freeze BatchNorm by it; linear-probe freezes it whatever (the head alone)
+    # --bn applies to the recipes that freeze BatchNorm by it; linear-probe and lp-ft's probe freeze it whatever (the
+    # head alone): theirs is reset to the default, "not given", which their phases then set
     runs = {name: dataclasses.replace(cfg, recipe=name, out=str(out / name), cache_dir=features, budget=None, **sets,
                                       **({"bn": BN_DEFAULT} if "bn" in recipes.sets(name) else {}))
             for name in names}  # fmt: skip
@@ -235,14 +237,14 @@ def format_table(rows: list[dict], winner: str) -> str:
     >>> print(format_table([{"recipe": "full", "val_acc": 0.8, "train_s": 12.0, "peak_mem_mb": 900.0,
     ...                      "trainable_params": 3_400_000, "best_epoch": 3, "run_dir": "r"}], "full"))
     recipe          val acc  train s  peak MiB  trainable
-    full *            80.0%     12.0       900      3.40M
+    full *            80.0%     12.0       900       3.4M
     """
     lines = [f"{'recipe':14s}  {'val acc':>7s}  {'train s':>7s}  {'peak MiB':>8s}  {'trainable':>9s}"]
     for r in rows:
         name = r["recipe"] + (" *" if r["recipe"] == winner else "")
         peak = f"{r['peak_mem_mb']:8.0f}" if r.get("peak_mem_mb") is not None else f"{'-':>8s}"  # CPU: not measured
         lines.append(f"{name:14s}  {100 * r['val_acc']:6.1f}%  {r['train_s']:7.1f}  {peak}  "
-                     f"{_count(r['trainable_params']):>9s}")  # fmt: skip
+                     f"{human(r['trainable_params']):>9s}")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -257,16 +259,6 @@ def pareto_front(rows: list[dict]) -> list[dict]:
                                         and (o["val_acc"], -o["train_s"]) != (r["val_acc"], -r["train_s"])
                                         for o in rows)]  # fmt: skip
     return sorted(front, key=lambda r: r["train_s"])
-
-
-def _count(n: int) -> str:
-    """A parameter count in a table: millions, or thousands below 1 M, as the epoch lines write them (a linear
-    probe's 12,810 read "0.01M", and 101,766 "0.10M" beside the epoch lines' "101.8K").
-
-    >>> _count(3_400_000), _count(101_766), _count(12_810)
-    ('3.40M', '101.8K', '12.8K')
-    """
-    return f"{n / 1e6:.2f}M" if n >= 1_000_000 else f"{n / 1e3:.1f}K"
 
 
 def _write(out: Path, rows: list[dict], winner: dict, cfg: TrainConfig) -> None:

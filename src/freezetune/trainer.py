@@ -8,6 +8,7 @@ restores, ``checkpoint``'s.
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -77,9 +78,38 @@ class Trainer(RunSetup):
 
     def fit(self) -> RunResult:
         """Train the remaining epochs, then plot the curves and score ``best.pt`` on the test split."""
+        self._say_setup()
+        self.fit_start = start = time.perf_counter()
+        try:
+            # one process: a signal is acted on at the next step boundary, after saving there; under DDP the ranks
+            # could not agree on that step without a collective every step, so a signal stops them at once
+            at_once = AT_ONCE_UNDER_DDP if self.dist.enabled else OUTSIDE_A_STEP
+            with self.stop.listening(defer=not self.dist.enabled, at_once=at_once):
+                self._epochs()
+            self.checkpoints.wait()  # best.pt is scored next
+        except BaseException:
+            self._close(failing=True)
+            raise
+        self._close(failing=False)
+        self.seconds["epochs"] = time.perf_counter() - start
+        self.seconds = self._spent()
+        if self.dist.is_main:
+            reporting.plot_report(self.run_dir / reporting.METRICS_CSV, self.run_dir / reporting.REPORT_PNG,
+                                  monitor=self.cfg.monitor, best_epoch=self.progress.best_epoch)  # fmt: skip
+        test = self._final_test()
+        barrier(self.dist)
+        p = self.progress
+        if test is None and self.cfg.final_test:  # no test split: the run still ends on a line naming its result
+            metric = f", {self.cfg.monitor} {p.best_metric:.4f}" if p.best_metric is not None else ""
+            self.echo(f"best.pt: epoch {p.best_epoch}{metric} (no test split to score) -> {self.run_dir}")
+        return RunResult(self.run_dir, p.best_epoch, p.best_metric, test, list(self.metrics.rows), self.seconds,
+                         data_kind=noun(self.data.train), no_refit=self.data.no_refit)  # fmt: skip
+
+    def _say_setup(self) -> None:
+        """What trains on what (the stage table, or one line for the auto recipe's later trials) and the notes."""
         trainable, total = count_parameters(self.model)
-        n, share = len(self.data.train), self.loaders.fraction(len(self.data.train))
-        per_epoch = f" ({max(1, round(n * share))} an epoch)" if share < 1 else ""  # --epoch-images, a trial's half
+        n, visited = len(self.data.train), self.loaders.epoch_items(len(self.data.train))
+        per_epoch = f" ({visited} an epoch)" if visited < n else ""  # --epoch-images, a trial's half
         head = (
             f"{self.cfg.model} on {self.precision.describe()}: {n} train {noun(self.data.train)}{per_epoch}, "
             f"{len(self.classes)} classes, {trainable:,}/{total:,} parameters trainable"
@@ -101,32 +131,6 @@ class Trainer(RunSetup):
         if self.data.skipped:
             self.echo(f"skipped {len(self.data.skipped)} unreadable image file(s) (--skip-bad): listed in "
                       f"{self.run_dir / SKIPPED}")  # fmt: skip
-        self.fit_start = start = time.perf_counter()
-        best_before = self.progress.best_epoch
-        try:
-            # one process: a signal is acted on at the next step boundary, after saving there; under DDP the ranks
-            # could not agree on that step without a collective every step, so a signal stops them at once
-            at_once = AT_ONCE_UNDER_DDP if self.dist.enabled else OUTSIDE_A_STEP
-            with self.stop.listening(defer=not self.dist.enabled, at_once=at_once):
-                self._epochs()
-            self.checkpoints.wait()  # best.pt is scored next
-        except BaseException:
-            self._close(failing=True)
-            raise
-        self._close(failing=False)
-        self.seconds["epochs"] = time.perf_counter() - start
-        self.seconds = self._spent()
-        if self.dist.is_main:
-            reporting.plot_report(self.run_dir / reporting.METRICS_CSV, self.run_dir / reporting.REPORT_PNG,
-                                  monitor=self.cfg.monitor, best_epoch=self.progress.best_epoch)  # fmt: skip
-        test = self._final_test(best_moved=self.progress.best_epoch != best_before)
-        barrier(self.dist)
-        p = self.progress
-        if test is None and self.cfg.final_test:  # no test split: the run still ends on a line naming its result
-            metric = f", {self.cfg.monitor} {p.best_metric:.4f}" if p.best_metric is not None else ""
-            self.echo(f"best.pt: epoch {p.best_epoch}{metric} (no test split to score) -> {self.run_dir}")
-        return RunResult(self.run_dir, p.best_epoch, p.best_metric, test, list(self.metrics.rows), self.seconds,
-                         data_kind=noun(self.data.train), no_refit=self.data.no_refit)  # fmt: skip
 
     def _warmup_note(self) -> str | None:
         """When the patience of early stopping or a plateau unfreeze starts counting, if the LR warm-up delays it."""
@@ -299,7 +303,13 @@ class Trainer(RunSetup):
     # --- unfreezing and the final test ----------------------------------------------------------------------
 
     def _drop_stale_test(self) -> None:
-        """A resume that moved ``best.pt`` without scoring it: the test files of an earlier attempt scored another."""
+        """The test files of an earlier attempt that scored another ``best.pt`` than this run's (a resume moved it)."""
+        try:  # the epoch it scored; a file written before they named it is left as it is
+            if json.loads((self.run_dir / runtime.TEST_METRICS).read_text()).get("epoch", self.progress.best_epoch) \
+                    == self.progress.best_epoch:  # fmt: skip
+                return
+        except (OSError, ValueError, AttributeError):  # none, or not ours to judge
+            return
         stale = [name for name in (runtime.TEST_METRICS, runtime.CONFUSION_PNG) if (self.run_dir / name).exists()]
         for name in stale:
             (self.run_dir / name).unlink()
@@ -319,11 +329,11 @@ class Trainer(RunSetup):
             self.features.build()  # the frozen prefix got shorter: rebuild at the new boundary, or read images
         return names
 
-    def _final_test(self, *, best_moved: bool) -> dict | None:
+    def _final_test(self) -> dict | None:
         """``best.pt`` on the test split, once, at the end: the one number no decision of the run has seen. Not
-        scored (``--no-final-test``, no test split) after ``best.pt`` moved, an earlier attempt's scores go."""
+        scored (``--no-final-test``, no test split), an earlier attempt's scores of another ``best.pt`` go."""
         if not self.cfg.final_test or self.data.test is None:
-            if best_moved and self.dist.is_main:
+            if self.dist.is_main:
                 self._drop_stale_test()
             return None
         result = evaluate_best(self.model, self.run_dir / checkpoint.BEST, self.data.test,

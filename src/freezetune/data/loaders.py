@@ -98,7 +98,7 @@ class EpochOrder(Sampler[int]):
     def __init__(self, n: int, *, shuffle: bool, seed: int = 0, dist: DistInfo | None = None,
                  batch_size: int | None = None, fraction: float = 1.0) -> None:  # fmt: skip
         self.n, self.shuffle, self.seed, self.dist = n, shuffle, seed, dist or DistInfo()
-        self.fraction = fraction  # a shuffled epoch visits only this share of the items (the auto recipe's trials)
+        self.fraction = fraction  # a shuffled epoch visits only this share of the items (--epoch-fraction/-images)
         # A training batch of one image cannot train BatchNorm ("expected more than 1 value per channel"): with
         # ``batch_size`` given, an epoch whose last batch would hold one image leaves that image out (a different
         # one each epoch, the same on every loader kind and rank).
@@ -303,6 +303,15 @@ class Loaders:
         if self.epoch_images is None or n <= self.epoch_images:
             return self.epoch_fraction
         return min(self.epoch_fraction, self.epoch_images / n)
+
+    def epoch_items(self, n: int) -> int:
+        """How many of a training set of ``n`` items an epoch visits (on all ranks together).
+
+        >>> loaders = Loaders(batch_size=8, device=torch.device("cpu"), seed=0, preprocess=None, epoch_images=100)
+        >>> loaders.epoch_items(1000)
+        100
+        """
+        return len(EpochOrder(n, shuffle=True, fraction=self.fraction(n)))
 
     def train(self, dataset: Dataset):
         """Shuffled, augmented batches of this rank's shard of each epoch; call ``set_epoch`` before each epoch."""
