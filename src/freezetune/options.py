@@ -32,12 +32,13 @@ BATCH_AUTO = "auto"  # --batch-size auto: the largest power of two that fits the
 # Named fine-tuning procedures (``--recipe``), each in one line; ``freezetune.recipes`` carries them out.
 RECIPE_HELP = {
     "auto": "measure on the validation split which stages to freeze, then fine-tune the rest (the default)",
-    "linear-probe": "only the new head trains, on cached features of the frozen backbone",
+    "linear-probe": "only the new head trains, on cached features of the frozen backbone (BatchNorm frozen whatever "
+    "--bn)",
     "last-k": "the last k stages and the head train, the rest stays frozen and cached (last-2, last-3, ...; k=2)",
     "full": "every layer trains",
     "gradual": "the head first, then one more stage after each epoch (epoch:1 unfreezing)",
     "plateau": "the head first, then one more stage whenever validation accuracy stalls for an epoch",
-    "lp-ft": "a linear probe fits the head on frozen features, then every layer fine-tunes from it",
+    "lp-ft": "a linear probe fits the head on frozen features (BatchNorm frozen), then every layer fine-tunes from it",
     "bitfit": "only biases and normalisation layers (and the head) train",
 }
 RECIPES = tuple(RECIPE_HELP)
