@@ -197,32 +197,23 @@ def test_a_negative_or_infinite_learning_rate_is_refused(kwargs, named):
         ft.param_groups(model, **{"lr": 1e-3, **kwargs})
 
 
-def test_a_run_says_when_a_stage_lr_it_was_given_is_never_used(tmp_path, capsys):
-    # --freeze -3 --stage-lrs for a frozen stage, no --unfreeze: the LR went nowhere, in silence
+@pytest.mark.parametrize(
+    ("asked", "note", "used"),
+    [  # --freeze -3 --stage-lrs for a frozen stage, --decay with the head alone training: the LR went nowhere, silently
+        (("--freeze", "-3", "--stage-lrs", "blocks.0=1e-4,blocks.4=1e-4"),
+         "note: stage_lrs sets 'blocks.0', frozen in this run with nothing to unfreeze it",
+         [("--freeze", "-3", "--stage-lrs", "blocks.0=1e-4", "--unfreeze", "epoch:1")]),
+        (("--freeze", "backbone", "--decay", "10"),
+         "note: decay 10.0 sets the LR of the stages below the head, and only the head trains",
+         [("--freeze", "-3", "--decay", "10"), ("--freeze", "backbone", "--decay", "10", "--unfreeze", "epoch:1")]),
+    ],
+)  # fmt: skip
+def test_a_run_says_when_a_learning_rate_it_was_given_is_never_used(tmp_path, capsys, asked, note, used):
     from _engine_fixtures import make_image_folder, run_cli, train_argv
 
     data = make_image_folder(tmp_path / "images", train=4, val=2, test=0)
-    code, out, err = run_cli(capsys, *train_argv(data, tmp_path / "run", "--epochs", "1", "--freeze", "-3",
-                                                 "--stage-lrs", "blocks.0=1e-4,blocks.4=1e-4"))  # fmt: skip
-    assert code == 0, err
-    assert "note: stage_lrs sets 'blocks.0', frozen in this run with nothing to unfreeze it" in out
-    code, out, err = run_cli(capsys, *train_argv(data, tmp_path / "r2", "--epochs", "2", "--freeze", "-3",
-                                                 "--stage-lrs", "blocks.0=1e-4", "--unfreeze", "epoch:1"))  # fmt: skip
-    assert code == 0, err
-    assert "stage_lrs sets" not in out
-
-
-def test_a_run_says_when_its_decay_is_never_used_as_only_the_head_trains(tmp_path, capsys):
-    # --freeze backbone --decay 10 without --unfreeze: every stage below the head stays frozen, in silence
-    from _engine_fixtures import make_image_folder, run_cli, train_argv
-
-    data = make_image_folder(tmp_path / "images", train=4, val=2, test=0)
-    code, out, err = run_cli(capsys, *train_argv(data, tmp_path / "run", "--epochs", "1", "--freeze", "backbone",
-                                                 "--decay", "10"))  # fmt: skip
-    assert code == 0, err
-    assert "note: decay 10.0 sets the LR of the stages below the head, and only the head trains" in out
-    for more in (("--freeze", "-3"), ("--freeze", "backbone", "--unfreeze", "epoch:1")):
-        code, out, err = run_cli(capsys, *train_argv(data, tmp_path / more[-1], "--epochs", "2", "--decay", "10",
-                                                     *more))  # fmt: skip
-        assert code == 0, err
-        assert "note: decay" not in out
+    code, out, err = run_cli(capsys, *train_argv(data, tmp_path / "run", "--epochs", "1", *asked))
+    assert code == 0 and note in out, err
+    for i, more in enumerate(used):  # a stage it unfreezes, or one below the head that trains: the LR is used
+        code, out, err = run_cli(capsys, *train_argv(data, tmp_path / f"used{i}", "--epochs", "2", *more))
+        assert code == 0 and note.partition(" sets")[0] not in out, err
