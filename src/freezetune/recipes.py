@@ -18,7 +18,7 @@ from pathlib import Path
 
 from freezetune.config import TrainConfig
 from freezetune.errors import ConfigError, choices
-from freezetune.options import BN_DEFAULT, RECIPE_HELP, recipe_problem
+from freezetune.options import RECIPE_HELP, recipe_problem
 
 _SINGLE = {  # recipe -> the settings of its one phase
     # the head alone: under bn affine-only (a sweep's --bn) the backbone's BatchNorm trained too, with no cache
@@ -70,7 +70,7 @@ def phases(cfg: TrainConfig, recipe: str) -> list[Phase]:
         return [Phase(recipe, dataclasses.replace(base, freeze=-(last_k(recipe) + 1), unfreeze=None))]
     if recipe == "lp-ft":
         out = Path(cfg.out) if cfg.out else None
-        probe = dataclasses.replace(base, freeze="backbone", unfreeze=None, bn=BN_DEFAULT, lr=cfg.lr * PROBE_LR_FACTOR,
+        probe = dataclasses.replace(base, freeze="backbone", unfreeze=None, bn="frozen", lr=cfg.lr * PROBE_LR_FACTOR,
                                     out=str(out / "probe") if out else None, final_test=False)  # fmt: skip
         return [Phase("probe", probe), Phase("fine-tune", dataclasses.replace(base, freeze="none", unfreeze=None))]
     raise ConfigError(f"recipe {recipe!r} has no phases here; 'auto' is planned by freezetune.auto")
@@ -182,6 +182,7 @@ def run(cfg: TrainConfig, *, echo: Callable[[str], None] = print, train: Callabl
     if recipe.startswith("last-"):
         check_last_k(cfg, recipe)
     from freezetune.distributed import broadcast, init_from_env
+    from freezetune.run_log import log_to
     from freezetune.runtime import default_run_dir, prepare_run_dir
 
     info = init_from_env(cfg.device)
@@ -189,8 +190,6 @@ def run(cfg: TrainConfig, *, echo: Callable[[str], None] = print, train: Callabl
         cfg = dataclasses.replace(cfg, out=str(broadcast(default_run_dir(cfg.model), info)))
     if not cfg.resume:  # refuse a run dir in use before any phase writes below it (rank 0 alone clears)
         prepare_run_dir(cfg.out, cfg.model, resume=False, clean=info.is_main, echo=echo)
-    from freezetune.run_log import log_to
-
     log_to(cfg.out)  # the phases' lines in the recipe's train.log too (each phase's dir keeps its own)
     if cfg.final_test:  # the phases before the last do not read the test split: its problems would wait for them
         from freezetune.data.layout import check_test_split
