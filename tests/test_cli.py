@@ -398,6 +398,15 @@ def test_inspect_freeze_auto_shows_what_the_auto_recipes_default_candidate_train
     assert rows["blocks.1"][2] == "0" and rows["blocks.2"][2] != "0"  # frozen through blocks.1: the last 3 train
 
 
+def test_a_run_without_its_final_test_ends_on_a_line_naming_best_pt(data, tmp_path, capsys):
+    # --no-final-test ended on the last epoch line: which epoch best.pt held was left to the reader
+    code, out, err = run_cli(capsys, *train_argv(data, tmp_path / "run", "--epochs", "2", "--no-final-test"))
+    assert code == 0, err
+    ends = [line for line in out.splitlines() if line.startswith("best.pt: epoch ")]
+    assert len(ends) == 1 and out.rstrip().endswith(ends[0])  # the final run's, not each auto trial's
+    assert "(the test split is not scored in this run) -> " in ends[0]
+
+
 def test_resume_without_last_pt_is_a_user_error(data, tmp_path, capsys):
     code, out, err = run_cli(capsys, *train_argv(data, tmp_path / "fresh", "--resume"))
     _assert_user_error(code, out, err, "fresh' does not exist", "--resume needs the run dir of an existing run")

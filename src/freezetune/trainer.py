@@ -99,9 +99,12 @@ class Trainer(RunSetup):
         test = self._final_test()
         barrier(self.dist)
         p = self.progress
-        if test is None and self.cfg.final_test:  # no test split: the run still ends on a line naming its result
+        # no test split, or --no-final-test: the run still ends on a line naming its result (not the auto recipe's
+        # trials, which are not resumed: the recipe says their scores)
+        if test is None and (self.cfg.final_test or self.resumable):
             metric = f", {self.cfg.monitor} {p.best_metric:.4f}" if p.best_metric is not None else ""
-            self.echo(f"best.pt: epoch {p.best_epoch}{metric} (no test split to score) -> {self.run_dir}")
+            why = "no test split to score" if self.cfg.final_test else "the test split is not scored in this run"
+            self.echo(f"best.pt: epoch {p.best_epoch}{metric} ({why}) -> {self.run_dir}")
         return RunResult(self.run_dir, p.best_epoch, p.best_metric, test, list(self.metrics.rows), self.seconds,
                          data_kind=noun(self.data.train), no_refit=self.data.no_refit)  # fmt: skip
 
