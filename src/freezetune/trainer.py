@@ -124,10 +124,11 @@ class Trainer(RunSetup):
         notes = [imbalance_note(self.cfg.class_weights, self.data.train.targets, len(self.classes),
                                 noun(self.data.train))]  # fmt: skip
         if not self.brief:  # the later trials of the auto recipe: their first said these
+            schedule = self.state.unfreezer.schedule if self.state.unfreezer is not None else None  # parsed once
             notes += [truncation_note(self.data.train, self.preprocess),
-                      idle_stage_lrs(self.model, self.cfg.stage_lrs, unfreezes=self.state.unfreezer is not None,
+                      idle_stage_lrs(self.model, self.cfg.stage_lrs, unfreezes=schedule is not None,
                                      decay=self.cfg.decay),
-                      idle_bn_policy(self.model, self.cfg.bn), plateau_units_note(self.cfg.unfreeze, self.cfg.monitor),
+                      idle_bn_policy(self.model, self.cfg.bn), plateau_units_note(schedule, self.cfg.monitor),
                       self.precision.cpu_note()]  # fmt: skip
         for note in filter(None, [*notes, self._warmup_note()]):
             self.echo(note)

@@ -93,18 +93,16 @@ def _parse_plateau(args: str) -> Schedule:
     return out
 
 
-def plateau_units_note(schedule: str | Mapping | None, monitor: str) -> str | None:
+def plateau_units_note(schedule: Schedule | None, monitor: str) -> str | None:
     """A note when a plateau's ``min_delta`` on ``val_acc`` reads like points: accuracy is a fraction there, and
     ``min_delta=0.5`` (50 points) unfroze a stage after every epoch, as ``epoch:1`` would.
 
-    >>> plateau_units_note("plateau:patience=1,min_delta=0.5", "val_acc")[:47]
+    >>> plateau_units_note(parse_schedule("plateau:patience=1,min_delta=0.5"), "val_acc")[:47]
     'note: plateau min_delta 0.5 is in val_acc units'
     """
-    if schedule is None or isinstance(schedule, Mapping) or not str(schedule).strip().startswith("plateau"):
+    if schedule is None or schedule.kind != "plateau" or monitor != "val_acc" or schedule.min_delta < 0.1:
         return None
-    delta = parse_schedule(schedule).min_delta
-    if monitor != "val_acc" or delta < 0.1:
-        return None
+    delta = schedule.min_delta
     return (f"note: plateau min_delta {delta:g} is in val_acc units, a fraction: {delta:g} is {100 * delta:g} points "
             "of accuracy (half a point is 0.005), so nearly every epoch counts as a stall")  # fmt: skip
 
