@@ -270,6 +270,11 @@ def _params_of(selected: list[Stage]) -> dict[int, nn.Parameter]:
 # --- BatchNorm policy ---------------------------------------------------------------------------------------
 
 
+def policy_of(module: nn.Module) -> str | None:
+    """The BatchNorm policy ``freeze`` gave ``module`` (None: it is not a frozen BatchNorm layer)."""
+    return getattr(module, _POLICY_ATTR, None)
+
+
 def policies(model: nn.Module) -> set[str]:
     """The BatchNorm policies the frozen layers of ``model`` have (empty when none is frozen).
 
@@ -277,7 +282,7 @@ def policies(model: nn.Module) -> set[str]:
     >>> m = torchvision.models.resnet18(); freeze(m, "backbone", bn="affine"); policies(m)
     {'affine'}
     """
-    return {p for p in (getattr(m, _POLICY_ATTR, None) for m in unwrap(model).modules()) if p is not None}
+    return {p for p in map(policy_of, unwrap(model).modules()) if p is not None}
 
 
 def check_bn_policy(bn: str) -> None:

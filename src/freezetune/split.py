@@ -18,6 +18,7 @@ from torch import fx, nn
 
 from freezetune.depthwise import FastDepthwiseConv2d
 from freezetune.errors import SpecError, choices
+from freezetune.freeze import policy_of
 from freezetune.options import BN_EVAL_POLICIES
 from freezetune.stages import Stage, stages
 
@@ -98,7 +99,7 @@ def check_cut(model: nn.Module, at: str | None) -> None:
 def _moving_batchnorm(model: nn.Module) -> str | None:
     """A frozen-part BatchNorm whose statistics move in training makes every earlier cached feature stale."""
     for name, m in model.named_modules():
-        policy = getattr(m, "_freezetune_bn", None)
+        policy = policy_of(m)
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and policy is not None and policy not in BN_EVAL_POLICIES:
             return f"BatchNorm {name} updates its statistics in training (bn policy {policy!r}, not 'frozen')"
     return None
@@ -109,7 +110,7 @@ def _trainable_first_stage(model: nn.Module, first: Stage) -> str:
     and shift of every frozen stage, the first one's too."""
     norms = [m for name in first.modules for m in model.get_submodule(name).modules()
              if isinstance(m, nn.modules.batchnorm._BatchNorm)]  # fmt: skip
-    held = {id(p): getattr(m, "_freezetune_bn", None) for m in norms for p in m.parameters(recurse=False)}
+    held = {id(p): policy_of(m) for m in norms for p in m.parameters(recurse=False)}
     trainable = [p for p in first.params if p.requires_grad]
     policies = {held.get(id(p)) for p in trainable}
     if trainable and None not in policies:  # every trainable parameter of it a BatchNorm's under a policy
