@@ -577,6 +577,24 @@ def test_command_defaults_come_from_the_config_dataclass():
     assert parser.parse_args(["predict", "--checkpoint", "c.pt", "a.png"]).device == defaults.device
 
 
+def test_train_help_explains_every_flag_under_its_section():
+    from freezetune.cli import _parser
+    from freezetune.config import field_names
+
+    train = _parser()._subparsers._group_actions[0].choices["train"]
+    sections = {group.title: [a.dest for a in group._group_actions] for group in train._action_groups}
+    for name in field_names():  # a field added to TrainConfig without a word for --help fails here
+        action = next(a for a in train._actions if a.dest == name)
+        assert action.help and not action.help.startswith("[default"), f"--{name} has no help"
+        assert "[default: None]" not in action.help, f"--{name}: say what None decides"
+    assert sections["data"][:2] == ["data", "val_data"] and "lr" in sections["optimisation"]
+    assert [t for t in sections if t in ("model", "data", "freezing", "optimisation", "speed", "run")] == [
+        "model", "data", "freezing", "optimisation", "speed", "run"]  # fmt: skip
+    assert sum(len(dests) for title, dests in sections.items() if title not in ("positional arguments", "options")) \
+        == len(field_names())  # fmt: skip
+    assert "[default: on]" in train.format_help() and "[default: True]" not in train.format_help()
+
+
 def test_unreadable_image_stops_train_before_it_starts_and_skip_bad_trains_without_it(tmp_path, capsys):
     data = make_image_folder(tmp_path / "img", train=4, val=2, test=2)
     bad = data / "train" / "red" / "red_1.png"

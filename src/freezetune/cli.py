@@ -18,59 +18,17 @@ from pathlib import Path
 from freezetune import __version__, run_log
 from freezetune.config import FIELD_CHOICES, TrainConfig, field_names, load_config, parse_override, scalar_type
 from freezetune.errors import FreezetuneError
+from freezetune.flag_help import FIELD_HELP, SECTIONS
 from freezetune.interrupt import RunInterrupted, forget_stop, raised_stop
 from freezetune.options import (
     AMP_MODES,
-    DEVICES,
     FREEZE_DEFAULT,
-    FREEZE_KEYWORDS,
-    LABEL_COLUMNS,
-    MODEL_SOURCES,
-    PRETRAINED_WEIGHTS,
     RANDOM_WEIGHTS,
     RECIPES,
-    TEXT_COLUMNS,
-    UNFREEZE_FORMS,
 )
 from freezetune.sweep import DEFAULT_OUT, DEFAULT_RECIPES, SWEEP_SETS
 
 _DEFAULTS = TrainConfig()
-_HELP = {
-    "model": " or ".join(f"{s}:NAME" for s in MODEL_SOURCES[:-1]) + f" or {MODEL_SOURCES[-1]}:DIR_OR_ID",
-    "weights": f"{'|'.join(PRETRAINED_WEIGHTS)} (pretrained; packaged copy used offline), "
-    f"{'|'.join(RANDOM_WEIGHTS)}, or a weights file",
-    "data": "image folder (DIR/train/<class>/*), CSV path,label, or IDX directory (MNIST/Fashion-MNIST); for a text "
-    "model (hf:), a text,label CSV (or .tsv)",
-    "batch_size": "images or texts a step, or auto (the largest that fits the CUDA device)",
-    "per_class": "few-shot: K seeded training images per class",
-    "freeze": f"auto (measured), {', '.join(FREEZE_KEYWORDS)}, N (first N stages, negative ok), stage names or "
-    "globs, comma-separated",
-    "recipe": "a named procedure: " + " | ".join(RECIPES) + " (last-K: the last K stages train)",
-    "budget": "wall-clock budget for the auto recipe's trials and epochs (the epochs it trains), e.g. 90s, 5m, 1h",
-    "epoch_fraction": "each epoch trains on this random share of the training set (a new draw each epoch)",
-    "epoch_images": "each epoch trains on at most this many random training images or texts (a large set's epochs "
-    "made shorter; the LR schedule and --epochs count these epochs; beside --epoch-fraction, the fewer)",
-    "max_length": "a text model: the tokens a text keeps (longer texts are cut there and counted in the log; at most "
-    "the model's positions)",
-    "text_column": f"a text model: the CSV column of the texts (default: the one named {' or '.join(TEXT_COLUMNS)})",
-    "label_column": f"a text model: the CSV column of the labels (default: the one named {' or '.join(LABEL_COLUMNS)})",
-    "init": "a freezetune checkpoint whose weights (head included) start the run",
-    "cache_dir": "keep feature caches here and reuse them across runs (the auto recipe: OUT/features)",
-    "bn": "BatchNorm in frozen parts: frozen (eval statistics), affine (affine trains, statistics update), train "
-    "(statistics update), affine-only (affine trains, eval statistics)",
-    "unfreeze": f"{' | '.join(UNFREEZE_FORMS)} (a plateau without mode follows --monitor; min_delta is in its units: "
-    "val_acc is a fraction, 0.005 = half a point)",
-    "stage_lrs": "per-stage LRs, e.g. 'layer4=1e-4,layer3=5e-5'; a glob sets several ('blocks.[4-6]=1e-4')",
-    "decay": "LR of the stage at depth i below the head is lr / decay**i",
-    "amp": "mixed precision (auto: bf16/fp16 on CUDA, off on CPU)",
-    "cache": "frozen-prefix feature cache",
-    "out": "run directory (default runs/MODEL-TIMESTAMP)",
-    "device": " | ".join(DEVICES),
-    "early_stop": "stop after PATIENCE epochs without improvement of --monitor (counted once the LR warm-up ends)",
-    "class_weights": "imbalanced classes: balanced weighs the training loss by 1 / class frequency",
-    "refit": "the automatically held-out validation images train too (best.pt = last epoch); default: the auto "
-    "recipe's final run refits unless --early-stop or a plateau unfreeze needs validation",
-}
 
 
 def _line_buffered(stream) -> None:
@@ -179,21 +137,35 @@ def _config_flags(p: argparse.ArgumentParser, overrides: dict[str, str] | None =
     help differs where ``overrides`` says)."""
     p.add_argument("--config", help="YAML file with the same keys as the flags")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("-v", "--verbose", action="store_true", help="also log library details (INFO level)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. lr=3e-4")
+    group = p
     for name in field_names():
-        flag, kind, text = "--" + name.replace("_", "-"), scalar_type(name), _HELP.get(name, "")
-        if name in FIELD_CHOICES:
-            text = f"{text}; " if text else ""
-            text += "one of " + " | ".join(FIELD_CHOICES[name])
-        text = f"{text} [default: {getattr(_DEFAULTS, name)}]".strip()
-        text = (overrides or {}).get(name, text)
+        group = p.add_argument_group(SECTIONS[name]) if name in SECTIONS else group
+        flag, kind = "--" + name.replace("_", "-"), scalar_type(name)
+        text = (overrides or {}).get(name) or _field_help(name)
         if kind is bool:
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
             continue
         # None when not given, so a config file's value is not overwritten by a default. Structured fields (freeze,
         # unfreeze, stage_lrs) stay text here and are parsed by load_config, as YAML and key=value values are.
-        p.add_argument(flag, type=kind or str, default=None, help=text)
+        group.add_argument(flag, type=kind or str, default=None, help=text)
+
+
+def _field_help(name: str) -> str:
+    """A field's help, its choices and its default; a default of None is what the help says is decided for you."""
+    text = FIELD_HELP[name]
+    if name in FIELD_CHOICES:
+        text += "; one of " + " | ".join(FIELD_CHOICES[name])
+    default = getattr(_DEFAULTS, name)
+    return text if default is None else f"{text} [default: {_shown(default)}]"
+
+
+def _shown(value: object) -> str:
+    """A default as the flag takes it: ``--progress``'s True is on, ``--stage-lrs``'s {} is none."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return str(value) if value not in ({}, []) else "none"
 
 
 def _eval_parser(sub) -> None:
@@ -201,7 +173,7 @@ def _eval_parser(sub) -> None:
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--data", required=True)
     p.add_argument("--batch-size", type=int, default=_DEFAULTS.batch_size, help="results do not depend on it")
-    p.add_argument("--device", default=_DEFAULTS.device, help=_HELP["device"])
+    p.add_argument("--device", default=_DEFAULTS.device, help=FIELD_HELP["device"])
     p.add_argument("--plot", default=None,
                    help="confusion-matrix image, .png/.pdf/.svg/.jpg (default: eval_<data>_confusion.png next to the "
                         "checkpoint)")  # fmt: skip
@@ -219,7 +191,7 @@ def _predict_parser(sub) -> None:
     p.add_argument("--text-column", help="a text model: the column of a CSV's texts (default: the one it trained on)")
     p.add_argument("--json", action="store_true")
     p.add_argument("--batch-size", type=int, default=_DEFAULTS.batch_size, help="images or texts per forward pass")
-    p.add_argument("--device", default=_DEFAULTS.device, help=_HELP["device"])
+    p.add_argument("--device", default=_DEFAULTS.device, help=FIELD_HELP["device"])
     p.set_defaults(func=_cmd_predict, command_parser=p)
 
 

@@ -1,0 +1,106 @@
+"""What ``freezetune train --help`` says of each ``TrainConfig`` field, and the sections it lists them under.
+
+A field left at ``None`` by default means "decided for you": its help says what is decided, and no ``[default: None]``
+is shown. A field with fixed choices has them appended by the CLI (``config.FIELD_CHOICES``).
+"""
+
+from __future__ import annotations
+
+from freezetune.data.datasets import AUTO_VAL_FRACTION, AUTO_VAL_MAX_PER_CLASS
+from freezetune.options import (
+    DEVICES,
+    FREEZE_KEYWORDS,
+    LABEL_COLUMNS,
+    MODEL_SOURCES,
+    PRETRAINED_WEIGHTS,
+    RANDOM_WEIGHTS,
+    RECIPES,
+    TEXT_COLUMNS,
+    UNFREEZE_FORMS,
+)
+
+# The first field of each section of TrainConfig (in its order), and the section's title in --help
+SECTIONS = {"model": "model", "data": "data", "freeze": "freezing", "epochs": "optimisation", "amp": "speed",
+            "seed": "run"}  # fmt: skip
+
+FIELD_HELP = {
+    # model
+    "model": " or ".join(f"{s}:NAME" for s in MODEL_SOURCES[:-1]) + f" or {MODEL_SOURCES[-1]}:DIR_OR_ID",
+    "weights": f"{'|'.join(PRETRAINED_WEIGHTS)} (pretrained; packaged copy used offline), "
+    f"{'|'.join(RANDOM_WEIGHTS)}, or a weights file",
+    "img_size": "the side in pixels of the images the model sees (default: the model's pretrained input size)",
+    "init": "a freezetune checkpoint whose weights (head included) start the run",
+    "max_length": "a text model: the tokens a text keeps (longer texts are cut there and counted in the log; at most "
+    "the model's positions)",
+    "text_column": f"a text model: the CSV column of the texts (default: the one named {' or '.join(TEXT_COLUMNS)})",
+    "label_column": f"a text model: the CSV column of the labels (default: the one named {' or '.join(LABEL_COLUMNS)})",
+    # data
+    "data": "image folder (DIR/train/<class>/*), CSV path,label, or IDX directory (MNIST/Fashion-MNIST); for a text "
+    "model (hf:), a text,label CSV (or .tsv)",
+    "val_data": "the validation split, in a form --data takes (default: DATA's val/ folder, else images held out "
+    "of the training data: see --val-split)",
+    "val_split": "the share of each training class held out for validation (default, when the data has no val/: "
+    f"{AUTO_VAL_FRACTION:g}, 1 to {AUTO_VAL_MAX_PER_CLASS} images a class)",
+    "per_class": "few-shot: K seeded training images per class (default: all)",
+    "aug": "training augmentation: light (crops of 70-100 %%, flips), standard (crops of 25-100 %%, flips, colour, "
+    "erasing)",
+    "batch_size": "images or texts a step, or auto (the largest that fits the CUDA device)",
+    "workers": "data loader processes (default: on CUDA up to 4; on the CPU up to 2 for image files, none for data "
+    "held in memory and for texts)",
+    "skip_bad": "train without the image files that cannot be read (listed in skipped.txt), rather than stop and name "
+    "them",
+    "refit": "the automatically held-out validation images train too (best.pt = last epoch); default: the auto "
+    "recipe's final run refits unless --early-stop or a plateau unfreeze needs validation",
+    # freezing
+    "freeze": f"auto (measured), {', '.join(FREEZE_KEYWORDS)}, N (first N stages, negative ok), stage names or "
+    "globs, comma-separated",
+    "recipe": "a named procedure: " + " | ".join(RECIPES) + " (last-K: the last K stages train); default: what "
+    "--freeze says",
+    "budget": "wall-clock budget for the auto recipe's trials and epochs (the epochs it trains), e.g. 90s, 5m, 1h "
+    "(default: none)",
+    "bn": "BatchNorm in frozen parts: frozen (eval statistics), affine (affine trains, statistics update), train "
+    "(statistics update), affine-only (affine trains, eval statistics)",
+    "unfreeze": f"{' | '.join(UNFREEZE_FORMS)} (a plateau without mode follows --monitor; min_delta is in its units: "
+    "val_acc is a fraction, 0.005 = half a point); default: what starts frozen stays frozen",
+    # optimisation
+    "epochs": "passes over the training set (or over --epoch-images of it)",
+    "epoch_fraction": "each epoch trains on this random share of the training set (a new draw each epoch)",
+    "epoch_images": "each epoch trains on at most this many random training images or texts (a large set's epochs "
+    "made shorter; the LR schedule and --epochs count these epochs; beside --epoch-fraction, the fewer)",
+    "optimizer": "the optimizer (AdamW and Adam fused)",
+    "lr": "peak learning rate of the head and of every stage --stage-lrs and --decay leave alone",
+    "stage_lrs": "per-stage LRs, e.g. 'layer4=1e-4,layer3=5e-5'; a glob sets several ('blocks.[4-6]=1e-4')",
+    "decay": "LR of the stage at depth i below the head is lr / decay**i (default: every stage at --lr)",
+    "weight_decay": "AdamW/SGD weight decay (biases, norm parameters and a model's declared no-decay ones get none)",
+    "momentum": "SGD's momentum (Nesterov; --optimizer sgd only)",
+    "scheduler": "the LR over the run: onecycle (rises to --lr, then anneals), cosine (anneals from --lr after "
+    "--warmup-epochs), none (constant)",
+    "warmup_epochs": "epochs the LR rises for (cosine: a linear ramp; onecycle: its rise, by default a quarter of the "
+    "run)",
+    "label_smoothing": "cross-entropy label smoothing (0: none)",
+    "class_weights": "imbalanced classes: balanced weighs the training loss by 1 / class frequency",
+    "grad_clip": "clip the gradients' total norm to this (default: no clipping)",
+    "skip_nonfinite": "batches an epoch whose loss is not finite pass without a step before the run stops (0: the "
+    "first stops it, best.pt and last.pt intact)",
+    # speed
+    "amp": "mixed precision (auto: bf16/fp16 on CUDA, off on CPU)",
+    "channels_last": "NHWC memory format (default: on for convnets)",
+    "compile": "torch.compile the part that trains (worth it on a GPU for long runs; slow to start)",
+    "cache": "frozen-prefix feature cache",
+    "cache_views": "augmented views of each training image the feature cache holds (1: the image unaugmented)",
+    "cache_dir": "keep feature caches here and reuse them across runs (the auto recipe: OUT/features)",
+    "cache_at": "cut the feature cache at this frozen stage (default: the first stage that trains)",
+    "decode": "where images are decoded and augmented (auto: on the GPU with a CUDA device)",
+    "device": " | ".join(DEVICES),
+    # run
+    "seed": "random seed: the validation hold-out, the few-shot draw, the head's init, shuffling, augmentation",
+    "out": "run directory (default runs/MODEL-TIMESTAMP)",
+    "resume": "continue the run in --out from its last.pt, with its own settings",
+    "early_stop": "stop after PATIENCE epochs without improvement of --monitor (counted once the LR warm-up ends; "
+    "default: off)",
+    "save_every_steps": "also save last.pt every N training steps (resumable mid-epoch; default: at each epoch's end)",
+    "monitor": "what picks best.pt and drives --early-stop and a plateau unfreeze",
+    "tensorboard": "write TensorBoard event files in the run directory",
+    "progress": "progress bars (redirected to a file or a pipe: a line a minute at most)",
+    "final_test": "score best.pt on the test split when the run ends",
+}
