@@ -288,7 +288,9 @@ def _cmd_predict(args) -> int:
     with out_of_memory_hint(args.batch_size, training=False):
         records = predict_files(args.checkpoint, args.images, topk=args.topk, batch_size=args.batch_size,
                                 device=args.device, text_column=args.text_column)  # fmt: skip
-    print(json.dumps(records, indent=1) if args.json else format_predictions(records))
+    lines = json.dumps(records, indent=1) if args.json else format_predictions(records)
+    if lines:  # when no file could be read there is nothing to print but the errors (no empty line before them)
+        print(lines)
     bad = [r for r in records if "error" in r]
     for r in bad:
         print(f"freezetune: error: {r['error']}", file=sys.stderr)
