@@ -68,6 +68,7 @@ def test_train_writes_every_run_file(run):
     test = json.loads((run_dir / "test_metrics.json").read_text())
     assert test["n"] == 12 and 0.0 <= test["acc"] <= 1.0
     assert "epoch 2/2" in stdout and "test accuracy" in stdout
+    assert " on cpu fp32, channels_last: " in stdout  # the header says the memory format a convnet ran in
 
 
 def test_eval_of_best_pt_reproduces_the_runs_test_metrics_to_the_last_digit(run, data):

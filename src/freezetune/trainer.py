@@ -113,8 +113,9 @@ class Trainer(RunSetup):
         trainable, total = count_parameters(self.model)
         n, visited = len(self.data.train), self.loaders.epoch_items(len(self.data.train))
         per_epoch = f" ({visited} an epoch)" if visited < n else ""  # --epoch-images, a trial's half
+        how = [self.precision.describe()] + ["channels_last"] * self.channels_last + ["compiled"] * self.cfg.compile
         head = (
-            f"{self.cfg.model} on {self.precision.describe()}: {n} train {noun(self.data.train)}{per_epoch}, "
+            f"{self.cfg.model} on {', '.join(how)}: {n} train {noun(self.data.train)}{per_epoch}, "
             f"{len(self.classes)} classes, {trainable:,}/{total:,} parameters trainable"
         )
         if self.brief:
