@@ -46,6 +46,25 @@ def test_the_base_image_torch_satisfies_the_package_requirement():
     assert Version(base.group(1)) in torch_req.specifier, f"image torch {base.group(1)} vs {torch_req}"
 
 
+def test_the_image_pins_every_dependency_and_extra_exactly_within_the_package_ranges():
+    pins = [Requirement(line) for line in (DOCKER / "requirements.txt").read_text().splitlines()
+            if line.strip() and not line.startswith("#")]  # fmt: skip
+    loose = [str(r) for r in pins if len(r.specifier) != 1 or next(iter(r.specifier)).operator != "=="]
+    assert not loose, f"not pinned exactly: {loose}"
+    pinned = {r.name.lower(): Version(next(iter(r.specifier)).version) for r in pins}
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    extras = ("hf", "weights", "heic", "onnx", "lightning", "monitor", "notebook")  # the image's: all but dev
+    wanted = [Requirement(d) for d in project["dependencies"]]
+    wanted += [Requirement(d) for extra in extras for d in project["optional-dependencies"][extra]]
+    base = {"torch", "torchvision", "numpy", "pillow"}  # the base image's (its tag pins them)
+    for req in wanted:
+        name = req.name.lower()
+        if name not in base:
+            assert name in pinned, f"{name} ({req}) is not in docker/requirements.txt"
+            assert pinned[name] in req.specifier, f"docker/requirements.txt {name}=={pinned[name]} vs {req}"
+    assert "requirements.txt" in (DOCKER / "Dockerfile").read_text()
+
+
 def test_the_image_installs_tmux_and_runs_as_a_non_root_user():
     text = (DOCKER / "Dockerfile").read_text()
     assert re.search(r"apt-get install[^\n]*\btmux\b", text)
