@@ -186,6 +186,39 @@ def test_a_warning_is_said_once_but_kept_in_each_nested_runs_log_and_from_other_
                                                    "WARNING freezetune.test: from a reader thread"]  # fmt: skip
 
 
+def test_a_warning_reaches_stderr_from_the_python_api_once_where_no_logging_is_set_up(tmp_path, monkeypatch, capsys):
+    # a notebook calling ft.train: the handler that keeps warnings in train.log turned off logging's last resort, and
+    # the data's warnings (test images that are copies of training images) showed nowhere but in the file
+    from freezetune.run_log import warn_once
+
+    monkeypatch.setattr(logging.getLogger(), "handlers", [])  # no logging.basicConfig (pytest's capture removed)
+    logger = logging.getLogger("freezetune.test")
+    with log(lambda line: None):
+        warn_once(logger, "%d test file(s) are copies of training files", 2)
+        with log(lambda line: None):  # a nested run (the auto recipe's final run) says it once, not again
+            warn_once(logger, "%d test file(s) are copies of training files", 2)
+    assert capsys.readouterr().err == "WARNING freezetune.test: 2 test file(s) are copies of training files\n"
+    monkeypatch.setattr(logging.getLogger(), "handlers", [logging.StreamHandler()])  # the CLI's basicConfig: it says it
+    with log(lambda line: None):
+        logger.warning("said by the user's own handler")
+    assert capsys.readouterr().err == "said by the user's own handler\n"
+
+
+def test_a_stop_raised_in_an_earlier_run_of_the_process_does_not_word_a_later_runs_failure(tmp_path, monkeypatch):
+    # a notebook: Ctrl-C stopped one ft.train; the next failed on a bug, and its train.log said "stopped by SIGINT"
+    import signal
+
+    from freezetune import interrupt
+
+    monkeypatch.setattr(interrupt, "_raised", interrupt.RunInterrupted.by(signal.SIGINT, "outside a training step"))
+    (tmp_path / "a").mkdir()
+    with pytest.raises(RuntimeError), log(lambda line: None, tmp_path / "a"):
+        opened(tmp_path / "a")
+        raise RuntimeError("a bug in the second run")
+    assert interrupt.raised_stop() is None
+    assert "RuntimeError: a bug in the second run" in (tmp_path / "a" / LOG_FILE).read_text()
+
+
 def test_only_the_first_process_of_a_torchrun_job_logs_and_a_failing_write_never_stops_the_run(tmp_path, monkeypatch):
     (tmp_path / "run").mkdir()
     monkeypatch.setenv("RANK", "1")

@@ -30,6 +30,8 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from pathlib import Path
 
+from freezetune.interrupt import forget_stop
+
 LOG_FILE = "train.log"  # a run's; a sweep's directory keeps "sweep.log"
 WARNING_FORMAT = "%(levelname)s %(name)s: %(message)s"  # a logged warning, on stderr and in the log
 command: str | None = None  # the command line that started this process, when the CLI did (the log's header names it)
@@ -85,6 +87,8 @@ def log(echo: Callable[[str], None], run_dir: str | Path | None = None, *,
     """
     level = _Level(name)
     outer = _levels.get()
+    if not outer:  # a stop an earlier run of this process raised (a notebook's Ctrl-C) is not this run's
+        forget_stop()
     token = _levels.set((*outer, level))
     if run_dir is not None:
         log_to(run_dir)
@@ -132,8 +136,23 @@ class _WarningsToLog(logging.Handler):
         try:
             line = _warning_line(record.levelno, record.name, record.getMessage())
             _record(line, warning=True, levels=_levels.get() or self.levels)
+            if self._alone(logging.getLogger(record.name)) and _first_process():
+                print(line, file=sys.stderr)
         except Exception:  # a log line must never stop the run
             self.handleError(record)
+
+    def _alone(self, logger: logging.Logger) -> bool:
+        """Whether no other handler shows the warning: the Python API without logging set up (a notebook, a script).
+        This handler then stands in for logging's last resort, which any handler at all turns off: a notebook saw
+        none of the data's warnings (test images that are copies of training images among them)."""
+        while logger is not None:
+            if any(h is not self and not isinstance(h, _WarningsToLog) for h in logger.handlers):
+                return False
+            if not logger.propagate:
+                break
+            logger = logger.parent
+        ours = [h for h in logging.getLogger("freezetune").handlers if isinstance(h, _WarningsToLog)]
+        return ours[:1] == [self]  # runs in two threads at once: the first run's handler says it, once
 
 
 def _warning_line(levelno: int, name: str, text: str) -> str:
