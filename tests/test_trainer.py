@@ -377,11 +377,11 @@ def test_a_last_training_batch_of_one_image_is_left_out_not_a_crash(tmp_path, ca
 def test_a_non_finite_loss_stops_the_run_and_keeps_the_good_checkpoints(data, tmp_path, capsys, monkeypatch):
     # the loss turns NaN at the 2nd step of epoch 2: the run stops with one line naming both, best.pt and last.pt
     # keep epoch 1, and NaN never becomes the best. 36 training images in batches of 8: 5 steps an epoch.
-    real, calls = step.logits_of, []
+    real, calls, poison_at = step.logits_of, [], [5 + 2]
 
     def poisoned(output):  # training steps alone call step.logits_of (validation has its own)
         calls.append(1)
-        return real(output) * float("nan") if len(calls) == 5 + 2 else real(output)
+        return real(output) * float("nan") if len(calls) == poison_at[0] else real(output)
 
     monkeypatch.setattr(step, "logits_of", poisoned)
     code, out, err = run_cli(capsys, *train_argv(data, tmp_path / "run", "--epochs", "3", "--freeze", "-3"))
@@ -391,6 +391,11 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_good_checkpoints(data, tm
     best, last = checkpoint.load(tmp_path / "run" / "best.pt"), checkpoint.load(tmp_path / "run" / "last.pt")
     assert best["epoch"] == 1 and last["epoch"] == 1
     assert all(torch.isfinite(v).all() for v in last["state_dict"].values() if v.is_floating_point())
+    calls.clear()  # the same at the 2nd step of epoch 1: no epoch finished, so nothing was saved, and it says so
+    poison_at[0] = 2
+    code, out, err = run_cli(capsys, *train_argv(data, tmp_path / "first", "--epochs", "3", "--freeze", "-3"))
+    assert code == 2 and "training diverged; no checkpoint was saved: no epoch finished (try a lower --lr" in err, err
+    assert not (tmp_path / "first" / "best.pt").exists() and not (tmp_path / "first" / "last.pt").exists()
 
 
 def test_weights_that_validate_to_a_non_finite_loss_stop_the_run_before_they_can_become_best(data, tmp_path, capsys,

@@ -261,8 +261,15 @@ class Trainer(RunSetup):
                              f"diverged; {self._kept()}")  # fmt: skip
 
     def _kept(self) -> str:
-        return (f"best.pt and last.pt keep epoch {self.progress.best_epoch} and {self.progress.epoch} (try a lower "
-                "--lr or --grad-clip 1.0)")  # fmt: skip
+        """What the checkpoints hold when training diverged: a run that diverged in its first epoch saved none (a
+        mid-epoch ``last.pt`` aside), and said that epoch 0 was kept in two files that did not exist."""
+        p, tip = self.progress, "(try a lower --lr or --grad-clip 1.0)"
+        if p.epoch == 0:
+            mid = (self.run_dir / checkpoint.LAST).exists()  # --save-every-steps saved steps of epoch 1
+            return f"{'only last.pt, mid-epoch, was' if mid else 'no checkpoint was'} saved: no epoch finished {tip}"
+        if not p.best_epoch:  # no validation score was ever finite enough to pick a best
+            return f"last.pt keeps epoch {p.epoch} {tip}"
+        return f"best.pt and last.pt keep epoch {p.best_epoch} and {p.epoch} {tip}"
 
     def _remaining(self, batches, meter: epoch_log.TrainProgress) -> Iterator:
         """The epoch's batches from where a mid-epoch ``last.pt`` left it (all of them otherwise).
