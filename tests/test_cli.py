@@ -463,6 +463,26 @@ def test_out_naming_a_file_is_a_user_error_and_the_file_is_kept(data, tmp_path, 
     assert outfile.read_text() == "mine"
 
 
+def test_a_cache_dir_or_out_that_cannot_be_a_folder_is_refused_before_anything_is_computed(data, tmp_path,
+                                                                                          monkeypatch):  # fmt: skip
+    # --cache-dir naming a file failed with FileExistsError from pathlib, after the feature cache was built
+    import dataclasses
+
+    from freezetune import runtime
+    from freezetune.errors import ConfigError
+
+    (tmp_path / "afile").write_text("mine")
+    built = []
+    monkeypatch.setattr(runtime, "prepare_run_dir", lambda *a, **k: built.append(1))  # nothing may start
+    cfg = ft.TrainConfig(data=str(data), out=str(tmp_path / "run"), cache_dir=str(tmp_path / "afile"), epochs=1)
+    with pytest.raises(ConfigError, match=r"--cache-dir '.*afile': '.*afile' is a file, not a directory"):
+        ft.train(cfg)
+    monkeypatch.setattr(runtime.os, "access", lambda path, mode: False)  # a read-only mount (root may write anywhere)
+    with pytest.raises(ConfigError, match=r"--out '.*run': '.*' is not writable \(where it would be made\)"):
+        ft.train(dataclasses.replace(cfg, cache_dir=None))
+    assert not built and (tmp_path / "afile").read_text() == "mine" and not (tmp_path / "run").exists()
+
+
 def test_export_refuses_to_overwrite_without_force(run, capsys, tmp_path):
     target = tmp_path / "m.safetensors"
     target.write_bytes(b"precious")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 import resource
 import shutil
@@ -75,11 +76,36 @@ def check_resume_target(out: str | None, resume: bool) -> None:
         raise ConfigError(f"nothing to resume: {RESUME_NEEDS} (no --out given)")
 
 
+def check_folders(out: str | None, cache_dir: str | None) -> None:
+    """Refuse an ``out`` or ``cache_dir`` that cannot be made a folder, before anything is computed: a cache dir
+    that was a file failed with FileExistsError once the feature cache was built."""
+    given = (("--out", out), ("--cache-dir", cache_dir))
+    problems = [f"{flag} {path!r}: {problem}" for flag, path in given if path and (problem := folder_problem(path))]
+    if problems:
+        raise ConfigError("; ".join(problems))
+
+
+def folder_problem(path: str | Path) -> str | None:
+    """Why ``path`` cannot be (made) a folder to write in: it, or a folder above it, is a file, or the nearest one
+    that exists is not writable.
+
+    >>> folder_problem("/etc/hostname/run")
+    "'/etc/hostname' is a file, not a directory"
+    """
+    path = Path(path).absolute()
+    there = next(p for p in (path, *path.parents) if p.exists())
+    if not there.is_dir():
+        return f"{str(there)!r} is a file, not a directory"
+    if not os.access(there, os.W_OK | os.X_OK):
+        return f"{str(there)!r} is not writable" + ("" if there == path else " (where it would be made)")
+    return None
+
+
 def _check_run_dir(run_dir: Path, *, resume: bool) -> list[str]:
     """Refuse what ``prepare_run_dir`` refuses; the traces of a run stopped before its first ``last.pt`` (to clear)."""
-    blocker = next((p for p in (run_dir, *run_dir.parents) if p.exists() and not p.is_dir()), None)
-    if blocker is not None:
-        raise ConfigError(f"--out {str(run_dir)!r} cannot be a run dir: {str(blocker)!r} is a file, not a directory")
+    problem = folder_problem(run_dir)
+    if problem is not None:
+        raise ConfigError(f"--out {str(run_dir)!r} cannot be a run dir: {problem}")
     if (run_dir / checkpoint.LAST).is_file():
         if not resume:
             existing = [f for f in RUN_FILES if (run_dir / f).exists()]
