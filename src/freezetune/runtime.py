@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import resource
 import shutil
 from datetime import datetime
@@ -181,10 +182,17 @@ def _clear(run_dir: Path, names: tuple[str, ...]) -> list[str]:
 def default_run_dir(model: str) -> Path:
     """``runs/MODEL-YYYYmmdd-HHMMSS``: where a run goes without ``--out``.
 
+    MODEL is the model's name, or the last two parts of an ``hf:`` hub id or folder (``hf:./models/bert/`` made the
+    hidden ``runs/._models_bert_-...``, an installed model's folder a name of its whole path).
+
     >>> str(default_run_dir("timm:resnet50")).startswith("runs/resnet50-")
     True
+    >>> str(default_run_dir("hf:./models/bert/")).startswith("runs/models_bert-")
+    True
     """
-    return Path("runs") / f"{model.split(':')[-1].replace('/', '_')}-{datetime.now():%Y%m%d-%H%M%S}"
+    parts = [p for p in re.split(r"[/\\]", model.split(":", 1)[-1]) if p not in ("", ".", "..")]
+    name = "_".join(parts[-2:]).lstrip(".") or "model"
+    return Path("runs") / f"{name}-{datetime.now():%Y%m%d-%H%M%S}"
 
 
 def recompile(module: nn.Module, backend: str | None = None) -> nn.Module:
