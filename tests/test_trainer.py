@@ -126,6 +126,10 @@ def test_train_returns_the_run_result(finished_run):
     assert result.best_epoch in (1, 2)
     assert result.best_metric == max(row["val_acc"] for row in result.history)
     assert checkpoint.load(out / "best.pt")["epoch"] == result.best_epoch
+    # what a notebook shows of it, and the way to its model: one line (the dataclass repr was every row, kilobytes)
+    assert repr(result) == f"RunResult({out}: best epoch {result.best_epoch} of 2, val_acc {result.best_metric:.4g})"
+    assert result.best_checkpoint == out / "best.pt" and isinstance(result, ft.RunResult)
+    assert ft.load_model(result.best_checkpoint, device="cpu").classes == ["blue", "green", "red"]
 
 
 @pytest.mark.parametrize(

@@ -22,6 +22,7 @@ _LAZY = {
     "cache_features": "freezetune.cache",
     "store_loader": "freezetune.cache",
     "TrainConfig": "freezetune.config",
+    "RunResult": "freezetune.progress",
     "use_fast_depthwise": "freezetune.depthwise",
     "train": "freezetune.trainer",
     **dict.fromkeys(
@@ -43,6 +44,7 @@ def __getattr__(name: str):
 
 __all__ = [
     "FreezetuneError",
+    "RunResult",
     "Stage",
     "TrainConfig",
     "Unfreezer",

@@ -79,11 +79,17 @@ class Progress:
 NOT_HELD_OUT = "they were not held out of the training data"  # why a validation set given as such does not refit
 
 
-@dataclass
+@dataclass(repr=False)
 class RunResult:
-    """What a finished run produced: where, the best validation metric, the test metrics of ``best.pt``, and the
-    seconds spent (``cache``: the feature-cache build at set-up; ``epochs``: the epoch loop, with its checkpoints and
-    any cache rebuild after an unfreeze; ``val``: the validation within it). Training cost: cache + epochs - val."""
+    """What a finished run produced (``freezetune.train`` returns it): where, the best validation metric, the test
+    metrics of ``best.pt`` (``test["acc"]``; None without a test split or a final test), every epoch's metrics row
+    (``history``, as ``metrics.csv``) and the seconds spent (``cache``: the feature-cache build at set-up;
+    ``epochs``: the epoch loop, with its checkpoints and any cache rebuild after an unfreeze; ``val``: the validation
+    within it). Training cost: cache + epochs - val. The trained model: ``freezetune.load_model(r.best_checkpoint)``.
+
+    >>> RunResult(Path("runs/r1"), 2, 0.91, {"acc": 0.885}, [{"epoch": 1}, {"epoch": 2}])
+    RunResult(runs/r1: best epoch 2 of 2, val_acc 0.91, test acc 0.885)
+    """
 
     run_dir: Path
     best_epoch: int
@@ -93,6 +99,7 @@ class RunResult:
     seconds: dict[str, float] = field(default_factory=dict)
     data_kind: str = "images"  # what the items were, for messages: "images" or "texts"
     no_refit: str = NOT_HELD_OUT  # why its validation set could not train too, "" when it could (``DataBundle``)
+    monitor: str = "val_acc"  # what best_metric is
 
     @property
     def refit_fits(self) -> bool:
@@ -110,6 +117,18 @@ class RunResult:
         row = next((r for r in self.history if r.get("epoch") == self.best_epoch), None)
         value = row.get("val_acc") if row else None
         return float(value) if value is not None else None
+
+    @property
+    def best_checkpoint(self) -> Path:
+        """``best.pt``: the weights of the best epoch, whose test metrics ``test`` holds."""
+        return Path(self.run_dir) / "best.pt"
+
+    def __repr__(self) -> str:
+        # the dataclass's own repr printed every epoch's row and the confusion matrix: kilobytes in a notebook cell
+        metric = "" if self.best_metric is None else f", {self.monitor} {self.best_metric:.4g}"
+        test = "" if not self.test or self.test.get("acc") is None else f", test acc {self.test['acc']:.4g}"
+        epochs = f" of {len(self.history)}" if self.history else ""
+        return f"RunResult({self.run_dir}: best epoch {self.best_epoch}{epochs}{metric}{test})"
 
     @property
     def train_seconds(self) -> float:

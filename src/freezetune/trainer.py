@@ -107,7 +107,8 @@ class Trainer(RunSetup):
             why = "no test split to score" if self.cfg.final_test else "the test split is not scored in this run"
             self.echo(f"best.pt: epoch {p.best_epoch}{metric} ({why}) -> {self.run_dir}")
         return RunResult(self.run_dir, p.best_epoch, p.best_metric, test, list(self.metrics.rows), self.seconds,
-                         data_kind=noun(self.data.train), no_refit=self.data.no_refit)  # fmt: skip
+                         data_kind=noun(self.data.train), no_refit=self.data.no_refit,
+                         monitor=self.cfg.monitor)  # fmt: skip
 
     def _say_setup(self) -> None:
         """What trains on what (the stage table, or one line for the auto recipe's later trials) and the notes."""
