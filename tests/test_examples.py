@@ -54,6 +54,8 @@ def test_quickstart_notebook_trains_plots_and_predicts_on_a_real_kernel(tmp_path
     monkeypatch.setenv("FT_NB_EPOCHS", "2")
     nb = nbformat.read(EXAMPLES / "quickstart.ipynb", as_version=4)
     assert not any(cell.get("outputs") for cell in nb.cells), "commit the notebook without outputs"
+    imports = "".join(line for cell in nb.cells for line in cell.source.splitlines(keepends=True) if "import" in line)
+    assert "from freezetune." not in imports, "the notebook shows the public API (import freezetune as ft) alone"
     NotebookClient(nb, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
 
     def text(cell) -> str:
