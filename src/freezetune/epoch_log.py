@@ -16,15 +16,17 @@ from freezetune.reporting import LIST_SEP
 
 def progress_bar(total: int, desc: str, *, enabled: bool, unit: str = "it"):
     """A tqdm bar that clears its line when done. Redirected to a file (nohup, a batch log), a bar redrawn every step
-    fills it with carriage returns: there it is redrawn once a minute at most; a terminal (tmux, SSH) and a notebook's
-    widget get it live.
+    fills it with carriage returns: there it is redrawn once a minute at most; a terminal (tmux, SSH) and a notebook
+    (its widget, or its text bar without ipywidgets) get it live.
 
     >>> progress_bar(3, "x", enabled=False).disable
     True
     """
     from tqdm.auto import tqdm
 
-    live = tqdm.__module__.startswith("tqdm.notebook") or sys.stderr.isatty()
+    # a notebook without ipywidgets gets tqdm's text bar on its stderr, which it redraws in place as a terminal does
+    in_notebook = type(sys.stderr).__module__.startswith("ipykernel")
+    live = tqdm.__module__.startswith("tqdm.notebook") or in_notebook or sys.stderr.isatty()
     return tqdm(total=total, desc=desc, leave=False, disable=not enabled, dynamic_ncols=True, unit=unit,
                 mininterval=0.1 if live else 60.0)  # fmt: skip
 
