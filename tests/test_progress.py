@@ -21,6 +21,20 @@ def test_the_best_epoch_follows_the_monitored_metrics_direction(monitor, metrics
     assert progress.bad_epochs == len(metrics) - best and progress.epoch == len(metrics)
 
 
+@pytest.mark.parametrize(("monitor", "rows", "best"), [
+    # 12 validation images: 100 % at epochs 1 to 3; the third, surest, is the best (the first was kept: 4-9 points
+    # of test accuracy lower)
+    ("val_acc", [(1.0, 0.30), (1.0, 0.15), (1.0, 0.07), (0.9, 0.05)], 3),
+    ("val_loss", [(0.2, 0.8), (0.2, 0.9), (0.3, 1.0)], 2),  # a tied loss goes to the higher accuracy
+    ("val_acc", [(1.0, 0.15), (1.0, float("nan")), (1.0, 0.20)], 1),  # a later tie no surer is no better
+])  # fmt: skip
+def test_a_tie_goes_to_the_epoch_better_on_the_other_metric(monitor, rows, best):
+    progress = Progress(monitor)
+    for epoch, (acc_or_loss, other) in enumerate(rows):
+        progress.update(epoch, acc_or_loss, other)
+    assert progress.best_epoch == best and progress.bad_epochs == len(rows) - best
+
+
 def test_without_a_metric_the_latest_epoch_is_the_best_known():
     progress = Progress("val_acc")
     assert progress.update(0, None) and progress.update(1, None) and progress.best_epoch == 2

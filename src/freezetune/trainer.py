@@ -33,7 +33,7 @@ from freezetune.interrupt import AT_ONCE_UNDER_DDP, OUTSIDE_A_STEP, StopRequest,
 from freezetune.loss import imbalance_note
 from freezetune.memory import out_of_memory_hint
 from freezetune.param_groups import idle_stage_lrs
-from freezetune.progress import RunResult
+from freezetune.progress import RunResult, other_monitor
 from freezetune.run_setup import SKIPPED, RunSetup
 from freezetune.stages import stages
 from freezetune.unfreezing import plateau_units_note
@@ -184,7 +184,7 @@ class Trainer(RunSetup):
             # at the peak of a 30-epoch one-cycle (epoch 7), and a plateau unfroze the next stage there
             warming = (epoch + 1) * self.steps_per_epoch <= self.warmup_steps  # its last step at or before the peak
             unfrozen = [] if last else self._step_unfreezer(epoch, row, warming)
-            improved = self.progress.update(epoch, row.get(cfg.monitor))
+            improved = self.progress.update(epoch, row.get(cfg.monitor), row.get(other_monitor(cfg.monitor)))
             if warming or unfrozen:  # after the update: new stages get the full patience (they got one epoch less)
                 self.progress.reset_patience()
             self.progress.spent = self._spent(running=True)
