@@ -100,3 +100,11 @@ def test_an_unlabelled_test_folder_stops_the_auto_recipe_before_its_trials(tmp_p
     code, out, err = run_cli(capsys, *train_argv(root, tmp_path / "run", "--epochs", "1"))
     assert code == 2 and "--no-final-test" in err and "auto: last" not in out
     assert not (tmp_path / "run").exists()
+    # a test image cut in half stopped the run only after the trials too (their feature cache, minutes at scale)
+    good = make_image_folder(tmp_path / "cut", test=2)
+    broken = next((good / "test").rglob("*.png"))
+    broken.write_bytes(broken.read_bytes()[:40])
+    code, out, err = run_cli(capsys, *train_argv(good, tmp_path / "cut-run", "--epochs", "1"))
+    assert code == 2 and "1 of 6 test image file(s) cannot be read" in err and "auto: last" not in out
+    code, out, err = run_cli(capsys, *train_argv(good, tmp_path / "cut-run", "--epochs", "1", "--skip-bad"))
+    assert code == 0 and "auto: chose" in out, err  # --skip-bad: the run leaves it out

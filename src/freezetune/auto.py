@@ -97,7 +97,7 @@ def run(cfg: TrainConfig, *, echo: Callable[[str], None] = print, train: Callabl
     run_log.log_to(out)  # the trials' lines and the choice, in the run's train.log
     start = time.perf_counter()
     if cfg.final_test:  # the trials do not read the test split: its problems would stop the run only after them
-        check_test_split(cfg.data)
+        check_test_split(cfg.data, skip_bad=cfg.skip_bad)
     ks, cut, text = _candidates(cfg)
     base = _base(cfg, out, cut)
     intro = (f"auto: choosing how many of the last stages to train ({', '.join(map(str, ks))}) from a trial each on "

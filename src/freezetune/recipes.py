@@ -194,7 +194,7 @@ def run(cfg: TrainConfig, *, echo: Callable[[str], None] = print, train: Callabl
     if cfg.final_test:  # the phases before the last do not read the test split: its problems would wait for them
         from freezetune.data.layout import check_test_split
 
-        check_test_split(cfg.data)
+        check_test_split(cfg.data, skip_bad=cfg.skip_bad)
     result, steps = None, phases(cfg, recipe)
     for i, phase in enumerate(steps):
         phase_cfg = phase.cfg

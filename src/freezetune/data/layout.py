@@ -13,6 +13,7 @@ from torch.utils.data import Dataset
 
 from freezetune.data.folder import folder_classes, has_image_suffix, is_hidden, scan_folder
 from freezetune.data.idx import is_idx_dir
+from freezetune.data.scan import check_images
 from freezetune.errors import DataError, choices
 from freezetune.run_log import warn_once
 
@@ -70,16 +71,19 @@ def _test_folder(test_dir: Path, classes: list[str]) -> Dataset:
     return scan_folder(test_dir, classes)
 
 
-def check_test_split(data: str) -> None:
+def check_test_split(data: str, *, skip_bad: bool = False) -> None:
     """Check the test folder a run will score at its end, before a recipe's trials or first phase, which do not read
-    it: an unlabelled ``test/``, or one with a class the training folder lacks, stopped the run only after them. Its
-    classes and files are listed, its images not read (the run's own data build does that)."""
+    it: an unlabelled ``test/``, one with a class the training folder lacks, or an unreadable test image stopped the
+    run only after them. Its classes and files are listed and each image's header read (the run's data build reads
+    them again from the scan's record of sound files); with ``skip_bad`` that build leaves unreadable ones out."""
     path = Path(data)
     if not path.is_dir() or is_idx_dir(path):
         return
     train_dir, test_dir = first_dir(path, TRAIN_DIRS), first_dir(path, TEST_DIRS)
     if train_dir is not None and test_dir is not None:
-        _test_folder(test_dir, folder_classes(train_dir))
+        test = _test_folder(test_dir, folder_classes(train_dir))
+        if not skip_bad:
+            check_images(test, "test", skip_bad=False)
 
 
 def _labelled(split: Path, way_out: str) -> None:
