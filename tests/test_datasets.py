@@ -108,3 +108,13 @@ def test_an_unlabelled_test_folder_stops_the_auto_recipe_before_its_trials(tmp_p
     assert code == 2 and "1 of 6 test image file(s) cannot be read" in err and "auto: last" not in out
     code, out, err = run_cli(capsys, *train_argv(good, tmp_path / "cut-run", "--epochs", "1", "--skip-bad"))
     assert code == 0 and "auto: chose" in out, err  # --skip-bad: the run leaves it out
+
+
+def test_a_foreign_class_says_the_way_out_and_val_data_at_a_datasets_root_names_its_split(tmp_path):
+    root = _layout(tmp_path / "d")
+    _images(root / "test" / "scarf")  # a class the training folder lacks
+    with pytest.raises(DataError, match=r"'scarf'.*not training classes.*\(rename them to a training class, or move"):
+        build_datasets(str(root), preprocess=PRE)
+    other = _layout(tmp_path / "other")  # --val-data at a dataset's root read train/ and val/ as two unknown classes
+    with pytest.raises(DataError, match=r"holds split folders \(val/\), not class folders: .*--val-data .*other/val"):
+        build_datasets(str(root), val_data=str(other), preprocess=PRE, final_test=False)

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from freezetune.data.folder import scan_folder
+from freezetune.data.folder import nfc, scan_folder
 from freezetune.data.idx import CLASS_NAMES_FILE, idx_files, is_idx_dir, load_idx
 from freezetune.data.image_csv import IMAGE_COLUMNS, read_csv
 from freezetune.data.layout import TEST_DIRS, TRAIN_DIRS, VAL_DIRS, first_dir, load_folder
@@ -131,6 +131,10 @@ def _load_val(val_data: str, classes: list[str], preprocess: Preprocess, *, skip
             )
         val.classes = list(classes)
         return val
+    split = first_dir(path, VAL_DIRS) or first_dir(path, TEST_DIRS)
+    if split is not None and nfc(split.name) not in {nfc(c) for c in classes}:  # a dataset's root, not its split
+        raise DataError(f"val data '{val_data}' holds split folders ({split.name}/), not class folders: give the "
+                        f"validation split itself, e.g. --val-data {split}")  # fmt: skip
     return scan_folder(path, classes)
 
 

@@ -260,7 +260,8 @@ def scan_folder(root: str | Path, classes: list[str] | None = None) -> FileImage
     index = {nfc(c): i for i, c in enumerate(classes)}
     unknown = [c for c in own if nfc(c) not in index]
     if unknown:
-        raise DataError(f"class folder(s) {choices(unknown)} in '{root}' are not training classes: {choices(classes)}")
+        raise DataError(f"class folder(s) {choices(unknown)} in '{root}' are not training classes: {choices(classes)} "
+                        "(rename them to a training class, or move them out of it)")  # fmt: skip
     samples, left_out = [], []
     for c in own:
         files = _files_under(Path(root) / c)
