@@ -173,6 +173,12 @@ def test_auto_measures_on_the_validation_split_and_keeps_its_evidence(data, tmp_
     else:
         assert evaluated == [3] * 5 and any("39 train images" in line for line in lines)
     assert any("auto: chose to train the last" in line for line in lines)
+    # how much each trial trained is said beside its score and in the reason for the choice (a trial of one step
+    # favours the highest learning rate): 20 of the 39 images in batches of 8
+    steps = {t["steps"] for t in recipe["trials"]}
+    assert steps == {3}
+    assert sum(" after 3 steps (" in line for line in lines if line.startswith("auto: last ")) == 3
+    assert "(each trial: 3 steps)" in choice["why"]
     # one cache for all candidates and the run: built by the first trial, read back by the others (the refit run
     # reads the trials' training and validation stores one after the other)
     caches = [line for line in lines if "feature cache:" in line]

@@ -211,11 +211,13 @@ def _measure(base: TrainConfig, ks: list[int], boost: float, out: Path, train: C
     trials = sorted([first, *(_trial(base, k, boost, out, train, echo, brief=True) for k in ks if k != default_k)],
                     key=lambda t: t["trained_stages"])  # fmt: skip
     choice = choose(trials, n_val)
+    # how much a trial trained is part of the evidence: a trial of one step favours the highest learning rate
+    trained = f" (each trial: {_steps(first['steps'])})"
     if choice is not first:
         return trials, choice, (f"its trial beat the default (last {default_k} stages) by more than the noise of "
-                                f"{n_val} validation {kind}")  # fmt: skip
+                                f"{n_val} validation {kind}{trained}")  # fmt: skip
     return trials, choice, (f"the default (last {default_k} stages): no trial beat it by more than the noise of "
-                            f"{n_val} validation {kind}")  # fmt: skip
+                            f"{n_val} validation {kind}{trained}")  # fmt: skip
 
 
 def _base(cfg: TrainConfig, out: Path, cut: str) -> TrainConfig:
@@ -244,12 +246,17 @@ def _trial(base: TrainConfig, k: int, boost: float, out: Path, train: Callable, 
                                 "same command, with or without --resume, starts them again") from None  # fmt: skip
     row = result.history[-1] if result.history else {}
     seconds = {key: result.seconds.get(key, 0.0) for key in ("cache", "epochs")}
-    echo(f"auto: last {k} stage(s) + head at lr {trial_cfg.lr:.1e}: val acc {_pct(result.best_val_acc)} "
-         f"({sum(seconds.values()):.1f}s)")  # fmt: skip
+    echo(f"auto: last {k} stage(s) + head at lr {trial_cfg.lr:.1e}: val acc {_pct(result.best_val_acc)} after "
+         f"{_steps(result.steps_per_epoch)} ({sum(seconds.values()):.1f}s)")  # fmt: skip
     return {"trained_stages": k, "freeze": -(k + 1), "lr": trial_cfg.lr, "val_acc": result.best_val_acc,
             "seconds": seconds, "epoch_s": row.get("epoch_time_s", 0.0) / TRIAL_FRACTION,
             "trainable_params": row.get("trainable_params"), "n_val": _val_size(result),
-            "data_kind": result.data_kind, "refit_fits": result.refit_fits, "no_refit": result.no_refit}  # fmt: skip
+            "data_kind": result.data_kind, "refit_fits": result.refit_fits, "no_refit": result.no_refit,
+            "steps": result.steps_per_epoch}  # fmt: skip
+
+
+def _steps(n: int) -> str:
+    return f"{n} step" + ("" if n == 1 else "s")
 
 
 def _at_lr(cfg: TrainConfig, lr: float) -> TrainConfig:

@@ -120,6 +120,7 @@ class RunResult:
     data_kind: str = "images"  # what the items were, for messages: "images" or "texts"
     no_refit: str = NOT_HELD_OUT  # why its validation set could not train too, "" when it could (``DataBundle``)
     monitor: str = "val_acc"  # what best_metric is
+    steps_per_epoch: int = 0  # optimizer steps an epoch (a trial's one epoch: how much it trained)
 
     @property
     def refit_fits(self) -> bool:

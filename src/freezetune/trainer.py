@@ -108,7 +108,7 @@ class Trainer(RunSetup):
             self.echo(f"best.pt: epoch {p.best_epoch}{metric} ({why}) -> {self.run_dir}")
         return RunResult(self.run_dir, p.best_epoch, p.best_metric, test, list(self.metrics.rows), self.seconds,
                          data_kind=noun(self.data.train), no_refit=self.data.no_refit,
-                         monitor=self.cfg.monitor)  # fmt: skip
+                         monitor=self.cfg.monitor, steps_per_epoch=self.steps_per_epoch)  # fmt: skip
 
     def _say_setup(self) -> None:
         """What trains on what (the stage table, or one line for the auto recipe's later trials) and the notes."""
