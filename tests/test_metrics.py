@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, recall_score, top_k_accuracy_score
@@ -141,3 +143,14 @@ def test_plot_confusion_writes_png(tmp_path, c):
     out = plot_confusion(result, [f"c{i}" for i in range(c)], tmp_path / "sub" / "cm.png")
     assert out.read_bytes()[:8] == PNG_MAGIC
     assert [p.name for p in out.parent.iterdir()] == ["cm.png"]  # no temp file left behind
+
+
+def test_class_names_the_plot_font_lacks_are_named_once_not_as_matplotlib_warnings(tmp_path, caplog, recwarn):
+    # Chinese class names printed a raw "UserWarning: Glyph 29483 (...) missing from font(s) DejaVu Sans" per glyph
+    meter = ClassificationMeter(3)
+    meter.update(torch.eye(3), torch.tensor([0, 1, 2]))
+    with caplog.at_level(logging.WARNING, logger="freezetune"):
+        plot_confusion(meter.compute(), ["猫", "犬", "bird"], tmp_path / "cm.png")
+    assert not [w for w in recwarn if "Glyph" in str(w.message)]
+    (line,) = [r.getMessage() for r in caplog.records if "glyph" in r.getMessage()]
+    assert line.startswith("cm.png: its font has no glyph for '猫', '犬' in the class names")

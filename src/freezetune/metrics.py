@@ -6,6 +6,9 @@ set costs O(C^2) memory. Accuracies are fractions in [0, 1]; the report and plot
 
 from __future__ import annotations
 
+import logging
+import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -13,6 +16,8 @@ from matplotlib.figure import Figure
 
 from freezetune._io import atomic_output
 from freezetune.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
 
 _MAX_TOPK = 5
 
@@ -286,9 +291,28 @@ def plot_confusion(result: dict, classes: list[str], path: str | Path) -> Path:
     ax.set_ylabel("true")
     ax.set_title(f"confusion matrix  (top-1 {100 * result['acc']:.1f}%, n={result['n']})")
     fmt = plot_format(path)
-    with atomic_output(path) as tmp:
+    with atomic_output(path) as tmp, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         fig.savefig(tmp, format=fmt)
+    _say_missing_glyphs(caught, Path(path).name)
     return Path(path)
+
+
+def _say_missing_glyphs(caught: list[warnings.WarningMessage], name: str) -> None:
+    """One line for the characters of class names the plot's font cannot draw (CJK names in DejaVu Sans), where
+    matplotlib printed a raw UserWarning for each; any other warning is passed on as it came."""
+    missing = []
+    for w in caught:
+        found = re.match(r"Glyph (\d+) \(.*\) missing from ", str(w.message))
+        if found:
+            missing.append(repr(chr(int(found.group(1)))))
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    if missing:
+        shown = ", ".join(dict.fromkeys(missing))
+        shown = shown if len(shown) <= 80 else shown[:79] + "…"
+        log.warning("%s: its font has no glyph for %s in the class names (drawn as boxes; the names are right in "
+                    "classes.json and the metrics)", name, shown)  # fmt: skip
 
 
 PLOT_FORMATS = {".png": "png", ".pdf": "pdf", ".svg": "svg", ".jpg": "jpg", ".jpeg": "jpg"}
