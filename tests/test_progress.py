@@ -35,6 +35,12 @@ def test_a_tie_goes_to_the_epoch_better_on_the_other_metric(monitor, rows, best)
     assert progress.best_epoch == best and progress.bad_epochs == len(rows) - best
 
 
+def test_a_tie_after_resuming_a_last_pt_that_kept_no_tie_breaker_keeps_its_best():
+    progress = Progress("val_acc")
+    progress.load_state_dict({"monitor": "val_acc", "epoch": 2, "best_epoch": 1, "best_metric": 1.0})  # an older one
+    assert not progress.update(2, 1.0, 0.9) and progress.best_epoch == 1
+
+
 def test_without_a_metric_the_latest_epoch_is_the_best_known():
     progress = Progress("val_acc")
     assert progress.update(0, None) and progress.update(1, None) and progress.best_epoch == 2

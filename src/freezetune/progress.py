@@ -58,7 +58,12 @@ class Progress:
         better = math.isfinite(metric) and (
             self.best_metric is None
             or _beats(metric, self.best_metric, self.monitor)
-            or (metric == self.best_metric and _beats(other, self.best_other, other_monitor(self.monitor)))
+            # (a last.pt of an older freezetune has no best_other: its ties keep the best it had)
+            or (
+                metric == self.best_metric
+                and self.best_other is not None
+                and _beats(other, self.best_other, other_monitor(self.monitor))
+            )
         )
         if better:
             self.best_metric, self.best_other, self.best_epoch, self.bad_epochs = metric, other, epoch + 1, 0
