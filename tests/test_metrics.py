@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 
 import pytest
 import torch
@@ -145,7 +146,8 @@ def test_plot_confusion_writes_png(tmp_path, c):
     assert [p.name for p in out.parent.iterdir()] == ["cm.png"]  # no temp file left behind
 
 
-def test_class_names_the_plot_font_lacks_are_named_once_not_as_matplotlib_warnings(tmp_path, caplog, recwarn):
+def test_class_names_the_plot_font_lacks_are_named_once_not_as_matplotlib_warnings(tmp_path, caplog, recwarn,
+                                                                                     monkeypatch):  # fmt: skip
     # Chinese class names printed a raw "UserWarning: Glyph 29483 (...) missing from font(s) DejaVu Sans" per glyph
     meter = ClassificationMeter(3)
     meter.update(torch.eye(3), torch.tensor([0, 1, 2]))
@@ -154,3 +156,20 @@ def test_class_names_the_plot_font_lacks_are_named_once_not_as_matplotlib_warnin
     assert not [w for w in recwarn if "Glyph" in str(w.message)]
     (line,) = [r.getMessage() for r in caplog.records if "glyph" in r.getMessage()]
     assert line.startswith("cm.png: its font has no glyph for '猫', '犬' in the class names")
+    # another warning while the plot is saved still follows the user's own filters: one they silenced stays silent
+    from matplotlib.figure import Figure
+
+    real = Figure.savefig
+
+    def savefig(fig, *args, **kwargs):
+        warnings.warn_explicit("a matplotlib deprecation", DeprecationWarning, "m.py", 1, module="matplotlib.x")
+        warnings.warn("a warning they see", UserWarning, stacklevel=1)
+        return real(fig, *args, **kwargs)
+
+    shown = []
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", module="matplotlib")
+        monkeypatch.setattr(Figure, "savefig", savefig)
+        monkeypatch.setattr(warnings, "showwarning", lambda message, *args: shown.append(str(message)))
+        plot_confusion(meter.compute(), ["a", "b", "c"], tmp_path / "cm2.png")
+    assert shown == ["a warning they see"]

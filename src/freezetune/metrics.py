@@ -292,22 +292,26 @@ def plot_confusion(result: dict, classes: list[str], path: str | Path) -> Path:
     ax.set_title(f"confusion matrix  (top-1 {100 * result['acc']:.1f}%, n={result['n']})")
     fmt = plot_format(path)
     with atomic_output(path) as tmp, warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+        # the user's filters stay: every glyph warning is caught over them, each once a plot
+        warnings.filterwarnings("always", message=_GLYPH.pattern, category=UserWarning)
         fig.savefig(tmp, format=fmt)
     _say_missing_glyphs(caught, Path(path).name)
     return Path(path)
 
 
+_GLYPH = re.compile(r"Glyph (\d+) \(.*\) missing from ")
+
+
 def _say_missing_glyphs(caught: list[warnings.WarningMessage], name: str) -> None:
     """One line for the characters of class names the plot's font cannot draw (CJK names in DejaVu Sans), where
-    matplotlib printed a raw UserWarning for each; any other warning is passed on as it came."""
+    matplotlib printed a raw UserWarning for each; any other warning, which passed the user's filters, is shown."""
     missing = []
     for w in caught:
-        found = re.match(r"Glyph (\d+) \(.*\) missing from ", str(w.message))
+        found = _GLYPH.match(str(w.message))
         if found:
             missing.append(repr(chr(int(found.group(1)))))
         else:
-            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno, w.file, w.line)
     if missing:
         shown = ", ".join(dict.fromkeys(missing))
         shown = shown if len(shown) <= 80 else shown[:79] + "…"
