@@ -116,5 +116,9 @@ def test_a_foreign_class_says_the_way_out_and_val_data_at_a_datasets_root_names_
     with pytest.raises(DataError, match=r"'scarf'.*not training classes.*\(rename them to a training class, or move"):
         build_datasets(str(root), preprocess=PRE)
     other = _layout(tmp_path / "other")  # --val-data at a dataset's root read train/ and val/ as two unknown classes
-    with pytest.raises(DataError, match=r"holds split folders \(val/\), not class folders: .*--val-data .*other/val"):
+    with pytest.raises(DataError, match=r"holds split folders \(train/, val/, test/\), not class folders: give its "
+                                        r"validation folder: --val-data .*other/val$"):  # fmt: skip
         build_datasets(str(root), val_data=str(other), preprocess=PRE, final_test=False)
+    no_val = _layout(tmp_path / "no-val", splits=("train", "test"))  # never its test split: it must not pick a model
+    with pytest.raises(DataError, match=r"\(train/, test/\), not class folders: give a folder of class folders$"):
+        build_datasets(str(root), val_data=str(no_val), preprocess=PRE, final_test=False)

@@ -131,11 +131,22 @@ def _load_val(val_data: str, classes: list[str], preprocess: Preprocess, *, skip
             )
         val.classes = list(classes)
         return val
-    split = first_dir(path, VAL_DIRS) or first_dir(path, TEST_DIRS)
-    if split is not None and nfc(split.name) not in {nfc(c) for c in classes}:  # a dataset's root, not its split
-        raise DataError(f"val data '{val_data}' holds split folders ({split.name}/), not class folders: give the "
-                        f"validation split itself, e.g. --val-data {split}")  # fmt: skip
+    _not_a_root(path, classes)
     return scan_folder(path, classes)
+
+
+def _not_a_root(path: Path, classes: list[str]) -> None:
+    """Refuse ``--val-data`` naming a dataset's root (its ``train/``, ``val/``, ``test/`` read as unknown classes),
+    with its validation folder to give instead: never its test folder, which must not pick the model."""
+    known = {nfc(c) for c in classes}
+    splits = [d.name for names in (TRAIN_DIRS, VAL_DIRS, TEST_DIRS) if (d := first_dir(path, names)) is not None
+              and nfc(d.name) not in known]  # fmt: skip
+    if not splits:
+        return
+    val = first_dir(path, VAL_DIRS)
+    way = f"give its validation folder: --val-data {val}" if val is not None else "give a folder of class folders"
+    raise DataError(f"val data '{path}' holds split folders ({', '.join(f'{s}/' for s in splits)}), not class "
+                    f"folders: {way}")  # fmt: skip
 
 
 def _scan(train: Dataset, val: Dataset | None, test: Dataset | None, skip_bad: bool) -> tuple[Dataset, ...]:
