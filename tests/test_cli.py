@@ -481,6 +481,10 @@ def test_a_cache_dir_or_out_that_cannot_be_a_folder_is_refused_before_anything_i
     with pytest.raises(ConfigError, match=r"--out '.*run': '.*' is not writable \(where it would be made\)"):
         ft.train(dataclasses.replace(cfg, cache_dir=None))
     assert not built and (tmp_path / "afile").read_text() == "mine" and not (tmp_path / "run").exists()
+    monkeypatch.undo()  # (the real os.access and prepare_run_dir again) a dangling link where the run dir would be:
+    (tmp_path / "link").symlink_to(tmp_path / "gone")  # mkdir failed with FileExistsError after the set-up
+    with pytest.raises(ConfigError, match=r"--out '.*link': '.*link' is a broken link, not a directory"):
+        ft.train(dataclasses.replace(cfg, out=str(tmp_path / "link"), cache_dir=None))
 
 
 def test_export_refuses_to_overwrite_without_force(run, capsys, tmp_path):

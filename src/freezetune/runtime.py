@@ -90,13 +90,14 @@ def folder_problem(path: str | Path) -> str | None:
     """Why ``path`` cannot be (made) a folder to write in: it, or a folder above it, is a file, or the nearest one
     that exists is not writable.
 
-    >>> folder_problem("/etc/hostname/run")
-    "'/etc/hostname' is a file, not a directory"
+    >>> import tempfile; note = Path(tempfile.mkdtemp()) / "note.txt"; _ = note.write_text("mine")
+    >>> folder_problem(note / "run") == f"{str(note)!r} is a file, not a directory"
+    True
     """
     path = Path(path).absolute()
-    there = next(p for p in (path, *path.parents) if p.exists())
+    there = next(p for p in (path, *path.parents) if p.exists() or p.is_symlink())  # a dangling link is in the way
     if not there.is_dir():
-        return f"{str(there)!r} is a file, not a directory"
+        return f"{str(there)!r} is {'a broken link' if not there.exists() else 'a file'}, not a directory"
     if not os.access(there, os.W_OK | os.X_OK):
         return f"{str(there)!r} is not writable" + ("" if there == path else " (where it would be made)")
     return None
@@ -189,8 +190,11 @@ def default_run_dir(model: str) -> Path:
     True
     >>> str(default_run_dir("hf:./models/bert/")).startswith("runs/models_bert-")
     True
+    >>> str(default_run_dir("timm:hf-hub:timm/vit_small_patch16_224")).startswith("runs/timm_vit_small_patch16_224-")
+    True
     """
-    parts = [p for p in re.split(r"[/\\]", model.split(":", 1)[-1]) if p not in ("", ".", "..")]
+    # ':' too: timm:hf-hub:org/name would name a folder "hf-hub:org_name" (rsync and scp read host:path)
+    parts = [p for p in re.split(r"[/\\:]", model.split(":", 1)[-1]) if p not in ("", ".", "..")]
     name = "_".join(parts[-2:]).lstrip(".") or "model"
     return Path("runs") / f"{name}-{datetime.now():%Y%m%d-%H%M%S}"
 
