@@ -140,6 +140,8 @@ def test_validation_reports_every_problem_at_once():
                    "early_stop", "unfreeze schedule 'weekly'", "data is required"):  # fmt: skip
         assert needle in message, needle
     assert "\n" not in message and "warmup_epochs" not in message  # epochs 0 is said once, not as a warm-up too
+    with pytest.raises(ConfigError, match="warmup_epochs must be in"):  # a negative warm-up is still its own problem
+        validate(TrainConfig(data="x", epochs=0, warmup_epochs=-1.0))
 
 
 @pytest.mark.parametrize(

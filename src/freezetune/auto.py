@@ -110,7 +110,7 @@ def run(cfg: TrainConfig, *, echo: Callable[[str], None] = print, train: Callabl
     def shared(trial_cfg: TrainConfig, **kwargs):  # rank 0 alone logs metrics rows: every rank takes its result
         return broadcast(train(trial_cfg, **kwargs), info)  # (rank 1 scored "n/a", skipped trials, and the ranks hung)
 
-    trials, choice, why = _measure(base, ks, boost, out, shared, _after_data(echo, intro))
+    trials, choice, why = _measure(base, ks, boost, out, shared, run_log.introduced(echo, intro))
     spent = broadcast(time.perf_counter() - start, info)  # the ranks' clocks differ: a budget's epochs must not
     epochs, refit = _epochs_and_refit(cfg, trials, choice, spent, echo)
     run_lr = choice["lr"] * RUN_LR_FACTOR  # from the trial's fitted weights: a smaller step (see the docstring)
@@ -179,21 +179,6 @@ def _epochs_and_refit(cfg: TrainConfig, trials: list[dict], choice: dict, spent:
     return epochs, refit
 
 
-def _after_data(echo: Callable[[str], None], intro: str) -> Callable[[str], None]:
-    """``echo`` that says ``intro`` before its first line: a trial's first line comes once its data is read, so a
-    data error (a wrong path, an empty folder) is the one line the user sees, not a plan that never ran."""
-    said = False
-
-    def say(line: str) -> None:
-        nonlocal said
-        if not said:
-            said = True
-            echo(intro)
-        echo(line)
-
-    return say
-
-
 def _measure(base: TrainConfig, ks: list[int], boost: float, out: Path, train: Callable,
              echo: Callable[[str], None]):  # fmt: skip
     """The trials (the default candidate's first), the chosen one, and why it was chosen."""
@@ -211,8 +196,7 @@ def _measure(base: TrainConfig, ks: list[int], boost: float, out: Path, train: C
     trials = sorted([first, *(_trial(base, k, boost, out, train, echo, brief=True) for k in ks if k != default_k)],
                     key=lambda t: t["trained_stages"])  # fmt: skip
     choice = choose(trials, n_val)
-    # how much a trial trained is part of the evidence: a trial of one step favours the highest learning rate
-    trained = f" (each trial: {_steps(first['steps'])})"
+    trained = _trained(trials)
     if choice is not first:
         return trials, choice, (f"its trial beat the default (last {default_k} stages) by more than the noise of "
                                 f"{n_val} validation {kind}{trained}")  # fmt: skip
@@ -240,7 +224,7 @@ def _trial(base: TrainConfig, k: int, boost: float, out: Path, train: Callable, 
     shutil.rmtree(trial_cfg.out, ignore_errors=True)  # a trial of an interrupted earlier attempt: start it afresh
     try:
         # trials restart, so no last.pt; the first prints the stage table, the others what they train
-        result = train(trial_cfg, echo=_indented(echo), resumable=False, brief=brief)
+        result = train(trial_cfg, echo=run_log.indented(echo), resumable=False, brief=brief)
     except RunInterrupted as exc:  # the trial's last.pt is not the run's: say what a re-run does instead
         raise RunInterrupted.by(exc.signum, f"during the trial of the last {k} stage(s) (trials are not resumed); the "
                                 "same command, with or without --resume, starts them again") from None  # fmt: skip
@@ -257,6 +241,19 @@ def _trial(base: TrainConfig, k: int, boost: float, out: Path, train: Callable, 
 
 def _steps(n: int) -> str:
     return f"{n} step" + ("" if n == 1 else "s")
+
+
+def _trained(trials: list[dict]) -> str:
+    """How much the trials trained, part of the evidence (a trial of one step favours the highest learning rate);
+    each trial's own count where they differ (``--batch-size auto`` measures each candidate's batch).
+
+    >>> _trained([{"steps": 3, "trained_stages": 2}, {"steps": 1, "trained_stages": 3}])
+    ' (trials of 3 steps (last 2), 1 step (last 3))'
+    """
+    if len({t["steps"] for t in trials}) == 1:
+        return f" (each trial: {_steps(trials[0]['steps'])})"
+    each = [f"{_steps(t['steps'])} (last {t['trained_stages']})" for t in trials]
+    return f" (trials of {', '.join(each)})"
 
 
 def _at_lr(cfg: TrainConfig, lr: float) -> TrainConfig:
@@ -397,7 +394,3 @@ def _val_size(result) -> int:
 
 def _pct(value: float | None) -> str:
     return "n/a" if value is None else f"{100 * value:.2f}%"
-
-
-def _indented(echo: Callable[[str], None]) -> Callable[[str], None]:
-    return lambda line: echo("  " + line.replace("\n", "\n  "))

@@ -324,8 +324,12 @@ def _range_problems(cfg: TrainConfig) -> list[str]:
     ranges = [
         ("lr", 0 < cfg.lr < math.inf, "> 0 and finite"),
         ("label_smoothing", 0 <= cfg.label_smoothing < 1, "in [0, 1)"),
-        # against a valid epochs only: epochs 0 is said once, not again as a warm-up it leaves no room for
-        ("warmup_epochs", 0 <= cfg.warmup_epochs < cfg.epochs or cfg.epochs < 1, "in [0, epochs)"),
+        # below a valid epochs only: epochs 0 is said once, not again as a warm-up it leaves no room for
+        (
+            "warmup_epochs",
+            0 <= cfg.warmup_epochs and (cfg.warmup_epochs < cfg.epochs or cfg.epochs < 1),
+            "in [0, epochs)",
+        ),
         ("weight_decay", 0 <= cfg.weight_decay < math.inf, ">= 0 and finite"),
         ("momentum", 0 <= cfg.momentum < 1, "in [0, 1)"),
         ("grad_clip", cfg.grad_clip is None or cfg.grad_clip >= 0, ">= 0 (0 or unset: no clipping)"),

@@ -109,6 +109,26 @@ def log(echo: Callable[[str], None], run_dir: str | Path | None = None, *,
         _levels.reset(token)
 
 
+def introduced(echo: Callable[[str], None], intro: str) -> Callable[[str], None]:
+    """``echo`` that says ``intro`` before its first line: a trial's first line comes once its data is read, so a
+    data error (a wrong path, an empty folder) is the one line the user sees, not a plan that never ran."""
+    said = False
+
+    def say(line: str) -> None:
+        nonlocal said
+        if not said:
+            said = True
+            echo(intro)
+        echo(line)
+
+    return say
+
+
+def indented(echo: Callable[[str], None]) -> Callable[[str], None]:
+    """``echo`` for a run nested in another (the auto recipe's trials): each of its lines two spaces in."""
+    return lambda line: echo("  " + line.replace("\n", "\n  "))
+
+
 def warn_once(logger: logging.Logger, msg: str, *args: object) -> None:
     """``logger.warning(msg, *args)``, unless the same warning was said already in this run: the auto recipe's
     trials and final run, and a sweep's recipes, each read the data again, and its warnings came six times over. The
