@@ -620,6 +620,11 @@ def test_train_help_explains_every_flag_under_its_section():
     assert sum(len(dests) for title, dests in sections.items() if title not in ("positional arguments", "options")) \
         == len(field_names())  # fmt: skip
     assert "[default: on]" in train.format_help() and "[default: True]" not in train.format_help()
+    sweep = _parser()._subparsers._group_actions[0].choices["sweep"]  # its own words, still with choices and default
+    said = {a.dest: a.help for a in sweep._actions}
+    assert said["monitor"].startswith("what each recipe's best.pt") and said["monitor"].endswith(
+        "one of val_acc | val_loss [default: val_acc]")  # fmt: skip
+    assert said["freeze"] == "refused: each of --recipes sets its own"  # no default for a flag it refuses
 
 
 def test_unreadable_image_stops_train_before_it_starts_and_skip_bad_trains_without_it(tmp_path, capsys):

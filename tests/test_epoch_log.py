@@ -15,11 +15,17 @@ class _NotebookStream(io.StringIO):
 _NotebookStream.__module__ = "ipykernel.iostream"
 
 
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
 def test_a_bar_is_live_in_a_terminal_or_a_notebook_and_once_a_minute_in_a_file(monkeypatch):
     intervals = []
-    for stream in (io.StringIO(), _NotebookStream()):  # nohup ... > log; a notebook without ipywidgets (0% a minute)
+    # nohup ... > log; a terminal; a notebook without ipywidgets (it sat at 0% for a minute)
+    for stream in (io.StringIO(), _Terminal(), _NotebookStream()):
         monkeypatch.setattr(sys, "stderr", stream)
         bar = progress_bar(3, "x", enabled=True)
         intervals.append(bar.mininterval)
         bar.close()
-    assert intervals == [60.0, 0.1]
+    assert intervals == [60.0, 0.1, 0.1]

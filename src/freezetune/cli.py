@@ -122,7 +122,7 @@ def _train_parser(sub) -> None:
 _SWEEP_HELP = {
     "out": f"sweep directory, a run per recipe below it [default: {DEFAULT_OUT}]",
     "budget": "wall-clock budget of the sweep: a recipe starts only while it lasts (one running is not cut short; the "
-    "auto recipe inside trains --epochs)",
+    "auto recipe inside trains --epochs; default: none)",
     "resume": "continue an interrupted sweep: give its own command again (a setting other than those it recorded in "
     "sweep_config.yaml is refused); finished recipes are read back",
     "monitor": "what each recipe's best.pt is chosen by; recipes are compared by validation accuracy whatever it is",
@@ -143,7 +143,8 @@ def _config_flags(p: argparse.ArgumentParser, overrides: dict[str, str] | None =
     for name in field_names():
         group = p.add_argument_group(SECTIONS[name]) if name in SECTIONS else group
         flag, kind = "--" + name.replace("_", "-"), scalar_type(name)
-        text = (overrides or {}).get(name) or _field_help(name)
+        given = (overrides or {}).get(name)  # a sweep's own words; a refused flag takes no choices or default
+        text = given if given and given.startswith("refused") else _field_help(name, given)
         if kind is bool:
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
             continue
@@ -152,9 +153,10 @@ def _config_flags(p: argparse.ArgumentParser, overrides: dict[str, str] | None =
         group.add_argument(flag, type=kind or str, default=None, help=text)
 
 
-def _field_help(name: str) -> str:
-    """A field's help, its choices and its default; a default of None is what the help says is decided for you."""
-    text = FIELD_HELP[name]
+def _field_help(name: str, description: str | None = None) -> str:
+    """A field's help (``description``, else train's), its choices and its default; a default of None is what the
+    help says is decided for you."""
+    text = description or FIELD_HELP[name]
     if name in FIELD_CHOICES:
         text += "; one of " + " | ".join(FIELD_CHOICES[name])
     default = getattr(_DEFAULTS, name)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from freezetune.data.datasets import AUTO_VAL_FRACTION, AUTO_VAL_MAX_PER_CLASS
 from freezetune.options import (
+    AUGMENTATIONS,
     DEVICES,
     FREEZE_KEYWORDS,
     LABEL_COLUMNS,
@@ -17,7 +18,16 @@ from freezetune.options import (
     RECIPES,
     TEXT_COLUMNS,
     UNFREEZE_FORMS,
+    AugPreset,
 )
+
+
+def _preset(name: str, aug: AugPreset) -> str:
+    """An augmentation preset in words, from its parameters (``options.AUGMENTATIONS``)."""
+    words = [f"crops of {100 * aug.crop_scale[0]:.0f}-100 %%"] if aug.crop_scale else []
+    words += ["flips"] * (aug.flip_p > 0) + ["colour"] * bool(aug.color) + ["erasing"] * (aug.erase_p > 0)
+    return f"{name} ({', '.join(words)})" if words else name
+
 
 # The first field of each section of TrainConfig (in its order), and the section's title in --help
 SECTIONS = {"model": "model", "data": "data", "freeze": "freezing", "epochs": "optimisation", "amp": "speed",
@@ -42,11 +52,10 @@ FIELD_HELP = {
     "val_split": "the share of each training class held out for validation (default, when the data has no val/: "
     f"{AUTO_VAL_FRACTION:g}, 1 to {AUTO_VAL_MAX_PER_CLASS} images a class)",
     "per_class": "few-shot: K seeded training images per class (default: all)",
-    "aug": "training augmentation: light (crops of 70-100 %%, flips), standard (crops of 25-100 %%, flips, colour, "
-    "erasing)",
+    "aug": "training augmentation: " + ", ".join(_preset(name, a) for name, a in AUGMENTATIONS.items()),
     "batch_size": "images or texts a step, or auto (the largest that fits the CUDA device)",
-    "workers": "data loader processes (default: on CUDA up to 4; on the CPU up to 2 for image files, none for data "
-    "held in memory and for texts)",
+    "workers": "data loader processes (default: a few on CUDA, and on the CPU for image files; none on the CPU for "
+    "data held in memory and for texts)",
     "skip_bad": "train without the image files that cannot be read (listed in skipped.txt), rather than stop and name "
     "them",
     "refit": "the automatically held-out validation images train too (best.pt = last epoch); default: the auto "
@@ -75,8 +84,7 @@ FIELD_HELP = {
     "momentum": "SGD's momentum (Nesterov; --optimizer sgd only)",
     "scheduler": "the LR over the run: onecycle (rises to --lr, then anneals), cosine (anneals from --lr after "
     "--warmup-epochs), none (constant)",
-    "warmup_epochs": "epochs the LR rises for (cosine: a linear ramp; onecycle: its rise, by default a quarter of the "
-    "run)",
+    "warmup_epochs": "epochs the LR rises for (cosine: a linear ramp; onecycle: 0 keeps one-cycle's own rise)",
     "label_smoothing": "cross-entropy label smoothing (0: none)",
     "class_weights": "imbalanced classes: balanced weighs the training loss by 1 / class frequency",
     "grad_clip": "clip the gradients' total norm to this (default: no clipping)",
