@@ -62,7 +62,15 @@ def test_the_image_pins_every_dependency_and_extra_exactly_within_the_package_ra
         if name not in base:
             assert name in pinned, f"{name} ({req}) is not in docker/requirements.txt"
             assert pinned[name] in req.specifier, f"docker/requirements.txt {name}=={pinned[name]} vs {req}"
-    assert "requirements.txt" in (DOCKER / "Dockerfile").read_text()
+    # and every package those bring, at the versions of the run the suite passed with: the same image next year
+    locked = [Requirement(line) for line in (DOCKER / "constraints.txt").read_text().splitlines()
+              if line.strip() and not line.startswith("#")]  # fmt: skip
+    held = {r.name.lower().replace("_", "-"): str(r.specifier) for r in locked}
+    assert all(s.startswith("==") and "," not in s for s in held.values()), "constraints.txt holds exact versions"
+    for name, version in pinned.items():
+        assert held.get(name.replace("_", "-")) == f"=={version}", f"{name}: requirements and constraints differ"
+    assert not {"torch", "torchvision", "triton"} & set(held) and not any(n.endswith("-cu12") for n in held)
+    assert "pip install -r docker/requirements.txt -c docker/constraints.txt" in (DOCKER / "Dockerfile").read_text()
 
 
 def test_the_image_installs_tmux_and_runs_as_a_non_root_user():
