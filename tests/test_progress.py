@@ -32,7 +32,15 @@ def test_a_tie_goes_to_the_epoch_better_on_the_other_metric(monitor, rows, best)
     progress = Progress(monitor)
     for epoch, (acc_or_loss, other) in enumerate(rows):
         progress.update(epoch, acc_or_loss, other)
-    assert progress.best_epoch == best and progress.bad_epochs == len(rows) - best
+    assert progress.best_epoch == best
+
+
+def test_a_tie_won_is_the_best_but_no_improvement_for_early_stopping():
+    # lr 1e-9: val_acc stalls while val_loss creeps down; counted as improving, early stopping never came
+    progress = Progress("val_acc")
+    for epoch, loss in enumerate([0.70, 0.69, 0.68, 0.67]):
+        progress.update(epoch, 0.5, loss)
+    assert progress.best_epoch == 4 and progress.bad_epochs == 3
 
 
 def test_a_tie_after_resuming_a_last_pt_that_kept_no_tie_breaker_keeps_its_best():

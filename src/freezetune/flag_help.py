@@ -104,8 +104,8 @@ FIELD_HELP = {
     "seed": "random seed: the validation hold-out, the few-shot draw, the head's init, shuffling, augmentation",
     "out": "run directory (default runs/MODEL-TIMESTAMP)",
     "resume": "continue the run in --out from its last.pt, with its own settings",
-    "early_stop": "stop after PATIENCE epochs without improvement of --monitor (a tie with a better other metric "
-    "counts, as for best.pt; counted once the LR warm-up ends; default: off)",
+    "early_stop": "stop after PATIENCE epochs without improvement of --monitor (counted once the LR warm-up ends; "
+    "default: off)",
     "save_every_steps": "also save last.pt every N training steps (resumable mid-epoch; default: at each epoch's end)",
     "monitor": "what picks best.pt (a tie: the other of the two) and drives --early-stop and a plateau unfreeze",
     "tensorboard": "write TensorBoard event files in the run directory",

@@ -46,30 +46,28 @@ class Progress:
         Without a metric (no validation data) the latest epoch is the best we know. A non-finite metric never
         becomes the best. A tie goes to the better ``other`` metric (``val_loss`` when ``val_acc`` is monitored, and
         the reverse): on a small validation set accuracies tie often, and the first epoch to reach a score kept
-        ``best.pt`` over later ones as accurate and surer (a test accuracy 2 to 9 points lower).
+        ``best.pt`` over later ones as accurate and surer (a test accuracy 2 to 9 points lower). Such an epoch is the
+        best, not an improvement: early stopping's patience counts it, as a stalled metric whose loss creeps down.
 
         >>> p = Progress("val_acc"); p.update(0, 1.0, 0.15), p.update(1, 1.0, 0.07), p.update(2, 1.0, 0.09)
         (True, True, False)
+        >>> p.best_epoch, p.bad_epochs
+        (2, 2)
         """
         self.epoch, self.step, self.partial = epoch + 1, 0, None
         if metric is None:
             self.best_epoch, self.bad_epochs = epoch + 1, 0
             return True
-        better = math.isfinite(metric) and (
-            self.best_metric is None
-            or _beats(metric, self.best_metric, self.monitor)
-            # (a last.pt of an older freezetune has no best_other: its ties keep the best it had)
-            or (
-                metric == self.best_metric
-                and self.best_other is not None
-                and _beats(other, self.best_other, other_monitor(self.monitor))
-            )
+        improved = math.isfinite(metric) and (
+            self.best_metric is None or _beats(metric, self.best_metric, self.monitor)
         )
-        if better:
-            self.best_metric, self.best_other, self.best_epoch, self.bad_epochs = metric, other, epoch + 1, 0
-        else:
-            self.bad_epochs += 1
-        return better
+        # (a last.pt of an older freezetune has no best_other: its ties keep the best it had)
+        tie_won = (not improved and metric == self.best_metric and self.best_other is not None
+                   and _beats(other, self.best_other, other_monitor(self.monitor)))  # fmt: skip
+        self.bad_epochs = 0 if improved else self.bad_epochs + 1
+        if improved or tie_won:
+            self.best_metric, self.best_other, self.best_epoch = metric, other, epoch + 1
+        return improved or tie_won
 
     def at_step(self, step: int, partial: dict[str, Any]) -> None:
         """Record that ``step`` steps of the unfinished epoch have trained (a mid-epoch ``last.pt`` follows)."""

@@ -199,8 +199,7 @@ class Trainer(RunSetup):
                 saved = "saved in last.pt" if self.resumable else "not saved: this run is not resumed"
                 raise self.stop.interrupted(f"after epoch {epoch + 1} ({saved})")
             if cfg.early_stop and self.progress.bad_epochs >= cfg.early_stop and not last:
-                self.echo(f"early stop: {cfg.monitor} did not improve (nor tie with a better "
-                          f"{other_monitor(cfg.monitor)}) for {cfg.early_stop} "
+                self.echo(f"early stop: {cfg.monitor} did not improve for {cfg.early_stop} "
                           f"epoch{'s' if cfg.early_stop != 1 else ''}")  # fmt: skip
                 break
 
