@@ -587,3 +587,28 @@ def test_an_auto_run_with_an_unfreeze_plan_resumes_its_request_read_back_from_js
     lines = []
     trainer.train(dataclasses.replace(cfg, resume=True), echo=lines.append)
     assert any(line.startswith("auto: resuming with the earlier decision") for line in lines)
+
+
+@pytest.mark.parametrize("recipe, stop_in", [("gradual", None), ("lp-ft", "probe")])
+def test_a_named_recipe_stopped_in_any_phase_resumes_with_its_own_command_and_resume(data, tmp_path, capsys,
+                                                                                      monkeypatch, recipe, stop_in):  # fmt: skip
+    # "stopped ... continue with --resume": the same command with --resume was refused (recipe gradual sets freeze
+    # itself, laid over its phase's config.yaml); an lp-ft stopped in its probe could not be resumed at all
+    from freezetune import trainer
+
+    argv = train_argv(data, tmp_path / "run", "--epochs", "2", "--recipe", recipe)
+    real = trainer.Trainer._run_epoch
+
+    def stop(self, epoch, unfrozen):  # Ctrl-C as the second epoch of the phase starts
+        if epoch == 1 and (stop_in is None or self.run_dir.name == stop_in):
+            raise KeyboardInterrupt
+        return real(self, epoch, unfrozen)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(trainer.Trainer, "_run_epoch", stop)
+        code, _, err = run_cli(capsys, *argv)
+    assert code == 130 and "--resume continues" in err, err
+    code, out, err = run_cli(capsys, *argv, "--resume")
+    assert code == 0 and "test accuracy" in out, err
+    assert "resumed" in out and checkpoint.load(tmp_path / "run" / "last.pt")["epoch"] == 2
+    assert json.loads((tmp_path / "run" / "recipe.json").read_text())["asked"]["recipe"] == recipe

@@ -44,8 +44,6 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import yaml
-
 from freezetune import checkpoint, run_log
 from freezetune._io import atomic_write_text
 from freezetune.config import RESUME_MAY_CHANGE, TrainConfig, needs_validation
@@ -53,7 +51,7 @@ from freezetune.data.layout import check_test_split
 from freezetune.errors import ConfigError
 from freezetune.interrupt import RunInterrupted
 from freezetune.options import parse_duration
-from freezetune.runtime import CONFIG_FILE, RECIPE_FILE, TRIALS_DIR
+from freezetune.runtime import RECIPE_FILE, TRIALS_DIR
 
 MIN_TRAINED_STAGES, MAX_TRAINED_STAGES = 2, 4  # candidates train the last 2, 3 or 4 stages (and the head)
 LR_BOOST = 10  # the learning rate of a candidate training k stages is lr * LR_BOOST * min(1, 2 / k)
@@ -89,8 +87,12 @@ def run(cfg: TrainConfig, *, echo: Callable[[str], None] = print, train: Callabl
     out = broadcast(Path(cfg.out) if cfg.out else runtime.default_run_dir(cfg.model), info)  # rank 0's clock names it
     saved = out / RECIPE_FILE
     if cfg.resume and saved.is_file():  # the decision was made before the interruption: keep it
+        decision = json.loads(saved.read_text())
+        if "choice" not in decision:  # a named recipe's request (recipes.asked_config)
+            raise ConfigError(f"cannot resume {out} with freeze auto: it holds a run of recipe "
+                              f"{decision.get('recipe')!r}; resume it with its own command")  # fmt: skip
         run_log.log_to(out)  # (written once the final run's resume is accepted)
-        return train(_resumed(cfg, out, json.loads(saved.read_text()), echo), echo=echo, recipe_run=True)
+        return train(_resumed(cfg, out, decision, echo), echo=echo, recipe_run=True)
     # a run dir in use is refused (or, resuming, one no run was started in) before any trial writes below it; the
     # trials and decision of an attempt stopped before its run finished an epoch are redone
     runtime.prepare_run_dir(str(out), cfg.model, resume=cfg.resume, echo=echo, clean=info.is_main)
@@ -148,19 +150,6 @@ def _resumed(cfg: TrainConfig, out: Path, decision: dict, echo: Callable[[str], 
     return dataclasses.replace(_at_lr(_base(cfg, out, decision["cut"]), run_lr), freeze=choice["freeze"],
                                epochs=choice["epochs"], refit=choice.get("refit", False),
                                init=choice.get("init", cfg.init), resume=True)  # fmt: skip
-
-
-def asked_config(run_dir: str | Path) -> dict | None:
-    """The config an auto run in ``run_dir`` was asked for (``recipe.json``'s), None for another run. Its
-    ``config.yaml`` is the final run's (the chosen freeze, the recipe's learning rates): the same command with
-    ``--resume`` laid its ``--lr`` or ``--stage-lrs`` over those and was refused; over this, it resumes as asked."""
-    saved, config = Path(run_dir) / RECIPE_FILE, Path(run_dir) / CONFIG_FILE
-    if not saved.is_file():
-        return None
-    decision = json.loads(saved.read_text())
-    if config.is_file() and (yaml.safe_load(config.read_text()) or {}).get("freeze") != decision["choice"]["freeze"]:
-        return None  # an earlier auto run's, left by a run that started there afresh before freezetune cleared it
-    return decision.get("asked")  # a recipe.json of an older freezetune has none
 
 
 def _epochs_and_refit(cfg: TrainConfig, trials: list[dict], choice: dict, spent: float,

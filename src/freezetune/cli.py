@@ -224,12 +224,12 @@ def _train_config(args, *, run: bool = True) -> TrainConfig:
     # (a config.yaml in the current directory is not one). The run dir is checked first: without a run there, the
     # config's problems ("data is required") would hide the one that matters.
     if base is None and overrides.get("resume") and run:  # a sweep's dir holds runs, not one
-        from freezetune.auto import asked_config
+        from freezetune.recipes import asked_config
         from freezetune.runtime import CONFIG_FILE, prepare_run_dir
 
         run_dir = prepare_run_dir(out, "", resume=True, clean=False)
         base = run_dir / CONFIG_FILE if (run_dir / CONFIG_FILE).is_file() else None
-        base = asked_config(run_dir) or base  # an auto run resumes as asked: its recipe rebuilds the final run's
+        base = asked_config(run_dir) or base  # a recipe's run resumes as asked: the recipe rebuilds its phases
     # --print-config shows a config without data too: a template that a run completes with --data
     return load_config(base, overrides, need_data=not args.print_config)
 

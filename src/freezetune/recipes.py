@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+import yaml
 
 from freezetune.config import TrainConfig
 from freezetune.errors import ConfigError, choices
@@ -190,6 +193,8 @@ def run(cfg: TrainConfig, *, echo: Callable[[str], None] = print, train: Callabl
         cfg = dataclasses.replace(cfg, out=str(broadcast(default_run_dir(cfg.model), info)))
     if not cfg.resume:  # refuse a run dir in use before any phase writes below it (rank 0 alone clears)
         prepare_run_dir(cfg.out, cfg.model, resume=False, clean=info.is_main, echo=echo)
+        if info.is_main:  # what was asked, which a --resume with the same command continues (asked_config)
+            _keep_request(Path(cfg.out), recipe, cfg)
     log_to(cfg.out)  # the phases' lines in the recipe's train.log too (each phase's dir keeps its own)
     if cfg.final_test:  # the phases before the last do not read the test split: its problems would wait for them
         from freezetune.data.layout import check_test_split
@@ -205,6 +210,37 @@ def run(cfg: TrainConfig, *, echo: Callable[[str], None] = print, train: Callabl
     return result
 
 
+def _keep_request(out: Path, recipe: str, cfg: TrainConfig) -> None:
+    from freezetune._io import atomic_write_text
+    from freezetune.runtime import RECIPE_FILE
+
+    out.mkdir(parents=True, exist_ok=True)
+    record = {"recipe": recipe, "phases": [p.name for p in phases(cfg, recipe)], "asked": cfg.recorded()}
+    atomic_write_text(out / RECIPE_FILE, json.dumps(record, indent=1))
+
+
+def asked_config(run_dir: str | Path) -> dict | None:
+    """The config a recipe's run in ``run_dir`` was asked for (its ``recipe.json``), None for a plain run. A run's
+    ``config.yaml`` is its last phase's (the auto recipe's choice, a named recipe's freeze filled in): the same
+    command with ``--resume`` laid its ``--recipe`` or ``--lr`` over that and was refused; over this, it resumes as
+    asked (and an lp-ft stopped in its probe, which has no ``config.yaml`` of its own yet, resumes at all)."""
+    from freezetune.runtime import CONFIG_FILE, RECIPE_FILE
+
+    saved, config = Path(run_dir) / RECIPE_FILE, Path(run_dir) / CONFIG_FILE
+    if not saved.is_file():
+        return None
+    record = json.loads(saved.read_text())
+    asked = record.get("asked")  # a recipe.json of an older freezetune has none
+    if asked is None or not config.is_file():
+        return asked
+    if "choice" in record:  # the auto recipe's decision
+        final = record["choice"]["freeze"]
+    else:
+        final = phases(TrainConfig(**asked), record["recipe"])[-1].cfg.freeze
+    # a recipe.json an earlier run left, which a run that started there afresh kept (an older freezetune did)
+    return asked if (yaml.safe_load(config.read_text()) or {}).get("freeze") == final else None
+
+
 def _run_phase(cfg: TrainConfig, train: Callable, echo: Callable[[str], None], *, last: bool):
     from freezetune import checkpoint
     from freezetune.progress import RunResult
@@ -216,4 +252,5 @@ def _run_phase(cfg: TrainConfig, train: Callable, echo: Callable[[str], None], *
         record = checkpoint.load(out / checkpoint.BEST)
         return RunResult(out, int(record.get("epoch", 0)), None)
     resume = cfg.resume and out is not None and (out / checkpoint.LAST).is_file()
-    return train(dataclasses.replace(cfg, resume=resume), echo=echo)
+    # the last phase runs in the recipe's dir: it keeps the recipe.json beside it (any other run clears one)
+    return train(dataclasses.replace(cfg, resume=resume), echo=echo, recipe_run=last)

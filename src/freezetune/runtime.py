@@ -27,7 +27,8 @@ STARTED_FILES = (checkpoint.BEST, METRICS_CSV, REPORT_PNG, CONFUSION_PNG, TEST_M
 # What a run writes once its epochs are done: a run stopped before its first last.pt has none of them.
 END_FILES = (REPORT_PNG, CONFUSION_PNG, TEST_METRICS)
 TENSORBOARD_EVENTS = "events.out.tfevents.*"
-RECIPE_FILE, TRIALS_DIR = "recipe.json", "auto-trials"  # the auto recipe's decision and its trials' runs
+# a recipe's request (and the auto recipe's decision), which its --resume continues; the auto recipe's trials' runs
+RECIPE_FILE, TRIALS_DIR = "recipe.json", "auto-trials"
 # Signs that a run was started here (a recipe's files included): ``--resume`` of such a dir restarts it.
 CONFIG_FILE, CLASSES_FILE = "config.yaml", "classes.json"  # the run's resolved config and class names
 RUN_TRACES = (*STARTED_FILES, CONFIG_FILE, CLASSES_FILE, RECIPE_FILE, TRIALS_DIR)
