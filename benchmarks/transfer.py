@@ -66,7 +66,8 @@ RECIPES = {
 }
 # The default command (``freezetune train --data DIR``) through ``freezetune.trainer.train``: freeze auto, validation
 # held out of the training data, the default augmentation; ``ft-auto-noaug`` shows what that augmentation does.
-COMMANDS = {"ft-default": {}, "ft-auto-noaug": {"aug": "none"}}
+# ``ft-lp-ft``: the named recipe a user picks, as a command (its probe, then a fine-tune holding BatchNorm statistics).
+COMMANDS = {"ft-default": {}, "ft-auto-noaug": {"aug": "none"}, "ft-lp-ft": {"recipe": "lp-ft"}}
 FREEZETUNE = [*RECIPES, *COMMANDS]
 PEERS = {"seed": None, "lightning": "lightning", "fastai": "fastai", "full": None}  # name -> package needed
 CONTENDERS = [*PEERS, *FREEZETUNE]
@@ -237,8 +238,8 @@ def run_command(name: str, data: dict, args, device: torch.device) -> tuple[nn.M
     )  # fmt: skip
     result = train(cfg, echo=lambda line: print(line, file=sys.stderr))
     model, _ = checkpoint.build_model(checkpoint.load(result.run_dir / checkpoint.LAST))
-    choice = json.loads((result.run_dir / auto.RECIPE_FILE).read_text())["choice"]
-    return model, {**_spent(result), "auto": choice["trained_stages"]}
+    choice = json.loads((result.run_dir / auto.RECIPE_FILE).read_text()).get("choice")  # (a named recipe: none)
+    return model, {**_spent(result), **({"auto": choice["trained_stages"]} if choice else {})}
 
 
 def _spent(result) -> dict:

@@ -581,7 +581,8 @@ def test_key_value_overrides_may_follow_flags_and_a_stray_argument_gets_the_comm
 def test_print_config_says_what_a_recipe_sets_and_reads_back_as_a_config(capsys, tmp_path):
     code, out, err = run_cli(capsys, "train", "--recipe", "lp-ft", "--lr", "0.002", "--print-config")
     assert code == 0, err
-    assert "#   probe: freeze 'backbone', lr 0.02\n#   fine-tune: freeze 'none'\n" in out  # not only "freeze: auto"
+    plan = "#   probe: freeze 'backbone', lr 0.02\n#   fine-tune: freeze 'none', bn_stats 'frozen'\n"
+    assert plan in out  # not only "freeze: auto"
     (tmp_path / "c.yaml").write_text(out)
     code, again, err = run_cli(capsys, "train", "--config", tmp_path / "c.yaml", "--print-config")
     assert code == 0 and again == out, err

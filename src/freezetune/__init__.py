@@ -9,7 +9,7 @@ The public API works in any training loop (plain PyTorch, Lightning, a notebook)
 """
 
 from freezetune.errors import FreezetuneError
-from freezetune.freeze import count_parameters, freeze, freeze_to, summary, unfreeze
+from freezetune.freeze import count_parameters, freeze, freeze_to, hold_bn_statistics, summary, unfreeze
 from freezetune.heads import head_name, replace_head
 from freezetune.loss import balanced_class_weights
 from freezetune.param_groups import param_groups
@@ -61,6 +61,7 @@ __all__ = [
     "freeze",
     "freeze_to",
     "head_name",
+    "hold_bn_statistics",
     "load_model",
     "param_groups",
     "predict_files",

@@ -32,6 +32,8 @@ from freezetune.options import (
     BATCH_AUTO,
     BN_DEFAULT,
     BN_POLICIES,
+    BN_STATS,
+    BN_STATS_DEFAULT,
     CACHE_MODES,
     CLASS_WEIGHTS,
     DECODE_MODES,
@@ -59,6 +61,7 @@ FIELD_CHOICES = {
     "scheduler": SCHEDULERS,
     "amp": AMP_MODES,
     "bn": BN_POLICIES,
+    "bn_stats": BN_STATS,
     "aug": AUG_PRESETS,
     "monitor": MONITORS,
     "class_weights": CLASS_WEIGHTS,
@@ -102,6 +105,7 @@ class TrainConfig:
     recipe: str | None = None  # a named procedure (options.RECIPE_HELP); "auto" is what freeze: auto runs
     budget: str | None = None  # wall-clock budget the auto recipe plans for, e.g. "5m"
     bn: str = BN_DEFAULT
+    bn_stats: str = BN_STATS_DEFAULT  # BatchNorm statistics in the parts that train: updated, or held (eval mode)
     unfreeze: str | dict[int, str] | None = None
     # optimisation
     epochs: int = 10

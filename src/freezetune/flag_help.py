@@ -69,6 +69,9 @@ FIELD_HELP = {
     "(default: none)",
     "bn": "BatchNorm in frozen parts: frozen (eval statistics), affine (affine trains, statistics update), train "
     "(statistics update), affine-only (affine trains, eval statistics)",
+    "bn_stats": "BatchNorm statistics in the parts that train: update (from each batch, PyTorch's training mode) or "
+    "frozen (held, as in the frozen parts; their scale and shift still train): small batches, a head fitted on frozen "
+    "features (lp-ft's fine-tune)",
     "unfreeze": f"{' | '.join(UNFREEZE_FORMS)} (a plateau without mode follows --monitor; min_delta is in its units: "
     "val_acc is a fraction, 0.005 = half a point); default: what starts frozen stays frozen",
     # optimisation

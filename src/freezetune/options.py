@@ -19,6 +19,10 @@ BN_POLICIES = ("frozen", "affine", "train", "affine-only")  # BatchNorm in froze
 BN_EVAL_POLICIES = ("frozen", "affine-only")  # ... whose statistics never move: the layer runs in eval
 BN_AFFINE_POLICIES = ("affine", "affine-only")  # ... whose weight and bias train
 BN_DEFAULT = "frozen"  # the one policy under which a frozen prefix is deterministic (and can be cached)
+# BatchNorm statistics in the parts that train: updated from each batch (PyTorch's training mode), or held as in the
+# frozen parts (eval mode; the scale and shift still train): lp-ft's fine-tune, small batches
+BN_STATS = ("update", "frozen")
+BN_STATS_DEFAULT = "update"
 FREEZE_KEYWORDS = ("backbone", "all", "none", "bitfit")  # bitfit: all but biases, norms and the head
 # the forms of an unfreeze schedule (``unfreezing.parse_schedule``); a plateau without mode follows the monitor
 UNFREEZE_FORMS = ("epoch:N", "plateau:patience=P,min_delta=D[,mode=max|min]", "{epoch: spec}")
@@ -38,7 +42,8 @@ RECIPE_HELP = {
     "full": "every layer trains",
     "gradual": "the head first, then one more stage after each epoch (epoch:1 unfreezing)",
     "plateau": "the head first, then one more stage whenever validation accuracy stalls for an epoch",
-    "lp-ft": "a linear probe fits the head on frozen features (BatchNorm frozen), then every layer fine-tunes from it",
+    "lp-ft": "a linear probe fits the head on frozen features (BatchNorm frozen), then every layer fine-tunes from it "
+    "(BatchNorm statistics held as the probe saw them)",
     "bitfit": "only biases and normalisation layers (and the head) train",
 }
 RECIPES = tuple(RECIPE_HELP)

@@ -34,7 +34,7 @@ _SINGLE = {  # recipe -> the settings of its one phase
 # the fields each recipe sets itself besides its freeze (``_SINGLE``'s, ``phases``', ``auto._base``): a value the
 # user gives for one of them would be replaced silently
 _SETS = {**{name: tuple(settings) for name, settings in _SINGLE.items()}, "last-k": ("freeze", "unfreeze"),
-         "lp-ft": ("freeze", "unfreeze", "bn"), "auto": ("freeze", "cache_at")}  # fmt: skip
+         "lp-ft": ("freeze", "unfreeze", "bn", "bn_stats"), "auto": ("freeze", "cache_at")}  # fmt: skip
 LAST_K_DEFAULT = 2
 PROBE_LR_FACTOR = 10  # a head alone on frozen features takes a larger step than a whole network
 
@@ -75,7 +75,9 @@ def phases(cfg: TrainConfig, recipe: str) -> list[Phase]:
         out = Path(cfg.out) if cfg.out else None
         probe = dataclasses.replace(base, freeze="backbone", unfreeze=None, bn="frozen", lr=cfg.lr * PROBE_LR_FACTOR,
                                     out=str(out / "probe") if out else None, final_test=False)  # fmt: skip
-        return [Phase("probe", probe), Phase("fine-tune", dataclasses.replace(base, freeze="none", unfreeze=None))]
+        # the fine-tune keeps the statistics the probe's head was fitted on (freeze.hold_bn_statistics)
+        tune = dataclasses.replace(base, freeze="none", unfreeze=None, bn_stats="frozen")
+        return [Phase("probe", probe), Phase("fine-tune", tune)]
     raise ConfigError(f"recipe {recipe!r} has no phases here; 'auto' is planned by freezetune.auto")
 
 
@@ -100,7 +102,8 @@ def plan_comment(cfg: TrainConfig) -> str:
     for phase in phases(cfg, recipe):
         lr = f", lr {phase.cfg.lr:g}" if phase.cfg.lr != cfg.lr else ""
         unfreeze = f", unfreeze {phase.cfg.unfreeze!r}" if phase.cfg.unfreeze else ""
-        lines.append(f"#   {phase.name}: freeze {phase.cfg.freeze!r}{unfreeze}{lr}")
+        stats = f", bn_stats {phase.cfg.bn_stats!r}" if phase.cfg.bn_stats != cfg.bn_stats else ""
+        lines.append(f"#   {phase.name}: freeze {phase.cfg.freeze!r}{unfreeze}{lr}{stats}")
     return "\n".join(lines) + "\n"
 
 

@@ -26,9 +26,10 @@ from freezetune._io import atomic_output, atomic_write_text
 from freezetune.config import TrainConfig, load_config, validate
 from freezetune.epoch_log import human
 from freezetune.errors import ConfigError, DataError, choices
-from freezetune.options import BATCH_AUTO, BN_DEFAULT, RECIPES, parse_duration, recipe_problem
+from freezetune.options import BATCH_AUTO, RECIPES, parse_duration, recipe_problem
 from freezetune.run_log import log, log_to, opened
 
+_DEFAULTS = TrainConfig()
 DEFAULT_RECIPES = ("linear-probe", "last-k", "auto", "full")
 DEFAULT_OUT = "runs/sweep"  # where a sweep goes without --out
 ROW_FILE = "sweep_row.json"  # a finished recipe's row, in its run directory
@@ -171,10 +172,8 @@ def _run_configs(cfg: TrainConfig, names: list[str], out: Path) -> dict[str, Tra
     from freezetune import recipes
 
     sets = {key: value for key, (value, _) in SWEEP_SETS.items()}
-    # --bn applies to the recipes that freeze BatchNorm by it; linear-probe and lp-ft's probe freeze it whatever (the
-    # head alone): theirs is reset to the default, "not given", which their phases then set
     runs = {name: dataclasses.replace(cfg, recipe=name, out=str(out / name), cache_dir=features, budget=None, **sets,
-                                      **({"bn": BN_DEFAULT} if "bn" in recipes.sets(name) else {}))
+                                      **_own_batchnorm(name))
             for name in names}  # fmt: skip
     problems = []
     for run_cfg in runs.values():
@@ -188,6 +187,19 @@ def _run_configs(cfg: TrainConfig, names: list[str], out: Path) -> dict[str, Tra
         if name.startswith("last-"):
             recipes.check_last_k(run_cfg, name)
     return runs
+
+
+def _own_batchnorm(recipe: str) -> dict:
+    """The BatchNorm settings ``recipe`` sets itself, at their defaults ("not given"), over a sweep's: its ``--bn`` and
+    ``--bn-stats`` apply to the other recipes (linear-probe and lp-ft's probe freeze BatchNorm whatever, lp-ft's
+    fine-tune holds its statistics), and the recipe refuses them given.
+
+    >>> _own_batchnorm("lp-ft"), _own_batchnorm("full")
+    ({'bn': 'frozen', 'bn_stats': 'update'}, {})
+    """
+    from freezetune import recipes
+
+    return {key: getattr(_DEFAULTS, key) for key in ("bn", "bn_stats") if key in recipes.sets(recipe)}
 
 
 def _run_recipe(name: str, cfg: TrainConfig, echo: Callable[[str], None]) -> tuple[dict, bool]:
@@ -282,7 +294,7 @@ def _winner_config(cfg: TrainConfig, winner: dict) -> dict:
     from freezetune.runtime import CONFIG_FILE
 
     values = {**cfg.recorded(), "recipe": winner["recipe"], "freeze": "auto", "out": None, "resume": False,
-              "final_test": True, "budget": None, "refit": False}  # fmt: skip
+              "final_test": True, "budget": None, "refit": False, **_own_batchnorm(winner["recipe"])}  # fmt: skip
     saved = Path(winner["run_dir"]) / CONFIG_FILE
     if cfg.batch_size == BATCH_AUTO and saved.is_file():
         values["batch_size"] = load_config(saved).batch_size
