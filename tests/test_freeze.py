@@ -370,3 +370,16 @@ def test_a_run_says_when_its_bn_policy_changes_nothing(tmp_path, capsys):
                                                      "-2", "--bn", "affine", "--model", model))  # fmt: skip
         assert code == 0, err
         assert ("note: --bn affine changes nothing: the model has no BatchNorm layers" in out) == noted
+
+
+def test_a_bn_policy_no_batchnorm_layer_is_frozen_for_is_said_to_change_nothing():
+    # --recipe bitfit --bn affine-only was taken, config.yaml said bn: affine-only, and every statistic moved
+    import torchvision
+
+    from freezetune.freeze import idle_bn_policy
+
+    for spec, noted in (("none", True), ("bitfit", True), ("backbone", False)):
+        model = torchvision.models.resnet18()
+        ft.freeze(model, spec, bn="affine-only")
+        note = idle_bn_policy(model, "affine-only")
+        assert (note is not None and "no BatchNorm layer is frozen in this run" in note) == noted, spec

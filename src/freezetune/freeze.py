@@ -366,15 +366,21 @@ def _remove_eval_hook(module: nn.Module) -> None:
 
 
 def idle_bn_policy(model: nn.Module, bn: str) -> str | None:
-    """A note when a ``bn`` policy other than the default was asked of a model without BatchNorm layers (a ViT's
-    LayerNorms, a ConvNeXt's): it changes nothing, and nothing said so.
+    """A note when a ``bn`` policy other than the default changes nothing: the model has no BatchNorm layers (a ViT's
+    LayerNorms, a ConvNeXt's), or none is frozen whole (``freeze none``, ``bitfit``: they all train). Nothing said so.
 
     >>> import torchvision
     >>> idle_bn_policy(torchvision.models.vit_b_16(), "affine")[:47]
     'note: --bn affine changes nothing: the model ha'
+    >>> idle_bn_policy(torchvision.models.resnet18(), "train")[:60]
+    'note: --bn train changes nothing: no BatchNorm layer is froz'
     """
-    if bn == BN_DEFAULT or any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in unwrap(model).modules()):
+    norms = [m for m in unwrap(model).modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if bn == BN_DEFAULT or any(policy_of(m) is not None for m in norms):
         return None
+    if norms:
+        return (f"note: --bn {bn} changes nothing: no BatchNorm layer is frozen in this run (every one trains with "
+                "its stage)")  # fmt: skip
     return (
         f"note: --bn {bn} changes nothing: the model has no BatchNorm layers (its other norms freeze and train "
         "with their stage)"

@@ -36,8 +36,8 @@ BATCH_AUTO = "auto"  # --batch-size auto: the largest power of two that fits the
 # Named fine-tuning procedures (``--recipe``), each in one line; ``freezetune.recipes`` carries them out.
 RECIPE_HELP = {
     "auto": "measure on the validation split which stages to freeze, then fine-tune the rest (the default)",
-    "linear-probe": "only the new head trains, on cached features of the frozen backbone (BatchNorm frozen whatever "
-    "--bn)",
+    "linear-probe": "only the new head trains, on cached features of the frozen backbone (BatchNorm frozen), at 10x "
+    "--lr as lp-ft's probe",
     "last-k": "the last k stages and the head train, the rest stays frozen and cached (last-2, last-3, ...; k=2)",
     "full": "every layer trains",
     "gradual": "the head first, then one more stage after each epoch (epoch:1 unfreezing)",

@@ -67,6 +67,8 @@ def phases(cfg: TrainConfig, recipe: str) -> list[Phase]:
     -4
     """
     base = dataclasses.replace(cfg, recipe=None)
+    if recipe == "linear-probe":  # the step of lp-ft's probe and of the auto recipe's head (it trained 10x slower)
+        return [Phase(recipe, dataclasses.replace(base, **_SINGLE[recipe], lr=cfg.lr * PROBE_LR_FACTOR))]
     if recipe in _SINGLE:
         return [Phase(recipe, dataclasses.replace(base, **_SINGLE[recipe]))]
     if recipe.startswith("last-"):
