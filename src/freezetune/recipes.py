@@ -238,10 +238,11 @@ def asked_config(run_dir: str | Path) -> dict | None:
     asked = record.get("asked")  # a recipe.json of an older freezetune has none
     if asked is None or not config.is_file():
         return asked
-    if "choice" in record:  # the auto recipe's decision
-        final = record["choice"]["freeze"]
-    else:
-        final = phases(TrainConfig(**asked), record["recipe"])[-1].cfg.freeze
+    try:
+        final = record["choice"]["freeze"] if "choice" in record else \
+            phases(TrainConfig(**asked), record["recipe"])[-1].cfg.freeze  # fmt: skip
+    except (KeyError, TypeError):  # a record of another freezetune's making: the run's config.yaml is what there is
+        return None
     # a recipe.json an earlier run left, which a run that started there afresh kept (an older freezetune did)
     return asked if (yaml.safe_load(config.read_text()) or {}).get("freeze") == final else None
 
