@@ -383,3 +383,18 @@ def test_a_bn_policy_no_batchnorm_layer_is_frozen_for_is_said_to_change_nothing(
         ft.freeze(model, spec, bn="affine-only")
         note = idle_bn_policy(model, "affine-only")
         assert (note is not None and "no BatchNorm layer is frozen in this run" in note) == noted, spec
+
+
+def test_held_batchnorm_statistics_stay_held_in_the_layers_an_unfreeze_releases():
+    # a run re-held them each epoch; an Unfreezer in a user's loop released layer4's to batch statistics
+    import torchvision
+
+    model = torchvision.models.resnet18()
+    ft.freeze(model, "backbone")
+    ft.hold_bn_statistics(model)
+    ft.unfreeze(model, "layer4")
+    model.train()
+    before = model.layer4[0].bn1.running_mean.clone()
+    model(torch.randn(4, 3, 32, 32))
+    assert torch.equal(model.layer4[0].bn1.running_mean, before) and model.layer4[0].bn1.weight.requires_grad
+    assert "trainable, eval stats" in ft.summary(model)

@@ -40,6 +40,7 @@ Spec = str | int | Sequence[str | int]
 # The eval-keeping hook is found again by identity of its function rather than through a stored handle, because a
 # deep-copied handle would still point at the original module's hook table.
 _POLICY_ATTR = "_freezetune_bn"
+_HOLD_ATTR = "_freezetune_hold_bn_stats"  # on the model: hold_bn_statistics was asked, unfreeze keeps it
 
 
 def freeze(model: nn.Module, spec: Spec = FREEZE_DEFAULT, *, bn: str = BN_DEFAULT) -> None:
@@ -105,6 +106,8 @@ def unfreeze(model: nn.Module, spec: Spec = "all", *, bn: str | None = None) -> 
         if bn is not None and getattr(module, _POLICY_ATTR, None) is not None:
             setattr(module, _POLICY_ATTR, bn)
     _apply_bn_policies(model)
+    if getattr(model, _HOLD_ATTR, False):  # the released layers train, their statistics held as the others'
+        hold_bn_statistics(model)
 
 
 def warn_negative_unfreeze(spec: Spec) -> None:
@@ -162,7 +165,7 @@ def bn_mode(stage: Stage, model: nn.Module) -> str:
         for module in model.get_submodule(name).modules():
             if isinstance(module, nn.modules.batchnorm._BatchNorm):
                 trains = "trainable, eval stats" if _has_eval_hook(module) else "trainable"  # (hold_bn_statistics)
-                modes.add(getattr(module, _POLICY_ATTR, None) or trains)
+                modes.add(policy_of(module) or trains)
     if not modes:
         return "-"
     return modes.pop() if len(modes) == 1 else "mixed"
@@ -326,16 +329,18 @@ def hold_bn_statistics(model: nn.Module) -> None:
     """Run the BatchNorm layers of the parts that train in eval, as a frozen part's: their statistics stay as they
     are (their scale and shift still train). lp-ft's fine-tune: its probe fitted the head on features normalised by
     the pretrained statistics, and batch statistics in training moved them under it (Fashion-MNIST, 100 images a
-    class, 64 px: 72.9 / 75.9 % test accuracy, 82.2 / 81.9 % held; ``benchmarks/README.md``). Call it again after an
-    unfreeze: the layers it releases follow ``model.train()`` again.
+    class, 64 px: 72.9 / 75.9 % test accuracy, 82.2 / 81.9 % held; ``benchmarks/README.md``). It holds for the
+    model's life: the layers a later ``unfreeze`` (an ``Unfreezer``) releases are held too.
 
     >>> import torch, torchvision
     >>> m = torchvision.models.resnet18(); hold_bn_statistics(m); _ = m.train()
     >>> _ = m(torch.zeros(2, 3, 32, 32)); m.bn1.training, m.bn1.weight.requires_grad
     (False, True)
     """
-    for module in unwrap(model).modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm) and getattr(module, _POLICY_ATTR, None) is None:
+    model = unwrap(model)
+    setattr(model, _HOLD_ATTR, True)
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and policy_of(module) is None:
             if not _has_eval_hook(module):
                 module.register_forward_pre_hook(_keep_eval)
             module.eval()

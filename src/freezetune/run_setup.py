@@ -101,7 +101,7 @@ class RunSetup:
             # a resume's come from last.pt (the init file may be gone, or named from another directory)
             checkpoint.init_from(self.model, cfg.init, self.classes, model_name=cfg.model)
         freeze(self.model, parse_freeze_spec(cfg.freeze), bn=cfg.bn)
-        if cfg.bn_stats == "frozen":  # (again each epoch: an unfreeze releases layers; Trainer._run_epoch)
+        if cfg.bn_stats == "frozen":  # (the layers an unfreeze releases later are held too)
             hold_bn_statistics(self.model)
         if not any(p.requires_grad for p in self.model.parameters()):  # the API's "unfreeze a stage first" misled
             # (a plan's epoch-0 stages open when the optimizer exists, after this; "epoch:"/"plateau:" after an epoch)

@@ -27,7 +27,7 @@ from freezetune.distributed import (
     leave_group,
 )
 from freezetune.errors import TrainingError
-from freezetune.freeze import count_parameters, hold_bn_statistics, idle_bn_policy, summary
+from freezetune.freeze import count_parameters, idle_bn_policy, summary
 from freezetune.inference import evaluate_best, write_evaluation
 from freezetune.interrupt import AT_ONCE_UNDER_DDP, OUTSIDE_A_STEP, StopRequest, pause_point
 from freezetune.loss import imbalance_note
@@ -207,8 +207,6 @@ class Trainer(RunSetup):
         runtime.seed_epoch(self.cfg.seed, epoch, rank=self.dist.rank)
         runtime.reset_peak_memory(self.device)
         self.step.lrs = None  # the LRs the epoch's last step used, for its metrics row
-        if self.cfg.bn_stats == "frozen":  # each epoch: an unfreeze (or a resume's) released some layers
-            hold_bn_statistics(self.model)
         start = time.perf_counter()
         train_stats = self._train_epoch(epoch, self.features.train_batches(epoch))
         # a resumed epoch took the time its steps before the stop took too: its img/s divided the whole epoch's images
