@@ -58,9 +58,7 @@ class Progress:
         if metric is None:
             self.best_epoch, self.bad_epochs = epoch + 1, 0
             return True
-        improved = math.isfinite(metric) and (
-            self.best_metric is None or _beats(metric, self.best_metric, self.monitor)
-        )
+        improved = _beats(metric, self.best_metric, self.monitor)  # (never a non-finite one; anything beats none)
         # (a last.pt of an older freezetune has no best_other: its ties keep the best it had)
         tie_won = (not improved and metric == self.best_metric and self.best_other is not None
                    and _beats(other, self.best_other, other_monitor(self.monitor)))  # fmt: skip
@@ -145,7 +143,9 @@ class RunResult:
     @property
     def best_checkpoint(self) -> Path:
         """``best.pt``: the weights of the best epoch, whose test metrics ``test`` holds."""
-        return Path(self.run_dir) / "best.pt"
+        from freezetune.checkpoint import BEST
+
+        return Path(self.run_dir) / BEST
 
     def __repr__(self) -> str:
         # the dataclass's own repr printed every epoch's row and the confusion matrix: kilobytes in a notebook cell

@@ -139,11 +139,11 @@ def _not_a_root(path: Path, classes: list[str]) -> None:
     """Refuse ``--val-data`` naming a dataset's root (its ``train/``, ``val/``, ``test/`` read as unknown classes),
     with its validation folder to give instead: never its test folder, which must not pick the model."""
     known = {nfc(c) for c in classes}
-    splits = [d.name for names in (TRAIN_DIRS, VAL_DIRS, TEST_DIRS) if (d := first_dir(path, names)) is not None
-              and nfc(d.name) not in known]  # fmt: skip
+    found = {names: first_dir(path, names) for names in (TRAIN_DIRS, VAL_DIRS, TEST_DIRS)}
+    splits = [d.name for d in found.values() if d is not None and nfc(d.name) not in known]
     if not splits:
         return
-    val = first_dir(path, VAL_DIRS)
+    val = found[VAL_DIRS]
     way = f"give its validation folder: --val-data {val}" if val is not None else "give a folder of class folders"
     raise DataError(f"val data '{path}' holds split folders ({', '.join(f'{s}/' for s in splits)}), not class "
                     f"folders: {way}")  # fmt: skip
