@@ -6,9 +6,10 @@ is shown. A field with fixed choices has them appended by the CLI (``config.FIEL
 
 from __future__ import annotations
 
-from freezetune.data.datasets import AUTO_VAL_FRACTION, AUTO_VAL_MAX_PER_CLASS
 from freezetune.options import (
     AUGMENTATIONS,
+    AUTO_VAL_FRACTION,
+    AUTO_VAL_MAX_PER_CLASS,
     DEVICES,
     FREEZE_KEYWORDS,
     LABEL_COLUMNS,

@@ -22,15 +22,19 @@ from freezetune.data.scan import check_images, check_overlap, warn_copies
 from freezetune.data.text import Columns, TextDataset, read_text_csv, text_csv_header
 from freezetune.data.transforms import eval_transform, train_transform
 from freezetune.errors import ConfigError, DataError, choices
-from freezetune.options import AUG_DEFAULT, fraction_problem, positive_int_problem
+from freezetune.options import (
+    AUG_DEFAULT,
+    AUTO_VAL_FRACTION,
+    AUTO_VAL_MAX_PER_CLASS,
+    fraction_problem,
+    positive_int_problem,
+)
 from freezetune.preprocess import Preprocess
 from freezetune.progress import NOT_HELD_OUT
 from freezetune.run_log import warn_once
 
 log = logging.getLogger(__name__)
 
-AUTO_VAL_FRACTION = 0.1  # held out per class when no validation data is given
-AUTO_VAL_MAX_PER_CLASS = 50  # enough to rank recipes, cheap to cache and to evaluate every epoch
 _EXPECTED = (
     "an IDX directory (train-images-idx3-ubyte[.gz], ...), an image folder (DIR/<class>/*) or a CSV file (a "
     "text model's: .csv or .tsv)"
