@@ -117,6 +117,15 @@ def test_unknown_key_suggests_the_closest(capsys):
         load_config(overrides={"batchsize": 4, "data": "x"})
 
 
+def test_a_typo_in_python_names_the_key_it_meant():
+    # the notebook user's TrainConfig(epoch=3) got Python's TypeError, which lists nothing; the same typo in YAML or
+    # on the command line named "epochs"
+    with pytest.raises(ConfigError, match=r"'epoch' \(did you mean 'epochs'\?\)"):
+        TrainConfig(data="x", epoch=3)
+    cfg = dataclasses.replace(TrainConfig(data="x", epochs=2), lr=0.5)  # the keys it knows still build it
+    assert (cfg.epochs, cfg.lr) == (2, 0.5)
+
+
 def test_bad_yaml_files_are_user_errors(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "missing.yaml")

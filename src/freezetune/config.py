@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import math
 import os
 from dataclasses import dataclass, field, fields
@@ -176,6 +177,20 @@ class TrainConfig:
 
 # The settings that name a file or folder. A run records them absolute: its config.yaml and checkpoints are read again
 # by a --resume, an eval or a `train --config` that may run from another directory.
+def _naming_unknown_keys(init):
+    """``TrainConfig(epoch=3)`` names the key it meant, as the same typo in a YAML file does (Python's TypeError
+    named none and listed nothing)."""
+
+    @functools.wraps(init)
+    def checked(self, *args: Any, **kwargs: Any) -> None:
+        _check_keys(kwargs)
+        init(self, *args, **kwargs)
+
+    return checked
+
+
+TrainConfig.__init__ = _naming_unknown_keys(TrainConfig.__init__)
+
 PATH_FIELDS = ("data", "val_data", "init", "cache_dir")
 _HF = "hf:"
 
