@@ -55,6 +55,17 @@ def test_each_named_recipe_says_what_it_freezes():
     assert probe.cfg.lr > tune.cfg.lr and not probe.cfg.final_test
 
 
+def test_lp_ft_s_probe_leaves_decay_and_stage_lrs_to_the_fine_tune_and_probes_at_10x_its_head_lr():
+    # the probe trains the head alone: it printed "not used" for --decay and --stage-lrs, which the fine-tune uses,
+    # and a head LR given in --stage-lrs replaced its 10x step (1x the fine-tune's head LR)
+    cfg = TrainConfig(data="d", out="runs/x", model="timm:test_efficientnet", img_size=32, lr=1e-3, decay=2.0,
+                      stage_lrs={"classifier": 4e-3, "blocks.*": 1e-4})  # fmt: skip
+    probe, tune = phases(cfg, "lp-ft")
+    assert (probe.cfg.stage_lrs, probe.cfg.decay, probe.cfg.lr) == ({}, None, pytest.approx(4e-2))
+    assert (tune.cfg.stage_lrs, tune.cfg.decay, tune.cfg.lr) == (cfg.stage_lrs, 2.0, 1e-3)
+    assert phases(dataclasses.replace(cfg, stage_lrs={"blocks.4": 1e-4}), "lp-ft")[0].cfg.lr == pytest.approx(1e-2)
+
+
 def test_recipe_and_freeze_together_or_an_unknown_recipe_are_refused():
     with pytest.raises(ConfigError, match="not both"):
         load_config(overrides={"data": "d", "recipe": "full", "freeze": "-2"})

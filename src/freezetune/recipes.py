@@ -75,12 +75,25 @@ def phases(cfg: TrainConfig, recipe: str) -> list[Phase]:
         return [Phase(recipe, dataclasses.replace(base, freeze=-(last_k(recipe) + 1), unfreeze=None))]
     if recipe == "lp-ft":
         out = Path(cfg.out) if cfg.out else None
-        probe = dataclasses.replace(base, freeze="backbone", unfreeze=None, bn="frozen", lr=cfg.lr * PROBE_LR_FACTOR,
-                                    out=str(out / "probe") if out else None, final_test=False)  # fmt: skip
+        # the probe trains the head alone: --decay and --stage-lrs set the fine-tune's lower stages (the probe said
+        # they were "not used"), and a head LR they give is the fine-tune's, which the probe's is 10x as for --lr
+        probe = dataclasses.replace(base, freeze="backbone", unfreeze=None, bn="frozen", stage_lrs={}, decay=None,
+                                    lr=_head_lr(cfg) * PROBE_LR_FACTOR, out=str(out / "probe") if out else None,
+                                    final_test=False)  # fmt: skip
         # the fine-tune keeps the statistics the probe's head was fitted on (freeze.hold_bn_statistics)
         tune = dataclasses.replace(base, freeze="none", unfreeze=None, bn_stats="frozen")
         return [Phase("probe", probe), Phase("fine-tune", tune)]
     raise ConfigError(f"recipe {recipe!r} has no phases here; 'auto' is planned by freezetune.auto")
+
+
+def _head_lr(cfg: TrainConfig) -> float:
+    """The head's LR in a run of ``cfg``: ``--lr``, unless ``--stage-lrs`` names the head (or a glob matches it)."""
+    if not cfg.stage_lrs:
+        return cfg.lr
+    from freezetune.param_groups import resolve_stage_lrs
+
+    names = structure(cfg.model, cfg.img_size)[0]
+    return resolve_stage_lrs(cfg.stage_lrs, list(names)).get(names[-1], cfg.lr)
 
 
 def plan_comment(cfg: TrainConfig) -> str:
