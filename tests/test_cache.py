@@ -70,6 +70,14 @@ def test_unfreeze_rebuilds_cache_at_new_boundary_and_still_matches(image_folder,
     assert len({line.split(";")[0] for line in boundaries}) == 3  # three different boundaries
 
 
+def test_the_unaugmented_cache_is_said_once_a_run_not_at_each_rebuild(image_folder, tmp_path):
+    lines = []
+    Trainer(_config(image_folder, tmp_path, "c", cache="auto", aug="light", unfreeze="epoch:1"),
+            echo=lines.append).fit()  # fmt: skip
+    assert sum("feature cache:" in line for line in lines) == 3  # built, then rebuilt at each of two unfreezes
+    assert sum("cached without augmentation" in line for line in lines) == 1, lines
+
+
 def test_cache_turns_off_when_boundary_is_no_longer_cacheable(image_folder, tmp_path):
     lines = []
     trainer = Trainer(

@@ -66,6 +66,7 @@ class FeaturePath:
         self._val_images = None
         self.train_module: nn.Module = model
         self.build_seconds = 0.0  # all cache builds so far
+        self._told_unaugmented = False
 
     @property
     def steps_per_epoch(self) -> int:
@@ -156,7 +157,8 @@ class FeaturePath:
         # each store by what happened to it: "read from DIR" when one of two was read said the other was too
         how = hows[0] if len(set(hows)) == 1 else f"training store {hows[0]}, validation store {hows[1]}"
         self.echo(f"feature cache: {why}; {info.describe()}{val}; {how} in {seconds:.1f}s")
-        if not augment and self.loaders.aug != "none":
+        if not augment and self.loaders.aug != "none" and not self._told_unaugmented:
+            self._told_unaugmented = True  # once a run: each rebuild at an unfreeze said it again
             self.echo(
                 f"note: training images are cached without augmentation (aug {self.loaders.aug!r} needs "
                 "--cache-views 2 or more: one fixed random view per image trains worse than the plain image)"
