@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -242,8 +243,12 @@ def test_a_stopped_run_saves_its_place_and_resumes_to_the_uninterrupted_metrics(
     if step:  # stopped in the training loop: last.pt holds that step, not a finished epoch
         last, rows = checkpoint.load(out / "last.pt"), _rows(out) if (out / "metrics.csv").exists() else []
         assert last["progress"]["step"] == step and len(rows) == last["epoch"]
-    code, _, err = run_cli(capsys, *_argv(data, out, cache, "--resume"))
+    code, stdout, err = run_cli(capsys, *_argv(data, out, cache, "--resume"))
     assert code == 0, err
+    if step:  # where the stop line left it; "after epoch 0 and step 5/5 of epoch 1" named an epoch never trained
+        at = re.search(r"at step (\d+)/(\d+) of epoch \d+", line)
+        assert f"resumed {out} {at[0]}" in stdout
+        assert ("the epoch's validation runs next" in stdout) == (at[1] == at[2])
     _assert_same_run(uninterrupted[cache], out)
 
 

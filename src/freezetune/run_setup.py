@@ -204,14 +204,19 @@ class RunSetup:
         checkpoint.restore(self.run_dir / checkpoint.LAST, self.state, self.progress, config=self.cfg.recorded(),
                            classes=self.classes, steps_per_epoch=self.steps_per_epoch)  # fmt: skip
         p = self.progress
-        within = f" and step {p.step}/{self.steps_per_epoch} of epoch {p.epoch + 1}" if p.step else ""
+        # where the stop line left it ("stopped ... at step 3/5 of epoch 2"): "after epoch 0 and step 7/7 of epoch 1"
+        # named an epoch never trained and left the user to guess the last step's validation had not run
+        where = f"after epoch {p.epoch}"
+        if p.step:
+            where = f"at step {p.step}/{self.steps_per_epoch} of epoch {p.epoch + 1}"
+            where += "; the epoch's validation runs next" if p.step >= self.steps_per_epoch else ""
         stopped = self.cfg.early_stop and p.bad_epochs >= self.cfg.early_stop
         done = ": the run had finished (early stop)" if stopped else ""
         if not done and p.epoch >= self.cfg.epochs and not p.step:  # a finished run: say so, not leave it to guess
             done = f": all {self.cfg.epochs} epochs were trained"
         end = "report, test split" if self.cfg.final_test else "report; the test split is not scored: --final-test"
         then = f"; nothing trains, only the run's end ({end}) runs again" if done else ""
-        self.echo(f"resumed {self.run_dir} after epoch {p.epoch}{within}{done}{then}")
+        self.echo(f"resumed {self.run_dir} {where}{done}{then}")
 
     def _prepare(self, module: nn.Module) -> nn.Module:
         """What a step runs: DDP over the parameters that train now, compiled when asked."""
