@@ -177,6 +177,18 @@ def test_a_resume_of_a_finished_run_says_it_had_finished(finished_run, tmp_path,
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
+def test_a_resume_of_a_finished_run_scores_it_without_building_the_cache(data, tmp_path):
+    # the run's end alone ran again, after the feature cache was built for epochs that never came (minutes on big data)
+    cfg = TrainConfig(data=str(data), out=str(tmp_path / "run"), model="timm:test_efficientnet", weights="none",
+                      img_size=32, device="cpu", workers=0, progress=False, batch_size=8, cache="memory", epochs=1,
+                      freeze="backbone", tensorboard=False)  # fmt: skip
+    first, lines = trainer.train(cfg, echo=lambda line: None), []
+    again = trainer.train(dataclasses.replace(cfg, resume=True), echo=lines.append)
+    assert "all 1 epochs were trained" in lines[0]
+    assert not any(line.startswith("feature cache") for line in lines), lines
+    assert again.test == first.test and again.best_epoch == first.best_epoch == 1
+
+
 def test_a_resume_with_other_settings_is_refused_before_the_model_and_data_are_read(finished_run, tmp_path, capsys,
                                                                                      monkeypatch):  # fmt: skip
     # the refusal came after the model was built and the whole data set scanned (minutes for a large folder)

@@ -70,7 +70,8 @@ class RunSetup:
         if self.resuming:
             self._resume()
         self._run_files()
-        self.features.build()
+        if not self.trained_out():  # a resume of a finished run only ends it: its cache took minutes on big data
+            self.features.build()
         self.seconds = {"cache": self.features.build_seconds, "val": 0.0, "epochs": 0.0}  # this process's
         self.spent_before = dict(self.progress.spent)  # a resumed run's earlier processes'
         self.fit_start: float | None = None
@@ -210,13 +211,18 @@ class RunSetup:
         if p.step:
             where = f"at step {p.step}/{self.steps_per_epoch} of epoch {p.epoch + 1}"
             where += "; the epoch's validation runs next" if p.step >= self.steps_per_epoch else ""
-        stopped = self.cfg.early_stop and p.bad_epochs >= self.cfg.early_stop
-        done = ": the run had finished (early stop)" if stopped else ""
-        if not done and p.epoch >= self.cfg.epochs and not p.step:  # a finished run: say so, not leave it to guess
-            done = f": all {self.cfg.epochs} epochs were trained"
+        done = ""
+        if self.trained_out():  # a finished run: say so, not leave it to guess
+            done = ": the run had finished (early stop)" if p.epoch < self.cfg.epochs else \
+                f": all {self.cfg.epochs} epochs were trained"  # fmt: skip
         end = "report, test split" if self.cfg.final_test else "report; the test split is not scored: --final-test"
         then = f"; nothing trains, only the run's end ({end}) runs again" if done else ""
         self.echo(f"resumed {self.run_dir} {where}{done}{then}")
+
+    def trained_out(self) -> bool:
+        """Whether no epoch is left to train: all were trained, or early stopping ended the run."""
+        p, cfg = self.progress, self.cfg
+        return bool(cfg.early_stop and p.bad_epochs >= cfg.early_stop) or (p.epoch >= cfg.epochs and not p.step)
 
     def _prepare(self, module: nn.Module) -> nn.Module:
         """What a step runs: DDP over the parameters that train now, compiled when asked."""

@@ -176,8 +176,8 @@ class Trainer(RunSetup):
         cfg, unfreezer = self.cfg, self.state.unfreezer
         # stages unfrozen after the previous epoch: non-empty only when resuming right after an unfreeze
         unfrozen = unfreezer.unfrozen_after(self.progress.epoch - 1) if unfreezer is not None else []
-        if cfg.early_stop and self.progress.bad_epochs >= cfg.early_stop:  # a resume of a run that stopped early:
-            return  # it is finished (the report and the test follow), as a run that trained all its epochs is
+        if self.trained_out():  # a resume of a run that stopped early is finished (the report and the test follow),
+            return  # as a run that trained all its epochs is
         for epoch in range(self.progress.epoch, cfg.epochs):
             row = self._run_epoch(epoch, unfrozen)
             last = epoch + 1 == cfg.epochs  # nothing trains after the last epoch: no unfreeze, no cache rebuild
