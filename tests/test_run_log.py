@@ -243,6 +243,19 @@ def test_the_header_names_the_python_api_when_no_command_started_the_process(tmp
     assert _said(tmp_path / LOG_FILE)[0].endswith("(Python API)")
 
 
+def test_the_header_is_stamped_when_the_run_began_not_when_its_directory_opened(tmp_path):
+    # the header was written with the lines that waited for the run dir, stamped after them: time ran backwards
+    import time
+
+    with log(lambda line: None, tmp_path) as say:
+        say("before the run dir is opened")
+        time.sleep(1.1)  # the data scan, the model: the dir opens seconds later
+        opened(tmp_path)
+        say("after")
+    stamps = [line[:19] for line in (tmp_path / LOG_FILE).read_text().splitlines()]
+    assert len(stamps) == 3 and stamps == sorted(stamps), stamps
+
+
 @pytest.mark.parametrize("how", [("--freeze", "-3"), ()])
 def test_a_refused_resume_leaves_the_runs_log_as_it_was(data, tmp_path, capsys, how):
     # the auto recipe's level knew its directory from the start: a refusal could be written into it

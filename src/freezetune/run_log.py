@@ -48,6 +48,7 @@ class _Level:
         self.pending: list[str] = []
         self.opened = False  # the header written, in this process
         self.warned: set[str] = set()  # the warnings this level's log holds (once each)
+        self.started = time.time()  # the header's stamp: it is written with the first lines, which waited for it
 
     def where(self) -> Path | int:
         """What identifies this level's file: its path (resolved when given), or the level itself while it has none."""
@@ -56,7 +57,7 @@ class _Level:
     def flush(self) -> None:
         if not (self.confirmed and self.pending and self.path is not None and self.path.parent.is_dir()):
             return
-        head = [] if self.opened else [_stamped(_header())]  # a resume's lines follow its own header
+        head = [] if self.opened else [_stamped(_header(), self.started)]  # a resume's lines follow its own header
         try:
             with open(self.path, "a", encoding="utf-8") as f:
                 f.write("".join([*head, *self.pending]))
@@ -284,7 +285,8 @@ def _header() -> str:
     return f"freezetune {__version__}, pid {os.getpid()}: {how}"
 
 
-def _stamped(line: str) -> str:
-    """Each physical line of ``line`` behind the same time stamp (a table's columns stay aligned)."""
-    stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+def _stamped(line: str, when: float | None = None) -> str:
+    """Each physical line of ``line`` behind the same time stamp, ``when``'s or now's (a table's columns stay
+    aligned)."""
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(when))
     return "".join(f"{stamp}  {part}\n" for part in str(line).split("\n"))
