@@ -175,8 +175,6 @@ class TrainConfig:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
-# The settings that name a file or folder. A run records them absolute: its config.yaml and checkpoints are read again
-# by a --resume, an eval or a `train --config` that may run from another directory.
 def _naming_unknown_keys(init):
     """``TrainConfig(epoch=3)`` names the key it meant, as the same typo in a YAML file does (Python's TypeError
     named none and listed nothing)."""
@@ -191,6 +189,9 @@ def _naming_unknown_keys(init):
 
 TrainConfig.__init__ = _naming_unknown_keys(TrainConfig.__init__)
 
+
+# The settings that name a file or folder. A run records them absolute: its config.yaml and checkpoints are read again
+# by a --resume, an eval or a `train --config` that may run from another directory.
 PATH_FIELDS = ("data", "val_data", "init", "cache_dir")
 _HF = "hf:"
 
