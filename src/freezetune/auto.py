@@ -84,7 +84,8 @@ def run(cfg: TrainConfig, *, echo: Callable[[str], None] = print, train: Callabl
     train = train or trainer.train
     info = init_from_env(cfg.device)  # under torchrun: rank 0 says and writes; every rank takes its decisions
     echo = main_echo(echo, info)
-    out = broadcast(Path(cfg.out) if cfg.out else runtime.default_run_dir(cfg.model), info)  # rank 0's clock names it
+    # rank 0's clock names it
+    out = broadcast(Path(cfg.out) if cfg.out else runtime.new_run_dir(cfg.model, claim=info.is_main), info)
     saved = out / RECIPE_FILE
     if cfg.resume and saved.is_file():  # the decision was made before the interruption: keep it
         decision = json.loads(saved.read_text())

@@ -204,11 +204,11 @@ def run(cfg: TrainConfig, *, echo: Callable[[str], None] = print, train: Callabl
         check_last_k(cfg, recipe)
     from freezetune.distributed import broadcast, init_from_env
     from freezetune.run_log import log_to
-    from freezetune.runtime import default_run_dir, prepare_run_dir
+    from freezetune.runtime import new_run_dir, prepare_run_dir
 
     info = init_from_env(cfg.device)
     if not cfg.out:  # one run dir for all phases (the earlier ones below it), as --out gives, and its train.log
-        cfg = dataclasses.replace(cfg, out=str(broadcast(default_run_dir(cfg.model), info)))
+        cfg = dataclasses.replace(cfg, out=str(broadcast(new_run_dir(cfg.model, claim=info.is_main), info)))
     if not cfg.resume:  # refuse a run dir in use before any phase writes below it (rank 0 alone clears)
         prepare_run_dir(cfg.out, cfg.model, resume=False, clean=info.is_main, echo=echo)
         if info.is_main:  # what was asked, which a --resume with the same command continues (asked_config)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import random
 import re
@@ -14,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from freezetune import checkpoint
+from freezetune import checkpoint, run_lock
 from freezetune.data.loaders import epoch_seed
 from freezetune.errors import CheckpointError, ConfigError
 from freezetune.reporting import METRICS_CSV, REPORT_PNG
@@ -57,7 +58,9 @@ def prepare_run_dir(out: str | None, model: str, *, resume: bool, clean: bool = 
     from freezetune._io import remove_stale_temps
 
     check_resume_target(out, resume)
-    run_dir = Path(out) if out else default_run_dir(model)
+    run_dir = Path(out) if out else new_run_dir(model, claim=clean)
+    if clean:  # a second process on this dir is refused before it checks or clears anything (run_lock)
+        run_lock.claim(run_dir)
     traces = _check_run_dir(run_dir, resume=resume)
     finished = (run_dir / checkpoint.LAST).is_file()
     if clean and run_dir.is_dir():
@@ -198,6 +201,28 @@ def default_run_dir(model: str) -> Path:
     parts = [p for p in re.split(r"[/\\:]", model.split(":", 1)[-1]) if p not in ("", ".", "..")]
     name = "_".join(parts[-2:]).lstrip(".") or "model"
     return Path("runs") / f"{name}-{datetime.now():%Y%m%d-%H%M%S}"
+
+
+def new_run_dir(model: str, *, claim: bool = True) -> Path:
+    """A run dir without ``--out`` that no other run has: ``default_run_dir``, or it with ``-2``, ``-3``... when that
+    one exists or another process has claimed it (two runs started in one second shared one, both exiting 0).
+    ``claim``: hold it for this process (``run_lock.claim``); the other ranks under DDP take rank 0's.
+
+    >>> new_run_dir("timm:resnet50", claim=False).parent
+    PosixPath('runs')
+    """
+    base = default_run_dir(model)
+    for n in itertools.count(1):
+        run_dir = base.with_name(f"{base.name}-{n}") if n > 1 else base
+        if run_dir.exists() or run_dir.is_symlink():
+            continue
+        try:
+            if claim:
+                run_lock.claim(run_dir)
+        except run_lock.RunDirInUse:
+            continue
+        return run_dir
+    raise AssertionError("unreachable")
 
 
 def recompile(module: nn.Module, backend: str | None = None) -> nn.Module:

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import yaml
 
+from freezetune import run_lock
 from freezetune._io import atomic_output, atomic_write_text
 from freezetune.config import TrainConfig, load_config, validate
 from freezetune.epoch_log import human
@@ -81,8 +82,15 @@ def sweep(cfg: TrainConfig, recipes: str | list[str] | tuple[str, ...] = DEFAULT
     """
     out = Path(out or cfg.out or DEFAULT_OUT)
     runs = _run_configs(cfg, _names(recipes), out)
-    if (out / "sweep.csv").exists() and not cfg.resume:
-        raise ConfigError(f"{str(out)!r} already holds a sweep (sweep.csv); choose another --out")
+    with run_lock.scope():  # two sweeps into one dir both "won", with different winners: the second is refused
+        if os.environ.get("RANK", "0") == "0":  # (under torchrun, rank 0 writes for all)
+            run_lock.claim(out)
+        if (out / "sweep.csv").exists() and not cfg.resume:
+            raise ConfigError(f"{str(out)!r} already holds a sweep (sweep.csv); choose another --out")
+        return _sweep(cfg, runs, out, echo)
+
+
+def _sweep(cfg: TrainConfig, runs: dict[str, TrainConfig], out: Path, echo: Callable[[str], None]) -> SweepResult:
     with log(echo, name=SWEEP_LOG) as echo:  # every recipe's lines, and the table, in the sweep's own log
         _keep_settings(out, cfg)
         log_to(out)

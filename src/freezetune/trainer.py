@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Iterator
 from itertools import islice
 
-from freezetune import checkpoint, epoch_log, recipes, reporting, run_log, runtime
+from freezetune import checkpoint, epoch_log, recipes, reporting, run_lock, run_log, runtime
 from freezetune.config import TrainConfig, validate
 from freezetune.data import noun
 from freezetune.data.text import truncation_note
@@ -63,7 +63,9 @@ def train(cfg: TrainConfig, *, echo: Callable[[str], None] = print, resumable: b
     # run) share it; left and joined again between them, the ranks' third join never met
     owner = not in_group()
     # the log (train.log) around the rest: it records the line of whatever error or stop ends the run
-    with run_log.log(echo) as echo, out_of_memory_hint(cfg.batch_size), StopRequest().listening(defer=False):
+    # run_lock.scope: the run dirs this run claimed (its own, a recipe's, its trials') are released at its end
+    with run_log.log(echo) as echo, out_of_memory_hint(cfg.batch_size), StopRequest().listening(defer=False), \
+            run_lock.scope():  # fmt: skip
         try:
             if recipes.recipe_of(cfg) is not None:
                 return recipes.run(cfg, echo=echo)

@@ -1,0 +1,99 @@
+"""One run directory, one process: a second process is refused, whatever the files in the directory say."""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from _engine_fixtures import make_image_folder, run_cli, snapshot, train_argv
+from freezetune import run_lock, runtime
+from freezetune.run_lock import RunDirInUse
+
+HOLDER = "import sys, time; from freezetune import run_lock; run_lock.claim(sys.argv[1]); print('held', flush=True); " \
+         "time.sleep(120)"  # fmt: skip
+
+
+@contextlib.contextmanager
+def held_elsewhere(run_dir: Path):
+    """Another process holding ``run_dir`` (as a run training there does) until the block ends; its pid."""
+    proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(run_dir)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "held"
+        yield proc
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_a_directory_another_process_holds_is_refused_until_that_process_dies(tmp_path):
+    with held_elsewhere(tmp_path / "run") as holder:
+        with pytest.raises(RunDirInUse, match=rf"is in use by another freezetune process \(pid {holder.pid}\)"):
+            run_lock.claim(tmp_path / "run")
+        with pytest.raises(RunDirInUse):  # the same directory by another path
+            run_lock.claim(tmp_path / "x" / ".." / "run")
+        holder.send_signal(signal.SIGKILL)  # killed, it leaves no lock behind
+        holder.wait()
+        with run_lock.scope():
+            run_lock.claim(tmp_path / "run")
+
+
+def test_claims_are_reentrant_in_a_process_and_released_by_the_scope_that_made_them(tmp_path):
+    # the auto recipe claims its dir, its final run claims it again: the run's end must not release the recipe's
+    with run_lock.scope():
+        run_lock.claim(tmp_path / "run")
+        with run_lock.scope():
+            run_lock.claim(tmp_path / "run")
+            run_lock.claim(tmp_path / "run" / "trial")
+        assert _refused_elsewhere(tmp_path / "run") and not _refused_elsewhere(tmp_path / "run" / "trial")
+    assert not _refused_elsewhere(tmp_path / "run")
+
+
+def _refused_elsewhere(run_dir: Path) -> bool:
+    code = "import sys; from freezetune import run_lock\ntry:\n run_lock.claim(sys.argv[1])\nexcept run_lock." \
+           "RunDirInUse:\n sys.exit(3)"  # fmt: skip
+    return subprocess.run([sys.executable, "-c", code, str(run_dir)]).returncode == 3
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_image_folder(tmp_path_factory.mktemp("images"), train=8, val=0, test=2)
+
+
+@pytest.mark.parametrize("extra", [(), ("--freeze", "-3"), ("--freeze", "-3", "--resume")])
+def test_a_run_into_a_directory_in_use_is_refused_in_one_line_and_changes_nothing(data, tmp_path, capsys, extra):
+    # two runs on one --out both exited 0: metrics.csv held both runs' rows, and one scored the other's best.pt
+    out = tmp_path / "run"
+    code, _, err = run_cli(capsys, *train_argv(data, out, "--epochs", "1", *extra[:2]))
+    assert code == 0, err
+    before = snapshot(out)
+    with held_elsewhere(out) as holder:
+        code, stdout, err = run_cli(capsys, *train_argv(data, out, "--epochs", "1", *extra))
+    assert code == 2 and stdout == ""
+    assert err == f"freezetune: error: '{out}' is in use by another freezetune process (pid {holder.pid}): wait for " \
+                  "it to end, or give another --out\n"  # fmt: skip
+    assert snapshot(out) == before
+
+
+def test_runs_without_out_started_in_one_second_get_a_directory_each(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(runtime, "default_run_dir", lambda model: Path("runs") / "m-20261202-101010")
+    (tmp_path / "runs" / "m-20261202-101010").mkdir(parents=True)  # a run that began this second (or ended)
+    with held_elsewhere(tmp_path / "runs" / "m-20261202-101010-2"), run_lock.scope():  # one starting beside us
+        assert runtime.new_run_dir("timm:m") == Path("runs/m-20261202-101010-3")
+        assert _refused_elsewhere(tmp_path / "runs" / "m-20261202-101010-3")  # and claimed for this run
+
+
+def test_a_second_sweep_into_a_directory_in_use_is_refused_before_any_recipe(tmp_path):
+    from freezetune.config import TrainConfig
+    from freezetune.sweep import sweep
+
+    cfg = TrainConfig(data=str(tmp_path / "no-data-needed"), model="timm:test_efficientnet", weights="none",
+                      img_size=32)  # fmt: skip
+    with held_elsewhere(tmp_path / "sweep"), pytest.raises(RunDirInUse):
+        sweep(cfg, "linear-probe", out=tmp_path / "sweep", echo=lambda line: None)
+    assert not (tmp_path / "sweep").exists()
