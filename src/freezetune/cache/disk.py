@@ -2,7 +2,7 @@
 
 A stored store is found again by a key over everything its features depend on: the frozen prefix's weights and
 buffers (not the model's name: a prefix fine-tuned in an earlier phase computes other features), the cut, the
-images (their bytes, or each file's path, size and modification time), the labels, how images become inputs (the
+images (their bytes, or each file's path, size, modification and change times and inode), the labels, how images become inputs (the
 model's preprocessing, the augmentation preset, the decode path), the number of views, the seed and the dtype.
 Anything that changes one of these misses the cache; nothing stale is ever read.
 """
@@ -27,7 +27,8 @@ from freezetune.split import Split
 
 log = logging.getLogger(__name__)
 
-VERSION = 2  # bump when the stored layout or what a key covers changes (2: photos turned upright by their EXIF tag)
+VERSION = 3  # bump when the stored layout or what a key covers changes (2: photos turned upright by their EXIF tag;
+# 3: a file's change time and inode)
 _MARGIN = 64 << 20  # left free for the file system and the run's own small files
 
 
@@ -83,8 +84,11 @@ def data_fingerprint(dataset: Dataset) -> str | None:
                 return None
             # absolute: a resume reads --data from config.yaml, where it is absolute; a run given a relative --data
             # never found its stores again (rebuilt and stored twice). fsencode: a file name that is not UTF-8 (an
-            # old Latin-1 zip) keeps its bytes instead of failing
-            h.update(os.fsencode(os.path.abspath(path)) + f"\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+            # old Latin-1 zip) keeps its bytes instead of failing. The change time and inode too: an image
+            # rewritten in place with its size and modification time put back (tar, rsync -a, cp -p, touch -r) read
+            # the old features; nothing sets a change time back
+            h.update(os.fsencode(os.path.abspath(path))
+                     + f"\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}\0{st.st_ino}\n".encode())  # fmt: skip
     else:
         return None
     h.update(torch.as_tensor(dataset.targets).numpy().tobytes())
