@@ -177,6 +177,28 @@ def test_a_resume_of_a_finished_run_says_it_had_finished(finished_run, tmp_path,
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
+def test_a_resume_reads_its_weights_from_last_pt_not_the_pretrained_ones_again(data, tmp_path):
+    # a preempted run resumed on an offline node (or after its weights file moved) stopped: the pretrained weights
+    # were fetched again, only to be replaced by last.pt's
+    from safetensors.torch import save_file
+
+    from freezetune.models import create_model
+
+    weights = tmp_path / "w.safetensors"
+    save_file(create_model("timm:test_efficientnet", "none")[0].state_dict(), weights)
+    cfg = TrainConfig(data=str(data), out=str(tmp_path / "run"), model="timm:test_efficientnet", weights=str(weights),
+                      img_size=32, device="cpu", workers=0, progress=False, batch_size=8, cache="off", epochs=2,
+                      scheduler="none", freeze=-3, tensorboard=False)  # fmt: skip
+    whole = trainer.train(dataclasses.replace(cfg, out=str(tmp_path / "whole")), echo=lambda line: None)
+    trainer.train(dataclasses.replace(cfg, epochs=1), echo=lambda line: None)
+    weights.rename(tmp_path / "moved.safetensors")
+    resumed = trainer.train(dataclasses.replace(cfg, resume=True), echo=lambda line: None)
+    assert [(r["train_loss"], r["val_loss"]) for r in resumed.history] == \
+        [(r["train_loss"], r["val_loss"]) for r in whole.history]  # fmt: skip
+    a, b = (checkpoint.load(r.run_dir / "last.pt")["state_dict"] for r in (whole, resumed))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_a_resume_of_a_finished_run_scores_it_without_building_the_cache(data, tmp_path):
     # the run's end alone ran again, after the feature cache was built for epochs that never came (minutes on big data)
     cfg = TrainConfig(data=str(data), out=str(tmp_path / "run"), model="timm:test_efficientnet", weights="none",
