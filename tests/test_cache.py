@@ -281,6 +281,22 @@ def test_a_full_cache_dir_keeps_no_copy_and_says_so(tmp_path, monkeypatch, caplo
     assert disk.save(tmp_path / "c", "k", torch.zeros(4, 8), torch.zeros(4, dtype=torch.long)).is_file()
 
 
+def test_a_cache_write_that_fails_midway_keeps_no_copy_and_the_run_goes_on(tmp_path, monkeypatch, caplog):
+    # the room checked, then a file-size limit (or a disk another job filled meanwhile): the run stopped on an error
+    # before epoch 1, though it trains from the store it holds
+    import errno
+
+    from freezetune.cache import disk
+
+    def full(record, path):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(disk, "atomic_save", full)
+    with caplog.at_level("WARNING"):
+        assert disk.save(tmp_path / "c", "k", torch.zeros(4, 8), torch.zeros(4, dtype=torch.long)) is None
+    assert "not kept for later runs: No space left on device" in caplog.text and "k.pt" in caplog.text
+
+
 def test_cache_features_names_what_a_dataset_of_other_items_yields():
     import freezetune as ft
     from conftest import TinyCNN

@@ -833,3 +833,20 @@ def test_a_run_whose_output_goes_to_a_file_writes_each_line_as_it_comes(tmp_path
         marker.unlink(missing_ok=True)
         proc.wait(timeout=120)
     assert proc.returncode == 0 and "epoch 2/2" in log.read_text()
+
+
+def test_a_disk_that_fills_under_a_checkpoint_is_one_line_naming_the_file_and_exit_2(tmp_path):
+    # torch's zip writer turned the failed write into a RuntimeError: a 40-line traceback and exit code 1
+    import resource
+
+    data, out = make_image_folder(tmp_path / "imgs", train=6, val=2, test=2), tmp_path / "run"
+
+    def small_disk():  # every file this process writes stops at 64 KiB; a checkpoint of the tiny model is larger
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 16, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+
+    argv = [sys.executable, "-m", "freezetune", *train_argv(data, out, "--epochs", "1", "--freeze", "-3")]
+    done = subprocess.run(argv, capture_output=True, text=True, preexec_fn=small_disk)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith("freezetune: error: File too large (") and len(done.stderr.splitlines()) == 1
+    assert f"({out}{'/'}" in done.stderr and ".tmp" not in done.stderr
+    assert not list(out.rglob("*.tmp"))

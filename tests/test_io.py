@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pickle
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -25,3 +27,27 @@ def test_atomic_write_text_replaces_and_cleans_up(tmp_path):
     atomic_write_text(path, "two\n")
     assert path.read_text() == "two\n"
     assert [p.name for p in path.parent.iterdir()] == ["note.txt"]
+
+
+FULL_DISK = """
+import resource, sys, torch
+from freezetune._io import atomic_save
+path = sys.argv[1]
+atomic_save({"epoch": 1}, path)
+resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 16, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))  # a full disk
+try:
+    atomic_save({"epoch": 2, "w": torch.zeros(1 << 18)}, path)
+except OSError as exc:
+    print(exc.errno, exc.filename)
+"""
+
+
+def test_a_full_disk_under_torch_save_is_an_os_error_naming_the_file(tmp_path):
+    # torch's zip writer turned the failed write into a RuntimeError: the CLI printed a 40-line traceback, exit 1
+    import errno
+
+    path = tmp_path / "last.pt"
+    out = subprocess.run([sys.executable, "-c", FULL_DISK, str(path)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == [str(errno.EFBIG), str(path)]  # the file the user knows, not the temporary one
+    assert torch.load(path) == {"epoch": 1} and [p.name for p in tmp_path.iterdir()] == ["last.pt"]

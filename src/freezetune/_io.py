@@ -48,16 +48,18 @@ def atomic_output(path: str | Path) -> Iterator[Path]:
     # A name of our own (not mkstemp) so the file is created with the normal umask-derived mode: mkstemp's 0600
     # would make checkpoints unreadable to the rest of a team after the rename.
     tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
-    with open(tmp, "xb"):
-        pass
     try:
+        with open(tmp, "xb"):
+            pass
         yield tmp
         _fsync_path(tmp)
         pause_point(f"rename:{path.name}")
         os.replace(tmp, path)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
-        if exc.filename == str(tmp):  # the error names the hidden temporary file: name the user's path instead
+        # a failed write names no file ("No space left on device", said of nothing), the hidden temporary one
+        # names a file the user never sees: name the user's path instead
+        if exc.errno is not None and exc.filename in (None, str(tmp)):
             raise type(exc)(exc.errno, exc.strerror, str(path)) from exc
         raise
     except BaseException:
@@ -137,8 +139,14 @@ def atomic_save(obj: Any, path: str | Path) -> Path:
     >>> torch.load(p)["step"]
     3
     """
-    with atomic_output(path) as tmp, open(tmp, "wb") as f:
-        torch.save(obj, f)
+    try:
+        with atomic_output(path) as tmp, open(tmp, "wb") as f:
+            torch.save(obj, f)
+    except RuntimeError as exc:  # torch's zip writer turns a failed write (a full disk) into its own RuntimeError:
+        failed = exc.__cause__ or exc.__context__  # the CLI printed a 40-line traceback with exit code 1
+        if isinstance(failed, OSError) and failed.errno is not None:
+            raise OSError(failed.errno, failed.strerror, str(path)) from exc
+        raise
     return Path(path)
 
 

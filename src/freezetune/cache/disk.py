@@ -141,4 +141,9 @@ def save(cache_dir: Path, key: str, features: torch.Tensor, targets: torch.Tenso
         log.warning("feature cache not kept for later runs: it %s (choose another --cache-dir)", problem)
         return None
     record = {"features": features.detach().cpu().contiguous(), "targets": targets.cpu()}
-    return atomic_save(record, Path(cache_dir) / f"{key}.pt")
+    try:
+        return atomic_save(record, Path(cache_dir) / f"{key}.pt")
+    except OSError as exc:  # the room checked above taken meanwhile, a file-size limit: the run goes on without it
+        log.warning("feature cache not kept for later runs: %s (%s); choose another --cache-dir", exc.strerror or exc,
+                    exc.filename)  # fmt: skip
+        return None
