@@ -146,6 +146,26 @@ def test_config_yaml_of_the_run_resolves_to_the_same_config(run, data, capsys):
 # --- eval / predict / export / inspect ----------------------------------------------------------------------------
 
 
+def test_eval_beside_a_checkpoint_in_a_read_only_folder_prints_its_scores_and_warns(run, data, capsys, monkeypatch):
+    # the default confusion plot goes beside the checkpoint: in a read-only folder (a shared model store) the scores
+    # were thrown away and the error named a hidden temporary file
+    import errno
+
+    from freezetune import metrics
+
+    def read_only(result, classes, path):
+        raise OSError(errno.EROFS, "Read-only file system", str(path))
+
+    monkeypatch.setattr(metrics, "plot_confusion", read_only)
+    code, out, err = run_cli(capsys, "eval", "--checkpoint", run[0] / "best.pt", "--data", data, "--device", "cpu")
+    assert code == 0 and "macro-F1" in out and "per-class accuracy" in out
+    assert err == (f"freezetune: warning: the confusion matrix was not drawn: Read-only file system "
+                   f"({run[0] / f'eval_{data.name}_confusion.png'}); --plot PATH puts it elsewhere\n")  # fmt: skip
+    code, out, err = run_cli(capsys, "eval", "--checkpoint", run[0] / "best.pt", "--data", data, "--device", "cpu",
+                             "--plot", run[0] / "mine.png")  # fmt: skip
+    assert code == 2 and "macro-F1" in out and err.startswith("freezetune: error: Read-only file system")
+
+
 def test_eval_prints_the_report_and_matches_the_run_test_metrics(run, data, capsys, tmp_path):
     run_dir = run[0]
     plot = tmp_path / "confusion.png"

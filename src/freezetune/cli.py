@@ -269,7 +269,7 @@ def _cmd_sweep(args) -> int:
 def _cmd_eval(args) -> int:
     from freezetune.inference import evaluate_checkpoint, write_evaluation
     from freezetune.memory import out_of_memory_hint
-    from freezetune.metrics import plot_format
+    from freezetune.metrics import format_report, plot_format
 
     # named after the data: evaluating a second dataset must not replace the first one's plot
     name = re.sub(r"[^\w.-]+", "_", Path(args.data).name or "data")
@@ -278,7 +278,15 @@ def _cmd_eval(args) -> int:
     with out_of_memory_hint(args.batch_size, training=False):
         result = evaluate_checkpoint(args.checkpoint, args.data, batch_size=args.batch_size, device=args.device)
     print(f"scored {result['n']} of {result['data']}")
-    print(write_evaluation(result, result["classes"], plot=plot, metrics=args.metrics))
+    print(format_report(result, result["classes"]))  # first: a folder the files cannot go to must not cost the scores
+    try:
+        write_evaluation(result, result["classes"], plot=plot, metrics=args.metrics)
+    except OSError as exc:
+        if args.plot or args.metrics:  # asked for by name: the error says why it is not there
+            raise
+        print(f"freezetune: warning: the confusion matrix was not drawn: {exc.strerror or exc} ({exc.filename}); "
+              "--plot PATH puts it elsewhere", file=sys.stderr)  # fmt: skip
+        return 0
     print(f"confusion matrix -> {plot}" + (f", metrics -> {args.metrics}" if args.metrics else ""))
     return 0
 
