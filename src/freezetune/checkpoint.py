@@ -143,10 +143,24 @@ def best_record(record: dict[str, Any], progress, row: dict) -> dict[str, Any]:
     return {**record, "epoch": progress.epoch, "metrics": {k: v for k, v in row.items() if isinstance(v, (int, float))}}
 
 
-def last_record(record: dict[str, Any], state: TrainingState, progress, steps_per_epoch: int) -> dict[str, Any]:
-    """``last.pt``'s content: ``record`` plus the full resume state after ``progress.epoch`` finished epochs."""
+def data_record(train, val) -> dict[str, Any]:
+    """What ``last.pt`` keeps of the data it trained on, for a resume to check (``restore``): each split's size and
+    digest (``cache.disk.data_fingerprint``: each file's path, size and times, or the images' bytes; the labels; None
+    for a text dataset, checked by its size alone)."""
+    from freezetune.cache.disk import data_fingerprint
+    from freezetune.data.datasets import noun
+
+    return {name: {"n": len(ds), "digest": data_fingerprint(ds), "noun": noun(ds)}
+            for name, ds in (("training", train), ("validation", val)) if ds is not None}  # fmt: skip
+
+
+def last_record(record: dict[str, Any], state: TrainingState, progress, steps_per_epoch: int, *,
+                data: dict[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
+    """``last.pt``'s content: ``record`` plus the full resume state after ``progress.epoch`` finished epochs, and
+    ``data`` (``data_record``) the run trains on."""
     return {
         **record,
+        "data": data,
         "epoch": progress.epoch,
         "steps_per_epoch": steps_per_epoch,
         "optimizer": state.optimizer.state_dict(),
@@ -159,12 +173,12 @@ def last_record(record: dict[str, Any], state: TrainingState, progress, steps_pe
 
 
 def save_epoch(writer: Writer, record: dict[str, Any], state: TrainingState, progress, steps_per_epoch: int, *,
-               row: dict, improved: bool, last: bool = True) -> None:  # fmt: skip
+               row: dict, improved: bool, last: bool = True, data: dict[str, Any] | None = None) -> None:  # fmt: skip
     """After an epoch: hand ``writer`` ``best.pt`` when the epoch improved, and ``last.pt`` (unless ``last`` is
     False: a run that is never resumed). Both are taken now; the writer puts them on disk, best first."""
     writer.submit(
         best=best_record(record, progress, row) if improved else None,
-        last=last_record(record, state, progress, steps_per_epoch) if last else None,
+        last=last_record(record, state, progress, steps_per_epoch, data=data) if last else None,
     )
 
 
@@ -269,14 +283,16 @@ def _snapshot(value: Any) -> Any:
 
 
 def restore(path: str | Path, state: TrainingState, progress, *, config: dict[str, Any], classes: list[str],
-            steps_per_epoch: int) -> None:  # fmt: skip
+            steps_per_epoch: int, data: dict[str, Any] | None = None) -> None:  # fmt: skip
     """Continue a run from its ``last.pt``: load into ``state`` (set up as at the start of that run) and ``progress``.
 
-    ``config``, ``classes`` and ``steps_per_epoch`` are this run's: its model, classes, LR schedule and every setting
-    but those of ``config.RESUME_MAY_CHANGE`` must be those of ``last.pt``; a mismatch is refused with the reason (the
-    changed settings, old -> new), before anything is loaded.
+    ``config``, ``classes``, ``steps_per_epoch`` and ``data`` (``data_record``) are this run's: its data, model,
+    classes, LR schedule and every setting but those of ``config.RESUME_MAY_CHANGE`` must be those of ``last.pt``; a
+    mismatch is refused with the reason (the data's change, the changed settings, old -> new), before anything is
+    loaded.
     """
     record = load(path)
+    _check_data(Path(path), record.get("data"), data)
     _check_resumable(Path(path), record, {**config, "classes": classes, "steps_per_epoch": steps_per_epoch})
     state.model.load_state_dict(record["state_dict"])
     if state.unfreezer is not None and record.get("unfreezer"):
@@ -303,6 +319,29 @@ def check_settings(path: str | Path, config: dict[str, Any]) -> None:
         config = {k: v for k, v in config.items() if k != "batch_size"}
     record = load(path, mmap=True)  # the weights are not read: only the config is needed
     _check_resumable(Path(path), record, {**config, "classes": record.get("classes")})
+
+
+def _check_data(path: Path, saved: dict[str, Any] | None, now: dict[str, Any] | None) -> None:
+    """Refuse a resume on other data than its ``last.pt`` trained on: images deleted or added went on in silence (a
+    class added was said to be another config's), and a held-out validation split drawn again from them took
+    images epoch 1 had trained on. A ``last.pt`` of an older freezetune kept no record: nothing to compare."""
+    if not saved or now is None:
+        return
+    changed = []
+    for split in dict.fromkeys([*saved, *now]):
+        old, new = saved.get(split), now.get(split)
+        if old is None or new is None:
+            changed.append(f"{'no' if old is None else 'a'} {split} split then, {'a' if new is None else 'no'} "
+                           "one now")  # fmt: skip
+        elif old["n"] != new["n"]:
+            changed.append(f"{old['n']} -> {new['n']} {split} {new['noun']}")
+        elif old["digest"] != new["digest"]:
+            changed.append(f"{split} {new['noun']}: {new['n']} as before, other files or contents")
+    if changed:
+        raise CheckpointError(
+            f"cannot resume {path}: the data changed since it was saved ({'; '.join(changed)}); "
+            "resume on the data the run trained on, or start a new run with another --out"
+        )
 
 
 def _check_resumable(path: Path, record: dict, expect: dict[str, Any]) -> None:

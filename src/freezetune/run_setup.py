@@ -100,6 +100,8 @@ class RunSetup:
                                    skip_bad=cfg.skip_bad, refit=bool(cfg.refit),
                                    final_test=cfg.final_test)  # fmt: skip
         self.classes = self.data.classes
+        # what last.pt keeps of the data (sizes, digests), for a resume to refuse other data
+        self.data_print = checkpoint.data_record(self.data.train, self.data.val) if self.resumable else None
         replace_head(self.model, len(self.classes))
         if cfg.init and not self.resuming:  # an earlier run's weights, head included (a recipe's previous phase);
             # a resume's come from last.pt (the init file may be gone, or named from another directory)
@@ -206,7 +208,8 @@ class RunSetup:
 
     def _resume(self) -> None:
         checkpoint.restore(self.run_dir / checkpoint.LAST, self.state, self.progress, config=self.cfg.recorded(),
-                           classes=self.classes, steps_per_epoch=self.steps_per_epoch)  # fmt: skip
+                           classes=self.classes, steps_per_epoch=self.steps_per_epoch,
+                           data=self.data_print)  # fmt: skip
         p = self.progress
         # where the stop line left it ("stopped ... at step 3/5 of epoch 2"): "after epoch 0 and step 7/7 of epoch 1"
         # named an epoch never trained and left the user to guess the last step's validation had not run

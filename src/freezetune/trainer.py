@@ -196,7 +196,8 @@ class Trainer(RunSetup):
                     self.model, cfg.recorded(), self.classes, self.preprocess, self.hf_files
                 )
                 checkpoint.save_epoch(self.checkpoints, record, self.state, self.progress, self.steps_per_epoch,
-                                      row=row, improved=improved, last=self.resumable)  # fmt: skip
+                                      row=row, improved=improved, last=self.resumable,
+                                      data=self.data_print)  # fmt: skip
             if self.stop.requested:  # the signal came during validation or the save
                 self.checkpoints.wait()
                 saved = "saved in last.pt" if self.resumable else "not saved: this run is not resumed"
@@ -308,8 +309,9 @@ class Trainer(RunSetup):
             record = checkpoint.model_record(
                 self.model, self.cfg.recorded(), self.classes, self.preprocess, self.hf_files
             )
-            self.checkpoints.submit(best=None, last=checkpoint.last_record(record, self.state, self.progress,
-                                                                           self.steps_per_epoch))  # fmt: skip
+            last = checkpoint.last_record(record, self.state, self.progress, self.steps_per_epoch,
+                                          data=self.data_print)  # fmt: skip
+            self.checkpoints.submit(best=None, last=last)
         if self.stop.requested:
             self.checkpoints.wait()
             saved = ("not saved: this run is not resumed" if not self.resumable
