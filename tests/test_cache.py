@@ -407,31 +407,31 @@ def test_a_hugging_face_image_model_caches_through_its_head_hook():
 def test_a_folders_fingerprint_is_the_same_however_its_path_is_spelled(image_folder, monkeypatch):
     # a resume reads --data from config.yaml (absolute): a run started with a relative --data rebuilt its whole cache
     # on resume and stored it in the cache dir a second time
-    from freezetune.cache.disk import data_fingerprint
     from freezetune.data import build_datasets
+    from freezetune.data.fingerprint import cache_fingerprint
     from freezetune.preprocess import Preprocess
 
     absolute = build_datasets(str(image_folder), preprocess=Preprocess(input_size=32)).train
     monkeypatch.chdir(image_folder.parent)
     relative = build_datasets(image_folder.name, preprocess=Preprocess(input_size=32)).train
     assert relative.samples[0][0] != absolute.samples[0][0]  # the spelling differs ...
-    assert data_fingerprint(relative) == data_fingerprint(absolute)  # ... the files do not
+    assert cache_fingerprint(relative) == cache_fingerprint(absolute)  # ... the files do not
 
 
 def test_an_image_rewritten_with_its_size_and_mtime_put_back_is_new_data(tmp_path):
     # tar, rsync -a, cp -p or touch -r keep a modification time: the key (path, size, mtime) read the old features
     # of images whose pixels had changed (test accuracy 95.8 % from the stale cache, 58.3 % without it)
-    from freezetune.cache.disk import data_fingerprint
+    from freezetune.data.fingerprint import cache_fingerprint
     from freezetune.data.folder import FileImageDataset
 
     image = tmp_path / "a.png"
     image.write_bytes(b"old pixels")
     dataset = FileImageDataset([(str(image), 0)], ["a"])
-    before, st = data_fingerprint(dataset), image.stat()
+    before, st = cache_fingerprint(dataset), image.stat()
     image.write_bytes(b"new pixels")  # the same size
     os.utime(image, ns=(st.st_atime_ns, st.st_mtime_ns))
     assert (image.stat().st_size, image.stat().st_mtime_ns) == (st.st_size, st.st_mtime_ns)
-    assert data_fingerprint(dataset) != before
+    assert cache_fingerprint(dataset) != before
 
 
 @pytest.mark.parametrize("version", [1, 2])

@@ -693,14 +693,14 @@ def test_a_file_name_that_is_not_utf8_trains_caches_and_is_listed(tmp_path):
     import os
 
     from freezetune._io import atomic_write_text
-    from freezetune.cache.disk import data_fingerprint
+    from freezetune.data.fingerprint import cache_fingerprint
 
     root = _tiny_split_folder(tmp_path / "d")
     first = sorted((root / "train" / "red").iterdir())[0]
     latin = os.fsdecode(bytes(root / "train" / "red") + b"/caf\xe9.png")  # an old Latin-1 zip's name
     shutil.copy(first, latin)
     data = build_datasets(str(root), preprocess=PRE)
-    assert latin in [p for p, _ in data.train.samples] and data_fingerprint(data.train)
+    assert latin in [p for p, _ in data.train.samples] and cache_fingerprint(data.train)
     assert atomic_write_text(tmp_path / "skipped.txt", latin + "\n").read_bytes().endswith(b"caf\xe9.png\n")
 
 

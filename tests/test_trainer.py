@@ -199,9 +199,9 @@ def test_a_resume_reads_its_weights_from_last_pt_not_the_pretrained_ones_again(d
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize("change", ["delete", "rewrite", "add class"])
+@pytest.mark.parametrize("change", ["delete", "rename", "add class"])
 def test_a_resume_on_data_changed_since_last_pt_is_refused_naming_the_change(tmp_path, change):
-    # images deleted or rewritten resumed in silence (a held-out validation split drawn again from them took images
+    # images deleted or renamed resumed in silence (a held-out validation split drawn again from them took images
     # epoch 1 had trained on); a class added was said to be "this config on 4 classes", the run's own config
     import shutil
 
@@ -216,15 +216,30 @@ def test_a_resume_on_data_changed_since_last_pt_is_refused_naming_the_change(tmp
     if change == "delete":
         images[0].unlink()
         needle = r"\(33 -> 32 training images; validation images: 3 as before, other files or contents\)"
-    elif change == "rewrite":
-        images[0].write_bytes(images[-1].read_bytes())
-        needle = r"\(training images: 33 as before, other files or contents\)"
+    elif change == "rename":  # (a copy of the data with new file times and inodes is the same data: resumed)
+        images[0].rename(images[0].with_name("renamed.png"))
+        needle = r"\(training images: 33 as before, other files or contents; validation images: 3 as before, " \
+                 r"other files or contents\)"  # fmt: skip
     else:
         shutil.copytree(data / "train" / images[0].parent.name, data / "train" / "new")
         needle = r"\(33 -> 44 training images; 3 -> 4 validation images\)"
     with pytest.raises(CheckpointError, match=rf"cannot resume .*run.*last.pt: the data changed since it was saved "
                        rf"{needle}; resume on the data the run trained on"):  # fmt: skip
         trainer.train(dataclasses.replace(cfg, epochs=2, resume=True), echo=lambda line: None)
+
+
+def test_a_resume_on_a_fresh_copy_of_its_data_goes_on(tmp_path):
+    # a preempted job copies its data to the node's local disk again: new file times and inodes, the same data
+    import shutil
+
+    data = make_image_folder(tmp_path / "imgs", train=12, val=0, test=2)
+    cfg = TrainConfig(data=str(data), out=str(tmp_path / "run"), model="timm:test_efficientnet", weights="none",
+                      img_size=32, device="cpu", workers=0, progress=False, batch_size=8, cache="off", epochs=1,
+                      scheduler="none", freeze="backbone", tensorboard=False)  # fmt: skip
+    trainer.train(cfg, echo=lambda line: None)
+    shutil.move(data, tmp_path / "elsewhere")
+    shutil.copytree(tmp_path / "elsewhere", data)  # (copytree keeps modification times; the inodes are new)
+    assert trainer.train(dataclasses.replace(cfg, epochs=2, resume=True), echo=lambda line: None).best_epoch >= 1
 
 
 def test_a_resume_of_a_finished_run_scores_it_without_building_the_cache(data, tmp_path):

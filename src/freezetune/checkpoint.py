@@ -145,12 +145,11 @@ def best_record(record: dict[str, Any], progress, row: dict) -> dict[str, Any]:
 
 def data_record(train, val) -> dict[str, Any]:
     """What ``last.pt`` keeps of the data it trained on, for a resume to check (``restore``): each split's size and
-    digest (``cache.disk.data_fingerprint``: each file's path, size and times, or the images' bytes; the labels; None
-    for a text dataset, checked by its size alone)."""
-    from freezetune.cache.disk import data_fingerprint
+    digest (``data.fingerprint.resume_digest``)."""
     from freezetune.data.datasets import noun
+    from freezetune.data.fingerprint import resume_digest
 
-    return {name: {"n": len(ds), "digest": data_fingerprint(ds), "noun": noun(ds)}
+    return {name: {"n": len(ds), "digest": resume_digest(ds), "noun": noun(ds)}
             for name, ds in (("training", train), ("validation", val)) if ds is not None}  # fmt: skip
 
 

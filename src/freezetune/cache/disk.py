@@ -2,8 +2,8 @@
 
 A stored store is found again by a key over everything its features depend on: the frozen prefix's weights and
 buffers (not the model's name: a prefix fine-tuned in an earlier phase computes other features), the cut, the
-images (their bytes, or each file's path, size, modification and change times and inode), the labels, how images become inputs (the
-model's preprocessing, the augmentation preset, the decode path), the number of views, the seed and the dtype.
+images and labels (``data.fingerprint.cache_fingerprint``), how images become inputs (the model's preprocessing, the
+augmentation preset, the decode path), the number of views, the seed and the dtype.
 Anything that changes one of these misses the cache; nothing stale is ever read.
 """
 
@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
 from pathlib import Path
 
@@ -20,8 +19,7 @@ import torch
 from torch.utils.data import Dataset
 
 from freezetune._io import atomic_save
-from freezetune.data.folder import FileImageDataset
-from freezetune.data.idx import InMemoryImageDataset
+from freezetune.data.fingerprint import cache_fingerprint
 from freezetune.errors import ResourceError
 from freezetune.split import Split
 
@@ -66,35 +64,6 @@ def ensure_space(folder: str | Path, nbytes: int, hint: str) -> None:
         raise ResourceError(f"not enough disk space for the feature cache: it {problem}; {hint}")
 
 
-def data_fingerprint(dataset: Dataset) -> str | None:
-    """A digest of the samples of ``dataset`` and their labels, or None when it cannot be had cheaply.
-
-    >>> ds = InMemoryImageDataset(torch.zeros(2, 4, 4, dtype=torch.uint8), torch.tensor([0, 1]), ["a", "b"])
-    >>> len(data_fingerprint(ds))
-    40
-    """
-    h = hashlib.sha1()
-    if isinstance(dataset, InMemoryImageDataset):
-        h.update(dataset.images.contiguous().numpy().tobytes())
-    elif isinstance(dataset, FileImageDataset):
-        for path, _ in dataset.samples:
-            try:
-                st = os.stat(path)
-            except OSError:
-                return None
-            # absolute: a resume reads --data from config.yaml, where it is absolute; a run given a relative --data
-            # never found its stores again (rebuilt and stored twice). fsencode: a file name that is not UTF-8 (an
-            # old Latin-1 zip) keeps its bytes instead of failing. The change time and inode too: an image
-            # rewritten in place with its size and modification time put back (tar, rsync -a, cp -p, touch -r) read
-            # the old features; nothing sets a change time back
-            h.update(os.fsencode(os.path.abspath(path))
-                     + f"\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}\0{st.st_ino}\n".encode())  # fmt: skip
-    else:
-        return None
-    h.update(torch.as_tensor(dataset.targets).numpy().tobytes())
-    return h.hexdigest()
-
-
 def weights_fingerprint(module: torch.nn.Module) -> str:
     """A digest of a module's parameters and buffers (names, shapes, dtypes, values)."""
     h = hashlib.sha1()
@@ -108,7 +77,7 @@ def weights_fingerprint(module: torch.nn.Module) -> str:
 def store_key(split: Split, dataset: Dataset, **inputs: object) -> str | None:
     """The key of the features ``split.prefix`` computes over ``dataset``; ``inputs`` describe how images become
     inputs (preprocessing, augmentation, decode path, views, seed, dtype). None: this dataset cannot be keyed."""
-    data = data_fingerprint(dataset)
+    data = cache_fingerprint(dataset)
     if data is None:
         return None
     described = json.dumps({"v": VERSION, "boundary": split.boundary, "how": split.how, "data": data,
