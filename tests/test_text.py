@@ -400,3 +400,23 @@ def test_a_run_on_named_columns_trains_and_its_checkpoint_reads_them_for_eval_an
     assert code == 0 and stdout.strip().endswith(repr(GOOD[0])), err
     code, _, err = run_cli(capsys, "predict", "--checkpoint", out / "best.pt", tmp_path / "new.csv", "--device", "cpu")
     assert code == 2 and "text column named 'body' (--text-column)" in err, err
+
+
+def test_a_folder_of_train_val_and_test_csvs_is_a_text_dataset_whose_test_file_is_scored(tmp_path, capsys):
+    # the most common text layout was refused ("is not a text CSV"), and a text run never scored a test split
+    data = tmp_path / "texts"
+    data.mkdir()
+    _csv(data / "train.csv", n=3), _csv(data / "Val.csv", n=1), _csv(data / "test.tsv", n=1)
+    (data / "test.tsv").write_text((data / "test.tsv").read_text().replace(",", "\t"))
+    bundle = build_datasets(str(data), preprocess=Preprocess(input_size=0, tokenizer=str(MINILM)))
+    assert (len(bundle.train), len(bundle.val), len(bundle.test)) == (36, 12, 12)
+    assert bundle.val_source == "the validation file" and bundle.source == "text"
+    out = tmp_path / "run"
+    code, stdout, err = run_cli(
+        capsys, "train", "--model", f"hf:{MINILM}", "--weights", "default", "--data", data, "--freeze", "-2",
+        "--epochs", "1", "--batch-size", "8", "--device", "cpu", "--no-progress", "--no-tensorboard", "--out", out,
+    )  # fmt: skip
+    assert code == 0, err
+    assert stdout.splitlines()[-1].startswith("test accuracy") and json.loads((out / "test_metrics.json").read_text())
+    code, stdout, err = run_cli(capsys, "eval", "--checkpoint", out / "best.pt", "--data", data, "--device", "cpu")
+    assert code == 0 and stdout.startswith(f"scored 12 of every row of {data / 'test.tsv'}"), err

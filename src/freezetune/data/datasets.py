@@ -16,7 +16,7 @@ from torch.utils.data import Dataset
 from freezetune.data.folder import nfc, scan_folder
 from freezetune.data.idx import CLASS_NAMES_FILE, idx_files, is_idx_dir, load_idx
 from freezetune.data.image_csv import IMAGE_COLUMNS, read_csv
-from freezetune.data.layout import TEST_DIRS, TRAIN_DIRS, VAL_DIRS, first_dir, load_folder
+from freezetune.data.layout import TEST_DIRS, TRAIN_DIRS, VAL_DIRS, first_dir, load_folder, split_files
 from freezetune.data.sampling import per_class_indices, stratified_split
 from freezetune.data.scan import check_images, check_overlap, warn_copies
 from freezetune.data.text import Columns, TextDataset, read_text_csv, text_csv_header
@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 
 _EXPECTED = (
     "an IDX directory (train-images-idx3-ubyte[.gz], ...), an image folder (DIR/<class>/*) or a CSV file (a "
-    "text model's: .csv or .tsv)"
+    "text model's: .csv or .tsv, or a folder of train.csv, val.csv, test.csv)"
 )
 
 
@@ -64,6 +64,9 @@ def _text_csv(path: Path, preprocess: Preprocess) -> bool:
     """Whether CSV ``path`` is a text dataset: its header names a text column (by the names ``Columns.of``
     ``preprocess`` gives), and no image column too (a caption beside each image path), in which case the model
     decides."""
+    splits = split_files(path)
+    if splits is not None:  # a folder of train.csv, val.csv, test.csv: a text dataset if its training file is
+        return _text_csv(splits["train"], preprocess)
     header = text_csv_header(path, Columns.of(preprocess)) if path.is_file() else None
     if header is None:
         return False
@@ -88,6 +91,12 @@ def _load_source(data: str, preprocess: Preprocess, *, read_test: bool = True, r
         if _text_csv(path, preprocess):
             return "text", read_text_csv(path, columns=columns), None, None, False
         return "csv", read_csv(path, missing_ok=skip_bad), None, None, False
+    splits = split_files(path)
+    if splits is not None and _text_csv(splits["train"], preprocess):  # train.csv, and val.csv and test.csv
+        train = read_text_csv(splits["train"], columns=columns)
+        val, test = (read_text_csv(splits[s], train.classes, columns) if s in splits and read else None
+                     for s, read in (("val", read_val), ("test", read_test)))  # fmt: skip
+        return "text", train, val, test, "test" in splits
     if is_idx_dir(path):
         has_test = bool(idx_files(path, "test"))
         return (
@@ -202,7 +211,7 @@ def _validation(train: Dataset, val: Dataset | None, *, val_data: str | None, va
     if val_data is not None:
         return train, val, f"val_data {val_data!r}"
     if val is not None:
-        return train, val, "the validation folder"
+        return train, val, f"the validation {'file' if isinstance(train, TextDataset) else 'folder'}"
     if val_split is not None:
         train, val = _hold_out(train, val_split, seed)
         return train, val, f"val_split {val_split}: {len(val)} training {noun(train)} held out"
@@ -388,8 +397,12 @@ def build_eval_dataset(data: str, *, preprocess: Preprocess, classes: list[str])
         raise DataError(f"data path '{data}' does not exist; expected {_EXPECTED}")
     _check_kind(data, preprocess)
     if preprocess.is_text:  # a text CSV: its texts are tokenized per batch, they take no transform
-        ds = read_text_csv(path, classes, Columns.of(preprocess))
-        ds.source = f"every row of {path}"
+        splits = split_files(path) or {}
+        split = splits.get("test") or splits.get("val")
+        if path.is_dir() and split is None:
+            raise DataError(f"'{data}' has {splits['train'].name} but no test or val file to evaluate on")
+        ds = read_text_csv(split or path, classes, Columns.of(preprocess))
+        ds.source = f"every row of {split or path}"
         return ds
     if path.is_dir() and is_idx_dir(path):
         split = "test" if idx_files(path, "test") else "train"

@@ -1,7 +1,8 @@
 """Which folders of an image-folder dataset are which split: ``train/`` (or ``training/``), ``val/`` (``valid/``,
 ``validation/``, ``dev/``) and ``test/`` (``testing/``), matched without regard to case, each holding
 ``<class>/*`` folders; or a flat ``DIR/<class>/*`` layout. A split folder of images without class folders (Kaggle's
-unlabelled ``test/``) is refused with the way out, and one the run does not score is not read.
+unlabelled ``test/``) is refused with the way out, and one the run does not score is not read. A text dataset's
+splits are files by the same names: ``DIR/train.csv``, ``DIR/val.csv``, ``DIR/test.csv`` (or ``.tsv``).
 """
 
 from __future__ import annotations
@@ -94,3 +95,21 @@ def _labelled(split: Path, way_out: str) -> None:
     if not any(e.is_dir() for e in entries) and any(has_image_suffix(e) for e in entries):
         raise DataError(f"'{split}' holds images but no class folders ({split}/<class>/*), so nothing labels them: "
                         f"{way_out}")  # fmt: skip
+
+
+def split_files(path: Path) -> dict[str, Path] | None:
+    """A text dataset's split files in the folder ``path`` (``train.csv``, and ``val.csv`` and ``test.csv`` when
+    there; any name of ``TRAIN_DIRS`` etc., ``.csv`` or ``.tsv``), or None without a training file.
+
+    >>> split_files(Path("/nonexistent")) is None
+    True
+    """
+    if not path.is_dir():
+        return None
+    files = {f.name.lower(): f for f in path.iterdir() if f.is_file() and f.suffix.lower() in (".csv", ".tsv")}
+    found = {}
+    for split, names in (("train", TRAIN_DIRS), ("val", VAL_DIRS), ("test", TEST_DIRS)):
+        match = next((files[n + ext] for n in names for ext in (".csv", ".tsv") if n + ext in files), None)
+        if match is not None:
+            found[split] = match
+    return found if "train" in found else None
