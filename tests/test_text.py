@@ -128,6 +128,7 @@ def test_the_auto_recipe_on_texts_speaks_of_texts(tmp_path, capsys):
     assert "4 validation texts cannot tell the candidates apart" in stdout
     assert "48 train texts" in stdout and "the 4 texts held out for validation train too" in stdout  # the refit run
     assert " images" not in stdout + err and "img/s" not in stdout and "texts/s" in stdout
+    assert "cached once" not in stdout  # texts are not cached: the intro promised it, the next line said cache off
     choice = json.loads((out / "recipe.json").read_text())["choice"]
     # a transformer's layers at the default lr 1e-3 x 2/3, not the ten times larger steps of a partly frozen convnet
     # (they scored 17 points lower on a real text task)

@@ -74,6 +74,7 @@ RUN_LR_FACTOR = 0.5  # the run trains at its trial's learning rate times this
 # images (6 points) the trials overturned the default on 3 of 9 runs (3 datasets x 3 seeds) and each of those ended at
 # or near its dataset's lowest accuracy.
 MIN_VAL_TO_COMPARE = 400
+_CACHED = ", its features cached once where the data allows"  # not a text model's: texts are not cached
 
 
 def run(cfg: TrainConfig, *, echo: Callable[[str], None] = print, train: Callable | None = None):
@@ -105,9 +106,8 @@ def run(cfg: TrainConfig, *, echo: Callable[[str], None] = print, train: Callabl
     base = _base(cfg, out, cut)
     intro = (f"auto: choosing how many of the last stages to train ({', '.join(map(str, ks))}) from a trial each on "
              f"{TRIAL_FRACTION:.0%} of an epoch's training {'texts' if text else 'images'}, scored on the validation "
-             f"split (what comes before {cut} is frozen in all of them, its features cached once where the data "
-             f"allows); the default's trial first, the others' if the split holds {MIN_VAL_TO_COMPARE} or "
-             "more")  # fmt: skip
+             f"split (what comes before {cut} is frozen in all of them{'' if text else _CACHED}); the default's "
+             f"trial first, the others' if the split holds {MIN_VAL_TO_COMPARE} or more")  # fmt: skip
     boost = TEXT_LR_BOOST if text else LR_BOOST
 
     def shared(trial_cfg: TrainConfig, **kwargs):  # rank 0 alone logs metrics rows: every rank takes its result
