@@ -28,3 +28,19 @@ def test_all_extra_holds_every_optional_extra():
     names = set(re.fullmatch(r"freezetune\[(.+)\]", combined).group(1).split(","))
     assert names == set(extras) - {"all", "dev"}
     assert {"hf", "weights", "onnx", "lightning", "monitor"} <= names
+
+
+def test_a_missing_extra_is_an_import_error_naming_the_extra_as_well_as_a_freezetune_error():
+    # `try: from freezetune.integrations.lightning import ... / except ImportError:` crashed on a ConfigError
+    import subprocess
+    import sys
+
+    hide = "import sys; sys.modules.update(dict.fromkeys(['lightning', 'lightning.pytorch'], None))\n"
+    check = hide + (
+        "from freezetune.errors import FreezetuneError\n"
+        "try:\n    import freezetune.integrations.lightning\n"
+        "except ImportError as exc:\n    print(isinstance(exc, FreezetuneError), exc)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True)
+    assert out.stdout == "True freezetune.integrations.lightning needs lightning: pip install 'freezetune[lightning]'\n", \
+        out.stderr  # fmt: skip

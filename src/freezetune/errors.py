@@ -20,6 +20,11 @@ class ConfigError(FreezetuneError):
     """An invalid configuration value (all problems are reported together)."""
 
 
+class MissingExtra(ConfigError, ImportError):
+    """An optional dependency a feature needs is not installed; the message names the extra that installs it. An
+    ``ImportError`` too: ``try: from freezetune.integrations.lightning import ...`` / ``except ImportError`` works."""
+
+
 class WeightsError(FreezetuneError):
     """Weights that cannot be found or do not fit the model."""
 

@@ -21,7 +21,7 @@ from torch import nn
 
 from freezetune import checkpoint, hf_bundle
 from freezetune._io import atomic_output, atomic_write_text
-from freezetune.errors import CheckpointError, ConfigError
+from freezetune.errors import CheckpointError, MissingExtra
 from freezetune.evaluate import logits_of
 
 FORMATS = (".safetensors", ".onnx", ".pt2")
@@ -125,7 +125,7 @@ def _save_safetensors(record: dict, to: Path) -> None:
 def _require_onnx() -> None:
     missing = [m for m in _ONNX_MODULES if importlib.util.find_spec(m) is None]
     if missing:
-        raise ConfigError(
+        raise MissingExtra(
             f"exporting to .onnx needs {' and '.join(missing)}: pip install 'freezetune[onnx]' "
             f"(or choose {FORMATS[0]} or {FORMATS[2]})"
         )

@@ -23,7 +23,7 @@ from torch import nn
 
 from freezetune import download
 from freezetune.download import HF_HOST, download_guard, first_line, require_network
-from freezetune.errors import ConfigError, WeightsError, choices
+from freezetune.errors import ConfigError, MissingExtra, WeightsError, choices
 from freezetune.options import MODEL_SOURCES, PRETRAINED_WEIGHTS, RANDOM_WEIGHTS
 from freezetune.preprocess import Preprocess
 from freezetune.run_log import warn_once
@@ -291,7 +291,7 @@ def _import_transformers():
     try:
         import transformers
     except ImportError as e:
-        raise ConfigError("hf: models need the transformers package: pip install 'freezetune[hf]'") from e
+        raise MissingExtra("hf: models need the transformers package: pip install 'freezetune[hf]'") from e
     return transformers
 
 

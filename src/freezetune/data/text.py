@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import Dataset
 
 from freezetune.data.folder import expand_paths, sorted_labels, warn_similar_labels
-from freezetune.errors import ConfigError, DataError, choices
+from freezetune.errors import ConfigError, DataError, MissingExtra, choices
 from freezetune.hf_bundle import TOKENIZER_FILES
 from freezetune.options import LABEL_COLUMNS, TEXT_COLUMNS
 from freezetune.preprocess import Preprocess
@@ -246,7 +246,7 @@ class TokenizeBatch:
         try:
             from transformers import AutoTokenizer
         except ImportError as e:
-            raise ConfigError("text models need the transformers package: pip install 'freezetune[hf]'") from e
+            raise MissingExtra("text models need the transformers package: pip install 'freezetune[hf]'") from e
         local = Path(tokenizer).is_dir()
         self.tokenizer = AutoTokenizer.from_pretrained(tokenizer, local_files_only=local)
         self.max_length = max_length

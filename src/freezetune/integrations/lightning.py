@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from freezetune.errors import ConfigError, choices
+from freezetune.errors import ConfigError, MissingExtra, choices
 from freezetune.freeze import Spec, check_bn_policy, count_parameters, freeze
 from freezetune.stages import stages
 from freezetune.unfreezing import Unfreezer, nominal_lr, parse_schedule
@@ -35,7 +35,7 @@ try:
     from lightning.pytorch.callbacks import Callback
     from lightning.pytorch.utilities import rank_zero_info
 except ImportError:  # pragma: no cover - only without the extra
-    raise ConfigError(
+    raise MissingExtra(
         "freezetune.integrations.lightning needs lightning: pip install 'freezetune[lightning]'"
     ) from None
 
