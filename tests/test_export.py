@@ -231,3 +231,14 @@ def test_a_model_that_does_not_trace_is_one_line_and_leaves_nothing(hf_best_pt, 
     assert code == 2 and err.count("\n") == 1 and "does not export to .pt2: RuntimeError: Cannot view a tensor" in err
     assert "export it to .safetensors or .onnx" in err and "more lines" not in err
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_a_hugging_face_graph_is_exported_in_eval_mode_without_the_exporters_warning(hf_best_pt, tmp_path):
+    # the wrapper giving an ImageClassifierOutput's logits was made after model.eval(): it, and the graph's root,
+    # were in training mode ("Exporting a model while it is in training mode"), though the README says eval-mode
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        export_checkpoint(hf_best_pt, tmp_path / "m.onnx")
+    assert not [w for w in caught if "training mode" in str(w.message)]

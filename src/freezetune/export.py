@@ -155,7 +155,7 @@ def _save_graph(record: dict, to: Path) -> None:
     example = (torch.zeros(2, 3, pre.input_size, pre.input_size),)
     with torch.no_grad():
         if not isinstance(model(*example), torch.Tensor):
-            model = _Logits(model)
+            model = _Logits(model).eval()  # a new module trains by default: the exporter warned of training mode
     batch = ({0: torch.export.Dim("batch")},)
     others = " or ".join(f for f in FORMATS if f != to.suffix)
     with atomic_output(to) as tmp:
