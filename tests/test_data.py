@@ -293,6 +293,22 @@ def test_files_of_other_types_in_class_folders_are_named_not_dropped_in_silence(
     assert ".txt: 1" in caplog.text and "heic" not in caplog.text  # the hint only where it helps
 
 
+def test_a_heic_photo_named_directly_without_pillow_heif_names_the_extra_not_a_broken_file(tmp_path, monkeypatch):
+    # predict IMG.heic, or a CSV listing one, said "cannot identify image file", as of a broken file
+    from freezetune.data.scan import check_images
+
+    monkeypatch.setattr(folder, "_HEIF_READABLE", False)
+    photo = tmp_path / "IMG_1.HEIC"
+    photo.write_bytes(b"\0\0\0\x18ftypheic")
+    with pytest.raises(DataError, match=r"cannot read image .*IMG_1.HEIC.*; pip install 'freezetune\[heic\]'"):
+        load_image(photo)
+    make_folder(tmp_path / "f", 2)
+    ds = scan_folder(tmp_path / "f")
+    ds.samples.append((str(photo), 0))
+    with pytest.raises(DataError, match=r"cannot be read: .*IMG_1.HEIC.*--skip-bad to train without them; pip inst"):
+        check_images(ds, "training", skip_bad=False)
+
+
 def _heic(path: Path, pixels: np.ndarray) -> Path:
     pytest.importorskip("pillow_heif")
     Image.fromarray(pixels).save(path, quality=95)  # pillow-heif's encoder (x265), registered by freezetune.data

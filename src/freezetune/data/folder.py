@@ -37,9 +37,22 @@ def _heif_readable() -> bool:
     return True
 
 
+_HEIF_READABLE = _heif_readable()
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff") + (
-    HEIF_EXTENSIONS if _heif_readable() else ()
+    HEIF_EXTENSIONS if _HEIF_READABLE else ()
 )
+
+
+def heif_hint(paths) -> str:
+    """``"; pip install ..."`` when one of ``paths`` is a HEIC/HEIF photo and nothing here reads them, else "": a
+    photo named directly (``predict``, a CSV) was said to be no image file, as if it were broken.
+
+    >>> heif_hint(["a.jpg"])
+    ''
+    """
+    if _HEIF_READABLE or not any(str(p).lower().endswith(HEIF_EXTENSIONS) for p in paths):
+        return ""
+    return f"; {HEIF_HINT}"
 
 
 def load_image(path: str | Path) -> Image.Image:
@@ -64,7 +77,7 @@ def load_image(path: str | Path) -> Image.Image:
         # files (a cut PPM header: ValueError, a traceback from predict); scan.image_problem catches the same
         why = str(e).replace(f" {str(path)!r}", "").replace(f" '{path}'", "")  # PIL's message names the path again
         why = why or type(e).__name__
-        raise DataError(f"cannot read image '{path}': {why}") from e
+        raise DataError(f"cannot read image '{path}': {why}{heif_hint([path])}") from e
 
 
 def _eight_bit(img: Image.Image) -> Image.Image:

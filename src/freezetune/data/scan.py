@@ -22,7 +22,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from freezetune.data.folder import FileImageDataset
+from freezetune.data.folder import FileImageDataset, heif_hint
 from freezetune.data.text import TextDataset
 from freezetune.errors import DataError, choices
 from freezetune.run_log import warn_once
@@ -170,7 +170,8 @@ def check_images(ds, what: str, *, skip_bad: bool, hint: str = _HINT) -> tuple[o
     if not skip_bad:
         named = ", ".join(f"'{path}' ({why})" for path, why in bad[:_NAMED])
         more = f" and {len(bad) - _NAMED} more" if len(bad) > _NAMED else ""
-        raise DataError(f"{len(bad)} of {len(ds)} {what} image file(s) cannot be read: {named}{more}; {hint}")
+        heif = heif_hint(path for path, _ in bad)
+        raise DataError(f"{len(bad)} of {len(ds)} {what} image file(s) cannot be read: {named}{more}; {hint}{heif}")
     skipped = [path for path, _ in bad]
     left_out = set(skipped)
     keep = [i for i, (path, _) in enumerate(ds.samples) if path not in left_out]
