@@ -297,6 +297,20 @@ def test_a_cache_write_that_fails_midway_keeps_no_copy_and_the_run_goes_on(tmp_p
     assert "not kept for later runs: No space left on device" in caplog.text and "k.pt" in caplog.text
 
 
+def test_a_cache_dir_loses_the_temporary_files_of_killed_writers_not_of_live_ones(tmp_path):
+    # a run killed while it saved a store left a temporary file as large as the store in the cache dir, for good
+    import os
+
+    from freezetune.cache import disk
+
+    cache = tmp_path / "c"
+    cache.mkdir()
+    dead, live = cache / ".k0.pt.999999999.0123abcd.tmp", cache / f".k1.pt.{os.getppid()}.0123abcd.tmp"
+    dead.write_bytes(b"half a store"), live.write_bytes(b"being written")
+    assert disk.save(cache, "k", torch.zeros(4, 8), torch.zeros(4, dtype=torch.long)).is_file()
+    assert not dead.exists() and live.exists()
+
+
 def test_cache_features_names_what_a_dataset_of_other_items_yields():
     import freezetune as ft
     from conftest import TinyCNN

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from freezetune._io import atomic_save
+from freezetune._io import atomic_save, remove_stale_temps
 from freezetune.data.fingerprint import cache_fingerprint
 from freezetune.errors import ResourceError
 from freezetune.split import Split
@@ -105,6 +105,9 @@ def save(cache_dir: Path, key: str, features: torch.Tensor, targets: torch.Tenso
     not the features just computed.
     """
     Path(cache_dir).mkdir(parents=True, exist_ok=True)
+    # a run killed while it saved left a temporary file as large as the store: in a cache dir, outside any run dir,
+    # nothing else would ever remove it (those of live processes are kept: another run may be writing one)
+    remove_stale_temps(cache_dir)
     problem = space_problem(cache_dir, features.nbytes + targets.nbytes)
     if problem is not None:
         log.warning("feature cache not kept for later runs: it %s (choose another --cache-dir)", problem)
