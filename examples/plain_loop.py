@@ -15,11 +15,14 @@ import argparse
 
 import torch
 import torch.nn.functional as F
-from sklearn.datasets import load_digits
 from torch.utils.data import DataLoader, TensorDataset
 
 import freezetune as ft
-from freezetune.models import create_model
+
+try:
+    from sklearn.datasets import load_digits
+except ImportError:  # the data, not freezetune's: a raw traceback named neither what nor how
+    raise SystemExit("plain_loop.py trains on scikit-learn's digits: pip install scikit-learn") from None
 
 
 def digits(img_size: int, per_class: int, val_per_class: int, mean, std) -> tuple[TensorDataset, TensorDataset]:
@@ -67,7 +70,7 @@ def main(argv: list[str] | None = None) -> float:
     args = p.parse_args(argv)
     torch.manual_seed(0)
 
-    model, pre = create_model(args.model, args.weights, img_size=args.img_size)
+    model, pre = ft.create_model(args.model, args.weights, img_size=args.img_size)
     ft.replace_head(model, num_classes=10)
     ft.freeze(model, "backbone", bn="frozen")  # only the new head trains at first
     names = [s.name for s in ft.stages(model)]
