@@ -244,3 +244,21 @@ def test_hf_without_transformers_says_how_to_install(monkeypatch, tmp_path):
 def test_hf_image_processor_settings_translate_to_preprocess(settings, expected):
     pre = models._preprocess_from_hf(settings)
     assert (pre.input_size, pre.crop_pct, pre.interpolation) == expected
+
+
+@pytest.mark.parametrize("arch", ["googlenet", "inception_v3"])
+def test_a_torchvision_model_built_without_its_pretrained_weights_has_their_architecture(arch, monkeypatch):
+    # a resume (and eval, predict, export) builds the model without reading the weights last.pt replaces: GoogLeNet
+    # built so had aux heads its pretrained-born last.pt lacks (every resume failed), Inception v3 another input
+    # normalisation (transform_input), in silence
+    import torchvision
+    from torchvision.models._api import WeightsEnum
+
+    shaped, _ = create_model(f"torchvision:{arch}", "imagenet", load=False)
+    # torchvision's own builder with its weights (offline: values of the right names and shapes, aux heads included,
+    # which its file holds and GoogLeNet's builder then drops)
+    full = torchvision.models.get_model(arch, weights=None, aux_logits=True, init_weights=False).state_dict()
+    monkeypatch.setattr(WeightsEnum, "get_state_dict", lambda self, *a, **k: full)
+    pretrained = torchvision.models.get_model(arch, weights="DEFAULT")
+    assert pretrained.transform_input and shaped.transform_input
+    assert sorted(pretrained.state_dict()) == sorted(shaped.state_dict())

@@ -89,7 +89,8 @@ def build_model(record: dict[str, Any]) -> tuple[nn.Module, Preprocess]:
     if folder is not None:  # the hf:DIR it was trained from is not on this machine: its bundled files are
         name = f"hf:{folder}"
         pre = dataclasses.replace(pre, tokenizer=folder if pre.tokenizer else None)
-    model, _ = create_model(name, None)
+    # the architecture its weights were trained from (torchvision's GoogLeNet has no aux heads when pretrained)
+    model, _ = create_model(name, (record.get("config") or {}).get("weights"), load=False)
     replace_head(model, len(record["classes"]))
     missing, unexpected = model.load_state_dict(record["state_dict"], strict=False)
     if missing or unexpected:

@@ -36,12 +36,12 @@ WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
 _HF_PIL_RESAMPLE = {0: "nearest", 2: "bilinear", 3: "bicubic"}  # PIL.Image.Resampling values in HF configs
 
 # "packaged": pretrained weights come from a local file we load ourselves, so build without downloading.
-Source = Literal["random", "pretrained", "packaged"]
+Source = Literal["random", "pretrained", "packaged", "shape"]  # shape: the pretrained architecture, weights unread
 Builder = Callable[[str, str, Source], tuple[nn.Module, Preprocess | None]]
 
 
 def create_model(
-    name: str, weights: str | os.PathLike | None = "imagenet", *, img_size: int | None = None
+    name: str, weights: str | os.PathLike | None = "imagenet", *, img_size: int | None = None, load: bool = True
 ) -> tuple[nn.Module, Preprocess | None]:
     """Build ``name`` with the requested weights and return it with its input preprocessing.
 
@@ -52,6 +52,8 @@ def create_model(
             ``"random"`` for random init, or a path to a ``.pth``/``.pt``/``.bin``/``.safetensors`` file (one whose
             classifier head has another number of classes loads all but its head, with a warning).
         img_size: overrides the preprocessing input size (crop_pct is kept).
+        load: False builds the architecture ``weights`` make without reading them (a resume, a checkpoint: their
+            own weights replace them): offline, or with the weights file gone, it still builds.
 
     Returns:
         ``(model, preprocess)``; the model keeps its original classifier. ``preprocess`` is None for text models.
@@ -66,8 +68,10 @@ def create_model(
     """
     library, arch = _split_name(name)
     mode = _weights_mode(weights)
+    if not load:  # a weights file's architecture is the random one it is loaded into
+        mode = "shape" if mode == "pretrained" else "random"
     packaged = packaged_weights(name) if mode == "pretrained" else None
-    source: Source = "packaged" if packaged else "pretrained" if mode == "pretrained" else "random"
+    source: Source = "packaged" if packaged else mode if mode in ("pretrained", "shape") else "random"
     model, pre = _BUILDERS[library](name, arch, source)
     default_size = pre.input_size if pre is not None else None
     if packaged is not None:
@@ -177,14 +181,23 @@ def _torchvision_model(name: str, arch: str, source: Source) -> tuple[nn.Module,
     pre = _torchvision_preprocess(default)
     if source == "random":
         return tvm.get_model(arch, weights=None), pre
-    if source == "packaged":
-        return tvm.get_model(arch, weights=None), pre
+    if source in ("packaged", "shape"):  # the pretrained architecture: GoogLeNet's pretrained one has no aux heads
+        return tvm.get_model(arch, weights=None, **_PRETRAINED_ARCH.get(arch, {})), pre
     url = urlparse(default.url)
     cached = Path(torch.hub.get_dir(), "checkpoints", Path(url.path).name)
     if not cached.is_file():
         require_network(name, url.hostname or "download.pytorch.org")
     with download_guard(name), weights_only_loads(name, cached):
         return tvm.get_model(arch, weights="DEFAULT"), pre
+
+
+# What torchvision's builders set when they load pretrained weights (googlenet(), inception_v3()): built without
+# them, GoogLeNet had aux heads last.pt's weights lack (every resume failed) and Inception v3 normalised its input
+# otherwise (transform_input), in silence
+_PRETRAINED_ARCH = {
+    "googlenet": {"transform_input": True, "aux_logits": False, "init_weights": False},
+    "inception_v3": {"transform_input": True, "init_weights": False},
+}
 
 
 def _torchvision_preprocess(weights: object) -> Preprocess:

@@ -85,8 +85,8 @@ class RunSetup:
         cfg = self.cfg
         # a resume restores every weight from last.pt: the pretrained ones are not read again (an offline node, a
         # cleaned hub cache, a weights file moved since stopped the resume of a preempted run)
-        weights = "none" if self.resuming else cfg.weights
-        self.model, self.preprocess = create_model(cfg.model, weights, img_size=cfg.img_size)
+        self.model, self.preprocess = create_model(cfg.model, cfg.weights, img_size=cfg.img_size,
+                                                   load=not self.resuming)  # fmt: skip
         check_cut(self.model, cfg.cache_at)  # a stage name needs the model: checked before any data is read
         if self.preprocess is not None:  # an image model: the settings only a text model reads are refused
             given = {k: getattr(cfg, k) for k in TEXT_SETTINGS if getattr(cfg, k) != getattr(TrainConfig, k)}
