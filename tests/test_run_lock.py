@@ -97,3 +97,21 @@ def test_a_second_sweep_into_a_directory_in_use_is_refused_before_any_recipe(tmp
     with held_elsewhere(tmp_path / "sweep"), pytest.raises(RunDirInUse):
         sweep(cfg, "linear-probe", out=tmp_path / "sweep", echo=lambda line: None)
     assert not (tmp_path / "sweep").exists()
+
+
+def test_a_lock_folder_others_can_write_is_not_used_and_the_run_goes_on_unguarded(tmp_path, monkeypatch, caplog):
+    # the temp dir is shared: a folder another user made first could hold links to this user's files, which the
+    # pid would then be written into
+    import os
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    folder = tmp_path / f"freezetune-locks-{os.getuid()}"
+    folder.mkdir()
+    folder.chmod(0o777)
+    victim = tmp_path / "victim.txt"
+    victim.write_text("mine")
+    with caplog.at_level("WARNING"), run_lock.scope():
+        run_lock.claim(tmp_path / "run")  # no error: unguarded, said once
+    assert "not locked against a second process" in caplog.text and victim.read_text() == "mine"
+    assert list(folder.iterdir()) == []

@@ -20,8 +20,11 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import errno
 import hashlib
+import logging
 import os
+import stat
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -29,6 +32,9 @@ from contextvars import ContextVar
 from pathlib import Path
 
 from freezetune.errors import ConfigError
+from freezetune.run_log import warn_once
+
+log = logging.getLogger(__name__)
 
 try:
     import fcntl
@@ -58,7 +64,11 @@ def claim(run_dir: str | Path) -> None:
     run_dir = Path(run_dir).resolve()  # one directory, whichever path (a link, a relative one) names it
     if run_dir in _held:  # claimed by this process already: its outermost claim releases it
         return
-    _held[run_dir] = _lock(run_dir)
+    try:
+        _held[run_dir] = _lock(run_dir)
+    except OSError as exc:  # no private lock folder to be had: the run goes on unguarded, said once
+        warn_once(log, "run dirs are not locked against a second process: %s (%s)", exc.strerror or exc, exc.filename)
+        return
     claims = _scope.get()
     if claims is not None:
         claims.append(run_dir)
@@ -80,6 +90,11 @@ def scope() -> Iterator[None]:
 def _lock_file(run_dir: Path) -> Path:
     folder = Path(tempfile.gettempdir()) / f"freezetune-locks-{os.getuid()}"
     folder.mkdir(mode=0o700, exist_ok=True)
+    # a folder another user made first (the temp dir is shared) could hold links to this user's files, which the
+    # pid would be written into: only a private folder of this user's is used
+    st = os.lstat(folder)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
+        raise OSError(errno.EPERM, "the lock folder is not a private folder of this user's", str(folder))
     return folder / f"{hashlib.sha256(str(run_dir).encode()).hexdigest()[:24]}.lock"
 
 
@@ -88,7 +103,7 @@ def _lock(run_dir: Path) -> tuple[int, Path]:
     just unlinked (a release raced the open) is retried on the file now there."""
     path = _lock_file(run_dir)
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
