@@ -645,3 +645,14 @@ def test_a_sweeps_winner_yaml_of_a_recipe_that_sets_its_own_batchnorm_is_one_tra
         values = sweep._winner_config(asked, {"recipe": recipe, "run_dir": str(tmp_path)})
         assert load_config(overrides=values).recipe == recipe  # validated: no conflict
     assert sweep._winner_config(asked, {"recipe": "full", "run_dir": str(tmp_path)})["bn"] == "train"
+
+
+def test_a_recipe_record_of_another_freezetune_falls_back_to_the_runs_config(tmp_path):
+    # a key this freezetune no longer knows raised from TrainConfig (now a ConfigError): the fallback missed it
+    import json
+
+    from freezetune.recipes import asked_config
+
+    (tmp_path / "recipe.json").write_text(json.dumps({"recipe": "lp-ft", "asked": {"data": "d", "old_key": 1}}))
+    (tmp_path / "config.yaml").write_text("freeze: none\n")
+    assert asked_config(tmp_path) is None

@@ -64,7 +64,8 @@ def data(tmp_path_factory):
     return make_image_folder(tmp_path_factory.mktemp("images"), train=8, val=0, test=2)
 
 
-@pytest.mark.parametrize("extra", [(), ("--freeze", "-3"), ("--freeze", "-3", "--resume")])
+@pytest.mark.parametrize("extra", [(), ("--freeze", "-3"), ("--freeze", "-3", "--resume"),
+                                   ("--recipe", "lp-ft", "--resume")])  # fmt: skip
 def test_a_run_into_a_directory_in_use_is_refused_in_one_line_and_changes_nothing(data, tmp_path, capsys, extra):
     # two runs on one --out both exited 0: metrics.csv held both runs' rows, and one scored the other's best.pt
     out = tmp_path / "run"

@@ -20,7 +20,7 @@ from pathlib import Path
 import yaml
 
 from freezetune.config import TrainConfig
-from freezetune.errors import ConfigError, choices
+from freezetune.errors import ConfigError, FreezetuneError, choices
 from freezetune.options import RECIPE_HELP, recipe_problem
 
 _SINGLE = {  # recipe -> the settings of its one phase
@@ -202,6 +202,7 @@ def run(cfg: TrainConfig, *, echo: Callable[[str], None] = print, train: Callabl
         return auto.run(dataclasses.replace(cfg, recipe=None, freeze="auto"), echo=echo, train=train)
     if recipe.startswith("last-"):
         check_last_k(cfg, recipe)
+    from freezetune import run_lock
     from freezetune.distributed import broadcast, init_from_env
     from freezetune.run_log import log_to
     from freezetune.runtime import new_run_dir, prepare_run_dir
@@ -209,6 +210,8 @@ def run(cfg: TrainConfig, *, echo: Callable[[str], None] = print, train: Callabl
     info = init_from_env(cfg.device)
     if not cfg.out:  # one run dir for all phases (the earlier ones below it), as --out gives, and its train.log
         cfg = dataclasses.replace(cfg, out=str(broadcast(new_run_dir(cfg.model, claim=info.is_main), info)))
+    if info.is_main:  # a process running in it refuses this one before anything below it changes, resume or not
+        run_lock.claim(cfg.out)
     if not cfg.resume:  # refuse a run dir in use before any phase writes below it (rank 0 alone clears)
         prepare_run_dir(cfg.out, cfg.model, resume=False, clean=info.is_main, echo=echo)
         if info.is_main:  # what was asked, which a --resume with the same command continues (asked_config)
@@ -254,7 +257,8 @@ def asked_config(run_dir: str | Path) -> dict | None:
     try:
         final = record["choice"]["freeze"] if "choice" in record else \
             phases(TrainConfig(**asked), record["recipe"])[-1].cfg.freeze  # fmt: skip
-    except (KeyError, TypeError):  # a record of another freezetune's making: the run's config.yaml is what there is
+    except (KeyError, TypeError, FreezetuneError):  # a record of another freezetune's making (keys it no longer
+        # knows, stages of another model): the run's config.yaml is what there is
         return None
     # a recipe.json an earlier run left, which a run that started there afresh kept (an older freezetune did)
     return asked if (yaml.safe_load(config.read_text()) or {}).get("freeze") == final else None
