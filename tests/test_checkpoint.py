@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -208,3 +209,13 @@ def test_a_resume_on_another_number_of_processes_says_what_steps_per_epoch_is(tm
     expect = {**config, "classes": ["a", "b"], "steps_per_epoch": 10}
     with pytest.raises(ConfigError, match=r"steps_per_epoch 5 -> 10: .* the number of torchrun processes set it"):
         checkpoint._check_resumable(tmp_path / "last.pt", record, expect)
+
+
+def test_a_data_digest_not_had_on_either_side_is_not_compared():
+    # a file unreadable for a moment gives no digest: "other files or contents" refused a resume of the same data
+    from freezetune.checkpoint import _check_data
+
+    saved = {"training": {"n": 3, "digest": "abc", "noun": "images"}}
+    _check_data(Path("last.pt"), saved, {"training": {"n": 3, "digest": None, "noun": "images"}})
+    with pytest.raises(CheckpointError, match=r"3 -> 4 training images"):
+        _check_data(Path("last.pt"), saved, {"training": {"n": 4, "digest": None, "noun": "images"}})

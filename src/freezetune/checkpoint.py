@@ -144,20 +144,10 @@ def best_record(record: dict[str, Any], progress, row: dict) -> dict[str, Any]:
     return {**record, "epoch": progress.epoch, "metrics": {k: v for k, v in row.items() if isinstance(v, (int, float))}}
 
 
-def data_record(train, val) -> dict[str, Any]:
-    """What ``last.pt`` keeps of the data it trained on, for a resume to check (``restore``): each split's size and
-    digest (``data.fingerprint.resume_digest``)."""
-    from freezetune.data.datasets import noun
-    from freezetune.data.fingerprint import resume_digest
-
-    return {name: {"n": len(ds), "digest": resume_digest(ds), "noun": noun(ds)}
-            for name, ds in (("training", train), ("validation", val)) if ds is not None}  # fmt: skip
-
-
 def last_record(record: dict[str, Any], state: TrainingState, progress, steps_per_epoch: int, *,
                 data: dict[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
     """``last.pt``'s content: ``record`` plus the full resume state after ``progress.epoch`` finished epochs, and
-    ``data`` (``data_record``) the run trains on."""
+    ``data`` (``data.fingerprint.data_record``) the run trains on."""
     return {
         **record,
         "data": data,
@@ -286,10 +276,10 @@ def restore(path: str | Path, state: TrainingState, progress, *, config: dict[st
             steps_per_epoch: int, data: dict[str, Any] | None = None) -> None:  # fmt: skip
     """Continue a run from its ``last.pt``: load into ``state`` (set up as at the start of that run) and ``progress``.
 
-    ``config``, ``classes``, ``steps_per_epoch`` and ``data`` (``data_record``) are this run's: its data, model,
-    classes, LR schedule and every setting but those of ``config.RESUME_MAY_CHANGE`` must be those of ``last.pt``; a
-    mismatch is refused with the reason (the data's change, the changed settings, old -> new), before anything is
-    loaded.
+    ``config``, ``classes``, ``steps_per_epoch`` and ``data`` (``data.fingerprint.data_record``) are this run's: its
+    data, model, classes, LR schedule and every setting but those of ``config.RESUME_MAY_CHANGE`` must be those of
+    ``last.pt``; a mismatch is refused with the reason (the data's change, the changed settings, old -> new), before
+    anything is loaded.
     """
     record = load(path)
     _check_data(Path(path), record.get("data"), data)
@@ -335,7 +325,7 @@ def _check_data(path: Path, saved: dict[str, Any] | None, now: dict[str, Any] | 
                            "one now")  # fmt: skip
         elif old["n"] != new["n"]:
             changed.append(f"{old['n']} -> {new['n']} {split} {new['noun']}")
-        elif old["digest"] != new["digest"]:
+        elif None not in (old["digest"], new["digest"]) and old["digest"] != new["digest"]:  # None: not had
             changed.append(f"{split} {new['noun']}: {new['n']} as before, other files or contents")
     if changed:
         raise CheckpointError(

@@ -16,6 +16,7 @@ from freezetune._io import atomic_write_text
 from freezetune.cache import FeaturePath
 from freezetune.config import TrainConfig, parse_freeze_spec, validate
 from freezetune.data import Loaders, build_datasets
+from freezetune.data.fingerprint import data_record
 from freezetune.data.gpu import check_decode
 from freezetune.data.text import TEXT_SETTINGS, refuse_text_settings, text_preprocess
 from freezetune.depthwise import use_fast_depthwise
@@ -101,7 +102,7 @@ class RunSetup:
                                    final_test=cfg.final_test)  # fmt: skip
         self.classes = self.data.classes
         # what last.pt keeps of the data (sizes, digests), for a resume to refuse other data
-        self.data_print = checkpoint.data_record(self.data.train, self.data.val) if self.resumable else None
+        self.data_print = data_record(self.data.train, self.data.val) if self.resumable else None
         replace_head(self.model, len(self.classes))
         if cfg.init and not self.resuming:  # an earlier run's weights, head included (a recipe's previous phase);
             # a resume's come from last.pt (the init file may be gone, or named from another directory)

@@ -73,3 +73,12 @@ def _digest(dataset: Dataset, file_keys: Callable) -> str | None:
         return None
     h.update(torch.as_tensor(dataset.targets).numpy().tobytes())
     return h.hexdigest()
+
+
+def data_record(train: Dataset, val: Dataset | None) -> dict:
+    """What ``last.pt`` keeps of the data it trained on, for a resume to check (``restore``): each split's size and
+    digest (``resume_digest``)."""
+    from freezetune.data.datasets import noun
+
+    return {name: {"n": len(ds), "digest": resume_digest(ds), "noun": noun(ds)}
+            for name, ds in (("training", train), ("validation", val)) if ds is not None}  # fmt: skip
