@@ -164,6 +164,11 @@ def test_eval_beside_a_checkpoint_in_a_read_only_folder_prints_its_scores_and_wa
     code, out, err = run_cli(capsys, "eval", "--checkpoint", run[0] / "best.pt", "--data", data, "--device", "cpu",
                              "--plot", run[0] / "mine.png")  # fmt: skip
     assert code == 2 and "macro-F1" in out and err.startswith("freezetune: error: Read-only file system")
+    # the metrics asked for by name are written though the default plot cannot be
+    metrics_file = run[0].parent / "m.json"
+    code, out, err = run_cli(capsys, "eval", "--checkpoint", run[0] / "best.pt", "--data", data, "--device", "cpu",
+                             "--metrics", metrics_file)  # fmt: skip
+    assert code == 0 and "confusion matrix was not drawn" in err and json.loads(metrics_file.read_text())["n"]
 
 
 def test_eval_prints_the_report_and_matches_the_run_test_metrics(run, data, capsys, tmp_path):

@@ -51,3 +51,21 @@ def test_a_full_disk_under_torch_save_is_an_os_error_naming_the_file(tmp_path):
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == [str(errno.EFBIG), str(path)]  # the file the user knows, not the temporary one
     assert torch.load(path) == {"epoch": 1} and [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+
+def test_a_read_only_place_is_named_by_the_users_path_not_the_hidden_temporary_one(tmp_path, monkeypatch):
+    # on a read-only mount the temporary file cannot be made, nor unlinked: the unlink's error replaced the first,
+    # naming the hidden temporary file
+    import errno
+    from pathlib import Path
+
+    from freezetune import _io
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system", str(args[0]))
+
+    monkeypatch.setattr(_io, "open", read_only, raising=False)
+    monkeypatch.setattr(Path, "unlink", read_only)
+    with pytest.raises(OSError) as caught:
+        atomic_write_text(tmp_path / "note.txt", "x")
+    assert caught.value.errno == errno.EROFS and caught.value.filename == str(tmp_path / "note.txt")

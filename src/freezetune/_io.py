@@ -8,6 +8,7 @@ its temporary files are removed by ``remove_stale_temps`` when the run directory
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import uuid
@@ -56,7 +57,8 @@ def atomic_output(path: str | Path) -> Iterator[Path]:
         pause_point(f"rename:{path.name}")
         os.replace(tmp, path)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # on a read-only mount the unlink fails too, and its error named the tmp
+            tmp.unlink(missing_ok=True)
         # a failed write names no file ("No space left on device", said of nothing), the hidden temporary one
         # names a file the user never sees: name the user's path instead
         if exc.errno is not None and exc.filename in (None, str(tmp)):

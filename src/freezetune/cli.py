@@ -282,7 +282,7 @@ def _cmd_eval(args) -> int:
     try:
         write_evaluation(result, result["classes"], plot=plot, metrics=args.metrics)
     except OSError as exc:
-        if args.plot or args.metrics:  # asked for by name: the error says why it is not there
+        if args.plot or exc.filename != str(plot):  # a file asked for by name: the error says why it is not there
             raise
         print(f"freezetune: warning: the confusion matrix was not drawn: {exc.strerror or exc} ({exc.filename}); "
               "--plot PATH puts it elsewhere", file=sys.stderr)  # fmt: skip

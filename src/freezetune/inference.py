@@ -167,10 +167,10 @@ def write_evaluation(
     """
     from freezetune.metrics import format_report, plot_confusion  # matplotlib: only when a report is made
 
+    if metrics is not None:  # first: the numbers asked for by name do not wait on a plot that may fail
+        atomic_write_text(metrics, json.dumps(result, indent=1))
     if plot is not None:
         plot_confusion(result, classes, plot)
-    if metrics is not None:
-        atomic_write_text(metrics, json.dumps(result, indent=1))
     return format_report(result, classes)
 
 
