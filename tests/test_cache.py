@@ -1,6 +1,7 @@
 """The frozen-prefix feature cache: training from it computes the same function as training without it."""
 
 import os
+import time
 
 import numpy as np
 import pytest
@@ -306,9 +307,13 @@ def test_a_cache_dir_loses_the_temporary_files_of_killed_writers_not_of_live_one
     cache = tmp_path / "c"
     cache.mkdir()
     dead, live = cache / ".k0.pt.999999999.0123abcd.tmp", cache / f".k1.pt.{os.getppid()}.0123abcd.tmp"
-    dead.write_bytes(b"half a store"), live.write_bytes(b"being written")
+    recent = cache / ".k2.pt.999999998.0123abcd.tmp"  # perhaps another machine's writer, whose pid means nothing here
+    for path in (dead, live, recent):
+        path.write_bytes(b"half a store")
+    for path in (dead, live):
+        os.utime(path, (time.time() - 2 * disk.STALE_TEMP_S,) * 2)
     assert disk.save(cache, "k", torch.zeros(4, 8), torch.zeros(4, dtype=torch.long)).is_file()
-    assert not dead.exists() and live.exists()
+    assert not dead.exists() and live.exists() and recent.exists()
 
 
 def test_cache_features_names_what_a_dataset_of_other_items_yields():

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -70,11 +71,13 @@ def atomic_output(path: str | Path) -> Iterator[Path]:
     _fsync_dir(path.parent)
 
 
-def remove_stale_temps(directory: str | Path) -> list[Path]:
+def remove_stale_temps(directory: str | Path, *, min_age_s: float = 0.0) -> list[Path]:
     """Delete the temporary files that writers killed mid-write left anywhere under ``directory``.
 
     Only files named as ``atomic_output`` names them, and only those of processes that no longer run: another live
     process may be writing its file now. (Off POSIX, where liveness cannot be probed safely, nothing is removed.)
+    ``min_age_s``: only files untouched that long (a folder shared with other machines or containers, whose pids
+    mean nothing here).
 
     Returns:
         The files removed.
@@ -84,13 +87,21 @@ def remove_stale_temps(directory: str | Path) -> list[Path]:
     >>> [p.name for p in remove_stale_temps(d)]
     ['.last.pt.999999999.0123abcd.tmp']
     """
-    removed = []
+    removed, now = [], time.time()
     for path in sorted(Path(directory).rglob(".*.tmp")):
         match = _TEMP_NAME.match(path.name)
-        if match and path.is_file() and not _running(int(match.group(1))):
+        old = min_age_s <= 0 or _age(path, now) >= min_age_s
+        if match and old and path.is_file() and not _running(int(match.group(1))):
             path.unlink(missing_ok=True)
             removed.append(path)
     return removed
+
+
+def _age(path: Path, now: float) -> float:
+    try:
+        return now - path.stat().st_mtime
+    except OSError:
+        return 0.0
 
 
 def _running(pid: int) -> bool:

@@ -25,6 +25,7 @@ from freezetune.split import Split
 
 log = logging.getLogger(__name__)
 
+STALE_TEMP_S = 3600  # a temporary store file untouched this long, of a process not running here, is an orphan
 VERSION = 3  # bump when the stored layout or what a key covers changes (2: photos turned upright by their EXIF tag;
 # 3: a file's change time and inode)
 _MARGIN = 64 << 20  # left free for the file system and the run's own small files
@@ -106,8 +107,9 @@ def save(cache_dir: Path, key: str, features: torch.Tensor, targets: torch.Tenso
     """
     Path(cache_dir).mkdir(parents=True, exist_ok=True)
     # a run killed while it saved left a temporary file as large as the store: in a cache dir, outside any run dir,
-    # nothing else would ever remove it (those of live processes are kept: another run may be writing one)
-    remove_stale_temps(cache_dir)
+    # nothing else would ever remove it. Those of live processes are kept (another run may be writing one), and any
+    # younger than an hour: a cache dir may be shared with other machines, whose writers' pids mean nothing here
+    remove_stale_temps(cache_dir, min_age_s=STALE_TEMP_S)
     problem = space_problem(cache_dir, features.nbytes + targets.nbytes)
     if problem is not None:
         log.warning("feature cache not kept for later runs: it %s (choose another --cache-dir)", problem)
