@@ -9,8 +9,10 @@ check of the files can tell them apart; a lock held by the live process can.
 The lock is an ``flock`` on a file named after the directory's absolute path in a per-user folder under the temp dir,
 not in the run directory itself: a refused command leaves the user's folder as it was, and a run not yet set up
 creates nothing (the run dir is made once the model and data are ready). The kernel drops an ``flock`` when its
-process dies, even by SIGKILL: no stale lock is left to clear. It guards the processes of one machine (the usual
-case); runs on two machines sharing a network folder are not seen. Without ``fcntl`` (Windows) nothing is locked.
+process dies, even by SIGKILL: no stale lock is left to clear. It guards the processes that share a temp dir (one
+machine's, the usual case); a batch job with a ``TMPDIR`` of its own, or another machine on a network folder, is not
+seen. Only a private folder of the user's is used (another user's could hold links to this user's files); without
+one, or without ``fcntl`` (Windows), nothing is locked.
 
 Claims are re-entrant within the process (the auto recipe claims its directory, then its final run claims it again)
 and are released when the ``scope`` they were made in ends: the outermost ``train`` or ``sweep`` call.
@@ -99,8 +101,8 @@ def _lock_file(run_dir: Path) -> Path:
 
 
 def _lock(run_dir: Path) -> tuple[int, Path]:
-    """An open descriptor holding ``run_dir``'s lock, and its file. The file is unlinked on release; a descriptor locked on a file
-    just unlinked (a release raced the open) is retried on the file now there."""
+    """An open descriptor holding ``run_dir``'s lock, and its file. The file is unlinked on release; a descriptor
+    locked on a file just unlinked (a release raced the open) is retried on the file now there."""
     path = _lock_file(run_dir)
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o600)
