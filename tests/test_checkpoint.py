@@ -219,3 +219,14 @@ def test_a_data_digest_not_had_on_either_side_is_not_compared():
     _check_data(Path("last.pt"), saved, {"training": {"n": 3, "digest": None, "noun": "images"}})
     with pytest.raises(CheckpointError, match=r"3 -> 4 training images"):
         _check_data(Path("last.pt"), saved, {"training": {"n": 4, "digest": None, "noun": "images"}})
+
+
+def test_a_validation_split_there_then_and_not_now_is_named_by_its_count():
+    # it read "no validation split then, no one now" (and "a ... then, a one now" the other way round)
+    from freezetune.checkpoint import _check_data
+
+    train = {"n": 3, "digest": "abc", "noun": "images"}
+    with pytest.raises(CheckpointError, match=r"\(2 -> 0 validation images\)"):
+        _check_data(Path("last.pt"), {"training": train, "validation": {**train, "n": 2}}, {"training": train})
+    with pytest.raises(CheckpointError, match=r"\(0 -> 2 validation images\)"):
+        _check_data(Path("last.pt"), {"training": train}, {"training": train, "validation": {**train, "n": 2}})

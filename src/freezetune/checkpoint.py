@@ -317,16 +317,14 @@ def _check_data(path: Path, saved: dict[str, Any] | None, now: dict[str, Any] | 
     images epoch 1 had trained on. A ``last.pt`` of an older freezetune kept no record: nothing to compare."""
     if not saved or now is None:
         return
-    changed = []
-    for split in dict.fromkeys([*saved, *now]):
-        old, new = saved.get(split), now.get(split)
-        if old is None or new is None:
-            changed.append(f"{'no' if old is None else 'a'} {split} split then, {'a' if new is None else 'no'} "
-                           "one now")  # fmt: skip
-        elif old["n"] != new["n"]:
-            changed.append(f"{old['n']} -> {new['n']} {split} {new['noun']}")
+    changed, none = [], {"n": 0, "digest": None}
+    for split in dict.fromkeys([*saved, *now]):  # a split there once and not now (or the reverse) has 0 items
+        old, new = saved.get(split, none), now.get(split, none)
+        noun = new.get("noun") or old.get("noun")
+        if old["n"] != new["n"]:
+            changed.append(f"{old['n']} -> {new['n']} {split} {noun}")
         elif None not in (old["digest"], new["digest"]) and old["digest"] != new["digest"]:  # None: not had
-            changed.append(f"{split} {new['noun']}: {new['n']} as before, other files or contents")
+            changed.append(f"{split} {noun}: {new['n']} as before, other files or contents")
     if changed:
         raise CheckpointError(
             f"cannot resume {path}: the data changed since it was saved ({'; '.join(changed)}); "
