@@ -82,8 +82,10 @@ def sweep(cfg: TrainConfig, recipes: str | list[str] | tuple[str, ...] = DEFAULT
     """
     out = Path(out or cfg.out or DEFAULT_OUT)
     runs = _run_configs(cfg, _names(recipes), out)
+    from freezetune.distributed import init_from_env
+
     with run_lock.scope():  # two sweeps into one dir both "won", with different winners: the second is refused
-        if os.environ.get("RANK", "0") == "0":  # (under torchrun, rank 0 writes for all)
+        if init_from_env(cfg.device).is_main:  # (under torchrun, rank 0 writes for all; recipes.run joins as well)
             run_lock.claim(out)
         if (out / "sweep.csv").exists() and not cfg.resume:
             raise ConfigError(f"{str(out)!r} already holds a sweep (sweep.csv); choose another --out")
