@@ -90,8 +90,9 @@ def remove_stale_temps(directory: str | Path, *, min_age_s: float = 0.0) -> list
     removed, now = [], time.time()
     for path in sorted(Path(directory).rglob(".*.tmp")):
         match = _TEMP_NAME.match(path.name)
-        old = min_age_s <= 0 or _age(path, now) >= min_age_s
-        if match and old and path.is_file() and not _running(int(match.group(1))):
+        if not (match and path.is_file()) or (min_age_s > 0 and _age(path, now) < min_age_s):
+            continue
+        if not _running(int(match.group(1))):
             path.unlink(missing_ok=True)
             removed.append(path)
     return removed
