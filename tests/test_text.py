@@ -421,3 +421,20 @@ def test_a_folder_of_train_val_and_test_csvs_is_a_text_dataset_whose_test_file_i
     assert stdout.splitlines()[-1].startswith("test accuracy") and json.loads((out / "test_metrics.json").read_text())
     code, stdout, err = run_cli(capsys, "eval", "--checkpoint", out / "best.pt", "--data", data, "--device", "cpu")
     assert code == 0 and stdout.startswith(f"scored 12 of every row of {data / 'test.tsv'}"), err
+
+
+@pytest.mark.parametrize("recipe", ["auto", "lp-ft"])
+def test_a_bad_test_csv_stops_a_recipe_before_its_trials_or_first_phase(tmp_path, capsys, recipe):
+    # the trials (or a recipe's probe) do not read the test file: a label the training file lacks stopped the run
+    # only after them, as an image test folder's problems no longer do
+    data = tmp_path / "texts"
+    data.mkdir()
+    _csv(data / "train.csv", n=2)
+    (data / "test.csv").write_text("text,label\na fine film,pos\nnot sure,neutral\n")
+    out = tmp_path / "run"
+    code, stdout, err = run_cli(
+        capsys, "train", "--model", f"hf:{MINILM}", "--weights", "default", "--data", data, "--recipe", recipe,
+        "--epochs", "1", "--batch-size", "8", "--device", "cpu", "--no-progress", "--out", out,
+    )  # fmt: skip
+    assert code == 2 and "test.csv' has label(s) 'neutral' that are not training classes: 'neg', 'pos'" in err, err
+    assert "epoch 1" not in stdout and not (out / "auto-trials").exists() and not list(out.glob("**/*.pt"))

@@ -47,7 +47,6 @@ from pathlib import Path
 from freezetune import checkpoint, run_log
 from freezetune._io import atomic_write_text
 from freezetune.config import RESUME_MAY_CHANGE, TrainConfig, needs_validation
-from freezetune.data.layout import check_test_split
 from freezetune.errors import ConfigError
 from freezetune.interrupt import RunInterrupted
 from freezetune.options import parse_duration
@@ -101,7 +100,9 @@ def run(cfg: TrainConfig, *, echo: Callable[[str], None] = print, train: Callabl
     run_log.log_to(out)  # the trials' lines and the choice, in the run's train.log
     start = time.perf_counter()
     if cfg.final_test:  # the trials do not read the test split: its problems would stop the run only after them
-        check_test_split(cfg.data, skip_bad=cfg.skip_bad)
+        from freezetune.recipes import check_test_data
+
+        check_test_data(cfg)
     ks, cut, text = _candidates(cfg)
     base = _base(cfg, out, cut)
     intro = (f"auto: choosing how many of the last stages to train ({', '.join(map(str, ks))}) from a trial each on "

@@ -184,6 +184,17 @@ def structure(model_name: str, img_size: int | None) -> tuple[tuple[str, ...], b
     return tuple(s.name for s in stages(model)), pre is None
 
 
+def check_test_data(cfg: TrainConfig) -> None:
+    """Check the test split ``cfg``'s run scores at its end (a test folder's images, a text model's ``test.csv``)
+    before phases or trials that do not read it: its problems would stop the run only after them."""
+    from freezetune.data.layout import check_test_split
+    from freezetune.data.text import Columns
+
+    text = structure(cfg.model, cfg.img_size)[1]
+    columns = Columns.given(cfg.text_column, cfg.label_column) if text else None
+    check_test_split(cfg.data, skip_bad=cfg.skip_bad, text=columns)
+
+
 def run(cfg: TrainConfig, *, echo: Callable[[str], None] = print, train: Callable | None = None):
     """Carry out the recipe ``cfg`` asks for (see ``recipe_of``) and return the last phase's ``RunResult``.
 
@@ -218,9 +229,7 @@ def run(cfg: TrainConfig, *, echo: Callable[[str], None] = print, train: Callabl
             _keep_request(Path(cfg.out), recipe, cfg)
     log_to(cfg.out)  # the phases' lines in the recipe's train.log too (each phase's dir keeps its own)
     if cfg.final_test:  # the phases before the last do not read the test split: its problems would wait for them
-        from freezetune.data.layout import check_test_split
-
-        check_test_split(cfg.data, skip_bad=cfg.skip_bad)
+        check_test_data(cfg)
     result, steps = None, phases(cfg, recipe)
     for i, phase in enumerate(steps):
         phase_cfg = phase.cfg

@@ -15,6 +15,7 @@ from torch.utils.data import Dataset
 from freezetune.data.folder import folder_classes, has_image_suffix, is_hidden, scan_folder
 from freezetune.data.idx import is_idx_dir
 from freezetune.data.scan import check_images
+from freezetune.data.text import Columns, read_text_csv, text_csv_header
 from freezetune.errors import DataError, choices
 from freezetune.run_log import warn_once
 
@@ -72,12 +73,18 @@ def _test_folder(test_dir: Path, classes: list[str]) -> Dataset:
     return scan_folder(test_dir, classes)
 
 
-def check_test_split(data: str, *, skip_bad: bool = False) -> None:
+def check_test_split(data: str, *, skip_bad: bool = False, text: Columns | None = None) -> None:
     """Check the test folder a run will score at its end, before a recipe's trials or first phase, which do not read
     it: an unlabelled ``test/``, one with a class the training folder lacks, or an unreadable test image stopped the
     run only after them. Its classes and files are listed and each image's header read (the run's data build reads
-    them again from the scan's record of sound files); with ``skip_bad`` that build leaves unreadable ones out."""
+    them again from the scan's record of sound files); with ``skip_bad`` that build leaves unreadable ones out.
+    ``text``: the columns of a text model's CSVs; its ``test.csv`` beside ``train.csv`` is read against the training
+    file's labels."""
     path = Path(data)
+    splits = split_files(path) if text is not None else None
+    if splits is not None and "test" in splits and text_csv_header(splits["train"], text) is not None:
+        read_text_csv(splits["test"], read_text_csv(splits["train"], columns=text).classes, text)
+        return
     if not path.is_dir() or is_idx_dir(path):
         return
     train_dir, test_dir = first_dir(path, TRAIN_DIRS), first_dir(path, TEST_DIRS)

@@ -41,7 +41,11 @@ class Columns:
         """The columns ``preprocess`` names, the usual names for the others (and for an image model's)."""
         if preprocess is None or not preprocess.is_text:
             return cls()
-        text, label = preprocess.text_column, preprocess.label_column
+        return cls.given(preprocess.text_column, preprocess.label_column)
+
+    @classmethod
+    def given(cls, text: str | None, label: str | None) -> Columns:
+        """The columns a run names (``--text-column``, ``--label-column``; None: the usual names)."""
         return cls(
             (text.strip().lower(),) if text else TEXT_COLUMNS, (label.strip().lower(),) if label else LABEL_COLUMNS
         )
