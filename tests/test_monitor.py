@@ -111,3 +111,15 @@ def test_no_nvml_or_a_failing_one_gives_an_empty_dict_and_no_error(monkeypatch, 
     time.sleep(0.03)
     assert monitor.stop() == {}
     assert nvml is None or nvml.open == 0
+
+
+def test_a_gpu_run_without_nvidia_ml_py_is_told_once_how_to_get_its_gpu_columns(monkeypatch, fake_cuda, caplog):
+    # it was a debug line: metrics.csv lacked its gpu_ columns on a GPU and nothing said why
+    from freezetune.run_log import log
+
+    _install(monkeypatch, None)
+    with caplog.at_level("WARNING", logger="freezetune"), log(lambda line: None):  # one run
+        for _ in range(2):  # two epochs
+            GpuMonitor(0).start().stop()
+    said = [r.getMessage() for r in caplog.records if "nvidia-ml-py" in r.getMessage()]
+    assert len(said) == 1 and "pip install 'freezetune[monitor]'" in said[0]

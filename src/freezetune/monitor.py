@@ -13,6 +13,8 @@ import threading
 
 import torch
 
+from freezetune.run_log import warn_once
+
 log = logging.getLogger(__name__)
 
 _MIB = 2**20
@@ -82,7 +84,9 @@ class GpuMonitor:
         try:
             import pynvml
         except ImportError:
-            log.debug("GPU monitor off: nvidia-ml-py is not installed (pip install 'freezetune[monitor]')")
+            # said once a run: on a GPU the user expects metrics.csv's gpu_ columns and would not learn why not
+            warn_once(log, "GPU utilisation and memory are not recorded (metrics.csv's gpu_ columns): nvidia-ml-py "
+                      "is not installed; pip install 'freezetune[monitor]'")  # fmt: skip
             return False
         try:
             pynvml.nvmlInit()
