@@ -497,6 +497,20 @@ def test_one_class_or_an_empty_class_folder_is_refused(tmp_path):
         build_datasets(str(tmp_path / "gap"), preprocess=PRE)
 
 
+def test_an_empty_folder_of_a_training_class_in_test_or_val_is_a_class_without_images_there(tmp_path):
+    # refused ("hold no images") though the same class's folder left out of test/ was accepted
+    make_folder(tmp_path / "d" / "train", 4)
+    for split in ("val", "test"):
+        make_folder(tmp_path / "d" / split, 1)
+        shutil.rmtree(tmp_path / "d" / split / "red")
+        (tmp_path / "d" / split / "red").mkdir()
+    bundle = build_datasets(str(tmp_path / "d"), preprocess=PRE)
+    assert len(bundle.val) == len(bundle.test) == len(COLOURS) - 1 and bundle.test.classes == bundle.train.classes
+    (tmp_path / "d" / "test" / "purple").mkdir()  # not a training class: a typo, or a class the run lacks
+    with pytest.raises(DataError, match="'purple'.*hold no images"):
+        build_datasets(str(tmp_path / "d"), preprocess=PRE)
+
+
 def _break(folder: Path) -> list[Path]:
     """Spoil two images of ``folder``: one is not an image at all, one is a PNG cut in half."""
     junk, cut = folder / "blue" / "0.png", folder / "red" / "1.png"

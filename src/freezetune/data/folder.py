@@ -7,7 +7,7 @@ import logging
 import os
 import unicodedata
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -203,8 +203,11 @@ class FileImageDataset(Dataset):
         return ds
 
 
-def folder_classes(root: str | Path) -> list[str]:
+def folder_classes(root: str | Path, known: Iterable[str] = ()) -> list[str]:
     """Class names of a ``root/<class>/*`` tree: the sorted subfolders that hold at least one image.
+
+    ``known``: the training classes, when ``root`` is a validation or test folder: an empty folder of one of them is
+    a class without images there (as an absent folder is), not a class the run would leave out.
 
     Raises:
         DataError: ``root`` is not a directory or has no class subfolder with images.
@@ -232,7 +235,8 @@ def folder_classes(root: str | Path) -> list[str]:
             f"no class folders with images in '{root}'; expected {root}/<class>/*.jpg (extensions: "
             f"{', '.join(IMAGE_EXTENSIONS)})"
         )
-    empty = [d.name for d in subdirs if d.name not in classes]
+    known = {nfc(c) for c in known}
+    empty = [d.name for d in subdirs if d.name not in classes and nfc(d.name) not in known]
     if empty:  # training on N-1 classes in silence would be wrong: say which folders, and how to proceed
         raise DataError(f"class folder(s) {choices(empty)} in '{root}' hold no images "
                         f"({', '.join(IMAGE_EXTENSIONS)}); add images or remove the folder(s)")  # fmt: skip
@@ -267,7 +271,7 @@ def scan_folder(root: str | Path, classes: list[str] | None = None) -> FileImage
     >>> scan_folder("flowers/val", classes=["daisy", "rose"]).classes  # doctest: +SKIP
     ['daisy', 'rose']
     """
-    own = folder_classes(root)
+    own = folder_classes(root, known=classes or ())
     classes = list(classes) if classes is not None else own
     # names compared in NFC: macOS writes "café" decomposed (NFD), Linux and Windows composed, and both look alike
     index = {nfc(c): i for i, c in enumerate(classes)}
