@@ -578,11 +578,12 @@ def test_python_dash_m_freezetune_help_and_version():
     assert version.returncode == 0 and version.stdout.strip() == f"freezetune {__version__}"
 
 
-def test_the_command_line_starts_without_the_data_pipeline():
-    # --help's text imported data.datasets for two numbers, and with it torchvision: a second more on every command
-    probe = "import sys, freezetune.cli; print('torchvision' in sys.modules)"
+def test_the_command_line_starts_without_the_data_pipeline_or_the_plots():
+    # --help's text imported data.datasets for two numbers, and with it torchvision: a second more on every command;
+    # the sweep's defaults imported the sweep, and with it matplotlib: two more seconds on --help and --version
+    probe = "import sys, freezetune.cli; print('torchvision' in sys.modules, 'matplotlib' in sys.modules)"
     loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
-    assert loaded.returncode == 0 and loaded.stdout.strip() == "False", loaded.stderr
+    assert loaded.returncode == 0 and loaded.stdout.strip() == "False False", loaded.stderr
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="device auto finds CUDA here")

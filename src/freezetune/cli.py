@@ -25,8 +25,10 @@ from freezetune.options import (
     FREEZE_DEFAULT,
     RANDOM_WEIGHTS,
     RECIPES,
+    SWEEP_DEFAULT_OUT,
+    SWEEP_DEFAULT_RECIPES,
+    SWEEP_SETS,
 )
-from freezetune.sweep import DEFAULT_OUT, DEFAULT_RECIPES, SWEEP_SETS
 
 _DEFAULTS = TrainConfig()
 
@@ -112,7 +114,7 @@ def _train_parser(sub) -> None:
     _config_flags(p)
     p.set_defaults(func=_cmd_train, command_parser=p)
     p = sub.add_parser("sweep", help="compare recipes on the validation split; write the winner as a config")
-    p.add_argument("--recipes", default=",".join(DEFAULT_RECIPES),
+    p.add_argument("--recipes", default=",".join(SWEEP_DEFAULT_RECIPES),
                    help=f"comma-separated, from {' | '.join(RECIPES)} (or last-K) [default: %(default)s]")  # fmt: skip
     _config_flags(p, _SWEEP_HELP)
     p.set_defaults(func=_cmd_sweep, command_parser=p)
@@ -120,7 +122,7 @@ def _train_parser(sub) -> None:
 
 # where a sweep's flags mean something else than train's (what it sets itself: sweep.SWEEP_SETS, with the reason)
 _SWEEP_HELP = {
-    "out": f"sweep directory, a run per recipe below it [default: {DEFAULT_OUT}]",
+    "out": f"sweep directory, a run per recipe below it [default: {SWEEP_DEFAULT_OUT}]",
     "budget": "wall-clock budget of the sweep: a recipe starts only while it lasts (one running is not cut short; the "
     "auto recipe inside trains --epochs; default: none)",
     "resume": "continue an interrupted sweep: give its own command again (a setting other than those it recorded in "

@@ -49,6 +49,20 @@ RECIPE_HELP = {
     "bitfit": "only biases and normalisation layers (and the head) train",
 }
 RECIPES = tuple(RECIPE_HELP)
+SWEEP_DEFAULT_RECIPES = (
+    "linear-probe",
+    "last-k",
+    "auto",
+    "full",
+)  # what ``freezetune sweep`` compares without --recipes
+SWEEP_DEFAULT_OUT = "runs/sweep"  # where a sweep goes without --out
+# what a sweep sets for every recipe, whatever it is given, and why: a value given on the command line that differs
+# is refused rather than dropped in silence
+SWEEP_SETS = {
+    "final_test": (False, "a sweep scores no recipe on the test split; `train --config winner.yaml` scores the winner"),
+    "refit": (False, "a sweep judges recipes on the validation split, which a refit would train on; set refit: true "
+                     "in winner.yaml instead"),
+}  # fmt: skip
 DEVICES = ("auto", "cpu", "cuda", "cuda:N", "mps")  # what --device takes (cuda:N: one GPU by number)
 CACHE_MODES = ("auto", "off", "memory", "disk")
 DECODE_MODES = ("auto", "gpu", "cpu")

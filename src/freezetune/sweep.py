@@ -27,12 +27,18 @@ from freezetune._io import atomic_output, atomic_write_text
 from freezetune.config import TrainConfig, load_config, validate
 from freezetune.epoch_log import human
 from freezetune.errors import ConfigError, DataError, choices
-from freezetune.options import BATCH_AUTO, RECIPES, parse_duration, recipe_problem
+from freezetune.options import (
+    BATCH_AUTO,
+    RECIPES,
+    SWEEP_DEFAULT_OUT,
+    SWEEP_DEFAULT_RECIPES,
+    SWEEP_SETS,
+    parse_duration,
+    recipe_problem,
+)
 from freezetune.run_log import log, log_to, opened
 
 _DEFAULTS = TrainConfig()
-DEFAULT_RECIPES = ("linear-probe", "last-k", "auto", "full")
-DEFAULT_OUT = "runs/sweep"  # where a sweep goes without --out
 ROW_FILE = "sweep_row.json"  # a finished recipe's row, in its run directory
 SWEEP_LOG = "sweep.log"  # the sweep's lines (its recipes' too), time-stamped; each recipe keeps its train.log
 SETTINGS_FILE = "sweep_config.yaml"  # the settings every recipe ran with: a --resume must keep them
@@ -48,15 +54,6 @@ class SweepResult:
     out: Path
 
 
-# what a sweep sets for every recipe, whatever it is given, and why: a value given on the command line that differs
-# is refused rather than dropped in silence
-SWEEP_SETS = {
-    "final_test": (False, "a sweep scores no recipe on the test split; `train --config winner.yaml` scores the winner"),
-    "refit": (False, "a sweep judges recipes on the validation split, which a refit would train on; set refit: true "
-                     "in winner.yaml instead"),
-}  # fmt: skip
-
-
 def refuse_overridden(given: dict) -> None:
     """Refuse the values given to ``sweep`` (``--final-test``, ``refit=true``) that it would replace.
 
@@ -68,11 +65,11 @@ def refuse_overridden(given: dict) -> None:
         raise ConfigError("sweep: " + "; ".join(problems))
 
 
-def sweep(cfg: TrainConfig, recipes: str | list[str] | tuple[str, ...] = DEFAULT_RECIPES, *,
+def sweep(cfg: TrainConfig, recipes: str | list[str] | tuple[str, ...] = SWEEP_DEFAULT_RECIPES, *,
           out: str | Path | None = None, echo: Callable[[str], None] = print) -> SweepResult:  # fmt: skip
     """Run each recipe with ``cfg``'s settings into ``out/<recipe>`` and compare them on the validation split.
 
-    ``out``: the sweep's directory; by default ``cfg.out``, else ``DEFAULT_OUT``.
+    ``out``: the sweep's directory; by default ``cfg.out``, else ``SWEEP_DEFAULT_OUT``.
 
     ``recipes``: names, or one comma-separated string as ``--recipes`` takes.
 
@@ -80,7 +77,7 @@ def sweep(cfg: TrainConfig, recipes: str | list[str] | tuple[str, ...] = DEFAULT
 
     >>> sweep(TrainConfig(data="images/", epochs=3), ["linear-probe", "auto"], out="runs/sweep")  # doctest: +SKIP
     """
-    out = Path(out or cfg.out or DEFAULT_OUT)
+    out = Path(out or cfg.out or SWEEP_DEFAULT_OUT)
     runs = _run_configs(cfg, _names(recipes), out)
     from freezetune.distributed import init_from_env
 
@@ -332,4 +329,4 @@ def _plot(rows: list[dict], winner: str, path: Path) -> None:
         fig.savefig(tmp, format="png", dpi=110)
 
 
-__all__ = ["DEFAULT_RECIPES", "RECIPES", "SweepResult", "format_table", "pareto_front", "sweep"]
+__all__ = ["RECIPES", "SWEEP_DEFAULT_RECIPES", "SweepResult", "format_table", "pareto_front", "sweep"]
