@@ -147,6 +147,16 @@ class InMemoryImageDataset(Dataset):
         img = img.unsqueeze(0) if img.dim() == 2 else img.permute(2, 0, 1)
         return (self.transform(img) if self.transform else img), int(self.targets[i])
 
+    def __getitems__(self, indices: list[int]) -> list[tuple[torch.Tensor, int]]:
+        # a DataLoader's batch: a transform that allows it (the eval pipeline's) runs once on the stacked images; the
+        # final test's 10 000 images spent 3.5 s of a 50 s run in it, image by image
+        if not getattr(self.transform, "batchable", False):
+            return [self[i] for i in indices]
+        rows = torch.as_tensor(indices, dtype=torch.long)
+        images = self.images[rows]
+        images = images.unsqueeze(1) if images.dim() == 3 else images.permute(0, 3, 1, 2)
+        return list(zip(self.transform(images).unbind(0), self.targets[rows].tolist(), strict=True))
+
     def select(self, indices: torch.Tensor, transform: Callable | None = None) -> InMemoryImageDataset:
         """A new dataset with the rows ``indices`` (copied, so the original can be freed) and ``transform``."""
         return InMemoryImageDataset(self.images[indices], self.targets[indices], self.classes, transform)
