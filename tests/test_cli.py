@@ -578,6 +578,19 @@ def test_python_dash_m_freezetune_help_and_version():
     assert version.returncode == 0 and version.stdout.strip() == f"freezetune {__version__}"
 
 
+def test_the_command_exits_without_the_interpreters_exit_time_walk_of_every_object():
+    # a second between a command's last line and the prompt went to collections of objects that die with the process
+    import tomllib
+
+    scripts = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts["freezetune"] == "freezetune.cli:run"
+    probe = ("import atexit, gc, sys; sys.argv = ['freezetune', '--version']; "
+             "atexit.register(lambda: print('frozen', gc.get_freeze_count() > 0)); "
+             "from freezetune.cli import run; run()")  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.split("\n")[-2:] == ["frozen True", ""], done.stdout + done.stderr
+
+
 def test_the_command_line_starts_without_the_data_pipeline_or_the_plots():
     # --help's text imported data.datasets for two numbers, and with it torchvision: a second more on every command;
     # the sweep's defaults imported the sweep, and with it matplotlib: two more seconds on --help and --version

@@ -1,3 +1,3 @@
-from freezetune.cli import main
+from freezetune.cli import run
 
-raise SystemExit(main())
+run()

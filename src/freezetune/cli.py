@@ -7,6 +7,7 @@ from ``TrainConfig`` (the one place they live) or, where a command needs another
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import os
@@ -72,6 +73,18 @@ def main(argv: list[str] | None = None) -> int:
         return _stopped(stop)
     finally:
         run_log.command = None  # a later Python-API run in this process (a notebook calling main) was not this
+
+
+def run() -> None:
+    """The ``freezetune`` command (the console script and ``python -m freezetune``): ``main``, then a quick exit."""
+    try:
+        code = main()
+    finally:  # also after argparse's own exits (--help, --version, a usage error)
+        # The interpreter's exit-time collections walk every object torch, torchvision and timm made: about a second
+        # between the last line and the prompt, for objects that die with the process anyway. Not in ``main``: a
+        # notebook may call it and go on.
+        gc.freeze()
+    sys.exit(code)
 
 
 def _stopped(stop: RunInterrupted) -> int:
