@@ -599,6 +599,14 @@ def test_the_command_line_starts_without_the_data_pipeline_or_the_plots():
     assert loaded.returncode == 0 and loaded.stdout.strip() == "False False", loaded.stderr
 
 
+@pytest.mark.parametrize("module", ["inference", "export", "describe", "trainer"])
+def test_commands_that_draw_nothing_do_not_import_matplotlib(module):
+    # predict, export and inspect imported it (half a second) through the metrics and the report's modules
+    probe = f"import sys, freezetune.{module}; print('matplotlib' in sys.modules)"
+    loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert loaded.returncode == 0 and loaded.stdout.strip() == "False", loaded.stderr
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="device auto finds CUDA here")
 def test_decode_gpu_without_cuda_is_refused_unless_the_cpu_is_asked_for(data, tmp_path, capsys):
     code, out, err = run_cli(capsys, *train_argv(data, tmp_path / "run", "--device", "auto", "--decode", "gpu"))

@@ -35,7 +35,7 @@ _LAZY = {
 
 
 def __getattr__(name: str):
-    # The feature cache and inference pull in the data pipeline (torchvision) and matplotlib: import them when first
+    # The feature cache, inference and the trainer pull in the data pipeline (torchvision): import them when first
     # used, not with the package.
     if name in _LAZY:
         import importlib

@@ -12,7 +12,6 @@ import warnings
 from pathlib import Path
 
 import torch
-from matplotlib.figure import Figure
 
 from freezetune._io import atomic_output
 from freezetune.errors import ConfigError, DataError
@@ -269,6 +268,8 @@ def plot_confusion(result: dict, classes: list[str], path: str | Path) -> Path:
     >>> plot_confusion(m.compute(), ["cat", "dog"], Path(tempfile.mkdtemp()) / "cm.png").read_bytes()[:4]
     b'\\x89PNG'
     """
+    from matplotlib.figure import Figure  # half a second: not for the commands that score without plotting
+
     c = _check_classes(result, classes)
     counts = torch.tensor(result["confusion"], dtype=torch.float64)
     frac = counts / counts.sum(dim=1, keepdim=True).clamp(min=1)

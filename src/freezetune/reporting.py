@@ -16,8 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
 
 from freezetune._io import atomic_output, atomic_write_text
 from freezetune.errors import DataError
@@ -253,6 +251,9 @@ def plot_report(metrics_csv: str | Path, out_png: str | Path, *, monitor: str = 
     >>> plot_report(d / "metrics.csv", d / "report.png").read_bytes()[:4]
     b'\\x89PNG'
     """
+    from matplotlib.figure import Figure  # half a second: not for the commands that only read a run's files
+    from matplotlib.ticker import MaxNLocator
+
     rows = [r for r in read_metrics(metrics_csv) if "epoch" in r]
     lr_cols = _lr_columns(rows)
     panels = [
