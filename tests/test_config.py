@@ -206,6 +206,10 @@ def test_unfreeze_flag_takes_the_mapping_form_its_error_lists(tmp_path, capsys):
     assert _print_config(capsys, "--data", "x", "unfreeze={1: blocks.6}")["unfreeze"] == {1: "blocks.6"}
     code, _, err = run_cli(capsys, "train", "--data", "x", "--print-config", "--unfreeze", "{1: blocks.6")
     assert code == 2 and "bad unfreeze schedule '{1: blocks.6'; the forms are:" in err
+    # and from Python, as every field is the flag of the same name (it was refused, its error listing that form)
+    from_python = TrainConfig(data="x", unfreeze="{1: blocks.6}")
+    validate(from_python)
+    assert from_python.unfreeze == {1: "blocks.6"} and from_python == load_config(tmp_path / "c.yaml")
 
 
 def test_freeze_list_in_yaml_stays_a_list_and_equals_the_cli_form(tmp_path):

@@ -149,6 +149,7 @@ class TrainConfig:
         # Parsed once, here, whichever way the config was made (YAML, CLI, Python): the run and config.yaml see
         # the final form, and a YAML list stays a list.
         self.freeze = coerce("freeze", self.freeze)
+        self.unfreeze = coerce("unfreeze", self.unfreeze)  # "{1: blocks.6}" as --unfreeze gives it
         self.stage_lrs = coerce("stage_lrs", self.stage_lrs)
         for f in fields(self):  # a pathlib.Path from Python is the path it names (config.yaml holds strings)
             value = getattr(self, f.name)
