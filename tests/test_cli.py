@@ -220,6 +220,16 @@ def test_predict_text_output_names_classes_with_percentages(run, data, capsys):
     assert any(f"  {name} " in line for name in CLASSES)
 
 
+def test_predict_into_a_pipe_its_reader_closed_stops_quietly_as_the_shell_expects(run, data):
+    # `predict ... | head -1`: "freezetune: error: Broken pipe; files written before are intact", exit 2
+    argv = [sys.executable, "-m", "freezetune", "predict", "--checkpoint", str(run[0] / "best.pt"), str(data / "test"),
+            "--json", "--device", "cpu"]  # fmt: skip
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()  # the reader is gone before the first line
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 141 and err == "", err
+
+
 def test_predict_reports_a_bad_file_and_still_predicts_the_others(run, data, capsys, tmp_path):
     folder = tmp_path / "mixed"
     folder.mkdir()

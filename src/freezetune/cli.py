@@ -12,7 +12,9 @@ import json
 import logging
 import os
 import re
+import select
 import shlex
+import signal
 import sys
 from pathlib import Path
 
@@ -57,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args) or 0
     # a user error; a full disk, a read-only or vanished run dir (every write is atomic, so nothing is lost)
     except (FreezetuneError, OSError) as exc:
+        if isinstance(exc, BrokenPipeError) and _reader_gone(sys.stdout):
+            return _pipe_closed()
         print(run_log.ending_line(exc), file=sys.stderr)
         return 2
     except RunInterrupted as exc:  # SIGTERM / SIGINT: the run saved where it stood; 143 / 130 as the shell reports
@@ -85,6 +89,26 @@ def run() -> None:
         # notebook may call it and go on.
         gc.freeze()
     sys.exit(code)
+
+
+def _reader_gone(stream) -> bool:
+    """Whether ``stream`` is a pipe whose reader has closed it (``predict ... | head``); a broken pipe elsewhere (a
+    DataLoader worker's) is an error of the run."""
+    try:
+        poll = select.poll()
+        poll.register(stream.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poll.poll(0))
+    except (AttributeError, OSError, ValueError):  # no poll (Windows), no file descriptor (a notebook's stream)
+        return False
+
+
+def _pipe_closed() -> int:
+    """Stop quietly, as a command the shell's SIGPIPE ends does (exit 141): the reader took what it wanted. Standard
+    output goes to /dev/null, or the interpreter's last flush fails again on the way out."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return 128 + signal.SIGPIPE
 
 
 def _stopped(stop: RunInterrupted) -> int:
