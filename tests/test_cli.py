@@ -632,14 +632,36 @@ def test_no_command_is_a_usage_error(capsys):
     assert code == 2 and out == "" and "usage: freezetune" in err and "train" in err
 
 
-def test_key_value_overrides_may_follow_flags_and_a_stray_argument_gets_the_commands_usage(capsys):
+def test_key_value_overrides_may_follow_flags_and_a_stray_argument_is_one_line_naming_the_commands_help(capsys):
     code, out, err = run_cli(capsys, "train", "--data", "x", "epochs=2", "--lr", "0.5", "seed=3", "--print-config")
     printed = yaml.safe_load(out)
     assert code == 0 and (printed["epochs"], printed["lr"], printed["seed"]) == (2, 0.5, 3)
     with pytest.raises(SystemExit) as exit_:
         main(["train", "--data", "x", "epochs=2", "--lr", "0.5", "stray", "--print-config"])
     err = capsys.readouterr().err
-    assert exit_.value.code == 2 and "usage: freezetune train" in err and "unrecognized arguments: stray" in err
+    assert exit_.value.code == 2 and err == (
+        "freezetune train: error: unrecognized arguments: stray (see freezetune train --help)\n"
+    )
+
+
+@pytest.mark.parametrize(
+    ("argv", "line"),
+    [
+        # argparse's usage block (some 30 lines) came first and buried the line
+        (["--epochs", "2.5"], "argument --epochs: invalid int value: '2.5'"),
+        (["--val-split", "10%"], "argument --val-split: invalid float value: '10%'"),
+        # "override 'false' is not key=value; keys are: ..." (forty of them), never that the flag is a switch
+        (["--progress", "false"], "--progress is a switch and takes no value ('false' follows it): give --progress "
+         "or --no-progress alone, or the override progress=false"),
+        (["--verbose", "yes"], "--verbose is a switch and takes no value ('yes' follows it): give -v or --verbose "
+         "alone"),
+    ],
+)  # fmt: skip
+def test_a_flags_mistake_is_one_line_that_says_what_is_wrong(capsys, argv, line):
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", "--data", "x", "--print-config", *argv])
+    _, err = capsys.readouterr()
+    assert exit_.value.code == 2 and err == f"freezetune train: error: {line} (see freezetune train --help)\n"
 
 
 def test_print_config_says_what_a_recipe_sets_and_reads_back_as_a_config(capsys, tmp_path):

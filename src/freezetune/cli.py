@@ -45,13 +45,14 @@ def _line_buffered(stream) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     args, extra = parser.parse_known_args(argv)
     if not getattr(args, "command", None):  # a usage error, as argparse's own: help on stderr, exit 2
         parser.print_help(sys.stderr)
         return 2
-    _overrides_anywhere(args, extra)
+    _overrides_anywhere(args, extra, argv)
     _line_buffered(sys.stdout)
-    run_log.command = shlex.join(["freezetune", *(sys.argv[1:] if argv is None else argv)])  # train.log's header
+    run_log.command = shlex.join(["freezetune", *argv])  # train.log's header
     logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
                         format=run_log.WARNING_FORMAT)  # fmt: skip
     forget_stop()  # a stop belongs to the command it stopped
@@ -118,7 +119,7 @@ def _stopped(stop: RunInterrupted) -> int:
     return stop.exit_code
 
 
-def _overrides_anywhere(args: argparse.Namespace, extra: list[str]) -> None:
+def _overrides_anywhere(args: argparse.Namespace, extra: list[str], argv: list[str]) -> None:
     """``key=value`` overrides after a flag (``epochs=2 --lr 0.5 seed=3``): argparse takes the positionals of one run
     only and leaves the rest unrecognized. Anything else unrecognized is reported under the command's own usage."""
     overrides = [e for e in extra if "=" in e and not e.startswith("-")] if hasattr(args, "overrides") else []
@@ -126,10 +127,33 @@ def _overrides_anywhere(args: argparse.Namespace, extra: list[str]) -> None:
     if rest:
         args.command_parser.error(f"unrecognized arguments: {' '.join(rest)}")
     args.overrides = [*getattr(args, "overrides", []), *overrides]
+    for item in args.overrides:
+        if "=" not in item:
+            _switch_value(args.command_parser, item, argv)
+
+
+def _switch_value(parser: argparse.ArgumentParser, item: str, argv: list[str]) -> None:
+    """A word where a ``key=value`` belongs, right after a switch: ``--progress false`` was refused as "override
+    'false' is not key=value" and some forty keys, which never said the switch takes no value."""
+    at = argv.index(item) if item in argv else 0
+    action = parser._option_string_actions.get(argv[at - 1]) if at else None  # argparse's own index of its flags
+    if action is not None and action.nargs == 0:
+        flags = " or ".join(action.option_strings)
+        override = f", or the override {action.dest}={item}" if action.dest in field_names() else ""
+        parser.error(f"{argv[at - 1]} is a switch and takes no value ({item!r} follows it): give {flags} "
+                     f"alone{override}")  # fmt: skip
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse's own usage errors (``--epochs 2.5``, a stray argument) in one line, as freezetune's others: the
+    usage block it printed first (some 30 lines for ``train``) buried the line that says what is wrong."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="freezetune", description="Fine-tune pretrained models by freezing.")
+    parser = _Parser(prog="freezetune", description="Fine-tune pretrained models by freezing.")
     parser.add_argument("--version", action="version", version=f"freezetune {__version__}")
     sub = parser.add_subparsers(dest="command")
     _train_parser(sub)
