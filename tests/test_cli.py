@@ -71,6 +71,13 @@ def test_train_writes_every_run_file(run):
     assert " on cpu fp32, channels_last: " in stdout  # the header says the memory format a convnet ran in
 
 
+def test_a_notebook_rerunning_a_cell_into_a_finished_run_is_told_what_to_write_in_python(run, data):
+    # "pass --resume to continue it or choose another --out": nothing a Python user could type
+    with pytest.raises(ft.FreezetuneError) as info:
+        ft.train(ft.TrainConfig(data=str(data), out=str(run[0]), model="timm:test_efficientnet", weights="none"))
+    assert "pass --resume (resume=True) to continue it or choose another --out (out=...)" in str(info.value)
+
+
 def test_eval_of_best_pt_reproduces_the_runs_test_metrics_to_the_last_digit(run, data):
     # the run scored its test split in its own memory format (channels_last for a convnet); eval rebuilds it the same
     run_dir, _ = run
@@ -447,16 +454,28 @@ def test_a_run_without_its_final_test_ends_on_a_line_naming_best_pt(data, tmp_pa
 
 def test_resume_without_last_pt_is_a_user_error(data, tmp_path, capsys):
     code, out, err = run_cli(capsys, *train_argv(data, tmp_path / "fresh", "--resume"))
-    _assert_user_error(code, out, err, "fresh' does not exist", "--resume needs the run dir of an existing run")
+    _assert_user_error(
+        code, out, err, "fresh' does not exist", "--resume (resume=True) needs the run dir of an existing run"
+    )
 
 
 @pytest.mark.parametrize(
     ("argv", "needles"),
     [
         # no run there and no --data: the missing run is the problem, not the data (was "data is required")
-        (["--out", "runs/typo", "--resume"], ["'runs/typo' does not exist", "--resume needs the run dir"]),
+        (
+            ["--out", "runs/typo", "--resume"],
+            ["'runs/typo' does not exist", "--resume (resume=True) needs the run dir"],
+        ),
         # no --out: was "cannot resume: runs/<model>-<timestamp>/last.pt does not exist", a dir never named
-        (["--resume", "--data", "images"], ["nothing to resume", "--resume needs the run dir", "no --out given"]),
+        (
+            ["--resume", "--data", "images"],
+            [
+                "nothing to resume",
+                "--resume (resume=True) needs the run dir",
+                "given with --out (out=...) (none given)",
+            ],
+        ),
     ],
 )
 def test_resume_without_a_run_dir_says_resume_needs_one(tmp_path, capsys, monkeypatch, argv, needles):

@@ -393,7 +393,7 @@ def test_resume_of_a_dir_no_run_started_in_is_refused_and_a_finished_one_needs_i
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("x")
     for where in ("missing", "other"):  # a typo, or the user's own folder: nothing to resume, nothing touched
-        with pytest.raises(CheckpointError, match="--resume needs the run dir of an existing run"):
+        with pytest.raises(CheckpointError, match=r"--resume \(resume=True\) needs the run dir of an existing run"):
             runtime.prepare_run_dir(str(tmp_path / where), "m", resume=True)
     assert [p.name for p in (tmp_path / "other").iterdir()] == ["notes.txt"]
     (tmp_path / "done").mkdir()

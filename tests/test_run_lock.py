@@ -76,7 +76,7 @@ def test_a_run_into_a_directory_in_use_is_refused_in_one_line_and_changes_nothin
         code, stdout, err = run_cli(capsys, *train_argv(data, out, "--epochs", "1", *extra))
     assert code == 2 and stdout == ""
     assert err == f"freezetune: error: '{out}' is in use by another freezetune process (pid {holder.pid}): wait for " \
-                  "it to end, or give another --out\n"  # fmt: skip
+                  "it to end, or give another --out (out=...)\n"  # fmt: skip
     assert snapshot(out) == before
 
 

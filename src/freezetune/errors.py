@@ -45,6 +45,22 @@ def choices(values: Iterable[object], limit: int = 40) -> str:
     return ", ".join(items)
 
 
+def setting(name: str, value: object = None) -> str:
+    """A setting as both of its users write it, the command's flag and ``TrainConfig``'s field, for the messages a
+    notebook sees as often as a shell does (a run dir in use, a device not there): "pass --resume" alone told a
+    Python user nothing to type.
+
+    >>> setting("resume", True), setting("device", "cpu"), setting("out")
+    ('--resume (resume=True)', "--device cpu (device='cpu')", '--out (out=...)')
+    """
+    flag = "--" + name.replace("_", "-")
+    if value is None:
+        return f"{flag} ({name}=...)"
+    if value is True:
+        return f"{flag} ({name}=True)"
+    return f"{flag} {value} ({name}={value!r})"
+
+
 def one_line(exc: BaseException) -> str:
     """The line a user sees for ``exc``. A ``DataLoader`` worker re-raises an error in the main process with the
     worker's traceback as its message ("Caught DataError in DataLoader worker process 0. Original Traceback ...");

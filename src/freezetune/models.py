@@ -23,7 +23,7 @@ from torch import nn
 
 from freezetune import download
 from freezetune.download import HF_HOST, download_guard, first_line, require_network
-from freezetune.errors import ConfigError, MissingExtra, WeightsError, choices
+from freezetune.errors import ConfigError, MissingExtra, WeightsError, choices, setting
 from freezetune.options import MODEL_SOURCES, PRETRAINED_WEIGHTS, RANDOM_WEIGHTS
 from freezetune.preprocess import Preprocess
 from freezetune.run_log import warn_once
@@ -252,7 +252,10 @@ def _timm_pretrained(name: str, arch: str, cfg: dict) -> nn.Module:
     import timm
 
     if not (cfg.get("hf_hub_id") or cfg.get("url")):
-        raise WeightsError(f"timm has no pretrained weights for {arch!r}; pass --weights PATH or --weights none")
+        raise WeightsError(
+            f"timm has no pretrained weights for {arch!r}; pass {setting('weights', 'PATH')} or "
+            f"{setting('weights', 'none')}"
+        )
     cached = _timm_cached_file(cfg)
     if cached is not None:
         log.info("%s: using cached pretrained weights %s", name, cached)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from freezetune.errors import ConfigError, choices
+from freezetune.errors import ConfigError, choices, setting
 from freezetune.options import AMP_MODES, DEVICES, check_choice
 
 _AMP_NAMES = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
@@ -70,11 +70,13 @@ def resolve_device(spec: str = "auto") -> torch.device:
         raise ConfigError(f"unsupported device {spec!r}; devices are: {choices(DEVICES)}")
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ConfigError(f"device {spec!r} asked for, but CUDA is not available here; use --device cpu")
+            raise ConfigError(
+                f"device {spec!r} asked for, but CUDA is not available here; use {setting('device', 'cpu')}"
+            )
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise ConfigError(f"device {spec!r}: only {torch.cuda.device_count()} CUDA device(s) here")
     if device.type == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError("device 'mps' asked for, but MPS is not available here; use --device cpu")
+        raise ConfigError(f"device 'mps' asked for, but MPS is not available here; use {setting('device', 'cpu')}")
     return device
 
 

@@ -33,7 +33,7 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from pathlib import Path
 
-from freezetune.errors import ConfigError
+from freezetune.errors import ConfigError, setting
 from freezetune.run_log import warn_once
 
 log = logging.getLogger(__name__)
@@ -112,7 +112,7 @@ def _lock(run_dir: Path) -> tuple[int, Path]:
             holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
             os.close(fd)
             raise RunDirInUse(f"'{run_dir}' is in use by another freezetune process (pid {holder}): wait for it to "
-                              "end, or give another --out") from None  # fmt: skip
+                              f"end, or give another {setting('out')}") from None  # fmt: skip
         try:
             same = os.path.samestat(os.fstat(fd), os.stat(path))
         except FileNotFoundError:

@@ -17,7 +17,7 @@ from torch import nn
 
 from freezetune import checkpoint, run_lock
 from freezetune.data.loaders import epoch_seed
-from freezetune.errors import CheckpointError, ConfigError
+from freezetune.errors import CheckpointError, ConfigError, setting
 from freezetune.reporting import METRICS_CSV, REPORT_PNG
 
 CONFUSION_PNG, TEST_METRICS = "confusion.png", "test_metrics.json"  # the final test's
@@ -34,7 +34,7 @@ RECIPE_FILE, TRIALS_DIR = "recipe.json", "auto-trials"
 CONFIG_FILE, CLASSES_FILE = "config.yaml", "classes.json"  # the run's resolved config and class names
 RUN_TRACES = (*STARTED_FILES, CONFIG_FILE, CLASSES_FILE, RECIPE_FILE, TRIALS_DIR)
 RUN_MARKERS = (CLASSES_FILE, RECIPE_FILE, TRIALS_DIR)  # written first by a run (a recipe): the dir is a run's
-RESUME_NEEDS = "--resume needs the run dir of an existing run, given with --out"
+RESUME_NEEDS = f"{setting('resume', True)} needs the run dir of an existing run, given with {setting('out')}"
 
 
 def prepare_run_dir(out: str | None, model: str, *, resume: bool, clean: bool = True, recipe_run: bool = False,
@@ -78,7 +78,7 @@ def prepare_run_dir(out: str | None, model: str, *, resume: bool, clean: bool = 
 def check_resume_target(out: str | None, resume: bool) -> None:
     """Refuse ``resume`` without ``out``: the default dir is a new timestamped one, never a run to continue."""
     if resume and not out:
-        raise ConfigError(f"nothing to resume: {RESUME_NEEDS} (no --out given)")
+        raise ConfigError(f"nothing to resume: {RESUME_NEEDS} (none given)")
 
 
 def check_folders(out: str | None, cache_dir: str | None) -> None:
@@ -115,24 +115,24 @@ def _check_run_dir(run_dir: Path, *, resume: bool) -> list[str]:
     if (run_dir / checkpoint.LAST).is_file():
         if not resume:
             existing = [f for f in RUN_FILES if (run_dir / f).exists()]
-            raise ConfigError(f"run dir {str(run_dir)!r} already holds a run ({', '.join(existing)}); pass --resume "
-                              "to continue it or choose another --out")  # fmt: skip
+            raise ConfigError(f"run dir {str(run_dir)!r} already holds a run ({', '.join(existing)}); pass "
+                              f"{setting('resume', True)} to continue it or choose another {setting('out')}")  # fmt: skip
         return []
     if work := finished_work(run_dir):
         raise ConfigError(f"run dir {str(run_dir)!r} holds a run that finished epochs ({work}) but no "
-                          f"{checkpoint.LAST} to {'resume' if resume else 'continue'} it from: choose another --out, "
+                          f"{checkpoint.LAST} to {'resume' if resume else 'continue'} it from: choose another {setting('out')}, "
                           "or move those files out of it to start the run there afresh")  # fmt: skip
     traces = [f for f in RUN_TRACES if (run_dir / f).exists()]
     if traces == [CONFIG_FILE]:  # a run writes classes.json before its config.yaml: this one is the user's
         raise ConfigError(f"--out {str(run_dir)!r} holds a {CONFIG_FILE} that no run wrote (no run was started "
                           f"there), and a run writes its resolved config as {CONFIG_FILE} in its dir: keep your "
-                          "config outside the run dir, or choose another --out")  # fmt: skip
+                          f"config outside the run dir, or choose another {setting('out')}")  # fmt: skip
     # a run writes classes.json before anything else in its dir (a recipe, its recipe.json or auto-trials/): files of
     # a run's names without them (a cache/ folder, a metrics.csv, TensorBoard events) are the user's, never cleared
     foreign = [f for f in traces if f != CONFIG_FILE] + [p.name for p in sorted(run_dir.glob(TENSORBOARD_EVENTS))]
     if foreign and not any((run_dir / f).exists() for f in RUN_MARKERS):
         raise ConfigError(f"--out {str(run_dir)!r} holds {', '.join(foreign)}, which no run wrote there (no "
-                          f"{CLASSES_FILE}), and a run writes files of those names: choose another --out, or move "
+                          f"{CLASSES_FILE}), and a run writes files of those names: choose another {setting('out')}, or move "
                           "them out of it")  # fmt: skip
     # a run stopped during its set-up leaves its dir empty; a dir that does not exist is more likely a typo
     started = traces or (run_dir.is_dir() and not any(run_dir.iterdir()))
