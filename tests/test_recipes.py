@@ -14,7 +14,7 @@ import yaml
 
 from _engine_fixtures import make_image_folder, run_cli, train_argv
 from freezetune import auto, checkpoint
-from freezetune.config import TrainConfig, load_config
+from freezetune.config import TrainConfig, load_config, validate
 from freezetune.errors import ConfigError
 from freezetune.freeze import freeze
 from freezetune.models import create_model
@@ -470,6 +470,21 @@ def test_a_sweep_refuses_what_it_would_replace_rather_than_drop_it(tmp_path, cap
         assert (key in err) == any(key.replace("_", "-") in g or key in g for g in given), err
     assert not (tmp_path / "s").exists()
     assert run_cli(capsys, "sweep", "--data", tmp_path / "images", "--no-final-test", "--print-config")[0] == 0
+
+
+def test_a_sweeps_printed_config_holds_what_the_sweep_sets_and_reads_back_as_its_config(tmp_path, capsys):
+    # it printed final_test: true, which the same sweep refuses when the file comes back as --config
+    code, out, err = run_cli(capsys, "sweep", "--data", tmp_path / "images", "--print-config")
+    printed = yaml.safe_load(out)
+    assert code == 0 and (printed["final_test"], printed["refit"]) == (False, False), err
+    (tmp_path / "s.yaml").write_text(out)
+    code, again, err = run_cli(capsys, "sweep", "--config", tmp_path / "s.yaml", "--print-config")
+    assert code == 0 and again == out, err
+
+
+def test_img_size_below_one_is_refused_with_the_other_settings_before_a_model_is_built():
+    with pytest.raises(ConfigError, match="img_size must be >= 1, got -5"):
+        validate(TrainConfig(data="images", img_size=-5))
 
 
 def test_a_sweep_given_a_freeze_spec_names_only_what_was_given(tmp_path):

@@ -7,6 +7,7 @@ from ``TrainConfig`` (the one place they live) or, where a command needs another
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import logging
@@ -322,8 +323,8 @@ def _cmd_sweep(args) -> int:
 
     refuse_overridden(_given(args))
     cfg = _train_config(args, run=False)
-    if args.print_config:
-        print(cfg.dump(), end="")
+    if args.print_config:  # with what the sweep sets for every recipe: the file reads back as its --config
+        print(dataclasses.replace(cfg, **{key: value for key, (value, _) in SWEEP_SETS.items()}).dump(), end="")
         return 0
     sweep(cfg, args.recipes)
     return 0

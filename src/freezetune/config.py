@@ -277,7 +277,7 @@ def validate(cfg: TrainConfig, *, need_data: bool = True) -> None:
     problems.append(non_negative_int_problem("skip_nonfinite", cfg.skip_nonfinite))
     if cfg.workers is not None:
         problems.append(non_negative_int_problem("workers", cfg.workers))
-    optional = ("per_class", "early_stop", "save_every_steps", "epoch_images")
+    optional = ("img_size", "per_class", "early_stop", "save_every_steps", "epoch_images")
     problems += [positive_int_problem(name, getattr(cfg, name)) for name in optional if getattr(cfg, name) is not None]
     if cfg.val_split is not None:
         problems.append(fraction_problem("val_split", cfg.val_split))

@@ -26,7 +26,7 @@ from freezetune import run_lock
 from freezetune._io import atomic_output, atomic_write_text
 from freezetune.config import TrainConfig, load_config, validate
 from freezetune.epoch_log import human
-from freezetune.errors import ConfigError, DataError, choices
+from freezetune.errors import ConfigError, DataError, choices, setting
 from freezetune.options import (
     BATCH_AUTO,
     RECIPES,
@@ -85,7 +85,10 @@ def sweep(cfg: TrainConfig, recipes: str | list[str] | tuple[str, ...] = SWEEP_D
         if init_from_env(cfg.device).is_main:  # (under torchrun, rank 0 writes for all; recipes.run joins as well)
             run_lock.claim(out)
         if (out / "sweep.csv").exists() and not cfg.resume:
-            raise ConfigError(f"{str(out)!r} already holds a sweep (sweep.csv); choose another --out")
+            raise ConfigError(
+                f"{str(out)!r} already holds a sweep (sweep.csv); pass {setting('resume', True)} to "
+                f"continue an interrupted one, or choose another {setting('out')}"
+            )
         return _sweep(cfg, runs, out, echo)
 
 
