@@ -88,6 +88,24 @@ def test_a_batch_of_in_memory_images_through_the_eval_pipeline_is_each_image_thr
     assert len(ds.__getitems__([1, 2])) == 2 and not getattr(ds.transform, "batchable", False)
 
 
+def test_a_batch_of_image_files_through_the_eval_pipeline_is_each_image_through_it(tmp_path):
+    # grouped by size: make_folder's images are 20-23 px wide, three of each size, and a grey one among them
+    from torch.utils.data import DataLoader
+
+    from freezetune.data.transforms import eval_transform
+
+    root = make_folder(tmp_path / "imgs", 4)
+    Image.new("L", (21, 24), 90).save(root / "red" / "grey.png")
+    ds = scan_folder(root)
+    ds.transform = eval_transform(Preprocess(input_size=16, crop_pct=0.875, interpolation="bicubic"))
+    order = [5, 0, 11, 3, 9, 12, 1]
+    batched, one_by_one = ds.__getitems__(order), [ds[i] for i in order]
+    assert [label for _, label in batched] == [label for _, label in one_by_one]
+    assert all(torch.equal(a, b) for (a, _), (b, _) in zip(batched, one_by_one, strict=True))
+    x, _ = next(iter(DataLoader(ds, batch_size=len(ds))))
+    assert torch.equal(x, torch.stack([ds[i][0] for i in range(len(ds))]))
+
+
 @pytest.mark.parametrize("gz", [True, False])
 def test_read_idx_gzip_and_raw(tmp_path, gz):
     arr = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)

@@ -192,6 +192,23 @@ class FileImageDataset(Dataset):
         img = load_image(path)
         return (self.transform(img) if self.transform else img), label
 
+    def __getitems__(self, indices: list[int]) -> list[tuple]:
+        # a DataLoader's batch: a transform that allows it (the eval pipeline's) runs once on each group of decoded
+        # images of one size, bit for bit as image by image (10 000 28-px PNGs: 1.2 -> 0.2 ms an image; photos of
+        # many sizes gain nothing, their resize is the cost)
+        if not getattr(self.transform, "batchable", False):
+            return [self[i] for i in indices]
+        images = [np.asarray(load_image(self.samples[i][0])) for i in indices]  # RGB, uint8 [H, W, 3]
+        by_size: dict[tuple[int, ...], list[int]] = {}
+        for k, image in enumerate(images):
+            by_size.setdefault(image.shape, []).append(k)
+        out: list[tuple] = [()] * len(indices)
+        for ks in by_size.values():
+            batch = torch.from_numpy(np.stack([images[k] for k in ks])).permute(0, 3, 1, 2)
+            for k, x in zip(ks, self.transform(batch).unbind(0), strict=True):
+                out[k] = (x, self.samples[indices[k]][1])
+        return out
+
     def select(self, indices: torch.Tensor, transform: Callable | None = None) -> FileImageDataset:
         """A new dataset with the samples at ``indices`` and ``transform``."""
         return FileImageDataset([self.samples[int(i)] for i in indices], self.classes, transform)
