@@ -183,6 +183,8 @@ def test_auto_measures_on_the_validation_split_and_keeps_its_evidence(data, tmp_
     assert final["config"]["init"] == choice["init"] == str(trials / "last-3" / "best.pt")
     assert (trials / "last-3" / "best.pt").is_file()
     assert not any((trials / f"last-{k}" / name).exists() for k in (2, 4) for name in ("best.pt", "last.pt"))
+    # nor a chart of each trial's one short epoch (half a second each); the run's own is drawn
+    assert not list(trials.glob("*/report.png")) and (tmp_path / "auto" / "report.png").is_file()
     assert final["epoch"] == 2 and result.run_dir == tmp_path / "auto"
     # 3 trials of one epoch, each scored on the 3 held-out images; the 12 test images once, at the end. By default
     # the chosen run then trains on those 3 images too (refit: no validation); with refit off it validates on them

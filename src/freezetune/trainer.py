@@ -44,8 +44,8 @@ def train(cfg: TrainConfig, *, echo: Callable[[str], None] = print, resumable: b
     """Run a whole fine-tuning job as configured; ``echo`` receives the human-readable log lines.
 
     A recipe (``recipe``, or ``freeze: auto``, the default) runs through ``freezetune.recipes``. ``resumable=False``
-    writes no ``last.pt`` (only ``best.pt``): for a run nobody will resume, as the auto recipe's trials, whose resume
-    state (the optimizer's moments included) is the largest file a run writes. ``brief``: one line for what trains,
+    writes no ``last.pt`` (only ``best.pt``) and no ``report.png``: for a run nobody will resume, as the auto recipe's
+    trials, whose resume state (the optimizer's moments included) is the largest file a run writes. ``brief``: one line for what trains,
     not the stage table (the auto recipe's later trials, whose table differs from the first's in a row or two).
     ``recipe_run``: a recipe's run in its own dir (the auto recipe's final run, a named recipe's last phase), which
     keeps the ``recipe.json`` (and ``auto-trials/``) beside it (a fresh start of any other run clears them: they were
@@ -97,7 +97,7 @@ class Trainer(RunSetup):
         self._close(failing=False)
         self.seconds["epochs"] = time.perf_counter() - start
         self.seconds = self._spent()
-        if self.dist.is_main:
+        if self.dist.is_main and self.resumable:  # not a trial's: a chart of one short epoch, half a second each
             reporting.plot_report(self.run_dir / reporting.METRICS_CSV, self.run_dir / reporting.REPORT_PNG,
                                   monitor=self.cfg.monitor, best_epoch=self.progress.best_epoch)  # fmt: skip
         test = self._final_test()
