@@ -114,12 +114,21 @@ def test_no_nvml_or_a_failing_one_gives_an_empty_dict_and_no_error(monkeypatch, 
 
 
 def test_a_gpu_run_without_nvidia_ml_py_is_told_once_how_to_get_its_gpu_columns(monkeypatch, fake_cuda, caplog):
-    # it was a debug line: metrics.csv lacked its gpu_ columns on a GPU and nothing said why
+    # it was a debug line: metrics.csv lacked its gpu_ columns on a GPU and nothing said why; a user's own loop
+    # starting a monitor each epoch is not told (it has no such columns), nor told every epoch
+    from freezetune.epoch_log import TrainProgress
     from freezetune.run_log import log
 
     _install(monkeypatch, None)
-    with caplog.at_level("WARNING", logger="freezetune"), log(lambda line: None):  # one run
-        for _ in range(2):  # two epochs
-            GpuMonitor(0).start().stop()
+    with caplog.at_level("WARNING", logger="freezetune"):
+        for _ in range(3):  # the user's own loop
+            monitor = GpuMonitor(0).start()
+            assert monitor.stop() == {} and monitor.missing_extra
+        assert caplog.records == []
+        # a run of two epochs, its monitor as on CUDA without nvidia-ml-py (the epoch's tensors stay on the CPU)
+        monkeypatch.setattr(GpuMonitor, "start", lambda self: setattr(self, "missing_extra", True) or self)
+        with log(lambda line: None):
+            for _ in range(2):
+                TrainProgress(1, "epoch", enabled=False, device=torch.device("cpu")).gpu.stop()
     said = [r.getMessage() for r in caplog.records if "nvidia-ml-py" in r.getMessage()]
     assert len(said) == 1 and "pip install 'freezetune[monitor]'" in said[0]

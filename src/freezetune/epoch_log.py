@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import logging
 import numbers
 import sys
 import time
@@ -12,6 +13,9 @@ from typing import Any
 import torch
 
 from freezetune.reporting import LIST_SEP
+from freezetune.run_log import first_process, warn_once
+
+log = logging.getLogger(__name__)
 
 
 def progress_bar(total: int, desc: str, *, enabled: bool, unit: str = "it"):
@@ -51,6 +55,9 @@ class TrainProgress:
         from freezetune.monitor import GpuMonitor
 
         self.gpu = GpuMonitor(device).start()  # a no-op off CUDA or without nvidia-ml-py
+        if self.gpu.missing_extra and first_process():  # said once a run: the gpu_ columns would be missing unexplained
+            warn_once(log, "GPU utilisation and memory are not recorded (metrics.csv's gpu_ columns): nvidia-ml-py "
+                      "is not installed; pip install 'freezetune[monitor]'")  # fmt: skip
         self.total, self.step, self.seen = total, 0, 0
         self.skipped = 0  # steps whose batch was not trained on (--skip-nonfinite)
         self.device = device

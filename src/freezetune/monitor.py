@@ -13,8 +13,6 @@ import threading
 
 import torch
 
-from freezetune.run_log import warn_once
-
 log = logging.getLogger(__name__)
 
 _MIB = 2**20
@@ -43,6 +41,7 @@ class GpuMonitor:
         self._util: list[float] = []
         self._mem: list[float] = []
         self.result: dict[str, float] = {}  # what stop() returned when used as a context manager
+        self.missing_extra = False  # on CUDA without nvidia-ml-py (``pip install 'freezetune[monitor]'``)
 
     def start(self) -> GpuMonitor:
         """Begin sampling (a no-op on a CPU or without NVML); returns ``self``."""
@@ -84,9 +83,8 @@ class GpuMonitor:
         try:
             import pynvml
         except ImportError:
-            # said once a run: on a GPU the user expects metrics.csv's gpu_ columns and would not learn why not
-            warn_once(log, "GPU utilisation and memory are not recorded (metrics.csv's gpu_ columns): nvidia-ml-py "
-                      "is not installed; pip install 'freezetune[monitor]'")  # fmt: skip
+            self.missing_extra = True  # a run says so once (epoch_log); a user's own loop decides for itself
+            log.debug("GPU monitor off: nvidia-ml-py is not installed (pip install 'freezetune[monitor]')")
             return False
         try:
             pynvml.nvmlInit()

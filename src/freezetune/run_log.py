@@ -157,7 +157,7 @@ class _WarningsToLog(logging.Handler):
         try:
             line = _warning_line(record.levelno, record.name, record.getMessage())
             _record(line, warning=True, levels=_levels.get() or self.levels)
-            if self._alone(logging.getLogger(record.name)) and _first_process():
+            if self._alone(logging.getLogger(record.name)) and first_process():
                 print(line, file=sys.stderr)
         except Exception:  # a log line must never stop the run
             self.handleError(record)
@@ -215,7 +215,7 @@ def _teller(echo: Callable[[str], None]) -> Callable[[str], None]:
 
 def _record(line: str, *, warning: bool = False, levels: tuple[_Level, ...] | None = None) -> None:
     """Add ``line`` to the log of every level (once per file; a ``warning`` once per level)."""
-    if not _first_process():
+    if not first_process():
         return
     text, told = _stamped(line), set()
     with _lock:
@@ -233,7 +233,7 @@ def _end(level: _Level, exc: BaseException) -> None:
     """Log the line of the exception leaving ``level`` in its file, once a file: the same exception leaves the levels
     around it too (the auto recipe's final run shares its directory), and a level around it that words it anew (a
     trial's stop, said as the recipe's) logs its own line."""
-    if not _first_process():
+    if not first_process():
         return
     told = getattr(exc, "_freezetune_logged", set())
     if level.where() in told:
@@ -247,7 +247,7 @@ def _end(level: _Level, exc: BaseException) -> None:
         pass
 
 
-def _first_process() -> bool:
+def first_process() -> bool:
     """Under torchrun the first process alone keeps the log (read from the environment: a level may open before
     the process group is joined)."""
     return os.environ.get("RANK", "0") == "0"
