@@ -471,9 +471,9 @@ def test_resume_without_last_pt_is_a_user_error(data, tmp_path, capsys):
         (
             ["--resume", "--data", "images"],
             [
-                "nothing to resume",
+                "nothing to resume: no run dir given",
                 "--resume (resume=True) needs the run dir",
-                "given with --out (out=...) (none given)",
+                "given with --out (out=...)",
             ],
         ),
     ],

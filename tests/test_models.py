@@ -124,7 +124,7 @@ def test_pretrained_offline_fails_fast_with_advice(offline, name):
     start = time.monotonic()
     with pytest.raises(
         WeightsError,
-        match=r"could not download pretrained weights .*--weights PATH \(weights='PATH'\) or --weights none ",
+        match=r"could not download pretrained weights .*--weights PATH \(weights=<path>\) or --weights none ",
     ):
         create_model(name, weights="imagenet")
     assert time.monotonic() - start < 10

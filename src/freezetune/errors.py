@@ -45,20 +45,23 @@ def choices(values: Iterable[object], limit: int = 40) -> str:
     return ", ".join(items)
 
 
-def setting(name: str, value: object = None) -> str:
+def setting(name: str, value: object = None, *, placeholder: bool = False) -> str:
     """A setting as both of its users write it, the command's flag and ``TrainConfig``'s field, for the messages a
     notebook sees as often as a shell does (a run dir in use, a device not there): "pass --resume" alone told a
-    Python user nothing to type.
+    Python user nothing to type. ``placeholder``: ``value`` stands for what the user fills in.
 
-    >>> setting("resume", True), setting("device", "cpu"), setting("out")
-    ('--resume (resume=True)', "--device cpu (device='cpu')", '--out (out=...)')
+    >>> setting("resume", True), setting("final_test", False), setting("device", "cpu"), setting("out")
+    ('--resume (resume=True)', '--no-final-test (final_test=False)', "--device cpu (device='cpu')", '--out (out=...)')
+    >>> setting("weights", "PATH", placeholder=True)
+    '--weights PATH (weights=<path>)'
     """
     flag = "--" + name.replace("_", "-")
     if value is None:
         return f"{flag} ({name}=...)"
-    if value is True:
-        return f"{flag} ({name}=True)"
-    return f"{flag} {value} ({name}={value!r})"
+    if isinstance(value, bool):
+        return f"{flag} ({name}=True)" if value else f"--no-{flag[2:]} ({name}=False)"
+    shown = f"<{str(value).lower()}>" if placeholder else repr(value)
+    return f"{flag} {value} ({name}={shown})"
 
 
 def one_line(exc: BaseException) -> str:

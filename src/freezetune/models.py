@@ -253,7 +253,7 @@ def _timm_pretrained(name: str, arch: str, cfg: dict) -> nn.Module:
 
     if not (cfg.get("hf_hub_id") or cfg.get("url")):
         raise WeightsError(
-            f"timm has no pretrained weights for {arch!r}; pass {setting('weights', 'PATH')} or "
+            f"timm has no pretrained weights for {arch!r}; pass {setting('weights', 'PATH', placeholder=True)} or "
             f"{setting('weights', 'none')}"
         )
     cached = _timm_cached_file(cfg)

@@ -78,7 +78,7 @@ def prepare_run_dir(out: str | None, model: str, *, resume: bool, clean: bool = 
 def check_resume_target(out: str | None, resume: bool) -> None:
     """Refuse ``resume`` without ``out``: the default dir is a new timestamped one, never a run to continue."""
     if resume and not out:
-        raise ConfigError(f"nothing to resume: {RESUME_NEEDS} (none given)")
+        raise ConfigError(f"nothing to resume: no run dir given; {RESUME_NEEDS}")
 
 
 def check_folders(out: str | None, cache_dir: str | None) -> None:
