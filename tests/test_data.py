@@ -104,6 +104,29 @@ def test_a_batch_of_image_files_through_the_eval_pipeline_is_each_image_through_
     assert all(torch.equal(a, b) for (a, _), (b, _) in zip(batched, one_by_one, strict=True))
     x, _ = next(iter(DataLoader(ds, batch_size=len(ds))))
     assert torch.equal(x, torch.stack([ds[i][0] for i in range(len(ds))]))
+    # a photo goes through alone, decoded and resized before the next is read (held for a group, a batch of
+    # 12-megapixel photos took gigabytes); the same tensors
+    Image.new("RGB", (300, 260), (10, 200, 30)).save(root / "green" / "big.png")
+    ds = scan_folder(root)
+    ds.transform = eval_transform(Preprocess(input_size=16))
+    calls = []
+    ds.transform = _Counting(ds.transform, calls)
+    out = ds.__getitems__(list(range(len(ds))))
+    assert [shape[0] for shape in calls].count(None) == 1  # the big one alone, as [3, H, W]
+    assert all(torch.equal(x, ds[i][0]) for i, (x, _) in enumerate(out))
+
+
+class _Counting:
+    """A transform that records each call's batch size (None for one image) and passes it on."""
+
+    batchable = True
+
+    def __init__(self, transform, calls):
+        self.transform, self.calls = transform, calls
+
+    def __call__(self, x):
+        self.calls.append((len(x) if isinstance(x, torch.Tensor) and x.dim() == 4 else None,))
+        return self.transform(x)
 
 
 @pytest.mark.parametrize("gz", [True, False])
