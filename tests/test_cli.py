@@ -674,6 +674,13 @@ def test_key_value_overrides_may_follow_flags_and_a_stray_argument_is_one_line_n
          "or --no-progress alone, or the override progress=false"),
         (["--verbose", "yes"], "--verbose is a switch and takes no value ('yes' follows it): give -v or --verbose "
          "alone"),
+        # the word given earlier too (argv.index found the first), an abbreviation argparse takes, a word not a value
+        (["--epochs", "1", "--progress", "1"], "--progress is a switch and takes no value ('1' follows it): give "
+         "--progress or --no-progress alone, or the override progress=1"),
+        (["--prog", "false"], "--prog is a switch and takes no value ('false' follows it): give --progress or "
+         "--no-progress alone, or the override progress=false"),
+        (["--final-test", "epochs"], "--final-test is a switch and takes no value ('epochs' follows it): give "
+         "--final-test or --no-final-test alone"),
     ],
 )  # fmt: skip
 def test_a_flags_mistake_is_one_line_that_says_what_is_wrong(capsys, argv, line):

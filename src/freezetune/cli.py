@@ -133,16 +133,31 @@ def _overrides_anywhere(args: argparse.Namespace, extra: list[str], argv: list[s
             _switch_value(args.command_parser, item, argv)
 
 
+_BOOLEAN_WORDS = ("true", "false", "yes", "no", "on", "off", "1", "0")
+
+
 def _switch_value(parser: argparse.ArgumentParser, item: str, argv: list[str]) -> None:
     """A word where a ``key=value`` belongs, right after a switch: ``--progress false`` was refused as "override
     'false' is not key=value" and some forty keys, which never said the switch takes no value."""
-    at = argv.index(item) if item in argv else 0
-    action = parser._option_string_actions.get(argv[at - 1]) if at else None  # argparse's own index of its flags
-    if action is not None and action.nargs == 0:
-        flags = " or ".join(action.option_strings)
-        override = f", or the override {action.dest}={item}" if action.dest in field_names() else ""
-        parser.error(f"{argv[at - 1]} is a switch and takes no value ({item!r} follows it): give {flags} "
-                     f"alone{override}")  # fmt: skip
+    for at in (i for i, word in enumerate(argv) if word == item and i > 0):
+        action = _flag_action(parser, argv[at - 1])
+        if action is not None and action.nargs == 0:
+            flags = " or ".join(action.option_strings)
+            override = (f", or the override {action.dest}={item}"
+                        if action.dest in field_names() and item.lower() in _BOOLEAN_WORDS else "")  # fmt: skip
+            parser.error(f"{argv[at - 1]} is a switch and takes no value ({item!r} follows it): give {flags} "
+                         f"alone{override}")  # fmt: skip
+
+
+def _flag_action(parser: argparse.ArgumentParser, word: str) -> argparse.Action | None:
+    """The flag ``word`` names, as argparse reads it: whole, or a prefix of one flag alone (``--prog``)."""
+    if not word.startswith("-"):
+        return None
+    actions = parser._option_string_actions  # argparse's own index of its flags
+    if word in actions:
+        return actions[word]
+    matches = {id(a): a for flag, a in actions.items() if flag.startswith("--") and flag.startswith(word)}
+    return next(iter(matches.values())) if len(matches) == 1 else None
 
 
 class _Parser(argparse.ArgumentParser):
