@@ -237,6 +237,17 @@ def test_predict_into_a_pipe_its_reader_closed_stops_quietly_as_the_shell_expect
     assert proc.returncode == 141 and err == "", err
 
 
+def test_a_run_whose_output_pipe_closes_stops_with_one_line_on_stderr(data, tmp_path):
+    # quiet for predict; a long run stopped by it (`train ... | head`, a logger that died) says why and what it kept
+    argv = [sys.executable, "-m", "freezetune", *train_argv(data, tmp_path / "run", "--epochs", "1")]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 141, err
+    assert err.splitlines()[-1] == ("freezetune: stopped: its output pipe was closed; last.pt holds the last "
+                                    "finished epoch (--resume continues)")  # fmt: skip
+
+
 def test_predict_reports_a_bad_file_and_still_predicts_the_others(run, data, capsys, tmp_path):
     folder = tmp_path / "mixed"
     folder.mkdir()

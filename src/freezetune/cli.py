@@ -62,15 +62,14 @@ def main(argv: list[str] | None = None) -> int:
     # a user error; a full disk, a read-only or vanished run dir (every write is atomic, so nothing is lost)
     except (FreezetuneError, OSError) as exc:
         if isinstance(exc, BrokenPipeError) and _reader_gone(sys.stdout):
-            return _pipe_closed()
+            return _pipe_closed(_SAVED.get(args.command))
         print(run_log.ending_line(exc), file=sys.stderr)
         return 2
     except RunInterrupted as exc:  # SIGTERM / SIGINT: the run saved where it stood; 143 / 130 as the shell reports
         return _stopped(exc)
     except KeyboardInterrupt:  # Ctrl-C outside a run's own handling: what is saved depends on the command
-        saved = {"train": "; last.pt holds the last finished epoch (--resume continues)",
-                 "sweep": "; --resume continues the sweep"}.get(args.command, "")  # fmt: skip
-        print(f"freezetune: interrupted{saved}", file=sys.stderr)
+        saved = _SAVED.get(args.command)
+        print(f"freezetune: interrupted{f'; {saved}' if saved else ''}", file=sys.stderr)
         return 130
     except Exception:
         stop = raised_stop()  # what failed after a stop signal failed because of it (workers the signal killed)
@@ -93,23 +92,34 @@ def run() -> None:
     sys.exit(code)
 
 
+# what a command that stops before its end has kept (Ctrl-C, its output pipe closed)
+_SAVED = {
+    "train": "last.pt holds the last finished epoch (--resume continues)",
+    "sweep": "--resume continues the sweep",
+}
+
+
 def _reader_gone(stream) -> bool:
     """Whether ``stream`` is a pipe whose reader has closed it (``predict ... | head``); a broken pipe elsewhere (a
     DataLoader worker's) is an error of the run."""
     try:
         poll = select.poll()
         poll.register(stream.fileno(), select.POLLOUT)
-        return any(events & select.POLLERR for _, events in poll.poll(0))
+        # Linux says POLLERR of a pipe's writing end without a reader; BSD and macOS say POLLHUP
+        return any(events & (select.POLLERR | select.POLLHUP) for _, events in poll.poll(0))
     except (AttributeError, OSError, ValueError):  # no poll (Windows), no file descriptor (a notebook's stream)
         return False
 
 
-def _pipe_closed() -> int:
-    """Stop quietly, as a command the shell's SIGPIPE ends does (exit 141): the reader took what it wanted. Standard
-    output goes to /dev/null, or the interpreter's last flush fails again on the way out."""
+def _pipe_closed(saved: str | None) -> int:
+    """Stop as a command the shell's SIGPIPE ends does (exit 141): quietly where the reader took what it wanted
+    (``predict ... | head``); a run stopped that way says so on stderr, with what it ``saved``. Standard output goes to
+    /dev/null, or the interpreter's last flush fails again on the way out."""
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, sys.stdout.fileno())
     os.close(devnull)
+    if saved:
+        print(f"freezetune: stopped: its output pipe was closed; {saved}", file=sys.stderr)
     return 128 + signal.SIGPIPE
 
 
