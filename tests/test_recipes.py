@@ -673,3 +673,13 @@ def test_a_recipe_record_of_another_freezetune_falls_back_to_the_runs_config(tmp
     (tmp_path / "recipe.json").write_text(json.dumps({"recipe": "lp-ft", "asked": {"data": "d", "old_key": 1}}))
     (tmp_path / "config.yaml").write_text("freeze: none\n")
     assert asked_config(tmp_path) is None
+
+
+def test_checking_the_test_split_builds_no_model_for_an_image_folder_beside_a_train_csv(tmp_path, monkeypatch):
+    # Kaggle's train/, test/ and train.csv (of image ids): the model was built only to learn it is not a text model
+    from freezetune import recipes
+
+    make_image_folder(tmp_path / "kaggle")
+    (tmp_path / "kaggle" / "train.csv").write_text("id,label\n1,red\n")
+    monkeypatch.setattr(recipes, "structure", lambda *a: pytest.fail("the model was built"))
+    recipes.check_test_data(TrainConfig(data=str(tmp_path / "kaggle"), model="timm:test_efficientnet"))

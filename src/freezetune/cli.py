@@ -7,7 +7,6 @@ from ``TrainConfig`` (the one place they live) or, where a command needs another
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import gc
 import json
 import logging
@@ -207,7 +206,7 @@ def _train_parser(sub) -> None:
     p.set_defaults(func=_cmd_sweep, command_parser=p)
 
 
-# where a sweep's flags mean something else than train's (what it sets itself: sweep.SWEEP_SETS, with the reason)
+# where a sweep's flags mean something else than train's (what it sets itself: options.SWEEP_SETS, with the reason)
 _SWEEP_HELP = {
     "out": f"sweep directory, a run per recipe below it [default: {SWEEP_DEFAULT_OUT}]",
     "budget": "wall-clock budget of the sweep: a recipe starts only while it lasts (one running is not cut short; the "
@@ -344,12 +343,12 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_sweep(args) -> int:
-    from freezetune.sweep import refuse_overridden, sweep
+    from freezetune.sweep import refuse_overridden, sweep, swept
 
     refuse_overridden(_given(args))
     cfg = _train_config(args, run=False)
     if args.print_config:  # with what the sweep sets for every recipe: the file reads back as its --config
-        print(dataclasses.replace(cfg, **{key: value for key, (value, _) in SWEEP_SETS.items()}).dump(), end="")
+        print(swept(cfg).dump(), end="")
         return 0
     sweep(cfg, args.recipes)
     return 0

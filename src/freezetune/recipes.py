@@ -188,11 +188,15 @@ def check_test_data(cfg: TrainConfig) -> None:
     """Check the test split ``cfg``'s run scores at its end (a test folder's images, a text model's ``test.csv``)
     before phases or trials that do not read it: its problems would stop the run only after them."""
     from freezetune.data.layout import check_test_split, split_files
-    from freezetune.data.text import Columns
+    from freezetune.data.text import Columns, text_csv_header
 
-    # a text model's split files (the model is built to tell only where the data may be text: not for image folders)
-    text = split_files(Path(cfg.data)) is not None and structure(cfg.model, cfg.img_size)[1]
-    columns = Columns.given(cfg.text_column, cfg.label_column) if text else None
+    # a text model's split files: the model is built to tell only where a train.csv names a text column (not beside
+    # image folders, as Kaggle's train/, test/ and train.csv)
+    columns = Columns.given(cfg.text_column, cfg.label_column)
+    splits = split_files(Path(cfg.data))
+    text = splits is not None and text_csv_header(splits["train"], columns) is not None
+    text = text and structure(cfg.model, cfg.img_size)[1]
+    columns = columns if text else None
     check_test_split(cfg.data, skip_bad=cfg.skip_bad, text=columns)
 
 

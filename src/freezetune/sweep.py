@@ -54,6 +54,15 @@ class SweepResult:
     out: Path
 
 
+def swept(cfg: TrainConfig) -> TrainConfig:
+    """``cfg`` with what a sweep sets for every recipe (``SWEEP_SETS``): what ``sweep --print-config`` shows.
+
+    >>> swept(TrainConfig(data="images")).final_test
+    False
+    """
+    return dataclasses.replace(cfg, **{key: value for key, (value, _) in SWEEP_SETS.items()})
+
+
 def refuse_overridden(given: dict) -> None:
     """Refuse the values given to ``sweep`` (``--final-test``, ``refit=true``) that it would replace.
 
@@ -181,8 +190,7 @@ def _run_configs(cfg: TrainConfig, names: list[str], out: Path) -> dict[str, Tra
     # every recipe is judged on the validation split: the auto recipe keeps it through its final run (no refit)
     from freezetune import recipes
 
-    sets = {key: value for key, (value, _) in SWEEP_SETS.items()}
-    runs = {name: dataclasses.replace(cfg, recipe=name, out=str(out / name), cache_dir=features, budget=None, **sets,
+    runs = {name: dataclasses.replace(swept(cfg), recipe=name, out=str(out / name), cache_dir=features, budget=None,
                                       **_own_batchnorm(name))
             for name in names}  # fmt: skip
     problems = []
