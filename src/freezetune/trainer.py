@@ -46,7 +46,8 @@ def train(cfg: TrainConfig, *, echo: Callable[[str], None] = print, resumable: b
     A recipe (``recipe``, or ``freeze: auto``, the default) runs through ``freezetune.recipes``. ``resumable=False``
     writes no ``last.pt`` (only ``best.pt``) and no ``report.png``: for a run nobody will resume, as the auto recipe's
     trials, whose resume state (the optimizer's moments included) is the largest file a run writes. ``brief``: one
-    line for what trains, not the stage table (the auto recipe's later trials, whose table differs from the first's in a row or two).
+    line for what trains, not the stage table (the auto recipe's later trials, whose table differs from the first's
+    in a row or two).
     ``recipe_run``: a recipe's run in its own dir (the auto recipe's final run, a named recipe's last phase), which
     keeps the ``recipe.json`` (and ``auto-trials/``) beside it (a fresh start of any other run clears them: they were
     an earlier run's).
