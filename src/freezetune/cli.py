@@ -10,15 +10,12 @@ import argparse
 import gc
 import json
 import logging
-import os
 import re
-import select
 import shlex
-import signal
 import sys
 from pathlib import Path
 
-from freezetune import __version__, run_log
+from freezetune import __version__, cli_exit, run_log
 from freezetune.config import FIELD_CHOICES, TrainConfig, field_names, load_config, parse_override, scalar_type
 from freezetune.errors import FreezetuneError
 from freezetune.flag_help import FIELD_HELP, SECTIONS
@@ -60,21 +57,21 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args) or 0
     # a user error; a full disk, a read-only or vanished run dir (every write is atomic, so nothing is lost)
     except (FreezetuneError, OSError) as exc:
-        if isinstance(exc, BrokenPipeError) and _reader_gone(sys.stdout):
-            return _pipe_closed(_SAVED.get(args.command))
+        if isinstance(exc, BrokenPipeError) and cli_exit.reader_gone(sys.stdout):
+            return cli_exit.pipe_closed(cli_exit.SAVED.get(args.command))
         print(run_log.ending_line(exc), file=sys.stderr)
         return 2
     except RunInterrupted as exc:  # SIGTERM / SIGINT: the run saved where it stood; 143 / 130 as the shell reports
-        return _stopped(exc)
+        return cli_exit.stopped(exc)
     except KeyboardInterrupt:  # Ctrl-C outside a run's own handling: what is saved depends on the command
-        saved = _SAVED.get(args.command)
+        saved = cli_exit.SAVED.get(args.command)
         print(f"freezetune: interrupted{f'; {saved}' if saved else ''}", file=sys.stderr)
         return 130
     except Exception:
         stop = raised_stop()  # what failed after a stop signal failed because of it (workers the signal killed)
         if stop is None:
             raise
-        return _stopped(stop)
+        return cli_exit.stopped(stop)
     finally:
         run_log.command = None  # a later Python-API run in this process (a notebook calling main) was not this
 
@@ -89,44 +86,6 @@ def run() -> None:
         # notebook may call it and go on.
         gc.freeze()
     sys.exit(code)
-
-
-# what a command that stops before its end has kept (Ctrl-C, its output pipe closed)
-_SAVED = {
-    "train": "last.pt holds the last finished epoch (--resume continues)",
-    "sweep": "--resume continues the sweep",
-}
-
-
-def _reader_gone(stream) -> bool:
-    """Whether ``stream`` is a pipe whose reader has closed it (``predict ... | head``); a broken pipe elsewhere (a
-    DataLoader worker's) is an error of the run."""
-    try:
-        poll = select.poll()
-        poll.register(stream.fileno(), select.POLLOUT)
-        # Linux says POLLERR of a pipe's writing end without a reader; BSD and macOS say POLLHUP
-        return any(events & (select.POLLERR | select.POLLHUP) for _, events in poll.poll(0))
-    except (AttributeError, OSError, ValueError):  # no poll (Windows), no file descriptor (a notebook's stream)
-        return False
-
-
-def _pipe_closed(saved: str | None) -> int:
-    """Stop as a command the shell's SIGPIPE ends does (exit 141): quietly where the reader took what it wanted
-    (``predict ... | head``); a run stopped that way says so on stderr, with what it ``saved``. Standard output goes to
-    /dev/null, or the interpreter's last flush fails again on the way out."""
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, sys.stdout.fileno())
-    os.close(devnull)
-    if saved:
-        print(f"freezetune: stopped: its output pipe was closed; {saved}", file=sys.stderr)
-    return 128 + signal.SIGPIPE
-
-
-def _stopped(stop: RunInterrupted) -> int:
-    """The stop's one line (under torchrun, rank 0's alone: every rank got the same signal); 128 + the signal."""
-    if os.environ.get("RANK", "0") == "0":
-        print(f"freezetune: {stop}", file=sys.stderr)
-    return stop.exit_code
 
 
 def _overrides_anywhere(args: argparse.Namespace, extra: list[str], argv: list[str]) -> None:

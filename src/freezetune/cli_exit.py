@@ -1,0 +1,49 @@
+"""How a ``freezetune`` command ends when it does not finish: a stop signal's line and exit code, a closed output
+pipe (``predict ... | head``), and what a stopped command has kept.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+import sys
+
+from freezetune.interrupt import RunInterrupted
+
+# what a command that stops before its end has kept (Ctrl-C, its output pipe closed)
+SAVED = {
+    "train": "last.pt holds the last finished epoch (--resume continues)",
+    "sweep": "--resume continues the sweep",
+}
+
+
+def reader_gone(stream) -> bool:
+    """Whether ``stream`` is a pipe whose reader has closed it (``predict ... | head``); a broken pipe elsewhere (a
+    DataLoader worker's) is an error of the run."""
+    try:
+        poll = select.poll()
+        poll.register(stream.fileno(), select.POLLOUT)
+        # Linux says POLLERR of a pipe's writing end without a reader; BSD and macOS say POLLHUP
+        return any(events & (select.POLLERR | select.POLLHUP) for _, events in poll.poll(0))
+    except (AttributeError, OSError, ValueError):  # no poll (Windows), no file descriptor (a notebook's stream)
+        return False
+
+
+def pipe_closed(saved: str | None) -> int:
+    """Stop as a command the shell's SIGPIPE ends does (exit 141): quietly where the reader took what it wanted
+    (``predict ... | head``); a run stopped that way says so on stderr, with what it ``saved``. Standard output goes to
+    /dev/null, or the interpreter's last flush fails again on the way out."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    if saved:
+        print(f"freezetune: stopped: its output pipe was closed; {saved}", file=sys.stderr)
+    return 128 + signal.SIGPIPE
+
+
+def stopped(stop: RunInterrupted) -> int:
+    """The stop's one line (under torchrun, rank 0's alone: every rank got the same signal); 128 + the signal."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"freezetune: {stop}", file=sys.stderr)
+    return stop.exit_code
