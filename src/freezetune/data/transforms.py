@@ -67,7 +67,7 @@ def eval_transform(pre: Preprocess) -> v2.Compose:
 class EvalCompose(v2.Compose):
     """The eval pipeline: no randomness, so a batch of same-size uint8 images ``[B, C, H, W]`` may go through it at
     once, bit for bit as each would alone (the ``__getitems__`` of ``InMemoryImageDataset`` and ``FileImageDataset``,
-    28 to 64 pixels: 7x faster than image by image in memory, 2.8x from PNG files; ``benchmarks/eval_pass.py``)."""
+    28 to 64 pixels: 5.7x faster than image by image in memory, 2.8x from PNG files; ``benchmarks/eval_pass.py``)."""
 
     batchable = True
 
