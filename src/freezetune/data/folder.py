@@ -199,7 +199,8 @@ class FileImageDataset(Dataset):
         # a DataLoader's batch: a transform that allows it (the eval pipeline's) runs once on each group of small
         # decoded images of one size, bit for bit as image by image (10 000 28-px PNGs: 2.8x faster, decoding
         # included; benchmarks/eval_pass.py). A large one (a photo) goes through alone as soon as it is decoded: held
-        # for a group, 64 decoded 12-megapixel photos took 4 GB, for no gain (their resize is the cost)
+        # for a group, 16 decoded 12-megapixel photos took 1 GB more than one by one, for no gain (the resize is the
+        # cost)
         if not getattr(self.transform, "batchable", False):
             return [self[i] for i in indices]
         out: list[tuple] = [()] * len(indices)
