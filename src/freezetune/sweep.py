@@ -340,4 +340,4 @@ def _plot(rows: list[dict], winner: str, path: Path) -> None:
         fig.savefig(tmp, format="png", dpi=110)
 
 
-__all__ = ["RECIPES", "SWEEP_DEFAULT_RECIPES", "SweepResult", "format_table", "pareto_front", "sweep"]
+__all__ = ["RECIPES", "SWEEP_DEFAULT_RECIPES", "SweepResult", "format_table", "pareto_front", "sweep", "swept"]
