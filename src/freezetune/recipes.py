@@ -195,9 +195,8 @@ def check_test_data(cfg: TrainConfig) -> None:
     columns = Columns.given(cfg.text_column, cfg.label_column)
     splits = split_files(Path(cfg.data))
     text = splits is not None and text_csv_header(splits["train"], columns) is not None
-    text = text and structure(cfg.model, cfg.img_size)[1]
-    columns = columns if text else None
-    check_test_split(cfg.data, skip_bad=cfg.skip_bad, text=columns)
+    check_test_split(cfg.data, skip_bad=cfg.skip_bad,
+                     text=columns if text and structure(cfg.model, cfg.img_size)[1] else None)  # fmt: skip
 
 
 def run(cfg: TrainConfig, *, echo: Callable[[str], None] = print, train: Callable | None = None):

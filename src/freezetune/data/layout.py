@@ -15,7 +15,7 @@ from torch.utils.data import Dataset
 from freezetune.data.folder import folder_classes, has_image_suffix, is_hidden, scan_folder
 from freezetune.data.idx import is_idx_dir
 from freezetune.data.scan import check_images
-from freezetune.data.text import Columns, read_text_csv, text_csv_header
+from freezetune.data.text import Columns, read_text_csv
 from freezetune.errors import DataError, choices
 from freezetune.run_log import warn_once
 
@@ -78,12 +78,13 @@ def check_test_split(data: str, *, skip_bad: bool = False, text: Columns | None 
     it: an unlabelled ``test/``, one with a class the training folder lacks, or an unreadable test image stopped the
     run only after them. Its classes and files are listed and each image's header read (the run's data build reads
     them again from the scan's record of sound files); with ``skip_bad`` that build leaves unreadable ones out.
-    ``text``: the columns of a text model's CSVs; its ``test.csv`` beside ``train.csv`` is read against the training
-    file's labels."""
+    ``text``: the columns of a text model's split files (the caller found them); its ``test.csv`` is read against
+    ``train.csv``'s labels."""
     path = Path(data)
-    splits = split_files(path) if text is not None else None
-    if splits is not None and "test" in splits and text_csv_header(splits["train"], text) is not None:
-        read_text_csv(splits["test"], read_text_csv(splits["train"], columns=text).classes, text)
+    if text is not None:
+        splits = split_files(path) or {}
+        if "test" in splits:
+            read_text_csv(splits["test"], read_text_csv(splits["train"], columns=text).classes, text)
         return
     if not path.is_dir() or is_idx_dir(path):
         return
