@@ -49,12 +49,8 @@ RECIPE_HELP = {
     "bitfit": "only biases and normalisation layers (and the head) train",
 }
 RECIPES = tuple(RECIPE_HELP)
-SWEEP_DEFAULT_RECIPES = (
-    "linear-probe",
-    "last-k",
-    "auto",
-    "full",
-)  # what ``freezetune sweep`` compares without --recipes
+# what ``freezetune sweep`` compares without --recipes
+SWEEP_DEFAULT_RECIPES = ("linear-probe", "last-k", "auto", "full")
 SWEEP_DEFAULT_OUT = "runs/sweep"  # where a sweep goes without --out
 # what a sweep sets for every recipe, whatever it is given, and why: a value given on the command line that differs
 # is refused rather than dropped in silence
