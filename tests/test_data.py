@@ -327,15 +327,18 @@ def test_list_images_and_load_image(tmp_path):
 
 def test_load_image_palette_with_transparency_is_quiet(tmp_path):
     # Icons and emoji often come as palette PNGs with a transparent index: PIL warns on each one it converts
-    # straight to RGB (a warning per image, from every loader worker). The pixels must stay what they were.
+    # straight to RGB (a warning per image, from every loader worker). The transparent entry (alpha 0) reads as
+    # white, the half-transparent one (alpha 128) half way to white; "drop" (a checkpoint saved before compositing)
+    # keeps the colours stored in the palette.
     img = Image.new("P", (4, 4), 1)
     img.putpalette([0, 0, 0, 200, 30, 10] + [0] * 762)
     img.putpixel((0, 0), 0)
     img.save(tmp_path / "icon.png", transparency=bytes([0, 128] + [255] * 254))  # partial alpha: kept as bytes
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        rgb = load_image(tmp_path / "icon.png")
-    assert rgb.mode == "RGB" and rgb.getpixel((0, 0)) == (0, 0, 0) and rgb.getpixel((1, 1)) == (200, 30, 10)
+        rgb, kept = load_image(tmp_path / "icon.png"), load_image(tmp_path / "icon.png", alpha="drop")
+    assert rgb.mode == "RGB" and rgb.getpixel((0, 0)) == (255, 255, 255) and rgb.getpixel((1, 1)) == (227, 142, 132)
+    assert kept.mode == "RGB" and kept.getpixel((0, 0)) == (0, 0, 0) and kept.getpixel((1, 1)) == (200, 30, 10)
 
 
 def test_files_of_other_types_in_class_folders_are_named_not_dropped_in_silence(tmp_path, caplog, monkeypatch):

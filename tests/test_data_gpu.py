@@ -234,7 +234,7 @@ def test_jpeg_loader_eval_matches_cpu_pipeline_and_labels(tmp_path, monkeypatch)
     ds = write_images(tmp_path)
     fallback = []
     real = gpu._decode_cpu
-    monkeypatch.setattr(gpu, "_decode_cpu", lambda data, path: fallback.append(path) or real(data, path))
+    monkeypatch.setattr(gpu, "_decode_cpu", lambda data, path, alpha: fallback.append(path) or real(data, path, alpha))
     # batch_decode: the nvJPEG path's batched decode_jpeg call, run with the CPU decoder
     loader = DeviceJpegLoader(ds, batch_size=4, train=False, device="cpu", preprocess=PRE, threads=2, batch_decode=True)
     batches = list(loader)

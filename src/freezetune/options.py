@@ -23,6 +23,10 @@ BN_DEFAULT = "frozen"  # the one policy under which a frozen prefix is determini
 # frozen parts (eval mode; the scale and shift still train): lp-ft's fine-tune, small batches
 BN_STATS = ("update", "frozen")
 BN_STATS_DEFAULT = "update"
+# transparent pixels of an image (``Preprocess.alpha``, ``data/alpha.py``): composited onto white, or the colour stored
+# under them kept (PIL's RGB conversion; what a checkpoint saved before the rule was trained on)
+ALPHA_MODES = ("white", "drop")
+ALPHA_DEFAULT = "white"
 FREEZE_KEYWORDS = ("backbone", "all", "none", "bitfit")  # bitfit: all but biases, norms and the head
 # the forms of an unfreeze schedule (``unfreezing.parse_schedule``); a plateau without mode follows the monitor
 UNFREEZE_FORMS = ("epoch:N", "plateau:patience=P,min_delta=D[,mode=max|min]", "{epoch: spec}")

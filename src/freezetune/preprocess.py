@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from freezetune.options import ALPHA_DEFAULT
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -26,6 +28,7 @@ class Preprocess:
     max_length: int = 128  # text models: longer texts are truncated
     text_column: str | None = None  # text models: the CSV column of the texts (None: data.text.TEXT_COLUMNS)
     label_column: str | None = None  # text models: the CSV column of the labels (None: data.text.LABEL_COLUMNS)
+    alpha: str = ALPHA_DEFAULT  # images: transparent pixels composited onto white, or kept as stored (data/alpha.py)
 
     @property
     def is_text(self) -> bool:
@@ -48,4 +51,5 @@ class Preprocess:
             max_length=int(d.get("max_length", 128)),
             text_column=d.get("text_column"),
             label_column=d.get("label_column"),
+            alpha=str(d.get("alpha", "drop")),  # saved before the rule: read as it was trained
         )

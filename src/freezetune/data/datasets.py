@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from freezetune.data.folder import nfc, scan_folder
+from freezetune.data.folder import FileImageDataset, nfc, scan_folder
 from freezetune.data.idx import CLASS_NAMES_FILE, idx_files, is_idx_dir, load_idx
 from freezetune.data.image_csv import IMAGE_COLUMNS, read_csv
 from freezetune.data.layout import TEST_DIRS, TRAIN_DIRS, VAL_DIRS, first_dir, load_folder, split_files
@@ -357,10 +357,10 @@ def build_datasets(
     if len(present) < 2:
         raise DataError(f"'{data}' has training {noun(train)} of {len(present)} class(es) "
                         f"({choices([train.classes[c] for c in present])}); a classifier needs at least two")  # fmt: skip
-    train.transform = train_tf
+    _prepare(train, train_tf, preprocess)
     for ds in (val, test):
         if ds is not None:
-            ds.transform = eval_tf
+            _prepare(ds, eval_tf, preprocess)
     log.info(
         "%s data: %d train, %s val, %s test %s, %d classes",
         source,
@@ -422,5 +422,13 @@ def build_eval_dataset(data: str, *, preprocess: Preprocess, classes: list[str])
     else:
         ds, source = read_csv(path, classes), f"every row of {path}"
     ds, _ = check_images(ds, "evaluation", skip_bad=False, hint="fix or remove them")
-    ds.transform, ds.source = eval_transform(preprocess), source
+    _prepare(ds, eval_transform(preprocess), preprocess)
+    ds.source = source
     return ds
+
+
+def _prepare(ds: Dataset, transform, preprocess: Preprocess) -> None:
+    """Give ``ds`` its transform and, an image file dataset, the model's rule for transparent pixels."""
+    ds.transform = transform
+    if isinstance(ds, FileImageDataset):
+        ds.alpha = preprocess.alpha

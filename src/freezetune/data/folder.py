@@ -15,7 +15,9 @@ import torch
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
+from freezetune.data.alpha import flatten
 from freezetune.errors import DataError, choices
+from freezetune.options import ALPHA_DEFAULT
 from freezetune.run_log import warn_once
 
 log = logging.getLogger(__name__)
@@ -55,8 +57,9 @@ def heif_hint(paths) -> str:
     return f"; {HEIF_HINT}"
 
 
-def load_image(path: str | Path) -> Image.Image:
-    """Open an image file as an RGB PIL image (grayscale, palette and RGBA are converted).
+def load_image(path: str | Path, alpha: str = ALPHA_DEFAULT) -> Image.Image:
+    """Open an image file as an RGB PIL image (grayscale, palette and RGBA are converted; transparent pixels are
+    composited onto white, or with ``alpha="drop"`` keep the colour stored under them: ``data/alpha.py``).
 
     Raises:
         DataError: the file is missing or is not an image PIL can read.
@@ -70,7 +73,7 @@ def load_image(path: str | Path) -> Image.Image:
                 # A palette with per-entry alpha (icons, emoji): PIL warns on every direct RGB conversion and asks
                 # for RGBA first; the RGB values are the same either way.
                 img = img.convert("RGBA")
-            return _eight_bit(ImageOps.exif_transpose(img)).convert("RGB")  # upright: data/orientation.py
+            return flatten(_eight_bit(ImageOps.exif_transpose(img)), alpha)  # upright: data/orientation.py
     except MemoryError:
         raise
     except Exception as e:  # PIL raises OSError, ValueError, SyntaxError, struct.error ... for broken
@@ -176,15 +179,17 @@ _GROUPED_PIXELS = 256 * 256  # images up to this size are held to go through the
 class FileImageDataset(Dataset):
     """Images read from disk on access: ``samples`` is a list of ``(path, class_index)``.
 
-    ``__getitem__`` returns ``(transform(pil_rgb_image), label)``; without a transform the PIL image.
+    ``__getitem__`` returns ``(transform(pil_rgb_image), label)``; without a transform the PIL image. ``alpha``:
+    how transparent pixels are read (``load_image``; ``build_datasets`` sets the model's ``Preprocess.alpha``).
 
     >>> ds = FileImageDataset([("a.png", 0), ("b.png", 1)], ["cat", "dog"])
     >>> len(ds), ds.targets.tolist()
     (2, [0, 1])
     """
 
-    def __init__(self, samples: list[tuple[str, int]], classes: list[str], transform: Callable | None = None):
-        self.samples, self.classes, self.transform = list(samples), list(classes), transform
+    def __init__(self, samples: list[tuple[str, int]], classes: list[str], transform: Callable | None = None,
+                 alpha: str = ALPHA_DEFAULT):  # fmt: skip
+        self.samples, self.classes, self.transform, self.alpha = list(samples), list(classes), transform, alpha
         self.targets = torch.tensor([label for _, label in self.samples], dtype=torch.long)
 
     def __len__(self) -> int:
@@ -192,7 +197,7 @@ class FileImageDataset(Dataset):
 
     def __getitem__(self, i: int):
         path, label = self.samples[i]
-        img = load_image(path)
+        img = load_image(path, self.alpha)
         return (self.transform(img) if self.transform else img), label
 
     def __getitems__(self, indices: list[int]) -> list[tuple]:
@@ -206,7 +211,7 @@ class FileImageDataset(Dataset):
         out: list[tuple] = [()] * len(indices)
         small: dict[tuple[int, ...], list[tuple[int, np.ndarray]]] = {}
         for k, i in enumerate(indices):
-            image, label = load_image(self.samples[i][0]), self.samples[i][1]
+            image, label = load_image(self.samples[i][0], self.alpha), self.samples[i][1]
             if image.width * image.height > _GROUPED_PIXELS:
                 out[k] = (self.transform(image), label)
             else:
@@ -220,11 +225,11 @@ class FileImageDataset(Dataset):
 
     def select(self, indices: torch.Tensor, transform: Callable | None = None) -> FileImageDataset:
         """A new dataset with the samples at ``indices`` and ``transform``."""
-        return FileImageDataset([self.samples[int(i)] for i in indices], self.classes, transform)
+        return FileImageDataset([self.samples[int(i)] for i in indices], self.classes, transform, self.alpha)
 
     def joined(self, other: FileImageDataset) -> FileImageDataset:
         """This dataset's samples, then ``other``'s (this one's classes and transform); ``parts`` keeps the two."""
-        ds = FileImageDataset(self.samples + other.samples, self.classes, self.transform)
+        ds = FileImageDataset(self.samples + other.samples, self.classes, self.transform, self.alpha)
         ds.parts = (self, other)
         return ds
 

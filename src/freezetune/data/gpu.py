@@ -32,7 +32,7 @@ from freezetune.data.idx import InMemoryImageDataset
 from freezetune.data.loaders import EpochOrder, check_batch_size, epoch_seed, usable_cpus
 from freezetune.data.orientation import exif_orientation, upright
 from freezetune.errors import ConfigError, DataError, choices
-from freezetune.options import AUG_DEFAULT, DECODE_MODES
+from freezetune.options import ALPHA_DEFAULT, AUG_DEFAULT, DECODE_MODES
 from freezetune.preprocess import Preprocess
 
 log = logging.getLogger(__name__)
@@ -115,18 +115,22 @@ def _is_jpeg(data: torch.Tensor) -> bool:
     return data.numel() >= 3 and bytes(data[:3].tolist()) == _JPEG_MAGIC
 
 
-def _decode_cpu(data: torch.Tensor, path: str) -> torch.Tensor:
-    """Any image file's bytes -> uint8 ``[3, H, W]`` on the CPU: torchvision's decoders, else PIL (BMP, TIFF, ...)."""
-    try:
-        img = decode_image(data, mode=ImageReadMode.RGB, apply_exif_orientation=True)
-        if img.dtype == torch.uint8:  # a 16-bit PNG decodes to uint16: load_image scales it as the CPU path does
-            return img[0] if img.dim() == 4 else img  # an animated GIF decodes to frames; PIL would give the first
-    except RuntimeError:
-        pass
-    return torch.from_numpy(np.array(load_image(path))).permute(2, 0, 1).contiguous()
+def _decode_cpu(data: torch.Tensor, path: str, alpha: str = ALPHA_DEFAULT) -> torch.Tensor:
+    """Any image file's bytes -> uint8 ``[3, H, W]`` on the CPU: a JPEG by torchvision's decoder, anything else (and
+    a JPEG it cannot decode) by ``load_image``, which reads transparency as the CPU path does (``alpha``):
+    torchvision's RGB mode drops the alpha channel, and its RGBA mode ignores a GIF's transparent colour and a grey
+    or RGB PNG's."""
+    if _is_jpeg(data):
+        try:
+            img = decode_image(data, mode=ImageReadMode.RGB, apply_exif_orientation=True)
+            if img.dtype == torch.uint8:
+                return img
+        except RuntimeError:
+            pass
+    return torch.from_numpy(np.array(load_image(path, alpha))).permute(2, 0, 1).contiguous()
 
 
-def _read_encoded(path: str, keep_jpeg: bool, pin: bool) -> tuple[torch.Tensor, int]:
+def _read_encoded(path: str, keep_jpeg: bool, pin: bool, alpha: str = ALPHA_DEFAULT) -> tuple[torch.Tensor, int]:
     """Runs in the reader threads: JPEG bytes stay encoded (1-D) for the batch decode on the GPU (``keep_jpeg``),
     with their EXIF orientation, read here rather than in the training thread; everything else is decoded here (and
     turned upright), in parallel, rather than one file after another in the training thread, and page-locked
@@ -137,7 +141,7 @@ def _read_encoded(path: str, keep_jpeg: bool, pin: bool) -> tuple[torch.Tensor, 
         raise DataError(f"cannot read image '{path}': {str(e).splitlines()[-1]}") from None
     if keep_jpeg and _is_jpeg(data):
         return data, exif_orientation(data)
-    image = _decode_cpu(data, path)
+    image = _decode_cpu(data, path, alpha)
     return (image.pin_memory() if pin else image), 1
 
 
@@ -184,6 +188,7 @@ class DeviceJpegLoader(_DeviceLoader):
         super().__init__(len(rows), batch_size=batch_size, train=train, device=device, seed=seed,
                          preprocess=preprocess, aug=aug, order=order, rank=rank)  # fmt: skip
         self.paths = [str(dataset.samples[i][0]) for i in rows]
+        self.alpha = preprocess.alpha  # how a PNG's transparent pixels are read, as on the CPU path
         self.targets = dataset.targets[torch.as_tensor(list(rows), dtype=torch.long)].to(self.device)
         self.threads = threads or min(8, usable_cpus())
         self.prefetch = max(1, prefetch)
@@ -199,7 +204,8 @@ class DeviceJpegLoader(_DeviceLoader):
         def submit(k: int) -> None:
             if k < len(batches):
                 keep, pin = self._batch_decode, self.device.type == "cuda"
-                pending.append([pool.submit(_read_encoded, self.paths[i], keep, pin) for i in batches[k].tolist()])
+                pending.append([pool.submit(_read_encoded, self.paths[i], keep, pin, self.alpha)
+                                for i in batches[k].tolist()])  # fmt: skip
 
         try:
             for k in range(self.prefetch):
@@ -267,7 +273,7 @@ class DeviceJpegLoader(_DeviceLoader):
                 out.append(upright(self._nvjpeg([d])[0], o))
                 on_device += 1
             except RuntimeError:
-                out.append(_decode_cpu(d, p))
+                out.append(_decode_cpu(d, p, self.alpha))
         if self._decode_device.type == "cuda" and on_device == 0 and len(data) > 1:
             log.warning(
                 "nvJPEG could not decode any image of a batch of %d; decoding on the CPU from now on", len(data)

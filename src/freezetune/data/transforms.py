@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torchvision.transforms import InterpolationMode, v2
 
+from freezetune.data.alpha import FlattenAlpha
 from freezetune.errors import ConfigError, choices
 from freezetune.options import AUG_DEFAULT, aug_preset, check, crop_pct_problem
 from freezetune.preprocess import Preprocess
@@ -32,9 +33,10 @@ def interpolation_mode(name: str) -> InterpolationMode:
     return _INTERPOLATIONS[name]
 
 
-def _to_uint8_rgb() -> list[v2.Transform]:
-    # ToImage wraps tensors and converts PIL; RGB expands 1-channel input so 3-channel mean/std apply.
-    return [v2.ToImage(), v2.RGB()]
+def _to_uint8_rgb(pre: Preprocess) -> list[v2.Transform]:
+    # ToImage wraps tensors and converts PIL; an RGBA or grey+alpha image (a user's own, given to the transform) is
+    # made opaque as the file readers make it; RGB expands 1-channel input so 3-channel mean/std apply.
+    return [v2.ToImage(), FlattenAlpha(pre.alpha), v2.RGB()]
 
 
 def _to_normalized_float(pre: Preprocess) -> list[v2.Transform]:
@@ -61,7 +63,7 @@ def eval_transform(pre: Preprocess) -> v2.Compose:
     >>> t(torch.zeros(1, 28, 28, dtype=torch.uint8)).shape
     torch.Size([3, 32, 32])
     """
-    return EvalCompose([*_to_uint8_rgb(), *_eval_geometry(pre), *_to_normalized_float(pre), v2.ToPureTensor()])
+    return EvalCompose([*_to_uint8_rgb(pre), *_eval_geometry(pre), *_to_normalized_float(pre), v2.ToPureTensor()])
 
 
 class EvalCompose(v2.Compose):
@@ -96,7 +98,7 @@ def train_transform(pre: Preprocess, aug: str = AUG_DEFAULT) -> v2.Compose:
         return eval_transform(pre)
     interp = interpolation_mode(pre.interpolation)
     ops: list[v2.Transform] = [
-        *_to_uint8_rgb(),
+        *_to_uint8_rgb(pre),
         v2.RandomResizedCrop(
             pre.input_size, scale=preset.crop_scale, ratio=preset.crop_ratio, interpolation=interp, antialias=True
         ),
