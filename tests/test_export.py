@@ -37,6 +37,17 @@ def best_pt(tmp_path_factory):
     return checkpoint.save(record, tmp_path_factory.mktemp("run") / "best.pt")
 
 
+def test_the_sidecar_says_how_transparent_pixels_were_read_also_for_an_older_checkpoint(best_pt, tmp_path):
+    # a runtime reading the sidecar must composite transparent images as training did (data/alpha.py)
+    record = checkpoint.load(best_pt)
+    _, sidecar = export_checkpoint(best_pt, tmp_path / "new.safetensors")
+    assert json.loads(sidecar.read_text())["preprocess"]["alpha"] == "white"
+    record["preprocess"].pop("alpha")  # saved before the rule: trained on the colours stored under them
+    older = checkpoint.save(record, tmp_path / "older.pt")
+    _, sidecar = export_checkpoint(older, tmp_path / "older.safetensors")
+    assert json.loads(sidecar.read_text())["preprocess"]["alpha"] == "drop"
+
+
 def test_export_writes_weights_and_sidecar(best_pt, tmp_path):
     weights, sidecar = export_checkpoint(best_pt, tmp_path / "out" / "m.safetensors")
     assert (weights, sidecar) == (tmp_path / "out" / "m.safetensors", tmp_path / "out" / "m.json")

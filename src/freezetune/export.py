@@ -23,6 +23,7 @@ from freezetune import checkpoint, hf_bundle
 from freezetune._io import atomic_output, atomic_write_text
 from freezetune.errors import CheckpointError, MissingExtra
 from freezetune.evaluate import logits_of
+from freezetune.preprocess import Preprocess
 
 FORMATS = (".safetensors", ".onnx", ".pt2")
 ONNX_INPUT, ONNX_OUTPUT = "input", "logits"
@@ -62,6 +63,8 @@ def export_checkpoint(ckpt_path: str | Path, to: str | Path, *, force: bool = Fa
     pre = record["preprocess"]
     if pre.get("tokenizer"):  # a text model's input is its tokenizer's: no image size or normalisation to claim
         pre = {k: pre[k] for k in ("tokenizer", "max_length") if k in pre}
+    else:  # every field, an older checkpoint's filled in as it reads them: how its images were read (alpha) too
+        pre = Preprocess.from_dict(pre).to_dict()
     meta = {
         "model": record["model"],
         "classes": record["classes"],
