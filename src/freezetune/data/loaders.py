@@ -15,6 +15,8 @@ Seeds, all derived from the run's ``seed``:
 from __future__ import annotations
 
 import functools
+import multiprocessing
+import multiprocessing.resource_tracker
 import os
 import random
 import signal
@@ -29,6 +31,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 from freezetune.data.idx import InMemoryImageDataset
 from freezetune.data.text import TextDataset, TokenizeBatch
 from freezetune.distributed import DistInfo, batch_block, shard_rows
+from freezetune.interrupt import pause_point
 from freezetune.options import AUG_DEFAULT, check, non_negative_int_problem, positive_int_problem
 from freezetune.preprocess import Preprocess
 
@@ -184,6 +187,7 @@ def _seed_worker(worker_id: int, *, main: int) -> None:
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
     random.seed(seed)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to act on (_WorkersIgnoreCtrlC)
     _signals_from_outside(main)
 
 
@@ -214,11 +218,37 @@ def _signals_from_outside(main: int) -> None:
     threading.Thread(target=wait, name="freezetune-signals", daemon=True).start()
 
 
+class _WorkersIgnoreCtrlC(DataLoader):
+    """A ``DataLoader`` whose worker processes are started with SIGINT blocked, so a terminal's Ctrl-C (sent to the
+    whole process group) reaches the main process alone, which saves the step and stops (``interrupt``).
+
+    Forked workers inherit the main process's handler, which only records the signal. Spawned ones (the start method
+    on macOS and Windows) and those of a fork server (Python 3.14's default on Linux) start with Python's own, and
+    died of KeyboardInterrupt, even while importing torch, before ``_seed_worker`` could ignore it: the run crashed on
+    "DataLoader worker exited unexpectedly" and lost the step it would have saved. A signal mask is inherited by
+    every child, whatever the start method; the main process gets a Ctrl-C that came meanwhile once it unblocks.
+    """
+
+    def __iter__(self):
+        if self.num_workers == 0 or not hasattr(signal, "pthread_sigmask"):  # (Windows: _seed_worker's ignore alone)
+            return super().__iter__()
+        if (self.multiprocessing_context or multiprocessing.get_context()).get_start_method() != "fork":
+            # the first spawned process starts multiprocessing's resource tracker, which unblocks SIGINT after it
+            multiprocessing.resource_tracker.ensure_running()
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            batches = super().__iter__()  # starts the workers (a persistent loader's once)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
+        pause_point("workers")  # (tests: a Ctrl-C while the workers start up)
+        return batches
+
+
 def _dataloader(dataset: Dataset, order: Iterable[int], *, batch_size: int, workers: int, pin: bool,
                 generator: torch.Generator | None = None, persistent: bool = True,
                 collate: Callable | None = None) -> DataLoader:  # fmt: skip
     """The one ``DataLoader`` constructor of the package (training, evaluation and cache-build reads)."""
-    return DataLoader(
+    return _WorkersIgnoreCtrlC(
         dataset,
         batch_size=batch_size,
         sampler=order,
