@@ -5,7 +5,7 @@
 - ``emoji``: Google's emoji images (``emoji-datasource-google``, 64 px RGBA) in a folder per category of
   ``emoji-datasource``'s list (9 categories, 85-386 images each; skin-tone variants and the 5 'Component'
   images left out): which category an emoji belongs to.
-- ``clipart``: the clip art of Debian's ``openclipart-png`` (PNG drawings, most of them transparent, 60 to 13 000
+- ``clipart``: the clip art of Debian's ``openclipart-png`` (PNG drawings, most of them transparent, 3 to 16 000
   px): which top-level category a drawing is filed under. The categories holding 90 or more distinct drawings (the
   same 24x24 thumbnail counts once; one filed under two categories is left out of both), less ``unsorted`` and
   ``special`` (11: animals, computer, food, geography, office, people, recreation, shapes, signs_and_symbols, tools,
