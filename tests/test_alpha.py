@@ -3,6 +3,8 @@ a checkpoint saved before the rule keeps the colours stored under transparent pi
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -11,13 +13,22 @@ from torchvision.io import read_file
 
 import freezetune as ft
 from freezetune import checkpoint
-from freezetune.data import build_datasets, build_eval_dataset, eval_transform, load_image, train_transform
+from freezetune.config import TrainConfig
+from freezetune.data import (
+    FileImageDataset,
+    build_datasets,
+    build_eval_dataset,
+    eval_transform,
+    load_image,
+    train_transform,
+)
 from freezetune.data.alpha import flatten, flatten_tensor
 from freezetune.data.gpu import DeviceJpegLoader, _decode_cpu
 from freezetune.errors import ConfigError
 from freezetune.inference import predict_files
 from freezetune.models import create_model
 from freezetune.preprocess import Preprocess
+from freezetune.trainer import Trainer, train
 
 PRE = Preprocess(input_size=16)
 
@@ -131,8 +142,78 @@ def test_datasets_read_the_models_rule_in_training_evaluation_and_the_device_loa
     older = build_eval_dataset(str(tmp_path), preprocess=drop, classes=["ink", "paint"])
     assert older.alpha == "drop"
     assert torch.allclose(older[0][0][:, 0, 0], -torch.tensor(drop.mean) / torch.tensor(drop.std))
-    loader = DeviceJpegLoader(older, batch_size=2, train=False, device="cpu", preprocess=drop, threads=1)
+    # the device loader reads a dataset as the dataset reads itself (a user's own, under another preprocessing too)
+    loader = DeviceJpegLoader(older, batch_size=2, train=False, device="cpu", preprocess=white, threads=1)
     assert torch.allclose(next(iter(loader))[0][0], older[0][0], atol=1e-5)
+
+
+def test_batched_selected_and_joined_reads_keep_the_datasets_rule(tmp_path):
+    # eval reads a loader batch at once (__getitems__, small images grouped by size); splits select and join
+    paths = _transparent_files(tmp_path)
+    for alpha in ("white", "drop"):
+        ds = FileImageDataset([(str(p), 0) for p in paths], ["a"], eval_transform(PRE), alpha=alpha)
+        batch = ds.__getitems__(list(range(len(paths))))
+        for (x, _), path in zip(batch, paths, strict=True):
+            assert torch.equal(x, eval_transform(PRE)(load_image(path, alpha))), (path, alpha)
+        assert ds.select(torch.tensor([0, 2])).alpha == alpha and ds.joined(ds).alpha == alpha
+
+
+def test_a_users_own_image_in_any_pil_mode_goes_through_the_transforms_as_a_viewer_shows_it():
+    rng = np.random.default_rng(1)
+    rgba = Image.fromarray(rng.integers(0, 256, (9, 9, 4), dtype=np.uint8), "RGBA")
+    tf = eval_transform(PRE)
+    for mode in ("PA", "RGBa", "La", "LA", "P", "CMYK"):
+        own = rgba.convert(mode)
+        seen = own.convert("RGB" if mode == "CMYK" else "LA" if mode == "La" else "RGBA").convert("RGBA")
+        on_white = Image.alpha_composite(Image.new("RGBA", own.size, (255, 255, 255, 255)), seen).convert("RGB")
+        assert torch.equal(tf(own), tf(on_white)), mode
+    floats = torch.rand(2, 4, 5, 5)
+    as_bytes = flatten_tensor((floats * 255).round().to(torch.uint8)).float() / 255
+    assert torch.allclose(flatten_tensor(floats), as_bytes, atol=1.5 / 255)  # the float formula, not a constant
+
+
+def test_the_device_loader_decodes_an_opaque_png_itself_and_a_transparent_one_as_load_image(tmp_path, monkeypatch):
+    # torchvision's PNG decoder is 4-6x faster than PIL's on small images: only a PNG that may hold transparency
+    # (colour type 4 or 6, or a tRNS chunk) goes to load_image
+    from freezetune.data import gpu
+
+    rng = np.random.default_rng(2)
+    rgb = rng.integers(0, 256, (6, 5, 3), dtype=np.uint8)
+    opaque = {"rgb.png": Image.fromarray(rgb), "grey.png": Image.fromarray(rgb[..., 0].copy()),
+              "palette.png": Image.fromarray(rgb).quantize(4)}  # fmt: skip
+    for name, img in opaque.items():
+        img.save(tmp_path / name)
+    keyed = tmp_path / "keyed.png"
+    Image.fromarray(rgb).save(keyed, transparency=tuple(int(v) for v in rgb[0, 0]))
+    read = []
+    real = gpu.load_image
+    monkeypatch.setattr(gpu, "load_image", lambda path, alpha: read.append(path) or real(path, alpha))
+    for path in [*(tmp_path / name for name in opaque), keyed]:
+        got = _decode_cpu(read_file(str(path)), str(path)).permute(1, 2, 0).numpy()
+        assert np.array_equal(got, np.asarray(real(path))), path
+    assert read == [str(keyed)]
+
+
+def test_a_run_resumed_from_an_older_last_pt_reads_its_images_as_it_began(tmp_path):
+    # a run stopped under a freezetune that dropped alpha, resumed by this one: its later epochs must not train on
+    # other pixels than its first (nor its best.pt be tested on them)
+    data = tmp_path / "data"
+    for name in ("ink", "paint"):
+        for i, path in enumerate(_transparent_files(data / "train" / name)[:4]):
+            path.rename(path.with_name(f"{i}.png"))
+    cfg = TrainConfig(model="timm:test_efficientnet", weights="none", data=str(data), img_size=16, epochs=1,
+                      batch_size=4, freeze="-2", scheduler="none", device="cpu", out=str(tmp_path / "run"),
+                      tensorboard=False, progress=False, final_test=False)  # fmt: skip
+    train(cfg)
+    last = checkpoint.load(tmp_path / "run" / "last.pt")
+    last["preprocess"].pop("alpha")  # as a last.pt saved before the rule
+    checkpoint.save(last, tmp_path / "run" / "last.pt")
+    resumed = Trainer(dataclasses.replace(cfg, epochs=2, resume=True), echo=lambda line: None)
+    assert resumed.preprocess.alpha == "drop" and resumed.data.train.alpha == "drop"
+    resumed.fit()
+    assert checkpoint.load(tmp_path / "run" / "last.pt")["preprocess"]["alpha"] == "drop"
+    fresh = Trainer(dataclasses.replace(cfg, out=str(tmp_path / "fresh")), echo=lambda line: None)
+    assert fresh.data.train.alpha == "white"
 
 
 def test_predict_reads_an_image_by_its_checkpoints_rule(tmp_path):

@@ -46,6 +46,12 @@ def test_the_sidecar_says_how_transparent_pixels_were_read_also_for_an_older_che
     older = checkpoint.save(record, tmp_path / "older.pt")
     _, sidecar = export_checkpoint(older, tmp_path / "older.safetensors")
     assert json.loads(sidecar.read_text())["preprocess"]["alpha"] == "drop"
+    # the sidecar an earlier freezetune wrote for it (no alpha) still describes it: another format joins it
+    meta = json.loads(sidecar.read_text())
+    meta["preprocess"].pop("alpha")
+    sidecar.write_text(json.dumps(meta))
+    export_checkpoint(older, tmp_path / "older.onnx")
+    assert json.loads(sidecar.read_text())["preprocess"]["alpha"] == "drop"
 
 
 def test_export_writes_weights_and_sidecar(best_pt, tmp_path):

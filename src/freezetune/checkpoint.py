@@ -302,13 +302,15 @@ def restore(path: str | Path, state: TrainingState, progress, *, config: dict[st
     progress.load_state_dict({**record["progress"], "monitor": progress.monitor})
 
 
-def check_settings(path: str | Path, config: dict[str, Any]) -> None:
+def check_settings(path: str | Path, config: dict[str, Any]) -> Preprocess:
     """Refuse, as ``restore`` would, a resume whose settings are not those of its ``last.pt``: checked before the
-    model and data are read (``restore`` checks again, with the classes and the schedule's length they give)."""
+    model and data are read (``restore`` checks again, with the classes and the schedule's length they give).
+    Returns the preprocessing ``last.pt`` trained with (how its images were read)."""
     if config.get("batch_size") == BATCH_AUTO:  # a number once measured, after the data is read
         config = {k: v for k, v in config.items() if k != "batch_size"}
     record = load(path, mmap=True)  # the weights are not read: only the config is needed
     _check_resumable(Path(path), record, {**config, "classes": record.get("classes")})
+    return Preprocess.from_dict(record["preprocess"])
 
 
 def _check_data(path: Path, saved: dict[str, Any] | None, now: dict[str, Any] | None) -> None:

@@ -102,6 +102,12 @@ def _sidecar(path: Path, meta: dict, force: bool, target: Path) -> dict:
         old = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         old = None
+    if isinstance(old, dict) and isinstance(old.get("preprocess"), dict) and "input_size" in old["preprocess"]:
+        # an image model's, written by an earlier freezetune with fewer fields: compared as this one reads it
+        try:
+            old = {**old, "preprocess": Preprocess.from_dict(old["preprocess"]).to_dict()}
+        except (KeyError, TypeError, ValueError):  # not a sidecar of ours: compared as it is
+            pass
     if isinstance(old, dict) and all(old.get(k) == v for k, v in meta.items()):
         return {**old, **meta}
     if not force:

@@ -107,7 +107,8 @@ def evaluate_checkpoint(
     checkpoint: str | Path | dict, data: str | Dataset, *, batch_size: int = _BATCH_SIZE, device: str = "auto"
 ) -> dict:
     """Evaluate a checkpoint on ``data``: a path (its test split, see ``data.build_eval_dataset``; a text model's is a
-    ``text,label`` CSV) or a dataset.
+    ``text,label`` CSV) or a dataset, read as it is (its transform and, image files, its ``alpha``; a path's are the
+    checkpoint's).
 
     Returns:
         ``evaluate_model``'s metrics plus ``classes``, the class names index-aligned with the confusion matrix, and

@@ -27,6 +27,7 @@ BN_STATS_DEFAULT = "update"
 # under them kept (PIL's RGB conversion; what a checkpoint saved before the rule was trained on)
 ALPHA_MODES = ("white", "drop")
 ALPHA_DEFAULT = "white"
+ALPHA_BEFORE = "drop"  # the rule of a checkpoint that records none (saved before freezetune composited)
 FREEZE_KEYWORDS = ("backbone", "all", "none", "bitfit")  # bitfit: all but biases, norms and the head
 # the forms of an unfreeze schedule (``unfreezing.parse_schedule``); a plateau without mode follows the monitor
 UNFREEZE_FORMS = ("epoch:N", "plateau:patience=P,min_delta=D[,mode=max|min]", "{epoch: spec}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from freezetune.options import ALPHA_DEFAULT
+from freezetune.options import ALPHA_BEFORE, ALPHA_DEFAULT
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -51,5 +51,5 @@ class Preprocess:
             max_length=int(d.get("max_length", 128)),
             text_column=d.get("text_column"),
             label_column=d.get("label_column"),
-            alpha=str(d.get("alpha", "drop")),  # saved before the rule: read as it was trained
+            alpha=str(d.get("alpha", ALPHA_BEFORE)),  # saved before the rule: read as it was trained
         )

@@ -95,6 +95,8 @@ class RunSetup:
         self.preprocess = self.preprocess or text_preprocess(  # a text model: its tokenizer and CSV columns
             cfg.model, cfg.max_length, text_column=cfg.text_column, label_column=cfg.label_column
         )
+        if self.resumed is not None:  # a run resumed by a later freezetune reads its images as it began reading them
+            self.preprocess = dataclasses.replace(self.preprocess, alpha=self.resumed.alpha)
         self.hf_files = hf_bundle.bundle(cfg.model)  # an hf:DIR's config and tokenizer, carried by every checkpoint
         self.data = build_datasets(cfg.data, val_data=cfg.val_data, val_split=cfg.val_split, per_class=cfg.per_class,
                                    seed=cfg.seed, preprocess=self.preprocess, aug=cfg.aug,
@@ -172,8 +174,9 @@ class RunSetup:
         barrier(self.dist)  # every rank checked the run dir before rank 0 writes into it
         # a --resume of a run stopped before its first last.pt starts it afresh (prepare_run_dir said so)
         self.resuming = cfg.resume and (self.run_dir / checkpoint.LAST).is_file()
-        if self.resuming:  # a refusal must not wait for the model and the data (a large folder's scan)
-            checkpoint.check_settings(self.run_dir / checkpoint.LAST, cfg.recorded())
+        # a refusal must not wait for the model and the data (a large folder's scan)
+        self.resumed = checkpoint.check_settings(self.run_dir / checkpoint.LAST, cfg.recorded()) if self.resuming \
+            else None  # fmt: skip
         # best.pt and last.pt, written beside the training on an accelerator; on the CPU the writes would take the
         # training's cores (measured: no faster), so they are written in turn
         self.checkpoints = checkpoint.Writer(self.run_dir, background=self.device.type != "cpu")

@@ -21,6 +21,8 @@ from freezetune.errors import ConfigError, choices
 from freezetune.options import ALPHA_DEFAULT, ALPHA_MODES
 
 _ALPHA_PIL_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+# PIL modes the transforms take as they are: RGB, grey, and those of more than 8 bits (which load_image scales)
+_AS_IT_IS = ("RGB", "L", "I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 
 
 def has_alpha(img: Image.Image) -> bool:
@@ -29,7 +31,8 @@ def has_alpha(img: Image.Image) -> bool:
     >>> has_alpha(Image.new("RGBA", (1, 1))), has_alpha(Image.new("RGB", (1, 1)))
     (True, False)
     """
-    return img.mode in _ALPHA_PIL_MODES or "transparency" in img.info
+    rgba_palette = img.mode == "P" and getattr(img.palette, "mode", None) == "RGBA"  # (PIL's own RGBA -> P)
+    return img.mode in _ALPHA_PIL_MODES or "transparency" in img.info or rgba_palette
 
 
 def flatten(img: Image.Image, alpha: str = ALPHA_DEFAULT) -> Image.Image:
@@ -44,6 +47,8 @@ def flatten(img: Image.Image, alpha: str = ALPHA_DEFAULT) -> Image.Image:
     _check(alpha)
     if alpha == "drop" or not has_alpha(img):
         return img.convert("RGB")
+    if img.mode == "La":  # premultiplied grey: PIL converts it to straight alpha (LA) only
+        img = img.convert("LA")
     rgba = img if img.mode == "RGBA" else img.convert("RGBA")  # (a copy of 600 MB for a 150-megapixel scan)
     out = Image.new("RGB", rgba.size, (255, 255, 255))
     # PIL's blend under a mask rounds (c * a + 255 * (255 - a)) / 255 as flatten_tensor does (every colour and alpha
@@ -82,12 +87,16 @@ def _check(alpha: str) -> str:
 
 
 class FlattenAlpha:
-    """A transform step: tensor images with an alpha channel made opaque by ``flatten_tensor`` (others unchanged)."""
+    """The transforms' first step, for a user's own image: a PIL image other than RGB or grey (RGBA, LA, PA,
+    premultiplied RGBa/La, palette, CMYK ...) made RGB by ``flatten``, as ``load_image`` makes a file's; a tensor
+    ``[..., 2 or 4, H, W]`` by ``flatten_tensor``. Anything else passes unchanged."""
 
     def __init__(self, alpha: str = ALPHA_DEFAULT) -> None:
         self.alpha = _check(alpha)
 
-    def __call__(self, x):
+    def __call__(self, x: Image.Image | torch.Tensor) -> Image.Image | torch.Tensor:
+        if isinstance(x, Image.Image):
+            return x if x.mode in _AS_IT_IS else flatten(x, self.alpha)
         if not isinstance(x, torch.Tensor) or x.dim() < 3 or x.shape[-3] not in (2, 4):
             return x
         out = flatten_tensor(x.as_subclass(torch.Tensor), self.alpha)

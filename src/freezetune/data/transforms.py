@@ -34,9 +34,10 @@ def interpolation_mode(name: str) -> InterpolationMode:
 
 
 def _to_uint8_rgb(pre: Preprocess) -> list[v2.Transform]:
-    # ToImage wraps tensors and converts PIL; an RGBA or grey+alpha image (a user's own, given to the transform) is
-    # made opaque as the file readers make it; RGB expands 1-channel input so 3-channel mean/std apply.
-    return [v2.ToImage(), FlattenAlpha(pre.alpha), v2.RGB()]
+    # A user's own RGBA, grey+alpha or palette image (given to the transform, not read by load_image) is made RGB as
+    # the file readers make it; ToImage wraps tensors and converts PIL; RGB expands 1-channel input so 3-channel
+    # mean/std apply.
+    return [FlattenAlpha(pre.alpha), v2.ToImage(), v2.RGB()]
 
 
 def _to_normalized_float(pre: Preprocess) -> list[v2.Transform]:
