@@ -6,8 +6,8 @@ import itertools
 import os
 import random
 import re
-import resource
 import shutil
+import sys
 from datetime import datetime
 from pathlib import Path
 
@@ -276,7 +276,8 @@ def reset_peak_memory(device: torch.device) -> None:
 
 
 def peak_memory_mb(device: torch.device) -> float:
-    """Peak memory since ``reset_peak_memory``: allocated CUDA memory, or the process's peak RSS on the CPU."""
+    """Peak memory since ``reset_peak_memory``: allocated CUDA memory, or the process's peak RSS on the CPU (on
+    macOS the process-wide peak; NaN on Windows, which has no ``resource`` module to read it from)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     try:
@@ -285,4 +286,9 @@ def peak_memory_mb(device: torch.device) -> float:
                 return int(line.split()[1]) / 1024
     except OSError:
         pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB; process-wide peak
+    try:
+        import resource  # POSIX only: imported at the top, it stopped every command on Windows
+    except ImportError:
+        return float("nan")
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # process-wide
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # macOS reports bytes, Linux and BSD KiB

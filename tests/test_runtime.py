@@ -1,0 +1,40 @@
+"""Run-level plumbing (``runtime.py``) where it meets the platform: what Windows and macOS lack or report otherwise."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import types
+
+import torch
+
+from freezetune import runtime
+
+
+def test_every_command_imports_without_the_posix_resource_module():
+    # Windows has no `resource`: imported at runtime's top, it stopped train, eval, predict, sweep and ft.train
+    code = ("import sys; sys.modules['resource'] = None\n"
+            "import freezetune.cli, freezetune.trainer, freezetune.recipes, freezetune.sweep, freezetune.inference\n"
+            "print('imported')")  # fmt: skip
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "imported" in proc.stdout, proc.stderr[-2000:]
+
+
+def test_peak_memory_without_proc_reads_the_platforms_unit(monkeypatch):
+    class NoProc:
+        def __init__(self, *_):
+            pass
+
+        def read_text(self):
+            raise OSError("no /proc here")
+
+    usage = types.SimpleNamespace(getrusage=lambda _: types.SimpleNamespace(ru_maxrss=2**30), RUSAGE_SELF=0)
+    monkeypatch.setattr(runtime, "Path", NoProc)
+    monkeypatch.setitem(sys.modules, "resource", usage)
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(sys, "platform", "darwin")  # bytes: 1 GiB is 1024 MiB (it read as 1 048 576)
+    assert runtime.peak_memory_mb(cpu) == 1024
+    monkeypatch.setattr(sys, "platform", "freebsd14")  # KiB
+    assert runtime.peak_memory_mb(cpu) == 2**20
+    monkeypatch.setitem(sys.modules, "resource", None)  # Windows: nothing to read it from
+    assert runtime.peak_memory_mb(cpu) != runtime.peak_memory_mb(cpu)  # NaN
