@@ -138,6 +138,13 @@ def test_bad_yaml_files_are_user_errors(tmp_path):
     (tmp_path / "typed.yaml").write_text("data: x\nepochs: many\n")
     with pytest.raises(ConfigError, match="epochs expects int, got 'many'"):
         load_config(tmp_path / "typed.yaml")
+    # read as UTF-8 whatever the locale (a Windows code page turned C:\Users\José into mojibake); a file in another
+    # encoding is one line, not a UnicodeDecodeError traceback
+    (tmp_path / "utf8.yaml").write_bytes("data: /home/José/images\n".encode())
+    assert load_config(tmp_path / "utf8.yaml").data == "/home/José/images"
+    (tmp_path / "latin1.yaml").write_bytes("data: /home/José/images\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match="is not UTF-8 text .* save it as UTF-8"):
+        load_config(tmp_path / "latin1.yaml")
 
 
 def test_validation_reports_every_problem_at_once():
