@@ -116,3 +116,37 @@ def test_a_lock_folder_others_can_write_is_not_used_and_the_run_goes_on_unguarde
         run_lock.claim(tmp_path / "run")  # no error: unguarded, said once
     assert "not locked against a second process" in caplog.text and victim.read_text() == "mine"
     assert list(folder.iterdir()) == []
+
+
+def test_a_run_started_by_a_worker_importing_an_unguarded_script_is_refused_with_the_fix(tmp_path, monkeypatch):
+    # macOS and Windows spawn loader workers, which import the user's script as __mp_main__: a script that trains at
+    # top level started a run in each worker ("in use by another freezetune process (pid <the user's own>)")
+    import multiprocessing
+
+    import freezetune as ft
+    from freezetune.config import TrainConfig
+
+    monkeypatch.setattr(multiprocessing.current_process(), "_inheriting", True, raising=False)  # (as spawn sets it)
+    monkeypatch.setattr(sys, "argv", [str(tmp_path / "finetune.py")])
+    out = tmp_path / "run"
+    with pytest.raises(run_lock.ConfigError, match=r"while it imported .*finetune\.py: .*if __name__ == \"__main__\":"):
+        ft.train(TrainConfig(data=str(tmp_path), out=str(out)))
+    assert not out.exists()
+
+
+def test_an_unguarded_script_run_with_spawned_workers_says_what_to_do(tmp_path):
+    data = make_image_folder(tmp_path / "data", train=4, val=2, test=0, size=16)
+    script = tmp_path / "finetune.py"
+    script.write_text(
+        "import multiprocessing\n"
+        "multiprocessing.set_start_method('spawn', force=True)  # as on macOS\n"
+        "import freezetune as ft\n"
+        "from freezetune.config import TrainConfig\n"
+        f"ft.train(TrainConfig(model='timm:test_efficientnet', weights='none', data={str(data)!r}, img_size=16, "
+        f"epochs=1, freeze='-2', workers=2, cache='off', device='cpu', out={str(tmp_path / 'run')!r}, "
+        "tensorboard=False, progress=False, final_test=False))\n"
+    )
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert f"while it imported {script}: on macOS and Windows each loader worker" in proc.stderr
+    assert "in use by another freezetune process" not in proc.stderr

@@ -25,8 +25,10 @@ import contextlib
 import errno
 import hashlib
 import logging
+import multiprocessing
 import os
 import stat
+import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -61,6 +63,7 @@ def claim(run_dir: str | Path) -> None:
     >>> with scope():
     ...     claim(tempfile.mkdtemp())
     """
+    _refuse_in_a_starting_worker()
     if fcntl is None:
         return
     run_dir = Path(run_dir).resolve()  # one directory, whichever path (a link, a relative one) names it
@@ -74,6 +77,22 @@ def claim(run_dir: str | Path) -> None:
     claims = _scope.get()
     if claims is not None:
         claims.append(run_dir)
+
+
+def _refuse_in_a_starting_worker() -> None:
+    """Refuse a run started by a worker process (a data loader's) as it imports the user's script.
+
+    A spawned process (macOS's and Windows' start method) starts by running the script that started the run, as
+    ``__mp_main__``: a script that calls ``train`` outside ``if __name__ == "__main__":`` then starts the run again
+    in each loader worker. Each was refused as "in use by another freezetune process" (the user's own, by pid), or,
+    without ``out``, left a new run directory of its own, and Python's hint came after three runs' output. The flag
+    is the one multiprocessing itself checks before a process starts another (``_check_not_importing_main``).
+    """
+    if getattr(multiprocessing.current_process(), "_inheriting", False):
+        script = sys.argv[0] if sys.argv and sys.argv[0] else "your script"  # (the parent's argv, handed over)
+        raise ConfigError(f"a freezetune run was started in a worker process while it imported {script}: on macOS "
+                          "and Windows each loader worker starts by importing the script, so the code that trains "
+                          "must sit under `if __name__ == \"__main__\":`")  # fmt: skip
 
 
 @contextmanager
