@@ -9,6 +9,8 @@ import contextlib
 import csv
 import io
 import json
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -235,6 +237,19 @@ def test_predict_into_a_pipe_its_reader_closed_stops_quietly_as_the_shell_expect
     proc.stdout.close()  # the reader is gone before the first line
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 141 and err == "", err
+
+
+def test_predict_prints_a_name_the_terminal_cannot_encode_as_its_escape(run, data, tmp_path):
+    # a Windows console's code page (cp1252) and a folder named in another script: UnicodeEncodeError, a traceback
+    folder = tmp_path / "鳥"
+    folder.mkdir()
+    shutil.copy(data / "test" / "blue" / "blue_0.png", folder / "写真.png")
+    argv = [sys.executable, "-m", "freezetune", "predict", "--checkpoint", str(run[0] / "best.pt"), str(folder),
+            "--device", "cpu"]  # fmt: skip
+    env = {**os.environ, "PYTHONIOENCODING": "cp1252"}
+    proc = subprocess.run(argv, capture_output=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr.decode("cp1252", "replace")[-2000:]
+    assert proc.stdout.decode("cp1252").startswith(str(tmp_path / "\\u9ce5" / "\\u5199\\u771f.png"))
 
 
 def test_a_run_whose_output_pipe_closes_stops_with_one_line_on_stderr(data, tmp_path):

@@ -78,6 +78,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def run() -> None:
     """The ``freezetune`` command (the console script and ``python -m freezetune``): ``main``, then a quick exit."""
+    # a character the terminal cannot encode (a class or folder named in another script on a Windows code page, a
+    # Linux file name that is not UTF-8) is printed as its escape, \u9ce5; it stopped predict with a traceback
+    if getattr(sys.stdout, "errors", None) == "strict" and hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(errors="backslashreplace")
     try:
         code = main()
     finally:  # also after argparse's own exits (--help, --version, a usage error)
