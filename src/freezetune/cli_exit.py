@@ -10,6 +10,7 @@ import signal
 import sys
 
 from freezetune.interrupt import RunInterrupted
+from freezetune.run_log import first_process
 
 # what a command that stops before its end has kept (Ctrl-C, its output pipe closed)
 SAVED = {
@@ -44,6 +45,6 @@ def pipe_closed(saved: str | None) -> int:
 
 def stopped(stop: RunInterrupted) -> int:
     """The stop's one line (under torchrun, rank 0's alone: every rank got the same signal); 128 + the signal."""
-    if os.environ.get("RANK", "0") == "0":
+    if first_process():
         print(f"freezetune: {stop}", file=sys.stderr)
     return stop.exit_code
