@@ -45,7 +45,11 @@ def flatten(img: Image.Image, alpha: str = ALPHA_DEFAULT) -> Image.Image:
     (0, 0, 0)
     """
     _check(alpha)
-    if alpha == "drop" or not has_alpha(img):
+    if not has_alpha(img):
+        return img.convert("RGB")
+    if img.mode == "P":  # a palette with transparency (icons, emoji): PIL warns on every direct RGB conversion of one
+        img = img.convert("RGBA")  # with per-entry alpha and asks for RGBA first; the colours are the same either way
+    if alpha == "drop":
         return img.convert("RGB")
     if img.mode == "La":  # premultiplied grey: PIL converts it to straight alpha (LA) only
         img = img.convert("LA")

@@ -69,10 +69,6 @@ def load_image(path: str | Path, alpha: str = ALPHA_DEFAULT) -> Image.Image:
     """
     try:
         with Image.open(path) as img:
-            if img.mode == "P" and isinstance(img.info.get("transparency"), bytes):
-                # A palette with per-entry alpha (icons, emoji): PIL warns on every direct RGB conversion and asks
-                # for RGBA first; the RGB values are the same either way.
-                img = img.convert("RGBA")
             return flatten(_eight_bit(ImageOps.exif_transpose(img)), alpha)  # upright: data/orientation.py
     except MemoryError:
         raise
