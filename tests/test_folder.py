@@ -7,10 +7,12 @@ import logging
 import unicodedata
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 from PIL import Image
 
-from freezetune.data.folder import folder_classes, scan_folder
+from freezetune.data.folder import folder_classes, load_image, scan_folder
 from freezetune.data.image_csv import read_csv
 from freezetune.errors import DataError
 
@@ -83,3 +85,51 @@ def test_a_broken_symlink_named_like_a_file_beside_the_classes_is_no_class(tmp_p
     _images(tmp_path / "coat")
     (tmp_path / "labels.csv").symlink_to("/nonexistent/labels.csv")
     assert folder_classes(tmp_path) == ["bag", "coat"]
+
+
+def _photo(path: Path, size=(1200, 900), orientation: int | None = None) -> Path:
+    """A textured JPEG (a gradient with noise), of ``size``, with an EXIF orientation tag if given."""
+    rng = np.random.default_rng(0)
+    w, h = size
+    across, down = np.linspace(0, 200, w, dtype=np.float32), np.linspace(0, 50, h, dtype=np.float32)
+    ramp = across[None, :, None] + down[:, None, None]
+    img = np.clip(ramp + rng.normal(0, 8, (h, w, 3)), 0, 255).astype(np.uint8)
+    exif = Image.Exif()
+    if orientation:
+        exif[0x0112] = orientation
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(img).save(path, quality=90, exif=exif)
+    return path
+
+
+def test_a_large_jpeg_decodes_reduced_while_both_its_sides_stay_at_least_min_side(tmp_path):
+    photo = _photo(tmp_path / "photo.jpg")
+    assert load_image(photo).size == (1200, 900)  # no min_side: whole
+    assert load_image(photo, min_side=146).size == (300, 225)  # 1/4: 1/8 would make the short side 113
+    assert load_image(photo, min_side=450).size == (600, 450)
+    assert load_image(photo, min_side=451).size == (1200, 900)  # half would be too short: whole
+    assert load_image(_photo(tmp_path / "turned.jpg", orientation=6), min_side=146).size == (225, 300)  # upright
+    Image.open(photo).convert("RGB").save(tmp_path / "photo.png")
+    assert load_image(tmp_path / "photo.png", min_side=146).size == (1200, 900)  # only JPEG scales as it decodes
+
+
+def test_datasets_read_a_photo_reduced_by_the_models_decode_side_and_it_barely_moves_the_input(tmp_path):
+    from freezetune.data import build_datasets, build_eval_dataset
+    from freezetune.data.transforms import eval_transform
+    from freezetune.preprocess import Preprocess
+
+    for split in ("train", "test"):
+        for name in ("a", "b"):
+            _photo(tmp_path / split / name / "0.jpg")
+    pre = Preprocess(input_size=64)
+    assert pre.decode_side == 2 * pre.eval_resize == 146
+    bundle = build_datasets(str(tmp_path), preprocess=pre, aug="none", val_split=None)
+    test = build_eval_dataset(str(tmp_path), preprocess=pre, classes=["a", "b"])
+    assert {bundle.train.min_side, bundle.test.min_side, test.min_side} == {146}
+    assert bundle.train.select(torch.tensor([0])).min_side == 146 and test.joined(test).min_side == 146
+    path = test.samples[0][0]
+    whole = eval_transform(pre)(load_image(path))
+    reduced = test[0][0]
+    assert torch.equal(reduced, eval_transform(pre)(load_image(path, min_side=146)))
+    levels = (whole - reduced).abs() * torch.tensor(pre.std).view(3, 1, 1) * 255
+    assert 0 < levels.max() <= 4 and levels.mean() < 0.5  # a different decode, the same picture

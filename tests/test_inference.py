@@ -108,6 +108,26 @@ def test_predict_files_ranks_every_image_in_path_order(best_pt, data):
     assert [r["path"] for r in predict_files(loaded, [str(data / "test" / "red" / "*.png")], topk=1)] == files
 
 
+def test_predict_reads_a_photo_as_evaluation_does_its_jpeg_reduced_by_the_models_decode_side(best_pt, data, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from freezetune.data import build_eval_dataset
+    from freezetune.evaluate import predict_probs
+
+    photo = tmp_path / "photos" / "red" / "big.jpg"
+    photo.parent.mkdir(parents=True)
+    noise = np.random.default_rng(0).integers(0, 256, (900, 1200, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(photo, quality=90)
+    loaded = load_model(best_pt, device="cpu")
+    dataset = build_eval_dataset(str(tmp_path / "photos"), preprocess=loaded.preprocess, classes=loaded.classes)
+    assert dataset.min_side == loaded.preprocess.decode_side
+    expected = predict_probs(loaded.model, dataset[0][0][None], loaded.precision)[0]
+    (record,) = predict_files(loaded, [photo], topk=3)
+    got = {p["class"]: p["prob"] for p in record["top"]}
+    assert [got[c] for c in loaded.classes] == pytest.approx(expected.tolist(), abs=1e-6)
+
+
 def test_predict_files_user_errors(best_pt, data):
     with pytest.raises(ConfigError, match="topk must be >= 1, got 0"):
         predict_files(best_pt, [data], topk=0, device="cpu")

@@ -225,7 +225,8 @@ def predict_files(
         chunk, images = [], []
         for path in files[start : start + batch_size]:
             try:  # one unreadable file must not cost the predictions of all the others
-                images.append(transform(load_image(path, loaded.preprocess.alpha)))
+                pre = loaded.preprocess
+                images.append(transform(load_image(path, pre.alpha, pre.decode_side)))
                 chunk.append(path)
             except DataError as exc:
                 records[path] = {"path": path, "error": str(exc)}

@@ -34,6 +34,27 @@ class Preprocess:
     def is_text(self) -> bool:
         return self.tokenizer is not None
 
+    @property
+    def eval_resize(self) -> int:
+        """The short side an image is resized to for evaluation, before its centre crop of ``input_size``.
+
+        >>> Preprocess(input_size=224, crop_pct=0.875).eval_resize
+        256
+        """
+        return int(self.input_size / self.crop_pct)
+
+    @property
+    def decode_side(self) -> int:
+        """The shortest side a JPEG file may shrink to as it decodes (``data.folder.load_image``): twice the eval
+        resize, so the eval resize always shrinks and the smallest training crop (a quarter of the area, ``aug
+        standard``) still comes from about as many pixels as it is resized to. Derived, never stored: a checkpoint's
+        images decode as its size says.
+
+        >>> Preprocess(input_size=224, crop_pct=0.875).decode_side
+        512
+        """
+        return 2 * self.eval_resize
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d["mean"], d["std"] = list(self.mean), list(self.std)

@@ -80,7 +80,7 @@ class BatchAugment:
         check(crop_pct_problem(pre.crop_pct))
         self.size, self.aug, self.device = pre.input_size, aug, torch.device(device)
         self.mode = interpolation_mode(pre.interpolation).value
-        self.resize_to = int(pre.input_size / pre.crop_pct)
+        self.resize_to = pre.eval_resize
         self.random_crop = self.preset.crop_scale is not None
         # The smallest crop spans about sqrt(min_scale) of a side; a canvas this large keeps it at ~1 px per output px.
         min_scale = self.preset.crop_scale[0] if self.random_crop else None

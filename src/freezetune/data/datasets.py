@@ -428,7 +428,8 @@ def build_eval_dataset(data: str, *, preprocess: Preprocess, classes: list[str])
 
 
 def _prepare(ds: Dataset, transform, preprocess: Preprocess) -> None:
-    """Give ``ds`` its transform and, an image file dataset, the model's rule for transparent pixels."""
+    """Give ``ds`` its transform and, an image file dataset, the model's rules for transparent pixels and for how
+    small a large JPEG may decode."""
     ds.transform = transform
     if isinstance(ds, FileImageDataset):
-        ds.alpha = preprocess.alpha
+        ds.alpha, ds.min_side = preprocess.alpha, preprocess.decode_side

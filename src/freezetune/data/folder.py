@@ -57,9 +57,13 @@ def heif_hint(paths) -> str:
     return f"; {HEIF_HINT}"
 
 
-def load_image(path: str | Path, alpha: str = ALPHA_DEFAULT) -> Image.Image:
+def load_image(path: str | Path, alpha: str = ALPHA_DEFAULT, min_side: int | None = None) -> Image.Image:
     """Open an image file as an RGB PIL image (grayscale, palette and RGBA are converted; transparent pixels are
     composited onto white, or with ``alpha="drop"`` keep the colour stored under them: ``data/alpha.py``).
+
+    ``min_side``: a JPEG is decoded at 1/2, 1/4 or 1/8 of its size (libjpeg's scaling, in the DCT: PIL's ``draft``)
+    where both of its sides stay at least this long (``Preprocess.decode_side``): a 12-megapixel photo resized to a
+    model's input then decodes 7.5 times faster (``benchmarks/decode.py``). Other formats ignore it.
 
     Raises:
         DataError: the file is missing or is not an image PIL can read.
@@ -69,6 +73,8 @@ def load_image(path: str | Path, alpha: str = ALPHA_DEFAULT) -> Image.Image:
     """
     try:
         with Image.open(path) as img:
+            if min_side and img.format == "JPEG":
+                img.draft(None, (min_side, min_side))  # the largest reduction that keeps both sides >= min_side
             return flatten(_eight_bit(ImageOps.exif_transpose(img)), alpha)  # upright: data/orientation.py
     except MemoryError:
         raise
@@ -176,7 +182,8 @@ class FileImageDataset(Dataset):
     """Images read from disk on access: ``samples`` is a list of ``(path, class_index)``.
 
     ``__getitem__`` returns ``(transform(pil_rgb_image), label)``; without a transform the PIL image. ``alpha``:
-    how transparent pixels are read (``load_image``; ``build_datasets`` sets the model's ``Preprocess.alpha``).
+    how transparent pixels are read, ``min_side``: how far a large JPEG may be scaled down as it decodes
+    (``load_image``; ``build_datasets`` sets the model's ``Preprocess.alpha`` and ``Preprocess.decode_side``).
 
     >>> ds = FileImageDataset([("a.png", 0), ("b.png", 1)], ["cat", "dog"])
     >>> len(ds), ds.targets.tolist()
@@ -184,8 +191,9 @@ class FileImageDataset(Dataset):
     """
 
     def __init__(self, samples: list[tuple[str, int]], classes: list[str], transform: Callable | None = None,
-                 alpha: str = ALPHA_DEFAULT):  # fmt: skip
+                 alpha: str = ALPHA_DEFAULT, min_side: int | None = None):  # fmt: skip
         self.samples, self.classes, self.transform, self.alpha = list(samples), list(classes), transform, alpha
+        self.min_side = min_side
         self.targets = torch.tensor([label for _, label in self.samples], dtype=torch.long)
 
     def __len__(self) -> int:
@@ -193,7 +201,7 @@ class FileImageDataset(Dataset):
 
     def __getitem__(self, i: int):
         path, label = self.samples[i]
-        img = load_image(path, self.alpha)
+        img = load_image(path, self.alpha, self.min_side)
         return (self.transform(img) if self.transform else img), label
 
     def __getitems__(self, indices: list[int]) -> list[tuple]:
@@ -207,7 +215,7 @@ class FileImageDataset(Dataset):
         out: list[tuple] = [()] * len(indices)
         small: dict[tuple[int, ...], list[tuple[int, np.ndarray]]] = {}
         for k, i in enumerate(indices):
-            image, label = load_image(self.samples[i][0], self.alpha), self.samples[i][1]
+            image, label = load_image(self.samples[i][0], self.alpha, self.min_side), self.samples[i][1]
             if image.width * image.height > _GROUPED_PIXELS:
                 out[k] = (self.transform(image), label)
             else:
@@ -221,11 +229,12 @@ class FileImageDataset(Dataset):
 
     def select(self, indices: torch.Tensor, transform: Callable | None = None) -> FileImageDataset:
         """A new dataset with the samples at ``indices`` and ``transform``."""
-        return FileImageDataset([self.samples[int(i)] for i in indices], self.classes, transform, self.alpha)
+        return FileImageDataset([self.samples[int(i)] for i in indices], self.classes, transform, self.alpha,
+                                self.min_side)  # fmt: skip
 
     def joined(self, other: FileImageDataset) -> FileImageDataset:
         """This dataset's samples, then ``other``'s (this one's classes and transform); ``parts`` keeps the two."""
-        ds = FileImageDataset(self.samples + other.samples, self.classes, self.transform, self.alpha)
+        ds = FileImageDataset(self.samples + other.samples, self.classes, self.transform, self.alpha, self.min_side)
         ds.parts = (self, other)
         return ds
 

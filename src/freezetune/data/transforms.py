@@ -46,9 +46,8 @@ def _to_normalized_float(pre: Preprocess) -> list[v2.Transform]:
 
 def _eval_geometry(pre: Preprocess) -> list[v2.Transform]:
     check(crop_pct_problem(pre.crop_pct))
-    resize = int(pre.input_size / pre.crop_pct)
     interp = interpolation_mode(pre.interpolation)
-    return [v2.Resize(resize, interpolation=interp, antialias=True), v2.CenterCrop(pre.input_size)]
+    return [v2.Resize(pre.eval_resize, interpolation=interp, antialias=True), v2.CenterCrop(pre.input_size)]
 
 
 def eval_transform(pre: Preprocess) -> v2.Compose:
