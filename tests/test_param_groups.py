@@ -197,6 +197,19 @@ def test_a_negative_or_infinite_learning_rate_is_refused(kwargs, named):
         ft.param_groups(model, **{"lr": 1e-3, **kwargs})
 
 
+@pytest.mark.parametrize("weight_decay", [-0.5, float("nan"), float("inf"), True, "0.05"])
+def test_a_negative_or_non_finite_weight_decay_is_refused_where_the_groups_are_made(weight_decay):
+    # AdamW checks only its constructor's default: -0.5 in the groups pushed every weight away from zero
+    model = TinyCNN()
+    ft.freeze(model, "backbone")
+    with pytest.raises(ft.FreezetuneError, match=r"weight_decay must be a finite number >= 0 \(or None"):
+        ft.param_groups(model, 1e-3, weight_decay=weight_decay)
+    optimizer = torch.optim.AdamW(ft.param_groups(model, 1e-3))
+    with pytest.raises(ft.FreezetuneError, match="weight_decay must be a finite number >= 0"):
+        ft.Unfreezer(model, optimizer, "epoch:1", lr=1e-3, weight_decay=weight_decay)
+    assert ft.param_groups(model, 1e-3, weight_decay=0)[0]["weight_decay"] == 0
+
+
 @pytest.mark.parametrize(
     ("asked", "note", "used"),
     [  # --freeze -3 --stage-lrs for a frozen stage, --decay with the head alone training: the LR went nowhere, silently

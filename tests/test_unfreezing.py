@@ -329,6 +329,13 @@ def test_load_state_dict_rejects_a_model_not_frozen_as_at_start():
         ft.Unfreezer(model, opt, "epoch:1", lr=LR).load_state_dict(state)
 
 
+def test_load_state_dict_names_what_is_not_an_unfreezer_state():
+    _, _, _, unfreezer = frozen_setup("epoch:1")
+    for state in ({"foo": 1}, [], {"unfrozen": []}):  # a KeyError: 'unfrozen' before
+        with pytest.raises(ft.FreezetuneError, match="not an Unfreezer state .*'unfrozen', 'groups'"):
+            unfreezer.load_state_dict(state)
+
+
 def test_a_plan_keyed_by_anything_but_epochs_is_a_spec_error():
     model = TinyCNN()
     ft.freeze(model, "backbone")

@@ -124,6 +124,7 @@ def param_groups(
     >>> [(g["name"], g["weight_decay"]) for g in opt.param_groups][-2:]
     [('fc', 0.0005), ('fc/no_decay', 0.0)]
     """
+    check_weight_decay(weight_decay)
     model = unwrap(model)
     st = stages(model)
     rule = LRRule([s.name for s in st], lr, stage_lrs=stage_lrs, decay=decay)
@@ -137,6 +138,22 @@ def param_groups(
             f"the model has no trainable parameters; unfreeze a stage first (stages are: {choices(s.name for s in st)})"
         )
     return groups
+
+
+def check_weight_decay(weight_decay: float | None) -> None:
+    """Refuse a weight decay that is not None (the optimizer's own) or a finite number >= 0: torch's optimizers check
+    only their constructor's default, and a negative decay pushes every weight away from zero.
+
+    >>> check_weight_decay(-0.5)
+    Traceback (most recent call last):
+    freezetune.errors.SpecError: weight_decay must be a finite number >= 0 (or None: the optimizer's own), got -0.5
+    """
+    if weight_decay is None:
+        return
+    if isinstance(weight_decay, bool) or not isinstance(weight_decay, (int, float)) or not 0 <= weight_decay < math.inf:
+        raise SpecError(
+            f"weight_decay must be a finite number >= 0 (or None: the optimizer's own), got {weight_decay!r}"
+        )
 
 
 def stage_groups(stage: Stage, lr: float, weight_decay: float | None, no_decay: set[str], seen: set[int]) -> list[dict]:

@@ -23,7 +23,7 @@ from freezetune.errors import CheckpointError, SpecError, choices
 from freezetune.freeze import Spec, check_bn_policy, policies, resolve_stages, unfreeze, warn_negative_unfreeze
 from freezetune.heads import unwrap, wrapping
 from freezetune.options import UNFREEZE_FORMS
-from freezetune.param_groups import LRRule, group_stage, is_no_decay, no_decay_names, stage_groups
+from freezetune.param_groups import LRRule, check_weight_decay, group_stage, is_no_decay, no_decay_names, stage_groups
 from freezetune.stages import Stage, stages
 
 MODES = ("max", "min")  # a metric that improves as it rises (accuracy) or as it falls (a loss)
@@ -158,6 +158,7 @@ class Unfreezer:
             warnings.warn(f"the frozen BatchNorm layers have policy {choices(sorted(held))} and this Unfreezer's bn is "
                           f"{bn!r}: it applies to the layers still frozen from the first unfreeze on; give freeze() "
                           "the same bn to have it from the start", stacklevel=2)  # fmt: skip
+        check_weight_decay(weight_decay)
         self.weight_decay = _decay_in_use(optimizer) if weight_decay is None else weight_decay
         self._check_rule(bool(stage_lrs))
         if scheduler is None and any("initial_lr" in g for g in optimizer.param_groups):
@@ -216,6 +217,10 @@ class Unfreezer:
         Call it after building the model, freezing it as at the start and creating the optimizer (and scheduler),
         and before ``optimizer.load_state_dict`` — whose group count then matches.
         """
+        keys = ("unfrozen", "groups", "events", "best", "num_bad")
+        if not isinstance(state, Mapping) or any(k not in state for k in keys):
+            got = choices(state) if isinstance(state, Mapping) else type(state).__name__
+            raise CheckpointError(f"not an Unfreezer state (Unfreezer.state_dict() holds {choices(keys)}; got {got})")
         missing = [n for n in state["unfrozen"] if n not in self.rule.depth]
         if missing:
             raise CheckpointError(f"checkpoint unfroze stage(s) {choices(missing)} this model does not have")
