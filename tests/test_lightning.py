@@ -77,6 +77,25 @@ def test_frozen_batchnorm_in_eval_mode_does_not_raise_lightnings_warning_but_ano
     assert len(eval_mode_warnings(lit)) == 1
 
 
+def test_the_eval_mode_warning_is_silenced_for_that_fit_alone():
+    # the filter stayed in the process: a later fit of the user's own, same count of modules in eval mode, was silent
+    def ours() -> list:
+        return [f for f in warnings.filters if f[1] is not None and "eval\\ mode" in f[1].pattern]  # re.escape'd
+
+    trainer = L.Trainer(max_epochs=1, enable_checkpointing=False, callbacks=[FreezetuneFinetuning("backbone")], **FAST)
+    trainer.fit(LitTiny(), *loaders())
+    assert ours() == []
+
+    class Boom(Callback):  # after ours: a fit stopped before training starts
+        def on_fit_start(self, trainer, pl_module):
+            raise RuntimeError("boom")
+
+    trainer = L.Trainer(max_epochs=1, callbacks=[FreezetuneFinetuning("backbone"), Boom()], **FAST)
+    with pytest.raises(RuntimeError, match="boom"):
+        trainer.fit(LitTiny(), *loaders())
+    assert ours() == []
+
+
 def test_resume_after_an_unfreeze_keeps_the_stage_and_its_optimizer_state(tmp_path):
     cb1 = FreezetuneFinetuning("backbone", "epoch:1", stage_lrs={"block3": 1e-3})
     saver = ModelCheckpoint(dirpath=tmp_path, save_last=True)  # saves at validation end, after epoch 1's unfreeze

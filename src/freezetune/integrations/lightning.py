@@ -27,6 +27,7 @@ from torch import nn
 
 from freezetune.errors import ConfigError, MissingExtra, choices
 from freezetune.freeze import Spec, check_bn_policy, count_parameters, freeze
+from freezetune.param_groups import check_weight_decay
 from freezetune.stages import stages
 from freezetune.unfreezing import Unfreezer, nominal_lr, parse_schedule
 
@@ -83,10 +84,12 @@ class FreezetuneFinetuning(Callback):
         module: str | None = "model",
     ) -> None:
         check_bn_policy(bn)
+        check_weight_decay(weight_decay)
         self.freeze_spec, self.schedule = freeze, parse_schedule(unfreeze if unfreeze is not None else {})
         self.bn, self.lr, self.stage_lrs, self.decay = bn, lr, dict(stage_lrs or {}), decay
         self.weight_decay, self.monitor, self.module = weight_decay, monitor, module
         self.unfreezer: Unfreezer | None = None
+        self._quiet: tuple | None = None  # the warnings filter silencing Lightning's eval-mode warning, while it is on
         self._reset()
 
     @property
@@ -147,11 +150,17 @@ class FreezetuneFinetuning(Callback):
             self.unfreezer.load_state_dict(self._pending)
             self._pending = None
         trainable, total = count_parameters(net)
-        kept = _expect_frozen_norms_in_eval(pl_module)
+        kept = self._expect_frozen_norms_in_eval(pl_module)
         rank_zero_info(
             f"freezetune: {trainable:,} of {total:,} parameters train; unfrozen {self.unfreezer.unfrozen}"
             + (f"; {kept} frozen BatchNorm layer(s) keep their statistics (eval mode)" if kept else "")
         )
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._unquiet()  # Lightning warned (or not) just before this hook: the filter has done its one job
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._unquiet()  # a fit that stopped before training started (an error, Ctrl-C): teardown is not called then
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Recorded here, before ModelCheckpoint (Lightning runs checkpoint callbacks last) saves our state with it.
@@ -215,6 +224,27 @@ class FreezetuneFinetuning(Callback):
             )
         return net
 
+    def _expect_frozen_norms_in_eval(self, pl_module: pl.LightningModule) -> int:
+        """How many BatchNorm layers are in eval mode, by the frozen policy; Lightning's start-of-fit warning about
+        them ("found N module(s) in eval mode ... if this is intentional, you can ignore this warning") is silenced
+        for that exact count, until training starts (``_unquiet``): the filter is process-wide, and a later fit of the
+        user's own in the same notebook must still hear it. A module left in eval mode that is not a BatchNorm layer
+        changes the count, and the warning shows."""
+        in_eval = [m for m in pl_module.modules() if not m.training]
+        if not in_eval or not all(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in in_eval):
+            return 0
+        self._unquiet()
+        message = re.escape(f"Found {len(in_eval)} module(s) in eval mode at the start")
+        warnings.filterwarnings("ignore", message=message)
+        self._quiet = warnings.filters[0]  # filterwarnings puts it first
+        return len(in_eval)
+
+    def _unquiet(self) -> None:
+        # an "ignore" entry leaves nothing in the modules' warning registries: taking it out of the list is enough
+        if self._quiet is not None and self._quiet in warnings.filters:
+            warnings.filters.remove(self._quiet)
+        self._quiet = None
+
     def _record_metric(self, trainer: pl.Trainer) -> None:
         value = trainer.callback_metrics.get(self.monitor)
         if value is not None:
@@ -240,17 +270,6 @@ def _check_strategy(trainer: pl.Trainer) -> None:
             f"FreezetuneFinetuning supports one device or DDP ({choices(['ddp', 'ddp_spawn', 'ddp_notebook'])}); "
             f"this trainer uses {type(trainer.strategy).__name__}"
         )
-
-
-def _expect_frozen_norms_in_eval(pl_module: pl.LightningModule) -> int:
-    """How many BatchNorm layers are in eval mode, by the frozen policy; Lightning's start-of-fit warning about them
-    ("found N module(s) in eval mode ... if this is intentional, you can ignore this warning") is silenced for that
-    exact count. A module left in eval mode that is not a BatchNorm layer changes the count, and the warning shows."""
-    in_eval = [m for m in pl_module.modules() if not m.training]
-    if not in_eval or not all(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in in_eval):
-        return 0
-    warnings.filterwarnings("ignore", message=re.escape(f"Found {len(in_eval)} module(s) in eval mode at the start"))
-    return len(in_eval)
 
 
 def _first_optimizer(trainer: pl.Trainer) -> torch.optim.Optimizer:
