@@ -136,6 +136,16 @@ def test_head_name(built, family, head):
     assert ft.head_name(built[family]) == head
 
 
+def test_a_stage_shows_its_names_not_its_weights_and_a_models_name_is_no_model():
+    shown = repr(ft.stages(torchvision.models.resnet18()))  # a notebook cell: 157 000 characters of tensors before
+    assert "Stage(name='stem', modules=('conv1', 'bn1')" in shown and "tensor" not in shown and len(shown) < 10_000
+    for fn in (ft.stages, ft.count_parameters, ft.hold_bn_statistics, lambda m: ft.freeze(m, "backbone")):
+        with pytest.raises(SpecError, match=r"expected a model \(a torch.nn.Module\), got 'resnet18': build it"):
+            fn("resnet18")
+    with pytest.raises(SpecError, match="got OrderedDict"):
+        ft.freeze(torchvision.models.resnet18().state_dict(), "backbone")
+
+
 def test_unmatched_parameter_joins_a_neighbouring_stage():
     model = torchvision.models.resnet18()
     model.register_parameter("logit_scale", nn.Parameter(torch.ones(1)))  # no family rule declares it

@@ -154,7 +154,7 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     >>> count_parameters(nn.Linear(3, 2))
     (8, 8)
     """
-    params = list(model.parameters())  # de-duplicated by identity
+    params = list(unwrap(model).parameters())  # de-duplicated by identity; a model's name is refused by unwrap
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
 

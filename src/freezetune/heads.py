@@ -164,7 +164,16 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def wrapping(model: nn.Module) -> list[nn.Module]:
-    """``model`` and the modules its wrappers hold, outermost first: ``[ddp, compiled, model]``."""
+    """``model`` and the modules its wrappers hold, outermost first: ``[ddp, compiled, model]``.
+
+    Raises:
+        SpecError: ``model`` is not a module (a model's name, its ``state_dict()``): every function that reads a
+            model's stages comes here first, and an ``AttributeError`` from deep inside would not say so.
+    """
+    if not isinstance(model, nn.Module):
+        shown = repr(model) if isinstance(model, str) else type(model).__name__
+        raise SpecError(f"expected a model (a torch.nn.Module), got {shown}: build it first, e.g. "
+                        f"freezetune.create_model('timm:NAME') or torchvision.models.NAME(weights=...)")  # fmt: skip
     chain = [model]
     while True:
         inner = getattr(chain[-1], "_orig_mod", None)

@@ -12,7 +12,7 @@ import dataclasses
 import os
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from torch import nn
 
@@ -52,7 +52,7 @@ class Stage:
     name: str
     modules: tuple[str, ...]
     param_names: tuple[str, ...]
-    params: tuple[nn.Parameter, ...]
+    params: tuple[nn.Parameter, ...] = field(repr=False)  # a notebook shows a stage, not every weight in it
 
     @property
     def num_params(self) -> int:
