@@ -567,6 +567,35 @@ def test_a_cache_dir_or_out_that_cannot_be_a_folder_is_refused_before_anything_i
         ft.train(dataclasses.replace(cfg, out=str(tmp_path / "link"), cache_dir=None))
 
 
+def test_a_run_dir_or_cache_inside_the_data_folder_read_for_classes_is_refused_before_any_work(tmp_path, capsys,
+                                                                                              monkeypatch):  # fmt: skip
+    # its auto-trials/ and features/ became class folders: the run failed after its trials, and every later one on
+    # that data; with --freeze none a second run trained a class "runs" of one image, the first's report.png
+    import shutil
+
+    flat = tmp_path / "flat"
+    shutil.copytree(make_image_folder(tmp_path / "split", val=0, test=0) / "train", flat)
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    for data, out in (
+        (flat, flat / "runs" / "r1"),
+        (flat, flat / "red" / "r"),
+        (tmp_path / "split", tmp_path / "split" / "train" / "r"),
+    ):
+        code, stdout, err = run_cli(capsys, *train_argv(data, out))
+        _assert_user_error(code, stdout, err, f"--out '{out}' lies inside the data folder", "give --out outside it")
+    code, stdout, err = run_cli(capsys, *train_argv(tmp_path / "split", tmp_path / "r", "--cache-dir", flat / "f",
+                                                    "--val-data", flat))  # fmt: skip
+    _assert_user_error(code, stdout, err, f"--cache-dir '{flat / 'f'}' lies inside the data folder '{flat}'")
+    monkeypatch.chdir(flat)  # the default runs/ of a user who trains from inside the data
+    code, stdout, err = run_cli(
+        capsys, "train", "--data", ".", "--model", "timm:test_efficientnet", "--weights", "none"
+    )
+    _assert_user_error(code, stdout, err, "the default run dir (runs/ in the current folder")
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before  # nothing written
+    code, stdout, err = run_cli(capsys, *train_argv(tmp_path / "split", tmp_path / "split" / "runs" / "r"))
+    assert code == 0, err  # beside the split folders: not read, allowed
+
+
 def test_export_refuses_to_overwrite_without_force(run, capsys, tmp_path):
     target = tmp_path / "m.safetensors"
     target.write_bytes(b"precious")

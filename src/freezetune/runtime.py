@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from freezetune import checkpoint, run_lock
+from freezetune.data.layout import class_roots
 from freezetune.data.loaders import epoch_seed
 from freezetune.errors import CheckpointError, ConfigError, setting
 from freezetune.reporting import METRICS_CSV, REPORT_PNG
@@ -34,6 +35,7 @@ RECIPE_FILE, TRIALS_DIR = "recipe.json", "auto-trials"
 CONFIG_FILE, CLASSES_FILE = "config.yaml", "classes.json"  # the run's resolved config and class names
 RUN_TRACES = (*STARTED_FILES, CONFIG_FILE, CLASSES_FILE, RECIPE_FILE, TRIALS_DIR)
 RUN_MARKERS = (CLASSES_FILE, RECIPE_FILE, TRIALS_DIR)  # written first by a run (a recipe): the dir is a run's
+RUNS_DIR = "runs"  # where a run goes without --out, in the current folder
 RESUME_NEEDS = f"{setting('resume', True)} needs the run dir of an existing run, given with {setting('out')}"
 
 
@@ -81,11 +83,21 @@ def check_resume_target(out: str | None, resume: bool) -> None:
         raise ConfigError(f"nothing to resume: no run dir given; {RESUME_NEEDS}")
 
 
-def check_folders(out: str | None, cache_dir: str | None) -> None:
+def check_folders(out: str | None, cache_dir: str | None, data: tuple[str | None, ...] = ()) -> None:
     """Refuse an ``out`` or ``cache_dir`` that cannot be made a folder, before anything is computed: a cache dir
-    that was a file failed with FileExistsError once the feature cache was built."""
+    that was a file failed with FileExistsError once the feature cache was built. Refuse one inside an image folder
+    of ``data`` (the training and validation data) that is read for classes: the next run read ``auto-trials/``,
+    ``features/`` or ``runs/`` as a class (``data.layout.class_roots``); so is the default ``runs/`` there."""
     given = (("--out", out), ("--cache-dir", cache_dir))
     problems = [f"{flag} {path!r}: {problem}" for flag, path in given if path and (problem := folder_problem(path))]
+    roots = [root.resolve() for d in data for root in class_roots(d)]
+    named = (("--out", out, f"--out {out!r}"), ("--cache-dir", cache_dir, f"--cache-dir {cache_dir!r}"))
+    default = ("--out", RUNS_DIR, f"the default run dir ({RUNS_DIR}/ in the current folder, as no --out is given)")
+    for flag, path, what in (named[0] if out else default, named[1]):
+        inside = next((r for r in roots if path and Path(path).resolve().is_relative_to(r)), None)
+        if inside is not None:
+            problems.append(f"{what} lies inside the data folder '{inside}', whose folders are read as classes: the "
+                            f"run's files would join the data; give {flag} outside it")  # fmt: skip
     if problems:
         raise ConfigError("; ".join(problems))
 
@@ -201,7 +213,7 @@ def default_run_dir(model: str) -> Path:
     # ':' too: timm:hf-hub:org/name would name a folder "hf-hub:org_name" (rsync and scp read host:path)
     parts = [p for p in re.split(r"[/\\:]", model.split(":", 1)[-1]) if p not in ("", ".", "..")]
     name = "_".join(parts[-2:]).lstrip(".") or "model"
-    return Path("runs") / f"{name}-{datetime.now():%Y%m%d-%H%M%S}"
+    return Path(RUNS_DIR) / f"{name}-{datetime.now():%Y%m%d-%H%M%S}"
 
 
 def new_run_dir(model: str, *, claim: bool = True) -> Path:

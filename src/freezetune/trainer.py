@@ -59,7 +59,7 @@ def train(cfg: TrainConfig, *, echo: Callable[[str], None] = print, resumable: b
     # its place first; the handlers found are put back after the run
     validate(cfg)  # before a recipe plans anything: every problem of the config, with the choices
     runtime.check_resume_target(cfg.out, cfg.resume)  # a recipe would otherwise look in a new timestamped dir
-    runtime.check_folders(cfg.out, cfg.cache_dir)
+    runtime.check_folders(cfg.out, cfg.cache_dir, (cfg.data, cfg.val_data))
     # under torchrun the outermost call leaves the process group, once: a recipe's runs (the auto recipe's trials and
     # run) share it; left and joined again between them, the ranks' third join never met
     owner = not in_group()

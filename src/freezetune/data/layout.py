@@ -47,6 +47,23 @@ def load_folder(path: Path, *, read_val: bool = True,
     return train, val, test, test_dir is not None
 
 
+def class_roots(data: str | None) -> list[Path]:
+    """The folders of the image-folder dataset ``data`` whose subfolders are read as classes: its split folders, or
+    the folder itself (a flat layout); none for an IDX directory, a text model's split files or a file. A run's own
+    folders made below one of them (``--out``, the feature cache) would be read back as a class, and its
+    ``report.png`` as an image of one.
+
+    >>> class_roots("/nonexistent")
+    []
+    """
+    path = Path(data) if data else None
+    if path is None or not path.is_dir() or is_idx_dir(path) or split_files(path) is not None:
+        return []
+    splits = [d for d in path.iterdir() if d.is_dir() and d.name.lower() in (*TRAIN_DIRS, *VAL_DIRS, *TEST_DIRS)]
+    # every split-named folder, read or not (first_dir's choice, and its warning, belong to the data's build)
+    return splits if any(d.name.lower() in TRAIN_DIRS for d in splits) else [path]
+
+
 def first_dir(root: Path, names: tuple[str, ...]) -> Path | None:
     """The first of ``names`` that ``root`` has as a folder, in any case (``Train/`` is ``train/``); the others
     found (``val/`` beside ``valid/``) are named in a warning: their images are not read."""
