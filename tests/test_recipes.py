@@ -602,6 +602,23 @@ def test_without_validation_images_a_sweep_is_refused_and_the_auto_recipe_says_w
     assert "there are no validation images to compare on" in out and "stay validation" not in out
 
 
+def test_early_stopping_or_plateau_unfreezing_without_validation_images_is_refused_before_training(tmp_path, capsys):
+    # one image a class: a plateau unfreeze failed after epoch 1 with the Python API's "call step(epoch, metric)",
+    # and --early-stop was ignored in silence
+    data = make_image_folder(tmp_path / "images", train=1, val=0, test=2)
+    for asked, said in (
+        (("--freeze", "backbone", "--unfreeze", "plateau:patience=1"), "plateau unfreezing"),
+        (("--recipe", "plateau"), "plateau unfreezing ('plateau:patience=1': --unfreeze, or the"),
+        (("--freeze", "backbone", "--early-stop", "1"), "early stopping (--early-stop 1) needs"),
+    ):
+        out_dir = tmp_path / "run"
+        code, out, err = run_cli(capsys, *train_argv(data, out_dir, "--epochs", "2", *asked))
+        assert code == 2 and len(err.strip().splitlines()) == 1, (asked, err)
+        assert said in err and "validation data, and this run has none (none (every class has a single" not in err
+        assert "this run has none" in err and "--val-data" in err and "epoch 1/" not in out, (asked, err)
+        assert not list(out_dir.rglob("*.pt")), asked  # nothing trained
+
+
 def test_the_auto_recipe_scales_explicit_stage_lrs_with_the_head_keeping_the_users_ratio(data, tmp_path, capsys):
     # the recipe's boost moved the head alone: blocks.4 asked 10 times slower than the head trained 67 times slower
     asked = ("--epochs", "1", "--lr", "1e-3", "--stage-lrs", "blocks.4=1e-4")

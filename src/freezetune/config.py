@@ -375,8 +375,24 @@ def needs_validation(cfg: TrainConfig) -> bool:
     >>> needs_validation(TrainConfig(early_stop=3)), needs_validation(TrainConfig(unfreeze="epoch:2"))
     (True, False)
     """
+    return bool(cfg.early_stop) or _plateau(cfg)
+
+
+def validation_users(cfg: TrainConfig) -> list[str]:
+    """What in the run decides on the validation set (``needs_validation``), as the user would name it.
+
+    >>> validation_users(TrainConfig(early_stop=3, unfreeze="plateau:patience=2"))
+    ['early stopping (--early-stop 3)', "plateau unfreezing ('plateau:patience=2': --unfreeze, or the plateau recipe)"]
+    """
+    users = [f"early stopping (--early-stop {cfg.early_stop})"] if cfg.early_stop else []
+    if _plateau(cfg):
+        users.append(f"plateau unfreezing ({cfg.unfreeze!r}: --unfreeze, or the plateau recipe)")
+    return users
+
+
+def _plateau(cfg: TrainConfig) -> bool:
     # parse_schedule's reading of the kind: the word before ":", spaces around it ignored
-    return bool(cfg.early_stop) or (isinstance(cfg.unfreeze, str) and cfg.unfreeze.strip().startswith("plateau"))
+    return isinstance(cfg.unfreeze, str) and cfg.unfreeze.strip().startswith("plateau")
 
 
 def _refit_problem(cfg: TrainConfig) -> str | None:

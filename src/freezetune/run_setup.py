@@ -14,7 +14,7 @@ from torch import nn
 from freezetune import checkpoint, hf_bundle, reporting, run_log, runtime
 from freezetune._io import atomic_write_text
 from freezetune.cache import FeaturePath
-from freezetune.config import TrainConfig, parse_freeze_spec, validate
+from freezetune.config import TrainConfig, needs_validation, parse_freeze_spec, validate, validation_users
 from freezetune.data import Loaders, build_datasets
 from freezetune.data.fingerprint import data_record
 from freezetune.data.gpu import check_decode
@@ -28,7 +28,7 @@ from freezetune.distributed import (
     main_echo,
     wrap,
 )
-from freezetune.errors import ConfigError
+from freezetune.errors import ConfigError, DataError
 from freezetune.freeze import freeze, hold_bn_statistics
 from freezetune.heads import replace_head
 from freezetune.interrupt import StopRequest
@@ -103,6 +103,11 @@ class RunSetup:
                                    skip_bad=cfg.skip_bad, refit=bool(cfg.refit),
                                    final_test=cfg.final_test)  # fmt: skip
         self.classes = self.data.classes
+        if self.data.val is None and needs_validation(cfg):  # a plateau failed after epoch 1; --early-stop was ignored
+            users, why = validation_users(cfg), self.data.val_source.removeprefix("none (").removesuffix(")")
+            raise DataError(f"{' and '.join(users)} need{'s' if len(users) == 1 else ''} validation data, and this "
+                            f"run has none ({why}): give --val-data (or more images a class), or train without "
+                            f"{'it' if len(users) == 1 else 'them'}")  # fmt: skip
         # what last.pt keeps of the data (sizes, digests), for a resume to refuse other data
         self.data_print = data_record(self.data.train, self.data.val) if self.resumable else None
         replace_head(self.model, len(self.classes))
