@@ -80,6 +80,14 @@ def test_a_bad_csv_row_is_named_by_its_line_in_the_file(tmp_path):
         read_csv(csv)
 
 
+def test_an_image_csv_not_in_utf8_is_named_with_the_byte_and_line(tmp_path):
+    _images(tmp_path / "img", n=2)
+    csv = tmp_path / "labels.csv"
+    csv.write_bytes("path,label\nimg/0.png,café\nimg/1.png,thé\n".encode("latin-1"))
+    with pytest.raises(DataError, match=r"CSV '.*labels.csv': byte 0xe9 on line 2 is not UTF-8 text"):
+        read_csv(csv)
+
+
 def test_a_broken_symlink_named_like_a_file_beside_the_classes_is_no_class(tmp_path):
     _images(tmp_path / "bag")
     _images(tmp_path / "coat")

@@ -83,6 +83,24 @@ def test_a_text_model_refuses_image_data_and_an_image_model_text_data(tmp_path):
         build_datasets(str(texts), preprocess=image_model)
 
 
+def test_a_csv_not_in_utf8_is_named_as_such_with_the_byte_and_line_where_it_stops(tmp_path):
+    # a bad byte in the first 8 KB was "not a text CSV" (the header was right); a later one gave the position within
+    # a decoded chunk, no line
+    text_model = Preprocess(tokenizer=str(MINILM))
+    early, late, listing = tmp_path / "early.csv", tmp_path / "late.csv", tmp_path / "texts.txt"
+    early.write_bytes("text,label\ncafé au lait,drink\ntea,drink\n".encode("latin-1"))
+    late.write_bytes(("text,label\n" + "plain text,a\n" * 900 + "café,b\n").encode("latin-1"))
+    listing.write_bytes("one\ncafé\n".encode("cp1252"))
+    for path, line in ((early, 2), (late, 902)):
+        with pytest.raises(DataError, match=rf"CSV '.*{path.name}': byte 0xe9 on line {line} is not UTF-8 text .*"
+                                            r"save it as UTF-8"):  # fmt: skip
+            build_datasets(str(path), preprocess=text_model)
+    with pytest.raises(DataError, match=r"text file '.*texts.txt': byte 0xe9 on line 2 is not UTF-8"):
+        read_texts(listing)
+    early.write_bytes("\ufefftext,label\ncafé,a\n".encode("utf-8"))  # UTF-8 with a spreadsheet's BOM: read
+    assert read_text_csv(early).texts == ["café"]
+
+
 def test_train_refuses_a_text_csv_for_an_image_model_in_one_line(tmp_path, capsys):
     code, stdout, err = run_cli(capsys, *train_argv(_csv(tmp_path / "t.csv", n=1), tmp_path / "run"))
     assert code == 2 and err.startswith("freezetune: error:") and "is a text CSV" in err and "Traceback" not in err

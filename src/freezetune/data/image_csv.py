@@ -7,6 +7,7 @@ import csv
 from pathlib import Path
 
 from freezetune.data.folder import FileImageDataset, nfc, sorted_labels, warn_similar_labels
+from freezetune.data.utf8 import not_utf8
 from freezetune.errors import DataError, choices
 
 IMAGE_COLUMNS = {"path", "file", "filename", "filepath", "image", "image_path", "img"}  # an image CSV's header
@@ -86,7 +87,9 @@ def _read_csv_rows(path: Path) -> list[tuple[str, str]]:
             reader = csv.reader(f)
             # each row with its line in the file (a quoted cell may span lines), for messages
             numbered = [(reader.line_num, r) for r in reader if r and any(cell.strip() for cell in r)]
-    except (OSError, UnicodeDecodeError, csv.Error) as e:
+    except UnicodeDecodeError:
+        raise DataError(not_utf8(path, "CSV")) from None
+    except (OSError, csv.Error) as e:
         raise DataError(f"cannot read CSV '{path}': {e}") from e
     rows = [r for _, r in numbered]
     header = rows[0] if rows and _is_header(rows[0], path.parent) else None

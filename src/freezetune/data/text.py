@@ -18,6 +18,7 @@ import torch
 from torch.utils.data import Dataset
 
 from freezetune.data.folder import expand_paths, sorted_labels, warn_similar_labels
+from freezetune.data.utf8 import not_utf8
 from freezetune.errors import ConfigError, DataError, MissingExtra, choices
 from freezetune.hf_bundle import TOKENIZER_FILES
 from freezetune.options import LABEL_COLUMNS, TEXT_COLUMNS
@@ -97,7 +98,9 @@ def text_csv_header(path: Path, columns: Columns = Columns()) -> list[str] | Non
     try:
         with path.open(newline="", encoding="utf-8-sig") as f:
             header = next(csv.reader(f, delimiter=delimiter(path)), [])
-    except (OSError, UnicodeDecodeError, csv.Error):
+    except UnicodeDecodeError:  # it may be a text CSV: "not a text CSV" sent the user after the wrong problem
+        raise DataError(not_utf8(path, "CSV")) from None
+    except (OSError, csv.Error):
         return None
     return header if any(c.strip().lower() in columns.text for c in header) else None
 
@@ -162,9 +165,11 @@ def numbered_texts(path: str | Path, columns: Columns = Columns()) -> list[tuple
     else:
         try:
             content = path.read_text(encoding="utf-8-sig").splitlines()
-        except (OSError, UnicodeDecodeError) as e:
-            raise DataError(f"cannot read '{path}' as UTF-8 text ({e}); a text model reads texts, one a line, "
-                            "or a CSV with a text column") from e  # fmt: skip
+        except UnicodeDecodeError:
+            raise DataError(not_utf8(path, "text file")) from None
+        except OSError as e:
+            raise DataError(f"cannot read '{path}' ({e}); a text model reads texts, one a line, or a CSV with a "
+                            "text column") from e  # fmt: skip
         texts = [(i, line) for i, line in enumerate(content, 1) if line.strip()]
     if not texts:
         raise DataError(f"'{path}' holds no text")
@@ -200,7 +205,9 @@ def _read_rows(path: Path) -> tuple[list[str], list[list[str]], list[int]]:
                     rows.append(r)
                     lines.append(start)
                 start = reader.line_num + 1
-    except (OSError, UnicodeDecodeError, csv.Error) as e:
+    except UnicodeDecodeError:
+        raise DataError(not_utf8(path, "CSV")) from None
+    except (OSError, csv.Error) as e:
         raise DataError(f"cannot read CSV '{path}': {e}") from e
     if not rows:
         raise DataError(f"CSV '{path}' is empty; expected a header naming a text and a label column")

@@ -1,0 +1,30 @@
+"""The text files a user gives (CSV and TSV tables, lists of texts) are read as UTF-8, on every platform (not the
+locale's code page). One that is not (a spreadsheet's "CSV" export in Windows-1252, a Latin-1 file) is named with the
+byte and the line where it stops being UTF-8: Python's error counts bytes within the chunk it was decoding, and a
+reader that took it for "not a text CSV" sent the user after the wrong problem.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def not_utf8(path: str | Path, what: str = "file") -> str:
+    """The one-line reason ``path`` cannot be read as UTF-8 text, with the way out.
+
+    >>> import tempfile; p = Path(tempfile.mkdtemp()) / "t.csv"; _ = p.write_bytes(b"text,label\\ncaf\\xe9,a\\n")
+    >>> not_utf8(p, "CSV").split(": ", 1)[1][:44]
+    'byte 0xe9 on line 2 is not UTF-8 text (inval'
+    """
+    data = Path(path).read_bytes()
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        where = f"byte 0x{data[exc.start]:02x} on line {line} is not UTF-8 text ({exc.reason})"
+    else:  # decoded whole: the reader met something else
+        where = "it is not UTF-8 text"
+    return (
+        f"{what} '{path}': {where}; save it as UTF-8 (a spreadsheet's \"CSV UTF-8\"), or convert it, e.g. "
+        f"iconv -f cp1252 -t utf-8"
+    )
