@@ -192,6 +192,11 @@ def test_an_init_checkpoint_of_another_model_or_shape_says_which(trained, tmp_pa
         checkpoint.init_from(other, path, CLASSES, model_name="timm:resnet18")
     with pytest.raises(CheckpointError, match=r"does not fit .*(Missing key|Unexpected key|size mismatch)"):
         checkpoint.init_from(other, path, CLASSES)  # it ended at torch's "Error(s) in loading state_dict for ..."
+    model, _ = create_model("timm:test_efficientnet", "none")
+    ft.replace_head(model, 2)
+    with pytest.raises(CheckpointError, match=r"trained on 3 other classes .*; the data has 'x', 'y': to start from "
+                                              r"its weights with a new head, give it as --weights '.*best.pt'"):  # fmt: skip
+        checkpoint.init_from(model, path, ["x", "y"])
 
 
 def test_a_writer_without_background_writes_at_submit_in_this_thread(tmp_path):

@@ -115,7 +115,8 @@ def init_from(model: nn.Module, path: str | Path, classes: list[str], model_name
                               f"--model {other}, or a checkpoint of {model_name}")  # fmt: skip
     if list(record["classes"]) != list(classes):
         raise CheckpointError(f"init checkpoint {str(path)!r} was trained on {len(record['classes'])} other classes "
-                              f"({choices(record['classes'], limit=5)}); the data has {choices(classes, limit=5)}")  # fmt: skip
+                              f"({choices(record['classes'], limit=5)}); the data has {choices(classes, limit=5)}: "
+                              f"to start from its weights with a new head, give it as --weights {str(path)!r}")  # fmt: skip
     try:
         model.load_state_dict(record["state_dict"])
     except RuntimeError as exc:  # torch's first line only says "Error(s) in loading state_dict": the next say which
