@@ -932,11 +932,16 @@ def test_what_fails_after_a_stop_signal_is_reported_as_the_stop_once(capsys, mon
         run_cli(capsys, "train", "--data", "x")
 
 
-def test_a_write_error_names_the_users_path_not_a_temporary_file(run, data, capsys, tmp_path):
+def test_an_output_file_that_is_a_folder_is_named_before_the_evaluation_not_a_temporary_file(run, data, capsys,
+                                                                                              tmp_path):  # fmt: skip
+    # the write failed after the whole evaluation, with "Is a directory" and the name of its temporary file (then the
+    # folder itself, without the flag)
     (tmp_path / "plot.png").mkdir()  # a directory where the plot should go
-    code, _, err = run_cli(capsys, "eval", "--checkpoint", run[0] / "best.pt", "--data", data, "--plot",
-                           tmp_path / "plot.png")  # fmt: skip
-    assert code == 2 and f"({tmp_path / 'plot.png'})" in err and ".tmp" not in err, err
+    for flag in ("--plot", "--metrics"):
+        code, out, err = run_cli(capsys, "eval", "--checkpoint", run[0] / "best.pt", "--data", data, flag,
+                                 tmp_path / "plot.png")  # fmt: skip
+        _assert_user_error(code, out, err, f"{flag} '{tmp_path / 'plot.png'}': ", "is a directory: name a file in it")
+        assert ".tmp" not in err and "scored" not in out, err
 
 
 @pytest.mark.parametrize("command", ["eval", "predict"])

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from freezetune import __version__, cli_exit, run_log
 from freezetune.config import FIELD_CHOICES, TrainConfig, field_names, load_config, parse_override, scalar_type
-from freezetune.errors import FreezetuneError
+from freezetune.errors import ConfigError, FreezetuneError
 from freezetune.flag_help import FIELD_HELP, SECTIONS
 from freezetune.interrupt import RunInterrupted, forget_stop, raised_stop
 from freezetune.options import (
@@ -321,11 +321,15 @@ def _cmd_eval(args) -> int:
     from freezetune.inference import evaluate_checkpoint, write_evaluation
     from freezetune.memory import out_of_memory_hint
     from freezetune.metrics import format_report, plot_format
+    from freezetune.runtime import file_problem
 
     # named after the data: evaluating a second dataset must not replace the first one's plot
     name = re.sub(r"[^\w.-]+", "_", Path(args.data).name or "data")
     plot = Path(args.plot) if args.plot else Path(args.checkpoint).with_name(f"eval_{name}_confusion.png")
     plot_format(plot)  # a bad suffix fails before the evaluation, not after it
+    for flag, path in (("--metrics", args.metrics), ("--plot", args.plot)):  # so does a folder given as the file
+        if path and (problem := file_problem(path)):
+            raise ConfigError(f"{flag} {str(path)!r}: {problem}")
     with out_of_memory_hint(args.batch_size, training=False):
         result = evaluate_checkpoint(args.checkpoint, args.data, batch_size=args.batch_size, device=args.device)
     print(f"scored {result['n']} of {result['data']}")

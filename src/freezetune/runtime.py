@@ -119,6 +119,17 @@ def folder_problem(path: str | Path) -> str | None:
     return None
 
 
+def file_problem(path: str | Path) -> str | None:
+    """Why ``path`` cannot be written as a file (its folders made as needed): it is a folder, or its folder cannot be.
+
+    >>> import tempfile; file_problem(tempfile.mkdtemp()).endswith("is a directory: name a file in it")
+    True
+    """
+    if Path(path).is_dir():
+        return f"{str(path)!r} is a directory: name a file in it"
+    return folder_problem(Path(path).absolute().parent)
+
+
 def _check_run_dir(run_dir: Path, *, resume: bool) -> list[str]:
     """Refuse what ``prepare_run_dir`` refuses; the traces of a run stopped before its first ``last.pt`` (to clear)."""
     problem = folder_problem(run_dir)
