@@ -102,7 +102,7 @@ def test_a_value_its_field_cannot_hold_as_given_is_refused_not_rounded():
     # epochs=2.5 trained 2 epochs and compile=maybe ran uncompiled, both without a word
     for item, needle in (("epochs=2.5", "epochs expects int, got 2.5"), ("compile=maybe", "compile expects bool")):
         with pytest.raises(ConfigError, match=re.escape(needle)):
-            parse_override(item)
+            load_config(overrides=dict([parse_override(item), ("data", "x")]))
     assert parse_override("epochs=3.0") == ("epochs", 3)
     words = {"off": False, "no": False, "0": False, "false": False, "on": True, "yes": True, "1": True}
     assert {w: parse_override(f"compile={w}")[1] for w in words} == words
@@ -115,6 +115,23 @@ def test_unknown_key_suggests_the_closest(capsys):
     assert "'epoch' (did you mean 'epochs'?)" in err
     with pytest.raises(ConfigError, match="did you mean 'batch_size'"):
         load_config(overrides={"batchsize": 4, "data": "x"})
+
+
+def test_every_problem_of_a_config_is_reported_at_once_type_value_and_unknown_key(tmp_path, capsys):
+    # one kind at a time: the type error alone, then the unknown key, then the value out of range
+    (tmp_path / "c.yaml").write_text("data: x\nepoch: 3\nlr: fast\nbatch_size: 16.5\nbn: frozn\nimg_size: [32]\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(tmp_path / "c.yaml", {"epochs": 0})
+    message = str(info.value)
+    assert message.startswith("invalid config: ") and message.count("invalid config") == 1
+    for needle in ("lr expects float, got 'fast'", "img_size expects int | None, got [32]", "unknown bn 'frozn'",
+                   "epochs must be >= 1, got 0", "batch_size must be an integer, got 16.5",
+                   "unknown config key(s) 'epoch' (did you mean 'epochs'?)"):  # fmt: skip
+        assert needle in message, (needle, message)
+    code, out, err = run_cli(capsys, "sweep", "--data", "x", "--recipes", "foo,full", "lrr=1", "epochs=x")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and not out, err
+    for needle in ("unknown recipe 'foo'", "epochs expects int, got 'x'", "'lrr' (did you mean 'lr'?)"):
+        assert needle in err, (needle, err)
 
 
 def test_a_typo_in_python_names_the_key_it_meant():

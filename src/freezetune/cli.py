@@ -306,10 +306,17 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_sweep(args) -> int:
-    from freezetune.sweep import refuse_overridden, sweep, swept
+    from freezetune.sweep import recipe_names, refuse_overridden, sweep, swept
 
     refuse_overridden(_given(args))
-    cfg = _train_config(args, run=False)
+    problems = []  # --recipes and the config's values, in one message
+    for check in (lambda: recipe_names(args.recipes), lambda: _train_config(args, run=False)):
+        try:
+            cfg = check()
+        except ConfigError as exc:
+            problems.append(str(exc))
+    if problems:
+        raise ConfigError("; ".join(problems))
     if args.print_config:  # with what the sweep sets for every recipe: the file reads back as its --config
         print(swept(cfg).dump(), end="")
         return 0

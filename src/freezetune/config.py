@@ -182,7 +182,9 @@ def _naming_unknown_keys(init):
 
     @functools.wraps(init)
     def checked(self, *args: Any, **kwargs: Any) -> None:
-        _check_keys(kwargs)
+        unknown = _unknown_keys(kwargs)
+        if unknown:
+            raise ConfigError(unknown)
         init(self, *args, **kwargs)
 
     return checked
@@ -221,6 +223,9 @@ def field_names() -> list[str]:
     return [f.name for f in fields(TrainConfig)]
 
 
+INVALID = "invalid config: "  # every config problem's message starts so
+
+
 def load_config(path: str | Path | dict[str, Any] | None = None, overrides: dict[str, Any] | None = None, *,
                 need_data: bool = True) -> TrainConfig:  # fmt: skip
     """Build a config from an optional YAML file (or the values one holds), then ``overrides`` (CLI flags,
@@ -237,8 +242,23 @@ def load_config(path: str | Path | dict[str, Any] | None = None, overrides: dict
     if path is not None:
         values.update(path if isinstance(path, dict) else _read_yaml(Path(path)))
     values.update(overrides or {})
-    _check_keys(values)
-    cfg = TrainConfig(**{k: coerce(k, v) for k, v in values.items()})
+    # every problem in one message: a value of the wrong type, then one out of range, then an unknown key (reported
+    # one kind at a time, the user fixed one and met the next)
+    problems, known = [], {}
+    for key, value in values.items():
+        if key in field_names():
+            try:
+                known[key] = coerce(key, value)
+            except ConfigError as exc:
+                problems.append(str(exc))
+    unknown = _unknown_keys(values)
+    cfg = TrainConfig(**known)
+    if problems or unknown:  # what else is wrong, among the values that could be read
+        try:
+            validate(cfg, need_data=need_data)
+        except ConfigError as exc:
+            problems.append(str(exc).removeprefix(INVALID))
+        raise ConfigError(INVALID + "; ".join(problems + ([unknown] if unknown else [])))
     validate(cfg, need_data=need_data)
     return cfg
 
@@ -253,7 +273,11 @@ def parse_override(item: str) -> tuple[str, Any]:
     if not sep:
         raise ConfigError(f"override {item!r} is not key=value; keys are: {choices(field_names())}")
     key = key.strip().replace("-", "_")
-    return key, coerce(key, yaml.safe_load(raw) if raw.strip() else None)
+    value = yaml.safe_load(raw) if raw.strip() else None
+    try:
+        return key, coerce(key, value)
+    except ConfigError:  # refused by load_config, with every other problem of the config
+        return key, value
 
 
 def validate(cfg: TrainConfig, *, need_data: bool = True) -> None:
@@ -265,7 +289,7 @@ def validate(cfg: TrainConfig, *, need_data: bool = True) -> None:
     """
     mistyped = _type_problems(cfg)
     if mistyped:  # the checks below compare numbers: a "3" where 3 belongs is reported alone, not as a TypeError
-        raise ConfigError("invalid config: " + "; ".join(mistyped))
+        raise ConfigError(INVALID + "; ".join(mistyped))
     problems = [choice_problem(name, getattr(cfg, name), allowed) for name, allowed in FIELD_CHOICES.items()]
     problems += [positive_int_problem(name, getattr(cfg, name)) for name in ("epochs", "cache_views", "max_length")]
     if cfg.cache == "off" and isinstance(cfg.cache_views, int) and cfg.cache_views > 1:  # it would do nothing
@@ -298,7 +322,7 @@ def validate(cfg: TrainConfig, *, need_data: bool = True) -> None:
         problems.append("data is required (an image folder, a CSV file or an IDX directory)")
     problems = [p for p in problems if p]
     if problems:
-        raise ConfigError("invalid config: " + "; ".join(problems))
+        raise ConfigError(INVALID + "; ".join(problems))
 
 
 def _column_problems(cfg: TrainConfig) -> list[str]:
@@ -440,14 +464,17 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return {str(k).replace("-", "_"): v for k, v in data.items()}
 
 
-def _check_keys(values: dict[str, Any]) -> None:
+def _unknown_keys(values: dict[str, Any]) -> str | None:
+    """The problem of the keys of ``values`` that are not config fields, with a close match for each where there is
+    one, or None."""
     known = field_names()
     bad = [k for k in values if k not in known]
-    if bad:
-        hints = [
-            f"{k!r} (did you mean {difflib.get_close_matches(k, known, 1)[0]!r}?)"
-            if difflib.get_close_matches(k, known, 1)
-            else repr(k)
-            for k in bad
-        ]
-        raise ConfigError(f"unknown config key(s) {', '.join(hints)}; keys are: {choices(known, limit=60)}")
+    if not bad:
+        return None
+    hints = [
+        f"{k!r} (did you mean {difflib.get_close_matches(k, known, 1)[0]!r}?)"
+        if difflib.get_close_matches(k, known, 1)
+        else repr(k)
+        for k in bad
+    ]
+    return f"unknown config key(s) {', '.join(hints)}; keys are: {choices(known, limit=60)}"

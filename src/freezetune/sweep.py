@@ -24,7 +24,7 @@ import yaml
 
 from freezetune import run_lock
 from freezetune._io import atomic_output, atomic_write_text
-from freezetune.config import TrainConfig, load_config, validate
+from freezetune.config import INVALID, TrainConfig, load_config, validate
 from freezetune.epoch_log import human
 from freezetune.errors import ConfigError, DataError, choices, setting
 from freezetune.options import (
@@ -87,7 +87,7 @@ def sweep(cfg: TrainConfig, recipes: str | list[str] | tuple[str, ...] = SWEEP_D
     >>> sweep(TrainConfig(data="images/", epochs=3), ["linear-probe", "auto"], out="runs/sweep")  # doctest: +SKIP
     """
     out = Path(out or cfg.out or SWEEP_DEFAULT_OUT)
-    runs = _run_configs(cfg, _names(recipes), out)
+    runs = _run_configs(cfg, recipe_names(recipes), out)
     from freezetune.distributed import init_from_env
 
     with run_lock.scope():  # two sweeps into one dir both "won", with different winners: the second is refused
@@ -165,7 +165,7 @@ def _keep_settings(out: Path, cfg: TrainConfig) -> None:
     atomic_write_text(saved, yaml.safe_dump(now, sort_keys=False))
 
 
-def _names(recipes: str | list[str] | tuple[str, ...]) -> list[str]:
+def recipe_names(recipes: str | list[str] | tuple[str, ...]) -> list[str]:
     """The recipe names, checked before anything runs: known, at least one, none twice (they share ``out/<name>``)."""
     if isinstance(recipes, str):  # not its letters, one recipe each
         recipes = [r.strip() for r in recipes.split(",") if r.strip()]
@@ -198,9 +198,9 @@ def _run_configs(cfg: TrainConfig, names: list[str], out: Path) -> dict[str, Tra
         try:
             validate(run_cfg)
         except ConfigError as exc:
-            problems.append(str(exc).removeprefix("invalid config: "))
+            problems.append(str(exc).removeprefix(INVALID))
     if problems:
-        raise ConfigError("invalid config: " + "; ".join(dict.fromkeys(problems)))
+        raise ConfigError(INVALID + "; ".join(dict.fromkeys(problems)))
     for name, run_cfg in runs.items():  # k against the model's stages: the one check that needs the model
         if name.startswith("last-"):
             recipes.check_last_k(run_cfg, name)
