@@ -110,6 +110,24 @@ def test_an_unlabelled_test_folder_stops_the_auto_recipe_before_its_trials(tmp_p
     assert code == 0 and "auto: chose" in out, err  # --skip-bad: the run leaves it out
 
 
+def test_unreadable_files_of_every_split_are_named_in_one_error(tmp_path, capsys):
+    # one split at a time: bad files in test/, train/ and val/ took three failed runs to find
+    from _engine_fixtures import make_image_folder, run_cli, train_argv
+
+    root = make_image_folder(tmp_path / "d", test=2)
+    cut = {split: next((root / split).rglob("*.png")) for split in ("train", "val", "test")}
+    for path in cut.values():
+        path.write_bytes(path.read_bytes()[:40])
+    named = {"train": "training", "val": "validation", "test": "test"}
+    for extra, wanted in (((), ("train", "test")), (("--freeze", "-2"), ("train", "val", "test"))):
+        # the auto recipe checks test/ (with train/) before its trials; a plain run reads the three at once
+        code, out, err = run_cli(capsys, *train_argv(root, tmp_path / "run", "--epochs", "1", *extra))
+        assert code == 2 and len(err.strip().splitlines()) == 1 and "--skip-bad" in err, err
+        for split in wanted:
+            assert f"1 of {len(list((root / split).rglob('*.png')))} {named[split]} image file(s) cannot be read: " \
+                   f"'{cut[split]}'" in err, (split, err)  # fmt: skip
+
+
 def test_a_foreign_class_says_the_way_out_and_val_data_at_a_datasets_root_names_its_split(tmp_path):
     root = _layout(tmp_path / "d")
     _images(root / "test" / "scarf")  # a class the training folder lacks

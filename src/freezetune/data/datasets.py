@@ -18,7 +18,7 @@ from freezetune.data.idx import CLASS_NAMES_FILE, idx_files, is_idx_dir, load_id
 from freezetune.data.image_csv import IMAGE_COLUMNS, read_csv
 from freezetune.data.layout import TEST_DIRS, TRAIN_DIRS, VAL_DIRS, first_dir, load_folder, split_files
 from freezetune.data.sampling import per_class_indices, stratified_split
-from freezetune.data.scan import check_images, check_overlap, warn_copies
+from freezetune.data.scan import check_images, check_overlap, check_splits, warn_copies
 from freezetune.data.text import Columns, TextDataset, read_text_csv, text_csv_header
 from freezetune.data.transforms import eval_transform, train_transform
 from freezetune.errors import ConfigError, DataError, choices
@@ -164,12 +164,7 @@ def _not_a_root(path: Path, classes: list[str]) -> None:
 
 def _scan(train: Dataset, val: Dataset | None, test: Dataset | None, skip_bad: bool) -> tuple[Dataset, ...]:
     """Every split's image files checked before any is split or trained on: (train, val, test, skipped paths)."""
-    skipped: list[str] = []
-    checked = []
-    for ds, what in ((train, "training"), (val, "validation"), (test, "test")):
-        ds, left_out = check_images(ds, what, skip_bad=skip_bad)
-        checked.append(ds)
-        skipped += left_out
+    checked, skipped = check_splits([(train, "training"), (val, "validation"), (test, "test")], skip_bad=skip_bad)
     check_overlap(checked[0], {"validation": checked[1], "test": checked[2]})
     warn_copies(checked[0], {"validation": checked[1], "test": checked[2]})
     return (*checked, skipped)

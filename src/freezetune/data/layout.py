@@ -14,7 +14,7 @@ from torch.utils.data import Dataset
 
 from freezetune.data.folder import folder_classes, has_image_suffix, is_hidden, scan_folder
 from freezetune.data.idx import is_idx_dir
-from freezetune.data.scan import check_images
+from freezetune.data.scan import check_splits, unreadable
 from freezetune.data.text import Columns, read_text_csv
 from freezetune.errors import DataError, choices
 from freezetune.run_log import warn_once
@@ -108,8 +108,8 @@ def check_test_split(data: str, *, skip_bad: bool = False, text: Columns | None 
     train_dir, test_dir = first_dir(path, TRAIN_DIRS), first_dir(path, TEST_DIRS)
     if train_dir is not None and test_dir is not None:
         test = _test_folder(test_dir, folder_classes(train_dir))
-        if not skip_bad:
-            check_images(test, "test", skip_bad=False)
+        if not skip_bad and unreadable([p for p, _ in test.samples]):  # named with the training folder's, if any
+            check_splits([(scan_folder(train_dir), "training"), (test, "test")], skip_bad=False)
 
 
 def _labelled(split: Path, way_out: str) -> None:

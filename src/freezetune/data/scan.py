@@ -162,21 +162,39 @@ def check_images(ds, what: str, *, skip_bad: bool, hint: str = _HINT) -> tuple[o
     >>> check_images(None, "training", skip_bad=False)
     (None, [])
     """
-    if not isinstance(ds, FileImageDataset):
-        return ds, []
-    bad = unreadable([path for path, _ in ds.samples])
-    if not bad:
-        return ds, []
-    if not skip_bad:
-        named = ", ".join(f"'{path}' ({why})" for path, why in bad[:_NAMED])
-        more = f" and {len(bad) - _NAMED} more" if len(bad) > _NAMED else ""
-        heif = heif_hint(path for path, _ in bad)
-        raise DataError(f"{len(bad)} of {len(ds)} {what} image file(s) cannot be read: {named}{more}; {hint}{heif}")
-    skipped = [path for path, _ in bad]
-    left_out = set(skipped)
-    keep = [i for i, (path, _) in enumerate(ds.samples) if path not in left_out]
-    warn_once(log, "skipping %d unreadable %s image file(s), first: %s", len(bad), what, skipped[0])
-    return ds.select(keep, ds.transform), skipped
+    checked, skipped = check_splits([(ds, what)], skip_bad=skip_bad, hint=hint)
+    return checked[0], skipped
+
+
+def check_splits(splits: list[tuple[object, str]], *, skip_bad: bool, hint: str = _HINT) -> tuple[list, list[str]]:
+    """``check_images`` of each ``(dataset, what)``: the datasets (without their unreadable files, with
+    ``skip_bad``) and the paths left out. Without ``skip_bad`` one error names the unreadable files of every split
+    (named one split at a time, bad files in three splits took three failed runs to find).
+
+    >>> check_splits([(None, "training"), (None, "test")], skip_bad=False)
+    ([None, None], [])
+    """
+    found = [(ds, what, unreadable([p for p, _ in ds.samples]) if isinstance(ds, FileImageDataset) else [])
+             for ds, what in splits]  # fmt: skip
+    if not skip_bad and any(bad for _, _, bad in found):
+        parts = [_cannot_read(bad, len(ds), what) for ds, what, bad in found if bad]
+        heif = heif_hint(path for _, _, bad in found for path, _ in bad)
+        raise DataError(f"{'; '.join(parts)}; {hint}{heif}")
+    checked, skipped = [], []
+    for ds, what, bad in found:
+        if bad:
+            left_out = {path for path, _ in bad}
+            warn_once(log, "skipping %d unreadable %s image file(s), first: %s", len(bad), what, bad[0][0])
+            ds = ds.select([i for i, (path, _) in enumerate(ds.samples) if path not in left_out], ds.transform)
+            skipped += [path for path, _ in bad]
+        checked.append(ds)
+    return checked, skipped
+
+
+def _cannot_read(bad: list[tuple[str, str]], n: int, what: str) -> str:
+    named = ", ".join(f"'{path}' ({why})" for path, why in bad[:_NAMED])
+    more = f" and {len(bad) - _NAMED} more" if len(bad) > _NAMED else ""
+    return f"{len(bad)} of {n} {what} image file(s) cannot be read: {named}{more}"
 
 
 def copies(paths: list[str], others: list[str] | None = None) -> list[tuple[str, str]]:
