@@ -676,6 +676,20 @@ def test_copies_of_training_files_in_validation_test_or_training_itself_are_name
     assert "6 of 6 validation image file(s) are byte-identical copies" in caplog.text
     assert "1 training image file(s) are byte-identical copies of other training files" in caplog.text
     assert "again.png' = '" in caplog.text and "blue/0.png'" in caplog.text
+    assert "another class" not in caplog.text  # a copy within its own class
+
+
+def test_a_training_image_copied_into_another_class_is_named_as_taught_as_two_classes(tmp_path, caplog):
+    # it was "a copy held out for validation is scored on an image the model trained on", beside a val/ folder
+    make_folder(tmp_path / "d" / "train", 4)
+    make_folder(tmp_path / "d" / "val", 1)
+    shutil.copyfile(tmp_path / "d" / "train" / "red" / "3.png", tmp_path / "d" / "train" / "blue" / "zz.png")
+    with caplog.at_level(logging.WARNING, logger="freezetune"):
+        build_datasets(str(tmp_path / "d"), preprocess=PRE)
+    assert "1 training image file(s) are byte-identical copies of training files of another class" in caplog.text
+    assert "blue/zz.png' (blue)" in caplog.text and "red/3.png' (red)" in caplog.text
+    assert "the same image is taught as two classes; remove it from the wrong one" in caplog.text
+    assert "copies of other training files" not in caplog.text
 
 
 def test_distinct_files_are_not_called_copies(tmp_path, caplog):

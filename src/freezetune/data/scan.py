@@ -289,6 +289,14 @@ def warn_copies(train, held: dict[str, object]) -> None:
         return
     train_paths = [path for path, _ in train.samples]
     found = copies(train_paths)
+    label = {path: train.classes[i] for path, i in train.samples}
+    conflicts = [(p, o) for p, o in found if label[p] != label[o]]  # the same picture taught as two classes
+    if conflicts:
+        path, original = conflicts[0]
+        warn_once(log, "%d training image file(s) are byte-identical copies of training files of another class "
+                  "(first: '%s' (%s) = '%s' (%s)): the same image is taught as two classes; remove it from the wrong "
+                  "one", len(conflicts), path, label[path], original, label[original])  # fmt: skip
+    found = [pair for pair in found if pair not in conflicts]
     if found:
         warn_once(log, "%d training image file(s) are byte-identical copies of other training files (first: '%s' = "
                   "'%s'); a copy held out for validation is scored on an image the model trained on",
