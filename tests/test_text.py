@@ -81,6 +81,14 @@ def test_a_text_model_refuses_image_data_and_an_image_model_text_data(tmp_path):
         build_datasets(str(texts), val_data=str(images), preprocess=text_model)
     with pytest.raises(DataError, match=r"t.csv' is a text CSV .*; the model is an image model and reads images"):
         build_datasets(str(texts), preprocess=image_model)
+    other = tmp_path / "other.csv"  # its columns named otherwise: the header and the flags that name them
+    other.write_text("id,blurb,section\n1,a text,a\n")
+    with pytest.raises(DataError, match=r"other.csv' is not a text CSV \(its header: 'id', 'blurb', 'section': name "
+                                        r"its columns with --text-column and --label-column\); the model is a text"):  # fmt: skip
+        build_datasets(str(other), preprocess=text_model)
+    photo = next((images / "train").rglob("*.png"))  # a picture is not a CSV, whatever its bytes
+    with pytest.raises(DataError, match=r"png' is not a text CSV; the model is a text model"):
+        build_datasets(str(photo), preprocess=text_model)
 
 
 def test_a_csv_not_in_utf8_is_named_as_such_with_the_byte_and_line_where_it_stops(tmp_path):

@@ -95,14 +95,19 @@ def delimiter(path: Path) -> str:
 
 def text_csv_header(path: Path, columns: Columns = Columns()) -> list[str] | None:
     """The header of ``path`` when it names a text column (the file is then a text dataset), else None."""
+    header = csv_header(path) or []
+    return header if any(c.strip().lower() in columns.text for c in header) else None
+
+
+def csv_header(path: Path) -> list[str] | None:
+    """The first row of the table ``path`` (None when it cannot be read as one)."""
     try:
         with path.open(newline="", encoding="utf-8-sig") as f:
-            header = next(csv.reader(f, delimiter=delimiter(path)), [])
+            return next(csv.reader(f, delimiter=delimiter(path)), [])
     except UnicodeDecodeError:  # it may be a text CSV: "not a text CSV" sent the user after the wrong problem
         raise DataError(not_utf8(path, "CSV")) from None
     except (OSError, csv.Error):
         return None
-    return header if any(c.strip().lower() in columns.text for c in header) else None
 
 
 def read_text_csv(path: str | Path, classes: list[str] | None = None, columns: Columns = Columns()) -> TextDataset:
