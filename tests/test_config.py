@@ -134,6 +134,14 @@ def test_every_problem_of_a_config_is_reported_at_once_type_value_and_unknown_ke
         assert needle in err, (needle, err)
 
 
+def test_val_data_and_val_split_together_are_refused_with_the_config(capsys):
+    # --print-config accepted them and train refused them only when it read the data, after a recipe had started
+    with pytest.raises(ConfigError, match=r"give either val_data \('v'\) or val_split \(0.2\), not both"):
+        load_config(overrides={"data": "d", "val_data": "v", "val_split": 0.2})
+    code, out, err = run_cli(capsys, "train", "--data", "d", "--val-data", "v", "--val-split", "0.2", "--print-config")
+    assert code == 2 and "not both" in err and not out
+
+
 def test_a_typo_in_python_names_the_key_it_meant():
     # the notebook user's TrainConfig(epoch=3) got Python's TypeError, which lists nothing; the same typo in YAML or
     # on the command line named "epochs"

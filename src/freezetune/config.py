@@ -305,6 +305,8 @@ def validate(cfg: TrainConfig, *, need_data: bool = True) -> None:
     problems += [positive_int_problem(name, getattr(cfg, name)) for name in optional if getattr(cfg, name) is not None]
     if cfg.val_split is not None:
         problems.append(fraction_problem("val_split", cfg.val_split))
+        if cfg.val_data is not None:  # (refused when the data was read, after --print-config and a recipe's start)
+            problems.append(f"give either val_data ({cfg.val_data!r}) or val_split ({cfg.val_split!r}), not both")
     problems.append(fraction_problem("epoch_fraction", cfg.epoch_fraction, whole=True))
     problems += _range_problems(cfg)
     problems += _column_problems(cfg)

@@ -329,7 +329,8 @@ def build_datasets(
     if val_data is not None:
         val = _load_val(val_data, train.classes, preprocess, skip_bad=skip_bad)
     elif val is not None and val_split is not None:
-        warn_once(log, "'%s' has a validation folder; ignoring val_split=%s", data, val_split)
+        warn_once(log, "'%s' has a validation %s; ignoring val_split=%s", data,
+                  "file" if source == "text" else "folder", val_split)  # fmt: skip
     train, val, test, skipped = _scan(train, val, test, skip_bad)
     if skipped:  # a class whose every training file was unreadable would be trained as a class never seen
         empty = [c for i, c in enumerate(train.classes) if not bool((train.targets == i).any())]
