@@ -134,6 +134,11 @@ def test_every_problem_of_a_config_is_reported_at_once_type_value_and_unknown_ke
         assert needle in err, (needle, err)
 
 
+def test_a_negative_batch_size_from_the_command_line_is_out_of_range_not_a_non_integer(capsys):
+    code, _, err = run_cli(capsys, "train", "--data", "d", "--batch-size", "-1", "--print-config")
+    assert code == 2 and "batch_size must be >= 1, got -1 (or 'auto')" in err, err  # "must be an integer, got '-1'"
+
+
 def test_val_data_and_val_split_together_are_refused_with_the_config(capsys):
     # --print-config accepted them and train refused them only when it read the data, after a recipe had started
     with pytest.raises(ConfigError, match=r"give either val_data \('v'\) or val_split \(0.2\), not both"):

@@ -146,8 +146,14 @@ def _parse_freeze(value: Any) -> str | int | list | None:
 
 
 def _parse_batch_size(value: Any) -> int | str | None:
-    # "64" from the command line is a number; "auto" stays a word; anything else is left for validate to report
-    return int(value) if isinstance(value, str) and value.strip().isdigit() else value
+    # "64" (or "-1": then "must be >= 1") from the command line is a number; "auto" stays a word; anything else is
+    # left for validate to report
+    if isinstance(value, str):
+        try:
+            return int(value.strip())
+        except ValueError:
+            return value
+    return value
 
 
 def _parse_unfreeze(value: Any) -> str | dict | None:
