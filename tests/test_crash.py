@@ -436,6 +436,19 @@ def test_signal_handlers_found_are_restored_after_listening():
         signal.signal(signal.SIGTERM, before)
 
 
+def test_a_second_ctrl_c_in_the_training_loop_stops_at_once_and_says_so():
+    # pressed twice a fraction of a second apart: "outside a training step (nothing new saved)" in mid-epoch
+    stop = StopRequest()
+    with pytest.raises(KeyboardInterrupt) as info, stop.listening(defer=True):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)
+        assert stop.requested  # the first is recorded, for the step's end
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(1)
+    assert str(info.value).startswith("stopped by SIGINT a second time, at once, before the run saved its place")
+    assert "outside a training step" not in str(info.value) and info.value.exit_code == 130
+
+
 def test_a_hangup_is_left_to_nohup_and_to_a_terminal():
     # under nohup (SIGHUP ignored) the run is meant to outlive the session; with output to a terminal, the closed
     # terminal fails every write: SIGHUP stops a run only when its output goes to files and nothing ignores it

@@ -37,6 +37,10 @@ _pauses_reached: dict[str, int] = {}
 AT_ONCE_UNDER_DDP = "under torchrun, at once (last.pt holds the last finished epoch); --resume continues the run"
 OUTSIDE_A_STEP = ("outside a training step (nothing new saved); --resume continues a run that finished an epoch, "
                   "the same command restarts one that did not")  # fmt: skip
+# A second signal while the first waits for the step to end (or for its save): the user does not want to wait.
+SECOND_SIGNAL = ("a second time, at once, before the run saved its place (last.pt holds what it held before: the last "
+                 "epoch finished or saved); --resume continues from there, the same command restarts a run that had "
+                 "none")  # fmt: skip
 
 
 class RunInterrupted(KeyboardInterrupt):
@@ -115,10 +119,12 @@ class StopRequest:
         if self.defer and self.signum is None:
             self.signum = signum  # acted on at the next step boundary
             return
-        # not in the training loop, or a second signal: a user pressing Ctrl-C twice does not want to wait
+        # not in the training loop, or a second signal: a user pressing Ctrl-C twice does not want to wait (and was
+        # told "outside a training step (nothing new saved)" in the middle of an epoch)
+        second = self.defer and self.signum is not None
         self.signum = signum
         global _raised
-        _raised = RunInterrupted.by(signum, self.at_once)
+        _raised = RunInterrupted.by(signum, SECOND_SIGNAL if second else self.at_once)
         raise _raised
 
 
