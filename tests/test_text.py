@@ -47,9 +47,9 @@ def test_text_csv_reads_columns_by_name(tmp_path):
 @pytest.mark.parametrize(
     ("content", "message"),
     [
-        ('text,label\n"",pos\ngood,pos\n', r"line 2 has an empty text"),
+        ('text,label\n"",pos\ngood,pos\n', r"line 2 has an empty text: give it a text or remove the row$"),
         ("text,label\ngood,pos\n   ,neg\n", r"line 3 has an empty text"),
-        ("text,label\ngood,\n", r"line 2 has no label"),
+        ("text,label\ngood,\n", r"line 2 has no label: give it one or remove the row$"),
         # read as the text "boring" of a class "long and dull", in silence
         (
             "text,label\ngood,pos\nboring, long and dull,neg\n",

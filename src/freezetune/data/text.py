@@ -251,8 +251,8 @@ def _row_problem(row: list[str], cols: dict[str, int], width: int, empty_ok: boo
             '("boring, long and dull",neg)'
         )
     if not row[cols["text"]].strip() and not empty_ok:  # it trains the model on nothing but its special tokens
-        return "has an empty text"
-    return None if "label" not in cols or row[cols["label"]].strip() else "has no label"
+        return "has an empty text: give it a text or remove the row"
+    return None if "label" not in cols or row[cols["label"]].strip() else "has no label: give it one or remove the row"
 
 
 class TokenizeBatch:
