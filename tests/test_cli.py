@@ -277,7 +277,7 @@ def test_predict_reports_a_bad_file_and_still_predicts_the_others(run, data, cap
     assert "broken.jpg" in records["broken.jpg"]["error"]
     assert "broken.jpg" in err and "1 of 3 file(s) could not be read" in err
     code, out, err = run_cli(capsys, "predict", "--checkpoint", run[0] / "best.pt", folder / "broken.jpg")
-    assert code == 2 and out == "" and "1 of 1 file(s) could not be read" in err  # no empty line before the errors
+    _assert_user_error(code, out, err, "broken.jpg")  # no empty line before it, no "1 of 1 file(s)" line after it
 
 
 def test_export_safetensors_loads_into_a_fresh_model_with_identical_logits(run, capsys, tmp_path):

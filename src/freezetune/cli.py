@@ -366,8 +366,8 @@ def _cmd_predict(args) -> int:
     bad = [r for r in records if "error" in r]
     for r in bad:
         print(f"freezetune: error: {r['error']}", file=sys.stderr)
-    if bad:  # every good prediction is out; the exit code still says that some files were not predicted
-        files = len({r["path"] for r in records})  # a text file gives a record per text
+    files = len({r["path"] for r in records})  # a text file gives a record per text
+    if bad and files > 1:  # every good prediction is out; the count says how many of them were not (one: its line)
         print(f"freezetune: error: {len(bad)} of {files} file(s) could not be read", file=sys.stderr)
     return 2 if bad else 0
 
