@@ -350,8 +350,15 @@ def test_a_python_caller_gets_every_mistyped_field_named_and_paths_as_paths(tmp_
 def test_train_reports_a_mistyped_recipe_with_the_choices():
     from freezetune.trainer import train
 
-    with pytest.raises(ConfigError, match="unknown recipe 'lastk'; choose one of: 'auto', 'linear-probe', 'last-k'"):
+    with pytest.raises(ConfigError, match=r"unknown recipe 'lastk' \(did you mean 'last-k'\?\); choose one of: 'auto', "
+                                          r"'linear-probe', 'last-k'"):  # fmt: skip
         train(TrainConfig(data="images", recipe="lastk"))
+    with pytest.raises(ConfigError, match=r"unknown recipe 'linear_probe' \(did you mean 'linear-probe'\?\)"):
+        train(TrainConfig(data="images", recipe="linear_probe"))
+    with pytest.raises(ConfigError, match=r"recipe 'last-0': last-K trains the last K stages, K a whole number >= 1"):
+        train(TrainConfig(data="images", recipe="last-0"))
+    with pytest.raises(ConfigError, match=r"unknown bn 'frozn' \(did you mean 'frozen'\?\)"):
+        train(TrainConfig(data="images", bn="frozn"))
 
 
 def test_cache_views_without_the_cache_is_named():

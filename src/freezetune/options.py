@@ -6,6 +6,7 @@ Torch-free on purpose: ``config`` and the CLI's argument parser import it withou
 
 from __future__ import annotations
 
+import difflib
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -132,7 +133,12 @@ def choice_problem(name: str, value: object, allowed: Iterable[object]) -> str |
     "unknown amp 'fp8'; choose one of: 'auto', 'bf16', 'fp16', 'off'"
     """
     allowed = tuple(allowed)
-    return None if value in allowed else f"unknown {name} {value!r}; choose one of: {choices(allowed)}"
+    if value in allowed:
+        return None
+    words = [str(a) for a in allowed]
+    close = difflib.get_close_matches(str(value).replace("_", "-"), words, 1, 0.75) if isinstance(value, str) else []
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return f"unknown {name} {value!r}{hint}; choose one of: {choices(allowed)}"
 
 
 def column_name_problem(name: str, value: str | None) -> str | None:
@@ -200,6 +206,8 @@ def recipe_problem(name: str | None) -> str | None:
     k = name.removeprefix("last-") if isinstance(name, str) and name.startswith("last-") else None
     if k is not None and k.isdigit() and int(k) >= 1:
         return None
+    if k is not None:  # last-0, last-x: the family is right, its K is not
+        return f"recipe {name!r}: last-K trains the last K stages, K a whole number >= 1 (last-1, last-2, ...)"
     return choice_problem("recipe", name, RECIPES)
 
 
