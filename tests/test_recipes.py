@@ -573,6 +573,9 @@ def test_a_sweep_resumes_only_with_its_own_settings_and_never_into_a_training_ru
     sweep(_cfg(data, None, epochs=1), "linear-probe", out=tmp_path / "s", **quiet)
     with pytest.raises(ConfigError, match=r"cannot resume the sweep in .* with lr 0.001 -> 0.05: its recipes ran"):
         sweep(_cfg(data, None, epochs=1, lr=0.05, resume=True), "linear-probe", out=tmp_path / "s", **quiet)
+    # another list of recipes: the rewritten sweep.csv dropped the rows of those left out
+    with pytest.raises(ConfigError, match=r"with recipes \['linear-probe'\] -> \['linear-probe', 'last-2'\]"):
+        sweep(_cfg(data, None, epochs=1, resume=True), "linear-probe,last-2", out=tmp_path / "s", **quiet)
     assert sweep(_cfg(data, None, epochs=1, resume=True), "linear-probe", out=tmp_path / "s", **quiet).rows
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "classes.json").write_text('["a", "b"]')

@@ -103,7 +103,7 @@ def sweep(cfg: TrainConfig, recipes: str | list[str] | tuple[str, ...] = SWEEP_D
 
 def _sweep(cfg: TrainConfig, runs: dict[str, TrainConfig], out: Path, echo: Callable[[str], None]) -> SweepResult:
     with log(echo, name=SWEEP_LOG) as echo:  # every recipe's lines, and the table, in the sweep's own log
-        _keep_settings(out, cfg)
+        _keep_settings(out, cfg, list(runs))
         log_to(out)
         opened(out)  # its settings checked and kept: the dir is this sweep's
         rows = _run_all(runs, parse_duration(cfg.budget), cfg.budget, echo)
@@ -143,17 +143,18 @@ def pick_winner(rows: list[dict]) -> dict:
     return max(rows, key=lambda r: (r["val_acc"] if math.isfinite(r["val_acc"]) else -math.inf, -r["train_s"]))
 
 
-def _keep_settings(out: Path, cfg: TrainConfig) -> None:
-    """Record the sweep's settings in ``out``, or on ``--resume`` check them against those recorded: rows trained
-    with other settings would be compared, and ``winner.yaml`` would name settings its winner never ran with. A
-    folder holding a training run is refused (the sweep's files would land beside its checkpoints)."""
+def _keep_settings(out: Path, cfg: TrainConfig, recipes: list[str]) -> None:
+    """Record the sweep's settings and ``recipes`` in ``out``, or on ``--resume`` check them against those recorded:
+    rows trained with other settings would be compared, ``winner.yaml`` would name settings its winner never ran
+    with, and another recipe list rewrote ``sweep.csv`` without the rows of recipes it dropped. A folder holding a
+    training run is refused (the sweep's files would land beside its checkpoints)."""
     from freezetune.config import RESUME_MAY_CHANGE
     from freezetune.runtime import CLASSES_FILE
 
     if (out / CLASSES_FILE).exists():
         raise ConfigError(f"{str(out)!r} holds a training run ({CLASSES_FILE}); a sweep writes a run per recipe below "
                           "its --out: choose another")  # fmt: skip
-    now = {k: v for k, v in cfg.recorded().items() if k not in (*RESUME_MAY_CHANGE, "budget")}
+    now = {k: v for k, v in cfg.recorded().items() if k not in (*RESUME_MAY_CHANGE, "budget")} | {"recipes": recipes}
     saved = out / SETTINGS_FILE
     if cfg.resume and saved.is_file():
         before = yaml.safe_load(saved.read_text()) or {}
