@@ -165,6 +165,9 @@ def test_bad_yaml_files_are_user_errors(tmp_path):
     (tmp_path / "broken.yaml").write_text("lr: [1,\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(tmp_path / "broken.yaml")
+    (tmp_path / "indented.yaml").write_text("data: x\n  lr: 1\n")  # where: it said "while parsing a block mapping"
+    with pytest.raises(ConfigError, match=r"not valid YAML \(line 2, column 5\): mapping values are not allowed"):
+        load_config(tmp_path / "indented.yaml")
     (tmp_path / "typed.yaml").write_text("data: x\nepochs: many\n")
     with pytest.raises(ConfigError, match="epochs expects int, got 'many'"):
         load_config(tmp_path / "typed.yaml")
