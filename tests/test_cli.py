@@ -263,14 +263,16 @@ def test_a_run_whose_output_pipe_closes_stops_with_one_line_on_stderr(data, tmp_
                                     "finished epoch (--resume continues)")  # fmt: skip
 
 
-def test_predict_reports_a_bad_file_and_still_predicts_the_others(run, data, capsys, tmp_path):
+def test_predict_reports_a_bad_file_and_still_predicts_the_others(run, data, capsys, tmp_path, caplog):
     folder = tmp_path / "mixed"
     folder.mkdir()
     for name in ("blue_0.png", "red_1.png"):
         (folder / name).write_bytes((data / "test" / name.split("_")[0] / name).read_bytes())
     (folder / "broken.jpg").write_text("not an image")
+    (folder / "notes.txt").write_text("not an image, not named one")  # left out, and said so (train says so)
     code, out, err = run_cli(capsys, "predict", "--checkpoint", run[0] / "best.pt", folder, "--json", "--device", "cpu")
     assert code == 2 and "Traceback" not in err
+    assert "1 file(s) left out, not of an image type read here (.txt: 1), e.g. 'notes.txt'" in caplog.text
     records = {Path(r["path"]).name: r for r in json.loads(out)}
     assert set(records) == {"blue_0.png", "red_1.png", "broken.jpg"}
     assert "top" in records["blue_0.png"] and "top" in records["red_1.png"]

@@ -134,7 +134,10 @@ def is_hidden(name: str) -> bool:
 
 
 def _images_under(folder: Path) -> list[Path]:
-    return [p for p in _files_under(folder) if has_image_suffix(p)]
+    """The image files below ``folder``; the others are named in a warning, as a training folder's are."""
+    files = _files_under(folder)
+    _warn_left_out(folder, [p for p in files if not has_image_suffix(p)])
+    return [p for p in files if has_image_suffix(p)]
 
 
 def list_images(paths: list[str]) -> list[str]:
