@@ -130,7 +130,7 @@ def test_a_run_started_by_a_worker_importing_an_unguarded_script_is_refused_with
     monkeypatch.setattr(sys, "argv", [str(tmp_path / "finetune.py")])
     out = tmp_path / "run"
     with pytest.raises(run_lock.ConfigError, match=r"while it imported .*finetune\.py: .*if __name__ == \"__main__\":"):
-        ft.train(TrainConfig(data=str(tmp_path), out=str(out)))
+        ft.train(TrainConfig(data=str(tmp_path / "images"), out=str(out)))  # (a run dir beside it, not in it)
     assert not out.exists()
 
 

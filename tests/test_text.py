@@ -103,7 +103,7 @@ def test_a_csv_not_in_utf8_is_named_as_such_with_the_byte_and_line_where_it_stop
         with pytest.raises(DataError, match=rf"CSV '.*{path.name}': byte 0xe9 on line {line} is not UTF-8 text .*"
                                             r"save it as UTF-8"):  # fmt: skip
             build_datasets(str(path), preprocess=text_model)
-    with pytest.raises(DataError, match=r"text file '.*texts.txt': byte 0xe9 on line 2 is not UTF-8"):
+    with pytest.raises(DataError, match=r"cannot read '.*texts.txt' as text: byte 0xe9 on line 2 is not UTF-8"):
         read_texts(listing)
     early.write_bytes("\ufefftext,label\ncafé,a\n".encode("utf-8"))  # UTF-8 with a spreadsheet's BOM: read
     assert read_text_csv(early).texts == ["café"]

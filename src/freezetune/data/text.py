@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import Dataset
 
 from freezetune.data.folder import expand_paths, sorted_labels, warn_similar_labels
-from freezetune.data.utf8 import not_utf8
+from freezetune.data.utf8 import not_utf8, where_not_utf8
 from freezetune.errors import ConfigError, DataError, MissingExtra, choices
 from freezetune.hf_bundle import TOKENIZER_FILES
 from freezetune.options import LABEL_COLUMNS, TEXT_COLUMNS
@@ -170,8 +170,9 @@ def numbered_texts(path: str | Path, columns: Columns = Columns()) -> list[tuple
     else:
         try:
             content = path.read_text(encoding="utf-8-sig").splitlines()
-        except UnicodeDecodeError:
-            raise DataError(not_utf8(path, "text file")) from None
+        except UnicodeDecodeError:  # an image given to a text model, or a text in another encoding
+            raise DataError(f"cannot read '{path}' as text: {where_not_utf8(path)}; a text model reads UTF-8 texts, "
+                            "one a line, or a CSV with a text column") from None  # fmt: skip
         except OSError as e:
             raise DataError(f"cannot read '{path}' ({e}); a text model reads texts, one a line, or a CSV with a "
                             "text column") from e  # fmt: skip

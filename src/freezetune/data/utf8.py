@@ -16,15 +16,21 @@ def not_utf8(path: str | Path, what: str = "file") -> str:
     >>> not_utf8(p, "CSV").split(": ", 1)[1][:44]
     'byte 0xe9 on line 2 is not UTF-8 text (inval'
     """
+    return (f"{what} '{path}': {where_not_utf8(path)}; save it as UTF-8 (a spreadsheet's \"CSV UTF-8\"), or convert "
+            f"it, e.g. iconv -f cp1252 -t utf-8")  # fmt: skip
+
+
+def where_not_utf8(path: str | Path) -> str:
+    """Where ``path`` stops being UTF-8: its first such byte, by line.
+
+    >>> import tempfile; p = Path(tempfile.mkdtemp()) / "t.txt"; _ = p.write_bytes(b"ok\\n\\xff")
+    >>> where_not_utf8(p)
+    'byte 0xff on line 2 is not UTF-8 text (invalid start byte)'
+    """
     data = Path(path).read_bytes()
     try:
         data.decode("utf-8")
     except UnicodeDecodeError as exc:
         line = data.count(b"\n", 0, exc.start) + 1
-        where = f"byte 0x{data[exc.start]:02x} on line {line} is not UTF-8 text ({exc.reason})"
-    else:  # decoded whole: the reader met something else
-        where = "it is not UTF-8 text"
-    return (
-        f"{what} '{path}': {where}; save it as UTF-8 (a spreadsheet's \"CSV UTF-8\"), or convert it, e.g. "
-        f"iconv -f cp1252 -t utf-8"
-    )
+        return f"byte 0x{data[exc.start]:02x} on line {line} is not UTF-8 text ({exc.reason})"
+    return "it is not UTF-8 text"  # decoded whole: the reader met something else
