@@ -218,11 +218,12 @@ def run(cfg: TrainConfig, *, echo: Callable[[str], None] = print, train: Callabl
     if recipe.startswith("last-"):
         check_last_k(cfg, recipe)
     from freezetune import run_lock
-    from freezetune.distributed import broadcast, init_from_env
+    from freezetune.distributed import broadcast, init_from_env, main_echo
     from freezetune.run_log import log_to
     from freezetune.runtime import new_run_dir, prepare_run_dir
 
     info = init_from_env(cfg.device)
+    echo = main_echo(echo, info)  # under torchrun rank 0 says what each phase does, once
     if not cfg.out:  # one run dir for all phases (the earlier ones below it), as --out gives, and its train.log
         cfg = dataclasses.replace(cfg, out=str(broadcast(new_run_dir(cfg.model, claim=info.is_main), info)))
     if info.is_main:  # a process running in it refuses this one before anything below it changes, resume or not

@@ -25,6 +25,7 @@ import yaml
 from freezetune import run_lock
 from freezetune._io import atomic_output, atomic_write_text
 from freezetune.config import INVALID, TrainConfig, load_config, validate
+from freezetune.distributed import DistInfo, broadcast, init_from_env, main_echo
 from freezetune.epoch_log import human
 from freezetune.errors import ConfigError, DataError, choices, setting
 from freezetune.options import (
@@ -88,43 +89,46 @@ def sweep(cfg: TrainConfig, recipes: str | list[str] | tuple[str, ...] = SWEEP_D
     """
     out = Path(out or cfg.out or SWEEP_DEFAULT_OUT)
     runs = _run_configs(cfg, recipe_names(recipes), out)
-    from freezetune.distributed import init_from_env
 
     with run_lock.scope():  # two sweeps into one dir both "won", with different winners: the second is refused
-        if init_from_env(cfg.device).is_main:  # (under torchrun, rank 0 writes for all; recipes.run joins as well)
+        info = init_from_env(cfg.device)  # under torchrun rank 0 says, writes and scores for all (as train does)
+        if info.is_main:
             run_lock.claim(out)
         if (out / "sweep.csv").exists() and not cfg.resume:
             raise ConfigError(
                 f"{str(out)!r} already holds a sweep (sweep.csv); pass {setting('resume', True)} to "
                 f"continue an interrupted one, or choose another {setting('out')}"
             )
-        return _sweep(cfg, runs, out, echo)
+        return _sweep(cfg, runs, out, main_echo(echo, info), info)
 
 
-def _sweep(cfg: TrainConfig, runs: dict[str, TrainConfig], out: Path, echo: Callable[[str], None]) -> SweepResult:
+def _sweep(cfg: TrainConfig, runs: dict[str, TrainConfig], out: Path, echo: Callable[[str], None],
+           info: DistInfo) -> SweepResult:  # fmt: skip
     with log(echo, name=SWEEP_LOG) as echo:  # every recipe's lines, and the table, in the sweep's own log
-        _keep_settings(out, cfg, list(runs))
+        _keep_settings(out, cfg, list(runs), write=info.is_main)
         log_to(out)
         opened(out)  # its settings checked and kept: the dir is this sweep's
-        rows = _run_all(runs, parse_duration(cfg.budget), cfg.budget, echo)
+        rows = _run_all(runs, parse_duration(cfg.budget), cfg.budget, echo, info)
         winner = pick_winner(rows)
-        _write(out, rows, winner, cfg)
+        if info.is_main:
+            _write(out, rows, winner, cfg)
         echo(format_table(rows, winner["recipe"]))
         echo(f"winner: {winner['recipe']} -> {out / 'winner.yaml'} (freezetune train --config {out / 'winner.yaml'})")
     return SweepResult(rows, winner["recipe"], out)
 
 
 def _run_all(runs: dict[str, TrainConfig], budget: float | None, given: str | None,
-             echo: Callable[[str], None]) -> list[dict]:  # fmt: skip
+             echo: Callable[[str], None], info: DistInfo) -> list[dict]:  # fmt: skip
     """Each recipe's row, in turn, until the ``budget`` (seconds; ``given`` as the user wrote it) is spent."""
     start, rows, carried = time.perf_counter(), [], 0.0
     for name, run_cfg in runs.items():
         # the clock counts what this process trained; a recipe finished before an interruption adds its measured
         # seconds (its re-read takes a fraction of a second)
-        if budget is not None and time.perf_counter() - start + carried > budget:
+        # rank 0's clock decides for all: the ranks must run the same recipes
+        if budget is not None and broadcast(time.perf_counter() - start + carried > budget, info):
             echo(f"sweep: budget {given} spent; skipping {name}")
             continue
-        row, read_back = _run_recipe(name, run_cfg, echo)
+        row, read_back = _run_recipe(name, run_cfg, echo, info)
         rows.append(row)
         carried += row["train_s"] if read_back else 0.0
     if not rows:
@@ -143,7 +147,7 @@ def pick_winner(rows: list[dict]) -> dict:
     return max(rows, key=lambda r: (r["val_acc"] if math.isfinite(r["val_acc"]) else -math.inf, -r["train_s"]))
 
 
-def _keep_settings(out: Path, cfg: TrainConfig, recipes: list[str]) -> None:
+def _keep_settings(out: Path, cfg: TrainConfig, recipes: list[str], *, write: bool = True) -> None:
     """Record the sweep's settings and ``recipes`` in ``out``, or on ``--resume`` check them against those recorded:
     rows trained with other settings would be compared, ``winner.yaml`` would name settings its winner never ran
     with, and another recipe list rewrote ``sweep.csv`` without the rows of recipes it dropped. A folder holding a
@@ -163,7 +167,8 @@ def _keep_settings(out: Path, cfg: TrainConfig, recipes: list[str]) -> None:
             raise ConfigError(f"cannot resume the sweep in {str(out)!r} with {', '.join(changed)}: its recipes ran "
                               "with the sweep's own settings; resume with them, or sweep into another --out")  # fmt: skip
         return
-    atomic_write_text(saved, yaml.safe_dump(now, sort_keys=False))
+    if write:
+        atomic_write_text(saved, yaml.safe_dump(now, sort_keys=False))
 
 
 def recipe_names(recipes: str | list[str] | tuple[str, ...]) -> list[str]:
@@ -221,10 +226,11 @@ def _own_batchnorm(recipe: str) -> dict:
     return {key: getattr(_DEFAULTS, key) for key in ("bn", "bn_stats") if key in recipes.sets(recipe)}
 
 
-def _run_recipe(name: str, cfg: TrainConfig, echo: Callable[[str], None]) -> tuple[dict, bool]:
+def _run_recipe(name: str, cfg: TrainConfig, echo: Callable[[str], None], info: DistInfo) -> tuple[dict, bool]:
     """Train one recipe and keep its row beside its run: a resumed sweep reads a finished recipe's row back, its
     measured seconds included (re-reading its finished run takes a fraction of a second). The row, and whether it
-    was read back."""
+    was read back. Under torchrun every rank takes rank 0's result: rank 0 alone scores and keeps the history (a
+    rank 1 read its empty history as "no validation data" and left the job)."""
     from freezetune import recipes
     from freezetune.precision import resolve_device
 
@@ -236,13 +242,14 @@ def _run_recipe(name: str, cfg: TrainConfig, echo: Callable[[str], None]) -> tup
     if cfg.resume and not Path(cfg.out).exists():  # the sweep stopped before this recipe began: it starts afresh
         cfg = dataclasses.replace(cfg, resume=False)  # (the auto recipe refused to resume a run dir never made)
     with log(echo):  # the recipe's own level of the log: the auto recipe's trials and choice in its train.log too
-        result = recipes.run(cfg, echo=echo)
+        result = broadcast(recipes.run(cfg, echo=echo), info)
     if not (result.history and result.history[-1].get("val_n")):  # its rows scored NaN, and a "winner" was named
         raise DataError(f"sweep: recipe {name} had no validation data to be scored on (one image a class leaves "
                         "none to hold out), and a sweep compares recipes on it: give --val-data, or more images a "
                         "class")  # fmt: skip
     row = _row(name, result, cuda=resolve_device(cfg.device).type == "cuda")
-    atomic_write_text(saved, json.dumps(row))
+    if info.is_main:
+        atomic_write_text(saved, json.dumps(row))
     return row, False
 
 
