@@ -228,3 +228,36 @@ def test_the_auto_recipe_under_torchrun_takes_rank_0s_trials_and_decision(tmp_pa
     r0, r1 = rank_dumps(dump)
     assert r0["trainable"] == r1["trainable"] and r0["epochs"] == r1["epochs"] == decision["choice"]["epochs"]
     assert_same_state(r0["end"], r1["end"])
+
+
+def _torchrun_cli(*args, cwd: Path) -> subprocess.CompletedProcess:
+    """The ``freezetune`` command itself on two Gloo ranks, as a user's job runs it."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "freezetune",
+           *[str(a) for a in args]]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=cwd, timeout=240)
+
+
+def test_a_sweep_under_torchrun_compares_its_recipes_once_and_writes_its_winner(tmp_path):
+    # rank 1 read its empty history as "no validation data" after the first recipe and left; rank 0 died in gloo.
+    # The phases' and the sweep's lines came once per rank
+    data = make_image_folder(tmp_path / "data", size=32)
+    proc = _torchrun_cli("sweep", *DDP_TRAIN, "--data", data, "--epochs", "1", "--recipes", "linear-probe,last-2",
+                         "--out", tmp_path / "sw", cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("sweep: recipe linear-probe") == 1 and proc.stdout.count("sweep: recipe last-2") == 1
+    assert proc.stdout.count("recipe last-2: phase 1/1") == 1 and "winner:" in proc.stdout, proc.stdout
+    assert (tmp_path / "sw" / "winner.yaml").is_file() and len(
+        (tmp_path / "sw" / "sweep.csv").read_text().splitlines()
+    ) == 3
+
+
+def test_a_user_error_under_torchrun_is_one_line_of_the_first_rank(tmp_path):
+    # each rank printed it, and the ranks a stopped rank 0 left behind printed a gloo traceback
+    for args in (("train", "--data", tmp_path / "nothere"), ("train", "--data", tmp_path, "--bogus-flag")):
+        proc = _torchrun_cli(*args, "--device", "cpu", cwd=tmp_path)
+        assert proc.returncode != 0
+        ours = [line for line in proc.stderr.splitlines() if "error:" in line and "freezetune" in line]
+        assert len(ours) == 1, proc.stderr[-3000:]
+        # torchrun's own report of a failed job (its ChildFailedError) is all that follows: no rank's traceback
+        assert proc.stderr.count("Traceback") <= 1 and "[rank" not in proc.stderr, proc.stderr[-3000:]

@@ -7,7 +7,9 @@ from ``TrainConfig`` (the one place they live) or, where a command needs another
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
+import io
 import json
 import logging
 import re
@@ -43,15 +45,17 @@ def _line_buffered(stream) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
-    args, extra = parser.parse_known_args(argv)
-    if not getattr(args, "command", None):  # a usage error, as argparse's own: help on stderr, exit 2
-        parser.print_help(sys.stderr)
-        return 2
-    _overrides_anywhere(args, extra, argv)
+    first = run_log.first_process()  # under torchrun the first process alone speaks: one line per job, not per rank
+    with contextlib.nullcontext() if first else contextlib.redirect_stderr(io.StringIO()):  # argparse's errors
+        args, extra = parser.parse_known_args(argv)
+        if not getattr(args, "command", None):  # a usage error, as argparse's own: help on stderr, exit 2
+            parser.print_help(sys.stderr)
+            return 2
+        _overrides_anywhere(args, extra, argv)
     _line_buffered(sys.stdout)
     run_log.command = shlex.join(["freezetune", *argv])  # train.log's header
-    logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
-                        format=run_log.WARNING_FORMAT)  # fmt: skip
+    level = logging.INFO if getattr(args, "verbose", False) else logging.WARNING
+    logging.basicConfig(level=level if first else logging.ERROR, format=run_log.WARNING_FORMAT)
     forget_stop()  # a stop belongs to the command it stopped
     try:
         return args.func(args) or 0
@@ -59,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     except (FreezetuneError, OSError) as exc:
         if isinstance(exc, BrokenPipeError) and cli_exit.reader_gone(sys.stdout):
             return cli_exit.pipe_closed(cli_exit.SAVED.get(args.command))
-        print(run_log.ending_line(exc), file=sys.stderr)
+        if first:
+            print(run_log.ending_line(exc), file=sys.stderr)
         return 2
     except RunInterrupted as exc:  # SIGTERM / SIGINT: the run saved where it stood; 143 / 130 as the shell reports
         return cli_exit.stopped(exc)
@@ -67,8 +72,10 @@ def main(argv: list[str] | None = None) -> int:
         saved = cli_exit.SAVED.get(args.command)
         print(f"freezetune: interrupted{f'; {saved}' if saved else ''}", file=sys.stderr)
         return 130
-    except Exception:
+    except Exception as exc:
         stop = raised_stop()  # what failed after a stop signal failed because of it (workers the signal killed)
+        if stop is None and not first and cli_exit.peer_gone(exc):  # rank 0 stopped (its line said why): no
+            return 1  # traceback of this rank's broken connection after it
         if stop is None:
             raise
         return cli_exit.stopped(stop)

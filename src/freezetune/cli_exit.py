@@ -14,7 +14,8 @@ from freezetune.run_log import first_process
 
 # what a command that stops before its end has kept (Ctrl-C, its output pipe closed)
 SAVED = {
-    "train": "last.pt holds the last finished epoch (--resume continues)",
+    "train": "last.pt, where there is one, holds the last finished epoch (--resume continues; the same command "
+    "restarts a run that has none)",
     "sweep": "--resume continues the sweep",
 }
 
@@ -48,3 +49,18 @@ def stopped(stop: RunInterrupted) -> int:
     if first_process():
         print(f"freezetune: {stop}", file=sys.stderr)
     return stop.exit_code
+
+
+def peer_gone(exc: BaseException) -> bool:
+    """Whether ``exc`` is this rank's torchrun connection broken by another process of the job ending (rank 0
+    stopped on a user error and said why): gloo's "Connection closed by peer", NCCL's remote error.
+
+    >>> peer_gone(RuntimeError("[../gloo/transport/tcp/pair.cc:561] Connection closed by peer [127.0.0.1]:1234"))
+    True
+    """
+    import torch.distributed as dist
+
+    backend_error = getattr(dist, "DistBackendError", ())
+    text = str(exc)
+    return isinstance(exc, backend_error) or (isinstance(exc, RuntimeError) and (
+        "Connection closed by peer" in text or "Connection reset by peer" in text))  # fmt: skip

@@ -34,7 +34,8 @@ PAUSE_MARKER_ENV = "FREEZETUNE_TEST_PAUSE_MARKER"
 _pauses_reached: dict[str, int] = {}
 # Stopped at once (set-up, cache build, final test; any moment under DDP): the saved state is whatever the run dir held.
 # Under torchrun a signal stops the ranks at once, in the training loop too: the ranks could not agree on a step.
-AT_ONCE_UNDER_DDP = "under torchrun, at once (last.pt holds the last finished epoch); --resume continues the run"
+AT_ONCE_UNDER_DDP = ("under torchrun, at once (last.pt, where there is one, holds the last finished epoch); --resume "
+                     "continues the run, the same command restarts one that has none")  # fmt: skip
 OUTSIDE_A_STEP = ("outside a training step (nothing new saved); --resume continues a run that finished an epoch, "
                   "the same command restarts one that did not")  # fmt: skip
 # A second signal while the first waits for the step to end (or for its save): the user does not want to wait.
