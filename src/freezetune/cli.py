@@ -12,6 +12,7 @@ import gc
 import io
 import json
 import logging
+import os
 import re
 import shlex
 import sys
@@ -45,7 +46,9 @@ def _line_buffered(stream) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
-    first = run_log.first_process()  # under torchrun the first process alone speaks: one line per job, not per rank
+    # under torchrun the first process of each machine speaks: one line per job (per node: a path missing on one
+    # node is said there), not one per rank
+    first = os.environ.get("LOCAL_RANK", "0") == "0"
     with contextlib.nullcontext() if first else contextlib.redirect_stderr(io.StringIO()):  # argparse's errors
         args, extra = parser.parse_known_args(argv)
         if not getattr(args, "command", None):  # a usage error, as argparse's own: help on stderr, exit 2
