@@ -59,6 +59,8 @@ class _DepthwiseConv(torch.autograd.Function):
             grad_x = torch.nn.grad.conv2d_input(x.shape, weight, grad, ctx.stride, ctx.padding, 1, weight.shape[0])
         if ctx.needs_input_grad[1]:
             grad_w = _weight_grad(x, grad, weight.shape, ctx.stride, ctx.padding)
+            if grad_w.stride() != weight.stride():  # a channels_last weight's gradient in its layout: DDP's buckets
+                grad_w = torch.empty_like(weight).copy_(grad_w)  # follow it ("Grad strides do not match", per rank)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = grad.sum((0, 2, 3))
         return grad_x, grad_w, grad_b, None, None
