@@ -38,3 +38,20 @@ def test_peak_memory_without_proc_reads_the_platforms_unit(monkeypatch):
     assert runtime.peak_memory_mb(cpu) == 2**20
     monkeypatch.setitem(sys.modules, "resource", None)  # Windows: nothing to read it from
     assert runtime.peak_memory_mb(cpu) != runtime.peak_memory_mb(cpu)  # NaN
+
+
+def test_channels_last_asked_of_a_model_without_convolutions_is_said_to_have_no_effect(caplog):
+    # a text model's run said "on cpu fp32, channels_last" and saved it, though nothing was laid out so
+    import logging
+
+    import torch
+    from torch import nn
+
+    from freezetune.runtime import use_channels_last
+
+    cpu, mlp, cnn = torch.device("cpu"), nn.Sequential(nn.Linear(4, 2)), nn.Sequential(nn.Conv2d(3, 4, 3))
+    with caplog.at_level(logging.WARNING, logger="freezetune"):
+        assert use_channels_last(True, mlp, cpu) is False
+    assert "--channels-last lays out convolutions, and this model has none: it has no effect" in caplog.text
+    assert (use_channels_last(None, mlp, cpu), use_channels_last(None, cnn, cpu)) == (False, True)
+    assert (use_channels_last(True, cnn, cpu), use_channels_last(False, cnn, cpu)) == (True, False)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import random
 import re
@@ -269,9 +270,14 @@ def use_channels_last(setting: bool | None, model: nn.Module, device: torch.devi
     On CUDA NHWC lets cuDNN use tensor-core convolutions under AMP; on the CPU oneDNN's NHWC kernels trained
     EfficientNet-Lite0's last stages 1.3x faster and built its cache faster too (1 thread, 64 px, 2026-11-30).
     """
-    if setting is not None:
-        return setting
-    return any(isinstance(m, nn.Conv2d) for m in model.modules())
+    convnet = any(isinstance(m, nn.Conv2d) for m in model.modules())
+    if setting and not convnet:  # a text model or a pure transformer: the log claimed channels_last, to no effect
+        from freezetune.run_log import warn_once
+
+        warn_once(logging.getLogger(__name__), "--channels-last lays out convolutions, and this model has none: "
+                  "it has no effect")  # fmt: skip
+        return False
+    return convnet if setting is None else setting
 
 
 def seed_everything(seed: int) -> None:
