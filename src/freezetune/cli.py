@@ -320,11 +320,14 @@ def _cmd_sweep(args) -> int:
 
     refuse_overridden(_given(args))
     problems = []  # --recipes and the config's values, in one message
-    for check in (lambda: recipe_names(args.recipes), lambda: _train_config(args, run=False)):
-        try:
-            cfg = check()
-        except ConfigError as exc:
-            problems.append(str(exc))
+    try:
+        recipe_names(args.recipes)
+    except ConfigError as exc:
+        problems.append(str(exc))
+    try:
+        cfg = _train_config(args, run=False)
+    except ConfigError as exc:
+        problems.append(str(exc))
     if problems:
         raise ConfigError("; ".join(problems))
     if args.print_config:  # with what the sweep sets for every recipe: the file reads back as its --config
