@@ -141,7 +141,7 @@ def _red_pixels(png) -> int:
 
 
 def test_config_yaml_of_the_run_resolves_to_the_same_config(run, data, capsys):
-    from freezetune.config import load_config
+    from freezetune.config_file import load_config
 
     saved = load_config(run[0] / "config.yaml")
     argv = train_argv(data, run[0], "--epochs", "2", "--freeze", "backbone", "--unfreeze", "epoch:1", "--print-config")

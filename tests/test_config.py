@@ -14,13 +14,12 @@ from freezetune.config import (
     TrainConfig,
     coerce,
     field_names,
-    load_config,
     parse_freeze_spec,
-    parse_override,
     parse_stage_lrs,
     scalar_type,
     validate,
 )
+from freezetune.config_file import load_config, parse_override
 from freezetune.errors import ConfigError
 
 

@@ -14,7 +14,8 @@ import yaml
 
 from _engine_fixtures import make_image_folder, run_cli, train_argv
 from freezetune import auto, checkpoint
-from freezetune.config import TrainConfig, load_config, validate
+from freezetune.config import TrainConfig, validate
+from freezetune.config_file import load_config
 from freezetune.errors import ConfigError
 from freezetune.freeze import freeze
 from freezetune.models import create_model

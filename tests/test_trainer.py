@@ -15,7 +15,8 @@ from torch import nn
 import freezetune as ft
 from _engine_fixtures import fashion_mnist_dir, make_image_folder, run_cli, snapshot, train_argv
 from freezetune import checkpoint, run_setup, runtime, step, trainer
-from freezetune.config import TrainConfig, load_config
+from freezetune.config import TrainConfig
+from freezetune.config_file import load_config
 from freezetune.errors import ConfigError
 from freezetune.optim import build_optimizer, build_scheduler
 from freezetune.precision import resolve_device, resolve_precision

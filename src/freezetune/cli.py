@@ -19,7 +19,8 @@ import sys
 from pathlib import Path
 
 from freezetune import __version__, cli_exit, run_log
-from freezetune.config import FIELD_CHOICES, TrainConfig, field_names, load_config, parse_override, scalar_type
+from freezetune.config import FIELD_CHOICES, TrainConfig, field_names, scalar_type
+from freezetune.config_file import load_config, parse_override
 from freezetune.errors import ConfigError, FreezetuneError
 from freezetune.flag_help import FIELD_HELP, SECTIONS
 from freezetune.interrupt import RunInterrupted, forget_stop, raised_stop

@@ -1,6 +1,6 @@
-"""Run configuration: the one place defaults live, loaded from YAML, ``key=value`` overrides and CLI flags.
-
-The whole configuration is validated before a run starts and every problem is reported in one message.
+"""Run configuration: the one place defaults live (``TrainConfig``), and its checks: the whole configuration is
+validated before a run starts and every problem is reported in one message. Reading one from YAML, ``key=value``
+overrides and CLI flags: ``config_file``.
 """
 
 from __future__ import annotations
@@ -182,7 +182,7 @@ def _naming_unknown_keys(init):
 
     @functools.wraps(init)
     def checked(self, *args: Any, **kwargs: Any) -> None:
-        unknown = _unknown_keys(kwargs)
+        unknown = unknown_keys(kwargs)
         if unknown:
             raise ConfigError(unknown)
         init(self, *args, **kwargs)
@@ -224,60 +224,6 @@ def field_names() -> list[str]:
 
 
 INVALID = "invalid config: "  # every config problem's message starts so
-
-
-def load_config(path: str | Path | dict[str, Any] | None = None, overrides: dict[str, Any] | None = None, *,
-                need_data: bool = True) -> TrainConfig:  # fmt: skip
-    """Build a config from an optional YAML file (or the values one holds), then ``overrides`` (CLI flags,
-    ``key=value`` pairs).
-
-    An override of None unsets the field (``grad_clip=null`` clears the file's grad_clip): a caller leaves out the
-    keys it was not given. ``need_data=False`` accepts a config without ``data`` (a template, as ``--print-config``
-    writes one).
-
-    >>> load_config(overrides={"data": "images/", "epochs": 3}).epochs
-    3
-    """
-    values: dict[str, Any] = {}
-    if path is not None:
-        values.update(path if isinstance(path, dict) else _read_yaml(Path(path)))
-    values.update(overrides or {})
-    # every problem in one message: a value of the wrong type, then one out of range, then an unknown key (reported
-    # one kind at a time, the user fixed one and met the next)
-    problems, known = [], {}
-    for key, value in values.items():
-        if key in field_names():
-            try:
-                known[key] = coerce(key, value)
-            except ConfigError as exc:
-                problems.append(str(exc))
-    unknown = _unknown_keys(values)
-    cfg = TrainConfig(**known)
-    if problems or unknown:  # what else is wrong, among the values that could be read
-        try:
-            validate(cfg, need_data=need_data)
-        except ConfigError as exc:
-            problems.append(str(exc).removeprefix(INVALID))
-        raise ConfigError(INVALID + "; ".join(problems + ([unknown] if unknown else [])))
-    validate(cfg, need_data=need_data)
-    return cfg
-
-
-def parse_override(item: str) -> tuple[str, Any]:
-    """Parse one ``key=value`` override; the value is read as YAML (numbers, booleans, null, lists).
-
-    >>> parse_override("lr=3e-4")
-    ('lr', 0.0003)
-    """
-    key, sep, raw = item.partition("=")
-    if not sep:
-        raise ConfigError(f"override {item!r} is not key=value; keys are: {choices(field_names())}")
-    key = key.strip().replace("-", "_")
-    value = yaml.safe_load(raw) if raw.strip() else None
-    try:
-        return key, coerce(key, value)
-    except ConfigError:  # refused by load_config, with every other problem of the config
-        return key, value
 
 
 def validate(cfg: TrainConfig, *, need_data: bool = True) -> None:
@@ -451,25 +397,7 @@ def _schedule_problems(unfreeze: str | dict | None, monitor: str) -> list[str]:
     return []
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise ConfigError(f"config file {str(path)!r} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}  # (Windows: not the locale's code page)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)  # where the parser stopped: the mistake is there or just before
-        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
-        why = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ConfigError(f"config file {str(path)!r} is not valid YAML{where}: {why}") from None
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"config file {str(path)!r} is not UTF-8 text ({exc.reason} at byte {exc.start}); save "
-                          "it as UTF-8") from None  # fmt: skip
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {str(path)!r} must hold a mapping of keys to values")
-    return {str(k).replace("-", "_"): v for k, v in data.items()}
-
-
-def _unknown_keys(values: dict[str, Any]) -> str | None:
+def unknown_keys(values: dict[str, Any]) -> str | None:
     """The problem of the keys of ``values`` that are not config fields, with a close match for each where there is
     one, or None."""
     known = field_names()

@@ -24,7 +24,8 @@ import yaml
 
 from freezetune import run_lock
 from freezetune._io import atomic_output, atomic_write_text
-from freezetune.config import INVALID, TrainConfig, load_config, validate
+from freezetune.config import INVALID, TrainConfig, validate
+from freezetune.config_file import load_config
 from freezetune.distributed import DistInfo, broadcast, init_from_env, main_echo
 from freezetune.epoch_log import human
 from freezetune.errors import ConfigError, DataError, choices, setting
