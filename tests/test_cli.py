@@ -259,8 +259,9 @@ def test_a_run_whose_output_pipe_closes_stops_with_one_line_on_stderr(data, tmp_
     proc.stdout.close()
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 141, err
-    assert err.splitlines()[-1] == ("freezetune: stopped: its output pipe was closed; last.pt holds the last "
-                                    "finished epoch (--resume continues)")  # fmt: skip
+    assert err.splitlines()[-1] == ("freezetune: stopped: its output pipe was closed; last.pt, where there is one, "
+                                    "holds the last finished epoch (--resume continues; the same command restarts a "
+                                    "run that has none)")  # fmt: skip
 
 
 def test_predict_reports_a_bad_file_and_still_predicts_the_others(run, data, capsys, tmp_path, caplog):

@@ -50,12 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     # under torchrun the first process of each machine speaks: one line per job (per node: a path missing on one
     # node is said there), not one per rank
     first = os.environ.get("LOCAL_RANK", "0") == "0"
-    with contextlib.nullcontext() if first else contextlib.redirect_stderr(io.StringIO()):  # argparse's errors
-        args, extra = parser.parse_known_args(argv)
-        if not getattr(args, "command", None):  # a usage error, as argparse's own: help on stderr, exit 2
-            parser.print_help(sys.stderr)
-            return 2
-        _overrides_anywhere(args, extra, argv)
+    args = _parse(parser, argv, first)
+    if isinstance(args, int):
+        return args
     _line_buffered(sys.stdout)
     run_log.command = shlex.join(["freezetune", *argv])  # train.log's header
     level = logging.INFO if getattr(args, "verbose", False) else logging.WARNING
@@ -67,8 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     except (FreezetuneError, OSError) as exc:
         if isinstance(exc, BrokenPipeError) and cli_exit.reader_gone(sys.stdout):
             return cli_exit.pipe_closed(cli_exit.SAVED.get(args.command))
-        if first:
-            print(run_log.ending_line(exc), file=sys.stderr)
+        if not first:
+            return cli_exit.later_rank(run_log.ending_line(exc), 2)
+        print(run_log.ending_line(exc), file=sys.stderr)
         return 2
     except RunInterrupted as exc:  # SIGTERM / SIGINT: the run saved where it stood; 143 / 130 as the shell reports
         return cli_exit.stopped(exc)
@@ -85,6 +83,25 @@ def main(argv: list[str] | None = None) -> int:
         return cli_exit.stopped(stop)
     finally:
         run_log.command = None  # a later Python-API run in this process (a notebook calling main) was not this
+
+
+def _parse(parser: argparse.ArgumentParser, argv: list[str], first: bool) -> argparse.Namespace | int:
+    """The parsed arguments, or a usage error's exit code; a later torchrun rank holds argparse's line back
+    (``cli_exit.later_rank``)."""
+    said = io.StringIO()
+    try:
+        with contextlib.nullcontext() if first else contextlib.redirect_stderr(said):
+            args, extra = parser.parse_known_args(argv)
+            if not getattr(args, "command", None):  # a usage error, as argparse's own: help on stderr, exit 2
+                parser.print_help(sys.stderr)
+                return 2 if first else cli_exit.later_rank("", 2)
+            _overrides_anywhere(args, extra, argv)
+    except SystemExit as exc:
+        if first or not exc.code:
+            raise
+        lines = said.getvalue().strip().splitlines()
+        return cli_exit.later_rank(lines[-1] if lines else "", 2)
+    return args
 
 
 def run() -> None:

@@ -8,6 +8,7 @@ import os
 import select
 import signal
 import sys
+import time
 
 from freezetune.interrupt import RunInterrupted
 from freezetune.run_log import first_process
@@ -64,3 +65,17 @@ def peer_gone(exc: BaseException) -> bool:
     text = str(exc)
     return isinstance(exc, backend_error) or (isinstance(exc, RuntimeError) and (
         "Connection closed by peer" in text or "Connection reset by peer" in text))  # fmt: skip
+
+
+LATER_RANK_WAITS_S = 3.0  # how long a later rank holds its error line back for the first rank's (see ``later_rank``)
+
+
+def later_rank(line: str, code: int) -> int:
+    """End a process of a torchrun job other than the first (of its machine) on an error: the first process says the
+    same line, and torchrun ends the others as soon as one exits, so this one waits for it to, then says its own line
+    only if nobody ended it meanwhile (an error of this rank alone: a path missing on its node). Exiting at once, a
+    rank 1 faster than rank 0 had the job killed before any line was said."""
+    time.sleep(LATER_RANK_WAITS_S)
+    if line:
+        print(f"[rank {os.environ.get('RANK', '?')}] {line}", file=sys.stderr)
+    return code
