@@ -422,7 +422,7 @@ def test_a_sweeps_budget_counts_each_second_once_and_its_winner_names_absolute_p
 
     ran = []
 
-    def fake(name, cfg, echo):  # a recipe that reports 6 s of training and takes none
+    def fake(name, cfg, echo, info):  # a recipe that reports 6 s of training and takes none
         ran.append(name)
         row = {"recipe": name, "val_acc": 0.5 + 0.1 * len(ran), "train_s": 6.0, "peak_mem_mb": None,
                "trainable_params": 10, "best_epoch": 1, "run_dir": str(tmp_path / name)}  # fmt: skip
