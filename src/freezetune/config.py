@@ -52,6 +52,7 @@ from freezetune.options import (
     parse_duration,
     positive_int_problem,
     recipe_problem,
+    validation_source_problem,
 )
 
 WEIGHT_KEYWORDS = (*PRETRAINED_WEIGHTS, *RANDOM_WEIGHTS)
@@ -251,8 +252,8 @@ def validate(cfg: TrainConfig, *, need_data: bool = True) -> None:
     problems += [positive_int_problem(name, getattr(cfg, name)) for name in optional if getattr(cfg, name) is not None]
     if cfg.val_split is not None:
         problems.append(fraction_problem("val_split", cfg.val_split))
-        if cfg.val_data is not None:  # (refused when the data was read, after --print-config and a recipe's start)
-            problems.append(f"give either val_data ({cfg.val_data!r}) or val_split ({cfg.val_split!r}), not both")
+    # (refused only when the data was read, it passed --print-config and a recipe's start)
+    problems.append(validation_source_problem(cfg.val_data, cfg.val_split))
     problems.append(fraction_problem("epoch_fraction", cfg.epoch_fraction, whole=True))
     problems += _range_problems(cfg)
     problems += _column_problems(cfg)

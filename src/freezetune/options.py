@@ -172,6 +172,17 @@ def non_negative_int_problem(name: str, value: object) -> str | None:
     return None if value >= 0 else f"{name} must be >= 0, got {value!r}"
 
 
+def validation_source_problem(val_data: object, val_split: object) -> str | None:
+    """Problem of naming validation images twice: ``val_data`` and ``val_split`` are two ways of saying which.
+
+    >>> validation_source_problem("val/", 0.2)
+    "give either val_data ('val/') or val_split (0.2), not both"
+    """
+    if val_data is not None and val_split is not None:
+        return f"give either val_data ({val_data!r}) or val_split ({val_split!r}), not both"
+    return None
+
+
 def fraction_problem(name: str, value: object, *, whole: bool = False) -> str | None:
     """Problem of a share that must lie strictly between 0 and 1 (``val_split``), or in (0, 1] when the ``whole`` is
     a share too (``epoch_fraction``).

@@ -28,6 +28,7 @@ from freezetune.options import (
     AUTO_VAL_MAX_PER_CLASS,
     fraction_problem,
     positive_int_problem,
+    validation_source_problem,
 )
 from freezetune.preprocess import Preprocess
 from freezetune.progress import NOT_HELD_OUT
@@ -176,9 +177,7 @@ def _scan(train: Dataset, val: Dataset | None, test: Dataset | None, skip_bad: b
 
 
 def _check_options(val_data: str | None, val_split: float | None, per_class: int | None) -> None:
-    problems = []
-    if val_data is not None and val_split is not None:
-        problems.append(f"give either val_data ({val_data!r}) or val_split ({val_split!r}), not both")
+    problems = [validation_source_problem(val_data, val_split)]
     if val_split is not None:
         problems.append(fraction_problem("val_split", val_split))
     if per_class is not None:
