@@ -38,8 +38,7 @@ class LRRule:
             from freezetune.config import parse_stage_lrs
 
             stage_lrs = parse_stage_lrs(stage_lrs)
-        bad = [f"{k}={v!r}" for k, v in {"lr": lr, **dict(stage_lrs or {})}.items()
-               if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < math.inf]  # fmt: skip
+        bad = [f"{k}={v!r}" for k, v in {"lr": lr, **dict(stage_lrs or {})}.items() if not _finite_non_negative(v)]
         if bad:  # a negative LR climbs the loss; torch's optimizers refuse it only at their construction
             raise SpecError(f"learning rates must be finite numbers >= 0, got {', '.join(bad)}")
         stage_lrs = resolve_stage_lrs(stage_lrs or {}, stage_names)
@@ -140,6 +139,11 @@ def param_groups(
     return groups
 
 
+def _finite_non_negative(value: object) -> bool:
+    """A number (not a bool) in [0, inf): what a learning rate and a weight decay must be (NaN is not)."""
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and 0 <= value < math.inf
+
+
 def check_weight_decay(weight_decay: float | None) -> None:
     """Refuse a weight decay that is not None (the optimizer's own) or a finite number >= 0: torch's optimizers check
     only their constructor's default, and a negative decay pushes every weight away from zero.
@@ -148,9 +152,7 @@ def check_weight_decay(weight_decay: float | None) -> None:
     Traceback (most recent call last):
     freezetune.errors.SpecError: weight_decay must be a finite number >= 0 (or None: the optimizer's own), got -0.5
     """
-    if weight_decay is None:
-        return
-    if isinstance(weight_decay, bool) or not isinstance(weight_decay, (int, float)) or not 0 <= weight_decay < math.inf:
+    if weight_decay is not None and not _finite_non_negative(weight_decay):
         raise SpecError(
             f"weight_decay must be a finite number >= 0 (or None: the optimizer's own), got {weight_decay!r}"
         )
