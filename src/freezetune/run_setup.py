@@ -104,10 +104,10 @@ class RunSetup:
                                    final_test=cfg.final_test)  # fmt: skip
         self.classes = self.data.classes
         if self.data.val is None and needs_validation(cfg):  # a plateau failed after epoch 1; --early-stop was ignored
-            users, why = validation_users(cfg), self.data.val_source.removeprefix("none (").removesuffix(")")
+            users = validation_users(cfg)  # the data says why there is none: "none (every class has a single ...)"
             raise DataError(f"{' and '.join(users)} need{'s' if len(users) == 1 else ''} validation data, and this "
-                            f"run has none ({why}): give --val-data (or more images a class), or train without "
-                            f"{'it' if len(users) == 1 else 'them'}")  # fmt: skip
+                            f"run has {self.data.val_source}: give --val-data (or more images a class), or train "
+                            f"without {'it' if len(users) == 1 else 'them'}")  # fmt: skip
         # what last.pt keeps of the data (sizes, digests), for a resume to refuse other data
         self.data_print = data_record(self.data.train, self.data.val) if self.resumable else None
         replace_head(self.model, len(self.classes))
