@@ -19,7 +19,7 @@ from freezetune.data.image_csv import IMAGE_COLUMNS, read_csv
 from freezetune.data.layout import TEST_DIRS, TRAIN_DIRS, VAL_DIRS, first_dir, load_folder, split_files
 from freezetune.data.sampling import per_class_indices, stratified_split
 from freezetune.data.scan import check_images, check_overlap, check_splits, warn_copies
-from freezetune.data.text import TABLE_SUFFIXES, Columns, TextDataset, csv_header, read_text_csv, text_csv_header
+from freezetune.data.text import Columns, TextDataset, csv_header, read_text_csv, text_csv_header
 from freezetune.data.transforms import eval_transform, train_transform
 from freezetune.errors import ConfigError, DataError, choices
 from freezetune.options import (
@@ -68,8 +68,7 @@ def _text_csv(path: Path, preprocess: Preprocess) -> bool:
     splits = split_files(path)
     if splits is not None:  # a folder of train.csv, val.csv, test.csv: a text dataset if its training file is
         return _text_csv(splits["train"], preprocess)
-    table = path.is_file() and path.suffix.lower() in TABLE_SUFFIXES  # (a photo is no CSV, not one "not in UTF-8")
-    header = text_csv_header(path, Columns.of(preprocess)) if table else None
+    header = text_csv_header(path, Columns.of(preprocess))
     if header is None:
         return False
     return preprocess.is_text if IMAGE_COLUMNS & {c.strip().lower() for c in header} else True
@@ -122,7 +121,7 @@ def _check_kind(data: str, preprocess: Preprocess, what: str = "data") -> None:
     if preprocess.is_text:
         columns = Columns.of(preprocess)
         table = (split_files(path) or {}).get("train", path)  # a folder of split files: its training file's header
-        header = csv_header(table) if table.is_file() and table.suffix.lower() in TABLE_SUFFIXES else None
+        header = csv_header(table)
         found = f" (its header: {', '.join(map(repr, header))}: name its columns with --text-column and " \
                 f"--label-column)" if header else ""  # fmt: skip
         raise DataError(f"{what} '{data}' is not a text CSV{found}; the model is a text model (tokenizer "

@@ -100,7 +100,10 @@ def text_csv_header(path: Path, columns: Columns = Columns()) -> list[str] | Non
 
 
 def csv_header(path: Path) -> list[str] | None:
-    """The first row of the table ``path`` (None when it cannot be read as one)."""
+    """The first row of the table file ``path`` (``TABLE_SUFFIXES``); None when it is none (a photo is no table, not
+    one "not in UTF-8") or cannot be read as one."""
+    if not (path.is_file() and path.suffix.lower() in TABLE_SUFFIXES):
+        return None
     try:
         with path.open(newline="", encoding="utf-8-sig") as f:
             return next(csv.reader(f, delimiter=delimiter(path)), [])
