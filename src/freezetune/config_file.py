@@ -31,9 +31,9 @@ def load_config(path: str | Path | dict[str, Any] | None = None, overrides: dict
     values.update(overrides or {})
     # every problem in one message: a value of the wrong type, then one out of range, then an unknown key (reported
     # one kind at a time, the user fixed one and met the next)
-    problems, known = [], {}
+    problems, known, names = [], {}, field_names()
     for key, value in values.items():
-        if key in field_names():
+        if key in names:
             try:
                 known[key] = coerce(key, value)
             except ConfigError as exc:

@@ -218,14 +218,14 @@ def predict_files(
         pre = replace(loaded.preprocess, text_column=text_column or loaded.preprocess.text_column)
         return _predict_text_files(loaded, [str(p) for p in paths], topk, batch_size, Columns.of(pre))
     refuse_text_settings("this checkpoint's model", {"text_column": text_column} if text_column is not None else {})
-    transform = eval_transform(loaded.preprocess)
+    pre = loaded.preprocess
+    transform = eval_transform(pre)
     files = list_images([str(p) for p in paths])
     records: dict[str, dict] = {}
     for start in range(0, len(files), batch_size):
         chunk, images = [], []
         for path in files[start : start + batch_size]:
             try:  # one unreadable file must not cost the predictions of all the others
-                pre = loaded.preprocess
                 images.append(transform(load_image(path, pre.alpha, pre.decode_side)))
                 chunk.append(path)
             except DataError as exc:
