@@ -92,10 +92,11 @@ def check_folders(out: str | None, cache_dir: str | None, data: tuple[str | None
     given = (("--out", out), ("--cache-dir", cache_dir))
     problems = [f"{flag} {path!r}: {problem}" for flag, path in given if path and (problem := folder_problem(path))]
     roots = [root.resolve() for d in data for root in class_roots(d)]
-    named = (("--out", out, f"--out {out!r}"), ("--cache-dir", cache_dir, f"--cache-dir {cache_dir!r}"))
-    default = ("--out", RUNS_DIR, f"the default run dir ({RUNS_DIR}/ in the current folder, as no --out is given)")
-    for flag, path, what in (named[0] if out else default, named[1]):
-        inside = next((r for r in roots if path and Path(path).resolve().is_relative_to(r)), None)
+    default = f"the default run dir ({RUNS_DIR}/ in the current folder, as no --out is given)"
+    places = [("--out", out or RUNS_DIR, f"--out {out!r}" if out else default)]
+    places += [("--cache-dir", cache_dir, f"--cache-dir {cache_dir!r}")] if cache_dir else []
+    for flag, path, what in places:
+        inside = next((r for r in roots if Path(path).resolve().is_relative_to(r)), None)
         if inside is not None:
             problems.append(f"{what} lies inside the data folder '{inside}', whose folders are read as classes: the "
                             f"run's files would join the data; give {flag} outside it")  # fmt: skip
@@ -271,13 +272,14 @@ def use_channels_last(setting: bool | None, model: nn.Module, device: torch.devi
     EfficientNet-Lite0's last stages 1.3x faster and built its cache faster too (1 thread, 64 px, 2026-11-30).
     """
     convnet = any(isinstance(m, nn.Conv2d) for m in model.modules())
+    if setting is None:
+        return convnet
     if setting and not convnet:  # a text model or a pure transformer: the log claimed channels_last, to no effect
         from freezetune.run_log import warn_once
 
         warn_once(logging.getLogger(__name__), "--channels-last lays out convolutions, and this model has none: "
                   "it has no effect")  # fmt: skip
-        return False
-    return convnet if setting is None else setting
+    return setting and convnet
 
 
 def seed_everything(seed: int) -> None:
