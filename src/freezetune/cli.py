@@ -12,7 +12,6 @@ import gc
 import io
 import json
 import logging
-import os
 import re
 import shlex
 import sys
@@ -47,9 +46,7 @@ def _line_buffered(stream) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
-    # under torchrun the first process of each machine speaks: one line per job (per node: a path missing on one
-    # node is said there), not one per rank
-    first = os.environ.get("LOCAL_RANK", "0") == "0"
+    first = run_log.first_on_machine()  # under torchrun: one line per machine, not one per process
     args = _parse(parser, argv, first)
     if isinstance(args, int):
         return args

@@ -253,6 +253,12 @@ def first_process() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
+def first_on_machine() -> bool:
+    """Under torchrun the first process of each machine says a command's user error (``cli.main``): a path missing
+    on one node is said there, and one line comes per machine, not one per process."""
+    return os.environ.get("LOCAL_RANK", "0") == "0"
+
+
 def ending_line(exc: BaseException) -> str:
     """The line for the exception that ended a run, as ``cli.main`` prints it, in its order: a user error, a full
     disk, a stop; for another error after a stop signal, the stop (what it broke); else the traceback.
