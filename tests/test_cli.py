@@ -313,6 +313,14 @@ def test_inspect_prints_stage_table_and_memory_estimate(capsys):
     assert 0 < frozen < full
 
 
+def test_inspect_batch_size_auto_says_what_train_would_pick(capsys):
+    code, out, err = run_cli(capsys, "inspect", "--model", "timm:test_efficientnet", "--img-size", "32",
+                             "--batch-size", "auto")  # fmt: skip
+    assert code == 0, err
+    assert "--batch-size auto -> 32: the default 32 (no CUDA device to measure on cpu)" in out
+    assert "training memory estimate at batch 32," in out
+
+
 @pytest.mark.parametrize(("amp", "shown"), [("bf16", "bf16 autocast"), ("off", "fp32")])
 def test_inspect_estimates_the_step_in_the_precision_asked_for(capsys, amp, shown):
     code, out, err = run_cli(capsys, "inspect", "--model", "timm:test_efficientnet", "--img-size", "32", "--amp", amp)
@@ -634,6 +642,7 @@ def test_eval_of_a_non_checkpoint_is_a_user_error(run, data, capsys, tmp_path, k
         (["inspect", "--model", "test_efficientnet"], ["test_efficientnet", "timm:"]),  # no library prefix
         (["inspect", "--model", "timm:test_efficientnet", "--amp", "fp8"], ["fp8", "'bf16'"]),
         (["inspect", "--model", "timm:test_efficientnet", "--batch-size", "0"], ["batch_size", "got 0"]),
+        (["inspect", "--model", "timm:test_efficientnet", "--batch-size", "many"], ["batch_size", "'many'", "'auto'"]),
         (["inspect", "--model", "timm:test_efficientnet", "--num-classes", "0"], ["num_classes", "got 0"]),
     ],
 )

@@ -74,3 +74,10 @@ def test_cached_matches_uncached_in_fp32_on_the_gpu(data, tmp_path):
     got = [(r["train_loss"], r["val_loss"]) for r in cached.fit().history]
     want = [(r["train_loss"], r["val_loss"]) for r in plain.fit().history]
     np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-4)  # cuDNN picks kernels per shape: not bit-equal
+
+
+def test_inspect_batch_size_auto_measures_on_the_device():
+    from freezetune.describe import describe_model
+
+    text = describe_model("timm:test_efficientnet", img_size=32, batch_size="auto")
+    assert "--batch-size auto -> 1024: the largest power of two whose forward and backward fit on cuda" in text

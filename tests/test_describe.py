@@ -34,3 +34,28 @@ def test_describe_model_estimates_a_text_model_on_tokens():
     assert "input: texts, tokenized and cut at 128 tokens" in text
     table = _table(text)
     assert "batch 4 x 128 tokens" in text and 0 < float(table["frozen"][-1]) < float(table["full"][-1])
+
+
+def test_describe_model_batch_size_auto_estimates_at_the_size_train_would_pick(monkeypatch):
+    text = describe_model("timm:test_efficientnet", img_size=32, batch_size="auto")
+    assert "--batch-size auto -> 32: the default 32 (no CUDA device to measure on cpu)" in text  # this CPU machine
+    assert "training memory estimate at batch 32," in text
+
+    seen = {}
+
+    def measured(model, input_size, **kw):  # what a CUDA device would measure
+        seen.update(input_size=input_size, cap=kw["cap"], trainable=any(p.requires_grad for p in model.parameters()))
+        return 256, "the largest power of two whose forward and backward fit"
+
+    monkeypatch.setattr("freezetune.memory.auto_batch_size", measured)
+    text = describe_model("timm:test_efficientnet", img_size=32, batch_size="auto", freeze="-2")
+    assert "--batch-size auto -> 256: the largest power of two" in text and "estimate at batch 256," in text
+    assert seen == {"input_size": 32, "cap": 1024, "trainable": True}  # measured on the frozen model, as train does
+
+
+@pytest.mark.parametrize("bad", ["x", 0, -3])
+def test_describe_model_names_a_bad_batch_size_with_auto(bad):
+    from freezetune.errors import FreezetuneError
+
+    with pytest.raises(FreezetuneError, match="batch_size.*'auto'"):
+        describe_model("timm:test_efficientnet", batch_size=bad)

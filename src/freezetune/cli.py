@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from freezetune import __version__, cli_exit, run_log
-from freezetune.config import FIELD_CHOICES, TrainConfig, field_names, scalar_type
+from freezetune.config import FIELD_CHOICES, TrainConfig, coerce, field_names, scalar_type
 from freezetune.config_file import load_config, parse_override
 from freezetune.errors import ConfigError, FreezetuneError
 from freezetune.flag_help import FIELD_HELP, SECTIONS
@@ -275,20 +275,28 @@ def _predict_parser(sub) -> None:
 
 def _inspect_parser(sub) -> None:
     p = sub.add_parser("inspect", help="stage table, parameter counts and memory estimate of a model")
-    p.add_argument("--model", required=True)
+    p.add_argument("--model", required=True, help=FIELD_HELP["model"])
     p.add_argument("--weights", default=RANDOM_WEIGHTS[0],
                    help="default random init: the stage table and the estimate do not depend on the weights")  # fmt: skip
     p.add_argument("--freeze", default=FREEZE_DEFAULT,
                    help=f"freeze spec to show (default {FREEZE_DEFAULT}: all but the head, what freeze() freezes "
                         f"without a spec; a train run's default is {_DEFAULTS.freeze})")  # fmt: skip
-    p.add_argument("--bn", default=_DEFAULTS.bn)
-    p.add_argument("--img-size", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=_DEFAULTS.batch_size)
-    p.add_argument("--num-classes", type=int, default=None)
+    p.add_argument("--bn", default=_DEFAULTS.bn, help=_field_help("bn"))
+    p.add_argument("--img-size", type=int, default=None, help=FIELD_HELP["img_size"])
+    p.add_argument("--batch-size", type=_inspect_batch, default=_DEFAULTS.batch_size,
+                   help="batch size of the memory estimate, or auto: the one train --batch-size auto picks here "
+                        "(measured on a CUDA device) [default: %(default)s]")  # fmt: skip
+    p.add_argument("--num-classes", type=int, default=None,
+                   help="show the model with a new head of this many classes (default: the model's own head)")
     p.add_argument("--amp", default=_DEFAULTS.amp,
                    help=f"precision of the memory estimate, {' | '.join(AMP_MODES)} (auto: what train uses on this "
                         "machine)")  # fmt: skip
     p.set_defaults(func=_cmd_inspect, command_parser=p)
+
+
+def _inspect_batch(text: str) -> int | str:
+    """``--batch-size``'s number or ``auto``, as train reads it; anything else is named by ``describe_model``."""
+    return coerce("batch_size", text)
 
 
 def _train_config(args, *, run: bool = True) -> TrainConfig:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from freezetune.config import TrainConfig
-from freezetune.options import FREEZE_DEFAULT, check, positive_int_problem
+from freezetune.options import BATCH_AUTO, FREEZE_DEFAULT, check, positive_int_problem
 
 
 def describe_model(
@@ -13,7 +13,7 @@ def describe_model(
     freeze: str | int | list = FREEZE_DEFAULT,
     bn: str = TrainConfig.bn,
     img_size: int | None = None,
-    batch_size: int = TrainConfig.batch_size,
+    batch_size: int | str = TrainConfig.batch_size,
     num_classes: int | None = None,
     amp: str = TrainConfig.amp,
 ) -> str:
@@ -25,7 +25,8 @@ def describe_model(
         freeze: a freeze spec (string forms as on the CLI: ``"-2"``, ``"stem,layer1"``).
         bn: BatchNorm policy of the frozen part.
         img_size: input size (default: the model's own).
-        batch_size: batch size of the memory estimate.
+        batch_size: batch size of the memory estimate, or ``"auto"``: the one ``train --batch-size auto`` picks on
+            this machine's default device (measured on CUDA; elsewhere the default), shown with the reason.
         num_classes: replace the head with one of this many classes.
         amp: precision of the memory estimate's step, as ``train --amp`` takes it (``auto``: what a run on this
             machine's default device uses).
@@ -41,8 +42,10 @@ def describe_model(
     from freezetune.models import create_model
     from freezetune.precision import resolve_device, resolve_precision
 
-    check(positive_int_problem("batch_size", batch_size))  # bad values fail before the model is built
-    dtype = resolve_precision(resolve_device("auto"), amp).amp_dtype
+    if batch_size != BATCH_AUTO:  # bad values fail before the model is built
+        problem = positive_int_problem("batch_size", batch_size)
+        check(problem and f"{problem} (or {BATCH_AUTO!r})")
+    precision = resolve_precision(resolve_device("auto"), amp)
     model, pre = create_model(name, weights, img_size=img_size)
     if num_classes is not None:  # 0 is a mistake to name, not "keep the head"
         replace_head(model, num_classes)
@@ -55,7 +58,30 @@ def describe_model(
                  f"the trials may choose the last {', '.join(map(str, ks))})")  # fmt: skip
     freeze_model(model, parse_freeze_spec(freeze), bn=bn)
     lines = [f"{name}  head: {head_name(model)}  freeze: {shown}  bn: {bn}", summary(model)]
-    return "\n".join([*lines, *_input_and_memory(name, model, pre, batch_size, dtype)])
+    if batch_size == BATCH_AUTO:
+        batch_size, why = _auto_batch_size(model, pre, precision)
+        lines.append(f"--batch-size auto -> {batch_size}: {why}")
+    return "\n".join([*lines, *_input_and_memory(name, model, pre, batch_size, precision.amp_dtype)])
+
+
+# inspect has no training set to cap the measured size at; a larger batch rarely helps a fine-tune
+_AUTO_CAP = 1024
+
+
+def _auto_batch_size(model, pre, precision) -> tuple[int, str]:
+    """What ``train --batch-size auto`` would pick for this model and freeze on the default device: as a run measures
+    it (the frozen part keeps no activations for backward), capped at ``_AUTO_CAP`` rather than the training set."""
+    from freezetune.memory import auto_batch_size
+
+    default = TrainConfig.batch_size
+    if pre is None:  # a text model: as a run, not measured
+        return default, "the default (a text model is not measured)"
+    device = precision.device
+    try:
+        return auto_batch_size(model.to(device), pre.input_size, device=device, cap=_AUTO_CAP, default=default,
+                               autocast=precision.autocast)  # fmt: skip
+    finally:
+        model.to("cpu")  # the estimate below measures a CPU copy
 
 
 def _input_and_memory(name: str, model, pre, batch_size: int, dtype) -> list[str]:
