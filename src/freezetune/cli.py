@@ -287,7 +287,7 @@ def _inspect_parser(sub) -> None:
                    help="batch size of the memory estimate, or auto: the one train --batch-size auto picks here "
                         "(measured on a CUDA device) [default: %(default)s]")  # fmt: skip
     p.add_argument("--num-classes", type=int, default=None,
-                   help="show the model with a new head of this many classes (default: the model's own head)")
+                   help="show the model with a new head of this many classes (default: the model's own head)")  # fmt: skip
     p.add_argument("--amp", default=_DEFAULTS.amp,
                    help=f"precision of the memory estimate, {' | '.join(AMP_MODES)} (auto: what train uses on this "
                         "machine)")  # fmt: skip
