@@ -277,7 +277,8 @@ def _inspect_parser(sub) -> None:
     p = sub.add_parser("inspect", help="stage table, parameter counts and memory estimate of a model")
     p.add_argument("--model", required=True, help=FIELD_HELP["model"])
     p.add_argument("--weights", default=RANDOM_WEIGHTS[0],
-                   help="default random init: the stage table and the estimate do not depend on the weights")  # fmt: skip
+                   help="default random init: the stage table and the estimate do not depend on the "
+                        "weights")  # fmt: skip
     p.add_argument("--freeze", default=FREEZE_DEFAULT,
                    help=f"freeze spec to show (default {FREEZE_DEFAULT}: all but the head, what freeze() freezes "
                         f"without a spec; a train run's default is {_DEFAULTS.freeze})")  # fmt: skip
@@ -287,7 +288,8 @@ def _inspect_parser(sub) -> None:
                    help="batch size of the memory estimate, or auto: the one train --batch-size auto picks here "
                         "(measured on a CUDA device) [default: %(default)s]")  # fmt: skip
     p.add_argument("--num-classes", type=int, default=None,
-                   help="show the model with a new head of this many classes (default: the model's own head)")  # fmt: skip
+                   help="show the model with a new head of this many classes (default: the model's own "
+                        "head)")  # fmt: skip
     p.add_argument("--amp", default=_DEFAULTS.amp,
                    help=f"precision of the memory estimate, {' | '.join(AMP_MODES)} (auto: what train uses on this "
                         "machine)")  # fmt: skip
