@@ -230,6 +230,32 @@ def test_eval_and_predict_cli_on_a_text_model(text_run, tmp_path, capsys):
     assert code == 2 and "is not a text CSV; the model is a text model" in err and "Traceback" not in err
 
 
+@pytest.mark.slow
+def test_eval_and_predict_say_how_many_texts_the_model_sees_only_the_start_of(text_run, tmp_path, capsys, caplog):
+    # train counted the texts cut at --max-length; eval and predict cut them without a word
+    best, _ = text_run
+    long = "word " * 300
+    data = tmp_path / "long.csv"
+    data.write_text(f'text,label\n"{GOOD[0]}",pos\n{long},neg\n"{BAD[0]}",neg\n')
+    note = "1 of 3 texts are longer than the 128 tokens this model reads (it trained with --max-length 128; the "
+    code, out, err = run_cli(capsys, "eval", "--checkpoint", best, "--data", data, "--device", "cpu",
+                             "--plot", tmp_path / "c.png")  # fmt: skip
+    assert code == 0 and note in caplog.text, err
+    assert "the longest is 302): each is scored on its first 128" in caplog.text
+    (tmp_path / "r.txt").write_text(f"{GOOD[1]}\n{long}\n")
+    for paths, counted in (([tmp_path / "r.txt", data], "2 of 5 texts"), ([tmp_path / "r.txt"], "1 of 2 texts")):
+        caplog.clear()
+        code, out, err = run_cli(capsys, "predict", "--checkpoint", best, *paths, "--device", "cpu")
+        assert code == 0 and f"{counted} are longer than the 128 tokens" in caplog.text, err  # over all the files
+    caplog.clear()
+    assert predict_texts(best, [long, GOOD[0]], device="cpu") and "1 of 2 texts are longer" in caplog.text
+    short = tmp_path / "short.txt"
+    short.write_text(f"{GOOD[1]}\n")
+    caplog.clear()
+    code, out, err = run_cli(capsys, "predict", "--checkpoint", best, short, "--device", "cpu")
+    assert code == 0 and "tokens this model reads" not in caplog.text, err
+
+
 def test_a_text_model_exports_its_weights_and_refuses_a_graph_format_in_one_line(text_run, tmp_path, capsys):
     # .pt2 traced an image batch into BERT: "too many values to unpack", a traceback, exit code 1
     best, _ = text_run

@@ -8,6 +8,7 @@ record) or an in-memory model are both accepted, so the same evaluation runs in 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -28,6 +29,8 @@ from freezetune.options import check, column_name_problem, positive_int_problem
 from freezetune.precision import Precision, resolve_device, resolve_precision
 from freezetune.preprocess import Preprocess
 from freezetune.runtime import use_channels_last
+
+log = logging.getLogger(__name__)
 
 _BATCH_SIZE = TrainConfig.batch_size  # the dataclass default: evaluation results do not depend on it, only speed
 
@@ -125,6 +128,8 @@ def evaluate_checkpoint(
         from freezetune.data import build_eval_dataset
 
         dataset = build_eval_dataset(str(data), preprocess=loaded.preprocess, classes=loaded.classes)
+    if loaded.preprocess.is_text:
+        _warn_cut([dataset[i][0] for i in range(len(dataset))], _tokenizer(loaded))
     loaders = Loaders(batch_size=batch_size, device=loaded.precision.device, seed=0, preprocess=loaded.preprocess)
     result = evaluate_model(loaded.model, dataset, num_classes=len(loaded.classes), precision=loaded.precision,
                             loaders=loaders, channels_last=loaded.channels_last)  # fmt: skip
@@ -265,8 +270,6 @@ def predict_texts(
     >>> predict_texts("runs/minilm/best.pt", ["a joy to watch"], topk=1)  # doctest: +SKIP
     [{'text': 'a joy to watch', 'top': [{'class': 'pos', 'prob': 0.91}]}]
     """
-    from freezetune.data.text import TokenizeBatch
-
     for name, value in (("topk", topk), ("batch_size", batch_size)):
         check(positive_int_problem(name, value))
     if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
@@ -275,8 +278,23 @@ def predict_texts(
     if not loaded.preprocess.is_text:
         raise ConfigError("predict_texts needs a text model (hf:DIR_OR_ID sequence classifier); this checkpoint's "
                           "model reads images: use predict_files")  # fmt: skip
-    tokenizer = TokenizeBatch(loaded.preprocess.tokenizer, loaded.preprocess.max_length)
+    tokenizer = _tokenizer(loaded)
+    _warn_cut(list(texts), tokenizer)
     return _rank_texts(loaded, tokenizer, list(texts), topk, batch_size)
+
+
+def _tokenizer(loaded: LoadedModel):
+    from freezetune.data.text import TokenizeBatch
+
+    return TokenizeBatch(loaded.preprocess.tokenizer, loaded.preprocess.max_length)
+
+
+def _warn_cut(texts: list[str], tokenizer) -> None:
+    """Say how many texts the model sees only the start of: the tokenizer cuts them silently."""
+    from freezetune.data.text import scoring_cut_note
+
+    if note := scoring_cut_note(texts, tokenizer):
+        log.warning(note)
 
 
 def _rank_texts(loaded: LoadedModel, tokenizer, texts: list[str], topk: int, batch_size: int) -> list[dict]:
@@ -290,18 +308,20 @@ def _rank_texts(loaded: LoadedModel, tokenizer, texts: list[str], topk: int, bat
 
 def _predict_text_files(loaded: LoadedModel, paths: list[str], topk: int, batch_size: int,
                         columns: Columns) -> list[dict]:  # fmt: skip
-    from freezetune.data.text import TokenizeBatch, list_text_files, numbered_texts
+    from freezetune.data.text import list_text_files, numbered_texts
 
-    tokenizer = TokenizeBatch(loaded.preprocess.tokenizer, loaded.preprocess.max_length)  # once, not once a file
-    records = []
+    tokenizer = _tokenizer(loaded)  # once, not once a file
+    records, scored = [], []
     for path in list_text_files(paths):
         try:  # one unreadable file must not cost the predictions of all the others
             numbered = numbered_texts(path, columns)
         except DataError as exc:
             records.append({"path": path, "error": str(exc)})
             continue
+        scored += [text for _, text in numbered]
         predicted = _rank_texts(loaded, tokenizer, [text for _, text in numbered], topk, batch_size)
         records += [{"path": path, "row": line, **r} for (line, _), r in zip(numbered, predicted, strict=True)]
+    _warn_cut(scored, tokenizer)
     return records
 
 

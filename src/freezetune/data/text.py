@@ -293,9 +293,7 @@ def truncation_note(dataset: Dataset, preprocess) -> str | None:
     if not preprocess.is_text or not len(dataset):
         return None
     texts = [dataset[i][0] for i in range(len(dataset))]
-    tokenizer = TokenizeBatch(preprocess.tokenizer, preprocess.max_length).tokenizer
-    lengths = [len(ids) for ids in tokenizer(texts, truncation=False, verbose=False)["input_ids"]]
-    long = sum(n > preprocess.max_length for n in lengths)
+    long, longest = long_texts(texts, TokenizeBatch(preprocess.tokenizer, preprocess.max_length))
     if not long:
         return None
     limit = _max_positions(preprocess.tokenizer)  # the advice must be one that can be followed
@@ -306,7 +304,26 @@ def truncation_note(dataset: Dataset, preprocess) -> str | None:
     else:
         more = f"the model reads {limit} tokens at most"
     return (f"note: {long} of {len(texts)} training texts are longer than {preprocess.max_length} tokens (the longest "
-            f"{max(lengths)}) and are cut there; {more}")  # fmt: skip
+            f"{longest}) and are cut there; {more}")  # fmt: skip
+
+
+def scoring_cut_note(texts: list[str], tokenize: TokenizeBatch) -> str | None:
+    """``truncation_note`` for texts scored by a trained model (eval, predict): its ``max_length`` is the one it
+    trained with, so the note says so instead of advising a flag that would change the model's input."""
+    long, longest = long_texts(texts, tokenize)
+    if not long:
+        return None
+    cut = tokenize.max_length
+    return (f"{long} of {len(texts)} texts are longer than the {cut} tokens this model reads (it trained with "
+            f"--max-length {cut}; the longest is {longest}): each is scored on its first {cut}")  # fmt: skip
+
+
+def long_texts(texts: list[str], tokenize: TokenizeBatch) -> tuple[int, int]:
+    """How many of ``texts`` ``tokenize`` cuts at its ``max_length`` tokens, and the longest's length in tokens."""
+    if not texts:
+        return 0, 0
+    lengths = [len(ids) for ids in tokenize.tokenizer(texts, truncation=False, verbose=False)["input_ids"]]
+    return sum(n > tokenize.max_length for n in lengths), max(lengths)
 
 
 TEXT_SETTINGS = ("max_length", "text_column", "label_column")  # the TrainConfig fields only a text model reads
