@@ -704,3 +704,34 @@ def test_checking_the_test_split_builds_no_model_for_an_image_folder_beside_a_tr
     (tmp_path / "kaggle" / "train.csv").write_text("id,label\n1,red\n")
     monkeypatch.setattr(recipes, "structure", lambda *a: pytest.fail("the model was built"))
     recipes.check_test_data(TrainConfig(data=str(tmp_path / "kaggle"), model="timm:test_efficientnet"))
+
+
+@pytest.mark.parametrize("recipe", ["lp-ft", "gradual"])
+def test_a_named_recipe_refused_at_its_first_phases_set_up_leaves_no_run_dir(data, tmp_path, capsys, recipe):
+    # a plain run makes its dir once the model and data are ready; a recipe left one holding only recipe.json
+    argv = train_argv(data, tmp_path / "run", "--recipe", recipe, "--decode", "gpu", "--device", "auto")
+    code, out, err = run_cli(capsys, *argv)
+    assert code == 2 and "decode 'gpu'" in err and not (tmp_path / "run").exists(), (out, err)
+    mine = tmp_path / "mine"  # a folder the user made: stays, as empty as it was
+    mine.mkdir()
+    code, out, err = run_cli(capsys, *train_argv(data, mine, "--recipe", recipe, "--decode", "gpu", "--device", "auto"))
+    assert code == 2 and mine.is_dir() and not list(mine.iterdir()), err
+
+
+def test_a_named_recipe_stopped_by_an_error_after_its_first_phase_keeps_its_request_to_resume(data, tmp_path,
+                                                                                             monkeypatch):  # fmt: skip
+    from freezetune import recipes, trainer
+    from freezetune.errors import DataError
+    from freezetune.runtime import RECIPE_FILE
+
+    calls = []
+
+    def second_fails(cfg, **kw):
+        calls.append(cfg.out)
+        if len(calls) == 2:
+            raise DataError("the data changed under the run")
+        return trainer.train(cfg, **kw)
+
+    with pytest.raises(DataError):
+        recipes.run(_cfg(data, tmp_path / "run", recipe="lp-ft", epochs=1), echo=lambda _: None, train=second_fails)
+    assert (tmp_path / "run" / RECIPE_FILE).is_file()  # phase 1's work is there: --resume continues from it

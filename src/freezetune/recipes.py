@@ -205,7 +205,7 @@ def run(cfg: TrainConfig, *, echo: Callable[[str], None] = print, train: Callabl
     A later phase starts from the weights of the one before (``init``); a finished phase is not run again, so a
     ``--resume`` of a recipe continues where it stopped.
     """
-    from freezetune import checkpoint, trainer
+    from freezetune import trainer
 
     train = train or trainer.train
     recipe = recipe_of(cfg)
@@ -228,13 +228,25 @@ def run(cfg: TrainConfig, *, echo: Callable[[str], None] = print, train: Callabl
         cfg = dataclasses.replace(cfg, out=str(broadcast(new_run_dir(cfg.model, claim=info.is_main), info)))
     if info.is_main:  # a process running in it refuses this one before anything below it changes, resume or not
         run_lock.claim(cfg.out)
+    existed = Path(cfg.out).exists()
     if not cfg.resume:  # refuse a run dir in use before any phase writes below it (rank 0 alone clears)
         prepare_run_dir(cfg.out, cfg.model, resume=False, clean=info.is_main, echo=echo)
         if info.is_main:  # what was asked, which a --resume with the same command continues (asked_config)
             _keep_request(Path(cfg.out), recipe, cfg)
     log_to(cfg.out)  # the phases' lines in the recipe's train.log too (each phase's dir keeps its own)
-    if cfg.final_test:  # the phases before the last do not read the test split: its problems would wait for them
-        check_test_data(cfg)
+    try:
+        if cfg.final_test:  # the phases before the last do not read the test split: its problems would wait for them
+            check_test_data(cfg)
+        return _run_phases(cfg, recipe, train, echo)
+    except FreezetuneError:
+        if info.is_main and not cfg.resume:
+            _drop_request(Path(cfg.out), existed)
+        raise
+
+
+def _run_phases(cfg: TrainConfig, recipe: str, train: Callable, echo: Callable[[str], None]):
+    from freezetune import checkpoint
+
     result, steps = None, phases(cfg, recipe)
     for i, phase in enumerate(steps):
         phase_cfg = phase.cfg
@@ -243,6 +255,21 @@ def run(cfg: TrainConfig, *, echo: Callable[[str], None] = print, train: Callabl
         echo(f"recipe {recipe}: phase {i + 1}/{len(steps)} ({phase.name}): freeze {phase_cfg.freeze!r}")
         result = _run_phase(phase_cfg, train, echo, last=i + 1 == len(steps))
     return result
+
+
+def _drop_request(out: Path, existed: bool) -> None:
+    """A user error before any phase was set up (a run makes its dir only then) leaves no run dir behind: only the
+    request is there, with nothing to resume. Once a phase has files, the request stays for ``--resume``."""
+    from freezetune.run_log import LOG_FILE
+    from freezetune.runtime import RECIPE_FILE
+
+    left = {p.name for p in out.iterdir()}
+    if RECIPE_FILE not in left or not left <= {RECIPE_FILE, LOG_FILE}:
+        return
+    for name in left:
+        (out / name).unlink()
+    if not existed:
+        out.rmdir()
 
 
 def _keep_request(out: Path, recipe: str, cfg: TrainConfig) -> None:
