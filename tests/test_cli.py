@@ -264,6 +264,17 @@ def test_a_run_whose_output_pipe_closes_stops_with_one_line_on_stderr(data, tmp_
                                     "run that has none)")  # fmt: skip
 
 
+def test_a_run_whose_output_and_error_pipe_closes_stops_as_the_shell_expects(data, tmp_path):
+    # `train ... 2>&1 | head -1`: the stop line went into the closed pipe too, a second broken pipe, exit code 1
+    argv = [sys.executable, "-m", "freezetune", *train_argv(data, tmp_path / "run", "--epochs", "1")]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc.stdout.close()
+    proc.wait(timeout=300)
+    assert proc.returncode == 141
+    log = (tmp_path / "run" / "train.log").read_text()  # the log, which the user can still read, says why
+    assert log.splitlines()[-1].endswith("freezetune: stopped: its output pipe was closed"), log[-2000:]
+
+
 def test_predict_reports_a_bad_file_and_still_predicts_the_others(run, data, capsys, tmp_path, caplog):
     folder = tmp_path / "mixed"
     folder.mkdir()

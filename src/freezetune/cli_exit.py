@@ -36,13 +36,21 @@ def reader_gone(stream) -> bool:
 def pipe_closed(saved: str | None) -> int:
     """Stop as a command the shell's SIGPIPE ends does (exit 141): quietly where the reader took what it wanted
     (``predict ... | head``); a run stopped that way says so on stderr, with what it ``saved``. Standard output goes to
-    /dev/null, or the interpreter's last flush fails again on the way out."""
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, sys.stdout.fileno())
-    os.close(devnull)
+    /dev/null, or the interpreter's last flush fails again on the way out; so does standard error when it went into
+    the same closed pipe (``train ... 2>&1 | head``), where that line had no reader either and ended the command with
+    a second broken pipe and exit code 1."""
+    _to_devnull(sys.stdout)
+    if reader_gone(sys.stderr):
+        _to_devnull(sys.stderr)
     if saved:
         print(f"freezetune: stopped: its output pipe was closed; {saved}", file=sys.stderr)
     return 128 + signal.SIGPIPE
+
+
+def _to_devnull(stream) -> None:
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, stream.fileno())
+    os.close(devnull)
 
 
 def stopped(stop: RunInterrupted) -> int:

@@ -272,6 +272,8 @@ def ending_line(exc: BaseException) -> str:
 
     if isinstance(exc, FreezetuneError):
         return f"freezetune: error: {one_line(exc)}"
+    if isinstance(exc, BrokenPipeError) and _output_closed():  # the reader of its output left, as cli.main says
+        return "freezetune: stopped: its output pipe was closed"
     if isinstance(exc, OSError):
         return f"freezetune: error: {os_error_line(exc)}"
     if isinstance(exc, RunInterrupted):
@@ -282,6 +284,12 @@ def ending_line(exc: BaseException) -> str:
     if stop is not None:
         return f"freezetune: {stop}"
     return "freezetune: failed:\n" + "".join(traceback.format_exception(exc)).rstrip()
+
+
+def _output_closed() -> bool:
+    from freezetune.cli_exit import reader_gone
+
+    return reader_gone(sys.stdout) or reader_gone(sys.stderr)
 
 
 def _header() -> str:
