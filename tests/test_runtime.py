@@ -55,3 +55,18 @@ def test_channels_last_asked_of_a_model_without_convolutions_is_said_to_have_no_
     assert "--channels-last lays out convolutions, and this model has none: it has no effect" in caplog.text
     assert (use_channels_last(None, mlp, cpu), use_channels_last(None, cnn, cpu)) == (False, True)
     assert (use_channels_last(True, cnn, cpu), use_channels_last(False, cnn, cpu)) == (True, False)
+
+
+def test_compiling_drops_torchs_no_cuda_runtime_line_and_nothing_else(caplog):
+    # --compile on a CPU machine with a CUDA toolkit: "W... cpp_extension.py:183] No CUDA runtime is found, using
+    # CUDA_HOME='/usr/local'" among the run's lines
+    import logging
+
+    from freezetune.runtime import recompile
+
+    recompile(torch.nn.Linear(2, 2), backend="eager")
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    with caplog.at_level(logging.WARNING, logger=logger.name):
+        logger.warning("No CUDA runtime is found, using CUDA_HOME='%s'", "/usr/local")
+        logger.warning("Error checking compiler version for %s", "c++")
+    assert "No CUDA runtime" not in caplog.text and "Error checking compiler version for c++" in caplog.text

@@ -262,7 +262,14 @@ def recompile(module: nn.Module, backend: str | None = None) -> nn.Module:
     torch.Size([1, 2])
     """
     torch._dynamo.reset()
+    # inductor's first compile imports torch.utils.cpp_extension, which warns, on a machine with a CUDA toolkit and no
+    # GPU, that it found no CUDA runtime: a line among the run's that says nothing the run's "on cpu" does not
+    logging.getLogger("torch.utils.cpp_extension").addFilter(_no_cuda_runtime_line)
     return torch.compile(module, backend=backend or "inductor")
+
+
+def _no_cuda_runtime_line(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("No CUDA runtime is found")
 
 
 def use_channels_last(setting: bool | None, model: nn.Module, device: torch.device) -> bool:
