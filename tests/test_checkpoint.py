@@ -235,3 +235,25 @@ def test_a_validation_split_there_then_and_not_now_is_named_by_its_count():
         _check_data(Path("last.pt"), {"training": train, "validation": {**train, "n": 2}}, {"training": train})
     with pytest.raises(CheckpointError, match=r"\(0 -> 2 validation images\)"):
         _check_data(Path("last.pt"), {"training": train}, {"training": train, "validation": {**train, "n": 2}})
+
+
+def test_a_refused_resume_names_files_rewritten_or_of_another_class_and_a_listless_record_names_none(tmp_path):
+    # "other files or contents" left the user to find which of thousands of files had changed
+    from freezetune.checkpoint import _check_data
+    from freezetune.data import FileImageDataset
+    from freezetune.data.fingerprint import data_record
+
+    for name in ("a1.png", "a2.png", "b1.png"):
+        (tmp_path / name).write_bytes(b"12345")
+    files = [(str(tmp_path / "a1.png"), 0), (str(tmp_path / "a2.png"), 0), (str(tmp_path / "b1.png"), 1)]
+    before = data_record(FileImageDataset(files[:2], ["a", "b"]), FileImageDataset(files[2:], ["a", "b"]))
+    (tmp_path / "a1.png").write_bytes(b"123456")
+    relabelled = [files[0], (files[1][0], 1), files[2]]  # a CSV's label changed
+    now = data_record(FileImageDataset(relabelled[:2], ["a", "b"]), FileImageDataset(relabelled[2:], ["a", "b"]))
+    named = r"files: 1 of another size \('a1.png'\), 1 of another class \('a2.png'\)"
+    with pytest.raises(CheckpointError, match=named):
+        _check_data(Path("last.pt"), before, now)
+    older = {split: {k: v for k, v in entry.items() if k != "files"} for split, entry in before.items()}
+    with pytest.raises(CheckpointError, match=r"other files or contents\); resume") as refused:
+        _check_data(Path("last.pt"), older, now)  # a last.pt of a freezetune that kept no list
+    assert "files:" not in str(refused.value)

@@ -214,16 +214,21 @@ def test_a_resume_on_data_changed_since_last_pt_is_refused_naming_the_change(tmp
                       scheduler="none", freeze="backbone", tensorboard=False)  # fmt: skip
     trainer.train(cfg, echo=lambda line: None)
     images = sorted((data / "train").rglob("*.png"))
+    # which file changed, not only that: named below the folder the splits share (train/: validation is held out)
+    first = f"'{images[0].relative_to(data / 'train')}'"
     if change == "delete":
         images[0].unlink()
-        needle = r"\(33 -> 32 training images; validation images: 3 as before, other files or contents\)"
+        needle = rf"\(33 -> 32 training images; validation images: 3 as before, other files or contents; files: 1 " \
+                 rf"gone \({first}\)\)"  # fmt: skip
     elif change == "rename":  # (a copy of the data with new file times and inodes is the same data: resumed)
         images[0].rename(images[0].with_name("renamed.png"))
-        needle = r"\(training images: 33 as before, other files or contents; validation images: 3 as before, " \
-                 r"other files or contents\)"  # fmt: skip
+        renamed = f"'{images[0].with_name('renamed.png').relative_to(data / 'train')}'"
+        needle = rf"\(training images: 33 as before, other files or contents; validation images: 3 as before, " \
+                 rf"other files or contents; files: 1 gone \({first}\), 1 new \({renamed}\)\)"  # fmt: skip
     else:
         shutil.copytree(data / "train" / images[0].parent.name, data / "train" / "new")
-        needle = r"\(33 -> 44 training images; 3 -> 4 validation images\)"
+        needle = r"\(33 -> 44 training images; 3 -> 4 validation images; files: 12 new \('new/blue_0.png', " \
+                 r"'new/blue_1.png', 'new/blue_10.png', \.\.\.\)\)"  # fmt: skip
     with pytest.raises(CheckpointError, match=rf"cannot resume .*run.*last.pt: the data changed since it was saved "
                        rf"{needle}; resume on the data the run trained on"):  # fmt: skip
         trainer.train(dataclasses.replace(cfg, epochs=2, resume=True), echo=lambda line: None)

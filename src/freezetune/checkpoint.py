@@ -329,6 +329,9 @@ def _check_data(path: Path, saved: dict[str, Any] | None, now: dict[str, Any] | 
         elif None not in (old["digest"], new["digest"]) and old["digest"] != new["digest"]:  # None: not had
             changed.append(f"{split} {noun}: {new['n']} as before, other files or contents")
     if changed:
+        from freezetune.data.fingerprint import files_changed
+
+        changed += filter(None, [files_changed(saved, now)])
         raise CheckpointError(
             f"cannot resume {path}: the data changed since it was saved ({'; '.join(changed)}); "
             f"resume on the data the run trained on, or start a new run with another {setting('out')}"

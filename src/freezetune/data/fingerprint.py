@@ -8,12 +8,15 @@
   preempted run (new times and inodes) is still the same data.
 
 Images held in memory (IDX files) are digested by their bytes for both; a text dataset has no digest (None).
+A ``last.pt`` also keeps its image files' list (``data_record``), so a refused resume names the files that changed
+(``files_changed``).
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import zlib
 from collections.abc import Callable
 
 import torch
@@ -54,7 +57,8 @@ def resume_digest(dataset: Dataset) -> str | None:
     def keys(paths: list[str]):
         paths = [os.path.abspath(p) for p in paths]
         root = os.path.commonpath(paths) if len(paths) > 1 else os.path.dirname(paths[0]) if paths else ""
-        return (os.fsencode(os.path.relpath(p, root)) + f"\0{os.path.getsize(p)}\n".encode() for p in paths)
+        # each path is below root: the name relpath gives is what follows it (relpath took 5 us a file)
+        return (os.fsencode(p[len(root) :].lstrip(os.sep)) + f"\0{os.path.getsize(p)}\n".encode() for p in paths)
 
     return _digest(dataset, keys)
 
@@ -77,8 +81,70 @@ def _digest(dataset: Dataset, file_keys: Callable) -> str | None:
 
 def data_record(train: Dataset, val: Dataset | None) -> dict:
     """What ``last.pt`` keeps of the data it trained on, for a resume to check (``restore``): each split's size and
-    digest (``resume_digest``)."""
+    digest (``resume_digest``), and an image folder's or CSV's file list (``files_changed`` names what changed)."""
     from freezetune.data.datasets import noun
 
-    return {name: {"n": len(ds), "digest": resume_digest(ds), "noun": noun(ds)}
-            for name, ds in (("training", train), ("validation", val)) if ds is not None}  # fmt: skip
+    splits = {name: ds for name, ds in (("training", train), ("validation", val)) if ds is not None}
+    lists = _file_lists(list(splits.values()))
+    return {name: {"n": len(ds), "digest": resume_digest(ds), "noun": noun(ds),
+                   **({"files": listed} if listed is not None else {})}
+            for (name, ds), listed in zip(splits.items(), lists, strict=True)}  # fmt: skip
+
+
+MAX_LISTED_FILES = 200_000  # a larger dataset's last.pt keeps no list (some MB at every epoch's save)
+
+
+def _file_lists(datasets: list[Dataset]) -> list[bytes | None]:
+    """Each file dataset's lines ``path\0size\0class`` (compressed), paths below the folder all the splits share:
+    the validation split held out of the training folder moves files between splits, not out of the data."""
+    paths = [os.path.abspath(p) for ds in datasets if isinstance(ds, FileImageDataset) for p, _ in ds.samples]
+    if not paths or len(paths) > MAX_LISTED_FILES:
+        return [None] * len(datasets)
+    root = os.path.commonpath(paths) if len(paths) > 1 else os.path.dirname(paths[0])
+    lists = []
+    for ds in datasets:
+        if not isinstance(ds, FileImageDataset):
+            lists.append(None)
+            continue
+        try:  # below root by construction: the name is what follows it (relpath took 5 us a file)
+            lines = [f"{os.path.abspath(p)[len(root):].lstrip(os.sep)}\0{os.path.getsize(p)}\0{ds.classes[label]}"
+                     for p, label in ds.samples]  # fmt: skip
+        except OSError:  # a file gone since the scan, as for the digest
+            return [None] * len(datasets)
+        lists.append(zlib.compress("\n".join(lines).encode("utf-8", "surrogateescape")))
+    return lists
+
+
+def files_changed(saved: dict, now: dict) -> str | None:
+    r"""What differs between two ``data_record``'s file lists, all splits together, with examples: files gone, new,
+    of another size or of another class. None when either record has no list (an older ``last.pt``, IDX data).
+
+    >>> def rec(*lines): return {"training": {"files": zlib.compress("\n".join(lines).encode())}}
+    >>> files_changed(rec("a/1.png\x0010\x00a", "a/2.png\x0010\x00a"), rec("a/1.png\x0012\x00a"))
+    "files: 1 gone ('a/2.png'), 1 of another size ('a/1.png')"
+    """
+    old, new = _listed(saved), _listed(now)
+    if old is None or new is None:
+        return None
+    common = old.keys() & new.keys()
+    groups = (("gone", old.keys() - new.keys()), ("new", new.keys() - old.keys()),
+              ("of another size", {p for p in common if old[p][0] != new[p][0]}),
+              ("of another class", {p for p in common if old[p][1] != new[p][1]}))  # fmt: skip
+    parts = [f"{len(paths)} {what} ({_examples(paths)})" for what, paths in groups if paths]
+    return "files: " + ", ".join(parts) if parts else None
+
+
+def _listed(record: dict) -> dict[str, tuple[str, str]] | None:
+    files: dict[str, tuple[str, str]] = {}
+    for split in record.values():
+        if "files" not in split:
+            return None
+        for line in zlib.decompress(split["files"]).decode("utf-8", "surrogateescape").splitlines():
+            path, size, name = line.split("\0")
+            files[path] = (size, name)
+    return files
+
+
+def _examples(paths: set[str], shown: int = 3) -> str:
+    first = sorted(paths)[:shown]
+    return ", ".join(repr(p) for p in first) + (", ..." if len(paths) > shown else "")
