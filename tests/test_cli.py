@@ -239,6 +239,19 @@ def test_predict_into_a_pipe_its_reader_closed_stops_quietly_as_the_shell_expect
     assert proc.returncode == 141 and err == "", err
 
 
+def test_the_command_line_does_not_print_pils_raw_decompression_bomb_warning(run, tmp_path):
+    # "PIL/Image.py:3593: DecompressionBombWarning: Image size (90250000 pixels) exceeds limit of 89478485 pixels,
+    # could be decompression bomb DOS attack." and its source line, from each loader worker
+    from PIL import Image
+
+    Image.new("1", (9500, 9500)).save(tmp_path / "scan.png")  # 90 megapixels, 11 kB
+    argv = [sys.executable, "-m", "freezetune", "predict", "--checkpoint", str(run[0] / "best.pt"),
+            str(tmp_path / "scan.png"), "--device", "cpu"]  # fmt: skip
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.startswith(str(tmp_path / "scan.png")), proc.stderr
+    assert "DecompressionBomb" not in proc.stderr, proc.stderr
+
+
 def test_predict_prints_a_name_the_terminal_cannot_encode_as_its_escape(run, data, tmp_path):
     # a Windows console's code page (cp1252) and a folder named in another script: UnicodeEncodeError, a traceback
     folder = tmp_path / "鳥"

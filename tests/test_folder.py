@@ -141,3 +141,27 @@ def test_datasets_read_a_photo_reduced_by_the_models_decode_side_and_it_barely_m
     assert torch.equal(reduced, eval_transform(pre)(load_image(path, min_side=146)))
     levels = (whole - reduced).abs() * torch.tensor(pre.std).view(3, 1, 1) * 255
     assert 0 < levels.max() <= 4 and levels.mean() < 0.5  # a different decode, the same picture
+
+
+def test_an_image_over_pils_pixel_limit_is_named_in_megapixels_and_one_near_it_is_noted(tmp_path, monkeypatch,
+                                                                                        caplog):  # fmt: skip
+    # PIL's "Image size (182000000 pixels) exceeds limit of 178956970 pixels, could be decompression bomb DOS
+    # attack." named no way out; below twice the limit its DecompressionBombWarning came raw from every worker
+    import warnings
+
+    from freezetune.data.scan import image_problem
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    Image.new("RGB", (40, 40)).save(tmp_path / "big.png")  # 1 600 pixels: over the limit, under twice it
+    Image.new("RGB", (40, 40)).save(tmp_path / "big.jpg")  # a JPEG decodes scaled down: nothing to say
+    Image.new("RGB", (50, 50)).save(tmp_path / "huge.png")  # 2 500: PIL refuses it
+    refused = "0.0025 megapixels, over the 0.002 that PIL decodes, its guard against decompression bombs: save a " \
+              "downscaled copy"  # fmt: skip
+    with pytest.raises(DataError, match=f"huge.png': {refused}$"):
+        load_image(tmp_path / "huge.png")
+    assert image_problem(str(tmp_path / "huge.png")) == refused
+    with warnings.catch_warnings(), caplog.at_level(logging.WARNING):
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        assert image_problem(str(tmp_path / "big.png")) is None and image_problem(str(tmp_path / "big.jpg")) is None
+    assert f"'{tmp_path / 'big.png'}' is 0.0016 megapixels: each read decodes all of them" in caplog.text
+    assert "big.jpg" not in caplog.text

@@ -15,6 +15,7 @@ import logging
 import re
 import shlex
 import sys
+import warnings
 from pathlib import Path
 
 from freezetune import __version__, cli_exit, run_log
@@ -54,6 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     run_log.command = shlex.join(["freezetune", *argv])  # train.log's header
     level = logging.INFO if getattr(args, "verbose", False) else logging.WARNING
     logging.basicConfig(level=level if first else logging.ERROR, format=run_log.WARNING_FORMAT)
+    # PIL's DecompressionBombWarning, raw ("Image.py:3593: ... could be decompression bomb DOS attack") in every
+    # loader worker: the pre-scan names such a file once, in freezetune's words (data/scan.py)
+    warnings.filterwarnings("ignore", message=r"Image size \(\d+ pixels\) exceeds limit")
     forget_stop()  # a stop belongs to the command it stopped
     try:
         return args.func(args) or 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import logging
 import os
+import re
 import unicodedata
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
@@ -78,11 +79,28 @@ def load_image(path: str | Path, alpha: str = ALPHA_DEFAULT, min_side: int | Non
             return flatten(_eight_bit(ImageOps.exif_transpose(img)), alpha)  # upright: data/orientation.py
     except MemoryError:
         raise
+    except Image.DecompressionBombError as e:
+        raise DataError(f"cannot read image '{path}': {too_large(e)}") from e
     except Exception as e:  # PIL raises OSError, ValueError, SyntaxError, struct.error ... for broken
         # files (a cut PPM header: ValueError, a traceback from predict); scan.image_problem catches the same
         why = str(e).replace(f" {str(path)!r}", "").replace(f" '{path}'", "")  # PIL's message names the path again
         why = why or type(e).__name__
         raise DataError(f"cannot read image '{path}': {why}{heif_hint([path])}") from e
+
+
+def too_large(exc: Image.DecompressionBombError) -> str:
+    """PIL's refusal of an image over twice ``Image.MAX_IMAGE_PIXELS`` (its guard against decompression bombs), in
+    the user's terms: how large, the limit, what to do.
+
+    >>> too_large(Image.DecompressionBombError("Image size (182000000 pixels) exceeds limit of 178956970 pixels, "
+    ...                                        "could be decompression bomb DOS attack."))
+    '182 megapixels, over the 179 that PIL decodes, its guard against decompression bombs: save a downscaled copy'
+    """
+    sizes = [int(n) for n in re.findall(r"\d+", str(exc))[:2]]
+    if len(sizes) < 2:
+        return str(exc)
+    return (f"{sizes[0] / 1e6:.3g} megapixels, over the {sizes[1] / 1e6:.3g} that PIL decodes, its guard against "
+            "decompression bombs: save a downscaled copy")  # fmt: skip
 
 
 def _eight_bit(img: Image.Image) -> Image.Image:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from freezetune.data.folder import FileImageDataset, heif_hint
+from freezetune.data.folder import FileImageDataset, heif_hint, too_large
 from freezetune.data.text import TextDataset
 from freezetune.errors import DataError, choices
 from freezetune.run_log import warn_once
@@ -53,12 +53,17 @@ def image_problem(path: str) -> str | None:
     try:
         with Image.open(path) as img:
             img.verify()  # structure and checksums where the format has them; no pixel decode
-            fmt = img.format
+            fmt, pixels = img.format, img.width * img.height
+        if fmt != "JPEG" and Image.MAX_IMAGE_PIXELS and pixels > Image.MAX_IMAGE_PIXELS:  # a JPEG decodes scaled
+            warn_once(log, "'%s' is %.3g megapixels: each read decodes all of them (a second or more); a downscaled "
+                      "copy trains as well, faster", path, pixels / 1e6)  # fmt: skip
         if fmt == "JPEG" and not jpeg_complete(Path(path).read_bytes()):
             return "truncated: the JPEG data stops before its end-of-image marker"
         if fmt not in _CHECKED_WITHOUT_DECODE:
             with Image.open(path) as img:  # verify() leaves the image unusable: open it again
                 img.load()
+    except Image.DecompressionBombError as exc:
+        return too_large(exc)
     except Exception as exc:  # PIL raises OSError, SyntaxError, struct.error ... for broken files
         why = getattr(exc, "strerror", None) or str(exc).split("\n")[0] or type(exc).__name__
         return why.replace(f" {str(path)!r}", "")  # PIL repeats the path the message is already about
