@@ -69,3 +69,36 @@ def test_a_read_only_place_is_named_by_the_users_path_not_the_hidden_temporary_o
     with pytest.raises(OSError) as caught:
         atomic_write_text(tmp_path / "note.txt", "x")
     assert caught.value.errno == errno.EROFS and caught.value.filename == str(tmp_path / "note.txt")
+
+
+@pytest.mark.parametrize(("platform", "held_for", "replaced"), [("win32", 3, True), ("win32", 99, False),
+                                                                ("linux", 1, False)])  # fmt: skip
+def test_a_file_another_process_holds_open_on_windows_is_replaced_once_it_lets_go(tmp_path, monkeypatch, platform,
+                                                                                   held_for, replaced):  # fmt: skip
+    # Windows: PermissionError [WinError 32] when a user's eval (or TensorBoard, a virus scanner) had best.pt open
+    # at the moment of the save; the run died on it. On POSIX a PermissionError is a real one: no waiting
+    import os
+
+    from freezetune import _io
+
+    real, tries = os.replace, []
+
+    def held(src, dst):
+        tries.append(dst)
+        if len(tries) <= held_for:
+            raise PermissionError(13, "The process cannot access the file because it is being used by another process")
+        real(src, dst)
+
+    monkeypatch.setattr(_io.sys, "platform", platform)
+    monkeypatch.setattr(_io.os, "replace", held)
+    monkeypatch.setattr(_io.time, "sleep", lambda s: None)
+    target = tmp_path / "best.pt"
+    target.write_text("old")
+    if replaced:
+        atomic_write_text(target, "new")
+        assert target.read_text() == "new" and len(tries) == held_for + 1
+    else:
+        with pytest.raises(PermissionError):
+            atomic_write_text(target, "new")
+        assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["best.pt"]  # no temp left
+        assert len(tries) == (len(_io._REPLACE_RETRY_S) + 1 if platform == "win32" else 1)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -56,7 +57,7 @@ def atomic_output(path: str | Path) -> Iterator[Path]:
         yield tmp
         _fsync_path(tmp)
         pause_point(f"rename:{path.name}")
-        os.replace(tmp, path)
+        _replace(tmp, path)
     except OSError as exc:
         with contextlib.suppress(OSError):  # on a read-only mount the unlink fails too, and its error named the tmp
             tmp.unlink(missing_ok=True)
@@ -69,6 +70,23 @@ def atomic_output(path: str | Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+
+
+# Windows refuses to replace a file another process has open (a user's eval reading best.pt, TensorBoard, a virus
+# scanner or the search indexer looking at the new file) with a PermissionError; such holds last milliseconds to a
+# second, so the rename is tried again for a while before the error stands.
+_REPLACE_RETRY_S = (0.05, 0.1, 0.2, 0.4, 0.8, 1.6)
+
+
+def _replace(tmp: Path, path: Path) -> None:
+    for wait in (*_REPLACE_RETRY_S, None) if sys.platform == "win32" else (None,):
+        try:
+            os.replace(tmp, path)
+            return
+        except PermissionError:
+            if wait is None:
+                raise
+            time.sleep(wait)
 
 
 def remove_stale_temps(directory: str | Path, *, min_age_s: float = 0.0) -> list[Path]:
