@@ -426,3 +426,78 @@ def test_a_torchvision_model_with_its_head_taken_off_is_named_headless(build, at
     setattr(model, attr, nn.Identity())  # the usual way to get features out of a torchvision model
     with pytest.raises(SpecError, match=rf"has no classifier head \(its {attr} is Identity\)"):
         ft.head_name(model)  # ViT's was encoder's last MLP layer, frozen by "backbone" as if it were the head
+
+
+def _hf_text(family: str, **config) -> nn.Module:
+    import transformers as tf
+
+    size = dict(hidden_size=16, num_hidden_layers=3, num_attention_heads=2, intermediate_size=32, vocab_size=64)
+    torch.manual_seed(0)
+    return tf.AutoModelForSequenceClassification.from_config(getattr(tf, f"{family}Config")(**{**size, **config}))
+
+
+_IN_FRONT = {
+    # a position table every block reads, registered after the blocks (and DeBERTa-v3's norm of it)
+    "deberta_v3": (
+        lambda: _hf_text(
+            "DebertaV2",
+            relative_attention=True,
+            position_buckets=8,
+            norm_rel_ebd="layer_norm",
+            pos_att_type=["p2c", "c2p"],
+            position_biased_input=False,
+        ),
+        "encoder.layer.0",
+        ["deberta.encoder.rel_embeddings", "deberta.encoder.LayerNorm"],
+    ),
+    "deberta": (
+        lambda: _hf_text("Deberta", relative_attention=True),
+        "encoder.layer.0",
+        ["deberta.encoder.rel_embeddings"],
+    ),
+    "mpnet": (lambda: _hf_text("MPNet"), "encoder.layer.0", ["mpnet.encoder.relative_attention_bias"]),
+    # the embeddings' norm, registered after the layers
+    "bart": (
+        lambda: _hf_text(
+            "Bart",
+            d_model=16,
+            encoder_layers=3,
+            decoder_layers=3,
+            encoder_attention_heads=2,
+            decoder_attention_heads=2,
+            encoder_ffn_dim=32,
+            decoder_ffn_dim=32,
+            max_position_embeddings=32,
+            eos_token_id=2,
+            pad_token_id=1,
+        ),
+        "decoder.layers.0",
+        ["model.decoder.layernorm_embedding"],
+    ),
+}
+
+
+@pytest.mark.parametrize("family", list(_IN_FRONT))
+def test_hf_layers_registered_after_the_blocks_but_feeding_them_join_the_first_block(family):
+    # "the last two stages" trained DeBERTa's position table and the head and no transformer layer, its backward
+    # running through every frozen one
+    build, first, members = _IN_FRONT[family]
+    model = build()
+    found = ft.stages(model)
+    assert_partition(model, found)
+    assert set(members) <= set(next(s for s in found if s.name == first).modules)
+    ft.freeze_to(model, -2)  # the last block and the head
+    last_block = found[-2]
+    assert "layer" in last_block.name and last_block.name.endswith("2"), [s.name for s in found]
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == set(last_block.param_names) | set(found[-1].param_names)
+
+
+def test_a_norm_after_a_layer_of_an_hf_task_head_trains_with_it():
+    # ModernBERT's head is dense -> act -> norm: its norm went to the backbone, frozen after the layer that trains
+    model = _hf_text("ModernBert", pad_token_id=0, eos_token_id=1, bos_token_id=2, cls_token_id=2, sep_token_id=1)
+    found = ft.stages(model)
+    assert_partition(model, found)
+    ft.freeze(model, "backbone")
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {
+        "head.dense.weight", "head.norm.weight", "classifier.weight", "classifier.bias"}  # fmt: skip

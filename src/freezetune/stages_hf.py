@@ -65,6 +65,8 @@ def _hf_child_decl(base: str, child: str, module: nn.Module, *, first: bool) -> 
     # a norm registered in front of the blocks is their final one (OPT's final_layer_norm): it goes after them
     norms = [n for n in pre if is_norm(module.get_submodule(n))]
     pre, post = [n for n in pre if n not in norms], [*norms, *post]
+    inputs = _block_inputs(module, post)  # registered after the blocks, run before them (or by each of them)
+    pre, post = [*pre, *inputs], [n for n in post if n not in inputs]
     if pre and first:
         decl.insert(0, (f"{child}.{pre[0]}", [f"{base}.{child}.{n}" for n in pre]))
     elif pre:
@@ -72,3 +74,17 @@ def _hf_child_decl(base: str, child: str, module: nn.Module, *, first: bool) -> 
     # named after what it holds: a stage called "encoder" with only the encoder's final norm in it would take
     # freeze("encoder") from the module glob that means the whole encoder
     return [*decl, (f"{child}.{post[0]}" if post else child, [f"{base}.{child}.{n}" for n in post])]
+
+
+def _block_inputs(module: nn.Module, post: list[str]) -> list[str]:
+    """Of the layers registered after a child's blocks, those that feed them rather than follow them: a position
+    table every block reads (DeBERTa's ``rel_embeddings`` and the norm after it, MPNet's ``relative_attention_bias``)
+    and a norm of the embeddings (BART's ``layernorm_embedding``). As a stage after the blocks, "the last two
+    stages" trained the table and the head, and no block."""
+    inputs: list[str] = []
+    for i, name in enumerate(post):
+        layer = module.get_submodule(name)
+        table = any(isinstance(m, nn.Embedding) for m in layer.modules())
+        if table or (is_norm(layer) and ("embed" in name.lower() or (i and inputs and inputs[-1] == post[i - 1]))):
+            inputs.append(name)
+    return inputs
