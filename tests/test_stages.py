@@ -65,8 +65,9 @@ _EXPECTED = {
     "hf_gpt2": ["wte", "h.0", "h.1", "score"],
     # their base_model_prefix ("clip") names no attribute: the one tower is the base (it was one stage)
     "hf_clip": ["embeddings", "encoder.layers.0", "encoder.layers.1", "classifier"],
-    # SigLIP's attention-pooling head is pretrained: a stage of the tower, not the classifier
-    "hf_siglip": ["embeddings", "encoder.layers.0", "encoder.layers.1", "head", "classifier"],
+    # SigLIP's attention-pooling head is pretrained: in the tower, not the classifier. The classifier reads the
+    # tokens' average, not the head's output: no depth of its own (as a stage, "the last two" trained it alone)
+    "hf_siglip": ["embeddings", "encoder.layers.0", "encoder.layers.1", "classifier"],
     "sequential": ["0", "2", "4"],
 }
 
@@ -501,3 +502,32 @@ def test_a_norm_after_a_layer_of_an_hf_task_head_trains_with_it():
     ft.freeze(model, "backbone")
     assert {n for n, p in model.named_parameters() if p.requires_grad} == {
         "head.dense.weight", "head.norm.weight", "classifier.weight", "classifier.bias"}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("build", "unused"),
+    [
+        (lambda: _hf("Siglip", vision_config=dict(image_size=32, patch_size=8, **_HF_SIZE), text_config=_HF_SIZE),
+         "vision_model.head"),
+        (lambda: _hf_text("Esm", vocab_size=33, position_embedding_type="rotary", pad_token_id=1, mask_token_id=32),
+         "esm.contact_head"),
+        (lambda: _hf_text("BigBird", attention_type="original_full"), "bert.pooler"),
+    ],
+)  # fmt: skip
+def test_a_pretrained_hf_layer_the_logits_do_not_read_is_no_stage_of_its_own(build, unused):
+    # it was the last stage before the head: freeze_to(-2) trained it (no gradient ever reached it) and no block
+    model = build()
+    ft.freeze(model, "backbone")
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    model.train()
+    found = ft.stages(model)
+    assert_partition(model, found)
+    assert unused in found[-2].modules and "layer" in found[-2].name, [(s.name, s.modules) for s in found]
+    # measured by a backward pass that leaves the model as it was
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    assert model.training and all(p.grad is None for p in model.parameters())
+
+
+def test_a_pretrained_hf_pooler_the_classifier_reads_stays_a_stage():
+    model = tiny_bert()
+    assert [s.name for s in ft.stages(model)][-2:] == ["pooler", "classifier"]

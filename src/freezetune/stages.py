@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from torch import nn
@@ -33,7 +33,7 @@ from freezetune.heads import (
     unwrap,
 )
 from freezetune.stages_hf import Decl as _Decl
-from freezetune.stages_hf import hf_body, hf_decl
+from freezetune.stages_hf import hf_body, hf_decl, hf_unused_params
 
 __all__ = ["Stage", "head_name", "replace_head", "stages"]  # head_name and replace_head live in freezetune.heads
 
@@ -83,7 +83,15 @@ def stages(model: nn.Module) -> list[Stage]:
     decl = _declare(model, head)
     if not decl or decl[-1][0] != head:  # a family rule may declare the head itself, with extra members
         decl.append((head, [head]))
-    return _merge_norms(model, _named_neck(model, _assign(model, _head_apart(model, decl, layer))))
+    found = _merge_norms(model, _named_neck(model, _assign(model, _head_apart(model, decl, layer))))
+    if hf_base_prefix(model):  # a pretrained layer whose output the classifier never reads is no depth either
+        loose = [n for s in found[1:-1] if not _BLOCK.search(s.name) for n in s.param_names]  # a pooler, a head
+        unused = hf_unused_params(model, loose)
+        found = _merge_into_previous(found, lambda stage: set(stage.param_names) <= unused)
+    return found
+
+
+_BLOCK = re.compile(r"\.\d+$")  # a stage of one of the repeated blocks (encoder.layer.3), which the logits need
 
 
 _NECK = "\0neck"  # the placeholder name of the pretrained layers beside the head, named after them once assigned
@@ -147,9 +155,14 @@ def _named_neck(model: nn.Module, found: list[Stage]) -> list[Stage]:
 def _merge_norms(model: nn.Module, found: list[Stage]) -> list[Stage]:
     """A stage of normalisation layers alone (a ViT's final norm, GPT-2's ``ln_f``, VGG-BN's BatchNorms) joins the
     stage before it, as timm's own grouping does: it is no depth of its own to freeze or unfreeze."""
+    return _merge_into_previous(found, lambda stage: all(_is_norm(model, n) for n in stage.param_names))
+
+
+def _merge_into_previous(found: list[Stage], merge: Callable[[Stage], bool]) -> list[Stage]:
+    """Each stage but the first and the head that ``merge`` picks, joined to the stage before it."""
     out: list[Stage] = []
     for i, stage in enumerate(found):
-        if out and i < len(found) - 1 and all(_is_norm(model, n) for n in stage.param_names):
+        if out and i < len(found) - 1 and merge(stage):
             prev = out.pop()
             stage = Stage(prev.name, prev.modules + stage.modules, prev.param_names + stage.param_names,
                           prev.params + stage.params)  # fmt: skip

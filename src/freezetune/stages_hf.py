@@ -5,6 +5,9 @@ what a task class adds around its base model is head. ``stages.py`` asks these r
 
 from __future__ import annotations
 
+import weakref
+
+import torch
 from torch import nn
 
 from freezetune.heads import has_params, hf_base_prefix, is_norm
@@ -88,3 +91,72 @@ def _block_inputs(module: nn.Module, post: list[str]) -> list[str]:
         if table or (is_norm(layer) and ("embed" in name.lower() or (i and inputs and inputs[-1] == post[i - 1]))):
             inputs.append(name)
     return inputs
+
+
+_UNUSED: weakref.WeakKeyDictionary[nn.Module, dict[tuple[str, ...], frozenset[str]]] = weakref.WeakKeyDictionary()
+
+
+def hf_unused_params(model: nn.Module, names: list[str]) -> frozenset[str]:
+    """Those of the parameters ``names`` of a Hugging Face classifier that its logits do not depend on, measured by
+    one backward pass of a dummy input to them alone: a pretrained layer the task model runs without using its
+    output (SigLIP's attention-pooling head beside the token average it classifies, ESM's contact head, BigBird's
+    pooler). Empty when no dummy input can be made (an input other than token ids or an image) or the pass fails.
+    Remembered for the model; nothing is run for no names. The model is left as it was: modes, ``requires_grad``
+    flags, gradients and BatchNorm statistics (the pass runs in eval mode).
+    """
+    if not names:
+        return frozenset()
+    known = _UNUSED.setdefault(model, {})
+    key = tuple(names)
+    if key not in known:
+        try:
+            known[key] = _no_gradient(model, names)
+        except Exception:  # a model the dummy input does not fit: the structure alone decides
+            known[key] = frozenset()
+    return known[key]
+
+
+def _no_gradient(model: nn.Module, names: list[str]) -> frozenset[str]:
+    everything = dict(model.named_parameters())
+    params = [everything[n] for n in names]
+    inputs = _dummy_input(model, params[0])
+    if inputs is None:
+        return frozenset()
+    flags = {n: p.requires_grad for n, p in everything.items()}
+    modes = {m: m.training for m in model.modules()}
+    try:
+        for p in everything.values():  # only the measured ones: the pass keeps no graph of the rest
+            p.requires_grad_(False)
+        for p in params:
+            p.requires_grad_(True)
+        output = model.eval()(**inputs)
+        logits = output.logits if hasattr(output, "logits") else output
+        if not logits.requires_grad:  # none of them reaches the logits
+            return frozenset(names)
+        grads = torch.autograd.grad(logits.float().sum(), params, allow_unused=True)
+    finally:
+        for n, p in everything.items():
+            p.requires_grad_(flags[n])
+        for m, training in modes.items():
+            m.training = training
+    return frozenset(n for n, g in zip(names, grads, strict=True) if g is None)
+
+
+def _dummy_input(model: nn.Module, param: nn.Parameter) -> dict | None:
+    """Token ids (none of them the padding id, which some models warn about without a mask) or a small image batch,
+    as the model's main input, on its device; None for other inputs."""
+    if param.is_meta:
+        return None
+    config, kind = model.config, getattr(model, "main_input_name", None)
+    if kind == "input_ids":
+        ids = [i for i in range(4, 12) if i != getattr(config, "pad_token_id", None)][:5]
+        return {"input_ids": torch.tensor([ids], device=param.device)}
+    if kind != "pixel_values":
+        return None
+    config = getattr(config, "vision_config", None) or config
+    size = getattr(config, "image_size", 224)
+    height, width = (size, size) if isinstance(size, int) else (size["height"], size["width"]) \
+        if isinstance(size, dict) else tuple(size)  # fmt: skip
+    dtype = param.dtype if param.is_floating_point() else torch.float32
+    return {"pixel_values": torch.zeros(1, getattr(config, "num_channels", 3), height, width, dtype=dtype,
+                                        device=param.device)}  # fmt: skip
