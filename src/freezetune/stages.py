@@ -33,7 +33,7 @@ from freezetune.heads import (
     unwrap,
 )
 from freezetune.stages_hf import Decl as _Decl
-from freezetune.stages_hf import hf_body, hf_decl, hf_unused_params
+from freezetune.stages_hf import hf_body, hf_decl, hf_norms_in_front, hf_unused_params
 
 __all__ = ["Stage", "head_name", "replace_head", "stages"]  # head_name and replace_head live in freezetune.heads
 
@@ -113,7 +113,7 @@ def _head_apart(model: nn.Module, decl: _Decl, layer: str) -> _Decl:
         body[-1] = (body[-1][0], [*body[-1][1], *aux])
     params = [n for n, _ in model.named_parameters() if _under_any(n, members)]
     if hf_base_prefix(model):
-        neck = _norms_in_front(model, params)
+        neck = hf_norms_in_front(model, params)
         layers = [n for n in params if n not in neck]
     elif not is_library_model(model):  # a user's own head (Linear, ReLU, Dropout, Linear) is new, all of it
         neck, layers = [], members
@@ -123,21 +123,6 @@ def _head_apart(model: nn.Module, decl: _Decl, layer: str) -> _Decl:
     # the head stage keeps its container's name only when it is all of it: a stage "classifier" holding classifier.6
     # alone would take freeze("classifier") from the module glob that means all of VGG's classifier
     return [*body, (_NECK, neck), (name if not neck else layer, layers)]
-
-
-def _norms_in_front(model: nn.Module, params: list[str]) -> list[str]:
-    """The norms of a Hugging Face task model's additions that come before any other layer of their module (LeViT's
-    ``classifier.batch_norm``, then its linear): pretrained, with the backbone. A norm after one (ModernBERT's
-    ``head.norm``, on ``head.dense``'s output) normalises what trains, and trains with it: frozen, it sat between a
-    trained layer and the classifier at its initial scale, out of the stages' order."""
-    layered, norms = set(), []  # the additions (top-level modules) a layer other than a norm was seen in
-    for name in params:  # in registration order, which is the order these small modules run in
-        top = name.split(".", 1)[0]
-        if not _is_norm(model, name):
-            layered.add(top)
-        elif top not in layered:
-            norms.append(name)
-    return norms
 
 
 def _under_any(name: str, prefixes: list[str]) -> bool:

@@ -93,6 +93,21 @@ def _block_inputs(module: nn.Module, post: list[str]) -> list[str]:
     return inputs
 
 
+def hf_norms_in_front(model: nn.Module, params: list[str]) -> list[str]:
+    """The norms of a Hugging Face task model's additions that come before any other layer of their module (LeViT's
+    ``classifier.batch_norm``, then its linear): pretrained, with the backbone. A norm after one (ModernBERT's
+    ``head.norm``, on ``head.dense``'s output) normalises what trains, and trains with it: frozen, it sat between a
+    trained layer and the classifier at its initial scale, out of the stages' order."""
+    layered, norms = set(), []  # the additions (top-level modules) a layer other than a norm was seen in
+    for name in params:  # in registration order, which is the order these small modules run in
+        top = name.split(".", 1)[0]
+        if not is_norm(model.get_submodule(name.rpartition(".")[0])):
+            layered.add(top)
+        elif top not in layered:
+            norms.append(name)
+    return norms
+
+
 _UNUSED: weakref.WeakKeyDictionary[nn.Module, dict[tuple[str, ...], frozenset[str]]] = weakref.WeakKeyDictionary()
 
 
