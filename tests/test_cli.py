@@ -520,6 +520,18 @@ def test_resume_without_last_pt_is_a_user_error(data, tmp_path, capsys):
     )
 
 
+def test_a_resume_with_fewer_epochs_than_trained_is_refused_and_leaves_the_run_as_it_was(data, tmp_path, capsys):
+    # accepted: "all 2 epochs were trained; nothing trains", and config.yaml said epochs 2 beside 3 epochs of rows
+    out = tmp_path / "run"
+    code, _, err = run_cli(capsys, *train_argv(data, out, "--epochs", "3", "--freeze", "backbone", "--scheduler",
+                                                "none"))  # fmt: skip
+    assert code == 0, err
+    before = snapshot(out)
+    code, stdout, err = run_cli(capsys, "train", "--out", out, "--resume", "--epochs", "2")
+    _assert_user_error(code, stdout, err, "with epochs 2: it has trained 3 epochs", "--epochs 3 (its end runs again)")
+    assert snapshot(out) == before
+
+
 @pytest.mark.parametrize(
     ("argv", "needles"),
     [

@@ -356,6 +356,10 @@ def _check_resumable(path: Path, record: dict, expect: dict[str, Any]) -> None:
     # fails at its first step on this one's state: KeyError 'momentum').
     fixed = [k for k in old if k not in (*RESUME_MAY_CHANGE, *schedule, "model") and k in expect]
     changed = [f"{k} {old[k]!r} -> {expect[k]!r}" for k in fixed if old[k] != expect[k]]
+    done = int(record.get("epoch") or 0)
+    if not stretched and isinstance(expect.get("epochs"), int) and expect["epochs"] < done:  # config.yaml said 2
+        raise ConfigError(f"cannot resume {path} with epochs {expect['epochs']}: it has trained {done} epochs; give "
+                          f"--epochs {done} (its end runs again) or more (it trains on)")  # fmt: skip
     if not (stretched or changed):
         return
     why = []  # every change named at once: fixing one flag must not lead to the next refusal
