@@ -735,3 +735,30 @@ def test_a_named_recipe_stopped_by_an_error_after_its_first_phase_keeps_its_requ
     with pytest.raises(DataError):
         recipes.run(_cfg(data, tmp_path / "run", recipe="lp-ft", epochs=1), echo=lambda _: None, train=second_fails)
     assert (tmp_path / "run" / RECIPE_FILE).is_file()  # phase 1's work is there: --resume continues from it
+
+
+def test_a_named_recipe_stopped_in_its_first_phase_refuses_a_fresh_command_and_still_resumes(data, tmp_path, capsys,
+                                                                                            monkeypatch):  # fmt: skip
+    # the command again without --resume (and another --lr) rewrote recipe.json and was refused only by the probe;
+    # the run's own --resume was then refused for "lr 0.01 -> 0.1", a change the user never made
+    from _engine_fixtures import snapshot
+
+    from freezetune import trainer
+
+    argv = train_argv(data, tmp_path / "run", "--epochs", "2", "--recipe", "lp-ft")
+    real = trainer.Trainer._run_epoch
+
+    def stop(self, epoch, unfrozen):  # Ctrl-C as the probe's second epoch starts
+        if epoch == 1 and self.run_dir.name == "probe":
+            raise KeyboardInterrupt
+        return real(self, epoch, unfrozen)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(trainer.Trainer, "_run_epoch", stop)
+        assert run_cli(capsys, *argv)[0] == 130
+    before = snapshot(tmp_path / "run")
+    code, out, err = run_cli(capsys, *argv, "--lr", "0.01")
+    assert code == 2 and "already holds a run of recipe lp-ft, stopped in its probe phase" in err, err
+    assert "--resume" in err and "starting it afresh" not in out and snapshot(tmp_path / "run") == before
+    code, out, err = run_cli(capsys, *argv, "--resume")
+    assert code == 0 and checkpoint.load(tmp_path / "run" / "last.pt")["epoch"] == 2, err

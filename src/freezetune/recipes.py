@@ -229,6 +229,8 @@ def run(cfg: TrainConfig, *, echo: Callable[[str], None] = print, train: Callabl
     if info.is_main:  # a process running in it refuses this one before anything below it changes, resume or not
         run_lock.claim(cfg.out)
     existed = Path(cfg.out).exists()
+    if not cfg.resume:
+        _refuse_a_started_phase(cfg, recipe)
     if not cfg.resume:  # refuse a run dir in use before any phase writes below it (rank 0 alone clears)
         prepare_run_dir(cfg.out, cfg.model, resume=False, clean=info.is_main, echo=echo)
         if info.is_main:  # what was asked, which a --resume with the same command continues (asked_config)
@@ -242,6 +244,22 @@ def run(cfg: TrainConfig, *, echo: Callable[[str], None] = print, train: Callabl
         if info.is_main and not cfg.resume:
             _drop_request(Path(cfg.out), existed)
         raise
+
+
+def _refuse_a_started_phase(cfg: TrainConfig, recipe: str) -> None:
+    """A run of the recipe stopped in an earlier phase (its ``last.pt`` below the run dir) is refused without
+    ``resume``, before anything changes: the run dir itself holds no ``last.pt`` yet, so it was taken for a run to
+    start afresh, its ``recipe.json`` rewritten with this command's request, and the phase then refused; the
+    run's own ``--resume`` was then refused for settings it never changed."""
+    from freezetune import checkpoint
+    from freezetune.errors import setting
+
+    for phase in phases(cfg, recipe)[:-1]:
+        last = Path(phase.cfg.out) / checkpoint.LAST
+        if last.is_file():
+            raise ConfigError(f"run dir {cfg.out!r} already holds a run of recipe {recipe}, stopped in its "
+                              f"{phase.name} phase ({last}); pass {setting('resume', True)} to continue it or choose "
+                              f"another {setting('out')}")  # fmt: skip
 
 
 def _run_phases(cfg: TrainConfig, recipe: str, train: Callable, echo: Callable[[str], None]):
