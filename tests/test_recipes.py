@@ -742,7 +742,6 @@ def test_a_named_recipe_stopped_in_its_first_phase_refuses_a_fresh_command_and_s
     # the command again without --resume (and another --lr) rewrote recipe.json and was refused only by the probe;
     # the run's own --resume was then refused for "lr 0.01 -> 0.1", a change the user never made
     from _engine_fixtures import snapshot
-
     from freezetune import trainer
 
     argv = train_argv(data, tmp_path / "run", "--epochs", "2", "--recipe", "lp-ft")
