@@ -128,6 +128,28 @@ def test_an_error_leaving_nested_levels_is_logged_once_per_file_and_a_stop_worde
     assert "--resume" in _said(tmp_path / "b" / "trial" / LOG_FILE)[-1]
 
 
+def test_a_stop_leaving_a_level_that_shares_its_outer_levels_file_is_logged_under_the_one_header(tmp_path):
+    # the auto recipe's final run, stopped: a second header (stamped at that run's start, out of order) came before
+    # the stop line, as if a second command had written there
+    import signal
+
+    from freezetune.interrupt import RunInterrupted
+
+    (tmp_path / "run").mkdir()
+    with pytest.raises(RunInterrupted):
+        with log(lambda line: None, tmp_path / "run") as say:
+            opened(tmp_path / "run")
+            say("auto: chose to train the last 3 stage(s)")
+            with log(say, tmp_path / "run") as run_say:
+                run_say("epoch 1/3")
+                raise RunInterrupted.by(signal.SIGTERM, "at step 1/4 of epoch 2 (saved in last.pt)")
+    text = (tmp_path / "run" / LOG_FILE).read_text()
+    assert text.count("freezetune 0.") == 1, text  # the header names freezetune's version
+    assert _said(tmp_path / "run" / LOG_FILE)[1:] == ["auto: chose to train the last 3 stage(s)", "epoch 1/3",
+                                                      "freezetune: stopped by SIGTERM at step 1/4 of epoch 2 (saved "
+                                                      "in last.pt)"]  # fmt: skip
+
+
 def test_a_bug_is_logged_with_its_traceback_and_a_stop_as_the_line_it_prints(tmp_path):
     import signal
 

@@ -238,9 +238,12 @@ def _end(level: _Level, exc: BaseException) -> None:
     told = getattr(exc, "_freezetune_logged", set())
     if level.where() in told:
         return
+    # the file's first level writes it: one that shares it (the auto recipe's final run) never wrote its header, and
+    # put a second one, stamped at its start, in front of the stop line
+    owner = next((other for other in _levels.get() if other.where() == level.where()), level)
     with _lock:
-        level.pending.append(_stamped(ending_line(exc)))
-        level.flush()
+        owner.pending.append(_stamped(ending_line(exc)))
+        owner.flush()
     try:
         exc._freezetune_logged = {*told, level.where()}
     except AttributeError:  # an exception type without a __dict__: its line may then repeat in an outer file
