@@ -141,6 +141,7 @@ def test_a_stop_leaving_a_level_that_shares_its_outer_levels_file_is_logged_unde
             opened(tmp_path / "run")
             say("auto: chose to train the last 3 stage(s)")
             with log(say, tmp_path / "run") as run_say:
+                opened(tmp_path / "run")  # the final run passed its checks
                 run_say("epoch 1/3")
                 raise RunInterrupted.by(signal.SIGTERM, "at step 1/4 of epoch 2 (saved in last.pt)")
     text = (tmp_path / "run" / LOG_FILE).read_text()
