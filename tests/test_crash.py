@@ -462,3 +462,16 @@ def test_a_hangup_is_left_to_nohup_and_to_a_terminal():
         assert signal.getsignal(signal.SIGHUP) is signal.SIG_DFL
     finally:
         signal.signal(signal.SIGHUP, before)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_an_export_stopped_by_a_signal_says_so_and_leaves_no_temporary_file(data, uninterrupted, tmp_path, sig):
+    # killed by the default SIGTERM mid-write, export said nothing (exit 143) and left ".m.onnx.PID.RANDOM.tmp" in
+    # the user's folder, which no run dir's clean-up ever visits
+    target = tmp_path / "out" / "m.safetensors"
+    stopped = _stopped_run(["export", "--checkpoint", str(uninterrupted["off"] / "best.pt"), "--to", str(target)],
+                           f"rename:{target.name}", sig, tmp_path)  # fmt: skip
+    name = signal.Signals(sig).name
+    assert stopped.returncode == 128 + sig, stopped.stderr
+    assert stopped.stderr == f"freezetune: stopped by {name} before export finished (no file is left half-written)\n"
+    assert not list((tmp_path / "out").iterdir())  # nor the file, nor its temporary one
