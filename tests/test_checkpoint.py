@@ -257,3 +257,15 @@ def test_a_refused_resume_names_files_rewritten_or_of_another_class_and_a_listle
     with pytest.raises(CheckpointError, match=r"other files or contents\); resume") as refused:
         _check_data(Path("last.pt"), older, now)  # a last.pt of a freezetune that kept no list
     assert "files:" not in str(refused.value)
+
+
+def test_a_checkpoint_cut_short_is_called_that(tmp_path):
+    # a copy that did not finish read "not a PyTorch checkpoint file (RuntimeError)"
+    whole = tmp_path / "best.pt"
+    torch.save({"state_dict": {"w": torch.zeros(1000)}, "classes": ["a"]}, whole)
+    (tmp_path / "cut.pt").write_bytes(whole.read_bytes()[:1500])
+    with pytest.raises(CheckpointError, match=r"cut.pt': cut short or corrupt: it begins as a PyTorch checkpoint"):
+        checkpoint.load(tmp_path / "cut.pt")
+    (tmp_path / "notes.pt").write_text("not a checkpoint")
+    with pytest.raises(CheckpointError, match=r"notes.pt': not a PyTorch checkpoint file"):
+        checkpoint.load(tmp_path / "notes.pt")

@@ -165,3 +165,12 @@ def test_an_image_over_pils_pixel_limit_is_named_in_megapixels_and_one_near_it_i
         assert image_problem(str(tmp_path / "big.png")) is None and image_problem(str(tmp_path / "big.jpg")) is None
     assert f"'{tmp_path / 'big.png'}' is 0.0016 megapixels: each read decodes all of them" in caplog.text
     assert "big.jpg" not in caplog.text
+
+
+def test_a_link_to_nothing_is_named_with_its_target(tmp_path):
+    # "cannot read image 'broken.png': [Errno 2] No such file or directory:" (PIL's message, its path cut, a colon left)
+    (tmp_path / "broken.png").symlink_to(tmp_path / "moved.png")
+    with pytest.raises(DataError, match=rf"broken.png': a link to '{tmp_path / 'moved.png'}', which does not exist$"):
+        load_image(tmp_path / "broken.png")
+    with pytest.raises(DataError, match=r"none.png': \[Errno 2\] No such file or directory$"):
+        load_image(tmp_path / "none.png")

@@ -75,6 +75,11 @@ def _load_failure(path: Path, exc: Exception) -> str:
     # torch's own messages mislead here ("KeyError: '101'" for a text file; "re-run with weights_only=False",
     # which would execute arbitrary pickled code): say what the file is instead.
     if not zipfile.is_zipfile(path):
+        with open(path, "rb") as f:
+            started = f.read(4) == b"PK\x03\x04"  # how every PyTorch zip checkpoint begins; its index is at the end
+        if started:
+            return "cut short or corrupt: it begins as a PyTorch checkpoint but its end is missing (a copy or download "\
+                   "that did not finish?)"  # fmt: skip
         return f"not a PyTorch checkpoint file ({type(exc).__name__})"
     return f"a PyTorch file holding more than tensors and plain data, not a checkpoint ({type(exc).__name__})"
 

@@ -84,7 +84,9 @@ def load_image(path: str | Path, alpha: str = ALPHA_DEFAULT, min_side: int | Non
     except Exception as e:  # PIL raises OSError, ValueError, SyntaxError, struct.error ... for broken
         # files (a cut PPM header: ValueError, a traceback from predict); scan.image_problem catches the same
         why = str(e).replace(f" {str(path)!r}", "").replace(f" '{path}'", "")  # PIL's message names the path again
-        why = why or type(e).__name__
+        why = why.rstrip(": ") or type(e).__name__
+        if os.path.islink(path) and not os.path.exists(path):  # "No such file or directory" of a file listed
+            why = f"a link to '{os.readlink(path)}', which does not exist"
         raise DataError(f"cannot read image '{path}': {why}{heif_hint([path])}") from e
 
 
