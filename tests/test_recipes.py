@@ -761,3 +761,19 @@ def test_a_named_recipe_stopped_in_its_first_phase_refuses_a_fresh_command_and_s
     assert "--resume" in err and "starting it afresh" not in out and snapshot(tmp_path / "run") == before
     code, out, err = run_cli(capsys, *argv, "--resume")
     assert code == 0 and checkpoint.load(tmp_path / "run" / "last.pt")["epoch"] == 2, err
+
+
+def test_an_auto_run_resumed_with_a_freeze_spec_is_refused_naming_the_recipe(data, tmp_path, capsys):
+    # "cannot resume ... with init '.../auto-trials/last-3/best.pt' -> None, refit False -> None, lr 0.00333 -> 0.001,
+    # cache_at 'blocks.3' -> None": the auto recipe's final run's own settings, not the change the user made
+    from _engine_fixtures import snapshot
+
+    out = tmp_path / "run"
+    argv = train_argv(data, out, "--epochs", "2")
+    assert run_cli(capsys, *argv)[0] == 0
+    before = snapshot(out)
+    code, _, err = run_cli(capsys, "train", "--out", out, "--resume", "--epochs", "3", "--freeze", "-2")
+    assert code == 2 and "with freeze -2: it holds a run of recipe 'auto'" in err, err
+    assert "its own command with --resume, --freeze auto" in err and "init" not in err and snapshot(out) == before
+    code, _, err = run_cli(capsys, *argv, "--resume")  # its own command resumes it
+    assert code == 0, err

@@ -246,6 +246,29 @@ def run(cfg: TrainConfig, *, echo: Callable[[str], None] = print, train: Callabl
         raise
 
 
+def refuse_a_plain_resume_of_a_recipe(cfg: TrainConfig) -> None:
+    """A resume with a freeze spec of a run a recipe made (its ``recipe.json``) is refused naming the recipe: it
+    listed the final run's own settings (init, refit, the chosen lr, cache_at) as the changes instead."""
+    from freezetune.errors import setting
+    from freezetune.runtime import RECIPE_FILE
+
+    saved = Path(cfg.out) / RECIPE_FILE if cfg.out else None
+    if saved is None or not saved.is_file():
+        return
+    try:
+        record = json.loads(saved.read_text())
+    except (OSError, ValueError):
+        return
+    recipe = "auto" if "choice" in record else record.get("recipe")
+    if not recipe:
+        return
+    given = f"freeze {cfg.freeze!r}" if cfg.freeze is not None else "no recipe"
+    asked = setting("freeze", "auto") if recipe == "auto" else setting("recipe", recipe)
+    raise ConfigError(f"cannot resume {cfg.out} with {given}: it holds a run of recipe {recipe!r} ({saved}); give "
+                      f"its own command with --resume, {asked}, or start a new run with another "
+                      f"{setting('out')}")  # fmt: skip
+
+
 def _refuse_a_started_phase(cfg: TrainConfig, recipe: str) -> None:
     """A run of the recipe stopped in an earlier phase (its ``last.pt`` below the run dir) is refused without
     ``resume``, before anything changes: the run dir itself holds no ``last.pt`` yet, so it was taken for a run to
