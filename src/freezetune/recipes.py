@@ -248,7 +248,8 @@ def run(cfg: TrainConfig, *, echo: Callable[[str], None] = print, train: Callabl
 
 def refuse_a_plain_resume_of_a_recipe(cfg: TrainConfig) -> None:
     """A resume with a freeze spec of a run a recipe made (its ``recipe.json``) is refused naming the recipe: it
-    listed the final run's own settings (init, refit, the chosen lr, cache_at) as the changes instead."""
+    listed the final run's own settings (init, refit, the chosen lr, cache_at) as the changes instead. The final
+    run's own freeze (a Python caller resuming with the run's ``config.yaml``) resumes as before."""
     from freezetune.errors import setting
     from freezetune.runtime import RECIPE_FILE
 
@@ -260,13 +261,23 @@ def refuse_a_plain_resume_of_a_recipe(cfg: TrainConfig) -> None:
     except (OSError, ValueError):
         return
     recipe = "auto" if "choice" in record else record.get("recipe")
-    if not recipe:
+    if not recipe or _final_freeze(Path(cfg.out)) == cfg.freeze:  # the final run's own config (its config.yaml)
         return
     given = f"freeze {cfg.freeze!r}" if cfg.freeze is not None else "no recipe"
     asked = setting("freeze", "auto") if recipe == "auto" else setting("recipe", recipe)
     raise ConfigError(f"cannot resume {cfg.out} with {given}: it holds a run of recipe {recipe!r} ({saved}); give "
                       f"its own command with --resume, {asked}, or start a new run with another "
                       f"{setting('out')}")  # fmt: skip
+
+
+def _final_freeze(out: Path) -> object:
+    from freezetune.config_values import coerce
+    from freezetune.runtime import CONFIG_FILE
+
+    try:
+        return coerce("freeze", (yaml.safe_load((out / CONFIG_FILE).read_text()) or {}).get("freeze"))
+    except (OSError, yaml.YAMLError, FreezetuneError):
+        return None
 
 
 def _refuse_a_started_phase(cfg: TrainConfig, recipe: str) -> None:
