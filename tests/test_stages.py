@@ -514,20 +514,32 @@ def test_a_norm_after_a_layer_of_an_hf_task_head_trains_with_it():
         (lambda: _hf_text("BigBird", attention_type="original_full"), "bert.pooler"),
     ],
 )  # fmt: skip
-def test_a_pretrained_hf_layer_the_logits_do_not_read_is_no_stage_of_its_own(build, unused):
+def test_a_pretrained_hf_layer_the_logits_do_not_read_is_no_stage_of_its_own(build, unused, monkeypatch):
     # it was the last stage before the head: freeze_to(-2) trained it (no gradient ever reached it) and no block
+    from freezetune import stages_hf
+
+    monkeypatch.setattr(stages_hf, "_UNUSED", {})  # measured afresh, not remembered from another test's model
     model = build()
-    ft.freeze(model, "backbone")
+    for name, p in model.named_parameters():  # a caller's own flags and modes, which the measuring pass must keep
+        p.requires_grad_("embeddings" not in name)
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     model.train()
-    found = ft.stages(model)
+    with torch.no_grad():  # a notebook's summary under no_grad: every layer looked unused, and was remembered so
+        found = ft.stages(model)
     assert_partition(model, found)
     assert unused in found[-2].modules and "layer" in found[-2].name, [(s.name, s.modules) for s in found]
-    # measured by a backward pass that leaves the model as it was
     assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
-    assert model.training and all(p.grad is None for p in model.parameters())
+    assert all(m.training for m in model.modules()) and all(p.grad is None for p in model.parameters())
+    assert len(stages_hf._UNUSED) == 1
+    build()  # another model of the same architecture and config is not measured again
+    assert [s.name for s in ft.stages(build())] == [s.name for s in found] and len(stages_hf._UNUSED) == 1
 
 
-def test_a_pretrained_hf_pooler_the_classifier_reads_stays_a_stage():
-    model = tiny_bert()
-    assert [s.name for s in ft.stages(model)][-2:] == ["pooler", "classifier"]
+def test_a_pretrained_hf_pooler_the_classifier_reads_stays_a_stage(monkeypatch):
+    from freezetune import stages_hf
+
+    monkeypatch.setattr(stages_hf, "_UNUSED", {})
+    with torch.no_grad():
+        assert [s.name for s in ft.stages(tiny_bert())][-2:] == ["pooler", "classifier"]
+    with torch.inference_mode():
+        assert [s.name for s in ft.stages(tiny_bert())][-2:] == ["pooler", "classifier"]

@@ -85,13 +85,15 @@ def stages(model: nn.Module) -> list[Stage]:
         decl.append((head, [head]))
     found = _merge_norms(model, _named_neck(model, _assign(model, _head_apart(model, decl, layer))))
     if hf_base_prefix(model):  # a pretrained layer whose output the classifier never reads is no depth either
-        loose = [n for s in found[1:-1] if not _BLOCK.search(s.name) for n in s.param_names]  # a pooler, a head
-        unused = hf_unused_params(model, loose)
+        pooling = [n for s in found[1:-1] if _POOLING.search(s.name) for n in s.param_names]
+        unused = hf_unused_params(model, pooling)
         found = _merge_into_previous(found, lambda stage: set(stage.param_names) <= unused)
     return found
 
 
-_BLOCK = re.compile(r"\.\d+$")  # a stage of one of the repeated blocks (encoder.layer.3), which the logits need
+# the stages after the blocks that a task class may bypass: a pooler, a pooling head, a contact head. Only these are
+# measured: the pass of a dummy image through an HF EfficientNet-B7 took 4 s, for a top_conv that is always used
+_POOLING = re.compile(r"(^|\.|_)(pooler|head)$")
 
 
 _NECK = "\0neck"  # the placeholder name of the pretrained layers beside the head, named after them once assigned

@@ -5,8 +5,6 @@ what a task class adds around its base model is head. ``stages.py`` asks these r
 
 from __future__ import annotations
 
-import weakref
-
 import torch
 from torch import nn
 
@@ -108,7 +106,9 @@ def hf_norms_in_front(model: nn.Module, params: list[str]) -> list[str]:
     return norms
 
 
-_UNUSED: weakref.WeakKeyDictionary[nn.Module, dict[tuple[str, ...], frozenset[str]]] = weakref.WeakKeyDictionary()
+# by architecture and config: the answer does not depend on the weights, and the auto recipe's trials, a sweep's
+# recipes and a checkpoint's loading each build the same model again
+_UNUSED: dict[tuple[str, str, tuple[str, ...]], frozenset[str]] = {}
 
 
 def hf_unused_params(model: nn.Module, names: list[str]) -> frozenset[str]:
@@ -116,19 +116,25 @@ def hf_unused_params(model: nn.Module, names: list[str]) -> frozenset[str]:
     one backward pass of a dummy input to them alone: a pretrained layer the task model runs without using its
     output (SigLIP's attention-pooling head beside the token average it classifies, ESM's contact head, BigBird's
     pooler). Empty when no dummy input can be made (an input other than token ids or an image) or the pass fails.
-    Remembered for the model; nothing is run for no names. The model is left as it was: modes, ``requires_grad``
-    flags, gradients and BatchNorm statistics (the pass runs in eval mode).
+    Remembered by architecture and config; nothing is run for no names. The model is left as it was: modes,
+    ``requires_grad`` flags, gradients and BatchNorm statistics (the pass runs in eval mode, with gradients on
+    whatever the caller's mode).
     """
     if not names:
         return frozenset()
-    known = _UNUSED.setdefault(model, {})
-    key = tuple(names)
-    if key not in known:
+    try:
+        key = (type(model).__qualname__, model.config.to_json_string(), tuple(names))
+    except Exception:  # a config that does not serialise: measured every time
+        key = None
+    if key is None or key not in _UNUSED:
         try:
-            known[key] = _no_gradient(model, names)
+            unused = _no_gradient(model, names)
         except Exception:  # a model the dummy input does not fit: the structure alone decides
-            known[key] = frozenset()
-    return known[key]
+            unused = frozenset()
+        if key is None:
+            return unused
+        _UNUSED[key] = unused
+    return _UNUSED[key]
 
 
 def _no_gradient(model: nn.Module, names: list[str]) -> frozenset[str]:
@@ -137,6 +143,13 @@ def _no_gradient(model: nn.Module, names: list[str]) -> frozenset[str]:
     inputs = _dummy_input(model, params[0])
     if inputs is None:
         return frozenset()
+    # a caller's no_grad or inference_mode (a notebook's summary) would make every candidate look unused
+    with torch.inference_mode(False), torch.enable_grad():
+        return _measured(model, names, everything, params, inputs)
+
+
+def _measured(model: nn.Module, names: list[str], everything: dict[str, nn.Parameter], params: list[nn.Parameter],
+              inputs: dict) -> frozenset[str]:  # fmt: skip
     flags = {n: p.requires_grad for n, p in everything.items()}
     modes = {m: m.training for m in model.modules()}
     try:
