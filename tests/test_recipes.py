@@ -761,6 +761,8 @@ def test_a_named_recipe_stopped_in_its_first_phase_refuses_a_fresh_command_and_s
     assert "--resume" in err and "starting it afresh" not in out and snapshot(tmp_path / "run") == before
     code, out, err = run_cli(capsys, *argv, "--resume")
     assert code == 0 and checkpoint.load(tmp_path / "run" / "last.pt")["epoch"] == 2, err
+    code, out, err = run_cli(capsys, *argv)  # finished: the run dir's own refusal, not "stopped in its probe phase"
+    assert code == 2 and "already holds a run (" in err and "probe phase" not in err, err
 
 
 def test_an_auto_run_resumed_with_a_freeze_spec_is_refused_naming_the_recipe(data, tmp_path, capsys):

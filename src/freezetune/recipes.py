@@ -288,7 +288,9 @@ def _refuse_a_started_phase(cfg: TrainConfig, recipe: str) -> None:
     from freezetune import checkpoint
     from freezetune.errors import setting
 
-    for phase in phases(cfg, recipe)[:-1]:
+    if (Path(cfg.out) / checkpoint.LAST).is_file():  # in its last phase or finished: the run dir's own refusal says so
+        return
+    for phase in reversed(phases(cfg, recipe)[:-1]):  # the latest phase that started
         last = Path(phase.cfg.out) / checkpoint.LAST
         if last.is_file():
             raise ConfigError(f"run dir {cfg.out!r} already holds a run of recipe {recipe}, stopped in its "
