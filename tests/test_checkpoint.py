@@ -269,3 +269,26 @@ def test_a_checkpoint_cut_short_is_called_that(tmp_path):
     (tmp_path / "notes.pt").write_text("not a checkpoint")
     with pytest.raises(CheckpointError, match=r"notes.pt': not a PyTorch checkpoint file"):
         checkpoint.load(tmp_path / "notes.pt")
+
+
+def test_the_file_list_of_last_pt_holds_any_name_and_splits_on_two_drives_keep_none(tmp_path, monkeypatch):
+    # a name with a newline broke the list's lines (a traceback where the refusal was due); on Windows, splits on two
+    # drives have no folder in common: commonpath's ValueError stopped every resumable run's set-up
+    import os
+
+    from freezetune.data import FileImageDataset, fingerprint
+
+    (tmp_path / "a\nb.png").write_bytes(b"1")
+    ds = FileImageDataset([(str(tmp_path / "a\nb.png"), 0)], ["x"])
+    before = fingerprint.data_record(ds, None)
+    (tmp_path / "a\nb.png").write_bytes(b"12")
+    assert (
+        fingerprint.files_changed(before, fingerprint.data_record(ds, None)) == "files: 1 of another size ('a\\nb.png')"
+    )
+
+    def two_drives(paths):
+        raise ValueError("Paths don't have the same drive")
+
+    monkeypatch.setattr(os.path, "commonpath", two_drives)
+    record = fingerprint.data_record(ds, FileImageDataset([(str(tmp_path / "a\nb.png"), 0)], ["x"]))
+    assert all("files" not in split and split["digest"] for split in record.values())  # one file a split: a digest

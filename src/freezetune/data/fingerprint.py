@@ -15,6 +15,7 @@ A ``last.pt`` also keeps its image files' list (``data_record``), so a refused r
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import zlib
 from collections.abc import Callable
@@ -46,8 +47,9 @@ def cache_fingerprint(dataset: Dataset) -> str | None:
     return _digest(dataset, lambda paths: map(key, paths))
 
 
-def resume_digest(dataset: Dataset) -> str | None:
-    """The digest a ``last.pt`` keeps of ``dataset`` (see the module docstring), or None.
+def resume_digest(dataset: Dataset, sized: list[tuple[str, int]] | None = None) -> str | None:
+    """The digest a ``last.pt`` keeps of ``dataset`` (see the module docstring), or None. ``sized``: its files'
+    absolute paths and sizes, when the caller has read them (``data_record``).
 
     >>> ds = InMemoryImageDataset(torch.zeros(2, 4, 4, dtype=torch.uint8), torch.tensor([0, 1]), ["a", "b"])
     >>> resume_digest(ds) == cache_fingerprint(ds)
@@ -55,12 +57,22 @@ def resume_digest(dataset: Dataset) -> str | None:
     """
 
     def keys(paths: list[str]):
-        paths = [os.path.abspath(p) for p in paths]
-        root = os.path.commonpath(paths) if len(paths) > 1 else os.path.dirname(paths[0]) if paths else ""
-        # each path is below root: the name relpath gives is what follows it (relpath took 5 us a file)
-        return (os.fsencode(p[len(root) :].lstrip(os.sep)) + f"\0{os.path.getsize(p)}\n".encode() for p in paths)
+        entries = sized if sized is not None else _sized(paths)
+        names = _names([p for p, _ in entries])
+        return (os.fsencode(name) + f"\0{size}\n".encode() for name, (_, size) in zip(names, entries, strict=True))
 
     return _digest(dataset, keys)
+
+
+def _sized(paths: list[str]) -> list[tuple[str, int]]:
+    return [(path, os.path.getsize(path)) for path in map(os.path.abspath, paths)]
+
+
+def _names(paths: list[str]) -> list[str]:
+    """Absolute ``paths`` named below the folder they share (one file: below its folder), as ``os.path.relpath``
+    names them: what follows that folder (relpath took 5 us a file). Raises ValueError for paths on two drives."""
+    root = os.path.commonpath(paths) if len(paths) > 1 else os.path.dirname(paths[0]) if paths else ""
+    return [p[len(root) :].lstrip(os.sep) or "." for p in paths]
 
 
 def _digest(dataset: Dataset, file_keys: Callable) -> str | None:
@@ -71,7 +83,10 @@ def _digest(dataset: Dataset, file_keys: Callable) -> str | None:
         try:  # fsencode: a file name that is not UTF-8 (an old Latin-1 zip) keeps its bytes instead of failing
             for key in file_keys([path for path, _ in dataset.samples]):
                 h.update(key)
-        except OSError:  # a file gone since the scan: no digest rather than a wrong one
+        except (
+            OSError,
+            ValueError,
+        ):  # a file gone since the scan (or splits on two drives): no digest, not a wrong one
             return None
     else:
         return None
@@ -81,37 +96,40 @@ def _digest(dataset: Dataset, file_keys: Callable) -> str | None:
 
 def data_record(train: Dataset, val: Dataset | None) -> dict:
     """What ``last.pt`` keeps of the data it trained on, for a resume to check (``restore``): each split's size and
-    digest (``resume_digest``), and an image folder's or CSV's file list (``files_changed`` names what changed)."""
+    digest (``resume_digest``), and an image folder's or CSV's file list (``files_changed`` names what changed).
+    Each file's size is read once for both."""
     from freezetune.data.datasets import noun
 
     splits = {name: ds for name, ds in (("training", train), ("validation", val)) if ds is not None}
-    lists = _file_lists(list(splits.values()))
-    return {name: {"n": len(ds), "digest": resume_digest(ds), "noun": noun(ds),
-                   **({"files": listed} if listed is not None else {})}
-            for (name, ds), listed in zip(splits.items(), lists, strict=True)}  # fmt: skip
+    try:
+        sized = {name: _sized([p for p, _ in ds.samples]) for name, ds in splits.items()
+                 if isinstance(ds, FileImageDataset)}  # fmt: skip
+    except OSError:  # a file gone since the scan: the digests say so (None), and no list is kept
+        sized = {}
+    lists = _file_lists(splits, sized)
+    return {name: {"n": len(ds), "digest": resume_digest(ds, sized.get(name)), "noun": noun(ds),
+                   **({"files": lists[name]} if name in lists else {})}
+            for name, ds in splits.items()}  # fmt: skip
 
 
 MAX_LISTED_FILES = 200_000  # a larger dataset's last.pt keeps no list (some MB at every epoch's save)
 
 
-def _file_lists(datasets: list[Dataset]) -> list[bytes | None]:
-    """Each file dataset's lines ``path\0size\0class`` (compressed), paths below the folder all the splits share:
-    the validation split held out of the training folder moves files between splits, not out of the data."""
-    paths = [os.path.abspath(p) for ds in datasets if isinstance(ds, FileImageDataset) for p, _ in ds.samples]
+def _file_lists(splits: dict[str, Dataset], sized: dict[str, list[tuple[str, int]]]) -> dict[str, bytes]:
+    """Each file split's ``[name, size, class]`` entries (JSON, compressed), named below the folder all the splits
+    share: the validation split held out of the training folder moves files between splits, not out of the data."""
+    paths = [p for entries in sized.values() for p, _ in entries]
     if not paths or len(paths) > MAX_LISTED_FILES:
-        return [None] * len(datasets)
-    root = os.path.commonpath(paths) if len(paths) > 1 else os.path.dirname(paths[0])
-    lists = []
-    for ds in datasets:
-        if not isinstance(ds, FileImageDataset):
-            lists.append(None)
-            continue
-        try:  # below root by construction: the name is what follows it (relpath took 5 us a file)
-            lines = [f"{os.path.abspath(p)[len(root):].lstrip(os.sep)}\0{os.path.getsize(p)}\0{ds.classes[label]}"
-                     for p, label in ds.samples]  # fmt: skip
-        except OSError:  # a file gone since the scan, as for the digest
-            return [None] * len(datasets)
-        lists.append(zlib.compress("\n".join(lines).encode("utf-8", "surrogateescape")))
+        return {}
+    try:
+        names = iter(_names(paths))
+    except ValueError:  # splits on two drives (Windows): nothing they share to name files below
+        return {}
+    lists = {}
+    for split, entries in sized.items():
+        classes, labels = splits[split].classes, splits[split].targets.tolist()
+        rows = [[next(names), size, classes[label]] for (_, size), label in zip(entries, labels, strict=True)]
+        lists[split] = zlib.compress(json.dumps(rows).encode())  # a name may hold any character, a newline too
     return lists
 
 
@@ -119,8 +137,8 @@ def files_changed(saved: dict, now: dict) -> str | None:
     r"""What differs between two ``data_record``'s file lists, all splits together, with examples: files gone, new,
     of another size or of another class. None when either record has no list (an older ``last.pt``, IDX data).
 
-    >>> def rec(*lines): return {"training": {"files": zlib.compress("\n".join(lines).encode())}}
-    >>> files_changed(rec("a/1.png\x0010\x00a", "a/2.png\x0010\x00a"), rec("a/1.png\x0012\x00a"))
+    >>> def rec(*rows): return {"training": {"files": zlib.compress(json.dumps(rows).encode())}}
+    >>> files_changed(rec(["a/1.png", 10, "a"], ["a/2.png", 10, "a"]), rec(["a/1.png", 12, "a"]))
     "files: 1 gone ('a/2.png'), 1 of another size ('a/1.png')"
     """
     old, new = _listed(saved), _listed(now)
@@ -134,13 +152,12 @@ def files_changed(saved: dict, now: dict) -> str | None:
     return "files: " + ", ".join(parts) if parts else None
 
 
-def _listed(record: dict) -> dict[str, tuple[str, str]] | None:
-    files: dict[str, tuple[str, str]] = {}
+def _listed(record: dict) -> dict[str, tuple[int, str]] | None:
+    files: dict[str, tuple[int, str]] = {}
     for split in record.values():
         if "files" not in split:
             return None
-        for line in zlib.decompress(split["files"]).decode("utf-8", "surrogateescape").splitlines():
-            path, size, name = line.split("\0")
+        for path, size, name in json.loads(zlib.decompress(split["files"])):
             files[path] = (size, name)
     return files
 
