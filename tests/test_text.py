@@ -499,3 +499,13 @@ def test_a_bad_test_csv_stops_a_recipe_before_its_trials_or_first_phase(tmp_path
     )  # fmt: skip
     assert code == 2 and "test.csv' has label(s) 'neutral' that are not training classes: 'neg', 'pos'" in err, err
     assert "epoch 1" not in stdout and not (out / "auto-trials").exists() and not list(out.glob("**/*.pt"))
+
+
+def test_long_texts_are_counted_a_chunk_at_a_time_to_the_same_result():
+    # every text's token ids were held at once: 100 000 long documents took GBs before eval began
+    from freezetune.data.text import long_texts
+
+    tokenize = TokenizeBatch(str(MINILM), 16)
+    texts = ["short", "word " * 40, "", "word " * 90, "a b c"]
+    assert long_texts(texts, tokenize, chunk=2) == long_texts(texts, tokenize) == (2, 92)
+    assert long_texts([], tokenize) == (0, 0)

@@ -289,12 +289,21 @@ def _tokenizer(loaded: LoadedModel):
     return TokenizeBatch(loaded.preprocess.tokenizer, loaded.preprocess.max_length)
 
 
-def _warn_cut(texts: list[str], tokenizer) -> None:
-    """Say how many texts the model sees only the start of: the tokenizer cuts them silently."""
+def _warn_cut(texts: list[str], tokenizer, counted: tuple[int, int, int] = (0, 0, 0)) -> None:
+    """Say how many texts the model sees only the start of (the tokenizer cuts them silently): of ``texts``, and of
+    those ``counted`` before (long, total, longest: ``_count_cut``'s, a file at a time)."""
     from freezetune.data.text import scoring_cut_note
 
-    if note := scoring_cut_note(texts, tokenizer):
+    long, total, longest = _count_cut(texts, tokenizer, counted)
+    if note := scoring_cut_note(long, total, longest, tokenizer.max_length):
         log.warning(note)
+
+
+def _count_cut(texts: list[str], tokenizer, counted: tuple[int, int, int]) -> tuple[int, int, int]:
+    from freezetune.data.text import long_texts
+
+    long, longest = long_texts(texts, tokenizer)
+    return counted[0] + long, counted[1] + len(texts), max(counted[2], longest)
 
 
 def _rank_texts(loaded: LoadedModel, tokenizer, texts: list[str], topk: int, batch_size: int) -> list[dict]:
@@ -311,17 +320,18 @@ def _predict_text_files(loaded: LoadedModel, paths: list[str], topk: int, batch_
     from freezetune.data.text import list_text_files, numbered_texts
 
     tokenizer = _tokenizer(loaded)  # once, not once a file
-    records, scored = [], []
+    records, cut = [], (0, 0, 0)
     for path in list_text_files(paths):
         try:  # one unreadable file must not cost the predictions of all the others
             numbered = numbered_texts(path, columns)
         except DataError as exc:
             records.append({"path": path, "error": str(exc)})
             continue
-        scored += [text for _, text in numbered]
-        predicted = _rank_texts(loaded, tokenizer, [text for _, text in numbered], topk, batch_size)
+        texts = [text for _, text in numbered]
+        cut = _count_cut(texts, tokenizer, cut)
+        predicted = _rank_texts(loaded, tokenizer, texts, topk, batch_size)
         records += [{"path": path, "row": line, **r} for (line, _), r in zip(numbered, predicted, strict=True)]
-    _warn_cut(scored, tokenizer)
+    _warn_cut([], tokenizer, cut)
     return records
 
 

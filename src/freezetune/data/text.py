@@ -307,23 +307,26 @@ def truncation_note(dataset: Dataset, preprocess) -> str | None:
             f"{longest}) and are cut there; {more}")  # fmt: skip
 
 
-def scoring_cut_note(texts: list[str], tokenize: TokenizeBatch) -> str | None:
-    """``truncation_note`` for texts scored by a trained model (eval, predict): its ``max_length`` is the one it
-    trained with, so the note says so instead of advising a flag that would change the model's input."""
-    long, longest = long_texts(texts, tokenize)
+def scoring_cut_note(long: int, total: int, longest: int, max_length: int) -> str | None:
+    """``truncation_note`` for texts scored by a trained model (eval, predict): ``long`` of ``total`` texts, the
+    longest ``longest`` tokens, are over its ``max_length``, the one it trained with, so the note says so instead of
+    advising a flag that would change the model's input."""
     if not long:
         return None
-    cut = tokenize.max_length
-    return (f"{long} of {len(texts)} texts are longer than the {cut} tokens this model reads (it trained with "
-            f"--max-length {cut}; the longest is {longest}): each is scored on its first {cut}")  # fmt: skip
+    return (f"{long} of {total} texts are longer than the {max_length} tokens this model reads (it trained with "
+            f"--max-length {max_length}; the longest is {longest}): each is scored on its first {max_length}")  # fmt: skip
 
 
-def long_texts(texts: list[str], tokenize: TokenizeBatch) -> tuple[int, int]:
-    """How many of ``texts`` ``tokenize`` cuts at its ``max_length`` tokens, and the longest's length in tokens."""
-    if not texts:
-        return 0, 0
-    lengths = [len(ids) for ids in tokenize.tokenizer(texts, truncation=False, verbose=False)["input_ids"]]
-    return sum(n > tokenize.max_length for n in lengths), max(lengths)
+def long_texts(texts: list[str], tokenize: TokenizeBatch, chunk: int = 1000) -> tuple[int, int]:
+    """How many of ``texts`` ``tokenize`` cuts at its ``max_length`` tokens, and the longest's length in tokens;
+    ``chunk`` texts at a time, so 100 000 long documents never hold all their token ids at once."""
+    long = longest = 0
+    for start in range(0, len(texts), chunk):
+        ids = tokenize.tokenizer(texts[start : start + chunk], truncation=False, verbose=False)["input_ids"]
+        lengths = [len(i) for i in ids]
+        long += sum(n > tokenize.max_length for n in lengths)
+        longest = max(longest, *lengths)
+    return long, longest
 
 
 TEXT_SETTINGS = ("max_length", "text_column", "label_column")  # the TrainConfig fields only a text model reads
