@@ -969,3 +969,24 @@ def test_a_second_build_of_the_same_folder_scans_only_files_that_changed_or_fail
     assert sorted(scanned[first:]) == sorted([str(changed), str(broken)])
     with pytest.raises(DataError, match="1 of 9 test image file"):  # a broken file is never taken for sound
         build_datasets(str(root), preprocess=PRE)
+
+
+def test_a_spawned_loader_worker_drops_pils_raw_decompression_bomb_warning(tmp_path):
+    # the command line's filter reached forked workers only: spawned ones (macOS, Windows) and forkserver ones
+    # (Linux from Python 3.14) printed PIL's warning and its source line, each
+    import subprocess
+    import sys
+
+    Image.new("1", (9500, 9500)).save(tmp_path / "scan.png")  # 90 megapixels, 11 kB
+    script = (
+        "import os, sys\n"
+        "from PIL import Image\n"
+        "from freezetune.data.loaders import _seed_worker\n"
+        "_seed_worker(0, main=os.getpid())\n"
+        "Image.open(sys.argv[1]).close()\n"
+        "print('read')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path / "scan.png")], capture_output=True, text=True,
+                          timeout=120)  # fmt: skip
+    assert proc.returncode == 0 and proc.stdout == "read\n", proc.stderr
+    assert "DecompressionBomb" not in proc.stderr, proc.stderr

@@ -27,6 +27,7 @@ from freezetune.interrupt import RunInterrupted, StopRequest, forget_stop, raise
 from freezetune.options import (
     AMP_MODES,
     FREEZE_DEFAULT,
+    LARGE_IMAGE_WARNING,
     RANDOM_WEIGHTS,
     RECIPES,
     SWEEP_DEFAULT_OUT,
@@ -55,9 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     run_log.command = shlex.join(["freezetune", *argv])  # train.log's header
     level = logging.INFO if getattr(args, "verbose", False) else logging.WARNING
     logging.basicConfig(level=level if first else logging.ERROR, format=run_log.WARNING_FORMAT)
-    # PIL's DecompressionBombWarning, raw ("Image.py:3593: ... could be decompression bomb DOS attack") in every
-    # loader worker: the pre-scan names such a file once, in freezetune's words (data/scan.py)
-    warnings.filterwarnings("ignore", message=r"Image size \(\d+ pixels\) exceeds limit")
+    warnings.filterwarnings("ignore", message=LARGE_IMAGE_WARNING)  # PIL's, raw: see data.folder.quiet_large_images
     forget_stop()  # a stop belongs to the command it stopped
     try:
         with _stops(args.command):

@@ -40,6 +40,7 @@ CLASS_WEIGHTS = ("none", "balanced")
 IMBALANCE_NOTED = 3.0  # a run notes --class-weights when its largest class is this many times its smallest
 AUTO_VAL_FRACTION = 0.1  # held out per class when no validation data is given (``data.datasets``)
 AUTO_VAL_MAX_PER_CLASS = 50  # enough to rank recipes, cheap to cache and to evaluate every epoch
+LARGE_IMAGE_WARNING = r"Image size \(\d+ pixels\) exceeds limit"  # PIL's DecompressionBombWarning (data.folder)
 BATCH_AUTO = "auto"  # --batch-size auto: the largest power of two that fits the CUDA device (memory.auto_batch_size)
 # Named fine-tuning procedures (``--recipe``), each in one line; ``freezetune.recipes`` carries them out.
 RECIPE_HELP = {

@@ -7,6 +7,7 @@ import logging
 import os
 import re
 import unicodedata
+import warnings
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -18,7 +19,7 @@ from torch.utils.data import Dataset
 
 from freezetune.data.alpha import flatten
 from freezetune.errors import DataError, choices
-from freezetune.options import ALPHA_DEFAULT
+from freezetune.options import ALPHA_DEFAULT, LARGE_IMAGE_WARNING
 from freezetune.run_log import warn_once
 
 log = logging.getLogger(__name__)
@@ -88,6 +89,14 @@ def load_image(path: str | Path, alpha: str = ALPHA_DEFAULT, min_side: int | Non
         if os.path.islink(path) and not os.path.exists(path):  # "No such file or directory" of a file listed
             why = f"a link to '{os.readlink(path)}', which does not exist"
         raise DataError(f"cannot read image '{path}': {why}{heif_hint([path])}") from e
+
+
+def quiet_large_images() -> None:
+    """Drop PIL's DecompressionBombWarning (an image over 89 megapixels: "Image.py:3593: ... could be decompression
+    bomb DOS attack" and its source line, from the command and from every loader worker): the pre-scan names such a
+    file once, in freezetune's words (``data/scan.py``). Installed by the command line and in each loader worker,
+    which a spawned or forkserver start does not give the filters of the process that started it."""
+    warnings.filterwarnings("ignore", message=LARGE_IMAGE_WARNING)
 
 
 def too_large(exc: Image.DecompressionBombError) -> str:
