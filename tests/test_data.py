@@ -955,8 +955,8 @@ def test_a_second_build_of_the_same_folder_scans_only_files_that_changed_or_fail
     from freezetune.data import scan
 
     root = _tiny_split_folder(tmp_path / "d")
-    real, scanned = scan.image_problem, []
-    monkeypatch.setattr(scan, "image_problem", lambda path: scanned.append(path) or real(path))
+    real, scanned = scan._looked_at, []
+    monkeypatch.setattr(scan, "_looked_at", lambda path: scanned.append(path) or real(path))
     build_datasets(str(root), preprocess=PRE)
     first = len(scanned)
     assert first == len(list(root.rglob("*.png")))

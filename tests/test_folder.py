@@ -149,7 +149,7 @@ def test_an_image_over_pils_pixel_limit_is_named_in_megapixels_and_one_near_it_i
     # attack." named no way out; below twice the limit its DecompressionBombWarning came raw from every worker
     import warnings
 
-    from freezetune.data.scan import image_problem
+    from freezetune.data.scan import image_problem, unreadable
 
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
     Image.new("RGB", (40, 40)).save(tmp_path / "big.png")  # 1 600 pixels: over the limit, under twice it
@@ -160,10 +160,16 @@ def test_an_image_over_pils_pixel_limit_is_named_in_megapixels_and_one_near_it_i
     with pytest.raises(DataError, match=f"huge.png': {refused}$"):
         load_image(tmp_path / "huge.png")
     assert image_problem(str(tmp_path / "huge.png")) == refused
-    with warnings.catch_warnings(), caplog.at_level(logging.WARNING):
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+    Image.new("RGB", (40, 40)).save(tmp_path / "big2.png")
+    with warnings.catch_warnings(), caplog.at_level(logging.WARNING):  # a folder of such scans: one line
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # PIL's own: the command line drops it
         assert image_problem(str(tmp_path / "big.png")) is None and image_problem(str(tmp_path / "big.jpg")) is None
-    assert f"'{tmp_path / 'big.png'}' is 0.0016 megapixels: each read decodes all of them" in caplog.text
+        found = unreadable([str(tmp_path / n) for n in ("big.png", "big2.png", "big.jpg", "huge.png")])
+    assert found == [(str(tmp_path / "huge.png"), refused)]
+    notes = [r.getMessage() for r in caplog.records if "megapixels, e.g." in r.getMessage()]
+    assert notes == [f"2 image file(s) are over 0.001 megapixels, e.g. '{tmp_path / 'big.png'}' (0.0016), "
+                     f"'{tmp_path / 'big2.png'}' (0.0016): each read decodes all of them (a second or more); "
+                     "downscaled copies train as well, faster"]  # fmt: skip
     assert "big.jpg" not in caplog.text
 
 

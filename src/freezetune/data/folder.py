@@ -110,8 +110,17 @@ def too_large(exc: Image.DecompressionBombError) -> str:
     sizes = [int(n) for n in re.findall(r"\d+", str(exc))[:2]]
     if len(sizes) < 2:
         return str(exc)
-    return (f"{sizes[0] / 1e6:.3g} megapixels, over the {sizes[1] / 1e6:.3g} that PIL decodes, its guard against "
+    return (f"{megapixels(sizes[0])} megapixels, over the {megapixels(sizes[1])} that PIL decodes, its guard against "
             "decompression bombs: save a downscaled copy")  # fmt: skip
+
+
+def megapixels(pixels: int) -> str:
+    """A pixel count in megapixels, as messages say it.
+
+    >>> megapixels(1_230_000_000), megapixels(95_000_000), megapixels(2_500)
+    ('1230', '95', '0.0025')
+    """
+    return f"{pixels / 1e6:.0f}" if pixels >= 1e6 else f"{pixels / 1e6:.2g}"
 
 
 def _eight_bit(img: Image.Image) -> Image.Image:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from freezetune.data.folder import FileImageDataset, heif_hint, too_large
+from freezetune.data.folder import FileImageDataset, heif_hint, megapixels, too_large
 from freezetune.data.text import TextDataset
 from freezetune.errors import DataError, choices
 from freezetune.run_log import warn_once
@@ -50,24 +50,28 @@ def image_problem(path: str) -> str | None:
     >>> image_problem("/nonexistent.png")
     'No such file or directory'
     """
+    return _looked_at(path)[0]
+
+
+def _looked_at(path: str) -> tuple[str | None, int]:
+    """``image_problem``'s answer, and the image's pixels when they are over PIL's warning limit in a format other
+    than JPEG (which decodes scaled down): every read of it decodes them all (0 otherwise)."""
     try:
         with Image.open(path) as img:
             img.verify()  # structure and checksums where the format has them; no pixel decode
             fmt, pixels = img.format, img.width * img.height
-        if fmt != "JPEG" and Image.MAX_IMAGE_PIXELS and pixels > Image.MAX_IMAGE_PIXELS:  # a JPEG decodes scaled
-            warn_once(log, "'%s' is %.3g megapixels: each read decodes all of them (a second or more); a downscaled "
-                      "copy trains as well, faster", path, pixels / 1e6)  # fmt: skip
         if fmt == "JPEG" and not jpeg_complete(Path(path).read_bytes()):
-            return "truncated: the JPEG data stops before its end-of-image marker"
+            return "truncated: the JPEG data stops before its end-of-image marker", 0
         if fmt not in _CHECKED_WITHOUT_DECODE:
             with Image.open(path) as img:  # verify() leaves the image unusable: open it again
                 img.load()
     except Image.DecompressionBombError as exc:
-        return too_large(exc)
+        return too_large(exc), 0
     except Exception as exc:  # PIL raises OSError, SyntaxError, struct.error ... for broken files
         why = getattr(exc, "strerror", None) or str(exc).split("\n")[0] or type(exc).__name__
-        return why.replace(f" {str(path)!r}", "")  # PIL repeats the path the message is already about
-    return None
+        return why.replace(f" {str(path)!r}", ""), 0  # PIL repeats the path the message is already about
+    large = fmt != "JPEG" and bool(Image.MAX_IMAGE_PIXELS) and pixels > Image.MAX_IMAGE_PIXELS
+    return None, pixels if large else 0
 
 
 _STANDALONE = {0x01, *range(0xD0, 0xD9)}  # markers without a length: TEM, RST0-7, SOI
@@ -130,17 +134,23 @@ def unreadable(paths: list[str]) -> list[tuple[str, str]]:
     """
     todo = [path for path in dict.fromkeys(paths) if _stamp(path) not in _SOUND]
     with ThreadPoolExecutor(_THREADS) as pool:
-        reasons = dict(zip(todo, pool.map(_checked, todo), strict=True))
-    return [(p, reasons[p]) for p in paths if reasons.get(p) is not None]
+        looked = dict(zip(todo, pool.map(_checked, todo), strict=True))
+    large = {p: pixels for p, (_, pixels) in looked.items() if pixels}
+    if large:  # one line for a folder of scans, not one a file
+        shown = ", ".join(f"'{p}' ({megapixels(n)})" for p, n in list(large.items())[:3])
+        warn_once(log, "%d image file(s) are over %s megapixels, e.g. %s: each read decodes all of them (a second or "
+                  "more); downscaled copies train as well, faster", len(large), megapixels(Image.MAX_IMAGE_PIXELS),
+                  shown)  # fmt: skip
+    return [(p, looked[p][0]) for p in paths if p in looked and looked[p][0] is not None]
 
 
-def _checked(path: str) -> str | None:
-    """``image_problem``, remembered as sound only when the file did not change while it was read."""
+def _checked(path: str) -> tuple[str | None, int]:
+    """``_looked_at``, remembered as sound only when the file did not change while it was read."""
     before = _stamp(path)
-    why = image_problem(path)
+    why, pixels = _looked_at(path)
     if why is None and before is not None and _stamp(path) == before:
         _SOUND.add(before)
-    return why
+    return why, pixels
 
 
 def _stamp(path: str) -> _Stamp | None:
