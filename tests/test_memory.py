@@ -156,6 +156,10 @@ def test_batch_size_auto_off_cuda_keeps_the_default_and_says_so():
 
     size, why = auto_batch_size(_SmallDevice(1), 8, device=torch.device("cpu"), cap=1000, default=32)
     assert size == 32 and "default 32" in why and "no CUDA device" in why
+    # a text model (no image size) is not measured, on any device: train and inspect say the same
+    for device in ("cpu", "cuda"):
+        assert auto_batch_size(_SmallDevice(1), None, device=torch.device(device), cap=10, default=32) == (
+            10, "the default (a text model is not measured)")  # fmt: skip
 
 
 def test_a_text_model_is_estimated_on_batches_of_token_ids():

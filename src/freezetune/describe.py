@@ -73,13 +73,10 @@ def _auto_batch_size(model, pre, precision) -> tuple[int, str]:
     it (the frozen part keeps no activations for backward), capped at ``_AUTO_CAP`` rather than the training set."""
     from freezetune.memory import auto_batch_size
 
-    default = TrainConfig.batch_size
-    if pre is None:  # a text model: as a run, not measured
-        return default, "the default (a text model is not measured)"
     device = precision.device
     try:
-        return auto_batch_size(model.to(device), pre.input_size, device=device, cap=_AUTO_CAP, default=default,
-                               autocast=precision.autocast)  # fmt: skip
+        return auto_batch_size(model.to(device), pre.input_size if pre is not None else None, device=device,
+                               cap=_AUTO_CAP, default=TrainConfig.batch_size, autocast=precision.autocast)  # fmt: skip
     finally:
         model.to("cpu")  # the estimate below measures a CPU copy
 

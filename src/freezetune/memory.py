@@ -237,17 +237,20 @@ def find_batch_size(fits: Callable[[int], bool], cap: int, start: int = 2) -> in
     return best
 
 
-def auto_batch_size(model: nn.Module, input_size: int, *, device: torch.device, cap: int, default: int,
+def auto_batch_size(model: nn.Module, input_size: int | None, *, device: torch.device, cap: int, default: int,
                     autocast: Callable = contextlib.nullcontext) -> tuple[int, str]:  # fmt: skip
     """The batch size ``--batch-size auto`` trains with, and why, in words.
 
     On CUDA: the largest power of two (at most ``cap``, the training set size) whose forward and backward through
     ``model`` fit, with room held for the optimizer state. Elsewhere nothing can be measured without risking the
-    machine's RAM, so ``default`` (capped) is kept.
+    machine's RAM, so ``default`` (capped) is kept; so it is for a text model (``input_size`` None: no image input
+    to measure with).
 
     >>> auto_batch_size(nn.Linear(4, 2), 4, device=torch.device("cpu"), cap=10, default=32)
     (10, 'the default 32 (no CUDA device to measure on cpu), capped at 10 training images')
     """
+    if input_size is None:
+        return min(default, cap), "the default (a text model is not measured)"
     if device.type != "cuda":
         size = min(default, cap)
         capped = f", capped at {cap} training images" if size < default else ""

@@ -190,12 +190,9 @@ class RunSetup:
     def _batch_size(self) -> int:
         if self.cfg.batch_size != BATCH_AUTO:
             return self.cfg.batch_size
-        cap, default = len(self.data.train), TrainConfig.batch_size
-        if self.preprocess.tokenizer is not None:  # text: no image input to measure with
-            size, why = min(default, cap), "the default (a text model is not measured)"
-        else:
-            size, why = auto_batch_size(self.model, self.preprocess.input_size, device=self.device, cap=cap,
-                                        default=default, autocast=self.precision.autocast)  # fmt: skip
+        image = self.preprocess.input_size if self.preprocess.tokenizer is None else None
+        size, why = auto_batch_size(self.model, image, device=self.device, cap=len(self.data.train),
+                                    default=TrainConfig.batch_size, autocast=self.precision.autocast)  # fmt: skip
         size, why = broadcast((size, why), self.dist)  # rank 0 measured; every rank must step alike
         self.echo(f"--batch-size auto -> {size}: {why}")
         return size
