@@ -528,7 +528,9 @@ def test_a_resume_with_fewer_epochs_than_trained_is_refused_and_leaves_the_run_a
     assert code == 0, err
     before = snapshot(out)
     code, stdout, err = run_cli(capsys, "train", "--out", out, "--resume", "--epochs", "2")
-    _assert_user_error(code, stdout, err, "with epochs 2: it has trained 3 epochs", "--epochs 3 (its end runs again)")
+    _assert_user_error(
+        code, stdout, err, "with epochs 2: it has trained 3 epochs", "give --epochs 3 (epochs=3) or more"
+    )
     assert snapshot(out) == before
 
 

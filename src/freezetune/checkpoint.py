@@ -364,7 +364,7 @@ def _check_resumable(path: Path, record: dict, expect: dict[str, Any]) -> None:
     done = int(record.get("epoch") or 0)
     if not stretched and isinstance(expect.get("epochs"), int) and expect["epochs"] < done:  # config.yaml said 2
         raise ConfigError(f"cannot resume {path} with epochs {expect['epochs']}: it has trained {done} epochs; give "
-                          f"--epochs {done} (its end runs again) or more (it trains on)")  # fmt: skip
+                          f"{setting('epochs', done)} or more (at {done} only its end runs again)")  # fmt: skip
     if not (stretched or changed):
         return
     why = []  # every change named at once: fixing one flag must not lead to the next refusal

@@ -263,9 +263,8 @@ def refuse_a_plain_resume_of_a_recipe(cfg: TrainConfig) -> None:
     recipe = "auto" if "choice" in record else record.get("recipe")
     if not recipe or _final_freeze(Path(cfg.out)) == cfg.freeze:  # the final run's own config (its config.yaml)
         return
-    given = f"freeze {cfg.freeze!r}" if cfg.freeze is not None else "no recipe"
     asked = setting("freeze", "auto") if recipe == "auto" else setting("recipe", recipe)
-    raise ConfigError(f"cannot resume {cfg.out} with {given}: it holds a run of recipe {recipe!r} ({saved}); give "
+    raise ConfigError(f"cannot resume {cfg.out} with freeze {cfg.freeze!r}: it holds a run of recipe {recipe!r} ({saved}); give "
                       f"its own command with --resume, {asked}, or start a new run with another "
                       f"{setting('out')}")  # fmt: skip
 
