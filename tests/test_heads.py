@@ -77,6 +77,10 @@ def test_a_hugging_face_distilled_model_gets_both_heads_replaced():
     trainable = _backbone_frozen(model)
     assert {n.split(".")[0] for n in trainable} == {"cls_classifier", "distillation_classifier"}
     assert model.eval()(torch.randn(1, 3, 32, 32)).logits.shape == (1, 3)  # the two heads' sum failed: 10 vs 3
+    # named after the class token's classifier, as timm's distilled models name theirs "head": stage_lrs
+    # {"cls_classifier": ...} was refused as an unknown stage, the stage being called distillation_classifier
+    assert ft.head_name(model) == "cls_classifier" and ft.stages(model)[-1].name == "cls_classifier"
+    assert len(ft.param_groups(model, 1e-3, stage_lrs={"cls_classifier": 1e-4})) >= 1
 
 
 def test_squeezenets_convolution_classifier_is_its_head():

@@ -48,6 +48,9 @@ def head_name(model: nn.Module) -> str:
     linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and not _in_aux(n)]
     if base:
         linears = [n for n in linears if not under(n, base)]
+        # a distilled model's two heads (DeiT's cls_classifier and distillation_classifier): the class token's is
+        # the classifier its stage is named after, as timm names that stage "head"
+        linears = [n for n in linears if "distil" not in n.lower()] or linears
     else:  # the classifier a model names (a head registered before its backbone, a user's own model) comes first
         named = [c for c, m in model.named_children() if c in HEAD_ATTRS and has_params(m)]
         in_named = [n for n in linears if named and under(n, named[-1])]
