@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     run_log.command = shlex.join(["freezetune", *argv])  # train.log's header
     level = logging.INFO if getattr(args, "verbose", False) else logging.WARNING
     logging.basicConfig(level=level if first else logging.ERROR, format=run_log.WARNING_FORMAT)
-    warnings.filterwarnings("ignore", message=LARGE_IMAGE_WARNING)  # PIL's, raw: see data.folder.quiet_large_images
+    warnings.filterwarnings("ignore", message=LARGE_IMAGE_WARNING)  # PIL's, raw: see data.large.quiet_large_images
     forget_stop()  # a stop belongs to the command it stopped
     try:
         with _stops(args.command):

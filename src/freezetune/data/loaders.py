@@ -28,8 +28,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
-from freezetune.data.folder import quiet_large_images
 from freezetune.data.idx import InMemoryImageDataset
+from freezetune.data.large import quiet_large_images
 from freezetune.data.text import TextDataset, TokenizeBatch
 from freezetune.distributed import DistInfo, batch_block, shard_rows
 from freezetune.interrupt import pause_point

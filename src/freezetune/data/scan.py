@@ -22,7 +22,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from freezetune.data.folder import FileImageDataset, heif_hint, megapixels, too_large
+from freezetune.data.folder import FileImageDataset, heif_hint
+from freezetune.data.large import megapixels, too_large
 from freezetune.data.text import TextDataset
 from freezetune.errors import DataError, choices
 from freezetune.run_log import warn_once
