@@ -23,7 +23,7 @@ from freezetune.config import FIELD_CHOICES, TrainConfig, coerce, field_names, s
 from freezetune.config_file import load_config, parse_override
 from freezetune.errors import ConfigError, FreezetuneError
 from freezetune.flag_help import FIELD_HELP, SECTIONS
-from freezetune.interrupt import RunInterrupted, StopRequest, forget_stop, raised_stop
+from freezetune.interrupt import RunInterrupted, forget_stop, raised_stop
 from freezetune.options import (
     AMP_MODES,
     FREEZE_DEFAULT,
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message=LARGE_IMAGE_WARNING)  # PIL's, raw: see data.large.quiet_large_images
     forget_stop()  # a stop belongs to the command it stopped
     try:
-        with _stops(args.command):
+        with cli_exit.stops(args.command):
             return args.func(args) or 0
     # a user error; a full disk, a read-only or vanished run dir (every write is atomic, so nothing is lost)
     except (FreezetuneError, OSError) as exc:
@@ -84,15 +84,6 @@ def main(argv: list[str] | None = None) -> int:
         return cli_exit.stopped(stop)
     finally:
         run_log.command = None  # a later Python-API run in this process (a notebook calling main) was not this
-
-
-def _stops(command: str):
-    """SIGTERM, SIGINT (and SIGHUP, as a run takes it) end ``eval``, ``predict``, ``export`` and ``inspect`` with one
-    line and 128 + the signal, through the writers' cleanup: killed by the default SIGTERM, an export left its hidden
-    temporary file and said nothing. A run (train, sweep) handles its own, to save its place first."""
-    if command in ("train", "sweep"):
-        return contextlib.nullcontext()
-    return StopRequest().listening(defer=False, at_once=f"before {command} finished (no file is left half-written)")
 
 
 def _parse(parser: argparse.ArgumentParser, argv: list[str], first: bool) -> argparse.Namespace | int:
