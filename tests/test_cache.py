@@ -531,3 +531,17 @@ def test_a_slow_cache_build_without_a_cache_dir_suggests_one(image_folder, tmp_p
     lines.clear()
     Trainer(_config(image_folder, tmp_path, "kept", cache_dir=str(tmp_path / "fc")), echo=lines.append)
     assert not any("--cache-dir DIR keeps it" in line for line in lines)  # it has one
+
+
+def test_a_store_held_on_the_device_is_not_pinned_whoever_builds_its_loader():
+    # a CUDA run's FeaturePath asked every store's batches pinned: a store placed on the GPU (--cache auto when it
+    # fits) failed at the first step, "cannot pin 'CUDAFloatType' only dense CPU tensors can be pinned". A meta
+    # store stands in for a CUDA one: torch refuses to pin both alike
+    from freezetune.cache.store import EpochOrder, StoreLoader
+
+    store = FeatureStore(torch.empty(1, 4, 3, device="meta"), torch.tensor([0, 1, 0, 1]), seed=0)
+    with pytest.raises(RuntimeError, match="cannot pin"):
+        torch.empty(2, device="meta").pin_memory()
+    for loader in (StoreLoader(store, 2, EpochOrder(4, shuffle=False), pin=True),
+                   store_loader(store, batch_size=2, train=False, seed=0, pin=True)):  # fmt: skip
+        assert not loader.pin and [f.shape for f, _ in loader] == [(2, 3), (2, 3)]

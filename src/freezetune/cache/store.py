@@ -99,7 +99,10 @@ class StoreLoader:
 
     def __init__(self, store: FeatureStore, batch_size: int, order: EpochOrder, pin: bool = False,
                  first_row: int = 0) -> None:  # fmt: skip
-        self.store, self.batch_size, self.order, self.pin = store, check_batch_size(batch_size), order, pin
+        self.store, self.batch_size, self.order = store, check_batch_size(batch_size), order
+        # page-locked batches speed a CPU store's copies to a CUDA device; a store held on the device has nothing to
+        # pin (torch refuses: "cannot pin 'CUDAFloatType'", the first step of every cached run on a GPU)
+        self.pin = pin and store.device.type == "cpu"
         self.first_row = first_row  # the order's rows start here (a rank's block of a sharded evaluation)
 
     def set_epoch(self, epoch: int) -> None:
@@ -305,7 +308,7 @@ def store_loader(store: FeatureStore, *, batch_size: int, train: bool, seed: int
     """
     order = EpochOrder(len(store), shuffle=train, seed=seed, dist=dist if train else None,
                        batch_size=batch_size if train else None)  # fmt: skip
-    return StoreLoader(store, batch_size, order, pin and store.device.type == "cpu")
+    return StoreLoader(store, batch_size, order, pin)
 
 
 def placed_store(features: torch.Tensor, targets: torch.Tensor, precision: Precision, *, seed: int,
