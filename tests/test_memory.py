@@ -115,9 +115,10 @@ def test_format_memory_is_a_table_of_both_modes(model):
 class _SmallDevice(torch.nn.Module):
     """A CNN on a pretend device that runs out of memory above ``limit`` images a batch."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, error: Exception | None = None) -> None:
         super().__init__()
         self.limit, self.batches = limit, []
+        self.error = error or torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         self.body = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(),
                                         torch.nn.LazyLinear(2))  # fmt: skip
         self.body(torch.zeros(2, 3, 8, 8))
@@ -125,7 +126,7 @@ class _SmallDevice(torch.nn.Module):
     def forward(self, x):
         self.batches.append(len(x))
         if len(x) > self.limit:
-            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            raise self.error
         return self.body(x)
 
 
@@ -149,6 +150,22 @@ def test_batch_size_search_keeps_the_largest_power_of_two_that_fits(limit, cap, 
     assert model.batches == tried  # doubling until the first size that does not fit (then backed off), or the cap
     assert model.training and all(p.grad is None for p in model.parameters())  # the probe left no trace
     assert torch.equal(model.body[1].running_mean, running)
+
+
+def test_a_cuda_librarys_refusal_of_a_batch_too_large_ends_the_search_and_another_error_is_raised():
+    # on a large card the doubling reaches batches cuDNN or cuBLAS refuse before memory runs out: they ended the run
+    from contextlib import nullcontext
+
+    from freezetune.memory import _fits, find_batch_size
+
+    refused = RuntimeError("cuDNN error: CUDNN_STATUS_NOT_SUPPORTED. This error may appear if you passed in a "
+                           "non-contiguous input.")  # fmt: skip
+    model = _SmallDevice(16, refused)
+    assert find_batch_size(lambda b: _fits(model, 8, b, torch.device("cpu"), nullcontext), 1000) == 16
+    broken = _SmallDevice(16, RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):  # a bug is not a size
+        find_batch_size(lambda b: _fits(broken, 8, b, torch.device("cpu"), nullcontext), 1000)
+    assert all(p.grad is None for p in broken.parameters())
 
 
 def test_batch_size_auto_off_cuda_keeps_the_default_and_says_so():

@@ -267,24 +267,47 @@ def _fits(model: nn.Module, input_size: int, batch: int, device: torch.device, a
     with the AdamW state of the trainable parameters reserved: it is allocated by the first real step."""
     trainable = [p for p in model.parameters() if p.requires_grad]
     was_training = model.training
-    reserve = None
     try:
-        reserve = torch.empty(2 * sum(p.numel() * p.element_size() for p in trainable), dtype=torch.uint8,
-                              device=device)  # fmt: skip
-        x = torch.randn(batch, 3, input_size, input_size, device=device)
-        with autocast():
-            out = logits_of(model.eval()(x))
-        if out.requires_grad:
-            out.float().sum().backward()
+        _step_at(model, input_size, batch, device, autocast, trainable)
         return True
-    except torch.cuda.OutOfMemoryError:
+    except RuntimeError as exc:  # torch.cuda.OutOfMemoryError is one
+        if not _out_of_memory(exc):
+            raise
         return False
     finally:
-        del reserve
         model.train(was_training)
         for p in trainable:
             p.grad = None
+        # the step's tensors (its input, its activations that an error's traceback kept) are gone with its frame:
+        # their blocks go back to the device here, not reserved for the rest of the run, whose free-memory checks
+        # (the feature cache's place, the device loader's) would find them taken
         torch.cuda.empty_cache()
+
+
+def _step_at(model: nn.Module, input_size: int, batch: int, device: torch.device, autocast: Callable,
+             trainable: list[nn.Parameter]) -> None:  # fmt: skip
+    reserve = torch.empty(2 * sum(p.numel() * p.element_size() for p in trainable), dtype=torch.uint8, device=device)
+    x = torch.randn(batch, 3, input_size, input_size, device=device)
+    with autocast():
+        out = logits_of(model.eval()(x))
+    if out.requires_grad:
+        out.float().sum().backward()
+    del reserve
+
+
+# what a CUDA library says instead of "out of memory" at a batch too large for it (a workspace it cannot allocate, a
+# tensor past 32-bit indexing): on a large card the doubling reaches such batches before memory runs out
+_TOO_LARGE = ("out of memory", "CUDNN_STATUS_NOT_SUPPORTED", "CUDNN_STATUS_EXECUTION_FAILED",
+              "CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED", "canUse32BitIndexMath")  # fmt: skip
+
+
+def _out_of_memory(exc: RuntimeError) -> bool:
+    """Whether a probe's error says the batch does not fit.
+
+    >>> _out_of_memory(RuntimeError("cuDNN error: CUDNN_STATUS_NOT_SUPPORTED")), _out_of_memory(RuntimeError("bug"))
+    (True, False)
+    """
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or any(word in str(exc) for word in _TOO_LARGE)
 
 
 @contextlib.contextmanager
