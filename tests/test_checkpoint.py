@@ -292,3 +292,13 @@ def test_the_file_list_of_last_pt_holds_any_name_and_splits_on_two_drives_keep_n
     monkeypatch.setattr(os.path, "commonpath", two_drives)
     record = fingerprint.data_record(ds, FileImageDataset([(str(tmp_path / "a\nb.png"), 0)], ["x"]))
     assert all("files" not in split and split["digest"] for split in record.values())  # one file a split: a digest
+
+
+def test_a_resume_that_sees_fewer_gpus_than_the_run_saved_restores_theirs(monkeypatch):
+    # last.pt kept one CUDA RNG state per visible device: resumed under CUDA_VISIBLE_DEVICES=0 after two, IndexError
+    restored, state = [], {**checkpoint.rng_state(), "cuda": ["state of cuda:0", "state of cuda:1"]}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: restored.append((state, device)))
+    checkpoint.set_rng_state(state)
+    assert restored == [("state of cuda:0", 0)]

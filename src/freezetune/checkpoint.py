@@ -398,7 +398,10 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(_tuplify(state["python"]))
     np.random.set_state(_numpy_state_from_plain(state["numpy"]))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        # one state per device the saving process saw: a resume that sees fewer (CUDA_VISIBLE_DEVICES=0 after two)
+        # restores theirs, where set_rng_state_all raised IndexError; a device it did not see keeps its own
+        for i, device_state in enumerate(state["cuda"][: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(device_state, i)
 
 
 def _numpy_state_to_plain(state: tuple) -> list:
