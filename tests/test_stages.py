@@ -437,6 +437,9 @@ def _hf_text(family: str, **config) -> nn.Module:
     return tf.AutoModelForSequenceClassification.from_config(getattr(tf, f"{family}Config")(**{**size, **config}))
 
 
+_BART = dict(d_model=16, encoder_layers=3, decoder_layers=3, encoder_attention_heads=2, decoder_attention_heads=2,
+             encoder_ffn_dim=32, decoder_ffn_dim=32, max_position_embeddings=32, eos_token_id=2,
+             pad_token_id=1)  # fmt: skip
 _IN_FRONT = {
     # a position table every block reads, registered after the blocks (and DeBERTa-v3's norm of it)
     "deberta_v3": (
@@ -459,19 +462,7 @@ _IN_FRONT = {
     "mpnet": (lambda: _hf_text("MPNet"), "encoder.layer.0", ["mpnet.encoder.relative_attention_bias"]),
     # the embeddings' norm, registered after the layers
     "bart": (
-        lambda: _hf_text(
-            "Bart",
-            d_model=16,
-            encoder_layers=3,
-            decoder_layers=3,
-            encoder_attention_heads=2,
-            decoder_attention_heads=2,
-            encoder_ffn_dim=32,
-            decoder_ffn_dim=32,
-            max_position_embeddings=32,
-            eos_token_id=2,
-            pad_token_id=1,
-        ),
+        lambda: _hf_text("Bart", **_BART),
         "decoder.layers.0",
         ["model.decoder.layernorm_embedding"],
     ),
