@@ -78,8 +78,10 @@ def _load_failure(path: Path, exc: Exception) -> str:
         with open(path, "rb") as f:
             started = f.read(4) == b"PK\x03\x04"  # how every PyTorch zip checkpoint begins; its index is at the end
         if started:
-            return "cut short or corrupt: it begins as a PyTorch checkpoint but its end is missing (a copy or download "\
-                   "that did not finish?)"  # fmt: skip
+            return (
+                "cut short or corrupt: it begins as a PyTorch checkpoint but its end is missing (a copy or "
+                "download that did not finish?)"
+            )
         return f"not a PyTorch checkpoint file ({type(exc).__name__})"
     return f"a PyTorch file holding more than tensors and plain data, not a checkpoint ({type(exc).__name__})"
 

@@ -229,9 +229,8 @@ def run(cfg: TrainConfig, *, echo: Callable[[str], None] = print, train: Callabl
     if info.is_main:  # a process running in it refuses this one before anything below it changes, resume or not
         run_lock.claim(cfg.out)
     existed = Path(cfg.out).exists()
-    if not cfg.resume:
-        _refuse_a_started_phase(cfg, recipe)
     if not cfg.resume:  # refuse a run dir in use before any phase writes below it (rank 0 alone clears)
+        _refuse_a_started_phase(cfg, recipe)
         prepare_run_dir(cfg.out, cfg.model, resume=False, clean=info.is_main, echo=echo)
         if info.is_main:  # what was asked, which a --resume with the same command continues (asked_config)
             _keep_request(Path(cfg.out), recipe, cfg)
@@ -264,8 +263,8 @@ def refuse_a_plain_resume_of_a_recipe(cfg: TrainConfig) -> None:
     if not recipe or _final_freeze(Path(cfg.out)) == cfg.freeze:  # the final run's own config (its config.yaml)
         return
     asked = setting("freeze", "auto") if recipe == "auto" else setting("recipe", recipe)
-    raise ConfigError(f"cannot resume {cfg.out} with freeze {cfg.freeze!r}: it holds a run of recipe {recipe!r} ({saved}); give "
-                      f"its own command with --resume, {asked}, or start a new run with another "
+    raise ConfigError(f"cannot resume {cfg.out} with freeze {cfg.freeze!r}: it holds a run of recipe {recipe!r} "
+                      f"({saved}); give its own command with --resume, {asked}, or start a new run with another "
                       f"{setting('out')}")  # fmt: skip
 
 

@@ -87,7 +87,7 @@ def stages(model: nn.Module) -> list[Stage]:
     if hf_base_prefix(model):  # a pretrained layer whose output the classifier never reads is no depth either
         pooling = [n for s in found[1:-1] if _POOLING.search(s.name) for n in s.param_names]
         unused = hf_unused_params(model, pooling)
-        found = _merge_into_previous(found, lambda stage: set(stage.param_names) <= unused)
+        found = _merge_into_previous(found, lambda stage: bool(stage.param_names) and set(stage.param_names) <= unused)
     return found
 
 

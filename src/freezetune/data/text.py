@@ -314,7 +314,8 @@ def scoring_cut_note(long: int, total: int, longest: int, max_length: int) -> st
     if not long:
         return None
     return (f"{long} of {total} texts are longer than the {max_length} tokens this model reads (it trained with "
-            f"--max-length {max_length}; the longest is {longest}): each is scored on its first {max_length}")  # fmt: skip
+            f"--max-length {max_length}; the longest is {longest}): each is scored on its first "
+            f"{max_length}")  # fmt: skip
 
 
 def long_texts(texts: list[str], tokenize: TokenizeBatch, chunk: int = 1000) -> tuple[int, int]:
