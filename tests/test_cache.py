@@ -471,7 +471,7 @@ def test_a_containers_memory_limit_bounds_the_ram_a_cache_may_take(tmp_path, mon
     assert room == 3 << 30  # 8 GiB less the 6 used, of which 1 is page cache the kernel gives back
     monkeypatch.setattr(store, "cgroup_room", lambda: room)
     monkeypatch.setattr(store, "_machine_ram", lambda: 60 << 30)
-    assert store._available_ram() == 3 << 30
+    assert store.available_ram() == 3 << 30
     (tmp_path / limit).write_text("max\n" if version == 2 else "9223372036854771712\n")  # no limit
     monkeypatch.undo()
     assert store.cgroup_room(tmp_path) is None
@@ -545,3 +545,15 @@ def test_a_store_held_on_the_device_is_not_pinned_whoever_builds_its_loader():
     for loader in (StoreLoader(store, 2, EpochOrder(4, shuffle=False), pin=True),
                    store_loader(store, batch_size=2, train=False, seed=0, pin=True)):  # fmt: skip
         assert not loader.pin and [f.shape for f, _ in loader] == [(2, 3), (2, 3)]
+
+
+def test_a_store_on_the_device_too_large_for_the_ram_keeps_no_copy_and_says_so(tmp_path, monkeypatch, caplog):
+    # its copy to the cache dir went through host RAM whole (.cpu()): a GPU store may be half an H200's 139 GiB
+    from freezetune.cache import disk, store
+
+    monkeypatch.setattr(store, "available_ram", lambda: 1 << 20)
+    features = torch.empty(1, 1024, 512, device="meta")  # a device's store of 2 MiB, never copied
+    with caplog.at_level("WARNING"):
+        assert disk.save(tmp_path / "c", "k", features, torch.zeros(1024, dtype=torch.long)) is None
+    assert "not kept for later runs: copying it off the meta device needs 2 MiB of RAM" in caplog.text
+    assert "over half the 1 MiB" in caplog.text and not list((tmp_path / "c").iterdir())

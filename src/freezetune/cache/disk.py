@@ -114,6 +114,15 @@ def save(cache_dir: Path, key: str, features: torch.Tensor, targets: torch.Tenso
     if problem is not None:
         log.warning("feature cache not kept for later runs: it %s (choose another --cache-dir)", problem)
         return None
+    if features.device.type != "cpu":  # a store held on the device is written through a whole copy in host RAM
+        from freezetune.cache.store import available_ram
+
+        ram = available_ram()
+        if features.nbytes > ram // 2:
+            log.warning("feature cache not kept for later runs: copying it off the %s device needs %d MiB of "
+                        "RAM, over half the %d MiB free", features.device.type, features.nbytes >> 20,
+                        ram >> 20)  # fmt: skip
+            return None
     record = {"features": features.detach().cpu().contiguous(), "targets": targets.cpu()}
     try:
         return atomic_save(record, Path(cache_dir) / f"{key}.pt")

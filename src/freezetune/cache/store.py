@@ -327,7 +327,7 @@ def _allocate(shape: tuple[int, ...], dtype: torch.dtype, precision: Precision, 
         free = torch.cuda.mem_get_info(precision.device)[0] // 2
         if nbytes <= free:
             return new(shape, dtype=dtype, device=precision.device), CacheInfo("gpu", nbytes, free, *_vs(shape))
-    ram = _available_ram() // 2
+    ram = available_ram() // 2
     if place == "memory" and nbytes > ram:
         log.warning(
             "feature cache needs %d MiB, over the RAM budget of %d MiB: spilling to disk", nbytes >> 20, ram >> 20
@@ -350,7 +350,7 @@ def _vs(shape: tuple[int, ...]) -> tuple[int, tuple[int, ...]]:
     return shape[0], tuple(shape[2:])
 
 
-def _available_ram() -> int:
+def available_ram() -> int:
     """The RAM this process may still take: the machine's, and within a container's memory limit what it leaves."""
     ram, room = _machine_ram(), cgroup_room()
     return ram if room is None else min(ram, room)
