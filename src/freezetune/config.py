@@ -30,7 +30,6 @@ from freezetune.options import (
     AMP_MODES,
     AUG_DEFAULT,
     AUG_PRESETS,
-    BATCH_AUTO,
     BN_DEFAULT,
     BN_POLICIES,
     BN_STATS,
@@ -45,6 +44,7 @@ from freezetune.options import (
     PRETRAINED_WEIGHTS,
     RANDOM_WEIGHTS,
     SCHEDULERS,
+    batch_size_problem,
     choice_problem,
     column_name_problem,
     fraction_problem,
@@ -242,9 +242,7 @@ def validate(cfg: TrainConfig, *, need_data: bool = True) -> None:
     if cfg.cache == "off" and isinstance(cfg.cache_views, int) and cfg.cache_views > 1:  # it would do nothing
         problems.append(f"cache_views {cfg.cache_views} sets how many augmented views the feature cache stores; with "
                         "cache off every epoch augments afresh: drop one of them")  # fmt: skip
-    if cfg.batch_size != BATCH_AUTO:
-        problem = positive_int_problem("batch_size", cfg.batch_size)
-        problems.append(problem and f"{problem} (or {BATCH_AUTO!r})")
+    problems.append(batch_size_problem(cfg.batch_size))
     problems.append(non_negative_int_problem("skip_nonfinite", cfg.skip_nonfinite))
     if cfg.workers is not None:
         problems.append(non_negative_int_problem("workers", cfg.workers))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from freezetune.config import TrainConfig
-from freezetune.options import BATCH_AUTO, FREEZE_DEFAULT, check, positive_int_problem
+from freezetune.options import BATCH_AUTO, FREEZE_DEFAULT, batch_size_problem, check
 
 
 def describe_model(
@@ -42,9 +42,7 @@ def describe_model(
     from freezetune.models import create_model
     from freezetune.precision import resolve_device, resolve_precision
 
-    if batch_size != BATCH_AUTO:  # bad values fail before the model is built
-        problem = positive_int_problem("batch_size", batch_size)
-        check(problem and f"{problem} (or {BATCH_AUTO!r})")
+    check(batch_size_problem(batch_size))  # bad values fail before the model is built
     precision = resolve_precision(resolve_device("auto"), amp)
     model, pre = create_model(name, weights, img_size=img_size)
     if num_classes is not None:  # 0 is a mistake to name, not "keep the head"

@@ -162,6 +162,18 @@ def positive_int_problem(name: str, value: object) -> str | None:
     return None if value >= 1 else f"{name} must be >= 1, got {value!r}"
 
 
+def batch_size_problem(value: object) -> str | None:
+    """Problem of a batch size: a count, or ``auto`` (``BATCH_AUTO``), as ``train`` and ``inspect`` take it.
+
+    >>> batch_size_problem("auto"), batch_size_problem(0)
+    (None, "batch_size must be >= 1, got 0 (or 'auto')")
+    """
+    if value == BATCH_AUTO:
+        return None
+    problem = positive_int_problem("batch_size", value)
+    return problem and f"{problem} (or {BATCH_AUTO!r})"
+
+
 def non_negative_int_problem(name: str, value: object) -> str | None:
     """Problem of a count that may be 0 (``workers``).
 
