@@ -129,7 +129,8 @@ def evaluate_checkpoint(
 
         dataset = build_eval_dataset(str(data), preprocess=loaded.preprocess, classes=loaded.classes)
     if loaded.preprocess.is_text:
-        _warn_cut([dataset[i][0] for i in range(len(dataset))], _tokenizer(loaded))
+        tokenizer = _tokenizer(loaded)
+        _warn_cut(_count_cut([dataset[i][0] for i in range(len(dataset))], tokenizer), tokenizer.max_length)
     loaders = Loaders(batch_size=batch_size, device=loaded.precision.device, seed=0, preprocess=loaded.preprocess)
     result = evaluate_model(loaded.model, dataset, num_classes=len(loaded.classes), precision=loaded.precision,
                             loaders=loaders, channels_last=loaded.channels_last)  # fmt: skip
@@ -279,7 +280,7 @@ def predict_texts(
         raise ConfigError("predict_texts needs a text model (hf:DIR_OR_ID sequence classifier); this checkpoint's "
                           "model reads images: use predict_files")  # fmt: skip
     tokenizer = _tokenizer(loaded)
-    _warn_cut(list(texts), tokenizer)
+    _warn_cut(_count_cut(list(texts), tokenizer), tokenizer.max_length)
     return _rank_texts(loaded, tokenizer, list(texts), topk, batch_size)
 
 
@@ -289,17 +290,17 @@ def _tokenizer(loaded: LoadedModel):
     return TokenizeBatch(loaded.preprocess.tokenizer, loaded.preprocess.max_length)
 
 
-def _warn_cut(texts: list[str], tokenizer, counted: tuple[int, int, int] = (0, 0, 0)) -> None:
-    """Say how many texts the model sees only the start of (the tokenizer cuts them silently): of ``texts``, and of
-    those ``counted`` before (long, total, longest: ``_count_cut``'s, a file at a time)."""
+def _warn_cut(counted: tuple[int, int, int], max_length: int) -> None:
+    """Say how many texts the model sees only the start of (the tokenizer cuts them silently), from ``_count_cut``'s
+    (long, total, longest)."""
     from freezetune.data.text import scoring_cut_note
 
-    long, total, longest = _count_cut(texts, tokenizer, counted)
-    if note := scoring_cut_note(long, total, longest, tokenizer.max_length):
+    if note := scoring_cut_note(*counted, max_length):
         log.warning(note)
 
 
-def _count_cut(texts: list[str], tokenizer, counted: tuple[int, int, int]) -> tuple[int, int, int]:
+def _count_cut(texts: list[str], tokenizer, counted: tuple[int, int, int] = (0, 0, 0)) -> tuple[int, int, int]:
+    """(long, total, longest) of ``texts`` added to those ``counted`` before (a file at a time)."""
     from freezetune.data.text import long_texts
 
     long, longest = long_texts(texts, tokenizer)
@@ -331,7 +332,7 @@ def _predict_text_files(loaded: LoadedModel, paths: list[str], topk: int, batch_
         cut = _count_cut(texts, tokenizer, cut)
         predicted = _rank_texts(loaded, tokenizer, texts, topk, batch_size)
         records += [{"path": path, "row": line, **r} for (line, _), r in zip(numbered, predicted, strict=True)]
-    _warn_cut([], tokenizer, cut)
+    _warn_cut(cut, tokenizer.max_length)
     return records
 
 
