@@ -126,15 +126,15 @@ def hf_unused_params(model: nn.Module, names: list[str]) -> frozenset[str]:
         key = (type(model).__qualname__, model.config.to_json_string(), tuple(names))
     except Exception:  # a config that does not serialise: measured every time
         key = None
-    if key is None or key not in _UNUSED:
-        try:
-            unused = _no_gradient(model, names)
-        except Exception:  # a model the dummy input does not fit: the structure alone decides
-            unused = frozenset()
-        if key is None:
-            return unused
+    if key in _UNUSED:
+        return _UNUSED[key]
+    try:
+        unused = _no_gradient(model, names)
+    except Exception:  # a model the dummy input does not fit: the structure alone decides
+        unused = frozenset()
+    if key is not None:
         _UNUSED[key] = unused
-    return _UNUSED[key]
+    return unused
 
 
 def _no_gradient(model: nn.Module, names: list[str]) -> frozenset[str]:
