@@ -83,10 +83,7 @@ def _digest(dataset: Dataset, file_keys: Callable) -> str | None:
         try:  # fsencode: a file name that is not UTF-8 (an old Latin-1 zip) keeps its bytes instead of failing
             for key in file_keys([path for path, _ in dataset.samples]):
                 h.update(key)
-        except (
-            OSError,
-            ValueError,
-        ):  # a file gone since the scan (or splits on two drives): no digest, not a wrong one
+        except (OSError, ValueError):  # a file gone since the scan, paths on two drives: no digest, not a wrong one
             return None
     else:
         return None
