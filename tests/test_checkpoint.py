@@ -1,12 +1,11 @@
-"""Checkpoints: what ``best.pt``/``last.pt`` hold, rebuilding a model from one, RNG state, and unreadable files."""
+"""Checkpoints: what ``best.pt``/``last.pt`` hold, rebuilding a model from one, unreadable files (their RNG state:
+test_rng.py)."""
 
 from __future__ import annotations
 
-import random
 import threading
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -62,16 +61,6 @@ def test_checkpoint_of_another_architecture_does_not_load(trained):
     record["state_dict"] = {"weight": torch.zeros(3, 4)}
     with pytest.raises(CheckpointError, match="do not fit timm:test_efficientnet"):
         checkpoint.build_model(record)
-
-
-def test_rng_state_round_trips_through_a_weights_only_checkpoint(tmp_path):
-    torch.manual_seed(1), random.seed(1), np.random.seed(1)
-    checkpoint.save({"rng": checkpoint.rng_state()}, tmp_path / "rng.pt")
-    expected = (torch.rand(3), random.random(), np.random.rand())
-    torch.manual_seed(99), random.seed(99), np.random.seed(99)
-    checkpoint.set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True)["rng"])
-    again = (torch.rand(3), random.random(), np.random.rand())
-    assert torch.equal(again[0], expected[0]) and again[1:] == expected[1:]
 
 
 @pytest.mark.parametrize(
@@ -292,13 +281,3 @@ def test_the_file_list_of_last_pt_holds_any_name_and_splits_on_two_drives_keep_n
     monkeypatch.setattr(os.path, "commonpath", two_drives)
     record = fingerprint.data_record(ds, FileImageDataset([(str(tmp_path / "a\nb.png"), 0)], ["x"]))
     assert all("files" not in split and split["digest"] for split in record.values())  # one file a split: a digest
-
-
-def test_a_resume_that_sees_fewer_gpus_than_the_run_saved_restores_theirs(monkeypatch):
-    # last.pt kept one CUDA RNG state per visible device: resumed under CUDA_VISIBLE_DEVICES=0 after two, IndexError
-    restored, state = [], {**checkpoint.rng_state(), "cuda": ["state of cuda:0", "state of cuda:1"]}
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: restored.append((state, device)))
-    checkpoint.set_rng_state(state)
-    assert restored == [("state of cuda:0", 0)]

@@ -7,14 +7,12 @@ Writes are atomic (temp file + rename): a crash mid-save never leaves a half-wri
 from __future__ import annotations
 
 import dataclasses
-import random
 import threading
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -27,6 +25,7 @@ from freezetune.hf_bundle import rebuilt_folder
 from freezetune.interrupt import pause_point
 from freezetune.options import BATCH_AUTO
 from freezetune.preprocess import Preprocess
+from freezetune.rng import rng_state, set_rng_state
 
 BEST = "best.pt"
 LAST = "last.pt"
@@ -382,40 +381,3 @@ def _check_resumable(path: Path, record: dict, expect: dict[str, Any]) -> None:
                    "scheduler none)")  # fmt: skip
     raise ConfigError(f"cannot resume {path} with {', '.join(stretched + changed)}: {'; '.join(why)}; resume with "
                       f"the run's values, or start a new run with another {setting('out')}")  # fmt: skip
-
-
-def rng_state() -> dict[str, Any]:
-    state = {
-        "torch": torch.get_rng_state(),
-        "python": random.getstate(),
-        "numpy": _numpy_state_to_plain(np.random.get_state()),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(_tuplify(state["python"]))
-    np.random.set_state(_numpy_state_from_plain(state["numpy"]))
-    if "cuda" in state and torch.cuda.is_available():
-        # one state per device the saving process saw: a resume that sees fewer (CUDA_VISIBLE_DEVICES=0 after two)
-        # restores theirs, where set_rng_state_all raised IndexError; a device it did not see keeps its own
-        for i, device_state in enumerate(state["cuda"][: torch.cuda.device_count()]):
-            torch.cuda.set_rng_state(device_state, i)
-
-
-def _numpy_state_to_plain(state: tuple) -> list:
-    # numpy arrays are not allowed by weights_only loading; a list of ints is
-    kind, keys, pos, has_gauss, cached = state
-    return [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)]
-
-
-def _numpy_state_from_plain(plain: list) -> tuple:
-    kind, keys, pos, has_gauss, cached = plain
-    return kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached
-
-
-def _tuplify(value: Any) -> Any:
-    return tuple(_tuplify(v) for v in value) if isinstance(value, (list, tuple)) else value

@@ -11,7 +11,7 @@ import json
 import torch
 from torch import nn
 
-from freezetune import checkpoint, hf_bundle, reporting, run_log, runtime
+from freezetune import checkpoint, hf_bundle, reporting, rng, run_log, runtime
 from freezetune._io import atomic_write_text
 from freezetune.cache import FeaturePath
 from freezetune.config import TrainConfig, needs_validation, parse_freeze_spec, validate, validation_users
@@ -185,7 +185,7 @@ class RunSetup:
         # best.pt and last.pt, written beside the training on an accelerator; on the CPU the writes would take the
         # training's cores (measured: no faster), so they are written in turn
         self.checkpoints = checkpoint.Writer(self.run_dir, background=self.device.type != "cpu")
-        runtime.seed_everything(cfg.seed)
+        rng.seed_everything(cfg.seed)
 
     def _batch_size(self) -> int:
         if self.cfg.batch_size != BATCH_AUTO:

@@ -5,20 +5,17 @@ from __future__ import annotations
 import itertools
 import logging
 import os
-import random
 import re
 import shutil
 import sys
 from datetime import datetime
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
 from freezetune import checkpoint, run_lock
 from freezetune.data.layout import class_roots
-from freezetune.data.loaders import epoch_seed
 from freezetune.errors import CheckpointError, ConfigError, setting
 from freezetune.reporting import METRICS_CSV, REPORT_PNG
 
@@ -287,19 +284,6 @@ def use_channels_last(setting: bool | None, model: nn.Module, device: torch.devi
         warn_once(logging.getLogger(__name__), "--channels-last lays out convolutions, and this model has none: "
                   "it has no effect")  # fmt: skip
     return setting and convnet
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def seed_epoch(seed: int, epoch: int, rank: int = 0) -> None:
-    # Each epoch's augmentation (in-process CPU transforms) and dropout depend only on (seed, epoch, DDP rank): a
-    # resumed run repeats them exactly. The rank term keeps ranks from drawing the same crops and masks for their
-    # different images. The loaders seed their own order and workers (``Loaders``, ``set_epoch``).
-    torch.manual_seed(epoch_seed(seed, epoch, rank))
 
 
 def reset_peak_memory(device: torch.device) -> None:

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Iterator
 from itertools import islice
 
-from freezetune import checkpoint, epoch_log, recipes, reporting, run_lock, run_log, runtime
+from freezetune import checkpoint, epoch_log, recipes, reporting, rng, run_lock, run_log, runtime
 from freezetune.config import TrainConfig, validate
 from freezetune.data import noun
 from freezetune.data.text import truncation_note
@@ -211,7 +211,7 @@ class Trainer(RunSetup):
                 break
 
     def _run_epoch(self, epoch: int, unfrozen: list[str]) -> dict:
-        runtime.seed_epoch(self.cfg.seed, epoch, rank=self.dist.rank)
+        rng.seed_epoch(self.cfg.seed, epoch, rank=self.dist.rank)
         runtime.reset_peak_memory(self.device)
         self.step.lrs = None  # the LRs the epoch's last step used, for its metrics row
         start = time.perf_counter()
@@ -294,7 +294,7 @@ class Trainer(RunSetup):
             for _ in islice(batches, p.step):
                 pass
             meter.load_state_dict(p.partial["meter"])
-            checkpoint.set_rng_state(p.partial["rng"])
+            rng.set_rng_state(p.partial["rng"])
             self.step.lrs = p.partial.get("lrs")  # the row of an epoch saved after its last step still names them
         return batches
 
@@ -307,7 +307,7 @@ class Trainer(RunSetup):
         # never save the weights of a non-finite step (the epoch's end reports it), nor a run nobody resumes
         if self.resumable and not meter.diverged:
             self.progress.spent = self._spent(running=True)
-            self.progress.at_step(step, {"meter": meter.state_dict(), "rng": checkpoint.rng_state(),
+            self.progress.at_step(step, {"meter": meter.state_dict(), "rng": rng.rng_state(),
                                          "lrs": self.step.lrs})  # fmt: skip
             record = checkpoint.model_record(
                 self.model, self.cfg.recorded(), self.classes, self.preprocess, self.hf_files
