@@ -2,10 +2,11 @@
 transforms (CPU, per sample) and device pipelines (``gpu.py``, ``augment.py``: batched on the training device).
 """
 
-from freezetune.data.datasets import DataBundle, build_datasets, build_eval_dataset, noun
+from freezetune.data.datasets import DataBundle, build_datasets, build_eval_dataset
 from freezetune.data.folder import FileImageDataset, list_images, load_image
 from freezetune.data.idx import InMemoryImageDataset
 from freezetune.data.loaders import Loaders, build_loader, default_workers, usable_cpus
+from freezetune.data.text import noun
 from freezetune.data.transforms import eval_transform, train_transform
 from freezetune.options import AUG_PRESETS
 

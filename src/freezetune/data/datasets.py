@@ -10,22 +10,26 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 from torch.utils.data import Dataset
 
 from freezetune.data.folder import FileImageDataset, nfc, scan_folder
 from freezetune.data.idx import CLASS_NAMES_FILE, idx_files, is_idx_dir, load_idx
 from freezetune.data.image_csv import IMAGE_COLUMNS, read_csv
 from freezetune.data.layout import TEST_DIRS, TRAIN_DIRS, VAL_DIRS, first_dir, load_folder, split_files
-from freezetune.data.sampling import per_class_indices, stratified_split
+from freezetune.data.sampling import per_class_indices
 from freezetune.data.scan import check_images, check_overlap, check_splits, warn_copies
-from freezetune.data.text import Columns, TextDataset, csv_header, read_text_csv, text_csv_header
+from freezetune.data.text import Columns, csv_header, noun, read_text_csv, text_csv_header
 from freezetune.data.transforms import eval_transform, train_transform
+from freezetune.data.validation import (
+    choose_validation,
+    refit_fits,
+    refit_held_out,
+    warn_short,
+    warn_unvalidated,
+)
 from freezetune.errors import ConfigError, DataError, choices
 from freezetune.options import (
     AUG_DEFAULT,
-    AUTO_VAL_FRACTION,
-    AUTO_VAL_MAX_PER_CLASS,
     fraction_problem,
     positive_int_problem,
     validation_source_problem,
@@ -186,80 +190,6 @@ def _check_options(val_data: str | None, val_split: float | None, per_class: int
         raise ConfigError("; ".join(problems))
 
 
-def _hold_out(train: Dataset, fraction: float, seed: int, max_per_class: int | None = None) -> tuple[Dataset, Dataset]:
-    train_idx, val_idx = stratified_split(train.targets, fraction, seed, max_per_class)
-    return train.select(train_idx), train.select(val_idx)
-
-
-_HELD_OUT = "no validation data given"
-
-
-def noun(ds: Dataset) -> str:
-    """What the items of ``ds`` are called in messages: "texts" for a text dataset, else "images".
-
-    >>> noun(TextDataset(["fine"], torch.tensor([0]), ["a"]))
-    'texts'
-    """
-    return "texts" if isinstance(ds, TextDataset) else "images"
-
-
-def _validation(train: Dataset, val: Dataset | None, *, val_data: str | None, val_split: float | None,
-                seed: int) -> tuple[Dataset, Dataset | None, str]:  # fmt: skip
-    """The validation set by the first rule that applies (``build_datasets``), the training set left, and the rule."""
-    if val_data is not None:
-        return train, val, f"val_data {val_data!r}"
-    if val is not None:
-        return train, val, f"the validation {'file' if isinstance(train, TextDataset) else 'folder'}"
-    if val_split is not None:
-        train, val = _hold_out(train, val_split, seed)
-        return train, val, f"val_split {val_split}: {len(val)} training {noun(train)} held out"
-    train, val = _hold_out(train, AUTO_VAL_FRACTION, seed, AUTO_VAL_MAX_PER_CLASS)
-    return train, val, (f"{_HELD_OUT}: {len(val)} training {noun(train)} held out ({AUTO_VAL_FRACTION:.0%} per "
-                        f"class, 1 to {AUTO_VAL_MAX_PER_CLASS} each)")  # fmt: skip
-
-
-def _warn_unvalidated(train: Dataset, val: Dataset | None, *, held_out: bool) -> None:
-    """Name the training classes the validation set has nothing of (a ``val/`` folder without one, or a class of one
-    image, which the automatic hold-out leaves whole): every decision the run takes on validation is blind to them."""
-    if val is None:
-        return
-    counts = torch.bincount(val.targets, minlength=len(train.classes)).tolist()
-    missing = [train.classes[c] for c, n in enumerate(counts) if n == 0]
-    if missing:
-        why = " (a class of one training image gives none)" if held_out else ""
-        warn_once(log, "the validation set has no %s of %d of the %d classes%s: %s; best.pt, early stopping and the "
-                  "auto recipe's choice are judged without them", noun(val), len(missing), len(counts), why,
-                  choices(missing, limit=10))  # fmt: skip
-
-
-def _refit_fits(train: Dataset, val: Dataset, per_class: int | None) -> bool:
-    """Whether the automatic hold-out may join the training set: not when that would train on more than
-    ``per_class`` images of a class (the held-out images then came from outside the few-shot budget the user set)."""
-    joined = torch.bincount(torch.cat([train.targets, val.targets]), minlength=len(train.classes))
-    return per_class is None or int(joined.max()) <= per_class
-
-
-def _refit(train: Dataset, val: Dataset, val_source: str, per_class: int | None) -> tuple[Dataset, Dataset | None, str]:
-    """The automatic hold-out joins the training set, after ``per_class`` (the trials' train, then their val), where
-    ``_refit_fits``; else it stays validation."""
-    if not _refit_fits(train, val, per_class):
-        return train, val, f"{val_source} (not refit: that would train on more than per_class={per_class} a class)"
-    source = f"none: the {len(val)} {noun(val)} held out for validation train too (refit); best.pt is the last epoch"
-    return train.joined(val), None, source
-
-
-def _warn_short(train: Dataset, per_class: int, held_out: int) -> None:
-    """Name the classes that train on fewer than ``per_class`` items, and say so when ``held_out`` validation items
-    were taken from the training data first (a class of exactly ``per_class`` is then short by its share)."""
-    counts = torch.bincount(train.targets, minlength=len(train.classes)).tolist()
-    short = {train.classes[c]: n for c, n in enumerate(counts) if n < per_class}
-    if short:
-        listed = ", ".join(f"{name}: {n}" for name, n in list(short.items())[:10])
-        after = f" after the {held_out} held out for validation" if held_out else ""
-        warn_once(log, "per_class=%d: %d of %d classes have fewer training %s%s and use all they have (%s)",
-                  per_class, len(short), len(counts), noun(train), after, listed)  # fmt: skip
-
-
 def build_datasets(
     data: str,
     *,
@@ -336,20 +266,20 @@ def build_datasets(
             raise DataError(f"--skip-bad left class(es) {choices(empty)} without a training image (all of its files "
                             "were unreadable); fix the files or remove the class folder(s)")  # fmt: skip
     given_val = val
-    train, val, val_source = _validation(train, val, val_data=val_data, val_split=val_split, seed=seed)
+    train, val, val_source = choose_validation(train, val, val_data=val_data, val_split=val_split, seed=seed)
     if val is not None and len(val) == 0:
         val, val_source = None, "none (every class has a single training image)"
-    _warn_unvalidated(train, val, held_out=given_val is None)
+    warn_unvalidated(train, val, held_out=given_val is None)
     if per_class is not None:
         train = train.select(per_class_indices(train.targets, per_class, seed)[0])
-    held_out = val is not None and given_val is None and val_split is None  # the automatic hold-out (_validation)
-    refit_fits = held_out and _refit_fits(train, val, per_class)
-    no_refit = ("" if refit_fits else f"training on them too would train on more than per_class={per_class} a class"
+    held_out = val is not None and given_val is None and val_split is None  # the automatic hold-out (choose_validation)
+    may_refit = held_out and refit_fits(train, val, per_class)
+    no_refit = ("" if may_refit else f"training on them too would train on more than per_class={per_class} a class"
                 if held_out else NOT_HELD_OUT)  # fmt: skip
     if refit and held_out:
-        train, val, val_source = _refit(train, val, val_source, per_class)
+        train, val, val_source = refit_held_out(train, val, val_source, per_class)
     if per_class is not None:
-        _warn_short(train, per_class, held_out=len(val) if val is not None and val is not given_val else 0)
+        warn_short(train, per_class, held_out=len(val) if val is not None and val is not given_val else 0)
     if has_test and val is not given_val:  # why the test split, there, is not the validation
         val_source += "; the test split is only scored at the end" if final_test else "; the test split is not used"
     present = sorted({int(t) for t in train.targets.tolist()})

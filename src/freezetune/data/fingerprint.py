@@ -95,7 +95,7 @@ def data_record(train: Dataset, val: Dataset | None) -> dict:
     """What ``last.pt`` keeps of the data it trained on, for a resume to check (``restore``): each split's size and
     digest (``resume_digest``), and an image folder's or CSV's file list (``files_changed`` names what changed).
     Each file's size is read once for both."""
-    from freezetune.data.datasets import noun
+    from freezetune.data.text import noun
 
     splits = {name: ds for name, ds in (("training", train), ("validation", val)) if ds is not None}
     try:

@@ -398,3 +398,12 @@ def _max_positions(arch: str) -> int | None:
 # model types whose position ids start after the padding index (transformers' create_position_ids_from_input_ids)
 _OFFSET_POSITIONS = ("roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "longformer", "roberta-prelayernorm",
                      "data2vec-text", "ibert", "xmod", "mpnet", "luke")  # fmt: skip
+
+
+def noun(ds: Dataset) -> str:
+    """What the items of ``ds`` are called in messages: "texts" for a text dataset, else "images".
+
+    >>> noun(TextDataset(["fine"], torch.tensor([0]), ["a"]))
+    'texts'
+    """
+    return "texts" if isinstance(ds, TextDataset) else "images"

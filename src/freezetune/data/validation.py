@@ -1,0 +1,85 @@
+"""Honest validation: which set a run validates on (given, a validation folder or file, a fraction, or held out of
+the training data automatically), the classes it cannot judge, and the held-out part joining the training set (refit).
+The test split is never validation data (``build_datasets``'s rules)."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch.utils.data import Dataset
+
+from freezetune.data.sampling import stratified_split
+from freezetune.data.text import TextDataset, noun
+from freezetune.errors import choices
+from freezetune.options import AUTO_VAL_FRACTION, AUTO_VAL_MAX_PER_CLASS
+from freezetune.run_log import warn_once
+
+log = logging.getLogger(__name__)
+
+
+def hold_out(train: Dataset, fraction: float, seed: int, max_per_class: int | None = None) -> tuple[Dataset, Dataset]:
+    train_idx, val_idx = stratified_split(train.targets, fraction, seed, max_per_class)
+    return train.select(train_idx), train.select(val_idx)
+
+
+HELD_OUT = "no validation data given"
+
+
+def choose_validation(train: Dataset, val: Dataset | None, *, val_data: str | None, val_split: float | None,
+                seed: int) -> tuple[Dataset, Dataset | None, str]:  # fmt: skip
+    """The validation set by the first rule that applies (``build_datasets``), the training set left, and the rule."""
+    if val_data is not None:
+        return train, val, f"val_data {val_data!r}"
+    if val is not None:
+        return train, val, f"the validation {'file' if isinstance(train, TextDataset) else 'folder'}"
+    if val_split is not None:
+        train, val = hold_out(train, val_split, seed)
+        return train, val, f"val_split {val_split}: {len(val)} training {noun(train)} held out"
+    train, val = hold_out(train, AUTO_VAL_FRACTION, seed, AUTO_VAL_MAX_PER_CLASS)
+    return train, val, (f"{HELD_OUT}: {len(val)} training {noun(train)} held out ({AUTO_VAL_FRACTION:.0%} per "
+                        f"class, 1 to {AUTO_VAL_MAX_PER_CLASS} each)")  # fmt: skip
+
+
+def warn_unvalidated(train: Dataset, val: Dataset | None, *, held_out: bool) -> None:
+    """Name the training classes the validation set has nothing of (a ``val/`` folder without one, or a class of one
+    image, which the automatic hold-out leaves whole): every decision the run takes on validation is blind to them."""
+    if val is None:
+        return
+    counts = torch.bincount(val.targets, minlength=len(train.classes)).tolist()
+    missing = [train.classes[c] for c, n in enumerate(counts) if n == 0]
+    if missing:
+        why = " (a class of one training image gives none)" if held_out else ""
+        warn_once(log, "the validation set has no %s of %d of the %d classes%s: %s; best.pt, early stopping and the "
+                  "auto recipe's choice are judged without them", noun(val), len(missing), len(counts), why,
+                  choices(missing, limit=10))  # fmt: skip
+
+
+def refit_fits(train: Dataset, val: Dataset, per_class: int | None) -> bool:
+    """Whether the automatic hold-out may join the training set: not when that would train on more than
+    ``per_class`` images of a class (the held-out images then came from outside the few-shot budget the user set)."""
+    joined = torch.bincount(torch.cat([train.targets, val.targets]), minlength=len(train.classes))
+    return per_class is None or int(joined.max()) <= per_class
+
+
+def refit_held_out(
+    train: Dataset, val: Dataset, val_source: str, per_class: int | None
+) -> tuple[Dataset, Dataset | None, str]:
+    """The automatic hold-out joins the training set, after ``per_class`` (the trials' train, then their val), where
+    ``refit_fits``; else it stays validation."""
+    if not refit_fits(train, val, per_class):
+        return train, val, f"{val_source} (not refit: that would train on more than per_class={per_class} a class)"
+    source = f"none: the {len(val)} {noun(val)} held out for validation train too (refit); best.pt is the last epoch"
+    return train.joined(val), None, source
+
+
+def warn_short(train: Dataset, per_class: int, held_out: int) -> None:
+    """Name the classes that train on fewer than ``per_class`` items, and say so when ``held_out`` validation items
+    were taken from the training data first (a class of exactly ``per_class`` is then short by its share)."""
+    counts = torch.bincount(train.targets, minlength=len(train.classes)).tolist()
+    short = {train.classes[c]: n for c, n in enumerate(counts) if n < per_class}
+    if short:
+        listed = ", ".join(f"{name}: {n}" for name, n in list(short.items())[:10])
+        after = f" after the {held_out} held out for validation" if held_out else ""
+        warn_once(log, "per_class=%d: %d of %d classes have fewer training %s%s and use all they have (%s)",
+                  per_class, len(short), len(counts), noun(train), after, listed)  # fmt: skip
