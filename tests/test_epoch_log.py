@@ -29,3 +29,18 @@ def test_a_bar_is_live_in_a_terminal_or_a_notebook_and_once_a_minute_in_a_file(m
         intervals.append(bar.mininterval)
         bar.close()
     assert intervals == [60.0, 0.1, 0.1]
+
+
+def test_in_a_file_each_redraw_is_a_line_of_its_own(monkeypatch):
+    # tqdm starts each redraw with a carriage return and ends none with a newline: an epoch's redraws were one line of
+    # the log, which grep, less and log collectors saw only when the epoch ended
+    log = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", log)
+    bar = progress_bar(3, "epoch 1", enabled=True)
+    bar.update(1)
+    bar.refresh()  # what the once-a-minute redraw does
+    bar.close()
+    lines = log.getvalue().split("\n")
+    assert "\r" not in log.getvalue() and lines[-1] == ""  # whole lines only; the bar's clearing blank is dropped
+    assert [line.split(":")[0] for line in lines[:-1]] == ["epoch 1", "epoch 1"]
+    assert "0/3" in lines[0] and "1/3" in lines[1]

@@ -20,8 +20,8 @@ log = logging.getLogger(__name__)
 
 def progress_bar(total: int, desc: str, *, enabled: bool, unit: str = "it"):
     """A tqdm bar that clears its line when done. Redirected to a file (nohup, a batch log), a bar redrawn every step
-    fills it with carriage returns: there it is redrawn once a minute at most; a terminal (tmux, SSH) and a notebook
-    (its widget, or its text bar without ipywidgets) get it live.
+    fills it with carriage returns: there it is written as a line once a minute at most; a terminal (tmux, SSH) and a
+    notebook (its widget, or its text bar without ipywidgets) get it live.
 
     >>> progress_bar(3, "x", enabled=False).disable
     True
@@ -32,7 +32,27 @@ def progress_bar(total: int, desc: str, *, enabled: bool, unit: str = "it"):
     in_notebook = type(sys.stderr).__module__.startswith("ipykernel")
     live = tqdm.__module__.startswith("tqdm.notebook") or in_notebook or sys.stderr.isatty()
     return tqdm(total=total, desc=desc, leave=False, disable=not enabled, dynamic_ncols=True, unit=unit,
-                mininterval=0.1 if live else 60.0)  # fmt: skip
+                mininterval=0.1 if live else 60.0, file=None if live else _Lines(sys.stderr))  # fmt: skip
+
+
+class _Lines:
+    """The bar's stream where stderr is a file: tqdm starts each redraw with a carriage return and ends none with a
+    newline, so an epoch's redraws were one line that ``grep``, ``less`` and log collectors saw only when the epoch
+    ended. Here each redraw is a line of its own, and the blank that clears the bar is dropped."""
+
+    def __init__(self, stream) -> None:
+        self.stream = stream
+
+    def write(self, text: str) -> None:
+        for part in text.split("\r"):
+            if part.strip():
+                self.stream.write(part.rstrip() + "\n")
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+    def __getattr__(self, name: str):  # encoding, fileno (tqdm reads the width through it), isatty
+        return getattr(self.stream, name)
 
 
 class TrainProgress:
