@@ -13,7 +13,7 @@ import torch
 import yaml
 
 from _engine_fixtures import make_image_folder, run_cli, train_argv
-from freezetune import auto, checkpoint
+from freezetune import auto, checkpoint, recipes
 from freezetune.config import TrainConfig, validate
 from freezetune.config_file import load_config
 from freezetune.errors import ConfigError
@@ -135,6 +135,19 @@ def test_lp_ft_fine_tunes_every_layer_from_the_probed_head(data, tmp_path, capsy
     stats = [k for k in probe["state_dict"] if k.endswith(("running_mean", "running_var"))]
     assert stats and all(torch.equal(final["state_dict"][k], probe["state_dict"][k]) for k in stats)
     assert not torch.equal(final["state_dict"]["bn1.weight"], probe["state_dict"]["bn1.weight"])
+
+
+def test_a_recipes_training_seconds_count_every_phase(data, tmp_path):
+    # the sweep listed lp-ft at its fine-tune's seconds: the probe (its cache build too) trained first, uncounted
+    from freezetune.progress import RunResult
+
+    def timed(cfg, echo, recipe_run=False):
+        Path(cfg.out).mkdir(parents=True, exist_ok=True)
+        seconds = {"cache": 2.0, "epochs": 4.0, "val": 1.0} if "probe" in cfg.out else {"epochs": 10.0, "val": 3.0}
+        return RunResult(Path(cfg.out), 1, 0.5, seconds=seconds)
+
+    result = recipes.run(_cfg(data, tmp_path / "run", recipe="lp-ft"), echo=lambda _: None, train=timed)
+    assert result.train_seconds == (2.0 + 4.0 - 1.0) + (10.0 - 3.0)
 
 
 @pytest.mark.parametrize("refit", [None, False])

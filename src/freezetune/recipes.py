@@ -13,6 +13,7 @@ import dataclasses
 import functools
 import json
 import os
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -200,7 +201,8 @@ def check_test_data(cfg: TrainConfig) -> None:
 
 
 def run(cfg: TrainConfig, *, echo: Callable[[str], None] = print, train: Callable | None = None):
-    """Carry out the recipe ``cfg`` asks for (see ``recipe_of``) and return the last phase's ``RunResult``.
+    """Carry out the recipe ``cfg`` asks for (see ``recipe_of``) and return the last phase's ``RunResult``, with the
+    seconds of every phase (what the recipe cost).
 
     A later phase starts from the weights of the one before (``init``); a finished phase is not run again, so a
     ``--resume`` of a recipe continues where it stopped.
@@ -299,14 +301,17 @@ def _refuse_a_started_phase(cfg: TrainConfig, recipe: str) -> None:
 def _run_phases(cfg: TrainConfig, recipe: str, train: Callable, echo: Callable[[str], None]):
     from freezetune import checkpoint
 
-    result, steps = None, phases(cfg, recipe)
+    result, steps, spent = None, phases(cfg, recipe), Counter()
     for i, phase in enumerate(steps):
         phase_cfg = phase.cfg
         if result is not None:  # start from the previous phase's best weights, head included (as auto._base)
             phase_cfg = dataclasses.replace(phase_cfg, init=os.path.abspath(result.run_dir / checkpoint.BEST))
         echo(f"recipe {recipe}: phase {i + 1}/{len(steps)} ({phase.name}): freeze {phase_cfg.freeze!r}")
         result = _run_phase(phase_cfg, train, echo, last=i + 1 == len(steps))
-    return result
+        spent.update(result.seconds)
+    # every phase is part of the recipe's cost: the sweep listed lp-ft at its fine-tune's seconds, without the probe
+    # (its cache build included) that trained first
+    return dataclasses.replace(result, seconds=dict(spent))
 
 
 def _drop_request(out: Path, existed: bool) -> None:
