@@ -349,6 +349,21 @@ def test_the_default_run_works_under_python_OO_which_strips_docstrings(data, tmp
     assert "docstring" in json.loads((tmp_path / "run" / "recipe.json").read_text())["procedure"]
 
 
+def test_the_sweep_plot_rings_each_point_of_the_pareto_front_even_a_front_of_one():
+    # the front was a dashed line through its points: a recipe both fastest and most accurate drew nothing
+    from freezetune.sweep import _figure
+
+    def row(name, acc, seconds):
+        return {"recipe": name, "val_acc": acc, "train_s": seconds}
+
+    for rows, front in [([row("linear-probe", 0.9, 1.0), row("full", 0.8, 9.0)], [(1.0, 90.0)]),
+                        ([row("linear-probe", 0.7, 1.0), row("full", 0.8, 9.0)], [(1.0, 70.0), (9.0, 80.0)])]:  # fmt: skip
+        ax = _figure(rows, "linear-probe").axes[0]
+        handles, labels = ax.get_legend_handles_labels()
+        ringed = handles[labels.index("Pareto front")].get_offsets().tolist()
+        assert sorted(map(tuple, ringed)) == front
+
+
 def test_sweep_reads_a_comma_separated_string_as_recipe_names(tmp_path):
     from freezetune.sweep import sweep
 
