@@ -621,6 +621,26 @@ def test_an_auto_run_whose_trials_spent_its_budget_says_so_and_trains_one_epoch(
     assert json.loads((tmp_path / "r" / "recipe.json").read_text())["choice"]["epochs"] == 1
 
 
+def test_a_budget_plans_the_runs_epochs_at_the_pace_of_a_whole_epoch_validation_and_checkpoints_included():
+    # the pace was the trial's training alone: a 45 s budget's 30 epochs took 63 s, each epoch's validation uncounted
+    # a trial: half an epoch of 100 images trained in 1 s, then 2.5 s of validation and 0.5 s of checkpoints
+    choice = {"epoch_s": 2.0, "epoch_images": 100.0, "loop_s": 4.0, "val_s": 2.5}
+    assert auto._epoch_pace(choice, refit=False, n_val=50) == (2.0, 3.0)
+    # refit: the 50 held-out images train too, and nothing validates
+    assert auto._epoch_pace(choice, refit=True, n_val=50) == (3.0, 0.5)
+
+
+def test_a_budget_says_what_it_affords_at_that_pace_and_the_trials_record_what_the_pace_is_made_of(data, tmp_path):
+    trial = {"epoch_s": 2.0, "epoch_images": 100.0, "loop_s": 4.0, "val_s": 2.5, "n_val": 50, "refit_fits": True}
+    lines = []
+    epochs, _ = auto._epochs_and_refit(TrainConfig(budget="20s", refit=False), [trial], trial, 4.0, lines.append)
+    assert epochs == 3 and lines == ["auto: the 20s budget leaves 16s after the trials: 3 epoch(s) of about 5.0s (2.0s "
+                                     "training, 3.0s validation and checkpoints)"]  # fmt: skip
+    auto.run(_cfg(data, tmp_path / "r", epochs=1, cache="auto"), echo=lambda _: None)
+    (trial,) = json.loads((tmp_path / "r" / "recipe.json").read_text())["trials"][:1]
+    assert trial["loop_s"] > trial["epoch_s"] * auto.TRIAL_FRACTION and trial["val_s"] > 0 and trial["epoch_images"]
+
+
 def test_without_validation_images_a_sweep_is_refused_and_the_auto_recipe_says_why_it_compared_nothing(tmp_path,
                                                                                                       capsys):  # fmt: skip
     # one image a class: nothing to hold out. The sweep scored every recipe NaN and still named a winner; the auto

@@ -158,16 +158,34 @@ def _epochs_and_refit(cfg: TrainConfig, trials: list[dict], choice: dict, spent:
                       echo: Callable[[str], None]) -> tuple[int, bool]:  # fmt: skip
     """The final run's epochs (what the budget affords after ``spent`` seconds of trials) and whether its held-out
     validation data trains too; each departure from what was asked is said."""
-    epochs, refit = _affordable(cfg, choice, spent), refits(cfg)
-    budget = parse_duration(cfg.budget)
-    if budget is not None and spent >= budget:  # the run then trains one epoch: say why, not only how many
-        echo(f"auto: the trials took {spent:.0f}s of the {cfg.budget} budget: the run trains one epoch, over it")
+    refit = refits(cfg)
     if refit and not trials[0]["n_val"]:  # no validation images (one a class): nothing to refit, nothing to say
         refit = False
     elif refit and not trials[0]["refit_fits"]:  # recorded as done (recipe.json, config.yaml), not as asked
         refit = False  # a validation folder with --per-class gave the per-class reason: the data says which
         echo(f"auto: the validation {trials[0]['data_kind']} stay validation (no refit): {trials[0]['no_refit']}")
+    budget = parse_duration(cfg.budget)
+    if budget is None:
+        return cfg.epochs, refit
+    if spent >= budget:  # the run then trains one epoch: say why, not only how many
+        echo(f"auto: the trials took {spent:.0f}s of the {cfg.budget} budget: the run trains one epoch, over it")
+        return 1, refit
+    train_s, other_s = _epoch_pace(choice, refit, trials[0]["n_val"])
+    epochs = max(1, math.floor((budget - spent) / max(train_s + other_s, 1e-6)))
+    echo(f"auto: the {cfg.budget} budget leaves {budget - spent:.0f}s after the trials: {epochs} epoch(s) of about "
+         f"{train_s + other_s:.1f}s ({train_s:.1f}s training, {other_s:.1f}s validation and checkpoints)")  # fmt: skip
     return epochs, refit
+
+
+def _epoch_pace(choice: dict, refit: bool, n_val: int) -> tuple[float, float]:
+    """Seconds one of the run's epochs will take, from the chosen trial: its training (the trial's half epoch twice;
+    with refit, the held-out images too) and the rest of its loop (validation, checkpoints). The training alone put
+    a 45 s budget's 30 epochs at 63 s, each epoch's validation of many images uncounted."""
+    train_s = choice["epoch_s"] * (1 + n_val / choice["epoch_images"] if refit and choice["epoch_images"] else 1)
+    other_s = choice["loop_s"] - choice["epoch_s"] * TRIAL_FRACTION  # the trial's loop less its training
+    if refit:  # no validation in the run: the checkpoints alone
+        other_s -= choice["val_s"]
+    return train_s, max(other_s, 0.0)
 
 
 def _measure(base: TrainConfig, ks: list[int], boost: float, out: Path, train: Callable,
@@ -221,10 +239,13 @@ def _trial(base: TrainConfig, k: int, boost: float, out: Path, train: Callable, 
                                 "same command, with or without --resume, starts them again") from None  # fmt: skip
     row = result.history[-1] if result.history else {}
     seconds = {key: result.seconds.get(key, 0.0) for key in ("cache", "epochs")}
+    trained_s = row.get("epoch_time_s", 0.0)
     echo(f"auto: last {k} stage(s) + head at lr {trial_cfg.lr:.1e}: val acc {_pct(result.best_val_acc)} after "
          f"{_steps(result.steps_per_epoch)} ({sum(seconds.values()):.1f}s)")  # fmt: skip
     return {"trained_stages": k, "freeze": -(k + 1), "lr": trial_cfg.lr, "val_acc": result.best_val_acc,
-            "seconds": seconds, "epoch_s": row.get("epoch_time_s", 0.0) / TRIAL_FRACTION,
+            "seconds": seconds, "epoch_s": trained_s / TRIAL_FRACTION,  # a whole epoch's training, estimated
+            "epoch_images": row.get("img_per_s", 0.0) * trained_s / TRIAL_FRACTION, "loop_s": seconds["epochs"],
+            "val_s": result.seconds.get("val", 0.0),
             "trainable_params": row.get("trainable_params"), "n_val": _val_size(result),
             "data_kind": result.data_kind, "refit_fits": result.refit_fits, "no_refit": result.no_refit,
             "steps": result.steps_per_epoch}  # fmt: skip
@@ -317,14 +338,6 @@ def _candidates(cfg: TrainConfig) -> tuple[list[int], str, bool]:
     deepest = max(1, min(MAX_TRAINED_STAGES, len(names) - 2))
     ks = list(range(min(MIN_TRAINED_STAGES, deepest), deepest + 1))
     return ks, names[-(max(ks) + 1)], text
-
-
-def _affordable(cfg: TrainConfig, choice: dict, spent: float) -> int:
-    """The run's epochs: ``epochs``, or with a budget as many as the time left pays for (at least one)."""
-    budget = parse_duration(cfg.budget)
-    if budget is None:
-        return cfg.epochs
-    return max(1, math.floor((budget - spent) / max(choice["epoch_s"], 1e-6)))
 
 
 def default_freeze(model: str, img_size: int | None = None) -> tuple[int, list[int]]:
