@@ -114,6 +114,19 @@ def test_resume_after_an_unfreeze_keeps_the_stage_and_its_optimizer_state(tmp_pa
     assert [g["name"] for g in trainer.optimizers[0].param_groups] == ["head", "block3", "block2"]
 
 
+def test_validating_a_checkpoint_saved_before_an_unfreeze_after_the_fit_loads_it(tmp_path):
+    # Lightning restores callback state for validate/test/predict too: the fit's unfreezer (block3 and block2 open)
+    # refused the epoch-0 checkpoint's state (no stage open) and ckpt_path="best" failed after most fits
+    cb = FreezetuneFinetuning("backbone", "epoch:1")
+    saver = ModelCheckpoint(dirpath=tmp_path, filename="{epoch}", save_top_k=-1)
+    trainer = L.Trainer(max_epochs=3, callbacks=[cb, saver], **FAST)
+    lit = LitTiny()
+    trainer.fit(lit, *loaders())
+    (scores,) = trainer.validate(lit, loaders()[1], ckpt_path=tmp_path / "epoch=0.ckpt", verbose=False)
+    assert 0 <= scores["val_acc"] <= 1
+    assert [g["name"] for g in trainer.optimizers[0].param_groups] == ["head", "block3", "block2"]  # the fit's own
+
+
 def test_a_plateau_schedule_without_its_metric_names_the_logged_ones():
     callback = FreezetuneFinetuning("backbone", "plateau:patience=1", monitor="val_f1")
     trainer = L.Trainer(max_epochs=2, enable_checkpointing=False, callbacks=[callback], **FAST)

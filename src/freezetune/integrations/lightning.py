@@ -89,6 +89,7 @@ class FreezetuneFinetuning(Callback):
         self.bn, self.lr, self.stage_lrs, self.decay = bn, lr, dict(stage_lrs or {}), decay
         self.weight_decay, self.monitor, self.module = weight_decay, monitor, module
         self.unfreezer: Unfreezer | None = None
+        self._stage: str | None = None  # Lightning's stage at the last setup: "fit", "validate", "test", "predict"
         self._quiet: tuple | None = None  # the warnings filter silencing Lightning's eval-mode warning, while it is on
         self._reset()
 
@@ -107,6 +108,7 @@ class FreezetuneFinetuning(Callback):
     # --- hooks, in the order Lightning calls them ------------------------------------------------------------
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._stage = stage
         if stage != "fit":
             return
         self._reset()
@@ -114,6 +116,10 @@ class FreezetuneFinetuning(Callback):
         freeze(self._network(pl_module), self.freeze_spec, bn=self.bn)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if self._stage not in (None, "fit"):
+            # test/validate/predict with ckpt_path restore callbacks too: the weights are all they need, and the
+            # fit's unfreezer, whose groups differ from an earlier checkpoint's, refused the load
+            return
         self._stepped = int(state_dict["stepped_epoch"])
         self._metric = tuple(state_dict["metric"]) if state_dict["metric"] is not None else None
         self._from_validation = bool(state_dict.get("from_validation", False))
