@@ -480,3 +480,30 @@ def test_unfreezing_a_negative_count_warns_that_it_opens_all_but_the_last_stages
     opt = torch.optim.SGD(ft.param_groups(m, 0.1), lr=0.1)
     with pytest.warns(UserWarning, match="opens every stage but the last 2"):
         ft.Unfreezer(m, opt, {1: -2}, lr=0.1)
+
+
+def test_a_bn_policy_given_to_the_unfreezer_alone_groups_the_affine_parameters_it_releases_and_resumes():
+    # bn="affine" over layers frozen with "frozen" made every still-frozen BatchNorm's scale and shift trainable at the
+    # first unfreeze, in no optimizer group: trainable, with gradients, never stepped
+    def setup():
+        torch.manual_seed(0)
+        model = TinyCNN()
+        ft.freeze(model, "backbone", bn="frozen")
+        opt = torch.optim.AdamW(ft.param_groups(model, LR, decay=2.0, weight_decay=0.0))
+        with pytest.warns(UserWarning, match="from the first unfreeze on"):
+            return model, opt, ft.Unfreezer(model, opt, "epoch:1", lr=LR, decay=2.0, bn="affine", weight_decay=0.0)
+
+    model, opt, unfreezer = setup()
+    assert unfreezer.step(0) == ["block3"]
+    assert_each_param_once(model, opt)
+    assert model.stem[1].weight.requires_grad and not model.stem[0].weight.requires_grad
+    assert {g["name"]: g["lr"] for g in opt.param_groups}["stem"] == LR / 2**4  # at its stage's LR
+    assert unfreezer.step(1) == ["block2"]  # its norms had a group already: it grows
+    assert_each_param_once(model, opt)
+    state, opt_state = unfreezer.state_dict(), opt.state_dict()
+
+    model2, opt2, fresh = setup()
+    fresh.load_state_dict(state)  # replayed event by event: the same groups, in the same order
+    assert group_names(opt2) == group_names(opt)
+    opt2.load_state_dict(opt_state)
+    assert_each_param_once(model2, opt2)

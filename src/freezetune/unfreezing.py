@@ -115,7 +115,8 @@ class Unfreezer:
     default) gives the new groups the decay of the optimizer's decaying groups (biases and norms get a ``/no_decay``
     twin with 0 when it is not 0); ``bn`` None keeps the BatchNorm policy each frozen layer has, a policy gives it
     to every layer still frozen at the first unfreeze (the optimizer holds what trains until then; a policy that
-    differs from the frozen layers' is warned of here).
+    differs from the frozen layers' is warned of here; what it releases, ``"affine"``'s scale and shift, gets a group
+    at its stage's LR).
 
     >>> import torch, torchvision, freezetune as ft
     >>> m = torchvision.models.resnet18(); ft.freeze(m, "backbone")
@@ -224,8 +225,10 @@ class Unfreezer:
         missing = [n for n in state["unfrozen"] if n not in self.rule.depth]
         if missing:
             raise CheckpointError(f"checkpoint unfroze stage(s) {choices(missing)} this model does not have")
-        already = set(self.unfrozen)
-        self._unfreeze([n for n in state["unfrozen"] if n not in already])
+        # event by event, as they happened: the first unfreeze under a bn policy also grouped what the policy released
+        # in the stages still frozen, so unfreezing them all at once would make other groups
+        for names in [n for _, n in state["events"]] + [state["unfrozen"]]:
+            self._unfreeze([n for n in names if n not in self.unfrozen])
         if self.added_groups != list(state["groups"]):
             raise CheckpointError(
                 f"re-created optimizer groups {self.added_groups} differ from the checkpoint's {state['groups']}; "
@@ -287,6 +290,7 @@ class Unfreezer:
         names = [n for n in names if n in frozen]  # a plan may name a stage that already trains: nothing to do
         if not names:
             return []
+        trained = {id(p) for p in self.model.parameters() if p.requires_grad}
         unfreeze(self.model, names, bn=self.bn)
         by_name = {s.name: s for s in stages(self.model)}
         seen = {id(p) for g in self.optimizer.param_groups for p in g["params"]}
@@ -301,7 +305,18 @@ class Unfreezer:
                 self._add_group(group)
             if name not in self.unfrozen:
                 self.unfrozen.append(name)
+        self._group_released(by_name, names, seen | trained)
         return names
+
+    def _group_released(self, by_name: dict[str, Stage], opened: list[str], skip: set[int]) -> None:
+        """Groups for what a BatchNorm policy given here released in the stages still frozen (``bn="affine"`` over
+        layers frozen with ``"frozen"``: their scale and shift): trainable, in no group, they were never stepped.
+        ``skip``: what the optimizer holds, and what trained before (left out of the optimizer by the caller)."""
+        no_decay = no_decay_names(self.model)
+        for name, stage in by_name.items():
+            if name not in opened:
+                for group in stage_groups(stage, self.rule(name), self.weight_decay, no_decay, skip):
+                    self._add_group(group)
 
     def _warn_if_grouped_already(self, names: list[str], by_name: dict[str, Stage]) -> None:
         """An optimizer built over ``model.parameters()`` holds the frozen stages too: opened, they train at their
