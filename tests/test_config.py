@@ -286,6 +286,24 @@ def test_override_without_equals_sign_lists_the_keys():
         parse_override("lr")
 
 
+@pytest.mark.parametrize("item", ["lr=[", "freeze={a", "epochs=: x"])
+def test_an_override_that_is_not_valid_yaml_is_a_config_error_naming_it(item):
+    # yaml's scanner error went up as a traceback, exit 1
+    with pytest.raises(ConfigError, match=rf"override '{re.escape(item)}': its value is not valid YAML"):
+        parse_override(item)
+
+
+def test_a_config_file_naming_a_key_twice_or_a_folder_is_refused(tmp_path):
+    # the last of the two won, silently; a folder was said not to exist
+    (tmp_path / "twice.yaml").write_text("epochs: 1\nlr: 0.1\nepochs: 2\ndata: d\n")
+    with pytest.raises(ConfigError, match=r"key 'epochs' is given twice \(lines 1 and 3\)"):
+        load_config(tmp_path / "twice.yaml")
+    with pytest.raises(ConfigError, match="is a folder: give a YAML file"):
+        load_config(tmp_path)
+    (tmp_path / "nested.yaml").write_text("stage_lrs:\n  layer4: 1.0e-4\n  layer3: 5.0e-5\ndata: d\n")
+    assert load_config(tmp_path / "nested.yaml").stage_lrs == {"layer4": 1e-4, "layer3": 5e-5}
+
+
 def test_print_config_read_back_with_config_gives_the_same_config(tmp_path, capsys):
     argv = ("--data", "imgs", "--freeze", "stem,blocks.0,-1", "--stage-lrs", "blocks.4=1e-4", "--no-tensorboard",
             "--img-size", "48", "val_split=0.25", "unfreeze={3: blocks.4}")  # fmt: skip

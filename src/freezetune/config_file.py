@@ -60,18 +60,43 @@ def parse_override(item: str) -> tuple[str, Any]:
     if not sep:
         raise ConfigError(f"override {item!r} is not key=value; keys are: {choices(field_names())}")
     key = key.strip().replace("-", "_")
-    value = yaml.safe_load(raw) if raw.strip() else None
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        why = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"override {item!r}: its value is not valid YAML ({why}); give a number, a word, a [list] "
+                          f"or a {{mapping}}, or put the value in quotes") from None  # fmt: skip
     try:
         return key, coerce(key, value)
     except ConfigError:  # refused by load_config, with every other problem of the config
         return key, value
 
 
+class _UniqueKeys(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping: the last one won, silently (``epochs: 1`` then,
+    further down, ``epochs: 2`` trained 2)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} is given twice (lines {seen[key]} "
+                                                        f"and {line}): keep one", key_node.start_mark)  # fmt: skip
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
+    if path.is_dir():
+        raise ConfigError(f"config file {str(path)!r} is a folder: give a YAML file (a run's config.yaml, a sweep's "
+                          "winner.yaml)")  # fmt: skip
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}  # (Windows: not the locale's code page)
+        # (Windows: UTF-8, not the locale's code page)
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeys) or {}  # noqa: S506 - a SafeLoader
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)  # where the parser stopped: the mistake is there or just before
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
