@@ -994,6 +994,28 @@ def test_an_output_file_that_is_a_folder_is_named_before_the_evaluation_not_a_te
         assert ".tmp" not in err and "scored" not in out, err
 
 
+def test_eval_never_writes_over_its_checkpoint_and_replaces_another_file_only_with_force(run, data, capsys, tmp_path):
+    # --metrics best.pt replaced the trained model with JSON; --plot report.png, a config, anything, silently
+    import shutil
+
+    ckpt = shutil.copy(run[0] / "best.pt", tmp_path / "best.pt")
+    before = Path(ckpt).read_bytes()
+    for force in ([], ["--force"]):
+        code, out, err = run_cli(capsys, "eval", "--checkpoint", ckpt, "--data", data, "--metrics", ckpt, *force)
+        _assert_user_error(code, out, err, f"--metrics '{ckpt}': ", "is the checkpoint being evaluated")
+    (tmp_path / "config.yaml").write_text("mine: 1\n")
+    (tmp_path / "report.png").write_bytes(b"a run's chart")
+    for flag, path in (("--metrics", tmp_path / "config.yaml"), ("--plot", tmp_path / "report.png")):
+        code, out, err = run_cli(capsys, "eval", "--checkpoint", ckpt, "--data", data, flag, path)
+        _assert_user_error(code, out, err, flag, "exists: give --force to replace it")
+    assert Path(ckpt).read_bytes() == before and (tmp_path / "config.yaml").read_text() == "mine: 1\n"
+    assert (tmp_path / "report.png").read_bytes() == b"a run's chart"
+    (tmp_path / "m.json").write_text("{}")
+    code, _, err = run_cli(capsys, "eval", "--checkpoint", ckpt, "--data", data, "--metrics", tmp_path / "m.json",
+                           "--force")  # fmt: skip
+    assert code == 0 and json.loads((tmp_path / "m.json").read_text())["n"] > 0, err
+
+
 @pytest.mark.parametrize("command", ["eval", "predict"])
 def test_ctrl_c_outside_training_says_no_word_of_last_pt(run, data, capsys, monkeypatch, command):
     from freezetune import inference

@@ -260,6 +260,7 @@ def _eval_parser(sub) -> None:
                    help="confusion-matrix image, .png/.pdf/.svg/.jpg (default: eval_<data>_confusion.png next to the "
                         "checkpoint)")  # fmt: skip
     p.add_argument("--metrics", default=None, help="also write every metric as JSON to this file (for batch jobs)")
+    p.add_argument("--force", action="store_true", help="replace an existing --metrics or --plot file")
     p.set_defaults(func=_cmd_eval, command_parser=p)
 
 
@@ -377,7 +378,7 @@ def _cmd_eval(args) -> int:
     plot = Path(args.plot) if args.plot else Path(args.checkpoint).with_name(f"eval_{name}_confusion.png")
     plot_format(plot)  # a bad suffix fails before the evaluation, not after it
     for flag, path in (("--metrics", args.metrics), ("--plot", args.plot)):  # so does a folder given as the file
-        if path and (problem := file_problem(path)):
+        if path and (problem := file_problem(path) or _kept_file(path, args.checkpoint, args.force)):
             raise ConfigError(f"{flag} {str(path)!r}: {problem}")
     with out_of_memory_hint(args.batch_size, training=False):
         result = evaluate_checkpoint(args.checkpoint, args.data, batch_size=args.batch_size, device=args.device)
@@ -393,6 +394,16 @@ def _cmd_eval(args) -> int:
         return 0
     print(f"confusion matrix -> {plot}" + (f", metrics -> {args.metrics}" if args.metrics else ""))
     return 0
+
+
+def _kept_file(path: str, checkpoint: str, force: bool) -> str | None:
+    """Why eval must not write ``path``: it is the checkpoint (``--metrics best.pt`` replaced the model with JSON),
+    or a file that exists, without ``--force`` (a config, a run's report.png)."""
+    if not Path(path).exists():
+        return None
+    if Path(checkpoint).exists() and Path(path).samefile(checkpoint):
+        return "is the checkpoint being evaluated: name another file"
+    return None if force else "exists: give --force to replace it, or another path"
 
 
 def _cmd_predict(args) -> int:
