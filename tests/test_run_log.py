@@ -313,3 +313,12 @@ def test_a_data_warning_is_said_once_a_run_and_kept_in_its_log(tmp_path, capsys,
         code, _, err = run_cli(capsys, *train_argv(root, tmp_path / "run", "--epochs", "1"))
     assert code == 0, err
     assert len([r for r in caplog.records if "left out" in r.getMessage()]) == 1
+
+
+def test_a_line_naming_a_file_whose_name_is_not_utf8_is_logged_with_its_escape(tmp_path):
+    # Linux hands such a name to Python as a lone surrogate ('b\udce9d.png'): the strict UTF-8 log writer raised
+    # UnicodeEncodeError, and a --skip-bad run over it ended in three chained tracebacks
+    with log(lambda _: None, tmp_path) as say:
+        opened(tmp_path)
+        say("skipping 1 unreadable image file, first: cat/b\udce9d.png")
+    assert _said(tmp_path / LOG_FILE)[1:] == ["skipping 1 unreadable image file, first: cat/b\\udce9d.png"]

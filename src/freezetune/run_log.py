@@ -59,7 +59,7 @@ class _Level:
             return
         head = [] if self.opened else [_stamped(_header(), self.started)]  # a resume's lines follow its own header
         try:
-            with open(self.path, "a", encoding="utf-8") as f:
+            with open(self.path, "a", encoding="utf-8", errors="backslashreplace") as f:  # a name not UTF-8: \udce9
                 f.write("".join([*head, *self.pending]))
         except OSError:  # the log is a record, not the run: a full disk is reported by the checkpoints' writes
             return
