@@ -593,6 +593,24 @@ def test_trials_and_sweep_rows_are_compared_by_validation_accuracy_whatever_the_
         assert row["val_acc"] == pytest.approx(float(best["val_acc"]))
 
 
+def test_a_sweep_replaces_no_winner_yaml_it_did_not_write_and_an_unfinished_sweep_only_resumes(data, tmp_path):
+    # a user's winner.yaml (and sweep_config.yaml) in --out were replaced silently: only sweep.csv was looked for
+    from freezetune.sweep import SETTINGS_FILE, sweep
+
+    quiet = dict(echo=lambda line: None)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "winner.yaml").write_text("mine: 1\n")
+    for resume in (False, True):
+        with pytest.raises(ConfigError, match="holds a winner.yaml no sweep wrote there"):
+            sweep(_cfg(data, None, epochs=1, resume=resume), "linear-probe", out=tmp_path / "mine", **quiet)
+    assert (tmp_path / "mine" / "winner.yaml").read_text() == "mine: 1\n"
+    assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == ["winner.yaml"]
+    (tmp_path / "stopped").mkdir()
+    (tmp_path / "stopped" / SETTINGS_FILE).write_text("lr: 0.001\n")  # what a sweep stopped in its first recipe left
+    with pytest.raises(ConfigError, match=r"holds a sweep that did not finish \(sweep_config.yaml\); pass --resume"):
+        sweep(_cfg(data, None, epochs=1), "linear-probe", out=tmp_path / "stopped", **quiet)
+
+
 def test_a_sweep_resumes_only_with_its_own_settings_and_never_into_a_training_run(data, tmp_path):
     # --resume --lr 0.05 read every row trained at 1e-3 back and wrote a winner.yaml with lr 0.05; a sweep into a
     # train run's dir put its files beside that run's checkpoints

@@ -95,12 +95,24 @@ def sweep(cfg: TrainConfig, recipes: str | list[str] | tuple[str, ...] = SWEEP_D
         info = init_from_env(cfg.device)  # under torchrun rank 0 says, writes and scores for all (as train does)
         if info.is_main:
             run_lock.claim(out)
-        if (out / "sweep.csv").exists() and not cfg.resume:
-            raise ConfigError(
-                f"{str(out)!r} already holds a sweep (sweep.csv); pass {setting('resume', True)} to "
-                f"continue an interrupted one, or choose another {setting('out')}"
-            )
+        _check_out(out, resume=cfg.resume)
         return _sweep(cfg, runs, out, main_echo(echo, info), info)
+
+
+def _check_out(out: Path, *, resume: bool) -> None:
+    """Refuse a folder whose sweep files a new sweep would replace: a sweep's, finished or stopped, without
+    ``--resume``; a ``winner.yaml`` no sweep wrote (a sweep records its settings first), with or without."""
+    if (out / "winner.yaml").exists() and not (out / SETTINGS_FILE).exists():
+        raise ConfigError(f"{str(out)!r} holds a winner.yaml no sweep wrote there (it has no {SETTINGS_FILE}): "
+                          f"choose another {setting('out')}")  # fmt: skip
+    if resume:
+        return
+    if (out / "sweep.csv").exists():
+        raise ConfigError(f"{str(out)!r} already holds a sweep (sweep.csv); pass {setting('resume', True)} to "
+                          f"continue an interrupted one, or choose another {setting('out')}")  # fmt: skip
+    if (out / SETTINGS_FILE).exists():
+        raise ConfigError(f"{str(out)!r} holds a sweep that did not finish ({SETTINGS_FILE}); pass "
+                          f"{setting('resume', True)} to continue it, or choose another {setting('out')}")  # fmt: skip
 
 
 def _sweep(cfg: TrainConfig, runs: dict[str, TrainConfig], out: Path, echo: Callable[[str], None],
