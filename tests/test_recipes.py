@@ -16,7 +16,7 @@ from _engine_fixtures import make_image_folder, run_cli, train_argv
 from freezetune import auto, checkpoint, recipes
 from freezetune.config import TrainConfig, validate
 from freezetune.config_file import load_config
-from freezetune.errors import ConfigError
+from freezetune.errors import ConfigError, FreezetuneError
 from freezetune.freeze import freeze
 from freezetune.models import create_model
 from freezetune.recipes import phases, recipe_of
@@ -223,6 +223,13 @@ def test_auto_measures_on_the_validation_split_and_keeps_its_evidence(data, tmp_
     (trial,) = read_metrics(trials / "last-2" / "metrics.csv")
     assert round(trial["img_per_s"] * trial["epoch_time_s"]) == 20  # a trial trains on half of the 39 images
     assert result.seconds["cache"] > 0 and result.seconds["epochs"] > 0
+
+
+def test_an_unfreeze_plan_naming_no_stage_is_refused_before_the_auto_recipes_trials(data, tmp_path):
+    # it was found by the final run, after the trials, with auto-trials/, features/ and recipe.json left behind
+    with pytest.raises(FreezetuneError, match="'layer9'"):
+        auto.run(_cfg(data, tmp_path / "r", unfreeze="{1: layer9}"), echo=lambda _: None)
+    assert not (tmp_path / "r" / "auto-trials").exists() and not (tmp_path / "r" / "recipe.json").exists()
 
 
 @pytest.mark.parametrize("body, ks", [(1, [1]), (2, [1]), (3, [2]), (4, [2, 3]), (5, [2, 3, 4]), (9, [2, 3, 4])])

@@ -103,6 +103,7 @@ def run(cfg: TrainConfig, *, echo: Callable[[str], None] = print, train: Callabl
         from freezetune.recipes import check_test_data
 
         check_test_data(cfg)
+    _check_plan(cfg)
     ks, cut, text = _candidates(cfg)
     base = _base(cfg, out, cut)
     intro = (f"auto: choosing how many of the last stages to train ({', '.join(map(str, ks))}) from a trial each on "
@@ -325,6 +326,21 @@ def _procedure() -> str:
     if not __doc__:
         return "see the docstring of freezetune.auto (python -OO removed it from this process)"
     return __doc__.split("\n\n", 2)[2].strip()
+
+
+def _check_plan(cfg: TrainConfig) -> None:
+    """The stages an ``unfreeze`` plan names, checked before the trials: a name the model has no stage of stopped the
+    run only after them, their files left behind."""
+    from freezetune.unfreezing import parse_schedule
+
+    if cfg.unfreeze is None or not (plan := parse_schedule(cfg.unfreeze).plan):
+        return
+    from freezetune.freeze import resolve_stages
+    from freezetune.models import create_model
+
+    model, _ = create_model(cfg.model, "none", img_size=cfg.img_size)  # the structure alone: no weights to read
+    for spec in plan.values():
+        resolve_stages(model, spec)
 
 
 def _candidates(cfg: TrainConfig) -> tuple[list[int], str, bool]:
