@@ -295,6 +295,29 @@ def test_csv_errors_name_the_problem(tmp_path):
         build_datasets(str(tmp_path / "gone.csv"), preprocess=PRE)
 
 
+def test_a_csv_row_with_a_field_past_the_header_is_refused_naming_its_line(tmp_path):
+    # an unquoted comma cut the label: "Persian, cat" trained as class "Persian"
+    make_folder(tmp_path / "imgs", 2)
+    rows = [
+        "path,label",
+        "imgs/red/0.png,red",
+        "imgs/red/1.png,red,",
+        "imgs/blue/0.png,blue, dark",
+        "imgs/blue/1.png,blue",
+    ]
+    (tmp_path / "wide.csv").write_text("\n".join(rows) + "\n")
+    with pytest.raises(DataError, match=r"line 4 has 3 fields, the header 2: a path or label with a comma must be"):
+        build_datasets(str(tmp_path / "wide.csv"), preprocess=PRE)
+    # an empty trailing cell (a spreadsheet's export) is no field; a quoted comma is part of the label
+    rows[3] = 'imgs/blue/0.png,"blue, dark"'
+    (tmp_path / "quoted.csv").write_text("\n".join(rows) + "\n")
+    assert build_datasets(str(tmp_path / "quoted.csv"), val_split=0.5, preprocess=PRE).classes == [
+        "blue",
+        "blue, dark",
+        "red",
+    ]
+
+
 def test_missing_or_empty_paths_raise_data_error(tmp_path):
     missing = tmp_path / "no_such_dir"
     with pytest.raises(DataError, match=str(missing)):

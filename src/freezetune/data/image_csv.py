@@ -104,4 +104,10 @@ def _read_csv_rows(path: Path) -> list[tuple[str, str]]:
     bad = next(((n, r) for n, r in numbered if len(r) < need or not r[image].strip() or not r[label].strip()), None)
     if bad is not None:
         raise DataError(f"CSV '{path}' line {bad[0]} is {bad[1]!r}; expected an image path and a label")
+    # a cell past the header's (an empty one aside): an unquoted comma cut a label ("Persian, cat" read as "Persian")
+    width = len(header) if header is not None else 2
+    wide = next(((n, r) for n, r in numbered if any(c.strip() for c in r[width:])), None)
+    if wide is not None:
+        raise DataError(f"CSV '{path}' line {wide[0]} has {len(wide[1])} fields, the header {width}: a path or label "
+                        f'with a comma must be in double quotes ("Persian, cat")')  # fmt: skip
     return [(r[image].strip(), r[label].strip()) for r in rows]
