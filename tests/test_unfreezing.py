@@ -507,3 +507,11 @@ def test_a_bn_policy_given_to_the_unfreezer_alone_groups_the_affine_parameters_i
     assert group_names(opt2) == group_names(opt)
     opt2.load_state_dict(opt_state)
     assert_each_param_once(model2, opt2)
+
+
+def test_a_nan_metric_is_never_the_plateaus_best():
+    # a NaN first value stayed the best: every later comparison was False, a stall each epoch while the loss fell
+    _, _, _, unfreezer = frozen_setup("plateau:patience=2,mode=min")
+    opened = [unfreezer.step(epoch, value) for epoch, value in enumerate([float("nan"), 1.0, 0.9, 0.8, 0.7, 0.6])]
+    assert opened == [[]] * 6 and unfreezer.best == 0.6
+    assert unfreezer.step(6, float("nan")) == [] and unfreezer.step(7, float("nan")) == ["block3"]  # two without news

@@ -12,6 +12,7 @@ Schedules:
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -276,7 +277,9 @@ class Unfreezer:
             raise SpecError("a plateau schedule needs the monitored metric: call step(epoch, metric)")
         sched, metric = self.schedule, float(metric)
         sign = 1.0 if self.mode == "max" else -1.0
-        if self.best is None or sign * (metric - self.best) > sched.min_delta:
+        # a NaN is no improvement and never the best: kept as best, every later value compared False with it (a
+        # stall each epoch, whatever the metric did)
+        if math.isfinite(metric) and (self.best is None or sign * (metric - self.best) > sched.min_delta):
             self.best, self.num_bad = metric, 0
             return False
         self.num_bad = 0 if warming_up else self.num_bad + 1
