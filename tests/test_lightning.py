@@ -15,7 +15,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from _lightning_fixtures import FAST, LitTiny, loaders
 from conftest import clone_params
-from freezetune.errors import ConfigError
+from freezetune.errors import ConfigError, FreezetuneError
 from freezetune.integrations.lightning import FreezetuneFinetuning
 
 pytestmark = pytest.mark.usefixtures("single_thread_module")
@@ -184,3 +184,12 @@ def test_the_head_lr_under_onecycle_is_its_peak_not_its_start():
     opt = torch.optim.AdamW(ft.param_groups(model, 1e-2))
     torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[g["lr"] for g in opt.param_groups], total_steps=10)
     assert FreezetuneFinetuning("backbone", "epoch:1", stage_lrs={"block3": 1e-3})._head_lr(model, opt) == 1e-2
+
+
+def test_the_callback_takes_stage_lrs_as_param_groups_does_and_refuses_bad_lrs_when_built():
+    # "layer4=1e-4" raised a bare ValueError from dict(); a negative LR or decay failed only inside fit
+    assert FreezetuneFinetuning(stage_lrs="block3=1e-3,block2=5e-4").stage_lrs == {"block3": 1e-3, "block2": 5e-4}
+    for kwargs, match in (({"stage_lrs": {"block3": -1}}, "learning rates must be finite numbers >= 0"),
+                          ({"decay": -1}, "decay must be > 0"), ({"stage_lrs": "block3"}, "block3")):  # fmt: skip
+        with pytest.raises(FreezetuneError, match=match):
+            FreezetuneFinetuning(**kwargs)

@@ -34,16 +34,7 @@ class LRRule:
         stage_lrs: Mapping[str, float] | str | None = None,
         decay: float | None = None,
     ) -> None:
-        if isinstance(stage_lrs, str):  # "layer4=1e-4,layer3=5e-5", as --stage-lrs takes: not its characters
-            from freezetune.config import parse_stage_lrs
-
-            stage_lrs = parse_stage_lrs(stage_lrs)
-        bad = [f"{k}={v!r}" for k, v in {"lr": lr, **dict(stage_lrs or {})}.items() if not _finite_non_negative(v)]
-        if bad:  # a negative LR climbs the loss; torch's optimizers refuse it only at their construction
-            raise SpecError(f"learning rates must be finite numbers >= 0, got {', '.join(bad)}")
-        stage_lrs = resolve_stage_lrs(stage_lrs or {}, stage_names)
-        if decay is not None and not 0 < decay < math.inf:  # (nan too)
-            raise SpecError(f"decay must be > 0 and finite, got {decay}")
+        stage_lrs = resolve_stage_lrs(checked_lrs(lr, stage_lrs, decay), stage_names)
         self.depth = {name: len(stage_names) - 1 - i for i, name in enumerate(stage_names)}
         self.lr, self.stage_lrs, self.decay = float(lr), dict(stage_lrs or {}), decay
 
@@ -142,6 +133,26 @@ def param_groups(
 def _finite_non_negative(value: object) -> bool:
     """A number (not a bool) in [0, inf): what a learning rate and a weight decay must be (NaN is not)."""
     return not isinstance(value, bool) and isinstance(value, (int, float)) and 0 <= value < math.inf
+
+
+def checked_lrs(lr: float | None, stage_lrs: Mapping[str, float] | str | None, decay: float | None) -> dict:
+    """``stage_lrs`` as a dict (the ``--stage-lrs`` string parsed), after checking it, ``lr`` (unless None) and
+    ``decay``: what the LR rule takes, checked where it is given (a Lightning callback's, at its construction).
+
+    >>> checked_lrs(1e-3, "layer4=1e-4", 2.0)
+    {'layer4': 0.0001}
+    """
+    if isinstance(stage_lrs, str):  # "layer4=1e-4,layer3=5e-5", as --stage-lrs takes: not its characters
+        from freezetune.config import parse_stage_lrs
+
+        stage_lrs = parse_stage_lrs(stage_lrs)
+    given = {**({} if lr is None else {"lr": lr}), **dict(stage_lrs or {})}
+    bad = [f"{k}={v!r}" for k, v in given.items() if not _finite_non_negative(v)]
+    if bad:  # a negative LR climbs the loss; torch's optimizers refuse it only at their construction
+        raise SpecError(f"learning rates must be finite numbers >= 0, got {', '.join(bad)}")
+    if decay is not None and not (isinstance(decay, (int, float)) and 0 < decay < math.inf):  # (nan too)
+        raise SpecError(f"decay must be > 0 and finite, got {decay!r}")
+    return dict(stage_lrs or {})
 
 
 def check_weight_decay(weight_decay: float | None) -> None:

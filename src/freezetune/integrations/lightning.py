@@ -27,7 +27,7 @@ from torch import nn
 
 from freezetune.errors import ConfigError, MissingExtra, choices
 from freezetune.freeze import Spec, check_bn_policy, count_parameters, freeze
-from freezetune.param_groups import check_weight_decay
+from freezetune.param_groups import check_weight_decay, checked_lrs
 from freezetune.stages import stages
 from freezetune.unfreezing import Unfreezer, nominal_lr, parse_schedule
 
@@ -77,7 +77,7 @@ class FreezetuneFinetuning(Callback):
         *,
         bn: str = "frozen",
         lr: float | None = None,
-        stage_lrs: Mapping[str, float] | None = None,
+        stage_lrs: Mapping[str, float] | str | None = None,
         decay: float | None = None,
         weight_decay: float | None = None,
         monitor: str = "val_acc",
@@ -86,7 +86,7 @@ class FreezetuneFinetuning(Callback):
         check_bn_policy(bn)
         check_weight_decay(weight_decay)
         self.freeze_spec, self.schedule = freeze, parse_schedule(unfreeze if unfreeze is not None else {})
-        self.bn, self.lr, self.stage_lrs, self.decay = bn, lr, dict(stage_lrs or {}), decay
+        self.bn, self.lr, self.stage_lrs, self.decay = bn, lr, checked_lrs(lr, stage_lrs, decay), decay
         self.weight_decay, self.monitor, self.module = weight_decay, monitor, module
         self.unfreezer: Unfreezer | None = None
         self._stage: str | None = None  # Lightning's stage at the last setup: "fit", "validate", "test", "predict"
