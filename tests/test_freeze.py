@@ -398,3 +398,15 @@ def test_held_batchnorm_statistics_stay_held_in_the_layers_an_unfreeze_releases(
     model(torch.randn(4, 3, 32, 32))
     assert torch.equal(model.layer4[0].bn1.running_mean, before) and model.layer4[0].bn1.weight.requires_grad
     assert "trainable, eval stats" in ft.summary(model)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")
+def test_a_frozen_model_can_be_scripted_for_inference():
+    # the frozen BatchNorm's pre-hook had an annotation TorchScript refused, and a body it cannot compile
+    import torchvision
+
+    model = torchvision.models.resnet18(num_classes=3)
+    ft.freeze(model, "backbone")
+    model.eval()
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.allclose(torch.jit.script(model)(x), model(x))

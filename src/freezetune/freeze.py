@@ -18,7 +18,9 @@ from __future__ import annotations
 import fnmatch
 import warnings
 from collections.abc import Sequence
+from typing import Tuple  # noqa: UP035 - TorchScript reads the hook's annotation
 
+import torch
 from torch import nn
 
 from freezetune.errors import SpecError, choices
@@ -354,9 +356,15 @@ def _release(module: nn.Module) -> None:
         p.requires_grad_(True)
 
 
-def _keep_eval(module: nn.Module, args: tuple) -> None:
+def _keep_eval(module: nn.Module, args: Tuple[torch.Tensor]) -> None:  # noqa: UP006 - typing.Tuple: TorchScript's
     # model.train() flips every submodule back to training mode; a frozen BN must keep using (and never update)
-    # its running statistics, so it is put back into eval mode right before each forward.
+    # its running statistics, so it is put back into eval mode right before each forward. torch.jit.script compiles
+    # the hook with the model, and cannot compile eval(): a scripted model is scripted for inference, in eval mode.
+    if not torch.jit.is_scripting():
+        _back_to_eval(module)
+
+
+def _back_to_eval(module: nn.Module) -> None:
     if module.training:
         module.eval()
 
