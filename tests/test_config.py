@@ -41,9 +41,9 @@ def test_print_config_shows_every_resolved_value(capsys):
 def test_yaml_file_then_key_value_then_flags(tmp_path, capsys):
     config = tmp_path / "run.yaml"
     config.write_text("data: imgs\nepochs: 7\nlr: 0.01\nbatch-size: 16\nstage_lrs: {blocks.4: 1.0e-4}\n")
-    printed = _print_config(capsys, "--config", str(config), "epochs=5", "momentum=0.5", "--epochs", "3")
+    printed = _print_config(capsys, "--config", str(config), "epochs=5", "label_smoothing=0.2", "--epochs", "3")
     assert printed["epochs"] == 3  # a flag beats key=value, which beats the file
-    assert printed["momentum"] == 0.5 and printed["lr"] == 0.01 and printed["batch_size"] == 16
+    assert printed["label_smoothing"] == 0.2 and printed["lr"] == 0.01 and printed["batch_size"] == 16
     assert printed["stage_lrs"] == {"blocks.4": 1e-4}
 
 
@@ -215,7 +215,16 @@ def test_values_that_would_train_wrong_are_refused(kw, needle):
         validate(TrainConfig(data="imgs", **kw))
     ok = {"grad_clip": 0.0, "weight_decay": 0.0, "momentum": 0.0, "workers": 0, "lr": 10.0, "decay": 0.5,
           "stage_lrs": {"layer4": 0.0}, "freeze": "none"}  # fmt: skip
-    validate(TrainConfig(data="imgs", **{k: ok[k] for k in kw}))  # the edge of each range is fine
+    sgd = {"optimizer": "sgd"} if "momentum" in kw else {}  # momentum is SGD's
+    validate(TrainConfig(data="imgs", **{k: ok[k] for k in kw}, **sgd))  # the edge of each range is fine
+
+
+def test_momentum_given_to_an_optimizer_without_it_is_refused():
+    # --momentum 0.5 with the default adamw was ignored without a word
+    with pytest.raises(ConfigError, match="momentum 0.5 is SGD's .* with optimizer 'adamw' it has no effect"):
+        validate(TrainConfig(data="imgs", momentum=0.5))
+    validate(TrainConfig(data="imgs", momentum=0.5, optimizer="sgd"))
+    validate(TrainConfig(data="imgs", optimizer="adam"))  # the default momentum is not a request
 
 
 @pytest.mark.parametrize("kw, needle", [

@@ -515,3 +515,19 @@ def test_a_nan_metric_is_never_the_plateaus_best():
     opened = [unfreezer.step(epoch, value) for epoch, value in enumerate([float("nan"), 1.0, 0.9, 0.8, 0.7, 0.6])]
     assert opened == [[]] * 6 and unfreezer.best == 0.6
     assert unfreezer.step(6, float("nan")) == [] and unfreezer.step(7, float("nan")) == ["block3"]  # two without news
+
+
+def test_a_schedule_that_opens_nothing_the_run_trains_is_noted():
+    # --epochs 3 --unfreeze epoch:5, or a plan past the last epoch, or nothing frozen: the run trained without a word
+    from freezetune.unfreezing import idle_schedule_note
+
+    for schedule, epochs, said in [("epoch:5", 3, "opens nothing the 3-epoch run trains"), ("epoch:2", 3, None),
+                                   ({4: "block3", 2: "block2"}, 2, "first opening comes after epoch 2"),
+                                   ({1: "block3", 5: "block2"}, 2, None), ("plateau:patience=9", 3, None)]:  # fmt: skip
+        _, _, _, unfreezer = frozen_setup(schedule)
+        note = idle_schedule_note(unfreezer, epochs)
+        assert (note is None) if said is None else (said in note), (schedule, note)
+    torch.manual_seed(0)
+    model = TinyCNN()
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    assert "nothing to open: every stage trains" in idle_schedule_note(ft.Unfreezer(model, opt, "epoch:1", lr=LR), 3)

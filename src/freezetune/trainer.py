@@ -36,7 +36,7 @@ from freezetune.param_groups import idle_stage_lrs
 from freezetune.progress import RunResult, other_monitor
 from freezetune.run_setup import SKIPPED, RunSetup
 from freezetune.stages import stages
-from freezetune.unfreezing import plateau_units_note
+from freezetune.unfreezing import idle_schedule_note, plateau_units_note
 
 
 def train(cfg: TrainConfig, *, echo: Callable[[str], None] = print, resumable: bool = True, brief: bool = False,
@@ -138,6 +138,7 @@ class Trainer(RunSetup):
                       idle_stage_lrs(self.model, self.cfg.stage_lrs, unfreezes=schedule is not None,
                                      decay=self.cfg.decay),
                       idle_bn_policy(self.model, self.cfg.bn), plateau_units_note(schedule, self.cfg.monitor),
+                      idle_schedule_note(self.state.unfreezer, self.cfg.epochs),
                       self.precision.cpu_note()]  # fmt: skip
         for note in filter(None, [*notes, self._warmup_note()]):
             self.echo(note)

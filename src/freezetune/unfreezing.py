@@ -108,6 +108,28 @@ def plateau_units_note(schedule: Schedule | None, monitor: str) -> str | None:
             "of accuracy (half a point is 0.005), so nearly every epoch counts as a stall")  # fmt: skip
 
 
+def idle_schedule_note(unfreezer: Unfreezer | None, epochs: int) -> str | None:
+    """A note when an unfreeze schedule cannot open anything the run trains: nothing is frozen, or every epoch it
+    opens at is the run's last or later (``--epochs 3 --unfreeze epoch:5`` trained 3 frozen epochs without a word).
+
+    >>> import torchvision, freezetune as ft
+    >>> m = torchvision.models.resnet18(); ft.freeze(m, "backbone")
+    >>> idle_schedule_note(Unfreezer(m, torch.optim.SGD(m.fc.parameters(), lr=0.1), "epoch:5", lr=0.1), 3)[:44]
+    "note: unfreeze 'epoch:5' opens nothing the 3"
+    """
+    if unfreezer is None:
+        return None
+    schedule = unfreezer.schedule
+    told = {"epoch": f"'epoch:{schedule.every}'", "plan": "plan", "plateau": "plateau"}[schedule.kind]
+    if not unfreezer.frozen_stages():
+        return f"note: unfreeze {told} has nothing to open: every stage trains already"
+    opens = [schedule.every] if schedule.kind == "epoch" else [k for k in schedule.plan if k] if schedule.plan else []
+    if schedule.kind == "plateau" or not opens or min(opens) < epochs:
+        return None
+    return (f"note: unfreeze {told} opens nothing the {epochs}-epoch run trains: its first opening comes after epoch "
+            f"{min(opens)}; give more epochs or an earlier one")  # fmt: skip
+
+
 class Unfreezer:
     """Unfreeze stages on a schedule, adding their parameters to ``optimizer`` with the ``param_groups`` LR rule.
 
