@@ -278,6 +278,8 @@ def build_datasets(
                 if held_out else NOT_HELD_OUT)  # fmt: skip
     if refit and held_out:
         train, val, val_source = refit_held_out(train, val, val_source, per_class)
+    elif refit and given_val is not None:  # said, as the per_class case is: the run went on validating, unsaid
+        val_source += " (not refit: refit joins only what is held out automatically, and these were given)"
     if per_class is not None:
         warn_short(train, per_class, held_out=len(val) if val is not None and val is not given_val else 0)
     if has_test and val is not given_val:  # why the test split, there, is not the validation
