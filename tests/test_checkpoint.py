@@ -63,6 +63,20 @@ def test_checkpoint_of_another_architecture_does_not_load(trained):
         checkpoint.build_model(record)
 
 
+def test_a_checkpoint_without_its_preprocess_or_with_classes_unlike_its_head_is_named_not_a_traceback(trained,
+                                                                                                      tmp_path):  # fmt: skip
+    # eval, predict and export stopped at KeyError: 'preprocess', or at torch's size mismatch
+    record = _record(trained)
+    del record["preprocess"]
+    checkpoint.save(record, tmp_path / "bare.pt")
+    with pytest.raises(CheckpointError, match="a freezetune checkpoint without its preprocess: it cannot be rebuilt"):
+        checkpoint.load(tmp_path / "bare.pt")
+    record = _record(trained)
+    record["classes"] = [*CLASSES, "gnu"]
+    with pytest.raises(CheckpointError, match=r"do not fit timm:test_efficientnet with its 4 classes: size mismatch"):
+        checkpoint.build_model(record)
+
+
 @pytest.mark.parametrize(
     ("kind", "message"),
     [

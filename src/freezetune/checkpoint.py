@@ -67,7 +67,14 @@ def load(path: str | Path, *, mmap: bool = False) -> dict[str, Any]:
         raise CheckpointError(f"cannot read checkpoint {str(path)!r}: {_load_failure(path, exc)}") from None
     if not isinstance(record, dict) or "state_dict" not in record or "classes" not in record:
         raise CheckpointError(f"{str(path)!r} is not a freezetune checkpoint (no state_dict/classes)")
+    lacking = [key for key in _REBUILDS if key not in record]  # eval, predict and export stopped at a KeyError
+    if lacking:
+        raise CheckpointError(f"{str(path)!r} is a freezetune checkpoint without its {'/'.join(lacking)}: it cannot "
+                              "be rebuilt; use the run's best.pt or last.pt as written")  # fmt: skip
     return record
+
+
+_REBUILDS = ("model", "preprocess")  # beside state_dict and classes, what build_model reads
 
 
 def _load_failure(path: Path, exc: Exception) -> str:
@@ -98,7 +105,12 @@ def build_model(record: dict[str, Any]) -> tuple[nn.Module, Preprocess]:
     # the architecture its weights were trained from (torchvision's GoogLeNet has no aux heads when pretrained)
     model, _ = create_model(name, (record.get("config") or {}).get("weights"), load=False)
     replace_head(model, len(record["classes"]))
-    missing, unexpected = model.load_state_dict(record["state_dict"], strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(record["state_dict"], strict=False)
+    except RuntimeError as exc:  # shapes: a classes list another length than the head (eval's traceback)
+        shapes = [line.strip() for line in str(exc).splitlines() if "size mismatch" in line][:2]
+        raise CheckpointError(f"checkpoint weights do not fit {record['model']} with its {len(record['classes'])} "
+                              f"classes: {'; '.join(shapes) or str(exc).splitlines()[0]}") from None  # fmt: skip
     if missing or unexpected:
         raise CheckpointError(
             f"checkpoint weights do not fit {record['model']}: missing {missing[:3]}, unexpected {unexpected[:3]}"
