@@ -150,6 +150,17 @@ def test_unreadable_file_is_a_weights_error(tmp_path):
         read_state_dict(bad)
 
 
+def test_a_weights_path_that_is_a_folder_or_an_image_is_named_without_torchs_unsafe_advice(tmp_path):
+    # "weights file not found" for a folder that exists; torch's "re-run torch.load with weights_only=False" for an
+    # image, advice that would run a pickled file's code
+    with pytest.raises(WeightsError, match="is a folder: give a weights file"):
+        read_state_dict(tmp_path)
+    (tmp_path / "cat.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(64))
+    with pytest.raises(WeightsError) as caught:
+        read_state_dict(tmp_path / "cat.png")
+    assert "not a PyTorch checkpoint file" in str(caught.value) and "weights_only" not in str(caught.value)
+
+
 def test_file_without_state_dict_names_its_keys(tmp_path):
     path = tmp_path / "meta.pt"
     torch.save({"epoch": 3, "config": {"lr": 0.1}}, path)

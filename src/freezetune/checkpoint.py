@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import threading
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from freezetune.interrupt import pause_point
 from freezetune.options import BATCH_AUTO
 from freezetune.preprocess import Preprocess
 from freezetune.rng import rng_state, set_rng_state
+from freezetune.weights import load_failure
 
 BEST = "best.pt"
 LAST = "last.pt"
@@ -64,7 +64,7 @@ def load(path: str | Path, *, mmap: bool = False) -> dict[str, Any]:
     try:
         record = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as exc:  # a corrupt or foreign file: say which, not a pickle traceback
-        raise CheckpointError(f"cannot read checkpoint {str(path)!r}: {_load_failure(path, exc)}") from None
+        raise CheckpointError(f"cannot read checkpoint {str(path)!r}: {load_failure(path, exc)}") from None
     if not isinstance(record, dict) or "state_dict" not in record or "classes" not in record:
         raise CheckpointError(f"{str(path)!r} is not a freezetune checkpoint (no state_dict/classes)")
     lacking = [key for key in _REBUILDS if key not in record]  # eval, predict and export stopped at a KeyError
@@ -75,21 +75,6 @@ def load(path: str | Path, *, mmap: bool = False) -> dict[str, Any]:
 
 
 _REBUILDS = ("model", "preprocess")  # beside state_dict and classes, what build_model reads
-
-
-def _load_failure(path: Path, exc: Exception) -> str:
-    # torch's own messages mislead here ("KeyError: '101'" for a text file; "re-run with weights_only=False",
-    # which would execute arbitrary pickled code): say what the file is instead.
-    if not zipfile.is_zipfile(path):
-        with open(path, "rb") as f:
-            started = f.read(4) == b"PK\x03\x04"  # how every PyTorch zip checkpoint begins; its index is at the end
-        if started:
-            return (
-                "cut short or corrupt: it begins as a PyTorch checkpoint but its end is missing (a copy or "
-                "download that did not finish?)"
-            )
-        return f"not a PyTorch checkpoint file ({type(exc).__name__})"
-    return f"a PyTorch file holding more than tensors and plain data, not a checkpoint ({type(exc).__name__})"
 
 
 def build_model(record: dict[str, Any]) -> tuple[nn.Module, Preprocess]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import zipfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -92,6 +93,8 @@ def read_state_dict(path: str | Path) -> StateDict:
     ['fc.bias']
     """
     path = Path(path)
+    if path.is_dir():
+        raise WeightsError(f"weights {str(path)!r} is a folder: give a weights file (.pth, .pt, .bin, .safetensors)")
     if not path.is_file():
         raise WeightsError(f"weights file not found: {str(path)!r}")
     try:
@@ -103,9 +106,28 @@ def read_state_dict(path: str | Path) -> StateDict:
             # weights_only: a weights file must not be able to run code when it is opened.
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch/safetensors raise many types for corrupt or pickled-object files
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise WeightsError(f"could not read weights file {str(path)!r}: {first}") from e
+        if path.suffix.lower() == ".safetensors":
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        else:  # torch's own advice, "re-run torch.load with weights_only=False", would run the file's code
+            first = load_failure(path, e)
+        raise WeightsError(f"could not read weights file {str(path)!r}: {first}") from None
     return _strip_wrapper_prefix(_unwrap(obj, path))
+
+
+def load_failure(path: Path, exc: Exception) -> str:
+    """What a file ``torch.load`` could not read is, in words (a checkpoint's, a weights file's)."""
+    # torch's own messages mislead here ("KeyError: '101'" for a text file; "re-run with weights_only=False",
+    # which would execute arbitrary pickled code): say what the file is instead.
+    if not zipfile.is_zipfile(path):
+        with open(path, "rb") as f:
+            started = f.read(4) == b"PK\x03\x04"  # how every PyTorch zip checkpoint begins; its index is at the end
+        if started:
+            return (
+                "cut short or corrupt: it begins as a PyTorch checkpoint but its end is missing (a copy or "
+                "download that did not finish?)"
+            )
+        return f"not a PyTorch checkpoint file ({type(exc).__name__})"
+    return f"a PyTorch file holding more than tensors and plain data, not a checkpoint ({type(exc).__name__})"
 
 
 def _unwrap(obj: object, path: Path) -> StateDict:
