@@ -752,6 +752,15 @@ def test_eval_data_with_an_unreadable_image_is_refused(tmp_path):
         build_eval_dataset(str(tmp_path), preprocess=PRE, classes=sorted(COLOURS))
 
 
+def test_eval_data_given_as_an_image_file_points_to_predict(tmp_path):
+    # eval --data cat.png read the PNG as a CSV: "byte 0x89 ... is not UTF-8"
+    from freezetune.data import build_eval_dataset
+
+    make_folder(tmp_path, 1)
+    with pytest.raises(DataError, match="is not a CSV; .*to classify files without labels, use freezetune predict"):
+        build_eval_dataset(str(tmp_path / "red" / "0.png"), preprocess=PRE, classes=sorted(COLOURS))
+
+
 def test_eval_refuses_class_names_the_checkpoint_does_not_have_in_every_format(tmp_path):
     from freezetune.data import build_eval_dataset
 

@@ -326,6 +326,9 @@ def build_eval_dataset(data: str, *, preprocess: Preprocess, classes: list[str])
     path = Path(data)
     if not path.exists():
         raise DataError(f"data path '{data}' does not exist; expected {_EXPECTED}")
+    if path.is_file() and path.suffix.lower() not in (".csv", ".tsv"):  # an image was read as a CSV "not UTF-8"
+        raise DataError(f"data file '{data}' is not a CSV; expected {_EXPECTED}; to classify files without labels, "
+                        "use freezetune predict")  # fmt: skip
     _check_kind(data, preprocess)
     if preprocess.is_text:  # a text CSV: its texts are tokenized per batch, they take no transform
         splits = split_files(path) or {}
