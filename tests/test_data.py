@@ -752,6 +752,14 @@ def test_eval_data_with_an_unreadable_image_is_refused(tmp_path):
         build_eval_dataset(str(tmp_path), preprocess=PRE, classes=sorted(COLOURS))
 
 
+def test_an_idx_directory_missing_one_file_of_its_train_pair_names_it(tmp_path):
+    # read as an image folder: "no class folders with images", the labels file never named
+    root = make_idx_dir(tmp_path / "mnist")
+    (root / "train-labels-idx1-ubyte.gz").unlink()
+    with pytest.raises(DataError, match=r"holds train-images-idx3-ubyte.gz but no train-labels-idx1-ubyte\[.gz\]"):
+        build_datasets(str(root), preprocess=PRE)
+
+
 def test_eval_data_given_as_an_image_file_points_to_predict(tmp_path):
     # eval --data cat.png read the PNG as a CSV: "byte 0x89 ... is not UTF-8"
     from freezetune.data import build_eval_dataset

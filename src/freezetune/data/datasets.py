@@ -13,7 +13,7 @@ from pathlib import Path
 from torch.utils.data import Dataset
 
 from freezetune.data.folder import FileImageDataset, nfc, scan_folder
-from freezetune.data.idx import CLASS_NAMES_FILE, idx_files, is_idx_dir, load_idx
+from freezetune.data.idx import CLASS_NAMES_FILE, idx_files, idx_pair_problem, is_idx_dir, load_idx
 from freezetune.data.image_csv import IMAGE_COLUMNS, read_csv
 from freezetune.data.layout import TEST_DIRS, TRAIN_DIRS, VAL_DIRS, first_dir, load_folder, split_files
 from freezetune.data.sampling import per_class_indices
@@ -96,6 +96,8 @@ def _load_source(data: str, preprocess: Preprocess, *, read_test: bool = True, r
         if _text_csv(path, preprocess):
             return "text", read_text_csv(path, columns=columns), None, None, False
         return "csv", read_csv(path, missing_ok=skip_bad), None, None, False
+    if problem := idx_pair_problem(path):
+        raise DataError(f"'{data}' {problem}")
     splits = split_files(path)
     if splits is not None and _text_csv(splits["train"], preprocess):  # train.csv, and val.csv and test.csv
         train = read_text_csv(splits["train"], columns=columns)

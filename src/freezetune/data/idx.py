@@ -89,6 +89,23 @@ def idx_files(root: str | Path, split: str) -> tuple[Path, Path] | None:
     return (images, labels) if images and labels else None
 
 
+def idx_pair_problem(root: str | Path) -> str | None:
+    """What is missing where a directory holds one file of the train IDX pair (images, labels) and not the other: it
+    was then read as an image folder, "no class folders with images".
+
+    >>> idx_pair_problem("/nonexistent") is None
+    True
+    """
+    root = Path(root)
+    images, labels = _find(root, "train", "images"), _find(root, "train", "labels")
+    if not root.is_dir() or (images is None) == (labels is None):
+        return None
+    has, lacks = (
+        (images.name, "train-labels-idx1-ubyte[.gz]") if images else (labels.name, "train-images-idx3-ubyte[.gz]")
+    )
+    return f"holds {has} but no {lacks}: an IDX directory needs both"
+
+
 def is_idx_dir(path: str | Path) -> bool:
     """True if ``path`` is a directory holding at least the train IDX image and label files.
 
