@@ -410,3 +410,22 @@ def test_a_frozen_model_can_be_scripted_for_inference():
     model.eval()
     x = torch.randn(2, 3, 32, 32)
     assert torch.allclose(torch.jit.script(model)(x), model(x))
+
+
+def test_unfreezing_parameters_of_a_frozen_batchnorm_by_name_trains_them_and_keeps_its_statistics():
+    # unfreeze(m, "*.bias") left every frozen BatchNorm's bias frozen, without a word: the policy set it back
+    import torchvision
+
+    model = torchvision.models.resnet18(num_classes=3)
+    ft.freeze(model, "backbone")
+    ft.unfreeze(model, "*.bias")
+    bn = model.layer1[0].bn1
+    assert bn.bias.requires_grad and not bn.weight.requires_grad
+    before = bn.running_mean.clone()
+    model.train()(torch.randn(2, 3, 32, 32)).sum().backward()
+    assert not bn.training and torch.equal(bn.running_mean, before) and bn.bias.grad is not None
+    ft.unfreeze(model, "layer4")  # the policies applied again: the biases stay open
+    assert bn.bias.requires_grad and model.layer4[0].bn1.weight.requires_grad
+    ft.freeze(model, "*.bias")  # and named again, they close
+    ft.unfreeze(model, "layer4")
+    assert not bn.bias.requires_grad and not bn.weight.requires_grad

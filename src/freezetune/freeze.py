@@ -43,6 +43,7 @@ Spec = str | int | Sequence[str | int]
 # deep-copied handle would still point at the original module's hook table.
 _POLICY_ATTR = "_freezetune_bn"
 _HOLD_ATTR = "_freezetune_hold_bn_stats"  # on the model: hold_bn_statistics was asked, unfreeze keeps it
+_OPEN_ATTR = "_freezetune_bn_open"  # on a frozen-policy BatchNorm: its parameters unfreeze named alone ("*.bias")
 
 
 def freeze(model: nn.Module, spec: Spec = FREEZE_DEFAULT, *, bn: str = BN_DEFAULT) -> None:
@@ -75,6 +76,7 @@ def freeze(model: nn.Module, spec: Spec = FREEZE_DEFAULT, *, bn: str = BN_DEFAUL
     params = _resolve(model, st, spec)
     for p in params.values():
         p.requires_grad_(False)
+    _open_bn_params(model, params, opening=False)
     for bn_module in _bn_modules_within(model, params):
         setattr(bn_module, _POLICY_ATTR, bn)
     _apply_bn_policies(model)
@@ -83,7 +85,8 @@ def freeze(model: nn.Module, spec: Spec = FREEZE_DEFAULT, *, bn: str = BN_DEFAUL
 def unfreeze(model: nn.Module, spec: Spec = "all", *, bn: str | None = None) -> None:
     """Make the parameters ``spec`` names trainable; their BatchNorm layers become ordinary layers again.
 
-    The BatchNorm layers of the parts that stay frozen keep their policy, unless ``bn`` names one for all of them.
+    The BatchNorm layers of the parts that stay frozen keep their policy, unless ``bn`` names one for all of them; a
+    parameter of one named alone (``"*.bias"``) trains, its layer's statistics frozen as the policy says.
     An int ``n`` names the first ``n`` stages, as in ``freeze``: ``unfreeze(m, -2)`` opens all stages but the last two
     (``freeze_to(m, -2)`` is "train the last two").
 
@@ -104,6 +107,7 @@ def unfreeze(model: nn.Module, spec: Spec = "all", *, bn: str | None = None) -> 
     for bn_module in _bn_modules_within(model, params):
         _release(bn_module)
         bn_module.train(model.training)
+    _open_bn_params(model, params, opening=True)
     for module in model.modules():
         if bn is not None and getattr(module, _POLICY_ATTR, None) is not None:
             setattr(module, _POLICY_ATTR, bn)
@@ -311,13 +315,26 @@ def _bn_modules_within(model: nn.Module, params: dict[int, nn.Parameter]) -> lis
     return out
 
 
+def _open_bn_params(model: nn.Module, params: dict[int, nn.Parameter], *, opening: bool) -> None:
+    """Record on each BatchNorm layer with a policy which of its parameters ``unfreeze`` named alone (``"*.bias"``:
+    BitFit by hand), or, ``freeze`` naming them again, forget them. They train while the layer keeps its policy (its
+    statistics stay frozen); the policy had set them back to frozen, without a word."""
+    for module in model.modules():
+        if getattr(module, _POLICY_ATTR, None) is None or not isinstance(module, nn.modules.batchnorm._BatchNorm):
+            continue
+        named = {name for name, p in module.named_parameters(recurse=False) if id(p) in params}
+        kept = set(getattr(module, _OPEN_ATTR, ()))
+        setattr(module, _OPEN_ATTR, kept | named if opening else kept - named)
+
+
 def _apply_bn_policies(model: nn.Module) -> None:
     for module in model.modules():
         policy = getattr(module, _POLICY_ATTR, None)
         if policy is None or not isinstance(module, nn.modules.batchnorm._BatchNorm):
             continue
-        for p in module.parameters(recurse=False):
-            p.requires_grad_(policy in BN_AFFINE_POLICIES)
+        opened = getattr(module, _OPEN_ATTR, ())
+        for name, p in module.named_parameters(recurse=False):
+            p.requires_grad_(policy in BN_AFFINE_POLICIES or name in opened)
         if policy in BN_EVAL_POLICIES:
             if not _has_eval_hook(module):
                 module.register_forward_pre_hook(_keep_eval)
@@ -352,6 +369,7 @@ def _release(module: nn.Module) -> None:
     """Make a BatchNorm layer an ordinary one again: no policy, no hook, trainable, following model.train()."""
     _remove_eval_hook(module)
     setattr(module, _POLICY_ATTR, None)
+    setattr(module, _OPEN_ATTR, set())
     for p in module.parameters(recurse=False):
         p.requires_grad_(True)
 
