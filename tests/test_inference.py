@@ -77,6 +77,17 @@ def test_evaluate_model_is_the_in_memory_half(best_pt, data):
     assert result["loss"] == pytest.approx(expected["loss"], rel=1e-5)
 
 
+def test_evaluate_model_names_labels_the_model_cannot_score():
+    # a label 5 for a 3-class model was torch's IndexError from inside the loss
+    from freezetune.data import InMemoryImageDataset
+    from freezetune.errors import DataError
+
+    ds = InMemoryImageDataset(torch.zeros(2, 2, 2, dtype=torch.uint8), torch.tensor([0, 5]), [str(i) for i in range(6)])
+    ds.transform = lambda img: img.float().flatten()
+    with pytest.raises(DataError, match="labels run from 0 to 5, and num_classes is 3: labels are 0 to 2"):
+        evaluate_model(torch.nn.Linear(4, 3), ds, num_classes=3)
+
+
 def test_write_evaluation_writes_the_plot_and_json_it_is_given(best_pt, data, tmp_path):
     result = evaluate_checkpoint(best_pt, data, device="cpu")
     text = write_evaluation(result, result["classes"], plot=tmp_path / "c.png", metrics=tmp_path / "m.json")

@@ -65,6 +65,18 @@ def load_model(checkpoint: str | Path | dict, device: str = "auto") -> LoadedMod
     return LoadedModel(model.eval(), list(record["classes"]), pre, precision, channels_last)
 
 
+def _check_labels(dataset: Dataset, num_classes: int) -> None:
+    """A dataset whose labels (``targets``, where it has them) a ``num_classes`` model cannot score: torch's
+    IndexError from deep in the loss, otherwise."""
+    targets = getattr(dataset, "targets", None)
+    if not isinstance(targets, torch.Tensor) or not len(targets):
+        return
+    low, high = int(targets.min()), int(targets.max())
+    if low < 0 or high >= num_classes:
+        raise DataError(f"the dataset's labels run from {low} to {high}, and num_classes is {num_classes}: labels are "
+                        f"0 to {num_classes - 1}")  # fmt: skip
+
+
 def evaluate_model(
     model: nn.Module,
     dataset: Dataset,
@@ -93,6 +105,7 @@ def evaluate_model(
     >>> evaluate_model(model, ds, num_classes=2)["n"]
     5
     """
+    _check_labels(dataset, num_classes)
     if precision is None:  # a notebook's call: the model's device, its automatic precision
         precision = resolve_precision(next(model.parameters()).device)
     if loaders is None:
