@@ -429,3 +429,24 @@ def test_unfreezing_parameters_of_a_frozen_batchnorm_by_name_trains_them_and_kee
     ft.freeze(model, "*.bias")  # and named again, they close
     ft.unfreeze(model, "layer4")
     assert not bn.bias.requires_grad and not bn.weight.requires_grad
+
+
+def test_unfreeze_finds_the_eval_hooks_of_a_freeze_made_before_the_module_was_reloaded(monkeypatch):
+    # a notebook's %autoreload: hooks were matched by identity with the new _keep_eval, so unfreeze left the layer
+    # in eval with frozen statistics while summary said it trained
+    import importlib
+
+    import torchvision
+
+    freeze_module = importlib.import_module("freezetune.freeze")  # (the package's ft.freeze is the function)
+    model = torchvision.models.resnet18(num_classes=3)
+    ft.freeze(model, "backbone")
+
+    def _keep_eval(module, args):  # what the reloaded module defines: equal by name, another function
+        pass
+
+    _keep_eval.__module__ = freeze_module.__name__
+    monkeypatch.setattr(freeze_module, "_keep_eval", _keep_eval)
+    ft.unfreeze(model, "layer4")
+    bn = model.layer4[0].bn1
+    assert not bn._forward_pre_hooks and model.train() and bn.training

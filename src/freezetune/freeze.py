@@ -387,12 +387,18 @@ def _back_to_eval(module: nn.Module) -> None:
         module.eval()
 
 
+def _is_eval_hook(hook: object) -> bool:
+    # by name, not identity: a reloaded module (a notebook's %autoreload) has a new _keep_eval, and the hooks put on
+    # before it were no longer found, so unfreeze left those layers in eval with frozen statistics
+    return getattr(hook, "__module__", None) == __name__ and getattr(hook, "__qualname__", None) == "_keep_eval"
+
+
 def _has_eval_hook(module: nn.Module) -> bool:
-    return any(h is _keep_eval for h in module._forward_pre_hooks.values())
+    return any(_is_eval_hook(h) for h in module._forward_pre_hooks.values())
 
 
 def _remove_eval_hook(module: nn.Module) -> None:
-    for key in [k for k, h in module._forward_pre_hooks.items() if h is _keep_eval]:
+    for key in [k for k, h in module._forward_pre_hooks.items() if _is_eval_hook(h)]:
         del module._forward_pre_hooks[key]
 
 
