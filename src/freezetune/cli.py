@@ -19,6 +19,7 @@ import warnings
 from pathlib import Path
 
 from freezetune import __version__, cli_exit, run_log
+from freezetune.cli_args import Parser, overrides_anywhere
 from freezetune.config import FIELD_CHOICES, TrainConfig, coerce, field_names, scalar_type
 from freezetune.config_file import load_config, parse_override
 from freezetune.errors import ConfigError, FreezetuneError
@@ -96,7 +97,7 @@ def _parse(parser: argparse.ArgumentParser, argv: list[str], first: bool) -> arg
             if not getattr(args, "command", None):  # a usage error, as argparse's own: help on stderr, exit 2
                 parser.print_help(sys.stderr)
                 return 2 if first else cli_exit.later_rank("", 2)
-            _overrides_anywhere(args, extra, argv)
+            overrides_anywhere(args, extra, argv)
     except SystemExit as exc:
         if first or not exc.code:
             raise
@@ -121,56 +122,8 @@ def run() -> None:
     sys.exit(code)
 
 
-def _overrides_anywhere(args: argparse.Namespace, extra: list[str], argv: list[str]) -> None:
-    """``key=value`` overrides after a flag (``epochs=2 --lr 0.5 seed=3``): argparse takes the positionals of one run
-    only and leaves the rest unrecognized. Anything else unrecognized is reported under the command's own usage."""
-    overrides = [e for e in extra if "=" in e and not e.startswith("-")] if hasattr(args, "overrides") else []
-    rest = [e for e in extra if e not in overrides]
-    if rest:
-        args.command_parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    args.overrides = [*getattr(args, "overrides", []), *overrides]
-    for item in args.overrides:
-        if "=" not in item:
-            _switch_value(args.command_parser, item, argv)
-
-
-_BOOLEAN_WORDS = ("true", "false", "yes", "no", "on", "off", "1", "0")
-
-
-def _switch_value(parser: argparse.ArgumentParser, item: str, argv: list[str]) -> None:
-    """A word where a ``key=value`` belongs, right after a switch: ``--progress false`` was refused as "override
-    'false' is not key=value" and some forty keys, which never said the switch takes no value."""
-    for at in (i for i, word in enumerate(argv) if word == item and i > 0):
-        action = _flag_action(parser, argv[at - 1])
-        if action is not None and action.nargs == 0:
-            flags = " or ".join(action.option_strings)
-            override = (f", or the override {action.dest}={item}"
-                        if action.dest in field_names() and item.lower() in _BOOLEAN_WORDS else "")  # fmt: skip
-            parser.error(f"{argv[at - 1]} is a switch and takes no value ({item!r} follows it): give {flags} "
-                         f"alone{override}")  # fmt: skip
-
-
-def _flag_action(parser: argparse.ArgumentParser, word: str) -> argparse.Action | None:
-    """The flag ``word`` names, as argparse reads it: whole, or a prefix of one flag alone (``--prog``)."""
-    if not word.startswith("-"):
-        return None
-    actions = parser._option_string_actions  # argparse's own index of its flags
-    if word in actions:
-        return actions[word]
-    matches = {id(a): a for flag, a in actions.items() if flag.startswith("--") and flag.startswith(word)}
-    return next(iter(matches.values())) if len(matches) == 1 else None
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse's own usage errors (``--epochs 2.5``, a stray argument) in one line, as freezetune's others: the
-    usage block it printed first (some 30 lines for ``train``) buried the line that says what is wrong."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
 def _parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="freezetune", description="Fine-tune pretrained models by freezing.")
+    parser = Parser(prog="freezetune", description="Fine-tune pretrained models by freezing.")
     parser.add_argument("--version", action="version", version=f"freezetune {__version__}")
     sub = parser.add_subparsers(dest="command")
     _train_parser(sub)
