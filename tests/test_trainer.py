@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +17,7 @@ from torch import nn
 import freezetune as ft
 from _engine_fixtures import fashion_mnist_dir, make_image_folder, run_cli, snapshot, train_argv
 from freezetune import checkpoint, run_setup, runtime, step, trainer
+from freezetune.cli import main
 from freezetune.config import TrainConfig
 from freezetune.config_file import load_config
 from freezetune.errors import ConfigError
@@ -534,9 +537,23 @@ def test_a_run_ended_inside_an_epoch_clears_its_progress_bar_before_the_last_lin
             raise TrainingError("stopped here")
 
     monkeypatch.setattr(trainer.Trainer, "_after_step", fail)
-    code, _, err = run_cli(capsys, *train_argv(data, tmp_path / "run", "--epochs", "1", "--freeze", "-3", "--progress"))
-    assert code == 2 and "epoch 1/1" in err  # the bar was drawn
-    assert err.rsplit("\r", 1)[-1] == "freezetune: error: stopped here\n"  # on a line of its own, not after the bar
+    argv = train_argv(data, tmp_path / "run", "--epochs", "1", "--freeze", "-3", "--progress")
+    terminal = _Terminal()  # where the bar is live, redrawn in place after carriage returns
+    with monkeypatch.context() as patch:
+        patch.setattr(sys, "stderr", terminal)
+        assert main(argv) == 2 and "epoch 1/1" in terminal.getvalue()  # the bar was drawn
+    last = terminal.getvalue().rsplit("\r", 1)[-1]
+    assert last == "freezetune: error: stopped here\n"  # on a line of its own, not after the bar
+    code, _, err = run_cli(
+        capsys, *train_argv(data, tmp_path / "file", "--epochs", "1", "--freeze", "-3", "--progress")
+    )
+    assert code == 2 and "\r" not in err  # a file (nohup ... 2> log): the bar's lines, each whole, then the error
+    assert err.splitlines()[-2].startswith("epoch 1/1:") and err.endswith("\nfreezetune: error: stopped here\n")
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
 
 
 def test_each_epochs_row_logs_the_lrs_its_last_step_used(data, tmp_path, capsys):
