@@ -311,6 +311,14 @@ def test_a_config_file_naming_a_key_twice_or_a_folder_is_refused(tmp_path):
         load_config(tmp_path)
     (tmp_path / "nested.yaml").write_text("stage_lrs:\n  layer4: 1.0e-4\n  layer3: 5.0e-5\ndata: d\n")
     assert load_config(tmp_path / "nested.yaml").stage_lrs == {"layer4": 1e-4, "layer3": 5e-5}
+    # YAML's merge key brings keys the mapping may override: not a key given twice
+    (tmp_path / "merged.yaml").write_text("stage_lrs: {<<: {layer4: 1.0e-3, layer2: 1.0e-5}, layer4: 2.0e-3}\n"
+                                          "<<: {epochs: 1}\ndata: d\n")  # fmt: skip
+    merged = load_config(tmp_path / "merged.yaml")
+    assert merged.stage_lrs == {"layer4": 2e-3, "layer2": 1e-5} and merged.epochs == 1
+    (tmp_path / "unhashable.yaml").write_text("? [a, b]\n: 1\ndata: d\n")
+    with pytest.raises(ConfigError, match="found an unhashable key"):
+        load_config(tmp_path / "unhashable.yaml")
 
 
 def test_print_config_read_back_with_config_gives_the_same_config(tmp_path, capsys):

@@ -79,11 +79,17 @@ class _UniqueKeys(yaml.SafeLoader):
     def construct_mapping(self, node, deep=False):
         seen: dict[Any, int] = {}
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # "<<: *defaults": the keys it brings may be overridden
+                continue
             key = self.construct_object(key_node, deep=True)
-            line = key_node.start_mark.line + 1
+            line, where = key_node.start_mark.line + 1, key_node.start_mark
+            try:
+                hash(key)
+            except TypeError:  # "? [a, b]": the loader's own one-line refusal, not a TypeError's traceback
+                raise yaml.constructor.ConstructorError(None, None, "found an unhashable key", where) from None
             if key in seen:
                 raise yaml.constructor.ConstructorError(None, None, f"key {key!r} is given twice (lines {seen[key]} "
-                                                        f"and {line}): keep one", key_node.start_mark)  # fmt: skip
+                                                        f"and {line}): keep one", where)  # fmt: skip
             seen[key] = line
         return super().construct_mapping(node, deep=deep)
 
