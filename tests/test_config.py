@@ -219,12 +219,17 @@ def test_values_that_would_train_wrong_are_refused(kw, needle):
     validate(TrainConfig(data="imgs", **{k: ok[k] for k in kw}, **sgd))  # the edge of each range is fine
 
 
-def test_momentum_given_to_an_optimizer_without_it_is_refused():
-    # --momentum 0.5 with the default adamw was ignored without a word
-    with pytest.raises(ConfigError, match="momentum 0.5 is SGD's .* with optimizer 'adamw' it has no effect"):
-        validate(TrainConfig(data="imgs", momentum=0.5))
-    validate(TrainConfig(data="imgs", momentum=0.5, optimizer="sgd"))
-    validate(TrainConfig(data="imgs", optimizer="adam"))  # the default momentum is not a request
+def test_momentum_given_to_an_optimizer_without_it_is_noted_and_still_resumes():
+    # --momentum 0.5 with the default adamw was ignored without a word; refused, an earlier run holding it in its
+    # config.yaml could never resume
+    from freezetune.optim import momentum_note
+
+    assert "momentum 0.5 is SGD's (optimizer sgd); with optimizer 'adamw' it has no effect" in momentum_note(
+        "adamw", 0.5, TrainConfig.momentum
+    )
+    assert momentum_note("sgd", 0.5, TrainConfig.momentum) is None
+    assert momentum_note("adam", TrainConfig.momentum, TrainConfig.momentum) is None  # the default is no request
+    validate(TrainConfig(data="imgs", momentum=0.5))
 
 
 @pytest.mark.parametrize("kw, needle", [

@@ -257,9 +257,6 @@ def validate(cfg: TrainConfig, *, need_data: bool = True) -> None:
     problems += _column_problems(cfg)
     problems += _schedule_problems(cfg.unfreeze, cfg.monitor)
     problems.append(_refit_problem(cfg))
-    if cfg.momentum != TrainConfig.momentum and cfg.optimizer != "sgd":  # it was ignored without a word
-        problems.append(f"momentum {cfg.momentum} is SGD's (optimizer sgd); with optimizer {cfg.optimizer!r} it has "
-                        "no effect: drop it or choose sgd")  # fmt: skip
     problems.append(recipe_problem(cfg.recipe))
     from freezetune.recipes import conflict_problems  # recipes reads the config: imported when validating
 

@@ -30,6 +30,18 @@ def build_optimizer(model: nn.Module, name: str = "adamw", lr: float = 1e-3, *,
     return cls(groups, lr=lr, **({"fused": True} if fused else {}))
 
 
+def momentum_note(optimizer: str, momentum: float, default: float) -> str | None:
+    """A note when a momentum other than the default is given to an optimizer without one (it was ignored without a
+    word). A note, not a refusal: an earlier run's config.yaml holds it, and must resume.
+
+    >>> momentum_note("adamw", 0.5, 0.9)[:46]
+    'note: momentum 0.5 is SGD\'s (optimizer sgd); w'
+    """
+    if momentum == default or optimizer == "sgd":
+        return None
+    return f"note: momentum {momentum:g} is SGD's (optimizer sgd); with optimizer {optimizer!r} it has no effect"
+
+
 def build_scheduler(optimizer: torch.optim.Optimizer, kind: str, *, epochs: int, steps_per_epoch: int,
                     warmup_epochs: float = 0.0):  # fmt: skip
     """A per-step schedule: one-cycle (warm-up then cosine annealing), cosine with optional linear warm-up, or none.

@@ -32,6 +32,7 @@ from freezetune.inference import evaluate_best, write_evaluation
 from freezetune.interrupt import AT_ONCE_UNDER_DDP, OUTSIDE_A_STEP, StopRequest, pause_point
 from freezetune.loss import imbalance_note
 from freezetune.memory import out_of_memory_hint
+from freezetune.optim import momentum_note
 from freezetune.param_groups import idle_stage_lrs
 from freezetune.progress import RunResult, other_monitor
 from freezetune.run_setup import SKIPPED, RunSetup
@@ -139,6 +140,7 @@ class Trainer(RunSetup):
                                      decay=self.cfg.decay),
                       idle_bn_policy(self.model, self.cfg.bn), plateau_units_note(schedule, self.cfg.monitor),
                       idle_schedule_note(self.state.unfreezer, self.cfg.epochs),
+                      momentum_note(self.cfg.optimizer, self.cfg.momentum, TrainConfig.momentum),
                       self.precision.cpu_note()]  # fmt: skip
         for note in filter(None, [*notes, self._warmup_note()]):
             self.echo(note)
