@@ -34,8 +34,8 @@ def momentum_note(optimizer: str, momentum: float, default: float) -> str | None
     """A note when a momentum other than the default is given to an optimizer without one (it was ignored without a
     word). A note, not a refusal: an earlier run's config.yaml holds it, and must resume.
 
-    >>> momentum_note("adamw", 0.5, 0.9)[:46]
-    'note: momentum 0.5 is SGD\'s (optimizer sgd); w'
+    >>> print(momentum_note("adamw", 0.5, 0.9))
+    note: momentum 0.5 is SGD's (optimizer sgd); with optimizer 'adamw' it has no effect
     """
     if momentum == default or optimizer == "sgd":
         return None
