@@ -148,6 +148,13 @@ def test_a_recipes_training_seconds_count_every_phase(data, tmp_path):
 
     result = recipes.run(_cfg(data, tmp_path / "run", recipe="lp-ft"), echo=lambda _: None, train=timed)
     assert result.train_seconds == (2.0 + 4.0 - 1.0) + (10.0 - 3.0)
+    # resumed after its probe finished: the probe's seconds come from its last.pt
+    real = recipes.run(_cfg(data, tmp_path / "real", recipe="lp-ft", epochs=1), echo=lambda _: None)
+    probe = checkpoint.load(tmp_path / "real" / "probe" / "last.pt")["progress"]["spent"]
+    resumed = recipes.run(_cfg(data, tmp_path / "real", recipe="lp-ft", epochs=1, resume=True), echo=lambda _: None,
+                          train=timed)  # fmt: skip
+    assert probe["epochs"] > 0 and real.train_seconds > 0
+    assert resumed.seconds["epochs"] == pytest.approx(probe["epochs"] + 10.0)
 
 
 @pytest.mark.parametrize("refit", [None, False])

@@ -368,10 +368,12 @@ def _run_phase(cfg: TrainConfig, train: Callable, echo: Callable[[str], None], *
 
     out = Path(cfg.out) if cfg.out else None
     done = out is not None and (out / checkpoint.LAST).is_file() and not last
-    if done and int(checkpoint.load(out / checkpoint.LAST).get("epoch", 0)) >= cfg.epochs:
+    record = checkpoint.load(out / checkpoint.LAST, mmap=True) if done else {}
+    if done and int(record.get("epoch", 0)) >= cfg.epochs:
         echo(f"  already done: {out}")
-        record = checkpoint.load(out / checkpoint.BEST)
-        return RunResult(out, int(record.get("epoch", 0)), None)
+        # its seconds, as it saved them: a resumed lp-ft's cost counted its fine-tune alone
+        spent = dict((record.get("progress") or {}).get("spent") or {})
+        return RunResult(out, int(checkpoint.load(out / checkpoint.BEST).get("epoch", 0)), None, seconds=spent)
     resume = cfg.resume and out is not None and (out / checkpoint.LAST).is_file()
     # the last phase runs in the recipe's dir: it keeps the recipe.json beside it (any other run clears one)
     return train(dataclasses.replace(cfg, resume=resume), echo=echo, recipe_run=last)
