@@ -31,8 +31,11 @@ def progress_bar(total: int, desc: str, *, enabled: bool, unit: str = "it"):
     # a notebook without ipywidgets gets tqdm's text bar on its stderr, which it redraws in place as a terminal does
     in_notebook = type(sys.stderr).__module__.startswith("ipykernel")
     live = tqdm.__module__.startswith("tqdm.notebook") or in_notebook or sys.stderr.isatty()
+    interval = 0.1 if live else 60.0
+    # a file's bar waits a minute to appear: drawn at once, every epoch shorter than that left a line of 0%
     return tqdm(total=total, desc=desc, leave=False, disable=not enabled, dynamic_ncols=True, unit=unit,
-                mininterval=0.1 if live else 60.0, file=None if live else _Lines(sys.stderr))  # fmt: skip
+                mininterval=interval, delay=0 if live else interval,
+                file=None if live else _Lines(sys.stderr))  # fmt: skip
 
 
 class _Lines:
