@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from _engine_fixtures import run_cli
+from freezetune.cli import main
 from freezetune.config import (
     TrainConfig,
     coerce,
@@ -69,6 +70,19 @@ def test_epoch_fraction_error_names_the_range_its_default_lies_in(capsys):
     assert _print_config(capsys, "--data", "x", "--epoch-fraction", "1.0")["epoch_fraction"] == 1.0
     code, _, err = run_cli(capsys, "train", "--data", "x", "--print-config", "--epoch-fraction", "1.5")
     assert code == 2 and "epoch_fraction must be in (0, 1], got 1.5" in err
+
+
+@pytest.mark.parametrize("command", ["train", "sweep"])
+def test_print_config_under_torchrun_is_printed_by_the_first_process_alone(capsys, monkeypatch, command):
+    # `torchrun ... --print-config > run.yaml` held one copy a rank: --config then refused its keys given twice
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert main([command, "--data", "imgs", "--print-config"]) == 0
+    assert capsys.readouterr().out == ""
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert main([command, "--data", "imgs", "--print-config"]) == 0
+    assert "data: imgs" in capsys.readouterr().out
 
 
 def test_print_config_without_data_prints_a_template_that_a_run_still_refuses(capsys):

@@ -292,9 +292,16 @@ def _cmd_train(args) -> int:
     if args.print_config:
         from freezetune.recipes import plan_comment
 
-        print(cfg.dump() + plan_comment(cfg), end="")
-        return 0
+        return _print_config(cfg.dump() + plan_comment(cfg))
     train(cfg)
+    return 0
+
+
+def _print_config(text: str) -> int:
+    """``--print-config``: under torchrun the first process alone prints it (``> run.yaml`` held one copy a rank,
+    which ``--config`` then refused for its keys given twice)."""
+    if run_log.first_process():
+        print(text, end="")
     return 0
 
 
@@ -314,8 +321,7 @@ def _cmd_sweep(args) -> int:
     if problems:
         raise ConfigError("; ".join(problems))
     if args.print_config:  # with what the sweep sets for every recipe: the file reads back as its --config
-        print(swept(cfg).dump(), end="")
-        return 0
+        return _print_config(swept(cfg).dump())
     sweep(cfg, args.recipes)
     return 0
 
