@@ -116,9 +116,10 @@ def _load_source(data: str, preprocess: Preprocess, *, read_test: bool = True, r
     return ("folder", *load_folder(path, read_val=read_val, read_test=read_test))
 
 
-def _check_kind(data: str, preprocess: Preprocess, what: str = "data") -> None:
+def _check_kind(data: str, preprocess: Preprocess, what: str = "data", *, flags: bool = True) -> None:
     """A text model reads a text CSV and an image model anything else: a mismatch is named before data is read
-    (it would otherwise end in the tokenizer or the image pipeline, far from its cause)."""
+    (it would otherwise end in the tokenizer or the image pipeline, far from its cause). ``flags``: the command
+    names columns with ``--text-column``/``--label-column`` (train does; eval reads the model's)."""
     path = Path(data)
     if not path.exists():
         return  # the reader says so, with what it expects
@@ -128,14 +129,22 @@ def _check_kind(data: str, preprocess: Preprocess, what: str = "data") -> None:
         columns = Columns.of(preprocess)
         table = (split_files(path) or {}).get("train", path)  # a folder of split files: its training file's header
         header = csv_header(table)
-        found = f" (its header: {', '.join(map(repr, header))}: name its columns with --text-column and " \
-                f"--label-column)" if header else ""  # fmt: skip
+        found = f" (its header: {', '.join(map(repr, header))}: {_header_fix(header, flags)})" if header else ""
         raise DataError(f"{what} '{data}' is not a text CSV{found}; the model is a text model (tokenizer "
                         f"'{preprocess.tokenizer}') and reads a CSV whose header names a text column "
                         f"({columns.named('text')}) and a label column ({columns.named('label')})")  # fmt: skip
     raise DataError(f"{what} '{data}' is a text CSV (its header names a text column); the model is an image model "
                     "and reads images (an image folder, an IDX directory or a 'path,label' CSV); text models are "
                     "hf:DIR_OR_ID sequence classifiers")  # fmt: skip
+
+
+def _header_fix(header: list[str], flags: bool) -> str:
+    """What to do about a header that names no text column: the advice must be one the user can follow."""
+    if len(header) == 1 and "\t" in header[0]:  # a tab-separated file named .csv: its columns are one
+        return "its columns are separated by tabs: name the file .tsv"
+    if flags:
+        return "name its columns with --text-column and --label-column"
+    return "rename its columns to those the model trained on"
 
 
 def _load_val(val_data: str, classes: list[str], preprocess: Preprocess, *, skip_bad: bool = False) -> Dataset:
@@ -331,7 +340,7 @@ def build_eval_dataset(data: str, *, preprocess: Preprocess, classes: list[str])
     if path.is_file() and path.suffix.lower() not in (".csv", ".tsv"):  # an image was read as a CSV "not UTF-8"
         raise DataError(f"data file '{data}' is not a CSV; expected {_EXPECTED}; to classify files without labels, "
                         "use freezetune predict")  # fmt: skip
-    _check_kind(data, preprocess)
+    _check_kind(data, preprocess, flags=False)
     if preprocess.is_text:  # a text CSV: its texts are tokenized per batch, they take no transform
         splits = split_files(path) or {}
         split = splits.get("test") or splits.get("val")
