@@ -531,3 +531,7 @@ def test_a_schedule_that_opens_nothing_the_run_trains_is_noted():
     model = TinyCNN()
     opt = torch.optim.SGD(model.parameters(), lr=LR)
     assert "nothing to open: every stage trains" in idle_schedule_note(ft.Unfreezer(model, opt, "epoch:1", lr=LR), 3)
+    _, _, _, resumed = frozen_setup("epoch:1")  # a resumed run whose schedule opened every stage: no note
+    for epoch in range(4):
+        resumed.step(epoch)
+    assert not resumed.frozen_stages() and idle_schedule_note(resumed, 6) is None

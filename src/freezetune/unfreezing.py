@@ -117,7 +117,7 @@ def idle_schedule_note(unfreezer: Unfreezer | None, epochs: int) -> str | None:
     >>> idle_schedule_note(Unfreezer(m, torch.optim.SGD(m.fc.parameters(), lr=0.1), "epoch:5", lr=0.1), 3)[:44]
     "note: unfreeze 'epoch:5' opens nothing the 3"
     """
-    if unfreezer is None:
+    if unfreezer is None or unfreezer.events:  # a resumed run whose schedule has opened stages: it did its work
         return None
     schedule = unfreezer.schedule
     told = {"epoch": f"'epoch:{schedule.every}'", "plan": "plan", "plateau": "plateau"}[schedule.kind]
