@@ -230,3 +230,14 @@ def test_a_run_says_when_a_learning_rate_it_was_given_is_never_used(tmp_path, ca
     for i, more in enumerate(used):  # a stage it unfreezes, or one below the head that trains: the LR is used
         code, out, err = run_cli(capsys, *train_argv(data, tmp_path / f"used{i}", "--epochs", "2", *more))
         assert code == 0 and note.partition(" sets")[0] not in out, err
+
+
+def test_param_groups_without_an_lr_is_a_spec_error_and_a_numpy_decay_is_a_number():
+    # lr=None reached float() (a TypeError) once the Lightning callback's checks were shared; np.float32 decay was
+    # refused as not a number
+    import numpy as np
+
+    model = TinyCNN()
+    with pytest.raises(ft.FreezetuneError, match="got lr=None"):
+        ft.param_groups(model, None)
+    assert ft.param_groups(model, 1e-3, decay=np.float32(2.0))

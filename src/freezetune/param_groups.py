@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
+import numbers
 from collections.abc import Iterable, Mapping
 
 from torch import nn
@@ -135,9 +136,11 @@ def _finite_non_negative(value: object) -> bool:
     return not isinstance(value, bool) and isinstance(value, (int, float)) and 0 <= value < math.inf
 
 
-def checked_lrs(lr: float | None, stage_lrs: Mapping[str, float] | str | None, decay: float | None) -> dict:
-    """``stage_lrs`` as a dict (the ``--stage-lrs`` string parsed), after checking it, ``lr`` (unless None) and
-    ``decay``: what the LR rule takes, checked where it is given (a Lightning callback's, at its construction).
+def checked_lrs(lr: float | None, stage_lrs: Mapping[str, float] | str | None, decay: float | None, *,
+                lr_given: bool = True) -> dict:  # fmt: skip
+    """``stage_lrs`` as a dict (the ``--stage-lrs`` string parsed), after checking it, ``lr`` and ``decay``: what the
+    LR rule takes, checked where it is given (a Lightning callback's, at its construction, where ``lr`` may be left
+    to the optimizer: ``lr_given=False`` with None).
 
     >>> checked_lrs(1e-3, "layer4=1e-4", 2.0)
     {'layer4': 0.0001}
@@ -146,11 +149,11 @@ def checked_lrs(lr: float | None, stage_lrs: Mapping[str, float] | str | None, d
         from freezetune.config import parse_stage_lrs
 
         stage_lrs = parse_stage_lrs(stage_lrs)
-    given = {**({} if lr is None else {"lr": lr}), **dict(stage_lrs or {})}
+    given = {**({} if lr is None and not lr_given else {"lr": lr}), **dict(stage_lrs or {})}
     bad = [f"{k}={v!r}" for k, v in given.items() if not _finite_non_negative(v)]
     if bad:  # a negative LR climbs the loss; torch's optimizers refuse it only at their construction
         raise SpecError(f"learning rates must be finite numbers >= 0, got {', '.join(bad)}")
-    if decay is not None and not (isinstance(decay, (int, float)) and 0 < decay < math.inf):  # (nan too)
+    if decay is not None and not (isinstance(decay, numbers.Real) and 0 < decay < math.inf):  # (nan too)
         raise SpecError(f"decay must be > 0 and finite, got {decay!r}")
     return dict(stage_lrs or {})
 

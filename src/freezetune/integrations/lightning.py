@@ -86,7 +86,7 @@ class FreezetuneFinetuning(Callback):
         check_bn_policy(bn)
         check_weight_decay(weight_decay)
         self.freeze_spec, self.schedule = freeze, parse_schedule(unfreeze if unfreeze is not None else {})
-        self.bn, self.lr, self.stage_lrs, self.decay = bn, lr, checked_lrs(lr, stage_lrs, decay), decay
+        self.bn, self.lr, self.stage_lrs, self.decay = bn, lr, checked_lrs(lr, stage_lrs, decay, lr_given=False), decay
         self.weight_decay, self.monitor, self.module = weight_decay, monitor, module
         self.unfreezer: Unfreezer | None = None
         self._stage: str | None = None  # Lightning's stage at the last setup: "fit", "validate", "test", "predict"
