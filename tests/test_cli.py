@@ -1005,6 +1005,7 @@ def test_eval_never_writes_over_its_checkpoint_and_replaces_another_file_only_wi
         _assert_user_error(code, out, err, f"--metrics '{ckpt}': ", "is the checkpoint being evaluated")
     (tmp_path / "config.yaml").write_text("mine: 1\n")
     (tmp_path / "report.png").write_bytes(b"a run's chart")
+    (tmp_path / "metrics.csv").write_text("epoch\n1\n")  # beside it: a run's files
     for flag, path in (("--metrics", tmp_path / "config.yaml"), ("--plot", tmp_path / "report.png")):
         code, out, err = run_cli(capsys, "eval", "--checkpoint", ckpt, "--data", data, flag, path)
         _assert_user_error(code, out, err, flag, "exists: give --force to replace it")
@@ -1014,6 +1015,11 @@ def test_eval_never_writes_over_its_checkpoint_and_replaces_another_file_only_wi
     code, _, err = run_cli(capsys, "eval", "--checkpoint", ckpt, "--data", data, "--metrics", tmp_path / "m.json",
                            "--force")  # fmt: skip
     assert code == 0 and json.loads((tmp_path / "m.json").read_text())["n"] > 0, err
+    # a batch job run again replaces what eval wrote before, without --force: its metrics and its plot
+    for _ in range(2):
+        code, _, err = run_cli(capsys, "eval", "--checkpoint", ckpt, "--data", data, "--metrics",
+                               tmp_path / "m.json", "--plot", tmp_path / "cm.png")  # fmt: skip
+        assert code == 0, err
 
 
 @pytest.mark.parametrize("command", ["eval", "predict"])

@@ -213,7 +213,12 @@ def _eval_parser(sub) -> None:
                    help="confusion-matrix image, .png/.pdf/.svg/.jpg (default: eval_<data>_confusion.png next to the "
                         "checkpoint)")  # fmt: skip
     p.add_argument("--metrics", default=None, help="also write every metric as JSON to this file (for batch jobs)")
-    p.add_argument("--force", action="store_true", help="replace an existing --metrics or --plot file")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="replace an existing --metrics or --plot file that an "
+        "evaluation did not write (what eval wrote, it replaces)",
+    )
     p.set_defaults(func=_cmd_eval, command_parser=p)
 
 
@@ -327,7 +332,7 @@ def _cmd_sweep(args) -> int:
 
 
 def _cmd_eval(args) -> int:
-    from freezetune.inference import evaluate_checkpoint, write_evaluation
+    from freezetune.inference import evaluate_checkpoint, kept_output, write_evaluation
     from freezetune.memory import out_of_memory_hint
     from freezetune.metrics import format_report, plot_format
     from freezetune.runtime import file_problem
@@ -337,7 +342,10 @@ def _cmd_eval(args) -> int:
     plot = Path(args.plot) if args.plot else Path(args.checkpoint).with_name(f"eval_{name}_confusion.png")
     plot_format(plot)  # a bad suffix fails before the evaluation, not after it
     for flag, path in (("--metrics", args.metrics), ("--plot", args.plot)):  # so does a folder given as the file
-        if path and (problem := file_problem(path) or _kept_file(path, args.checkpoint, args.force)):
+        if path and (
+            problem := file_problem(path)
+            or kept_output(path, args.checkpoint, force=args.force, metrics=flag == "--metrics")
+        ):
             raise ConfigError(f"{flag} {str(path)!r}: {problem}")
     with out_of_memory_hint(args.batch_size, training=False):
         result = evaluate_checkpoint(args.checkpoint, args.data, batch_size=args.batch_size, device=args.device)
@@ -353,16 +361,6 @@ def _cmd_eval(args) -> int:
         return 0
     print(f"confusion matrix -> {plot}" + (f", metrics -> {args.metrics}" if args.metrics else ""))
     return 0
-
-
-def _kept_file(path: str, checkpoint: str, force: bool) -> str | None:
-    """Why eval must not write ``path``: it is the checkpoint (``--metrics best.pt`` replaced the model with JSON),
-    or a file that exists, without ``--force`` (a config, a run's report.png)."""
-    if not Path(path).exists():
-        return None
-    if Path(checkpoint).exists() and Path(path).samefile(checkpoint):
-        return "is the checkpoint being evaluated: name another file"
-    return None if force else "exists: give --force to replace it, or another path"
 
 
 def _cmd_predict(args) -> int:

@@ -65,6 +65,37 @@ def load_model(checkpoint: str | Path | dict, device: str = "auto") -> LoadedMod
     return LoadedModel(model.eval(), list(record["classes"]), pre, precision, channels_last)
 
 
+def kept_output(path: str | Path, checkpoint: str | Path, *, force: bool, metrics: bool) -> str | None:
+    """Why an evaluation must not write its ``metrics`` JSON or its plot to ``path``, or None: it is the checkpoint
+    (``--metrics best.pt`` replaced the model with JSON), or an existing file, unless ``force`` or it is what an
+    evaluation wrote there before (a batch job run again): for metrics, a JSON of an evaluation; for a plot, any
+    image but a run's own chart.
+
+    >>> kept_output("no/such/file.json", "best.pt", force=False, metrics=True) is None
+    True
+    """
+    path = Path(path)
+    if not path.exists():
+        return None
+    if Path(checkpoint).exists() and path.samefile(checkpoint):
+        return "is the checkpoint being evaluated: name another file"
+    if force or _evaluation_output(path, metrics):
+        return None
+    return "exists: give --force to replace it, or another path"
+
+
+def _evaluation_output(path: Path, metrics: bool) -> bool:
+    from freezetune.reporting import METRICS_CSV, REPORT_PNG
+
+    if not metrics:
+        return not (path.name == REPORT_PNG and (path.parent / METRICS_CSV).exists())
+    try:
+        written = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(written, dict) and {"confusion", "n"} <= written.keys()
+
+
 def _check_labels(dataset: Dataset, num_classes: int) -> None:
     """A dataset whose labels (``targets``, where it has them) a ``num_classes`` model cannot score: torch's
     IndexError from deep in the loss, otherwise."""
