@@ -619,10 +619,15 @@ def test_a_sweep_replaces_no_winner_yaml_it_did_not_write_and_an_unfinished_swee
             sweep(_cfg(data, None, epochs=1, resume=resume), "linear-probe", out=tmp_path / "mine", **quiet)
     assert (tmp_path / "mine" / "winner.yaml").read_text() == "mine: 1\n"
     assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == ["winner.yaml"]
-    (tmp_path / "stopped").mkdir()
+    (tmp_path / "stopped" / "linear-probe").mkdir(parents=True)
     (tmp_path / "stopped" / SETTINGS_FILE).write_text("lr: 0.001\n")  # what a sweep stopped in its first recipe left
+    (tmp_path / "stopped" / "linear-probe" / "last.pt").write_bytes(b"")
     with pytest.raises(ConfigError, match=r"holds a sweep that did not finish \(sweep_config.yaml\); pass --resume"):
         sweep(_cfg(data, None, epochs=1), "linear-probe", out=tmp_path / "stopped", **quiet)
+    # refused before any recipe trained (no validation data, say): the same folder runs again as asked, the fix given
+    (tmp_path / "refused").mkdir()
+    (tmp_path / "refused" / SETTINGS_FILE).write_text("lr: 0.001\nval_split: null\n")
+    assert sweep(_cfg(data, None, epochs=1), "linear-probe", out=tmp_path / "refused", **quiet).rows
 
 
 def test_a_sweep_resumes_only_with_its_own_settings_and_never_into_a_training_run(data, tmp_path):

@@ -100,17 +100,21 @@ def sweep(cfg: TrainConfig, recipes: str | list[str] | tuple[str, ...] = SWEEP_D
 
 
 def _check_out(out: Path, *, resume: bool) -> None:
-    """Refuse a folder whose sweep files a new sweep would replace: a sweep's, finished or stopped, without
-    ``--resume``; a ``winner.yaml`` no sweep wrote (a sweep records its settings first), with or without."""
-    if (out / "winner.yaml").exists() and not (out / SETTINGS_FILE).exists():
+    """Refuse a folder whose sweep files a new sweep would replace: a sweep's, finished or stopped after a recipe
+    trained, without ``--resume``; a ``winner.yaml`` no sweep wrote (a sweep records its settings first, and writes
+    its table beside its winner), with or without. A sweep refused before any recipe trained (no validation data)
+    runs again as asked."""
+    if (out / "winner.yaml").exists() and not (out / SETTINGS_FILE).exists() and not (out / "sweep.csv").exists():
         raise ConfigError(f"{str(out)!r} holds a winner.yaml no sweep wrote there (it has no {SETTINGS_FILE}): "
                           f"choose another {setting('out')}")  # fmt: skip
+    from freezetune.checkpoint import LAST
+
     if resume:
         return
     if (out / "sweep.csv").exists():
         raise ConfigError(f"{str(out)!r} already holds a sweep (sweep.csv); pass {setting('resume', True)} to "
                           f"continue an interrupted one, or choose another {setting('out')}")  # fmt: skip
-    if (out / SETTINGS_FILE).exists():
+    if (out / SETTINGS_FILE).exists() and next(out.rglob(LAST), None) is not None:
         raise ConfigError(f"{str(out)!r} holds a sweep that did not finish ({SETTINGS_FILE}); pass "
                           f"{setting('resume', True)} to continue it, or choose another {setting('out')}")  # fmt: skip
 
