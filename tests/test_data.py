@@ -312,6 +312,9 @@ def test_a_csv_row_with_a_field_past_the_header_is_refused_naming_its_line(tmp_p
     (tmp_path / "wide.csv").write_text("\n".join(rows) + "\n")
     with pytest.raises(DataError, match=r"line 4 has 3 fields, the header 2: a path or label with a comma must be"):
         build_datasets(str(tmp_path / "wide.csv"), preprocess=PRE)
+    (tmp_path / "bare.csv").write_text("\n".join(rows[1:]) + "\n")  # no header
+    with pytest.raises(DataError, match=r"line 3 has 3 fields, a 'path,label' row 2: a path or label with a comma"):
+        build_datasets(str(tmp_path / "bare.csv"), preprocess=PRE)
     # an empty trailing cell (a spreadsheet's export) is no field; a quoted comma is part of the label
     rows[3] = 'imgs/blue/0.png,"blue, dark"'
     (tmp_path / "quoted.csv").write_text("\n".join(rows) + "\n")

@@ -108,6 +108,7 @@ def _read_csv_rows(path: Path) -> list[tuple[str, str]]:
     width = len(header) if header is not None else 2
     wide = next(((n, r) for n, r in numbered if any(c.strip() for c in r[width:])), None)
     if wide is not None:
-        raise DataError(f"CSV '{path}' line {wide[0]} has {len(wide[1])} fields, the header {width}: a path or label "
-                        f'with a comma must be in double quotes ("Persian, cat")')  # fmt: skip
+        expected = f"the header {width}" if header is not None else "a 'path,label' row 2"
+        raise DataError(f"CSV '{path}' line {wide[0]} has {len(wide[1])} fields, {expected}: a path or label with a "
+                        'comma must be in double quotes ("Persian, cat")')  # fmt: skip
     return [(r[image].strip(), r[label].strip()) for r in rows]
