@@ -94,6 +94,7 @@ def run(cfg: TrainConfig, *, echo: Callable[[str], None] = print, train: Callabl
                               f"{decision.get('recipe')!r}; resume it with its own command")  # fmt: skip
         run_log.log_to(out)  # (written once the final run's resume is accepted)
         return train(_resumed(cfg, out, decision, echo), echo=echo, recipe_run=True)
+    _check_plan(cfg)
     # a run dir in use is refused (or, resuming, one no run was started in) before any trial writes below it; the
     # trials and decision of an attempt stopped before its run finished an epoch are redone
     runtime.prepare_run_dir(str(out), cfg.model, resume=cfg.resume, echo=echo, clean=info.is_main)
@@ -103,7 +104,6 @@ def run(cfg: TrainConfig, *, echo: Callable[[str], None] = print, train: Callabl
         from freezetune.recipes import check_test_data
 
         check_test_data(cfg)
-    _check_plan(cfg)
     ks, cut, text = _candidates(cfg)
     base = _base(cfg, out, cut)
     intro = (f"auto: choosing how many of the last stages to train ({', '.join(map(str, ks))}) from a trial each on "
