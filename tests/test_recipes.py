@@ -665,6 +665,7 @@ def test_a_budget_plans_the_runs_epochs_at_the_pace_of_a_whole_epoch_validation_
     assert auto._epoch_pace(choice, refit=False, n_val=50) == (2.0, 3.0)
     # refit: the 50 held-out images train too, and nothing validates
     assert auto._epoch_pace(choice, refit=True, n_val=50) == (3.0, 0.5)
+    assert auto._epoch_pace({**choice, "fixed_epoch": True}, refit=True, n_val=50) == (2.0, 0.5)  # --epoch-images
 
 
 def test_a_budget_says_what_it_affords_at_that_pace_and_the_trials_record_what_the_pace_is_made_of(data, tmp_path):

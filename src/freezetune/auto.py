@@ -182,7 +182,8 @@ def _epoch_pace(choice: dict, refit: bool, n_val: int) -> tuple[float, float]:
     """Seconds one of the run's epochs will take, from the chosen trial: its training (the trial's half epoch twice;
     with refit, the held-out images too) and the rest of its loop (validation, checkpoints). The training alone put
     a 45 s budget's 30 epochs at 63 s, each epoch's validation of many images uncounted."""
-    train_s = choice["epoch_s"] * (1 + n_val / choice["epoch_images"] if refit and choice["epoch_images"] else 1)
+    grows = refit and choice["epoch_images"] and not choice.get("fixed_epoch")  # --epoch-images fixes its length
+    train_s = choice["epoch_s"] * (1 + n_val / choice["epoch_images"] if grows else 1)
     other_s = choice["loop_s"] - choice["epoch_s"] * TRIAL_FRACTION  # the trial's loop less its training
     if refit:  # no validation in the run: the checkpoints alone
         other_s -= choice["val_s"]
@@ -246,7 +247,7 @@ def _trial(base: TrainConfig, k: int, boost: float, out: Path, train: Callable, 
     return {"trained_stages": k, "freeze": -(k + 1), "lr": trial_cfg.lr, "val_acc": result.best_val_acc,
             "seconds": seconds, "epoch_s": trained_s / TRIAL_FRACTION,  # a whole epoch's training, estimated
             "epoch_images": row.get("img_per_s", 0.0) * trained_s / TRIAL_FRACTION, "loop_s": seconds["epochs"],
-            "val_s": result.seconds.get("val", 0.0),
+            "val_s": result.seconds.get("val", 0.0), "fixed_epoch": base.epoch_images is not None,
             "trainable_params": row.get("trainable_params"), "n_val": _val_size(result),
             "data_kind": result.data_kind, "refit_fits": result.refit_fits, "no_refit": result.no_refit,
             "steps": result.steps_per_epoch}  # fmt: skip
