@@ -82,7 +82,7 @@ def test_a_checkpoint_without_its_preprocess_or_with_classes_unlike_its_head_is_
     [
         ("missing", "does not exist"),
         ("text", "not a PyTorch checkpoint file"),
-        ("pickled module", "more than tensors and plain data"),
+        ("pickled module", "beyond tensors and plain data, which are not read"),
         ("plain tensor", "not a freezetune checkpoint"),
         ("dict without classes", "not a freezetune checkpoint"),
         ("directory", "is a directory"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -159,6 +160,18 @@ def test_a_weights_path_that_is_a_folder_or_an_image_is_named_without_torchs_uns
     with pytest.raises(WeightsError) as caught:
         read_state_dict(tmp_path / "cat.png")
     assert "not a PyTorch checkpoint file" in str(caught.value) and "weights_only" not in str(caught.value)
+    # a whole pickled model, in either of torch's formats, and a zip of something else: each named for what it is
+    import zipfile
+
+    torch.save(nn.Linear(2, 2), tmp_path / "model.pth")
+    torch.save(nn.Linear(2, 2), tmp_path / "old.pth", _use_new_zipfile_serialization=False)
+    with zipfile.ZipFile(tmp_path / "photos.zip", "w") as archive:
+        archive.writestr("cat.txt", "meow")
+    for name, said in [("model.pth", "a whole model saved with torch.save(model)? save its state_dict()"),
+                       ("old.pth", "of the format before 1.6 holding Python objects"),
+                       ("photos.zip", "a zip archive, not a PyTorch checkpoint or weights file")]:  # fmt: skip
+        with pytest.raises(WeightsError, match=re.escape(said)):
+            read_state_dict(tmp_path / name)
 
 
 def test_file_without_state_dict_names_its_keys(tmp_path):

@@ -115,19 +115,24 @@ def read_state_dict(path: str | Path) -> StateDict:
 
 
 def load_failure(path: Path, exc: Exception) -> str:
-    """What a file ``torch.load`` could not read is, in words (a checkpoint's, a weights file's)."""
+    """What a file ``torch.load`` (weights only) could not read is, in words: a checkpoint's, a weights file's."""
     # torch's own messages mislead here ("KeyError: '101'" for a text file; "re-run with weights_only=False",
     # which would execute arbitrary pickled code): say what the file is instead.
-    if not zipfile.is_zipfile(path):
-        with open(path, "rb") as f:
-            started = f.read(4) == b"PK\x03\x04"  # how every PyTorch zip checkpoint begins; its index is at the end
-        if started:
-            return (
-                "cut short or corrupt: it begins as a PyTorch checkpoint but its end is missing (a copy or "
-                "download that did not finish?)"
-            )
-        return f"not a PyTorch checkpoint file ({type(exc).__name__})"
-    return f"a PyTorch file holding more than tensors and plain data, not a checkpoint ({type(exc).__name__})"
+    objects = ("holding Python objects beyond tensors and plain data, which are not read (reading them could run "
+               "code): a whole model saved with torch.save(model)? save its state_dict()")  # fmt: skip
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:  # every PyTorch zip file holds its pickle as <name>/data.pkl
+            if not any(n.endswith("data.pkl") for n in archive.namelist()):
+                return "a zip archive, not a PyTorch checkpoint or weights file"
+        return f"a PyTorch file {objects} ({type(exc).__name__})"
+    if head == b"PK\x03\x04":  # how every PyTorch zip file begins; its index is at the end
+        return "cut short or corrupt: it begins as a PyTorch checkpoint but its end is missing (a copy or download " \
+               "that did not finish?)"  # fmt: skip
+    if head[:2] == b"\x80\x02":  # a pickle, as PyTorch's files before 1.6 were (and as torch.save writes a model)
+        return f"a PyTorch file of the format before 1.6 {objects}, or not a PyTorch file ({type(exc).__name__})"
+    return f"not a PyTorch checkpoint file ({type(exc).__name__})"
 
 
 def _unwrap(obj: object, path: Path) -> StateDict:
