@@ -761,6 +761,10 @@ def test_an_idx_directory_missing_one_file_of_its_train_pair_names_it(tmp_path):
     (root / "train-labels-idx1-ubyte.gz").unlink()
     with pytest.raises(DataError, match=r"holds train-images-idx3-ubyte.gz but no train-labels-idx1-ubyte\[.gz\]"):
         build_datasets(str(root), preprocess=PRE)
+    from freezetune.data import build_eval_dataset  # eval reads it the same way
+
+    with pytest.raises(DataError, match=r"holds train-images-idx3-ubyte.gz but no train-labels"):
+        build_eval_dataset(str(root), preprocess=PRE, classes=[str(d) for d in range(10)])
 
 
 def test_eval_data_given_as_an_image_file_points_to_predict(tmp_path):

@@ -88,16 +88,15 @@ def _load_source(data: str, preprocess: Preprocess, *, read_test: bool = True, r
     path, columns = Path(data), Columns.of(preprocess)
     if not path.exists():
         raise DataError(f"data path '{data}' does not exist; expected {_EXPECTED}")
+    _check_shape(data)
     if path.is_file():
         if path.suffix.lower() == ".tsv" and text_csv_header(path, columns) is not None:  # a text table, with tabs
             return "text", read_text_csv(path, columns=columns), None, None, False
-        if path.suffix.lower() != ".csv":
-            raise DataError(f"data file '{data}' is not a CSV; expected {_EXPECTED}")
+        if path.suffix.lower() != ".csv":  # tabs are a text table's: image lists are 'path,label' CSVs
+            raise DataError(f"data file '{data}' is a .tsv without a text column; expected {_EXPECTED}")
         if _text_csv(path, preprocess):
             return "text", read_text_csv(path, columns=columns), None, None, False
         return "csv", read_csv(path, missing_ok=skip_bad), None, None, False
-    if problem := idx_pair_problem(path):
-        raise DataError(f"'{data}' {problem}")
     splits = split_files(path)
     if splits is not None and _text_csv(splits["train"], preprocess):  # train.csv, and val.csv and test.csv
         train = read_text_csv(splits["train"], columns=columns)
@@ -114,6 +113,16 @@ def _load_source(data: str, preprocess: Preprocess, *, read_test: bool = True, r
             has_test,
         )
     return ("folder", *load_folder(path, read_val=read_val, read_test=read_test))
+
+
+def _check_shape(data: str, hint: str = "") -> None:
+    """A file given as data is a table (an image read as a CSV was "not UTF-8"); a directory holding one file of the
+    train IDX pair lacks the other (it was read as an image folder without class folders)."""
+    path = Path(data)
+    if path.is_file() and path.suffix.lower() not in (".csv", ".tsv"):
+        raise DataError(f"data file '{data}' is not a CSV; expected {_EXPECTED}{hint}")
+    if problem := idx_pair_problem(path):
+        raise DataError(f"'{data}' {problem}")
 
 
 def _check_kind(data: str, preprocess: Preprocess, what: str = "data", *, flags: bool = True) -> None:
@@ -337,9 +346,7 @@ def build_eval_dataset(data: str, *, preprocess: Preprocess, classes: list[str])
     path = Path(data)
     if not path.exists():
         raise DataError(f"data path '{data}' does not exist; expected {_EXPECTED}")
-    if path.is_file() and path.suffix.lower() not in (".csv", ".tsv"):  # an image was read as a CSV "not UTF-8"
-        raise DataError(f"data file '{data}' is not a CSV; expected {_EXPECTED}; to classify files without labels, "
-                        "use freezetune predict")  # fmt: skip
+    _check_shape(data, "; to classify files without labels, use freezetune predict")
     _check_kind(data, preprocess, flags=False)
     if preprocess.is_text:  # a text CSV: its texts are tokenized per batch, they take no transform
         splits = split_files(path) or {}
