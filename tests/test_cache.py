@@ -1,6 +1,8 @@
 """The frozen-prefix feature cache: training from it computes the same function as training without it."""
 
+import io
 import os
+import sys
 import time
 
 import numpy as np
@@ -494,13 +496,23 @@ def test_the_cache_line_says_which_store_was_read_and_which_built_and_where_each
     assert f"; training store built, validation store read from {tmp_path / 'fc'} in " in cache_line("c")
 
 
-def test_a_cache_build_shows_a_progress_bar_when_the_run_does(image_folder, tmp_path, capsys):
-    # a large folder's cache built for minutes without a word (6 min of silence before the first line on 55 000)
-    Trainer(_config(image_folder, tmp_path, "bar", progress=True), echo=lambda *_: None)
-    err = capsys.readouterr().err
-    assert "feature cache (training)" in err and "feature cache (validation)" in err and "img" in err
-    Trainer(_config(image_folder, tmp_path, "quiet"), echo=lambda *_: None)
-    assert "feature cache (" not in capsys.readouterr().err
+def test_a_cache_build_shows_a_progress_bar_when_the_run_does(image_folder, tmp_path, monkeypatch):
+    # a large folder's cache built for minutes without a word (6 min of silence before the first line on 55 000);
+    # in a terminal the bar is drawn at once (written to a file, after a minute: epoch_log.progress_bar)
+    for name, progress in (("bar", True), ("quiet", False)):
+        terminal = _Terminal()
+        monkeypatch.setattr(sys, "stderr", terminal)
+        Trainer(_config(image_folder, tmp_path, name, progress=progress), echo=lambda *_: None)
+        err = terminal.getvalue()
+        if progress:
+            assert "feature cache (training)" in err and "feature cache (validation)" in err and "img" in err
+        else:
+            assert "feature cache (" not in err
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
 
 
 def test_a_store_stopped_while_it_builds_leaves_no_spill_file(tmp_path):
