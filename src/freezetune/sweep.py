@@ -104,11 +104,11 @@ def _check_out(out: Path, *, resume: bool) -> None:
     trained, without ``--resume``; a ``winner.yaml`` no sweep wrote (a sweep records its settings first, and writes
     its table beside its winner), with or without. A sweep refused before any recipe trained (no validation data)
     runs again as asked."""
+    from freezetune.checkpoint import LAST  # (torch: not at import, the CLI's parsers import this module)
+
     if (out / "winner.yaml").exists() and not (out / SETTINGS_FILE).exists() and not (out / "sweep.csv").exists():
         raise ConfigError(f"{str(out)!r} holds a winner.yaml no sweep wrote there (it has no {SETTINGS_FILE}): "
                           f"choose another {setting('out')}")  # fmt: skip
-    from freezetune.checkpoint import LAST
-
     if resume:
         return
     if (out / "sweep.csv").exists():
