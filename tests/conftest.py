@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+
 import pytest
 import torch
 from torch import nn
@@ -26,6 +28,14 @@ class TinyCNN(nn.Sequential):
         self.block3 = conv_bn(2 * width, 2 * width, stride=2)
         self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
         self.head = nn.Linear(2 * width, num_classes)
+
+
+class Terminal(io.StringIO):
+    """A stream that says it is a terminal: where progress bars are live (redrawn in place) rather than written as
+    lines once a minute (``epoch_log.progress_bar``)."""
+
+    def isatty(self) -> bool:
+        return True
 
 
 def make_batch(seed: int, n: int = 4, size: int = 16, num_classes: int = 3) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,6 +1,5 @@
 """The frozen-prefix feature cache: training from it computes the same function as training without it."""
 
-import io
 import os
 import sys
 import time
@@ -11,6 +10,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from conftest import Terminal
 from freezetune.cache import FeatureStore, build_store, store_loader
 from freezetune.config import TrainConfig
 from freezetune.data import Loaders, build_loader
@@ -500,7 +500,7 @@ def test_a_cache_build_shows_a_progress_bar_when_the_run_does(image_folder, tmp_
     # a large folder's cache built for minutes without a word (6 min of silence before the first line on 55 000);
     # in a terminal the bar is drawn at once (written to a file, after a minute: epoch_log.progress_bar)
     for name, progress in (("bar", True), ("quiet", False)):
-        terminal = _Terminal()
+        terminal = Terminal()
         monkeypatch.setattr(sys, "stderr", terminal)
         Trainer(_config(image_folder, tmp_path, name, progress=progress), echo=lambda *_: None)
         err = terminal.getvalue()
@@ -508,11 +508,6 @@ def test_a_cache_build_shows_a_progress_bar_when_the_run_does(image_folder, tmp_
             assert "feature cache (training)" in err and "feature cache (validation)" in err and "img" in err
         else:
             assert "feature cache (" not in err
-
-
-class _Terminal(io.StringIO):
-    def isatty(self) -> bool:
-        return True
 
 
 def test_a_store_stopped_while_it_builds_leaves_no_spill_file(tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import sys
 
+from conftest import Terminal
 from freezetune.epoch_log import progress_bar
 
 
@@ -15,15 +16,10 @@ class _NotebookStream(io.StringIO):
 _NotebookStream.__module__ = "ipykernel.iostream"
 
 
-class _Terminal(io.StringIO):
-    def isatty(self) -> bool:
-        return True
-
-
 def test_a_bar_is_live_in_a_terminal_or_a_notebook_and_once_a_minute_in_a_file(monkeypatch):
     intervals = []
     # nohup ... > log; a terminal; a notebook without ipywidgets (it sat at 0% for a minute)
-    for stream in (io.StringIO(), _Terminal(), _NotebookStream()):
+    for stream in (io.StringIO(), Terminal(), _NotebookStream()):
         monkeypatch.setattr(sys, "stderr", stream)
         bar = progress_bar(3, "x", enabled=True)
         intervals.append(bar.mininterval)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import io
 import json
 import sys
 from pathlib import Path
@@ -16,6 +15,7 @@ from torch import nn
 
 import freezetune as ft
 from _engine_fixtures import fashion_mnist_dir, make_image_folder, run_cli, snapshot, train_argv
+from conftest import Terminal
 from freezetune import checkpoint, run_setup, runtime, step, trainer
 from freezetune.cli import main
 from freezetune.config import TrainConfig
@@ -538,7 +538,7 @@ def test_a_run_ended_inside_an_epoch_clears_its_progress_bar_before_the_last_lin
 
     monkeypatch.setattr(trainer.Trainer, "_after_step", fail)
     argv = train_argv(data, tmp_path / "run", "--epochs", "1", "--freeze", "-3", "--progress")
-    terminal = _Terminal()  # where the bar is live, redrawn in place after carriage returns
+    terminal = Terminal()  # where the bar is live, redrawn in place after carriage returns
     with monkeypatch.context() as patch:
         patch.setattr(sys, "stderr", terminal)
         assert main(argv) == 2 and "epoch 1/1" in terminal.getvalue()  # the bar was drawn
@@ -549,11 +549,6 @@ def test_a_run_ended_inside_an_epoch_clears_its_progress_bar_before_the_last_lin
     )
     assert code == 2 and "\r" not in err  # a file (nohup ... 2> log): the bar's lines, each whole, then the error
     assert err.splitlines()[-1] == "freezetune: error: stopped here"
-
-
-class _Terminal(io.StringIO):
-    def isatty(self) -> bool:
-        return True
 
 
 def test_each_epochs_row_logs_the_lrs_its_last_step_used(data, tmp_path, capsys):
