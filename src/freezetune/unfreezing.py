@@ -123,8 +123,10 @@ def idle_schedule_note(unfreezer: Unfreezer | None, epochs: int) -> str | None:
     told = {"epoch": f"'epoch:{schedule.every}'", "plan": "plan", "plateau": "plateau"}[schedule.kind]
     if not unfreezer.frozen_stages():
         return f"note: unfreeze {told} has nothing to open: every stage trains already"
-    opens = [schedule.every] if schedule.kind == "epoch" else [k for k in schedule.plan if k] if schedule.plan else []
-    if schedule.kind == "plateau" or not opens or min(opens) < epochs:
+    if schedule.kind == "plateau":  # when it opens depends on the metric
+        return None
+    opens = [schedule.every] if schedule.kind == "epoch" else [k for k in schedule.plan if k]  # (0: at the start)
+    if not opens or min(opens) < epochs:
         return None
     return (f"note: unfreeze {told} opens nothing the {epochs}-epoch run trains: its first opening comes after epoch "
             f"{min(opens)}; give more epochs or an earlier one")  # fmt: skip
@@ -330,14 +332,14 @@ class Unfreezer:
                 self._add_group(group)
             if name not in self.unfrozen:
                 self.unfrozen.append(name)
-        self._group_released(by_name, names, seen | trained)
+        self._group_released(by_name, names, seen | trained, no_decay)
         return names
 
-    def _group_released(self, by_name: dict[str, Stage], opened: list[str], skip: set[int]) -> None:
+    def _group_released(self, by_name: dict[str, Stage], opened: list[str], skip: set[int],
+                        no_decay: set[str]) -> None:  # fmt: skip
         """Groups for what a BatchNorm policy given here released in the stages still frozen (``bn="affine"`` over
         layers frozen with ``"frozen"``: their scale and shift): trainable, in no group, they were never stepped.
         ``skip``: what the optimizer holds, and what trained before (left out of the optimizer by the caller)."""
-        no_decay = no_decay_names(self.model)
         for name, stage in by_name.items():
             if name not in opened:
                 for group in stage_groups(stage, self.rule(name), self.weight_decay, no_decay, skip):
