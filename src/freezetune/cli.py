@@ -213,12 +213,9 @@ def _eval_parser(sub) -> None:
                    help="confusion-matrix image, .png/.pdf/.svg/.jpg (default: eval_<data>_confusion.png next to the "
                         "checkpoint)")  # fmt: skip
     p.add_argument("--metrics", default=None, help="also write every metric as JSON to this file (for batch jobs)")
-    p.add_argument(
-        "--force",
-        action="store_true",
-        help="replace an existing --metrics or --plot file that an "
-        "evaluation did not write (what eval wrote, it replaces)",
-    )
+    p.add_argument("--force", action="store_true",
+                   help="replace an existing --metrics or --plot file that no evaluation wrote (what eval wrote, it "
+                        "replaces anyway)")  # fmt: skip
     p.set_defaults(func=_cmd_eval, command_parser=p)
 
 
