@@ -424,6 +424,7 @@ def test_unfreezing_parameters_of_a_frozen_batchnorm_by_name_trains_them_and_kee
     before = bn.running_mean.clone()
     model.train()(torch.randn(2, 3, 32, 32)).sum().backward()
     assert not bn.training and torch.equal(bn.running_mean, before) and bn.bias.grad is not None
+    assert [r for r in ft.summary(model).splitlines() if r.startswith("layer1")][0].endswith("frozen, bias trains")
     ft.unfreeze(model, "layer4")  # the policies applied again: the biases stay open
     assert bn.bias.requires_grad and model.layer4[0].bn1.weight.requires_grad
     ft.freeze(model, "*.bias")  # and named again, they close

@@ -165,13 +165,16 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 
 
 def bn_mode(stage: Stage, model: nn.Module) -> str:
-    """The BatchNorm mode of a stage: its frozen policy, ``"trainable"``, ``"mixed"`` or ``"-"`` (no BatchNorm)."""
+    """The BatchNorm mode of a stage: its frozen policy (with what an unfreeze opened of it: ``"frozen, bias trains"``),
+    ``"trainable"``, ``"mixed"`` or ``"-"`` (no BatchNorm)."""
     modes = set()
     for name in stage.modules:
         for module in model.get_submodule(name).modules():
             if isinstance(module, nn.modules.batchnorm._BatchNorm):
                 trains = "trainable, eval stats" if _has_eval_hook(module) else "trainable"  # (hold_bn_statistics)
-                modes.add(policy_of(module) or trains)
+                policy, opened = policy_of(module), sorted(getattr(module, _OPEN_ATTR, ()))
+                # "frozen" alone would hide the biases an unfreeze("*.bias") opened on it
+                modes.add(f"{policy}, {'+'.join(opened)} trains" if policy and opened else policy or trains)
     if not modes:
         return "-"
     return modes.pop() if len(modes) == 1 else "mixed"
