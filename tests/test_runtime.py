@@ -44,17 +44,16 @@ def test_channels_last_asked_of_a_model_without_convolutions_is_said_to_have_no_
     # a text model's run said "on cpu fp32, channels_last" and saved it, though nothing was laid out so
     import logging
 
-    import torch
     from torch import nn
 
     from freezetune.runtime import use_channels_last
 
-    cpu, mlp, cnn = torch.device("cpu"), nn.Sequential(nn.Linear(4, 2)), nn.Sequential(nn.Conv2d(3, 4, 3))
+    mlp, cnn = nn.Sequential(nn.Linear(4, 2)), nn.Sequential(nn.Conv2d(3, 4, 3))
     with caplog.at_level(logging.WARNING, logger="freezetune"):
-        assert use_channels_last(True, mlp, cpu) is False
+        assert use_channels_last(True, mlp) is False
     assert "--channels-last lays out convolutions, and this model has none: it has no effect" in caplog.text
-    assert (use_channels_last(None, mlp, cpu), use_channels_last(None, cnn, cpu)) == (False, True)
-    assert (use_channels_last(True, cnn, cpu), use_channels_last(False, cnn, cpu)) == (True, False)
+    assert (use_channels_last(None, mlp), use_channels_last(None, cnn)) == (False, True)
+    assert (use_channels_last(True, cnn), use_channels_last(False, cnn)) == (True, False)
 
 
 def test_compiling_drops_torchs_no_cuda_runtime_line_and_nothing_else(caplog):

@@ -38,6 +38,7 @@ from freezetune.options import (
     CLASS_WEIGHTS,
     DECODE_MODES,
     FREEZE_KEYWORDS,
+    HF_PREFIX,
     MONITOR_MODES,
     MONITORS,
     OPTIMIZERS,
@@ -197,7 +198,6 @@ TrainConfig.__init__ = _naming_unknown_keys(TrainConfig.__init__)
 # The settings that name a file or folder. A run records them absolute: its config.yaml and checkpoints are read again
 # by a --resume, an eval or a `train --config` that may run from another directory.
 PATH_FIELDS = ("data", "val_data", "init", "cache_dir")
-_HF = "hf:"
 
 
 def absolute_paths(values: dict[str, Any]) -> dict[str, Any]:
@@ -215,8 +215,8 @@ def absolute_paths(values: dict[str, Any]) -> dict[str, Any]:
     if isinstance(weights, str) and weights.lower() not in WEIGHT_KEYWORDS and os.path.exists(weights):
         out["weights"] = os.path.abspath(weights)
     model = out.get("model")
-    if isinstance(model, str) and model.startswith(_HF) and os.path.exists(model.removeprefix(_HF)):
-        out["model"] = _HF + os.path.abspath(model.removeprefix(_HF))
+    if isinstance(model, str) and model.startswith(HF_PREFIX) and os.path.exists(model.removeprefix(HF_PREFIX)):
+        out["model"] = HF_PREFIX + os.path.abspath(model.removeprefix(HF_PREFIX))
     return out
 
 

@@ -15,8 +15,8 @@ import os
 from pathlib import Path
 
 from freezetune._io import atomic_output
+from freezetune.options import HF_PREFIX
 
-_HF = "hf:"
 # A saved Hugging Face tokenizer has at least one of these (fast, WordPiece, BPE, SentencePiece vocabularies)
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "tokenizer_config.json", "spiece.model",
                    "sentencepiece.bpe.model", "tokenizer.model", "merges.txt")  # fmt: skip
@@ -31,8 +31,8 @@ def bundle(model: str) -> dict[str, str] | None:
     >>> bundle("timm:resnet18") is None
     True
     """
-    folder = Path(model.removeprefix(_HF))
-    if not model.startswith(_HF) or not folder.is_dir():
+    folder = Path(model.removeprefix(HF_PREFIX))
+    if not model.startswith(HF_PREFIX) or not folder.is_dir():
         return None
     files = {n: base64.b64encode((folder / n).read_bytes()).decode("ascii") for n in BUNDLED_FILES
              if (folder / n).is_file()}  # fmt: skip
@@ -42,7 +42,7 @@ def bundle(model: str) -> dict[str, str] | None:
 def rebuilt_folder(model: str, files: dict[str, str] | None) -> str | None:
     """The folder to build ``model`` from when its own is gone: the bundled ``files`` written under the user's cache
     (once; a folder per content). None when the model's folder is there, or nothing was bundled."""
-    if not files or not model.startswith(_HF) or Path(model.removeprefix(_HF)).is_dir():
+    if not files or not model.startswith(HF_PREFIX) or Path(model.removeprefix(HF_PREFIX)).is_dir():
         return None
     digest = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[:16]
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")

@@ -60,7 +60,7 @@ def load_model(checkpoint: str | Path | dict, device: str = "auto") -> LoadedMod
     record = checkpoint if isinstance(checkpoint, dict) else ckpt.load(checkpoint)
     model, pre = ckpt.build_model(record)
     precision = resolve_precision(resolve_device(device))
-    channels_last = use_channels_last(record.get("config", {}).get("channels_last"), model, precision.device)
+    channels_last = use_channels_last(record.get("config", {}).get("channels_last"), model)
     model.to(precision.device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
     return LoadedModel(model.eval(), list(record["classes"]), pre, precision, channels_last)
 
@@ -236,7 +236,7 @@ def predict_files(
 ) -> list[dict]:
     """The ``topk`` most likely classes of each image under ``paths`` (files, or folders searched recursively); for
     a text model, of each text in ``paths``: a CSV's text column, or a text file's lines (one text a line; folders
-    give their ``.txt`` and ``.csv`` files), read by ``data.text.read_texts``.
+    give their ``.txt`` and ``.csv`` files), read by ``data.text.numbered_texts``.
 
     Args:
         model: a ``LoadedModel`` or a checkpoint (path or record), loaded on ``device``.

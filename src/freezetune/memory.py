@@ -19,6 +19,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from freezetune.config import TrainConfig
 from freezetune.errors import ResourceError
 from freezetune.evaluate import logits_of, run_model
 from freezetune.options import BATCH_AUTO
@@ -29,7 +30,7 @@ _AMP_NAMES = {None: "fp32", torch.bfloat16: "bf16 autocast", torch.float16: "fp1
 
 
 def estimate_memory(
-    model: nn.Module, input_size: int | None, batch_size: int, *, optimizer: str = "adamw",
+    model: nn.Module, input_size: int | None, batch_size: int, *, optimizer: str = TrainConfig.optimizer,
     amp_dtype: torch.dtype | None = None, tokens: int | None = None,
 ) -> dict[str, dict[str, float]]:  # fmt: skip
     """MiB at the peak of a training step, for full fine-tuning and for the current freeze.

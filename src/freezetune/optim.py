@@ -5,13 +5,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from freezetune.config import TrainConfig
 from freezetune.options import OPTIMIZERS, check_choice
 from freezetune.param_groups import param_groups
 
 
-def build_optimizer(model: nn.Module, name: str = "adamw", lr: float = 1e-3, *,
-                    stage_lrs: dict[str, float] | None = None, decay: float | None = None, weight_decay: float = 0.05,
-                    momentum: float = 0.9) -> torch.optim.Optimizer:  # fmt: skip
+def build_optimizer(model: nn.Module, name: str = TrainConfig.optimizer, lr: float = TrainConfig.lr, *,
+                    stage_lrs: dict[str, float] | None = None, decay: float | None = None,
+                    weight_decay: float = TrainConfig.weight_decay,
+                    momentum: float = TrainConfig.momentum) -> torch.optim.Optimizer:  # fmt: skip
     """AdamW/Adam/SGD over the trainable parameters only, one group per stage (see ``param_groups``).
 
     >>> build_optimizer(nn.Linear(2, 2), "sgd", 0.1).defaults["nesterov"]

@@ -42,12 +42,14 @@ AUTO_VAL_FRACTION = 0.1  # held out per class when no validation data is given (
 AUTO_VAL_MAX_PER_CLASS = 50  # enough to rank recipes, cheap to cache and to evaluate every epoch
 LARGE_IMAGE_WARNING = r"Image size \(\d+ pixels\) exceeds limit"  # PIL's DecompressionBombWarning (data.folder)
 BATCH_AUTO = "auto"  # --batch-size auto: the largest power of two that fits the CUDA device (memory.auto_batch_size)
+LAST_K, LAST_K_DEFAULT = "last-k", 2  # the recipes last-1, last-2, ...: "last-k" alone is last-2
 # Named fine-tuning procedures (``--recipe``), each in one line; ``freezetune.recipes`` carries them out.
 RECIPE_HELP = {
     "auto": "measure on the validation split which stages to freeze, then fine-tune the rest (the default)",
     "linear-probe": "only the new head trains, on cached features of the frozen backbone (BatchNorm frozen), at 10x "
     "--lr as lp-ft's probe",
-    "last-k": "the last k stages and the head train, the rest stays frozen and cached (last-2, last-3, ...; k=2)",
+    LAST_K: "the last k stages and the head train, the rest stays frozen and cached (last-2, last-3, ...; "
+    f"k={LAST_K_DEFAULT})",
     "full": "every layer trains",
     "gradual": "the head first, then one more stage after each epoch (epoch:1 unfreezing)",
     "plateau": "the head first, then one more stage whenever validation accuracy stalls for an epoch",
@@ -57,7 +59,7 @@ RECIPE_HELP = {
 }
 RECIPES = tuple(RECIPE_HELP)
 # what ``freezetune sweep`` compares without --recipes
-SWEEP_DEFAULT_RECIPES = ("linear-probe", "last-k", "auto", "full")
+SWEEP_DEFAULT_RECIPES = ("linear-probe", LAST_K, "auto", "full")
 SWEEP_DEFAULT_OUT = "runs/sweep"  # where a sweep goes without --out
 # what a sweep sets for every recipe, whatever it is given, and why: a value given on the command line that differs
 # is refused rather than dropped in silence
@@ -70,6 +72,7 @@ DEVICES = ("auto", "cpu", "cuda", "cuda:N", "mps")  # what --device takes (cuda:
 CACHE_MODES = ("auto", "off", "memory", "disk")
 DECODE_MODES = ("auto", "gpu", "cpu")
 MODEL_SOURCES = ("timm", "torchvision", "hf")  # the prefix of a model name, as in "timm:resnet50"
+HF_PREFIX = "hf:"  # a Hugging Face model: hf:ID or hf:FOLDER
 RANDOM_WEIGHTS = ("none", "random")
 PRETRAINED_WEIGHTS = ("imagenet", "default")
 # the header names a text CSV's text and label columns are found by (``--text-column``/``--label-column`` name others)
@@ -227,12 +230,33 @@ def recipe_problem(name: str | None) -> str | None:
     """
     if name is None or name in RECIPES:
         return None
-    k = name.removeprefix("last-") if isinstance(name, str) and name.startswith("last-") else None
+    k = name.removeprefix(_LAST) if isinstance(name, str) and name.startswith(_LAST) else None
     if k is not None and k.isdigit() and int(k) >= 1:
         return None
     if k is not None:  # last-0, last-x: the family is right, its K is not
         return f"recipe {name!r}: last-K trains the last K stages, K a whole number >= 1 (last-1, last-2, ...)"
     return choice_problem("recipe", name, RECIPES)
+
+
+_LAST = LAST_K.removesuffix("k")
+
+
+def recipe_family(name: str) -> str:
+    """The entry of ``RECIPE_HELP`` a valid recipe name belongs to: ``last-k`` for every ``last-K``.
+
+    >>> recipe_family("last-3"), recipe_family("last-k"), recipe_family("full")
+    ('last-k', 'last-k', 'full')
+    """
+    return LAST_K if name.startswith(_LAST) else name
+
+
+def last_k(name: str) -> int:
+    """How many last stages a valid ``last-K`` recipe trains.
+
+    >>> last_k("last-3"), last_k("last-k")
+    (3, 2)
+    """
+    return LAST_K_DEFAULT if name == LAST_K else int(name.removeprefix(_LAST))
 
 
 def parse_duration(text: str | int | float | None) -> float | None:

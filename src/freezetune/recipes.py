@@ -22,7 +22,7 @@ import yaml
 
 from freezetune.config import TrainConfig
 from freezetune.errors import ConfigError, FreezetuneError, choices
-from freezetune.options import RECIPE_HELP, recipe_problem
+from freezetune.options import LAST_K, RECIPE_HELP, last_k, recipe_family, recipe_problem
 
 _SINGLE = {  # recipe -> the settings of its one phase
     # the head alone: under bn affine-only (a sweep's --bn) the backbone's BatchNorm trained too, with no cache
@@ -34,9 +34,8 @@ _SINGLE = {  # recipe -> the settings of its one phase
 }
 # the fields each recipe sets itself besides its freeze (``_SINGLE``'s, ``phases``', ``auto._base``): a value the
 # user gives for one of them would be replaced silently
-_SETS = {**{name: tuple(settings) for name, settings in _SINGLE.items()}, "last-k": ("freeze", "unfreeze"),
+_SETS = {**{name: tuple(settings) for name, settings in _SINGLE.items()}, LAST_K: ("freeze", "unfreeze"),
          "lp-ft": ("freeze", "unfreeze", "bn", "bn_stats"), "auto": ("freeze", "cache_at")}  # fmt: skip
-LAST_K_DEFAULT = 2
 PROBE_LR_FACTOR = 10  # a head alone on frozen features takes a larger step than a whole network
 
 
@@ -72,7 +71,7 @@ def phases(cfg: TrainConfig, recipe: str) -> list[Phase]:
         return [Phase(recipe, dataclasses.replace(base, **_SINGLE[recipe], lr=cfg.lr * PROBE_LR_FACTOR))]
     if recipe in _SINGLE:
         return [Phase(recipe, dataclasses.replace(base, **_SINGLE[recipe]))]
-    if recipe.startswith("last-"):
+    if recipe_family(recipe) == LAST_K:
         return [Phase(recipe, dataclasses.replace(base, freeze=-(last_k(recipe) + 1), unfreeze=None))]
     if recipe == "lp-ft":
         out = Path(cfg.out) if cfg.out else None
@@ -114,7 +113,7 @@ def plan_comment(cfg: TrainConfig) -> str:
     if recipe == "auto":
         return ("# freeze auto: the stages to freeze are measured on the validation split when the run starts "
                 "(printed, and written to recipe.json in the run dir)\n")  # fmt: skip
-    lines = [f"# recipe {recipe}: {RECIPE_HELP['last-k' if recipe.startswith('last-') else recipe]}"]
+    lines = [f"# recipe {recipe}: {RECIPE_HELP[recipe_family(recipe)]}"]
     for phase in phases(cfg, recipe):
         lr = f", lr {phase.cfg.lr:g}" if phase.cfg.lr != cfg.lr else ""
         unfreeze = f", unfreeze {phase.cfg.unfreeze!r}" if phase.cfg.unfreeze else ""
@@ -153,16 +152,7 @@ def sets(recipe: str) -> tuple[str, ...]:
     >>> sets("linear-probe"), sets("last-3")
     (('freeze', 'unfreeze', 'bn'), ('freeze', 'unfreeze'))
     """
-    return _SETS["last-k" if recipe.startswith("last-") else recipe]
-
-
-def last_k(recipe: str) -> int:
-    """How many last stages a ``last-k`` recipe trains.
-
-    >>> last_k("last-3"), last_k("last-k")
-    (3, 2)
-    """
-    return LAST_K_DEFAULT if recipe == "last-k" else int(recipe.removeprefix("last-"))
+    return _SETS[recipe_family(recipe)]
 
 
 def check_last_k(cfg: TrainConfig, recipe: str) -> None:
@@ -217,7 +207,7 @@ def run(cfg: TrainConfig, *, echo: Callable[[str], None] = print, train: Callabl
         from freezetune import auto
 
         return auto.run(dataclasses.replace(cfg, recipe=None, freeze="auto"), echo=echo, train=train)
-    if recipe.startswith("last-"):
+    if recipe_family(recipe) == LAST_K:
         check_last_k(cfg, recipe)
     from freezetune import run_lock
     from freezetune.distributed import broadcast, init_from_env, main_echo

@@ -123,7 +123,7 @@ class RunSetup:
                 cfg.unfreeze, str) and cfg.unfreeze != "none" else ""  # fmt: skip
             raise ConfigError(f"freeze {cfg.freeze!r} leaves no parameter to train{later}; freeze less: 'backbone' "
                               "trains the head")  # fmt: skip
-        self.channels_last = runtime.use_channels_last(cfg.channels_last, self.model, self.device)
+        self.channels_last = runtime.use_channels_last(cfg.channels_last, self.model)
         self.model.to(self.device, memory_format=torch.channels_last if self.channels_last else torch.preserve_format)
         if self.device.type == "cpu" and not cfg.compile:  # the native weight gradient of a depthwise layer is slow
             use_fast_depthwise(self.model)

@@ -31,11 +31,13 @@ from freezetune.epoch_log import human
 from freezetune.errors import ConfigError, DataError, choices, setting
 from freezetune.options import (
     BATCH_AUTO,
+    LAST_K,
     RECIPES,
     SWEEP_DEFAULT_OUT,
     SWEEP_DEFAULT_RECIPES,
     SWEEP_SETS,
     parse_duration,
+    recipe_family,
     recipe_problem,
 )
 from freezetune.run_log import log, log_to, opened
@@ -225,7 +227,7 @@ def _run_configs(cfg: TrainConfig, names: list[str], out: Path) -> dict[str, Tra
     if problems:
         raise ConfigError(INVALID + "; ".join(dict.fromkeys(problems)))
     for name, run_cfg in runs.items():  # k against the model's stages: the one check that needs the model
-        if name.startswith("last-"):
+        if recipe_family(name) == LAST_K:
             recipes.check_last_k(run_cfg, name)
     return runs
 

@@ -31,10 +31,11 @@ from freezetune.distributed import DistInfo, shard_rows, sum_across_ranks
 from freezetune.errors import ConfigError, DataError, choices
 from freezetune.heads import unwrap
 from freezetune.interrupt import pause_point
+from freezetune.options import CACHE_MODES
 from freezetune.precision import Precision
 from freezetune.split import Split
 
-PLACES = ("auto", "memory", "disk")  # where cache_features may put its store
+PLACES = tuple(m for m in CACHE_MODES if m != "off")  # where cache_features may put its store
 log = logging.getLogger(__name__)
 
 

@@ -18,7 +18,7 @@ from freezetune.data.image_csv import IMAGE_COLUMNS, read_csv
 from freezetune.data.layout import TEST_DIRS, TRAIN_DIRS, VAL_DIRS, first_dir, load_folder, split_files
 from freezetune.data.sampling import per_class_indices
 from freezetune.data.scan import check_images, check_overlap, check_splits, warn_copies
-from freezetune.data.text import Columns, csv_header, noun, read_text_csv, text_csv_header
+from freezetune.data.text import TABLE_SUFFIXES, Columns, csv_header, noun, read_text_csv, text_csv_header
 from freezetune.data.transforms import eval_transform, train_transform
 from freezetune.data.validation import (
     choose_validation,
@@ -119,7 +119,7 @@ def _check_shape(data: str, hint: str = "") -> None:
     """A file given as data is a table (an image read as a CSV was "not UTF-8"); a directory holding one file of the
     train IDX pair lacks the other (it was read as an image folder without class folders)."""
     path = Path(data)
-    if path.is_file() and path.suffix.lower() not in (".csv", ".tsv"):
+    if path.is_file() and path.suffix.lower() not in TABLE_SUFFIXES:
         raise DataError(f"data file '{data}' is not a CSV; expected {_EXPECTED}{hint}")
     if problem := idx_pair_problem(path):
         raise DataError(f"'{data}' {problem}")

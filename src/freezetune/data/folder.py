@@ -1,4 +1,5 @@
-"""Image files on disk: class-per-folder trees, ``path,label`` CSV files, and single-image loading for predict."""
+"""Image files on disk: class-per-folder trees, single-image loading for predict, and how class names are ordered
+and compared (image CSVs are read by ``data.image_csv``)."""
 
 from __future__ import annotations
 

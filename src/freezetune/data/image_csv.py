@@ -9,9 +9,10 @@ from pathlib import Path
 from freezetune.data.folder import FileImageDataset, nfc, sorted_labels, warn_similar_labels
 from freezetune.data.utf8 import not_utf8
 from freezetune.errors import DataError, choices
+from freezetune.options import LABEL_COLUMNS
 
 IMAGE_COLUMNS = {"path", "file", "filename", "filepath", "image", "image_path", "img"}  # an image CSV's header
-_CSV_LABEL_NAMES = {"label", "class", "target", "category", "y"}
+_CSV_LABEL_NAMES = set(LABEL_COLUMNS)  # the label column names a text CSV takes
 
 
 def read_csv(path: str | Path, classes: list[str] | None = None, *, missing_ok: bool = False) -> FileImageDataset:

@@ -15,7 +15,7 @@ from torch.utils.data import Dataset
 from freezetune.data.folder import folder_classes, has_image_suffix, is_hidden, scan_folder
 from freezetune.data.idx import is_idx_dir
 from freezetune.data.scan import check_splits, unreadable
-from freezetune.data.text import Columns, read_text_csv
+from freezetune.data.text import TABLE_SUFFIXES, Columns, read_text_csv
 from freezetune.errors import DataError, choices
 from freezetune.run_log import warn_once
 
@@ -131,10 +131,10 @@ def split_files(path: Path) -> dict[str, Path] | None:
     """
     if not path.is_dir():
         return None
-    files = {f.name.lower(): f for f in path.iterdir() if f.is_file() and f.suffix.lower() in (".csv", ".tsv")}
+    files = {f.name.lower(): f for f in path.iterdir() if f.is_file() and f.suffix.lower() in TABLE_SUFFIXES}
     found = {}
     for split, names in (("train", TRAIN_DIRS), ("val", VAL_DIRS), ("test", TEST_DIRS)):
-        match = next((files[n + ext] for n in names for ext in (".csv", ".tsv") if n + ext in files), None)
+        match = next((files[n + ext] for n in names for ext in TABLE_SUFFIXES if n + ext in files), None)
         if match is not None:
             found[split] = match
     return found if "train" in found else None

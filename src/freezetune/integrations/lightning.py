@@ -25,8 +25,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from freezetune.config import TrainConfig
 from freezetune.errors import ConfigError, MissingExtra, choices
 from freezetune.freeze import Spec, check_bn_policy, count_parameters, freeze
+from freezetune.options import BN_DEFAULT, FREEZE_DEFAULT
 from freezetune.param_groups import check_weight_decay, checked_lrs
 from freezetune.stages import stages
 from freezetune.unfreezing import Unfreezer, nominal_lr, parse_schedule
@@ -72,15 +74,15 @@ class FreezetuneFinetuning(Callback):
 
     def __init__(
         self,
-        freeze: Spec = "backbone",
+        freeze: Spec = FREEZE_DEFAULT,
         unfreeze: str | Mapping[int, Spec] | None = "epoch:1",
         *,
-        bn: str = "frozen",
+        bn: str = BN_DEFAULT,
         lr: float | None = None,
         stage_lrs: Mapping[str, float] | str | None = None,
         decay: float | None = None,
         weight_decay: float | None = None,
-        monitor: str = "val_acc",
+        monitor: str = TrainConfig.monitor,
         module: str | None = "model",
     ) -> None:
         check_bn_policy(bn)
