@@ -10,7 +10,7 @@ from torch import nn
 
 import freezetune as ft
 from conftest import TinyCNN, bn_layers, clone_params, make_batch
-from freezetune.freeze import policies
+from freezetune.bn_policy import policies
 
 RESNET = ["stem", "layer1", "layer2", "layer3", "layer4", "fc"]
 
@@ -376,7 +376,7 @@ def test_a_bn_policy_no_batchnorm_layer_is_frozen_for_is_said_to_change_nothing(
     # --recipe bitfit --bn affine-only was taken, config.yaml said bn: affine-only, and every statistic moved
     import torchvision
 
-    from freezetune.freeze import idle_bn_policy
+    from freezetune.bn_policy import idle_bn_policy
 
     for spec, noted in (("none", True), ("bitfit", True), ("backbone", False)):
         model = torchvision.models.resnet18()
@@ -439,15 +439,15 @@ def test_unfreeze_finds_the_eval_hooks_of_a_freeze_made_before_the_module_was_re
 
     import torchvision
 
-    freeze_module = importlib.import_module("freezetune.freeze")  # (the package's ft.freeze is the function)
+    policy_module = importlib.import_module("freezetune.bn_policy")
     model = torchvision.models.resnet18(num_classes=3)
     ft.freeze(model, "backbone")
 
     def _keep_eval(module, args):  # what the reloaded module defines: equal by name, another function
         pass
 
-    _keep_eval.__module__ = freeze_module.__name__
-    monkeypatch.setattr(freeze_module, "_keep_eval", _keep_eval)
+    _keep_eval.__module__ = policy_module.__name__
+    monkeypatch.setattr(policy_module, "_keep_eval", _keep_eval)
     ft.unfreeze(model, "layer4")
     bn = model.layer4[0].bn1
     assert not bn._forward_pre_hooks and model.train() and bn.training

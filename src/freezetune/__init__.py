@@ -8,8 +8,9 @@ The public API works in any training loop (plain PyTorch, Lightning, a notebook)
 >>> optimizer = torch.optim.AdamW(ft.param_groups(model, 1e-3))
 """
 
+from freezetune.bn_policy import hold_bn_statistics
 from freezetune.errors import FreezetuneError
-from freezetune.freeze import count_parameters, freeze, freeze_to, hold_bn_statistics, summary, unfreeze
+from freezetune.freeze import count_parameters, freeze, freeze_to, summary, unfreeze
 from freezetune.heads import head_name, replace_head
 from freezetune.loss import balanced_class_weights
 from freezetune.param_groups import param_groups

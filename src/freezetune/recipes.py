@@ -80,7 +80,7 @@ def phases(cfg: TrainConfig, recipe: str) -> list[Phase]:
         probe = dataclasses.replace(base, freeze="backbone", unfreeze=None, bn="frozen", stage_lrs={}, decay=None,
                                     lr=_head_lr(cfg) * PROBE_LR_FACTOR, out=str(out / "probe") if out else None,
                                     final_test=False)  # fmt: skip
-        # the fine-tune keeps the statistics the probe's head was fitted on (freeze.hold_bn_statistics)
+        # the fine-tune keeps the statistics the probe's head was fitted on (bn_policy.hold_bn_statistics)
         tune = dataclasses.replace(base, freeze="none", unfreeze=None, bn_stats="frozen")
         return [Phase("probe", probe), Phase("fine-tune", tune)]
     raise ConfigError(f"recipe {recipe!r} has no phases here; 'auto' is planned by freezetune.auto")

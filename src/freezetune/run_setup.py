@@ -13,6 +13,7 @@ from torch import nn
 
 from freezetune import checkpoint, hf_bundle, reporting, rng, run_log, runtime
 from freezetune._io import atomic_write_text
+from freezetune.bn_policy import hold_bn_statistics
 from freezetune.cache import FeaturePath
 from freezetune.config import TrainConfig, needs_validation, parse_freeze_spec, validate, validation_users
 from freezetune.data import Loaders, build_datasets
@@ -29,7 +30,7 @@ from freezetune.distributed import (
     wrap,
 )
 from freezetune.errors import ConfigError, DataError
-from freezetune.freeze import freeze, hold_bn_statistics
+from freezetune.freeze import freeze
 from freezetune.heads import replace_head
 from freezetune.interrupt import StopRequest
 from freezetune.loss import training_loss

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 import torch
 from torch import fx, nn
 
+from freezetune.bn_policy import policy_of
 from freezetune.depthwise import FastDepthwiseConv2d
 from freezetune.errors import SpecError, choices
-from freezetune.freeze import policy_of
 from freezetune.options import BN_EVAL_POLICIES
 from freezetune.stages import Stage, stages
 

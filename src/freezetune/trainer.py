@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from itertools import islice
 
 from freezetune import checkpoint, epoch_log, recipes, reporting, rng, run_lock, run_log, runtime
+from freezetune.bn_policy import idle_bn_policy
 from freezetune.config import TrainConfig, validate
 from freezetune.data import noun
 from freezetune.data.text import truncation_note
@@ -27,7 +28,7 @@ from freezetune.distributed import (
     leave_group,
 )
 from freezetune.errors import TrainingError
-from freezetune.freeze import count_parameters, idle_bn_policy, summary
+from freezetune.freeze import count_parameters, summary
 from freezetune.inference import evaluate_best, write_evaluation
 from freezetune.interrupt import AT_ONCE_UNDER_DDP, OUTSIDE_A_STEP, StopRequest, pause_point
 from freezetune.loss import imbalance_note

@@ -20,8 +20,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from freezetune.bn_policy import check_bn_policy, policies
 from freezetune.errors import CheckpointError, SpecError, choices
-from freezetune.freeze import Spec, check_bn_policy, policies, resolve_stages, unfreeze, warn_negative_unfreeze
+from freezetune.freeze import Spec, resolve_stages, unfreeze, warn_negative_unfreeze
 from freezetune.heads import unwrap, wrapping
 from freezetune.options import UNFREEZE_FORMS
 from freezetune.param_groups import LRRule, check_weight_decay, group_stage, is_no_decay, no_decay_names, stage_groups

@@ -25,9 +25,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from freezetune.bn_policy import check_bn_policy
 from freezetune.config import TrainConfig
 from freezetune.errors import ConfigError, MissingExtra, choices
-from freezetune.freeze import Spec, check_bn_policy, count_parameters, freeze
+from freezetune.freeze import Spec, count_parameters, freeze
 from freezetune.options import BN_DEFAULT, FREEZE_DEFAULT
 from freezetune.param_groups import check_weight_decay, checked_lrs
 from freezetune.stages import stages

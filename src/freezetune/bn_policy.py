@@ -1,0 +1,217 @@
+"""BatchNorm in the frozen parts: the policy ``freeze`` gives each layer, kept on the layer itself, and the hook that
+keeps a layer in eval mode through ``model.train()``.
+
+- ``"frozen"``: affine parameters and running statistics frozen; the layer stays in eval mode even after
+  ``model.train()`` (a forward pre-hook puts it back), so a training pass leaves its statistics bit-identical.
+- ``"affine"``: weight/bias stay trainable, statistics update in train mode (fastai/Lightning ``train_bn=True``).
+- ``"train"``: weight/bias frozen, statistics update in train mode (what plain ``requires_grad=False`` does).
+- ``"affine-only"``: weight/bias trainable, statistics frozen as under ``"frozen"`` (eval mode kept): the scale and
+  shift adapt to the new data while the pretrained statistics stay, whatever the batch size.
+
+``hold_bn_statistics`` holds the statistics of the parts that train too (lp-ft's fine-tune).
+"""
+
+from __future__ import annotations
+
+from typing import Tuple  # noqa: UP035 - TorchScript reads the hook's annotation
+
+import torch
+from torch import nn
+
+from freezetune.errors import SpecError
+from freezetune.heads import unwrap
+from freezetune.options import BN_AFFINE_POLICIES, BN_DEFAULT, BN_EVAL_POLICIES, BN_POLICIES, check_choice
+from freezetune.stages import Stage
+
+# The policy freezetune keeps on a BatchNorm module it froze: a plain attribute, so it survives deepcopy/pickling.
+# The eval-keeping hook is found again by the name of its function rather than through a stored handle, because a
+# deep-copied handle would still point at the original module's hook table.
+_POLICY_ATTR = "_freezetune_bn"
+_HOLD_ATTR = "_freezetune_hold_bn_stats"  # on the model: hold_bn_statistics was asked, unfreeze keeps it
+_OPEN_ATTR = "_freezetune_bn_open"  # on a frozen-policy BatchNorm: its parameters unfreeze named alone ("*.bias")
+
+
+def set_frozen(model: nn.Module, params: dict[int, nn.Parameter], bn: str) -> None:
+    """``freeze``'s BatchNorm part: the layers whose parameters ``params`` holds (keyed by identity) take policy
+    ``bn``; a parameter of a frozen layer named again closes (``freeze(m, "*.bias")``)."""
+    _open_bn_params(model, params, opening=False)
+    for module in _bn_modules_within(model, params):
+        setattr(module, _POLICY_ATTR, bn)
+    _apply_bn_policies(model)
+
+
+def set_released(model: nn.Module, params: dict[int, nn.Parameter], bn: str | None) -> None:
+    """``unfreeze``'s BatchNorm part: the layers whose parameters ``params`` holds become ordinary layers again; a
+    parameter named alone of a layer that stays frozen trains; ``bn`` (not None) is the new policy of every layer
+    still frozen; the statistics ``hold_bn_statistics`` holds stay held in the layers released."""
+    for module in _bn_modules_within(model, params):
+        _release(module)
+        module.train(model.training)
+    _open_bn_params(model, params, opening=True)
+    for module in model.modules():
+        if bn is not None and getattr(module, _POLICY_ATTR, None) is not None:
+            setattr(module, _POLICY_ATTR, bn)
+    _apply_bn_policies(model)
+    if getattr(model, _HOLD_ATTR, False):  # the released layers train, their statistics held as the others'
+        hold_bn_statistics(model)
+
+
+def policy_of(module: nn.Module) -> str | None:
+    """The BatchNorm policy ``freeze`` gave ``module`` (None: it is not a frozen BatchNorm layer)."""
+    return getattr(module, _POLICY_ATTR, None)
+
+
+def policies(model: nn.Module) -> set[str]:
+    """The BatchNorm policies the frozen layers of ``model`` have (empty when none is frozen).
+
+    >>> import torchvision
+    >>> from freezetune.freeze import freeze
+    >>> m = torchvision.models.resnet18(); freeze(m, "backbone", bn="affine"); policies(m)
+    {'affine'}
+    """
+    return {p for p in map(policy_of, unwrap(model).modules()) if p is not None}
+
+
+def check_bn_policy(bn: str) -> None:
+    """Raise ``SpecError`` naming the policies unless ``bn`` is one of them."""
+    check_choice("BatchNorm policy", bn, BN_POLICIES, SpecError)
+
+
+def _bn_modules_within(model: nn.Module, params: dict[int, nn.Parameter]) -> list[nn.Module]:
+    """BatchNorm layers whose parameters all lie in ``params`` (non-affine ones: whose parent's do)."""
+    out = []
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.modules.batchnorm._BatchNorm):
+            continue
+        own = list(module.parameters())
+        if not own:
+            parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
+            own = list(parent.parameters())
+        if own and all(id(p) in params for p in own):
+            out.append(module)
+    return out
+
+
+def _open_bn_params(model: nn.Module, params: dict[int, nn.Parameter], *, opening: bool) -> None:
+    """Record on each BatchNorm layer with a policy which of its parameters ``unfreeze`` named alone (``"*.bias"``:
+    BitFit by hand), or, ``freeze`` naming them again, forget them. They train while the layer keeps its policy (its
+    statistics stay frozen); the policy had set them back to frozen, without a word."""
+    for module in model.modules():
+        if getattr(module, _POLICY_ATTR, None) is None or not isinstance(module, nn.modules.batchnorm._BatchNorm):
+            continue
+        named = {name for name, p in module.named_parameters(recurse=False) if id(p) in params}
+        kept = set(getattr(module, _OPEN_ATTR, ()))
+        setattr(module, _OPEN_ATTR, kept | named if opening else kept - named)
+
+
+def _apply_bn_policies(model: nn.Module) -> None:
+    for module in model.modules():
+        policy = getattr(module, _POLICY_ATTR, None)
+        if policy is None or not isinstance(module, nn.modules.batchnorm._BatchNorm):
+            continue
+        opened = getattr(module, _OPEN_ATTR, ())
+        for name, p in module.named_parameters(recurse=False):
+            p.requires_grad_(policy in BN_AFFINE_POLICIES or name in opened)
+        if policy in BN_EVAL_POLICIES:
+            if not _has_eval_hook(module):
+                module.register_forward_pre_hook(_keep_eval)
+            module.eval()
+        elif _has_eval_hook(module):
+            _remove_eval_hook(module)
+            module.train(model.training)
+
+
+def hold_bn_statistics(model: nn.Module) -> None:
+    """Run the BatchNorm layers of the parts that train in eval, as a frozen part's: their statistics stay as they
+    are (their scale and shift still train). lp-ft's fine-tune: its probe fitted the head on features normalised by
+    the pretrained statistics, and batch statistics in training moved them under it (Fashion-MNIST, 100 images a
+    class, 64 px: 72.9 / 75.9 % test accuracy, 82.2 / 81.9 % held; ``benchmarks/README.md``). It holds for the
+    model's life: the layers a later ``unfreeze`` (an ``Unfreezer``) releases are held too.
+
+    >>> import torch, torchvision
+    >>> m = torchvision.models.resnet18(); hold_bn_statistics(m); _ = m.train()
+    >>> _ = m(torch.zeros(2, 3, 32, 32)); m.bn1.training, m.bn1.weight.requires_grad
+    (False, True)
+    """
+    model = unwrap(model)
+    setattr(model, _HOLD_ATTR, True)
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and policy_of(module) is None:
+            if not _has_eval_hook(module):
+                module.register_forward_pre_hook(_keep_eval)
+            module.eval()
+
+
+def _release(module: nn.Module) -> None:
+    """Make a BatchNorm layer an ordinary one again: no policy, no hook, trainable, following model.train()."""
+    _remove_eval_hook(module)
+    setattr(module, _POLICY_ATTR, None)
+    setattr(module, _OPEN_ATTR, set())
+    for p in module.parameters(recurse=False):
+        p.requires_grad_(True)
+
+
+def _keep_eval(module: nn.Module, args: Tuple[torch.Tensor]) -> None:  # noqa: UP006 - typing.Tuple: TorchScript's
+    # model.train() flips every submodule back to training mode; a frozen BN must keep using (and never update)
+    # its running statistics, so it is put back into eval mode right before each forward. torch.jit.script compiles
+    # the hook with the model, and cannot compile eval(): a scripted model is scripted for inference, in eval mode.
+    if not torch.jit.is_scripting():
+        _back_to_eval(module)
+
+
+def _back_to_eval(module: nn.Module) -> None:
+    if module.training:
+        module.eval()
+
+
+def _is_eval_hook(hook: object) -> bool:
+    # by name, not identity: a reloaded module (a notebook's %autoreload) has a new _keep_eval, and the hooks put on
+    # before it were no longer found, so unfreeze left those layers in eval with frozen statistics
+    return getattr(hook, "__module__", None) == __name__ and getattr(hook, "__qualname__", None) == "_keep_eval"
+
+
+def _has_eval_hook(module: nn.Module) -> bool:
+    return any(_is_eval_hook(h) for h in module._forward_pre_hooks.values())
+
+
+def _remove_eval_hook(module: nn.Module) -> None:
+    for key in [k for k, h in module._forward_pre_hooks.items() if _is_eval_hook(h)]:
+        del module._forward_pre_hooks[key]
+
+
+def idle_bn_policy(model: nn.Module, bn: str) -> str | None:
+    """A note when a ``bn`` policy other than the default changes nothing: the model has no BatchNorm layers (a ViT's
+    LayerNorms, a ConvNeXt's), or none is frozen whole (``freeze none``, ``bitfit``: they all train). Nothing said so.
+
+    >>> import torchvision
+    >>> idle_bn_policy(torchvision.models.vit_b_16(), "affine")[:47]
+    'note: --bn affine changes nothing: the model ha'
+    >>> idle_bn_policy(torchvision.models.resnet18(), "train")[:60]
+    'note: --bn train changes nothing: no BatchNorm layer is froz'
+    """
+    norms = [m for m in unwrap(model).modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if bn == BN_DEFAULT or any(policy_of(m) is not None for m in norms):
+        return None
+    if norms:
+        return (f"note: --bn {bn} changes nothing: no BatchNorm layer is frozen in this run (every one trains with "
+                "its stage)")  # fmt: skip
+    return (
+        f"note: --bn {bn} changes nothing: the model has no BatchNorm layers (its other norms freeze and train "
+        "with their stage)"
+    )
+
+
+def bn_mode(stage: Stage, model: nn.Module) -> str:
+    """The BatchNorm mode of a stage: its frozen policy (with what an unfreeze opened of it: ``"frozen, bias trains"``),
+    ``"trainable"``, ``"mixed"`` or ``"-"`` (no BatchNorm)."""
+    modes = set()
+    for name in stage.modules:
+        for module in model.get_submodule(name).modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                trains = "trainable, eval stats" if _has_eval_hook(module) else "trainable"  # (hold_bn_statistics)
+                policy, opened = policy_of(module), sorted(getattr(module, _OPEN_ATTR, ()))
+                # "frozen" alone would hide the biases an unfreeze("*.bias") opened on it
+                modes.add(f"{policy}, {'+'.join(opened)} trains" if policy and opened else policy or trains)
+    if not modes:
+        return "-"
+    return modes.pop() if len(modes) == 1 else "mixed"
