@@ -455,30 +455,6 @@ def test_an_image_rewritten_with_its_size_and_mtime_put_back_is_new_data(tmp_pat
     assert cache_fingerprint(dataset) != before
 
 
-@pytest.mark.parametrize("version", [1, 2])
-def test_a_containers_memory_limit_bounds_the_ram_a_cache_may_take(tmp_path, monkeypatch, version):
-    # /proc/meminfo is the host's: under docker --memory the cache went to RAM by the host's figure and the
-    # container was killed
-    from freezetune.cache import store
-
-    v1 = ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes", "memory/memory.stat", "total_inactive_file")
-    limit, usage, stat, inactive = (
-        ("memory.max", "memory.current", "memory.stat", "inactive_file") if version == 2 else v1
-    )
-    (tmp_path / "memory").mkdir()
-    (tmp_path / limit).write_text(f"{8 << 30}\n")
-    (tmp_path / usage).write_text(f"{6 << 30}\n")
-    (tmp_path / stat).write_text(f"anon {4 << 30}\n{inactive} {1 << 30}\n")
-    room = store.cgroup_room(tmp_path)
-    assert room == 3 << 30  # 8 GiB less the 6 used, of which 1 is page cache the kernel gives back
-    monkeypatch.setattr(store, "cgroup_room", lambda: room)
-    monkeypatch.setattr(store, "_machine_ram", lambda: 60 << 30)
-    assert store.available_ram() == 3 << 30
-    (tmp_path / limit).write_text("max\n" if version == 2 else "9223372036854771712\n")  # no limit
-    monkeypatch.undo()
-    assert store.cgroup_room(tmp_path) is None
-
-
 def test_the_cache_line_says_which_store_was_read_and_which_built_and_where_each_lies(image_folder, tmp_path):
     # "read from DIR" was printed when any store was read: the training store, built over minutes, included; and
     # the validation store's size and place were never shown
@@ -556,9 +532,10 @@ def test_a_store_held_on_the_device_is_not_pinned_whoever_builds_its_loader():
 
 def test_a_store_on_the_device_too_large_for_the_ram_keeps_no_copy_and_says_so(tmp_path, monkeypatch, caplog):
     # its copy to the cache dir went through host RAM whole (.cpu()): a GPU store may be half an H200's 139 GiB
-    from freezetune.cache import disk, store
+    from freezetune import memory
+    from freezetune.cache import disk
 
-    monkeypatch.setattr(store, "available_ram", lambda: 1 << 20)
+    monkeypatch.setattr(memory, "available_ram", lambda: 1 << 20)
     features = torch.empty(1, 1024, 512, device="meta")  # a device's store of 2 MiB, never copied
     with caplog.at_level("WARNING"):
         assert disk.save(tmp_path / "c", "k", features, torch.zeros(1024, dtype=torch.long)) is None

@@ -211,3 +211,27 @@ def test_a_text_model_is_estimated_on_batches_of_token_ids():
     assert large["frozen"]["activations"] < large["full"]["activations"] / 2
     full = large["full"]  # the peak ends the forward pass: the last step's gradients and every activation alive
     assert full["total"] == pytest.approx(full["weights"] + full["optimizer"] + full["grads"] + full["activations"])
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_a_containers_memory_limit_bounds_the_ram_a_cache_may_take(tmp_path, monkeypatch, version):
+    # /proc/meminfo is the host's: under docker --memory the cache went to RAM by the host's figure and the
+    # container was killed
+    from freezetune import memory
+
+    v1 = ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes", "memory/memory.stat", "total_inactive_file")
+    limit, usage, stat, inactive = (
+        ("memory.max", "memory.current", "memory.stat", "inactive_file") if version == 2 else v1
+    )
+    (tmp_path / "memory").mkdir()
+    (tmp_path / limit).write_text(f"{8 << 30}\n")
+    (tmp_path / usage).write_text(f"{6 << 30}\n")
+    (tmp_path / stat).write_text(f"anon {4 << 30}\n{inactive} {1 << 30}\n")
+    room = memory.cgroup_room(tmp_path)
+    assert room == 3 << 30  # 8 GiB less the 6 used, of which 1 is page cache the kernel gives back
+    monkeypatch.setattr(memory, "cgroup_room", lambda: room)
+    monkeypatch.setattr(memory, "_machine_ram", lambda: 60 << 30)
+    assert memory.available_ram() == 3 << 30
+    (tmp_path / limit).write_text("max\n" if version == 2 else "9223372036854771712\n")  # no limit
+    monkeypatch.undo()
+    assert memory.cgroup_room(tmp_path) is None

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from freezetune.errors import SpecError
-from freezetune.heads import unwrap
+from freezetune.module_tree import unwrap
 from freezetune.options import BN_AFFINE_POLICIES, BN_DEFAULT, BN_EVAL_POLICIES, BN_POLICIES, check_choice
 from freezetune.stages import Stage
 

@@ -19,9 +19,9 @@ from freezetune import __version__
 from freezetune._io import atomic_save
 from freezetune.config import RESUME_MAY_CHANGE, absolute_paths
 from freezetune.errors import CheckpointError, ConfigError, choices, setting
-from freezetune.heads import unwrap
 from freezetune.hf_bundle import rebuilt_folder
 from freezetune.interrupt import pause_point
+from freezetune.module_tree import unwrap
 from freezetune.options import BATCH_AUTO
 from freezetune.preprocess import Preprocess
 from freezetune.rng import rng_state, set_rng_state

@@ -17,7 +17,7 @@ from torch import nn
 
 from freezetune.bn_policy import bn_mode, check_bn_policy, set_frozen, set_released
 from freezetune.errors import SpecError, choices
-from freezetune.heads import unwrap
+from freezetune.module_tree import unwrap
 from freezetune.options import BN_DEFAULT, FREEZE_DEFAULT, FREEZE_KEYWORDS
 from freezetune.stages import Stage, stages
 

@@ -15,7 +15,7 @@ from collections.abc import Iterable, Mapping
 from torch import nn
 
 from freezetune.errors import SpecError, choices
-from freezetune.heads import unwrap
+from freezetune.module_tree import unwrap
 from freezetune.stages import Stage, stages
 
 

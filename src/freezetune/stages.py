@@ -18,20 +18,15 @@ from torch import nn
 
 from freezetune.heads import (
     aux_modules,
-    has_params,
     head_container,
     head_name,
     hf_base_prefix,
     is_hf_base_model,
-    is_library_model,
-    is_norm,
-    is_timm,
     replace_head,
     sibling_heads,
     timm_heads,
-    under,
-    unwrap,
 )
+from freezetune.module_tree import has_params, is_library_model, is_norm, is_timm, under, unwrap
 from freezetune.stages_hf import Decl as _Decl
 from freezetune.stages_hf import hf_body, hf_decl, hf_norms_in_front, hf_unused_params
 

@@ -8,7 +8,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from freezetune.heads import has_params, hf_base_prefix, is_norm
+from freezetune.heads import hf_base_prefix
+from freezetune.module_tree import has_params, is_norm
 
 Decl = list[tuple[str, list[str]]]  # (stage name, the module or parameter name prefixes it holds), input to output
 

@@ -23,7 +23,7 @@ from torch import nn
 from freezetune.bn_policy import check_bn_policy, policies
 from freezetune.errors import CheckpointError, SpecError, choices
 from freezetune.freeze import Spec, resolve_stages, unfreeze, warn_negative_unfreeze
-from freezetune.heads import unwrap, wrapping
+from freezetune.module_tree import unwrap, wrapping
 from freezetune.options import UNFREEZE_FORMS
 from freezetune.param_groups import LRRule, check_weight_decay, group_stage, is_no_decay, no_decay_names, stage_groups
 from freezetune.stages import Stage, stages

@@ -29,8 +29,9 @@ from freezetune.cache.disk import ensure_space
 from freezetune.data.loaders import EpochOrder, check_batch_size
 from freezetune.distributed import DistInfo, shard_rows, sum_across_ranks
 from freezetune.errors import ConfigError, DataError, choices
-from freezetune.heads import unwrap
 from freezetune.interrupt import pause_point
+from freezetune.memory import available_ram
+from freezetune.module_tree import unwrap
 from freezetune.options import CACHE_MODES
 from freezetune.precision import Precision
 from freezetune.split import Split
@@ -349,55 +350,3 @@ def _allocate(shape: tuple[int, ...], dtype: torch.dtype, precision: Precision, 
 
 def _vs(shape: tuple[int, ...]) -> tuple[int, tuple[int, ...]]:
     return shape[0], tuple(shape[2:])
-
-
-def available_ram() -> int:
-    """The RAM this process may still take: the machine's, and within a container's memory limit what it leaves."""
-    ram, room = _machine_ram(), cgroup_room()
-    return ram if room is None else min(ram, room)
-
-
-def _machine_ram() -> int:
-    # MemAvailable counts the page cache the kernel would give back; free pages alone understate it badly
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError):
-        return 4 * 2**30
-
-
-# cgroup v2's files, then v1's: the limit, the usage, and the usage statistics (the page cache it may give back)
-_CGROUP_FILES = (("memory.max", "memory.current", "memory.stat", "inactive_file"),
-                 ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes", "memory/memory.stat",
-                  "total_inactive_file"))  # fmt: skip
-
-
-def cgroup_room(root: str | Path = "/sys/fs/cgroup") -> int | None:
-    """What a container's memory limit leaves this process's cgroup (limit, less what it uses but the page cache the
-    kernel would give back), or None without a limit. /proc/meminfo is the host's: under ``docker run --memory 8g``
-    on a 64 GiB host a cache sized by it alone went to RAM and the container was killed.
-
-    >>> cgroup_room("/nonexistent") is None
-    True
-    """
-    for limit_name, usage_name, stat_name, inactive in _CGROUP_FILES:
-        try:
-            limit = (Path(root) / limit_name).read_text().strip()
-            usage = int((Path(root) / usage_name).read_text())
-        except (OSError, ValueError):
-            continue
-        if limit == "max" or int(limit) >= 1 << 60:  # v2's "max", v1's page-rounded LONG_MAX: no limit
-            return None
-        try:
-            stat = dict(line.split() for line in (Path(root) / stat_name).read_text().splitlines() if " " in line)
-            usage -= int(stat.get(inactive, 0))
-        except (OSError, ValueError):
-            pass
-        return max(0, int(limit) - usage)
-    return None
