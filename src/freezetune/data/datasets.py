@@ -16,17 +16,10 @@ from freezetune.data.folder import FileImageDataset, nfc, scan_folder
 from freezetune.data.idx import CLASS_NAMES_FILE, idx_files, idx_pair_problem, is_idx_dir, load_idx
 from freezetune.data.image_csv import IMAGE_COLUMNS, read_csv
 from freezetune.data.layout import TEST_DIRS, TRAIN_DIRS, VAL_DIRS, first_dir, load_folder, split_files
-from freezetune.data.sampling import per_class_indices
 from freezetune.data.scan import check_images, check_overlap, check_splits, warn_copies
 from freezetune.data.text import TABLE_SUFFIXES, Columns, csv_header, noun, read_text_csv, text_csv_header
 from freezetune.data.transforms import eval_transform, train_transform
-from freezetune.data.validation import (
-    choose_validation,
-    refit_fits,
-    refit_held_out,
-    warn_short,
-    warn_unvalidated,
-)
+from freezetune.data.validation import resolve_validation
 from freezetune.errors import ConfigError, DataError, choices
 from freezetune.options import (
     AUG_DEFAULT,
@@ -285,25 +278,16 @@ def build_datasets(
         if empty:
             raise DataError(f"--skip-bad left class(es) {choices(empty)} without a training image (all of its files "
                             "were unreadable); fix the files or remove the class folder(s)")  # fmt: skip
-    given_val = val
-    train, val, val_source = choose_validation(train, val, val_data=val_data, val_split=val_split, seed=seed)
-    if val is not None and len(val) == 0:
-        val, val_source = None, "none (every class has a single training image)"
-    warn_unvalidated(train, val, held_out=given_val is None)
-    if per_class is not None:
-        train = train.select(per_class_indices(train.targets, per_class, seed)[0])
-    held_out = val is not None and given_val is None and val_split is None  # the automatic hold-out (choose_validation)
-    may_refit = held_out and refit_fits(train, val, per_class)
-    no_refit = ("" if may_refit else f"training on them too would train on more than per_class={per_class} a class"
-                if held_out else NOT_HELD_OUT)  # fmt: skip
-    if refit and held_out:
-        train, val, val_source = refit_held_out(train, val, val_source, per_class)
-    elif refit and given_val is not None:  # said, as the per_class case is: the run went on validating, unsaid
-        val_source += " (not refit: refit joins only what is held out automatically, and these were given)"
-    if per_class is not None:
-        warn_short(train, per_class, held_out=len(val) if val is not None and val is not given_val else 0)
-    if has_test and val is not given_val:  # why the test split, there, is not the validation
-        val_source += "; the test split is only scored at the end" if final_test else "; the test split is not used"
+    train, val, val_source, no_refit = resolve_validation(
+        train,
+        val,
+        val_data=val_data,
+        val_split=val_split,
+        per_class=per_class,
+        seed=seed,
+        refit=refit,
+        test="" if not has_test else "only scored at the end" if final_test else "not used",
+    )
     present = sorted({int(t) for t in train.targets.tolist()})
     if len(present) < 2:
         raise DataError(f"'{data}' has training {noun(train)} of {len(present)} class(es) "

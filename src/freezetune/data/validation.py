@@ -9,10 +9,11 @@ import logging
 import torch
 from torch.utils.data import Dataset
 
-from freezetune.data.sampling import stratified_split
+from freezetune.data.sampling import per_class_indices, stratified_split
 from freezetune.data.text import TextDataset, noun
 from freezetune.errors import choices
 from freezetune.options import AUTO_VAL_FRACTION, AUTO_VAL_MAX_PER_CLASS
+from freezetune.progress import NOT_HELD_OUT
 from freezetune.run_log import warn_once
 
 log = logging.getLogger(__name__)
@@ -24,6 +25,37 @@ def hold_out(train: Dataset, fraction: float, seed: int, max_per_class: int | No
 
 
 HELD_OUT = "no validation data given"
+
+
+def resolve_validation(
+    train: Dataset, val: Dataset | None, *, val_data: str | None, val_split: float | None, per_class: int | None,
+    seed: int, refit: bool, test: str,
+) -> tuple[Dataset, Dataset | None, str, str]:  # fmt: skip
+    """``build_datasets``' validation: the set by the first rule that applies (``val`` is the data's own or
+    ``val_data``'s, None when neither has one), then ``per_class`` and ``refit`` on what is left. Returns the training
+    set, the validation set (None: there is none, or it was refit), what ``val_source`` says of it (with ``test``,
+    what becomes of the data's test split, when the validation is not given: why the test split is not it), and why
+    the validation set could not be refit ("" when it could)."""
+    given = val
+    train, val, val_source = choose_validation(train, val, val_data=val_data, val_split=val_split, seed=seed)
+    if val is not None and len(val) == 0:
+        val, val_source = None, "none (every class has a single training image)"
+    warn_unvalidated(train, val, held_out=given is None)
+    if per_class is not None:
+        train = train.select(per_class_indices(train.targets, per_class, seed)[0])
+    held_out = val is not None and given is None and val_split is None  # the automatic hold-out (choose_validation)
+    may_refit = held_out and refit_fits(train, val, per_class)
+    no_refit = ("" if may_refit else f"training on them too would train on more than per_class={per_class} a class"
+                if held_out else NOT_HELD_OUT)  # fmt: skip
+    if refit and held_out:
+        train, val, val_source = refit_held_out(train, val, val_source, per_class)
+    elif refit and given is not None:  # said, as the per_class case is: the run went on validating, unsaid
+        val_source += " (not refit: refit joins only what is held out automatically, and these were given)"
+    if per_class is not None:
+        warn_short(train, per_class, held_out=len(val) if val is not None and val is not given else 0)
+    if test and val is not given:
+        val_source += f"; the test split is {test}"
+    return train, val, val_source, no_refit
 
 
 def choose_validation(train: Dataset, val: Dataset | None, *, val_data: str | None, val_split: float | None,
