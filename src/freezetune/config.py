@@ -79,6 +79,23 @@ RESUME_MAY_CHANGE = ("out", "resume", "device", "workers", "compile", "channels_
                      "save_every_steps", "tensorboard", "progress", "final_test")  # fmt: skip
 
 
+def _naming_unknown_keys(cls: type) -> type:
+    """A dataclass whose ``__init__`` names the key it meant for an unknown one: ``TrainConfig(epoch=3)``, as the same
+    typo in a YAML file does (Python's TypeError named none and listed nothing)."""
+    init = cls.__init__
+
+    @functools.wraps(init)
+    def checked(self, *args: Any, **kwargs: Any) -> None:
+        unknown = unknown_keys(kwargs)
+        if unknown:
+            raise ConfigError(unknown)
+        init(self, *args, **kwargs)
+
+    cls.__init__ = checked
+    return cls
+
+
+@_naming_unknown_keys
 @dataclass
 class TrainConfig:
     """Everything a training run needs. Field names are the YAML keys and, with ``-`` for ``_``, the CLI flags."""
@@ -176,23 +193,6 @@ class TrainConfig:
 
     def dump(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
-
-
-def _naming_unknown_keys(init):
-    """``TrainConfig(epoch=3)`` names the key it meant, as the same typo in a YAML file does (Python's TypeError
-    named none and listed nothing)."""
-
-    @functools.wraps(init)
-    def checked(self, *args: Any, **kwargs: Any) -> None:
-        unknown = unknown_keys(kwargs)
-        if unknown:
-            raise ConfigError(unknown)
-        init(self, *args, **kwargs)
-
-    return checked
-
-
-TrainConfig.__init__ = _naming_unknown_keys(TrainConfig.__init__)
 
 
 # The settings that name a file or folder. A run records them absolute: its config.yaml and checkpoints are read again

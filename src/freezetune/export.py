@@ -47,31 +47,14 @@ def export_checkpoint(ckpt_path: str | Path, to: str | Path, *, force: bool = Fa
     (PosixPath('model.onnx'), PosixPath('model.json'))
     """
     to = Path(to)
-    if to.suffix not in FORMATS:
-        raise CheckpointError(f"export target {str(to)!r} must end in {', '.join(FORMATS[:-1])} or {FORMATS[-1]}")
-    sidecar = to.with_suffix(".json")
-    if to.exists() and not force:
-        raise CheckpointError(f"{to} already exists; pass --force to overwrite")
-    if to.suffix == ".onnx":
-        _require_onnx()  # before loading anything: a missing package is the first thing the user should hear
+    _check_target(to, force)
     record = checkpoint.load(ckpt_path)
     if to.suffix != ".safetensors" and (record.get("preprocess") or {}).get("tokenizer"):
         # the graph is traced on an image batch: a text model's raised deep inside transformers
         raise CheckpointError(f"{ckpt_path} is a text model ({record['model']}): it exports to .safetensors (its "
                               f"weights; the tokenizer is {record['preprocess']['tokenizer']!r}), not to "
                               f"{to.suffix}")  # fmt: skip
-    pre = record["preprocess"]
-    if pre.get("tokenizer"):  # a text model's input is its tokenizer's: no image size or normalisation to claim
-        pre = {k: pre[k] for k in ("tokenizer", "max_length") if k in pre}
-    else:  # every field, an older checkpoint's filled in as it reads them: how its images were read (alpha) too
-        pre = Preprocess.from_dict(pre).to_dict()
-    meta = {
-        "model": record["model"],
-        "classes": record["classes"],
-        "preprocess": pre,
-        "freezetune_version": record.get("freezetune_version"),
-        "epoch": record.get("epoch"),
-    }
+    sidecar, meta = to.with_suffix(".json"), _meta(record)
     folder = to.with_suffix(".hf")  # an hf:DIR model's config and tokenizer files, which its checkpoint carries
     files = hf_bundle.with_classes(record["hf_files"], record["classes"]) if record.get("hf_files") else None
     if files:
@@ -90,6 +73,27 @@ def export_checkpoint(ckpt_path: str | Path, to: str | Path, *, force: bool = Fa
         meta["onnx"] = {"input": ONNX_INPUT, "output": ONNX_OUTPUT}
     atomic_write_text(sidecar, json.dumps(meta, indent=1))
     return to, sidecar
+
+
+def _check_target(to: Path, force: bool) -> None:
+    """Refuse a target of no format, or one that exists without ``force``, before the checkpoint is read."""
+    if to.suffix not in FORMATS:
+        raise CheckpointError(f"export target {str(to)!r} must end in {', '.join(FORMATS[:-1])} or {FORMATS[-1]}")
+    if to.exists() and not force:
+        raise CheckpointError(f"{to} already exists; pass --force to overwrite")
+    if to.suffix == ".onnx":
+        _require_onnx()  # before loading anything: a missing package is the first thing the user should hear
+
+
+def _meta(record: dict) -> dict:
+    """The sidecar's description of a checkpoint: model, classes and the preprocessing its inputs need."""
+    pre = record["preprocess"]
+    if pre.get("tokenizer"):  # a text model's input is its tokenizer's: no image size or normalisation to claim
+        pre = {k: pre[k] for k in ("tokenizer", "max_length") if k in pre}
+    else:  # every field, an older checkpoint's filled in as it reads them: how its images were read (alpha) too
+        pre = Preprocess.from_dict(pre).to_dict()
+    return {"model": record["model"], "classes": record["classes"], "preprocess": pre,
+            "freezetune_version": record.get("freezetune_version"), "epoch": record.get("epoch")}  # fmt: skip
 
 
 def _sidecar(path: Path, meta: dict, force: bool, target: Path) -> dict:

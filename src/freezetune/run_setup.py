@@ -65,7 +65,9 @@ class RunSetup:
         validate(cfg)
         self.cfg, self.resumable, self.brief, self.recipe_run = cfg, resumable, brief, recipe_run
         self._process(echo)
-        self._model_and_data()
+        self._model()
+        self._data()
+        self._head_and_freeze()
         # --batch-size auto becomes a number here, once, for every rank; config.yaml and checkpoints keep the number
         self.cfg = dataclasses.replace(cfg, batch_size=self._batch_size())
         self._training()
@@ -82,8 +84,9 @@ class RunSetup:
             if self.data.skipped:  # what --skip-bad left out stays on record with the run
                 atomic_write_text(self.run_dir / SKIPPED, "\n".join(self.data.skipped) + "\n")
 
-    def _model_and_data(self) -> None:
-        """Set-up step 2: the pretrained model, the datasets, the new head, freezing, device placement."""
+    def _model(self) -> None:
+        """Set-up step 2, the model: pretrained weights (not on a resume) and what its inputs need (image
+        preprocessing, or a text model's tokenizer and CSV columns)."""
         cfg = self.cfg
         # a resume restores every weight from last.pt: the pretrained ones are not read again (an offline node, a
         # cleaned hub cache, a weights file moved since stopped the resume of a preempted run)
@@ -99,6 +102,10 @@ class RunSetup:
         if self.resumed is not None:  # a run resumed by a later freezetune reads its images as it began reading them
             self.preprocess = dataclasses.replace(self.preprocess, alpha=self.resumed.alpha)
         self.hf_files = hf_bundle.bundle(cfg.model)  # an hf:DIR's config and tokenizer, carried by every checkpoint
+
+    def _data(self) -> None:
+        """Set-up step 2, the data: the training, validation and test sets, read for the model."""
+        cfg = self.cfg
         self.data = build_datasets(cfg.data, val_data=cfg.val_data, val_split=cfg.val_split, per_class=cfg.per_class,
                                    seed=cfg.seed, preprocess=self.preprocess, aug=cfg.aug,
                                    skip_bad=cfg.skip_bad, refit=bool(cfg.refit),
@@ -111,6 +118,11 @@ class RunSetup:
                             f"without {'it' if len(users) == 1 else 'them'}")  # fmt: skip
         # what last.pt keeps of the data (sizes, digests), for a resume to refuse other data
         self.data_print = data_record(self.data.train, self.data.val) if self.resumable else None
+
+    def _head_and_freeze(self) -> None:
+        """Set-up step 2, the model for the data: its new head, any earlier run's weights, the freeze and BatchNorm
+        policy, on the device (and its memory format)."""
+        cfg = self.cfg
         replace_head(self.model, len(self.classes))
         if cfg.init and not self.resuming:  # an earlier run's weights, head included (a recipe's previous phase);
             # a resume's come from last.pt (the init file may be gone, or named from another directory)
