@@ -88,12 +88,7 @@ def run(cfg: TrainConfig, *, echo: Callable[[str], None] = print, train: Callabl
     out = broadcast(Path(cfg.out) if cfg.out else runtime.new_run_dir(cfg.model, claim=info.is_main), info)
     saved = out / RECIPE_FILE
     if cfg.resume and saved.is_file():  # the decision was made before the interruption: keep it
-        decision = json.loads(saved.read_text())
-        if "choice" not in decision:  # a named recipe's request (recipes.asked_config)
-            raise ConfigError(f"cannot resume {out} with freeze auto: it holds a run of recipe "
-                              f"{decision.get('recipe')!r}; resume it with its own command")  # fmt: skip
-        run_log.log_to(out)  # (written once the final run's resume is accepted)
-        return train(_resumed(cfg, out, decision, echo), echo=echo, recipe_run=True)
+        return train(_resumed(cfg, out, echo), echo=echo, recipe_run=True)
     _check_plan(cfg)
     # a run dir in use is refused (or, resuming, one no run was started in) before any trial writes below it; the
     # trials and decision of an attempt stopped before its run finished an epoch are redone
@@ -105,17 +100,12 @@ def run(cfg: TrainConfig, *, echo: Callable[[str], None] = print, train: Callabl
 
         check_test_data(cfg)
     ks, cut, text = _candidates(cfg)
-    base = _base(cfg, out, cut)
-    intro = (f"auto: choosing how many of the last stages to train ({', '.join(map(str, ks))}) from a trial each on "
-             f"{TRIAL_FRACTION:.0%} of an epoch's training {'texts' if text else 'images'}, scored on the validation "
-             f"split (what comes before {cut} is frozen in all of them{'' if text else _CACHED}); the default's "
-             f"trial first, the others' if the split holds {MIN_VAL_TO_COMPARE} or more")  # fmt: skip
-    boost = TEXT_LR_BOOST if text else LR_BOOST
+    base, boost = _base(cfg, out, cut), TEXT_LR_BOOST if text else LR_BOOST
 
     def shared(trial_cfg: TrainConfig, **kwargs):  # rank 0 alone logs metrics rows: every rank takes its result
         return broadcast(train(trial_cfg, **kwargs), info)  # (rank 1 scored "n/a", skipped trials, and the ranks hung)
 
-    trials, choice, why = _measure(base, ks, boost, out, shared, run_log.introduced(echo, intro))
+    trials, choice, why = _measure(base, ks, boost, out, shared, run_log.introduced(echo, _intro(ks, cut, text)))
     spent = broadcast(time.perf_counter() - start, info)  # the ranks' clocks differ: a budget's epochs must not
     epochs, refit = _epochs_and_refit(cfg, trials, choice, spent, echo)
     run_lr = choice["lr"] * RUN_LR_FACTOR  # from the trial's fitted weights: a smaller step (see the docstring)
@@ -123,23 +113,39 @@ def run(cfg: TrainConfig, *, echo: Callable[[str], None] = print, train: Callabl
          f"{run_lr:.1e}) for {epochs} epoch(s): {why}")  # fmt: skip
     init = _start_from(out, trials, choice, cfg.init, delete=info.is_main)
     decision = {"procedure": _procedure(), "asked": cfg.recorded(), "cut": cut, "trials": trials,
-                "default_trained_stages": DEFAULT_TRAINED_STAGES, "trial_fraction": TRIAL_FRACTION, "budget_s": parse_duration(cfg.budget),
+                "default_trained_stages": DEFAULT_TRAINED_STAGES, "trial_fraction": TRIAL_FRACTION,
+                "budget_s": parse_duration(cfg.budget),
                 "choice": {**choice, "epochs": epochs, "refit": refit, "why": why, "init": init, "run_lr": run_lr}}  # fmt: skip
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(saved, json.dumps(decision, indent=1))
     final = dataclasses.replace(_at_lr(base, run_lr), freeze=choice["freeze"], epochs=epochs, refit=refit, init=init,
                                 resume=False)  # fmt: skip
-    result = train(final, echo=echo, recipe_run=True)
-    # the measurement is part of the training cost: every trial's seconds count
+    return _with_trial_seconds(train(final, echo=echo, recipe_run=True), trials)
+
+
+def _intro(ks: list[int], cut: str, text: bool) -> str:
+    return (f"auto: choosing how many of the last stages to train ({', '.join(map(str, ks))}) from a trial each on "
+            f"{TRIAL_FRACTION:.0%} of an epoch's training {'texts' if text else 'images'}, scored on the validation "
+            f"split (what comes before {cut} is frozen in all of them{'' if text else _CACHED}); the default's "
+            f"trial first, the others' if the split holds {MIN_VAL_TO_COMPARE} or more")  # fmt: skip
+
+
+def _with_trial_seconds(result, trials: list[dict]):
+    """The final run's result with every trial's seconds added: the measurement is part of the training cost."""
     seconds = dict(result.seconds)
     for key in ("cache", "epochs"):
         seconds[key] = seconds.get(key, 0.0) + sum(t["seconds"][key] for t in trials)
     return dataclasses.replace(result, seconds=seconds)
 
 
-def _resumed(cfg: TrainConfig, out: Path, decision: dict, echo: Callable[[str], None]) -> TrainConfig:
+def _resumed(cfg: TrainConfig, out: Path, echo: Callable[[str], None]) -> TrainConfig:
     """The final run's config from the decision ``recipe.json`` kept: a resume trains what was chosen, untried."""
+    decision = json.loads((out / RECIPE_FILE).read_text())
+    if "choice" not in decision:  # a named recipe's request (recipes.asked_config)
+        raise ConfigError(f"cannot resume {out} with freeze auto: it holds a run of recipe "
+                          f"{decision.get('recipe')!r}; resume it with its own command")  # fmt: skip
+    run_log.log_to(out)  # (written once the final run's resume is accepted)
     choice = decision["choice"]
     run_lr = choice.get("run_lr", choice["lr"])
     # compared as recipe.json holds them: JSON made tuples lists and a plan's epoch keys strings
@@ -199,7 +205,7 @@ def _measure(base: TrainConfig, ks: list[int], boost: float, out: Path, train: C
     if not n_val:
         return [first], first, f"the default (last {default_k} stages): there are no validation {kind} to compare on"
     if n_val < MIN_VAL_TO_COMPARE and len(ks) > 1:
-        noise = 100 * _noise(0.75, n_val)
+        noise = 100 * math.sqrt(2 * 0.75 * 0.25 / n_val)  # as said: not _noise's floor, which a tiny split reaches
         return [first], first, (f"the default (last {default_k} stages): {n_val} validation {kind} cannot tell the "
                                 f"candidates apart (one standard error of a difference near 75 % is {noise:.1f} points "
                                 f"on them; the candidates trained to the end differ by about 3), so only its trial "
