@@ -26,6 +26,7 @@ import freezetune as ft
 from _engine_fixtures import CLASSES, make_image_folder, run_cli, snapshot, train_argv
 from freezetune import __version__, checkpoint
 from freezetune.cli import main
+from freezetune.inference import default_plot
 from freezetune.reporting import plot_report, read_metrics, unfreeze_events
 
 RUN_FILES = ("config.yaml", "metrics.csv", "report.png", "classes.json", "best.pt", "last.pt", "confusion.png",
@@ -169,7 +170,7 @@ def test_eval_beside_a_checkpoint_in_a_read_only_folder_prints_its_scores_and_wa
     code, out, err = run_cli(capsys, "eval", "--checkpoint", run[0] / "best.pt", "--data", data, "--device", "cpu")
     assert code == 0 and "macro-F1" in out and "per-class accuracy" in out
     assert err == (f"freezetune: warning: the confusion matrix was not drawn: Read-only file system "
-                   f"({run[0] / f'eval_{data.name}_confusion.png'}); --plot PATH puts it elsewhere\n")  # fmt: skip
+                   f"({default_plot(run[0] / 'best.pt', data)}); --plot PATH puts it elsewhere\n")  # fmt: skip
     code, out, err = run_cli(capsys, "eval", "--checkpoint", run[0] / "best.pt", "--data", data, "--device", "cpu",
                              "--plot", run[0] / "mine.png")  # fmt: skip
     assert code == 2 and "macro-F1" in out and err.startswith("freezetune: error: Read-only file system")
@@ -1020,6 +1021,37 @@ def test_eval_never_writes_over_its_checkpoint_and_replaces_another_file_only_wi
         code, _, err = run_cli(capsys, "eval", "--checkpoint", ckpt, "--data", data, "--metrics",
                                tmp_path / "m.json", "--plot", tmp_path / "cm.png")  # fmt: skip
         assert code == 0, err
+    # the run's own final test (its test_metrics.json looks like an evaluation's) is not eval's to replace
+    (tmp_path / "test_metrics.json").write_text(json.dumps({"n": 10000, "confusion": [[1]], "epoch": 3}))
+    (tmp_path / "confusion.png").write_bytes(b"the run's test")
+    for flag, path in (("--metrics", tmp_path / "test_metrics.json"), ("--plot", tmp_path / "confusion.png")):
+        code, out, err = run_cli(capsys, "eval", "--checkpoint", ckpt, "--data", data, flag, path)
+        _assert_user_error(code, out, err, flag, "exists: give --force to replace it")
+    assert json.loads((tmp_path / "test_metrics.json").read_text())["n"] == 10000
+    assert (tmp_path / "confusion.png").read_bytes() == b"the run's test"
+
+
+def test_eval_refuses_one_file_for_both_its_metrics_and_its_plot(run, data, capsys, tmp_path):
+    # the plot, drawn second, replaced the JSON asked for, and the line said both were written
+    code, out, err = run_cli(capsys, "eval", "--checkpoint", run[0] / "best.pt", "--data", data, "--metrics",
+                             tmp_path / "out.png", "--plot", tmp_path / "out.png")  # fmt: skip
+    _assert_user_error(code, out, err, "--metrics and --plot both name", "give each its own file")
+    assert not (tmp_path / "out.png").exists()
+
+
+def test_eval_draws_a_plot_per_dataset_even_for_two_of_one_name(run, data, capsys, tmp_path):
+    # named after the data's last component alone, a second folder's test set replaced the first one's plot
+    import shutil
+
+    ckpt = shutil.copy(run[0] / "best.pt", tmp_path / "best.pt")
+    for where in ("a", "b"):
+        shutil.copytree(data, tmp_path / where / "images")
+        code, _, err = run_cli(capsys, "eval", "--checkpoint", ckpt, "--data", tmp_path / where / "images")
+        assert code == 0, err
+    plots = sorted(p.name for p in tmp_path.glob("eval_images-*_confusion.png"))
+    assert len(plots) == 2, plots
+    code, _, err = run_cli(capsys, "eval", "--checkpoint", ckpt, "--data", tmp_path / "a" / "images")
+    assert code == 0 and sorted(p.name for p in tmp_path.glob("eval_*_confusion.png")) == plots, err  # its own again
 
 
 @pytest.mark.parametrize("command", ["eval", "predict"])
@@ -1042,7 +1074,7 @@ def test_eval_writes_its_metrics_for_batch_jobs_and_a_plot_per_dataset(run, data
     assert code == 0, err
     metrics = json.loads((tmp_path / "m.json").read_text())
     assert f"top-1 {100 * metrics['acc']:5.1f}%" in out and metrics["n"] > 0
-    assert (run_dir / f"eval_{Path(data).name}_confusion.png").is_file()  # not one eval_confusion.png for every dataset
+    assert list(run_dir.glob(f"eval_{Path(data).name}-*_confusion.png"))  # not one eval_confusion.png for all data
     code, _, err = run_cli(capsys, "eval", "--checkpoint", run_dir / "best.pt", "--data", data, "--plot",
                            tmp_path / "cm.jpg")  # fmt: skip
     assert code == 0 and (tmp_path / "cm.jpg").read_bytes()[:2] == b"\xff\xd8", err  # JPEG data, not PNG

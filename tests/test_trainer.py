@@ -181,6 +181,23 @@ def test_a_resume_of_a_finished_run_says_it_had_finished(finished_run, tmp_path,
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
+def test_a_run_resumes_from_python_given_its_folder_alone_as_the_cli_does(finished_run, tmp_path):
+    # `train --out DIR --resume` read the run's config.yaml in the CLI alone: from Python, a notebook had to rebuild
+    # the whole config by hand (anything different was refused)
+    import shutil
+
+    from freezetune.config_file import run_config
+
+    out = tmp_path / "done"
+    shutil.copytree(finished_run[0], out)
+    assert run_config(out) == out / "config.yaml"
+    result = trainer.train(load_config(run_config(out), {"out": str(out), "resume": True, "epochs": 3}),
+                           echo=lambda line: None)  # fmt: skip
+    assert [row["epoch"] for row in result.history] == [1, 2, 3]
+    with pytest.raises(ft.FreezetuneError, match="resume"):
+        run_config(tmp_path / "nothing-here")
+
+
 def test_a_resume_reads_its_weights_from_last_pt_not_the_pretrained_ones_again(data, tmp_path):
     # a preempted run resumed on an offline node (or after its weights file moved) stopped: the pretrained weights
     # were fetched again, only to be replaced by last.pt's

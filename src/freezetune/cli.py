@@ -12,7 +12,6 @@ import gc
 import io
 import json
 import logging
-import re
 import shlex
 import sys
 import warnings
@@ -21,7 +20,7 @@ from pathlib import Path
 from freezetune import __version__, cli_exit, run_log
 from freezetune.cli_args import Parser, overrides_anywhere
 from freezetune.config import FIELD_CHOICES, TrainConfig, coerce, field_names, scalar_type
-from freezetune.config_file import load_config, parse_override
+from freezetune.config_file import load_config, parse_override, run_config
 from freezetune.errors import ConfigError, FreezetuneError
 from freezetune.flag_help import FIELD_HELP, SECTIONS
 from freezetune.interrupt import RunInterrupted, forget_stop, raised_stop
@@ -210,8 +209,8 @@ def _eval_parser(sub) -> None:
     p.add_argument("--batch-size", type=int, default=_DEFAULTS.batch_size, help="results do not depend on it")
     p.add_argument("--device", default=_DEFAULTS.device, help=FIELD_HELP["device"])
     p.add_argument("--plot", default=None,
-                   help="confusion-matrix image, .png/.pdf/.svg/.jpg (default: eval_<data>_confusion.png next to the "
-                        "checkpoint)")  # fmt: skip
+                   help="confusion-matrix image, .png/.pdf/.svg/.jpg (default: eval_<data>-<digest of its path>_confusion.png "
+                        "next to the checkpoint)")  # fmt: skip
     p.add_argument("--metrics", default=None, help="also write every metric as JSON to this file (for batch jobs)")
     p.add_argument("--force", action="store_true",
                    help="replace an existing --metrics or --plot file that no evaluation wrote (what eval wrote, it "
@@ -266,16 +265,10 @@ def _train_config(args, *, run: bool = True) -> TrainConfig:
     overrides = _given(args)
     base = args.config
     out = overrides.get("out")
-    # Resuming: the run's own config, with the flags given now on top. Without --out there is no run to read
-    # (a config.yaml in the current directory is not one). The run dir is checked first: without a run there, the
-    # config's problems ("data is required") would hide the one that matters.
+    # Resuming: the run's own config (config_file.run_config), with the flags given now on top. Without --out there
+    # is no run to read (a config.yaml in the current directory is not one).
     if base is None and overrides.get("resume") and run:  # a sweep's dir holds runs, not one
-        from freezetune.recipes import asked_config
-        from freezetune.runtime import CONFIG_FILE, prepare_run_dir
-
-        run_dir = prepare_run_dir(out, "", resume=True, clean=False)
-        base = run_dir / CONFIG_FILE if (run_dir / CONFIG_FILE).is_file() else None
-        base = asked_config(run_dir) or base  # a recipe's run resumes as asked: the recipe rebuilds its phases
+        base = run_config(out)
     # --print-config shows a config without data too: a template that a run completes with --data
     return load_config(base, overrides, need_data=not args.print_config)
 
@@ -329,15 +322,14 @@ def _cmd_sweep(args) -> int:
 
 
 def _cmd_eval(args) -> int:
-    from freezetune.inference import evaluate_checkpoint, kept_output, write_evaluation
+    from freezetune.inference import check_outputs, default_plot, evaluate_checkpoint, kept_output, write_evaluation
     from freezetune.memory import out_of_memory_hint
     from freezetune.metrics import format_report, plot_format
     from freezetune.runtime import file_problem
 
-    # named after the data: evaluating a second dataset must not replace the first one's plot
-    name = re.sub(r"[^\w.-]+", "_", Path(args.data).name or "data")
-    plot = Path(args.plot) if args.plot else Path(args.checkpoint).with_name(f"eval_{name}_confusion.png")
+    plot = Path(args.plot) if args.plot else default_plot(args.checkpoint, args.data)
     plot_format(plot)  # a bad suffix fails before the evaluation, not after it
+    check_outputs(plot, args.metrics)
     for flag, path in (("--metrics", args.metrics), ("--plot", args.plot)):  # so does a folder given as the file
         if path and (
             problem := file_problem(path)

@@ -50,6 +50,25 @@ def load_config(path: str | Path | dict[str, Any] | None = None, overrides: dict
     return cfg
 
 
+def run_config(out: str | Path | None) -> Path | dict[str, Any] | None:
+    """The config a run in ``out`` resumes with, for ``load_config`` to lay the settings given now over: a recipe's
+    request (its ``recipe.json``: the recipe rebuilds its phases), else the run's ``config.yaml`` (None: there is
+    none). What ``train --out DIR --resume`` reads, so that a resume needs no other flag.
+
+    Raises:
+        ConfigError: ``out`` is None or holds no run to resume (checked first: without a run there, the config's
+            own problems, "data is required", would hide the one that matters).
+
+    >>> cfg = load_config(run_config("runs/r50"), {"out": "runs/r50", "resume": True})  # doctest: +SKIP
+    """
+    from freezetune.recipes import asked_config
+    from freezetune.runtime import CONFIG_FILE, prepare_run_dir
+
+    run_dir = prepare_run_dir(None if out is None else str(out), "", resume=True, clean=False)
+    saved = run_dir / CONFIG_FILE
+    return asked_config(run_dir) or (saved if saved.is_file() else None)
+
+
 def parse_override(item: str) -> tuple[str, Any]:
     """Parse one ``key=value`` override; the value is read as YAML (numbers, booleans, null, lists).
 

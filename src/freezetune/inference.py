@@ -7,9 +7,11 @@ record) or an in-memory model are both accepted, so the same evaluation runs in 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -65,11 +67,32 @@ def load_model(checkpoint: str | Path | dict, device: str = "auto") -> LoadedMod
     return LoadedModel(model.eval(), list(record["classes"]), pre, precision, channels_last)
 
 
+def default_plot(checkpoint: str | Path, data: str | Path) -> Path:
+    """Where ``freezetune eval`` draws the confusion matrix of ``data`` without ``--plot``: beside the checkpoint,
+    named after the data and a digest of its absolute path, so that evaluating a second dataset (another folder's
+    ``test.csv``) never replaces the first one's plot, and evaluating the same data again replaces its own.
+
+    >>> default_plot("runs/r1/best.pt", "/data/shop/test.csv").name
+    'eval_test.csv-e3bac4_confusion.png'
+    """
+    name = re.sub(r"[^\w.-]+", "_", Path(data).name or "data")
+    digest = hashlib.sha1(os.path.abspath(data).encode("utf-8", "surrogateescape")).hexdigest()[:6]
+    return Path(checkpoint).with_name(f"eval_{name}-{digest}_confusion.png")
+
+
+def check_outputs(plot: str | Path | None, metrics: str | Path | None) -> None:
+    """Refuse one file named for both the plot and the metrics: the plot, drawn second, replaced the JSON."""
+    if plot is not None and metrics is not None and Path(plot).resolve() == Path(metrics).resolve():
+        raise ConfigError(f"--metrics and --plot both name {str(metrics)!r}: the plot would replace the metrics; "
+                          "give each its own file")  # fmt: skip
+
+
 def kept_output(path: str | Path, checkpoint: str | Path, *, force: bool, metrics: bool) -> str | None:
     """Why an evaluation must not write its ``metrics`` JSON or its plot to ``path``, or None: it is the checkpoint
     (``--metrics best.pt`` replaced the model with JSON), or an existing file, unless ``force`` or it is what an
     evaluation wrote there before (a batch job run again): for metrics, a JSON of an evaluation; for a plot, any
-    image but a run's own chart.
+    image. A run's own files (its ``report.png``, and its final test's ``confusion.png`` and ``test_metrics.json``)
+    are not an evaluation's.
 
     >>> kept_output("no/such/file.json", "best.pt", force=False, metrics=True) is None
     True
@@ -85,15 +108,18 @@ def kept_output(path: str | Path, checkpoint: str | Path, *, force: bool, metric
 
 
 def _evaluation_output(path: Path, metrics: bool) -> bool:
-    from freezetune.reporting import METRICS_CSV, REPORT_PNG
+    from freezetune.reporting import METRICS_CSV
+    from freezetune.runtime import END_FILES
 
+    if path.name in END_FILES and (path.parent / METRICS_CSV).exists():  # a run's: an eval replaced its test record
+        return False
     if not metrics:
-        return not (path.name == REPORT_PNG and (path.parent / METRICS_CSV).exists())
+        return True
     try:
         written = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
-    return isinstance(written, dict) and {"confusion", "n"} <= written.keys()
+    return isinstance(written, dict) and {"confusion", "n", "data"} <= written.keys()
 
 
 def _check_labels(dataset: Dataset, num_classes: int) -> None:
@@ -218,6 +244,7 @@ def write_evaluation(
     """
     from freezetune.metrics import format_report, plot_confusion  # matplotlib: only when a report is made
 
+    check_outputs(plot, metrics)
     if metrics is not None:  # first: the numbers asked for by name do not wait on a plot that may fail
         atomic_write_text(metrics, json.dumps(result, indent=1))
     if plot is not None:
@@ -256,8 +283,6 @@ def predict_files(
     >>> predict_files("runs/r50/best.pt", ["photos/"], topk=2)  # doctest: +SKIP
     [{'path': 'photos/a.jpg', 'top': [{'class': 'cat', 'prob': 0.93}, {'class': 'dog', 'prob': 0.05}]}]
     """
-    from freezetune.data import eval_transform, list_images, load_image
-
     for name, value in (("topk", topk), ("batch_size", batch_size)):
         check(positive_int_problem(name, value))
     if isinstance(paths, (str, os.PathLike)):  # one path, not its characters
@@ -268,9 +293,15 @@ def predict_files(
         pre = replace(loaded.preprocess, text_column=text_column or loaded.preprocess.text_column)
         return _predict_text_files(loaded, [str(p) for p in paths], topk, batch_size, Columns.of(pre))
     refuse_text_settings("this checkpoint's model", {"text_column": text_column} if text_column is not None else {})
+    return _predict_image_files(loaded, [str(p) for p in paths], topk, batch_size)
+
+
+def _predict_image_files(loaded: LoadedModel, paths: list[str], topk: int, batch_size: int) -> list[dict]:
+    from freezetune.data import eval_transform, list_images, load_image
+
     pre = loaded.preprocess
     transform = eval_transform(pre)
-    files = list_images([str(p) for p in paths])
+    files = list_images(paths)
     records: dict[str, dict] = {}
     for start in range(0, len(files), batch_size):
         chunk, images = [], []
