@@ -180,3 +180,11 @@ def test_a_link_to_nothing_is_named_with_its_target(tmp_path):
         load_image(tmp_path / "broken.png")
     with pytest.raises(DataError, match=r"none.png': \[Errno 2\] No such file or directory$"):
         load_image(tmp_path / "none.png")
+
+
+def test_integer_labels_that_tie_as_numbers_sort_the_same_in_every_process():
+    # "1" and "01" tie on int(): their order followed the set's hash order, which changes with each process, so the
+    # same command gave other class indices, another hold-out, and a resume was refused as "the data changed"
+    from freezetune.data.folder import sorted_labels
+
+    assert sorted_labels(["1", "01", "10", "2"]) == sorted_labels(["01", "1", "2", "10"]) == ["01", "1", "2", "10"]

@@ -117,6 +117,9 @@ def test_predict_files_ranks_every_image_in_path_order(best_pt, data):
     assert [r["path"] for r in predict_files(loaded, data / "test" / "red", topk=1)] == files
     # a glob no shell expanded (quoted, a script's, a Windows prompt's): "does not exist"
     assert [r["path"] for r in predict_files(loaded, [str(data / "test" / "red" / "*.png")], topk=1)] == files
+    # a file named outright keeps its spelling ("./a.png", "a//b.png"), so each record joins back to its input
+    typed = [files[0].replace("/red/", "/red//"), files[1].replace("/test/", "/test/./")]
+    assert [r["path"] for r in predict_files(loaded, typed, topk=1)] == typed
 
 
 def test_predict_reads_a_photo_as_evaluation_does_its_jpeg_reduced_by_the_models_decode_side(best_pt, data, tmp_path):

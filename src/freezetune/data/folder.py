@@ -167,11 +167,12 @@ def expand_paths(paths: list[str], files_under, what: str, kind: str, suffixes) 
     here, its matches sorted. A missing path is a DataError naming ``what``; no file at all, one naming ``kind`` and
     the ``suffixes`` a folder is searched for."""
     out: list[str] = []
-    for p in map(Path, paths):
+    for given in map(str, paths):
+        p = Path(given)
         if p.is_dir():
             out += [str(f) for f in files_under(p)]
-        elif p.is_file():
-            out.append(str(p))
+        elif p.is_file():  # as typed ("./a.png", "a//b.png"): a record must match its input (Path made it "a.png")
+            out.append(given)
         elif glob.has_magic(str(p)):  # its files of the kind (a folder's matches are its files: "**" doubled them)
             matched = sorted(f for f in glob.glob(str(p), recursive=True) if f.lower().endswith(tuple(suffixes)))
             if not matched:
@@ -381,9 +382,11 @@ def sorted_labels(labels: set[str]) -> list[str]:
 
     >>> sorted_labels({"10", "2", "1"}), sorted_labels({"10.0", "2.0"}), sorted_labels({"dog", "cat"})
     (['1', '2', '10'], ['2.0', '10.0'], ['cat', 'dog'])
+    >>> sorted_labels({"1", "01", "2"})
+    ['01', '1', '2']
     """
-    if all(label.lstrip("-").isdigit() for label in labels):
-        return sorted(labels, key=int)
+    if all(label.lstrip("-").isdigit() for label in labels):  # "01" beside "1": by text, not by the set's hash order
+        return sorted(labels, key=lambda label: (int(label), label))
     if all(_number(label) is not None for label in labels):  # a pandas export writes class 2 as "2.0"
         return sorted(labels, key=lambda label: (_number(label), label))
     return sorted(labels)
