@@ -206,7 +206,8 @@ def _eval_parser(sub) -> None:
     p = sub.add_parser("eval", help="evaluate a checkpoint: loss, top-1/5, per-class accuracy, macro-F1, confusion")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--data", required=True)
-    p.add_argument("--batch-size", type=int, default=_DEFAULTS.batch_size, help="results do not depend on it")
+    p.add_argument("--batch-size", type=int, default=_DEFAULTS.batch_size,
+                   help="results do not depend on it (the loss: float rounding)")  # fmt: skip
     p.add_argument("--device", default=_DEFAULTS.device, help=FIELD_HELP["device"])
     p.add_argument("--plot", default=None,
                    help="confusion-matrix image, .png/.pdf/.svg/.jpg (default: eval_<data>-<digest of its path>_confusion.png "
