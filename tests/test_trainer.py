@@ -191,9 +191,10 @@ def test_a_run_resumes_from_python_given_its_folder_alone_as_the_cli_does(finish
     out = tmp_path / "done"
     shutil.copytree(finished_run[0], out)
     assert run_config(out) == out / "config.yaml"
-    result = trainer.train(load_config(run_config(out), {"out": str(out), "resume": True, "epochs": 3}),
-                           echo=lambda line: None)  # fmt: skip
-    assert [row["epoch"] for row in result.history] == [1, 2, 3]
+    lines = []
+    result = trainer.train(load_config(run_config(out), {"out": str(out), "resume": True}), echo=lines.append)
+    assert lines[0].startswith(f"resumed {out} after epoch 2: all 2 epochs were trained")  # accepted as the same run
+    assert [row["epoch"] for row in result.history] == [1, 2] and result.best_epoch == finished_run[1].best_epoch
     with pytest.raises(ft.FreezetuneError, match="resume"):
         run_config(tmp_path / "nothing-here")
 
