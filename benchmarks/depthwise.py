@@ -70,11 +70,11 @@ def layer_rows(model: nn.Module, x: torch.Tensor, repeats: int) -> list[list[str
     return rows
 
 
-def grid(repeats: int) -> None:
+def grid(repeats: int, sizes: tuple[int, ...] = (1, 2, 4, 8, 14)) -> None:
     depthwise.faster_here = lambda *_: True  # every shape through the folded gradient, to compare
     channels = (240, 672, 1152)
     rows = []
-    for stride, kernel, size in itertools.product((1, 2), (3, 5, 7), (2, 4, 8, 14)):
+    for stride, kernel, size in itertools.product((1, 2), (3, 5, 7), sizes):
         row = [f"stride {stride}, {kernel}x{kernel}, {size}x{size}"]
         for c in channels:
             conv = nn.Conv2d(c, c, kernel, stride, padding=kernel // 2, groups=c)
@@ -93,10 +93,11 @@ def main() -> None:
     p.add_argument("--res", type=int, default=64)
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--grid", action="store_true", help="time a grid of layer shapes instead of the model's")
+    p.add_argument("--grid-sizes", default="1,2,4,8,14", help="the grid's input maps (side in pixels), comma-separated")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     if args.grid:
-        return grid(args.repeats)
+        return grid(args.repeats, tuple(int(s) for s in args.grid_sizes.split(",")))
     torch.manual_seed(0)
     model, _ = create_model(MODEL, "none", img_size=args.res)
     model = model.train().to(memory_format=torch.channels_last)
