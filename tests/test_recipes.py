@@ -865,3 +865,11 @@ def test_an_auto_run_resumed_with_a_freeze_spec_is_refused_naming_the_recipe(dat
     assert "its own command with --resume, --freeze auto" in err and "init" not in err and snapshot(out) == before
     code, _, err = run_cli(capsys, *argv, "--resume")  # its own command resumes it
     assert code == 0, err
+
+
+@pytest.mark.parametrize(("n_val", "said"), [(2, "43.3"), (4, "30.6"), (100, "6.1")])
+def test_the_reason_for_one_trial_states_the_standard_error_near_75_percent_it_names(monkeypatch, n_val, said):
+    # on 5 validation images or fewer it printed the floored error (70.7 points on 2) while naming "near 75 %"
+    monkeypatch.setattr(auto, "_trial", lambda *_a, **_k: {"n_val": n_val, "data_kind": "images"})
+    trials, _, why = auto._measure(None, [2, 3, 4], 1.0, Path("unused"), None, lambda line: None)
+    assert len(trials) == 1 and f"near 75 % is {said} points" in why, why
