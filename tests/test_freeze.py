@@ -451,3 +451,24 @@ def test_unfreeze_finds_the_eval_hooks_of_a_freeze_made_before_the_module_was_re
     ft.unfreeze(model, "layer4")
     bn = model.layer4[0].bn1
     assert not bn._forward_pre_hooks and model.train() and bn.training
+
+
+def test_a_model_pickled_whole_by_an_earlier_freezetune_loads_and_unfreezes(monkeypatch):
+    # its frozen BatchNorm layers' hook is pickled by name: freezetune.freeze._keep_eval, before the BatchNorm policy
+    # had a module of its own (bn_policy); without the name there, torch.load(model) failed
+    import pickle
+
+    import torchvision
+
+    from freezetune import bn_policy
+
+    model = torchvision.models.resnet18(num_classes=3)
+    ft.freeze(model, "backbone")
+    monkeypatch.setattr(bn_policy._keep_eval, "__module__", "freezetune.freeze")  # how the earlier one named it
+    data = pickle.dumps(model)
+    monkeypatch.undo()
+    assert b"freezetune.freeze" in data
+    loaded = pickle.loads(data)
+    ft.unfreeze(loaded, "layer1")
+    bn = loaded.layer1[0].bn1
+    assert loaded.train() and bn.training and not bn._forward_pre_hooks and bn.weight.requires_grad

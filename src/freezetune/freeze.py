@@ -15,7 +15,13 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from freezetune.bn_policy import bn_mode, check_bn_policy, set_frozen, set_released
+from freezetune.bn_policy import (
+    _keep_eval,  # noqa: F401 - a model pickled whole by an earlier freezetune names it here
+    bn_mode,
+    check_bn_policy,
+    set_frozen,
+    set_released,
+)
 from freezetune.errors import SpecError, choices
 from freezetune.module_tree import unwrap
 from freezetune.options import BN_DEFAULT, FREEZE_DEFAULT, FREEZE_KEYWORDS
