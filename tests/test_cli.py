@@ -1035,7 +1035,7 @@ def test_eval_refuses_one_file_for_both_its_metrics_and_its_plot(run, data, caps
     # the plot, drawn second, replaced the JSON asked for, and the line said both were written
     code, out, err = run_cli(capsys, "eval", "--checkpoint", run[0] / "best.pt", "--data", data, "--metrics",
                              tmp_path / "out.png", "--plot", tmp_path / "out.png")  # fmt: skip
-    _assert_user_error(code, out, err, "--metrics and --plot both name", "give each its own file")
+    _assert_user_error(code, out, err, "--metrics (metrics=...) and --plot (plot=...) both name", "its own file")
     assert not (tmp_path / "out.png").exists()
 
 

@@ -25,7 +25,7 @@ from freezetune._io import atomic_write_text
 from freezetune.config import TrainConfig
 from freezetune.data.loaders import Loaders, close_loader
 from freezetune.data.text import Columns, refuse_text_settings
-from freezetune.errors import ConfigError, DataError
+from freezetune.errors import ConfigError, DataError, setting
 from freezetune.evaluate import evaluate, predict_probs
 from freezetune.options import check, column_name_problem, positive_int_problem
 from freezetune.precision import Precision, resolve_device, resolve_precision
@@ -83,8 +83,8 @@ def default_plot(checkpoint: str | Path, data: str | Path) -> Path:
 def check_outputs(plot: str | Path | None, metrics: str | Path | None) -> None:
     """Refuse one file named for both the plot and the metrics: the plot, drawn second, replaced the JSON."""
     if plot is not None and metrics is not None and Path(plot).resolve() == Path(metrics).resolve():
-        raise ConfigError(f"--metrics and --plot both name {str(metrics)!r}: the plot would replace the metrics; "
-                          "give each its own file")  # fmt: skip
+        raise ConfigError(f"{setting('metrics')} and {setting('plot')} both name {str(metrics)!r}: the plot would "
+                          "replace the metrics; give each its own file")  # fmt: skip
 
 
 def kept_output(path: str | Path, checkpoint: str | Path, *, force: bool, metrics: bool) -> str | None:
