@@ -210,8 +210,8 @@ def _eval_parser(sub) -> None:
                    help="results do not depend on it (the loss: float rounding)")  # fmt: skip
     p.add_argument("--device", default=_DEFAULTS.device, help=FIELD_HELP["device"])
     p.add_argument("--plot", default=None,
-                   help="confusion-matrix image, .png/.pdf/.svg/.jpg (default: eval_<data>-<digest of its path>_confusion.png "
-                        "next to the checkpoint)")  # fmt: skip
+                   help="confusion-matrix image, .png/.pdf/.svg/.jpg (default: next to the checkpoint, "
+                        "eval_<data>-<digest of its path>_confusion.png)")  # fmt: skip
     p.add_argument("--metrics", default=None, help="also write every metric as JSON to this file (for batch jobs)")
     p.add_argument("--force", action="store_true",
                    help="replace an existing --metrics or --plot file that no evaluation wrote (what eval wrote, it "
