@@ -205,7 +205,7 @@ def _measure(base: TrainConfig, ks: list[int], boost: float, out: Path, train: C
     if not n_val:
         return [first], first, f"the default (last {default_k} stages): there are no validation {kind} to compare on"
     if n_val < MIN_VAL_TO_COMPARE and len(ks) > 1:
-        noise = 100 * math.sqrt(2 * 0.75 * 0.25 / n_val)  # as said: not _noise's floor, which a tiny split reaches
+        noise = 100 * _noise(0.75, n_val, floored=False)  # as said: near 75 %, whatever the split's size
         return [first], first, (f"the default (last {default_k} stages): {n_val} validation {kind} cannot tell the "
                                 f"candidates apart (one standard error of a difference near 75 % is {noise:.1f} points "
                                 f"on them; the candidates trained to the end differ by about 3), so only its trial "
@@ -404,14 +404,15 @@ def choose(trials: list[dict], n_val: int) -> dict:
     return max(better, key=lambda t: (t["val_acc"], -t["trained_stages"])) if better else default
 
 
-def _noise(p: float, n_val: int) -> float:
-    """One standard error of the difference of two accuracies near ``p`` on ``n_val`` images (floored: a split all
-    right or all wrong is not noiseless).
+def _noise(p: float, n_val: int, *, floored: bool = True) -> float:
+    """One standard error of the difference of two accuracies near ``p`` on ``n_val`` images (``floored``: a split
+    all right or all wrong is not noiseless; on 5 images or fewer the floor exceeds the error near 75 %).
 
-    >>> round(_noise(0.75, 100), 3), round(_noise(0.75, 400), 3)
-    (0.061, 0.031)
+    >>> round(_noise(0.75, 100), 3), round(_noise(0.75, 400), 3), round(_noise(0.75, 2, floored=False), 3)
+    (0.061, 0.031, 0.433)
     """
-    return math.sqrt(2 * max(p * (1 - p), 1 / max(n_val, 1)) / max(n_val, 1))
+    n = max(n_val, 1)
+    return math.sqrt(2 * (max(p * (1 - p), 1 / n) if floored else p * (1 - p)) / n)
 
 
 def _val_size(result) -> int:

@@ -43,6 +43,7 @@ AUTO_VAL_MAX_PER_CLASS = 50  # enough to rank recipes, cheap to cache and to eva
 LARGE_IMAGE_WARNING = r"Image size \(\d+ pixels\) exceeds limit"  # PIL's DecompressionBombWarning (data.folder)
 BATCH_AUTO = "auto"  # --batch-size auto: the largest power of two that fits the CUDA device (memory.auto_batch_size)
 LAST_K, LAST_K_DEFAULT = "last-k", 2  # the recipes last-1, last-2, ...: "last-k" alone is last-2
+_LAST = LAST_K.removesuffix("k")  # what every last-K recipe starts with
 # Named fine-tuning procedures (``--recipe``), each in one line; ``freezetune.recipes`` carries them out.
 RECIPE_HELP = {
     "auto": "measure on the validation split which stages to freeze, then fine-tune the rest (the default)",
@@ -236,9 +237,6 @@ def recipe_problem(name: str | None) -> str | None:
     if k is not None:  # last-0, last-x: the family is right, its K is not
         return f"recipe {name!r}: last-K trains the last K stages, K a whole number >= 1 (last-1, last-2, ...)"
     return choice_problem("recipe", name, RECIPES)
-
-
-_LAST = LAST_K.removesuffix("k")
 
 
 def recipe_family(name: str) -> str:
