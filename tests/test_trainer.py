@@ -430,6 +430,13 @@ def test_device_and_precision_resolution():
             resolve_device("cuda")
 
 
+def test_a_numbered_cpu_device_is_refused():
+    # torch takes "cpu:1" and runs on the one CPU device: the run went ahead as if a second CPU had been chosen
+    assert resolve_device("cpu:0") == torch.device("cpu:0")
+    with pytest.raises(ConfigError, match=r"device 'cpu:1': the CPU device takes no number .*; use --device cpu"):
+        resolve_device("cpu:1")
+
+
 # --- the real thing: Fashion-MNIST with packaged ImageNet weights --------------------------------------------------
 
 

@@ -68,6 +68,9 @@ def resolve_device(spec: str = "auto") -> torch.device:
         device = None
     if device is None or device.type not in {d.partition(":")[0] for d in DEVICES}:  # xpu, meta: tracebacks later
         raise ConfigError(f"unsupported device {spec!r}; devices are: {choices(DEVICES)}")
+    if device.type == "cpu" and device.index not in (None, 0):  # torch takes it and runs on the one CPU device
+        raise ConfigError(f"device {spec!r}: the CPU device takes no number (it uses every core); use "
+                          f"{setting('device', 'cpu')}")  # fmt: skip
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise ConfigError(
