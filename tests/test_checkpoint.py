@@ -50,6 +50,19 @@ def test_saved_checkpoint_rebuilds_the_same_model(trained, tmp_path):
         assert torch.equal(rebuilt.eval()(x), trained(x))
 
 
+def test_weights_saved_mid_epoch_are_named_so_when_rebuilt(trained, tmp_path, caplog):
+    # predict, eval and export took a mid-epoch last.pt (--save-every-steps, a stop signal) without a word
+    record = {**_record(trained), "epoch": 1, "steps_per_epoch": 40, "progress": {"epoch": 1, "step": 12}}
+    with caplog.at_level("WARNING", logger="freezetune.checkpoint"):
+        checkpoint.build_model(checkpoint.load(checkpoint.save(record, tmp_path / "last.pt")))
+    assert "saved mid-epoch, 12 of 40 steps into epoch 2: its weights are part of the way" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="freezetune.checkpoint"):  # at an epoch's end: nothing to say
+        checkpoint.build_model({**record, "progress": {"epoch": 2, "step": 0}})
+        checkpoint.build_model(_record(trained))
+    assert caplog.text == ""
+
+
 def test_compiled_and_wrapped_models_save_plain_keys(trained):
     compiled = torch.compile(trained, backend="eager")  # wraps without compiling until called
     keys = set(_record(compiled)["state_dict"])

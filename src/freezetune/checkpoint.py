@@ -7,6 +7,7 @@ Writes are atomic (temp file + rename): a crash mid-save never leaves a half-wri
 from __future__ import annotations
 
 import dataclasses
+import logging
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,8 @@ from freezetune.weights import load_failure
 
 BEST = "best.pt"
 LAST = "last.pt"
+
+log = logging.getLogger(__name__)
 
 
 def model_record(model: nn.Module, cfg_dict: dict, classes: list[str], preprocess: Preprocess,
@@ -78,7 +81,8 @@ _REBUILDS = ("model", "preprocess")  # beside state_dict and classes, what build
 
 
 def build_model(record: dict[str, Any]) -> tuple[nn.Module, Preprocess]:
-    """Rebuild the architecture named in a checkpoint, with its head, and load its weights."""
+    """Rebuild the architecture named in a checkpoint, with its head, and load its weights; a note says when they
+    are a mid-epoch ``last.pt``'s (``--save-every-steps`` or a stop signal), part of the way through an epoch."""
     from freezetune.heads import replace_head
     from freezetune.models import create_model
 
@@ -100,7 +104,23 @@ def build_model(record: dict[str, Any]) -> tuple[nn.Module, Preprocess]:
         raise CheckpointError(
             f"checkpoint weights do not fit {record['model']}: missing {missing[:3]}, unexpected {unexpected[:3]}"
         )
+    if note := mid_epoch_note(record):
+        log.warning(note)
     return model, pre
+
+
+def mid_epoch_note(record: dict[str, Any]) -> str | None:
+    """What a checkpoint saved part of the way through an epoch holds, or None for one saved at an epoch's end.
+
+    >>> mid_epoch_note({"epoch": 2, "steps_per_epoch": 40, "progress": {"epoch": 2, "step": 12}})[:59]
+    'note: this checkpoint was saved mid-epoch, 12 of 40 steps i'
+    """
+    progress = record.get("progress") or {}
+    if not progress.get("step"):
+        return None
+    return (f"note: this checkpoint was saved mid-epoch, {progress['step']} of {record.get('steps_per_epoch', '?')} "
+            f"steps into epoch {progress.get('epoch', 0) + 1}: its weights are part of the way through that epoch "
+            f"(the run's {BEST} holds its best finished epoch)")  # fmt: skip
 
 
 def _model_of(record: dict) -> str | None:
