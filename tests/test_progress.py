@@ -12,6 +12,7 @@ from freezetune.progress import Progress
     ("val_acc", [0.5, 0.7, 0.6], 2),  # accuracy: higher is better
     ("val_loss", [0.9, 0.4, 0.6], 2),  # loss: lower is better
     ("val_loss", [0.9, float("nan"), 1.2], 1),  # a non-finite metric never becomes the best
+    ("val_f1", [0.4, 0.3, 0.6], 3),  # macro-F1: higher is better
 ])  # fmt: skip
 def test_the_best_epoch_follows_the_monitored_metrics_direction(monitor, metrics, best):
     progress = Progress(monitor)
@@ -27,6 +28,7 @@ def test_the_best_epoch_follows_the_monitored_metrics_direction(monitor, metrics
     ("val_acc", [(1.0, 0.30), (1.0, 0.15), (1.0, 0.07), (0.9, 0.05)], 3),
     ("val_loss", [(0.2, 0.8), (0.2, 0.9), (0.3, 1.0)], 2),  # a tied loss goes to the higher accuracy
     ("val_acc", [(1.0, 0.15), (1.0, float("nan")), (1.0, 0.20)], 1),  # a later tie no surer is no better
+    ("val_f1", [(0.7, 0.50), (0.7, 0.40), (0.6, 0.30)], 2),  # a tied macro-F1 goes to the lower loss
 ])  # fmt: skip
 def test_a_tie_goes_to_the_epoch_better_on_the_other_metric(monitor, rows, best):
     progress = Progress(monitor)

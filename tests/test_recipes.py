@@ -607,6 +607,42 @@ def test_trials_and_sweep_rows_are_compared_by_validation_accuracy_whatever_the_
         assert row["val_acc"] == pytest.approx(float(best["val_acc"]))
 
 
+def test_under_monitor_val_f1_trials_and_sweep_rows_are_compared_by_macro_f1(data, tmp_path):
+    # imbalanced classes: accuracy can sit at the majority class's share while the small classes go unrecognised
+    from freezetune.sweep import sweep
+
+    lines = []
+    auto.run(_cfg(data, tmp_path / "auto", monitor="val_f1", epochs=1, cache="auto"), echo=lines.append)
+    trials = json.loads((tmp_path / "auto" / "recipe.json").read_text())["trials"]
+    assert trials and all(0 <= t["val_f1"] <= 1 and 0 <= t["val_acc"] <= 1 for t in trials)
+    assert any(line.startswith("auto: last 3 stage(s) + head at lr") and ": val macro-F1 " in line for line in lines)
+    lines.clear()
+    done = sweep(_cfg(data, None, monitor="val_f1", epochs=2), "linear-probe,last-2", out=tmp_path / "s",
+                 echo=lines.append)  # fmt: skip
+    for row in done.rows:  # best.pt is the epoch of the best macro-F1, and the row carries both scores
+        history = read_metrics(Path(row["run_dir"]) / "metrics.csv")
+        best = next(r for r in history if int(r["epoch"]) == row["best_epoch"])
+        assert row["val_f1"] == pytest.approx(float(best["val_f1"])) == pytest.approx(max(r["val_f1"] for r in history))
+        assert row["val_acc"] == pytest.approx(float(best["val_acc"]))
+    best_f1 = max(r["val_f1"] for r in done.rows)
+    assert next(r for r in done.rows if r["recipe"] == done.winner)["val_f1"] == best_f1
+    assert (tmp_path / "s" / "sweep.csv").read_text().startswith("recipe,val_acc,val_f1,train_s,")
+    assert any("val acc   val F1  train s" in line for line in lines)
+
+
+def test_choose_and_pick_winner_compare_by_the_metric_asked():
+    from freezetune.sweep import pareto_front, pick_winner
+
+    trials = [{"trained_stages": 2, "val_acc": 0.80, "val_f1": 0.70}, {"trained_stages": 3, "val_acc": 0.83,
+              "val_f1": 0.60}, {"trained_stages": 4, "val_acc": 0.90, "val_f1": 0.50}]  # fmt: skip
+    assert auto.choose(trials, n_val=5000)["trained_stages"] == 4
+    assert auto.choose(trials, n_val=5000, metric="val_f1")["trained_stages"] == 2
+    rows = [{"recipe": r, "val_acc": a, "val_f1": f, "train_s": t} for r, a, f, t in
+            [("full", 0.90, 0.50, 30.0), ("last-2", 0.85, 0.70, 10.0), ("linear-probe", 0.80, 0.40, 5.0)]]  # fmt: skip
+    assert pick_winner(rows)["recipe"] == "full" and pick_winner(rows, "val_f1")["recipe"] == "last-2"
+    assert [r["recipe"] for r in pareto_front(rows, "val_f1")] == ["linear-probe", "last-2"]
+
+
 def test_a_sweep_replaces_no_winner_yaml_it_did_not_write_and_an_unfinished_sweep_only_resumes(data, tmp_path):
     # a user's winner.yaml (and sweep_config.yaml) in --out were replaced silently: only sweep.csv was looked for
     from freezetune.sweep import SETTINGS_FILE, sweep

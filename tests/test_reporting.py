@@ -252,3 +252,15 @@ def test_under_monitor_val_loss_the_ring_marks_best_pts_epoch_on_the_loss_panel(
     ax = Figure().subplots()
     reporting._mark_best(ax, rows, "val_acc", epoch=3)  # best.pt's epoch, given by the run, wins over the column
     assert ax.get_legend().get_texts()[-1].get_text() == "best val acc 55.0% (epoch 3)"
+
+
+def test_under_monitor_val_f1_the_accuracy_panel_draws_macro_f1_and_rings_best_pts_epoch_on_it():
+    from freezetune import reporting
+
+    rows = [{"epoch": e, "train_loss": 1.0, "val_loss": 0.5, "train_acc": 0.7, "val_acc": acc, "val_f1": f1}
+            for e, acc, f1 in [(1, 0.90, 0.40), (2, 0.88, 0.62), (3, 0.91, 0.55)]]  # fmt: skip
+    fig = reporting.report_figure(rows, "r", monitor="val_f1")
+    legend = [t.get_text() for t in fig.axes[1].get_legend().get_texts()]
+    assert legend == ["train_acc", "val_acc", "val_f1", "best val macro-F1 62.0% (epoch 2)"]
+    plain = reporting.report_figure(rows, "r")  # kept by accuracy: no F1 curve, the ring on the best accuracy
+    assert [t.get_text() for t in plain.axes[1].get_legend().get_texts()][2:] == ["best val acc 91.0% (epoch 3)"]

@@ -13,7 +13,8 @@ cheap to ask the data. The procedure, every step printed and written to ``recipe
    2 / k)`` (``TEXT_LR_BOOST``, 1).
 2. Trials: each candidate trains one short epoch over a random ``TRIAL_FRACTION`` of a run epoch's training images
    (of the training set, unless ``epoch_fraction`` or ``epoch_images`` make epochs shorter), with its LR schedule run
-   to the end within it, and is scored on the validation split. The test split is never looked at. The default
+   to the end within it, and is scored on the validation split (its accuracy; its macro-F1 under ``monitor:
+   val_f1``, where every class counts alike). The test split is never looked at. The default
    candidate's trial runs first; the others run only if the split has ``MIN_VAL_TO_COMPARE`` (400) images or more: a
    smaller one cannot tell apart candidates a few points apart, and its noisy verdicts cost accuracy.
 3. Choice: the last three stages (``DEFAULT_TRAINED_STAGES``), unless another candidate beats them on the validation
@@ -49,7 +50,7 @@ from freezetune._io import atomic_write_text
 from freezetune.config import RESUME_MAY_CHANGE, TrainConfig, needs_validation
 from freezetune.errors import ConfigError, setting
 from freezetune.interrupt import RunInterrupted
-from freezetune.options import parse_duration
+from freezetune.options import METRIC_NAMES, compared_by, parse_duration
 from freezetune.runtime import RECIPE_FILE, TRIALS_DIR
 
 MIN_TRAINED_STAGES, MAX_TRAINED_STAGES = 2, 4  # candidates train the last 2, 3 or 4 stages (and the head)
@@ -212,7 +213,7 @@ def _measure(base: TrainConfig, ks: list[int], boost: float, out: Path, train: C
                                 f"ran")  # fmt: skip
     trials = sorted([first, *(_trial(base, k, boost, out, train, echo, brief=True) for k in ks if k != default_k)],
                     key=lambda t: t["trained_stages"])  # fmt: skip
-    choice = choose(trials, n_val)
+    choice = choose(trials, n_val, compared_by(base.monitor))
     trained = _trained(trials)
     if choice is not first:
         return trials, choice, (f"its trial beat the default (last {default_k} stages) by more than the noise of "
@@ -248,9 +249,11 @@ def _trial(base: TrainConfig, k: int, boost: float, out: Path, train: Callable, 
     row = result.history[-1] if result.history else {}
     seconds = {key: result.seconds.get(key, 0.0) for key in ("cache", "epochs")}
     trained_s = row.get("epoch_time_s", 0.0)
-    echo(f"auto: last {k} stage(s) + head at lr {trial_cfg.lr:.1e}: val acc {_pct(result.best_val_acc)} after "
-         f"{_steps(result.steps_per_epoch)} ({sum(seconds.values()):.1f}s)")  # fmt: skip
+    metric = compared_by(base.monitor)
+    echo(f"auto: last {k} stage(s) + head at lr {trial_cfg.lr:.1e}: {METRIC_NAMES[metric]} "
+         f"{_pct(result.best_val(metric))} after {_steps(result.steps_per_epoch)} ({sum(seconds.values()):.1f}s)")  # fmt: skip
     return {"trained_stages": k, "freeze": -(k + 1), "lr": trial_cfg.lr, "val_acc": result.best_val_acc,
+            "val_f1": result.best_val("val_f1"),
             "seconds": seconds, "epoch_s": trained_s / TRIAL_FRACTION,  # a whole epoch's training, estimated
             "epoch_images": row.get("img_per_s", 0.0) * trained_s / TRIAL_FRACTION, "loop_s": seconds["epochs"],
             "val_s": result.seconds.get("val", 0.0), "fixed_epoch": base.epoch_images is not None,
@@ -383,25 +386,26 @@ def default_stages(ks: list[int]) -> int:
     return DEFAULT_TRAINED_STAGES if DEFAULT_TRAINED_STAGES in ks else ks[len(ks) // 2]
 
 
-def choose(trials: list[dict], n_val: int) -> dict:
+def choose(trials: list[dict], n_val: int, metric: str = "val_acc") -> dict:
     """The default candidate (``DEFAULT_TRAINED_STAGES``), unless another beat it on the validation split by more
     than the noise of a split of ``n_val`` images (one standard error of the difference of two accuracies); among
-    several such, the most accurate, the cheaper one on a tie.
+    several such, the best, the cheaper one on a tie. ``metric``: what the trials are compared by (``val_acc``, or
+    ``val_f1`` under ``--monitor val_f1``, held to the same noise: a rule of thumb for it).
 
     >>> trials = [{"trained_stages": 2, "val_acc": 0.80}, {"trained_stages": 3, "val_acc": 0.83},
     ...           {"trained_stages": 4, "val_acc": 0.86}]
     >>> choose(trials, n_val=100)["trained_stages"], choose(trials, n_val=5000)["trained_stages"]
     (3, 4)
     """
-    scored = [t for t in trials if t["val_acc"] is not None and math.isfinite(t["val_acc"])]
+    scored = [t for t in trials if t.get(metric) is not None and math.isfinite(t[metric])]
     default_k = default_stages([t["trained_stages"] for t in trials])
     default = next(t for t in trials if t["trained_stages"] == default_k)
     if not scored or default not in scored:
         return default
-    p = default["val_acc"]
+    p = default[metric]
     noise = _noise(p, n_val)
-    better = [t for t in scored if t["val_acc"] > p + noise]
-    return max(better, key=lambda t: (t["val_acc"], -t["trained_stages"])) if better else default
+    better = [t for t in scored if t[metric] > p + noise]
+    return max(better, key=lambda t: (t[metric], -t["trained_stages"])) if better else default
 
 
 def _noise(p: float, n_val: int, *, floored: bool = True) -> float:

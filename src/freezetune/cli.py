@@ -157,7 +157,8 @@ _SWEEP_HELP = {
     "auto recipe inside trains --epochs; default: none)",
     "resume": "continue an interrupted sweep: give its own command again (a setting other than those it recorded in "
     "sweep_config.yaml is refused); finished recipes are read back",
-    "monitor": "what each recipe's best.pt is chosen by; recipes are compared by validation accuracy whatever it is",
+    "monitor": "what each recipe's best.pt is chosen by; recipes are compared by validation macro-F1 under val_f1, "
+    "else by validation accuracy",
     "freeze": "refused: each of --recipes sets its own",
     "recipe": "refused: give --recipes",
     **{key: f"refused when true: {why}" for key, (_, why) in SWEEP_SETS.items()},

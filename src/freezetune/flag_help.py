@@ -111,7 +111,9 @@ FIELD_HELP = {
     "early_stop": "stop after PATIENCE epochs without improvement of --monitor (counted once the LR warm-up ends; "
     "default: off)",
     "save_every_steps": "also save last.pt every N training steps (resumable mid-epoch; default: at each epoch's end)",
-    "monitor": "what picks best.pt (a tie: the other of the two) and drives --early-stop and a plateau unfreeze",
+    "monitor": "what picks best.pt (a tie: val_loss, or val_acc for val_loss) and drives --early-stop and a plateau "
+    "unfreeze; val_f1 (macro-F1: each class counts alike, for imbalanced classes) also compares the auto recipe's "
+    "trials",
     "tensorboard": "write TensorBoard event files in the run directory",
     "progress": "progress bars (redirected to a file or a pipe: a line a minute at most)",
     "final_test": "score best.pt on the test split when the run ends",

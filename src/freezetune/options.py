@@ -33,8 +33,23 @@ FREEZE_KEYWORDS = ("backbone", "all", "none", "bitfit")  # bitfit: all but biase
 # the forms of an unfreeze schedule (``unfreezing.parse_schedule``); a plateau without mode follows the monitor
 UNFREEZE_FORMS = ("epoch:N", "plateau:patience=P,min_delta=D[,mode=max|min]", "{epoch: spec}")
 FREEZE_DEFAULT = "backbone"  # what ``freeze(model)`` freezes and ``inspect`` shows: all but the head
-MONITORS = ("val_acc", "val_loss")
-MONITOR_MODES = {"val_acc": "max", "val_loss": "min"}  # which way each monitored metric improves
+MONITORS = ("val_acc", "val_loss", "val_f1")  # val_f1: macro-F1, each class counts alike (imbalanced classes)
+MONITOR_MODES = {"val_acc": "max", "val_loss": "min", "val_f1": "max"}  # which way each monitored metric improves
+TIE_BREAKS = {"val_acc": "val_loss", "val_loss": "val_acc", "val_f1": "val_loss"}  # what breaks a tie of each
+FRACTIONS = ("val_acc", "val_f1")  # the monitored metrics that are fractions in [0, 1] (min_delta 0.005: half a point)
+
+
+def compared_by(monitor: str) -> str:
+    """What the auto recipe's trials and a sweep's recipes are compared by under ``monitor``: macro-F1 when it is
+    monitored, else accuracy (a loss would rank a recipe by how sure it is, not by how often it is right).
+
+    >>> compared_by("val_loss"), compared_by("val_f1")
+    ('val_acc', 'val_f1')
+    """
+    return "val_f1" if monitor == "val_f1" else "val_acc"
+
+
+METRIC_NAMES = {"val_acc": "val acc", "val_f1": "val macro-F1"}  # how the log and tables name a compared metric
 # the training loss per class: "balanced" weighs each class by the inverse of its share of the training set
 CLASS_WEIGHTS = ("none", "balanced")
 IMBALANCE_NOTED = 3.0  # a run notes --class-weights when its largest class is this many times its smallest

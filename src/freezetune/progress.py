@@ -12,12 +12,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from freezetune.options import MONITOR_MODES, MONITORS, check_choice
+from freezetune.options import MONITOR_MODES, MONITORS, TIE_BREAKS, check_choice
 
 
 @dataclass
 class Progress:
-    """Progress of a run monitored on ``monitor`` (``val_acc`` is maximised, ``val_loss`` minimised).
+    """Progress of a run monitored on ``monitor`` (``val_acc`` and ``val_f1`` are maximised, ``val_loss`` minimised).
 
     >>> p = Progress("val_acc"); p.update(0, 0.5), p.update(1, 0.4), p.best_epoch, p.bad_epochs
     (True, False, 1, 1)
@@ -84,8 +84,12 @@ class Progress:
 
 
 def other_monitor(monitor: str) -> str:
-    """The metric that breaks a tie of ``monitor``."""
-    return next(m for m in MONITORS if m != monitor)
+    """The metric that breaks a tie of ``monitor``.
+
+    >>> other_monitor("val_acc"), other_monitor("val_f1"), other_monitor("val_loss")
+    ('val_loss', 'val_loss', 'val_acc')
+    """
+    return TIE_BREAKS[monitor]
 
 
 def _beats(value: float | None, best: float | None, monitor: str) -> bool:
@@ -136,8 +140,16 @@ class RunResult:
         >>> RunResult(Path("r"), 2, 0.4, history=[{"epoch": 1, "val_acc": 0.5}, {"epoch": 2, "val_acc": 0.7}]).best_val_acc
         0.7
         """
+        return self.best_val("val_acc")
+
+    def best_val(self, metric: str) -> float | None:
+        """``metric`` (a column of ``history``: ``val_acc``, ``val_f1``, ...) at the best epoch, None without it.
+
+        >>> RunResult(Path("r"), 1, 0.4, history=[{"epoch": 1, "val_acc": 0.5, "val_f1": 0.25}]).best_val("val_f1")
+        0.25
+        """
         row = next((r for r in self.history if r.get("epoch") == self.best_epoch), None)
-        value = row.get("val_acc") if row else None
+        value = row.get(metric) if row else None
         return float(value) if value is not None else None
 
     @property

@@ -19,7 +19,7 @@ import torch
 
 from freezetune._io import atomic_output, atomic_write_text
 from freezetune.errors import DataError
-from freezetune.options import MONITOR_MODES
+from freezetune.options import FRACTIONS, METRIC_NAMES, MONITOR_MODES
 
 METRICS_CSV, REPORT_PNG = "metrics.csv", "report.png"  # a run's epoch rows and their plot
 
@@ -238,7 +238,8 @@ def plot_report(metrics_csv: str | Path, out_png: str | Path, *, monitor: str = 
     Args:
         metrics_csv: A ``metrics.csv`` written by ``MetricsLogger``.
         out_png: Destination PNG; written atomically.
-        monitor: the metric the run kept ``best.pt`` by (``val_acc`` or ``val_loss``): its panel rings the best epoch.
+        monitor: the metric the run kept ``best.pt`` by (``val_acc``, ``val_loss``, ``val_f1``): its panel rings the best
+            epoch (``val_f1``: drawn beside the accuracies).
         best_epoch: ``best.pt``'s epoch; by default the best of ``monitor``'s column.
 
     Returns:
@@ -251,24 +252,26 @@ def plot_report(metrics_csv: str | Path, out_png: str | Path, *, monitor: str = 
     >>> plot_report(d / "metrics.csv", d / "report.png").read_bytes()[:4]
     b'\\x89PNG'
     """
+    rows = [r for r in read_metrics(metrics_csv) if "epoch" in r]
+    fig = report_figure(rows, Path(metrics_csv).parent.name or "run", monitor=monitor, best_epoch=best_epoch)
+    with atomic_output(out_png) as tmp:
+        fig.savefig(tmp, format="png")
+    return Path(out_png)
+
+
+def report_figure(rows: list[dict[str, Any]], name: str, *, monitor: str = "val_acc", best_epoch: int | None = None):
+    """``plot_report``'s figure of the epoch ``rows`` of run ``name`` (a matplotlib ``Figure``, not saved)."""
     from matplotlib.figure import Figure  # half a second: not for the commands that only read a run's files
     from matplotlib.ticker import MaxNLocator
 
-    rows = [r for r in read_metrics(metrics_csv) if "epoch" in r]
-    lr_cols = _lr_columns(rows)
-    panels = [
-        ("loss", ["train_loss", "val_loss"], 1.0, False),
-        ("accuracy (%)", ["train_acc", "val_acc"], 100.0, False),
-    ]
-    if lr_cols:
-        panels.append(("learning rate\n(at epoch end)", lr_cols, 1.0, True))
+    panels = _panels(rows, monitor)
     heights = [3, 3, 2][: len(panels)]
     fig = Figure(figsize=(8, sum(heights) + 0.8), dpi=110, layout="constrained")
     axes = fig.subplots(len(panels), 1, sharex=True, gridspec_kw={"height_ratios": heights})
     for ax, (title, cols, scale, log) in zip(axes, panels, strict=True):
         _plot_panel(ax, rows, title, cols, scale, log)
     _mark_unfreezes(axes, unfreeze_events(rows))
-    _mark_best(axes[1] if monitor == "val_acc" else axes[0], rows, monitor, best_epoch)
+    _mark_best(axes[1] if monitor in FRACTIONS else axes[0], rows, monitor, best_epoch)
     axes[-1].xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole: no 1.5 tick on a 3-epoch run
     if len({r["epoch"] for r in rows}) == 1:  # one epoch: the locator fell back to ticks 0.945, 0.960, ...
         axes[-1].set_xlim(rows[0]["epoch"] - 1, rows[0]["epoch"] + 1)
@@ -276,11 +279,19 @@ def plot_report(metrics_csv: str | Path, out_png: str | Path, *, monitor: str = 
     if not rows:
         axes[0].text(0.5, 0.5, "no epochs logged yet", ha="center", va="center", transform=axes[0].transAxes)
     no_val = rows and not any(isinstance(r.get("val_acc"), numbers.Real) for r in rows)
-    fig.suptitle(f"{Path(metrics_csv).parent.name or 'run'}: training report"
-                 + ("\n(no validation split: best.pt is the last epoch)" if no_val else ""))  # fmt: skip
-    with atomic_output(out_png) as tmp:
-        fig.savefig(tmp, format="png")
-    return Path(out_png)
+    fig.suptitle(f"{name}: training report" + ("\n(no validation split: best.pt is the last epoch)" if no_val else ""))
+    return fig
+
+
+def _panels(rows: list[dict[str, Any]], monitor: str) -> list[tuple[str, list[str], float, bool]]:
+    """(title, columns, scale, log axis) of each panel: losses; accuracies (and macro-F1 when best.pt was kept by
+    it); the learning rates, when logged."""
+    scores = (("accuracy,\nmacro-F1 (%)", ["train_acc", "val_acc", "val_f1"]) if monitor == "val_f1"
+              else ("accuracy (%)", ["train_acc", "val_acc"]))  # fmt: skip
+    panels = [("loss", ["train_loss", "val_loss"], 1.0, False), (*scores, 100.0, False)]
+    if lr_cols := _lr_columns(rows):
+        panels.append(("learning rate\n(at epoch end)", lr_cols, 1.0, True))
+    return panels
 
 
 def _lr_columns(rows: list[dict[str, Any]]) -> list[str]:
@@ -322,9 +333,9 @@ def _mark_best(ax: Any, rows: list[dict[str, Any]], monitor: str = "val_acc", ep
         return
     sign = 1 if MONITOR_MODES[monitor] == "max" else -1
     epoch, value = max(pts, key=lambda p: (sign * p[1], -p[0]))  # the first epoch that reached it, as best.pt keeps
-    shown = f"{100 * value:.1f}%" if monitor == "val_acc" else f"{value:.4g}"
-    label = f"best {monitor.replace('_', ' ')} {shown} (epoch {epoch})"
-    ax.plot([epoch], [value * (100 if monitor == "val_acc" else 1)], marker="o", markersize=10, fillstyle="none",
+    shown = f"{100 * value:.1f}%" if monitor in FRACTIONS else f"{value:.4g}"
+    label = f"best {METRIC_NAMES.get(monitor, monitor.replace('_', ' '))} {shown} (epoch {epoch})"
+    ax.plot([epoch], [value * (100 if monitor in FRACTIONS else 1)], marker="o", markersize=10, fillstyle="none",
             color="tab:green", linestyle="", label=label)  # fmt: skip
     ax.legend(fontsize=8, loc="best")
 

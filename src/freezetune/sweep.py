@@ -36,6 +36,7 @@ from freezetune.options import (
     SWEEP_DEFAULT_OUT,
     SWEEP_DEFAULT_RECIPES,
     SWEEP_SETS,
+    compared_by,
     parse_duration,
     recipe_family,
     recipe_problem,
@@ -46,7 +47,7 @@ _DEFAULTS = TrainConfig()
 ROW_FILE = "sweep_row.json"  # a finished recipe's row, in its run directory
 SWEEP_LOG = "sweep.log"  # the sweep's lines (its recipes' too), time-stamped; each recipe keeps its train.log
 SETTINGS_FILE = "sweep_config.yaml"  # the settings every recipe ran with: a --resume must keep them
-COLUMNS = ("recipe", "val_acc", "train_s", "peak_mem_mb", "trainable_params", "best_epoch", "run_dir")
+COLUMNS = ("recipe", "val_acc", "val_f1", "train_s", "peak_mem_mb", "trainable_params", "best_epoch", "run_dir")
 
 
 @dataclass
@@ -128,9 +129,10 @@ def _sweep(cfg: TrainConfig, runs: dict[str, TrainConfig], out: Path, echo: Call
         log_to(out)
         opened(out)  # its settings checked and kept: the dir is this sweep's
         rows = _run_all(runs, parse_duration(cfg.budget), cfg.budget, echo, info)
-        winner = pick_winner(rows)
+        metric = compared_by(cfg.monitor)  # macro-F1 under --monitor val_f1, else accuracy
+        winner = pick_winner(rows, metric)
         if info.is_main:
-            _write(out, rows, winner, cfg)
+            _write(out, rows, winner, cfg, metric)
         echo(format_table(rows, winner["recipe"]))
         echo(f"winner: {winner['recipe']} -> {out / 'winner.yaml'} (freezetune train --config {out / 'winner.yaml'})")
     return SweepResult(rows, winner["recipe"], out)
@@ -155,15 +157,15 @@ def _run_all(runs: dict[str, TrainConfig], budget: float | None, given: str | No
     return rows
 
 
-def pick_winner(rows: list[dict]) -> dict:
-    """The row with the best validation accuracy, the faster one of a tie; a row without a score (NaN) never wins
-    (``max`` kept a first-listed NaN row: it compares False both ways).
+def pick_winner(rows: list[dict], metric: str = "val_acc") -> dict:
+    """The row with the best validation ``metric`` (``val_acc``, or ``val_f1``: macro-F1), the faster one of a tie;
+    a row without a score (NaN) never wins (``max`` kept a first-listed NaN row: it compares False both ways).
 
     >>> pick_winner([{"recipe": "a", "val_acc": float("nan"), "train_s": 1.0},
     ...              {"recipe": "b", "val_acc": 0.5, "train_s": 9.0}])["recipe"]
     'b'
     """
-    return max(rows, key=lambda r: (r["val_acc"] if math.isfinite(r["val_acc"]) else -math.inf, -r["train_s"]))
+    return max(rows, key=lambda r: (r[metric] if math.isfinite(r[metric]) else -math.inf, -r["train_s"]))
 
 
 def _keep_settings(out: Path, cfg: TrainConfig, recipes: list[str], *, write: bool = True) -> None:
@@ -256,7 +258,7 @@ def _run_recipe(name: str, cfg: TrainConfig, echo: Callable[[str], None], info: 
     saved = Path(cfg.out) / ROW_FILE
     if cfg.resume and saved.is_file():
         echo(f"sweep: recipe {name} finished before the interruption: its row from {saved}")
-        return json.loads(saved.read_text()), True
+        return {"val_f1": math.nan, **json.loads(saved.read_text())}, True  # (an earlier version's row: no val_f1)
     echo(f"sweep: recipe {name}")
     if cfg.resume and not Path(cfg.out).exists():  # the sweep stopped before this recipe began: it starts afresh
         cfg = dataclasses.replace(cfg, resume=False)  # (the auto recipe refused to resume a run dir never made)
@@ -279,7 +281,8 @@ def _row(name: str, result, *, cuda: bool) -> dict:
     peak = max(r.get("peak_mem_mb", 0.0) for r in history) if cuda else None
     return {
         "recipe": name,
-        "val_acc": result.best_val_acc if result.best_val_acc is not None else float("nan"),  # not a val_loss
+        # the best epoch's, whatever it was kept by (a val_loss run's best_metric is a loss)
+        **{m: _or_nan(result.best_val(m)) for m in ("val_acc", "val_f1")},
         "train_s": result.train_seconds,
         "peak_mem_mb": peak,
         "trainable_params": history[-1].get("trainable_params", 0),
@@ -288,44 +291,48 @@ def _row(name: str, result, *, cuda: bool) -> dict:
     }
 
 
+def _or_nan(value: float | None) -> float:
+    return math.nan if value is None else value
+
+
 def format_table(rows: list[dict], winner: str) -> str:
     """The sweep's rows as an aligned text table, the winner marked.
 
-    >>> print(format_table([{"recipe": "full", "val_acc": 0.8, "train_s": 12.0, "peak_mem_mb": 900.0,
+    >>> print(format_table([{"recipe": "full", "val_acc": 0.8, "val_f1": 0.785, "train_s": 12.0, "peak_mem_mb": 900.0,
     ...                      "trainable_params": 3_400_000, "best_epoch": 3, "run_dir": "r"}], "full"))
-    recipe          val acc  train s  peak MiB  trainable
-    full *            80.0%     12.0       900       3.4M
+    recipe          val acc   val F1  train s  peak MiB  trainable
+    full *            80.0%    78.5%     12.0       900       3.4M
     """
-    lines = [f"{'recipe':14s}  {'val acc':>7s}  {'train s':>7s}  {'peak MiB':>8s}  {'trainable':>9s}"]
+    lines = [f"{'recipe':14s}  {'val acc':>7s}  {'val F1':>7s}  {'train s':>7s}  {'peak MiB':>8s}  {'trainable':>9s}"]
     for r in rows:
         name = r["recipe"] + (" *" if r["recipe"] == winner else "")
         peak = f"{r['peak_mem_mb']:8.0f}" if r.get("peak_mem_mb") is not None else f"{'-':>8s}"  # CPU: not measured
-        lines.append(f"{name:14s}  {100 * r['val_acc']:6.1f}%  {r['train_s']:7.1f}  {peak}  "
-                     f"{human(r['trainable_params']):>9s}")  # fmt: skip
+        lines.append(f"{name:14s}  {100 * r['val_acc']:6.1f}%  {100 * r.get('val_f1', math.nan):6.1f}%  "
+                     f"{r['train_s']:7.1f}  {peak}  {human(r['trainable_params']):>9s}")  # fmt: skip
     return "\n".join(lines)
 
 
-def pareto_front(rows: list[dict]) -> list[dict]:
-    """Rows no other row beats on both validation accuracy (higher) and training time (lower), fastest first.
+def pareto_front(rows: list[dict], metric: str = "val_acc") -> list[dict]:
+    """Rows no other row beats on both validation ``metric`` (higher) and training time (lower), fastest first.
 
     >>> [r["recipe"] for r in pareto_front([{"recipe": "a", "val_acc": .8, "train_s": 10},
     ...     {"recipe": "b", "val_acc": .7, "train_s": 20}, {"recipe": "c", "val_acc": .9, "train_s": 30}])]
     ['a', 'c']
     """
-    front = [r for r in rows if not any(o["val_acc"] >= r["val_acc"] and o["train_s"] <= r["train_s"]
-                                        and (o["val_acc"], -o["train_s"]) != (r["val_acc"], -r["train_s"])
+    front = [r for r in rows if not any(o[metric] >= r[metric] and o["train_s"] <= r["train_s"]
+                                        and (o[metric], -o["train_s"]) != (r[metric], -r["train_s"])
                                         for o in rows)]  # fmt: skip
     return sorted(front, key=lambda r: r["train_s"])
 
 
-def _write(out: Path, rows: list[dict], winner: dict, cfg: TrainConfig) -> None:
+def _write(out: Path, rows: list[dict], winner: dict, cfg: TrainConfig, metric: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
     text = io.StringIO()
     writer = csv.DictWriter(text, fieldnames=COLUMNS, lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
     atomic_write_text(out / "sweep.csv", text.getvalue())
-    _plot(rows, winner["recipe"], out / "sweep.png")
+    _plot(rows, winner["recipe"], out / "sweep.png", metric)
     atomic_write_text(out / "winner.yaml", yaml.safe_dump(_winner_config(cfg, winner), sort_keys=False))
 
 
@@ -346,30 +353,31 @@ def _winner_config(cfg: TrainConfig, winner: dict) -> dict:
     return values
 
 
-def _plot(rows: list[dict], winner: str, path: Path) -> None:
-    fig = _figure(rows, winner)
+def _plot(rows: list[dict], winner: str, path: Path, metric: str) -> None:
+    fig = _figure(rows, winner, metric)
     with atomic_output(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
 
 
-def _figure(rows: list[dict], winner: str):
-    """Validation accuracy against training seconds, a point a recipe, the winner in red, the Pareto front ringed."""
+def _figure(rows: list[dict], winner: str, metric: str = "val_acc"):
+    """Validation ``metric`` against training seconds, a point a recipe, the winner in red, the Pareto front ringed."""
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(6.4, 4.4))
     ax = fig.subplots()
     for r in rows:
         won = r["recipe"] == winner
-        ax.scatter(r["train_s"], 100 * r["val_acc"], color="tab:red" if won else "tab:blue", zorder=3,
+        ax.scatter(r["train_s"], 100 * r[metric], color="tab:red" if won else "tab:blue", zorder=3,
                    label=f"winner ({winner})" if won else None)  # fmt: skip
-        ax.annotate(r["recipe"], (r["train_s"], 100 * r["val_acc"]), textcoords="offset points", xytext=(4, 4))
+        ax.annotate(r["recipe"], (r["train_s"], 100 * r[metric]), textcoords="offset points", xytext=(4, 4))
     ax.margins(x=0.15, y=0.12)  # room for the labels beside the outermost points (the slowest one's was cut off)
-    front = pareto_front(rows)
-    xs, ys = [r["train_s"] for r in front], [100 * r["val_acc"] for r in front]
+    front = pareto_front(rows, metric)
+    xs, ys = [r["train_s"] for r in front], [100 * r[metric] for r in front]
     ax.plot(xs, ys, "--", color="gray", zorder=2)
     # each point of the front ringed: a line alone marked nothing when one recipe was both fastest and most accurate
     ax.scatter(xs, ys, s=180, facecolors="none", edgecolors="gray", zorder=2, label="Pareto front")
-    ax.set(xlabel="training seconds", ylabel="validation accuracy (%)", title="recipes on the validation split")
+    ylabel = "validation macro-F1 (%)" if metric == "val_f1" else "validation accuracy (%)"
+    ax.set(xlabel="training seconds", ylabel=ylabel, title="recipes on the validation split")
     ax.legend(loc="best", fontsize=8)  # lower right sat on the slow, low-accuracy recipes
     fig.tight_layout()
     return fig

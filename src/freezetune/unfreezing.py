@@ -24,7 +24,7 @@ from freezetune.bn_policy import check_bn_policy, policies
 from freezetune.errors import CheckpointError, SpecError, choices
 from freezetune.freeze import Spec, resolve_stages, unfreeze, warn_negative_unfreeze
 from freezetune.module_tree import unwrap, wrapping
-from freezetune.options import UNFREEZE_FORMS
+from freezetune.options import FRACTIONS, UNFREEZE_FORMS
 from freezetune.param_groups import LRRule, check_weight_decay, group_stage, is_no_decay, no_decay_names, stage_groups
 from freezetune.stages import Stage, stages
 
@@ -96,17 +96,18 @@ def _parse_plateau(args: str) -> Schedule:
 
 
 def plateau_units_note(schedule: Schedule | None, monitor: str) -> str | None:
-    """A note when a plateau's ``min_delta`` on ``val_acc`` reads like points: accuracy is a fraction there, and
-    ``min_delta=0.5`` (50 points) unfroze a stage after every epoch, as ``epoch:1`` would.
+    """A note when a plateau's ``min_delta`` on ``val_acc`` or ``val_f1`` reads like points: both are fractions,
+    and ``min_delta=0.5`` (50 points) unfroze a stage after every epoch, as ``epoch:1`` would.
 
     >>> plateau_units_note(parse_schedule("plateau:patience=1,min_delta=0.5"), "val_acc")[:47]
     'note: plateau min_delta 0.5 is in val_acc units'
     """
-    if schedule is None or schedule.kind != "plateau" or monitor != "val_acc" or schedule.min_delta < 0.1:
+    if schedule is None or schedule.kind != "plateau" or monitor not in FRACTIONS or schedule.min_delta < 0.1:
         return None
     delta = schedule.min_delta
-    return (f"note: plateau min_delta {delta:g} is in val_acc units, a fraction: {delta:g} is {100 * delta:g} points "
-            "of accuracy (half a point is 0.005), so nearly every epoch counts as a stall")  # fmt: skip
+    what = "accuracy" if monitor == "val_acc" else "macro-F1"
+    return (f"note: plateau min_delta {delta:g} is in {monitor} units, a fraction: {delta:g} is {100 * delta:g} points "
+            f"of {what} (half a point is 0.005), so nearly every epoch counts as a stall")  # fmt: skip
 
 
 def idle_schedule_note(unfreezer: Unfreezer | None, epochs: int) -> str | None:
