@@ -842,7 +842,7 @@ def test_train_help_explains_every_flag_under_its_section():
     sweep = _parser()._subparsers._group_actions[0].choices["sweep"]  # its own words, still with choices and default
     said = {a.dest: a.help for a in sweep._actions}
     assert said["monitor"].startswith("what each recipe's best.pt") and said["monitor"].endswith(
-        "one of val_acc | val_loss [default: val_acc]")  # fmt: skip
+        "one of val_acc | val_loss | val_f1 [default: val_acc]")  # fmt: skip
     assert said["freeze"] == "refused: each of --recipes sets its own"  # no default for a flag it refuses
 
 
