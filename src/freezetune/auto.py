@@ -251,7 +251,8 @@ def _trial(base: TrainConfig, k: int, boost: float, out: Path, train: Callable, 
     trained_s = row.get("epoch_time_s", 0.0)
     metric = compared_by(base.monitor)
     echo(f"auto: last {k} stage(s) + head at lr {trial_cfg.lr:.1e}: {METRIC_NAMES[metric]} "
-         f"{_pct(result.best_val(metric))} after {_steps(result.steps_per_epoch)} ({sum(seconds.values()):.1f}s)")  # fmt: skip
+         f"{_pct(result.best_val(metric))} after {_steps(result.steps_per_epoch)} "
+         f"({sum(seconds.values()):.1f}s)")  # fmt: skip
     return {"trained_stages": k, "freeze": -(k + 1), "lr": trial_cfg.lr, "val_acc": result.best_val_acc,
             "val_f1": result.best_val("val_f1"),
             "seconds": seconds, "epoch_s": trained_s / TRIAL_FRACTION,  # a whole epoch's training, estimated
