@@ -86,3 +86,21 @@ def fashion_mnist_dir() -> Path:
         if folder and (Path(folder) / "t10k-labels-idx1-ubyte.gz").is_file():
             return Path(folder)
     return Path("/usr/share/datasets/fashion-mnist")
+
+
+def confident_checkpoint(folder: Path) -> Path:
+    """``folder/best.pt`` of an untrained 3-class tiny model whose BatchNorm statistics moved: its predictions differ
+    between images, confidently (no near-ties for batching to flip)."""
+    import freezetune as ft
+    from freezetune import checkpoint
+    from freezetune.models import create_model
+    from freezetune.preprocess import Preprocess
+
+    torch.manual_seed(0)
+    model, _ = create_model("timm:test_efficientnet", "none")
+    ft.replace_head(model, len(CLASSES))
+    with torch.no_grad():
+        model.train()(torch.randn(8, 3, 32, 32))
+        model.get_classifier().weight.mul_(50)
+    record = checkpoint.model_record(model, {"model": "timm:test_efficientnet"}, sorted(CLASSES), Preprocess(32))
+    return checkpoint.save(record, folder / "best.pt")

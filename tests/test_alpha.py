@@ -25,8 +25,8 @@ from freezetune.data import (
 from freezetune.data.alpha import flatten, flatten_tensor
 from freezetune.data.gpu import DeviceJpegLoader, _decode_cpu
 from freezetune.errors import ConfigError
-from freezetune.inference import predict_files
 from freezetune.models import create_model
+from freezetune.predict import predict_files
 from freezetune.preprocess import Preprocess
 from freezetune.trainer import Trainer, train
 

@@ -734,7 +734,7 @@ def test_the_command_line_starts_without_the_data_pipeline_or_the_plots():
     assert loaded.returncode == 0 and loaded.stdout.strip() == "False False", loaded.stderr
 
 
-@pytest.mark.parametrize("module", ["inference", "export", "describe", "trainer"])
+@pytest.mark.parametrize("module", ["inference", "predict", "export", "describe", "trainer"])
 def test_commands_that_draw_nothing_do_not_import_matplotlib(module):
     # predict, export and inspect imported it (half a second) through the metrics and the report's modules
     probe = f"import sys, freezetune.{module}; print('matplotlib' in sys.modules)"
@@ -931,12 +931,15 @@ def test_device_out_of_memory_names_the_batch_size_to_try_and_keeps_the_run(tmp_
 
 @pytest.mark.parametrize("command", ["eval", "predict"])
 def test_eval_and_predict_out_of_memory_name_the_batch_size_to_try(data, run, capsys, monkeypatch, command):
-    from freezetune import inference
+    from freezetune import inference, predict
 
     def out_of_memory(*_args, **_kwargs):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB")
 
-    monkeypatch.setattr(inference, "evaluate" if command == "eval" else "predict_probs", out_of_memory)
+    if command == "eval":
+        monkeypatch.setattr(inference, "evaluate", out_of_memory)
+    else:
+        monkeypatch.setattr(predict, "predict_probs", out_of_memory)
     where = ["--data", str(data / "test")] if command == "eval" else [str(data / "test")]
     before = snapshot(run[0])
     code, out, err = run_cli(capsys, command, "--checkpoint", run[0] / "best.pt", *where, "--batch-size", "16")
@@ -1056,12 +1059,15 @@ def test_eval_draws_a_plot_per_dataset_even_for_two_of_one_name(run, data, capsy
 
 @pytest.mark.parametrize("command", ["eval", "predict"])
 def test_ctrl_c_outside_training_says_no_word_of_last_pt(run, data, capsys, monkeypatch, command):
-    from freezetune import inference
+    from freezetune import inference, predict
 
     def interrupted(*_args, **_kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(inference, "evaluate_checkpoint" if command == "eval" else "predict_files", interrupted)
+    if command == "eval":
+        monkeypatch.setattr(inference, "evaluate_checkpoint", interrupted)
+    else:
+        monkeypatch.setattr(predict, "predict_files", interrupted)
     argv = ["--data", data] if command == "eval" else [str(data)]
     code, _, err = run_cli(capsys, command, "--checkpoint", run[0] / "best.pt", *argv)
     assert code == 130 and err == "freezetune: interrupted\n", err

@@ -15,8 +15,9 @@ from freezetune import checkpoint
 from freezetune.data import build_datasets
 from freezetune.data.text import Columns, TextDataset, TokenizeBatch, read_text_csv, read_texts
 from freezetune.errors import ConfigError, DataError
-from freezetune.inference import LoadedModel, evaluate_checkpoint, predict_files, predict_texts
+from freezetune.inference import LoadedModel, evaluate_checkpoint
 from freezetune.precision import resolve_precision
+from freezetune.predict import predict_files, predict_texts
 from freezetune.preprocess import Preprocess
 from freezetune.reporting import read_metrics
 

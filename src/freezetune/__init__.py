@@ -29,9 +29,10 @@ _LAZY = {
     "use_fast_depthwise": "freezetune.depthwise",
     "train": "freezetune.trainer",
     **dict.fromkeys(
-        ("evaluate_checkpoint", "evaluate_model", "load_model", "predict_files", "predict_texts", "write_evaluation"),
+        ("evaluate_checkpoint", "evaluate_model", "load_model", "write_evaluation"),
         "freezetune.inference",
     ),
+    **dict.fromkeys(("predict_files", "predict_texts"), "freezetune.predict"),
 }
 
 

@@ -355,8 +355,8 @@ def _cmd_eval(args) -> int:
 
 
 def _cmd_predict(args) -> int:
-    from freezetune.inference import format_predictions, predict_files
     from freezetune.memory import out_of_memory_hint
+    from freezetune.predict import format_predictions, predict_files
 
     with out_of_memory_hint(args.batch_size, training=False):
         records = predict_files(args.checkpoint, args.images, topk=args.topk, batch_size=args.batch_size,

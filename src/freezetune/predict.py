@@ -1,0 +1,190 @@
+"""Predicting with a trained model: the most likely classes of image files, of a text model's files (CSV rows, text
+lines) or of texts given as strings, and the lines ``freezetune predict`` prints for them.
+
+A checkpoint (path or record) or a ``LoadedModel`` (``inference.load_model``) is accepted, so a notebook loads a
+model once and predicts many times.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from freezetune.data.text import Columns, refuse_text_settings
+from freezetune.errors import ConfigError, DataError
+from freezetune.evaluate import predict_probs
+from freezetune.inference import BATCH_SIZE, LoadedModel, count_cut, load_model, text_tokenizer, warn_cut
+from freezetune.options import check, column_name_problem, positive_int_problem
+
+log = logging.getLogger(__name__)
+
+
+def predict_files(
+    model: LoadedModel | str | Path | dict,
+    paths: Sequence[str | Path] | str | Path,
+    *,
+    topk: int = 5,
+    batch_size: int = BATCH_SIZE,
+    device: str = "auto",
+    text_column: str | None = None,
+) -> list[dict]:
+    """The ``topk`` most likely classes of each image under ``paths`` (files, or folders searched recursively); for
+    a text model, of each text in ``paths``: a CSV's text column, or a text file's lines (one text a line; folders
+    give their ``.txt`` and ``.csv`` files), read by ``data.text.numbered_texts``.
+
+    Args:
+        model: a ``LoadedModel`` or a checkpoint (path or record), loaded on ``device``.
+        paths: image files and folders; for a text model, text files and folders.
+        topk: classes per image or text (all of them if the model has fewer).
+        batch_size: images or texts per forward pass.
+        device: where a checkpoint is loaded (``auto``: CUDA, then MPS, then CPU).
+        text_column: a text model's CSVs: the column of their texts (default: the column the model trained on,
+            ``--text-column``, else the one named text, sentence, review, document or content).
+
+    Returns:
+        One JSON-ready record per image, in path order: ``{"path": str, "top": [{"class": str, "prob": float}]}``,
+        most likely first; a file that cannot be read gets ``{"path": str, "error": str}`` instead. A text model
+        gives one record per text, in file order, with ``"row"`` (the line of the file the text starts on, from 1;
+        a CSV's header is line 1) and ``"text"`` added; a file it cannot read gets one error record.
+
+    >>> predict_files("runs/r50/best.pt", ["photos/"], topk=2)  # doctest: +SKIP
+    [{'path': 'photos/a.jpg', 'top': [{'class': 'cat', 'prob': 0.93}, {'class': 'dog', 'prob': 0.05}]}]
+    """
+    for name, value in (("topk", topk), ("batch_size", batch_size)):
+        check(positive_int_problem(name, value))
+    if isinstance(paths, (str, os.PathLike)):  # one path, not its characters
+        paths = [paths]
+    check(column_name_problem("text_column", text_column))
+    loaded = model if isinstance(model, LoadedModel) else load_model(model, device)
+    if loaded.preprocess.is_text:
+        pre = replace(loaded.preprocess, text_column=text_column or loaded.preprocess.text_column)
+        return _predict_text_files(loaded, [str(p) for p in paths], topk, batch_size, Columns.of(pre))
+    refuse_text_settings("this checkpoint's model", {"text_column": text_column} if text_column is not None else {})
+    return _predict_image_files(loaded, [str(p) for p in paths], topk, batch_size)
+
+
+def _predict_image_files(loaded: LoadedModel, paths: list[str], topk: int, batch_size: int) -> list[dict]:
+    from freezetune.data import eval_transform, list_images, load_image
+
+    pre = loaded.preprocess
+    transform = eval_transform(pre)
+    files = list_images(paths)
+    records: dict[str, dict] = {}
+    for start in range(0, len(files), batch_size):
+        chunk, images = [], []
+        for path in files[start : start + batch_size]:
+            try:  # one unreadable file must not cost the predictions of all the others
+                images.append(transform(load_image(path, pre.alpha, pre.decode_side)))
+                chunk.append(path)
+            except DataError as exc:
+                records[path] = {"path": path, "error": str(exc)}
+        if not images:
+            continue
+        probs = predict_probs(loaded.model, torch.stack(images), loaded.precision)
+        for path, ranked in zip(chunk, _ranked(probs, loaded.classes, topk), strict=True):
+            records[path] = {"path": path, "top": ranked}
+    return [records[p] for p in files]
+
+
+def predict_texts(
+    model: LoadedModel | str | Path | dict,
+    texts: Sequence[str],
+    *,
+    topk: int = 5,
+    batch_size: int = BATCH_SIZE,
+    device: str = "auto",
+) -> list[dict]:
+    """The ``topk`` most likely classes of each of ``texts`` for a text model (``hf:`` sequence classifier).
+
+    Args:
+        model: a ``LoadedModel`` or a checkpoint (path or record) of a text model, loaded on ``device``.
+        texts: the texts, as strings.
+        topk: classes per text (all of them if the model has fewer).
+        batch_size: texts per forward pass (each batch is padded to its longest text).
+        device: where a checkpoint is loaded (``auto``: CUDA, then MPS, then CPU).
+
+    Returns:
+        One JSON-ready record per text, in order: ``{"text": str, "top": [{"class": str, "prob": float}]}``.
+
+    Raises:
+        ConfigError: the model is an image model, ``texts`` is one string rather than a list of them, or ``topk`` or
+            ``batch_size`` is not a positive integer.
+
+    >>> predict_texts("runs/minilm/best.pt", ["a joy to watch"], topk=1)  # doctest: +SKIP
+    [{'text': 'a joy to watch', 'top': [{'class': 'pos', 'prob': 0.91}]}]
+    """
+    for name, value in (("topk", topk), ("batch_size", batch_size)):
+        check(positive_int_problem(name, value))
+    if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
+        raise ConfigError(f"texts must be a list of strings, got {texts!r:.80}")
+    loaded = model if isinstance(model, LoadedModel) else load_model(model, device)
+    if not loaded.preprocess.is_text:
+        raise ConfigError("predict_texts needs a text model (hf:DIR_OR_ID sequence classifier); this checkpoint's "
+                          "model reads images: use predict_files")  # fmt: skip
+    tokenizer = text_tokenizer(loaded)
+    warn_cut(count_cut(list(texts), tokenizer), tokenizer.max_length)
+    return _rank_texts(loaded, tokenizer, list(texts), topk, batch_size)
+
+
+def _rank_texts(loaded: LoadedModel, tokenizer, texts: list[str], topk: int, batch_size: int) -> list[dict]:
+    records = []
+    for start in range(0, len(texts), batch_size):
+        chunk = texts[start : start + batch_size]
+        probs = predict_probs(loaded.model, tokenizer.tokenize(chunk), loaded.precision)
+        records += [{"text": t, "top": r} for t, r in zip(chunk, _ranked(probs, loaded.classes, topk), strict=True)]
+    return records
+
+
+def _predict_text_files(loaded: LoadedModel, paths: list[str], topk: int, batch_size: int,
+                        columns: Columns) -> list[dict]:  # fmt: skip
+    from freezetune.data.text import list_text_files, numbered_texts
+
+    tokenizer = text_tokenizer(loaded)  # once, not once a file
+    records, cut = [], (0, 0, 0)
+    for path in list_text_files(paths):
+        try:  # one unreadable file must not cost the predictions of all the others
+            numbered = numbered_texts(path, columns)
+        except DataError as exc:
+            records.append({"path": path, "error": str(exc)})
+            continue
+        texts = [text for _, text in numbered]
+        cut = count_cut(texts, tokenizer, cut)
+        predicted = _rank_texts(loaded, tokenizer, texts, topk, batch_size)
+        records += [{"path": path, "row": line, **r} for (line, _), r in zip(numbered, predicted, strict=True)]
+    warn_cut(cut, tokenizer.max_length)
+    return records
+
+
+def _ranked(probs: torch.Tensor, classes: list[str], topk: int) -> list[list[dict]]:
+    """Per row of ``probs``, its ``topk`` classes with their probabilities, most likely first."""
+    top = probs.topk(min(topk, len(classes)), dim=-1)
+    return [
+        [{"class": classes[i], "prob": round(float(v), 6)} for v, i in zip(values, indices, strict=True)]
+        for values, indices in zip(top.values, top.indices, strict=True)
+    ]
+
+
+def format_predictions(records: list[dict]) -> str:
+    """One line per image: its path, then each class with its probability in percent; per text: its file and row
+    (when it came from a file), the classes, then the text (its first 60 characters).
+
+    >>> print(format_predictions([{"path": "a.jpg", "top": [{"class": "cat", "prob": 0.9}, {"class": "dog", "prob": 0.1}]}]))
+    a.jpg  cat 90.0%  dog 10.0%
+    >>> print(format_predictions([{"path": "r.txt", "row": 2, "text": "a joy", "top": [{"class": "pos", "prob": 0.8}]}]))
+    r.txt:2  pos 80.0%  'a joy'
+    """
+    return "\n".join(_prediction_line(r) for r in records if "top" in r)
+
+
+def _prediction_line(record: dict) -> str:
+    classes = "  ".join(f"{p['class']} {100 * p['prob']:.1f}%" for p in record["top"])
+    if "text" not in record:
+        return f"{record['path']}  {classes}"
+    where = f"{record['path']}:{record['row']}  " if "path" in record else ""
+    text = record["text"] if len(record["text"]) <= 60 else record["text"][:59] + "…"
+    return f"{where}{classes}  {text!r}"
