@@ -410,6 +410,20 @@ def test_a_resumed_sweep_keeps_the_measured_seconds_of_the_recipes_finished_befo
     assert [r["train_s"] for r in resumed.rows] == [measured["linear-probe"], measured["last-2"]]
 
 
+def test_a_row_an_earlier_sweep_kept_without_val_f1_reads_it_from_its_runs_metrics(data, tmp_path):
+    # its table printed nan% and sweep.csv held nan for a recipe whose metrics.csv had the score
+    from freezetune.sweep import ROW_FILE, sweep
+
+    cfg = _cfg(data, None, epochs=1, cache="off")
+    first = sweep(cfg, "linear-probe", out=tmp_path / "sweep", echo=lambda _: None).rows[0]
+    saved = Path(first["run_dir"]) / ROW_FILE
+    saved.write_text(json.dumps({k: v for k, v in json.loads(saved.read_text()).items() if k != "val_f1"}))
+    (tmp_path / "sweep" / "sweep.csv").unlink()  # as a sweep stopped before its table
+    resumed = sweep(TrainConfig(**{**cfg.to_dict(), "resume": True}), "linear-probe", out=tmp_path / "sweep",
+                    echo=lambda _: None)  # fmt: skip
+    assert 0 <= resumed.rows[0]["val_f1"] == first["val_f1"] <= 1
+
+
 def test_a_sweep_stopped_before_its_auto_recipe_began_resumes_through_it(data, tmp_path, monkeypatch):
     # the resumed sweep asked the auto recipe to resume a run dir never made: "cannot resume: '.../auto' does not
     # exist", and the sweep ended there (auto is in the default --recipes)
@@ -613,9 +627,14 @@ def test_under_monitor_val_f1_trials_and_sweep_rows_are_compared_by_macro_f1(dat
 
     lines = []
     auto.run(_cfg(data, tmp_path / "auto", monitor="val_f1", epochs=1, cache="auto"), echo=lines.append)
-    trials = json.loads((tmp_path / "auto" / "recipe.json").read_text())["trials"]
+    decision = json.loads((tmp_path / "auto" / "recipe.json").read_text())
+    trials = decision["trials"]
     assert trials and all(0 <= t["val_f1"] <= 1 and 0 <= t["val_acc"] <= 1 for t in trials)
+    assert decision["compared_by"] == "val_f1" and decision["choice"]["refit"]
     assert any(line.startswith("auto: last 3 stage(s) + head at lr") and ": val macro-F1 " in line for line in lines)
+    # refit leaves no validation in the run: best.pt is its last epoch, whatever --monitor asked; said, with the way out
+    assert any("(refit), so best.pt is the run's last epoch, not its best by val_f1: --no-refit" in ln for ln in lines)
+    assert any(ln.startswith("test accuracy ") and "%, macro-F1 " in ln for ln in lines)
     lines.clear()
     done = sweep(_cfg(data, None, monitor="val_f1", epochs=2), "linear-probe,last-2", out=tmp_path / "s",
                  echo=lines.append)  # fmt: skip
@@ -628,6 +647,7 @@ def test_under_monitor_val_f1_trials_and_sweep_rows_are_compared_by_macro_f1(dat
     assert next(r for r in done.rows if r["recipe"] == done.winner)["val_f1"] == best_f1
     assert (tmp_path / "s" / "sweep.csv").read_text().startswith("recipe,val_acc,val_f1,train_s,")
     assert any("val acc   val F1  train s" in line for line in lines)
+    assert any(line.startswith(f"winner: {done.winner}, by val macro-F1 -> ") for line in lines)
 
 
 def test_choose_and_pick_winner_compare_by_the_metric_asked():

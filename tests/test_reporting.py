@@ -146,6 +146,9 @@ def test_format_epoch_line():
         "epoch 3/10  train_loss 0.512 acc 81.2%  val_loss 0.430 acc 85.0%  lr 1.0e-03  trainable 1.2M/4.7M"
         "  12.3s 812 img/s  unfrozen: layer4"
     )
+    # under --monitor val_f1 the metric that picks best.pt is on the line (it sat unseen while accuracy stalled)
+    assert "  val_loss 0.430 acc 85.0% f1 61.5%  lr" in format_epoch_line({**row, "val_f1": 0.615}, monitor="val_f1")
+    assert " f1 " not in format_epoch_line({**row, "val_f1": 0.615})
     # Per-group LRs without a single `lr`: the range of the non-zero ones; missing fields are left out.
     assert format_epoch_line({"epoch": 1, "lr/head": 1e-3, "lr/layer4": 1e-4, "lr/stem": 0.0}) == (
         "epoch 1  lr 1.0e-04..1.0e-03"
@@ -264,3 +267,16 @@ def test_under_monitor_val_f1_the_accuracy_panel_draws_macro_f1_and_rings_best_p
     assert legend == ["train_acc", "val_acc", "val_f1", "best val macro-F1 62.0% (epoch 2)"]
     plain = reporting.report_figure(rows, "r")  # kept by accuracy: no F1 curve, the ring on the best accuracy
     assert [t.get_text() for t in plain.axes[1].get_legend().get_texts()][2:] == ["best val acc 91.0% (epoch 3)"]
+
+
+def test_without_best_pts_epoch_the_ring_breaks_a_tie_as_best_pt_does():
+    # a tie on the monitored metric goes to the epoch with the better other one (Progress.update); the ring sat on
+    # the first epoch of the tie
+    from freezetune import reporting
+
+    rows = [{"epoch": e, "val_f1": f1, "val_loss": loss, "val_acc": 0.5}
+            for e, f1, loss in [(1, 0.4, 0.9), (2, 0.6, 0.7), (3, 0.6, 0.5), (4, 0.6, 0.6)]]  # fmt: skip
+    for monitor, epoch in (("val_f1", 3), ("val_acc", 3), ("val_loss", 3)):
+        fig = reporting.report_figure(rows, "r", monitor=monitor)
+        ax = fig.axes[0 if monitor == "val_loss" else 1]
+        assert ax.get_legend().get_texts()[-1].get_text().endswith(f"(epoch {epoch})"), monitor

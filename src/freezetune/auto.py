@@ -115,6 +115,7 @@ def run(cfg: TrainConfig, *, echo: Callable[[str], None] = print, train: Callabl
     init = _start_from(out, trials, choice, cfg.init, delete=info.is_main)
     decision = {"procedure": _procedure(), "asked": cfg.recorded(), "cut": cut, "trials": trials,
                 "default_trained_stages": DEFAULT_TRAINED_STAGES, "trial_fraction": TRIAL_FRACTION,
+                "compared_by": compared_by(cfg.monitor),
                 "budget_s": parse_duration(cfg.budget),
                 "choice": {**choice, "epochs": epochs, "refit": refit, "why": why, "init": init, "run_lr": run_lr}}  # fmt: skip
     if info.is_main:
@@ -172,6 +173,9 @@ def _epochs_and_refit(cfg: TrainConfig, trials: list[dict], choice: dict, spent:
     elif refit and not trials[0]["refit_fits"]:  # recorded as done (recipe.json, config.yaml), not as asked
         refit = False  # a validation folder with --per-class gave the per-class reason: the data says which
         echo(f"auto: the validation {trials[0]['data_kind']} stay validation (no refit): {trials[0]['no_refit']}")
+    elif refit and cfg.monitor != TrainConfig.monitor:  # it asked for best.pt by another metric: say what it got
+        echo(f"auto: the held-out validation {trials[0]['data_kind']} train too (refit), so best.pt is the run's last "
+             f"epoch, not its best by {cfg.monitor}: {setting('refit', False)} keeps them to choose by it")  # fmt: skip
     budget = parse_duration(cfg.budget)
     if budget is None:
         return cfg.epochs, refit

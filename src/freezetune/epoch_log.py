@@ -220,9 +220,10 @@ def epoch_row(epoch: int, epochs: int, train: dict, val: dict | None, *, seconds
     return row
 
 
-def format_epoch_line(row: dict[str, Any], items: str = "images") -> str:
+def format_epoch_line(row: dict[str, Any], items: str = "images", monitor: str = "val_acc") -> str:
     """Format the one log line printed after each epoch; missing fields are left out. ``items`` names what the
-    speed counts ("images": img/s, "texts": texts/s).
+    speed counts ("images": img/s, "texts": texts/s); under ``monitor`` ``val_f1`` the validation macro-F1 follows
+    its accuracy (what picks best.pt is on the line).
 
     With several ``lr/<group>`` columns and no ``lr``, the range of the non-zero group LRs is shown.
 
@@ -232,7 +233,10 @@ def format_epoch_line(row: dict[str, Any], items: str = "images") -> str:
     'epoch 3/10  train_loss 0.512 acc 81.2%  val_loss 0.430 acc 85.0%  lr 1.0e-03  trainable 1.2M/4.7M  12.3s 812 img/s  unfrozen: layer4'
     """
     parts = [f"epoch {row['epoch']}" + (f"/{row['epochs']}" if row.get("epochs") is not None else "")]
-    parts += [_split_text(row, "train"), _split_text(row, "val"), _lr_text(row)]
+    val = _split_text(row, "val")
+    if monitor == "val_f1" and row.get("val_f1") is not None:
+        val += f" f1 {100 * row['val_f1']:.1f}%"
+    parts += [_split_text(row, "train"), val, _lr_text(row)]
     if row.get("trainable_params") is not None:
         total = f"/{human(row['total_params'])}" if row.get("total_params") is not None else ""
         parts.append(f"trainable {human(row['trainable_params'])}{total}")

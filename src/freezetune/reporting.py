@@ -19,7 +19,7 @@ import torch
 
 from freezetune._io import atomic_output, atomic_write_text
 from freezetune.errors import DataError
-from freezetune.options import FRACTIONS, METRIC_NAMES, MONITOR_MODES
+from freezetune.options import FRACTIONS, METRIC_NAMES, MONITOR_MODES, TIE_BREAKS
 
 METRICS_CSV, REPORT_PNG = "metrics.csv", "report.png"  # a run's epoch rows and their plot
 
@@ -325,19 +325,29 @@ def _plot_panel(ax: Any, rows: list[dict[str, Any]], title: str, cols: list[str]
 def _mark_best(ax: Any, rows: list[dict[str, Any]], monitor: str = "val_acc", epoch: int | None = None) -> None:
     """Ring ``best.pt``'s epoch on the panel of the metric it was kept by (``epoch``, else the best of ``monitor``),
     named in the legend: a label beside the ring lay across the curves below it. Under ``--monitor val_loss`` the ring
-    sat on the highest accuracy, an epoch best.pt did not hold."""
-    pts = [(r["epoch"], r[monitor]) for r in rows if isinstance(r.get(monitor), numbers.Real)]
+    sat on the highest accuracy, an epoch best.pt did not hold. A tie goes as ``Progress.update`` breaks it: to the
+    epoch better on the other metric (``TIE_BREAKS``), else the first."""
+    other = TIE_BREAKS[monitor]
+    pts = [(r["epoch"], r[monitor], _toward_better(r.get(other), other)) for r in rows
+           if isinstance(r.get(monitor), numbers.Real)]  # fmt: skip
     if epoch is not None:
         pts = [p for p in pts if p[0] == epoch]
     if not pts:
         return
-    sign = 1 if MONITOR_MODES[monitor] == "max" else -1
-    epoch, value = max(pts, key=lambda p: (sign * p[1], -p[0]))  # the first epoch that reached it, as best.pt keeps
+    epoch, value, _ = max(pts, key=lambda p: (_toward_better(p[1], monitor), p[2], -p[0]))
     shown = f"{100 * value:.1f}%" if monitor in FRACTIONS else f"{value:.4g}"
     label = f"best {METRIC_NAMES.get(monitor, monitor.replace('_', ' '))} {shown} (epoch {epoch})"
     ax.plot([epoch], [value * (100 if monitor in FRACTIONS else 1)], marker="o", markersize=10, fillstyle="none",
             color="tab:green", linestyle="", label=label)  # fmt: skip
     ax.legend(fontsize=8, loc="best")
+
+
+def _toward_better(value: Any, metric: str) -> float:
+    """``value`` of ``metric`` as a number that grows as the metric improves; a missing or non-finite one is the
+    worst."""
+    if not isinstance(value, numbers.Real) or not math.isfinite(value):
+        return -math.inf
+    return value if MONITOR_MODES[metric] == "max" else -value
 
 
 def _mark_unfreezes(axes: Any, events: list[tuple[int, str]]) -> None:

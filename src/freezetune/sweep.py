@@ -4,7 +4,8 @@ Every recipe trains on the training split and is judged on the validation split 
 scored). All runs share one feature directory, so a frozen prefix already computed for one recipe (same weights,
 cut, images, transform and dtype: ``cache/disk.py``) is read back by the next one, and by a later sweep or ``train``
 given the same ``cache_dir``. The sweep writes ``sweep.csv`` (one row per recipe), ``sweep.png`` (validation
-accuracy against training seconds, the Pareto front marked) and ``winner.yaml``, which ``train --config`` runs again.
+accuracy, or macro-F1 under ``monitor: val_f1``, against training seconds, the Pareto front marked) and
+``winner.yaml``, which ``train --config`` runs again.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from freezetune.errors import ConfigError, DataError, choices, setting
 from freezetune.options import (
     BATCH_AUTO,
     LAST_K,
+    METRIC_NAMES,
     RECIPES,
     SWEEP_DEFAULT_OUT,
     SWEEP_DEFAULT_RECIPES,
@@ -134,7 +136,8 @@ def _sweep(cfg: TrainConfig, runs: dict[str, TrainConfig], out: Path, echo: Call
         if info.is_main:
             _write(out, rows, winner, cfg, metric)
         echo(format_table(rows, winner["recipe"]))
-        echo(f"winner: {winner['recipe']} -> {out / 'winner.yaml'} (freezetune train --config {out / 'winner.yaml'})")
+        echo(f"winner: {winner['recipe']}, by {METRIC_NAMES[metric]} -> {out / 'winner.yaml'} (freezetune train "
+             f"--config {out / 'winner.yaml'})")  # fmt: skip
     return SweepResult(rows, winner["recipe"], out)
 
 
@@ -258,7 +261,7 @@ def _run_recipe(name: str, cfg: TrainConfig, echo: Callable[[str], None], info: 
     saved = Path(cfg.out) / ROW_FILE
     if cfg.resume and saved.is_file():
         echo(f"sweep: recipe {name} finished before the interruption: its row from {saved}")
-        return {"val_f1": math.nan, **json.loads(saved.read_text())}, True  # (an earlier version's row: no val_f1)
+        return _read_back(saved), True
     echo(f"sweep: recipe {name}")
     if cfg.resume and not Path(cfg.out).exists():  # the sweep stopped before this recipe began: it starts afresh
         cfg = dataclasses.replace(cfg, resume=False)  # (the auto recipe refused to resume a run dir never made)
@@ -272,6 +275,19 @@ def _run_recipe(name: str, cfg: TrainConfig, echo: Callable[[str], None], info: 
     if info.is_main:
         atomic_write_text(saved, json.dumps(row))
     return row, False
+
+
+def _read_back(saved: Path) -> dict:
+    """A finished recipe's row; one an earlier freezetune wrote has no ``val_f1``: its ``metrics.csv`` has."""
+    from freezetune.reporting import METRICS_CSV, read_metrics
+
+    row = json.loads(saved.read_text())
+    if "val_f1" not in row:
+        metrics = Path(row["run_dir"]) / METRICS_CSV
+        history = read_metrics(metrics) if metrics.is_file() else []
+        best = next((r for r in history if r.get("epoch") == row["best_epoch"]), {})
+        row["val_f1"] = float(best.get("val_f1", math.nan))
+    return row
 
 
 def _row(name: str, result, *, cuda: bool) -> dict:

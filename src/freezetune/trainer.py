@@ -241,7 +241,7 @@ class Trainer(RunSetup):
             # (runtime.finished_work): the second row waits for the first last.pt, once a run
             self.checkpoints.wait()
         self.metrics.log_epoch(row)
-        self.echo(epoch_log.format_epoch_line(row, noun(self.data.train)))
+        self.echo(epoch_log.format_epoch_line(row, noun(self.data.train), self.cfg.monitor))
         return row
 
     def _train_epoch(self, epoch: int, batches) -> dict:
@@ -372,6 +372,7 @@ class Trainer(RunSetup):
             return result
         self.echo(write_evaluation(result, self.classes, plot=self.run_dir / runtime.CONFUSION_PNG,
                                    metrics=self.run_dir / runtime.TEST_METRICS))  # fmt: skip
-        self.echo(f"test accuracy {100 * result['acc']:.2f}% (best.pt, epoch {self.progress.best_epoch}) -> "
+        f1 = f", macro-F1 {100 * result['macro_f1']:.2f}%" if self.cfg.monitor == "val_f1" else ""  # what it chose by
+        self.echo(f"test accuracy {100 * result['acc']:.2f}%{f1} (best.pt, epoch {self.progress.best_epoch}) -> "
                   f"{self.run_dir}")  # fmt: skip
         return result
