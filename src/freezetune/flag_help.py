@@ -74,7 +74,7 @@ FIELD_HELP = {
     "frozen (held, as in the frozen parts; their scale and shift still train): small batches, a head fitted on frozen "
     "features (lp-ft's fine-tune)",
     "unfreeze": f"{' | '.join(UNFREEZE_FORMS)} (a plateau without mode follows --monitor; min_delta is in its units: "
-    "val_acc is a fraction, 0.005 = half a point); default: what starts frozen stays frozen",
+    "val_acc and val_f1 are fractions, 0.005 = half a point); default: what starts frozen stays frozen",
     # optimisation
     "epochs": "passes over the training set (or over --epoch-images of it)",
     "epoch_fraction": "each epoch trains on this random share of the training set (a new draw each epoch)",

@@ -68,7 +68,7 @@ RECIPE_HELP = {
     f"k={LAST_K_DEFAULT})",
     "full": "every layer trains",
     "gradual": "the head first, then one more stage after each epoch (epoch:1 unfreezing)",
-    "plateau": "the head first, then one more stage whenever validation accuracy stalls for an epoch",
+    "plateau": "the head first, then one more stage whenever the validation metric (--monitor) stalls for an epoch",
     "lp-ft": "a linear probe fits the head on frozen features (BatchNorm frozen), then every layer fine-tunes from it "
     "(BatchNorm statistics held as the probe saw them)",
     "bitfit": "only biases and normalisation layers (and the head) train",

@@ -135,7 +135,8 @@ class RunResult:
     @property
     def best_val_acc(self) -> float | None:
         """The validation accuracy of the best epoch, whatever the run monitored: what trials and recipes are compared
-        by (a ``val_loss`` run's ``best_metric`` is a loss, and the highest one had won).
+        by unless ``val_f1`` is monitored (a ``val_loss`` run's ``best_metric`` is a loss, and the highest one had
+        won).
 
         >>> RunResult(Path("r"), 2, 0.4, history=[{"epoch": 1, "val_acc": 0.5}, {"epoch": 2, "val_acc": 0.7}]).best_val_acc
         0.7
