@@ -238,8 +238,8 @@ def plot_report(metrics_csv: str | Path, out_png: str | Path, *, monitor: str = 
     Args:
         metrics_csv: A ``metrics.csv`` written by ``MetricsLogger``.
         out_png: Destination PNG; written atomically.
-        monitor: the metric the run kept ``best.pt`` by (``val_acc``, ``val_loss``, ``val_f1``): its panel rings the best
-            epoch (``val_f1``: drawn beside the accuracies).
+        monitor: the metric the run kept ``best.pt`` by (``val_acc``, ``val_loss``, ``val_f1``): its panel rings the
+            best epoch (``val_f1``: drawn beside the accuracies).
         best_epoch: ``best.pt``'s epoch; by default the best of ``monitor``'s column.
 
     Returns:
