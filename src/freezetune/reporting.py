@@ -19,7 +19,7 @@ import torch
 
 from freezetune._io import atomic_output, atomic_write_text
 from freezetune.errors import DataError
-from freezetune.options import FRACTIONS, METRIC_NAMES, MONITOR_MODES, TIE_BREAKS
+from freezetune.options import FRACTIONS, METRIC_NAMES
 
 METRICS_CSV, REPORT_PNG = "metrics.csv", "report.png"  # a run's epoch rows and their plot
 
@@ -323,18 +323,15 @@ def _plot_panel(ax: Any, rows: list[dict[str, Any]], title: str, cols: list[str]
 
 
 def _mark_best(ax: Any, rows: list[dict[str, Any]], monitor: str = "val_acc", epoch: int | None = None) -> None:
-    """Ring ``best.pt``'s epoch on the panel of the metric it was kept by (``epoch``, else the best of ``monitor``),
+    """Ring ``best.pt``'s epoch on the panel of the metric it was kept by (``epoch``, else ``_best_epoch``'s),
     named in the legend: a label beside the ring lay across the curves below it. Under ``--monitor val_loss`` the ring
-    sat on the highest accuracy, an epoch best.pt did not hold. A tie goes as ``Progress.update`` breaks it: to the
-    epoch better on the other metric (``TIE_BREAKS``), else the first."""
-    other = TIE_BREAKS[monitor]
-    pts = [(r["epoch"], r[monitor], _toward_better(r.get(other), other)) for r in rows
-           if isinstance(r.get(monitor), numbers.Real)]  # fmt: skip
-    if epoch is not None:
-        pts = [p for p in pts if p[0] == epoch]
-    if not pts:
+    sat on the highest accuracy, an epoch best.pt did not hold."""
+    scored = {r["epoch"]: r for r in rows if isinstance(r.get(monitor), numbers.Real)}
+    if epoch is None:
+        epoch = _best_epoch(list(scored.values()), monitor)
+    if epoch not in scored:
         return
-    epoch, value, _ = max(pts, key=lambda p: (_toward_better(p[1], monitor), p[2], -p[0]))
+    value = scored[epoch][monitor]
     shown = f"{100 * value:.1f}%" if monitor in FRACTIONS else f"{value:.4g}"
     label = f"best {METRIC_NAMES.get(monitor, monitor.replace('_', ' '))} {shown} (epoch {epoch})"
     ax.plot([epoch], [value * (100 if monitor in FRACTIONS else 1)], marker="o", markersize=10, fillstyle="none",
@@ -342,12 +339,15 @@ def _mark_best(ax: Any, rows: list[dict[str, Any]], monitor: str = "val_acc", ep
     ax.legend(fontsize=8, loc="best")
 
 
-def _toward_better(value: Any, metric: str) -> float:
-    """``value`` of ``metric`` as a number that grows as the metric improves; a missing or non-finite one is the
-    worst."""
-    if not isinstance(value, numbers.Real) or not math.isfinite(value):
-        return -math.inf
-    return value if MONITOR_MODES[metric] == "max" else -value
+def _best_epoch(rows: list[dict[str, Any]], monitor: str) -> int | None:
+    """The epoch ``best.pt`` keeps among ``rows`` (each scored on ``monitor``): they are replayed through
+    ``Progress.update``, the trainer's one rule, ties included; the first when none is finite."""
+    from freezetune.progress import Progress, other_monitor
+
+    progress = Progress(monitor)
+    for row in rows:
+        progress.update(row["epoch"] - 1, row[monitor], row.get(other_monitor(monitor)))
+    return progress.best_epoch or (rows[0]["epoch"] if rows else None)
 
 
 def _mark_unfreezes(axes: Any, events: list[tuple[int, str]]) -> None:
