@@ -279,14 +279,14 @@ def _run_recipe(name: str, cfg: TrainConfig, echo: Callable[[str], None], info: 
 
 def _read_back(saved: Path) -> dict:
     """A finished recipe's row; one an earlier freezetune wrote has no ``val_f1``: its ``metrics.csv`` has."""
+    from freezetune.progress import RunResult
     from freezetune.reporting import METRICS_CSV, read_metrics
 
     row = json.loads(saved.read_text())
     if "val_f1" not in row:
         metrics = Path(row["run_dir"]) / METRICS_CSV
         history = read_metrics(metrics) if metrics.is_file() else []
-        best = next((r for r in history if r.get("epoch") == row["best_epoch"]), {})
-        row["val_f1"] = float(best.get("val_f1", math.nan))
+        row["val_f1"] = _or_nan(RunResult(metrics.parent, row["best_epoch"], None, history=history).best_val("val_f1"))
     return row
 
 
