@@ -247,17 +247,16 @@ def main() -> None:
 
 
 def _table(results: dict[str, list[tuple[float, float]]]) -> str:
-    peers = {k: v for k, v in results.items() if k.startswith("plain@")}
-    best = max(peers, key=lambda k: statistics.mean(a for a, _ in peers[k])) if peers else None
+    means = {k: (statistics.mean(100 * a for a, _ in v), statistics.mean(s for _, s in v)) for k, v in results.items()}
+    peers = [k for k in results if k.startswith("plain@")]
+    best = max(peers, key=lambda k: means[k][0]) if peers else None
     rows = []
     for name, runs in results.items():
-        accs, secs = [100 * a for a, _ in runs], [s for _, s in runs]
-        row = [name + (" (best peer)" if name == best else ""), f"{statistics.mean(accs):.2f}",
-               f"{min(accs):.2f}-{max(accs):.2f}", f"{statistics.mean(secs):.1f}"]  # fmt: skip
+        accs, (acc, secs) = [100 * a for a, _ in runs], means[name]
+        row = [name + (" (best peer)" if name == best else ""), f"{acc:.2f}", f"{min(accs):.2f}-{max(accs):.2f}",
+               f"{secs:.1f}"]  # fmt: skip
         if best:
-            peer_acc = statistics.mean(100 * a for a, _ in peers[best])
-            peer_s = statistics.mean(s for _, s in peers[best])
-            row += [f"{statistics.mean(accs) - peer_acc:+.2f}", f"{statistics.mean(secs) / peer_s:.2f}x"]
+            row += [f"{acc - means[best][0]:+.2f}", f"{secs / means[best][1]:.2f}x"]
         rows.append(row)
     header = ["contender", "test acc %", "min-max", "train s"] + (["vs peer", "time"] if best else [])
     return table(rows, header)
