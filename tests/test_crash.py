@@ -16,6 +16,7 @@ import json
 import multiprocessing
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -340,8 +341,9 @@ def test_a_finished_epoch_is_never_restarted_over(data, uninterrupted, capsys):
 def test_preparing_a_run_dir_clears_what_an_unfinished_run_left_and_stale_temp_files(tmp_path):
     run = tmp_path / "run"
     (run / "cache" / "train").mkdir(parents=True)
-    for name in ("classes.json", "best.pt", "config.yaml", "notes.txt"):  # classes.json: a run writes it first
+    for name in ("best.pt", "config.yaml", "notes.txt"):
         (run / name).write_text("x")
+    (run / "classes.json").write_text('["a", "b"]')  # a run writes it first, as a list of its class names
     (run / "metrics.csv").write_text("epoch,val_acc\n1,0.5\n")  # stopped between epoch 1's best.pt and last.pt
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     stale, live = run / f".last.pt.{dead.stdout.strip()}.0123abcd.tmp", run / f".best.pt.{os.getpid()}.0123abcd.tmp"
@@ -365,6 +367,56 @@ def test_files_of_a_runs_names_that_no_run_wrote_are_refused_and_kept(tmp_path, 
     with pytest.raises(ConfigError, match=r"holds cache, events.out.tfevents.123.host, which no run wrote there"):
         runtime.prepare_run_dir(str(run), "m", resume=resume)
     assert snapshot(run) == before
+
+
+@pytest.mark.parametrize("resume", [False, True])
+def test_a_users_own_classes_json_does_not_make_their_files_a_stopped_runs(tmp_path, resume):
+    # a project folder with its own classes.json (index -> name) and an auto-trials/ of notes was taken for a stopped
+    # run: "starting it afresh (cleared metrics.csv, cache, auto-trials, ...)" deleted them, and classes.json was
+    # overwritten
+    run = tmp_path / "project"
+    (run / "cache").mkdir(parents=True)
+    (run / "auto-trials").mkdir()
+    (run / "classes.json").write_text('{"0": "cat", "1": "dog"}')
+    (run / "cache" / "embeddings.npy").write_text("x")
+    (run / "auto-trials" / "notes.txt").write_text("mine")
+    (run / "metrics.csv").write_text("epoch,acc\n1,0.9\n")
+    (run / "events.out.tfevents.1700000000.host.1.0").write_text("x")
+    before = snapshot(run)
+    with pytest.raises(ConfigError, match=r"which no run wrote there \(its classes.json is not a run's, a JSON list"):
+        runtime.prepare_run_dir(str(run), "m", resume=resume)
+    assert snapshot(run) == before
+    (run / "classes.json").unlink()  # its classes.json alone: a run's would replace it
+    (run / "metrics.csv").unlink()
+    shutil.rmtree(run / "cache"), shutil.rmtree(run / "auto-trials")
+    (run / "events.out.tfevents.1700000000.host.1.0").unlink()
+    (run / "classes.json").write_text("cat\ndog\n")
+    with pytest.raises(ConfigError, match=r"holds classes.json, which no run wrote there"):
+        runtime.prepare_run_dir(str(run), "m", resume=resume)
+    assert (run / "classes.json").read_text() == "cat\ndog\n"
+
+
+def test_a_stopped_auto_runs_trial_marks_its_dir_as_a_runs(tmp_path):
+    # the auto recipe's trials run below auto-trials/ before its own dir holds anything of a run's: what a run
+    # stopped in its trials left there is cleared by the next start, as before
+    run = tmp_path / "run"
+    (run / "auto-trials" / "last-3").mkdir(parents=True)
+    (run / "auto-trials" / "last-3" / "classes.json").write_text('["a", "b"]')
+    lines = []
+    runtime.prepare_run_dir(str(run), "m", resume=False, echo=lines.append)
+    assert not (run / "auto-trials").exists() and "cleared auto-trials" in lines[0]
+
+
+def test_a_run_is_refused_in_a_sweeps_folder(tmp_path):
+    # train --out <a sweep's --out> put a run's files beside the sweep's, whose --resume then refused the folder
+    sweep_dir = tmp_path / "sweep"
+    (sweep_dir / "linear-probe").mkdir(parents=True)
+    (sweep_dir / "sweep_config.yaml").write_text("lr: 0.001\n")
+    before = snapshot(sweep_dir)
+    for resume in (False, True):
+        with pytest.raises(ConfigError, match=r"holds a sweep \(sweep_config.yaml\).*choose another --out"):
+            runtime.prepare_run_dir(str(sweep_dir), "m", resume=resume)
+    assert snapshot(sweep_dir) == before
 
 
 @pytest.mark.parametrize(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import os
 import re
@@ -32,7 +33,8 @@ RECIPE_FILE, TRIALS_DIR = "recipe.json", "auto-trials"
 # Signs that a run was started here (a recipe's files included): ``--resume`` of such a dir restarts it.
 CONFIG_FILE, CLASSES_FILE = "config.yaml", "classes.json"  # the run's resolved config and class names
 RUN_TRACES = (*STARTED_FILES, CONFIG_FILE, CLASSES_FILE, RECIPE_FILE, TRIALS_DIR)
-RUN_MARKERS = (CLASSES_FILE, RECIPE_FILE, TRIALS_DIR)  # written first by a run (a recipe): the dir is a run's
+# the settings every recipe of a sweep ran with (its --resume must keep them), the first file it writes in its --out
+SWEEP_SETTINGS = "sweep_config.yaml"
 RUNS_DIR = "runs"  # where a run goes without --out, in the current folder
 RESUME_NEEDS = f"{setting('resume', True)} needs the run dir of an existing run, given with {setting('out')}"
 
@@ -134,6 +136,9 @@ def _check_run_dir(run_dir: Path, *, resume: bool) -> list[str]:
     problem = folder_problem(run_dir)
     if problem is not None:
         raise ConfigError(f"--out {str(run_dir)!r} cannot be a run dir: {problem}")
+    if (run_dir / SWEEP_SETTINGS).is_file():  # a run's files beside the sweep's: its --resume was refused from then on
+        raise ConfigError(f"--out {str(run_dir)!r} holds a sweep ({SWEEP_SETTINGS}), whose recipes each run in a folder "
+                          f"of their own below it: choose another {setting('out')}")  # fmt: skip
     if (run_dir / checkpoint.LAST).is_file():
         if not resume:
             existing = [f for f in RUN_FILES if (run_dir / f).exists()]
@@ -153,16 +158,54 @@ def _check_run_dir(run_dir: Path, *, resume: bool) -> list[str]:
     # a run writes classes.json before anything else in its dir (a recipe, its recipe.json or auto-trials/): files of
     # a run's names without them (a cache/ folder, a metrics.csv, TensorBoard events) are the user's, never cleared
     foreign = [f for f in traces if f != CONFIG_FILE] + [p.name for p in sorted(run_dir.glob(TENSORBOARD_EVENTS))]
-    if foreign and not any((run_dir / f).exists() for f in RUN_MARKERS):
-        raise ConfigError(f"--out {str(run_dir)!r} holds {', '.join(foreign)}, which no run wrote there (no "
-                          f"{CLASSES_FILE}), and a run writes files of those names: choose another "
-                          f"{setting('out')}, or move them out of it")  # fmt: skip
+    if foreign and not started_by_a_run(run_dir):
+        mine = _classes_of_a_run(run_dir / CLASSES_FILE) is False  # the user's own, not taken for a run's
+        why = f"its {CLASSES_FILE} is not a run's, a JSON list of class names" if mine else f"no {CLASSES_FILE}"
+        raise ConfigError(f"--out {str(run_dir)!r} holds {', '.join(foreign)}, which no run wrote there ({why}), "
+                          f"and a run writes files of those names: choose another {setting('out')}, or move them "
+                          "out of it")  # fmt: skip
     # a run stopped during its set-up leaves its dir empty; a dir that does not exist is more likely a typo
     started = traces or (run_dir.is_dir() and not any(run_dir.iterdir()))
     if resume and not started:
         what = "does not exist" if not run_dir.exists() else f"holds no run (no {checkpoint.LAST})"
         raise CheckpointError(f"cannot resume: {str(run_dir)!r} {what}; {RESUME_NEEDS}")
     return traces
+
+
+def started_by_a_run(run_dir: Path) -> bool:
+    """Whether a run was started in ``run_dir``: it holds the first file a run writes, as a run writes it (a
+    ``classes.json`` listing class names; a recipe's ``recipe.json``, or a trial of the auto recipe's). The name
+    alone is not enough: a user's own ``classes.json`` (a dict of index to name, say) made a run clear their
+    ``cache/``, ``metrics.csv`` and TensorBoard files as a stopped run's.
+
+    >>> import tempfile
+    >>> d = Path(tempfile.mkdtemp()); _ = (d / "classes.json").write_text('{"0": "cat"}')
+    >>> started_by_a_run(d)
+    False
+    >>> _ = (d / "classes.json").write_text('["cat", "dog"]'); started_by_a_run(d)
+    True
+    """
+    if _classes_of_a_run(run_dir / CLASSES_FILE):
+        return True
+    recipe = _json(run_dir / RECIPE_FILE)
+    if isinstance(recipe, dict) and ("recipe" in recipe or "choice" in recipe):  # a named recipe's, the auto one's
+        return True
+    return any(_classes_of_a_run(trial / CLASSES_FILE) for trial in (run_dir / TRIALS_DIR).glob("*"))
+
+
+def _classes_of_a_run(path: Path) -> bool | None:
+    """None without ``path``; whether it holds what a run writes there: a JSON list of class names."""
+    if not path.is_file():
+        return None
+    classes = _json(path)
+    return isinstance(classes, list) and all(isinstance(c, str) for c in classes)
+
+
+def _json(path: Path) -> object:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # missing, unreadable, not JSON (UnicodeDecodeError is a ValueError)
+        return None
 
 
 def finished_work(run_dir: Path) -> str | None:
