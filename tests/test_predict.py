@@ -87,11 +87,18 @@ def test_a_recursive_glob_predicts_each_image_once_and_skips_other_files(best_pt
     shutil.copy(data / "test" / "red" / "red_0.png", tmp_path / "shots" / "a.png")
     shutil.copy(data / "test" / "red" / "red_1.png", tmp_path / "shots" / "sub" / "b.png")
     (tmp_path / "shots" / "notes.txt").write_text("not an image")
-    for pattern in ("**", "**/*", "*"):
+    for pattern in ("**", "**/*", "*"):  # "*" matches sub/, whose images the shell's expansion predicts too
         records = predict_files(best_pt, [str(tmp_path / "shots" / pattern)], device="cpu")
         got = sorted(Path(r["path"]).name for r in records)
-        assert got == (["a.png", "b.png"] if "**" in pattern else ["a.png"]), (pattern, got)
+        assert got == ["a.png", "b.png"], (pattern, got)
         assert all("error" not in r for r in records)
+
+
+def test_a_quoted_glob_of_folders_predicts_what_the_shells_expansion_does(best_pt, data):
+    # 'test/*' (quoted: no shell expanded it) matched the class folders only: "matches no file ending in .jpg, ..."
+    quoted = predict_files(best_pt, [str(data / "test" / "*")], device="cpu")
+    expanded = predict_files(best_pt, sorted((data / "test").iterdir()), device="cpu")
+    assert [r["path"] for r in quoted] == [r["path"] for r in expanded] and len(quoted) > 2
 
 
 def test_format_predictions_one_line_per_image():

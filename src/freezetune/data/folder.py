@@ -173,8 +173,13 @@ def expand_paths(paths: list[str], files_under, what: str, kind: str, suffixes) 
             out += [str(f) for f in files_under(p)]
         elif p.is_file():  # as typed ("./a.png", "a//b.png"): a record must match its input (Path made it "a.png")
             out.append(given)
-        elif glob.has_magic(str(p)):  # its files of the kind (a folder's matches are its files: "**" doubled them)
-            matched = sorted(f for f in glob.glob(str(p), recursive=True) if f.lower().endswith(tuple(suffixes)))
+        elif glob.has_magic(str(p)):  # as the shell would expand it: a matched folder gives its files, as when typed
+            matched = []  # ("data/test/*" matched only folders: "no file"); "**" gives a file and its folder: once
+            for f in sorted(glob.glob(str(p), recursive=True)):
+                if Path(f).is_dir():
+                    matched += [str(g) for g in files_under(Path(f))]
+                elif f.lower().endswith(tuple(suffixes)):
+                    matched.append(f)
             if not matched:
                 raise DataError(f"{what} pattern '{p}' matches no file ending in {', '.join(suffixes)}")
             out += matched
