@@ -472,6 +472,18 @@ def test_a_plateau_says_why_it_unfroze_and_a_min_delta_read_as_points_is_named(d
     assert code == 0 and "note: plateau" not in out, err
 
 
+def test_a_plan_that_opens_part_of_a_stage_says_what_it_opened_and_where(data, tmp_path, capsys):
+    # "{1: '*.bias'}" trained the whole network and said "unfroze stem, blocks.0, ..." (each stage it touched)
+    code, out, err = run_cli(capsys, *train_argv(data, tmp_path / "run", "--freeze", "backbone", "--epochs", "2",
+                                                 "--unfreeze", "{1: 'blocks.4.*.bias'}"))  # fmt: skip
+    assert code == 0, err
+    line = next(line for line in out.splitlines() if line.startswith("unfroze"))
+    assert line.startswith("unfroze blocks.4.*.bias (in blocks.4) (trainable "), line
+    rows = list(csv.DictReader((tmp_path / "run" / "metrics.csv").open()))
+    added = int(rows[1]["trainable_params"]) - int(rows[0]["trainable_params"])
+    assert 0 < added < 1000, added  # the biases, not the stage's convolutions
+
+
 def test_half_precision_on_a_cpu_is_named_slow_and_fp16_trains_with_loss_scaling(data, tmp_path, capsys):
     # --amp fp16 on a CPU: 50 times fp32's epoch without a word, and no GradScaler (fp16 gradients underflow)
     code, out, err = run_cli(capsys, *train_argv(data, tmp_path / "run", "--freeze", "backbone", "--epochs", "1",

@@ -135,6 +135,46 @@ def test_dict_plan():
     assert_each_param_once(model, opt)
 
 
+def trainable(model: nn.Module) -> list[str]:
+    return [n for n, p in model.named_parameters() if p.requires_grad]
+
+
+def test_a_plan_opens_what_its_spec_names_not_the_whole_stages_it_touches():
+    # {1: "*.bias"} opened every stage it touched, the whole network; {1: "block3.0*"} all of block3
+    for spec in ("*.bias", "block3.0*", ["block3.0*", "block1"]):
+        model, opt, _, unfreezer = frozen_setup({1: spec})
+        twin = TinyCNN()
+        ft.freeze(twin, "backbone")
+        ft.unfreeze(twin, spec)
+        unfreezer.step(0)
+        assert trainable(model) == trainable(twin) and len(trainable(model)) < len(list(model.parameters())), spec
+        assert_each_param_once(model, opt)
+        # a resume re-opens what the plan opened, and makes the same groups, which the optimizer's state then fits
+        resumed, resumed_opt, _, again = frozen_setup({1: spec})
+        again.load_state_dict(unfreezer.state_dict())
+        resumed_opt.load_state_dict(opt.state_dict())
+        assert trainable(resumed) == trainable(model) and group_names(resumed_opt) == group_names(opt), spec
+
+
+def test_a_plan_that_opens_part_of_a_stage_then_all_of_it_grows_its_group():
+    model, opt, _, unfreezer = frozen_setup({1: "block3.1*", 2: "block3"})
+    assert run_schedule(unfreezer, 3) == {0: ["block3"], 1: ["block3"]}
+    assert trainable(model) == [n for n, _ in model.named_parameters() if n.startswith(("block3", "head"))]
+    assert_each_param_once(model, opt)
+
+
+def test_a_second_step_for_an_epoch_already_stepped_changes_nothing():
+    # a notebook cell run again opened the next stage each time, all under the same epoch
+    for schedule in ("epoch:1", "plateau:patience=1"):
+        _, opt, _, unfreezer = frozen_setup(schedule)
+        unfreezer.step(0, 0.5)
+        opened = unfreezer.step(1, 0.4)
+        with pytest.warns(UserWarning, match=r"step\(1\) after step\(1\): each epoch's end is stepped once"):
+            assert unfreezer.step(1, 0.4) == []
+        assert unfreezer.events == ([(0, ["block3"]), (1, ["block2"])] if schedule == "epoch:1" else [(1, opened)])
+        assert unfreezer.state_dict()["num_bad"] == 0
+
+
 def test_plan_naming_a_trainable_stage_reports_nothing():
     _, opt, _, unfreezer = frozen_setup({1: "head", 2: "block3"})
     assert run_schedule(unfreezer, 3) == {1: ["block3"]}

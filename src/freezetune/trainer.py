@@ -351,7 +351,11 @@ class Trainer(RunSetup):
             sched = self.state.unfreezer.schedule
             why = (f"{self.cfg.monitor} did not improve by more than {sched.min_delta:g} for {sched.patience} "
                    "epoch(s); " if sched.kind == "plateau" else "")  # fmt: skip
-            self.echo(f"unfroze {', '.join(names)} ({why}trainable {count_parameters(self.model)[0]:,} parameters)")
+            what, spec = ", ".join(names), sched.plan.get(epoch + 1) if sched.kind == "plan" else None
+            items = [str(x) for x in (spec if isinstance(spec, (list, tuple)) else [spec])]
+            if spec is not None and items != names:  # part of a stage ("*.bias"), or an index: what, then where
+                what = f"{', '.join(items)} (in {what})"
+            self.echo(f"unfroze {what} ({why}trainable {count_parameters(self.model)[0]:,} parameters)")
             self.features.build()  # the frozen prefix got shorter: rebuild at the new boundary, or read images
         return names
 

@@ -5,9 +5,12 @@ Schedules:
 - ``"plateau:patience=P,min_delta=D,mode=max"``: unfreeze the next stage when the metric given to ``step`` has not
   improved by more than D for P consecutive calls; without ``mode``, the ``Unfreezer``'s (a run's follows its
   ``monitor``: ``val_loss`` improves as it falls).
-- ``{epoch: spec}``: an explicit plan; ``spec`` (any freeze spec) trains from that (0-based) epoch on.
+- ``{epoch: spec}``: an explicit plan; what ``spec`` (any freeze spec) names trains from that (0-based) epoch on,
+  exactly what ``unfreeze(model, spec)`` opens: a glob of part of a stage (``"*.bias"``, ``"layer4.1*"``) opens that
+  part, not the stages it touches.
 
-``step(epoch, metric)`` is called at the end of each epoch (0-based); what it unfreezes trains from the next epoch.
+``step(epoch, metric)`` is called once at the end of each epoch (0-based); what it unfreezes trains from the next
+epoch. A second call for an epoch already stepped (a notebook cell run again) changes nothing, with a warning.
 """
 
 from __future__ import annotations
@@ -198,11 +201,13 @@ class Unfreezer:
         self.added_groups: list[str] = []
         self.best: float | None = None
         self.num_bad = 0
+        self._stepped: int | None = None  # the last epoch stepped
         for spec in (self.schedule.plan or {}).values():
             resolve_stages(model, spec)  # validate the whole plan now, not at epoch 40
             warn_negative_unfreeze(spec)
-        if 0 in self.schedule.plan:
-            self._unfreeze([s.name for s in resolve_stages(model, self.schedule.plan[0])])
+        self._plan = {epoch: _ints_as_names(self.model, spec) for epoch, spec in self.schedule.plan.items()}
+        if 0 in self._plan:
+            self._unfreeze_spec(self._plan[0])
 
     def step(self, epoch: int, metric: float | None = None, *, warming_up: bool = False) -> list[str]:
         """Advance the schedule at the end of ``epoch`` (0-based); returns the stages unfrozen by this call.
@@ -210,14 +215,18 @@ class Unfreezer:
         ``warming_up``: the LR schedule is still raising the LR; a plateau schedule then keeps its best metric but
         counts no stall (a metric that stalls while the LR climbs to its peak has not plateaued).
         """
-        names: list[str] = []
+        if self._stepped is not None and epoch <= self._stepped:  # it opened the next stage again (a plateau: a stall)
+            warnings.warn(f"Unfreezer.step({epoch}) after step({self._stepped}): each epoch's end is stepped once; "
+                          "this call changes nothing", stacklevel=2)  # fmt: skip
+            return []
+        self._stepped = epoch
+        done: list[str] = []
         if self.schedule.kind == "epoch" and (epoch + 1) % self.schedule.every == 0:
-            names = self._next_frozen()
-        elif self.schedule.kind == "plateau":
-            names = self._next_frozen() if self._stalled(metric, warming_up) else []
-        elif self.schedule.kind == "plan" and (epoch + 1) in self.schedule.plan:
-            names = [s.name for s in resolve_stages(self.model, self.schedule.plan[epoch + 1])]
-        done = self._unfreeze(names)
+            done = self._unfreeze(self._next_frozen())
+        elif self.schedule.kind == "plateau" and self._stalled(metric, warming_up):
+            done = self._unfreeze(self._next_frozen())
+        elif self.schedule.kind == "plan" and (epoch + 1) in self._plan:
+            done = self._unfreeze_spec(self._plan[epoch + 1])
         if done:
             self.events.append((epoch, done))
         return done
@@ -253,9 +262,12 @@ class Unfreezer:
         if missing:
             raise CheckpointError(f"checkpoint unfroze stage(s) {choices(missing)} this model does not have")
         # event by event, as they happened: the first unfreeze under a bn policy also grouped what the policy released
-        # in the stages still frozen, so unfreezing them all at once would make other groups
-        for names in [n for _, n in state["events"]] + [state["unfrozen"]]:
-            self._unfreeze([n for n in names if n not in self.unfrozen])
+        # in the stages still frozen, so unfreezing them all at once would make other groups; a plan's event opens
+        # what its spec names (part of a stage, maybe), as it did
+        for epoch, names in state["events"]:
+            spec = self._plan.get(int(epoch) + 1) if self.schedule.kind == "plan" else None
+            self._unfreeze(names, spec)
+        self._unfreeze([n for n in state["unfrozen"] if n not in self.unfrozen])
         if self.added_groups != list(state["groups"]):
             raise CheckpointError(
                 f"re-created optimizer groups {self.added_groups} differ from the checkpoint's {state['groups']}; "
@@ -314,13 +326,19 @@ class Unfreezer:
             return True
         return False
 
-    def _unfreeze(self, names: list[str]) -> list[str]:
+    def _unfreeze_spec(self, spec: Spec) -> list[str]:
+        """Open what a plan's ``spec`` names; returns the stages it touched that held a frozen parameter."""
+        return self._unfreeze([s.name for s in resolve_stages(self.model, spec)], spec)
+
+    def _unfreeze(self, names: list[str], spec: Spec | None = None) -> list[str]:
+        """Open stages ``names``, or, given ``spec``, what it names in them (part of a stage, maybe), and give what
+        now trains its groups."""
         frozen = {s.name for s in self.frozen_stages()}
         names = [n for n in names if n in frozen]  # a plan may name a stage that already trains: nothing to do
         if not names:
             return []
         trained = {id(p) for p in self.model.parameters() if p.requires_grad}
-        unfreeze(self.model, names, bn=self.bn)
+        unfreeze(self.model, names if spec is None else spec, bn=self.bn)
         by_name = {s.name: s for s in stages(self.model)}
         seen = {id(p) for g in self.optimizer.param_groups for p in g["params"]}
         self._warn_if_grouped_already(names, by_name)
@@ -400,6 +418,22 @@ class Unfreezer:
             if isinstance(last, list) and len(last) == n_before:
                 last.append(lr)
             _extend_timm_warmup(sched, n_before)
+
+
+def _ints_as_names(model: nn.Module, spec: Spec) -> list:
+    """A plan's ``spec`` with each int replaced by the names of the stages it counts, as ``unfreeze`` takes it: the
+    int was warned of when the plan was read, not again when it opens.
+
+    >>> import torchvision
+    >>> _ints_as_names(torchvision.models.resnet18(), [2, "*.bias"])
+    ['stem', 'layer1', '*.bias']
+    """
+    items = spec if isinstance(spec, (list, tuple)) else [spec]
+    named: list = []
+    for item in items:
+        is_int = isinstance(item, int) and not isinstance(item, bool)
+        named += [s.name for s in resolve_stages(model, item)] if is_int else [item]
+    return named
 
 
 def _extend_timm_warmup(sched: object, n_before: int) -> None:
