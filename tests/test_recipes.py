@@ -118,6 +118,25 @@ def test_bitfit_trains_only_biases_norms_and_the_head():
     assert any(n.startswith("blocks.") and n.endswith("bn1.weight") for n in trainable)
 
 
+def test_bitfit_trains_rms_norms_as_norms():
+    # RMSNorm (torch's, and Hugging Face's *RMSNorm classes) was frozen as a weight: a Llama classifier, which has
+    # no biases, trained its head alone
+    class LlamaRMSNorm(torch.nn.Module):  # as transformers names it: a class of its own, not torch's
+        def __init__(self, n: int) -> None:
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.ones(n))
+
+        def forward(self, x):
+            return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * self.weight
+
+    body = torch.nn.Sequential(torch.nn.Linear(8, 16, bias=False), torch.nn.RMSNorm(16), torch.nn.Linear(16, 16),
+                               LlamaRMSNorm(16))  # fmt: skip
+    model = torch.nn.Sequential(body, torch.nn.Linear(16, 3))
+    freeze(model, "bitfit")
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable == ["0.1.weight", "0.2.bias", "0.3.weight", "1.weight", "1.bias"]
+
+
 def test_lp_ft_fine_tunes_every_layer_from_the_probed_head(data, tmp_path, capsys):
     code, out, err = run_cli(capsys, *train_argv(data, tmp_path / "run", "--recipe", "lp-ft"))
     assert code == 0, err

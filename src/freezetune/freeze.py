@@ -23,7 +23,7 @@ from freezetune.bn_policy import (
     set_released,
 )
 from freezetune.errors import SpecError, choices
-from freezetune.module_tree import unwrap
+from freezetune.module_tree import is_norm, unwrap
 from freezetune.options import BN_DEFAULT, FREEZE_DEFAULT, FREEZE_KEYWORDS
 from freezetune.stages import Stage, stages
 
@@ -211,15 +211,14 @@ def _resolve_name(model: nn.Module, st: list[Stage], spec: str) -> dict[int, nn.
     return out
 
 
-_NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
-
-
 def _bitfit_frozen(model: nn.Module, st: list[Stage]) -> dict[int, nn.Parameter]:
     """BitFit (Ben Zaken et al. 2022): every backbone weight but biases and normalisation parameters is frozen.
 
     The norms' parameters keep training, so their BatchNorm layers are not frozen either (as with ``bn="affine"``).
     """
-    keep = {id(p) for m in model.modules() if isinstance(m, _NORMS) for p in m.parameters(recurse=False)}
+    # a norm by its class name, as everywhere (module_tree.is_norm): RMSNorm and Hugging Face's *RMSNorm were
+    # frozen as weights, and a Llama classifier, which has no biases, trained its head alone
+    keep = {id(p) for m in model.modules() if is_norm(m) for p in m.parameters(recurse=False)}
     keep |= {id(p) for name, p in model.named_parameters() if name.endswith("bias")}
     return {i: p for i, p in _params_of(st[:-1]).items() if i not in keep}
 
