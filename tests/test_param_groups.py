@@ -197,6 +197,13 @@ def test_a_negative_or_infinite_learning_rate_is_refused(kwargs, named):
         ft.param_groups(model, **{"lr": 1e-3, **kwargs})
 
 
+@pytest.mark.parametrize("decay", [True, 0, -2.0, float("nan"), float("inf"), "10"])
+def test_a_decay_that_is_not_a_positive_number_is_refused(decay):
+    # decay=True ran as 1.0: every stage at lr, nothing decayed, without a word (lr=True was refused)
+    with pytest.raises(ft.FreezetuneError, match=f"decay must be > 0 and finite, got {decay!r}"):
+        ft.param_groups(TinyCNN(), 1e-3, decay=decay)
+
+
 @pytest.mark.parametrize("weight_decay", [-0.5, float("nan"), float("inf"), True, "0.05"])
 def test_a_negative_or_non_finite_weight_decay_is_refused_where_the_groups_are_made(weight_decay):
     # AdamW checks only its constructor's default: -0.5 in the groups pushed every weight away from zero

@@ -153,7 +153,9 @@ def checked_lrs(lr: float | None, stage_lrs: Mapping[str, float] | str | None, d
     bad = [f"{k}={v!r}" for k, v in given.items() if not _finite_non_negative(v)]
     if bad:  # a negative LR climbs the loss; torch's optimizers refuse it only at their construction
         raise SpecError(f"learning rates must be finite numbers >= 0, got {', '.join(bad)}")
-    if decay is not None and not (isinstance(decay, numbers.Real) and 0 < decay < math.inf):  # (nan too)
+    # nan too, and a bool, as for lr: decay=True ran as 1.0, every stage at lr, nothing decayed
+    bad_decay = isinstance(decay, bool) or not (isinstance(decay, numbers.Real) and 0 < decay < math.inf)
+    if decay is not None and bad_decay:
         raise SpecError(f"decay must be > 0 and finite, got {decay!r}")
     return dict(stage_lrs or {})
 
