@@ -578,7 +578,7 @@ def test_a_schedule_that_opens_nothing_the_run_trains_is_noted():
 
 
 def test_a_plateau_min_delta_read_as_points_is_noted_for_either_fraction_but_not_for_a_loss():
-    from freezetune.unfreezing import parse_schedule, plateau_units_note
+    from freezetune.unfreeze_schedule import parse_schedule, plateau_units_note
 
     schedule = parse_schedule("plateau:patience=1,min_delta=0.5")
     assert "is in val_f1 units, a fraction: 0.5 is 50 points of macro-F1" in plateau_units_note(schedule, "val_f1")

@@ -346,7 +346,7 @@ def _procedure() -> str:
 def _check_plan(cfg: TrainConfig) -> None:
     """The stages an ``unfreeze`` plan names, checked before the trials: a name the model has no stage of stopped the
     run only after them, their files left behind."""
-    from freezetune.unfreezing import parse_schedule
+    from freezetune.unfreeze_schedule import parse_schedule
 
     if cfg.unfreeze is None or not (plan := parse_schedule(cfg.unfreeze).plan):
         return

@@ -381,7 +381,7 @@ def _schedule_problems(unfreeze: str | dict | None, monitor: str) -> list[str]:
     if unfreeze is None or unfreeze == "none":
         return []
     from freezetune.errors import SpecError
-    from freezetune.unfreezing import parse_schedule  # imports torch: only when a schedule is given
+    from freezetune.unfreeze_schedule import parse_schedule
 
     try:
         schedule = parse_schedule(unfreeze)

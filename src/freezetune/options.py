@@ -30,7 +30,7 @@ ALPHA_MODES = ("white", "drop")
 ALPHA_DEFAULT = "white"
 ALPHA_BEFORE = "drop"  # the rule of a checkpoint that records none (saved before freezetune composited)
 FREEZE_KEYWORDS = ("backbone", "all", "none", "bitfit")  # bitfit: all but biases, norms and the head
-# the forms of an unfreeze schedule (``unfreezing.parse_schedule``); a plateau without mode follows the monitor
+# the forms of an unfreeze schedule (``unfreeze_schedule.parse_schedule``); a plateau without mode follows the monitor
 UNFREEZE_FORMS = ("epoch:N", "plateau:patience=P,min_delta=D[,mode=max|min]", "{epoch: spec}")
 FREEZE_DEFAULT = "backbone"  # what ``freeze(model)`` freezes and ``inspect`` shows: all but the head
 MONITORS = ("val_acc", "val_loss", "val_f1")  # val_f1: macro-F1, each class counts alike (imbalanced classes)

@@ -38,7 +38,8 @@ from freezetune.param_groups import idle_stage_lrs
 from freezetune.progress import RunResult, other_monitor
 from freezetune.run_setup import SKIPPED, RunSetup
 from freezetune.stages import stages
-from freezetune.unfreezing import idle_schedule_note, plateau_units_note
+from freezetune.unfreeze_schedule import plateau_units_note
+from freezetune.unfreezing import idle_schedule_note
 
 
 def train(cfg: TrainConfig, *, echo: Callable[[str], None] = print, resumable: bool = True, brief: bool = False,

@@ -32,7 +32,8 @@ from freezetune.freeze import Spec, count_parameters, freeze
 from freezetune.options import BN_DEFAULT, FREEZE_DEFAULT
 from freezetune.param_groups import check_weight_decay, checked_lrs
 from freezetune.stages import stages
-from freezetune.unfreezing import Unfreezer, nominal_lr, parse_schedule
+from freezetune.unfreeze_schedule import parse_schedule
+from freezetune.unfreezing import Unfreezer, nominal_lr
 
 try:
     import lightning.pytorch as pl

@@ -1,0 +1,98 @@
+"""The forms of an unfreezing schedule, parsed and checked (no torch: a config is checked before it loads).
+
+- ``"epoch:N"``: every N epochs unfreeze the next frozen stage counted from the head (ULMFiT's gradual unfreezing).
+- ``"plateau:patience=P,min_delta=D,mode=max"``: unfreeze the next stage when the metric given to ``step`` has not
+  improved by more than D for P consecutive calls; without ``mode``, the ``Unfreezer``'s (a run's follows its
+  ``monitor``: ``val_loss`` improves as it falls).
+- ``{epoch: spec}``: an explicit plan; what ``spec`` (any freeze spec) names trains from that (0-based) epoch on,
+  exactly what ``unfreeze(model, spec)`` opens: a glob of part of a stage (``"*.bias"``, ``"layer4.1*"``) opens that
+  part, not the stages it touches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from freezetune.errors import SpecError, choices
+from freezetune.options import FRACTIONS, UNFREEZE_FORMS
+
+if TYPE_CHECKING:
+    from freezetune.freeze import Spec
+
+MODES = ("max", "min")  # a metric that improves as it rises (accuracy) or as it falls (a loss)
+
+
+@dataclass
+class Schedule:
+    """A parsed unfreezing schedule (see the module docstring for the forms)."""
+
+    kind: str  # "epoch" | "plateau" | "plan"
+    every: int = 0
+    patience: int = 2
+    min_delta: float = 0.0
+    mode: str | None = None  # a plateau's direction when given ("max"/"min"); else the Unfreezer's ``mode``
+    plan: dict[int, Spec] = field(default_factory=dict)
+
+
+def parse_schedule(schedule: str | Mapping[int, Spec] | Schedule) -> Schedule:
+    """Parse ``"epoch:N"``, ``"plateau:patience=P,min_delta=D,mode=max"`` or a ``{epoch: spec}`` plan.
+
+    >>> parse_schedule("plateau:patience=3").patience
+    3
+    """
+    if isinstance(schedule, Schedule):
+        return schedule
+    if isinstance(schedule, Mapping):
+        bad = [k for k in schedule if not str(k).strip().isdigit()]
+        if bad:  # a negative epoch never comes: its stages would never open
+            # YAML reads "{1:layer4}" as the one key "1:layer4": its value needs a space after the colon
+            space = "; write a space after each colon ({1: layer4})" if any(":" in str(k) for k in bad) else ""
+            raise SpecError(f"an unfreeze plan maps epochs (ints) to freeze specs, e.g. {{2: 'layer4'}}, epochs from 0;"
+                            f" got key(s) {choices(bad)}{space}")  # fmt: skip
+        return Schedule("plan", plan={int(k): v for k, v in schedule.items()})
+    kind, _, args = str(schedule).strip().partition(":")
+    try:
+        if kind == "epoch":
+            every = int(args)
+            if every < 1:
+                raise ValueError
+            return Schedule("epoch", every=every)
+        if kind == "plateau":
+            return _parse_plateau(args)
+    except ValueError:
+        pass
+    raise SpecError(f"bad unfreeze schedule {schedule!r}; the forms are: {choices(UNFREEZE_FORMS)}")
+
+
+def _parse_plateau(args: str) -> Schedule:
+    out = Schedule("plateau")
+    for item in filter(None, (a.strip() for a in args.split(","))):
+        key, _, value = item.partition("=")
+        if key == "patience":
+            out.patience = int(value)
+        elif key == "min_delta":
+            out.min_delta = float(value)
+        elif key == "mode" and value in MODES:
+            out.mode = value
+        else:
+            raise ValueError(item)
+    if out.patience < 1 or out.min_delta < 0:  # a negative min_delta counts small drops as improvements
+        raise ValueError("patience")
+    return out
+
+
+def plateau_units_note(schedule: Schedule | None, monitor: str) -> str | None:
+    """A note when a plateau's ``min_delta`` on ``val_acc`` or ``val_f1`` reads like points: both are fractions,
+    and ``min_delta=0.5`` (50 points) unfroze a stage after every epoch, as ``epoch:1`` would.
+
+    >>> plateau_units_note(parse_schedule("plateau:patience=1,min_delta=0.5"), "val_acc")[:47]
+    'note: plateau min_delta 0.5 is in val_acc units'
+    """
+    if schedule is None or schedule.kind != "plateau" or monitor not in FRACTIONS or schedule.min_delta < 0.1:
+        return None
+    delta = schedule.min_delta
+    what = "accuracy" if monitor == "val_acc" else "macro-F1"
+    return (f"note: plateau min_delta {delta:g} is in {monitor} units, a fraction: {delta:g} is {100 * delta:g} points "
+            f"of {what} (half a point is 0.005), so nearly every epoch counts as a stall")  # fmt: skip
