@@ -146,6 +146,22 @@ def test_plot_confusion_writes_png(tmp_path, c):
     assert [p.name for p in out.parent.iterdir()] == ["cm.png"]  # no temp file left behind
 
 
+def test_a_class_name_not_utf8_is_drawn_and_printed_as_its_escape(tmp_path):
+    # a class folder named in Latin-1 bytes ("d\xf6g") is the str 'd\udcf6g' on Linux: matplotlib's set_text raised a
+    # TypeError on it, the end of train's final test and of eval, after the training
+    import matplotlib
+
+    meter = ClassificationMeter(2)
+    meter.update(torch.eye(2), torch.tensor([0, 1]))
+    result, classes = meter.compute(), ["cat", "d\udcf6g"]
+    assert plot_confusion(result, classes, tmp_path / "cm.png").read_bytes()[:8] == PNG_MAGIC
+    with matplotlib.rc_context({"svg.fonttype": "none"}):  # the labels written as text, not as glyph outlines
+        drawn = plot_confusion(result, classes, tmp_path / "cm.svg").read_text()
+    assert ">d\\udcf6g<" in drawn  # as the terminal and train.log show it
+    rows = format_report(result, classes).splitlines()
+    assert rows[2:4] == ["  cat       100.0%  (n=1)", "  d\\udcf6g  100.0%  (n=1)"]  # columns kept
+
+
 def test_class_names_the_plot_font_lacks_are_named_once_not_as_matplotlib_warnings(tmp_path, caplog, recwarn,
                                                                                      monkeypatch):  # fmt: skip
     # Chinese class names printed a raw "UserWarning: Glyph 29483 (...) missing from font(s) DejaVu Sans" per glyph

@@ -110,7 +110,7 @@ def run() -> None:
     # a character the terminal cannot encode (a class or folder named in another script on a Windows code page, a
     # Linux file name that is not UTF-8) is printed as its escape, \u9ce5; it stopped predict with a traceback
     if getattr(sys.stdout, "errors", None) == "strict" and hasattr(sys.stdout, "reconfigure"):
-        sys.stdout.reconfigure(errors="backslashreplace")
+        sys.stdout.reconfigure(errors=run_log.ESCAPE)
     try:
         code = main()
     finally:  # also after argparse's own exits (--help, --version, a usage error)

@@ -15,6 +15,7 @@ import torch
 
 from freezetune._io import atomic_output
 from freezetune.errors import ConfigError, DataError
+from freezetune.run_log import escaped
 
 log = logging.getLogger(__name__)
 
@@ -173,11 +174,14 @@ def _pct(x: float | None) -> str:
     return "  n/a" if x is None else f"{100 * x:5.1f}%"
 
 
-def _check_classes(result: dict, classes: list[str]) -> int:
+def _shown(result: dict, classes: list[str]) -> list[str]:
+    """The class names as the report and the plot show them, one for each class of ``result``: a name that is not
+    UTF-8 (a class folder's, on Linux) as its escape, as the terminal and ``train.log`` show it; matplotlib raised on
+    it, and the escape's width keeps the report's columns."""
     c = len(result["confusion"])
     if len(classes) != c:
         raise DataError(f"got {len(classes)} class names for a result with {c} classes")
-    return c
+    return [escaped(name) for name in classes]
 
 
 def format_report(result: dict, classes: list[str], max_classes: int = 20) -> str:
@@ -189,7 +193,8 @@ def format_report(result: dict, classes: list[str], max_classes: int = 20) -> st
 
     Args:
         result: Output of ``ClassificationMeter.compute()``.
-        classes: Class names, index-aligned with the confusion matrix.
+        classes: Class names, index-aligned with the confusion matrix; one that is not UTF-8 (a Linux folder name)
+            is shown as its escape (``run_log.escaped``).
         max_classes: Largest class count shown in full.
 
     Returns:
@@ -200,7 +205,8 @@ def format_report(result: dict, classes: list[str], max_classes: int = 20) -> st
     >>> print(format_report(m.compute(), ["cat", "dog"]).splitlines()[0])
     n 2  loss n/a  top-1  50.0%  top-2 100.0%  macro-F1 0.3333
     """
-    c = _check_classes(result, classes)
+    classes = _shown(result, classes)
+    c = len(classes)
     loss = "n/a" if result["loss"] is None else f"{result['loss']:.4f}"
     lines = [
         f"n {result['n']}  loss {loss}  top-1 {_pct(result['acc'])}  top-{result.get('topk', 5)} {_pct(result['top5'])}"
@@ -256,7 +262,8 @@ def plot_confusion(result: dict, classes: list[str], path: str | Path) -> Path:
 
     Args:
         result: Output of ``ClassificationMeter.compute()``.
-        classes: Class names, index-aligned with the confusion matrix.
+        classes: Class names, index-aligned with the confusion matrix; one that is not UTF-8 (a Linux folder name)
+            is shown as its escape (``run_log.escaped``).
         path: Destination PNG; written atomically.
 
     Returns:
@@ -270,7 +277,8 @@ def plot_confusion(result: dict, classes: list[str], path: str | Path) -> Path:
     """
     from matplotlib.figure import Figure  # half a second: not for the commands that score without plotting
 
-    c = _check_classes(result, classes)
+    classes = _shown(result, classes)
+    c = len(classes)
     counts = torch.tensor(result["confusion"], dtype=torch.float64)
     frac = counts / counts.sum(dim=1, keepdim=True).clamp(min=1)
     side = min(4.0 + 0.45 * c, 24.0)

@@ -35,6 +35,19 @@ from freezetune.interrupt import forget_stop
 LOG_FILE = "train.log"  # a run's; a sweep's directory keeps "sweep.log"
 WARNING_FORMAT = "%(levelname)s %(name)s: %(message)s"  # a logged warning, on stderr and in the log
 command: str | None = None  # the command line that started this process, when the CLI did (the log's header names it)
+# how a character that cannot be written is shown, in the log, on a terminal and in a plot: as its escape. Linux hands
+# a file name that is not UTF-8 (an old Latin-1 zip's "d\xf6g/") to Python as a lone surrogate, '\udcf6'
+ESCAPE = "backslashreplace"
+
+
+def escaped(text: str) -> str:
+    """``text`` with each character UTF-8 cannot encode (a lone surrogate: a byte of a file or class name that is not
+    UTF-8) written as its escape, as ``train.log`` and the terminal show it; every other character is kept.
+
+    >>> print(escaped("d\\udcf6g"), escaped("café"))
+    d\\udcf6g café
+    """
+    return text.encode("utf-8", ESCAPE).decode("utf-8")
 
 
 class _Level:
@@ -59,7 +72,7 @@ class _Level:
             return
         head = [] if self.opened else [_stamped(_header(), self.started)]  # a resume's lines follow its own header
         try:
-            with open(self.path, "a", encoding="utf-8", errors="backslashreplace") as f:  # a name not UTF-8: \udce9
+            with open(self.path, "a", encoding="utf-8", errors=ESCAPE) as f:  # a name not UTF-8: \udce9
                 f.write("".join([*head, *self.pending]))
         except OSError:  # the log is a record, not the run: a full disk is reported by the checkpoints' writes
             return
