@@ -82,6 +82,22 @@ def test_a_second_validation_folder_is_named_as_not_read(tmp_path, caplog):
     assert "val/ and valid/: val/ is read, valid/ not" in caplog.text
 
 
+def test_a_folder_of_images_beside_the_split_folders_is_named_as_left_out(tmp_path, caplog):
+    # a class folder put one level too high (d/horse/ beside d/train/): the run trained on the other classes in silence
+    root = _layout(tmp_path / "d", splits=("Train", "Validation", "Test"))  # split names in any of their spellings
+    _images(root / "horse")
+    _images(root / "more" / "zebra", n=2)
+    _images(root / "runs" / "r1", n=1).joinpath("train.log").write_text("")  # a run's report.png: no data
+    _images(root / ".git" / "objects", n=1)
+    (root / "features").mkdir()
+    with caplog.at_level(logging.WARNING, logger="freezetune"):
+        assert build_datasets(str(root), preprocess=PRE).classes == ["bag", "coat", "sneaker"]
+    (line,) = [r.getMessage() for r in caplog.records if "beside the split folders" in r.getMessage()]
+    assert line == (f"'{root}': folder(s) 'horse/' (3), 'more/' (2) beside the split folders hold 5 image file(s), "
+                    f"which are left out: a class folder belongs in {root / 'Train'}/ (and in the validation and test "
+                    "folders)")  # fmt: skip
+
+
 def test_val_data_replaces_the_layouts_validation_folder_unread(tmp_path):
     # an unlabelled val/ was refused although --val-data said where validation comes from
     root = _layout(tmp_path / "d", splits=("train", "test"))

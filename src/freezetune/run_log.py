@@ -32,7 +32,10 @@ from pathlib import Path
 
 from freezetune.interrupt import forget_stop
 
-LOG_FILE = "train.log"  # a run's; a sweep's directory keeps "sweep.log"
+LOG_FILE = "train.log"  # a run's
+SWEEP_LOG = "sweep.log"  # the sweep's lines (its recipes' too), time-stamped; each recipe keeps its train.log
+# a folder holding one is a run's or a sweep's: its plots (report.png) are no images of the data it sits in
+RUN_LOGS = (LOG_FILE, SWEEP_LOG)
 WARNING_FORMAT = "%(levelname)s %(name)s: %(message)s"  # a logged warning, on stderr and in the log
 command: str | None = None  # the command line that started this process, when the CLI did (the log's header names it)
 # how a character that cannot be written is shown, in the log, on a terminal and in a plot: as its escape. Linux hands

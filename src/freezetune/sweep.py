@@ -43,12 +43,11 @@ from freezetune.options import (
     recipe_family,
     recipe_problem,
 )
-from freezetune.run_log import log, log_to, opened
+from freezetune.run_log import SWEEP_LOG, log, log_to, opened
 from freezetune.runtime import SWEEP_SETTINGS as SETTINGS_FILE
 
 _DEFAULTS = TrainConfig()
 ROW_FILE = "sweep_row.json"  # a finished recipe's row, in its run directory
-SWEEP_LOG = "sweep.log"  # the sweep's lines (its recipes' too), time-stamped; each recipe keeps its train.log
 COLUMNS = ("recipe", "val_acc", "val_f1", "train_s", "peak_mem_mb", "trainable_params", "best_epoch", "run_dir")
 
 

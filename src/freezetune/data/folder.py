@@ -20,7 +20,7 @@ from freezetune.data.alpha import flatten
 from freezetune.data.large import too_large
 from freezetune.errors import DataError, choices
 from freezetune.options import ALPHA_DEFAULT
-from freezetune.run_log import warn_once
+from freezetune.run_log import RUN_LOGS, warn_once
 
 log = logging.getLogger(__name__)
 
@@ -120,12 +120,13 @@ def _files_under(folder: Path) -> list[Path]:
     return sorted(_walk(folder))
 
 
-def _walk(folder: Path) -> Iterator[Path]:
-    """``_files_under``'s files in walk order, as found (a caller that needs only the first stops there)."""
+def _walk(folder: Path, skip_runs: bool = False) -> Iterator[Path]:
+    """``_files_under``'s files in walk order, as found (a caller that needs only the first stops there).
+    ``skip_runs``: leave out the folders of freezetune's runs and sweeps (``run_log.RUN_LOGS``) and all below them."""
     seen = set()
     for top, dirs, files in os.walk(folder, followlinks=True):
         real = os.path.realpath(top)
-        if real in seen:  # a link back up the tree
+        if real in seen or (skip_runs and not set(RUN_LOGS).isdisjoint(files)):  # a link back up the tree; a run
             dirs[:] = []
             continue
         seen.add(real)
@@ -137,6 +138,12 @@ def is_hidden(name: str) -> bool:
     """Whether a file or folder name is never data, nor worth a warning: dot files (macOS's), a Synology NAS's
     previews (``@eaDir``), Windows' thumbnail cache and folder settings."""
     return name.startswith(".") or name in ("@eaDir", "Thumbs.db", "desktop.ini")
+
+
+def count_images(folder: Path) -> int:
+    """How many image files lie below ``folder``, those of a run's or a sweep's directory (its ``report.png``) not
+    counted: ``runs/`` beside ``train/`` holds no data."""
+    return sum(map(has_image_suffix, _walk(folder, skip_runs=True)))
 
 
 def _images_under(folder: Path) -> list[Path]:

@@ -1,7 +1,8 @@
 """Which folders of an image-folder dataset are which split: ``train/`` (or ``training/``), ``val/`` (``valid/``,
 ``validation/``, ``dev/``) and ``test/`` (``testing/``), matched without regard to case, each holding
 ``<class>/*`` folders; or a flat ``DIR/<class>/*`` layout. A split folder of images without class folders (Kaggle's
-unlabelled ``test/``) is refused with the way out, and one the run does not score is not read. A text dataset's
+unlabelled ``test/``) is refused with the way out, and one the run does not score is not read; a folder of images
+beside the split folders (a class folder one level too high) is named in a warning. A text dataset's
 splits are files by the same names: ``DIR/train.csv``, ``DIR/val.csv``, ``DIR/test.csv`` (or ``.tsv``).
 """
 
@@ -12,7 +13,7 @@ from pathlib import Path
 
 from torch.utils.data import Dataset
 
-from freezetune.data.folder import folder_classes, has_image_suffix, is_hidden, scan_folder
+from freezetune.data.folder import count_images, folder_classes, has_image_suffix, is_hidden, scan_folder
 from freezetune.data.idx import is_idx_dir
 from freezetune.data.scan import check_splits, unreadable
 from freezetune.data.text import TABLE_SUFFIXES, Columns, read_text_csv
@@ -37,6 +38,7 @@ def load_folder(path: Path, *, read_val: bool = True,
         _no_train_dir(path, [d.name for d in path.iterdir() if d.is_dir() and not is_hidden(d.name)])
         return scan_folder(path), None, None, False
     val_dir, test_dir = first_dir(path, VAL_DIRS) if read_val else None, first_dir(path, TEST_DIRS)
+    _warn_beside_splits(path, train_dir)
     _labelled(train_dir, f"a folder named {train_dir.name}/ is read as the training split ({train_dir}/<class>/*): "
               f"if '{train_dir.name}' is a class of a flat layout, rename that folder")  # fmt: skip
     train = scan_folder(train_dir)
@@ -73,6 +75,21 @@ def first_dir(root: Path, names: tuple[str, ...]) -> Path | None:
         warn_once(log, "'%s' has %s: %s/ is read, %s not", root, " and ".join(f"{d.name}/" for d in present),
                   present[0].name, ", ".join(f"{d.name}/" for d in present[1:]))  # fmt: skip
     return present[0] if present else None
+
+
+def _warn_beside_splits(path: Path, train_dir: Path) -> None:
+    """Name the folders of images beside the split folders (a class folder put one level too high, next to
+    ``train/`` rather than in it): nothing reads them, and the run trained without that class in silence. Folders
+    without images (the feature cache, a run's directory: ``count_images``) are not named."""
+    splits = {*TRAIN_DIRS, *VAL_DIRS, *TEST_DIRS}
+    beside = sorted(d for d in path.iterdir() if d.is_dir() and not is_hidden(d.name) and d.name.lower() not in splits)
+    counts = [(d.name, n) for d in beside if (n := count_images(d))]
+    if counts:
+        more = f" and {len(counts) - 3} more" if len(counts) > 3 else ""
+        named = ", ".join(f"'{name}/' ({n})" for name, n in counts[:3]) + more
+        warn_once(log, "'%s': folder(s) %s beside the split folders hold %d image file(s), which are left out: a class "
+                  "folder belongs in %s/ (and in the validation and test folders)", path, named,
+                  sum(n for _, n in counts), train_dir)  # fmt: skip
 
 
 def _no_train_dir(path: Path, classes: list[str]) -> None:
