@@ -5,6 +5,7 @@ Not a conftest: test modules import what they need, so the core-API fixtures in 
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -36,6 +37,17 @@ def make_image_folder(root: Path, *, train: int = 12, val: int = 4, test: int = 
             for i in range(n):
                 Image.fromarray(_sample(rng, rgb, direction, size)).save(folder / f"{name}_{i}.png")
     return root
+
+
+def cut_exif_jpeg(path: Path, orientation_first: bool) -> Path:
+    """A 50x40 JPEG whose EXIF directory says 5 entries and holds 1 (PIL: "Corrupt EXIF data"): the orientation tag,
+    6 (turn a quarter clockwise), or another tag."""
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 50, 3), dtype=np.uint8)).save(buf, "JPEG")
+    data, tag = buf.getvalue(), b"\x01\x12" if orientation_first else b"\x01\x10"
+    app1 = b"Exif\0\0MM\0\x2a\0\0\0\x08\0\x05" + tag + b"\0\x03\0\0\0\x01\0\x06\0\0" + b"\xff" * 30
+    path.write_bytes(data[:2] + b"\xff\xe1" + (len(app1) + 2).to_bytes(2, "big") + app1 + data[2:])
+    return path
 
 
 def _sample(rng: np.random.Generator, rgb: tuple[int, int, int], direction: int, size: int) -> np.ndarray:

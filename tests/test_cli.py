@@ -253,6 +253,22 @@ def test_the_command_line_does_not_print_pils_raw_decompression_bomb_warning(run
     assert "DecompressionBomb" not in proc.stderr, proc.stderr
 
 
+def test_the_command_line_names_a_photo_with_corrupt_exif_once_in_place_of_pils_raw_warning(run, tmp_path):
+    # "PIL/TiffImagePlugin.py:982: UserWarning: Corrupt EXIF data.  Expecting to read 12 bytes but only got 6." and
+    # its source line, naming no file
+    from _engine_fixtures import cut_exif_jpeg
+
+    photo = cut_exif_jpeg(tmp_path / "photo.jpg", orientation_first=False)
+    argv = [sys.executable, "-m", "freezetune", "predict", "--checkpoint", str(run[0] / "best.pt"), str(photo),
+            "--device", "cpu"]  # fmt: skip
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.startswith(str(photo)), proc.stderr
+    assert "Corrupt EXIF" not in proc.stderr and "TiffImagePlugin" not in proc.stderr, proc.stderr
+    (line,) = proc.stderr.splitlines()
+    assert line.startswith("WARNING freezetune.data.scan: 1 image file(s) have corrupt EXIF data"), line
+    assert f"'{photo}' (read as stored: no orientation before the cut turns it)" in line
+
+
 def test_predict_prints_a_name_the_terminal_cannot_encode_as_its_escape(run, data, tmp_path):
     # a Windows console's code page (cp1252) and a folder named in another script: UnicodeEncodeError, a traceback
     folder = tmp_path / "鳥"

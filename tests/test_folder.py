@@ -173,6 +173,31 @@ def test_an_image_over_pils_pixel_limit_is_named_in_megapixels_and_one_near_it_i
     assert "big.jpg" not in caplog.text
 
 
+def test_an_image_with_corrupt_exif_is_read_and_named_once_in_freezetunes_words(tmp_path, caplog):
+    # PIL's raw "TiffImagePlugin.py:982: UserWarning: Corrupt EXIF data.  Expecting to read 12 bytes but only got 6."
+    # reached stderr from every loader worker, naming no file, and not train.log
+    import warnings
+
+    from _engine_fixtures import cut_exif_jpeg
+    from freezetune.data.scan import quiet_pil_warnings, unreadable
+
+    turned, kept = cut_exif_jpeg(tmp_path / "turned.jpg", True), cut_exif_jpeg(tmp_path / "kept.jpg", False)
+    with warnings.catch_warnings(record=True) as raw:
+        warnings.simplefilter("always")
+        load_image(kept)
+    assert any("Corrupt EXIF data" in str(w.message) for w in raw)  # PIL's own, which the filter must match
+    with warnings.catch_warnings(record=True) as raw, caplog.at_level(logging.WARNING, logger="freezetune"):
+        warnings.simplefilter("always")
+        quiet_pil_warnings()  # the command line's and each loader worker's filter
+        assert unreadable([str(turned), str(kept)]) == [] and unreadable([str(turned), str(kept)]) == []
+        assert load_image(turned).size == (40, 50) and load_image(kept).size == (50, 40)  # as the note says
+    assert not raw
+    notes = [r.getMessage() for r in caplog.records if "EXIF" in r.getMessage()]
+    assert notes == [f"2 image file(s) have corrupt EXIF data (its first directory cut short), e.g. '{turned}' (its "
+                     f"orientation tag, 6, read before the cut: turned by it), '{kept}' (read as stored: no orientation "
+                     "before the cut turns it); their pixels are read as usual"]  # fmt: skip
+
+
 def test_a_link_to_nothing_is_named_with_its_target(tmp_path):
     # "cannot read image 'broken.png': [Errno 2] No such file or directory:" (PIL's message, its path cut, a colon left)
     (tmp_path / "broken.png").symlink_to(tmp_path / "moved.png")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from _engine_fixtures import CLASSES, confident_checkpoint, make_image_folder
+from _engine_fixtures import CLASSES, confident_checkpoint, cut_exif_jpeg, make_image_folder
 from freezetune.errors import ConfigError, DataError
 from freezetune.inference import load_model
 from freezetune.predict import format_predictions, predict_files
@@ -99,6 +99,18 @@ def test_a_quoted_glob_of_folders_predicts_what_the_shells_expansion_does(best_p
     quoted = predict_files(best_pt, [str(data / "test" / "*")], device="cpu")
     expanded = predict_files(best_pt, sorted((data / "test").iterdir()), device="cpu")
     assert [r["path"] for r in quoted] == [r["path"] for r in expanded] and len(quoted) > 2
+
+
+@pytest.mark.filterwarnings("ignore:Corrupt EXIF data")  # PIL's own, which the command line drops (test_folder.py)
+def test_a_photo_with_corrupt_exif_is_predicted_and_named_in_freezetunes_words(best_pt, tmp_path, caplog):
+    # predict printed PIL's raw "UserWarning: Corrupt EXIF data" with a site-packages path, naming no file
+    import logging
+
+    photo = cut_exif_jpeg(tmp_path / "photo.jpg", orientation_first=True)
+    with caplog.at_level(logging.WARNING, logger="freezetune"):
+        (record,) = predict_files(best_pt, [photo], device="cpu")
+    assert "top" in record
+    assert f"corrupt EXIF data (its first directory cut short), e.g. '{photo}' (its orientation tag, 6" in caplog.text
 
 
 def test_format_predictions_one_line_per_image():

@@ -27,7 +27,7 @@ from freezetune.interrupt import RunInterrupted, forget_stop, raised_stop
 from freezetune.options import (
     AMP_MODES,
     FREEZE_DEFAULT,
-    LARGE_IMAGE_WARNING,
+    PIL_WARNINGS,
     RANDOM_WEIGHTS,
     RECIPES,
     SWEEP_DEFAULT_OUT,
@@ -56,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     run_log.command = shlex.join(["freezetune", *argv])  # train.log's header
     level = logging.INFO if getattr(args, "verbose", False) else logging.WARNING
     logging.basicConfig(level=level if first else logging.ERROR, format=run_log.WARNING_FORMAT)
-    warnings.filterwarnings("ignore", message=LARGE_IMAGE_WARNING)  # PIL's, raw: see data.large.quiet_large_images
+    for message in PIL_WARNINGS:  # PIL's, raw: see data.scan.quiet_pil_warnings (not imported here: PIL is slow)
+        warnings.filterwarnings("ignore", message=message)
     forget_stop()  # a stop belongs to the command it stopped
     try:
         with cli_exit.stops(args.command):

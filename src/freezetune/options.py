@@ -56,6 +56,10 @@ IMBALANCE_NOTED = 3.0  # a run notes --class-weights when its largest class is t
 AUTO_VAL_FRACTION = 0.1  # held out per class when no validation data is given (``data.datasets``)
 AUTO_VAL_MAX_PER_CLASS = 50  # enough to rank recipes, cheap to cache and to evaluate every epoch
 LARGE_IMAGE_WARNING = r"Image size \(\d+ pixels\) exceeds limit"  # PIL's DecompressionBombWarning (data.folder)
+# PIL's, of an EXIF directory cut short (data.scan.tiff_orientation); not its "Possibly corrupt", of a tag's value
+CORRUPT_EXIF_WARNING = r"Corrupt EXIF data\."
+# PIL's raw warnings that the pre-scan says once a file, in freezetune's words: dropped (data.scan.quiet_pil_warnings)
+PIL_WARNINGS = (LARGE_IMAGE_WARNING, CORRUPT_EXIF_WARNING)
 BATCH_AUTO = "auto"  # --batch-size auto: the largest power of two that fits the CUDA device (memory.auto_batch_size)
 LAST_K, LAST_K_DEFAULT = "last-k", 2  # the recipes last-1, last-2, ...: "last-k" alone is last-2
 _LAST = LAST_K.removesuffix("k")  # what every last-K recipe starts with

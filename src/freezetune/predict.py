@@ -70,10 +70,12 @@ def predict_files(
 
 def _predict_image_files(loaded: LoadedModel, paths: list[str], topk: int, batch_size: int) -> list[dict]:
     from freezetune.data import eval_transform, list_images, load_image
+    from freezetune.data.scan import unreadable
 
     pre = loaded.preprocess
     transform = eval_transform(pre)
     files = list_images(paths)
+    unreadable(files)  # its notes, as a run's pre-scan says them (a corrupt EXIF block); each error is the file's own
     records: dict[str, dict] = {}
     for start in range(0, len(files), batch_size):
         chunk, images = [], []

@@ -1,24 +1,13 @@
 """Images over PIL's pixel limit (``Image.MAX_IMAGE_PIXELS``, 89 megapixels; twice that is refused, its guard
-against decompression bombs): the refusal in the user's terms, and PIL's raw warning below it dropped where the
-pre-scan (``data/scan.py``) says it once in freezetune's words.
+against decompression bombs): the refusal in the user's terms. PIL's raw warning below it is dropped where the
+pre-scan says it once in freezetune's words (``data.scan.quiet_pil_warnings``).
 """
 
 from __future__ import annotations
 
 import re
-import warnings
 
 from PIL import Image
-
-from freezetune.options import LARGE_IMAGE_WARNING
-
-
-def quiet_large_images() -> None:
-    """Drop PIL's DecompressionBombWarning (an image over 89 megapixels: "Image.py:3593: ... could be decompression
-    bomb DOS attack" and its source line, from the command and from every loader worker): the pre-scan names such a
-    file once, in freezetune's words (``data/scan.py``). Installed by the command line and in each loader worker,
-    which a spawned or forkserver start does not give the filters of the process that started it."""
-    warnings.filterwarnings("ignore", message=LARGE_IMAGE_WARNING)
 
 
 def too_large(exc: Image.DecompressionBombError) -> str:

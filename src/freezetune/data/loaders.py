@@ -29,7 +29,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 from freezetune.data.idx import InMemoryImageDataset
-from freezetune.data.large import quiet_large_images
+from freezetune.data.scan import quiet_pil_warnings
 from freezetune.data.text import TextDataset, TokenizeBatch
 from freezetune.distributed import DistInfo, batch_block, shard_rows
 from freezetune.interrupt import pause_point
@@ -190,7 +190,7 @@ def _seed_worker(worker_id: int, *, main: int) -> None:
     random.seed(seed)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to act on (_WorkersIgnoreCtrlC)
     _signals_from_outside(main)
-    quiet_large_images()
+    quiet_pil_warnings()
 
 
 def _signals_from_outside(main: int) -> None:

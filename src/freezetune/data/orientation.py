@@ -13,10 +13,9 @@ from collections.abc import Callable
 
 import torch
 
-from freezetune.data.scan import jpeg_segments
+from freezetune.data.scan import jpeg_segments, tiff_orientation
 
 _HEAD = 1 << 17  # the segments before the image data that are walked past to find EXIF (each <= 64 KiB)
-_ORIENTATION_TAG = 0x0112
 
 # How to turn an image ``[..., H, W]`` upright, per EXIF orientation value (1 is upright already): the same
 # transforms as PIL's ``ImageOps.exif_transpose``.
@@ -51,21 +50,5 @@ def exif_orientation(data: bytes | memoryview | torch.Tensor) -> int:
         data = memoryview(data[:_HEAD].numpy())  # a view of the file's bytes: nothing copied per image
     for marker, start, end in jpeg_segments(data):  # up to the image data: EXIF comes before it or not at all
         if marker == 0xE1 and data[start : start + 6] == b"Exif\0\0":
-            return _tiff_orientation(data[start + 6 : end])
-    return 1
-
-
-def _tiff_orientation(tiff: bytes) -> int:
-    """The orientation entry of the first image directory of an EXIF block (a little TIFF file)."""
-    order = {b"II": "little", b"MM": "big"}.get(bytes(tiff[:2]))
-    if order is None or len(tiff) < 8:
-        return 1
-    ifd = int.from_bytes(tiff[4:8], order)
-    entries = int.from_bytes(tiff[ifd : ifd + 2], order) if ifd + 2 <= len(tiff) else 0
-    for entry in range(ifd + 2, ifd + 2 + 12 * entries, 12):
-        if entry + 12 > len(tiff):
-            break
-        if int.from_bytes(tiff[entry : entry + 2], order) == _ORIENTATION_TAG:
-            value = int.from_bytes(tiff[entry + 8 : entry + 10], order)  # a SHORT sits first in the value field
-            return value if 1 <= value <= 8 else 1
+            return tiff_orientation(data[start + 6 : end])[0]
     return 1

@@ -6,7 +6,9 @@ because the cost is file-system latency, so ten thousand files take seconds. ``v
 short (an interrupted download or copy): PIL fails on it only when it decodes the pixels, mid-training. So a JPEG's
 markers are walked to the compressed data, which must be followed by the end-of-image marker. Formats other than
 JPEG, PNG and WebP are decoded in full: nothing short of that tells a cut GIF, BMP or TIFF from a whole one.
-The same scan names validation and test files that are byte-identical copies of training files (``warn_copies``).
+The same scan names validation and test files that are byte-identical copies of training files (``warn_copies``), and
+notes files that read but are worth a word: over PIL's warning limit, or with corrupt EXIF data (what PIL warns of
+raw, from every loader worker, is said here once: ``quiet_pil_warnings``).
 A process remembers the files it found sound, and the digests it took, by path, size, inode, modification and change
 time: the auto recipe builds its data once a trial and once for its run, and 70 000 files took 12-17 s a scan.
 """
@@ -16,9 +18,11 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import warnings
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import NamedTuple
 
 from PIL import Image
 
@@ -26,6 +30,7 @@ from freezetune.data.folder import FileImageDataset, heif_hint
 from freezetune.data.large import megapixels, too_large
 from freezetune.data.text import TextDataset
 from freezetune.errors import DataError, choices
+from freezetune.options import PIL_WARNINGS
 from freezetune.run_log import warn_once
 
 log = logging.getLogger(__name__)
@@ -45,34 +50,55 @@ _DIGESTS: dict[_Stamp, bytes] = {}  # and the digests it took of them
 _CHECKED_WITHOUT_DECODE = {"JPEG", "PNG", "WEBP"}
 
 
+def quiet_pil_warnings() -> None:
+    """Drop PIL's raw warnings about what the pre-scan names once a file in freezetune's words (``PIL_WARNINGS``): an
+    image over 89 megapixels ("Image.py:3593: ... could be decompression bomb DOS attack"), an EXIF block cut short
+    ("TiffImagePlugin.py:982: UserWarning: Corrupt EXIF data"), each with its source line, from the command and from
+    every loader worker. Installed by the command line and in each loader worker, which a spawned or forkserver start
+    does not give the filters of the process that started it."""
+    for message in PIL_WARNINGS:
+        warnings.filterwarnings("ignore", message=message)
+
+
+class _Look(NamedTuple):
+    """What the pre-scan found of one file: why it cannot be read (None: it can); its pixels when they are over
+    PIL's warning limit in a format other than JPEG, which decodes scaled down (every read decodes them all; else
+    0); and, when its EXIF block is cut short, the orientation read before the cut (1: none; else 0)."""
+
+    why: str | None
+    pixels: int = 0
+    cut_exif: int = 0
+
+
 def image_problem(path: str) -> str | None:
     """Why ``path`` is not a readable image (one short reason), or None when its header is sound.
 
     >>> image_problem("/nonexistent.png")
     'No such file or directory'
     """
-    return _looked_at(path)[0]
+    return _looked_at(path).why
 
 
-def _looked_at(path: str) -> tuple[str | None, int]:
-    """``image_problem``'s answer, and the image's pixels when they are over PIL's warning limit in a format other
-    than JPEG (which decodes scaled down): every read of it decodes them all (0 otherwise)."""
+def _looked_at(path: str) -> _Look:
+    """``image_problem``'s answer, and what is worth a note of a file that reads (``_Look``)."""
     try:
         with Image.open(path) as img:
             img.verify()  # structure and checksums where the format has them; no pixel decode
-            fmt, pixels = img.format, img.width * img.height
+            fmt, pixels, exif = img.format, img.width * img.height, img.info.get("exif") or b""
         if fmt == "JPEG" and not jpeg_complete(Path(path).read_bytes()):
-            return "truncated: the JPEG data stops before its end-of-image marker", 0
+            return _Look("truncated: the JPEG data stops before its end-of-image marker")
         if fmt not in _CHECKED_WITHOUT_DECODE:
             with Image.open(path) as img:  # verify() leaves the image unusable: open it again
                 img.load()
     except Image.DecompressionBombError as exc:
-        return too_large(exc), 0
+        return _Look(too_large(exc))
     except Exception as exc:  # PIL raises OSError, SyntaxError, struct.error ... for broken files
         why = getattr(exc, "strerror", None) or str(exc).split("\n")[0] or type(exc).__name__
-        return why.replace(f" {str(path)!r}", ""), 0  # PIL repeats the path the message is already about
+        return _Look(why.replace(f" {str(path)!r}", ""))  # PIL repeats the path the message is already about
     large = fmt != "JPEG" and bool(Image.MAX_IMAGE_PIXELS) and pixels > Image.MAX_IMAGE_PIXELS
-    return None, pixels if large else 0
+    # read here, not through PIL's Exif, whose "Corrupt EXIF data" is a warning: catching one is not thread-safe
+    orientation, whole = tiff_orientation(exif.removeprefix(b"Exif\0\0"))
+    return _Look(None, pixels if large else 0, 0 if whole else orientation)
 
 
 _STANDALONE = {0x01, *range(0xD0, 0xD9)}  # markers without a length: TEM, RST0-7, SOI
@@ -108,6 +134,34 @@ def jpeg_segments(data: bytes | memoryview) -> Iterator[tuple[int, int, int]]:
             pos = end
 
 
+_ORIENTATION_TAG = 0x0112
+
+
+def tiff_orientation(tiff: bytes | memoryview) -> tuple[int, bool]:
+    """The orientation (1-8; 1 when it has none) in the first image directory of an EXIF block (a little TIFF file,
+    after its ``Exif\\0\\0``), and whether that directory reads whole. Of one cut short PIL keeps the entries before
+    the cut, as this does, and warns "Corrupt EXIF data" (dropped for the pre-scan's note: ``unreadable``).
+
+    >>> tiff_orientation(bytes.fromhex("4d4d002a00000008 0001 0112000300000001 00060000 00000000"))
+    (6, True)
+    >>> tiff_orientation(bytes.fromhex("4d4d002a00000008 0005 0112000300000001 00060000 ffff"))  # 5 entries, 1 there
+    (6, False)
+    """
+    order = {b"II": "little", b"MM": "big"}.get(bytes(tiff[:2]))
+    if order is None or len(tiff) < 8:  # no TIFF header: PIL reads no tag from it either, and says nothing
+        return 1, True
+    ifd = int.from_bytes(tiff[4:8], order)
+    if ifd + 2 > len(tiff):
+        return 1, False
+    end = ifd + 2 + 12 * int.from_bytes(tiff[ifd : ifd + 2], order)  # the entries, then the next directory's offset
+    orientation = 1
+    for entry in range(ifd + 2, min(end, len(tiff) - 11), 12):
+        if int.from_bytes(tiff[entry : entry + 2], order) == _ORIENTATION_TAG:  # a later one wins, as in PIL
+            value = int.from_bytes(tiff[entry + 8 : entry + 10], order)  # a SHORT sits first in the value field
+            orientation = value if 1 <= value <= 8 else 1
+    return orientation, end + 4 <= len(tiff)
+
+
 def jpeg_complete(data: bytes) -> bool:
     """Whether the JPEG in ``data`` has its end-of-image marker after its first scan's compressed data.
 
@@ -136,22 +190,34 @@ def unreadable(paths: list[str]) -> list[tuple[str, str]]:
     todo = [path for path in dict.fromkeys(paths) if _stamp(path) not in _SOUND]
     with ThreadPoolExecutor(_THREADS) as pool:
         looked = dict(zip(todo, pool.map(_checked, todo), strict=True))
-    large = {p: pixels for p, (_, pixels) in looked.items() if pixels}
+    large = {p: look.pixels for p, look in looked.items() if look.pixels}
     if large:  # one line for a folder of scans, not one a file
         shown = ", ".join(f"'{p}' ({megapixels(n)})" for p, n in list(large.items())[:3])
         warn_once(log, "%d image file(s) are over %s megapixels, e.g. %s: each read decodes all of them (a second or "
                   "more); downscaled copies train as well, faster", len(large), megapixels(Image.MAX_IMAGE_PIXELS),
                   shown)  # fmt: skip
-    return [(p, looked[p][0]) for p in paths if p in looked and looked[p][0] is not None]
+    _note_cut_exif({p: look.cut_exif for p, look in looked.items() if look.cut_exif})
+    return [(p, looked[p].why) for p in paths if p in looked and looked[p].why is not None]
 
 
-def _checked(path: str) -> tuple[str | None, int]:
+def _note_cut_exif(cut: dict[str, int]) -> None:
+    """One line for the image files whose EXIF block is cut short (PIL's raw "Corrupt EXIF data" came from every
+    loader worker, naming no file): their pixels read, and whether they are turned upright."""
+    if cut:
+        kept = "its orientation tag, {}, read before the cut: turned by it"
+        lost = "read as stored: no orientation before the cut turns it"
+        shown = ", ".join(f"'{p}' ({kept.format(o) if o > 1 else lost})" for p, o in list(cut.items())[:3])
+        warn_once(log, "%d image file(s) have corrupt EXIF data (its first directory cut short), e.g. %s; their "
+                  "pixels are read as usual", len(cut), shown)  # fmt: skip
+
+
+def _checked(path: str) -> _Look:
     """``_looked_at``, remembered as sound only when the file did not change while it was read."""
     before = _stamp(path)
-    why, pixels = _looked_at(path)
-    if why is None and before is not None and _stamp(path) == before:
+    look = _looked_at(path)
+    if look.why is None and before is not None and _stamp(path) == before:
         _SOUND.add(before)
-    return why, pixels
+    return look
 
 
 def _stamp(path: str) -> _Stamp | None:
