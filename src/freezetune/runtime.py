@@ -158,7 +158,7 @@ def _check_run_dir(run_dir: Path, *, resume: bool) -> list[str]:
     # a run writes classes.json before anything else in its dir (a recipe, its recipe.json or auto-trials/): files of
     # a run's names without them (a cache/ folder, a metrics.csv, TensorBoard events) are the user's, never cleared
     foreign = [f for f in traces if f != CONFIG_FILE] + [p.name for p in sorted(run_dir.glob(TENSORBOARD_EVENTS))]
-    if foreign and not started_by_a_run(run_dir):
+    if foreign and not _started_by_a_run(run_dir):
         mine = _classes_of_a_run(run_dir / CLASSES_FILE) is False  # the user's own, not taken for a run's
         why = f"its {CLASSES_FILE} is not a run's, a JSON list of class names" if mine else f"no {CLASSES_FILE}"
         raise ConfigError(f"--out {str(run_dir)!r} holds {', '.join(foreign)}, which no run wrote there ({why}), "
@@ -172,7 +172,7 @@ def _check_run_dir(run_dir: Path, *, resume: bool) -> list[str]:
     return traces
 
 
-def started_by_a_run(run_dir: Path) -> bool:
+def _started_by_a_run(run_dir: Path) -> bool:
     """Whether a run was started in ``run_dir``: it holds the first file a run writes, as a run writes it (a
     ``classes.json`` listing class names; a recipe's ``recipe.json``, or a trial of the auto recipe's). The name
     alone is not enough: a user's own ``classes.json`` (a dict of index to name, say) made a run clear their
@@ -180,9 +180,9 @@ def started_by_a_run(run_dir: Path) -> bool:
 
     >>> import tempfile
     >>> d = Path(tempfile.mkdtemp()); _ = (d / "classes.json").write_text('{"0": "cat"}')
-    >>> started_by_a_run(d)
+    >>> _started_by_a_run(d)
     False
-    >>> _ = (d / "classes.json").write_text('["cat", "dog"]'); started_by_a_run(d)
+    >>> _ = (d / "classes.json").write_text('["cat", "dog"]'); _started_by_a_run(d)
     True
     """
     if _classes_of_a_run(run_dir / CLASSES_FILE):
