@@ -404,6 +404,15 @@ def test_sweep_reads_a_comma_separated_string_as_recipe_names(tmp_path):
         sweep(TrainConfig(data="images"), "linear-probe, lastk", out=tmp_path / "s")
 
 
+def test_a_recipe_given_under_two_names_is_refused_as_given_twice():
+    # last-k is last-2: the sweep trained it twice, into two folders, as two rows
+    from freezetune.sweep import recipe_names
+
+    with pytest.raises(ConfigError, match=r"recipe\(s\) given twice: 'last-2', 'last-k'"):
+        recipe_names("last-k,full,last-2")
+    assert recipe_names("last-k,last-3") == ["last-k", "last-3"]
+
+
 def test_a_resumed_sweep_keeps_the_measured_seconds_of_the_recipes_finished_before(data, tmp_path, monkeypatch):
     from freezetune import recipes
     from freezetune.sweep import sweep

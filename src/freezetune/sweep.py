@@ -39,6 +39,7 @@ from freezetune.options import (
     SWEEP_DEFAULT_RECIPES,
     SWEEP_SETS,
     compared_by,
+    last_k,
     parse_duration,
     recipe_family,
     recipe_problem,
@@ -201,7 +202,9 @@ def recipe_names(recipes: str | list[str] | tuple[str, ...]) -> list[str]:
     names = list(recipes)
     if not names:
         raise ConfigError(f"no recipe to sweep; give --recipes from: {choices(RECIPES)} (or last-K)")
-    twice = sorted({n for n in names if names.count(n) > 1})
+    # last-k is last-2: one recipe under two names trained it twice, into two folders
+    same = [(LAST_K, last_k(n)) if recipe_family(n) == LAST_K and not recipe_problem(n) else n for n in names]
+    twice = sorted({n for n, s in zip(names, same, strict=True) if same.count(s) > 1})
     problems = [recipe_problem(n) for n in names] + ([f"recipe(s) given twice: {choices(twice)}"] if twice else [])
     problems = [p for p in problems if p]
     if problems:
@@ -267,9 +270,9 @@ def _run_recipe(name: str, cfg: TrainConfig, echo: Callable[[str], None], info: 
     with log(echo):  # the recipe's own level of the log: the auto recipe's trials and choice in its train.log too
         result = broadcast(recipes.run(cfg, echo=echo), info)
     if not (result.history and result.history[-1].get("val_n")):  # its rows scored NaN, and a "winner" was named
-        raise DataError(f"sweep: recipe {name} had no validation data to be scored on (one image a class leaves "
-                        "none to hold out), and a sweep compares recipes on it: give --val-data, or more images a "
-                        "class")  # fmt: skip
+        raise DataError(f"sweep: recipe {name} had no validation data to be scored on (one example of a class "
+                        "leaves none to hold out), and a sweep compares recipes on it: give --val-data, or more "
+                        "examples a class")  # fmt: skip
     row = _row(name, result, cuda=resolve_device(cfg.device).type == "cuda")
     if info.is_main:
         atomic_write_text(saved, json.dumps(row))
