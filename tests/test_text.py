@@ -13,7 +13,8 @@ from safetensors.torch import load_file
 from _engine_fixtures import make_image_folder, run_cli, train_argv
 from freezetune import checkpoint
 from freezetune.data import build_datasets
-from freezetune.data.text import Columns, TextDataset, TokenizeBatch, read_text_csv, read_texts
+from freezetune.data.text import TextDataset, TokenizeBatch, read_text_csv, read_texts
+from freezetune.data.text_table import Columns
 from freezetune.errors import ConfigError, DataError
 from freezetune.inference import LoadedModel, evaluate_checkpoint
 from freezetune.precision import resolve_precision
@@ -385,6 +386,77 @@ def test_a_tab_separated_text_table_reads_as_a_text_csv(tmp_path):
     assert data.classes == ["0", "1"] and len(data.train) + len(data.val or []) == 2
     assert read_text_csv(tmp_path / "train.tsv").texts == ["a fine, warm film", "a dull one"]
     assert read_texts(tmp_path / "train.tsv") == ["a fine, warm film", "a dull one"]
+
+
+def test_a_tsv_whose_open_quote_runs_rows_together_is_read_without_quoting(tmp_path, caplog):
+    # GLUE's files are unquoted: a text opening with a double quote ran on, rows and all, to the next quote, and the
+    # run trained 5 texts of 12 without a word. A quoted .tsv (pandas writes one) still reads as quoted.
+    rows = ['"great acting\tpos', "a joy\tpos", 'she said "awful" plot\tneg', "a waste\tneg"]
+    (tmp_path / "glue.tsv").write_text("sentence\tlabel\n" + "\n".join(rows) + "\n")
+    with caplog.at_level("WARNING", logger="freezetune"):
+        ds = read_text_csv(tmp_path / "glue.tsv")
+    assert ds.texts == ['"great acting', "a joy", 'she said "awful" plot', "a waste"]
+    assert ds.targets.tolist() == [1, 1, 0, 0] and "ran over the rows below it (lines 2-4): read without" in caplog.text
+    (tmp_path / "pandas.tsv").write_text('text\tlabel\n"a tab\there, ""quoted"""\tpos\nplain\tneg\n')
+    assert read_text_csv(tmp_path / "pandas.tsv").texts == ['a tab\there, "quoted"', "plain"]
+
+
+def test_a_csv_whose_quote_runs_rows_together_is_named_with_its_lines(tmp_path, caplog):
+    # "oops,pos and six rows later a closing quote: 6 texts read of 12, trained and scored without a word
+    lines = ['"oops unclosed quote,pos', "a joy,pos", "lovely,pos", 'she said "hi" ok,neg', "dull,neg", "bad,neg"]
+    (tmp_path / "t.csv").write_text("text,label\n" + "\n".join(lines) + "\n")
+    with caplog.at_level("WARNING", logger="freezetune"):
+        read_texts(tmp_path / "t.csv")
+    assert (
+        "quoted cell(s) span several lines with a comma on a later one, e.g. lines 2-5: a double quote" in caplog.text
+    )
+    caplog.clear()
+    (tmp_path / "ok.csv").write_text('text,label\n"a review\nin two lines",pos\nfine,neg\n')  # a quoted line break
+    with caplog.at_level("WARNING", logger="freezetune"):
+        assert read_text_csv(tmp_path / "ok.csv").texts == ["a review\nin two lines", "fine"]
+    assert "span several lines" not in caplog.text
+
+
+def test_a_text_longer_than_the_csv_modules_field_limit_is_read(tmp_path):
+    # a 150 kB document made the whole file unreadable: "field larger than field limit (131072)"
+    (tmp_path / "long.csv").write_text(f'text,label\n"{"word " * 30000}",pos\nshort,neg\n')
+    assert [len(t) for t in read_text_csv(tmp_path / "long.csv").texts] == [150000, 5]
+
+
+def test_a_text_files_lines_end_at_line_breaks_alone(tmp_path):
+    # splitlines() cut a line at U+2028, U+0085 and a form feed: its halves were two predictions, later lines misnumbered
+    from freezetune.data.text import numbered_texts
+
+    (tmp_path / "u.txt").write_text("first\u2028second\nthird\u0085fourth\r\nform\x0cfeed\nfifth\n", newline="")
+    assert [n for n, _ in numbered_texts(tmp_path / "u.txt")] == [1, 2, 3, 4]
+    assert numbered_texts(tmp_path / "u.txt")[3] == (4, "fifth")
+
+
+def test_an_unlabelled_test_file_is_refused_with_the_way_out(tmp_path, capsys):
+    # GLUE's and Kaggle's test.tsv have no labels: "needs exactly one label column ... (or name yours: --label-column)"
+    data = tmp_path / "glue"
+    data.mkdir()
+    (data / "train.tsv").write_text(
+        "sentence\tlabel\n" + "".join(f"{t}\tpos\n{b}\tneg\n" for t, b in zip(GOOD, BAD, strict=True))
+    )
+    (data / "test.tsv").write_text("index\tsentence\n0\tnice\n1\tbad\n")
+    argv = ("train", "--model", f"hf:{MINILM}", "--weights", "default", "--data", str(data), "--epochs", "1",
+            "--no-progress", "--freeze", "backbone")  # fmt: skip
+    code, _, err = run_cli(capsys, *argv, "--out", str(tmp_path / "run"))
+    assert code == 2 and "test.tsv' holds texts but no label column" in err and "--no-final-test" in err, err
+    code, _, err = run_cli(capsys, *argv, "--out", str(tmp_path / "run2"), "--no-final-test")
+    assert code == 0, err
+
+
+def test_a_text_run_without_validation_speaks_of_texts_not_images(tmp_path, caplog):
+    # "none (every class has a single training image)" and "a class of one training image gives none", of texts
+    (tmp_path / "one.csv").write_text("text,label\ngreat film,pos\nawful film,neg\n")
+    data = build_datasets(str(tmp_path / "one.csv"), preprocess=Preprocess(tokenizer=str(MINILM)))
+    assert data.val is None and data.val_source.startswith("none (every class has a single training text)")
+    (tmp_path / "some.csv").write_text("text,label\ngreat film,pos\nfine film,pos\nawful film,neg\n")
+    with caplog.at_level("WARNING", logger="freezetune"):
+        build_datasets(str(tmp_path / "some.csv"), preprocess=Preprocess(tokenizer=str(MINILM)))
+    assert "(a class of one training text gives none): 'neg'" in caplog.text
 
 
 def test_max_length_of_a_roberta_style_model_leaves_its_two_offset_positions(tmp_path, monkeypatch):

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-from freezetune.data.text import Columns, refuse_text_settings
+from freezetune.data.text import refuse_text_settings
+from freezetune.data.text_table import Columns
 from freezetune.errors import ConfigError, DataError
 from freezetune.evaluate import predict_probs
 from freezetune.inference import BATCH_SIZE, LoadedModel, count_cut, load_model, text_tokenizer, warn_cut

@@ -179,7 +179,7 @@ def check_test_data(cfg: TrainConfig) -> None:
     """Check the test split ``cfg``'s run scores at its end (a test folder's images, a text model's ``test.csv``)
     before phases or trials that do not read it: its problems would stop the run only after them."""
     from freezetune.data.layout import check_test_split, split_files
-    from freezetune.data.text import Columns, text_csv_header
+    from freezetune.data.text_table import Columns, text_csv_header
 
     # a text model's split files: the model is built to tell only where a train.csv names a text column (not beside
     # image folders, as Kaggle's train/, test/ and train.csv)

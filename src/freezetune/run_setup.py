@@ -19,7 +19,7 @@ from freezetune.config import TrainConfig, needs_validation, parse_freeze_spec, 
 from freezetune.data import Loaders, build_datasets
 from freezetune.data.fingerprint import data_record
 from freezetune.data.gpu import check_decode
-from freezetune.data.text import TEXT_SETTINGS, refuse_text_settings, text_preprocess
+from freezetune.data.text import TEXT_SETTINGS, noun, refuse_text_settings, text_preprocess
 from freezetune.depthwise import use_fast_depthwise
 from freezetune.distributed import (
     barrier,
@@ -114,7 +114,7 @@ class RunSetup:
         if self.data.val is None and needs_validation(cfg):  # a plateau failed after epoch 1; --early-stop was ignored
             users = validation_users(cfg)  # the data says why there is none: "none (every class has a single ...)"
             raise DataError(f"{' and '.join(users)} need{'s' if len(users) == 1 else ''} validation data, and this "
-                            f"run has {self.data.val_source}: give --val-data (or more images a class), or train "
+                            f"run has {self.data.val_source}: give --val-data (or more {noun(self.data.train)} a class), or train "
                             f"without {'it' if len(users) == 1 else 'them'}")  # fmt: skip
         # what last.pt keeps of the data (sizes, digests), for a resume to refuse other data
         self.data_print = data_record(self.data.train, self.data.val) if self.resumable else None

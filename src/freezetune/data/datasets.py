@@ -15,9 +15,10 @@ from torch.utils.data import Dataset
 from freezetune.data.folder import FileImageDataset, nfc, scan_folder
 from freezetune.data.idx import CLASS_NAMES_FILE, idx_files, idx_pair_problem, is_idx_dir, load_idx
 from freezetune.data.image_csv import IMAGE_COLUMNS, read_csv
-from freezetune.data.layout import TEST_DIRS, TRAIN_DIRS, VAL_DIRS, first_dir, load_folder, split_files
+from freezetune.data.layout import TEST_DIRS, TRAIN_DIRS, VAL_DIRS, first_dir, load_folder, read_test_file, split_files
 from freezetune.data.scan import check_images, check_overlap, check_splits, warn_copies
-from freezetune.data.text import TABLE_SUFFIXES, Columns, csv_header, noun, read_text_csv, text_csv_header
+from freezetune.data.text import noun, read_text_csv
+from freezetune.data.text_table import TABLE_SUFFIXES, Columns, csv_header, text_csv_header
 from freezetune.data.transforms import eval_transform, train_transform
 from freezetune.data.validation import resolve_validation
 from freezetune.errors import ConfigError, DataError, choices
@@ -93,8 +94,8 @@ def _load_source(data: str, preprocess: Preprocess, *, read_test: bool = True, r
     splits = split_files(path)
     if splits is not None and _text_csv(splits["train"], preprocess):  # train.csv, and val.csv and test.csv
         train = read_text_csv(splits["train"], columns=columns)
-        val, test = (read_text_csv(splits[s], train.classes, columns) if s in splits and read else None
-                     for s, read in (("val", read_val), ("test", read_test)))  # fmt: skip
+        val = read_text_csv(splits["val"], train.classes, columns) if "val" in splits and read_val else None
+        test = read_test_file(splits["test"], train.classes, columns) if "test" in splits and read_test else None
         return "text", train, val, test, "test" in splits
     if is_idx_dir(path):
         has_test = bool(idx_files(path, "test"))

@@ -16,7 +16,8 @@ from torch.utils.data import Dataset
 from freezetune.data.folder import count_images, folder_classes, has_image_suffix, is_hidden, scan_folder
 from freezetune.data.idx import is_idx_dir
 from freezetune.data.scan import check_splits, unreadable
-from freezetune.data.text import TABLE_SUFFIXES, Columns, read_text_csv
+from freezetune.data.text import TextDataset, read_text_csv
+from freezetune.data.text_table import TABLE_SUFFIXES, Columns, text_csv_header
 from freezetune.errors import DataError, choices
 from freezetune.run_log import warn_once
 
@@ -101,10 +102,23 @@ def _no_train_dir(path: Path, classes: list[str]) -> None:
                         f"images in {path / 'train'}/<class>/ (or give the class folders themselves)")  # fmt: skip
 
 
+_NO_FINAL_TEST = "pass --no-final-test to train without scoring it (it is then not read), or move it out of '{}'"
+
+
 def _test_folder(test_dir: Path, classes: list[str]) -> Dataset:
-    _labelled(test_dir, "pass --no-final-test to train without scoring it (it is then not read), or move it out of "
-              f"'{test_dir.parent}'")  # fmt: skip
+    _labelled(test_dir, _NO_FINAL_TEST.format(test_dir.parent))
     return scan_folder(test_dir, classes)
+
+
+def read_test_file(path: Path, classes: list[str], columns: Columns) -> TextDataset:
+    """A text dataset's test file, read against the training ``classes``. One of texts without a label column
+    (GLUE's and Kaggle's ``test.tsv``) is refused with the way out, as an unlabelled ``test/`` folder is: "name your
+    label column" sent the user after a column the file does not have."""
+    header = text_csv_header(path, columns)
+    if header is not None and not any(c.strip().lower() in columns.names("label") for c in header):
+        raise DataError(f"'{path}' holds texts but no label column ({columns.named('label')}), so nothing labels them: "
+                        f"{_NO_FINAL_TEST.format(path.parent)}")  # fmt: skip
+    return read_text_csv(path, classes, columns)
 
 
 def check_test_split(data: str, *, skip_bad: bool = False, text: Columns | None = None) -> None:
@@ -118,7 +132,7 @@ def check_test_split(data: str, *, skip_bad: bool = False, text: Columns | None 
     if text is not None:
         splits = split_files(path) or {}
         if "test" in splits:
-            read_text_csv(splits["test"], read_text_csv(splits["train"], columns=text).classes, text)
+            read_test_file(splits["test"], read_text_csv(splits["train"], columns=text).classes, text)
         return
     if not path.is_dir() or is_idx_dir(path):
         return

@@ -1,64 +1,27 @@
 """Text classification data: a ``text,label`` CSV, the texts a trained model predicts on, and the batches a Hugging
 Face model reads.
 
-A CSV whose header names a text column (``TEXT_COLUMNS``) and a label column is a text dataset; prediction reads a
-CSV's text column or a text file's lines (``read_texts``); a run may name its own columns (``Columns``). Batches are
+A CSV whose header names a text column (``TEXT_COLUMNS``) and a label column is a text dataset (its rows read by
+``data.text_table``); prediction reads a CSV's text column or a text file's lines (``read_texts``); a run may name
+its own columns (``Columns``). Batches are
 tokenized by the model's own tokenizer when they are collated, padded to their longest text (dynamic padding: a batch
 of short texts stays short) and truncated at ``Preprocess.max_length``.
 """
 
 from __future__ import annotations
 
-import csv
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch.utils.data import Dataset
 
 from freezetune.data.folder import expand_paths, sorted_labels, warn_similar_labels
-from freezetune.data.utf8 import not_utf8, where_not_utf8
+from freezetune.data.text_table import TABLE_SUFFIXES, Columns, check_rows, column_index, read_rows
+from freezetune.data.utf8 import where_not_utf8
 from freezetune.errors import ConfigError, DataError, MissingExtra, choices
 from freezetune.hf_bundle import TOKENIZER_FILES
-from freezetune.options import LABEL_COLUMNS, TEXT_COLUMNS
 from freezetune.preprocess import Preprocess
-
-
-@dataclass(frozen=True)
-class Columns:
-    """The header names a text CSV's text column and label column may have (any case): the usual ones, or the one a
-    run names (``--text-column review --label-column sentiment``, kept in its checkpoints' ``Preprocess``).
-
-    >>> Columns.of(Preprocess(tokenizer="bert", text_column="Review")).text
-    ('review',)
-    """
-
-    text: tuple[str, ...] = TEXT_COLUMNS
-    label: tuple[str, ...] = LABEL_COLUMNS
-
-    @classmethod
-    def of(cls, preprocess: Preprocess | None) -> Columns:
-        """The columns ``preprocess`` names, the usual names for the others (and for an image model's)."""
-        if preprocess is None or not preprocess.is_text:
-            return cls()
-        return cls.given(preprocess.text_column, preprocess.label_column)
-
-    @classmethod
-    def given(cls, text: str | None, label: str | None) -> Columns:
-        """The columns a run names (``--text-column``, ``--label-column``; None: the usual names)."""
-        return cls(
-            (text.strip().lower(),) if text else TEXT_COLUMNS, (label.strip().lower(),) if label else LABEL_COLUMNS
-        )
-
-    def names(self, role: str) -> tuple[str, ...]:
-        """The names the ``role`` column ("text" or "label") is looked for by; one when the run named it."""
-        return self.text if role == "text" else self.label
-
-    def named(self, role: str) -> str:
-        """How a message names where the ``role`` column is looked for."""
-        names = self.names(role)
-        return f"'{names[0]}' (--{role}-column)" if len(names) == 1 else f"one of {choices(names)}"
 
 
 class TextDataset(Dataset):
@@ -88,31 +51,6 @@ class TextDataset(Dataset):
         return TextDataset(self.texts + other.texts, torch.cat([self.targets, other.targets]), self.classes)
 
 
-def delimiter(path: Path) -> str:
-    """A ``.tsv`` file's cells are separated by tabs (GLUE's ``train.tsv``), a ``.csv`` file's by commas."""
-    return "\t" if path.suffix.lower() == ".tsv" else ","
-
-
-def text_csv_header(path: Path, columns: Columns = Columns()) -> list[str] | None:
-    """The header of ``path`` when it names a text column (the file is then a text dataset), else None."""
-    header = csv_header(path) or []
-    return header if any(c.strip().lower() in columns.text for c in header) else None
-
-
-def csv_header(path: Path) -> list[str] | None:
-    """The first row of the table file ``path`` (``TABLE_SUFFIXES``); None when it is none (a photo is no table, not
-    one "not in UTF-8") or cannot be read as one."""
-    if not (path.is_file() and path.suffix.lower() in TABLE_SUFFIXES):
-        return None
-    try:
-        with path.open(newline="", encoding="utf-8-sig") as f:
-            return next(csv.reader(f, delimiter=delimiter(path)), [])
-    except UnicodeDecodeError:  # it may be a text CSV: "not a text CSV" sent the user after the wrong problem
-        raise DataError(not_utf8(path, "CSV")) from None
-    except (OSError, csv.Error):
-        return None
-
-
 def read_text_csv(path: str | Path, classes: list[str] | None = None, columns: Columns = Columns()) -> TextDataset:
     """Read a CSV with a header naming one text column and one label column (any order, other columns ignored), by
     the names ``columns`` gives.
@@ -125,11 +63,11 @@ def read_text_csv(path: str | Path, classes: list[str] | None = None, columns: C
     ['neg', 'pos']
     """
     path = Path(path)
-    header, rows, lines = _read_rows(path)
-    cols = {role: _column(path, header, role, columns) for role in ("text", "label")}
+    header, rows, lines = read_rows(path)
+    cols = {role: column_index(path, header, role, columns) for role in ("text", "label")}
     if not rows:
         raise DataError(f"CSV '{path}' has no rows under its header; expected a text and its label on each row")
-    _check_rows(path, rows, lines, cols, len(header))
+    check_rows(path, rows, lines, cols, len(header))
     labels = [r[cols["label"]].strip() for r in rows]
     if classes is None:  # as an image CSV's
         classes = sorted_labels(set(labels))
@@ -143,7 +81,6 @@ def read_text_csv(path: str | Path, classes: list[str] | None = None, columns: C
     return TextDataset([r[cols["text"]] for r in rows], torch.tensor([index[label] for label in labels]), classes)
 
 
-TABLE_SUFFIXES = (".csv", ".tsv")  # a text table's header names its columns
 TEXT_FILE_SUFFIXES = (".txt", *TABLE_SUFFIXES)  # what ``list_text_files`` picks from a folder
 
 
@@ -166,13 +103,15 @@ def numbered_texts(path: str | Path, columns: Columns = Columns()) -> list[tuple
     line 1): what ``predict`` reports, so that each prediction points at its text whatever lines were skipped."""
     path = Path(path)
     if path.suffix.lower() in TABLE_SUFFIXES:
-        header, rows, lines = _read_rows(path)
-        cols = {"text": _column(path, header, "text", columns)}
-        _check_rows(path, rows, lines, cols, len(header), empty_ok=True)
+        header, rows, lines = read_rows(path)
+        cols = {"text": column_index(path, header, "text", columns)}
+        check_rows(path, rows, lines, cols, len(header), empty_ok=True)
         texts = [(line, r[cols["text"]]) for line, r in zip(lines, rows, strict=True)]
     else:
         try:
-            content = path.read_text(encoding="utf-8-sig").splitlines()
+            # lines end at \n alone (universal newlines made \r\n and \r one): splitlines() also split a line at a
+            # form feed, U+2028 or U+0085, and predicted its halves as two texts, numbering the later lines wrong
+            content = path.read_text(encoding="utf-8-sig").split("\n")
         except UnicodeDecodeError:  # an image given to a text model, or a text in another encoding
             raise DataError(f"cannot read '{path}' as text: {where_not_utf8(path)}; a text model reads UTF-8 texts, "
                             "one a line, or a CSV with a text column") from None  # fmt: skip
@@ -199,64 +138,6 @@ def list_text_files(paths: list[str]) -> list[str]:
         return sorted(f for f in folder.rglob("*") if f.is_file() and f.suffix.lower() in TEXT_FILE_SUFFIXES)
 
     return expand_paths(paths, under, "text file", "text files", TEXT_FILE_SUFFIXES)
-
-
-def _read_rows(path: Path) -> tuple[list[str], list[list[str]], list[int]]:
-    """The header of a CSV (stripped, lower case), its rows, and the line of the file each row starts on (a quoted
-    text may span lines); blank lines are skipped."""
-    rows, lines = [], []
-    try:
-        with path.open(newline="", encoding="utf-8-sig") as f:
-            reader = csv.reader(f, delimiter=delimiter(path))
-            start = 1
-            for r in reader:
-                if r and any(cell.strip() for cell in r):
-                    rows.append(r)
-                    lines.append(start)
-                start = reader.line_num + 1
-    except UnicodeDecodeError:
-        raise DataError(not_utf8(path, "CSV")) from None
-    except (OSError, csv.Error) as e:
-        raise DataError(f"cannot read CSV '{path}': {e}") from e
-    if not rows:
-        raise DataError(f"CSV '{path}' is empty; expected a header naming a text and a label column")
-    return [c.strip().lower() for c in rows[0]], rows[1:], lines[1:]
-
-
-def _column(path: Path, header: list[str], role: str, columns: Columns) -> int:
-    names = columns.names(role)
-    hits = [i for i, c in enumerate(header) if c in names]
-    if len(hits) != 1:  # none of the usual names: say how to name the column
-        other = f" (or name yours: --{role}-column NAME)" if not hits and len(names) > 1 else ""
-        raise DataError(f"CSV '{path}' needs exactly one {role} column named {columns.named(role)}{other}; "
-                        f"its header is {header}")  # fmt: skip
-    return hits[0]
-
-
-def _check_rows(path: Path, rows: list[list[str]], lines: list[int], cols: dict[str, int], width: int, *,
-                empty_ok: bool = False) -> None:  # fmt: skip
-    """Refuse the first row that is not a text and its label under a header of ``width`` columns, named by its line
-    in the file (``empty_ok``: an empty text is one, to predict on: refusing it lost every other row's prediction)."""
-    problem = next(
-        ((n, p) for n, r in zip(lines, rows, strict=True) if (p := _row_problem(r, cols, width, empty_ok))), None
-    )
-    if problem is not None:
-        raise DataError(f"CSV '{path}' line {problem[0]} {problem[1]}")
-
-
-def _row_problem(row: list[str], cols: dict[str, int], width: int, empty_ok: bool) -> str | None:
-    """What is wrong with one data row, in words, or None."""
-    for role, i in cols.items():
-        if len(row) <= i:
-            return f"has {len(row)} column(s); its {role} is column {i + 1}"
-    if len(row) > width:  # "boring, long and dull,neg" read as the text "boring" of a class "long and dull"
-        return (
-            f"has {len(row)} columns, the header {width}: a text with a comma (a tab in a .tsv) must be in double quotes "
-            '("boring, long and dull",neg)'
-        )
-    if not row[cols["text"]].strip() and not empty_ok:  # it trains the model on nothing but its special tokens
-        return "has an empty text: give it a text or remove the row"
-    return None if "label" not in cols or row[cols["label"]].strip() else "has no label: give it one or remove the row"
 
 
 class TokenizeBatch:

@@ -39,7 +39,7 @@ def resolve_validation(
     given = val
     train, val, val_source = choose_validation(train, val, val_data=val_data, val_split=val_split, seed=seed)
     if val is not None and len(val) == 0:
-        val, val_source = None, "none (every class has a single training image)"
+        val, val_source = None, f"none (every class has a single training {noun(train)[:-1]})"
     warn_unvalidated(train, val, held_out=given is None)
     if per_class is not None:
         train = train.select(per_class_indices(train.targets, per_class, seed)[0])
@@ -81,7 +81,7 @@ def warn_unvalidated(train: Dataset, val: Dataset | None, *, held_out: bool) -> 
     counts = torch.bincount(val.targets, minlength=len(train.classes)).tolist()
     missing = [train.classes[c] for c, n in enumerate(counts) if n == 0]
     if missing:
-        why = " (a class of one training image gives none)" if held_out else ""
+        why = f" (a class of one training {noun(val)[:-1]} gives none)" if held_out else ""
         warn_once(log, "the validation set has no %s of %d of the %d classes%s: %s; best.pt, early stopping and the "
                   "auto recipe's choice are judged without them", noun(val), len(missing), len(counts), why,
                   choices(missing, limit=10))  # fmt: skip

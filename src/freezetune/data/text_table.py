@@ -1,0 +1,177 @@
+"""A text table (a ``.csv`` or ``.tsv`` whose header names its columns) read row by row: which columns are the
+text and the label (``Columns``), the rows and the line each starts on, and the first row that is not a text and its
+label, named by its line. ``data.text`` builds datasets and the texts to predict on from these rows.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from freezetune.data.utf8 import not_utf8
+from freezetune.errors import DataError, choices
+from freezetune.options import LABEL_COLUMNS, TEXT_COLUMNS
+from freezetune.preprocess import Preprocess
+from freezetune.run_log import warn_once
+
+log = logging.getLogger(__name__)
+
+TABLE_SUFFIXES = (".csv", ".tsv")  # a text table's header names its columns
+
+
+@dataclass(frozen=True)
+class Columns:
+    """The header names a text CSV's text column and label column may have (any case): the usual ones, or the one a
+    run names (``--text-column review --label-column sentiment``, kept in its checkpoints' ``Preprocess``).
+
+    >>> Columns.of(Preprocess(tokenizer="bert", text_column="Review")).text
+    ('review',)
+    """
+
+    text: tuple[str, ...] = TEXT_COLUMNS
+    label: tuple[str, ...] = LABEL_COLUMNS
+
+    @classmethod
+    def of(cls, preprocess: Preprocess | None) -> Columns:
+        """The columns ``preprocess`` names, the usual names for the others (and for an image model's)."""
+        if preprocess is None or not preprocess.is_text:
+            return cls()
+        return cls.given(preprocess.text_column, preprocess.label_column)
+
+    @classmethod
+    def given(cls, text: str | None, label: str | None) -> Columns:
+        """The columns a run names (``--text-column``, ``--label-column``; None: the usual names)."""
+        return cls(
+            (text.strip().lower(),) if text else TEXT_COLUMNS, (label.strip().lower(),) if label else LABEL_COLUMNS
+        )
+
+    def names(self, role: str) -> tuple[str, ...]:
+        """The names the ``role`` column ("text" or "label") is looked for by; one when the run named it."""
+        return self.text if role == "text" else self.label
+
+    def named(self, role: str) -> str:
+        """How a message names where the ``role`` column is looked for."""
+        names = self.names(role)
+        return f"'{names[0]}' (--{role}-column)" if len(names) == 1 else f"one of {choices(names)}"
+
+
+def delimiter(path: Path) -> str:
+    """A ``.tsv`` file's cells are separated by tabs (GLUE's ``train.tsv``), a ``.csv`` file's by commas."""
+    return "\t" if path.suffix.lower() == ".tsv" else ","
+
+
+def _reader(f, path: Path, quoting: int = csv.QUOTE_MINIMAL):
+    """A csv reader of the table ``path``. A text may be as long as a file holds: a document of over 128 KiB made
+    the whole file unreadable (the csv module's default field limit; a text is cut at --max-length)."""
+    csv.field_size_limit(_FIELD_LIMIT)
+    return csv.reader(f, delimiter=delimiter(path), quoting=quoting)
+
+
+_FIELD_LIMIT = 2**31 - 1  # the largest the csv module takes everywhere (a C long, 32 bits on Windows)
+
+
+def text_csv_header(path: Path, columns: Columns = Columns()) -> list[str] | None:
+    """The header of ``path`` when it names a text column (the file is then a text dataset), else None."""
+    header = csv_header(path) or []
+    return header if any(c.strip().lower() in columns.text for c in header) else None
+
+
+def csv_header(path: Path) -> list[str] | None:
+    """The first row of the table file ``path`` (``TABLE_SUFFIXES``); None when it is none (a photo is no table, not
+    one "not in UTF-8") or cannot be read as one."""
+    if not (path.is_file() and path.suffix.lower() in TABLE_SUFFIXES):
+        return None
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as f:
+            return next(_reader(f, path), [])
+    except UnicodeDecodeError:  # it may be a text CSV: "not a text CSV" sent the user after the wrong problem
+        raise DataError(not_utf8(path, "CSV")) from None
+    except (OSError, csv.Error):
+        return None
+
+
+def read_rows(path: Path) -> tuple[list[str], list[list[str]], list[int]]:
+    """The header of a CSV (stripped, lower case), its rows, and the line of the file each row starts on (a quoted
+    text may span lines); blank lines are skipped.
+
+    A double quote left open ran every row up to the next quote into one text, in silence (5 texts trained of 12).
+    A ``.tsv`` where that happens is read again without quoting, as GLUE's files are written (pandas quotes its
+    own); a CSV's is named in a warning: a quoted text may hold line breaks and commas.
+    """
+    rows, lines, run_on = _parsed(path, csv.QUOTE_MINIMAL)
+    if run_on and delimiter(path) == "\t":
+        rows, lines, _ = _parsed(path, csv.QUOTE_NONE)
+        warn_once(log, "'%s': a double quote opened a text that ran over the rows below it (lines %d-%d): read "
+                  "without quoting, as GLUE's .tsv files are written", path, *run_on[0])  # fmt: skip
+    elif run_on:
+        shown = ", ".join(f"lines {a}-{b}" for a, b in run_on[:3])
+        warn_once(log, "CSV '%s': %d quoted cell(s) span several lines with a comma on a later one, e.g. %s: a double "
+                  "quote left open (\"a stray quote,pos) makes one text of every row up to the next quote; close it, "
+                  "or quote the whole text (\"she said \"\"hi\"\"\",pos)", path, len(run_on), shown)  # fmt: skip
+    if not rows:
+        raise DataError(f"CSV '{path}' is empty; expected a header naming a text and a label column")
+    return [c.strip().lower() for c in rows[0]], rows[1:], lines[1:]
+
+
+def _parsed(path: Path, quoting: int) -> tuple[list[list[str]], list[int], list[tuple[int, int]]]:
+    """The non-blank rows of ``path``, the line each starts on, and the (first, last) lines of those whose cells ran
+    over rows (``_rows_in_a_cell``)."""
+    rows, lines, run_on = [], [], []
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as f:
+            reader = _reader(f, path, quoting)
+            start = 1
+            for r in reader:
+                if r and any(cell.strip() for cell in r):
+                    rows.append(r)
+                    lines.append(start)
+                    if reader.line_num > start and _rows_in_a_cell(r, delimiter(path)):
+                        run_on.append((start, reader.line_num))
+                start = reader.line_num + 1
+    except UnicodeDecodeError:
+        raise DataError(not_utf8(path, "CSV")) from None
+    except (OSError, csv.Error) as e:
+        raise DataError(f"cannot read CSV '{path}': {e}") from e
+    return rows, lines, run_on
+
+
+def _rows_in_a_cell(row: list[str], sep: str) -> bool:
+    """Whether a cell of ``row`` holds the ``sep`` on a line after its first: rows a stray quote ran together."""
+    return any(sep in later for cell in row for later in cell.split("\n")[1:])
+
+
+def column_index(path: Path, header: list[str], role: str, columns: Columns) -> int:
+    names = columns.names(role)
+    hits = [i for i, c in enumerate(header) if c in names]
+    if len(hits) != 1:  # none of the usual names: say how to name the column
+        other = f" (or name yours: --{role}-column NAME)" if not hits and len(names) > 1 else ""
+        raise DataError(f"CSV '{path}' needs exactly one {role} column named {columns.named(role)}{other}; "
+                        f"its header is {header}")  # fmt: skip
+    return hits[0]
+
+
+def check_rows(path: Path, rows: list[list[str]], lines: list[int], cols: dict[str, int], width: int, *,
+                empty_ok: bool = False) -> None:  # fmt: skip
+    """Refuse the first row that is not a text and its label under a header of ``width`` columns, named by its line
+    in the file (``empty_ok``: an empty text is one, to predict on: refusing it lost every other row's prediction)."""
+    problems = ((n, p) for n, r in zip(lines, rows, strict=True) if (p := _row_problem(r, cols, width, empty_ok)))
+    problem = next(problems, None)
+    if problem is not None:
+        raise DataError(f"CSV '{path}' line {problem[0]} {problem[1]}")
+
+
+def _row_problem(row: list[str], cols: dict[str, int], width: int, empty_ok: bool) -> str | None:
+    """What is wrong with one data row, in words, or None."""
+    for role, i in cols.items():
+        if len(row) <= i:
+            return f"has {len(row)} column(s); its {role} is column {i + 1}"
+    if len(row) > width:  # "boring, long and dull,neg" read as the text "boring" of a class "long and dull"
+        return (
+            f"has {len(row)} columns, the header {width}: a text with a comma (a tab in a .tsv) must be in double quotes "
+            '("boring, long and dull",neg)'
+        )
+    if not row[cols["text"]].strip() and not empty_ok:  # it trains the model on nothing but its special tokens
+        return "has an empty text: give it a text or remove the row"
+    return None if "label" not in cols or row[cols["label"]].strip() else "has no label: give it one or remove the row"
