@@ -404,6 +404,27 @@ def test_sweep_reads_a_comma_separated_string_as_recipe_names(tmp_path):
         sweep(TrainConfig(data="images"), "linear-probe, lastk", out=tmp_path / "s")
 
 
+def test_an_lp_ft_stopped_in_its_probe_is_kept_from_any_other_command(data, tmp_path, capsys):
+    # "starting it afresh (cleared recipe.json)": a --freeze run or another recipe trained in its dir, its probe/
+    # orphaned; --recipe full --resume trained a fresh full run there, and the lp-ft's own --resume was refused
+    from _engine_fixtures import snapshot
+
+    run = tmp_path / "lpft"
+    (run / "probe").mkdir(parents=True)
+    (run / "recipe.json").write_text(json.dumps({"recipe": "lp-ft", "phases": ["probe", "fine-tune"], "asked": {}}))
+    (run / "probe" / "last.pt").write_bytes(b"the probe's first epoch")
+    before = snapshot(run)
+    for extra in (
+        ("--freeze", "-2"),
+        ("--recipe", "full"),
+        ("--recipe", "full", "--resume"),
+        ("--freeze", "-2", "--resume"),
+    ):
+        code, out, err = run_cli(capsys, *train_argv(data, run, "--epochs", "1", *extra))
+        assert code == 2 and "a run of recipe" in err and "lp-ft" in err, (extra, err)
+        assert "--resume" in err and snapshot(run) == before, extra
+
+
 def test_a_recipe_given_under_two_names_is_refused_as_given_twice():
     # last-k is last-2: the sweep trained it twice, into two folders, as two rows
     from freezetune.sweep import recipe_names

@@ -64,7 +64,8 @@ def run_config(out: str | Path | None) -> Path | dict[str, Any] | None:
     from freezetune.recipes import asked_config
     from freezetune.runtime import CONFIG_FILE, prepare_run_dir
 
-    run_dir = prepare_run_dir(None if out is None else str(out), "", resume=True, clean=False)
+    # recipe_run: a recipe stopped in an earlier phase is read back here, to be resumed by its request
+    run_dir = prepare_run_dir(None if out is None else str(out), "", resume=True, clean=False, recipe_run=True)
     saved = run_dir / CONFIG_FILE
     return asked_config(run_dir) or (saved if saved.is_file() else None)
 

@@ -69,7 +69,7 @@ RECIPE_HELP = {
     "linear-probe": "only the new head trains, on cached features of the frozen backbone (BatchNorm frozen), at 10x "
     "--lr as lp-ft's probe",
     LAST_K: "the last k stages and the head train, the rest stays frozen and cached (last-2, last-3, ...; "
-    f"k={LAST_K_DEFAULT})",
+    f"last-k is last-{LAST_K_DEFAULT})",
     "full": "every layer trains",
     "gradual": "the head first, then one more stage after each epoch (epoch:1 unfreezing)",
     "plateau": "the head first, then one more stage whenever the validation metric (--monitor) stalls for an epoch",

@@ -221,6 +221,7 @@ def run(cfg: TrainConfig, *, echo: Callable[[str], None] = print, train: Callabl
     if info.is_main:  # a process running in it refuses this one before anything below it changes, resume or not
         run_lock.claim(cfg.out)
     existed = Path(cfg.out).exists()
+    _refuse_another_recipes_run(cfg, recipe)
     if not cfg.resume:  # refuse a run dir in use before any phase writes below it (rank 0 alone clears)
         _refuse_a_started_phase(cfg, recipe)
         prepare_run_dir(cfg.out, cfg.model, resume=False, clean=info.is_main, echo=echo)
@@ -268,6 +269,21 @@ def _final_freeze(out: Path) -> object:
         return coerce("freeze", (yaml.safe_load((out / CONFIG_FILE).read_text()) or {}).get("freeze"))
     except (OSError, yaml.YAMLError, FreezetuneError):
         return None
+
+
+def _refuse_another_recipes_run(cfg: TrainConfig, recipe: str) -> None:
+    """A run of another named recipe, stopped in an earlier phase, is refused before anything changes: ``--recipe
+    full --resume`` in an lp-ft stopped in its probe trained a fresh full run there, after which the lp-ft's own
+    ``--resume`` was refused (without ``--resume`` the run dir's own check refuses it: ``runtime.stopped_phase``)."""
+    from freezetune.errors import setting
+    from freezetune.runtime import stopped_phase
+
+    stopped = stopped_phase(Path(cfg.out))
+    if cfg.resume and stopped is not None and stopped[0] != recipe:
+        raise ConfigError(f"cannot resume {cfg.out!r} with recipe {recipe!r}: it holds a run of recipe {stopped[0]}, "
+                          f"stopped in an earlier phase ({stopped[1]}); resume it with its own command "
+                          f"({setting('recipe', stopped[0])} {setting('resume', True)}), or choose another "
+                          f"{setting('out')}")  # fmt: skip
 
 
 def _refuse_a_started_phase(cfg: TrainConfig, recipe: str) -> None:

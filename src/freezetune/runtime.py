@@ -63,7 +63,7 @@ def prepare_run_dir(out: str | None, model: str, *, resume: bool, clean: bool = 
     run_dir = Path(out) if out else new_run_dir(model, claim=clean)
     if clean:  # a second process on this dir is refused before it checks or clears anything (run_lock)
         run_lock.claim(run_dir)
-    traces = _check_run_dir(run_dir, resume=resume)
+    traces = _check_run_dir(run_dir, resume=resume, recipe_run=recipe_run)
     finished = (run_dir / checkpoint.LAST).is_file()
     if clean and run_dir.is_dir():
         recipe_files = () if recipe_run else (RECIPE_FILE, TRIALS_DIR)  # an earlier auto run's, or a stale decision
@@ -131,7 +131,7 @@ def file_problem(path: str | Path) -> str | None:
     return folder_problem(Path(path).absolute().parent)
 
 
-def _check_run_dir(run_dir: Path, *, resume: bool) -> list[str]:
+def _check_run_dir(run_dir: Path, *, resume: bool, recipe_run: bool = False) -> list[str]:
     """Refuse what ``prepare_run_dir`` refuses; the traces of a run stopped before its first ``last.pt`` (to clear)."""
     problem = folder_problem(run_dir)
     if problem is not None:
@@ -146,6 +146,10 @@ def _check_run_dir(run_dir: Path, *, resume: bool) -> list[str]:
                               f"{setting('resume', True)} to continue it or choose another "
                               f"{setting('out')}")  # fmt: skip
         return []
+    if not recipe_run and (stopped := stopped_phase(run_dir)):  # its request was cleared, its phase orphaned
+        raise ConfigError(f"run dir {str(run_dir)!r} holds a run of recipe {stopped[0]}, stopped in an earlier phase "
+                          f"({stopped[1]}): continue it with its own command and {setting('resume', True)}, or "
+                          f"choose another {setting('out')}")  # fmt: skip
     if work := finished_work(run_dir):
         raise ConfigError(f"run dir {str(run_dir)!r} holds a run that finished epochs ({work}) but no "
                           f"{checkpoint.LAST} to {'resume' if resume else 'continue'} it from: choose another "
@@ -191,6 +195,18 @@ def _started_by_a_run(run_dir: Path) -> bool:
     if isinstance(recipe, dict) and ("recipe" in recipe or "choice" in recipe):  # a named recipe's, the auto one's
         return True
     return any(_classes_of_a_run(trial / CLASSES_FILE) for trial in (run_dir / TRIALS_DIR).glob("*"))
+
+
+def stopped_phase(run_dir: Path) -> tuple[str, Path] | None:
+    """The named recipe whose run ``run_dir`` holds (its ``recipe.json``), and the ``last.pt`` of an earlier phase of
+    it (``lp-ft``'s ``probe/``), when that run stopped before its last phase finished an epoch; else None. The auto
+    recipe's trials (``auto-trials/``) are redone, not resumed: they do not count."""
+    recipe = _json(run_dir / RECIPE_FILE)
+    if not (isinstance(recipe, dict) and isinstance(recipe.get("recipe"), str)) or (run_dir / checkpoint.LAST).exists():
+        return None
+    phases = sorted(p / checkpoint.LAST for p in run_dir.iterdir() if p.is_dir() and p.name != TRIALS_DIR)
+    last = next((p for p in phases if p.is_file()), None)
+    return (recipe["recipe"], last) if last is not None else None
 
 
 def _classes_of_a_run(path: Path) -> bool | None:
