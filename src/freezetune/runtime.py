@@ -46,7 +46,8 @@ def prepare_run_dir(out: str | None, model: str, *, resume: bool, clean: bool = 
     A run that finished an epoch (it has ``last.pt``) is refused unless ``resume``. One stopped before that is
     started afresh, with or without ``resume``: what it left (a partial ``metrics.csv``, a ``best.pt`` not yet
     followed by ``last.pt``, a disk cache, an auto recipe's ``recipe.json`` and ``auto-trials/``) is cleared, said in
-    one line; ``recipe_run``: the auto recipe's final run, whose recipe made those two beside it, keeps them.
+    one line; ``recipe_run``: a recipe's own run (the auto recipe's final run, whose recipe made those two beside it,
+    keeps them; a named recipe's last phase, whose earlier phase's ``last.pt`` is its own, not one to refuse).
     A directory without ``last.pt`` whose files show finished epochs (``finished_work``: its ``last.pt`` deleted) is
     refused, with or without ``resume``: a fresh start would delete them; so is one holding a ``config.yaml`` no run
     wrote (the user's own), which the run's would replace, and an ``out`` that is (or lies below) a file. ``resume``
