@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -65,6 +66,34 @@ def test_lp_ft_s_probe_leaves_decay_and_stage_lrs_to_the_fine_tune_and_probes_at
     assert (probe.cfg.stage_lrs, probe.cfg.decay, probe.cfg.lr) == ({}, None, pytest.approx(4e-2))
     assert (tune.cfg.stage_lrs, tune.cfg.decay, tune.cfg.lr) == (cfg.stage_lrs, 2.0, 1e-3)
     assert phases(dataclasses.replace(cfg, stage_lrs={"blocks.4": 1e-4}), "lp-ft")[0].cfg.lr == pytest.approx(1e-2)
+    # linear-probe is that probe: the head's --stage-lrs trained it at 1x while --print-config said "lr 10x"
+    (probe_alone,) = phases(cfg, "linear-probe")
+    assert (probe_alone.cfg.stage_lrs, probe_alone.cfg.decay, probe_alone.cfg.lr) == ({}, None, pytest.approx(4e-2))
+    assert "lr 0.04" in recipes.plan_comment(dataclasses.replace(cfg, recipe="linear-probe"))
+
+
+@pytest.mark.parametrize(
+    ("kw", "needle"),
+    [
+        ({"recipe": "lp-ft", "bn_stats": "update"}, "recipe 'lp-ft' sets bn_stats itself"),  # it trained with frozen
+        ({"recipe": "full", "freeze": "auto"}, "recipe 'full' sets freeze itself (to 'none')"),
+        ({"cache_at": None}, None),  # unset, as it is anyway
+        ({"freeze": "auto"}, None),  # asks for the auto recipe itself
+        ({"recipe": "auto", "freeze": "auto"}, None),
+        ({"bn": "frozen"}, None),  # the auto recipe leaves bn to the user
+    ],
+)
+def test_an_option_given_at_its_default_value_beside_a_recipe_that_sets_it_is_refused(kw, needle, tmp_path):
+    # the recipe replaced a value typed at its default in silence: only a value other than the default was refused
+    if needle is None:
+        load_config(overrides={"data": "d", **kw})
+    else:
+        with pytest.raises(ConfigError, match=re.escape(needle)):
+            load_config(overrides={"data": "d", **kw})
+    # a config file's keys are not typed: --print-config writes every key, the recipe's too
+    saved = tmp_path / "run.yaml"
+    saved.write_text(TrainConfig(data="d", **kw).dump())
+    load_config(saved)
 
 
 def test_recipe_and_freeze_together_or_an_unknown_recipe_are_refused():
@@ -872,7 +901,7 @@ def test_a_sweeps_winner_yaml_of_a_recipe_that_sets_its_own_batchnorm_is_one_tra
     asked = TrainConfig(data="d", bn="train", bn_stats="frozen")
     for recipe in ("lp-ft", "linear-probe"):
         values = sweep._winner_config(asked, {"recipe": recipe, "run_dir": str(tmp_path)})
-        assert load_config(overrides=values).recipe == recipe  # validated: no conflict
+        assert load_config(values).recipe == recipe  # as --config winner.yaml reads it: no conflict
     assert sweep._winner_config(asked, {"recipe": "full", "run_dir": str(tmp_path)})["bn"] == "train"
 
 

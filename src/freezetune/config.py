@@ -10,6 +10,7 @@ import difflib
 import functools
 import math
 import os
+from collections.abc import Collection
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -227,8 +228,9 @@ def field_names() -> list[str]:
 INVALID = "invalid config: "  # every config problem's message starts so
 
 
-def validate(cfg: TrainConfig, *, need_data: bool = True) -> None:
-    """Raise one ConfigError listing every problem of ``cfg`` (a missing ``data`` too, unless not ``need_data``).
+def validate(cfg: TrainConfig, *, need_data: bool = True, typed: Collection[str] = ()) -> None:
+    """Raise one ConfigError listing every problem of ``cfg`` (a missing ``data`` too, unless not ``need_data``);
+    ``typed``: the keys given on the command line, an option a recipe sets itself given at its default value too.
 
     >>> validate(TrainConfig(data="imgs", bn="melt"))  # doctest: +ELLIPSIS
     Traceback (most recent call last):
@@ -260,7 +262,7 @@ def validate(cfg: TrainConfig, *, need_data: bool = True) -> None:
     problems.append(recipe_problem(cfg.recipe))
     from freezetune.recipes import conflict_problems  # recipes reads the config: imported when validating
 
-    problems += conflict_problems(cfg)
+    problems += conflict_problems(cfg, typed)
     try:
         parse_duration(cfg.budget)
     except ConfigError as exc:

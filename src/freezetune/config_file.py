@@ -19,13 +19,15 @@ def load_config(path: str | Path | dict[str, Any] | None = None, overrides: dict
     ``key=value`` pairs).
 
     An override of None unsets the field (``grad_clip=null`` clears the file's grad_clip): a caller leaves out the
-    keys it was not given. ``need_data=False`` accepts a config without ``data`` (a template, as ``--print-config``
+    keys it was not given. An override is a choice the user made, even at its default value: a recipe that sets it
+    itself is refused beside it (``recipes.conflict_problems``). ``need_data=False`` accepts a config without ``data`` (a template, as ``--print-config``
     writes one).
 
     >>> load_config(overrides={"data": "images/", "epochs": 3}).epochs
     3
     """
     values: dict[str, Any] = {}
+    typed = set(overrides or ())  # given now, unlike a file's keys (recipes.conflict_problems)
     if path is not None:
         values.update(path if isinstance(path, dict) else _read_yaml(Path(path)))
     values.update(overrides or {})
@@ -42,11 +44,11 @@ def load_config(path: str | Path | dict[str, Any] | None = None, overrides: dict
     cfg = TrainConfig(**known)
     if problems or unknown:  # what else is wrong, among the values that could be read
         try:
-            validate(cfg, need_data=need_data)
+            validate(cfg, need_data=need_data, typed=typed)
         except ConfigError as exc:
             problems.append(str(exc).removeprefix(INVALID))
         raise ConfigError(INVALID + "; ".join(problems + ([unknown] if unknown else [])))
-    validate(cfg, need_data=need_data)
+    validate(cfg, need_data=need_data, typed=typed)
     return cfg
 
 

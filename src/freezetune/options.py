@@ -67,7 +67,7 @@ _LAST = LAST_K.removesuffix("k")  # what every last-K recipe starts with
 RECIPE_HELP = {
     "auto": "measure on the validation split which stages to freeze, then fine-tune the rest (the default)",
     "linear-probe": "only the new head trains, on cached features of the frozen backbone (BatchNorm frozen), at 10x "
-    "--lr as lp-ft's probe",
+    "the head's LR (--lr, or --stage-lrs naming the head) as lp-ft's probe",
     LAST_K: "the last k stages and the head train, the rest stays frozen and cached (last-2, last-3, ...; "
     f"last-k is last-{LAST_K_DEFAULT})",
     "full": "every layer trains",

@@ -14,7 +14,7 @@ import functools
 import json
 import os
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,7 +68,7 @@ def phases(cfg: TrainConfig, recipe: str) -> list[Phase]:
     """
     base = dataclasses.replace(cfg, recipe=None)
     if recipe == "linear-probe":  # the step of lp-ft's probe and of the auto recipe's head (it trained 10x slower)
-        return [Phase(recipe, dataclasses.replace(base, **_SINGLE[recipe], lr=cfg.lr * PROBE_LR_FACTOR))]
+        return [Phase(recipe, dataclasses.replace(base, **_SINGLE[recipe], **_probe_lrs(cfg)))]
     if recipe in _SINGLE:
         return [Phase(recipe, dataclasses.replace(base, **_SINGLE[recipe]))]
     if recipe_family(recipe) == LAST_K:
@@ -77,13 +77,19 @@ def phases(cfg: TrainConfig, recipe: str) -> list[Phase]:
         out = Path(cfg.out) if cfg.out else None
         # the probe trains the head alone: --decay and --stage-lrs set the fine-tune's lower stages (the probe said
         # they were "not used"), and a head LR they give is the fine-tune's, which the probe's is 10x as for --lr
-        probe = dataclasses.replace(base, freeze="backbone", unfreeze=None, bn="frozen", stage_lrs={}, decay=None,
-                                    lr=_head_lr(cfg) * PROBE_LR_FACTOR, out=str(out / "probe") if out else None,
-                                    final_test=False)  # fmt: skip
+        probe = dataclasses.replace(base, freeze="backbone", unfreeze=None, bn="frozen", **_probe_lrs(cfg),
+                                    out=str(out / "probe") if out else None, final_test=False)  # fmt: skip
         # the fine-tune keeps the statistics the probe's head was fitted on (bn_policy.hold_bn_statistics)
         tune = dataclasses.replace(base, freeze="none", unfreeze=None, bn_stats="frozen")
         return [Phase("probe", probe), Phase("fine-tune", tune)]
     raise ConfigError(f"recipe {recipe!r} has no phases here; 'auto' is planned by freezetune.auto")
+
+
+def _probe_lrs(cfg: TrainConfig) -> dict:
+    """The LR settings of a head trained alone (linear-probe, lp-ft's probe): 10x the head's LR in a run of ``cfg``,
+    ``--stage-lrs`` naming the head included (it replaced the 10x step, while ``--print-config`` said 10x). The lower
+    stages' LRs and ``--decay`` train nothing there."""
+    return {"lr": _head_lr(cfg) * PROBE_LR_FACTOR, "stage_lrs": {}, "decay": None}
 
 
 def _head_lr(cfg: TrainConfig) -> float:
@@ -122,11 +128,18 @@ def plan_comment(cfg: TrainConfig) -> str:
     return "\n".join(lines) + "\n"
 
 
-def conflict_problems(cfg: TrainConfig) -> list[str]:
+def conflict_problems(cfg: TrainConfig, typed: Collection[str] = ()) -> list[str]:
     """The options ``cfg`` gives that its recipe sets itself, and a ``budget`` no recipe plans for, each a problem.
+
+    An option counts as given when its value is not the default, or when its name is in ``typed`` (the keys given on
+    the command line): ``--recipe lp-ft --bn-stats update`` asks for update, which is also the default, and the recipe
+    would hold the statistics frozen in silence. A config file's keys are not ``typed``: ``--print-config`` writes
+    every key, the recipe's included.
 
     >>> conflict_problems(TrainConfig(recipe="gradual", unfreeze="epoch:2"))
     ["recipe 'gradual' sets unfreeze itself (to 'epoch:1'): give the recipe or unfreeze 'epoch:2', not both"]
+    >>> conflict_problems(TrainConfig(recipe="full", freeze="auto"), typed={"recipe", "freeze"})
+    ["recipe 'full' sets freeze itself (to 'none'): give the recipe or freeze 'auto', not both"]
     """
     recipe, defaults = recipe_of(cfg), TrainConfig()
     problems = []
@@ -137,7 +150,9 @@ def conflict_problems(cfg: TrainConfig) -> list[str]:
         return problems
     for name in sets(recipe):
         given = getattr(cfg, name)
-        if given == getattr(defaults, name):
+        if given == getattr(defaults, name) and (name not in typed or given is None):
+            continue
+        if recipe == "auto" and name == "freeze" and given == "auto":  # --freeze auto asks for the recipe itself
             continue
         own = f" (to {_SINGLE[recipe][name]!r})" if recipe in _SINGLE else ""
         problems.append(f"recipe {recipe!r} sets {name} itself{own}: give the recipe or {name} {given!r}, not both"
