@@ -144,3 +144,16 @@ def test_a_budget_that_is_no_positive_finite_duration_is_refused(bad):
 
     with pytest.raises(ConfigError, match=f"budget must be a positive, finite duration, got '{bad}'"):
         parse_duration(bad)
+
+
+@pytest.mark.parametrize(
+    ("problem", "hint"),
+    [
+        (options.recipe_problem("LAST-2"), "(did you mean 'last-2'?)"),  # no suggestion: LAST-2 is far from last-k
+        (options.recipe_problem("Full"), "(did you mean 'full'?)"),
+        (options.choice_problem("amp", "FP16", options.AMP_MODES), "(did you mean 'fp16'?)"),
+        (options.choice_problem("bn", "Frozen", ("frozen", "affine-only", "train")), "(did you mean 'frozen'?)"),
+    ],
+)
+def test_a_choice_in_other_capitals_is_refused_with_its_spelling(problem, hint):
+    assert hint in problem

@@ -159,9 +159,10 @@ def choice_problem(name: str, value: object, allowed: Iterable[object]) -> str |
     allowed = tuple(allowed)
     if value in allowed:
         return None
-    words = [str(a) for a in allowed]
-    close = difflib.get_close_matches(str(value).replace("_", "-"), words, 1, 0.75) if isinstance(value, str) else []
-    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    words = {str(a).lower(): str(a) for a in allowed}  # FP16 and Frozen are close to fp16 and frozen
+    text = str(value).lower().replace("_", "-")
+    close = difflib.get_close_matches(text, list(words), 1, 0.75) if isinstance(value, str) else []
+    hint = f" (did you mean {words[close[0]]!r}?)" if close else ""
     return f"unknown {name} {value!r}{hint}; choose one of: {choices(allowed)}"
 
 
@@ -247,6 +248,8 @@ def recipe_problem(name: str | None) -> str | None:
 
     >>> recipe_problem("last-3") is None, recipe_problem("last-0") is not None, recipe_problem("fast") is not None
     (True, True, True)
+    >>> recipe_problem("LAST-2")  # doctest: +ELLIPSIS
+    "unknown recipe 'LAST-2' (did you mean 'last-2'?); choose one of: 'auto', ..."
     """
     if name is None or name in RECIPES:
         return None
@@ -255,6 +258,8 @@ def recipe_problem(name: str | None) -> str | None:
         return None
     if k is not None:  # last-0, last-x: the family is right, its K is not
         return f"recipe {name!r}: last-K trains the last K stages, K a whole number >= 1 (last-1, last-2, ...)"
+    if isinstance(name, str) and name != name.lower() and recipe_problem(name.lower()) is None:  # LAST-2, Full
+        return f"unknown recipe {name!r} (did you mean {name.lower()!r}?); choose one of: {choices(RECIPES)}"
     return choice_problem("recipe", name, RECIPES)
 
 
