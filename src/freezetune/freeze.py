@@ -88,11 +88,24 @@ def unfreeze(model: nn.Module, spec: Spec = "all", *, bn: str | None = None) -> 
     set_released(model, params, bn)
 
 
+def spec_items(spec: Spec) -> list[str | int]:
+    """The items of ``spec``, one item or a list of them.
+
+    >>> spec_items("layer4"), spec_items(["stem", 2])
+    (['layer4'], ['stem', 2])
+    """
+    return list(spec) if isinstance(spec, (list, tuple)) else [spec]
+
+
+def is_count(item: object) -> bool:
+    """Whether a spec item is an int, a number of stages (``True`` is not one)."""
+    return isinstance(item, int) and not isinstance(item, bool)
+
+
 def warn_negative_unfreeze(spec: Spec) -> None:
     """Warn that a negative int opens every stage but the last ``-n``: fastai's ``freeze_to(-2)`` habit reads it as
     "the last two", and the head then stayed frozen between trained stages."""
-    specs = spec if isinstance(spec, (list, tuple)) else [spec]
-    for n in (s for s in specs if isinstance(s, int) and not isinstance(s, bool) and s < 0):
+    for n in (s for s in spec_items(spec) if is_count(s) and s < 0):
         warnings.warn(f"unfreezing {n} opens every stage but the last {-n} (as freeze({n}) freezes them); to train the "
                       f"last {-n}, unfreeze their names or use freeze_to(model, {n})", stacklevel=3)  # fmt: skip
 
@@ -114,7 +127,7 @@ def freeze_to(model: nn.Module, n: int, *, bn: str = BN_DEFAULT) -> None:
     >>> [s.name for s in stages(m) if s.num_trainable]
     ['layer4', 'fc']
     """
-    if not isinstance(n, int) or isinstance(n, bool):
+    if not is_count(n):
         raise SpecError(f"freeze_to takes an int number of stages, got {n!r}")
     st = stages(model)
     _check_count(n, st)
@@ -172,7 +185,7 @@ def _resolve(model: nn.Module, st: list[Stage], spec: Spec) -> dict[int, nn.Para
         for item in spec:
             out.update(_resolve(model, st, item))
         return out
-    if isinstance(spec, int) and not isinstance(spec, bool):
+    if is_count(spec):
         _check_count(spec, st)
         return _params_of(st[:spec])
     if not isinstance(spec, str):

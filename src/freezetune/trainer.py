@@ -28,7 +28,7 @@ from freezetune.distributed import (
     leave_group,
 )
 from freezetune.errors import TrainingError
-from freezetune.freeze import count_parameters, summary
+from freezetune.freeze import count_parameters, spec_items, summary
 from freezetune.inference import evaluate_best, write_evaluation
 from freezetune.interrupt import AT_ONCE_UNDER_DDP, OUTSIDE_A_STEP, StopRequest, pause_point
 from freezetune.loss import imbalance_note
@@ -353,7 +353,7 @@ class Trainer(RunSetup):
             why = (f"{self.cfg.monitor} did not improve by more than {sched.min_delta:g} for {sched.patience} "
                    "epoch(s); " if sched.kind == "plateau" else "")  # fmt: skip
             what, spec = ", ".join(names), sched.plan.get(epoch + 1) if sched.kind == "plan" else None
-            items = [str(x) for x in (spec if isinstance(spec, (list, tuple)) else [spec])]
+            items = [str(x) for x in spec_items(spec)]
             if spec is not None and items != names:  # part of a stage ("*.bias"), or an index: what, then where
                 what = f"{', '.join(items)} (in {what})"
             self.echo(f"unfroze {what} ({why}trainable {count_parameters(self.model)[0]:,} parameters)")

@@ -18,7 +18,7 @@ from torch import nn
 
 from freezetune.bn_policy import check_bn_policy, policies
 from freezetune.errors import CheckpointError, SpecError, choices
-from freezetune.freeze import Spec, resolve_stages, unfreeze, warn_negative_unfreeze
+from freezetune.freeze import Spec, is_count, resolve_stages, spec_items, unfreeze, warn_negative_unfreeze
 from freezetune.module_tree import unwrap, wrapping
 from freezetune.param_groups import LRRule, check_weight_decay, group_stage, is_no_decay, no_decay_names, stage_groups
 from freezetune.stages import Stage, stages
@@ -346,11 +346,9 @@ def _ints_as_names(model: nn.Module, spec: Spec) -> list:
     >>> _ints_as_names(torchvision.models.resnet18(), [2, "*.bias"])
     ['stem', 'layer1', '*.bias']
     """
-    items = spec if isinstance(spec, (list, tuple)) else [spec]
     named: list = []
-    for item in items:
-        is_int = isinstance(item, int) and not isinstance(item, bool)
-        named += [s.name for s in resolve_stages(model, item)] if is_int else [item]
+    for item in spec_items(spec):
+        named += [s.name for s in resolve_stages(model, item)] if is_count(item) else [item]
     return named
 
 
