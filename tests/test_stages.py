@@ -294,6 +294,11 @@ def test_tied_weights_belong_to_one_stage():
     stages = ft.stages(model)
     assert_partition(model, stages)
     assert sum(any(p is model.embed.weight for p in s.parameters()) for s in stages) == 1
+    # the head keeps its tied weight: it had none and dropped out, so "backbone" trained body and froze the head
+    assert [s.name for s in stages] == ["body", "out"]  # embed holds nothing else
+    assert any(p is model.embed.weight for p in stages[-1].parameters())
+    ft.freeze(model, "backbone")
+    assert model.embed.weight.requires_grad and not model.body.weight.requires_grad
 
 
 def _tiny_hf(family: str) -> tuple[nn.Module, nn.Module]:

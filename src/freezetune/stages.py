@@ -2,8 +2,10 @@
 
 Every model family *declares* its stages as ``(name, prefixes)`` pairs, where a prefix is a qualified module or
 parameter name; one generic assigner then gives each parameter to the stage with the longest matching prefix.
-Parameters no declaration covers join the stage of the parameter registered just before them, so none is lost
-or counted twice.
+Parameters no declaration covers join the stage of the parameter listed just before them in ``named_parameters``
+(a model's own parameters, outside any layer, are listed first: they join the first stage), so none is lost or
+counted twice. A parameter shared by two layers belongs to the stage of the first, except one the head shares (a
+head tied to an embedding): the head keeps it.
 """
 
 from __future__ import annotations
@@ -327,6 +329,7 @@ def _assign(model: nn.Module, decl: _Decl) -> list[Stage]:
     if pending:
         first = next((i for i, m in enumerate(members) if m), len(decl) - 1)
         members[first][:0] = pending
+    _claim_tied_head(model, owner, members)
     all_names = {n for n, _ in model.named_parameters()}
     out = []
     for (name, _), mem in zip(decl, members, strict=True):
@@ -334,6 +337,18 @@ def _assign(model: nn.Module, decl: _Decl) -> list[Stage]:
             names = tuple(n for n, _ in mem)
             out.append(Stage(name, _cover(model, set(names), all_names), names, tuple(p for _, p in mem)))
     return out
+
+
+def _claim_tied_head(model: nn.Module, owner: dict[str, int], members: list[list[tuple[str, nn.Parameter]]]) -> None:
+    """A head whose weight is tied to an earlier layer's (an embedding's) keeps it in the head stage, the last of
+    ``members``: a shared parameter is listed once, under its first name, and the head had none, so "backbone"
+    trained the layer before it and froze the head."""
+    head = len(members) - 1
+    tied = {id(p) for name, p in model.named_parameters(remove_duplicate=False)
+            if _longest_prefix_owner(name, owner) == head}  # fmt: skip
+    for i, mem in enumerate(members[:head]):
+        members[head] += [(n, p) for n, p in mem if id(p) in tied]
+        members[i] = [(n, p) for n, p in mem if id(p) not in tied]
 
 
 def _longest_prefix_owner(name: str, owner: dict[str, int]) -> int | None:
