@@ -472,3 +472,36 @@ def test_a_model_pickled_whole_by_an_earlier_freezetune_loads_and_unfreezes(monk
     ft.unfreeze(loaded, "layer1")
     bn = loaded.layer1[0].bn1
     assert loaded.train() and bn.training and not bn._forward_pre_hooks and bn.weight.requires_grad
+
+
+def test_a_batchnorm_without_parameters_beside_the_head_is_frozen_with_the_layer_before_it():
+    # judged by its parent's parameters, the model's, it held the head's, which train: its statistics moved
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = nn.Sequential(nn.Linear(4, 8), nn.ReLU())
+            self.norm = nn.BatchNorm1d(8, affine=False)
+            self.fc = nn.Linear(8, 2)
+
+        def forward(self, x):
+            return self.fc(self.norm(self.body(x)))
+
+    model = Model()
+    ft.freeze(model, "backbone")
+    model.train()
+    before = model.norm.running_mean.clone()
+    model(torch.randn(8, 4))
+    assert torch.equal(model.norm.running_mean, before)
+    ft.unfreeze(model)
+    model.train()
+    model(torch.randn(8, 4))
+    assert not torch.equal(model.norm.running_mean, before)
+
+
+def test_counting_a_model_with_lazy_layers_before_its_first_forward_names_them():
+    model = nn.Sequential(nn.Linear(4, 4), nn.LazyLinear(3))
+    for count in (ft.summary, ft.count_parameters):
+        with pytest.raises(ft.FreezetuneError, match=r"lazy layers have no size yet \('1.weight', '1.bias'\): run one"):
+            count(model)
+    model(torch.randn(2, 4))
+    assert ft.count_parameters(model) == (35, 35)

@@ -78,18 +78,30 @@ def check_bn_policy(bn: str) -> None:
 
 
 def _bn_modules_within(model: nn.Module, params: dict[int, nn.Parameter]) -> list[nn.Module]:
-    """BatchNorm layers whose parameters all lie in ``params`` (non-affine ones: whose parent's do)."""
+    """BatchNorm layers whose parameters all lie in ``params`` (non-affine ones: whose parent's do, or for a layer of
+    the model itself, those of the layer before it)."""
     out = []
     for name, module in model.named_modules():
         if not isinstance(module, nn.modules.batchnorm._BatchNorm):
             continue
         own = list(module.parameters())
-        if not own:
-            parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
-            own = list(parent.parameters())
+        if not own and "." in name:
+            own = list(model.get_submodule(name.rpartition(".")[0]).parameters())
+        elif not own:  # the model's parameters hold the head's, which trains: its statistics moved under "frozen"
+            own = _feeding(model, module)
         if own and all(id(p) in params for p in own):
             out.append(module)
     return out
+
+
+def _feeding(model: nn.Module, module: nn.Module) -> list[nn.Parameter]:
+    """The parameters of the last layer with any registered before ``module``, a child of ``model``."""
+    before: list[nn.Parameter] = []
+    for child in model.children():
+        if child is module:
+            break
+        before = list(child.parameters()) or before
+    return before
 
 
 def _open_bn_params(model: nn.Module, params: dict[int, nn.Parameter], *, opening: bool) -> None:
