@@ -146,7 +146,16 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     (8, 8)
     """
     params = list(unwrap(model).parameters())  # de-duplicated by identity; a model's name is refused by unwrap
+    _check_materialized(unwrap(model))
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+def _check_materialized(model: nn.Module) -> None:
+    """A lazy layer's parameter has no size until the first forward pass: counting it raised torch's own error."""
+    lazy = [name for name, p in model.named_parameters() if isinstance(p, nn.parameter.UninitializedParameter)]
+    if lazy:
+        raise SpecError(f"{len(lazy)} parameter(s) of lazy layers have no size yet ({choices(lazy[:3])}"
+                        f"{', ...' if len(lazy) > 3 else ''}): run one forward pass through the model first")  # fmt: skip
 
 
 def summary(model: nn.Module) -> str:
@@ -156,6 +165,7 @@ def summary(model: nn.Module) -> str:
     ['stage', 'params', 'trainable', 'bn']
     """
     model = unwrap(model)
+    _check_materialized(model)
     st = stages(model)
     width = max([len(s.name) for s in st] + [5])
     lines = [f"{'stage':<{width}}  {'params':>12}  {'trainable':>12}  bn"]

@@ -189,7 +189,8 @@ class Unfreezer:
         if self.added_groups != list(state["groups"]):
             raise CheckpointError(
                 f"re-created optimizer groups {self.added_groups} differ from the checkpoint's {state['groups']}; "
-                "freeze the model as at the start of the run before loading"
+                "freeze the model as at the start of the run before loading (this attempt opened stages and added "
+                "groups: build the model and the optimizer again)"
             )
         self.events = [(int(e), list(n)) for e, n in state["events"]]
         self.best, self.num_bad = state["best"], int(state["num_bad"])
