@@ -617,6 +617,16 @@ def test_a_sweeps_printed_config_holds_what_the_sweep_sets_and_reads_back_as_its
     (tmp_path / "s.yaml").write_text(out)
     code, again, err = run_cli(capsys, "sweep", "--config", tmp_path / "s.yaml", "--print-config")
     assert code == 0 and again == out, err
+    # its recipes too: the file left them out, and the sweep it started compared the default four
+    code, out, err = run_cli(
+        capsys, "sweep", "--data", tmp_path / "images", "--recipes", "last-2,full", "--print-config"
+    )
+    assert code == 0 and yaml.safe_load(out)["recipes"] == "last-2,full", err
+    (tmp_path / "s.yaml").write_text(out)
+    code, again, err = run_cli(capsys, "sweep", "--config", tmp_path / "s.yaml", "--print-config")
+    assert code == 0 and again == out, err
+    code, again, err = run_cli(capsys, "sweep", "--config", tmp_path / "s.yaml", "--recipes", "full", "--print-config")
+    assert code == 0 and yaml.safe_load(again)["recipes"] == "full", err  # the flag wins
 
 
 def test_img_size_below_one_is_refused_with_the_other_settings_before_a_model_is_built():

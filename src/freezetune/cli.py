@@ -17,10 +17,12 @@ import sys
 import warnings
 from pathlib import Path
 
+import yaml
+
 from freezetune import __version__, cli_exit, run_log
 from freezetune.cli_args import Parser, overrides_anywhere
 from freezetune.config import FIELD_CHOICES, TrainConfig, coerce, field_names, scalar_type
-from freezetune.config_file import load_config, parse_override, run_config
+from freezetune.config_file import load_config, parse_override, read_yaml, run_config
 from freezetune.errors import ConfigError, FreezetuneError
 from freezetune.flag_help import FIELD_HELP, SECTIONS
 from freezetune.interrupt import RunInterrupted, forget_stop, raised_stop
@@ -32,6 +34,7 @@ from freezetune.options import (
     RECIPES,
     SWEEP_DEFAULT_OUT,
     SWEEP_DEFAULT_RECIPES,
+    SWEEP_RECIPES_KEY,
     SWEEP_SETS,
 )
 
@@ -145,8 +148,9 @@ def _train_parser(sub) -> None:
     _config_flags(p)
     p.set_defaults(func=_cmd_train, command_parser=p)
     p = sub.add_parser("sweep", help="compare recipes on the validation split; write the winner as a config")
-    p.add_argument("--recipes", default=",".join(SWEEP_DEFAULT_RECIPES),
-                   help=f"comma-separated, from {' | '.join(RECIPES)} (or last-K) [default: %(default)s]")  # fmt: skip
+    p.add_argument("--recipes", default=None,
+                   help=f"comma-separated, from {' | '.join(RECIPES)} (or last-K); a --config file's recipes key "
+                        f"otherwise [default: {','.join(SWEEP_DEFAULT_RECIPES)}]")  # fmt: skip
     _config_flags(p, _SWEEP_HELP)
     p.set_defaults(func=_cmd_sweep, command_parser=p)
 
@@ -307,9 +311,10 @@ def _cmd_sweep(args) -> int:
     from freezetune.sweep import recipe_names, refuse_overridden, sweep, swept
 
     refuse_overridden(_given(args))
+    recipes = _sweep_recipes(args)
     problems = []  # --recipes and the config's values, in one message
     try:
-        recipe_names(args.recipes)
+        names = recipe_names(recipes)
     except ConfigError as exc:
         problems.append(str(exc))
     try:
@@ -318,10 +323,23 @@ def _cmd_sweep(args) -> int:
         problems.append(str(exc))
     if problems:
         raise ConfigError("; ".join(problems))
-    if args.print_config:  # with what the sweep sets for every recipe: the file reads back as its --config
-        return _print_config(swept(cfg).dump())
-    sweep(cfg, args.recipes)
+    if args.print_config:  # with what the sweep sets for every recipe and its recipes: the file reads back as its
+        return _print_config(swept(cfg).dump() + yaml.safe_dump({SWEEP_RECIPES_KEY: ",".join(names)}))  # --config
+    sweep(cfg, recipes)
     return 0
+
+
+def _sweep_recipes(args) -> str | list[str]:
+    """A sweep's recipes: ``--recipes``, else its ``--config`` file's ``recipes`` (what ``sweep --print-config``
+    writes; taken out of the values the config reads, which has no such field), else the default list."""
+    in_file = None
+    if args.config is not None:
+        values = read_yaml(Path(args.config))
+        in_file = values.pop(SWEEP_RECIPES_KEY, None)
+        args.config = values
+    if args.recipes is not None:  # --recipes "" is refused (no recipe), not read as the default
+        return args.recipes
+    return in_file if in_file is not None else ",".join(SWEEP_DEFAULT_RECIPES)
 
 
 def _cmd_eval(args) -> int:

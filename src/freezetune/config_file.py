@@ -29,7 +29,7 @@ def load_config(path: str | Path | dict[str, Any] | None = None, overrides: dict
     values: dict[str, Any] = {}
     typed = set(overrides or ())  # given now, unlike a file's keys (recipes.conflict_problems)
     if path is not None:
-        values.update(path if isinstance(path, dict) else _read_yaml(Path(path)))
+        values.update(path if isinstance(path, dict) else read_yaml(Path(path)))
     values.update(overrides or {})
     # every problem in one message: a value of the wrong type, then one out of range, then an unknown key (reported
     # one kind at a time, the user fixed one and met the next)
@@ -116,7 +116,9 @@ class _UniqueKeys(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
+def read_yaml(path: Path) -> dict[str, Any]:
+    """The values a YAML config file holds; each problem of the file (missing, a folder, not YAML, not UTF-8, a key
+    given twice) is one ConfigError."""
     if path.is_dir():
         raise ConfigError(f"config file {str(path)!r} is a folder: give a YAML file (a run's config.yaml, a sweep's "
                           "winner.yaml)")  # fmt: skip

@@ -80,6 +80,7 @@ RECIPE_HELP = {
 RECIPES = tuple(RECIPE_HELP)
 # what ``freezetune sweep`` compares without --recipes
 SWEEP_DEFAULT_RECIPES = ("linear-probe", LAST_K, "auto", "full")
+SWEEP_RECIPES_KEY = "recipes"  # a sweep's --recipes in its --config file (sweep --print-config writes it)
 SWEEP_DEFAULT_OUT = "runs/sweep"  # where a sweep goes without --out
 # what a sweep sets for every recipe, whatever it is given, and why: a value given on the command line that differs
 # is refused rather than dropped in silence
