@@ -33,10 +33,12 @@ def _print_config(capsys, *argv: str) -> dict:
 def test_print_config_shows_every_resolved_value(capsys):
     printed = _print_config(capsys, "--data", "imgs", "--lr", "3e-4", "--freeze", "backbone", "--no-progress")
     assert list(printed) == field_names()  # every key, in declaration order
-    assert printed["data"] == "imgs" and printed["lr"] == 3e-4 and printed["freeze"] == "backbone"
+    # its paths absolute, as config.yaml's: `--config run.yaml` from another directory read "imgs" there
+    assert printed["data"] == os.path.abspath("imgs") and printed["lr"] == 3e-4 and printed["freeze"] == "backbone"
     assert printed["progress"] is False
     assert printed["epochs"] == TrainConfig().epochs and printed["model"] == TrainConfig().model  # defaults
-    assert load_config(overrides=printed) == TrainConfig(data="imgs", lr=3e-4, freeze="backbone", progress=False)
+    assert load_config(overrides=printed) == TrainConfig(data=os.path.abspath("imgs"), lr=3e-4, freeze="backbone",
+                                                         progress=False)  # fmt: skip
 
 
 def test_yaml_file_then_key_value_then_flags(tmp_path, capsys):
@@ -82,7 +84,7 @@ def test_print_config_under_torchrun_is_printed_by_the_first_process_alone(capsy
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("LOCAL_RANK", "0")
     assert main([command, "--data", "imgs", "--print-config"]) == 0
-    assert "data: imgs" in capsys.readouterr().out
+    assert f"data: {os.path.abspath('imgs')}" in capsys.readouterr().out
 
 
 def test_print_config_without_data_prints_a_template_that_a_run_still_refuses(capsys):

@@ -193,7 +193,10 @@ class TrainConfig:
         atomic_write_text(path, yaml.safe_dump(values, sort_keys=False))
 
     def dump(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+        """The config as YAML, as ``--print-config`` shows it: its paths absolute, as a run records them, so that the
+        file works as ``--config`` from any directory (a relative ``data`` was read against the directory of the run
+        that used the file)."""
+        return yaml.safe_dump(self.recorded(), sort_keys=False)
 
 
 # The settings that name a file or folder. A run records them absolute: its config.yaml and checkpoints are read again
