@@ -476,6 +476,16 @@ def test_a_resume_that_moves_best_pt_without_scoring_it_removes_the_earlier_test
     assert code == 0 and "removed test_metrics.json, confusion.png" in out, err
 
 
+def test_a_stage_lr_that_a_schedule_opening_nothing_leaves_unused_is_noted(data, tmp_path, capsys):
+    # the note was held back whenever a schedule was given, even one whose first opening comes after the last epoch
+    code, out, err = run_cli(capsys, *train_argv(data, tmp_path / "run", "--freeze", "backbone", "--epochs", "1",
+                                                 "--stage-lrs", "blocks.4=1e-4", "--unfreeze", "epoch:5",
+                                                 "--no-final-test"))  # fmt: skip
+    assert code == 0, err
+    assert "note: unfreeze 'epoch:5' opens nothing the 1-epoch run trains" in out
+    assert "note: stage_lrs sets 'blocks.4', frozen in this run with nothing to unfreeze it" in out
+
+
 def test_a_plateau_says_why_it_unfroze_and_a_min_delta_read_as_points_is_named(data, tmp_path, capsys):
     # min_delta=0.5 on val_acc (a fraction: 50 points) unfroze a stage every epoch, with nothing said of why
     code, out, err = run_cli(capsys, *train_argv(data, tmp_path / "run", "--freeze", "backbone", "--epochs", "3",

@@ -177,6 +177,9 @@ def test_idx_val_split_and_per_class_never_overlap(tmp_path):
     assert torch.bincount(b.train.targets, minlength=10).tolist() == [5] * 10
     assert torch.bincount(b.val.targets, minlength=10).tolist() == [4] * 10
     assert len(b.test) == 20
+    # said: the share is of the whole class, not of the K a class kept (12000 validation images for 200 training)
+    assert b.val_source.startswith("val_split 0.2: 40 training images held out of the whole training set, before "
+                                   "per_class=5 drew its 50;")  # fmt: skip
 
 
 @pytest.mark.parametrize("per_class", [None, 20])

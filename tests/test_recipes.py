@@ -818,6 +818,9 @@ def test_a_budget_says_what_it_affords_at_that_pace_and_the_trials_record_what_t
     epochs, _ = auto._epochs_and_refit(TrainConfig(budget="20s", refit=False), [trial], trial, 4.0, lines.append)
     assert epochs == 3 and lines == ["auto: the 20s budget leaves 16s after the trials: 3 epoch(s) of about 5.0s (2.0s "
                                      "training, 3.0s validation and checkpoints)"]  # fmt: skip
+    lines.clear()  # an --epochs given too is replaced, and said to be (it was dropped in silence)
+    auto._epochs_and_refit(TrainConfig(budget="20s", refit=False, epochs=2), [trial], trial, 4.0, lines.append)
+    assert lines[0].startswith("auto: the 20s budget leaves 16s after the trials: 3 epoch(s) (not the 2 of epochs) ")
     auto.run(_cfg(data, tmp_path / "r", epochs=1, cache="auto"), echo=lambda _: None)
     (trial,) = json.loads((tmp_path / "r" / "recipe.json").read_text())["trials"][:1]
     assert trial["loop_s"] > trial["epoch_s"] * auto.TRIAL_FRACTION and trial["val_s"] > 0 and trial["epoch_images"]

@@ -184,8 +184,11 @@ def _epochs_and_refit(cfg: TrainConfig, trials: list[dict], choice: dict, spent:
         return 1, refit
     train_s, other_s = _epoch_pace(choice, refit, trials[0]["n_val"])
     epochs = max(1, math.floor((budget - spent) / max(train_s + other_s, 1e-6)))
-    echo(f"auto: the {cfg.budget} budget leaves {budget - spent:.0f}s after the trials: {epochs} epoch(s) of about "
-         f"{train_s + other_s:.1f}s ({train_s:.1f}s training, {other_s:.1f}s validation and checkpoints)")  # fmt: skip
+    # an --epochs given beside the budget is replaced: said, not dropped in silence
+    replaced = f" (not the {cfg.epochs} of epochs)" if cfg.epochs != TrainConfig.epochs else ""
+    echo(f"auto: the {cfg.budget} budget leaves {budget - spent:.0f}s after the trials: {epochs} epoch(s){replaced} "
+         f"of about {train_s + other_s:.1f}s ({train_s:.1f}s training, {other_s:.1f}s validation and "
+         "checkpoints)")  # fmt: skip
     return epochs, refit
 
 

@@ -50,7 +50,8 @@ FIELD_HELP = {
     "model (hf:), a text,label CSV (or .tsv)",
     "val_data": "the validation split, in a form --data takes (default: DATA's val/ folder, else images held out "
     "of the training data: see --val-split)",
-    "val_split": "the share of each training class held out for validation (default, when the data has no val/: "
+    "val_split": "the share of each training class held out for validation, of the whole class (with --per-class: "
+    "before its K images are drawn) (default, when the data has no val/: "
     f"{AUTO_VAL_FRACTION:g}, 1 to {AUTO_VAL_MAX_PER_CLASS} images a class)",
     "per_class": "few-shot: K seeded training images per class (default: all)",
     "aug": "training augmentation: " + ", ".join(_preset(name, a) for name, a in AUGMENTATIONS.items()),
@@ -66,8 +67,8 @@ FIELD_HELP = {
     "globs, comma-separated",
     "recipe": "a named procedure: " + " | ".join(RECIPES) + " (last-K: the last K stages train); default: what "
     "--freeze says",
-    "budget": "wall-clock budget for the auto recipe's trials and epochs (the epochs it trains), e.g. 90s, 5m, 1h "
-    "(default: none)",
+    "budget": "wall-clock budget for the auto recipe's trials and epochs (the epochs it trains, in place of "
+    "--epochs), e.g. 90s, 5m, 1h (default: none)",
     "bn": "BatchNorm in frozen parts: frozen (eval statistics), affine (affine trains, statistics update), train "
     "(statistics update), affine-only (affine trains, eval statistics)",
     "bn_stats": "BatchNorm statistics in the parts that train: update (from each batch, PyTorch's training mode) or "

@@ -137,11 +137,11 @@ class Trainer(RunSetup):
                                 noun(self.data.train))]  # fmt: skip
         if not self.brief:  # the later trials of the auto recipe: their first said these
             schedule = self.state.unfreezer.schedule if self.state.unfreezer is not None else None  # parsed once
+            idle = idle_schedule_note(self.state.unfreezer, self.cfg.epochs)  # a schedule that opens nothing here
             notes += [truncation_note(self.data.train, self.preprocess),
-                      idle_stage_lrs(self.model, self.cfg.stage_lrs, unfreezes=schedule is not None,
+                      idle_stage_lrs(self.model, self.cfg.stage_lrs, unfreezes=schedule is not None and idle is None,
                                      decay=self.cfg.decay),
-                      idle_bn_policy(self.model, self.cfg.bn), plateau_units_note(schedule, self.cfg.monitor),
-                      idle_schedule_note(self.state.unfreezer, self.cfg.epochs),
+                      idle_bn_policy(self.model, self.cfg.bn), plateau_units_note(schedule, self.cfg.monitor), idle,
                       momentum_note(self.cfg.optimizer, self.cfg.momentum, TrainConfig.momentum),
                       self.precision.cpu_note()]  # fmt: skip
         for note in filter(None, [*notes, self._warmup_note()]):
