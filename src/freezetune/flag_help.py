@@ -112,7 +112,8 @@ FIELD_HELP = {
     "early_stop": "stop after PATIENCE epochs without improvement of --monitor (counted once the LR warm-up ends, "
     "and again from each unfreeze: a stage just opened gets the whole patience, so under --recipe gradual it stops "
     "PATIENCE epochs after the last stage opens at the earliest; default: off)",
-    "save_every_steps": "also save last.pt every N training steps (resumable mid-epoch; default: at each epoch's end)",
+    "save_every_steps": "also save last.pt every N training steps (resumable mid-epoch; one process: refused under "
+    "torchrun; default: at each epoch's end)",
     "monitor": "what picks best.pt (a tie: val_loss, or val_acc for val_loss) and drives --early-stop and a plateau "
     "unfreeze; val_f1 (macro-F1: each class counts alike, for imbalanced classes) also compares the auto recipe's "
     "trials",
