@@ -1,5 +1,6 @@
 """The frozen-prefix feature cache: training from it computes the same function as training without it."""
 
+import logging
 import os
 import sys
 import time
@@ -541,3 +542,50 @@ def test_a_store_on_the_device_too_large_for_the_ram_keeps_no_copy_and_says_so(t
         assert disk.save(tmp_path / "c", "k", features, torch.zeros(1024, dtype=torch.long)) is None
     assert "not kept for later runs: copying it off the meta device needs 2 MiB of RAM" in caplog.text
     assert "over half the 1 MiB" in caplog.text and not list((tmp_path / "c").iterdir())
+
+
+def test_augmented_views_built_with_other_loader_workers_or_batches_are_not_read_again(image_folder, tmp_path):
+    # the views' crops depend on the batches and on the CPU workers each seeded apart: a run with other settings read
+    # views it would not have drawn, and scored otherwise than the same command on a fresh cache
+    def cache_line(name: str, **kw) -> str:
+        lines = []
+        cfg = _config(image_folder, tmp_path, name, cache_dir=str(tmp_path / "fc"), aug="light", cache_views=2, **kw)
+        Trainer(cfg, echo=lines.append)
+        return next(line for line in lines if line.startswith("feature cache:"))
+
+    assert "; built in" in cache_line("a")
+    again = cache_line("b")  # the same settings: both stores read
+    assert "; read from" in again and "; built in" not in again and "store built" not in again
+    assert "training store built, validation store read" in cache_line("c", batch_size=4)
+    assert "training store built, validation store read" in cache_line("d", workers=1)
+
+
+def test_a_prefix_with_the_same_weights_that_computes_otherwise_is_another_store():
+    # timm's efficientnet_b0 and tf_efficientnet_b0 hold the same weights (random init, one seed); the tf one pads
+    # "same" and its BatchNorm eps is 1e-3: they shared one key, and the second read the first's features
+    from freezetune.cache.disk import computation_fingerprint, weights_fingerprint
+
+    def prefix(eps: float) -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, eps=eps)).eval()
+
+    a, b = prefix(1e-5), prefix(1e-3)
+    assert weights_fingerprint(a) == weights_fingerprint(b)
+    assert computation_fingerprint(a) != computation_fingerprint(b)
+    assert computation_fingerprint(a) == computation_fingerprint(prefix(1e-5))  # found again by the next run
+
+
+def test_a_store_overwritten_in_place_is_a_miss_not_features(tmp_path, caplog):
+    # bytes overwritten with the size unchanged: torch.load does not check the zip's CRCs and read them as features
+    from freezetune.cache import disk
+
+    disk.save(tmp_path, "k", torch.arange(40_000, dtype=torch.float32).reshape(1, 100, 400), torch.zeros(100).long())
+    path = tmp_path / "k.pt"
+    data = bytearray(path.read_bytes())
+    assert disk.load(tmp_path, "k") is not None
+    middle = len(data) // 2
+    data[middle : middle + 5000] = b"G" * 5000
+    path.write_bytes(bytes(data))
+    with caplog.at_level(logging.WARNING):
+        assert disk.load(tmp_path, "k") is None
+    assert "ignoring unreadable feature cache" in caplog.text and "CRC" in caplog.text

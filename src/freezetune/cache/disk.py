@@ -1,10 +1,12 @@
 """Feature stores kept on disk between runs, so a sweep or a later ``train`` does not run the same prefix twice.
 
 A stored store is found again by a key over everything its features depend on: the frozen prefix's weights and
-buffers (not the model's name: a prefix fine-tuned in an earlier phase computes other features), the cut, the
+buffers (not the model's name: a prefix fine-tuned in an earlier phase computes other features) and its computation
+(its traced code and layers: timm's efficientnet_b0 and tf_efficientnet_b0 hold the same weights), the cut, the
 images and labels (``data.fingerprint.cache_fingerprint``), how images become inputs (the model's preprocessing, the
-augmentation preset, the decode path), the number of views, the seed and the dtype.
-Anything that changes one of these misses the cache; nothing stale is ever read.
+augmentation preset, the decode path), the number of views, the seed, the dtype and, for augmented views, the
+batches and loader workers their random draws depend on. Anything that changes one of these misses the cache; a file
+damaged on disk, cut short or not, is a miss too. Nothing stale is ever read.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import hashlib
 import json
 import logging
 import shutil
+import zipfile
 from pathlib import Path
 
 import torch
@@ -26,8 +29,9 @@ from freezetune.split import Split
 log = logging.getLogger(__name__)
 
 STALE_TEMP_S = 3600  # a temporary store file untouched this long, of a process not running here, is an orphan
-VERSION = 4  # bump when the stored layout or what a key covers changes (2: photos turned upright by their EXIF tag;
-# 3: a file's change time and inode; 4: a large JPEG decoded at a reduced scale, Preprocess.decode_side)
+VERSION = 5  # bump when the stored layout or what a key covers changes (2: photos turned upright by their EXIF tag;
+# 3: a file's change time and inode; 4: a large JPEG decoded at a reduced scale, Preprocess.decode_side; 5: the
+# prefix's computation, augmented views' batches and workers)
 _MARGIN = 64 << 20  # left free for the file system and the run's own small files
 
 
@@ -75,6 +79,14 @@ def weights_fingerprint(module: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
+def computation_fingerprint(module: torch.nn.Module) -> str:
+    """A digest of what a module computes besides its weights: its traced code (an ``fx.GraphModule``'s) and its
+    layers with their settings and classes (``Conv2dSame``, a BatchNorm's eps)."""
+    layers = [f"{type(m).__module__}.{type(m).__qualname__}" for m in module.modules()]
+    described = "\n".join([str(getattr(module, "code", "")), repr(module), *layers])
+    return hashlib.sha1(described.encode()).hexdigest()
+
+
 def store_key(split: Split, dataset: Dataset, **inputs: object) -> str | None:
     """The key of the features ``split.prefix`` computes over ``dataset``; ``inputs`` describe how images become
     inputs (preprocessing, augmentation, decode path, views, seed, dtype). None: this dataset cannot be keyed."""
@@ -82,7 +94,9 @@ def store_key(split: Split, dataset: Dataset, **inputs: object) -> str | None:
     if data is None:
         return None
     described = json.dumps({"v": VERSION, "boundary": split.boundary, "how": split.how, "data": data,
-                            "prefix": weights_fingerprint(split.prefix), **inputs}, sort_keys=True, default=str)  # fmt: skip
+                            "prefix": weights_fingerprint(split.prefix),
+                            "computes": computation_fingerprint(split.prefix), **inputs}, sort_keys=True,
+                           default=str)  # fmt: skip
     return hashlib.sha1(described.encode()).hexdigest()[:24]
 
 
@@ -92,10 +106,16 @@ def load(cache_dir: Path, key: str) -> tuple[torch.Tensor, torch.Tensor] | None:
     if not path.is_file():
         return None
     try:
+        # torch.load never checks the zip's CRCs: bytes overwritten in place (the size unchanged) were read as features
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()
+        if damaged is not None:
+            raise ValueError(f"{damaged} fails its CRC check")
         record = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         return record["features"], record["targets"]
     except Exception as exc:  # a damaged file is a miss, never an error: it is rebuilt and rewritten
-        log.warning("ignoring unreadable feature cache %s (%s)", path, type(exc).__name__)
+        why = f"{type(exc).__name__}: {exc}" if isinstance(exc, ValueError) else type(exc).__name__
+        log.warning("ignoring unreadable feature cache %s (%s)", path, why)
         return None
 
 

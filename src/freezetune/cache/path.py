@@ -183,7 +183,8 @@ class FeaturePath:
             how = dict(preprocess=loaders.preprocess.to_dict(), views=views, aug=loaders.aug if augment else "eval",
                        seed=loaders.seed, device=loaders.device.type,
                        device_pipeline=should_use_device_loader(dataset, loaders.device, loaders.decode),
-                       dtype=str(self.precision.amp_dtype), channels_last=self.channels_last)  # fmt: skip
+                       dtype=str(self.precision.amp_dtype), channels_last=self.channels_last,
+                       draw=loaders.view_draw(dataset) if augment else None)  # fmt: skip
             key = disk.store_key(split, dataset, **how)
             found = disk.load(self.cache_dir, key) if key is not None else None
             found = found or (self._load_parts(split, parts, how) if parts else None)

@@ -390,6 +390,11 @@ class Loaders:
 
         return cpu_view
 
+    def view_draw(self, dataset: Dataset) -> dict[str, int]:
+        """What an augmented view's random draws depend on besides its seed: its batches and, on the CPU, its loader
+        workers, each seeded apart. A view built under other settings holds other crops: the feature cache keys it."""
+        return {"batch_size": 2 * self.batch_size, "workers": self._workers(dataset)}
+
     def _workers(self, dataset: Dataset) -> int:
         return self.workers if self.workers is not None else default_workers(dataset, self.device.type == "cuda")
 
