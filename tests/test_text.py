@@ -590,3 +590,43 @@ def test_long_texts_are_counted_a_chunk_at_a_time_to_the_same_result():
     texts = ["short", "word " * 40, "", "word " * 90, "a b c"]
     assert long_texts(texts, tokenize, chunk=2) == long_texts(texts, tokenize) == (2, 92)
     assert long_texts([], tokenize) == (0, 0)
+
+
+def test_a_decoder_without_a_padding_token_pads_with_its_end_of_sequence_and_exports_single_label(tmp_path, capsys):
+    # GPT-2 and Llama ship without a pad token: train and inspect stopped with transformers' traceback ("Asking to pad
+    # but the tokenizer does not have a padding token"); and a source's multi-label problem_type reached the export
+    from transformers import AutoTokenizer, GPT2Config, GPT2ForSequenceClassification
+
+    tokenizer = AutoTokenizer.from_pretrained(MINILM)
+    tokenizer.eos_token = "[SEP]"
+    tokenizer.pad_token = None
+    folder = tmp_path / "gpt2"
+    tokenizer.save_pretrained(folder)
+    config = GPT2Config(vocab_size=len(tokenizer), n_embd=16, n_layer=2, n_head=2, n_positions=64, num_labels=3,
+                        pad_token_id=None, eos_token_id=tokenizer.sep_token_id, problem_type="multi_label_classification")  # fmt: skip
+    torch.manual_seed(0)
+    GPT2ForSequenceClassification(config).save_pretrained(folder)
+    code, out, err = run_cli(capsys, "train", "--model", f"hf:{folder}", "--weights", "default", "--data",
+                             str(_csv(tmp_path / "t.csv")), "--out", str(tmp_path / "run"), "--epochs", "1",
+                             "--max-length", "32", "--freeze", "backbone", "--no-final-test")  # fmt: skip
+    assert code == 0, err
+    code, out, err = run_cli(capsys, "inspect", "--model", f"hf:{folder}")
+    assert code == 0 and "Traceback" not in err, err
+    # a text is scored alike alone and beside a longer one: it is read to its own last token, not to a pad
+    best = tmp_path / "run" / "best.pt"
+    alone = predict_texts(best, ["a joy"], topk=2, device="cpu")[0]["top"]
+    beside = predict_texts(best, ["a joy", "a long and dreadful script with a sad ending"], topk=2, device="cpu")
+    assert _same_top(alone, beside[0]["top"]), (alone, beside[0]["top"])
+    code, out, err = run_cli(capsys, "export", "--checkpoint", str(tmp_path / "run" / "best.pt"), "--to",
+                             str(tmp_path / "m.safetensors"))  # fmt: skip
+    assert code == 0, err
+    exported = json.loads((tmp_path / "m.hf" / "config.json").read_text())
+    assert exported["problem_type"] == "single_label_classification" and exported["num_labels"] == 2
+    assert exported["pad_token_id"] == tokenizer.sep_token_id
+
+
+def _same_top(a: list[dict], b: list[dict]) -> bool:
+    """The same classes in the same order, each probability within float rounding."""
+    return [t["class"] for t in a] == [t["class"] for t in b] and all(
+        abs(x["prob"] - y["prob"]) < 1e-5 for x, y in zip(a, b, strict=True)
+    )

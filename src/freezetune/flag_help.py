@@ -42,7 +42,7 @@ FIELD_HELP = {
     "img_size": "the side in pixels of the images the model sees (default: the model's pretrained input size)",
     "init": "a freezetune checkpoint whose weights (head included) start the run",
     "max_length": "a text model: the tokens a text keeps (longer texts are cut there and counted in the log; at most "
-    "the model's positions)",
+    "the model's positions: the default is cut to them)",
     "text_column": f"a text model: the CSV column of the texts (default: the one named {' or '.join(TEXT_COLUMNS)})",
     "label_column": f"a text model: the CSV column of the labels (default: the one named {' or '.join(LABEL_COLUMNS)})",
     # data

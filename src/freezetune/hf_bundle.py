@@ -72,8 +72,12 @@ def with_classes(files: dict[str, str], classes: list[str]) -> dict[str, str]:
     if "config.json" not in files:
         return files
     config = json.loads(base64.b64decode(files["config.json"]))
+    # single-label: the head trained with cross-entropy; a source's multi-label or regression problem_type made a model
+    # built from the file score with sigmoids (or refuse class labels) where predict used softmax
     config.update(id2label={str(i): c for i, c in enumerate(classes)}, label2id={c: i for i, c in enumerate(classes)},
-                  num_labels=len(classes))  # fmt: skip
+                  num_labels=len(classes), problem_type="single_label_classification")  # fmt: skip
+    if config.get("pad_token_id", 0) is None and isinstance(config.get("eos_token_id"), int):  # as it trained
+        config["pad_token_id"] = config["eos_token_id"]  # (models._set_pad_token): batches of texts pad with it
     text = json.dumps(config, indent=2, sort_keys=True) + "\n"
     return {**files, "config.json": base64.b64encode(text.encode()).decode("ascii")}
 

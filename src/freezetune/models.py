@@ -318,7 +318,27 @@ def _hf_model(name: str, arch: str, source: Source) -> tuple[nn.Module, Preproce
     config = _hf_config(transformers, name, arch, cache_only)
     auto, is_image = _hf_auto_class(transformers, config, arch)
     model = _hf_pretrained(auto, name, arch, cache_only) if source == "pretrained" else auto.from_config(config)
+    if not is_image:
+        _set_pad_token(model.config, transformers, arch, cache_only)
     return model, (_hf_preprocess(arch, cache_only, getattr(config, "image_size", None)) if is_image else None)
+
+
+def _set_pad_token(config, transformers, arch: str, cache_only: bool) -> None:
+    """A decoder (GPT-2, Llama) usually ships without a padding token: a classifier then refused every batch of more
+    than one text (a traceback). It pads with its tokenizer's padding token, else its end-of-sequence token, as its
+    tokenizer does here (``data.text.TokenizeBatch``), so each text is read to its own last token."""
+    if not hasattr(config, "pad_token_id") or config.pad_token_id is not None:
+        return
+    pad = None
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(arch, local_files_only=cache_only or Path(arch).is_dir())
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    except (OSError, ValueError):  # no tokenizer files here: the config's own end-of-sequence token
+        pass
+    eos = getattr(config, "eos_token_id", None)
+    pad = pad if pad is not None else (eos[0] if isinstance(eos, (list, tuple)) and eos else eos)
+    if isinstance(pad, int):
+        config.pad_token_id = pad
 
 
 def _hf_pretrained(auto, name: str, arch: str, cache_only: bool) -> nn.Module:

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
+from freezetune.config import TrainConfig
 from freezetune.data.folder import expand_paths, sorted_labels, warn_similar_labels
 from freezetune.data.text_table import TABLE_SUFFIXES, Columns, check_rows, column_index, read_rows
 from freezetune.data.utf8 import where_not_utf8
@@ -150,6 +151,13 @@ class TokenizeBatch:
             raise MissingExtra("text models need the transformers package: pip install 'freezetune[hf]'") from e
         local = Path(tokenizer).is_dir()
         self.tokenizer = AutoTokenizer.from_pretrained(tokenizer, local_files_only=local)
+        # a decoder's (GPT-2, Llama) has no padding token: it pads with its end of sequence, as its model is told
+        # (models._set_pad_token)
+        if self.tokenizer.pad_token is None:
+            if self.tokenizer.eos_token is None:
+                raise ConfigError(f"the tokenizer of {tokenizer!r} has no padding token and no end-of-sequence token to "
+                                  "pad a batch of texts with: add a pad_token to its tokenizer files")  # fmt: skip
+            self.tokenizer.pad_token = self.tokenizer.eos_token
         self.max_length = max_length
         special = self.tokenizer.num_special_tokens_to_add(pair=False)
         if max_length <= special:  # only the special tokens fit: every text trains and predicts as the same input
@@ -230,7 +238,7 @@ def refuse_text_settings(model: str, given: dict[str, object]) -> None:
         raise ConfigError(f"{said}; {model} is an image model: drop {flags}")
 
 
-def text_preprocess(name: str, max_length: int = 128, *, text_column: str | None = None,
+def text_preprocess(name: str, max_length: int = TrainConfig.max_length, *, text_column: str | None = None,
                     label_column: str | None = None) -> Preprocess:  # fmt: skip
     """The preprocessing of a Hugging Face text classifier ``hf:DIR_OR_ID``: its own tokenizer, and the CSV columns
     its texts and labels are read from (``None``: the usual names, ``Columns``).
@@ -247,6 +255,8 @@ def text_preprocess(name: str, max_length: int = 128, *, text_column: str | None
         raise ConfigError(f"{arch!r} holds no tokenizer ({', '.join(TOKENIZER_FILES[:3])}, ...): save the model's "
                           "tokenizer beside it (tokenizer.save_pretrained(DIR))")  # fmt: skip
     limit = _max_positions(arch)
+    if limit is not None and max_length == TrainConfig.max_length > limit:  # the default, for a model that reads
+        max_length = limit  # fewer tokens: inspect, which takes no --max-length, was refused for it
     if limit is not None and max_length > limit:  # past it the position embeddings have no row: an IndexError
         raise ConfigError(f"max_length {max_length} is over {name}'s {limit} positions; give --max-length {limit} "
                           "or less")  # fmt: skip
