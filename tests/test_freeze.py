@@ -505,3 +505,19 @@ def test_counting_a_model_with_lazy_layers_before_its_first_forward_names_them()
             count(model)
     model(torch.randn(2, 4))
     assert ft.count_parameters(model) == (35, 35)
+
+
+def test_a_module_glob_short_of_its_full_name_is_refused_with_the_full_one():
+    # a GPT-2's stages are named 'h.0', 'h.1'; 'h.*.attn' matched nothing and the message named only the stages
+    model = nn.Module()
+    model.transformer = nn.Module()
+    model.transformer.h = nn.ModuleList(nn.Sequential() for _ in range(2))
+    for block in model.transformer.h:
+        block.attn = nn.Linear(4, 4)
+    model.score = nn.Linear(4, 2)
+    with pytest.raises(ft.FreezetuneError, match=r"did you mean 'transformer\.h\.\*\.attn'\?"):
+        ft.freeze(model, "h.*.attn")
+    ft.freeze(model, "transformer.h.*.attn")
+    with pytest.raises(ft.FreezetuneError) as err:
+        ft.freeze(model, "layer9")
+    assert "did you mean" not in str(err.value)

@@ -228,10 +228,21 @@ def _resolve_name(model: nn.Module, st: list[Stage], spec: str) -> dict[int, nn.
             out[id(p)] = p
     if not out:
         raise SpecError(
-            f"{spec!r} matches no stage, module or parameter; stages are: {choices(s.name for s in st)} "
-            f"(or {choices(FREEZE_KEYWORDS)}, an int, or a glob such as 'layer[1-3]*')"
+            f"{spec!r} matches no stage, module or parameter{_full_name_hint(model, spec)}; stages are: "
+            f"{choices(s.name for s in st)} (or {choices(FREEZE_KEYWORDS)}, an int, or a glob such as 'layer[1-3]*')"
         )
     return out
+
+
+def _full_name_hint(model: nn.Module, spec: str) -> str:
+    """A glob that matches once the module names above it are put in front: a stage is named short ('h.0', a
+    GPT-2's block), a module glob matches the full name ('transformer.h.*.attn')."""
+    names = [n for n, _ in model.named_modules() if n]
+    for prefix in dict.fromkeys(n.rpartition(".")[0] for n in names if "." in n):
+        full = f"{prefix}.{spec}"
+        if any(fnmatch.fnmatchcase(n, full) for n in names):
+            return f" (module names are full: did you mean {full!r}?)"
+    return ""
 
 
 def _bitfit_frozen(model: nn.Module, st: list[Stage]) -> dict[int, nn.Parameter]:
