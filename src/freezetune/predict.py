@@ -155,6 +155,11 @@ def _predict_text_files(loaded: LoadedModel, paths: list[str], topk: int, batch_
         except DataError as exc:
             records.append({"path": path, "error": str(exc)})
             continue
+        blank = [line for line, text in numbered if not text.strip()]
+        if blank:  # a CSV's empty text keeps its row (its file is read whole) but has nothing to score, as a .txt's
+            log.warning("'%s': %d empty text(s) not scored (line%s %s)", path, len(blank), "s" * (len(blank) > 1),
+                        ", ".join(map(str, blank[:10])) + (", ..." if len(blank) > 10 else ""))  # fmt: skip
+            numbered = [(line, text) for line, text in numbered if text.strip()]
         texts = [text for _, text in numbered]
         cut = count_cut(texts, tokenizer, cut)
         predicted = _rank_texts(loaded, tokenizer, texts, topk, batch_size)
