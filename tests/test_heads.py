@@ -106,7 +106,8 @@ def test_a_stage_after_a_models_blocks_is_named_for_what_it_holds():
                          decoder_start_token_id=0, pad_token_id=0)  # fmt: skip
     model = tr.T5ForSequenceClassification(config)
     assert "encoder" not in [s.name for s in ft.stages(model)]
-    with pytest.raises(ft.FreezetuneError, match="'encoder' matches no stage, module or parameter; stages are: .*"
+    with pytest.raises(ft.FreezetuneError, match=r"'encoder' matches no stage, module or parameter \(module names are "
+                                                 r"full: did you mean 'transformer\.encoder'\?\); stages are: .*"
                                                  "'encoder.block.1'"):  # fmt: skip
         ft.freeze(model, "encoder")
     ft.freeze(model, "transformer.encoder")  # the module: all of it
