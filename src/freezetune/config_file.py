@@ -20,8 +20,8 @@ def load_config(path: str | Path | dict[str, Any] | None = None, overrides: dict
 
     An override of None unsets the field (``grad_clip=null`` clears the file's grad_clip): a caller leaves out the
     keys it was not given. An override is a choice the user made, even at its default value: a recipe that sets it
-    itself is refused beside it (``recipes.conflict_problems``). ``need_data=False`` accepts a config without ``data`` (a template, as ``--print-config``
-    writes one).
+    itself is refused beside it (``recipes.conflict_problems``). ``need_data=False`` accepts a config without
+    ``data`` (a template, as ``--print-config`` writes one).
 
     >>> load_config(overrides={"data": "images/", "epochs": 3}).epochs
     3

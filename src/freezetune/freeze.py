@@ -145,8 +145,9 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     >>> count_parameters(nn.Linear(3, 2))
     (8, 8)
     """
-    params = list(unwrap(model).parameters())  # de-duplicated by identity; a model's name is refused by unwrap
-    _check_materialized(unwrap(model))
+    model = unwrap(model)  # a model's name is refused by unwrap
+    _check_materialized(model)
+    params = list(model.parameters())  # de-duplicated by identity
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
 
@@ -154,8 +155,8 @@ def _check_materialized(model: nn.Module) -> None:
     """A lazy layer's parameter has no size until the first forward pass: counting it raised torch's own error."""
     lazy = [name for name, p in model.named_parameters() if isinstance(p, nn.parameter.UninitializedParameter)]
     if lazy:
-        raise SpecError(f"{len(lazy)} parameter(s) of lazy layers have no size yet ({choices(lazy[:3])}"
-                        f"{', ...' if len(lazy) > 3 else ''}): run one forward pass through the model first")  # fmt: skip
+        raise SpecError(f"{len(lazy)} parameter(s) of lazy layers have no size yet ({choices(lazy, limit=3)}): run "
+                        "one forward pass through the model first")  # fmt: skip
 
 
 def summary(model: nn.Module) -> str:
@@ -165,13 +166,12 @@ def summary(model: nn.Module) -> str:
     ['stage', 'params', 'trainable', 'bn']
     """
     model = unwrap(model)
-    _check_materialized(model)
+    trainable, total = count_parameters(model)  # first: it names lazy layers, whose stages' sizes cannot be counted
     st = stages(model)
     width = max([len(s.name) for s in st] + [5])
     lines = [f"{'stage':<{width}}  {'params':>12}  {'trainable':>12}  bn"]
     for s in st:
         lines.append(f"{s.name:<{width}}  {s.num_params:>12,}  {s.num_trainable:>12,}  {bn_mode(s, model)}")
-    trainable, total = count_parameters(model)
     pct = 100.0 * trainable / max(total, 1)
     lines.append(f"{'total':<{width}}  {total:>12,}  {trainable:>12,}  ({pct:.1f}% trainable)")
     return "\n".join(lines)

@@ -329,8 +329,8 @@ def _assign(model: nn.Module, decl: _Decl) -> list[Stage]:
     if pending:
         first = next((i for i, m in enumerate(members) if m), len(decl) - 1)
         members[first][:0] = pending
-    _claim_tied_head(model, owner, members)
     all_names = {n for n, _ in model.named_parameters()}
+    _claim_tied_head(model, owner, members, all_names)
     out = []
     for (name, _), mem in zip(decl, members, strict=True):
         if mem:
@@ -339,13 +339,14 @@ def _assign(model: nn.Module, decl: _Decl) -> list[Stage]:
     return out
 
 
-def _claim_tied_head(model: nn.Module, owner: dict[str, int], members: list[list[tuple[str, nn.Parameter]]]) -> None:
+def _claim_tied_head(model: nn.Module, owner: dict[str, int], members: list[list[tuple[str, nn.Parameter]]],
+                     listed: set[str]) -> None:  # fmt: skip
     """A head whose weight is tied to an earlier layer's (an embedding's) keeps it in the head stage, the last of
-    ``members``: a shared parameter is listed once, under its first name, and the head had none, so "backbone"
-    trained the layer before it and froze the head."""
+    ``members``: a shared parameter is listed once, under its first name (``listed``: those names), and the head had
+    none, so "backbone" trained the layer before it and froze the head. Only the other names are looked up."""
     head = len(members) - 1
     tied = {id(p) for name, p in model.named_parameters(remove_duplicate=False)
-            if _longest_prefix_owner(name, owner) == head}  # fmt: skip
+            if name not in listed and _longest_prefix_owner(name, owner) == head}  # fmt: skip
     for i, mem in enumerate(members[:head]):
         members[head] += [(n, p) for n, p in mem if id(p) in tied]
         members[i] = [(n, p) for n, p in mem if id(p) not in tied]
