@@ -858,7 +858,7 @@ def test_command_defaults_come_from_the_config_dataclass():
 
     parser, defaults = _parser(), TrainConfig()
     evaluate = parser.parse_args(["eval", "--checkpoint", "c.pt", "--data", "d"])
-    assert (evaluate.batch_size, evaluate.device) == (defaults.batch_size, defaults.device)
+    assert (evaluate.batch_size, evaluate.device) == (None, defaults.device)  # None: the run's (run_batch_size)
     inspect = parser.parse_args(["inspect", "--model", "timm:x"])
     assert (inspect.batch_size, inspect.bn, inspect.freeze) == (defaults.batch_size, defaults.bn, FREEZE_DEFAULT)
     assert parser.parse_args(["predict", "--checkpoint", "c.pt", "a.png"]).device == defaults.device

@@ -53,6 +53,23 @@ def test_evaluate_checkpoint_takes_a_record_and_a_dataset(best_pt, data):
     assert by_record["loss"] == pytest.approx(by_path["loss"], rel=1e-5)
 
 
+def test_evaluate_checkpoint_scores_at_the_runs_batch_size_unless_given_one(best_pt, data, monkeypatch):
+    # the loss's float rounding depends on the batch size on some CPUs (an Intel Xeon's oneDNN convolutions): at the
+    # dataclass default, eval of best.pt missed the run's test_metrics.json in the 8th digit
+    from freezetune import inference
+
+    sizes = []
+    real = inference.Loaders
+    monkeypatch.setattr(inference, "Loaders", lambda **kw: sizes.append(kw["batch_size"]) or real(**kw))
+    record = checkpoint.load(best_pt)
+    record["config"] = {**record.get("config", {}), "batch_size": 5}
+    evaluate_checkpoint(record, data, device="cpu")
+    evaluate_checkpoint(record, data, batch_size=3, device="cpu")
+    record["config"].pop("batch_size")  # a checkpoint that does not say: the dataclass default
+    evaluate_checkpoint(record, data, device="cpu")
+    assert sizes == [5, 3, 32]
+
+
 def test_evaluate_model_is_the_in_memory_half(best_pt, data):
     loaded = load_model(best_pt, device="cpu")
     assert not loaded.model.training and loaded.classes == sorted(CLASSES)

@@ -212,8 +212,9 @@ def _eval_parser(sub) -> None:
     p = sub.add_parser("eval", help="evaluate a checkpoint: loss, top-1/5, per-class accuracy, macro-F1, confusion")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--data", required=True)
-    p.add_argument("--batch-size", type=int, default=_DEFAULTS.batch_size,
-                   help="results do not depend on it (the loss: float rounding)")  # fmt: skip
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="default: the run's; predictions do not depend on it, the loss's float rounding may, so at "
+                        "the run's, eval of best.pt matches its test_metrics.json to the last digit")  # fmt: skip
     p.add_argument("--device", default=_DEFAULTS.device, help=FIELD_HELP["device"])
     p.add_argument("--plot", default=None,
                    help="confusion-matrix image, .png/.pdf/.svg/.jpg (default: next to the checkpoint, "
@@ -344,7 +345,6 @@ def _sweep_recipes(args) -> str | list[str]:
 
 def _cmd_eval(args) -> int:
     from freezetune.inference import check_outputs, default_plot, evaluate_checkpoint, kept_output, write_evaluation
-    from freezetune.memory import out_of_memory_hint
     from freezetune.metrics import format_report, plot_format
     from freezetune.runtime import file_problem
 
@@ -357,8 +357,7 @@ def _cmd_eval(args) -> int:
             or kept_output(path, args.checkpoint, force=args.force, metrics=flag == "--metrics")
         ):
             raise ConfigError(f"{flag} {str(path)!r}: {problem}")
-    with out_of_memory_hint(args.batch_size, training=False):
-        result = evaluate_checkpoint(args.checkpoint, args.data, batch_size=args.batch_size, device=args.device)
+    result = evaluate_checkpoint(args.checkpoint, args.data, batch_size=args.batch_size, device=args.device)
     print(f"scored {result['n']} of {result['data']}")
     print(format_report(result, result["classes"]))  # first: a folder the files cannot go to must not cost the scores
     try:

@@ -25,6 +25,7 @@ from freezetune.config import TrainConfig
 from freezetune.data.loaders import Loaders, close_loader
 from freezetune.errors import ConfigError, DataError, setting
 from freezetune.evaluate import evaluate
+from freezetune.memory import out_of_memory_hint
 from freezetune.options import check, positive_int_problem
 from freezetune.precision import Precision, resolve_device, resolve_precision
 from freezetune.preprocess import Preprocess
@@ -32,7 +33,7 @@ from freezetune.runtime import use_channels_last
 
 log = logging.getLogger(__name__)
 
-BATCH_SIZE = TrainConfig.batch_size  # the dataclass default for eval and predict: results hardly depend on it
+BATCH_SIZE = TrainConfig.batch_size  # the dataclass default for predict: results hardly depend on it
 
 
 @dataclass
@@ -175,11 +176,15 @@ def evaluate_model(
 
 
 def evaluate_checkpoint(
-    checkpoint: str | Path | dict, data: str | Dataset, *, batch_size: int = BATCH_SIZE, device: str = "auto"
+    checkpoint: str | Path | dict, data: str | Dataset, *, batch_size: int | None = None, device: str = "auto"
 ) -> dict:
     """Evaluate a checkpoint on ``data``: a path (its test split, see ``data.build_eval_dataset``; a text model's is a
     ``text,label`` CSV) or a dataset, read as it is (its transform and, image files, its ``alpha``; a path's are the
     checkpoint's).
+
+    ``batch_size`` (default: the run's, ``run_batch_size``) changes no prediction, but the loss's float rounding may
+    differ with it (and with the CPU threads): at the run's, ``eval`` of ``best.pt`` on the machine that trained it
+    reproduces the run's ``test_metrics.json`` to the last digit.
 
     Returns:
         ``evaluate_model``'s metrics plus ``classes``, the class names index-aligned with the confusion matrix, and
@@ -188,8 +193,11 @@ def evaluate_checkpoint(
     >>> result = evaluate_checkpoint("runs/r50/best.pt", "images/", device="cpu")  # doctest: +SKIP
     >>> print(write_evaluation(result, result["classes"], plot="runs/r50/eval_confusion.png"))  # doctest: +SKIP
     """
-    check(positive_int_problem("batch_size", batch_size))  # before the checkpoint and the data are read
-    loaded = load_model(checkpoint, device)
+    if batch_size is not None:
+        check(positive_int_problem("batch_size", batch_size))  # before the checkpoint and the data are read
+    record = checkpoint if isinstance(checkpoint, dict) else ckpt.load(checkpoint)
+    batch_size = batch_size or run_batch_size(record)
+    loaded = load_model(record, device)
     if isinstance(data, Dataset):
         dataset = data
     else:
@@ -200,9 +208,21 @@ def evaluate_checkpoint(
         tokenizer = text_tokenizer(loaded)
         warn_cut(count_cut([dataset[i][0] for i in range(len(dataset))], tokenizer), tokenizer.max_length)
     loaders = Loaders(batch_size=batch_size, device=loaded.precision.device, seed=0, preprocess=loaded.preprocess)
-    result = evaluate_model(loaded.model, dataset, num_classes=len(loaded.classes), precision=loaded.precision,
-                            loaders=loaders, channels_last=loaded.channels_last)  # fmt: skip
+    with out_of_memory_hint(batch_size, training=False):
+        result = evaluate_model(loaded.model, dataset, num_classes=len(loaded.classes), precision=loaded.precision,
+                                loaders=loaders, channels_last=loaded.channels_last)  # fmt: skip
     return {**result, "classes": loaded.classes, "data": getattr(dataset, "source", None)}
+
+
+def run_batch_size(record: dict) -> int:
+    """The batch size the checkpoint's run trained and scored its test split at (``config.yaml`` keeps ``auto``'s
+    number); ``BATCH_SIZE`` for a checkpoint without one.
+
+    >>> run_batch_size({"config": {"batch_size": 8}}), run_batch_size({"config": {"batch_size": "auto"}})
+    (8, 32)
+    """
+    value = record.get("config", {}).get("batch_size")
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else BATCH_SIZE
 
 
 def evaluate_best(model: nn.Module, best: Path, test: Dataset, *, num_classes: int, precision: Precision,
