@@ -1075,6 +1075,23 @@ def test_eval_never_writes_over_its_checkpoint_and_replaces_another_file_only_wi
     assert (tmp_path / "confusion.png").read_bytes() == b"the run's test"
 
 
+def test_eval_replaces_a_plot_it_drew_but_not_a_users_image_at_the_plot_path(run, data, capsys, tmp_path):
+    # any existing image counted as an earlier evaluation's plot: --plot thesis.pdf replaced the user's PDF in silence
+    photo = tmp_path / "photo.png"
+    Image.new("RGB", (8, 8), "red").save(photo)
+    (tmp_path / "thesis.pdf").write_bytes(b"%PDF-1.4\n% my thesis draft\n")
+    for path in (photo, tmp_path / "thesis.pdf"):
+        before = path.read_bytes()
+        code, out, err = run_cli(capsys, "eval", "--checkpoint", run[0] / "best.pt", "--data", data, "--plot", path)
+        _assert_user_error(code, out, err, f"--plot '{path}': ", "exists: give --force to replace it")
+        assert path.read_bytes() == before
+    for name in ("cm.png", "cm.pdf", "cm.svg", "cm.jpg"):  # what eval drew, it replaces when run again
+        for _ in range(2):
+            code, _, err = run_cli(capsys, "eval", "--checkpoint", run[0] / "best.pt", "--data", data, "--plot",
+                                   tmp_path / name)  # fmt: skip
+            assert code == 0, err
+
+
 def test_eval_refuses_one_file_for_both_its_metrics_and_its_plot(run, data, capsys, tmp_path):
     # the plot, drawn second, replaced the JSON asked for, and the line said both were written
     code, out, err = run_cli(capsys, "eval", "--checkpoint", run[0] / "best.pt", "--data", data, "--metrics",

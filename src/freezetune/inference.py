@@ -89,8 +89,8 @@ def check_outputs(plot: str | Path | None, metrics: str | Path | None) -> None:
 def kept_output(path: str | Path, checkpoint: str | Path, *, force: bool, metrics: bool) -> str | None:
     """Why an evaluation must not write its ``metrics`` JSON or its plot to ``path``, or None: it is the checkpoint
     (``--metrics best.pt`` replaced the model with JSON), or an existing file, unless ``force`` or it is what an
-    evaluation wrote there before (a batch job run again): for metrics, a JSON of an evaluation; for a plot, any
-    image. A run's own files (its ``report.png``, and its final test's ``confusion.png`` and ``test_metrics.json``)
+    evaluation wrote there before (a batch job run again): for metrics, a JSON of an evaluation; for a plot, a
+    confusion plot freezetune drew (``metrics.drawn_confusion``: a user's photo there is kept). A run's own files (its ``report.png``, and its final test's ``confusion.png`` and ``test_metrics.json``)
     are not an evaluation's.
 
     >>> kept_output("no/such/file.json", "best.pt", force=False, metrics=True) is None
@@ -107,13 +107,14 @@ def kept_output(path: str | Path, checkpoint: str | Path, *, force: bool, metric
 
 
 def _evaluation_output(path: Path, metrics: bool) -> bool:
+    from freezetune.metrics import drawn_confusion
     from freezetune.reporting import METRICS_CSV
     from freezetune.runtime import END_FILES
 
     if path.name in END_FILES and (path.parent / METRICS_CSV).exists():  # a run's: an eval replaced its test record
         return False
     if not metrics:
-        return True
+        return drawn_confusion(path)
     try:
         written = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):

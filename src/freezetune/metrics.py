@@ -303,9 +303,38 @@ def plot_confusion(result: dict, classes: list[str], path: str | Path) -> Path:
     with atomic_output(path) as tmp, warnings.catch_warnings(record=True) as caught:
         # the user's filters stay: every glyph warning is caught over them, each once a plot
         warnings.filterwarnings("always", message=_GLYPH.pattern, category=UserWarning)
-        fig.savefig(tmp, format=fmt)
+        fig.savefig(tmp, format=fmt, **_marked(fmt))
     _say_missing_glyphs(caught, Path(path).name)
     return Path(path)
+
+
+# Written into every confusion plot's metadata, so that eval may replace a plot it drew (a batch job run again) and
+# nothing else: a user's photo or PDF at the --plot path is refused without --force.
+CONFUSION_MARK = "freezetune confusion matrix"
+_MARKED_MAX_BYTES = 64 << 20  # a plot of ours is far smaller: a larger file is not read through to find the mark
+
+
+def _marked(fmt: str) -> dict:
+    """``savefig``'s arguments that put ``CONFUSION_MARK`` in the file: a title in PNG, PDF and SVG metadata, a JPEG
+    comment (matplotlib writes no JPEG metadata)."""
+    return (
+        {"pil_kwargs": {"comment": CONFUSION_MARK.encode()}}
+        if fmt == "jpg"
+        else {"metadata": {"Title": CONFUSION_MARK}}
+    )
+
+
+def drawn_confusion(path: str | Path) -> bool:
+    """Whether ``path`` holds a confusion plot that ``plot_confusion`` drew (its metadata's mark).
+
+    >>> drawn_confusion("no/such/plot.png")
+    False
+    """
+    try:
+        path = Path(path)
+        return path.stat().st_size <= _MARKED_MAX_BYTES and CONFUSION_MARK.encode() in path.read_bytes()
+    except OSError:
+        return False
 
 
 _GLYPH = re.compile(r"Glyph (\d+) \(.*\) missing from ")
