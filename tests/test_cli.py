@@ -24,6 +24,7 @@ from safetensors.torch import load_file
 
 import freezetune as ft
 from _engine_fixtures import CLASSES, make_image_folder, run_cli, snapshot, train_argv
+from conftest import Terminal
 from freezetune import __version__, checkpoint
 from freezetune.cli import main
 from freezetune.inference import default_plot
@@ -1073,6 +1074,24 @@ def test_eval_never_writes_over_its_checkpoint_and_replaces_another_file_only_wi
         _assert_user_error(code, out, err, flag, "exists: give --force to replace it")
     assert json.loads((tmp_path / "test_metrics.json").read_text())["n"] == 10000
     assert (tmp_path / "confusion.png").read_bytes() == b"the run's test"
+
+
+def test_validation_the_final_test_and_eval_show_progress_bars_when_the_run_does(data, tmp_path, monkeypatch):
+    # after the epoch's bar nothing was drawn while 10 000 test images were scored (41 s of silence), nor by eval
+    for progress in ("--progress", "--no-progress"):
+        terminal = Terminal()
+        with monkeypatch.context() as patch:
+            patch.setattr(sys, "stderr", terminal)
+            argv = train_argv(data, tmp_path / progress.lstrip("-"), "--epochs", "1", "--freeze", "-3", progress)
+            assert main(argv) == 0
+        drawn = terminal.getvalue()
+        for label in ("epoch 1/1", "validation", "test (best.pt)"):
+            assert (label in drawn) == (progress == "--progress"), (label, drawn)
+    terminal = Terminal()
+    with monkeypatch.context() as patch:
+        patch.setattr(sys, "stderr", terminal)
+        assert main(["eval", "--checkpoint", str(tmp_path / "progress" / "best.pt"), "--data", str(data)]) == 0
+    assert "scoring" in terminal.getvalue() and "batch" in terminal.getvalue()
 
 
 def test_eval_replaces_a_plot_it_drew_but_not_a_users_image_at_the_plot_path(run, data, capsys, tmp_path):

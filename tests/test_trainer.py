@@ -730,7 +730,7 @@ def test_a_resume_of_a_run_that_stopped_early_trains_no_more_epochs(data, tmp_pa
 
     scores = iter([0.6, 0.5, 0.4, 0.3, 0.2])
 
-    def worse_each_epoch(self, precision, *, num_classes):
+    def worse_each_epoch(self, precision, *, num_classes, bar=None):
         return {"loss": 1.0, "acc": next(scores), "top5": 1.0, "macro_f1": 0.5, "n": 10}
 
     monkeypatch.setattr(FeaturePath, "evaluate_val", worse_each_epoch)
@@ -751,7 +751,7 @@ def _stalling_run(data, tmp_path, monkeypatch, name, **kw):
 
     scores = iter([0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.1, 0.1])
 
-    def worse_each_epoch(self, precision, *, num_classes):
+    def worse_each_epoch(self, precision, *, num_classes, bar=None):
         return {"loss": 1.0, "acc": next(scores), "top5": 1.0, "macro_f1": 0.5, "n": 10}
 
     monkeypatch.setattr(FeaturePath, "evaluate_val", worse_each_epoch)

@@ -357,7 +357,8 @@ def _cmd_eval(args) -> int:
             or kept_output(path, args.checkpoint, force=args.force, metrics=flag == "--metrics")
         ):
             raise ConfigError(f"{flag} {str(path)!r}: {problem}")
-    result = evaluate_checkpoint(args.checkpoint, args.data, batch_size=args.batch_size, device=args.device)
+    result = evaluate_checkpoint(args.checkpoint, args.data, batch_size=args.batch_size, device=args.device,
+                                 progress=True)  # fmt: skip
     print(f"scored {result['n']} of {result['data']}")
     print(format_report(result, result["classes"]))  # first: a folder the files cannot go to must not cost the scores
     try:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sized
 
 import torch
 from torch import nn
 
 from freezetune.distributed import DistInfo, all_gather
+from freezetune.epoch_log import progress_bar
 from freezetune.metrics import ClassificationMeter
 from freezetune.precision import Precision
 
@@ -30,11 +31,14 @@ def evaluate(
     num_classes: int,
     channels_last: bool = False,
     dist: DistInfo | None = None,
+    bar: str | None = None,
 ) -> dict:
     """Loss, top-1/top-k accuracy, per-class accuracy, macro-F1 and confusion matrix over ``batches``.
 
     ``dist``: ``batches`` are this rank's block of a sharded evaluation (``Loaders.eval(shard=True)``); every rank
-    returns the metrics of all the blocks, merged in rank order (exactly one process's numbers).
+    returns the metrics of all the blocks, merged in rank order (exactly one process's numbers). ``bar``: the label of
+    a progress bar over the batches (``epoch_log.progress_bar``: a minute's silence on a 10 000-image test set looked
+    like a hang); None draws none.
 
     >>> import torch; from freezetune.precision import resolve_precision
     >>> m = torch.nn.Linear(4, 3)
@@ -46,6 +50,8 @@ def evaluate(
     model.eval()
     meter = ClassificationMeter(num_classes)
     loss_fn = nn.CrossEntropyLoss(reduction="none")
+    shown = progress_bar(len(batches) if isinstance(batches, Sized) else None, bar or "", enabled=bar is not None,
+                         unit="batch")  # fmt: skip
     try:
         for inputs, targets in batches:
             inputs = to_device(inputs, precision.device, channels_last)
@@ -53,7 +59,9 @@ def evaluate(
             with precision.autocast():
                 logits = logits_of(run_model(model, inputs))
             meter.update(logits.float(), targets, loss_fn(logits.float(), targets))
+            shown.update()
     finally:
+        shown.close()
         model.train(was_training)
     if dist is not None and dist.enabled:
         merged = ClassificationMeter(num_classes)

@@ -90,8 +90,8 @@ def kept_output(path: str | Path, checkpoint: str | Path, *, force: bool, metric
     """Why an evaluation must not write its ``metrics`` JSON or its plot to ``path``, or None: it is the checkpoint
     (``--metrics best.pt`` replaced the model with JSON), or an existing file, unless ``force`` or it is what an
     evaluation wrote there before (a batch job run again): for metrics, a JSON of an evaluation; for a plot, a
-    confusion plot freezetune drew (``metrics.drawn_confusion``: a user's photo there is kept). A run's own files (its ``report.png``, and its final test's ``confusion.png`` and ``test_metrics.json``)
-    are not an evaluation's.
+    confusion plot freezetune drew (``metrics.drawn_confusion``: a user's photo there is kept). A run's own files
+    (its ``report.png``, and its final test's ``confusion.png`` and ``test_metrics.json``) are not an evaluation's.
 
     >>> kept_output("no/such/file.json", "best.pt", force=False, metrics=True) is None
     True
@@ -145,6 +145,7 @@ def evaluate_model(
     channels_last: bool = False,
     loaders: Loaders | None = None,
     shard: bool = False,
+    bar: str | None = None,
 ) -> dict:
     """Evaluate ``model`` on every sample of ``dataset`` (its transform already set), in order, without gradients.
 
@@ -154,6 +155,7 @@ def evaluate_model(
     ``workers`` are its own, and image data may go through the device pipeline); default the CPU loader over the
     dataset's own transform. ``shard``: every rank of the ``loaders``' torchrun job calls this, scores its block of
     the dataset and returns the merged metrics of all (one process's numbers exactly; rank 0 need not score it alone).
+    ``bar``: the label of a progress bar (None: none).
 
     >>> from freezetune.data import InMemoryImageDataset
     >>> ds = InMemoryImageDataset(torch.zeros(5, 2, 2, dtype=torch.uint8), torch.tensor([0, 1, 0, 1, 0]), ["a", "b"])
@@ -171,13 +173,18 @@ def evaluate_model(
     batches = loaders.eval(dataset, shard=shard)
     try:
         return evaluate(model, batches, precision, num_classes=num_classes, channels_last=channels_last,
-                        dist=loaders.dist if shard else None)  # fmt: skip
+                        dist=loaders.dist if shard else None, bar=bar)  # fmt: skip
     finally:  # an error's traceback keeps this frame, and the loader's persistent workers with it: stop them now
         close_loader(batches)
 
 
 def evaluate_checkpoint(
-    checkpoint: str | Path | dict, data: str | Dataset, *, batch_size: int | None = None, device: str = "auto"
+    checkpoint: str | Path | dict,
+    data: str | Dataset,
+    *,
+    batch_size: int | None = None,
+    device: str = "auto",
+    progress: bool = False,
 ) -> dict:
     """Evaluate a checkpoint on ``data``: a path (its test split, see ``data.build_eval_dataset``; a text model's is a
     ``text,label`` CSV) or a dataset, read as it is (its transform and, image files, its ``alpha``; a path's are the
@@ -185,7 +192,7 @@ def evaluate_checkpoint(
 
     ``batch_size`` (default: the run's, ``run_batch_size``) changes no prediction, but the loss's float rounding may
     differ with it (and with the CPU threads): at the run's, ``eval`` of ``best.pt`` on the machine that trained it
-    reproduces the run's ``test_metrics.json`` to the last digit.
+    reproduces the run's ``test_metrics.json`` to the last digit. ``progress``: a progress bar over the batches.
 
     Returns:
         ``evaluate_model``'s metrics plus ``classes``, the class names index-aligned with the confusion matrix, and
@@ -211,7 +218,8 @@ def evaluate_checkpoint(
     loaders = Loaders(batch_size=batch_size, device=loaded.precision.device, seed=0, preprocess=loaded.preprocess)
     with out_of_memory_hint(batch_size, training=False):
         result = evaluate_model(loaded.model, dataset, num_classes=len(loaded.classes), precision=loaded.precision,
-                                loaders=loaders, channels_last=loaded.channels_last)  # fmt: skip
+                                loaders=loaders, channels_last=loaded.channels_last,
+                                bar="scoring" if progress else None)  # fmt: skip
     return {**result, "classes": loaded.classes, "data": getattr(dataset, "source", None)}
 
 
@@ -227,7 +235,7 @@ def run_batch_size(record: dict) -> int:
 
 
 def evaluate_best(model: nn.Module, best: Path, test: Dataset, *, num_classes: int, precision: Precision,
-                  channels_last: bool, loaders: Loaders, dist) -> dict | None:  # fmt: skip
+                  channels_last: bool, loaders: Loaders, dist, bar: str | None = None) -> dict | None:  # fmt: skip
     """A run's ``best.pt`` (rank 0's file) loaded into ``model`` and scored on ``test``; None when it was not written.
 
     Under DDP (``dist``) every rank scores its block of ``test`` with rank 0's weights and the counts are merged: no
@@ -241,7 +249,7 @@ def evaluate_best(model: nn.Module, best: Path, test: Dataset, *, num_classes: i
         model.load_state_dict(ckpt.load(best)["state_dict"])
     broadcast_tensors(model.state_dict().values(), dist)
     return evaluate_model(model, test, num_classes=num_classes, precision=precision, channels_last=channels_last,
-                          loaders=loaders, shard=True)  # fmt: skip
+                          loaders=loaders, shard=True, bar=bar)  # fmt: skip
 
 
 def write_evaluation(

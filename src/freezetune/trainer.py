@@ -227,7 +227,7 @@ class Trainer(RunSetup):
         if (step := train_stats.pop("first_bad_step")) >= 0:  # stop before these weights reach last.pt or best.pt
             raise self._diverged(epoch, step)
         start = time.perf_counter()
-        val = self.features.evaluate_val(self.precision, num_classes=len(self.classes))
+        val = self.features.evaluate_val(self.precision, num_classes=len(self.classes), bar=self._bar("validation"))
         self.seconds["val"] += time.perf_counter() - start
         val = broadcast(val, self.dist)  # rank 0's numbers drive every rank's unfreeze and early-stop decisions
         if val is not None and val.get("loss") is not None and not math.isfinite(val["loss"]):
@@ -244,6 +244,10 @@ class Trainer(RunSetup):
         self.metrics.log_epoch(row)
         self.echo(epoch_log.format_epoch_line(row, noun(self.data.train), self.cfg.monitor))
         return row
+
+    def _bar(self, label: str) -> str | None:
+        """A progress bar's label where this process draws bars (``--progress``, rank 0), else None."""
+        return label if self.cfg.progress and self.dist.is_main else None
 
     def _train_epoch(self, epoch: int, batches) -> dict:
         self.model.train()
@@ -369,7 +373,8 @@ class Trainer(RunSetup):
             return None
         result = evaluate_best(self.model, self.run_dir / checkpoint.BEST, self.data.test,
                                num_classes=len(self.classes), precision=self.precision,
-                               channels_last=self.channels_last, loaders=self.loaders, dist=self.dist)  # fmt: skip
+                               channels_last=self.channels_last, loaders=self.loaders, dist=self.dist,
+                               bar=self._bar("test (best.pt)"))  # fmt: skip
         if result is None:
             return None
         result = {**result, "checkpoint": checkpoint.BEST, "epoch": self.progress.best_epoch}  # what it scored

@@ -97,8 +97,9 @@ class FeaturePath:
         batches.set_epoch(epoch)
         return batches
 
-    def evaluate_val(self, precision: Precision, *, num_classes: int) -> dict | None:
-        """``evaluate``'s metrics on the validation set (on its cached features when there are), or None without one.
+    def evaluate_val(self, precision: Precision, *, num_classes: int, bar: str | None = None) -> dict | None:
+        """``evaluate``'s metrics on the validation set (on its cached features when there are), or None without one;
+        ``bar``: the label of its progress bar (None: none).
 
         Under DDP each rank scores its block of whole batches and every rank gets the merged metrics, one process's
         numbers exactly (as the final test): the ranks share the work instead of each scoring all of it.
@@ -118,7 +119,7 @@ class FeaturePath:
             # the ranks' blocks may differ by a batch: not through DDP's wrapper, whose forward can wait on the others
             module, batches = self.model if dist.enabled else self.train_module, self._val_images
         return evaluate(module, batches, precision, num_classes=num_classes, channels_last=self.channels_last,
-                        dist=dist)  # fmt: skip
+                        dist=dist, bar=bar)  # fmt: skip
 
     def close(self) -> None:
         """Stop the image loaders' worker processes (the validation loader keeps its own between epochs); a later
