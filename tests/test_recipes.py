@@ -205,6 +205,21 @@ def test_a_recipes_training_seconds_count_every_phase(data, tmp_path):
     assert resumed.seconds["epochs"] == pytest.approx(probe["epochs"] + 10.0)
 
 
+def test_an_auto_run_resumed_counts_its_trials_seconds_as_an_uninterrupted_one_does(data, tmp_path):
+    # a sweep resumed inside its auto recipe listed it at the final run's seconds: the trials' time went uncounted
+    from freezetune.progress import RunResult
+
+    def timed(cfg, echo, recipe_run=False):
+        return RunResult(Path(cfg.out), 1, 0.5, seconds={"cache": 1.0, "epochs": 10.0, "val": 3.0})
+
+    auto.run(_cfg(data, tmp_path / "run", epochs=1), echo=lambda _: None)
+    trials = json.loads((tmp_path / "run" / "recipe.json").read_text())["trials"]
+    resumed = auto.run(_cfg(data, tmp_path / "run", epochs=1, resume=True), echo=lambda _: None, train=timed)
+    assert trials and all(t["seconds"]["epochs"] > 0 for t in trials)
+    assert resumed.seconds["epochs"] == pytest.approx(10.0 + sum(t["seconds"]["epochs"] for t in trials))
+    assert resumed.seconds["cache"] == pytest.approx(1.0 + sum(t["seconds"]["cache"] for t in trials))
+
+
 @pytest.mark.parametrize("refit", [None, False])
 def test_auto_measures_on_the_validation_split_and_keeps_its_evidence(data, tmp_path, monkeypatch, refit):
     from freezetune import trainer

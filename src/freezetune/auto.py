@@ -89,7 +89,8 @@ def run(cfg: TrainConfig, *, echo: Callable[[str], None] = print, train: Callabl
     out = broadcast(Path(cfg.out) if cfg.out else runtime.new_run_dir(cfg.model, claim=info.is_main), info)
     saved = out / RECIPE_FILE
     if cfg.resume and saved.is_file():  # the decision was made before the interruption: keep it
-        return train(_resumed(cfg, out, echo), echo=echo, recipe_run=True)
+        resumed, trials = _resumed(cfg, out, echo)  # the trials' seconds count after a resume too (a sweep's row)
+        return _with_trial_seconds(train(resumed, echo=echo, recipe_run=True), trials)
     _check_plan(cfg)
     # a run dir in use is refused (or, resuming, one no run was started in) before any trial writes below it; the
     # trials and decision of an attempt stopped before its run finished an epoch are redone
@@ -137,12 +138,13 @@ def _with_trial_seconds(result, trials: list[dict]):
     """The final run's result with every trial's seconds added: the measurement is part of the training cost."""
     seconds = dict(result.seconds)
     for key in ("cache", "epochs"):
-        seconds[key] = seconds.get(key, 0.0) + sum(t["seconds"][key] for t in trials)
+        seconds[key] = seconds.get(key, 0.0) + sum(t.get("seconds", {}).get(key, 0.0) for t in trials)
     return dataclasses.replace(result, seconds=seconds)
 
 
-def _resumed(cfg: TrainConfig, out: Path, echo: Callable[[str], None]) -> TrainConfig:
-    """The final run's config from the decision ``recipe.json`` kept: a resume trains what was chosen, untried."""
+def _resumed(cfg: TrainConfig, out: Path, echo: Callable[[str], None]) -> tuple[TrainConfig, list[dict]]:
+    """The final run's config from the decision ``recipe.json`` kept (a resume trains what was chosen, untried), and
+    the trials it records."""
     decision = json.loads((out / RECIPE_FILE).read_text())
     if "choice" not in decision:  # a named recipe's request (recipes.asked_config)
         raise ConfigError(f"cannot resume {out} with freeze auto: it holds a run of recipe "
@@ -158,9 +160,10 @@ def _resumed(cfg: TrainConfig, out: Path, echo: Callable[[str], None]) -> TrainC
         raise ConfigError(f"cannot resume {out} with {diff}: an auto run continues as it was asked; resume with the "
                           f"run's values, or start a new run with another {setting('out')}")  # fmt: skip
     echo(f"auto: resuming with the earlier decision: freeze {choice['freeze']!r}, lr {run_lr:.1e}")
-    return dataclasses.replace(_at_lr(_base(cfg, out, decision["cut"]), run_lr), freeze=choice["freeze"],
-                               epochs=choice["epochs"], refit=choice.get("refit", False),
-                               init=choice.get("init", cfg.init), resume=True)  # fmt: skip
+    resumed = dataclasses.replace(_at_lr(_base(cfg, out, decision["cut"]), run_lr), freeze=choice["freeze"],
+                                  epochs=choice["epochs"], refit=choice.get("refit", False),
+                                  init=choice.get("init", cfg.init), resume=True)  # fmt: skip
+    return resumed, decision.get("trials", [])
 
 
 def _epochs_and_refit(cfg: TrainConfig, trials: list[dict], choice: dict, spent: float,
