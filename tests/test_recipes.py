@@ -503,6 +503,38 @@ def test_a_resumed_sweep_keeps_the_measured_seconds_of_the_recipes_finished_befo
     assert [r["train_s"] for r in resumed.rows] == [measured["linear-probe"], measured["last-2"]]
 
 
+def test_a_sweep_stopped_in_an_auto_trial_says_to_resume_it_and_resumes(data, tmp_path, monkeypatch):
+    # the trial's advice, "the same command, with or without --resume", was refused for a sweep: a recipe had trained
+    import signal
+
+    from freezetune import trainer
+    from freezetune.interrupt import RunInterrupted
+    from freezetune.sweep import sweep
+
+    real = trainer.train
+
+    def stopped_in_a_trial(cfg, **kw):
+        if "auto-trials" in cfg.out:
+            raise RunInterrupted.by(signal.SIGINT, "at once (nothing saved); the same command restarts it")
+        return real(cfg, **kw)
+
+    cfg = _cfg(data, None, epochs=1, cache="off")
+    with monkeypatch.context() as patch:
+        patch.setattr(trainer, "train", stopped_in_a_trial)
+        with pytest.raises(RunInterrupted) as stop:
+            sweep(cfg, "linear-probe,auto", out=tmp_path / "sweep", echo=lambda _: None)
+    assert str(stop.value) == (
+        "stopped by SIGINT during the trial of the last 3 stage(s) (trials are not resumed) in recipe auto; continue "
+        "the sweep with its command and --resume (the recipes it finished keep their rows)"
+    )
+    assert stop.value.exit_code == 130
+    with pytest.raises(ConfigError, match="holds a sweep that did not finish"):
+        sweep(cfg, "linear-probe,auto", out=tmp_path / "sweep", echo=lambda _: None)
+    resumed = sweep(dataclasses.replace(cfg, resume=True), "linear-probe,auto", out=tmp_path / "sweep",
+                    echo=lambda _: None)  # fmt: skip
+    assert [r["recipe"] for r in resumed.rows] == ["linear-probe", "auto"]
+
+
 def test_a_row_an_earlier_sweep_kept_without_val_f1_reads_it_from_its_runs_metrics(data, tmp_path):
     # its table printed nan% and sweep.csv held nan for a recipe whose metrics.csv had the score
     from freezetune.sweep import ROW_FILE, sweep

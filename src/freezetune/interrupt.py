@@ -52,18 +52,19 @@ class RunInterrupted(KeyboardInterrupt):
     143
     """
 
-    def __init__(self, signum: int, message: str) -> None:
+    def __init__(self, signum: int, message: str, where: str = "") -> None:
         super().__init__(message)
         self.signum = signum
+        self.where = where  # where it stopped and what is saved, without the advice (a sweep gives its own)
 
     @classmethod
     def by(cls, signum: int, how: str) -> RunInterrupted:
-        """The one line a stop prints: which signal, where it stopped and what is saved, and how to go on.
+        """The one line a stop prints: which signal, where it stopped and what is saved, then after "; " how to go on.
 
         >>> str(RunInterrupted.by(signal.SIGINT, "after epoch 2 (saved in last.pt); continue with --resume"))
         'stopped by SIGINT after epoch 2 (saved in last.pt); continue with --resume'
         """
-        return cls(signum, f"stopped by {STOP_SIGNALS.get(signum, str(signum))} {how}")
+        return cls(signum, f"stopped by {STOP_SIGNALS.get(signum, str(signum))} {how}", how.split("; ", 1)[0])
 
     @property
     def exit_code(self) -> int:

@@ -258,6 +258,7 @@ def _run_recipe(name: str, cfg: TrainConfig, echo: Callable[[str], None], info: 
     was read back. Under torchrun every rank takes rank 0's result: rank 0 alone scores and keeps the history (a
     rank 1 read its empty history as "no validation data" and left the job)."""
     from freezetune import recipes
+    from freezetune.interrupt import RunInterrupted
     from freezetune.precision import resolve_device
 
     saved = Path(cfg.out) / ROW_FILE
@@ -268,7 +269,11 @@ def _run_recipe(name: str, cfg: TrainConfig, echo: Callable[[str], None], info: 
     if cfg.resume and not Path(cfg.out).exists():  # the sweep stopped before this recipe began: it starts afresh
         cfg = dataclasses.replace(cfg, resume=False)  # (the auto recipe refused to resume a run dir never made)
     with log(echo):  # the recipe's own level of the log: the auto recipe's trials and choice in its train.log too
-        result = broadcast(recipes.run(cfg, echo=echo), info)
+        try:
+            result = broadcast(recipes.run(cfg, echo=echo), info)
+        except RunInterrupted as exc:  # a recipe's advice ("the same command") is refused once a recipe has trained
+            raise RunInterrupted.by(exc.signum, f"{exc.where or 'at once'} in recipe {name}; continue the sweep with "
+                                    "its command and --resume (the recipes it finished keep their rows)") from None  # fmt: skip
     if not (result.history and result.history[-1].get("val_n")):  # its rows scored NaN, and a "winner" was named
         raise DataError(f"sweep: recipe {name} had no validation data to be scored on (one example of a class "
                         "leaves none to hold out), and a sweep compares recipes on it: give --val-data, or more "
