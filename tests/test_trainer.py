@@ -96,6 +96,25 @@ def test_resume_after_interrupt_matches_an_uninterrupted_run(data, tmp_path, cap
         torch.testing.assert_close(wb[key], wa[key], rtol=0, atol=1e-6, msg=key)
 
 
+@pytest.mark.parametrize("unfreeze", [("--unfreeze", "epoch:1"), ("--unfreeze", "plateau:patience=1,min_delta=1")])
+def test_a_resume_with_more_epochs_opens_the_stage_due_after_the_old_last_epoch(data, tmp_path, capsys, unfreeze):
+    # the run's last epoch is not stepped (nothing trains after it): the resume trained on without the stage due then
+    # (no layer2 group, other weights than the run given 3 epochs from the start)
+    common = ("--freeze", "backbone", *unfreeze, "--scheduler", "none", "--no-tensorboard", "--no-final-test")
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    assert run_cli(capsys, *train_argv(data, whole, "--epochs", "3", *common))[0] == 0
+    assert run_cli(capsys, *train_argv(data, split, "--epochs", "2", *common))[0] == 0
+    code, out, err = run_cli(capsys, "train", "--out", split, "--resume", "--epochs", "3")
+    assert code == 0, err
+    a, b = _rows(whole), _rows(split)
+    assert f"unfroze {a[-1]['unfrozen']} (" in out and a[-1]["unfrozen"]  # the stage opened after epoch 2
+    assert [r["unfrozen"] for r in b] == [r["unfrozen"] for r in a]
+    assert [r["trainable_params"] for r in b] == [r["trainable_params"] for r in a]
+    wa, wb = checkpoint.load(whole / "last.pt")["state_dict"], checkpoint.load(split / "last.pt")["state_dict"]
+    for key in wa:
+        torch.testing.assert_close(wb[key], wa[key], rtol=0, atol=1e-6, msg=key)
+
+
 def test_a_resumed_runs_seconds_count_the_processes_before_it(data, tmp_path, capsys, monkeypatch):
     # RunResult.seconds (a sweep's train_s) held the last process's alone: a recipe resumed in its last epoch read
     # 3.5x cheaper than it was

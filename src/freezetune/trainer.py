@@ -188,6 +188,7 @@ class Trainer(RunSetup):
         unfrozen = unfreezer.unfrozen_after(self.progress.epoch - 1) if unfreezer is not None else []
         if self.trained_out():  # a resume of a run that stopped early is finished (the report and the test follow),
             return  # as a run that trained all its epochs is
+        unfrozen = unfrozen or self._catch_up_unfreezer()
         for epoch in range(self.progress.epoch, cfg.epochs):
             row = self._run_epoch(epoch, unfrozen)
             last = epoch + 1 == cfg.epochs  # nothing trains after the last epoch: no unfreeze, no cache rebuild
@@ -347,6 +348,18 @@ class Trainer(RunSetup):
         if stale:
             self.echo(f"removed {', '.join(stale)}: they scored an earlier best.pt (this run's is epoch "
                       f"{self.progress.best_epoch}, not scored: --no-final-test or no test split)")  # fmt: skip
+
+    def _catch_up_unfreezer(self) -> list[str]:
+        """A resume with more ``--epochs`` than its run had: that run's last epoch ended without its schedule's step
+        (nothing trained after it), so the stage due then opens now, as in a run given the epochs from the start."""
+        unfreezer, last = self.state.unfreezer, self.progress.epoch - 1
+        if unfreezer is None or last < 0 or self.progress.step or not unfreezer.skipped(last):
+            return []
+        row = broadcast(self.metrics.rows[-1] if self.metrics.rows else {}, self.dist)  # its metric: rank 0's
+        unfrozen = self._step_unfreezer(last, row, (last + 1) * self.steps_per_epoch <= self.warmup_steps)
+        if unfrozen:
+            self.progress.reset_patience()
+        return unfrozen
 
     def _step_unfreezer(self, epoch: int, row: dict, warming: bool) -> list[str]:
         if self.state.unfreezer is None:

@@ -120,6 +120,7 @@ class Unfreezer:
         self.best: float | None = None
         self.num_bad = 0
         self._stepped: int | None = None  # the last epoch stepped
+        self._stepped_known = True  # False: restored from a state saved before the state held it
         for spec in (self.schedule.plan or {}).values():
             resolve_stages(model, spec)  # validate the whole plan now, not at epoch 40
             warn_negative_unfreeze(spec)
@@ -149,6 +150,12 @@ class Unfreezer:
             self.events.append((epoch, done))
         return done
 
+    def skipped(self, epoch: int) -> bool:
+        """Whether the end of ``epoch`` was not stepped: a run's last epoch is not (nothing trains after it), so a
+        resume that trains on past it takes that step first. False where a state saved before freezetune recorded
+        its steps was loaded."""
+        return self._stepped_known and (self._stepped is None or self._stepped < epoch)
+
     def unfrozen_after(self, epoch: int) -> list[str]:
         """The stages this Unfreezer unfroze at the end of ``epoch`` (0-based), in the order it unfroze them."""
         return [name for e, names in self.events if e == epoch for name in names]
@@ -164,6 +171,7 @@ class Unfreezer:
             "groups": list(self.added_groups),
             "best": self.best,
             "num_bad": self.num_bad,
+            "stepped": self._stepped,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -194,6 +202,7 @@ class Unfreezer:
             )
         self.events = [(int(e), list(n)) for e, n in state["events"]]
         self.best, self.num_bad = state["best"], int(state["num_bad"])
+        self._stepped, self._stepped_known = state.get("stepped"), "stepped" in state
 
     # --- internals ------------------------------------------------------------------------------------------
 
