@@ -60,6 +60,39 @@ def test_a_stage_unfrozen_after_epoch_0_trains_with_its_lr_while_frozen_batchnor
     assert torch.equal(lit.model.block1[1].running_mean, bn1) and not lit.model.block1[1].training
 
 
+class LitTwoOptimizers(LitTiny):
+    """Manual optimization: one optimizer for the head, another for the rest of the network."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = torch.nn.functional.cross_entropy(self.model(x), y)
+        for opt in self.optimizers():
+            opt.zero_grad()
+        self.manual_backward(loss)
+        for opt in self.optimizers():
+            opt.step()
+
+    def configure_optimizers(self):
+        body = [p for n, p in self.model.named_parameters() if not n.startswith("head")]
+        return [torch.optim.AdamW(self.model.head.parameters(), lr=1e-2), torch.optim.SGD(body, lr=1e-2)]
+
+
+def test_a_stage_another_optimizer_holds_is_opened_but_not_added_to_the_first():
+    # the callback added block3 to optimizer 0 although optimizer 1 held it: each step updated it twice, unsaid
+    lit = LitTwoOptimizers()
+    callback = FreezetuneFinetuning("backbone", "epoch:1")
+    trainer = L.Trainer(max_epochs=2, enable_checkpointing=False, callbacks=[callback], **FAST)
+    with pytest.warns(UserWarning, match=r"stage\(s\) 'block3' are in another optimizer: they train there"):
+        trainer.fit(lit, *loaders())
+    first, second = ({id(p) for g in opt.param_groups for p in g["params"]} for opt in trainer.optimizers)
+    assert not first & second
+    assert all(p.requires_grad and id(p) in second for p in lit.model.block3.parameters())
+
+
 def test_frozen_batchnorm_in_eval_mode_does_not_raise_lightnings_warning_but_another_module_does():
     # Lightning warns at fit start about every module in eval mode ("if this is intentional, you can ignore this
     # warning"): the frozen BatchNorm layers are, by design; a module the user left in eval mode is not

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 import torch
 from torch import nn
@@ -64,7 +64,8 @@ class Unfreezer:
     twin with 0 when it is not 0); ``bn`` None keeps the BatchNorm policy each frozen layer has, a policy gives it
     to every layer still frozen at the first unfreeze (the optimizer holds what trains until then; a policy that
     differs from the frozen layers' is warned of here; what it releases, ``"affine"``'s scale and shift, gets a group
-    at its stage's LR).
+    at its stage's LR). ``held_elsewhere``: parameters another optimizer steps (a second one of the same model); they
+    are opened but never added to ``optimizer``, which would update them twice a step.
 
     >>> import torch, torchvision, freezetune as ft
     >>> m = torchvision.models.resnet18(); ft.freeze(m, "backbone")
@@ -87,6 +88,7 @@ class Unfreezer:
         weight_decay: float | None = None,
         scheduler: object | None = None,
         mode: str = "max",
+        held_elsewhere: Iterable[torch.Tensor] = (),
     ) -> None:
         if bn is not None:
             check_bn_policy(bn)
@@ -114,6 +116,9 @@ class Unfreezer:
             warnings.warn("the optimizer has an LR scheduler (its groups hold initial_lr), not given to the "
                           "Unfreezer: pass scheduler= so the groups it adds follow it (some schedulers fail at "
                           "their next step on a group they do not know)", stacklevel=2)  # fmt: skip
+        # another optimizer's parameters (a second one of Lightning's configure_optimizers): it steps them; added to
+        # this one too, they were updated twice a step
+        self.held_elsewhere = {id(p) for p in held_elsewhere}
         self.unfrozen: list[str] = []
         self.events: list[tuple[int, list[str]]] = []
         self.added_groups: list[str] = []
@@ -268,7 +273,7 @@ class Unfreezer:
         trained = {id(p) for p in self.model.parameters() if p.requires_grad}
         unfreeze(self.model, names if spec is None else spec, bn=self.bn)
         by_name = {s.name: s for s in stages(self.model)}
-        seen = {id(p) for g in self.optimizer.param_groups for p in g["params"]}
+        seen = {id(p) for g in self.optimizer.param_groups for p in g["params"]} | self.held_elsewhere
         self._warn_if_grouped_already(names, by_name)
         if self.under_ddp:
             warnings.warn(f"unfroze {choices(names)} under DistributedDataParallel: DDP averages the gradients of "
@@ -297,6 +302,10 @@ class Unfreezer:
         """An optimizer built over ``model.parameters()`` holds the frozen stages too: opened, they train at their
         group's LR, whatever ``stage_lrs`` or ``decay`` say. (Under ``bn="affine"`` a stage's norms are in its own
         group already, which is right.)"""
+        elsewhere = [n for n in names if any(id(p) in self.held_elsewhere for p in by_name[n].params)]
+        if elsewhere:
+            warnings.warn(f"stage(s) {choices(elsewhere)} are in another optimizer: they train there, at its LR (this "
+                          "Unfreezer adds groups to its own optimizer only)", stacklevel=4)  # fmt: skip
         if not (self.rule.stage_lrs or self.rule.decay):
             return
         group_of = {id(p): group_stage(g) for g in self.optimizer.param_groups for p in g["params"]}

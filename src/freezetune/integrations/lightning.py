@@ -51,7 +51,8 @@ class FreezetuneFinetuning(Callback):
     ``configure_optimizers`` builds the optimizer over the parameters that train at the start, ideally with
     ``ft.param_groups(self.model, lr, stage_lrs=..., decay=...)`` (one named group per stage); the callback adds a group
     for each stage it unfreezes, with the LR the same rule gives (``stage_lrs[name]``, else ``lr / decay**depth``),
-    and extends the first LR scheduler to drive it. Lightning's warning "Found N module(s) in eval mode at the start of
+    and extends the first LR scheduler to drive it. With several optimizers it adds the groups to the first; a stage
+    another one holds trains there (a warning says so), never in both. Lightning's warning "Found N module(s) in eval mode at the start of
     training" names the frozen BatchNorm layers, which stay in eval mode on purpose (``bn="frozen"`` or
     ``"affine-only"``).
 
@@ -153,6 +154,7 @@ class FreezetuneFinetuning(Callback):
             weight_decay=self.weight_decay,
             scheduler=configs[0].scheduler if configs else None,
             mode="min" if "loss" in self.monitor.lower() else "max",  # a schedule's own mode= wins
+            held_elsewhere=[p for other in trainer.optimizers[1:] for g in other.param_groups for p in g["params"]],
         )
         if self._pending is not None:
             # Before restore_training_state loads the optimizer: its groups must match the checkpoint's in number
