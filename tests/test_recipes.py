@@ -810,6 +810,14 @@ def test_a_sweep_replaces_no_winner_yaml_it_did_not_write_and_an_unfinished_swee
             sweep(_cfg(data, None, epochs=1, resume=resume), "linear-probe", out=tmp_path / "mine", **quiet)
     assert (tmp_path / "mine" / "winner.yaml").read_text() == "mine: 1\n"
     assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == ["winner.yaml"]
+    # nor a sweep_config.yaml or a sweep.png of the user's (they were replaced, exit 0)
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / SETTINGS_FILE).write_text("my notes\n")
+    (tmp_path / "notes" / "sweep.png").write_bytes(b"\x89PNG my plot")
+    with pytest.raises(ConfigError, match="holds a sweep_config.yaml and a sweep.png no sweep wrote there"):
+        sweep(_cfg(data, None, epochs=1), "linear-probe", out=tmp_path / "notes", **quiet)
+    assert (tmp_path / "notes" / SETTINGS_FILE).read_text() == "my notes\n"
+    assert (tmp_path / "notes" / "sweep.png").read_bytes() == b"\x89PNG my plot"
     (tmp_path / "stopped" / "linear-probe").mkdir(parents=True)
     (tmp_path / "stopped" / SETTINGS_FILE).write_text("lr: 0.001\n")  # what a sweep stopped in its first recipe left
     (tmp_path / "stopped" / "linear-probe" / "last.pt").write_bytes(b"")

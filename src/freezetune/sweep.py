@@ -106,14 +106,16 @@ def sweep(cfg: TrainConfig, recipes: str | list[str] | tuple[str, ...] = SWEEP_D
 
 def _check_out(out: Path, *, resume: bool) -> None:
     """Refuse a folder whose sweep files a new sweep would replace: a sweep's, finished or stopped after a recipe
-    trained, without ``--resume``; a ``winner.yaml`` no sweep wrote (a sweep records its settings first, and writes
-    its table beside its winner), with or without. A sweep refused before any recipe trained (no validation data)
+    trained, without ``--resume``; a ``winner.yaml``, ``sweep_config.yaml`` or ``sweep.png`` no sweep wrote (a sweep
+    records its settings first, and writes its table beside its winner and plot), with or without. A sweep refused before any recipe trained (no validation data)
     runs again as asked."""
     from freezetune.checkpoint import LAST  # (torch: not at import, the CLI's parsers import this module)
 
-    if (out / "winner.yaml").exists() and not (out / SETTINGS_FILE).exists() and not (out / "sweep.csv").exists():
-        raise ConfigError(f"{str(out)!r} holds a winner.yaml no sweep wrote there (it has no {SETTINGS_FILE}): "
-                          f"choose another {setting('out')}")  # fmt: skip
+    if not (out / "sweep.csv").exists() and not _settings_of_a_sweep(out / SETTINGS_FILE):
+        foreign = [name for name in ("winner.yaml", SETTINGS_FILE, "sweep.png") if (out / name).exists()]
+        if foreign:  # a user's files of these names were replaced in silence
+            raise ConfigError(f"{str(out)!r} holds a {' and a '.join(foreign)} no sweep wrote there (it has no "
+                              f"{SETTINGS_FILE} of a sweep): choose another {setting('out')}")  # fmt: skip
     if resume:
         return
     if (out / "sweep.csv").exists():
@@ -122,6 +124,17 @@ def _check_out(out: Path, *, resume: bool) -> None:
     if (out / SETTINGS_FILE).exists() and next(out.rglob(LAST), None) is not None:
         raise ConfigError(f"{str(out)!r} holds a sweep that did not finish ({SETTINGS_FILE}); pass "
                           f"{setting('resume', True)} to continue it, or choose another {setting('out')}")  # fmt: skip
+
+
+def _settings_of_a_sweep(path: Path) -> bool:
+    """Whether ``path`` is a sweep's settings file: YAML of ``TrainConfig`` fields and its recipes."""
+    from freezetune.config import field_names
+
+    try:
+        settings = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, yaml.YAMLError):
+        return False
+    return isinstance(settings, dict) and set(settings) <= {*field_names(), "recipes"}
 
 
 def _sweep(cfg: TrainConfig, runs: dict[str, TrainConfig], out: Path, echo: Callable[[str], None],
