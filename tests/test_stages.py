@@ -222,6 +222,23 @@ def test_a_users_own_head_trains_whole_wherever_it_is_declared(head_first):
     assert trainable == {"head.0", "head.3"}
 
 
+def test_a_sequential_models_head_of_several_layers_trains_whole():
+    # as the model's own children, Sequential(backbone, Linear, ReLU, Linear) trained its last Linear alone under
+    # freeze("backbone"): the hidden one stayed frozen at its random init
+    backbone = torchvision.models.resnet18()
+    backbone.fc = nn.Identity()
+    model = nn.Sequential(backbone, nn.Linear(512, 64), nn.ReLU(), nn.Dropout(), nn.Linear(64, 7))
+    assert [s.name for s in ft.stages(model)][-2:] == ["0.layer4", "head"]
+    ft.freeze(model, "backbone")
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {"1.weight", "1.bias", "4.weight", "4.bias"}
+    convnet = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 16),
+                            nn.ReLU(), nn.Linear(16, 7))  # fmt: skip
+    assert [(s.name, s.modules) for s in ft.stages(convnet)] == [("0", ("0",)), ("head", ("4", "6"))]
+    # a single layer after the backbone keeps its name; an MLP alone is not all head
+    assert [s.name for s in ft.stages(nn.Sequential(backbone, nn.Flatten(), nn.Linear(512, 7)))][-1] == "2"
+    assert [s.name for s in ft.stages(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)))] == ["0", "2"]
+
+
 class _Wrapper(nn.Module):
     """A user's classifier around a library backbone, as tutorials write it (a headless timm model, an AutoModel)."""
 

@@ -128,6 +128,30 @@ def head_container(model: nn.Module, head: str) -> str:
     return found
 
 
+def sequential_head(model: nn.Module, head: str) -> list[str]:
+    """The top-level layers of a user's own ``nn.Sequential`` model that make its head with ``head``, its last
+    ``nn.Linear``: the run of head-like layers before it (``Sequential(backbone, Linear, ReLU, Linear)``: both
+    linear layers; as an attribute, ``mlp = Sequential(Linear, ReLU, Linear)``, they were, but as the model's own
+    children the hidden one stayed frozen at its random init). Just ``[head]`` when that run would be every layer
+    with parameters (an MLP alone) or the model is not such a ``Sequential``.
+
+    >>> sequential_head(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)), "4")
+    ['2', '3', '4']
+    """
+    if type(model) is not nn.Sequential or "." in head:
+        return [head]
+    children = list(model.named_children())
+    names = [n for n, _ in children]
+    run = [head]
+    for name, module in reversed(children[: names.index(head)]):
+        if not _head_like(nn.Sequential(module)):
+            break
+        run.insert(0, name)
+    run = run[next(i for i, n in enumerate(run) if has_params(model.get_submodule(n))) :]  # from its first layer
+    kept = [m for n, m in children if n not in run and has_params(m)]
+    return run if kept and len(run) > 1 else [head]
+
+
 def _head_like(module: nn.Module) -> bool:
     """A ``Sequential`` of what a classifier head is built from: linear layers, activations, dropout, norms."""
     plain = (nn.Linear, nn.Dropout, nn.Identity, nn.Flatten)

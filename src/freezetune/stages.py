@@ -25,6 +25,7 @@ from freezetune.heads import (
     hf_base_prefix,
     is_hf_base_model,
     replace_head,
+    sequential_head,
     sibling_heads,
     timm_heads,
 )
@@ -78,6 +79,10 @@ def stages(model: nn.Module) -> list[Stage]:
     layer = head_name(model)
     head = head_container(model, layer)
     decl = _declare(model, head)
+    if len(run := sequential_head(model, head)) > 1:  # a Sequential model's head of several layers: one stage
+        taken = {n for n, _ in model.named_modules()}
+        decl = [(n, prefixes) for n, prefixes in decl if not set(prefixes) <= set(run)]
+        decl.append((head := "head" if "head" not in taken else head, run))
     if not decl or decl[-1][0] != head:  # a family rule may declare the head itself, with extra members
         decl.append((head, [head]))
     found = _merge_norms(model, _named_neck(model, _assign(model, _head_apart(model, decl, layer))))
