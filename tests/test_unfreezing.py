@@ -584,3 +584,22 @@ def test_a_plateau_min_delta_read_as_points_is_noted_for_either_fraction_but_not
     assert "is in val_f1 units, a fraction: 0.5 is 50 points of macro-F1" in plateau_units_note(schedule, "val_f1")
     assert "0.5 is 50 points of accuracy" in plateau_units_note(schedule, "val_acc")
     assert plateau_units_note(schedule, "val_loss") is None
+
+
+@pytest.mark.parametrize(
+    ("schedule", "why"),
+    [
+        ("plateau:patience=0", "patience takes an integer >= 1, got '0'"),
+        ("epoch:0", "N takes an integer >= 1, got '0'"),
+        ("plateau:patience=2,mode=up", "mode takes 'max', 'min', got 'up'"),
+        ("plateau:min_delta=-1", "min_delta takes a number >= 0, got '-1'"),
+        ("plateau:patience=2,every=3", "'every=3' is none of patience=, min_delta=, mode="),
+    ],
+)
+def test_a_schedule_of_the_right_form_with_a_bad_value_names_the_value(schedule, why):
+    # each got the forms alone, which its form already matched: the user could not tell what was wrong
+    from freezetune.errors import SpecError
+    from freezetune.unfreeze_schedule import parse_schedule
+
+    with pytest.raises(SpecError, match=f"^bad unfreeze schedule '{schedule}': {why}; the forms are: 'epoch:N'"):
+        parse_schedule(schedule)

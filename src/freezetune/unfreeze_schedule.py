@@ -53,17 +53,27 @@ def parse_schedule(schedule: str | Mapping[int, Spec] | Schedule) -> Schedule:
                             f" got key(s) {choices(bad)}{space}")  # fmt: skip
         return Schedule("plan", plan={int(k): v for k, v in schedule.items()})
     kind, _, args = str(schedule).strip().partition(":")
+    why = ""
     try:
         if kind == "epoch":
-            every = int(args)
-            if every < 1:
-                raise ValueError
-            return Schedule("epoch", every=every)
+            return Schedule("epoch", every=_number(args, "N", int, 1))
         if kind == "plateau":
             return _parse_plateau(args)
+    except ValueError as exc:  # the form is right, a value is not: say which, and what it takes
+        why = f": {exc}" if str(exc) else ""
+    raise SpecError(f"bad unfreeze schedule {schedule!r}{why}; the forms are: {choices(UNFREEZE_FORMS)}")
+
+
+def _number(text: str, name: str, kind: type, low: float):
+    """``text`` as a ``kind`` at least ``low``, else a ValueError naming ``name`` and what it takes."""
+    noun = "an integer" if kind is int else "a number"
+    try:
+        value = kind(text)
     except ValueError:
-        pass
-    raise SpecError(f"bad unfreeze schedule {schedule!r}; the forms are: {choices(UNFREEZE_FORMS)}")
+        raise ValueError(f"{name} takes {noun} >= {low:g}, got {text!r}") from None
+    if not value >= low:  # (nan too)
+        raise ValueError(f"{name} takes {noun} >= {low:g}, got {text!r}")
+    return value
 
 
 def _parse_plateau(args: str) -> Schedule:
@@ -71,15 +81,15 @@ def _parse_plateau(args: str) -> Schedule:
     for item in filter(None, (a.strip() for a in args.split(","))):
         key, _, value = item.partition("=")
         if key == "patience":
-            out.patience = int(value)
-        elif key == "min_delta":
-            out.min_delta = float(value)
-        elif key == "mode" and value in MODES:
+            out.patience = _number(value, "patience", int, 1)
+        elif key == "min_delta":  # a negative min_delta counts small drops as improvements
+            out.min_delta = _number(value, "min_delta", float, 0)
+        elif key == "mode":
+            if value not in MODES:
+                raise ValueError(f"mode takes {choices(MODES)}, got {value!r}")
             out.mode = value
         else:
-            raise ValueError(item)
-    if out.patience < 1 or out.min_delta < 0:  # a negative min_delta counts small drops as improvements
-        raise ValueError("patience")
+            raise ValueError(f"{item!r} is none of patience=, min_delta=, mode=")
     return out
 
 
