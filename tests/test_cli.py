@@ -61,6 +61,18 @@ def _metrics_rows(run_dir):
 # --- train --------------------------------------------------------------------------------------------------------
 
 
+def test_verbose_info_lines_are_in_train_log_as_on_stderr(data, tmp_path):
+    # train.log holds "every line the run printed", but -v's INFO lines reached stderr alone
+    out = tmp_path / "run"
+    argv = [*train_argv(data, out, "--epochs", "1", "--freeze", "backbone", "--no-final-test"), "-v"]
+    done = subprocess.run([sys.executable, "-m", "freezetune", *argv], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    info = [line for line in done.stderr.splitlines() if line.startswith("INFO freezetune.")]
+    logged = (out / "train.log").read_text()
+    assert info and all(line in logged for line in info), (info, logged)
+
+
 def test_train_writes_every_run_file(run):
     run_dir, stdout = run
     missing = [f for f in RUN_FILES if not (run_dir / f).is_file()]

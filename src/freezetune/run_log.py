@@ -163,16 +163,17 @@ def warn_once(logger: logging.Logger, msg: str, *args: object) -> None:
 
 class _WarningsToLog(logging.Handler):
     """Puts the warnings freezetune's modules log (stderr's ``WARNING name: message``) in the run's log, each once
-    per file. Bound to its run's levels: a helper thread has none of its own."""
+    per file, and what else the logging set-up lets through (``-v``'s INFO lines, printed on stderr: "every line the
+    run printed" lacked them). Bound to its run's levels: a helper thread has none of its own."""
 
     def __init__(self, levels: tuple[_Level, ...]) -> None:
-        super().__init__(logging.WARNING)
+        super().__init__(logging.NOTSET)  # the loggers' levels decide, as they decide what stderr shows
         self.levels = levels
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
             line = _warning_line(record.levelno, record.name, record.getMessage())
-            _record(line, warning=True, levels=_levels.get() or self.levels)
+            _record(line, warning=record.levelno >= logging.WARNING, levels=_levels.get() or self.levels)
             if self._alone(logging.getLogger(record.name)) and first_process():
                 print(line, file=sys.stderr)
         except Exception:  # a log line must never stop the run
