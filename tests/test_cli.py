@@ -404,6 +404,11 @@ def _assert_user_error(code, out, err, *needles):
         (["--epochs", "0", "--lr", "-1"], ["epochs", "lr"]),  # every problem in one message
         (["--skip-nonfinite", "-1"], ["skip_nonfinite must be >= 0, got -1"]),
         (["--freeze", "backbone", "--cache-at", "nosuch"], ["unknown cache_at stage 'nosuch'", "'blocks.0'"]),
+        # a stage that trains from the start: the run went on uncached, exit 0 ("feature cache off: cannot cut")
+        (
+            ["--freeze", "-3", "--cache", "memory", "--cache-at", "classifier"],
+            ["cache_at 'classifier' trains from the start of the run", "'blocks.2', 'blocks.3'; give one"],
+        ),  # fmt: skip
         (["--recipe", "last-99"], ["'last-99': k is out of range", "last-1 to last-6"]),  # not "stage count -100"
         # the API's "unfreeze a stage first", in a CLI run, named nothing the user could do
         (["--freeze", "all"], ["freeze 'all' leaves no parameter to train; freeze less: 'backbone' trains the head"]),

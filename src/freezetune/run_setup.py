@@ -40,7 +40,7 @@ from freezetune.optim import build_optimizer, build_scheduler, warmup_steps
 from freezetune.options import BATCH_AUTO, MONITOR_MODES
 from freezetune.precision import resolve_device, resolve_precision
 from freezetune.progress import Progress
-from freezetune.split import check_cut
+from freezetune.split import check_cut, check_cut_at_start
 from freezetune.step import Step
 from freezetune.unfreezing import Unfreezer
 
@@ -130,6 +130,8 @@ class RunSetup:
         freeze(self.model, parse_freeze_spec(cfg.freeze), bn=cfg.bn)
         if cfg.bn_stats == "frozen":  # (the layers an unfreeze releases later are held too)
             hold_bn_statistics(self.model)
+        if cfg.cache != "off" and not self.resuming:  # a resume's stages may have opened past it since
+            check_cut_at_start(self.model, cfg.cache_at)
         if not any(p.requires_grad for p in self.model.parameters()):  # the API's "unfreeze a stage first" misled
             # (a plan's epoch-0 stages open when the optimizer exists, after this; "epoch:"/"plateau:" after an epoch)
             later = " in the first epoch (an unfreeze schedule opens stages only after one)" if isinstance(

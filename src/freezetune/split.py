@@ -96,6 +96,18 @@ def check_cut(model: nn.Module, at: str | None) -> None:
         raise SpecError(f"unknown cache_at stage {at!r}; the cache can cut at: {choices(names)}")
 
 
+def check_cut_at_start(model: nn.Module, at: str | None) -> None:
+    """Raise a ``SpecError`` when ``at`` names a stage past the first one that trains in ``model`` as the run starts
+    (its freeze applied): the cut asked for cannot be made, and the run trained on uncached images, exit 0. Later,
+    an unfreeze that moves the boundary past it is no mistake (see ``check_cut``)."""
+    st = stages(model)
+    first = next((i for i, s in enumerate(st) if any(p.requires_grad for p in s.params)), None)
+    valid = [s.name for s in st[1 : (first or 0) + 1]]
+    if at is not None and first and at not in valid:
+        raise SpecError(f"cache_at {at!r} trains from the start of the run: the cache cuts at the input of a stage "
+                        f"up to the first that trains: {choices(valid)}; give one of them, or freeze more")  # fmt: skip
+
+
 def _moving_batchnorm(model: nn.Module) -> str | None:
     """A frozen-part BatchNorm whose statistics move in training makes every earlier cached feature stale."""
     for name, m in model.named_modules():
