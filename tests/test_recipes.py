@@ -888,7 +888,14 @@ def test_without_validation_images_a_sweep_is_refused_and_the_auto_recipe_says_w
     data = make_image_folder(tmp_path / "images", train=1, val=0, test=2)
     code, out, err = run_cli(capsys, "sweep", *train_argv(data, tmp_path / "sweep", "--epochs", "1")[1:],
                              "--recipes", "linear-probe,last-2")  # fmt: skip
-    assert code == 2 and "no validation data" in err and "--val-data" in err and "winner" not in out
+    assert code == 2 and "a sweep (it compares its recipes on the validation split) needs validation data" in err
+    assert "--val-data" in err and "winner" not in out
+    # refused at set-up, before its first recipe trained: the fix it gives runs in the same folder (the first recipe
+    # trained, then the sweep stopped, and refused the fix as a sweep that did not finish)
+    assert not list((tmp_path / "sweep").rglob("last.pt"))
+    code, out, err = run_cli(capsys, "sweep", *train_argv(data, tmp_path / "sweep", "--epochs", "1")[1:],
+                             "--recipes", "linear-probe,last-2", "--val-data", data / "test")  # fmt: skip
+    assert code == 0 and "winner: " in out, err
     code, out, err = run_cli(capsys, *train_argv(data, tmp_path / "run", "--epochs", "1"))
     assert code == 0, err
     assert "there are no validation images to compare on" in out and "stay validation" not in out

@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 
 import torch
 from torch import nn
@@ -15,7 +18,7 @@ from freezetune import checkpoint, hf_bundle, reporting, rng, run_log, runtime
 from freezetune._io import atomic_write_text
 from freezetune.bn_policy import hold_bn_statistics
 from freezetune.cache import FeaturePath
-from freezetune.config import TrainConfig, needs_validation, parse_freeze_spec, validate, validation_users
+from freezetune.config import TrainConfig, parse_freeze_spec, validate, validation_users
 from freezetune.data import Loaders, build_datasets
 from freezetune.data.fingerprint import data_record
 from freezetune.data.gpu import check_decode
@@ -45,6 +48,22 @@ from freezetune.step import Step
 from freezetune.unfreezing import Unfreezer
 
 SKIPPED = "skipped.txt"  # the image files --skip-bad left out, one path a line
+
+
+# what, beyond the run's own settings, needs validation data in the runs started within (validation_needed_by)
+_VALIDATION_USERS: ContextVar[tuple[str, ...]] = ContextVar("freezetune_validation_users", default=())
+
+
+@contextmanager
+def validation_needed_by(user: str) -> Iterator[None]:
+    """Runs started inside refuse data without validation images at set-up, naming ``user`` as what needs them (a
+    sweep, which compares its recipes on them: it found out only after its first recipe had trained, and then
+    refused the fix in the same folder as a sweep that did not finish)."""
+    token = _VALIDATION_USERS.set((*_VALIDATION_USERS.get(), user))
+    try:
+        yield
+    finally:
+        _VALIDATION_USERS.reset(token)
 
 
 class RunSetup:
@@ -111,8 +130,9 @@ class RunSetup:
                                    skip_bad=cfg.skip_bad, refit=bool(cfg.refit),
                                    final_test=cfg.final_test)  # fmt: skip
         self.classes = self.data.classes
-        if self.data.val is None and needs_validation(cfg):  # a plateau failed after epoch 1; --early-stop was ignored
-            users = validation_users(cfg)  # the data says why there is none: "none (every class has a single ...)"
+        users = [*validation_users(cfg), *_VALIDATION_USERS.get()]
+        if self.data.val is None and users:  # a plateau failed after epoch 1; --early-stop was ignored
+            # the data says why there is none: "none (every class has a single ...)"
             raise DataError(f"{' and '.join(users)} need{'s' if len(users) == 1 else ''} validation data, and this "
                             f"run has {self.data.val_source}: give --val-data (or more {noun(self.data.train)} a class), or train "
                             f"without {'it' if len(users) == 1 else 'them'}")  # fmt: skip

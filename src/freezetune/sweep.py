@@ -273,6 +273,7 @@ def _run_recipe(name: str, cfg: TrainConfig, echo: Callable[[str], None], info: 
     from freezetune import recipes
     from freezetune.interrupt import RunInterrupted
     from freezetune.precision import resolve_device
+    from freezetune.run_setup import validation_needed_by
 
     saved = Path(cfg.out) / ROW_FILE
     if cfg.resume and saved.is_file():
@@ -283,7 +284,8 @@ def _run_recipe(name: str, cfg: TrainConfig, echo: Callable[[str], None], info: 
         cfg = dataclasses.replace(cfg, resume=False)  # (the auto recipe refused to resume a run dir never made)
     with log(echo):  # the recipe's own level of the log: the auto recipe's trials and choice in its train.log too
         try:
-            result = broadcast(recipes.run(cfg, echo=echo), info)
+            with validation_needed_by("a sweep (it compares its recipes on the validation split)"):
+                result = broadcast(recipes.run(cfg, echo=echo), info)
         except RunInterrupted as exc:  # a recipe's advice ("the same command") is refused once a recipe has trained
             raise RunInterrupted.by(exc.signum, f"{exc.where or 'at once'} in recipe {name}; continue the sweep with "
                                     "its command and --resume (the recipes it finished keep their rows)") from None  # fmt: skip
