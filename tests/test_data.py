@@ -547,6 +547,20 @@ def test_image_files_on_the_cpu_get_a_worker_only_where_it_has_a_cpu_of_its_own(
     assert loaders.default_workers(files, cuda=True) == min(4, cpus)  # the GPU computes while the worker decodes
 
 
+def test_more_workers_than_usable_cpus_is_said_once_in_freezetunes_words(monkeypatch, caplog):
+    # torch's raw UserWarning came twice an epoch, with a source line, and nothing of freezetune's
+    from freezetune.data import loaders
+
+    monkeypatch.setattr(loaders, "usable_cpus", lambda: 1)
+    loader = build_loader(_labels_dataset(), batch_size=8, train=True, workers=2)
+    with warnings.catch_warnings(), caplog.at_level(logging.WARNING, logger="freezetune"):
+        warnings.simplefilter("error")  # torch's own warning fails here
+        for _ in range(2):
+            assert len(list(loader)) == 5
+    said = [r.getMessage() for r in caplog.records if "--workers 2 is more than the 1 CPU(s)" in r.getMessage()]
+    assert len(said) == 1
+
+
 def test_loader_shuffle_is_seeded_and_eval_is_ordered():
     def order(seed, train=True):
         return torch.cat([y for _, y in build_loader(_labels_dataset(), batch_size=8, train=train, seed=seed)])

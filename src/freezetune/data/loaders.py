@@ -15,6 +15,7 @@ Seeds, all derived from the run's ``seed``:
 from __future__ import annotations
 
 import functools
+import logging
 import multiprocessing
 import multiprocessing.resource_tracker
 import os
@@ -35,6 +36,9 @@ from freezetune.distributed import DistInfo, batch_block, shard_rows
 from freezetune.interrupt import pause_point
 from freezetune.options import AUG_DEFAULT, check, non_negative_int_problem, positive_int_problem
 from freezetune.preprocess import Preprocess
+from freezetune.run_log import warn_once
+
+log = logging.getLogger(__name__)
 
 
 def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
@@ -230,6 +234,16 @@ class _WorkersIgnoreCtrlC(DataLoader):
     "DataLoader worker exited unexpectedly" and lost the step it would have saved. A signal mask is inherited by
     every child, whatever the start method; the main process gets a Ctrl-C that came meanwhile once it unblocks.
     """
+
+    def check_worker_number_rationality(self) -> None:
+        """More workers than usable CPUs: said once, in freezetune's words (torch printed its own warning twice an
+        epoch, with a source line). Not refused: on slow storage more loader processes than cores can help."""
+        cpus = usable_cpus()
+        if self.num_workers > cpus and not getattr(self, "_said_cpus", False):  # torch asks twice an iterator
+            self._said_cpus = True  # (and a run's, of each loader it builds, once: warn_once)
+            warn_once(log, "--workers %d is more than the %d CPU(s) this process may use: the loader processes share "
+                      "them with training (more helps only where reading the files waits on storage)",
+                      self.num_workers, cpus)  # fmt: skip
 
     def __iter__(self):
         if self.num_workers == 0 or not hasattr(signal, "pthread_sigmask"):  # (Windows: _seed_worker's ignore alone)
