@@ -61,6 +61,16 @@ def _metrics_rows(run_dir):
 # --- train --------------------------------------------------------------------------------------------------------
 
 
+def test_frozen_layers_of_a_model_without_pretrained_weights_are_said_to_stay_random(data, tmp_path, capsys):
+    # the auto recipe's default froze random layers and trained a probe of random features (val_loss 356), unsaid
+    assert run_cli(capsys, *train_argv(data, tmp_path / "a", "--epochs", "1", "--freeze", "backbone"))[0] == 0
+    logged = (tmp_path / "a" / "train.log").read_text()  # (on stderr too, where the CLI sets up logging)
+    assert logged.count("--weights none: the frozen stage(s) 'stem', 'blocks.0'") == 1, logged
+    assert "keep their random initial weights (nothing pretrained to keep); --recipe full trains every layer" in logged
+    assert run_cli(capsys, *train_argv(data, tmp_path / "b", "--epochs", "1", "--freeze", "none"))[0] == 0
+    assert "--weights none: " not in (tmp_path / "b" / "train.log").read_text()
+
+
 def test_verbose_info_lines_are_in_train_log_as_on_stderr(data, tmp_path):
     # train.log holds "every line the run printed", but -v's INFO lines reached stderr alone
     out = tmp_path / "run"
@@ -1219,7 +1229,8 @@ def test_a_disk_that_fills_under_a_checkpoint_is_one_line_naming_the_file_and_ex
     def small_disk():  # every file this process writes stops at 64 KiB; a checkpoint of the tiny model is larger
         resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 16, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
 
-    argv = [sys.executable, "-m", "freezetune", *train_argv(data, out, "--epochs", "1", "--freeze", "-3")]
+    # nothing frozen: random weights frozen would add their note to stderr, the one line checked here
+    argv = [sys.executable, "-m", "freezetune", *train_argv(data, out, "--epochs", "1", "--freeze", "none")]
     done = subprocess.run(argv, capture_output=True, text=True, preexec_fn=small_disk)
     assert done.returncode == 2, done.stderr
     assert done.stderr.startswith("freezetune: error: File too large (") and len(done.stderr.splitlines()) == 1

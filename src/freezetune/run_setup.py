@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -32,7 +33,7 @@ from freezetune.distributed import (
     main_echo,
     wrap,
 )
-from freezetune.errors import ConfigError, DataError
+from freezetune.errors import ConfigError, DataError, choices
 from freezetune.freeze import freeze
 from freezetune.heads import replace_head
 from freezetune.interrupt import StopRequest
@@ -40,14 +41,25 @@ from freezetune.loss import training_loss
 from freezetune.memory import auto_batch_size
 from freezetune.models import create_model
 from freezetune.optim import build_optimizer, build_scheduler, warmup_steps
-from freezetune.options import BATCH_AUTO, MONITOR_MODES
+from freezetune.options import BATCH_AUTO, MONITOR_MODES, RANDOM_WEIGHTS
 from freezetune.precision import resolve_device, resolve_precision
 from freezetune.progress import Progress
 from freezetune.split import check_cut, check_cut_at_start
+from freezetune.stages import stages
 from freezetune.step import Step
 from freezetune.unfreezing import Unfreezer
 
 SKIPPED = "skipped.txt"  # the image files --skip-bad left out, one path a line
+log = logging.getLogger(__name__)
+
+
+def _say_random_frozen(model: nn.Module) -> None:
+    """Frozen layers of a model built without pretrained weights keep their random start: said once a run, where a
+    linear probe of random features trained in silence (val_loss 356, freeze by the auto recipe's default)."""
+    frozen = [s.name for s in stages(model) if any(not p.requires_grad for p in s.params)]
+    if frozen:
+        run_log.warn_once(log, "--weights none: the frozen stage(s) %s keep their random initial weights (nothing pretrained "
+                  "to keep); --recipe full trains every layer", choices(frozen, limit=4))  # fmt: skip
 
 
 # what, beyond the run's own settings, needs validation data in the runs started within (validation_needed_by)
@@ -152,6 +164,8 @@ class RunSetup:
             hold_bn_statistics(self.model)
         if cfg.cache != "off" and not self.resuming:  # a resume's stages may have opened past it since
             check_cut_at_start(self.model, cfg.cache_at)
+        if str(cfg.weights).lower() in RANDOM_WEIGHTS and not cfg.init and not self.resuming:
+            _say_random_frozen(self.model)
         if not any(p.requires_grad for p in self.model.parameters()):  # the API's "unfreeze a stage first" misled
             # (a plan's epoch-0 stages open when the optimizer exists, after this; "epoch:"/"plateau:" after an epoch)
             later = " in the first epoch (an unfreeze schedule opens stages only after one)" if isinstance(
