@@ -168,6 +168,26 @@ def test_idx_dir_classes_and_a_held_out_val_never_the_test_split(tmp_path):
     assert digits.classes == [str(d) for d in range(10)]
 
 
+def test_an_idx_folders_test_split_as_its_own_validation_data_is_refused(tmp_path):
+    # --val-data of the same IDX folder read its t10k files, which the final test reads too: best.pt, early stopping
+    # and the auto recipe were decided on the test split, unsaid (a folder's test/ as --val-data was refused)
+    root = make_idx_dir(tmp_path / "digits")
+    with pytest.raises(DataError, match=r"the test images are the validation images \(both read from '.*t10k-images"):
+        build_datasets(str(root), val_data=str(root), preprocess=PRE)
+    assert build_datasets(str(root), val_data=str(root), preprocess=PRE, final_test=False).val is not None
+
+
+def test_idx_class_names_drop_a_byte_order_mark_and_refuse_a_name_given_twice(tmp_path):
+    # Notepad's BOM became part of the first name ('\ufeffzero'); two labels under one name were scored as one
+    root = make_idx_dir(tmp_path / "digits")
+    names = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+    (root / "classes.txt").write_bytes(b"\xef\xbb\xbf" + "\n".join(names).encode())
+    assert build_datasets(str(root), preprocess=PRE).classes == names
+    (root / "classes.txt").write_text("\n".join(["a", "a", *names[2:]]))
+    with pytest.raises(DataError, match="names 'a' more than once; give each label a name of its own"):
+        build_datasets(str(root), preprocess=PRE)
+
+
 def test_idx_val_split_and_per_class_never_overlap(tmp_path):
     root = str(make_idx_dir(tmp_path / "mnist", n_train=200))
     b = build_datasets(root, val_split=0.2, per_class=5, seed=1, preprocess=PRE)
@@ -478,7 +498,7 @@ def test_per_class_warns_about_short_classes(tmp_path, caplog):
     root = make_idx_dir(tmp_path / "mnist", n_train=25)  # classes 0-4 have 3 images, 5-9 have 2
     with caplog.at_level(logging.WARNING, logger="freezetune.data"):
         # explicit validation data: nothing is held out of the 25 training images
-        b = build_datasets(str(root), per_class=3, val_data=str(root), preprocess=PRE)
+        b = build_datasets(str(root), per_class=3, val_data=str(make_idx_dir(tmp_path / "val")), preprocess=PRE)
     assert len(b.train) == 25 and "5 of 10 classes have fewer" in caplog.text
 
 

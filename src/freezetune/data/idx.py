@@ -7,6 +7,7 @@ and augment whole batches there instead of decoding per sample.
 from __future__ import annotations
 
 import gzip
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -126,12 +127,16 @@ def idx_class_names(root: str | Path) -> list[str]:
     'T-shirt/top'
     """
     named = Path(root) / CLASS_NAMES_FILE
-    if named.is_file():
-        try:
-            return [line.strip() for line in named.read_text(encoding="utf-8").splitlines() if line.strip()]
-        except (OSError, UnicodeDecodeError) as e:
-            raise DataError(f"cannot read class names '{named}': {e}") from e
-    return list(FASHION_CLASSES if "fashion" in Path(root).name.lower() else DIGIT_CLASSES)
+    if not named.is_file():
+        return list(FASHION_CLASSES if "fashion" in Path(root).name.lower() else DIGIT_CLASSES)
+    try:  # utf-8-sig: Notepad's byte-order mark became part of the first name ('\ufeffzero')
+        names = [line.strip() for line in named.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"cannot read class names '{named}': {e}") from e
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:  # two labels under one name: eval and predict matched a folder of that name to one of them
+        raise DataError(f"'{named}' names {choices(twice)} more than once; give each label a name of its own")
+    return names
 
 
 class InMemoryImageDataset(Dataset):
@@ -224,4 +229,6 @@ def load_idx(root: str | Path, split: str = "train", transform: Callable | None 
         classes = [str(c) for c in range(int(labels.max()) + 1)]
     # np.frombuffer arrays are read-only; copy once so torch owns writable memory.
     images_t, targets = torch.from_numpy(images.copy()), torch.from_numpy(labels.astype(np.int64))
-    return InMemoryImageDataset(images_t, targets, classes, transform)
+    dataset = InMemoryImageDataset(images_t, targets, classes, transform)
+    dataset.source_files = (os.path.realpath(files[0]),)  # which file it is: one split read twice is refused
+    return dataset

@@ -349,7 +349,12 @@ def check_overlap(train, held: dict[str, object]) -> None:
     if twice:
         warn_once(log, "%d training image file(s) are listed more than once: each listing weighs as one more image",
                   twice)  # fmt: skip
+    sources = {what: set(getattr(ds, "source_files", ())) for what, ds in (("training", train), *held.items())}
     for what, other in (("validation", "training"), ("test", "training"), ("test", "validation")):
+        if shared_file := sources.get(what, set()) & sources.get(other, set()):  # an IDX split read as two
+            raise DataError(f"the {what} images are the {other} images (both read from '{min(shared_file)}'): a "
+                            f"{what} score on them is no measure of new images; give {what} data apart from the "
+                            f"{other} data")  # fmt: skip
         if what not in real or other not in real:
             continue
         others = {p for p, _ in real[other]}
