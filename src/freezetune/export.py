@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -183,9 +184,21 @@ def _save_graph(record: dict, to: Path) -> None:
                                   f"{_first_line(exc)}; export it to {others}") from exc  # fmt: skip
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")  # the ONNX exporter colours its text, in a file or not
+
+
 def _first_line(exc: Exception) -> str:
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    return lines[0][:300] if lines else "(no message)"
+    r"""The exporter's message in one line: its first, without terminal colour codes, cut at its first sentence's end
+    past 300 characters.
+
+    >>> _first_line(RuntimeError("Failed to decompose. \x1b[96mThis is step 2/3\x1b[0m of exporting.\nNext"))
+    'Failed to decompose. This is step 2/3 of exporting.'
+    """
+    lines = [line.strip() for line in _ANSI.sub("", str(exc)).splitlines() if line.strip()]
+    if not lines:
+        return "(no message)"
+    line = lines[0]
+    return line if len(line) <= 300 else line[: line.find(". ", 0, 300) + 1 or 300]
 
 
 def _save_onnx(model: nn.Module, example: tuple, batch: tuple, tmp: Path) -> None:
