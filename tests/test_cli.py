@@ -1121,6 +1121,25 @@ def test_validation_the_final_test_and_eval_show_progress_bars_when_the_run_does
     assert "scoring" in terminal.getvalue() and "batch" in terminal.getvalue()
 
 
+def test_eval_skip_bad_reproduces_the_test_score_of_a_run_that_skipped_an_unreadable_test_image(tmp_path, capsys):
+    # the run left the file out (--skip-bad) and scored its test split; eval refused the data and had no --skip-bad
+    data = make_image_folder(tmp_path / "images")
+    (data / "test" / sorted(CLASSES)[0] / "cut.png").write_bytes(b"\x89PNG\r\n\x1a\n not a whole png")
+    out = tmp_path / "run"
+    code, _, err = run_cli(capsys, *train_argv(data, out, "--epochs", "1", "--freeze", "backbone", "--skip-bad"))
+    assert code == 0, err
+    code, stdout, err = run_cli(capsys, "eval", "--checkpoint", out / "best.pt", "--data", data)
+    _assert_user_error(code, stdout, err, "cut.png", "fix or remove them, or give --skip-bad")
+    code, stdout, err = run_cli(capsys, "eval", "--checkpoint", out / "best.pt", "--data", data, "--skip-bad",
+                                "--metrics", tmp_path / "m.json")  # fmt: skip
+    assert code == 0, err
+    assert "(1 unreadable image file(s) left out: --skip-bad)" in stdout.splitlines()[0]
+    written, again = json.loads((out / "test_metrics.json").read_text()), json.loads((tmp_path / "m.json").read_text())
+    assert {k: again[k] for k in ("n", "acc", "loss", "confusion")} == {
+        k: written[k] for k in ("n", "acc", "loss", "confusion")
+    }
+
+
 def test_eval_replaces_a_plot_it_drew_but_not_a_users_image_at_the_plot_path(run, data, capsys, tmp_path):
     # any existing image counted as an earlier evaluation's plot: --plot thesis.pdf replaced the user's PDF in silence
     photo = tmp_path / "photo.png"

@@ -220,6 +220,9 @@ def _eval_parser(sub) -> None:
                    help="confusion-matrix image, .png/.pdf/.svg/.jpg (default: next to the checkpoint, "
                         "eval_<data>-<digest of its path>_confusion.png)")  # fmt: skip
     p.add_argument("--metrics", default=None, help="also write every metric as JSON to this file (for batch jobs)")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="leave out image files that cannot be read (and a CSV's missing ones), as a run's --skip-bad "
+                        "did, rather than refuse the data")  # fmt: skip
     p.add_argument("--force", action="store_true",
                    help="replace an existing --metrics or --plot file that no evaluation wrote (what eval wrote, it "
                         "replaces anyway)")  # fmt: skip
@@ -358,7 +361,7 @@ def _cmd_eval(args) -> int:
         ):
             raise ConfigError(f"{flag} {str(path)!r}: {problem}")
     result = evaluate_checkpoint(args.checkpoint, args.data, batch_size=args.batch_size, device=args.device,
-                                 progress=True)  # fmt: skip
+                                 progress=True, skip_bad=args.skip_bad)  # fmt: skip
     print(f"scored {result['n']} of {result['data']}")
     print(format_report(result, result["classes"]))  # first: a folder the files cannot go to must not cost the scores
     try:

@@ -185,6 +185,7 @@ def evaluate_checkpoint(
     batch_size: int | None = None,
     device: str = "auto",
     progress: bool = False,
+    skip_bad: bool = False,
 ) -> dict:
     """Evaluate a checkpoint on ``data``: a path (its test split, see ``data.build_eval_dataset``; a text model's is a
     ``text,label`` CSV) or a dataset, read as it is (its transform and, image files, its ``alpha``; a path's are the
@@ -193,6 +194,8 @@ def evaluate_checkpoint(
     ``batch_size`` (default: the run's, ``run_batch_size``) changes no prediction, but the loss's float rounding may
     differ with it (and with the CPU threads): at the run's, ``eval`` of ``best.pt`` on the machine that trained it
     reproduces the run's ``test_metrics.json`` to the last digit. ``progress``: a progress bar over the batches.
+    ``skip_bad``: a path's unreadable image files are left out (``data.build_eval_dataset``), as a run's
+    ``--skip-bad`` left them out of its test split, rather than refused.
 
     Returns:
         ``evaluate_model``'s metrics plus ``classes``, the class names index-aligned with the confusion matrix, and
@@ -211,7 +214,8 @@ def evaluate_checkpoint(
     else:
         from freezetune.data import build_eval_dataset
 
-        dataset = build_eval_dataset(str(data), preprocess=loaded.preprocess, classes=loaded.classes)
+        dataset = build_eval_dataset(str(data), preprocess=loaded.preprocess, classes=loaded.classes,
+                                     skip_bad=skip_bad)  # fmt: skip
     if loaded.preprocess.is_text:
         tokenizer = text_tokenizer(loaded)
         warn_cut(count_cut([dataset[i][0] for i in range(len(dataset))], tokenizer), tokenizer.max_length)

@@ -310,12 +310,14 @@ def build_datasets(
                       val_source=val_source, skipped=skipped, no_refit=no_refit)  # fmt: skip
 
 
-def build_eval_dataset(data: str, *, preprocess: Preprocess, classes: list[str]) -> Dataset:
+def build_eval_dataset(data: str, *, preprocess: Preprocess, classes: list[str], skip_bad: bool = False) -> Dataset:
     """The evaluation set of ``data`` for a trained model: an IDX test split, a ``test/`` (else ``val/``) folder,
     or the whole folder/CSV; for a text model (``preprocess.tokenizer`` set) a ``text,label`` CSV. Labels are checked
     against the model's ``classes``.
 
-    The dataset's ``source`` attribute says, in words, which split or files it holds (``eval`` prints it).
+    The dataset's ``source`` attribute says, in words, which split or files it holds (``eval`` prints it), and how
+    many unreadable image files ``skip_bad`` left out (as a run's ``--skip-bad`` did: its test score is then
+    reproduced); without it they are refused.
 
     Folder and CSV labels are class names, matched by name: data may hold fewer classes than the model, never one
     it does not know. IDX labels are positions, so an IDX directory's names (``classes.txt``, else the Fashion-MNIST
@@ -357,10 +359,10 @@ def build_eval_dataset(data: str, *, preprocess: Preprocess, classes: list[str])
     elif path.is_dir():
         ds, source = scan_folder(path, classes), f"every image under {path}"
     else:
-        ds, source = read_csv(path, classes), f"every row of {path}"
-    ds, _ = check_images(ds, "evaluation", skip_bad=False, hint="fix or remove them")
+        ds, source = read_csv(path, classes, missing_ok=skip_bad), f"every row of {path}"
+    ds, skipped = check_images(ds, "evaluation", skip_bad=skip_bad, hint="fix or remove them, or give --skip-bad")
     _prepare(ds, eval_transform(preprocess), preprocess)
-    ds.source = source
+    ds.source = source + (f" ({len(skipped)} unreadable image file(s) left out: --skip-bad)" if skipped else "")
     return ds
 
 
