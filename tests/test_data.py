@@ -950,6 +950,17 @@ def test_a_csv_header_of_other_names_is_named_as_a_header(tmp_path):
         build_datasets(str(tmp_path / "odd.csv"), preprocess=PRE)
 
 
+def test_a_headerless_csv_whose_first_image_is_missing_names_the_missing_file(tmp_path):
+    # its first row was read as a header "with no image column", and --skip-bad could not leave the file out
+    root = _tiny_split_folder(tmp_path / "d")
+    rows = [f"{p},{p.parent.name}" for p in sorted((root / "train").rglob("*.png"))]
+    (tmp_path / "gone.csv").write_text("\n".join([f"{root}/nope.png,blue", *rows]))
+    with pytest.raises(DataError, match=r"lists 1 missing image file\(s\)"):
+        build_datasets(str(tmp_path / "gone.csv"), preprocess=PRE)
+    data = build_datasets(str(tmp_path / "gone.csv"), preprocess=PRE, skip_bad=True)
+    assert len(data.train) + len(data.val) == len(rows)
+
+
 def test_an_image_csv_with_a_caption_column_is_read_as_images(tmp_path):
     # refused as "a text CSV" for an image model because its header also named a text column
     root = _tiny_split_folder(tmp_path / "d")

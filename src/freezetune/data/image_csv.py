@@ -6,7 +6,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from freezetune.data.folder import FileImageDataset, nfc, sorted_labels, warn_similar_labels
+from freezetune.data.folder import IMAGE_EXTENSIONS, FileImageDataset, nfc, sorted_labels, warn_similar_labels
 from freezetune.data.utf8 import not_utf8
 from freezetune.errors import DataError, choices
 from freezetune.options import LABEL_COLUMNS
@@ -94,8 +94,11 @@ def _read_csv_rows(path: Path) -> list[tuple[str, str]]:
         raise DataError(f"cannot read CSV '{path}': {e}") from e
     rows = [r for _, r in numbered]
     header = rows[0] if rows and _is_header(rows[0], path.parent) else None
-    if header is None and len(rows) > 1 and not _exists(rows[0][0], path.parent) and _exists(rows[1][0], path.parent):
-        header = rows[0]  # a header of other names ("image_id,species"): named as such, not a missing image
+    if (header is None and len(rows) > 1 and not _exists(rows[0][0], path.parent) and _exists(rows[1][0], path.parent)
+            and not rows[0][0].strip().lower().endswith(IMAGE_EXTENSIONS)):  # fmt: skip
+        # a header of other names ("image_id,species"): named as such, not a missing image; a first cell named like
+        # an image file is a missing image (its row was read as a header "with no image column", --skip-bad or not)
+        header = rows[0]
     if header is not None:
         rows, numbered = rows[1:], numbered[1:]
     if not rows:
