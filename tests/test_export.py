@@ -54,6 +54,26 @@ def test_the_sidecar_says_how_transparent_pixels_were_read_also_for_an_older_che
     assert json.loads(sidecar.read_text())["preprocess"]["alpha"] == "drop"
 
 
+def test_another_checkpoint_of_the_same_model_classes_and_epoch_does_not_join_a_sidecar(best_pt, tmp_path):
+    # the sidecar compared model, classes, preprocessing and epoch: another run's best.pt of the same epoch joined it,
+    # and m.onnx and m.safetensors under one m.json held two runs' weights
+    record = checkpoint.load(best_pt)
+    record["state_dict"] = {k: v + 1 if v.is_floating_point() else v for k, v in record["state_dict"].items()}
+    other = checkpoint.save(record, tmp_path / "other.pt")
+    export_checkpoint(best_pt, tmp_path / "m.safetensors")
+    with pytest.raises(CheckpointError, match="m.json already exists and does not describe this checkpoint"):
+        export_checkpoint(other, tmp_path / "m.pt2")
+    with pytest.raises(CheckpointError, match=r"m.json describes another checkpoint, exported beside it as"):
+        export_checkpoint(other, tmp_path / "m.pt2", force=True)
+    export_checkpoint(best_pt, tmp_path / "m.pt2")  # the same weights join it
+    # a sidecar written before the digest still describes its checkpoint
+    meta = json.loads((tmp_path / "m.json").read_text())
+    meta.pop(export_module.WEIGHTS_DIGEST)
+    (tmp_path / "m.json").write_text(json.dumps(meta))
+    export_checkpoint(best_pt, tmp_path / "m.onnx")
+    assert json.loads((tmp_path / "m.json").read_text())[export_module.WEIGHTS_DIGEST]
+
+
 def test_export_writes_weights_and_sidecar(best_pt, tmp_path):
     weights, sidecar = export_checkpoint(best_pt, tmp_path / "out" / "m.safetensors")
     assert (weights, sidecar) == (tmp_path / "out" / "m.safetensors", tmp_path / "out" / "m.json")

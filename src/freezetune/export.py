@@ -11,6 +11,7 @@ Formats, chosen by the target's suffix:
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import re
@@ -94,7 +95,26 @@ def _meta(record: dict) -> dict:
     else:  # every field, an older checkpoint's filled in as it reads them: how its images were read (alpha) too
         pre = Preprocess.from_dict(pre).to_dict()
     return {"model": record["model"], "classes": record["classes"], "preprocess": pre,
-            "freezetune_version": record.get("freezetune_version"), "epoch": record.get("epoch")}  # fmt: skip
+            "freezetune_version": record.get("freezetune_version"), "epoch": record.get("epoch"),
+            WEIGHTS_DIGEST: weights_digest(record["state_dict"])}  # fmt: skip
+
+
+WEIGHTS_DIGEST = "weights_sha256"  # which weights the sidecar describes: two runs' best.pt of one epoch look alike
+
+
+def weights_digest(state_dict: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of a state dict's names and tensor bytes, in name order.
+
+    >>> zeros, ones = weights_digest({"w": torch.zeros(2)}), weights_digest({"w": torch.ones(2)})
+    >>> zeros == weights_digest({"w": torch.zeros(2)}) != ones
+    True
+    """
+    digest = hashlib.sha256()
+    for name in sorted(state_dict):
+        tensor = state_dict[name].detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{name}:{tensor.dtype}:{tuple(state_dict[name].shape)};".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
 
 
 def _sidecar(path: Path, meta: dict, force: bool, target: Path) -> dict:
@@ -113,7 +133,9 @@ def _sidecar(path: Path, meta: dict, force: bool, target: Path) -> dict:
             old = {**old, "preprocess": Preprocess.from_dict(old["preprocess"]).to_dict()}
         except (KeyError, TypeError, ValueError):  # not a sidecar of ours: compared as it is
             pass
-    if isinstance(old, dict) and all(old.get(k) == v for k, v in meta.items()):
+    # a sidecar written before the weights' digest was kept: compared on the rest, as it was then
+    compared = {k: v for k, v in meta.items() if k != WEIGHTS_DIGEST or (isinstance(old, dict) and k in old)}
+    if isinstance(old, dict) and all(old.get(k) == v for k, v in compared.items()):
         return {**old, **meta}
     if not force:
         raise CheckpointError(f"{path} already exists and does not describe this checkpoint; pass --force to "

@@ -135,7 +135,8 @@ def sequential_head(model: nn.Module, head: str) -> list[str]:
     children the hidden one stayed frozen at its random init). Just ``[head]`` when that run would be every layer
     with parameters (an MLP alone) or the model is not such a ``Sequential``.
 
-    >>> sequential_head(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)), "4")
+    >>> model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    >>> sequential_head(model, "4")
     ['2', '3', '4']
     """
     if type(model) is not nn.Sequential or "." in head:
