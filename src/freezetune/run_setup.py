@@ -58,8 +58,9 @@ def _say_random_frozen(model: nn.Module) -> None:
     linear probe of random features trained in silence (val_loss 356, freeze by the auto recipe's default)."""
     frozen = [s.name for s in stages(model) if any(not p.requires_grad for p in s.params)]
     if frozen:
-        run_log.warn_once(log, "--weights none: the frozen stage(s) %s keep their random initial weights (nothing pretrained "
-                  "to keep); --recipe full trains every layer", choices(frozen, limit=4))  # fmt: skip
+        run_log.warn_once(log, "--weights none: the frozen stage(s) %s keep their random initial weights (nothing "
+                          "pretrained to keep); --recipe full trains every layer",
+                          choices(frozen, limit=4))  # fmt: skip
 
 
 # what, beyond the run's own settings, needs validation data in the runs started within (validation_needed_by)

@@ -107,8 +107,8 @@ def sweep(cfg: TrainConfig, recipes: str | list[str] | tuple[str, ...] = SWEEP_D
 def _check_out(out: Path, *, resume: bool) -> None:
     """Refuse a folder whose sweep files a new sweep would replace: a sweep's, finished or stopped after a recipe
     trained, without ``--resume``; a ``winner.yaml``, ``sweep_config.yaml`` or ``sweep.png`` no sweep wrote (a sweep
-    records its settings first, and writes its table beside its winner and plot), with or without. A sweep refused before any recipe trained (no validation data)
-    runs again as asked."""
+    records its settings first, and writes its table beside its winner and plot), with or without. A sweep refused
+    before any recipe trained (no validation data) runs again as asked."""
     from freezetune.checkpoint import LAST  # (torch: not at import, the CLI's parsers import this module)
 
     if not (out / "sweep.csv").exists() and not _settings_of_a_sweep(out / SETTINGS_FILE):
@@ -287,8 +287,9 @@ def _run_recipe(name: str, cfg: TrainConfig, echo: Callable[[str], None], info: 
             with validation_needed_by("a sweep (it compares its recipes on the validation split)"):
                 result = broadcast(recipes.run(cfg, echo=echo), info)
         except RunInterrupted as exc:  # a recipe's advice ("the same command") is refused once a recipe has trained
-            raise RunInterrupted.by(exc.signum, f"{exc.where or 'at once'} in recipe {name}; continue the sweep with "
-                                    "its command and --resume (the recipes it finished keep their rows)") from None  # fmt: skip
+            how = (f"{exc.where or 'at once'} in recipe {name}; continue the sweep with its command and --resume (the "
+                   "recipes it finished keep their rows)")  # fmt: skip
+            raise RunInterrupted.by(exc.signum, how) from None
     if not (result.history and result.history[-1].get("val_n")):  # its rows scored NaN, and a "winner" was named
         raise DataError(f"sweep: recipe {name} had no validation data to be scored on (one example of a class "
                         "leaves none to hold out), and a sweep compares recipes on it: give --val-data, or more "

@@ -52,9 +52,9 @@ class FreezetuneFinetuning(Callback):
     ``ft.param_groups(self.model, lr, stage_lrs=..., decay=...)`` (one named group per stage); the callback adds a group
     for each stage it unfreezes, with the LR the same rule gives (``stage_lrs[name]``, else ``lr / decay**depth``),
     and extends the first LR scheduler to drive it. With several optimizers it adds the groups to the first; a stage
-    another one holds trains there (a warning says so), never in both. Lightning's warning "Found N module(s) in eval mode at the start of
-    training" names the frozen BatchNorm layers, which stay in eval mode on purpose (``bn="frozen"`` or
-    ``"affine-only"``).
+    another one holds trains there (a warning says so), never in both. Lightning's warning "Found N module(s) in eval
+    mode at the start of training" names the frozen BatchNorm layers, which stay in eval mode on purpose
+    (``bn="frozen"`` or ``"affine-only"``).
 
     Args:
         freeze: What is frozen before training: ``"backbone"``, ``"all"``, an int, a stage name, a glob or a list.
