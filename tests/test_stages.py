@@ -234,6 +234,12 @@ def test_a_sequential_models_head_of_several_layers_trains_whole():
     convnet = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 16),
                             nn.ReLU(), nn.Linear(16, 7))  # fmt: skip
     assert [(s.name, s.modules) for s in ft.stages(convnet)] == [("0", ("0",)), ("head", ("4", "6"))]
+    # the backbone's own norm stays the backbone's (conv, BatchNorm2d, ReLU, Flatten, Linear: a head of one layer)
+    small = nn.Sequential(nn.Conv2d(1, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 26 * 26, 10))
+    assert [s.name for s in ft.stages(small)] == ["0", "4"]
+    deeper = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4), nn.ReLU(),
+                           nn.Flatten(), nn.Linear(4 * 24 * 24, 8), nn.ReLU(), nn.Linear(8, 3))  # fmt: skip
+    assert [(s.name, s.modules) for s in ft.stages(deeper)][-2:] == [("2", ("2", "3")), ("head", ("6", "8"))]
     # a single layer after the backbone keeps its name; an MLP alone is not all head
     assert [s.name for s in ft.stages(nn.Sequential(backbone, nn.Flatten(), nn.Linear(512, 7)))][-1] == "2"
     assert [s.name for s in ft.stages(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)))] == ["0", "2"]

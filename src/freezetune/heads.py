@@ -130,14 +130,15 @@ def head_container(model: nn.Module, head: str) -> str:
 
 def sequential_head(model: nn.Module, head: str) -> list[str]:
     """The top-level layers of a user's own ``nn.Sequential`` model that make its head with ``head``, its last
-    ``nn.Linear``: the run of head-like layers before it (``Sequential(backbone, Linear, ReLU, Linear)``: both
-    linear layers; as an attribute, ``mlp = Sequential(Linear, ReLU, Linear)``, they were, but as the model's own
-    children the hidden one stayed frozen at its random init). Just ``[head]`` when that run would be every layer
-    with parameters (an MLP alone) or the model is not such a ``Sequential``.
+    ``nn.Linear``: the run of head-like layers before it, from its first Linear (``Sequential(backbone, Linear, ReLU,
+    Linear)``: both linear layers; as an attribute, ``mlp = Sequential(Linear, ReLU, Linear)``, they were, but as the
+    model's own children the hidden one stayed frozen at its random init). Just ``[head]`` for a head of one Linear,
+    when the run would be every layer with parameters (an MLP alone), or when the model is not such a ``Sequential``.
 
-    >>> model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
-    >>> sequential_head(model, "4")
-    ['2', '3', '4']
+    >>> model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4, 8), nn.ReLU(),
+    ...                       nn.Linear(8, 2))
+    >>> sequential_head(model, "5"), sequential_head(model[:4], "3")
+    (['3', '4', '5'], ['3'])
     """
     if type(model) is not nn.Sequential or "." in head:
         return [head]
@@ -148,9 +149,12 @@ def sequential_head(model: nn.Module, head: str) -> list[str]:
         if not _head_like(nn.Sequential(module)):
             break
         run.insert(0, name)
-    run = run[next(i for i, n in enumerate(run) if has_params(model.get_submodule(n))) :]  # from its first layer
+    # from its first Linear: a norm before it is the backbone's (conv, BatchNorm2d, ReLU, Flatten, Linear), and one
+    # Linear is a head of one layer
+    linears = [i for i, n in enumerate(run) if isinstance(model.get_submodule(n), nn.Linear)]
+    run = run[linears[0] :]
     kept = [m for n, m in children if n not in run and has_params(m)]
-    return run if kept and len(run) > 1 else [head]
+    return run if kept and len(linears) > 1 else [head]
 
 
 def _head_like(module: nn.Module) -> bool:
