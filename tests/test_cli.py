@@ -415,6 +415,10 @@ def _assert_user_error(code, out, err, *needles):
         (["--skip-nonfinite", "-1"], ["skip_nonfinite must be >= 0, got -1"]),
         (["--freeze", "backbone", "--cache-at", "nosuch"], ["unknown cache_at stage 'nosuch'", "'blocks.0'"]),
         # a stage that trains from the start: the run went on uncached, exit 0 ("feature cache off: cannot cut")
+        (  # a plan's epoch-0 stage too (it opens as the optimizer is built)
+            ["--freeze", "-1", "--unfreeze", "{0: blocks.3}", "--cache", "memory", "--cache-at", "blocks.4"],
+            ["cache_at 'blocks.4' trains from the start of the run", "'blocks.2', 'blocks.3'; give one"],
+        ),
         (
             ["--freeze", "-3", "--cache", "memory", "--cache-at", "classifier"],
             ["cache_at 'classifier' trains from the start of the run", "'blocks.2', 'blocks.3'; give one"],

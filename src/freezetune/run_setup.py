@@ -163,8 +163,6 @@ class RunSetup:
         freeze(self.model, parse_freeze_spec(cfg.freeze), bn=cfg.bn)
         if cfg.bn_stats == "frozen":  # (the layers an unfreeze releases later are held too)
             hold_bn_statistics(self.model)
-        if cfg.cache != "off" and not self.resuming:  # a resume's stages may have opened past it since
-            check_cut_at_start(self.model, cfg.cache_at)
         if str(cfg.weights).lower() in RANDOM_WEIGHTS and not cfg.init and not self.resuming:
             _say_random_frozen(self.model)
         if not any(p.requires_grad for p in self.model.parameters()):  # the API's "unfreeze a stage first" misled
@@ -192,6 +190,8 @@ class RunSetup:
                                     echo=self.echo, progress=cfg.progress and self.dist.is_main)  # fmt: skip
         self.steps_per_epoch = self.features.steps_per_epoch
         self.state = checkpoint.TrainingState(self.model, *self._optimization())
+        if cfg.cache != "off" and not self.resuming:  # after a plan's epoch-0 stages open (the Unfreezer's); a
+            check_cut_at_start(self.model, cfg.cache_at)  # resume's stages may have opened past it since
         self.loss_fn = training_loss(cfg.class_weights, cfg.label_smoothing, self.data.train.targets, len(self.classes),
                                      self.device)  # fmt: skip
         self.step = Step(self.state, self.loss_fn, self.precision, channels_last=self.channels_last,
