@@ -38,10 +38,15 @@ class CheckpointError(FreezetuneError):
 
 
 def choices(values: Iterable[object], limit: int = 40) -> str:
-    """Format valid choices for an error message: ``'a', 'b', 'c'`` (shortened past ``limit``)."""
+    """Format valid choices for an error message: ``'a', 'b', 'c'`` (shortened past ``limit``: the first ``limit - 1``,
+    how many are left out, the last).
+
+    >>> choices("abcdef", limit=4)
+    "'a', 'b', 'c', ... (2 more), 'f'"
+    """
     items = [repr(str(v)) for v in values]
     if len(items) > limit:
-        items = items[: limit - 1] + [f"... ({len(items) - limit + 1} more)", items[-1]]
+        items = items[: limit - 1] + [f"... ({len(items) - limit} more)", items[-1]]
     return ", ".join(items)
 
 
