@@ -143,12 +143,13 @@ class RunSetup:
                                    skip_bad=cfg.skip_bad, refit=bool(cfg.refit),
                                    final_test=cfg.final_test)  # fmt: skip
         self.classes = self.data.classes
-        users = [*validation_users(cfg), *_VALIDATION_USERS.get()]
-        if self.data.val is None and users:  # a plateau failed after epoch 1; --early-stop was ignored
-            # the data says why there is none: "none (every class has a single ...)"
+        own, outer = validation_users(cfg), _VALIDATION_USERS.get()
+        if self.data.val is None and (users := [*own, *outer]):  # a plateau failed after epoch 1; --early-stop was
+            # ignored; a sweep trained its first recipe. The data says why there is none: "none (every class has ..."
+            without = f", or train without {'it' if len(own) == 1 else 'them'}" if own and not outer else ""
             raise DataError(f"{' and '.join(users)} need{'s' if len(users) == 1 else ''} validation data, and this "
-                            f"run has {self.data.val_source}: give --val-data (or more {noun(self.data.train)} a class), or train "
-                            f"without {'it' if len(users) == 1 else 'them'}")  # fmt: skip
+                            f"run has {self.data.val_source}: give --val-data (or more {noun(self.data.train)} a "
+                            f"class){without}")  # fmt: skip
         # what last.pt keeps of the data (sizes, digests), for a resume to refuse other data
         self.data_print = data_record(self.data.train, self.data.val) if self.resumable else None
 
