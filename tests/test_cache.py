@@ -1,5 +1,6 @@
 """The frozen-prefix feature cache: training from it computes the same function as training without it."""
 
+import dataclasses
 import logging
 import os
 import sys
@@ -106,6 +107,23 @@ def test_disk_cache_spills_to_run_dir_and_matches_and_leaves_no_file(image_folde
     assert not (tmp_path / "d" / "cache").exists()  # no file, nor the empty folders that held them
     mem = Trainer(_config(image_folder, tmp_path, "m", cache="memory", epochs=2), echo=lambda *_: None)
     np.testing.assert_allclose(_losses(disk), _losses(mem), rtol=1e-6, atol=1e-7)
+
+
+def test_a_rank_clears_its_own_spill_folders_only(image_folder, tmp_path, monkeypatch):
+    # under torchrun each rank cleared the whole cache/ after its build: the other rank's folder, empty for a moment,
+    # vanished as it was about to write its store ("No such file or directory"), in 3 of 5 runs with an unfreeze
+    from freezetune.cache.path import FeaturePath
+    from freezetune.distributed import DistInfo
+
+    trainer = Trainer(_config(image_folder, tmp_path, "d", cache="disk", epochs=1), echo=lambda *_: None)
+    features = trainer.features
+    monkeypatch.setattr(features, "loaders", dataclasses.replace(features.loaders, dist=DistInfo(rank=0, world=2)))
+    monkeypatch.setattr(FeaturePath, "_build_cache", lambda self: (self.spill_dir / "rank0" / "train").mkdir(
+        parents=True, exist_ok=True))  # fmt: skip
+    other = features.spill_dir / "rank1" / "train"
+    other.mkdir(parents=True)  # rank 1's, about to hold its store
+    features.build()
+    assert other.is_dir() and not (features.spill_dir / "rank0").exists()
 
 
 def test_views_are_sampled_per_epoch_reproducibly(image_folder, tmp_path):

@@ -82,7 +82,9 @@ class FeaturePath:
         self.split, self.train_store, self.val_store = None, None, None  # an old cache is stale: free it first
         if self.cache != "off":
             self._build_cache()
-            _remove_empty_dirs(self.spill_dir)  # a disk store's file is unlinked once mapped; its folders stayed
+            # a disk store's file is unlinked once mapped; its folders stayed. This rank's alone: under torchrun the
+            # other's, empty for a moment, vanished as it was about to write there ("No such file or directory")
+            _remove_empty_dirs(self._own_spill())
         self.train_module = self.prepare(self.split.suffix_train if self.split is not None else self.model)
 
     def train_batches(self, epoch: int):
@@ -169,12 +171,17 @@ class FeaturePath:
             self.echo(f"note: the cache took {seconds:.0f}s to build; --cache-dir DIR keeps it for a resume or a later "
                       "run on the same data (the auto recipe keeps its own in the run dir's features/)")  # fmt: skip
 
+    def _own_spill(self) -> Path:
+        """Where this process spills its disk stores: the run's ``cache/``, under torchrun a folder a rank."""
+        dist = self.loaders.dist
+        return self.spill_dir / f"rank{dist.rank}" if dist.enabled else self.spill_dir
+
     def _store(
         self, split: Split, dataset, *, views: int, augment: bool, hows: list[str], train: bool = True
     ) -> tuple[FeatureStore, CacheInfo]:
         """The store of ``dataset``'s prefix features, read from ``cache_dir`` or built; ``hows`` gets which."""
         dist, loaders = self.loaders.dist, self.loaders
-        spill = self.spill_dir / (f"rank{dist.rank}" if dist.enabled else "") / ("train" if train else "val")
+        spill = self._own_spill() / ("train" if train else "val")
         parts = getattr(dataset, "parts", None) if not augment else None  # a join of datasets cached one by one
         if train and not augment:  # the training images as evaluation sees them
             dataset = dataset.select(torch.arange(len(dataset)), eval_transform(loaders.preprocess))
@@ -214,9 +221,11 @@ class FeaturePath:
 
 def _remove_empty_dirs(root: Path) -> None:
     """``root`` and the folders below it that are empty, deepest first (a folder in use stays)."""
-    if not root.is_dir():
+    try:
+        folders = [p for p in root.rglob("*") if p.is_dir()] if root.is_dir() else []
+    except OSError:  # a folder gone while it was walked
         return
-    for folder in sorted((p for p in root.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
+    for folder in sorted(folders, key=lambda p: len(p.parts), reverse=True):
         with contextlib.suppress(OSError):
             folder.rmdir()
     with contextlib.suppress(OSError):
