@@ -788,7 +788,9 @@ def test_eval_data_with_an_unreadable_image_is_refused(tmp_path):
     from freezetune.data import build_eval_dataset
 
     _break(make_folder(tmp_path, 2))
-    with pytest.raises(DataError, match=r"2 of 6 evaluation image file\(s\) cannot be read.*fix or remove them, or give --skip-bad$"):
+    with pytest.raises(
+        DataError, match=r"2 of 6 evaluation image file\(s\) cannot be read.*fix or remove them, or give --skip-bad$"
+    ):
         build_eval_dataset(str(tmp_path), preprocess=PRE, classes=sorted(COLOURS))
 
 
