@@ -146,7 +146,7 @@ def sequential_head(model: nn.Module, head: str) -> list[str]:
     names = [n for n, _ in children]
     run = [head]
     for name, module in reversed(children[: names.index(head)]):
-        if not _head_like(nn.Sequential(module)):
+        if not _head_layer(module):
             break
         run.insert(0, name)
     # from its first Linear: a norm before it is the backbone's (conv, BatchNorm2d, ReLU, Flatten, Linear), and one
@@ -159,11 +159,13 @@ def sequential_head(model: nn.Module, head: str) -> list[str]:
 
 def _head_like(module: nn.Module) -> bool:
     """A ``Sequential`` of what a classifier head is built from: linear layers, activations, dropout, norms."""
+    return isinstance(module, nn.Sequential) and all(_head_layer(m) for m in module.children())
+
+
+def _head_layer(module: nn.Module) -> bool:
+    """One layer of what a classifier head is built from (``_head_like``)."""
     plain = (nn.Linear, nn.Dropout, nn.Identity, nn.Flatten)
-    return isinstance(module, nn.Sequential) and all(
-        isinstance(m, plain) or is_norm(m) or type(m).__module__ == "torch.nn.modules.activation"
-        for m in module.children()
-    )
+    return isinstance(module, plain) or is_norm(module) or type(module).__module__ == "torch.nn.modules.activation"
 
 
 def hf_base_prefix(model: nn.Module) -> str | None:

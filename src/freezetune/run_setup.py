@@ -188,7 +188,7 @@ class RunSetup:
                                     views=cfg.cache_views, spill_dir=self.run_dir / "cache", cache_dir=cfg.cache_dir,
                                     cache_at=cfg.cache_at,
                                     channels_last=self.channels_last, prepare=self._prepare,
-                                    echo=self.echo, progress=cfg.progress and self.dist.is_main)  # fmt: skip
+                                    echo=self.echo, progress=self.draws_bars)  # fmt: skip
         self.steps_per_epoch = self.features.steps_per_epoch
         self.state = checkpoint.TrainingState(self.model, *self._optimization())
         if cfg.cache != "off" and not self.resuming:  # after a plan's epoch-0 stages open (the Unfreezer's); a
@@ -281,6 +281,11 @@ class RunSetup:
         end = "report, test split" if self.cfg.final_test else "report; the test split is not scored: --final-test"
         then = f"; nothing trains, only the run's end ({end}) runs again" if done else ""
         self.echo(f"resumed {self.run_dir} {where}{done}{then}")
+
+    @property
+    def draws_bars(self) -> bool:
+        """Whether this process draws progress bars: ``--progress``, and under torchrun rank 0 alone."""
+        return self.cfg.progress and self.dist.is_main
 
     def trained_out(self) -> bool:
         """Whether no epoch is left to train: all were trained, or early stopping ended the run."""

@@ -52,16 +52,15 @@ def split_model(model: nn.Module, at: str | None = None) -> tuple[Split | None, 
     moving = _moving_batchnorm(model)
     if moving:
         return None, moving
-    first = next((i for i, s in enumerate(st) if any(p.requires_grad for p in s.params)), None)
+    first, cuts = _cuts(st)
     if first is None:
         return None, "nothing is trainable"
     if first == 0:
         return None, _trainable_first_stage(model, st[0])
     if at is not None:
-        names = [s.name for s in st]
-        if at not in names[1 : first + 1]:
-            return None, f"cannot cut at {at!r}: the cut must be a frozen stage's start among {names[1 : first + 1]}"
-        first = names.index(at)
+        if at not in cuts:
+            return None, f"cannot cut at {at!r}: the cut must be a frozen stage's start among {cuts}"
+        first = [s.name for s in st].index(at)
     try:
         split = _fx_split(model, st, first, set(st[first].param_names) if at is not None else None)
         if split is not None and split.boundary != st[first].name:  # say where the cache is, and why there
@@ -100,12 +99,17 @@ def check_cut_at_start(model: nn.Module, at: str | None) -> None:
     """Raise a ``SpecError`` when ``at`` names a stage past the first one that trains in ``model`` as the run starts
     (its freeze applied): the cut asked for cannot be made, and the run trained on uncached images, exit 0. Later,
     an unfreeze that moves the boundary past it is no mistake (see ``check_cut``)."""
-    st = stages(model)
-    first = next((i for i, s in enumerate(st) if any(p.requires_grad for p in s.params)), None)
-    valid = [s.name for s in st[1 : (first or 0) + 1]]
-    if at is not None and first and at not in valid:
+    first, cuts = _cuts(stages(model))
+    if at is not None and first and at not in cuts:
         raise SpecError(f"cache_at {at!r} trains from the start of the run: the cache cuts at the input of a stage "
-                        f"up to the first that trains: {choices(valid)}; give one of them, or freeze more")  # fmt: skip
+                        f"up to the first that trains: {choices(cuts)}; give one of them, or freeze more")  # fmt: skip
+
+
+def _cuts(st: list[Stage]) -> tuple[int | None, list[str]]:
+    """The index of the first stage that trains (None: none does) and the stages a cache can cut at, from the second
+    up to that one: a cut at the first leaves no prefix, past it the prefix would train."""
+    first = next((i for i, s in enumerate(st) if any(p.requires_grad for p in s.params)), None)
+    return first, [s.name for s in st[1 : (first or 0) + 1]]
 
 
 def _moving_batchnorm(model: nn.Module) -> str | None:

@@ -248,12 +248,12 @@ class Trainer(RunSetup):
 
     def _bar(self, label: str) -> str | None:
         """A progress bar's label where this process draws bars (``--progress``, rank 0), else None."""
-        return label if self.cfg.progress and self.dist.is_main else None
+        return label if self.draws_bars else None
 
     def _train_epoch(self, epoch: int, batches) -> dict:
         self.model.train()
         meter = epoch_log.TrainProgress(len(batches), f"epoch {epoch + 1}/{self.cfg.epochs}",
-                                        enabled=self.cfg.progress and self.dist.is_main, device=self.device)  # fmt: skip
+                                        enabled=self.draws_bars, device=self.device)  # fmt: skip
         try:
             self._steps(epoch, batches, meter)
         except BaseException:  # a stop or an error: clear the bar's line, so the message that follows starts its own
