@@ -27,6 +27,8 @@ from freezetune.data import (
 from freezetune.data.folder import HEIF_EXTENSIONS, IMAGE_EXTENSIONS, scan_folder
 from freezetune.data.idx import FASHION_CLASSES, InMemoryImageDataset, read_idx
 from freezetune.data.sampling import per_class_indices, stratified_split
+from freezetune.data.text import TextDataset
+from freezetune.data.validation import hold_out
 from freezetune.errors import ConfigError, DataError
 from freezetune.preprocess import Preprocess
 
@@ -509,6 +511,28 @@ def test_stratified_split_edge_cases():
     for bad in (0.0, 1.0, 1.5):
         with pytest.raises(ConfigError, match="val_split"):
             stratified_split(torch.tensor([0, 1]), fraction=bad)
+
+
+def test_the_held_out_validation_never_splits_one_image_or_text_between_train_and_val(tmp_path):
+    # a CSV listing each file twice (oversampling), and byte-identical copies under other names: the held-out
+    # validation took one copy and trained on the other, so its score was on images the model had seen
+    make_folder(tmp_path / "imgs", 10)
+    rows = [f"imgs/{c}/{i}.png,{c}" for c in COLOURS for i in range(10) for _ in range(2)]
+    for c in COLOURS:
+        for i in range(3):
+            shutil.copyfile(tmp_path / "imgs" / c / f"{i}.png", tmp_path / "imgs" / c / f"copy{i}.png")
+            rows.append(f"imgs/{c}/copy{i}.png,{c}")
+    (tmp_path / "twice.csv").write_text("path,label\n" + "\n".join(rows) + "\n")
+    for val_split in (None, 0.3):
+        b = build_datasets(str(tmp_path / "twice.csv"), val_split=val_split, preprocess=PRE)
+        content = {p: Path(p).read_bytes() for p, _ in b.train.samples + b.val.samples}
+        seen = {content[p] for p, _ in b.train.samples}
+        assert len(b.val) > 0 and not [p for p, _ in b.val.samples if content[p] in seen]
+        assert len(b.train) + len(b.val) == len(rows)
+    words = ["good", "good ", "bad", "fine", "nice", "poor", "ok", "awful"] * 3
+    texts = TextDataset(words, torch.tensor([int(w in ("bad", "poor", "awful")) for w in words]), ["pos", "neg"])
+    train, val = hold_out(texts, 0.5, seed=0)
+    assert len(val) and not {t.strip() for t in val.texts} & {t.strip() for t in train.texts}
 
 
 # ---- transforms ---------------------------------------------------------------------------------------------------

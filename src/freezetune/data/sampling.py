@@ -44,8 +44,8 @@ def per_class_indices(targets: torch.Tensor, k: int, seed: int = 0) -> tuple[tor
     return torch.sort(torch.cat(chosen)).values, counts
 
 
-def stratified_split(targets: torch.Tensor, fraction: float, seed: int = 0,
-                     max_per_class: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+def stratified_split(targets: torch.Tensor, fraction: float, seed: int = 0, max_per_class: int | None = None,
+                     groups: list | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """Split indices into (train, val) so that every class gives about ``fraction`` of its samples to val.
 
     A class with at least two samples always keeps one in train and gives at least one to val; a class with a single
@@ -56,6 +56,8 @@ def stratified_split(targets: torch.Tensor, fraction: float, seed: int = 0,
         fraction: share of each class that goes to val, strictly between 0 and 1.
         seed: the same seed and targets always give the same split.
         max_per_class: at most this many of a class go to val.
+        groups: a key per sample; samples of one key (one file listed twice, byte-identical copies, one text) go to
+            the same side, and the shares above count keys. Without it every sample is its own key (the same draws).
 
     Returns:
         ``(train_indices, val_indices)``, each in ascending order.
@@ -63,17 +65,20 @@ def stratified_split(targets: torch.Tensor, fraction: float, seed: int = 0,
     >>> tr, va = stratified_split(torch.tensor([0] * 10 + [1] * 10), fraction=0.2, seed=0)
     >>> len(tr), len(va)
     (16, 4)
+    >>> stratified_split(torch.tensor([0, 0, 0]), fraction=0.5, groups=["a", "b", "a"])[1].tolist()
+    [0, 2]
     """
     check(fraction_problem("val_split", fraction))
     gen = torch.Generator().manual_seed(seed)
     train, val = [], []
     for idx in _indices_by_class(targets).values():
-        perm = idx[torch.randperm(len(idx), generator=gen)]
-        n_val = min(max(round(fraction * len(idx)), 1), len(idx) - 1, max_per_class or len(idx))
-        val.append(perm[:n_val])
-        train.append(perm[n_val:])
-    empty = torch.empty(0, dtype=torch.long)
-    return (
-        torch.sort(torch.cat(train)).values if train else empty,
-        torch.sort(torch.cat(val)).values if val else empty,
-    )
+        perm = idx[torch.randperm(len(idx), generator=gen)].tolist()
+        units: dict[object, list[int]] = {}  # key -> its samples, in the order the permutation met the key
+        for i in perm:
+            units.setdefault(i if groups is None else groups[i], []).append(i)
+        n = len(units)
+        n_val = min(max(round(fraction * n), 1), n - 1, max_per_class or n)
+        listed = list(units.values())
+        val.extend(i for unit in listed[:n_val] for i in unit)
+        train.extend(i for unit in listed[n_val:] for i in unit)
+    return torch.tensor(sorted(train), dtype=torch.long), torch.tensor(sorted(val), dtype=torch.long)

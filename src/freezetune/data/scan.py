@@ -386,7 +386,7 @@ def warn_copies(train, held: dict[str, object]) -> None:
     found = [pair for pair in found if pair not in conflicts]
     if found:
         warn_once(log, "%d training image file(s) are byte-identical copies of other training files (first: '%s' = "
-                  "'%s'); a copy held out for validation is scored on an image the model trained on",
+                  "'%s'); each weighs as one more image (a validation split held out of them keeps copies together)",
                   len(found), *found[0])  # fmt: skip
     for what, ds in held.items():
         if not isinstance(ds, FileImageDataset):

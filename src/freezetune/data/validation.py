@@ -5,11 +5,14 @@ The test split is never validation data (``build_datasets``'s rules)."""
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 from torch.utils.data import Dataset
 
+from freezetune.data.folder import FileImageDataset
 from freezetune.data.sampling import per_class_indices, stratified_split
+from freezetune.data.scan import copies
 from freezetune.data.text import TextDataset, noun
 from freezetune.errors import choices
 from freezetune.options import AUTO_VAL_FRACTION, AUTO_VAL_MAX_PER_CLASS
@@ -20,8 +23,21 @@ log = logging.getLogger(__name__)
 
 
 def hold_out(train: Dataset, fraction: float, seed: int, max_per_class: int | None = None) -> tuple[Dataset, Dataset]:
-    train_idx, val_idx = stratified_split(train.targets, fraction, seed, max_per_class)
+    train_idx, val_idx = stratified_split(train.targets, fraction, seed, max_per_class, same_items(train))
     return train.select(train_idx), train.select(val_idx)
+
+
+def same_items(train: Dataset) -> list | None:
+    """A key per training sample that one file listed twice, byte-identical copies of a file, or one text (spaces
+    stripped) share, so the hold-out keeps them on one side: a copy held out is scored on an image the model trained
+    on. None for data without files or texts (an IDX set's arrays)."""
+    if isinstance(train, TextDataset):
+        return [t.strip() for t in train.texts]
+    if not isinstance(train, FileImageDataset):
+        return None
+    paths = [os.path.realpath(p) for p, _ in train.samples]
+    original = dict(copies(list(dict.fromkeys(paths))))  # digests are remembered from the pre-scan's warn_copies
+    return [original.get(p, p) for p in paths]
 
 
 HELD_OUT = "no validation data given"
