@@ -313,6 +313,19 @@ def test_csv_with_and_without_header(tmp_path):
     assert b.train[5][0].shape == (3, 16, 16) and b.train[5][1] == 2
 
 
+def test_an_image_list_separated_by_tabs_reads_as_its_csv_does(tmp_path):
+    # 'path<TAB>label' lists were refused as "a .tsv without a text column", for training and validation alike
+    make_folder(tmp_path / "imgs", 3)
+    rows = [f"imgs/{c}/{i}.png\t{c}" for c in COLOURS for i in range(2)]
+    (tmp_path / "plain.tsv").write_text("\n".join(rows) + "\n")
+    (tmp_path / "head.tsv").write_text("image\tlabel\n" + "\n".join(f"imgs/{c}/2.png\t{c}" for c in COLOURS) + "\n")
+    b = build_datasets(str(tmp_path / "plain.tsv"), val_data=str(tmp_path / "head.tsv"), preprocess=PRE)
+    assert b.source == "csv" and b.classes == ["blue", "green", "red"] and (len(b.train), len(b.val)) == (6, 3)
+    assert [(Path(p).parent.name, b.classes[y]) for p, y in b.val.samples] == [(c, c) for c in COLOURS]
+    head = build_datasets(str(tmp_path / "head.tsv"), preprocess=PRE)
+    assert head.source == "csv" and len(head.train) == 3 and head.val is None  # one image a class: none held out
+
+
 def test_csv_errors_name_the_problem(tmp_path):
     make_folder(tmp_path / "imgs", 1)
     (tmp_path / "train.csv").write_text("imgs/red/0.png,red\nimgs/blue/0.png,blue\n")
@@ -835,7 +848,9 @@ def test_eval_data_given_as_an_image_file_points_to_predict(tmp_path):
     from freezetune.data import build_eval_dataset
 
     make_folder(tmp_path, 1)
-    with pytest.raises(DataError, match="is not a CSV; .*to classify files without labels, use freezetune predict"):
+    with pytest.raises(
+        DataError, match="is not a CSV or TSV; .*to classify files without labels, use freezetune predict"
+    ):
         build_eval_dataset(str(tmp_path / "red" / "0.png"), preprocess=PRE, classes=sorted(COLOURS))
 
 

@@ -35,8 +35,8 @@ from freezetune.run_log import warn_once
 log = logging.getLogger(__name__)
 
 _EXPECTED = (
-    "an IDX directory (train-images-idx3-ubyte[.gz], ...), an image folder (DIR/<class>/*) or a CSV file (a "
-    "text model's: .csv or .tsv, or a folder of train.csv, val.csv, test.csv)"
+    "an IDX directory (train-images-idx3-ubyte[.gz], ...), an image folder (DIR/<class>/*) or a CSV or TSV file "
+    "('path,label' rows; a text model's: 'text,label', or a folder of train.csv, val.csv, test.csv)"
 )
 
 
@@ -84,10 +84,6 @@ def _load_source(data: str, preprocess: Preprocess, *, read_test: bool = True, r
         raise DataError(f"data path '{data}' does not exist; expected {_EXPECTED}")
     _check_shape(data)
     if path.is_file():
-        if path.suffix.lower() == ".tsv" and text_csv_header(path, columns) is not None:  # a text table, with tabs
-            return "text", read_text_csv(path, columns=columns), None, None, False
-        if path.suffix.lower() != ".csv":  # tabs are a text table's: image lists are 'path,label' CSVs
-            raise DataError(f"data file '{data}' is a .tsv without a text column; expected {_EXPECTED}")
         if _text_csv(path, preprocess):
             return "text", read_text_csv(path, columns=columns), None, None, False
         return "csv", read_csv(path, missing_ok=skip_bad), None, None, False
@@ -114,7 +110,7 @@ def _check_shape(data: str, hint: str = "") -> None:
     train IDX pair lacks the other (it was read as an image folder without class folders)."""
     path = Path(data)
     if path.is_file() and path.suffix.lower() not in TABLE_SUFFIXES:
-        raise DataError(f"data file '{data}' is not a CSV; expected {_EXPECTED}{hint}")
+        raise DataError(f"data file '{data}' is not a CSV or TSV; expected {_EXPECTED}{hint}")
     if problem := idx_pair_problem(path):
         raise DataError(f"'{data}' {problem}")
 

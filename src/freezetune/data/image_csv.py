@@ -1,5 +1,6 @@
 """Image CSV files: ``path,label`` rows (a header optional, its column names read), paths relative to the CSV's
-folder, labels matched to classes by name as folder names are (``folder.py``)."""
+folder, labels matched to classes by name as folder names are (``folder.py``). A ``.tsv`` file's columns are
+separated by tabs, as a text table's are."""
 
 from __future__ import annotations
 
@@ -65,7 +66,7 @@ def _csv_columns(path: Path, header: list[str] | None, width: int) -> tuple[int,
     """The (path, label) column indices: by header name, or the two columns of a headerless ``path,label`` file."""
     if header is None:
         if width != 2:
-            sep = " (freezetune reads comma-separated files)" if width == 1 else ""
+            sep = " (a .csv is read comma-separated, a .tsv tab-separated)" if width == 1 else ""
             raise DataError(f"CSV '{path}' has {width} columns{sep} and no header; add a header naming the image column "
                             f"({choices(sorted(IMAGE_COLUMNS))}) and the label column "
                             f"({choices(sorted(_CSV_LABEL_NAMES))})")  # fmt: skip
@@ -85,7 +86,7 @@ def _csv_columns(path: Path, header: list[str] | None, width: int) -> tuple[int,
 def _read_csv_rows(path: Path) -> list[tuple[str, str]]:
     try:
         with path.open(newline="", encoding="utf-8-sig") as f:
-            reader = csv.reader(f)
+            reader = csv.reader(f, delimiter="\t" if path.suffix.lower() == ".tsv" else ",")  # a list as a text table
             # each row with its line in the file (a quoted cell may span lines), for messages
             numbered = [(reader.line_num, r) for r in reader if r and any(cell.strip() for cell in r)]
     except UnicodeDecodeError:
