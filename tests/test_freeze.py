@@ -237,6 +237,48 @@ def test_non_affine_bn_follows_its_parent():
     assert same(bn_stats(model.body), before)
 
 
+def _instance_norm_model(stats: bool = True) -> nn.Module:
+    model = nn.Sequential()
+    model.add_module(
+        "body", nn.Sequential(nn.Conv2d(3, 4, 3), nn.InstanceNorm2d(4, affine=True, track_running_stats=stats))
+    )
+    model.add_module("top", nn.Sequential(nn.Conv2d(4, 4, 1), nn.InstanceNorm2d(4, track_running_stats=stats)))
+    model.add_module("pool", nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten()))
+    model.add_module("head", nn.Linear(4, 2))
+    return model
+
+
+@pytest.mark.parametrize(("bn", "stats_move"), [("frozen", False), ("train", True)])
+def test_a_frozen_instance_norm_with_running_statistics_takes_the_bn_policy(bn, stats_move):
+    # InstanceNorm(track_running_stats=True) updates running statistics in train mode as BatchNorm does: a frozen
+    # one drifted under model.train(), unsaid, and the frozen model's eval outputs with it
+    model = _instance_norm_model()
+    ft.freeze(model, "backbone", bn=bn)
+    norm = model.body[1]
+    before = norm.running_mean.clone()
+    train_forward(model)
+    assert torch.equal(norm.running_mean, before) is not stats_move
+    assert norm.training is stats_move
+
+
+def test_the_cached_suffix_keeps_an_instance_norm_following_train_and_eval():
+    # traced, InstanceNorm's "use the batch's statistics" (self.training) was baked in at trace time
+    from freezetune.split import split_model
+
+    model = _instance_norm_model()
+    ft.freeze(model, "body")
+    split, _ = split_model(model)
+    x = make_batch(0, size=32)[0]
+    with torch.no_grad():
+        feats = split.prefix(x)
+        model.train()
+        before = model.top[1].running_mean.clone()
+        split.suffix_train(feats)
+        assert not torch.equal(model.top[1].running_mean, before)  # it trained: its statistics moved
+        model.eval()
+        assert torch.allclose(split.suffix_eval(feats), model(x), atol=1e-6)
+
+
 # --- a real optimizer step ----------------------------------------------------------------------------------
 
 

@@ -29,6 +29,10 @@ from freezetune.stages import Stage
 _POLICY_ATTR = "_freezetune_bn"
 _HOLD_ATTR = "_freezetune_hold_bn_stats"  # on the model: hold_bn_statistics was asked, unfreeze keeps it
 _OPEN_ATTR = "_freezetune_bn_open"  # on a frozen-policy BatchNorm: its parameters unfreeze named alone ("*.bias")
+# The norms that keep running statistics: an InstanceNorm with track_running_stats=True updates them in train mode as
+# a BatchNorm does (and uses them in eval), so a frozen one takes the same policies; one without them is the same in
+# both modes, so the policy changes nothing for it.
+STAT_NORMS = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
 
 
 def set_frozen(model: nn.Module, params: dict[int, nn.Parameter], bn: str) -> None:
@@ -82,7 +86,7 @@ def _bn_modules_within(model: nn.Module, params: dict[int, nn.Parameter]) -> lis
     the model itself, those of the layer before it)."""
     out = []
     for name, module in model.named_modules():
-        if not isinstance(module, nn.modules.batchnorm._BatchNorm):
+        if not isinstance(module, STAT_NORMS):
             continue
         own = list(module.parameters())
         if not own and "." in name:
@@ -109,7 +113,7 @@ def _open_bn_params(model: nn.Module, params: dict[int, nn.Parameter], *, openin
     BitFit by hand), or, ``freeze`` naming them again, forget them. They train while the layer keeps its policy (its
     statistics stay frozen); the policy had set them back to frozen, without a word."""
     for module in model.modules():
-        if getattr(module, _POLICY_ATTR, None) is None or not isinstance(module, nn.modules.batchnorm._BatchNorm):
+        if getattr(module, _POLICY_ATTR, None) is None or not isinstance(module, STAT_NORMS):
             continue
         named = {name for name, p in module.named_parameters(recurse=False) if id(p) in params}
         kept = set(getattr(module, _OPEN_ATTR, ()))
@@ -119,7 +123,7 @@ def _open_bn_params(model: nn.Module, params: dict[int, nn.Parameter], *, openin
 def _apply_bn_policies(model: nn.Module) -> None:
     for module in model.modules():
         policy = getattr(module, _POLICY_ATTR, None)
-        if policy is None or not isinstance(module, nn.modules.batchnorm._BatchNorm):
+        if policy is None or not isinstance(module, STAT_NORMS):
             continue
         opened = getattr(module, _OPEN_ATTR, ())
         for name, p in module.named_parameters(recurse=False):
@@ -148,7 +152,7 @@ def hold_bn_statistics(model: nn.Module) -> None:
     model = unwrap(model)
     setattr(model, _HOLD_ATTR, True)
     for module in model.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm) and policy_of(module) is None:
+        if isinstance(module, STAT_NORMS) and policy_of(module) is None:
             if not _has_eval_hook(module):
                 module.register_forward_pre_hook(_keep_eval)
             module.eval()
@@ -201,7 +205,7 @@ def idle_bn_policy(model: nn.Module, bn: str) -> str | None:
     >>> idle_bn_policy(torchvision.models.resnet18(), "train")[:60]
     'note: --bn train changes nothing: no BatchNorm layer is froz'
     """
-    norms = [m for m in unwrap(model).modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    norms = [m for m in unwrap(model).modules() if isinstance(m, STAT_NORMS)]
     if bn == BN_DEFAULT or any(policy_of(m) is not None for m in norms):
         return None
     if norms:
@@ -219,7 +223,7 @@ def bn_mode(stage: Stage, model: nn.Module) -> str:
     modes = set()
     for name in stage.modules:
         for module in model.get_submodule(name).modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            if isinstance(module, STAT_NORMS):
                 trains = "trainable, eval stats" if _has_eval_hook(module) else "trainable"  # (hold_bn_statistics)
                 policy, opened = policy_of(module), sorted(getattr(module, _OPEN_ATTR, ()))
                 # "frozen" alone would hide the biases an unfreeze("*.bias") opened on it
