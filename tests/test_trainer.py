@@ -831,3 +831,15 @@ def test_a_runs_plateau_unfreeze_follows_its_monitor(data, tmp_path, monitor, mo
                       img_size=32, device="cpu", workers=0, progress=False, batch_size=8, epochs=2, freeze="backbone",
                       monitor=monitor, unfreeze="plateau:patience=1", cache="off", tensorboard=False)  # fmt: skip
     assert trainer.Trainer(cfg, echo=lambda line: None).state.unfreezer.mode == mode
+
+
+def test_a_training_batch_of_one_image_for_batchnorm_is_one_line_with_its_fixes(tmp_path, capsys):
+    # --epoch-images 1 (or 2 on two torchrun ranks) ended in torch's traceback from inside BatchNorm
+    data = make_image_folder(tmp_path / "data")
+    code, _, err = run_cli(capsys, *train_argv(data, tmp_path / "run", "--epoch-images", "1", "--recipe", "full"))
+    assert code == 2 and "Traceback" not in err, err
+    assert "a training batch of 1 image(s) cannot train the model's BatchNorm layers" in err
+    assert "--batch-size 2 or more" in err and "--bn-stats frozen" in err
+    code, _, err = run_cli(capsys, *train_argv(data, tmp_path / "held", "--epoch-images", "1", "--recipe", "full",
+                                               "--bn-stats", "frozen"))  # fmt: skip
+    assert code == 0, err
