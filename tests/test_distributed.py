@@ -77,6 +77,49 @@ def test_dist_info_properties():
     assert info.enabled and not info.is_main
 
 
+def _run_dir_rank(rank: int, port: int, out: str, answers: str) -> None:
+    import torch.distributed as dist
+
+    from freezetune import runtime
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    if rank:  # only rank 0 may read or clear the run dir: the others take its answer
+        runtime.prepare_run_dir = runtime._check_run_dir = lambda *a, **k: 1 / 0
+    try:
+        got = f"dir {runtime.shared_run_dir(out, 'm', DistInfo(rank, 2), resume=False, echo=lambda _: None)}"
+    except Exception as exc:
+        got = f"{type(exc).__name__} {exc}"
+    Path(answers, f"rank{rank}").write_text(got)
+    dist.destroy_process_group()
+
+
+@pytest.mark.multiprocess
+def test_rank_0_alone_checks_and_clears_the_run_dir_and_every_rank_takes_its_answer(tmp_path):
+    # every rank checked the run dir while rank 0 cleared it: a re-run of an auto run stopped in a trial ended in a
+    # gloo traceback in 3 of 5 tries (rank 1 read files being deleted, refused, and rank 0 waited for it)
+    import socket
+
+    import torch.multiprocessing as mp
+
+    stopped, users = tmp_path / "stopped", tmp_path / "users"
+    stopped.mkdir(), users.mkdir()
+    (stopped / "classes.json").write_text('["a", "b"]')  # a run's folder
+    (stopped / "metrics.csv").write_text("epoch,val_acc\n")  # stopped before its first epoch ended
+    (users / "config.yaml").write_text("mine: 1\n")  # no run wrote it: refused
+    for out in (stopped, users):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        answers = tmp_path / f"answers-{out.name}"
+        answers.mkdir()
+        mp.spawn(_run_dir_rank, args=(port, str(out), str(answers)), nprocs=2)
+        got = [(answers / f"rank{r}").read_text() for r in (0, 1)]
+        assert got[0] == got[1], got
+        assert got[0] == f"dir {stopped}" if out is stopped else got[0].startswith("ConfigError "), got
+    assert not (stopped / "metrics.csv").exists()  # rank 0 cleared it
+
+
 # --- DDP proven: ranks agree, the unfrozen stage trains, resume is exact, decisions are shared --------------------
 
 WORKER = Path(__file__).with_name("_ddp_worker.py")

@@ -101,7 +101,7 @@ def run(cfg: TrainConfig, *, echo: Callable[[str], None] = print, train: Callabl
     _check_plan(cfg)
     # a run dir in use is refused (or, resuming, one no run was started in) before any trial writes below it; the
     # trials and decision of an attempt stopped before its run finished an epoch are redone
-    runtime.prepare_run_dir(str(out), cfg.model, resume=cfg.resume, echo=echo, clean=info.is_main)
+    runtime.shared_run_dir(str(out), cfg.model, info, resume=cfg.resume, echo=echo)
     run_log.log_to(out)  # the trials' lines and the choice, in the run's train.log
     start = time.perf_counter()
     if cfg.final_test:  # the trials do not read the test split: its problems would stop the run only after them
@@ -112,6 +112,8 @@ def run(cfg: TrainConfig, *, echo: Callable[[str], None] = print, train: Callabl
     base, boost = _base(cfg, out, cut), TEXT_LR_BOOST if text else LR_BOOST
 
     def shared(trial_cfg: TrainConfig, **kwargs):  # rank 0 alone logs metrics rows: every rank takes its result
+        if info.is_main:  # a trial of an interrupted earlier attempt starts afresh (rank 0 alone clears)
+            shutil.rmtree(trial_cfg.out, ignore_errors=True)
         return broadcast(train(trial_cfg, **kwargs), info)  # (rank 1 scored "n/a", skipped trials, and the ranks hung)
 
     trials, choice, why = _measure(base, ks, boost, out, shared, run_log.introduced(echo, _intro(ks, cut, text)))
@@ -260,7 +262,6 @@ def _trial(base: TrainConfig, k: int, boost: float, out: Path, train: Callable, 
         epoch_fraction=base.epoch_fraction * TRIAL_FRACTION, epoch_images=images, warmup_epochs=0.0, early_stop=None,
         unfreeze=None, final_test=False, tensorboard=False, resume=False, refit=False, out=str(_trial_dir(out, k)),
     )  # fmt: skip
-    shutil.rmtree(trial_cfg.out, ignore_errors=True)  # a trial of an interrupted earlier attempt: start it afresh
     try:
         # trials restart, so no last.pt; the first prints the stage table, the others what they train
         result = train(trial_cfg, echo=run_log.indented(echo), resumable=False, brief=brief)

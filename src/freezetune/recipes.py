@@ -227,7 +227,7 @@ def run(cfg: TrainConfig, *, echo: Callable[[str], None] = print, train: Callabl
     from freezetune import run_lock
     from freezetune.distributed import broadcast, init_from_env, main_echo
     from freezetune.run_log import log_to
-    from freezetune.runtime import new_run_dir, prepare_run_dir
+    from freezetune.runtime import new_run_dir, shared_run_dir
 
     info = init_from_env(cfg.device)
     echo = main_echo(echo, info)  # under torchrun rank 0 says what each phase does, once
@@ -239,7 +239,7 @@ def run(cfg: TrainConfig, *, echo: Callable[[str], None] = print, train: Callabl
     _refuse_another_recipes_run(cfg, recipe)
     if not cfg.resume:  # refuse a run dir in use before any phase writes below it (rank 0 alone clears)
         _refuse_a_started_phase(cfg, recipe)
-        prepare_run_dir(cfg.out, cfg.model, resume=False, clean=info.is_main, echo=echo)
+        shared_run_dir(cfg.out, cfg.model, info, resume=False, echo=echo)
         if info.is_main:  # what was asked, which a --resume with the same command continues (asked_config)
             _keep_request(Path(cfg.out), recipe, cfg)
     log_to(cfg.out)  # the phases' lines in the recipe's train.log too (each phase's dir keeps its own)

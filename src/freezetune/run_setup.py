@@ -26,7 +26,6 @@ from freezetune.data.gpu import check_decode
 from freezetune.data.text import TEXT_SETTINGS, noun, refuse_text_settings, text_preprocess
 from freezetune.depthwise import use_fast_depthwise
 from freezetune.distributed import (
-    barrier,
     broadcast,
     device_for,
     init_from_env,
@@ -224,10 +223,8 @@ class RunSetup:
             raise ConfigError("save_every_steps is not supported under torchrun (DDP): last.pt is saved per epoch")
         self.stop = StopRequest()
         # decided once, by rank 0: a timestamped default name must not differ between ranks
-        self.run_dir = broadcast(runtime.prepare_run_dir(cfg.out, cfg.model, resume=cfg.resume,
-                                                         clean=self.dist.is_main, recipe_run=self.recipe_run,
-                                                         echo=self.echo), self.dist)  # fmt: skip
-        barrier(self.dist)  # every rank checked the run dir before rank 0 writes into it
+        self.run_dir = runtime.shared_run_dir(cfg.out, cfg.model, self.dist, resume=cfg.resume,
+                                              recipe_run=self.recipe_run, echo=self.echo)  # fmt: skip
         # a --resume of a run stopped before its first last.pt starts it afresh (prepare_run_dir said so)
         self.resuming = cfg.resume and (self.run_dir / checkpoint.LAST).is_file()
         # a refusal must not wait for the model and the data (a large folder's scan)

@@ -17,7 +17,8 @@ from torch import nn
 
 from freezetune import checkpoint, run_lock
 from freezetune.data.layout import class_roots
-from freezetune.errors import CheckpointError, ConfigError, setting
+from freezetune.distributed import DistInfo, broadcast
+from freezetune.errors import CheckpointError, ConfigError, FreezetuneError, setting
 from freezetune.reporting import METRICS_CSV, REPORT_PNG
 
 CONFUSION_PNG, TEST_METRICS = "confusion.png", "test_metrics.json"  # the final test's
@@ -76,6 +77,25 @@ def prepare_run_dir(out: str | None, model: str, *, resume: bool, clean: bool = 
                  f"afresh{what}")  # fmt: skip
         remove_stale_temps(run_dir)
     return run_dir
+
+
+def shared_run_dir(out: str | None, model: str, info: DistInfo, **kwargs) -> Path:
+    """``prepare_run_dir`` for every rank of a torchrun job: rank 0 checks and clears, then each rank takes its
+    answer, the run dir or the refusal it raised. Ranks that checked beside it read files it was deleting: a re-run of
+    an auto run stopped in a trial ended in a gloo traceback in 3 of 5 tries (rank 1 refused, rank 0 waited)."""
+    if not info.enabled:
+        return prepare_run_dir(out, model, **kwargs)
+    answer: object = None
+    if info.is_main:
+        try:
+            answer = prepare_run_dir(out, model, clean=True, **kwargs)
+        except Exception as exc:
+            broadcast(exc if isinstance(exc, FreezetuneError) else RuntimeError(f"rank 0: {exc}"), info)
+            raise
+    answer = broadcast(answer, info)
+    if isinstance(answer, Exception):
+        raise answer
+    return answer
 
 
 def check_resume_target(out: str | None, resume: bool) -> None:
