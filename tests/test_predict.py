@@ -70,6 +70,19 @@ def test_predict_reads_a_photo_as_evaluation_does_its_jpeg_reduced_by_the_models
     assert [got[c] for c in loaded.classes] == pytest.approx(expected.tolist(), abs=1e-6)
 
 
+def test_a_dash_reads_image_paths_from_standard_input(best_pt, data, monkeypatch):
+    # `ls *.png | freezetune predict --checkpoint best.pt -` said "'-' does not exist"
+    import io
+
+    files = sorted(str(p) for p in (data / "test" / "red").glob("*.png"))
+    monkeypatch.setattr("sys.stdin", io.StringIO("\n".join(files[1:]) + "\n\n"))
+    records = predict_files(best_pt, [files[0], "-"], topk=1, device="cpu")
+    assert [r["path"] for r in records] == files
+    monkeypatch.setattr("sys.stdin", io.StringIO(""))
+    with pytest.raises(DataError, match="'-' reads image paths from standard input, one a line, and it gave none"):
+        predict_files(best_pt, ["-"], topk=1, device="cpu")
+
+
 def test_predict_files_user_errors(best_pt, data):
     with pytest.raises(ConfigError, match="topk must be >= 1, got 0"):
         predict_files(best_pt, [data], topk=0, device="cpu")

@@ -224,6 +224,19 @@ def test_predict_reads_text_files_one_text_a_line(text_run, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.slow
+def test_a_dash_reads_a_text_models_texts_from_standard_input(text_run, monkeypatch):
+    import io
+
+    best, _ = text_run
+    texts = ["a joy to watch", "dull and long", "fine"]
+    monkeypatch.setattr("sys.stdin", io.StringIO("\n".join([texts[0], "", *texts[1:]]) + "\n"))
+    records = predict_files(best, ["-"], topk=1, device="cpu")
+    assert [(r["path"], r["row"], r["text"]) for r in records] == [("-", 1, texts[0]), ("-", 3, texts[1]),
+                                                                   ("-", 4, texts[2])]  # fmt: skip
+    assert [r["top"] for r in records] == [r["top"] for r in predict_texts(best, texts, topk=1, device="cpu")]
+
+
 def test_predict_names_a_csvs_empty_texts_rather_than_scoring_them(text_run, tmp_path, caplog):
     # an empty or blank CSV text got a confident-looking prediction of nothing (a .txt's blank line is skipped)
     best, _ = text_run

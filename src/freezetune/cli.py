@@ -234,7 +234,8 @@ def _predict_parser(sub) -> None:
     p.add_argument("--checkpoint", required=True)
     p.add_argument("images", nargs="+", metavar="PATH",
                    help="image files or folders; for a text model, text files (one text a line), CSVs with a text "
-                        "column, or folders of them")  # fmt: skip
+                        "column, or folders of them; - reads standard input: image paths, or a text model's texts, "
+                        "one a line")  # fmt: skip
     p.add_argument("--topk", type=int, default=5)
     p.add_argument("--text-column", help="a text model: the column of a CSV's texts (default: the one it trained on)")
     p.add_argument("--json", action="store_true")

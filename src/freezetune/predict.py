@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -62,11 +63,42 @@ def predict_files(
         paths = [paths]
     check(column_name_problem("text_column", text_column))
     loaded = model if isinstance(model, LoadedModel) else load_model(model, device)
+    paths = [str(p) for p in paths]
     if loaded.preprocess.is_text:
         pre = replace(loaded.preprocess, text_column=text_column or loaded.preprocess.text_column)
-        return _predict_text_files(loaded, [str(p) for p in paths], topk, batch_size, Columns.of(pre))
+        return _predict_text_files(loaded, paths, topk, batch_size, Columns.of(pre))
     refuse_text_settings("this checkpoint's model", {"text_column": text_column} if text_column is not None else {})
-    return _predict_image_files(loaded, [str(p) for p in paths], topk, batch_size)
+    return _predict_image_files(loaded, _stdin_paths(paths), topk, batch_size)
+
+
+STDIN = "-"  # a path that reads standard input: image paths, one a line; a text model's texts, one a line
+
+
+def _stdin_lines() -> list[tuple[int, str]]:
+    """Standard input's non-blank lines, numbered from 1 (a pipe: ``ls *.jpg | freezetune predict ... -``)."""
+    return [(i, line) for i, line in enumerate(sys.stdin.read().split("\n"), 1) if line.strip()]
+
+
+def _stdin_paths(paths: list[str]) -> list[str]:
+    """``paths`` with ``-`` replaced by the image paths standard input lists, one a line."""
+    if STDIN not in paths:
+        return paths
+    listed = [line.strip() for _, line in _stdin_lines()]
+    if not listed:
+        raise DataError("'-' reads image paths from standard input, one a line, and it gave none")
+    at = paths.index(STDIN)
+    return [*paths[:at], *listed, *(p for p in paths[at + 1 :] if p != STDIN)]
+
+
+def _text_sources(paths: list[str]) -> list[str]:
+    """The text files under ``paths``, with ``-`` (standard input) where it was given."""
+    from freezetune.data.text import list_text_files
+
+    files = [p for p in paths if p != STDIN]
+    found = list_text_files(files) if files else []
+    if STDIN not in paths:
+        return found
+    return [STDIN, *found] if paths[0] == STDIN else [*found, STDIN]
 
 
 def _predict_image_files(loaded: LoadedModel, paths: list[str], topk: int, batch_size: int) -> list[dict]:
@@ -145,13 +177,15 @@ def _rank_texts(loaded: LoadedModel, tokenizer, texts: list[str], topk: int, bat
 
 def _predict_text_files(loaded: LoadedModel, paths: list[str], topk: int, batch_size: int,
                         columns: Columns) -> list[dict]:  # fmt: skip
-    from freezetune.data.text import list_text_files, numbered_texts
+    from freezetune.data.text import numbered_texts
 
     tokenizer = text_tokenizer(loaded)  # once, not once a file
     records, cut = [], (0, 0, 0)
-    for path in list_text_files(paths):
+    for path in _text_sources(paths):
         try:  # one unreadable file must not cost the predictions of all the others
-            numbered = numbered_texts(path, columns)
+            numbered = _stdin_lines() if path == STDIN else numbered_texts(path, columns)
+            if not numbered:
+                raise DataError("'-' reads texts from standard input, one a line, and it gave none")
         except DataError as exc:
             records.append({"path": path, "error": str(exc)})
             continue
