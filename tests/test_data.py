@@ -542,6 +542,9 @@ def test_the_held_out_validation_never_splits_one_image_or_text_between_train_an
         seen = {content[p] for p, _ in b.train.samples}
         assert len(b.val) > 0 and not [p for p, _ in b.val.samples if content[p] in seen]
         assert len(b.train) + len(b.val) == len(rows)
+    few = build_datasets(str(tmp_path / "twice.csv"), per_class=5, val_split=0.2, preprocess=PRE)
+    for c in range(3):  # five images a class, each with both of its listings (14 distinct for 15 slots, before)
+        assert len({Path(p).read_bytes() for p, y in few.train.samples if y == c}) == 5
     words = ["good", "good ", "bad", "fine", "nice", "poor", "ok", "awful"] * 3
     texts = TextDataset(words, torch.tensor([int(w in ("bad", "poor", "awful")) for w in words]), ["pos", "neg"])
     train, val = hold_out(texts, 0.5, seed=0)

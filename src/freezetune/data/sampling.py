@@ -16,17 +16,20 @@ def _indices_by_class(targets: torch.Tensor) -> dict[int, torch.Tensor]:
     return {int(c): torch.nonzero(targets == c).flatten() for c in torch.unique(targets, sorted=True)}
 
 
-def per_class_indices(targets: torch.Tensor, k: int, seed: int = 0) -> tuple[torch.Tensor, dict[int, int]]:
+def per_class_indices(targets: torch.Tensor, k: int, seed: int = 0,
+                      groups: list | None = None) -> tuple[torch.Tensor, dict[int, int]]:  # fmt: skip
     """Pick ``k`` random indices of every class (all of a class that has fewer).
 
     Args:
         targets: class index of every sample (1-D integer tensor).
         k: images wanted per class (>= 1).
         seed: the same seed and targets always give the same indices.
+        groups: a key per sample, as ``stratified_split``'s: ``k`` counts keys (one file listed twice is one image,
+            taken with both of its listings). Without it every sample is its own key (the same draws).
 
     Returns:
-        The chosen indices in ascending order, and how many were taken per class (``{class: count}``), so the caller
-        can report classes that had fewer than ``k``.
+        The chosen indices in ascending order, and how many were taken per class (``{class: count}``, in keys), so
+        the caller can report classes that had fewer than ``k``.
 
     >>> idx, counts = per_class_indices(torch.tensor([0, 0, 0, 1]), k=2, seed=0)
     >>> len(idx), counts
@@ -36,12 +39,18 @@ def per_class_indices(targets: torch.Tensor, k: int, seed: int = 0) -> tuple[tor
     gen = torch.Generator().manual_seed(seed)
     chosen, counts = [], {}
     for cls, idx in _indices_by_class(targets).items():
-        pick = idx[torch.randperm(len(idx), generator=gen)[:k]]
-        chosen.append(pick)
-        counts[cls] = len(pick)
-    if not chosen:
-        return torch.empty(0, dtype=torch.long), counts
-    return torch.sort(torch.cat(chosen)).values, counts
+        units = _units(idx[torch.randperm(len(idx), generator=gen)].tolist(), groups)[:k]
+        chosen.extend(i for unit in units for i in unit)
+        counts[cls] = len(units)
+    return torch.tensor(sorted(chosen), dtype=torch.long), counts
+
+
+def _units(perm: list[int], groups: list | None) -> list[list[int]]:
+    """``perm``'s samples gathered by key (``groups``), in the order the permutation meets each key."""
+    units: dict[object, list[int]] = {}
+    for i in perm:
+        units.setdefault(i if groups is None else groups[i], []).append(i)
+    return list(units.values())
 
 
 def stratified_split(targets: torch.Tensor, fraction: float, seed: int = 0, max_per_class: int | None = None,
@@ -72,13 +81,9 @@ def stratified_split(targets: torch.Tensor, fraction: float, seed: int = 0, max_
     gen = torch.Generator().manual_seed(seed)
     train, val = [], []
     for idx in _indices_by_class(targets).values():
-        perm = idx[torch.randperm(len(idx), generator=gen)].tolist()
-        units: dict[object, list[int]] = {}  # key -> its samples, in the order the permutation met the key
-        for i in perm:
-            units.setdefault(i if groups is None else groups[i], []).append(i)
+        units = _units(idx[torch.randperm(len(idx), generator=gen)].tolist(), groups)
         n = len(units)
         n_val = min(max(round(fraction * n), 1), n - 1, max_per_class or n)
-        listed = list(units.values())
-        val.extend(i for unit in listed[:n_val] for i in unit)
-        train.extend(i for unit in listed[n_val:] for i in unit)
+        val.extend(i for unit in units[:n_val] for i in unit)
+        train.extend(i for unit in units[n_val:] for i in unit)
     return torch.tensor(sorted(train), dtype=torch.long), torch.tensor(sorted(val), dtype=torch.long)

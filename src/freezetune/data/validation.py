@@ -58,7 +58,7 @@ def resolve_validation(
         val, val_source = None, f"none (every class has a single training {noun(train)[:-1]})"
     warn_unvalidated(train, val, held_out=given is None)
     if per_class is not None:
-        train = train.select(per_class_indices(train.targets, per_class, seed)[0])
+        train = train.select(per_class_indices(train.targets, per_class, seed, same_items(train))[0])
         if val_split is not None and val is not None:  # 12000 validation images for 200 training ones, unsaid
             val_source += f" of the whole training set, before per_class={per_class} drew its {len(train)}"
     held_out = val is not None and given is None and val_split is None  # the automatic hold-out (choose_validation)
