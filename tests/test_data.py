@@ -526,6 +526,22 @@ def test_stratified_split_edge_cases():
             stratified_split(torch.tensor([0, 1]), fraction=bad)
 
 
+def test_split_folders_inside_class_folders_are_refused_with_the_way_out(tmp_path):
+    # a dataset one folder too deep was "training images of 1 class ('ds')"; one split per class (cat/test/) trained
+    # on its test images as the class's, in silence
+    for split in ("train", "val", "test"):
+        make_folder(tmp_path / "wrapped" / "ds" / split, 2)
+    with pytest.raises(DataError, match=r"holds one folder, 'ds', and it holds split folders \(test/, train/, val/\): "
+                                        r"give --data .*wrapped/ds$"):  # fmt: skip
+        build_datasets(str(tmp_path / "wrapped"), preprocess=PRE)
+    for split in ("train", "test"):
+        for name, rgb in COLOURS.items():
+            (tmp_path / "percls" / name / split).mkdir(parents=True)
+            Image.new("RGB", (20, 24), rgb).save(tmp_path / "percls" / name / split / "0.png")
+    with pytest.raises(DataError, match=r"3 of the 3 class folders of .* hold split folders .*test images included"):
+        build_datasets(str(tmp_path / "percls"), preprocess=PRE)
+
+
 def test_the_held_out_validation_never_splits_one_image_or_text_between_train_and_val(tmp_path):
     # a CSV listing each file twice (oversampling), and byte-identical copies under other names: the held-out
     # validation took one copy and trained on the other, so its score was on images the model had seen

@@ -36,7 +36,9 @@ def load_folder(path: Path, *, read_val: bool = True,
     the one, or the run does not score the other: a broken or unlabelled test file must not stop it)."""
     train_dir = first_dir(path, TRAIN_DIRS)
     if train_dir is None:
-        _no_train_dir(path, [d.name for d in path.iterdir() if d.is_dir() and not is_hidden(d.name)])
+        classes = sorted(d for d in path.iterdir() if d.is_dir() and not is_hidden(d.name))
+        _no_train_dir(path, [d.name for d in classes])
+        _no_splits_in_classes(path, classes)
         return scan_folder(path), None, None, False
     val_dir, test_dir = first_dir(path, VAL_DIRS) if read_val else None, first_dir(path, TEST_DIRS)
     _warn_beside_splits(path, train_dir)
@@ -100,6 +102,26 @@ def _no_train_dir(path: Path, classes: list[str]) -> None:
     if classes and all(c.lower() in splits for c in classes):
         raise DataError(f"'{path}' holds split folders ({choices(classes)}) but no training folder: put the training "
                         f"images in {path / 'train'}/<class>/ (or give the class folders themselves)")  # fmt: skip
+
+
+def _no_splits_in_classes(path: Path, classes: list[Path]) -> None:
+    """Refuse a flat layout whose class folders hold split folders: a dataset one folder too deep (``DIR/ds/train/``,
+    read as the single class "ds"), or one split within each class (``cat/train/``, ``cat/test/``), whose test and
+    validation images were trained on as the class's, in silence."""
+    splits = {*TRAIN_DIRS, *VAL_DIRS, *TEST_DIRS}
+    nested = {c: found for c in classes
+              if (found := sorted(d.name for d in c.iterdir() if d.is_dir() and d.name.lower() in splits))}  # fmt: skip
+    if not nested:
+        return
+    first, found = next(iter(nested.items()))
+    listed = ", ".join(f"{name}/" for name in found)
+    if len(classes) == 1:
+        raise DataError(f"'{path}' holds one folder, '{first.name}', and it holds split folders ({listed}): give "
+                        f"--data {first}")  # fmt: skip
+    raise DataError(f"{len(nested)} of the {len(classes)} class folders of '{path}' hold split folders (first: "
+                    f"'{first}' holds {listed}): their images would all train as the class's, test images included; "
+                    f"lay the data out as {path}/train/<class>/ (and val/, test/), or rename those folders if they are "
+                    "images of the class")  # fmt: skip
 
 
 _NO_FINAL_TEST = "pass --no-final-test to train without scoring it (it is then not read), or move it out of '{}'"
