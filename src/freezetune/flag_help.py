@@ -47,11 +47,12 @@ FIELD_HELP = {
     "label_column": f"a text model: the CSV column of the labels (default: the one named {' or '.join(LABEL_COLUMNS)})",
     # data
     "data": "image folder (DIR/train/<class>/*), CSV path,label, or IDX directory (MNIST/Fashion-MNIST); for a text "
-    "model (hf:), a text,label CSV (or .tsv)",
+    "model (hf:), a text,label CSV (or .tsv); a .tsv of path<TAB>label lists images too",
     "val_data": "the validation split, in a form --data takes (default: DATA's val/ folder, else images held out "
     "of the training data: see --val-split)",
     "val_split": "the share of each training class held out for validation, of the whole class (with --per-class: "
-    "before its K images are drawn) (default, when the data has no val/: "
+    "before its K images are drawn), at least one image of a class of two or more, so a small class gives more "
+    "(default, when the data has no val/: "
     f"{AUTO_VAL_FRACTION:g}, 1 to {AUTO_VAL_MAX_PER_CLASS} images a class)",
     "per_class": "few-shot: K seeded training images per class (default: all)",
     "aug": "training augmentation: " + ", ".join(_preset(name, a) for name, a in AUGMENTATIONS.items()),
