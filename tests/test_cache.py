@@ -244,6 +244,13 @@ def test_cache_features_for_your_own_loop(image_folder, tmp_path):
         loss.backward()
         opt.step()
     assert not torch.equal(head, model.get_classifier().weight)  # the suffix shares the model's parameters
+    # a stage the cache computed, opened later (an Unfreezer's step): it sat in the optimizer and never trained
+    cached = ft.stages(model)[1].name
+    ft.unfreeze(model, cached)
+    with pytest.raises(ft.FreezetuneError, match=r"parameter\(s\) of the cached prefix train now .* cache them again"):
+        split.suffix_train(feats)
+    with torch.no_grad():  # scoring reads the same weights: nothing to refuse
+        split.suffix_eval(feats)
     ft.unfreeze(model, "all")
     with pytest.raises(ft.FreezetuneError, match="cannot cache features"):
         ft.cache_features(model, dataset)

@@ -9,6 +9,7 @@ one tensor — or the model does not trace — the split falls back to the head 
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 from dataclasses import dataclass
@@ -34,6 +35,24 @@ class Split:
     suffix_eval: nn.Module
     boundary: str  # name of the first stage the suffix computes (or "head")
     how: str  # "fx" | "timm-head" | "head-hook"
+
+    def __post_init__(self) -> None:
+        # what the prefix computes is frozen; an unfreeze of it later (an Unfreezer in a loop of the user's) would
+        # train nothing: its features were computed once. A training step through the suffix then says so.
+        cached = [(name, p) for name, p in self.prefix.named_parameters() if not p.requires_grad]
+        self.suffix_train.register_forward_pre_hook(functools.partial(_refuse_stale, cached, self.boundary))
+
+
+def _refuse_stale(cached: list[tuple[str, nn.Parameter]], boundary: str, *_) -> None:
+    """Refuse a training step of a suffix whose prefix has a parameter that trains now (opened after the split)."""
+    if not torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return
+    opened = [name for name, p in cached if p.requires_grad]
+    if opened:
+        raise SpecError(f"{len(opened)} parameter(s) of the cached prefix train now (first: {opened[0]}), opened "
+                        f"after the features were cached (the cut is at {boundary}): on those features they would "
+                        "not train; cache them again after an unfreeze (ft.cache_features, as freezetune's trainer "
+                        "does), or train on images")  # fmt: skip
 
 
 def split_model(model: nn.Module, at: str | None = None) -> tuple[Split | None, str]:
