@@ -32,9 +32,10 @@ def progress_bar(total: int, desc: str, *, enabled: bool, unit: str = "it"):
     in_notebook = type(sys.stderr).__module__.startswith("ipykernel")
     live = tqdm.__module__.startswith("tqdm.notebook") or in_notebook or sys.stderr.isatty()
     interval = 0.1 if live else 60.0
-    # a file's bar waits a minute to appear: drawn at once, every epoch shorter than that left a line of 0%
+    # a file's bar waits a minute to appear: drawn at once, every epoch shorter than that left a line of 0%; tqdm's
+    # monitor thread redraws a bar silent for maxinterval (10 s by default): a file got two lines a minute
     return tqdm(total=total, desc=desc, leave=False, disable=not enabled, dynamic_ncols=True, unit=unit,
-                mininterval=interval, delay=0 if live else interval,
+                mininterval=interval, maxinterval=max(interval, 10.0), delay=0 if live else interval,
                 file=None if live else _Lines(sys.stderr))  # fmt: skip
 
 
