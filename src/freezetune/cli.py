@@ -210,8 +210,10 @@ def _shown(value: object) -> str:
 
 def _eval_parser(sub) -> None:
     p = sub.add_parser("eval", help="evaluate a checkpoint: loss, top-1/5, per-class accuracy, macro-F1, confusion")
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--data", required=True)
+    p.add_argument("--checkpoint", required=True, help="a run's best.pt or last.pt")
+    p.add_argument("--data", required=True,
+                   help="labelled data in a form train's --data takes, scored whole unless split: an IDX "
+                        "directory's test split, a folder's test/ (else val/); its classes among the run's")  # fmt: skip
     p.add_argument("--batch-size", type=int, default=None,
                    help="default: the run's; predictions do not depend on it, the loss's float rounding may, so at "
                         "the run's, eval of best.pt matches its test_metrics.json to the last digit")  # fmt: skip
@@ -231,14 +233,16 @@ def _eval_parser(sub) -> None:
 
 def _predict_parser(sub) -> None:
     p = sub.add_parser("predict", help="top-k classes of images, or of texts for a text model")
-    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--checkpoint", required=True, help="a run's best.pt or last.pt")
     p.add_argument("images", nargs="+", metavar="PATH",
                    help="image files or folders; for a text model, text files (one text a line), CSVs with a text "
                         "column, or folders of them; - reads standard input: image paths, or a text model's texts, "
                         "one a line")  # fmt: skip
-    p.add_argument("--topk", type=int, default=5)
+    p.add_argument(
+        "--topk", type=int, default=5, help="classes listed per image or text, most likely first (default: 5)"
+    )
     p.add_argument("--text-column", help="a text model: the column of a CSV's texts (default: the one it trained on)")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print one JSON list of records (path, top: class, prob)")
     p.add_argument("--batch-size", type=int, default=_DEFAULTS.batch_size, help="images or texts per forward pass")
     p.add_argument("--device", default=_DEFAULTS.device, help=FIELD_HELP["device"])
     p.set_defaults(func=_cmd_predict, command_parser=p)
