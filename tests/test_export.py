@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 
@@ -279,3 +280,28 @@ def test_a_hugging_face_graph_is_exported_in_eval_mode_without_the_exporters_war
         warnings.simplefilter("always")
         export_checkpoint(hf_best_pt, tmp_path / "m.onnx")
     assert not [w for w in caught if "training mode" in str(w.message)]
+
+
+def test_a_hugging_face_image_model_whose_folder_is_gone_rebuilds_with_its_image_processor(tmp_path, caplog):
+    # the rebuilt folder lacked preprocessor_config.json: predict and export warned "has no image processor config",
+    # though the checkpoint's own preprocessing was used
+    import shutil
+
+    import transformers
+
+    from freezetune import hf_bundle
+
+    config = transformers.ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37,
+                                    image_size=32, patch_size=8)  # fmt: skip
+    transformers.ViTForImageClassification(config).save_pretrained(tmp_path / "vit")
+    transformers.ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(tmp_path / "vit")
+    name = f"hf:{tmp_path / 'vit'}"
+    model, pre = create_model(name, "default")
+    ft.replace_head(model, 3)
+    record = checkpoint.model_record(model, {"model": name}, ["cat", "dog", "eel"], pre, hf_bundle.bundle(name))
+    shutil.rmtree(tmp_path / "vit")
+    with caplog.at_level(logging.WARNING):
+        checkpoint.build_model(record)
+    assert "image processor" not in caplog.text
+    export_checkpoint(checkpoint.save(record, tmp_path / "best.pt"), tmp_path / "m.safetensors")
+    assert transformers.AutoImageProcessor.from_pretrained(tmp_path / "m.hf").size == {"height": 32, "width": 32}

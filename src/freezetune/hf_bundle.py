@@ -20,12 +20,14 @@ from freezetune.options import HF_PREFIX
 # A saved Hugging Face tokenizer has at least one of these (fast, WordPiece, BPE, SentencePiece vocabularies)
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "tokenizer_config.json", "spiece.model",
                    "sentencepiece.bpe.model", "tokenizer.model", "merges.txt")  # fmt: skip
-# config.json builds the architecture; the rest are the tokenizer's
-BUNDLED_FILES = ("config.json", *TOKENIZER_FILES, "special_tokens_map.json", "added_tokens.json")
+# config.json builds the architecture; an image model's preprocessor_config.json its processor (a checkpoint keeps its
+# own preprocessing, but a folder rebuilt without it warned that it had none); the rest are the tokenizer's
+BUNDLED_FILES = ("config.json", "preprocessor_config.json", *TOKENIZER_FILES, "special_tokens_map.json",
+                 "added_tokens.json")  # fmt: skip
 
 
 def bundle(model: str) -> dict[str, str] | None:
-    """The config and tokenizer files of an ``hf:DIR`` model, base64-encoded by name; None for any other model (a
+    """The config, image processor and tokenizer files of an ``hf:DIR`` model, base64-encoded by name; None for any other model (a
     hub id is rebuilt from the hub or its cache).
 
     >>> bundle("timm:resnet18") is None
