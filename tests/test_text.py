@@ -546,6 +546,19 @@ def test_a_text_column_given_to_an_image_model_is_refused(tmp_path, capsys):
     assert code == 2 and "label_column 'sentiment' names a text CSV's column" in err and "--label-column" in err, err
 
 
+def test_image_settings_given_to_a_text_model_are_refused(tmp_path, capsys):
+    # --cache-views 2 (and --aug) trained as if not given: only "feature cache off: text batches ..." hinted at it
+    data = _csv(tmp_path / "t.csv", n=1)
+    for flags, said in (
+        (["--cache-views", "2"], "cache_views 2 sets the augmented image views"),
+        (["--aug", "none", "--decode", "cpu"], "aug 'none' augments images; decode 'cpu' sets"),
+    ):
+        code, _, err = run_cli(capsys, "train", "--model", f"hf:{MINILM}", "--weights", "default", "--data", data,
+                               "--out", tmp_path / "r", "--device", "cpu", *flags)  # fmt: skip
+        assert code == 2 and said in err and "is a text model: drop --" in err, err
+        assert not (tmp_path / "r").exists()
+
+
 @pytest.mark.slow
 def test_a_run_on_named_columns_trains_and_its_checkpoint_reads_them_for_eval_and_predict(tmp_path, capsys):
     out, data = tmp_path / "run", _custom_csv(tmp_path / "t.csv")

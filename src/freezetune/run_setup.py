@@ -23,7 +23,14 @@ from freezetune.config import TrainConfig, parse_freeze_spec, validate, validati
 from freezetune.data import Loaders, build_datasets
 from freezetune.data.fingerprint import data_record
 from freezetune.data.gpu import check_decode
-from freezetune.data.text import TEXT_SETTINGS, noun, refuse_text_settings, text_preprocess
+from freezetune.data.text import (
+    IMAGE_SETTINGS,
+    TEXT_SETTINGS,
+    noun,
+    refuse_image_settings,
+    refuse_text_settings,
+    text_preprocess,
+)
 from freezetune.depthwise import use_fast_depthwise
 from freezetune.distributed import (
     broadcast,
@@ -124,9 +131,10 @@ class RunSetup:
         self.model, self.preprocess = create_model(cfg.model, cfg.weights, img_size=cfg.img_size,
                                                    load=not self.resuming)  # fmt: skip
         check_cut(self.model, cfg.cache_at)  # a stage name needs the model: checked before any data is read
-        if self.preprocess is not None:  # an image model: the settings only a text model reads are refused
-            given = {k: getattr(cfg, k) for k in TEXT_SETTINGS if getattr(cfg, k) != getattr(TrainConfig, k)}
-            refuse_text_settings(cfg.model, given)
+        # the settings only the other kind of model reads are refused
+        kind, refuse = (TEXT_SETTINGS, refuse_text_settings) if self.preprocess is not None \
+            else (IMAGE_SETTINGS, refuse_image_settings)  # fmt: skip
+        refuse(cfg.model, {k: getattr(cfg, k) for k in kind if getattr(cfg, k) != getattr(TrainConfig, k)})
         self.preprocess = self.preprocess or text_preprocess(  # a text model: its tokenizer and CSV columns
             cfg.model, cfg.max_length, text_column=cfg.text_column, label_column=cfg.label_column
         )

@@ -224,6 +224,29 @@ _READS = {"max_length": "sets the tokens a text keeps", "text_column": "names a 
           "label_column": "names a text CSV's column"}  # fmt: skip
 
 
+IMAGE_SETTINGS = ("aug", "cache_views", "decode", "channels_last")  # the TrainConfig fields only an image model reads
+_IMAGE_READS = {
+    "aug": "augments images",
+    "cache_views": "sets the augmented image views the feature cache stores",
+    "decode": "sets where image files are decoded",
+    "channels_last": "sets an image batch's memory layout",
+}
+
+
+def refuse_image_settings(model: str, given: dict[str, object]) -> None:
+    """Refuse the ``IMAGE_SETTINGS`` ``given`` (those set to other than their defaults) for the text model ``model``,
+    as ``img_size`` is: ignored, the user would believe them applied.
+
+    >>> refuse_image_settings("hf:minilm", {"cache_views": 2})  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    freezetune.errors.ConfigError: cache_views 2 sets the augmented ...; hf:minilm is a text model: drop --cache-views
+    """
+    if given:
+        said = "; ".join(f"{k} {v!r} {_IMAGE_READS[k]}" for k, v in given.items())
+        flags = " and ".join(f"--{k.replace('_', '-')}" for k in given)
+        raise ConfigError(f"{said}; {model} is a text model: drop {flags}")
+
+
 def refuse_text_settings(model: str, given: dict[str, object]) -> None:
     """Refuse the ``TEXT_SETTINGS`` ``given`` (those set to other than their defaults) for the image model ``model``:
     ignored, the user would believe them applied.
