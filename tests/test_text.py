@@ -546,6 +546,16 @@ def test_a_text_column_given_to_an_image_model_is_refused(tmp_path, capsys):
     assert code == 2 and "label_column 'sentiment' names a text CSV's column" in err and "--label-column" in err, err
 
 
+def test_a_text_given_where_a_file_goes_is_told_the_way_texts_go(tmp_path, monkeypatch):
+    # predict --checkpoint best.pt "a chess game": "text file 'a chess game' does not exist", and nothing more
+    from freezetune.data.text import list_text_files
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError, match=r"text file 'a chess game' does not exist \(texts themselves go on standard "
+                                        r"input, one a line: echo 'TEXT' \| freezetune predict ... -\)"):  # fmt: skip
+        list_text_files(["a chess game"])
+
+
 def test_image_settings_given_to_a_text_model_are_refused(tmp_path, capsys):
     # --cache-views 2 (and --aug) trained as if not given: only "feature cache off: text batches ..." hinted at it
     data = _csv(tmp_path / "t.csv", n=1)

@@ -168,11 +168,11 @@ def list_images(paths: list[str]) -> list[str]:
     return expand_paths(paths, _images_under, "image path", "images", IMAGE_EXTENSIONS)
 
 
-def expand_paths(paths: list[str], files_under, what: str, kind: str, suffixes) -> list[str]:
+def expand_paths(paths: list[str], files_under, what: str, kind: str, suffixes, missing_hint: str = "") -> list[str]:
     """Files named explicitly, in order, and ``files_under(folder)`` for each folder (``list_images``, and a text
     model's ``list_text_files``); a glob no shell expanded (quoted, from a script or a Windows prompt) is expanded
-    here, its matches sorted. A missing path is a DataError naming ``what``; no file at all, one naming ``kind`` and
-    the ``suffixes`` a folder is searched for."""
+    here, its matches sorted. A missing path is a DataError naming ``what`` (and ``missing_hint``); no file at all,
+    one naming ``kind`` and the ``suffixes`` a folder is searched for."""
     out: list[str] = []
     for given in map(str, paths):
         p = Path(given)
@@ -191,7 +191,7 @@ def expand_paths(paths: list[str], files_under, what: str, kind: str, suffixes) 
                 raise DataError(f"{what} pattern '{p}' matches no file ending in {', '.join(suffixes)}")
             out += matched
         else:
-            raise DataError(f"{what} '{p}' does not exist")
+            raise DataError(f"{what} '{p}' does not exist{missing_hint}")
     if not out:
         raise DataError(f"no {kind} found in {choices(paths)}; expected files ending in {', '.join(suffixes)}")
     return list(dict.fromkeys(out))  # a file named twice (a glob and its folder) is predicted once

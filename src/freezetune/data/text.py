@@ -138,7 +138,9 @@ def list_text_files(paths: list[str]) -> list[str]:
     def under(folder: Path) -> list[Path]:
         return sorted(f for f in folder.rglob("*") if f.is_file() and f.suffix.lower() in TEXT_FILE_SUFFIXES)
 
-    return expand_paths(paths, under, "text file", "text files", TEXT_FILE_SUFFIXES)
+    # a text typed where a file goes (predict ... "a chess game") is a file that does not exist: say how texts go
+    hint = " (texts themselves go on standard input, one a line: echo 'TEXT' | freezetune predict ... -)"
+    return expand_paths(paths, under, "text file", "text files", TEXT_FILE_SUFFIXES, missing_hint=hint)
 
 
 class TokenizeBatch:
