@@ -433,3 +433,41 @@ def test_a_freeze_glob_with_a_comma_in_its_character_set_stays_one_name():
     # --freeze "layer[1,2]*" was split on its comma: "'layer[1' matches no stage"
     assert parse_freeze_spec("layer[1,2]*") == "layer[1,2]*"
     assert load_config(overrides={"data": "d", "freeze": "layer[1,2]*,stem"}).freeze == ["layer[1,2]*", "stem"]
+
+
+def test_values_that_failed_only_once_the_run_had_started_are_refused_with_the_config():
+    # seed -1 passed --print-config and ended in numpy's traceback after the data was read; cache_at beside cache off
+    # did nothing; "{1: }" failed as "got NoneType" once the model was built; "=1e-4" named a stage ''
+    for cfg, said in (
+        (TrainConfig(data="d", seed=-1), "seed must be in [0, 2**32 - 1], got -1"),
+        (TrainConfig(data="d", seed=2**32), "seed must be in [0, 2**32 - 1]"),
+        (TrainConfig(data="d", cache="off", cache_at="layer3"), "cache_at 'layer3' sets where"),
+        (TrainConfig(data="d", unfreeze={1: None}), "the unfreeze plan's epoch 1 opens nothing"),
+        (TrainConfig(data="d", stage_lrs=coerce("stage_lrs", "=1e-4")), "stage_lrs names a stage ''"),
+    ):
+        with pytest.raises(ConfigError, match=re.escape(said)):
+            validate(cfg)
+    validate(TrainConfig(data="d", seed=2**32 - 1, freeze=-2, cache_at="layer3"))
+    assert coerce("stage_lrs", "none") == {}  # what --help shows as its default
+
+
+def test_a_key_given_twice_on_the_command_line_is_refused_as_in_a_file(tmp_path, capsys):
+    # the last one won in silence ({1: layer3}; epochs 8), where a config file refuses a key given twice
+    for argv, said in (
+        (["--unfreeze", "{1: layer4, 1: layer3}"], "key 1 is given twice"),
+        (["stage_lrs={layer4: 1e-4, layer4: 1e-3}"], "key 'layer4' is given twice"),
+        (["epochs=7", "epochs=8"], "epochs is given twice as key=value (epochs=7, epochs=8); keep one"),
+    ):
+        code, _, err = run_cli(capsys, "train", "--data", tmp_path, *argv, "--print-config")
+        assert code == 2 and said in err, err
+
+
+def test_paths_expand_home_and_variables_as_a_shell_would(tmp_path, monkeypatch):
+    # a config file's "data: ~/fm" was read as a folder "~" in the current directory
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("DATASETS", "/srv/data")
+    (tmp_path / "run.yaml").write_text("data: ~/fm\nval_data: $DATASETS/val\nmodel: hf:~/bert\nout: ~/runs/a\n")
+    cfg = load_config(tmp_path / "run.yaml")
+    assert (cfg.data, cfg.val_data, cfg.model, cfg.out) == (f"{tmp_path}/fm", "/srv/data/val", f"hf:{tmp_path}/bert",
+                                                            f"{tmp_path}/runs/a")  # fmt: skip
+    assert load_config(overrides={"data": "d", "model": "timm:resnet18", "weights": "imagenet"}).weights == "imagenet"

@@ -291,7 +291,14 @@ def _train_config(args, *, run: bool = True) -> TrainConfig:
 
 def _given(args) -> dict:
     """The config values given on the command line: ``key=value`` overrides, then flags."""
-    given = dict(parse_override(item) for item in args.overrides)
+    pairs = [parse_override(item) for item in args.overrides]
+    keys = [k for k, _ in pairs]
+    if twice := sorted({k for k in keys if keys.count(k) > 1}):  # the last one won in silence; a file refuses it
+        shown = ", ".join(
+            item for item in args.overrides if item.partition("=")[0].strip().replace("-", "_") == twice[0]
+        )
+        raise ConfigError(f"{twice[0]} is given twice as key=value ({shown}); keep one")
+    given = dict(pairs)
     given.update({k: getattr(args, k) for k in field_names() if getattr(args, k, None) is not None})
     return given
 

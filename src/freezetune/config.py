@@ -339,6 +339,13 @@ def _range_problems(cfg: TrainConfig) -> list[str]:
            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < math.inf]  # fmt: skip
     if bad:
         problems.append(f"stage_lrs must be numbers >= 0 and finite, got {', '.join(bad)}")
+    if any(not str(k).strip() for k in cfg.stage_lrs or {}):  # "=1e-4": refused only once the model was built
+        problems.append("stage_lrs names a stage '' (STAGE=LR with no STAGE); give a stage name or glob before '='")
+    if isinstance(cfg.seed, int) and not 0 <= cfg.seed < 2**32:  # numpy's seeding failed, after the data was read
+        problems.append(f"seed must be in [0, 2**32 - 1], got {cfg.seed}")
+    if cfg.cache == "off" and cfg.cache_at is not None:  # it would do nothing, as cache_views > 1 would
+        problems.append(f"cache_at {cfg.cache_at!r} sets where the feature cache cuts the model; with cache off "
+                        "nothing is cached: drop one of them")  # fmt: skip
     if cfg.freeze == []:  # --freeze "" (an unset shell variable): it froze nothing, a full fine-tune unasked
         problems.append(f"freeze is empty; give auto (the default), {', '.join(FREEZE_KEYWORDS)}, a number of "
                         "stages (-3), or stage names (stem,layer1)")  # fmt: skip

@@ -10,6 +10,7 @@ from typing import Any
 import yaml
 
 from freezetune.config import INVALID, TrainConfig, coerce, field_names, unknown_keys, validate
+from freezetune.config_values import UniqueKeys
 from freezetune.errors import ConfigError, choices
 
 
@@ -83,7 +84,7 @@ def parse_override(item: str) -> tuple[str, Any]:
         raise ConfigError(f"override {item!r} is not key=value; keys are: {choices(field_names())}")
     key = key.strip().replace("-", "_")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = yaml.load(raw, Loader=UniqueKeys) if raw.strip() else None  # noqa: S506 - a SafeLoader
     except yaml.YAMLError as exc:
         why = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise ConfigError(f"override {item!r}: its value is not valid YAML ({why}); give a number, a word, a [list] "
@@ -92,28 +93,6 @@ def parse_override(item: str) -> tuple[str, Any]:
         return key, coerce(key, value)
     except ConfigError:  # refused by load_config, with every other problem of the config
         return key, value
-
-
-class _UniqueKeys(yaml.SafeLoader):
-    """YAML's safe loader, refusing a key given twice in one mapping: the last one won, silently (``epochs: 1`` then,
-    further down, ``epochs: 2`` trained 2)."""
-
-    def construct_mapping(self, node, deep=False):
-        seen: dict[Any, int] = {}
-        for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":  # "<<: *defaults": the keys it brings may be overridden
-                continue
-            key = self.construct_object(key_node, deep=True)
-            line, where = key_node.start_mark.line + 1, key_node.start_mark
-            try:
-                hash(key)
-            except TypeError:  # "? [a, b]": the loader's own one-line refusal, not a TypeError's traceback
-                raise yaml.constructor.ConstructorError(None, None, "found an unhashable key", where) from None
-            if key in seen:
-                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} is given twice (lines {seen[key]} "
-                                                        f"and {line}): keep one", where)  # fmt: skip
-            seen[key] = line
-        return super().construct_mapping(node, deep=deep)
 
 
 def read_yaml(path: Path) -> dict[str, Any]:
@@ -126,7 +105,7 @@ def read_yaml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"config file {str(path)!r} does not exist")
     try:
         # (Windows: UTF-8, not the locale's code page)
-        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeys) or {}  # noqa: S506 - a SafeLoader
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=UniqueKeys) or {}  # noqa: S506 - a SafeLoader
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)  # where the parser stopped: the mistake is there or just before
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""

@@ -6,6 +6,7 @@ plain fields convert to their declared type, structured ones (``freeze``, ``unfr
 from __future__ import annotations
 
 import functools
+import os
 import re
 import types
 import typing
@@ -26,7 +27,7 @@ def parse_stage_lrs(text: str | dict | None) -> dict[str, float]:
     >>> parse_stage_lrs("blocks.[4,5]=1e-4")
     {'blocks.[4,5]': 0.0001}
     """
-    if text is None:
+    if text is None or (isinstance(text, str) and text.strip().lower() == "none"):  # --help shows the default so
         return {}
     if isinstance(text, dict):
         items = list(text.items())
@@ -63,6 +64,23 @@ def scalar_type(name: str) -> type | None:
     return kinds[0] if len(kinds) == 1 and kinds[0] in (int, float, bool, str) else None
 
 
+# fields that may hold a path: ~ and $VAR are expanded, as a shell does on the command line (a config file's or a
+# key=value's "data: ~/fm" read as a folder "~" in the current directory; the run then said "does not exist")
+_PATHS = ("data", "val_data", "init", "cache_dir", "out", "weights", "model")
+
+
+def _expanded(value: str) -> str:
+    """``value`` with ``~`` and ``$VAR`` expanded; a model name's ``hf:`` folder too (a hub id is left alone).
+
+    >>> _expanded("hf:~/models/bert").startswith("hf:~")
+    False
+    """
+    prefix, sep, rest = value.partition(":")
+    if sep and prefix in ("hf", "timm", "torchvision"):
+        return f"{prefix}:{_expanded(rest)}" if prefix == "hf" else value
+    return os.path.expandvars(os.path.expanduser(value))
+
+
 def coerce(name: str, value: Any) -> Any:
     """Turn a raw YAML or CLI value of field ``name`` into the value the config holds.
 
@@ -76,6 +94,8 @@ def coerce(name: str, value: Any) -> Any:
         return _PARSERS[name](value)
     if value is None or name not in field_types():
         return value
+    if isinstance(value, str) and name in _PATHS:
+        return _expanded(value)
     kind = scalar_type(name)
     if kind is None or isinstance(value, bool):
         return value
@@ -156,11 +176,35 @@ def _parse_batch_size(value: Any) -> int | str | None:
     return value
 
 
+class UniqueKeys(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping: the last one won, silently (``epochs: 1`` then,
+    further down, ``epochs: 2`` trained 2; ``--unfreeze "{1: layer4, 1: layer3}"`` opened layer3 alone)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # "<<: *defaults": the keys it brings may be overridden
+                continue
+            key = self.construct_object(key_node, deep=True)
+            line, where = key_node.start_mark.line + 1, key_node.start_mark
+            try:
+                hash(key)
+            except TypeError:  # "? [a, b]": the loader's own one-line refusal, not a TypeError's traceback
+                raise yaml.constructor.ConstructorError(None, None, "found an unhashable key", where) from None
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} is given twice (lines {seen[key]} "
+                                                        f"and {line}): keep one", where)  # fmt: skip
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
 def _parse_unfreeze(value: Any) -> str | dict | None:
     # the --unfreeze flag's "{1: blocks.6}" is the mapping YAML and key=value read: read it the same way
     if isinstance(value, str) and value.strip().startswith("{"):
         try:
-            return yaml.safe_load(value)
+            return yaml.load(value, Loader=UniqueKeys)  # noqa: S506 - a SafeLoader
+        except yaml.constructor.ConstructorError as exc:  # a key given twice
+            raise ConfigError(f"unfreeze {value!r}: {exc.problem}") from None
         except yaml.YAMLError:
             return value  # validate reports it with the schedule forms
     return value if value is None or isinstance(value, dict) else str(value)

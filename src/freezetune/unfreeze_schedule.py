@@ -51,6 +51,10 @@ def parse_schedule(schedule: str | Mapping[int, Spec] | Schedule) -> Schedule:
             space = "; write a space after each colon ({1: layer4})" if any(":" in str(k) for k in bad) else ""
             raise SpecError(f"an unfreeze plan maps epochs (ints) to freeze specs, e.g. {{2: 'layer4'}}, epochs from 0;"
                             f" got key(s) {choices(bad)}{space}")  # fmt: skip
+        empty = [k for k, v in schedule.items() if v is None or v == "" or v == []]
+        if empty:  # "{1: }" is {1: None}: it failed once the model was built, as "got NoneType"
+            raise SpecError(f"the unfreeze plan's epoch {empty[0]} opens nothing; give it a freeze spec (a stage name, "
+                            "a glob, a number of stages) or leave the epoch out")  # fmt: skip
         return Schedule("plan", plan={int(k): v for k, v in schedule.items()})
     kind, _, args = str(schedule).strip().partition(":")
     why = ""
