@@ -413,7 +413,12 @@ def _assert_user_error(code, out, err, *needles):
         (["--unfreeze", "weekly"], ["weekly", "epoch:N"]),
         (["--epochs", "0", "--lr", "-1"], ["epochs", "lr"]),  # every problem in one message
         (["--skip-nonfinite", "-1"], ["skip_nonfinite must be >= 0, got -1"]),
-        (["--freeze", "backbone", "--cache-at", "nosuch"], ["unknown cache_at stage 'nosuch'", "'blocks.0'"]),
+        (
+            ["--freeze", "backbone", "--cache", "memory", "--cache-at", "nosuch"],
+            ["unknown cache_at stage 'nosuch'", "'blocks.0'"],
+        ),
+        # beside cache off (the tiny runs' --cache off) a cut does nothing: refused with the config
+        (["--freeze", "backbone", "--cache-at", "blocks.1"], ["cache_at 'blocks.1' sets where", "drop one of them"]),
         # a stage that trains from the start: the run went on uncached, exit 0 ("feature cache off: cannot cut")
         (  # a plan's epoch-0 stage too (it opens as the optimizer is built)
             ["--freeze", "-1", "--unfreeze", "{0: blocks.3}", "--cache", "memory", "--cache-at", "blocks.4"],

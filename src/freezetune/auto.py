@@ -248,6 +248,8 @@ def _measure(base: TrainConfig, ks: list[int], boost: float, out: Path, train: C
 def _base(cfg: TrainConfig, out: Path, cut: str) -> TrainConfig:
     # absolute: the run's config.yaml names this cache (and its start weights), and a --resume or a train --config
     # of it may run from another directory
+    # without the cache there is no cut to make (a cut beside cache off is refused as doing nothing)
+    cut = None if cfg.cache == "off" else cut
     return dataclasses.replace(cfg, recipe=None, freeze="auto", budget=None, out=str(out), cache_at=cut,
                                cache_dir=cfg.cache_dir or os.path.abspath(out / "features"))  # fmt: skip
 
