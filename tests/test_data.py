@@ -526,6 +526,18 @@ def test_stratified_split_edge_cases():
             stratified_split(torch.tensor([0, 1]), fraction=bad)
 
 
+def test_a_class_without_a_training_image_is_refused(tmp_path):
+    # IDX labels 0-9 but 5: a 10-class head trained with class 5 never seen, and the warning said "a class of one
+    # training image gives none"
+    root = tmp_path / "idx"
+    root.mkdir()
+    for prefix, labels in (("train", [c for c in range(10) if c != 5] * 3), ("t10k", list(range(10)))):
+        write_idx(root / f"{prefix}-images-idx3-ubyte.gz", np.zeros((len(labels), 8, 8)), True)
+        write_idx(root / f"{prefix}-labels-idx1-ubyte.gz", np.array(labels), True)
+    with pytest.raises(DataError, match=r"has no training images of class\(es\) '5' \(of its 10 classes\)"):
+        build_datasets(str(root), preprocess=PRE)
+
+
 def test_split_folders_inside_class_folders_are_refused_with_the_way_out(tmp_path):
     # a dataset one folder too deep was "training images of 1 class ('ds')"; one split per class (cat/test/) trained
     # on its test images as the class's, in silence

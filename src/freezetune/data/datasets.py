@@ -270,11 +270,16 @@ def build_datasets(
         warn_once(log, "'%s' has a validation %s; ignoring val_split=%s", data,
                   "file" if source == "text" else "folder", val_split)  # fmt: skip
     train, val, test, skipped = _scan(train, val, test, skip_bad)
-    if skipped:  # a class whose every training file was unreadable would be trained as a class never seen
-        empty = [c for i, c in enumerate(train.classes) if not bool((train.targets == i).any())]
-        if empty:
-            raise DataError(f"--skip-bad left class(es) {choices(empty)} without a training image (all of its files "
-                            "were unreadable); fix the files or remove the class folder(s)")  # fmt: skip
+    # a class without a training image would be a class never seen, trained against in silence: one whose every file
+    # was unreadable, or an IDX class name whose label no training image has
+    empty = [c for i, c in enumerate(train.classes) if not bool((train.targets == i).any())]
+    if empty and skipped:
+        raise DataError(f"--skip-bad left class(es) {choices(empty)} without a training image (all of its files "
+                        "were unreadable); fix the files or remove the class folder(s)")  # fmt: skip
+    if empty:
+        raise DataError(f"'{data}' has no training {noun(train)} of class(es) {choices(empty)} (of its "
+                        f"{len(train.classes)} classes); a class never seen cannot be learned: give it training "
+                        "data, or leave its name out of the class list")  # fmt: skip
     train, val, val_source, no_refit = resolve_validation(
         train,
         val,
