@@ -183,6 +183,20 @@ def test_resume_that_cannot_continue_the_run_is_a_user_error(finished_run, capsy
     assert snapshot(out) == before
 
 
+def test_a_resume_after_best_pt_was_deleted_says_so_rather_than_name_it(finished_run, tmp_path, capsys):
+    # it ended on "best.pt: epoch 1, val_acc ... (no test split to score)": the data has one, and best.pt was gone
+    import shutil
+
+    out = tmp_path / "nobest"
+    shutil.copytree(finished_run[0], out)
+    (out / "best.pt").unlink()
+    code, stdout, err = run_cli(capsys, "train", "--out", out, "--resume")
+    assert code == 0, err
+    assert f"best.pt is missing from {out} (deleted since epoch" in stdout and "not scored on the test split" in stdout
+    assert "no test split to score" not in stdout and "best.pt: epoch" not in stdout
+    assert not (out / "best.pt").exists()
+
+
 def test_a_resume_of_a_finished_run_says_it_had_finished(finished_run, tmp_path, capsys):
     # it said "resumed DIR after epoch 2", printed the whole set-up and ended, leaving the user to guess what ran
     import shutil

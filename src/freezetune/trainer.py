@@ -120,7 +120,13 @@ class Trainer(RunSetup):
         p = self.progress
         # no test split, or --no-final-test: the run still ends on a line naming its result (not the auto recipe's
         # trials, which are not resumed: the recipe says their scores)
-        if test is None and (self.cfg.final_test or self.resumable):
+        best_gone = self.dist.is_main and self.resumable and not (self.run_dir / checkpoint.BEST).exists()
+        if best_gone:  # deleted since it was saved (a resume of a finished run): nothing to name, nothing scored
+            kept = " (test_metrics.json keeps its score from before)" if (self.run_dir / runtime.TEST_METRICS).exists() \
+                else ""  # fmt: skip
+            self.echo(f"best.pt is missing from {self.run_dir} (deleted since epoch {p.best_epoch} saved it): it is "
+                      f"not scored on the test split{kept}")  # fmt: skip
+        elif test is None and (self.cfg.final_test or self.resumable):
             metric = f", {self.cfg.monitor} {p.best_metric:.4f}" if p.best_metric is not None else ""
             why = "no test split to score" if self.cfg.final_test else "the test split is not scored in this run"
             self.echo(f"best.pt: epoch {p.best_epoch}{metric} ({why}) -> {self.run_dir}")
@@ -402,7 +408,7 @@ class Trainer(RunSetup):
                                num_classes=len(self.classes), precision=self.precision,
                                channels_last=self.channels_last, loaders=self.loaders, dist=self.dist,
                                bar=self._bar("test (best.pt)"))  # fmt: skip
-        if result is None:
+        if result is None:  # best.pt is gone (fit says so)
             return None
         result = {**result, "checkpoint": checkpoint.BEST, "epoch": self.progress.best_epoch}  # what it scored
         if not self.dist.is_main:
