@@ -498,6 +498,26 @@ def test_the_cache_line_says_which_store_was_read_and_which_built_and_where_each
     assert f"; training store built, validation store read from {tmp_path / 'fc'} in " in cache_line("c")
 
 
+def test_a_stored_cache_of_other_rows_under_a_stores_key_is_built_again(image_folder, tmp_path, caplog):
+    # two stores swapped by name: 500 rows read for 300 images, and the run ended in the LR scheduler's traceback
+    def run(name: str) -> list[str]:
+        lines = []
+        trainer = Trainer(_config(image_folder, tmp_path, name, cache_dir=str(tmp_path / "fc"), epochs=1),
+                          echo=lines.append)  # fmt: skip
+        trainer.fit()
+        return lines
+
+    run("a")
+    train_store, val_store = sorted((tmp_path / "fc").rglob("*.pt"), key=lambda p: p.stat().st_size, reverse=True)
+    train_bytes = train_store.read_bytes()
+    train_store.write_bytes(val_store.read_bytes())
+    val_store.write_bytes(train_bytes)
+    with caplog.at_level(logging.WARNING):
+        lines = run("b")
+    assert caplog.text.count("ignoring a stored feature cache in") == 2, caplog.text
+    assert any(line.startswith("feature cache:") and "built in" in line and "read from" not in line for line in lines)
+
+
 def test_a_cache_build_shows_a_progress_bar_when_the_run_does(image_folder, tmp_path, monkeypatch):
     # a large folder's cache built for minutes without a word (6 min of silence before the first line on 55 000);
     # in a terminal the bar is drawn at once (written to a file, after a minute: epoch_log.progress_bar)

@@ -10,6 +10,7 @@ module (DDP fixes its parameter set when it wraps, so the wrap follows every cha
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -27,6 +28,8 @@ from freezetune.distributed import batch_block
 from freezetune.evaluate import evaluate
 from freezetune.precision import Precision
 from freezetune.split import Split, split_model
+
+log = logging.getLogger(__name__)
 
 SLOW_BUILD_S = 60.0  # a cache build this long is worth keeping: the note suggests --cache-dir
 
@@ -196,6 +199,8 @@ class FeaturePath:
             key = disk.store_key(split, dataset, **how)
             found = disk.load(self.cache_dir, key) if key is not None else None
             found = found or (self._load_parts(split, parts, how) if parts else None)
+            if found is not None and not _fits(found, dataset, views, self.cache_dir):
+                found = None
             if found is not None:
                 hows.append(f"read from {self.cache_dir}")
                 return placed_store(*found, self.precision, seed=loaders.seed, spill_dir=spill, place=place)
@@ -217,6 +222,19 @@ class FeaturePath:
         if any(f is None for f in found):
             return None
         return torch.cat([f[0] for f in found], dim=1), torch.cat([f[1] for f in found])
+
+
+def _fits(found: tuple[torch.Tensor, torch.Tensor], dataset, views: int, cache_dir: Path) -> bool:
+    """Whether stored features are of ``dataset``: a view per ``views``, a row per item, its targets in its order.
+    A file renamed or copied by hand under another store's key read 500 rows for 300 images, and its run ended in the
+    LR scheduler's traceback; one of the right size would have trained on another dataset's features."""
+    features, targets = found
+    fits = features.shape[:2] == (views, len(dataset)) and torch.equal(targets.long(), dataset.targets.long())
+    if not fits:
+        log.warning("ignoring a stored feature cache in %s: it holds %d view(s) of %d rows with other labels than "
+                    "the %d of this data (a file renamed or copied there by hand?); it is built again",
+                    cache_dir, features.shape[0], features.shape[1], len(dataset))  # fmt: skip
+    return fits
 
 
 def _remove_empty_dirs(root: Path) -> None:
