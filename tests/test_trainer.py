@@ -857,3 +857,26 @@ def test_a_training_batch_of_one_image_for_batchnorm_is_one_line_with_its_fixes(
     code, _, err = run_cli(capsys, *train_argv(data, tmp_path / "held", "--epoch-images", "1", "--recipe", "full",
                                                "--bn-stats", "frozen"))  # fmt: skip
     assert code == 0, err
+
+
+def test_a_run_whose_data_moved_resumes_on_the_same_files_at_their_new_path(tmp_path, capsys):
+    # the run's data path was gone ("does not exist", naming no fix), and --data NEWPATH was refused as a changed
+    # setting, though last.pt's digest of the data does not depend on where the files are
+    data, out = make_image_folder(tmp_path / "data"), tmp_path / "run"
+    code, _, err = run_cli(
+        capsys, *train_argv(data, out, "--epochs", "1", "--scheduler", "none", "--freeze", "backbone")
+    )
+    assert code == 0, err
+    data.rename(tmp_path / "moved")
+    code, _, err = run_cli(capsys, "train", "--out", out, "--resume", "--epochs", "2")
+    assert code == 2 and f"the run's data '{data}' does not exist (moved since?): give --data PATH" in err, err
+    (tmp_path / "moved" / "train" / "red" / "red_0.png").unlink()  # not the files it trained on
+    code, _, err = run_cli(capsys, "train", "--out", out, "--resume", "--epochs", "2", "--data", tmp_path / "moved")
+    assert code == 2 and "the data changed since it was saved" in err, err
+    make_image_folder(tmp_path / "orig")  # the same images again (the fixture is seeded), at yet another path
+    code, out_text, err = run_cli(capsys, "train", "--out", out, "--resume", "--epochs", "2", "--data",
+                                  tmp_path / "orig")  # fmt: skip
+    assert code == 0, err
+    from freezetune.reporting import read_metrics
+
+    assert [row["epoch"] for row in read_metrics(out / "metrics.csv")] == [1, 2]

@@ -377,7 +377,9 @@ def _check_resumable(path: Path, record: dict, expect: dict[str, Any]) -> None:
         stretched = []
     # Any other change would train on with settings config.yaml then claims for the whole run (and another optimizer
     # fails at its first step on this one's state: KeyError 'momentum').
-    fixed = [k for k in old if k not in (*RESUME_MAY_CHANGE, *schedule, "model") and k in expect]
+    # the data may move (a copy on a node's local disk, a renamed folder): what it holds is checked by its digest
+    moved = ("data", "val_data") if record.get("data") else ()
+    fixed = [k for k in old if k not in (*RESUME_MAY_CHANGE, *schedule, *moved, "model") and k in expect]
     changed = [f"{k} {old[k]!r} -> {expect[k]!r}" for k in fixed if old[k] != expect[k]]
     done = int(record.get("epoch") or 0)
     if not stretched and isinstance(expect.get("epochs"), int) and expect["epochs"] < done:  # config.yaml said 2

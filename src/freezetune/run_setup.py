@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -39,7 +40,7 @@ from freezetune.distributed import (
     main_echo,
     wrap,
 )
-from freezetune.errors import ConfigError, DataError, choices
+from freezetune.errors import ConfigError, DataError, choices, setting
 from freezetune.freeze import freeze
 from freezetune.heads import replace_head
 from freezetune.interrupt import StopRequest
@@ -238,6 +239,11 @@ class RunSetup:
         # a refusal must not wait for the model and the data (a large folder's scan)
         self.resumed = checkpoint.check_settings(self.run_dir / checkpoint.LAST, cfg.recorded()) if self.resuming \
             else None  # fmt: skip
+        for key in ("data", "val_data") if self.resuming else ():  # the run's own paths: its data moved since?
+            if getattr(cfg, key) is not None and not os.path.exists(getattr(cfg, key)):
+                raise ConfigError(f"the run's {key} '{getattr(cfg, key)}' does not exist (moved since?): give "
+                                  f"{setting(key, 'PATH', placeholder=True)} where its files are now (the resume checks they are the "
+                                  "same files)")  # fmt: skip
         # best.pt and last.pt, written beside the training on an accelerator; on the CPU the writes would take the
         # training's cores (measured: no faster), so they are written in turn
         self.checkpoints = checkpoint.Writer(self.run_dir, background=self.device.type != "cpu")
