@@ -880,3 +880,10 @@ def test_a_run_whose_data_moved_resumes_on_the_same_files_at_their_new_path(tmp_
     from freezetune.reporting import read_metrics
 
     assert [row["epoch"] for row in read_metrics(out / "metrics.csv")] == [1, 2]
+    # an auto run: its request named the old path, and "an auto run continues as it was asked" refused the new one
+    auto = tmp_path / "auto"
+    code, _, err = run_cli(capsys, *train_argv(tmp_path / "orig", auto, "--epochs", "1"))
+    assert code == 0, err
+    (tmp_path / "orig").rename(tmp_path / "orig2")
+    code, _, err = run_cli(capsys, "train", "--out", auto, "--resume", "--data", tmp_path / "orig2")
+    assert code == 0, err

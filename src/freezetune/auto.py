@@ -49,7 +49,7 @@ from pathlib import Path
 
 from freezetune import checkpoint, run_log
 from freezetune._io import atomic_write_text
-from freezetune.config import RESUME_MAY_CHANGE, TrainConfig, needs_validation
+from freezetune.config import DATA_PATHS, RESUME_MAY_CHANGE, TrainConfig, needs_validation
 from freezetune.errors import ConfigError, setting
 from freezetune.interrupt import RunInterrupted
 from freezetune.options import METRIC_NAMES, compared_by, parse_duration
@@ -163,7 +163,8 @@ def _resumed(cfg: TrainConfig, out: Path, echo: Callable[[str], None]) -> tuple[
     run_lr = choice.get("run_lr", choice["lr"])
     # compared as recipe.json holds them: JSON made tuples lists and a plan's epoch keys strings
     asked, now = decision.get("asked") or {}, json.loads(json.dumps(cfg.recorded()))
-    changed = [k for k in asked if k not in RESUME_MAY_CHANGE and asked[k] != now.get(k)]
+    # moved data is checked by the final run's last.pt, as any run's is
+    changed = [k for k in asked if k not in (*RESUME_MAY_CHANGE, *DATA_PATHS) and asked[k] != now.get(k)]
     if changed:  # the final run's settings derive from the request: an --lr changed now would not show in them
         diff = ", ".join(f"{k} {asked[k]!r} -> {now.get(k)!r}" for k in changed)
         raise ConfigError(f"cannot resume {out} with {diff}: an auto run continues as it was asked; resume with the "

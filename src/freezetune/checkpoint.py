@@ -18,7 +18,7 @@ from torch import nn
 
 from freezetune import __version__
 from freezetune._io import atomic_save
-from freezetune.config import RESUME_MAY_CHANGE, absolute_paths
+from freezetune.config import DATA_PATHS, RESUME_MAY_CHANGE, absolute_paths
 from freezetune.errors import CheckpointError, ConfigError, choices, setting
 from freezetune.hf_bundle import rebuilt_folder
 from freezetune.interrupt import pause_point
@@ -377,8 +377,7 @@ def _check_resumable(path: Path, record: dict, expect: dict[str, Any]) -> None:
         stretched = []
     # Any other change would train on with settings config.yaml then claims for the whole run (and another optimizer
     # fails at its first step on this one's state: KeyError 'momentum').
-    # the data may move (a copy on a node's local disk, a renamed folder): what it holds is checked by its digest
-    moved = ("data", "val_data") if record.get("data") else ()
+    moved = DATA_PATHS if record.get("data") else ()  # a last.pt of an older freezetune has no digest to check
     fixed = [k for k in old if k not in (*RESUME_MAY_CHANGE, *schedule, *moved, "model") and k in expect]
     changed = [f"{k} {old[k]!r} -> {expect[k]!r}" for k in fixed if old[k] != expect[k]]
     done = int(record.get("epoch") or 0)

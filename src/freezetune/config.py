@@ -78,6 +78,9 @@ FIELD_CHOICES = {
 # schedule).
 RESUME_MAY_CHANGE = ("out", "resume", "device", "workers", "compile", "channels_last", "decode", "cache_dir",
                      "save_every_steps", "tensorboard", "progress", "final_test")  # fmt: skip
+# may name another path on a resume (the data moved: a copy on a node's local disk, a renamed folder); what they hold is
+# checked against last.pt's digest of the data, which does not depend on where the files are
+DATA_PATHS = ("data", "val_data")
 
 
 def _naming_unknown_keys(cls: type) -> type:
