@@ -1161,3 +1161,18 @@ def test_a_spawned_loader_worker_drops_pils_raw_decompression_bomb_warning(tmp_p
                           timeout=120)  # fmt: skip
     assert proc.returncode == 0 and proc.stdout == "read\n", proc.stderr
     assert "DecompressionBomb" not in proc.stderr, proc.stderr
+
+
+def test_eval_of_a_folder_of_split_folders_without_train_reads_its_test_or_val_folder(tmp_path):
+    # d/test/ alone was read as a class named "test": "rename them to a training class, or move them out of it"
+    from freezetune.data import build_eval_dataset
+
+    make_folder(tmp_path / "d" / "val", 1)
+    make_folder(tmp_path / "d" / "test", 2)
+    ds = build_eval_dataset(str(tmp_path / "d"), preprocess=PRE, classes=sorted(COLOURS))
+    assert ds.source == f"the test/ folder of {tmp_path / 'd'}" and len(ds) == 6
+    make_folder(tmp_path / "v" / "Valid", 1)
+    assert len(build_eval_dataset(str(tmp_path / "v"), preprocess=PRE, classes=sorted(COLOURS))) == 3
+    make_folder(tmp_path / "t" / "test", 1)  # a model with a class named "test" reads it as that class
+    ds = build_eval_dataset(str(tmp_path / "t"), preprocess=PRE, classes=["blue", "test"])
+    assert ds.source == f"every image under {tmp_path / 't'}"

@@ -352,7 +352,7 @@ def build_eval_dataset(data: str, *, preprocess: Preprocess, classes: list[str],
             raise DataError(f"'{data}' has classes {choices(ds.classes)}; the checkpoint's classes are "
                             f"{choices(classes)} (IDX files carry no names: write the checkpoint's, one a line, "
                             f"into {path / CLASS_NAMES_FILE} if this is the same data)")  # fmt: skip
-    elif path.is_dir() and first_dir(path, TRAIN_DIRS) is not None:
+    elif path.is_dir() and (first_dir(path, TRAIN_DIRS) is not None or _splits_only(path, classes)):
         split = first_dir(path, (*TEST_DIRS, *VAL_DIRS))
         if split is None:
             raise DataError(f"'{data}' has train/ but no test/ or val/ folder to evaluate on")
@@ -365,6 +365,15 @@ def build_eval_dataset(data: str, *, preprocess: Preprocess, classes: list[str],
     _prepare(ds, eval_transform(preprocess), preprocess)
     ds.source = source + (f" ({len(skipped)} unreadable image file(s) left out: --skip-bad)" if skipped else "")
     return ds
+
+
+def _splits_only(path: Path, classes: list[str]) -> bool:
+    """Whether the folder ``path`` holds split folders alone (``test/``, ``val/``: a dataset's without its ``train/``,
+    as evaluation wants it), none of them a class of the model: they were read as classes named "test", and the error
+    said to rename them to a training class."""
+    folders = [d.name for d in path.iterdir() if d.is_dir() and not d.name.startswith(".")]
+    known = {nfc(c) for c in classes}
+    return bool(folders) and all(f.lower() in (*TEST_DIRS, *VAL_DIRS) and nfc(f) not in known for f in folders)
 
 
 def _prepare(ds: Dataset, transform, preprocess: Preprocess) -> None:
