@@ -1264,3 +1264,15 @@ def test_a_disk_that_fills_under_a_checkpoint_is_one_line_naming_the_file_and_ex
     assert done.stderr.startswith("freezetune: error: File too large (") and len(done.stderr.splitlines()) == 1
     assert f"({out}{'/'}" in done.stderr and ".tmp" not in done.stderr
     assert not list(out.rglob("*.tmp"))
+
+
+def test_eval_of_last_pt_draws_its_own_plot_beside_best_pts(run, data, capsys, tmp_path):
+    # both were eval_<data>-<digest>_confusion.png: the eval of last.pt replaced best.pt's plot
+    import shutil
+
+    for name in ("best.pt", "last.pt"):
+        ckpt = shutil.copy(run[0] / name, tmp_path / name)
+        code, _, err = run_cli(capsys, "eval", "--checkpoint", ckpt, "--data", data)
+        assert code == 0, err
+    plots = sorted(p.name for p in tmp_path.glob("eval_*_confusion.png"))
+    assert len(plots) == 2 and plots[1].endswith("_last_confusion.png"), plots

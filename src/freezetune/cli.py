@@ -213,14 +213,16 @@ def _eval_parser(sub) -> None:
     p.add_argument("--checkpoint", required=True, help="a run's best.pt or last.pt")
     p.add_argument("--data", required=True,
                    help="labelled data in a form train's --data takes, scored whole unless split: an IDX "
-                        "directory's test split, a folder's test/ (else val/); its classes among the run's")  # fmt: skip
+                        "directory's test split, a folder's test/ (else val/); its classes among the "
+                        "run's")  # fmt: skip
     p.add_argument("--batch-size", type=int, default=None,
                    help="default: the run's; predictions do not depend on it, the loss's float rounding may, so at "
                         "the run's, eval of best.pt matches its test_metrics.json to the last digit")  # fmt: skip
     p.add_argument("--device", default=_DEFAULTS.device, help=FIELD_HELP["device"])
     p.add_argument("--plot", default=None,
                    help="confusion-matrix image, .png/.pdf/.svg/.jpg (default: next to the checkpoint, "
-                        "eval_<data>-<digest of its path>_confusion.png)")  # fmt: skip
+                        "eval_<data>-<digest of its path>_confusion.png; of another checkpoint than best.pt, "
+                        "with its name: ..._last_confusion.png)")  # fmt: skip
     p.add_argument("--metrics", default=None, help="also write every metric as JSON to this file (for batch jobs)")
     p.add_argument("--skip-bad", action="store_true",
                    help="leave out image files that cannot be read (and a CSV's missing ones), as a run's --skip-bad "

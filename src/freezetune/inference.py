@@ -69,14 +69,19 @@ def load_model(checkpoint: str | Path | dict, device: str = "auto") -> LoadedMod
 def default_plot(checkpoint: str | Path, data: str | Path) -> Path:
     """Where ``freezetune eval`` draws the confusion matrix of ``data`` without ``--plot``: beside the checkpoint,
     named after the data and a digest of its absolute path, so that evaluating a second dataset (another folder's
-    ``test.csv``) never replaces the first one's plot, and evaluating the same data again replaces its own.
+    ``test.csv``) never replaces the first one's plot, and evaluating the same data again replaces its own. Another
+    checkpoint than ``best.pt`` (``last.pt``) adds its name: the eval of ``last.pt`` replaced ``best.pt``'s plot.
 
     >>> default_plot("runs/r1/best.pt", "/data/shop/test.csv").name
     'eval_test.csv-e3bac4_confusion.png'
+    >>> default_plot("runs/r1/last.pt", "/data/shop/test.csv").name
+    'eval_test.csv-e3bac4_last_confusion.png'
     """
     name = re.sub(r"[^\w.-]+", "_", Path(data).name or "data")
     digest = hashlib.sha1(os.path.abspath(data).encode("utf-8", "surrogateescape")).hexdigest()[:6]
-    return Path(checkpoint).with_name(f"eval_{name}-{digest}_confusion.png")
+    stem = Path(checkpoint).stem
+    which = "" if stem == "best" else "_" + re.sub(r"[^\w.-]+", "_", stem)
+    return Path(checkpoint).with_name(f"eval_{name}-{digest}{which}_confusion.png")
 
 
 def check_outputs(plot: str | Path | None, metrics: str | Path | None) -> None:
