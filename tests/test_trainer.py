@@ -887,3 +887,18 @@ def test_a_run_whose_data_moved_resumes_on_the_same_files_at_their_new_path(tmp_
     (tmp_path / "orig").rename(tmp_path / "orig2")
     code, _, err = run_cli(capsys, "train", "--out", auto, "--resume", "--data", tmp_path / "orig2")
     assert code == 0, err
+
+
+def test_the_config_of_a_moved_auto_run_reproduces_it_from_its_new_place(tmp_path, capsys):
+    # its init (the chosen trial's weights) and cache_dir were absolute paths into the folder it had: "checkpoint
+    # '.../runs/a1/auto-trials/last-3/best.pt' does not exist"
+    data = make_image_folder(tmp_path / "data")
+    code, _, err = run_cli(capsys, *train_argv(data, tmp_path / "a1", "--epochs", "1"))
+    assert code == 0, err
+    (tmp_path / "a1").rename(tmp_path / "moved")
+    code, _, err = run_cli(capsys, "train", "--config", tmp_path / "moved" / "config.yaml", "--out", tmp_path / "again")
+    assert code == 0, err
+    from freezetune.reporting import read_metrics
+
+    first, again = (read_metrics(tmp_path / d / "metrics.csv") for d in ("moved", "again"))
+    assert [r["train_loss"] for r in again] == [r["train_loss"] for r in first] and first[0]["train_loss"] is not None

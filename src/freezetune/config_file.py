@@ -4,6 +4,7 @@ laid over it; every problem of what was read, of any kind, reported in one messa
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,7 @@ def load_config(path: str | Path | dict[str, Any] | None = None, overrides: dict
     values: dict[str, Any] = {}
     typed = set(overrides or ())  # given now, unlike a file's keys (recipes.conflict_problems)
     if path is not None:
-        values.update(path if isinstance(path, dict) else read_yaml(Path(path)))
+        values.update(path if isinstance(path, dict) else _moved_with_its_run(read_yaml(Path(path)), Path(path)))
     values.update(overrides or {})
     # every problem in one message: a value of the wrong type, then one out of range, then an unknown key (reported
     # one kind at a time, the user fixed one and met the next)
@@ -51,6 +52,22 @@ def load_config(path: str | Path | dict[str, Any] | None = None, overrides: dict
         raise ConfigError(INVALID + "; ".join(problems + ([unknown] if unknown else [])))
     validate(cfg, need_data=need_data, typed=typed)
     return cfg
+
+
+def _moved_with_its_run(values: dict[str, Any], path: Path) -> dict[str, Any]:
+    """A run's ``config.yaml`` read from a folder the run was moved to: its paths into its own folder (an auto run's
+    ``init``, the chosen trial's weights, and ``cache_dir``, its ``features/``), written absolute under the folder it
+    had, are read under this one. ``train --config`` of a moved auto run stopped at "checkpoint ... does not exist"."""
+    out = values.get("out")
+    if not isinstance(out, str) or not os.path.isabs(out):
+        return values
+    moved = dict(values)
+    for key in ("init", "cache_dir"):
+        value = values.get(key)
+        if isinstance(value, str) and value.startswith(out.rstrip("/") + "/") and not os.path.exists(value):
+            here = path.parent / os.path.relpath(value, out)
+            moved[key] = str(here) if here.exists() else value  # else named as it was, in the error that follows
+    return moved
 
 
 def run_config(out: str | Path | None) -> Path | dict[str, Any] | None:
