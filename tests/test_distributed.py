@@ -54,7 +54,7 @@ def test_torchrun_feature_cache_matches_uncached_ddp(tmp_path):
     data = make_image_folder(tmp_path / "data")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     rows, logs = {}, {}
-    for cache in ("auto", "off"):
+    for cache in ("auto", "off", "disk"):
         out = tmp_path / cache
         cmd = [
             sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -68,8 +68,10 @@ def test_torchrun_feature_cache_matches_uncached_ddp(tmp_path):
         rows[cache], logs[cache] = read_metrics(out / "metrics.csv"), proc.stdout
     assert "feature cache:" in logs["auto"] and "feature cache:" not in logs["off"]
     for key in ("train_loss", "val_loss", "train_acc"):
-        got, want = [r[key] for r in rows["auto"]], [r[key] for r in rows["off"]]
-        assert got == pytest.approx(want, rel=1e-4, abs=1e-5), key
+        for cached in ("auto", "disk"):
+            got, want = [r[key] for r in rows[cached]], [r[key] for r in rows["off"]]
+            assert got == pytest.approx(want, rel=1e-4, abs=1e-5), (cached, key)
+    assert not (tmp_path / "disk" / "cache").exists()  # each rank cleared its folder; the shared one stayed, empty
 
 
 def test_dist_info_properties():

@@ -117,6 +117,8 @@ class Trainer(RunSetup):
                                   monitor=self.cfg.monitor, best_epoch=self.progress.best_epoch)  # fmt: skip
         test = self._final_test()
         barrier(self.dist)
+        if self.dist.enabled and self.dist.is_main:  # every rank has cleared its own spill folder; theirs is empty
+            self.features.remove_empty_spill()
         p = self.progress
         # no test split, or --no-final-test: the run still ends on a line naming its result (not the auto recipe's
         # trials, which are not resumed: the recipe says their scores)

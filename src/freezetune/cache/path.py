@@ -174,6 +174,12 @@ class FeaturePath:
             self.echo(f"note: the cache took {seconds:.0f}s to build; --cache-dir DIR keeps it for a resume or a later "
                       "run on the same data (the auto recipe keeps its own in the run dir's features/)")  # fmt: skip
 
+    def remove_empty_spill(self) -> None:
+        """Remove the run's ``cache/`` folder when nothing is left in it: under torchrun each rank removes only its
+        own folder as it goes (another's, empty for a moment, vanished as that rank was about to write), so the
+        first rank removes the shared one once every rank has finished (it stayed, empty, in the run dir)."""
+        _remove_empty_dirs(self.spill_dir)
+
     def _own_spill(self) -> Path:
         """Where this process spills its disk stores: the run's ``cache/``, under torchrun a folder a rank."""
         dist = self.loaders.dist
