@@ -96,7 +96,14 @@ def test_resume_after_interrupt_matches_an_uninterrupted_run(data, tmp_path, cap
         torch.testing.assert_close(wb[key], wa[key], rtol=0, atol=1e-6, msg=key)
 
 
-@pytest.mark.parametrize("unfreeze", [("--unfreeze", "epoch:1"), ("--unfreeze", "plateau:patience=1,min_delta=1")])
+@pytest.mark.parametrize(
+    "unfreeze",
+    [
+        ("--unfreeze", "epoch:1"),
+        ("--unfreeze", "plateau:patience=1,min_delta=1"),
+        ("--unfreeze", "plateau:patience=1,min_delta=1", "--cache", "memory"),
+    ],
+)
 def test_a_resume_with_more_epochs_opens_the_stage_due_after_the_old_last_epoch(data, tmp_path, capsys, unfreeze):
     # the run's last epoch is not stepped (nothing trains after it): the resume trained on without the stage due then
     # (no layer2 group, other weights than the run given 3 epochs from the start)
@@ -108,6 +115,8 @@ def test_a_resume_with_more_epochs_opens_the_stage_due_after_the_old_last_epoch(
     assert code == 0, err
     a, b = _rows(whole), _rows(split)
     assert f"unfroze {a[-1]['unfrozen']} (" in out and a[-1]["unfrozen"]  # the stage opened after epoch 2
+    # the cache is built once, past the stage (it was built at the old cut, then again)
+    assert out.count("feature cache:") == ("--cache" in unfreeze), out
     assert [r["unfrozen"] for r in b] == [r["unfrozen"] for r in a]
     assert [r["trainable_params"] for r in b] == [r["trainable_params"] for r in a]
     wa, wb = checkpoint.load(whole / "last.pt")["state_dict"], checkpoint.load(split / "last.pt")["state_dict"]

@@ -113,7 +113,10 @@ class RunSetup:
         if self.resuming:
             self._resume()
         self._run_files()
+        self.caught_up: list[str] = []
         if not self.trained_out():  # a resume of a finished run only ends it: its cache took minutes on big data
+            # the stage a resume with more epochs opens first, before the cache is built: built once, past it
+            self.caught_up = self._open_skipped_stage()
             self.features.build()
         self.seconds = {"cache": self.features.build_seconds, "val": 0.0, "epochs": 0.0}  # this process's
         self.spent_before = dict(self.progress.spent)  # a resumed run's earlier processes'
@@ -297,6 +300,10 @@ class RunSetup:
     def draws_bars(self) -> bool:
         """Whether this process draws progress bars: ``--progress``, and under torchrun rank 0 alone."""
         return self.cfg.progress and self.dist.is_main
+
+    def _open_skipped_stage(self) -> list[str]:
+        """The stages a resumed unfreeze schedule opens before training goes on (``Trainer``'s); none here."""
+        return []
 
     def trained_out(self) -> bool:
         """Whether no epoch is left to train: all were trained, or early stopping ended the run."""

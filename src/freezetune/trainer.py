@@ -205,7 +205,7 @@ class Trainer(RunSetup):
         unfrozen = unfreezer.unfrozen_after(self.progress.epoch - 1) if unfreezer is not None else []
         if self.trained_out():  # a resume of a run that stopped early is finished (the report and the test follow),
             return  # as a run that trained all its epochs is
-        unfrozen = unfrozen or self._catch_up_unfreezer()
+        unfrozen = unfrozen or self.caught_up
         for epoch in range(self.progress.epoch, cfg.epochs):
             row = self._run_epoch(epoch, unfrozen)
             last = epoch + 1 == cfg.epochs  # nothing trains after the last epoch: no unfreeze, no cache rebuild
@@ -371,19 +371,20 @@ class Trainer(RunSetup):
             self.echo(f"removed {', '.join(stale)}: they scored an earlier best.pt (this run's is epoch "
                       f"{self.progress.best_epoch}, not scored: --no-final-test or no test split)")  # fmt: skip
 
-    def _catch_up_unfreezer(self) -> list[str]:
+    def _open_skipped_stage(self) -> list[str]:
         """A resume with more ``--epochs`` than its run had: that run's last epoch ended without its schedule's step
-        (nothing trained after it), so the stage due then opens now, as in a run given the epochs from the start."""
+        (nothing trained after it), so the stage due then opens now, as in a run given the epochs from the start;
+        before the set-up builds the cache (built at the old cut, then again at the new one, it took twice)."""
         unfreezer, last = self.state.unfreezer, self.progress.epoch - 1
         if unfreezer is None or last < 0 or self.progress.step or not unfreezer.skipped(last):
             return []
         row = broadcast(self.metrics.rows[-1] if self.metrics.rows else {}, self.dist)  # its metric: rank 0's
-        unfrozen = self._step_unfreezer(last, row, (last + 1) * self.steps_per_epoch <= self.warmup_steps)
+        unfrozen = self._step_unfreezer(last, row, (last + 1) * self.steps_per_epoch <= self.warmup_steps, build=False)
         if unfrozen:
             self.progress.reset_patience()
         return unfrozen
 
-    def _step_unfreezer(self, epoch: int, row: dict, warming: bool) -> list[str]:
+    def _step_unfreezer(self, epoch: int, row: dict, warming: bool, *, build: bool = True) -> list[str]:
         if self.state.unfreezer is None:
             return []
         names = self.state.unfreezer.step(epoch, row.get(self.cfg.monitor), warming_up=warming)
@@ -396,7 +397,8 @@ class Trainer(RunSetup):
             if spec is not None and items != names:  # part of a stage ("*.bias"), or an index: what, then where
                 what = f"{', '.join(items)} (in {what})"
             self.echo(f"unfroze {what} ({why}trainable {count_parameters(self.model)[0]:,} parameters)")
-            self.features.build()  # the frozen prefix got shorter: rebuild at the new boundary, or read images
+            if build:  # the frozen prefix got shorter: rebuild at the new boundary, or read images
+                self.features.build()
         return names
 
     def _final_test(self) -> dict | None:
