@@ -226,7 +226,6 @@ def test_predict_reads_text_files_one_text_a_line(text_run, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.slow
 def test_a_dash_reads_a_text_models_texts_from_standard_input(text_run, monkeypatch):
     import io
 
@@ -239,6 +238,7 @@ def test_a_dash_reads_a_text_models_texts_from_standard_input(text_run, monkeypa
     assert [r["top"] for r in records] == [r["top"] for r in predict_texts(best, texts, topk=1, device="cpu")]
 
 
+@pytest.mark.slow
 def test_predict_names_a_csvs_empty_texts_rather_than_scoring_them(text_run, tmp_path, caplog):
     # an empty or blank CSV text got a confident-looking prediction of nothing (a .txt's blank line is skipped)
     best, _ = text_run
