@@ -261,6 +261,19 @@ def test_a_frozen_instance_norm_with_running_statistics_takes_the_bn_policy(bn, 
     assert norm.training is stats_move
 
 
+@pytest.mark.parametrize("bn", ["affine", "train"])
+def test_an_instance_norm_without_running_statistics_freezes_as_any_layer(bn):
+    # it has no statistics to hold: under bn="affine" its frozen weights trained, and under bn="train" the cache was
+    # refused as "BatchNorm ... updates its statistics in training"
+    from freezetune.split import split_model
+
+    model = _instance_norm_model(stats=False)
+    ft.freeze(model, "body", bn=bn)
+    assert not any(p.requires_grad for p in model.body.parameters())
+    split, why = split_model(model)
+    assert split is not None and split.boundary == "top", why
+
+
 def test_the_cached_suffix_keeps_an_instance_norm_following_train_and_eval():
     # traced, InstanceNorm's "use the batch's statistics" (self.training) was baked in at trace time
     from freezetune.split import split_model

@@ -29,10 +29,21 @@ from freezetune.stages import Stage
 _POLICY_ATTR = "_freezetune_bn"
 _HOLD_ATTR = "_freezetune_hold_bn_stats"  # on the model: hold_bn_statistics was asked, unfreeze keeps it
 _OPEN_ATTR = "_freezetune_bn_open"  # on a frozen-policy BatchNorm: its parameters unfreeze named alone ("*.bias")
-# The norms that keep running statistics: an InstanceNorm with track_running_stats=True updates them in train mode as
-# a BatchNorm does (and uses them in eval), so a frozen one takes the same policies; one without them is the same in
-# both modes, so the policy changes nothing for it.
+# The norms whose layers may keep running statistics, traced as leaves (they read self.training at run time)
 STAT_NORMS = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
+
+
+def keeps_stats(module: nn.Module) -> bool:
+    """Whether ``module`` is a norm the BatchNorm policies apply to: a BatchNorm, or an InstanceNorm that keeps running
+    statistics (``track_running_stats=True``), which updates them in train mode and uses them in eval as a BatchNorm
+    does. An InstanceNorm without them computes the same in both modes: it is frozen as any other layer is.
+
+    >>> keeps_stats(nn.InstanceNorm2d(4, track_running_stats=True)), keeps_stats(nn.InstanceNorm2d(4, affine=True))
+    (True, False)
+    """
+    return isinstance(module, nn.modules.batchnorm._BatchNorm) or (
+        isinstance(module, nn.modules.instancenorm._InstanceNorm) and module.track_running_stats
+    )
 
 
 def set_frozen(model: nn.Module, params: dict[int, nn.Parameter], bn: str) -> None:
@@ -86,7 +97,7 @@ def _bn_modules_within(model: nn.Module, params: dict[int, nn.Parameter]) -> lis
     the model itself, those of the layer before it)."""
     out = []
     for name, module in model.named_modules():
-        if not isinstance(module, STAT_NORMS):
+        if not keeps_stats(module):
             continue
         own = list(module.parameters())
         if not own and "." in name:
@@ -113,7 +124,7 @@ def _open_bn_params(model: nn.Module, params: dict[int, nn.Parameter], *, openin
     BitFit by hand), or, ``freeze`` naming them again, forget them. They train while the layer keeps its policy (its
     statistics stay frozen); the policy had set them back to frozen, without a word."""
     for module in model.modules():
-        if getattr(module, _POLICY_ATTR, None) is None or not isinstance(module, STAT_NORMS):
+        if getattr(module, _POLICY_ATTR, None) is None or not keeps_stats(module):
             continue
         named = {name for name, p in module.named_parameters(recurse=False) if id(p) in params}
         kept = set(getattr(module, _OPEN_ATTR, ()))
@@ -123,7 +134,7 @@ def _open_bn_params(model: nn.Module, params: dict[int, nn.Parameter], *, openin
 def _apply_bn_policies(model: nn.Module) -> None:
     for module in model.modules():
         policy = getattr(module, _POLICY_ATTR, None)
-        if policy is None or not isinstance(module, STAT_NORMS):
+        if policy is None or not keeps_stats(module):
             continue
         opened = getattr(module, _OPEN_ATTR, ())
         for name, p in module.named_parameters(recurse=False):
@@ -152,7 +163,7 @@ def hold_bn_statistics(model: nn.Module) -> None:
     model = unwrap(model)
     setattr(model, _HOLD_ATTR, True)
     for module in model.modules():
-        if isinstance(module, STAT_NORMS) and policy_of(module) is None:
+        if keeps_stats(module) and policy_of(module) is None:
             if not _has_eval_hook(module):
                 module.register_forward_pre_hook(_keep_eval)
             module.eval()
@@ -205,7 +216,7 @@ def idle_bn_policy(model: nn.Module, bn: str) -> str | None:
     >>> idle_bn_policy(torchvision.models.resnet18(), "train")[:60]
     'note: --bn train changes nothing: no BatchNorm layer is froz'
     """
-    norms = [m for m in unwrap(model).modules() if isinstance(m, STAT_NORMS)]
+    norms = [m for m in unwrap(model).modules() if keeps_stats(m)]
     if bn == BN_DEFAULT or any(policy_of(m) is not None for m in norms):
         return None
     if norms:
@@ -223,7 +234,7 @@ def bn_mode(stage: Stage, model: nn.Module) -> str:
     modes = set()
     for name in stage.modules:
         for module in model.get_submodule(name).modules():
-            if isinstance(module, STAT_NORMS):
+            if keeps_stats(module):
                 trains = "trainable, eval stats" if _has_eval_hook(module) else "trainable"  # (hold_bn_statistics)
                 policy, opened = policy_of(module), sorted(getattr(module, _OPEN_ATTR, ()))
                 # "frozen" alone would hide the biases an unfreeze("*.bias") opened on it

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx, nn
 
-from freezetune.bn_policy import STAT_NORMS, policy_of
+from freezetune.bn_policy import STAT_NORMS, keeps_stats, policy_of
 from freezetune.depthwise import FastDepthwiseConv2d
 from freezetune.errors import SpecError, choices
 from freezetune.options import BN_EVAL_POLICIES
@@ -135,7 +135,7 @@ def _moving_batchnorm(model: nn.Module) -> str | None:
     """A frozen-part BatchNorm whose statistics move in training makes every earlier cached feature stale."""
     for name, m in model.named_modules():
         policy = policy_of(m)
-        if isinstance(m, STAT_NORMS) and policy is not None and policy not in BN_EVAL_POLICIES:
+        if keeps_stats(m) and policy is not None and policy not in BN_EVAL_POLICIES:
             return f"BatchNorm {name} updates its statistics in training (bn policy {policy!r}, not 'frozen')"
     return None
 
@@ -144,7 +144,7 @@ def _trainable_first_stage(model: nn.Module, first: Stage) -> str:
     """Why there is no prefix to cache when the first stage trains: ``bn="affine-only"`` trains the BatchNorm scale
     and shift of every frozen stage, the first one's too."""
     norms = [m for name in first.modules for m in model.get_submodule(name).modules()
-             if isinstance(m, STAT_NORMS)]  # fmt: skip
+             if keeps_stats(m)]  # fmt: skip
     held = {id(p): policy_of(m) for m in norms for p in m.parameters(recurse=False)}
     trainable = [p for p in first.params if p.requires_grad]
     policies = {held.get(id(p)) for p in trainable}

@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from freezetune.bn_policy import STAT_NORMS, check_bn_policy
+from freezetune.bn_policy import check_bn_policy, keeps_stats
 from freezetune.config import TrainConfig
 from freezetune.errors import ConfigError, MissingExtra, choices
 from freezetune.freeze import Spec, count_parameters, freeze
@@ -243,7 +243,7 @@ class FreezetuneFinetuning(Callback):
         user's own in the same notebook must still hear it. A module left in eval mode that is not a BatchNorm layer
         changes the count, and the warning shows."""
         in_eval = [m for m in pl_module.modules() if not m.training]
-        if not in_eval or not all(isinstance(m, STAT_NORMS) for m in in_eval):
+        if not in_eval or not all(keeps_stats(m) for m in in_eval):
             return 0
         self._unquiet()
         message = re.escape(f"Found {len(in_eval)} module(s) in eval mode at the start")
