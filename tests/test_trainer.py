@@ -911,3 +911,22 @@ def test_the_config_of_a_moved_auto_run_reproduces_it_from_its_new_place(tmp_pat
 
     first, again = (read_metrics(tmp_path / d / "metrics.csv") for d in ("moved", "again"))
     assert [r["train_loss"] for r in again] == [r["train_loss"] for r in first] and first[0]["train_loss"] is not None
+
+
+def test_an_auto_run_of_an_earlier_version_that_cut_beside_cache_off_resumes_and_reproduces(tmp_path, capsys):
+    # its auto recipe wrote cache_at beside cache off into config.yaml and last.pt; a cut there is now refused as doing
+    # nothing, and the resume ("cache_at 'blocks.1' -> None") and --config of it had no way out
+    import yaml
+
+    data, out = make_image_folder(tmp_path / "data"), tmp_path / "old"
+    assert run_cli(capsys, *train_argv(data, out, "--epochs", "2", "--scheduler", "none"))[0] == 0
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    assert config["cache"] == "off" and config["cache_at"] is None  # this version cuts nothing beside cache off
+    (out / "config.yaml").write_text(yaml.safe_dump({**config, "cache_at": "blocks.1"}))
+    record = checkpoint.load(out / "last.pt")
+    record["config"]["cache_at"] = "blocks.1"
+    checkpoint.save(record, out / "last.pt")
+    code, _, err = run_cli(capsys, "train", "--out", out, "--resume")
+    assert code == 0, err
+    code, _, err = run_cli(capsys, "train", "--config", out / "config.yaml", "--out", tmp_path / "again")
+    assert code == 0, err

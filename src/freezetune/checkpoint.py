@@ -378,7 +378,9 @@ def _check_resumable(path: Path, record: dict, expect: dict[str, Any]) -> None:
     # Any other change would train on with settings config.yaml then claims for the whole run (and another optimizer
     # fails at its first step on this one's state: KeyError 'momentum').
     moved = DATA_PATHS if record.get("data") else ()  # a last.pt of an older freezetune has no digest to check
-    fixed = [k for k in old if k not in (*RESUME_MAY_CHANGE, *schedule, *moved, "model") and k in expect]
+    # beside cache off a cut is no setting (the auto recipe of an earlier freezetune recorded one there, this one none)
+    uncut = ("cache_at",) if old.get("cache") == "off" else ()
+    fixed = [k for k in old if k not in (*RESUME_MAY_CHANGE, *schedule, *moved, *uncut, "model") and k in expect]
     changed = [f"{k} {old[k]!r} -> {expect[k]!r}" for k in fixed if old[k] != expect[k]]
     done = int(record.get("epoch") or 0)
     if not stretched and isinstance(expect.get("epochs"), int) and expect["epochs"] < done:  # config.yaml said 2

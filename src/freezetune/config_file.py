@@ -32,6 +32,10 @@ def load_config(path: str | Path | dict[str, Any] | None = None, overrides: dict
     typed = set(overrides or ())  # given now, unlike a file's keys (recipes.conflict_problems)
     if path is not None:
         values.update(path if isinstance(path, dict) else _moved_with_its_run(read_yaml(Path(path)), Path(path)))
+        if values.get("cache") == "off" and "cache_at" not in (overrides or {}):
+            # the auto recipe of an earlier freezetune wrote its cut beside cache off into the run's config.yaml: no
+            # setting there, and now refused as doing nothing (its resume and --config of it stopped)
+            values.pop("cache_at", None)
     values.update(overrides or {})
     # every problem in one message: a value of the wrong type, then one out of range, then an unknown key (reported
     # one kind at a time, the user fixed one and met the next)
