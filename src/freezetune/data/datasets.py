@@ -10,6 +10,7 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from torch.utils.data import Dataset
 
 from freezetune.data.folder import FileImageDataset, nfc, scan_folder
@@ -189,6 +190,21 @@ def _scan(train: Dataset, val: Dataset | None, test: Dataset | None, skip_bad: b
     return (*checked, skipped)
 
 
+def _check_every_class_trains(data: str, train: Dataset, skipped: list[str]) -> None:
+    """Refuse a class without a training image, which would be trained against in silence, never seen: one whose
+    every file was unreadable, or an IDX label between others that no training image has (labels 0-9 but 5). The
+    default names past an IDX set's highest label (a subset of digits 0 and 1) are left as they were."""
+    counts = torch.bincount(train.targets, minlength=len(train.classes)).tolist()
+    if skipped and (empty := [c for c, n in zip(train.classes, counts, strict=True) if n == 0]):
+        raise DataError(f"--skip-bad left class(es) {choices(empty)} without a training image (all of its files "
+                        "were unreadable); fix the files or remove the class folder(s)")  # fmt: skip
+    last = max((i for i, n in enumerate(counts) if n), default=-1)
+    if gaps := [c for c, n in zip(train.classes[:last], counts[:last], strict=True) if n == 0]:
+        raise DataError(f"'{data}' has no training {noun(train)} of class(es) {choices(gaps)}, among labels up to "
+                        f"{train.classes[last]!r}; a class never seen cannot be learned: give it training data (IDX "
+                        f"labels are positions in the class list, {CLASS_NAMES_FILE} where it is given)")  # fmt: skip
+
+
 def _check_options(val_data: str | None, val_split: float | None, per_class: int | None) -> None:
     problems = [validation_source_problem(val_data, val_split)]
     if val_split is not None:
@@ -270,16 +286,7 @@ def build_datasets(
         warn_once(log, "'%s' has a validation %s; ignoring val_split=%s", data,
                   "file" if source == "text" else "folder", val_split)  # fmt: skip
     train, val, test, skipped = _scan(train, val, test, skip_bad)
-    # a class without a training image would be a class never seen, trained against in silence: one whose every file
-    # was unreadable, or an IDX class name whose label no training image has
-    empty = [c for i, c in enumerate(train.classes) if not bool((train.targets == i).any())]
-    if empty and skipped:
-        raise DataError(f"--skip-bad left class(es) {choices(empty)} without a training image (all of its files "
-                        "were unreadable); fix the files or remove the class folder(s)")  # fmt: skip
-    if empty:
-        raise DataError(f"'{data}' has no training {noun(train)} of class(es) {choices(empty)} (of its "
-                        f"{len(train.classes)} classes); a class never seen cannot be learned: give it training "
-                        "data, or leave its name out of the class list")  # fmt: skip
+    _check_every_class_trains(data, train, skipped)
     train, val, val_source, no_refit = resolve_validation(
         train,
         val,
