@@ -35,9 +35,16 @@ def same_items(train: Dataset) -> list | None:
         return [t.strip() for t in train.texts]
     if not isinstance(train, FileImageDataset):
         return None
-    paths = [os.path.realpath(p) for p, _ in train.samples]
-    original = dict(copies(list(dict.fromkeys(paths))))  # digests are remembered from the pre-scan's warn_copies
+    paths = [os.path.normpath(p) for p, _ in train.samples]  # no syscall: a link is found by its bytes, below
+    unique = tuple(dict.fromkeys(paths))
+    if unique not in _ORIGINALS:  # a stat a file (digests are remembered from the pre-scan): once a process, as the
+        _ORIGINALS.clear()  # auto recipe builds its data once a trial and once for its run
+        _ORIGINALS[unique] = dict(copies(list(unique)))
+    original = _ORIGINALS[unique]
     return [original.get(p, p) for p in paths]
+
+
+_ORIGINALS: dict[tuple[str, ...], dict[str, str]] = {}  # same_items' last files: each copy -> the file it copies
 
 
 HELD_OUT = "no validation data given"
