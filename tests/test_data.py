@@ -543,7 +543,7 @@ def test_a_class_without_a_training_image_is_refused(tmp_path):
     assert len(build_datasets(str(root), preprocess=PRE).classes) == 10
 
 
-def test_split_folders_inside_class_folders_are_refused_with_the_way_out(tmp_path):
+def test_split_folders_inside_class_folders_are_refused_with_the_way_out(tmp_path, caplog):
     # a dataset one folder too deep was "training images of 1 class ('ds')"; one split per class (cat/test/) trained
     # on its test images as the class's, in silence
     for split in ("train", "val", "test"):
@@ -557,6 +557,11 @@ def test_split_folders_inside_class_folders_are_refused_with_the_way_out(tmp_pat
             Image.new("RGB", (20, 24), rgb).save(tmp_path / "percls" / name / split / "0.png")
     with pytest.raises(DataError, match=r"3 of the 3 class folders of .* hold split folders .*test images included"):
         build_datasets(str(tmp_path / "percls"), preprocess=PRE)
+    make_folder(tmp_path / "some", 2)  # one class with a subfolder of that name: a warning, and it trains
+    make_folder(tmp_path / "some" / "red" / "dev", 1)
+    with caplog.at_level(logging.WARNING, logger="freezetune"):
+        assert len(build_datasets(str(tmp_path / "some"), preprocess=PRE).classes) == 3
+    assert "1 of the 3 class folders of" in caplog.text and "/train/<class>/" in caplog.text
 
 
 def test_the_held_out_validation_never_splits_one_image_or_text_between_train_and_val(tmp_path):

@@ -105,12 +105,13 @@ def _no_train_dir(path: Path, classes: list[str]) -> None:
 
 
 def _no_splits_in_classes(path: Path, classes: list[Path]) -> None:
-    """Refuse a flat layout whose class folders hold split folders: a dataset one folder too deep (``DIR/ds/train/``,
-    read as the single class "ds"), or one split within each class (``cat/train/``, ``cat/test/``), whose test and
-    validation images were trained on as the class's, in silence."""
+    """A flat layout whose class folders hold split folders: a dataset one folder too deep (``DIR/ds/train/``, read as
+    the single class "ds"), or one split within each class (``cat/train/``, ``cat/test/``), whose test and validation
+    images were trained on as the class's, in silence: refused when every class folder holds some, else named in a
+    warning (a class may have a subfolder called "dev")."""
     splits = {*TRAIN_DIRS, *VAL_DIRS, *TEST_DIRS}
-    nested = {c: found for c in classes
-              if (found := sorted(d.name for d in c.iterdir() if d.is_dir() and d.name.lower() in splits))}  # fmt: skip
+    nested = {c: found for c in classes  # the name first: a stat for each image file of a large class was a listing
+              if (found := sorted(d.name for d in c.iterdir() if d.name.lower() in splits and d.is_dir()))}  # fmt: skip
     if not nested:
         return
     first, found = next(iter(nested.items()))
@@ -118,10 +119,13 @@ def _no_splits_in_classes(path: Path, classes: list[Path]) -> None:
     if len(classes) == 1:
         raise DataError(f"'{path}' holds one folder, '{first.name}', and it holds split folders ({listed}): give "
                         f"--data {first}")  # fmt: skip
-    raise DataError(f"{len(nested)} of the {len(classes)} class folders of '{path}' hold split folders (first: "
-                    f"'{first}' holds {listed}): their images would all train as the class's, test images included; "
-                    f"lay the data out as {path}/train/<class>/ (and val/, test/), or rename those folders if they are "
-                    "images of the class")  # fmt: skip
+    said = (f"{len(nested)} of the {len(classes)} class folders of '{path}' hold split folders (first: '{first}' holds "
+            f"{listed}): their images train as the class's, test images included")  # fmt: skip
+    if len(nested) < len(classes):
+        warn_once(log, "%s; if they are splits, lay the data out as %s/train/<class>/ (and val/, test/)", said, path)
+        return
+    raise DataError(f"{said}; lay the data out as {path}/train/<class>/ (and val/, test/), or rename those folders if "
+                    "they are images of the class")  # fmt: skip
 
 
 _NO_FINAL_TEST = "pass --no-final-test to train without scoring it (it is then not read), or move it out of '{}'"
