@@ -896,6 +896,11 @@ def test_a_run_whose_data_moved_resumes_on_the_same_files_at_their_new_path(tmp_
     (tmp_path / "orig").rename(tmp_path / "orig2")
     code, _, err = run_cli(capsys, "train", "--out", auto, "--resume", "--data", tmp_path / "orig2")
     assert code == 0, err
+    # stopped before its final run saved a last.pt (nothing to check the data against): the asked paths hold
+    for name in ("last.pt", "best.pt", "metrics.csv", "report.png", "test_metrics.json", "confusion.png"):
+        (auto / name).unlink(missing_ok=True)
+    code, _, err = run_cli(capsys, "train", "--out", auto, "--resume", "--data", data)
+    assert code == 2 and "an auto run continues as it was asked" in err, err
 
 
 def test_the_config_of_a_moved_auto_run_reproduces_it_from_its_new_place(tmp_path, capsys):

@@ -163,8 +163,9 @@ def _resumed(cfg: TrainConfig, out: Path, echo: Callable[[str], None]) -> tuple[
     run_lr = choice.get("run_lr", choice["lr"])
     # compared as recipe.json holds them: JSON made tuples lists and a plan's epoch keys strings
     asked, now = decision.get("asked") or {}, json.loads(json.dumps(cfg.recorded()))
-    # moved data is checked by the final run's last.pt, as any run's is
-    changed = [k for k in asked if k not in (*RESUME_MAY_CHANGE, *DATA_PATHS) and asked[k] != now.get(k)]
+    # moved data is checked by the final run's last.pt, as any run's is; before it has one, the paths stay the asked
+    moved = DATA_PATHS if (out / checkpoint.LAST).is_file() else ()
+    changed = [k for k in asked if k not in (*RESUME_MAY_CHANGE, *moved) and asked[k] != now.get(k)]
     if changed:  # the final run's settings derive from the request: an --lr changed now would not show in them
         diff = ", ".join(f"{k} {asked[k]!r} -> {now.get(k)!r}" for k in changed)
         raise ConfigError(f"cannot resume {out} with {diff}: an auto run continues as it was asked; resume with the "
