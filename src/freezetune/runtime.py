@@ -89,8 +89,9 @@ def shared_run_dir(out: str | None, model: str, info: DistInfo, **kwargs) -> Pat
     if info.is_main:
         try:
             answer = prepare_run_dir(out, model, clean=True, **kwargs)
-        except Exception as exc:
-            broadcast(exc if isinstance(exc, FreezetuneError) else RuntimeError(f"rank 0: {exc}"), info)
+        except BaseException as exc:  # a stop too: the other ranks must not wait in the broadcast
+            sent = exc if isinstance(exc, (FreezetuneError, OSError)) else RuntimeError(f"rank 0: {exc!r}")
+            broadcast(sent, info)  # (FreezetuneError, OSError: the one line each rank's CLI prints)
             raise
     answer = broadcast(answer, info)
     if isinstance(answer, Exception):
