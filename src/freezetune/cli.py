@@ -22,7 +22,7 @@ import yaml
 from freezetune import __version__, cli_exit, run_log
 from freezetune.cli_args import Parser, overrides_anywhere
 from freezetune.config import FIELD_CHOICES, TrainConfig, coerce, field_names, scalar_type
-from freezetune.config_file import load_config, parse_override, read_yaml, run_config
+from freezetune.config_file import load_config, parse_overrides, read_yaml, run_config
 from freezetune.errors import ConfigError, FreezetuneError
 from freezetune.flag_help import FIELD_HELP, SECTIONS
 from freezetune.interrupt import RunInterrupted, forget_stop, raised_stop
@@ -293,14 +293,7 @@ def _train_config(args, *, run: bool = True) -> TrainConfig:
 
 def _given(args) -> dict:
     """The config values given on the command line: ``key=value`` overrides, then flags."""
-    pairs = [parse_override(item) for item in args.overrides]
-    keys = [k for k, _ in pairs]
-    if twice := sorted({k for k in keys if keys.count(k) > 1}):  # the last one won in silence; a file refuses it
-        shown = ", ".join(
-            item for item in args.overrides if item.partition("=")[0].strip().replace("-", "_") == twice[0]
-        )
-        raise ConfigError(f"{twice[0]} is given twice as key=value ({shown}); keep one")
-    given = dict(pairs)
+    given = parse_overrides(args.overrides)
     given.update({k: getattr(args, k) for k in field_names() if getattr(args, k, None) is not None})
     return given
 

@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from freezetune.config_values import (  # noqa: F401 - re-exported: the config's public names
+    PATH_FIELDS,
     allows_none,
     coerce,
     field_types,
@@ -200,11 +201,6 @@ class TrainConfig:
         file works as ``--config`` from any directory (a relative ``data`` was read against the directory of the run
         that used the file)."""
         return yaml.safe_dump(self.recorded(), sort_keys=False)
-
-
-# The settings that name a file or folder. A run records them absolute: its config.yaml and checkpoints are read again
-# by a --resume, an eval or a `train --config` that may run from another directory.
-PATH_FIELDS = ("data", "val_data", "init", "cache_dir")
 
 
 def absolute_paths(values: dict[str, Any]) -> dict[str, Any]:

@@ -94,6 +94,21 @@ def run_config(out: str | Path | None) -> Path | dict[str, Any] | None:
     return asked_config(run_dir) or (saved if saved.is_file() else None)
 
 
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``key=value`` overrides (``parse_override``'s), a key given twice refused as a config file's is (the last one
+    won in silence).
+
+    >>> parse_overrides(["lr=3e-4", "epochs=5"])
+    {'lr': 0.0003, 'epochs': 5}
+    """
+    pairs = [parse_override(item) for item in items]
+    keys = [k for k, _ in pairs]
+    if twice := sorted({k for k in keys if keys.count(k) > 1}):
+        shown = ", ".join(item for item, (k, _) in zip(items, pairs, strict=True) if k == twice[0])
+        raise ConfigError(f"{twice[0]} is given twice as key=value ({shown}); keep one")
+    return dict(pairs)
+
+
 def parse_override(item: str) -> tuple[str, Any]:
     """Parse one ``key=value`` override; the value is read as YAML (numbers, booleans, null, lists).
 

@@ -64,9 +64,12 @@ def scalar_type(name: str) -> type | None:
     return kinds[0] if len(kinds) == 1 and kinds[0] in (int, float, bool, str) else None
 
 
-# fields that may hold a path: ~ and $VAR are expanded, as a shell does on the command line (a config file's or a
-# key=value's "data: ~/fm" read as a folder "~" in the current directory; the run then said "does not exist")
-_PATHS = ("data", "val_data", "init", "cache_dir", "out", "weights", "model")
+# The settings that name a file or folder. A run records them absolute: its config.yaml and checkpoints are read again
+# by a --resume, an eval or a `train --config` that may run from another directory.
+PATH_FIELDS = ("data", "val_data", "init", "cache_dir")
+# the fields that may hold a path (a run dir, a weights file, an hf: folder too): ~ and $VAR are expanded, as a shell
+# does on the command line (a config file's "data: ~/fm" was read as a folder "~" in the current directory)
+_PATHS = (*PATH_FIELDS, "out", "weights", "model")
 
 
 def _expanded(value: str) -> str:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from freezetune.data.text import refuse_text_settings
+from freezetune.data.text import refuse_other_settings
 from freezetune.data.text_table import Columns
 from freezetune.errors import ConfigError, DataError
 from freezetune.evaluate import predict_probs
@@ -67,7 +67,8 @@ def predict_files(
     if loaded.preprocess.is_text:
         pre = replace(loaded.preprocess, text_column=text_column or loaded.preprocess.text_column)
         return _predict_text_files(loaded, paths, topk, batch_size, Columns.of(pre))
-    refuse_text_settings("this checkpoint's model", {"text_column": text_column} if text_column is not None else {})
+    refuse_other_settings("this checkpoint's model", {"text_column": text_column} if text_column is not None else {},
+                          text_model=False)  # fmt: skip
     return _predict_image_files(loaded, _stdin_paths(paths), topk, batch_size)
 
 

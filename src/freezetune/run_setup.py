@@ -20,7 +20,7 @@ from freezetune import checkpoint, hf_bundle, reporting, rng, run_log, runtime
 from freezetune._io import atomic_write_text
 from freezetune.bn_policy import hold_bn_statistics
 from freezetune.cache import FeaturePath
-from freezetune.config import TrainConfig, parse_freeze_spec, validate, validation_users
+from freezetune.config import DATA_PATHS, TrainConfig, parse_freeze_spec, validate, validation_users
 from freezetune.data import Loaders, build_datasets
 from freezetune.data.fingerprint import data_record
 from freezetune.data.gpu import check_decode
@@ -28,8 +28,7 @@ from freezetune.data.text import (
     IMAGE_SETTINGS,
     TEXT_SETTINGS,
     noun,
-    refuse_image_settings,
-    refuse_text_settings,
+    refuse_other_settings,
     text_preprocess,
 )
 from freezetune.depthwise import use_fast_depthwise
@@ -136,9 +135,10 @@ class RunSetup:
                                                    load=not self.resuming)  # fmt: skip
         check_cut(self.model, cfg.cache_at)  # a stage name needs the model: checked before any data is read
         # the settings only the other kind of model reads are refused
-        kind, refuse = (TEXT_SETTINGS, refuse_text_settings) if self.preprocess is not None \
-            else (IMAGE_SETTINGS, refuse_image_settings)  # fmt: skip
-        refuse(cfg.model, {k: getattr(cfg, k) for k in kind if getattr(cfg, k) != getattr(TrainConfig, k)})
+        text = self.preprocess is None
+        other = IMAGE_SETTINGS if text else TEXT_SETTINGS
+        given = {k: getattr(cfg, k) for k in other if getattr(cfg, k) != getattr(TrainConfig, k)}
+        refuse_other_settings(cfg.model, given, text_model=text)
         self.preprocess = self.preprocess or text_preprocess(  # a text model: its tokenizer and CSV columns
             cfg.model, cfg.max_length, text_column=cfg.text_column, label_column=cfg.label_column
         )
@@ -242,11 +242,11 @@ class RunSetup:
         # a refusal must not wait for the model and the data (a large folder's scan)
         self.resumed = checkpoint.check_settings(self.run_dir / checkpoint.LAST, cfg.recorded()) if self.resuming \
             else None  # fmt: skip
-        for key in ("data", "val_data") if self.resuming else ():  # the run's own paths: its data moved since?
-            if getattr(cfg, key) is not None and not os.path.exists(getattr(cfg, key)):
-                raise ConfigError(f"the run's {key} '{getattr(cfg, key)}' does not exist (moved since?): give "
-                                  f"{setting(key, 'PATH', placeholder=True)} where its files are now (the resume checks they are the "
-                                  "same files)")  # fmt: skip
+        for key in DATA_PATHS if self.resuming else ():  # the run's own paths: its data moved since?
+            if (path := getattr(cfg, key)) is not None and not os.path.exists(path):
+                raise ConfigError(f"the run's {key} '{path}' does not exist (moved since?): give "
+                                  f"{setting(key, 'PATH', placeholder=True)} where its files are now (the resume "
+                                  "checks they are the same files)")  # fmt: skip
         # best.pt and last.pt, written beside the training on an accelerator; on the CPU the writes would take the
         # training's cores (measured: no faster), so they are written in turn
         self.checkpoints = checkpoint.Writer(self.run_dir, background=self.device.type != "cpu")

@@ -221,46 +221,31 @@ def long_texts(texts: list[str], tokenize: TokenizeBatch, chunk: int = 1000) -> 
     return long, longest
 
 
-TEXT_SETTINGS = ("max_length", "text_column", "label_column")  # the TrainConfig fields only a text model reads
-_READS = {"max_length": "sets the tokens a text keeps", "text_column": "names a text CSV's column",
-          "label_column": "names a text CSV's column"}  # fmt: skip
+# The TrainConfig fields only one kind of model reads, and what each does: given to the other kind, ignored, the user
+# would believe them applied (img_size, read as the model is built, is refused there: models.create_model)
+TEXT_SETTINGS = {"max_length": "sets the tokens a text keeps", "text_column": "names a text CSV's column",
+                 "label_column": "names a text CSV's column"}  # fmt: skip
+IMAGE_SETTINGS = {"aug": "augments images", "cache_views": "sets the augmented image views the feature cache stores",
+                  "decode": "sets where image files are decoded",
+                  "channels_last": "sets an image batch's memory layout"}  # fmt: skip
 
 
-IMAGE_SETTINGS = ("aug", "cache_views", "decode", "channels_last")  # the TrainConfig fields only an image model reads
-_IMAGE_READS = {
-    "aug": "augments images",
-    "cache_views": "sets the augmented image views the feature cache stores",
-    "decode": "sets where image files are decoded",
-    "channels_last": "sets an image batch's memory layout",
-}
+def refuse_other_settings(model: str, given: dict[str, object], *, text_model: bool) -> None:
+    """Refuse the settings ``given`` (those set to other than their defaults) that only the other kind of model reads:
+    ``IMAGE_SETTINGS`` for a text model (``text_model``), ``TEXT_SETTINGS`` for an image model.
 
-
-def refuse_image_settings(model: str, given: dict[str, object]) -> None:
-    """Refuse the ``IMAGE_SETTINGS`` ``given`` (those set to other than their defaults) for the text model ``model``,
-    as ``img_size`` is: ignored, the user would believe them applied.
-
-    >>> refuse_image_settings("hf:minilm", {"cache_views": 2})  # doctest: +ELLIPSIS
+    >>> refuse_other_settings("timm:resnet18", {"text_column": "review"}, text_model=False)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    freezetune.errors.ConfigError: text_column 'review' names a text CSV's column; ... image model: drop --text-column
+    >>> refuse_other_settings("hf:minilm", {"cache_views": 2}, text_model=True)  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     freezetune.errors.ConfigError: cache_views 2 sets the augmented ...; hf:minilm is a text model: drop --cache-views
     """
+    reads = IMAGE_SETTINGS if text_model else TEXT_SETTINGS
     if given:
-        said = "; ".join(f"{k} {v!r} {_IMAGE_READS[k]}" for k, v in given.items())
+        said = "; ".join(f"{k} {v!r} {reads[k]}" for k, v in given.items())
         flags = " and ".join(f"--{k.replace('_', '-')}" for k in given)
-        raise ConfigError(f"{said}; {model} is a text model: drop {flags}")
-
-
-def refuse_text_settings(model: str, given: dict[str, object]) -> None:
-    """Refuse the ``TEXT_SETTINGS`` ``given`` (those set to other than their defaults) for the image model ``model``:
-    ignored, the user would believe them applied.
-
-    >>> refuse_text_settings("timm:resnet18", {"text_column": "review"})  # doctest: +ELLIPSIS
-    Traceback (most recent call last):
-    freezetune.errors.ConfigError: text_column 'review' names a text CSV's column; ... image model: drop --text-column
-    """
-    if given:
-        said = "; ".join(f"{k} {v!r} {_READS[k]}" for k, v in given.items())
-        flags = " and ".join(f"--{k.replace('_', '-')}" for k in given)
-        raise ConfigError(f"{said}; {model} is an image model: drop {flags}")
+        raise ConfigError(f"{said}; {model} is {'a text' if text_model else 'an image'} model: drop {flags}")
 
 
 def text_preprocess(name: str, max_length: int = TrainConfig.max_length, *, text_column: str | None = None,
