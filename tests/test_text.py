@@ -226,16 +226,20 @@ def test_predict_reads_text_files_one_text_a_line(text_run, tmp_path):
 
 
 @pytest.mark.slow
-def test_a_dash_reads_a_text_models_texts_from_standard_input(text_run, monkeypatch):
+def test_a_dash_reads_a_text_models_texts_from_standard_input(text_run, monkeypatch, tmp_path):
     import io
 
     best, _ = text_run
     texts = ["a joy to watch", "dull and long", "fine"]
-    monkeypatch.setattr("sys.stdin", io.StringIO("\n".join([texts[0], "", *texts[1:]]) + "\n"))
-    records = predict_files(best, ["-"], topk=1, device="cpu")
-    assert [(r["path"], r["row"], r["text"]) for r in records] == [("-", 1, texts[0]), ("-", 3, texts[1]),
-                                                                   ("-", 4, texts[2])]  # fmt: skip
-    assert [r["top"] for r in records] == [r["top"] for r in predict_texts(best, texts, topk=1, device="cpu")]
+    monkeypatch.setattr("sys.stdin", io.StringIO("\r\n".join([texts[0], "", *texts[1:]]) + "\r\n"))  # a Windows pipe
+    (tmp_path / "a.txt").write_text("good\n")
+    (tmp_path / "b.txt").write_text("bad\n")
+    records = predict_files(best, [tmp_path / "a.txt", "-", tmp_path / "b.txt"], topk=1, device="cpu")
+    assert [(r["path"], r["row"], r["text"]) for r in records[1:4]] == [("-", 1, texts[0]), ("-", 3, texts[1]),
+                                                                        ("-", 4, texts[2])]  # fmt: skip
+    assert [r["path"] for r in records[::4]] == [str(tmp_path / "a.txt"), str(tmp_path / "b.txt")]  # in order given
+    got = [r["top"] for r in records[1:4]]
+    assert got == [r["top"] for r in predict_texts(best, texts, topk=1, device="cpu")]
 
 
 @pytest.mark.slow

@@ -77,7 +77,7 @@ STDIN = "-"  # a path that reads standard input: image paths, one a line; a text
 
 def _stdin_lines() -> list[tuple[int, str]]:
     """Standard input's non-blank lines, numbered from 1 (a pipe: ``ls *.jpg | freezetune predict ... -``)."""
-    return [(i, line) for i, line in enumerate(sys.stdin.read().split("\n"), 1) if line.strip()]
+    return [(i, line.removesuffix("\r")) for i, line in enumerate(sys.stdin.read().split("\n"), 1) if line.strip()]
 
 
 def _stdin_paths(paths: list[str]) -> list[str]:
@@ -92,14 +92,14 @@ def _stdin_paths(paths: list[str]) -> list[str]:
 
 
 def _text_sources(paths: list[str]) -> list[str]:
-    """The text files under ``paths``, with ``-`` (standard input) where it was given."""
+    """The text files under ``paths``, with ``-`` (standard input) where it was given, in the order given."""
     from freezetune.data.text import list_text_files
 
-    files = [p for p in paths if p != STDIN]
-    found = list_text_files(files) if files else []
     if STDIN not in paths:
-        return found
-    return [STDIN, *found] if paths[0] == STDIN else [*found, STDIN]
+        return list_text_files(paths)
+    at = paths.index(STDIN)
+    before, after = paths[:at], [p for p in paths[at + 1 :] if p != STDIN]
+    return [*(list_text_files(before) if before else []), STDIN, *(list_text_files(after) if after else [])]
 
 
 def _predict_image_files(loaded: LoadedModel, paths: list[str], topk: int, batch_size: int) -> list[dict]:

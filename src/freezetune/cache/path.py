@@ -237,9 +237,10 @@ def _fits(found: tuple[torch.Tensor, torch.Tensor], dataset, views: int, cache_d
     features, targets = found
     fits = features.shape[:2] == (views, len(dataset)) and torch.equal(targets.long(), dataset.targets.long())
     if not fits:
-        log.warning("ignoring a stored feature cache in %s: it holds %d view(s) of %d rows with other labels than "
-                    "the %d of this data (a file renamed or copied there by hand?); it is built again",
-                    cache_dir, features.shape[0], features.shape[1], len(dataset))  # fmt: skip
+        log.warning("ignoring a stored feature cache in %s: it holds %d view(s) of %d rows, this data %d of %d "
+                    "items%s (a file renamed or copied there by hand?); it is built again", cache_dir, features.shape[0],
+                    features.shape[1], views, len(dataset),
+                    ", with other labels" if features.shape[:2] == (views, len(dataset)) else "")  # fmt: skip
     return fits
 
 
