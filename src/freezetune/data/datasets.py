@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from freezetune.data.folder import FileImageDataset, nfc, scan_folder
+from freezetune.data.folder import FileImageDataset, is_skipped_folder, nfc, scan_folder
 from freezetune.data.idx import CLASS_NAMES_FILE, idx_files, idx_pair_problem, is_idx_dir, load_idx
 from freezetune.data.image_csv import IMAGE_COLUMNS, read_csv
 from freezetune.data.layout import TEST_DIRS, TRAIN_DIRS, VAL_DIRS, first_dir, load_folder, read_test_file, split_files
@@ -191,18 +191,20 @@ def _scan(train: Dataset, val: Dataset | None, test: Dataset | None, skip_bad: b
 
 
 def _check_every_class_trains(data: str, train: Dataset, skipped: list[str]) -> None:
-    """Refuse a class without a training image, which would be trained against in silence, never seen: one whose
-    every file was unreadable, or an IDX label between others that no training image has (labels 0-9 but 5). The
-    default names past an IDX set's highest label (a subset of digits 0 and 1) are left as they were."""
+    """A class without a training image is trained against, never seen: refused when ``--skip-bad`` left it so (all
+    its files unreadable); named in a warning when it lies between trained labels (IDX labels 0-9 but 5: the labels
+    are positions in the class list). The default names past an IDX set's highest label (a subset of digits 0 and 1),
+    and those below labels a subset keeps (3 and 7 alone), are its own choice: only the gap is said."""
     counts = torch.bincount(train.targets, minlength=len(train.classes)).tolist()
     if skipped and (empty := [c for c, n in zip(train.classes, counts, strict=True) if n == 0]):
         raise DataError(f"--skip-bad left class(es) {choices(empty)} without a training image (all of its files "
                         "were unreadable); fix the files or remove the class folder(s)")  # fmt: skip
     last = max((i for i, n in enumerate(counts) if n), default=-1)
     if gaps := [c for c, n in zip(train.classes[:last], counts[:last], strict=True) if n == 0]:
-        raise DataError(f"'{data}' has no training {noun(train)} of class(es) {choices(gaps)}, among labels up to "
-                        f"{train.classes[last]!r}; a class never seen cannot be learned: give it training data (IDX "
-                        f"labels are positions in the class list, {CLASS_NAMES_FILE} where it is given)")  # fmt: skip
+        warn_once(log, "'%s' has no training %s of class(es) %s, among labels up to %r: the model trains against "
+                  "them, never seeing one (IDX labels are positions in the class list, %s where it is given: relabel "
+                  "the kept classes 0, 1, ... to train on those alone)", data, noun(train), choices(gaps),
+                  train.classes[last], CLASS_NAMES_FILE)  # fmt: skip
 
 
 def _check_options(val_data: str | None, val_split: float | None, per_class: int | None) -> None:
@@ -378,7 +380,7 @@ def _splits_only(path: Path, classes: list[str]) -> bool:
     """Whether the folder ``path`` holds split folders alone (``test/``, ``val/``: a dataset's without its ``train/``,
     as evaluation wants it), none of them a class of the model: they were read as classes named "test", and the error
     said to rename them to a training class."""
-    folders = [d.name for d in path.iterdir() if d.is_dir() and not d.name.startswith(".")]
+    folders = [d.name for d in path.iterdir() if d.is_dir() and not is_skipped_folder(d.name)]
     known = {nfc(c) for c in classes}
     return bool(folders) and all(f.lower() in (*TEST_DIRS, *VAL_DIRS) and nfc(f) not in known for f in folders)
 

@@ -140,6 +140,12 @@ def is_hidden(name: str) -> bool:
     return name.startswith(".") or name in ("@eaDir", "Thumbs.db", "desktop.ini")
 
 
+def is_skipped_folder(name: str) -> bool:
+    """Whether a folder below a data folder is never a class nor a split: a hidden one (``is_hidden``), or the
+    resource forks an unzipped macOS archive carries (``__MACOSX``)."""
+    return is_hidden(name) or name == "__MACOSX"
+
+
 def count_images(folder: Path) -> int:
     """How many image files lie below ``folder``, those of a run's or a sweep's directory (its ``report.png``) not
     counted: ``runs/`` beside ``train/`` holds no data."""
@@ -276,8 +282,7 @@ def folder_classes(root: str | Path, known: Iterable[str] = ()) -> list[str]:
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"image folder '{root}' does not exist; expected a directory with one subfolder per class")
-    # __MACOSX: the resource forks an unzipped macOS archive carries, never a class
-    entries = [d for d in root.iterdir() if not is_hidden(d.name) and d.name != "__MACOSX"]
+    entries = [d for d in root.iterdir() if not is_skipped_folder(d.name)]
     # a link to an unmounted share is a class folder that would vanish from the run in silence; one named like a file
     # (labels.csv, a.jpg) is not a class
     broken = sorted(d.name for d in entries if d.is_symlink() and not d.exists() and not d.suffix)

@@ -13,7 +13,14 @@ from pathlib import Path
 
 from torch.utils.data import Dataset
 
-from freezetune.data.folder import count_images, folder_classes, has_image_suffix, is_hidden, scan_folder
+from freezetune.data.folder import (
+    count_images,
+    folder_classes,
+    has_image_suffix,
+    is_hidden,
+    is_skipped_folder,
+    scan_folder,
+)
 from freezetune.data.idx import is_idx_dir
 from freezetune.data.scan import check_splits, unreadable
 from freezetune.data.text import TextDataset, read_text_csv
@@ -36,7 +43,7 @@ def load_folder(path: Path, *, read_val: bool = True,
     the one, or the run does not score the other: a broken or unlabelled test file must not stop it)."""
     train_dir = first_dir(path, TRAIN_DIRS)
     if train_dir is None:
-        classes = sorted(d for d in path.iterdir() if d.is_dir() and not is_hidden(d.name))
+        classes = sorted(d for d in path.iterdir() if d.is_dir() and not is_skipped_folder(d.name))
         _no_train_dir(path, [d.name for d in classes])
         _no_splits_in_classes(path, classes)
         return scan_folder(path), None, None, False

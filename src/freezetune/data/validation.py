@@ -4,6 +4,7 @@ The test split is never validation data (``build_datasets``'s rules)."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 
@@ -36,15 +37,19 @@ def same_items(train: Dataset) -> list | None:
     if not isinstance(train, FileImageDataset):
         return None
     paths = [os.path.normpath(p) for p, _ in train.samples]  # no syscall: a link is found by its bytes, below
-    unique = tuple(dict.fromkeys(paths))
-    if unique not in _ORIGINALS:  # a stat a file (digests are remembered from the pre-scan): once a process, as the
-        _ORIGINALS.clear()  # auto recipe builds its data once a trial and once for its run
-        _ORIGINALS[unique] = dict(copies(list(unique)))
-    original = _ORIGINALS[unique]
+    unique = list(dict.fromkeys(paths))
+    # a stat a file (the digests are the pre-scan's): once for a list of files, which the auto recipe builds again for
+    # each trial and its run (the whole set, then its --per-class draw); held by a digest of the names, not the names
+    key = hashlib.blake2b("\0".join(unique).encode("utf-8", "surrogateescape"), digest_size=16).digest()
+    if key not in _ORIGINALS:
+        while len(_ORIGINALS) >= 4:
+            _ORIGINALS.pop(next(iter(_ORIGINALS)))
+        _ORIGINALS[key] = dict(copies(unique))
+    original = _ORIGINALS[key]
     return [original.get(p, p) for p in paths]
 
 
-_ORIGINALS: dict[tuple[str, ...], dict[str, str]] = {}  # same_items' last files: each copy -> the file it copies
+_ORIGINALS: dict[bytes, dict[str, str]] = {}  # same_items' recent file lists: each copy -> the file it copies
 
 
 HELD_OUT = "no validation data given"
@@ -104,7 +109,9 @@ def warn_unvalidated(train: Dataset, val: Dataset | None, *, held_out: bool) -> 
     if val is None:
         return
     counts = torch.bincount(val.targets, minlength=len(train.classes)).tolist()
-    missing = [train.classes[c] for c, n in enumerate(counts) if n == 0]
+    trained = torch.bincount(train.targets, minlength=len(train.classes)).tolist()
+    # a class without a training image has none to hold out either (build_datasets names it)
+    missing = [train.classes[c] for c, n in enumerate(counts) if n == 0 and trained[c]]
     if missing:
         why = f" (a class of one training {noun(val)[:-1]} gives none)" if held_out else ""
         warn_once(log, "the validation set has no %s of %d of the %d classes%s: %s; best.pt, early stopping and the "
