@@ -471,3 +471,12 @@ def test_paths_expand_home_and_variables_as_a_shell_would(tmp_path, monkeypatch)
     assert (cfg.data, cfg.val_data, cfg.model, cfg.out) == (f"{tmp_path}/fm", "/srv/data/val", f"hf:{tmp_path}/bert",
                                                             f"{tmp_path}/runs/a")  # fmt: skip
     assert load_config(overrides={"data": "d", "model": "timm:resnet18", "weights": "imagenet"}).weights == "imagenet"
+
+
+def test_a_cut_beside_cache_off_in_a_users_own_config_file_is_refused(tmp_path):
+    # dropped in silence from any file, where a run's own config.yaml of an earlier freezetune alone needs it
+    (tmp_path / "my.yaml").write_text("data: d\ncache: 'off'\ncache_at: blocks.1\nfreeze: -2\n")
+    with pytest.raises(ConfigError, match="cache_at 'blocks.1' sets where the feature cache cuts the model"):
+        load_config(tmp_path / "my.yaml")
+    (tmp_path / "classes.json").write_text('["a", "b"]')  # a run's folder: its recorded cut is no setting
+    assert load_config(tmp_path / "my.yaml").cache_at is None

@@ -878,7 +878,9 @@ def test_a_run_whose_data_moved_resumes_on_the_same_files_at_their_new_path(tmp_
     assert code == 0, err
     data.rename(tmp_path / "moved")
     code, _, err = run_cli(capsys, "train", "--out", out, "--resume", "--epochs", "2")
-    assert code == 2 and f"the run's data '{data}' does not exist (moved since?): give --data PATH" in err, err
+    assert code == 2 and f"data '{data}' does not exist: give --data PATH (data=<path>) where the run's files" in err, (
+        err
+    )
     (tmp_path / "moved" / "train" / "red" / "red_0.png").unlink()  # not the files it trained on
     code, _, err = run_cli(capsys, "train", "--out", out, "--resume", "--epochs", "2", "--data", tmp_path / "moved")
     assert code == 2 and "the data changed since it was saved" in err, err
@@ -903,13 +905,14 @@ def test_a_run_whose_data_moved_resumes_on_the_same_files_at_their_new_path(tmp_
     assert code == 2 and "an auto run continues as it was asked" in err, err
 
 
-def test_the_config_of_a_moved_auto_run_reproduces_it_from_its_new_place(tmp_path, capsys):
+def test_the_config_of_a_moved_auto_run_reproduces_it_from_its_new_place(tmp_path, capsys, monkeypatch):
     # its init (the chosen trial's weights) and cache_dir were absolute paths into the folder it had: "checkpoint
     # '.../runs/a1/auto-trials/last-3/best.pt' does not exist"
     data = make_image_folder(tmp_path / "data")
-    code, _, err = run_cli(capsys, *train_argv(data, tmp_path / "a1", "--epochs", "1"))
+    monkeypatch.chdir(tmp_path)  # --out as typed, relative (as the default runs/MODEL-TIME is)
+    code, _, err = run_cli(capsys, *train_argv(data, "runs/a1", "--epochs", "1"))
     assert code == 0, err
-    (tmp_path / "a1").rename(tmp_path / "moved")
+    (tmp_path / "runs" / "a1").rename(tmp_path / "moved")
     code, _, err = run_cli(capsys, "train", "--config", tmp_path / "moved" / "config.yaml", "--out", tmp_path / "again")
     assert code == 0, err
     from freezetune.reporting import read_metrics

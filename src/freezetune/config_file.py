@@ -31,11 +31,7 @@ def load_config(path: str | Path | dict[str, Any] | None = None, overrides: dict
     values: dict[str, Any] = {}
     typed = set(overrides or ())  # given now, unlike a file's keys (recipes.conflict_problems)
     if path is not None:
-        values.update(path if isinstance(path, dict) else _moved_with_its_run(read_yaml(Path(path)), Path(path)))
-        if values.get("cache") == "off" and "cache_at" not in (overrides or {}):
-            # the auto recipe of an earlier freezetune wrote its cut beside cache off into the run's config.yaml: no
-            # setting there, and now refused as doing nothing (its resume and --config of it stopped)
-            values.pop("cache_at", None)
+        values.update(path if isinstance(path, dict) else _as_its_run_is_now(read_yaml(Path(path)), Path(path)))
     values.update(overrides or {})
     # every problem in one message: a value of the wrong type, then one out of range, then an unknown key (reported
     # one kind at a time, the user fixed one and met the next)
@@ -58,20 +54,36 @@ def load_config(path: str | Path | dict[str, Any] | None = None, overrides: dict
     return cfg
 
 
-def _moved_with_its_run(values: dict[str, Any], path: Path) -> dict[str, Any]:
-    """A run's ``config.yaml`` read from a folder the run was moved to: its paths into its own folder (an auto run's
-    ``init``, the chosen trial's weights, and ``cache_dir``, its ``features/``), written absolute under the folder it
-    had, are read under this one. ``train --config`` of a moved auto run stopped at "checkpoint ... does not exist"."""
-    out = values.get("out")
-    if not isinstance(out, str) or not os.path.isabs(out):
+def _as_its_run_is_now(values: dict[str, Any], path: Path) -> dict[str, Any]:
+    """A run's own ``config.yaml`` (``classes.json`` beside it) as this freezetune reads it where the run lies now; any
+    other file as it is.
+
+    - Moved: its paths into its own folder (an auto run's ``init``, the chosen trial's weights, and ``cache_dir``, its
+      ``features/``), recorded absolute under the folder it had, are read under this one (``out`` is recorded as
+      given, absolute or relative: the old folder's path ends with it). ``train --config`` of a moved auto run
+      stopped at "checkpoint ... does not exist".
+    - Written by an earlier freezetune, whose auto recipe recorded its cut beside cache off: no setting there, and now
+      refused as doing nothing (its resume and ``--config`` of it stopped).
+    """
+    from freezetune.runtime import CLASSES_FILE  # (runtime reads configs too)
+
+    if not (path.parent / CLASSES_FILE).is_file():
         return values
-    moved = dict(values)
+    values = dict(values)
+    if values.get("cache") == "off":
+        values.pop("cache_at", None)
+    out = values.get("out")
+    if not isinstance(out, str) or not out.strip():
+        return values
+    tail = os.path.normpath(out).lstrip(os.sep)
     for key in ("init", "cache_dir"):
         value = values.get(key)
-        if isinstance(value, str) and value.startswith(out.rstrip("/") + "/") and not os.path.exists(value):
-            here = path.parent / os.path.relpath(value, out)
-            moved[key] = str(here) if here.exists() else value  # else named as it was, in the error that follows
-    return moved
+        if not isinstance(value, str) or os.path.exists(value):
+            continue
+        _, sep, inner = os.path.normpath(value).partition(os.sep + tail + os.sep)  # the old folder, then the rest
+        if sep and (path.parent / inner).exists():  # else named as it was, in the error that follows
+            values[key] = str(path.parent / inner)
+    return values
 
 
 def run_config(out: str | Path | None) -> Path | dict[str, Any] | None:

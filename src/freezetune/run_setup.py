@@ -95,7 +95,9 @@ class RunSetup:
        ``Step`` that trains on a batch with them;
     5. on resume, ``last.pt``: weights, unfrozen stages and their groups, optimizer state, progress — before the
        cache, which must store what the restored model computes;
-    6. the feature path is built: the cache at the frozen boundary (or images), the DDP wrap, compilation.
+    6. a resume with more epochs first opens the stage its schedule skipped after the old last epoch
+       (``_open_skipped_stage``, the Trainer's), then the feature path is built: the cache at the frozen boundary (or
+       images), the DDP wrap, compilation.
     """
 
     def __init__(self, cfg: TrainConfig, *, echo=print, resumable: bool = True, brief: bool = False,
@@ -134,11 +136,12 @@ class RunSetup:
         self.model, self.preprocess = create_model(cfg.model, cfg.weights, img_size=cfg.img_size,
                                                    load=not self.resuming)  # fmt: skip
         check_cut(self.model, cfg.cache_at)  # a stage name needs the model: checked before any data is read
-        # the settings only the other kind of model reads are refused
+        # the settings only the other kind of model reads are refused; not on a resume, which takes the run's own (a
+        # text run of an earlier freezetune recorded the --cache-views it ignored) and refuses a change to them
         text = self.preprocess is None
         other = IMAGE_SETTINGS if text else TEXT_SETTINGS
         given = {k: getattr(cfg, k) for k in other if getattr(cfg, k) != getattr(TrainConfig, k)}
-        refuse_other_settings(cfg.model, given, text_model=text)
+        refuse_other_settings(cfg.model, {} if self.resuming else given, text_model=text)
         self.preprocess = self.preprocess or text_preprocess(  # a text model: its tokenizer and CSV columns
             cfg.model, cfg.max_length, text_column=cfg.text_column, label_column=cfg.label_column
         )
@@ -244,9 +247,9 @@ class RunSetup:
             else None  # fmt: skip
         for key in DATA_PATHS if self.resuming else ():  # the run's own paths: its data moved since?
             if (path := getattr(cfg, key)) is not None and not os.path.exists(path):
-                raise ConfigError(f"the run's {key} '{path}' does not exist (moved since?): give "
-                                  f"{setting(key, 'PATH', placeholder=True)} where its files are now (the resume "
-                                  "checks they are the same files)")  # fmt: skip
+                raise ConfigError(f"{key} '{path}' does not exist: give {setting(key, 'PATH', placeholder=True)} "
+                                  "where the run's files are now, if they moved (the resume checks they are the same "
+                                  "files)")  # fmt: skip
         # best.pt and last.pt, written beside the training on an accelerator; on the CPU the writes would take the
         # training's cores (measured: no faster), so they are written in turn
         self.checkpoints = checkpoint.Writer(self.run_dir, background=self.device.type != "cpu")
