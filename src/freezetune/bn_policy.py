@@ -34,16 +34,14 @@ STAT_NORMS = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._Instance
 
 
 def keeps_stats(module: nn.Module) -> bool:
-    """Whether ``module`` is a norm the BatchNorm policies apply to: a BatchNorm, or an InstanceNorm that keeps running
-    statistics (``track_running_stats=True``), which updates them in train mode and uses them in eval as a BatchNorm
-    does. An InstanceNorm without them computes the same in both modes: it is frozen as any other layer is.
+    """Whether ``module`` is a norm the BatchNorm policies apply to: a BatchNorm or an InstanceNorm that keeps running
+    statistics (``track_running_stats``, a BatchNorm's default), which it updates in train mode and uses in eval. One
+    without them computes the same in both modes: it is frozen as any other layer is.
 
     >>> keeps_stats(nn.InstanceNorm2d(4, track_running_stats=True)), keeps_stats(nn.InstanceNorm2d(4, affine=True))
     (True, False)
     """
-    return isinstance(module, nn.modules.batchnorm._BatchNorm) or (
-        isinstance(module, nn.modules.instancenorm._InstanceNorm) and module.track_running_stats
-    )
+    return isinstance(module, STAT_NORMS) and module.track_running_stats
 
 
 def set_frozen(model: nn.Module, params: dict[int, nn.Parameter], bn: str) -> None:

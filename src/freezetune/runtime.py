@@ -90,8 +90,11 @@ def shared_run_dir(out: str | None, model: str, info: DistInfo, **kwargs) -> Pat
         try:
             answer = prepare_run_dir(out, model, clean=True, **kwargs)
         except BaseException as exc:  # a stop too: the other ranks must not wait in the broadcast
-            sent = exc if isinstance(exc, (FreezetuneError, OSError)) else RuntimeError(f"rank 0: {exc!r}")
-            broadcast(sent, info)  # (FreezetuneError, OSError: the one line each rank's CLI prints)
+            # what each rank's CLI ends on in one line: the error, a stop (RunInterrupted does not pickle: its
+            # arguments are not its message's), else rank 0's failure
+            sent = exc if isinstance(exc, (FreezetuneError, OSError)) else KeyboardInterrupt(str(exc)) \
+                if isinstance(exc, KeyboardInterrupt) else RuntimeError(f"rank 0: {exc!r}")  # fmt: skip
+            broadcast(sent, info)
             raise
     answer = broadcast(answer, info)
     if isinstance(answer, Exception):

@@ -13,7 +13,9 @@ from torch import nn
 
 from freezetune.checkpoint import TrainingState
 from freezetune.distributed import DistInfo, all_reduce_sum
+from freezetune.download import first_line
 from freezetune.epoch_log import TrainProgress
+from freezetune.errors import TrainingError
 from freezetune.evaluate import logits_of, run_model, to_device
 from freezetune.precision import Precision
 
@@ -85,3 +87,11 @@ class Step:
         self.lrs = [g["lr"] for g in optimizer.param_groups]
         if self.state.scheduler is not None:
             self.state.scheduler.step()
+
+
+def one_value_batch(exc: ValueError, n: int) -> TrainingError:
+    """A training batch too small for a BatchNorm layer that trains (torch's "Expected more than 1 value per channel
+    when training": one image, and a layer that sees one value a channel), as the one line of what to change."""
+    return TrainingError(f"a training batch of {n} image(s) cannot train the model's BatchNorm layers (torch: "
+                         f"{first_line(exc)}); give --batch-size 2 or more, or more --epoch-images (under torchrun each "
+                         "rank takes its share of them), or hold the statistics: --bn-stats frozen")  # fmt: skip

@@ -27,7 +27,6 @@ from freezetune.distributed import (
     in_group,
     leave_group,
 )
-from freezetune.download import first_line
 from freezetune.errors import TrainingError
 from freezetune.freeze import count_parameters, spec_items, summary
 from freezetune.inference import evaluate_best, write_evaluation
@@ -39,6 +38,7 @@ from freezetune.param_groups import idle_stage_lrs
 from freezetune.progress import RunResult, other_monitor
 from freezetune.run_setup import SKIPPED, RunSetup
 from freezetune.stages import stages
+from freezetune.step import one_value_batch
 from freezetune.unfreeze_schedule import plateau_units_note
 from freezetune.unfreezing import idle_schedule_note
 
@@ -81,14 +81,6 @@ def train(cfg: TrainConfig, *, echo: Callable[[str], None] = print, resumable: b
         finally:
             if owner:
                 leave_group()
-
-
-def _one_value_batch(exc: ValueError, n: int) -> TrainingError:
-    """A training batch too small for a BatchNorm layer that trains (torch's "Expected more than 1 value per channel
-    when training": one image, and a layer that sees one value a channel), as the one line of what to change."""
-    return TrainingError(f"a training batch of {n} image(s) cannot train the model's BatchNorm layers (torch: "
-                         f"{first_line(exc)}); give --batch-size 2 or more, or more --epoch-images (under torchrun each "
-                         "rank takes its share of them), or hold the statistics: --bn-stats frozen")  # fmt: skip
 
 
 class Trainer(RunSetup):
@@ -291,7 +283,7 @@ class Trainer(RunSetup):
             except ValueError as exc:
                 if "more than 1 value per channel" not in str(exc):
                     raise
-                raise _one_value_batch(exc, len(targets)) from None
+                raise one_value_batch(exc, len(targets)) from None
             if not stepped and meter.skipped > self.cfg.skip_nonfinite:
                 raise self._diverged(epoch, meter.step - 1, skipped=meter.skipped - 1)
             self._after_step(epoch, meter)
