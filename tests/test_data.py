@@ -1184,6 +1184,7 @@ def test_eval_of_a_folder_of_split_folders_without_train_reads_its_test_or_val_f
 
     make_folder(tmp_path / "d" / "val", 1)
     make_folder(tmp_path / "d" / "test", 2)
+    (tmp_path / "d" / "__MACOSX").mkdir()  # an unzipped macOS archive's, beside them
     ds = build_eval_dataset(str(tmp_path / "d"), preprocess=PRE, classes=sorted(COLOURS))
     assert ds.source == f"the test/ folder of {tmp_path / 'd'}" and len(ds) == 6
     make_folder(tmp_path / "v" / "Valid", 1)

@@ -262,12 +262,14 @@ def test_a_frozen_instance_norm_with_running_statistics_takes_the_bn_policy(bn, 
 
 
 @pytest.mark.parametrize("bn", ["affine", "train"])
-def test_an_instance_norm_without_running_statistics_freezes_as_any_layer(bn):
+@pytest.mark.parametrize("norm", [nn.InstanceNorm2d, nn.BatchNorm2d])
+def test_a_norm_without_running_statistics_freezes_as_any_layer(bn, norm):
     # it has no statistics to hold: under bn="affine" its frozen weights trained, and under bn="train" the cache was
     # refused as "BatchNorm ... updates its statistics in training"
     from freezetune.split import split_model
 
     model = _instance_norm_model(stats=False)
+    model.body[1] = norm(4, affine=True, track_running_stats=False)
     ft.freeze(model, "body", bn=bn)
     assert not any(p.requires_grad for p in model.body.parameters())
     split, why = split_model(model)
