@@ -307,3 +307,14 @@ def test_a_user_error_under_torchrun_is_one_line_of_the_first_rank(tmp_path):
         assert len(ours) == 1, proc.stderr[-3000:]
         # torchrun's own report of a failed job (its ChildFailedError) is all that follows: no rank's traceback
         assert proc.stderr.count("Traceback") <= 1 and "[rank" not in proc.stderr, proc.stderr[-3000:]
+
+
+def test_the_images_an_epoch_visits_are_counted_as_the_ranks_share_them():
+    # --epoch-images 5 on 2 ranks: each rank's 2.5 rounds to 2, so 4 trained, and the log said 5
+    from freezetune.data import Loaders
+
+    for world in (1, 2, 3):
+        loaders = Loaders(batch_size=32, device=torch.device("cpu"), seed=0, preprocess=None, epoch_images=5,
+                          dist=DistInfo(0, world))  # fmt: skip
+        per_rank = len(loaders.order(60, train=True))
+        assert loaders.epoch_items(60) == per_rank * world
