@@ -862,7 +862,10 @@ def test_a_training_batch_of_one_image_for_batchnorm_is_one_line_with_its_fixes(
     code, _, err = run_cli(capsys, *train_argv(data, tmp_path / "run", "--epoch-images", "1", "--recipe", "full"))
     assert code == 2 and "Traceback" not in err, err
     assert "a training batch of 1 image(s) cannot train the model's BatchNorm layers" in err
-    assert "--batch-size 2 or more" in err and "--bn-stats frozen" in err
+    # the batch size is 8: the epoch holds one image, and a larger batch would not help
+    assert "give more --epoch-images" in err and "--batch-size" not in err and "--bn-stats frozen" in err
+    code, _, err = run_cli(capsys, *train_argv(data, tmp_path / "one", "--batch-size", "1", "--recipe", "full"))
+    assert code == 2 and "give --batch-size 2 or more" in err, err
     code, _, err = run_cli(capsys, *train_argv(data, tmp_path / "held", "--epoch-images", "1", "--recipe", "full",
                                                "--bn-stats", "frozen"))  # fmt: skip
     assert code == 0, err

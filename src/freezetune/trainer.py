@@ -109,8 +109,6 @@ class Trainer(RunSetup):
                                   monitor=self.cfg.monitor, best_epoch=self.progress.best_epoch)  # fmt: skip
         test = self._final_test()
         barrier(self.dist)
-        if self.dist.enabled and self.dist.is_main:  # every rank has cleared its own spill folder; theirs is empty
-            self.features.remove_empty_spill()
         p = self.progress
         # no test split, or --no-final-test: the run still ends on a line naming its result (not the auto recipe's
         # trials, which are not resumed: the recipe says their scores)
@@ -183,13 +181,21 @@ class Trainer(RunSetup):
         """After the epochs, Ctrl-C and errors too: the saves already made land, TensorBoard is flushed, the loaders'
         workers stop with the run (not when the garbage collector frees them). A run already ``failing`` keeps its own
         exception: what the clean-up meets then (loader workers the same SIGTERM killed) is not raised over it."""
-        steps = (lambda: self.checkpoints.wait(raise_error=not failing), self.metrics.close, self.features.close)
+        steps = (lambda: self.checkpoints.wait(raise_error=not failing), self.metrics.close, self.features.close,
+                 self._tidy_spill)  # fmt: skip
         for step in steps:
             try:
                 step()
             except Exception:
                 if not failing:
                     raise
+
+    def _tidy_spill(self) -> None:
+        """Under torchrun each rank clears only its own spill folder (another's, empty for a moment, vanished as that
+        rank was about to write there): the first rank removes the shared ``cache/`` once it is empty, when no rank
+        builds a store any more (after the epochs, a stop or a failure: it stayed, empty, in the run dir)."""
+        if self.dist.enabled and self.dist.is_main:
+            self.features.remove_empty_spill()
 
     def _epochs(self) -> None:
         cfg, unfreezer = self.cfg, self.state.unfreezer
@@ -283,7 +289,7 @@ class Trainer(RunSetup):
             except ValueError as exc:
                 if "more than 1 value per channel" not in str(exc):
                     raise
-                raise one_value_batch(exc, len(targets)) from None
+                raise one_value_batch(exc, len(targets), self.cfg.batch_size) from None
             if not stepped and meter.skipped > self.cfg.skip_nonfinite:
                 raise self._diverged(epoch, meter.step - 1, skipped=meter.skipped - 1)
             self._after_step(epoch, meter)
