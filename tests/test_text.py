@@ -684,3 +684,24 @@ def _same_top(a: list[dict], b: list[dict]) -> bool:
     return [t["class"] for t in a] == [t["class"] for t in b] and all(
         abs(x["prob"] - y["prob"]) < 1e-5 for x, y in zip(a, b, strict=True)
     )
+
+
+@pytest.mark.slow
+def test_a_text_run_of_an_earlier_version_with_an_image_setting_resumes(tmp_path, capsys):
+    # its --cache-views 2 was accepted and ignored then; now refused for a text model, the resume had no way out
+    import yaml
+
+    from freezetune import checkpoint
+
+    out = tmp_path / "run"
+    code, _, err = run_cli(capsys, "train", "--model", f"hf:{MINILM}", "--weights", "default", "--data",
+                           _csv(tmp_path / "t.csv", n=1), "--epochs", "1", "--freeze", "-3", "--device", "cpu",
+                           "--no-progress", "--no-tensorboard", "--out", out)  # fmt: skip
+    assert code == 0, err
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    (out / "config.yaml").write_text(yaml.safe_dump({**config, "cache_views": 2}))
+    record = checkpoint.load(out / "last.pt")
+    record["config"]["cache_views"] = 2
+    checkpoint.save(record, out / "last.pt")
+    code, _, err = run_cli(capsys, "train", "--out", out, "--resume")
+    assert code == 0, err
