@@ -36,9 +36,11 @@ class Split:
     boundary: str  # name of the first stage the suffix computes (or "head")
     how: str  # "fx" | "timm-head" | "head-hook"
 
-    def __post_init__(self) -> None:
-        # what the prefix computes is frozen; an unfreeze of it later (an Unfreezer in a loop of the user's) would
-        # train nothing: its features were computed once. A training step through the suffix then says so.
+    def refuse_stale_training(self) -> None:
+        """What the prefix computes is frozen; an unfreeze of it later (an Unfreezer in a loop of the user's) would
+        train nothing: its features were computed once. From now on a training step through ``suffix_train`` says so.
+        For ``cache_features``' splits: freezetune's trainer caches again after each unfreeze, and its steps (a
+        cached head's are a handful of small kernels) need not walk the prefix's parameters."""
         cached = [(name, p) for name, p in self.prefix.named_parameters() if not p.requires_grad]
         self.suffix_train.register_forward_pre_hook(functools.partial(_refuse_stale, cached, self.boundary))
 

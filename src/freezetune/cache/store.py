@@ -240,6 +240,7 @@ def cache_features(
                                   resolve_precision(device, amp), views=views, seed=seed, spill_dir=spill_dir,
                                   place=place)  # fmt: skip
     log.info("feature cache: %s", info.describe())
+    split.refuse_stale_training()  # a stage opened later in the user's loop would not train on these features
     return split, store
 
 
