@@ -246,6 +246,9 @@ def validate(cfg: TrainConfig, *, need_data: bool = True, typed: Collection[str]
     if cfg.cache == "off" and isinstance(cfg.cache_views, int) and cfg.cache_views > 1:  # it would do nothing
         problems.append(f"cache_views {cfg.cache_views} sets how many augmented views the feature cache stores; with "
                         "cache off every epoch augments afresh: drop one of them")  # fmt: skip
+    if cfg.cache == "off" and cfg.cache_at is not None:  # so would a cut
+        problems.append(f"cache_at {cfg.cache_at!r} sets where the feature cache cuts the model; with cache off "
+                        "nothing is cached: drop one of them")  # fmt: skip
     problems.append(batch_size_problem(cfg.batch_size))
     problems.append(non_negative_int_problem("skip_nonfinite", cfg.skip_nonfinite))
     if cfg.workers is not None:
@@ -342,9 +345,6 @@ def _range_problems(cfg: TrainConfig) -> list[str]:
         problems.append("stage_lrs names a stage '' (STAGE=LR with no STAGE); give a stage name or glob before '='")
     if isinstance(cfg.seed, int) and not 0 <= cfg.seed < 2**32:  # numpy's seeding failed, after the data was read
         problems.append(f"seed must be in [0, 2**32 - 1], got {cfg.seed}")
-    if cfg.cache == "off" and cfg.cache_at is not None:  # it would do nothing, as cache_views > 1 would
-        problems.append(f"cache_at {cfg.cache_at!r} sets where the feature cache cuts the model; with cache off "
-                        "nothing is cached: drop one of them")  # fmt: skip
     if cfg.freeze == []:  # --freeze "" (an unset shell variable): it froze nothing, a full fine-tune unasked
         problems.append(f"freeze is empty; give auto (the default), {', '.join(FREEZE_KEYWORDS)}, a number of "
                         "stages (-3), or stage names (stem,layer1)")  # fmt: skip

@@ -27,8 +27,8 @@ BUNDLED_FILES = ("config.json", "preprocessor_config.json", *TOKENIZER_FILES, "s
 
 
 def bundle(model: str) -> dict[str, str] | None:
-    """The config, image processor and tokenizer files of an ``hf:DIR`` model, base64-encoded by name; None for any other model (a
-    hub id is rebuilt from the hub or its cache).
+    """The config, image processor and tokenizer files of an ``hf:DIR`` model, base64-encoded by name; None for any
+    other model (a hub id is rebuilt from the hub or its cache).
 
     >>> bundle("timm:resnet18") is None
     True

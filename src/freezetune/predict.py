@@ -80,25 +80,31 @@ def _stdin_lines() -> list[tuple[int, str]]:
     return [(i, line.removesuffix("\r")) for i, line in enumerate(sys.stdin.read().split("\n"), 1) if line.strip()]
 
 
+def _around_stdin(paths: list[str]) -> tuple[list[str], list[str]] | None:
+    """The paths given before ``-`` and after it (a second ``-`` dropped), or None without one."""
+    if STDIN not in paths:
+        return None
+    at = paths.index(STDIN)
+    return paths[:at], [p for p in paths[at + 1 :] if p != STDIN]
+
+
 def _stdin_paths(paths: list[str]) -> list[str]:
     """``paths`` with ``-`` replaced by the image paths standard input lists, one a line."""
-    if STDIN not in paths:
+    if (around := _around_stdin(paths)) is None:
         return paths
     listed = [line.strip() for _, line in _stdin_lines()]
     if not listed:
         raise DataError("'-' reads image paths from standard input, one a line, and it gave none")
-    at = paths.index(STDIN)
-    return [*paths[:at], *listed, *(p for p in paths[at + 1 :] if p != STDIN)]
+    return [*around[0], *listed, *around[1]]
 
 
 def _text_sources(paths: list[str]) -> list[str]:
     """The text files under ``paths``, with ``-`` (standard input) where it was given, in the order given."""
     from freezetune.data.text import list_text_files
 
-    if STDIN not in paths:
+    if (around := _around_stdin(paths)) is None:
         return list_text_files(paths)
-    at = paths.index(STDIN)
-    before, after = paths[:at], [p for p in paths[at + 1 :] if p != STDIN]
+    before, after = around
     return [*(list_text_files(before) if before else []), STDIN, *(list_text_files(after) if after else [])]
 
 

@@ -114,8 +114,8 @@ class Trainer(RunSetup):
         # trials, which are not resumed: the recipe says their scores)
         best_gone = self.dist.is_main and self.resumable and not (self.run_dir / checkpoint.BEST).exists()
         if best_gone:  # deleted since it was saved (a resume of a finished run): nothing to name, nothing scored
-            kept = " (test_metrics.json keeps its score from before)" if (self.run_dir / runtime.TEST_METRICS).exists() \
-                else ""  # fmt: skip
+            scored = (self.run_dir / runtime.TEST_METRICS).exists()
+            kept = f" ({runtime.TEST_METRICS} keeps its score from before)" if scored else ""
             self.echo(f"best.pt is missing from {self.run_dir} (deleted since epoch {p.best_epoch} saved it): it is "
                       f"not scored on the test split{kept}")  # fmt: skip
         elif test is None and (self.cfg.final_test or self.resumable):

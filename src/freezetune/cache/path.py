@@ -235,13 +235,13 @@ def _fits(found: tuple[torch.Tensor, torch.Tensor], dataset, views: int, cache_d
     A file renamed or copied by hand under another store's key read 500 rows for 300 images, and its run ended in the
     LR scheduler's traceback; one of the right size would have trained on another dataset's features."""
     features, targets = found
-    fits = features.shape[:2] == (views, len(dataset)) and torch.equal(targets.long(), dataset.targets.long())
-    if not fits:
-        log.warning("ignoring a stored feature cache in %s: it holds %d view(s) of %d rows, this data %d of %d "
-                    "items%s (a file renamed or copied there by hand?); it is built again", cache_dir, features.shape[0],
-                    features.shape[1], views, len(dataset),
-                    ", with other labels" if features.shape[:2] == (views, len(dataset)) else "")  # fmt: skip
-    return fits
+    sized = features.shape[:2] == (views, len(dataset))
+    if sized and torch.equal(targets.long(), dataset.targets.long()):
+        return True
+    log.warning("ignoring a stored feature cache in %s: it holds %d view(s) of %d rows, this data %d of %d items%s (a "
+                "file renamed or copied there by hand?); it is built again", cache_dir, features.shape[0],
+                features.shape[1], views, len(dataset), ", with other labels" if sized else "")  # fmt: skip
+    return False
 
 
 def _remove_empty_dirs(root: Path) -> None:

@@ -66,7 +66,8 @@ def _csv_columns(path: Path, header: list[str] | None, width: int) -> tuple[int,
     """The (path, label) column indices: by header name, or the two columns of a headerless ``path,label`` file."""
     if header is None:
         if width != 2:
-            sep = " (a .csv is read comma-separated, a .tsv tab-separated)" if width == 1 else ""
+            one = " (a .csv is read comma-separated, a .tsv tab-separated)"
+            sep = one if width == 1 else ""
             raise DataError(f"CSV '{path}' has {width} columns{sep} and no header; add a header naming the image column "
                             f"({choices(sorted(IMAGE_COLUMNS))}) and the label column "
                             f"({choices(sorted(_CSV_LABEL_NAMES))})")  # fmt: skip
