@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -326,6 +327,35 @@ def test_a_run_whose_output_and_error_pipe_closes_stops_as_the_shell_expects(dat
     assert proc.returncode == 141
     log = (tmp_path / "run" / "train.log").read_text()  # the log, which the user can still read, says why
     assert log.splitlines()[-1].endswith("freezetune: stopped: its output pipe was closed"), log[-2000:]
+
+
+def test_a_run_whose_output_pipe_closes_in_its_training_loop_saves_the_epoch_and_resumes(data, tmp_path):
+    # `train ... | tee log`, tee gone with the SSH session during epoch 2: the epoch's line raised BrokenPipeError
+    # before its save (metrics.csv had 2 rows, last.pt epoch 1), and a resume trained epoch 2 again
+    from freezetune.interrupt import PAUSE_ENV, PAUSE_MARKER_ENV
+
+    out, marker, err = tmp_path / "run", tmp_path / "paused", tmp_path / "stderr"
+    run = train_argv(data, out, "--epochs", "3", "--epoch-images", "16", "--freeze", "-3")
+    argv = [sys.executable, "-m", "freezetune", *run]
+    env = {**os.environ, PAUSE_ENV: "step#3", PAUSE_MARKER_ENV: str(marker)}  # 2 steps an epoch: epoch 2's first
+    with err.open("w") as stderr:
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=stderr, env=env)
+        deadline = time.monotonic() + 240
+        while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert marker.exists(), err.read_text()
+        proc.stdout.close()  # the reader is gone while epoch 2 trains
+        marker.unlink()
+        proc.wait(timeout=240)
+    line = "freezetune: stopped by a closed output pipe after epoch 2 (saved in last.pt); continue with --resume"
+    assert proc.returncode == 141 and err.read_text().splitlines()[-1] == line, err.read_text()[-2000:]
+    assert (out / "train.log").read_text().splitlines()[-1].endswith(line)
+    assert len(read_metrics(out / "metrics.csv")) == 2
+    assert torch.load(out / "last.pt", weights_only=False)["progress"]["epoch"] == 2
+    with contextlib.redirect_stdout(io.StringIO()) as said:
+        assert main([*run, "--resume"]) == 0
+    assert "resumed" in said.getvalue() and "after epoch 2" in said.getvalue(), said.getvalue()
+    assert [row["epoch"] for row in read_metrics(out / "metrics.csv")] == [1, 2, 3]
 
 
 def test_predict_reports_a_bad_file_and_still_predicts_the_others(run, data, capsys, tmp_path, caplog):

@@ -56,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     if isinstance(args, int):
         return args
     _line_buffered(sys.stdout)
+    streams = cli_exit.guard_output(args.command)
     run_log.command = shlex.join(["freezetune", *argv])  # train.log's header
     level = logging.INFO if getattr(args, "verbose", False) else logging.WARNING
     logging.basicConfig(level=level if first else logging.ERROR, format=run_log.WARNING_FORMAT)
@@ -87,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         return cli_exit.stopped(stop)
     finally:
+        sys.stdout, sys.stderr = streams
         run_log.command = None  # a later Python-API run in this process (a notebook calling main) was not this
 
 

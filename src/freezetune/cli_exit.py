@@ -11,7 +11,7 @@ import signal
 import sys
 import time
 
-from freezetune.interrupt import RunInterrupted, StopRequest
+from freezetune.interrupt import PIPE_CLOSED, RunInterrupted, StopRequest, output_closed
 from freezetune.run_log import first_process
 
 # what a command that stops before its end has kept (Ctrl-C, its output pipe closed)
@@ -29,6 +29,46 @@ def stops(command: str):
     if command in ("train", "sweep"):
         return contextlib.nullcontext()
     return StopRequest().listening(defer=False, at_once=f"before {command} finished (no file is left half-written)")
+
+
+class _PipeGuard:
+    """A run's standard output or error: a write into a pipe whose reader left (``train ... | tee log``, tee ended
+    with the SSH session) is a stop the training loop acts on at its next step, saving its place first
+    (``interrupt.output_closed``); the stream goes to /dev/null from then on. Its BrokenPipeError ended the run at
+    once: between an epoch's line and its save, the finished epoch was lost. Outside the loop the error stands."""
+
+    def __init__(self, stream) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError as exc:
+            self._closed(exc)
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError as exc:
+            self._closed(exc)
+
+    def _closed(self, exc: BrokenPipeError) -> None:
+        if not (reader_gone(self._stream) and output_closed()):
+            raise exc
+        _to_devnull(self._stream)
+
+    def __getattr__(self, name: str):  # fileno, isatty, encoding, reconfigure
+        return getattr(self._stream, name)
+
+
+def guard_output(command: str) -> tuple:
+    """Put a run's (train, sweep) standard output and error behind ``_PipeGuard``; the streams found, to put back.
+    Before logging's handler takes standard error, and before a progress bar does."""
+    found = sys.stdout, sys.stderr
+    if command in ("train", "sweep"):
+        sys.stdout, sys.stderr = _PipeGuard(sys.stdout), _PipeGuard(sys.stderr)
+    return found
 
 
 def reader_gone(stream) -> bool:
@@ -64,7 +104,13 @@ def _to_devnull(stream) -> None:
 
 
 def stopped(stop: RunInterrupted) -> int:
-    """The stop's one line (under torchrun, rank 0's alone: every rank got the same signal); 128 + the signal."""
+    """The stop's one line (under torchrun, rank 0's alone: every rank got the same signal); 128 + the signal. A run
+    stopped by its closed output pipe says it on standard error unless that went into the same pipe (then its
+    ``train.log`` says it)."""
+    if stop.signum == PIPE_CLOSED:
+        for stream in (sys.stdout, sys.stderr):
+            if reader_gone(stream):
+                _to_devnull(stream)
     if first_process():
         print(f"freezetune: {stop}", file=sys.stderr)
     return stop.exit_code

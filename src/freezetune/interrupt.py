@@ -27,6 +27,10 @@ STOP_SIGNALS = {signal.SIGTERM: "SIGTERM", signal.SIGINT: "SIGINT"}
 HANGUP = getattr(signal, "SIGHUP", None)
 if HANGUP is not None:
     STOP_SIGNALS[HANGUP] = "SIGHUP"
+# A write into a pipe whose reader left (`train ... | tee log`, tee ended with the SSH session) stops a run as a signal
+# does (``output_closed``): no handler (Python ignores SIGPIPE and raises BrokenPipeError), but its name and exit code.
+PIPE_CLOSED = getattr(signal, "SIGPIPE", 13)
+_STOP_NAMES = {**STOP_SIGNALS, PIPE_CLOSED: "a closed output pipe"}
 # Test hook: ``NAME`` or ``NAME#K`` holds the process the K-th time it reaches ``pause_point(NAME)``, after writing its
 # pid to the file named by PAUSE_MARKER_ENV, until that file is deleted.
 PAUSE_ENV = "FREEZETUNE_TEST_PAUSE_AT"
@@ -64,7 +68,7 @@ class RunInterrupted(KeyboardInterrupt):
         >>> str(RunInterrupted.by(signal.SIGINT, "after epoch 2 (saved in last.pt); continue with --resume"))
         'stopped by SIGINT after epoch 2 (saved in last.pt); continue with --resume'
         """
-        return cls(signum, f"stopped by {STOP_SIGNALS.get(signum, str(signum))} {how}", how.split("; ", 1)[0])
+        return cls(signum, f"stopped by {_STOP_NAMES.get(signum, str(signum))} {how}", how.split("; ", 1)[0])
 
     @property
     def exit_code(self) -> int:
@@ -93,7 +97,7 @@ class StopRequest:
 
     @property
     def name(self) -> str:
-        return STOP_SIGNALS.get(self.signum, str(self.signum))
+        return _STOP_NAMES.get(self.signum, str(self.signum))
 
     def interrupted(self, where: str) -> RunInterrupted:
         """The exception that ends the run after the recorded signal; ``where``: where, and what ``last.pt`` holds."""
@@ -111,9 +115,11 @@ class StopRequest:
             return
         self.defer, self.at_once = defer, at_once
         previous = {s: signal.signal(s, self._handle) for s in STOP_SIGNALS if s != HANGUP or _hangup_stops()}
+        _listening.append(self)
         try:
             yield self
         finally:
+            _listening.remove(self)
             for s, handler in previous.items():
                 signal.signal(s, handler if handler is not None else signal.SIG_DFL)
 
@@ -128,6 +134,25 @@ class StopRequest:
         global _raised
         _raised = RunInterrupted.by(signum, SECOND_SIGNAL if second else self.at_once)
         raise _raised
+
+
+_listening: list[StopRequest] = []  # the requests handling this process's stops now, the innermost last
+
+
+def output_closed() -> bool:
+    """Record that the run's output pipe lost its reader, as a stop the training loop acts on at its next step (saving
+    its place there); whether it was recorded. Outside the training loop (set-up, the cache build, the final test:
+    nothing new to save) it is not, and the write's BrokenPipeError ends the command (``cli.main``).
+
+    >>> output_closed()  # no run listening
+    False
+    """
+    stop = _listening[-1] if _listening else None
+    if stop is None or not stop.defer:
+        return False
+    if stop.signum is None:
+        stop.signum = PIPE_CLOSED
+    return True
 
 
 def _hangup_stops() -> bool:
