@@ -393,6 +393,7 @@ def test_sweep_compares_recipes_reuses_features_and_its_winner_reproduces(data, 
     assert [r["recipe"] for r in rows] == recipes.split(",")
     assert all(0 <= r["val_acc"] <= 1 and r["train_s"] > 0 and r["trainable_params"] > 0 for r in rows)
     assert rows[0]["trainable_params"] < rows[1]["trainable_params"] < rows[2]["trainable_params"]
+    assert not any("detail" in r for r in rows)  # a named recipe's row has nothing to add
     assert (tmp_path / "sweep" / "sweep.png").stat().st_size > 0 and "winner:" in out
     assert not any((tmp_path / "sweep" / r["recipe"] / "test_metrics.json").exists() for r in rows)  # no test score
     # the sweep's log keeps every line it printed (its recipes' too), and each recipe's dir its own train.log
@@ -427,6 +428,9 @@ def test_an_auto_winner_reproduces_its_validation_score_and_keeps_the_measured_b
     winner = yaml.safe_load((tmp_path / "sweep" / "winner.yaml").read_text())
     assert winner["recipe"] == "auto" and winner["refit"] is False
     assert "auto: chose" in (tmp_path / "sweep" / "auto" / "train.log").read_text()  # the recipe's log has its choice
+    # and its row: beside a last-k row that trains the same stages at another LR, it read as another freeze choice
+    choice = json.loads((tmp_path / "sweep" / "auto" / "recipe.json").read_text())["choice"]
+    assert row["detail"].startswith(f"chose last-{choice['trained_stages']} at lr {choice['run_lr']:.1e}"), row
     assert winner["batch_size"] == load_config(tmp_path / "sweep" / "auto" / "config.yaml").batch_size
     assert isinstance(winner["batch_size"], int)
     code, _, err = run_cli(capsys, "train", "--config", tmp_path / "sweep" / "winner.yaml", "--out", tmp_path / "w")
@@ -636,6 +640,28 @@ def test_a_sweeps_budget_counts_each_second_once_and_its_winner_names_absolute_p
     winner = yaml.safe_load((tmp_path / "s" / "winner.yaml").read_text())
     assert winner["data"] == str(tmp_path / "images")  # it was "images": train --config from elsewhere failed
     assert "       -" in sweep_mod.format_table(result.rows, result.winner)  # no CPU peak: not one per recipe
+
+
+def test_a_recipe_the_budget_skipped_is_listed_as_skipped_not_left_out(tmp_path, monkeypatch):
+    # the table and sweep.csv listed linear-probe alone, "winner" of a comparison that never happened
+    from freezetune import sweep as sweep_mod
+
+    def fake(name, cfg, echo, info):  # read back from an earlier attempt: its 6 s count against the budget
+        row = {"recipe": name, "val_acc": 0.5, "train_s": 6.0, "peak_mem_mb": None, "trainable_params": 10,
+               "best_epoch": 1, "run_dir": str(tmp_path / name)}  # fmt: skip
+        return row, True
+
+    monkeypatch.setattr(sweep_mod, "_run_recipe", fake)
+    lines = []
+    result = sweep_mod.sweep(TrainConfig(data="images", budget="10s"), "linear-probe,last-2,full", out=tmp_path / "s",
+                             echo=lines.append)  # fmt: skip
+    assert result.skipped == ["full"] and [r["recipe"] for r in result.rows] == ["linear-probe", "last-2"]
+    lines = [line for said in lines for line in said.splitlines()]  # the table is said at once
+    rows = read_metrics(tmp_path / "s" / "sweep.csv")
+    assert rows[-1] == {"recipe": "full", "detail": "skipped: budget 10s spent"}
+    assert any(line.startswith("full ") and line.endswith("  skipped: budget 10s spent") for line in lines), lines
+    assert any(line.startswith("winner: linear-probe, by val acc (2 of 3 recipes ran: the budget was spent before "
+                               "full)") for line in lines), lines  # fmt: skip
 
 
 def test_a_sweeps_last_k_past_the_models_stages_is_refused_before_anything_trains(tmp_path, monkeypatch):

@@ -18,7 +18,7 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
@@ -49,7 +49,10 @@ from freezetune.runtime import SWEEP_SETTINGS as SETTINGS_FILE
 
 _DEFAULTS = TrainConfig()
 ROW_FILE = "sweep_row.json"  # a finished recipe's row, in its run directory
-COLUMNS = ("recipe", "val_acc", "val_f1", "train_s", "peak_mem_mb", "trainable_params", "best_epoch", "run_dir")
+# detail: what the auto recipe chose (its row and last-k's can train the same stages, at other LRs and starts), or why
+# a recipe did not run (the budget was spent)
+COLUMNS = ("recipe", "val_acc", "val_f1", "train_s", "peak_mem_mb", "trainable_params", "best_epoch", "run_dir",
+           "detail")  # fmt: skip
 
 
 @dataclass
@@ -59,6 +62,7 @@ class SweepResult:
     rows: list[dict]
     winner: str
     out: Path
+    skipped: list[str] = field(default_factory=list)  # recipes the budget left no time for
 
 
 def swept(cfg: TrainConfig) -> TrainConfig:
@@ -143,34 +147,39 @@ def _sweep(cfg: TrainConfig, runs: dict[str, TrainConfig], out: Path, echo: Call
         _keep_settings(out, cfg, list(runs), write=info.is_main)
         log_to(out)
         opened(out)  # its settings checked and kept: the dir is this sweep's
-        rows = _run_all(runs, parse_duration(cfg.budget), cfg.budget, echo, info)
+        rows, skipped = _run_all(runs, parse_duration(cfg.budget), cfg.budget, echo, info)
         metric = compared_by(cfg.monitor)  # macro-F1 under --monitor val_f1, else accuracy
         winner = pick_winner(rows, metric)
+        not_run = [{"recipe": name, "detail": f"skipped: budget {cfg.budget} spent"} for name in skipped]
         if info.is_main:
-            _write(out, rows, winner, cfg, metric)
-        echo(format_table(rows, winner["recipe"]))
-        echo(f"winner: {winner['recipe']}, by {METRIC_NAMES[metric]} -> {out / 'winner.yaml'} (freezetune train "
-             f"--config {out / 'winner.yaml'})")  # fmt: skip
-    return SweepResult(rows, winner["recipe"], out)
+            _write(out, rows, winner, cfg, metric, not_run)
+        echo(format_table(rows + not_run, winner["recipe"]))
+        among = (f" ({len(rows)} of {len(runs)} recipes ran: the budget was spent before {', '.join(skipped)})"
+                 if skipped else "")  # fmt: skip
+        echo(f"winner: {winner['recipe']}, by {METRIC_NAMES[metric]}{among} -> {out / 'winner.yaml'} (freezetune "
+             f"train --config {out / 'winner.yaml'})")  # fmt: skip
+    return SweepResult(rows, winner["recipe"], out, skipped)
 
 
 def _run_all(runs: dict[str, TrainConfig], budget: float | None, given: str | None,
-             echo: Callable[[str], None], info: DistInfo) -> list[dict]:  # fmt: skip
-    """Each recipe's row, in turn, until the ``budget`` (seconds; ``given`` as the user wrote it) is spent."""
-    start, rows, carried = time.perf_counter(), [], 0.0
+             echo: Callable[[str], None], info: DistInfo) -> tuple[list[dict], list[str]]:  # fmt: skip
+    """Each recipe's row, in turn, until the ``budget`` (seconds; ``given`` as the user wrote it) is spent; and the
+    recipes skipped then."""
+    start, rows, carried, skipped = time.perf_counter(), [], 0.0, []
     for name, run_cfg in runs.items():
         # the clock counts what this process trained; a recipe finished before an interruption adds its measured
         # seconds (its re-read takes a fraction of a second)
         # rank 0's clock decides for all: the ranks must run the same recipes
         if budget is not None and broadcast(time.perf_counter() - start + carried > budget, info):
             echo(f"sweep: budget {given} spent; skipping {name}")
+            skipped.append(name)
             continue
         row, read_back = _run_recipe(name, run_cfg, echo, info)
         rows.append(row)
         carried += row["train_s"] if read_back else 0.0
     if not rows:
         raise ConfigError("the sweep ran no recipe (budget too small?)")
-    return rows
+    return rows, skipped
 
 
 def pick_winner(rows: list[dict], metric: str = "val_acc") -> dict:
@@ -294,7 +303,7 @@ def _run_recipe(name: str, cfg: TrainConfig, echo: Callable[[str], None], info: 
         raise DataError(f"sweep: recipe {name} had no validation data to be scored on (one example of a class "
                         "leaves none to hold out), and a sweep compares recipes on it: give --val-data, or more "
                         "examples a class")  # fmt: skip
-    row = _row(name, result, cuda=resolve_device(cfg.device).type == "cuda")
+    row = _row(name, result, cuda=resolve_device(cfg.device).type == "cuda") | {"detail": _chosen(Path(cfg.out))}
     if info.is_main:
         atomic_write_text(saved, json.dumps(row))
     return row, False
@@ -330,24 +339,47 @@ def _row(name: str, result, *, cuda: bool) -> dict:
     }
 
 
+def _chosen(run_dir: Path) -> str:
+    """What an auto recipe's run chose (its ``recipe.json``), as the table shows it; empty for another recipe.
+
+    Its row and a last-k one can train the same stages and still differ: auto trains at a higher LR
+    (``auto.LR_BOOST``), from the weights its trial fitted.
+    """
+    from freezetune.runtime import RECIPE_FILE
+
+    try:
+        choice = json.loads((run_dir / RECIPE_FILE).read_text())["choice"]
+        start = ", from its trial's weights" if choice.get("init") else ""
+        return f"chose last-{choice['trained_stages']} at lr {choice['run_lr']:.1e}{start}"
+    except (OSError, ValueError, KeyError, TypeError):  # a named recipe: no choice recorded
+        return ""
+
+
 def _or_nan(value: float | None) -> float:
     return math.nan if value is None else value
 
 
 def format_table(rows: list[dict], winner: str) -> str:
-    """The sweep's rows as an aligned text table, the winner marked.
+    """The sweep's rows as an aligned text table, the winner marked; a row without scores (a recipe the budget
+    skipped) shows its ``detail`` alone.
 
     >>> print(format_table([{"recipe": "full", "val_acc": 0.8, "val_f1": 0.785, "train_s": 12.0, "peak_mem_mb": 900.0,
-    ...                      "trainable_params": 3_400_000, "best_epoch": 3, "run_dir": "r"}], "full"))
+    ...                      "trainable_params": 3_400_000, "best_epoch": 3, "run_dir": "r", "detail": ""},
+    ...                     {"recipe": "auto", "detail": "skipped: budget 1m spent"}], "full"))
     recipe          val acc   val F1  train s  peak MiB  trainable
     full *            80.0%    78.5%     12.0       900       3.4M
+    auto                  -        -        -         -          -  skipped: budget 1m spent
     """
     lines = [f"{'recipe':14s}  {'val acc':>7s}  {'val F1':>7s}  {'train s':>7s}  {'peak MiB':>8s}  {'trainable':>9s}"]
     for r in rows:
         name = r["recipe"] + (" *" if r["recipe"] == winner else "")
+        detail = f"  {r['detail']}" if r.get("detail") else ""
+        if "val_acc" not in r:
+            lines.append(f"{name:14s}  {'-':>7s}  {'-':>7s}  {'-':>7s}  {'-':>8s}  {'-':>9s}{detail}")
+            continue
         peak = f"{r['peak_mem_mb']:8.0f}" if r.get("peak_mem_mb") is not None else f"{'-':>8s}"  # CPU: not measured
         lines.append(f"{name:14s}  {100 * r['val_acc']:6.1f}%  {100 * r.get('val_f1', math.nan):6.1f}%  "
-                     f"{r['train_s']:7.1f}  {peak}  {human(r['trainable_params']):>9s}")  # fmt: skip
+                     f"{r['train_s']:7.1f}  {peak}  {human(r['trainable_params']):>9s}{detail}")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -364,12 +396,12 @@ def pareto_front(rows: list[dict], metric: str = "val_acc") -> list[dict]:
     return sorted(front, key=lambda r: r["train_s"])
 
 
-def _write(out: Path, rows: list[dict], winner: dict, cfg: TrainConfig, metric: str) -> None:
+def _write(out: Path, rows: list[dict], winner: dict, cfg: TrainConfig, metric: str, not_run: list[dict]) -> None:
     out.mkdir(parents=True, exist_ok=True)
     text = io.StringIO()
     writer = csv.DictWriter(text, fieldnames=COLUMNS, lineterminator="\n")
     writer.writeheader()
-    writer.writerows(rows)
+    writer.writerows(rows + not_run)
     atomic_write_text(out / "sweep.csv", text.getvalue())
     _plot(rows, winner["recipe"], out / "sweep.png", metric)
     atomic_write_text(out / "winner.yaml", yaml.safe_dump(_winner_config(cfg, winner), sort_keys=False))
