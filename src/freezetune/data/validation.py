@@ -82,7 +82,7 @@ def resolve_validation(
     elif refit and given is not None:  # said, as the per_class case is: the run went on validating, unsaid
         val_source += " (not refit: refit joins only what is held out automatically, and these were given)"
     if per_class is not None:
-        warn_short(train, per_class, held_out=len(val) if val is not None and val is not given else 0)
+        warn_short(train, per_class, val if val is not None and val is not given else None, rejoins=may_refit)
     if test and val is not given:
         val_source += f"; the test split is {test}"
     return train, val, val_source, no_refit
@@ -137,13 +137,26 @@ def refit_held_out(
     return train.joined(val), None, source
 
 
-def warn_short(train: Dataset, per_class: int, held_out: int) -> None:
-    """Name the classes that train on fewer than ``per_class`` items, and say so when ``held_out`` validation items
-    were taken from the training data first (a class of exactly ``per_class`` is then short by its share)."""
-    counts = torch.bincount(train.targets, minlength=len(train.classes)).tolist()
-    short = {train.classes[c]: n for c, n in enumerate(counts) if n < per_class}
-    if short:
-        listed = ", ".join(f"{name}: {n}" for name, n in list(short.items())[:10])
-        after = f" after the {held_out} held out for validation" if held_out else ""
+def warn_short(train: Dataset, per_class: int, held_out: Dataset | None, *, rejoins: bool) -> None:
+    """Name the classes that train on fewer than ``per_class`` items. ``held_out``: validation items taken from the
+    training data first (a class of exactly ``per_class`` is then short by its share): said where they went, in a
+    warning; where a refit may give them back (``rejoins``: the auto recipe's final run takes them), in a note, and
+    the warning names only the classes short without them too (10 a class beside ``--per-class 200``)."""
+    counts = torch.bincount(train.targets, minlength=len(train.classes))
+    pool = counts + torch.bincount(held_out.targets, minlength=len(counts)) if held_out is not None else counts
+    short = {c: int(n) for c, n in enumerate(counts) if n < per_class}
+    # short without the hold-out too: each with what it has (a refit gives its held-out share back)
+    anyway = {c: int(pool[c]) if rejoins else n for c, n in short.items() if not rejoins or pool[c] < per_class}
+    after = f" after the {len(held_out)} held out for validation" if held_out is not None else ""
+    if anyway:
         warn_once(log, "per_class=%d: %d of %d classes have fewer training %s%s and use all they have (%s)",
-                  per_class, len(short), len(counts), noun(train), after, listed)  # fmt: skip
+                  per_class, len(anyway), len(counts), noun(train), "" if rejoins else after,
+                  _counts(train, anyway))  # fmt: skip
+    if len(short) > len(anyway):
+        log.info("per_class=%d: %d of %d classes train on fewer %s%s; a refit (the auto recipe's final run) trains on "
+                 "them too (%s)", per_class, len(short) - len(anyway), len(counts), noun(train), after,
+                 _counts(train, {c: n for c, n in short.items() if c not in anyway}))  # fmt: skip
+
+
+def _counts(data: Dataset, counts: dict[int, int]) -> str:
+    return ", ".join(f"{data.classes[c]}: {n}" for c, n in list(counts.items())[:10])
