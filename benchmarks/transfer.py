@@ -276,13 +276,22 @@ def worker(args) -> None:
 # --- the parent: prepare once, run each contender in its own process, report --------------------------------
 
 
+def per_class_text(data: dict, asked: int) -> str:
+    """What each class trains on: the asked count where every class has it, else the range and the total (an
+    imbalanced folder: 10-200/class, not 200/class)."""
+    counts = data["y_train"].bincount(minlength=len(data["classes"])).tolist()
+    if min(counts) == max(counts) == asked:
+        return f"{asked}/class x {len(counts)} classes"
+    return f"{min(counts)}-{max(counts)}/class ({sum(counts)} images, asked {asked}) x {len(counts)} classes"
+
+
 def run_all(args, names: list[str]) -> dict[str, dict]:
     device = pick_device(args.device)
     data_file = Path(args.work_dir) / "data.pt"
     start = time.perf_counter()
     data = prepare_data(data_file, dataset=args.dataset, per_class=args.per_class, seed=0, res=args.res,
                         test_n=args.test_n)  # fmt: skip
-    print(f"data: {dataset_title(args.dataset)}, {args.per_class}/class x {len(data['classes'])} classes at {args.res} px, "
+    print(f"data: {dataset_title(args.dataset)}, {per_class_text(data, args.per_class)} at {args.res} px, "
           f"{len(data['y_test'])} test images, {len(data['y_val'])} validation images "
           f"({time.perf_counter() - start:.0f}s to prepare); device {device}", flush=True)  # fmt: skip
     forwarded = ["--device", str(device), "--res", str(args.res), "--epochs", str(args.epochs),

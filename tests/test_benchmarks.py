@@ -40,3 +40,16 @@ def test_loader_runs_both_contenders_over_every_image(tmp_path):
     out = _run("loader.py", "--n-images", "24", "--batch-size", "4", "--res", "32", "--repeat", "1", "--workers", "1",
                "--work-dir", str(tmp_path))  # fmt: skip
     assert "GPU path / CPU loader =" in out
+
+
+def test_transfers_data_line_gives_an_imbalanced_folders_real_counts(monkeypatch):
+    # a folder of 200 images for some classes and 10 for others was said as "200/class x 10 classes"
+    import torch
+
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import transfer
+
+    even = {"y_train": torch.arange(3).repeat(5), "classes": ["a", "b", "c"]}
+    assert transfer.per_class_text(even, 5) == "5/class x 3 classes"
+    uneven = {"y_train": torch.tensor([0] * 5 + [1] * 2 + [2] * 5), "classes": ["a", "b", "c"]}
+    assert transfer.per_class_text(uneven, 5) == "2-5/class (12 images, asked 5) x 3 classes"
