@@ -231,6 +231,7 @@ def test_a_hugging_face_exports_config_builds_the_model_its_weights_load_into(hf
     config = transformers.AutoConfig.from_pretrained(tmp_path / "m.hf")
     # the folder's config said 2 labels: the classifier of the model it built did not fit the weights (3 classes)
     assert config.num_labels == 3 and config.id2label == {0: "cat", 1: "dog", 2: "eel"}
+    assert config.architectures == ["ViTForImageClassification"]  # the class the weights are
     model = transformers.AutoModelForImageClassification.from_config(config)
     model.load_state_dict(load_file(weights))
     x = torch.randn(2, 3, 32, 32)
@@ -256,6 +257,13 @@ def test_a_hugging_face_pt2_gives_logits_without_transformers_and_shares_the_fol
     with pytest.raises(CheckpointError, match="o.hf already exists and holds other files"):
         export_checkpoint(hf_best_pt, tmp_path / "o.pt2")
     assert not (tmp_path / "o.pt2").exists() and (tmp_path / "o.hf" / "config.json").read_text() == "{}"
+    # a file where the folder goes: --force wrote the weights, then failed on the folder ("File exists"), and left
+    # weights without their sidecar, saying "files written before are intact"
+    (tmp_path / "f.hf").write_text("mine")
+    with pytest.raises(CheckpointError, match=r"f.hf is a file, where this model's config and tokenizer files go"):
+        export_checkpoint(hf_best_pt, tmp_path / "f.safetensors", force=True)
+    assert not (tmp_path / "f.safetensors").exists() and not (tmp_path / "f.json").exists()
+    assert (tmp_path / "f.hf").read_text() == "mine"
 
 
 def test_a_model_that_does_not_trace_is_one_line_and_leaves_nothing(hf_best_pt, tmp_path, capsys, monkeypatch):

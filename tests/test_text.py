@@ -313,6 +313,8 @@ def test_a_text_model_exports_its_weights_and_refuses_a_graph_format_in_one_line
 
     assert AutoTokenizer.from_pretrained(tmp_path / "m.hf")("a joy")["input_ids"][0] == 101  # [CLS]
     assert AutoConfig.from_pretrained(tmp_path / "m.hf").hidden_size == 384
+    # the weights are a BertForSequenceClassification's: the sentence-transformers folder's BertModel misled tools
+    assert AutoConfig.from_pretrained(tmp_path / "m.hf").architectures == ["BertForSequenceClassification"]
 
 
 def test_predict_texts_wants_a_list_of_strings_and_a_text_model(tmp_path):

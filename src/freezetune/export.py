@@ -51,15 +51,19 @@ def export_checkpoint(ckpt_path: str | Path, to: str | Path, *, force: bool = Fa
     to = Path(to)
     _check_target(to, force)
     record = checkpoint.load(ckpt_path)
-    if to.suffix != ".safetensors" and (record.get("preprocess") or {}).get("tokenizer"):
+    text = bool((record.get("preprocess") or {}).get("tokenizer"))
+    if to.suffix != ".safetensors" and text:
         # the graph is traced on an image batch: a text model's raised deep inside transformers
         raise CheckpointError(f"{ckpt_path} is a text model ({record['model']}): it exports to .safetensors (its "
                               f"weights; the tokenizer is {record['preprocess']['tokenizer']!r}), not to "
                               f"{to.suffix}")  # fmt: skip
     sidecar, meta = to.with_suffix(".json"), _meta(record)
     folder = to.with_suffix(".hf")  # an hf:DIR model's config and tokenizer files, which its checkpoint carries
-    files = hf_bundle.with_classes(record["hf_files"], record["classes"]) if record.get("hf_files") else None
+    files = hf_bundle.with_classes(record["hf_files"], record["classes"], text=text) if record.get("hf_files") else None
     if files:
+        if folder.exists() and not folder.is_dir():  # not even --force replaces a file with a folder
+            raise CheckpointError(f"{folder} is a file, where this model's config and tokenizer files go (a folder "
+                                  f"{folder.name}/ beside the weights): move it, or export under another name")  # fmt: skip
         if folder.exists() and not force and not hf_bundle.holds(folder, files):  # not another format's export
             raise CheckpointError(f"{folder} already exists and holds other files; pass --force to overwrite")
         meta["hf_files"] = folder.name  # beside the sidecar: AutoConfig / AutoTokenizer.from_pretrained(it)

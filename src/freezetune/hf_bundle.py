@@ -62,10 +62,12 @@ def write(files: dict[str, str], folder: Path, *, keep: bool = False) -> None:
                 tmp.write_bytes(base64.b64decode(data))
 
 
-def with_classes(files: dict[str, str], classes: list[str]) -> dict[str, str]:
+def with_classes(files: dict[str, str], classes: list[str], *, text: bool = False) -> dict[str, str]:
     """``files`` with their ``config.json`` giving the run's classes (``id2label``, ``label2id``, ``num_labels``):
     the folder's config still had the pretrained model's labels, which a model built from it would not load the
-    fine-tuned weights into (a size mismatch of the classifier).
+    fine-tuned weights into (a size mismatch of the classifier). Its ``architectures`` name the class the weights are
+    (a sentence-transformers folder's said ``BertModel`` of a ``BertForSequenceClassification``'s weights; ``text``:
+    a text model's).
 
     >>> cfg = json.loads(base64.b64decode(with_classes({"config.json": "e30="}, ["cat", "dog"])["config.json"]))
     >>> cfg["id2label"], cfg["num_labels"]
@@ -80,8 +82,26 @@ def with_classes(files: dict[str, str], classes: list[str]) -> dict[str, str]:
                   num_labels=len(classes), problem_type="single_label_classification")  # fmt: skip
     if config.get("pad_token_id", 0) is None and isinstance(config.get("eos_token_id"), int):  # as it trained
         config["pad_token_id"] = config["eos_token_id"]  # (models._set_pad_token): batches of texts pad with it
-    text = json.dumps(config, indent=2, sort_keys=True) + "\n"
-    return {**files, "config.json": base64.b64encode(text.encode()).decode("ascii")}
+    if (task := _task_class(config.get("model_type"), text)) is not None:
+        config["architectures"] = [task]
+    written = json.dumps(config, indent=2, sort_keys=True) + "\n"
+    return {**files, "config.json": base64.b64encode(written.encode()).decode("ascii")}
+
+
+def _task_class(model_type: str | None, text: bool) -> str | None:
+    """The transformers class a freezetune model of ``model_type`` is, as ``models.create_model`` builds it
+    (``AutoModelForSequenceClassification``'s for text, ``AutoModelForImageClassification``'s for images); None where
+    transformers or the type is unknown."""
+    try:
+        from transformers.models.auto.modeling_auto import (
+            MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES,
+            MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
+        )
+    except ImportError:
+        return None
+    names = MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES if text else MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES
+    name = names.get(model_type)
+    return name if isinstance(name, str) else None
 
 
 def holds(folder: Path, files: dict[str, str]) -> bool:
