@@ -213,3 +213,16 @@ def test_integer_labels_that_tie_as_numbers_sort_the_same_in_every_process():
     from freezetune.data.folder import sorted_labels
 
     assert sorted_labels(["1", "01", "10", "2"]) == sorted_labels(["01", "1", "2", "10"]) == ["01", "1", "2", "10"]
+
+
+def test_a_class_whose_name_holds_a_slash_is_read_from_its_folder_spelling(tmp_path):
+    # a Fashion-MNIST checkpoint ("T-shirt/top") and an image folder: no folder can be named so, and the refusal
+    # said to rename the folder to the training class
+    classes = ["T-shirt/top", "Trouser"]
+    _images(tmp_path / "test" / "T-shirt_top", n=2)
+    _images(tmp_path / "test" / "Trouser", n=1)
+    data = scan_folder(tmp_path / "test", classes=classes)
+    assert data.classes == classes and sorted(int(t) for t in data.targets) == [0, 0, 1]
+    _images(tmp_path / "other" / "Shirt")
+    with pytest.raises(DataError, match=r"'Shirt'.*not training classes.*'T-shirt/top' is the folder 'T-shirt_top'"):
+        scan_folder(tmp_path / "other", classes=classes)

@@ -321,6 +321,15 @@ def _same_names(root: Path, classes: list[str]) -> None:
     warn_similar_labels(root, classes)
 
 
+def folder_name(label: str) -> str:
+    """The folder a class is read from: its name, a slash (which no folder name holds) written ``_``.
+
+    >>> folder_name("T-shirt/top")
+    'T-shirt_top'
+    """
+    return label.replace("/", "_").replace("\\", "_")
+
+
 def scan_folder(root: str | Path, classes: list[str] | None = None) -> FileImageDataset:
     """Read a ``root/<class>/*`` tree (images found recursively inside each class folder).
 
@@ -338,10 +347,14 @@ def scan_folder(root: str | Path, classes: list[str] | None = None) -> FileImage
     classes = list(classes) if classes is not None else own
     # names compared in NFC: macOS writes "café" decomposed (NFD), Linux and Windows composed, and both look alike
     index = {nfc(c): i for i, c in enumerate(classes)}
+    for i, c in enumerate(classes):  # a class no folder can be named (Fashion-MNIST's "T-shirt/top"): its spelling
+        index.setdefault(nfc(folder_name(c)), i)
     unknown = [c for c in own if nfc(c) not in index]
     if unknown:
+        spelt = [f"{c!r} is the folder {folder_name(c)!r}" for c in classes if folder_name(c) != c]
         raise DataError(f"class folder(s) {choices(unknown)} in '{root}' are not training classes: {choices(classes)} "
-                        "(rename them to a training class, or move them out of it)")  # fmt: skip
+                        f"(rename them to a training class, or move them out of it{'; ' if spelt else ''}"
+                        f"{', '.join(spelt[:3])})")  # fmt: skip
     samples, left_out = [], []
     for c in own:
         files = _files_under(Path(root) / c)
