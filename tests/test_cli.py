@@ -565,6 +565,17 @@ def test_a_plateau_says_why_it_unfroze_and_a_min_delta_read_as_points_is_named(d
     assert code == 0 and "note: plateau" not in out, err
 
 
+def test_an_unfreeze_says_the_learning_rate_the_opened_stage_trains_at(data, tmp_path, capsys):
+    # the epoch line's "lr 7.5e-05..7.5e-04" never tied a rate to the stage that opened: --stage-lrs unconfirmed
+    code, out, err = run_cli(capsys, *train_argv(data, tmp_path / "run", "--freeze", "backbone", "--epochs", "3",
+                                                 "--unfreeze", "epoch:1", "--stage-lrs", "blocks.4=1e-4"))  # fmt: skip
+    assert code == 0, err
+    line = next(line for line in out.splitlines() if line.startswith("unfroze blocks.4"))
+    assert "parameters; lr 1.0e-04 at its peak, " in line and line.endswith(" now)"), line
+    state = torch.load(tmp_path / "run" / "last.pt", weights_only=False)["optimizer"]["param_groups"]
+    assert [g.get("max_lr") for g in state if g.get("name") == "blocks.4"] == [1e-4]
+
+
 def test_a_plan_that_opens_part_of_a_stage_says_what_it_opened_and_where(data, tmp_path, capsys):
     # "{1: '*.bias'}" trained the whole network and said "unfroze stem, blocks.0, ..." (each stage it touched)
     code, out, err = run_cli(capsys, *train_argv(data, tmp_path / "run", "--freeze", "backbone", "--epochs", "2",

@@ -213,6 +213,32 @@ def is_no_decay(group: dict) -> bool:
     return str(group.get("name", "")).endswith(NO_DECAY)
 
 
+def stage_lr_text(param_groups: list[dict], names: list[str]) -> str:
+    """The LRs of stages ``names`` as the log says them where they open: each stage's own (``stage_lrs``, ``decay``)
+    at the schedule's peak, and where the schedule stands now.
+
+    >>> stage_lr_text([{"name": "fc", "lr": 1e-3}, {"name": "layer4", "lr": 7.5e-5, "max_lr": 1e-4}], ["layer4"])
+    'lr 1.0e-04 at its peak, 7.5e-05 now'
+    >>> stage_lr_text([{"name": "layer4", "lr": 1e-4}, {"name": "layer3/no_decay", "lr": 5e-5}], ["layer4", "layer3"])
+    'lr layer4 1.0e-04, layer3 5.0e-05'
+    """
+    own = {}
+    for group in param_groups:  # a stage's /no_decay twin has its LR: the first group of each stage says it
+        own.setdefault(group_stage(group), group)
+    opened = [own[n] for n in names if n in own]
+    if not opened:
+        return ""
+    peaks = [float(g.get("max_lr", g.get("initial_lr", g["lr"]))) for g in opened]
+    said = f"lr {peaks[0]:.1e}" if len(opened) == 1 else "lr " + ", ".join(
+        f"{n} {lr:.1e}" for n, lr in zip([n for n in names if n in own], peaks, strict=True))  # fmt: skip
+    now = float(opened[0]["lr"])
+    if math.isclose(now, peaks[0], rel_tol=1e-9):
+        return said
+    if len(opened) == 1:
+        return f"{said} at its peak, {now:.1e} now"
+    return f"{said} at their peaks, {now / peaks[0]:.2g}x now"
+
+
 def no_decay_names(model: nn.Module) -> set[str]:
     """Parameter names the model declares exempt from weight decay (timm's ``no_weight_decay()``), expanded."""
     declared = getattr(model, "no_weight_decay", None)

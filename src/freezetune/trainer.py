@@ -34,7 +34,7 @@ from freezetune.interrupt import AT_ONCE_UNDER_DDP, OUTSIDE_A_STEP, StopRequest,
 from freezetune.loss import imbalance_note
 from freezetune.memory import out_of_memory_hint
 from freezetune.optim import momentum_note
-from freezetune.param_groups import idle_stage_lrs
+from freezetune.param_groups import idle_stage_lrs, stage_lr_text
 from freezetune.progress import RunResult, other_monitor
 from freezetune.run_setup import SKIPPED, RunSetup
 from freezetune.stages import stages
@@ -394,7 +394,9 @@ class Trainer(RunSetup):
             items = [str(x) for x in spec_items(spec)]
             if spec is not None and items != names:  # part of a stage ("*.bias"), or an index: what, then where
                 what = f"{', '.join(items)} (in {what})"
-            self.echo(f"unfroze {what} ({why}trainable {count_parameters(self.model)[0]:,} parameters)")
+            lrs = stage_lr_text(self.state.optimizer.param_groups, names)
+            self.echo(f"unfroze {what} ({why}trainable {count_parameters(self.model)[0]:,} parameters"
+                      f"{'; ' if lrs else ''}{lrs})")  # fmt: skip
             if build:  # the frozen prefix got shorter: rebuild at the new boundary, or read images
                 self.features.build()
         return names
