@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import subprocess
 import sys
 
 from conftest import Terminal
@@ -44,3 +45,20 @@ def test_in_a_file_each_redraw_is_a_line_of_its_own(monkeypatch):
     assert "\r" not in log.getvalue() and lines[-1] == ""  # whole lines only; the bar's clearing blank is dropped
     assert [line.split(":")[0] for line in lines[:-1]] == ["epoch 1", "epoch 1"]
     assert "1/3" in lines[0] and "2/3" in lines[1]
+
+
+def test_a_notebook_without_ipywidgets_gets_a_text_bar_without_tqdms_warning():
+    # Jupyter without ipywidgets printed "TqdmWarning: IProgress not found. Please update jupyter and ipywidgets."
+    # on the first cell that trained, for a bar that works as text
+    script = (
+        "import sys, types\n"
+        "sys.modules['ipykernel.zmqshell'] = types.ModuleType('ipykernel.zmqshell')\n"
+        "ipython = types.ModuleType('IPython'); ipython.get_ipython = lambda: object(); sys.modules['IPython'] = ipython\n"
+        "sys.modules['ipywidgets'] = None\n"
+        "from freezetune.epoch_log import progress_bar\n"
+        "bar = progress_bar(3, 'x', enabled=True)\n"
+        "print(type(bar).__module__)\n"
+    )
+    proc = subprocess.run([sys.executable, "-W", "always", "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and not proc.stdout.startswith("tqdm.notebook"), proc.stderr[-2000:]  # text
+    assert "IProgress" not in proc.stderr, proc.stderr

@@ -8,6 +8,7 @@ import logging
 import numbers
 import sys
 import time
+import warnings
 from typing import Any
 
 import torch
@@ -26,7 +27,9 @@ def progress_bar(total: int, desc: str, *, enabled: bool, unit: str = "it"):
     >>> progress_bar(3, "x", enabled=False).disable
     True
     """
-    from tqdm.auto import tqdm
+    with warnings.catch_warnings():  # a notebook without ipywidgets: tqdm's "IProgress not found" read as an error,
+        warnings.filterwarnings("ignore", message="IProgress not found")  # where its text bar serves (see below)
+        from tqdm.auto import tqdm
 
     # a notebook without ipywidgets gets tqdm's text bar on its stderr, which it redraws in place as a terminal does
     in_notebook = type(sys.stderr).__module__.startswith("ipykernel")
