@@ -52,6 +52,18 @@ def test_img_size_overrides_input_size_and_keeps_crop_pct():
         create_model("timm:resnet18", weights="none", img_size=0)
 
 
+def test_an_image_size_below_the_last_stages_stride_is_warned_of(caplog):
+    # --img-size 2 (meant 224) trained 1 px images to chance without a word
+    with caplog.at_level(logging.WARNING, logger="freezetune"):
+        create_model("timm:resnet18", weights="none", img_size=8)
+    assert "timm:resnet18: img_size 8 is below 32 px, the stride of most image models' last stage" in caplog.text
+    assert "(pretrained at 224 px)" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="freezetune"):
+        create_model("timm:resnet18", weights="none", img_size=32)
+    assert "img_size" not in caplog.text
+
+
 def test_weights_path_is_loaded(tmp_path):
     source, _ = create_model("torchvision:resnet18", weights="none")
     path = tmp_path / "resnet18.pth"

@@ -31,6 +31,7 @@ from freezetune.stages import stages
 from freezetune.weights import hf_loading_problem, load_weights, packaged_weights, quiet_hf_loading, weights_only_loads
 
 log = logging.getLogger(__name__)
+SMALL_INPUT = 32  # px: an image model's last stage downsamples by 32 (ResNet, EfficientNet, ConvNeXt; a ViT's patches)
 
 WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
 _HF_PIL_RESAMPLE = {0: "nearest", 2: "bilinear", 3: "bicubic"}  # PIL.Image.Resampling values in HF configs
@@ -87,6 +88,10 @@ def create_model(
     pre = _resize(pre, img_size, name)
     if pre is not None and pre.input_size != default_size:
         _check_input_size(model, name, pre.input_size, default_size)
+        if pre.input_size < SMALL_INPUT <= (default_size or SMALL_INPUT):  # --img-size 2 for 224: chance, unsaid
+            warn_once(log, "%s: img_size %d is below %d px, the stride of most image models' last stage, whose "
+                      "later stages then see a single pixel (pretrained at %s px)", name, pre.input_size, SMALL_INPUT,
+                      default_size)  # fmt: skip
     return model, pre
 
 
