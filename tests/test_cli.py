@@ -565,6 +565,13 @@ def test_a_plateau_says_why_it_unfroze_and_a_min_delta_read_as_points_is_named(d
     assert code == 0 and "note: plateau" not in out, err
 
 
+def test_the_run_header_says_how_many_loader_workers_read_the_images(data, tmp_path, capsys):
+    # each worker draws its own augmentations: two runs differed, and their logs did not say why
+    code, out, err = run_cli(capsys, *train_argv(data, tmp_path / "run", "--freeze", "-3", "--epochs", "1",
+                                                 "--workers", "1", "--no-final-test"))  # fmt: skip
+    assert code == 0 and " on cpu fp32, channels_last, 1 loader worker: " in out, out + err
+
+
 def test_an_unfreeze_says_the_learning_rate_the_opened_stage_trains_at(data, tmp_path, capsys):
     # the epoch line's "lr 7.5e-05..7.5e-04" never tied a rate to the stage that opened: --stage-lrs unconfirmed
     code, out, err = run_cli(capsys, *train_argv(data, tmp_path / "run", "--freeze", "backbone", "--epochs", "3",

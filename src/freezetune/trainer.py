@@ -132,6 +132,8 @@ class Trainer(RunSetup):
         n, visited = len(self.data.train), self.loaders.epoch_items(len(self.data.train))
         per_epoch = f" ({visited} an epoch)" if visited < n else ""  # --epoch-images, a trial's half
         how = [self.precision.describe()] + ["channels_last"] * self.channels_last + ["compiled"] * self.cfg.compile
+        if workers := self.loaders.workers_for(self.data.train):  # their count changes the augmentations drawn
+            how.append(f"{workers} loader worker{'s' if workers > 1 else ''}")
         head = (
             f"{self.cfg.model} on {', '.join(how)}: {n} train {noun(self.data.train)}{per_epoch}, "
             f"{len(self.classes)} classes, {trainable:,}/{total:,} parameters trainable"

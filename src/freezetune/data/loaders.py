@@ -395,7 +395,7 @@ class Loaders:
             return device_view
         subset = Subset(dataset, rows)
         # not persistent: fresh workers per view, each seeded off its view's global seed
-        loader = _dataloader(subset, range(len(rows)), batch_size=2 * self.batch_size, workers=self._workers(dataset),
+        loader = _dataloader(subset, range(len(rows)), batch_size=2 * self.batch_size, workers=self.workers_for(dataset),
                              pin=self.device.type == "cuda", generator=torch.default_generator,
                              persistent=False)  # fmt: skip
 
@@ -409,9 +409,11 @@ class Loaders:
     def view_draw(self, dataset: Dataset) -> dict[str, int]:
         """What an augmented view's random draws depend on besides its seed: its batches and, on the CPU, its loader
         workers, each seeded apart. A view built under other settings holds other crops: the feature cache keys it."""
-        return {"batch_size": 2 * self.batch_size, "workers": self._workers(dataset)}
+        return {"batch_size": 2 * self.batch_size, "workers": self.workers_for(dataset)}
 
-    def _workers(self, dataset: Dataset) -> int:
+    def workers_for(self, dataset: Dataset) -> int:
+        """The loader processes ``dataset`` is read with on the CPU: ``--workers``, else ``default_workers``. Each
+        draws its own augmentations: the run's log says how many."""
         return self.workers if self.workers is not None else default_workers(dataset, self.device.type == "cuda")
 
     def _loader(self, dataset: Dataset, order: EpochOrder, *, train: bool, batch_size: int, rows: range | None = None):
@@ -422,7 +424,7 @@ class Loaders:
         pre = self.preprocess
         collate = TokenizeBatch(pre.tokenizer, pre.max_length) if pre.is_text else None
         part = dataset if rows is None else Subset(dataset, rows)
-        return CpuLoader(part, order, batch_size=batch_size, workers=self._workers(dataset),
+        return CpuLoader(part, order, batch_size=batch_size, workers=self.workers_for(dataset),
                          pin=self.device.type == "cuda", rank=self.dist.rank, persistent=not train,
                          collate=collate)  # fmt: skip
 
