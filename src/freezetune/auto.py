@@ -116,7 +116,10 @@ def run(cfg: TrainConfig, *, echo: Callable[[str], None] = print, train: Callabl
             shutil.rmtree(trial_cfg.out, ignore_errors=True)
         return broadcast(train(trial_cfg, **kwargs), info)  # (rank 1 scored "n/a", skipped trials, and the ranks hung)
 
-    trials, choice, why = _measure(base, ks, boost, out, shared, run_log.introduced(echo, _intro(ks, cut, text)))
+    from freezetune.data.validation import refit_follows
+
+    with refit_follows(refits(cfg)):  # the trials' hold-out, lent: the final run trains on it
+        trials, choice, why = _measure(base, ks, boost, out, shared, run_log.introduced(echo, _intro(ks, cut, text)))
     spent = broadcast(time.perf_counter() - start, info)  # the ranks' clocks differ: a budget's epochs must not
     epochs, refit = _epochs_and_refit(cfg, trials, choice, spent, echo)
     run_lr = choice["lr"] * RUN_LR_FACTOR  # from the trial's fitted weights: a smaller step (see the docstring)

@@ -7,6 +7,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+from contextlib import contextmanager
+from contextvars import ContextVar
 
 import torch
 from torch.utils.data import Dataset
@@ -21,6 +23,19 @@ from freezetune.progress import NOT_HELD_OUT
 from freezetune.run_log import warn_once
 
 log = logging.getLogger(__name__)
+# set by the auto recipe around its trials when its final run refits: their automatic hold-out is then lent, not lost
+_REFIT_FOLLOWS: ContextVar[bool] = ContextVar("refit_follows", default=False)
+
+
+@contextmanager
+def refit_follows(yes: bool = True):
+    """Runs in this block hold out validation images that a later run trains on again (the auto recipe's trials, its
+    final run refitting): a class short of ``per_class`` by its held-out share alone is then noted, not warned of."""
+    token = _REFIT_FOLLOWS.set(yes)
+    try:
+        yield
+    finally:
+        _REFIT_FOLLOWS.reset(token)
 
 
 def hold_out(train: Dataset, fraction: float, seed: int, max_per_class: int | None = None) -> tuple[Dataset, Dataset]:
@@ -82,7 +97,8 @@ def resolve_validation(
     elif refit and given is not None:  # said, as the per_class case is: the run went on validating, unsaid
         val_source += " (not refit: refit joins only what is held out automatically, and these were given)"
     if per_class is not None:
-        warn_short(train, per_class, val if val is not None and val is not given else None, rejoins=may_refit)
+        rejoins = may_refit and _REFIT_FOLLOWS.get()
+        warn_short(train, per_class, val if val is not None and val is not given else None, rejoins=rejoins)
     if test and val is not given:
         val_source += f"; the test split is {test}"
     return train, val, val_source, no_refit
@@ -140,8 +156,8 @@ def refit_held_out(
 def warn_short(train: Dataset, per_class: int, held_out: Dataset | None, *, rejoins: bool) -> None:
     """Name the classes that train on fewer than ``per_class`` items. ``held_out``: validation items taken from the
     training data first (a class of exactly ``per_class`` is then short by its share): said where they went, in a
-    warning; where a refit may give them back (``rejoins``: the auto recipe's final run takes them), in a note, and
-    the warning names only the classes short without them too (10 a class beside ``--per-class 200``)."""
+    warning; where a later run gives them back (``rejoins``: the auto recipe's trials, whose final run refits), in a
+    note, and the warning names only the classes short without them too (10 a class beside ``--per-class 200``)."""
     counts = torch.bincount(train.targets, minlength=len(train.classes))
     pool = counts + torch.bincount(held_out.targets, minlength=len(counts)) if held_out is not None else counts
     short = {c: int(n) for c, n in enumerate(counts) if n < per_class}
