@@ -501,6 +501,20 @@ def test_a_second_ctrl_c_in_the_training_loop_stops_at_once_and_says_so():
     assert "outside a training step" not in str(info.value) and info.value.exit_code == 130
 
 
+def test_a_signal_after_a_closed_output_pipe_is_still_acted_on_at_the_steps_end():
+    # it counted as "a second time" and stopped at once, before the run saved its place
+    from freezetune.interrupt import PIPE_CLOSED, output_closed
+
+    stop = StopRequest()
+    assert not output_closed()  # nobody listening: the write's error stands
+    with stop.listening(defer=True):
+        assert output_closed() and stop.signum == PIPE_CLOSED
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.05)
+        assert stop.signum == signal.SIGTERM  # recorded, for the step's end
+    assert str(stop.interrupted("at step 2/5 of epoch 1 (saved in last.pt)")).startswith("stopped by SIGTERM at step")
+
+
 def test_a_hangup_is_left_to_nohup_and_to_a_terminal():
     # under nohup (SIGHUP ignored) the run is meant to outlive the session; with output to a terminal, the closed
     # terminal fails every write: SIGHUP stops a run only when its output goes to files and nothing ignores it

@@ -62,3 +62,26 @@ def test_a_notebook_without_ipywidgets_gets_a_text_bar_without_tqdms_warning():
     proc = subprocess.run([sys.executable, "-W", "always", "-c", script], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and not proc.stdout.startswith("tqdm.notebook"), proc.stderr[-2000:]  # text
     assert "IProgress" not in proc.stderr, proc.stderr
+
+
+def test_a_notebooks_stream_behind_the_runs_pipe_guard_still_gets_the_live_bar(monkeypatch):
+    # cli.main in a notebook: the guard hid the ipykernel stream, and the bar waited a minute, then a line a minute
+    import os
+
+    from freezetune import cli_exit
+
+    class OutStream(io.StringIO):  # as ipykernel's: a stream class of its own, over a pipe
+        pass
+
+    OutStream.__module__ = "ipykernel.iostream"
+    read, write = os.pipe()
+    stream = OutStream()
+    stream.fileno = lambda: write
+    monkeypatch.setattr(sys, "stderr", stream)
+    found = cli_exit.guard_output("train")
+    try:
+        assert sys.stderr is not stream  # guarded: a pipe
+        assert progress_bar(3, "x", enabled=True).mininterval == 0.1
+    finally:
+        sys.stdout, sys.stderr = found
+        os.close(read), os.close(write)

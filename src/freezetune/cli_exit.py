@@ -8,6 +8,7 @@ import contextlib
 import os
 import select
 import signal
+import stat
 import sys
 import time
 
@@ -32,12 +33,13 @@ def stops(command: str):
 
 
 class _PipeGuard:
-    """A run's standard output or error: a write into a pipe whose reader left (``train ... | tee log``, tee ended
-    with the SSH session) is a stop the training loop acts on at its next step, saving its place first
+    """A run's standard output or error: a write into a pipe whose reader left (``nohup train ... | tee log``, the
+    tee gone; a log reader that died) is a stop the training loop acts on at its next step, saving its place first
     (``interrupt.output_closed``); the stream goes to /dev/null from then on. Its BrokenPipeError ended the run at
     once: between an epoch's line and its save, the finished epoch was lost. Outside the loop the error stands."""
 
     def __init__(self, stream) -> None:
+        self.wrapped = stream  # what a check of the stream's kind looks at (a notebook's, epoch_log.progress_bar)
         self._stream = stream
 
     def write(self, text: str) -> int:
@@ -67,8 +69,18 @@ def guard_output(command: str) -> tuple:
     Before logging's handler takes standard error, and before a progress bar does."""
     found = sys.stdout, sys.stderr
     if command in ("train", "sweep"):
-        sys.stdout, sys.stderr = _PipeGuard(sys.stdout), _PipeGuard(sys.stderr)
+        sys.stdout, sys.stderr = (_PipeGuard(s) if _pipe(s) else s for s in found)
     return found
+
+
+def _pipe(stream) -> bool:
+    """Whether ``stream`` writes into a pipe or a socket, whose reader can go (a file, a terminal, a notebook's
+    stream cannot)."""
+    try:
+        mode = os.fstat(stream.fileno()).st_mode
+    except (AttributeError, OSError, ValueError):  # no file descriptor: a notebook's, a test's capture
+        return False
+    return stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)
 
 
 def reader_gone(stream) -> bool:

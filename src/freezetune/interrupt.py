@@ -27,7 +27,7 @@ STOP_SIGNALS = {signal.SIGTERM: "SIGTERM", signal.SIGINT: "SIGINT"}
 HANGUP = getattr(signal, "SIGHUP", None)
 if HANGUP is not None:
     STOP_SIGNALS[HANGUP] = "SIGHUP"
-# A write into a pipe whose reader left (`train ... | tee log`, tee ended with the SSH session) stops a run as a signal
+# A write into a pipe whose reader left (`nohup train ... | tee log`, the tee gone) stops a run as a signal
 # does (``output_closed``): no handler (Python ignores SIGPIPE and raises BrokenPipeError), but its name and exit code.
 PIPE_CLOSED = getattr(signal, "SIGPIPE", 13)
 _STOP_NAMES = {**STOP_SIGNALS, PIPE_CLOSED: "a closed output pipe"}
@@ -124,7 +124,7 @@ class StopRequest:
                 signal.signal(s, handler if handler is not None else signal.SIG_DFL)
 
     def _handle(self, signum: int, frame) -> None:
-        if self.defer and self.signum is None:
+        if self.defer and self.signum in (None, PIPE_CLOSED):  # a closed pipe is no first signal of the user's
             self.signum = signum  # acted on at the next step boundary
             return
         # not in the training loop, or a second signal: a user pressing Ctrl-C twice does not want to wait (and was
