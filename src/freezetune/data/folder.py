@@ -343,7 +343,7 @@ def scan_folder(root: str | Path, classes: list[str] | None = None) -> FileImage
     >>> scan_folder("flowers/val", classes=["daisy", "rose"]).classes  # doctest: +SKIP
     ['daisy', 'rose']
     """
-    own = folder_classes(root, known=classes or ())
+    own = folder_classes(root, known=[*classes, *map(folder_name, classes)] if classes else ())
     classes = list(classes) if classes is not None else own
     # names compared in NFC: macOS writes "café" decomposed (NFD), Linux and Windows composed, and both look alike
     index = {nfc(c): i for i, c in enumerate(classes)}
