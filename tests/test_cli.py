@@ -969,9 +969,9 @@ def test_train_help_explains_every_flag_under_its_section():
     said = {a.dest: a.help for a in sweep._actions}
     assert said["monitor"].startswith("what each recipe's best.pt") and said["monitor"].endswith(
         "one of val_acc | val_loss | val_f1 [default: val_acc]")  # fmt: skip
-    # no default for a flag it refuses; auto, which it takes (the default), is said (the help said "refused")
-    assert said["freeze"] == "refused (but auto, the default): each of --recipes sets its own"
-    assert said["recipe"] == "refused (but auto, the default, which changes nothing): give --recipes"
+    # no default for a flag it refuses; auto, which it takes, is said (the help said "refused")
+    assert said["freeze"] == "refused but for auto, which changes nothing: each of --recipes sets its own"
+    assert said["recipe"] == "refused but for auto, which changes nothing: give --recipes"
 
 
 def test_unreadable_image_stops_train_before_it_starts_and_skip_bad_trains_without_it(tmp_path, capsys):

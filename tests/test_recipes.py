@@ -664,6 +664,24 @@ def test_a_recipe_the_budget_skipped_is_listed_as_skipped_not_left_out(tmp_path,
                                "full)") for line in lines), lines  # fmt: skip
 
 
+def test_an_auto_row_an_earlier_freezetune_wrote_is_read_back_with_what_it_chose(tmp_path):
+    # a sweep resumed across versions: its auto row had no detail, and the table's last column stayed blank
+    from freezetune import sweep as sweep_mod
+
+    run = tmp_path / "auto"
+    run.mkdir()
+    trial = run / "auto-trials" / "last-3" / "best.pt"
+    choice = {"trained_stages": 3, "lr": 6.7e-3, "init": str(trial)}  # an earlier recipe.json: no run_lr
+    (run / "recipe.json").write_text(json.dumps({"choice": choice}))
+    row = {"recipe": "auto", "val_acc": 0.5, "val_f1": 0.4, "train_s": 1.0, "peak_mem_mb": None,
+           "trainable_params": 10, "best_epoch": 1, "run_dir": str(run)}  # fmt: skip
+    (tmp_path / "row.json").write_text(json.dumps(row))
+    said = sweep_mod._read_back(tmp_path / "row.json")["detail"]
+    assert said == "chose last-3 at lr 6.7e-03, from its trial's weights"
+    (run / "recipe.json").write_text(json.dumps({"choice": {**choice, "init": "/mine/init.pt", "run_lr": 3.3e-3}}))
+    assert sweep_mod._read_back(tmp_path / "row.json")["detail"] == "chose last-3 at lr 3.3e-03"  # not the trial's
+
+
 def test_a_sweeps_last_k_past_the_models_stages_is_refused_before_anything_trains(tmp_path, monkeypatch):
     from freezetune import sweep as sweep_mod
 

@@ -166,8 +166,8 @@ _SWEEP_HELP = {
     "sweep_config.yaml is refused); finished recipes are read back",
     "monitor": "what each recipe's best.pt is chosen by; recipes are compared by validation macro-F1 under val_f1, "
     "else by validation accuracy",
-    "freeze": "refused (but auto, the default): each of --recipes sets its own",
-    "recipe": "refused (but auto, the default, which changes nothing): give --recipes",
+    "freeze": "refused but for auto, which changes nothing: each of --recipes sets its own",
+    "recipe": "refused but for auto, which changes nothing: give --recipes",
     **{key: f"refused when true: {why}" for key, (_, why) in SWEEP_SETS.items()},
 }
 

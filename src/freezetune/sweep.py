@@ -315,6 +315,7 @@ def _read_back(saved: Path) -> dict:
     from freezetune.reporting import METRICS_CSV, read_metrics
 
     row = json.loads(saved.read_text())
+    row.setdefault("detail", _chosen(Path(row["run_dir"])))  # an earlier freezetune's row has none
     if "val_f1" not in row:
         metrics = Path(row["run_dir"]) / METRICS_CSV
         history = read_metrics(metrics) if metrics.is_file() else []
@@ -345,12 +346,14 @@ def _chosen(run_dir: Path) -> str:
     Its row and a last-k one can train the same stages and still differ: auto trains at a higher LR
     (``auto.LR_BOOST``), from the weights its trial fitted.
     """
-    from freezetune.runtime import RECIPE_FILE
+    from freezetune.runtime import RECIPE_FILE, TRIALS_DIR
 
     try:
         choice = json.loads((run_dir / RECIPE_FILE).read_text())["choice"]
-        start = ", from its trial's weights" if choice.get("init") else ""
-        return f"chose last-{choice['trained_stages']} at lr {choice['run_lr']:.1e}{start}"
+        # (a trial that saved no weights leaves the run to start from --init, or a new head)
+        start = ", from its trial's weights" if TRIALS_DIR in Path(choice.get("init") or "").parts else ""
+        lr = choice.get("run_lr", choice["lr"])  # an earlier freezetune's recipe.json has no run_lr (auto._resumed)
+        return f"chose last-{choice['trained_stages']} at lr {lr:.1e}{start}"
     except (OSError, ValueError, KeyError, TypeError):  # a named recipe: no choice recorded
         return ""
 
