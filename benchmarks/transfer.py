@@ -282,7 +282,8 @@ def per_class_text(data: dict, asked: int) -> str:
     counts = data["y_train"].bincount(minlength=len(data["classes"])).tolist()
     if min(counts) == max(counts) == asked:
         return f"{asked}/class x {len(counts)} classes"
-    return f"{min(counts)}-{max(counts)}/class ({sum(counts)} images, asked {asked}) x {len(counts)} classes"
+    each = f"{min(counts)}" if min(counts) == max(counts) else f"{min(counts)}-{max(counts)}"
+    return f"{each}/class ({sum(counts)} images, asked {asked}) x {len(counts)} classes"
 
 
 def run_all(args, names: list[str]) -> dict[str, dict]:

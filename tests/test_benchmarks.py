@@ -53,3 +53,4 @@ def test_transfers_data_line_gives_an_imbalanced_folders_real_counts(monkeypatch
     assert transfer.per_class_text(even, 5) == "5/class x 3 classes"
     uneven = {"y_train": torch.tensor([0] * 5 + [1] * 2 + [2] * 5), "classes": ["a", "b", "c"]}
     assert transfer.per_class_text(uneven, 5) == "2-5/class (12 images, asked 5) x 3 classes"
+    assert transfer.per_class_text(even, 8) == "5/class (15 images, asked 8) x 3 classes"
