@@ -52,6 +52,25 @@ def _interrupt_at(monkeypatch, stop_epoch: int) -> None:
     monkeypatch.setattr(trainer.Trainer, "_run_epoch", interrupted)
 
 
+def test_an_epochs_line_comes_once_its_checkpoints_are_handed_to_the_writer(data, tmp_path, monkeypatch):
+    # under torchrun a stop acts at once, and a closed output pipe raised at the epoch's line: said before the save,
+    # the epoch was on screen, and last.pt one behind (a resume trained it again)
+    said, real = [], checkpoint.save_epoch
+
+    def save_epoch(writer, record, state, progress, *args, **kwargs):
+        said.append(f"saved {progress.epoch}")
+        return real(writer, record, state, progress, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "save_epoch", save_epoch)
+    cfg = TrainConfig(data=str(data), out=str(tmp_path / "run"), model="timm:test_efficientnet", weights="none",
+                      img_size=32, device="cpu", workers=0, progress=False, batch_size=8, epochs=2,
+                      freeze="backbone", unfreeze="epoch:1", tensorboard=False)  # fmt: skip
+    ft.train(cfg, echo=said.append)
+    order = [line.split("  ")[0] if line.startswith("epoch") else line.split(" (")[0] for line in said
+             if line.startswith(("saved", "epoch ", "unfroze"))]  # fmt: skip
+    assert order == ["saved 1", "epoch 1/2", "unfroze blocks.4", "saved 2", "epoch 2/2"], said
+
+
 # --- resume -------------------------------------------------------------------------------------------------------
 
 RESUMABLE = ("--epochs", "3", "--freeze", "backbone", "--unfreeze", "epoch:1", "--no-tensorboard")

@@ -212,7 +212,7 @@ class Trainer(RunSetup):
             # while the LR climbs to its peak a stalling metric has not plateaued: early stop waited out its patience
             # at the peak of a 30-epoch one-cycle (epoch 7), and a plateau unfroze the next stage there
             warming = (epoch + 1) * self.steps_per_epoch <= self.warmup_steps  # its last step at or before the peak
-            unfrozen = [] if last else self._step_unfreezer(epoch, row, warming)
+            unfrozen = [] if last else self._open_stages(epoch, row, warming)
             improved = self.progress.update(epoch, row.get(cfg.monitor), row.get(other_monitor(cfg.monitor)))
             if warming or unfrozen:  # after the update: new stages get the full patience (they got one epoch less)
                 self.progress.reset_patience()
@@ -224,6 +224,12 @@ class Trainer(RunSetup):
                 checkpoint.save_epoch(self.checkpoints, record, self.state, self.progress, self.steps_per_epoch,
                                       row=row, improved=improved, last=self.resumable,
                                       data=self.data_print)  # fmt: skip
+            # said once its checkpoints are in the writer's hands: a stop at once (torchrun) or a closed output pipe
+            # at the epoch's line still lands them (``_close`` waits); said first, the epoch was shown, not saved
+            self.echo(epoch_log.format_epoch_line(row, noun(self.data.train), cfg.monitor))
+            if unfrozen:
+                self._say_unfrozen(epoch, unfrozen)
+                self.features.build()  # the frozen prefix got shorter: rebuild at the new boundary, or read images
             if self.stop.requested:  # the signal came during validation or the save
                 self.checkpoints.wait()
                 saved = "saved in last.pt" if self.resumable else "not saved: this run is not resumed"
@@ -259,8 +265,7 @@ class Trainer(RunSetup):
             # a dir without last.pt but with two rows holds finished work and is never restarted over
             # (runtime.finished_work): the second row waits for the first last.pt, once a run
             self.checkpoints.wait()
-        self.metrics.log_epoch(row)
-        self.echo(epoch_log.format_epoch_line(row, noun(self.data.train), self.cfg.monitor))
+        self.metrics.log_epoch(row)  # before best.pt: a best.pt without a row is another run's (runtime)
         return row
 
     def _bar(self, label: str) -> str | None:
@@ -385,23 +390,30 @@ class Trainer(RunSetup):
         return unfrozen
 
     def _step_unfreezer(self, epoch: int, row: dict, warming: bool, *, build: bool = True) -> list[str]:
-        if self.state.unfreezer is None:
-            return []
-        names = self.state.unfreezer.step(epoch, row.get(self.cfg.monitor), warming_up=warming)
+        names = self._open_stages(epoch, row, warming)
         if names:
-            sched = self.state.unfreezer.schedule
-            why = (f"{self.cfg.monitor} did not improve by more than {sched.min_delta:g} for {sched.patience} "
-                   "epoch(s); " if sched.kind == "plateau" else "")  # fmt: skip
-            what, spec = ", ".join(names), sched.plan.get(epoch + 1) if sched.kind == "plan" else None
-            items = [str(x) for x in spec_items(spec)]
-            if spec is not None and items != names:  # part of a stage ("*.bias"), or an index: what, then where
-                what = f"{', '.join(items)} (in {what})"
-            lrs = stage_lr_text(self.state.optimizer.param_groups, names)
-            self.echo(f"unfroze {what} ({why}trainable {count_parameters(self.model)[0]:,} parameters"
-                      f"{'; ' if lrs else ''}{lrs})")  # fmt: skip
+            self._say_unfrozen(epoch, names)
             if build:  # the frozen prefix got shorter: rebuild at the new boundary, or read images
                 self.features.build()
         return names
+
+    def _open_stages(self, epoch: int, row: dict, warming: bool) -> list[str]:
+        """The stages the schedule opens after ``epoch`` (now trainable, in the optimizer; the cache not rebuilt)."""
+        if self.state.unfreezer is None:
+            return []
+        return self.state.unfreezer.step(epoch, row.get(self.cfg.monitor), warming_up=warming)
+
+    def _say_unfrozen(self, epoch: int, names: list[str]) -> None:
+        sched = self.state.unfreezer.schedule
+        why = (f"{self.cfg.monitor} did not improve by more than {sched.min_delta:g} for {sched.patience} "
+               "epoch(s); " if sched.kind == "plateau" else "")  # fmt: skip
+        what, spec = ", ".join(names), sched.plan.get(epoch + 1) if sched.kind == "plan" else None
+        items = [str(x) for x in spec_items(spec)]
+        if spec is not None and items != names:  # part of a stage ("*.bias"), or an index: what, then where
+            what = f"{', '.join(items)} (in {what})"
+        lrs = stage_lr_text(self.state.optimizer.param_groups, names)
+        self.echo(f"unfroze {what} ({why}trainable {count_parameters(self.model)[0]:,} parameters"
+                  f"{'; ' if lrs else ''}{lrs})")  # fmt: skip
 
     def _final_test(self) -> dict | None:
         """``best.pt`` on the test split, once, at the end: the one number no decision of the run has seen. Not
