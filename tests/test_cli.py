@@ -572,6 +572,24 @@ def test_the_run_header_says_how_many_loader_workers_read_the_images(data, tmp_p
     assert code == 0 and " on cpu fp32, channels_last, 1 loader worker: " in out, out + err
 
 
+def test_rank_0_says_in_one_line_that_another_rank_of_the_job_ended(data, tmp_path, capsys, monkeypatch):
+    # SIGTERM to rank 1 alone: rank 0 printed gloo's "Connection closed by peer" traceback, and no line said why
+    from freezetune import trainer
+
+    def peer_ended(cfg, **kwargs):
+        raise RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:561] Connection closed by peer [::1]:1234")
+
+    monkeypatch.setattr(trainer, "train", peer_ended)
+    monkeypatch.setenv("WORLD_SIZE", "2")  # rank 0 (RANK unset) of a two-process job
+    code, out, err = run_cli(capsys, *train_argv(data, tmp_path / "run"))
+    assert code == 1 and err.strip() == ("freezetune: stopped: another process of this torchrun job ended (a signal "
+                                         "to it, or its own error); last.pt, where there is one, holds the last epoch "
+                                         "saved (--resume continues)"), err  # fmt: skip
+    from freezetune.run_log import ending_line
+
+    assert ending_line(RuntimeError("Connection closed by peer [::1]:1")).startswith("freezetune: stopped: another")
+
+
 def test_an_unfreeze_says_the_learning_rate_the_opened_stage_trains_at(data, tmp_path, capsys):
     # the epoch line's "lr 7.5e-05..7.5e-04" never tied a rate to the stage that opened: --stage-lrs unconfirmed
     code, out, err = run_cli(capsys, *train_argv(data, tmp_path / "run", "--freeze", "backbone", "--epochs", "3",

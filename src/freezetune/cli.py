@@ -82,8 +82,10 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except Exception as exc:
         stop = raised_stop()  # what failed after a stop signal failed because of it (workers the signal killed)
-        if stop is None and not first and cli_exit.peer_gone(exc):  # rank 0 stopped (its line said why): no
-            return 1  # traceback of this rank's broken connection after it
+        if stop is None and cli_exit.peer_gone(exc):  # another rank ended: rank 0's line says so, no traceback
+            if first:  # (a signal to one later rank alone: that rank's own line is held back, so none said why)
+                print(cli_exit.PEER_GONE, file=sys.stderr)
+            return 1
         if stop is None:
             raise
         return cli_exit.stopped(stop)

@@ -128,15 +128,26 @@ def stopped(stop: RunInterrupted) -> int:
     return stop.exit_code
 
 
+# rank 0's line when another process of the job ended under it (a signal to that process alone, an error of its own)
+PEER_GONE = ("freezetune: stopped: another process of this torchrun job ended (a signal to it, or its own error); "
+             "last.pt, where there is one, holds the last epoch saved (--resume continues)")  # fmt: skip
+
+
 def peer_gone(exc: BaseException) -> bool:
     """Whether ``exc`` is this rank's torchrun connection broken by another process of the job ending (rank 0
-    stopped on a user error and said why): gloo's "Connection closed by peer", NCCL's remote error.
+    stopped on a user error and said why): gloo's "Connection closed by peer", NCCL's remote error. Only under
+    torchrun (``WORLD_SIZE`` above 1): a single process's reset connection (a download) is an error of its own.
 
-    >>> peer_gone(RuntimeError("[../gloo/transport/tcp/pair.cc:561] Connection closed by peer [127.0.0.1]:1234"))
+    >>> closed = RuntimeError("[../gloo/transport/tcp/pair.cc:561] Connection closed by peer [127.0.0.1]:1234")
+    >>> peer_gone(closed)  # one process: not a torchrun peer's
+    False
+    >>> os.environ["WORLD_SIZE"] = "2"; peer_gone(closed); del os.environ["WORLD_SIZE"]
     True
     """
     import torch.distributed as dist
 
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
     backend_error = getattr(dist, "DistBackendError", ())
     text = str(exc)
     return isinstance(exc, backend_error) or (isinstance(exc, RuntimeError) and (

@@ -303,6 +303,10 @@ def ending_line(exc: BaseException) -> str:
     stop = raised_stop()
     if stop is not None:
         return f"freezetune: {stop}"
+    from freezetune.cli_exit import PEER_GONE, peer_gone
+
+    if peer_gone(exc):  # under torchrun: another rank ended (cli.main says the same)
+        return PEER_GONE
     return "freezetune: failed:\n" + "".join(traceback.format_exception(exc)).rstrip()
 
 
