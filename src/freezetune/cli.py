@@ -393,7 +393,7 @@ def _cmd_predict(args) -> int:
 
     with out_of_memory_hint(args.batch_size, training=False):
         records = predict_files(args.checkpoint, args.images, topk=args.topk, batch_size=args.batch_size,
-                                device=args.device, text_column=args.text_column)  # fmt: skip
+                                device=args.device, text_column=args.text_column, progress=True)  # fmt: skip
     lines = json.dumps(records, indent=1) if args.json else format_predictions(records)
     if lines:  # when no file could be read there is nothing to print but the errors (no empty line before them)
         print(lines)
