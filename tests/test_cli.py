@@ -584,10 +584,18 @@ def test_rank_0_says_in_one_line_that_another_rank_of_the_job_ended(data, tmp_pa
     code, out, err = run_cli(capsys, *train_argv(data, tmp_path / "run"))
     assert code == 1 and err.strip() == ("freezetune: stopped: another process of this torchrun job ended (a signal "
                                          "to it, or its own error); last.pt, where there is one, holds the last epoch "
-                                         "saved (--resume continues)"), err  # fmt: skip
+                                         "saved (--resume continues) ([../third_party/gloo/gloo/transport/tcp/pair.cc"
+                                         ":561] Connection closed by peer [::1]:1234)"), err  # fmt: skip
+    from torch.distributed import DistBackendError
+
     from freezetune.run_log import ending_line
 
     assert ending_line(RuntimeError("Connection closed by peer [::1]:1")).startswith("freezetune: stopped: another")
+    # rank 0's own NCCL error (out of memory inside NCCL) is no peer's: its traceback is the only place it is said
+    own = DistBackendError("NCCL error in: ProcessGroupNCCL.cpp:1, unhandled cuda error, ncclUnhandledCudaError")
+    monkeypatch.setattr(trainer, "train", lambda cfg, **kwargs: (_ for _ in ()).throw(own))
+    with pytest.raises(DistBackendError):
+        main(train_argv(data, tmp_path / "run2"))
 
 
 def test_an_unfreeze_says_the_learning_rate_the_opened_stage_trains_at(data, tmp_path, capsys):

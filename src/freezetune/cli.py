@@ -82,9 +82,9 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except Exception as exc:
         stop = raised_stop()  # what failed after a stop signal failed because of it (workers the signal killed)
-        if stop is None and cli_exit.peer_gone(exc):  # another rank ended: rank 0's line says so, no traceback
+        if stop is None and cli_exit.peer_gone(exc, remote_only=first):  # another rank ended: no traceback
             if first:  # (a signal to one later rank alone: that rank's own line is held back, so none said why)
-                print(cli_exit.PEER_GONE, file=sys.stderr)
+                print(run_log.ending_line(exc), file=sys.stderr)
             return 1
         if stop is None:
             raise

@@ -133,10 +133,12 @@ PEER_GONE = ("freezetune: stopped: another process of this torchrun job ended (a
              "last.pt, where there is one, holds the last epoch saved (--resume continues)")  # fmt: skip
 
 
-def peer_gone(exc: BaseException) -> bool:
+def peer_gone(exc: BaseException, *, remote_only: bool = False) -> bool:
     """Whether ``exc`` is this rank's torchrun connection broken by another process of the job ending (rank 0
     stopped on a user error and said why): gloo's "Connection closed by peer", NCCL's remote error. Only under
     torchrun (``WORLD_SIZE`` above 1): a single process's reset connection (a download) is an error of its own.
+    ``remote_only`` (rank 0's test): the words of a remote end alone, not any NCCL error (an out-of-memory inside
+    NCCL is rank 0's own, and its traceback the only place it is said).
 
     >>> closed = RuntimeError("[../gloo/transport/tcp/pair.cc:561] Connection closed by peer [127.0.0.1]:1234")
     >>> peer_gone(closed)  # one process: not a torchrun peer's
@@ -150,8 +152,12 @@ def peer_gone(exc: BaseException) -> bool:
         return False
     backend_error = getattr(dist, "DistBackendError", ())
     text = str(exc)
-    return isinstance(exc, backend_error) or (isinstance(exc, RuntimeError) and (
-        "Connection closed by peer" in text or "Connection reset by peer" in text))  # fmt: skip
+    remote = isinstance(exc, RuntimeError) and any(words in text for words in _REMOTE_END)
+    return remote or (not remote_only and isinstance(exc, backend_error))
+
+
+# how gloo and NCCL say that the other end of a connection went away
+_REMOTE_END = ("Connection closed by peer", "Connection reset by peer", "remote process exited", "ncclRemoteError")
 
 
 LATER_RANK_WAITS_S = 3.0  # how long a later rank holds its error line back for the first rank's (see ``later_rank``)

@@ -305,8 +305,8 @@ def ending_line(exc: BaseException) -> str:
         return f"freezetune: {stop}"
     from freezetune.cli_exit import PEER_GONE, peer_gone
 
-    if peer_gone(exc):  # under torchrun: another rank ended (cli.main says the same)
-        return PEER_GONE
+    if peer_gone(exc, remote_only=True):  # under torchrun: another rank ended (cli.main says the same)
+        return f"{PEER_GONE} ({one_line(exc)})"
     return "freezetune: failed:\n" + "".join(traceback.format_exception(exc)).rstrip()
 
 
