@@ -71,6 +71,33 @@ def test_an_epochs_line_comes_once_its_checkpoints_are_handed_to_the_writer(data
     assert order == ["saved 1", "epoch 1/2", "unfroze blocks.4", "saved 2", "epoch 2/2"], said
 
 
+def test_a_stop_asked_for_during_an_epoch_that_opens_a_stage_does_not_build_the_cache_first(data, tmp_path,
+                                                                                          monkeypatch):  # fmt: skip
+    # the feature cache was rebuilt at the new cut over the whole training set, then the run stopped (its resume
+    # builds it again)
+    import signal
+
+    from freezetune.cache.path import FeaturePath
+    from freezetune.interrupt import RunInterrupted
+
+    builds, opened = [], trainer.Trainer._open_stages
+
+    def open_and_stop(self, *args):
+        names = opened(self, *args)
+        self.stop.signum = signal.SIGINT  # as a Ctrl-C during the epoch's validation
+        return names
+
+    monkeypatch.setattr(trainer.Trainer, "_open_stages", open_and_stop)
+    real_build = FeaturePath.build
+    monkeypatch.setattr(FeaturePath, "build", lambda self, *a, **k: builds.append(1) or real_build(self, *a, **k))
+    cfg = TrainConfig(data=str(data), out=str(tmp_path / "run"), model="timm:test_efficientnet", weights="none",
+                      img_size=32, device="cpu", workers=0, progress=False, batch_size=8, epochs=2, cache="memory",
+                      freeze="backbone", unfreeze="epoch:1", tensorboard=False)  # fmt: skip
+    with pytest.raises(RunInterrupted, match="after epoch 1 .saved in last.pt."):
+        ft.train(cfg, echo=lambda line: None)
+    assert len(builds) == 1  # the run's own, at its start
+
+
 # --- resume -------------------------------------------------------------------------------------------------------
 
 RESUMABLE = ("--epochs", "3", "--freeze", "backbone", "--unfreeze", "epoch:1", "--no-tensorboard")

@@ -217,27 +217,34 @@ class Trainer(RunSetup):
             if warming or unfrozen:  # after the update: new stages get the full patience (they got one epoch less)
                 self.progress.reset_patience()
             self.progress.spent = self._spent(running=True)
-            if self.dist.is_main:
-                record = checkpoint.model_record(
-                    self.model, cfg.recorded(), self.classes, self.preprocess, self.hf_files
-                )
-                checkpoint.save_epoch(self.checkpoints, record, self.state, self.progress, self.steps_per_epoch,
-                                      row=row, improved=improved, last=self.resumable,
-                                      data=self.data_print)  # fmt: skip
-            # said once its checkpoints are in the writer's hands: a stop at once (torchrun) or a closed output pipe
-            # at the epoch's line still lands them (``_close`` waits); said first, the epoch was shown, not saved
-            self.echo(epoch_log.format_epoch_line(row, noun(self.data.train), cfg.monitor))
+            self._save_and_say(row, improved)
             if unfrozen:
                 self._say_unfrozen(epoch, unfrozen)
-                self.features.build()  # the frozen prefix got shorter: rebuild at the new boundary, or read images
-            if self.stop.requested:  # the signal came during validation or the save
+            if self.stop.requested:  # the signal came during validation or the save (a resume builds the cache)
                 self.checkpoints.wait()
                 saved = "saved in last.pt" if self.resumable else "not saved: this run is not resumed"
                 raise self.stop.interrupted(f"after epoch {epoch + 1} ({saved})")
+            if unfrozen:
+                self.features.build()  # the frozen prefix got shorter: rebuild at the new boundary, or read images
             if cfg.early_stop and self.progress.bad_epochs >= cfg.early_stop and not last:
                 self.echo(f"early stop: {cfg.monitor} did not improve for {cfg.early_stop} "
                           f"epoch{'s' if cfg.early_stop != 1 else ''}")  # fmt: skip
                 break
+
+    def _save_and_say(self, row: dict, improved: bool) -> None:
+        """Hand the epoch's checkpoints to the writer, then say its line: a stop at once (torchrun) or a closed output
+        pipe at that line still lands them (``_close`` waits); said first, the epoch was shown, not saved. A save
+        that fails (an earlier write's full disk) still lets the line be said before its error."""
+        try:
+            if self.dist.is_main:
+                record = checkpoint.model_record(
+                    self.model, self.cfg.recorded(), self.classes, self.preprocess, self.hf_files
+                )
+                checkpoint.save_epoch(self.checkpoints, record, self.state, self.progress, self.steps_per_epoch,
+                                      row=row, improved=improved, last=self.resumable,
+                                      data=self.data_print)  # fmt: skip
+        finally:
+            self.echo(epoch_log.format_epoch_line(row, noun(self.data.train), self.cfg.monitor))
 
     def _run_epoch(self, epoch: int, unfrozen: list[str]) -> dict:
         rng.seed_epoch(self.cfg.seed, epoch, rank=self.dist.rank)
@@ -384,17 +391,16 @@ class Trainer(RunSetup):
         if unfreezer is None or last < 0 or self.progress.step or not unfreezer.skipped(last):
             return []
         row = broadcast(self.metrics.rows[-1] if self.metrics.rows else {}, self.dist)  # its metric: rank 0's
-        unfrozen = self._step_unfreezer(last, row, (last + 1) * self.steps_per_epoch <= self.warmup_steps, build=False)
+        unfrozen = self._step_unfreezer(last, row, (last + 1) * self.steps_per_epoch <= self.warmup_steps)
         if unfrozen:
             self.progress.reset_patience()
         return unfrozen
 
-    def _step_unfreezer(self, epoch: int, row: dict, warming: bool, *, build: bool = True) -> list[str]:
+    def _step_unfreezer(self, epoch: int, row: dict, warming: bool) -> list[str]:
+        """Open and say what the schedule opens after ``epoch`` (the cache is built by the caller)."""
         names = self._open_stages(epoch, row, warming)
         if names:
             self._say_unfrozen(epoch, names)
-            if build:  # the frozen prefix got shorter: rebuild at the new boundary, or read images
-                self.features.build()
         return names
 
     def _open_stages(self, epoch: int, row: dict, warming: bool) -> list[str]:
