@@ -20,6 +20,10 @@ Contenders, each trained ``--epochs`` epochs at batch 32 and scored on the same 
   0.01, linear warm-up over the first 10 % of steps then linear decay: the Hugging Face recipe), at each LR of
   ``--plain-lrs``. The best of them is the peer: tuned on the test set, an upper bound for what a user gets.
 
+freezetune's contenders classify from the model's own sentence pooling (the mean of its tokens, as its
+``modules.json`` declares: ``freezetune/text_pooling.py``); the plain fine-tune from BERT's pooler on [CLS], which is
+what ``AutoModelForSequenceClassification`` builds from the folder.
+
 Training seconds count what a user pays to train: for freezetune, ``RunResult.train_seconds`` (the trials, any
 cache, the epochs, not their validation); for the plain loop, its epochs. Model loading and the test are not counted.
 Accuracies are means over ``--seeds`` with their range; the seed sets the head's initialisation and the batch order.

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from freezetune import __version__
+from freezetune import __version__, text_pooling
 from freezetune._io import atomic_save
 from freezetune.config import DATA_PATHS, RESUME_MAY_CHANGE, absolute_paths
 from freezetune.errors import CheckpointError, ConfigError, choices, setting
@@ -48,6 +48,8 @@ def model_record(model: nn.Module, cfg_dict: dict, classes: list[str], preproces
     }
     if hf_files:
         record["hf_files"] = hf_files
+    if pooled := text_pooling.pooling_of(model):  # how the classifier's input is made from the last hidden states
+        record["text_pooling"] = pooled
     return record
 
 
@@ -94,6 +96,7 @@ def build_model(record: dict[str, Any]) -> tuple[nn.Module, Preprocess]:
     # the architecture its weights were trained from (torchvision's GoogLeNet has no aux heads when pretrained)
     model, _ = create_model(name, (record.get("config") or {}).get("weights"), load=False)
     replace_head(model, len(record["classes"]))
+    text_pooling.fit_to(model, record["state_dict"])  # trained through its task class's pooler: rebuilt with it
     try:
         missing, unexpected = model.load_state_dict(record["state_dict"], strict=False)
     except RuntimeError as exc:  # shapes: a classes list another length than the head (eval's traceback)
@@ -140,6 +143,7 @@ def init_from(model: nn.Module, path: str | Path, classes: list[str], model_name
         raise CheckpointError(f"init checkpoint {str(path)!r} was trained on {len(record['classes'])} other classes "
                               f"({choices(record['classes'], limit=5)}); the data has {choices(classes, limit=5)}: "
                               f"to start from its weights with a new head, give it as --weights {str(path)!r}")  # fmt: skip
+    text_pooling.fit_to(model, record["state_dict"])  # before the freeze and the optimizer: its pooler trains too
     try:
         model.load_state_dict(record["state_dict"])
     except RuntimeError as exc:  # torch's first line only says "Error(s) in loading state_dict": the next say which
@@ -308,6 +312,10 @@ def restore(path: str | Path, state: TrainingState, progress, *, config: dict[st
     record = load(path)
     _check_data(Path(path), record.get("data"), data)
     _check_resumable(Path(path), record, {**config, "classes": classes, "steps_per_epoch": steps_per_epoch})
+    if (pooled := text_pooling.pooling_of(state.model)) and any(".pooler." in k for k in record["state_dict"]):
+        raise CheckpointError(f"{path} was trained through its model's pooler, by a freezetune before {pooled} "
+                              f"pooling (the sentence-transformers model's own) replaced it: finish it with that "
+                              f"version, or start a new run")  # fmt: skip
     state.model.load_state_dict(record["state_dict"])
     if state.unfreezer is not None and record.get("unfreezer"):
         state.unfreezer.load_state_dict(record["unfreezer"])  # before the optimizer: re-creates its groups

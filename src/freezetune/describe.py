@@ -83,6 +83,7 @@ def _input_and_memory(name: str, model, pre, batch_size: int, dtype) -> list[str
     """The input line and the memory estimate: on images of the model's size, or on texts at its tokenizer's cut."""
     from freezetune.data.text import text_preprocess
     from freezetune.memory import estimate_memory, format_memory
+    from freezetune.text_pooling import POOLED, pooling_of
 
     if pre is not None:
         mean, std = tuple(round(m, 3) for m in pre.mean), tuple(round(s, 3) for s in pre.std)
@@ -90,5 +91,7 @@ def _input_and_memory(name: str, model, pre, batch_size: int, dtype) -> list[str
         return [f"input: {pre.input_size}px mean {mean} std {std}", format_memory(estimate, batch_size, dtype)]
     tokens = text_preprocess(name).max_length  # a Hugging Face text model: its tokenizer, as a run builds it
     estimate = estimate_memory(model, None, batch_size, amp_dtype=dtype, tokens=tokens)
-    return [f"input: texts, tokenized and cut at {tokens} tokens", format_memory(estimate, batch_size, dtype,
+    pooled = pooling_of(model)  # a sentence-transformers model's own, in place of the pooler
+    pooled = f", each pooled as its sentence-transformers config says: {POOLED[pooled]}" if pooled else ""
+    return [f"input: texts, tokenized and cut at {tokens} tokens{pooled}", format_memory(estimate, batch_size, dtype,
                                                                                    tokens=tokens)]  # fmt: skip

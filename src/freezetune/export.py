@@ -100,7 +100,9 @@ def _meta(record: dict) -> dict:
         pre = Preprocess.from_dict(pre).to_dict()
     return {"model": record["model"], "classes": record["classes"], "preprocess": pre,
             "freezetune_version": record.get("freezetune_version"), "epoch": record.get("epoch"),
-            WEIGHTS_DIGEST: weights_digest(record["state_dict"])}  # fmt: skip
+            WEIGHTS_DIGEST: weights_digest(record["state_dict"]),
+            # a sentence-transformers model's own pooling stands in for its task class's pooler (text_pooling.py)
+            **({"text_pooling": record["text_pooling"]} if record.get("text_pooling") else {})}  # fmt: skip
 
 
 WEIGHTS_DIGEST = "weights_sha256"  # which weights the sidecar describes: two runs' best.pt of one epoch look alike

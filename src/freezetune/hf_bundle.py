@@ -16,6 +16,7 @@ from pathlib import Path
 
 from freezetune._io import atomic_output
 from freezetune.options import HF_PREFIX
+from freezetune.text_pooling import declaration_files
 
 # A saved Hugging Face tokenizer has at least one of these (fast, WordPiece, BPE, SentencePiece vocabularies)
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "tokenizer_config.json", "spiece.model",
@@ -36,7 +37,8 @@ def bundle(model: str) -> dict[str, str] | None:
     folder = Path(model.removeprefix(HF_PREFIX))
     if not model.startswith(HF_PREFIX) or not folder.is_dir():
         return None
-    files = {n: base64.b64encode((folder / n).read_bytes()).decode("ascii") for n in BUNDLED_FILES
+    names = [*BUNDLED_FILES, *declaration_files(folder)]  # a sentence-transformers model's pooling too (its own)
+    files = {n: base64.b64encode((folder / n).read_bytes()).decode("ascii") for n in names
              if (folder / n).is_file()}  # fmt: skip
     return files or None
 
@@ -106,5 +108,5 @@ def _task_class(model_type: str | None, text: bool) -> str | None:
 
 def holds(folder: Path, files: dict[str, str]) -> bool:
     """Whether ``folder`` holds exactly ``files`` (another export of the same checkpoint wrote it)."""
-    names = {p.name for p in folder.iterdir()} if folder.is_dir() else None
+    names = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()} if folder.is_dir() else None
     return names == set(files) and all((folder / n).read_bytes() == base64.b64decode(d) for n, d in files.items())

@@ -21,7 +21,7 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
-from freezetune import download
+from freezetune import download, text_pooling
 from freezetune.download import HF_HOST, download_guard, first_line, require_network
 from freezetune.errors import ConfigError, MissingExtra, WeightsError, choices, setting
 from freezetune.options import MODEL_SOURCES, PRETRAINED_WEIGHTS, RANDOM_WEIGHTS
@@ -325,6 +325,8 @@ def _hf_model(name: str, arch: str, source: Source) -> tuple[nn.Module, Preproce
     model = _hf_pretrained(auto, name, arch, cache_only) if source == "pretrained" else auto.from_config(config)
     if not is_image:
         _set_pad_token(model.config, transformers, arch, cache_only)
+        if mode := text_pooling.declared(arch, cache_only=cache_only):  # a sentence-transformers model's own pooling
+            text_pooling.install(model, mode, name)
     return model, (_hf_preprocess(arch, cache_only, getattr(config, "image_size", None)) if is_image else None)
 
 

