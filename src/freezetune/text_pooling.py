@@ -5,7 +5,10 @@ says how its encoder's token vectors become one vector: all-MiniLM-L6-v2 average
 was trained that way. Its Hugging Face task class reads instead the first token through BERT's pooler (a dense layer
 and tanh that the sentence training never used). Where the task class reads its base model's pooler, freezetune
 replaces that pooler with ``TokenPooler``, which pools as the folder declares (mean, first token or max over the
-text's tokens, the attention mask read from the base model's call) and has no weights. Measured on MiniLM
+text's tokens, the attention mask read from the base model's call) and has no weights. Where the task class's head is
+new and reads the first token itself (RoBERTa's, MPNet's, DistilBERT's: all-mpnet-base-v2, all-distilroberta-v1),
+the pooled vector is put at that token, so the head learns on it (not measured: no such weights ship in a package
+here). Measured on MiniLM
 (``benchmarks/text_transfer.py``, 3 seeds, 100 texts a class, 3 epochs; man-page sections, Debian package sections):
 the auto recipe 65.96 -> 70.09 % and 78.59 -> 79.22 %, ``--recipe linear-probe`` 49.47 -> 62.04 % and 72.19 -> 76.26 %.
 
@@ -27,6 +30,11 @@ MODULES_FILE = "modules.json"  # a sentence-transformers folder's list of its mo
 POOLING_TYPE = "Pooling"  # the class name of sentence-transformers' pooling module (sentence_transformers.models.*)
 # the pooling config's switches freezetune reads, one at a time (sentence-transformers concatenates several)
 MODES = {"pooling_mode_mean_tokens": "mean", "pooling_mode_cls_token": "cls", "pooling_mode_max_tokens": "max"}
+# task classes whose new head reads the first token of the base model's last hidden states: RoBERTa's classification
+# head (XLM-R's, CamemBERT's), MPNet's, DistilBERT's pre_classifier, ELECTRA's head, DeBERTa's context pooler
+FIRST_TOKEN_HEADS = frozenset({"roberta", "xlm-roberta", "camembert", "mpnet", "distilbert", "electra", "deberta",
+                               "deberta-v2"})  # fmt: skip
+FIRST_TOKEN = "sentence_pooling"  # the base model's attribute that holds the TokenPooler of such a model
 POOLED = {
     "mean": "the mean of its tokens' last hidden states",
     "cls": "its first token's last hidden state",
@@ -35,13 +43,15 @@ POOLED = {
 
 
 class TokenPooler(nn.Module):
-    """The stand-in for a base model's pooler: one vector per text from the last hidden states, pooled over the
-    text's tokens (``mean``, ``max``) or its first token (``cls``), without weights. The base model's forward pre-hook
-    (``install``) hands it the call's attention mask; without one every position counts.
+    """The stand-in for a base model's pooler (or what its first token holds): one vector per text from the last
+    hidden states, pooled over the text's tokens (``mean``, ``max``) or its first token (``cls``), without weights.
+    The base model's forward pre-hook (``install``) hands it the call's attention mask; without one every position
+    counts.
 
     Args:
         mode: ``mean`` | ``cls`` | ``max``.
-        replaced: the class of the pooler it stands in for (``fit_to`` puts one back for a checkpoint that has it).
+        replaced: the class of the pooler it stands in for (``fit_to`` puts one back for a checkpoint that has it);
+            None where it fills the first token.
     """
 
     def __init__(self, mode: str, replaced: type[nn.Module] | None = None) -> None:
@@ -105,18 +115,26 @@ def declaration_files(folder: Path) -> list[str]:
 
 
 def install(model: nn.Module, mode: str, name: str) -> bool:
-    """Replace the pooler that ``model``'s task class reads (its base model's ``pooler``: BERT's and its kin's) with
-    a ``TokenPooler`` of ``mode``; False, said in the log, where the task class pools on its own (RoBERTa's and
-    MPNet's heads read the first token themselves, DistilBERT's too)."""
+    """Make ``model``'s classifier read the pooling ``mode`` declares: the pooler its task class reads (its base
+    model's ``pooler``: BERT's and its kin's) becomes a ``TokenPooler``; where the task class's new head reads the
+    base model's first token itself (``FIRST_TOKEN_HEADS``), the pooled vector is put at that token. False, said in
+    the log, for any other task class (a decoder's reads its last token) and for ``cls`` there (already read)."""
     base = getattr(model, getattr(model, "base_model_prefix", "") or "", None)
     pooler = getattr(base, "pooler", None)
-    if not isinstance(base, nn.Module) or not isinstance(pooler, nn.Module) or isinstance(pooler, TokenPooler) \
-            or not any(True for _ in pooler.parameters()):  # fmt: skip
-        log.info("%s: declares %s pooling, but %s pools in its own head: kept", name, mode, type(model).__name__)
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if not isinstance(base, nn.Module) or pooling_of(base) is not None:
         return False
-    base.pooler = TokenPooler(mode, type(pooler))
+    if isinstance(pooler, nn.Module) and any(True for _ in pooler.parameters()):
+        base.pooler = TokenPooler(mode, type(pooler))
+    elif model_type in FIRST_TOKEN_HEADS and mode != "cls":  # its head is new: it learns to read the pooled vector
+        setattr(base, FIRST_TOKEN, TokenPooler(mode))
+        base.register_forward_hook(_pooled_first_token)
+    else:
+        what = "reads the first token already" if model_type in FIRST_TOKEN_HEADS else "pools in its own way"
+        log.info("%s: declares %s pooling, but %s %s: kept", name, mode, type(model).__name__, what)
+        return False
     base.register_forward_pre_hook(_take_mask, with_kwargs=True)
-    base.register_forward_hook(_drop_mask)
+    base.register_forward_hook(_drop_mask)  # after the first-token hook: hooks run in the order they were added
     return True
 
 
@@ -127,9 +145,12 @@ def pooling_of(model: nn.Module) -> str | None:
 
 def note(model: nn.Module) -> str | None:
     """The run's line on a ``TokenPooler``: what the classifier reads, and where that comes from; None without one."""
-    mode = pooling_of(model)
-    return (f"text pooling: the classifier reads {POOLED[mode]}, as the model's sentence-transformers config "
-            f"declares (in place of its task class's pooler)") if mode else None  # fmt: skip
+    pooler = next((m for m in model.modules() if isinstance(m, TokenPooler)), None)
+    if pooler is None:
+        return None
+    where = "in place of its task class's pooler" if pooler.replaced else "at the first token, which its head reads"
+    return (f"text pooling: the classifier reads {POOLED[pooler.mode]}, as the model's sentence-transformers config "
+            f"declares ({where})")  # fmt: skip
 
 
 def fit_to(model: nn.Module, state_dict: dict) -> None:
@@ -144,11 +165,16 @@ def fit_to(model: nn.Module, state_dict: dict) -> None:
             setattr(parent, attr, module.replaced(model.config).to(device=like.device, dtype=like.dtype))
 
 
+def _pooler_of(base: nn.Module) -> TokenPooler | None:
+    return next((p for p in (getattr(base, "pooler", None), getattr(base, FIRST_TOKEN, None))
+                 if isinstance(p, TokenPooler)), None)  # fmt: skip
+
+
 def _take_mask(base: nn.Module, args: tuple, kwargs: dict) -> None:
     """The base model's forward pre-hook: its call's attention mask (else, from token ids, every token but padding),
     for its ``TokenPooler``."""
-    pooler = getattr(base, "pooler", None)
-    if not isinstance(pooler, TokenPooler):
+    pooler = _pooler_of(base)
+    if pooler is None:
         return
     mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
     ids = kwargs.get("input_ids", args[0] if args else None)
@@ -159,9 +185,21 @@ def _take_mask(base: nn.Module, args: tuple, kwargs: dict) -> None:
 
 
 def _drop_mask(base: nn.Module, args: tuple, output: object) -> None:
-    pooler = getattr(base, "pooler", None)
-    if isinstance(pooler, TokenPooler):
+    if (pooler := _pooler_of(base)) is not None:
         pooler.mask = None  # not kept alive past the call
+
+
+def _pooled_first_token(base: nn.Module, args: tuple, output: object) -> object:
+    """The base model's forward hook where the task class's head reads the first token: the pooled vector there."""
+    pooler = getattr(base, FIRST_TOKEN, None)
+    hidden = output[0] if isinstance(output, tuple) else getattr(output, "last_hidden_state", None)
+    if not isinstance(pooler, TokenPooler) or not isinstance(hidden, torch.Tensor):
+        return output
+    pooled = torch.cat([pooler(hidden).unsqueeze(1), hidden[:, 1:]], dim=1)
+    if isinstance(output, tuple):
+        return (pooled, *output[1:])
+    output.last_hidden_state = pooled  # a ModelOutput: its key and its position 0 too
+    return output
 
 
 def _read_json(arch: str, name: str, cache_only: bool) -> object:
