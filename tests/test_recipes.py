@@ -450,7 +450,7 @@ def test_the_default_run_works_under_python_OO_which_strips_docstrings(data, tmp
 
 def test_the_sweep_plot_rings_each_point_of_the_pareto_front_even_a_front_of_one():
     # the front was a dashed line through its points: a recipe both fastest and most accurate drew nothing
-    from freezetune.sweep import _figure
+    from freezetune.sweep_report import _figure
 
     def row(name, acc, seconds):
         return {"recipe": name, "val_acc": acc, "train_s": seconds}
@@ -622,6 +622,7 @@ def test_a_sweeps_bn_applies_to_its_recipes_but_linear_probe_which_trains_the_he
 
 def test_a_sweeps_budget_counts_each_second_once_and_its_winner_names_absolute_paths(tmp_path, monkeypatch):
     from freezetune import sweep as sweep_mod
+    from freezetune import sweep_report
 
     ran = []
 
@@ -639,7 +640,7 @@ def test_a_sweeps_budget_counts_each_second_once_and_its_winner_names_absolute_p
     assert ran == ["full", "linear-probe", "last-2"] and result.winner == "last-2"
     winner = yaml.safe_load((tmp_path / "s" / "winner.yaml").read_text())
     assert winner["data"] == str(tmp_path / "images")  # it was "images": train --config from elsewhere failed
-    assert "       -" in sweep_mod.format_table(result.rows, result.winner)  # no CPU peak: not one per recipe
+    assert "       -" in sweep_report.format_table(result.rows, result.winner)  # no CPU peak: not one per recipe
 
 
 def test_a_recipe_the_budget_skipped_is_listed_as_skipped_not_left_out(tmp_path, monkeypatch):
@@ -848,7 +849,8 @@ def test_under_monitor_val_f1_trials_and_sweep_rows_are_compared_by_macro_f1(dat
 
 
 def test_choose_and_pick_winner_compare_by_the_metric_asked():
-    from freezetune.sweep import pareto_front, pick_winner
+    from freezetune.sweep import pick_winner
+    from freezetune.sweep_report import pareto_front
 
     trials = [{"trained_stages": 2, "val_acc": 0.80, "val_f1": 0.70}, {"trained_stages": 3, "val_acc": 0.83,
               "val_f1": 0.60}, {"trained_stages": 4, "val_acc": 0.90, "val_f1": 0.50}]  # fmt: skip

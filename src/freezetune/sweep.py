@@ -10,9 +10,7 @@ accuracy, or macro-F1 under ``monitor: val_f1``, against training seconds, the P
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import io
 import json
 import math
 import os
@@ -23,12 +21,11 @@ from pathlib import Path
 
 import yaml
 
-from freezetune import run_lock
-from freezetune._io import atomic_output, atomic_write_text
+from freezetune import run_lock, sweep_report
+from freezetune._io import atomic_write_text
 from freezetune.config import INVALID, TrainConfig, validate
 from freezetune.config_file import load_config
 from freezetune.distributed import DistInfo, broadcast, init_from_env, main_echo
-from freezetune.epoch_log import human
 from freezetune.errors import ConfigError, DataError, choices, setting
 from freezetune.options import (
     BATCH_AUTO,
@@ -49,15 +46,11 @@ from freezetune.runtime import SWEEP_SETTINGS as SETTINGS_FILE
 
 _DEFAULTS = TrainConfig()
 ROW_FILE = "sweep_row.json"  # a finished recipe's row, in its run directory
-# detail: what the auto recipe chose (its row and last-k's can train the same stages, at other LRs and starts), or why
-# a recipe did not run (the budget was spent)
-COLUMNS = ("recipe", "val_acc", "val_f1", "train_s", "peak_mem_mb", "trainable_params", "best_epoch", "run_dir",
-           "detail")  # fmt: skip
 
 
 @dataclass
 class SweepResult:
-    """The rows of a sweep (``COLUMNS``), the winning recipe, and where its files are."""
+    """The rows of a sweep (``sweep_report.COLUMNS``), the winning recipe, and where its files are."""
 
     rows: list[dict]
     winner: str
@@ -152,8 +145,8 @@ def _sweep(cfg: TrainConfig, runs: dict[str, TrainConfig], out: Path, echo: Call
         winner = pick_winner(rows, metric)
         not_run = [{"recipe": name, "detail": f"skipped: budget {cfg.budget} spent"} for name in skipped]
         if info.is_main:
-            _write(out, rows, winner, cfg, metric, not_run)
-        echo(format_table(rows + not_run, winner["recipe"]))
+            sweep_report.write(out, rows, not_run, winner["recipe"], metric, _winner_config(cfg, winner))
+        echo(sweep_report.format_table(rows + not_run, winner["recipe"]))
         among = (f" ({len(rows)} of {len(runs)} recipes ran: the budget was spent before {', '.join(skipped)})"
                  if skipped else "")  # fmt: skip
         echo(f"winner: {winner['recipe']}, by {METRIC_NAMES[metric]}{among} -> {out / 'winner.yaml'} (freezetune "
@@ -362,54 +355,6 @@ def _or_nan(value: float | None) -> float:
     return math.nan if value is None else value
 
 
-def format_table(rows: list[dict], winner: str) -> str:
-    """The sweep's rows as an aligned text table, the winner marked; a row without scores (a recipe the budget
-    skipped) shows its ``detail`` alone.
-
-    >>> print(format_table([{"recipe": "full", "val_acc": 0.8, "val_f1": 0.785, "train_s": 12.0, "peak_mem_mb": 900.0,
-    ...                      "trainable_params": 3_400_000, "best_epoch": 3, "run_dir": "r", "detail": ""},
-    ...                     {"recipe": "auto", "detail": "skipped: budget 1m spent"}], "full"))
-    recipe          val acc   val F1  train s  peak MiB  trainable
-    full *            80.0%    78.5%     12.0       900       3.4M
-    auto                  -        -        -         -          -  skipped: budget 1m spent
-    """
-    lines = [f"{'recipe':14s}  {'val acc':>7s}  {'val F1':>7s}  {'train s':>7s}  {'peak MiB':>8s}  {'trainable':>9s}"]
-    for r in rows:
-        name = r["recipe"] + (" *" if r["recipe"] == winner else "")
-        detail = f"  {r['detail']}" if r.get("detail") else ""
-        if "val_acc" not in r:
-            lines.append(f"{name:14s}  {'-':>7s}  {'-':>7s}  {'-':>7s}  {'-':>8s}  {'-':>9s}{detail}")
-            continue
-        peak = f"{r['peak_mem_mb']:8.0f}" if r.get("peak_mem_mb") is not None else f"{'-':>8s}"  # CPU: not measured
-        lines.append(f"{name:14s}  {100 * r['val_acc']:6.1f}%  {100 * r.get('val_f1', math.nan):6.1f}%  "
-                     f"{r['train_s']:7.1f}  {peak}  {human(r['trainable_params']):>9s}{detail}")  # fmt: skip
-    return "\n".join(lines)
-
-
-def pareto_front(rows: list[dict], metric: str = "val_acc") -> list[dict]:
-    """Rows no other row beats on both validation ``metric`` (higher) and training time (lower), fastest first.
-
-    >>> [r["recipe"] for r in pareto_front([{"recipe": "a", "val_acc": .8, "train_s": 10},
-    ...     {"recipe": "b", "val_acc": .7, "train_s": 20}, {"recipe": "c", "val_acc": .9, "train_s": 30}])]
-    ['a', 'c']
-    """
-    front = [r for r in rows if not any(o[metric] >= r[metric] and o["train_s"] <= r["train_s"]
-                                        and (o[metric], -o["train_s"]) != (r[metric], -r["train_s"])
-                                        for o in rows)]  # fmt: skip
-    return sorted(front, key=lambda r: r["train_s"])
-
-
-def _write(out: Path, rows: list[dict], winner: dict, cfg: TrainConfig, metric: str, not_run: list[dict]) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=COLUMNS, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows + not_run)
-    atomic_write_text(out / "sweep.csv", text.getvalue())
-    _plot(rows, winner["recipe"], out / "sweep.png", metric)
-    atomic_write_text(out / "winner.yaml", yaml.safe_dump(_winner_config(cfg, winner), sort_keys=False))
-
-
 def _winner_config(cfg: TrainConfig, winner: dict) -> dict:
     """The config that trains the winner again: its recipe on the sweep's settings, a fresh run with a test score.
 
@@ -427,34 +372,4 @@ def _winner_config(cfg: TrainConfig, winner: dict) -> dict:
     return values
 
 
-def _plot(rows: list[dict], winner: str, path: Path, metric: str) -> None:
-    fig = _figure(rows, winner, metric)
-    with atomic_output(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-
-
-def _figure(rows: list[dict], winner: str, metric: str = "val_acc"):
-    """Validation ``metric`` against training seconds, a point a recipe, the winner in red, the Pareto front ringed."""
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(6.4, 4.4))
-    ax = fig.subplots()
-    for r in rows:
-        won = r["recipe"] == winner
-        ax.scatter(r["train_s"], 100 * r[metric], color="tab:red" if won else "tab:blue", zorder=3,
-                   label=f"winner ({winner})" if won else None)  # fmt: skip
-        ax.annotate(r["recipe"], (r["train_s"], 100 * r[metric]), textcoords="offset points", xytext=(4, 4))
-    ax.margins(x=0.15, y=0.12)  # room for the labels beside the outermost points (the slowest one's was cut off)
-    front = pareto_front(rows, metric)
-    xs, ys = [r["train_s"] for r in front], [100 * r[metric] for r in front]
-    ax.plot(xs, ys, "--", color="gray", zorder=2)
-    # each point of the front ringed: a line alone marked nothing when one recipe was both fastest and most accurate
-    ax.scatter(xs, ys, s=180, facecolors="none", edgecolors="gray", zorder=2, label="Pareto front")
-    ylabel = "validation macro-F1 (%)" if metric == "val_f1" else "validation accuracy (%)"
-    ax.set(xlabel="training seconds", ylabel=ylabel, title="recipes on the validation split")
-    ax.legend(loc="best", fontsize=8)  # lower right sat on the slow, low-accuracy recipes
-    fig.tight_layout()
-    return fig
-
-
-__all__ = ["RECIPES", "SWEEP_DEFAULT_RECIPES", "SweepResult", "format_table", "pareto_front", "sweep", "swept"]
+__all__ = ["RECIPES", "SWEEP_DEFAULT_RECIPES", "SweepResult", "pick_winner", "sweep", "swept"]
