@@ -14,7 +14,7 @@ import torch
 import yaml
 
 from _engine_fixtures import make_image_folder, run_cli, train_argv
-from freezetune import auto, checkpoint, recipes
+from freezetune import auto, auto_rule, checkpoint, recipes
 from freezetune.config import TrainConfig, validate
 from freezetune.config_file import load_config
 from freezetune.errors import ConfigError, FreezetuneError
@@ -331,8 +331,8 @@ def test_auto_candidates_on_models_with_few_stages_train_at_least_one(monkeypatc
     monkeypatch.setattr(models, "create_model", lambda *a, **k: (nn.Sequential(*layers), None))
     recipes.structure.cache_clear()  # built once a process per model name: here the name stays, the model changes
     request.addfinalizer(recipes.structure.cache_clear)  # and the fake must not stay for the tests after
-    got, cut, _ = auto._candidates(TrainConfig(data="images"))
-    assert got == ks and all(auto.candidate_lr(1e-3, k) > 0 for k in got)
+    got, cut, _ = auto_rule.candidates(TrainConfig(data="images"))
+    assert got == ks and all(auto_rule.candidate_lr(1e-3, k) > 0 for k in got)
     assert cut == str(2 * (body - max(ks)))  # the stage the deepest candidate trains from
 
 
@@ -702,7 +702,7 @@ def test_a_models_stages_are_built_once_for_all_the_last_k_checks_and_the_auto_p
     cfg = TrainConfig(data="images", model="timm:test_efficientnet")
     for recipe in ("last-1", "last-2", "last-k", "last-2"):
         recipes.check_last_k(cfg, recipe)
-    assert auto._candidates(cfg)[0] == [2, 3, 4]
+    assert auto_rule.candidates(cfg)[0] == [2, 3, 4]
     assert built == ["timm:test_efficientnet"]
     with pytest.raises(ConfigError, match="k is out of range"):
         recipes.check_last_k(cfg, "last-99")

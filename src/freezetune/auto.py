@@ -2,7 +2,8 @@
 
 Which block should train depends on the data (surgical fine-tuning, Lee et al. 2023): a small shift is best served
 by tuning the last stages over frozen features, a larger one by tuning deeper. The frozen-prefix cache makes it
-cheap to ask the data. The procedure, every step printed and written to ``recipe.json`` in the run directory:
+cheap to ask the data. The procedure, every step printed and written to ``recipe.json`` in the run directory (the
+numbers of steps 1 and 3, and the measurements behind them, are in ``auto_rule.py``):
 
 1. Candidates: the last ``k`` stages and the head train, for ``k = MIN_TRAINED_STAGES .. MAX_TRAINED_STAGES`` (2, 3
    and 4; fewer on a model with fewer stages); everything before is frozen (BatchNorm frozen). All candidates share
@@ -49,18 +50,22 @@ from pathlib import Path
 
 from freezetune import checkpoint, run_log
 from freezetune._io import atomic_write_text
+from freezetune.auto_rule import (
+    DEFAULT_TRAINED_STAGES,
+    LR_BOOST,
+    TEXT_LR_BOOST,
+    candidate_lr,
+    candidates,
+    choose,
+    default_stages,
+    difference_noise,
+)
 from freezetune.config import DATA_PATHS, RESUME_MAY_CHANGE, TrainConfig, needs_validation
 from freezetune.errors import ConfigError, setting
 from freezetune.interrupt import RunInterrupted
 from freezetune.options import METRIC_NAMES, compared_by, parse_duration
 from freezetune.runtime import RECIPE_FILE, TRIALS_DIR
 
-MIN_TRAINED_STAGES, MAX_TRAINED_STAGES = 2, 4  # candidates train the last 2, 3 or 4 stages (and the head)
-LR_BOOST = 10  # the learning rate of a candidate training k stages is lr * LR_BOOST * min(1, 2 / k)
-# ... but for a Hugging Face text model. Boosted, MiniLM's last encoder layers trained at 6.7e-3 (trial) and 3.3e-3
-# (run) and scored 74.8 % on a 5-class task of man-page descriptions (742 training texts, 417 test, 3 epochs); ten
-# times lower, 92.1 % (a 20-line full fine-tune at 5e-5: 78.9 %)
-TEXT_LR_BOOST = 1
 # a trial epoch trains on this share of the training set. Shorter trials cost less and choose worse: with candidates
 # 1-3 and default 2, on Fashion-MNIST (100/class, 64 px, 3 epochs, 3 seeds, refit) 0.35 chose the last 2 stages twice
 # and reached 83.32 % in 16.5-23.0 s; 0.5 chose the last 3 twice and reached 84.05 % in 17.7-23.8 s (the full
@@ -69,7 +74,6 @@ TRIAL_FRACTION = 0.5
 # Not capped on large data: trials of at most 5 000 images on Fashion-MNIST at 2 000 a class (19 500 training images,
 # 64 px, 3 epochs, 2 seeds) took 16 % less time and lost 0.17 and 0.21 points (92.27 % vs 92.46 %): the chosen trial's
 # half epoch is part of the run's training. A user who wants shorter epochs (and trials) says so: ``--epoch-images``.
-DEFAULT_TRAINED_STAGES = 3  # the candidate kept unless the validation split clearly prefers another
 RUN_LR_FACTOR = 0.5  # the run trains at its trial's learning rate times this
 # the other candidates' trials run only on a validation split this large: on 400 images one standard error of the
 # difference of two accuracies near 75 % is 3 points, about what separates the candidates trained to the end. On 100
@@ -108,7 +112,7 @@ def run(cfg: TrainConfig, *, echo: Callable[[str], None] = print, train: Callabl
         from freezetune.recipes import check_test_data
 
         check_test_data(cfg)
-    ks, cut, text = _candidates(cfg)
+    ks, cut, text = candidates(cfg)
     base, boost = _base(cfg, out, cut), TEXT_LR_BOOST if text else LR_BOOST
 
     def shared(trial_cfg: TrainConfig, **kwargs):  # rank 0 alone logs metrics rows: every rank takes its result
@@ -230,7 +234,7 @@ def _measure(base: TrainConfig, ks: list[int], boost: float, out: Path, train: C
     if not n_val:
         return [first], first, f"the default (last {default_k} stages): there are no validation {kind} to compare on"
     if n_val < MIN_VAL_TO_COMPARE and len(ks) > 1:
-        noise = 100 * _noise(0.75, n_val, floored=False)  # as said: near 75 %, whatever the split's size
+        noise = 100 * difference_noise(0.75, n_val, floored=False)  # as said: near 75 %, whatever the split's size
         return [first], first, (f"the default (last {default_k} stages): {n_val} validation {kind} cannot tell the "
                                 f"candidates apart (one standard error of a difference near 75 % is {noise:.1f} points "
                                 f"on them; the candidates trained to the end differ by about 3), so only its trial "
@@ -350,16 +354,6 @@ def refits(cfg: TrainConfig) -> bool:
     return cfg.val_data is None and cfg.val_split is None and not needs_validation(cfg)
 
 
-def candidate_lr(lr: float, k: int, boost: float = LR_BOOST) -> float:
-    """The learning rate of the candidate that trains the last ``k`` stages (``boost``: ``TEXT_LR_BOOST`` for a
-    Hugging Face text model).
-
-    >>> candidate_lr(1e-3, 1), candidate_lr(1e-3, 2), round(candidate_lr(1e-3, 3), 5)
-    (0.01, 0.01, 0.00667)
-    """
-    return lr * boost * min(1.0, 2 / k)
-
-
 def _procedure() -> str:
     """The procedure as this module's docstring tells it, for ``recipe.json``; ``python -OO`` strips docstrings
     (the run then crashed after its trials, on None.split)."""
@@ -381,72 +375,6 @@ def _check_plan(cfg: TrainConfig) -> None:
     model, _ = create_model(cfg.model, "none", img_size=cfg.img_size)  # the structure alone: no weights to read
     for spec in plan.values():
         resolve_stages(model, spec)
-
-
-def _candidates(cfg: TrainConfig) -> tuple[list[int], str, bool]:
-    """How many last stages each candidate trains, the stage the shared cache cuts before, and whether the model is a
-    text model (no image preprocessing)."""
-    from freezetune.recipes import structure
-
-    names, text = structure(cfg.model, cfg.img_size)  # the head is last
-    # at least one stage stays frozen (the cache's point), except in a model of one stage and a head, whose only
-    # candidate trains it (k = 0, the head alone, would be a linear probe, and has no LR rule)
-    deepest = max(1, min(MAX_TRAINED_STAGES, len(names) - 2))
-    ks = list(range(min(MIN_TRAINED_STAGES, deepest), deepest + 1))
-    return ks, names[-(max(ks) + 1)], text
-
-
-def default_freeze(model: str, img_size: int | None = None) -> tuple[int, list[int]]:
-    """The freeze spec of the auto recipe's default candidate for ``model``, and the candidates' stage counts.
-
-    >>> default_freeze("timm:test_efficientnet", 32)
-    (-4, [2, 3, 4])
-    """
-    ks, _, _ = _candidates(TrainConfig(model=model, img_size=img_size))
-    return -(default_stages(ks) + 1), ks
-
-
-def default_stages(ks: list[int]) -> int:
-    """The default candidate among ``ks`` (ascending): ``DEFAULT_TRAINED_STAGES``, else the middle one (a model with
-    fewer stages).
-
-    >>> default_stages([2, 3, 4]), default_stages([1, 2])
-    (3, 2)
-    """
-    return DEFAULT_TRAINED_STAGES if DEFAULT_TRAINED_STAGES in ks else ks[len(ks) // 2]
-
-
-def choose(trials: list[dict], n_val: int, metric: str = "val_acc") -> dict:
-    """The default candidate (``DEFAULT_TRAINED_STAGES``), unless another beat it on the validation split by more
-    than the noise of a split of ``n_val`` images (one standard error of the difference of two accuracies); among
-    several such, the best, the cheaper one on a tie. ``metric``: what the trials are compared by (``val_acc``, or
-    ``val_f1`` under ``--monitor val_f1``, held to the same noise: a rule of thumb for it).
-
-    >>> trials = [{"trained_stages": 2, "val_acc": 0.80}, {"trained_stages": 3, "val_acc": 0.83},
-    ...           {"trained_stages": 4, "val_acc": 0.86}]
-    >>> choose(trials, n_val=100)["trained_stages"], choose(trials, n_val=5000)["trained_stages"]
-    (3, 4)
-    """
-    scored = [t for t in trials if t.get(metric) is not None and math.isfinite(t[metric])]
-    default_k = default_stages([t["trained_stages"] for t in trials])
-    default = next(t for t in trials if t["trained_stages"] == default_k)
-    if not scored or default not in scored:
-        return default
-    p = default[metric]
-    noise = _noise(p, n_val)
-    better = [t for t in scored if t[metric] > p + noise]
-    return max(better, key=lambda t: (t[metric], -t["trained_stages"])) if better else default
-
-
-def _noise(p: float, n_val: int, *, floored: bool = True) -> float:
-    """One standard error of the difference of two accuracies near ``p`` on ``n_val`` images (``floored``: a split
-    all right or all wrong is not noiseless; on 5 images or fewer the floor exceeds the error near 75 %).
-
-    >>> round(_noise(0.75, 100), 3), round(_noise(0.75, 400), 3), round(_noise(0.75, 2, floored=False), 3)
-    (0.061, 0.031, 0.433)
-    """
-    n = max(n_val, 1)
-    return math.sqrt(2 * (max(p * (1 - p), 1 / n) if floored else p * (1 - p)) / n)
 
 
 def _val_size(result) -> int:

@@ -49,7 +49,7 @@ def describe_model(
         replace_head(model, num_classes)
     shown = freeze
     if freeze == "auto":  # measured when a run starts: what its default candidate trains
-        from freezetune.auto import default_freeze
+        from freezetune.auto_rule import default_freeze
 
         freeze, ks = default_freeze(name, img_size)
         shown = (f"auto (measured when train runs; its default candidate, the last {-freeze - 1} stages: {freeze}; "

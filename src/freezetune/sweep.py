@@ -337,7 +337,7 @@ def _chosen(run_dir: Path) -> str:
     """What an auto recipe's run chose (its ``recipe.json``), as the table shows it; empty for another recipe.
 
     Its row and a last-k one can train the same stages and still differ: auto trains at a higher LR
-    (``auto.LR_BOOST``), from the weights its trial fitted.
+    (``auto_rule.LR_BOOST``), from the weights its trial fitted.
     """
     from freezetune.runtime import RECIPE_FILE, TRIALS_DIR
 
