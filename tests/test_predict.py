@@ -130,3 +130,43 @@ def test_format_predictions_one_line_per_image():
     records = [{"path": "a.png", "top": [{"class": "red", "prob": 0.75}, {"class": "blue", "prob": 0.25}]},
                {"path": "b.png", "top": [{"class": "blue", "prob": 1.0}]}]  # fmt: skip
     assert format_predictions(records) == "a.png  red 75.0%  blue 25.0%\nb.png  blue 100.0%"
+
+
+def test_each_record_is_handed_on_as_soon_as_its_batch_is_scored(best_pt, data, monkeypatch, tmp_path):
+    # 10 000 images printed nothing until the last was scored (and `| head` waited for all of them)
+    from freezetune import predict
+
+    files = sorted(str(p) for p in (data / "test").rglob("*.png"))
+    scored, seen = [], []
+    real = predict._predict_batch
+    monkeypatch.setattr(predict, "_predict_batch", lambda loaded, batch, *a: (scored.append(len(batch)),
+                                                                                real(loaded, batch, *a)))  # fmt: skip
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    records = predict_files(load_model(best_pt, device="cpu"), [*files, str(tmp_path / "bad.png")], topk=1,
+                            batch_size=5, on_record=lambda r: seen.append((r, len(scored))))  # fmt: skip
+    assert [r for r, _ in seen] == records and "error" in records[-1] and "error" not in records[0]
+    assert [n for _, n in seen] == [1 + i // 5 for i in range(len(records))]  # each batch's, before the next batch
+
+
+def test_printed_records_as_one_json_list_as_json_lines_and_as_lines(best_pt, data, capsys, tmp_path):
+    from freezetune.predict import PredictionPrinter
+
+    files = sorted(str(p) for p in (data / "test" / "red").glob("*.png"))[:2]
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    records = predict_files(best_pt, [*files, str(tmp_path / "bad.png")], topk=2, device="cpu")
+    for how in ("json", "jsonl", "text"):
+        say = PredictionPrinter(how)
+        for r in records:
+            say(r)
+        say.end()
+        out, err = capsys.readouterr()
+        assert err.count("freezetune: error: ") == 1 and "bad.png" in err  # said at once, on stderr
+        if how == "json":  # as one json.dumps of the list wrote it before the records streamed
+            assert out == json.dumps(records, indent=1) + "\n"
+        elif how == "jsonl":
+            assert [json.loads(line) for line in out.splitlines()] == records
+        else:
+            assert out == format_predictions(records) + "\n"
+    empty = PredictionPrinter("json")
+    empty.end()
+    assert capsys.readouterr().out == "[]\n"

@@ -10,7 +10,6 @@ import argparse
 import contextlib
 import gc
 import io
-import json
 import logging
 import shlex
 import sys
@@ -248,7 +247,9 @@ def _predict_parser(sub) -> None:
         "--topk", type=int, default=5, help="classes listed per image or text, most likely first (default: 5)"
     )
     p.add_argument("--text-column", help="a text model: the column of a CSV's texts (default: the one it trained on)")
-    p.add_argument("--json", action="store_true", help="print one JSON list of records (path, top: class, prob)")
+    how = p.add_mutually_exclusive_group()
+    how.add_argument("--json", action="store_true", help="print one JSON list of records (path, top: class, prob)")
+    how.add_argument("--jsonl", action="store_true", help="print one JSON record a line (JSON Lines)")
     p.add_argument("--batch-size", type=int, default=_DEFAULTS.batch_size, help="images or texts per forward pass")
     p.add_argument("--device", default=_DEFAULTS.device, help=FIELD_HELP["device"])
     p.set_defaults(func=_cmd_predict, command_parser=p)
@@ -389,17 +390,15 @@ def _cmd_eval(args) -> int:
 
 def _cmd_predict(args) -> int:
     from freezetune.memory import out_of_memory_hint
-    from freezetune.predict import format_predictions, predict_files
+    from freezetune.predict import PredictionPrinter, predict_files
 
-    with out_of_memory_hint(args.batch_size, training=False):
+    say = PredictionPrinter("json" if args.json else "jsonl" if args.jsonl else "text")
+    with out_of_memory_hint(args.batch_size, training=False):  # each record is printed as soon as it is scored
         records = predict_files(args.checkpoint, args.images, topk=args.topk, batch_size=args.batch_size,
-                                device=args.device, text_column=args.text_column, progress=True)  # fmt: skip
-    lines = json.dumps(records, indent=1) if args.json else format_predictions(records)
-    if lines:  # when no file could be read there is nothing to print but the errors (no empty line before them)
-        print(lines)
+                                device=args.device, text_column=args.text_column, progress=True,
+                                on_record=say)  # fmt: skip
+    say.end()
     bad = [r for r in records if "error" in r]
-    for r in bad:
-        print(f"freezetune: error: {r['error']}", file=sys.stderr)
     files = len({r["path"] for r in records})  # a text file gives a record per text
     if bad and files > 1:  # every good prediction is out; the count says how many of them were not (one: its line)
         print(f"freezetune: error: {len(bad)} of {files} file(s) could not be read", file=sys.stderr)

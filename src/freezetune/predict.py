@@ -7,10 +7,11 @@ model once and predicts many times.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -35,6 +36,7 @@ def predict_files(
     device: str = "auto",
     text_column: str | None = None,
     progress: bool = False,
+    on_record: Callable[[dict], None] | None = None,
 ) -> list[dict]:
     """The ``topk`` most likely classes of each image under ``paths`` (files, or folders searched recursively); for
     a text model, of each text in ``paths``: a CSV's text column, or a text file's lines (one text a line; folders
@@ -49,6 +51,8 @@ def predict_files(
         text_column: a text model's CSVs: the column of their texts (default: the column the model trained on,
             ``--text-column``, else the one named text, sentence, review, document or content).
         progress: a progress bar over the images on stderr (``epoch_log.progress_bar``; the command line's).
+        on_record: called with each record, in the order returned, as soon as its batch is scored (the command line
+            prints it then: 10 000 images printed nothing until the last was scored, and ``| head`` waited for all).
 
     Returns:
         One JSON-ready record per image, in path order: ``{"path": str, "top": [{"class": str, "prob": float}]}``,
@@ -68,10 +72,14 @@ def predict_files(
     paths = [str(p) for p in paths]
     if loaded.preprocess.is_text:
         pre = replace(loaded.preprocess, text_column=text_column or loaded.preprocess.text_column)
-        return _predict_text_files(loaded, paths, topk, batch_size, Columns.of(pre))
+        return _predict_text_files(loaded, paths, topk, batch_size, Columns.of(pre), on_record or _ignore)
     refuse_other_settings("this checkpoint's model", {"text_column": text_column} if text_column is not None else {},
                           text_model=False)  # fmt: skip
-    return _predict_image_files(loaded, _stdin_paths(paths), topk, batch_size, progress)
+    return _predict_image_files(loaded, _stdin_paths(paths), topk, batch_size, progress, on_record or _ignore)
+
+
+def _ignore(record: dict) -> None:
+    pass
 
 
 STDIN = "-"  # a path that reads standard input: image paths, one a line; a text model's texts, one a line
@@ -111,7 +119,7 @@ def _text_sources(paths: list[str]) -> list[str]:
 
 
 def _predict_image_files(loaded: LoadedModel, paths: list[str], topk: int, batch_size: int,
-                         progress: bool = False) -> list[dict]:  # fmt: skip
+                         progress: bool, on_record: Callable[[dict], None]) -> list[dict]:  # fmt: skip
     from freezetune.data import eval_transform, list_images
     from freezetune.data.scan import unreadable
     from freezetune.epoch_log import progress_bar
@@ -124,8 +132,12 @@ def _predict_image_files(loaded: LoadedModel, paths: list[str], topk: int, batch
     # 10 000 images said nothing for 19 s on a CPU (a 224 px model, a larger folder: minutes), as eval once did
     with progress_bar(len(files), "predicting", enabled=progress, unit="img") as bar:
         for start in range(0, len(files), batch_size):
-            _predict_batch(loaded, files[start : start + batch_size], transform, topk, records)
-            bar.update(min(batch_size, len(files) - start))
+            batch = files[start : start + batch_size]
+            _predict_batch(loaded, batch, transform, topk, records)
+            with bar.external_write_mode():  # a line printed under a live bar: the bar steps aside, then comes back
+                for path in batch:
+                    on_record(records[path])
+            bar.update(len(batch))
     return [records[p] for p in files]
 
 
@@ -197,8 +209,8 @@ def _rank_texts(loaded: LoadedModel, tokenizer, texts: list[str], topk: int, bat
     return records
 
 
-def _predict_text_files(loaded: LoadedModel, paths: list[str], topk: int, batch_size: int,
-                        columns: Columns) -> list[dict]:  # fmt: skip
+def _predict_text_files(loaded: LoadedModel, paths: list[str], topk: int, batch_size: int, columns: Columns,
+                        on_record: Callable[[dict], None]) -> list[dict]:  # fmt: skip
     from freezetune.data.text import numbered_texts
 
     tokenizer = text_tokenizer(loaded)  # once, not once a file
@@ -210,6 +222,7 @@ def _predict_text_files(loaded: LoadedModel, paths: list[str], topk: int, batch_
                 raise DataError("'-' reads texts from standard input, one a line, and it gave none")
         except DataError as exc:
             records.append({"path": path, "error": str(exc)})
+            on_record(records[-1])
             continue
         blank = [line for line, text in numbered if not text.strip()]
         if blank:  # a CSV's empty text keeps its row (its file is read whole) but has nothing to score, as a .txt's
@@ -218,8 +231,12 @@ def _predict_text_files(loaded: LoadedModel, paths: list[str], topk: int, batch_
             numbered = [(line, text) for line, text in numbered if text.strip()]
         texts = [text for _, text in numbered]
         cut = count_cut(texts, tokenizer, cut)
-        predicted = _rank_texts(loaded, tokenizer, texts, topk, batch_size)
-        records += [{"path": path, "row": line, **r} for (line, _), r in zip(numbered, predicted, strict=True)]
+        for start in range(0, len(texts), batch_size):  # a batch at a time: a long file's records are said as they come
+            part = numbered[start : start + batch_size]
+            ranked = _rank_texts(loaded, tokenizer, [text for _, text in part], topk, batch_size)
+            for (line, _), r in zip(part, ranked, strict=True):
+                records.append({"path": path, "row": line, **r})
+                on_record(records[-1])
     warn_cut(cut, tokenizer.max_length)
     return records
 
@@ -252,3 +269,28 @@ def _prediction_line(record: dict) -> str:
     where = f"{record['path']}:{record['row']}  " if "path" in record else ""
     text = record["text"] if len(record["text"]) <= 60 else record["text"][:59] + "…"
     return f"{where}{classes}  {text!r}"
+
+
+class PredictionPrinter:
+    """Prints ``predict``'s records as they come: a line each (``text``: ``format_predictions``'s; ``jsonl``: the
+    record as JSON), or ``json``: one list, indented as ``json.dumps(records, indent=1)`` writes it; an unreadable
+    file's error goes to stderr at once (and, as JSON, among the records)."""
+
+    def __init__(self, how: str) -> None:
+        self.how, self.count = how, 0
+
+    def __call__(self, record: dict) -> None:
+        if "error" in record:
+            print(f"freezetune: error: {record['error']}", file=sys.stderr)
+        if self.how == "json":
+            item = "\n".join(" " + line for line in json.dumps(record, indent=1).splitlines())
+            print(("[\n" if not self.count else ",\n") + item, end="", flush=True)
+        elif self.how == "jsonl":
+            print(json.dumps(record), flush=True)
+        elif "error" not in record:
+            print(format_predictions([record]), flush=True)
+        self.count += 1
+
+    def end(self) -> None:
+        if self.how == "json":
+            print("\n]" if self.count else "[]")
