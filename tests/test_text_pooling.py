@@ -95,7 +95,9 @@ def test_the_first_token_and_max_modes_pool_as_named():
     [
         ({"pooling_mode_cls_token": True, "pooling_mode_mean_tokens": False}, "keep", "cls"),
         ({"pooling_mode_max_tokens": True}, "keep", "max"),
-        ({"pooling_mode": "mean"}, "keep", "mean"),
+        ({"pooling_mode": "mean"}, "keep", "mean"),  # the constructor's name, in a config written by hand
+        ({"pooling_mode": "cls"}, "keep", "cls"),
+        ({"pooling_mode": "cls", "pooling_mode_cls_token": True}, "keep", "cls"),
         ({"pooling_mode_mean_tokens": True, "pooling_mode_max_tokens": True}, "keep", None),  # concatenated
         ({"pooling_mode_weightedmean_tokens": True}, "keep", None),
         (None, None, None),  # not a sentence-transformers folder
@@ -106,8 +108,9 @@ def test_the_pooling_a_folder_declares(tmp_path, pooling, modules, expected, cap
     folder = _copy_of_minilm(tmp_path, pooling, modules)
     with caplog.at_level(logging.INFO, logger="freezetune.text_pooling"):
         assert declared(str(folder)) == expected
-    if pooling and expected is None:  # said, with what the folder asks for
-        assert "is not one freezetune reads" in caplog.text and "pooling_mode_" in caplog.text
+    if pooling and expected is None:  # said (a warning: without --verbose too), with what the folder asks for
+        warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert any("is not one freezetune reads" in w and "pooling_mode_" in w for w in warned), caplog.text
     model, _ = create_model(f"hf:{folder}", "none")
     assert pooling_of(model) == expected
     assert isinstance(model.bert.pooler, TokenPooler) == (expected is not None)
@@ -158,8 +161,9 @@ def test_a_task_class_that_reads_another_token_or_the_first_already_is_left_as_i
         gpt2, _ = create_model(f"hf:{_sentence_folder(tmp_path, 'gpt2', 'mean_tokens')}", "none")
         roberta, _ = create_model(f"hf:{_sentence_folder(tmp_path, 'roberta', 'cls_token')}", "none")
     assert pooling_of(gpt2) is None and pooling_of(roberta) is None
-    assert "declares mean pooling, but GPT2ForSequenceClassification pools in its own way: kept" in caplog.text
-    assert "declares cls pooling, but RobertaForSequenceClassification reads the first token already" in caplog.text
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]  # said without --verbose
+    assert any("declares mean pooling, but GPT2ForSequenceClassification pools in its own way" in w for w in warned)
+    assert "declares cls pooling, which RobertaForSequenceClassification reads already" in caplog.text
     assert install(roberta, "mean", "again") and not install(roberta, "max", "twice")  # once
 
 
@@ -231,9 +235,93 @@ def test_a_text_run_says_how_it_pools_and_its_export_says_it_too(tmp_path, capsy
 
     files = hf_bundle.with_classes(checkpoint.load(out / "best.pt")["hf_files"], ["neg", "pos"], text=True)
     assert hf_bundle.holds(tmp_path / "m.hf", files)
-    # a last.pt trained through the pooler (a run of an earlier freezetune) is refused in one line, not resumed
+    # a last.pt of a freezetune before sentence pooling (trained through the pooler, no text_pooling recorded)
+    # resumes with that pooler (run_setup matches the model to what check_settings reads): it was refused, and a
+    # run stopped by that version had no way to finish
+    from safetensors.torch import load_file
+
+    from freezetune.text_pooling import match_record
+
     record = checkpoint.load(out / "last.pt")
-    record["state_dict"]["bert.pooler.dense.weight"] = torch.zeros(384, 384)
-    checkpoint.save(record, out / "last.pt")
-    code, _, err = run_cli(capsys, "train", "--out", out, "--resume")
-    assert code == 2 and "was trained through its model's pooler" in err and "Traceback" not in err, err
+    pretrained = load_file(str(MINILM / "model.safetensors"))
+    record["state_dict"].update({f"bert.{k}": pretrained[k] for k in ("pooler.dense.weight", "pooler.dense.bias")})
+    del record["text_pooling"]
+    checkpoint.save(record, out / "old.pt")
+    _, pooled = checkpoint.check_settings(out / "old.pt", record["config"])
+    model, _ = create_model(f"hf:{MINILM}", "default", load=False)
+    from freezetune.heads import replace_head
+
+    replace_head(model, 2)
+    match_record(model, {"text_pooling": pooled})
+    assert pooled is None and pooling_of(model) is None
+    model.load_state_dict(record["state_dict"])  # every weight fits: the pooler is back
+    code, _, err = run_cli(capsys, "train", "--out", out, "--resume")  # and a run of this version resumes as it was
+    assert code == 0, err
+
+
+@pytest.mark.parametrize("path", ["../outside", "ABSOLUTE", ""])
+def test_a_pooling_module_outside_the_model_folder_is_not_read(tmp_path, path):
+    # a checkpoint carries the declaring files and writes them back under a folder: "../x" would land outside it
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "outside" / "config.json").write_text(json.dumps({"pooling_mode_mean_tokens": True}))
+    path = str(tmp_path / "outside") if path == "ABSOLUTE" else path
+    folder = _copy_of_minilm(tmp_path, modules=[{"idx": 1, "name": "1", "path": path,
+                                                 "type": "sentence_transformers.models.Pooling"}])  # fmt: skip
+    assert declared(str(folder)) is None and declaration_files(folder) == ["modules.json"]
+
+
+@pytest.mark.parametrize("model_type", ["albert", "big_bird"])
+def test_a_pooler_handed_the_first_token_alone_is_kept(tmp_path, model_type, caplog):
+    # ALBERT's and BigBird's pooler is a bare Linear their base model hands [CLS]: replaced, train crashed
+    folder = _sentence_folder(tmp_path, model_type, "mean_tokens")
+    with caplog.at_level(logging.INFO, logger="freezetune.text_pooling"):
+        model, _ = create_model(f"hf:{folder}", "none")
+    assert pooling_of(model) is None and "declares mean pooling, but" in caplog.text
+    ids = torch.tensor([[2, 5, 6, 7, 3], [2, 8, 3, 0, 0]])
+    assert model.eval()(input_ids=ids, attention_mask=(ids != 0).long()).logits.shape == (2, 2)
+
+
+def test_a_checkpoint_is_rebuilt_pooling_as_it_recorded_whatever_the_folder_declares_now(tmp_path, monkeypatch):
+    from transformers import AutoModelForSequenceClassification
+
+    from freezetune.data.text import text_preprocess
+    from freezetune.heads import replace_head
+
+    batch = {"input_ids": torch.tensor([[0, 5, 6, 7, 2], [0, 8, 2, 1, 1]])}
+    batch["attention_mask"] = (batch["input_ids"] != 1).long()
+    # a DistilBERT-type sentence model trained by a freezetune before sentence pooling (its head learned on <s>):
+    # rebuilt now, its head read the mean there, and its predictions flipped
+    folder = _sentence_folder(tmp_path, "distilbert", "mean_tokens")
+    old = AutoModelForSequenceClassification.from_config(_tiny("distilbert")).eval()
+    record = {"model": f"hf:{folder}", "classes": ["a", "b"], "config": {"weights": "none"},
+              "preprocess": text_preprocess(f"hf:{MINILM}").to_dict(), "state_dict": old.state_dict()}  # fmt: skip
+    rebuilt, _ = checkpoint.build_model(record)
+    assert pooling_of(rebuilt) is None
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt.eval()(**batch).logits, old(**batch).logits)
+    # MiniLM trained with mean pooling, its folder's modules.json gone since: rebuilt with the pooler, it was
+    # refused ("missing bert.pooler.dense.weight")
+    model, _ = create_model(f"hf:{MINILM}", "default")
+    replace_head(model, 2)
+    record = checkpoint.model_record(model, {"model": f"hf:{MINILM}", "weights": "default"}, ["a", "b"],
+                                     text_preprocess(f"hf:{MINILM}"))  # fmt: skip
+    record["model"] = f"hf:{_copy_of_minilm(tmp_path, modules=None)}"
+    rebuilt, _ = checkpoint.build_model(record)
+    assert pooling_of(rebuilt) == "mean"
+    tokens = _tokens(TEXTS)
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt.eval()(**tokens).logits, model.eval()(**tokens).logits)
+
+
+def test_weights_of_the_architecture_with_its_pooler_load_into_the_sentence_pooled_model(tmp_path, caplog):
+    # --weights runs/old/best.pt (trained through the pooler), or another fine-tune of the architecture: refused,
+    # "'bert.pooler.dense.weight' unexpected in file"
+    from transformers import AutoModelForSequenceClassification
+
+    other = AutoModelForSequenceClassification.from_pretrained(MINILM, num_labels=2)
+    torch.save(other.state_dict(), tmp_path / "other.pt")
+    with caplog.at_level(logging.INFO, logger="freezetune.weights"):
+        model, _ = create_model(f"hf:{MINILM}", tmp_path / "other.pt")
+    assert pooling_of(model) == "mean" and "2 tensor(s) of the pooler" in caplog.text
+    torch.testing.assert_close(model.bert.encoder.layer[5].output.dense.weight,
+                               other.bert.encoder.layer[5].output.dense.weight)  # fmt: skip

@@ -96,7 +96,7 @@ def build_model(record: dict[str, Any]) -> tuple[nn.Module, Preprocess]:
     # the architecture its weights were trained from (torchvision's GoogLeNet has no aux heads when pretrained)
     model, _ = create_model(name, (record.get("config") or {}).get("weights"), load=False)
     replace_head(model, len(record["classes"]))
-    text_pooling.fit_to(model, record["state_dict"])  # trained through its task class's pooler: rebuilt with it
+    text_pooling.match_record(model, record)  # pooled as it trained, whatever the model folder declares now
     try:
         missing, unexpected = model.load_state_dict(record["state_dict"], strict=False)
     except RuntimeError as exc:  # shapes: a classes list another length than the head (eval's traceback)
@@ -143,7 +143,7 @@ def init_from(model: nn.Module, path: str | Path, classes: list[str], model_name
         raise CheckpointError(f"init checkpoint {str(path)!r} was trained on {len(record['classes'])} other classes "
                               f"({choices(record['classes'], limit=5)}); the data has {choices(classes, limit=5)}: "
                               f"to start from its weights with a new head, give it as --weights {str(path)!r}")  # fmt: skip
-    text_pooling.fit_to(model, record["state_dict"])  # before the freeze and the optimizer: its pooler trains too
+    text_pooling.match_record(model, record)  # before the freeze and the optimizer: a pooler put back trains too
     try:
         model.load_state_dict(record["state_dict"])
     except RuntimeError as exc:  # torch's first line only says "Error(s) in loading state_dict": the next say which
@@ -312,10 +312,6 @@ def restore(path: str | Path, state: TrainingState, progress, *, config: dict[st
     record = load(path)
     _check_data(Path(path), record.get("data"), data)
     _check_resumable(Path(path), record, {**config, "classes": classes, "steps_per_epoch": steps_per_epoch})
-    if (pooled := text_pooling.pooling_of(state.model)) and any(".pooler." in k for k in record["state_dict"]):
-        raise CheckpointError(f"{path} was trained through its model's pooler, by a freezetune before {pooled} "
-                              f"pooling (the sentence-transformers model's own) replaced it: finish it with that "
-                              f"version, or start a new run")  # fmt: skip
     state.model.load_state_dict(record["state_dict"])
     if state.unfreezer is not None and record.get("unfreezer"):
         state.unfreezer.load_state_dict(record["unfreezer"])  # before the optimizer: re-creates its groups
@@ -334,15 +330,16 @@ def restore(path: str | Path, state: TrainingState, progress, *, config: dict[st
     progress.load_state_dict({**record["progress"], "monitor": progress.monitor})
 
 
-def check_settings(path: str | Path, config: dict[str, Any]) -> Preprocess:
+def check_settings(path: str | Path, config: dict[str, Any]) -> tuple[Preprocess, str | None]:
     """Refuse, as ``restore`` would, a resume whose settings are not those of its ``last.pt``: checked before the
     model and data are read (``restore`` checks again, with the classes and the schedule's length they give).
-    Returns the preprocessing ``last.pt`` trained with (how its images were read)."""
+    Returns the preprocessing ``last.pt`` trained with (how its images were read) and its text pooling (None: its
+    task class's own)."""
     if config.get("batch_size") == BATCH_AUTO:  # a number once measured, after the data is read
         config = {k: v for k, v in config.items() if k != "batch_size"}
     record = load(path, mmap=True)  # the weights are not read: only the config is needed
     _check_resumable(Path(path), record, {**config, "classes": record.get("classes")})
-    return Preprocess.from_dict(record["preprocess"])
+    return Preprocess.from_dict(record["preprocess"]), record.get("text_pooling")
 
 
 def _check_data(path: Path, saved: dict[str, Any] | None, now: dict[str, Any] | None) -> None:

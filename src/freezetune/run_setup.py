@@ -16,7 +16,7 @@ from contextvars import ContextVar
 import torch
 from torch import nn
 
-from freezetune import checkpoint, hf_bundle, reporting, rng, run_log, runtime
+from freezetune import checkpoint, hf_bundle, reporting, rng, run_log, runtime, text_pooling
 from freezetune._io import atomic_write_text
 from freezetune.bn_policy import hold_bn_statistics
 from freezetune.cache import FeaturePath
@@ -146,7 +146,10 @@ class RunSetup:
             cfg.model, cfg.max_length, text_column=cfg.text_column, label_column=cfg.label_column
         )
         if self.resumed is not None:  # a run resumed by a later freezetune reads its images as it began reading them
-            self.preprocess = dataclasses.replace(self.preprocess, alpha=self.resumed.alpha)
+            self.preprocess = dataclasses.replace(self.preprocess, alpha=self.resumed[0].alpha)
+            # and pools its texts as it began (its model folder may declare otherwise now, or a freezetune before
+            # sentence pooling trained it through its task class's pooler)
+            text_pooling.match_record(self.model, {"text_pooling": self.resumed[1], "model": cfg.model})
         self.hf_files = hf_bundle.bundle(cfg.model)  # an hf:DIR's config and tokenizer, carried by every checkpoint
 
     def _data(self) -> None:

@@ -12,17 +12,21 @@ here). Measured on MiniLM
 (``benchmarks/text_transfer.py``, 3 seeds, 100 texts a class, 3 epochs; man-page sections, Debian package sections):
 the auto recipe 65.96 -> 70.09 % and 78.59 -> 79.22 %, ``--recipe linear-probe`` 49.47 -> 62.04 % and 72.19 -> 76.26 %.
 
-A checkpoint trained through the pooler (by a freezetune before this) still rebuilds with it (``fit_to``).
+A checkpoint rebuilds with the pooling it trained with, which it records (``match_record``): one trained through the
+task class's pooler (by a freezetune before this) rebuilds with that pooler.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from freezetune.run_log import warn_once
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +39,7 @@ MODES = {"pooling_mode_mean_tokens": "mean", "pooling_mode_cls_token": "cls", "p
 FIRST_TOKEN_HEADS = frozenset({"roberta", "xlm-roberta", "camembert", "mpnet", "distilbert", "electra", "deberta",
                                "deberta-v2"})  # fmt: skip
 FIRST_TOKEN = "sentence_pooling"  # the base model's attribute that holds the TokenPooler of such a model
+_NAMED_MODES = {"mean": "pooling_mode_mean_tokens", "cls": "pooling_mode_cls_token", "max": "pooling_mode_max_tokens"}
 POOLED = {
     "mean": "the mean of its tokens' last hidden states",
     "cls": "its first token's last hidden state",
@@ -50,7 +55,7 @@ class TokenPooler(nn.Module):
 
     Args:
         mode: ``mean`` | ``cls`` | ``max``.
-        replaced: the class of the pooler it stands in for (``fit_to`` puts one back for a checkpoint that has it);
+        replaced: the class of the pooler it stands in for (``match_record`` puts one back for a checkpoint of it);
             None where it fills the first token.
     """
 
@@ -84,21 +89,19 @@ def declared(arch: str, *, cache_only: bool = True) -> str | None:
     weighted mean, last token: said once in the log)."""
     modules = _read_json(arch, MODULES_FILE, cache_only)
     pooling = [m for m in modules if isinstance(m, dict) and str(m.get("type", "")).rsplit(".", 1)[-1] == POOLING_TYPE
-               and m.get("path")] if isinstance(modules, list) else []  # fmt: skip
+               and _inside(m.get("path"))] if isinstance(modules, list) else []  # fmt: skip
     config = _read_json(arch, f"{pooling[0]['path']}/config.json", cache_only) if pooling else None
     if not isinstance(config, dict):
         return None
-    if isinstance(config.get("pooling_mode"), str):  # a newer config's single name
-        config = {**config, f"pooling_mode_{config['pooling_mode']}_tokens": True}
+    named = _NAMED_MODES.get(config.get("pooling_mode"))  # the constructor's single name, in a config written by hand
+    if named and not any(v is True for k, v in config.items() if k.startswith("pooling_mode_")):
+        config = {**config, named: True}
     on = sorted(k for k, v in config.items() if k.startswith("pooling_mode_") and v is True)
     if len(on) == 1 and on[0] in MODES:
         return MODES[on[0]]
-    log.info(
-        "%s: its sentence-transformers pooling (%s) is not one freezetune reads (the mean, the first or the "
-        "max token alone): the classifier reads its task class's pooled output",
-        arch,
-        ", ".join(on) or "none",
-    )
+    warn_once(log, "%s: its sentence-transformers pooling (%s) is not one freezetune reads (the mean, the first or "
+              "the max token alone): the classifier reads its task class's pooled output, not the vector the model "
+              "was trained to give", arch, ", ".join(on) or "none")  # fmt: skip
     return None
 
 
@@ -109,9 +112,18 @@ def declaration_files(folder: Path) -> list[str]:
         modules = json.loads((folder / MODULES_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return []
-    paths = [m["path"] for m in modules if isinstance(m, dict) and isinstance(m.get("path"), str) and m["path"]
+    paths = [m["path"] for m in modules if isinstance(m, dict) and _inside(m.get("path"))
              and str(m.get("type", "")).rsplit(".", 1)[-1] == POOLING_TYPE] if isinstance(modules, list) else []  # fmt: skip
     return [MODULES_FILE, *(f"{p}/config.json" for p in paths[:1] if (folder / p / "config.json").is_file())]
+
+
+def _inside(path: object) -> bool:
+    """Whether a module's ``path`` in modules.json names a folder inside the model's (not the folder itself, not
+    ``/etc`` or ``../x``: a checkpoint carries the file and writes it back under its folder)."""
+    if not isinstance(path, str) or not path:
+        return False
+    parts = Path(path).parts
+    return not Path(path).is_absolute() and ".." not in parts and "\\" not in path
 
 
 def install(model: nn.Module, mode: str, name: str) -> bool:
@@ -124,18 +136,29 @@ def install(model: nn.Module, mode: str, name: str) -> bool:
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if not isinstance(base, nn.Module) or pooling_of(base) is not None:
         return False
-    if isinstance(pooler, nn.Module) and any(True for _ in pooler.parameters()):
+    if _reads_hidden_states(pooler):
         base.pooler = TokenPooler(mode, type(pooler))
     elif model_type in FIRST_TOKEN_HEADS and mode != "cls":  # its head is new: it learns to read the pooled vector
         setattr(base, FIRST_TOKEN, TokenPooler(mode))
         base.register_forward_hook(_pooled_first_token)
     else:
-        what = "reads the first token already" if model_type in FIRST_TOKEN_HEADS else "pools in its own way"
-        log.info("%s: declares %s pooling, but %s %s: kept", name, mode, type(model).__name__, what)
+        if model_type in FIRST_TOKEN_HEADS:  # cls pooling, which its head reads already: nothing to say
+            log.info("%s: declares cls pooling, which %s reads already", name, type(model).__name__)
+        else:  # a vector other than the one the model was trained to give
+            warn_once(log, "%s: declares %s pooling, but %s pools in its own way: its classifier reads that, not the "
+                      "vector the model was trained to give", name, mode, type(model).__name__)  # fmt: skip
         return False
     base.register_forward_pre_hook(_take_mask, with_kwargs=True)
     base.register_forward_hook(_drop_mask)  # after the first-token hook: hooks run in the order they were added
     return True
+
+
+def _reads_hidden_states(pooler: object) -> bool:
+    """Whether ``pooler`` is one the base model hands its last hidden states (BERT's ``BertPooler``: a dense layer
+    and tanh on the first token, taken inside it); ALBERT's and BigBird's are a bare ``nn.Linear`` their base model
+    hands the first token, which a ``TokenPooler`` cannot pool."""
+    return (isinstance(pooler, nn.Module) and type(pooler).__name__.endswith("Pooler")
+            and isinstance(getattr(pooler, "dense", None), nn.Linear))  # fmt: skip
 
 
 def pooling_of(model: nn.Module) -> str | None:
@@ -153,16 +176,38 @@ def note(model: nn.Module) -> str | None:
             f"declares ({where})")  # fmt: skip
 
 
-def fit_to(model: nn.Module, state_dict: dict) -> None:
-    """Put the task class's pooler back where ``state_dict`` holds its weights (a model trained through it, by a
-    freezetune before ``TokenPooler``), so the checkpoint loads and scores as it trained."""
-    for name, module in list(model.named_modules()):
-        if isinstance(module, TokenPooler) and module.replaced is not None \
-                and any(k.startswith(f"{name}.") for k in state_dict):  # fmt: skip
-            parent_name, _, attr = name.rpartition(".")
-            parent = model.get_submodule(parent_name)
-            like = next(model.parameters())
-            setattr(parent, attr, module.replaced(model.config).to(device=like.device, dtype=like.dtype))
+def match_record(model: nn.Module, record: dict) -> None:
+    """Make ``model`` pool as the checkpoint ``record`` trained: its recorded ``text_pooling``, else (a checkpoint
+    of a freezetune before sentence pooling, or of a model that declares none) its task class's own pooling. The
+    model folder read now may say otherwise (its modules.json edited or gone, a hub id's cache without it, a
+    folder that gained one), and a head scores as it learned only on the vector it learned on."""
+    recorded = record.get("text_pooling")
+    pooler = next((m for m in model.modules() if isinstance(m, TokenPooler)), None)
+    if pooler is not None and recorded in MODES.values():
+        pooler.mode = recorded
+    elif pooler is not None:
+        _uninstall(model)
+    elif recorded in MODES.values():
+        install(model, recorded, str(record.get("model")))
+
+
+def replaced_keys(model: nn.Module, state_dict: Mapping[str, object]) -> set[str]:
+    """The keys of ``state_dict`` that belong to a pooler a ``TokenPooler`` replaced in ``model``: a weights file
+    of the same architecture (another fine-tune of it) has them, and nothing reads them here."""
+    names = [n for n, m in model.named_modules() if isinstance(m, TokenPooler) and m.replaced is not None]
+    return {k for k in state_dict for n in names if k.startswith(f"{n}.")}
+
+
+def _uninstall(model: nn.Module) -> None:
+    """The task class's own pooling back: the replaced pooler (its weights come with the checkpoint), or no vector
+    at the first token."""
+    base = getattr(model, getattr(model, "base_model_prefix", "") or "", None)
+    pooler = getattr(base, "pooler", None)
+    if isinstance(pooler, TokenPooler) and pooler.replaced is not None:
+        like = next(model.parameters())
+        base.pooler = pooler.replaced(model.config).to(device=like.device, dtype=like.dtype)
+    elif isinstance(getattr(base, FIRST_TOKEN, None), TokenPooler):
+        delattr(base, FIRST_TOKEN)  # its hooks find no TokenPooler: they pass the output through
 
 
 def _pooler_of(base: nn.Module) -> TokenPooler | None:

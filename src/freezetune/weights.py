@@ -8,6 +8,7 @@ files shipped as pip packages, so ``--weights imagenet`` works offline for those
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 import zipfile
@@ -20,6 +21,9 @@ import torch
 from torch import nn
 
 from freezetune.errors import WeightsError
+from freezetune.text_pooling import replaced_keys
+
+log = logging.getLogger(__name__)
 
 _CONTAINER_KEYS = ("state_dict", "model_state_dict", "model_state", "model")
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DistributedDataParallel, torch.compile
@@ -271,6 +275,10 @@ def load_weights(model: nn.Module, path: str | Path, *, strict: bool = True) -> 
     """
     path = Path(path)
     source, target = read_state_dict(path), model.state_dict()
+    if unread := replaced_keys(model, source):  # another fine-tune of the architecture, or a checkpoint trained
+        # through the pooler the model's sentence pooling replaced: nothing reads those weights here
+        source = {k: v for k, v in source.items() if k not in unread}
+        log.info("%s: %d tensor(s) of the pooler the model's sentence pooling replaced are not used", path, len(unread))
     pairs, by_order = _fitting_pairs(target, source)
     if pairs is None:
         raise _misfit_error(path, target, source)
