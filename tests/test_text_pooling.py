@@ -325,3 +325,42 @@ def test_weights_of_the_architecture_with_its_pooler_load_into_the_sentence_pool
     assert pooling_of(model) == "mean" and "2 tensor(s) of the pooler" in caplog.text
     torch.testing.assert_close(model.bert.encoder.layer[5].output.dense.weight,
                                other.bert.encoder.layer[5].output.dense.weight)  # fmt: skip
+
+
+def test_a_checkpoints_bundled_files_declare_the_pooling_its_model_has(tmp_path):
+    # an --init (or a resume) can set another pooling than the folder declares: the export's model.hf/ declared the
+    # folder's, and create_model("hf:model.hf", ...) rebuilt a model that pooled otherwise than it trained
+    from freezetune import hf_bundle
+    from freezetune.data.text import text_preprocess
+    from freezetune.text_pooling import match_record
+
+    files = hf_bundle.bundle(f"hf:{MINILM}")
+    for recorded, expected in (("max", "max"), (None, None), ("mean", "mean")):
+        model, _ = create_model(f"hf:{MINILM}", "none")
+        match_record(model, {"text_pooling": recorded})
+        said = note(model)
+        if recorded == "max":
+            assert "as the checkpoint it starts from records" in said
+        elif recorded == "mean":  # the folder's own: unchanged files
+            assert "as the model's sentence-transformers config declares" in said
+        record = checkpoint.model_record(model, {"model": f"hf:{MINILM}"}, ["a", "b"], text_preprocess(f"hf:{MINILM}"),
+                                         files)  # fmt: skip
+        assert (record["hf_files"] == files) == (recorded == "mean")
+        folder = tmp_path / str(recorded)
+        hf_bundle.write(record["hf_files"], folder)
+        assert declared(str(folder)) == expected and record.get("text_pooling") == expected
+
+
+def test_pooling_set_again_is_hooked_once(tmp_path):
+    from freezetune.text_pooling import match_record
+
+    model, _ = create_model(f"hf:{_sentence_folder(tmp_path, 'distilbert', 'mean_tokens')}", "none")
+    base, ids = model.base_model, torch.tensor([[0, 5, 6, 7, 2], [0, 8, 2, 1, 1]])
+    hooks = (len(base._forward_hooks), len(base._forward_pre_hooks))
+    with torch.no_grad():
+        once = model.eval()(input_ids=ids, attention_mask=(ids != 1).long()).logits
+        match_record(model, {})  # the task class's own pooling, then the mean again: pooled twice, the first
+        match_record(model, {"text_pooling": "mean"})  # token differed by 0.77
+        again = model(input_ids=ids, attention_mask=(ids != 1).long()).logits
+    assert (len(base._forward_hooks), len(base._forward_pre_hooks)) == hooks
+    torch.testing.assert_close(again, once)

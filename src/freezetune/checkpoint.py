@@ -46,9 +46,10 @@ def model_record(model: nn.Module, cfg_dict: dict, classes: list[str], preproces
         "config": dict(cfg_dict),
         "state_dict": {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()},  # no wrapper's prefixes
     }
-    if hf_files:
-        record["hf_files"] = hf_files
-    if pooled := text_pooling.pooling_of(model):  # how the classifier's input is made from the last hidden states
+    pooled = text_pooling.pooling_of(model)  # how the classifier's input is made from the last hidden states
+    if hf_files:  # declaring the pooling the model has, which an --init or a resume may have set (match_record)
+        record["hf_files"] = text_pooling.bundled_as(hf_files, pooled)
+    if pooled:
         record["text_pooling"] = pooled
     return record
 

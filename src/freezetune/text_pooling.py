@@ -18,6 +18,7 @@ task class's pooler (by a freezetune before this) rebuilds with that pooler.
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 from collections.abc import Mapping
@@ -40,6 +41,7 @@ FIRST_TOKEN_HEADS = frozenset({"roberta", "xlm-roberta", "camembert", "mpnet", "
                                "deberta-v2"})  # fmt: skip
 FIRST_TOKEN = "sentence_pooling"  # the base model's attribute that holds the TokenPooler of such a model
 _NAMED_MODES = {"mean": "pooling_mode_mean_tokens", "cls": "pooling_mode_cls_token", "max": "pooling_mode_max_tokens"}
+DECLARED, RECORDED = "the model's sentence-transformers config declares", "the checkpoint it starts from records"
 POOLED = {
     "mean": "the mean of its tokens' last hidden states",
     "cls": "its first token's last hidden state",
@@ -65,6 +67,7 @@ class TokenPooler(nn.Module):
             raise ValueError(f"unknown pooling mode {mode!r}; one of {', '.join(MODES.values())}")
         self.mode, self.replaced = mode, replaced
         self.mask: torch.Tensor | None = None
+        self.origin = DECLARED  # what says this mode (said in the run's line)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         if self.mode == "cls":
@@ -140,7 +143,7 @@ def install(model: nn.Module, mode: str, name: str) -> bool:
         base.pooler = TokenPooler(mode, type(pooler))
     elif model_type in FIRST_TOKEN_HEADS and mode != "cls":  # its head is new: it learns to read the pooled vector
         setattr(base, FIRST_TOKEN, TokenPooler(mode))
-        base.register_forward_hook(_pooled_first_token)
+        _hook_once(base, _pooled_first_token)
     else:
         if model_type in FIRST_TOKEN_HEADS:  # cls pooling, which its head reads already: nothing to say
             log.info("%s: declares cls pooling, which %s reads already", name, type(model).__name__)
@@ -148,9 +151,20 @@ def install(model: nn.Module, mode: str, name: str) -> bool:
             warn_once(log, "%s: declares %s pooling, but %s pools in its own way: its classifier reads that, not the "
                       "vector the model was trained to give", name, mode, type(model).__name__)  # fmt: skip
         return False
-    base.register_forward_pre_hook(_take_mask, with_kwargs=True)
-    base.register_forward_hook(_drop_mask)  # after the first-token hook: hooks run in the order they were added
+    if _take_mask not in base._forward_pre_hooks.values():  # installed again after an _uninstall: hooked once
+        base.register_forward_pre_hook(_take_mask, with_kwargs=True)
+    _hook_once(base, _drop_mask, last=True)  # after the first-token hook: it clears the mask that hook pooled with
     return True
+
+
+def _hook_once(base: nn.Module, hook, *, last: bool = False) -> None:
+    """``hook`` as a forward hook of ``base``, once (an ``_uninstall`` leaves the hooks, which then pass the output
+    through); ``last``: moved behind the others."""
+    for key in [k for k, h in base._forward_hooks.items() if h is hook]:
+        if not last:
+            return
+        del base._forward_hooks[key]
+    base.register_forward_hook(hook)
 
 
 def _reads_hidden_states(pooler: object) -> bool:
@@ -172,8 +186,7 @@ def note(model: nn.Module) -> str | None:
     if pooler is None:
         return None
     where = "in place of its task class's pooler" if pooler.replaced else "at the first token, which its head reads"
-    return (f"text pooling: the classifier reads {POOLED[pooler.mode]}, as the model's sentence-transformers config "
-            f"declares ({where})")  # fmt: skip
+    return f"text pooling: the classifier reads {POOLED[pooler.mode]}, as {pooler.origin} ({where})"
 
 
 def match_record(model: nn.Module, record: dict) -> None:
@@ -184,11 +197,43 @@ def match_record(model: nn.Module, record: dict) -> None:
     recorded = record.get("text_pooling")
     pooler = next((m for m in model.modules() if isinstance(m, TokenPooler)), None)
     if pooler is not None and recorded in MODES.values():
-        pooler.mode = recorded
+        pooler.mode, pooler.origin = recorded, pooler.origin if pooler.mode == recorded else RECORDED
     elif pooler is not None:
         _uninstall(model)
-    elif recorded in MODES.values():
-        install(model, recorded, str(record.get("model")))
+    elif recorded in MODES.values() and install(model, recorded, str(record.get("model"))):
+        next(m for m in model.modules() if isinstance(m, TokenPooler)).origin = RECORDED
+
+
+def bundled_as(files: dict[str, str] | None, mode: str | None) -> dict[str, str] | None:
+    """A checkpoint's bundled model files (``hf_bundle``) declaring the pooling its model has, ``mode``: the
+    folder's, read when the run began, may say otherwise (``match_record`` followed an ``--init`` or a resume), and
+    an export rebuilt from them pooled by it (``create_model("hf:model.hf", ...)``). None keeps no declaration."""
+    if not files:
+        return files
+    modules = _decoded(files, MODULES_FILE)
+    paths = [m["path"] for m in modules if isinstance(m, dict) and _inside(m.get("path"))
+             and str(m.get("type", "")).rsplit(".", 1)[-1] == POOLING_TYPE] if isinstance(modules, list) else []  # fmt: skip
+    config_name = f"{paths[0]}/config.json" if paths else "1_Pooling/config.json"
+    config = _decoded(files, config_name) if paths else None
+    config = config if isinstance(config, dict) else {}
+    on = [MODES[k] for k, v in config.items() if k in MODES and v is True]
+    if on == ([mode] if mode else []) and (mode is None) == (not paths):
+        return files  # they declare it already (or nothing, as the model pools): kept byte for byte
+    if mode is None:
+        return {n: d for n, d in files.items() if n not in (MODULES_FILE, config_name)}
+    config = {k: v for k, v in config.items() if not k.startswith("pooling_mode")}
+    config.update({key: name == mode for key, name in MODES.items()})
+    if not paths:  # the folder no longer declares one (its modules.json gone): the checkpoint's own declaration
+        modules = [{"idx": 1, "name": "1", "path": "1_Pooling", "type": f"sentence_transformers.models.{POOLING_TYPE}"}]
+    written = {MODULES_FILE: json.dumps(modules, indent=2), config_name: json.dumps(config, indent=2)}
+    return {**files, **{n: base64.b64encode(t.encode()).decode("ascii") for n, t in written.items()}}
+
+
+def _decoded(files: dict[str, str], name: str) -> object:
+    try:
+        return json.loads(base64.b64decode(files[name])) if name in files else None
+    except ValueError:
+        return None
 
 
 def replaced_keys(model: nn.Module, state_dict: Mapping[str, object]) -> set[str]:
