@@ -364,3 +364,12 @@ def test_pooling_set_again_is_hooked_once(tmp_path):
         again = model(input_ids=ids, attention_mask=(ids != 1).long()).logits
     assert (len(base._forward_hooks), len(base._forward_pre_hooks)) == hooks
     torch.testing.assert_close(again, once)
+
+
+def test_a_base_models_weights_file_loads_by_name_into_its_task_model():
+    # --weights FOLDER/model.safetensors: a BertModel's keys (encoder.layer.0..., no bert. prefix, the old
+    # position_ids buffer, the pooler) matched by position into the task model, and were refused
+    model, _ = create_model(f"hf:{MINILM}", MINILM / "model.safetensors")
+    pretrained, _ = create_model(f"hf:{MINILM}", "default")
+    body = [k for k in pretrained.state_dict() if not k.startswith("classifier")]
+    assert body and all(torch.equal(model.state_dict()[k], pretrained.state_dict()[k]) for k in body)

@@ -246,6 +246,22 @@ def _fitting_pairs(target: StateDict, source: StateDict) -> tuple[dict[str, str]
     return _pair_by_order(target, source), True
 
 
+def _as_task_model(model: nn.Module, source: StateDict, target: StateDict) -> StateDict:
+    """A Hugging Face base model's weights (a sentence-transformers folder's ``model.safetensors``, a ``BertModel``
+    file) named as its task model holds them: ``encoder.layer.0...`` is ``bert.encoder.layer.0...`` there (matched by
+    position, the pooler and head lined the rest up wrongly); the ``position_ids`` buffer an older file keeps and
+    this transformers does not save is left out, as transformers' own loading leaves it."""
+    prefix = getattr(model, "base_model_prefix", None)
+    if not isinstance(prefix, str) or not prefix or not hasattr(model, "config"):
+        return source
+    source = {k: v for k, v in source.items()
+              if not (k.endswith("position_ids") and k not in target and f"{prefix}.{k}" not in target)}  # fmt: skip
+    if any(k.startswith(f"{prefix}.") for k in source):
+        return source
+    renamed = {f"{prefix}.{k}": v for k, v in source.items()}
+    return renamed if 2 * sum(k in target for k in renamed) > len(renamed) else source
+
+
 def load_weights(model: nn.Module, path: str | Path, *, strict: bool = True) -> LoadReport:
     """Load a weights file into ``model``, matching tensors by name or, when every name differs, by position.
 
@@ -275,6 +291,7 @@ def load_weights(model: nn.Module, path: str | Path, *, strict: bool = True) -> 
     """
     path = Path(path)
     source, target = read_state_dict(path), model.state_dict()
+    source = _as_task_model(model, source, target)
     if unread := replaced_keys(model, source):  # another fine-tune of the architecture, or a checkpoint trained
         # through the pooler the model's sentence pooling replaced: nothing reads those weights here
         source = {k: v for k, v in source.items() if k not in unread}
