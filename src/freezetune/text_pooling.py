@@ -8,9 +8,11 @@ replaces that pooler with ``TokenPooler``, which pools as the folder declares (m
 text's tokens, the attention mask read from the base model's call) and has no weights. Where the task class's head is
 new and reads the first token itself (RoBERTa's, MPNet's, DistilBERT's: all-mpnet-base-v2, all-distilroberta-v1),
 the pooled vector is put at that token, so the head learns on it (not measured: no such weights ship in a package
-here). Measured on MiniLM
-(``benchmarks/text_transfer.py``, 3 seeds, 100 texts a class, 3 epochs; man-page sections, Debian package sections):
-the auto recipe 65.96 -> 70.09 % and 78.59 -> 79.22 %, ``--recipe linear-probe`` 49.47 -> 62.04 % and 72.19 -> 76.26 %.
+here).
+
+Measured on MiniLM (``benchmarks/text_transfer.py``, 3 seeds, 100 texts a class, 3 epochs; man-page sections, Debian
+package sections): the auto recipe 65.96 -> 70.09 % and 78.59 -> 79.22 %, ``--recipe linear-probe`` 49.47 -> 62.04 %
+and 72.19 -> 76.26 %.
 
 A checkpoint rebuilds with the pooling it trained with, which it records (``match_record``): one trained through the
 task class's pooler (by a freezetune before this) rebuilds with that pooler.
