@@ -146,10 +146,10 @@ class RunSetup:
             cfg.model, cfg.max_length, text_column=cfg.text_column, label_column=cfg.label_column
         )
         if self.resumed is not None:  # a run resumed by a later freezetune reads its images as it began reading them
-            self.preprocess = dataclasses.replace(self.preprocess, alpha=self.resumed[0].alpha)
+            self.preprocess = dataclasses.replace(self.preprocess, alpha=self.resumed.alpha)
             # and pools its texts as it began (its model folder may declare otherwise now, or a freezetune before
             # sentence pooling trained it through its task class's pooler)
-            text_pooling.match_record(self.model, {"text_pooling": self.resumed[1], "model": cfg.model})
+            text_pooling.match_record(self.model, {"text_pooling": self.resumed_pooling, "model": cfg.model})
         self.hf_files = hf_bundle.bundle(cfg.model)  # an hf:DIR's config and tokenizer, carried by every checkpoint
 
     def _data(self) -> None:
@@ -246,8 +246,9 @@ class RunSetup:
         # a --resume of a run stopped before its first last.pt starts it afresh (prepare_run_dir said so)
         self.resuming = cfg.resume and (self.run_dir / checkpoint.LAST).is_file()
         # a refusal must not wait for the model and the data (a large folder's scan)
-        self.resumed = checkpoint.check_settings(self.run_dir / checkpoint.LAST, cfg.recorded()) if self.resuming \
-            else None  # fmt: skip
+        # (and what last.pt trained with: how its images were read, how its texts were pooled)
+        self.resumed, self.resumed_pooling = checkpoint.check_settings(self.run_dir / checkpoint.LAST, cfg.recorded()) \
+            if self.resuming else (None, None)  # fmt: skip
         for key in DATA_PATHS if self.resuming else ():  # the run's own paths: its data moved since?
             if (path := getattr(cfg, key)) is not None and not os.path.exists(path):
                 raise ConfigError(f"{key} '{path}' does not exist: give {setting(key, 'PATH', placeholder=True)} "

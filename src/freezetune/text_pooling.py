@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from freezetune.heads import hf_base_prefix
 from freezetune.run_log import warn_once
 
 log = logging.getLogger(__name__)
@@ -93,9 +94,8 @@ def declared(arch: str, *, cache_only: bool = True) -> str | None:
     it declares none (not a sentence-transformers model) or one freezetune does not read (several modes at once,
     weighted mean, last token: said once in the log)."""
     modules = _read_json(arch, MODULES_FILE, cache_only)
-    pooling = [m for m in modules if isinstance(m, dict) and str(m.get("type", "")).rsplit(".", 1)[-1] == POOLING_TYPE
-               and _inside(m.get("path"))] if isinstance(modules, list) else []  # fmt: skip
-    config = _read_json(arch, f"{pooling[0]['path']}/config.json", cache_only) if pooling else None
+    paths = _pooling_paths(modules)
+    config = _read_json(arch, f"{paths[0]}/config.json", cache_only) if paths else None
     if not isinstance(config, dict):
         return None
     named = _NAMED_MODES.get(config.get("pooling_mode"))  # the constructor's single name, in a config written by hand
@@ -117,9 +117,16 @@ def declaration_files(folder: Path) -> list[str]:
         modules = json.loads((folder / MODULES_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return []
-    paths = [m["path"] for m in modules if isinstance(m, dict) and _inside(m.get("path"))
-             and str(m.get("type", "")).rsplit(".", 1)[-1] == POOLING_TYPE] if isinstance(modules, list) else []  # fmt: skip
+    paths = _pooling_paths(modules)
     return [MODULES_FILE, *(f"{p}/config.json" for p in paths[:1] if (folder / p / "config.json").is_file())]
+
+
+def _pooling_paths(modules: object) -> list[str]:
+    """The folders of the Pooling modules a ``modules.json`` (parsed) lists, those inside the model's folder."""
+    if not isinstance(modules, list):
+        return []
+    return [m["path"] for m in modules if isinstance(m, dict) and _inside(m.get("path"))
+            and str(m.get("type", "")).rsplit(".", 1)[-1] == POOLING_TYPE]  # fmt: skip
 
 
 def _inside(path: object) -> bool:
@@ -136,7 +143,7 @@ def install(model: nn.Module, mode: str, name: str) -> bool:
     model's ``pooler``: BERT's and its kin's) becomes a ``TokenPooler``; where the task class's new head reads the
     base model's first token itself (``FIRST_TOKEN_HEADS``), the pooled vector is put at that token. False, said in
     the log, for any other task class (a decoder's reads its last token) and for ``cls`` there (already read)."""
-    base = getattr(model, getattr(model, "base_model_prefix", "") or "", None)
+    base = _base(model)
     pooler = getattr(base, "pooler", None)
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if not isinstance(base, nn.Module) or pooling_of(base) is not None:
@@ -179,12 +186,17 @@ def _reads_hidden_states(pooler: object) -> bool:
 
 def pooling_of(model: nn.Module) -> str | None:
     """The mode of ``model``'s ``TokenPooler``; None where it has none."""
-    return next((m.mode for m in model.modules() if isinstance(m, TokenPooler)), None)
+    pooler = _token_pooler(model)
+    return pooler.mode if pooler is not None else None
+
+
+def _token_pooler(model: nn.Module) -> TokenPooler | None:
+    return next((m for m in model.modules() if isinstance(m, TokenPooler)), None)
 
 
 def note(model: nn.Module) -> str | None:
     """The run's line on a ``TokenPooler``: what the classifier reads, and where that comes from; None without one."""
-    pooler = next((m for m in model.modules() if isinstance(m, TokenPooler)), None)
+    pooler = _token_pooler(model)
     if pooler is None:
         return None
     where = "in place of its task class's pooler" if pooler.replaced else "at the first token, which its head reads"
@@ -197,13 +209,13 @@ def match_record(model: nn.Module, record: dict) -> None:
     model folder read now may say otherwise (its modules.json edited or gone, a hub id's cache without it, a
     folder that gained one), and a head scores as it learned only on the vector it learned on."""
     recorded = record.get("text_pooling")
-    pooler = next((m for m in model.modules() if isinstance(m, TokenPooler)), None)
+    pooler = _token_pooler(model)
     if pooler is not None and recorded in MODES.values():
         pooler.mode, pooler.origin = recorded, pooler.origin if pooler.mode == recorded else RECORDED
     elif pooler is not None:
         _uninstall(model)
     elif recorded in MODES.values() and install(model, recorded, str(record.get("model"))):
-        next(m for m in model.modules() if isinstance(m, TokenPooler)).origin = RECORDED
+        _token_pooler(model).origin = RECORDED
 
 
 def bundled_as(files: dict[str, str] | None, mode: str | None) -> dict[str, str] | None:
@@ -213,8 +225,7 @@ def bundled_as(files: dict[str, str] | None, mode: str | None) -> dict[str, str]
     if not files:
         return files
     modules = _decoded(files, MODULES_FILE)
-    paths = [m["path"] for m in modules if isinstance(m, dict) and _inside(m.get("path"))
-             and str(m.get("type", "")).rsplit(".", 1)[-1] == POOLING_TYPE] if isinstance(modules, list) else []  # fmt: skip
+    paths = _pooling_paths(modules)
     config_name = f"{paths[0]}/config.json" if paths else "1_Pooling/config.json"
     config = _decoded(files, config_name) if paths else None
     config = config if isinstance(config, dict) else {}
@@ -248,13 +259,19 @@ def replaced_keys(model: nn.Module, state_dict: Mapping[str, object]) -> set[str
 def _uninstall(model: nn.Module) -> None:
     """The task class's own pooling back: the replaced pooler (its weights come with the checkpoint), or no vector
     at the first token."""
-    base = getattr(model, getattr(model, "base_model_prefix", "") or "", None)
+    base = _base(model)
     pooler = getattr(base, "pooler", None)
     if isinstance(pooler, TokenPooler) and pooler.replaced is not None:
         like = next(model.parameters())
         base.pooler = pooler.replaced(model.config).to(device=like.device, dtype=like.dtype)
     elif isinstance(getattr(base, FIRST_TOKEN, None), TokenPooler):
         delattr(base, FIRST_TOKEN)  # its hooks find no TokenPooler: they pass the output through
+
+
+def _base(model: nn.Module) -> nn.Module | None:
+    """The base model of a Hugging Face task model (``bert`` of ``BertForSequenceClassification``); None without one."""
+    prefix = hf_base_prefix(model)
+    return getattr(model, prefix) if prefix else None
 
 
 def _pooler_of(base: nn.Module) -> TokenPooler | None:
