@@ -222,7 +222,7 @@ def write_images(root, sizes=((40, 60), (50, 50), (64, 36)), subsampling: int = 
         arr = smooth_images(1, h, w, seed=i)[0].numpy()
         for fmt, img in (("jpg", Image.fromarray(arr)), ("png", Image.fromarray(arr)), ("bmp", Image.fromarray(arr))):
             path = root / f"c{i}" / f"img.{fmt}"
-            path.parent.mkdir(exist_ok=True)
+            path.parent.mkdir(parents=True, exist_ok=True)
             img.save(path, quality=95, subsampling=subsampling) if fmt == "jpg" else img.save(path)
             samples.append((str(path), i))
     gray = root / "c0" / "gray.jpg"
