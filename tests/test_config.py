@@ -369,7 +369,7 @@ def test_every_field_converts_from_text_to_its_declared_type(name):
 
 def test_type_hints_drive_conversion_and_cli_flag_types():
     assert [n for n in field_names() if scalar_type(n) is bool] == [
-        "skip_bad", "refit", "channels_last", "compile", "resume", "tensorboard", "progress", "final_test"]  # fmt: skip
+        "skip_bad", "refit", "channels_last", "compile", "cuda_graph", "resume", "tensorboard", "progress", "final_test"]  # fmt: skip
     assert (scalar_type("val_split"), scalar_type("out"), scalar_type("freeze"), scalar_type("unfreeze")) == (
         float, str, None, None)  # fmt: skip
     assert coerce("compile", "yes") is True and coerce("img_size", "64") == 64

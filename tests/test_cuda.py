@@ -76,6 +76,38 @@ def test_cached_matches_uncached_in_fp32_on_the_gpu(data, tmp_path):
     np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-4)  # cuDNN picks kernels per shape: not bit-equal
 
 
+def test_cached_steps_replayed_from_a_cuda_graph_train_as_eager_steps(data, tmp_path):
+    # fp32 and no augmentation: the graph's replays must give the eager steps' losses; 36 training images in batches
+    # of 8 are 4 replays an epoch and an eager last batch of 4
+    kw = dict(amp="off", aug="none", freeze="backbone", cache="memory", channels_last=False)
+    graphed = Trainer(_config(data, tmp_path, "g", **kw), echo=lambda *_: None)
+    eager = Trainer(_config(data, tmp_path, "e", cuda_graph=False, **kw), echo=lambda *_: None)
+    got = [(r["train_loss"], r["train_acc"], r["val_loss"]) for r in graphed.fit().history]
+    want = [(r["train_loss"], r["train_acc"], r["val_loss"]) for r in eager.fit().history]
+    assert eager.step.graphs is None
+    assert (graphed.step.graphs.captures, graphed.step.graphs.replays, graphed.step.graphs.off) == (1, 8, None)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_an_unfrozen_stage_is_captured_anew_in_bf16(data, tmp_path):
+    trainer = Trainer(
+        _config(data, tmp_path, "u", amp="bf16", freeze="backbone", unfreeze="epoch:1", cache="auto"),
+        echo=lambda *_: None,
+    )
+    result = trainer.fit()
+    assert [r["unfrozen"] for r in result.history] == ["", "blocks.4"]
+    assert trainer.features.cached  # cut again before blocks.4: the second epoch replays a graph of a new suffix
+    assert (trainer.step.graphs.captures, trainer.step.graphs.replays, trainer.step.graphs.off) == (2, 8, None)
+    assert all(np.isfinite(r["train_loss"]) for r in result.history)
+
+
+def test_fp16_cached_steps_run_eagerly(data, tmp_path):
+    # GradScaler reads every step's gradients for overflow on the host: no graph, and the run still trains
+    trainer = Trainer(_config(data, tmp_path, "h", amp="fp16", freeze="backbone", cache="memory"), echo=lambda *_: None)
+    assert trainer.step.graphs is None
+    assert all(np.isfinite(r["train_loss"]) for r in trainer.fit().history)
+
+
 def test_inspect_batch_size_auto_measures_on_the_device():
     from freezetune.describe import describe_model
 

@@ -77,8 +77,8 @@ FIELD_CHOICES = {
 # What a --resume may change: where and how fast the run computes, what it shows and saves, not what it trains.
 # Every other setting must be the run's own (checkpoint.restore refuses the rest; epochs only stretch without an LR
 # schedule).
-RESUME_MAY_CHANGE = ("out", "resume", "device", "workers", "compile", "channels_last", "decode", "cache_dir",
-                     "save_every_steps", "tensorboard", "progress", "final_test")  # fmt: skip
+RESUME_MAY_CHANGE = ("out", "resume", "device", "workers", "compile", "cuda_graph", "channels_last", "decode",
+                     "cache_dir", "save_every_steps", "tensorboard", "progress", "final_test")  # fmt: skip
 # may name another path on a resume (the data moved: a copy on a node's local disk, a renamed folder); what they hold is
 # checked against last.pt's digest of the data, which does not depend on where the files are
 DATA_PATHS = ("data", "val_data")
@@ -152,6 +152,7 @@ class TrainConfig:
     amp: str = "auto"
     channels_last: bool | None = None
     compile: bool = False
+    cuda_graph: bool = True  # replay the cached training step as a CUDA graph (graph_step.py)
     cache: str = "auto"
     cache_views: int = 1
     cache_dir: str | None = None  # keep feature stores here and reuse them across runs (sweeps do)

@@ -25,10 +25,12 @@ class Precision:
         # fp16 gradients underflow without loss scaling (on a CPU too); bf16 has fp32's exponent range and needs none
         return self.amp_dtype is torch.float16 and self.device.type in ("cuda", "cpu")
 
-    def autocast(self) -> contextlib.AbstractContextManager:
+    def autocast(self, *, cache: bool = True) -> contextlib.AbstractContextManager:
+        """Autocast to the run's AMP dtype (a no-op without AMP); ``cache=False`` recasts the weights at each use,
+        as a CUDA graph's capture needs (a cast kept from outside the graph would not be replayed)."""
         if self.amp_dtype is None:
             return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+        return torch.autocast(self.device.type, dtype=self.amp_dtype, cache_enabled=cache)
 
     def scaler(self) -> torch.amp.GradScaler:
         return torch.amp.GradScaler(self.device.type, enabled=self.needs_scaler)

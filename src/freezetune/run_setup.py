@@ -213,7 +213,8 @@ class RunSetup:
         self.loss_fn = training_loss(cfg.class_weights, cfg.label_smoothing, self.data.train.targets, len(self.classes),
                                      self.device)  # fmt: skip
         self.step = Step(self.state, self.loss_fn, self.precision, channels_last=self.channels_last,
-                         grad_clip=cfg.grad_clip, skip_nonfinite=cfg.skip_nonfinite, dist=self.dist)  # fmt: skip
+                         grad_clip=cfg.grad_clip, skip_nonfinite=cfg.skip_nonfinite, dist=self.dist,
+                         graph_batch=cfg.batch_size if cfg.cuda_graph and not cfg.compile else None)  # fmt: skip
         self.progress = Progress(cfg.monitor)
 
     def _run_files(self) -> None:

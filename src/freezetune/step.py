@@ -2,10 +2,12 @@
 clipping, the optimizer and LR-schedule steps; or, with ``skip_nonfinite``, a batch whose loss is not finite skipped.
 
 The ``Trainer`` decides which batches an epoch runs, when to save and when to stop; ``Step`` only trains on a batch.
+On a CUDA device a full batch of cached features is trained by replaying a captured step (``graph_step``).
 """
 
 from __future__ import annotations
 
+import logging
 import warnings
 
 import torch
@@ -17,7 +19,10 @@ from freezetune.download import first_line
 from freezetune.epoch_log import TrainProgress
 from freezetune.errors import TrainingError
 from freezetune.evaluate import logits_of, run_model, to_device
+from freezetune.graph_step import StepGraphs, graph_unsupported
 from freezetune.precision import Precision
+
+log = logging.getLogger(__name__)
 
 
 class Step:
@@ -41,17 +46,37 @@ class Step:
 
     def __init__(self, state: TrainingState, loss_fn: nn.Module, precision: Precision, *, channels_last: bool = False,
                  grad_clip: float | None = None, skip_nonfinite: int | None = None,
-                 dist: DistInfo | None = None) -> None:  # fmt: skip
+                 dist: DistInfo | None = None, graph_batch: int | None = None) -> None:  # fmt: skip
         self.state, self.loss_fn, self.precision, self.dist = state, loss_fn, precision, dist or DistInfo()
         self.channels_last, self.grad_clip, self.skip_nonfinite = channels_last, grad_clip, skip_nonfinite
         self.lrs: list[float] | None = None
+        self.graphs = self._graphs(graph_batch) if graph_batch else None
 
-    def __call__(self, module: nn.Module, inputs, targets: torch.Tensor, meter: TrainProgress) -> bool:
+    def _graphs(self, batch_size: int) -> StepGraphs | None:
+        """The CUDA graphs of cached steps (``graph_step``), when nothing in this run's step needs the host."""
+        why = graph_unsupported(self.state.optimizer, self.precision.device, needs_scaler=self.precision.needs_scaler,
+                                grad_clip=self.grad_clip, skip_nonfinite=self.skip_nonfinite,
+                                distributed=self.dist.enabled)  # fmt: skip
+        if why is not None:
+            log.debug("cached training steps run eagerly: %s", why)
+            return None
+        return StepGraphs(lambda: self.state.optimizer, self.loss_fn, lambda: self.precision.autocast(cache=False),
+                          batch_size)  # fmt: skip
+
+    def __call__(self, module: nn.Module, inputs, targets: torch.Tensor, meter: TrainProgress, *,
+                 cached: bool = False) -> bool:  # fmt: skip
         """Train ``module`` on one batch and count it in ``meter``; False when the batch was skipped as non-finite
-        (``meter.skipped`` counts those; the caller decides when too many end the run)."""
+        (``meter.skipped`` counts those; the caller decides when too many end the run). ``cached``: the batch is
+        cached features on the device (a full one may then be a CUDA graph's replay)."""
         device = self.precision.device
         inputs = to_device(inputs, device, self.channels_last)
         targets = targets.to(device, non_blocking=True)
+        if cached and self.graphs is not None and isinstance(inputs, torch.Tensor):
+            replayed = self.graphs.run(module, inputs, targets)
+            if replayed is not None:
+                self._scheduled()
+                meter.update(*replayed, targets)
+                return True
         with self.precision.autocast():
             logits = logits_of(run_model(module, inputs))
             loss = self.loss_fn(logits.float(), targets)
@@ -84,7 +109,11 @@ class Step:
             nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], self.grad_clip)
         scaler.step(optimizer)
         scaler.update()
-        self.lrs = [g["lr"] for g in optimizer.param_groups]
+        self._scheduled()
+
+    def _scheduled(self) -> None:
+        """After the optimizer's step: note the rates it used and move the LR schedule on."""
+        self.lrs = [g["lr"] for g in self.state.optimizer.param_groups]
         if self.state.scheduler is not None:
             self.state.scheduler.step()
 

@@ -299,7 +299,7 @@ class Trainer(RunSetup):
         asked."""
         for inputs, targets in self._remaining(batches, meter):
             try:
-                stepped = self.step(self.features.train_module, inputs, targets, meter)
+                stepped = self.step(self.features.train_module, inputs, targets, meter, cached=self.features.cached)
             except ValueError as exc:
                 if "more than 1 value per channel" not in str(exc):
                     raise
