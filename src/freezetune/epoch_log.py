@@ -97,12 +97,15 @@ class TrainProgress:
         self.started, self.seconds_before = time.perf_counter(), 0.0
         self.bar = progress_bar(total, desc, enabled=enabled)
 
-    def update(self, loss: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> None:
+    def update(self, loss: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor,
+               correct: torch.Tensor | None = None) -> None:  # fmt: skip
+        """Count a trained batch: its loss, and its correct predictions (``correct``, when the step counted them
+        already: a CUDA graph's replay does, saving the launches)."""
         i = self.step
         if i >= len(self.sizes):  # more batches than announced: grow rather than fail
             self._grow()
         self.losses[i] = loss.detach()
-        self.corrects[i] = (logits.detach().argmax(-1) == targets).sum()
+        self.corrects[i] = (logits.detach().argmax(-1) == targets).sum() if correct is None else correct
         self.sizes[i] = len(targets)
         self.seen += len(targets)
         self.step += 1

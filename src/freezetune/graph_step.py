@@ -70,7 +70,8 @@ class StepGraphs:
         self.captures = self.replays = 0
 
     def run(self, module: nn.Module, inputs: torch.Tensor, targets: torch.Tensor):
-        """The step's ``(loss, logits)`` after training on the batch, or None when it must run eagerly."""
+        """The step's ``(loss, logits, correct)`` after training on the batch (``correct``: how many of its
+        predictions were right), or None when it must run eagerly."""
         if self.off or len(targets) != self.batch_size:
             return None
         optimizer = self.optimizer()
@@ -97,7 +98,8 @@ def _key(module: nn.Module, optimizer: torch.optim.Optimizer, inputs: torch.Tens
 
 
 class _Graph:
-    """One captured step: static input buffers, the graph, its loss and logits (overwritten by each replay)."""
+    """One captured step: static input buffers, the graph, its loss, logits and correct count (overwritten by each
+    replay: read them before the next)."""
 
     def __init__(self, module: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: nn.Module,
                  autocast: Callable[[], object], inputs: torch.Tensor, targets: torch.Tensor) -> None:  # fmt: skip
@@ -113,8 +115,10 @@ class _Graph:
             self._warm_up(device)
             optimizer.zero_grad(set_to_none=True)  # the graph's backward then makes the grads in its own memory
             self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                self.loss, self.logits = self._body()
+            # thread-local: a thread of the run's own (the GPU monitor, a loader's readers pinning memory) may call
+            # CUDA meanwhile without spoiling the capture, which only this thread's calls could
+            with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+                self.outputs = self._body()
         finally:
             for g, lr in zip(optimizer.param_groups, floats, strict=True):
                 g["lr"] = lr
@@ -135,15 +139,16 @@ class _Graph:
             restore(saved)
             torch.cuda.set_rng_state(rng, device)
 
-    def _body(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def _body(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         with self.autocast():
             logits = logits_of(self.module(self.inputs))
             loss = self.loss_fn(logits.float(), self.targets)
         loss.backward()
         self.optimizer.step()
-        return loss.detach(), logits.detach()
+        logits = logits.detach()
+        return loss.detach(), logits, (logits.argmax(-1) == self.targets).sum()  # the meter's count, in the graph
 
-    def __call__(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         self.inputs.copy_(inputs)
         self.targets.copy_(targets)
         for i, g in enumerate(self.optimizer.param_groups):
@@ -151,7 +156,7 @@ class _Graph:
                 self.lrs[i].fill_(g["lr"])
                 self.lr_values[i] = g["lr"]
         self.graph.replay()
-        return self.loss, self.logits
+        return self.outputs
 
 
 def snapshot(module: nn.Module, optimizer: torch.optim.Optimizer) -> dict:

@@ -75,7 +75,8 @@ class Step:
             replayed = self.graphs.run(module, inputs, targets)
             if replayed is not None:
                 self._scheduled()
-                meter.update(*replayed, targets)
+                loss, logits, correct = replayed
+                meter.update(loss, logits, targets, correct)
                 return True
         with self.precision.autocast():
             logits = logits_of(run_model(module, inputs))
