@@ -238,8 +238,14 @@ def run_command(name: str, data: dict, args, device: torch.device) -> tuple[nn.M
     )  # fmt: skip
     result = train(cfg, echo=lambda line: print(line, file=sys.stderr))
     model, _ = checkpoint.build_model(checkpoint.load(result.run_dir / checkpoint.LAST))
-    choice = json.loads((result.run_dir / auto.RECIPE_FILE).read_text()).get("choice")  # (a named recipe: none)
-    return model, {**_spent(result), **({"auto": choice["trained_stages"]} if choice else {})}
+    decision = json.loads((result.run_dir / auto.RECIPE_FILE).read_text())
+    choice = decision.get("choice")  # (a named recipe: none)
+    info = _spent(result)
+    if decision.get("trials"):  # where the default's time goes: its trials (cache, steps) and the run that follows
+        trials = sum(t["seconds"].get("cache", 0.0) + t["seconds"].get("epochs", 0.0) - t.get("val_s", 0.0)
+                     for t in decision["trials"])  # fmt: skip
+        info["note"] = "; ".join(filter(None, [f"trials {trials:.1f}s of it", info["note"]]))
+    return model, {**info, **({"auto": choice["trained_stages"]} if choice else {})}
 
 
 def _spent(result) -> dict:
