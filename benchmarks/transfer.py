@@ -110,17 +110,18 @@ def run_seed(data: dict, args, device: torch.device) -> tuple[nn.Module, dict]:
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda")
     loader, times = train_loader(data, args, device), {}
     with timed(device, times, "train"):
-        for _ in range(args.epochs):
-            model.train()
-            for x, y in loader:
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                optimizer.zero_grad()
-                with autocast(device, torch.float16):
-                    loss = F.cross_entropy(model(x), y)
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-    return model, {"seconds": times["train"]}
+        for epoch in range(args.epochs):
+            with timed(device, times, f"epoch {epoch}"):
+                model.train()
+                for x, y in loader:
+                    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                    optimizer.zero_grad()
+                    with autocast(device, torch.float16):
+                        loss = F.cross_entropy(model(x), y)
+                    scaler.scale(loss).backward()
+                    scaler.step(optimizer)
+                    scaler.update()
+    return model, {"seconds": times["train"], "note": _first_epoch(times, args.epochs)}
 
 
 def run_full(data: dict, args, device: torch.device) -> tuple[nn.Module, dict]:
@@ -134,17 +135,27 @@ def run_full(data: dict, args, device: torch.device) -> tuple[nn.Module, dict]:
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=1e-3, total_steps=args.epochs * len(loader))
     loss_fn = nn.CrossEntropyLoss(label_smoothing=0.1)
     with timed(device, times, "train"):
-        for _ in range(args.epochs):
-            model.train()
-            for x, y in loader:
-                x = x.contiguous(memory_format=memory_format)
-                with autocast(device):
-                    loss = loss_fn(model(x).float(), y)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                schedule.step()
-    return model, {"seconds": times["train"]}
+        for epoch in range(args.epochs):
+            with timed(device, times, f"epoch {epoch}"):
+                model.train()
+                for x, y in loader:
+                    x = x.contiguous(memory_format=memory_format)
+                    with autocast(device):
+                        loss = loss_fn(model(x).float(), y)
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                    schedule.step()
+    return model, {"seconds": times["train"], "note": _first_epoch(times, args.epochs)}
+
+
+def _first_epoch(times: dict, epochs: int) -> str:
+    """The first epoch's seconds against a later one's (the median): on a GPU the first pays each kernel's loading
+    and cuDNN's plan for each new shape, which a short run may spend most of its time on."""
+    if epochs < 2:
+        return ""
+    later = statistics.median(times[f"epoch {e}"] for e in range(1, epochs))
+    return f"1st epoch {times['epoch 0']:.1f}s, later {later:.2f}s each"
 
 
 def run_lightning(data: dict, args, device: torch.device) -> tuple[nn.Module, dict]:
@@ -244,7 +255,9 @@ def run_command(name: str, data: dict, args, device: torch.device) -> tuple[nn.M
     if decision.get("trials"):  # where the default's time goes: its trials (cache, steps) and the run that follows
         trials = sum(t["seconds"].get("cache", 0.0) + t["seconds"].get("epochs", 0.0) - t.get("val_s", 0.0)
                      for t in decision["trials"])  # fmt: skip
-        info["note"] = "; ".join(filter(None, [f"trials {trials:.1f}s of it", info["note"]]))
+        epochs = {f"epoch {i}": row["epoch_time_s"] for i, row in enumerate(result.history)}  # the final run's
+        info["note"] = "; ".join(filter(None, [f"trials {trials:.1f}s of it", info["note"],
+                                               _first_epoch(epochs, len(result.history))]))  # fmt: skip
     return model, {**info, **({"auto": choice["trained_stages"]} if choice else {})}
 
 
