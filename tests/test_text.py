@@ -307,7 +307,8 @@ def test_a_text_model_exports_its_weights_and_refuses_a_graph_format_in_one_line
     assert code == 0 and (tmp_path / "m.safetensors").is_file(), err
     # the sidecar described a text model's input as 224 px ImageNet-normalised images
     sidecar = json.loads((tmp_path / "m.json").read_text())
-    assert sidecar["preprocess"] == {"tokenizer": str(MINILM), "max_length": 128} and sidecar["hf_files"] == "m.hf"
+    # its tokenizer is the one beside it: the training machine's folder (MINILM) is not where the export goes
+    assert sidecar["preprocess"] == {"tokenizer": "m.hf", "max_length": 128} and sidecar["hf_files"] == "m.hf"
     # the model folder's config and tokenizer beside the weights: the export needs no copy of that folder
     from transformers import AutoConfig, AutoTokenizer
 

@@ -67,6 +67,8 @@ def export_checkpoint(ckpt_path: str | Path, to: str | Path, *, force: bool = Fa
         if folder.exists() and not force and not hf_bundle.holds(folder, files):  # not another format's export
             raise CheckpointError(f"{folder} already exists and holds other files; pass --force to overwrite")
         meta["hf_files"] = folder.name  # beside the sidecar: AutoConfig / AutoTokenizer.from_pretrained(it)
+        if text:  # the tokenizer travels in that folder: the training machine's path is no use where the export goes
+            meta["preprocess"]["tokenizer"] = folder.name
     meta = _sidecar(sidecar, meta, force, to)
     to.parent.mkdir(parents=True, exist_ok=True)
     if to.suffix == ".safetensors":
