@@ -1,6 +1,7 @@
 """A run's set-up, in the order its steps depend on each other: process, model and data, feature path,
-optimization, resume, run files, the feature cache. ``Trainer`` (``trainer.py``) is a ``RunSetup`` that then trains;
-the set-up is kept apart so that its order reads as one path, and the loop as another.
+optimization, resume, run files, the feature cache; and ``say_setup``, what the run says of it before it trains (the
+stage table, the notes). ``Trainer`` (``trainer.py``) is a ``RunSetup`` that then trains; the set-up is kept apart so
+that its order reads as one path, and the loop as another.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from torch import nn
 
 from freezetune import checkpoint, hf_bundle, reporting, rng, run_log, runtime, text_pooling
 from freezetune._io import atomic_write_text
-from freezetune.bn_policy import hold_bn_statistics
+from freezetune.bn_policy import hold_bn_statistics, idle_bn_policy
 from freezetune.cache import FeaturePath
 from freezetune.config import DATA_PATHS, TrainConfig, parse_freeze_spec, validate, validation_users
 from freezetune.data import Loaders, build_datasets
@@ -30,6 +31,7 @@ from freezetune.data.text import (
     noun,
     refuse_other_settings,
     text_preprocess,
+    truncation_note,
 )
 from freezetune.depthwise import use_fast_depthwise
 from freezetune.distributed import (
@@ -40,20 +42,22 @@ from freezetune.distributed import (
     wrap,
 )
 from freezetune.errors import ConfigError, DataError, choices, setting
-from freezetune.freeze import freeze
+from freezetune.freeze import count_parameters, freeze, summary
 from freezetune.heads import replace_head
 from freezetune.interrupt import StopRequest
-from freezetune.loss import training_loss
+from freezetune.loss import imbalance_note, training_loss
 from freezetune.memory import auto_batch_size
 from freezetune.models import create_model
-from freezetune.optim import build_optimizer, build_scheduler, warmup_steps
+from freezetune.optim import build_optimizer, build_scheduler, momentum_note, warmup_steps
 from freezetune.options import BATCH_AUTO, MONITOR_MODES, RANDOM_WEIGHTS
+from freezetune.param_groups import idle_stage_lrs
 from freezetune.precision import resolve_device, resolve_precision
 from freezetune.progress import Progress
 from freezetune.split import check_cut, check_cut_at_start
 from freezetune.stages import stages
 from freezetune.step import Step
-from freezetune.unfreezing import Unfreezer
+from freezetune.unfreeze_schedule import plateau_units_note
+from freezetune.unfreezing import Unfreezer, idle_schedule_note
 
 SKIPPED = "skipped.txt"  # the image files --skip-bad left out, one path a line
 log = logging.getLogger(__name__)
@@ -322,3 +326,49 @@ class RunSetup:
         """What a step runs: DDP over the parameters that train now, compiled when asked."""
         module = wrap(module, self.dist, self.device)
         return runtime.recompile(module) if self.cfg.compile else module
+
+    def say_setup(self) -> None:
+        """What trains on what (the stage table, or one line for the auto recipe's later trials) and the notes."""
+        trainable, total = count_parameters(self.model)
+        n, visited = len(self.data.train), self.loaders.epoch_items(len(self.data.train))
+        per_epoch = f" ({visited} an epoch)" if visited < n else ""  # --epoch-images, a trial's half
+        how = [self.precision.describe()] + ["channels_last"] * self.channels_last + ["compiled"] * self.cfg.compile
+        if workers := self.loaders.workers_for(self.data.train):  # their count changes the augmentations drawn
+            how.append(f"{workers} loader worker{'s' if workers > 1 else ''}")
+        head = (
+            f"{self.cfg.model} on {', '.join(how)}: {n} train {noun(self.data.train)}{per_epoch}, "
+            f"{len(self.classes)} classes, {trainable:,}/{total:,} parameters trainable"
+        )
+        if self.brief:
+            self.echo(f"{head}: {', '.join(s.name for s in stages(self.model) if s.num_trainable)}")
+        else:
+            self.echo(f"{head}\nvalidation: {self.data.val_source}\n{summary(self.model)}")
+        notes = [imbalance_note(self.cfg.class_weights, self.data.train.targets, len(self.classes),
+                                noun(self.data.train))]  # fmt: skip
+        if not self.brief:  # the later trials of the auto recipe: their first said these
+            schedule = self.state.unfreezer.schedule if self.state.unfreezer is not None else None  # parsed once
+            idle = idle_schedule_note(self.state.unfreezer, self.cfg.epochs)  # a schedule that opens nothing here
+            notes += [truncation_note(self.data.train, self.preprocess), text_pooling.note(self.model),
+                      idle_stage_lrs(self.model, self.cfg.stage_lrs, unfreezes=schedule is not None and idle is None,
+                                     decay=self.cfg.decay),
+                      idle_bn_policy(self.model, self.cfg.bn), plateau_units_note(schedule, self.cfg.monitor), idle,
+                      momentum_note(self.cfg.optimizer, self.cfg.momentum, TrainConfig.momentum),
+                      self.precision.cpu_note()]  # fmt: skip
+        for note in filter(None, [*notes, self._warmup_note()]):
+            self.echo(note)
+        if self.data.skipped:
+            self.echo(f"skipped {len(self.data.skipped)} unreadable image file(s) (--skip-bad): listed in "
+                      f"{self.run_dir / SKIPPED}")  # fmt: skip
+
+    def _warmup_note(self) -> str | None:
+        """When the patience of early stopping or a plateau unfreeze starts counting, if the LR warm-up delays it."""
+        first = self.warmup_steps // max(self.steps_per_epoch, 1) + 1  # the first epoch that ends past the peak
+        unfreezer = self.state.unfreezer
+        plateau = unfreezer is not None and unfreezer.schedule.kind == "plateau"
+        waits = [what for what, on in (("early stopping", bool(self.cfg.early_stop)), ("plateau unfreezing", plateau))
+                 if on]  # fmt: skip
+        if first <= 1 or not waits:
+            return None
+        count = "counts" if len(waits) == 1 else "count"
+        return (f"note: {' and '.join(waits)} {count} epochs without improvement from epoch {first} on: the "
+                f"{self.cfg.scheduler} schedule raises the LR until then")  # fmt: skip

@@ -14,11 +14,9 @@ import time
 from collections.abc import Callable, Iterator
 from itertools import islice
 
-from freezetune import checkpoint, epoch_log, recipes, reporting, rng, run_lock, run_log, runtime, text_pooling
-from freezetune.bn_policy import idle_bn_policy
+from freezetune import checkpoint, epoch_log, recipes, reporting, rng, run_lock, run_log, runtime
 from freezetune.config import TrainConfig, validate
 from freezetune.data import noun
-from freezetune.data.text import truncation_note
 from freezetune.distributed import (
     all_reduce_sum,
     barrier,
@@ -28,19 +26,14 @@ from freezetune.distributed import (
     leave_group,
 )
 from freezetune.errors import TrainingError
-from freezetune.freeze import count_parameters, spec_items, summary
+from freezetune.freeze import count_parameters, spec_items
 from freezetune.inference import evaluate_best, write_evaluation
 from freezetune.interrupt import AT_ONCE_UNDER_DDP, OUTSIDE_A_STEP, StopRequest, pause_point
-from freezetune.loss import imbalance_note
 from freezetune.memory import out_of_memory_hint
-from freezetune.optim import momentum_note
-from freezetune.param_groups import idle_stage_lrs, stage_lr_text
+from freezetune.param_groups import stage_lr_text
 from freezetune.progress import RunResult, other_monitor
-from freezetune.run_setup import SKIPPED, RunSetup
-from freezetune.stages import stages
+from freezetune.run_setup import RunSetup
 from freezetune.step import one_value_batch
-from freezetune.unfreeze_schedule import plateau_units_note
-from freezetune.unfreezing import idle_schedule_note
 
 
 def train(cfg: TrainConfig, *, echo: Callable[[str], None] = print, resumable: bool = True, brief: bool = False,
@@ -89,7 +82,7 @@ class Trainer(RunSetup):
 
     def fit(self) -> RunResult:
         """Train the remaining epochs, then plot the curves and score ``best.pt`` on the test split."""
-        self._say_setup()
+        self.say_setup()
         self.fit_start = start = time.perf_counter()
         try:
             # one process: a signal is acted on at the next step boundary, after saving there; under DDP the ranks
@@ -125,52 +118,6 @@ class Trainer(RunSetup):
         return RunResult(self.run_dir, p.best_epoch, p.best_metric, test, list(self.metrics.rows), self.seconds,
                          data_kind=noun(self.data.train), no_refit=self.data.no_refit,
                          monitor=self.cfg.monitor, steps_per_epoch=self.steps_per_epoch)  # fmt: skip
-
-    def _say_setup(self) -> None:
-        """What trains on what (the stage table, or one line for the auto recipe's later trials) and the notes."""
-        trainable, total = count_parameters(self.model)
-        n, visited = len(self.data.train), self.loaders.epoch_items(len(self.data.train))
-        per_epoch = f" ({visited} an epoch)" if visited < n else ""  # --epoch-images, a trial's half
-        how = [self.precision.describe()] + ["channels_last"] * self.channels_last + ["compiled"] * self.cfg.compile
-        if workers := self.loaders.workers_for(self.data.train):  # their count changes the augmentations drawn
-            how.append(f"{workers} loader worker{'s' if workers > 1 else ''}")
-        head = (
-            f"{self.cfg.model} on {', '.join(how)}: {n} train {noun(self.data.train)}{per_epoch}, "
-            f"{len(self.classes)} classes, {trainable:,}/{total:,} parameters trainable"
-        )
-        if self.brief:
-            self.echo(f"{head}: {', '.join(s.name for s in stages(self.model) if s.num_trainable)}")
-        else:
-            self.echo(f"{head}\nvalidation: {self.data.val_source}\n{summary(self.model)}")
-        notes = [imbalance_note(self.cfg.class_weights, self.data.train.targets, len(self.classes),
-                                noun(self.data.train))]  # fmt: skip
-        if not self.brief:  # the later trials of the auto recipe: their first said these
-            schedule = self.state.unfreezer.schedule if self.state.unfreezer is not None else None  # parsed once
-            idle = idle_schedule_note(self.state.unfreezer, self.cfg.epochs)  # a schedule that opens nothing here
-            notes += [truncation_note(self.data.train, self.preprocess), text_pooling.note(self.model),
-                      idle_stage_lrs(self.model, self.cfg.stage_lrs, unfreezes=schedule is not None and idle is None,
-                                     decay=self.cfg.decay),
-                      idle_bn_policy(self.model, self.cfg.bn), plateau_units_note(schedule, self.cfg.monitor), idle,
-                      momentum_note(self.cfg.optimizer, self.cfg.momentum, TrainConfig.momentum),
-                      self.precision.cpu_note()]  # fmt: skip
-        for note in filter(None, [*notes, self._warmup_note()]):
-            self.echo(note)
-        if self.data.skipped:
-            self.echo(f"skipped {len(self.data.skipped)} unreadable image file(s) (--skip-bad): listed in "
-                      f"{self.run_dir / SKIPPED}")  # fmt: skip
-
-    def _warmup_note(self) -> str | None:
-        """When the patience of early stopping or a plateau unfreeze starts counting, if the LR warm-up delays it."""
-        first = self.warmup_steps // max(self.steps_per_epoch, 1) + 1  # the first epoch that ends past the peak
-        unfreezer = self.state.unfreezer
-        plateau = unfreezer is not None and unfreezer.schedule.kind == "plateau"
-        waits = [what for what, on in (("early stopping", bool(self.cfg.early_stop)), ("plateau unfreezing", plateau))
-                 if on]  # fmt: skip
-        if first <= 1 or not waits:
-            return None
-        count = "counts" if len(waits) == 1 else "count"
-        return (f"note: {' and '.join(waits)} {count} epochs without improvement from epoch {first} on: the "
-                f"{self.cfg.scheduler} schedule raises the LR until then")  # fmt: skip
 
     def _spent(self, *, running: bool = False) -> dict[str, float]:
         """The run's seconds so far: this process's (``running``: the epoch loop's up to now) plus its earlier ones'."""
