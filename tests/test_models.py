@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import freezetune.models as models
+import freezetune.models_hf as models_hf
 from freezetune import download
 from freezetune.errors import ConfigError, WeightsError
 from freezetune.models import create_model
@@ -257,7 +257,7 @@ def test_hf_without_transformers_says_how_to_install(monkeypatch, tmp_path):
     ],
 )
 def test_hf_image_processor_settings_translate_to_preprocess(settings, expected):
-    pre = models._preprocess_from_hf(settings)
+    pre = models_hf._preprocess_from_hf(settings)
     assert (pre.input_size, pre.crop_pct, pre.interpolation) == expected
 
 

@@ -21,20 +21,18 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
-from freezetune import download, text_pooling
 from freezetune.download import HF_HOST, download_guard, first_line, require_network
-from freezetune.errors import ConfigError, MissingExtra, WeightsError, choices, setting
+from freezetune.errors import ConfigError, WeightsError, choices, setting
+from freezetune.models_hf import hf_model
 from freezetune.options import MODEL_SOURCES, PRETRAINED_WEIGHTS, RANDOM_WEIGHTS
 from freezetune.preprocess import Preprocess
 from freezetune.run_log import warn_once
-from freezetune.stages import stages
-from freezetune.weights import hf_loading_problem, load_weights, packaged_weights, quiet_hf_loading, weights_only_loads
+from freezetune.weights import load_weights, packaged_weights, weights_only_loads
 
 log = logging.getLogger(__name__)
 SMALL_INPUT = 32  # px: an image model's last stage downsamples by 32 (ResNet, EfficientNet, ConvNeXt; a ViT's patches)
 
 WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
-_HF_PIL_RESAMPLE = {0: "nearest", 2: "bilinear", 3: "bicubic"}  # PIL.Image.Resampling values in HF configs
 
 # "packaged": pretrained weights come from a local file we load ourselves, so build without downloading.
 Source = Literal["random", "pretrained", "packaged", "shape"]  # shape: the pretrained architecture, weights unread
@@ -305,131 +303,4 @@ def _timm_preprocess(model: nn.Module) -> Preprocess:
     )
 
 
-# --- Hugging Face ----------------------------------------------------------------------------------------------
-
-
-def _import_transformers():
-    try:
-        import transformers
-    except ImportError as e:
-        raise MissingExtra("hf: models need the transformers package: pip install 'freezetune[hf]'") from e
-    return transformers
-
-
-def _hf_model(name: str, arch: str, source: Source) -> tuple[nn.Module, Preprocess | None]:
-    transformers = _import_transformers()
-    # A hub id offline is served from the local cache only, so nothing waits on network timeouts.
-    cache_only = not Path(arch).is_dir() and (download.hub_offline() or not download.can_reach(HF_HOST))
-    config = _hf_config(transformers, name, arch, cache_only)
-    auto, is_image = _hf_auto_class(transformers, config, arch)
-    model = _hf_pretrained(auto, name, arch, cache_only) if source == "pretrained" else auto.from_config(config)
-    if not is_image:
-        _set_pad_token(model.config, transformers, arch, cache_only)
-        if mode := text_pooling.declared(arch, cache_only=cache_only):  # a sentence-transformers model's own pooling
-            text_pooling.install(model, mode, name)
-    return model, (_hf_preprocess(arch, cache_only, getattr(config, "image_size", None)) if is_image else None)
-
-
-def _set_pad_token(config, transformers, arch: str, cache_only: bool) -> None:
-    """A decoder (GPT-2, Llama) usually ships without a padding token: a classifier then refused every batch of more
-    than one text (a traceback). It pads with its tokenizer's padding token, else its end-of-sequence token, as its
-    tokenizer does here (``data.text.TokenizeBatch``), so each text is read to its own last token."""
-    if not hasattr(config, "pad_token_id") or config.pad_token_id is not None:
-        return
-    pad = None
-    try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(arch, local_files_only=cache_only or Path(arch).is_dir())
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    except (OSError, ValueError):  # no tokenizer files here: the config's own end-of-sequence token
-        pass
-    eos = getattr(config, "eos_token_id", None)
-    pad = pad if pad is not None else (eos[0] if isinstance(eos, (list, tuple)) and eos else eos)
-    if isinstance(pad, int):
-        config.pad_token_id = pad
-
-
-def _hf_pretrained(auto, name: str, arch: str, cache_only: bool) -> nn.Module:
-    if Path(arch).is_dir():
-        try:
-            with weights_only_loads(name, arch), quiet_hf_loading():
-                model, info = auto.from_pretrained(arch, output_loading_info=True)
-        except OSError as e:
-            raise WeightsError(f"cannot load weights from {arch!r}: {first_line(e)}") from e
-    else:
-        with download_guard(name, "not in the local Hugging Face cache" if cache_only else ""), \
-                weights_only_loads(name, arch), quiet_hf_loading():  # fmt: skip
-            model, info = auto.from_pretrained(arch, local_files_only=cache_only, output_loading_info=True)
-    problem = hf_loading_problem(info, stages(model)[-1].modules)
-    if problem:
-        warn_once(log, "%s: %s", name, problem)
-    return model
-
-
-def _hf_config(transformers, name: str, arch: str, cache_only: bool):
-    try:
-        return transformers.AutoConfig.from_pretrained(arch, local_files_only=cache_only)
-    except (OSError, ValueError) as e:
-        where = "not a local directory and not in the Hugging Face cache (offline?)" if cache_only else first_line(e)
-        raise ConfigError(
-            f"cannot load {name!r}: {where}; give a model directory or a hub id like 'google/vit-base-patch16-224'"
-        ) from e
-
-
-def _hf_auto_class(transformers, config, arch: str):
-    from transformers.models.auto.modeling_auto import (
-        MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES,
-        MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
-    )
-
-    if config.model_type in MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES:
-        return transformers.AutoModelForImageClassification, True
-    if config.model_type in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES:
-        return transformers.AutoModelForSequenceClassification, False
-    raise ConfigError(
-        f"Hugging Face model {arch!r} has type {config.model_type!r}, which has no image or sequence classification class"
-    )
-
-
-def _hf_preprocess(arch: str, cache_only: bool, image_size: object = None) -> Preprocess:
-    from transformers.image_processing_base import ImageProcessingMixin
-
-    try:
-        settings, _ = ImageProcessingMixin.get_image_processor_dict(arch, local_files_only=cache_only)
-    except (OSError, ValueError):
-        # the config's image_size is what a ViT's position embeddings were made for (224 would not fit a 32 px one)
-        size = image_size if isinstance(image_size, int) and image_size > 0 else Preprocess().input_size
-        warn_once(log, "%s has no image processor config; using ImageNet preprocessing defaults at %d px", arch, size)
-        return Preprocess(input_size=size)
-    return _preprocess_from_hf(settings)
-
-
-def _hf_side(value: object, default: int | None) -> int | None:
-    if isinstance(value, int):
-        return value
-    if isinstance(value, dict):
-        return value.get("shortest_edge") or value.get("height") or default
-    return default
-
-
-def _preprocess_from_hf(settings: dict) -> Preprocess:
-    """Translate an image-processor config (``size``, ``crop_size``, ``crop_pct``, ``resample``) into ``Preprocess``."""
-    size = _hf_side(settings.get("size"), 224)
-    crop = _hf_side(settings.get("crop_size"), None) if settings.get("do_center_crop") else None
-    if settings.get("crop_pct"):  # ConvNeXt style: resize to size / crop_pct, crop size
-        input_size, crop_pct = size, float(settings["crop_pct"])
-    elif crop:
-        input_size, crop_pct = crop, crop / size
-    else:
-        # ViT style resizes straight to size x size; short-side resize + full crop is the closest Preprocess rule.
-        input_size, crop_pct = size, 1.0
-    default = Preprocess()
-    return Preprocess(
-        input_size=int(input_size),
-        mean=tuple(float(m) for m in settings.get("image_mean") or default.mean),
-        std=tuple(float(s) for s in settings.get("image_std") or default.std),
-        interpolation=_HF_PIL_RESAMPLE.get(settings.get("resample"), "bilinear"),
-        crop_pct=crop_pct,
-    )
-
-
-_BUILDERS: dict[str, Builder] = {"timm": _timm_model, "torchvision": _torchvision_model, "hf": _hf_model}
+_BUILDERS: dict[str, Builder] = {"timm": _timm_model, "torchvision": _torchvision_model, "hf": hf_model}

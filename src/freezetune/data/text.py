@@ -154,7 +154,7 @@ class TokenizeBatch:
         local = Path(tokenizer).is_dir()
         self.tokenizer = AutoTokenizer.from_pretrained(tokenizer, local_files_only=local)
         # a decoder's (GPT-2, Llama) has no padding token: it pads with its end of sequence, as its model is told
-        # (models._set_pad_token)
+        # (models_hf._set_pad_token)
         if self.tokenizer.pad_token is None:
             if self.tokenizer.eos_token is None:
                 raise ConfigError(f"the tokenizer of {tokenizer!r} has no padding token and no end-of-sequence token to "
