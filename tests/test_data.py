@@ -663,9 +663,9 @@ def test_image_files_on_the_cpu_get_a_worker_only_where_it_has_a_cpu_of_its_own(
 
 def test_more_workers_than_usable_cpus_is_said_once_in_freezetunes_words(monkeypatch, caplog):
     # torch's raw UserWarning came twice an epoch, with a source line, and nothing of freezetune's
-    from freezetune.data import loaders
+    from freezetune.data import workers
 
-    monkeypatch.setattr(loaders, "usable_cpus", lambda: 1)
+    monkeypatch.setattr(workers, "usable_cpus", lambda: 1)
     loader = build_loader(_labels_dataset(), batch_size=8, train=True, workers=2)
     with warnings.catch_warnings(), caplog.at_level(logging.WARNING, logger="freezetune"):
         warnings.simplefilter("error")  # torch's own warning fails here
@@ -1178,7 +1178,7 @@ def test_a_spawned_loader_worker_drops_pils_raw_decompression_bomb_warning(tmp_p
     script = (
         "import os, sys\n"
         "from PIL import Image\n"
-        "from freezetune.data.loaders import _seed_worker\n"
+        "from freezetune.data.workers import _seed_worker\n"
         "_seed_worker(0, main=os.getpid())\n"
         "Image.open(sys.argv[1]).close()\n"
         "print('read')\n"

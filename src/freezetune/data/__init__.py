@@ -5,9 +5,10 @@ transforms (CPU, per sample) and device pipelines (``gpu.py``, ``augment.py``: b
 from freezetune.data.datasets import DataBundle, build_datasets, build_eval_dataset
 from freezetune.data.folder import FileImageDataset, list_images, load_image
 from freezetune.data.idx import InMemoryImageDataset
-from freezetune.data.loaders import Loaders, build_loader, default_workers, usable_cpus
+from freezetune.data.loaders import Loaders, build_loader, default_workers
 from freezetune.data.text import noun
 from freezetune.data.transforms import eval_transform, train_transform
+from freezetune.data.workers import usable_cpus
 from freezetune.options import AUG_PRESETS
 
 __all__ = [

@@ -29,8 +29,9 @@ from torchvision.io import ImageReadMode, decode_image, decode_jpeg, read_file
 from freezetune.data.augment import BatchAugment, resize
 from freezetune.data.folder import FileImageDataset, load_image
 from freezetune.data.idx import InMemoryImageDataset
-from freezetune.data.loaders import EpochOrder, check_batch_size, epoch_seed, usable_cpus
+from freezetune.data.loaders import EpochOrder, check_batch_size, epoch_seed
 from freezetune.data.orientation import exif_orientation, upright
+from freezetune.data.workers import usable_cpus
 from freezetune.errors import ConfigError, DataError, choices
 from freezetune.options import ALPHA_DEFAULT, AUG_DEFAULT, DECODE_MODES
 from freezetune.preprocess import Preprocess
