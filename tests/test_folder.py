@@ -210,7 +210,7 @@ def test_a_link_to_nothing_is_named_with_its_target(tmp_path):
 def test_integer_labels_that_tie_as_numbers_sort_the_same_in_every_process():
     # "1" and "01" tie on int(): their order followed the set's hash order, which changes with each process, so the
     # same command gave other class indices, another hold-out, and a resume was refused as "the data changed"
-    from freezetune.data.folder import sorted_labels
+    from freezetune.data.labels import sorted_labels
 
     assert sorted_labels(["1", "01", "10", "2"]) == sorted_labels(["01", "1", "2", "10"]) == ["01", "1", "2", "10"]
 

@@ -13,9 +13,10 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from freezetune.data.folder import FileImageDataset, is_skipped_folder, nfc, scan_folder
+from freezetune.data.folder import FileImageDataset, is_skipped_folder, scan_folder
 from freezetune.data.idx import CLASS_NAMES_FILE, idx_files, idx_pair_problem, is_idx_dir, load_idx
 from freezetune.data.image_csv import IMAGE_COLUMNS, read_csv
+from freezetune.data.labels import nfc
 from freezetune.data.layout import TEST_DIRS, TRAIN_DIRS, VAL_DIRS, first_dir, load_folder, read_test_file, split_files
 from freezetune.data.scan import check_images, check_overlap, check_splits, warn_copies
 from freezetune.data.text import noun, read_text_csv

@@ -6,7 +6,6 @@ from __future__ import annotations
 import glob
 import logging
 import os
-import unicodedata
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -17,6 +16,7 @@ from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
 from freezetune.data.alpha import flatten
+from freezetune.data.labels import folder_name, nfc, warn_similar_labels
 from freezetune.data.large import too_large
 from freezetune.errors import DataError, choices
 from freezetune.options import ALPHA_DEFAULT
@@ -321,15 +321,6 @@ def _same_names(root: Path, classes: list[str]) -> None:
     warn_similar_labels(root, classes)
 
 
-def folder_name(label: str) -> str:
-    """The folder a class is read from: its name, a slash (which no folder name holds) written ``_``.
-
-    >>> folder_name("T-shirt/top")
-    'T-shirt_top'
-    """
-    return label.replace("/", "_").replace("\\", "_")
-
-
 def scan_folder(root: str | Path, classes: list[str] | None = None) -> FileImageDataset:
     """Read a ``root/<class>/*`` tree (images found recursively inside each class folder).
 
@@ -389,11 +380,6 @@ def _first(names: list[str], n: int = 3) -> str:
     return ", ".join(map(repr, names[:n])) + more
 
 
-def nfc(name: str) -> str:
-    """A class name in NFC: macOS writes "café" decomposed (NFD), Linux and Windows composed."""
-    return unicodedata.normalize("NFC", name)
-
-
 def _warn_left_out(root: str | Path, files: list[Path]) -> None:
     """Say which files in the class folders are not read, by extension and the first few: an iPhone's .heic photos,
     say, would otherwise drop out of the training set in silence."""
@@ -404,39 +390,3 @@ def _warn_left_out(root: str | Path, files: list[Path]) -> None:
         where = [str(p.relative_to(root)) for p in files]
         warn_once(log, "'%s': %d file(s) left out, not of an image type read here (%s), e.g. %s; images are %s%s", root,
                   len(files), counts, _first(where), ", ".join(IMAGE_EXTENSIONS), hint)  # fmt: skip
-
-
-def sorted_labels(labels: set[str]) -> list[str]:
-    """A CSV's class names in label order: all-integer labels sort numerically ('10' after '9', as users expect of
-    class ids), others as text.
-
-    >>> sorted_labels({"10", "2", "1"}), sorted_labels({"10.0", "2.0"}), sorted_labels({"dog", "cat"})
-    (['1', '2', '10'], ['2.0', '10.0'], ['cat', 'dog'])
-    >>> sorted_labels({"1", "01", "2"})
-    ['01', '1', '2']
-    """
-    if all(label.lstrip("-").isdigit() for label in labels):  # "01" beside "1": by text, not by the set's hash order
-        return sorted(labels, key=lambda label: (int(label), label))
-    if all(_number(label) is not None for label in labels):  # a pandas export writes class 2 as "2.0"
-        return sorted(labels, key=lambda label: (_number(label), label))
-    return sorted(labels)
-
-
-def _number(label: str) -> float | None:
-    try:
-        return float(label)
-    except ValueError:
-        return None
-
-
-def warn_similar_labels(source: str | Path, classes: list[str]) -> None:
-    """Name labels that differ only in case, spacing or number format ("Cat"/"cat", "1"/"01"/"1.0"): each is a class
-    of its own, which is rarely what was meant."""
-    groups: dict[str, list[str]] = {}
-    for c in classes:
-        key = c.strip().casefold()
-        groups.setdefault(str(_number(key)) if _number(key) is not None else " ".join(key.split()), []).append(c)
-    similar = [" / ".join(map(repr, g)) for g in groups.values() if len(g) > 1]
-    if similar:
-        warn_once(log, "'%s': label(s) %s differ only in case, spacing or number format, and each is a class of its "
-                  "own; write each class one way if they are one", source, "; ".join(similar[:5]))  # fmt: skip

@@ -7,7 +7,8 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from freezetune.data.folder import IMAGE_EXTENSIONS, FileImageDataset, nfc, sorted_labels, warn_similar_labels
+from freezetune.data.folder import IMAGE_EXTENSIONS, FileImageDataset
+from freezetune.data.labels import nfc, sorted_labels, warn_similar_labels
 from freezetune.data.utf8 import not_utf8
 from freezetune.errors import DataError, choices
 from freezetune.options import LABEL_COLUMNS

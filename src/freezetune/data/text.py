@@ -17,7 +17,8 @@ import torch
 from torch.utils.data import Dataset
 
 from freezetune.config import TrainConfig
-from freezetune.data.folder import expand_paths, sorted_labels, warn_similar_labels
+from freezetune.data.folder import expand_paths
+from freezetune.data.labels import sorted_labels, warn_similar_labels
 from freezetune.data.text_table import TABLE_SUFFIXES, Columns, check_rows, column_index, read_rows
 from freezetune.data.utf8 import where_not_utf8
 from freezetune.errors import ConfigError, DataError, MissingExtra, choices
