@@ -1,15 +1,25 @@
-"""The CUDA-graph training step (``freezetune.graph_step``): what runs on a CPU. The capture itself needs a GPU and is
-tested in ``tests/test_cuda.py``; here, that its warm-up leaves no trace and when a run's steps may be captured."""
+"""The CUDA-graph training step (``freezetune.graph_step``) on a CPU. CUDA's part (side stream, capture, replay) is
+tested in ``tests/test_cuda.py``; here a stand-in for it (``EagerReplay``: a replay runs the captured step's Python
+again, into the graph's outputs) runs everything else: the warm-up undone, the keys that recapture, the learning
+rates refilled, the epoch's last batch eager; and when a run's steps may be captured at all."""
 
 from __future__ import annotations
 
+import contextlib
+import logging
+
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from freezetune.graph_step import StepGraphs, graph_unsupported, restore, snapshot
+from _engine_fixtures import make_image_folder
+from freezetune import graph_step, step
+from freezetune.config import TrainConfig
+from freezetune.graph_step import CudaCapture, StepGraphs, graph_unsupported, restore, snapshot
 from freezetune.precision import resolve_precision
 from freezetune.step import Step
+from freezetune.trainer import Trainer
 
 
 def _head(seed: int = 0) -> tuple[nn.Module, torch.optim.Optimizer]:
@@ -95,3 +105,108 @@ def test_only_full_batches_are_replayed():
     graphs = StepGraphs(lambda: None, nn.CrossEntropyLoss(), lambda: None, batch_size=8)
     assert graphs.run(nn.Identity(), torch.randn(5, 6), torch.zeros(5, dtype=torch.long)) is None  # an epoch's last
     assert graphs.captures == graphs.replays == 0
+
+
+class EagerReplay(CudaCapture):
+    """CUDA's capture stood in for on a CPU: ``capture`` runs the step once (as CUDA's runs nothing, the graphed step
+    must undo it), ``replay`` runs it again and writes its outputs into the captured ones, as a replay does."""
+
+    def side_stream(self):
+        return contextlib.nullcontext()
+
+    def rng_state(self) -> torch.Tensor:
+        return torch.get_rng_state()
+
+    def set_rng_state(self, state: torch.Tensor) -> None:
+        torch.set_rng_state(state)
+
+    def capture(self, body):
+        rng = torch.get_rng_state()
+        self.body, self.outputs = body, body()
+        torch.set_rng_state(rng)
+        return self.outputs
+
+    def replay(self) -> None:
+        for captured, new in zip(self.outputs, self.body(), strict=True):
+            captured.copy_(new)
+
+
+@pytest.fixture
+def stand_in(monkeypatch):
+    """Graphed steps on the CPU, through ``EagerReplay``."""
+    monkeypatch.setattr(graph_step, "CudaCapture", EagerReplay)
+    monkeypatch.setattr(step, "graph_unsupported", lambda *args, **kwargs: None)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_image_folder(tmp_path_factory.mktemp("graph-data"))
+
+
+def _trainer(data, tmp_path, name: str, **kw) -> Trainer:
+    kw = {"cache": "memory", **kw}
+    cfg = TrainConfig(model="timm:test_efficientnet", weights="none", data=str(data), img_size=32, epochs=2,
+                      batch_size=8, device="cpu", progress=False, tensorboard=False, out=str(tmp_path / name), seed=0,
+                      aug="none", freeze="backbone", **kw)  # fmt: skip
+    return Trainer(cfg, echo=lambda *_: None)
+
+
+def _history(trainer: Trainer) -> list[tuple]:
+    return [(r["train_loss"], r["train_acc"], r["val_loss"], r["val_acc"]) for r in trainer.fit().history]
+
+
+def test_replayed_steps_train_as_eager_steps(stand_in, data, tmp_path):
+    # 36 training images in batches of 8: 4 replays an epoch and an eager last batch of 4; the one-cycle schedule
+    # changes the rate every step, so each replay reads the rate refilled from the optimizer's group
+    graphed = _trainer(data, tmp_path, "g")
+    eager = _trainer(data, tmp_path, "e", cuda_graph=False)
+    got, want = _history(graphed), _history(eager)
+    graphs = graphed.step.graphs
+    assert eager.step.graphs is None
+    assert (graphs.captures, graphs.replays, graphs.off) == (1, 8, None)
+    # the same steps: only the rate's float32 copy on the device differs from the group's float
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    for mine, theirs in zip(graphed.model.parameters(), eager.model.parameters(), strict=True):
+        torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-6)
+
+
+def test_a_constant_rate_fills_nothing_and_a_new_one_is_read(stand_in):
+    module, optimizer = _head()
+    graphs = StepGraphs(lambda: optimizer, nn.CrossEntropyLoss(), contextlib.nullcontext, batch_size=8)
+    x, y = torch.randn(8, 6), torch.zeros(8, dtype=torch.long)
+    graphs.run(module, x, y)
+    graph = graphs.graph
+    assert graph.lrs[0].item() == pytest.approx(1e-2) and optimizer.param_groups[0]["lr"] == 1e-2  # a float again
+    optimizer.param_groups[0]["lr"] = 0.0  # the schedule's next rate: a step at rate 0 moves nothing
+    before = [p.detach().clone() for p in module.parameters()]
+    graphs.run(module, x, y)
+    assert graph.lrs[0].item() == 0.0 and graphs.captures == 1
+    assert all(torch.equal(a, b) for a, b in zip(before, module.parameters(), strict=True))
+
+
+def test_an_unfrozen_stage_is_captured_anew(stand_in, data, tmp_path):
+    trainer = _trainer(data, tmp_path, "u", unfreeze="epoch:1", cache="auto")
+    result = trainer.fit()
+    assert [r["unfrozen"] for r in result.history] == ["", "blocks.4"]
+    graphs = trainer.step.graphs
+    assert trainer.features.cached and (graphs.captures, graphs.replays, graphs.off) == (2, 8, None)
+    eager = _trainer(data, tmp_path, "ue", unfreeze="epoch:1", cache="auto", cuda_graph=False)
+    want = _history(eager)
+    np.testing.assert_allclose([(r["train_loss"], r["val_loss"]) for r in result.history],
+                               [(w[0], w[2]) for w in want], rtol=1e-4, atol=1e-5)  # fmt: skip
+
+
+def test_a_failed_capture_is_said_once_and_the_run_trains_eagerly(stand_in, data, tmp_path, monkeypatch, caplog):
+    def fail(self, body):
+        raise RuntimeError("operation not permitted when stream is capturing\nmore")
+
+    monkeypatch.setattr(EagerReplay, "capture", fail)
+    trainer = _trainer(data, tmp_path, "f")
+    eager = _trainer(data, tmp_path, "fe", cuda_graph=False)
+    with caplog.at_level(logging.WARNING, logger="freezetune"):
+        got = _history(trainer)
+    said = [r.getMessage() for r in caplog.records if "could not be captured" in r.getMessage()]
+    assert said == ["the training step could not be captured in a CUDA graph (operation not permitted when stream "
+                    "is capturing): it runs eagerly"]  # fmt: skip
+    assert trainer.step.graphs.off and trainer.step.graphs.replays == 0
+    assert got == _history(eager)  # the failed capture's warm-up left nothing behind

@@ -15,8 +15,9 @@ checkpoints see the same float rates as an eager run.
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
@@ -51,6 +52,44 @@ def graph_unsupported(optimizer: torch.optim.Optimizer, device: torch.device, *,
     return next((why for why, applies in reasons.items() if applies), None)
 
 
+class CudaCapture:
+    """The CUDA side of one capture: the warm-up's side stream, the RNG state around it, the capture and the replay.
+    Kept apart so the rest of a graphed step (what is keyed, undone, refilled and counted) runs the same code under a
+    stand-in on a CPU (``tests/test_graph_step.py``)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.graph: torch.cuda.CUDAGraph | None = None
+
+    @contextlib.contextmanager
+    def side_stream(self) -> Iterator[None]:
+        main = torch.cuda.current_stream(self.device)
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(main)
+        try:
+            with torch.cuda.stream(side):
+                yield
+        finally:  # what follows waits for the side stream's steps, whether they all ran or one failed
+            main.wait_stream(side)
+
+    def rng_state(self) -> torch.Tensor:
+        return torch.cuda.get_rng_state(self.device)
+
+    def set_rng_state(self, state: torch.Tensor) -> None:
+        torch.cuda.set_rng_state(state, self.device)
+
+    def capture(self, body: Callable[[], tuple]) -> tuple:
+        """Record ``body``'s kernels (nothing runs); its outputs are the graph's, overwritten by each replay."""
+        self.graph = torch.cuda.CUDAGraph()
+        # thread-local: a thread of the run's own (the GPU monitor, a loader's readers pinning memory) may call CUDA
+        # meanwhile without spoiling the capture, which only this thread's calls could
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+            return body()
+
+    def replay(self) -> None:
+        self.graph.replay()
+
+
 class StepGraphs:
     """Trains a batch of ``batch_size`` by replaying a captured step; ``None`` from ``run`` asks for an eager step.
 
@@ -60,11 +99,14 @@ class StepGraphs:
         autocast: a function returning the step's autocast context, with its weight cache off (one graph may not
             reuse casts made outside it).
         batch_size: the size of the batches captured; others run eagerly.
+        backend: makes the ``CudaCapture`` of a device (default: ``CudaCapture``).
     """
 
     def __init__(self, optimizer: Callable[[], torch.optim.Optimizer], loss_fn: nn.Module,
-                 autocast: Callable[[], object], batch_size: int) -> None:  # fmt: skip
+                 autocast: Callable[[], object], batch_size: int,
+                 backend: Callable[[torch.device], CudaCapture] | None = None) -> None:  # fmt: skip
         self.optimizer, self.loss_fn, self.autocast, self.batch_size = optimizer, loss_fn, autocast, batch_size
+        self.backend = backend or CudaCapture
         self.graph: _Graph | None = None
         self.off: str | None = None  # why capture failed: every later step runs eagerly
         self.captures = self.replays = 0
@@ -79,7 +121,8 @@ class StepGraphs:
         if self.graph is None or self.graph.key != key:
             self.graph = None  # the old graph's memory goes back before the new one is captured
             try:
-                self.graph = _Graph(module, optimizer, self.loss_fn, self.autocast, inputs, targets)
+                self.graph = _Graph(module, optimizer, self.loss_fn, self.autocast, inputs, targets,
+                                    self.backend(inputs.device))  # fmt: skip
             except (RuntimeError, TypeError, ValueError) as exc:
                 self.off = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
                 warn_once(log, "the training step could not be captured in a CUDA graph (%s): it runs eagerly",
@@ -102,49 +145,44 @@ class _Graph:
     replay: read them before the next)."""
 
     def __init__(self, module: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: nn.Module,
-                 autocast: Callable[[], object], inputs: torch.Tensor, targets: torch.Tensor) -> None:  # fmt: skip
-        self.module, self.optimizer, self.loss_fn, self.autocast = module, optimizer, loss_fn, autocast
+                 autocast: Callable[[], object], inputs: torch.Tensor, targets: torch.Tensor,
+                 cuda: CudaCapture) -> None:  # fmt: skip
+        self.module, self.optimizer, self.loss_fn, self.autocast, self.cuda = module, optimizer, loss_fn, autocast, cuda
         self.inputs, self.targets = inputs.clone(), targets.clone()
-        device = inputs.device
         self.lr_values = [float(g["lr"]) for g in optimizer.param_groups]
-        self.lrs = [torch.tensor(v, dtype=torch.float32, device=device) for v in self.lr_values]
-        floats = [g["lr"] for g in optimizer.param_groups]
-        for g, lr in zip(optimizer.param_groups, self.lrs, strict=True):
-            g["lr"], g["capturable"] = lr, True
+        self.lrs = [torch.tensor(v, dtype=torch.float32, device=inputs.device) for v in self.lr_values]
+        for g in optimizer.param_groups:
+            g["capturable"] = True  # its step count stays on the device, and torch lets its step be captured
+        saved, rng = snapshot(module, optimizer), cuda.rng_state()
         try:
-            self._warm_up(device)
-            optimizer.zero_grad(set_to_none=True)  # the graph's backward then makes the grads in its own memory
-            self.graph = torch.cuda.CUDAGraph()
-            # thread-local: a thread of the run's own (the GPU monitor, a loader's readers pinning memory) may call
-            # CUDA meanwhile without spoiling the capture, which only this thread's calls could
-            with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
-                self.outputs = self._body()
-        finally:
-            for g, lr in zip(optimizer.param_groups, floats, strict=True):
-                g["lr"] = lr
+            with cuda.side_stream():
+                for _ in range(WARMUP_STEPS):
+                    self._body()
+            cuda.set_rng_state(rng)
+            self.outputs = cuda.capture(self._body)
+        finally:  # the warm-up's steps undone in place (a capture itself runs nothing)
+            restore(saved)
         self.key = _key(module, optimizer, inputs, targets)  # after warm-up: the optimizer's state exists now
 
-    def _warm_up(self, device: torch.device) -> None:
-        saved = snapshot(self.module, self.optimizer)
-        rng = torch.cuda.get_rng_state(device)
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        try:
-            with torch.cuda.stream(side):
-                for _ in range(WARMUP_STEPS):
-                    self.optimizer.zero_grad(set_to_none=True)
-                    self._body()
-        finally:  # the undoing waits for the side stream's steps, whether they all ran or one failed
-            torch.cuda.current_stream(device).wait_stream(side)
-            restore(saved)
-            torch.cuda.set_rng_state(rng, device)
-
     def _body(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        with self.autocast():
-            logits = logits_of(self.module(self.inputs))
-            loss = self.loss_fn(logits.float(), self.targets)
-        loss.backward()
-        self.optimizer.step()
+        """One step as the graph holds it: the optimizer reads its learning rates from ``lrs`` (a float would be
+        fixed into the graph at capture)."""
+        groups = self.optimizer.param_groups
+        # no grads before the backward: in a capture it then makes them in the graph's memory, where each replay
+        # writes them anew (an existing grad would be added to)
+        self.optimizer.zero_grad(set_to_none=True)
+        floats = [g["lr"] for g in groups]
+        for g, lr in zip(groups, self.lrs, strict=True):
+            g["lr"] = lr
+        try:
+            with self.autocast():
+                logits = logits_of(self.module(self.inputs))
+                loss = self.loss_fn(logits.float(), self.targets)
+            loss.backward()
+            self.optimizer.step()
+        finally:  # the schedule, the metrics row and the checkpoint see floats
+            for g, lr in zip(groups, floats, strict=True):
+                g["lr"] = lr
         logits = logits.detach()
         return loss.detach(), logits, (logits.argmax(-1) == self.targets).sum()  # the meter's count, in the graph
 
@@ -155,7 +193,7 @@ class _Graph:
             if g["lr"] != self.lr_values[i]:  # one fill a changed rate; a constant schedule launches none
                 self.lrs[i].fill_(g["lr"])
                 self.lr_values[i] = g["lr"]
-        self.graph.replay()
+        self.cuda.replay()
         return self.outputs
 
 
