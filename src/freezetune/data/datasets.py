@@ -18,7 +18,8 @@ from freezetune.data.idx import CLASS_NAMES_FILE, idx_files, idx_pair_problem, i
 from freezetune.data.image_csv import IMAGE_COLUMNS, read_csv
 from freezetune.data.labels import nfc
 from freezetune.data.layout import TEST_DIRS, TRAIN_DIRS, VAL_DIRS, first_dir, load_folder, read_test_file, split_files
-from freezetune.data.scan import check_images, check_overlap, check_splits, warn_copies
+from freezetune.data.overlap import check_overlap, warn_copies
+from freezetune.data.scan import check_images, check_splits
 from freezetune.data.text import noun, read_text_csv
 from freezetune.data.text_table import TABLE_SUFFIXES, Columns, csv_header, text_csv_header
 from freezetune.data.transforms import eval_transform, train_transform

@@ -6,16 +6,15 @@ because the cost is file-system latency, so ten thousand files take seconds. ``v
 short (an interrupted download or copy): PIL fails on it only when it decodes the pixels, mid-training. So a JPEG's
 markers are walked to the compressed data, which must be followed by the end-of-image marker. Formats other than
 JPEG, PNG and WebP are decoded in full: nothing short of that tells a cut GIF, BMP or TIFF from a whole one.
-The same scan names validation and test files that are byte-identical copies of training files (``warn_copies``), and
-notes files that read but are worth a word: over PIL's warning limit, or with corrupt EXIF data (what PIL warns of
-raw, from every loader worker, is said here once: ``quiet_pil_warnings``).
-A process remembers the files it found sound, and the digests it took, by path, size, inode, modification and change
-time: the auto recipe builds its data once a trial and once for its run, and 70 000 files took 12-17 s a scan.
+Files shared between splits, or copied, are ``data/overlap.py``'s. The scan notes files that read but are worth a
+word: over PIL's warning limit, or with corrupt EXIF data (what PIL warns of raw, from every loader worker, is said
+here once: ``quiet_pil_warnings``). A process remembers the files it found sound by path, size, inode, modification
+and change time (``file_stamp``): the auto recipe builds its data once a trial and once for its run, and 70 000 files
+took 12-17 s a scan.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import warnings
@@ -28,8 +27,7 @@ from PIL import Image
 
 from freezetune.data.folder import FileImageDataset, heif_hint
 from freezetune.data.large import megapixels, too_large
-from freezetune.data.text import TextDataset
-from freezetune.errors import DataError, choices
+from freezetune.errors import DataError
 from freezetune.options import PIL_WARNINGS
 from freezetune.run_log import warn_once
 
@@ -41,7 +39,6 @@ _NAMED = 5  # unreadable files named in the error; the count says how many more
 # modification time (cp -p, rsync -t, tar x) still changes the change time
 _Stamp = tuple[str, int, int, int, int]
 _SOUND: set[_Stamp] = set()  # files this process found readable
-_DIGESTS: dict[_Stamp, bytes] = {}  # and the digests it took of them
 
 
 # Formats whose truncation is caught without decoding pixels: PNG by verify's checksums up to its end chunk, WebP
@@ -187,7 +184,7 @@ def unreadable(paths: list[str]) -> list[tuple[str, str]]:
     >>> unreadable([])
     []
     """
-    todo = [path for path in dict.fromkeys(paths) if _stamp(path) not in _SOUND]
+    todo = [path for path in dict.fromkeys(paths) if file_stamp(path) not in _SOUND]
     with ThreadPoolExecutor(_THREADS) as pool:
         looked = dict(zip(todo, pool.map(_checked, todo), strict=True))
     large = {p: look.pixels for p, look in looked.items() if look.pixels}
@@ -213,14 +210,16 @@ def _note_cut_exif(cut: dict[str, int]) -> None:
 
 def _checked(path: str) -> _Look:
     """``_looked_at``, remembered as sound only when the file did not change while it was read."""
-    before = _stamp(path)
+    before = file_stamp(path)
     look = _looked_at(path)
-    if look.why is None and before is not None and _stamp(path) == before:
+    if look.why is None and before is not None and file_stamp(path) == before:
         _SOUND.add(before)
     return look
 
 
-def _stamp(path: str) -> _Stamp | None:
+def file_stamp(path: str) -> _Stamp | None:
+    """What tells a file from a replacement of it: its absolute path, size, inode, modification and change times (None:
+    gone)."""
     try:
         st = os.stat(path)
     except OSError:
@@ -277,137 +276,3 @@ def _cannot_read(bad: list[tuple[str, str]], n: int, what: str) -> str:
     named = ", ".join(f"'{path}' ({why})" for path, why in bad[:_NAMED])
     more = f" and {len(bad) - _NAMED} more" if len(bad) > _NAMED else ""
     return f"{len(bad)} of {n} {what} image file(s) cannot be read: {named}{more}"
-
-
-def copies(paths: list[str], others: list[str] | None = None) -> list[tuple[str, str]]:
-    """``(path, original)`` for each file of ``paths`` whose bytes equal a file of ``others`` (without ``others``:
-    an earlier file of ``paths``), in the order of ``paths``.
-
-    Sizes are compared first (one ``stat`` per file); only files whose size occurs twice are read and hashed, so a
-    folder of JPEGs (sizes all differ) costs no reading.
-
-    >>> copies([], ["a.png"])
-    []
-    """
-    within = others is None
-    size = {path: _size(path) for path in [*paths, *(others or ())]}  # one stat per file
-    sizes: dict[int, list[str]] = {}
-    for other in paths if within else others:
-        sizes.setdefault(size[other], []).append(other)
-    candidates = [p for p in paths if len(sizes.get(size[p], ())) > (1 if within else 0)]
-    digest: dict[bytes, str] = {}
-    if not within:
-        for other in dict.fromkeys(o for p in candidates for o in sizes[size[p]]):
-            digest.setdefault(_hash(other), other)
-    found = []
-    for path in candidates:
-        h = _hash(path)
-        if h in digest and digest[h] != path:
-            found.append((path, digest[h]))
-        elif within:
-            digest.setdefault(h, path)
-    return found
-
-
-def _size(path: str) -> int:
-    try:
-        return Path(path).stat().st_size
-    except OSError:
-        return -1
-
-
-def _hash(path: str) -> bytes:
-    stamp = _stamp(path)
-    if stamp in _DIGESTS:
-        return _DIGESTS[stamp]
-    try:
-        digest = hashlib.blake2b(Path(path).read_bytes(), digest_size=16).digest()
-    except OSError:  # gone since the scan: a copy of nothing
-        return f"unreadable:{path}".encode()
-    if stamp is not None:
-        _DIGESTS[stamp] = digest
-    return digest
-
-
-def check_overlap(train, held: dict[str, object]) -> None:
-    """Refuse the same file in two splits (validation or test data that is the training folder, a CSV listing a
-    training image) or in the training set under two labels: a score on a training image measures memory, and a test
-    image in the validation split would decide the run. Files are compared by their real path (symlinks
-    resolved); byte-identical copies under other names are ``warn_copies``' business."""
-    real = {what: [(os.path.realpath(p), y) for p, y in ds.samples] for what, ds in (("training", train), *held.items())
-            if isinstance(ds, FileImageDataset)}  # fmt: skip
-    labels: dict[str, set[int]] = {}
-    twice = 0
-    for path, y in real.get("training", ()):
-        twice += path in labels
-        labels.setdefault(path, set()).add(int(y))
-    clash = [(p, ys) for p, ys in labels.items() if len(ys) > 1]
-    if clash:
-        path, ys = clash[0]
-        raise DataError(f"{len(clash)} training image file(s) are listed with two or more labels (first: '{path}' as "
-                        f"{choices(train.classes[y] for y in sorted(ys))}); give each image one label")  # fmt: skip
-    if twice:
-        warn_once(log, "%d training image file(s) are listed more than once: each listing weighs as one more image",
-                  twice)  # fmt: skip
-    sources = {what: set(getattr(ds, "source_files", ())) for what, ds in (("training", train), *held.items())}
-    for what, other in (("validation", "training"), ("test", "training"), ("test", "validation")):
-        if shared_file := sources.get(what, set()) & sources.get(other, set()):  # an IDX split read as two
-            raise DataError(f"the {what} images are the {other} images (both read from '{min(shared_file)}'): a "
-                            f"{what} score on them is no measure of new images; give {what} data apart from the "
-                            f"{other} data")  # fmt: skip
-        if what not in real or other not in real:
-            continue
-        others = {p for p, _ in real[other]}
-        shared = [p for p, _ in real[what] if p in others]
-        if shared:
-            raise DataError(f"{len(shared)} of {len(real[what])} {what} image file(s) are also {other} files (first: "
-                            f"'{shared[0]}'): a {what} score on them is no measure of new images; give {what} data "
-                            f"apart from the {other} data")  # fmt: skip
-
-
-def warn_copies(train, held: dict[str, object]) -> None:
-    """Warn when files of the ``held`` splits (validation, test) are byte-identical copies of training files, or
-    training files of each other: a score on a copy overstates what the model does on new images. Datasets without
-    files are skipped; texts are compared as texts (``_warn_text_copies``)."""
-    if isinstance(train, TextDataset):
-        _warn_text_copies(train, held)
-        return
-    if not isinstance(train, FileImageDataset):
-        return
-    train_paths = [path for path, _ in train.samples]
-    found = copies(train_paths)
-    label = {path: train.classes[i] for path, i in train.samples}
-    conflicts = [(p, o) for p, o in found if label[p] != label[o]]  # the same picture taught as two classes
-    if conflicts:
-        path, original = conflicts[0]
-        warn_once(log, "%d training image file(s) are byte-identical copies of training files of another class "
-                  "(first: '%s' (%s) = '%s' (%s)): the same image is taught as two classes; remove it from the wrong "
-                  "one", len(conflicts), path, label[path], original, label[original])  # fmt: skip
-    found = [pair for pair in found if pair not in conflicts]
-    if found:
-        warn_once(log, "%d training image file(s) are byte-identical copies of other training files (first: '%s' = "
-                  "'%s'); each weighs as one more image (a validation split held out of them keeps copies together)",
-                  len(found), *found[0])  # fmt: skip
-    for what, ds in held.items():
-        if not isinstance(ds, FileImageDataset):
-            continue
-        found = copies([path for path, _ in ds.samples], train_paths)
-        if found:
-            path, original = found[0]
-            warn_once(log, "%d of %d %s image file(s) are byte-identical copies of training files (first: '%s' = "
-                      "'%s'); their %s score overstates accuracy on new images: remove them from one of the splits",
-                      len(found), len(ds), what, path, original, what)  # fmt: skip
-
-
-def _warn_text_copies(train: TextDataset, held: dict[str, object]) -> None:
-    """Warn when texts of the ``held`` splits are training texts too (after stripping spaces): their score, as an
-    image copy's, overstates accuracy on new texts."""
-    seen = {t.strip() for t in train.texts}
-    for what, ds in held.items():
-        if not isinstance(ds, TextDataset):
-            continue
-        found = [t for t in ds.texts if t.strip() in seen]
-        if found:
-            warn_once(log, "%d of %d %s texts are training texts too (first: %r); their %s score overstates accuracy "
-                      "on new texts: remove them from one of the splits", len(found), len(ds), what, found[0][:60],
-                      what)  # fmt: skip

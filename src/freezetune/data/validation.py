@@ -14,8 +14,8 @@ import torch
 from torch.utils.data import Dataset
 
 from freezetune.data.folder import FileImageDataset
+from freezetune.data.overlap import copies
 from freezetune.data.sampling import per_class_indices, stratified_split
-from freezetune.data.scan import copies
 from freezetune.data.text import TextDataset, noun
 from freezetune.errors import choices
 from freezetune.options import AUTO_VAL_FRACTION, AUTO_VAL_MAX_PER_CLASS
