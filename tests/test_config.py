@@ -18,8 +18,8 @@ from freezetune.config import (
     parse_freeze_spec,
     parse_stage_lrs,
     scalar_type,
-    validate,
 )
+from freezetune.config_check import validate
 from freezetune.config_file import load_config, parse_override
 from freezetune.errors import ConfigError
 

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from freezetune import options
-from freezetune.config import FIELD_CHOICES, TrainConfig, validate
+from freezetune.config import FIELD_CHOICES, TrainConfig
+from freezetune.config_check import validate
 from freezetune.errors import ConfigError, FreezetuneError, choices
 from freezetune.options import AugPreset
 from freezetune.preprocess import Preprocess

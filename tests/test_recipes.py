@@ -15,7 +15,8 @@ import yaml
 
 from _engine_fixtures import make_image_folder, run_cli, train_argv
 from freezetune import auto, auto_rule, checkpoint, recipes
-from freezetune.config import TrainConfig, validate
+from freezetune.config import TrainConfig
+from freezetune.config_check import validate
 from freezetune.config_file import load_config
 from freezetune.errors import ConfigError, FreezetuneError
 from freezetune.freeze import freeze

@@ -398,7 +398,8 @@ def test_a_plateau_without_a_mode_follows_the_unfreezers_mode():
 
 
 def test_a_plateau_mode_against_the_monitor_is_refused():
-    from freezetune.config import TrainConfig, validate
+    from freezetune.config import TrainConfig
+    from freezetune.config_check import validate
 
     with pytest.raises(ft.FreezetuneError, match=r"has mode=max, but val_loss improves as it goes down"):
         validate(TrainConfig(data="d", monitor="val_loss", unfreeze="plateau:patience=2,mode=max", freeze=-2))

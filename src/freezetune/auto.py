@@ -60,7 +60,8 @@ from freezetune.auto_rule import (
     default_stages,
     difference_noise,
 )
-from freezetune.config import DATA_PATHS, RESUME_MAY_CHANGE, TrainConfig, needs_validation
+from freezetune.config import DATA_PATHS, RESUME_MAY_CHANGE, TrainConfig
+from freezetune.config_check import needs_validation
 from freezetune.errors import ConfigError, setting
 from freezetune.interrupt import RunInterrupted
 from freezetune.options import METRIC_NAMES, compared_by, parse_duration

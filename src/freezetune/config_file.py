@@ -1,5 +1,5 @@
 """Reading a run's configuration: a YAML file (or the values one holds), then ``key=value`` overrides and CLI flags
-laid over it; every problem of what was read, of any kind, reported in one message (``config.validate``).
+laid over it; every problem of what was read, of any kind, reported in one message (``config_check.validate``).
 """
 
 from __future__ import annotations
@@ -10,7 +10,8 @@ from typing import Any
 
 import yaml
 
-from freezetune.config import INVALID, TrainConfig, coerce, field_names, unknown_keys, validate
+from freezetune.config import INVALID, TrainConfig, coerce, field_names, unknown_keys
+from freezetune.config_check import validate
 from freezetune.config_values import UniqueKeys
 from freezetune.errors import ConfigError, choices
 

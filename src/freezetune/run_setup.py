@@ -21,7 +21,8 @@ from freezetune import checkpoint, hf_bundle, reporting, rng, run_log, runtime, 
 from freezetune._io import atomic_write_text
 from freezetune.bn_policy import hold_bn_statistics, idle_bn_policy
 from freezetune.cache import FeaturePath
-from freezetune.config import DATA_PATHS, TrainConfig, parse_freeze_spec, validate, validation_users
+from freezetune.config import DATA_PATHS, TrainConfig, parse_freeze_spec
+from freezetune.config_check import validate, validation_users
 from freezetune.data import Loaders, build_datasets
 from freezetune.data.fingerprint import data_record
 from freezetune.data.gpu import check_decode

@@ -23,7 +23,8 @@ import yaml
 
 from freezetune import run_lock, sweep_report
 from freezetune._io import atomic_write_text
-from freezetune.config import INVALID, TrainConfig, validate
+from freezetune.config import INVALID, TrainConfig
+from freezetune.config_check import validate
 from freezetune.config_file import load_config
 from freezetune.distributed import DistInfo, broadcast, init_from_env, main_echo
 from freezetune.errors import ConfigError, DataError, choices, setting

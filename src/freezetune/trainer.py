@@ -15,7 +15,8 @@ from collections.abc import Callable, Iterator
 from itertools import islice
 
 from freezetune import checkpoint, epoch_log, recipes, reporting, rng, run_lock, run_log, runtime
-from freezetune.config import TrainConfig, validate
+from freezetune.config import TrainConfig
+from freezetune.config_check import validate
 from freezetune.data import noun
 from freezetune.distributed import (
     all_reduce_sum,
