@@ -80,9 +80,11 @@ def test_cached_steps_replayed_from_a_cuda_graph_train_as_eager_steps(data, tmp_
     # fp32 and no augmentation: the graph's replays must give the eager steps' losses; 36 training images in batches
     # of 8 are 4 replays an epoch and an eager last batch of 4
     kw = dict(amp="off", aug="none", freeze="backbone", cache="memory", channels_last=False)
-    graphed = Trainer(_config(data, tmp_path, "g", **kw), echo=lambda *_: None)
+    said: list[str] = []
+    graphed = Trainer(_config(data, tmp_path, "g", **kw), echo=said.append)
     eager = Trainer(_config(data, tmp_path, "e", cuda_graph=False, **kw), echo=lambda *_: None)
     got = [(r["train_loss"], r["train_acc"], r["val_loss"]) for r in graphed.fit().history]
+    assert any("cached steps replayed as a CUDA graph" in line for line in said)
     want = [(r["train_loss"], r["train_acc"], r["val_loss"]) for r in eager.fit().history]
     assert eager.step.graphs is None
     assert (graphed.step.graphs.captures, graphed.step.graphs.replays, graphed.step.graphs.off) == (1, 8, None)

@@ -143,12 +143,12 @@ def data(tmp_path_factory):
     return make_image_folder(tmp_path_factory.mktemp("graph-data"))
 
 
-def _trainer(data, tmp_path, name: str, **kw) -> Trainer:
+def _trainer(data, tmp_path, name: str, echo=lambda *_: None, **kw) -> Trainer:
     kw = {"cache": "memory", **kw}
     cfg = TrainConfig(model="timm:test_efficientnet", weights="none", data=str(data), img_size=32, epochs=2,
                       batch_size=8, device="cpu", progress=False, tensorboard=False, out=str(tmp_path / name), seed=0,
                       aug="none", freeze="backbone", **kw)  # fmt: skip
-    return Trainer(cfg, echo=lambda *_: None)
+    return Trainer(cfg, echo=echo)
 
 
 def _history(trainer: Trainer) -> list[tuple]:
@@ -158,9 +158,12 @@ def _history(trainer: Trainer) -> list[tuple]:
 def test_replayed_steps_train_as_eager_steps(stand_in, data, tmp_path):
     # 36 training images in batches of 8: 4 replays an epoch and an eager last batch of 4; the one-cycle schedule
     # changes the rate every step, so each replay reads the rate refilled from the optimizer's group
-    graphed = _trainer(data, tmp_path, "g")
+    said: list[str] = []
+    graphed = _trainer(data, tmp_path, "g", echo=said.append)
     eager = _trainer(data, tmp_path, "e", cuda_graph=False)
     got, want = _history(graphed), _history(eager)
+    setup = next(line for line in said if line.startswith("timm:test_efficientnet on "))  # what trains, and how
+    assert "cached steps replayed as a CUDA graph" in setup.splitlines()[0]
     graphs = graphed.step.graphs
     assert eager.step.graphs is None
     assert (graphs.captures, graphs.replays, graphs.off) == (1, 8, None)

@@ -334,6 +334,7 @@ class RunSetup:
         n, visited = len(self.data.train), self.loaders.epoch_items(len(self.data.train))
         per_epoch = f" ({visited} an epoch)" if visited < n else ""  # --epoch-images, a trial's half
         how = [self.precision.describe()] + ["channels_last"] * self.channels_last + ["compiled"] * self.cfg.compile
+        how += ["cached steps replayed as a CUDA graph"] * (self.step.graphs is not None and self.features.cached)
         if workers := self.loaders.workers_for(self.data.train):  # their count changes the augmentations drawn
             how.append(f"{workers} loader worker{'s' if workers > 1 else ''}")
         head = (
