@@ -99,14 +99,11 @@ class StepGraphs:
         autocast: a function returning the step's autocast context, with its weight cache off (one graph may not
             reuse casts made outside it).
         batch_size: the size of the batches captured; others run eagerly.
-        backend: makes the ``CudaCapture`` of a device (default: ``CudaCapture``).
     """
 
     def __init__(self, optimizer: Callable[[], torch.optim.Optimizer], loss_fn: nn.Module,
-                 autocast: Callable[[], object], batch_size: int,
-                 backend: Callable[[torch.device], CudaCapture] | None = None) -> None:  # fmt: skip
+                 autocast: Callable[[], object], batch_size: int) -> None:  # fmt: skip
         self.optimizer, self.loss_fn, self.autocast, self.batch_size = optimizer, loss_fn, autocast, batch_size
-        self.backend = backend or CudaCapture
         self.graph: _Graph | None = None
         self.off: str | None = None  # why capture failed: every later step runs eagerly
         self.captures = self.replays = 0
@@ -122,7 +119,7 @@ class StepGraphs:
             self.graph = None  # the old graph's memory goes back before the new one is captured
             try:
                 self.graph = _Graph(module, optimizer, self.loss_fn, self.autocast, inputs, targets,
-                                    self.backend(inputs.device))  # fmt: skip
+                                    CudaCapture(inputs.device))  # fmt: skip
             except (RuntimeError, TypeError, ValueError) as exc:
                 self.off = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
                 warn_once(log, "the training step could not be captured in a CUDA graph (%s): it runs eagerly",
