@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# The one-GPU benchmark run, sized for about 5 minutes on one H100/H200: the CUDA tests, throughput.py (frozen
-# training vs inference, cached head-only run vs one inference pass), memory.py (frozen training peak vs inference
-# peak, inspect's estimate vs the measured peaks), loader.py (JPEG folder: GPU path vs CPU loader), then transfer.py at 224 px, 10 epochs, 100 images per class; then one summary. Each step runs under its
-# own time limit and a failed step does not stop the others (its status is in the summary).
+# The one-GPU benchmark run, sized for about 6 minutes on one H100/H200: the CUDA tests, coldstart.py (what a fresh
+# process pays for each new shape's first calls), throughput.py (frozen training vs inference, cached head-only run
+# vs one inference pass), memory.py (frozen training peak vs inference peak, inspect's estimate vs the measured
+# peaks), loader.py (JPEG folder: GPU path vs CPU loader), then transfer.py at 224 px, 10 epochs, 100 images per
+# class; then one summary. Each step runs under its own time limit and a failed step does not stop the others (its
+# status is in the summary).
 #
 #   bash scripts/bench-env.sh && bash benchmarks/gpu.sh     # a CUDA machine of your own (.venv-bench: the peers)
 #   bash scripts/device-bundle.sh                           # here, for the lent GPU machine: data + weights into
@@ -49,11 +51,12 @@ step() { # step NAME LIMIT_S COMMAND...: run with a time limit, keep the output 
   echo "$name: exit $rc after $((SECONDS - t0)) s$([ "$rc" = 124 ] && echo ' (time limit)')" | tee -a "$out/steps.txt"
 }
 
-steps=" ${STEPS:-tests throughput memory loader transfer} "
+steps=" ${STEPS:-tests coldstart throughput memory loader transfer} "
 wanted() { [[ "$steps" == *" $1 "* ]]; }
 
 step env 30 "$py" -c 'import sys, torch, torchvision, timm; print("python", sys.version.split()[0], "torch", torch.__version__, "torchvision", torchvision.__version__, "timm", timm.__version__, "|", torch.cuda.get_device_name(0), "|", torch.get_num_threads(), "threads")'
 wanted tests && step tests 90 "$py" -m pytest -q -p no:cacheprovider -m gpu tests/test_cuda.py tests/test_data_gpu.py
+wanted coldstart && step coldstart 100 "$py" benchmarks/coldstart.py --device cuda
 wanted throughput && step throughput 100 "$py" benchmarks/throughput.py --device cuda
 wanted memory && step memory 45 "$py" benchmarks/memory.py --device cuda
 wanted loader && step loader 50 "$py" benchmarks/loader.py --device cuda
@@ -72,7 +75,7 @@ echo
 echo "================================ summary ($((SECONDS - start)) s, files in $out) ================================"
 cat "$out/env.txt" "$out/steps.txt"
 [ -f "$out/tests.txt" ] && tail -n 3 "$out/tests.txt"
-for name in throughput memory loader "${transfers[@]}"; do
+for name in coldstart throughput memory loader "${transfers[@]}"; do
   [ -f "$out/$name.txt" ] || continue
   echo
   sed -n "/^${name%%-*}/,\$p" "$out/$name.txt" # each benchmark's table starts with a line naming it
