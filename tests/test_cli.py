@@ -883,6 +883,40 @@ def test_the_command_line_starts_without_the_data_pipeline_or_the_plots():
     assert loaded.returncode == 0 and loaded.stdout.strip() == "False False", loaded.stderr
 
 
+def test_the_command_line_starts_without_torch_and_help_never_loads_it():
+    # the package imported torch for its public names: 1.5 s before --help or --version printed anything
+    probe = ("import sys; sys.argv = ['freezetune', '--help']\nimport freezetune, freezetune.cli\n"
+             "print('torch' in sys.modules)\ntry:\n    freezetune.cli.run()\n"
+             "except SystemExit as e:\n    print(e.code, 'torch' in sys.modules)")  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    out = done.stdout
+    assert done.returncode == 0 and out.startswith("False\nusage:") and out.endswith("\n0 False\n"), out + done.stderr
+
+
+def test_ctrl_c_while_torch_loads_is_one_line_not_a_traceback(tmp_path):
+    # Ctrl-C in a command's first second or two lands in torch's import; that import ran with the package's, before
+    # the command's own handling, and printed a traceback. The hook stands in for the key: it interrupts that import.
+    probe = ("import sys\nclass CtrlC:\n    def find_spec(self, name, path=None, target=None):\n"
+             "        if name == 'torch':\n            raise KeyboardInterrupt\n"
+             "sys.meta_path.insert(0, CtrlC())\nsys.argv = ['freezetune', *sys.argv[1:]]\n"
+             "from freezetune.cli import run\nrun()")  # fmt: skip
+    argv = ["train", "--data", str(tmp_path / "none"), "--out", str(tmp_path / "run")]
+    done = subprocess.run([sys.executable, "-c", probe, *argv], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 130, done.stdout + done.stderr
+    assert "Traceback" not in done.stderr and done.stderr.startswith("freezetune: interrupted"), done.stderr
+    assert len(done.stderr.splitlines()) == 1 and not (tmp_path / "run").exists()
+
+
+def test_the_packages_functions_keep_their_names_beside_submodules_of_the_same_name():
+    # freeze, param_groups and stages are functions of the package and modules in it: once the trainer (or any
+    # code) imported the module, the package's lazy attribute would have become the module, not the function
+    probe = ("import freezetune as ft, freezetune.trainer, freezetune.param_groups\n"
+             "print(all(callable(f) for f in (ft.freeze, ft.param_groups, ft.stages, ft.replace_head)))\n"
+             "print(sorted({'freeze', 'train', 'TrainConfig'} - set(dir(ft))))")  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.split("\n") == ["True", "[]", ""], done.stdout + done.stderr
+
+
 def test_commands_that_draw_nothing_do_not_import_matplotlib():
     # predict, export and inspect imported it (half a second) through the metrics and the report's modules. One
     # process imports them in turn (a process each took 4 s of torch imports): the first that loads it is named.

@@ -8,18 +8,24 @@ The public API works in any training loop (plain PyTorch, Lightning, a notebook)
 >>> optimizer = torch.optim.AdamW(ft.param_groups(model, 1e-3))
 """
 
-from freezetune.bn_policy import hold_bn_statistics
-from freezetune.errors import FreezetuneError
-from freezetune.freeze import count_parameters, freeze, freeze_to, summary, unfreeze
-from freezetune.heads import head_name, replace_head
-from freezetune.loss import balanced_class_weights
-from freezetune.param_groups import param_groups
-from freezetune.stages import Stage, stages
-from freezetune.unfreezing import Unfreezer
+import sys
+import types
+from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
 
+# Every name is imported when first used, not with the package: ``import freezetune`` (and so the ``freezetune``
+# command, whose entry point imports ``freezetune.cli``) does not wait for torch, and a Ctrl-C during torch's import
+# reaches the command's own handling instead of a traceback.
 _LAZY = {
+    "hold_bn_statistics": "freezetune.bn_policy",
+    "FreezetuneError": "freezetune.errors",
+    **dict.fromkeys(("count_parameters", "freeze", "freeze_to", "summary", "unfreeze"), "freezetune.freeze"),
+    **dict.fromkeys(("head_name", "replace_head"), "freezetune.heads"),
+    "balanced_class_weights": "freezetune.loss",
+    "param_groups": "freezetune.param_groups",
+    **dict.fromkeys(("Stage", "stages"), "freezetune.stages"),
+    "Unfreezer": "freezetune.unfreezing",
     "cache_features": "freezetune.cache",
     "store_loader": "freezetune.cache",
     "TrainConfig": "freezetune.config",
@@ -37,13 +43,51 @@ _LAZY = {
 
 
 def __getattr__(name: str):
-    # The feature cache, inference and the trainer pull in the data pipeline (torchvision): import them when first
-    # used, not with the package.
     if name in _LAZY:
         import importlib
 
-        return getattr(importlib.import_module(_LAZY[name]), name)
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value  # the next use is a plain attribute
+        return value
     raise AttributeError(f"module 'freezetune' has no attribute {name!r}")
+
+
+class _Package(types.ModuleType):
+    """The package keeps its function where a submodule has the same name (``freeze``, ``param_groups``, ``stages``):
+    importing ``freezetune.freeze`` sets the package's attribute to the module, which would shadow the lazy function
+    (``ft.freeze(model, ...)``: 'module' object is not callable) once any code had imported the submodule."""
+
+    def __setattr__(self, name: str, value) -> None:
+        if name in _LAZY and isinstance(value, types.ModuleType):
+            return  # the submodule stays reachable as sys.modules["freezetune.freeze"] and by ``from ... import``
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
+
+
+def __dir__() -> list[str]:  # a notebook's tab completion lists the lazy names too
+    return sorted({*globals(), *__all__})
+
+
+if TYPE_CHECKING:  # what type checkers and editors resolve the lazy names to
+    from freezetune.bn_policy import hold_bn_statistics
+    from freezetune.cache import cache_features, store_loader
+    from freezetune.config import TrainConfig
+    from freezetune.data.transforms import eval_transform
+    from freezetune.depthwise import use_fast_depthwise
+    from freezetune.errors import FreezetuneError
+    from freezetune.freeze import count_parameters, freeze, freeze_to, summary, unfreeze
+    from freezetune.heads import head_name, replace_head
+    from freezetune.inference import evaluate_checkpoint, evaluate_model, load_model, write_evaluation
+    from freezetune.loss import balanced_class_weights
+    from freezetune.models import create_model
+    from freezetune.param_groups import param_groups
+    from freezetune.predict import predict_files, predict_texts
+    from freezetune.progress import RunResult
+    from freezetune.stages import Stage, stages
+    from freezetune.trainer import train
+    from freezetune.unfreezing import Unfreezer
 
 
 __all__ = [
