@@ -67,10 +67,14 @@ RECIPES = {
 # The default command (``freezetune train --data DIR``) through ``freezetune.trainer.train``: freeze auto, validation
 # held out of the training data, the default augmentation; ``ft-auto-noaug`` shows what that augmentation does.
 # ``ft-lp-ft``: the named recipe a user picks, as a command (its probe, then a fine-tune holding BatchNorm statistics).
-COMMANDS = {"ft-default": {}, "ft-auto-noaug": {"aug": "none"}, "ft-lp-ft": {"recipe": "lp-ft"}}
+# ``ft-default-nchw`` and the peer ``full-nchw``: the same runs with NCHW inputs and weights on a GPU, where cuDNN then
+# leaves bf16 depthwise convolutions to PyTorch's own kernels (``coldstart.py`` measures what that saves at start-up).
+COMMANDS = {"ft-default": {}, "ft-auto-noaug": {"aug": "none"}, "ft-lp-ft": {"recipe": "lp-ft"},
+            "ft-default-nchw": {"channels_last": False}}  # fmt: skip
 FREEZETUNE = [*RECIPES, *COMMANDS]
-PEERS = {"seed": None, "lightning": "lightning", "fastai": "fastai", "full": None}  # name -> package needed
+PEERS = {"seed": None, "lightning": "lightning", "fastai": "fastai", "full": None, "full-nchw": None}  # -> package
 CONTENDERS = [*PEERS, *FREEZETUNE]
+DEFAULT_CONTENDERS = [n for n in CONTENDERS if not n.endswith("-nchw")]  # the layout's variants: by --only
 GAIN_TARGET, TIME_TARGET = 2.0, 0.5  # ft-default: points above the best peer, time over the full fine-tune's
 # Issue D on a GPU (224 px, 10 epochs): ft-default's accuracy at these --per-class, in <= 1/2 the best peer's time.
 GPU_ACC_TARGET, GPU_TIME_TARGET = {10: 0.73, 100: 0.89, 1000: 0.95}, 0.5
@@ -124,11 +128,11 @@ def run_seed(data: dict, args, device: torch.device) -> tuple[nn.Module, dict]:
     return model, {"seconds": times["train"], "note": _first_epoch(times, args.epochs)}
 
 
-def run_full(data: dict, args, device: torch.device) -> tuple[nn.Module, dict]:
+def run_full(data: dict, args, device: torch.device, *, nchw: bool = False) -> tuple[nn.Module, dict]:
     """A strong plain full fine-tune: all layers, AdamW 1e-3, one-cycle, weight decay 0.05, label smoothing 0.1."""
     # the speed settings freezetune uses, where they help: the fused AdamW, and channels_last on a GPU (on CPU it
     # made this whole-network step slower: 64 s against 52 s on Fashion-MNIST at 64 px)
-    memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    memory_format = torch.channels_last if device.type == "cuda" and not nchw else torch.contiguous_format
     model = pretrained(len(data["classes"])).to(device, memory_format=memory_format)
     loader, times = train_loader(data, args, device), {}
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05, fused=True)
@@ -147,6 +151,11 @@ def run_full(data: dict, args, device: torch.device) -> tuple[nn.Module, dict]:
                     optimizer.step()
                     schedule.step()
     return model, {"seconds": times["train"], "note": _first_epoch(times, args.epochs)}
+
+
+def run_full_nchw(data: dict, args, device: torch.device) -> tuple[nn.Module, dict]:
+    """``run_full`` with NCHW inputs and weights (on a CPU the two are the same run)."""
+    return run_full(data, args, device, nchw=True)
 
 
 def _first_epoch(times: dict, epochs: int) -> str:
@@ -287,7 +296,7 @@ def worker(args) -> None:
     elif args.worker in COMMANDS:
         model, info = run_command(args.worker, data, args, device)
     else:
-        model, info = globals()[f"run_{args.worker}"](data, args, device)
+        model, info = globals()[f"run_{args.worker.replace('-', '_')}"](data, args, device)
     peak = memory.mib()
     emit({"acc": test_accuracy(model, data, device), "peak_mib": peak, **info})
 
@@ -488,7 +497,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.worker:
         return worker(args)
-    names = CONTENDERS if not args.only else [n.strip() for n in args.only.split(",") if n.strip()]
+    names = DEFAULT_CONTENDERS if not args.only else [n.strip() for n in args.only.split(",") if n.strip()]
     unknown = [n for n in names if n not in CONTENDERS]
     if unknown:
         raise SystemExit(f"unknown contender(s) {', '.join(unknown)}; choose from: {', '.join(CONTENDERS)}")

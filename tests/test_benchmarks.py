@@ -62,3 +62,12 @@ def test_transfers_data_line_gives_an_imbalanced_folders_real_counts(monkeypatch
     uneven = {"y_train": torch.tensor([0] * 5 + [1] * 2 + [2] * 5), "classes": ["a", "b", "c"]}
     assert transfer.per_class_text(uneven, 5) == "2-5/class (12 images, asked 5) x 3 classes"
     assert transfer.per_class_text(even, 8) == "5/class (15 images, asked 8) x 3 classes"
+
+
+def test_every_transfer_peer_has_its_run_and_the_layout_variants_wait_for_only(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import transfer
+
+    assert all(callable(getattr(transfer, f"run_{name.replace('-', '_')}", None)) for name in transfer.PEERS)
+    assert {"full-nchw", "ft-default-nchw"} <= set(transfer.CONTENDERS)
+    assert not {"full-nchw", "ft-default-nchw"} & set(transfer.DEFAULT_CONTENDERS)
