@@ -83,9 +83,10 @@ def inference_step(model: nn.Module, x: torch.Tensor, device: torch.device):
     return step
 
 
-def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device):
-    """One optimisation step on whatever is trainable (AdamW, as freezetune's default)."""
-    model.train()
+def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device, *, eval_mode: bool = False):
+    """One optimisation step on whatever is trainable (AdamW, as freezetune's default); in train mode unless
+    ``eval_mode``."""
+    model.train(not eval_mode)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-3, fused=True)  # as freezetune's build_optimizer
 
@@ -100,16 +101,36 @@ def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch
 
 
 def speeds(name: str, args, device: torch.device) -> dict:
-    """Inference, frozen-backbone training and full fine-tune img/s, each on its own model, timed in turns."""
-    infer, frozen, full = (make_model(name, args.res, device) for _ in range(3))
+    """Inference, frozen-backbone training and full fine-tune img/s, each on its own model, timed in turns; and
+    where a frozen step's time goes beyond inference's (``breakdown``, seconds a batch)."""
+    infer, frozen, full, plain = (make_model(name, args.res, device) for _ in range(4))
     freeze(frozen, "backbone", bn="frozen")
+    # the same frozen backbone without freeze's BatchNorm hooks: requires_grad off by hand, the whole model in eval
+    # mode (the head is one linear layer: eval changes nothing it computes)
+    head = timm_head(plain)
+    for p in plain.parameters():
+        p.requires_grad_(p in head)
+    plain.eval()
     x = torch.randn(args.batch_size, 3, args.res, args.res, device=device)
     x = x.contiguous(memory_format=_memory_format(infer, device))
     y = torch.randint(0, NUM_CLASSES, (args.batch_size,), device=device)
     steps = {"infer": inference_step(infer, x, device), "frozen": train_step(frozen, x, y, device),
-             "full": train_step(full, x, y, device)}  # fmt: skip
+             "full": train_step(full, x, y, device), "plain eval step": train_step(plain, x, y, device, eval_mode=True),
+             "plain eval forward": lambda: _autocast_forward(plain, x, device)}  # fmt: skip
     seconds = interleaved(steps, device, args.iters, args.warmup)
-    return {k: args.batch_size / v for k, v in seconds.items()}
+    out = {k: args.batch_size / seconds[k] for k in ("infer", "frozen", "full")}
+    out["breakdown"] = {k: seconds[k] for k in ("infer", "plain eval forward", "plain eval step", "frozen")}
+    return out
+
+
+def timm_head(model: nn.Module) -> set[nn.Parameter]:
+    """The classifier's parameters (timm's ``get_classifier``)."""
+    return set(model.get_classifier().parameters())
+
+
+def _autocast_forward(model: nn.Module, x: torch.Tensor, device: torch.device) -> None:
+    with autocast(device):
+        model(x)
 
 
 def cached_run(name: str, args, device: torch.device) -> dict:
@@ -203,7 +224,21 @@ def report(results: dict[str, dict], device: torch.device) -> str:
                           "(target <= 1.2)")  # fmt: skip
     header = ["model", "infer img/s", "frozen img/s", "full img/s", "frozen/infer", "1st epoch s", "cached epoch s",
               "eager cached s", "cached/1st", "10ep/infer", "note"]  # fmt: skip
-    return table(rows, header) + "\n\n" + "\n".join(checks)
+    return table(rows, header) + "\n\n" + "\n".join(checks) + "\n\n" + breakdown(results)
+
+
+def breakdown(results: dict[str, dict]) -> str:
+    """Where a frozen step's time goes beyond inference's, ms a batch: the forward in grad mode (no
+    ``inference_mode``), then the loss, the head's backward and the optimizer, then freeze's BatchNorm hooks and train
+    mode (the ``frozen`` column above)."""
+    rows = []
+    for name, r in results.items():
+        b = {k: 1000 * v for k, v in r["speeds"]["breakdown"].items()}
+        rows.append([name, f"{b['infer']:.2f}", f"{b['plain eval forward']:.2f}", f"{b['plain eval step']:.2f}",
+                     f"{b['frozen']:.2f}"])  # fmt: skip
+    header = ["model", "inference ms", "+ grad mode: forward ms", "+ loss, backward, AdamW: step ms",
+              "+ freeze's BN hooks, train(): frozen ms"]  # fmt: skip
+    return "frozen step breakdown (ms a batch, the same batch):\n" + table(rows, header)
 
 
 def model_parser(description: str) -> argparse.ArgumentParser:

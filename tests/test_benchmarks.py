@@ -27,6 +27,8 @@ def test_throughput_runs_its_frozen_and_cached_measurements():
                "16", "--iters", "1", "--warmup", "1", "--passes", "1")  # fmt: skip
     assert "test_efficientnet: frozen training / inference =" in out
     assert "cache on cpu" in out
+    breakdown = out[out.index("frozen step breakdown") :].splitlines()
+    assert breakdown[3].split()[0] == "test_efficientnet" and len(breakdown[3].split()) == 5, breakdown
 
 
 def test_memory_runs_its_peaks_and_estimates():
