@@ -26,6 +26,7 @@ def test_throughput_runs_its_frozen_and_cached_measurements():
     out = _run("throughput.py", "--models", "test_efficientnet", "--res", "32", "--batch-size", "4", "--n-images",
                "16", "--iters", "1", "--warmup", "1", "--passes", "1")  # fmt: skip
     assert "test_efficientnet: frozen training / inference =" in out
+    assert "test_efficientnet: freezetune's frozen step, cache off (streamed) / inference =" in out
     assert "cache on cpu" in out
     breakdown = out[out.index("frozen step breakdown") :].splitlines()
     assert breakdown[3].split()[0] == "test_efficientnet" and len(breakdown[3].split()) == 5, breakdown

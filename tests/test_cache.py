@@ -14,6 +14,7 @@ from torch import nn
 
 from conftest import Terminal
 from freezetune.cache import FeatureStore, build_store, store_loader
+from freezetune.cache.path import FeaturePath
 from freezetune.config import TrainConfig
 from freezetune.data import Loaders, build_loader
 from freezetune.precision import resolve_precision
@@ -53,8 +54,14 @@ def _losses(trainer: Trainer) -> list[tuple[float, float]]:
     return [(row["train_loss"], row["val_loss"]) for row in result.history]
 
 
-def test_cached_training_matches_uncached(image_folder, tmp_path):
+def _whole_model(monkeypatch) -> None:
+    """Runs with the cache off train the whole model on images, as before they streamed the frozen prefix."""
+    monkeypatch.setattr(FeaturePath, "_stream", lambda self: None)
+
+
+def test_cached_training_matches_uncached(image_folder, tmp_path, monkeypatch):
     cached = Trainer(_config(image_folder, tmp_path, "cached", cache="memory"), echo=lambda *_: None)
+    _whole_model(monkeypatch)
     plain = Trainer(_config(image_folder, tmp_path, "plain", cache="off"), echo=lambda *_: None)
     assert cached.features.cached and not plain.features.cached
     got, want = _losses(cached), _losses(plain)
@@ -64,12 +71,13 @@ def test_cached_training_matches_uncached(image_folder, tmp_path):
     torch.testing.assert_close(head_c, head_p, rtol=1e-4, atol=1e-5)
 
 
-def test_unfreeze_rebuilds_cache_at_new_boundary_and_still_matches(image_folder, tmp_path):
+def test_unfreeze_rebuilds_cache_at_new_boundary_and_still_matches(image_folder, tmp_path, monkeypatch):
     boundaries = []
     cached = Trainer(
         _config(image_folder, tmp_path, "c", cache="auto", unfreeze="epoch:1"),
         echo=lambda line: boundaries.append(line) if "feature cache" in line else None,
     )
+    _whole_model(monkeypatch)
     plain = Trainer(_config(image_folder, tmp_path, "p", cache="off", unfreeze="epoch:1"), echo=lambda *_: None)
     np.testing.assert_allclose(_losses(cached), _losses(plain), rtol=1e-4, atol=1e-5)
     # built at the head, then rebuilt after each of the two unfreezes (none after the last epoch)

@@ -1109,7 +1109,7 @@ def test_device_out_of_memory_names_the_batch_size_to_try_and_keeps_the_run(tmp_
     def out_of_memory(*_args, **_kwargs):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB")
 
-    monkeypatch.setattr(*((Step, "_optimize") if where == "training" else (store, "_prefix")), out_of_memory)
+    monkeypatch.setattr(*((Step, "_optimize") if where == "training" else (store, "prefix_features")), out_of_memory)
     code, out, err = run_cli(capsys, *argv, "--epochs", "2", "--resume")
     _assert_user_error(code, out, err, "ran out of memory at batch size 8", "try --batch-size 4")
     after = snapshot(tmp_path / "run")

@@ -15,6 +15,7 @@ from torch import nn
 
 from _engine_fixtures import make_image_folder
 from freezetune import graph_step, step
+from freezetune.cache.path import FeaturePath
 from freezetune.config import TrainConfig
 from freezetune.graph_step import CudaCapture, StepGraphs, graph_unsupported, restore, snapshot
 from freezetune.precision import resolve_precision
@@ -213,3 +214,25 @@ def test_a_failed_capture_is_said_once_and_the_run_trains_eagerly(stand_in, data
                     "is capturing): it runs eagerly"]  # fmt: skip
     assert trainer.step.graphs.off and trainer.step.graphs.replays == 0
     assert got == _history(eager)  # the failed capture's warm-up left nothing behind
+
+
+def test_with_the_cache_off_the_frozen_prefix_streams_and_the_suffix_step_is_replayed(stand_in, data, tmp_path,
+                                                                                      monkeypatch):  # fmt: skip
+    # --cache off ran the whole model every step: the frozen backbone's forward, then the head's loss, backward and
+    # optimizer launched one by one (lite0's frozen training 0.87x inference on an H200). Now each batch's prefix runs
+    # forward only and the head's step is the cached one: a replay on CUDA; and it trains as the eager whole model.
+    said: list[str] = []
+    streamed = _trainer(data, tmp_path, "s", echo=said.append, cache="off")
+    got = _history(streamed)
+    assert any(line.startswith("feature cache off: each batch runs the frozen layers before") for line in said)
+    setup = next(line for line in said if line.startswith("timm:test_efficientnet on "))
+    assert "streamed steps replayed as a CUDA graph" in setup.splitlines()[0]
+    graphs = streamed.step.graphs
+    assert streamed.features.streamed and (graphs.captures, graphs.replays, graphs.off) == (1, 8, None)
+    monkeypatch.setattr(FeaturePath, "_stream", lambda self: None)  # the path before: the whole model on images
+    whole = _trainer(data, tmp_path, "w", cache="off", cuda_graph=False)
+    want = _history(whole)
+    assert not whole.features.cached
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    for mine, theirs in zip(streamed.model.parameters(), whole.model.parameters(), strict=True):
+        torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-6)

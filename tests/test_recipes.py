@@ -384,8 +384,8 @@ def test_sweep_compares_recipes_reuses_features_and_its_winner_reproduces(data, 
     from freezetune.cache import store
 
     prefix_calls = []
-    real = store._prefix
-    monkeypatch.setattr(store, "_prefix", lambda *a, **kw: prefix_calls.append(1) or real(*a, **kw))
+    real = store.prefix_features
+    monkeypatch.setattr(store, "prefix_features", lambda *a, **kw: prefix_calls.append(1) or real(*a, **kw))
     recipes = "linear-probe,last-2,full"
     code, out, err = run_cli(capsys, "sweep", *train_argv(data, tmp_path / "sweep", "--cache", "auto")[1:],
                              "--recipes", recipes)  # fmt: skip

@@ -209,7 +209,7 @@ class RunSetup:
         self.features = FeaturePath(self.model, self.data, self.loaders, self.precision, cache=cfg.cache,
                                     views=cfg.cache_views, spill_dir=self.run_dir / "cache", cache_dir=cfg.cache_dir,
                                     cache_at=cfg.cache_at,
-                                    channels_last=self.channels_last, prepare=self._prepare,
+                                    channels_last=self.channels_last, stream=not cfg.compile, prepare=self._prepare,
                                     echo=self.echo, progress=self.draws_bars)  # fmt: skip
         self.steps_per_epoch = self.features.steps_per_epoch
         self.state = checkpoint.TrainingState(self.model, *self._optimization())
@@ -334,7 +334,8 @@ class RunSetup:
         n, visited = len(self.data.train), self.loaders.epoch_items(len(self.data.train))
         per_epoch = f" ({visited} an epoch)" if visited < n else ""  # --epoch-images, a trial's half
         how = [self.precision.describe()] + ["channels_last"] * self.channels_last + ["compiled"] * self.cfg.compile
-        how += ["cached steps replayed as a CUDA graph"] * (self.step.graphs is not None and self.features.cached)
+        if self.step.graphs is not None and self.features.cached:  # streamed: the prefix computed batch by batch
+            how.append(f"{'streamed' if self.features.streamed else 'cached'} steps replayed as a CUDA graph")
         if workers := self.loaders.workers_for(self.data.train):  # their count changes the augmentations drawn
             how.append(f"{workers} loader worker{'s' if workers > 1 else ''}")
         head = (

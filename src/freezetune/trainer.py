@@ -247,7 +247,8 @@ class Trainer(RunSetup):
         asked."""
         for inputs, targets in self._remaining(batches, meter):
             try:
-                stepped = self.step(self.features.train_module, inputs, targets, meter, cached=self.features.cached)
+                stepped = self.step(self.features.train_module, self.features.step_inputs(inputs), targets, meter,
+                                    cached=self.features.cached)  # fmt: skip
             except ValueError as exc:
                 if "more than 1 value per channel" not in str(exc):
                     raise

@@ -1,7 +1,10 @@
 """The feature path of a run: what each training step runs, and on what batches.
 
 With the feature cache on and the model split at its first trainable stage, a step runs the trainable suffix on
-stored prefix features; otherwise it runs the whole model on images. ``FeaturePath`` owns that choice, the batch
+stored prefix features. With the cache off (``--cache off``: every epoch augments afresh) a model that splits still
+trains only its suffix: each batch of images goes through the frozen prefix first, forward only, as a cache build
+runs it (``step_inputs``), so the step is the cached one (on CUDA a graph's replay) and the prefix costs what an
+inference pass does. A model that does not split runs whole on images. ``FeaturePath`` owns that choice, the batch
 sources of training and validation, and the modules that consume them. After an unfreeze the frozen prefix is
 shorter: ``build()`` again rebuilds the cache at the new boundary (or falls back to images) and re-prepares the
 module (DDP fixes its parameter set when it wraps, so the wrap follows every change of the trainable set).
@@ -19,7 +22,14 @@ import torch
 from torch import nn
 
 from freezetune.cache import disk
-from freezetune.cache.store import CacheInfo, FeatureStore, StoreLoader, build_store, placed_store
+from freezetune.cache.store import (
+    CacheInfo,
+    FeatureStore,
+    StoreLoader,
+    build_store,
+    placed_store,
+    prefix_features,
+)
 from freezetune.data.datasets import DataBundle
 from freezetune.data.gpu import should_use_device_loader
 from freezetune.data.loaders import EpochOrder, Loaders, close_loader
@@ -48,19 +58,21 @@ class FeaturePath:
         cache_dir: where stores are kept between runs and found again (``cache/disk.py``); None keeps none.
         cache_at: cut at this (frozen) stage rather than the first trainable one (``split_model``'s ``at``).
         channels_last: feed convolutions NHWC.
+        stream: with the cache off, run a model that splits as prefix (forward only) and suffix (``step_inputs``);
+            False: the whole model on images (``--compile`` compiles the whole model's step).
         prepare: wraps the module a step runs (DDP, ``torch.compile``); called on every build.
         echo: receives the log lines (why a cache is or is not used, what it holds).
     """
 
     def __init__(self, model: nn.Module, data: DataBundle, loaders: Loaders, precision: Precision, *, cache: str,
                  views: int, spill_dir: Path, cache_dir: Path | None = None, cache_at: str | None = None,
-                 channels_last: bool = False,
+                 channels_last: bool = False, stream: bool = True,
                  prepare: Callable[[nn.Module], nn.Module] = lambda m: m,
                  echo: Callable[[str], None] = print, progress: bool = False) -> None:  # fmt: skip
         self.model, self.data, self.loaders, self.precision = model, data, loaders, precision
         self.cache, self.views, self.spill_dir, self.channels_last = cache, views, spill_dir, channels_last
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
-        self.cache_at = cache_at
+        self.cache_at, self.stream = cache_at, stream
         self.prepare, self.echo, self.progress = prepare, echo, progress  # progress: a bar while a store builds
         self.split: Split | None = None
         self.train_store: FeatureStore | None = None
@@ -70,6 +82,7 @@ class FeaturePath:
         self.train_module: nn.Module = model
         self.build_seconds = 0.0  # all cache builds so far
         self._told_unaugmented = False
+        self._told_streamed = False
 
     @property
     def steps_per_epoch(self) -> int:
@@ -78,7 +91,14 @@ class FeaturePath:
 
     @property
     def cached(self) -> bool:
+        """Whether a step trains the suffix on prefix features (stored, or computed from each batch by
+        ``step_inputs``) rather than the whole model on images."""
         return self.split is not None
+
+    @property
+    def streamed(self) -> bool:
+        """Whether the prefix features are computed batch by batch (the cache off, the model split)."""
+        return self.split is not None and self.train_store is None
 
     def build(self) -> None:
         """Decide the path for the model's current trainable set: (re)build the cache, or read images."""
@@ -88,7 +108,17 @@ class FeaturePath:
             # a disk store's file is unlinked once mapped; its folders stayed. This rank's alone: under torchrun the
             # other's, empty for a moment, vanished as it was about to write there ("No such file or directory")
             _remove_empty_dirs(self._own_spill())
+        else:
+            self._stream()
         self.train_module = self.prepare(self.split.suffix_train if self.split is not None else self.model)
+
+    def step_inputs(self, inputs):
+        """What a training step takes for a batch of ``train_batches``: the batch itself, or, streamed, its prefix
+        features (forward only, under the run's autocast, as a cache build computes them; a copy outside inference
+        mode, which the suffix's backward may keep)."""
+        if not self.streamed:
+            return inputs
+        return prefix_features(self.split, inputs, self.precision, self.channels_last).clone()
 
     def train_batches(self, epoch: int):
         """The epoch's training batches (its order, augmentation and cached views are fixed by ``epoch``)."""
@@ -121,8 +151,10 @@ class FeaturePath:
         else:
             if self._val_images is None:  # built once: a device loader copies the whole set over, workers take time
                 self._val_images = self.loaders.eval(self.data.val, shard=True)
-            # the ranks' blocks may differ by a batch: not through DDP's wrapper, whose forward can wait on the others
-            module, batches = self.model if dist.enabled else self.train_module, self._val_images
+            # the ranks' blocks may differ by a batch: not through DDP's wrapper, whose forward can wait on the others;
+            # streamed, the training module is the suffix, and images go through the whole model
+            module = self.model if dist.enabled or self.streamed else self.train_module
+            batches = self._val_images
         return evaluate(module, batches, precision, num_classes=num_classes, channels_last=self.channels_last,
                         dist=dist, bar=bar)  # fmt: skip
 
@@ -136,6 +168,22 @@ class FeaturePath:
     @property
     def _pin(self) -> bool:
         return self.loaders.device.type == "cuda"
+
+    def _stream(self) -> None:
+        """The cache off: split the model all the same where it can be (the same rules as a cache's), so each batch's
+        frozen prefix runs forward only and the step trains the suffix on its output."""
+        if not self.stream or self.loaders.preprocess.is_text:
+            return
+        split, _ = split_model(self.model)
+        # a split by the head's hook (a model fx cannot trace) is checked on a batch, in eval mode, before a cache is
+        # trusted; one that fails it names --cache off as the way out: that stays the whole model on images
+        if split is None or split.how == "head-hook":
+            return
+        self.split = split
+        if not self._told_streamed:  # once a run: each unfreeze splits again
+            self._told_streamed = True
+            self.echo(f"feature cache off: each batch runs the frozen layers before {split.boundary} forward only, "
+                      "and the rest trains on their output")  # fmt: skip
 
     def _build_cache(self) -> None:
         if self.loaders.preprocess.is_text:

@@ -162,7 +162,7 @@ def build_store(
         for v in range(views):
             start = rows.start
             for inputs, labels in batches(v):
-                feats = _prefix(split, inputs, precision, channels_last)
+                feats = prefix_features(split, inputs, precision, channels_last)
                 if storage is None and v == 0:
                     _check_head_hook(split, inputs, feats, precision, channels_last)
                 if storage is None:
@@ -271,7 +271,8 @@ def _check_pairs(dataset: Dataset) -> None:
                     f"{type(first).__name__}{keys}")  # fmt: skip
 
 
-def _prefix(split: Split, inputs, precision: Precision, channels_last: bool) -> torch.Tensor:
+def prefix_features(split: Split, inputs, precision: Precision, channels_last: bool) -> torch.Tensor:
+    """The frozen prefix's output for a batch: forward only (inference mode), under the run's autocast."""
     from freezetune.evaluate import to_device
 
     with torch.inference_mode(), precision.autocast():
