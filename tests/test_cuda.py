@@ -12,6 +12,7 @@ import torch
 
 from _engine_fixtures import make_image_folder
 from freezetune import checkpoint
+from freezetune.cache.path import FeaturePath
 from freezetune.config import TrainConfig
 from freezetune.data.gpu import DeviceJpegLoader
 from freezetune.trainer import Trainer
@@ -89,6 +90,21 @@ def test_cached_steps_replayed_from_a_cuda_graph_train_as_eager_steps(data, tmp_
     assert eager.step.graphs is None
     assert (graphed.step.graphs.captures, graphed.step.graphs.replays, graphed.step.graphs.off) == (1, 8, None)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_streamed_steps_with_the_cache_off_are_replayed_and_train_as_the_whole_model(data, tmp_path, monkeypatch):
+    # the cache off: each batch's frozen prefix forward only, the head's step a replay; as the whole model's step
+    kw = dict(amp="off", aug="none", freeze="backbone", cache="off", channels_last=False)
+    said: list[str] = []
+    streamed = Trainer(_config(data, tmp_path, "s", **kw), echo=said.append)
+    got = [(r["train_loss"], r["train_acc"], r["val_loss"]) for r in streamed.fit().history]
+    assert streamed.features.streamed and any("streamed steps replayed as a CUDA graph" in line for line in said)
+    assert (streamed.step.graphs.captures, streamed.step.graphs.replays, streamed.step.graphs.off) == (1, 8, None)
+    monkeypatch.setattr(FeaturePath, "_stream", lambda self: None)  # the whole model on images, eagerly
+    whole = Trainer(_config(data, tmp_path, "w", cuda_graph=False, **kw), echo=lambda *_: None)
+    want = [(r["train_loss"], r["train_acc"], r["val_loss"]) for r in whole.fit().history]
+    assert not whole.features.cached
+    np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-4)  # cuDNN picks kernels per shape: not bit-equal
 
 
 def test_an_unfrozen_stage_is_captured_anew_in_bf16(data, tmp_path):
