@@ -162,6 +162,9 @@ def test_a_batch_holds_each_images_view_of_the_epoch():
             got, targets = store.batch(index)
             assert torch.equal(got, torch.stack([features[store.view[i], i] for i in index]))
             assert torch.equal(targets, index % 4)
+            # an epoch's batches, its rows gathered once: the same as each slice's batch, the short last one too
+            for (a, ya), (b, yb) in zip(store.batches(index, 2), map(store.batch, index.split(2)), strict=True):
+                assert torch.equal(a, b) and torch.equal(ya, yb)
 
 
 def test_store_loader_shuffles_like_the_image_loader():

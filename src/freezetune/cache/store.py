@@ -91,6 +91,17 @@ class FeatureStore(Dataset):
     def __getitem__(self, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         return self.batch(torch.as_tensor(idx, dtype=torch.long).to(self.device))
 
+    def batches(self, index: torch.Tensor, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """``batch`` of each ``batch_size`` slice of ``index`` in turn. The rows and targets of the whole order are
+        gathered once, so a batch is one ``index_select`` and a slice: a cached step on a GPU is launch-bound, and
+        two gathers a batch were two of its launches."""
+        if self._flat is None:
+            yield from (self.batch(part) for part in index.split(batch_size))
+            return
+        rows, targets = self._row[index], self._targets[index]
+        for r, t in zip(rows.split(batch_size), targets.split(batch_size), strict=True):
+            yield self._flat.index_select(0, r), t
+
 
 class StoreLoader:
     """One epoch of ``FeatureStore`` batches in ``order`` (an ``EpochOrder``), like an image loader over the store.
@@ -116,8 +127,8 @@ class StoreLoader:
         return math.ceil(len(self.order) / self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for index in (self.order.indices() + self.first_row).to(self.store.device).split(self.batch_size):
-            features, targets = self.store.batch(index)
+        index = (self.order.indices() + self.first_row).to(self.store.device)
+        for features, targets in self.store.batches(index, self.batch_size):
             yield (features.pin_memory(), targets.pin_memory()) if self.pin else (features, targets)
 
 
