@@ -106,11 +106,9 @@ def speeds(name: str, args, device: torch.device) -> dict:
     where a frozen step's time goes beyond inference's (``breakdown``, seconds a batch)."""
     infer, frozen, full, plain, streamed = (make_model(name, args.res, device) for _ in range(5))
     freeze(frozen, "backbone", bn="frozen")
-    # the same frozen backbone without freeze's BatchNorm hooks: requires_grad off by hand, the whole model in eval
+    # the same frozen backbone without freeze's BatchNorm hooks (policy "train" keeps none), the whole model in eval
     # mode (the head is one linear layer: eval changes nothing it computes)
-    head = timm_head(plain)
-    for p in plain.parameters():
-        p.requires_grad_(p in head)
+    freeze(plain, "backbone", bn="train")
     plain.eval()
     x = torch.randn(args.batch_size, 3, args.res, args.res, device=device)
     x = x.contiguous(memory_format=_memory_format(infer, device))
@@ -137,10 +135,8 @@ def streamed_frozen_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, dev
         return None
     precision = resolve_precision(device, "auto")
     channels_last = _memory_format(model, device) == torch.channels_last
-    suffix = split.suffix_train.train()
-    optimizer = torch.optim.AdamW([p for p in suffix.parameters() if p.requires_grad], lr=1e-3, fused=True)
-    step = Step(TrainingState(suffix, optimizer, None, precision.scaler(), None), nn.CrossEntropyLoss(), precision,
-                channels_last=channels_last, graph_batch=len(y))  # fmt: skip
+    suffix = split.suffix_train
+    step = suffix_step(suffix, precision, graph_batch=len(y), channels_last=channels_last)
     meter = TrainProgress(1, "", enabled=False, device=device)
 
     def run() -> None:
@@ -149,9 +145,13 @@ def streamed_frozen_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, dev
     return run
 
 
-def timm_head(model: nn.Module) -> set[nn.Parameter]:
-    """The classifier's parameters (timm's ``get_classifier``)."""
-    return set(model.get_classifier().parameters())
+def suffix_step(suffix: nn.Module, precision, *, graph_batch: int | None, channels_last: bool = False) -> Step:
+    """freezetune's training ``Step`` for a split's trainable suffix (put in train mode), with the fused AdamW of
+    freezetune's ``build_optimizer``; ``graph_batch``: the batch size its CUDA graph captures (None: eager)."""
+    suffix.train()
+    optimizer = torch.optim.AdamW([p for p in suffix.parameters() if p.requires_grad], lr=1e-3, fused=True)
+    state = TrainingState(suffix, optimizer, None, precision.scaler(), None)
+    return Step(state, nn.CrossEntropyLoss(), precision, channels_last=channels_last, graph_batch=graph_batch)
 
 
 def _autocast_forward(model: nn.Module, x: torch.Tensor, device: torch.device) -> None:
@@ -207,11 +207,7 @@ def _cached_epochs(suffix: nn.Module, store, batch_size: int, precision, device:
                    graph: bool) -> list[float]:  # fmt: skip
     """Seconds of each of 10 epochs on the cached features through freezetune's training ``Step`` and epoch meter,
     as the trainer runs them: on CUDA a replayed graph of the step (``graph_step``), or eager steps (``graph=False``)."""
-    suffix.train()
-    params = [p for p in suffix.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-3, fused=True)  # as freezetune's build_optimizer
-    state = TrainingState(suffix, optimizer, None, precision.scaler(), None)
-    step = Step(state, nn.CrossEntropyLoss(), precision, graph_batch=batch_size if graph else None)
+    step = suffix_step(suffix, precision, graph_batch=batch_size if graph else None)
     loader = store_loader(store, batch_size=batch_size, train=True, seed=0)
     times = []
     for epoch in range(EPOCHS):
