@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from _common import autocast, emit, pick_device, run_worker, sync, table
+from _common import autocast, emit, pick_device, run_worker, table, timed
 
 SETTINGS = ("channels_last", "nchw", "benchmark")
 DEFAULT_RUNS = "tf_efficientnet_lite0:channels_last,tf_efficientnet_lite0:nchw,resnet50:channels_last,tf_efficientnet_lite0:benchmark"  # noqa: E501
@@ -41,11 +41,10 @@ EVAL_BATCH = 256
 
 
 def timed_ms(device: torch.device, fn) -> float:
-    sync(device)
-    start = time.perf_counter()
-    fn()
-    sync(device)
-    return 1000 * (time.perf_counter() - start)
+    seconds: dict = {}
+    with timed(device, seconds, "call"):
+        fn()
+    return 1000 * seconds["call"]
 
 
 def worker(args) -> None:

@@ -44,3 +44,18 @@ def test_a_missing_extra_is_an_import_error_naming_the_extra_as_well_as_a_freeze
     out = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True)
     assert out.stdout == "True freezetune.integrations.lightning needs lightning: pip install 'freezetune[lightning]'\n", \
         out.stderr  # fmt: skip
+
+
+def test_the_package_names_each_public_name_alike_for_users_editors_and_star_imports():
+    # freezetune/__init__ lists its public names three times: the lazy map (what ``ft.NAME`` imports), the
+    # TYPE_CHECKING imports (what an editor resolves), and __all__ (what static tools and ``import *`` read)
+    import ast
+
+    import freezetune
+
+    tree = ast.parse(Path(freezetune.__file__).read_text())
+    guarded = next(node for node in tree.body if isinstance(node, ast.If) and ast.unparse(node.test) == "TYPE_CHECKING")
+    for_editors = {alias.name: node.module for node in guarded.body for alias in node.names}
+    assert for_editors == freezetune._LAZY
+    assert set(freezetune.__all__) == {*freezetune._LAZY, "__version__"}
+    assert all(getattr(freezetune, name) is not None for name in freezetune.__all__)
