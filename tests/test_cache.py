@@ -509,6 +509,27 @@ def test_the_cache_line_says_which_store_was_read_and_which_built_and_where_each
     assert f"; training store built, validation store read from {tmp_path / 'fc'} in " in cache_line("c")
 
 
+def test_a_read_only_cache_dir_is_read_and_what_it_lacks_is_built_without_writing_there(image_folder, tmp_path,
+                                                                                       monkeypatch, capsys, caplog):  # fmt: skip
+    # a team's features on a read-only mount: the run was refused ("is not writable") before reading any of them
+    import freezetune as ft
+
+    fc = tmp_path / "fc"
+    Trainer(_config(image_folder, tmp_path, "a", cache_dir=str(fc)), echo=print)
+    min(fc.rglob("*.pt"), key=lambda p: p.stat().st_size).unlink()  # the validation store: one it lacks
+    kept = sorted((p, p.stat().st_mtime_ns) for p in fc.rglob("*"))
+    real = os.access  # root may write anywhere: a read-only mount is stood in for
+    monkeypatch.setattr(os, "access", lambda path, mode: not (mode & os.W_OK and os.path.samefile(path, fc))
+                        and real(path, mode))  # fmt: skip
+    capsys.readouterr()
+    with caplog.at_level(logging.WARNING):
+        result = ft.train(_config(image_folder, tmp_path, "b", cache_dir=str(fc), epochs=1))
+    out = capsys.readouterr().out
+    assert f"training store read from {fc}" in out and "validation store built" in out, out
+    assert f"feature cache not kept for later runs: --cache-dir {fc} is read-only" in caplog.text
+    assert sorted((p, p.stat().st_mtime_ns) for p in fc.rglob("*")) == kept and result.history
+
+
 def test_a_stored_cache_of_other_rows_under_a_stores_key_is_built_again(image_folder, tmp_path, caplog):
     # two stores swapped by name: 500 rows read for 300 images, and the run ended in the LR scheduler's traceback
     def run(name: str) -> list[str]:

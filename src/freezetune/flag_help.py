@@ -104,7 +104,7 @@ FIELD_HELP = {
     "without (bf16/fp32; not with --grad-clip, --skip-nonfinite, torchrun or --compile)",
     "cache": "frozen-prefix feature cache (off: each batch runs the frozen prefix forward only, augmented afresh)",
     "cache_views": "augmented views of each training image the feature cache holds (1: the image unaugmented)",
-    "cache_dir": "keep feature caches here and reuse them across runs (the auto recipe: OUT/features)",
+    "cache_dir": "keep feature caches here and reuse them across runs (the auto recipe: OUT/features); a read-only one is only read",
     "cache_at": "cut the feature cache at this frozen stage (default: the first stage that trains)",
     "decode": "where images are decoded and augmented (auto: on the GPU with a CUDA device)",
     "device": " | ".join(DEVICES),

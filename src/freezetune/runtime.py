@@ -110,10 +110,11 @@ def check_resume_target(out: str | None, resume: bool) -> None:
 
 def check_folders(out: str | None, cache_dir: str | None, data: tuple[str | None, ...] = ()) -> None:
     """Refuse an ``out`` or ``cache_dir`` that cannot be made a folder, before anything is computed: a cache dir
-    that was a file failed with FileExistsError once the feature cache was built. Refuse one inside an image folder
+    that was a file failed with FileExistsError once the feature cache was built. (An existing cache dir that is
+    only readable is read: ``read_only_folder``.) Refuse one inside an image folder
     of ``data`` (the training and validation data) that is read for classes: the next run read ``auto-trials/``,
     ``features/`` or ``runs/`` as a class (``data.layout.class_roots``); so is the default ``runs/`` there."""
-    given = (("--out", out), ("--cache-dir", cache_dir))
+    given = (("--out", out), ("--cache-dir", cache_dir if not read_only_folder(cache_dir) else None))
     problems = [f"{flag} {path!r}: {problem}" for flag, path in given if path and (problem := folder_problem(path))]
     roots = [root.resolve() for d in data for root in class_roots(d)]
     default = f"the default run dir ({RUNS_DIR}/ in the current folder, as no --out is given)"
@@ -126,6 +127,17 @@ def check_folders(out: str | None, cache_dir: str | None, data: tuple[str | None
                             f"run's files would join the data; give {flag} outside it")  # fmt: skip
     if problems:
         raise ConfigError("; ".join(problems))
+
+
+def read_only_folder(path: str | Path | None) -> bool:
+    """Whether ``path`` is an existing folder this process may read but not write: a cache dir shared read-only (a
+    team's features on a read-only mount) is read, and the stores a run builds are not kept (``cache.disk.save``).
+
+    >>> read_only_folder(None), read_only_folder("/nonexistent/features")
+    (False, False)
+    """
+    return path is not None and Path(path).is_dir() and os.access(path, os.R_OK | os.X_OK) \
+        and not os.access(path, os.W_OK)  # fmt: skip
 
 
 def folder_problem(path: str | Path) -> str | None:

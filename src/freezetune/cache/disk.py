@@ -24,6 +24,8 @@ from torch.utils.data import Dataset
 from freezetune._io import atomic_save, remove_stale_temps
 from freezetune.data.fingerprint import cache_fingerprint
 from freezetune.errors import ResourceError
+from freezetune.run_log import warn_once
+from freezetune.runtime import read_only_folder
 from freezetune.split import Split
 
 log = logging.getLogger(__name__)
@@ -125,6 +127,10 @@ def save(cache_dir: Path, key: str, features: torch.Tensor, targets: torch.Tenso
     The run does not need the stored copy (it trains from the store it holds), so a full cache disk costs a warning,
     not the features just computed.
     """
+    if read_only_folder(cache_dir):  # shared read-only: its stores were read; nothing may be added or swept there
+        warn_once(log, "feature cache not kept for later runs: --cache-dir %s is read-only (its stores are read, "
+                  "new ones are not added)", cache_dir)  # fmt: skip
+        return None
     Path(cache_dir).mkdir(parents=True, exist_ok=True)
     # a run killed while it saved left a temporary file as large as the store: in a cache dir, outside any run dir,
     # nothing else would ever remove it. Those of live processes are kept (another run may be writing one), and any
