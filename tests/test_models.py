@@ -262,6 +262,18 @@ def test_hf_image_processor_settings_translate_to_preprocess(settings, expected)
 
 
 @pytest.mark.parametrize("arch", ["googlenet", "inception_v3"])
+def test_a_torchvision_model_with_random_weights_builds_without_torchvisions_future_warning(arch):
+    # `--weights none` printed torchvision's FutureWarning about its default initialisation (a line of noise a run)
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model, _ = create_model(f"torchvision:{arch}", "none")
+    assert not [w for w in caught if issubclass(w.category, FutureWarning)], [str(w.message) for w in caught]
+    assert model.aux_logits  # the architecture torchvision builds without weights, aux heads included
+
+
+@pytest.mark.parametrize("arch", ["googlenet", "inception_v3"])
 def test_a_torchvision_model_built_without_its_pretrained_weights_has_their_architecture(arch, monkeypatch):
     # a resume (and eval, predict, export) builds the model without reading the weights last.pt replaces: GoogLeNet
     # built so had aux heads its pretrained-born last.pt lacks (every resume failed), Inception v3 another input

@@ -182,8 +182,8 @@ def _torchvision_model(name: str, arch: str, source: Source) -> tuple[nn.Module,
     # the architecture's own input, random weights too (offline: it is the weights' metadata): Inception v3 takes
     # 299 px, and 224 px is too small for its auxiliary classifier
     pre = _torchvision_preprocess(default)
-    if source == "random":
-        return tvm.get_model(arch, weights=None), pre
+    if source == "random":  # their builders' present initialisation, asked for: else each run printed a FutureWarning
+        return tvm.get_model(arch, weights=None, **_RANDOM_ARCH.get(arch, {})), pre
     if source in ("packaged", "shape"):  # the pretrained architecture: GoogLeNet's pretrained one has no aux heads
         return tvm.get_model(arch, weights=None, **_PRETRAINED_ARCH.get(arch, {})), pre
     url = urlparse(default.url)
@@ -201,6 +201,9 @@ _PRETRAINED_ARCH = {
     "googlenet": {"transform_input": True, "aux_logits": False, "init_weights": False},
     "inception_v3": {"transform_input": True, "init_weights": False},
 }
+
+# torchvision warns (FutureWarning) that the default initialisation of these two will change, unless it is named
+_RANDOM_ARCH = {"googlenet": {"init_weights": True}, "inception_v3": {"init_weights": True}}
 
 
 def _torchvision_preprocess(weights: object) -> Preprocess:
