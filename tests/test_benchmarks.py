@@ -74,3 +74,10 @@ def test_every_transfer_peer_has_its_run_and_the_layout_variants_wait_for_only(m
     assert all(callable(getattr(transfer, f"run_{name.replace('-', '_')}", None)) for name in transfer.PEERS)
     assert {"full-nchw", "ft-default-nchw"} <= set(transfer.CONTENDERS)
     assert not {"full-nchw", "ft-default-nchw"} & set(transfer.DEFAULT_CONTENDERS)
+
+
+def test_bn_fold_compares_the_folded_copy_with_the_model_as_trained():
+    out = _run("bn_fold.py", "--models", "test_efficientnet", "--res", "32", "--n-images", "16", "--batch-size", "8",
+               "--repeat", "1")  # fmt: skip
+    row = out.splitlines()[-1].split()
+    assert row[0] == "test_efficientnet" and int(row[1]) > 0 and float(row[-1]) < 1e-3, out

@@ -7,6 +7,7 @@ from collections.abc import Iterable, Sized
 import torch
 from torch import nn
 
+from freezetune.bn_fold import foldable, folded
 from freezetune.distributed import DistInfo, all_gather
 from freezetune.epoch_log import progress_bar
 from freezetune.metrics import ClassificationMeter
@@ -48,6 +49,8 @@ def evaluate(
     """
     was_training = model.training
     model.eval()
+    # BatchNorm folded into the convolutions before it: 1.2x as fast on a CPU (bn_fold); a GPU's gain is not measured
+    forward = folded(model) if precision.device.type == "cpu" and foldable(model) else model
     meter = ClassificationMeter(num_classes)
     loss_fn = nn.CrossEntropyLoss(reduction="none")
     shown = progress_bar(len(batches) if isinstance(batches, Sized) else None, bar or "", enabled=bar is not None,
@@ -57,7 +60,7 @@ def evaluate(
             inputs = to_device(inputs, precision.device, channels_last)
             targets = targets.to(precision.device, non_blocking=True)
             with precision.autocast():
-                logits = logits_of(run_model(model, inputs))
+                logits = logits_of(run_model(forward, inputs))
             meter.update(logits.float(), targets, loss_fn(logits.float(), targets))
             shown.update()
     finally:
