@@ -170,3 +170,22 @@ def test_printed_records_as_one_json_list_as_json_lines_and_as_lines(best_pt, da
     empty = PredictionPrinter("json")
     empty.end()
     assert capsys.readouterr().out == "[]\n"
+
+
+def test_many_images_on_a_cpu_are_predicted_by_a_folded_copy_as_by_the_model(best_pt, data, monkeypatch):
+    from freezetune import predict as predict_module
+    from freezetune.bn_fold import folded
+
+    files = sorted(str(p) for p in (data / "test").rglob("*.png"))
+    loaded = load_model(best_pt, device="cpu")
+    copies = []
+    monkeypatch.setattr(predict_module, "folded", lambda m: copies.append(folded(m)) or copies[-1])
+    monkeypatch.setattr(predict_module, "FOLD_FROM", len(files))  # as many as a folder that pays for the fold
+    records = predict_files(loaded, files, topk=3)
+    few = predict_files(loaded, files[:-1], topk=3)  # fewer: the model as it is
+    assert len(copies) == 1 and copies[0] is not loaded.model
+    monkeypatch.setattr(predict_module, "foldable", lambda m: False)
+    plain = predict_files(loaded, files, topk=3)
+    assert [[p["class"] for p in r["top"]] for r in records] == [[p["class"] for p in r["top"]] for r in plain]
+    got, want = ([p["prob"] for r in rs for p in r["top"]] for rs in (records, plain))
+    assert got == pytest.approx(want, abs=1e-5) and few == plain[:-1]
