@@ -71,6 +71,36 @@ def test_only_a_convolution_that_feeds_its_norm_alone_is_folded():
         torch.testing.assert_close(folded(model)(x), model(x), atol=1e-5, rtol=1e-5)
 
 
+class _Shared(nn.Module):
+    """One convolution called twice, its norm after the first call only; one norm called after two convolutions."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.a, self.b, self.shared_bn = nn.Conv2d(4, 4, 1), nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return self.bn(self.conv(x)) + self.conv(x) + self.shared_bn(self.a(x)) + self.shared_bn(self.b(x))
+
+
+def test_a_module_called_twice_is_not_folded_for_one_of_its_calls():
+    model = _trained_stats(_Shared())
+    assert foldable_pairs(model) == ()
+    x = torch.randn(2, 4, 8, 8)
+    with torch.inference_mode():
+        torch.testing.assert_close(folded(model)(x), model(x))
+
+
+def test_a_model_changed_since_its_pairs_were_found_is_traced_again():
+    model = _trained_stats(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)))
+    assert foldable_pairs(model) == (("0", "1"),)
+    model.insert(1, nn.ReLU())  # a notebook's edit: the norm no longer reads the convolution's output
+    assert foldable_pairs(model) == ()
+    x = torch.randn(2, 3, 8, 8)
+    with torch.inference_mode():
+        torch.testing.assert_close(folded(model)(x), model(x))
+
+
 def test_a_convolution_that_changes_its_weights_or_a_norm_without_running_statistics_stays():
     standardised = _trained_stats(nn.Sequential(_Standardised(3, 4, 3), nn.BatchNorm2d(4)))
     batch_stats = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, track_running_stats=False)).eval()

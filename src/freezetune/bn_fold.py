@@ -12,6 +12,7 @@ standardisation), or a norm without running statistics, stays as it is. A model 
 
 from __future__ import annotations
 
+import collections
 import copy
 import weakref
 
@@ -31,7 +32,8 @@ try:
 except ImportError:  # timm is a dependency; a model of another library folds its plain layers
     pass
 
-_PAIRS: weakref.WeakKeyDictionary[nn.Module, tuple[tuple[str, str], ...]] = weakref.WeakKeyDictionary()
+# per model: its modules' names and types when traced (a module swapped or inserted since is traced again), and pairs
+_PAIRS: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, tuple[tuple[str, str], ...]]] = weakref.WeakKeyDictionary()
 
 
 def foldable(model: nn.Module) -> bool:
@@ -47,16 +49,18 @@ def foldable(model: nn.Module) -> bool:
 
 
 def foldable_pairs(model: nn.Module) -> tuple[tuple[str, str], ...]:
-    """``(conv, norm)`` module names where ``norm`` reads only ``conv``'s output and ``conv`` feeds nothing else;
-    traced once per model.
+    """``(conv, norm)`` module names where ``norm`` reads only ``conv``'s output, ``conv`` feeds nothing else, and
+    each is called once (a module called twice would be changed for its other call too); traced once per model
+    structure.
 
     >>> m = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
     >>> foldable_pairs(m)
     (('0', '1'),)
     """
-    if model not in _PAIRS:
-        _PAIRS[model] = _find_pairs(model)
-    return _PAIRS[model]
+    structure = tuple((name, type(m)) for name, m in model.named_modules())
+    if model not in _PAIRS or _PAIRS[model][0] != structure:
+        _PAIRS[model] = structure, _find_pairs(model)
+    return _PAIRS[model][1]
 
 
 def _find_pairs(model: nn.Module) -> tuple[tuple[str, str], ...]:
@@ -67,6 +71,7 @@ def _find_pairs(model: nn.Module) -> tuple[tuple[str, str], ...]:
     except Exception:  # any tracing failure: the model is evaluated as it is
         return ()
     modules = dict(model.named_modules())
+    calls = collections.Counter(node.target for node in graph.nodes if node.op == "call_module")
     pairs = []
     for node in graph.nodes:
         norm = modules.get(node.target) if node.op == "call_module" else None
@@ -74,7 +79,8 @@ def _find_pairs(model: nn.Module) -> tuple[tuple[str, str], ...]:
             continue
         source = node.args[0]
         conv = modules.get(source.target) if isinstance(source, torch.fx.Node) and source.op == "call_module" else None
-        if type(conv) in _CONVS and len(source.users) == 1 and conv.out_channels == norm.num_features:
+        if type(conv) in _CONVS and len(source.users) == 1 and calls[source.target] == calls[node.target] == 1 \
+                and conv.out_channels == norm.num_features:  # fmt: skip
             pairs.append((source.target, node.target))
     return tuple(pairs)
 
