@@ -108,6 +108,25 @@ def test_a_convolution_that_changes_its_weights_or_a_norm_without_running_statis
     assert foldable_pairs(batch_stats) == () and folded(batch_stats) is batch_stats
 
 
+@pytest.mark.filterwarnings("ignore:`torch.nn.utils.weight_norm` is deprecated:FutureWarning")
+@pytest.mark.parametrize("wrap", [nn.utils.weight_norm, nn.utils.parametrizations.weight_norm])
+def test_a_convolution_whose_weight_is_recomputed_at_each_call_is_not_folded(wrap):
+    # the old weight_norm rebuilds .weight in a pre-hook; the new one makes .weight a parametrization's output
+    model = _trained_stats(nn.Sequential(wrap(nn.Conv2d(3, 4, 3)), nn.BatchNorm2d(4)))
+    assert foldable_pairs(model) == ()
+    x = torch.randn(2, 3, 8, 8)
+    with torch.inference_mode():
+        torch.testing.assert_close(folded(model)(x), model(x))
+
+
+def test_a_model_that_cannot_be_copied_is_evaluated_as_it_is():
+    import threading
+
+    model = _trained_stats(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)))
+    model.lock = threading.Lock()  # deepcopy: "cannot pickle '_thread.lock' object"
+    assert foldable_pairs(model) == (("0", "1"),) and folded(model) is model
+
+
 def test_a_model_that_does_not_trace_or_holds_no_norm_is_evaluated_as_it_is():
     class Branchy(nn.Module):
         def __init__(self) -> None:

@@ -7,7 +7,8 @@ epoch's validation and ``freezetune eval`` run on such a copy there; the trained
 
 Which pairs fold is read from the model's ``torch.fx`` graph, not from the order of its modules: a convolution whose
 output is also read elsewhere (a residual branch), a convolution that changes its weights in its forward (weight
-standardisation), or a norm without running statistics, stays as it is. A model that does not trace folds nothing.
+standardisation, or a hook such as ``weight_norm``'s), or a norm without running statistics, stays as it is. A model
+that does not trace, or cannot be copied, folds nothing.
 """
 
 from __future__ import annotations
@@ -80,9 +81,15 @@ def _find_pairs(model: nn.Module) -> tuple[tuple[str, str], ...]:
         source = node.args[0]
         conv = modules.get(source.target) if isinstance(source, torch.fx.Node) and source.op == "call_module" else None
         if type(conv) in _CONVS and len(source.users) == 1 and calls[source.target] == calls[node.target] == 1 \
-                and conv.out_channels == norm.num_features:  # fmt: skip
+                and conv.out_channels == norm.num_features and not _hooked(conv):  # fmt: skip
             pairs.append((source.target, node.target))
     return tuple(pairs)
+
+
+def _hooked(conv: nn.Module) -> bool:
+    """Whether hooks run around ``conv``'s forward: ``weight_norm`` and ``spectral_norm`` recompute its weight in a
+    pre-hook, which would overwrite the folded one."""
+    return bool(conv._forward_pre_hooks or conv._forward_hooks)
 
 
 def folded(model: nn.Module) -> nn.Module:
@@ -97,7 +104,10 @@ def folded(model: nn.Module) -> nn.Module:
     pairs = foldable_pairs(model)
     if not pairs:
         return model
-    copied = copy.deepcopy(model).eval()
+    try:
+        copied = copy.deepcopy(model).eval()
+    except Exception:  # an attribute that cannot be copied (a lock, a handle): a fold may never fail an evaluation
+        return model
     with torch.no_grad():
         for conv_name, norm_name in pairs:
             conv, norm = copied.get_submodule(conv_name), copied.get_submodule(norm_name)
