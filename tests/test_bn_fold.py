@@ -26,6 +26,11 @@ def _trained_stats(model: nn.Module) -> nn.Module:
     return model.eval()
 
 
+def _same_logits(model: nn.Module, x: torch.Tensor) -> None:
+    with torch.inference_mode():
+        torch.testing.assert_close(folded(model)(x), model(x), atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("name", ["tf_efficientnet_lite0", "resnet18", "test_efficientnet"])
 def test_a_folded_timm_model_gives_the_same_logits_and_leaves_the_model_as_it_was(name):
     import timm
@@ -66,9 +71,7 @@ class _Standardised(nn.Conv2d):
 def test_only_a_convolution_that_feeds_its_norm_alone_is_folded():
     model = _trained_stats(_Residual())
     assert foldable_pairs(model) == (("other", "other_bn"),)
-    x = torch.randn(2, 4, 8, 8)
-    with torch.inference_mode():
-        torch.testing.assert_close(folded(model)(x), model(x), atol=1e-5, rtol=1e-5)
+    _same_logits(model, torch.randn(2, 4, 8, 8))
 
 
 class _Shared(nn.Module):
@@ -86,9 +89,7 @@ class _Shared(nn.Module):
 def test_a_module_called_twice_is_not_folded_for_one_of_its_calls():
     model = _trained_stats(_Shared())
     assert foldable_pairs(model) == ()
-    x = torch.randn(2, 4, 8, 8)
-    with torch.inference_mode():
-        torch.testing.assert_close(folded(model)(x), model(x))
+    _same_logits(model, torch.randn(2, 4, 8, 8))
 
 
 def test_a_model_changed_since_its_pairs_were_found_is_traced_again():
@@ -96,9 +97,7 @@ def test_a_model_changed_since_its_pairs_were_found_is_traced_again():
     assert foldable_pairs(model) == (("0", "1"),)
     model.insert(1, nn.ReLU())  # a notebook's edit: the norm no longer reads the convolution's output
     assert foldable_pairs(model) == ()
-    x = torch.randn(2, 3, 8, 8)
-    with torch.inference_mode():
-        torch.testing.assert_close(folded(model)(x), model(x))
+    _same_logits(model, torch.randn(2, 3, 8, 8))
 
 
 def test_a_convolution_that_changes_its_weights_or_a_norm_without_running_statistics_stays():
@@ -114,9 +113,7 @@ def test_a_convolution_whose_weight_is_recomputed_at_each_call_is_not_folded(wra
     # the old weight_norm rebuilds .weight in a pre-hook; the new one makes .weight a parametrization's output
     model = _trained_stats(nn.Sequential(wrap(nn.Conv2d(3, 4, 3)), nn.BatchNorm2d(4)))
     assert foldable_pairs(model) == ()
-    x = torch.randn(2, 3, 8, 8)
-    with torch.inference_mode():
-        torch.testing.assert_close(folded(model)(x), model(x))
+    _same_logits(model, torch.randn(2, 3, 8, 8))
 
 
 def test_a_model_that_cannot_be_copied_is_evaluated_as_it_is():
