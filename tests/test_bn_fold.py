@@ -135,6 +135,7 @@ def test_a_model_that_does_not_trace_or_holds_no_norm_is_evaluated_as_it_is():
 
     assert foldable(Branchy()) and foldable_pairs(Branchy()) == ()
     assert not foldable(nn.Linear(4, 2))
+    assert not foldable(nn.DataParallel(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))))  # a wrapper
 
 
 def test_evaluation_on_a_cpu_runs_the_folded_copy_with_the_same_metrics_and_keeps_the_training_mode(monkeypatch):

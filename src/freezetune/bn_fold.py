@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from freezetune.depthwise import FastDepthwiseConv2d
+from freezetune.module_tree import wrapping
 
 # convolutions whose forward is F.conv2d on their weight and bias (padding, if any, applied to the input)
 _CONVS: tuple[type, ...] = (nn.Conv2d, FastDepthwiseConv2d)
@@ -38,13 +39,13 @@ _PAIRS: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, tuple[tuple[str, str],
 
 
 def foldable(model: nn.Module) -> bool:
-    """Whether ``folded`` may trace ``model``: a plain module that holds a BatchNorm (DDP's and torch.compile's
-    wrappers run collective or compiled code when called, which a trace must not start).
+    """Whether ``folded`` may trace ``model``: a plain module that holds a BatchNorm (a wrapper, DDP's or
+    torch.compile's, runs collective or compiled code when called, which a trace must not start).
 
     >>> foldable(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))), foldable(nn.Linear(2, 2))
     (True, False)
     """
-    if isinstance(model, nn.parallel.DistributedDataParallel) or hasattr(model, "_orig_mod"):
+    if len(wrapping(model)) > 1:
         return False
     return any(type(m) in _NORMS for m in model.modules())
 
