@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -173,6 +174,16 @@ def test_a_second_step_for_an_epoch_already_stepped_changes_nothing():
             assert unfreezer.step(1, 0.4) == []
         assert unfreezer.events == ([(0, ["block3"]), (1, ["block2"])] if schedule == "epoch:1" else [(1, opened)])
         assert unfreezer.state_dict()["num_bad"] == 0
+
+
+@pytest.mark.parametrize("bad", ["0", 1.0, True, -1, None])
+def test_a_step_refuses_an_epoch_that_is_not_a_0_based_int(bad):
+    # an epoch read from a config or a logger as "0" raised Python's "can only concatenate str" from the schedule
+    _, _, _, unfreezer = frozen_setup("epoch:1")
+    with pytest.raises(ft.FreezetuneError, match=r"epoch must be the 0-based int of the epoch that ended, got"):
+        unfreezer.step(bad)
+    assert unfreezer.step(np.int64(0)) == ["block3"]  # a numpy int (a loop over np.arange) is one
+    assert unfreezer.state_dict()["stepped"] == 0 and type(unfreezer.state_dict()["stepped"]) is int
 
 
 def test_plan_naming_a_trainable_stage_reports_nothing():

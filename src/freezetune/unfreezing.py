@@ -10,6 +10,7 @@ with a warning.
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from collections.abc import Iterable, Mapping
 
@@ -139,6 +140,9 @@ class Unfreezer:
         ``warming_up``: the LR schedule is still raising the LR; a plateau schedule then keeps its best metric but
         counts no stall (a metric that stalls while the LR climbs to its peak has not plateaued).
         """
+        if isinstance(epoch, bool) or not isinstance(epoch, numbers.Integral) or epoch < 0:
+            raise SpecError(f"Unfreezer.step: epoch must be the 0-based int of the epoch that ended, got {epoch!r}")
+        epoch = int(epoch)  # a numpy int, from a loop over np.arange, is saved in the state as a plain int
         if self._stepped is not None and epoch <= self._stepped:  # it opened the next stage again (a plateau: a stall)
             warnings.warn(f"Unfreezer.step({epoch}) after step({self._stepped}): each epoch's end is stepped once; "
                           "this call changes nothing", stacklevel=2)  # fmt: skip
