@@ -564,6 +564,15 @@ def test_counting_a_model_with_lazy_layers_before_its_first_forward_names_them()
     assert ft.count_parameters(model) == (35, 35)
 
 
+def test_summary_shows_a_small_trainable_share_as_more_than_none(resnet18):
+    # a linear probe of ResNet-18 trains 0.014 %: one decimal printed "(0.0% trainable)", as if nothing trained
+    ft.replace_head(resnet18, 3)
+    ft.freeze(resnet18, "backbone")
+    assert ft.summary(resnet18).splitlines()[-1].endswith("(0.014% trainable)")
+    ft.freeze(resnet18, "all")
+    assert ft.summary(resnet18).splitlines()[-1].endswith("(0.0% trainable)")
+
+
 def test_a_module_glob_short_of_its_full_name_is_refused_with_the_full_one():
     # a GPT-2's stages are named 'h.0', 'h.1'; 'h.*.attn' matched nothing and the message named only the stages
     model = nn.Module()

@@ -562,3 +562,52 @@ def test_a_pretrained_hf_pooler_the_classifier_reads_stays_a_stage(monkeypatch):
         assert [s.name for s in ft.stages(tiny_bert())][-2:] == ["pooler", "classifier"]
     with torch.inference_mode():
         assert [s.name for s in ft.stages(tiny_bert())][-2:] == ["pooler", "classifier"]
+
+
+@pytest.mark.parametrize("family", ["bert", "distilbert", "deberta_v2"])
+def test_an_hf_head_stage_trains_whole_when_frozen_before_its_head_is_replaced(family):
+    # freeze("all") then replace_head made only the last layer new: DistilBERT's pre_classifier (random from a base
+    # checkpoint) stayed frozen under it; the other order trained it
+    frozen_first, _ = _tiny_hf(family)
+    ft.freeze(frozen_first, "all")
+    ft.replace_head(frozen_first, 3)
+    replaced_first, _ = _tiny_hf(family)
+    ft.replace_head(replaced_first, 3)
+    ft.freeze(replaced_first, "backbone")
+    trained = {n for n, p in frozen_first.named_parameters() if p.requires_grad}
+    assert trained == {n for n, p in replaced_first.named_parameters() if p.requires_grad}
+    assert trained == set(ft.stages(frozen_first)[-1].param_names)
+
+
+def test_a_layer_between_features_and_classifier_is_a_stage_of_its_own():
+    # a neck beside features/classifier joined the last layer of features (a BatchNorm), which then split from its
+    # conv: freeze_to(-2) trained that BatchNorm and froze its conv
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.features = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3),
+                                          nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())  # fmt: skip
+            self.neck = nn.Linear(8, 8)
+            self.classifier = nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.classifier(self.neck(self.features(x)))
+
+    model = Net()
+    found = ft.stages(model)
+    assert_partition(model, found)
+    assert [(s.name, s.modules) for s in found] == [
+        ("features.0", ("features.0", "features.1")),
+        ("features.3", ("features.3", "features.4")),
+        ("neck", ("neck",)),
+        ("classifier", ("classifier",)),
+    ]
+    ft.freeze_to(model, -2)
+    assert {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad} == {"neck", "classifier"}
+
+
+@pytest.mark.parametrize("use", [ft.stages, lambda m: ft.freeze(m, "backbone"), lambda m: ft.param_groups(m, 1e-3)])
+def test_stages_of_a_model_with_lazy_layers_name_them(use):
+    model = nn.Sequential(nn.LazyLinear(8), nn.ReLU(), nn.Linear(8, 2))  # torch's own ValueError came from numel()
+    with pytest.raises(SpecError, match=r"lazy layers have no size yet \('0.weight', '0.bias'\)"):
+        use(model)

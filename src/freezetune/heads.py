@@ -88,7 +88,20 @@ def replace_head(model: nn.Module, num_classes: int) -> nn.Module:
     for attr in ("num_classes", "num_labels"):  # HF forward() reads self.num_labels to shape its loss
         if isinstance(getattr(model, attr, None), int):
             setattr(model, attr, num_classes)
+    if hf_base_prefix(model):
+        _train_hf_head(model)
     return wrapper  # as given: a compiled model runs the new head
+
+
+def _train_hf_head(model: nn.Module) -> None:
+    """A Hugging Face task model's head stage is all it adds to the base model (RoBERTa's ``classifier.dense`` before
+    its ``out_proj``, DistilBERT's ``pre_classifier``); ``replace_head`` makes only the last layer anew. Frozen before
+    the call, the others stayed frozen, so the new classifier trained on a layer a base checkpoint leaves random:
+    the whole head stage trains, whichever came first, ``freeze`` or ``replace_head``."""
+    from freezetune.stages import stages  # stages reads the heads this module finds
+
+    for p in stages(model)[-1].params:
+        p.requires_grad_(True)
 
 
 def sibling_heads(model: nn.Module, head: str) -> list[str]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from freezetune.errors import SpecError
+from freezetune.errors import SpecError, choices
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -58,3 +58,15 @@ def is_norm(module: nn.Module) -> bool:
 def under(name: str, prefix: str) -> bool:
     """Whether qualified name ``name`` is ``prefix`` or inside it."""
     return name == prefix or name.startswith(prefix + ".")
+
+
+def check_materialized(model: nn.Module) -> None:
+    """A lazy layer's parameter has no size until the first forward pass: counting it raised torch's own error.
+
+    Raises:
+        SpecError: naming the lazy layers' parameters.
+    """
+    lazy = [name for name, p in model.named_parameters() if isinstance(p, nn.parameter.UninitializedParameter)]
+    if lazy:
+        raise SpecError(f"{len(lazy)} parameter(s) of lazy layers have no size yet ({choices(lazy, limit=3)}): run "
+                        "one forward pass through the model first")  # fmt: skip

@@ -28,7 +28,15 @@ from freezetune.heads import (
     sibling_heads,
     timm_heads,
 )
-from freezetune.module_tree import has_params, is_library_model, is_norm, is_timm, under, unwrap
+from freezetune.module_tree import (
+    check_materialized,
+    has_params,
+    is_library_model,
+    is_norm,
+    is_timm,
+    under,
+    unwrap,
+)
 from freezetune.stages_hf import Decl as _Decl
 from freezetune.stages_hf import hf_body, hf_decl, hf_norms_in_front, hf_unused_params
 from freezetune.stages_timm import timm_decl
@@ -185,10 +193,18 @@ def _resnet_decl(model: nn.Module, head: str) -> _Decl | None:
 
 
 def _features_decl(model: nn.Module, head: str) -> _Decl | None:
+    """A stage per layer of ``features``; a layer of its own between it and the head (a user's ``neck``) is a stage
+    too: left undeclared, it joined the last layer of ``features``, a BatchNorm, which then split from its conv."""
     features = getattr(model, "features", None)
     if not isinstance(features, nn.Sequential) or not hasattr(model, "classifier"):
         return None
-    return [(f"features.{n}", [f"features.{n}"]) for n, _ in features.named_children()]
+    decl: _Decl = []
+    for name, child in model.named_children():
+        if name == "features":
+            decl += [(f"features.{n}", [f"features.{n}"]) for n, _ in features.named_children()]
+        elif name not in (head, "classifier") and has_params(child):  # the head's stage is made after
+            decl.append((name, [name]))
+    return decl
 
 
 def _vit_decl(model: nn.Module, head: str) -> _Decl | None:
@@ -208,6 +224,7 @@ def _generic_decl(model: nn.Module, head: str) -> _Decl:
     children = [(n, m) for n, m in model.named_children() if has_params(m) and n not in heads]
     if not children:
         return []
+    check_materialized(model)  # the trunk is the child of most parameters: a lazy layer's have no size yet
     trunk = max(children, key=lambda c: sum(p.numel() for p in c[1].parameters()))[1]
     # split only when the children alone give fewer than 3 stages (norms not counted): a model whose children are
     # its stages (stem, block1, ...) keeps them
