@@ -982,6 +982,36 @@ def test_a_flags_mistake_is_one_line_that_says_what_is_wrong(capsys, argv, line)
     assert exit_.value.code == 2 and err == f"freezetune train: error: {line} (see freezetune train --help)\n"
 
 
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["train", "--data", "", "--print-config"],
+        ["train", "--data", "x", "--out", " ", "--print-config"],
+        ["sweep", "--data", ""],
+        ["eval", "--checkpoint", "", "--data", "x"],
+        ["eval", "--checkpoint", "best.pt", "--data", ""],
+        ["export", "--checkpoint", "best.pt", "--to", ""],
+    ],
+)
+def test_an_empty_path_is_refused_not_read_as_the_current_directory(capsys, tmp_path, monkeypatch, argv):
+    # --data "$DATA" with DATA unset trained on the current directory and recorded data: '' for a resume to look for
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    _, err = capsys.readouterr()
+    flag = argv[[i for i, a in enumerate(argv) if not a.strip()][0] - 1]
+    assert exit_.value.code == 2
+    assert err.startswith(f"freezetune {argv[0]}: error: argument {flag}: empty path ") and err.count("\n") == 1
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_empty_path_in_a_config_file_is_refused(capsys, tmp_path):
+    (tmp_path / "c.yaml").write_text("data: ''\ncache_dir: ''\n")
+    code, _, err = run_cli(capsys, "train", "--config", tmp_path / "c.yaml")
+    assert code == 2 and "data is an empty path (''): give a file or folder, or leave it out" in err
+    assert "cache_dir is an empty path" in err and err.count("\n") == 1
+
+
 def test_print_config_says_what_a_recipe_sets_and_reads_back_as_a_config(capsys, tmp_path):
     code, out, err = run_cli(capsys, "train", "--recipe", "lp-ft", "--lr", "0.002", "--print-config")
     assert code == 0, err

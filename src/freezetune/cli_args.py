@@ -48,6 +48,18 @@ def _flag_action(parser: argparse.ArgumentParser, word: str) -> argparse.Action 
     return next(iter(matches.values())) if len(matches) == 1 else None
 
 
+def path(value: str) -> str:
+    """A flag's file or folder: an empty one (``--data "$DATA"`` with ``DATA`` unset) was read as the current
+    directory, and recorded as '' for a resume to look for.
+
+    >>> path("runs/a")
+    'runs/a'
+    """
+    if not value.strip():
+        raise argparse.ArgumentTypeError(f"empty path {value!r} (an unset shell variable?): give a file or folder")
+    return value
+
+
 class Parser(argparse.ArgumentParser):
     """argparse's own usage errors (``--epochs 2.5``, a stray argument) in one line, as freezetune's others: the
     usage block it printed first (some 30 lines for ``train``) buried the line that says what is wrong."""

@@ -8,8 +8,8 @@ import argparse
 from collections.abc import Callable
 
 from freezetune import __version__
-from freezetune.cli_args import Parser
-from freezetune.config import FIELD_CHOICES, TrainConfig, coerce, field_names, scalar_type
+from freezetune.cli_args import Parser, path
+from freezetune.config import FIELD_CHOICES, PATH_FIELDS, TrainConfig, coerce, field_names, scalar_type
 from freezetune.flag_help import FIELD_HELP, SECTIONS
 from freezetune.options import (
     AMP_MODES,
@@ -35,8 +35,8 @@ def build_parser(commands: dict[str, Callable[[argparse.Namespace], int | None]]
     _inspect_parser(sub, commands)
     p = sub.add_parser("export", help="export a checkpoint to .safetensors (weights), .onnx or .pt2 (graphs), with a "
                                       "JSON sidecar (classes, preprocessing, model)")  # fmt: skip
-    p.add_argument("--checkpoint", required=True, help="a freezetune checkpoint (best.pt)")
-    p.add_argument("--to", required=True, help="the file to write; its suffix picks the format: .safetensors, .onnx "
+    p.add_argument("--checkpoint", required=True, type=path, help="a freezetune checkpoint (best.pt)")
+    p.add_argument("--to", required=True, type=path, help="the file to write; its suffix picks the format: .safetensors, .onnx "
                                                "(needs the [onnx] extra) or .pt2 (torch.export)")  # fmt: skip
     p.add_argument("--force", action="store_true", help="overwrite an existing file")
     p.set_defaults(func=commands["export"], command_parser=p)
@@ -73,7 +73,7 @@ _SWEEP_HELP = {
 def _config_flags(p: argparse.ArgumentParser, overrides: dict[str, str] | None = None) -> None:
     """Every ``TrainConfig`` field as a flag, a ``--config`` file and ``key=value`` overrides (train and sweep, whose
     help differs where ``overrides`` says)."""
-    p.add_argument("--config", help="YAML file with the same keys as the flags")
+    p.add_argument("--config", type=path, help="YAML file with the same keys as the flags")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.add_argument("-v", "--verbose", action="store_true", help="also log library details (INFO level)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. lr=3e-4")
@@ -88,7 +88,8 @@ def _config_flags(p: argparse.ArgumentParser, overrides: dict[str, str] | None =
             continue
         # None when not given, so a config file's value is not overwritten by a default. Structured fields (freeze,
         # unfreeze, stage_lrs) stay text here and are parsed by load_config, as YAML and key=value values are.
-        group.add_argument(flag, type=kind or str, default=None, help=text)
+        kind = path if name in (*PATH_FIELDS, "out", "weights") else kind or str
+        group.add_argument(flag, type=kind, default=None, help=text)
 
 
 def _field_help(name: str, description: str | None = None) -> str:
@@ -110,8 +111,8 @@ def _shown(value: object) -> str:
 
 def _eval_parser(sub, commands: dict) -> None:
     p = sub.add_parser("eval", help="evaluate a checkpoint: loss, top-1/5, per-class accuracy, macro-F1, confusion")
-    p.add_argument("--checkpoint", required=True, help="a run's best.pt or last.pt")
-    p.add_argument("--data", required=True,
+    p.add_argument("--checkpoint", required=True, type=path, help="a run's best.pt or last.pt")
+    p.add_argument("--data", required=True, type=path,
                    help="labelled data in a form train's --data takes, scored whole unless split: an IDX "
                         "directory's test split, a folder's test/ (else val/); its classes among the "
                         "run's")  # fmt: skip
@@ -135,7 +136,7 @@ def _eval_parser(sub, commands: dict) -> None:
 
 def _predict_parser(sub, commands: dict) -> None:
     p = sub.add_parser("predict", help="top-k classes of images, or of texts for a text model")
-    p.add_argument("--checkpoint", required=True, help="a run's best.pt or last.pt")
+    p.add_argument("--checkpoint", required=True, type=path, help="a run's best.pt or last.pt")
     p.add_argument("images", nargs="+", metavar="PATH",
                    help="image files or folders; for a text model, text files (one text a line), CSVs with a text "
                         "column, or folders of them; - reads standard input: image paths, or a text model's texts, "

@@ -10,6 +10,7 @@ from typing import Any
 
 from freezetune.config import FIELD_CHOICES, INVALID, TrainConfig
 from freezetune.config_values import (
+    PATH_FIELDS,
     allows_none,
     field_types,
     scalar_type,
@@ -43,6 +44,7 @@ def validate(cfg: TrainConfig, *, need_data: bool = True, typed: Collection[str]
     if mistyped:  # the checks below compare numbers: a "3" where 3 belongs is reported alone, not as a TypeError
         raise ConfigError(INVALID + "; ".join(mistyped))
     problems = [choice_problem(name, getattr(cfg, name), allowed) for name, allowed in FIELD_CHOICES.items()]
+    problems += _empty_path_problems(cfg)
     problems += [positive_int_problem(name, getattr(cfg, name)) for name in ("epochs", "cache_views", "max_length")]
     if cfg.cache == "off" and isinstance(cfg.cache_views, int) and cfg.cache_views > 1:  # it would do nothing
         problems.append(f"cache_views {cfg.cache_views} sets how many augmented views the feature cache stores; with "
@@ -78,6 +80,17 @@ def validate(cfg: TrainConfig, *, need_data: bool = True, typed: Collection[str]
     problems = [p for p in problems if p]
     if problems:
         raise ConfigError(INVALID + "; ".join(problems))
+
+
+def _empty_path_problems(cfg: TrainConfig) -> list[str]:
+    """A path of '' (``data: ${DATA}`` unset, ``TrainConfig(data="")``) was read as the current directory and recorded
+    as '', which a resume then looked for."""
+    empty = [
+        name for name in (*PATH_FIELDS, "out", "weights") if isinstance(v := getattr(cfg, name), str) and not v.strip()
+    ]
+    return [
+        f"{name} is an empty path ({getattr(cfg, name)!r}): give a file or folder, or leave it out" for name in empty
+    ]
 
 
 def _column_problems(cfg: TrainConfig) -> list[str]:
