@@ -495,6 +495,19 @@ def test_a_users_own_config_yaml_in_the_out_dir_is_refused_and_kept(data, tmp_pa
     assert snapshot(out_dir) == before
 
 
+def test_a_users_own_config_yaml_beside_a_class_list_is_refused_and_kept(data, tmp_path, capsys):
+    # a classes.json of class names (the first file a run writes) made the folder a stopped run's: the user's
+    # config.yaml was replaced by the run's without a word
+    out_dir = tmp_path / "proj"
+    out_dir.mkdir()
+    (out_dir / "config.yaml").write_text("my_team_settings: {owner: alice}\n")
+    (out_dir / "classes.json").write_text(json.dumps(CLASSES))
+    before = snapshot(out_dir)
+    code, out, err = run_cli(capsys, *train_argv(data, out_dir, "--freeze", "backbone"))
+    _assert_user_error(code, out, err, str(out_dir), "config.yaml that no run wrote", "another --out")
+    assert snapshot(out_dir) == before
+
+
 def test_a_fresh_run_clears_an_earlier_auto_runs_decision_so_its_resume_resumes_it(data, tmp_path, capsys):
     # an auto run stopped before its final run's first epoch left recipe.json and auto-trials/; a --freeze run started
     # there kept them, and its --resume took the stale decision and refused every setting of the run

@@ -192,7 +192,9 @@ def _check_run_dir(run_dir: Path, *, resume: bool, recipe_run: bool = False) -> 
                           f"{checkpoint.LAST} to {'resume' if resume else 'continue'} it from: choose another "
                           f"{setting('out')}, or move those files out of it to start the run there afresh")  # fmt: skip
     traces = [f for f in RUN_TRACES if (run_dir / f).exists()]
-    if traces == [CONFIG_FILE]:  # a run writes classes.json before its config.yaml: this one is the user's
+    # a run writes classes.json before its config.yaml: alone, this one is the user's; so is one a run cannot have
+    # written, beside a classes.json of class names (which a user may keep there too)
+    if traces == [CONFIG_FILE] or (CONFIG_FILE in traces and not _config_of_a_run(run_dir / CONFIG_FILE)):
         raise ConfigError(f"--out {str(run_dir)!r} holds a {CONFIG_FILE} that no run wrote (no run was started "
                           f"there), and a run writes its resolved config as {CONFIG_FILE} in its dir: keep your "
                           f"config outside the run dir, or choose another {setting('out')}")  # fmt: skip
@@ -244,6 +246,19 @@ def stopped_phase(run_dir: Path) -> tuple[str, Path] | None:
     phases = sorted(p / checkpoint.LAST for p in run_dir.iterdir() if p.is_dir() and p.name != TRIALS_DIR)
     last = next((p for p in phases if p.is_file()), None)
     return (recipe["recipe"], last) if last is not None else None
+
+
+def _config_of_a_run(path: Path) -> bool:
+    """Whether ``path`` holds what a run writes there: its resolved config, a mapping of config keys with a model."""
+    import yaml
+
+    from freezetune.config import field_names
+
+    try:
+        config = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, yaml.YAMLError):
+        return False
+    return isinstance(config, dict) and "model" in config and set(config) <= set(field_names())
 
 
 def _classes_of_a_run(path: Path) -> bool | None:
