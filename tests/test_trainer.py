@@ -947,11 +947,30 @@ def test_a_run_whose_data_moved_resumes_on_the_same_files_at_their_new_path(tmp_
     (tmp_path / "orig").rename(tmp_path / "orig2")
     code, _, err = run_cli(capsys, "train", "--out", auto, "--resume", "--data", tmp_path / "orig2")
     assert code == 0, err
+    # the next plain resume (a preempted job resubmitted as it was) takes the new path: the request named the old one
+    code, _, err = run_cli(capsys, "train", "--out", auto, "--resume")
+    assert code == 0, err
+    assert json.loads((auto / "recipe.json").read_text())["asked"]["data"] == str(tmp_path / "orig2")
     # stopped before its final run saved a last.pt (nothing to check the data against): the asked paths hold
     for name in ("last.pt", "best.pt", "metrics.csv", "report.png", "test_metrics.json", "confusion.png"):
         (auto / name).unlink(missing_ok=True)
     code, _, err = run_cli(capsys, "train", "--out", auto, "--resume", "--data", data)
     assert code == 2 and "an auto run continues as it was asked" in err, err
+
+
+def test_a_named_recipes_run_resumed_on_moved_data_resumes_again_without_the_new_path(tmp_path, capsys):
+    # its recipe.json kept the old path, and the next plain --resume read it: "data '...' does not exist"
+    data, out = make_image_folder(tmp_path / "data"), tmp_path / "run"
+    steps = ("--scheduler", "none", "--recipe", "last-2")
+    assert run_cli(capsys, *train_argv(data, out, "--epochs", "1", *steps))[0] == 0
+    data.rename(tmp_path / "moved")
+    code, _, err = run_cli(capsys, "train", "--out", out, "--resume", "--epochs", "2", "--data", tmp_path / "moved")
+    assert code == 0, err
+    code, _, err = run_cli(capsys, "train", "--out", out, "--resume", "--epochs", "3")
+    assert code == 0, err
+    from freezetune.reporting import read_metrics
+
+    assert [row["epoch"] for row in read_metrics(out / "metrics.csv")] == [1, 2, 3]
 
 
 def test_the_config_of_a_moved_auto_run_reproduces_it_from_its_new_place(tmp_path, capsys, monkeypatch):

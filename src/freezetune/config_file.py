@@ -4,6 +4,7 @@ laid over it; every problem of what was read, of any kind, reported in one messa
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -105,6 +106,30 @@ def run_config(out: str | Path | None) -> Path | dict[str, Any] | None:
     run_dir = prepare_run_dir(None if out is None else str(out), "", resume=True, clean=False, recipe_run=True)
     saved = run_dir / CONFIG_FILE
     return asked_config(run_dir) or (saved if saved.is_file() else None)
+
+
+def follow_moved_data(run_dir: Path, recorded: dict[str, Any]) -> None:
+    """After a resume took the run's data from a new path (the same files, checked against ``last.pt``), the request
+    a recipe keeps (``recipe.json``: the auto recipe's beside its run, a named recipe's above its phase's folder) names
+    the new path too: ``run_config`` reads the request, and the next plain ``--resume`` looked for the old path.
+    ``recorded``: the resumed run's config as it records it (paths absolute)."""
+    from freezetune._io import atomic_write_text
+    from freezetune.config import DATA_PATHS
+    from freezetune.runtime import RECIPE_FILE
+
+    for saved in (run_dir / RECIPE_FILE, run_dir.parent / RECIPE_FILE):
+        try:
+            record = json.loads(saved.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        own = saved.parent == run_dir or run_dir.name in (record.get("phases") or [])
+        asked = record.get("asked") if own else None
+        if not isinstance(asked, dict):
+            continue
+        moved = {k: recorded[k] for k in DATA_PATHS if asked.get(k) and recorded.get(k) and asked[k] != recorded[k]}
+        if moved:
+            atomic_write_text(saved, json.dumps({**record, "asked": {**asked, **moved}}, indent=1))
+        return
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:

@@ -23,6 +23,7 @@ from freezetune.bn_policy import hold_bn_statistics, idle_bn_policy
 from freezetune.cache import FeaturePath
 from freezetune.config import DATA_PATHS, TrainConfig, parse_freeze_spec
 from freezetune.config_check import validate, validation_users
+from freezetune.config_file import follow_moved_data
 from freezetune.data import Loaders, build_datasets
 from freezetune.data.fingerprint import data_record
 from freezetune.data.gpu import check_decode
@@ -129,6 +130,8 @@ class RunSetup:
         self.fit_start: float | None = None
         if self.dist.is_main:
             self.cfg.save(self.run_dir / runtime.CONFIG_FILE)
+            if self.resuming:  # its data at another path now, which the recipe's request must name too
+                follow_moved_data(self.run_dir, self.cfg.recorded())
             if self.data.skipped:  # what --skip-bad left out stays on record with the run
                 atomic_write_text(self.run_dir / SKIPPED, "\n".join(self.data.skipped) + "\n")
 
