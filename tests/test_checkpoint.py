@@ -308,3 +308,23 @@ def test_the_file_list_of_last_pt_holds_any_name_and_splits_on_two_drives_keep_n
     monkeypatch.setattr(os.path, "commonpath", two_drives)
     record = fingerprint.data_record(ds, FileImageDataset([(str(tmp_path / "a\nb.png"), 0)], ["x"]))
     assert all("files" not in split and split["digest"] for split in record.values())  # one file a split: a digest
+
+
+def test_other_files_drawn_by_per_class_are_said_to_be_a_draw_not_the_files_changed(tmp_path):
+    # one file added to a class made --per-class draw other files of it: the refusal named dozens "gone" and "new",
+    # never the one added
+    from freezetune.data import FileImageDataset, fingerprint
+
+    for name in ("1", "2", "3"):
+        (tmp_path / f"{name}.png").write_bytes(b"1")
+    drawn = [FileImageDataset([(str(tmp_path / f"{n}.png"), 0)], ["x"]) for n in ("1", "2")]
+    before, now = (fingerprint.data_record(ds, None, per_class=1) for ds in drawn)
+    assert fingerprint.files_changed(before, now) == (
+        "files drawn by --per-class 1: 1 gone ('1.png'), 1 new ('2.png') (each class's are drawn from all of its "
+        "files: one file added to or removed from a class changes the draw)"
+    )
+    # the same files, one of another size: no draw to explain
+    (tmp_path / "1.png").write_bytes(b"12")
+    assert fingerprint.files_changed(before, fingerprint.data_record(drawn[0], None, per_class=1)) == (
+        "files: 1 of another size ('1.png')"
+    )

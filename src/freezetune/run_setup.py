@@ -176,7 +176,7 @@ class RunSetup:
                             f"run has {self.data.val_source}: give --val-data (or more {noun(self.data.train)} a "
                             f"class){without}")  # fmt: skip
         # what last.pt keeps of the data (sizes, digests), for a resume to refuse other data
-        self.data_print = data_record(self.data.train, self.data.val) if self.resumable else None
+        self.data_print = data_record(self.data.train, self.data.val, cfg.per_class) if self.resumable else None
 
     def _head_and_freeze(self) -> None:
         """Set-up step 2, the model for the data: its new head, any earlier run's weights, the freeze and BatchNorm

@@ -91,10 +91,11 @@ def _digest(dataset: Dataset, file_keys: Callable) -> str | None:
     return h.hexdigest()
 
 
-def data_record(train: Dataset, val: Dataset | None) -> dict:
+def data_record(train: Dataset, val: Dataset | None, per_class: int | None = None) -> dict:
     """What ``last.pt`` keeps of the data it trained on, for a resume to check (``restore``): each split's size and
     digest (``resume_digest``), and an image folder's or CSV's file list (``files_changed`` names what changed).
-    Each file's size is read once for both."""
+    Each file's size is read once for both. ``per_class``: the training images were drawn, that many a class, from
+    more (``--per-class``), which the refusal of other data then explains."""
     from freezetune.data.text import noun
 
     splits = {name: ds for name, ds in (("training", train), ("validation", val)) if ds is not None}
@@ -104,8 +105,9 @@ def data_record(train: Dataset, val: Dataset | None) -> dict:
     except OSError:  # a file gone since the scan: the digests say so (None), and no list is kept
         sized = {}
     lists = _file_lists(splits, sized)
+    drawn = {"per_class": per_class} if per_class is not None else {}
     return {name: {"n": len(ds), "digest": resume_digest(ds, sized.get(name)), "noun": noun(ds),
-                   **({"files": lists[name]} if name in lists else {})}
+                   **({"files": lists[name]} if name in lists else {}), **(drawn if name == "training" else {})}
             for name, ds in splits.items()}  # fmt: skip
 
 
@@ -146,7 +148,16 @@ def files_changed(saved: dict, now: dict) -> str | None:
               ("of another size", {p for p in common if old[p][0] != new[p][0]}),
               ("of another class", {p for p in common if old[p][1] != new[p][1]}))  # fmt: skip
     parts = [f"{len(paths)} {what} ({_examples(paths)})" for what, paths in groups if paths]
-    return "files: " + ", ".join(parts) if parts else None
+    if not parts:
+        return None
+    drawn = (saved.get("training") or {}).get("per_class")
+    if drawn is None or old.keys() == new.keys():
+        return "files: " + ", ".join(parts)
+    # one file added to a class drew another set of its files: the list names the drawn files, not the one added
+    return (
+        f"files drawn by --per-class {drawn}: {', '.join(parts)} (each class's are drawn from all of its files: "
+        "one file added to or removed from a class changes the draw)"
+    )
 
 
 def _listed(record: dict) -> dict[str, tuple[int, str]] | None:
