@@ -131,6 +131,17 @@ def test_head_mismatch_strict_errors_and_non_strict_keeps_head(tmp_path):
     assert torch.equal(dst.fc.weight, before["fc.weight"])
 
 
+def test_a_runs_checkpoint_given_as_weights_points_to_init_for_its_head(tmp_path):
+    # --weights runs/r1/best.pt said only that the head "starts untrained": --init starts from it, head included
+    src, dst = _trained(), _trained(seed=1, classes=5)
+    torch.save({"state_dict": src.state_dict(), "classes": ["a", "b", "c"]}, tmp_path / "best.pt")
+    report = load_weights(dst, tmp_path / "best.pt", strict=False)
+    assert report.message.endswith("the head starts untrained (a run's checkpoint: --init PATH (init=<path>) starts "
+                                   "from it, head included)")  # fmt: skip
+    torch.save(src.state_dict(), tmp_path / "w.pth")  # a plain weights file: no run to point to
+    assert load_weights(dst, tmp_path / "w.pth", strict=False).message.endswith("the head starts untrained")
+
+
 def test_non_head_mismatch_is_not_relaxed_by_strict_false(tmp_path):
     path = tmp_path / "wide.pth"
     torch.save(_trained(width=8).state_dict(), path)

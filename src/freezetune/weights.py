@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from freezetune.errors import WeightsError
+from freezetune.errors import WeightsError, setting
 from freezetune.text_pooling import replaced_keys
 
 log = logging.getLogger(__name__)
@@ -313,10 +313,23 @@ def load_weights(model: nn.Module, path: str | Path, *, strict: bool = True) -> 
     for k in pairs.keys() - set(skipped):
         new[k] = source[pairs[k]]
     model.load_state_dict(new)
-    return _report(path, pairs, by_order, skipped)
+    return _report(path, pairs, by_order, skipped, run=bool(skipped) and _is_run_checkpoint(path))
 
 
-def _report(path: Path, pairs: dict[str, str], by_order: bool, skipped: tuple[str, ...]) -> LoadReport:
+def _is_run_checkpoint(path: Path) -> bool:
+    """Whether ``path`` is a freezetune run's ``best.pt``/``last.pt``: given as pretrained weights, its head (trained
+    on the run's classes) meets the model's pretrained one, and is left out where ``--init`` would have kept it."""
+    if path.suffix.lower() == ".safetensors":
+        return False
+    try:
+        record = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # mapped: no weight is read
+    except Exception:  # a file of the older format (no mmap), or of another kind: the plain message stands
+        return False
+    return isinstance(record, Mapping) and "state_dict" in record and "classes" in record
+
+
+def _report(path: Path, pairs: dict[str, str], by_order: bool, skipped: tuple[str, ...], *,
+            run: bool = False) -> LoadReport:  # fmt: skip
     used = [k for k in pairs if k not in skipped and not k.endswith(_NBT)]
     if by_order:
         renamed = next(((pairs[k], k) for k in used if pairs[k] != k), None)
@@ -328,6 +341,10 @@ def _report(path: Path, pairs: dict[str, str], by_order: bool, skipped: tuple[st
         # not "kept the model's head": a run, or inspect --num-classes, replaces that one next
         message += (f"; left out the file's classifier head ({', '.join(map(repr, skipped))}), whose shape does not "
                     "fit: the head starts untrained")  # fmt: skip
+        if run:
+            message += (
+                f" (a run's checkpoint: {setting('init', 'PATH', placeholder=True)} starts from it, head included)"
+            )
     return LoadReport(len(used), len(used) if by_order else 0, str(path), message, skipped)
 
 
