@@ -341,9 +341,10 @@ def test_a_finished_epoch_is_never_restarted_over(data, uninterrupted, capsys):
 def test_preparing_a_run_dir_clears_what_an_unfinished_run_left_and_stale_temp_files(tmp_path):
     run = tmp_path / "run"
     (run / "cache" / "train").mkdir(parents=True)
-    for name in ("best.pt", "config.yaml", "notes.txt"):
+    for name in ("best.pt", "notes.txt"):
         (run / name).write_text("x")
     (run / "classes.json").write_text('["a", "b"]')  # a run writes it first, as a list of its class names
+    (run / "config.yaml").write_text("model: m\nepochs: 1\n")  # then its config, a mapping of config keys
     (run / "metrics.csv").write_text("epoch,val_acc\n1,0.5\n")  # stopped between epoch 1's best.pt and last.pt
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     stale, live = run / f".last.pt.{dead.stdout.strip()}.0123abcd.tmp", run / f".best.pt.{os.getpid()}.0123abcd.tmp"
