@@ -159,6 +159,9 @@ def test_timm_stage_names_are_the_modules_they_hold_and_unique():
     model = timm.create_model("cait_xxs24_224", pretrained=False)  # a callable group matcher
     names = [s.name for s in ft.stages(model)]
     assert len(set(names)) == len(names) and "blocks" not in names and "blocks.22" in names  # "blocks" was 1 of 24
+    # its first group holds the class token, the position embedding and the patch embedding: named "cls_token" after
+    # the first of them, as if it were that parameter alone
+    assert names[0] == "stem" and "patch_embed.proj.weight" in ft.stages(model)[0].param_names
 
 
 def test_a_hugging_face_classifiers_norm_is_no_head():

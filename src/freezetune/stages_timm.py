@@ -79,8 +79,8 @@ def _timm_stage_name(model: nn.Module, i: int, members: list[str], matcher: dict
     # the largest module holding its parameters and no others ("repeat.0" for a callable matcher's group of one block,
     # not "repeat": that names them all), else its first block's ("blocks.22" for CaiT's blocks.22 + blocks_token_only.0)
     common = os.path.commonprefix([n.split(".")[:-1] for n in members]) or members[0].split(".")[:-1][:2]
-    if not common:
-        return members[0]
+    if not common:  # the first group's model-level parameters (CaiT's cls_token) before its patch embedding: a stem
+        return "stem" if i == 0 else members[0]
     group = set(members)
     while len(common) > 1 and all(f"{'.'.join(common[:-1])}.{n}" in group
                                   for n, _ in model.get_submodule(".".join(common[:-1])).named_parameters()):  # fmt: skip
