@@ -162,6 +162,9 @@ def test_timm_stage_names_are_the_modules_they_hold_and_unique():
     # its first group holds the class token, the position embedding and the patch embedding: named "cls_token" after
     # the first of them, as if it were that parameter alone
     assert names[0] == "stem" and "patch_embed.proj.weight" in ft.stages(model)[0].param_names
+    # CoaT's matcher names each stage's embeddings (stem1 ... stem4) without numbering them in its regex
+    coat = [s.name for s in ft.stages(timm.create_model("coat_lite_tiny", pretrained=False))]
+    assert coat[:4] == ["stem1", "serial_blocks1.0", "serial_blocks1.1", "stem2"] and "cls_token3" not in coat
 
 
 def test_a_hugging_face_classifiers_norm_is_no_head():

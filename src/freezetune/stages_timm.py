@@ -76,6 +76,11 @@ def _timm_stage_name(model: nn.Module, i: int, members: list[str], matcher: dict
         m = re.match(r, members[0])
         if m and m.groups():
             return m.group(0).lstrip("^")
+    # a group the matcher names without numbering it (CoaT's stem2, its second stage's embeddings): by that name
+    named = [k for k, v in matcher.items() if isinstance(v, str) and re.compile(v).groups == 0 and re.match(v, members[0])] \
+        if isinstance(matcher, dict) else []  # fmt: skip
+    if len(named) == 1 and not _names_a_module(model, named[0]):
+        return named[0]
     # the largest module holding its parameters and no others ("repeat.0" for a callable matcher's group of one block,
     # not "repeat": that names them all), else its first block's ("blocks.22" for CaiT's blocks.22 + blocks_token_only.0)
     common = os.path.commonprefix([n.split(".")[:-1] for n in members]) or members[0].split(".")[:-1][:2]
@@ -103,3 +108,11 @@ def _dedupe_names(decl: _Decl, modules: set[str]) -> _Decl:
         seen.add(new)
         out.append((new, prefixes))
     return out
+
+
+def _names_a_module(model: nn.Module, name: str) -> bool:
+    try:
+        model.get_submodule(name)
+    except AttributeError:
+        return False
+    return True
