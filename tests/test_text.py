@@ -535,6 +535,18 @@ def test_a_csv_with_columns_of_its_own_names_reads_by_the_columns_a_run_names(tm
     assert Columns.of(Preprocess(text_column="body")) == Columns()  # an image model's CSV: path,label
 
 
+def test_a_column_named_for_one_role_is_not_found_for_the_other(tmp_path):
+    # --text-column label on a text,label CSV found "label" as the label column too: the model trained on texts that
+    # were their own labels, exit 0; --label-column text made a class of every text
+    (tmp_path / "plain.csv").write_text("text,label\ngood,pos\nbad,neg\n")
+    with pytest.raises(DataError, match=r"label column named one of .*'y' \('label' is the --text-column\)"):
+        read_text_csv(tmp_path / "plain.csv", columns=Columns.given("label", None))
+    with pytest.raises(DataError, match=r"text column named one of .*'content' \('text' is the --label-column\)"):
+        read_text_csv(tmp_path / "plain.csv", columns=Columns.given(None, "Text"))
+    ds = read_text_csv(tmp_path / "plain.csv", columns=Columns.given("text", None))  # its own name: as before
+    assert ds.classes == ["neg", "pos"] and ds[0] == ("good", 1)
+
+
 @pytest.mark.parametrize(
     ("flags", "message"),
     [

@@ -42,10 +42,16 @@ class Columns:
 
     @classmethod
     def given(cls, text: str | None, label: str | None) -> Columns:
-        """The columns a run names (``--text-column``, ``--label-column``; None: the usual names)."""
-        return cls(
-            (text.strip().lower(),) if text else TEXT_COLUMNS, (label.strip().lower(),) if label else LABEL_COLUMNS
-        )
+        """The columns a run names (``--text-column``, ``--label-column``; None: the usual names, but the one named
+        for the other role: ``--text-column label`` took the usual label column for its labels too, and trained on
+        texts that were their own labels).
+
+        >>> Columns.given("label", None).label
+        ('class', 'target', 'category', 'y')
+        """
+        text_name, label_name = (n.strip().lower() if n else None for n in (text, label))
+        return cls((text_name,) if text_name else tuple(n for n in TEXT_COLUMNS if n != label_name),
+                   (label_name,) if label_name else tuple(n for n in LABEL_COLUMNS if n != text_name))  # fmt: skip
 
     def names(self, role: str) -> tuple[str, ...]:
         """The names the ``role`` column ("text" or "label") is looked for by; one when the run named it."""
@@ -53,8 +59,12 @@ class Columns:
 
     def named(self, role: str) -> str:
         """How a message names where the ``role`` column is looked for."""
-        names = self.names(role)
-        return f"'{names[0]}' (--{role}-column)" if len(names) == 1 else f"one of {choices(names)}"
+        names, other = self.names(role), "label" if role == "text" else "text"
+        if len(names) == 1:
+            return f"'{names[0]}' (--{role}-column)"
+        taken = self.names(other)[0] if len(self.names(other)) == 1 else None
+        usual = TEXT_COLUMNS if role == "text" else LABEL_COLUMNS
+        return f"one of {choices(names)}" + (f" ('{taken}' is the --{other}-column)" if taken in usual else "")
 
 
 def delimiter(path: Path) -> str:
