@@ -100,6 +100,10 @@ def test_a_text_model_refuses_image_data_and_an_image_model_text_data(tmp_path):
     (tmp_path / "tabs.csv").write_text("text\tlabel\na text\ta\n")
     with pytest.raises(DataError, match=r"'text\\tlabel': its columns are separated by tabs: name the file .tsv\)"):
         build_datasets(str(tmp_path / "tabs.csv"), preprocess=text_model)
+    # a spreadsheet's export where commas are decimal marks: --text-column 'text;label' could not be followed
+    (tmp_path / "semicolons.csv").write_text("text;label\na text;a\n")
+    with pytest.raises(DataError, match=r"'text;label': its columns are separated by semicolons: save it comma-sep"):
+        build_datasets(str(tmp_path / "semicolons.csv"), preprocess=text_model)
 
 
 def test_a_csv_not_in_utf8_is_named_as_such_with_the_byte_and_line_where_it_stops(tmp_path):

@@ -144,6 +144,8 @@ def _header_fix(header: list[str], flags: bool) -> str:
     """What to do about a header that names no text column: the advice must be one the user can follow."""
     if len(header) == 1 and "\t" in header[0]:  # a tab-separated file named .csv: its columns are one
         return "its columns are separated by tabs: name the file .tsv"
+    if len(header) == 1 and ";" in header[0]:  # a spreadsheet's export where the decimal mark is a comma
+        return "its columns are separated by semicolons: save it comma-separated (.csv) or tab-separated (.tsv)"
     if flags:
         return "name its columns with --text-column and --label-column"
     return "rename its columns to those the model trained on"
