@@ -89,6 +89,9 @@ def test_a_text_model_refuses_image_data_and_an_image_model_text_data(tmp_path):
     with pytest.raises(DataError, match=r"other.csv' is not a text CSV \(its header: 'id', 'blurb', 'section': name "
                                         r"its columns with --text-column and --label-column\); the model is a text"):  # fmt: skip
         build_datasets(str(other), preprocess=text_model)
+    named = Preprocess(tokenizer=str(MINILM), text_column="nope")  # named already: that advice told them nothing
+    with pytest.raises(DataError, match=r"'section': it has no column 'nope', which --text-column names\)"):
+        build_datasets(str(other), preprocess=named)
     photo = next((images / "train").rglob("*.png"))  # a picture is not a CSV, whatever its bytes
     with pytest.raises(DataError, match=r"png' is not a text CSV; the model is a text model"):
         build_datasets(str(photo), preprocess=text_model)

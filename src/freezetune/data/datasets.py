@@ -131,7 +131,9 @@ def _check_kind(data: str, preprocess: Preprocess, what: str = "data", *, flags:
         columns = Columns.of(preprocess)
         table = (split_files(path) or {}).get("train", path)  # a folder of split files: its training file's header
         header = csv_header(table)
-        found = f" (its header: {', '.join(map(repr, header))}: {_header_fix(header, flags)})" if header else ""
+        found = (
+            f" (its header: {', '.join(map(repr, header))}: {_header_fix(header, flags, columns)})" if header else ""
+        )
         raise DataError(f"{what} '{data}' is not a text CSV{found}; the model is a text model (tokenizer "
                         f"'{preprocess.tokenizer}') and reads a CSV whose header names a text column "
                         f"({columns.named('text')}) and a label column ({columns.named('label')})")  # fmt: skip
@@ -140,12 +142,14 @@ def _check_kind(data: str, preprocess: Preprocess, what: str = "data", *, flags:
                     "hf:DIR_OR_ID sequence classifiers")  # fmt: skip
 
 
-def _header_fix(header: list[str], flags: bool) -> str:
+def _header_fix(header: list[str], flags: bool, columns: Columns) -> str:
     """What to do about a header that names no text column: the advice must be one the user can follow."""
     if len(header) == 1 and "\t" in header[0]:  # a tab-separated file named .csv: its columns are one
         return "its columns are separated by tabs: name the file .tsv"
     if len(header) == 1 and ";" in header[0]:  # a spreadsheet's export where the decimal mark is a comma
         return "its columns are separated by semicolons: save it comma-separated (.csv) or tab-separated (.tsv)"
+    if flags and len(columns.text) == 1:  # named already: "name its columns with --text-column" told them nothing
+        return f"it has no column '{columns.text[0]}', which --text-column names"
     if flags:
         return "name its columns with --text-column and --label-column"
     return "rename its columns to those the model trained on"
