@@ -590,6 +590,7 @@ def test_image_settings_given_to_a_text_model_are_refused(tmp_path, capsys):
     for flags, said in (
         (["--cache-views", "2"], "cache_views 2 sets the augmented image views"),
         (["--aug", "none", "--decode", "cpu"], "aug 'none' augments images; decode 'cpu' sets"),
+        (["--skip-bad"], "skip_bad True leaves out image files that cannot be read"),  # a text CSV has no files
     ):
         code, _, err = run_cli(capsys, "train", "--model", f"hf:{MINILM}", "--weights", "default", "--data", data,
                                "--out", tmp_path / "r", "--device", "cpu", *flags)  # fmt: skip

@@ -228,6 +228,7 @@ TEXT_SETTINGS = {"max_length": "sets the tokens a text keeps", "text_column": "n
                  "label_column": "names a text CSV's column"}  # fmt: skip
 IMAGE_SETTINGS = {"aug": "augments images", "cache_views": "sets the augmented image views the feature cache stores",
                   "decode": "sets where image files are decoded",
+                  "skip_bad": "leaves out image files that cannot be read",
                   "channels_last": "sets an image batch's memory layout"}  # fmt: skip
 
 
