@@ -309,6 +309,8 @@ def test_a_text_model_exports_its_weights_and_refuses_a_graph_format_in_one_line
     best, _ = text_run
     code, out, err = run_cli(capsys, "export", "--checkpoint", best, "--to", tmp_path / "m.pt2")
     assert code == 2 and "is a text model" in err and "exports to .safetensors" in err and "Traceback" not in err
+    code, out, err = run_cli(capsys, "export", "--checkpoint", best, "--to", tmp_path / "m.bin")  # no format
+    assert code == 2 and "must end in .safetensors (a text model exports its weights)" in err, err  # not .onnx too
     assert not list(tmp_path.iterdir())
     code, out, err = run_cli(capsys, "export", "--checkpoint", best, "--to", tmp_path / "m.safetensors")
     assert code == 0 and (tmp_path / "m.safetensors").is_file(), err

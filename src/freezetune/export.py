@@ -49,7 +49,7 @@ def export_checkpoint(ckpt_path: str | Path, to: str | Path, *, force: bool = Fa
     (PosixPath('model.onnx'), PosixPath('model.json'))
     """
     to = Path(to)
-    _check_target(to, force)
+    _check_target(to, force, ckpt_path)
     record = checkpoint.load(ckpt_path)
     text = bool((record.get("preprocess") or {}).get("tokenizer"))
     if to.suffix != ".safetensors" and text:
@@ -83,10 +83,17 @@ def export_checkpoint(ckpt_path: str | Path, to: str | Path, *, force: bool = Fa
     return to, sidecar
 
 
-def _check_target(to: Path, force: bool) -> None:
-    """Refuse a target of no format, or one that exists without ``force``, before the checkpoint is read."""
+def _check_target(to: Path, force: bool, ckpt_path: str | Path) -> None:
+    """Refuse a target of no format, or one that exists without ``force``, before the checkpoint's weights are read
+    (a wrong suffix names the formats this checkpoint exports to: a text model's is one)."""
     if to.suffix not in FORMATS:
-        raise CheckpointError(f"export target {str(to)!r} must end in {', '.join(FORMATS[:-1])} or {FORMATS[-1]}")
+        try:
+            text = bool((checkpoint.load(ckpt_path, mmap=True).get("preprocess") or {}).get("tokenizer"))
+        except CheckpointError:  # said next, when the target is right
+            text = False
+        formats = ".safetensors (a text model exports its weights)" if text else \
+            f"{', '.join(FORMATS[:-1])} or {FORMATS[-1]}"  # fmt: skip
+        raise CheckpointError(f"export target {str(to)!r} must end in {formats}")
     if to.exists() and not force:
         raise CheckpointError(f"{to} already exists; pass --force to overwrite")
     if to.suffix == ".onnx":
