@@ -453,9 +453,18 @@ def test_stages_already_in_an_optimizer_over_all_parameters_are_reported_when_st
     model = TinyCNN()
     ft.freeze(model, "backbone")
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)  # frozen parameters included, a common habit
-    unfreezer = ft.Unfreezer(model, opt, "epoch:1", lr=1e-3, stage_lrs={"block3": 1e-5})
-    with pytest.warns(UserWarning, match=r"'block3' were in the optimizer already .* not by stage_lrs/decay"):
+    # said as the Unfreezer is made, while the optimizer can be built otherwise (it was said as each stage opened)
+    with pytest.warns(UserWarning, match=r"frozen stage\(s\) .*'block3'.* are in the optimizer already .* not by "
+                                         r"stage_lrs/decay"):  # fmt: skip
+        unfreezer = ft.Unfreezer(model, opt, "epoch:1", lr=1e-3, stage_lrs={"block3": 1e-5})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once
         assert unfreezer.step(0) == ["block3"]
+    later = torch.optim.AdamW(ft.param_groups(model, 1e-3, stage_lrs={"block3": 1e-5}))  # block3 trains, block2 not
+    unfreezer = ft.Unfreezer(model, later, "epoch:1", lr=1e-3, stage_lrs={"block3": 1e-5})
+    later.add_param_group({"params": list(model.block2.parameters()), "name": "mine"})  # a group added afterwards
+    with pytest.warns(UserWarning, match=r"'block2' were in the optimizer already .* not by stage_lrs/decay"):
+        assert unfreezer.step(0) == ["block2"]
 
 
 @pytest.mark.parametrize(
@@ -571,7 +580,7 @@ def test_a_nan_metric_is_never_the_plateaus_best():
 
 def test_a_schedule_that_opens_nothing_the_run_trains_is_noted():
     # --epochs 3 --unfreeze epoch:5, or a plan past the last epoch, or nothing frozen: the run trained without a word
-    from freezetune.unfreezing import idle_schedule_note
+    from freezetune.unfreeze_schedule import idle_schedule_note
 
     for schedule, epochs, said in [("epoch:5", 3, "opens nothing the 3-epoch run trains"), ("epoch:2", 3, None),
                                    ({4: "block3", 2: "block2"}, 2, "first opening comes after epoch 2"),

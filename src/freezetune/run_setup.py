@@ -58,8 +58,8 @@ from freezetune.progress import Progress
 from freezetune.split import check_cut, check_cut_at_start
 from freezetune.stages import stages
 from freezetune.step import Step
-from freezetune.unfreeze_schedule import plateau_units_note
-from freezetune.unfreezing import Unfreezer, idle_schedule_note
+from freezetune.unfreeze_schedule import idle_schedule_note, plateau_units_note
+from freezetune.unfreezing import Unfreezer
 
 SKIPPED = "skipped.txt"  # the image files --skip-bad left out, one path a line
 log = logging.getLogger(__name__)

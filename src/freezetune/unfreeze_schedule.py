@@ -20,6 +20,7 @@ from freezetune.options import FRACTIONS, UNFREEZE_FORMS
 
 if TYPE_CHECKING:
     from freezetune.freeze import Spec
+    from freezetune.unfreezing import Unfreezer
 
 MODES = ("max", "min")  # a metric that improves as it rises (accuracy) or as it falls (a loss)
 
@@ -110,3 +111,28 @@ def plateau_units_note(schedule: Schedule | None, monitor: str) -> str | None:
     what = "accuracy" if monitor == "val_acc" else "macro-F1"
     return (f"note: plateau min_delta {delta:g} is in {monitor} units, a fraction: {delta:g} is {100 * delta:g} points "
             f"of {what} (half a point is 0.005), so nearly every epoch counts as a stall")  # fmt: skip
+
+
+def idle_schedule_note(unfreezer: Unfreezer | None, epochs: int) -> str | None:
+    """A note when an unfreeze schedule cannot open anything the run trains: nothing is frozen, or every epoch it
+    opens at is the run's last or later (``--epochs 3 --unfreeze epoch:5`` trained 3 frozen epochs without a word).
+
+    >>> import torch, torchvision, freezetune as ft
+    >>> m = torchvision.models.resnet18(); ft.freeze(m, "backbone")
+    >>> opt = torch.optim.SGD(m.fc.parameters(), lr=0.1)
+    >>> idle_schedule_note(ft.Unfreezer(m, opt, "epoch:5", lr=0.1), 3)[:44]
+    "note: unfreeze 'epoch:5' opens nothing the 3"
+    """
+    if unfreezer is None or unfreezer.events:  # a resumed run whose schedule has opened stages: it did its work
+        return None
+    schedule = unfreezer.schedule
+    told = {"epoch": f"'epoch:{schedule.every}'", "plan": "plan", "plateau": "plateau"}[schedule.kind]
+    if not unfreezer.frozen_stages():
+        return f"note: unfreeze {told} has nothing to open: every stage trains already"
+    if schedule.kind == "plateau":  # when it opens depends on the metric
+        return None
+    opens = [schedule.every] if schedule.kind == "epoch" else [k for k in schedule.plan if k]  # (0: at the start)
+    if not opens or min(opens) < epochs:
+        return None
+    return (f"note: unfreeze {told} opens nothing the {epochs}-epoch run trains: its first opening comes after epoch "
+            f"{min(opens)}; give more epochs or an earlier one")  # fmt: skip

@@ -32,30 +32,6 @@ _SCALED_LISTS = ("base_lrs", "max_lrs", "base_values")  # base_values: timm's sc
 _COPIED_LISTS = ("min_lrs", "lr_lambdas", "base_momentums", "max_momentums")
 
 
-def idle_schedule_note(unfreezer: Unfreezer | None, epochs: int) -> str | None:
-    """A note when an unfreeze schedule cannot open anything the run trains: nothing is frozen, or every epoch it
-    opens at is the run's last or later (``--epochs 3 --unfreeze epoch:5`` trained 3 frozen epochs without a word).
-
-    >>> import torchvision, freezetune as ft
-    >>> m = torchvision.models.resnet18(); ft.freeze(m, "backbone")
-    >>> idle_schedule_note(Unfreezer(m, torch.optim.SGD(m.fc.parameters(), lr=0.1), "epoch:5", lr=0.1), 3)[:44]
-    "note: unfreeze 'epoch:5' opens nothing the 3"
-    """
-    if unfreezer is None or unfreezer.events:  # a resumed run whose schedule has opened stages: it did its work
-        return None
-    schedule = unfreezer.schedule
-    told = {"epoch": f"'epoch:{schedule.every}'", "plan": "plan", "plateau": "plateau"}[schedule.kind]
-    if not unfreezer.frozen_stages():
-        return f"note: unfreeze {told} has nothing to open: every stage trains already"
-    if schedule.kind == "plateau":  # when it opens depends on the metric
-        return None
-    opens = [schedule.every] if schedule.kind == "epoch" else [k for k in schedule.plan if k]  # (0: at the start)
-    if not opens or min(opens) < epochs:
-        return None
-    return (f"note: unfreeze {told} opens nothing the {epochs}-epoch run trains: its first opening comes after epoch "
-            f"{min(opens)}; give more epochs or an earlier one")  # fmt: skip
-
-
 class Unfreezer:
     """Unfreeze stages on a schedule, adding their parameters to ``optimizer`` with the ``param_groups`` LR rule.
 
@@ -113,6 +89,13 @@ class Unfreezer:
         check_weight_decay(weight_decay)
         self.weight_decay = _decay_in_use(optimizer) if weight_decay is None else weight_decay
         self._check_rule(bool(stage_lrs))
+        # said now, while the optimizer can still be built otherwise, not epochs later as each stage opens
+        self._told_held = set(self._held_by_the_optimizer([s.name for s in self.frozen_stages()]))
+        if self._told_held:
+            warnings.warn(f"frozen stage(s) {choices(sorted(self._told_held))} are in the optimizer already (built over "
+                          "model.parameters()?): opened, they will train at their group's LR, not by "
+                          "stage_lrs/decay; build it over ft.param_groups(model, ...) for per-stage LRs",
+                          stacklevel=2)  # fmt: skip
         if scheduler is None and any("initial_lr" in g for g in optimizer.param_groups):
             warnings.warn("the optimizer has an LR scheduler (its groups hold initial_lr), not given to the "
                           "Unfreezer: pass scheduler= so the groups it adds follow it (some schedulers fail at "
@@ -310,14 +293,20 @@ class Unfreezer:
         if elsewhere:
             warnings.warn(f"stage(s) {choices(elsewhere)} are in another optimizer: they train there, at its LR (this "
                           "Unfreezer adds groups to its own optimizer only)", stacklevel=4)  # fmt: skip
-        if not (self.rule.stage_lrs or self.rule.decay):
-            return
-        group_of = {id(p): group_stage(g) for g in self.optimizer.param_groups for p in g["params"]}
-        held = [n for n in names if any(group_of.get(id(p), n) != n for p in by_name[n].params)]
+        held = [n for n in self._held_by_the_optimizer(names, by_name) if n not in self._told_held]
         if held:
             warnings.warn(f"stage(s) {choices(held)} were in the optimizer already (built over model.parameters()?): "
                           "they train at their group's LR, not by stage_lrs/decay; build it over "
                           "ft.param_groups(model, ...) for per-stage LRs", stacklevel=4)  # fmt: skip
+
+    def _held_by_the_optimizer(self, names: list[str], by_name: dict[str, Stage] | None = None) -> list[str]:
+        """Those of the stages ``names`` that the optimizer holds in a group not theirs, where ``stage_lrs`` or
+        ``decay`` would give them an LR of their own."""
+        if not (self.rule.stage_lrs or self.rule.decay):
+            return []
+        by_name = by_name or {s.name: s for s in stages(self.model)}
+        group_of = {id(p): group_stage(g) for g in self.optimizer.param_groups for p in g["params"]}
+        return [n for n in names if any(group_of.get(id(p), n) != n for p in by_name[n].params)]
 
     def _add_group(self, group: dict) -> None:
         existing = next((g for g in self.optimizer.param_groups if g.get("name") == group["name"]), None)
