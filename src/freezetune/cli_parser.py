@@ -36,8 +36,9 @@ def build_parser(commands: dict[str, Callable[[argparse.Namespace], int | None]]
     p = sub.add_parser("export", help="export a checkpoint to .safetensors (weights), .onnx or .pt2 (graphs), with a "
                                       "JSON sidecar (classes, preprocessing, model)")  # fmt: skip
     p.add_argument("--checkpoint", required=True, type=path, help="a freezetune checkpoint (best.pt)")
-    p.add_argument("--to", required=True, type=path, help="the file to write; its suffix picks the format: .safetensors, .onnx "
-                                               "(needs the [onnx] extra) or .pt2 (torch.export)")  # fmt: skip
+    p.add_argument("--to", required=True, type=path,
+                   help="the file to write; its suffix picks the format: .safetensors, .onnx (needs the [onnx] extra) "
+                        "or .pt2 (torch.export)")  # fmt: skip
     p.add_argument("--force", action="store_true", help="overwrite an existing file")
     p.set_defaults(func=commands["export"], command_parser=p)
     return parser

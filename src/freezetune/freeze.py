@@ -164,16 +164,17 @@ def summary(model: nn.Module) -> str:
     lines = [f"{'stage':<{width}}  {'params':>12}  {'trainable':>12}  bn"]
     for s in st:
         lines.append(f"{s.name:<{width}}  {s.num_params:>12,}  {s.num_trainable:>12,}  {bn_mode(s, model)}")
-    lines.append(f"{'total':<{width}}  {total:>12,}  {trainable:>12,}  ({trainable_share(trainable, total)} trainable)")
+    share = _trainable_share(trainable, total)
+    lines.append(f"{'total':<{width}}  {total:>12,}  {trainable:>12,}  ({share} trainable)")
     return "\n".join(lines)
 
 
-def trainable_share(trainable: int, total: int) -> str:
+def _trainable_share(trainable: int, total: int) -> str:
     """``trainable`` of ``total`` as a percentage that reads 0 % or 100 % only when it is: a linear probe of ResNet-18
     trains 0.014 %, which one decimal showed as "0.0%".
 
-    >>> trainable_share(1_539, 11_178_051), trainable_share(0, 10), trainable_share(5, 10), trainable_share(9_999, 10_000)
-    ('0.014%', '0.0%', '50.0%', '99.99%')
+    >>> [_trainable_share(n, total) for n, total in ((1_539, 11_178_051), (0, 10), (5, 10), (9_999, 10_000))]
+    ['0.014%', '0.0%', '50.0%', '99.99%']
     """
     pct = 100.0 * trainable / max(total, 1)
     digits = 1

@@ -77,8 +77,8 @@ def _timm_stage_name(model: nn.Module, i: int, members: list[str], matcher: dict
         if m and m.groups():
             return m.group(0).lstrip("^")
     # a group the matcher names without numbering it (CoaT's stem2, its second stage's embeddings): by that name
-    named = [k for k, v in matcher.items() if isinstance(v, str) and re.compile(v).groups == 0 and re.match(v, members[0])] \
-        if isinstance(matcher, dict) else []  # fmt: skip
+    unnumbered = matcher.items() if isinstance(matcher, dict) else ()
+    named = [k for k, v in unnumbered if isinstance(v, str) and re.compile(v).groups == 0 and re.match(v, members[0])]
     if len(named) == 1 and not _names_a_module(model, named[0]):
         return named[0]
     # the largest module holding its parameters and no others ("repeat.0" for a callable matcher's group of one block,
