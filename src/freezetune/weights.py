@@ -97,6 +97,11 @@ def read_state_dict(path: str | Path) -> StateDict:
     ['fc.bias']
     """
     path = Path(path)
+    return _strip_wrapper_prefix(_unwrap(_read(path), path))
+
+
+def _read(path: Path) -> object:
+    """What the weights file ``path`` holds, as saved (a state dict, or a container of one)."""
     if path.is_dir():
         raise WeightsError(f"weights {str(path)!r} is a folder: give a weights file (.pth, .pt, .bin, .safetensors)")
     if not path.is_file():
@@ -115,7 +120,7 @@ def read_state_dict(path: str | Path) -> StateDict:
         else:  # torch's own advice, "re-run torch.load with weights_only=False", would run the file's code
             first = load_failure(path, e)
         raise WeightsError(f"could not read weights file {str(path)!r}: {first}") from None
-    return _strip_wrapper_prefix(_unwrap(obj, path))
+    return obj
 
 
 def load_failure(path: Path, exc: Exception) -> str:
@@ -290,8 +295,8 @@ def load_weights(model: nn.Module, path: str | Path, *, strict: bool = True) -> 
     True
     """
     path = Path(path)
-    source, target = read_state_dict(path), model.state_dict()
-    source = _as_task_model(model, source, target)
+    saved, target = _read(path), model.state_dict()
+    source = _as_task_model(model, _strip_wrapper_prefix(_unwrap(saved, path)), target)
     if unread := replaced_keys(model, source):  # another fine-tune of the architecture, or a checkpoint trained
         # through the pooler the model's sentence pooling replaced: nothing reads those weights here
         source = {k: v for k, v in source.items() if k not in unread}
@@ -313,19 +318,10 @@ def load_weights(model: nn.Module, path: str | Path, *, strict: bool = True) -> 
     for k in pairs.keys() - set(skipped):
         new[k] = source[pairs[k]]
     model.load_state_dict(new)
-    return _report(path, pairs, by_order, skipped, run=bool(skipped) and _is_run_checkpoint(path))
-
-
-def _is_run_checkpoint(path: Path) -> bool:
-    """Whether ``path`` is a freezetune run's ``best.pt``/``last.pt``: given as pretrained weights, its head (trained
-    on the run's classes) meets the model's pretrained one, and is left out where ``--init`` would have kept it."""
-    if path.suffix.lower() == ".safetensors":
-        return False
-    try:
-        record = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # mapped: no weight is read
-    except Exception:  # a file of the older format (no mmap), or of another kind: the plain message stands
-        return False
-    return isinstance(record, Mapping) and "state_dict" in record and "classes" in record
+    # a freezetune run's best.pt/last.pt (its state dict beside its classes): its head, trained on the run's classes,
+    # is left out where --init would have kept it
+    run = isinstance(saved, Mapping) and "state_dict" in saved and "classes" in saved
+    return _report(path, pairs, by_order, skipped, run=run)
 
 
 def _report(path: Path, pairs: dict[str, str], by_order: bool, skipped: tuple[str, ...], *,
