@@ -26,17 +26,18 @@ def timm_decl(model: nn.Module, head: str) -> _Decl | None:
         return None  # the generic rule then
     matched = _timm_matched(model, matcher)
     regexes = _matcher_regexes(matcher)
+    modules = {n for n, _ in model.named_modules()}
     decl: _Decl = []
     for names in groups.values():
         members = [n for n in names if n in matched and not under(n, head)]
         if members:
-            decl.append((_timm_stage_name(model, len(decl), members, matcher, regexes), members))
+            decl.append((_timm_stage_name(model, len(decl), members, matcher, regexes, modules), members))
     # timm leaves the classifier and its neck (pre-logits norm, a distillation head) unmatched, after every group:
     # those trailing parameters are the head. Unmatched ones in between join their predecessor's stage in _assign.
     names = [n for n, _ in model.named_parameters()]
     last = max((i for i, n in enumerate(names) if n in matched and not under(n, head)), default=-1)
     trailing = [n for n in names[last + 1 :] if n not in matched and not under(n, head)]
-    return _dedupe_names(decl, {n for n, _ in model.named_modules()}) + [(head, [head, *trailing])]
+    return _dedupe_names(decl, modules) + [(head, [head, *trailing])]
 
 
 def _timm_matched(model: nn.Module, matcher: dict | object) -> set[str]:
@@ -68,7 +69,8 @@ def _matcher_regexes(matcher: dict | object) -> list[str]:
     return out
 
 
-def _timm_stage_name(model: nn.Module, i: int, members: list[str], matcher: dict, regexes: list[str]) -> str:
+def _timm_stage_name(model: nn.Module, i: int, members: list[str], matcher: dict, regexes: list[str],
+                     modules: set[str]) -> str:  # fmt: skip
     stem = matcher.get("stem") if isinstance(matcher, dict) else None
     if i == 0 and isinstance(stem, str) and re.match(stem, members[0]):
         return "stem"
@@ -79,7 +81,7 @@ def _timm_stage_name(model: nn.Module, i: int, members: list[str], matcher: dict
     # a group the matcher names without numbering it (CoaT's stem2, its second stage's embeddings): by that name
     unnumbered = matcher.items() if isinstance(matcher, dict) else ()
     named = [k for k, v in unnumbered if isinstance(v, str) and re.compile(v).groups == 0 and re.match(v, members[0])]
-    if len(named) == 1 and not _names_a_module(model, named[0]):
+    if len(named) == 1 and named[0] not in modules:
         return named[0]
     # the largest module holding its parameters and no others ("repeat.0" for a callable matcher's group of one block,
     # not "repeat": that names them all), else its first block's ("blocks.22" for CaiT's blocks.22 + blocks_token_only.0)
@@ -108,11 +110,3 @@ def _dedupe_names(decl: _Decl, modules: set[str]) -> _Decl:
         seen.add(new)
         out.append((new, prefixes))
     return out
-
-
-def _names_a_module(model: nn.Module, name: str) -> bool:
-    try:
-        model.get_submodule(name)
-    except AttributeError:
-        return False
-    return True
