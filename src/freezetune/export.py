@@ -51,7 +51,7 @@ def export_checkpoint(ckpt_path: str | Path, to: str | Path, *, force: bool = Fa
     to = Path(to)
     _check_target(to, force, ckpt_path)
     record = checkpoint.load(ckpt_path)
-    text = bool((record.get("preprocess") or {}).get("tokenizer"))
+    text = _text_model(record)
     if to.suffix != ".safetensors" and text:
         # the graph is traced on an image batch: a text model's raised deep inside transformers
         raise CheckpointError(f"{ckpt_path} is a text model ({record['model']}): it exports to .safetensors (its "
@@ -83,12 +83,18 @@ def export_checkpoint(ckpt_path: str | Path, to: str | Path, *, force: bool = Fa
     return to, sidecar
 
 
+def _text_model(record: dict) -> bool:
+    """Whether the checkpoint ``record`` is a text model's (its preprocessing is a tokenizer): its weights alone
+    export, its graph takes token ids."""
+    return bool((record.get("preprocess") or {}).get("tokenizer"))
+
+
 def _check_target(to: Path, force: bool, ckpt_path: str | Path) -> None:
     """Refuse a target of no format, or one that exists without ``force``, before the checkpoint's weights are read
     (a wrong suffix names the formats this checkpoint exports to: a text model's is one)."""
     if to.suffix not in FORMATS:
         try:
-            text = bool((checkpoint.load(ckpt_path, mmap=True).get("preprocess") or {}).get("tokenizer"))
+            text = _text_model(checkpoint.load(ckpt_path, mmap=True))
         except CheckpointError:  # said next, when the target is right
             text = False
         formats = ".safetensors (a text model exports its weights)" if text else \
