@@ -9,7 +9,8 @@ from collections.abc import Callable
 
 from freezetune import __version__
 from freezetune.cli_args import Parser, path
-from freezetune.config import FIELD_CHOICES, PATH_FIELDS, TrainConfig, coerce, field_names, scalar_type
+from freezetune.config import FIELD_CHOICES, TrainConfig, coerce, field_names, scalar_type
+from freezetune.config_values import PATH_SETTINGS
 from freezetune.flag_help import FIELD_HELP, SECTIONS
 from freezetune.options import (
     AMP_MODES,
@@ -89,7 +90,7 @@ def _config_flags(p: argparse.ArgumentParser, overrides: dict[str, str] | None =
             continue
         # None when not given, so a config file's value is not overwritten by a default. Structured fields (freeze,
         # unfreeze, stage_lrs) stay text here and are parsed by load_config, as YAML and key=value values are.
-        kind = path if name in (*PATH_FIELDS, "out", "weights") else kind or str
+        kind = path if name in PATH_SETTINGS else kind or str
         group.add_argument(flag, type=kind, default=None, help=text)
 
 

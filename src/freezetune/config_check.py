@@ -10,7 +10,7 @@ from typing import Any
 
 from freezetune.config import FIELD_CHOICES, INVALID, TrainConfig
 from freezetune.config_values import (
-    PATH_FIELDS,
+    PATH_SETTINGS,
     allows_none,
     field_types,
     scalar_type,
@@ -85,9 +85,7 @@ def validate(cfg: TrainConfig, *, need_data: bool = True, typed: Collection[str]
 def _empty_path_problems(cfg: TrainConfig) -> list[str]:
     """A path of '' (``data: ${DATA}`` unset, ``TrainConfig(data="")``) was read as the current directory and recorded
     as '', which a resume then looked for."""
-    empty = [
-        name for name in (*PATH_FIELDS, "out", "weights") if isinstance(v := getattr(cfg, name), str) and not v.strip()
-    ]
+    empty = [name for name in PATH_SETTINGS if isinstance(v := getattr(cfg, name), str) and not v.strip()]
     return [
         f"{name} is an empty path ({getattr(cfg, name)!r}): give a file or folder, or leave it out" for name in empty
     ]

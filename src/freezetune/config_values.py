@@ -67,9 +67,12 @@ def scalar_type(name: str) -> type | None:
 # The settings that name a file or folder. A run records them absolute: its config.yaml and checkpoints are read again
 # by a --resume, an eval or a `train --config` that may run from another directory.
 PATH_FIELDS = ("data", "val_data", "init", "cache_dir")
-# the fields that may hold a path (a run dir, a weights file, an hf: folder too): ~ and $VAR are expanded, as a shell
-# does on the command line (a config file's "data: ~/fm" was read as a folder "~" in the current directory)
-_PATHS = (*PATH_FIELDS, "out", "weights", "model")
+# the fields a file or folder goes in (a run dir, a weights file beside the keywords such as "imagenet"): an empty
+# one is refused
+PATH_SETTINGS = (*PATH_FIELDS, "out", "weights")
+# the fields that may hold a path (an hf: folder too): ~ and $VAR are expanded, as a shell does on the command line
+# (a config file's "data: ~/fm" was read as a folder "~" in the current directory)
+_PATHS = (*PATH_SETTINGS, "model")
 
 
 def _expanded(value: str) -> str:
