@@ -98,6 +98,8 @@ def _train_hf_head(model: nn.Module) -> None:
     its ``out_proj``, DistilBERT's ``pre_classifier``); ``replace_head`` makes only the last layer anew. Frozen before
     the call, the others stayed frozen, so the new classifier trained on a layer a base checkpoint leaves random:
     the whole head stage trains, whichever came first, ``freeze`` or ``replace_head``."""
+    if all(p.requires_grad for p in model.parameters()):  # nothing frozen (a run replaces the head first): no stages
+        return
     from freezetune.stages import stages  # stages reads the heads this module finds
 
     for p in stages(model)[-1].params:
