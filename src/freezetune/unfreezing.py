@@ -90,7 +90,8 @@ class Unfreezer:
         self.weight_decay = _decay_in_use(optimizer) if weight_decay is None else weight_decay
         self._check_rule(bool(stage_lrs))
         # said now, while the optimizer can still be built otherwise, not epochs later as each stage opens
-        self._told_held = set(self._held_by_the_optimizer([s.name for s in self.frozen_stages()]))
+        frozen = {s.name: s for s in self.frozen_stages()} if self.rule.stage_lrs or self.rule.decay else {}
+        self._told_held = set(self._held_by_the_optimizer(list(frozen), frozen))
         if self._told_held:
             warnings.warn(f"frozen stage(s) {choices(sorted(self._told_held))} are in the optimizer already (built over "
                           "model.parameters()?): opened, they will train at their group's LR, not by "
@@ -299,12 +300,11 @@ class Unfreezer:
                           "they train at their group's LR, not by stage_lrs/decay; build it over "
                           "ft.param_groups(model, ...) for per-stage LRs", stacklevel=4)  # fmt: skip
 
-    def _held_by_the_optimizer(self, names: list[str], by_name: dict[str, Stage] | None = None) -> list[str]:
+    def _held_by_the_optimizer(self, names: list[str], by_name: dict[str, Stage]) -> list[str]:
         """Those of the stages ``names`` that the optimizer holds in a group not theirs, where ``stage_lrs`` or
         ``decay`` would give them an LR of their own."""
         if not (self.rule.stage_lrs or self.rule.decay):
             return []
-        by_name = by_name or {s.name: s for s in stages(self.model)}
         group_of = {id(p): group_stage(g) for g in self.optimizer.param_groups for p in g["params"]}
         return [n for n in names if any(group_of.get(id(p), n) != n for p in by_name[n].params)]
 
