@@ -600,6 +600,15 @@ def test_image_settings_given_to_a_text_model_are_refused(tmp_path, capsys):
         assert not (tmp_path / "r").exists()
 
 
+def test_decode_gpu_given_to_a_text_model_on_a_machine_without_cuda_is_told_it_is_a_text_model(tmp_path, capsys):
+    # it was told that there is no CUDA device here, to use --decode cpu: which was then refused for a text model
+    data = _csv(tmp_path / "t.csv", n=1)
+    code, _, err = run_cli(capsys, "train", "--model", f"hf:{MINILM}", "--weights", "default", "--data", data,
+                           "--out", tmp_path / "r", "--decode", "gpu")  # fmt: skip
+    assert code == 2 and "decode 'gpu' sets where image files are decoded" in err and "drop --decode" in err, err
+    assert "CUDA" not in err and not (tmp_path / "r").exists()
+
+
 @pytest.mark.slow
 def test_a_run_on_named_columns_trains_and_its_checkpoint_reads_them_for_eval_and_predict(tmp_path, capsys):
     out, data = tmp_path / "run", _custom_csv(tmp_path / "t.csv")

@@ -150,6 +150,7 @@ class RunSetup:
         other = IMAGE_SETTINGS if text else TEXT_SETTINGS
         given = {k: getattr(cfg, k) for k in other if getattr(cfg, k) != getattr(TrainConfig, k)}
         refuse_other_settings(cfg.model, {} if self.resuming else given, text_model=text)
+        check_decode(cfg.decode, cfg.device, self.device)  # after: a text model's --decode is refused as such
         self.preprocess = self.preprocess or text_preprocess(  # a text model: its tokenizer and CSV columns
             cfg.model, cfg.max_length, text_column=cfg.text_column, label_column=cfg.label_column
         )
@@ -244,7 +245,6 @@ class RunSetup:
         self.dist = init_from_env(cfg.device)
         self.echo = main_echo(echo, self.dist)
         self.device = resolve_device(device_for(self.dist, cfg.device))
-        check_decode(cfg.decode, cfg.device, self.device)
         self.precision = resolve_precision(self.device, cfg.amp)
         if cfg.save_every_steps and self.dist.enabled:  # rank 0's running totals and RNG are not the other ranks'
             raise ConfigError("save_every_steps is not supported under torchrun (DDP): last.pt is saved per epoch")
