@@ -467,6 +467,20 @@ def test_stages_already_in_an_optimizer_over_all_parameters_are_reported_when_st
         assert unfreezer.step(0) == ["block2"]
 
 
+def test_stages_already_in_an_optimizer_at_another_lr_than_the_unfreezers_are_reported():
+    # an optimizer at 1e-2 over model.parameters(), lr=1e-3 given here: the opened stage trained at 1e-2, in silence
+    model = TinyCNN()
+    ft.freeze(model, "backbone")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    with pytest.warns(UserWarning, match=r"frozen stage\(s\) .*'block3'.* are in the optimizer already .* their "
+                                         r"group's LR, not at lr 0.001"):  # fmt: skip
+        unfreezer = ft.Unfreezer(model, opt, "epoch:1", lr=1e-3)
+    assert unfreezer.step(0) == ["block3"] and opt.param_groups[0]["lr"] == 1e-2
+    with warnings.catch_warnings():  # the same LR: nothing differs, nothing said
+        warnings.simplefilter("error")
+        ft.Unfreezer(model, torch.optim.AdamW(model.parameters(), lr=1e-3), "epoch:1", lr=1e-3)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [

@@ -89,14 +89,15 @@ class Unfreezer:
         check_weight_decay(weight_decay)
         self.weight_decay = _decay_in_use(optimizer) if weight_decay is None else weight_decay
         self._check_rule(bool(stage_lrs))
-        # said now, while the optimizer can still be built otherwise, not epochs later as each stage opens
-        frozen = {s.name: s for s in self.frozen_stages()} if self.rule.stage_lrs or self.rule.decay else {}
+        # said now, while the optimizer can still be built otherwise, not epochs later as each stage opens (the
+        # stages are traced for it only when the optimizer holds a frozen parameter)
+        held_frozen = any(not p.requires_grad for g in optimizer.param_groups for p in g["params"])
+        frozen = {s.name: s for s in self.frozen_stages()} if held_frozen else {}
         self._told_held = set(self._held_by_the_optimizer(list(frozen), frozen))
         if self._told_held:
             warnings.warn(f"frozen stage(s) {choices(sorted(self._told_held))} are in the optimizer already (built over "
-                          "model.parameters()?): opened, they will train at their group's LR, not by "
-                          "stage_lrs/decay; build it over ft.param_groups(model, ...) for per-stage LRs",
-                          stacklevel=2)  # fmt: skip
+                          f"model.parameters()?): opened, they will train at their group's LR, not {self._rule_says()}; "
+                          "build it over ft.param_groups(model, ...)", stacklevel=2)  # fmt: skip
         if scheduler is None and any("initial_lr" in g for g in optimizer.param_groups):
             warnings.warn("the optimizer has an LR scheduler (its groups hold initial_lr), not given to the "
                           "Unfreezer: pass scheduler= so the groups it adds follow it (some schedulers fail at "
@@ -297,16 +298,26 @@ class Unfreezer:
         held = [n for n in self._held_by_the_optimizer(names, by_name) if n not in self._told_held]
         if held:
             warnings.warn(f"stage(s) {choices(held)} were in the optimizer already (built over model.parameters()?): "
-                          "they train at their group's LR, not by stage_lrs/decay; build it over "
-                          "ft.param_groups(model, ...) for per-stage LRs", stacklevel=4)  # fmt: skip
+                          f"they train at their group's LR, not {self._rule_says()}; build it over "
+                          "ft.param_groups(model, ...)", stacklevel=4)  # fmt: skip
 
     def _held_by_the_optimizer(self, names: list[str], by_name: dict[str, Stage]) -> list[str]:
-        """Those of the stages ``names`` that the optimizer holds in a group not theirs, where ``stage_lrs`` or
-        ``decay`` would give them an LR of their own."""
-        if not (self.rule.stage_lrs or self.rule.decay):
-            return []
-        group_of = {id(p): group_stage(g) for g in self.optimizer.param_groups for p in g["params"]}
-        return [n for n in names if any(group_of.get(id(p), n) != n for p in by_name[n].params)]
+        """Those of the stages ``names`` that the optimizer holds in a group not theirs at another LR than this
+        Unfreezer would give them (any, under ``stage_lrs`` or ``decay``; a group at 1e-2 and ``lr=1e-3`` here)."""
+        group_of = {id(p): g for g in self.optimizer.param_groups for p in g["params"]}
+
+        def elsewhere(name: str, group: dict | None) -> bool:
+            if group is None or group_stage(group) == name:
+                return False
+            if self.rule.stage_lrs or self.rule.decay:
+                return True
+            ref_index, ratio = self._reference({"name": name})
+            return not math.isclose(nominal_lr(group), nominal_lr(self.optimizer.param_groups[ref_index]) * ratio)
+
+        return [n for n in names if any(elsewhere(n, group_of.get(id(p))) for p in by_name[n].params)]
+
+    def _rule_says(self) -> str:
+        return "by stage_lrs/decay" if self.rule.stage_lrs or self.rule.decay else f"at lr {self.rule.lr:g}"
 
     def _add_group(self, group: dict) -> None:
         existing = next((g for g in self.optimizer.param_groups if g.get("name") == group["name"]), None)
