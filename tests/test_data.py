@@ -25,7 +25,7 @@ from freezetune.data import (
     train_transform,
 )
 from freezetune.data.folder import HEIF_EXTENSIONS, IMAGE_EXTENSIONS, scan_folder
-from freezetune.data.idx import FASHION_CLASSES, InMemoryImageDataset, read_idx
+from freezetune.data.idx import FASHION_CLASSES, InMemoryImageDataset, load_idx, read_idx
 from freezetune.data.sampling import per_class_indices, stratified_split
 from freezetune.data.text import TextDataset
 from freezetune.data.validation import hold_out, refit_follows
@@ -923,15 +923,22 @@ def test_eval_refuses_class_names_the_checkpoint_does_not_have_in_every_format(t
     with pytest.raises(DataError, match="'purple'.*not training classes: 'blue', 'green', 'red'"):
         build_eval_dataset(str(tmp_path / "a.csv"), preprocess=PRE, classes=ckpt_classes)
     idx = make_idx_dir(tmp_path / "fashion")  # ten labels, named by the directory: Fashion-MNIST's names
-    with pytest.raises(
-        DataError, match="classes 'T-shirt/top', .*; the checkpoint's classes are '0', '1'.*classes.txt"
-    ):
+    with pytest.raises(DataError, match=r"label\(s\) named 'T-shirt/top', .* which the checkpoint does not know "
+                                        r"\(IDX labels are positions, without .*classes.txt, named 'T-shirt/top', "
+                                        r"'Trouser', 'Pullover'...\); its classes are '0', '1'.*write the checkpoint's "
+                                        r"name of each label 0, 1, 2... into .*classes.txt"):  # fmt: skip
         build_eval_dataset(str(idx), preprocess=PRE, classes=[str(d) for d in range(10)])
     names = [f"c{d}" for d in range(10)]
-    with pytest.raises(DataError, match="the checkpoint's classes are 'c0'"):  # same count, other names
+    with pytest.raises(DataError, match="its classes are 'c0'"):  # same count, other names
         build_eval_dataset(str(idx), preprocess=PRE, classes=names)
     (idx / "classes.txt").write_text("\n".join(names) + "\n")
     assert build_eval_dataset(str(idx), preprocess=PRE, classes=names).classes == names
+    # a checkpoint trained on a folder lists its classes alphabetically: the IDX labels are matched by name (the
+    # checkpoint's list written into classes.txt, as the message said before, scored label 0 as the first name)
+    alphabetical = sorted(names, key=lambda n: n[::-1])  # another order than the labels'
+    ds = build_eval_dataset(str(idx), preprocess=PRE, classes=alphabetical)
+    before = load_idx(idx, "test").targets
+    assert ds.classes == alphabetical and [alphabetical[t] for t in ds.targets] == [names[t] for t in before]
     (idx / "classes.txt").write_text("c0\nc1\n")
     with pytest.raises(DataError, match="labels up to 9 but classes.txt names 2 classes"):
         build_eval_dataset(str(idx), preprocess=PRE, classes=names)

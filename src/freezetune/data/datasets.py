@@ -14,7 +14,7 @@ import torch
 from torch.utils.data import Dataset
 
 from freezetune.data.folder import FileImageDataset, is_skipped_folder, scan_folder
-from freezetune.data.idx import CLASS_NAMES_FILE, idx_files, idx_pair_problem, is_idx_dir, load_idx
+from freezetune.data.idx import CLASS_NAMES_FILE, idx_files, idx_pair_problem, is_idx_dir, load_idx, name_labels_as
 from freezetune.data.image_csv import IMAGE_COLUMNS, read_csv
 from freezetune.data.labels import nfc
 from freezetune.data.layout import TEST_DIRS, TRAIN_DIRS, VAL_DIRS, first_dir, load_folder, read_test_file, split_files
@@ -338,8 +338,8 @@ def build_eval_dataset(data: str, *, preprocess: Preprocess, classes: list[str],
     reproduced); without it they are refused.
 
     Folder and CSV labels are class names, matched by name: data may hold fewer classes than the model, never one
-    it does not know. IDX labels are positions, so an IDX directory's names (``classes.txt``, else the Fashion-MNIST
-    or digit names ``idx_class_names`` gives) must equal the model's, in order.
+    it does not know. IDX labels are positions, named by the directory's ``classes.txt`` (else the Fashion-MNIST or
+    digit names ``idx_class_names`` gives), and matched by those names (``name_labels_as``).
 
     Raises:
         DataError: the path is missing or unreadable, does not fit the model (text for an image model or the other
@@ -365,10 +365,7 @@ def build_eval_dataset(data: str, *, preprocess: Preprocess, classes: list[str],
         split = "test" if idx_files(path, "test") else "train"
         ds = load_idx(path, split)
         source = f"the {split} split of the IDX directory {path}"
-        if ds.classes != list(classes):  # IDX labels are positions: the names must match one for one, in order
-            raise DataError(f"'{data}' has classes {choices(ds.classes)}; the checkpoint's classes are "
-                            f"{choices(classes)} (IDX files carry no names: write the checkpoint's, one a line, "
-                            f"into {path / CLASS_NAMES_FILE} if this is the same data)")  # fmt: skip
+        name_labels_as(ds, classes, path)
     elif path.is_dir() and (first_dir(path, TRAIN_DIRS) is not None or _splits_only(path, classes)):
         split = first_dir(path, (*TEST_DIRS, *VAL_DIRS))
         if split is None:

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from freezetune.data.labels import nfc
 from freezetune.errors import DataError, choices
 
 FASHION_CLASSES = [
@@ -232,3 +233,30 @@ def load_idx(root: str | Path, split: str = "train", transform: Callable | None 
     dataset = InMemoryImageDataset(images_t, targets, classes, transform)
     dataset.source_files = (os.path.realpath(files[0]),)  # which file it is: one split read twice is refused
     return dataset
+
+
+def name_labels_as(ds: InMemoryImageDataset, classes: list[str], root: str | Path) -> None:
+    """Give the labels of ``ds`` (an IDX split of ``root``) the model's class indices, matched by name as a folder's
+    are: IDX labels are positions, named by ``classes.txt`` (else ``idx_class_names``'s defaults), and a model trained
+    on a folder lists its classes alphabetically, a model trained on the IDX files in label order.
+
+    Raises:
+        DataError: a label present in ``ds`` has a name that is not one of ``classes``.
+
+    >>> ds = InMemoryImageDataset(torch.zeros(3, 2, 2, dtype=torch.uint8), torch.tensor([0, 1, 1]), ["zero", "one"])
+    >>> name_labels_as(ds, ["one", "two", "zero"], "/data")
+    >>> ds.targets.tolist(), ds.classes
+    ([2, 0, 0], ['one', 'two', 'zero'])
+    """
+    if ds.classes == list(classes):
+        return
+    index = {nfc(c): i for i, c in enumerate(classes)}
+    unknown = [ds.classes[t] for t in torch.unique(ds.targets).tolist() if nfc(ds.classes[t]) not in index]
+    if unknown:
+        named = Path(root) / CLASS_NAMES_FILE
+        by = f"named by {named}" if named.is_file() else f"without {named}, named {choices(ds.classes[:3])}..."
+        raise DataError(f"'{root}' has label(s) named {choices(unknown)}, which the checkpoint does not know (IDX labels "
+                        f"are positions, {by}); its classes are {choices(classes)}: write the checkpoint's name of "
+                        f"each label 0, 1, 2... into {named}, one a line, in label order")  # fmt: skip
+    ds.targets = torch.tensor([index.get(nfc(c), -1) for c in ds.classes])[ds.targets]
+    ds.classes = list(classes)
