@@ -112,6 +112,16 @@ def test_export_never_overwrites_without_force(best_pt, tmp_path):
     assert json.loads((tmp_path / "m.json").read_text())["classes"] == list("abcd")
 
 
+@pytest.mark.parametrize("change", [{"model": "timm:resnet18"}, {"classes": list("abc")}])
+def test_weights_that_do_not_fit_the_model_the_sidecar_names_are_refused(best_pt, tmp_path, change):
+    # predict and eval refused such a checkpoint; export wrote it, with a sidecar naming a model it cannot load into
+    record = {**checkpoint.load(best_pt), **change}
+    other = checkpoint.save(record, tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match="checkpoint weights do not fit"):
+        export_checkpoint(other, tmp_path / "m.safetensors")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["other.pt"]
+
+
 def test_export_target_must_be_safetensors(best_pt, tmp_path):
     with pytest.raises(CheckpointError, match="must end in .safetensors"):
         export_checkpoint(best_pt, tmp_path / "m.pt")
@@ -120,7 +130,8 @@ def test_export_target_must_be_safetensors(best_pt, tmp_path):
 def test_tied_weights_export_as_separate_copies(tmp_path):
     model = nn.Sequential(nn.Embedding(5, 4), nn.Linear(4, 5, bias=False))
     model[1].weight = model[0].weight  # tied: safetensors refuses shared storage unless copied
-    record = checkpoint.model_record(model, {"model": "custom:tied"}, list("vwxyz"), Preprocess(8))
+    # (a Hugging Face model's, as an MLM's decoder and embeddings: its export is not built, so a stand-in does)
+    record = checkpoint.model_record(model, {"model": "hf:tied"}, list("vwxyz"), Preprocess(8))
     path = checkpoint.save(record, tmp_path / "best.pt")
     weights, _ = export_checkpoint(path, tmp_path / "tied.safetensors")
     tensors = load_file(weights)

@@ -57,6 +57,10 @@ def export_checkpoint(ckpt_path: str | Path, to: str | Path, *, force: bool = Fa
         raise CheckpointError(f"{ckpt_path} is a text model ({record['model']}): it exports to .safetensors (its "
                               f"weights; the tokenizer is {record['preprocess']['tokenizer']!r}), not to "
                               f"{to.suffix}")  # fmt: skip
+    if to.suffix == ".safetensors" and not record["model"].startswith("hf:"):  # the sidecar names the model: the
+        # weights must fit it (the graph formats build it anyway; a Hugging Face model may need its hub files, which
+        # an offline machine lacks, so it is not built for its weights alone)
+        checkpoint.build_model(record)  # weights that do not fit: the same refusal as eval's and predict's
     sidecar, meta = to.with_suffix(".json"), _meta(record)
     folder = to.with_suffix(".hf")  # an hf:DIR model's config and tokenizer files, which its checkpoint carries
     files = hf_bundle.with_classes(record["hf_files"], record["classes"], text=text) if record.get("hf_files") else None
