@@ -551,12 +551,23 @@ def test_a_class_between_trained_labels_without_a_training_image_is_named(tmp_pa
         "has no training images of class(es) '5', among labels up to '9': the model trains against them" in caplog.text
     )
     assert "relabel the kept classes 0, 1, ..." in caplog.text and "a class of one" not in caplog.text
-    caplog.clear()  # a subset of the digits (labels 0 and 1, the default names up to 9): nothing to say
+    caplog.clear()  # a subset of the digits (labels 0 and 1, the default names up to 9): no gap, but ten classes
     write_idx(root / "train-labels-idx1-ubyte.gz", np.array([0, 1] * 14 + [0]), True)
     write_idx(root / "train-images-idx3-ubyte.gz", np.zeros((29, 8, 8)), True)
     with caplog.at_level(logging.WARNING, logger="freezetune"):
         assert len(build_datasets(str(root), preprocess=PRE).classes) == 10
     assert "no training images of class" not in caplog.text
+    # which a user with two labels did not expect (a 10-class head, a 10x10 confusion matrix, top-5 100 %), in silence
+    assert (f"has training labels up to 1 and no classes.txt: the model takes its 10 default class names ('0', '1', "
+            f"'2'...), 8 of them never trained; name the classes of labels 0 to 1, one a line, in {root}/classes.txt"
+            ) in caplog.text  # fmt: skip
+    caplog.clear()
+    (root / "classes.txt").write_text("no\nyes\n")
+    (root / "t10k-labels-idx1-ubyte.gz").unlink()
+    write_idx(root / "t10k-labels-idx1-ubyte.gz", np.array([0, 1] * 5), True)
+    with caplog.at_level(logging.WARNING, logger="freezetune"):
+        assert build_datasets(str(root), preprocess=PRE).classes == ["no", "yes"]
+    assert "default class names" not in caplog.text
 
 
 def test_split_folders_inside_class_folders_are_refused_with_the_way_out(tmp_path, caplog):
@@ -939,6 +950,10 @@ def test_eval_refuses_class_names_the_checkpoint_does_not_have_in_every_format(t
     ds = build_eval_dataset(str(idx), preprocess=PRE, classes=alphabetical)
     before = load_idx(idx, "test").targets
     assert ds.classes == alphabetical and [alphabetical[t] for t in ds.targets] == [names[t] for t in before]
+    (idx / "classes.txt").unlink()  # Fashion-MNIST's names: 'T-shirt/top' is the folder 'T-shirt_top' a model knows
+    folders = sorted(f.replace("/", "_") for f in FASHION_CLASSES)
+    ds = build_eval_dataset(str(idx), preprocess=PRE, classes=folders)
+    assert [folders[t] for t in ds.targets[:2]] == ["T-shirt_top", "Trouser"]
     (idx / "classes.txt").write_text("c0\nc1\n")
     with pytest.raises(DataError, match="labels up to 9 but classes.txt names 2 classes"):
         build_eval_dataset(str(idx), preprocess=PRE, classes=names)

@@ -10,11 +10,11 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 from torch.utils.data import Dataset
 
+from freezetune.data.coverage import check_every_class_trains
 from freezetune.data.folder import FileImageDataset, is_skipped_folder, scan_folder
-from freezetune.data.idx import CLASS_NAMES_FILE, idx_files, idx_pair_problem, is_idx_dir, load_idx, name_labels_as
+from freezetune.data.idx import idx_files, idx_pair_problem, is_idx_dir, load_idx, name_labels_as
 from freezetune.data.image_csv import IMAGE_COLUMNS, read_csv
 from freezetune.data.labels import nfc
 from freezetune.data.layout import TEST_DIRS, TRAIN_DIRS, VAL_DIRS, first_dir, load_folder, read_test_file, split_files
@@ -198,23 +198,6 @@ def _scan(train: Dataset, val: Dataset | None, test: Dataset | None, skip_bad: b
     return (*checked, skipped)
 
 
-def _check_every_class_trains(data: str, train: Dataset, skipped: list[str]) -> None:
-    """A class without a training image is trained against, never seen: refused when ``--skip-bad`` left it so (all
-    its files unreadable); named in a warning when it lies between trained labels (IDX labels 0-9 but 5: the labels
-    are positions in the class list). The default names past an IDX set's highest label (a subset of digits 0 and 1),
-    and those below labels a subset keeps (3 and 7 alone), are its own choice: only the gap is said."""
-    counts = torch.bincount(train.targets, minlength=len(train.classes)).tolist()
-    if skipped and (empty := [c for c, n in zip(train.classes, counts, strict=True) if n == 0]):
-        raise DataError(f"--skip-bad left class(es) {choices(empty)} without a training image (all of its files "
-                        "were unreadable); fix the files or remove the class folder(s)")  # fmt: skip
-    last = max((i for i, n in enumerate(counts) if n), default=-1)
-    if gaps := [c for c, n in zip(train.classes[:last], counts[:last], strict=True) if n == 0]:
-        warn_once(log, "'%s' has no training %s of class(es) %s, among labels up to %r: the model trains against "
-                  "them, never seeing one (IDX labels are positions in the class list, %s where it is given: relabel "
-                  "the kept classes 0, 1, ... to train on those alone)", data, noun(train), choices(gaps),
-                  train.classes[last], CLASS_NAMES_FILE)  # fmt: skip
-
-
 def _check_options(val_data: str | None, val_split: float | None, per_class: int | None) -> None:
     problems = [validation_source_problem(val_data, val_split)]
     if val_split is not None:
@@ -296,7 +279,7 @@ def build_datasets(
         warn_once(log, "'%s' has a validation %s; ignoring val_split=%s", data,
                   "file" if source == "text" else "folder", val_split)  # fmt: skip
     train, val, test, skipped = _scan(train, val, test, skip_bad)
-    _check_every_class_trains(data, train, skipped)
+    check_every_class_trains(data, train, skipped)
     train, val, val_source, no_refit = resolve_validation(
         train,
         val,

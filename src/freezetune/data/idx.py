@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from freezetune.data.labels import nfc
+from freezetune.data.labels import folder_name, nfc
 from freezetune.errors import DataError, choices
 
 FASHION_CLASSES = [
@@ -238,7 +238,8 @@ def load_idx(root: str | Path, split: str = "train", transform: Callable | None 
 def name_labels_as(ds: InMemoryImageDataset, classes: list[str], root: str | Path) -> None:
     """Give the labels of ``ds`` (an IDX split of ``root``) the model's class indices, matched by name as a folder's
     are: IDX labels are positions, named by ``classes.txt`` (else ``idx_class_names``'s defaults), and a model trained
-    on a folder lists its classes alphabetically, a model trained on the IDX files in label order.
+    on a folder lists its classes alphabetically (a slash written ``_``: ``labels.folder_name``), a model trained on
+    the IDX files in label order.
 
     Raises:
         DataError: a label present in ``ds`` has a name that is not one of ``classes``.
@@ -250,13 +251,13 @@ def name_labels_as(ds: InMemoryImageDataset, classes: list[str], root: str | Pat
     """
     if ds.classes == list(classes):
         return
-    index = {nfc(c): i for i, c in enumerate(classes)}
-    unknown = [ds.classes[t] for t in torch.unique(ds.targets).tolist() if nfc(ds.classes[t]) not in index]
+    index = {nfc(folder_name(c)): i for i, c in enumerate(classes)}  # 'T-shirt/top' of a folder is 'T-shirt_top'
+    unknown = [ds.classes[t] for t in torch.unique(ds.targets).tolist() if nfc(folder_name(ds.classes[t])) not in index]
     if unknown:
         named = Path(root) / CLASS_NAMES_FILE
         by = f"named by {named}" if named.is_file() else f"without {named}, named {choices(ds.classes[:3])}..."
         raise DataError(f"'{root}' has label(s) named {choices(unknown)}, which the checkpoint does not know (IDX labels "
                         f"are positions, {by}); its classes are {choices(classes)}: write the checkpoint's name of "
                         f"each label 0, 1, 2... into {named}, one a line, in label order")  # fmt: skip
-    ds.targets = torch.tensor([index.get(nfc(c), -1) for c in ds.classes])[ds.targets]
+    ds.targets = torch.tensor([index.get(nfc(folder_name(c)), -1) for c in ds.classes])[ds.targets]
     ds.classes = list(classes)
