@@ -237,14 +237,15 @@ def learning_curves(run_dir: Path) -> list[dict]:
 
 @pytest.mark.multiprocess
 def test_ranks_share_early_stop_plateau_unfreeze_clipping_and_the_default_run_dir(tmp_path):
-    # a learning rate too small to change a prediction: val_acc stalls, the plateau schedule unfreezes blocks.4 (the
-    # one frozen stage) after epoch 3 (patience 2), which then gets the full early-stop patience: the run stops early
-    # after epoch 5, every rank at the same point. Without --out each rank is made to propose its own timestamped name
-    # (ranks reading the clock a second apart): rank 0's wins.
+    # a learning rate too small to change a prediction, and BatchNorm statistics held (recomputed after each of these
+    # short epochs, they changed the predictions of this random-init model): val_acc stalls, the plateau schedule
+    # unfreezes blocks.4 (the one frozen stage) after epoch 3 (patience 2), which then gets the full early-stop
+    # patience: the run stops early after epoch 5, every rank at the same point. Without --out each rank is made to
+    # propose its own timestamped name (ranks reading the clock a second apart): rank 0's wins.
     data = make_image_folder(tmp_path / "data")
     dump = tmp_path / "dump"
     proc = torchrun(dump, "--data", data, "--epochs", "6", "--freeze", "blocks.4", "--unfreeze", "plateau:patience=2",
-                    "--early-stop", "2", "--grad-clip", "0.01", "--lr", "1e-9",
+                    "--early-stop", "2", "--grad-clip", "0.01", "--lr", "1e-9", "--bn-stats", "frozen",
                     cwd=tmp_path, SKEW_RUN_DIR="1")  # fmt: skip
     r0, r1 = rank_dumps(dump)
     assert r0["epochs"] == r1["epochs"] == 5 and proc.stdout.count("early stop:") == 1  # (a note: "early stopping")

@@ -16,7 +16,7 @@ from torch import nn
 import freezetune as ft
 from _engine_fixtures import fashion_mnist_dir, make_image_folder, run_cli, snapshot, train_argv
 from conftest import Terminal
-from freezetune import checkpoint, run_setup, runtime, step, trainer
+from freezetune import bn_refresh, checkpoint, run_setup, runtime, step, trainer
 from freezetune.cli import main
 from freezetune.config import TrainConfig
 from freezetune.config_file import load_config
@@ -555,6 +555,9 @@ def test_each_epoch_starts_the_training_loader_once(data, tmp_path, monkeypatch)
                       batch_size=8, device="cpu", workers=0, progress=True, tensorboard=False, cache="off",
                       out=str(tmp_path / "run"), freeze="none")  # fmt: skip
     t = trainer.Trainer(cfg, echo=lambda *_: None)
+    # the steps' starts alone: the pass that recomputes BatchNorm statistics after an epoch this short is a start of
+    # its own (test_bn_refresh.py)
+    monkeypatch.setattr(bn_refresh, "STALE_SHARE", 1.0)
     starts = []
     loader = t.features.train_batches(0).loader  # the DataLoader under the run's CPU loader
     loader_type = type(loader)
@@ -629,9 +632,10 @@ def test_weights_that_validate_to_a_non_finite_loss_stop_the_run_before_they_can
 def test_a_run_without_a_test_split_ends_on_a_line_naming_its_result_and_early_stop_only_stops_early(tmp_path,
                                                                                                       capsys):  # fmt: skip
     data = make_image_folder(tmp_path / "data", train=6, val=2, test=0)
-    # an LR too small to change a prediction: val_acc stalls after epoch 1; patience 1 runs out at epoch 2, the last
+    # an LR too small to change a prediction, BatchNorm statistics held (recomputed after a short epoch, they move
+    # it): val_acc stalls after epoch 1; patience 1 runs out at epoch 2, the last
     code, out, err = run_cli(capsys, *train_argv(data, tmp_path / "run", "--epochs", "2", "--freeze", "-3",
-                                                 "--early-stop", "1", "--lr", "1e-12"))  # fmt: skip
+                                                 "--early-stop", "1", "--lr", "1e-12", "--bn-stats", "frozen"))  # fmt: skip
     assert code == 0, err
     assert "early stop" not in out  # it ran every epoch: nothing was stopped
     assert (

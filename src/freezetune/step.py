@@ -92,6 +92,12 @@ class Step:
         meter.update(loss, logits, targets)
         return True
 
+    def forward(self, module: nn.Module, inputs) -> object:
+        """``module``'s output for a batch as a step computes it (its device, memory format and autocast), training
+        nothing: what a pass that only reads the batches runs (``bn_refresh``)."""
+        with self.precision.autocast():
+            return run_model(module, to_device(inputs, self.precision.device, self.channels_last))
+
     def _not_finite(self, loss: torch.Tensor) -> bool:
         """Whether any rank's loss is not finite (every rank then skips the batch: DDP's backward is collective).
 
