@@ -341,11 +341,12 @@ def test_a_finished_epoch_is_never_restarted_over(data, uninterrupted, capsys):
 def test_preparing_a_run_dir_clears_what_an_unfinished_run_left_and_stale_temp_files(tmp_path):
     run = tmp_path / "run"
     (run / "cache" / "train").mkdir(parents=True)
-    for name in ("best.pt", "notes.txt"):
-        (run / name).write_text("x")
+    (run / "notes.txt").write_text("x")
     (run / "classes.json").write_text('["a", "b"]')  # a run writes it first, as a list of its class names
     (run / "config.yaml").write_text("model: m\nepochs: 1\n")  # then its config, a mapping of config keys
-    (run / "metrics.csv").write_text("epoch,val_acc\n1,0.5\n")  # stopped between epoch 1's best.pt and last.pt
+    # stopped between epoch 1's best.pt and last.pt: a checkpoint of those classes, a row of a run's columns
+    torch.save({"state_dict": {}, "classes": ["a", "b"], "model": "m", "preprocess": {}}, run / "best.pt")
+    (run / "metrics.csv").write_text("epoch,epochs,train_loss,train_acc,val_acc\n1,1,0.9,0.5,0.5\n")
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     stale, live = run / f".last.pt.{dead.stdout.strip()}.0123abcd.tmp", run / f".best.pt.{os.getpid()}.0123abcd.tmp"
     stale.write_text("half"), live.write_text("being written")
@@ -395,6 +396,31 @@ def test_a_users_own_classes_json_does_not_make_their_files_a_stopped_runs(tmp_p
     with pytest.raises(ConfigError, match=r"holds classes.json, which no run wrote there"):
         runtime.prepare_run_dir(str(run), "m", resume=resume)
     assert (run / "classes.json").read_text() == "cat\ndog\n"
+
+
+@pytest.mark.parametrize("resume", [False, True])
+def test_a_users_model_beside_a_list_of_its_class_names_is_not_a_stopped_runs(tmp_path, resume):
+    # a list of class names in classes.json, a best.pt and a metrics.csv of one row: taken for a run stopped after its
+    # first epoch, "starting it afresh (cleared best.pt, metrics.csv)" deleted the user's model
+    run = tmp_path / "mine"
+    run.mkdir()
+    (run / "classes.json").write_text('["cat", "dog"]')
+    (run / "best.pt").write_text("USERMODEL")
+    (run / "metrics.csv").write_text("epoch,val_acc\n1,0.9\n")
+    before = snapshot(run)
+    with pytest.raises(ConfigError, match=r"holds best.pt, metrics.csv, which no run of its classes.json wrote"):
+        runtime.prepare_run_dir(str(run), "m", resume=resume)
+    assert snapshot(run) == before
+    # a freezetune checkpoint, but of other classes than the list's
+    record = {"state_dict": {}, "classes": ["ant", "bee"], "model": "m", "preprocess": {}}
+    torch.save(record, run / "best.pt")
+    (run / "metrics.csv").write_text("epoch,epochs,train_loss,train_acc,val_loss,val_acc\n1,3,0.9,0.6,0.8,0.7\n")
+    with pytest.raises(ConfigError, match=r"holds best.pt, which no run"):
+        runtime.prepare_run_dir(str(run), "m", resume=resume)
+    # what a run of those classes stopped after its first epoch leaves: cleared, the run starts afresh
+    torch.save({**record, "classes": ["cat", "dog"]}, run / "best.pt")
+    runtime.prepare_run_dir(str(run), "m", resume=resume, echo=lambda *_: None)
+    assert sorted(p.name for p in run.iterdir()) == ["classes.json"]
 
 
 def test_a_stopped_auto_runs_trial_marks_its_dir_as_a_runs(tmp_path):

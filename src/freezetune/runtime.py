@@ -20,6 +20,7 @@ from freezetune.data.layout import class_roots
 from freezetune.distributed import DistInfo, broadcast
 from freezetune.errors import CheckpointError, ConfigError, FreezetuneError, setting
 from freezetune.reporting import METRICS_CSV, REPORT_PNG
+from freezetune.run_traces import not_a_runs
 
 CONFUSION_PNG, TEST_METRICS = "confusion.png", "test_metrics.json"  # the final test's
 RUN_FILES = (checkpoint.LAST, checkpoint.BEST, METRICS_CSV)
@@ -207,6 +208,10 @@ def _check_run_dir(run_dir: Path, *, resume: bool, recipe_run: bool = False) -> 
         raise ConfigError(f"--out {str(run_dir)!r} holds {', '.join(foreign)}, which no run wrote there ({why}), "
                           f"and a run writes files of those names: choose another {setting('out')}, or move them "
                           "out of it")  # fmt: skip
+    if foreign := not_a_runs(run_dir, _json(run_dir / CLASSES_FILE)):  # a user's model beside its class names
+        raise ConfigError(f"--out {str(run_dir)!r} holds {', '.join(foreign)}, which no run of its {CLASSES_FILE} "
+                          f"wrote, and a run writes files of those names (a restart clears them): choose another "
+                          f"{setting('out')}, or move them out of it")  # fmt: skip
     # a run stopped during its set-up leaves its dir empty; a dir that does not exist is more likely a typo
     started = traces or (run_dir.is_dir() and not any(run_dir.iterdir()))
     if resume and not started:
