@@ -72,6 +72,16 @@ def test_frozen_layers_of_a_model_without_pretrained_weights_are_said_to_stay_ra
     assert "--weights none: " not in (tmp_path / "b" / "train.log").read_text()
 
 
+def test_a_frozen_new_head_is_said_to_stay_random(data, tmp_path, capsys):
+    # --freeze classifier: the backbone trained against a random head that never moved, shown only as "classifier 0"
+    code, _, err = run_cli(capsys, *train_argv(data, tmp_path / "a", "--epochs", "1", "--freeze", "classifier"))
+    assert code == 0, err
+    logged = (tmp_path / "a" / "train.log").read_text()
+    assert "the new head (classifier) is frozen: it keeps its random initial weights" in logged, logged
+    assert run_cli(capsys, *train_argv(data, tmp_path / "b", "--epochs", "1", "--freeze", "backbone"))[0] == 0
+    assert "the new head" not in (tmp_path / "b" / "train.log").read_text()
+
+
 def test_verbose_info_lines_are_in_train_log_as_on_stderr(data, tmp_path):
     # train.log holds "every line the run printed", but -v's INFO lines reached stderr alone
     out = tmp_path / "run"

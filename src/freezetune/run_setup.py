@@ -75,6 +75,16 @@ def _say_random_frozen(model: nn.Module) -> None:
                           choices(frozen, limit=4))  # fmt: skip
 
 
+def _say_head_frozen(model: nn.Module) -> None:
+    """The new head frozen (``--freeze classifier``, a glob that caught it): the layers that train learn against a
+    random classifier that never moves; said once, where the run's table alone showed it (``classifier ... 0``)."""
+    head = stages(model)[-1]
+    if head.params and not any(p.requires_grad for p in head.params):
+        run_log.warn_once(log, "the new head (%s) is frozen: it keeps its random initial weights, and the layers that "
+                          "train learn to fit a classifier that never moves; freeze less of it (--freeze backbone "
+                          "trains the head alone)", head.name)  # fmt: skip
+
+
 # what, beyond the run's own settings, needs validation data in the runs started within (validation_needed_by)
 _VALIDATION_USERS: ContextVar[tuple[str, ...]] = ContextVar("freezetune_validation_users", default=())
 
@@ -198,6 +208,8 @@ class RunSetup:
                 cfg.unfreeze, str) and cfg.unfreeze != "none" else ""  # fmt: skip
             raise ConfigError(f"freeze {cfg.freeze!r} leaves no parameter to train{later}; freeze less: 'backbone' "
                               "trains the head")  # fmt: skip
+        if not cfg.init and not self.resuming:
+            _say_head_frozen(self.model)
         self.channels_last = runtime.use_channels_last(cfg.channels_last, self.model)
         self.model.to(self.device, memory_format=torch.channels_last if self.channels_last else torch.preserve_format)
         if self.device.type == "cpu" and not cfg.compile:  # the native weight gradient of a depthwise layer is slow
