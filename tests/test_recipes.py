@@ -606,6 +606,15 @@ def test_sweep_refuses_a_repeated_or_empty_recipe_list_before_training(data, tmp
     assert not (tmp_path / "sweep").exists()
 
 
+@pytest.mark.parametrize("flag", ["--data", "--val-data"])
+def test_a_sweep_on_data_that_does_not_exist_is_one_line_and_leaves_no_folder(data, tmp_path, capsys, flag):
+    # it said "sweep: recipe linear-probe" and the recipe's phase before the error, and left sweep.log and its config
+    code, out, err = run_cli(capsys, "sweep", *train_argv(data, tmp_path / "sweep")[1:], flag, tmp_path / "nope",
+                             "--recipes", "linear-probe")  # fmt: skip
+    assert code == 2 and f"path '{tmp_path / 'nope'}' does not exist" in err and len(err.strip().splitlines()) == 1
+    assert not out.strip() and not (tmp_path / "sweep").exists()
+
+
 def test_sweep_refuses_an_option_one_of_its_recipes_sets_itself(data, tmp_path, capsys):
     code, _, err = run_cli(capsys, "sweep", *train_argv(data, tmp_path / "sweep", "--unfreeze", "epoch:2")[1:],
                            "--recipes", "linear-probe,gradual")  # fmt: skip

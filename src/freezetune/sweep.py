@@ -93,6 +93,9 @@ def sweep(cfg: TrainConfig, recipes: str | list[str] | tuple[str, ...] = SWEEP_D
     """
     out = Path(out or cfg.out or SWEEP_DEFAULT_OUT)
     runs = _run_configs(cfg, recipe_names(recipes), out)
+    from freezetune.data.datasets import check_paths_exist  # (torch: not at import, as _check_out's)
+
+    check_paths_exist(cfg.data, cfg.val_data)  # a typo: one line, not a recipe's start and a sweep folder left
 
     with run_lock.scope():  # two sweeps into one dir both "won", with different winners: the second is refused
         info = init_from_env(cfg.device)  # under torchrun rank 0 says, writes and scores for all (as train does)

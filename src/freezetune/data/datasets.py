@@ -75,6 +75,13 @@ def _text_csv(path: Path, preprocess: Preprocess) -> bool:
     return preprocess.is_text if IMAGE_COLUMNS & {c.strip().lower() for c in header} else True
 
 
+def check_paths_exist(data: str | None, val_data: str | None = None) -> None:
+    """Refuse a data (or validation data) path that does not exist, in one line: before a sweep's folder is made."""
+    for what, given in (("data", data), ("val data", val_data)):
+        if given is not None and not Path(given).exists():
+            raise DataError(f"{what} path '{given}' does not exist; expected {_EXPECTED}")
+
+
 def _load_source(data: str, preprocess: Preprocess, *, read_test: bool = True, read_val: bool = True,
                  skip_bad: bool = False) -> tuple[str, Dataset, Dataset | None, Dataset | None, bool]:  # fmt: skip
     """Read ``data`` without transforms: (source, train, val given by the layout or None, test or None, whether the
@@ -83,8 +90,7 @@ def _load_source(data: str, preprocess: Preprocess, *, read_test: bool = True, r
     replaces it). ``skip_bad``: a CSV's missing files are left to the pre-scan, which leaves them out as it does
     unreadable ones."""
     path, columns = Path(data), Columns.of(preprocess)
-    if not path.exists():
-        raise DataError(f"data path '{data}' does not exist; expected {_EXPECTED}")
+    check_paths_exist(data)
     _check_shape(data)
     if path.is_file():
         if _text_csv(path, preprocess):
@@ -158,8 +164,7 @@ def _header_fix(header: list[str], flags: bool, columns: Columns) -> str:
 def _load_val(val_data: str, classes: list[str], preprocess: Preprocess, *, skip_bad: bool = False) -> Dataset:
     """Read explicit validation data (CSV, class folder or IDX directory's test split) against the train classes."""
     path = Path(val_data)
-    if not path.exists():
-        raise DataError(f"val data path '{val_data}' does not exist; expected {_EXPECTED}")
+    check_paths_exist(None, val_data)
     if path.is_file():
         if _text_csv(path, preprocess):
             return read_text_csv(path, classes, Columns.of(preprocess))
