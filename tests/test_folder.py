@@ -88,6 +88,16 @@ def test_an_image_csv_not_in_utf8_is_named_with_the_byte_and_line(tmp_path):
         read_csv(csv)
 
 
+def test_an_image_csv_in_utf16_is_named_as_such_with_the_conversion_from_it(tmp_path):
+    # Excel's "Unicode Text": "byte 0xff on line 1 is not UTF-8 ... iconv -f cp1252", a conversion that garbles it
+    _images(tmp_path / "img", n=2)
+    csv = tmp_path / "labels.csv"
+    csv.write_text("path,label\nimg/0.png,a\nimg/1.png,b\n", encoding="utf-16")
+    with pytest.raises(DataError, match=r"CSV '.*labels.csv': it is UTF-16 text \(its first bytes: ff fe 70 00\), not "
+                                        r"UTF-8; .*iconv -f utf-16 -t utf-8"):  # fmt: skip
+        read_csv(csv)
+
+
 def test_a_broken_symlink_named_like_a_file_beside_the_classes_is_no_class(tmp_path):
     _images(tmp_path / "bag")
     _images(tmp_path / "coat")
