@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import logging
+import os
 import shutil
 import struct
 import warnings
@@ -1211,15 +1212,22 @@ def test_a_spawned_loader_worker_drops_pils_raw_decompression_bomb_warning(tmp_p
     assert "DecompressionBomb" not in proc.stderr, proc.stderr
 
 
-def test_eval_of_a_folder_of_split_folders_without_train_reads_its_test_or_val_folder(tmp_path):
+def test_eval_of_a_folder_of_split_folders_without_train_reads_its_test_or_val_folder(tmp_path, caplog):
     # d/test/ alone was read as a class named "test": "rename them to a training class, or move them out of it"
     from freezetune.data import build_eval_dataset
 
     make_folder(tmp_path / "d" / "val", 1)
     make_folder(tmp_path / "d" / "test", 2)
     (tmp_path / "d" / "__MACOSX").mkdir()  # an unzipped macOS archive's, beside them
-    ds = build_eval_dataset(str(tmp_path / "d"), preprocess=PRE, classes=sorted(COLOURS))
+    with caplog.at_level(logging.WARNING, logger="freezetune"):
+        ds = build_eval_dataset(str(tmp_path / "d"), preprocess=PRE, classes=sorted(COLOURS))
     assert ds.source == f"the test/ folder of {tmp_path / 'd'}" and len(ds) == 6
+    assert "test/ is read" not in caplog.text  # the usual layout: every eval warned "has test/ and val/"
+    make_folder(tmp_path / "d" / "Validation", 1)  # two names of one split: which one is read is worth a word
+    os.rename(tmp_path / "d" / "test", tmp_path / "x")
+    with caplog.at_level(logging.WARNING, logger="freezetune"):
+        assert len(build_eval_dataset(str(tmp_path / "d"), preprocess=PRE, classes=sorted(COLOURS))) == 3
+    assert "val/ and Validation/: val/ is read, Validation/ not" in caplog.text, caplog.text
     make_folder(tmp_path / "v" / "Valid", 1)
     assert len(build_eval_dataset(str(tmp_path / "v"), preprocess=PRE, classes=sorted(COLOURS))) == 3
     make_folder(tmp_path / "t" / "test", 1)  # a model with a class named "test" reads it as that class

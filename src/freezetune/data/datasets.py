@@ -355,7 +355,8 @@ def build_eval_dataset(data: str, *, preprocess: Preprocess, classes: list[str],
         source = f"the {split} split of the IDX directory {path}"
         name_labels_as(ds, classes, path)
     elif path.is_dir() and (first_dir(path, TRAIN_DIRS) is not None or _splits_only(path, classes)):
-        split = first_dir(path, (*TEST_DIRS, *VAL_DIRS))
+        # test/ beside val/ is the usual layout, not two names of one split to warn of (eval says what it read)
+        split = first_dir(path, TEST_DIRS) or first_dir(path, VAL_DIRS)
         if split is None:
             raise DataError(f"'{data}' has train/ but no test/ or val/ folder to evaluate on")
         ds, source = scan_folder(split, classes), f"the {split.name}/ folder of {path}"
