@@ -4,6 +4,7 @@ what is said about it."""
 from __future__ import annotations
 
 import logging
+import re
 import unicodedata
 from pathlib import Path
 
@@ -86,6 +87,30 @@ def test_an_image_csv_not_in_utf8_is_named_with_the_byte_and_line(tmp_path):
     csv.write_bytes("path,label\nimg/0.png,café\nimg/1.png,thé\n".encode("latin-1"))
     with pytest.raises(DataError, match=r"CSV '.*labels.csv': byte 0xe9 on line 2 is not UTF-8 text"):
         read_csv(csv)
+
+
+def test_an_image_csv_separated_by_semicolons_or_tabs_is_told_so(tmp_path):
+    # "has 1 columns ... and no header; add a header naming the image column": it had one
+    _images(tmp_path / "img", n=2)
+    csv = tmp_path / "labels.csv"
+    for text, said in (("path;label\nimg/0.png;a\n", "separated by semicolons ('path;label'): save it "
+                        "comma-separated"), ("path\tlabel\nimg/0.png\ta\n", "separated by tabs ('path\\tlabel'): "
+                        "name the file .tsv")):  # fmt: skip
+        csv.write_text(text)
+        with pytest.raises(DataError, match=re.escape(said)):
+            read_csv(csv)
+
+
+def test_missing_images_written_with_backslashes_are_told_to_use_slashes(tmp_path):
+    _images(tmp_path / "img", n=2)
+    csv = tmp_path / "labels.csv"
+    csv.write_text("path,label\nimg\\0.png,a\nimg\\1.png,b\n")
+    with pytest.raises(DataError, match=r"written with backslashes \(Windows'\): write them with /"):
+        read_csv(csv)
+    csv.write_text("path,label\nimg/0.png,a\nimg/9.png,b\n")  # a file missing for another reason: no such hint
+    with pytest.raises(DataError, match=r"missing image file") as caught:
+        read_csv(csv)
+    assert "backslash" not in str(caught.value)
 
 
 def test_an_image_csv_in_utf16_is_named_as_such_with_the_conversion_from_it(tmp_path):

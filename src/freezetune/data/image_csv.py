@@ -5,6 +5,7 @@ separated by tabs, as a text table's are."""
 from __future__ import annotations
 
 import csv
+import os
 from pathlib import Path
 
 from freezetune.data.folder import IMAGE_EXTENSIONS, FileImageDataset
@@ -47,8 +48,11 @@ def read_csv(path: str | Path, classes: list[str] | None = None, *, missing_ok: 
     files = [(path.parent / p) if not Path(p).is_absolute() else Path(p) for p, _ in rows]
     missing = [str(f) for f in files if not f.is_file()]
     if missing and not missing_ok:
+        cell = next(p for (p, _), f in zip(rows, files, strict=True) if not f.is_file())
+        slashes = "; its paths are written with backslashes (Windows'): write them with /" if "\\" in cell \
+            and os.sep == "/" else ""  # fmt: skip
         raise DataError(f"CSV '{path}' lists {len(missing)} missing image file(s), first: '{missing[0]}' (relative "
-                        f"paths are read from the CSV's folder, {str(path.parent)!r}); --skip-bad leaves them "
+                        f"paths are read from the CSV's folder, {str(path.parent)!r}){slashes}; --skip-bad leaves them "
                         "out")  # fmt: skip
     return FileImageDataset([(str(f), index[label]) for f, (_, label) in zip(files, rows, strict=True)], classes)
 
@@ -63,9 +67,15 @@ def _exists(cell: str, base: Path) -> bool:
     return (base / cell.strip()).is_file()
 
 
-def _csv_columns(path: Path, header: list[str] | None, width: int) -> tuple[int, int]:
-    """The (path, label) column indices: by header name, or the two columns of a headerless ``path,label`` file."""
+def _csv_columns(path: Path, header: list[str] | None, first: list[str]) -> tuple[int, int]:
+    """The (path, label) column indices: by header name, or the two columns of a headerless ``path,label`` file
+    (``first``: its first row)."""
+    width = len(first)
     if header is None:
+        for sep, fix in ((";", "save it comma-separated (.csv) or tab-separated (.tsv)"), ("\t", "name the file .tsv")):
+            if width == 1 and sep in first[0]:  # "has 1 columns and no header" for a file with both
+                raise DataError(f"CSV '{path}' has its columns separated by {'semicolons' if sep == ';' else 'tabs'} "
+                                f"({first[0]!r}): {fix}")  # fmt: skip
         if width != 2:
             one = " (a .csv is read comma-separated, a .tsv tab-separated)"
             sep = one if width == 1 else ""
@@ -106,7 +116,7 @@ def _read_csv_rows(path: Path) -> list[tuple[str, str]]:
         rows, numbered = rows[1:], numbered[1:]
     if not rows:
         raise DataError(f"CSV '{path}' has no rows; expected lines of 'path,label'")
-    image, label = _csv_columns(path, header, len(rows[0]))
+    image, label = _csv_columns(path, header, rows[0])
     need = max(image, label) + 1
     bad = next(((n, r) for n, r in numbered if len(r) < need or not r[image].strip() or not r[label].strip()), None)
     if bad is not None:
