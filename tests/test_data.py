@@ -1011,7 +1011,8 @@ def test_a_csv_listing_an_image_under_two_labels_is_refused_and_twice_under_one_
     (tmp_path / "twice.csv").write_text("path,label\n" + "\n".join(rows + rows[:2]))
     with caplog.at_level(logging.WARNING, logger="freezetune"):
         build_datasets(str(tmp_path / "twice.csv"), preprocess=PRE)
-    assert "2 training image file(s) are listed more than once" in caplog.text
+    first = rows[0].rsplit(",", 1)[0]  # the CSV's paths are absolute
+    assert f"2 training image file(s) are listed more than once (first: '{first}'" in caplog.text, caplog.text
 
 
 def test_skip_bad_that_empties_a_class_is_refused(tmp_path):

@@ -83,18 +83,19 @@ def check_overlap(train, held: dict[str, object]) -> None:
     real = {what: [(os.path.realpath(p), y) for p, y in ds.samples] for what, ds in (("training", train), *held.items())
             if isinstance(ds, FileImageDataset)}  # fmt: skip
     labels: dict[str, set[int]] = {}
-    twice = 0
-    for path, y in real.get("training", ()):
-        twice += path in labels
+    twice: list[str] = []
+    for (listed, _), (path, y) in zip(getattr(train, "samples", ()), real.get("training", ()), strict=False):
+        if path in labels:
+            twice.append(listed)
         labels.setdefault(path, set()).add(int(y))
     clash = [(p, ys) for p, ys in labels.items() if len(ys) > 1]
     if clash:
         path, ys = clash[0]
         raise DataError(f"{len(clash)} training image file(s) are listed with two or more labels (first: '{path}' as "
                         f"{choices(train.classes[y] for y in sorted(ys))}); give each image one label")  # fmt: skip
-    if twice:
-        warn_once(log, "%d training image file(s) are listed more than once: each listing weighs as one more image",
-                  twice)  # fmt: skip
+    if twice:  # named: a symlink to another image of its class, a CSV's repeated row
+        warn_once(log, "%d training image file(s) are listed more than once (first: '%s', a file listed before, "
+                  "symlinks resolved): each listing weighs as one more image", len(twice), twice[0])  # fmt: skip
     sources = {what: set(getattr(ds, "source_files", ())) for what, ds in (("training", train), *held.items())}
     for what, other in (("validation", "training"), ("test", "training"), ("test", "validation")):
         if shared_file := sources.get(what, set()) & sources.get(other, set()):  # an IDX split read as two
