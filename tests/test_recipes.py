@@ -1132,6 +1132,20 @@ def test_a_named_recipe_stopped_in_its_first_phase_refuses_a_fresh_command_and_s
     assert code == 0 and checkpoint.load(tmp_path / "run" / "last.pt")["epoch"] == 2, err
     code, out, err = run_cli(capsys, *argv)  # finished: the run dir's own refusal, not "stopped in its probe phase"
     assert code == 2 and "already holds a run (" in err and "probe phase" not in err, err
+    # stopped as the fine-tune's first epoch ran, its probe finished: it said "stopped in its probe phase"
+    again = train_argv(data, tmp_path / "again", "--epochs", "2", "--recipe", "lp-ft")
+
+    def stop_tune(self, epoch, unfrozen):
+        if self.run_dir.name == "again":
+            raise KeyboardInterrupt
+        return real(self, epoch, unfrozen)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(trainer.Trainer, "_run_epoch", stop_tune)
+        assert run_cli(capsys, *again)[0] == 130
+    code, out, err = run_cli(capsys, *again)
+    assert code == 2 and "stopped in its fine-tune phase, before that finished an epoch (its probe phase finished: " \
+        in err, err  # fmt: skip
 
 
 def test_an_auto_run_resumed_with_a_freeze_spec_is_refused_naming_the_recipe(data, tmp_path, capsys):

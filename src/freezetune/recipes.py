@@ -311,12 +311,17 @@ def _refuse_a_started_phase(cfg: TrainConfig, recipe: str) -> None:
 
     if (Path(cfg.out) / checkpoint.LAST).is_file():  # in its last phase or finished: the run dir's own refusal says so
         return
-    for phase in reversed(phases(cfg, recipe)[:-1]):  # the latest phase that started
-        last = Path(phase.cfg.out) / checkpoint.LAST
-        if last.is_file():
-            raise ConfigError(f"run dir {cfg.out!r} already holds a run of recipe {recipe}, stopped in its "
-                              f"{phase.name} phase ({last}); pass {setting('resume', True)} to continue it or choose "
-                              f"another {setting('out')}")  # fmt: skip
+    from freezetune.reporting import REPORT_PNG
+
+    steps = phases(cfg, recipe)
+    for i in reversed(range(len(steps) - 1)):  # the latest phase that started
+        phase, last = steps[i], Path(steps[i].cfg.out) / checkpoint.LAST
+        if last.is_file():  # a phase that finished has plotted its report: the next one stopped in its first epoch
+            where = f"in its {phase.name} phase ({last})" if not (last.parent / REPORT_PNG).is_file() else (
+                f"in its {steps[i + 1].name} phase, before that finished an epoch (its {phase.name} phase finished: "
+                f"{last})")  # fmt: skip
+            raise ConfigError(f"run dir {cfg.out!r} already holds a run of recipe {recipe}, stopped {where}; pass "
+                              f"{setting('resume', True)} to continue it or choose another {setting('out')}")  # fmt: skip
 
 
 def _run_phases(cfg: TrainConfig, recipe: str, train: Callable, echo: Callable[[str], None]):
