@@ -644,6 +644,7 @@ def test_a_sweeps_budget_counts_each_second_once_and_its_winner_names_absolute_p
 
     monkeypatch.setattr(sweep_mod, "_run_recipe", fake)
     monkeypatch.chdir(tmp_path)
+    (tmp_path / "images").mkdir()  # a data path that exists (the sweep checks it first)
     result = sweep_mod.sweep(TrainConfig(data="images", budget="10s"), "full,linear-probe,last-2", out="s",
                              echo=lambda line: None)  # fmt: skip
     # the clock had already counted what was trained: adding train_s again skipped last-2 after 12 "seconds"
@@ -663,6 +664,8 @@ def test_a_recipe_the_budget_skipped_is_listed_as_skipped_not_left_out(tmp_path,
         return row, True
 
     monkeypatch.setattr(sweep_mod, "_run_recipe", fake)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "images").mkdir()  # a data path that exists (the sweep checks it first)
     lines = []
     result = sweep_mod.sweep(TrainConfig(data="images", budget="10s"), "linear-probe,last-2,full", out=tmp_path / "s",
                              echo=lines.append)  # fmt: skip
