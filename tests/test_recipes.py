@@ -1163,6 +1163,10 @@ def test_an_auto_run_resumed_with_a_freeze_spec_is_refused_naming_the_recipe(dat
     code, _, err = run_cli(capsys, "train", "--out", out, "--resume", "--epochs", "3", "--freeze", "-2")
     assert code == 2 and "with freeze -2: it holds a run of recipe 'auto'" in err, err
     assert "its own command with --resume, --freeze auto" in err and "init" not in err and snapshot(out) == before
+    # another recipe: its first phase's line, then the same list of the final run's settings
+    code, out_text, err = run_cli(capsys, "train", "--out", out, "--resume", "--epochs", "3", "--recipe", "full")
+    assert code == 2 and "with recipe 'full': it holds a run of recipe 'auto'" in err and "init" not in err, err
+    assert "phase 1/1" not in out_text and snapshot(out) == before
     code, _, err = run_cli(capsys, *argv, "--resume")  # its own command resumes it
     assert code == 0, err
 

@@ -254,9 +254,9 @@ def run(cfg: TrainConfig, *, echo: Callable[[str], None] = print, train: Callabl
 
 
 def refuse_a_plain_resume_of_a_recipe(cfg: TrainConfig) -> None:
-    """A resume with a freeze spec of a run a recipe made (its ``recipe.json``) is refused naming the recipe: it
-    listed the final run's own settings (init, refit, the chosen lr, cache_at) as the changes instead. The final
-    run's own freeze (a Python caller resuming with the run's ``config.yaml``) resumes as before."""
+    """A resume with a freeze spec or another recipe of a run a recipe made (its ``recipe.json``) is refused naming
+    the recipe: it listed the final run's own settings (init, refit, the chosen lr, cache_at) as the changes instead.
+    The final run's own freeze (a Python caller resuming with the run's ``config.yaml``) resumes as before."""
     from freezetune.errors import setting
     from freezetune.runtime import RECIPE_FILE
 
@@ -267,12 +267,14 @@ def refuse_a_plain_resume_of_a_recipe(cfg: TrainConfig) -> None:
         record = json.loads(saved.read_text())
     except (OSError, ValueError):
         return
-    recipe = "auto" if "choice" in record else record.get("recipe")
-    if not recipe or _final_freeze(Path(cfg.out)) == cfg.freeze:  # the final run's own config (its config.yaml)
-        return
+    recipe, wanted = "auto" if "choice" in record else record.get("recipe"), recipe_of(cfg)
+    if not recipe or wanted == recipe or (wanted is None and _final_freeze(Path(cfg.out)) == cfg.freeze):
+        return  # its own recipe, or the final run's own config (its config.yaml)
+    # another recipe listed the final run's settings as changes ("init '.../auto-trials/last-3/best.pt' -> None")
+    given = f"freeze {cfg.freeze!r}" if wanted is None else f"recipe {wanted!r}"
     asked = setting("freeze", "auto") if recipe == "auto" else setting("recipe", recipe)
-    raise ConfigError(f"cannot resume {cfg.out} with freeze {cfg.freeze!r}: it holds a run of recipe {recipe!r} "
-                      f"({saved}); give its own command with --resume, {asked}, or start a new run with another "
+    raise ConfigError(f"cannot resume {cfg.out} with {given}: it holds a run of recipe {recipe!r} ({saved}); give "
+                      f"its own command with --resume, {asked}, or start a new run with another "
                       f"{setting('out')}")  # fmt: skip
 
 

@@ -66,10 +66,10 @@ def train(cfg: TrainConfig, *, echo: Callable[[str], None] = print, resumable: b
     with run_log.log(echo) as echo, out_of_memory_hint(cfg.batch_size), StopRequest().listening(defer=False), \
             run_lock.scope():  # fmt: skip
         try:
-            if recipes.recipe_of(cfg) is not None:
-                return recipes.run(cfg, echo=echo)
             if cfg.resume and not recipe_run:  # a recipe's own run resumes through the recipe
                 recipes.refuse_a_plain_resume_of_a_recipe(cfg)
+            if recipes.recipe_of(cfg) is not None:
+                return recipes.run(cfg, echo=echo)
             trainer = Trainer(cfg, echo=echo, resumable=resumable, brief=brief, recipe_run=recipe_run)
             return trainer.fit()
         finally:
