@@ -93,6 +93,7 @@ def test_a_second_sweep_into_a_directory_in_use_is_refused_before_any_recipe(tmp
     from freezetune.config import TrainConfig
     from freezetune.sweep import sweep
 
+    (tmp_path / "no-data-needed").mkdir()  # not read: the sweep only checks that it exists
     cfg = TrainConfig(data=str(tmp_path / "no-data-needed"), model="timm:test_efficientnet", weights="none",
                       img_size=32)  # fmt: skip
     with held_elsewhere(tmp_path / "sweep"), pytest.raises(RunDirInUse):
