@@ -3,6 +3,7 @@ checkpoints keep are the statistics of the weights trained, not mostly the pretr
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
@@ -46,10 +47,16 @@ def test_a_short_runs_checkpoint_keeps_the_statistics_of_its_trained_weights(tmp
         torch.testing.assert_close(kept, mean, rtol=1e-3, atol=1e-4)
 
 
-def test_a_run_long_enough_to_forget_its_start_makes_no_extra_pass(tmp_path, capsys, monkeypatch):
-    passes = []
+@pytest.fixture
+def passes(monkeypatch) -> list[int]:
+    """One entry a refresh pass, which still runs."""
+    seen: list[int] = []
     real = bn_refresh.refresh
-    monkeypatch.setattr(bn_refresh, "refresh", lambda *a: passes.append(1) or real(*a))
+    monkeypatch.setattr(bn_refresh, "refresh", lambda *a: seen.append(1) or real(*a))
+    return seen
+
+
+def test_a_run_long_enough_to_forget_its_start_makes_no_extra_pass(tmp_path, capsys, passes):
     data = make_image_folder(tmp_path / "d", train=8, val=2, test=0)
     # 24 images at batch 8: 3 steps an epoch; the pass follows epochs 1-9 (27 steps), not epoch 10 (30 steps)
     code, _, err = run_cli(capsys, *train_argv(data, tmp_path / "run", "--freeze", "none", "--epochs", "10"))
@@ -57,11 +64,8 @@ def test_a_run_long_enough_to_forget_its_start_makes_no_extra_pass(tmp_path, cap
     assert len(passes) == 9
 
 
-def test_the_auto_recipes_trials_make_no_pass_and_its_run_does(tmp_path, capsys, monkeypatch):
+def test_the_auto_recipes_trials_make_no_pass_and_its_run_does(tmp_path, capsys, passes):
     # the trials' scores compare candidates by a rule measured on them without it; the run is what is kept
-    passes = []
-    real = bn_refresh.refresh
-    monkeypatch.setattr(bn_refresh, "refresh", lambda *a: passes.append(1) or real(*a))
     data = make_image_folder(tmp_path / "d", train=8, val=2, test=0)
     code, out, err = run_cli(capsys, *train_argv(data, tmp_path / "run", "--freeze", "auto", "--epochs", "1"))
     assert code == 0 and "auto: chose" in out, (out, err)
