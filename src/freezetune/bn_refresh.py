@@ -22,9 +22,11 @@ from freezetune.module_tree import unwrap
 
 # The share of the start's statistics in a layer's running average above which they are recomputed
 STALE_SHARE = 0.05
-# Images a forward of the pass takes at most: a layer's statistics depend on the batch its inputs were normalised
-# with upstream (train mode), and 3 batches of 8, 8 and 2 images moved them from epoch to epoch for the same weights
-CHUNK = 256
+# Training batches a forward of the pass joins at most: a layer's statistics depend on the batch its inputs were
+# normalised with upstream (train mode), and 3 batches of 8, 8 and 2 images moved them from epoch to epoch for the
+# same weights. A forward without gradients holds a layer or two at a time, where a training step of one batch holds
+# every layer's activations: four batches stay within what training needed.
+JOINED = 4
 
 
 def updating_norms(module: nn.Module) -> list[nn.Module]:
@@ -46,10 +48,13 @@ def stale(norms: list[nn.Module], steps: int) -> bool:
 
 
 @torch.no_grad()
-def refresh(norms: list[nn.Module], batches: Iterable, forward: Callable[[object], object]) -> int:
+def refresh(
+    norms: list[nn.Module], batches: Iterable, forward: Callable[[object], object], *, limit: int | None = None
+) -> int:
     """Recompute the running statistics of ``norms`` as their average over ``batches`` (each ``(inputs, targets)``),
-    joined into forwards of up to ``CHUNK`` images, each weighing by its images (a last batch of 2 weighed as much as
-    one of 8), that ``forward`` runs through the model in train mode; returns the forwards run. Each norm's
+    joined into forwards of up to ``limit`` images (default: ``JOINED`` of the first batch's), each weighing by its
+    images (a last batch of 2 weighed as much as one of 8), that ``forward`` runs through the model in train mode;
+    returns the forwards run. Each norm's
     momentum is restored after, also on an error, and the statistics too when no batch went through;
     ``num_batches_tracked`` counts the batches of this pass.
 
@@ -66,7 +71,7 @@ def refresh(norms: list[nn.Module], batches: Iterable, forward: Callable[[object
         m.reset_running_stats()
     seen = images = 0
     try:
-        for inputs in _chunks(batches, CHUNK):
+        for inputs in _chunks(batches, limit):
             n = len(inputs) if isinstance(inputs, torch.Tensor) else len(next(iter(inputs.values())))
             for m in norms:  # the running average of every image so far: this chunk's share of them
                 m.momentum = n / (images + n)
@@ -81,14 +86,15 @@ def refresh(norms: list[nn.Module], batches: Iterable, forward: Callable[[object
     return seen
 
 
-def _chunks(batches: Iterable, limit: int) -> Iterator:
-    """The inputs of ``batches`` joined into runs of up to ``limit`` rows (tensors); other inputs (a text model's
-    dicts) as they come."""
+def _chunks(batches: Iterable, limit: int | None) -> Iterator:
+    """The inputs of ``batches`` joined into runs of up to ``limit`` rows (tensors; None: ``JOINED`` times the first
+    batch's); other inputs (a text model's dicts) as they come."""
     held: list[torch.Tensor] = []
     for inputs, _ in batches:
         if not isinstance(inputs, torch.Tensor):
             yield inputs
             continue
+        limit = limit or JOINED * len(inputs)
         if held and sum(len(t) for t in held) + len(inputs) > limit:
             yield torch.cat(held)
             held = []
