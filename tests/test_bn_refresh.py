@@ -85,6 +85,28 @@ def test_norms_that_do_not_train_are_left_as_they_are(tmp_path, capsys):
         assert torch.equal(a.running_mean, b.running_mean) and torch.equal(a.running_var, b.running_var)
 
 
+@pytest.mark.parametrize("hold", ["frozen stages", "held statistics"])
+def test_held_statistics_are_not_reset_before_a_forward_puts_their_layers_back_in_eval(tiny_cnn, hold):
+    # model.train() sets a held layer's .training; only its next Python forward undoes it. After a CUDA graph's
+    # replay (no hooks run), or a resume with no step left in its epoch, the pass took such layers for training ones:
+    # reset to 0 and 1, never updated (the forward puts them back in eval first)
+    from freezetune.bn_policy import hold_bn_statistics, holds_stats
+
+    model = tiny_cnn
+    for bn in _norms(model):
+        bn.running_mean.fill_(0.5)
+    ft.freeze(model, -3) if hold == "frozen stages" else hold_bn_statistics(model)
+    model.train()
+    held = [bn for bn in _norms(model) if holds_stats(bn)]
+    assert held and all(bn.training for bn in held)  # as model.train() left them
+    batches = [(torch.randn(4, 3, 16, 16), [0] * 4)]
+    bn_refresh.refresh_if_stale(model, 1, lambda: batches, lambda module, x: module(x))
+    assert all(torch.equal(bn.running_mean, torch.full_like(bn.running_mean, 0.5)) for bn in held)
+    trained = [bn for bn in _norms(model) if bn not in held]
+    assert (hold == "frozen stages") == bool(trained)  # and those that train were refreshed
+    assert not any(torch.equal(bn.running_mean, torch.full_like(bn.running_mean, 0.5)) for bn in trained)
+
+
 def test_a_pass_without_batches_keeps_the_statistics():
     bn = nn.BatchNorm2d(3)
     bn.running_mean.fill_(2.0)

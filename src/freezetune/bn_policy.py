@@ -199,6 +199,13 @@ def _has_eval_hook(module: nn.Module) -> bool:
     return any(_is_eval_hook(h) for h in module._forward_pre_hooks.values())
 
 
+def holds_stats(module: nn.Module) -> bool:
+    """Whether ``module`` keeps its running statistics as they are (a frozen policy's layer, or one
+    ``hold_bn_statistics`` holds): it runs in eval whatever ``model.train()`` set, from its next Python forward on (a
+    CUDA graph's replay runs no hook, and leaves ``.training`` as ``model.train()`` set it)."""
+    return _has_eval_hook(module)
+
+
 def _remove_eval_hook(module: nn.Module) -> None:
     for key in [k for k, h in module._forward_pre_hooks.items() if _is_eval_hook(h)]:
         del module._forward_pre_hooks[key]

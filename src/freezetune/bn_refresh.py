@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable, Iterator
 import torch
 from torch import nn
 
-from freezetune.bn_policy import STAT_NORMS
+from freezetune.bn_policy import STAT_NORMS, holds_stats
 from freezetune.module_tree import unwrap
 
 # The share of the start's statistics in a layer's running average above which they are recomputed
@@ -30,9 +30,18 @@ JOINED = 4
 
 
 def updating_norms(module: nn.Module) -> list[nn.Module]:
-    """The norms of ``module`` that update running statistics in its forward: in train mode, keeping statistics
-    (the frozen ones a policy keeps in eval are not among them)."""
-    return [m for m in module.modules() if isinstance(m, STAT_NORMS) and m.training and m.track_running_stats]
+    """The norms of ``module`` that update running statistics in its forward: in train mode, keeping statistics, and
+    not held (``bn_policy.holds_stats``: ``model.train()`` sets a held layer's ``.training`` too, which only its next
+    Python forward undoes; after a CUDA graph's replay, or a resume with no step left in its epoch, the pass reset the
+    held statistics of frozen stages to 0 and 1, and never updated them).
+
+    >>> from freezetune.bn_policy import hold_bn_statistics
+    >>> model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)).train()
+    >>> len(updating_norms(model)), len(updating_norms(hold_bn_statistics(model) or model.train()))
+    (1, 0)
+    """
+    return [m for m in module.modules()
+            if isinstance(m, STAT_NORMS) and m.training and m.track_running_stats and not holds_stats(m)]  # fmt: skip
 
 
 def stale(norms: list[nn.Module], steps: int) -> bool:
@@ -56,7 +65,8 @@ def refresh(
     images (a last batch of 2 weighed as much as one of 8), that ``forward`` runs through the model in train mode;
     returns the forwards run. Each norm's
     momentum is restored after, also on an error, and the statistics too when no batch went through;
-    ``num_batches_tracked`` counts the batches of this pass.
+    ``num_batches_tracked`` counts the forwards of this pass. (A layer with ``momentum=None`` among them restarts its
+    plain average here.)
 
     >>> bn = nn.BatchNorm1d(2)
     >>> data = [(torch.tensor([[1.0, 10.0], [3.0, 30.0]]), [0, 0]), (torch.tensor([[5.0, 50.0]] * 4), [0] * 4)]
@@ -121,8 +131,9 @@ def refresh_if_stale(module: nn.Module, steps: int, batches: Callable[[], Iterab
     """``refresh`` the norms of ``module`` that train when ``steps`` left their statistics ``stale``: over
     ``batches()`` (called only then), each through ``forward(module, inputs)`` on ``module`` unwrapped (DDP's
     forward would broadcast rank 0's buffers before each batch). Under torchrun (``reduce_sum`` an all-reduce over
-    ``world`` ranks) each rank averages its own batches, then the ranks' averages are averaged: the statistics of
-    every rank's images, not of rank 0's half. Returns the norms refreshed (none: not stale, or no batch)."""
+    ``world`` ranks) each rank averages its own batches, then the ranks' averages are averaged: the mean of every
+    rank's images, not rank 0's half's (the variance, as the chunks', is the mean of theirs: precise BN's usual
+    approximation). Returns the norms refreshed (none: not stale, or no batch)."""
     module = unwrap(module)
     norms = updating_norms(module)
     if not stale(norms, steps) or not refresh(norms, batches(), lambda inputs: forward(module, inputs)):
