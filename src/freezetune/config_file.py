@@ -115,12 +115,11 @@ def follow_moved_data(run_dir: Path, recorded: dict[str, Any]) -> None:
     ``recorded``: the resumed run's config as it records it (paths absolute)."""
     from freezetune._io import atomic_write_text
     from freezetune.config import DATA_PATHS
-    from freezetune.runtime import RECIPE_FILE
+    from freezetune.runtime import RECIPE_FILE, read_json
 
     for saved in (run_dir / RECIPE_FILE, run_dir.parent / RECIPE_FILE):
-        try:
-            record = json.loads(saved.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
+        record = read_json(saved)
+        if not isinstance(record, dict):
             continue
         own = saved.parent == run_dir or run_dir.name in (record.get("phases") or [])
         asked = record.get("asked") if own else None

@@ -258,14 +258,11 @@ def refuse_a_plain_resume_of_a_recipe(cfg: TrainConfig) -> None:
     the recipe: it listed the final run's own settings (init, refit, the chosen lr, cache_at) as the changes instead.
     The final run's own freeze (a Python caller resuming with the run's ``config.yaml``) resumes as before."""
     from freezetune.errors import setting
-    from freezetune.runtime import RECIPE_FILE
+    from freezetune.runtime import RECIPE_FILE, read_json
 
     saved = Path(cfg.out) / RECIPE_FILE if cfg.out else None
-    if saved is None or not saved.is_file():
-        return
-    try:
-        record = json.loads(saved.read_text())
-    except (OSError, ValueError):
+    record = read_json(saved) if saved is not None else None
+    if not isinstance(record, dict):
         return
     recipe, wanted = "auto" if "choice" in record else record.get("recipe"), recipe_of(cfg)
     if not recipe or wanted == recipe or (wanted is None and _final_freeze(Path(cfg.out)) == cfg.freeze):

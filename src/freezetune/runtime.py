@@ -208,7 +208,7 @@ def _check_run_dir(run_dir: Path, *, resume: bool, recipe_run: bool = False) -> 
         raise ConfigError(f"--out {str(run_dir)!r} holds {', '.join(foreign)}, which no run wrote there ({why}), "
                           f"and a run writes files of those names: choose another {setting('out')}, or move them "
                           "out of it")  # fmt: skip
-    if foreign := not_a_runs(run_dir, _json(run_dir / CLASSES_FILE)):  # a user's model beside its class names
+    if foreign := not_a_runs(run_dir, read_json(run_dir / CLASSES_FILE)):  # a user's model beside its class names
         raise ConfigError(f"--out {str(run_dir)!r} holds {', '.join(foreign)}, which no run of its {CLASSES_FILE} "
                           f"wrote, and a run writes files of those names (a restart clears them): choose another "
                           f"{setting('out')}, or move them out of it")  # fmt: skip
@@ -235,7 +235,7 @@ def _started_by_a_run(run_dir: Path) -> bool:
     """
     if _classes_of_a_run(run_dir / CLASSES_FILE):
         return True
-    recipe = _json(run_dir / RECIPE_FILE)
+    recipe = read_json(run_dir / RECIPE_FILE)
     if isinstance(recipe, dict) and ("recipe" in recipe or "choice" in recipe):  # a named recipe's, the auto one's
         return True
     return any(_classes_of_a_run(trial / CLASSES_FILE) for trial in (run_dir / TRIALS_DIR).glob("*"))
@@ -245,7 +245,7 @@ def stopped_phase(run_dir: Path) -> tuple[str, Path] | None:
     """The named recipe whose run ``run_dir`` holds (its ``recipe.json``), and the ``last.pt`` of an earlier phase of
     it (``lp-ft``'s ``probe/``), when that run stopped before its last phase finished an epoch; else None. The auto
     recipe's trials (``auto-trials/``) are redone, not resumed: they do not count."""
-    recipe = _json(run_dir / RECIPE_FILE)
+    recipe = read_json(run_dir / RECIPE_FILE)
     if not (isinstance(recipe, dict) and isinstance(recipe.get("recipe"), str)) or (run_dir / checkpoint.LAST).exists():
         return None
     phases = sorted(p / checkpoint.LAST for p in run_dir.iterdir() if p.is_dir() and p.name != TRIALS_DIR)
@@ -270,11 +270,13 @@ def _classes_of_a_run(path: Path) -> bool | None:
     """None without ``path``; whether it holds what a run writes there: a JSON list of class names."""
     if not path.is_file():
         return None
-    classes = _json(path)
+    classes = read_json(path)
     return isinstance(classes, list) and all(isinstance(c, str) for c in classes)
 
 
-def _json(path: Path) -> object:
+def read_json(path: Path) -> object:
+    """What the JSON file ``path`` holds; None when it is missing, unreadable or not JSON (a run's own files, read back:
+    ``classes.json``, ``recipe.json``)."""
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):  # missing, unreadable, not JSON (UnicodeDecodeError is a ValueError)
