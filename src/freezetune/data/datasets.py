@@ -21,7 +21,7 @@ from freezetune.data.layout import TEST_DIRS, TRAIN_DIRS, VAL_DIRS, first_dir, l
 from freezetune.data.overlap import check_overlap, warn_copies
 from freezetune.data.scan import check_images, check_splits
 from freezetune.data.text import noun, read_text_csv
-from freezetune.data.text_table import TABLE_SUFFIXES, Columns, csv_header, text_csv_header
+from freezetune.data.text_table import TABLE_SUFFIXES, Columns, csv_header, other_separator, text_csv_header
 from freezetune.data.transforms import eval_transform, train_transform
 from freezetune.data.validation import resolve_validation
 from freezetune.errors import ConfigError, DataError, choices
@@ -76,7 +76,8 @@ def _text_csv(path: Path, preprocess: Preprocess) -> bool:
 
 
 def check_paths_exist(data: str | None, val_data: str | None = None) -> None:
-    """Refuse a data (or validation data) path that does not exist, in one line: before a sweep's folder is made."""
+    """Refuse a data (or validation data) path that does not exist, in one line (a sweep's before its folder is made;
+    a run's and an evaluation's before anything is read)."""
     for what, given in (("data", data), ("val data", val_data)):
         if given is not None and not Path(given).exists():
             raise DataError(f"{what} path '{given}' does not exist; expected {_EXPECTED}")
@@ -150,10 +151,8 @@ def _check_kind(data: str, preprocess: Preprocess, what: str = "data", *, flags:
 
 def _header_fix(header: list[str], flags: bool, columns: Columns) -> str:
     """What to do about a header that names no text column: the advice must be one the user can follow."""
-    if len(header) == 1 and "\t" in header[0]:  # a tab-separated file named .csv: its columns are one
-        return "its columns are separated by tabs: name the file .tsv"
-    if len(header) == 1 and ";" in header[0]:  # a spreadsheet's export where the decimal mark is a comma
-        return "its columns are separated by semicolons: save it comma-separated (.csv) or tab-separated (.tsv)"
+    if separator := other_separator(header):  # its columns read as one
+        return f"its columns are separated by {separator[0]}: {separator[1]}"
     if flags and len(columns.text) == 1:  # named already: "name its columns with --text-column" told them nothing
         return f"it has no column '{columns.text[0]}', which --text-column names"
     if flags:
@@ -337,8 +336,7 @@ def build_eval_dataset(data: str, *, preprocess: Preprocess, classes: list[str],
     ...                    classes=[str(i) for i in range(10)])  # doctest: +SKIP
     """
     path = Path(data)
-    if not path.exists():
-        raise DataError(f"data path '{data}' does not exist; expected {_EXPECTED}")
+    check_paths_exist(data)
     _check_shape(data, "; to classify files without labels, use freezetune predict")
     _check_kind(data, preprocess, flags=False)
     if preprocess.is_text:  # a text CSV: its texts are tokenized per batch, they take no transform
