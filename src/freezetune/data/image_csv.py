@@ -10,6 +10,7 @@ from pathlib import Path
 
 from freezetune.data.folder import IMAGE_EXTENSIONS, FileImageDataset
 from freezetune.data.labels import nfc, sorted_labels, warn_similar_labels
+from freezetune.data.text_table import other_separator
 from freezetune.data.utf8 import not_utf8
 from freezetune.errors import DataError, choices
 from freezetune.options import LABEL_COLUMNS
@@ -46,12 +47,11 @@ def read_csv(path: str | Path, classes: list[str] | None = None, *, missing_ok: 
             f"CSV '{path}' has label(s) {choices(unknown)} that are not training classes: {choices(classes)}"
         )
     files = [(path.parent / p) if not Path(p).is_absolute() else Path(p) for p, _ in rows]
-    missing = [str(f) for f in files if not f.is_file()]
+    missing = [(str(f), cell) for f, (cell, _) in zip(files, rows, strict=True) if not f.is_file()]
     if missing and not missing_ok:
-        cell = next(p for (p, _), f in zip(rows, files, strict=True) if not f.is_file())
-        slashes = "; its paths are written with backslashes (Windows'): write them with /" if "\\" in cell \
+        slashes = "; its paths are written with backslashes (Windows'): write them with /" if "\\" in missing[0][1] \
             and os.sep == "/" else ""  # fmt: skip
-        raise DataError(f"CSV '{path}' lists {len(missing)} missing image file(s), first: '{missing[0]}' (relative "
+        raise DataError(f"CSV '{path}' lists {len(missing)} missing image file(s), first: '{missing[0][0]}' (relative "
                         f"paths are read from the CSV's folder, {str(path.parent)!r}){slashes}; --skip-bad leaves them "
                         "out")  # fmt: skip
     return FileImageDataset([(str(f), index[label]) for f, (_, label) in zip(files, rows, strict=True)], classes)
@@ -72,10 +72,8 @@ def _csv_columns(path: Path, header: list[str] | None, first: list[str]) -> tupl
     (``first``: its first row)."""
     width = len(first)
     if header is None:
-        for sep, fix in ((";", "save it comma-separated (.csv) or tab-separated (.tsv)"), ("\t", "name the file .tsv")):
-            if width == 1 and sep in first[0]:  # "has 1 columns and no header" for a file with both
-                raise DataError(f"CSV '{path}' has its columns separated by {'semicolons' if sep == ';' else 'tabs'} "
-                                f"({first[0]!r}): {fix}")  # fmt: skip
+        if separator := other_separator(first):  # "has 1 columns and no header" for a file with both
+            raise DataError(f"CSV '{path}' has its columns separated by {separator[0]} ({first[0]!r}): {separator[1]}")
         if width != 2:
             one = " (a .csv is read comma-separated, a .tsv tab-separated)"
             sep = one if width == 1 else ""

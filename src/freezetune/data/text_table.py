@@ -67,6 +67,24 @@ class Columns:
         return f"one of {choices(names)}" + (f" ('{taken}' is the --{other}-column)" if taken in usual else "")
 
 
+# What a table read as one column holds in its cell instead of the separator its reader splits on, and the fix: a
+# tab-separated file named .csv, a spreadsheet's export where the decimal mark is a comma (semicolons)
+_OTHER_SEPARATORS = (("\t", "tabs", "name the file .tsv"),
+                     (";", "semicolons", "save it comma-separated (.csv) or tab-separated (.tsv)"))  # fmt: skip
+
+
+def other_separator(row: list[str]) -> tuple[str, str] | None:
+    """For a ``row`` read as one column whose cell holds another separator: that separator's name and the way to fix
+    the file (image and text tables alike); else None.
+
+    >>> other_separator(["path;label"]), other_separator(["path", "label"])
+    (('semicolons', 'save it comma-separated (.csv) or tab-separated (.tsv)'), None)
+    """
+    if len(row) != 1:
+        return None
+    return next(((name, fix) for sep, name, fix in _OTHER_SEPARATORS if sep in row[0]), None)
+
+
 def delimiter(path: Path) -> str:
     """A ``.tsv`` file's cells are separated by tabs (GLUE's ``train.tsv``), a ``.csv`` file's by commas."""
     return "\t" if path.suffix.lower() == ".tsv" else ","
