@@ -16,14 +16,16 @@ def not_utf8(path: str | Path, what: str = "file") -> str:
     >>> not_utf8(p, "CSV").split(": ", 1)[1][:44]
     'byte 0xe9 on line 2 is not UTF-8 text (inval'
     """
-    source = "utf-16" if _utf16(Path(path).read_bytes()[:4096]) else "cp1252"
-    return (f"{what} '{path}': {where_not_utf8(path)}; save it as UTF-8 (a spreadsheet's \"CSV UTF-8\"), or convert "
-            f"it, e.g. iconv -f {source} -t utf-8")  # fmt: skip
+    data = Path(path).read_bytes()  # once, for the reason and the conversion's source encoding
+    source = "utf-16" if _utf16(data) else "cp1252"
+    return (f"{what} '{path}': {_where(data)}; save it as UTF-8 (a spreadsheet's \"CSV UTF-8\"), or convert it, e.g. "
+            f"iconv -f {source} -t utf-8")  # fmt: skip
 
 
-def _utf16(head: bytes) -> bool:
-    """Whether a file starting with ``head`` looks UTF-16 (Excel's "Unicode Text", PowerShell's default): a UTF-16
-    byte-order mark, or a zero byte beside most ASCII characters."""
+def _utf16(data: bytes) -> bool:
+    """Whether a file holding ``data`` looks UTF-16 (Excel's "Unicode Text", PowerShell's default): a UTF-16
+    byte-order mark, or a zero byte beside most ASCII characters of its first 4 KiB."""
+    head = data[:4096]
     return head[:2] in (b"\xff\xfe", b"\xfe\xff") or (len(head) >= 8 and head.count(0) * 3 >= len(head))
 
 
@@ -36,8 +38,12 @@ def where_not_utf8(path: str | Path) -> str:
     >>> _ = p.write_text("path,label\\n", encoding="utf-16"); where_not_utf8(p)
     'it is UTF-16 text (its first bytes: ff fe 70 00), not UTF-8'
     """
-    data = Path(path).read_bytes()
-    if _utf16(data[:4096]):
+    return _where(Path(path).read_bytes())
+
+
+def _where(data: bytes) -> str:
+    """``where_not_utf8`` of a file's bytes."""
+    if _utf16(data):
         return "it is UTF-16 text (its first bytes: " + data[:4].hex(" ") + "), not UTF-8"
     try:
         data.decode("utf-8")
