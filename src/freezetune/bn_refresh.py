@@ -63,10 +63,9 @@ def refresh(
     """Recompute the running statistics of ``norms`` as their average over ``batches`` (each ``(inputs, targets)``),
     joined into forwards of up to ``limit`` images (default: ``JOINED`` of the first batch's), each weighing by its
     images (a last batch of 2 weighed as much as one of 8), that ``forward`` runs through the model in train mode;
-    returns the forwards run. Each norm's
-    momentum is restored after, also on an error, and the statistics too when no batch went through;
-    ``num_batches_tracked`` counts the forwards of this pass. (A layer with ``momentum=None`` among them restarts its
-    plain average here.)
+    returns the forwards run. Each norm's momentum is restored after, also on an error, and the statistics too when
+    no batch went through; ``num_batches_tracked`` counts the forwards of this pass. (A layer with ``momentum=None``
+    among them restarts its plain average here.)
 
     >>> bn = nn.BatchNorm1d(2)
     >>> data = [(torch.tensor([[1.0, 10.0], [3.0, 30.0]]), [0, 0]), (torch.tensor([[5.0, 50.0]] * 4), [0] * 4)]

@@ -248,14 +248,17 @@ class Trainer(RunSetup):
         average to forget where it started (``bn_refresh``), before validation scores them and last.pt keeps them.
         Not in the auto recipe's trials (not resumable): their scores only compare candidates, by a rule measured on
         them as they were, and the pass cost 7 % of the main job's time for the same choice."""
-        if self.resumable:
-            unfreezes = self.state.unfreezer.events if self.state.unfreezer is not None else []
-            # each batch through the frozen prefix alone (streamed), then joined: a prefix at four batches' size
+        if not self.resumable:
+            return
+        unfreezes = self.state.unfreezer.events if self.state.unfreezer is not None else []
+
+        def batches():  # each through the frozen prefix alone (streamed), then joined: a prefix at four batches' size
             # could need four times a step's memory
-            batches = lambda: ((self.features.step_inputs(x), y) for x, y in self.features.train_batches(epoch))  # noqa: E731
-            bn_refresh.refresh_if_stale(self.features.train_module, bn_refresh.steps_on(epoch, self.steps_per_epoch,
-                                        unfreezes), batches, self.step.forward, lambda t: all_reduce_sum(t, self.dist),
-                                        self.dist.world)  # fmt: skip
+            return ((self.features.step_inputs(x), y) for x, y in self.features.train_batches(epoch))
+
+        bn_refresh.refresh_if_stale(self.features.train_module, bn_refresh.steps_on(epoch, self.steps_per_epoch,
+                                    unfreezes), batches, self.step.forward, lambda t: all_reduce_sum(t, self.dist),
+                                    self.dist.world)  # fmt: skip
 
     def _steps(self, epoch: int, batches, meter: epoch_log.TrainProgress) -> None:
         """The training steps of ``epoch`` (those a mid-epoch ``last.pt`` left, on resume), each saved after when
