@@ -64,12 +64,17 @@ def test_a_run_long_enough_to_forget_its_start_makes_no_extra_pass(tmp_path, cap
     assert len(passes) == 9
 
 
-def test_the_auto_recipes_trials_make_no_pass_and_its_run_does(tmp_path, capsys, passes):
-    # the trials' scores compare candidates by a rule measured on them without it; the run is what is kept
+@pytest.mark.parametrize("probed", [False, True])
+def test_the_auto_recipes_trials_make_no_pass_and_its_run_does(tmp_path, capsys, passes, monkeypatch, probed):
+    # the trials' scores compare candidates by a rule measured on them without it; the run is what is kept. A run
+    # from a probed head holds its statistics: nothing to recompute (nor in the probe, every norm frozen)
+    from freezetune import auto
+
+    monkeypatch.setattr(auto, "PROBE_BELOW_STEPS", 10 if probed else 1)  # (a trial of a few steps)
     data = make_image_folder(tmp_path / "d", train=8, val=2, test=0)
     code, out, err = run_cli(capsys, *train_argv(data, tmp_path / "run", "--freeze", "auto", "--epochs", "1"))
     assert code == 0 and "auto: chose" in out, (out, err)
-    assert len(passes) == 1
+    assert ("from the probed head" in out) is probed and len(passes) == (0 if probed else 1)
 
 
 def test_norms_that_do_not_train_are_left_as_they_are(tmp_path, capsys):

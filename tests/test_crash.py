@@ -41,9 +41,9 @@ TINY = ["--model", "timm:test_efficientnet", "--weights", "none", "--img-size", 
         "--no-progress", "--batch-size", "4", "--no-tensorboard"]  # fmt: skip
 RUN = [*TINY, "--epochs", "3", "--freeze", "-3"]
 # The auto recipe (no --freeze): on 2 validation images only the default candidate's trial runs (2 steps, half an
-# epoch), then that candidate for 2 epochs.
+# epoch); a trial that short has the head probed (2 epochs of 5 steps), then that candidate trains for 2 epochs.
 AUTO = [*TINY, "--epochs", "2", "--cache", "auto"]
-TRIAL_STEPS = 2
+TRIAL_STEPS, PROBE_STEPS = 2, 10
 
 
 @pytest.fixture(scope="module")
@@ -313,7 +313,7 @@ def test_an_auto_run_killed_in_its_final_run_resumes_with_the_saved_decision(
 ):
     out = tmp_path / "run"
     # the final run's second step: recipe.json written, no epoch finished
-    killed = _stopped_run(_auto_argv(data, out), f"step#{TRIAL_STEPS + 2}", signal.SIGKILL, tmp_path)
+    killed = _stopped_run(_auto_argv(data, out), f"step#{TRIAL_STEPS + PROBE_STEPS + 2}", signal.SIGKILL, tmp_path)
     assert killed.returncode == -signal.SIGKILL
     assert (out / "recipe.json").exists() and not (out / "last.pt").exists()
     decision = snapshot(out / "auto-trials") | {"recipe.json": (out / "recipe.json").read_bytes()}

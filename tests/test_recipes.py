@@ -223,17 +223,59 @@ def test_trials_too_short_to_tell_the_candidates_apart_keep_the_default_untried(
     assert any(line.startswith("auto: chose to train the last 3 stage(s)") for line in lines)
 
 
-def test_an_auto_run_resumed_counts_its_trials_seconds_as_an_uninterrupted_one_does(data, tmp_path):
+def test_a_few_shot_auto_run_fits_the_head_first_and_holds_batchnorm_statistics(data, tmp_path, monkeypatch):
+    # 10 images a class at 224 px (CPU, 10 epochs, 3 seeds): the trial's boosted LR on a random head then 10 epochs at
+    # half of it scored 70.4 %, a linear probe alone 70.9 %; the head probed first, then the last 3 stages at the asked
+    # LR holding their statistics, 78.7 %. Holding them at 3.3e-3 collapsed every seed to one class: the LR is the asked
+    monkeypatch.setattr(auto, "PROBE_BELOW_STEPS", 10)  # the trials take 3 steps
+    lines = []
+    result = auto.run(_cfg(data, tmp_path / "run", lr=2e-3), echo=lines.append)
+    decision = json.loads((tmp_path / "run" / "recipe.json").read_text())
+    (trial,) = decision["trials"]
+    probe, choice = decision["probe"], decision["choice"]
+    assert trial["steps"] < auto.PROBE_BELOW_STEPS and choice["trained_stages"] == auto.DEFAULT_TRAINED_STAGES
+    assert probe["lr"] == pytest.approx(2e-2) and probe["epochs"] == 2 and probe["refit"] is choice["refit"] is True
+    assert choice["run_lr"] == pytest.approx(2e-3) and choice["bn_stats"] == "frozen"
+    weights = tmp_path / "run" / "auto-trials" / "probe" / "best.pt"
+    assert choice["init"] == probe["weights"] == str(weights) and weights.is_file()
+    assert not (tmp_path / "run" / "auto-trials" / "last-3" / "best.pt").exists()  # the trial's weights: unused
+    # the probe trained the head alone, every BatchNorm held; the run started from its head
+    probed = checkpoint.load(weights)
+    assert probed["config"]["freeze"] == "backbone" and probed["config"]["bn"] == "frozen"
+    final = checkpoint.load(tmp_path / "run" / "last.pt")
+    assert final["config"]["init"] == str(weights) and final["config"]["bn_stats"] == "frozen"
+    assert final["config"]["lr"] == pytest.approx(2e-3) and final["config"]["freeze"] == choice["freeze"]
+    assert any("is too short for a new head to settle" in line and "a linear probe, 2 epoch(s) at lr 2.0e-02" in line
+               for line in lines)  # fmt: skip
+    assert any(line.startswith("auto: the probed head: no validation (refit) after 2 epoch(s)") for line in lines)
+    assert any("BatchNorm statistics held) from the probed head for 2 epoch(s)" in line for line in lines)
+    assert any("trainable, eval stats" in line for line in lines)  # the run's stage table says so
+    # the probe is part of the cost, and a resume trains what was decided: from the probe, statistics held
+    assert result.seconds["epochs"] >= probe["seconds"]["epochs"] + trial["seconds"]["epochs"]
+    resumed, measured = auto._resumed(_cfg(data, tmp_path / "run", lr=2e-3, resume=True), tmp_path / "run", print)
+    assert resumed.bn_stats == "frozen" and resumed.init == str(weights) and measured == [trial, probe]
+
+
+def test_a_text_model_or_a_trial_long_enough_is_not_probed():
+    assert auto.few_shot({"steps": auto.PROBE_BELOW_STEPS - 1}, text=False)
+    assert not auto.few_shot({"steps": auto.PROBE_BELOW_STEPS}, text=False)
+    assert not auto.few_shot({"steps": 1}, text=True)  # its rule was measured without one
+
+
+def test_an_auto_run_resumed_counts_its_trials_seconds_as_an_uninterrupted_one_does(data, tmp_path, monkeypatch):
     # a sweep resumed inside its auto recipe listed it at the final run's seconds: the trials' time went uncounted
     from freezetune.progress import RunResult
+
+    monkeypatch.setattr(auto, "PROBE_BELOW_STEPS", 10)  # the trials take 3 steps: a probe too
 
     def timed(cfg, echo, recipe_run=False):
         return RunResult(Path(cfg.out), 1, 0.5, seconds={"cache": 1.0, "epochs": 10.0, "val": 3.0})
 
     auto.run(_cfg(data, tmp_path / "run", epochs=1), echo=lambda _: None)
-    trials = json.loads((tmp_path / "run" / "recipe.json").read_text())["trials"]
+    decision = json.loads((tmp_path / "run" / "recipe.json").read_text())
+    trials = [*decision["trials"], decision["probe"]]  # a few-shot run's probe is part of its cost too
     resumed = auto.run(_cfg(data, tmp_path / "run", epochs=1, resume=True), echo=lambda _: None, train=timed)
-    assert trials and all(t["seconds"]["epochs"] > 0 for t in trials)
+    assert decision["probe"] and all(t["seconds"]["epochs"] > 0 for t in trials)
     assert resumed.seconds["epochs"] == pytest.approx(10.0 + sum(t["seconds"]["epochs"] for t in trials))
     assert resumed.seconds["cache"] == pytest.approx(1.0 + sum(t["seconds"]["cache"] for t in trials))
 
@@ -254,6 +296,7 @@ def test_auto_measures_on_the_validation_split_and_keeps_its_evidence(data, tmp_
     monkeypatch.setattr(feature_path, "evaluate", spy)
     monkeypatch.setattr(auto, "MIN_VAL_TO_COMPARE", 3)  # every candidate's trial, on the 3 held-out images
     monkeypatch.setattr(auto, "MIN_TRIAL_STEPS", 1)  # (of a step or two each)
+    monkeypatch.setattr(auto, "PROBE_BELOW_STEPS", 1)  # the run starts from its trial (a probed head: tested below)
     saved_last = []
     real_submit = checkpoint.Writer.submit
 
@@ -337,7 +380,8 @@ def test_auto_candidates_on_models_with_few_stages_train_at_least_one(monkeypatc
     assert cut == str(2 * (body - max(ks)))  # the stage the deepest candidate trains from
 
 
-def test_auto_on_a_validation_split_too_small_to_compare_runs_only_the_default_trial(data, tmp_path):
+def test_auto_on_a_validation_split_too_small_to_compare_runs_only_the_default_trial(data, tmp_path, monkeypatch):
+    monkeypatch.setattr(auto, "PROBE_BELOW_STEPS", 1)  # the run starts from its trial (a probed head: tested below)
     lines = []
     result = auto.run(_cfg(data, tmp_path / "auto", cache="auto"), echo=lines.append)
     recipe = json.loads((tmp_path / "auto" / "recipe.json").read_text())
@@ -925,12 +969,14 @@ def test_a_sweep_resumes_only_with_its_own_settings_and_never_into_a_training_ru
         sweep(_cfg(data, None, epochs=1), "linear-probe", out=tmp_path / "run", **quiet)
 
 
-def test_an_auto_run_whose_trials_spent_its_budget_says_so_and_trains_one_epoch(data, tmp_path):
+@pytest.mark.parametrize("probed", ["", " and the probe"])
+def test_an_auto_run_whose_trials_spent_its_budget_says_so_and_trains_one_epoch(data, tmp_path, monkeypatch, probed):
     # it printed "for 1 epoch(s)" alone, 7x over a 30 s budget, without a word of it
+    monkeypatch.setattr(auto, "PROBE_BELOW_STEPS", 10 if probed else 1)  # (the trials take 3 steps)
     lines = []
     auto.run(_cfg(data, tmp_path / "r", budget="0.01s", epochs=5, cache="auto"), echo=lines.append)
-    assert any(line.startswith("auto: the trials took") and "of the 0.01s budget: the run trains one epoch" in line
-               for line in lines), lines  # fmt: skip
+    assert any(line.startswith(f"auto: the trials{probed} took") and "of the 0.01s budget: the run trains one epoch"
+               in line for line in lines), lines  # fmt: skip
     assert json.loads((tmp_path / "r" / "recipe.json").read_text())["choice"]["epochs"] == 1
 
 
@@ -947,12 +993,14 @@ def test_a_budget_plans_the_runs_epochs_at_the_pace_of_a_whole_epoch_validation_
 def test_a_budget_says_what_it_affords_at_that_pace_and_the_trials_record_what_the_pace_is_made_of(data, tmp_path):
     trial = {"epoch_s": 2.0, "epoch_images": 100.0, "loop_s": 4.0, "val_s": 2.5, "n_val": 50, "refit_fits": True}
     lines = []
-    epochs, _ = auto._epochs_and_refit(TrainConfig(budget="20s", refit=False), [trial], trial, 4.0, lines.append)
+    epochs = auto._epochs(TrainConfig(budget="20s", refit=False), [trial], trial, 4.0, False, lines.append)
     assert epochs == 3 and lines == ["auto: the 20s budget leaves 16s after the trials: 3 epoch(s) of about 5.0s (2.0s "
                                      "training, 3.0s validation and checkpoints)"]  # fmt: skip
     lines.clear()  # an --epochs given too is replaced, and said to be (it was dropped in silence)
-    auto._epochs_and_refit(TrainConfig(budget="20s", refit=False, epochs=2), [trial], trial, 4.0, lines.append)
-    assert lines[0].startswith("auto: the 20s budget leaves 16s after the trials: 3 epoch(s) (not the 2 of epochs) ")
+    auto._epochs(TrainConfig(budget="20s", refit=False, epochs=2), [trial], trial, 4.0, False, lines.append,
+                 probed=True)  # fmt: skip
+    assert lines[0].startswith("auto: the 20s budget leaves 16s after the trials and the probe: 3 epoch(s) (not the 2 "
+                               "of epochs) ")  # fmt: skip
     auto.run(_cfg(data, tmp_path / "r", epochs=1, cache="auto"), echo=lambda _: None)
     (trial,) = json.loads((tmp_path / "r" / "recipe.json").read_text())["trials"][:1]
     assert trial["loop_s"] > trial["epoch_s"] * auto.TRIAL_FRACTION and trial["val_s"] > 0 and trial["epoch_images"]
@@ -995,14 +1043,21 @@ def test_early_stopping_or_plateau_unfreezing_without_validation_images_is_refus
         assert not list(out_dir.rglob("*.pt")), asked  # nothing trained
 
 
-def test_the_auto_recipe_scales_explicit_stage_lrs_with_the_head_keeping_the_users_ratio(data, tmp_path, capsys):
+@pytest.mark.parametrize("probed", [False, True])
+def test_the_auto_recipe_scales_explicit_stage_lrs_with_the_head_keeping_the_users_ratio(data, tmp_path, capsys,
+                                                                                        monkeypatch, probed):  # fmt: skip
     # the recipe's boost moved the head alone: blocks.4 asked 10 times slower than the head trained 67 times slower
+    monkeypatch.setattr(auto, "PROBE_BELOW_STEPS", 10 if probed else 1)  # (the trials take 3 steps)
     asked = ("--epochs", "1", "--lr", "1e-3", "--stage-lrs", "blocks.4=1e-4")
     code, _, err = run_cli(capsys, *train_argv(data, tmp_path / "run", *asked))
     assert code == 0, err
-    for cfg in (load_config(tmp_path / "run" / "auto-trials" / "last-3" / "config.yaml"),
-                load_config(tmp_path / "run" / "config.yaml")):  # fmt: skip
-        assert cfg.lr > 1e-3 and cfg.stage_lrs["blocks.4"] / cfg.lr == pytest.approx(0.1)
+    trial, run = (load_config(tmp_path / "run" / "auto-trials" / "last-3" / "config.yaml"),
+                  load_config(tmp_path / "run" / "config.yaml"))  # fmt: skip
+    assert trial.lr > 1e-3 and trial.stage_lrs["blocks.4"] / trial.lr == pytest.approx(0.1)
+    assert (run.lr == pytest.approx(1e-3)) is probed and run.stage_lrs["blocks.4"] / run.lr == pytest.approx(0.1)
+    if probed:  # the probe trains the head alone: the stages' LRs are not its
+        probe = load_config(tmp_path / "run" / "auto-trials" / "probe" / "config.yaml")
+        assert probe.lr == pytest.approx(1e-2) and not probe.stage_lrs
     # the same command with --resume resumes as asked (recipe.json keeps the request): its --lr and --stage-lrs were
     # laid over the final run's config.yaml, whose learning rates are the recipe's, and refused
     code, out, err = run_cli(capsys, *train_argv(data, tmp_path / "run", *asked, "--resume"))

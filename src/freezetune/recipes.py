@@ -68,7 +68,7 @@ def phases(cfg: TrainConfig, recipe: str) -> list[Phase]:
     """
     base = dataclasses.replace(cfg, recipe=None)
     if recipe == "linear-probe":  # the step of lp-ft's probe and of the auto recipe's head (it trained 10x slower)
-        return [Phase(recipe, dataclasses.replace(base, **_SINGLE[recipe], **_probe_lrs(cfg)))]
+        return [Phase(recipe, dataclasses.replace(base, **_SINGLE[recipe], **probe_lrs(cfg)))]
     if recipe in _SINGLE:
         return [Phase(recipe, dataclasses.replace(base, **_SINGLE[recipe]))]
     if recipe_family(recipe) == LAST_K:
@@ -77,7 +77,7 @@ def phases(cfg: TrainConfig, recipe: str) -> list[Phase]:
         out = Path(cfg.out) if cfg.out else None
         # the probe trains the head alone: --decay and --stage-lrs set the fine-tune's lower stages (the probe said
         # they were "not used"), and a head LR they give is the fine-tune's, which the probe's is 10x as for --lr
-        probe = dataclasses.replace(base, freeze="backbone", unfreeze=None, bn="frozen", **_probe_lrs(cfg),
+        probe = dataclasses.replace(base, freeze="backbone", unfreeze=None, bn="frozen", **probe_lrs(cfg),
                                     out=str(out / "probe") if out else None, final_test=False)  # fmt: skip
         # the fine-tune keeps the statistics the probe's head was fitted on (bn_policy.hold_bn_statistics)
         tune = dataclasses.replace(base, freeze="none", unfreeze=None, bn_stats="frozen")
@@ -85,7 +85,7 @@ def phases(cfg: TrainConfig, recipe: str) -> list[Phase]:
     raise ConfigError(f"recipe {recipe!r} has no phases here; 'auto' is planned by freezetune.auto")
 
 
-def _probe_lrs(cfg: TrainConfig) -> dict:
+def probe_lrs(cfg: TrainConfig) -> dict:
     """The LR settings of a head trained alone (linear-probe, lp-ft's probe): 10x the head's LR in a run of ``cfg``,
     ``--stage-lrs`` naming the head included (it replaced the 10x step, while ``--print-config`` said 10x). The lower
     stages' LRs and ``--decay`` train nothing there."""
