@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -72,6 +73,30 @@ def test_torchrun_feature_cache_matches_uncached_ddp(tmp_path):
             got, want = [r[key] for r in rows[cached]], [r[key] for r in rows["off"]]
             assert got == pytest.approx(want, rel=1e-4, abs=1e-5), (cached, key)
     assert not (tmp_path / "disk" / "cache").exists()  # each rank cleared its folder; the shared one stayed, empty
+
+
+def test_a_torchrun_rank_ends_after_its_atexit_functions_without_the_interpreters_teardown(tmp_path):
+    # the teardown aborted a rank whose run had finished (SIGABRT, no Python frame) and torchrun failed the job
+    script = tmp_path / "rank.py"
+    script.write_text(
+        textwrap.dedent("""
+        import atexit, os, sys
+        from freezetune import cli, distributed
+
+        leave = os._exit
+        os._exit = lambda code: (os.write(1, b" left at once"), leave(code))  # skips the interpreter's teardown
+        atexit.register(print, "atexit ran")
+        distributed._joined = sys.argv[1] == "rank"  # as init_from_env sets it under torchrun
+        cli.main = lambda: 3
+        print("unflushed", end="")
+        cli.run()
+    """)
+    )
+    for role, at_once in (("rank", True), ("alone", False)):
+        proc = subprocess.run([sys.executable, str(script), role], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 3, proc.stderr
+        assert proc.stdout.startswith("unflushed") and "atexit ran" in proc.stdout, proc.stdout
+        assert ("left at once" in proc.stdout) is at_once, (role, proc.stdout)
 
 
 def test_dist_info_properties():
