@@ -570,6 +570,37 @@ def test_a_resumed_sweep_keeps_the_measured_seconds_of_the_recipes_finished_befo
     assert [r["train_s"] for r in resumed.rows] == [measured["linear-probe"], measured["last-2"]]
 
 
+def test_a_sweep_resumes_from_its_out_alone_with_its_own_settings_and_recipes(data, tmp_path, capsys, monkeypatch):
+    # "sweep --out S --resume" said "data is required": unlike train's, a sweep's resume needed its whole command
+    real, stopped = recipes.run, []
+
+    def interrupted_at_last_2(cfg, echo):
+        if cfg.recipe == "last-2" and not stopped:
+            stopped.append(cfg.recipe)
+            raise KeyboardInterrupt  # Ctrl-C while the second recipe trains
+        return real(cfg, echo=echo)
+
+    monkeypatch.setattr(recipes, "run", interrupted_at_last_2)
+    out = tmp_path / "sweep"
+    argv = train_argv(data, out, "--epochs", "1", "--cache", "off", "--label-smoothing", "0.2", "--budget", "1h")[1:]
+    code, _, _ = run_cli(capsys, "sweep", *argv, "--recipes", "linear-probe,last-2")
+    assert code == 130 and stopped
+    code, said, err = run_cli(capsys, "sweep", "--out", out, "--resume")
+    assert code == 0, err
+    rows = read_metrics(out / "sweep.csv")
+    assert [r["recipe"] for r in rows] == ["linear-probe", "last-2"]
+    for recipe in ("linear-probe", "last-2"):  # the recipe interrupted ran again with the sweep's settings, those a
+        ran = yaml.safe_load((out / recipe / "config.yaml").read_text())  # resume may change (--no-progress) too
+        got = (ran["label_smoothing"], ran["epochs"], ran["data"], ran["progress"])
+        assert got == (0.2, 1, str(data.resolve()), False), recipe
+    assert yaml.safe_load((out / "sweep_config.yaml").read_text())["budget"] == "1h"
+    code, _, err = run_cli(capsys, "sweep", "--out", out, "--resume", "--label-smoothing", "0")  # its settings alone
+    assert code == 2 and "label_smoothing 0.2 -> 0.0" in err
+    code, _, err = run_cli(capsys, "sweep", "--out", tmp_path / "none", "--resume")
+    assert code == 2 and err.strip() == (f"freezetune: error: cannot resume: '{tmp_path / 'none'}' holds no sweep "
+                                         "(sweep_config.yaml); give the sweep's --out (out=...) or its whole command")  # fmt: skip
+
+
 def test_a_sweep_stopped_in_an_auto_trial_says_to_resume_it_and_resumes(data, tmp_path, monkeypatch):
     # the trial's advice, "the same command, with or without --resume", was refused for a sweep: a recipe had trained
     import signal

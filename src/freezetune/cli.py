@@ -169,9 +169,12 @@ def _print_config(text: str) -> int:
 
 
 def _cmd_sweep(args) -> int:
-    from freezetune.sweep import recipe_names, refuse_overridden, sweep, swept
+    from freezetune.sweep import recipe_names, refuse_overridden, resume_settings, sweep, swept
 
-    refuse_overridden(_given(args))
+    given = _given(args)
+    refuse_overridden(given)
+    if args.config is None:  # sweep --out S --resume: its own settings and recipes, the flags given now on top
+        args.config = resume_settings(given)
     recipes = _sweep_recipes(args)
     problems = []  # --recipes and the config's values, in one message
     try:

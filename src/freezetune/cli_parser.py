@@ -62,8 +62,8 @@ _SWEEP_HELP = {
     "out": f"sweep directory, a run per recipe below it [default: {SWEEP_DEFAULT_OUT}]",
     "budget": "wall-clock budget of the sweep: a recipe starts only while it lasts (one running is not cut short; the "
     "auto recipe inside trains --epochs; default: none)",
-    "resume": "continue an interrupted sweep: give its own command again (a setting other than those it recorded in "
-    "sweep_config.yaml is refused); finished recipes are read back",
+    "resume": "continue the interrupted sweep in --out with the settings and recipes it recorded in sweep_config.yaml "
+    "(a flag that changes one is refused); finished recipes are read back",
     "monitor": "what each recipe's best.pt is chosen by; recipes are compared by validation macro-F1 under val_f1, "
     "else by validation accuracy",
     "freeze": "refused but for auto, which changes nothing: each of --recipes sets its own",

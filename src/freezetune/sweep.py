@@ -79,6 +79,27 @@ def refuse_overridden(given: dict) -> None:
         raise ConfigError("sweep: " + "; ".join(problems))
 
 
+def resume_settings(given: dict) -> Path | None:
+    """The settings file of the sweep that ``sweep --out S --resume`` continues when no ``--config`` is given: its
+    ``sweep_config.yaml`` (its settings, device and budget included, and its recipes), for the values given now to
+    be laid over, as ``train --out R --resume`` needs no other flag. None when not resuming, or resuming a sweep that
+    never started with its whole command given again.
+
+    Raises:
+        ConfigError: a resume with nothing to resume and no data to start it (it said "data is required").
+    """
+    if not given.get("resume"):
+        return None
+    out = Path(given.get("out") or SWEEP_DEFAULT_OUT)
+    saved = out / SETTINGS_FILE
+    if saved.is_file():
+        return saved
+    if "data" not in given:
+        raise ConfigError(f"cannot resume: {str(out)!r} holds no sweep ({SETTINGS_FILE}); give the sweep's "
+                          f"{setting('out')} or its whole command")  # fmt: skip
+    return None
+
+
 def sweep(cfg: TrainConfig, recipes: str | list[str] | tuple[str, ...] = SWEEP_DEFAULT_RECIPES, *,
           out: str | Path | None = None, echo: Callable[[str], None] = print) -> SweepResult:  # fmt: skip
     """Run each recipe with ``cfg``'s settings into ``out/<recipe>`` and compare them on the validation split.
@@ -201,11 +222,14 @@ def _keep_settings(out: Path, cfg: TrainConfig, recipes: list[str], *, write: bo
     if (out / CLASSES_FILE).exists():
         raise ConfigError(f"{str(out)!r} holds a training run ({CLASSES_FILE}); a sweep writes a run per recipe below "
                           "its --out: choose another")  # fmt: skip
-    now = {k: v for k, v in cfg.recorded().items() if k not in (*RESUME_MAY_CHANGE, "budget")} | {"recipes": recipes}
+    # every setting is kept, for a resume without flags to read back (resume_settings); those a resume may change
+    # (the device, the loader's workers, the budget...) are not compared
+    now = {k: v for k, v in cfg.recorded().items() if k not in ("out", "resume")} | {"recipes": recipes}
     saved = out / SETTINGS_FILE
     if cfg.resume and saved.is_file():
         before = yaml.safe_load(saved.read_text()) or {}
-        changed = [f"{k} {before[k]!r} -> {v!r}" for k, v in now.items() if k in before and before[k] != v]
+        changed = [f"{k} {before[k]!r} -> {v!r}" for k, v in now.items()
+                   if k not in (*RESUME_MAY_CHANGE, "budget") and k in before and before[k] != v]  # fmt: skip
         if changed:
             raise ConfigError(f"cannot resume the sweep in {str(out)!r} with {', '.join(changed)}: its recipes ran "
                               "with the sweep's own settings; resume with them, or sweep into another --out")  # fmt: skip
