@@ -80,23 +80,23 @@ def test_a_torchrun_rank_ends_after_its_atexit_functions_without_the_interpreter
     script = tmp_path / "rank.py"
     script.write_text(
         textwrap.dedent("""
-        import atexit, os, sys
-        from freezetune import cli, distributed
+        import atexit, os
+        from freezetune import cli
 
         leave = os._exit
         os._exit = lambda code: (os.write(1, b" left at once"), leave(code))  # skips the interpreter's teardown
         atexit.register(print, "atexit ran")
-        distributed._joined = sys.argv[1] == "rank"  # as init_from_env sets it under torchrun
         cli.main = lambda: 3
         print("unflushed", end="")
         cli.run()
     """)
     )
-    for role, at_once in (("rank", True), ("alone", False)):
-        proc = subprocess.run([sys.executable, str(script), role], capture_output=True, text=True, timeout=120)
+    for world, at_once in (("2", True), ("1", False)):  # a torchrun rank's environment; a process alone
+        env = {**os.environ, "WORLD_SIZE": world}
+        proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=120)
         assert proc.returncode == 3, proc.stderr
         assert proc.stdout.startswith("unflushed") and "atexit ran" in proc.stdout, proc.stdout
-        assert ("left at once" in proc.stdout) is at_once, (role, proc.stdout)
+        assert ("left at once" in proc.stdout) is at_once, (world, proc.stdout)
 
 
 def test_dist_info_properties():

@@ -117,8 +117,7 @@ def run() -> None:
         # between the last line and the prompt, for objects that die with the process anyway. Not in ``main``: a
         # notebook may call it and go on.
         gc.freeze()
-    ranks = sys.modules.get("freezetune.distributed")  # not imported by --help and the like: torch is slow to import
-    if ranks is not None and ranks.joined_a_group():  # a torchrun rank: no interpreter teardown (cli_exit's why)
+    if cli_exit.under_torchrun():  # a torchrun rank: no interpreter teardown (cli_exit's why)
         cli_exit.end_torchrun_process(code)
     sys.exit(code)
 

@@ -149,7 +149,7 @@ def peer_gone(exc: BaseException, *, remote_only: bool = False) -> bool:
     """
     import torch.distributed as dist
 
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    if not under_torchrun():
         return False
     backend_error = getattr(dist, "DistBackendError", ())
     text = str(exc)
@@ -173,6 +173,12 @@ def later_rank(line: str, code: int) -> int:
     if line:
         print(f"[rank {os.environ.get('RANK', '?')}] {line}", file=sys.stderr)
     return code
+
+
+def under_torchrun() -> bool:
+    """Whether this process is one of a torchrun job's (``WORLD_SIZE`` above 1, as ``distributed.init_from_env``
+    reads it)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
 def end_torchrun_process(code: int) -> None:

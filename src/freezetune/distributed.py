@@ -50,17 +50,7 @@ def init_from_env(device_spec: str = "auto") -> DistInfo:
         torch.cuda.set_device(info.local_rank)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo")
-    global _joined
-    _joined = True
     return info
-
-
-_joined = False  # whether this process has joined a torchrun process group (``cli.run`` then ends it at once)
-
-
-def joined_a_group() -> bool:
-    """Whether this process joined a torchrun process group at some point (it may have left it since)."""
-    return _joined
 
 
 def main_echo(echo: Callable[[str], None], info: DistInfo) -> Callable[[str], None]:
