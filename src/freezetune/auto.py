@@ -58,6 +58,7 @@ import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from freezetune import checkpoint, run_log
 from freezetune._io import atomic_write_text
@@ -77,6 +78,9 @@ from freezetune.errors import ConfigError, setting
 from freezetune.interrupt import RunInterrupted
 from freezetune.options import METRIC_NAMES, compared_by, parse_duration
 from freezetune.runtime import RECIPE_FILE, TRIALS_DIR
+
+if TYPE_CHECKING:
+    from freezetune.progress import RunResult
 
 # a trial epoch trains on this share of the training set. Shorter trials cost less and choose worse: with candidates
 # 1-3 and default 2, on Fashion-MNIST (100/class, 64 px, 3 epochs, 3 seeds, refit) 0.35 chose the last 2 stages twice
@@ -197,12 +201,8 @@ def _probe(base: TrainConfig, epochs: int, refit: bool, out: Path, train: Callab
     echo(f"auto: a trial of {_steps(steps)} (under {PROBE_BELOW_STEPS}) is too short for a new head to settle before "
          "the stages it trains drift: the head is fitted first, alone on the frozen network's features (a linear "
          f"probe, {epochs} epoch(s) at lr {probe_cfg.lr:.1e}); the run starts from it (LP-FT)")  # fmt: skip
-    try:
-        result = train(probe_cfg, echo=run_log.indented(echo), resumable=False, brief=True)
-    except RunInterrupted as exc:
-        raise RunInterrupted.by(exc.signum, "during the probe of the head (probes are not resumed); the same "
-                                "command, with or without --resume, starts the trials again") from None  # fmt: skip
-    seconds = {key: result.seconds.get(key, 0.0) for key in ("cache", "epochs")}
+    result, seconds = _measurement(probe_cfg, train, echo, brief=True, during="the probe of the head (probes are not "
+                                   "resumed)", again="the trials again")  # fmt: skip
     metric = compared_by(base.monitor)
     scored = f"{METRIC_NAMES[metric]} {_pct(result.best_val(metric))}" if not refit else "no validation (refit)"
     echo(f"auto: the probed head: {scored} after {epochs} epoch(s) ({sum(seconds.values()):.1f}s)")
@@ -347,14 +347,10 @@ def _trial(base: TrainConfig, k: int, boost: float, out: Path, train: Callable, 
         epoch_fraction=base.epoch_fraction * TRIAL_FRACTION, epoch_images=images, warmup_epochs=0.0, early_stop=None,
         unfreeze=None, final_test=False, tensorboard=False, resume=False, refit=False, out=str(_trial_dir(out, k)),
     )  # fmt: skip
-    try:
-        # trials restart, so no last.pt; the first prints the stage table, the others what they train
-        result = train(trial_cfg, echo=run_log.indented(echo), resumable=False, brief=brief)
-    except RunInterrupted as exc:  # the trial's last.pt is not the run's: say what a re-run does instead
-        raise RunInterrupted.by(exc.signum, f"during the trial of the last {k} stage(s) (trials are not resumed); the "
-                                "same command, with or without --resume, starts them again") from None  # fmt: skip
+    # the first trial prints the stage table, the others what they train
+    result, seconds = _measurement(trial_cfg, train, echo, brief=brief, during=f"the trial of the last {k} stage(s) "
+                                   "(trials are not resumed)", again="them again")  # fmt: skip
     row = result.history[-1] if result.history else {}
-    seconds = {key: result.seconds.get(key, 0.0) for key in ("cache", "epochs")}
     trained_s = row.get("epoch_time_s", 0.0)
     metric = compared_by(base.monitor)
     echo(f"auto: last {k} stage(s) + head at lr {trial_cfg.lr:.1e}: {METRIC_NAMES[metric]} "
@@ -368,6 +364,18 @@ def _trial(base: TrainConfig, k: int, boost: float, out: Path, train: Callable, 
             "trainable_params": row.get("trainable_params"), "n_val": _val_size(result),
             "data_kind": result.data_kind, "refit_fits": result.refit_fits, "no_refit": result.no_refit,
             "steps": result.steps_per_epoch}  # fmt: skip
+
+
+def _measurement(cfg: TrainConfig, train: Callable, echo: Callable[[str], None], *, brief: bool, during: str,
+                 again: str) -> tuple[RunResult, dict]:  # fmt: skip
+    """Train one of the recipe's measurements (a trial, the probe): not resumed, so no last.pt; a stop in it says what
+    a re-run does (its last.pt would not be the run's). Returns its result and the seconds the run's cost counts."""
+    try:
+        result = train(cfg, echo=run_log.indented(echo), resumable=False, brief=brief)
+    except RunInterrupted as exc:
+        raise RunInterrupted.by(exc.signum, f"during {during}; the same command, with or without --resume, starts "
+                                f"{again}") from None  # fmt: skip
+    return result, {key: result.seconds.get(key, 0.0) for key in ("cache", "epochs")}
 
 
 def _steps(n: int) -> str:
