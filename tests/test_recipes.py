@@ -54,7 +54,7 @@ def test_each_named_recipe_says_what_it_freezes():
     assert phases(cfg, "last-k")[0].cfg.freeze == -3 and phases(cfg, "last-1")[0].cfg.freeze == -2
     probe, tune = phases(cfg, "lp-ft")
     assert (probe.cfg.freeze, tune.cfg.freeze) == ("backbone", "none") and probe.cfg.out == "runs/x/probe"
-    assert tune.cfg.bn_stats == "frozen" and single["full"].bn_stats == "update"
+    assert tune.cfg.bn_stats == "frozen" and single["full"].bn_stats == "auto"  # a plain run: updated
     assert probe.cfg.lr > tune.cfg.lr and not probe.cfg.final_test
 
 
@@ -76,7 +76,7 @@ def test_lp_ft_s_probe_leaves_decay_and_stage_lrs_to_the_fine_tune_and_probes_at
 @pytest.mark.parametrize(
     ("kw", "needle"),
     [
-        ({"recipe": "lp-ft", "bn_stats": "update"}, "recipe 'lp-ft' sets bn_stats itself"),  # it trained with frozen
+        ({"recipe": "lp-ft", "bn": "frozen"}, "recipe 'lp-ft' sets bn itself"),
         ({"recipe": "full", "freeze": "auto"}, "recipe 'full' sets freeze itself (to 'none')"),
         ({"cache_at": None}, None),  # unset, as it is anyway
         ({"freeze": "auto"}, None),  # asks for the auto recipe itself
@@ -95,6 +95,16 @@ def test_an_option_given_at_its_default_value_beside_a_recipe_that_sets_it_is_re
     saved = tmp_path / "run.yaml"
     saved.write_text(TrainConfig(data="d", **kw).dump())
     load_config(saved)
+
+
+def test_an_asked_bn_stats_update_beside_lp_ft_is_refused_from_a_config_file_too(tmp_path):
+    # lp-ft's fine-tune holds the statistics; "update" was the default, so a file asking for it passed in silence
+    saved = tmp_path / "run.yaml"
+    saved.write_text(TrainConfig(data="d", recipe="lp-ft", bn_stats="update").dump())
+    with pytest.raises(ConfigError, match="recipe 'lp-ft' sets bn_stats itself"):
+        load_config(saved)
+    with pytest.raises(ConfigError, match="recipe 'lp-ft' sets bn_stats itself"):
+        load_config(overrides={"data": "d", "recipe": "lp-ft", "bn_stats": "update"})
 
 
 def test_recipe_and_freeze_together_or_an_unknown_recipe_are_refused():
@@ -254,6 +264,18 @@ def test_a_few_shot_auto_run_fits_the_head_first_and_holds_batchnorm_statistics(
     assert result.seconds["epochs"] >= probe["seconds"]["epochs"] + trial["seconds"]["epochs"]
     resumed, measured = auto._resumed(_cfg(data, tmp_path / "run", lr=2e-3, resume=True), tmp_path / "run", print)
     assert resumed.bn_stats == "frozen" and resumed.init == str(weights) and measured == [trial, probe]
+
+
+def test_a_few_shot_auto_run_keeps_batchnorm_statistics_updating_when_the_user_asks_for_it(data, tmp_path, monkeypatch):
+    # "update" was also the default, so an asked --bn-stats update was held like the default in a probed run
+    monkeypatch.setattr(auto, "PROBE_BELOW_STEPS", 10)  # the trials take 3 steps
+    lines = []
+    auto.run(_cfg(data, tmp_path / "run", bn_stats="update"), echo=lines.append)
+    choice = json.loads((tmp_path / "run" / "recipe.json").read_text())["choice"]
+    final = checkpoint.load(tmp_path / "run" / "last.pt")
+    assert choice["bn_stats"] == final["config"]["bn_stats"] == "update"
+    assert any("from the probed head" in line and "statistics held" not in line for line in lines)
+    assert not any("trainable, eval stats" in line for line in lines)  # no stage's statistics held
 
 
 def test_a_text_model_or_a_trial_long_enough_is_not_probed():

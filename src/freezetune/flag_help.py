@@ -72,9 +72,9 @@ FIELD_HELP = {
     "--epochs), e.g. 90s, 5m, 1h (default: none)",
     "bn": "BatchNorm in frozen parts: frozen (eval statistics), affine (affine trains, statistics update), train "
     "(statistics update), affine-only (affine trains, eval statistics)",
-    "bn_stats": "BatchNorm statistics in the parts that train: update (from each batch, PyTorch's training mode) or "
-    "frozen (held, as in the frozen parts; their scale and shift still train): small batches, a head fitted on frozen "
-    "features (lp-ft's fine-tune)",
+    "bn_stats": "BatchNorm statistics in the parts that train: update (from each batch, PyTorch's training mode), "
+    "frozen (held, as in the frozen parts; their scale and shift still train: small batches, a head fitted on frozen "
+    "features) or auto (held in lp-ft's fine-tune and in the auto recipe's run from a probed head, else update)",
     "unfreeze": f"{' | '.join(UNFREEZE_FORMS)} (a plateau without mode follows --monitor; min_delta is in its units: "
     "val_acc and val_f1 are fractions, 0.005 = half a point); default: what starts frozen stays frozen",
     # optimisation

@@ -21,9 +21,11 @@ BN_EVAL_POLICIES = ("frozen", "affine-only")  # ... whose statistics never move:
 BN_AFFINE_POLICIES = ("affine", "affine-only")  # ... whose weight and bias train
 BN_DEFAULT = "frozen"  # the one policy under which a frozen prefix is deterministic (and can be cached)
 # BatchNorm statistics in the parts that train: updated from each batch (PyTorch's training mode), or held as in the
-# frozen parts (eval mode; the scale and shift still train): lp-ft's fine-tune, small batches
-BN_STATS = ("update", "frozen")
-BN_STATS_DEFAULT = "update"
+# frozen parts (eval mode; the scale and shift still train): lp-ft's fine-tune, small batches. "auto", the default:
+# held where the recipe's start needs them held (lp-ft's fine-tune, the auto recipe's run from a probed head), else
+# updated; an asked "update" is thus told from the default, and kept
+BN_STATS = ("auto", "update", "frozen")
+BN_STATS_DEFAULT = "auto"
 # transparent pixels of an image (``Preprocess.alpha``, ``data/alpha.py``): composited onto white, or the colour stored
 # under them kept (PIL's RGB conversion; what a checkpoint saved before the rule was trained on)
 ALPHA_MODES = ("white", "drop")

@@ -132,9 +132,9 @@ def conflict_problems(cfg: TrainConfig, typed: Collection[str] = ()) -> list[str
     """The options ``cfg`` gives that its recipe sets itself, and a ``budget`` no recipe plans for, each a problem.
 
     An option counts as given when its value is not the default, or when its name is in ``typed`` (the keys given on
-    the command line): ``--recipe lp-ft --bn-stats update`` asks for update, which is also the default, and the recipe
-    would hold the statistics frozen in silence. A config file's keys are not ``typed``: ``--print-config`` writes
-    every key, the recipe's included.
+    the command line): ``--recipe full --freeze auto`` asks for the auto recipe's freezing, which is also the default,
+    and the recipe would train every layer in silence. A config file's keys are not ``typed``: ``--print-config``
+    writes every key, the recipe's included.
 
     >>> conflict_problems(TrainConfig(recipe="gradual", unfreeze="epoch:2"))
     ["recipe 'gradual' sets unfreeze itself (to 'epoch:1'): give the recipe or unfreeze 'epoch:2', not both"]

@@ -288,7 +288,7 @@ def _own_batchnorm(recipe: str) -> dict:
     fine-tune holds its statistics), and the recipe refuses them given.
 
     >>> _own_batchnorm("lp-ft"), _own_batchnorm("full")
-    ({'bn': 'frozen', 'bn_stats': 'update'}, {})
+    ({'bn': 'frozen', 'bn_stats': 'auto'}, {})
     """
     from freezetune import recipes
 
