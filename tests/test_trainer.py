@@ -590,9 +590,17 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_good_checkpoints(data, tm
         return real(output) * float("nan") if len(calls) == poison_at[0] else real(output)
 
     monkeypatch.setattr(step, "logits_of", poisoned)
+    refreshed, refresh = [], bn_refresh.refresh_if_stale  # 5-step epochs: their statistics are recomputed after each
+
+    def counted(module, steps, *args, **kwargs):
+        refreshed.append(steps)
+        return refresh(module, steps, *args, **kwargs)
+
+    monkeypatch.setattr(bn_refresh, "refresh_if_stale", counted)
     code, out, err = run_cli(capsys, *train_argv(data, tmp_path / "run", "--epochs", "3", "--freeze", "-3"))
     assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
     assert "not finite at epoch 2, step 2" in err and "--lr" in err
+    assert len(refreshed) == 1  # epoch 1's; not the diverged epoch's (a pass over its data, its weights dropped)
     assert len(_rows(tmp_path / "run")) == 1 and "epoch 1/3" in out
     best, last = checkpoint.load(tmp_path / "run" / "best.pt"), checkpoint.load(tmp_path / "run" / "last.pt")
     assert best["epoch"] == 1 and last["epoch"] == 1

@@ -236,11 +236,12 @@ class Trainer(RunSetup):
         except BaseException:  # a stop or an error: clear the bar's line, so the message that follows starts its own
             meter.abandon()
             raise
-        self._refresh_bn(epoch)
+        stats = meter.close(lambda totals: all_reduce_sum(totals, self.dist))
+        if stats["first_bad_step"] < 0:  # a diverged epoch's weights are never kept: a pass over its data for nothing
+            self._refresh_bn(epoch)
         # DDP hands rank 0's buffers to every rank before each forward, so after the last step each rank holds the
         # BatchNorm statistics of its own last batch: take rank 0's, which last.pt records and validation uses
         broadcast_tensors(self.model.buffers(), self.dist)
-        stats = meter.close(lambda totals: all_reduce_sum(totals, self.dist))
         return {**stats, "skipped_batches": meter.skipped} if self.cfg.skip_nonfinite else stats
 
     def _refresh_bn(self, epoch: int) -> None:
