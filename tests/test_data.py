@@ -325,6 +325,20 @@ def test_csv_with_and_without_header(tmp_path):
     assert b.train[5][0].shape == (3, 16, 16) and b.train[5][1] == 2
 
 
+def test_a_headerless_csv_of_label_path_rows_reads_as_its_path_label_twin_does(tmp_path):
+    # "label,path" rows were read as path "red" and refused as 6 missing image files, first 'red'
+    make_folder(tmp_path / "imgs", 2)
+    rows = [(f"imgs/{c}/{i}.png", c) for c in COLOURS for i in range(2)]
+    (tmp_path / "path_label.csv").write_text("".join(f"{p},{c}\n" for p, c in rows))
+    (tmp_path / "label_path.csv").write_text("".join(f"{c},{p}\n" for p, c in rows))
+    one, two = (build_datasets(str(tmp_path / f), preprocess=PRE) for f in ("path_label.csv", "label_path.csv"))
+    assert two.classes == one.classes == ["blue", "green", "red"]
+    assert sorted(two.train.samples + two.val.samples) == sorted(one.train.samples + one.val.samples)
+    (tmp_path / "gone.csv").write_text("red,imgs/red/0.png\nblue,imgs/nothere.png\n")  # its second column's file
+    with pytest.raises(DataError, match=r"lists 1 missing image file\(s\), first: '.*nothere.png'"):
+        build_datasets(str(tmp_path / "gone.csv"), preprocess=PRE)
+
+
 def test_an_image_list_separated_by_tabs_reads_as_its_csv_does(tmp_path):
     # 'path<TAB>label' lists were refused as "a .tsv without a text column", for training and validation alike
     make_folder(tmp_path / "imgs", 3)

@@ -1,6 +1,6 @@
-"""Image CSV files: ``path,label`` rows (a header optional, its column names read), paths relative to the CSV's
-folder, labels matched to classes by name as folder names are (``folder.py``). A ``.tsv`` file's columns are
-separated by tabs, as a text table's are."""
+"""Image CSV files: ``path,label`` rows (a header optional, its column names read; without one, ``label,path`` rows
+are told by where the first row's image is), paths relative to the CSV's folder, labels matched to classes by name
+as folder names are (``folder.py``). A ``.tsv`` file's columns are separated by tabs, as a text table's are."""
 
 from __future__ import annotations
 
@@ -69,7 +69,7 @@ def _exists(cell: str, base: Path) -> bool:
 
 def _csv_columns(path: Path, header: list[str] | None, first: list[str]) -> tuple[int, int]:
     """The (path, label) column indices: by header name, or the two columns of a headerless ``path,label`` file
-    (``first``: its first row)."""
+    (``first``: its first row), read as ``label,path`` when its first row's image is in the second column."""
     width = len(first)
     if header is None:
         if separator := other_separator(first):  # "has 1 columns and no header" for a file with both
@@ -80,6 +80,8 @@ def _csv_columns(path: Path, header: list[str] | None, first: list[str]) -> tupl
             raise DataError(f"CSV '{path}' has {width} columns{sep} and no header; add a header naming the image column "
                             f"({choices(sorted(IMAGE_COLUMNS))}) and the label column "
                             f"({choices(sorted(_CSV_LABEL_NAMES))})")  # fmt: skip
+        if not _exists(first[0], path.parent) and _exists(first[1], path.parent):  # "label,path" rows: its files
+            return 1, 0  # are in the second column (a first column of missing files was the one error said)
         return 0, 1
     names = [c.strip().lower() for c in header]
     found = {}
