@@ -90,6 +90,53 @@ def test_dropout_in_prefix_moves_the_cut_before_it():
     torch.testing.assert_close(split.suffix_train(split.prefix(x)), want)
 
 
+def _drop_path(x: torch.Tensor, drop_prob: float, training: bool) -> torch.Tensor:  # as Hugging Face's models write it
+    if not training or not drop_prob:
+        return x
+    keep = (torch.rand(x.shape[0], 1) >= drop_prob).to(x.dtype)
+    return x * keep / (1 - drop_prob)
+
+
+class ModelDropPath(nn.Module):  # Hugging Face's ConvNextDropPath, BeitDropPath...
+    def __init__(self, drop_prob: float) -> None:
+        super().__init__()
+        self.drop_prob = drop_prob
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _drop_path(x, self.drop_prob, self.training)
+
+
+class _Residual(nn.Module):
+    def __init__(self, drop: nn.Module) -> None:
+        super().__init__()
+        self.linear, self.drop = nn.Linear(8, 8), drop
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.drop(self.linear(x))
+
+
+@pytest.mark.parametrize("drop", [torchvision.ops.StochasticDepth(0.5, "row"), ModelDropPath(0.5)],
+                         ids=["torchvision", "hugging-face"])  # fmt: skip
+def test_stochastic_depth_in_a_frozen_stage_moves_the_cut_before_it(drop):
+    # torchvision's StochasticDepth (EfficientNet, ConvNeXt, Swin) was traced through, its training flag fixed in the
+    # prefix: cached features held one random depth an image, and the prefix differed from call to call in eval
+    model = nn.Sequential(nn.Linear(8, 8), _Residual(drop), _Residual(nn.Identity()), nn.Linear(8, 3))
+    ft.freeze(model, "backbone")
+    split, why = split_model(model)
+    assert split.boundary == "1" and "stochastic depth" in why, why
+    x = torch.randn(64, 8)
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(split.suffix_eval(split.prefix(x)), model(x))
+        torch.testing.assert_close(split.prefix(x), split.prefix(x))
+        model.train()  # the drop still draws its mask each step, in the suffix
+        torch.manual_seed(1)
+        want = model(x)
+        torch.manual_seed(1)
+        torch.testing.assert_close(split.suffix_train(split.prefix(x)), want)
+        assert not torch.equal(split.suffix_train(split.prefix(x)), want)
+
+
 def test_nothing_frozen_is_not_cacheable():
     model = torchvision.models.resnet18(num_classes=3)
     split, why = split_model(model)

@@ -87,7 +87,7 @@ def split_model(model: nn.Module, at: str | None = None) -> tuple[Split | None, 
         if split is not None and split.boundary != st[first].name:  # say where the cache is, and why there
             return split, (
                 f"cached at the input of {split.boundary} (fx), not of {st[first].name}: frozen layers "
-                "between them draw random numbers in training (dropout, drop path) and run every step"
+                "between them draw random numbers in training (dropout, drop path, stochastic depth) and run every step"
             )
         if split is not None:
             return split, f"cached at the input of {split.boundary} (fx)"
@@ -156,10 +156,24 @@ def _trainable_first_stage(model: nn.Module, first: Stage) -> str:
     return f"the first stage ({first.name}) is trainable: there is no frozen prefix to cache"
 
 
+# What draws random numbers in training, by its class's or function's name: torch's dropout, timm's DropPath and
+# DropBlock, torchvision's StochasticDepth (EfficientNet, ConvNeXt, Swin: it was traced through, its training flag
+# baked into the prefix, and cached features held one random depth an image), Hugging Face's <Model>DropPath
+_RANDOM_KINDS = ("Dropout", "DropPath", "DropBlock", "StochasticDepth")
+_RANDOM_FUNCTIONS = ("dropout", "drop_path", "drop_block", "stochastic_depth")
+
+
+def _random_kind(m: nn.Module) -> bool:
+    return any(kind in type(m).__name__ for kind in _RANDOM_KINDS)
+
+
 def _is_stochastic(m: nn.Module) -> bool:
-    kind = type(m).__name__
-    p = getattr(m, "p", None) if "Dropout" in kind else getattr(m, "drop_prob", None) if "DropPath" in kind else None
-    return bool(p)
+    """Whether ``m`` draws random numbers in training: a random kind at a probability above 0 (one that names none
+    counts as random)."""
+    if not _random_kind(m):
+        return False
+    rates = [getattr(m, a) for a in ("p", "drop_prob") if isinstance(getattr(m, a, None), (int, float))]
+    return bool(rates[0]) if rates else True
 
 
 class _Tracer(fx.Tracer):
@@ -181,7 +195,8 @@ class _Tracer(fx.Tracer):
         self.leaves = leaves
 
     def is_leaf_module(self, m: nn.Module, qualified_name: str) -> bool:
-        return isinstance(m, self.leaves) or super().is_leaf_module(m, qualified_name)
+        # a random module stays a call that reads its training flag when run (and that the cut sees: _random_call)
+        return isinstance(m, self.leaves) or _random_kind(m) or super().is_leaf_module(m, qualified_name)
 
 
 def _trace(model: nn.Module, training: bool) -> fx.Graph:
@@ -276,7 +291,11 @@ def _random_call(model: nn.Module, node: fx.Node) -> bool:
     if node.op != "call_function":
         return False
     name = getattr(node.target, "__name__", str(node.target))
-    return "dropout" in name and bool(node.kwargs.get("training", len(node.args) > 2 and node.args[2]))
+    if not any(kind in name for kind in _RANDOM_FUNCTIONS):
+        return False
+    # its training flag: by name, else a True among its arguments (dropout's third, stochastic_depth's fourth)
+    training = node.kwargs.get("training")
+    return bool(training) if training is not None else any(a is True for a in node.args[1:])
 
 
 def _get_attr(model: nn.Module, target: str):
