@@ -555,6 +555,36 @@ def test_a_batchnorm_without_parameters_beside_the_head_is_frozen_with_the_layer
     assert not torch.equal(model.norm.running_mean, before)
 
 
+def test_a_batchnorm_without_parameters_in_a_frozen_stage_of_a_sequential_backbone_is_frozen_with_its_layer():
+    # judged by its parent's parameters, the whole Sequential's, which hold the last stage's too: it kept training
+    # mode and moved its statistics in frozen stage features.0, while the affine one of the stage that trains did not
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.features = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8, affine=False), nn.ReLU(),
+                                          nn.Conv2d(8, 8, 3), nn.BatchNorm2d(8, affine=False), nn.ReLU(),
+                                          nn.Conv2d(8, 16, 3), nn.BatchNorm2d(16), nn.ReLU(),
+                                          nn.AdaptiveAvgPool2d(1), nn.Flatten())  # fmt: skip
+            self.classifier = nn.Linear(16, 3)
+
+        def forward(self, x):
+            return self.classifier(self.features(x))
+
+    model = Net()
+    ft.freeze_to(model, -2)  # the last conv stage and the head train
+    first, second, last = model.features[1], model.features[4], model.features[7]
+    before = [bn.running_mean.clone() for bn in (first, second, last)]
+    model.train()
+    model(torch.randn(4, 3, 16, 16))
+    assert not first.training and not second.training and last.training
+    assert torch.equal(first.running_mean, before[0]) and torch.equal(second.running_mean, before[1])
+    assert not torch.equal(last.running_mean, before[2])
+    ft.unfreeze(model)  # released with the layers before them
+    model.train()
+    model(torch.randn(4, 3, 16, 16))
+    assert first.training and not torch.equal(first.running_mean, before[0])
+
+
 def test_counting_a_model_with_lazy_layers_before_its_first_forward_names_them():
     model = nn.Sequential(nn.Linear(4, 4), nn.LazyLinear(3))
     for count in (ft.summary, ft.count_parameters):

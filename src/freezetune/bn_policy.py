@@ -91,26 +91,26 @@ def check_bn_policy(bn: str) -> None:
 
 
 def _bn_modules_within(model: nn.Module, params: dict[int, nn.Parameter]) -> list[nn.Module]:
-    """BatchNorm layers whose parameters all lie in ``params`` (non-affine ones: whose parent's do, or for a layer of
-    the model itself, those of the layer before it)."""
+    """BatchNorm layers whose parameters all lie in ``params`` (a non-affine one: those of the layer before it in its
+    parent, the layer it normalises; with none before it, its parent's, unless that is the model itself)."""
     out = []
     for name, module in model.named_modules():
         if not keeps_stats(module):
             continue
         own = list(module.parameters())
-        if not own and "." in name:
-            own = list(model.get_submodule(name.rpartition(".")[0]).parameters())
-        elif not own:  # the model's parameters hold the head's, which trains: its statistics moved under "frozen"
-            own = _feeding(model, module)
+        if not own:  # its parent's alone was wrong where the parent holds trainable layers too (a whole Sequential
+            # backbone: the layer's statistics moved in a frozen stage); the model's hold the head's, which trains
+            parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
+            own = _feeding(parent, module) or (list(parent.parameters()) if parent is not model else [])
         if own and all(id(p) in params for p in own):
             out.append(module)
     return out
 
 
-def _feeding(model: nn.Module, module: nn.Module) -> list[nn.Parameter]:
-    """The parameters of the last layer with any registered before ``module``, a child of ``model``."""
+def _feeding(parent: nn.Module, module: nn.Module) -> list[nn.Parameter]:
+    """The parameters of the last layer with any registered before ``module``, a child of ``parent``."""
     before: list[nn.Parameter] = []
-    for child in model.children():
+    for child in parent.children():
         if child is module:
             break
         before = list(child.parameters()) or before
