@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -583,6 +584,23 @@ def test_a_batchnorm_without_parameters_in_a_frozen_stage_of_a_sequential_backbo
     model.train()
     model(torch.randn(4, 3, 16, 16))
     assert first.training and not torch.equal(first.running_mean, before[0])
+
+
+def test_bitfit_or_none_after_an_earlier_freeze_warns_that_what_it_froze_stays_frozen(resnet18):
+    # freeze(m, "bitfit") after "backbone" trained the head alone (1,539 parameters of a 3-class head, not bitfit's
+    # 11,139), and "none" changed nothing, both in silence
+    ft.replace_head(resnet18, 3)
+    ft.freeze(resnet18, "backbone")
+    with pytest.warns(UserWarning, match=r"freeze 'bitfit' adds to what is frozen: [\d,]+ parameters frozen earlier"):
+        ft.freeze(resnet18, "bitfit")
+    with pytest.warns(UserWarning, match="freeze 'none' adds to what is frozen.*unfreeze\\(model\\) first"):
+        ft.freeze(resnet18, "none")
+    ft.unfreeze(resnet18)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a trainable model: nothing to say
+        ft.freeze(resnet18, "bitfit")
+        ft.freeze(resnet18, "backbone")  # adding to bitfit is what the call says
+    assert ft.count_parameters(resnet18)[0] == 1539
 
 
 def test_counting_a_model_with_lazy_layers_before_its_first_forward_names_them():

@@ -33,6 +33,10 @@ Spec = str | int | Sequence[str | int]
 def freeze(model: nn.Module, spec: Spec = FREEZE_DEFAULT, *, bn: str = BN_DEFAULT) -> None:
     """Freeze the parameters ``spec`` names; BatchNorm layers inside follow the ``bn`` policy.
 
+    It adds to what is frozen: what an earlier call froze stays frozen (``"none"`` changes nothing, and ``"bitfit"``
+    after ``"backbone"`` trains no bias it froze; ``unfreeze(model)`` first starts from a trainable model, which
+    ``freeze_to`` does itself).
+
     Args:
         model: any ``nn.Module`` (under DDP, ``DataParallel`` or ``torch.compile``: the model inside); its stages are
             ``stages(model)``, head last.
@@ -58,9 +62,21 @@ def freeze(model: nn.Module, spec: Spec = FREEZE_DEFAULT, *, bn: str = BN_DEFAUL
     model = unwrap(model)
     st = stages(model)
     params = _resolve(model, st, spec)
+    _say_earlier_freezes_stay(model, spec, params)
     for p in params.values():
         p.requires_grad_(False)
     set_frozen(model, params, bn)
+
+
+def _say_earlier_freezes_stay(model: nn.Module, spec: Spec, params: dict) -> None:
+    """Warn when a spec that reads as the model's whole state (``"none"``, ``"bitfit"``) leaves parameters an earlier
+    call froze frozen: ``freeze(m, "bitfit")`` after ``"backbone"`` trained the head alone, in silence."""
+    if not (isinstance(spec, str) and spec in ("none", "bitfit")):
+        return
+    kept = sum(p.numel() for p in model.parameters() if not p.requires_grad and id(p) not in params)
+    if kept:
+        warnings.warn(f"freeze {spec!r} adds to what is frozen: {kept:,} parameters frozen earlier stay frozen; "
+                      "call unfreeze(model) first to start from a trainable model", stacklevel=3)  # fmt: skip
 
 
 def unfreeze(model: nn.Module, spec: Spec = "all", *, bn: str | None = None) -> None:
