@@ -6,6 +6,7 @@ import re
 
 import pytest
 import torch
+import torchvision
 from torch import nn
 
 import freezetune as ft
@@ -132,6 +133,17 @@ def test_declared_no_weight_decay_names_go_to_the_twin():
     skip = {id(p) for p in groups["stem/no_decay"]["params"]}
     assert {id(model.cls_token), id(model.pos_embed), id(model.patch_embed.proj.bias)} <= skip
     assert [id(p) for p in groups["stem"]["params"]] == [id(model.patch_embed.proj.weight)]
+
+
+def test_tokens_and_position_embeddings_a_model_does_not_declare_go_to_the_twin():
+    # torchvision's ViT declares no no_weight_decay(): its class token and position embedding decayed as weights
+    model = torchvision.models.VisionTransformer(32, 16, num_layers=1, num_heads=2, hidden_dim=8, mlp_dim=16,
+                                                 num_classes=3)  # fmt: skip
+    groups = ft.param_groups(model, 1e-3, weight_decay=0.05)
+    skip = {id(p) for g in groups if g["weight_decay"] == 0.0 for p in g["params"]}
+    decayed = {id(p) for g in groups if g["weight_decay"] == 0.05 for p in g["params"]}
+    assert {id(model.class_token), id(model.encoder.pos_embedding)} <= skip
+    assert id(model.conv_proj.weight) in decayed and id(model.heads.head.weight) in decayed
 
 
 def test_groups_drive_a_real_optimizer():

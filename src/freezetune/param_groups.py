@@ -239,13 +239,26 @@ def stage_lr_text(param_groups: list[dict], names: list[str]) -> str:
     return f"{said} at their peaks, {now / peaks[0]:.2g}x now"
 
 
+# Parameters exempt from weight decay by convention, by their own name, where a model declares none: torchvision's ViT
+# class_token and pos_embedding, Swin's relative_position_bias_table, Hugging Face ViT's cls_token and
+# position_embeddings (timm's models list theirs in no_weight_decay()). Not 1-D, they decayed toward zero as weights.
+NO_DECAY_PARAMETERS = ("cls_token", "class_token", "dist_token", "mask_token", "pos_embed", "pos_embedding",
+                       "position_embeddings", "absolute_pos_embed", "relative_position_bias_table")  # fmt: skip
+
+
 def no_decay_names(model: nn.Module) -> set[str]:
-    """Parameter names the model declares exempt from weight decay (timm's ``no_weight_decay()``), expanded."""
+    """Parameter names exempt from weight decay besides the 1-D ones: those the model declares (timm's
+    ``no_weight_decay()``), expanded, and tokens and position embeddings by name (``NO_DECAY_PARAMETERS``).
+
+    >>> import torchvision
+    >>> sorted(no_decay_names(torchvision.models.VisionTransformer(32, 16, 1, 2, 8, 16)))
+    ['class_token', 'encoder.pos_embedding']
+    """
     declared = getattr(model, "no_weight_decay", None)
     names: Iterable[str] = declared() if callable(declared) else ()
     out = set()
     for name, _ in model.named_parameters():
-        if any(name == d or name.startswith(d + ".") for d in names):
+        if any(name == d or name.startswith(d + ".") for d in names) or name.rpartition(".")[2] in NO_DECAY_PARAMETERS:
             out.add(name)
     return out
 
