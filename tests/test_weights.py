@@ -112,7 +112,13 @@ def test_shape_mismatch_lists_mismatches_and_leaves_model_unchanged(tmp_path):
     msg = str(err.value)
     assert "'conv.weight' expected (4, 3, 3, 3) got (8, 3, 3, 3)" in msg
     assert "'conv.bias' expected (4,) got (8,)" in msg
-    assert "7 mismatched" in msg and "\n" not in msg
+    assert "7 of another shape, 0 missing, 0 unexpected" in msg and "\n" not in msg
+    _assert_same(dst, before)
+    short = {k: v for k, v in _trained().state_dict().items() if k != "conv.bias"}  # "1 mismatched", said of a gap
+    torch.save(short, path)
+    with pytest.raises(WeightsError, match=r"0 of another shape, 1 missing, 0 unexpected\): 'conv.bias' expected "
+                       r"\(4,\) got missing"):  # fmt: skip
+        load_weights(dst, path)
     _assert_same(dst, before)
 
 

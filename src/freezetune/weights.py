@@ -236,10 +236,11 @@ def _misfit_error(path: Path, target: StateDict, source: StateDict) -> WeightsEr
     used = set(pairs.values())
     extra = [k for k in _tensor_keys(source) if k not in used]
     shown = [f"{k!r} expected {e} got {g}" for k, e, g in bad[:3]] + [f"{k!r} unexpected in file" for k in extra[:3]]
+    missing = sum(g == _shape(None) for _, _, g in bad)  # "80 mismatched" counted 80 tensors the file lacks
     return WeightsError(
         f"weights {str(path)!r} do not fit the model "
         f"({len(_tensor_keys(target))} tensors in model, {len(_tensor_keys(source))} in file; "
-        f"{len(bad)} mismatched, {len(extra)} unexpected): " + "; ".join(shown[:3])
+        f"{len(bad) - missing} of another shape, {missing} missing, {len(extra)} unexpected): " + "; ".join(shown[:3])
     )
 
 
