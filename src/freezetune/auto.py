@@ -40,12 +40,13 @@ numbers of steps 1 and 3, and the measurements behind them, are in ``auto_rule.p
    before it has settled. So the head is fitted first, alone on the frozen network's features (a linear probe:
    ``epochs`` epochs at 10x the head's LR, over the run's training data, features cached at the head), and the run
    starts from the probed head, at the asked LR, its trainable stages' BatchNorm statistics held (LP-FT as Kumar et
-   al. 2022 run it; unless ``bn_stats`` asks for ``update``); the trial's weights are not used, its pace is (``--budget``). Fashion-MNIST at 10 images a
-   class, 224 px, 10 epochs (CPU, 3 seeds): 70.4 % before, 78.7 % so (a linear probe alone: 70.9 %); at 64 px 69.2 %
-   before, 72.5 % so. Held statistics at 3.3e-3 (the trial's LR, halved) collapsed every seed to one class;
-   statistics updated instead scored 73.1 % (224 px, seed 0). 3-step trials (20 a class): 79.0 % before, 80.3 % so
-   at 224 px, 10 epochs (every seed higher); even at 64 px, 3 epochs. From 4-step trials on (25, 50, 100 a class at
-   64 px) the step cost 1.1 to 1.9 points: there the boosted trial's start is kept.
+   al. 2022 run it; unless ``bn_stats`` asks for ``update``); the trial's weights are not used, its pace is
+   (``--budget``). Fashion-MNIST at 10 images a class, 224 px, 10 epochs (CPU, 3 seeds): 70.4 % before, 78.7 % so (a
+   linear probe alone: 70.9 %); at 64 px 69.2 % before, 72.5 % so. Held statistics at 3.3e-3 (the trial's LR,
+   halved) collapsed every seed to one class; statistics updated instead scored 73.1 % (224 px, seed 0). 3-step
+   trials (20 a class): 79.0 % before, 80.3 % so at 224 px, 10 epochs (every seed higher); even at 64 px, 3 epochs.
+   From 4-step trials on (25, 50, 100 a class at 64 px) the step cost 1.1 to 1.9 points: there the boosted trial's
+   start is kept.
 """
 
 from __future__ import annotations
