@@ -791,6 +791,9 @@ def test_an_auto_row_an_earlier_freezetune_wrote_is_read_back_with_what_it_chose
     assert said == "chose last-3 at lr 6.7e-03, from its trial's weights"
     (run / "recipe.json").write_text(json.dumps({"choice": {**choice, "init": "/mine/init.pt", "run_lr": 3.3e-3}}))
     assert sweep_mod._read_back(tmp_path / "row.json")["detail"] == "chose last-3 at lr 3.3e-03"  # not the trial's
+    probed = {**choice, "init": str(run / "auto-trials" / "probe" / "best.pt"), "run_lr": 1e-3}  # few images
+    (run / "recipe.json").write_text(json.dumps({"choice": probed}))  # it said "from its trial's weights"
+    assert sweep_mod._read_back(tmp_path / "row.json")["detail"] == "chose last-3 at lr 1.0e-03, from the probed head"
 
 
 def test_a_sweeps_last_k_past_the_models_stages_is_refused_before_anything_trains(tmp_path, monkeypatch):

@@ -367,12 +367,16 @@ def _chosen(run_dir: Path) -> str:
     Its row and a last-k one can train the same stages and still differ: auto trains at a higher LR
     (``auto_rule.LR_BOOST``), from the weights its trial fitted.
     """
+    from freezetune.auto import PROBE_DIR
     from freezetune.runtime import RECIPE_FILE, TRIALS_DIR
 
     try:
         choice = json.loads((run_dir / RECIPE_FILE).read_text())["choice"]
-        # (a trial that saved no weights leaves the run to start from --init, or a new head)
-        start = ", from its trial's weights" if TRIALS_DIR in Path(choice.get("init") or "").parts else ""
+        # (a trial that saved no weights leaves the run to start from --init, or a new head); the probe's weights are
+        # in auto-trials/ too: "from its trial's weights" was said of a run from the probed head
+        parts = Path(choice.get("init") or "").parts
+        start = "" if TRIALS_DIR not in parts else ", from the probed head" if PROBE_DIR in parts else \
+            ", from its trial's weights"  # fmt: skip
         lr = choice.get("run_lr", choice["lr"])  # an earlier freezetune's recipe.json has no run_lr (auto._resumed)
         return f"chose last-{choice['trained_stages']} at lr {lr:.1e}{start}"
     except (OSError, ValueError, KeyError, TypeError):  # a named recipe: no choice recorded
