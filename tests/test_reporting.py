@@ -241,6 +241,15 @@ def test_the_best_epoch_is_named_in_the_accuracy_legend_not_over_the_curves():
     assert not ax.texts
 
 
+def test_the_loss_panel_says_which_loss_each_curve_is():
+    # train_loss (label-smoothed, class-weighted) above val_loss (plain cross-entropy) read as underfitting, unlabelled
+    from freezetune import reporting
+
+    rows = [{"epoch": e, "train_loss": 0.4, "val_loss": 0.2, "train_acc": 1.0, "val_acc": 0.95} for e in (1, 2)]
+    legend = [t.get_text() for t in reporting.report_figure(rows, "r").axes[0].get_legend().get_texts()]
+    assert legend == ["train_loss (as trained: label smoothing, class weights)", "val_loss (cross-entropy)"]
+
+
 def test_under_monitor_val_loss_the_ring_marks_best_pts_epoch_on_the_loss_panel():
     # the ring followed the highest accuracy whatever --monitor said: epoch 1 here, where best.pt held epoch 3
     from matplotlib.figure import Figure

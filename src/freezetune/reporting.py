@@ -302,6 +302,14 @@ def _lr_columns(rows: list[dict[str, Any]]) -> list[str]:
     return [k for k in seen if not (k.endswith("/no_decay") and k.removesuffix("/no_decay") in seen)]
 
 
+# the two losses differ: the steps minimise the run's loss (label smoothing, class weights), validation scores plain
+# cross-entropy, so train_loss sits above val_loss at the same fit (and read as underfitting, unlabelled)
+_LEGEND = {
+    "train_loss": "train_loss (as trained: label smoothing, class weights)",
+    "val_loss": "val_loss (cross-entropy)",
+}
+
+
 def _plot_panel(ax: Any, rows: list[dict[str, Any]], title: str, cols: list[str], scale: float, log: bool) -> None:
     plotted = False
     for col in cols:
@@ -310,7 +318,9 @@ def _plot_panel(ax: Any, rows: list[dict[str, Any]], title: str, cols: list[str]
             pts = [(e, v) for e, v in pts if v > 0]
         if pts:
             xs, ys = zip(*pts, strict=True)
-            ax.plot(xs, [y * scale for y in ys], marker="o", markersize=3, label=col.removeprefix("lr/"))
+            ax.plot(
+                xs, [y * scale for y in ys], marker="o", markersize=3, label=_LEGEND.get(col, col.removeprefix("lr/"))
+            )
             plotted = True
     ax.set_ylabel(title)
     ax.grid(True, alpha=0.3)
