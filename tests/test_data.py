@@ -987,6 +987,15 @@ def _tiny_split_folder(root: Path, names=("train", "val", "test"), n=3) -> Path:
     return root
 
 
+def test_val_split_beside_a_validation_folder_is_refused_not_ignored(tmp_path):
+    # ignored with a warning, exit 0: the run validated on val/, not on the share of train/ the user asked for
+    root = _tiny_split_folder(tmp_path / "d")
+    with pytest.raises(ConfigError, match="has a validation folder of its own, which is its validation set: give "
+                       r"--val-split 0.2 \(val_split=0.2\) only for data without one, not both"):  # fmt: skip
+        build_datasets(str(root), val_split=0.2, preprocess=PRE)
+    assert len(build_datasets(str(root), preprocess=PRE).val) == 9  # val/ as it is: 3 a class
+
+
 @pytest.mark.parametrize(
     "names", [("Train", "Val", "Test"), ("training", "dev", "testing"), ("TRAIN", "valid", "Test")]
 )

@@ -127,13 +127,12 @@ def test_a_csv_not_in_utf8_is_named_as_such_with_the_byte_and_line_where_it_stop
     assert read_text_csv(early).texts == ["café"]
 
 
-def test_val_split_beside_a_val_csv_speaks_of_its_validation_file(tmp_path, caplog):
-    import logging
-
+def test_val_split_beside_a_val_csv_is_refused_speaking_of_its_validation_file(tmp_path):
+    # it was ignored with a warning (which said "folder"): the run validated on what was not asked
     _csv(tmp_path / "train.csv"), _csv(tmp_path / "val.csv", n=1)
-    with caplog.at_level(logging.WARNING, logger="freezetune"):
+    with pytest.raises(ConfigError, match=r"has a validation file of its own.*--val-split 0.2 \(val_split=0.2\) only "
+                       "for data without one"):  # fmt: skip
         build_datasets(str(tmp_path), val_split=0.2, preprocess=Preprocess(tokenizer=str(MINILM)))
-    assert "has a validation file; ignoring val_split=0.2" in caplog.text  # it said "folder"
 
 
 def test_train_refuses_a_text_csv_for_an_image_model_in_one_line(tmp_path, capsys):

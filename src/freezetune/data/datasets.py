@@ -24,7 +24,7 @@ from freezetune.data.text import noun, read_text_csv
 from freezetune.data.text_table import TABLE_SUFFIXES, Columns, csv_header, other_separator, text_csv_header
 from freezetune.data.transforms import eval_transform, train_transform
 from freezetune.data.validation import resolve_validation
-from freezetune.errors import ConfigError, DataError, choices
+from freezetune.errors import ConfigError, DataError, choices, setting
 from freezetune.options import (
     AUG_DEFAULT,
     fraction_problem,
@@ -33,7 +33,6 @@ from freezetune.options import (
 )
 from freezetune.preprocess import Preprocess
 from freezetune.progress import NOT_HELD_OUT
-from freezetune.run_log import warn_once
 
 log = logging.getLogger(__name__)
 
@@ -234,7 +233,7 @@ def build_datasets(
 
     Validation data, first rule that applies:
         1. ``val_data`` (a CSV, a ``DIR/<class>/*`` folder, or an IDX directory's test split);
-        2. a ``val/`` folder in the layout (``val_split`` is then ignored, with a warning);
+        2. a ``val/`` folder in the layout (``val_split`` beside it is refused);
         3. a seeded stratified ``val_split`` fraction of the train set, taken *before* ``per_class``;
         4. otherwise a held-out part of the train set: ``AUTO_VAL_FRACTION`` (10 %) of each class, at least one and at
            most ``AUTO_VAL_MAX_PER_CLASS`` (50) per class (a class of one image gives none), taken before
@@ -279,9 +278,10 @@ def build_datasets(
                                                       read_val=val_data is None, skip_bad=skip_bad)  # fmt: skip
     if val_data is not None:
         val = _load_val(val_data, train.classes, preprocess, skip_bad=skip_bad)
-    elif val is not None and val_split is not None:
-        warn_once(log, "'%s' has a validation %s; ignoring val_split=%s", data,
-                  "file" if source == "text" else "folder", val_split)  # fmt: skip
+    elif val is not None and val_split is not None:  # ignored with a warning, the run validated on what was not asked
+        kind = "file" if source == "text" else "folder"
+        raise ConfigError(f"'{data}' has a validation {kind} of its own, which is its validation set: give "
+                          f"{setting('val_split', val_split)} only for data without one, not both")  # fmt: skip
     train, val, test, skipped = _scan(train, val, test, skip_bad)
     check_every_class_trains(data, train, skipped)
     train, val, val_source, no_refit = resolve_validation(
