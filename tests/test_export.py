@@ -55,6 +55,16 @@ def test_the_sidecar_says_how_transparent_pixels_were_read_also_for_an_older_che
     assert json.loads(sidecar.read_text())["preprocess"]["alpha"] == "drop"
 
 
+def test_the_sidecar_of_a_mid_epoch_checkpoint_says_how_far_into_its_epoch_it_was_saved(best_pt, tmp_path):
+    # its "epoch" counts finished epochs: a last.pt 3 steps into epoch 2 was described as epoch 1's weights
+    record = checkpoint.load(best_pt)
+    record.update(steps_per_epoch=5, progress={**(record.get("progress") or {}), "epoch": record["epoch"], "step": 3})
+    mid = checkpoint.save(record, tmp_path / "mid.pt")
+    meta = json.loads(export_checkpoint(mid, tmp_path / "mid.safetensors")[1].read_text())
+    assert meta["mid_epoch"] == {"epoch": record["epoch"] + 1, "step": 3, "steps_per_epoch": 5}
+    assert "mid_epoch" not in json.loads(export_checkpoint(best_pt, tmp_path / "end.safetensors")[1].read_text())
+
+
 def test_another_checkpoint_of_the_same_model_classes_and_epoch_does_not_join_a_sidecar(best_pt, tmp_path):
     # the sidecar compared model, classes, preprocessing and epoch: another run's best.pt of the same epoch joined it,
     # and m.onnx and m.safetensors under one m.json held two runs' weights

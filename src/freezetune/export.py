@@ -118,12 +118,27 @@ def _meta(record: dict) -> dict:
     else:  # every field, an older checkpoint's filled in as it reads them: how its images were read (alpha) too
         pre = Preprocess.from_dict(pre).to_dict()
     return {"model": record["model"], "classes": record["classes"], "preprocess": pre,
-            "freezetune_version": record.get("freezetune_version"), "epoch": record.get("epoch"),
+            "freezetune_version": record.get("freezetune_version"), "epoch": record.get("epoch"), **_mid_epoch(record),
             WEIGHTS_DIGEST: weights_digest(record["state_dict"]),
             # a sentence-transformers model's own pooling stands in for its task class's pooler (text_pooling.py)
             **({"text_pooling": record["text_pooling"]} if record.get("text_pooling") else {})}  # fmt: skip
 
 
+def _mid_epoch(record: dict) -> dict:
+    """Where a checkpoint saved part of the way through an epoch stands (``epoch`` counts the finished ones: a
+    last.pt 3 steps into epoch 2 was described as epoch 1's weights); nothing for one saved at an epoch's end.
+
+    >>> _mid_epoch({"epoch": 1, "steps_per_epoch": 5, "progress": {"epoch": 1, "step": 3}})
+    {'mid_epoch': {'epoch': 2, 'step': 3, 'steps_per_epoch': 5}}
+    """
+    progress = record.get("progress") or {}
+    if not progress.get("step"):
+        return {}
+    return {MID_EPOCH: {"epoch": progress.get("epoch", 0) + 1, "step": progress["step"],
+                        "steps_per_epoch": record.get("steps_per_epoch")}}  # fmt: skip
+
+
+MID_EPOCH = "mid_epoch"
 WEIGHTS_DIGEST = "weights_sha256"  # which weights the sidecar describes: two runs' best.pt of one epoch look alike
 
 
@@ -158,8 +173,10 @@ def _sidecar(path: Path, meta: dict, force: bool, target: Path) -> dict:
             old = {**old, "preprocess": Preprocess.from_dict(old["preprocess"]).to_dict()}
         except (KeyError, TypeError, ValueError):  # not a sidecar of ours: compared as it is
             pass
-    # a sidecar written before the weights' digest was kept: compared on the rest, as it was then
-    compared = {k: v for k, v in meta.items() if k != WEIGHTS_DIGEST or (isinstance(old, dict) and k in old)}
+    # a sidecar written before the weights' digest (or a mid-epoch checkpoint's place) was kept: compared on the rest,
+    # as it was then
+    compared = {k: v for k, v in meta.items()
+                if k not in (WEIGHTS_DIGEST, MID_EPOCH) or (isinstance(old, dict) and k in old)}  # fmt: skip
     if isinstance(old, dict) and all(old.get(k) == v for k, v in compared.items()):
         return {**old, **meta}
     if not force:
