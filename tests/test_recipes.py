@@ -987,6 +987,14 @@ def test_a_sweep_replaces_no_winner_yaml_it_did_not_write_and_an_unfinished_swee
             sweep(_cfg(data, None, epochs=1, resume=resume), "linear-probe", out=tmp_path / "mine", **quiet)
     assert (tmp_path / "mine" / "winner.yaml").read_text() == "mine: 1\n"
     assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == ["winner.yaml"]
+    # nor beside a sweep.csv of the user's: refused "already holds a sweep (sweep.csv); pass --resume", which then
+    # started a sweep afresh over both
+    (tmp_path / "mine" / "sweep.csv").write_text("my,table\n")
+    for resume in (False, True):
+        with pytest.raises(ConfigError, match="holds a sweep.csv and a winner.yaml no sweep wrote there"):
+            sweep(_cfg(data, None, epochs=1, resume=resume), "linear-probe", out=tmp_path / "mine", **quiet)
+    assert (tmp_path / "mine" / "sweep.csv").read_text() == "my,table\n"
+    assert (tmp_path / "mine" / "winner.yaml").read_text() == "mine: 1\n"
     # nor a sweep_config.yaml or a sweep.png of the user's (they were replaced, exit 0)
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / SETTINGS_FILE).write_text("my notes\n")
