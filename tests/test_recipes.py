@@ -733,7 +733,7 @@ def test_a_sweeps_budget_counts_each_second_once_and_its_winner_names_absolute_p
 
     ran = []
 
-    def fake(name, cfg, echo, info):  # a recipe that reports 6 s of training and takes none
+    def fake(name, cfg, echo, info, clock=None):  # a recipe that reports 6 s of training and takes none
         ran.append(name)
         row = {"recipe": name, "val_acc": 0.5 + 0.1 * len(ran), "train_s": 6.0, "peak_mem_mb": None,
                "trainable_params": 10, "best_epoch": 1, "run_dir": str(tmp_path / name)}  # fmt: skip
@@ -755,7 +755,7 @@ def test_a_recipe_the_budget_skipped_is_listed_as_skipped_not_left_out(tmp_path,
     # the table and sweep.csv listed linear-probe alone, "winner" of a comparison that never happened
     from freezetune import sweep as sweep_mod
 
-    def fake(name, cfg, echo, info):  # read back from an earlier attempt: its 6 s count against the budget
+    def fake(name, cfg, echo, info, clock=None):  # read back from an earlier attempt: its 6 s count against the budget
         row = {"recipe": name, "val_acc": 0.5, "train_s": 6.0, "peak_mem_mb": None, "trainable_params": 10,
                "best_epoch": 1, "run_dir": str(tmp_path / name)}  # fmt: skip
         return row, True
@@ -775,6 +775,59 @@ def test_a_recipe_the_budget_skipped_is_listed_as_skipped_not_left_out(tmp_path,
                                "full)") for line in lines), lines  # fmt: skip
 
 
+def test_a_resumed_sweep_goes_on_with_what_its_budget_had_left_not_with_its_rows_training_seconds(
+    tmp_path, monkeypatch
+):
+    # a resume counted the rows' training seconds alone (not their set-up, cache builds, validation): each plain
+    # --resume of a sweep its budget had cut short trained one more recipe
+    from freezetune import sweep as sweep_mod
+
+    now, saved, ran = [0.0], {}, []
+    monkeypatch.setattr(sweep_mod.time, "perf_counter", lambda: now[0])
+
+    def fake(name, cfg, echo, info, clock=None):  # 4 s a recipe, 2 of them training; a resume reads it back
+        if name in saved:
+            return saved[name], True
+        ran.append(name)
+        now[0] += 4.0
+        saved[name] = {"recipe": name, "val_acc": 0.5, "val_f1": 0.5, "train_s": 2.0, "peak_mem_mb": None,
+                       "trainable_params": 10, "best_epoch": 1, "run_dir": str(tmp_path / name),
+                       "sweep_s": clock.spent()}  # fmt: skip
+        return saved[name], False
+
+    monkeypatch.setattr(sweep_mod, "_run_recipe", fake)
+    (tmp_path / "images").mkdir()
+    cfg = TrainConfig(data=str(tmp_path / "images"), budget="6s")
+    first = sweep_mod.sweep(cfg, "linear-probe,last-2,full", out=tmp_path / "s", echo=lambda line: None)
+    assert ran == ["linear-probe", "last-2"] and first.skipped == ["full"]
+    now[0] = 1000.0  # another process, later
+    again = sweep_mod.sweep(dataclasses.replace(cfg, resume=True), "linear-probe,last-2,full", out=tmp_path / "s",
+                            echo=lambda line: None)  # fmt: skip
+    assert ran == ["linear-probe", "last-2"] and again.skipped == ["full"] and again.winner == first.winner
+    clock = sweep_mod._SweepClock()  # a row an earlier freezetune wrote has no sweep_s: its training seconds count
+    clock.read_back({"train_s": 2.0})
+    assert clock.spent() == 2.0
+
+
+def test_a_sweep_row_names_its_run_absolutely_and_counts_the_best_epochs_trainable_parameters(tmp_path, monkeypatch):
+    # resumed from another directory, a row's relative run_dir named nothing: winner.yaml kept batch_size auto; and
+    # gradual's row paired its best epoch's scores with its last epoch's (larger) trainable count
+    from freezetune import sweep as sweep_mod
+    from freezetune.progress import RunResult
+
+    history = [
+        {"epoch": 1, "trainable_params": 10, "val_acc": 0.7},
+        {"epoch": 2, "trainable_params": 30, "val_acc": 0.6},
+    ]
+    monkeypatch.chdir(tmp_path)
+    row = sweep_mod._row("gradual", RunResult(Path("s/gradual"), 1, 0.7, history=history), cuda=False)
+    assert row["trainable_params"] == 10 and row["run_dir"] == str(tmp_path / "s" / "gradual")
+    (tmp_path / "s" / "gradual").mkdir(parents=True)
+    (tmp_path / "s" / "gradual" / "row.json").write_text(json.dumps({**row, "run_dir": "s/gradual", "detail": ""}))
+    monkeypatch.chdir(tmp_path / "s")  # where the earlier row's relative path names nothing
+    assert sweep_mod._read_back(tmp_path / "s" / "gradual" / "row.json")["run_dir"] == str(tmp_path / "s" / "gradual")
+
+
 def test_an_auto_row_an_earlier_freezetune_wrote_is_read_back_with_what_it_chose(tmp_path):
     # a sweep resumed across versions: its auto row had no detail, and the table's last column stayed blank
     from freezetune import sweep as sweep_mod
@@ -786,14 +839,16 @@ def test_an_auto_row_an_earlier_freezetune_wrote_is_read_back_with_what_it_chose
     (run / "recipe.json").write_text(json.dumps({"choice": choice}))
     row = {"recipe": "auto", "val_acc": 0.5, "val_f1": 0.4, "train_s": 1.0, "peak_mem_mb": None,
            "trainable_params": 10, "best_epoch": 1, "run_dir": str(run)}  # fmt: skip
-    (tmp_path / "row.json").write_text(json.dumps(row))
-    said = sweep_mod._read_back(tmp_path / "row.json")["detail"]
+    (run / sweep_mod.ROW_FILE).write_text(json.dumps(row))
+    said = sweep_mod._read_back(run / sweep_mod.ROW_FILE)["detail"]
     assert said == "chose last-3 at lr 6.7e-03, from its trial's weights"
     (run / "recipe.json").write_text(json.dumps({"choice": {**choice, "init": "/mine/init.pt", "run_lr": 3.3e-3}}))
-    assert sweep_mod._read_back(tmp_path / "row.json")["detail"] == "chose last-3 at lr 3.3e-03"  # not the trial's
+    assert sweep_mod._read_back(run / sweep_mod.ROW_FILE)["detail"] == "chose last-3 at lr 3.3e-03"  # not the trial's
     probed = {**choice, "init": str(run / "auto-trials" / "probe" / "best.pt"), "run_lr": 1e-3}  # few images
     (run / "recipe.json").write_text(json.dumps({"choice": probed}))  # it said "from its trial's weights"
-    assert sweep_mod._read_back(tmp_path / "row.json")["detail"] == "chose last-3 at lr 1.0e-03, from the probed head"
+    assert (
+        sweep_mod._read_back(run / sweep_mod.ROW_FILE)["detail"] == "chose last-3 at lr 1.0e-03, from the probed head"
+    )
 
 
 def test_a_sweeps_last_k_past_the_models_stages_is_refused_before_anything_trains(tmp_path, monkeypatch):

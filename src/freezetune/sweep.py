@@ -184,21 +184,39 @@ def _run_all(runs: dict[str, TrainConfig], budget: float | None, given: str | No
              echo: Callable[[str], None], info: DistInfo) -> tuple[list[dict], list[str]]:  # fmt: skip
     """Each recipe's row, in turn, until the ``budget`` (seconds; ``given`` as the user wrote it) is spent; and the
     recipes skipped then."""
-    start, rows, carried, skipped = time.perf_counter(), [], 0.0, []
+    clock, rows, skipped = _SweepClock(), [], []
     for name, run_cfg in runs.items():
-        # the clock counts what this process trained; a recipe finished before an interruption adds its measured
-        # seconds (its re-read takes a fraction of a second)
         # rank 0's clock decides for all: the ranks must run the same recipes
-        if budget is not None and broadcast(time.perf_counter() - start + carried > budget, info):
+        if budget is not None and broadcast(clock.spent() > budget, info):
             echo(f"sweep: budget {given} spent; skipping {name}")
             skipped.append(name)
             continue
-        row, read_back = _run_recipe(name, run_cfg, echo, info)
+        row, read_back = _run_recipe(name, run_cfg, echo, info, clock)
         rows.append(row)
-        carried += row["train_s"] if read_back else 0.0
+        if read_back:
+            clock.read_back(row)
     if not rows:
         raise ConfigError("the sweep ran no recipe (budget too small?)")
     return rows, skipped
+
+
+class _SweepClock:
+    """The seconds a sweep has spent, for its budget: this process's wall clock since it started, plus what the
+    recipes it reads back (finished before an interruption) had spent of the sweep by their end, as their rows
+    record it (``sweep_s``; a row an earlier freezetune wrote: its training seconds). A resume counted only those
+    training seconds, so each resume of a sweep its budget had cut short trained one more recipe."""
+
+    def __init__(self) -> None:
+        self._base, self._mark = 0.0, time.perf_counter()
+
+    def spent(self) -> float:
+        return self._base + time.perf_counter() - self._mark
+
+    def read_back(self, row: dict) -> None:
+        if "sweep_s" in row:  # the sweep's clock when that recipe ended: what came before it is in it
+            self._base, self._mark = max(self._base, row["sweep_s"]), time.perf_counter()
+        else:
+            self._base += row["train_s"]
 
 
 def pick_winner(rows: list[dict], metric: str = "val_acc") -> dict:
@@ -296,7 +314,8 @@ def _own_batchnorm(recipe: str) -> dict:
     return {key: getattr(_DEFAULTS, key) for key in ("bn", "bn_stats") if key in recipes.sets(recipe)}
 
 
-def _run_recipe(name: str, cfg: TrainConfig, echo: Callable[[str], None], info: DistInfo) -> tuple[dict, bool]:
+def _run_recipe(name: str, cfg: TrainConfig, echo: Callable[[str], None], info: DistInfo,
+                clock: _SweepClock | None = None) -> tuple[dict, bool]:  # fmt: skip
     """Train one recipe and keep its row beside its run: a resumed sweep reads a finished recipe's row back, its
     measured seconds included (re-reading its finished run takes a fraction of a second). The row, and whether it
     was read back. Under torchrun every rank takes rank 0's result: rank 0 alone scores and keeps the history (a
@@ -326,6 +345,8 @@ def _run_recipe(name: str, cfg: TrainConfig, echo: Callable[[str], None], info: 
                         "leaves none to hold out), and a sweep compares recipes on it: give --val-data, or more "
                         "examples a class")  # fmt: skip
     row = _row(name, result, cuda=resolve_device(cfg.device).type == "cuda") | {"detail": _chosen(Path(cfg.out))}
+    if clock is not None:  # what the sweep had spent by this recipe's end: a resume's budget goes on from there
+        row["sweep_s"] = clock.spent()
     if info.is_main:
         atomic_write_text(saved, json.dumps(row))
     return row, False
@@ -337,6 +358,9 @@ def _read_back(saved: Path) -> dict:
     from freezetune.reporting import METRICS_CSV, read_metrics
 
     row = json.loads(saved.read_text())
+    # the folder the row is in: the one recorded was as the first process named it, relative to where it ran (a
+    # resume from another directory read the winner's config.yaml from nowhere, and winner.yaml kept batch_size auto)
+    row["run_dir"] = os.path.abspath(saved.parent)
     row.setdefault("detail", _chosen(Path(row["run_dir"])))  # an earlier freezetune's row has none
     if "val_f1" not in row:
         metrics = Path(row["run_dir"]) / METRICS_CSV
@@ -350,15 +374,17 @@ def _row(name: str, result, *, cuda: bool) -> dict:
     # A CPU reading is the process's resident peak, which holds what earlier recipes left allocated: it grew in run
     # order whatever the recipe. CUDA's allocator counts this recipe alone.
     peak = max(r.get("peak_mem_mb", 0.0) for r in history) if cuda else None
+    # the best epoch's, as the scores are (gradual's last epoch trains more than its best one did)
+    best = next((r for r in history if r.get("epoch") == result.best_epoch), history[-1])
     return {
         "recipe": name,
         # the best epoch's, whatever it was kept by (a val_loss run's best_metric is a loss)
         **{m: _or_nan(result.best_val(m)) for m in ("val_acc", "val_f1")},
         "train_s": result.train_seconds,
         "peak_mem_mb": peak,
-        "trainable_params": history[-1].get("trainable_params", 0),
+        "trainable_params": best.get("trainable_params", 0),
         "best_epoch": result.best_epoch,
-        "run_dir": str(result.run_dir),
+        "run_dir": os.path.abspath(result.run_dir),
     }
 
 

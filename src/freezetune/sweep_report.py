@@ -62,7 +62,7 @@ def write(out: Path, rows: list[dict], not_run: list[dict], winner: str, metric:
     seconds) and ``winner.yaml`` (``winner_config``: the config that trains the ``winner`` again) in ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=COLUMNS, lineterminator="\n")
+    writer = csv.DictWriter(text, fieldnames=COLUMNS, lineterminator="\n", extrasaction="ignore")  # (sweep_s)
     writer.writeheader()
     writer.writerows(rows + not_run)
     atomic_write_text(out / "sweep.csv", text.getvalue())
