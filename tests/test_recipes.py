@@ -621,6 +621,29 @@ def test_a_sweep_resumes_from_its_out_alone_with_its_own_settings_and_recipes(da
     code, _, err = run_cli(capsys, "sweep", "--out", tmp_path / "none", "--resume")
     assert code == 2 and err.strip() == (f"freezetune: error: cannot resume: '{tmp_path / 'none'}' holds no sweep "
                                          "(sweep_config.yaml); give the sweep's --out (out=...) or its whole command")  # fmt: skip
+    # a budget given with a resume is the one it runs with: recorded for the next (the file kept saying 1h)
+    code, _, err = run_cli(capsys, "sweep", "--out", out, "--resume", "--budget", "2h")
+    assert code == 0, err
+    settings = yaml.safe_load((out / "sweep_config.yaml").read_text())
+    assert settings["budget"] == "2h" and settings["label_smoothing"] == 0.2
+
+
+def test_a_sweep_refuses_cache_at_in_one_line_and_a_stop_before_it_recorded_anything_promises_no_resume(
+    tmp_path, capsys
+):
+    # --cache-at was checked as an auto run's ("needs a freeze spec"), and a freeze spec given then was refused too
+    import argparse
+
+    from freezetune import cli
+
+    code, _, err = run_cli(capsys, "sweep", "--data", tmp_path, "--cache-at", "blocks.3", "--out", tmp_path / "s")
+    assert code == 2 and err.strip() == ("freezetune: error: sweep: cache_at 'blocks.3': each recipe caches where "
+                                         "what it freezes allows (the auto recipe before its deepest candidate)")  # fmt: skip
+    # Ctrl-C before the sweep recorded its settings said "--resume continues the sweep", and the resume was refused
+    assert "the same command starts it" in cli._saved(argparse.Namespace(command="sweep", out=str(tmp_path / "s")))
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "sweep_config.yaml").write_text("lr: 0.001\n")
+    assert cli._saved(argparse.Namespace(command="sweep", out=str(tmp_path / "s"))) == "--resume continues the sweep"
 
 
 def test_a_sweep_stopped_in_an_auto_trial_says_to_resume_it_and_resumes(data, tmp_path, monkeypatch):

@@ -27,6 +27,7 @@ from freezetune.errors import ConfigError, FreezetuneError
 from freezetune.interrupt import RunInterrupted, forget_stop, raised_stop
 from freezetune.options import (
     PIL_WARNINGS,
+    SWEEP_DEFAULT_OUT,
     SWEEP_DEFAULT_RECIPES,
     SWEEP_RECIPES_KEY,
 )
@@ -60,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     # a user error; a full disk, a read-only or vanished run dir (every write is atomic, so nothing is lost)
     except (FreezetuneError, OSError) as exc:
         if isinstance(exc, BrokenPipeError) and cli_exit.reader_gone(sys.stdout):
-            return cli_exit.pipe_closed(cli_exit.SAVED.get(args.command))
+            return cli_exit.pipe_closed(_saved(args))
         if not first:
             return cli_exit.later_rank(run_log.ending_line(exc), 2)
         print(run_log.ending_line(exc), file=sys.stderr)
@@ -68,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     except RunInterrupted as exc:  # SIGTERM / SIGINT: the run saved where it stood; 143 / 130 as the shell reports
         return cli_exit.stopped(exc)
     except KeyboardInterrupt:  # Ctrl-C outside a run's own handling: what is saved depends on the command
-        saved = cli_exit.SAVED.get(args.command)
+        saved = _saved(args)
         print(f"freezetune: interrupted{f'; {saved}' if saved else ''}", file=sys.stderr)
         return 130
     except Exception as exc:
@@ -83,6 +84,17 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         sys.stdout, sys.stderr = streams
         run_log.command = None  # a later Python-API run in this process (a notebook calling main) was not this
+
+
+def _saved(args) -> str | None:
+    """What a stopped command leaves to go on from (``cli_exit.SAVED``): a sweep stopped before it recorded its
+    settings leaves nothing to resume ("--resume continues the sweep" was said, and the resume refused)."""
+    if args.command == "sweep":
+        from freezetune.runtime import SWEEP_SETTINGS
+
+        if not (Path(getattr(args, "out", None) or SWEEP_DEFAULT_OUT) / SWEEP_SETTINGS).is_file():
+            return "the sweep had recorded nothing yet: the same command starts it"
+    return cli_exit.SAVED.get(args.command)
 
 
 def _parse(parser: argparse.ArgumentParser, argv: list[str], first: bool) -> argparse.Namespace | int:

@@ -17,6 +17,7 @@ from freezetune.options import (
     FREEZE_DEFAULT,
     RANDOM_WEIGHTS,
     RECIPES,
+    SWEEP_CACHE_AT,
     SWEEP_DEFAULT_OUT,
     SWEEP_DEFAULT_RECIPES,
     SWEEP_SETS,
@@ -62,12 +63,14 @@ _SWEEP_HELP = {
     "out": f"sweep directory, a run per recipe below it [default: {SWEEP_DEFAULT_OUT}]",
     "budget": "wall-clock budget of the sweep: a recipe starts only while it lasts (one running is not cut short; the "
     "auto recipe inside trains --epochs; default: none)",
-    "resume": "continue the interrupted sweep in --out with the settings and recipes it recorded in sweep_config.yaml "
-    "(a flag that changes one is refused); finished recipes are read back",
     "monitor": "what each recipe's best.pt is chosen by; recipes are compared by validation macro-F1 under val_f1, "
     "else by validation accuracy",
     "freeze": "refused but for auto, which changes nothing: each of --recipes sets its own",
     "recipe": "refused but for auto, which changes nothing: give --recipes",
+    "cache_at": f"refused: {SWEEP_CACHE_AT}",
+    "resume": "continue the interrupted sweep in --out with the settings and recipes it recorded in sweep_config.yaml "
+    "(a flag that changes one is refused; a new --budget, --device or --workers is taken and recorded); finished "
+    "recipes are read back",
     **{key: f"refused when true: {why}" for key, (_, why) in SWEEP_SETS.items()},
 }
 

@@ -91,6 +91,8 @@ SWEEP_SETS = {
     "refit": (False, "a sweep judges recipes on the validation split, which a refit would train on; set refit: true "
                      "in winner.yaml instead"),
 }  # fmt: skip
+# why a sweep takes no cache_at: where a recipe's cache cuts follows from what it freezes
+SWEEP_CACHE_AT = "each recipe caches where what it freezes allows (the auto recipe before its deepest candidate)"
 DEVICES = ("auto", "cpu", "cuda", "cuda:N", "mps")  # what --device takes (cuda:N: one GPU by number)
 CACHE_MODES = ("auto", "off", "memory", "disk")
 DECODE_MODES = ("auto", "gpu", "cpu")

@@ -33,6 +33,7 @@ from freezetune.options import (
     LAST_K,
     METRIC_NAMES,
     RECIPES,
+    SWEEP_CACHE_AT,
     SWEEP_DEFAULT_OUT,
     SWEEP_DEFAULT_RECIPES,
     SWEEP_SETS,
@@ -69,12 +70,15 @@ def swept(cfg: TrainConfig) -> TrainConfig:
 
 
 def refuse_overridden(given: dict) -> None:
-    """Refuse the values given to ``sweep`` (``--final-test``, ``refit=true``) that it would replace.
+    """Refuse the values given to ``sweep`` (``--final-test``, ``refit=true``) that it would replace, and a
+    ``cache_at`` (checked as a plain run's, it named the auto recipe, and a freeze spec then given was refused too).
 
     >>> refuse_overridden({"final_test": False, "lr": 0.1})
     """
     problems = [f"{key}={str(given[key]).lower()}: {why}" for key, (value, why) in SWEEP_SETS.items()
                 if key in given and given[key] != value]  # fmt: skip
+    if given.get("cache_at") is not None:
+        problems.append(f"cache_at {given['cache_at']!r}: {SWEEP_CACHE_AT}")
     if problems:
         raise ConfigError("sweep: " + "; ".join(problems))
 
@@ -252,7 +256,10 @@ def _keep_settings(out: Path, cfg: TrainConfig, recipes: list[str], *, write: bo
         if changed:
             raise ConfigError(f"cannot resume the sweep in {str(out)!r} with {', '.join(changed)}: its recipes ran "
                               "with the sweep's own settings; resume with them, or sweep into another --out")  # fmt: skip
-        return
+        if now == before:
+            return
+        # what a resume may change (a new --budget, --device...) is recorded: the next resume goes on with it (a
+        # budget given now was used, and the file still said the old one)
     if write:
         atomic_write_text(saved, yaml.safe_dump(now, sort_keys=False))
 
