@@ -1080,6 +1080,11 @@ def test_a_sweep_replaces_no_winner_yaml_it_did_not_write_and_an_unfinished_swee
     with pytest.raises(ConfigError, match="holds a sweep_config.yaml and a sweep.png no sweep wrote there"):
         sweep(_cfg(data, None, epochs=1), "linear-probe", out=tmp_path / "notes", **quiet)
     assert (tmp_path / "notes" / SETTINGS_FILE).read_text() == "my notes\n"
+    (tmp_path / "logs").mkdir()  # nor a sweep.log of the user's, which the sweep's lines were appended to
+    (tmp_path / "logs" / "sweep.log").write_text("my log\n")
+    with pytest.raises(ConfigError, match="holds a sweep.log no sweep wrote there"):
+        sweep(_cfg(data, None, epochs=1), "linear-probe", out=tmp_path / "logs", **quiet)
+    assert (tmp_path / "logs" / "sweep.log").read_text() == "my log\n"
     assert (tmp_path / "notes" / "sweep.png").read_bytes() == b"\x89PNG my plot"
     (tmp_path / "stopped" / "linear-probe").mkdir(parents=True)
     (tmp_path / "stopped" / SETTINGS_FILE).write_text("lr: 0.001\n")  # what a sweep stopped in its first recipe left
