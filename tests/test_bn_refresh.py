@@ -71,6 +71,7 @@ def test_the_auto_recipes_trials_make_no_pass_and_its_run_does(tmp_path, capsys,
     from freezetune import auto
 
     monkeypatch.setattr(auto, "PROBE_BELOW_STEPS", 10 if probed else 1)  # (a trial of a few steps)
+    monkeypatch.setattr(auto, "PROBE_MIN_RUN_STEPS", 0)  # however short the run
     data = make_image_folder(tmp_path / "d", train=8, val=2, test=0)
     code, out, err = run_cli(capsys, *train_argv(data, tmp_path / "run", "--freeze", "auto", "--epochs", "1"))
     assert code == 0 and "auto: chose" in out, (out, err)

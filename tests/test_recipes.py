@@ -238,6 +238,7 @@ def test_a_few_shot_auto_run_fits_the_head_first_and_holds_batchnorm_statistics(
     # half of it scored 70.4 %, a linear probe alone 70.9 %; the head probed first, then the last 3 stages at the asked
     # LR holding their statistics, 78.7 %. Holding them at 3.3e-3 collapsed every seed to one class: the LR is the asked
     monkeypatch.setattr(auto, "PROBE_BELOW_STEPS", 10)  # the trials take 3 steps
+    monkeypatch.setattr(auto, "PROBE_MIN_RUN_STEPS", 0)  # however short the run
     lines = []
     result = auto.run(_cfg(data, tmp_path / "run", lr=2e-3), echo=lines.append)
     decision = json.loads((tmp_path / "run" / "recipe.json").read_text())
@@ -269,6 +270,7 @@ def test_a_few_shot_auto_run_fits_the_head_first_and_holds_batchnorm_statistics(
 def test_a_few_shot_auto_run_keeps_batchnorm_statistics_updating_when_the_user_asks_for_it(data, tmp_path, monkeypatch):
     # "update" was also the default, so an asked --bn-stats update was held like the default in a probed run
     monkeypatch.setattr(auto, "PROBE_BELOW_STEPS", 10)  # the trials take 3 steps
+    monkeypatch.setattr(auto, "PROBE_MIN_RUN_STEPS", 0)  # however short the run
     lines = []
     auto.run(_cfg(data, tmp_path / "run", bn_stats="update"), echo=lines.append)
     choice = json.loads((tmp_path / "run" / "recipe.json").read_text())["choice"]
@@ -278,10 +280,25 @@ def test_a_few_shot_auto_run_keeps_batchnorm_statistics_updating_when_the_user_a
     assert not any("trainable, eval stats" in line for line in lines)  # no stage's statistics held
 
 
-def test_a_text_model_or_a_trial_long_enough_is_not_probed():
-    assert auto.few_shot({"steps": auto.PROBE_BELOW_STEPS - 1}, text=False)
-    assert not auto.few_shot({"steps": auto.PROBE_BELOW_STEPS}, text=False)
-    assert not auto.few_shot({"steps": 1}, text=True)  # its rule was measured without one
+def test_a_few_shot_auto_run_too_short_to_move_from_a_probed_head_starts_from_its_trial(data, tmp_path, monkeypatch):
+    monkeypatch.setattr(auto, "PROBE_BELOW_STEPS", 10)  # the trials take 3 steps: 2 epochs of 6, 12 steps
+    lines = []
+    auto.run(_cfg(data, tmp_path / "run"), echo=lines.append)
+    decision = json.loads((tmp_path / "run" / "recipe.json").read_text())
+    assert decision["probe"] is None and "last-3" in decision["choice"]["init"]
+    assert not (tmp_path / "run" / "auto-trials" / "probe").exists()
+    assert any("a run of about 12 steps is too short to move from a probed one" in line for line in lines), lines
+
+
+def test_a_text_model_a_trial_long_enough_or_a_run_too_short_is_not_probed():
+    assert auto.few_shot({"steps": auto.PROBE_BELOW_STEPS - 1}, text=False, epochs=10)
+    assert not auto.few_shot({"steps": auto.PROBE_BELOW_STEPS}, text=False, epochs=10)
+    assert not auto.few_shot({"steps": 1}, text=True, epochs=10)  # its rule was measured without one
+    # 10 images a class, 64 px, 3 epochs (12 steps), 3 seeds: probed 62.07 %, from the trial 70.39 %
+    lines = []
+    assert not auto.few_shot({"steps": 2}, text=False, epochs=3, echo=lines.append)
+    assert lines == ["auto: a trial of 2 steps is short for a new head, but a run of about 12 steps is too short to "
+                     "move from a probed one (under 30): it starts from its trial"]  # fmt: skip
 
 
 def test_an_auto_run_resumed_counts_its_trials_seconds_as_an_uninterrupted_one_does(data, tmp_path, monkeypatch):
@@ -289,6 +306,7 @@ def test_an_auto_run_resumed_counts_its_trials_seconds_as_an_uninterrupted_one_d
     from freezetune.progress import RunResult
 
     monkeypatch.setattr(auto, "PROBE_BELOW_STEPS", 10)  # the trials take 3 steps: a probe too
+    monkeypatch.setattr(auto, "PROBE_MIN_RUN_STEPS", 0)  # however short the run
 
     def timed(cfg, echo, recipe_run=False):
         return RunResult(Path(cfg.out), 1, 0.5, seconds={"cache": 1.0, "epochs": 10.0, "val": 3.0})
@@ -1120,6 +1138,7 @@ def test_a_sweep_resumes_only_with_its_own_settings_and_never_into_a_training_ru
 def test_an_auto_run_whose_trials_spent_its_budget_says_so_and_trains_one_epoch(data, tmp_path, monkeypatch, probed):
     # it printed "for 1 epoch(s)" alone, 7x over a 30 s budget, without a word of it
     monkeypatch.setattr(auto, "PROBE_BELOW_STEPS", 10 if probed else 1)  # (the trials take 3 steps)
+    monkeypatch.setattr(auto, "PROBE_MIN_RUN_STEPS", 0)  # however short the run
     lines = []
     auto.run(_cfg(data, tmp_path / "r", budget="0.01s", epochs=5, cache="auto"), echo=lines.append)
     assert any(line.startswith(f"auto: the trials{probed} took") and "of the 0.01s budget: the run trains one epoch"
@@ -1195,6 +1214,7 @@ def test_the_auto_recipe_scales_explicit_stage_lrs_with_the_head_keeping_the_use
                                                                                         monkeypatch, probed):  # fmt: skip
     # the recipe's boost moved the head alone: blocks.4 asked 10 times slower than the head trained 67 times slower
     monkeypatch.setattr(auto, "PROBE_BELOW_STEPS", 10 if probed else 1)  # (the trials take 3 steps)
+    monkeypatch.setattr(auto, "PROBE_MIN_RUN_STEPS", 0)  # however short the run
     asked = ("--epochs", "1", "--lr", "1e-3", "--stage-lrs", "blocks.4=1e-4")
     code, _, err = run_cli(capsys, *train_argv(data, tmp_path / "run", *asked))
     assert code == 0, err
