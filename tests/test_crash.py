@@ -29,7 +29,7 @@ import pytest
 import torch
 
 from _engine_fixtures import make_image_folder, run_cli, snapshot
-from freezetune import checkpoint, runtime
+from freezetune import auto, checkpoint, runtime
 from freezetune.cli import main
 from freezetune.errors import CheckpointError, ConfigError
 from freezetune.interrupt import PAUSE_ENV, PAUSE_MARKER_ENV, StopRequest
@@ -41,9 +41,19 @@ TINY = ["--model", "timm:test_efficientnet", "--weights", "none", "--img-size", 
         "--no-progress", "--batch-size", "4", "--no-tensorboard"]  # fmt: skip
 RUN = [*TINY, "--epochs", "3", "--freeze", "-3"]
 # The auto recipe (no --freeze): on 2 validation images only the default candidate's trial runs (2 steps, half an
-# epoch); a trial that short has the head probed (2 epochs of 5 steps), then that candidate trains for 2 epochs.
+# epoch); a trial that short has the head probed (2 epochs of 5 steps: however short the run, _probed_however_short),
+# then that candidate trains for 2 epochs.
 AUTO = [*TINY, "--epochs", "2", "--cache", "auto"]
 TRIAL_STEPS, PROBE_STEPS = 2, 10
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _probed_however_short():
+    """The auto runs here train 8 steps, under the 30 a probed start needs (``auto.PROBE_MIN_RUN_STEPS``): these tests
+    stop and resume the probed path all the same (the forked children inherit the setting)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(auto, "PROBE_MIN_RUN_STEPS", 0)
+        yield
 
 
 @pytest.fixture(scope="module")
