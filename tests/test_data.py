@@ -924,6 +924,10 @@ def test_an_idx_directory_missing_one_file_of_its_train_pair_names_it(tmp_path):
 
     with pytest.raises(DataError, match=r"holds train-images-idx3-ubyte.gz but no train-labels"):
         build_eval_dataset(str(root), preprocess=PRE, classes=[str(d) for d in range(10)])
+    (root / "train-images-idx3-ubyte.gz").unlink()  # the test pair alone
+    with pytest.raises(DataError, match=r"holds t10k-images-idx3-ubyte.gz and t10k-labels-idx1-ubyte.gz \(the IDX "
+                       r"test split\) but no train-images-idx3-ubyte\[.gz\] and train-labels"):  # fmt: skip
+        build_datasets(str(root), preprocess=PRE)
 
 
 def test_eval_data_given_as_an_image_file_points_to_predict(tmp_path):

@@ -92,15 +92,21 @@ def idx_files(root: str | Path, split: str) -> tuple[Path, Path] | None:
 
 
 def idx_pair_problem(root: str | Path) -> str | None:
-    """What is missing where a directory holds one file of the train IDX pair (images, labels) and not the other: it
-    was then read as an image folder, "no class folders with images".
+    """What is missing where a directory holds one file of the train IDX pair (images, labels) and not the other, or
+    only the test pair: it was then read as an image folder, "no class folders with images".
 
     >>> idx_pair_problem("/nonexistent") is None
     True
     """
     root = Path(root)
     images, labels = _find(root, "train", "images"), _find(root, "train", "labels")
-    if not root.is_dir() or (images is None) == (labels is None):
+    if not root.is_dir():
+        return None
+    if images is None and labels is None:  # the test pair alone (t10k-*): "no class folders with images" said too
+        test = [p.name for p in (_find(root, _SPLIT_PREFIX["test"], kind) for kind in ("images", "labels")) if p]
+        return (f"holds {' and '.join(test)} (the IDX test split) but no train-images-idx3-ubyte[.gz] and "
+                "train-labels-idx1-ubyte[.gz]: an IDX directory needs its train pair") if test else None  # fmt: skip
+    if (images is None) == (labels is None):
         return None
     has, lacks = (
         (images.name, "train-labels-idx1-ubyte[.gz]") if images else (labels.name, "train-images-idx3-ubyte[.gz]")

@@ -172,8 +172,11 @@ def check_test_split(data: str, *, skip_bad: bool = False, text: Columns | None 
     train_dir, test_dir = first_dir(path, TRAIN_DIRS), first_dir(path, TEST_DIRS)
     if train_dir is not None and test_dir is not None:
         test = _test_folder(test_dir, folder_classes(train_dir))
-        if not skip_bad and unreadable([p for p, _ in test.samples]):  # named with the training folder's, if any
-            check_splits([(scan_folder(train_dir), "training"), (test, "test")], skip_bad=False)
+        if not skip_bad and unreadable([p for p, _ in test.samples]):  # named with the other folders', if any (the
+            # validation folder's were named only by the run's next attempt)
+            val_dir = first_dir(path, VAL_DIRS)
+            val = [(scan_folder(val_dir), "validation")] if val_dir is not None else []
+            check_splits([(scan_folder(train_dir), "training"), *val, (test, "test")], skip_bad=False)
 
 
 def _labelled(split: Path, way_out: str) -> None:
