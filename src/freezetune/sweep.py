@@ -133,8 +133,9 @@ def sweep(cfg: TrainConfig, recipes: str | list[str] | tuple[str, ...] = SWEEP_D
 def _check_out(out: Path, *, resume: bool) -> None:
     """Refuse a folder whose sweep files a new sweep would replace: a sweep's, finished or stopped after a recipe
     trained, without ``--resume``; a ``sweep.csv``, ``winner.yaml``, ``sweep_config.yaml``, ``sweep.png`` or
-    ``sweep.log`` (appended to) no sweep wrote (a sweep records its settings first, and writes its table beside its winner and plot), with or without. A sweep refused
-    before any recipe trained (no validation data) runs again as asked."""
+    ``sweep.log`` (appended to) no sweep wrote (a sweep records its settings first, and writes its table beside its
+    winner and plot), with or without. A sweep refused before any recipe trained (no validation data) runs again as
+    asked."""
     from freezetune.checkpoint import LAST  # (torch: not at import, the CLI's parsers import this module)
 
     if not _settings_of_a_sweep(out / SETTINGS_FILE):  # a sweep records its settings before it writes any of these
