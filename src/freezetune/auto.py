@@ -44,10 +44,10 @@ numbers of steps 1 and 3, and the measurements behind them, are in ``auto_rule.p
    (``--budget``). Fashion-MNIST at 10 images a class, 224 px, 10 epochs (CPU, 3 seeds): 70.4 % before, 78.7 % so (a
    linear probe alone: 70.9 %); at 64 px 69.2 % before, 72.5 % so. Held statistics at 3.3e-3 (the trial's LR,
    halved) collapsed every seed to one class; statistics updated instead scored 73.1 % (224 px, seed 0). 3-step
-   trials (20 a class): 79.0 % before, 80.3 % so at 224 px, 10 epochs (every seed higher); even at 64 px, 3 epochs.
-   From 4-step trials on (25, 50, 100 a class at 64 px) the step cost 1.1 to 1.9 points: there the boosted trial's
-   start is kept; so it is for a run shorter than ``PROBE_MIN_RUN_STEPS`` steps, too short to move on from a probed
-   head (10 a class, 64 px, 3 epochs: 62.1 % probed, 70.4 % from the trial).
+   trials (20 a class): 79.0 % before, 80.3 % so at 224 px, 10 epochs (every seed higher). From 4-step trials on
+   (25, 50, 100 a class at 64 px) the step cost 1.1 to 1.9 points: there the boosted trial's start is kept; so it is
+   for a run shorter than ``PROBE_MIN_RUN_STEPS`` steps, too short to move on from a probed head (10 a class, 64 px,
+   3 epochs: 62.1 % probed, 70.4 % from the trial).
 """
 
 from __future__ import annotations
@@ -155,7 +155,7 @@ def run(cfg: TrainConfig, *, echo: Callable[[str], None] = print, train: Callabl
     with refit_follows(refits(cfg)):  # the trials' hold-out, lent: the final run trains on it
         trials, choice, why = _measure(base, ks, boost, out, shared, run_log.introduced(echo, _intro(ks, cut, text)))
     refit = _refit(cfg, trials[0], echo)
-    # the ranks' clocks differ: a budget's epochs must not
+    # the epochs planned before a probe (a budget's: rank 0's clock decides for every rank, theirs differ)
     planned = _epochs(cfg, trials, choice, broadcast(time.perf_counter() - start, info), refit, lambda line: None)
     probe = None
     if few_shot(trials[0], text, planned, echo):  # too few steps to fit a random head at the boosted LR: probe it
