@@ -850,6 +850,29 @@ def test_a_resumed_sweep_goes_on_with_what_its_budget_had_left_not_with_its_rows
     assert clock.spent() == 2.0
 
 
+def test_a_sweeps_batchnorm_setting_its_recipes_do_not_use_is_said(tmp_path, monkeypatch):
+    # --bn train beside linear-probe and lp-ft (which set their own) and full changed nothing, unsaid
+    from freezetune import sweep as sweep_mod
+
+    def fake(name, cfg, echo, info, clock=None):
+        row = {"recipe": name, "val_acc": 0.5, "val_f1": 0.5, "train_s": 1.0, "peak_mem_mb": None,
+               "trainable_params": 10, "best_epoch": 1, "run_dir": str(tmp_path / name)}  # fmt: skip
+        return row, False
+
+    monkeypatch.setattr(sweep_mod, "_run_recipe", fake)
+    (tmp_path / "images").mkdir()
+    lines = []
+    cfg = TrainConfig(data=str(tmp_path / "images"), bn="train", bn_stats="frozen")
+    sweep_mod.sweep(cfg, "linear-probe,lp-ft,last-2,full", out=tmp_path / "s", echo=lines.append)
+    assert "sweep: note: bn 'train' changes nothing in linear-probe, lp-ft (they set their own) and full (no BatchNorm " \
+           "layer frozen whole)" in lines, lines  # fmt: skip
+    assert "sweep: note: bn_stats 'frozen' changes nothing in lp-ft (it sets its own)" in lines, lines
+    lines.clear()
+    sweep_mod.sweep(TrainConfig(data=str(tmp_path / "images")), "linear-probe,full", out=tmp_path / "t",
+                    echo=lines.append)  # fmt: skip
+    assert not any("sweep: note:" in line for line in lines)  # the defaults: nothing asked, nothing to say
+
+
 def test_a_sweep_row_names_its_run_absolutely_and_counts_the_best_epochs_trainable_parameters(tmp_path, monkeypatch):
     # resumed from another directory, a row's relative run_dir named nothing: winner.yaml kept batch_size auto; and
     # gradual's row paired its best epoch's scores with its last epoch's (larger) trainable count

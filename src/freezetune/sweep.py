@@ -172,6 +172,8 @@ def _sweep(cfg: TrainConfig, runs: dict[str, TrainConfig], out: Path, echo: Call
         _keep_settings(out, cfg, list(runs), write=info.is_main)
         log_to(out)
         opened(out)  # its settings checked and kept: the dir is this sweep's
+        for note in _idle_batchnorm(cfg, list(runs)):
+            echo(note)
         rows, skipped = _run_all(runs, parse_duration(cfg.budget), cfg.budget, echo, info)
         metric = compared_by(cfg.monitor)  # macro-F1 under --monitor val_f1, else accuracy
         winner = pick_winner(rows, metric)
@@ -308,6 +310,34 @@ def _run_configs(cfg: TrainConfig, names: list[str], out: Path) -> dict[str, Tra
         if recipe_family(name) == LAST_K:
             recipes.check_last_k(run_cfg, name)
     return runs
+
+
+# recipes that freeze no BatchNorm layer whole: a sweep's --bn changes nothing in them (full trains every layer, bitfit
+# every norm)
+_NO_FROZEN_BATCHNORM = ("full", "bitfit")
+
+
+def _idle_batchnorm(cfg: TrainConfig, recipes: list[str]) -> list[str]:
+    """A note for each BatchNorm setting the sweep was given that some of its ``recipes`` do not use (they set their
+    own, or freeze no BatchNorm layer whole): ``--bn train`` beside linear-probe alone changed nothing, unsaid.
+
+    >>> _idle_batchnorm(TrainConfig(bn_stats="frozen"), ["lp-ft", "last-2"])
+    ["sweep: note: bn_stats 'frozen' changes nothing in lp-ft (it sets its own)"]
+    """
+    from freezetune import recipes as named
+
+    notes = []
+    for key in ("bn", "bn_stats"):
+        if getattr(cfg, key) == getattr(_DEFAULTS, key):
+            continue
+        own = [r for r in recipes if key in named.sets(r)]
+        whole = [r for r in recipes if key == "bn" and r in _NO_FROZEN_BATCHNORM]
+        said = [f"{', '.join(own)} (it sets its own)" if len(own) == 1 else f"{', '.join(own)} (they set their own)",
+                f"{', '.join(whole)} (no BatchNorm layer frozen whole)"]  # fmt: skip
+        said = [text for text, names in zip(said, (own, whole), strict=True) if names]
+        if said:
+            notes.append(f"sweep: note: {key} {getattr(cfg, key)!r} changes nothing in {' and '.join(said)}")
+    return notes
 
 
 def _own_batchnorm(recipe: str) -> dict:
