@@ -27,7 +27,6 @@ from freezetune.errors import ConfigError, FreezetuneError
 from freezetune.interrupt import RunInterrupted, forget_stop, raised_stop
 from freezetune.options import (
     PIL_WARNINGS,
-    SWEEP_DEFAULT_OUT,
     SWEEP_DEFAULT_RECIPES,
     SWEEP_RECIPES_KEY,
 )
@@ -90,9 +89,9 @@ def _saved(args) -> str | None:
     """What a stopped command leaves to go on from (``cli_exit.SAVED``): a sweep stopped before it recorded its
     settings leaves nothing to resume ("--resume continues the sweep" was said, and the resume refused)."""
     if args.command == "sweep":
-        from freezetune.runtime import SWEEP_SETTINGS
+        from freezetune.sweep import settings_file
 
-        if not (Path(getattr(args, "out", None) or SWEEP_DEFAULT_OUT) / SWEEP_SETTINGS).is_file():
+        if not settings_file(getattr(args, "out", None)).is_file():
             return "the sweep had recorded nothing yet: the same command starts it"
     return cli_exit.SAVED.get(args.command)
 

@@ -94,14 +94,22 @@ def resume_settings(given: dict) -> Path | None:
     """
     if not given.get("resume"):
         return None
-    out = Path(given.get("out") or SWEEP_DEFAULT_OUT)
-    saved = out / SETTINGS_FILE
+    saved = settings_file(given.get("out"))
     if saved.is_file():
         return saved
     if "data" not in given:
-        raise ConfigError(f"cannot resume: {str(out)!r} holds no sweep ({SETTINGS_FILE}); give the sweep's "
+        raise ConfigError(f"cannot resume: {str(saved.parent)!r} holds no sweep ({SETTINGS_FILE}); give the sweep's "
                           f"{setting('out')} or its whole command")  # fmt: skip
     return None
+
+
+def settings_file(out: str | Path | None) -> Path:
+    """Where the sweep into ``out`` (by default ``SWEEP_DEFAULT_OUT``) records its settings and recipes.
+
+    >>> str(settings_file("runs/s"))
+    'runs/s/sweep_config.yaml'
+    """
+    return Path(out or SWEEP_DEFAULT_OUT) / SETTINGS_FILE
 
 
 def sweep(cfg: TrainConfig, recipes: str | list[str] | tuple[str, ...] = SWEEP_DEFAULT_RECIPES, *,
@@ -332,9 +340,11 @@ def _idle_batchnorm(cfg: TrainConfig, recipes: list[str]) -> list[str]:
             continue
         own = [r for r in recipes if key in named.sets(r)]
         whole = [r for r in recipes if key == "bn" and r in _NO_FROZEN_BATCHNORM]
-        said = [f"{', '.join(own)} (it sets its own)" if len(own) == 1 else f"{', '.join(own)} (they set their own)",
-                f"{', '.join(whole)} (no BatchNorm layer frozen whole)"]  # fmt: skip
-        said = [text for text, names in zip(said, (own, whole), strict=True) if names]
+        said = []
+        if own:
+            said.append(f"{', '.join(own)} ({'it sets its own' if len(own) == 1 else 'they set their own'})")
+        if whole:
+            said.append(f"{', '.join(whole)} (no BatchNorm layer frozen whole)")
         if said:
             notes.append(f"sweep: note: {key} {getattr(cfg, key)!r} changes nothing in {' and '.join(said)}")
     return notes
@@ -354,7 +364,7 @@ def _own_batchnorm(recipe: str) -> dict:
 
 
 def _run_recipe(name: str, cfg: TrainConfig, echo: Callable[[str], None], info: DistInfo,
-                clock: _SweepClock | None = None) -> tuple[dict, bool]:  # fmt: skip
+                clock: _SweepClock) -> tuple[dict, bool]:  # fmt: skip
     """Train one recipe and keep its row beside its run: a resumed sweep reads a finished recipe's row back, its
     measured seconds included (re-reading its finished run takes a fraction of a second). The row, and whether it
     was read back. Under torchrun every rank takes rank 0's result: rank 0 alone scores and keeps the history (a
@@ -384,8 +394,7 @@ def _run_recipe(name: str, cfg: TrainConfig, echo: Callable[[str], None], info: 
                         "leaves none to hold out), and a sweep compares recipes on it: give --val-data, or more "
                         "examples a class")  # fmt: skip
     row = _row(name, result, cuda=resolve_device(cfg.device).type == "cuda") | {"detail": _chosen(Path(cfg.out))}
-    if clock is not None:  # what the sweep had spent by this recipe's end: a resume's budget goes on from there
-        row["sweep_s"] = clock.spent()
+    row["sweep_s"] = clock.spent()  # what the sweep had spent by this recipe's end: a resume's budget goes on from it
     if info.is_main:
         atomic_write_text(saved, json.dumps(row))
     return row, False
@@ -440,9 +449,9 @@ def _chosen(run_dir: Path) -> str:
         choice = json.loads((run_dir / RECIPE_FILE).read_text())["choice"]
         # (a trial that saved no weights leaves the run to start from --init, or a new head); the probe's weights are
         # in auto-trials/ too: "from its trial's weights" was said of a run from the probed head
-        parts = Path(choice.get("init") or "").parts
-        start = "" if TRIALS_DIR not in parts else ", from the probed head" if PROBE_DIR in parts else \
-            ", from its trial's weights"  # fmt: skip
+        parts, start = Path(choice.get("init") or "").parts, ""
+        if TRIALS_DIR in parts:
+            start = ", from the probed head" if PROBE_DIR in parts else ", from its trial's weights"
         lr = choice.get("run_lr", choice["lr"])  # an earlier freezetune's recipe.json has no run_lr (auto._resumed)
         return f"chose last-{choice['trained_stages']} at lr {lr:.1e}{start}"
     except (OSError, ValueError, KeyError, TypeError):  # a named recipe: no choice recorded
