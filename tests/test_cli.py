@@ -255,6 +255,30 @@ def test_predict_json_gives_topk_classes_with_probabilities(run, data, capsys):
     assert code == 0 and len(only["top"]) == 3 and sum(p["prob"] for p in only["top"]) == pytest.approx(1, abs=1e-5)
 
 
+def test_predict_json_cut_short_leaves_the_printed_records_one_valid_json_list(run, data, capsys, monkeypatch):
+    from freezetune import predict
+
+    real = predict.predict_files
+
+    def interrupted(*args, on_record, **kwargs):  # Ctrl-C after the first image's record is printed
+        def record_then_stop(record):
+            on_record(record)
+            raise KeyboardInterrupt
+
+        return real(*args, on_record=record_then_stop, **kwargs)
+
+    monkeypatch.setattr(predict, "predict_files", interrupted)
+    code, out, _ = run_cli(capsys, "predict", "--checkpoint", run[0] / "best.pt", data / "test" / "red", "--json",
+                           "--device", "cpu")  # fmt: skip
+    assert code == 130
+    (only,) = json.loads(out)  # what was printed parses: the list it began is closed
+    assert only["path"].endswith(".png") and only["top"]
+    monkeypatch.setattr(predict, "predict_files", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    code, out, _ = run_cli(capsys, "predict", "--checkpoint", run[0] / "best.pt", data / "test" / "red", "--json",
+                           "--device", "cpu")  # fmt: skip
+    assert code == 130 and out == ""  # stopped before any record: no list begun, none printed
+
+
 def test_predict_text_output_names_classes_with_percentages(run, data, capsys):
     code, out, _ = run_cli(capsys, "predict", "--checkpoint", run[0] / "best.pt", data / "test" / "blue" / "blue_0.png",
                            "--topk", "1", "--device", "cpu")  # fmt: skip

@@ -251,10 +251,14 @@ def _cmd_predict(args) -> int:
     from freezetune.predict import PredictionPrinter, predict_files
 
     say = PredictionPrinter("json" if args.json else "jsonl" if args.jsonl else "text")
-    with out_of_memory_hint(args.batch_size, training=False):  # each record is printed as soon as it is scored
-        records = predict_files(args.checkpoint, args.images, topk=args.topk, batch_size=args.batch_size,
-                                device=args.device, text_column=args.text_column, progress=True,
-                                on_record=say)  # fmt: skip
+    try:
+        with out_of_memory_hint(args.batch_size, training=False):  # each record is printed as soon as it is scored
+            records = predict_files(args.checkpoint, args.images, topk=args.topk, batch_size=args.batch_size,
+                                    device=args.device, text_column=args.text_column, progress=True,
+                                    on_record=say)  # fmt: skip
+    except BaseException:  # Ctrl-C or an error: the records printed so far stay a valid JSON list
+        say.end(complete=False)
+        raise
     say.end()
     bad = [r for r in records if "error" in r]
     files = len({r["path"] for r in records})  # a text file gives a record per text

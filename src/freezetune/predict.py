@@ -306,6 +306,8 @@ class PredictionPrinter:
             print(format_predictions([record]), flush=True)
         self.count += 1
 
-    def end(self) -> None:
-        if self.how == "json":
-            print("\n]" if self.count else "[]")
+    def end(self, *, complete: bool = True) -> None:
+        """Closes the ``json`` list; a run cut short (Ctrl-C, an error) closes the list it began, so what was printed
+        stays one valid JSON document, and prints nothing where it had not begun one."""
+        if self.how == "json" and (self.count or complete):
+            print("\n]" if self.count else "[]", flush=True)
