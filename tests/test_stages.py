@@ -9,6 +9,7 @@ import timm
 import torch
 import torchvision
 from torch import nn
+from torchvision.models.feature_extraction import create_feature_extractor
 
 import freezetune as ft
 from conftest import TinyCNN, tiny_bert
@@ -265,8 +266,16 @@ def _headless_resnet18() -> tuple[nn.Module, int]:
         (lambda: (timm.create_model("resnet18", num_classes=0), 512), ["stem", "layer1", "layer2", "layer3", "layer4"]),
         (_headless_resnet18, ["stem", "layer1", "layer2", "layer3", "layer4"]),
         (lambda: (tiny_bert().bert, 32), ["embeddings", "encoder.layer.0", "encoder.layer.1", "pooler"]),
+        # feature extractors: timm's features_only (a ModuleDict of its layers, or EfficientNetFeatures without a
+        # head) and torchvision's create_feature_extractor (an fx.GraphModule) were one stage "backbone"
+        (lambda: (timm.create_model("resnet18", features_only=True), 512),
+         ["stem", "layer1", "layer2", "layer3", "layer4"]),
+        (lambda: (timm.create_model("efficientnet_b0", features_only=True), 320),
+         ["conv_stem", *[f"blocks.{i}" for i in range(7)]]),
+        (lambda: (create_feature_extractor(torchvision.models.resnet18(), {"layer4": "out"}), 512),
+         ["stem", "layer1", "layer2", "layer3", "layer4"]),
     ],
-)
+)  # fmt: skip
 def test_a_library_backbone_in_a_users_model_keeps_its_stages(build, expected):
     # the whole backbone was one stage: freeze_to(model, -3) trained all of it, freeze("layer4") found no stage
     backbone, width = build()
@@ -302,6 +311,26 @@ def test_each_library_backbone_of_a_users_model_keeps_its_stages_and_a_head_of_a
     assert [s.name for s in ft.stages(model)] == [f"{b}.{n}" for b in names for n in layers] + ["fusion", "proj"]
     ft.freeze(model, "backbone")
     assert {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad} == {"proj"}
+
+
+@pytest.mark.parametrize("build", [torchvision.models.resnet18, torchvision.models.efficientnet_b0])
+def test_a_users_mlp_head_on_a_torchvision_model_trains_whole(build):
+    # its hidden layer, at its random init, was taken for a pretrained layer beside the classifier and stayed frozen
+    model = build()
+    container = "fc" if hasattr(model, "fc") else "classifier"
+    mlp = nn.Sequential(nn.Linear(512 if container == "fc" else 1280, 64), nn.ReLU(), nn.Dropout(0.3), nn.Linear(64, 4))
+    setattr(model, container, mlp)
+    assert ft.stages(model)[-1].name == container
+    ft.freeze(model, "backbone")
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == [
+        f"{container}.{i}.{w}" for i in (0, 3) for w in ("weight", "bias")
+    ]
+
+
+def test_a_torchvision_head_as_the_library_builds_it_keeps_its_pretrained_layers_frozen():
+    model = torchvision.models.mobilenet_v3_small(num_classes=4)  # classifier: Linear, Hardswish, Dropout, Linear
+    ft.freeze(model, "backbone")
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == ["classifier.3.weight", "classifier.3.bias"]
 
 
 def test_tied_weights_belong_to_one_stage():

@@ -15,6 +15,7 @@ import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
 from freezetune.heads import (
@@ -129,12 +130,39 @@ def _head_apart(model: nn.Module, decl: _Decl, layer: str) -> _Decl:
         layers = [n for n in params if n not in neck]
     elif not is_library_model(model):  # a user's own head (Linear, ReLU, Dropout, Linear) is new, all of it
         neck, layers = [], members
+    elif not is_timm(model) and not _library_head(model, name):  # a user's MLP in ResNet's fc: all of it new
+        neck, layers = [], [*members, *sibling_heads(model, layer)]
     else:
         layers = timm_heads(model) if is_timm(model) else [layer, *sibling_heads(model, layer)]
         neck = [n for n in params if not _under_any(n, layers)]
     # the head stage keeps its container's name only when it is all of it: a stage "classifier" holding classifier.6
     # alone would take freeze("classifier") from the module glob that means all of VGG's classifier
     return [*body, (_NECK, neck), (name if not neck else layer, layers)]
+
+
+# torchvision's head containers that hold pretrained layers beside the classifier, by model class: their children's
+# types as the library builds them. Any other container in a torchvision model is the user's, new all of it: a
+# Sequential(Linear, ReLU, Dropout, Linear) put in ResNet's fc or EfficientNet's classifier has a hidden layer at
+# its random init, which as "pretrained" stayed frozen under freeze("backbone"). A user's container of exactly these
+# types is taken for the library's.
+_TORCHVISION_HEADS = {
+    "VGG": ("Linear", "ReLU", "Dropout", "Linear", "ReLU", "Dropout", "Linear"),
+    "AlexNet": ("Dropout", "Linear", "ReLU", "Dropout", "Linear", "ReLU", "Linear"),
+    "MobileNetV3": ("Linear", "Hardswish", "Dropout", "Linear"),
+    "ConvNeXt": ("LayerNorm2d", "Flatten", "Linear"),
+    "MaxVit": ("AdaptiveAvgPool2d", "Flatten", "LayerNorm", "Linear", "Tanh", "Linear"),
+    "VisionTransformer": ("Linear", "Tanh", "Linear"),  # with a representation layer (pre_logits)
+}
+
+
+def _library_head(model: nn.Module, container: str) -> bool:
+    """Whether a library model's head container at ``container`` may hold pretrained layers beside its classifier:
+    a torchvision one as the library builds it (``_TORCHVISION_HEADS``); any other library's, as before."""
+    if type(model).__module__.split(".")[0] != "torchvision":
+        return True
+    built = _TORCHVISION_HEADS.get(type(model).__name__)
+    kids = tuple(type(m).__name__ for m in model.get_submodule(container).children())
+    return built is not None and kids == built
 
 
 def _under_any(name: str, prefixes: list[str]) -> bool:
@@ -220,7 +248,8 @@ def _generic_decl(model: nn.Module, head: str) -> _Decl:
     """A stage per top-level child; the largest, when it is a ``Sequential``/``ModuleList`` of several blocks
     (torchvision Swin's ``features``, RegNet's ``trunk_output``, MaxViT's ``blocks``, timm MetaFormers' ``stages``),
     a stage per block: as one stage, freezing by depth would be all or nothing."""
-    heads = {n.split(".")[0] for n in (timm_heads(model) if is_timm(model) else [])} | {head}  # PiT's head_dist too
+    classifies = is_timm(model) and hasattr(model, "get_classifier")  # a features_only model has no head
+    heads = {n.split(".")[0] for n in (timm_heads(model) if classifies else [])} | {head}  # PiT's head_dist too
     children = [(n, m) for n, m in model.named_children() if has_params(m) and n not in heads]
     if not children:
         return []
@@ -264,12 +293,15 @@ def _library_body(module: nn.Module, name: str) -> _Decl | None:
     ``num_classes=0``, a Hugging Face ``AutoModel``, a torchvision model with its ``fc`` taken off) at ``name``:
     its own declaration, its head (if any) joined to its last stage. As one stage it made "the last 3 stages" all or
     nothing. None for any other module, and for a library's building block (a timm ``Mlp``), which no family rule
-    declares."""
-    if not is_library_model(module):
+    declares. A feature extractor (timm's ``features_only`` models, torchvision's ``create_feature_extractor``, an
+    ``fx.GraphModule``) is a backbone whatever its class: no family rule but ResNet's knows its flattened layers
+    (``stages_0``, EfficientNet's ``blocks`` without a head), so a stage per child, as ``_generic_decl`` finds them."""
+    extractor = hasattr(module, "feature_info") or isinstance(module, torch.fx.GraphModule)
+    if not (is_library_model(module) or extractor):
         return None
     if is_hf_base_model(module):
         return [(f"{name}.{n}", prefixes) for n, prefixes in hf_body(module, name)]
-    for rule in _FAMILY_RULES:
+    for rule in (*_FAMILY_RULES, _generic_decl) if extractor else _FAMILY_RULES:
         decl = [(n, p) for n, p in (rule(module, _NO_HEAD) or []) if n != _NO_HEAD]  # its head joins a neighbour
         if len(decl) >= 2:
             return [(f"{name}.{n}", [f"{name}.{p}" for p in prefixes]) for n, prefixes in decl]
@@ -277,7 +309,12 @@ def _library_body(module: nn.Module, name: str) -> _Decl | None:
 
 
 def _library_bodies(module: nn.Module, name: str) -> _Decl | None:
-    """``_library_body`` of ``module``, or of each library model in a list or dict of them (a model per input)."""
+    """``_library_body`` of ``module``, or of each library model in a list or dict of them (a model per input). A
+    library's own dict is one model (timm's ``features_only`` backbone, a ``FeatureListNet``, is a ``ModuleDict`` of
+    its layers): its declaration comes first."""
+    own = _library_body(module, name) if type(module) not in (nn.ModuleList, nn.ModuleDict) else None
+    if own:
+        return own
     if isinstance(module, (nn.ModuleList, nn.ModuleDict)):
         bodies = [_library_body(m, f"{name}.{c}") for c, m in module.named_children()]
         return [d for body in bodies for d in body] if bodies and all(bodies) else None
