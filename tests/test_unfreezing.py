@@ -102,6 +102,20 @@ def test_an_optimizer_built_by_another_lr_rule_is_reported():
         ft.Unfreezer(model, sched_opt, "epoch:1", lr=1e-3, decay=10, scheduler=sched)
 
 
+def test_a_stage_at_lr_zero_neither_breaks_an_unfreeze_nor_sets_the_others_lrs():
+    # the stem's affine BatchNorm at stage_lrs 0: the first unfreeze divided by its LR (ZeroDivisionError)
+    model = TinyCNN()
+    ft.freeze(model, "backbone", bn="affine")
+    rule = {"lr": 1e-3, "stage_lrs": {"stem": 0.0}}
+    opt = torch.optim.AdamW(ft.param_groups(model, **rule))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the optimizer follows the rule: nothing to report
+        unfreezer = ft.Unfreezer(model, opt, "epoch:1", **rule)
+    assert unfreezer.step(0) == ["block3"]
+    lrs = {g["name"]: g["lr"] for g in opt.param_groups}
+    assert lrs["stem/no_decay"] == 0 and lrs["head"] == 1e-3 and lrs["block3"] == pytest.approx(1e-3)
+
+
 @pytest.mark.parametrize("mode", ["max", "min"])
 def test_plateau_schedule(mode):
     metrics = [0.50, 0.60, 0.605, 0.609, 0.70, 0.70, 0.695, 0.80, 0.80, 0.805, 0.90]

@@ -211,14 +211,16 @@ class Unfreezer:
                 lrs.setdefault(stage, nominal_lr(group))
         if len(lrs) == 1 and absolute:  # the head alone trains: its LR is the one the others are scaled from
             ((stage, lr),) = lrs.items()
-            if abs(lr - self.rule(stage)) > 1e-6 * self.rule(stage):
+            if self.rule(stage) > 0 and abs(lr - self.rule(stage)) > 1e-6 * self.rule(stage):
                 warnings.warn(f"the optimizer's {stage} group has lr {lr:g}, this Unfreezer's rule {self.rule(stage):g}:"
                               f" the stages it unfreezes get the rule's LRs scaled by {lr / self.rule(stage):g}, not "
                               "the stage_lrs given; give it the lr given to param_groups", stacklevel=3)  # fmt: skip
             return
-        if len(lrs) < 2:
+        # the head first; a stage the rule gives LR 0 (stage_lrs {"stem": 0}) scales nothing
+        ranked = sorted(((s, lr) for s, lr in lrs.items() if self.rule(s) > 0), key=lambda item: self.rule.depth[item[0]])
+        if len(lrs) < 2 or not ranked:
             return
-        (ref, ref_lr), *others = sorted(lrs.items(), key=lambda item: self.rule.depth[item[0]])  # the head first
+        (ref, ref_lr), others = ranked[0], [item for item in lrs.items() if item[0] != ranked[0][0]]
         for stage, lr in others:
             expected = ref_lr * self.rule(stage) / self.rule(ref)
             if abs(lr - expected) > 1e-6 * max(abs(expected), 1e-12):
@@ -342,9 +344,13 @@ class Unfreezer:
         target = self.rule(group_stage(group))
         for i, g in enumerate(self.optimizer.param_groups):
             stage = group_stage(g)
-            if stage in self.rule.depth:
+            if stage in self.rule.depth and self.rule(stage) > 0:  # a stage at LR 0 (stage_lrs) scales nothing
                 return i, target / self.rule(stage)
-        return 0, target / nominal_lr(self.optimizer.param_groups[0])
+        first = nominal_lr(self.optimizer.param_groups[0])
+        if first > 0 or target == 0:
+            return 0, target / first if first > 0 else 0.0
+        raise SpecError(f"cannot give the unfrozen {group_stage(group)} its lr {target:g}: every group the optimizer "
+                        "trains has lr 0, so none gives a schedule to scale; give one a learning rate > 0")
 
     def _extend_scheduler(self, ref_index: int, ratio: float, lr: float) -> None:
         if self.scheduler is None:
