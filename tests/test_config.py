@@ -221,7 +221,8 @@ def test_validation_reports_every_problem_at_once():
         # built and the data scanned; an empty freeze (--freeze "$UNSET") froze nothing: a full fine-tune unasked
         ({"lr": float("inf")}, "lr must be > 0 and finite, got inf"),
         ({"weight_decay": float("inf")}, "weight_decay must be >= 0 and finite, got inf"),
-        ({"decay": 0.0}, "decay must be > 0 and finite"),
+        ({"decay": 0.0}, "decay must be >= 1 and finite"),
+        ({"decay": 0.75}, "decay must be >= 1 and finite, got 0.75: each stage's lr is the next one's / decay"),
         ({"stage_lrs": {"layer4": -1e-4}}, "stage_lrs must be numbers >= 0 and finite, got layer4=-0.0001"),
         ({"freeze": []}, "freeze is empty; give auto (the default), backbone, all, none, bitfit, a number of stages"),
     ],
@@ -229,7 +230,7 @@ def test_validation_reports_every_problem_at_once():
 def test_values_that_would_train_wrong_are_refused(kw, needle):
     with pytest.raises(ConfigError, match=re.escape(needle)):
         validate(TrainConfig(data="imgs", **kw))
-    ok = {"grad_clip": 0.0, "weight_decay": 0.0, "momentum": 0.0, "workers": 0, "lr": 10.0, "decay": 0.5,
+    ok = {"grad_clip": 0.0, "weight_decay": 0.0, "momentum": 0.0, "workers": 0, "lr": 10.0, "decay": 1.0,
           "stage_lrs": {"layer4": 0.0}, "freeze": "none"}  # fmt: skip
     validate(TrainConfig(data="imgs", **{k: ok[k] for k in kw}))  # the edge of each range is fine
 

@@ -223,6 +223,6 @@ def test_the_callback_takes_stage_lrs_as_param_groups_does_and_refuses_bad_lrs_w
     # "layer4=1e-4" raised a bare ValueError from dict(); a negative LR or decay failed only inside fit
     assert FreezetuneFinetuning(stage_lrs="block3=1e-3,block2=5e-4").stage_lrs == {"block3": 1e-3, "block2": 5e-4}
     for kwargs, match in (({"stage_lrs": {"block3": -1}}, "learning rates must be finite numbers >= 0"),
-                          ({"decay": -1}, "decay must be > 0"), ({"stage_lrs": "block3"}, "block3")):  # fmt: skip
+                          ({"decay": -1}, "decay must be >= 1"), ({"stage_lrs": "block3"}, "block3")):  # fmt: skip
         with pytest.raises(FreezetuneError, match=match):
             FreezetuneFinetuning(**kwargs)

@@ -18,6 +18,7 @@ from freezetune.config_values import (
 )
 from freezetune.errors import ConfigError
 from freezetune.options import (
+    DECAY_MEANS,
     FREEZE_KEYWORDS,
     MONITOR_MODES,
     batch_size_problem,
@@ -147,8 +148,8 @@ def _range_problems(cfg: TrainConfig) -> list[str]:
     ]
     problems = [f"{name} must be {what}, got {getattr(cfg, name)}" for name, ok, what in ranges if not ok]
     # refused here, with the rest, not by the param groups once the model is built and the data scanned
-    if cfg.decay is not None and not (isinstance(cfg.decay, (int, float)) and 0 < cfg.decay < math.inf):
-        problems.append(f"decay must be > 0 and finite (each stage's lr is the next one's / decay), got {cfg.decay}")
+    if cfg.decay is not None and not (isinstance(cfg.decay, (int, float)) and 1 <= cfg.decay < math.inf):
+        problems.append(f"decay must be >= 1 and finite, got {cfg.decay}: {DECAY_MEANS}")
     bad = [f"{k}={v!r}" for k, v in (cfg.stage_lrs or {}).items()
            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < math.inf]  # fmt: skip
     if bad:

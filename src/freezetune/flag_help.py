@@ -85,7 +85,7 @@ FIELD_HELP = {
     "optimizer": "the optimizer (AdamW and Adam fused)",
     "lr": "peak learning rate of the head and of every stage --stage-lrs and --decay leave alone",
     "stage_lrs": "per-stage LRs, e.g. 'layer4=1e-4,layer3=5e-5'; a glob sets several ('blocks.[4-6]=1e-4')",
-    "decay": "LR of the stage at depth i below the head is lr / decay**i (default: every stage at --lr)",
+    "decay": "LR of the stage at depth i below the head is lr / decay**i, decay >= 1 (default: every stage at --lr)",
     "weight_decay": "AdamW/SGD weight decay (biases, norm parameters and a model's declared no-decay ones get none)",
     "momentum": "SGD's momentum (Nesterov; --optimizer sgd only)",
     "scheduler": "the LR over the run: onecycle (rises to --lr, then anneals), cosine (anneals from --lr after "

@@ -13,6 +13,9 @@ from dataclasses import dataclass
 
 from freezetune.errors import ConfigError, choices
 
+# what ``decay`` means, said where a decay below 1 (the stem then trains fastest) is refused
+DECAY_MEANS = "each stage's lr is the next one's / decay (ULMFiT's 2.6); timm's layer_decay x is decay 1/x"
+
 OPTIMIZERS = ("adamw", "adam", "sgd")
 SCHEDULERS = ("onecycle", "cosine", "none")
 AMP_MODES = ("auto", "bf16", "fp16", "off")

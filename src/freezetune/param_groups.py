@@ -16,6 +16,7 @@ from torch import nn
 
 from freezetune.errors import SpecError, choices
 from freezetune.module_tree import unwrap
+from freezetune.options import DECAY_MEANS
 from freezetune.stages import Stage, stages
 
 
@@ -154,9 +155,10 @@ def checked_lrs(lr: float | None, stage_lrs: Mapping[str, float] | str | None, d
     if bad:  # a negative LR climbs the loss; torch's optimizers refuse it only at their construction
         raise SpecError(f"learning rates must be finite numbers >= 0, got {', '.join(bad)}")
     # nan too, and a bool, as for lr: decay=True ran as 1.0, every stage at lr, nothing decayed
-    bad_decay = isinstance(decay, bool) or not (isinstance(decay, numbers.Real) and 0 < decay < math.inf)
+    # below 1 the stem trained fastest: timm's layer_decay 0.75 passed as decay gave it 42x the head's LR
+    bad_decay = isinstance(decay, bool) or not (isinstance(decay, numbers.Real) and 1 <= decay < math.inf)
     if decay is not None and bad_decay:
-        raise SpecError(f"decay must be > 0 and finite, got {decay!r}")
+        raise SpecError(f"decay must be >= 1 and finite, got {decay!r}: {DECAY_MEANS}")
     return dict(stage_lrs or {})
 
 
