@@ -476,6 +476,18 @@ def test_replace_head_takes_a_positive_int_of_classes(bad):
     assert model.fc.out_features == 1000
 
 
+def test_numpy_ints_count_classes_and_stages_as_ints_do():
+    # replace_head(model, labels.max() + 1) and freeze(model, np.int64(3)) were refused: "must be an int"
+    import numpy as np
+
+    model = ft.replace_head(torchvision.models.resnet18(), np.array([0, 3, 9]).max() + 1)
+    assert model.fc.out_features == 10 and type(model.fc.out_features) is int
+    ft.freeze(model, np.int64(3))
+    assert [s.name for s in ft.stages(model) if s.num_trainable] == ["layer3", "layer4", "fc"]
+    ft.freeze_to(model, np.int64(-2))
+    assert [s.name for s in ft.stages(model) if s.num_trainable] == ["layer4", "fc"]
+
+
 @pytest.mark.parametrize(
     ("build", "attr"), [(torchvision.models.vit_b_16, "heads"), (torchvision.models.resnet18, "fc")]
 )

@@ -10,6 +10,7 @@ eval mode kept through ``model.train()``), ``"affine"``, ``"train"`` and ``"affi
 from __future__ import annotations
 
 import fnmatch
+import numbers
 import warnings
 from collections.abc import Sequence
 
@@ -114,8 +115,8 @@ def spec_items(spec: Spec) -> list[str | int]:
 
 
 def is_count(item: object) -> bool:
-    """Whether a spec item is an int, a number of stages (``True`` is not one)."""
-    return isinstance(item, int) and not isinstance(item, bool)
+    """Whether a spec item is an int (NumPy's too), a number of stages (``True`` is not one)."""
+    return isinstance(item, numbers.Integral) and not isinstance(item, bool)
 
 
 def warn_negative_unfreeze(spec: Spec) -> None:
@@ -145,7 +146,7 @@ def freeze_to(model: nn.Module, n: int, *, bn: str = BN_DEFAULT) -> None:
     """
     if not is_count(n):
         raise SpecError(f"freeze_to takes an int number of stages, got {n!r}")
-    st = stages(model)
+    n, st = int(n), stages(model)
     _check_count(n, st)
     names = [s.name for s in st]
     frozen, trainable = names[:n], names[n:]
@@ -218,8 +219,8 @@ def _resolve(model: nn.Module, st: list[Stage], spec: Spec) -> dict[int, nn.Para
             out.update(_resolve(model, st, item))
         return out
     if is_count(spec):
-        _check_count(spec, st)
-        return _params_of(st[:spec])
+        _check_count(int(spec), st)
+        return _params_of(st[: int(spec)])
     if not isinstance(spec, str):
         raise SpecError(f"a freeze spec is a str, an int or a list of them, got {type(spec).__name__}")
     return _resolve_name(model, st, spec)

@@ -9,6 +9,8 @@ head: ``stages`` gives them a stage of their own.
 
 from __future__ import annotations
 
+import numbers
+
 from torch import nn
 
 from freezetune.errors import SpecError
@@ -73,8 +75,10 @@ def replace_head(model: nn.Module, num_classes: int) -> nn.Module:
     >>> replace_head(torchvision.models.resnet18(), 10).fc.out_features
     10
     """
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+    # NumPy's ints too: replace_head(model, labels.max() + 1)
+    if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral) or num_classes < 1:
         raise SpecError(f"num_classes must be an int >= 1, got {num_classes!r}")
+    num_classes = int(num_classes)
     wrapper, model = model, unwrap(model)
     if is_timm(model) and hasattr(model, "reset_classifier"):
         model.reset_classifier(num_classes)  # timm knows its own pooling/head layout (both heads of a distilled one)
