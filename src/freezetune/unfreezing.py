@@ -216,12 +216,12 @@ class Unfreezer:
                               f" the stages it unfreezes get the rule's LRs scaled by {lr / self.rule(stage):g}, not "
                               "the stage_lrs given; give it the lr given to param_groups", stacklevel=3)  # fmt: skip
             return
-        # the head first; a stage the rule gives LR 0 (stage_lrs {"stem": 0}) scales nothing
-        ranked = sorted(((s, lr) for s, lr in lrs.items() if self.rule(s) > 0), key=lambda item: self.rule.depth[item[0]])
-        if len(lrs) < 2 or not ranked:
+        # the reference: the head, else the shallowest stage the rule gives an LR > 0 (a stage at 0 scales nothing)
+        scalable = [s for s in sorted(lrs, key=self.rule.depth.__getitem__) if self.rule(s) > 0]
+        if len(lrs) < 2 or not scalable:
             return
-        (ref, ref_lr), others = ranked[0], [item for item in lrs.items() if item[0] != ranked[0][0]]
-        for stage, lr in others:
+        ref, ref_lr = scalable[0], lrs[scalable[0]]
+        for stage, lr in ((s, lr) for s, lr in lrs.items() if s != ref):
             expected = ref_lr * self.rule(stage) / self.rule(ref)
             if abs(lr - expected) > 1e-6 * max(abs(expected), 1e-12):
                 warnings.warn(f"the optimizer's LRs do not follow this Unfreezer's rule: {stage} has {lr:g} where the "
@@ -350,7 +350,7 @@ class Unfreezer:
         if first > 0 or target == 0:
             return 0, target / first if first > 0 else 0.0
         raise SpecError(f"cannot give the unfrozen {group_stage(group)} its lr {target:g}: every group the optimizer "
-                        "trains has lr 0, so none gives a schedule to scale; give one a learning rate > 0")
+                        "trains has lr 0, so none gives a schedule to scale; give one a learning rate > 0")  # fmt: skip
 
     def _extend_scheduler(self, ref_index: int, ratio: float, lr: float) -> None:
         if self.scheduler is None:
