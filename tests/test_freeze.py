@@ -586,6 +586,33 @@ def test_a_batchnorm_without_parameters_in_a_frozen_stage_of_a_sequential_backbo
     assert first.training and not torch.equal(first.running_mean, before[0])
 
 
+def test_an_input_batchnorm_without_parameters_first_in_the_model_is_frozen_with_the_layer_that_reads_it():
+    # an audio model's BatchNorm over mel bins, first at the top level: no layer before it, its parent the model,
+    # so it was judged by nothing and kept moving its statistics under freeze("all")
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bn0 = nn.BatchNorm2d(3, affine=False)
+            self.features = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(),
+                                          nn.Conv2d(8, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())  # fmt: skip
+            self.fc = nn.Linear(8, 4)
+
+        def forward(self, x):
+            return self.fc(self.features(self.bn0(x)))
+
+    for spec, frozen in (("all", True), (1, True), ("backbone", True), ("none", False)):
+        model = Net()
+        ft.freeze(model, spec)
+        model.train()
+        model(torch.randn(4, 3, 16, 16) + 5)
+        assert torch.equal(model.bn0.running_mean, torch.zeros(3)) == frozen, spec
+    model = Net()
+    ft.freeze(model, "features.2")  # a later layer frozen: the first conv, which reads bn0, trains, and so does bn0
+    model.train()
+    model(torch.randn(4, 3, 16, 16) + 5)
+    assert not torch.equal(model.bn0.running_mean, torch.zeros(3))
+
+
 def test_bitfit_or_none_after_an_earlier_freeze_warns_that_what_it_froze_stays_frozen(resnet18):
     # freeze(m, "bitfit") after "backbone" trained the head alone (1,539 parameters of a 3-class head, not bitfit's
     # 11,139), and "none" changed nothing, both in silence

@@ -92,7 +92,9 @@ def check_bn_policy(bn: str) -> None:
 
 def _bn_modules_within(model: nn.Module, params: dict[int, nn.Parameter]) -> list[nn.Module]:
     """BatchNorm layers whose parameters all lie in ``params`` (a non-affine one: those of the layer before it in its
-    parent, the layer it normalises; with none before it, its parent's, unless that is the model itself)."""
+    parent, the layer it normalises; with none before it, its parent's, or, in the model itself, those of the layer
+    after it, which reads what it normalises: an audio model's input BatchNorm over mel bins, first in the model,
+    kept moving its statistics under freeze("all"))."""
     out = []
     for name, module in model.named_modules():
         if not keeps_stats(module):
@@ -102,19 +104,23 @@ def _bn_modules_within(model: nn.Module, params: dict[int, nn.Parameter]) -> lis
             # backbone: the layer's statistics moved in a frozen stage); the model's hold the head's, which trains
             parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
             own = _feeding(parent, module) or (list(parent.parameters()) if parent is not model else [])
+            own = own or _feeding(parent, module, after=True)
         if own and all(id(p) in params for p in own):
             out.append(module)
     return out
 
 
-def _feeding(parent: nn.Module, module: nn.Module) -> list[nn.Parameter]:
-    """The parameters of the last layer with any registered before ``module``, a child of ``parent``."""
-    before: list[nn.Parameter] = []
-    for child in parent.children():
-        if child is module:
-            break
-        before = list(child.parameters()) or before
-    return before
+def _feeding(parent: nn.Module, module: nn.Module, *, after: bool = False) -> list[nn.Parameter]:
+    """The parameters of the last layer with any registered before ``module``, a child of ``parent`` (``after``: of
+    the first layer with parameters of its own registered after it, the one that reads its output)."""
+    children = list(parent.children())
+    at = next(i for i, child in enumerate(children) if child is module)
+    for child in children[at + 1 :] if after else reversed(children[:at]):
+        if after:
+            child = next((m for m in child.modules() if list(m.parameters(recurse=False))), child)
+        if own := list(child.parameters()):
+            return own
+    return []
 
 
 def _open_bn_params(model: nn.Module, params: dict[int, nn.Parameter], *, opening: bool) -> None:
