@@ -1,23 +1,45 @@
 #!/usr/bin/env bash
-# Batch mode: any freezetune sub-command (train, eval, predict, inspect, export).
-# Notebook mode: `jupyter` starts JupyterLab on port 8888, always behind a token: $JUPYTER_TOKEN, or a generated one
-# printed here (a notebook server without one runs code for anyone who reaches the port).
-# Shell tools: `bash`, `tmux`, `nvidia-smi`, `python` run as given.
+# Batch mode: a freezetune sub-command (train, sweep, eval, predict, inspect, export) or its options.
+# Notebook mode: `jupyter` (or `jupyter lab`) starts JupyterLab on $JUPYTER_PORT (8888), always behind a token:
+# $JUPYTER_TOKEN, or a generated one printed here (a notebook server without one runs code for anyone who reaches the
+# port). Options after it go to JupyterLab; a --port or --ip of yours replaces the default.
+# Any other program in the image runs as given: torchrun, tensorboard, bash, tmux, python, pip, nvidia-smi, watch...
 set -euo pipefail
+
+# `--user "$(id -u):$(id -g)"` with a uid the image does not know leaves HOME=/, where nothing can be written:
+# JupyterLab, matplotlib, Hugging Face and pip keep their files under HOME
+if [ ! -w "${HOME:-/}" ]; then
+  export HOME="${TMPDIR:-/tmp}/home"
+  mkdir -p "$HOME"
+fi
+
 case "${1:-}" in
   jupyter)
     shift
+    if [ "${1:-}" = lab ]; then
+      shift
+    fi
+    port="${JUPYTER_PORT:-8888}"
+    defaults=()
+    case " $* " in *" --port"* | *" --ServerApp.port"*) ;; *) defaults+=("--port=${port}") ;; esac
+    case " $* " in *" --ip"* | *" --ServerApp.ip"*) ;; *) defaults+=("--ip=0.0.0.0") ;; esac
+    for arg in "$@"; do  # the port the URL below names
+      case "$arg" in --port=* | --ServerApp.port=*) port="${arg#*=}" ;; esac
+    done
     if [ -z "${JUPYTER_TOKEN:-}" ]; then
       JUPYTER_TOKEN="$(od -An -N24 -tx1 /dev/urandom | tr -d ' \n')"
       echo "JupyterLab token (set JUPYTER_TOKEN to choose your own): ${JUPYTER_TOKEN}"
-      echo "open http://127.0.0.1:8888/lab?token=${JUPYTER_TOKEN}"
+      echo "open http://127.0.0.1:${port}/lab?token=${JUPYTER_TOKEN}"
     fi
     export JUPYTER_TOKEN
-    exec jupyter lab --ip=0.0.0.0 --port=8888 --no-browser --ServerApp.root_dir=/work \
+    exec jupyter lab "${defaults[@]}" --no-browser --ServerApp.root_dir=/work \
       --IdentityProvider.token="${JUPYTER_TOKEN}" "$@"
     ;;
-  bash | sh | tmux | nvidia-smi | python | watch)
-    exec "$@"
+  "" | -* | train | sweep | eval | predict | inspect | export)
+    exec freezetune "$@"
     ;;
 esac
-exec freezetune "$@"
+if type -P "$1" > /dev/null; then  # a program of the image (not a shell builtin such as export)
+  exec "$@"
+fi
+exec freezetune "$@"  # names the sub-commands it has

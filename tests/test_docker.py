@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -110,3 +112,70 @@ def test_jupyter_without_a_token_gets_a_generated_one_and_prints_it(fake_jupyter
 def test_jupyter_uses_the_given_token_and_prints_nothing_about_it(fake_jupyter):
     out = _entrypoint(fake_jupyter, "s3cret")
     assert out.startswith("jupyter-args: ") and "--IdentityProvider.token=s3cret" in out and "--ip=0.0.0.0" in out
+
+
+def _run_entrypoint(bin_dir: Path, *argv: str, env: dict | None = None, user: list[str] | None = None) -> str:
+    full = {k: v for k, v in os.environ.items() if k != "JUPYTER_TOKEN"} | {"JUPYTER_TOKEN": "t"} | (env or {})
+    full["PATH"] = f"{bin_dir}{os.pathsep}{full['PATH']}"
+    proc = subprocess.run([*(user or []), "bash", str(DOCKER / "entrypoint.sh"), *argv], env=full,
+                          capture_output=True, text=True)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+@pytest.fixture
+def stand_ins(tmp_path):
+    """``jupyter``, ``freezetune`` and ``torchrun`` on PATH that print their name, arguments and HOME."""
+    for name in ("jupyter", "freezetune", "torchrun"):
+        (tmp_path / name).write_text(f'#!/bin/sh\necho "{name}: $* HOME=$HOME"\n')
+        (tmp_path / name).chmod(0o755)
+    tmp_path.chmod(0o755)
+    return tmp_path
+
+
+def test_the_entrypoint_runs_freezetunes_commands_and_the_images_other_programs(stand_ins):
+    # torchrun (the README's multi-GPU command), tensorboard and pip went to freezetune: "invalid choice"
+    assert _run_entrypoint(stand_ins, "torchrun", "--nproc_per_node", "2", "-m", "freezetune", "train").startswith(
+        "torchrun: --nproc_per_node 2 -m freezetune train"
+    )
+    for argv in (["train", "--data", "/data"], ["export", "--to", "m.onnx"], ["--version"], []):
+        assert _run_entrypoint(stand_ins, *argv).startswith(f"freezetune: {' '.join(argv)}".rstrip()), argv
+    assert _run_entrypoint(stand_ins, "nosuchprogram").startswith("freezetune: nosuchprogram")  # says its commands
+
+
+def test_jupyter_takes_the_users_port_and_ip_and_jupyter_lab_as_well(stand_ins):
+    # --port=9999 after the entrypoint's own --port=8888 stopped JupyterLab ("port only accepts one value")
+    out = _run_entrypoint(stand_ins, "jupyter", "lab", "--port=9999", env={"JUPYTER_TOKEN": ""})
+    assert "open http://127.0.0.1:9999/lab?token=" in out
+    args = out.split("jupyter: ")[1]
+    assert args.startswith("lab ") and args.count("--port") == 1 and "--port=9999" in args and " lab " not in args
+    args = _run_entrypoint(stand_ins, "jupyter", "--ip=127.0.0.1", env={"JUPYTER_PORT": "8000"})
+    assert args.count("--ip") == 1 and "--ip=127.0.0.1" in args and "--port=8000" in args
+
+
+def test_a_user_the_image_does_not_know_gets_a_writable_home(stand_ins):
+    # docker run --user "$(id -u):$(id -g)" sets HOME=/; JupyterLab stopped at start: Permission denied: '/.local'
+    user, scratch = [], stand_ins.parent
+    if os.geteuid() == 0:  # root writes anywhere: run as nobody, as the container would run an unknown uid
+        user = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+        if subprocess.run([*user, "true"], capture_output=True).returncode != 0:
+            pytest.skip("setpriv cannot change the user here")
+        scratch = Path(tempfile.mkdtemp(dir="/tmp"))  # pytest's temporary folders are root's alone
+        scratch.chmod(0o777)
+        stand_ins = Path(shutil.copytree(stand_ins, scratch / "bin"))
+    try:
+        out = _run_entrypoint(stand_ins, "jupyter", env={"HOME": "/", "TMPDIR": str(scratch)}, user=user)
+        assert out.rstrip().endswith(f"HOME={scratch}/home") and (scratch / "home").is_dir()
+    finally:
+        if user:
+            shutil.rmtree(scratch)
+
+
+def test_compose_runs_as_a_chosen_user_and_the_build_context_leaves_the_checkout_out():
+    services = yaml.safe_load((DOCKER / "compose.yaml").read_text())["services"]
+    assert all(s["user"] == "${FT_UID:-1000}:${FT_GID:-1000}" for s in services.values())
+    ignored = (ROOT / ".dockerignore").read_text().splitlines()
+    assert ignored[ignored.index("*") + 1 :][:4] == ["!docker/", "!pyproject.toml", "!README.md", "!src/"]
+    copied = re.findall(r"^COPY (?!--from)(.+) \S+$", (DOCKER / "Dockerfile").read_text(), re.M)
+    sources = {Path(p).parts[0] for line in copied for p in line.split()}
+    assert sources <= {"docker", "pyproject.toml", "README.md", "src"}, sources  # each one the context keeps
