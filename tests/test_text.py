@@ -47,6 +47,19 @@ def test_text_csv_reads_columns_by_name(tmp_path):
     assert read_text_csv(tmp_path / "ids.csv").classes == ["1", "2", "10"]  # class ids in number order, as images'
 
 
+def test_a_text_csvs_labels_are_one_class_however_their_accents_are_encoded(tmp_path):
+    # "très bien" composed (Linux) and decomposed (macOS) were two classes that look alike, and a validation file in
+    # the other form was refused: "has label(s) 'très bien' that are not training classes: 'mauvais', 'très bien'"
+    composed, decomposed = "tr\u00e8s bien", "tre\u0300s bien"
+    (tmp_path / "train.csv").write_text(f"text,label\na,{composed}\nb,{decomposed}\nc,mauvais\n", encoding="utf-8")
+    (tmp_path / "val.csv").write_text(f"text,label\nd,{decomposed}\n", encoding="utf-8")
+    train = read_text_csv(tmp_path / "train.csv")
+    assert train.classes == ["mauvais", composed] and train.targets.tolist() == [1, 1, 0]
+    assert read_text_csv(tmp_path / "val.csv", classes=train.classes).targets.tolist() == [1]
+    older = ["mauvais", decomposed]  # a run's classes from before labels were read in NFC
+    assert read_text_csv(tmp_path / "val.csv", classes=older).targets.tolist() == [1]
+
+
 @pytest.mark.parametrize(
     ("content", "message"),
     [
@@ -630,6 +643,13 @@ def test_a_run_on_named_columns_trains_and_its_checkpoint_reads_them_for_eval_an
     assert code == 0 and stdout.strip().endswith(repr(GOOD[0])), err
     code, _, err = run_cli(capsys, "predict", "--checkpoint", out / "best.pt", tmp_path / "new.csv", "--device", "cpu")
     assert code == 2 and "text column named 'body' (--text-column)" in err, err
+    # and eval's: its error named --text-column, which eval did not have ("unrecognized arguments")
+    (tmp_path / "scored.csv").write_text(f'comment,verdict\n"{GOOD[0]}",pos\n"{BAD[0]}",neg\n')
+    eval_argv = ["eval", "--checkpoint", out / "best.pt", "--data", tmp_path / "scored.csv", "--device", "cpu"]
+    code, _, err = run_cli(capsys, *eval_argv)
+    assert code == 2 and "(--text-column)" in err, err
+    code, stdout, err = run_cli(capsys, *eval_argv, "--text-column", "comment", "--label-column", "verdict")
+    assert code == 0 and stdout.startswith(f"scored 2 of every row of {tmp_path / 'scored.csv'}"), err
 
 
 def test_a_folder_of_train_val_and_test_csvs_is_a_text_dataset_whose_test_file_is_scored(tmp_path, capsys):

@@ -136,6 +136,9 @@ def _eval_parser(sub, commands: dict) -> None:
     p.add_argument("--force", action="store_true",
                    help="replace an existing --metrics or --plot file that no evaluation wrote (what eval wrote, it "
                         "replaces anyway)")  # fmt: skip
+    p.add_argument("--text-column", help="a text model: the column of the CSV's texts (default: the one it trained on)")
+    p.add_argument("--label-column",
+                   help="a text model: the column of the CSV's labels (default: the one it trained on)")  # fmt: skip
     p.set_defaults(func=commands["eval"], command_parser=p)
 
 

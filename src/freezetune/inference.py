@@ -12,7 +12,7 @@ import json
 import logging
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -26,7 +26,7 @@ from freezetune.data.loaders import Loaders, close_loader
 from freezetune.errors import ConfigError, DataError, setting
 from freezetune.evaluate import evaluate
 from freezetune.memory import out_of_memory_hint
-from freezetune.options import check, positive_int_problem
+from freezetune.options import check, column_name_problem, positive_int_problem
 from freezetune.precision import Precision, resolve_device, resolve_precision
 from freezetune.preprocess import Preprocess
 from freezetune.runtime import use_channels_last
@@ -191,10 +191,12 @@ def evaluate_checkpoint(
     device: str = "auto",
     progress: bool = False,
     skip_bad: bool = False,
+    text_column: str | None = None,
+    label_column: str | None = None,
 ) -> dict:
     """Evaluate a checkpoint on ``data``: a path (its test split, see ``data.build_eval_dataset``; a text model's is a
-    ``text,label`` CSV) or a dataset, read as it is (its transform and, image files, its ``alpha``; a path's are the
-    checkpoint's).
+    ``text,label`` CSV, its columns those the run read unless ``text_column``/``label_column`` name others) or a
+    dataset, read as it is (its transform and, image files, its ``alpha``; a path's are the checkpoint's).
 
     ``batch_size`` (default: the run's, ``run_batch_size``) changes no prediction, but the loss's float rounding may
     differ with it (and with the CPU threads): at the run's, ``eval`` of ``best.pt`` on the machine that trained it
@@ -211,6 +213,9 @@ def evaluate_checkpoint(
     """
     if batch_size is not None:
         check(positive_int_problem("batch_size", batch_size))  # before the checkpoint and the data are read
+    columns = {k: v for k, v in (("text_column", text_column), ("label_column", label_column)) if v is not None}
+    for name, value in columns.items():
+        check(column_name_problem(name, value))
     record = checkpoint if isinstance(checkpoint, dict) else ckpt.load(checkpoint)
     batch_size = batch_size or run_batch_size(record)
     loaded = load_model(record, device)
@@ -218,9 +223,12 @@ def evaluate_checkpoint(
         dataset = data
     else:
         from freezetune.data import build_eval_dataset
+        from freezetune.data.text import refuse_other_settings
 
-        dataset = build_eval_dataset(str(data), preprocess=loaded.preprocess, classes=loaded.classes,
-                                     skip_bad=skip_bad)  # fmt: skip
+        if not loaded.preprocess.is_text:  # an image model's data has no columns
+            refuse_other_settings("this checkpoint's model", columns, text_model=False)
+        dataset = build_eval_dataset(str(data), preprocess=replace(loaded.preprocess, **columns),
+                                     classes=loaded.classes, skip_bad=skip_bad)  # fmt: skip
     if loaded.preprocess.is_text:
         tokenizer = text_tokenizer(loaded)
         warn_cut(count_cut([dataset[i][0] for i in range(len(dataset))], tokenizer), tokenizer.max_length)

@@ -18,7 +18,7 @@ from torch.utils.data import Dataset
 
 from freezetune.config import TrainConfig
 from freezetune.data.folder import expand_paths
-from freezetune.data.labels import sorted_labels, warn_similar_labels
+from freezetune.data.labels import nfc, sorted_labels, warn_similar_labels
 from freezetune.data.text_table import TABLE_SUFFIXES, Columns, check_rows, column_index, read_rows
 from freezetune.data.utf8 import where_not_utf8
 from freezetune.errors import ConfigError, DataError, MissingExtra, choices
@@ -70,16 +70,17 @@ def read_text_csv(path: str | Path, classes: list[str] | None = None, columns: C
     if not rows:
         raise DataError(f"CSV '{path}' has no rows under its header; expected a text and its label on each row")
     check_rows(path, rows, lines, cols, len(header))
-    labels = [r[cols["label"]].strip() for r in rows]
-    if classes is None:  # as an image CSV's
+    # in NFC, as an image CSV's: "très bien" typed on macOS (decomposed) and on Linux (composed) is one class
+    labels = [nfc(r[cols["label"]].strip()) for r in rows]
+    if classes is None:
         classes = sorted_labels(set(labels))
         warn_similar_labels(path, classes)
-    unknown = sorted(set(labels) - set(classes))
+    index = {nfc(c): i for i, c in enumerate(classes)}  # a run's classes from before labels were normalised, too
+    unknown = sorted(set(labels) - set(index))
     if unknown:
         raise DataError(
             f"CSV '{path}' has label(s) {choices(unknown)} that are not training classes: {choices(classes)}"
         )
-    index = {c: i for i, c in enumerate(classes)}
     return TextDataset([r[cols["text"]] for r in rows], torch.tensor([index[label] for label in labels]), classes)
 
 
