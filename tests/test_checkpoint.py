@@ -215,6 +215,21 @@ def test_an_init_checkpoint_of_another_model_or_shape_says_which(trained, tmp_pa
         checkpoint.init_from(model, path, ["x", "y"])
 
 
+def test_a_resume_on_other_classes_of_the_same_count_names_them():
+    # "is a run of M on 2 classes; this config is M on 2": nothing said what differed
+    record = {"model": "timm:test_efficientnet", "classes": ["neg", "pos"], "config": {}}
+    expect = {"model": "timm:test_efficientnet", "classes": ["bad", "good"]}
+    with pytest.raises(CheckpointError, match=r"on classes 'neg', 'pos'; this config's data has 'bad', 'good': resume "
+                                              r"with the run's own config and data"):  # fmt: skip
+        checkpoint._check_resumable(Path("r/last.pt"), record, expect)
+    many = [f"c{i}" for i in range(9)]
+    with pytest.raises(CheckpointError, match=r"'c5' and 3 more; this config's data has 'd0'"):
+        checkpoint._check_resumable(Path("r/last.pt"), {**record, "classes": many}, {**expect, "classes": [
+            f"d{i}" for i in range(9)]})  # fmt: skip
+    with pytest.raises(CheckpointError, match=r"on 2 classes; this config is timm:test_efficientnet on 3"):
+        checkpoint._check_resumable(Path("r/last.pt"), record, {**expect, "classes": ["a", "b", "c"]})
+
+
 def test_a_writer_without_background_writes_at_submit_in_this_thread(tmp_path):
     writer = checkpoint.Writer(tmp_path, background=False)
     weights = torch.zeros(2)

@@ -367,12 +367,21 @@ def _check_data(path: Path, saved: dict[str, Any] | None, now: dict[str, Any] | 
         )
 
 
+def _few(names: list[str], shown: int = 6) -> str:
+    """Class names as a message lists them: the first ``shown``, then how many more."""
+    listed = ", ".join(repr(n) for n in names[:shown])
+    return listed + (f" and {len(names) - shown} more" if len(names) > shown else "")
+
+
 def _check_resumable(path: Path, record: dict, expect: dict[str, Any]) -> None:
     if _model_of(record) != expect["model"] or record.get("classes") != expect["classes"]:
-        raise CheckpointError(
-            f"{path} is a run of {record.get('model')} on {len(record['classes'])} classes; this config is "
-            f"{expect['model']} on {len(expect['classes'])}: resume with the run's own config"
-        )
+        ran, now = record.get("classes") or [], expect["classes"]
+        if len(ran) == len(now) and _model_of(record) == expect["model"]:  # the same count: the names differ
+            said = f"classes {_few(ran)}; this config's data has {_few(now)}"
+        else:
+            said = f"{len(ran)} classes; this config is {expect['model']} on {len(now)}"
+        raise CheckpointError(f"{path} is a run of {record.get('model')} on {said}: resume with the run's own config "
+                              "and data")  # fmt: skip
     # a run of an earlier version recorded its paths as given: read from here, as this run's are (config.recorded)
     old = absolute_paths(dict(record.get("config") or {}, steps_per_epoch=record.get("steps_per_epoch")))
     schedule = ("epochs", "scheduler", "warmup_epochs", "steps_per_epoch")
