@@ -309,6 +309,10 @@ def test_eval_and_predict_say_how_many_texts_the_model_sees_only_the_start_of(te
         assert code == 0 and f"{counted} are longer than the 128 tokens" in caplog.text, err  # over all the files
     caplog.clear()
     assert predict_texts(best, [long, GOOD[0]], device="cpu") and "1 of 2 texts are longer" in caplog.text
+    # an empty text keeps its record, in its place, and is said (it was scored in silence; predict's files skip it)
+    caplog.clear()
+    records = predict_texts(best, [GOOD[0], "", "  "], device="cpu")
+    assert len(records) == 3 and records[1]["text"] == "" and "2 of the texts are empty (index 1, 2)" in caplog.text
     short = tmp_path / "short.txt"
     short.write_text(f"{GOOD[1]}\n")
     caplog.clear()
