@@ -1422,3 +1422,13 @@ def test_the_reason_for_one_trial_states_the_standard_error_near_75_percent_it_n
     monkeypatch.setattr(auto, "_trial", lambda *_a, **_k: {"n_val": n_val, "data_kind": "images"})
     trials, _, why = auto._measure(None, [2, 3, 4], 1.0, Path("unused"), None, lambda line: None)
     assert len(trials) == 1 and f"near 75 % is {said} points" in why, why
+
+
+def test_a_user_error_in_a_recipes_set_up_is_the_one_line_printed(data, tmp_path, capsys):
+    # "recipe last-2: phase 1/1 (last-2): freeze -3" came first, on stdout, before the error the set-up found
+    out = tmp_path / "run"
+    code, stdout, err = run_cli(capsys, *train_argv(data, out, "--recipe", "last-2", "--stage-lrs", "nosuch=1e-4"))
+    assert code == 2 and err.startswith("freezetune: error: stage_lrs names unknown stage(s) 'nosuch'"), err
+    assert "phase 1/1" not in stdout and not out.exists()
+    code, stdout, err = run_cli(capsys, *train_argv(data, out, "--recipe", "last-2", "--epochs", "1"))
+    assert code == 0 and stdout.startswith("recipe last-2: phase 1/1 (last-2): freeze -3\n"), err
