@@ -108,10 +108,11 @@ def test_a_text_model_refuses_image_data_and_an_image_model_text_data(tmp_path):
     photo = next((images / "train").rglob("*.png"))  # a picture is not a CSV, whatever its bytes
     with pytest.raises(DataError, match=r"png' is not a text CSV; the model is a text model"):
         build_datasets(str(photo), preprocess=text_model)
-    # advice that can be followed: eval has no column flags; a tab-separated .csv needs a name, not flags
+    # advice that can be followed: eval's column flags, or the model's names; a tab-separated .csv needs a name
     from freezetune.data import build_eval_dataset
 
-    with pytest.raises(DataError, match=r"'section': rename its columns to those the model trained on\)"):
+    with pytest.raises(DataError, match=r"'section': name its columns with --text-column and --label-column, or rename "
+                                        r"them to those the model trained on\)"):  # fmt: skip
         build_eval_dataset(str(other), preprocess=text_model, classes=["a", "b"])
     (tmp_path / "tabs.csv").write_text("text\tlabel\na text\ta\n")
     with pytest.raises(DataError, match=r"'text\\tlabel': its columns are separated by tabs: name the file .tsv\)"):

@@ -127,7 +127,8 @@ def _check_shape(data: str, hint: str = "") -> None:
 def _check_kind(data: str, preprocess: Preprocess, what: str = "data", *, flags: bool = True) -> None:
     """A text model reads a text CSV and an image model anything else: a mismatch is named before data is read
     (it would otherwise end in the tokenizer or the image pipeline, far from its cause). ``flags``: the command
-    names columns with ``--text-column``/``--label-column`` (train does; eval reads the model's)."""
+    names columns with ``--text-column``/``--label-column`` for this run (train; eval's flags name others than the
+    columns the model trained on, its default)."""
     path = Path(data)
     if not path.exists():
         return  # the reader says so, with what it expects
@@ -156,7 +157,7 @@ def _header_fix(header: list[str], flags: bool, columns: Columns) -> str:
         return f"it has no column '{columns.text[0]}', which --text-column names"
     if flags:
         return "name its columns with --text-column and --label-column"
-    return "rename its columns to those the model trained on"
+    return "name its columns with --text-column and --label-column, or rename them to those the model trained on"
 
 
 def _load_val(val_data: str, classes: list[str], preprocess: Preprocess, *, skip_bad: bool = False) -> Dataset:
