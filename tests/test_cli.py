@@ -579,7 +579,7 @@ def test_a_resume_that_moves_best_pt_without_scoring_it_removes_the_earlier_test
     assert not (tmp_path / "run" / "test_metrics.json").exists() and not (tmp_path / "run" / "confusion.png").exists()
     # moved by an earlier attempt (stopped before its final test): judged by the epoch the file names
     code, out, err = run_cli(capsys, *argv, "--epochs", "2", "--resume")  # its config keeps --no-final-test's false
-    assert code == 0 and "only the run's end (report; the test split is not scored: --final-test) runs" in out, err
+    assert code == 0 and "(report; the test split is not scored, as --no-final-test asks) runs again" in out, err
     code, _, err = run_cli(capsys, *argv, "--epochs", "2", "--resume", "--final-test")  # the finished run's test
     assert code == 0 and json.loads((tmp_path / "run" / "test_metrics.json").read_text())["epoch"] == 2, err
     code, out, err = run_cli(capsys, *argv, "--epochs", "2", "--resume", "--no-final-test")
@@ -1271,14 +1271,22 @@ def test_eval_never_writes_over_its_checkpoint_and_replaces_another_file_only_wi
     before = Path(ckpt).read_bytes()
     for force in ([], ["--force"]):
         code, out, err = run_cli(capsys, "eval", "--checkpoint", ckpt, "--data", data, "--metrics", ckpt, *force)
-        _assert_user_error(code, out, err, f"--metrics '{ckpt}': ", "is the checkpoint being evaluated")
-    (tmp_path / "config.yaml").write_text("mine: 1\n")
+        _assert_user_error(code, out, err, f"'{ckpt}': ", "the metrics are written as JSON; give a .json")
+    json_ckpt = shutil.copy(ckpt, tmp_path / "model.json")  # a checkpoint of any name is not replaced
+    code, out, err = run_cli(capsys, "eval", "--checkpoint", json_ckpt, "--data", data, "--metrics", json_ckpt,
+                             "--force")  # fmt: skip
+    _assert_user_error(code, out, err, f"--metrics '{json_ckpt}': ", "is the checkpoint being evaluated")
+    (tmp_path / "config.json").write_text('{"mine": 1}\n')
     (tmp_path / "report.png").write_bytes(b"a run's chart")
     (tmp_path / "metrics.csv").write_text("epoch\n1\n")  # beside it: a run's files
-    for flag, path in (("--metrics", tmp_path / "config.yaml"), ("--plot", tmp_path / "report.png")):
+    for flag, path in (("--metrics", tmp_path / "config.json"), ("--plot", tmp_path / "report.png")):
         code, out, err = run_cli(capsys, "eval", "--checkpoint", ckpt, "--data", data, flag, path)
         _assert_user_error(code, out, err, flag, "exists: give --force to replace it")
-    assert Path(ckpt).read_bytes() == before and (tmp_path / "config.yaml").read_text() == "mine: 1\n"
+    # --metrics m.csv got JSON in it
+    code, out, err = run_cli(capsys, "eval", "--checkpoint", ckpt, "--data", data, "--metrics", tmp_path / "m.csv")
+    _assert_user_error(code, out, err, "--metrics", "the metrics are written as JSON; give a .json file")
+    assert not (tmp_path / "m.csv").exists()
+    assert Path(ckpt).read_bytes() == before and (tmp_path / "config.json").read_text() == '{"mine": 1}\n'
     assert (tmp_path / "report.png").read_bytes() == b"a run's chart"
     (tmp_path / "m.json").write_text("{}")
     code, _, err = run_cli(capsys, "eval", "--checkpoint", ckpt, "--data", data, "--metrics", tmp_path / "m.json",

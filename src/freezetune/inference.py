@@ -85,10 +85,14 @@ def default_plot(checkpoint: str | Path, data: str | Path) -> Path:
 
 
 def check_outputs(plot: str | Path | None, metrics: str | Path | None) -> None:
-    """Refuse one file named for both the plot and the metrics: the plot, drawn second, replaced the JSON."""
+    """Refuse one file named for both the plot and the metrics (the plot, drawn second, replaced the JSON), and a
+    metrics file named for another format than the JSON it holds (``--metrics m.csv`` got JSON)."""
     if plot is not None and metrics is not None and Path(plot).resolve() == Path(metrics).resolve():
         raise ConfigError(f"{setting('metrics')} and {setting('plot')} both name {str(metrics)!r}: the plot would "
                           "replace the metrics; give each its own file")  # fmt: skip
+    if metrics is not None and Path(metrics).suffix.lower() != ".json" and not Path(metrics).is_dir():
+        raise ConfigError(f"{setting('metrics')} {str(metrics)!r}: the metrics are written as JSON; give a .json file "
+                          "(the run's per-epoch metrics.csv is in its run dir)")  # fmt: skip
 
 
 def kept_output(path: str | Path, checkpoint: str | Path, *, force: bool, metrics: bool) -> str | None:

@@ -320,7 +320,8 @@ class RunSetup:
         if self.trained_out():  # a finished run: say so, not leave it to guess
             done = ": the run had finished (early stop)" if p.epoch < self.cfg.epochs else \
                 f": all {self.cfg.epochs} epochs were trained"  # fmt: skip
-        end = "report, test split" if self.cfg.final_test else "report; the test split is not scored: --final-test"
+        unscored = "report; the test split is not scored, as --no-final-test asks"
+        end = "report, test split" if self.cfg.final_test else unscored
         then = f"; nothing trains, only the run's end ({end}) runs again" if done else ""
         self.echo(f"resumed {self.run_dir} {where}{done}{then}")
 
