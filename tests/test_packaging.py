@@ -46,6 +46,17 @@ def test_a_missing_extra_is_an_import_error_naming_the_extra_as_well_as_a_freeze
         out.stderr  # fmt: skip
 
 
+def test_a_plain_import_reaches_the_submodules_as_the_readme_writes_them():
+    # the README's export recipe, freezetune.data.load_image(...) after `import freezetune`: AttributeError
+    import subprocess
+    import sys
+
+    check = ("import freezetune\nprint(freezetune.data.load_image.__name__, freezetune.freeze.__name__)\n"
+             "try:\n    freezetune.nosuch\nexcept AttributeError as exc:\n    print(exc)\n")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True)
+    assert out.stdout == "load_image freeze\nmodule 'freezetune' has no attribute 'nosuch'\n", out.stderr
+
+
 def test_the_package_names_each_public_name_alike_for_users_editors_and_star_imports():
     # freezetune/__init__ lists its public names three times: the lazy map (what ``ft.NAME`` imports), the
     # TYPE_CHECKING imports (what an editor resolves), and __all__ (what static tools and ``import *`` read)
