@@ -739,6 +739,11 @@ def test_a_resume_with_fewer_epochs_than_trained_is_refused_and_leaves_the_run_a
             ["--out", "runs/typo", "--resume"],
             ["'runs/typo' does not exist", "--resume (resume=True) needs the run dir"],
         ),
+        # a run dir a run stopped in before it wrote its settings (here: empty): "data is required"
+        (
+            ["--out", "runs/empty", "--resume"],
+            ["cannot resume 'runs/empty': it holds no settings of a run to resume", "again, without --resume"],
+        ),
         # no --out: was "cannot resume: runs/<model>-<timestamp>/last.pt does not exist", a dir never named
         (
             ["--resume", "--data", "images"],
@@ -753,9 +758,11 @@ def test_a_resume_with_fewer_epochs_than_trained_is_refused_and_leaves_the_run_a
 def test_resume_without_a_run_dir_says_resume_needs_one(tmp_path, capsys, monkeypatch, argv, needles):
     monkeypatch.chdir(tmp_path)
     make_image_folder(tmp_path / "images")
+    if "runs/empty" in argv:
+        (tmp_path / "runs" / "empty").mkdir(parents=True)
     code, out, err = run_cli(capsys, "train", *argv)
     _assert_user_error(code, out, err, *needles)
-    assert not (tmp_path / "runs").exists()
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs" / "empty").iterdir())
 
 
 def test_a_run_given_relative_paths_resumes_from_another_directory(data, tmp_path, capsys, monkeypatch):

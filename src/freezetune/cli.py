@@ -147,6 +147,10 @@ def _train_config(args, *, run: bool = True) -> TrainConfig:
     # is no run to read (a config.yaml in the current directory is not one).
     if base is None and overrides.get("resume") and run:  # a sweep's dir holds runs, not one
         base = run_config(out)
+        if base is None and not overrides.get("data"):  # "data is required" said nothing of the run dir
+            raise ConfigError(f"cannot resume {str(out)!r}: it holds no settings of a run to resume (a run stopped "
+                              f"in its set-up or first trial writes none): run the command that started it again, "
+                              "without --resume")  # fmt: skip
     # --print-config shows a config without data too: a template that a run completes with --data
     return load_config(base, overrides, need_data=not args.print_config)
 
