@@ -619,6 +619,20 @@ def test_the_run_header_says_how_many_loader_workers_read_the_images(data, tmp_p
     assert code == 0 and " on cpu fp32, channels_last, 1 loader worker: " in out, out + err
 
 
+@pytest.mark.parametrize("command", ["eval", "predict", "export", "inspect"])
+def test_a_command_of_one_process_under_torchrun_is_refused(run, data, tmp_path, capsys, monkeypatch, command):
+    # torchrun -m freezetune eval/export: every rank scored the data and wrote the same files, and printed it all
+    argv = {"eval": ["--checkpoint", run[0] / "best.pt", "--data", data],
+            "predict": ["--checkpoint", run[0] / "best.pt", data / "test"],
+            "export": ["--checkpoint", run[0] / "best.pt", "--to", tmp_path / "m.onnx"],
+            "inspect": ["--model", "timm:test_efficientnet", "--weights", "none"]}[command]  # fmt: skip
+    monkeypatch.setenv("WORLD_SIZE", "2")  # rank 0 (RANK unset) of a two-process job
+    before = snapshot(tmp_path)
+    code, out, err = run_cli(capsys, command, *argv)
+    _assert_user_error(code, out, err, f"freezetune {command} runs in one process; torchrun is for train and sweep")
+    assert snapshot(tmp_path) == before
+
+
 def test_rank_0_says_in_one_line_that_another_rank_of_the_job_ended(data, tmp_path, capsys, monkeypatch):
     # SIGTERM to rank 1 alone: rank 0 printed gloo's "Connection closed by peer" traceback, and no line said why
     from freezetune import trainer

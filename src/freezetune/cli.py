@@ -55,6 +55,9 @@ def main(argv: list[str] | None = None) -> int:
         warnings.filterwarnings("ignore", message=message)
     forget_stop()  # a stop belongs to the command it stopped
     try:
+        if args.command not in ("train", "sweep") and cli_exit.under_torchrun():  # each rank did it all, to one file
+            raise ConfigError(f"freezetune {args.command} runs in one process; torchrun is for train and sweep: run "
+                              f"'freezetune {args.command} ...' without it")  # fmt: skip
         with cli_exit.stops(args.command):
             return args.func(args) or 0
     # a user error; a full disk, a read-only or vanished run dir (every write is atomic, so nothing is lost)
