@@ -831,6 +831,37 @@ def test_a_jpeg_cut_short_is_caught_by_the_pre_scan_though_its_header_verifies(t
         load_image(path)  # everything kept decodes, the appended video included
 
 
+def test_skip_bad_leaves_out_a_jpeg_whose_compressed_data_is_corrupt(tmp_path):
+    # bit rot inside the entropy-coded data: headers, markers and the end marker are sound, only the decode fails
+    # ("broken data stream"), and it stopped a --skip-bad run mid-epoch; without --skip-bad the header scan is kept
+    import io
+    import random
+
+    from freezetune.data.scan import image_problem
+
+    make_folder(tmp_path, 3)
+    pixels = np.random.default_rng(0).integers(0, 255, (64, 64), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, "JPEG", quality=90)
+    whole, rotten = buf.getvalue(), tmp_path / "red" / "rot.jpg"
+    for seed in range(2000):  # flipped bytes in the second half of the file until one such file is made
+        data, rng = bytearray(whole), random.Random(seed)
+        for _ in range(5):
+            data[rng.randrange(len(data) // 2, len(data) - 2)] = rng.randrange(256)
+        rotten.write_bytes(data)
+        if image_problem(str(rotten)) is None:
+            try:
+                load_image(str(rotten))
+            except DataError:  # "cannot read image ...: broken data stream when reading image file"
+                break
+    else:
+        pytest.skip("no byte flips made a JPEG whose header scan passes and whose decode fails")
+    b = build_datasets(str(tmp_path), val_split=0.3, preprocess=PRE, skip_bad=True)
+    assert b.skipped == [str(rotten)]
+    for path, _ in [*b.train.samples, *b.val.samples]:
+        load_image(path)  # everything kept decodes
+
+
 @pytest.mark.parametrize("fmt", ["GIF", "BMP", "TIFF", "PNG", "WEBP", "ICO", "PPM", "HEIF"])
 def test_every_format_cut_short_is_caught_by_the_pre_scan(tmp_path, fmt):
     # GIF, BMP, uncompressed TIFF and HEIC headers verify when their pixel data is cut short, as a JPEG's did
@@ -1204,7 +1235,7 @@ def test_a_second_build_of_the_same_folder_scans_only_files_that_changed_or_fail
 
     root = _tiny_split_folder(tmp_path / "d")
     real, scanned = scan._looked_at, []
-    monkeypatch.setattr(scan, "_looked_at", lambda path: scanned.append(path) or real(path))
+    monkeypatch.setattr(scan, "_looked_at", lambda path, decode=False: scanned.append(path) or real(path, decode))
     build_datasets(str(root), preprocess=PRE)
     first = len(scanned)
     assert first == len(list(root.rglob("*.png")))

@@ -60,7 +60,7 @@ FIELD_HELP = {
     "workers": "data loader processes (default: a few on CUDA, and on the CPU for image files; none on the CPU for "
     "data held in memory and for texts)",
     "skip_bad": "train without the image files that cannot be read (listed in skipped.txt), rather than stop and name "
-    "them",
+    "them; the pre-scan then decodes every image (slower), so corrupt compressed data is found too",
     "refit": "the automatically held-out validation images train too (best.pt = last epoch); default: the auto "
     "recipe's final run refits unless --early-stop or a plateau unfreeze needs validation",
     # freezing

@@ -5,7 +5,9 @@ Only headers are read (PIL opens lazily; ``verify`` checks the structure without
 because the cost is file-system latency, so ten thousand files take seconds. ``verify`` does not notice a JPEG cut
 short (an interrupted download or copy): PIL fails on it only when it decodes the pixels, mid-training. So a JPEG's
 markers are walked to the compressed data, which must be followed by the end-of-image marker. Formats other than
-JPEG, PNG and WebP are decoded in full: nothing short of that tells a cut GIF, BMP or TIFF from a whole one.
+JPEG, PNG and WebP are decoded in full: nothing short of that tells a cut GIF, BMP or TIFF from a whole one. Under
+``--skip-bad`` those three are decoded too (slower): a JPEG whose compressed data is corrupt (bit rot) has sound
+headers and markers, and only its decode fails, which stopped a run that was asked to skip what cannot be read.
 Files shared between splits, or copied, are ``data/overlap.py``'s. The scan notes files that read but are worth a
 word: over PIL's warning limit, or with corrupt EXIF data (what PIL warns of raw, from every loader worker, is said
 here once: ``quiet_pil_warnings``). A process remembers the files it found sound by path, size, inode, modification
@@ -39,6 +41,7 @@ _NAMED = 5  # unreadable files named in the error; the count says how many more
 # modification time (cp -p, rsync -t, tar x) still changes the change time
 _Stamp = tuple[str, int, int, int, int]
 _SOUND: set[_Stamp] = set()  # files this process found readable
+_DECODED: set[_Stamp] = set()  # ... and whose pixels it decoded whole (``decode``)
 
 
 # Formats whose truncation is caught without decoding pixels: PNG by verify's checksums up to its end chunk, WebP
@@ -76,16 +79,20 @@ def image_problem(path: str) -> str | None:
     return _looked_at(path).why
 
 
-def _looked_at(path: str) -> _Look:
-    """``image_problem``'s answer, and what is worth a note of a file that reads (``_Look``)."""
+def _looked_at(path: str, decode: bool = False) -> _Look:
+    """``image_problem``'s answer, and what is worth a note of a file that reads (``_Look``). ``decode``: JPEG, PNG and
+    WebP pixels are decoded too (a JPEG at 1/8 scale: every coefficient is still read), so that corrupt compressed
+    data is found here: no header, checksum or end marker tells it, and PIL fails on it only mid-training."""
     try:
         with Image.open(path) as img:
             img.verify()  # structure and checksums where the format has them; no pixel decode
             fmt, pixels, exif = img.format, img.width * img.height, img.info.get("exif") or b""
         if fmt == "JPEG" and not jpeg_complete(Path(path).read_bytes()):
             return _Look("truncated: the JPEG data stops before its end-of-image marker")
-        if fmt not in _CHECKED_WITHOUT_DECODE:
+        if decode or fmt not in _CHECKED_WITHOUT_DECODE:
             with Image.open(path) as img:  # verify() leaves the image unusable: open it again
+                if fmt == "JPEG":
+                    img.draft(img.mode, (max(1, img.width // 8), max(1, img.height // 8)))
                 img.load()
     except Image.DecompressionBombError as exc:
         return _Look(too_large(exc))
@@ -178,15 +185,18 @@ def jpeg_complete(data: bytes) -> bool:
     return False
 
 
-def unreadable(paths: list[str]) -> list[tuple[str, str]]:
-    """``(path, reason)`` of each file in ``paths`` whose image header cannot be read, in the order given.
+def unreadable(paths: list[str], *, decode: bool = False) -> list[tuple[str, str]]:
+    """``(path, reason)`` of each file in ``paths`` whose image header cannot be read, in the order given; ``decode``:
+    or whose pixels cannot be decoded (``_looked_at``), what ``--skip-bad`` asks: a file it lets through stops the run
+    mid-epoch.
 
     >>> unreadable([])
     []
     """
-    todo = [path for path in dict.fromkeys(paths) if file_stamp(path) not in _SOUND]
+    known = _DECODED if decode else _SOUND
+    todo = [path for path in dict.fromkeys(paths) if file_stamp(path) not in known]
     with ThreadPoolExecutor(_THREADS) as pool:
-        looked = dict(zip(todo, pool.map(_checked, todo), strict=True))
+        looked = dict(zip(todo, pool.map(lambda p: _checked(p, decode), todo), strict=True))
     large = {p: look.pixels for p, look in looked.items() if look.pixels}
     if large:  # one line for a folder of scans, not one a file
         shown = ", ".join(f"'{p}' ({megapixels(n)})" for p, n in list(large.items())[:3])
@@ -208,12 +218,14 @@ def _note_cut_exif(cut: dict[str, int]) -> None:
                   "pixels are read as usual", len(cut), shown)  # fmt: skip
 
 
-def _checked(path: str) -> _Look:
+def _checked(path: str, decode: bool = False) -> _Look:
     """``_looked_at``, remembered as sound only when the file did not change while it was read."""
     before = file_stamp(path)
-    look = _looked_at(path)
+    look = _looked_at(path, decode)
     if look.why is None and before is not None and file_stamp(path) == before:
         _SOUND.add(before)
+        if decode:
+            _DECODED.add(before)
     return look
 
 
@@ -255,8 +267,8 @@ def check_splits(splits: list[tuple[object, str]], *, skip_bad: bool, hint: str 
     >>> check_splits([(None, "training"), (None, "test")], skip_bad=False)
     ([None, None], [])
     """
-    found = [(ds, what, unreadable([p for p, _ in ds.samples]) if isinstance(ds, FileImageDataset) else [])
-             for ds, what in splits]  # fmt: skip
+    found = [(ds, what, unreadable([p for p, _ in ds.samples], decode=skip_bad)
+              if isinstance(ds, FileImageDataset) else []) for ds, what in splits]  # fmt: skip
     if not skip_bad and any(bad for _, _, bad in found):
         parts = [_cannot_read(bad, len(ds), what) for ds, what, bad in found if bad]
         heif = heif_hint(path for _, _, bad in found for path, _ in bad)
