@@ -62,7 +62,7 @@ def test_torchrun_feature_cache_matches_uncached_ddp(tmp_path):
             "-m", "freezetune", "train", "--model", "timm:test_efficientnet", "--weights", "none", "--data", str(data),
             "--img-size", "32", "--epochs", "2", "--batch-size", "4", "--device", "cpu", "--workers", "0",
             "--no-progress", "--freeze", "backbone", "--aug", "none", "--cache", cache, "--decode", "gpu",
-            "--out", str(out),
+            "--out", str(out), *(["--cache-dir", str(tmp_path / "kept")] if cache == "disk" else []),
         ]  # fmt: skip
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
         assert proc.returncode == 0, proc.stderr[-2000:]
@@ -73,6 +73,9 @@ def test_torchrun_feature_cache_matches_uncached_ddp(tmp_path):
             got, want = [r[key] for r in rows[cached]], [r[key] for r in rows["off"]]
             assert got == pytest.approx(want, rel=1e-4, abs=1e-5), (cached, key)
     assert not (tmp_path / "disk" / "cache").exists()  # each rank cleared its folder; the shared one stayed, empty
+    # --cache-dir is not used under torchrun: said (it was silent, and config.yaml records it)
+    assert f"not read from nor kept in {tmp_path / 'kept'}: under torchrun each run builds its own" in logs["disk"]
+    assert not (tmp_path / "kept").exists()
 
 
 def test_a_torchrun_rank_ends_after_its_atexit_functions_without_the_interpreters_teardown(tmp_path):

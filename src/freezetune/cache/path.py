@@ -258,7 +258,10 @@ class FeaturePath:
             if found is not None:
                 hows.append(f"read from {self.cache_dir}")
                 return placed_store(*found, self.precision, seed=loaders.seed, spill_dir=spill, place=place)
-        hows.append("built")
+        # under DDP the ranks build their blocks together: a cache dir (given, or the auto recipe's features/) is not
+        # read nor written, said where the log says how the store came to be (config.yaml still records it)
+        unkept = f" (not read from nor kept in {self.cache_dir}: under torchrun each run builds its own)"
+        hows.append("built" + (unkept if self.cache_dir is not None and dist.enabled else ""))
         store, info = build_store(split, len(dataset), loaders.views(dataset, train=augment), self.precision,
                                   views=views, spill_dir=spill, seed=loaders.seed, channels_last=self.channels_last,
                                   place=place, dist=dist,
