@@ -613,6 +613,26 @@ def test_an_input_batchnorm_without_parameters_first_in_the_model_is_frozen_with
     assert not torch.equal(model.bn0.running_mean, torch.zeros(3))
 
 
+def test_frozen_batchnorm_statistics_survive_swa_update_bn_and_come_back_resettable_when_released(resnet18):
+    # torch's update_bn resets every BatchNorm's statistics and recomputes them in train mode: the hook kept a frozen
+    # layer in eval, so its pretrained statistics became mean 0, variance 1 in the averaged model
+    from torch.optim.swa_utils import AveragedModel, update_bn
+
+    with torch.no_grad():
+        resnet18.bn1.running_mean.fill_(0.5), resnet18.bn1.running_var.fill_(2.0)
+        resnet18.layer4[1].bn2.running_mean.fill_(0.5)
+    ft.replace_head(resnet18, 3)
+    ft.freeze_to(resnet18, -2)  # layer4 and the head train
+    averaged = AveragedModel(resnet18)
+    update_bn([torch.randn(4, 3, 32, 32) for _ in range(2)], averaged)
+    frozen, trained = averaged.module.bn1, averaged.module.layer4[1].bn2
+    assert torch.all(frozen.running_mean == 0.5) and torch.all(frozen.running_var == 2.0)
+    assert not torch.all(trained.running_mean == 0.5)  # the layers that train: recomputed, as update_bn means
+    ft.unfreeze(resnet18)
+    resnet18.bn1.reset_running_stats()  # an ordinary layer again
+    assert torch.all(resnet18.bn1.running_var == 1.0)
+
+
 def test_bitfit_or_none_after_an_earlier_freeze_warns_that_what_it_froze_stays_frozen(resnet18):
     # freeze(m, "bitfit") after "backbone" trained the head alone (1,539 parameters of a 3-class head, not bitfit's
     # 11,139), and "none" changed nothing, both in silence

@@ -2,7 +2,8 @@
 keeps a layer in eval mode through ``model.train()``.
 
 - ``"frozen"``: affine parameters and running statistics frozen; the layer stays in eval mode even after
-  ``model.train()`` (a forward pre-hook puts it back), so a training pass leaves its statistics bit-identical.
+  ``model.train()`` (a forward pre-hook puts it back), so a training pass leaves its statistics bit-identical, and
+  a reset of its statistics (SWA's ``update_bn``) keeps them.
 - ``"affine"``: weight/bias stay trainable, statistics update in train mode (fastai/Lightning ``train_bn=True``).
 - ``"train"``: weight/bias frozen, statistics update in train mode (what plain ``requires_grad=False`` does).
 - ``"affine-only"``: weight/bias trainable, statistics frozen as under ``"frozen"`` (eval mode kept): the scale and
@@ -144,9 +145,7 @@ def _apply_bn_policies(model: nn.Module) -> None:
         for name, p in module.named_parameters(recurse=False):
             p.requires_grad_(policy in BN_AFFINE_POLICIES or name in opened)
         if policy in BN_EVAL_POLICIES:
-            if not _has_eval_hook(module):
-                module.register_forward_pre_hook(_keep_eval)
-            module.eval()
+            _hold(module)
         elif _has_eval_hook(module):
             _remove_eval_hook(module)
             module.train(model.training)
@@ -168,9 +167,7 @@ def hold_bn_statistics(model: nn.Module) -> None:
     setattr(model, _HOLD_ATTR, True)
     for module in model.modules():
         if keeps_stats(module) and policy_of(module) is None:
-            if not _has_eval_hook(module):
-                module.register_forward_pre_hook(_keep_eval)
-            module.eval()
+            _hold(module)
 
 
 def _release(module: nn.Module) -> None:
@@ -212,9 +209,28 @@ def holds_stats(module: nn.Module) -> bool:
     return _has_eval_hook(module)
 
 
+def _hold(module: nn.Module) -> None:
+    """Keep a BatchNorm layer's statistics as they are: in eval mode through ``model.train()`` (the hook), and through
+    a reset. ``torch.optim.swa_utils.update_bn`` (and Lightning's weight averaging) reset every BatchNorm's statistics
+    and recompute them in train mode: the hook kept a frozen layer in eval, so its pretrained statistics became
+    mean 0, variance 1. Its ``reset_running_stats`` keeps them instead (``reset_parameters`` still resets its affine
+    weights); the layer's own comes back when it is released."""
+    if not _has_eval_hook(module):
+        module.register_forward_pre_hook(_keep_eval)
+    module.reset_running_stats = _statistics_held
+    module.eval()
+
+
+def _statistics_held() -> None:
+    """A held BatchNorm layer's ``reset_running_stats``: its statistics stay (a module-level function: the layer
+    pickles and deep-copies with it)."""
+
+
 def _remove_eval_hook(module: nn.Module) -> None:
     for key in [k for k, h in module._forward_pre_hooks.items() if _is_eval_hook(h)]:
         del module._forward_pre_hooks[key]
+    if getattr(module.__dict__.get("reset_running_stats"), "__name__", None) == _statistics_held.__name__:  # by name,
+        del module.reset_running_stats  # as the hook is found: a reloaded module (%autoreload) has a new function
 
 
 def idle_bn_policy(model: nn.Module, bn: str) -> str | None:
