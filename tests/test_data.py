@@ -1048,6 +1048,31 @@ def test_a_folder_of_split_folders_without_a_training_one_is_refused(tmp_path):
         build_datasets(str(root), preprocess=PRE)
 
 
+def test_split_folders_beside_class_folders_are_refused_not_trained_as_classes(tmp_path):
+    # cat/, dog/, val/<class>/ and an unlabelled test/: classes 'cat', 'dog', 'test', 'val' trained, in silence
+    root = make_folder(tmp_path / "d", 2)
+    make_folder(root / "val", 1)
+    (root / "test").mkdir()
+    Image.new("RGB", (20, 20)).save(root / "test" / "0001.png")
+    with pytest.raises(DataError, match=r"holds split folder\(s\) 'test', 'val' beside its class folders \('blue', "
+                                        r"'green', 'red'\).* put the class folders in .*train/ \(beside test/, val/\)"):  # fmt: skip
+        build_datasets(str(root), preprocess=PRE)
+
+
+def test_a_split_folder_that_is_a_broken_link_is_refused_and_two_spellings_of_one_are_named(tmp_path, caplog):
+    # a val/ link to an unmounted share: the run held validation out of train/ and scored no test split, unsaid
+    root = _tiny_split_folder(tmp_path / "d")
+    shutil.rmtree(root / "val")
+    (root / "val").symlink_to(tmp_path / "unmounted" / "val")
+    with pytest.raises(DataError, match=r"'.*val' is a link to '.*unmounted/val', which does not exist"):
+        build_datasets(str(root), preprocess=PRE)
+    (root / "val").unlink()
+    shutil.copytree(root / "train", root / "Train")  # train/ beside Train/: one was read, nothing said which
+    with caplog.at_level(logging.WARNING, logger="freezetune"):
+        build_datasets(str(root), preprocess=PRE)
+    assert "has Train/ and train/: Train/ is read, train/ not" in caplog.text, caplog.text
+
+
 def test_the_same_files_in_two_splits_are_refused(tmp_path):
     root = _tiny_split_folder(tmp_path / "d")
     with pytest.raises(DataError, match=r"9 of 9 validation image file\(s\) are also training files"):

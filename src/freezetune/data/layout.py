@@ -9,6 +9,7 @@ splits are files by the same names: ``DIR/train.csv``, ``DIR/val.csv``, ``DIR/te
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 from torch.utils.data import Dataset
@@ -79,8 +80,13 @@ def class_roots(data: str | None) -> list[Path]:
 def first_dir(root: Path, names: tuple[str, ...]) -> Path | None:
     """The first of ``names`` that ``root`` has as a folder, in any case (``Train/`` is ``train/``); the others
     found (``val/`` beside ``valid/``) are named in a warning: their images are not read."""
-    found = {d.name.lower(): d for d in sorted(root.iterdir(), reverse=True) if d.is_dir()}
-    present = [found[n] for n in names if n in found]
+    entries = sorted(root.iterdir())
+    broken = [d for d in entries if d.name.lower() in names and d.is_symlink() and not d.exists()]
+    if broken:  # an unmounted share: its split was left out in silence (eval scored val/ as the test split)
+        raise DataError(f"'{broken[0]}' is a link to '{os.readlink(broken[0])}', which does not exist (not mounted?): "
+                        "mount it, or remove the link to run without that split")  # fmt: skip
+    # every folder of these names, in any case: train/ beside Train/ kept one of the two, in silence
+    present = [d for n in names for d in entries if d.name.lower() == n and d.is_dir()]
     if len(present) > 1:
         warn_once(log, "'%s' has %s: %s/ is read, %s not", root, " and ".join(f"{d.name}/" for d in present),
                   present[0].name, ", ".join(f"{d.name}/" for d in present[1:]))  # fmt: skip
@@ -109,6 +115,13 @@ def _no_train_dir(path: Path, classes: list[str]) -> None:
     if classes and all(c.lower() in splits for c in classes):
         raise DataError(f"'{path}' holds split folders ({choices(classes)}) but no training folder: put the training "
                         f"images in {path / 'train'}/<class>/ (or give the class folders themselves)")  # fmt: skip
+    named = [c for c in classes if c.lower() in splits]
+    if named:  # val/ and test/ beside cat/ and dog/: their images trained as classes "val" and "test", in silence
+        others = [c for c in classes if c not in named]
+        raise DataError(f"'{path}' holds split folder(s) {choices(named)} beside its class folders "
+                        f"({choices(others[:5])}{', ...' if len(others) > 5 else ''}), and a flat layout's folders are "
+                        f"all classes: put the class folders in {path / 'train'}/ (beside {', '.join(n + '/' for n in named)}), or "
+                        "rename those folders if they are classes")  # fmt: skip
 
 
 def _no_splits_in_classes(path: Path, classes: list[Path]) -> None:

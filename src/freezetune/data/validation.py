@@ -81,8 +81,8 @@ def resolve_validation(
     the validation set could not be refit ("" when it could)."""
     given = val
     train, val, val_source = choose_validation(train, val, val_data=val_data, val_split=val_split, seed=seed)
-    if val is not None and len(val) == 0:
-        val, val_source = None, f"none (every class has a single training {noun(train)[:-1]})"
+    if val is not None and len(val) == 0:  # copies are held out together: five copies of one image are one
+        val, val_source = None, f"none (every class has a single training {noun(train)[:-1]}, or copies of one)"
     warn_unvalidated(train, val, held_out=given is None)
     if per_class is not None:
         train = train.select(per_class_indices(train.targets, per_class, seed, same_items(train))[0])
