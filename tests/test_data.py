@@ -337,6 +337,11 @@ def test_a_headerless_csv_of_label_path_rows_reads_as_its_path_label_twin_does(t
     (tmp_path / "gone.csv").write_text("red,imgs/red/0.png\nblue,imgs/nothere.png\n")  # its second column's file
     with pytest.raises(DataError, match=r"lists 1 missing image file\(s\), first: '.*nothere.png'"):
         build_datasets(str(tmp_path / "gone.csv"), preprocess=PRE)
+    # its first row's file missing: judged by that row alone, every path became a class (--skip-bad: "left class(es)
+    # 'imgs/blue/0.png', ... without a training image")
+    (tmp_path / "first_gone.csv").write_text("red,imgs/nothere.png\n" + "".join(f"{c},{p}\n" for p, c in rows))
+    skipped = build_datasets(str(tmp_path / "first_gone.csv"), preprocess=PRE, skip_bad=True)
+    assert skipped.classes == one.classes and skipped.skipped == [str(tmp_path / "imgs" / "nothere.png")]
 
 
 def test_an_image_list_separated_by_tabs_reads_as_its_csv_does(tmp_path):

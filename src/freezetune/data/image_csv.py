@@ -57,6 +57,9 @@ def read_csv(path: str | Path, classes: list[str] | None = None, *, missing_ok: 
     return FileImageDataset([(str(f), index[label]) for f, (_, label) in zip(files, rows, strict=True)], classes)
 
 
+_SAMPLED_ROWS = 20  # the rows of a headerless CSV whose files say which column holds the images
+
+
 def _is_header(row: list[str], base: Path) -> bool:
     # A header names its columns; a data row's first cell is an image that exists.
     named = any(cell.strip().lower() in IMAGE_COLUMNS | _CSV_LABEL_NAMES for cell in row)
@@ -67,9 +70,11 @@ def _exists(cell: str, base: Path) -> bool:
     return (base / cell.strip()).is_file()
 
 
-def _csv_columns(path: Path, header: list[str] | None, first: list[str]) -> tuple[int, int]:
-    """The (path, label) column indices: by header name, or the two columns of a headerless ``path,label`` file
-    (``first``: its first row), read as ``label,path`` when its first row's image is in the second column."""
+def _csv_columns(path: Path, header: list[str] | None, rows: list[list[str]]) -> tuple[int, int]:
+    """The (path, label) column indices: by header name, or the two columns of a headerless ``path,label`` file, read
+    as ``label,path`` when more of its first rows (``_SAMPLED_ROWS``) have their image in the second column (the
+    first row alone took a missing first image for a ``label,path`` file: every path became a class)."""
+    first = rows[0]
     width = len(first)
     if header is None:
         if separator := other_separator(first):  # "has 1 columns and no header" for a file with both
@@ -80,9 +85,9 @@ def _csv_columns(path: Path, header: list[str] | None, first: list[str]) -> tupl
             raise DataError(f"CSV '{path}' has {width} columns{sep} and no header; add a header naming the image column "
                             f"({choices(sorted(IMAGE_COLUMNS))}) and the label column "
                             f"({choices(sorted(_CSV_LABEL_NAMES))})")  # fmt: skip
-        if not _exists(first[0], path.parent) and _exists(first[1], path.parent):  # "label,path" rows: its files
-            return 1, 0  # are in the second column (a first column of missing files was the one error said)
-        return 0, 1
+        sampled = [r for r in rows[:_SAMPLED_ROWS] if len(r) == 2]
+        found = [sum(_exists(r[i], path.parent) for r in sampled) for i in (0, 1)]
+        return (1, 0) if found[1] > found[0] else (0, 1)  # "label,path" rows: their files are in the second column
     names = [c.strip().lower() for c in header]
     found = {}
     for role, allowed in (("image", IMAGE_COLUMNS), ("label", _CSV_LABEL_NAMES)):
@@ -116,7 +121,7 @@ def _read_csv_rows(path: Path) -> list[tuple[str, str]]:
         rows, numbered = rows[1:], numbered[1:]
     if not rows:
         raise DataError(f"CSV '{path}' has no rows; expected lines of 'path,label'")
-    image, label = _csv_columns(path, header, rows[0])
+    image, label = _csv_columns(path, header, rows)
     need = max(image, label) + 1
     bad = next(((n, r) for n, r in numbered if len(r) < need or not r[image].strip() or not r[label].strip()), None)
     if bad is not None:
