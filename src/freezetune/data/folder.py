@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, features
 from torch.utils.data import Dataset
 
 from freezetune.data.alpha import flatten
@@ -42,9 +42,12 @@ def _heif_readable() -> bool:
 
 
 _HEIF_READABLE = _heif_readable()
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff") + (
-    HEIF_EXTENSIONS if _HEIF_READABLE else ()
-)
+# Netpbm (the AT&T faces' .pgm) and TGA are Pillow's own; JPEG 2000 and AVIF where this Pillow was built with them
+# (a folder of .pgm files was "no class folders with images", though predict read such a file)
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm",
+                    ".pgm", ".pbm", ".pnm", ".tga") + tuple(
+    suffix for suffix, feature in ((".jp2", "jpg_2000"), (".avif", "avif")) if features.check(feature)
+) + (HEIF_EXTENSIONS if _HEIF_READABLE else ())  # fmt: skip
 
 
 def heif_hint(paths) -> str:
