@@ -156,6 +156,21 @@ def test_a_large_jpeg_decodes_reduced_while_both_its_sides_stay_at_least_min_sid
     assert load_image(tmp_path / "photo.png", min_side=146).size == (1200, 900)  # only JPEG scales as it decodes
 
 
+def test_a_phones_jpeg_that_pillow_opens_as_mpo_decodes_reduced_and_is_scanned_as_a_jpeg(tmp_path):
+    # a JPEG with an MPF segment (Samsung, Android Ultra HDR) is Pillow's "MPO": read whole at 2x the time, and
+    # its markers never walked (a cut one passed the pre-scan)
+    from freezetune.data.scan import image_problem
+
+    photo = Image.open(_photo(tmp_path / "photo.jpg")).convert("RGB")
+    photo.save(tmp_path / "phone.jpg", format="MPO", save_all=True, append_images=[photo.resize((120, 90))])
+    assert Image.open(tmp_path / "phone.jpg").format == "MPO"
+    assert load_image(tmp_path / "phone.jpg", min_side=146).size == (300, 225)
+    assert image_problem(str(tmp_path / "phone.jpg")) is None
+    data = (tmp_path / "phone.jpg").read_bytes()
+    (tmp_path / "cut.jpg").write_bytes(data[: len(data) // 3])  # inside its first image's compressed data
+    assert "truncated" in (image_problem(str(tmp_path / "cut.jpg")) or "")
+
+
 def test_datasets_read_a_photo_reduced_by_the_models_decode_side_and_it_barely_moves_the_input(tmp_path):
     from freezetune.data import build_datasets, build_eval_dataset
     from freezetune.data.transforms import eval_transform

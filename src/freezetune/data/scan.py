@@ -27,7 +27,7 @@ from typing import NamedTuple
 
 from PIL import Image
 
-from freezetune.data.folder import FileImageDataset, heif_hint
+from freezetune.data.folder import JPEG_FORMATS, FileImageDataset, heif_hint
 from freezetune.data.large import megapixels, too_large
 from freezetune.errors import DataError
 from freezetune.options import PIL_WARNINGS
@@ -47,7 +47,7 @@ _DECODED: set[_Stamp] = set()  # ... and whose pixels it decoded whole (``decode
 # Formats whose truncation is caught without decoding pixels: PNG by verify's checksums up to its end chunk, WebP
 # (its decoder refuses a short file when it opens), JPEG by the marker walk. The headers of the others (GIF, BMP,
 # TIFF, PPM ...) do not say where their pixel data ends, so they are decoded; they are rare in datasets.
-_CHECKED_WITHOUT_DECODE = {"JPEG", "PNG", "WEBP"}
+_CHECKED_WITHOUT_DECODE = {*JPEG_FORMATS, "PNG", "WEBP"}
 
 
 def quiet_pil_warnings() -> None:
@@ -87,11 +87,11 @@ def _looked_at(path: str, decode: bool = False) -> _Look:
         with Image.open(path) as img:
             img.verify()  # structure and checksums where the format has them; no pixel decode
             fmt, pixels, exif = img.format, img.width * img.height, img.info.get("exif") or b""
-        if fmt == "JPEG" and not jpeg_complete(Path(path).read_bytes()):
+        if fmt in JPEG_FORMATS and not jpeg_complete(Path(path).read_bytes()):
             return _Look("truncated: the JPEG data stops before its end-of-image marker")
         if decode or fmt not in _CHECKED_WITHOUT_DECODE:
             with Image.open(path) as img:  # verify() leaves the image unusable: open it again
-                if fmt == "JPEG":
+                if fmt in JPEG_FORMATS:
                     img.draft(img.mode, (max(1, img.width // 8), max(1, img.height // 8)))
                 img.load()
     except Image.DecompressionBombError as exc:
@@ -99,7 +99,7 @@ def _looked_at(path: str, decode: bool = False) -> _Look:
     except Exception as exc:  # PIL raises OSError, SyntaxError, struct.error ... for broken files
         why = getattr(exc, "strerror", None) or str(exc).split("\n")[0] or type(exc).__name__
         return _Look(why.replace(f" {str(path)!r}", ""))  # PIL repeats the path the message is already about
-    large = fmt != "JPEG" and bool(Image.MAX_IMAGE_PIXELS) and pixels > Image.MAX_IMAGE_PIXELS
+    large = fmt not in JPEG_FORMATS and bool(Image.MAX_IMAGE_PIXELS) and pixels > Image.MAX_IMAGE_PIXELS
     # read here, not through PIL's Exif, whose "Corrupt EXIF data" is a warning: catching one is not thread-safe
     orientation, whole = tiff_orientation(exif.removeprefix(b"Exif\0\0"))
     return _Look(None, pixels if large else 0, 0 if whole else orientation)
