@@ -1432,3 +1432,14 @@ def test_a_user_error_in_a_recipes_set_up_is_the_one_line_printed(data, tmp_path
     assert "phase 1/1" not in stdout and not out.exists()
     code, stdout, err = run_cli(capsys, *train_argv(data, out, "--recipe", "last-2", "--epochs", "1"))
     assert code == 0 and stdout.startswith("recipe last-2: phase 1/1 (last-2): freeze -3\n"), err
+
+
+def test_an_auto_run_that_unfreezes_below_its_cut_caches_at_the_new_boundary(data, tmp_path, capsys):
+    # the run pins its trials' cut (cache_at): once an unfreeze opened a stage before it, "feature cache off: cannot
+    # cut at 'blocks.1'" and every later epoch ran the whole network
+    argv = train_argv(data, tmp_path / "run", "--epochs", "3", "--unfreeze", "epoch:1", "--cache", "auto")
+    code, out, err = run_cli(capsys, *argv)
+    assert code == 0, err
+    assert "feature cache off" not in out
+    assert "feature cache: a stage before 'blocks.1' trains now; cut at the first trainable stage\n" in out, out
+    assert "unfroze blocks.0" in out and "cached at the input of blocks.0" in out.split("unfroze blocks.0")[1], out

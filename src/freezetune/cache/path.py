@@ -38,6 +38,7 @@ from freezetune.distributed import batch_block
 from freezetune.evaluate import evaluate
 from freezetune.precision import Precision
 from freezetune.split import Split, split_model
+from freezetune.stages import stages
 
 log = logging.getLogger(__name__)
 
@@ -190,6 +191,12 @@ class FeaturePath:
             self.echo("feature cache off: text batches are tokenized and padded per batch, not cached")
             return
         split, why = split_model(self.model, at=self.cache_at)
+        if split is None and self.cache_at is not None and _trains_before(self.model, self.cache_at):
+            # an unfreeze opened a stage before the cut pinned there (the auto recipe's run pins its trials' cut): the
+            # cache turned off for the rest of the run, where a cut at the new boundary keeps it
+            self.echo(f"feature cache: a stage before {self.cache_at!r} trains now; cut at the first trainable stage")
+            self.cache_at = None
+            split, why = split_model(self.model)
         if split is None:
             self.echo(f"feature cache off: {why}")
             return
@@ -306,3 +313,10 @@ def _remove_empty_dirs(root: Path) -> None:
             folder.rmdir()
     with contextlib.suppress(OSError):
         root.rmdir()
+
+
+def _trains_before(model, stage: str) -> bool:
+    """Whether a stage of ``model`` before ``stage`` has a trainable parameter (an unfreeze opened it)."""
+    names = [s.name for s in stages(model)]
+    before = stages(model)[: names.index(stage)] if stage in names else []
+    return any(p.requires_grad for s in before for p in s.params)
