@@ -44,6 +44,18 @@ def momentum_note(optimizer: str, momentum: float, default: float) -> str | None
     return f"note: momentum {momentum:g} is SGD's (optimizer sgd); with optimizer {optimizer!r} it has no effect"
 
 
+def idle_warmup_note(scheduler: str, warmup_epochs: float) -> str | None:
+    """A note when a warm-up is asked of no schedule (``--scheduler none``: the LR stays constant): it was ignored.
+
+    >>> print(idle_warmup_note("none", 1.0))
+    note: --warmup-epochs 1 has no effect with --scheduler none (a constant LR); cosine or onecycle warm up
+    """
+    if scheduler != "none" or not warmup_epochs:
+        return None
+    return (f"note: --warmup-epochs {warmup_epochs:g} has no effect with --scheduler none (a constant LR); cosine or "
+            "onecycle warm up")  # fmt: skip
+
+
 def build_scheduler(optimizer: torch.optim.Optimizer, kind: str, *, epochs: int, steps_per_epoch: int,
                     warmup_epochs: float = 0.0):  # fmt: skip
     """A per-step schedule: one-cycle (warm-up then cosine annealing), cosine with optional linear warm-up, or none.
@@ -91,6 +103,8 @@ def warmup_steps(kind: str, *, epochs: int, steps_per_epoch: int, warmup_epochs:
     75
     >>> warmup_steps("cosine", epochs=30, steps_per_epoch=10, warmup_epochs=2)
     20
+    >>> warmup_steps("onecycle", epochs=10, steps_per_epoch=4, warmup_epochs=0.1)  # the asked step (with 2 its least)
+    2
     """
     total, warmup = _steps(epochs, steps_per_epoch, warmup_epochs)
     if kind == "onecycle":
@@ -99,8 +113,11 @@ def warmup_steps(kind: str, *, epochs: int, steps_per_epoch: int, warmup_epochs:
 
 
 def _steps(epochs: int, steps_per_epoch: int, warmup_epochs: float) -> tuple[int, int]:
-    """The schedule's steps in all and its asked warm-up steps (``build_scheduler`` and ``warmup_steps`` alike)."""
-    return max(1, epochs * steps_per_epoch), int(round(warmup_epochs * steps_per_epoch))
+    """The schedule's steps in all and its asked warm-up steps (``build_scheduler`` and ``warmup_steps`` alike): a
+    warm-up asked is at least one step (0.1 of a 4-step epoch rounded to none, which one-cycle reads as not asked:
+    its default quarter of the run, a longer warm-up than the one asked)."""
+    warmup = int(round(warmup_epochs * steps_per_epoch))
+    return max(1, epochs * steps_per_epoch), max(warmup, 1) if warmup_epochs > 0 else 0
 
 
 def _onecycle_pct(warmup: int, total: int) -> float:
