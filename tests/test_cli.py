@@ -1498,3 +1498,14 @@ def test_eval_of_last_pt_draws_its_own_plot_beside_best_pts(run, data, capsys, t
         assert code == 0, err
     plots = sorted(p.name for p in tmp_path.glob("eval_*_confusion.png"))
     assert len(plots) == 2 and plots[1].endswith("_last_confusion.png"), plots
+
+
+def test_options_that_change_nothing_beside_others_are_noted(data, tmp_path, capsys):
+    # --scheduler none --warmup-epochs 1: a constant LR, unsaid; --aug none --cache-views 2: "1 view(s)" beside a
+    # config.yaml of 2, unsaid
+    argv = train_argv(data, tmp_path / "run", "--epochs", "2", "--freeze", "backbone", "--scheduler", "none",
+                      "--warmup-epochs", "1", "--aug", "none", "--cache", "auto", "--cache-views", "2")  # fmt: skip
+    code, out, err = run_cli(capsys, *argv)
+    assert code == 0, err
+    assert "note: --warmup-epochs 1 has no effect with --scheduler none (a constant LR)" in out, out
+    assert "note: --cache-views 2 has no effect with --aug none" in out, out

@@ -21,6 +21,7 @@ from freezetune import checkpoint, hf_bundle, reporting, rng, run_log, runtime, 
 from freezetune._io import atomic_write_text
 from freezetune.bn_policy import hold_bn_statistics, idle_bn_policy
 from freezetune.cache import FeaturePath
+from freezetune.cache.path import idle_views_note
 from freezetune.config import DATA_PATHS, TrainConfig, parse_freeze_spec
 from freezetune.config_check import validate, validation_users
 from freezetune.config_file import follow_moved_data
@@ -50,7 +51,7 @@ from freezetune.interrupt import StopRequest
 from freezetune.loss import imbalance_note, training_loss
 from freezetune.memory import auto_batch_size
 from freezetune.models import create_model
-from freezetune.optim import build_optimizer, build_scheduler, momentum_note, warmup_steps
+from freezetune.optim import build_optimizer, build_scheduler, idle_warmup_note, momentum_note, warmup_steps
 from freezetune.options import BATCH_AUTO, MONITOR_MODES, RANDOM_WEIGHTS
 from freezetune.param_groups import idle_stage_lrs
 from freezetune.precision import resolve_device, resolve_precision
@@ -372,6 +373,8 @@ class RunSetup:
                                      decay=self.cfg.decay),
                       idle_bn_policy(self.model, self.cfg.bn), plateau_units_note(schedule, self.cfg.monitor), idle,
                       momentum_note(self.cfg.optimizer, self.cfg.momentum, TrainConfig.momentum),
+                      idle_warmup_note(self.cfg.scheduler, self.cfg.warmup_epochs),
+                      idle_views_note(self.cfg.aug, self.cfg.cache_views, self.cfg.cache),
                       self.precision.cpu_note()]  # fmt: skip
         for note in filter(None, [*notes, self._warmup_note()]):
             self.echo(note)
