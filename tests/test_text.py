@@ -512,7 +512,7 @@ def test_a_text_run_without_validation_speaks_of_texts_not_images(tmp_path, capl
     # "none (every class has a single training image)" and "a class of one training image gives none", of texts
     (tmp_path / "one.csv").write_text("text,label\ngreat film,pos\nawful film,neg\n")
     data = build_datasets(str(tmp_path / "one.csv"), preprocess=Preprocess(tokenizer=str(MINILM)))
-    assert data.val is None and data.val_source.startswith("none (every class has a single training text)")
+    assert data.val is None and data.val_source.startswith("none (every class has a single training text,")
     (tmp_path / "some.csv").write_text("text,label\ngreat film,pos\nfine film,pos\nawful film,neg\n")
     with caplog.at_level("WARNING", logger="freezetune"):
         build_datasets(str(tmp_path / "some.csv"), preprocess=Preprocess(tokenizer=str(MINILM)))
