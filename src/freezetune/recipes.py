@@ -325,6 +325,7 @@ def _refuse_a_started_phase(cfg: TrainConfig, recipe: str) -> None:
 
 def _run_phases(cfg: TrainConfig, recipe: str, train: Callable, echo: Callable[[str], None]):
     from freezetune import checkpoint
+    from freezetune.run_log import introduced
 
     result, steps, spent = None, phases(cfg, recipe), Counter()
     for i, phase in enumerate(steps):
@@ -332,26 +333,12 @@ def _run_phases(cfg: TrainConfig, recipe: str, train: Callable, echo: Callable[[
         if result is not None:  # start from the previous phase's best weights, head included (as auto._base)
             phase_cfg = dataclasses.replace(phase_cfg, init=os.path.abspath(result.run_dir / checkpoint.BEST))
         line = f"recipe {recipe}: phase {i + 1}/{len(steps)} ({phase.name}): freeze {phase_cfg.freeze!r}"
-        result = _run_phase(phase_cfg, train, _announcing(echo, line), last=i + 1 == len(steps))
+        # announced at its first line, once set up: a user error found in its set-up is the one line printed
+        result = _run_phase(phase_cfg, train, introduced(echo, line), last=i + 1 == len(steps))
         spent.update(result.seconds)
     # every phase is part of the recipe's cost: the sweep listed lp-ft at its fine-tune's seconds, without the probe
     # (its cache build included) that trained first
     return dataclasses.replace(result, seconds=dict(spent))
-
-
-def _announcing(echo: Callable[[str], None], line: str) -> Callable[[str], None]:
-    """``echo`` that says ``line`` before the first line it is given: a phase is announced once it has set up and
-    says something, so a user error found in its set-up is the one line the command prints."""
-    said = False
-
-    def say(text: str) -> None:
-        nonlocal said
-        if not said:
-            said = True
-            echo(line)
-        echo(text)
-
-    return say
 
 
 def _drop_request(out: Path, existed: bool) -> None:
