@@ -1443,3 +1443,18 @@ def test_an_auto_run_that_unfreezes_below_its_cut_caches_at_the_new_boundary(dat
     assert "feature cache off" not in out
     assert "feature cache: a stage before 'blocks.1' trains now; cut at the first trainable stage\n" in out, out
     assert "unfroze blocks.0" in out and "cached at the input of blocks.0" in out.split("unfroze blocks.0")[1], out
+
+
+def test_a_budget_that_plans_fewer_epochs_than_the_warm_up_scales_it_and_says_what_it_replaced(data, tmp_path, capsys):
+    # the trials ran, then "invalid config: warmup_epochs must be in [0, epochs), got 2.0": a budget's one epoch
+    # against a warm-up checked against --epochs; and that path dropped --epochs 4 without a word
+    argv = train_argv(data, tmp_path / "run", "--epochs", "4", "--budget", "0.01s", "--scheduler", "cosine",
+                      "--warmup-epochs", "2")  # fmt: skip
+    code, out, err = run_cli(capsys, *argv)
+    assert code == 0, err
+    assert "budget: the run trains one epoch (not the 4 of epochs), over it" in out, out
+    assert "auto: --warmup-epochs 2 is as long as the 1 epoch(s) the budget plans: the run warms up for 0.5, the " \
+           "share of the run it was of --epochs 4" in out, out  # fmt: skip
+    run = tmp_path / "run"
+    assert json.loads((run / "recipe.json").read_text())["choice"]["warmup_epochs"] == 0.5
+    assert len(read_metrics(run / "metrics.csv")) == 1

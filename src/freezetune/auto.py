@@ -159,9 +159,11 @@ def run(cfg: TrainConfig, *, echo: Callable[[str], None] = print, train: Callabl
     planned = _epochs(cfg, trials, choice, broadcast(time.perf_counter() - start, info), refit, lambda line: None)
     probe = None
     if few_shot(trials[0], text, planned, echo):  # too few steps to fit a random head at the boosted LR: probe it
-        probe = _probe(base, planned, refit, out, shared, echo, steps=trials[0]["steps"])
+        probe_base = dataclasses.replace(base, warmup_epochs=_warmup(cfg, planned, lambda line: None))
+        probe = _probe(probe_base, planned, refit, out, shared, echo, steps=trials[0]["steps"])
     spent = broadcast(time.perf_counter() - start, info)
     epochs = _epochs(cfg, trials, choice, spent, refit, echo, probed=probe is not None)
+    warmup = _warmup(cfg, epochs, echo)
     # from the trial's fitted weights: a smaller step (see the docstring); from a probe's head, the LR as asked
     run_lr = cfg.lr if probe else choice["lr"] * RUN_LR_FACTOR
     bn_stats = _bn_stats(cfg.bn_stats, probe is not None)
@@ -174,12 +176,12 @@ def run(cfg: TrainConfig, *, echo: Callable[[str], None] = print, train: Callabl
                 "compared_by": compared_by(cfg.monitor),
                 "budget_s": parse_duration(cfg.budget),
                 "choice": {**choice, "epochs": epochs, "refit": refit, "why": why, "init": init, "run_lr": run_lr,
-                           "bn_stats": bn_stats}}  # fmt: skip
+                           "bn_stats": bn_stats, "warmup_epochs": warmup}}  # fmt: skip
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(saved, json.dumps(decision, indent=1))
     final = dataclasses.replace(_at_lr(base, run_lr), freeze=choice["freeze"], epochs=epochs, refit=refit, init=init,
-                                bn_stats=bn_stats, resume=False)  # fmt: skip
+                                bn_stats=bn_stats, warmup_epochs=warmup, resume=False)  # fmt: skip
     return _with_trial_seconds(train(final, echo=echo, recipe_run=True), _measured(trials, probe))
 
 
@@ -287,6 +289,7 @@ def _resumed(cfg: TrainConfig, out: Path, echo: Callable[[str], None]) -> tuple[
     resumed = dataclasses.replace(_at_lr(_base(cfg, out, decision["cut"]), run_lr), freeze=choice["freeze"],
                                   epochs=choice["epochs"], refit=choice.get("refit", False),
                                   init=choice.get("init", cfg.init), bn_stats=choice.get("bn_stats", cfg.bn_stats),
+                                  warmup_epochs=choice.get("warmup_epochs", cfg.warmup_epochs),
                                   resume=True)  # fmt: skip
     return resumed, _measured(decision.get("trials", []), decision.get("probe"))
 
@@ -314,17 +317,31 @@ def _epochs(cfg: TrainConfig, trials: list[dict], choice: dict, spent: float, re
     budget = parse_duration(cfg.budget)
     if budget is None:
         return cfg.epochs
+    # an --epochs given beside the budget is replaced: said, not dropped in silence
+    replaced = f" (not the {cfg.epochs} of epochs)" if cfg.epochs != TrainConfig.epochs else ""
     if spent >= budget:  # the run then trains one epoch: say why, not only how many
-        echo(f"auto: {measured} took {spent:.0f}s of the {cfg.budget} budget: the run trains one epoch, over it")
+        echo(f"auto: {measured} took {spent:.0f}s of the {cfg.budget} budget: the run trains one epoch{replaced}, "
+             "over it")  # fmt: skip
         return 1
     train_s, other_s = _epoch_pace(choice, refit, trials[0]["n_val"])
     epochs = max(1, math.floor((budget - spent) / max(train_s + other_s, 1e-6)))
-    # an --epochs given beside the budget is replaced: said, not dropped in silence
-    replaced = f" (not the {cfg.epochs} of epochs)" if cfg.epochs != TrainConfig.epochs else ""
     echo(f"auto: the {cfg.budget} budget leaves {budget - spent:.0f}s after {measured}: {epochs} epoch(s){replaced} "
          f"of about {train_s + other_s:.1f}s ({train_s:.1f}s training, {other_s:.1f}s validation and "
          "checkpoints)")  # fmt: skip
     return epochs
+
+
+def _warmup(cfg: TrainConfig, epochs: int, echo: Callable[[str], None]) -> float:
+    """The final run's (and a probe's) warm-up: as asked, unless a budget planned no more epochs than it (the run's
+    config was then refused after the trials, "warmup_epochs must be in [0, epochs)", naming a value the user had
+    checked against --epochs): then the share of the run that was asked of ``--epochs``, said."""
+    if cfg.warmup_epochs < epochs or not cfg.warmup_epochs:
+        return cfg.warmup_epochs
+    share = cfg.warmup_epochs / cfg.epochs if cfg.warmup_epochs < cfg.epochs else 0.5
+    warmup = round(epochs * share, 3)
+    echo(f"auto: --warmup-epochs {cfg.warmup_epochs:g} is as long as the {epochs} epoch(s) the budget plans: the run "
+         f"warms up for {warmup:g}, the share of the run it was of --epochs {cfg.epochs}")  # fmt: skip
+    return warmup
 
 
 def _epoch_pace(choice: dict, refit: bool, n_val: int) -> tuple[float, float]:
