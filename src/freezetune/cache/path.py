@@ -317,9 +317,9 @@ def _remove_empty_dirs(root: Path) -> None:
 
 def _trains_before(model, stage: str) -> bool:
     """Whether a stage of ``model`` before ``stage`` has a trainable parameter (an unfreeze opened it)."""
-    names = [s.name for s in stages(model)]
-    before = stages(model)[: names.index(stage)] if stage in names else []
-    return any(p.requires_grad for s in before for p in s.params)
+    found = stages(model)  # once: each call walks the model again
+    names = [s.name for s in found]
+    return stage in names and any(p.requires_grad for s in found[: names.index(stage)] for p in s.params)
 
 
 def idle_views_note(aug: str, views: int, cache: str) -> str | None:
