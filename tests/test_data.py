@@ -1059,8 +1059,11 @@ def test_split_folders_beside_class_folders_are_refused_not_trained_as_classes(t
     make_folder(root / "val", 1)
     (root / "test").mkdir()
     Image.new("RGB", (20, 20)).save(root / "test" / "0001.png")
-    with pytest.raises(DataError, match=r"holds split folder\(s\) 'test', 'val' beside its class folders \('blue', "
-                                        r"'green', 'red'\).* put the class folders in .*train/ \(beside test/, val/\)"):  # fmt: skip
+    refused = (
+        r"holds split folder\(s\) 'test', 'val' beside its class folders \('blue', 'green', 'red'\).* put the "
+        r"class folders in .*train/ \(beside test/, val/\)"
+    )
+    with pytest.raises(DataError, match=refused):
         build_datasets(str(root), preprocess=PRE)
 
 

@@ -593,8 +593,10 @@ def test_an_input_batchnorm_without_parameters_first_in_the_model_is_frozen_with
         def __init__(self) -> None:
             super().__init__()
             self.bn0 = nn.BatchNorm2d(3, affine=False)
-            self.features = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(),
-                                          nn.Conv2d(8, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())  # fmt: skip
+            self.features = nn.Sequential(
+                nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(),
+                nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+            )  # fmt: skip
             self.fc = nn.Linear(8, 4)
 
         def forward(self, x):

@@ -213,8 +213,11 @@ def test_a_negative_or_infinite_learning_rate_is_refused(kwargs, named):
 def test_a_decay_that_is_not_a_number_of_at_least_one_is_refused(decay):
     # decay=True ran as 1.0: every stage at lr, nothing decayed, without a word (lr=True was refused); timm's
     # layer_decay 0.75 given as decay gave the stem 42x the head's LR
-    with pytest.raises(ft.FreezetuneError, match=f"decay must be >= 1 and finite, got {re.escape(repr(decay))}: "
-                                                 r"each stage's lr is the next one's / decay .* decay 1/x"):  # fmt: skip
+    refused = (
+        f"decay must be >= 1 and finite, got {re.escape(repr(decay))}: "
+        r"each stage's lr is the next one's / decay .* decay 1/x"
+    )
+    with pytest.raises(ft.FreezetuneError, match=refused):
         ft.param_groups(TinyCNN(), 1e-3, decay=decay)
 
 

@@ -864,8 +864,11 @@ def test_a_sweeps_batchnorm_setting_its_recipes_do_not_use_is_said(tmp_path, mon
     lines = []
     cfg = TrainConfig(data=str(tmp_path / "images"), bn="train", bn_stats="frozen")
     sweep_mod.sweep(cfg, "linear-probe,lp-ft,last-2,full", out=tmp_path / "s", echo=lines.append)
-    assert "sweep: note: bn 'train' changes nothing in linear-probe, lp-ft (they set their own) and full (no BatchNorm " \
-           "layer frozen whole)" in lines, lines  # fmt: skip
+    said = (
+        "sweep: note: bn 'train' changes nothing in linear-probe, lp-ft (they set their own) and full (no "
+        "BatchNorm layer frozen whole)"
+    )
+    assert said in lines, lines
     assert "sweep: note: bn_stats 'frozen' changes nothing in lp-ft (it sets its own)" in lines, lines
     lines.clear()
     sweep_mod.sweep(TrainConfig(data=str(tmp_path / "images")), "linear-probe,full", out=tmp_path / "t",

@@ -109,19 +109,20 @@ def _warn_beside_splits(path: Path, train_dir: Path) -> None:
 
 
 def _no_train_dir(path: Path, classes: list[str]) -> None:
-    """Class folders that are all split names (``val/``, ``test/``) are a layout without its ``train/`` folder, not
-    classes called "test" and "val"."""
+    """Class folders named as splits (``val/``, ``test/``) are a layout without its ``train/`` folder, not classes
+    called "test" and "val": all of them, or some beside class folders (their images trained as those classes)."""
     splits = {*TRAIN_DIRS, *VAL_DIRS, *TEST_DIRS}
-    if classes and all(c.lower() in splits for c in classes):
+    named = [c for c in classes if c.lower() in splits]
+    if named and len(named) == len(classes):
         raise DataError(f"'{path}' holds split folders ({choices(classes)}) but no training folder: put the training "
                         f"images in {path / 'train'}/<class>/ (or give the class folders themselves)")  # fmt: skip
-    named = [c for c in classes if c.lower() in splits]
-    if named:  # val/ and test/ beside cat/ and dog/: their images trained as classes "val" and "test", in silence
+    if named:
         others = [c for c in classes if c not in named]
+        beside = ", ".join(f"{n}/" for n in named)
         raise DataError(f"'{path}' holds split folder(s) {choices(named)} beside its class folders "
                         f"({choices(others[:5])}{', ...' if len(others) > 5 else ''}), and a flat layout's folders are "
-                        f"all classes: put the class folders in {path / 'train'}/ (beside {', '.join(n + '/' for n in named)}), or "
-                        "rename those folders if they are classes")  # fmt: skip
+                        f"all classes: put the class folders in {path / 'train'}/ (beside {beside}), or rename those "
+                        "folders if they are classes")  # fmt: skip
 
 
 def _no_splits_in_classes(path: Path, classes: list[Path]) -> None:
