@@ -219,8 +219,9 @@ def _resolve(model: nn.Module, st: list[Stage], spec: Spec) -> dict[int, nn.Para
             out.update(_resolve(model, st, item))
         return out
     if is_count(spec):
-        _check_count(int(spec), st)
-        return _params_of(st[: int(spec)])
+        n = int(spec)  # a NumPy int as a plain one
+        _check_count(n, st)
+        return _params_of(st[:n])
     if not isinstance(spec, str):
         raise SpecError(f"a freeze spec is a str, an int or a list of them, got {type(spec).__name__}")
     return _resolve_name(model, st, spec)
