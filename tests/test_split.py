@@ -239,3 +239,18 @@ def test_a_cut_moved_by_a_random_op_names_the_stage_it_is_at():
     split, why = split_model(model)
     assert split.boundary == "1" and why.startswith("cached at the input of 1 (fx), not of 3: frozen layers"), why
     assert split.prefix(torch.randn(2, 8)).shape == (2, 8)
+
+
+def test_a_failure_after_tracing_is_not_blamed_on_the_model(monkeypatch):
+    # a fault in freezetune's own graph surgery is named as such: it is not "the model does not trace"
+    from freezetune import split as split_module
+
+    def broken(*args, **kwargs):
+        raise KeyError("node")
+
+    monkeypatch.setattr(split_module, "_find_cut", broken)
+    model = torchvision.models.resnet18(num_classes=3)
+    ft.freeze(model, "backbone")
+    split, why = split_model(model)
+    assert "does not trace" not in why and "KeyError" in why and "freezetune bug" in why, why
+    assert split is not None and split.how == "head-hook"  # the run still goes on, reading the head's input

@@ -92,8 +92,11 @@ def split_model(model: nn.Module, at: str | None = None) -> tuple[Split | None, 
         if split is not None:
             return split, f"cached at the input of {split.boundary} (fx)"
         why = "no single tensor crosses the stage boundary"
-    except Exception as exc:  # any tracing failure: the model is just not fx-traceable
-        why = f"the model does not trace with torch.fx ({type(exc).__name__})"
+    except _Untraceable as exc:
+        why = f"the model does not trace with torch.fx ({type(exc.__cause__).__name__})"
+    except Exception as exc:  # splitting a graph that traced: a freezetune bug, but the run can go on
+        why = (f"splitting its torch.fx graph failed ({type(exc).__name__}: {exc}; a freezetune bug, please report "
+               "it)")  # fmt: skip
     head, problem = _head_split(model)
     if head is None:
         return None, f"{why}, and {problem}"
@@ -199,11 +202,17 @@ class _Tracer(fx.Tracer):
         return isinstance(m, self.leaves) or _random_kind(m) or super().is_leaf_module(m, qualified_name)
 
 
+class _Untraceable(Exception):
+    """torch.fx could not trace the model (its error is the ``__cause__``): a model's own Python, not a fault."""
+
+
 def _trace(model: nn.Module, training: bool) -> fx.Graph:
     was = model.training
     model.train(training)
     try:
         return _Tracer().trace(model, concrete_args=_defaults(model))
+    except Exception as exc:  # any tracing failure: the model is just not fx-traceable
+        raise _Untraceable from exc
     finally:
         model.train(was)
 
