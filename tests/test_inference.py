@@ -83,6 +83,16 @@ def test_evaluate_model_is_the_in_memory_half(best_pt, data):
     assert result["loss"] == pytest.approx(expected["loss"], rel=1e-5)
 
 
+def test_evaluate_model_names_a_head_the_data_does_not_fit():
+    # a 5-output model scored as 3 classes was a ValueError from the metrics, not freezetune's user error
+    from freezetune.data import InMemoryImageDataset
+
+    ds = InMemoryImageDataset(torch.zeros(2, 2, 2, dtype=torch.uint8), torch.tensor([0, 1]), ["a", "b", "c"])
+    ds.transform = lambda img: img.float().flatten()
+    with pytest.raises(DataError, match="logits have 5 classes, the meter was built for 3: the model's head"):
+        evaluate_model(torch.nn.Linear(4, 5), ds, num_classes=3)
+
+
 def test_evaluate_model_names_labels_the_model_cannot_score():
     # a label 5 for a 3-class model was torch's IndexError from inside the loss
     from freezetune.data import InMemoryImageDataset

@@ -101,9 +101,9 @@ def test_bad_inputs_raise_clear_errors():
     meter = ClassificationMeter(3)
     with pytest.raises(DataError, match="target label 3 .*0..2"):
         meter.update(torch.zeros(2, 3), torch.tensor([0, 3]))
-    with pytest.raises(ValueError, match="4 classes"):
+    with pytest.raises(DataError, match="4 classes"):
         meter.update(torch.zeros(2, 4), torch.tensor([0, 1]))
-    with pytest.raises(ValueError, match="2 rows of logits but 3 targets"):
+    with pytest.raises(DataError, match="2 rows of logits but 3 targets"):
         meter.update(torch.zeros(2, 3), torch.tensor([0, 1, 2]))
 
 

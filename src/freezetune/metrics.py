@@ -78,14 +78,15 @@ class ClassificationMeter:
 
     def _check_batch(self, logits: torch.Tensor, targets: torch.Tensor) -> None:
         if logits.dim() != 2:
-            raise ValueError(f"logits must be [B, C], got shape {tuple(logits.shape)}")
+            raise DataError(f"the model's output must be [batch, classes] scores, got shape {tuple(logits.shape)}")
         if logits.shape[0] != targets.numel():
-            raise ValueError(f"{logits.shape[0]} rows of logits but {targets.numel()} targets")
+            raise DataError(f"{logits.shape[0]} rows of logits but {targets.numel()} targets")
         if self.num_classes is None:
             self.num_classes = logits.shape[1]
             self.reset()
         if logits.shape[1] != self.num_classes:
-            raise ValueError(f"logits have {logits.shape[1]} classes, the meter was built for {self.num_classes}")
+            raise DataError(f"logits have {logits.shape[1]} classes, the meter was built for {self.num_classes}: the "
+                            "model's head and the data disagree on the number of classes")  # fmt: skip
         if targets.numel() and (targets.min() < 0 or targets.max() >= self.num_classes):
             bad = targets[(targets < 0) | (targets >= self.num_classes)][0].item()
             raise DataError(
