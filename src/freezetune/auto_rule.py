@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 
 from freezetune.config import TrainConfig
+from freezetune.options import DEFAULT_MONITOR
 
 MIN_TRAINED_STAGES, MAX_TRAINED_STAGES = 2, 4  # candidates train the last 2, 3 or 4 stages (and the head)
 LR_BOOST = 10  # the learning rate of a candidate training k stages is lr * LR_BOOST * min(1, 2 / k)
@@ -59,7 +60,7 @@ def default_stages(ks: list[int]) -> int:
     return DEFAULT_TRAINED_STAGES if DEFAULT_TRAINED_STAGES in ks else ks[len(ks) // 2]
 
 
-def choose(trials: list[dict], n_val: int, metric: str = "val_acc") -> dict:
+def choose(trials: list[dict], n_val: int, metric: str = DEFAULT_MONITOR) -> dict:
     """The default candidate (``DEFAULT_TRAINED_STAGES``), unless another beat it on the validation split by more
     than the noise of a split of ``n_val`` images (one standard error of the difference of two accuracies); among
     several such, the best, the cheaper one on a tie. ``metric``: what the trials are compared by (``val_acc``, or

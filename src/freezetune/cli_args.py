@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 
 from freezetune.config import field_names
+from freezetune.config_values import BOOL_WORDS
 
 
 def overrides_anywhere(args: argparse.Namespace, extra: list[str], argv: list[str]) -> None:
@@ -21,9 +22,6 @@ def overrides_anywhere(args: argparse.Namespace, extra: list[str], argv: list[st
             _switch_value(args.command_parser, item, argv)
 
 
-_BOOLEAN_WORDS = ("true", "false", "yes", "no", "on", "off", "1", "0")
-
-
 def _switch_value(parser: argparse.ArgumentParser, item: str, argv: list[str]) -> None:
     """A word where a ``key=value`` belongs, right after a switch: ``--progress false`` was refused as "override
     'false' is not key=value" and some forty keys, which never said the switch takes no value."""
@@ -32,7 +30,7 @@ def _switch_value(parser: argparse.ArgumentParser, item: str, argv: list[str]) -
         if action is not None and action.nargs == 0:
             flags = " or ".join(action.option_strings)
             override = (f", or the override {action.dest}={item}"
-                        if action.dest in field_names() and item.lower() in _BOOLEAN_WORDS else "")  # fmt: skip
+                        if action.dest in field_names() and item.lower() in BOOL_WORDS else "")  # fmt: skip
             parser.error(f"{argv[at - 1]} is a switch and takes no value ({item!r} follows it): give {flags} "
                          f"alone{override}")  # fmt: skip
 

@@ -21,6 +21,7 @@ from freezetune.options import (
     SWEEP_DEFAULT_OUT,
     SWEEP_DEFAULT_RECIPES,
     SWEEP_SETS,
+    TOPK,
 )
 
 _DEFAULTS = TrainConfig()
@@ -149,9 +150,8 @@ def _predict_parser(sub, commands: dict) -> None:
                    help="image files or folders; for a text model, text files (one text a line), CSVs with a text "
                         "column, or folders of them; - reads standard input: image paths, or a text model's texts, "
                         "one a line")  # fmt: skip
-    p.add_argument(
-        "--topk", type=int, default=5, help="classes listed per image or text, most likely first (default: 5)"
-    )
+    p.add_argument("--topk", type=int, default=TOPK,
+                   help=f"classes listed per image or text, most likely first (default: {TOPK})")  # fmt: skip
     p.add_argument("--text-column", help="a text model: the column of a CSV's texts (default: the one it trained on)")
     how = p.add_mutually_exclusive_group()
     how.add_argument("--json", action="store_true", help="print one JSON list of records (path, top: class, prob)")

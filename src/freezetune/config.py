@@ -37,6 +37,7 @@ from freezetune.options import (
     CACHE_MODES,
     CLASS_WEIGHTS,
     DECODE_MODES,
+    DEFAULT_MONITOR,
     HF_PREFIX,
     MONITORS,
     OPTIMIZERS,
@@ -152,7 +153,7 @@ class TrainConfig:
     resume: bool = False
     early_stop: int | None = None
     save_every_steps: int | None = None  # also save last.pt every N training steps (resumable mid-epoch)
-    monitor: str = "val_acc"
+    monitor: str = DEFAULT_MONITOR
     tensorboard: bool = True
     progress: bool = True
     final_test: bool = True  # score best.pt on the test split at the end (a sweep turns it off)

@@ -107,8 +107,8 @@ def coerce(name: str, value: Any) -> Any:
         return value
     word = str(value).strip().lower()
     try:
-        if kind is bool and word in _BOOL_WORDS:
-            return _BOOL_WORDS[word]
+        if kind is bool and word in BOOL_WORDS:
+            return BOOL_WORDS[word]
         if kind is bool or (kind is int and isinstance(value, float) and not value.is_integer()):
             raise ValueError  # compile=maybe ran as False, epochs=2.5 as 2
         return kind(value)
@@ -116,7 +116,7 @@ def coerce(name: str, value: Any) -> Any:
         raise ConfigError(f"{name} expects {type_name(field_types()[name])}, got {value!r}") from None
 
 
-_BOOL_WORDS = {**dict.fromkeys(("1", "true", "yes", "on"), True), **dict.fromkeys(("0", "false", "no", "off"), False)}
+BOOL_WORDS = {**dict.fromkeys(("1", "true", "yes", "on"), True), **dict.fromkeys(("0", "false", "no", "off"), False)}
 
 
 def allows_none(hint: Any) -> bool:

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from freezetune.config import TrainConfig
-from freezetune.options import BATCH_AUTO, FREEZE_DEFAULT, batch_size_problem, check
+from freezetune.options import BATCH_AUTO, FREEZE_DEFAULT, RANDOM_WEIGHTS, batch_size_problem, check
 
 
 def describe_model(
     name: str,
     *,
-    weights: str | None = "none",
+    weights: str | None = RANDOM_WEIGHTS[0],
     freeze: str | int | list = FREEZE_DEFAULT,
     bn: str = TrainConfig.bn,
     img_size: int | None = None,

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from freezetune.options import DEFAULT_MONITOR
 from freezetune.reporting import LIST_SEP
 from freezetune.run_log import first_process, warn_once
 
@@ -227,7 +228,7 @@ def epoch_row(epoch: int, epochs: int, train: dict, val: dict | None, *, seconds
     return row
 
 
-def format_epoch_line(row: dict[str, Any], items: str = "images", monitor: str = "val_acc") -> str:
+def format_epoch_line(row: dict[str, Any], items: str = "images", monitor: str = DEFAULT_MONITOR) -> str:
     """Format the one log line printed after each epoch; missing fields are left out. ``items`` names what the
     speed counts ("images": img/s, "texts": texts/s); under ``monitor`` ``val_f1`` the validation macro-F1 follows
     its accuracy (what picks best.pt is on the line).

@@ -39,6 +39,7 @@ FREEZE_KEYWORDS = ("backbone", "all", "none", "bitfit")  # bitfit: all but biase
 UNFREEZE_FORMS = ("epoch:N", "plateau:patience=P,min_delta=D[,mode=max|min]", "{epoch: spec}")
 FREEZE_DEFAULT = "backbone"  # what ``freeze(model)`` freezes and ``inspect`` shows: all but the head
 MONITORS = ("val_acc", "val_loss", "val_f1")  # val_f1: macro-F1, each class counts alike (imbalanced classes)
+DEFAULT_MONITOR = MONITORS[0]  # what picks best.pt (and drives patience and plateau unfreezing) unless asked
 MONITOR_MODES = {"val_acc": "max", "val_loss": "min", "val_f1": "max"}  # which way each monitored metric improves
 TIE_BREAKS = {"val_acc": "val_loss", "val_loss": "val_acc", "val_f1": "val_loss"}  # what breaks a tie of each
 FRACTIONS = ("val_acc", "val_f1")  # the monitored metrics that are fractions in [0, 1] (min_delta 0.005: half a point)
@@ -102,6 +103,7 @@ DECODE_MODES = ("auto", "gpu", "cpu")
 MODEL_SOURCES = ("timm", "torchvision", "hf")  # the prefix of a model name, as in "timm:resnet50"
 HF_PREFIX = "hf:"  # a Hugging Face model: hf:ID or hf:FOLDER
 RANDOM_WEIGHTS = ("none", "random")
+TOPK = 5  # the classes `predict` lists per image or text unless asked (--topk)
 PRETRAINED_WEIGHTS = ("imagenet", "default")
 # the header names a text CSV's text and label columns are found by (``--text-column``/``--label-column`` name others)
 TEXT_COLUMNS = ("text", "sentence", "review", "document", "content")

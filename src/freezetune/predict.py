@@ -23,7 +23,7 @@ from freezetune.data.text_table import Columns
 from freezetune.errors import ConfigError, DataError
 from freezetune.evaluate import predict_probs
 from freezetune.inference import BATCH_SIZE, LoadedModel, count_cut, load_model, text_tokenizer, warn_cut
-from freezetune.options import check, column_name_problem, positive_int_problem
+from freezetune.options import TOPK, check, column_name_problem, positive_int_problem
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ def predict_files(
     model: LoadedModel | str | Path | dict,
     paths: Sequence[str | Path] | str | Path,
     *,
-    topk: int = 5,
+    topk: int = TOPK,
     batch_size: int = BATCH_SIZE,
     device: str = "auto",
     text_column: str | None = None,
@@ -179,7 +179,7 @@ def predict_texts(
     model: LoadedModel | str | Path | dict,
     texts: Sequence[str],
     *,
-    topk: int = 5,
+    topk: int = TOPK,
     batch_size: int = BATCH_SIZE,
     device: str = "auto",
 ) -> list[dict]:

@@ -19,7 +19,7 @@ import torch
 
 from freezetune._io import atomic_output, atomic_write_text
 from freezetune.errors import DataError
-from freezetune.options import FRACTIONS, METRIC_NAMES
+from freezetune.options import DEFAULT_MONITOR, FRACTIONS, METRIC_NAMES
 
 METRICS_CSV, REPORT_PNG = "metrics.csv", "report.png"  # a run's epoch rows and their plot
 
@@ -228,7 +228,7 @@ def unfreeze_events(rows: list[dict[str, Any]]) -> list[tuple[int, str]]:
     return events
 
 
-def plot_report(metrics_csv: str | Path, out_png: str | Path, *, monitor: str = "val_acc",
+def plot_report(metrics_csv: str | Path, out_png: str | Path, *, monitor: str = DEFAULT_MONITOR,
                 best_epoch: int | None = None) -> Path:  # fmt: skip
     """Plot loss, accuracy and (if logged) learning rates per epoch, marking unfreeze events and the best epoch.
 
@@ -259,7 +259,9 @@ def plot_report(metrics_csv: str | Path, out_png: str | Path, *, monitor: str = 
     return Path(out_png)
 
 
-def report_figure(rows: list[dict[str, Any]], name: str, *, monitor: str = "val_acc", best_epoch: int | None = None):
+def report_figure(
+    rows: list[dict[str, Any]], name: str, *, monitor: str = DEFAULT_MONITOR, best_epoch: int | None = None
+):
     """``plot_report``'s figure of the epoch ``rows`` of run ``name`` (a matplotlib ``Figure``, not saved)."""
     from matplotlib.figure import Figure  # half a second: not for the commands that only read a run's files
     from matplotlib.ticker import MaxNLocator
@@ -332,7 +334,7 @@ def _plot_panel(ax: Any, rows: list[dict[str, Any]], title: str, cols: list[str]
         ax.text(0.5, 0.5, f"no {' / '.join(cols)} logged", ha="center", va="center", transform=ax.transAxes, alpha=0.6)
 
 
-def _mark_best(ax: Any, rows: list[dict[str, Any]], monitor: str = "val_acc", epoch: int | None = None) -> None:
+def _mark_best(ax: Any, rows: list[dict[str, Any]], monitor: str = DEFAULT_MONITOR, epoch: int | None = None) -> None:
     """Ring ``best.pt``'s epoch on the panel of the metric it was kept by (``epoch``, else ``_best_epoch``'s),
     named in the legend: a label beside the ring lay across the curves below it. Under ``--monitor val_loss`` the ring
     sat on the highest accuracy, an epoch best.pt did not hold."""

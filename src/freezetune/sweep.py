@@ -30,6 +30,7 @@ from freezetune.distributed import DistInfo, broadcast, init_from_env, main_echo
 from freezetune.errors import ConfigError, DataError, choices, setting
 from freezetune.options import (
     BATCH_AUTO,
+    DEFAULT_MONITOR,
     LAST_K,
     METRIC_NAMES,
     RECIPES,
@@ -235,7 +236,7 @@ class _SweepClock:
             self._base += row["train_s"]
 
 
-def pick_winner(rows: list[dict], metric: str = "val_acc") -> dict:
+def pick_winner(rows: list[dict], metric: str = DEFAULT_MONITOR) -> dict:
     """The row with the best validation ``metric`` (``val_acc``, or ``val_f1``: macro-F1), the faster one of a tie;
     a row without a score (NaN) never wins (``max`` kept a first-listed NaN row: it compares False both ways).
 

@@ -13,6 +13,7 @@ import yaml
 
 from freezetune._io import atomic_output, atomic_write_text
 from freezetune.epoch_log import human
+from freezetune.options import DEFAULT_MONITOR
 
 # detail: what the auto recipe chose (its row and last-k's can train the same stages, at other LRs and starts), or why
 # a recipe did not run (the budget was spent)
@@ -44,7 +45,7 @@ def format_table(rows: list[dict], winner: str) -> str:
     return "\n".join(lines)
 
 
-def pareto_front(rows: list[dict], metric: str = "val_acc") -> list[dict]:
+def pareto_front(rows: list[dict], metric: str = DEFAULT_MONITOR) -> list[dict]:
     """Rows no other row beats on both validation ``metric`` (higher) and training time (lower), fastest first.
 
     >>> [r["recipe"] for r in pareto_front([{"recipe": "a", "val_acc": .8, "train_s": 10},
@@ -76,7 +77,7 @@ def _plot(rows: list[dict], winner: str, path: Path, metric: str) -> None:
         fig.savefig(tmp, format="png", dpi=110)
 
 
-def _figure(rows: list[dict], winner: str, metric: str = "val_acc"):
+def _figure(rows: list[dict], winner: str, metric: str = DEFAULT_MONITOR):
     """Validation ``metric`` against training seconds, a point a recipe, the winner in red, the Pareto front ringed."""
     from matplotlib.figure import Figure
 

@@ -43,7 +43,7 @@ MODES = {"pooling_mode_mean_tokens": "mean", "pooling_mode_cls_token": "cls", "p
 FIRST_TOKEN_HEADS = frozenset({"roberta", "xlm-roberta", "camembert", "mpnet", "distilbert", "electra", "deberta",
                                "deberta-v2"})  # fmt: skip
 FIRST_TOKEN = "sentence_pooling"  # the base model's attribute that holds the TokenPooler of such a model
-_NAMED_MODES = {"mean": "pooling_mode_mean_tokens", "cls": "pooling_mode_cls_token", "max": "pooling_mode_max_tokens"}
+_NAMED_MODES = {mode: switch for switch, mode in MODES.items()}  # a mode's switch
 DECLARED, RECORDED = "the model's sentence-transformers config declares", "the checkpoint it starts from records"
 POOLED = {
     "mean": "the mean of its tokens' last hidden states",

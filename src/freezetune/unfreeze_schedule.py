@@ -16,13 +16,13 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from freezetune.errors import SpecError, choices
-from freezetune.options import FRACTIONS, UNFREEZE_FORMS
+from freezetune.options import FRACTIONS, MONITOR_MODES, UNFREEZE_FORMS
 
 if TYPE_CHECKING:
     from freezetune.freeze import Spec
     from freezetune.unfreezing import Unfreezer
 
-MODES = ("max", "min")  # a metric that improves as it rises (accuracy) or as it falls (a loss)
+MODES = tuple(dict.fromkeys(MONITOR_MODES.values()))  # a metric improves as it rises (accuracy) or falls (a loss)
 
 
 @dataclass
