@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from freezetune.options import MONITOR_MODES, MONITORS, TIE_BREAKS, check_choice
+from freezetune.options import DEFAULT_MONITOR, MONITOR_MODES, MONITORS, TIE_BREAKS, check_choice
 
 
 @dataclass
@@ -23,7 +23,7 @@ class Progress:
     (True, False, 1, 1)
     """
 
-    monitor: str = "val_acc"
+    monitor: str = DEFAULT_MONITOR
     epoch: int = 0  # epochs finished
     best_epoch: int = 0  # 1-based; 0 before the first epoch
     best_metric: float | None = None
@@ -40,7 +40,8 @@ class Progress:
     def __post_init__(self) -> None:
         check_choice("monitor", self.monitor, MONITORS)
 
-    def update(self, epoch: int, metric: float | None, other: float | None = None) -> bool:
+    def update(self, epoch: int, metric: float | None, other: float | None = None, *,
+               spent: dict[str, float] | None = None) -> bool:  # fmt: skip
         """Record that ``epoch`` (0-based) finished with ``metric``; True when it is the new best.
 
         Without a metric (no validation data) the latest epoch is the best we know. A non-finite metric never
@@ -48,6 +49,7 @@ class Progress:
         the reverse): on a small validation set accuracies tie often, and the first epoch to reach a score kept
         ``best.pt`` over later ones as accurate and surer (a test accuracy 2 to 9 points lower). Such an epoch is the
         best, not an improvement: early stopping's patience counts it, as a stalled metric whose loss creeps down.
+        ``spent``: the run's seconds so far (kept as given when None).
 
         >>> p = Progress("val_acc"); p.update(0, 1.0, 0.15), p.update(1, 1.0, 0.07), p.update(2, 1.0, 0.09)
         (True, True, False)
@@ -55,6 +57,7 @@ class Progress:
         (2, 2)
         """
         self.epoch, self.step, self.partial = epoch + 1, 0, None
+        self.spent = self.spent if spent is None else dict(spent)
         if metric is None:
             self.best_epoch, self.bad_epochs = epoch + 1, 0
             return True
@@ -67,9 +70,11 @@ class Progress:
             self.best_metric, self.best_other, self.best_epoch = metric, other, epoch + 1
         return improved or tie_won
 
-    def at_step(self, step: int, partial: dict[str, Any]) -> None:
-        """Record that ``step`` steps of the unfinished epoch have trained (a mid-epoch ``last.pt`` follows)."""
+    def at_step(self, step: int, partial: dict[str, Any], *, spent: dict[str, float] | None = None) -> None:
+        """Record that ``step`` steps of the unfinished epoch have trained (a mid-epoch ``last.pt`` follows), and the
+        run's seconds so far (``spent``; kept as given when None)."""
         self.step, self.partial = step, partial
+        self.spent = self.spent if spent is None else dict(spent)
 
     def reset_patience(self) -> None:
         """New capacity (an unfreeze): give it the full early-stop patience."""
@@ -124,7 +129,7 @@ class RunResult:
     seconds: dict[str, float] = field(default_factory=dict)
     data_kind: str = "images"  # what the items were, for messages: "images" or "texts"
     no_refit: str = NOT_HELD_OUT  # why its validation set could not train too, "" when it could (``DataBundle``)
-    monitor: str = "val_acc"  # what best_metric is
+    monitor: str = DEFAULT_MONITOR  # what best_metric is
     steps_per_epoch: int = 0  # optimizer steps an epoch (a trial's one epoch: how much it trained)
 
     @property

@@ -52,6 +52,11 @@ class Step:
         self.lrs: list[float] | None = None
         self.graphs = self._graphs(graph_batch) if graph_batch else None
 
+    def start_epoch(self, lrs: list[float] | None = None) -> None:
+        """An epoch starts: no step of it has run (``lrs`` None), or, resumed mid-epoch, its last saved step ran at
+        ``lrs`` (the row of an epoch saved after its last step still names them)."""
+        self.lrs = lrs
+
     def _graphs(self, batch_size: int) -> StepGraphs | None:
         """The CUDA graphs of cached steps (``graph_step``), when nothing in this run's step needs the host."""
         why = graph_unsupported(self.state.optimizer, self.precision.device, needs_scaler=self.precision.needs_scaler,

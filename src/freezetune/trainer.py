@@ -97,7 +97,7 @@ class Trainer(RunSetup):
             raise
         self._close(failing=False)
         self.seconds["epochs"] = time.perf_counter() - start
-        self.seconds = self._spent()
+        seconds = self._spent()  # this process's and the earlier ones' of a resumed run
         if self.dist.is_main and self.resumable:  # not a trial's: a chart of one short epoch, half a second each
             reporting.plot_report(self.run_dir / reporting.METRICS_CSV, self.run_dir / reporting.REPORT_PNG,
                                   monitor=self.cfg.monitor, best_epoch=self.progress.best_epoch)  # fmt: skip
@@ -116,9 +116,19 @@ class Trainer(RunSetup):
             metric = f", {self.cfg.monitor} {p.best_metric:.4f}" if p.best_metric is not None else ""
             why = "no test split to score" if self.cfg.final_test else "the test split is not scored in this run"
             self.echo(f"best.pt: epoch {p.best_epoch}{metric} ({why}) -> {self.run_dir}")
-        return RunResult(self.run_dir, p.best_epoch, p.best_metric, test, list(self.metrics.rows), self.seconds,
+        return RunResult(self.run_dir, p.best_epoch, p.best_metric, test, list(self.metrics.rows), seconds,
                          data_kind=noun(self.data.train), no_refit=self.data.no_refit,
                          monitor=self.cfg.monitor, steps_per_epoch=self.steps_per_epoch)  # fmt: skip
+
+    def _warming(self, epoch: int) -> bool:
+        """Whether ``epoch`` (0-based) ends while the LR still climbs to its peak (its last step at or before it): a
+        stalling metric has not plateaued then (early stop waited out its patience at the peak of a 30-epoch one-cycle,
+        epoch 7, and a plateau unfroze the next stage there)."""
+        return (epoch + 1) * self.steps_per_epoch <= self.warmup_steps
+
+    def _model_record(self) -> dict:
+        """What a checkpoint holds to rebuild the model: weights, resolved config, classes, preprocessing."""
+        return checkpoint.model_record(self.model, self.cfg.recorded(), self.classes, self.preprocess, self.hf_files)
 
     def _spent(self, *, running: bool = False) -> dict[str, float]:
         """The run's seconds so far: this process's (``running``: the epoch loop's up to now) plus its earlier ones'."""
@@ -157,14 +167,12 @@ class Trainer(RunSetup):
         for epoch in range(self.progress.epoch, cfg.epochs):
             row = self._run_epoch(epoch, unfrozen)
             last = epoch + 1 == cfg.epochs  # nothing trains after the last epoch: no unfreeze, no cache rebuild
-            # while the LR climbs to its peak a stalling metric has not plateaued: early stop waited out its patience
-            # at the peak of a 30-epoch one-cycle (epoch 7), and a plateau unfroze the next stage there
-            warming = (epoch + 1) * self.steps_per_epoch <= self.warmup_steps  # its last step at or before the peak
+            warming = self._warming(epoch)  # a stalling metric has not plateaued while the LR climbs
             unfrozen = [] if last else self._open_stages(epoch, row, warming)
-            improved = self.progress.update(epoch, row.get(cfg.monitor), row.get(other_monitor(cfg.monitor)))
+            improved = self.progress.update(epoch, row.get(cfg.monitor), row.get(other_monitor(cfg.monitor)),
+                                            spent=self._spent(running=True))  # fmt: skip
             if warming or unfrozen:  # after the update: new stages get the full patience (they got one epoch less)
                 self.progress.reset_patience()
-            self.progress.spent = self._spent(running=True)
             self._save_and_say(row, improved)
             if unfrozen:
                 self._say_unfrozen(epoch, unfrozen)
@@ -185,10 +193,7 @@ class Trainer(RunSetup):
         that fails (an earlier write's full disk) still lets the line be said before its error."""
         try:
             if self.dist.is_main:
-                record = checkpoint.model_record(
-                    self.model, self.cfg.recorded(), self.classes, self.preprocess, self.hf_files
-                )
-                checkpoint.save_epoch(self.checkpoints, record, self.state, self.progress, self.steps_per_epoch,
+                checkpoint.save_epoch(self.checkpoints, self._model_record(), self.state, self.progress, self.steps_per_epoch,
                                       row=row, improved=improved, last=self.resumable,
                                       data=self.data_print)  # fmt: skip
         finally:
@@ -197,7 +202,7 @@ class Trainer(RunSetup):
     def _run_epoch(self, epoch: int, unfrozen: list[str]) -> dict:
         rng.seed_epoch(self.cfg.seed, epoch, rank=self.dist.rank)
         runtime.reset_peak_memory(self.device)
-        self.step.lrs = None  # the LRs the epoch's last step used, for its metrics row
+        self.step.start_epoch()  # the LRs the epoch's last step used name its metrics row
         start = time.perf_counter()
         train_stats = self._train_epoch(epoch, self.features.train_batches(epoch))
         # a resumed epoch took the time its steps before the stop took too: its img/s divided the whole epoch's images
@@ -307,7 +312,7 @@ class Trainer(RunSetup):
                 pass
             meter.load_state_dict(p.partial["meter"])
             rng.set_rng_state(p.partial["rng"])
-            self.step.lrs = p.partial.get("lrs")  # the row of an epoch saved after its last step still names them
+            self.step.start_epoch(p.partial.get("lrs"))
         return batches
 
     def _after_step(self, epoch: int, meter: epoch_log.TrainProgress) -> None:
@@ -318,13 +323,9 @@ class Trainer(RunSetup):
             return
         # never save the weights of a non-finite step (the epoch's end reports it), nor a run nobody resumes
         if self.resumable and not meter.diverged:
-            self.progress.spent = self._spent(running=True)
-            self.progress.at_step(step, {"meter": meter.state_dict(), "rng": rng.rng_state(),
-                                         "lrs": self.step.lrs})  # fmt: skip
-            record = checkpoint.model_record(
-                self.model, self.cfg.recorded(), self.classes, self.preprocess, self.hf_files
-            )
-            last = checkpoint.last_record(record, self.state, self.progress, self.steps_per_epoch,
+            self.progress.at_step(step, {"meter": meter.state_dict(), "rng": rng.rng_state(), "lrs": self.step.lrs},
+                                  spent=self._spent(running=True))  # fmt: skip
+            last = checkpoint.last_record(self._model_record(), self.state, self.progress, self.steps_per_epoch,
                                           data=self.data_print)  # fmt: skip
             self.checkpoints.submit(best=None, last=last)
         if self.stop.requested:
@@ -359,7 +360,7 @@ class Trainer(RunSetup):
         if unfreezer is None or last < 0 or self.progress.step or not unfreezer.skipped(last):
             return []
         row = broadcast(self.metrics.rows[-1] if self.metrics.rows else {}, self.dist)  # its metric: rank 0's
-        unfrozen = self._step_unfreezer(last, row, (last + 1) * self.steps_per_epoch <= self.warmup_steps)
+        unfrozen = self._step_unfreezer(last, row, self._warming(last))
         if unfrozen:
             self.progress.reset_patience()
         return unfrozen
