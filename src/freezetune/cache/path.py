@@ -83,7 +83,7 @@ class FeaturePath:
         self.train_module: nn.Module = model
         self.build_seconds = 0.0  # all cache builds so far
         self._told_unaugmented = False
-        self._told_streamed = False
+        self._told_streamed = self._told_unpinned = False
 
     @property
     def steps_per_epoch(self) -> int:
@@ -186,17 +186,22 @@ class FeaturePath:
             self.echo(f"feature cache off: each batch runs the frozen layers before {split.boundary} forward only, "
                       "and the rest trains on their output")  # fmt: skip
 
+    def _cut(self) -> str | None:
+        """Where the cache cuts: ``cache_at``, until an unfreeze opens a stage before it (the auto recipe's run pins
+        its trials' cut), then at the first trainable stage (the cut pinned there turned the cache off for the rest of
+        the run). Said once: stages stay open."""
+        if self.cache_at is None or not _trains_before(self.model, self.cache_at):
+            return self.cache_at
+        if not self._told_unpinned:
+            self._told_unpinned = True
+            self.echo(f"feature cache: a stage before {self.cache_at!r} trains now; cut at the first trainable stage")
+        return None
+
     def _build_cache(self) -> None:
         if self.loaders.preprocess.is_text:
             self.echo("feature cache off: text batches are tokenized and padded per batch, not cached")
             return
-        split, why = split_model(self.model, at=self.cache_at)
-        if split is None and self.cache_at is not None and _trains_before(self.model, self.cache_at):
-            # an unfreeze opened a stage before the cut pinned there (the auto recipe's run pins its trials' cut): the
-            # cache turned off for the rest of the run, where a cut at the new boundary keeps it
-            self.echo(f"feature cache: a stage before {self.cache_at!r} trains now; cut at the first trainable stage")
-            self.cache_at = None
-            split, why = split_model(self.model)
+        split, why = split_model(self.model, at=self._cut())
         if split is None:
             self.echo(f"feature cache off: {why}")
             return
