@@ -113,7 +113,7 @@ class RunSetup:
     5. on resume, ``last.pt``: weights, unfrozen stages and their groups, optimizer state, progress — before the
        cache, which must store what the restored model computes;
     6. a resume with more epochs first opens the stage its schedule skipped after the old last epoch
-       (``_open_skipped_stage``, the Trainer's), then the feature path is built: the cache at the frozen boundary (or
+       (``_open_skipped_stage``), then the feature path is built: the cache at the frozen boundary (or
        images), the DDP wrap, compilation.
     """
 
@@ -331,9 +331,40 @@ class RunSetup:
         """Whether this process draws progress bars: ``--progress``, and under torchrun rank 0 alone."""
         return self.cfg.progress and self.dist.is_main
 
+    def _warming(self, epoch: int) -> bool:
+        """Whether ``epoch`` (0-based) ends while the LR still climbs to its peak (its last step at or before it): a
+        stalling metric has not plateaued then (early stop waited out its patience at the peak of a 30-epoch one-cycle,
+        epoch 7, and a plateau unfroze the next stage there)."""
+        return (epoch + 1) * self.steps_per_epoch <= self.warmup_steps
+
     def _open_skipped_stage(self) -> list[str]:
-        """The stages a resumed unfreeze schedule opens before training goes on (``Trainer``'s); none here."""
-        return []
+        """A resume with more ``--epochs`` than its run had: that run's last epoch ended without its schedule's step
+        (nothing trained after it), so the stage due then opens now, as in a run given the epochs from the start;
+        before the set-up builds the cache (built at the old cut, then again at the new one, it took twice)."""
+        unfreezer, last = self.state.unfreezer, self.progress.epoch - 1
+        if unfreezer is None or last < 0 or self.progress.step or not unfreezer.skipped(last):
+            return []
+        row = broadcast(self.metrics.rows[-1] if self.metrics.rows else {}, self.dist)  # its metric: rank 0's
+        unfrozen = self._step_unfreezer(last, row, self._warming(last))
+        if unfrozen:
+            self.progress.reset_patience()
+        return unfrozen
+
+    def _step_unfreezer(self, epoch: int, row: dict, warming: bool) -> list[str]:
+        """Open and say what the schedule opens after ``epoch`` (the cache is built by the caller)."""
+        names = self._open_stages(epoch, row, warming)
+        if names:
+            self._say_unfrozen(epoch, names)
+        return names
+
+    def _open_stages(self, epoch: int, row: dict, warming: bool) -> list[str]:
+        """The stages the schedule opens after ``epoch`` (now trainable, in the optimizer; the cache not rebuilt)."""
+        if self.state.unfreezer is None:
+            return []
+        return self.state.unfreezer.step(epoch, row.get(self.cfg.monitor), warming_up=warming)
+
+    def _say_unfrozen(self, epoch: int, names: list[str]) -> None:
+        self.echo(self.state.unfreezer.describe_opened(epoch, names, self.cfg.monitor))
 
     def trained_out(self) -> bool:
         """Whether no epoch is left to train: all were trained, or early stopping ended the run."""

@@ -27,11 +27,10 @@ from freezetune.distributed import (
     leave_group,
 )
 from freezetune.errors import TrainingError
-from freezetune.freeze import count_parameters, spec_items
+from freezetune.freeze import count_parameters
 from freezetune.inference import evaluate_best, write_evaluation
 from freezetune.interrupt import AT_ONCE_UNDER_DDP, OUTSIDE_A_STEP, StopRequest, pause_point
 from freezetune.memory import out_of_memory_hint
-from freezetune.param_groups import stage_lr_text
 from freezetune.progress import RunResult, other_monitor
 from freezetune.run_setup import RunSetup
 from freezetune.step import one_value_batch
@@ -119,12 +118,6 @@ class Trainer(RunSetup):
         return RunResult(self.run_dir, p.best_epoch, p.best_metric, test, list(self.metrics.rows), seconds,
                          data_kind=noun(self.data.train), no_refit=self.data.no_refit,
                          monitor=self.cfg.monitor, steps_per_epoch=self.steps_per_epoch)  # fmt: skip
-
-    def _warming(self, epoch: int) -> bool:
-        """Whether ``epoch`` (0-based) ends while the LR still climbs to its peak (its last step at or before it): a
-        stalling metric has not plateaued then (early stop waited out its patience at the peak of a 30-epoch one-cycle,
-        epoch 7, and a plateau unfroze the next stage there)."""
-        return (epoch + 1) * self.steps_per_epoch <= self.warmup_steps
 
     def _model_record(self) -> dict:
         """What a checkpoint holds to rebuild the model: weights, resolved config, classes, preprocessing."""
@@ -351,44 +344,6 @@ class Trainer(RunSetup):
         if stale:
             self.echo(f"removed {', '.join(stale)}: they scored an earlier best.pt (this run's is epoch "
                       f"{self.progress.best_epoch}, not scored: --no-final-test or no test split)")  # fmt: skip
-
-    def _open_skipped_stage(self) -> list[str]:
-        """A resume with more ``--epochs`` than its run had: that run's last epoch ended without its schedule's step
-        (nothing trained after it), so the stage due then opens now, as in a run given the epochs from the start;
-        before the set-up builds the cache (built at the old cut, then again at the new one, it took twice)."""
-        unfreezer, last = self.state.unfreezer, self.progress.epoch - 1
-        if unfreezer is None or last < 0 or self.progress.step or not unfreezer.skipped(last):
-            return []
-        row = broadcast(self.metrics.rows[-1] if self.metrics.rows else {}, self.dist)  # its metric: rank 0's
-        unfrozen = self._step_unfreezer(last, row, self._warming(last))
-        if unfrozen:
-            self.progress.reset_patience()
-        return unfrozen
-
-    def _step_unfreezer(self, epoch: int, row: dict, warming: bool) -> list[str]:
-        """Open and say what the schedule opens after ``epoch`` (the cache is built by the caller)."""
-        names = self._open_stages(epoch, row, warming)
-        if names:
-            self._say_unfrozen(epoch, names)
-        return names
-
-    def _open_stages(self, epoch: int, row: dict, warming: bool) -> list[str]:
-        """The stages the schedule opens after ``epoch`` (now trainable, in the optimizer; the cache not rebuilt)."""
-        if self.state.unfreezer is None:
-            return []
-        return self.state.unfreezer.step(epoch, row.get(self.cfg.monitor), warming_up=warming)
-
-    def _say_unfrozen(self, epoch: int, names: list[str]) -> None:
-        sched = self.state.unfreezer.schedule
-        why = (f"{self.cfg.monitor} did not improve by more than {sched.min_delta:g} for {sched.patience} "
-               "epoch(s); " if sched.kind == "plateau" else "")  # fmt: skip
-        what, spec = ", ".join(names), sched.plan.get(epoch + 1) if sched.kind == "plan" else None
-        items = [str(x) for x in spec_items(spec)]
-        if spec is not None and items != names:  # part of a stage ("*.bias"), or an index: what, then where
-            what = f"{', '.join(items)} (in {what})"
-        lrs = stage_lr_text(self.state.optimizer.param_groups, names)
-        self.echo(f"unfroze {what} ({why}trainable {count_parameters(self.model)[0]:,} parameters"
-                  f"{'; ' if lrs else ''}{lrs})")  # fmt: skip
 
     def _final_test(self) -> dict | None:
         """``best.pt`` on the test split, once, at the end: the one number no decision of the run has seen. Not

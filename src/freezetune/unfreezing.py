@@ -19,9 +19,25 @@ from torch import nn
 
 from freezetune.bn_policy import check_bn_policy, policies
 from freezetune.errors import CheckpointError, SpecError, choices
-from freezetune.freeze import Spec, is_count, resolve_stages, spec_items, unfreeze, warn_negative_unfreeze
+from freezetune.freeze import (
+    Spec,
+    count_parameters,
+    is_count,
+    resolve_stages,
+    spec_items,
+    unfreeze,
+    warn_negative_unfreeze,
+)
 from freezetune.module_tree import unwrap, wrapping
-from freezetune.param_groups import LRRule, check_weight_decay, group_stage, is_no_decay, no_decay_names, stage_groups
+from freezetune.param_groups import (
+    LRRule,
+    check_weight_decay,
+    group_stage,
+    is_no_decay,
+    no_decay_names,
+    stage_groups,
+    stage_lr_text,
+)
 from freezetune.stages import Stage, stages
 from freezetune.unfreeze_schedule import MODES, Schedule, parse_schedule
 
@@ -153,6 +169,20 @@ class Unfreezer:
     def unfrozen_after(self, epoch: int) -> list[str]:
         """The stages this Unfreezer unfroze at the end of ``epoch`` (0-based), in the order it unfroze them."""
         return [name for e, names in self.events if e == epoch for name in names]
+
+    def describe_opened(self, epoch: int, names: list[str], monitor: str) -> str:
+        """The line that says what opened after ``epoch`` (``names``, as ``step`` returned them), why, and the
+        trainable parameters and learning rates it leaves."""
+        sched = self.schedule
+        why = (f"{monitor} did not improve by more than {sched.min_delta:g} for {sched.patience} epoch(s); "
+               if sched.kind == "plateau" else "")  # fmt: skip
+        what, spec = ", ".join(names), sched.plan.get(epoch + 1) if sched.kind == "plan" else None
+        items = [str(x) for x in spec_items(spec)]
+        if spec is not None and items != names:  # part of a stage ("*.bias"), or an index: what, then where
+            what = f"{', '.join(items)} (in {what})"
+        lrs = stage_lr_text(self.optimizer.param_groups, names)
+        return (f"unfroze {what} ({why}trainable {count_parameters(self.model)[0]:,} parameters"
+                f"{'; ' if lrs else ''}{lrs})")  # fmt: skip
 
     def frozen_stages(self) -> list[Stage]:
         """Stages that still hold a frozen parameter, in model order."""
