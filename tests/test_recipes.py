@@ -320,6 +320,20 @@ def test_an_auto_run_resumed_counts_its_trials_seconds_as_an_uninterrupted_one_d
     assert resumed.seconds["cache"] == pytest.approx(1.0 + sum(t["seconds"]["cache"] for t in trials))
 
 
+def test_an_auto_run_whose_start_weights_are_gone_before_its_first_save_says_to_redo_the_trials(data, tmp_path):
+    # killed before the run saved last.pt, its trials' folder deleted: the resume failed on "checkpoint ... does not
+    # exist", which named no way on
+    import shutil
+
+    auto.run(_cfg(data, tmp_path / "run", epochs=1), echo=lambda _: None)
+    init = json.loads((tmp_path / "run" / "recipe.json").read_text())["choice"]["init"]
+    assert init and Path(init).is_file()
+    (tmp_path / "run" / checkpoint.LAST).unlink()
+    shutil.rmtree(tmp_path / "run" / "auto-trials")
+    with pytest.raises(ConfigError, match="are gone and the run saved no last.pt yet; run the command without --resume"):
+        auto.run(_cfg(data, tmp_path / "run", epochs=1, resume=True), echo=lambda _: None)
+
+
 @pytest.mark.parametrize("refit", [None, False])
 def test_auto_measures_on_the_validation_split_and_keeps_its_evidence(data, tmp_path, monkeypatch, refit):
     from freezetune import trainer

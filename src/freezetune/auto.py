@@ -285,10 +285,15 @@ def _resumed(cfg: TrainConfig, out: Path, echo: Callable[[str], None]) -> tuple[
         diff = ", ".join(f"{k} {asked[k]!r} -> {now.get(k)!r}" for k in changed)
         raise ConfigError(f"cannot resume {out} with {diff}: an auto run continues as it was asked; resume with the "
                           f"run's values, or start a new run with another {setting('out')}")  # fmt: skip
+    init = choice.get("init", cfg.init)
+    if init and init != cfg.init and not (out / checkpoint.LAST).is_file() and not Path(init).is_file():
+        # the run had saved nothing yet, and the trial (or probe) weights it starts from are gone
+        raise ConfigError(f"cannot resume {out}: the weights its run starts from, {init}, are gone and the run saved "
+                          "no last.pt yet; run the command without --resume to redo the trials")  # fmt: skip
     echo(f"auto: resuming with the earlier decision: freeze {choice['freeze']!r}, lr {run_lr:.1e}")
     resumed = dataclasses.replace(_at_lr(_base(cfg, out, decision["cut"]), run_lr), freeze=choice["freeze"],
                                   epochs=choice["epochs"], refit=choice.get("refit", False),
-                                  init=choice.get("init", cfg.init), bn_stats=choice.get("bn_stats", cfg.bn_stats),
+                                  init=init, bn_stats=choice.get("bn_stats", cfg.bn_stats),
                                   warmup_epochs=choice.get("warmup_epochs", cfg.warmup_epochs),
                                   resume=True)  # fmt: skip
     return resumed, _measured(decision.get("trials", []), decision.get("probe"))
