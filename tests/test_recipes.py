@@ -1207,6 +1207,10 @@ def test_a_budget_says_what_it_affords_at_that_pace_and_the_trials_record_what_t
                  probed=True)  # fmt: skip
     assert lines[0].startswith("auto: the 20s budget leaves 16s after the trials and the probe: 3 epoch(s) (not the 2 "
                                "of epochs) ")  # fmt: skip
+    lines.clear()  # less than an epoch left: the one epoch trained ends over the budget, and the plan says so
+    assert auto._epochs(TrainConfig(budget="7s", refit=False), [trial], trial, 4.0, False, lines.append) == 1
+    assert lines == ["auto: the 7s budget leaves 3.0s after the trials: 1 epoch(s) of about 5.0s (2.0s training, 3.0s "
+                     "validation and checkpoints), about 2.0s over it"]  # fmt: skip
     auto.run(_cfg(data, tmp_path / "r", epochs=1, cache="auto"), echo=lambda _: None)
     (trial,) = json.loads((tmp_path / "r" / "recipe.json").read_text())["trials"][:1]
     assert trial["loop_s"] > trial["epoch_s"] * auto.TRIAL_FRACTION and trial["val_s"] > 0 and trial["epoch_images"]
