@@ -330,7 +330,9 @@ def test_an_auto_run_whose_start_weights_are_gone_before_its_first_save_says_to_
     assert init and Path(init).is_file()
     (tmp_path / "run" / checkpoint.LAST).unlink()
     shutil.rmtree(tmp_path / "run" / "auto-trials")
-    with pytest.raises(ConfigError, match="are gone and the run saved no last.pt yet; run the command without --resume"):
+    with pytest.raises(
+        ConfigError, match="are gone and the run saved no last.pt yet; run the command without --resume"
+    ):
         auto.run(_cfg(data, tmp_path / "run", epochs=1, resume=True), echo=lambda _: None)
 
 
