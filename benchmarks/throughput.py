@@ -30,11 +30,11 @@ from torch.nn import functional as F
 from _common import autocast, pick_device, sync, table
 from freezetune import freeze
 from freezetune.cache import build_store, store_loader
+from freezetune.cache.model_split import split_model
 from freezetune.cache.store import prefix_features
 from freezetune.checkpoint import TrainingState
 from freezetune.epoch_log import TrainProgress
 from freezetune.precision import resolve_precision
-from freezetune.split import split_model
 from freezetune.step import Step
 
 DEFAULT_MODELS = "tf_efficientnet_lite0,resnet50,vit_base_patch16_224"  # timm's ViT-B/16

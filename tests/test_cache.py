@@ -14,11 +14,11 @@ from torch import nn
 
 from conftest import Terminal
 from freezetune.cache import FeatureStore, build_store, store_loader
+from freezetune.cache.model_split import split_model
 from freezetune.cache.path import FeaturePath
 from freezetune.config import TrainConfig
 from freezetune.data import Loaders, build_loader
 from freezetune.precision import resolve_precision
-from freezetune.split import split_model
 from freezetune.trainer import Trainer
 
 

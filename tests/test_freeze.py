@@ -267,7 +267,7 @@ def test_a_frozen_instance_norm_with_running_statistics_takes_the_bn_policy(bn, 
 def test_a_norm_without_running_statistics_freezes_as_any_layer(bn, norm):
     # it has no statistics to hold: under bn="affine" its frozen weights trained, and under bn="train" the cache was
     # refused as "BatchNorm ... updates its statistics in training"
-    from freezetune.split import split_model
+    from freezetune.cache.model_split import split_model
 
     model = _instance_norm_model(stats=False)
     model.body[1] = norm(4, affine=True, track_running_stats=False)
@@ -279,7 +279,7 @@ def test_a_norm_without_running_statistics_freezes_as_any_layer(bn, norm):
 
 def test_the_cached_suffix_keeps_an_instance_norm_following_train_and_eval():
     # traced, InstanceNorm's "use the batch's statistics" (self.training) was baked in at trace time
-    from freezetune.split import split_model
+    from freezetune.cache.model_split import split_model
 
     model = _instance_norm_model()
     ft.freeze(model, "body")

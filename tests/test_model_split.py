@@ -7,7 +7,7 @@ import torchvision
 from torch import nn
 
 import freezetune as ft
-from freezetune.split import split_model
+from freezetune.cache.model_split import split_model
 
 
 def _same_function(model: nn.Module, split, size: int = 64) -> None:
@@ -243,7 +243,7 @@ def test_a_cut_moved_by_a_random_op_names_the_stage_it_is_at():
 
 def test_a_failure_after_tracing_is_not_blamed_on_the_model(monkeypatch):
     # a fault in freezetune's own graph surgery is named as such: it is not "the model does not trace"
-    from freezetune import split as split_module
+    from freezetune.cache import model_split as split_module
 
     def broken(*args, **kwargs):
         raise KeyError("node")

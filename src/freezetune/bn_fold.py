@@ -66,11 +66,11 @@ def foldable_pairs(model: nn.Module) -> tuple[tuple[str, str], ...]:
 
 
 def _find_pairs(model: nn.Module) -> tuple[tuple[str, str], ...]:
-    from freezetune.split import _trace  # the run's own tracer: timm's no-trace modules stay leaves
+    from freezetune.cache.model_split import _trace, _Untraceable  # the run's own tracer: timm's no-trace leaves
 
     try:
         graph = _trace(model, training=False)
-    except Exception:  # any tracing failure: the model is evaluated as it is
+    except _Untraceable:  # the model is evaluated as it is
         return ()
     modules = dict(model.named_modules())
     calls = collections.Counter(node.target for node in graph.nodes if node.op == "call_module")

@@ -21,6 +21,7 @@ from freezetune import checkpoint, hf_bundle, reporting, rng, run_log, runtime, 
 from freezetune._io import atomic_write_text
 from freezetune.bn_policy import hold_bn_statistics, idle_bn_policy
 from freezetune.cache import FeaturePath
+from freezetune.cache.model_split import check_cut, check_cut_at_start
 from freezetune.cache.path import idle_views_note
 from freezetune.config import DATA_PATHS, TrainConfig, parse_freeze_spec
 from freezetune.config_check import validate, validation_users
@@ -56,7 +57,6 @@ from freezetune.options import BATCH_AUTO, MONITOR_MODES, RANDOM_WEIGHTS
 from freezetune.param_groups import idle_stage_lrs
 from freezetune.precision import resolve_device, resolve_precision
 from freezetune.progress import Progress
-from freezetune.split import check_cut, check_cut_at_start
 from freezetune.stages import stages
 from freezetune.step import Step
 from freezetune.unfreeze_schedule import idle_schedule_note, plateau_units_note

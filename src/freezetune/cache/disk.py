@@ -22,11 +22,11 @@ import torch
 from torch.utils.data import Dataset
 
 from freezetune._io import atomic_save, remove_stale_temps
+from freezetune.cache.model_split import Split
 from freezetune.data.fingerprint import cache_fingerprint
 from freezetune.errors import ResourceError
 from freezetune.run_log import warn_once
 from freezetune.runtime import read_only_folder
-from freezetune.split import Split
 
 log = logging.getLogger(__name__)
 

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from freezetune.cache import disk
+from freezetune.cache.model_split import Split, split_model
 from freezetune.cache.store import (
     CacheInfo,
     FeatureStore,
@@ -37,7 +38,6 @@ from freezetune.data.transforms import eval_transform
 from freezetune.distributed import batch_block
 from freezetune.evaluate import evaluate
 from freezetune.precision import Precision
-from freezetune.split import Split, split_model
 from freezetune.stages import stages
 
 log = logging.getLogger(__name__)

@@ -26,6 +26,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from freezetune.cache.disk import ensure_space
+from freezetune.cache.model_split import Split
 from freezetune.data.loaders import EpochOrder, check_batch_size
 from freezetune.distributed import DistInfo, shard_rows, sum_across_ranks
 from freezetune.errors import ConfigError, DataError, choices
@@ -34,7 +35,6 @@ from freezetune.memory import available_ram
 from freezetune.module_tree import unwrap
 from freezetune.options import CACHE_MODES
 from freezetune.precision import Precision
-from freezetune.split import Split
 
 PLACES = tuple(m for m in CACHE_MODES if m != "off")  # where cache_features may put its store
 log = logging.getLogger(__name__)
@@ -228,10 +228,10 @@ def cache_features(
     >>> split.suffix_eval(store.features[0]).shape
     torch.Size([4, 3])
     """
+    from freezetune.cache.model_split import split_model
     from freezetune.data.loaders import Loaders
     from freezetune.precision import resolve_precision
     from freezetune.preprocess import Preprocess
-    from freezetune.split import split_model
 
     if place not in PLACES:  # any other word ("ram") was taken for "auto"
         raise ConfigError(f"unknown place {place!r}; places are: {choices(PLACES)}")
