@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 from freezetune.cli import main
+from freezetune.config import TrainConfig
 
 # Colour and stripe direction per class: easy enough that two epochs of a tiny random-init model learn something.
 CLASSES = {"blue": ((40, 60, 220), 0), "green": ((40, 200, 60), 1), "red": ((220, 40, 40), 2)}
@@ -116,3 +117,10 @@ def confident_checkpoint(folder: Path) -> Path:
         model.get_classifier().weight.mul_(50)
     record = checkpoint.model_record(model, {"model": "timm:test_efficientnet"}, sorted(CLASSES), Preprocess(32))
     return checkpoint.save(record, folder / "best.pt")
+
+
+def recipe_cfg(data: Path, out: Path, **kw) -> TrainConfig:
+    """A recipe's config on the tiny model (``TINY``'s settings, the feature cache as configured), ``kw`` laid over."""
+    base = dict(model="timm:test_efficientnet", weights="none", img_size=32, device="cpu", workers=0, progress=False,
+                batch_size=8, epochs=2, tensorboard=False, data=str(data), out=str(out))  # fmt: skip
+    return TrainConfig(**{**base, **kw})

@@ -1,0 +1,487 @@
+"""The auto recipe end to end on a tiny model (``auto.py``, ``auto_rule.py``): its candidates, trials and choice on the
+validation split, the probe of a few-shot run, refit, ``--budget``, and resuming it."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from _engine_fixtures import make_image_folder, recipe_cfg, run_cli, train_argv
+from freezetune import auto, auto_rule, checkpoint, recipes
+from freezetune.config import TrainConfig
+from freezetune.config_file import load_config
+from freezetune.errors import ConfigError, FreezetuneError
+from freezetune.reporting import read_metrics
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    # no val/ folder: the validation split is held out of train, and test/ is scored only at the end
+    return make_image_folder(tmp_path_factory.mktemp("images"), train=14, val=0, test=4)
+
+
+def test_trials_too_short_to_tell_the_candidates_apart_keep_the_default_untried(data, tmp_path, monkeypatch):
+    # 4-step trials on 400 validation images overturned the default on noise in 2 of 5 seeds, costing 5 and 2 points
+    monkeypatch.setattr(auto, "MIN_VAL_TO_COMPARE", 3)  # the split is large enough: the steps decide
+    lines = []
+    auto.run(recipe_cfg(data, tmp_path / "run", epochs=1), echo=lines.append)
+    decision = json.loads((tmp_path / "run" / "recipe.json").read_text())
+    (trial,) = decision["trials"]
+    assert trial["trained_stages"] == decision["choice"]["trained_stages"] == auto.DEFAULT_TRAINED_STAGES
+    assert trial["steps"] < auto.MIN_TRIAL_STEPS
+    steps = f"{trial['steps']} step{'s' if trial['steps'] != 1 else ''}"
+    assert (
+        f"a trial of {steps} cannot tell the candidates apart (under 10, a trial's score moves more"
+        in (decision["choice"]["why"])
+    )
+    assert any(line.startswith("auto: chose to train the last 3 stage(s)") for line in lines)
+
+
+def test_a_few_shot_auto_run_fits_the_head_first_and_holds_batchnorm_statistics(data, tmp_path, monkeypatch):
+    # 10 images a class at 224 px (CPU, 10 epochs, 3 seeds): the trial's boosted LR on a random head then 10 epochs at
+    # half of it scored 70.4 %, a linear probe alone 70.9 %; the head probed first, then the last 3 stages at the asked
+    # LR holding their statistics, 78.7 %. Holding them at 3.3e-3 collapsed every seed to one class: the LR is the asked
+    monkeypatch.setattr(auto, "PROBE_BELOW_STEPS", 10)  # the trials take 3 steps
+    monkeypatch.setattr(auto, "PROBE_MIN_RUN_STEPS", 0)  # however short the run
+    lines = []
+    result = auto.run(recipe_cfg(data, tmp_path / "run", lr=2e-3), echo=lines.append)
+    decision = json.loads((tmp_path / "run" / "recipe.json").read_text())
+    (trial,) = decision["trials"]
+    probe, choice = decision["probe"], decision["choice"]
+    assert trial["steps"] < auto.PROBE_BELOW_STEPS and choice["trained_stages"] == auto.DEFAULT_TRAINED_STAGES
+    assert probe["lr"] == pytest.approx(2e-2) and probe["epochs"] == 2 and probe["refit"] is choice["refit"] is True
+    assert choice["run_lr"] == pytest.approx(2e-3) and choice["bn_stats"] == "frozen"
+    weights = tmp_path / "run" / "auto-trials" / "probe" / "best.pt"
+    assert choice["init"] == probe["weights"] == str(weights) and weights.is_file()
+    assert not (tmp_path / "run" / "auto-trials" / "last-3" / "best.pt").exists()  # the trial's weights: unused
+    # the probe trained the head alone, every BatchNorm held; the run started from its head
+    probed = checkpoint.load(weights)
+    assert probed["config"]["freeze"] == "backbone" and probed["config"]["bn"] == "frozen"
+    final = checkpoint.load(tmp_path / "run" / "last.pt")
+    assert final["config"]["init"] == str(weights) and final["config"]["bn_stats"] == "frozen"
+    assert final["config"]["lr"] == pytest.approx(2e-3) and final["config"]["freeze"] == choice["freeze"]
+    assert any("is too short for a new head to settle" in line and "a linear probe, 2 epoch(s) at lr 2.0e-02" in line
+               for line in lines)  # fmt: skip
+    assert any(line.startswith("auto: the probed head: no validation (refit) after 2 epoch(s)") for line in lines)
+    assert any("BatchNorm statistics held) from the probed head for 2 epoch(s)" in line for line in lines)
+    assert any("trainable, eval stats" in line for line in lines)  # the run's stage table says so
+    # the probe is part of the cost, and a resume trains what was decided: from the probe, statistics held
+    assert result.seconds["epochs"] >= probe["seconds"]["epochs"] + trial["seconds"]["epochs"]
+    resumed, measured = auto._resumed(recipe_cfg(data, tmp_path / "run", lr=2e-3, resume=True), tmp_path / "run", print)
+    assert resumed.bn_stats == "frozen" and resumed.init == str(weights) and measured == [trial, probe]
+
+
+def test_a_few_shot_auto_run_keeps_batchnorm_statistics_updating_when_the_user_asks_for_it(data, tmp_path, monkeypatch):
+    # "update" was also the default, so an asked --bn-stats update was held like the default in a probed run
+    monkeypatch.setattr(auto, "PROBE_BELOW_STEPS", 10)  # the trials take 3 steps
+    monkeypatch.setattr(auto, "PROBE_MIN_RUN_STEPS", 0)  # however short the run
+    lines = []
+    auto.run(recipe_cfg(data, tmp_path / "run", bn_stats="update"), echo=lines.append)
+    choice = json.loads((tmp_path / "run" / "recipe.json").read_text())["choice"]
+    final = checkpoint.load(tmp_path / "run" / "last.pt")
+    assert choice["bn_stats"] == final["config"]["bn_stats"] == "update"
+    assert any("from the probed head" in line and "statistics held" not in line for line in lines)
+    assert not any("trainable, eval stats" in line for line in lines)  # no stage's statistics held
+
+
+def test_a_few_shot_auto_run_too_short_to_move_from_a_probed_head_starts_from_its_trial(data, tmp_path, monkeypatch):
+    monkeypatch.setattr(auto, "PROBE_BELOW_STEPS", 10)  # the trials take 3 steps: 2 epochs of 6, 12 steps
+    lines = []
+    auto.run(recipe_cfg(data, tmp_path / "run"), echo=lines.append)
+    decision = json.loads((tmp_path / "run" / "recipe.json").read_text())
+    assert decision["probe"] is None and "last-3" in decision["choice"]["init"]
+    assert not (tmp_path / "run" / "auto-trials" / "probe").exists()
+    assert any("a run of about 12 steps is too short to move from a probed one" in line for line in lines), lines
+
+
+def test_a_text_model_a_trial_long_enough_or_a_run_too_short_is_not_probed():
+    assert auto.few_shot({"steps": auto.PROBE_BELOW_STEPS - 1}, text=False, epochs=10)
+    assert not auto.few_shot({"steps": auto.PROBE_BELOW_STEPS}, text=False, epochs=10)
+    assert not auto.few_shot({"steps": 1}, text=True, epochs=10)  # its rule was measured without one
+    # 10 images a class, 64 px, 3 epochs (12 steps), 3 seeds: probed 62.07 %, from the trial 70.39 %
+    lines = []
+    assert not auto.few_shot({"steps": 2}, text=False, epochs=3, echo=lines.append)
+    assert lines == ["auto: a trial of 2 steps is short for a new head, but a run of about 12 steps is too short to "
+                     "move from a probed one (under 30): it starts from its trial"]  # fmt: skip
+
+
+def test_an_auto_run_resumed_counts_its_trials_seconds_as_an_uninterrupted_one_does(data, tmp_path, monkeypatch):
+    # a sweep resumed inside its auto recipe listed it at the final run's seconds: the trials' time went uncounted
+    from freezetune.progress import RunResult
+
+    monkeypatch.setattr(auto, "PROBE_BELOW_STEPS", 10)  # the trials take 3 steps: a probe too
+    monkeypatch.setattr(auto, "PROBE_MIN_RUN_STEPS", 0)  # however short the run
+
+    def timed(cfg, echo, recipe_run=False):
+        return RunResult(Path(cfg.out), 1, 0.5, seconds={"cache": 1.0, "epochs": 10.0, "val": 3.0})
+
+    auto.run(recipe_cfg(data, tmp_path / "run", epochs=1), echo=lambda _: None)
+    decision = json.loads((tmp_path / "run" / "recipe.json").read_text())
+    trials = [*decision["trials"], decision["probe"]]  # a few-shot run's probe is part of its cost too
+    resumed = auto.run(recipe_cfg(data, tmp_path / "run", epochs=1, resume=True), echo=lambda _: None, train=timed)
+    assert decision["probe"] and all(t["seconds"]["epochs"] > 0 for t in trials)
+    assert resumed.seconds["epochs"] == pytest.approx(10.0 + sum(t["seconds"]["epochs"] for t in trials))
+    assert resumed.seconds["cache"] == pytest.approx(1.0 + sum(t["seconds"]["cache"] for t in trials))
+
+
+def test_an_auto_run_whose_start_weights_are_gone_before_its_first_save_says_to_redo_the_trials(data, tmp_path):
+    # killed before the run saved last.pt, its trials' folder deleted: the resume failed on "checkpoint ... does not
+    # exist", which named no way on
+    import shutil
+
+    auto.run(recipe_cfg(data, tmp_path / "run", epochs=1), echo=lambda _: None)
+    init = json.loads((tmp_path / "run" / "recipe.json").read_text())["choice"]["init"]
+    assert init and Path(init).is_file()
+    (tmp_path / "run" / checkpoint.LAST).unlink()
+    shutil.rmtree(tmp_path / "run" / "auto-trials")
+    with pytest.raises(
+        ConfigError, match="are gone and the run saved no last.pt yet; run the command without --resume"
+    ):
+        auto.run(recipe_cfg(data, tmp_path / "run", epochs=1, resume=True), echo=lambda _: None)
+
+
+@pytest.mark.parametrize("refit", [None, False])
+def test_auto_measures_on_the_validation_split_and_keeps_its_evidence(data, tmp_path, monkeypatch, refit):
+    from freezetune import trainer
+    from freezetune.cache import path as feature_path
+
+    evaluated = []
+    real = feature_path.evaluate
+
+    def spy(module, batches, *args, **kw):  # every validation of every trial and of the final run
+        result = real(module, batches, *args, **kw)
+        evaluated.append(result["n"])
+        return result
+
+    monkeypatch.setattr(feature_path, "evaluate", spy)
+    monkeypatch.setattr(auto, "MIN_VAL_TO_COMPARE", 3)  # every candidate's trial, on the 3 held-out images
+    monkeypatch.setattr(auto, "MIN_TRIAL_STEPS", 1)  # (of a step or two each)
+    monkeypatch.setattr(auto, "PROBE_BELOW_STEPS", 1)  # the run starts from its trial (a probed head: tested below)
+    saved_last = []
+    real_submit = checkpoint.Writer.submit
+
+    def submit(writer, *, best, last):  # every save of every trial and of the final run
+        if last is not None:
+            saved_last.append(writer.run_dir / checkpoint.LAST)
+        real_submit(writer, best=best, last=last)
+
+    monkeypatch.setattr(checkpoint.Writer, "submit", submit)
+    lines = []
+    result = trainer.train(recipe_cfg(data, tmp_path / "auto", cache="auto", refit=refit), echo=lines.append)
+    # a trial is never resumed: it writes no last.pt (the largest file, with the optimizer's state); the run does
+    assert saved_last == [tmp_path / "auto" / checkpoint.LAST] * 2
+    # the stage table twice (the default's trial, the run); the other trials name what they train in one line
+    assert sum("trainable  bn" in line for line in lines) == 2
+    assert sum("parameters trainable: blocks." in line for line in lines) == 2
+    recipe = json.loads((tmp_path / "auto" / "recipe.json").read_text())
+    assert [t["trained_stages"] for t in recipe["trials"]] == [2, 3, 4]
+    assert all(0 <= t["val_acc"] <= 1 and sum(t["seconds"].values()) > 0 for t in recipe["trials"])
+    choice = recipe["choice"]
+    assert choice["freeze"] == -(choice["trained_stages"] + 1) and choice["epochs"] == 2 and choice["why"]
+    # three validation images cannot overturn the default of training the last three stages
+    assert [t["n_val"] for t in recipe["trials"]] == [3, 3, 3] and choice["trained_stages"] == 3
+    assert [t["lr"] for t in recipe["trials"]] == pytest.approx([1e-2, 2e-2 / 3, 5e-3])  # lr * 10 * min(1, 2 / k)
+    final = checkpoint.load(tmp_path / "auto" / "last.pt")
+    assert final["config"]["freeze"] == choice["freeze"] and final["config"]["lr"] == choice["run_lr"]
+    assert choice["run_lr"] == pytest.approx(choice["lr"] * auto.RUN_LR_FACTOR) and auto.RUN_LR_FACTOR < 1
+    # the run starts from the chosen trial's weights; the other trials' weights are gone, their metrics kept
+    trials = tmp_path / "auto" / "auto-trials"
+    assert final["config"]["init"] == choice["init"] == str(trials / "last-3" / "best.pt")
+    assert (trials / "last-3" / "best.pt").is_file()
+    assert not any((trials / f"last-{k}" / name).exists() for k in (2, 4) for name in ("best.pt", "last.pt"))
+    # nor a chart of each trial's one short epoch (half a second each); the run's own is drawn
+    assert not list(trials.glob("*/report.png")) and (tmp_path / "auto" / "report.png").is_file()
+    assert final["epoch"] == 2 and result.run_dir == tmp_path / "auto"
+    # 3 trials of one epoch, each scored on the 3 held-out images; the 12 test images once, at the end. By default
+    # the chosen run then trains on those 3 images too (refit: no validation); with refit off it validates on them
+    assert choice["refit"] is (refit is None) and result.test["n"] == 12
+    if refit is None:
+        assert evaluated == [3] * 3 and result.best_metric is None
+        assert any("42 train images" in line for line in lines)  # the 39 the trials trained on + the 3 held out
+        assert any("validation: none: the 3 images held out for validation train too" in line for line in lines)
+    else:
+        assert evaluated == [3] * 5 and any("39 train images" in line for line in lines)
+    assert any("auto: chose to train the last" in line for line in lines)
+    # how much each trial trained is said beside its score and in the reason for the choice (a trial of one step
+    # favours the highest learning rate): 20 of the 39 images in batches of 8
+    steps = {t["steps"] for t in recipe["trials"]}
+    assert steps == {3}
+    assert sum(" after 3 steps (" in line for line in lines if line.startswith("auto: last ")) == 3
+    assert "(each trial: 3 steps)" in choice["why"]
+    # one cache for all candidates and the run: built by the first trial, read back by the others (the refit run
+    # reads the trials' training and validation stores one after the other)
+    caches = [line for line in lines if "feature cache:" in line]
+    assert len(caches) == 4 and "built" in caches[0] and all("read from" in line for line in caches[1:])
+    (trial,) = read_metrics(trials / "last-2" / "metrics.csv")
+    assert round(trial["img_per_s"] * trial["epoch_time_s"]) == 20  # a trial trains on half of the 39 images
+    assert result.seconds["cache"] > 0 and result.seconds["epochs"] > 0
+
+
+def test_an_unfreeze_plan_naming_no_stage_is_refused_before_the_auto_recipes_trials(data, tmp_path):
+    # it was found by the final run, after the trials, with auto-trials/, features/ and recipe.json left behind
+    with pytest.raises(FreezetuneError, match="'layer9'"):
+        auto.run(recipe_cfg(data, tmp_path / "r", unfreeze="{1: layer9}"), echo=lambda _: None)
+    assert not (tmp_path / "r").exists()  # refused before the run dir was made
+
+
+@pytest.mark.parametrize("body, ks", [(1, [1]), (2, [1]), (3, [2]), (4, [2, 3]), (5, [2, 3, 4]), (9, [2, 3, 4])])
+def test_auto_candidates_on_models_with_few_stages_train_at_least_one(monkeypatch, request, body, ks):
+    # a model of one stage and a head gave k = 0 and a ZeroDivisionError in the candidate's LR
+    from torch import nn
+
+    from freezetune import models
+
+    layers = [m for _ in range(body) for m in (nn.Linear(4, 4), nn.ReLU())] + [nn.Linear(4, 2)]
+    monkeypatch.setattr(models, "create_model", lambda *a, **k: (nn.Sequential(*layers), None))
+    recipes.structure.cache_clear()  # built once a process per model name: here the name stays, the model changes
+    request.addfinalizer(recipes.structure.cache_clear)  # and the fake must not stay for the tests after
+    got, cut, _ = auto_rule.candidates(TrainConfig(data="images"))
+    assert got == ks and all(auto_rule.candidate_lr(1e-3, k) > 0 for k in got)
+    assert cut == str(2 * (body - max(ks)))  # the stage the deepest candidate trains from
+
+
+def test_auto_on_a_validation_split_too_small_to_compare_runs_only_the_default_trial(data, tmp_path, monkeypatch):
+    monkeypatch.setattr(auto, "PROBE_BELOW_STEPS", 1)  # the run starts from its trial (a probed head: tested below)
+    lines = []
+    result = auto.run(recipe_cfg(data, tmp_path / "auto", cache="auto"), echo=lines.append)
+    recipe = json.loads((tmp_path / "auto" / "recipe.json").read_text())
+    (trial,) = recipe["trials"]
+    assert trial["trained_stages"] == recipe["choice"]["trained_stages"] == auto.DEFAULT_TRAINED_STAGES
+    assert trial["n_val"] == 3 < auto.MIN_VAL_TO_COMPARE
+    assert "3 validation images cannot tell the candidates apart" in recipe["choice"]["why"]
+    assert any("cannot tell the candidates apart" in line for line in lines)
+    trials = tmp_path / "auto" / "auto-trials"
+    assert sorted(p.name for p in trials.iterdir()) == ["last-3"]
+    assert recipe["choice"]["init"] == str(trials / "last-3" / "best.pt")  # its trial still starts the run
+    assert checkpoint.load(tmp_path / "auto" / "last.pt")["epoch"] == 2 and result.test["n"] == 12
+
+
+def test_epoch_images_makes_the_runs_epochs_and_the_auto_recipes_trials_shorter(data, tmp_path):
+    # a large training set: --epoch-images 10 trains 10 random images an epoch, and a trial half of one such epoch
+    # (the trials took half the training set, whatever the epoch)
+    lines = []
+    auto.run(
+        recipe_cfg(data, tmp_path / "auto", epochs=2, cache="auto", refit=False, epoch_images=10), echo=lines.append
+    )
+    assert "a trial each on 50% of an epoch's training images" in lines[0]
+    assert any(" train images (10 an epoch), 3 classes" in line for line in lines)  # the run's header
+    assert any(" train images (5 an epoch), 3 classes" in line for line in lines)  # the trial's
+
+    def samples(run_dir: Path) -> list[int]:
+        return [round(row["img_per_s"] * row["epoch_time_s"]) for row in read_metrics(run_dir / "metrics.csv")]
+
+    assert samples(tmp_path / "auto") == [10, 10]
+    assert samples(tmp_path / "auto" / "auto-trials" / "last-3") == [5]
+
+
+def test_the_default_run_works_under_python_OO_which_strips_docstrings(data, tmp_path):
+    # recipe.json's procedure is the auto module's docstring: under -OO the run crashed after its trials (None.split)
+    argv = train_argv(data, tmp_path / "run", "--epochs", "1")
+    done = subprocess.run([sys.executable, "-OO", "-m", "freezetune", *map(str, argv)], capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "docstring" in json.loads((tmp_path / "run" / "recipe.json").read_text())["procedure"]
+
+
+def test_a_models_stages_are_built_once_for_all_the_last_k_checks_and_the_auto_plan(monkeypatch):
+    # a sweep checks each last-k before anything trains and recipes.run checks again, and the auto recipe plans its
+    # candidates from the same stages: one model build for all
+    from freezetune import models
+
+    built, real = [], models.create_model
+    monkeypatch.setattr(models, "create_model", lambda *a, **k: built.append(a[0]) or real(*a, **k))
+    recipes.structure.cache_clear()
+    cfg = TrainConfig(data="images", model="timm:test_efficientnet")
+    for recipe in ("last-1", "last-2", "last-k", "last-2"):
+        recipes.check_last_k(cfg, recipe)
+    assert auto_rule.candidates(cfg)[0] == [2, 3, 4]
+    assert built == ["timm:test_efficientnet"]
+    with pytest.raises(ConfigError, match="k is out of range"):
+        recipes.check_last_k(cfg, "last-99")
+
+
+def test_an_auto_runs_config_names_its_start_and_cache_absolutely_and_a_resume_needs_neither(data, tmp_path,
+                                                                                              monkeypatch):  # fmt: skip
+    # config.yaml said init: r1/auto-trials/last-3/best.pt: a --resume or train --config from elsewhere failed
+    from freezetune import trainer
+
+    monkeypatch.chdir(tmp_path)
+    trainer.train(recipe_cfg(data, "r1", cache="auto", epochs=2), echo=lambda line: None)
+    saved = load_config(tmp_path / "r1" / "config.yaml")
+    assert Path(saved.init).is_absolute() and Path(saved.init).is_file() and Path(saved.cache_dir).is_absolute()
+    Path(saved.init).unlink()  # the trial's weights: a resume continues from last.pt, not from them
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    resumed = dataclasses.replace(saved, out=str(tmp_path / "r1"), resume=True, data=str(data))
+    assert trainer.train(resumed, echo=lambda line: None).best_epoch >= 1
+
+
+def test_an_auto_run_records_the_refit_it_did_not_the_one_it_asked(data, tmp_path):
+    # with per_class, held-out images from outside the few-shot budget stay validation: recipe.json and config.yaml
+    # said refit: true all the same
+    from freezetune import trainer
+
+    lines = []
+    result = trainer.train(recipe_cfg(data, tmp_path / "auto", cache="auto", per_class=2, epochs=1), echo=lines.append)
+    choice = json.loads((tmp_path / "auto" / "recipe.json").read_text())["choice"]
+    assert choice["refit"] is False and load_config(tmp_path / "auto" / "config.yaml").refit is False
+    assert any("stay validation (no refit): training on them too would train on more than per_class=2" in line
+               for line in lines), lines  # fmt: skip
+    chose = next(line for line in lines if line.startswith("auto: chose"))
+    assert "per_class" not in chose, chose  # the choice keeps its own reason
+    assert result.history[-1]["val_n"] > 0  # the run validated, as recorded
+
+
+def test_an_auto_run_with_a_validation_folder_says_why_it_does_not_refit(tmp_path):
+    # with a val/ folder and --per-class it blamed per_class: the images were never held out of the training data
+    from freezetune import trainer
+
+    data = make_image_folder(tmp_path / "images", train=14, val=4, test=4)
+    lines = []
+    trainer.train(recipe_cfg(data, tmp_path / "auto", cache="auto", per_class=20, epochs=1), echo=lines.append)
+    assert any(line.endswith("stay validation (no refit): they were not held out of the training data")
+               for line in lines), lines  # fmt: skip
+
+
+@pytest.mark.parametrize("folder", ["missing", "empty"])
+def test_an_auto_run_on_unreadable_data_prints_the_data_error_alone(tmp_path, capsys, folder):
+    # the auto recipe announced its trials ("auto: choosing how many of the last stages ...") before the first one
+    # found that the data path did not exist
+    (tmp_path / "empty" / "cls").mkdir(parents=True)
+    code, out, err = run_cli(capsys, *train_argv(tmp_path / folder, tmp_path / "run", "--freeze", "auto"))
+    assert code == 2 and err.startswith("freezetune: error: ") and str(tmp_path / folder) in err, err
+    assert "auto:" not in out, out
+
+
+@pytest.mark.parametrize("probed", ["", " and the probe"])
+def test_an_auto_run_whose_trials_spent_its_budget_says_so_and_trains_one_epoch(data, tmp_path, monkeypatch, probed):
+    # it printed "for 1 epoch(s)" alone, 7x over a 30 s budget, without a word of it
+    monkeypatch.setattr(auto, "PROBE_BELOW_STEPS", 10 if probed else 1)  # (the trials take 3 steps)
+    monkeypatch.setattr(auto, "PROBE_MIN_RUN_STEPS", 0)  # however short the run
+    lines = []
+    auto.run(recipe_cfg(data, tmp_path / "r", budget="0.01s", epochs=5, cache="auto"), echo=lines.append)
+    assert any(line.startswith(f"auto: the trials{probed} took") and "of the 0.01s budget: the run trains one epoch"
+               in line for line in lines), lines  # fmt: skip
+    assert json.loads((tmp_path / "r" / "recipe.json").read_text())["choice"]["epochs"] == 1
+
+
+def test_a_budget_plans_the_runs_epochs_at_the_pace_of_a_whole_epoch_validation_and_checkpoints_included():
+    # the pace was the trial's training alone: a 45 s budget's 30 epochs took 63 s, each epoch's validation uncounted
+    # a trial: half an epoch of 100 images trained in 1 s, then 2.5 s of validation and 0.5 s of checkpoints
+    choice = {"epoch_s": 2.0, "epoch_images": 100.0, "loop_s": 4.0, "val_s": 2.5}
+    assert auto._epoch_pace(choice, refit=False, n_val=50) == (2.0, 3.0)
+    # refit: the 50 held-out images train too, and nothing validates
+    assert auto._epoch_pace(choice, refit=True, n_val=50) == (3.0, 0.5)
+    assert auto._epoch_pace({**choice, "fixed_epoch": True}, refit=True, n_val=50) == (2.0, 0.5)  # --epoch-images
+
+
+def test_a_budget_says_what_it_affords_at_that_pace_and_the_trials_record_what_the_pace_is_made_of(data, tmp_path):
+    trial = {"epoch_s": 2.0, "epoch_images": 100.0, "loop_s": 4.0, "val_s": 2.5, "n_val": 50, "refit_fits": True}
+    lines = []
+    epochs = auto._epochs(TrainConfig(budget="20s", refit=False), [trial], trial, 4.0, False, lines.append)
+    assert epochs == 3 and lines == ["auto: the 20s budget leaves 16s after the trials: 3 epoch(s) of about 5.0s (2.0s "
+                                     "training, 3.0s validation and checkpoints)"]  # fmt: skip
+    lines.clear()  # an --epochs given too is replaced, and said to be (it was dropped in silence)
+    auto._epochs(TrainConfig(budget="20s", refit=False, epochs=2), [trial], trial, 4.0, False, lines.append,
+                 probed=True)  # fmt: skip
+    assert lines[0].startswith("auto: the 20s budget leaves 16s after the trials and the probe: 3 epoch(s) (not the 2 "
+                               "of epochs) ")  # fmt: skip
+    lines.clear()  # less than an epoch left: the one epoch trained ends over the budget, and the plan says so
+    assert auto._epochs(TrainConfig(budget="7s", refit=False), [trial], trial, 4.0, False, lines.append) == 1
+    assert lines == ["auto: the 7s budget leaves 3.0s after the trials: 1 epoch(s) of about 5.0s (2.0s training, 3.0s "
+                     "validation and checkpoints), about 2.0s over it"]  # fmt: skip
+    auto.run(recipe_cfg(data, tmp_path / "r", epochs=1, cache="auto"), echo=lambda _: None)
+    (trial,) = json.loads((tmp_path / "r" / "recipe.json").read_text())["trials"][:1]
+    assert trial["loop_s"] > trial["epoch_s"] * auto.TRIAL_FRACTION and trial["val_s"] > 0 and trial["epoch_images"]
+
+
+@pytest.mark.parametrize("probed", [False, True])
+def test_the_auto_recipe_scales_explicit_stage_lrs_with_the_head_keeping_the_users_ratio(data, tmp_path, capsys,
+                                                                                        monkeypatch, probed):  # fmt: skip
+    # the recipe's boost moved the head alone: blocks.4 asked 10 times slower than the head trained 67 times slower
+    monkeypatch.setattr(auto, "PROBE_BELOW_STEPS", 10 if probed else 1)  # (the trials take 3 steps)
+    monkeypatch.setattr(auto, "PROBE_MIN_RUN_STEPS", 0)  # however short the run
+    asked = ("--epochs", "1", "--lr", "1e-3", "--stage-lrs", "blocks.4=1e-4")
+    code, _, err = run_cli(capsys, *train_argv(data, tmp_path / "run", *asked))
+    assert code == 0, err
+    trial, run = (load_config(tmp_path / "run" / "auto-trials" / "last-3" / "config.yaml"),
+                  load_config(tmp_path / "run" / "config.yaml"))  # fmt: skip
+    assert trial.lr > 1e-3 and trial.stage_lrs["blocks.4"] / trial.lr == pytest.approx(0.1)
+    assert (run.lr == pytest.approx(1e-3)) is probed and run.stage_lrs["blocks.4"] / run.lr == pytest.approx(0.1)
+    if probed:  # the probe trains the head alone: the stages' LRs are not its
+        probe = load_config(tmp_path / "run" / "auto-trials" / "probe" / "config.yaml")
+        assert probe.lr == pytest.approx(1e-2) and not probe.stage_lrs
+    # the same command with --resume resumes as asked (recipe.json keeps the request): its --lr and --stage-lrs were
+    # laid over the final run's config.yaml, whose learning rates are the recipe's, and refused
+    code, out, err = run_cli(capsys, *train_argv(data, tmp_path / "run", *asked, "--resume"))
+    assert code == 0 and "resuming with the earlier decision" in out, err
+
+
+def test_an_auto_run_with_an_unfreeze_plan_resumes_its_request_read_back_from_json(data, tmp_path):
+    # recipe.json keeps the request as JSON: a plan's epoch keys came back as strings and the resume was refused
+    from freezetune import trainer
+
+    cfg = recipe_cfg(data, tmp_path / "run", epochs=2, unfreeze={1: "blocks.1"})
+    trainer.train(cfg, echo=lambda line: None)
+    lines = []
+    trainer.train(dataclasses.replace(cfg, resume=True), echo=lines.append)
+    assert any(line.startswith("auto: resuming with the earlier decision") for line in lines)
+
+
+def test_an_auto_run_resumed_with_a_freeze_spec_is_refused_naming_the_recipe(data, tmp_path, capsys):
+    # "cannot resume ... with init '.../auto-trials/last-3/best.pt' -> None, refit False -> None, lr 0.00333 -> 0.001,
+    # cache_at 'blocks.3' -> None": the auto recipe's final run's own settings, not the change the user made
+    from _engine_fixtures import snapshot
+
+    out = tmp_path / "run"
+    argv = train_argv(data, out, "--epochs", "2")
+    assert run_cli(capsys, *argv)[0] == 0
+    before = snapshot(out)
+    code, _, err = run_cli(capsys, "train", "--out", out, "--resume", "--epochs", "3", "--freeze", "-2")
+    assert code == 2 and "with freeze -2: it holds a run of recipe 'auto'" in err, err
+    assert "its own command with --resume, --freeze auto" in err and "init" not in err and snapshot(out) == before
+    # another recipe: its first phase's line, then the same list of the final run's settings
+    code, out_text, err = run_cli(capsys, "train", "--out", out, "--resume", "--epochs", "3", "--recipe", "full")
+    assert code == 2 and "with recipe 'full': it holds a run of recipe 'auto'" in err and "init" not in err, err
+    assert "phase 1/1" not in out_text and snapshot(out) == before
+    code, _, err = run_cli(capsys, *argv, "--resume")  # its own command resumes it
+    assert code == 0, err
+
+
+@pytest.mark.parametrize(("n_val", "said"), [(2, "43.3"), (4, "30.6"), (100, "6.1")])
+def test_the_reason_for_one_trial_states_the_standard_error_near_75_percent_it_names(monkeypatch, n_val, said):
+    # on 5 validation images or fewer it printed the floored error (70.7 points on 2) while naming "near 75 %"
+    monkeypatch.setattr(auto, "_trial", lambda *_a, **_k: {"n_val": n_val, "data_kind": "images"})
+    trials, _, why = auto._measure(None, [2, 3, 4], 1.0, Path("unused"), None, lambda line: None)
+    assert len(trials) == 1 and f"near 75 % is {said} points" in why, why
+
+
+def test_an_auto_run_that_unfreezes_below_its_cut_caches_at_the_new_boundary(data, tmp_path, capsys):
+    # the run pins its trials' cut (cache_at): once an unfreeze opened a stage before it, "feature cache off: cannot
+    # cut at 'blocks.1'" and every later epoch ran the whole network
+    argv = train_argv(data, tmp_path / "run", "--epochs", "3", "--unfreeze", "epoch:1", "--cache", "auto")
+    code, out, err = run_cli(capsys, *argv)
+    assert code == 0, err
+    assert "feature cache off" not in out
+    assert "feature cache: a stage before 'blocks.1' trains now; cut at the first trainable stage\n" in out, out
+    assert "unfroze blocks.0" in out and "cached at the input of blocks.0" in out.split("unfroze blocks.0")[1], out
+
+
+def test_a_budget_that_plans_fewer_epochs_than_the_warm_up_scales_it_and_says_what_it_replaced(data, tmp_path, capsys):
+    # the trials ran, then "invalid config: warmup_epochs must be in [0, epochs), got 2.0": a budget's one epoch
+    # against a warm-up checked against --epochs; and that path dropped --epochs 4 without a word
+    argv = train_argv(data, tmp_path / "run", "--epochs", "4", "--budget", "0.01s", "--scheduler", "cosine",
+                      "--warmup-epochs", "2")  # fmt: skip
+    code, out, err = run_cli(capsys, *argv)
+    assert code == 0, err
+    assert "budget: the run trains one epoch (not the 4 of epochs), over it" in out, out
+    assert "auto: --warmup-epochs 2 is as long as the 1 epoch(s) the budget plans: the run warms up for 0.5, the " \
+           "share of the run it was of --epochs 4" in out, out  # fmt: skip
+    run = tmp_path / "run"
+    assert json.loads((run / "recipe.json").read_text())["choice"]["warmup_epochs"] == 0.5
+    assert len(read_metrics(run / "metrics.csv")) == 1
