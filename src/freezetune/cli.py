@@ -22,7 +22,7 @@ from freezetune import cli_exit, run_log
 from freezetune.cli_args import overrides_anywhere
 from freezetune.cli_parser import build_parser
 from freezetune.config import TrainConfig, field_names
-from freezetune.config_file import load_config, parse_overrides, read_yaml, run_config
+from freezetune.config_file import load_config, parse_overrides, read_yaml, resume_config
 from freezetune.errors import ConfigError, FreezetuneError
 from freezetune.interrupt import RunInterrupted, forget_stop, raised_stop
 from freezetune.options import (
@@ -146,14 +146,10 @@ def _train_config(args, *, run: bool = True) -> TrainConfig:
     overrides = _given(args)
     base = args.config
     out = overrides.get("out")
-    # Resuming: the run's own config (config_file.run_config), with the flags given now on top. Without --out there
+    # Resuming: the run's own config (config_file.resume_config), with the flags given now on top. Without --out there
     # is no run to read (a config.yaml in the current directory is not one).
     if base is None and overrides.get("resume") and run:  # a sweep's dir holds runs, not one
-        base = run_config(out)
-        if base is None and not overrides.get("data"):  # "data is required" said nothing of the run dir
-            raise ConfigError(f"cannot resume {str(out)!r}: it holds no settings of a run to resume (a run stopped "
-                              f"in its set-up or first trial writes none): run the command that started it again, "
-                              "without --resume")  # fmt: skip
+        base = resume_config(out, data_given=bool(overrides.get("data")))
     # --print-config shows a config without data too: a template that a run completes with --data
     return load_config(base, overrides, need_data=not args.print_config)
 
@@ -224,19 +220,10 @@ def _sweep_recipes(args) -> str | list[str]:
 
 
 def _cmd_eval(args) -> int:
-    from freezetune.inference import check_outputs, default_plot, evaluate_checkpoint, kept_output, write_evaluation
-    from freezetune.metrics import format_report, plot_format
-    from freezetune.runtime import file_problem
+    from freezetune.inference import eval_outputs, evaluate_checkpoint, write_evaluation
+    from freezetune.metrics import format_report
 
-    plot = Path(args.plot) if args.plot else default_plot(args.checkpoint, args.data)
-    plot_format(plot)  # a bad suffix fails before the evaluation, not after it
-    check_outputs(plot, args.metrics)
-    for flag, path in (("--metrics", args.metrics), ("--plot", args.plot)):  # so does a folder given as the file
-        if path and (
-            problem := file_problem(path)
-            or kept_output(path, args.checkpoint, force=args.force, metrics=flag == "--metrics")
-        ):
-            raise ConfigError(f"{flag} {str(path)!r}: {problem}")
+    plot = eval_outputs(args.checkpoint, args.data, plot=args.plot, metrics=args.metrics, force=args.force)
     result = evaluate_checkpoint(args.checkpoint, args.data, batch_size=args.batch_size, device=args.device,
                                  progress=True, skip_bad=args.skip_bad, text_column=args.text_column,
                                  label_column=args.label_column)  # fmt: skip

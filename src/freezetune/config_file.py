@@ -108,6 +108,21 @@ def run_config(out: str | Path | None) -> Path | dict[str, Any] | None:
     return asked_config(run_dir) or (saved if saved.is_file() else None)
 
 
+def resume_config(out: str | Path | None, *, data_given: bool = False) -> Path | dict[str, Any] | None:
+    """``run_config(out)``, for a resume given no config file: a run dir without the settings of a run (stopped in its
+    set-up or first trial, it wrote none) is refused unless ``data`` is given now ("data is required" said nothing of
+    the run dir).
+
+    >>> cfg = load_config(resume_config("runs/r50"), {"out": "runs/r50", "resume": True})  # doctest: +SKIP
+    """
+    base = run_config(out)
+    if base is None and not data_given:
+        raise ConfigError(f"cannot resume {str(out)!r}: it holds no settings of a run to resume (a run stopped in its "
+                          "set-up or first trial writes none): run the command that started it again, without "
+                          "--resume")  # fmt: skip
+    return base
+
+
 def follow_moved_data(run_dir: Path, recorded: dict[str, Any]) -> None:
     """After a resume took the run's data from a new path (the same files, checked against ``last.pt``), the request
     a recipe keeps (``recipe.json``: the auto recipe's beside its run, a named recipe's above its phase's folder) names

@@ -95,6 +95,34 @@ def check_outputs(plot: str | Path | None, metrics: str | Path | None) -> None:
                           "(the run's per-epoch metrics.csv is in its run dir)")  # fmt: skip
 
 
+def eval_outputs(checkpoint: str | Path, data: str | Path, *, plot: str | Path | None = None,
+                 metrics: str | Path | None = None, force: bool = False) -> Path:  # fmt: skip
+    """Where an evaluation of ``checkpoint`` on ``data`` draws its confusion matrix (``plot``, else ``default_plot``),
+    its files checked before anything is scored (a bad one cost the whole evaluation's time): the plot's format, one
+    file named for both, a folder or the checkpoint named as a file, an existing file ``kept_output`` keeps (unless
+    ``force``). What ``freezetune eval`` checks; ``write_evaluation`` then writes them.
+
+    Raises:
+        ConfigError: a file it must not or cannot write, named with why.
+
+    >>> eval_outputs("runs/r1/best.pt", "/data/shop/test", metrics="scores.json").name
+    'eval_test-1d531f_confusion.png'
+    """
+    from freezetune.metrics import plot_format
+    from freezetune.runtime import file_problem
+
+    drawn = Path(plot) if plot else default_plot(checkpoint, data)
+    plot_format(drawn)
+    check_outputs(drawn, metrics)
+    for flag, path in (("--metrics", metrics), ("--plot", plot)):  # so does a folder given as the file
+        problem = path and (
+            file_problem(path) or kept_output(path, checkpoint, force=force, metrics=flag == "--metrics")
+        )
+        if problem:
+            raise ConfigError(f"{flag} {str(path)!r}: {problem}")
+    return drawn
+
+
 def kept_output(path: str | Path, checkpoint: str | Path, *, force: bool, metrics: bool) -> str | None:
     """Why an evaluation must not write its ``metrics`` JSON or its plot to ``path``, or None: it is the checkpoint
     (``--metrics best.pt`` replaced the model with JSON), or an existing file, unless ``force`` or it is what an
