@@ -91,7 +91,12 @@ def _naming_unknown_keys(cls: type) -> type:
 @_naming_unknown_keys
 @dataclass
 class TrainConfig:
-    """Everything a training run needs. Field names are the YAML keys and, with ``-`` for ``_``, the CLI flags."""
+    """Everything a training run needs. Field names are the YAML keys and, with ``-`` for ``_``, the CLI flags.
+
+    >>> cfg = TrainConfig(data="photos/", epochs=5, stage_lrs="layer4=1e-4")
+    >>> cfg.freeze, cfg.epochs, cfg.stage_lrs
+    ('auto', 5, {'layer4': 0.0001})
+    """
 
     # model
     model: str = "timm:tf_efficientnet_lite0"

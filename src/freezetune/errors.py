@@ -9,7 +9,16 @@ from collections.abc import Iterable
 
 
 class FreezetuneError(Exception):
-    """Base class of every user-facing error (bad name, bad path, bad config, ...)."""
+    """Base class of every user-facing error (bad name, bad path, bad config, ...): the CLI prints its message as one
+    line and exits with code 2; a notebook catches it by this class.
+
+    >>> from freezetune import TrainConfig, train
+    >>> try:
+    ...     train(TrainConfig(data="no/such/folder"))
+    ... except FreezetuneError as exc:
+    ...     print(type(exc).__name__)
+    DataError
+    """
 
 
 class SpecError(FreezetuneError):

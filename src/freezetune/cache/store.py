@@ -320,6 +320,10 @@ def store_loader(store: FeatureStore, *, batch_size: int, train: bool, seed: int
 
     Under DDP (``dist``) a training loader yields this rank's shard of each epoch. ``pin``: page-lock batches of a
     CPU-resident store (for a CUDA run).
+
+    >>> store = FeatureStore(torch.randn(1, 10, 8), torch.arange(10) % 2, seed=0)  # one view of 10 images' features
+    >>> [tuple(x.shape) for x, y in store_loader(store, batch_size=4, train=True, seed=0)]
+    [(4, 8), (4, 8), (2, 8)]
     """
     order = EpochOrder(len(store), shuffle=train, seed=seed, dist=dist if train else None,
                        batch_size=batch_size if train else None)  # fmt: skip
