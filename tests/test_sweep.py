@@ -274,6 +274,19 @@ def test_a_sweep_on_data_that_does_not_exist_is_one_line_and_leaves_no_folder(da
     assert not out.strip() and not (tmp_path / "sweep").exists()
 
 
+def test_a_sweep_into_its_data_or_onto_a_file_is_refused_before_it_writes_anything(tmp_path, capsys):
+    # refused by its first recipe's run, it had written sweep.log and its settings inside data/train: every later run
+    # on the data read the sweep's folder as a class with no images
+    images = make_image_folder(tmp_path / "images", train=4, val=0, test=0)
+    before = sorted(p.relative_to(images) for p in images.rglob("*"))
+    code, out, err = run_cli(capsys, "sweep", *train_argv(images, images / "train" / "s")[1:], "--recipes", "full")
+    assert code == 2 and "lies inside the data folder" in err and len(err.strip().splitlines()) == 1, err
+    assert sorted(p.relative_to(images) for p in images.rglob("*")) == before
+    (tmp_path / "afile.txt").write_text("mine")  # said as train says it, not as the OS's "File exists"
+    code, out, err = run_cli(capsys, "sweep", *train_argv(images, tmp_path / "afile.txt")[1:], "--recipes", "full")
+    assert code == 2 and "is a file, not a directory" in err and (tmp_path / "afile.txt").read_text() == "mine", err
+
+
 def test_sweep_refuses_an_option_one_of_its_recipes_sets_itself(data, tmp_path, capsys):
     code, _, err = run_cli(capsys, "sweep", *train_argv(data, tmp_path / "sweep", "--unfreeze", "epoch:2")[1:],
                            "--recipes", "linear-probe,gradual")  # fmt: skip

@@ -46,6 +46,7 @@ from freezetune.options import (
 )
 from freezetune.run_log import SWEEP_LOG, log, log_to, opened
 from freezetune.runtime import SWEEP_SETTINGS as SETTINGS_FILE
+from freezetune.runtime import check_folders
 
 _DEFAULTS = TrainConfig()
 ROW_FILE = "sweep_row.json"  # a finished recipe's row, in its run directory
@@ -130,6 +131,9 @@ def sweep(cfg: TrainConfig, recipes: str | list[str] | tuple[str, ...] = SWEEP_D
     from freezetune.data.datasets import check_paths_exist  # (torch: not at import, as _check_out's)
 
     check_paths_exist(cfg.data, cfg.val_data)  # a typo: one line, not a recipe's start and a sweep folder left
+    # an --out that is a file, or inside the data (each recipe's run refused it, after sweep.log and the settings were
+    # written there: the next run read the sweep's folder as a class): refused before anything is written
+    check_folders(str(out), cfg.cache_dir, (cfg.data, cfg.val_data))
 
     with run_lock.scope():  # two sweeps into one dir both "won", with different winners: the second is refused
         info = init_from_env(cfg.device)  # under torchrun rank 0 says, writes and scores for all (as train does)
