@@ -18,6 +18,7 @@ from PIL import Image
 from _engine_fixtures import fashion_mnist_dir
 from freezetune.data import (
     build_datasets,
+    build_eval_dataset,
     build_loader,
     eval_transform,
     folder,
@@ -1124,6 +1125,20 @@ def test_skip_bad_that_empties_a_class_is_refused(tmp_path):
         f.write_bytes(b"")
     with pytest.raises(DataError, match=r"--skip-bad left class\(es\) 'blue' without a training image"):
         build_datasets(str(root), preprocess=PRE, skip_bad=True)
+
+
+@pytest.mark.parametrize("split", ["test", "val"])
+def test_skip_bad_that_leaves_a_split_without_an_image_is_refused_before_training(tmp_path, split):
+    # a test split all unreadable trained the whole run, then crashed scoring nothing ("compute() called before any
+    # update()"); a validation split so was reported as "every class has a single training image"
+    root = _tiny_split_folder(tmp_path / "d")
+    for f in (root / split).rglob("*.png"):
+        f.write_bytes(b"junk")
+    what = {"test": "test", "val": "validation"}[split]
+    with pytest.raises(DataError, match=rf"--skip-bad left no {what} image: 9 of 9 {what} image file\(s\) cannot be"):
+        build_datasets(str(root), preprocess=PRE, skip_bad=True)
+    with pytest.raises(DataError, match="--skip-bad left no evaluation image"):  # eval --skip-bad crashed alike
+        build_eval_dataset(str(root / split), preprocess=PRE, classes=["blue", "green", "red"], skip_bad=True)
 
 
 def test_a_file_name_that_is_not_utf8_trains_caches_and_is_listed(tmp_path):

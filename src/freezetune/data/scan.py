@@ -275,6 +275,9 @@ def check_splits(splits: list[tuple[object, str]], *, skip_bad: bool, hint: str 
         raise DataError(f"{'; '.join(parts)}; {hint}{heif}")
     checked, skipped = [], []
     for ds, what, bad in found:
+        if bad and len(bad) == len(ds):  # nothing left: the run trained, then crashed scoring an empty test set
+            raise DataError(f"--skip-bad left no {what} image: {_cannot_read(bad, len(ds), what)}; fix or remove "
+                            "them")  # fmt: skip
         if bad:
             left_out = {path for path, _ in bad}
             warn_once(log, "skipping %d unreadable %s image file(s), first: %s", len(bad), what, bad[0][0])
