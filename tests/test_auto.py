@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from _engine_fixtures import make_image_folder, recipe_cfg, run_cli, train_argv
-from freezetune import auto, auto_rule, checkpoint, recipes
+from freezetune import auto, auto_plan, auto_rule, checkpoint, recipes
 from freezetune.config import TrainConfig
 from freezetune.config_file import load_config
 from freezetune.errors import ConfigError, FreezetuneError
@@ -46,14 +46,14 @@ def test_a_few_shot_auto_run_fits_the_head_first_and_holds_batchnorm_statistics(
     # 10 images a class at 224 px (CPU, 10 epochs, 3 seeds): the trial's boosted LR on a random head then 10 epochs at
     # half of it scored 70.4 %, a linear probe alone 70.9 %; the head probed first, then the last 3 stages at the asked
     # LR holding their statistics, 78.7 %. Holding them at 3.3e-3 collapsed every seed to one class: the LR is the asked
-    monkeypatch.setattr(auto, "PROBE_BELOW_STEPS", 10)  # the trials take 3 steps
-    monkeypatch.setattr(auto, "PROBE_MIN_RUN_STEPS", 0)  # however short the run
+    monkeypatch.setattr(auto_plan, "PROBE_BELOW_STEPS", 10)  # the trials take 3 steps
+    monkeypatch.setattr(auto_plan, "PROBE_MIN_RUN_STEPS", 0)  # however short the run
     lines = []
     result = auto.run(recipe_cfg(data, tmp_path / "run", lr=2e-3), echo=lines.append)
     decision = json.loads((tmp_path / "run" / "recipe.json").read_text())
     (trial,) = decision["trials"]
     probe, choice = decision["probe"], decision["choice"]
-    assert trial["steps"] < auto.PROBE_BELOW_STEPS and choice["trained_stages"] == auto.DEFAULT_TRAINED_STAGES
+    assert trial["steps"] < auto_plan.PROBE_BELOW_STEPS and choice["trained_stages"] == auto.DEFAULT_TRAINED_STAGES
     assert probe["lr"] == pytest.approx(2e-2) and probe["epochs"] == 2 and probe["refit"] is choice["refit"] is True
     assert choice["run_lr"] == pytest.approx(2e-3) and choice["bn_stats"] == "frozen"
     weights = tmp_path / "run" / "auto-trials" / "probe" / "best.pt"
@@ -78,8 +78,8 @@ def test_a_few_shot_auto_run_fits_the_head_first_and_holds_batchnorm_statistics(
 
 def test_a_few_shot_auto_run_keeps_batchnorm_statistics_updating_when_the_user_asks_for_it(data, tmp_path, monkeypatch):
     # "update" was also the default, so an asked --bn-stats update was held like the default in a probed run
-    monkeypatch.setattr(auto, "PROBE_BELOW_STEPS", 10)  # the trials take 3 steps
-    monkeypatch.setattr(auto, "PROBE_MIN_RUN_STEPS", 0)  # however short the run
+    monkeypatch.setattr(auto_plan, "PROBE_BELOW_STEPS", 10)  # the trials take 3 steps
+    monkeypatch.setattr(auto_plan, "PROBE_MIN_RUN_STEPS", 0)  # however short the run
     lines = []
     auto.run(recipe_cfg(data, tmp_path / "run", bn_stats="update"), echo=lines.append)
     choice = json.loads((tmp_path / "run" / "recipe.json").read_text())["choice"]
@@ -90,7 +90,7 @@ def test_a_few_shot_auto_run_keeps_batchnorm_statistics_updating_when_the_user_a
 
 
 def test_a_few_shot_auto_run_too_short_to_move_from_a_probed_head_starts_from_its_trial(data, tmp_path, monkeypatch):
-    monkeypatch.setattr(auto, "PROBE_BELOW_STEPS", 10)  # the trials take 3 steps: 2 epochs of 6, 12 steps
+    monkeypatch.setattr(auto_plan, "PROBE_BELOW_STEPS", 10)  # the trials take 3 steps: 2 epochs of 6, 12 steps
     lines = []
     auto.run(recipe_cfg(data, tmp_path / "run"), echo=lines.append)
     decision = json.loads((tmp_path / "run" / "recipe.json").read_text())
@@ -100,12 +100,12 @@ def test_a_few_shot_auto_run_too_short_to_move_from_a_probed_head_starts_from_it
 
 
 def test_a_text_model_a_trial_long_enough_or_a_run_too_short_is_not_probed():
-    assert auto.few_shot({"steps": auto.PROBE_BELOW_STEPS - 1}, text=False, epochs=10)
-    assert not auto.few_shot({"steps": auto.PROBE_BELOW_STEPS}, text=False, epochs=10)
-    assert not auto.few_shot({"steps": 1}, text=True, epochs=10)  # its rule was measured without one
+    assert auto_plan.few_shot({"steps": auto_plan.PROBE_BELOW_STEPS - 1}, text=False, epochs=10)
+    assert not auto_plan.few_shot({"steps": auto_plan.PROBE_BELOW_STEPS}, text=False, epochs=10)
+    assert not auto_plan.few_shot({"steps": 1}, text=True, epochs=10)  # its rule was measured without one
     # 10 images a class, 64 px, 3 epochs (12 steps), 3 seeds: probed 62.07 %, from the trial 70.39 %
     lines = []
-    assert not auto.few_shot({"steps": 2}, text=False, epochs=3, echo=lines.append)
+    assert not auto_plan.few_shot({"steps": 2}, text=False, epochs=3, echo=lines.append)
     assert lines == ["auto: a trial of 2 steps is short for a new head, but a run of about 12 steps is too short to "
                      "move from a probed one (under 30): it starts from its trial"]  # fmt: skip
 
@@ -114,8 +114,8 @@ def test_an_auto_run_resumed_counts_its_trials_seconds_as_an_uninterrupted_one_d
     # a sweep resumed inside its auto recipe listed it at the final run's seconds: the trials' time went uncounted
     from freezetune.progress import RunResult
 
-    monkeypatch.setattr(auto, "PROBE_BELOW_STEPS", 10)  # the trials take 3 steps: a probe too
-    monkeypatch.setattr(auto, "PROBE_MIN_RUN_STEPS", 0)  # however short the run
+    monkeypatch.setattr(auto_plan, "PROBE_BELOW_STEPS", 10)  # the trials take 3 steps: a probe too
+    monkeypatch.setattr(auto_plan, "PROBE_MIN_RUN_STEPS", 0)  # however short the run
 
     def timed(cfg, echo, recipe_run=False):
         return RunResult(Path(cfg.out), 1, 0.5, seconds={"cache": 1.0, "epochs": 10.0, "val": 3.0})
@@ -161,7 +161,7 @@ def test_auto_measures_on_the_validation_split_and_keeps_its_evidence(data, tmp_
     monkeypatch.setattr(feature_path, "evaluate", spy)
     monkeypatch.setattr(auto, "MIN_VAL_TO_COMPARE", 3)  # every candidate's trial, on the 3 held-out images
     monkeypatch.setattr(auto, "MIN_TRIAL_STEPS", 1)  # (of a step or two each)
-    monkeypatch.setattr(auto, "PROBE_BELOW_STEPS", 1)  # the run starts from its trial (a probed head: tested below)
+    monkeypatch.setattr(auto_plan, "PROBE_BELOW_STEPS", 1)  # the run starts from its trial (probed: tested below)
     saved_last = []
     real_submit = checkpoint.Writer.submit
 
@@ -246,7 +246,7 @@ def test_auto_candidates_on_models_with_few_stages_train_at_least_one(monkeypatc
 
 
 def test_auto_on_a_validation_split_too_small_to_compare_runs_only_the_default_trial(data, tmp_path, monkeypatch):
-    monkeypatch.setattr(auto, "PROBE_BELOW_STEPS", 1)  # the run starts from its trial (a probed head: tested below)
+    monkeypatch.setattr(auto_plan, "PROBE_BELOW_STEPS", 1)  # the run starts from its trial (probed: tested below)
     lines = []
     result = auto.run(recipe_cfg(data, tmp_path / "auto", cache="auto"), echo=lines.append)
     recipe = json.loads((tmp_path / "auto" / "recipe.json").read_text())
@@ -361,8 +361,8 @@ def test_an_auto_run_on_unreadable_data_prints_the_data_error_alone(tmp_path, ca
 @pytest.mark.parametrize("probed", ["", " and the probe"])
 def test_an_auto_run_whose_trials_spent_its_budget_says_so_and_trains_one_epoch(data, tmp_path, monkeypatch, probed):
     # it printed "for 1 epoch(s)" alone, 7x over a 30 s budget, without a word of it
-    monkeypatch.setattr(auto, "PROBE_BELOW_STEPS", 10 if probed else 1)  # (the trials take 3 steps)
-    monkeypatch.setattr(auto, "PROBE_MIN_RUN_STEPS", 0)  # however short the run
+    monkeypatch.setattr(auto_plan, "PROBE_BELOW_STEPS", 10 if probed else 1)  # (the trials take 3 steps)
+    monkeypatch.setattr(auto_plan, "PROBE_MIN_RUN_STEPS", 0)  # however short the run
     lines = []
     auto.run(recipe_cfg(data, tmp_path / "r", budget="0.01s", epochs=5, cache="auto"), echo=lines.append)
     assert any(line.startswith(f"auto: the trials{probed} took") and "of the 0.01s budget: the run trains one epoch"
@@ -374,25 +374,25 @@ def test_a_budget_plans_the_runs_epochs_at_the_pace_of_a_whole_epoch_validation_
     # the pace was the trial's training alone: a 45 s budget's 30 epochs took 63 s, each epoch's validation uncounted
     # a trial: half an epoch of 100 images trained in 1 s, then 2.5 s of validation and 0.5 s of checkpoints
     choice = {"epoch_s": 2.0, "epoch_images": 100.0, "loop_s": 4.0, "val_s": 2.5}
-    assert auto._epoch_pace(choice, refit=False, n_val=50) == (2.0, 3.0)
+    assert auto_plan.epoch_pace(choice, refit=False, n_val=50) == (2.0, 3.0)
     # refit: the 50 held-out images train too, and nothing validates
-    assert auto._epoch_pace(choice, refit=True, n_val=50) == (3.0, 0.5)
-    assert auto._epoch_pace({**choice, "fixed_epoch": True}, refit=True, n_val=50) == (2.0, 0.5)  # --epoch-images
+    assert auto_plan.epoch_pace(choice, refit=True, n_val=50) == (3.0, 0.5)
+    assert auto_plan.epoch_pace({**choice, "fixed_epoch": True}, refit=True, n_val=50) == (2.0, 0.5)  # --epoch-images
 
 
 def test_a_budget_says_what_it_affords_at_that_pace_and_the_trials_record_what_the_pace_is_made_of(data, tmp_path):
     trial = {"epoch_s": 2.0, "epoch_images": 100.0, "loop_s": 4.0, "val_s": 2.5, "n_val": 50, "refit_fits": True}
     lines = []
-    epochs = auto._epochs(TrainConfig(budget="20s", refit=False), [trial], trial, 4.0, False, lines.append)
+    epochs = auto_plan.run_epochs(TrainConfig(budget="20s", refit=False), [trial], trial, 4.0, False, lines.append)
     assert epochs == 3 and lines == ["auto: the 20s budget leaves 16s after the trials: 3 epoch(s) of about 5.0s (2.0s "
                                      "training, 3.0s validation and checkpoints)"]  # fmt: skip
     lines.clear()  # an --epochs given too is replaced, and said to be (it was dropped in silence)
-    auto._epochs(TrainConfig(budget="20s", refit=False, epochs=2), [trial], trial, 4.0, False, lines.append,
+    auto_plan.run_epochs(TrainConfig(budget="20s", refit=False, epochs=2), [trial], trial, 4.0, False, lines.append,
                  probed=True)  # fmt: skip
     assert lines[0].startswith("auto: the 20s budget leaves 16s after the trials and the probe: 3 epoch(s) (not the 2 "
                                "of epochs) ")  # fmt: skip
     lines.clear()  # less than an epoch left: the one epoch trained ends over the budget, and the plan says so
-    assert auto._epochs(TrainConfig(budget="7s", refit=False), [trial], trial, 4.0, False, lines.append) == 1
+    assert auto_plan.run_epochs(TrainConfig(budget="7s", refit=False), [trial], trial, 4.0, False, lines.append) == 1
     assert lines == ["auto: the 7s budget leaves 3.0s after the trials: 1 epoch(s) of about 5.0s (2.0s training, 3.0s "
                      "validation and checkpoints), about 2.0s over it"]  # fmt: skip
     auto.run(recipe_cfg(data, tmp_path / "r", epochs=1, cache="auto"), echo=lambda _: None)
@@ -404,8 +404,8 @@ def test_a_budget_says_what_it_affords_at_that_pace_and_the_trials_record_what_t
 def test_the_auto_recipe_scales_explicit_stage_lrs_with_the_head_keeping_the_users_ratio(data, tmp_path, capsys,
                                                                                         monkeypatch, probed):  # fmt: skip
     # the recipe's boost moved the head alone: blocks.4 asked 10 times slower than the head trained 67 times slower
-    monkeypatch.setattr(auto, "PROBE_BELOW_STEPS", 10 if probed else 1)  # (the trials take 3 steps)
-    monkeypatch.setattr(auto, "PROBE_MIN_RUN_STEPS", 0)  # however short the run
+    monkeypatch.setattr(auto_plan, "PROBE_BELOW_STEPS", 10 if probed else 1)  # (the trials take 3 steps)
+    monkeypatch.setattr(auto_plan, "PROBE_MIN_RUN_STEPS", 0)  # however short the run
     asked = ("--epochs", "1", "--lr", "1e-3", "--stage-lrs", "blocks.4=1e-4")
     code, _, err = run_cli(capsys, *train_argv(data, tmp_path / "run", *asked))
     assert code == 0, err

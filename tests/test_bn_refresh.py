@@ -68,10 +68,10 @@ def test_a_run_long_enough_to_forget_its_start_makes_no_extra_pass(tmp_path, cap
 def test_the_auto_recipes_trials_make_no_pass_and_its_run_does(tmp_path, capsys, passes, monkeypatch, probed):
     # the trials' scores compare candidates by a rule measured on them without it; the run is what is kept. A run
     # from a probed head holds its statistics: nothing to recompute (nor in the probe, every norm frozen)
-    from freezetune import auto
+    from freezetune import auto_plan
 
-    monkeypatch.setattr(auto, "PROBE_BELOW_STEPS", 10 if probed else 1)  # (a trial of a few steps)
-    monkeypatch.setattr(auto, "PROBE_MIN_RUN_STEPS", 0)  # however short the run
+    monkeypatch.setattr(auto_plan, "PROBE_BELOW_STEPS", 10 if probed else 1)  # (a trial of a few steps)
+    monkeypatch.setattr(auto_plan, "PROBE_MIN_RUN_STEPS", 0)  # however short the run
     data = make_image_folder(tmp_path / "d", train=8, val=2, test=0)
     code, out, err = run_cli(capsys, *train_argv(data, tmp_path / "run", "--freeze", "auto", "--epochs", "1"))
     assert code == 0 and "auto: chose" in out, (out, err)

@@ -29,7 +29,7 @@ import pytest
 import torch
 
 from _engine_fixtures import make_image_folder, run_cli, snapshot
-from freezetune import auto, checkpoint, runtime
+from freezetune import auto_plan, checkpoint, runtime
 from freezetune.cli import main
 from freezetune.errors import CheckpointError, ConfigError
 from freezetune.interrupt import PAUSE_ENV, PAUSE_MARKER_ENV, StopRequest
@@ -49,10 +49,10 @@ TRIAL_STEPS, PROBE_STEPS = 2, 10
 
 @pytest.fixture(scope="module", autouse=True)
 def _probed_however_short():
-    """The auto runs here train 8 steps, under the 30 a probed start needs (``auto.PROBE_MIN_RUN_STEPS``): these tests
+    """The auto runs here train 8 steps, under the 30 a probed start needs (``auto_plan.PROBE_MIN_RUN_STEPS``): these tests
     stop and resume the probed path all the same (the forked children inherit the setting)."""
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(auto, "PROBE_MIN_RUN_STEPS", 0)
+        patch.setattr(auto_plan, "PROBE_MIN_RUN_STEPS", 0)
         yield
 
 

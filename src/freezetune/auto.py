@@ -3,7 +3,8 @@
 Which block should train depends on the data (surgical fine-tuning, Lee et al. 2023): a small shift is best served
 by tuning the last stages over frozen features, a larger one by tuning deeper. The frozen-prefix cache makes it
 cheap to ask the data. The procedure, every step printed and written to ``recipe.json`` in the run directory (the
-numbers of steps 1 and 3, and the measurements behind them, are in ``auto_rule.py``):
+numbers of steps 1 to 3, and the measurements behind them, are in ``auto_rule.py``; the plan of the run, steps 4 and
+5, in ``auto_plan.py``):
 
 1. Candidates: the last ``k`` stages and the head train, for ``k = MIN_TRAINED_STAGES .. MAX_TRAINED_STAGES`` (2, 3
    and 4; fewer on a model with fewer stages); everything before is frozen (BatchNorm frozen). All candidates share
@@ -54,7 +55,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import shutil
 import time
@@ -62,12 +62,23 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from freezetune import checkpoint, run_log
+from freezetune import auto_plan, checkpoint, run_log
 from freezetune._io import atomic_write_text
+from freezetune.auto_plan import (
+    HELD_STATS,
+    few_shot,
+    refits,
+    run_bn_stats,
+    run_epochs,
+    run_refits,
+    run_warmup,
+    steps_text,
+)
 from freezetune.auto_rule import (
     DEFAULT_TRAINED_STAGES,
     LR_BOOST,
     TEXT_LR_BOOST,
+    TRIAL_FRACTION,
     candidate_lr,
     candidates,
     choose,
@@ -75,7 +86,6 @@ from freezetune.auto_rule import (
     difference_noise,
 )
 from freezetune.config import DATA_PATHS, RESUME_MAY_CHANGE, TrainConfig
-from freezetune.config_check import needs_validation
 from freezetune.errors import ConfigError, setting
 from freezetune.interrupt import RunInterrupted
 from freezetune.options import METRIC_NAMES, compared_by, parse_duration
@@ -84,14 +94,6 @@ from freezetune.runtime import RECIPE_FILE, TRIALS_DIR
 if TYPE_CHECKING:
     from freezetune.progress import RunResult
 
-# a trial epoch trains on this share of the training set. Shorter trials cost less and choose worse: with candidates
-# 1-3 and default 2, on Fashion-MNIST (100/class, 64 px, 3 epochs, 3 seeds, refit) 0.35 chose the last 2 stages twice
-# and reached 83.32 % in 16.5-23.0 s; 0.5 chose the last 3 twice and reached 84.05 % in 17.7-23.8 s (the full
-# fine-tune: 81.09 % in 42 s)
-TRIAL_FRACTION = 0.5
-# Not capped on large data: trials of at most 5 000 images on Fashion-MNIST at 2 000 a class (19 500 training images,
-# 64 px, 3 epochs, 2 seeds) took 16 % less time and lost 0.17 and 0.21 points (92.27 % vs 92.46 %): the chosen trial's
-# half epoch is part of the run's training. A user who wants shorter epochs (and trials) says so: ``--epoch-images``.
 RUN_LR_FACTOR = 0.5  # the run trains at its trial's learning rate times this
 # the other candidates' trials run only on a validation split this large: on 400 images one standard error of the
 # difference of two accuracies near 75 % is 3 points, about what separates the candidates trained to the end. On 100
@@ -103,19 +105,8 @@ MIN_VAL_TO_COMPARE = 400
 # 4-step trials' last-2 minus last-3 gap ran from -6.5 to +8.0 points over 5 seeds, and the two overturns cost 5.0
 # and 2.0 points of test accuracy). The benchmark datasets' trials (100 images a class) take 14 to 16 steps.
 MIN_TRIAL_STEPS = 10
-# A default trial shorter than this starts the run from a probed head instead (docstring, step 5). Fashion-MNIST, 3
-# seeds: 2-step trials (10 images a class, 10 epochs) gained 8.3 points at 224 px and 3.3 at 64 px, 3-step trials (20 a
-# class) 1.3 at 224 px, 10 epochs and 0.1 at 64 px, 3 epochs; at 64 px, 3 epochs, 4-step trials (25 a class, 2 seeds)
-# lost 1.8, 7-step trials (50 a class) 1.1 and 15-step ones (100 a class) 1.9
-PROBE_BELOW_STEPS = 4
-# ... and the run then trains this many steps or more: from a probed head, a short run fell below its own start (the
-# head fitted, the stages it trains pulled away before they settle again). Fashion-MNIST, 64 px, 3 seeds, the full
-# test set, probed vs from the trial: 10 a class (4-step epochs) 3 epochs 62.07 vs 70.39, 5 epochs 64.83 vs 68.40,
-# 10 epochs 72.50 vs 69.21; 20 a class (7-step epochs) 3 epochs 71.74 vs 71.63, 5 epochs 74.10 vs 73.25
-PROBE_MIN_RUN_STEPS = 30
 _CACHED = ", its features cached once where the data allows"  # not a text model's: texts are not cached
 PROBE_DIR = "probe"  # the probe's run, beside the trials' in auto-trials/
-HELD_STATS = "frozen"  # the bn_stats of a run from a probed head: its trainable stages' BatchNorm statistics held
 
 
 def run(cfg: TrainConfig, *, echo: Callable[[str], None] = print, train: Callable | None = None):
@@ -154,19 +145,19 @@ def run(cfg: TrainConfig, *, echo: Callable[[str], None] = print, train: Callabl
 
     with refit_follows(refits(cfg)):  # the trials' hold-out, lent: the final run trains on it
         trials, choice, why = _measure(base, ks, boost, out, shared, run_log.introduced(echo, _intro(ks, cut, text)))
-    refit = _refit(cfg, trials[0], echo)
+    refit = run_refits(cfg, trials[0], echo)
     # the epochs planned before a probe (a budget's: rank 0's clock decides for every rank, theirs differ)
-    planned = _epochs(cfg, trials, choice, broadcast(time.perf_counter() - start, info), refit, lambda line: None)
+    planned = run_epochs(cfg, trials, choice, broadcast(time.perf_counter() - start, info), refit, lambda line: None)
     probe = None
     if few_shot(trials[0], text, planned, echo):  # too few steps to fit a random head at the boosted LR: probe it
-        probe_base = dataclasses.replace(base, warmup_epochs=_warmup(cfg, planned, lambda line: None))
+        probe_base = dataclasses.replace(base, warmup_epochs=run_warmup(cfg, planned, lambda line: None))
         probe = _probe(probe_base, planned, refit, out, shared, echo, steps=trials[0]["steps"])
     spent = broadcast(time.perf_counter() - start, info)
-    epochs = _epochs(cfg, trials, choice, spent, refit, echo, probed=probe is not None)
-    warmup = _warmup(cfg, epochs, echo)
+    epochs = run_epochs(cfg, trials, choice, spent, refit, echo, probed=probe is not None)
+    warmup = run_warmup(cfg, epochs, echo)
     # from the trial's fitted weights: a smaller step (see the docstring); from a probe's head, the LR as asked
     run_lr = cfg.lr if probe else choice["lr"] * RUN_LR_FACTOR
-    bn_stats = _bn_stats(cfg.bn_stats, probe is not None)
+    bn_stats = run_bn_stats(cfg.bn_stats, probe is not None)
     held = ", BatchNorm statistics held" if probe and bn_stats == HELD_STATS else ""
     echo(f"auto: chose to train the last {choice['trained_stages']} stage(s) + head (freeze {choice['freeze']}, lr "
          f"{run_lr:.1e}{held}){' from the probed head' if probe else ''} for {epochs} epoch(s): {why}")  # fmt: skip
@@ -192,32 +183,6 @@ def _intro(ks: list[int], cut: str, text: bool) -> str:
             f"trial first, the others' if the split holds {MIN_VAL_TO_COMPARE} or more")  # fmt: skip
 
 
-def few_shot(first: dict, text: bool, epochs: int, echo: Callable[[str], None] = lambda line: None) -> bool:
-    """Whether the run starts from a probed head: the data is too small for the trials' start (the default
-    candidate's trial took fewer than ``PROBE_BELOW_STEPS`` steps; an image model's: a text model's rule was measured
-    without a probe) and the run long enough to move from it (``PROBE_MIN_RUN_STEPS``, its ``epochs`` at twice a
-    trial's steps each); a short run's start from its trial is said."""
-    if text or first["steps"] >= PROBE_BELOW_STEPS:
-        return False
-    steps = run_steps(first, epochs)
-    if steps < PROBE_MIN_RUN_STEPS:
-        echo(f"auto: a trial of {_steps(first['steps'])} is short for a new head, but a run of about {steps} "
-             f"steps is too short to move from a probed one (under {PROBE_MIN_RUN_STEPS}): it starts from its "
-             "trial")  # fmt: skip
-        return False
-    return True
-
-
-def run_steps(first: dict, epochs: int) -> int:
-    """The final run's steps, about: ``epochs`` of twice the default trial's steps (a trial trains ``TRIAL_FRACTION``
-    of an epoch).
-
-    >>> run_steps({"steps": 2}, 3), run_steps({"steps": 2}, 10)
-    (12, 40)
-    """
-    return math.ceil(first["steps"] / TRIAL_FRACTION) * epochs
-
-
 def _probe(base: TrainConfig, epochs: int, refit: bool, out: Path, train: Callable, echo: Callable[[str], None], *,
            steps: int) -> dict:  # fmt: skip
     """Fit the head alone on the frozen network's features (``recipes.probe_lrs``: 10x the head's LR), for the run's
@@ -229,9 +194,9 @@ def _probe(base: TrainConfig, epochs: int, refit: bool, out: Path, train: Callab
         early_stop=None, final_test=False, tensorboard=False, resume=False, refit=refit,
         out=str(out / TRIALS_DIR / PROBE_DIR),
     )  # fmt: skip
-    echo(f"auto: a trial of {_steps(steps)} (under {PROBE_BELOW_STEPS}) is too short for a new head to settle before "
-         "the stages it trains drift: the head is fitted first, alone on the frozen network's features (a linear "
-         f"probe, {epochs} epoch(s) at lr {probe_cfg.lr:.1e}); the run starts from it (LP-FT)")  # fmt: skip
+    echo(f"auto: a trial of {steps_text(steps)} (under {auto_plan.PROBE_BELOW_STEPS}) is too short for a new head to "
+         "settle before the stages it trains drift: the head is fitted first, alone on the frozen network's features "
+         f"(a linear probe, {epochs} epoch(s) at lr {probe_cfg.lr:.1e}); the run starts from it (LP-FT)")  # fmt: skip
     result, seconds = _measurement(probe_cfg, train, echo, brief=True, during="the probe of the head (probes are not "
                                    "resumed)", again="the trials again")  # fmt: skip
     metric = compared_by(base.monitor)
@@ -240,17 +205,6 @@ def _probe(base: TrainConfig, epochs: int, refit: bool, out: Path, train: Callab
     return {"lr": probe_cfg.lr, "epochs": epochs, "refit": refit, "val_acc": result.best_val_acc,
             "val_f1": result.best_val("val_f1"), "seconds": seconds,
             "weights": str(result.run_dir / checkpoint.BEST)}  # fmt: skip
-
-
-def _bn_stats(asked: str, probed: bool) -> str:
-    """The run's BatchNorm statistics: as asked, ``auto`` resolved (held from a probed head, else updated).
-
-    >>> _bn_stats("auto", True), _bn_stats("auto", False), _bn_stats("update", True)
-    ('frozen', 'update', 'update')
-    """
-    if asked != "auto":  # an explicit "update" from a probed head too: the user's call
-        return asked
-    return HELD_STATS if probed else "update"
 
 
 def _measured(trials: list[dict], probe: dict | None) -> list[dict]:
@@ -299,79 +253,6 @@ def _resumed(cfg: TrainConfig, out: Path, echo: Callable[[str], None]) -> tuple[
     return resumed, _measured(decision.get("trials", []), decision.get("probe"))
 
 
-def _refit(cfg: TrainConfig, first: dict, echo: Callable[[str], None]) -> bool:
-    """Whether the final run's (and a probe's) held-out validation data trains too; a departure from what was asked
-    is said. ``first``: the default candidate's trial."""
-    refit = refits(cfg)
-    if refit and not first["n_val"]:  # no validation images (one a class): nothing to refit, nothing to say
-        refit = False
-    elif refit and not first["refit_fits"]:  # recorded as done (recipe.json, config.yaml), not as asked
-        refit = False  # a validation folder with --per-class gave the per-class reason: the data says which
-        echo(f"auto: the validation {first['data_kind']} stay validation (no refit): {first['no_refit']}")
-    elif refit and cfg.monitor != TrainConfig.monitor:  # it asked for best.pt by another metric: say what it got
-        echo(f"auto: the held-out validation {first['data_kind']} train too (refit), so best.pt is the run's last "
-             f"epoch, not its best by {cfg.monitor}: {setting('refit', False)} keeps them to choose by it")  # fmt: skip
-    return refit
-
-
-def _epochs(cfg: TrainConfig, trials: list[dict], choice: dict, spent: float, refit: bool,
-            echo: Callable[[str], None], *, probed: bool = False) -> int:  # fmt: skip
-    """The final run's epochs: what the budget affords after ``spent`` seconds of trials (and a probe: ``probed``),
-    said."""
-    measured = "the trials and the probe" if probed else "the trials"
-    budget = parse_duration(cfg.budget)
-    if budget is None:
-        return cfg.epochs
-    # an --epochs given beside the budget is replaced: said, not dropped in silence
-    replaced = f" (not the {cfg.epochs} of epochs)" if cfg.epochs != TrainConfig.epochs else ""
-    if spent >= budget:  # the run then trains one epoch: say why, not only how many
-        echo(f"auto: {measured} took {_seconds(spent)} of the {cfg.budget} budget: the run trains one "
-             f"epoch{replaced}, over it")  # fmt: skip
-        return 1
-    train_s, other_s = _epoch_pace(choice, refit, trials[0]["n_val"])
-    left, epoch_s = budget - spent, train_s + other_s
-    epochs = max(1, math.floor(left / max(epoch_s, 1e-6)))
-    # less than one epoch left: the one the run trains ends over the budget, by about this much
-    over = f", about {_seconds(epoch_s - left)} over it" if epoch_s > left else ""
-    echo(f"auto: the {cfg.budget} budget leaves {_seconds(left)} after {measured}: {epochs} epoch(s){replaced} "
-         f"of about {epoch_s:.1f}s ({train_s:.1f}s training, {other_s:.1f}s validation and checkpoints){over}")  # fmt: skip
-    return epochs
-
-
-def _seconds(s: float) -> str:
-    """Seconds as the budget lines say them: tenths under 10 s (a 0.6 s trial was "1s of the 1s budget").
-
-    >>> _seconds(0.64), _seconds(42.4)
-    ('0.6s', '42s')
-    """
-    return f"{s:.1f}s" if s < 10 else f"{s:.0f}s"
-
-
-def _warmup(cfg: TrainConfig, epochs: int, echo: Callable[[str], None]) -> float:
-    """The final run's (and a probe's) warm-up: as asked, unless a budget planned no more epochs than it (the run's
-    config was then refused after the trials, "warmup_epochs must be in [0, epochs)", naming a value the user had
-    checked against --epochs): then the share of the run that was asked of ``--epochs``, said."""
-    if cfg.warmup_epochs < epochs or not cfg.warmup_epochs:
-        return cfg.warmup_epochs
-    share = cfg.warmup_epochs / cfg.epochs if cfg.warmup_epochs < cfg.epochs else 0.5
-    warmup = round(epochs * share, 3)
-    echo(f"auto: --warmup-epochs {cfg.warmup_epochs:g} is as long as the {epochs} epoch(s) the budget plans: the run "
-         f"warms up for {warmup:g}, the share of the run it was of --epochs {cfg.epochs}")  # fmt: skip
-    return warmup
-
-
-def _epoch_pace(choice: dict, refit: bool, n_val: int) -> tuple[float, float]:
-    """Seconds one of the run's epochs will take, from the chosen trial: its training (the trial's half epoch twice;
-    with refit, the held-out images too) and the rest of its loop (validation, checkpoints). The training alone put
-    a 45 s budget's 30 epochs at 63 s, each epoch's validation of many images uncounted."""
-    grows = refit and choice["epoch_images"] and not choice.get("fixed_epoch")  # --epoch-images fixes its length
-    train_s = choice["epoch_s"] * (1 + n_val / choice["epoch_images"] if grows else 1)
-    other_s = choice["loop_s"] - choice["epoch_s"] * TRIAL_FRACTION  # the trial's loop less its training
-    if refit:  # no validation in the run: the checkpoints alone
-        other_s -= choice["val_s"]
-    return train_s, max(other_s, 0.0)
-
-
 def _measure(base: TrainConfig, ks: list[int], boost: float, out: Path, train: Callable,
              echo: Callable[[str], None]):  # fmt: skip
     """The trials (the default candidate's first), the chosen one, and why it was chosen."""
@@ -387,9 +268,9 @@ def _measure(base: TrainConfig, ks: list[int], boost: float, out: Path, train: C
                                 f"on them; the candidates trained to the end differ by about 3), so only its trial "
                                 f"ran")  # fmt: skip
     if first["steps"] < MIN_TRIAL_STEPS and len(ks) > 1:
-        return [first], first, (f"the default (last {default_k} stages): a trial of {_steps(first['steps'])} cannot "
-                                f"tell the candidates apart (under {MIN_TRIAL_STEPS}, a trial's score moves more "
-                                "from seed to seed than the candidates differ), so only its trial ran")  # fmt: skip
+        return [first], first, (f"the default (last {default_k} stages): a trial of {steps_text(first['steps'])} "
+                                f"cannot tell the candidates apart (under {MIN_TRIAL_STEPS}, a trial's score moves "
+                                "more from seed to seed than the candidates differ), so only its trial ran")  # fmt: skip
     trials = sorted([first, *(_trial(base, k, boost, out, train, echo, brief=True) for k in ks if k != default_k)],
                     key=lambda t: t["trained_stages"])  # fmt: skip
     choice = choose(trials, n_val, compared_by(base.monitor))
@@ -427,7 +308,7 @@ def _trial(base: TrainConfig, k: int, boost: float, out: Path, train: Callable, 
     trained_s = row.get("epoch_time_s", 0.0)
     metric = compared_by(base.monitor)
     echo(f"auto: last {k} stage(s) + head at lr {trial_cfg.lr:.1e}: {METRIC_NAMES[metric]} "
-         f"{_pct(result.best_val(metric))} after {_steps(result.steps_per_epoch)} "
+         f"{_pct(result.best_val(metric))} after {steps_text(result.steps_per_epoch)} "
          f"({sum(seconds.values()):.1f}s)")  # fmt: skip
     return {"trained_stages": k, "freeze": -(k + 1), "lr": trial_cfg.lr, "val_acc": result.best_val_acc,
             "val_f1": result.best_val("val_f1"),
@@ -451,10 +332,6 @@ def _measurement(cfg: TrainConfig, train: Callable, echo: Callable[[str], None],
     return result, {key: result.seconds.get(key, 0.0) for key in ("cache", "epochs")}
 
 
-def _steps(n: int) -> str:
-    return f"{n} step" + ("" if n == 1 else "s")
-
-
 def _trained(trials: list[dict]) -> str:
     """How much the trials trained, part of the evidence (a trial of one step favours the highest learning rate);
     each trial's own count where they differ (``--batch-size auto`` measures each candidate's batch).
@@ -463,8 +340,8 @@ def _trained(trials: list[dict]) -> str:
     ' (trials of 3 steps (last 2), 1 step (last 3))'
     """
     if len({t["steps"] for t in trials}) == 1:
-        return f" (each trial: {_steps(trials[0]['steps'])})"
-    each = [f"{_steps(t['steps'])} (last {t['trained_stages']})" for t in trials]
+        return f" (each trial: {steps_text(trials[0]['steps'])})"
+    each = [f"{steps_text(t['steps'])} (last {t['trained_stages']})" for t in trials]
     return f" (trials of {', '.join(each)})"
 
 
@@ -494,21 +371,6 @@ def _start_from(out: Path, trials: list[dict], choice: dict, init: str | None, *
 
 def _trial_dir(out: Path, k: int) -> Path:
     return out / TRIALS_DIR / f"last-{k}"
-
-
-def refits(cfg: TrainConfig) -> bool:
-    """Whether the final run trains on the held-out validation images too (``refit``): unless the config says, when
-    the validation set is the automatic hold-out (no ``val_data``/``val_split``) and nothing in the run needs it.
-
-    >>> refits(TrainConfig()), refits(TrainConfig(val_split=0.2)), refits(TrainConfig(early_stop=2))
-    (True, False, False)
-    """
-    if cfg.refit is not None:
-        return cfg.refit
-    # the choice made, the images held out to make it are training data like the rest: +1.65 and +1.05 points on the
-    # Fashion-MNIST test set (3 seeds, last 2 and last 3 stages trained, 100/class, 64 px) over keeping them for
-    # validation. build_datasets joins them only where they are the automatic hold-out within --per-class.
-    return cfg.val_data is None and cfg.val_split is None and not needs_validation(cfg)
 
 
 def _procedure() -> str:

@@ -1,0 +1,156 @@
+"""The auto recipe's plan for its final run (``auto.py`` runs it), once the trials have chosen what trains: whether it
+starts from a probed head (few-shot data), whether the held-out validation images train too (refit), its BatchNorm
+statistics, and how many epochs and how much warm-up ``--budget`` affords at the chosen trial's pace."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+from freezetune.auto_rule import TRIAL_FRACTION
+from freezetune.config import TrainConfig
+from freezetune.config_check import needs_validation
+from freezetune.errors import setting
+from freezetune.options import parse_duration
+
+# A default trial shorter than this starts the run from a probed head instead (auto.py's docstring, step 5).
+# Fashion-MNIST, 3 seeds: 2-step trials (10 images a class, 10 epochs) gained 8.3 points at 224 px and 3.3 at 64 px,
+# 3-step trials (20 a class) 1.3 at 224 px, 10 epochs and 0.1 at 64 px, 3 epochs; at 64 px, 3 epochs, 4-step trials
+# (25 a class, 2 seeds) lost 1.8, 7-step trials (50 a class) 1.1 and 15-step ones (100 a class) 1.9
+PROBE_BELOW_STEPS = 4
+# ... and the run then trains this many steps or more: from a probed head, a short run fell below its own start (the
+# head fitted, the stages it trains pulled away before they settle again). Fashion-MNIST, 64 px, 3 seeds, the full
+# test set, probed vs from the trial: 10 a class (4-step epochs) 3 epochs 62.07 vs 70.39, 5 epochs 64.83 vs 68.40,
+# 10 epochs 72.50 vs 69.21; 20 a class (7-step epochs) 3 epochs 71.74 vs 71.63, 5 epochs 74.10 vs 73.25
+PROBE_MIN_RUN_STEPS = 30
+HELD_STATS = "frozen"  # the bn_stats of a run from a probed head: its trainable stages' BatchNorm statistics held
+
+
+def refits(cfg: TrainConfig) -> bool:
+    """Whether the final run trains on the held-out validation images too (``refit``): unless the config says, when
+    the validation set is the automatic hold-out (no ``val_data``/``val_split``) and nothing in the run needs it.
+
+    >>> refits(TrainConfig()), refits(TrainConfig(val_split=0.2)), refits(TrainConfig(early_stop=2))
+    (True, False, False)
+    """
+    if cfg.refit is not None:
+        return cfg.refit
+    # the choice made, the images held out to make it are training data like the rest: +1.65 and +1.05 points on the
+    # Fashion-MNIST test set (3 seeds, last 2 and last 3 stages trained, 100/class, 64 px) over keeping them for
+    # validation. build_datasets joins them only where they are the automatic hold-out within --per-class.
+    return cfg.val_data is None and cfg.val_split is None and not needs_validation(cfg)
+
+
+def run_refits(cfg: TrainConfig, first: dict, echo: Callable[[str], None]) -> bool:
+    """Whether the final run's (and a probe's) held-out validation data trains too; a departure from what was asked
+    is said. ``first``: the default candidate's trial."""
+    refit = refits(cfg)
+    if refit and not first["n_val"]:  # no validation images (one a class): nothing to refit, nothing to say
+        refit = False
+    elif refit and not first["refit_fits"]:  # recorded as done (recipe.json, config.yaml), not as asked
+        refit = False  # a validation folder with --per-class gave the per-class reason: the data says which
+        echo(f"auto: the validation {first['data_kind']} stay validation (no refit): {first['no_refit']}")
+    elif refit and cfg.monitor != TrainConfig.monitor:  # it asked for best.pt by another metric: say what it got
+        echo(f"auto: the held-out validation {first['data_kind']} train too (refit), so best.pt is the run's last "
+             f"epoch, not its best by {cfg.monitor}: {setting('refit', False)} keeps them to choose by it")  # fmt: skip
+    return refit
+
+
+def run_epochs(cfg: TrainConfig, trials: list[dict], choice: dict, spent: float, refit: bool,
+               echo: Callable[[str], None], *, probed: bool = False) -> int:  # fmt: skip
+    """The final run's epochs: what the budget affords after ``spent`` seconds of trials (and a probe: ``probed``),
+    said."""
+    measured = "the trials and the probe" if probed else "the trials"
+    budget = parse_duration(cfg.budget)
+    if budget is None:
+        return cfg.epochs
+    # an --epochs given beside the budget is replaced: said, not dropped in silence
+    replaced = f" (not the {cfg.epochs} of epochs)" if cfg.epochs != TrainConfig.epochs else ""
+    if spent >= budget:  # the run then trains one epoch: say why, not only how many
+        echo(f"auto: {measured} took {_seconds(spent)} of the {cfg.budget} budget: the run trains one "
+             f"epoch{replaced}, over it")  # fmt: skip
+        return 1
+    train_s, other_s = epoch_pace(choice, refit, trials[0]["n_val"])
+    left, epoch_s = budget - spent, train_s + other_s
+    epochs = max(1, math.floor(left / max(epoch_s, 1e-6)))
+    # less than one epoch left: the one the run trains ends over the budget, by about this much
+    over = f", about {_seconds(epoch_s - left)} over it" if epoch_s > left else ""
+    echo(f"auto: the {cfg.budget} budget leaves {_seconds(left)} after {measured}: {epochs} epoch(s){replaced} "
+         f"of about {epoch_s:.1f}s ({train_s:.1f}s training, {other_s:.1f}s validation and "
+         f"checkpoints){over}")  # fmt: skip
+    return epochs
+
+
+def _seconds(s: float) -> str:
+    """Seconds as the budget lines say them: tenths under 10 s (a 0.6 s trial was "1s of the 1s budget").
+
+    >>> _seconds(0.64), _seconds(42.4)
+    ('0.6s', '42s')
+    """
+    return f"{s:.1f}s" if s < 10 else f"{s:.0f}s"
+
+
+def run_warmup(cfg: TrainConfig, epochs: int, echo: Callable[[str], None]) -> float:
+    """The final run's (and a probe's) warm-up: as asked, unless a budget planned no more epochs than it (the run's
+    config was then refused after the trials, "warmup_epochs must be in [0, epochs)", naming a value the user had
+    checked against --epochs): then the share of the run that was asked of ``--epochs``, said."""
+    if cfg.warmup_epochs < epochs or not cfg.warmup_epochs:
+        return cfg.warmup_epochs
+    share = cfg.warmup_epochs / cfg.epochs if cfg.warmup_epochs < cfg.epochs else 0.5
+    warmup = round(epochs * share, 3)
+    echo(f"auto: --warmup-epochs {cfg.warmup_epochs:g} is as long as the {epochs} epoch(s) the budget plans: the run "
+         f"warms up for {warmup:g}, the share of the run it was of --epochs {cfg.epochs}")  # fmt: skip
+    return warmup
+
+
+def epoch_pace(choice: dict, refit: bool, n_val: int) -> tuple[float, float]:
+    """Seconds one of the run's epochs will take, from the chosen trial: its training (the trial's half epoch twice;
+    with refit, the held-out images too) and the rest of its loop (validation, checkpoints). The training alone put
+    a 45 s budget's 30 epochs at 63 s, each epoch's validation of many images uncounted."""
+    grows = refit and choice["epoch_images"] and not choice.get("fixed_epoch")  # --epoch-images fixes its length
+    train_s = choice["epoch_s"] * (1 + n_val / choice["epoch_images"] if grows else 1)
+    other_s = choice["loop_s"] - choice["epoch_s"] * TRIAL_FRACTION  # the trial's loop less its training
+    if refit:  # no validation in the run: the checkpoints alone
+        other_s -= choice["val_s"]
+    return train_s, max(other_s, 0.0)
+
+
+def few_shot(first: dict, text: bool, epochs: int, echo: Callable[[str], None] = lambda line: None) -> bool:
+    """Whether the run starts from a probed head: the data is too small for the trials' start (the default
+    candidate's trial took fewer than ``PROBE_BELOW_STEPS`` steps; an image model's: a text model's rule was measured
+    without a probe) and the run long enough to move from it (``PROBE_MIN_RUN_STEPS``, its ``epochs`` at twice a
+    trial's steps each); a short run's start from its trial is said."""
+    if text or first["steps"] >= PROBE_BELOW_STEPS:
+        return False
+    steps = run_steps(first, epochs)
+    if steps < PROBE_MIN_RUN_STEPS:
+        echo(f"auto: a trial of {steps_text(first['steps'])} is short for a new head, but a run of about {steps} "
+             f"steps is too short to move from a probed one (under {PROBE_MIN_RUN_STEPS}): it starts from its "
+             "trial")  # fmt: skip
+        return False
+    return True
+
+
+def run_steps(first: dict, epochs: int) -> int:
+    """The final run's steps, about: ``epochs`` of twice the default trial's steps (a trial trains ``TRIAL_FRACTION``
+    of an epoch).
+
+    >>> run_steps({"steps": 2}, 3), run_steps({"steps": 2}, 10)
+    (12, 40)
+    """
+    return math.ceil(first["steps"] / TRIAL_FRACTION) * epochs
+
+
+def run_bn_stats(asked: str, probed: bool) -> str:
+    """The run's BatchNorm statistics: as asked, ``auto`` resolved (held from a probed head, else updated).
+
+    >>> run_bn_stats("auto", True), run_bn_stats("auto", False), run_bn_stats("update", True)
+    ('frozen', 'update', 'update')
+    """
+    if asked != "auto":  # an explicit "update" from a probed head too: the user's call
+        return asked
+    return HELD_STATS if probed else "update"
+
+
+def steps_text(n: int) -> str:
+    return f"{n} step" + ("" if n == 1 else "s")
