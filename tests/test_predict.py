@@ -90,6 +90,9 @@ def test_predict_files_user_errors(best_pt, data):
         predict_files(best_pt, [data / "nothere.png"], device="cpu")
     with pytest.raises(DataError, match=r"image path pattern '.*\*.jpg' matches no file ending in"):
         predict_files(best_pt, [str(data / "test" / "*.jpg")], device="cpu")
+    # an empty path (an unset shell variable) scored every image below the current folder
+    with pytest.raises(ConfigError, match="empty path '' among the paths to predict"):
+        predict_files(best_pt, [data / "test" / "red", ""], device="cpu")
 
 
 def test_a_recursive_glob_predicts_each_image_once_and_skips_other_files(best_pt, data, tmp_path):

@@ -146,7 +146,7 @@ def _eval_parser(sub, commands: dict) -> None:
 def _predict_parser(sub, commands: dict) -> None:
     p = sub.add_parser("predict", help="top-k classes of images, or of texts for a text model")
     p.add_argument("--checkpoint", required=True, type=path, help="a run's best.pt or last.pt")
-    p.add_argument("images", nargs="+", metavar="PATH",
+    p.add_argument("images", nargs="+", metavar="PATH", type=path,
                    help="image files or folders; for a text model, text files (one text a line), CSVs with a text "
                         "column, or folders of them; - reads standard input: image paths, or a text model's texts, "
                         "one a line")  # fmt: skip

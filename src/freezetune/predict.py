@@ -69,8 +69,11 @@ def predict_files(
     if isinstance(paths, (str, os.PathLike)):  # one path, not its characters
         paths = [paths]
     check(column_name_problem("text_column", text_column))
-    loaded = model if isinstance(model, LoadedModel) else load_model(model, device)
     paths = [str(p) for p in paths]
+    if empty := [p for p in paths if not p.strip()]:  # "$IMG" unset: the current folder was scored, all of it
+        raise ConfigError(f"empty path {empty[0]!r} among the paths to predict (an unset shell variable?): give files "
+                          "or folders")  # fmt: skip
+    loaded = model if isinstance(model, LoadedModel) else load_model(model, device)
     if loaded.preprocess.is_text:
         pre = replace(loaded.preprocess, text_column=text_column or loaded.preprocess.text_column)
         return _predict_text_files(loaded, paths, topk, batch_size, Columns.of(pre), on_record or _ignore)
