@@ -157,9 +157,16 @@ def test_a_sweep_resumes_from_its_out_alone_with_its_own_settings_and_recipes(da
     assert yaml.safe_load((out / "sweep_config.yaml").read_text())["budget"] == "1h"
     code, _, err = run_cli(capsys, "sweep", "--out", out, "--resume", "--label-smoothing", "0")  # its settings alone
     assert code == 2 and "label_smoothing 0.2 -> 0.0" in err
+    (tmp_path / "none").mkdir()
     code, _, err = run_cli(capsys, "sweep", "--out", tmp_path / "none", "--resume")
     assert code == 2 and err.strip() == (f"freezetune: error: cannot resume: '{tmp_path / 'none'}' holds no sweep "
                                          "(sweep_config.yaml); give the sweep's --out (out=...) or its whole command")  # fmt: skip
+    # its whole command into a mistyped --out started a new sweep there
+    typo = train_argv(data, tmp_path / "typo", "--epochs", "1")[1:]
+    code, _, err = run_cli(capsys, "sweep", *typo, "--recipes", "linear-probe", "--resume")
+    assert (
+        code == 2 and f"cannot resume: '{tmp_path / 'typo'}' does not exist" in err and not (tmp_path / "typo").exists()
+    )
     # a budget given with a resume is the one it runs with: recorded for the next (the file kept saying 1h)
     code, _, err = run_cli(capsys, "sweep", "--out", out, "--resume", "--budget", "2h")
     assert code == 0, err

@@ -92,13 +92,17 @@ def resume_settings(given: dict) -> Path | None:
     never started with its whole command given again.
 
     Raises:
-        ConfigError: a resume with nothing to resume and no data to start it (it said "data is required").
+        ConfigError: a resume of a folder that does not exist, or with nothing to resume and no data to start it (it
+            said "data is required").
     """
     if not given.get("resume"):
         return None
     saved = settings_file(given.get("out"))
     if saved.is_file():
         return saved
+    if not saved.parent.exists():  # a typo in --out started a new sweep there, as a train --resume does not
+        raise ConfigError(f"cannot resume: {str(saved.parent)!r} does not exist; give the sweep's {setting('out')}, "
+                          f"or start it without {setting('resume', True)}")  # fmt: skip
     if "data" not in given:
         raise ConfigError(f"cannot resume: {str(saved.parent)!r} holds no sweep ({SETTINGS_FILE}); give the sweep's "
                           f"{setting('out')} or its whole command")  # fmt: skip
