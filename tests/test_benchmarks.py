@@ -74,6 +74,11 @@ def test_every_transfer_peer_has_its_run_and_the_layout_variants_wait_for_only(m
     assert all(callable(getattr(transfer, f"run_{name.replace('-', '_')}", None)) for name in transfer.PEERS)
     assert {"full-nchw", "ft-default-nchw"} <= set(transfer.CONTENDERS)
     assert not {"full-nchw", "ft-default-nchw"} & set(transfer.DEFAULT_CONTENDERS)
+    # a rule variant is a question asked by --only, and names constants the auto recipe reads
+    from freezetune import auto_rule
+
+    assert "ft-default-last5" in transfer.CONTENDERS and "ft-default-last5" not in transfer.DEFAULT_CONTENDERS
+    assert all(hasattr(auto_rule, key) for v in transfer.RULE_VARIANTS.values() for key in v)
 
 
 def test_bn_fold_compares_the_folded_copy_with_the_model_as_trained():
