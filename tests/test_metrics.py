@@ -189,3 +189,15 @@ def test_class_names_the_plot_font_lacks_are_named_once_not_as_matplotlib_warnin
         monkeypatch.setattr(warnings, "showwarning", lambda message, *args: shown.append(str(message)))
         plot_confusion(meter.compute(), ["a", "b", "c"], tmp_path / "cm2.png")
     assert shown == ["a warning they see"]
+
+
+def test_a_plot_path_without_a_format_or_that_is_a_folder_says_which(tmp_path):
+    from freezetune.errors import ConfigError
+    from freezetune.metrics import plot_format
+
+    with pytest.raises(ConfigError, match=r"is a directory: name a file in it, e\.g\. '.*confusion\.png'"):
+        plot_format(tmp_path)  # it said "no suffix is none of them"
+    with pytest.raises(ConfigError, match=r"by its suffix; it has none$"):
+        plot_format(tmp_path / "cm")
+    with pytest.raises(ConfigError, match=r"by its suffix; \.gif is none of them$"):
+        plot_format(tmp_path / "cm.gif")

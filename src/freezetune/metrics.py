@@ -368,7 +368,10 @@ def plot_format(path: str | Path) -> str:
     'svg'
     """
     suffix = Path(path).suffix.lower()
+    if Path(path).is_dir():  # it said "no suffix is none of them"
+        raise ConfigError(f"plot {str(path)!r} is a directory: name a file in it, e.g. "
+                          f"{str(Path(path) / 'confusion.png')!r}")  # fmt: skip
     if suffix not in PLOT_FORMATS:
         raise ConfigError(f"plot {str(path)!r}: a plot is written as {', '.join(PLOT_FORMATS)} by its suffix; "
-                          f"{suffix or 'no suffix'} is none of them")  # fmt: skip
+                          f"{suffix + ' is none of them' if suffix else 'it has none'}")  # fmt: skip
     return PLOT_FORMATS[suffix]
