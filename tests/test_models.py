@@ -289,3 +289,20 @@ def test_a_torchvision_model_built_without_its_pretrained_weights_has_their_arch
     pretrained = torchvision.models.get_model(arch, weights="DEFAULT")
     assert pretrained.transform_input and shaped.transform_input
     assert sorted(pretrained.state_dict()) == sorted(shaped.state_dict())
+
+
+def test_an_image_size_too_large_for_memory_is_said_as_such_not_blamed_on_the_model():
+    # --img-size 100000: "does not take 100000 px images ([enforce fail at alloc_cpu.cpp:127] ...)"
+    from torch import nn
+
+    from freezetune.models import _check_input_size
+
+    class Hungry(nn.Module):
+        def forward(self, x):
+            raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory: you "
+                               "tried to allocate 120000000000 bytes")  # fmt: skip
+
+    with pytest.raises(
+        ConfigError, match=r"^one 100000 px image does not fit in memory in m: give a smaller --img-size"
+    ):
+        _check_input_size(Hungry(), "m", 100000, 224)

@@ -108,6 +108,9 @@ def _check_input_size(model: nn.Module, name: str, size: int, default: int | Non
             if aux:
                 model.train()(torch.zeros(2, 3, size, size))
     except (AssertionError, ValueError, RuntimeError) as exc:
+        if isinstance(exc, torch.OutOfMemoryError) or "can't allocate memory" in str(exc):  # no fault of the model's
+            raise ConfigError(f"one {size} px image does not fit in memory in {name}: give a smaller --img-size (it "
+                              f"was pretrained at {default} px)") from None  # fmt: skip
         raise ConfigError(f"{name} does not take {size} px images ({first_line(exc)}); give --img-size {default} or "
                           "leave it out") from None  # fmt: skip
     finally:
