@@ -368,7 +368,7 @@ def plot_format(path: str | Path) -> str:
     'svg'
     """
     suffix = Path(path).suffix.lower()
-    if Path(path).is_dir():  # it said "no suffix is none of them"
+    if suffix not in PLOT_FORMATS and Path(path).is_dir():  # it said "no suffix is none of them"
         raise ConfigError(f"plot {str(path)!r} is a directory: name a file in it, e.g. "
                           f"{str(Path(path) / 'confusion.png')!r}")  # fmt: skip
     if suffix not in PLOT_FORMATS:
