@@ -201,8 +201,8 @@ def test_a_recipes_training_seconds_count_every_phase(data, tmp_path):
     # resumed after its probe finished: the probe's seconds come from its last.pt
     real = recipes.run(recipe_cfg(data, tmp_path / "real", recipe="lp-ft", epochs=1), echo=lambda _: None)
     probe = checkpoint.load(tmp_path / "real" / "probe" / "last.pt")["progress"]["spent"]
-    resumed = recipes.run(recipe_cfg(data, tmp_path / "real", recipe="lp-ft", epochs=1, resume=True), echo=lambda _: None,
-                          train=timed)  # fmt: skip
+    resumed = recipes.run(recipe_cfg(data, tmp_path / "real", recipe="lp-ft", epochs=1, resume=True),
+                          echo=lambda _: None, train=timed)  # fmt: skip
     assert probe["epochs"] > 0 and real.train_seconds > 0
     assert resumed.seconds["epochs"] == pytest.approx(probe["epochs"] + 10.0)
 

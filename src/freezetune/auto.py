@@ -270,7 +270,8 @@ def _measure(base: TrainConfig, ks: list[int], boost: float, out: Path, train: C
     if first["steps"] < MIN_TRIAL_STEPS and len(ks) > 1:
         return [first], first, (f"the default (last {default_k} stages): a trial of {steps_text(first['steps'])} "
                                 f"cannot tell the candidates apart (under {MIN_TRIAL_STEPS}, a trial's score moves "
-                                "more from seed to seed than the candidates differ), so only its trial ran")  # fmt: skip
+                                "more from seed to seed than the candidates differ), so only its trial "
+                                "ran")  # fmt: skip
     trials = sorted([first, *(_trial(base, k, boost, out, train, echo, brief=True) for k in ks if k != default_k)],
                     key=lambda t: t["trained_stages"])  # fmt: skip
     choice = choose(trials, n_val, compared_by(base.monitor))

@@ -186,8 +186,8 @@ class Trainer(RunSetup):
         that fails (an earlier write's full disk) still lets the line be said before its error."""
         try:
             if self.dist.is_main:
-                checkpoint.save_epoch(self.checkpoints, self._model_record(), self.state, self.progress, self.steps_per_epoch,
-                                      row=row, improved=improved, last=self.resumable,
+                checkpoint.save_epoch(self.checkpoints, self._model_record(), self.state, self.progress,
+                                      self.steps_per_epoch, row=row, improved=improved, last=self.resumable,
                                       data=self.data_print)  # fmt: skip
         finally:
             self.echo(epoch_log.format_epoch_line(row, noun(self.data.train), self.cfg.monitor))
