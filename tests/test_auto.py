@@ -337,6 +337,21 @@ def test_an_auto_run_records_the_refit_it_did_not_the_one_it_asked(data, tmp_pat
     assert result.history[-1]["val_n"] > 0  # the run validated, as recorded
 
 
+def test_trials_note_what_their_hold_out_lends_the_refit_not_warn_of_short_classes(data, tmp_path, caplog):
+    # 14 a class and per_class 14: each trial holds 1 a class out and trains on 13, which the final run's refit gives
+    # back; the trials warned that every class trained short (the run, which trains on all 14, did not)
+    import logging
+
+    from freezetune import trainer
+
+    with caplog.at_level(logging.INFO, logger="freezetune"):
+        trainer.train(recipe_cfg(data, tmp_path / "auto", cache="auto", per_class=14, epochs=1), echo=lambda _: None)
+    assert json.loads((tmp_path / "auto" / "recipe.json").read_text())["choice"]["refit"] is True
+    short = [r for r in caplog.records if r.getMessage().startswith("per_class=14")]
+    assert short and all(r.levelno == logging.INFO for r in short), [(r.levelname, r.getMessage()) for r in short]
+    assert "a refit (the auto recipe's final run) trains on them too" in short[0].getMessage()
+
+
 def test_an_auto_run_with_a_validation_folder_says_why_it_does_not_refit(tmp_path):
     # with a val/ folder and --per-class it blamed per_class: the images were never held out of the training data
     from freezetune import trainer

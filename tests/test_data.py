@@ -30,7 +30,7 @@ from freezetune.data.folder import HEIF_EXTENSIONS, IMAGE_EXTENSIONS, scan_folde
 from freezetune.data.idx import FASHION_CLASSES, InMemoryImageDataset, load_idx, read_idx
 from freezetune.data.sampling import per_class_indices, stratified_split
 from freezetune.data.text import TextDataset
-from freezetune.data.validation import hold_out, refit_follows
+from freezetune.data.validation import hold_out
 from freezetune.errors import ConfigError, DataError
 from freezetune.preprocess import Preprocess
 
@@ -250,15 +250,14 @@ def test_per_class_warns_about_the_classes_that_train_short_and_why(tmp_path, ca
         in warned(per_class=20)  # fmt: skip
     # the auto recipe's trials hold 2 a class out, which its final run's refit gives back: a note, not a warning that
     # the data is short (it blamed the hold-out for every class, those short anyway too)
-    with refit_follows():
-        assert "per_class" not in warned(per_class=20)
-        caplog.clear()
-        with caplog.at_level(logging.INFO, logger="freezetune"):
-            build_datasets(root, seed=1, preprocess=PRE, per_class=20)
-        assert "per_class=20: 10 of 10 classes train on fewer images after the 20 held out for validation; a refit " \
-            "(the auto recipe's final run) trains on them too (" in caplog.text  # fmt: skip
-        short = warned(per_class=21)  # short without the hold-out too: warned of, with what each class has
-        assert "per_class=21: 10 of 10 classes have fewer training images and use all they have (" in short
+    assert "per_class" not in warned(per_class=20, refit_follows=True)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="freezetune"):
+        build_datasets(root, seed=1, preprocess=PRE, per_class=20, refit_follows=True)
+    assert "per_class=20: 10 of 10 classes train on fewer images after the 20 held out for validation; a refit " \
+        "(the auto recipe's final run) trains on them too (" in caplog.text  # fmt: skip
+    short = warned(per_class=21, refit_follows=True)  # short without the hold-out too: warned of, with what each has
+    assert "per_class=21: 10 of 10 classes have fewer training images and use all they have (" in short
     assert "after the 40 held out" in warned(per_class=20, val_split=0.2)
     assert "per_class=20" not in warned(per_class=18)
     make_folder(tmp_path / "f" / "train", 4)

@@ -112,11 +112,11 @@ def test_a_resumed_sweep_keeps_the_measured_seconds_of_the_recipes_finished_befo
 
     real, measured, stopped = recipes.run, {}, []
 
-    def interrupted_at_last_2(cfg, echo):
+    def interrupted_at_last_2(cfg, echo, **kwargs):
         if cfg.recipe == "last-2" and not stopped:
             stopped.append(cfg.recipe)
             raise KeyboardInterrupt  # Ctrl-C while the second recipe trains
-        result = real(cfg, echo=echo)
+        result = real(cfg, echo=echo, **kwargs)
         measured.setdefault(cfg.recipe, result.train_seconds)
         return result
 
@@ -135,11 +135,11 @@ def test_a_sweep_resumes_from_its_out_alone_with_its_own_settings_and_recipes(da
     # "sweep --out S --resume" said "data is required": unlike train's, a sweep's resume needed its whole command
     real, stopped = recipes.run, []
 
-    def interrupted_at_last_2(cfg, echo):
+    def interrupted_at_last_2(cfg, echo, **kwargs):
         if cfg.recipe == "last-2" and not stopped:
             stopped.append(cfg.recipe)
             raise KeyboardInterrupt  # Ctrl-C while the second recipe trains
-        return real(cfg, echo=echo)
+        return real(cfg, echo=echo, **kwargs)
 
     monkeypatch.setattr(recipes, "run", interrupted_at_last_2)
     out = tmp_path / "sweep"
@@ -246,11 +246,11 @@ def test_a_sweep_stopped_before_its_auto_recipe_began_resumes_through_it(data, t
 
     real, stopped = recipes.run, []
 
-    def stopped_before_auto(cfg, echo):
+    def stopped_before_auto(cfg, echo, **kwargs):
         if cfg.recipe == "auto" and not stopped:
             stopped.append(cfg.recipe)
             raise KeyboardInterrupt  # Ctrl-C between two recipes
-        return real(cfg, echo=echo)
+        return real(cfg, echo=echo, **kwargs)
 
     monkeypatch.setattr(recipes, "run", stopped_before_auto)
     cfg = recipe_cfg(data, None, epochs=1, cache="off")

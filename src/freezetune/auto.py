@@ -54,6 +54,7 @@ numbers of steps 1 to 3, and the measurements behind them, are in ``auto_rule.py
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import shutil
@@ -141,10 +142,9 @@ def run(cfg: TrainConfig, *, echo: Callable[[str], None] = print, train: Callabl
             shutil.rmtree(trial_cfg.out, ignore_errors=True)
         return broadcast(train(trial_cfg, **kwargs), info)  # (rank 1 scored "n/a", skipped trials, and the ranks hung)
 
-    from freezetune.data.validation import refit_follows
-
-    with refit_follows(refits(cfg)):  # the trials' hold-out, lent: the final run trains on it
-        trials, choice, why = _measure(base, ks, boost, out, shared, run_log.introduced(echo, _intro(ks, cut, text)))
+    # the trials' hold-out, lent: the final run trains on it
+    lent = functools.partial(shared, refit_follows=refits(cfg))
+    trials, choice, why = _measure(base, ks, boost, out, lent, run_log.introduced(echo, _intro(ks, cut, text)))
     refit = run_refits(cfg, trials[0], echo)
     # the epochs planned before a probe (a budget's: rank 0's clock decides for every rank, theirs differ)
     planned = run_epochs(cfg, trials, choice, broadcast(time.perf_counter() - start, info), refit, lambda line: None)

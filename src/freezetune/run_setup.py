@@ -10,9 +10,6 @@ import dataclasses
 import json
 import logging
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
-from contextvars import ContextVar
 
 import torch
 from torch import nn
@@ -86,22 +83,6 @@ def _say_head_frozen(model: nn.Module) -> None:
                           "trains the head alone)", head.name)  # fmt: skip
 
 
-# what, beyond the run's own settings, needs validation data in the runs started within (validation_needed_by)
-_VALIDATION_USERS: ContextVar[tuple[str, ...]] = ContextVar("freezetune_validation_users", default=())
-
-
-@contextmanager
-def validation_needed_by(user: str) -> Iterator[None]:
-    """Runs started inside refuse data without validation images at set-up, naming ``user`` as what needs them (a
-    sweep, which compares its recipes on them: it found out only after its first recipe had trained, and then
-    refused the fix in the same folder as a sweep that did not finish)."""
-    token = _VALIDATION_USERS.set((*_VALIDATION_USERS.get(), user))
-    try:
-        yield
-    finally:
-        _VALIDATION_USERS.reset(token)
-
-
 class RunSetup:
     """A training run set up from a validated config, ready to train. The set-up order is the run's contract:
 
@@ -118,9 +99,11 @@ class RunSetup:
     """
 
     def __init__(self, cfg: TrainConfig, *, echo=print, resumable: bool = True, brief: bool = False,
-                 recipe_run: bool = False) -> None:  # fmt: skip
+                 recipe_run: bool = False, needs_validation: tuple[str, ...] = (),
+                 refit_follows: bool = False) -> None:  # fmt: skip
         validate(cfg)
         self.cfg, self.resumable, self.brief, self.recipe_run = cfg, resumable, brief, recipe_run
+        self.needs_validation, self.refit_follows = needs_validation, refit_follows  # (``trainer.train``'s)
         self._process(echo)
         self._model()
         self._data()
@@ -177,10 +160,10 @@ class RunSetup:
         cfg = self.cfg
         self.data = build_datasets(cfg.data, val_data=cfg.val_data, val_split=cfg.val_split, per_class=cfg.per_class,
                                    seed=cfg.seed, preprocess=self.preprocess, aug=cfg.aug,
-                                   skip_bad=cfg.skip_bad, refit=bool(cfg.refit),
+                                   skip_bad=cfg.skip_bad, refit=bool(cfg.refit), refit_follows=self.refit_follows,
                                    final_test=cfg.final_test)  # fmt: skip
         self.classes = self.data.classes
-        own, outer = validation_users(cfg), _VALIDATION_USERS.get()
+        own, outer = validation_users(cfg), self.needs_validation
         if self.data.val is None and (users := [*own, *outer]):  # a plateau failed after epoch 1; --early-stop was
             # ignored; a sweep trained its first recipe. The data says why there is none: "none (every class has ..."
             without = f", or train without {'it' if len(own) == 1 else 'them'}" if own and not outer else ""

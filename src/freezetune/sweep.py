@@ -11,6 +11,7 @@ accuracy, or macro-F1 under ``monitor: val_f1``, against training seconds, the P
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -50,6 +51,8 @@ from freezetune.runtime import check_folders
 
 _DEFAULTS = TrainConfig()
 ROW_FILE = "sweep_row.json"  # a finished recipe's row, in its run directory
+# what a sweep's runs name when data without validation images is refused at set-up (``trainer.train``)
+NEEDS_VALIDATION = "a sweep (it compares its recipes on the validation split)"
 
 
 @dataclass
@@ -378,10 +381,9 @@ def _run_recipe(name: str, cfg: TrainConfig, echo: Callable[[str], None], info: 
     measured seconds included (re-reading its finished run takes a fraction of a second). The row, and whether it
     was read back. Under torchrun every rank takes rank 0's result: rank 0 alone scores and keeps the history (a
     rank 1 read its empty history as "no validation data" and left the job)."""
-    from freezetune import recipes
+    from freezetune import recipes, trainer
     from freezetune.interrupt import RunInterrupted
     from freezetune.precision import resolve_device
-    from freezetune.run_setup import validation_needed_by
 
     saved = Path(cfg.out) / ROW_FILE
     if cfg.resume and saved.is_file():
@@ -392,8 +394,8 @@ def _run_recipe(name: str, cfg: TrainConfig, echo: Callable[[str], None], info: 
         cfg = dataclasses.replace(cfg, resume=False)  # (the auto recipe refused to resume a run dir never made)
     with log(echo):  # the recipe's own level of the log: the auto recipe's trials and choice in its train.log too
         try:
-            with validation_needed_by("a sweep (it compares its recipes on the validation split)"):
-                result = broadcast(recipes.run(cfg, echo=echo), info)
+            train = functools.partial(trainer.train, needs_validation=(NEEDS_VALIDATION,))
+            result = broadcast(recipes.run(cfg, echo=echo, train=train), info)
         except RunInterrupted as exc:  # a recipe's advice ("the same command") is refused once a recipe has trained
             how = (f"{exc.where or 'at once'} in recipe {name}; continue the sweep with its command and --resume (the "
                    "recipes it finished keep their rows)")  # fmt: skip

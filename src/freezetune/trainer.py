@@ -8,6 +8,7 @@ restores, ``checkpoint``'s.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import time
@@ -37,7 +38,8 @@ from freezetune.step import one_value_batch
 
 
 def train(cfg: TrainConfig, *, echo: Callable[[str], None] = print, resumable: bool = True, brief: bool = False,
-          recipe_run: bool = False) -> RunResult:  # fmt: skip
+          recipe_run: bool = False, needs_validation: tuple[str, ...] = (), refit_follows: bool = False,
+          ) -> RunResult:  # fmt: skip
     """Run a whole fine-tuning job as configured; ``echo`` receives the human-readable log lines.
 
     A recipe (``recipe``, or ``freeze: auto``, the default) runs through ``freezetune.recipes``. ``resumable=False``
@@ -48,6 +50,11 @@ def train(cfg: TrainConfig, *, echo: Callable[[str], None] = print, resumable: b
     ``recipe_run``: a recipe's run in its own dir (the auto recipe's final run, a named recipe's last phase), which
     keeps the ``recipe.json`` (and ``auto-trials/``) beside it (a fresh start of any other run clears them: they were
     an earlier run's).
+    ``needs_validation``: what, beyond the run's own settings, needs validation data (a sweep, which compares its
+    recipes on it): data without any is refused at set-up, naming it, in every run a recipe starts too (a sweep
+    found out only after its first recipe had trained). ``refit_follows``: a later run trains on the validation
+    images this run holds out automatically (the auto recipe's trials): a class short of ``per_class`` by them alone
+    is noted, not warned of.
 
     >>> from freezetune.config import TrainConfig
     >>> train(TrainConfig(data="DIR_OF_IMAGES", epochs=3))  # doctest: +SKIP
@@ -67,9 +74,10 @@ def train(cfg: TrainConfig, *, echo: Callable[[str], None] = print, resumable: b
         try:
             if cfg.resume and not recipe_run:  # a recipe's own run resumes through the recipe
                 recipes.refuse_a_plain_resume_of_a_recipe(cfg)
-            if recipes.recipe_of(cfg) is not None:
-                return recipes.run(cfg, echo=echo)
-            trainer = Trainer(cfg, echo=echo, resumable=resumable, brief=brief, recipe_run=recipe_run)
+            if recipes.recipe_of(cfg) is not None:  # each run of the recipe needs what this one does
+                return recipes.run(cfg, echo=echo, train=functools.partial(train, needs_validation=needs_validation))
+            trainer = Trainer(cfg, echo=echo, resumable=resumable, brief=brief, recipe_run=recipe_run,
+                              needs_validation=needs_validation, refit_follows=refit_follows)  # fmt: skip
             return trainer.fit()
         finally:
             if owner:

@@ -224,6 +224,7 @@ def build_datasets(
     aug: str = AUG_DEFAULT,
     skip_bad: bool = False,
     refit: bool = False,
+    refit_follows: bool = False,
     final_test: bool = True,
 ) -> DataBundle:
     """Build train/val/test datasets from one data path, with train augmentation and eval transforms.
@@ -255,6 +256,8 @@ def build_datasets(
         aug: training augmentation preset, one of ``AUG_PRESETS``.
         refit: validation held out automatically (rule 4) trains too, after ``per_class``: the training set is then
             what the auto recipe's trials trained on plus what they were scored on, and there is no validation set.
+        refit_follows: a later run refits what rule 4 holds out here (the auto recipe's trials): a class short of
+            ``per_class`` by its held-out share alone is noted, not warned of.
         skip_bad: leave out image files whose header cannot be read (listed in ``DataBundle.skipped``) instead of
             refusing the data.
         final_test: whether the run scores the test split at the end (what ``val_source`` says of it).
@@ -293,6 +296,7 @@ def build_datasets(
         per_class=per_class,
         seed=seed,
         refit=refit,
+        refit_follows=refit_follows,
         test="" if not has_test else "only scored at the end" if final_test else "not used",
     )
     present = sorted({int(t) for t in train.targets.tolist()})

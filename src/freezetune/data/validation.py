@@ -7,8 +7,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from contextlib import contextmanager
-from contextvars import ContextVar
 
 import torch
 from torch.utils.data import Dataset
@@ -23,19 +21,6 @@ from freezetune.progress import NOT_HELD_OUT
 from freezetune.run_log import warn_once
 
 log = logging.getLogger(__name__)
-# set by the auto recipe around its trials when its final run refits: their automatic hold-out is then lent, not lost
-_REFIT_FOLLOWS: ContextVar[bool] = ContextVar("refit_follows", default=False)
-
-
-@contextmanager
-def refit_follows(yes: bool = True):
-    """Runs in this block hold out validation images that a later run trains on again (the auto recipe's trials, its
-    final run refitting): a class short of ``per_class`` by its held-out share alone is then noted, not warned of."""
-    token = _REFIT_FOLLOWS.set(yes)
-    try:
-        yield
-    finally:
-        _REFIT_FOLLOWS.reset(token)
 
 
 def hold_out(train: Dataset, fraction: float, seed: int, max_per_class: int | None = None) -> tuple[Dataset, Dataset]:
@@ -72,13 +57,15 @@ HELD_OUT = "no validation data given"
 
 def resolve_validation(
     train: Dataset, val: Dataset | None, *, val_data: str | None, val_split: float | None, per_class: int | None,
-    seed: int, refit: bool, test: str,
+    seed: int, refit: bool, test: str, refit_follows: bool = False,
 ) -> tuple[Dataset, Dataset | None, str, str]:  # fmt: skip
     """``build_datasets``' validation: the set by the first rule that applies (``val`` is the data's own or
     ``val_data``'s, None when neither has one), then ``per_class`` and ``refit`` on what is left. Returns the training
     set, the validation set (None: there is none, or it was refit), what ``val_source`` says of it (with ``test``,
     what becomes of the data's test split, when the validation is not given: why the test split is not it), and why
-    the validation set could not be refit ("" when it could)."""
+    the validation set could not be refit ("" when it could). ``refit_follows``: a later run trains on what is held
+    out here (the auto recipe's trials, before its final run refits): a class short of ``per_class`` by its
+    held-out share alone is then noted, not warned of."""
     given = val
     train, val, val_source = choose_validation(train, val, val_data=val_data, val_split=val_split, seed=seed)
     if val is not None and len(val) == 0:  # copies are held out together: five copies of one image are one
@@ -97,7 +84,7 @@ def resolve_validation(
     elif refit and given is not None:  # said, as the per_class case is: the run went on validating, unsaid
         val_source += " (not refit: refit joins only what is held out automatically, and these were given)"
     if per_class is not None:
-        rejoins = may_refit and _REFIT_FOLLOWS.get()
+        rejoins = may_refit and refit_follows
         warn_short(train, per_class, val if val is not None and val is not given else None, rejoins=rejoins)
     if test and val is not given:
         val_source += f"; the test split is {test}"
