@@ -240,15 +240,6 @@ def test_an_lp_ft_stopped_in_its_probe_is_kept_from_any_other_command(data, tmp_
         assert "--resume" in err and snapshot(run) == before, extra
 
 
-def test_a_recipe_given_under_two_names_is_refused_as_given_twice():
-    # last-k is last-2: the sweep trained it twice, into two folders, as two rows
-    from freezetune.sweep import recipe_names
-
-    with pytest.raises(ConfigError, match=r"recipe\(s\) given twice: 'last-2', 'last-k'"):
-        recipe_names("last-k,full,last-2")
-    assert recipe_names("last-k,last-3") == ["last-k", "last-3"]
-
-
 def test_img_size_below_one_is_refused_with_the_other_settings_before_a_model_is_built():
     with pytest.raises(ConfigError, match="img_size must be >= 1, got -5"):
         validate(TrainConfig(data="images", img_size=-5))

@@ -301,14 +301,6 @@ def test_sweep_refuses_an_option_one_of_its_recipes_sets_itself(data, tmp_path, 
     assert not (tmp_path / "sweep").exists()
 
 
-def test_a_sweeps_bn_applies_to_its_recipes_but_linear_probe_which_trains_the_head_alone(tmp_path):
-    from freezetune.sweep import _run_configs
-
-    runs = _run_configs(TrainConfig(data="d", bn="affine-only"), ["linear-probe", "last-2", "auto"], tmp_path)
-    assert {name: run.bn for name, run in runs.items()} == {"linear-probe": "frozen", "last-2": "affine-only",
-                                                            "auto": "affine-only"}  # fmt: skip
-
-
 def test_a_sweeps_budget_counts_each_second_once_and_its_winner_names_absolute_paths(tmp_path, monkeypatch):
     from freezetune import sweep as sweep_mod
     from freezetune import sweep_report
@@ -644,15 +636,3 @@ def test_without_validation_images_a_sweep_is_refused_and_the_auto_recipe_says_w
     code, out, err = run_cli(capsys, *train_argv(data, tmp_path / "run", "--epochs", "1"))
     assert code == 0, err
     assert "there are no validation images to compare on" in out and "stay validation" not in out
-
-
-def test_a_sweeps_winner_yaml_of_a_recipe_that_sets_its_own_batchnorm_is_one_train_accepts(tmp_path):
-    # sweep --bn train: linear-probe and lp-ft ran with their own BatchNorm, and winner.yaml gave them bn train, which
-    # `train --config winner.yaml` refused ("recipe 'lp-ft' sets bn itself")
-    from freezetune import sweep
-
-    asked = TrainConfig(data="d", bn="train", bn_stats="frozen")
-    for recipe in ("lp-ft", "linear-probe"):
-        values = sweep._winner_config(asked, {"recipe": recipe, "run_dir": str(tmp_path)})
-        assert load_config(values).recipe == recipe  # as --config winner.yaml reads it: no conflict
-    assert sweep._winner_config(asked, {"recipe": "full", "run_dir": str(tmp_path)})["bn"] == "train"

@@ -14,21 +14,16 @@ import logging
 import shlex
 import sys
 import warnings
-from pathlib import Path
-
-import yaml
 
 from freezetune import cli_exit, run_log
 from freezetune.cli_args import overrides_anywhere
 from freezetune.cli_parser import build_parser
 from freezetune.config import TrainConfig, field_names
-from freezetune.config_file import load_config, parse_overrides, read_yaml, resume_config
+from freezetune.config_file import load_config, parse_overrides, resume_config
 from freezetune.errors import ConfigError, FreezetuneError
 from freezetune.interrupt import RunInterrupted, forget_stop, raised_stop
 from freezetune.options import (
     PIL_WARNINGS,
-    SWEEP_DEFAULT_RECIPES,
-    SWEEP_RECIPES_KEY,
 )
 
 
@@ -92,7 +87,7 @@ def _saved(args) -> str | None:
     """What a stopped command leaves to go on from (``cli_exit.SAVED``): a sweep stopped before it recorded its
     settings leaves nothing to resume ("--resume continues the sweep" was said, and the resume refused)."""
     if args.command == "sweep":
-        from freezetune.sweep import settings_file
+        from freezetune.sweep_config import settings_file
 
         if not settings_file(getattr(args, "out", None)).is_file():
             return "the sweep had recorded nothing yet: the same command starts it"
@@ -182,16 +177,17 @@ def _print_config(text: str) -> int:
 
 
 def _cmd_sweep(args) -> int:
-    from freezetune.sweep import recipe_names, refuse_overridden, resume_settings, sweep, swept
+    from freezetune import sweep_config
+    from freezetune.sweep import sweep
 
     given = _given(args)
-    refuse_overridden(given)
-    if args.config is None:  # sweep --out S --resume: its own settings and recipes, the flags given now on top
-        args.config = resume_settings(given)
-    recipes = _sweep_recipes(args)
+    sweep_config.refuse_overridden(given)
+    # sweep --out S --resume without --config: its own settings and recipes, the flags given now on top
+    config = args.config if args.config is not None else sweep_config.resume_settings(given)
+    args.config, recipes = sweep_config.request(config, args.recipes)
     problems = []  # --recipes and the config's values, in one message
     try:
-        names = recipe_names(recipes)
+        names = sweep_config.recipe_names(recipes)
     except ConfigError as exc:
         problems.append(str(exc))
     try:
@@ -200,23 +196,10 @@ def _cmd_sweep(args) -> int:
         problems.append(str(exc))
     if problems:
         raise ConfigError("; ".join(problems))
-    if args.print_config:  # with what the sweep sets for every recipe and its recipes: the file reads back as its
-        return _print_config(swept(cfg).dump() + yaml.safe_dump({SWEEP_RECIPES_KEY: ",".join(names)}))  # --config
+    if args.print_config:
+        return _print_config(sweep_config.printed(cfg, names))
     sweep(cfg, recipes)
     return 0
-
-
-def _sweep_recipes(args) -> str | list[str]:
-    """A sweep's recipes: ``--recipes``, else its ``--config`` file's ``recipes`` (what ``sweep --print-config``
-    writes; taken out of the values the config reads, which has no such field), else the default list."""
-    in_file = None
-    if args.config is not None:
-        values = read_yaml(Path(args.config))
-        in_file = values.pop(SWEEP_RECIPES_KEY, None)
-        args.config = values
-    if args.recipes is not None:  # --recipes "" is refused (no recipe), not read as the default
-        return args.recipes
-    return in_file if in_file is not None else ",".join(SWEEP_DEFAULT_RECIPES)
 
 
 def _cmd_eval(args) -> int:

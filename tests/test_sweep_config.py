@@ -1,0 +1,48 @@
+"""What a sweep is asked and records (``sweep_config.py``): its recipes, each recipe's run config and the winner's;
+the sweeps themselves are ``test_sweep.py``'s."""
+
+from __future__ import annotations
+
+import pytest
+
+from freezetune import sweep_config
+from freezetune.config import TrainConfig
+from freezetune.config_file import load_config
+from freezetune.errors import ConfigError
+from freezetune.options import SWEEP_DEFAULT_RECIPES
+
+
+def test_a_sweeps_recipes_come_from_the_flag_else_its_config_file_else_the_default_list(tmp_path):
+    # sweep --print-config > s.yaml writes the recipes into the file, which `sweep --config s.yaml` reads back; the
+    # config's other values go on without the key (TrainConfig has no such field)
+    saved = tmp_path / "s.yaml"
+    saved.write_text(sweep_config.printed(TrainConfig(data="d", lr=0.01), ["full", "linear-probe"]))
+    values, recipes = sweep_config.request(saved, None)
+    assert recipes == "full,linear-probe" and "recipes" not in values and load_config(values).lr == 0.01
+    assert sweep_config.request(saved, "auto")[1] == "auto"  # --recipes over the file's
+    assert sweep_config.request(None, None) == (None, ",".join(SWEEP_DEFAULT_RECIPES))
+
+
+def test_a_recipe_given_under_two_names_is_refused_as_given_twice():
+    # last-k is last-2: the sweep trained it twice, into two folders, as two rows
+    with pytest.raises(ConfigError, match=r"recipe\(s\) given twice: 'last-2', 'last-k'"):
+        sweep_config.recipe_names("last-k,full,last-2")
+    assert sweep_config.recipe_names("last-k,last-3") == ["last-k", "last-3"]
+
+
+def test_a_sweeps_bn_applies_to_its_recipes_but_linear_probe_which_trains_the_head_alone(tmp_path):
+    runs = sweep_config.run_configs(
+        TrainConfig(data="d", bn="affine-only"), ["linear-probe", "last-2", "auto"], tmp_path
+    )
+    assert {name: run.bn for name, run in runs.items()} == {"linear-probe": "frozen", "last-2": "affine-only",
+                                                            "auto": "affine-only"}  # fmt: skip
+
+
+def test_a_sweeps_winner_yaml_of_a_recipe_that_sets_its_own_batchnorm_is_one_train_accepts(tmp_path):
+    # sweep --bn train: linear-probe and lp-ft ran with their own BatchNorm, and winner.yaml gave them bn train, which
+    # `train --config winner.yaml` refused ("recipe 'lp-ft' sets bn itself")
+    asked = TrainConfig(data="d", bn="train", bn_stats="frozen")
+    for recipe in ("lp-ft", "linear-probe"):
+        values = sweep_config.winner_config(asked, {"recipe": recipe, "run_dir": str(tmp_path)})
+        assert load_config(values).recipe == recipe  # as --config winner.yaml reads it: no conflict
+    assert sweep_config.winner_config(asked, {"recipe": "full", "run_dir": str(tmp_path)})["bn"] == "train"
