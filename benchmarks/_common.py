@@ -70,7 +70,7 @@ class PeakMemory:
     transient peak of the imports does not hide the growth. Where that is refused the fallback is the growth of
     ``ru_maxrss``, honest only in a fresh process; the transfer benchmark gives each contender one anyway.
 
-    freezetune's trainer resets the same marks at every epoch (``runtime.reset_peak_memory``, for its per-epoch
+    freezetune's trainer resets the same marks at every epoch (``hardware.reset_peak_memory``, for its per-epoch
     row), which would leave only the last epoch's peak: ``start()`` wraps that function so each reading is kept
     before the reset. The library itself is unchanged; only this process's reference to the function is.
     """
@@ -100,15 +100,15 @@ class PeakMemory:
         return _proc_status_mib("VmHWM") if self.reset else _maxrss_mib()
 
     def _keep_across_resets(self) -> None:
-        from freezetune import runtime
+        from freezetune import hardware
 
-        reset = runtime.reset_peak_memory
+        reset = hardware.reset_peak_memory
 
         def keep_then_reset(device: torch.device) -> None:
             self.kept = max(self.kept, self._reading())
             reset(device)
 
-        runtime.reset_peak_memory = keep_then_reset
+        hardware.reset_peak_memory = keep_then_reset
 
 
 def _maxrss_mib() -> float:

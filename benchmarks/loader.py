@@ -114,7 +114,7 @@ def make_loaders(root: Path, args, device: torch.device) -> dict:
 
 def timed_pass(loader, device: torch.device, res: int) -> tuple[float, int]:
     """Seconds for one full pass producing training batches on the device, and the images it produced."""
-    channels_last = device.type == "cuda"  # the trainer's choice for a convnet (runtime.use_channels_last)
+    channels_last = device.type == "cuda"  # the trainer's choice for a convnet (hardware.use_channels_last)
     images = 0
     sync(device)
     start = time.perf_counter()

@@ -16,7 +16,7 @@ from torch import nn
 import freezetune as ft
 from _engine_fixtures import fashion_mnist_dir, make_image_folder, run_cli, snapshot, train_argv
 from conftest import Terminal
-from freezetune import bn_refresh, checkpoint, run_setup, runtime, step, trainer
+from freezetune import bn_refresh, checkpoint, hardware, run_setup, step, trainer
 from freezetune.cli import main
 from freezetune.config import TrainConfig
 from freezetune.config_file import load_config
@@ -431,7 +431,7 @@ def test_recompile_after_unfreeze_trains_the_unfrozen_stage(record_property):
     optimizer = torch.optim.SGD(ft.param_groups(model, 0.1), lr=0.1)
     unfreezer = ft.Unfreezer(model, optimizer, "epoch:1", lr=0.1)
     x, y = torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 2, 0])
-    forward = runtime.recompile(model, backend="aot_eager")
+    forward = hardware.recompile(model, backend="aot_eager")
     _step(forward, optimizer, x, y)  # traced while only the head trains
 
     assert unfreezer.step(0) == ["body"]
@@ -439,7 +439,7 @@ def test_recompile_after_unfreeze_trains_the_unfrozen_stage(record_property):
     # (a) the graph compiled before the unfreeze: recorded, not asserted (fixed or not depending on the torch version)
     record_property("stale_graph_trains_unfrozen_stage", _trains(forward, optimizer, x, y, body))
     # (b) what the trainer does after every unfreeze: reset dynamo and compile again
-    forward = runtime.recompile(model, backend="aot_eager")
+    forward = hardware.recompile(model, backend="aot_eager")
     assert _trains(forward, optimizer, x, y, body)
     assert all(p.grad is None for p in model.stem.parameters())  # still frozen
     torch._dynamo.reset()
@@ -452,7 +452,7 @@ def test_trainer_recompiles_after_each_unfreeze(data, tmp_path, capsys, monkeypa
         compiled.append((module, [n for n, p in module.named_parameters() if p.requires_grad]))
         return module
 
-    monkeypatch.setattr(runtime, "recompile", spy)
+    monkeypatch.setattr(hardware, "recompile", spy)
     argv = train_argv(data, tmp_path / "run", "--epochs", "2", "--freeze", "backbone", "--unfreeze", "epoch:1",
                       "--compile", "--no-tensorboard")  # fmt: skip
     code, _, err = run_cli(capsys, *argv)

@@ -25,11 +25,11 @@ from freezetune.config import TrainConfig
 from freezetune.data.loaders import Loaders, close_loader
 from freezetune.errors import ConfigError, DataError, setting
 from freezetune.evaluate import evaluate
+from freezetune.hardware import use_channels_last
 from freezetune.memory import out_of_memory_hint
 from freezetune.options import check, column_name_problem, positive_int_problem
 from freezetune.precision import Precision, resolve_device, resolve_precision
 from freezetune.preprocess import Preprocess
-from freezetune.runtime import use_channels_last
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ def load_model(checkpoint: str | Path | dict, device: str = "auto") -> LoadedMod
     """Rebuild the model of a checkpoint (a path or a record from ``checkpoint.load``) on ``device``.
 
     Inference runs in fp32 (AMP off), as the CLI always has: the numbers do not depend on the card. The memory
-    format is the run's (``runtime.use_channels_last``), so ``eval`` of ``best.pt`` on the CPU reproduces the run's
+    format is the run's (``hardware.use_channels_last``), so ``eval`` of ``best.pt`` on the CPU reproduces the run's
     ``test_metrics.json`` to the last digit.
 
     >>> loaded = load_model("runs/r50/best.pt", device="cpu")  # doctest: +SKIP

@@ -14,7 +14,7 @@ import os
 import torch
 from torch import nn
 
-from freezetune import checkpoint, hf_bundle, reporting, rng, run_log, runtime, text_pooling
+from freezetune import checkpoint, hardware, hf_bundle, reporting, rng, run_log, runtime, text_pooling
 from freezetune._io import atomic_write_text
 from freezetune.bn_policy import hold_bn_statistics, idle_bn_policy
 from freezetune.cache import FeaturePath
@@ -194,7 +194,7 @@ class RunSetup:
                               "trains the head")  # fmt: skip
         if not cfg.init and not self.resuming:
             _say_head_frozen(self.model)
-        self.channels_last = runtime.use_channels_last(cfg.channels_last, self.model)
+        self.channels_last = hardware.use_channels_last(cfg.channels_last, self.model)
         self.model.to(self.device, memory_format=torch.channels_last if self.channels_last else torch.preserve_format)
         if self.device.type == "cpu" and not cfg.compile:  # the native weight gradient of a depthwise layer is slow
             use_fast_depthwise(self.model)
@@ -357,7 +357,7 @@ class RunSetup:
     def _prepare(self, module: nn.Module) -> nn.Module:
         """What a step runs: DDP over the parameters that train now, compiled when asked."""
         module = wrap(module, self.dist, self.device)
-        return runtime.recompile(module) if self.cfg.compile else module
+        return hardware.recompile(module) if self.cfg.compile else module
 
     def say_setup(self) -> None:
         """What trains on what (the stage table, or one line for the auto recipe's later trials) and the notes."""

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Iterator
 from itertools import islice
 
-from freezetune import bn_refresh, checkpoint, epoch_log, recipes, reporting, rng, run_lock, run_log, runtime
+from freezetune import bn_refresh, checkpoint, epoch_log, hardware, recipes, reporting, rng, run_lock, run_log, runtime
 from freezetune.config import TrainConfig
 from freezetune.config_check import validate
 from freezetune.data import noun
@@ -202,7 +202,7 @@ class Trainer(RunSetup):
 
     def _run_epoch(self, epoch: int, unfrozen: list[str]) -> dict:
         rng.seed_epoch(self.cfg.seed, epoch, rank=self.dist.rank)
-        runtime.reset_peak_memory(self.device)
+        hardware.reset_peak_memory(self.device)
         self.step.start_epoch()  # the LRs the epoch's last step used name its metrics row
         start = time.perf_counter()
         train_stats = self._train_epoch(epoch, self.features.train_batches(epoch))
@@ -221,7 +221,7 @@ class Trainer(RunSetup):
                                 f"{self._kept()}")  # fmt: skip
         row = epoch_log.epoch_row(epoch, self.cfg.epochs, train_stats, val, seconds=seconds, unfrozen=unfrozen,
                                   optimizer=self.state.optimizer, params=count_parameters(self.model),
-                                  peak_mb=runtime.peak_memory_mb(self.device), lrs=self.step.lrs)  # fmt: skip
+                                  peak_mb=hardware.peak_memory_mb(self.device), lrs=self.step.lrs)  # fmt: skip
         if self.resumable and epoch > 0 and not (self.run_dir / checkpoint.LAST).exists():
             # a dir without last.pt but with two rows holds finished work and is never restarted over
             # (runtime.finished_work): the second row waits for the first last.pt, once a run

@@ -1,4 +1,5 @@
-"""Run-level plumbing (``runtime.py``) where it meets the platform: what Windows and macOS lack or report otherwise."""
+"""The run's use of its device (``hardware.py``) where it meets the platform: peak-memory readings where Windows and
+macOS lack or report otherwise, channels_last, compilation; and every command importing without POSIX's resource."""
 
 from __future__ import annotations
 
@@ -8,11 +9,11 @@ import types
 
 import torch
 
-from freezetune import runtime
+from freezetune import hardware
 
 
 def test_every_command_imports_without_the_posix_resource_module():
-    # Windows has no `resource`: imported at runtime's top, it stopped train, eval, predict, sweep and ft.train
+    # Windows has no `resource`: imported at the top of the module of memory readings, it stopped train, eval, predict, sweep and ft.train
     code = ("import sys; sys.modules['resource'] = None\n"
             "import freezetune.cli, freezetune.trainer, freezetune.recipes, freezetune.sweep, freezetune.inference\n"
             "print('imported')")  # fmt: skip
@@ -29,15 +30,15 @@ def test_peak_memory_without_proc_reads_the_platforms_unit(monkeypatch):
             raise OSError("no /proc here")
 
     usage = types.SimpleNamespace(getrusage=lambda _: types.SimpleNamespace(ru_maxrss=2**30), RUSAGE_SELF=0)
-    monkeypatch.setattr(runtime, "Path", NoProc)
+    monkeypatch.setattr(hardware, "Path", NoProc)
     monkeypatch.setitem(sys.modules, "resource", usage)
     cpu = torch.device("cpu")
     monkeypatch.setattr(sys, "platform", "darwin")  # bytes: 1 GiB is 1024 MiB (it read as 1 048 576)
-    assert runtime.peak_memory_mb(cpu) == 1024
+    assert hardware.peak_memory_mb(cpu) == 1024
     monkeypatch.setattr(sys, "platform", "freebsd14")  # KiB
-    assert runtime.peak_memory_mb(cpu) == 2**20
+    assert hardware.peak_memory_mb(cpu) == 2**20
     monkeypatch.setitem(sys.modules, "resource", None)  # Windows: nothing to read it from
-    assert runtime.peak_memory_mb(cpu) != runtime.peak_memory_mb(cpu)  # NaN
+    assert hardware.peak_memory_mb(cpu) != hardware.peak_memory_mb(cpu)  # NaN
 
 
 def test_channels_last_asked_of_a_model_without_convolutions_is_said_to_have_no_effect(caplog):
@@ -46,7 +47,7 @@ def test_channels_last_asked_of_a_model_without_convolutions_is_said_to_have_no_
 
     from torch import nn
 
-    from freezetune.runtime import use_channels_last
+    from freezetune.hardware import use_channels_last
 
     mlp, cnn = nn.Sequential(nn.Linear(4, 2)), nn.Sequential(nn.Conv2d(3, 4, 3))
     with caplog.at_level(logging.WARNING, logger="freezetune"):
@@ -61,7 +62,7 @@ def test_compiling_drops_torchs_no_cuda_runtime_line_and_nothing_else(caplog):
     # CUDA_HOME='/usr/local'" among the run's lines
     import logging
 
-    from freezetune.runtime import recompile
+    from freezetune.hardware import recompile
 
     recompile(torch.nn.Linear(2, 2), backend="eager")
     logger = logging.getLogger("torch.utils.cpp_extension")
