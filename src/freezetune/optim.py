@@ -1,4 +1,5 @@
-"""Optimizer and learning-rate schedule over freezetune's per-stage parameter groups."""
+"""Optimizer and learning-rate schedule over freezetune's per-stage parameter groups, and a group added to both mid-run
+(a stage the ``Unfreezer`` opens)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,12 @@ from torch import nn
 from freezetune.config import TrainConfig
 from freezetune.options import OPTIMIZERS, check_choice
 from freezetune.param_groups import param_groups
+
+_LR_KEYS = ("lr", "initial_lr", "max_lr", "min_lr")  # keys LR schedulers keep per group, all scaled alike
+# Per-group lists LR schedulers keep outside the optimizer (zipped strictly with the groups): LR values are scaled
+# to the new stage, everything else (floors, lambdas, momenta) is copied from the reference group.
+_SCALED_LISTS = ("base_lrs", "max_lrs", "base_values")  # base_values: timm's schedulers
+_COPIED_LISTS = ("min_lrs", "lr_lambdas", "base_momentums", "max_momentums")
 
 
 def build_optimizer(model: nn.Module, name: str = TrainConfig.optimizer, lr: float = TrainConfig.lr, *,
@@ -124,3 +131,54 @@ def _onecycle_pct(warmup: int, total: int) -> float:
     # OneCycleLR divides by (pct_start * total - 1): the warm-up must span at least two steps, or a short run (e.g.
     # 4 steps at the default 0.25) dies with ZeroDivisionError before training starts
     return min(max(warmup / total if warmup else 0.25, 2.0 / total), 0.9)
+
+
+def add_group_like(optimizer: torch.optim.Optimizer, scheduler: object | None, group: dict, ref_index: int,
+                   ratio: float) -> None:  # fmt: skip
+    """Add ``group`` to a running ``optimizer`` (and its LR ``scheduler``) as a copy of group ``ref_index`` at
+    ``ratio`` times its learning rates: momentum, betas and the scheduler's per-group state follow the reference, so a
+    stage unfrozen mid-run is scheduled as if it had trained from the start (``Unfreezer``).
+
+    >>> w, v = nn.Parameter(torch.zeros(1)), nn.Parameter(torch.zeros(1))
+    >>> opt = torch.optim.AdamW([{"params": [w], "lr": 1e-3, "name": "head"}], lr=1e-3)
+    >>> add_group_like(opt, None, {"params": [v], "name": "layer4"}, 0, 0.1)
+    >>> opt.param_groups[1]["lr"], opt.param_groups[1]["betas"]
+    (0.0001, (0.9, 0.999))
+    """
+    ref = optimizer.param_groups[ref_index]
+    for key, value in ref.items():
+        if key in _LR_KEYS:
+            group[key] = value * ratio
+        elif key not in group and key != "params":
+            group[key] = value  # momentum/betas and scheduler bookkeeping follow the reference
+    optimizer.add_param_group(group)
+    if scheduler is not None:
+        _extend_scheduler(scheduler, len(optimizer.param_groups) - 1, ref_index, ratio, group["lr"])
+
+
+def _extend_scheduler(scheduler: object, n_before: int, ref_index: int, ratio: float, lr: float) -> None:
+    for sched in [scheduler, *getattr(scheduler, "_schedulers", [])]:
+        for attr in _SCALED_LISTS + _COPIED_LISTS:
+            values = getattr(sched, attr, None)
+            if isinstance(values, list) and len(values) == n_before:
+                values.append(values[ref_index] * ratio if attr in _SCALED_LISTS else values[ref_index])
+        last = getattr(sched, "_last_lr", None)
+        if isinstance(last, list) and len(last) == n_before:
+            last.append(lr)
+        _extend_timm_warmup(sched, n_before)
+
+
+def _extend_timm_warmup(sched: object, n_before: int) -> None:
+    """A timm scheduler's per-group warmup increments, for the group just added: computed from its base value as
+    timm does (``(base - warmup_lr_init) / warmup_t``), or it stayed at warmup_lr_init all warmup long."""
+    steps, bases = getattr(sched, "warmup_steps", None), getattr(sched, "base_values", None)
+    if not (isinstance(steps, list) and len(steps) == n_before and isinstance(bases, list) and len(bases) > n_before):
+        return
+    warmup_t = getattr(sched, "warmup_t", 0)
+    steps.append((bases[-1] - getattr(sched, "warmup_lr_init", 0.0)) / warmup_t if warmup_t else 1)
+
+
+def nominal_lr(group: dict) -> float:
+    """A group's own LR before any scheduler moved it: OneCycleLR's peak (``max_lr``; its ``initial_lr`` is the
+    peak / div_factor), else the ``initial_lr`` a scheduler saved, else ``lr``."""
+    return float(group.get("max_lr", group.get("initial_lr", group["lr"])))

@@ -29,6 +29,7 @@ from freezetune.freeze import (
     warn_negative_unfreeze,
 )
 from freezetune.module_tree import unwrap, wrapping
+from freezetune.optim import add_group_like, nominal_lr
 from freezetune.param_groups import (
     LRRule,
     check_weight_decay,
@@ -40,12 +41,6 @@ from freezetune.param_groups import (
 )
 from freezetune.stages import Stage, stages
 from freezetune.unfreeze_schedule import MODES, Schedule, parse_schedule
-
-_LR_KEYS = ("lr", "initial_lr", "max_lr", "min_lr")  # keys LR schedulers keep per group, all scaled alike
-# Per-group lists LR schedulers keep outside the optimizer (zipped strictly with the groups): LR values are scaled
-# to the new stage, everything else (floors, lambdas, momenta) is copied from the reference group.
-_SCALED_LISTS = ("base_lrs", "max_lrs", "base_values")  # base_values: timm's schedulers
-_COPIED_LISTS = ("min_lrs", "lr_lambdas", "base_momentums", "max_momentums")
 
 
 class Unfreezer:
@@ -359,15 +354,8 @@ class Unfreezer:
             self.added_groups.append(f"+{group['name']}")
             return
         ref_index, ratio = self._reference(group)
-        ref = self.optimizer.param_groups[ref_index]
-        for key, value in ref.items():
-            if key in _LR_KEYS:
-                group[key] = value * ratio
-            elif key not in group and key != "params":
-                group[key] = value  # momentum/betas and scheduler bookkeeping follow the reference
-        self.optimizer.add_param_group(group)
+        add_group_like(self.optimizer, self.scheduler, group, ref_index, ratio)
         self.added_groups.append(group["name"])
-        self._extend_scheduler(ref_index, ratio, group["lr"])
 
     def _reference(self, group: dict) -> tuple[int, float]:
         """A group to copy scheduler state from, and the LR ratio of the new group's stage to it."""
@@ -382,20 +370,6 @@ class Unfreezer:
         raise SpecError(f"cannot give the unfrozen {group_stage(group)} its lr {target:g}: every group the optimizer "
                         "trains has lr 0, so none gives a schedule to scale; give one a learning rate > 0")  # fmt: skip
 
-    def _extend_scheduler(self, ref_index: int, ratio: float, lr: float) -> None:
-        if self.scheduler is None:
-            return
-        n_before = len(self.optimizer.param_groups) - 1
-        for sched in [self.scheduler, *getattr(self.scheduler, "_schedulers", [])]:
-            for attr in _SCALED_LISTS + _COPIED_LISTS:
-                values = getattr(sched, attr, None)
-                if isinstance(values, list) and len(values) == n_before:
-                    values.append(values[ref_index] * ratio if attr in _SCALED_LISTS else values[ref_index])
-            last = getattr(sched, "_last_lr", None)
-            if isinstance(last, list) and len(last) == n_before:
-                last.append(lr)
-            _extend_timm_warmup(sched, n_before)
-
 
 def _ints_as_names(model: nn.Module, spec: Spec) -> list:
     """A plan's ``spec`` with each int replaced by the names of the stages it counts, as ``unfreeze`` takes it: the
@@ -409,22 +383,6 @@ def _ints_as_names(model: nn.Module, spec: Spec) -> list:
     for item in spec_items(spec):
         named += [s.name for s in resolve_stages(model, item)] if is_count(item) else [item]
     return named
-
-
-def _extend_timm_warmup(sched: object, n_before: int) -> None:
-    """A timm scheduler's per-group warmup increments, for the group just added: computed from its base value as
-    timm does (``(base - warmup_lr_init) / warmup_t``), or it stayed at warmup_lr_init all warmup long."""
-    steps, bases = getattr(sched, "warmup_steps", None), getattr(sched, "base_values", None)
-    if not (isinstance(steps, list) and len(steps) == n_before and isinstance(bases, list) and len(bases) > n_before):
-        return
-    warmup_t = getattr(sched, "warmup_t", 0)
-    steps.append((bases[-1] - getattr(sched, "warmup_lr_init", 0.0)) / warmup_t if warmup_t else 1)
-
-
-def nominal_lr(group: dict) -> float:
-    """A group's own LR before any scheduler moved it: OneCycleLR's peak (``max_lr``; its ``initial_lr`` is the
-    peak / div_factor), else the ``initial_lr`` a scheduler saved, else ``lr``."""
-    return float(group.get("max_lr", group.get("initial_lr", group["lr"])))
 
 
 def _decay_in_use(optimizer: torch.optim.Optimizer) -> float:

@@ -29,11 +29,12 @@ from freezetune.bn_policy import check_bn_policy, keeps_stats
 from freezetune.config import TrainConfig
 from freezetune.errors import ConfigError, MissingExtra, choices
 from freezetune.freeze import Spec, count_parameters, freeze
+from freezetune.optim import nominal_lr
 from freezetune.options import BN_DEFAULT, FREEZE_DEFAULT
 from freezetune.param_groups import check_weight_decay, checked_lrs
 from freezetune.stages import stages
 from freezetune.unfreeze_schedule import parse_schedule
-from freezetune.unfreezing import Unfreezer, nominal_lr
+from freezetune.unfreezing import Unfreezer
 
 try:
     import lightning.pytorch as pl
