@@ -1,10 +1,13 @@
 """Hugging Face models for ``models.create_model`` (``hf:DIR_OR_ID``): the task class a config names (image or
 sequence classification), its pretrained weights from a folder, the cache or the hub, a text model's padding token
-and pooling, and an image model's preprocessing from its image-processor config."""
+and pooling, an image model's preprocessing from its image-processor config, and what of a load's report a user must
+hear (weights outside the head left random), the rest of transformers' report and progress bar silenced."""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -16,7 +19,7 @@ from freezetune.errors import ConfigError, MissingExtra, WeightsError
 from freezetune.preprocess import Preprocess
 from freezetune.run_log import warn_once
 from freezetune.stages import stages
-from freezetune.weights import hf_loading_problem, quiet_hf_loading, weights_only_loads
+from freezetune.weights import weights_only_loads
 
 if TYPE_CHECKING:
     from freezetune.models import Source
@@ -147,3 +150,46 @@ def _preprocess_from_hf(settings: dict) -> Preprocess:
         interpolation=_HF_PIL_RESAMPLE.get(settings.get("resample"), "bilinear"),
         crop_pct=crop_pct,
     )
+
+
+@contextmanager
+def quiet_hf_loading() -> Iterator[None]:
+    """Silence transformers' own report and progress bar for the ``from_pretrained`` calls inside.
+
+    Its report names, in a table per load, the classifier the checkpoint lacks: the head freezetune replaces
+    anyway. ``hf_loading_problem`` keeps what matters from it (weights other than the head left random).
+
+    >>> with quiet_hf_loading():  # doctest: +SKIP
+    ...     model, info = AutoModelForSequenceClassification.from_pretrained(path, output_loading_info=True)
+    """
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bar = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bar:
+            hf_logging.enable_progress_bar()
+
+
+def hf_loading_problem(info: Mapping, head: Iterable[str]) -> str | None:
+    """What a user must hear from a Hugging Face load's ``output_loading_info``: weights outside the classifier
+    ``head`` (the modules of the head stage) that the checkpoint did not have (they start random) or whose shapes
+    did not fit; None if none.
+
+    >>> hf_loading_problem({"missing_keys": ["pre_classifier.bias"]}, ["pre_classifier", "classifier"])
+    >>> hf_loading_problem({"missing_keys": ["bert.pooler.dense.weight", "classifier.bias"]}, ["classifier"])
+    "1 weight(s) not in the checkpoint start random: 'bert.pooler.dense.weight'"
+    """
+    heads = (head,) if isinstance(head, str) else tuple(head)
+    outside = sorted(
+        k for k in info.get("missing_keys") or () if not any(k == h or k.startswith(h + ".") for h in heads)
+    )
+    mismatched = sorted(str(m[0] if isinstance(m, (tuple, list)) else m) for m in info.get("mismatched_keys") or ())
+    parts = [f"{len(keys)} weight(s) {what}: {', '.join(map(repr, keys[:3]))}{' ...' if len(keys) > 3 else ''}"
+             for keys, what in ((outside, "not in the checkpoint start random"), (mismatched, "of another shape"))
+             if keys]  # fmt: skip
+    return "; ".join(parts) or None

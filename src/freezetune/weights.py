@@ -12,7 +12,7 @@ import logging
 import os
 import pickle
 import zipfile
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -370,46 +370,3 @@ def packaged_weights(name: str) -> Path | None:
     locate = PACKAGED_WEIGHTS.get(name)
     path = locate() if locate is not None else None
     return path if path is not None and path.is_file() else None
-
-
-@contextmanager
-def quiet_hf_loading() -> Iterator[None]:
-    """Silence transformers' own report and progress bar for the ``from_pretrained`` calls inside.
-
-    Its report names, in a table per load, the classifier the checkpoint lacks: the head freezetune replaces
-    anyway. ``hf_loading_problem`` keeps what matters from it (weights other than the head left random).
-
-    >>> with quiet_hf_loading():  # doctest: +SKIP
-    ...     model, info = AutoModelForSequenceClassification.from_pretrained(path, output_loading_info=True)
-    """
-    from transformers.utils import logging as hf_logging
-
-    verbosity, bar = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        if bar:
-            hf_logging.enable_progress_bar()
-
-
-def hf_loading_problem(info: Mapping, head: Iterable[str]) -> str | None:
-    """What a user must hear from a Hugging Face load's ``output_loading_info``: weights outside the classifier
-    ``head`` (the modules of the head stage) that the checkpoint did not have (they start random) or whose shapes
-    did not fit; None if none.
-
-    >>> hf_loading_problem({"missing_keys": ["pre_classifier.bias"]}, ["pre_classifier", "classifier"])
-    >>> hf_loading_problem({"missing_keys": ["bert.pooler.dense.weight", "classifier.bias"]}, ["classifier"])
-    "1 weight(s) not in the checkpoint start random: 'bert.pooler.dense.weight'"
-    """
-    heads = (head,) if isinstance(head, str) else tuple(head)
-    outside = sorted(
-        k for k in info.get("missing_keys") or () if not any(k == h or k.startswith(h + ".") for h in heads)
-    )
-    mismatched = sorted(str(m[0] if isinstance(m, (tuple, list)) else m) for m in info.get("mismatched_keys") or ())
-    parts = [f"{len(keys)} weight(s) {what}: {', '.join(map(repr, keys[:3]))}{' ...' if len(keys) > 3 else ''}"
-             for keys, what in ((outside, "not in the checkpoint start random"), (mismatched, "of another shape"))
-             if keys]  # fmt: skip
-    return "; ".join(parts) or None
