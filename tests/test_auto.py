@@ -410,6 +410,11 @@ def test_a_budget_says_what_it_affords_at_that_pace_and_the_trials_record_what_t
     assert auto_plan.run_epochs(TrainConfig(budget="7s", refit=False), [trial], trial, 4.0, False, lines.append) == 1
     assert lines == ["auto: the 7s budget leaves 3.0s after the trials: 1 epoch(s) of about 5.0s (2.0s training, 3.0s "
                      "validation and checkpoints), about 2.0s over it"]  # fmt: skip
+    lines.clear()  # an unfreeze schedule opens more stages, whose epochs the trial's pace does not count: said
+    auto_plan.run_epochs(TrainConfig(budget="20s", refit=False, unfreeze="epoch:1"), [trial], trial, 4.0, False,
+                         lines.append)  # fmt: skip
+    assert lines[0].endswith("checkpoints); the epochs after --unfreeze epoch:1 opens more stages train slower than "
+                             "that, and may end the run past the budget"), lines  # fmt: skip
     auto.run(recipe_cfg(data, tmp_path / "r", epochs=1, cache="auto"), echo=lambda _: None)
     (trial,) = json.loads((tmp_path / "r" / "recipe.json").read_text())["trials"][:1]
     assert trial["loop_s"] > trial["epoch_s"] * auto.TRIAL_FRACTION and trial["val_s"] > 0 and trial["epoch_images"]

@@ -75,9 +75,12 @@ def run_epochs(cfg: TrainConfig, trials: list[dict], choice: dict, spent: float,
     epochs = max(1, math.floor(left / max(epoch_s, 1e-6)))
     # less than one epoch left: the one the run trains ends over the budget, by about this much
     over = f", about {_seconds(epoch_s - left)} over it" if epoch_s > left else ""
+    # the pace is the chosen trial's: the stages an --unfreeze opens later train too, and their epochs take longer
+    slower = (f"; the epochs after --unfreeze {cfg.unfreeze} opens more stages train slower than that, and may end the "
+              "run past the budget") if cfg.unfreeze else ""  # fmt: skip
     echo(f"auto: the {cfg.budget} budget leaves {_seconds(left)} after {measured}: {epochs} epoch(s){replaced} "
          f"of about {epoch_s:.1f}s ({train_s:.1f}s training, {other_s:.1f}s validation and "
-         f"checkpoints){over}")  # fmt: skip
+         f"checkpoints){over}{slower}")  # fmt: skip
     return epochs
 
 
