@@ -453,6 +453,19 @@ def test_an_auto_run_with_an_unfreeze_plan_resumes_its_request_read_back_from_js
     assert any(line.startswith("auto: resuming with the earlier decision") for line in lines)
 
 
+def test_an_auto_run_without_an_lr_schedule_resumes_for_more_epochs_as_a_plain_run_does(data, tmp_path, capsys):
+    # --scheduler none: a plain run's resume may train on for more --epochs; the auto run's was refused ("cannot
+    # resume ... with epochs 1 -> 2: an auto run continues as it was asked")
+    out = tmp_path / "run"
+    argv = train_argv(data, out, "--epochs", "1", "--scheduler", "none")
+    assert run_cli(capsys, *argv)[0] == 0
+    code, said, err = run_cli(capsys, "train", "--out", out, "--resume", "--epochs", "2")
+    assert code == 0 and "resuming with the earlier decision" in said, err
+    assert [row["epoch"] for row in read_metrics(out / "metrics.csv")] == [1, 2]
+    code, _, err = run_cli(capsys, "train", "--out", out, "--resume", "--epochs", "3", "--lr", "0.1")  # still refused
+    assert code == 2 and "lr 0.001 -> 0.1" in err and "epochs" not in err, err
+
+
 def test_an_auto_run_resumed_with_a_freeze_spec_is_refused_naming_the_recipe(data, tmp_path, capsys):
     # "cannot resume ... with init '.../auto-trials/last-3/best.pt' -> None, refit False -> None, lr 0.00333 -> 0.001,
     # cache_at 'blocks.3' -> None": the auto recipe's final run's own settings, not the change the user made

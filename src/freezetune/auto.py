@@ -234,7 +234,9 @@ def _resumed(cfg: TrainConfig, out: Path, echo: Callable[[str], None]) -> tuple[
     asked, now = decision.get("asked") or {}, json.loads(json.dumps(cfg.recorded()))
     # moved data is checked by the final run's last.pt, as any run's is; before it has one, the paths stay the asked
     moved = DATA_PATHS if (out / checkpoint.LAST).is_file() else ()
-    changed = [k for k in asked if k not in (*RESUME_MAY_CHANGE, *moved) and asked[k] != now.get(k)]
+    # without an LR schedule a run trains on for more epochs, as a plain run's resume may (checkpoint.check_settings)
+    longer = ("epochs", "warmup_epochs") if asked.get("scheduler") == now.get("scheduler") == "none" else ()
+    changed = [k for k in asked if k not in (*RESUME_MAY_CHANGE, *moved, *longer) and asked[k] != now.get(k)]
     if changed:  # the final run's settings derive from the request: an --lr changed now would not show in them
         diff = ", ".join(f"{k} {asked[k]!r} -> {now.get(k)!r}" for k in changed)
         raise ConfigError(f"cannot resume {out} with {diff}: an auto run continues as it was asked; resume with the "
@@ -245,8 +247,10 @@ def _resumed(cfg: TrainConfig, out: Path, echo: Callable[[str], None]) -> tuple[
         raise ConfigError(f"cannot resume {out}: the weights its run starts from, {init}, are gone and the run saved "
                           "no last.pt yet; run the command without --resume to redo the trials")  # fmt: skip
     echo(f"auto: resuming with the earlier decision: freeze {choice['freeze']!r}, lr {run_lr:.1e}")
+    # the epochs chosen (a budget's), unless asked for more now (``longer``)
+    epochs = cfg.epochs if longer and asked.get("epochs") != cfg.epochs else choice["epochs"]
     resumed = dataclasses.replace(_at_lr(_base(cfg, out, decision["cut"]), run_lr), freeze=choice["freeze"],
-                                  epochs=choice["epochs"], refit=choice.get("refit", False),
+                                  epochs=epochs, refit=choice.get("refit", False),
                                   init=init, bn_stats=choice.get("bn_stats", cfg.bn_stats),
                                   warmup_epochs=choice.get("warmup_epochs", cfg.warmup_epochs),
                                   resume=True)  # fmt: skip
