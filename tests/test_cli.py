@@ -1194,8 +1194,11 @@ def test_disk_cache_without_room_is_refused_before_it_is_written(tmp_path, capsy
     assert code == 0, err
 
 
+@pytest.mark.parametrize("memory", ["device", "ram"])
 @pytest.mark.parametrize("where", ["training", "caching"])
-def test_device_out_of_memory_names_the_batch_size_to_try_and_keeps_the_run(tmp_path, capsys, monkeypatch, where):
+def test_device_out_of_memory_names_the_batch_size_to_try_and_keeps_the_run(tmp_path, capsys, monkeypatch, where,
+                                                                           memory):  # fmt: skip
+    # the machine's RAM running out (CPU training, the cache build at the training batch size) was a traceback
     from freezetune.cache import store
     from freezetune.step import Step
 
@@ -1205,11 +1208,15 @@ def test_device_out_of_memory_names_the_batch_size_to_try_and_keeps_the_run(tmp_
     before = snapshot(tmp_path / "run")
 
     def out_of_memory(*_args, **_kwargs):
+        if memory == "ram":
+            raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate "
+                               "memory: you tried to allocate 3623878656 bytes. Error code 12")  # fmt: skip
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB")
 
     monkeypatch.setattr(*((Step, "_optimize") if where == "training" else (store, "prefix_features")), out_of_memory)
     code, out, err = run_cli(capsys, *argv, "--epochs", "2", "--resume")
-    _assert_user_error(code, out, err, "ran out of memory at batch size 8", "try --batch-size 4")
+    said = {"ram": "the machine ran out of memory (RAM) at batch size 8", "device": "ran out of memory at batch size 8"}
+    _assert_user_error(code, out, err, said[memory], "try --batch-size 4")
     after = snapshot(tmp_path / "run")
     for name in ("best.pt", "last.pt", "metrics.csv"):
         assert after[name] == before[name]

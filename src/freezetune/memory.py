@@ -314,6 +314,18 @@ def _out_of_memory(exc: RuntimeError) -> bool:
     return isinstance(exc, torch.cuda.OutOfMemoryError) or any(word in str(exc) for word in _TOO_LARGE)
 
 
+def ran_out_of_ram(exc: BaseException) -> bool:
+    """Whether ``exc`` says the machine's memory ran out: torch's CPU allocator (Linux's "can't allocate memory",
+    Windows' "not enough memory"), or Python's MemoryError.
+
+    >>> ran_out_of_ram(RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 3623878656 "
+    ...                             "bytes. Error code 12 (Cannot allocate memory)")), ran_out_of_ram(RuntimeError("bug"))
+    (True, False)
+    """
+    return isinstance(exc, MemoryError) or (isinstance(exc, RuntimeError) and any(
+        words in str(exc) for words in ("can't allocate memory", "DefaultCPUAllocator: not enough memory")))  # fmt: skip
+
+
 @contextlib.contextmanager
 def out_of_memory_hint(batch_size: int | str, *, training: bool = True) -> Iterator[None]:
     """Device memory running out is the run's size, not a bug: one line naming the batch size to try instead (for
@@ -328,14 +340,19 @@ def out_of_memory_hint(batch_size: int | str, *, training: bool = True) -> Itera
     """
     try:
         yield
-    except torch.cuda.OutOfMemoryError as e:
+    except (RuntimeError, MemoryError) as e:  # torch.cuda.OutOfMemoryError is a RuntimeError
+        ram = ran_out_of_ram(e)
+        if not (ram or isinstance(e, torch.cuda.OutOfMemoryError)):
+            raise
         if batch_size == BATCH_AUTO:  # what auto measured did not leave room for the rest of the run
             fix = "try a fixed --batch-size below the one auto printed"
         else:
             fix = f"try --batch-size {batch_size // 2}" if batch_size > 1 else "try a smaller --img-size or model"
-        amp = " (or --amp bf16)" if training else ""
-        raise ResourceError(f"the device ran out of memory at batch size {batch_size}; {fix}{amp}; files written "
-                            "before are intact") from e  # fmt: skip
+        # the CPU's: a traceback through the cache build ended "DefaultCPUAllocator: can't allocate memory"
+        what, amp = ("the machine ran out of memory (RAM)", " or a smaller --img-size") if ram else \
+            ("the device ran out of memory", " (or --amp bf16)" if training else "")  # fmt: skip
+        raise ResourceError(f"{what} at batch size {batch_size}; {fix}{amp}; files written before are "
+                            "intact") from e  # fmt: skip
 
 
 def available_ram() -> int:

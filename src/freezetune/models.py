@@ -97,6 +97,7 @@ def _check_input_size(model: nn.Module, name: str, size: int, default: int | Non
     """One forward pass at ``size`` px: a model whose position embeddings fix its input (a ViT without interpolation)
     fails there in one line, not in a traceback at the first training step."""
     from freezetune.heads import aux_modules
+    from freezetune.memory import ran_out_of_ram
 
     was_training, aux = model.training, bool(aux_modules(model))
     # GoogLeNet's and Inception's aux classifiers run in training only (and fail there on small inputs): a pass in
@@ -108,7 +109,7 @@ def _check_input_size(model: nn.Module, name: str, size: int, default: int | Non
             if aux:
                 model.train()(torch.zeros(2, 3, size, size))
     except (AssertionError, ValueError, RuntimeError) as exc:
-        if isinstance(exc, torch.OutOfMemoryError) or "can't allocate memory" in str(exc):  # no fault of the model's
+        if isinstance(exc, torch.OutOfMemoryError) or ran_out_of_ram(exc):  # no fault of the model's
             raise ConfigError(f"one {size} px image does not fit in memory in {name}: give a smaller --img-size (it "
                               f"was pretrained at {default} px)") from None  # fmt: skip
         raise ConfigError(f"{name} does not take {size} px images ({first_line(exc)}); give --img-size {default} or "
