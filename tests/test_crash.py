@@ -202,6 +202,9 @@ def test_a_killed_run_resumes_or_restarts_to_the_uninterrupted_metrics(data, uni
 
 AT_ONCE = ("outside a training step (nothing new saved); --resume continues a run that finished an epoch, the same "
            "command restarts one that did not")  # fmt: skip
+OUTSIDE = "outside a training step (nothing new saved)"
+# it said "outside a training step" while the user saw the cache bar
+BUILDING = "while building the feature cache (the part built is not kept)"
 STOPS = [
     pytest.param(
         signal.SIGTERM,
@@ -219,7 +222,14 @@ STOPS = [
         "SIGTERM at step 5/5 of epoch 1 (saved in last.pt); continue with --resume",
         id="sigterm-after-the-epochs-last-step",  # the resumed epoch trains no step, yet logs the LRs its steps used
     ),  # fmt: skip
-    pytest.param(signal.SIGTERM, "cache", "auto", None, f"SIGTERM {AT_ONCE}", id="sigterm-cache-build"),
+    pytest.param(
+        signal.SIGTERM,
+        "cache",
+        "auto",
+        None,
+        f"SIGTERM {AT_ONCE.replace(OUTSIDE, BUILDING)}",
+        id="sigterm-cache-build",
+    ),  # fmt: skip
     pytest.param(
         signal.SIGTERM,
         "step#4",
@@ -316,6 +326,19 @@ def test_an_auto_run_killed_during_a_trial_restarts_its_trials_to_the_uninterrup
     )
     _assert_same_auto_run(uninterrupted_auto, out)
     assert _no_temp_files(out)
+
+
+def test_an_auto_run_stopped_while_its_first_trial_builds_the_cache_says_so(data, tmp_path):
+    # "stopped by SIGINT during the trial of the last 3 stage(s)": the user had seen the cache bar alone, and in a log
+    # file not even the plan, printed only once the cache was built
+    stopped = _stopped_run(_auto_argv(data, tmp_path / "run"), "cache", signal.SIGINT, tmp_path)
+    assert stopped.returncode == 130
+    assert stopped.stderr == ("freezetune: stopped by SIGINT during the trial of the last 3 stage(s) (trials are not "
+                              "resumed), while building the feature cache; the same command, with or without "
+                              "--resume, starts them again\n")  # fmt: skip
+    said = stopped.stdout.splitlines()
+    assert said[0].startswith("auto: choosing how many of the last stages to train"), said
+    assert said[1].startswith("  feature cache: building the training store: "), said
 
 
 def test_an_auto_run_killed_in_its_final_run_resumes_with_the_saved_decision(

@@ -332,8 +332,11 @@ def _measurement(cfg: TrainConfig, train: Callable, echo: Callable[[str], None],
     try:
         result = train(cfg, echo=run_log.indented(echo), resumable=False, brief=brief)
     except RunInterrupted as exc:
-        raise RunInterrupted.by(exc.signum, f"during {during}; the same command, with or without --resume, starts "
-                                f"{again}") from None  # fmt: skip
+        from freezetune.cache.path import BUILDING
+
+        building = f", {BUILDING}" if exc.where.startswith(BUILDING) else ""  # (its cache bar all that was seen)
+        raise RunInterrupted.by(exc.signum, f"during {during}{building}; the same command, with or without --resume, "
+                                f"starts {again}") from None  # fmt: skip
     return result, {key: result.seconds.get(key, 0.0) for key in ("cache", "epochs")}
 
 

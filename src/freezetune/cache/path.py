@@ -34,15 +34,18 @@ from freezetune.cache.store import (
 from freezetune.data.datasets import DataBundle
 from freezetune.data.gpu import should_use_device_loader
 from freezetune.data.loaders import EpochOrder, Loaders, close_loader
+from freezetune.data.text import noun
 from freezetune.data.transforms import eval_transform
 from freezetune.distributed import batch_block
 from freezetune.evaluate import evaluate
+from freezetune.interrupt import RunInterrupted
 from freezetune.precision import Precision
 from freezetune.stages import stages
 
 log = logging.getLogger(__name__)
 
 SLOW_BUILD_S = 60.0  # a cache build this long is worth keeping: the note suggests --cache-dir
+BUILDING = "while building the feature cache"  # where a stop in a build stopped
 
 
 class FeaturePath:
@@ -274,11 +277,17 @@ class FeaturePath:
         # read nor written, said where the log says how the store came to be (config.yaml still records it)
         unkept = f" (not read from nor kept in {self.cache_dir}: under torchrun each run builds its own)"
         hows.append("built" + (unkept if self.cache_dir is not None and dist.enabled else ""))
-        store, info = build_store(split, len(dataset), loaders.views(dataset, train=augment), self.precision,
-                                  views=views, spill_dir=spill, seed=loaders.seed, channels_last=self.channels_last,
-                                  place=place, dist=dist,
-                                  bar=f"feature cache ({'training' if train else 'validation'})" if self.progress
-                                  else None)  # fmt: skip
+        which = "training" if train else "validation"
+        # said before, not only after: at 224 px on a CPU a build of a few thousand images takes minutes, and a log
+        # file (where the bar is drawn once a minute) held nothing, an auto run's plan not even, until it ended
+        self.echo(f"feature cache: building the {which} store: {len(dataset)} {which} {noun(dataset)}"
+                  f"{f' x {views} views' if views > 1 else ''} through the frozen layers before {split.boundary}, "
+                  "once")  # fmt: skip
+        with _said_stopped_while_building():
+            store, info = build_store(split, len(dataset), loaders.views(dataset, train=augment), self.precision,
+                                      views=views, spill_dir=spill, seed=loaders.seed,
+                                      channels_last=self.channels_last, place=place, dist=dist,
+                                      bar=f"feature cache ({which})" if self.progress else None)  # fmt: skip
         if key is not None:
             disk.save(self.cache_dir, key, store.features, store.targets)
         return store, info
@@ -291,6 +300,18 @@ class FeaturePath:
         if any(f is None for f in found):
             return None
         return torch.cat([f[0] for f in found], dim=1), torch.cat([f[1] for f in found])
+
+
+@contextlib.contextmanager
+def _said_stopped_while_building():
+    """A stop during a cache build says so (the run said "outside a training step", an auto run "during the trial of
+    the last 3 stages" while its cache bar was all the user had seen), and that the part built is not kept."""
+    try:
+        yield
+    except RunInterrupted as exc:
+        advice = str(exc).split("; ", 1)[1] if "; " in str(exc) else ""
+        raise RunInterrupted.by(exc.signum, f"{BUILDING} (the part built is not kept){'; ' if advice else ''}"
+                                f"{advice}") from None  # fmt: skip
 
 
 def _fits(found: tuple[torch.Tensor, torch.Tensor], dataset, views: int, cache_dir: Path) -> bool:
