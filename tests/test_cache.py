@@ -54,6 +54,12 @@ def _losses(trainer: Trainer) -> list[tuple[float, float]]:
     return [(row["train_loss"], row["val_loss"]) for row in result.history]
 
 
+def _cache_lines(lines: list[str]) -> list[str]:
+    """The lines that say what a cache build made (``feature cache: ...; built in 1.2s``), not that one starts."""
+    building = "feature cache: building"
+    return [line for line in lines if line.startswith("feature cache:") and not line.startswith(building)]
+
+
 def _whole_model(monkeypatch) -> None:
     """Runs with the cache off train the whole model on images, as before they streamed the frozen prefix."""
     monkeypatch.setattr(FeaturePath, "_stream", lambda self: None)
@@ -72,14 +78,12 @@ def test_cached_training_matches_uncached(image_folder, tmp_path, monkeypatch):
 
 
 def test_unfreeze_rebuilds_cache_at_new_boundary_and_still_matches(image_folder, tmp_path, monkeypatch):
-    boundaries = []
-    cached = Trainer(
-        _config(image_folder, tmp_path, "c", cache="auto", unfreeze="epoch:1"),
-        echo=lambda line: boundaries.append(line) if "feature cache" in line else None,
-    )
+    lines = []
+    cached = Trainer(_config(image_folder, tmp_path, "c", cache="auto", unfreeze="epoch:1"), echo=lines.append)
     _whole_model(monkeypatch)
     plain = Trainer(_config(image_folder, tmp_path, "p", cache="off", unfreeze="epoch:1"), echo=lambda *_: None)
     np.testing.assert_allclose(_losses(cached), _losses(plain), rtol=1e-4, atol=1e-5)
+    boundaries = _cache_lines(lines)
     # built at the head, then rebuilt after each of the two unfreezes (none after the last epoch)
     assert len(boundaries) == 3, boundaries
     assert len({line.split(";")[0] for line in boundaries}) == 3  # three different boundaries
@@ -89,7 +93,8 @@ def test_the_unaugmented_cache_is_said_once_a_run_not_at_each_rebuild(image_fold
     lines = []
     Trainer(_config(image_folder, tmp_path, "c", cache="auto", aug="light", unfreeze="epoch:1"),
             echo=lines.append).fit()  # fmt: skip
-    assert sum("feature cache:" in line for line in lines) == 3  # built, then rebuilt at each of two unfreezes
+    # built, then rebuilt at each of two unfreezes
+    assert len(_cache_lines(lines)) == 3
     assert sum("cached without augmentation" in line for line in lines) == 1, lines
 
 
@@ -498,7 +503,7 @@ def test_the_cache_line_says_which_store_was_read_and_which_built_and_where_each
     def cache_line(name: str) -> str:
         lines = []
         Trainer(_config(image_folder, tmp_path, name, cache_dir=str(tmp_path / "fc")), echo=lines.append)
-        return next(line for line in lines if line.startswith("feature cache:"))
+        return _cache_lines(lines)[0]
 
     first = cache_line("a")
     assert "; validation 0 MiB on cpu; built in" in first
@@ -628,7 +633,7 @@ def test_augmented_views_built_with_other_loader_workers_or_batches_are_not_read
         lines = []
         cfg = _config(image_folder, tmp_path, name, cache_dir=str(tmp_path / "fc"), aug="light", cache_views=2, **kw)
         Trainer(cfg, echo=lines.append)
-        return next(line for line in lines if line.startswith("feature cache:"))
+        return _cache_lines(lines)[0]
 
     assert "; built in" in cache_line("a")
     again = cache_line("b")  # the same settings: both stores read

@@ -71,6 +71,32 @@ def test_an_epochs_line_comes_once_its_checkpoints_are_handed_to_the_writer(data
     assert order == ["saved 1", "epoch 1/2", "unfroze blocks.4", "saved 2", "epoch 2/2"], said
 
 
+def test_the_final_test_scores_best_pt_not_the_weights_the_last_epoch_left(tmp_path, monkeypatch):
+    # "test accuracy (best.pt, epoch N)": every run the tests made had its best epoch last, so scoring the weights in
+    # memory instead of best.pt's would have passed unseen
+    from freezetune.cache.path import FeaturePath
+
+    real, epochs_scored = FeaturePath.evaluate_val, []
+
+    def first_epoch_best(self, *args, **kwargs):  # the validation split prefers epoch 1's weights
+        metrics = real(self, *args, **kwargs)
+        epochs_scored.append(metrics)
+        return {**metrics, "acc": 1.0 if len(epochs_scored) == 1 else 0.0}
+
+    monkeypatch.setattr(FeaturePath, "evaluate_val", first_epoch_best)
+    data = make_image_folder(tmp_path / "images", train=8, val=2, test=4)
+    cfg = TrainConfig(data=str(data), out=str(tmp_path / "run"), model="timm:test_efficientnet", weights="none",
+                      img_size=32, device="cpu", workers=0, progress=False, batch_size=8, epochs=3, freeze="-3",
+                      tensorboard=False)  # fmt: skip
+    ft.train(cfg, echo=lambda line: None)
+    run = tmp_path / "run"
+    written = json.loads((run / "test_metrics.json").read_text())
+    assert written["epoch"] == checkpoint.load(run / "best.pt")["epoch"] == 1
+    best = ft.evaluate_checkpoint(run / "best.pt", str(data), device="cpu")
+    last = ft.evaluate_checkpoint(run / "last.pt", str(data), device="cpu")  # the weights epoch 3 left
+    assert written["loss"] == best["loss"] != last["loss"]
+
+
 def test_a_stop_asked_for_during_an_epoch_that_opens_a_stage_does_not_build_the_cache_first(data, tmp_path,
                                                                                           monkeypatch):  # fmt: skip
     # the feature cache was rebuilt at the new cut over the whole training set, then the run stopped (its resume
@@ -162,7 +188,7 @@ def test_a_resume_with_more_epochs_opens_the_stage_due_after_the_old_last_epoch(
     a, b = _rows(whole), _rows(split)
     assert f"unfroze {a[-1]['unfrozen']} (" in out and a[-1]["unfrozen"]  # the stage opened after epoch 2
     # the cache is built once, past the stage (it was built at the old cut, then again)
-    assert out.count("feature cache:") == ("--cache" in unfreeze), out
+    assert out.count("feature cache:") - out.count("feature cache: building") == ("--cache" in unfreeze), out
     assert [r["unfrozen"] for r in b] == [r["unfrozen"] for r in a]
     assert [r["trainable_params"] for r in b] == [r["trainable_params"] for r in a]
     wa, wb = checkpoint.load(whole / "last.pt")["state_dict"], checkpoint.load(split / "last.pt")["state_dict"]
