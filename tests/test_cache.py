@@ -8,6 +8,7 @@ import time
 
 import numpy as np
 import pytest
+import timm
 import torch
 from PIL import Image
 from torch import nn
@@ -553,6 +554,17 @@ def test_a_stored_cache_of_other_rows_under_a_stores_key_is_built_again(image_fo
         lines = run("b")
     assert caplog.text.count("ignoring a stored feature cache in") == 2, caplog.text
     assert any(line.startswith("feature cache:") and "built in" in line and "read from" not in line for line in lines)
+    # the right size, other labels (a store of the same images labelled otherwise): built again too
+    from freezetune.cache import disk
+
+    key = max((tmp_path / "fc").rglob("*.pt"), key=lambda p: p.stat().st_size).stem
+    features, targets = (t.clone() for t in disk.load(tmp_path / "fc", key))
+    disk.save(tmp_path / "fc", key, features, torch.roll(targets, 1))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        lines = run("c")
+    assert "of 30 items, with other labels (a file renamed or copied there by hand?)" in caplog.text, caplog.text
+    assert "training store built, validation store read from" in _cache_lines(lines)[0]
 
 
 def test_a_cache_build_shows_a_progress_bar_when_the_run_does(image_folder, tmp_path, monkeypatch):
@@ -655,6 +667,47 @@ def test_a_prefix_with_the_same_weights_that_computes_otherwise_is_another_store
     assert weights_fingerprint(a) == weights_fingerprint(b)
     assert computation_fingerprint(a) != computation_fingerprint(b)
     assert computation_fingerprint(a) == computation_fingerprint(prefix(1e-5))  # found again by the next run
+
+
+def test_a_prefix_whose_weights_differ_in_one_value_is_another_store():
+    # the key's weights part: a digest of names and shapes alone gave a second run with other weights on the same
+    # --cache-dir the first run's features
+    import copy
+
+    from freezetune.cache.disk import weights_fingerprint
+
+    torch.manual_seed(0)
+    a = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).eval()
+    weight, statistic = copy.deepcopy(a), copy.deepcopy(a)
+    with torch.no_grad():
+        weight[0].weight[0, 0, 0, 0] += 1e-3
+    statistic[1].running_mean[0] += 1.0  # BatchNorm's statistics shape the features as much as a weight
+    assert len({weights_fingerprint(m) for m in (a, weight, statistic)}) == 3
+    assert weights_fingerprint(a) == weights_fingerprint(copy.deepcopy(a))
+
+
+def test_a_store_is_read_again_only_by_a_run_of_the_same_weights_precision_and_seed(image_folder, tmp_path):
+    # each of these computes other features (or draws other augmented views) from the same images: read under
+    # the first run's key, a bf16 run trained on fp32 features, a seed sweep on one seed's views
+    torch.manual_seed(0)
+    model = timm.create_model("test_efficientnet", num_classes=3)
+    same, other = tmp_path / "same.pt", tmp_path / "other.pt"
+    torch.save(model.state_dict(), same)
+    with torch.no_grad():
+        model.conv_stem.weight.mul_(1.01)
+    torch.save(model.state_dict(), other)
+
+    def cache_line(name: str, **kw) -> str:
+        lines = []
+        cfg = _config(image_folder, tmp_path, name, cache_dir=str(tmp_path / "fc"), aug="light", cache_views=2,
+                      freeze="-3", **{"weights": str(same), **kw})  # fmt: skip
+        Trainer(cfg, echo=lines.append)
+        return _cache_lines(lines)[0]
+
+    assert "; built in" in cache_line("a")
+    assert "; read from" in cache_line("b") and "built" not in cache_line("c")  # the same run: both stores read
+    for name, changed in (("w", {"weights": str(other)}), ("p", {"amp": "bf16"}), ("s", {"seed": 4})):
+        assert "; built in" in cache_line(name, **changed), changed  # neither store read
 
 
 def test_a_store_overwritten_in_place_is_a_miss_not_features(tmp_path, caplog):
