@@ -557,6 +557,17 @@ def test_stratified_split_edge_cases():
             stratified_split(torch.tensor([0, 1]), fraction=bad)
 
 
+def test_the_automatic_hold_out_takes_its_share_of_each_class_up_to_its_cap():
+    # 10 % of a class, at most AUTO_VAL_MAX_PER_CLASS: Fashion-MNIST's 6 000 a class held out 50, not 600, and a
+    # small class gives one
+    from freezetune.options import AUTO_VAL_FRACTION, AUTO_VAL_MAX_PER_CLASS
+
+    targets = torch.tensor([0] * 2000 + [1] * 200 + [2] * 5)
+    _, val = stratified_split(targets, AUTO_VAL_FRACTION, seed=0, max_per_class=AUTO_VAL_MAX_PER_CLASS)
+    held = torch.bincount(targets[val], minlength=3).tolist()
+    assert held == [AUTO_VAL_MAX_PER_CLASS, 20, 1]
+
+
 def test_a_class_between_trained_labels_without_a_training_image_is_named(tmp_path, caplog):
     # IDX labels 0-9 but 5: a 10-class head trained with class 5 never seen, and the only warning said "a class of one
     # training image gives none"

@@ -60,6 +60,21 @@ def test_meter_matches_sklearn_over_several_batches(skip_class):
             assert acc == pytest.approx(recall[i])
 
 
+def test_a_class_predicted_but_never_a_target_counts_in_macro_f1_as_zero():
+    # the meter's F1 averaged over the classes that were targets alone would read higher than sklearn's (and than the
+    # docstring's promise) exactly when the model mistakes images for a class absent from the split
+    batches = _random_batches(5, [40, 23], seed=2)
+    for logits, targets in batches:
+        targets[targets == 4] = 0  # class 4 is never a target...
+        logits[:3, 4] = 100.0  # ...and is predicted for a few images
+    result = _accumulate(batches, 5)
+    y = torch.cat([b[1] for b in batches]).numpy()
+    pred = torch.cat([b[0] for b in batches]).argmax(1).numpy()
+    assert 4 in pred and 4 not in y
+    assert result["macro_f1"] == pytest.approx(f1_score(y, pred, average="macro"))
+    assert result["per_class_acc"][4] is None
+
+
 def test_low_precision_logits_and_inferred_classes():
     batches = _random_batches(4, [8, 8], seed=1)
     ref = _accumulate(batches, 4)

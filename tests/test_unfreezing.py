@@ -236,6 +236,20 @@ def test_bad_bn_policy_is_reported_at_construction():
         ft.Unfreezer(unfreezer.model, opt, "epoch:1", lr=LR, bn="eval")
 
 
+def test_a_stage_opened_without_a_weight_decay_given_takes_the_optimizers_not_its_first_groups():
+    # under bn affine-only every frozen stage's BatchNorm trains (no decay): the first groups are /no_decay twins,
+    # whose 0 the Unfreezer gave each stage it opened when no weight_decay was named
+    torch.manual_seed(0)
+    model = TinyCNN()
+    ft.freeze(model, "backbone", bn="affine-only")
+    opt = torch.optim.AdamW(ft.param_groups(model, LR, weight_decay=0.05))
+    assert opt.param_groups[0]["name"].endswith("/no_decay")
+    unfreezer = ft.Unfreezer(model, opt, "epoch:1", lr=LR, bn="affine-only")
+    assert unfreezer.step(0) == ["block3"]
+    opened = {g["name"]: g["weight_decay"] for g in opt.param_groups}
+    assert opened["block3"] == 0.05 and opened["block3/no_decay"] == 0.0
+
+
 @pytest.mark.parametrize(("bn", "weight_decay"), [("frozen", 0.0), ("frozen", 0.05), ("affine", 0.0), ("affine", 0.05)])
 def test_no_duplicate_params_after_repeated_steps(bn, weight_decay):
     model, opt, _, unfreezer = frozen_setup("epoch:1", bn=bn, weight_decay=weight_decay)
