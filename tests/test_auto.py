@@ -505,6 +505,26 @@ def test_an_auto_run_that_unfreezes_below_its_cut_caches_at_the_new_boundary(dat
     assert "unfroze blocks.0" in out and "cached at the input of blocks.0" in out.split("unfroze blocks.0")[1], out
 
 
+def test_the_choice_among_trials_that_beat_the_default_prefers_the_cheaper_on_a_tie_and_floors_the_noise():
+    # the rule's promises: of two candidates that both beat the default by more than the noise and tie, the one
+    # training fewer stages (faster); a validation split scored all right (or all wrong) is not noiseless
+    trials = [{"trained_stages": k, "val_acc": acc} for k, acc in ((2, 0.95), (3, 0.80), (4, 0.95))]
+    assert auto_rule.choose(trials, n_val=5000)["trained_stages"] == 2
+    assert auto_rule.difference_noise(1.0, 20) == pytest.approx((2 / 20 / 20) ** 0.5)
+    assert auto_rule.difference_noise(1.0, 20, floored=False) == 0.0
+    wrong = [{"trained_stages": 2, "val_acc": 0.05}, {"trained_stages": 3, "val_acc": 0.0}]
+    assert auto_rule.choose(wrong, n_val=20)["trained_stages"] == 3  # one image of 20 more: inside the floor's noise
+
+
+def test_a_warm_up_as_long_as_the_epochs_a_budget_plans_is_scaled_not_refused_after_the_trials():
+    lines = []
+    assert auto_plan.run_warmup(TrainConfig(epochs=4, warmup_epochs=1), 2, lines.append) == 1 and not lines
+    # equal: "warmup_epochs must be in [0, epochs)" was the refusal this avoids, as for a longer warm-up
+    assert auto_plan.run_warmup(TrainConfig(epochs=4, warmup_epochs=2), 2, lines.append) == 1.0
+    assert lines == ["auto: --warmup-epochs 2 is as long as the 2 epoch(s) the budget plans: the run warms up for 1, "
+                     "the share of the run it was of --epochs 4"]  # fmt: skip
+
+
 def test_a_budget_that_plans_fewer_epochs_than_the_warm_up_scales_it_and_says_what_it_replaced(data, tmp_path, capsys):
     # the trials ran, then "invalid config: warmup_epochs must be in [0, epochs), got 2.0": a budget's one epoch
     # against a warm-up checked against --epochs; and that path dropped --epochs 4 without a word
