@@ -169,6 +169,19 @@ def test_unfreezing_makes_bn_ordinary_again(resnet18):
     assert not any(bn.training for bn in bn_layers(resnet18.layer4))
 
 
+def test_a_layer_unfrozen_mid_epoch_trains_at_once_in_a_model_in_train_mode(resnet18):
+    # the Unfreezer opens a stage between epochs, the model in train mode: a released BatchNorm layer stayed in eval
+    # (running statistics, frozen) until the loop's next model.train(), which a user's own loop may call only once
+    ft.freeze(resnet18, "backbone")
+    train_forward(resnet18)  # model.train() and a batch: the frozen layers' hook puts them in eval
+    assert not any(bn.training for bn in bn_layers(resnet18.layer4))
+    ft.unfreeze(resnet18, "layer4")
+    assert all(bn.training for bn in bn_layers(resnet18.layer4))
+    assert not any(bn.training for bn in bn_layers(resnet18.layer1))
+    ft.unfreeze(resnet18.eval(), "layer3")  # a model in eval mode: the released layers stay in eval too
+    assert not any(bn.training for bn in bn_layers(resnet18.layer3))
+
+
 @pytest.mark.parametrize(
     "switch",
     [
