@@ -264,4 +264,7 @@ def test_param_groups_without_an_lr_is_a_spec_error_and_a_numpy_decay_is_a_numbe
     model = TinyCNN()
     with pytest.raises(ft.FreezetuneError, match="got lr=None"):
         ft.param_groups(model, None)
-    assert ft.param_groups(model, 1e-3, decay=np.float32(2.0))
+    lrs = {g["name"]: g["lr"] for g in ft.param_groups(model, 1e-3, decay=np.float32(2.0))}
+    assert lrs == pytest.approx({name: lr for name, lr in ((g["name"], g["lr"]) for g in
+                                 ft.param_groups(model, 1e-3, decay=2.0))})  # fmt: skip
+    assert lrs["head"] == pytest.approx(1e-3) and lrs["block3"] == pytest.approx(5e-4)  # the decay applied
