@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -383,6 +384,27 @@ def test_an_auto_run_whose_trials_spent_its_budget_says_so_and_trains_one_epoch(
     assert any(line.startswith(f"auto: the trials{probed} took") and "of the 0.01s budget: the run trains one epoch"
                in line for line in lines), lines  # fmt: skip
     assert json.loads((tmp_path / "r" / "recipe.json").read_text())["choice"]["epochs"] == 1
+
+
+def test_a_budget_that_leaves_no_time_for_the_other_trials_keeps_the_defaults_untried(data, tmp_path, monkeypatch):
+    # a 2m budget's third trial started 18 s before its end and took 46 s, then the run trained its epoch: 4m39s
+    monkeypatch.setattr(auto, "MIN_VAL_TO_COMPARE", 3)  # every candidate's trial, on the 3 held-out images...
+    monkeypatch.setattr(auto, "MIN_TRIAL_STEPS", 1)
+    lines = []
+    auto.run(recipe_cfg(data, tmp_path / "r", budget="0.01s", epochs=1, cache="auto"), echo=lines.append)
+    decision = json.loads((tmp_path / "r" / "recipe.json").read_text())
+    assert [t["trained_stages"] for t in decision["trials"]] == [3] and decision["choice"]["trained_stages"] == 3
+    assert re.fullmatch(r"the default \(last 3 stages\): the 0\.01s budget leaves 0\.0s after its trial, less than "
+                        r"the other 2 trial\(s\) \(about [\d.]+s each\) and one epoch of the run \(about [\d.]+s\) "
+                        r"take, so only its trial ran", decision["choice"]["why"]), decision["choice"]["why"]  # fmt: skip
+    assert lines[0].endswith("if the split holds 3 or more and the 0.01s budget leaves time for them"), lines[0]
+    # ...where the budget leaves time for them (the first trial's loop again for each, and one epoch), they run
+    first = decision["trials"][0]
+    trial_s, epoch_s = first["seconds"]["epochs"], sum(auto_plan.epoch_pace(first, refit=False, n_val=first["n_val"]))
+    roomy = auto._TrialBudget(10 + 2 * trial_s + epoch_s + 0.1, "enough", lambda: 10.0)
+    unbounded = auto._TrialBudget(None, None, lambda: 1e9)
+    assert roomy.too_short_for(first, 2) is None and unbounded.too_short_for(first, 2) is None
+    assert auto._TrialBudget(10 + 2 * trial_s + epoch_s - 0.1, "short", lambda: 10.0).too_short_for(first, 2)
 
 
 def test_a_budget_plans_the_runs_epochs_at_the_pace_of_a_whole_epoch_validation_and_checkpoints_included():

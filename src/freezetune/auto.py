@@ -144,7 +144,9 @@ def run(cfg: TrainConfig, *, echo: Callable[[str], None] = print, train: Callabl
 
     # the trials' hold-out, lent: the final run trains on it
     lent = functools.partial(shared, refit_follows=refits(cfg))
-    trials, choice, why = _measure(base, ks, boost, out, lent, run_log.introduced(echo, _intro(ks, cut, text)))
+    budget = _TrialBudget(parse_duration(cfg.budget), cfg.budget, lambda: broadcast(time.perf_counter() - start, info))
+    said = run_log.introduced(echo, _intro(ks, cut, text, cfg.budget))
+    trials, choice, why = _measure(base, ks, boost, out, lent, said, budget)
     refit = run_refits(cfg, trials[0], echo)
     # the epochs planned before a probe (a budget's: rank 0's clock decides for every rank, theirs differ)
     planned = run_epochs(cfg, trials, choice, broadcast(time.perf_counter() - start, info), refit, lambda line: None)
@@ -176,11 +178,12 @@ def run(cfg: TrainConfig, *, echo: Callable[[str], None] = print, train: Callabl
     return _with_trial_seconds(train(final, echo=echo, recipe_run=True), _measured(trials, probe))
 
 
-def _intro(ks: list[int], cut: str, text: bool) -> str:
+def _intro(ks: list[int], cut: str, text: bool, budget: str | None = None) -> str:
     return (f"auto: choosing how many of the last stages to train ({', '.join(map(str, ks))}) from a trial each on "
             f"{TRIAL_FRACTION:.0%} of an epoch's training {'texts' if text else 'images'}, scored on the validation "
             f"split (what comes before {cut} is frozen in all of them{'' if text else _CACHED}); the default's "
-            f"trial first, the others' if the split holds {MIN_VAL_TO_COMPARE} or more")  # fmt: skip
+            f"trial first, the others' if the split holds {MIN_VAL_TO_COMPARE} or more"
+            f"{f' and the {budget} budget leaves time for them' if budget else ''}")  # fmt: skip
 
 
 def _probe(base: TrainConfig, epochs: int, refit: bool, out: Path, train: Callable, echo: Callable[[str], None], *,
@@ -257,9 +260,34 @@ def _resumed(cfg: TrainConfig, out: Path, echo: Callable[[str], None]) -> tuple[
     return resumed, _measured(decision.get("trials", []), decision.get("probe"))
 
 
+@dataclasses.dataclass
+class _TrialBudget:
+    """A ``--budget``'s say in the trials: ``seconds`` (None: no budget), as given (``said``), and the seconds the
+    recipe has spent (rank 0's clock under torchrun: the ranks must run the same trials)."""
+
+    seconds: float | None
+    said: str | None
+    spent: Callable[[], float]
+
+    def too_short_for(self, first: dict, others: int) -> str | None:
+        """Why the budget leaves no time for the ``others`` trials after ``first`` and one epoch of the run: a 2m
+        budget's third trial started 18 s before its end and took 46 s, then the run trained an epoch, 4m39s in all.
+        A later trial reads the cache the first built: its cost is the first's less the build."""
+        if self.seconds is None:
+            return None
+        spent, trial_s = self.spent(), first["seconds"]["epochs"]
+        epoch_s = sum(auto_plan.epoch_pace(first, refit=False, n_val=first["n_val"]))
+        if spent + others * trial_s + epoch_s <= self.seconds:
+            return None
+        return (f"the {self.said} budget leaves {auto_plan.seconds_text(max(self.seconds - spent, 0.0))} after its "
+                f"trial, less than the other {others} trial(s) (about {auto_plan.seconds_text(trial_s)} each) and one "
+                f"epoch of the run (about {auto_plan.seconds_text(epoch_s)}) take")  # fmt: skip
+
+
 def _measure(base: TrainConfig, ks: list[int], boost: float, out: Path, train: Callable,
-             echo: Callable[[str], None]):  # fmt: skip
-    """The trials (the default candidate's first), the chosen one, and why it was chosen."""
+             echo: Callable[[str], None], budget: _TrialBudget | None = None):  # fmt: skip
+    """The trials (the default candidate's first, the others where the split, the trial's steps and the budget
+    allow), the chosen one, and why it was chosen."""
     default_k = default_stages(ks)
     first = _trial(base, default_k, boost, out, train, echo, brief=False)
     n_val, kind = first["n_val"], first["data_kind"]
@@ -276,6 +304,8 @@ def _measure(base: TrainConfig, ks: list[int], boost: float, out: Path, train: C
                                 f"cannot tell the candidates apart (under {MIN_TRIAL_STEPS}, a trial's score moves "
                                 "more from seed to seed than the candidates differ), so only its trial "
                                 "ran")  # fmt: skip
+    if budget is not None and len(ks) > 1 and (short := budget.too_short_for(first, len(ks) - 1)):
+        return [first], first, f"the default (last {default_k} stages): {short}, so only its trial ran"
     trials = sorted([first, *(_trial(base, k, boost, out, train, echo, brief=True) for k in ks if k != default_k)],
                     key=lambda t: t["trained_stages"])  # fmt: skip
     choice = choose(trials, n_val, compared_by(base.monitor))

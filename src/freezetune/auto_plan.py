@@ -67,27 +67,27 @@ def run_epochs(cfg: TrainConfig, trials: list[dict], choice: dict, spent: float,
     # an --epochs given beside the budget is replaced: said, not dropped in silence
     replaced = f" (not the {cfg.epochs} of epochs)" if cfg.epochs != TrainConfig.epochs else ""
     if spent >= budget:  # the run then trains one epoch: say why, not only how many
-        echo(f"auto: {measured} took {_seconds(spent)} of the {cfg.budget} budget: the run trains one "
+        echo(f"auto: {measured} took {seconds_text(spent)} of the {cfg.budget} budget: the run trains one "
              f"epoch{replaced}, over it")  # fmt: skip
         return 1
     train_s, other_s = epoch_pace(choice, refit, trials[0]["n_val"])
     left, epoch_s = budget - spent, train_s + other_s
     epochs = max(1, math.floor(left / max(epoch_s, 1e-6)))
     # less than one epoch left: the one the run trains ends over the budget, by about this much
-    over = f", about {_seconds(epoch_s - left)} over it" if epoch_s > left else ""
+    over = f", about {seconds_text(epoch_s - left)} over it" if epoch_s > left else ""
     # the pace is the chosen trial's: the stages an --unfreeze opens later train too, and their epochs take longer
     slower = (f"; the epochs after --unfreeze {cfg.unfreeze} opens more stages train slower than that, and may end the "
               "run past the budget") if cfg.unfreeze else ""  # fmt: skip
-    echo(f"auto: the {cfg.budget} budget leaves {_seconds(left)} after {measured}: {epochs} epoch(s){replaced} "
+    echo(f"auto: the {cfg.budget} budget leaves {seconds_text(left)} after {measured}: {epochs} epoch(s){replaced} "
          f"of about {epoch_s:.1f}s ({train_s:.1f}s training, {other_s:.1f}s validation and "
          f"checkpoints){over}{slower}")  # fmt: skip
     return epochs
 
 
-def _seconds(s: float) -> str:
+def seconds_text(s: float) -> str:
     """Seconds as the budget lines say them: tenths under 10 s (a 0.6 s trial was "1s of the 1s budget").
 
-    >>> _seconds(0.64), _seconds(42.4)
+    >>> seconds_text(0.64), seconds_text(42.4)
     ('0.6s', '42s')
     """
     return f"{s:.1f}s" if s < 10 else f"{s:.0f}s"
