@@ -161,8 +161,13 @@ def run(cfg: TrainConfig, *, echo: Callable[[str], None] = print, train: Callabl
     run_lr = cfg.lr if probe else choice["lr"] * RUN_LR_FACTOR
     bn_stats = run_bn_stats(cfg.bn_stats, probe is not None)
     held = ", BatchNorm statistics held" if probe and bn_stats == HELD_STATS else ""
+    # how long the run will take, at its trial's pace (a budget's line said it): the default command on a few
+    # thousand 224 px images on a CPU trains for hours, and nothing said so
+    run_s = epochs * sum(auto_plan.epoch_pace(choice, refit, trials[0]["n_val"]))
+    pace = "" if cfg.budget else f" (about {_duration(run_s)})"
     echo(f"auto: chose to train the last {choice['trained_stages']} stage(s) + head (freeze {choice['freeze']}, lr "
-         f"{run_lr:.1e}{held}){' from the probed head' if probe else ''} for {epochs} epoch(s): {why}")  # fmt: skip
+         f"{run_lr:.1e}{held}){' from the probed head' if probe else ''} for {epochs} epoch(s){pace}: "
+         f"{why}")  # fmt: skip
     init = _start_from(out, trials, choice, cfg.init, delete=info.is_main, probe=probe)
     decision = {"procedure": _procedure(), "asked": cfg.recorded(), "cut": cut, "trials": trials, "probe": probe,
                 "default_trained_stages": DEFAULT_TRAINED_STAGES, "trial_fraction": TRIAL_FRACTION,
@@ -176,6 +181,20 @@ def run(cfg: TrainConfig, *, echo: Callable[[str], None] = print, train: Callabl
     final = dataclasses.replace(_at_lr(base, run_lr), freeze=choice["freeze"], epochs=epochs, refit=refit, init=init,
                                 bn_stats=bn_stats, warmup_epochs=warmup, resume=False)  # fmt: skip
     return _with_trial_seconds(train(final, echo=echo, recipe_run=True), _measured(trials, probe))
+
+
+def _duration(seconds: float) -> str:
+    """A run's length as the chose line says it: seconds, minutes, or hours and minutes.
+
+    >>> _duration(42.4), _duration(754), _duration(7300)
+    ('42s', '13m', '2h02m')
+    """
+    if seconds < 90:
+        return f"{seconds:.0f}s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f}m"
+    hours, minutes = divmod(round(seconds / 60), 60)
+    return f"{hours}h{minutes:02d}m"
 
 
 def _intro(ks: list[int], cut: str, text: bool, budget: str | None = None) -> str:
