@@ -388,6 +388,21 @@ def test_an_auto_run_whose_trials_spent_its_budget_says_so_and_trains_one_epoch(
     assert json.loads((tmp_path / "r" / "recipe.json").read_text())["choice"]["epochs"] == 1
 
 
+def test_a_trials_progress_bars_name_the_trial(data, tmp_path, monkeypatch):
+    # in a log file (tmux, nohup) a trial's bar read "epoch 1/1", as the run's own: the two told apart by timestamps
+    from freezetune import epoch_log
+
+    labels, real = [], epoch_log.TrainProgress
+
+    def recorded(total, desc, **kwargs):
+        labels.append(desc)
+        return real(total, desc, **kwargs)
+
+    monkeypatch.setattr(epoch_log, "TrainProgress", recorded)
+    auto.run(recipe_cfg(data, tmp_path / "r", epochs=1, cache="auto", progress=True), echo=lambda line: None)
+    assert labels == ["last-3: epoch 1/1", "epoch 1/1"]
+
+
 def test_a_budget_that_leaves_no_time_for_the_other_trials_keeps_the_defaults_untried(data, tmp_path, monkeypatch):
     # a 2m budget's third trial started 18 s before its end and took 46 s, then the run trained its epoch: 4m39s
     monkeypatch.setattr(auto, "MIN_VAL_TO_COMPARE", 3)  # every candidate's trial, on the 3 held-out images...

@@ -230,12 +230,15 @@ class Trainer(RunSetup):
         return row
 
     def _bar(self, label: str) -> str | None:
-        """A progress bar's label where this process draws bars (``--progress``, rank 0), else None."""
-        return label if self.draws_bars else None
+        """A progress bar's label where this process draws bars (``--progress``, rank 0), else None. A measurement's
+        (an auto trial's, its probe's) names it: in a log file its bars read as the run's own ("epoch 1/1")."""
+        if not self.draws_bars:
+            return None
+        return label if self.resumable else f"{self.run_dir.name}: {label}"
 
     def _train_epoch(self, epoch: int, batches) -> dict:
         self.model.train()
-        meter = epoch_log.TrainProgress(len(batches), f"epoch {epoch + 1}/{self.cfg.epochs}",
+        meter = epoch_log.TrainProgress(len(batches), self._bar(f"epoch {epoch + 1}/{self.cfg.epochs}") or "",
                                         enabled=self.draws_bars, device=self.device)  # fmt: skip
         try:
             self._steps(epoch, batches, meter)
