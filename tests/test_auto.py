@@ -413,7 +413,7 @@ def test_a_budget_that_leaves_no_time_for_the_other_trials_keeps_the_defaults_un
     assert [t["trained_stages"] for t in decision["trials"]] == [3] and decision["choice"]["trained_stages"] == 3
     assert re.fullmatch(r"the default \(last 3 stages\): the 0\.01s budget leaves 0\.0s after its trial, less than "
                         r"the other 2 trial\(s\) \(about [\d.]+s each\) and one epoch of the run \(about [\d.]+s\) "
-                        r"take, so only its trial ran", decision["choice"]["why"]), decision["choice"]["why"]  # fmt: skip
+                        r"take, so only its trial ran", why := decision["choice"]["why"]), why  # fmt: skip
     assert lines[0].endswith("if the split holds 3 or more and the 0.01s budget leaves time for them"), lines[0]
     # ...where the budget leaves time for them (the first trial's loop again for each, and one epoch), they run
     first = decision["trials"][0]

@@ -13,7 +13,8 @@ from freezetune import hardware
 
 
 def test_every_command_imports_without_the_posix_resource_module():
-    # Windows has no `resource`: imported at the top of the module of memory readings, it stopped train, eval, predict, sweep and ft.train
+    # Windows has no `resource`: imported at the top of the module of memory readings, it stopped train, eval,
+    # predict, sweep and ft.train
     code = ("import sys; sys.modules['resource'] = None\n"
             "import freezetune.cli, freezetune.trainer, freezetune.recipes, freezetune.sweep, freezetune.inference\n"
             "print('imported')")  # fmt: skip

@@ -319,11 +319,13 @@ def ran_out_of_ram(exc: BaseException) -> bool:
     Windows' "not enough memory"), or Python's MemoryError.
 
     >>> ran_out_of_ram(RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 3623878656 "
-    ...                             "bytes. Error code 12 (Cannot allocate memory)")), ran_out_of_ram(RuntimeError("bug"))
-    (True, False)
+    ...                             "bytes. Error code 12 (Cannot allocate memory)"))
+    True
+    >>> ran_out_of_ram(RuntimeError("bug")), ran_out_of_ram(MemoryError())
+    (False, True)
     """
-    return isinstance(exc, MemoryError) or (isinstance(exc, RuntimeError) and any(
-        words in str(exc) for words in ("can't allocate memory", "DefaultCPUAllocator: not enough memory")))  # fmt: skip
+    said = ("can't allocate memory", "DefaultCPUAllocator: not enough memory")
+    return isinstance(exc, MemoryError) or (isinstance(exc, RuntimeError) and any(w in str(exc) for w in said))
 
 
 @contextlib.contextmanager

@@ -148,7 +148,8 @@ def keep_settings(out: Path, cfg: TrainConfig, recipes: list[str], *, write: boo
                    if k not in (*RESUME_MAY_CHANGE, "budget") and k in before and before[k] != v]  # fmt: skip
         if changed:
             raise ConfigError(f"cannot resume the sweep in {str(out)!r} with {', '.join(changed)}: its recipes ran "
-                              "with the sweep's own settings; resume with them, or sweep into another --out")  # fmt: skip
+                              "with the sweep's own settings; resume with them, or sweep into another "
+                              "--out")  # fmt: skip
         if now == before:
             return
         # what a resume may change (a new --budget, --device...) is recorded: the next resume goes on with it (a
