@@ -8,6 +8,7 @@ import json
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -418,10 +419,11 @@ def test_a_budget_that_leaves_no_time_for_the_other_trials_keeps_the_defaults_un
     # ...where the budget leaves time for them (the first trial's loop again for each, and one epoch), they run
     first = decision["trials"][0]
     trial_s, epoch_s = first["seconds"]["epochs"], sum(auto_plan.epoch_pace(first, refit=False, n_val=first["n_val"]))
-    roomy = auto._TrialBudget(10 + 2 * trial_s + epoch_s + 0.1, "enough", lambda: 10.0)
-    unbounded = auto._TrialBudget(None, None, lambda: 1e9)
+    roomy = auto_plan.TrialBudget(10 + 2 * trial_s + epoch_s + 0.1, "enough", time.perf_counter() - 10)
+    unbounded = auto_plan.TrialBudget(None, None, 0.0)
     assert roomy.too_short_for(first, 2) is None and unbounded.too_short_for(first, 2) is None
-    assert auto._TrialBudget(10 + 2 * trial_s + epoch_s - 0.1, "short", lambda: 10.0).too_short_for(first, 2)
+    short = auto_plan.TrialBudget(10 + 2 * trial_s + epoch_s - 0.5, "short", time.perf_counter() - 10)
+    assert short.too_short_for(first, 2)
 
 
 def test_a_budget_plans_the_runs_epochs_at_the_pace_of_a_whole_epoch_validation_and_checkpoints_included():
@@ -499,8 +501,13 @@ def test_an_auto_run_without_an_lr_schedule_resumes_for_more_epochs_as_a_plain_r
     argv = train_argv(data, out, "--epochs", "1", "--scheduler", "none")
     assert run_cli(capsys, *argv)[0] == 0
     code, said, err = run_cli(capsys, "train", "--out", out, "--resume", "--epochs", "2")
-    assert code == 0 and "resuming with the earlier decision" in said, err
+    assert code == 0 and "auto: the run trains 2 epoch(s), as --epochs asks now (it planned 1)" in said, err
     assert [row["epoch"] for row in read_metrics(out / "metrics.csv")] == [1, 2]
+    # recorded: a plain --resume reads the request in recipe.json (its 1 epoch was refused below the 2 trained)
+    decision = json.loads((out / "recipe.json").read_text())
+    assert decision["asked"]["epochs"] == decision["choice"]["epochs"] == 2
+    code, said, err = run_cli(capsys, "train", "--out", out, "--resume")
+    assert code == 0 and "all 2 epochs were trained" in said, err
     code, _, err = run_cli(capsys, "train", "--out", out, "--resume", "--epochs", "3", "--lr", "0.1")  # still refused
     assert code == 2 and "lr 0.001 -> 0.1" in err and "epochs" not in err, err
 

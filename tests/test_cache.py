@@ -627,10 +627,10 @@ def test_a_store_held_on_the_device_is_not_pinned_whoever_builds_its_loader():
 
 def test_a_store_on_the_device_too_large_for_the_ram_keeps_no_copy_and_says_so(tmp_path, monkeypatch, caplog):
     # its copy to the cache dir went through host RAM whole (.cpu()): a GPU store may be half an H200's 139 GiB
-    from freezetune import memory
+    from freezetune import hardware
     from freezetune.cache import disk
 
-    monkeypatch.setattr(memory, "available_ram", lambda: 1 << 20)
+    monkeypatch.setattr(hardware, "available_ram", lambda: 1 << 20)
     features = torch.empty(1, 1024, 512, device="meta")  # a device's store of 2 MiB, never copied
     with caplog.at_level("WARNING"):
         assert disk.save(tmp_path / "c", "k", features, torch.zeros(1024, dtype=torch.long)) is None

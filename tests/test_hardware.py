@@ -1,5 +1,6 @@
 """The run's use of its device (``hardware.py``) where it meets the platform: peak-memory readings where Windows and
-macOS lack or report otherwise, channels_last, compilation; and every command importing without POSIX's resource."""
+macOS lack or report otherwise, channels_last, compilation, the RAM a container's limit leaves; and every command
+importing without POSIX's resource."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import subprocess
 import sys
 import types
 
+import pytest
 import torch
 
 from freezetune import hardware
@@ -71,3 +73,26 @@ def test_compiling_drops_torchs_no_cuda_runtime_line_and_nothing_else(caplog):
         logger.warning("No CUDA runtime is found, using CUDA_HOME='%s'", "/usr/local")
         logger.warning("Error checking compiler version for %s", "c++")
     assert "No CUDA runtime" not in caplog.text and "Error checking compiler version for c++" in caplog.text
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_a_containers_memory_limit_bounds_the_ram_a_cache_may_take(tmp_path, monkeypatch, version):
+    # /proc/meminfo is the host's: under docker --memory the cache went to RAM by the host's figure and the
+    # container was killed
+
+    v1 = ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes", "memory/memory.stat", "total_inactive_file")
+    limit, usage, stat, inactive = (
+        ("memory.max", "memory.current", "memory.stat", "inactive_file") if version == 2 else v1
+    )
+    (tmp_path / "memory").mkdir()
+    (tmp_path / limit).write_text(f"{8 << 30}\n")
+    (tmp_path / usage).write_text(f"{6 << 30}\n")
+    (tmp_path / stat).write_text(f"anon {4 << 30}\n{inactive} {1 << 30}\n")
+    room = hardware.cgroup_room(tmp_path)
+    assert room == 3 << 30  # 8 GiB less the 6 used, of which 1 is page cache the kernel gives back
+    monkeypatch.setattr(hardware, "cgroup_room", lambda: room)
+    monkeypatch.setattr(hardware, "_machine_ram", lambda: 60 << 30)
+    assert hardware.available_ram() == 3 << 30
+    (tmp_path / limit).write_text("max\n" if version == 2 else "9223372036854771712\n")  # no limit
+    monkeypatch.undo()
+    assert hardware.cgroup_room(tmp_path) is None

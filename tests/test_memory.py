@@ -213,25 +213,16 @@ def test_a_text_model_is_estimated_on_batches_of_token_ids():
     assert full["total"] == pytest.approx(full["weights"] + full["optimizer"] + full["grads"] + full["activations"])
 
 
-@pytest.mark.parametrize("version", [1, 2])
-def test_a_containers_memory_limit_bounds_the_ram_a_cache_may_take(tmp_path, monkeypatch, version):
-    # /proc/meminfo is the host's: under docker --memory the cache went to RAM by the host's figure and the
-    # container was killed
-    from freezetune import memory
+@pytest.mark.parametrize(("batch", "training", "said"), [
+    (64, True, "the machine ran out of memory (RAM) at batch size 64; try --batch-size 32 or a smaller --img-size;"),
+    (1, True, "the machine ran out of memory (RAM) at batch size 1; try a smaller --img-size or model;"),
+    (64, False, "the machine ran out of memory (RAM) at batch size 64; try --batch-size 32;"),  # eval, predict
+])  # fmt: skip
+def test_the_machines_ram_running_out_names_what_to_try_once_and_only_the_flags_the_command_has(batch, training, said):
+    from freezetune.errors import ResourceError
+    from freezetune.memory import out_of_memory_hint
 
-    v1 = ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes", "memory/memory.stat", "total_inactive_file")
-    limit, usage, stat, inactive = (
-        ("memory.max", "memory.current", "memory.stat", "inactive_file") if version == 2 else v1
-    )
-    (tmp_path / "memory").mkdir()
-    (tmp_path / limit).write_text(f"{8 << 30}\n")
-    (tmp_path / usage).write_text(f"{6 << 30}\n")
-    (tmp_path / stat).write_text(f"anon {4 << 30}\n{inactive} {1 << 30}\n")
-    room = memory.cgroup_room(tmp_path)
-    assert room == 3 << 30  # 8 GiB less the 6 used, of which 1 is page cache the kernel gives back
-    monkeypatch.setattr(memory, "cgroup_room", lambda: room)
-    monkeypatch.setattr(memory, "_machine_ram", lambda: 60 << 30)
-    assert memory.available_ram() == 3 << 30
-    (tmp_path / limit).write_text("max\n" if version == 2 else "9223372036854771712\n")  # no limit
-    monkeypatch.undo()
-    assert memory.cgroup_room(tmp_path) is None
+    with pytest.raises(ResourceError) as info, out_of_memory_hint(batch, training=training):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory: you tried "
+                           "to allocate 3623878656 bytes")  # fmt: skip
+    assert str(info.value) == f"{said} files written before are intact"

@@ -86,7 +86,7 @@ from freezetune.auto_rule import (
     default_stages,
     difference_noise,
 )
-from freezetune.config import DATA_PATHS, RESUME_MAY_CHANGE, TrainConfig
+from freezetune.config import DATA_PATHS, RESUME_MAY_CHANGE, RESUME_MAY_CHANGE_UNSCHEDULED, TrainConfig
 from freezetune.errors import ConfigError, setting
 from freezetune.interrupt import RunInterrupted
 from freezetune.options import METRIC_NAMES, compared_by, parse_duration
@@ -122,7 +122,8 @@ def run(cfg: TrainConfig, *, echo: Callable[[str], None] = print, train: Callabl
     out = broadcast(Path(cfg.out) if cfg.out else runtime.new_run_dir(cfg.model, claim=info.is_main), info)
     saved = out / RECIPE_FILE
     if cfg.resume and saved.is_file():  # the decision was made before the interruption: keep it
-        resumed, trials = _resumed(cfg, out, echo)  # the trials' seconds count after a resume too (a sweep's row)
+        # the trials' seconds count after a resume too (a sweep's row)
+        resumed, trials = _resumed(cfg, out, echo, write=info.is_main)
         return _with_trial_seconds(train(resumed, echo=echo, recipe_run=True), trials)
     _check_plan(cfg)
     # a run dir in use is refused (or, resuming, one no run was started in) before any trial writes below it; the
@@ -144,7 +145,7 @@ def run(cfg: TrainConfig, *, echo: Callable[[str], None] = print, train: Callabl
 
     # the trials' hold-out, lent: the final run trains on it
     lent = functools.partial(shared, refit_follows=refits(cfg))
-    budget = _TrialBudget(parse_duration(cfg.budget), cfg.budget, lambda: broadcast(time.perf_counter() - start, info))
+    budget = auto_plan.TrialBudget(parse_duration(cfg.budget), cfg.budget, start, info)
     said = run_log.introduced(echo, _intro(ks, cut, text, cfg.budget))
     trials, choice, why = _measure(base, ks, boost, out, lent, said, budget)
     refit = run_refits(cfg, trials[0], echo)
@@ -164,7 +165,8 @@ def run(cfg: TrainConfig, *, echo: Callable[[str], None] = print, train: Callabl
     # how long the run will take, at its trial's pace (a budget's line said it): the default command on a few
     # thousand 224 px images on a CPU trains for hours, and nothing said so
     run_s = epochs * sum(auto_plan.epoch_pace(choice, refit, trials[0]["n_val"]))
-    pace = "" if cfg.budget else f" (about {_duration(run_s)})"
+    later = ", longer once --unfreeze opens more stages" if cfg.unfreeze else ""
+    pace = "" if cfg.budget else f" (about {auto_plan.duration_text(run_s)}{later})"
     echo(f"auto: chose to train the last {choice['trained_stages']} stage(s) + head (freeze {choice['freeze']}, lr "
          f"{run_lr:.1e}{held}){' from the probed head' if probe else ''} for {epochs} epoch(s){pace}: "
          f"{why}")  # fmt: skip
@@ -181,20 +183,6 @@ def run(cfg: TrainConfig, *, echo: Callable[[str], None] = print, train: Callabl
     final = dataclasses.replace(_at_lr(base, run_lr), freeze=choice["freeze"], epochs=epochs, refit=refit, init=init,
                                 bn_stats=bn_stats, warmup_epochs=warmup, resume=False)  # fmt: skip
     return _with_trial_seconds(train(final, echo=echo, recipe_run=True), _measured(trials, probe))
-
-
-def _duration(seconds: float) -> str:
-    """A run's length as the chose line says it: seconds, minutes, or hours and minutes.
-
-    >>> _duration(42.4), _duration(754), _duration(7300)
-    ('42s', '13m', '2h02m')
-    """
-    if seconds < 90:
-        return f"{seconds:.0f}s"
-    if seconds < 5400:
-        return f"{seconds / 60:.0f}m"
-    hours, minutes = divmod(round(seconds / 60), 60)
-    return f"{hours}h{minutes:02d}m"
 
 
 def _intro(ks: list[int], cut: str, text: bool, budget: str | None = None) -> str:
@@ -242,7 +230,8 @@ def _with_trial_seconds(result, trials: list[dict]):
     return dataclasses.replace(result, seconds=seconds)
 
 
-def _resumed(cfg: TrainConfig, out: Path, echo: Callable[[str], None]) -> tuple[TrainConfig, list[dict]]:
+def _resumed(cfg: TrainConfig, out: Path, echo: Callable[[str], None], *,
+             write: bool = True) -> tuple[TrainConfig, list[dict]]:  # fmt: skip
     """The final run's config from the decision ``recipe.json`` kept (a resume trains what was chosen, untried), and
     the trials it records."""
     decision = json.loads((out / RECIPE_FILE).read_text())
@@ -257,7 +246,7 @@ def _resumed(cfg: TrainConfig, out: Path, echo: Callable[[str], None]) -> tuple[
     # moved data is checked by the final run's last.pt, as any run's is; before it has one, the paths stay the asked
     moved = DATA_PATHS if (out / checkpoint.LAST).is_file() else ()
     # without an LR schedule a run trains on for more epochs, as a plain run's resume may (checkpoint.check_settings)
-    longer = ("epochs", "warmup_epochs") if asked.get("scheduler") == now.get("scheduler") == "none" else ()
+    longer = RESUME_MAY_CHANGE_UNSCHEDULED if asked.get("scheduler") == now.get("scheduler") == "none" else ()
     changed = [k for k in asked if k not in (*RESUME_MAY_CHANGE, *moved, *longer) and asked[k] != now.get(k)]
     if changed:  # the final run's settings derive from the request: an --lr changed now would not show in them
         diff = ", ".join(f"{k} {asked[k]!r} -> {now.get(k)!r}" for k in changed)
@@ -269,42 +258,35 @@ def _resumed(cfg: TrainConfig, out: Path, echo: Callable[[str], None]) -> tuple[
         raise ConfigError(f"cannot resume {out}: the weights its run starts from, {init}, are gone and the run saved "
                           "no last.pt yet; run the command without --resume to redo the trials")  # fmt: skip
     echo(f"auto: resuming with the earlier decision: freeze {choice['freeze']!r}, lr {run_lr:.1e}")
-    # the epochs chosen (a budget's), unless asked for more now (``longer``)
-    epochs = cfg.epochs if longer and asked.get("epochs") != cfg.epochs else choice["epochs"]
+    choice = _longer(decision, now, longer, out, echo, write=write)
     resumed = dataclasses.replace(_at_lr(_base(cfg, out, decision["cut"]), run_lr), freeze=choice["freeze"],
-                                  epochs=epochs, refit=choice.get("refit", False),
+                                  epochs=choice["epochs"], refit=choice.get("refit", False),
                                   init=init, bn_stats=choice.get("bn_stats", cfg.bn_stats),
                                   warmup_epochs=choice.get("warmup_epochs", cfg.warmup_epochs),
                                   resume=True)  # fmt: skip
     return resumed, _measured(decision.get("trials", []), decision.get("probe"))
 
 
-@dataclasses.dataclass
-class _TrialBudget:
-    """A ``--budget``'s say in the trials: ``seconds`` (None: no budget), as given (``said``), and the seconds the
-    recipe has spent (rank 0's clock under torchrun: the ranks must run the same trials)."""
-
-    seconds: float | None
-    said: str | None
-    spent: Callable[[], float]
-
-    def too_short_for(self, first: dict, others: int) -> str | None:
-        """Why the budget leaves no time for the ``others`` trials after ``first`` and one epoch of the run: a 2m
-        budget's third trial started 18 s before its end and took 46 s, then the run trained an epoch, 4m39s in all.
-        A later trial reads the cache the first built: its cost is the first's less the build."""
-        if self.seconds is None:
-            return None
-        spent, trial_s = self.spent(), first["seconds"]["epochs"]
-        epoch_s = sum(auto_plan.epoch_pace(first, refit=False, n_val=first["n_val"]))
-        if spent + others * trial_s + epoch_s <= self.seconds:
-            return None
-        return (f"the {self.said} budget leaves {auto_plan.seconds_text(max(self.seconds - spent, 0.0))} after its "
-                f"trial, less than the other {others} trial(s) (about {auto_plan.seconds_text(trial_s)} each) and one "
-                f"epoch of the run (about {auto_plan.seconds_text(epoch_s)}) take")  # fmt: skip
+def _longer(decision: dict, now: dict, longer: tuple[str, ...], out: Path, echo: Callable[[str], None], *,
+            write: bool) -> dict:  # fmt: skip
+    """The choice a resume trains: the decision's, with the epochs (and warm-up) asked now where the run has no LR
+    schedule (``longer``) and they changed, said and recorded in ``recipe.json`` (``write``: rank 0): the next plain
+    ``--resume`` reads the request there, and its old epochs were refused below the epochs trained."""
+    asked, choice = decision.get("asked") or {}, decision["choice"]
+    new = {k: now[k] for k in longer if k in now and asked.get(k) != now[k]}
+    if not new:
+        return choice
+    if "epochs" in new:  # the epochs the trials' decision (or a budget) planned, replaced
+        echo(f"auto: the run trains {new['epochs']} epoch(s), as --epochs asks now (it planned {choice['epochs']})")
+    choice = {**choice, **new}
+    if write:
+        atomic_write_text(out / RECIPE_FILE, json.dumps({**decision, "asked": {**asked, **new}, "choice": choice},
+                                                        indent=1))  # fmt: skip
+    return choice
 
 
 def _measure(base: TrainConfig, ks: list[int], boost: float, out: Path, train: Callable,
-             echo: Callable[[str], None], budget: _TrialBudget | None = None):  # fmt: skip
+             echo: Callable[[str], None], budget: auto_plan.TrialBudget | None = None):  # fmt: skip
     """The trials (the default candidate's first, the others where the split, the trial's steps and the budget
     allow), the chosen one, and why it was chosen."""
     default_k = default_stages(ks)

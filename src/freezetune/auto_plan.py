@@ -4,7 +4,9 @@ statistics, and how many epochs and how much warm-up ``--budget`` affords at the
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import time
 from collections.abc import Callable
 
 from freezetune.auto_rule import TRIAL_FRACTION
@@ -157,3 +159,50 @@ def run_bn_stats(asked: str, probed: bool) -> str:
 
 def steps_text(n: int) -> str:
     return f"{n} step" + ("" if n == 1 else "s")
+
+
+@dataclasses.dataclass
+class TrialBudget:
+    """A ``--budget``'s say in the trials: ``seconds`` (None: no budget), as given (``said``), and when the recipe
+    started (``time.perf_counter``); ``info``: under torchrun rank 0's clock decides, the ranks must run the same
+    trials."""
+
+    seconds: float | None
+    said: str | None
+    start: float
+    info: object = None
+
+    def spent(self) -> float:
+        from freezetune.distributed import broadcast
+
+        seconds = time.perf_counter() - self.start
+        return seconds if self.info is None else broadcast(seconds, self.info)
+
+    def too_short_for(self, first: dict, others: int) -> str | None:
+        """Why the budget leaves no time for the ``others`` trials after ``first`` and one epoch of the run: a 2m
+        budget's third trial started 18 s before its end and took 46 s, then the run trained an epoch, 4m39s in all.
+        A later trial reads the cache the first built: its cost is the first's less the build. Its set-up (the model
+        built, the data read) and a deeper candidate's slower steps are not counted: "about"."""
+        if self.seconds is None:
+            return None
+        spent, trial_s = self.spent(), first["seconds"]["epochs"]
+        epoch_s = sum(epoch_pace(first, refit=False, n_val=first["n_val"]))
+        if spent + others * trial_s + epoch_s <= self.seconds:
+            return None
+        return (f"the {self.said} budget leaves {seconds_text(max(self.seconds - spent, 0.0))} after its "
+                f"trial, less than the other {others} trial(s) (about {seconds_text(trial_s)} each) and one "
+                f"epoch of the run (about {seconds_text(epoch_s)}) take")  # fmt: skip
+
+
+def duration_text(seconds: float) -> str:
+    """A run's length as the chose line says it: seconds, minutes, or hours and minutes.
+
+    >>> duration_text(42.4), duration_text(754), duration_text(7300)
+    ('42s', '13m', '2h02m')
+    """
+    if seconds < 90:
+        return f"{seconds:.0f}s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f}m"
+    hours, minutes = divmod(round(seconds / 60), 60)
+    return f"{hours}h{minutes:02d}m"

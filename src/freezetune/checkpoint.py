@@ -18,7 +18,7 @@ from torch import nn
 
 from freezetune import __version__, text_pooling
 from freezetune._io import atomic_save
-from freezetune.config import DATA_PATHS, RESUME_MAY_CHANGE, absolute_paths
+from freezetune.config import DATA_PATHS, RESUME_MAY_CHANGE, RESUME_MAY_CHANGE_UNSCHEDULED, absolute_paths
 from freezetune.errors import CheckpointError, ConfigError, choices, setting
 from freezetune.hf_bundle import rebuilt_folder
 from freezetune.interrupt import pause_point
@@ -411,7 +411,7 @@ def _check_resumable(path: Path, record: dict, expect: dict[str, Any]) -> None:
                    "the number of torchrun processes set it (resume on as many processes as the run had)")  # fmt: skip
     if changed:
         may = ", ".join(k for k in RESUME_MAY_CHANGE if k not in ("out", "resume"))  # the two that name the resume
-        free = " and ".join(k for k in schedule if k not in ("scheduler", "steps_per_epoch"))  # under "none" only
+        free = " and ".join(RESUME_MAY_CHANGE_UNSCHEDULED)
         why.append(f"a run continues with its own settings (a resume may change only {may}, and {free} under "
                    "scheduler none)")  # fmt: skip
     raise ConfigError(f"cannot resume {path} with {', '.join(stretched + changed)}: {'; '.join(why)}; resume with "

@@ -67,6 +67,8 @@ FIELD_CHOICES = {
 # schedule).
 RESUME_MAY_CHANGE = ("out", "resume", "device", "workers", "compile", "cuda_graph", "channels_last", "decode",
                      "cache_dir", "save_every_steps", "tensorboard", "progress", "final_test")  # fmt: skip
+# ... and these too without an LR schedule (scheduler none), which a longer run cannot stretch
+RESUME_MAY_CHANGE_UNSCHEDULED = ("epochs", "warmup_epochs")
 # may name another path on a resume (the data moved: a copy on a node's local disk, a renamed folder); what they hold is
 # checked against last.pt's digest of the data, which does not depend on where the files are
 DATA_PATHS = ("data", "val_data")

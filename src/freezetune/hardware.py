@@ -1,9 +1,11 @@
 """The run's use of its device beyond precision (``precision.py``): compilation, the convolutions' memory layout
-(channels_last), and peak-memory readings."""
+(channels_last), peak-memory readings, and the RAM this process may still take (``available_ram``: where a feature
+cache may go, a container's limit counted)."""
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -77,3 +79,55 @@ def peak_memory_mb(device: torch.device) -> float:
         return float("nan")
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # process-wide
     return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # macOS reports bytes, Linux and BSD KiB
+
+
+def available_ram() -> int:
+    """The RAM this process may still take: the machine's, and within a container's memory limit what it leaves."""
+    ram, room = _machine_ram(), cgroup_room()
+    return ram if room is None else min(ram, room)
+
+
+def _machine_ram() -> int:
+    # MemAvailable counts the page cache the kernel would give back; free pages alone understate it badly
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return 4 * 2**30
+
+
+# cgroup v2's files, then v1's: the limit, the usage, and the usage statistics (the page cache it may give back)
+_CGROUP_FILES = (("memory.max", "memory.current", "memory.stat", "inactive_file"),
+                 ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes", "memory/memory.stat",
+                  "total_inactive_file"))  # fmt: skip
+
+
+def cgroup_room(root: str | Path = "/sys/fs/cgroup") -> int | None:
+    """What a container's memory limit leaves this process's cgroup (limit, less what it uses but the page cache the
+    kernel would give back), or None without a limit. /proc/meminfo is the host's: under ``docker run --memory 8g``
+    on a 64 GiB host a cache sized by it alone went to RAM and the container was killed.
+
+    >>> cgroup_room("/nonexistent") is None
+    True
+    """
+    for limit_name, usage_name, stat_name, inactive in _CGROUP_FILES:
+        try:
+            limit = (Path(root) / limit_name).read_text().strip()
+            usage = int((Path(root) / usage_name).read_text())
+        except (OSError, ValueError):
+            continue
+        if limit == "max" or int(limit) >= 1 << 60:  # v2's "max", v1's page-rounded LONG_MAX: no limit
+            return None
+        try:
+            stat = dict(line.split() for line in (Path(root) / stat_name).read_text().splitlines() if " " in line)
+            usage -= int(stat.get(inactive, 0))
+        except (OSError, ValueError):
+            pass
+        return max(0, int(limit) - usage)
+    return None

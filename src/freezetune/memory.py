@@ -1,6 +1,6 @@
 """Training memory: an estimate of a training step's peak (weights, gradients, optimizer state, activations), full
-vs as frozen now; the batch size that fits a CUDA device, measured (``--batch-size auto``); and the RAM this process
-may still take (``available_ram``: where a feature cache may go).
+vs as frozen now; the batch size that fits a CUDA device, measured (``--batch-size auto``); and memory running out, a
+user's error that names what to try (``out_of_memory_hint``). The RAM a process may still take: ``hardware.py``.
 
 The step is measured, not guessed: a forward and backward at batches of 2 and 4 under a tracker of the tensor memory
 alive after each operation, extrapolated operation by operation to the batch size. That counts what autograd saves
@@ -11,10 +11,8 @@ once, which freezing keeps and which is most of a frozen network's peak).
 from __future__ import annotations
 
 import contextlib
-import os
 import weakref
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -351,59 +349,9 @@ def out_of_memory_hint(batch_size: int | str, *, training: bool = True) -> Itera
         else:
             fix = f"try --batch-size {batch_size // 2}" if batch_size > 1 else "try a smaller --img-size or model"
         # the CPU's: a traceback through the cache build ended "DefaultCPUAllocator: can't allocate memory"
-        what, amp = ("the machine ran out of memory (RAM)", " or a smaller --img-size") if ram else \
+        # train's own flags (eval and predict have neither); at batch size 1 the fix names --img-size already
+        smaller = " or a smaller --img-size" if training and "--img-size" not in fix else ""
+        what, extra = ("the machine ran out of memory (RAM)", smaller) if ram else \
             ("the device ran out of memory", " (or --amp bf16)" if training else "")  # fmt: skip
-        raise ResourceError(f"{what} at batch size {batch_size}; {fix}{amp}; files written before are "
+        raise ResourceError(f"{what} at batch size {batch_size}; {fix}{extra}; files written before are "
                             "intact") from e  # fmt: skip
-
-
-def available_ram() -> int:
-    """The RAM this process may still take: the machine's, and within a container's memory limit what it leaves."""
-    ram, room = _machine_ram(), cgroup_room()
-    return ram if room is None else min(ram, room)
-
-
-def _machine_ram() -> int:
-    # MemAvailable counts the page cache the kernel would give back; free pages alone understate it badly
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError):
-        return 4 * 2**30
-
-
-# cgroup v2's files, then v1's: the limit, the usage, and the usage statistics (the page cache it may give back)
-_CGROUP_FILES = (("memory.max", "memory.current", "memory.stat", "inactive_file"),
-                 ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes", "memory/memory.stat",
-                  "total_inactive_file"))  # fmt: skip
-
-
-def cgroup_room(root: str | Path = "/sys/fs/cgroup") -> int | None:
-    """What a container's memory limit leaves this process's cgroup (limit, less what it uses but the page cache the
-    kernel would give back), or None without a limit. /proc/meminfo is the host's: under ``docker run --memory 8g``
-    on a 64 GiB host a cache sized by it alone went to RAM and the container was killed.
-
-    >>> cgroup_room("/nonexistent") is None
-    True
-    """
-    for limit_name, usage_name, stat_name, inactive in _CGROUP_FILES:
-        try:
-            limit = (Path(root) / limit_name).read_text().strip()
-            usage = int((Path(root) / usage_name).read_text())
-        except (OSError, ValueError):
-            continue
-        if limit == "max" or int(limit) >= 1 << 60:  # v2's "max", v1's page-rounded LONG_MAX: no limit
-            return None
-        try:
-            stat = dict(line.split() for line in (Path(root) / stat_name).read_text().splitlines() if " " in line)
-            usage -= int(stat.get(inactive, 0))
-        except (OSError, ValueError):
-            pass
-        return max(0, int(limit) - usage)
-    return None

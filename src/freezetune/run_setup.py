@@ -99,11 +99,11 @@ class RunSetup:
     """
 
     def __init__(self, cfg: TrainConfig, *, echo=print, resumable: bool = True, brief: bool = False,
-                 recipe_run: bool = False, needs_validation: tuple[str, ...] = (),
+                 recipe_run: bool = False, validation_needed_by: tuple[str, ...] = (),
                  refit_follows: bool = False) -> None:  # fmt: skip
         validate(cfg)
         self.cfg, self.resumable, self.brief, self.recipe_run = cfg, resumable, brief, recipe_run
-        self.needs_validation, self.refit_follows = needs_validation, refit_follows  # (``trainer.train``'s)
+        self.validation_needed_by, self.refit_follows = validation_needed_by, refit_follows  # (``trainer.train``'s)
         self._process(echo)
         self._model()
         self._data()
@@ -163,7 +163,7 @@ class RunSetup:
                                    skip_bad=cfg.skip_bad, refit=bool(cfg.refit), refit_follows=self.refit_follows,
                                    final_test=cfg.final_test)  # fmt: skip
         self.classes = self.data.classes
-        own, outer = validation_users(cfg), self.needs_validation
+        own, outer = validation_users(cfg), self.validation_needed_by
         if self.data.val is None and (users := [*own, *outer]):  # a plateau failed after epoch 1; --early-stop was
             # ignored; a sweep trained its first recipe. The data says why there is none: "none (every class has ..."
             without = f", or train without {'it' if len(own) == 1 else 'them'}" if own and not outer else ""

@@ -199,7 +199,7 @@ def _run_recipe(name: str, cfg: TrainConfig, echo: Callable[[str], None], info: 
         cfg = dataclasses.replace(cfg, resume=False)  # (the auto recipe refused to resume a run dir never made)
     with log(echo):  # the recipe's own level of the log: the auto recipe's trials and choice in its train.log too
         try:
-            train = functools.partial(trainer.train, needs_validation=(NEEDS_VALIDATION,))
+            train = functools.partial(trainer.train, validation_needed_by=(NEEDS_VALIDATION,))
             result = broadcast(recipes.run(cfg, echo=echo, train=train), info)
         except RunInterrupted as exc:  # a recipe's advice ("the same command") is refused once a recipe has trained
             how = (f"{exc.where or 'at once'} in recipe {name}; continue the sweep with its command and --resume (the "

@@ -38,19 +38,20 @@ from freezetune.step import one_value_batch
 
 
 def train(cfg: TrainConfig, *, echo: Callable[[str], None] = print, resumable: bool = True, brief: bool = False,
-          recipe_run: bool = False, needs_validation: tuple[str, ...] = (), refit_follows: bool = False,
+          recipe_run: bool = False, validation_needed_by: tuple[str, ...] = (), refit_follows: bool = False,
           ) -> RunResult:  # fmt: skip
     """Run a whole fine-tuning job as configured; ``echo`` receives the human-readable log lines.
 
     A recipe (``recipe``, or ``freeze: auto``, the default) runs through ``freezetune.recipes``. ``resumable=False``
     writes no ``last.pt`` (only ``best.pt``) and no ``report.png``: for a run nobody will resume, as the auto recipe's
-    trials, whose resume state (the optimizer's moments included) is the largest file a run writes. ``brief``: one
+    trials, whose resume state (the optimizer's moments included) is the largest file a run writes; its progress
+    bars are named after its run dir (a trial's "last-3: epoch 1/1"), as the run's own are not. ``brief``: one
     line for what trains, not the stage table (the auto recipe's later trials, whose table differs from the first's
     in a row or two).
     ``recipe_run``: a recipe's run in its own dir (the auto recipe's final run, a named recipe's last phase), which
     keeps the ``recipe.json`` (and ``auto-trials/``) beside it (a fresh start of any other run clears them: they were
     an earlier run's).
-    ``needs_validation``: what, beyond the run's own settings, needs validation data (a sweep, which compares its
+    ``validation_needed_by``: what, beyond the run's own settings, needs validation data (a sweep, which compares its
     recipes on it): data without any is refused at set-up, naming it, in every run a recipe starts too (a sweep
     found out only after its first recipe had trained). ``refit_follows``: a later run trains on the validation
     images this run holds out automatically (the auto recipe's trials): a class short of ``per_class`` by them alone
@@ -75,9 +76,10 @@ def train(cfg: TrainConfig, *, echo: Callable[[str], None] = print, resumable: b
             if cfg.resume and not recipe_run:  # a recipe's own run resumes through the recipe
                 recipes.refuse_a_plain_resume_of_a_recipe(cfg)
             if recipes.recipe_of(cfg) is not None:  # each run of the recipe needs what this one does
-                return recipes.run(cfg, echo=echo, train=functools.partial(train, needs_validation=needs_validation))
+                each = functools.partial(train, validation_needed_by=validation_needed_by)
+                return recipes.run(cfg, echo=echo, train=each)
             trainer = Trainer(cfg, echo=echo, resumable=resumable, brief=brief, recipe_run=recipe_run,
-                              needs_validation=needs_validation, refit_follows=refit_follows)  # fmt: skip
+                              validation_needed_by=validation_needed_by, refit_follows=refit_follows)  # fmt: skip
             return trainer.fit()
         finally:
             if owner:

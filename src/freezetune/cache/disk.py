@@ -141,7 +141,7 @@ def save(cache_dir: Path, key: str, features: torch.Tensor, targets: torch.Tenso
         log.warning("feature cache not kept for later runs: it %s (choose another --cache-dir)", problem)
         return None
     if features.device.type != "cpu":  # a store held on the device is written through a whole copy in host RAM
-        from freezetune.memory import available_ram
+        from freezetune.hardware import available_ram
 
         ram = available_ram()
         if features.nbytes > ram // 2:

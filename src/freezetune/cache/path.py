@@ -38,7 +38,7 @@ from freezetune.data.text import noun
 from freezetune.data.transforms import eval_transform
 from freezetune.distributed import batch_block
 from freezetune.evaluate import evaluate
-from freezetune.interrupt import RunInterrupted
+from freezetune.interrupt import OUTSIDE_A_STEP, RunInterrupted
 from freezetune.precision import Precision
 from freezetune.stages import stages
 
@@ -309,9 +309,11 @@ def _said_stopped_while_building():
     try:
         yield
     except RunInterrupted as exc:
-        advice = str(exc).split("; ", 1)[1] if "; " in str(exc) else ""
-        raise RunInterrupted.by(exc.signum, f"{BUILDING} (the part built is not kept){'; ' if advice else ''}"
-                                f"{advice}") from None  # fmt: skip
+        # a stop at once outside the loop's steps alone: a second signal's, or torchrun's, says what last.pt holds
+        where, _, advice = OUTSIDE_A_STEP.partition("; ")
+        if exc.where != where:
+            raise
+        raise RunInterrupted.by(exc.signum, f"{BUILDING} (the part built is not kept); {advice}") from None
 
 
 def _fits(found: tuple[torch.Tensor, torch.Tensor], dataset, views: int, cache_dir: Path) -> bool:

@@ -30,8 +30,8 @@ from freezetune.cache.model_split import Split
 from freezetune.data.loaders import EpochOrder, check_batch_size
 from freezetune.distributed import DistInfo, shard_rows, sum_across_ranks
 from freezetune.errors import ConfigError, DataError, choices
+from freezetune.hardware import available_ram
 from freezetune.interrupt import pause_point
-from freezetune.memory import available_ram
 from freezetune.module_tree import unwrap
 from freezetune.options import CACHE_MODES
 from freezetune.precision import Precision
