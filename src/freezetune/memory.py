@@ -328,8 +328,9 @@ def ran_out_of_ram(exc: BaseException) -> bool:
 
 @contextlib.contextmanager
 def out_of_memory_hint(batch_size: int | str, *, training: bool = True) -> Iterator[None]:
-    """Device memory running out is the run's size, not a bug: one line naming the batch size to try instead (for
-    ``train``, ``eval`` and ``predict``; ``training`` adds the AMP hint, which only ``train`` has a flag for).
+    """Memory running out, the device's or the machine's RAM (``ran_out_of_ram``), is the run's size, not a bug: one
+    line naming the batch size to try instead (for ``train``, ``eval`` and ``predict``; ``training`` adds the hints
+    only ``train`` has a flag for: ``--amp``, ``--img-size``).
 
     Checkpoints are written whole or not at all, so a run dir keeps the last finished epoch (``--resume``).
 
