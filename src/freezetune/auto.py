@@ -150,12 +150,12 @@ def run(cfg: TrainConfig, *, echo: Callable[[str], None] = print, train: Callabl
     trials, choice, why = _measure(base, ks, boost, out, lent, said, budget)
     refit = run_refits(cfg, trials[0], echo)
     # the epochs planned before a probe (a budget's: rank 0's clock decides for every rank, theirs differ)
-    planned = run_epochs(cfg, trials, choice, broadcast(time.perf_counter() - start, info), refit, lambda line: None)
+    planned = run_epochs(cfg, trials, choice, budget.spent(), refit, lambda line: None)
     probe = None
     if few_shot(trials[0], text, planned, echo):  # too few steps to fit a random head at the boosted LR: probe it
         probe_base = dataclasses.replace(base, warmup_epochs=run_warmup(cfg, planned, lambda line: None))
         probe = _probe(probe_base, planned, refit, out, shared, echo, steps=trials[0]["steps"])
-    spent = broadcast(time.perf_counter() - start, info)
+    spent = budget.spent()
     epochs = run_epochs(cfg, trials, choice, spent, refit, echo, probed=probe is not None)
     warmup = run_warmup(cfg, epochs, echo)
     # from the trial's fitted weights: a smaller step (see the docstring); from a probe's head, the LR as asked

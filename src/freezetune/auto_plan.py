@@ -164,8 +164,8 @@ def steps_text(n: int) -> str:
 @dataclasses.dataclass
 class TrialBudget:
     """A ``--budget``'s say in the trials: ``seconds`` (None: no budget), as given (``said``), and when the recipe
-    started (``time.perf_counter``); ``info``: under torchrun rank 0's clock decides, the ranks must run the same
-    trials."""
+    started (``time.perf_counter``), whose clock (``spent``) the run's epochs are planned by too; ``info``: under
+    torchrun rank 0's clock decides, the ranks must run the same trials and epochs."""
 
     seconds: float | None
     said: str | None

@@ -22,9 +22,7 @@ from freezetune.config import TrainConfig, field_names
 from freezetune.config_file import load_config, parse_overrides, resume_config
 from freezetune.errors import ConfigError, FreezetuneError
 from freezetune.interrupt import RunInterrupted, forget_stop, raised_stop
-from freezetune.options import (
-    PIL_WARNINGS,
-)
+from freezetune.options import PIL_WARNINGS
 
 
 def _line_buffered(stream) -> None:

@@ -33,7 +33,7 @@ from freezetune.runtime import SWEEP_SETTINGS as SETTINGS_FILE
 _DEFAULTS = TrainConfig()
 
 
-def request(config: str | Path | dict | None, recipes: str | None) -> tuple[str | Path | dict | None, str]:
+def request(config: str | Path | None, recipes: str | None) -> tuple[dict | None, str]:
     """A sweep's config and recipes as asked: ``recipes`` (``--recipes``), else the config file's ``recipes`` (what
     ``sweep --print-config`` writes; taken out of the values the config reads, which has no such field, and those
     values returned in its place), else the default list.
@@ -41,13 +41,11 @@ def request(config: str | Path | dict | None, recipes: str | None) -> tuple[str 
     >>> request(None, "full,auto")
     (None, 'full,auto')
     """
-    in_file = None
-    if config is not None and not isinstance(config, dict):
-        config = read_yaml(Path(config))
-        in_file = config.pop(SWEEP_RECIPES_KEY, None)
+    values = read_yaml(Path(config)) if config is not None else None
+    in_file = values.pop(SWEEP_RECIPES_KEY, None) if values is not None else None
     if recipes is not None:  # --recipes "" is refused (no recipe), not read as the default
-        return config, recipes
-    return config, in_file if in_file is not None else ",".join(SWEEP_DEFAULT_RECIPES)
+        return values, recipes
+    return values, in_file if in_file is not None else ",".join(SWEEP_DEFAULT_RECIPES)
 
 
 def swept(cfg: TrainConfig) -> TrainConfig:
