@@ -283,6 +283,22 @@ def test_epoch_images_makes_the_runs_epochs_and_the_auto_recipes_trials_shorter(
     assert samples(tmp_path / "auto" / "auto-trials" / "last-3") == [5]
 
 
+def test_an_auto_run_whose_epochs_draw_fewer_images_than_the_set_builds_no_training_store(data, tmp_path):
+    # --epoch-images 10 of 39: the trials built a store of every image, as did the run (139 s for 20 000 images on a
+    # CPU, when the run drew 5 000); a trial's own draws are few, but the run's that read its store count too
+    def streamed(epochs: int) -> list[str]:
+        lines = []
+        cfg = recipe_cfg(data, tmp_path / f"auto{epochs}", epochs=epochs, cache="auto", refit=False, epoch_images=10)
+        auto.run(cfg, echo=lines.append)
+        return [line.strip() for line in lines if "feature cache: no training store" in line]
+
+    trial, run = streamed(2)  # the trial: (1 + 2 / 50 %) x 5 draws, the other trials' 2 x 5; the run: 2 x 10
+    assert trial.startswith("feature cache: no training store: the 1 epoch(s) left (and the run that reads this one's "
+                            "cache) draw 35 training images, no more than the 39 a store would hold")  # fmt: skip
+    assert run.startswith("feature cache: no training store: the 2 epoch(s) left draw 20 training images")
+    assert streamed(4) == []  # the trial's 5 + the run's 40: built by the trial, read by the run
+
+
 def test_the_default_run_works_under_python_OO_which_strips_docstrings(data, tmp_path):
     # recipe.json's procedure is the auto module's docstring: under -OO the run crashed after its trials (None.split)
     argv = train_argv(data, tmp_path / "run", "--epochs", "1")
@@ -542,8 +558,9 @@ def test_the_reason_for_one_trial_states_the_standard_error_near_75_percent_it_n
 
 def test_an_auto_run_that_unfreezes_below_its_cut_caches_at_the_new_boundary(data, tmp_path, capsys):
     # the run pins its trials' cut (cache_at): once an unfreeze opened a stage before it, "feature cache off: cannot
-    # cut at 'blocks.1'" and every later epoch ran the whole network
-    argv = train_argv(data, tmp_path / "run", "--epochs", "3", "--unfreeze", "epoch:1", "--cache", "auto")
+    # cut at 'blocks.1'" and every later epoch ran the whole network (--cache memory: under auto, blocks.0 opens with
+    # one epoch left, too few draws to pay for a store)
+    argv = train_argv(data, tmp_path / "run", "--epochs", "3", "--unfreeze", "epoch:1", "--cache", "memory")
     code, out, err = run_cli(capsys, *argv)
     assert code == 0, err
     assert "feature cache off" not in out

@@ -78,6 +78,31 @@ def test_cached_training_matches_uncached(image_folder, tmp_path, monkeypatch):
     torch.testing.assert_close(head_c, head_p, rtol=1e-4, atol=1e-5)
 
 
+def test_a_run_that_draws_fewer_images_than_a_store_holds_streams_them_and_builds_none(image_folder, tmp_path):
+    # --epoch-images far below the set: a 20 000-image store took 139 s on a CPU for a run that drew 5 000 of them
+    lines = []
+    few = Trainer(_config(image_folder, tmp_path, "few", epochs=2, epoch_images=12, aug="light"), echo=lines.append)
+    assert few.features.train_store is None and few.features.streamed and few.features.val_store is not None
+    assert not any("building the training store" in line for line in lines)
+    (said,) = [line for line in lines if line.startswith("feature cache: no training store")]
+    assert said.startswith("feature cache: no training store: the 2 epoch(s) left draw 24 training images, no more "
+                           "than the 30 a store would hold; each batch runs the frozen layers before classifier "
+                           "forward only (augmented afresh), and the rest trains on their output (--cache memory "
+                           "builds the store all the same); the validation 0 MiB on cpu, built in ")  # fmt: skip
+    # it trains what the cache off trains (the same batches, augmented alike), its validation read from the store
+    off = Trainer(_config(image_folder, tmp_path, "off", epochs=2, epoch_images=12, aug="light", cache="off"),
+                  echo=lambda *_: None)  # fmt: skip
+    np.testing.assert_allclose(_losses(few), _losses(off), rtol=1e-4, atol=1e-5)
+    # a store that serves more draws than it holds is built: more epochs, a later run's (the auto recipe's trials),
+    # one of unknown length (a budget's), or one asked for
+    for kw, later in ((dict(epochs=3), 0.0), ({}, 1.0), ({}, None), (dict(cache="memory"), 0.0)):
+        cfg = _config(image_folder, tmp_path, f"built{len(lines)}", epoch_images=12, aug="light", **{"epochs": 2, **kw})
+        lines.clear()
+        built = Trainer(cfg, echo=lines.append, later_epochs=later)
+        assert built.features.train_store is not None, (kw, later)
+        assert any("building the training store" in line for line in lines), (kw, later)
+
+
 def test_unfreeze_rebuilds_cache_at_new_boundary_and_still_matches(image_folder, tmp_path, monkeypatch):
     lines = []
     cached = Trainer(_config(image_folder, tmp_path, "c", cache="auto", unfreeze="epoch:1"), echo=lines.append)
@@ -132,7 +157,7 @@ def test_a_rank_clears_its_own_spill_folders_only(image_folder, tmp_path, monkey
     trainer = Trainer(_config(image_folder, tmp_path, "d", cache="disk", epochs=1), echo=lambda *_: None)
     features = trainer.features
     monkeypatch.setattr(features, "loaders", dataclasses.replace(features.loaders, dist=DistInfo(rank=0, world=2)))
-    monkeypatch.setattr(FeaturePath, "_build_cache", lambda self: (self.spill_dir / "rank0" / "train").mkdir(
+    monkeypatch.setattr(FeaturePath, "_build_cache", lambda self, left: (self.spill_dir / "rank0" / "train").mkdir(
         parents=True, exist_ok=True))  # fmt: skip
     other = features.spill_dir / "rank1" / "train"
     other.mkdir(parents=True)  # rank 1's, about to hold its store
@@ -540,7 +565,7 @@ def test_a_stored_cache_of_other_rows_under_a_stores_key_is_built_again(image_fo
     # two stores swapped by name: 500 rows read for 300 images, and the run ended in the LR scheduler's traceback
     def run(name: str) -> list[str]:
         lines = []
-        trainer = Trainer(_config(image_folder, tmp_path, name, cache_dir=str(tmp_path / "fc"), epochs=1),
+        trainer = Trainer(_config(image_folder, tmp_path, name, cache_dir=str(tmp_path / "fc"), epochs=2),
                           echo=lines.append)  # fmt: skip
         trainer.fit()
         return lines

@@ -143,8 +143,10 @@ def run(cfg: TrainConfig, *, echo: Callable[[str], None] = print, train: Callabl
             shutil.rmtree(trial_cfg.out, ignore_errors=True)
         return broadcast(train(trial_cfg, **kwargs), info)  # (rank 1 scored "n/a", skipped trials, and the ranks hung)
 
-    # the trials' hold-out, lent: the final run trains on it
-    lent = functools.partial(shared, refit_follows=refits(cfg))
+    # the trials' hold-out, lent: the final run trains on it; their cache, read by the run (and the other trials):
+    # its epochs count when a trial decides whether a training store pays (a budget plans them after the trials)
+    later = None if cfg.budget else cfg.epochs / TRIAL_FRACTION + len(ks) - 1
+    lent = functools.partial(shared, refit_follows=refits(cfg), later_epochs=later)
     budget = auto_plan.TrialBudget(parse_duration(cfg.budget), cfg.budget, start, info)
     said = run_log.introduced(echo, _intro(ks, cut, text, cfg.budget))
     trials, choice, why = _measure(base, ks, boost, out, lent, said, budget)

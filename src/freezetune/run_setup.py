@@ -100,10 +100,11 @@ class RunSetup:
 
     def __init__(self, cfg: TrainConfig, *, echo=print, resumable: bool = True, brief: bool = False,
                  recipe_run: bool = False, validation_needed_by: tuple[str, ...] = (),
-                 refit_follows: bool = False) -> None:  # fmt: skip
+                 refit_follows: bool = False, later_epochs: float | None = 0.0) -> None:  # fmt: skip
         validate(cfg)
         self.cfg, self.resumable, self.brief, self.recipe_run = cfg, resumable, brief, recipe_run
         self.validation_needed_by, self.refit_follows = validation_needed_by, refit_follows  # (``trainer.train``'s)
+        self.later_epochs = later_epochs
         self._process(echo)
         self._model()
         self._data()
@@ -118,7 +119,7 @@ class RunSetup:
         if not self.trained_out():  # a resume of a finished run only ends it: its cache took minutes on big data
             # the stage a resume with more epochs opens first, before the cache is built: built once, past it
             self.caught_up = self._open_skipped_stage()
-            self.features.build()
+            self.features.build(epochs_left=self.cfg.epochs - self.progress.epoch)
         self.seconds = {"cache": self.features.build_seconds, "val": 0.0, "epochs": 0.0}  # this process's
         self.spent_before = dict(self.progress.spent)  # a resumed run's earlier processes'
         self.fit_start: float | None = None
@@ -210,7 +211,8 @@ class RunSetup:
                                     views=cfg.cache_views, spill_dir=self.run_dir / "cache", cache_dir=cfg.cache_dir,
                                     cache_at=cfg.cache_at,
                                     channels_last=self.channels_last, stream=not cfg.compile, prepare=self._prepare,
-                                    echo=self.echo, progress=self.draws_bars)  # fmt: skip
+                                    echo=self.echo, progress=self.draws_bars,
+                                    later_epochs=self.later_epochs)  # fmt: skip
         self.steps_per_epoch = self.features.steps_per_epoch
         self.state = checkpoint.TrainingState(self.model, *self._optimization())
         if cfg.cache != "off" and not self.resuming:  # after a plan's epoch-0 stages open (the Unfreezer's); a

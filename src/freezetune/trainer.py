@@ -39,7 +39,7 @@ from freezetune.step import one_value_batch
 
 def train(cfg: TrainConfig, *, echo: Callable[[str], None] = print, resumable: bool = True, brief: bool = False,
           recipe_run: bool = False, validation_needed_by: tuple[str, ...] = (), refit_follows: bool = False,
-          ) -> RunResult:  # fmt: skip
+          later_epochs: float | None = 0.0) -> RunResult:  # fmt: skip
     """Run a whole fine-tuning job as configured; ``echo`` receives the human-readable log lines.
 
     A recipe (``recipe``, or ``freeze: auto``, the default) runs through ``freezetune.recipes``. ``resumable=False``
@@ -55,7 +55,9 @@ def train(cfg: TrainConfig, *, echo: Callable[[str], None] = print, resumable: b
     recipes on it): data without any is refused at set-up, naming it, in every run a recipe starts too (a sweep
     found out only after its first recipe had trained). ``refit_follows``: a later run trains on the validation
     images this run holds out automatically (the auto recipe's trials): a class short of ``per_class`` by them alone
-    is noted, not warned of.
+    is noted, not warned of. ``later_epochs``: epochs of this run's length that a later run trains on the feature
+    stores this one builds (the auto recipe's run, on its trials' cache; None: unknown): a training store is built
+    only if the draws it serves outnumber its images (``FeaturePath``).
 
     >>> from freezetune.config import TrainConfig
     >>> train(TrainConfig(data="DIR_OF_IMAGES", epochs=3))  # doctest: +SKIP
@@ -79,7 +81,8 @@ def train(cfg: TrainConfig, *, echo: Callable[[str], None] = print, resumable: b
                 each = functools.partial(train, validation_needed_by=validation_needed_by)
                 return recipes.run(cfg, echo=echo, train=each)
             trainer = Trainer(cfg, echo=echo, resumable=resumable, brief=brief, recipe_run=recipe_run,
-                              validation_needed_by=validation_needed_by, refit_follows=refit_follows)  # fmt: skip
+                              validation_needed_by=validation_needed_by, refit_follows=refit_follows,
+                              later_epochs=later_epochs)  # fmt: skip
             return trainer.fit()
         finally:
             if owner:
@@ -184,7 +187,8 @@ class Trainer(RunSetup):
                 saved = "saved in last.pt" if self.resumable else "not saved: this run is not resumed"
                 raise self.stop.interrupted(f"after epoch {epoch + 1} ({saved})")
             if unfrozen:
-                self.features.build()  # the frozen prefix got shorter: rebuild at the new boundary, or read images
+                # the frozen prefix got shorter: rebuild at the new boundary, or read images
+                self.features.build(epochs_left=cfg.epochs - epoch - 1)
             if cfg.early_stop and self.progress.bad_epochs >= cfg.early_stop and not last:
                 self.echo(f"early stop: {cfg.monitor} did not improve for {cfg.early_stop} "
                           f"epoch{'s' if cfg.early_stop != 1 else ''}")  # fmt: skip

@@ -66,14 +66,24 @@ class FeaturePath:
             False: the whole model on images (``--compile`` compiles the whole model's step).
         prepare: wraps the module a step runs (DDP, ``torch.compile``); called on every build.
         echo: receives the log lines (why a cache is or is not used, what it holds).
+        later_epochs: epochs of this run's length that a later run trains on the stores this one builds (the auto
+            recipe's run reads its trials' cache); None: unknown (a budget plans them).
+
+    Under ``cache="auto"`` a training store is built only if it pays for itself: when the epochs left (and
+    ``later_epochs``) draw more training images than it would hold. A run that draws fewer (``--epoch-images`` far
+    below the set) streams them instead: each batch runs the frozen prefix forward only, augmented afresh, as with
+    the cache off (a 20 000-image store took 139 s on a CPU for a run that drew 5 000). A store already kept in
+    ``cache_dir`` is read all the same, and the validation set is cached as before: every epoch reads all of it.
     """
 
     def __init__(self, model: nn.Module, data: DataBundle, loaders: Loaders, precision: Precision, *, cache: str,
                  views: int, spill_dir: Path, cache_dir: Path | None = None, cache_at: str | None = None,
                  channels_last: bool = False, stream: bool = True,
                  prepare: Callable[[nn.Module], nn.Module] = lambda m: m,
-                 echo: Callable[[str], None] = print, progress: bool = False) -> None:  # fmt: skip
+                 echo: Callable[[str], None] = print, progress: bool = False,
+                 later_epochs: float | None = 0.0) -> None:  # fmt: skip
         self.model, self.data, self.loaders, self.precision = model, data, loaders, precision
+        self.later_epochs = later_epochs
         self.cache, self.views, self.spill_dir, self.channels_last = cache, views, spill_dir, channels_last
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
         self.cache_at, self.stream = cache_at, stream
@@ -104,11 +114,12 @@ class FeaturePath:
         """Whether the prefix features are computed batch by batch (the cache off, the model split)."""
         return self.split is not None and self.train_store is None
 
-    def build(self) -> None:
-        """Decide the path for the model's current trainable set: (re)build the cache, or read images."""
+    def build(self, epochs_left: int | None = None) -> None:
+        """Decide the path for the model's current trainable set: (re)build the cache, or read images.
+        ``epochs_left``: the epochs the run still trains on it (None: unknown; a training store is then built)."""
         self.split, self.train_store, self.val_store = None, None, None  # an old cache is stale: free it first
         if self.cache != "off":
-            self._build_cache()
+            self._build_cache(epochs_left)
             # a disk store's file is unlinked once mapped; its folders stayed. This rank's alone: under torchrun the
             # other's, empty for a moment, vanished as it was about to write there ("No such file or directory")
             _remove_empty_dirs(self._own_spill())
@@ -200,7 +211,7 @@ class FeaturePath:
             self.echo(f"feature cache: a stage before {self.cache_at!r} trains now; cut at the first trainable stage")
         return None
 
-    def _build_cache(self) -> None:
+    def _build_cache(self, epochs_left: int | None) -> None:
         if self.loaders.preprocess.is_text:
             self.echo("feature cache off: text batches are tokenized and padded per batch, not cached")
             return
@@ -212,20 +223,27 @@ class FeaturePath:
         # 3.4 points worse than the plain image (Fashion-MNIST, 100/class, 64 px, 2026-11-30). Augmented views are
         # cached only when there are several to sample from.
         augment = self.loaders.aug != "none" and self.views > 1
+        views = self.views if augment else 1
         start, hows = time.perf_counter(), []
-        self.train_store, info = self._store(split, self.data.train, views=self.views if augment else 1,
-                                             augment=augment, hows=hows)  # fmt: skip
+        # (a split by the head's hook is checked on a batch by a build before it is trusted: never streamed)
+        draws = self._draws(epochs_left) if self.cache == "auto" and self.stream and split.how != "head-hook" else None
+        build = draws is None or draws > len(self.data.train) * views
+        self.train_store, info = self._store(split, self.data.train, views=views, augment=augment, hows=hows,
+                                             build=build)  # fmt: skip
         val = ""
         if self.data.val is not None:
             self.val_store, val_info = self._store(split, self.data.val, views=1, augment=False, train=False,
                                                    hows=hows)  # fmt: skip
-            val = f"; validation {val_info.bytes / 2**20:,.0f} MiB on {val_info.place}"
+            val = f"validation {val_info.bytes / 2**20:,.0f} MiB on {val_info.place}"
         self.split = split
         seconds = time.perf_counter() - start
         self.build_seconds += seconds
+        if info is None:
+            self._say_streamed(split, draws, epochs_left, val, hows, seconds)
+            return
         # each store by what happened to it: "read from DIR" when one of two was read said the other was too
         how = hows[0] if len(set(hows)) == 1 else f"training store {hows[0]}, validation store {hows[1]}"
-        self.echo(f"feature cache: {why}; {info.describe()}{val}; {how} in {seconds:.1f}s")
+        self.echo(f"feature cache: {why}; {info.describe()}{f'; {val}' if val else ''}; {how} in {seconds:.1f}s")
         if not augment and self.loaders.aug != "none" and not self._told_unaugmented:
             self._told_unaugmented = True  # once a run: each rebuild at an unfreeze said it again
             self.echo(
@@ -236,6 +254,23 @@ class FeaturePath:
         if self.cache_dir is None and not self.loaders.dist.enabled and seconds >= SLOW_BUILD_S:
             self.echo(f"note: the cache took {seconds:.0f}s to build; --cache-dir DIR keeps it for a resume or a later "
                       "run on the same data (the auto recipe keeps its own in the run dir's features/)")  # fmt: skip
+
+    def _draws(self, epochs_left: int | None) -> int | None:
+        """The training images a store built now would serve: the epochs left and a later run's (None: unknown)."""
+        if epochs_left is None or self.later_epochs is None:
+            return None
+        return round((epochs_left + self.later_epochs) * self.loaders.epoch_items(len(self.data.train)))
+
+    def _say_streamed(self, split: Split, draws: int, epochs_left: int, val: str, hows: list[str],
+                      seconds: float) -> None:  # fmt: skip
+        things, held = noun(self.data.train), len(self.data.train) * (self.views if self.loaders.aug != "none" else 1)
+        later = " (and the run that reads this one's cache)" if self.later_epochs else ""
+        built = f"; the {val}, {hows[0]} in {seconds:.1f}s" if val else ""
+        fresh = " (augmented afresh)" if self.loaders.aug != "none" else ""
+        self.echo(f"feature cache: no training store: the {epochs_left} epoch(s) left{later} draw {draws} training "
+                  f"{things}, no more than the {held} a store would hold; each batch runs the frozen layers before "
+                  f"{split.boundary} forward only{fresh}, and the rest trains on their output (--cache memory builds "
+                  f"the store all the same){built}")  # fmt: skip
 
     def remove_empty_spill(self) -> None:
         """Remove the run's ``cache/`` folder when nothing is left in it: under torchrun each rank removes only its
@@ -248,10 +283,10 @@ class FeaturePath:
         dist = self.loaders.dist
         return self.spill_dir / f"rank{dist.rank}" if dist.enabled else self.spill_dir
 
-    def _store(
-        self, split: Split, dataset, *, views: int, augment: bool, hows: list[str], train: bool = True
-    ) -> tuple[FeatureStore, CacheInfo]:
-        """The store of ``dataset``'s prefix features, read from ``cache_dir`` or built; ``hows`` gets which."""
+    def _store(self, split: Split, dataset, *, views: int, augment: bool, hows: list[str], train: bool = True,
+               build: bool = True) -> tuple[FeatureStore | None, CacheInfo | None]:  # fmt: skip
+        """The store of ``dataset``'s prefix features, read from ``cache_dir`` or built (unless not ``build``: then
+        ``(None, None)``); ``hows`` gets which."""
         dist, loaders = self.loaders.dist, self.loaders
         spill = self._own_spill() / ("train" if train else "val")
         parts = getattr(dataset, "parts", None) if not augment else None  # a join of datasets cached one by one
@@ -273,6 +308,8 @@ class FeaturePath:
             if found is not None:
                 hows.append(f"read from {self.cache_dir}")
                 return placed_store(*found, self.precision, seed=loaders.seed, spill_dir=spill, place=place)
+        if not build:
+            return None, None
         # under DDP the ranks build their blocks together: a cache dir (given, or the auto recipe's features/) is not
         # read nor written, said where the log says how the store came to be (config.yaml still records it)
         unkept = f" (not read from nor kept in {self.cache_dir}: under torchrun each run builds its own)"
