@@ -34,6 +34,7 @@ from freezetune.data.text import (
     text_preprocess,
     truncation_note,
 )
+from freezetune.data.upscale import upscale_note
 from freezetune.depthwise import use_fast_depthwise
 from freezetune.distributed import (
     broadcast,
@@ -171,6 +172,10 @@ class RunSetup:
             raise DataError(f"{' and '.join(users)} need{'s' if len(users) == 1 else ''} validation data, and this "
                             f"run has {self.data.val_source}: give --val-data (or more {noun(self.data.train)} a "
                             f"class){without}")  # fmt: skip
+        # before any cache build or trial: the model's input size, not the images', is what a step costs
+        note = upscale_note(self.data.train, self.preprocess.input_size, self.device) if cfg.img_size is None else None
+        if note and not self.brief:
+            self.echo(note)
         # what last.pt keeps of the data (sizes, digests), for a resume to refuse other data
         self.data_print = data_record(self.data.train, self.data.val, cfg.per_class) if self.resumable else None
 
