@@ -174,11 +174,14 @@ class FeaturePath:
                         dist=dist, bar=bar)  # fmt: skip
 
     def close(self) -> None:
-        """Stop the image loaders' worker processes (the validation loader keeps its own between epochs); a later
-        epoch or validation builds the loaders again."""
+        """After the epochs: stop the image loaders' worker processes (the validation loader keeps its own between
+        epochs) and drop the stores, freed now (the run object sits in reference cycles torch.fx's tracer left around
+        the model: a collector's full pass, perhaps runs later, would free what it holds; an auto recipe's trials'
+        stores were all held through its run)."""
         for batches in (self._images, self._val_images):
             close_loader(batches)
         self._images = self._val_images = None
+        self.train_store = self.val_store = None
 
     @property
     def _pin(self) -> bool:
