@@ -70,9 +70,10 @@ class PeakMemory:
     transient peak of the imports does not hide the growth. Where that is refused the fallback is the growth of
     ``ru_maxrss``, honest only in a fresh process; the transfer benchmark gives each contender one anyway.
 
-    freezetune's trainer resets the same marks at every epoch (``hardware.reset_peak_memory``, for its per-epoch
-    row), which would leave only the last epoch's peak: ``start()`` wraps that function so each reading is kept
-    before the reset. The library itself is unchanged; only this process's reference to the function is.
+    freezetune's trainer resets CUDA's counter at every epoch (``hardware.reset_peak_memory``, for its per-epoch
+    row; a CPU's mark it leaves alone), which would leave only the last epoch's peak: ``start()`` wraps that function
+    so each reading is kept before the reset. The library itself is unchanged; only this process's reference to the
+    function is.
     """
 
     def __init__(self, device: torch.device) -> None:
