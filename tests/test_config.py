@@ -481,3 +481,14 @@ def test_a_cut_beside_cache_off_in_a_users_own_config_file_is_refused(tmp_path):
         load_config(tmp_path / "my.yaml")
     (tmp_path / "classes.json").write_text('["a", "b"]')  # a run's folder: its recorded cut is no setting
     assert load_config(tmp_path / "my.yaml").cache_at is None
+
+
+@pytest.mark.parametrize("given", [{"data": "imgs"}, None, "config.yaml"])
+def test_a_run_given_other_than_a_train_config_names_what_it_takes(given):
+    # ft.train({"data": ...}) ended in "AttributeError: 'dict' object has no attribute ..."
+    import freezetune as ft
+    from freezetune.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=rf"^a run takes a freezetune.TrainConfig, not {type(given).__name__}: "
+                       r"TrainConfig\(\*\*settings\), or freezetune.config_file.load_config\(PATH\)"):  # fmt: skip
+        ft.train(given)

@@ -41,6 +41,9 @@ def validate(cfg: TrainConfig, *, need_data: bool = True, typed: Collection[str]
     Traceback (most recent call last):
     freezetune.errors.ConfigError: invalid config: unknown bn 'melt'; choose one of: 'frozen', 'affine', ...
     """
+    if not isinstance(cfg, TrainConfig):  # ft.train({"data": ...}) ended in an AttributeError of dict
+        raise ConfigError(f"a run takes a freezetune.TrainConfig, not {type(cfg).__name__}: TrainConfig(**settings), "
+                          "or freezetune.config_file.load_config(PATH) for a YAML file")  # fmt: skip
     mistyped = _type_problems(cfg)
     if mistyped:  # the checks below compare numbers: a "3" where 3 belongs is reported alone, not as a TypeError
         raise ConfigError(INVALID + "; ".join(mistyped))
