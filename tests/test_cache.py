@@ -87,12 +87,15 @@ def test_a_run_that_draws_fewer_images_than_a_store_holds_streams_them_and_build
     (said,) = [line for line in lines if line.startswith("feature cache: no training store")]
     assert said.startswith("feature cache: no training store: the 2 epoch(s) left draw 24 training images, no more "
                            "than the 30 a store would hold; each batch runs the frozen layers before classifier "
-                           "forward only (augmented afresh), and the rest trains on their output (--cache memory "
-                           "builds the store all the same); the validation 0 MiB on cpu, built in ")  # fmt: skip
-    # it trains what the cache off trains (the same batches, augmented alike), its validation read from the store
-    off = Trainer(_config(image_folder, tmp_path, "off", epochs=2, epoch_images=12, aug="light", cache="off"),
-                  echo=lambda *_: None)  # fmt: skip
-    np.testing.assert_allclose(_losses(few), _losses(off), rtol=1e-4, atol=1e-5)
+                           "forward only on the plain images a store holds, and the rest trains on their output "
+                           "(--cache memory builds the store all the same); the validation 0 MiB on cpu, built "
+                           "in ")  # fmt: skip
+    # it trains what the store would have (the plain images, not augmented afresh: one epoch of 1 000 Fashion-MNIST
+    # images scored 1.5-2.4 points lower so), in the same order
+    stored = Trainer(_config(image_folder, tmp_path, "stored", epochs=2, epoch_images=12, aug="light",
+                             cache="memory"), echo=lambda *_: None)  # fmt: skip
+    assert stored.features.train_store is not None
+    np.testing.assert_allclose(_losses(few), _losses(stored), rtol=1e-4, atol=1e-5)
     # a store that serves more draws than it holds is built: more epochs, a later run's (the auto recipe's trials),
     # one of unknown length (a budget's), or one asked for
     for kw, later in ((dict(epochs=3), 0.0), ({}, 1.0), ({}, None), (dict(cache="memory"), 0.0)):

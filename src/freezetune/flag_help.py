@@ -103,7 +103,7 @@ FIELD_HELP = {
     "cuda_graph": "on a CUDA device, replay the cached training step as a CUDA graph: a head-only step is launch-bound "
     "without (bf16/fp32; not with --grad-clip, --skip-nonfinite, torchrun or --compile)",
     "cache": "frozen-prefix feature cache (off: each batch runs the frozen prefix forward only, augmented afresh; "
-    "auto: so too for a run that draws fewer training images than a store holds)",
+    "auto: a run that draws fewer training images than a store holds streams the plain images it would hold)",
     "cache_views": "augmented views of each training image the feature cache holds (1: the image unaugmented)",
     "cache_dir": "keep feature caches here and reuse them across runs (the auto recipe: OUT/features); a read-only one is only read",
     "cache_at": "cut the feature cache at this frozen stage (default: the first stage that trains)",
