@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from _engine_fixtures import make_image_folder, recipe_cfg, run_cli, train_argv
-from freezetune import auto, auto_plan, auto_rule, checkpoint, recipes
+from freezetune import auto, auto_plan, auto_resume, auto_rule, checkpoint, recipes
 from freezetune.config import TrainConfig
 from freezetune.config_file import load_config
 from freezetune.errors import ConfigError, FreezetuneError
@@ -74,7 +74,9 @@ def test_a_few_shot_auto_run_fits_the_head_first_and_holds_batchnorm_statistics(
     assert any("trainable, eval stats" in line for line in lines)  # the run's stage table says so
     # the probe is part of the cost, and a resume trains what was decided: from the probe, statistics held
     assert result.seconds["epochs"] >= probe["seconds"]["epochs"] + trial["seconds"]["epochs"]
-    resumed, measured = auto._resumed(recipe_cfg(data, tmp_path / "run", lr=2e-3, resume=True), tmp_path / "run", print)
+    resumed, measured = auto_resume.resumed(
+        recipe_cfg(data, tmp_path / "run", lr=2e-3, resume=True), tmp_path / "run", print
+    )
     assert resumed.bn_stats == "frozen" and resumed.init == str(weights) and measured == [trial, probe]
 
 

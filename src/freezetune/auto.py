@@ -4,7 +4,7 @@ Which block should train depends on the data (surgical fine-tuning, Lee et al. 2
 by tuning the last stages over frozen features, a larger one by tuning deeper. The frozen-prefix cache makes it
 cheap to ask the data. The procedure, every step printed and written to ``recipe.json`` in the run directory (the
 numbers of steps 1 to 3, and the measurements behind them, are in ``auto_rule.py``; the plan of the run, steps 4 and
-5, in ``auto_plan.py``):
+5, in ``auto_plan.py``; a resume, which trains the decision kept, in ``auto_resume.py``):
 
 1. Candidates: the last ``k`` stages and the head train, for ``k = MIN_TRAINED_STAGES .. MAX_TRAINED_STAGES`` (2, 3
    and 4; fewer on a model with fewer stages); everything before is frozen (BatchNorm frozen). All candidates share
@@ -63,16 +63,19 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from freezetune import auto_plan, checkpoint, run_log
+from freezetune import auto_plan, auto_resume, checkpoint, run_log
 from freezetune._io import atomic_write_text
 from freezetune.auto_plan import (
     HELD_STATS,
+    at_lr,
     few_shot,
+    measured_trials,
     refits,
     run_bn_stats,
     run_epochs,
     run_refits,
     run_warmup,
+    shared_config,
     steps_text,
 )
 from freezetune.auto_rule import (
@@ -86,8 +89,7 @@ from freezetune.auto_rule import (
     default_stages,
     difference_noise,
 )
-from freezetune.config import DATA_PATHS, RESUME_MAY_CHANGE, RESUME_MAY_CHANGE_UNSCHEDULED, TrainConfig
-from freezetune.errors import ConfigError, setting
+from freezetune.config import TrainConfig
 from freezetune.interrupt import RunInterrupted
 from freezetune.options import METRIC_NAMES, compared_by, parse_duration
 from freezetune.runtime import RECIPE_FILE, TRIALS_DIR
@@ -123,7 +125,7 @@ def run(cfg: TrainConfig, *, echo: Callable[[str], None] = print, train: Callabl
     saved = out / RECIPE_FILE
     if cfg.resume and saved.is_file():  # the decision was made before the interruption: keep it
         # the trials' seconds count after a resume too (a sweep's row)
-        resumed, trials = _resumed(cfg, out, echo, write=info.is_main)
+        resumed, trials = auto_resume.resumed(cfg, out, echo, write=info.is_main)
         return _with_trial_seconds(train(resumed, echo=echo, recipe_run=True), trials)
     _check_plan(cfg)
     # a run dir in use is refused (or, resuming, one no run was started in) before any trial writes below it; the
@@ -136,7 +138,7 @@ def run(cfg: TrainConfig, *, echo: Callable[[str], None] = print, train: Callabl
 
         check_test_data(cfg)
     ks, cut, text = candidates(cfg)
-    base, boost = _base(cfg, out, cut), TEXT_LR_BOOST if text else LR_BOOST
+    base, boost = shared_config(cfg, out, cut), TEXT_LR_BOOST if text else LR_BOOST
 
     def shared(trial_cfg: TrainConfig, **kwargs):  # rank 0 alone logs metrics rows: every rank takes its result
         if info.is_main:  # a trial of an interrupted earlier attempt starts afresh (rank 0 alone clears)
@@ -182,9 +184,9 @@ def run(cfg: TrainConfig, *, echo: Callable[[str], None] = print, train: Callabl
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(saved, json.dumps(decision, indent=1))
-    final = dataclasses.replace(_at_lr(base, run_lr), freeze=choice["freeze"], epochs=epochs, refit=refit, init=init,
+    final = dataclasses.replace(at_lr(base, run_lr), freeze=choice["freeze"], epochs=epochs, refit=refit, init=init,
                                 bn_stats=bn_stats, warmup_epochs=warmup, resume=False)  # fmt: skip
-    return _with_trial_seconds(train(final, echo=echo, recipe_run=True), _measured(trials, probe))
+    return _with_trial_seconds(train(final, echo=echo, recipe_run=True), measured_trials(trials, probe))
 
 
 def _intro(ks: list[int], cut: str, text: bool, budget: str | None = None) -> str:
@@ -219,72 +221,12 @@ def _probe(base: TrainConfig, epochs: int, refit: bool, out: Path, train: Callab
             "weights": str(result.run_dir / checkpoint.BEST)}  # fmt: skip
 
 
-def _measured(trials: list[dict], probe: dict | None) -> list[dict]:
-    """Every measurement whose seconds the run's cost includes: the trials and the probe."""
-    return [*trials, probe] if probe else trials
-
-
 def _with_trial_seconds(result, trials: list[dict]):
     """The final run's result with every trial's seconds added: the measurement is part of the training cost."""
     seconds = dict(result.seconds)
     for key in ("cache", "epochs"):
         seconds[key] = seconds.get(key, 0.0) + sum(t.get("seconds", {}).get(key, 0.0) for t in trials)
     return dataclasses.replace(result, seconds=seconds)
-
-
-def _resumed(cfg: TrainConfig, out: Path, echo: Callable[[str], None], *,
-             write: bool = True) -> tuple[TrainConfig, list[dict]]:  # fmt: skip
-    """The final run's config from the decision ``recipe.json`` kept (a resume trains what was chosen, untried), and
-    the trials it records."""
-    decision = json.loads((out / RECIPE_FILE).read_text())
-    if "choice" not in decision:  # a named recipe's request (recipes.asked_config)
-        raise ConfigError(f"cannot resume {out} with freeze auto: it holds a run of recipe "
-                          f"{decision.get('recipe')!r}; resume it with its own command")  # fmt: skip
-    run_log.log_to(out)  # (written once the final run's resume is accepted)
-    choice = decision["choice"]
-    run_lr = choice.get("run_lr", choice["lr"])
-    # compared as recipe.json holds them: JSON made tuples lists and a plan's epoch keys strings
-    asked, now = decision.get("asked") or {}, json.loads(json.dumps(cfg.recorded()))
-    # moved data is checked by the final run's last.pt, as any run's is; before it has one, the paths stay the asked
-    moved = DATA_PATHS if (out / checkpoint.LAST).is_file() else ()
-    # without an LR schedule a run trains on for more epochs, as a plain run's resume may (checkpoint.check_settings)
-    longer = RESUME_MAY_CHANGE_UNSCHEDULED if asked.get("scheduler") == now.get("scheduler") == "none" else ()
-    changed = [k for k in asked if k not in (*RESUME_MAY_CHANGE, *moved, *longer) and asked[k] != now.get(k)]
-    if changed:  # the final run's settings derive from the request: an --lr changed now would not show in them
-        diff = ", ".join(f"{k} {asked[k]!r} -> {now.get(k)!r}" for k in changed)
-        raise ConfigError(f"cannot resume {out} with {diff}: an auto run continues as it was asked; resume with the "
-                          f"run's values, or start a new run with another {setting('out')}")  # fmt: skip
-    init = choice.get("init", cfg.init)
-    if init and init != cfg.init and not (out / checkpoint.LAST).is_file() and not Path(init).is_file():
-        # the run had saved nothing yet, and the trial (or probe) weights it starts from are gone
-        raise ConfigError(f"cannot resume {out}: the weights its run starts from, {init}, are gone and the run saved "
-                          "no last.pt yet; run the command without --resume to redo the trials")  # fmt: skip
-    echo(f"auto: resuming with the earlier decision: freeze {choice['freeze']!r}, lr {run_lr:.1e}")
-    choice = _longer(decision, now, longer, out, echo, write=write)
-    resumed = dataclasses.replace(_at_lr(_base(cfg, out, decision["cut"]), run_lr), freeze=choice["freeze"],
-                                  epochs=choice["epochs"], refit=choice.get("refit", False),
-                                  init=init, bn_stats=choice.get("bn_stats", cfg.bn_stats),
-                                  warmup_epochs=choice.get("warmup_epochs", cfg.warmup_epochs),
-                                  resume=True)  # fmt: skip
-    return resumed, _measured(decision.get("trials", []), decision.get("probe"))
-
-
-def _longer(decision: dict, now: dict, longer: tuple[str, ...], out: Path, echo: Callable[[str], None], *,
-            write: bool) -> dict:  # fmt: skip
-    """The choice a resume trains: the decision's, with the epochs (and warm-up) asked now where the run has no LR
-    schedule (``longer``) and they changed, said and recorded in ``recipe.json`` (``write``: rank 0): the next plain
-    ``--resume`` reads the request there, and its old epochs were refused below the epochs trained."""
-    asked, choice = decision.get("asked") or {}, decision["choice"]
-    new = {k: now[k] for k in longer if k in now and asked.get(k) != now[k]}
-    if not new:
-        return choice
-    if "epochs" in new:  # the epochs the trials' decision (or a budget) planned, replaced
-        echo(f"auto: the run trains {new['epochs']} epoch(s), as --epochs asks now (it planned {choice['epochs']})")
-    choice = {**choice, **new}
-    if write:
-        atomic_write_text(out / RECIPE_FILE, json.dumps({**decision, "asked": {**asked, **new}, "choice": choice},
-                                                        indent=1))  # fmt: skip
-    return choice
 
 
 def _measure(base: TrainConfig, ks: list[int], boost: float, out: Path, train: Callable,
@@ -320,22 +262,13 @@ def _measure(base: TrainConfig, ks: list[int], boost: float, out: Path, train: C
                             f"{n_val} validation {kind}{trained}")  # fmt: skip
 
 
-def _base(cfg: TrainConfig, out: Path, cut: str) -> TrainConfig:
-    # absolute: the run's config.yaml names this cache (and its start weights), and a --resume or a train --config
-    # of it may run from another directory
-    # without the cache there is no cut to make (a cut beside cache off is refused as doing nothing)
-    cut = None if cfg.cache == "off" else cut
-    return dataclasses.replace(cfg, recipe=None, freeze="auto", budget=None, out=str(out), cache_at=cut,
-                               cache_dir=cfg.cache_dir or os.path.abspath(out / "features"))  # fmt: skip
-
-
 def _trial(base: TrainConfig, k: int, boost: float, out: Path, train: Callable, echo: Callable[[str], None], *,
            brief: bool) -> dict:  # fmt: skip
     """Train candidate ``k`` for one short epoch and score it on the validation split."""
     # half of one of the run's epochs: of the training set, or of what --epoch-fraction or --epoch-images leave of it
     images = None if base.epoch_images is None else max(1, round(base.epoch_images * TRIAL_FRACTION))
     trial_cfg = dataclasses.replace(
-        _at_lr(base, candidate_lr(base.lr, k, boost)), freeze=-(k + 1), epochs=1,
+        at_lr(base, candidate_lr(base.lr, k, boost)), freeze=-(k + 1), epochs=1,
         epoch_fraction=base.epoch_fraction * TRIAL_FRACTION, epoch_images=images, warmup_epochs=0.0, early_stop=None,
         unfreeze=None, final_test=False, tensorboard=False, resume=False, refit=False, out=str(_trial_dir(out, k)),
     )  # fmt: skip
@@ -384,18 +317,6 @@ def _trained(trials: list[dict]) -> str:
         return f" (each trial: {steps_text(trials[0]['steps'])})"
     each = [f"{steps_text(t['steps'])} (last {t['trained_stages']})" for t in trials]
     return f" (trials of {', '.join(each)})"
-
-
-def _at_lr(cfg: TrainConfig, lr: float) -> TrainConfig:
-    """``cfg`` at learning rate ``lr``, its explicit ``stage_lrs`` scaled by the same factor: the ratios the user set
-    between the head and those stages hold in the trials and the run, as the ``decay`` rule's do (the boost moved
-    the head alone: ``layer4=1e-3`` beside ``--lr 1e-3`` trained 6.7 times slower than the head).
-
-    >>> _at_lr(TrainConfig(lr=1e-3, stage_lrs={"layer4": 1e-4}), 1e-2).stage_lrs
-    {'layer4': 0.001}
-    """
-    factor = lr / cfg.lr
-    return dataclasses.replace(cfg, lr=lr, stage_lrs={name: v * factor for name, v in cfg.stage_lrs.items()})
 
 
 def _start_from(out: Path, trials: list[dict], choice: dict, init: str | None, *, delete: bool = True,

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 from freezetune.auto_rule import TRIAL_FRACTION
 from freezetune.config import TrainConfig
@@ -206,3 +208,31 @@ def duration_text(seconds: float) -> str:
         return f"{seconds / 60:.0f}m"
     hours, minutes = divmod(round(seconds / 60), 60)
     return f"{hours}h{minutes:02d}m"
+
+
+def shared_config(cfg: TrainConfig, out: Path, cut: str) -> TrainConfig:
+    """What every run of the recipe shares (its trials, probe and run): ``cfg`` as a plain ``freeze: auto`` run in
+    ``out``, the feature cache cut at ``cut`` and kept in ``out/features`` unless ``cache_dir`` names another."""
+    # absolute: the run's config.yaml names this cache (and its start weights), and a --resume or a train --config
+    # of it may run from another directory
+    # without the cache there is no cut to make (a cut beside cache off is refused as doing nothing)
+    cut = None if cfg.cache == "off" else cut
+    return dataclasses.replace(cfg, recipe=None, freeze="auto", budget=None, out=str(out), cache_at=cut,
+                               cache_dir=cfg.cache_dir or os.path.abspath(out / "features"))  # fmt: skip
+
+
+def at_lr(cfg: TrainConfig, lr: float) -> TrainConfig:
+    """``cfg`` at learning rate ``lr``, its explicit ``stage_lrs`` scaled by the same factor: the ratios the user set
+    between the head and those stages hold in the trials and the run, as the ``decay`` rule's do (the boost moved
+    the head alone: ``layer4=1e-3`` beside ``--lr 1e-3`` trained 6.7 times slower than the head).
+
+    >>> at_lr(TrainConfig(lr=1e-3, stage_lrs={"layer4": 1e-4}), 1e-2).stage_lrs
+    {'layer4': 0.001}
+    """
+    factor = lr / cfg.lr
+    return dataclasses.replace(cfg, lr=lr, stage_lrs={name: v * factor for name, v in cfg.stage_lrs.items()})
+
+
+def measured_trials(trials: list[dict], probe: dict | None) -> list[dict]:
+    """Every measurement whose seconds the run's cost includes: the trials and the probe."""
+    return [*trials, probe] if probe else trials

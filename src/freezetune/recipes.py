@@ -32,8 +32,8 @@ _SINGLE = {  # recipe -> the settings of its one phase
     "plateau": {"freeze": "backbone", "unfreeze": "plateau:patience=1"},
     "bitfit": {"freeze": "bitfit", "unfreeze": None},
 }
-# the fields each recipe sets itself besides its freeze (``_SINGLE``'s, ``phases``', ``auto._base``): a value the
-# user gives for one of them would be replaced silently
+# the fields each recipe sets itself besides its freeze (``_SINGLE``'s, ``phases``', ``auto_plan.shared_config``): a
+# value the user gives for one of them would be replaced silently
 _SETS = {**{name: tuple(settings) for name, settings in _SINGLE.items()}, LAST_K: ("freeze", "unfreeze"),
          "lp-ft": ("freeze", "unfreeze", "bn", "bn_stats"), "auto": ("freeze", "cache_at")}  # fmt: skip
 PROBE_LR_FACTOR = 10  # a head alone on frozen features takes a larger step than a whole network
@@ -330,7 +330,7 @@ def _run_phases(cfg: TrainConfig, recipe: str, train: Callable, echo: Callable[[
     result, steps, spent = None, phases(cfg, recipe), Counter()
     for i, phase in enumerate(steps):
         phase_cfg = phase.cfg
-        if result is not None:  # start from the previous phase's best weights, head included (as auto._base)
+        if result is not None:  # start from the previous phase's best weights, head included (as shared_config)
             phase_cfg = dataclasses.replace(phase_cfg, init=os.path.abspath(result.run_dir / checkpoint.BEST))
         line = f"recipe {recipe}: phase {i + 1}/{len(steps)} ({phase.name}): freeze {phase_cfg.freeze!r}"
         # announced at its first line, once set up: a user error found in its set-up is the one line printed

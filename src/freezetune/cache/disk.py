@@ -11,6 +11,7 @@ damaged on disk, cut short or not, is a miss too. Nothing stale is ever read.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -156,3 +157,30 @@ def save(cache_dir: Path, key: str, features: torch.Tensor, targets: torch.Tenso
         log.warning("feature cache not kept for later runs: %s (%s); choose another --cache-dir", exc.strerror or exc,
                     exc.filename)  # fmt: skip
         return None
+
+
+def fits(found: tuple[torch.Tensor, torch.Tensor], dataset, views: int, cache_dir: Path) -> bool:
+    """Whether stored features are of ``dataset``: a view per ``views``, a row per item, its targets in its order.
+    A file renamed or copied by hand under another store's key read 500 rows for 300 images, and its run ended in the
+    LR scheduler's traceback; one of the right size would have trained on another dataset's features."""
+    features, targets = found
+    sized = features.shape[:2] == (views, len(dataset))
+    if sized and torch.equal(targets.long(), dataset.targets.long()):
+        return True
+    log.warning("ignoring a stored feature cache in %s: it holds %d view(s) of %d rows, this data %d of %d items%s (a "
+                "file renamed or copied there by hand?); it is built again", cache_dir, features.shape[0],
+                features.shape[1], views, len(dataset), ", with other labels" if sized else "")  # fmt: skip
+    return False
+
+
+def remove_empty_dirs(root: Path) -> None:
+    """``root`` and the folders below it that are empty, deepest first (a folder in use stays)."""
+    try:
+        folders = [p for p in root.rglob("*") if p.is_dir()] if root.is_dir() else []
+    except OSError:  # a folder gone while it was walked
+        return
+    for folder in sorted(folders, key=lambda p: len(p.parts), reverse=True):
+        with contextlib.suppress(OSError):
+            folder.rmdir()
+    with contextlib.suppress(OSError):
+        root.rmdir()

@@ -127,7 +127,7 @@ class FeaturePath:
             self._read_plain(self._build_cache(epochs_left))
             # a disk store's file is unlinked once mapped; its folders stayed. This rank's alone: under torchrun the
             # other's, empty for a moment, vanished as it was about to write there ("No such file or directory")
-            _remove_empty_dirs(self._own_spill())
+            disk.remove_empty_dirs(self._own_spill())
         else:
             self._read_plain(False)
             self._stream()
@@ -302,7 +302,7 @@ class FeaturePath:
         """Remove the run's ``cache/`` folder when nothing is left in it: under torchrun each rank removes only its
         own folder as it goes (another's, empty for a moment, vanished as that rank was about to write), so the
         first rank removes the shared one once every rank has finished (it stayed, empty, in the run dir)."""
-        _remove_empty_dirs(self.spill_dir)
+        disk.remove_empty_dirs(self.spill_dir)
 
     def _own_spill(self) -> Path:
         """Where this process spills its disk stores: the run's ``cache/``, under torchrun a folder a rank."""
@@ -329,7 +329,7 @@ class FeaturePath:
             key = disk.store_key(split, dataset, **how)
             found = disk.load(self.cache_dir, key) if key is not None else None
             found = found or (self._load_parts(split, parts, how) if parts else None)
-            if found is not None and not _fits(found, dataset, views, self.cache_dir):
+            if found is not None and not disk.fits(found, dataset, views, self.cache_dir):
                 found = None
             if found is not None:
                 hows.append(f"read from {self.cache_dir}")
@@ -377,33 +377,6 @@ def _said_stopped_while_building():
         if exc.where != where:
             raise
         raise RunInterrupted.by(exc.signum, f"{BUILDING} (the part built is not kept); {advice}") from None
-
-
-def _fits(found: tuple[torch.Tensor, torch.Tensor], dataset, views: int, cache_dir: Path) -> bool:
-    """Whether stored features are of ``dataset``: a view per ``views``, a row per item, its targets in its order.
-    A file renamed or copied by hand under another store's key read 500 rows for 300 images, and its run ended in the
-    LR scheduler's traceback; one of the right size would have trained on another dataset's features."""
-    features, targets = found
-    sized = features.shape[:2] == (views, len(dataset))
-    if sized and torch.equal(targets.long(), dataset.targets.long()):
-        return True
-    log.warning("ignoring a stored feature cache in %s: it holds %d view(s) of %d rows, this data %d of %d items%s (a "
-                "file renamed or copied there by hand?); it is built again", cache_dir, features.shape[0],
-                features.shape[1], views, len(dataset), ", with other labels" if sized else "")  # fmt: skip
-    return False
-
-
-def _remove_empty_dirs(root: Path) -> None:
-    """``root`` and the folders below it that are empty, deepest first (a folder in use stays)."""
-    try:
-        folders = [p for p in root.rglob("*") if p.is_dir()] if root.is_dir() else []
-    except OSError:  # a folder gone while it was walked
-        return
-    for folder in sorted(folders, key=lambda p: len(p.parts), reverse=True):
-        with contextlib.suppress(OSError):
-            folder.rmdir()
-    with contextlib.suppress(OSError):
-        root.rmdir()
 
 
 def _trains_before(model, stage: str) -> bool:
