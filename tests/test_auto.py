@@ -121,7 +121,7 @@ def test_an_auto_run_resumed_counts_its_trials_seconds_as_an_uninterrupted_one_d
     monkeypatch.setattr(auto_plan, "PROBE_BELOW_STEPS", 10)  # the trials take 3 steps: a probe too
     monkeypatch.setattr(auto_plan, "PROBE_MIN_RUN_STEPS", 0)  # however short the run
 
-    def timed(cfg, echo, recipe_run=False):
+    def timed(cfg, echo, recipe_run=False, **_):
         return RunResult(Path(cfg.out), 1, 0.5, seconds={"cache": 1.0, "epochs": 10.0, "val": 3.0})
 
     auto.run(recipe_cfg(data, tmp_path / "run", epochs=1), echo=lambda _: None)
@@ -568,6 +568,13 @@ def test_an_auto_run_that_unfreezes_below_its_cut_caches_at_the_new_boundary(dat
     assert "feature cache off" not in out
     assert "feature cache: a stage before 'blocks.1' trains now; cut at the first trainable stage\n" in out, out
     assert "unfroze blocks.0" in out and "cached at the input of blocks.0" in out.split("unfroze blocks.0")[1], out
+    # under auto the last epoch's draws do not pay for a store: the features at the new cut are computed per batch
+    argv = train_argv(data, tmp_path / "auto", "--epochs", "3", "--unfreeze", "epoch:1", "--cache", "auto")
+    code, out, err = run_cli(capsys, *argv)
+    assert code == 0, err
+    assert "feature cache off" not in out
+    after = out.split("unfroze blocks.0")[1]
+    assert "no training store: the 1 epoch(s) left draw" in after and "frozen layers before blocks.0" in after, out
 
 
 def test_the_choice_among_trials_that_beat_the_default_prefers_the_cheaper_on_a_tie_and_floors_the_noise():

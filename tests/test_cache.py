@@ -96,14 +96,19 @@ def test_a_run_that_draws_fewer_images_than_a_store_holds_streams_them_and_build
                              cache="memory"), echo=lambda *_: None)  # fmt: skip
     assert stored.features.train_store is not None
     np.testing.assert_allclose(_losses(few), _losses(stored), rtol=1e-4, atol=1e-5)
-    # a store that serves more draws than it holds is built: more epochs, a later run's (the auto recipe's trials),
-    # one of unknown length (a budget's), or one asked for
-    for kw, later in ((dict(epochs=3), 0.0), ({}, 1.0), ({}, None), (dict(cache="memory"), 0.0)):
-        cfg = _config(image_folder, tmp_path, f"built{len(lines)}", epoch_images=12, aug="light", **{"epochs": 2, **kw})
+    # a store that serves more draws than it holds is built: more epochs; later runs' (the auto recipe's run reads its
+    # trials' cache) or runs of unknown number (a sweep's recipes, a cache dir given) where it is kept; one asked for;
+    # augmented views (seeded: a resume, with fewer epochs left, must see the same ones)
+    kept = {"cache_dir": str(tmp_path / "fc")}
+    built = ((dict(epochs=3), 0.0), (kept, 1.0), (kept, None), (dict(cache="memory"), 0.0), (dict(cache_views=2), 0.0))
+    streamed = (({}, 1.0), ({}, None), (kept, 0.0))  # nothing kept, no later run can read it; or nothing reads it
+    for i, (kw, later) in enumerate((*built, *streamed)):
+        kw = {**kw, "cache_dir": f"{kw['cache_dir']}{i}"} if "cache_dir" in kw else kw  # (no store read from another)
+        cfg = _config(image_folder, tmp_path, f"run{i}", epoch_images=12, aug="light", **{"epochs": 2, **kw})
         lines.clear()
-        built = Trainer(cfg, echo=lines.append, later_epochs=later)
-        assert built.features.train_store is not None, (kw, later)
-        assert any("building the training store" in line for line in lines), (kw, later)
+        run = Trainer(cfg, echo=lines.append, later_epochs=later)
+        assert (run.features.train_store is not None) is (i < len(built)), (kw, later)
+        assert any("building the training store" in line for line in lines) is (i < len(built)), (kw, later)
 
 
 def test_unfreeze_rebuilds_cache_at_new_boundary_and_still_matches(image_folder, tmp_path, monkeypatch):

@@ -1070,9 +1070,9 @@ def test_what_a_run_built_is_freed_when_train_returns_not_when_the_collector_nex
     gc.disable()  # the collector runs when it likes: it must not be what frees them here
     try:
         ft.train(dataclasses.replace(cfg, out=str(tmp_path / "cpu")), echo=lambda line: None)
-        # a CPU's: the stores, the large part, at once; no full pass (0.3 s after a run), nothing on a device at stake
+        # a CPU's: the stores, the large part, at once (a full pass costs 0.3 s after a run: only where a device's
+        # memory is at stake)
         assert stores and [ref() for ref in stores] == [None] * len(stores)
-        assert any(ref() is not None for ref in models)
         models.clear()
         monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)  # a process that has used its GPU
         ft.train(dataclasses.replace(cfg, out=str(tmp_path / "gpu")), echo=lambda line: None)

@@ -52,3 +52,12 @@ def test_a_run_at_the_models_input_size_notes_the_upscale_before_it_builds_anyth
     lines.clear()
     Trainer(recipe_cfg(data, tmp_path / "asked", img_size=160, epochs=1, freeze="backbone"), echo=lines.append)
     assert not any(line.startswith("note: the training images") for line in lines)  # --img-size chosen: no note
+
+
+def test_an_auto_run_notes_the_upscale_once_not_in_its_trials_and_run_both(tmp_path):
+    import freezetune as ft
+
+    data = make_image_folder(tmp_path / "images", train=6, val=2, test=0, size=40)
+    lines = []
+    ft.train(recipe_cfg(data, tmp_path / "run", img_size=None, epochs=1), echo=lines.append)
+    assert sum("note: the training images are 40 px" in line for line in lines) == 1, lines

@@ -126,7 +126,7 @@ def run(cfg: TrainConfig, *, echo: Callable[[str], None] = print, train: Callabl
     if cfg.resume and saved.is_file():  # the decision was made before the interruption: keep it
         # the trials' seconds count after a resume too (a sweep's row)
         resumed, trials = auto_resume.resumed(cfg, out, echo, write=info.is_main)
-        return _with_trial_seconds(train(resumed, echo=echo, recipe_run=True), trials)
+        return _with_trial_seconds(train(resumed, echo=echo, recipe_run=True, later_epochs=0.0), trials)
     _check_plan(cfg)
     # a run dir in use is refused (or, resuming, one no run was started in) before any trial writes below it; the
     # trials and decision of an attempt stopped before its run finished an epoch are redone
@@ -158,7 +158,8 @@ def run(cfg: TrainConfig, *, echo: Callable[[str], None] = print, train: Callabl
     probe = None
     if few_shot(trials[0], text, planned, echo):  # too few steps to fit a random head at the boosted LR: probe it
         probe_base = dataclasses.replace(base, warmup_epochs=run_warmup(cfg, planned, lambda line: None))
-        probe = _probe(probe_base, planned, refit, out, shared, echo, steps=trials[0]["steps"])
+        alone = functools.partial(shared, later_epochs=0.0)  # no later run reads a probe's store (cut at the head)
+        probe = _probe(probe_base, planned, refit, out, alone, echo, steps=trials[0]["steps"])
     spent = budget.spent()
     epochs = run_epochs(cfg, trials, choice, spent, refit, echo, probed=probe is not None)
     warmup = run_warmup(cfg, epochs, echo)
@@ -186,7 +187,9 @@ def run(cfg: TrainConfig, *, echo: Callable[[str], None] = print, train: Callabl
         atomic_write_text(saved, json.dumps(decision, indent=1))
     final = dataclasses.replace(at_lr(base, run_lr), freeze=choice["freeze"], epochs=epochs, refit=refit, init=init,
                                 bn_stats=bn_stats, warmup_epochs=warmup, resume=False)  # fmt: skip
-    return _with_trial_seconds(train(final, echo=echo, recipe_run=True), measured_trials(trials, probe))
+    # the last reader of the trials' cache: nothing reads its stores after it
+    result = train(final, echo=echo, recipe_run=True, later_epochs=0.0)
+    return _with_trial_seconds(result, measured_trials(trials, probe))
 
 
 def _intro(ks: list[int], cut: str, text: bool, budget: str | None = None) -> str:

@@ -146,6 +146,22 @@ def indented(echo: Callable[[str], None]) -> Callable[[str], None]:
     return lambda line: echo("  " + line.replace("\n", "\n  "))
 
 
+def first_time(note: str) -> bool:
+    """Whether ``note`` is new to this run (then marked said): the auto recipe's trials and final run, and a sweep's
+    recipes, each set up again, and a note about the data came from each. Outside a run: always new.
+
+    >>> first_time("note: a doc's note")
+    True
+    """
+    levels = _levels.get()
+    if not levels:
+        return True
+    with _lock:
+        new = note not in levels[0].warned
+        levels[0].warned.add(note)
+    return new
+
+
 def warn_once(logger: logging.Logger, msg: str, *args: object) -> None:
     """``logger.warning(msg, *args)``, unless the same warning was said already in this run: the auto recipe's
     trials and final run, and a sweep's recipes, each read the data again, and its warnings came six times over. The

@@ -19,7 +19,7 @@ from freezetune._io import atomic_write_text
 from freezetune.bn_policy import hold_bn_statistics, idle_bn_policy
 from freezetune.cache import FeaturePath
 from freezetune.cache.model_split import check_cut, check_cut_at_start
-from freezetune.cache.path import idle_views_note
+from freezetune.cache.store import idle_views_note
 from freezetune.config import DATA_PATHS, TrainConfig, parse_freeze_spec
 from freezetune.config_check import validate, validation_users
 from freezetune.config_file import follow_moved_data
@@ -101,7 +101,7 @@ class RunSetup:
 
     def __init__(self, cfg: TrainConfig, *, echo=print, resumable: bool = True, brief: bool = False,
                  recipe_run: bool = False, validation_needed_by: tuple[str, ...] = (),
-                 refit_follows: bool = False, later_epochs: float | None = 0.0) -> None:  # fmt: skip
+                 refit_follows: bool = False, later_epochs: float | None = None) -> None:  # fmt: skip
         validate(cfg)
         self.cfg, self.resumable, self.brief, self.recipe_run = cfg, resumable, brief, recipe_run
         self.validation_needed_by, self.refit_follows = validation_needed_by, refit_follows  # (``trainer.train``'s)
@@ -172,10 +172,12 @@ class RunSetup:
             raise DataError(f"{' and '.join(users)} need{'s' if len(users) == 1 else ''} validation data, and this "
                             f"run has {self.data.val_source}: give --val-data (or more {noun(self.data.train)} a "
                             f"class){without}")  # fmt: skip
-        # before any cache build or trial: the model's input size, not the images', is what a step costs
-        note = upscale_note(self.data.train, self.preprocess.input_size, self.device) if cfg.img_size is None else None
-        if note and not self.brief:
-            self.echo(note)
+        # before any cache build or trial: the model's input size, not the images', is what a step costs (once a run:
+        # the auto recipe's first trial says it, not its final run; rank 0 alone reads the headers)
+        said = cfg.img_size is None and not self.brief and self.dist.is_main
+        if said and (note := upscale_note(self.data.train, self.preprocess.input_size, self.device)):
+            if run_log.first_time(note):
+                self.echo(note)
         # what last.pt keeps of the data (sizes, digests), for a resume to refuse other data
         self.data_print = data_record(self.data.train, self.data.val, cfg.per_class) if self.resumable else None
 

@@ -42,7 +42,7 @@ from freezetune.step import one_value_batch
 
 def train(cfg: TrainConfig, *, echo: Callable[[str], None] = print, resumable: bool = True, brief: bool = False,
           recipe_run: bool = False, validation_needed_by: tuple[str, ...] = (), refit_follows: bool = False,
-          later_epochs: float | None = 0.0) -> RunResult:  # fmt: skip
+          later_epochs: float | None = None) -> RunResult:  # fmt: skip
     """Run a whole fine-tuning job as configured; ``echo`` receives the human-readable log lines.
 
     A recipe (``recipe``, or ``freeze: auto``, the default) runs through ``freezetune.recipes``. ``resumable=False``
@@ -58,9 +58,10 @@ def train(cfg: TrainConfig, *, echo: Callable[[str], None] = print, resumable: b
     recipes on it): data without any is refused at set-up, naming it, in every run a recipe starts too (a sweep
     found out only after its first recipe had trained). ``refit_follows``: a later run trains on the validation
     images this run holds out automatically (the auto recipe's trials): a class short of ``per_class`` by them alone
-    is noted, not warned of. ``later_epochs``: epochs of this run's length that a later run trains on the feature
-    stores this one builds (the auto recipe's run, on its trials' cache; None: unknown): a training store is built
-    only if the draws it serves outnumber its images (``FeaturePath``).
+    is noted, not warned of. ``later_epochs``: epochs of this run's length that later runs train on the feature
+    stores this one keeps in ``cache_dir`` (the auto recipe's run, on its trials' cache; 0: none; None: unknown, as a
+    sweep's other recipes): a training store is built only if the draws it serves outnumber its images
+    (``FeaturePath``).
 
     >>> from freezetune.config import TrainConfig
     >>> train(TrainConfig(data="DIR_OF_IMAGES", epochs=3))  # doctest: +SKIP
@@ -82,22 +83,25 @@ def train(cfg: TrainConfig, *, echo: Callable[[str], None] = print, resumable: b
                 recipes.refuse_a_plain_resume_of_a_recipe(cfg)
             if recipes.recipe_of(cfg) is not None:  # each run of the recipe needs what this one does
                 each = functools.partial(train, validation_needed_by=validation_needed_by)
-                result = recipes.run(cfg, echo=echo, train=each)
-            else:
-                result = Trainer(cfg, echo=echo, resumable=resumable, brief=brief, recipe_run=recipe_run,
-                                 validation_needed_by=validation_needed_by, refit_follows=refit_follows,
-                                 later_epochs=later_epochs).fit()  # fmt: skip
+                return recipes.run(cfg, echo=echo, train=each)
+            return Trainer(cfg, echo=echo, resumable=resumable, brief=brief, recipe_run=recipe_run,
+                           validation_needed_by=validation_needed_by, refit_follows=refit_follows,
+                           later_epochs=later_epochs).fit()  # fmt: skip
         finally:
             if owner:
                 leave_group()
-    # A run's model and optimizer state sit in reference cycles (torch.fx's tracer leaves some around the model):
-    # freed when the collector next runs a full pass, which may be many runs later. On a GPU that memory stayed held:
-    # the auto recipe's trials' through its run, a notebook's earlier runs' through its next. A full pass walks every
-    # object the imports made (0.3 s after a run on a CPU, where the feature stores, the large part, are dropped at
-    # the run's end: FeaturePath.close), so it is made where device memory is at stake.
+            _free_device_memory()
+
+
+def _free_device_memory() -> None:
+    """A run's model and optimizer state sit in reference cycles (torch.fx's tracer leaves some around the model):
+    freed when the collector next runs a full pass, which may be many runs later. On a GPU that memory stayed held:
+    the auto recipe's trials' through its run, a notebook's earlier runs' through its next. A full pass walks every
+    object the imports made (0.3 s after a run on a CPU, where the feature stores, the large part, are dropped at the
+    run's end: ``FeaturePath.close``), so it is made where device memory is at stake. (After a failure the traceback
+    keeps the run's frames, and so the run, alive.)"""
     if torch.cuda.is_initialized():
         gc.collect()
-    return result
 
 
 class Trainer(RunSetup):

@@ -159,17 +159,19 @@ def save(cache_dir: Path, key: str, features: torch.Tensor, targets: torch.Tenso
         return None
 
 
-def fits(found: tuple[torch.Tensor, torch.Tensor], dataset, views: int, cache_dir: Path) -> bool:
+def fits(found: tuple[torch.Tensor, torch.Tensor], dataset, views: int, cache_dir: Path, *,
+         again: str = "built again") -> bool:  # fmt: skip
     """Whether stored features are of ``dataset``: a view per ``views``, a row per item, its targets in its order.
     A file renamed or copied by hand under another store's key read 500 rows for 300 images, and its run ended in the
-    LR scheduler's traceback; one of the right size would have trained on another dataset's features."""
+    LR scheduler's traceback; one of the right size would have trained on another dataset's features. ``again``:
+    what the run does instead, as the warning says it."""
     features, targets = found
     sized = features.shape[:2] == (views, len(dataset))
     if sized and torch.equal(targets.long(), dataset.targets.long()):
         return True
     log.warning("ignoring a stored feature cache in %s: it holds %d view(s) of %d rows, this data %d of %d items%s (a "
-                "file renamed or copied there by hand?); it is built again", cache_dir, features.shape[0],
-                features.shape[1], views, len(dataset), ", with other labels" if sized else "")  # fmt: skip
+                "file renamed or copied there by hand?); it is %s", cache_dir, features.shape[0], features.shape[1],
+                views, len(dataset), ", with other labels" if sized else "", again)  # fmt: skip
     return False
 
 

@@ -13,6 +13,7 @@ module (DDP fixes its parameter set when it wraps, so the wrap follows every cha
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import logging
 import time
@@ -63,21 +64,25 @@ class FeaturePath:
         cache_dir: where stores are kept between runs and found again (``cache/disk.py``); None keeps none.
         cache_at: cut at this (frozen) stage rather than the first trainable one (``split_model``'s ``at``).
         channels_last: feed convolutions NHWC.
-        stream: with the cache off, run a model that splits as prefix (forward only) and suffix (``step_inputs``);
-            False: the whole model on images (``--compile`` compiles the whole model's step).
+        stream: where no training store is built (the cache off, or one that would not pay), run a model that splits
+            as prefix (forward only) and suffix (``step_inputs``); False: the whole model on images, or a store
+            (``--compile`` compiles the whole model's step).
         prepare: wraps the module a step runs (DDP, ``torch.compile``); called on every build.
         echo: receives the log lines (why a cache is or is not used, what it holds).
-        later_epochs: epochs of this run's length that a later run trains on the stores this one builds (the auto
-            recipe's run reads its trials' cache); None: unknown (a budget plans them).
+        later_epochs: epochs of this run's length that later runs train on the stores this one keeps in
+            ``cache_dir`` (the auto recipe's run on its trials'; 0: none); None: unknown (a sweep's other recipes, a
+            later ``train`` of the user's, a budget's plan). Without a ``cache_dir``, or under torchrun, where none is
+            kept, no later run reads them.
 
-    Under ``cache="auto"`` a training store is built only if it pays for itself: when the epochs left (and
-    ``later_epochs``) draw more training images than it would hold. A run that draws fewer (``--epoch-images`` far
-    below the set) streams them instead: each batch runs the frozen prefix forward only, on what the store would have
-    held (the plain image, unless ``views`` > 1), so it trains as the store would have (a 20 000-image store took
-    139 s on a CPU for a run that drew 5 000). Augmented afresh, one epoch of 1 000 Fashion-MNIST images scored 76.9 and
-    77.1 % where the store's plain images scored 79.3 and 78.6 % (64 px, seeds 0 and 1; streamed plain, the same). A
-    store already kept in ``cache_dir`` is read all the same, and the validation set is cached as before: every epoch
-    reads all of it.
+    Under ``cache="auto"`` a store of the plain training images is built only if it pays for itself: when the epochs
+    left (and ``later_epochs``) draw more training images than it holds. A run that draws fewer (``--epoch-images``
+    far below the set, a single epoch) streams them instead: each batch runs the frozen prefix forward only, on the
+    plain images the store would have held, so it trains as the store would have, the same numbers (a 20 000-image
+    store took 139 s on a CPU for a run that drew 5 000). Augmented afresh, one epoch of 1 000 Fashion-MNIST images
+    scored 76.9 and 77.1 % where the store's plain images scored 79.3 and 78.6 % (64 px, seeds 0 and 1). A store of
+    augmented views (``views`` > 1) is always built: its views are seeded, and a resume must see them again. A store
+    already kept in ``cache_dir`` is read all the same, and the validation set is cached as before: every epoch reads
+    all of it.
     """
 
     def __init__(self, model: nn.Module, data: DataBundle, loaders: Loaders, precision: Precision, *, cache: str,
@@ -85,7 +90,7 @@ class FeaturePath:
                  channels_last: bool = False, stream: bool = True,
                  prepare: Callable[[nn.Module], nn.Module] = lambda m: m,
                  echo: Callable[[str], None] = print, progress: bool = False,
-                 later_epochs: float | None = 0.0) -> None:  # fmt: skip
+                 later_epochs: float | None = None) -> None:  # fmt: skip
         self.model, self.data, self.loaders, self.precision = model, data, loaders, precision
         self.later_epochs = later_epochs
         self.cache, self.views, self.spill_dir, self.channels_last = cache, views, spill_dir, channels_last
@@ -116,7 +121,8 @@ class FeaturePath:
 
     @property
     def streamed(self) -> bool:
-        """Whether the prefix features are computed batch by batch (the cache off, the model split)."""
+        """Whether the prefix features are computed batch by batch (the model split, and no training store: the cache
+        off, or a store that would not pay)."""
         return self.split is not None and self.train_store is None
 
     def build(self, epochs_left: int | None = None) -> None:
@@ -184,7 +190,8 @@ class FeaturePath:
         images in the same order (as a store's build sees them)."""
         if not self._plain:
             return self.loaders.train(self.data.train)
-        plain = self.data.train.select(torch.arange(len(self.data.train)), eval_transform(self.loaders.preprocess))
+        plain = copy.copy(self.data.train)  # another transform, the same images: a select copied them for the run
+        plain.transform = eval_transform(self.loaders.preprocess)
         return dataclasses.replace(self.loaders, aug="none").train(plain)
 
     def close(self) -> None:
@@ -244,9 +251,11 @@ class FeaturePath:
         augment = self.loaders.aug != "none" and self.views > 1
         views = self.views if augment else 1
         start, hows = time.perf_counter(), []
-        # (a split by the head's hook is checked on a batch by a build before it is trusted: never streamed)
-        draws = self._draws(epochs_left) if self.cache == "auto" and self.stream and split.how != "head-hook" else None
-        build = draws is None or draws > len(self.data.train) * views
+        # never streamed: a split by the head's hook (a build checks it on a batch before it is trusted), augmented
+        # views (seeded: a resume, whose epochs left are fewer, must see the same ones)
+        streams = self.cache == "auto" and self.stream and split.how != "head-hook" and not augment
+        draws = self._draws(epochs_left) if streams else None
+        build = draws is None or draws > len(self.data.train)
         self.train_store, info = self._store(split, self.data.train, views=views, augment=augment, hows=hows,
                                              build=build)  # fmt: skip
         val = ""
@@ -259,7 +268,7 @@ class FeaturePath:
         self.build_seconds += seconds
         if info is None:
             self._say_streamed(split, draws, epochs_left, val, hows, seconds)
-            return not augment
+            return True
         # each store by what happened to it: "read from DIR" when one of two was read said the other was too
         how = hows[0] if len(set(hows)) == 1 else f"training store {hows[0]}, validation store {hows[1]}"
         self.echo(f"feature cache: {why}; {info.describe()}{f'; {val}' if val else ''}; {how} in {seconds:.1f}s")
@@ -282,21 +291,26 @@ class FeaturePath:
             self._images, self._plain = None, plain
 
     def _draws(self, epochs_left: int | None) -> int | None:
-        """The training images a store built now would serve: the epochs left and a later run's (None: unknown)."""
-        if epochs_left is None or self.later_epochs is None:
+        """The training images a store built now would serve: the epochs left and later runs' (None: unknown)."""
+        later = self.later_epochs if self._kept else 0.0
+        if epochs_left is None or later is None:
             return None
-        return round((epochs_left + self.later_epochs) * self.loaders.epoch_items(len(self.data.train)))
+        return round((epochs_left + later) * self.loaders.epoch_items(len(self.data.train)))
+
+    @property
+    def _kept(self) -> bool:
+        """Whether the stores built are kept for later runs (in ``cache_dir``; under torchrun none is)."""
+        return self.cache_dir is not None and not self.loaders.dist.enabled
 
     def _say_streamed(self, split: Split, draws: int, epochs_left: int, val: str, hows: list[str],
                       seconds: float) -> None:  # fmt: skip
-        things, held = noun(self.data.train), len(self.data.train) * (self.views if self.loaders.aug != "none" else 1)
-        later = " (and the run that reads this one's cache)" if self.later_epochs else ""
+        things = noun(self.data.train)
+        later = " (and the run that reads this one's cache)" if self._kept and self.later_epochs else ""
         built = f"; the {val}, {hows[0]} in {seconds:.1f}s" if val else ""
-        what = f"{held} augmented views" if self.views > 1 and self.loaders.aug != "none" else f"plain {things}"
         self.echo(f"feature cache: no training store: the {epochs_left} epoch(s) left{later} draw {draws} training "
-                  f"{things}, no more than the {held} a store would hold; each batch runs the frozen layers before "
-                  f"{split.boundary} forward only on the {what} a store holds, and the rest trains on their output "
-                  f"(--cache memory builds the store all the same){built}")  # fmt: skip
+                  f"{things}, no more than the {len(self.data.train)} a store would hold; each batch runs the frozen "
+                  f"layers before {split.boundary} forward only on the plain {things} a store holds, and the rest "
+                  f"trains on their output (--cache memory builds the store all the same){built}")  # fmt: skip
 
     def remove_empty_spill(self) -> None:
         """Remove the run's ``cache/`` folder when nothing is left in it: under torchrun each rank removes only its
@@ -329,7 +343,8 @@ class FeaturePath:
             key = disk.store_key(split, dataset, **how)
             found = disk.load(self.cache_dir, key) if key is not None else None
             found = found or (self._load_parts(split, parts, how) if parts else None)
-            if found is not None and not disk.fits(found, dataset, views, self.cache_dir):
+            again = "built again" if build else "not used"
+            if found is not None and not disk.fits(found, dataset, views, self.cache_dir, again=again):
                 found = None
             if found is not None:
                 hows.append(f"read from {self.cache_dir}")
@@ -384,16 +399,3 @@ def _trains_before(model, stage: str) -> bool:
     found = stages(model)  # once: each call walks the model again
     names = [s.name for s in found]
     return stage in names and any(p.requires_grad for s in found[: names.index(stage)] for p in s.params)
-
-
-def idle_views_note(aug: str, views: int, cache: str) -> str | None:
-    """A note when ``--cache-views`` asks for several views of images that are not augmented (``--aug none``): every
-    view is the same image, so the cache holds one (the log said "1 view(s)" beside a config.yaml of 2, unsaid).
-
-    >>> print(idle_views_note("none", 2, "auto"))
-    note: --cache-views 2 has no effect with --aug none: every view of an unaugmented image is the same, one is cached
-    """
-    if aug != "none" or views <= 1 or cache == "off":  # under cache off it is refused (config_check)
-        return None
-    return (f"note: --cache-views {views} has no effect with --aug none: every view of an unaugmented image is the "
-            "same, one is cached")  # fmt: skip

@@ -367,3 +367,16 @@ def _allocate(shape: tuple[int, ...], dtype: torch.dtype, precision: Precision, 
 
 def _vs(shape: tuple[int, ...]) -> tuple[int, tuple[int, ...]]:
     return shape[0], tuple(shape[2:])
+
+
+def idle_views_note(aug: str, views: int, cache: str) -> str | None:
+    """A note when ``--cache-views`` asks for several views of images that are not augmented (``--aug none``): every
+    view is the same image, so the cache holds one (the log said "1 view(s)" beside a config.yaml of 2, unsaid).
+
+    >>> print(idle_views_note("none", 2, "auto"))
+    note: --cache-views 2 has no effect with --aug none: every view of an unaugmented image is the same, one is cached
+    """
+    if aug != "none" or views <= 1 or cache == "off":  # under cache off it is refused (config_check)
+        return None
+    return (f"note: --cache-views {views} has no effect with --aug none: every view of an unaugmented image is the "
+            "same, one is cached")  # fmt: skip
