@@ -111,9 +111,19 @@ def test_a_run_that_draws_fewer_images_than_a_store_holds_streams_them_and_build
         assert any("building the training store" in line for line in lines) is (i < len(built)), (kw, later)
 
 
+def test_a_store_counts_only_the_epochs_before_the_schedule_next_moves_its_cut(image_folder, tmp_path):
+    # --epochs 3 --unfreeze epoch:1 built a store of the 30 images for the one epoch before the cut moved (30 draws)
+    def store(unfreeze: str) -> bool:
+        cfg = _config(image_folder, tmp_path, unfreeze.replace(":", ""), unfreeze=unfreeze, aug="light")
+        return Trainer(cfg, echo=lambda *_: None).features.train_store is not None
+
+    assert not store("epoch:1") and store("epoch:2")  # 1 epoch (30 draws) on the first cut; 2 (60)
+    assert store("plateau:patience=1")  # when it opens depends on the metric: the run's 3 epochs count
+
+
 def test_unfreeze_rebuilds_cache_at_new_boundary_and_still_matches(image_folder, tmp_path, monkeypatch):
-    lines = []
-    cached = Trainer(_config(image_folder, tmp_path, "c", cache="auto", unfreeze="epoch:1"), echo=lines.append)
+    lines = []  # (--cache memory: under auto a cut that serves one epoch streams, no store)
+    cached = Trainer(_config(image_folder, tmp_path, "c", cache="memory", unfreeze="epoch:1"), echo=lines.append)
     _whole_model(monkeypatch)
     plain = Trainer(_config(image_folder, tmp_path, "p", cache="off", unfreeze="epoch:1"), echo=lambda *_: None)
     np.testing.assert_allclose(_losses(cached), _losses(plain), rtol=1e-4, atol=1e-5)

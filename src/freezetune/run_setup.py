@@ -57,7 +57,7 @@ from freezetune.precision import resolve_device, resolve_precision
 from freezetune.progress import Progress
 from freezetune.stages import stages
 from freezetune.step import Step
-from freezetune.unfreeze_schedule import idle_schedule_note, plateau_units_note
+from freezetune.unfreeze_schedule import epochs_on_cut, idle_schedule_note, plateau_units_note
 from freezetune.unfreezing import Unfreezer
 
 SKIPPED = "skipped.txt"  # the image files --skip-bad left out, one path a line
@@ -120,7 +120,7 @@ class RunSetup:
         if not self.trained_out():  # a resume of a finished run only ends it: its cache took minutes on big data
             # the stage a resume with more epochs opens first, before the cache is built: built once, past it
             self.caught_up = self._open_skipped_stage()
-            self.features.build(epochs_left=self.cfg.epochs - self.progress.epoch)
+            self.features.build(epochs_left=epochs_on_cut(self.state.unfreezer, self.progress.epoch, self.cfg.epochs))
         self.seconds = {"cache": self.features.build_seconds, "val": 0.0, "epochs": 0.0}  # this process's
         self.spent_before = dict(self.progress.spent)  # a resumed run's earlier processes'
         self.fit_start: float | None = None

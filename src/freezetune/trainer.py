@@ -38,6 +38,7 @@ from freezetune.memory import out_of_memory_hint
 from freezetune.progress import RunResult, other_monitor
 from freezetune.run_setup import RunSetup
 from freezetune.step import one_value_batch
+from freezetune.unfreeze_schedule import epochs_on_cut
 
 
 def train(cfg: TrainConfig, *, echo: Callable[[str], None] = print, resumable: bool = True, brief: bool = False,
@@ -203,7 +204,7 @@ class Trainer(RunSetup):
                 raise self.stop.interrupted(f"after epoch {epoch + 1} ({saved})")
             if unfrozen:
                 # the frozen prefix got shorter: rebuild at the new boundary, or read images
-                self.features.build(epochs_left=cfg.epochs - epoch - 1)
+                self.features.build(epochs_left=epochs_on_cut(unfreezer, epoch + 1, cfg.epochs))
             if cfg.early_stop and self.progress.bad_epochs >= cfg.early_stop and not last:
                 self.echo(f"early stop: {cfg.monitor} did not improve for {cfg.early_stop} "
                           f"epoch{'s' if cfg.early_stop != 1 else ''}")  # fmt: skip

@@ -136,3 +136,24 @@ def idle_schedule_note(unfreezer: Unfreezer | None, epochs: int) -> str | None:
         return None
     return (f"note: unfreeze {told} opens nothing the {epochs}-epoch run trains: its first opening comes after epoch "
             f"{min(opens)}; give more epochs or an earlier one")  # fmt: skip
+
+
+def epochs_on_cut(unfreezer: Unfreezer | None, epoch: int, epochs: int) -> int:
+    """The epochs from ``epoch`` (0-based) of a run of ``epochs`` whose frozen prefix stays as it is: to the run's
+    end, or through the epoch at whose end the schedule next opens stages (a feature store built now serves those
+    alone; when a plateau opens depends on the metric).
+
+    >>> import torch, torchvision, freezetune as ft
+    >>> m = torchvision.models.resnet18(); ft.freeze(m, "backbone")
+    >>> epochs_on_cut(ft.Unfreezer(m, torch.optim.SGD(m.fc.parameters(), lr=0.1), "epoch:3", lr=0.1), 4, 10)
+    2
+    """
+    left = epochs - epoch
+    if unfreezer is None or not unfreezer.frozen_stages():
+        return left
+    schedule, opens = unfreezer.schedule, None
+    if schedule.kind == "epoch":  # at the end of every every-th epoch
+        opens = epoch + (-(epoch + 1)) % schedule.every
+    elif schedule.kind == "plan":  # at the end of the epoch before each of its keys
+        opens = min((at - 1 for at in schedule.plan if at - 1 >= epoch), default=None)
+    return left if opens is None else min(left, opens - epoch + 1)
