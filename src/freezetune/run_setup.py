@@ -175,9 +175,9 @@ class RunSetup:
         # before any cache build or trial: the model's input size, not the images', is what a step costs (once a run:
         # the auto recipe's first trial says it, not its final run; rank 0 alone reads the headers)
         said = cfg.img_size is None and not self.brief and self.dist.is_main
-        if said and (note := upscale_note(self.data.train, self.preprocess.input_size, self.device)):
-            if run_log.first_time(note):
-                self.echo(note)
+        if said and (note := upscale_note(self.data.train, self.preprocess.input_size, self.device)) and \
+                run_log.first_time(note):  # fmt: skip
+            self.echo(note)
         # what last.pt keeps of the data (sizes, digests), for a resume to refuse other data
         self.data_print = data_record(self.data.train, self.data.val, cfg.per_class) if self.resumable else None
 

@@ -131,11 +131,11 @@ def idle_schedule_note(unfreezer: Unfreezer | None, epochs: int) -> str | None:
         return f"note: unfreeze {told} has nothing to open: every stage trains already"
     if schedule.kind == "plateau":  # when it opens depends on the metric
         return None
-    opens = [schedule.every] if schedule.kind == "epoch" else [k for k in schedule.plan if k]  # (0: at the start)
-    if not opens or min(opens) < epochs:
+    first = _next_opening(schedule, 0)  # (a plan's 0: at the start)
+    if first is None or first < epochs:
         return None
     return (f"note: unfreeze {told} opens nothing the {epochs}-epoch run trains: its first opening comes after epoch "
-            f"{min(opens)}; give more epochs or an earlier one")  # fmt: skip
+            f"{first}; give more epochs or an earlier one")  # fmt: skip
 
 
 def epochs_on_cut(unfreezer: Unfreezer | None, epoch: int, epochs: int) -> int:
@@ -151,9 +151,19 @@ def epochs_on_cut(unfreezer: Unfreezer | None, epoch: int, epochs: int) -> int:
     left = epochs - epoch
     if unfreezer is None or not unfreezer.frozen_stages():
         return left
-    schedule, opens = unfreezer.schedule, None
-    if schedule.kind == "epoch":  # at the end of every every-th epoch
-        opens = epoch + (-(epoch + 1)) % schedule.every
-    elif schedule.kind == "plan":  # at the end of the epoch before each of its keys
-        opens = min((at - 1 for at in schedule.plan if at - 1 >= epoch), default=None)
-    return left if opens is None else min(left, opens - epoch + 1)
+    opens = _next_opening(unfreezer.schedule, epoch)
+    return left if opens is None else min(left, opens - epoch)
+
+
+def _next_opening(schedule: Schedule, done: int) -> int | None:
+    """After how many epochs, past the first ``done``, the schedule next opens stages (at that epoch's end); None for a
+    plateau (when it opens depends on the metric) or a plan with nothing left.
+
+    >>> _next_opening(Schedule("epoch", every=3), 4), _next_opening(Schedule("plan", plan={2: "layer4"}), 2)
+    (6, None)
+    """
+    if schedule.kind == "epoch":  # after every every-th epoch
+        return done + schedule.every - done % schedule.every
+    if schedule.kind == "plan":  # after the epoch of each key
+        return min((at for at in schedule.plan if at > done), default=None)
+    return None
