@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from _engine_fixtures import make_image_folder, recipe_cfg, run_cli, train_argv
-from freezetune import auto, auto_plan, auto_resume, auto_rule, checkpoint, recipes
+from freezetune import auto, auto_budget, auto_plan, auto_resume, auto_rule, checkpoint, recipes
 from freezetune.config import TrainConfig
 from freezetune.config_file import load_config
 from freezetune.errors import ConfigError, FreezetuneError
@@ -437,11 +437,77 @@ def test_a_budget_that_leaves_no_time_for_the_other_trials_keeps_the_defaults_un
     # ...where the budget leaves time for them (the first trial's loop again for each, and one epoch), they run
     first = decision["trials"][0]
     trial_s, epoch_s = first["seconds"]["epochs"], sum(auto_plan.epoch_pace(first, refit=False, n_val=first["n_val"]))
-    roomy = auto_plan.TrialBudget(10 + 2 * trial_s + epoch_s + 0.1, "enough", time.perf_counter() - 10)
-    unbounded = auto_plan.TrialBudget(None, None, 0.0)
+    roomy = auto_budget.TrialBudget(10 + 2 * trial_s + epoch_s + 0.1, "enough", time.perf_counter() - 10)
+    unbounded = auto_budget.TrialBudget(None, None, 0.0)
     assert roomy.too_short_for(first, 2) is None and unbounded.too_short_for(first, 2) is None
-    short = auto_plan.TrialBudget(10 + 2 * trial_s + epoch_s - 0.5, "short", time.perf_counter() - 10)
+    short = auto_budget.TrialBudget(10 + 2 * trial_s + epoch_s - 0.5, "short", time.perf_counter() - 10)
     assert short.too_short_for(first, 2)
+
+
+def test_a_budget_too_small_for_a_trial_and_an_epoch_of_the_set_shortens_every_epoch_at_a_pilots_pace(
+    data, tmp_path, monkeypatch
+):
+    # 10 000 Fashion-MNIST images under --budget 1m took 131 s: the first trial drew half the set and the run one
+    # epoch of it, whatever the budget; 60 000 would have taken several times the budget
+    monkeypatch.setattr(auto, "MIN_TRIAL_STEPS", 1)  # a trial of one 8-image step tells enough: 16 images an epoch
+    lines = []
+    result = auto.run(recipe_cfg(data, tmp_path / "r", budget="0.01s", epochs=2), echo=lines.append)
+    decision = json.loads((tmp_path / "r" / "recipe.json").read_text())
+    pilot, choice = decision["pilot"], decision["choice"]
+    assert pilot["planned"] == 16 and pilot["steps"] > 0 and pilot["image_s"] > 0 and pilot["setup_s"] > 0
+    said = next(line for line in lines if line.startswith("auto: the 0.01s budget: a pilot of "))
+    assert re.search(r"trained \d+ images/s \([\d.]+s\); a trial on 50% of an epoch of \d+ images and one epoch of "
+                     r"the run take about [\d.]+s, more than the -[\d.]+s left: the trials' and the run's epochs draw "
+                     r"16 of the images each \(as --epoch-images 16 would\), past the budget: fewer would leave a trial "
+                     r"under 1 step$", said), said  # fmt: skip
+    assert lines.index(said) < next(i for i, line in enumerate(lines) if line.startswith("auto: last 3 stage(s)"))
+    # the trial spent what was left: the run's one epoch draws no fewer images than a trial did
+    assert any(line.startswith("auto: the trials took ") and line.endswith(" of the 0.01s budget: the run trains one "
+                                                                           "epoch (not the 2 of epochs) of 8 of the 42 "
+                                                                           "images, over it")
+               for line in lines), lines  # fmt: skip
+    assert any(line.startswith("auto: chose to train the last 3 stage(s)") and " 1 epoch(s) of 8 images" in line
+               for line in lines)  # fmt: skip
+
+    def samples(run_dir: Path) -> list[int]:
+        return [round(row["img_per_s"] * row["epoch_time_s"]) for row in read_metrics(run_dir / "metrics.csv")]
+
+    assert samples(tmp_path / "r") == [8] and samples(tmp_path / "r/auto-trials/last-3") == [8]
+    assert choice["epochs"] == 1 and choice["epoch_images"] == 8
+    assert not (tmp_path / "r/auto-trials/pilot/best.pt").exists()  # its weights start nothing
+    # the pilot is part of the run's cost, and a resume trains the epochs it planned
+    trials = [*decision["trials"], pilot]
+    assert result.seconds["epochs"] > sum(t["seconds"]["epochs"] for t in trials) > pilot["seconds"]["epochs"] > 0
+    resumed, measured = auto_resume.resumed(recipe_cfg(data, tmp_path / "r", budget="0.01s", epochs=2, resume=True),
+                                            tmp_path / "r", lambda line: None, write=False)  # fmt: skip
+    assert resumed.epoch_images == 8 and measured[-1] == pilot
+
+
+@pytest.mark.parametrize(
+    ("budget_s", "train_items", "planned", "said"),
+    [
+        (200.0, 10_000, None, ", within the 200s left"),  # 2 x 2 s + 1.5 x 10 000 x 0.01 s = 154 s: fits
+        (100.0, 10_000, 6400, ", more than the 100s left: the trials' and the run's epochs draw 6,400 of the images "
+                              "each (as --epoch-images 6400 would)"),  # (100 - 4) / (1.5 x 0.01)
+        (10.0, 10_000, 640, ", more than the 10s left: the trials' and the run's epochs draw 640 of the images each (as "
+                            "--epoch-images 640 would), past the budget: fewer would leave a trial under 10 steps"),
+        (10.0, 500, None, ", more than the 10s left: the run will end past the budget (shorter epochs would leave a "
+                          "trial under 10 steps)"),  # 640 images is more than an epoch of the set
+    ],
+)  # fmt: skip
+def test_a_budgets_pilot_plans_the_epochs_a_trial_and_one_run_epoch_fit_in(budget_s, train_items, planned, said):
+    pilot = {"data_kind": "images", "steps": 8, "images": 256, "image_s": 0.01, "call_s": 2.0,
+             "train_items": train_items, "seconds": {"cache": 1.0, "epochs": 3.0}}  # fmt: skip
+    budget = auto_budget.TrialBudget(budget_s, f"{budget_s:g}s", 0.0)
+    budget.spent = lambda: 0.0
+    lines = []
+    assert auto_budget.plan_epoch(TrainConfig(), pilot, budget, lines.append, min_trial_steps=10) == planned
+    need = 4 + 1.5 * train_items * 0.01
+    assert lines == [f"auto: the {budget_s:g}s budget: a pilot of 8 step(s) trained 100 images/s (4.0s); a trial on "
+                     f"50% of an epoch of {train_items:,} images and one epoch of the run take about "
+                     f"{auto_plan.seconds_text(need)}{said}"]  # fmt: skip
+    # an epoch the user made shorter is the one planned for
+    assert auto_budget.plan_epoch(TrainConfig(epoch_images=100), pilot, budget, lines.append, min_trial_steps=1) is None
 
 
 def test_a_budget_plans_the_runs_epochs_at_the_pace_of_a_whole_epoch_validation_and_checkpoints_included():
@@ -458,17 +524,29 @@ def test_a_budget_says_what_it_affords_at_that_pace_and_the_trials_record_what_t
     trial = {"epoch_s": 2.0, "epoch_images": 100.0, "loop_s": 4.0, "val_s": 2.5, "n_val": 50, "refit_fits": True}
     lines = []
     epochs = auto_plan.run_epochs(TrainConfig(budget="20s", refit=False), [trial], trial, 4.0, False, lines.append)
-    assert epochs == 3 and lines == ["auto: the 20s budget leaves 16s after the trials: 3 epoch(s) of about 5.0s (2.0s "
+    assert epochs == (3, None) and lines == ["auto: the 20s budget leaves 16s after the trials: 3 epoch(s) of about 5.0s (2.0s "
                                      "training, 3.0s validation and checkpoints)"]  # fmt: skip
     lines.clear()  # an --epochs given too is replaced, and said to be (it was dropped in silence)
     auto_plan.run_epochs(TrainConfig(budget="20s", refit=False, epochs=2), [trial], trial, 4.0, False, lines.append,
                  probed=True)  # fmt: skip
     assert lines[0].startswith("auto: the 20s budget leaves 16s after the trials and the probe: 3 epoch(s) (not the 2 "
                                "of epochs) ")  # fmt: skip
-    lines.clear()  # less than an epoch left: the one epoch trained ends over the budget, and the plan says so
-    assert auto_plan.run_epochs(TrainConfig(budget="7s", refit=False), [trial], trial, 4.0, False, lines.append) == 1
-    assert lines == ["auto: the 7s budget leaves 3.0s after the trials: 1 epoch(s) of about 5.0s (2.0s training, 3.0s "
-                     "validation and checkpoints), about 2.0s over it"]  # fmt: skip
+    lines.clear()  # less than an epoch left: one epoch of what the rest affords, no fewer images than a trial drew
+    assert auto_plan.run_epochs(TrainConfig(budget="7s", refit=False), [trial], trial, 4.0, False, lines.append) == (
+        1, 50)  # fmt: skip
+    assert lines == ["auto: the 7s budget leaves 3.0s after the trials: 1 epoch of 50 of the 100 images, about 1.0s "
+                     "over it; at the trial's pace an epoch of 100 takes about 5.0s (2.0s training, 3.0s validation "
+                     "and checkpoints)"]  # fmt: skip
+    lines.clear()  # a pilot measured the run's set-up: it comes out of what is left; 95 % of 4.5 s, less 3 s: 63 images
+    assert auto_plan.run_epochs(TrainConfig(budget="9s", refit=False), [trial], trial, 4.0, False, lines.append,
+                                setup_s=0.5) == (1, 63)  # fmt: skip
+    assert lines == ["auto: the 9s budget leaves 4.5s after the trials and the run's set-up (about 0.5s): 1 epoch of "
+                     "63 of the 100 images; at the trial's pace an epoch of 100 takes about 5.0s (2.0s training, 3.0s "
+                     "validation and checkpoints)"]  # fmt: skip
+    lines.clear()  # a pilot shortened the epochs to 100 of 400, and the trial's pace affords 277: one epoch of them
+    assert auto_plan.run_epochs(TrainConfig(budget="9s", refit=False), [trial], trial, 0.0, False, lines.append,
+                                setup_s=0.0, longest=400) == (1, 277)  # fmt: skip
+    assert lines[0].startswith("auto: the 9s budget leaves 9.0s after the trials: 1 epoch of 277 of the 400 images; ")
     lines.clear()  # an unfreeze schedule opens more stages, whose epochs the trial's pace does not count: said
     auto_plan.run_epochs(TrainConfig(budget="20s", refit=False, unfreeze="epoch:1"), [trial], trial, 4.0, False,
                          lines.append)  # fmt: skip
@@ -604,7 +682,8 @@ def test_a_budget_that_plans_fewer_epochs_than_the_warm_up_scales_it_and_says_wh
                       "--warmup-epochs", "2")  # fmt: skip
     code, out, err = run_cli(capsys, *argv)
     assert code == 0, err
-    assert "budget: the run trains one epoch (not the 4 of epochs), over it" in out, out
+    said = r"budget: the run trains one epoch \(not the 4 of epochs\) of \d+ of the \d+ images, over it"
+    assert re.search(said, out), out
     assert "auto: --warmup-epochs 2 is as long as the 1 epoch(s) the budget plans: the run warms up for 0.5, the " \
            "share of the run it was of --epochs 4" in out, out  # fmt: skip
     run = tmp_path / "run"

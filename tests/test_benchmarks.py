@@ -86,3 +86,11 @@ def test_bn_fold_compares_the_folded_copy_with_the_model_as_trained():
                "--repeat", "1")  # fmt: skip
     row = out.splitlines()[-1].split()
     assert row[0] == "test_efficientnet" and int(row[1]) > 0 and float(row[-1]) < 1e-3, out
+
+
+def test_budget_runs_the_default_command_with_and_without_a_budget_and_scores_each():
+    out = _run("budget.py", "--model", "timm:test_efficientnet", "--weights", "none", "--dataset", "digits",
+               "--per-class", "20", "--res", "32", "--budgets", "2s", "--epochs", "1")  # fmt: skip
+    rows = out[out.index("budget  train call s") :].splitlines()[2:]
+    assert [row.split()[0] for row in rows] == ["none", "2s"], out
+    assert rows[0].split()[2] == "-" and float(rows[1].split()[2]) > 0 and 0 <= float(rows[1].split()[-1]) <= 100

@@ -305,6 +305,20 @@ def test_the_auto_recipe_under_torchrun_takes_rank_0s_trials_and_decision(tmp_pa
     assert_same_state(r0["end"], r1["end"])
 
 
+@pytest.mark.multiprocess
+def test_an_auto_run_under_torchrun_with_a_budget_plans_its_pilot_and_epochs_by_rank_0s_clock(tmp_path):
+    # each rank's clock differs: a pilot's pace or a short epoch planned by each rank apart would train apart, or hang
+    data = make_image_folder(tmp_path / "data", size=32)
+    out, dump = tmp_path / "run", tmp_path / "dump"
+    proc = torchrun(dump, "--data", data, "--out", out, "--epochs", "2", "--budget", "0.01s")
+    decision = json.loads((out / "recipe.json").read_text())
+    assert decision["pilot"]["steps"] > 0 and proc.stdout.count("auto: the 0.01s budget: a pilot of ") == 1
+    assert proc.stdout.count("the run trains one epoch (not the 2 of epochs) of ") == 1, proc.stdout
+    r0, r1 = rank_dumps(dump)
+    assert r0["epochs"] == r1["epochs"] == decision["choice"]["epochs"] == 1
+    assert_same_state(r0["end"], r1["end"])
+
+
 def _torchrun_cli(*args, cwd: Path) -> subprocess.CompletedProcess:
     """The ``freezetune`` command itself on two Gloo ranks, as a user's job runs it."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "freezetune",

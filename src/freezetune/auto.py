@@ -4,7 +4,8 @@ Which block should train depends on the data (surgical fine-tuning, Lee et al. 2
 by tuning the last stages over frozen features, a larger one by tuning deeper. The frozen-prefix cache makes it
 cheap to ask the data. The procedure, every step printed and written to ``recipe.json`` in the run directory (the
 numbers of steps 1 to 3, and the measurements behind them, are in ``auto_rule.py``; the plan of the run, steps 4 and
-5, in ``auto_plan.py``; a resume, which trains the decision kept, in ``auto_resume.py``):
+5, in ``auto_plan.py``; a budget's pilot in ``auto_budget.py``; a resume, which trains the decision kept, in
+``auto_resume.py``):
 
 1. Candidates: the last ``k`` stages and the head train, for ``k = MIN_TRAINED_STAGES .. MAX_TRAINED_STAGES`` (2, 3
    and 4; fewer on a model with fewer stages); everything before is frozen (BatchNorm frozen). All candidates share
@@ -20,7 +21,8 @@ numbers of steps 1 to 3, and the measurements behind them, are in ``auto_rule.py
    candidate's trial runs first; the others run only if the split has ``MIN_VAL_TO_COMPARE`` (400) images or more: a
    smaller one cannot tell apart candidates a few points apart, and its noisy verdicts cost accuracy. Nor when the
    trial took fewer than ``MIN_TRIAL_STEPS`` (10) optimizer steps: its score then moves more from seed to seed than
-   the candidates differ.
+   the candidates differ. Under ``budget`` a pilot of a few steps first measures the pace (``auto_budget.py``):
+   where the default's trial and one epoch of the run would not fit, every epoch draws fewer images.
 3. Choice: the last three stages (``DEFAULT_TRAINED_STAGES``), unless another candidate beats them on the validation
    split by more than its noise (one standard error of the difference of two accuracies on that many images): a
    small validation split does not get to overturn it. Each candidate trained for a whole run (3 epochs, 3 seeds, 100
@@ -63,7 +65,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from freezetune import auto_plan, auto_resume, checkpoint, run_log
+from freezetune import auto_budget, auto_plan, auto_resume, checkpoint, run_log
 from freezetune._io import atomic_write_text
 from freezetune.auto_plan import (
     HELD_STATS,
@@ -145,23 +147,34 @@ def run(cfg: TrainConfig, *, echo: Callable[[str], None] = print, train: Callabl
             shutil.rmtree(trial_cfg.out, ignore_errors=True)
         return broadcast(train(trial_cfg, **kwargs), info)  # (rank 1 scored "n/a", skipped trials, and the ranks hung)
 
-    # the trials' hold-out, lent: the final run trains on it; their cache, read by the run (and the other trials):
-    # its epochs count when a trial decides whether a training store pays (a budget plans them after the trials)
-    later = None if cfg.budget else cfg.epochs / TRIAL_FRACTION + len(ks) - 1
-    lent = functools.partial(shared, refit_follows=refits(cfg), later_epochs=later)
-    budget = auto_plan.TrialBudget(parse_duration(cfg.budget), cfg.budget, start, info)
+    budget = auto_budget.TrialBudget(parse_duration(cfg.budget), cfg.budget, start, info)
     said = run_log.introduced(echo, _intro(ks, cut, text, cfg.budget))
+    pilot = None
+    if budget.seconds is not None:  # how long a trial and an epoch take, measured: a large set's overran the budget
+        pilot, base = _pilot(base, default_stages(ks), boost, out, shared, said, budget)
+    # the trials' hold-out, lent: the final run trains on it; their cache, read by the run (and the other trials):
+    # its epochs count when a trial decides whether a training store pays
+    if pilot is None:
+        later = cfg.epochs / TRIAL_FRACTION + len(ks) - 1
+    elif pilot["planned"]:  # the pilot shortened the epochs for about one of the run's, and left no other trial time
+        later = 1 / TRIAL_FRACTION
+    else:  # a budget's are planned after the trials
+        later = None
+    lent = functools.partial(shared, refit_follows=refits(cfg), later_epochs=later)
     trials, choice, why = _measure(base, ks, boost, out, lent, said, budget)
     refit = run_refits(cfg, trials[0], echo)
     # the epochs planned before a probe (a budget's: rank 0's clock decides for every rank, theirs differ)
-    planned = run_epochs(cfg, trials, choice, budget.spent(), refit, lambda line: None)
+    planned, _ = run_epochs(cfg, trials, choice, budget.spent(), refit, lambda line: None)
     probe = None
     if few_shot(trials[0], text, planned, echo):  # too few steps to fit a random head at the boosted LR: probe it
         probe_base = dataclasses.replace(base, warmup_epochs=run_warmup(cfg, planned, lambda line: None))
         alone = functools.partial(shared, later_epochs=0.0)  # no later run reads a probe's store (cut at the head)
         probe = _probe(probe_base, planned, refit, out, alone, echo, steps=trials[0]["steps"])
     spent = budget.spent()
-    epochs = run_epochs(cfg, trials, choice, spent, refit, echo, probed=probe is not None)
+    epochs, images = run_epochs(cfg, trials, choice, spent, refit, echo, probed=probe is not None,
+                                setup_s=pilot["setup_s"] if pilot else 0.0,
+                                longest=_as_asked(cfg, pilot, trials, refit))  # fmt: skip
+    base = base if images is None else dataclasses.replace(base, epoch_images=images)  # the time left affords them
     warmup = run_warmup(cfg, epochs, echo)
     # from the trial's fitted weights: a smaller step (see the docstring); from a probe's head, the LR as asked
     run_lr = cfg.lr if probe else choice["lr"] * RUN_LR_FACTOR
@@ -172,16 +185,19 @@ def run(cfg: TrainConfig, *, echo: Callable[[str], None] = print, train: Callabl
     run_s = epochs * sum(auto_plan.epoch_pace(choice, refit, trials[0]["n_val"]))
     later = ", longer once --unfreeze opens more stages" if cfg.unfreeze else ""
     pace = "" if cfg.budget else f" (about {auto_plan.duration_text(run_s)}{later})"
+    drawn = f" of {base.epoch_images:,} {trials[0]['data_kind']}" if base.epoch_images != cfg.epoch_images else ""
     echo(f"auto: chose to train the last {choice['trained_stages']} stage(s) + head (freeze {choice['freeze']}, lr "
-         f"{run_lr:.1e}{held}){' from the probed head' if probe else ''} for {epochs} epoch(s){pace}: "
+         f"{run_lr:.1e}{held}){' from the probed head' if probe else ''} for {epochs} epoch(s){drawn}{pace}: "
          f"{why}")  # fmt: skip
     init = _start_from(out, trials, choice, cfg.init, delete=info.is_main, probe=probe)
     decision = {"procedure": _procedure(), "asked": cfg.recorded(), "cut": cut, "trials": trials, "probe": probe,
                 "default_trained_stages": DEFAULT_TRAINED_STAGES, "trial_fraction": TRIAL_FRACTION,
                 "compared_by": compared_by(cfg.monitor),
                 "budget_s": parse_duration(cfg.budget),
+                "pilot": pilot,
                 "choice": {**choice, "epochs": epochs, "refit": refit, "why": why, "init": init, "run_lr": run_lr,
-                           "bn_stats": bn_stats, "warmup_epochs": warmup}}  # fmt: skip
+                           "bn_stats": bn_stats, "warmup_epochs": warmup,
+                           "epoch_images": base.epoch_images}}  # fmt: skip
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(saved, json.dumps(decision, indent=1))
@@ -189,7 +205,7 @@ def run(cfg: TrainConfig, *, echo: Callable[[str], None] = print, train: Callabl
                                 bn_stats=bn_stats, warmup_epochs=warmup, resume=False)  # fmt: skip
     # the last reader of the trials' cache: nothing reads its stores after it
     result = train(final, echo=echo, recipe_run=True, later_epochs=0.0)
-    return _with_trial_seconds(result, measured_trials(trials, probe))
+    return _with_trial_seconds(result, measured_trials(trials, probe, pilot))
 
 
 def _intro(ks: list[int], cut: str, text: bool, budget: str | None = None) -> str:
@@ -198,6 +214,31 @@ def _intro(ks: list[int], cut: str, text: bool, budget: str | None = None) -> st
             f"split (what comes before {cut} is frozen in all of them{'' if text else _CACHED}); the default's "
             f"trial first, the others' if the split holds {MIN_VAL_TO_COMPARE} or more"
             f"{f' and the {budget} budget leaves time for them' if budget else ''}")  # fmt: skip
+
+
+def _pilot(base: TrainConfig, k: int, boost: float, out: Path, train: Callable, echo: Callable[[str], None],
+           budget: auto_budget.TrialBudget) -> tuple[dict, TrainConfig]:  # fmt: skip
+    """A budget's pilot (``auto_budget``): the default candidate's trial cut to a few steps, streamed, its pace
+    recorded; returns it and ``base`` with the epoch length that pace affords (as asked where it all fits)."""
+    pilot_cfg = auto_budget.pilot_config(_trial_config(base, k, boost, out), out)
+    before = budget.spent()
+    # no later reader: a store pays only where the pilot's own draws exceed the set (tiny data, then read again)
+    result, seconds = _measurement(pilot_cfg, functools.partial(train, later_epochs=0.0), echo, brief=True,
+                                   during="the pilot of the budget (pilots are not resumed)",
+                                   again="the pilot and the trials again")  # fmt: skip
+    pilot = auto_budget.pace(result, budget.spent() - before, seconds)
+    if budget.info is None or budget.info.is_main:  # its weights start nothing
+        (Path(pilot_cfg.out) / checkpoint.BEST).unlink(missing_ok=True)
+    images = auto_budget.plan_epoch(base, pilot, budget, echo, min_trial_steps=MIN_TRIAL_STEPS)
+    pilot["planned"] = images
+    return pilot, base if images is None else dataclasses.replace(base, epoch_images=images)
+
+
+def _as_asked(cfg: TrainConfig, pilot: dict | None, trials: list[dict], refit: bool) -> int | None:
+    """The images of one of the run's epochs as asked, where a budget's pilot shortened them (else None)."""
+    if not pilot or not pilot["planned"]:
+        return None
+    return auto_budget.epoch_items(cfg, pilot["train_items"] + (trials[0]["n_val"] if refit else 0))
 
 
 def _probe(base: TrainConfig, epochs: int, refit: bool, out: Path, train: Callable, echo: Callable[[str], None], *,
@@ -268,13 +309,7 @@ def _measure(base: TrainConfig, ks: list[int], boost: float, out: Path, train: C
 def _trial(base: TrainConfig, k: int, boost: float, out: Path, train: Callable, echo: Callable[[str], None], *,
            brief: bool) -> dict:  # fmt: skip
     """Train candidate ``k`` for one short epoch and score it on the validation split."""
-    # half of one of the run's epochs: of the training set, or of what --epoch-fraction or --epoch-images leave of it
-    images = None if base.epoch_images is None else max(1, round(base.epoch_images * TRIAL_FRACTION))
-    trial_cfg = dataclasses.replace(
-        at_lr(base, candidate_lr(base.lr, k, boost)), freeze=-(k + 1), epochs=1,
-        epoch_fraction=base.epoch_fraction * TRIAL_FRACTION, epoch_images=images, warmup_epochs=0.0, early_stop=None,
-        unfreeze=None, final_test=False, tensorboard=False, resume=False, refit=False, out=str(_trial_dir(out, k)),
-    )  # fmt: skip
+    trial_cfg = _trial_config(base, k, boost, out)
     # the first trial prints the stage table, the others what they train
     result, seconds = _measurement(trial_cfg, train, echo, brief=brief, during=f"the trial of the last {k} stage(s) "
                                    "(trials are not resumed)", again="them again")  # fmt: skip
@@ -292,6 +327,17 @@ def _trial(base: TrainConfig, k: int, boost: float, out: Path, train: Callable, 
             "trainable_params": row.get("trainable_params"), "n_val": _val_size(result),
             "data_kind": result.data_kind, "refit_fits": result.refit_fits, "no_refit": result.no_refit,
             "steps": result.steps_per_epoch}  # fmt: skip
+
+
+def _trial_config(base: TrainConfig, k: int, boost: float, out: Path) -> TrainConfig:
+    """Candidate ``k``'s trial: one epoch of half of one of the run's epochs (of the training set, or of what
+    --epoch-fraction or --epoch-images leave of it), at the candidate's LR, its schedule run to the end within it."""
+    images = None if base.epoch_images is None else max(1, round(base.epoch_images * TRIAL_FRACTION))
+    return dataclasses.replace(
+        at_lr(base, candidate_lr(base.lr, k, boost)), freeze=-(k + 1), epochs=1,
+        epoch_fraction=base.epoch_fraction * TRIAL_FRACTION, epoch_images=images, warmup_epochs=0.0, early_stop=None,
+        unfreeze=None, final_test=False, tensorboard=False, resume=False, refit=False, out=str(_trial_dir(out, k)),
+    )  # fmt: skip
 
 
 def _measurement(cfg: TrainConfig, train: Callable, echo: Callable[[str], None], *, brief: bool, during: str,

@@ -51,8 +51,9 @@ def resumed(cfg: TrainConfig, out: Path, echo: Callable[[str], None], *,
                                   epochs=choice["epochs"], refit=choice.get("refit", False),
                                   init=init, bn_stats=choice.get("bn_stats", cfg.bn_stats),
                                   warmup_epochs=choice.get("warmup_epochs", cfg.warmup_epochs),
+                                  epoch_images=choice.get("epoch_images", cfg.epoch_images),
                                   resume=True)  # fmt: skip
-    return run_cfg, measured_trials(decision.get("trials", []), decision.get("probe"))
+    return run_cfg, measured_trials(decision.get("trials", []), decision.get("probe"), decision.get("pilot"))
 
 
 def _longer(decision: dict, now: dict, longer: tuple[str, ...], out: Path, echo: Callable[[str], None], *,

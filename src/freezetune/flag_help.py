@@ -69,7 +69,8 @@ FIELD_HELP = {
     "recipe": "a named procedure: " + " | ".join(RECIPES) + " (last-K: the last K stages train); default: what "
     "--freeze says",
     "budget": "wall-clock budget for the auto recipe's trials and epochs (the epochs it trains, in place of "
-    "--epochs; the other candidates' trials only if it leaves time for them), e.g. 90s, 5m, 1h (default: none)",
+    "--epochs; the other candidates' trials only if it leaves time for them; shorter epochs where a pilot's pace says "
+    "a trial and one epoch would not fit), e.g. 90s, 5m, 1h (default: none)",
     "bn": "BatchNorm in frozen parts: frozen (eval statistics), affine (affine trains, statistics update), train "
     "(statistics update), affine-only (affine trains, eval statistics)",
     "bn_stats": "BatchNorm statistics in the parts that train: update (from each batch, PyTorch's training mode), "

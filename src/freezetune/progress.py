@@ -131,6 +131,7 @@ class RunResult:
     no_refit: str = NOT_HELD_OUT  # why its validation set could not train too, "" when it could (``DataBundle``)
     monitor: str = DEFAULT_MONITOR  # what best_metric is
     steps_per_epoch: int = 0  # optimizer steps an epoch (a trial's one epoch: how much it trained)
+    train_items: int = 0  # images (or texts) in its training set, a held-out validation split not among them
 
     @property
     def refit_fits(self) -> bool:

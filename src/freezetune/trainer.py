@@ -146,7 +146,8 @@ class Trainer(RunSetup):
             self.echo(f"best.pt: epoch {p.best_epoch}{metric} ({why}) -> {self.run_dir}")
         return RunResult(self.run_dir, p.best_epoch, p.best_metric, test, list(self.metrics.rows), seconds,
                          data_kind=noun(self.data.train), no_refit=self.data.no_refit,
-                         monitor=self.cfg.monitor, steps_per_epoch=self.steps_per_epoch)  # fmt: skip
+                         monitor=self.cfg.monitor, steps_per_epoch=self.steps_per_epoch,
+                         train_items=len(self.data.train))  # fmt: skip
 
     def _model_record(self) -> dict:
         """What a checkpoint holds to rebuild the model: weights, resolved config, classes, preprocessing."""
