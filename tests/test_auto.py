@@ -397,13 +397,14 @@ def test_an_auto_run_on_unreadable_data_prints_the_data_error_alone(tmp_path, ca
 
 @pytest.mark.parametrize("probed", ["", " and the probe"])
 def test_an_auto_run_whose_trials_spent_its_budget_says_so_and_trains_one_epoch(data, tmp_path, monkeypatch, probed):
+    measured = "the pilot, the trials and the probe" if probed else "the pilot and the trials"
     # it printed "for 1 epoch(s)" alone, 7x over a 30 s budget, without a word of it
     monkeypatch.setattr(auto_plan, "PROBE_BELOW_STEPS", 10 if probed else 1)  # (the trials take 3 steps)
     monkeypatch.setattr(auto_plan, "PROBE_MIN_RUN_STEPS", 0)  # however short the run
     lines = []
     auto.run(recipe_cfg(data, tmp_path / "r", budget="0.01s", epochs=5, cache="auto"), echo=lines.append)
-    assert any(line.startswith(f"auto: the trials{probed} took") and "of the 0.01s budget: the run trains one epoch"
-               in line for line in lines), lines  # fmt: skip
+    assert any(line.startswith(f"auto: {measured} took") and "of the 0.01s budget, and the run's set-up takes about "
+               in line and ": the run trains one epoch" in line for line in lines), lines  # fmt: skip
     assert json.loads((tmp_path / "r" / "recipe.json").read_text())["choice"]["epochs"] == 1
 
 
@@ -440,6 +441,8 @@ def test_a_budget_that_leaves_no_time_for_the_other_trials_keeps_the_defaults_un
     roomy = auto_budget.TrialBudget(10 + 2 * trial_s + epoch_s + 0.1, "enough", time.perf_counter() - 10)
     unbounded = auto_budget.TrialBudget(None, None, 0.0)
     assert roomy.too_short_for(first, 2) is None and unbounded.too_short_for(first, 2) is None
+    roomy.call_s = 0.1  # a pilot measured each call's set-up: ten-step trials are mostly set-up, and it counts
+    assert roomy.too_short_for(first, 2)
     short = auto_budget.TrialBudget(10 + 2 * trial_s + epoch_s - 0.5, "short", time.perf_counter() - 10)
     assert short.too_short_for(first, 2)
 
@@ -455,17 +458,16 @@ def test_a_budget_too_small_for_a_trial_and_an_epoch_of_the_set_shortens_every_e
     decision = json.loads((tmp_path / "r" / "recipe.json").read_text())
     pilot, choice = decision["pilot"], decision["choice"]
     assert pilot["planned"] == 16 and pilot["steps"] > 0 and pilot["image_s"] > 0 and pilot["setup_s"] > 0
-    said = next(line for line in lines if line.startswith("auto: the 0.01s budget: a pilot of "))
-    assert re.search(r"trained \d+ images/s \([\d.]+s\); a trial on 50% of an epoch of \d+ images and one epoch of "
-                     r"the run take about [\d.]+s, more than the -[\d.]+s left: the trials' and the run's epochs draw "
-                     r"16 of the images each \(as --epoch-images 16 would\), past the budget: fewer would leave a trial "
-                     r"under 1 step$", said), said  # fmt: skip
+    assert "auto: the 0.01s budget: a pilot of the default (last 3 stages), 8 steps, measures the pace first" in lines
+    said = next(line for line in lines if re.match(r"auto: the 0\.01s budget: a pilot of \d+ steps? trained", line))
+    assert re.search(r"trained \d+ images/s \([\d.]+s in all\); a trial on 50% of an epoch of 39 images and one "
+                     r"epoch of the run take about [\d.]+s, more than what the budget has left \(nothing\): the run's "
+                     r"epochs draw 16 of the 39 images \(as --epoch-images 16 would; each trial 8\), past the budget: "
+                     r"fewer would leave a trial under 1 step$", said), said  # fmt: skip
     assert lines.index(said) < next(i for i, line in enumerate(lines) if line.startswith("auto: last 3 stage(s)"))
     # the trial spent what was left: the run's one epoch draws no fewer images than a trial did
-    assert any(line.startswith("auto: the trials took ") and line.endswith(" of the 0.01s budget: the run trains one "
-                                                                           "epoch (not the 2 of epochs) of 8 of the 42 "
-                                                                           "images, over it")
-               for line in lines), lines  # fmt: skip
+    assert any(line.startswith("auto: the pilot and the trials took ") and line.endswith(
+        ": the run trains one epoch (not the 2 of epochs) of 8 of the 42 images, over it") for line in lines), lines  # fmt: skip
     assert any(line.startswith("auto: chose to train the last 3 stage(s)") and " 1 epoch(s) of 8 images" in line
                for line in lines)  # fmt: skip
 
@@ -487,27 +489,41 @@ def test_a_budget_too_small_for_a_trial_and_an_epoch_of_the_set_shortens_every_e
     ("budget_s", "train_items", "planned", "said"),
     [
         (200.0, 10_000, None, ", within the 200s left"),  # 2 x 2 s + 1.5 x 10 000 x 0.01 s = 154 s: fits
-        (100.0, 10_000, 6400, ", more than the 100s left: the trials' and the run's epochs draw 6,400 of the images "
-                              "each (as --epoch-images 6400 would)"),  # (100 - 4) / (1.5 x 0.01)
-        (10.0, 10_000, 640, ", more than the 10s left: the trials' and the run's epochs draw 640 of the images each (as "
-                            "--epoch-images 640 would), past the budget: fewer would leave a trial under 10 steps"),
-        (10.0, 500, None, ", more than the 10s left: the run will end past the budget (shorter epochs would leave a "
-                          "trial under 10 steps)"),  # 640 images is more than an epoch of the set
+        (100.0, 10_000, 6400, ", more than the 100s left: the run's epochs draw 6,400 of the 10,000 images (as "
+                              "--epoch-images 6400 would; each trial 3,200)"),  # (100 - 4) / (1.5 x 0.01)
+        (10.0, 10_000, 640, ", more than the 10s left: the run's epochs draw 640 of the 10,000 images (as --epoch-images "
+                            "640 would; each trial 320), past the budget: fewer would leave a trial under 10 steps"),
+        (10.0, 500, None, ", more than the 10s left: the run will end past the budget (an epoch of the set is no longer "
+                          "than the 640 images a trial of 10 steps needs)"),  # 640 images: more than an epoch
     ],
 )  # fmt: skip
 def test_a_budgets_pilot_plans_the_epochs_a_trial_and_one_run_epoch_fit_in(budget_s, train_items, planned, said):
-    pilot = {"data_kind": "images", "steps": 8, "images": 256, "image_s": 0.01, "call_s": 2.0,
+    pilot = {"data_kind": "images", "steps": 8, "images": 256, "image_s": 0.01, "call_s": 2.0, "wall_s": 4.5,
              "train_items": train_items, "seconds": {"cache": 1.0, "epochs": 3.0}}  # fmt: skip
     budget = auto_budget.TrialBudget(budget_s, f"{budget_s:g}s", 0.0)
     budget.spent = lambda: 0.0
     lines = []
     assert auto_budget.plan_epoch(TrainConfig(), pilot, budget, lines.append, min_trial_steps=10) == planned
     need = 4 + 1.5 * train_items * 0.01
-    assert lines == [f"auto: the {budget_s:g}s budget: a pilot of 8 step(s) trained 100 images/s (4.0s); a trial on "
+    assert lines == [f"auto: the {budget_s:g}s budget: a pilot of 8 steps trained 100 images/s (4.5s in all); a trial on "
                      f"50% of an epoch of {train_items:,} images and one epoch of the run take about "
                      f"{auto_plan.seconds_text(need)}{said}"]  # fmt: skip
     # an epoch the user made shorter is the one planned for
     assert auto_budget.plan_epoch(TrainConfig(epoch_images=100), pilot, budget, lines.append, min_trial_steps=1) is None
+
+
+def test_under_torchrun_a_budgets_pilot_and_trials_count_a_step_as_a_batch_on_every_rank():
+    # a pilot of 4 steps on 2 ranks, and trials of 5 steps where the plan promised 10: the batch is each rank's
+    from freezetune.distributed import DistInfo
+
+    trial = TrainConfig(batch_size=16)
+    assert auto_budget.pilot_config(trial, Path("r"), 2).epoch_images == 2 * auto_budget.pilot_config(
+        trial, Path("r")).epoch_images == 2 * 16 * auto_budget.PILOT_STEPS  # fmt: skip
+    pilot = {"data_kind": "images", "steps": 8, "images": 256, "image_s": 0.01, "call_s": 2.0, "wall_s": 4.5,
+             "train_items": 10_000, "seconds": {"cache": 1.0, "epochs": 3.0}}  # fmt: skip
+    two = auto_budget.TrialBudget(10.0, "10s", 0.0, info=DistInfo(rank=0, world=2))
+    two.spent = lambda: 0.0  # (no collective: the clock is given)
+    assert auto_budget.plan_epoch(TrainConfig(batch_size=16), pilot, two, lambda line: None, min_trial_steps=10) == 640
 
 
 def test_a_budget_plans_the_runs_epochs_at_the_pace_of_a_whole_epoch_validation_and_checkpoints_included():
@@ -526,6 +542,9 @@ def test_a_budget_says_what_it_affords_at_that_pace_and_the_trials_record_what_t
     epochs = auto_plan.run_epochs(TrainConfig(budget="20s", refit=False), [trial], trial, 4.0, False, lines.append)
     assert epochs == (3, None) and lines == ["auto: the 20s budget leaves 16s after the trials: 3 epoch(s) of about 5.0s (2.0s "
                                      "training, 3.0s validation and checkpoints)"]  # fmt: skip
+    # a run's pace moves by 10 % from call to call: the epochs are planned for PACE_MARGIN of the time left
+    assert auto_plan.run_epochs(TrainConfig(budget="19s", refit=False), [trial], trial, 4.0, False, lambda line: None
+                                ) == (2, None)  # fmt: skip
     lines.clear()  # an --epochs given too is replaced, and said to be (it was dropped in silence)
     auto_plan.run_epochs(TrainConfig(budget="20s", refit=False, epochs=2), [trial], trial, 4.0, False, lines.append,
                  probed=True)  # fmt: skip
@@ -682,7 +701,7 @@ def test_a_budget_that_plans_fewer_epochs_than_the_warm_up_scales_it_and_says_wh
                       "--warmup-epochs", "2")  # fmt: skip
     code, out, err = run_cli(capsys, *argv)
     assert code == 0, err
-    said = r"budget: the run trains one epoch \(not the 4 of epochs\) of \d+ of the \d+ images, over it"
+    said = r"budget, and the run's set-up takes about [\d.]+s: the run trains one epoch \(not the 4 of epochs\) of \d+ of the \d+ images, over it"
     assert re.search(said, out), out
     assert "auto: --warmup-epochs 2 is as long as the 1 epoch(s) the budget plans: the run warms up for 0.5, the " \
            "share of the run it was of --epochs 4" in out, out  # fmt: skip

@@ -156,24 +156,25 @@ def run(cfg: TrainConfig, *, echo: Callable[[str], None] = print, train: Callabl
     # its epochs count when a trial decides whether a training store pays
     if pilot is None:
         later = cfg.epochs / TRIAL_FRACTION + len(ks) - 1
-    elif pilot["planned"]:  # the pilot shortened the epochs for about one of the run's, and left no other trial time
-        later = 1 / TRIAL_FRACTION
+    elif pilot["planned"]:  # the pilot shortened the epochs for the default's trial and about one of the run's (the
+        later = 1 / TRIAL_FRACTION  # other trials run only if the time left still allows)
     else:  # a budget's are planned after the trials
         later = None
     lent = functools.partial(shared, refit_follows=refits(cfg), later_epochs=later)
     trials, choice, why = _measure(base, ks, boost, out, lent, said, budget)
     refit = run_refits(cfg, trials[0], echo)
     # the epochs planned before a probe (a budget's: rank 0's clock decides for every rank, theirs differ)
-    planned, _ = run_epochs(cfg, trials, choice, budget.spent(), refit, lambda line: None)
+    longest, setup_s = _as_asked(cfg, pilot, trials, refit), pilot["setup_s"] if pilot else 0.0
+    planned, _ = run_epochs(cfg, trials, choice, budget.spent(), refit, lambda line: None, setup_s=setup_s,
+                            longest=longest)  # fmt: skip
     probe = None
     if few_shot(trials[0], text, planned, echo):  # too few steps to fit a random head at the boosted LR: probe it
         probe_base = dataclasses.replace(base, warmup_epochs=run_warmup(cfg, planned, lambda line: None))
         alone = functools.partial(shared, later_epochs=0.0)  # no later run reads a probe's store (cut at the head)
         probe = _probe(probe_base, planned, refit, out, alone, echo, steps=trials[0]["steps"])
     spent = budget.spent()
-    epochs, images = run_epochs(cfg, trials, choice, spent, refit, echo, probed=probe is not None,
-                                setup_s=pilot["setup_s"] if pilot else 0.0,
-                                longest=_as_asked(cfg, pilot, trials, refit))  # fmt: skip
+    epochs, images = run_epochs(cfg, trials, choice, spent, refit, echo, probed=probe is not None, setup_s=setup_s,
+                                longest=longest, piloted=pilot is not None)  # fmt: skip
     base = base if images is None else dataclasses.replace(base, epoch_images=images)  # the time left affords them
     warmup = run_warmup(cfg, epochs, echo)
     # from the trial's fitted weights: a smaller step (see the docstring); from a probe's head, the LR as asked
@@ -220,13 +221,16 @@ def _pilot(base: TrainConfig, k: int, boost: float, out: Path, train: Callable, 
            budget: auto_budget.TrialBudget) -> tuple[dict, TrainConfig]:  # fmt: skip
     """A budget's pilot (``auto_budget``): the default candidate's trial cut to a few steps, streamed, its pace
     recorded; returns it and ``base`` with the epoch length that pace affords (as asked where it all fits)."""
-    pilot_cfg = auto_budget.pilot_config(_trial_config(base, k, boost, out), out)
+    pilot_cfg = auto_budget.pilot_config(_trial_config(base, k, boost, out), out, budget.world)
+    echo(f"auto: the {budget.said} budget: a pilot of the default (last {k} stages), {auto_budget.PILOT_STEPS} "
+         "steps, measures the pace first")  # fmt: skip
     before = budget.spent()
     # no later reader: a store pays only where the pilot's own draws exceed the set (tiny data, then read again)
     result, seconds = _measurement(pilot_cfg, functools.partial(train, later_epochs=0.0), echo, brief=True,
                                    during="the pilot of the budget (pilots are not resumed)",
                                    again="the pilot and the trials again")  # fmt: skip
     pilot = auto_budget.pace(result, budget.spent() - before, seconds)
+    budget.call_s = pilot["call_s"]  # each later trial's set-up, where the budget weighs the other trials
     if budget.info is None or budget.info.is_main:  # its weights start nothing
         (Path(pilot_cfg.out) / checkpoint.BEST).unlink(missing_ok=True)
     images = auto_budget.plan_epoch(base, pilot, budget, echo, min_trial_steps=MIN_TRIAL_STEPS)

@@ -40,6 +40,12 @@ class TrialBudget:
     said: str | None
     start: float
     info: object = None
+    call_s: float = 0.0  # what a call of train spends besides its training: its set-up, validation, checkpoints
+
+    @property
+    def world(self) -> int:
+        """The ranks training together: a step draws a batch on each."""
+        return getattr(self.info, "world", 1) or 1
 
     def spent(self) -> float:
         from freezetune.distributed import broadcast
@@ -50,11 +56,12 @@ class TrialBudget:
     def too_short_for(self, first: dict, others: int) -> str | None:
         """Why the budget leaves no time for the ``others`` trials after ``first`` and one epoch of the run: a 2m
         budget's third trial started 18 s before its end and took 46 s, then the run trained an epoch, 4m39s in all.
-        A later trial reads the cache the first built: its cost is the first's less the build. Its set-up (the model
-        built, the data read) and a deeper candidate's slower steps are not counted: "about"."""
+        A later trial reads the cache the first built: its cost is the first's less the build, plus its set-up where
+        a pilot measured it (``call_s``: ten-step trials are mostly set-up). A deeper candidate's slower steps are not
+        counted: "about"."""
         if self.seconds is None:
             return None
-        spent, trial_s = self.spent(), first["seconds"]["epochs"]
+        spent, trial_s = self.spent(), first["seconds"]["epochs"] + self.call_s
         epoch_s = sum(epoch_pace(first, refit=False, n_val=first["n_val"]))
         if spent + others * trial_s + epoch_s <= self.seconds:
             return None
@@ -63,9 +70,10 @@ class TrialBudget:
                 f"epoch of the run (about {seconds_text(epoch_s)}) take")  # fmt: skip
 
 
-def pilot_config(trial: TrainConfig, out: Path) -> TrainConfig:
-    """The pilot: the default candidate's ``trial`` cut to ``PILOT_STEPS`` steps, in ``auto-trials/pilot``."""
-    batch = trial.batch_size if isinstance(trial.batch_size, int) else PILOT_BATCH
+def pilot_config(trial: TrainConfig, out: Path, world: int = 1) -> TrainConfig:
+    """The pilot: the default candidate's ``trial`` cut to ``PILOT_STEPS`` steps (of a batch on each of ``world``
+    ranks), in ``auto-trials/pilot``."""
+    batch = (trial.batch_size if isinstance(trial.batch_size, int) else PILOT_BATCH) * world
     images = PILOT_STEPS * batch if trial.epoch_images is None else min(trial.epoch_images, PILOT_STEPS * batch)
     return dataclasses.replace(trial, epoch_images=images, out=str(out / TRIALS_DIR / PILOT_DIR))
 
@@ -80,6 +88,7 @@ def pace(result, seconds: float, measured: dict) -> dict:
     images = row.get("img_per_s", 0.0) * train_s
     cache_s = result.seconds.get("cache", 0.0)
     return {"steps": result.steps_per_epoch, "images": round(images), "image_s": train_s / max(images, 1.0),
+            "wall_s": seconds,
             "call_s": max(seconds - cache_s - train_s, 0.0),
             "setup_s": max(seconds - cache_s - result.seconds.get("epochs", 0.0), 0.0),
             "train_items": result.train_items, "data_kind": result.data_kind, "seconds": measured}  # fmt: skip
@@ -94,26 +103,28 @@ def plan_epoch(cfg: TrainConfig, pilot: dict, budget: TrialBudget, echo: Callabl
     epoch = epoch_items(cfg, pilot["train_items"])
     # a trial on TRIAL_FRACTION of an epoch and one epoch of the run, each a call of train besides its training
     need = 2 * pilot["call_s"] + (1 + TRIAL_FRACTION) * epoch * pilot["image_s"]
-    said = (f"auto: the {budget.said} budget: a pilot of {steps} step(s) trained {1 / pilot['image_s']:.0f} {kind}/s "
-            f"({seconds_text(sum(pilot['seconds'].values()))}); a trial on {TRIAL_FRACTION:.0%} of an epoch of "
+    said = (f"auto: the {budget.said} budget: a pilot of {steps_text(steps)} trained {1 / pilot['image_s']:.0f} "
+            f"{kind}/s ({seconds_text(pilot['wall_s'])} in all); a trial on {TRIAL_FRACTION:.0%} of an epoch of "
             f"{epoch:,} {kind} and one epoch of the run take about {seconds_text(need)}")  # fmt: skip
+    has = f"the {seconds_text(left)} left" if left > 0 else "what the budget has left (nothing)"
     if need <= left:
-        echo(f"{said}, within the {seconds_text(left)} left")
+        echo(f"{said}, within {has}")
         return None
-    # (a batch size "auto" measured: the pilot's images a step, a last short batch among them)
-    batch = cfg.batch_size if isinstance(cfg.batch_size, int) else pilot["images"] / max(steps, 1)
+    # a step draws a batch on each rank (a batch size "auto" measured: the pilot's images a step)
+    batch = cfg.batch_size * budget.world if isinstance(cfg.batch_size, int) else pilot["images"] / max(steps, 1)
     fewest = math.ceil(min_trial_steps * batch / TRIAL_FRACTION)  # the trial's steps the choice needs
     images = math.floor((left - 2 * pilot["call_s"]) / ((1 + TRIAL_FRACTION) * pilot["image_s"]))
     if max(images, fewest) >= epoch:
-        echo(f"{said}, more than the {seconds_text(left)} left: the run will end past the budget (shorter epochs "
-             f"would leave a trial under {steps_text(min_trial_steps)})")  # fmt: skip
+        echo(f"{said}, more than {has}: the run will end past the budget (an epoch of the set is no longer than the "
+             f"{fewest:,} {kind} a trial of {min_trial_steps} steps needs)")  # fmt: skip
         return None
     over = (
         "" if images >= fewest else f", past the budget: fewer would leave a trial under {steps_text(min_trial_steps)}"
     )
     images = max(images, fewest)
-    echo(f"{said}, more than the {seconds_text(left)} left: the trials' and the run's epochs draw {images:,} of the "
-         f"{kind} each (as --epoch-images {images} would){over}")  # fmt: skip
+    trial = max(1, round(images * TRIAL_FRACTION))
+    echo(f"{said}, more than {has}: the run's epochs draw {images:,} of the {epoch:,} {kind} (as --epoch-images "
+         f"{images} would; each trial {trial:,}){over}")  # fmt: skip
     return images
 
 

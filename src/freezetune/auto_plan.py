@@ -64,13 +64,16 @@ def run_refits(cfg: TrainConfig, first: dict, echo: Callable[[str], None]) -> bo
 
 def run_epochs(cfg: TrainConfig, trials: list[dict], choice: dict, spent: float, refit: bool,
                echo: Callable[[str], None], *, probed: bool = False, setup_s: float = 0.0,
-               longest: int | None = None) -> tuple[int, int | None]:  # fmt: skip
+               longest: int | None = None, piloted: bool = False) -> tuple[int, int | None]:  # fmt: skip
     """The final run's epochs: what the budget affords after ``spent`` seconds of trials (and a probe: ``probed``)
     and the run's own ``setup_s`` (a pilot measured it), said; and where less than one epoch is left, the images its
     one epoch draws (as ``epoch_images``; None: the epochs as the trials' run would have them). ``longest``: where a
     pilot shortened the epochs, the images of one as asked: a run with time for less than two of the short ones
-    trains one as long as the time left affords, up to that (the pilot's first steps are its slowest)."""
-    measured = "the trials and the probe" if probed else "the trials"
+    trains one as long as the time left affords, up to that (the pilot's first steps are its slowest). ``piloted``:
+    a budget's pilot ran before the trials (its seconds are among ``spent``)."""
+    measured = ("the pilot, " if piloted else "") + ("the trials and the probe" if probed else "the trials")
+    if piloted and not probed:
+        measured = "the pilot and the trials"
     budget = parse_duration(cfg.budget)
     if budget is None:
         return cfg.epochs, None
@@ -85,14 +88,15 @@ def run_epochs(cfg: TrainConfig, trials: list[dict], choice: dict, spent: float,
         kind = choice.get("data_kind", "images")
         drawn = f" of {images:,} of the {max(whole, longest or 0):,} {kind}" if images != whole else ""
         if left <= 0:  # the run then trains one epoch, as short as a trial's: say why, not only how many
-            echo(f"auto: {measured} took {seconds_text(spent)} of the {cfg.budget} budget: the run trains one "
+            setup = f", and the run's set-up takes about {seconds_text(setup_s)}" if setup_s else ""
+            echo(f"auto: {measured} took {seconds_text(spent)} of the {cfg.budget} budget{setup}: the run trains one "
                  f"epoch{replaced}{drawn}, over it")  # fmt: skip
         else:  # (over it by a few percent: the pace's noise, not said)
             over = f", about {seconds_text(over_s)} over it" if over_s > 0.05 * left else ""
             echo(f"auto: the {cfg.budget} budget leaves {seconds_text(left)} after {after}: 1 epoch{replaced}{drawn}"
                  f"{over}; at the trial's pace an epoch of {whole:,} takes {pace}")  # fmt: skip
         return 1, images if images != whole else None
-    epochs = math.floor(left / max(epoch_s, 1e-6))
+    epochs = max(1, math.floor(left * PACE_MARGIN / max(epoch_s, 1e-6)))
     # the pace is the chosen trial's: the stages an --unfreeze opens later train too, and their epochs take longer
     slower = (f"; the epochs after --unfreeze {cfg.unfreeze} opens more stages train slower than that, and may end the "
               "run past the budget") if cfg.unfreeze else ""  # fmt: skip
