@@ -476,13 +476,26 @@ def test_a_budget_too_small_for_a_trial_and_an_epoch_of_the_set_shortens_every_e
 
     assert samples(tmp_path / "r") == [8] and samples(tmp_path / "r/auto-trials/last-3") == [8]
     assert choice["epochs"] == 1 and choice["epoch_images"] == 8
-    assert not (tmp_path / "r/auto-trials/pilot/best.pt").exists()  # its weights start nothing
     # the pilot is part of the run's cost, and a resume trains the epochs it planned
     trials = [*decision["trials"], pilot]
     assert result.seconds["epochs"] > sum(t["seconds"]["epochs"] for t in trials) > pilot["seconds"]["epochs"] > 0
     resumed, measured = auto_resume.resumed(recipe_cfg(data, tmp_path / "r", budget="0.01s", epochs=2, resume=True),
                                             tmp_path / "r", lambda line: None, write=False)  # fmt: skip
     assert resumed.epoch_images == 8 and measured[-1] == pilot
+
+
+def test_a_budgets_pilot_that_drew_the_default_trials_whole_epoch_is_that_trial_not_a_repeat_of_it(data, tmp_path):
+    # on a small set the pilot drew the trial's images with its seed and LR, and the trial then did it all again
+    lines = []
+    result = auto.run(recipe_cfg(data, tmp_path / "r", budget="2s", epochs=1), echo=lines.append)
+    decision = json.loads((tmp_path / "r" / "recipe.json").read_text())
+    (trial,) = decision["trials"]
+    assert decision["pilot"]["is_trial"] and decision["pilot"]["planned"] is None and trial["seconds"]["epochs"] > 0
+    assert [line.strip().startswith("epoch 1/1") for line in lines if line.startswith("  ")].count(True) == 1, lines
+    assert sum(line.startswith("auto: last 3 stage(s) + head at lr ") for line in lines) == 1
+    assert (tmp_path / "r/auto-trials/last-3/metrics.csv").is_file() and Path(decision["choice"]["init"]).is_file()
+    # its seconds count once, as the trial's
+    assert result.seconds["cache"] + result.seconds["epochs"] > trial["seconds"]["epochs"]
 
 
 @pytest.mark.parametrize(
@@ -517,8 +530,8 @@ def test_under_torchrun_a_budgets_pilot_and_trials_count_a_step_as_a_batch_on_ev
     from freezetune.distributed import DistInfo
 
     trial = TrainConfig(batch_size=16)
-    assert auto_budget.pilot_config(trial, Path("r"), 2).epoch_images == 2 * auto_budget.pilot_config(
-        trial, Path("r")).epoch_images == 2 * 16 * auto_budget.PILOT_STEPS  # fmt: skip
+    assert auto_budget.pilot_config(trial, 2).epoch_images == 2 * auto_budget.pilot_config(
+        trial).epoch_images == 2 * 16 * auto_budget.PILOT_STEPS  # fmt: skip
     pilot = {"data_kind": "images", "steps": 8, "images": 256, "image_s": 0.01, "call_s": 2.0, "wall_s": 4.5,
              "train_items": 10_000, "seconds": {"cache": 1.0, "epochs": 3.0}}  # fmt: skip
     two = auto_budget.TrialBudget(10.0, "10s", 0.0, info=DistInfo(rank=0, world=2))

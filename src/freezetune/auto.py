@@ -149,9 +149,9 @@ def run(cfg: TrainConfig, *, echo: Callable[[str], None] = print, train: Callabl
 
     budget = auto_budget.TrialBudget(parse_duration(cfg.budget), cfg.budget, start, info)
     said = run_log.introduced(echo, _intro(ks, cut, text, cfg.budget))
-    pilot = None
+    pilot = first = None
     if budget.seconds is not None:  # how long a trial and an epoch take, measured: a large set's overran the budget
-        pilot, base = _pilot(base, default_stages(ks), boost, out, shared, said, budget)
+        pilot, base, first = _pilot(base, default_stages(ks), boost, out, shared, said, budget)
     # the trials' hold-out, lent: the final run trains on it; their cache, read by the run (and the other trials):
     # its epochs count when a trial decides whether a training store pays
     if pilot is None:
@@ -161,7 +161,7 @@ def run(cfg: TrainConfig, *, echo: Callable[[str], None] = print, train: Callabl
     else:  # a budget's are planned after the trials
         later = None
     lent = functools.partial(shared, refit_follows=refits(cfg), later_epochs=later)
-    trials, choice, why = _measure(base, ks, boost, out, lent, said, budget)
+    trials, choice, why = _measure(base, ks, boost, out, lent, said, budget, first=first, piloted=pilot is not None)
     refit = run_refits(cfg, trials[0], echo)
     # the epochs planned before a probe (a budget's: rank 0's clock decides for every rank, theirs differ)
     longest, setup_s = _as_asked(cfg, pilot, trials, refit), pilot["setup_s"] if pilot else 0.0
@@ -218,24 +218,30 @@ def _intro(ks: list[int], cut: str, text: bool, budget: str | None = None) -> st
 
 
 def _pilot(base: TrainConfig, k: int, boost: float, out: Path, train: Callable, echo: Callable[[str], None],
-           budget: auto_budget.TrialBudget) -> tuple[dict, TrainConfig]:  # fmt: skip
+           budget: auto_budget.TrialBudget) -> tuple[dict, TrainConfig, dict | None]:  # fmt: skip
     """A budget's pilot (``auto_budget``): the default candidate's trial cut to a few steps, streamed, its pace
-    recorded; returns it and ``base`` with the epoch length that pace affords (as asked where it all fits)."""
-    pilot_cfg = auto_budget.pilot_config(_trial_config(base, k, boost, out), out, budget.world)
+    recorded; returns it, ``base`` with the epoch length that pace affords (as asked where it all fits), and the
+    default's trial where the pilot was it (a trial no longer than the pilot's steps)."""
+    trial_cfg = _trial_config(base, k, boost, out)
+    pilot_cfg = auto_budget.pilot_config(trial_cfg, budget.world)  # in the trial's dir: it may be the trial
     echo(f"auto: the {budget.said} budget: a pilot of the default (last {k} stages), {auto_budget.PILOT_STEPS} "
          "steps, measures the pace first")  # fmt: skip
     before = budget.spent()
     # no later reader: a store pays only where the pilot's own draws exceed the set (tiny data, then read again)
-    result, seconds = _measurement(pilot_cfg, functools.partial(train, later_epochs=0.0), echo, brief=True,
+    result, seconds = _measurement(pilot_cfg, functools.partial(train, later_epochs=0.0), echo, brief=False,
                                    during="the pilot of the budget (pilots are not resumed)",
                                    again="the pilot and the trials again")  # fmt: skip
     pilot = auto_budget.pace(result, budget.spent() - before, seconds)
     budget.call_s = pilot["call_s"]  # each later trial's set-up, where the budget weighs the other trials
-    if budget.info is None or budget.info.is_main:  # its weights start nothing
-        (Path(pilot_cfg.out) / checkpoint.BEST).unlink(missing_ok=True)
     images = auto_budget.plan_epoch(base, pilot, budget, echo, min_trial_steps=MIN_TRIAL_STEPS)
     pilot["planned"] = images
-    return pilot, base if images is None else dataclasses.replace(base, epoch_images=images)
+    first = None
+    if images is None and pilot["images"] >= auto_budget.epoch_items(trial_cfg, result.train_items):
+        # it drew the trial's whole epoch, as the trial would (the same images, seed and LR): it is the default's
+        # trial (a small set's pilot repeated it, and the budget paid twice); else the trial starts its dir afresh
+        first = _trial_row(base, k, trial_cfg, result, seconds, echo)
+        pilot["seconds"], pilot["is_trial"] = {}, True  # its seconds counted once, as the trial's
+    return pilot, base if images is None else dataclasses.replace(base, epoch_images=images), first
 
 
 def _as_asked(cfg: TrainConfig, pilot: dict | None, trials: list[dict], refit: bool) -> int | None:
@@ -278,11 +284,13 @@ def _with_trial_seconds(result, trials: list[dict]):
 
 
 def _measure(base: TrainConfig, ks: list[int], boost: float, out: Path, train: Callable,
-             echo: Callable[[str], None], budget: auto_plan.TrialBudget | None = None):  # fmt: skip
+             echo: Callable[[str], None], budget: auto_budget.TrialBudget | None = None, *,
+             first: dict | None = None, piloted: bool = False):  # fmt: skip
     """The trials (the default candidate's first, the others where the split, the trial's steps and the budget
-    allow), the chosen one, and why it was chosen."""
+    allow), the chosen one, and why it was chosen. ``first``: the default's trial where a budget's pilot was it;
+    ``piloted``: a pilot printed the stage table."""
     default_k = default_stages(ks)
-    first = _trial(base, default_k, boost, out, train, echo, brief=False)
+    first = first or _trial(base, default_k, boost, out, train, echo, brief=piloted)
     n_val, kind = first["n_val"], first["data_kind"]
     if not n_val:
         return [first], first, f"the default (last {default_k} stages): there are no validation {kind} to compare on"
@@ -317,6 +325,12 @@ def _trial(base: TrainConfig, k: int, boost: float, out: Path, train: Callable, 
     # the first trial prints the stage table, the others what they train
     result, seconds = _measurement(trial_cfg, train, echo, brief=brief, during=f"the trial of the last {k} stage(s) "
                                    "(trials are not resumed)", again="them again")  # fmt: skip
+    return _trial_row(base, k, trial_cfg, result, seconds, echo)
+
+
+def _trial_row(base: TrainConfig, k: int, trial_cfg: TrainConfig, result: RunResult, seconds: dict,
+               echo: Callable[[str], None]) -> dict:  # fmt: skip
+    """Candidate ``k``'s trial, said and recorded: its score, its pace, what it trained."""
     row = result.history[-1] if result.history else {}
     trained_s = row.get("epoch_time_s", 0.0)
     metric = compared_by(base.monitor)

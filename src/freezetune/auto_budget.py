@@ -10,7 +10,8 @@ spent before the first trial ended (10 000 Fashion-MNIST images at 64 px on a 2-
 whether a trial and one epoch of the run fit in what is left; where they do not, the trials' and the run's epochs
 draw fewer images (as ``--epoch-images`` does), as many as that time affords, and the other trials are left out
 (``TrialBudget``). Its pace counts everything a trial and the run repeat: their set-up, validation and checkpoints,
-and the frozen prefix of every image they draw; a store, where one pays, costs less."""
+and the frozen prefix of every image they draw; a store, where one pays, costs less. A pilot that drew the trial's
+whole epoch (a small set) is the default's trial."""
 
 from __future__ import annotations
 
@@ -18,15 +19,12 @@ import dataclasses
 import math
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 from freezetune.auto_plan import epoch_pace, seconds_text, steps_text
 from freezetune.auto_rule import TRIAL_FRACTION
 from freezetune.config import TrainConfig
-from freezetune.runtime import TRIALS_DIR
 
 PILOT_STEPS = 8  # the pilot's optimizer steps: the first ones are the slowest, so its pace errs on the long side
-PILOT_DIR = "pilot"  # the pilot's run, beside the trials' in auto-trials/
 PILOT_BATCH = 32  # the batch a pilot plans its images for where the batch size is "auto" (measured in the run)
 
 
@@ -70,12 +68,12 @@ class TrialBudget:
                 f"epoch of the run (about {seconds_text(epoch_s)}) take")  # fmt: skip
 
 
-def pilot_config(trial: TrainConfig, out: Path, world: int = 1) -> TrainConfig:
+def pilot_config(trial: TrainConfig, world: int = 1) -> TrainConfig:
     """The pilot: the default candidate's ``trial`` cut to ``PILOT_STEPS`` steps (of a batch on each of ``world``
-    ranks), in ``auto-trials/pilot``."""
+    ranks), in the trial's dir (where it drew the trial's whole epoch, it is the trial)."""
     batch = (trial.batch_size if isinstance(trial.batch_size, int) else PILOT_BATCH) * world
     images = PILOT_STEPS * batch if trial.epoch_images is None else min(trial.epoch_images, PILOT_STEPS * batch)
-    return dataclasses.replace(trial, epoch_images=images, out=str(out / TRIALS_DIR / PILOT_DIR))
+    return dataclasses.replace(trial, epoch_images=images)
 
 
 def pace(result, seconds: float, measured: dict) -> dict:
