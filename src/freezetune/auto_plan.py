@@ -71,9 +71,8 @@ def run_epochs(cfg: TrainConfig, trials: list[dict], choice: dict, spent: float,
     pilot shortened the epochs, the images of one as asked: a run with time for less than two of the short ones
     trains one as long as the time left affords, up to that (the pilot's first steps are its slowest). ``piloted``:
     a budget's pilot ran before the trials (its seconds are among ``spent``)."""
-    measured = ("the pilot, " if piloted else "") + ("the trials and the probe" if probed else "the trials")
-    if piloted and not probed:
-        measured = "the pilot and the trials"
+    done = [*(["the pilot"] if piloted else []), "the trials", *(["the probe"] if probed else [])]
+    measured = done[0] if len(done) == 1 else f"{', '.join(done[:-1])} and {done[-1]}"
     budget = parse_duration(cfg.budget)
     if budget is None:
         return cfg.epochs, None
@@ -109,8 +108,7 @@ def _one_epoch(choice: dict, refit: bool, n_val: int, left: float, pace: tuple[f
                longest: int | None = None) -> tuple[int, int, float]:  # fmt: skip
     """The images of a run's one epoch in the time ``left`` (as many as its training time affords at the trial's
     ``pace`` in ``PACE_MARGIN`` of it, no fewer than a trial drew, its half epoch; no more than an epoch, or than
-    ``longest``), the images of
-    one epoch at that pace, and how many seconds past the budget it ends.
+    ``longest``), the images of one epoch at that pace, and how many seconds past the budget it ends.
 
     >>> _one_epoch({"epoch_images": 100.0}, False, 10, left=6.0, pace=(8.0, 1.0))  # 4.7 s of 8 s training
     (58, 100, 0.0)
