@@ -704,6 +704,19 @@ def test_long_texts_are_counted_a_chunk_at_a_time_to_the_same_result():
     assert long_texts([], tokenize) == (0, 0)
 
 
+def test_a_texts_own_special_token_strings_are_text_not_the_tokenizers_markers():
+    # "</s>" in a text was BART's and T5's end of sequence (a batch whose texts held different counts of it was
+    # refused: "All examples must have the same number of <eos> tokens"), "[PAD]" in a text BERT's padding
+    from freezetune.data.text import long_texts
+
+    tokenize = TokenizeBatch(str(MINILM), 16)
+    tok = tokenize.tokenizer
+    ids = tokenize.tokenize(["a [SEP] b [PAD] c", "x"])["input_ids"]
+    assert [(row == tok.sep_token_id).sum().item() for row in ids] == [1, 1]  # the marker the tokenizer adds, alone
+    assert tok.pad_token_id not in ids[0].tolist() and len(ids[0]) == 11  # "[", "sep", "]", ... each a token
+    assert long_texts(["a [SEP] b [PAD] c"], TokenizeBatch(str(MINILM), 10)) == (1, 11)  # counted as it trains
+
+
 def test_a_decoder_without_a_padding_token_pads_with_its_end_of_sequence_and_exports_single_label(tmp_path, capsys):
     # GPT-2 and Llama ship without a pad token: train and inspect stopped with transformers' traceback ("Asking to pad
     # but the tokenizer does not have a padding token"); and a source's multi-label problem_type reached the export

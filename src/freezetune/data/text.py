@@ -176,7 +176,10 @@ class TokenizeBatch:
 
     def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
         """The model's input for ``texts``: token ids and masks, padded to the longest, truncated at ``max_length``."""
-        batch = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
+        # a text's own "</s>" or "[SEP]" is text, not the tokenizer's marker: BART and T5 refused a batch whose texts
+        # held different counts of "</s>" (HTML's strikethrough), and BERT read "[PAD]" in a text as its padding token
+        batch = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt",
+                               split_special_tokens=True)  # fmt: skip
         return dict(batch)
 
 
@@ -216,7 +219,8 @@ def long_texts(texts: list[str], tokenize: TokenizeBatch, chunk: int = 1000) -> 
     ``chunk`` texts at a time, so 100 000 long documents never hold all their token ids at once."""
     long = longest = 0
     for start in range(0, len(texts), chunk):
-        ids = tokenize.tokenizer(texts[start : start + chunk], truncation=False, verbose=False)["input_ids"]
+        ids = tokenize.tokenizer(texts[start : start + chunk], truncation=False, verbose=False,
+                                 split_special_tokens=True)["input_ids"]  # fmt: skip
         lengths = [len(i) for i in ids]
         long += sum(n > tokenize.max_length for n in lengths)
         longest = max(longest, *lengths)
