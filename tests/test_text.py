@@ -717,6 +717,18 @@ def test_a_texts_own_special_token_strings_are_text_not_the_tokenizers_markers()
     assert long_texts(["a [SEP] b [PAD] c"], TokenizeBatch(str(MINILM), 10)) == (1, 11)  # counted as it trains
 
 
+def test_a_checkpoint_bundles_a_sentencepiece_vocabulary_without_a_tokenizer_json(tmp_path):
+    # DeBERTa-v3's folder (microsoft/deberta-v3-base's layout): its vocabulary, spm.model, was left out of best.pt and
+    # the export, so a model whose folder was gone could not tokenize
+    from freezetune import hf_bundle
+
+    folder = tmp_path / "deberta-v3"
+    folder.mkdir()
+    for name in ("config.json", "tokenizer_config.json", "spm.model"):
+        (folder / name).write_text("{}")
+    assert set(hf_bundle.bundle(f"hf:{folder}")) == {"config.json", "tokenizer_config.json", "spm.model"}
+
+
 def test_a_decoder_without_a_padding_token_pads_with_its_end_of_sequence_and_exports_single_label(tmp_path, capsys):
     # GPT-2 and Llama ship without a pad token: train and inspect stopped with transformers' traceback ("Asking to pad
     # but the tokenizer does not have a padding token"); and a source's multi-label problem_type reached the export
