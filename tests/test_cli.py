@@ -441,6 +441,16 @@ def test_inspect_prints_stage_table_and_memory_estimate(capsys):
     assert 0 < frozen < full
 
 
+def test_inspect_of_a_timm_model_built_without_a_head_names_the_flag_that_adds_one(capsys):
+    # EVA-02's MIM weights come with num_classes=0: the error named a Python call on the command line
+    argv = ("inspect", "--model", "timm:eva02_tiny_patch14_224", "--img-size", "224")
+    code, _, err = run_cli(capsys, *argv)
+    assert code == 2 and "Eva has no classifier head" in err, err
+    assert err.strip().endswith("(freezetune inspect: --num-classes N)"), err
+    code, out, err = run_cli(capsys, *argv, "--num-classes", "5")
+    assert code == 0 and "head: head" in out, err
+
+
 def test_inspect_batch_size_auto_says_what_train_would_pick(capsys):
     code, out, err = run_cli(capsys, "inspect", "--model", "timm:test_efficientnet", "--img-size", "32",
                              "--batch-size", "auto")  # fmt: skip

@@ -222,7 +222,8 @@ def _timm_head_name(model: nn.Module) -> str | None:
     if isinstance(classifier, nn.Module) and not has_params(classifier):
         raise SpecError(
             f"{type(model).__name__} has no classifier head (a timm model created with num_classes=0 has "
-            f"{type(classifier).__name__} there); add one with freezetune.replace_head(model, num_classes)"
+            f"{type(classifier).__name__} there); add one with freezetune.replace_head(model, num_classes) (freezetune "
+            "inspect: --num-classes N)"
         )
     return _name_of(model, classifier) if isinstance(classifier, nn.Module) else None
 
