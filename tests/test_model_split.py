@@ -241,6 +241,30 @@ def test_a_cut_moved_by_a_random_op_names_the_stage_it_is_at():
     assert split.prefix(torch.randn(2, 8)).shape == (2, 8)
 
 
+def test_a_cut_moved_by_two_tensors_crossing_is_not_blamed_on_random_numbers():
+    # HRNet's branches enter its stage2 side by side: the log said its frozen layers "draw random numbers in
+    # training", which nothing in it does
+    class TwoBranches(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem, self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8)
+            self.fuse, self.head = nn.Bilinear(8, 8, 8), nn.Linear(8, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = self.stem(x)
+            return self.head(self.fuse(self.a(x), self.b(x)))
+
+    model = TwoBranches()
+    assert [s.name for s in ft.stages(model)] == ["stem", "a", "b", "fuse", "head"]
+    ft.freeze_to(model, -2)  # fuse and the head train
+    split, why = split_model(model)
+    assert split.boundary == "a" and why == ("cached at the input of a (fx), not of fuse: more than one tensor (or a "
+                                             "random op) crosses into fuse, so the frozen layers from a on run every "
+                                             "step"), why  # fmt: skip
+    x = torch.randn(2, 8)
+    torch.testing.assert_close(split.suffix_eval(split.prefix(x)), model(x))
+
+
 def test_a_failure_after_tracing_is_not_blamed_on_the_model(monkeypatch):
     # a fault in freezetune's own graph surgery is named as such: it is not "the model does not trace"
     from freezetune.cache import model_split as split_module

@@ -85,10 +85,8 @@ def split_model(model: nn.Module, at: str | None = None) -> tuple[Split | None, 
     try:
         split = _fx_split(model, st, first, set(st[first].param_names) if at is not None else None)
         if split is not None and split.boundary != st[first].name:  # say where the cache is, and why there
-            return split, (
-                f"cached at the input of {split.boundary} (fx), not of {st[first].name}: frozen layers "
-                "between them draw random numbers in training (dropout, drop path, stochastic depth) and run every step"
-            )
+            why = _why_earlier(model, st, split.boundary, first)
+            return split, f"cached at the input of {split.boundary} (fx), not of {st[first].name}: {why}"
         if split is not None:
             return split, f"cached at the input of {split.boundary} (fx)"
         why = "no single tensor crosses the stage boundary"
@@ -101,6 +99,17 @@ def split_model(model: nn.Module, at: str | None = None) -> tuple[Split | None, 
     if head is None:
         return None, f"{why}, and {problem}"
     return head, f"{why}; caching the head input only"
+
+
+def _why_earlier(model: nn.Module, st: list[Stage], boundary: str, first: int) -> str:
+    """Why a cut lies before stage ``first``, at ``boundary``'s input: a random layer of the frozen stages between, or
+    more than one tensor crossing into ``first`` (HRNet's branches: it was blamed on random numbers it has none of)."""
+    between = st[[s.name for s in st].index(boundary) : first]
+    if any(_is_stochastic(m) for s in between for name in s.modules for m in model.get_submodule(name).modules()):
+        return ("frozen layers between them draw random numbers in training (dropout, drop path, stochastic depth) and "
+                "run every step")  # fmt: skip
+    return (f"more than one tensor (or a random op) crosses into {st[first].name}, so the frozen layers from "
+            f"{boundary} on run every step")  # fmt: skip
 
 
 def check_cut(model: nn.Module, at: str | None) -> None:
