@@ -498,6 +498,17 @@ def test_a_budgets_pilot_that_drew_the_default_trials_whole_epoch_is_that_trial_
     assert result.seconds["cache"] + result.seconds["epochs"] > trial["seconds"]["epochs"]
 
 
+def test_a_small_set_under_a_large_budget_trains_the_epochs_asked_not_all_the_budget_affords(data, tmp_path):
+    # a budget and --epochs are both limits: a few images under an hour's budget trained for the whole hour (five
+    # minutes here: a regression ends, failing, after it)
+    lines = []
+    result = auto.run(recipe_cfg(data, tmp_path / "r", budget="5m", epochs=3), echo=lines.append)
+    decision = json.loads((tmp_path / "r" / "recipe.json").read_text())
+    assert decision["choice"]["epochs"] == 3 and len(result.history) == 3, lines
+    assert any(re.search(r"budget leaves \d+s after the pilot and the trials.*: 3 epoch\(s\) \(--epochs 3; the "
+                         r"budget affords [\d,]+\) of about", line) for line in lines), lines  # fmt: skip
+
+
 @pytest.mark.parametrize(
     ("budget_s", "train_items", "planned", "said"),
     [
@@ -558,11 +569,21 @@ def test_a_budget_says_what_it_affords_at_that_pace_and_the_trials_record_what_t
     # a run's pace moves by 10 % from call to call: the epochs are planned for PACE_MARGIN of the time left
     assert auto_plan.run_epochs(TrainConfig(budget="19s", refit=False), [trial], trial, 4.0, False, lambda line: None
                                 ) == (2, None)  # fmt: skip
-    lines.clear()  # an --epochs given too is replaced, and said to be (it was dropped in silence)
-    auto_plan.run_epochs(TrainConfig(budget="20s", refit=False, epochs=2), [trial], trial, 4.0, False, lines.append,
-                 probed=True)  # fmt: skip
-    assert lines[0].startswith("auto: the 20s budget leaves 16s after the trials and the probe: 3 epoch(s) (not the 2 "
+    lines.clear()  # an --epochs the budget cannot fit is said to be replaced (it was dropped in silence)
+    assert auto_plan.run_epochs(TrainConfig(budget="20s", refit=False, epochs=5), [trial], trial, 4.0, False,
+                                lines.append, probed=True) == (3, None)  # fmt: skip
+    assert lines[0].startswith("auto: the 20s budget leaves 16s after the trials and the probe: 3 epoch(s) (not the 5 "
                                "of epochs) ")  # fmt: skip
+    lines.clear()  # ... and one it can is the most it plans: both are limits, whichever ends the run first
+    assert auto_plan.run_epochs(TrainConfig(budget="20s", refit=False, epochs=2), [trial], trial, 4.0, False,
+                                lines.append) == (2, None)  # fmt: skip
+    assert lines[0].startswith("auto: the 20s budget leaves 16s after the trials: 2 epoch(s) (--epochs 2; the budget "
+                               "affords 3) of about 5.0s ")  # fmt: skip
+    lines.clear()  # without --epochs, a budget plans no more than MAX_BUDGET_EPOCHS: a small set trained thousands
+    assert auto_plan.run_epochs(TrainConfig(budget="1h", refit=False), [trial], trial, 4.0, False, lines.append) == (
+        auto_plan.MAX_BUDGET_EPOCHS, None)  # fmt: skip
+    assert lines[0].startswith(f"auto: the 1h budget leaves 3596s after the trials: {auto_plan.MAX_BUDGET_EPOCHS} "
+                               "epoch(s) (at most 30 without --epochs; the budget affords 683) of about 5.0s ")  # fmt: skip
     lines.clear()  # less than an epoch left: one epoch of what the rest affords, no fewer images than a trial drew
     assert auto_plan.run_epochs(TrainConfig(budget="7s", refit=False), [trial], trial, 4.0, False, lines.append) == (
         1, 50)  # fmt: skip

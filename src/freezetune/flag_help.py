@@ -6,6 +6,7 @@ is shown. A field with fixed choices has them appended by the CLI (``config.FIEL
 
 from __future__ import annotations
 
+from freezetune.auto_plan import MAX_BUDGET_EPOCHS
 from freezetune.options import (
     AUGMENTATIONS,
     AUTO_VAL_FRACTION,
@@ -68,9 +69,9 @@ FIELD_HELP = {
     "globs, comma-separated",
     "recipe": "a named procedure: " + " | ".join(RECIPES) + " (last-K: the last K stages train); default: what "
     "--freeze says",
-    "budget": "wall-clock budget for the auto recipe's trials and epochs (the epochs it trains, in place of "
-    "--epochs; the other candidates' trials only if it leaves time for them; shorter epochs where a pilot's pace says "
-    "a trial and one epoch would not fit), e.g. 90s, 5m, 1h (default: none)",
+    "budget": "wall-clock budget for the auto recipe's trials and epochs (the epochs it affords, at most --epochs "
+    f"where given, else {MAX_BUDGET_EPOCHS}; the other candidates' trials only if it leaves time for them; shorter epochs where a "
+    "pilot's pace says a trial and one epoch would not fit), e.g. 90s, 5m, 1h (default: none)",
     "bn": "BatchNorm in frozen parts: frozen (eval statistics), affine (affine trains, statistics update), train "
     "(statistics update), affine-only (affine trains, eval statistics)",
     "bn_stats": "BatchNorm statistics in the parts that train: update (from each batch, PyTorch's training mode), "
