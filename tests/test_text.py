@@ -760,6 +760,10 @@ def test_a_decoder_without_a_padding_token_pads_with_its_end_of_sequence_and_exp
     exported = json.loads((tmp_path / "m.hf" / "config.json").read_text())
     assert exported["problem_type"] == "single_label_classification" and exported["num_labels"] == 2
     assert exported["pad_token_id"] == tokenizer.sep_token_id
+    # ... and its tokenizer pads a batch with that token, as the run's did: it had no padding token
+    rebuilt = AutoTokenizer.from_pretrained(tmp_path / "m.hf")
+    assert rebuilt.pad_token == "[SEP]"
+    assert len({len(ids) for ids in rebuilt(["a", "b c d"], padding=True)["input_ids"]}) == 1  # it refused to pad
 
 
 def _same_top(a: list[dict], b: list[dict]) -> bool:

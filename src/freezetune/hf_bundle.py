@@ -91,7 +91,31 @@ def with_classes(files: dict[str, str], classes: list[str], *, text: bool = Fals
     if (task := _task_class(config.get("model_type"), text)) is not None:
         config["architectures"] = [task]
     written = json.dumps(config, indent=2, sort_keys=True) + "\n"
-    return {**files, "config.json": base64.b64encode(written.encode()).decode("ascii")}
+    return _with_pad_token({**files, "config.json": base64.b64encode(written.encode()).decode("ascii")})
+
+
+def _with_pad_token(files: dict[str, str]) -> dict[str, str]:
+    """``files`` with a tokenizer that has no padding token padding with its end-of-sequence token, as the run's
+    did (``data.text.TokenizeBatch``): an exported GPT-2's tokenizer refused to pad a batch of two texts, its config
+    naming a pad_token_id all the same.
+
+    >>> b64 = lambda d: base64.b64encode(json.dumps(d).encode()).decode("ascii")
+    >>> out = _with_pad_token({"tokenizer_config.json": b64({"eos_token": "</s>", "pad_token": None})})
+    >>> json.loads(base64.b64decode(out["tokenizer_config.json"]))["pad_token"]
+    '</s>'
+    """
+    if "tokenizer_config.json" not in files:
+        return files
+    tokenizer = json.loads(base64.b64decode(files["tokenizer_config.json"]))
+    special = (
+        json.loads(base64.b64decode(files["special_tokens_map.json"])) if "special_tokens_map.json" in files else {}
+    )
+    eos = tokenizer.get("eos_token") or special.get("eos_token")
+    if tokenizer.get("pad_token") or special.get("pad_token") or not eos:
+        return files
+    tokenizer["pad_token"] = eos
+    written = json.dumps(tokenizer, indent=2, ensure_ascii=False) + "\n"
+    return {**files, "tokenizer_config.json": base64.b64encode(written.encode()).decode("ascii")}
 
 
 def _task_class(model_type: str | None, text: bool) -> str | None:
