@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 import freezetune.models_hf as models_hf
 from freezetune import download
@@ -104,6 +105,20 @@ def test_a_fixed_size_vit_takes_its_own_size_and_names_it_when_given_another(tmp
         create_model("torchvision:vit_b_16", "none", img_size=32)  # an AssertionError traceback in train and inspect
     _, pre = create_model("torchvision:resnet18", "none", img_size=32)  # a convnet takes any size
     assert pre.input_size == 32
+
+
+def test_a_fixed_size_that_a_model_asserts_without_a_message_is_named_as_such():
+    # timm's BoTNet and HaloNet assert their input size with no message: "does not take 64 px images (AssertionError)"
+    from freezetune.models import _check_input_size
+
+    class Fixed(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            torch._assert(x.shape[-1] == 32, "")  # as timm's _assert: no message
+            return x
+
+    with pytest.raises(ConfigError, match=r"^m does not take 64 px images \(its forward asserts its input size\); "
+                       r"give --img-size 32 or leave it out$"):  # fmt: skip
+        _check_input_size(Fixed(), "m", 64, 32)
 
 
 @pytest.mark.parametrize("name", ["resnet18", "tf:resnet18", "timm:"])

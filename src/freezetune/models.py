@@ -112,8 +112,11 @@ def _check_input_size(model: nn.Module, name: str, size: int, default: int | Non
         if isinstance(exc, torch.OutOfMemoryError) or ran_out_of_ram(exc):  # no fault of the model's
             raise ConfigError(f"one {size} px image does not fit in memory in {name}: give a smaller --img-size (it "
                               f"was pretrained at {default} px)") from None  # fmt: skip
-        raise ConfigError(f"{name} does not take {size} px images ({first_line(exc)}); give --img-size {default} or "
-                          "leave it out") from None  # fmt: skip
+        # timm's _assert of a fixed size has no message: "(AssertionError)" said nothing of why
+        silent = isinstance(exc, AssertionError) and not str(exc)
+        why = "its forward asserts its input size" if silent else first_line(exc)
+        raise ConfigError(f"{name} does not take {size} px images ({why}); give --img-size {default} or leave it "
+                          "out") from None  # fmt: skip
     finally:
         model.train(was_training)
         if buffers:  # only a train-mode pass moved them
