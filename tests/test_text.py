@@ -717,6 +717,18 @@ def test_a_texts_own_special_token_strings_are_text_not_the_tokenizers_markers()
     assert long_texts(["a [SEP] b [PAD] c"], TokenizeBatch(str(MINILM), 10)) == (1, 11)  # counted as it trains
 
 
+def test_the_longest_max_length_advised_for_mpnet_counts_its_own_padding_index(tmp_path):
+    # MPNet numbers positions from its padding index, 1 whatever the config says: a config with pad_token_id 0 and 130
+    # positions was advised --max-length up to 129, which stopped the run with an IndexError
+    from transformers import MPNetConfig, RobertaConfig
+
+    from freezetune.data.text import _max_positions
+
+    MPNetConfig(max_position_embeddings=130, pad_token_id=0).save_pretrained(tmp_path / "mpnet")
+    RobertaConfig(max_position_embeddings=130, pad_token_id=0).save_pretrained(tmp_path / "roberta")
+    assert _max_positions(str(tmp_path / "mpnet")) == 128 and _max_positions(str(tmp_path / "roberta")) == 129
+
+
 def test_a_checkpoint_bundles_a_sentencepiece_vocabulary_without_a_tokenizer_json(tmp_path):
     # DeBERTa-v3's folder (microsoft/deberta-v3-base's layout): its vocabulary, spm.model, was left out of best.pt and
     # the export, so a model whose folder was gone could not tokenize

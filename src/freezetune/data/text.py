@@ -300,12 +300,16 @@ def _max_positions(arch: str) -> int | None:
     positions = getattr(config, "max_position_embeddings", None)
     if positions is None or getattr(config, "model_type", None) not in _OFFSET_POSITIONS:
         return positions
-    return positions - (getattr(config, "pad_token_id", None) or 0) - 1
+    pad = _FIXED_PADDING_INDEX.get(config.model_type, getattr(config, "pad_token_id", None) or 0)
+    return positions - pad - 1
 
 
 # model types whose position ids start after the padding index (transformers' create_position_ids_from_input_ids)
 _OFFSET_POSITIONS = ("roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "longformer", "roberta-prelayernorm",
                      "data2vec-text", "ibert", "xmod", "mpnet", "luke")  # fmt: skip
+# ... from a padding index of their own, whatever the config's pad_token_id: MPNet's embeddings number from 1 (a config
+# with pad_token_id 0 was told "--max-length up to 129 keeps more" of 130 positions, and 129 failed with an IndexError)
+_FIXED_PADDING_INDEX = {"mpnet": 1}
 
 
 def noun(ds: Dataset) -> str:
