@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from _engine_fixtures import make_image_folder, run_cli, train_argv
 from freezetune import checkpoint
 from freezetune.data import build_datasets
-from freezetune.data.text import TextDataset, TokenizeBatch, read_text_csv, read_texts
+from freezetune.data.text import TextDataset, TokenizeBatch, numbered_texts, read_text_csv, read_texts
 from freezetune.data.text_table import Columns
 from freezetune.errors import ConfigError, DataError
 from freezetune.inference import LoadedModel, evaluate_checkpoint
@@ -715,6 +715,16 @@ def test_a_texts_own_special_token_strings_are_text_not_the_tokenizers_markers()
     assert [(row == tok.sep_token_id).sum().item() for row in ids] == [1, 1]  # the marker the tokenizer adds, alone
     assert tok.pad_token_id not in ids[0].tolist() and len(ids[0]) == 11  # "[", "sep", "]", ... each a token
     assert long_texts(["a [SEP] b [PAD] c"], TokenizeBatch(str(MINILM), 10)) == (1, 11)  # counted as it trains
+
+
+def test_a_text_of_invisible_characters_alone_is_an_empty_text(tmp_path):
+    # a zero-width space (U+200B) survives str.strip, and BERT's tokenizer drops it: such rows trained as empty texts
+    (tmp_path / "t.csv").write_text("text,label\na fine film,pos\n\u200b\ufeff,neg\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"line 3 has an empty text"):
+        build_datasets(str(tmp_path / "t.csv"), preprocess=Preprocess(tokenizer=str(MINILM)))
+    (tmp_path / "t.txt").write_text("a fine film\n\u200b\nbad\n", encoding="utf-8")
+    numbered = numbered_texts(tmp_path / "t.txt", Columns())
+    assert [line for line, _ in numbered] == [1, 3]  # a blank line, as predict reads it
 
 
 def test_the_longest_max_length_advised_for_mpnet_counts_its_own_padding_index(tmp_path):

@@ -19,7 +19,7 @@ import torch
 
 from freezetune.bn_fold import foldable, folded
 from freezetune.data.text import refuse_other_settings
-from freezetune.data.text_table import Columns
+from freezetune.data.text_table import Columns, blank
 from freezetune.errors import ConfigError, DataError
 from freezetune.evaluate import predict_probs
 from freezetune.inference import BATCH_SIZE, LoadedModel, count_cut, load_model, text_tokenizer, warn_cut
@@ -91,7 +91,7 @@ STDIN = "-"  # a path that reads standard input: image paths, one a line; a text
 
 def _stdin_lines() -> list[tuple[int, str]]:
     """Standard input's non-blank lines, numbered from 1 (a pipe: ``ls *.jpg | freezetune predict ... -``)."""
-    return [(i, line.removesuffix("\r")) for i, line in enumerate(sys.stdin.read().split("\n"), 1) if line.strip()]
+    return [(i, line.removesuffix("\r")) for i, line in enumerate(sys.stdin.read().split("\n"), 1) if not blank(line)]
 
 
 def _around_stdin(paths: list[str]) -> tuple[list[str], list[str]] | None:
@@ -214,11 +214,11 @@ def predict_texts(
         raise ConfigError("predict_texts needs a text model (hf:DIR_OR_ID sequence classifier); this checkpoint's "
                           "model reads images: use predict_files")  # fmt: skip
     tokenizer = text_tokenizer(loaded)
-    blank = [i for i, text in enumerate(texts) if not text.strip()]
-    if blank:  # kept, one record a text in order, but said: predict on files leaves them out, train refuses them
-        shown = ", ".join(map(str, blank[:10])) + (", ..." if len(blank) > 10 else "")
+    empty = [i for i, text in enumerate(texts) if blank(text)]
+    if empty:  # kept, one record a text in order, but said: predict on files leaves them out, train refuses them
+        shown = ", ".join(map(str, empty[:10])) + (", ..." if len(empty) > 10 else "")
         log.warning("%d of the texts are empty (index %s): scored from the model's special tokens alone, their classes "
-                    "say nothing of them", len(blank), shown)  # fmt: skip
+                    "say nothing of them", len(empty), shown)  # fmt: skip
     warn_cut(count_cut(list(texts), tokenizer), tokenizer.max_length)
     return _rank_texts(loaded, tokenizer, list(texts), topk, batch_size)
 
@@ -247,11 +247,11 @@ def _predict_text_files(loaded: LoadedModel, paths: list[str], topk: int, batch_
             records.append({"path": path, "error": str(exc)})
             on_record(records[-1])
             continue
-        blank = [line for line, text in numbered if not text.strip()]
-        if blank:  # a CSV's empty text keeps its row (its file is read whole) but has nothing to score, as a .txt's
-            log.warning("'%s': %d empty text(s) not scored (line%s %s)", path, len(blank), "s" * (len(blank) > 1),
-                        ", ".join(map(str, blank[:10])) + (", ..." if len(blank) > 10 else ""))  # fmt: skip
-            numbered = [(line, text) for line, text in numbered if text.strip()]
+        empty = [line for line, text in numbered if blank(text)]
+        if empty:  # a CSV's empty text keeps its row (its file is read whole) but has nothing to score, as a .txt's
+            log.warning("'%s': %d empty text(s) not scored (line%s %s)", path, len(empty), "s" * (len(empty) > 1),
+                        ", ".join(map(str, empty[:10])) + (", ..." if len(empty) > 10 else ""))  # fmt: skip
+            numbered = [(line, text) for line, text in numbered if not blank(text)]
         texts = [text for _, text in numbered]
         cut = count_cut(texts, tokenizer, cut)
         for start in range(0, len(texts), batch_size):  # a batch at a time: a long file's records are said as they come

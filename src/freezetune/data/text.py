@@ -19,7 +19,7 @@ from torch.utils.data import Dataset
 from freezetune.config import TrainConfig
 from freezetune.data.folder import expand_paths
 from freezetune.data.labels import nfc, sorted_labels, warn_similar_labels
-from freezetune.data.text_table import TABLE_SUFFIXES, Columns, check_rows, column_index, read_rows
+from freezetune.data.text_table import TABLE_SUFFIXES, Columns, blank, check_rows, column_index, read_rows
 from freezetune.data.utf8 import where_not_utf8
 from freezetune.errors import ConfigError, DataError, MissingExtra, choices
 from freezetune.hf_bundle import TOKENIZER_FILES
@@ -121,7 +121,7 @@ def numbered_texts(path: str | Path, columns: Columns = Columns()) -> list[tuple
         except OSError as e:
             raise DataError(f"cannot read '{path}' ({e}); a text model reads texts, one a line, or a CSV with a "
                             "text column") from e  # fmt: skip
-        texts = [(i, line) for i, line in enumerate(content, 1) if line.strip()]
+        texts = [(i, line) for i, line in enumerate(content, 1) if not blank(line)]
     if not texts:
         raise DataError(f"'{path}' holds no text")
     return texts

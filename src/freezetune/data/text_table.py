@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -180,6 +181,16 @@ def column_index(path: Path, header: list[str], role: str, columns: Columns) -> 
     return hits[0]
 
 
+def blank(text: str) -> bool:
+    """Whether ``text`` holds nothing a tokenizer reads: whitespace and invisible format characters alone (a
+    zero-width space, U+200B, which ``str.strip`` keeps and BERT's tokenizer drops, trained as an empty text, unsaid).
+
+    >>> blank(" \\u200b\\ufeff "), blank("a\\u200b")
+    (True, False)
+    """
+    return all(c.isspace() or unicodedata.category(c) == "Cf" for c in text)
+
+
 def check_rows(path: Path, rows: list[list[str]], lines: list[int], cols: dict[str, int], width: int, *,
                 empty_ok: bool = False) -> None:  # fmt: skip
     """Refuse the first row that is not a text and its label under a header of ``width`` columns, named by its line
@@ -200,6 +211,6 @@ def _row_problem(row: list[str], cols: dict[str, int], width: int, empty_ok: boo
             f"has {len(row)} columns, the header {width}: a text with a comma (a tab in a .tsv) must be in double quotes "
             '("boring, long and dull",neg)'
         )
-    if not row[cols["text"]].strip() and not empty_ok:  # it trains the model on nothing but its special tokens
+    if blank(row[cols["text"]]) and not empty_ok:  # it trains the model on nothing but its special tokens
         return "has an empty text: give it a text or remove the row"
     return None if "label" not in cols or row[cols["label"]].strip() else "has no label: give it one or remove the row"
