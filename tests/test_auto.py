@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from _engine_fixtures import make_image_folder, recipe_cfg, run_cli, train_argv
-from freezetune import auto, auto_budget, auto_plan, auto_resume, auto_rule, checkpoint, recipes
+from freezetune import auto, auto_budget, auto_plan, auto_resume, auto_rule, auto_trials, checkpoint, recipes
 from freezetune.config import TrainConfig
 from freezetune.config_file import load_config
 from freezetune.errors import ConfigError, FreezetuneError
@@ -29,13 +29,13 @@ def data(tmp_path_factory):
 
 def test_trials_too_short_to_tell_the_candidates_apart_keep_the_default_untried(data, tmp_path, monkeypatch):
     # 4-step trials on 400 validation images overturned the default on noise in 2 of 5 seeds, costing 5 and 2 points
-    monkeypatch.setattr(auto, "MIN_VAL_TO_COMPARE", 3)  # the split is large enough: the steps decide
+    monkeypatch.setattr(auto_trials, "MIN_VAL_TO_COMPARE", 3)  # the split is large enough: the steps decide
     lines = []
     auto.run(recipe_cfg(data, tmp_path / "run", epochs=1), echo=lines.append)
     decision = json.loads((tmp_path / "run" / "recipe.json").read_text())
     (trial,) = decision["trials"]
     assert trial["trained_stages"] == decision["choice"]["trained_stages"] == auto.DEFAULT_TRAINED_STAGES
-    assert trial["steps"] < auto.MIN_TRIAL_STEPS
+    assert trial["steps"] < auto_trials.MIN_TRIAL_STEPS
     steps = f"{trial['steps']} step{'s' if trial['steps'] != 1 else ''}"
     assert (
         f"a trial of {steps} cannot tell the candidates apart (under 10, a trial's score moves more"
@@ -163,8 +163,8 @@ def test_auto_measures_on_the_validation_split_and_keeps_its_evidence(data, tmp_
         return result
 
     monkeypatch.setattr(feature_path, "evaluate", spy)
-    monkeypatch.setattr(auto, "MIN_VAL_TO_COMPARE", 3)  # every candidate's trial, on the 3 held-out images
-    monkeypatch.setattr(auto, "MIN_TRIAL_STEPS", 1)  # (of a step or two each)
+    monkeypatch.setattr(auto_trials, "MIN_VAL_TO_COMPARE", 3)  # every candidate's trial, on the 3 held-out images
+    monkeypatch.setattr(auto_trials, "MIN_TRIAL_STEPS", 1)  # (of a step or two each)
     monkeypatch.setattr(auto_plan, "PROBE_BELOW_STEPS", 1)  # the run starts from its trial (probed: tested below)
     saved_last = []
     real_submit = checkpoint.Writer.submit
@@ -258,7 +258,7 @@ def test_auto_on_a_validation_split_too_small_to_compare_runs_only_the_default_t
     recipe = json.loads((tmp_path / "auto" / "recipe.json").read_text())
     (trial,) = recipe["trials"]
     assert trial["trained_stages"] == recipe["choice"]["trained_stages"] == auto.DEFAULT_TRAINED_STAGES
-    assert trial["n_val"] == 3 < auto.MIN_VAL_TO_COMPARE
+    assert trial["n_val"] == 3 < auto_trials.MIN_VAL_TO_COMPARE
     assert "3 validation images cannot tell the candidates apart" in recipe["choice"]["why"]
     assert any("cannot tell the candidates apart" in line for line in lines)
     trials = tmp_path / "auto" / "auto-trials"
@@ -425,8 +425,8 @@ def test_a_trials_progress_bars_name_the_trial(data, tmp_path, monkeypatch):
 
 def test_a_budget_that_leaves_no_time_for_the_other_trials_keeps_the_defaults_untried(data, tmp_path, monkeypatch):
     # a 2m budget's third trial started 18 s before its end and took 46 s, then the run trained its epoch: 4m39s
-    monkeypatch.setattr(auto, "MIN_VAL_TO_COMPARE", 3)  # every candidate's trial, on the 3 held-out images...
-    monkeypatch.setattr(auto, "MIN_TRIAL_STEPS", 1)
+    monkeypatch.setattr(auto_trials, "MIN_VAL_TO_COMPARE", 3)  # every candidate's trial, on the 3 held-out images...
+    monkeypatch.setattr(auto_trials, "MIN_TRIAL_STEPS", 1)
     lines = []
     auto.run(recipe_cfg(data, tmp_path / "r", budget="0.01s", epochs=1, cache="auto"), echo=lines.append)
     decision = json.loads((tmp_path / "r" / "recipe.json").read_text())
@@ -452,7 +452,7 @@ def test_a_budget_too_small_for_a_trial_and_an_epoch_of_the_set_shortens_every_e
 ):
     # 10 000 Fashion-MNIST images under --budget 1m took 131 s: the first trial drew half the set and the run one
     # epoch of it, whatever the budget; 60 000 would have taken several times the budget
-    monkeypatch.setattr(auto, "MIN_TRIAL_STEPS", 1)  # a trial of one 8-image step tells enough: 16 images an epoch
+    monkeypatch.setattr(auto_trials, "MIN_TRIAL_STEPS", 1)  # a trial of one 8-image step: 16 images an epoch
     lines = []
     result = auto.run(recipe_cfg(data, tmp_path / "r", budget="0.01s", epochs=2), echo=lines.append)
     decision = json.loads((tmp_path / "r" / "recipe.json").read_text())
@@ -684,8 +684,8 @@ def test_an_auto_run_resumed_with_a_freeze_spec_is_refused_naming_the_recipe(dat
 @pytest.mark.parametrize(("n_val", "said"), [(2, "43.3"), (4, "30.6"), (100, "6.1")])
 def test_the_reason_for_one_trial_states_the_standard_error_near_75_percent_it_names(monkeypatch, n_val, said):
     # on 5 validation images or fewer it printed the floored error (70.7 points on 2) while naming "near 75 %"
-    monkeypatch.setattr(auto, "_trial", lambda *_a, **_k: {"n_val": n_val, "data_kind": "images"})
-    trials, _, why = auto._measure(None, [2, 3, 4], 1.0, Path("unused"), None, lambda line: None)
+    monkeypatch.setattr(auto_trials, "trial", lambda *_a, **_k: {"n_val": n_val, "data_kind": "images"})
+    trials, _, why = auto_trials.measure(None, [2, 3, 4], 1.0, Path("unused"), None, lambda line: None)
     assert len(trials) == 1 and f"near 75 % is {said} points" in why, why
 
 

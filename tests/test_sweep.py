@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from _engine_fixtures import make_image_folder, recipe_cfg, run_cli, train_argv
-from freezetune import auto, recipes
+from freezetune import auto, auto_rule, recipes
 from freezetune.config import TrainConfig
 from freezetune.config_file import load_config
 from freezetune.errors import ConfigError
@@ -547,8 +547,8 @@ def test_choose_and_pick_winner_compare_by_the_metric_asked():
 
     trials = [{"trained_stages": 2, "val_acc": 0.80, "val_f1": 0.70}, {"trained_stages": 3, "val_acc": 0.83,
               "val_f1": 0.60}, {"trained_stages": 4, "val_acc": 0.90, "val_f1": 0.50}]  # fmt: skip
-    assert auto.choose(trials, n_val=5000)["trained_stages"] == 4
-    assert auto.choose(trials, n_val=5000, metric="val_f1")["trained_stages"] == 2
+    assert auto_rule.choose(trials, n_val=5000)["trained_stages"] == 4
+    assert auto_rule.choose(trials, n_val=5000, metric="val_f1")["trained_stages"] == 2
     rows = [{"recipe": r, "val_acc": a, "val_f1": f, "train_s": t} for r, a, f, t in
             [("full", 0.90, 0.50, 30.0), ("last-2", 0.85, 0.70, 10.0), ("linear-probe", 0.80, 0.40, 5.0)]]  # fmt: skip
     assert pick_winner(rows)["recipe"] == "full" and pick_winner(rows, "val_f1")["recipe"] == "last-2"

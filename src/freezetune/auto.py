@@ -3,9 +3,9 @@
 Which block should train depends on the data (surgical fine-tuning, Lee et al. 2023): a small shift is best served
 by tuning the last stages over frozen features, a larger one by tuning deeper. The frozen-prefix cache makes it
 cheap to ask the data. The procedure, every step printed and written to ``recipe.json`` in the run directory (the
-numbers of steps 1 to 3, and the measurements behind them, are in ``auto_rule.py``; the plan of the run, steps 4 and
-5, in ``auto_plan.py``; a budget's pilot in ``auto_budget.py``; a resume, which trains the decision kept, in
-``auto_resume.py``):
+numbers of steps 1 to 3, and the measurements behind them, are in ``auto_rule.py``; the trials, and which of them run,
+in ``auto_trials.py``; the plan of the run, steps 4 and 5, in ``auto_plan.py``; a budget's pilot in
+``auto_budget.py``; a resume, which trains the decision kept, in ``auto_resume.py``):
 
 1. Candidates: the last ``k`` stages and the head train, for ``k = MIN_TRAINED_STAGES .. MAX_TRAINED_STAGES`` (2, 3
    and 4; fewer on a model with fewer stages); everything before is frozen (BatchNorm frozen). All candidates share
@@ -64,9 +64,8 @@ import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from freezetune import auto_budget, auto_plan, auto_resume, checkpoint, run_log
+from freezetune import auto_budget, auto_plan, auto_resume, auto_trials, checkpoint, run_log
 from freezetune._io import atomic_write_text
 from freezetune.auto_plan import (
     HELD_STATS,
@@ -86,31 +85,14 @@ from freezetune.auto_rule import (
     LR_BOOST,
     TEXT_LR_BOOST,
     TRIAL_FRACTION,
-    candidate_lr,
     candidates,
-    choose,
     default_stages,
-    difference_noise,
 )
 from freezetune.config import TrainConfig
-from freezetune.interrupt import RunInterrupted
 from freezetune.options import METRIC_NAMES, compared_by, parse_duration
 from freezetune.runtime import RECIPE_FILE, TRIALS_DIR
 
-if TYPE_CHECKING:
-    from freezetune.progress import RunResult
-
 RUN_LR_FACTOR = 0.5  # the run trains at its trial's learning rate times this
-# the other candidates' trials run only on a validation split this large: on 400 images one standard error of the
-# difference of two accuracies near 75 % is 3 points, about what separates the candidates trained to the end. On 100
-# images (6 points) the trials overturned the default on 3 of 9 runs (3 datasets x 3 seeds) and each of those ended at
-# or near its dataset's lowest accuracy.
-MIN_VAL_TO_COMPARE = 400
-# Nor a trial this short: a few steps leave each candidate near where it started, and its score moves more from seed
-# to seed than the candidates differ (rendered letters, 20 classes, 10 images a class, 400 validation images: the
-# 4-step trials' last-2 minus last-3 gap ran from -6.5 to +8.0 points over 5 seeds, and the two overturns cost 5.0
-# and 2.0 points of test accuracy). The benchmark datasets' trials (100 images a class) take 14 to 16 steps.
-MIN_TRIAL_STEPS = 10
 _CACHED = ", its features cached once where the data allows"  # not a text model's: texts are not cached
 PROBE_DIR = "probe"  # the probe's run, beside the trials' in auto-trials/
 
@@ -162,7 +144,8 @@ def run(cfg: TrainConfig, *, echo: Callable[[str], None] = print, train: Callabl
     else:  # a budget's are planned after the trials
         later = None
     lent = functools.partial(shared, refit_follows=refits(cfg), later_epochs=later)
-    trials, choice, why = _measure(base, ks, boost, out, lent, said, budget, first=first, piloted=pilot is not None)
+    trials, choice, why = auto_trials.measure(base, ks, boost, out, lent, said, budget, first=first,
+                                              piloted=pilot is not None)  # fmt: skip
     refit = run_refits(cfg, trials[0], echo)
     # the epochs planned before a probe (a budget's: rank 0's clock decides for every rank, theirs differ)
     longest, setup_s = _as_asked(cfg, pilot, trials, refit), pilot["setup_s"] if pilot else 0.0
@@ -214,7 +197,7 @@ def _intro(ks: list[int], cut: str, text: bool, budget: str | None = None) -> st
     return (f"auto: choosing how many of the last stages to train ({', '.join(map(str, ks))}) from a trial each on "
             f"{TRIAL_FRACTION:.0%} of an epoch's training {'texts' if text else 'images'}, scored on the validation "
             f"split (what comes before {cut} is frozen in all of them{'' if text else _CACHED}); the default's "
-            f"trial first, the others' if the split holds {MIN_VAL_TO_COMPARE} or more"
+            f"trial first, the others' if the split holds {auto_trials.MIN_VAL_TO_COMPARE} or more"
             f"{f' and the {budget} budget leaves time for them' if budget else ''}")  # fmt: skip
 
 
@@ -223,24 +206,24 @@ def _pilot(base: TrainConfig, k: int, boost: float, out: Path, train: Callable, 
     """A budget's pilot (``auto_budget``): the default candidate's trial cut to a few steps, streamed, its pace
     recorded; returns it, ``base`` with the epoch length that pace affords (as asked where it all fits), and the
     default's trial where the pilot was it (a trial no longer than the pilot's steps)."""
-    trial_cfg = _trial_config(base, k, boost, out)
+    trial_cfg = auto_trials.trial_config(base, k, boost, out)
     pilot_cfg = auto_budget.pilot_config(trial_cfg, budget.world)  # in the trial's dir: it may be the trial
     echo(f"auto: the {budget.said} budget: a pilot of the default (last {k} stages), {auto_budget.PILOT_STEPS} "
          "steps, measures the pace first")  # fmt: skip
     before = budget.spent()
     # no later reader: a store pays only where the pilot's own draws exceed the set (tiny data, then read again)
-    result, seconds = _measurement(pilot_cfg, functools.partial(train, later_epochs=0.0), echo, brief=False,
-                                   during="the pilot of the budget (pilots are not resumed)",
-                                   again="the pilot and the trials again")  # fmt: skip
+    result, seconds = auto_trials.measurement(pilot_cfg, functools.partial(train, later_epochs=0.0), echo,
+                                              brief=False, during="the pilot of the budget (pilots are not resumed)",
+                                              again="the pilot and the trials again")  # fmt: skip
     pilot = auto_budget.pace(result, budget.spent() - before, seconds)
     budget.call_s = pilot["call_s"]  # each later trial's set-up, where the budget weighs the other trials
-    images = auto_budget.plan_epoch(base, pilot, budget, echo, min_trial_steps=MIN_TRIAL_STEPS)
+    images = auto_budget.plan_epoch(base, pilot, budget, echo, min_trial_steps=auto_trials.MIN_TRIAL_STEPS)
     pilot["planned"] = images
     first = None
     if images is None and pilot["images"] >= auto_budget.epoch_items(trial_cfg, result.train_items):
         # it drew the trial's whole epoch, as the trial would (the same images, seed and LR): it is the default's
         # trial (a small set's pilot repeated it, and the budget paid twice); else the trial starts its dir afresh
-        first = _trial_row(base, k, trial_cfg, result, seconds, echo)
+        first = auto_trials.trial_row(base, k, trial_cfg, result, seconds, echo)
         pilot["seconds"], pilot["is_trial"] = {}, True  # its seconds counted once, as the trial's
     return pilot, base if images is None else dataclasses.replace(base, epoch_images=images), first
 
@@ -266,10 +249,10 @@ def _probe(base: TrainConfig, epochs: int, refit: bool, out: Path, train: Callab
     echo(f"auto: a trial of {steps_text(steps)} (under {auto_plan.PROBE_BELOW_STEPS}) is too short for a new head to "
          "settle before the stages it trains drift: the head is fitted first, alone on the frozen network's features "
          f"(a linear probe, {epochs} epoch(s) at lr {probe_cfg.lr:.1e}); the run starts from it (LP-FT)")  # fmt: skip
-    result, seconds = _measurement(probe_cfg, train, echo, brief=True, during="the probe of the head (probes are not "
-                                   "resumed)", again="the trials again")  # fmt: skip
+    result, seconds = auto_trials.measurement(probe_cfg, train, echo, brief=True, during="the probe of the head "
+                                              "(probes are not resumed)", again="the trials again")  # fmt: skip
     metric = compared_by(base.monitor)
-    scored = f"{METRIC_NAMES[metric]} {_pct(result.best_val(metric))}" if not refit else "no validation (refit)"
+    scored = "no validation (refit)" if refit else f"{METRIC_NAMES[metric]} {auto_trials.pct(result.best_val(metric))}"
     echo(f"auto: the probed head: {scored} after {epochs} epoch(s) ({sum(seconds.values()):.1f}s)")
     return {"lr": probe_cfg.lr, "epochs": epochs, "refit": refit, "val_acc": result.best_val_acc,
             "val_f1": result.best_val("val_f1"), "seconds": seconds,
@@ -284,109 +267,6 @@ def _with_trial_seconds(result, trials: list[dict]):
     return dataclasses.replace(result, seconds=seconds)
 
 
-def _measure(base: TrainConfig, ks: list[int], boost: float, out: Path, train: Callable,
-             echo: Callable[[str], None], budget: auto_budget.TrialBudget | None = None, *,
-             first: dict | None = None, piloted: bool = False):  # fmt: skip
-    """The trials (the default candidate's first, the others where the split, the trial's steps and the budget
-    allow), the chosen one, and why it was chosen. ``first``: the default's trial where a budget's pilot was it;
-    ``piloted``: a pilot printed the stage table."""
-    default_k = default_stages(ks)
-    first = first or _trial(base, default_k, boost, out, train, echo, brief=piloted)
-    n_val, kind = first["n_val"], first["data_kind"]
-    if not n_val:
-        return [first], first, f"the default (last {default_k} stages): there are no validation {kind} to compare on"
-    if n_val < MIN_VAL_TO_COMPARE and len(ks) > 1:
-        noise = 100 * difference_noise(0.75, n_val, floored=False)  # as said: near 75 %, whatever the split's size
-        return [first], first, (f"the default (last {default_k} stages): {n_val} validation {kind} cannot tell the "
-                                f"candidates apart (one standard error of a difference near 75 % is {noise:.1f} points "
-                                f"on them; the candidates trained to the end differ by about 3), so only its trial "
-                                f"ran")  # fmt: skip
-    if first["steps"] < MIN_TRIAL_STEPS and len(ks) > 1:
-        return [first], first, (f"the default (last {default_k} stages): a trial of {steps_text(first['steps'])} "
-                                f"cannot tell the candidates apart (under {MIN_TRIAL_STEPS}, a trial's score moves "
-                                "more from seed to seed than the candidates differ), so only its trial "
-                                "ran")  # fmt: skip
-    if budget is not None and len(ks) > 1 and (short := budget.too_short_for(first, len(ks) - 1)):
-        return [first], first, f"the default (last {default_k} stages): {short}, so only its trial ran"
-    trials = sorted([first, *(_trial(base, k, boost, out, train, echo, brief=True) for k in ks if k != default_k)],
-                    key=lambda t: t["trained_stages"])  # fmt: skip
-    choice = choose(trials, n_val, compared_by(base.monitor))
-    trained = _trained(trials)
-    if choice is not first:
-        return trials, choice, (f"its trial beat the default (last {default_k} stages) by more than the noise of "
-                                f"{n_val} validation {kind}{trained}")  # fmt: skip
-    return trials, choice, (f"the default (last {default_k} stages): no trial beat it by more than the noise of "
-                            f"{n_val} validation {kind}{trained}")  # fmt: skip
-
-
-def _trial(base: TrainConfig, k: int, boost: float, out: Path, train: Callable, echo: Callable[[str], None], *,
-           brief: bool) -> dict:  # fmt: skip
-    """Train candidate ``k`` for one short epoch and score it on the validation split."""
-    trial_cfg = _trial_config(base, k, boost, out)
-    # the first trial prints the stage table, the others what they train
-    result, seconds = _measurement(trial_cfg, train, echo, brief=brief, during=f"the trial of the last {k} stage(s) "
-                                   "(trials are not resumed)", again="them again")  # fmt: skip
-    return _trial_row(base, k, trial_cfg, result, seconds, echo)
-
-
-def _trial_row(base: TrainConfig, k: int, trial_cfg: TrainConfig, result: RunResult, seconds: dict,
-               echo: Callable[[str], None]) -> dict:  # fmt: skip
-    """Candidate ``k``'s trial, said and recorded: its score, its pace, what it trained."""
-    row = result.history[-1] if result.history else {}
-    trained_s = row.get("epoch_time_s", 0.0)
-    metric = compared_by(base.monitor)
-    echo(f"auto: last {k} stage(s) + head at lr {trial_cfg.lr:.1e}: {METRIC_NAMES[metric]} "
-         f"{_pct(result.best_val(metric))} after {steps_text(result.steps_per_epoch)} "
-         f"({sum(seconds.values()):.1f}s)")  # fmt: skip
-    return {"trained_stages": k, "freeze": -(k + 1), "lr": trial_cfg.lr, "val_acc": result.best_val_acc,
-            "val_f1": result.best_val("val_f1"),
-            "seconds": seconds, "epoch_s": trained_s / TRIAL_FRACTION,  # a whole epoch's training, estimated
-            "epoch_images": row.get("img_per_s", 0.0) * trained_s / TRIAL_FRACTION, "loop_s": seconds["epochs"],
-            "val_s": result.seconds.get("val", 0.0), "fixed_epoch": base.epoch_images is not None,
-            "trainable_params": row.get("trainable_params"), "n_val": _val_size(result),
-            "data_kind": result.data_kind, "refit_fits": result.refit_fits, "no_refit": result.no_refit,
-            "steps": result.steps_per_epoch}  # fmt: skip
-
-
-def _trial_config(base: TrainConfig, k: int, boost: float, out: Path) -> TrainConfig:
-    """Candidate ``k``'s trial: one epoch of half of one of the run's epochs (of the training set, or of what
-    --epoch-fraction or --epoch-images leave of it), at the candidate's LR, its schedule run to the end within it."""
-    images = None if base.epoch_images is None else max(1, round(base.epoch_images * TRIAL_FRACTION))
-    return dataclasses.replace(
-        at_lr(base, candidate_lr(base.lr, k, boost)), freeze=-(k + 1), epochs=1,
-        epoch_fraction=base.epoch_fraction * TRIAL_FRACTION, epoch_images=images, warmup_epochs=0.0, early_stop=None,
-        unfreeze=None, final_test=False, tensorboard=False, resume=False, refit=False, out=str(_trial_dir(out, k)),
-    )  # fmt: skip
-
-
-def _measurement(cfg: TrainConfig, train: Callable, echo: Callable[[str], None], *, brief: bool, during: str,
-                 again: str) -> tuple[RunResult, dict]:  # fmt: skip
-    """Train one of the recipe's measurements (a trial, the probe): not resumed, so no last.pt; a stop in it says what
-    a re-run does (its last.pt would not be the run's). Returns its result and the seconds the run's cost counts."""
-    try:
-        result = train(cfg, echo=run_log.indented(echo), resumable=False, brief=brief)
-    except RunInterrupted as exc:
-        from freezetune.cache.path import BUILDING
-
-        building = f", {BUILDING}" if exc.where.startswith(BUILDING) else ""  # (its cache bar all that was seen)
-        raise RunInterrupted.by(exc.signum, f"during {during}{building}; the same command, with or without --resume, "
-                                f"starts {again}") from None  # fmt: skip
-    return result, {key: result.seconds.get(key, 0.0) for key in ("cache", "epochs")}
-
-
-def _trained(trials: list[dict]) -> str:
-    """How much the trials trained, part of the evidence (a trial of one step favours the highest learning rate);
-    each trial's own count where they differ (``--batch-size auto`` measures each candidate's batch).
-
-    >>> _trained([{"steps": 3, "trained_stages": 2}, {"steps": 1, "trained_stages": 3}])
-    ' (trials of 3 steps (last 2), 1 step (last 3))'
-    """
-    if len({t["steps"] for t in trials}) == 1:
-        return f" (each trial: {steps_text(trials[0]['steps'])})"
-    each = [f"{steps_text(t['steps'])} (last {t['trained_stages']})" for t in trials]
-    return f" (trials of {', '.join(each)})"
-
-
 def _start_from(out: Path, trials: list[dict], choice: dict, init: str | None, *, delete: bool = True,
                 probe: dict | None = None) -> str | None:  # fmt: skip
     """The weights that start the run: the probe's ``best.pt`` where a probe ran, else the chosen trial's (else
@@ -394,13 +274,10 @@ def _start_from(out: Path, trials: list[dict], choice: dict, init: str | None, *
     (``delete``: by rank 0 alone under torchrun)."""
     for t in trials:
         if (probe or t is not choice) and delete:
-            (_trial_dir(out, t["trained_stages"]) / checkpoint.BEST).unlink(missing_ok=True)
-    weights = Path(probe["weights"]) if probe else _trial_dir(out, choice["trained_stages"]) / checkpoint.BEST
+            (auto_trials.trial_dir(out, t["trained_stages"]) / checkpoint.BEST).unlink(missing_ok=True)
+    chosen = auto_trials.trial_dir(out, choice["trained_stages"]) / checkpoint.BEST
+    weights = Path(probe["weights"]) if probe else chosen
     return os.path.abspath(weights) if weights.is_file() else init
-
-
-def _trial_dir(out: Path, k: int) -> Path:
-    return out / TRIALS_DIR / f"last-{k}"
 
 
 def _procedure() -> str:
@@ -424,12 +301,3 @@ def _check_plan(cfg: TrainConfig) -> None:
     model, _ = create_model(cfg.model, "none", img_size=cfg.img_size)  # the structure alone: no weights to read
     for spec in plan.values():
         resolve_stages(model, spec)
-
-
-def _val_size(result) -> int:
-    """How many images the trial was validated on (the ``val_n`` column of its epoch row)."""
-    return int(result.history[-1].get("val_n", 0)) if result.history else 0
-
-
-def _pct(value: float | None) -> str:
-    return "n/a" if value is None else f"{100 * value:.2f}%"
