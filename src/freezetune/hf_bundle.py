@@ -18,10 +18,10 @@ from freezetune._io import atomic_output
 from freezetune.options import HF_PREFIX
 from freezetune.text_pooling import declaration_files
 
-# A saved Hugging Face tokenizer has at least one of these (fast, WordPiece, BPE, SentencePiece vocabularies)
-# the vocabularies of tokenizers without a tokenizer.json too: DeBERTa-v3's spm.model (its checkpoint and export held no
-# vocabulary, so a model whose folder was gone could not tokenize), XLM's and PhoBERT's bpe.codes, BARTpho's dict.txt,
-# LUKE's entity_vocab.json
+# A saved Hugging Face tokenizer has at least one of these (fast, WordPiece, BPE, SentencePiece vocabularies; those of
+# tokenizers without a tokenizer.json too: DeBERTa-v3's spm.model, whose checkpoint and export held no vocabulary, so a
+# model whose folder was gone could not tokenize; XLM's and PhoBERT's bpe.codes, BARTpho's dict.txt, LUKE's
+# entity_vocab.json)
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "tokenizer_config.json", "spiece.model",
                    "sentencepiece.bpe.model", "tokenizer.model", "merges.txt", "spm.model", "bpe.codes", "dict.txt",
                    "entity_vocab.json")  # fmt: skip
