@@ -739,6 +739,24 @@ def test_the_longest_max_length_advised_for_mpnet_counts_its_own_padding_index(t
     assert _max_positions(str(tmp_path / "mpnet")) == 128 and _max_positions(str(tmp_path / "roberta")) == 129
 
 
+def test_a_vocabulary_piece_that_is_a_special_token_is_read_as_unknown_in_a_text(tmp_path):
+    # T5's unigram vocabulary holds "</s>" as a piece: a text's "</s>" stayed the end of sequence however the
+    # tokenizer was asked, and the model refused the batch ("All examples must have the same number of <eos> tokens")
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), *((c, -2.0) for c in "▁abcdefghijklmnopqrstuvwxyz</>")]
+    unigram = Tokenizer(models.Unigram(vocab, unk_id=2))
+    unigram.pre_tokenizer = pre_tokenizers.Metaspace()
+    unigram.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    PreTrainedTokenizerFast(tokenizer_object=unigram, pad_token="<pad>", eos_token="</s>",
+                            unk_token="<unk>").save_pretrained(tmp_path / "t5")  # fmt: skip
+    batch = TokenizeBatch(str(tmp_path / "t5"), 32).tokenize(["see </s> here", "plain"])
+    read = batch["input_ids"][batch["attention_mask"].bool()].split(batch["attention_mask"].sum(1).tolist())
+    assert [(row == 1).sum().item() for row in read] == [1, 1] and [row[-1].item() for row in read] == [1, 1]
+    assert (read[0] == 2).sum() == 1  # the text's "</s>", unknown
+
+
 def test_a_checkpoint_bundles_a_sentencepiece_vocabulary_without_a_tokenizer_json(tmp_path):
     # DeBERTa-v3's folder (microsoft/deberta-v3-base's layout): its vocabulary, spm.model, was left out of best.pt and
     # the export, so a model whose folder was gone could not tokenize

@@ -163,6 +163,11 @@ class TokenizeBatch:
                                   "pad a batch of texts with: add a pad_token to its tokenizer files")  # fmt: skip
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.max_length = max_length
+        # the special ids a text's own characters may still become (a vocabulary holding "</s>" as a piece, as T5's
+        # unigram one does): each is read as the unknown token; none where the unknown token is one of them (GPT-2)
+        unk = self.tokenizer.unk_token_id
+        markers = sorted(set(self.tokenizer.all_special_ids) - {unk})
+        self._markers = torch.tensor(markers) if unk is not None and markers else None
         special = self.tokenizer.num_special_tokens_to_add(pair=False)
         if max_length <= special:  # only the special tokens fit: every text trains and predicts as the same input
             raise ConfigError(
@@ -178,9 +183,15 @@ class TokenizeBatch:
         """The model's input for ``texts``: token ids and masks, padded to the longest, truncated at ``max_length``."""
         # a text's own "</s>" or "[SEP]" is text, not the tokenizer's marker: BART and T5 refused a batch whose texts
         # held different counts of "</s>" (HTML's strikethrough), and BERT read "[PAD]" in a text as its padding token
-        batch = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt",
-                               split_special_tokens=True)  # fmt: skip
-        return dict(batch)
+        batch = dict(self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length,
+                                    return_tensors="pt", split_special_tokens=True,
+                                    return_special_tokens_mask=True))  # fmt: skip
+        added = batch.pop("special_tokens_mask")  # 1: a token the tokenizer added (and padding), 0: the text's
+        if self._markers is not None:
+            ids = batch["input_ids"]
+            read = batch.get("attention_mask", torch.ones_like(ids)).bool()
+            ids[torch.isin(ids, self._markers) & (added == 0) & read] = self.tokenizer.unk_token_id
+        return batch
 
 
 def truncation_note(dataset: Dataset, preprocess) -> str | None:
