@@ -739,6 +739,38 @@ def test_the_longest_max_length_advised_for_mpnet_counts_its_own_padding_index(t
     assert _max_positions(str(tmp_path / "mpnet")) == 128 and _max_positions(str(tmp_path / "roberta")) == 129
 
 
+def test_a_python_tokenizer_still_matches_its_added_tokens(tmp_path):
+    # ESM's tokenizer finds its residues as added tokens: asked to split special tokens, it matched none of them, and
+    # every protein trained as <cls> <unk> <eos>
+    folder = tmp_path / "esm"
+    folder.mkdir()
+    residues = ["L", "A", "G", "V", "S", "E", "R", "T", "I", "D", "P", "K", "Q", "N", "F", "Y", "M", "H", "W", "C"]
+    (folder / "vocab.txt").write_text("\n".join(["<cls>", "<pad>", "<eos>", "<unk>", *residues, "<mask>"]) + "\n")
+    (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "EsmTokenizer"}))
+    (folder / "special_tokens_map.json").write_text(json.dumps({"cls_token": "<cls>", "eos_token": "<eos>",
+                                                                "pad_token": "<pad>", "unk_token": "<unk>",
+                                                                "mask_token": "<mask>"}))  # fmt: skip
+    from freezetune.data.text import long_texts
+
+    tokenize = TokenizeBatch(str(folder), 16)
+    assert tokenize.tokenize(["MKTA"])["input_ids"].tolist() == [[0, 20, 15, 11, 5, 2]]
+    assert long_texts(["MKTAYIAK"], tokenize) == (0, 10)
+
+
+def test_a_tokenizer_that_refuses_to_split_special_tokens_is_asked_without_it(monkeypatch):
+    # transformers before 4.42 (and Mistral's tokenizer) refuse the argument: every text run stopped at its first batch
+    tokenize = TokenizeBatch(str(MINILM), 16)
+    real = type(tokenize.tokenizer).__call__
+
+    def old(self, texts, **kwargs):
+        if "split_special_tokens" in kwargs:
+            raise TypeError("_batch_encode_plus() got an unexpected keyword argument 'split_special_tokens'")
+        return real(self, texts, **kwargs)
+
+    monkeypatch.setattr(type(tokenize.tokenizer), "__call__", old)
+    assert tokenize.tokenize(["a fine film"])["input_ids"].shape == (1, 5) and not tokenize._asks
+
+
 def test_a_vocabulary_piece_that_is_a_special_token_is_read_as_unknown_in_a_text(tmp_path):
     # T5's unigram vocabulary holds "</s>" as a piece: a text's "</s>" stayed the end of sequence however the
     # tokenizer was asked, and the model refused the batch ("All examples must have the same number of <eos> tokens")

@@ -163,6 +163,11 @@ class TokenizeBatch:
                                   "pad a batch of texts with: add a pad_token to its tokenizer files")  # fmt: skip
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.max_length = max_length
+        # a text's own "</s>" or "[SEP]" is text, not the tokenizer's marker: BART and T5 refused a batch whose texts
+        # held different counts of "</s>" (HTML's strikethrough), and BERT read "[PAD]" in a text as its padding
+        # token. Asked of a fast tokenizer alone: a Python one then matches none of its added tokens (ESM's residues
+        # all became one unknown token), and transformers before 4.42 (or Mistral's tokenizer) refuse it
+        self._asks = {"split_special_tokens": True} if getattr(self.tokenizer, "is_fast", False) else {}
         # the special ids a text's own characters may still become (a vocabulary holding "</s>" as a piece, as T5's
         # unigram one does): each is read as the unknown token; none where the unknown token is one of them (GPT-2)
         unk = self.tokenizer.unk_token_id
@@ -181,17 +186,27 @@ class TokenizeBatch:
 
     def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
         """The model's input for ``texts``: token ids and masks, padded to the longest, truncated at ``max_length``."""
-        # a text's own "</s>" or "[SEP]" is text, not the tokenizer's marker: BART and T5 refused a batch whose texts
-        # held different counts of "</s>" (HTML's strikethrough), and BERT read "[PAD]" in a text as its padding token
-        batch = dict(self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length,
-                                    return_tensors="pt", split_special_tokens=True,
-                                    return_special_tokens_mask=True))  # fmt: skip
+        batch = dict(self.encode(texts, padding=True, truncation=True, max_length=self.max_length,
+                                 return_tensors="pt", return_special_tokens_mask=True))  # fmt: skip
         added = batch.pop("special_tokens_mask")  # 1: a token the tokenizer added (and padding), 0: the text's
         if self._markers is not None:
             ids = batch["input_ids"]
             read = batch.get("attention_mask", torch.ones_like(ids)).bool()
             ids[torch.isin(ids, self._markers) & (added == 0) & read] = self.tokenizer.unk_token_id
         return batch
+
+    def encode(self, texts: list[str], **kwargs):
+        """The tokenizer's encoding of ``texts``, a text's markers read as text where it can (``_asks``): one that
+        refuses the ask (transformers before 4.42, Mistral's tokenizer) is asked without it from then on."""
+        while True:
+            try:
+                return self.tokenizer(texts, **kwargs, **self._asks)
+            except (TypeError, ValueError) as exc:
+                refused = [key for key in self._asks if key in str(exc)]
+                if not refused:
+                    raise
+                for key in refused:
+                    del self._asks[key]
 
 
 def truncation_note(dataset: Dataset, preprocess) -> str | None:
@@ -230,8 +245,7 @@ def long_texts(texts: list[str], tokenize: TokenizeBatch, chunk: int = 1000) -> 
     ``chunk`` texts at a time, so 100 000 long documents never hold all their token ids at once."""
     long = longest = 0
     for start in range(0, len(texts), chunk):
-        ids = tokenize.tokenizer(texts[start : start + chunk], truncation=False, verbose=False,
-                                 split_special_tokens=True)["input_ids"]  # fmt: skip
+        ids = tokenize.encode(texts[start : start + chunk], truncation=False, verbose=False)["input_ids"]
         lengths = [len(i) for i in ids]
         long += sum(n > tokenize.max_length for n in lengths)
         longest = max(longest, *lengths)
