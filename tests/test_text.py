@@ -838,6 +838,26 @@ def test_a_decoder_without_a_padding_token_pads_with_its_end_of_sequence_and_exp
     assert len({len(ids) for ids in rebuilt(["a", "b c d"], padding=True)["input_ids"]}) == 1  # it refused to pad
 
 
+def test_an_exported_tokenizer_without_a_padding_token_is_told_its_end_of_sequence_one_its_class_default_kept(tmp_path):
+    # the hub's GPT-2 names no special token in its files (its class gives <|endoftext|>, and no padding token): its
+    # export still refused to pad; RoBERTa's class pads with <pad>, which a rule on the files' keys overrode
+    from transformers import AutoTokenizer, GPT2Config, RobertaConfig
+
+    from freezetune import hf_bundle
+
+    for name, config, vocab in [("gpt2", GPT2Config(n_layer=1), ["<|endoftext|>", "a", "b"]),
+                                ("roberta", RobertaConfig(), ["<s>", "<pad>", "</s>", "<unk>", "<mask>", "a", "b"])]:  # fmt: skip
+        folder = tmp_path / name
+        config.save_pretrained(folder)
+        (folder / "vocab.json").write_text(json.dumps({token: i for i, token in enumerate(vocab)}))
+        (folder / "merges.txt").write_text("#version: 0.2\n")
+        (folder / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 64}))
+        hf_bundle.write(hf_bundle.with_pad_token(hf_bundle.bundle(f"hf:{folder}")), tmp_path / f"{name}.hf")
+    assert AutoTokenizer.from_pretrained(tmp_path / "gpt2.hf").pad_token == "<|endoftext|>"
+    assert AutoTokenizer.from_pretrained(tmp_path / "roberta.hf").pad_token == "<pad>"
+    assert (tmp_path / "roberta.hf/tokenizer_config.json").read_text() == '{"model_max_length": 64}'  # untouched
+
+
 def _same_top(a: list[dict], b: list[dict]) -> bool:
     """The same classes in the same order, each probability within float rounding."""
     return [t["class"] for t in a] == [t["class"] for t in b] and all(

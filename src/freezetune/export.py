@@ -64,6 +64,7 @@ def export_checkpoint(ckpt_path: str | Path, to: str | Path, *, force: bool = Fa
     sidecar, meta = to.with_suffix(".json"), _meta(record)
     folder = to.with_suffix(".hf")  # an hf:DIR model's config and tokenizer files, which its checkpoint carries
     files = hf_bundle.with_classes(record["hf_files"], record["classes"], text=text) if record.get("hf_files") else None
+    files = hf_bundle.with_pad_token(files) if files and text else files  # its tokenizer pads as the run's did
     if files:
         if folder.exists() and not folder.is_dir():  # not even --force replaces a file with a folder
             raise CheckpointError(f"{folder} is a file, where this model's config and tokenizer files go (a folder "

@@ -20,11 +20,10 @@ from freezetune.text_pooling import declaration_files
 
 # A saved Hugging Face tokenizer has at least one of these (fast, WordPiece, BPE, SentencePiece vocabularies; those of
 # tokenizers without a tokenizer.json too: DeBERTa-v3's spm.model, whose checkpoint and export held no vocabulary, so a
-# model whose folder was gone could not tokenize; XLM's and PhoBERT's bpe.codes, BARTpho's dict.txt, LUKE's
-# entity_vocab.json)
+# model whose folder was gone could not tokenize; XLM's and PhoBERT's bpe.codes. Not a fairseq dict.txt, which alone
+# is no tokenizer, nor LUKE's entity vocabulary, tens of MB in every checkpoint)
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "tokenizer_config.json", "spiece.model",
-                   "sentencepiece.bpe.model", "tokenizer.model", "merges.txt", "spm.model", "bpe.codes", "dict.txt",
-                   "entity_vocab.json")  # fmt: skip
+                   "sentencepiece.bpe.model", "tokenizer.model", "merges.txt", "spm.model", "bpe.codes")  # fmt: skip
 # config.json builds the architecture; an image model's preprocessor_config.json its processor (a checkpoint keeps its
 # own preprocessing, but a folder rebuilt without it warned that it had none); the rest are the tokenizer's
 BUNDLED_FILES = ("config.json", "preprocessor_config.json", *TOKENIZER_FILES, "special_tokens_map.json",
@@ -91,30 +90,30 @@ def with_classes(files: dict[str, str], classes: list[str], *, text: bool = Fals
     if (task := _task_class(config.get("model_type"), text)) is not None:
         config["architectures"] = [task]
     written = json.dumps(config, indent=2, sort_keys=True) + "\n"
-    return _with_pad_token({**files, "config.json": base64.b64encode(written.encode()).decode("ascii")})
+    return {**files, "config.json": base64.b64encode(written.encode()).decode("ascii")}
 
 
-def _with_pad_token(files: dict[str, str]) -> dict[str, str]:
-    """``files`` with a tokenizer that has no padding token padding with its end-of-sequence token, as the run's
-    did (``data.text.TokenizeBatch``): an exported GPT-2's tokenizer refused to pad a batch of two texts, its config
-    naming a pad_token_id all the same.
+def with_pad_token(files: dict[str, str]) -> dict[str, str]:
+    """A text model's ``files`` whose tokenizer, as transformers loads them, has no padding token (GPT-2's, Llama's:
+    their class has none either), told to pad with its end-of-sequence token, as the run's did
+    (``data.text.TokenizeBatch``): an exported GPT-2's tokenizer refused to pad a batch of two texts, its config naming
+    a pad_token_id all the same. One that has a padding token, in its files or as its class's default (RoBERTa's and
+    T5's ``<pad>``), is left as it is. Loads the tokenizer from a temporary copy of ``files``."""
+    import tempfile
 
-    >>> b64 = lambda d: base64.b64encode(json.dumps(d).encode()).decode("ascii")
-    >>> out = _with_pad_token({"tokenizer_config.json": b64({"eos_token": "</s>", "pad_token": None})})
-    >>> json.loads(base64.b64decode(out["tokenizer_config.json"]))["pad_token"]
-    '</s>'
-    """
-    if "tokenizer_config.json" not in files:
+    try:
+        from transformers import AutoTokenizer
+
+        with tempfile.TemporaryDirectory() as tmp:
+            write(files, Path(tmp))
+            tokenizer = AutoTokenizer.from_pretrained(tmp, local_files_only=True)
+    except (ImportError, OSError, ValueError):  # no tokenizer to load from them: nothing to tell it
         return files
-    tokenizer = json.loads(base64.b64decode(files["tokenizer_config.json"]))
-    special = (
-        json.loads(base64.b64decode(files["special_tokens_map.json"])) if "special_tokens_map.json" in files else {}
-    )
-    eos = tokenizer.get("eos_token") or special.get("eos_token")
-    if tokenizer.get("pad_token") or special.get("pad_token") or not eos:
+    if tokenizer.pad_token is not None or tokenizer.eos_token is None:
         return files
-    tokenizer["pad_token"] = eos
-    written = json.dumps(tokenizer, indent=2, ensure_ascii=False) + "\n"
+    old = files.get("tokenizer_config.json")
+    config = {**(json.loads(base64.b64decode(old)) if old else {}), "pad_token": tokenizer.eos_token}
+    written = json.dumps(config, indent=2, ensure_ascii=False) + "\n"
     return {**files, "tokenizer_config.json": base64.b64encode(written.encode()).decode("ascii")}
 
 
