@@ -590,6 +590,9 @@ def test_a_budget_says_what_it_affords_at_that_pace_and_the_trials_record_what_t
     assert lines == ["auto: the 7s budget leaves 3.0s after the trials: 1 epoch of 50 of the 100 images, about 1.0s "
                      "over it; at the trial's pace an epoch of 100 takes about 5.0s (2.0s training, 3.0s validation "
                      "and checkpoints)"]  # fmt: skip
+    lines.clear()  # --epochs 1 asked and trained: "1 epoch (not the 1 of epochs)" said otherwise
+    auto_plan.run_epochs(TrainConfig(budget="7s", refit=False, epochs=1), [trial], trial, 4.0, False, lines.append)
+    assert lines[0].startswith("auto: the 7s budget leaves 3.0s after the trials: 1 epoch of 50 of the 100 images,")
     lines.clear()  # a pilot measured the run's set-up: it comes out of what is left; 95 % of 4.5 s, less 3 s: 63 images
     assert auto_plan.run_epochs(TrainConfig(budget="9s", refit=False), [trial], trial, 4.0, False, lines.append,
                                 setup_s=0.5) == (1, 63)  # fmt: skip
