@@ -704,17 +704,20 @@ def test_long_texts_are_counted_a_chunk_at_a_time_to_the_same_result():
     assert long_texts([], tokenize) == (0, 0)
 
 
-def test_a_texts_own_special_token_strings_are_text_not_the_tokenizers_markers():
+def test_a_texts_own_special_token_strings_are_not_the_tokenizers_markers(tmp_path):
     # "</s>" in a text was BART's and T5's end of sequence (a batch whose texts held different counts of it was
     # refused: "All examples must have the same number of <eos> tokens"), "[PAD]" in a text BERT's padding
-    from freezetune.data.text import long_texts
-
     tokenize = TokenizeBatch(str(MINILM), 16)
     tok = tokenize.tokenizer
     ids = tokenize.tokenize(["a [SEP] b [PAD] c", "x"])["input_ids"]
     assert [(row == tok.sep_token_id).sum().item() for row in ids] == [1, 1]  # the marker the tokenizer adds, alone
-    assert tok.pad_token_id not in ids[0].tolist() and len(ids[0]) == 11  # "[", "sep", "]", ... each a token
-    assert long_texts(["a [SEP] b [PAD] c"], TokenizeBatch(str(MINILM), 10)) == (1, 11)  # counted as it trains
+    assert ids[0].tolist() == [tok.cls_token_id, *tok.convert_tokens_to_ids(["a", "[UNK]", "b", "[UNK]", "c"]),
+                               tok.sep_token_id]  # fmt: skip
+    # a token the tokenizer was extended with, as relation classification marks its entities, stays one
+    tok.add_tokens(["<e1>"], special_tokens=True)
+    tok.save_pretrained(tmp_path / "marked")
+    marked = TokenizeBatch(str(tmp_path / "marked"), 16)
+    assert marked.tokenizer.convert_tokens_to_ids("<e1>") in marked.tokenize(["x <e1> y"])["input_ids"][0].tolist()
 
 
 def test_a_text_of_invisible_characters_alone_is_an_empty_text(tmp_path):
@@ -757,18 +760,19 @@ def test_a_python_tokenizer_still_matches_its_added_tokens(tmp_path):
     assert long_texts(["MKTAYIAK"], tokenize) == (0, 10)
 
 
-def test_a_tokenizer_that_refuses_to_split_special_tokens_is_asked_without_it(monkeypatch):
-    # transformers before 4.42 (and Mistral's tokenizer) refuse the argument: every text run stopped at its first batch
+def test_a_tokenizer_that_cannot_say_where_its_tokens_came_from_tokenizes_as_it_reads_them(monkeypatch):
+    # one that refuses character offsets (a Python tokenizer asked for them raises NotImplementedError) is asked
+    # without them from then on, rather than stopping every batch
     tokenize = TokenizeBatch(str(MINILM), 16)
     real = type(tokenize.tokenizer).__call__
 
-    def old(self, texts, **kwargs):
-        if "split_special_tokens" in kwargs:
-            raise TypeError("_batch_encode_plus() got an unexpected keyword argument 'split_special_tokens'")
+    def refusing(self, texts, **kwargs):
+        if "return_offsets_mapping" in kwargs:
+            raise NotImplementedError("return_offset_mapping is not available when using Python tokenizers")
         return real(self, texts, **kwargs)
 
-    monkeypatch.setattr(type(tokenize.tokenizer), "__call__", old)
-    assert tokenize.tokenize(["a fine film"])["input_ids"].shape == (1, 5) and not tokenize._asks
+    monkeypatch.setattr(type(tokenize.tokenizer), "__call__", refusing)
+    assert tokenize.tokenize(["a fine film"])["input_ids"].shape == (1, 5) and tokenize._origin is None
 
 
 def test_a_vocabulary_piece_that_is_a_special_token_is_read_as_unknown_in_a_text(tmp_path):

@@ -163,16 +163,17 @@ class TokenizeBatch:
                                   "pad a batch of texts with: add a pad_token to its tokenizer files")  # fmt: skip
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.max_length = max_length
-        # a text's own "</s>" or "[SEP]" is text, not the tokenizer's marker: BART and T5 refused a batch whose texts
-        # held different counts of "</s>" (HTML's strikethrough), and BERT read "[PAD]" in a text as its padding
-        # token. Asked of a fast tokenizer alone: a Python one then matches none of its added tokens (ESM's residues
-        # all became one unknown token), and transformers before 4.42 (or Mistral's tokenizer) refuse it
-        self._asks = {"split_special_tokens": True} if getattr(self.tokenizer, "is_fast", False) else {}
-        # the special ids a text's own characters may still become (a vocabulary holding "</s>" as a piece, as T5's
-        # unigram one does): each is read as the unknown token; none where the unknown token is one of them (GPT-2)
-        unk = self.tokenizer.unk_token_id
-        markers = sorted(set(self.tokenizer.all_special_ids) - {unk})
-        self._markers = torch.tensor(markers) if unk is not None and markers else None
+        # a text's own "</s>" or "[SEP]" is not the tokenizer's marker: BART and T5 refused a batch whose texts held
+        # different counts of "</s>" (HTML's strikethrough), and BERT read "[PAD]" in a text as its padding. Such a
+        # marker found in a text's characters is read as the unknown token; a token the tokenizer was extended with
+        # ("<e1>") stays one, as do the markers it adds; none where the unknown token is a marker itself (GPT-2)
+        tok, unk = self.tokenizer, self.tokenizer.unk_token_id
+        markers = {tok.cls_token_id, tok.sep_token_id, tok.bos_token_id, tok.eos_token_id, tok.pad_token_id,
+                   tok.mask_token_id} - {None, unk}  # fmt: skip
+        self._markers = torch.tensor(sorted(markers)) if unk is not None and markers else None
+        # where a token came from: a fast tokenizer's character offsets (a marker it adds spans none), a Python one's
+        # mask of what it added (asked to split special tokens instead, ESM's matched none of its residues)
+        self._origin = "return_offsets_mapping" if getattr(tok, "is_fast", False) else "return_special_tokens_mask"
         special = self.tokenizer.num_special_tokens_to_add(pair=False)
         if max_length <= special:  # only the special tokens fit: every text trains and predicts as the same input
             raise ConfigError(
@@ -186,27 +187,25 @@ class TokenizeBatch:
 
     def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
         """The model's input for ``texts``: token ids and masks, padded to the longest, truncated at ``max_length``."""
-        batch = dict(self.encode(texts, padding=True, truncation=True, max_length=self.max_length,
-                                 return_tensors="pt", return_special_tokens_mask=True))  # fmt: skip
-        added = batch.pop("special_tokens_mask")  # 1: a token the tokenizer added (and padding), 0: the text's
-        if self._markers is not None:
-            ids = batch["input_ids"]
-            read = batch.get("attention_mask", torch.ones_like(ids)).bool()
-            ids[torch.isin(ids, self._markers) & (added == 0) & read] = self.tokenizer.unk_token_id
+        asks = {"padding": True, "truncation": True, "max_length": self.max_length, "return_tensors": "pt"}
+        if self._markers is None or self._origin is None:
+            return dict(self.tokenizer(texts, **asks))
+        try:
+            batch = dict(self.tokenizer(texts, **asks, **{self._origin: True}))
+        except (TypeError, ValueError, NotImplementedError) as exc:  # a tokenizer that cannot say: as it reads them
+            if self._origin not in str(exc) and "offset" not in str(exc):
+                raise
+            self._origin = None
+            return dict(self.tokenizer(texts, **asks))
+        origin = batch.pop(_RETURNED[self._origin])
+        from_text = origin[..., 1] > origin[..., 0] if origin.dim() == 3 else origin == 0
+        ids = batch["input_ids"]
+        read = batch.get("attention_mask", torch.ones_like(ids)).bool()
+        ids[torch.isin(ids, self._markers) & from_text & read] = self.tokenizer.unk_token_id
         return batch
 
-    def encode(self, texts: list[str], **kwargs):
-        """The tokenizer's encoding of ``texts``, a text's markers read as text where it can (``_asks``): one that
-        refuses the ask (transformers before 4.42, Mistral's tokenizer) is asked without it from then on."""
-        while True:
-            try:
-                return self.tokenizer(texts, **kwargs, **self._asks)
-            except (TypeError, ValueError) as exc:
-                refused = [key for key in self._asks if key in str(exc)]
-                if not refused:
-                    raise
-                for key in refused:
-                    del self._asks[key]
+
+_RETURNED = {"return_offsets_mapping": "offset_mapping", "return_special_tokens_mask": "special_tokens_mask"}
 
 
 def truncation_note(dataset: Dataset, preprocess) -> str | None:
@@ -245,7 +244,7 @@ def long_texts(texts: list[str], tokenize: TokenizeBatch, chunk: int = 1000) -> 
     ``chunk`` texts at a time, so 100 000 long documents never hold all their token ids at once."""
     long = longest = 0
     for start in range(0, len(texts), chunk):
-        ids = tokenize.encode(texts[start : start + chunk], truncation=False, verbose=False)["input_ids"]
+        ids = tokenize.tokenizer(texts[start : start + chunk], truncation=False, verbose=False)["input_ids"]
         lengths = [len(i) for i in ids]
         long += sum(n > tokenize.max_length for n in lengths)
         longest = max(longest, *lengths)
