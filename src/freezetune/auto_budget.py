@@ -23,6 +23,7 @@ from collections.abc import Callable
 from freezetune.auto_plan import epoch_pace, seconds_text, steps_text
 from freezetune.auto_rule import TRIAL_FRACTION
 from freezetune.config import TrainConfig
+from freezetune.data.loaders import epoch_share
 
 PILOT_STEPS = 8  # the pilot's optimizer steps: the first ones are the slowest, so its pace errs on the long side
 PILOT_BATCH = 32  # the batch a pilot plans its images for where the batch size is "auto" (measured in the run)
@@ -127,10 +128,9 @@ def plan_epoch(cfg: TrainConfig, pilot: dict, budget: TrialBudget, echo: Callabl
 
 
 def epoch_items(cfg: TrainConfig, train_items: int) -> int:
-    """About how many of ``train_items`` one of ``cfg``'s epochs draws (``data.loaders.Loaders.fraction``).
+    """About how many of ``train_items`` one of ``cfg``'s epochs draws (the share a run's loaders visit).
 
     >>> epoch_items(TrainConfig(epoch_fraction=0.5), 1000), epoch_items(TrainConfig(epoch_images=300), 1000)
     (500, 300)
     """
-    drawn = round(train_items * cfg.epoch_fraction)
-    return drawn if cfg.epoch_images is None else min(drawn, cfg.epoch_images)
+    return round(train_items * epoch_share(train_items, cfg.epoch_fraction, cfg.epoch_images))

@@ -82,8 +82,7 @@ def run_epochs(cfg: TrainConfig, trials: list[dict], choice: dict, spent: float,
     budget = parse_duration(cfg.budget)
     if budget is None:
         return cfg.epochs, None
-    # an --epochs the budget cannot fit is said, not dropped in silence (--epochs 10, the default, reads as not given)
-    replaced = f" (not the {cfg.epochs} of epochs)" if cfg.epochs not in (TrainConfig.epochs, 1) else ""
+    _, replaced = _at_most(cfg, 1)  # what a run of one epoch says of --epochs
     train_s, other_s = epoch_pace(choice, refit, trials[0]["n_val"])
     left, epoch_s = budget - spent - setup_s, train_s + other_s
     after = f"{measured} and the run's set-up (about {seconds_text(setup_s)})" if setup_s else measured

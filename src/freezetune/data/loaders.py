@@ -198,6 +198,18 @@ def build_loader(dataset: Dataset, *, batch_size: int, train: bool, workers: int
     return loader
 
 
+def epoch_share(n: int, fraction: float, images: int | None) -> float:
+    """The share of a training set of ``n`` items an epoch visits: ``fraction`` of it (``epoch_fraction``), at most
+    ``images`` items (``epoch_images``; None: no limit).
+
+    >>> epoch_share(1000, 0.5, 100), epoch_share(50, 0.5, 100)
+    (0.1, 0.5)
+    """
+    if images is None or n <= images:
+        return fraction
+    return min(fraction, images / n)
+
+
 @dataclass(frozen=True)
 class Loaders:
     """How one run reads data: every loader of the run (training, evaluation, the feature-cache build) comes from here.
@@ -240,9 +252,7 @@ class Loaders:
         ...         epoch_images=100).fraction(1000)
         0.1
         """
-        if self.epoch_images is None or n <= self.epoch_images:
-            return self.epoch_fraction
-        return min(self.epoch_fraction, self.epoch_images / n)
+        return epoch_share(n, self.epoch_fraction, self.epoch_images)
 
     def epoch_items(self, n: int) -> int:
         """How many of a training set of ``n`` items an epoch visits (on all ranks together: each rank's share of
