@@ -54,7 +54,11 @@ MAN = Path("/usr/share/man")
 # Debian's package index (apt's list of the main archive): each package's one-line description and its section
 APT_LISTS = Path("/var/lib/apt/lists")
 DEBIAN_SECTIONS = ("games", "graphics", "sound", "science", "net", "admin")
-CONTENDERS = ("ft-default", "ft-full", "plain")
+# freezetune's contenders: TrainConfig overrides of the default command. ``ft-default-off`` (by --only): the frozen
+# layers' dropout run as at inference (--frozen-dropout off)
+FREEZETUNE = {"ft-default": {}, "ft-full": {"recipe": "full"}, "ft-default-off": {"frozen_dropout": "off"}}
+CONTENDERS = (*FREEZETUNE, "plain")
+DEFAULT_CONTENDERS = ("ft-default", "ft-full", "plain")
 
 
 def minilm() -> Path:
@@ -160,13 +164,13 @@ def read(path: Path) -> tuple[list[str], list[str]]:
     return [r["text"] for r in rows], [r["label"] for r in rows]
 
 
-def run_freezetune(data: Path, out: Path, seed: int, args, recipe: str | None) -> tuple[float, float]:
+def run_freezetune(data: Path, out: Path, seed: int, args, overrides: dict) -> tuple[float, float]:
     from freezetune.config import TrainConfig
     from freezetune.trainer import train
 
     cfg = TrainConfig(model=f"hf:{minilm()}", weights="default", data=str(data), epochs=args.epochs, batch_size=32,
-                      seed=seed, recipe=recipe, lr=args.lr, out=str(out), progress=False, tensorboard=False,
-                      device="cpu")  # fmt: skip
+                      seed=seed, lr=args.lr, out=str(out), progress=False, tensorboard=False, device="cpu",
+                      **overrides)  # fmt: skip
     result = train(cfg, echo=lambda line: None)
     return result.test["acc"], result.train_seconds
 
@@ -222,7 +226,7 @@ def main() -> None:
     p.add_argument("--plain-lrs", default="5e-5,1e-4,2e-4", help="the plain fine-tune's learning rates")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--only", default=",".join(CONTENDERS), help=f"a subset of: {', '.join(CONTENDERS)}")
+    p.add_argument("--only", default=",".join(DEFAULT_CONTENDERS), help=f"a subset of: {', '.join(CONTENDERS)}")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     from transformers.utils import logging as hf_logging
@@ -235,10 +239,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="ft-text-") as tmp:
         data, sizes = build(Path(tmp) / args.dataset, args.per_class, args.test_per_class, args.dataset)
         for seed in seeds:
-            for name, recipe in (("ft-default", None), ("ft-full", "full")):
+            for name, overrides in FREEZETUNE.items():
                 if name in only:
                     out = Path(tmp) / f"{name}-{seed}"
-                    results.setdefault(name, []).append(run_freezetune(data, out, seed, args, recipe))
+                    results.setdefault(name, []).append(run_freezetune(data, out, seed, args, overrides))
             if "plain" in only:
                 for lr in (float(x) for x in args.plain_lrs.split(",")):
                     results.setdefault(f"plain@{lr:g}", []).append(run_plain(data, seed, lr, args))

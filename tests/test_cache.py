@@ -767,3 +767,23 @@ def test_a_store_overwritten_in_place_is_a_miss_not_features(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         assert disk.load(tmp_path, "k") is None
     assert "ignoring unreadable feature cache" in caplog.text and "CRC" in caplog.text
+
+
+def test_stochastic_depth_of_the_frozen_stages_is_cached_with_them(image_folder, tmp_path):
+    # torchvision's EfficientNet ships with stochastic depth 0.2 in its blocks: drawn in the frozen stages (the
+    # default), the cache cuts before the first that draws and every later frozen block runs each step, said with the
+    # flag that changes it. Run as at inference (--frozen-dropout off), the whole frozen prefix is cached (that the
+    # cached path trains the whole model's numbers: test_model_split's test of the held layers), and the run says so
+    kw = dict(model="torchvision:efficientnet_b0", freeze="-3", epochs=1)
+    lines: list[str] = []
+    cached = Trainer(_config(image_folder, tmp_path, "off", cache="memory", frozen_dropout="off", **kw),
+                     echo=lines.append)  # fmt: skip
+    assert _cache_lines(lines)[0].startswith("feature cache: cached at the input of features.7 (fx);"), lines
+    cached.fit()
+    assert "frozen stages: 14 stochastic depth layers run as at inference (--frozen-dropout off; keep draws" in "".join(
+        lines
+    )
+    kept: list[str] = []
+    Trainer(_config(image_folder, tmp_path, "kept", cache="memory", **kw), echo=kept.append)
+    assert "cached at the input of features.2 (fx), not of features.7: frozen layers" in _cache_lines(kept)[0], kept
+    assert "--frozen-dropout off runs them as at inference" in _cache_lines(kept)[0]

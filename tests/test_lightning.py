@@ -226,3 +226,18 @@ def test_the_callback_takes_stage_lrs_as_param_groups_does_and_refuses_bad_lrs_w
                           ({"decay": -1}, "decay must be >= 1"), ({"stage_lrs": "block3"}, "block3")):  # fmt: skip
         with pytest.raises(FreezetuneError, match=match):
             FreezetuneFinetuning(**kwargs)
+
+
+def test_the_callback_gives_the_frozen_stages_dropout_its_policy():
+    from torch import nn
+
+    from freezetune.frozen_dropout import held_layers
+
+    lit = nn.Module()  # the callback reads the network from the module's .model
+    lit.model = nn.Sequential(nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.5)), nn.Linear(4, 2))
+    FreezetuneFinetuning("backbone", None, dropout="off").setup(None, lit, "fit")
+    assert held_layers(lit.model) == ["0.1"]  # as at inference
+    FreezetuneFinetuning("backbone", None).setup(None, lit, "fit")
+    assert held_layers(lit.model) == []  # drawn, as built: ft.freeze's default
+    with pytest.raises(FreezetuneError, match="unknown dropout policy 'bogus'"):
+        FreezetuneFinetuning(dropout="bogus")

@@ -117,9 +117,10 @@ class _Residual(nn.Module):
 
 @pytest.mark.parametrize("drop", [torchvision.ops.StochasticDepth(0.5, "row"), ModelDropPath(0.5)],
                          ids=["torchvision", "hugging-face"])  # fmt: skip
-def test_stochastic_depth_in_a_frozen_stage_moves_the_cut_before_it(drop):
+def test_stochastic_depth_drawn_in_a_frozen_stage_moves_the_cut_before_it(drop):
     # torchvision's StochasticDepth (EfficientNet, ConvNeXt, Swin) was traced through, its training flag fixed in the
-    # prefix: cached features held one random depth an image, and the prefix differed from call to call in eval
+    # prefix: cached features held one random depth an image, and the prefix differed from call to call in eval.
+    # Drawn in the frozen stages (dropout "keep", the default; "off" runs them as at inference: the next test)
     model = nn.Sequential(nn.Linear(8, 8), _Residual(drop), _Residual(nn.Identity()), nn.Linear(8, 3))
     ft.freeze(model, "backbone")
     split, why = split_model(model)
@@ -135,6 +136,25 @@ def test_stochastic_depth_in_a_frozen_stage_moves_the_cut_before_it(drop):
         torch.manual_seed(1)
         torch.testing.assert_close(split.suffix_train(split.prefix(x)), want)
         assert not torch.equal(split.suffix_train(split.prefix(x)), want)
+
+
+@pytest.mark.parametrize("drop", [torchvision.ops.StochasticDepth(0.5, "row"), ModelDropPath(0.5), nn.Dropout(0.5)],
+                         ids=["torchvision", "hugging-face", "dropout"])  # fmt: skip
+def test_stochastic_depth_held_in_the_frozen_stages_leaves_the_cut_at_the_first_that_trains(drop):
+    # dropout "off": the frozen stages' random layers run as at inference, so the whole frozen prefix is cached
+    # (torchvision's EfficientNet-B0 at --freeze backbone is cut after its first blocks otherwise), and the cached
+    # path trains the same numbers as the whole model in training mode
+    model = nn.Sequential(nn.Linear(8, 8), _Residual(drop), _Residual(nn.Identity()), nn.Linear(8, 3))
+    ft.freeze(model, "backbone", dropout="off")
+    split, why = split_model(model)
+    assert split.boundary == "3" and why == "cached at the input of 3 (fx)", why
+    x = torch.randn(64, 8)
+    model.train()
+    torch.testing.assert_close(split.prefix(x), split.prefix(x), rtol=0, atol=0)  # no mask drawn
+    torch.testing.assert_close(split.suffix_train(split.prefix(x)), model(x))
+    ft.unfreeze(model, "1")  # the stage opened draws again: the cut moves before it, the drop in the suffix
+    assert split_model(model)[0].boundary == "1"
+    assert not torch.equal(model(x), model(x))
 
 
 def test_nothing_frozen_is_not_cacheable():

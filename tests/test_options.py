@@ -35,11 +35,12 @@ def _owner_calls():
         "aug": [lambda: train_transform(Preprocess(8), "bogus"), lambda: BatchAugment(Preprocess(8), "bogus", "cpu")],
         "decode": [lambda: should_use_device_loader(ds, "cpu", "bogus")],
         "bn": [lambda: freeze(torchvision.models.resnet18(), "backbone", bn="bogus")],
+        "frozen_dropout": [lambda: freeze(torchvision.models.resnet18(), "backbone", dropout="bogus")],
         "amp": [lambda: resolve_precision(torch.device("cpu"), "bogus")],
     }
 
 
-@pytest.mark.parametrize("name", ["aug", "decode", "bn", "amp"])
+@pytest.mark.parametrize("name", ["aug", "decode", "bn", "frozen_dropout", "amp"])
 def test_config_and_owning_module_list_the_same_choices(name):
     listed = choices(FIELD_CHOICES[name])
     assert listed in _message(lambda: validate(TrainConfig(data="x", **{name: "bogus"})))

@@ -38,6 +38,8 @@ from freezetune.options import (
     CLASS_WEIGHTS,
     DECODE_MODES,
     DEFAULT_MONITOR,
+    DROPOUT_DEFAULT,
+    DROPOUT_POLICIES,
     HF_PREFIX,
     MONITORS,
     OPTIMIZERS,
@@ -55,6 +57,7 @@ FIELD_CHOICES = {
     "amp": AMP_MODES,
     "bn": BN_POLICIES,
     "bn_stats": BN_STATS,
+    "frozen_dropout": DROPOUT_POLICIES,
     "aug": AUG_PRESETS,
     "monitor": MONITORS,
     "class_weights": CLASS_WEIGHTS,
@@ -126,6 +129,7 @@ class TrainConfig:
     budget: str | None = None  # wall-clock budget the auto recipe plans for, e.g. "5m"
     bn: str = BN_DEFAULT
     bn_stats: str = BN_STATS_DEFAULT  # BatchNorm statistics in the parts that train: updated, or held (eval mode)
+    frozen_dropout: str = DROPOUT_DEFAULT  # dropout and drop path in the stages before the first that trains
     unfreeze: str | dict[int, str] | None = None
     # optimisation
     epochs: int = 10

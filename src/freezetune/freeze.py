@@ -24,15 +24,19 @@ from freezetune.bn_policy import (
     set_released,
 )
 from freezetune.errors import SpecError, choices
+from freezetune.frozen_dropout import apply_dropout_policy, check_dropout_policy
 from freezetune.module_tree import check_materialized, is_norm, unwrap
-from freezetune.options import BN_DEFAULT, FREEZE_DEFAULT, FREEZE_KEYWORDS
+from freezetune.options import BN_DEFAULT, DROPOUT_DEFAULT, FREEZE_DEFAULT, FREEZE_KEYWORDS
 from freezetune.stages import Stage, stages
 
 Spec = str | int | Sequence[str | int]
 
 
-def freeze(model: nn.Module, spec: Spec = FREEZE_DEFAULT, *, bn: str = BN_DEFAULT) -> None:
-    """Freeze the parameters ``spec`` names; BatchNorm layers inside follow the ``bn`` policy.
+def freeze(
+    model: nn.Module, spec: Spec = FREEZE_DEFAULT, *, bn: str = BN_DEFAULT, dropout: str = DROPOUT_DEFAULT
+) -> None:
+    """Freeze the parameters ``spec`` names; BatchNorm layers inside follow the ``bn`` policy, dropout layers before
+    the first stage that trains the ``dropout`` policy.
 
     It adds to what is frozen: what an earlier call froze stays frozen (``"none"`` changes nothing, and ``"bitfit"``
     after ``"backbone"`` trains no bias it froze; ``unfreeze(model)`` first starts from a trainable model, which
@@ -48,10 +52,14 @@ def freeze(model: nn.Module, spec: Spec = FREEZE_DEFAULT, *, bn: str = BN_DEFAUL
             after ``model.train()``), ``"affine"`` (affine trains, statistics update), ``"train"`` (statistics
             update only) or ``"affine-only"`` (affine trains, statistics frozen in eval). The policy lives on the
             layers: convert to ``SyncBatchNorm`` before freezing, as the conversion builds new layers without it.
+        dropout: the dropout, drop path and stochastic depth layers of the stages before the first that trains:
+            ``"keep"`` (they draw in training, as built) or ``"off"`` (run as at inference even after
+            ``model.train()``: the prefix is then deterministic, so the feature cache holds it; see
+            ``freezetune.frozen_dropout``). An ``unfreeze`` keeps the policy; the stages it opens draw again.
 
     Raises:
         SpecError: an unknown stage name, a glob that matches nothing, an int beyond the stage count, an unknown
-            ``bn``; the message lists the valid choices.
+            ``bn`` or ``dropout``; the message lists the valid choices.
 
     >>> import torchvision
     >>> m = torchvision.models.resnet18()
@@ -60,6 +68,7 @@ def freeze(model: nn.Module, spec: Spec = FREEZE_DEFAULT, *, bn: str = BN_DEFAUL
     (513000, 11689512)
     """
     check_bn_policy(bn)
+    check_dropout_policy(dropout)
     model = unwrap(model)
     st = stages(model)
     params = _resolve(model, st, spec)
@@ -67,6 +76,7 @@ def freeze(model: nn.Module, spec: Spec = FREEZE_DEFAULT, *, bn: str = BN_DEFAUL
     for p in params.values():
         p.requires_grad_(False)
     set_frozen(model, params, bn)
+    apply_dropout_policy(model, st, dropout)
 
 
 def _say_earlier_freezes_stay(model: nn.Module, spec: Spec, params: dict) -> None:
@@ -103,6 +113,7 @@ def unfreeze(model: nn.Module, spec: Spec = "all", *, bn: str | None = None) -> 
     for p in params.values():
         p.requires_grad_(True)
     set_released(model, params, bn)
+    apply_dropout_policy(model, st)
 
 
 def spec_items(spec: Spec) -> list[str | int]:
@@ -127,13 +138,14 @@ def warn_negative_unfreeze(spec: Spec) -> None:
                       f"last {-n}, unfreeze their names or use freeze_to(model, {n})", stacklevel=3)  # fmt: skip
 
 
-def freeze_to(model: nn.Module, n: int, *, bn: str = BN_DEFAULT) -> None:
+def freeze_to(model: nn.Module, n: int, *, bn: str = BN_DEFAULT, dropout: str = DROPOUT_DEFAULT) -> None:
     """Freeze ``stages[:n]`` and make ``stages[n:]`` trainable (``n`` may be negative, as in slicing).
 
     Args:
         model: as in ``freeze``.
         n: the stages to freeze, from the input: ``-2`` trains the last two (the head and the stage before it).
         bn: the BatchNorm policy of the frozen part, as in ``freeze``.
+        dropout: the dropout policy of the frozen stages, as in ``freeze``.
 
     Raises:
         SpecError: ``n`` is not an int, or beyond the model's stage count (which the message names).
@@ -146,6 +158,7 @@ def freeze_to(model: nn.Module, n: int, *, bn: str = BN_DEFAULT) -> None:
     """
     if not is_count(n):
         raise SpecError(f"freeze_to takes an int number of stages, got {n!r}")
+    check_dropout_policy(dropout)
     n, st = int(n), stages(model)
     _check_count(n, st)
     names = [s.name for s in st]
@@ -153,7 +166,9 @@ def freeze_to(model: nn.Module, n: int, *, bn: str = BN_DEFAULT) -> None:
     if trainable:
         unfreeze(model, trainable, bn=bn)
     if frozen:
-        freeze(model, frozen, bn=bn)
+        freeze(model, frozen, bn=bn, dropout=dropout)
+    else:
+        apply_dropout_policy(unwrap(model), st, dropout)
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

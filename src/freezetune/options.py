@@ -23,6 +23,10 @@ BN_POLICIES = ("frozen", "affine", "train", "affine-only")  # BatchNorm in froze
 BN_EVAL_POLICIES = ("frozen", "affine-only")  # ... whose statistics never move: the layer runs in eval
 BN_AFFINE_POLICIES = ("affine", "affine-only")  # ... whose weight and bias train
 BN_DEFAULT = "frozen"  # the one policy under which a frozen prefix is deterministic (and can be cached)
+# Dropout, drop path and stochastic depth in the stages before the first that trains: keep (drawn in training, as
+# built) or off (run as at inference, the prefix deterministic and cacheable); see ``freezetune.frozen_dropout``
+DROPOUT_POLICIES = ("keep", "off")
+DROPOUT_DEFAULT = "keep"
 # BatchNorm statistics in the parts that train: updated from each batch (PyTorch's training mode), or held as in the
 # frozen parts (eval mode; the scale and shift still train): lp-ft's fine-tune, small batches. "auto", the default:
 # held where the recipe's start needs them held (lp-ft's fine-tune, the auto recipe's run from a probed head), else

@@ -45,6 +45,7 @@ from freezetune.distributed import (
 )
 from freezetune.errors import ConfigError, DataError, choices, setting
 from freezetune.freeze import count_parameters, freeze, summary
+from freezetune.frozen_dropout import dropout_note
 from freezetune.heads import replace_head
 from freezetune.interrupt import StopRequest
 from freezetune.loss import imbalance_note, training_loss
@@ -189,7 +190,7 @@ class RunSetup:
         if cfg.init and not self.resuming:  # an earlier run's weights, head included (a recipe's previous phase);
             # a resume's come from last.pt (the init file may be gone, or named from another directory)
             checkpoint.init_from(self.model, cfg.init, self.classes, model_name=cfg.model)
-        freeze(self.model, parse_freeze_spec(cfg.freeze), bn=cfg.bn)
+        freeze(self.model, parse_freeze_spec(cfg.freeze), bn=cfg.bn, dropout=cfg.frozen_dropout)
         if cfg.bn_stats == "frozen":  # (the layers an unfreeze releases later are held too)
             hold_bn_statistics(self.model)
         if str(cfg.weights).lower() in RANDOM_WEIGHTS and not cfg.init and not self.resuming:
@@ -394,7 +395,8 @@ class RunSetup:
             notes += [truncation_note(self.data.train, self.preprocess), text_pooling.note(self.model),
                       idle_stage_lrs(self.model, self.cfg.stage_lrs, unfreezes=schedule is not None and idle is None,
                                      decay=self.cfg.decay),
-                      idle_bn_policy(self.model, self.cfg.bn), plateau_units_note(schedule, self.cfg.monitor), idle,
+                      idle_bn_policy(self.model, self.cfg.bn), dropout_note(self.model),
+                      plateau_units_note(schedule, self.cfg.monitor), idle,
                       momentum_note(self.cfg.optimizer, self.cfg.momentum, TrainConfig.momentum),
                       idle_warmup_note(self.cfg.scheduler, self.cfg.warmup_epochs),
                       idle_views_note(self.cfg.aug, self.cfg.cache_views, self.cfg.cache),

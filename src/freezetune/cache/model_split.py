@@ -20,6 +20,7 @@ from torch import fx, nn
 from freezetune.bn_policy import STAT_NORMS, keeps_stats, policy_of
 from freezetune.depthwise import FastDepthwiseConv2d
 from freezetune.errors import SpecError, choices
+from freezetune.frozen_dropout import is_stochastic, random_kind
 from freezetune.options import BN_EVAL_POLICIES
 from freezetune.stages import Stage, stages
 
@@ -105,9 +106,9 @@ def _why_earlier(model: nn.Module, st: list[Stage], boundary: str, first: int) -
     """Why a cut lies before stage ``first``, at ``boundary``'s input: a random layer of the frozen stages between, or
     more than one tensor crossing into ``first`` (HRNet's branches: it was blamed on random numbers it has none of)."""
     between = st[[s.name for s in st].index(boundary) : first]
-    if any(_is_stochastic(m) for s in between for name in s.modules for m in model.get_submodule(name).modules()):
-        return ("frozen layers between them draw random numbers in training (dropout, drop path, stochastic depth) and "
-                "run every step")  # fmt: skip
+    if any(is_stochastic(m) for s in between for name in s.modules for m in model.get_submodule(name).modules()):
+        return ("frozen layers between them draw random numbers in training (dropout, drop path, stochastic depth: "
+                "--frozen-dropout off runs them as at inference, and caches them) and run every step")  # fmt: skip
     return (f"more than one tensor (or a random op) crosses into {st[first].name}, so the frozen layers from "
             f"{boundary} on run every step")  # fmt: skip
 
@@ -168,24 +169,10 @@ def _trainable_first_stage(model: nn.Module, first: Stage) -> str:
     return f"the first stage ({first.name}) is trainable: there is no frozen prefix to cache"
 
 
-# What draws random numbers in training, by its class's or function's name: torch's dropout, timm's DropPath and
-# DropBlock, torchvision's StochasticDepth (EfficientNet, ConvNeXt, Swin: it was traced through, its training flag
-# baked into the prefix, and cached features held one random depth an image), Hugging Face's <Model>DropPath
-_RANDOM_KINDS = ("Dropout", "DropPath", "DropBlock", "StochasticDepth")
+# What draws random numbers in training, by its function's name (the layers: frozen_dropout.RANDOM_KINDS; a
+# StochasticDepth traced through had its training flag baked into the prefix, and cached features held one random
+# depth an image)
 _RANDOM_FUNCTIONS = ("dropout", "drop_path", "drop_block", "stochastic_depth")
-
-
-def _random_kind(m: nn.Module) -> bool:
-    return any(kind in type(m).__name__ for kind in _RANDOM_KINDS)
-
-
-def _is_stochastic(m: nn.Module) -> bool:
-    """Whether ``m`` draws random numbers in training: a random kind at a probability above 0 (one that names none
-    counts as random)."""
-    if not _random_kind(m):
-        return False
-    rates = [getattr(m, a) for a in ("p", "drop_prob") if isinstance(getattr(m, a, None), (int, float))]
-    return bool(rates[0]) if rates else True
 
 
 class _Tracer(fx.Tracer):
@@ -208,7 +195,7 @@ class _Tracer(fx.Tracer):
 
     def is_leaf_module(self, m: nn.Module, qualified_name: str) -> bool:
         # a random module stays a call that reads its training flag when run (and that the cut sees: _random_call)
-        return isinstance(m, self.leaves) or _random_kind(m) or super().is_leaf_module(m, qualified_name)
+        return isinstance(m, self.leaves) or random_kind(m) or super().is_leaf_module(m, qualified_name)
 
 
 class _Untraceable(Exception):
@@ -305,7 +292,7 @@ def _uses_trainable(model: nn.Module, node: fx.Node) -> bool:
 def _random_call(model: nn.Module, node: fx.Node) -> bool:
     """Dropout-like ops must run in the suffix: a cached prefix would freeze one random mask forever."""
     if node.op == "call_module":
-        return _is_stochastic(model.get_submodule(node.target))
+        return is_stochastic(model.get_submodule(node.target))
     if node.op != "call_function":
         return False
     name = getattr(node.target, "__name__", str(node.target))
@@ -393,7 +380,7 @@ def _head_split(model: nn.Module) -> tuple[Split | None, str]:
     if len(head.modules) != 1:
         return None, "the head is not one module whose input could be captured"
     name = head.modules[0]
-    random = [n for n, m in model.named_modules() if _is_stochastic(m) and not (n + ".").startswith(name + ".")]
+    random = [n for n, m in model.named_modules() if is_stochastic(m) and not (n + ".").startswith(name + ".")]
     if random:
         return None, f"{random[0]} is random in training and runs before the head"
     if callable(getattr(model, "forward_features", None)) and callable(getattr(model, "forward_head", None)):

@@ -29,8 +29,9 @@ from freezetune.bn_policy import check_bn_policy, keeps_stats
 from freezetune.config import TrainConfig
 from freezetune.errors import ConfigError, MissingExtra, choices
 from freezetune.freeze import Spec, count_parameters, freeze
+from freezetune.frozen_dropout import check_dropout_policy
 from freezetune.optim import nominal_lr
-from freezetune.options import BN_DEFAULT, FREEZE_DEFAULT
+from freezetune.options import BN_DEFAULT, DROPOUT_DEFAULT, FREEZE_DEFAULT
 from freezetune.param_groups import check_weight_decay, checked_lrs
 from freezetune.stages import stages
 from freezetune.unfreeze_schedule import parse_schedule
@@ -62,6 +63,8 @@ class FreezetuneFinetuning(Callback):
         unfreeze: ``"epoch:N"``, ``"plateau:patience=P,min_delta=D,mode=max|min"``, ``{epoch: spec}`` or None.
             What a schedule opens at the end of epoch ``e`` trains from epoch ``e + 1``.
         bn: BatchNorm policy in the frozen parts: ``"frozen"``, ``"affine"``, ``"train"`` or ``"affine-only"``.
+        dropout: dropout and drop path in the frozen stages before the first that trains: ``"off"`` (as at
+            inference) or ``"keep"``, as in ``ft.freeze``.
         lr: The head's LR for the rule; None takes it from the optimizer group named after the head (else group 0).
         stage_lrs: Per-stage LRs, as in ``ft.param_groups``.
         decay: LR divisor per stage of depth, as in ``ft.param_groups``.
@@ -82,6 +85,7 @@ class FreezetuneFinetuning(Callback):
         unfreeze: str | Mapping[int, Spec] | None = "epoch:1",
         *,
         bn: str = BN_DEFAULT,
+        dropout: str = DROPOUT_DEFAULT,
         lr: float | None = None,
         stage_lrs: Mapping[str, float] | str | None = None,
         decay: float | None = None,
@@ -90,10 +94,11 @@ class FreezetuneFinetuning(Callback):
         module: str | None = "model",
     ) -> None:
         check_bn_policy(bn)
+        check_dropout_policy(dropout)
         check_weight_decay(weight_decay)
         self.freeze_spec, self.schedule = freeze, parse_schedule(unfreeze if unfreeze is not None else {})
         self.bn, self.lr, self.stage_lrs, self.decay = bn, lr, checked_lrs(lr, stage_lrs, decay, lr_given=False), decay
-        self.weight_decay, self.monitor, self.module = weight_decay, monitor, module
+        self.weight_decay, self.monitor, self.module, self.dropout = weight_decay, monitor, module, dropout
         self.unfreezer: Unfreezer | None = None
         self._stage: str | None = None  # Lightning's stage at the last setup: "fit", "validate", "test", "predict"
         self._quiet: tuple | None = None  # the warnings filter silencing Lightning's eval-mode warning, while it is on
@@ -119,7 +124,7 @@ class FreezetuneFinetuning(Callback):
             return
         self._reset()
         # Before the strategy wraps the model: DDP then registers exactly the parameters that train from the start.
-        freeze(self._network(pl_module), self.freeze_spec, bn=self.bn)
+        freeze(self._network(pl_module), self.freeze_spec, bn=self.bn, dropout=self.dropout)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if self._stage not in (None, "fit"):
@@ -138,7 +143,7 @@ class FreezetuneFinetuning(Callback):
         net = self._network(pl_module)
         _check_strategy(trainer)
         # Again after strategy.setup: sync_batchnorm=True swaps the BatchNorm modules, dropping their frozen policy.
-        freeze(net, self.freeze_spec, bn=self.bn)
+        freeze(net, self.freeze_spec, bn=self.bn, dropout=self.dropout)
         # DDP has just wrapped the model: what trains now is exactly what its reducer all-reduces; gradients of
         # anything unfrozen from here on are all-reduced by on_after_backward.
         self._reduced_by_ddp = {id(p) for p in pl_module.parameters() if p.requires_grad}

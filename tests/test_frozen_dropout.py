@@ -1,0 +1,101 @@
+"""Dropout in the frozen stages (``freezetune/frozen_dropout.py``): off (as at inference) by default, or kept."""
+
+import copy
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+import freezetune as ft
+from freezetune.errors import SpecError
+from freezetune.frozen_dropout import dropout_note, held_layers
+
+
+class _Block(nn.Module):
+    """A residual block with stochastic depth, as torchvision's MBConv and CNBlock."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear, self.drop = nn.Linear(8, 8), torchvision.ops.StochasticDepth(0.5, "row")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.drop(self.linear(x))
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)  # four block stages, then dropout and the head
+    return nn.Sequential(_Block(), _Block(), _Block(), _Block(), nn.Dropout(0.5), nn.Linear(8, 3))
+
+
+def _efficientnet() -> nn.Module:
+    model = torchvision.models.efficientnet_b0()  # stochastic depth 0.2 in 15 blocks, as torchvision ships it
+    ft.replace_head(model, 3)
+    return model
+
+
+def _draws(module: nn.Module, x: torch.Tensor | None = None) -> bool:
+    """Whether two training forwards of ``module`` differ (a random mask drawn)."""
+    module.train()
+    x = torch.randn(64, 8) if x is None else x
+    with torch.no_grad():
+        return not torch.equal(module(x), module(x))
+
+
+def test_off_runs_the_frozen_stages_stochastic_depth_as_at_inference_and_the_heads_dropout_as_built():
+    model = _model()
+    assert [s.name for s in ft.stages(model)] == ["0", "1", "2", "3", "5"]  # the dropout before the head: in none
+    ft.freeze(model, "backbone", dropout="off")
+    assert not _draws(model[:4])  # model.train() does not bring the masks back
+    assert _draws(model)  # the dropout by the head still draws: it regularises what trains
+    assert held_layers(model) == ["0.drop", "1.drop", "2.drop", "3.drop"]
+
+
+def test_by_default_the_frozen_stages_draw_as_the_model_was_built():
+    model = _model()
+    ft.freeze(model, "backbone")
+    assert _draws(model[:4]) and held_layers(model) == []
+
+
+def test_an_unfreeze_opens_the_masks_of_the_stages_it_opens_and_keeps_the_policy():
+    model = _model()
+    ft.freeze_to(model, -3, dropout="off")  # stages 2, 3 and the head train
+    assert not _draws(model[:2]) and _draws(model[2])
+    ft.unfreeze(model, "1")
+    assert _draws(model[1]) and not _draws(model[0])
+    # the stages before the first that trains alone: a frozen stage after a trainable one draws, regularising it
+    ft.freeze(model, ["1", "2"], dropout="off")
+    ft.unfreeze(model, "0")
+    assert held_layers(model) == [] and _draws(model[1])
+    ft.freeze(model, "backbone")
+    ft.unfreeze(model, "3")  # unfreeze keeps the policy freeze was given (keep)
+    assert held_layers(model) == [] and _draws(model[:3])
+    ft.freeze_to(model, 2, dropout="off")  # and freeze_to gives its own
+    assert held_layers(model) == ["0.drop", "1.drop"]
+    ft.freeze_to(model, 3)
+    assert held_layers(model) == [] and _draws(model[:3])
+
+
+def test_the_hold_survives_deepcopy_and_torchscript():
+    model = _model()
+    ft.freeze(model, "backbone", dropout="off")
+    copied = copy.deepcopy(model)
+    assert held_layers(copied) == held_layers(model) and not _draws(copied[:4])
+    scripted = torch.jit.script(model.eval())  # the hook compiles with the model
+    assert scripted(torch.randn(2, 8)).shape == (2, 3)
+
+
+def test_an_unknown_dropout_policy_names_the_choices():
+    with pytest.raises(SpecError, match="unknown dropout policy 'drop'.*'keep', 'off'"):
+        ft.freeze(_model(), "backbone", dropout="drop")
+    with pytest.raises(SpecError, match="'keep', 'off'"):
+        ft.freeze_to(_model(), -2, dropout="maybe")
+
+
+def test_the_run_says_which_layers_of_its_frozen_stages_run_as_at_inference():
+    model = _efficientnet()
+    ft.freeze(model, "backbone", dropout="off")
+    assert dropout_note(model) == ("frozen stages: 15 stochastic depth layers run as at inference (--frozen-dropout "
+                                   "off; keep draws them in training, as built)")  # fmt: skip
+    ft.freeze(model, "backbone")
+    assert dropout_note(model) is None  # drawn as built: the feature cache's line says where they moved its cut
