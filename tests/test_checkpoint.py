@@ -343,3 +343,13 @@ def test_other_files_drawn_by_per_class_are_said_to_be_a_draw_not_the_files_chan
     assert fingerprint.files_changed(before, fingerprint.data_record(drawn[0], None, per_class=1)) == (
         "files: 1 of another size ('1.png')"
     )
+
+
+def test_a_run_of_an_earlier_freezetune_resumes_with_the_frozen_dropout_it_had_and_refuses_another():
+    # its config.yaml names no frozen_dropout: its frozen layers' dropout drew; --frozen-dropout off went on silently
+    config = {"model": "timm:test_efficientnet", "scheduler": "onecycle", "epochs": 3}
+    record = {"model": config["model"], "classes": ["a", "b"], "config": config, "steps_per_epoch": 5}
+    expect = {**config, "classes": ["a", "b"], "steps_per_epoch": 5}
+    checkpoint._check_resumable(Path("r/last.pt"), record, {**expect, "frozen_dropout": "keep"})
+    with pytest.raises(ConfigError, match=r"frozen_dropout 'keep' -> 'off'"):
+        checkpoint._check_resumable(Path("r/last.pt"), record, {**expect, "frozen_dropout": "off"})

@@ -1,13 +1,15 @@
-"""Dropout in the frozen stages (``freezetune/frozen_dropout.py``): off (as at inference) by default, or kept."""
+"""Dropout in the frozen stages (``freezetune/frozen_dropout.py``): drawn as built by default, or as at inference."""
 
 import copy
 
 import pytest
+import timm
 import torch
 import torchvision
 from torch import nn
 
 import freezetune as ft
+from freezetune.cache.model_split import split_model
 from freezetune.errors import SpecError
 from freezetune.frozen_dropout import dropout_note, held_layers
 
@@ -67,13 +69,15 @@ def test_an_unfreeze_opens_the_masks_of_the_stages_it_opens_and_keeps_the_policy
     ft.freeze(model, ["1", "2"], dropout="off")
     ft.unfreeze(model, "0")
     assert held_layers(model) == [] and _draws(model[1])
-    ft.freeze(model, "backbone")
+    ft.freeze(model, "backbone", dropout="keep")
     ft.unfreeze(model, "3")  # unfreeze keeps the policy freeze was given (keep)
     assert held_layers(model) == [] and _draws(model[:3])
     ft.freeze_to(model, 2, dropout="off")  # and freeze_to gives its own
     assert held_layers(model) == ["0.drop", "1.drop"]
-    ft.freeze_to(model, 3)
-    assert held_layers(model) == [] and _draws(model[:3])
+    ft.freeze_to(model, 3)  # a later call that names none keeps it ("adds to what is frozen")
+    assert held_layers(model) == ["0.drop", "1.drop", "2.drop"]
+    ft.freeze(model, "3")
+    assert held_layers(model) == ["0.drop", "1.drop", "2.drop", "3.drop"]
 
 
 def test_the_hold_survives_deepcopy_and_torchscript():
@@ -97,5 +101,44 @@ def test_the_run_says_which_layers_of_its_frozen_stages_run_as_at_inference():
     ft.freeze(model, "backbone", dropout="off")
     assert dropout_note(model) == ("frozen stages: 15 stochastic depth layers run as at inference (--frozen-dropout "
                                    "off; keep draws them in training, as built)")  # fmt: skip
-    ft.freeze(model, "backbone")
+    ft.freeze(model, "backbone", dropout="keep")
     assert dropout_note(model) is None  # drawn as built: the feature cache's line says where they moved its cut
+
+
+@pytest.mark.parametrize("bn", ["affine", "affine-only"])
+def test_the_batchnorm_a_policy_trains_does_not_make_a_frozen_stage_one_that_trains(bn):
+    # bn="affine" trains every frozen stage's BatchNorm scale and shift: "off" held nothing, and said nothing
+    model = _efficientnet()
+    ft.freeze(model, "backbone", bn=bn, dropout="off")
+    assert len(held_layers(model)) == 15
+
+
+def test_off_that_holds_nothing_says_so():
+    model = _model()
+    ft.freeze(model, "bitfit", dropout="off")  # every stage's biases train: no stage before the first that trains
+    assert held_layers(model) == [] and dropout_note(model).startswith("note: --frozen-dropout off changes nothing")
+
+
+def test_a_dropout_of_no_stage_between_frozen_ones_is_held_and_one_by_the_head_is_not():
+    # a ViT's dropout after its patch embedding (timm's pos_drop, torchvision's encoder.dropout) is in no stage: it
+    # drew, and the cache cut after the stem blaming "more than one tensor"
+    model = nn.Sequential(
+        nn.Linear(8, 8), nn.ReLU(), nn.Dropout(0.5), nn.Linear(8, 8), nn.Dropout(0.5), nn.Linear(8, 3)
+    )
+    ft.freeze_to(model, -1, dropout="off")
+    assert [s.name for s in ft.stages(model)] == ["0", "3", "5"] and held_layers(model) == ["2"]
+    assert not _draws(model[:4]) and _draws(model[3:])
+    split, why = split_model(model)
+    assert why == "cached at the input of 5 (fx)", why  # the head's dropout draws in the suffix
+
+
+def test_an_attention_layer_holding_its_dropouts_rate_for_a_fused_kernel_is_held_with_it():
+    # timm's Attention passes attn_drop.p to scaled_dot_product_attention by its own mode: the note said its
+    # dropout ran as at inference while the frozen blocks still drew
+    torch.manual_seed(0)
+    vit = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=3, num_classes=3,
+                            attn_drop_rate=0.5)  # fmt: skip
+    ft.freeze_to(vit, -2, dropout="off")  # blocks.2 and the head train
+    assert held_layers(vit) == ["blocks.0.attn.attn_drop", "blocks.1.attn.attn_drop"]
+    x = torch.randn(2, 3, 32, 32)
+    assert not _draws(vit.blocks[:2], vit.patch_embed(x)) and _draws(vit.blocks[2], vit.patch_embed(x))

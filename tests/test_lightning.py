@@ -96,9 +96,9 @@ def test_a_stage_another_optimizer_holds_is_opened_but_not_added_to_the_first():
 def test_frozen_batchnorm_in_eval_mode_does_not_raise_lightnings_warning_but_another_module_does():
     # Lightning warns at fit start about every module in eval mode ("if this is intentional, you can ignore this
     # warning"): the frozen BatchNorm layers are, by design; a module the user left in eval mode is not
-    def eval_mode_warnings(lit: LitTiny) -> list[str]:
-        trainer = L.Trainer(max_epochs=1, enable_checkpointing=False, callbacks=[FreezetuneFinetuning("backbone")],
-                            **FAST)  # fmt: skip
+    def eval_mode_warnings(lit: LitTiny, **kw) -> list[str]:
+        trainer = L.Trainer(max_epochs=1, enable_checkpointing=False,
+                            callbacks=[FreezetuneFinetuning("backbone", **kw)], **FAST)  # fmt: skip
         with warnings.catch_warnings(record=True) as seen:
             warnings.simplefilter("always")
             trainer.fit(lit, *loaders())
@@ -108,6 +108,9 @@ def test_frozen_batchnorm_in_eval_mode_does_not_raise_lightnings_warning_but_ano
     lit = LitTiny()
     lit.model.block3[0].eval()  # a convolution: not the freezing's doing
     assert len(eval_mode_warnings(lit)) == 1
+    lit = LitTiny()  # a frozen stage's dropout held as at inference (dropout="off"): the freezing's doing too
+    lit.model.block1.append(torch.nn.Dropout(0.2))
+    assert eval_mode_warnings(lit, dropout="off") == [] and not lit.model.block1[3].training
 
 
 def test_the_eval_mode_warning_is_silenced_for_that_fit_alone():

@@ -298,3 +298,19 @@ def test_a_failure_after_tracing_is_not_blamed_on_the_model(monkeypatch):
     split, why = split_model(model)
     assert "does not trace" not in why and "KeyError" in why and "freezetune bug" in why, why
     assert split is not None and split.how == "head-hook"  # the run still goes on, reading the head's input
+
+
+def test_attention_dropout_a_fused_kernel_draws_moves_the_cut_before_it():
+    # timm's Attention hands attn_drop.p to scaled_dot_product_attention in training: traced as a constant of the
+    # prefix, cached features held one random attention mask an image
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=3, num_classes=3,
+                              attn_drop_rate=0.5)  # fmt: skip
+    ft.freeze_to(model, -2)  # blocks.2 and the head train
+    split, why = split_model(model)
+    assert split.boundary == "blocks.0", why
+    x = torch.randn(2, 3, 32, 32)
+    model.train()
+    torch.testing.assert_close(split.prefix(x), split.prefix(x), rtol=0, atol=0)
+    ft.freeze_to(model, -2, dropout="off")  # held with their attention layers: cached up to blocks.2
+    assert split_model(model)[0].boundary == "blocks.2"

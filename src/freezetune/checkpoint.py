@@ -30,6 +30,9 @@ from freezetune.weights import load_failure
 
 BEST = "best.pt"
 LAST = "last.pt"
+# Settings a run of an earlier freezetune recorded none of, as it ran: a resume that changes them is refused as any
+# other change (--frozen-dropout off on a run whose frozen dropout drew)
+_EARLIER = {"frozen_dropout": "keep"}
 
 log = logging.getLogger(__name__)
 
@@ -383,7 +386,7 @@ def _check_resumable(path: Path, record: dict, expect: dict[str, Any]) -> None:
         raise CheckpointError(f"{path} is a run of {record.get('model')} on {said}: resume with the run's own config "
                               "and data")  # fmt: skip
     # a run of an earlier version recorded its paths as given: read from here, as this run's are (config.recorded)
-    old = absolute_paths(dict(record.get("config") or {}, steps_per_epoch=record.get("steps_per_epoch")))
+    old = absolute_paths(dict(_EARLIER, **(record.get("config") or {}), steps_per_epoch=record.get("steps_per_epoch")))
     schedule = ("epochs", "scheduler", "warmup_epochs", "steps_per_epoch")
     stretched = [f"{k} {old[k]!r} -> {expect[k]!r}" for k in schedule
                  if old.get(k) is not None and k in expect and old[k] != expect[k]]  # fmt: skip

@@ -4,7 +4,8 @@ A spec names what to (un)freeze: ``"backbone"`` (all but the head), ``"all"``, `
 backbone but its biases and normalisation parameters), an int ``n`` (the first ``n`` stages, negative as in
 slicing), a stage name, a glob over qualified module/parameter names, or a list of these. BatchNorm layers inside a
 frozen part follow one of four policies (``bn_policy``): ``"frozen"`` (the default: statistics and affine frozen,
-eval mode kept through ``model.train()``), ``"affine"``, ``"train"`` and ``"affine-only"``.
+eval mode kept through ``model.train()``), ``"affine"``, ``"train"`` and ``"affine-only"``; dropout and drop path
+layers in the frozen stages, one of two (``freezetune.frozen_dropout``).
 """
 
 from __future__ import annotations
@@ -26,15 +27,13 @@ from freezetune.bn_policy import (
 from freezetune.errors import SpecError, choices
 from freezetune.frozen_dropout import apply_dropout_policy, check_dropout_policy
 from freezetune.module_tree import check_materialized, is_norm, unwrap
-from freezetune.options import BN_DEFAULT, DROPOUT_DEFAULT, FREEZE_DEFAULT, FREEZE_KEYWORDS
+from freezetune.options import BN_DEFAULT, FREEZE_DEFAULT, FREEZE_KEYWORDS
 from freezetune.stages import Stage, stages
 
 Spec = str | int | Sequence[str | int]
 
 
-def freeze(
-    model: nn.Module, spec: Spec = FREEZE_DEFAULT, *, bn: str = BN_DEFAULT, dropout: str = DROPOUT_DEFAULT
-) -> None:
+def freeze(model: nn.Module, spec: Spec = FREEZE_DEFAULT, *, bn: str = BN_DEFAULT, dropout: str | None = None) -> None:
     """Freeze the parameters ``spec`` names; BatchNorm layers inside follow the ``bn`` policy, dropout layers before
     the first stage that trains the ``dropout`` policy.
 
@@ -55,7 +54,8 @@ def freeze(
         dropout: the dropout, drop path and stochastic depth layers of the stages before the first that trains:
             ``"keep"`` (they draw in training, as built) or ``"off"`` (run as at inference even after
             ``model.train()``: the prefix is then deterministic, so the feature cache holds it; see
-            ``freezetune.frozen_dropout``). An ``unfreeze`` keeps the policy; the stages it opens draw again.
+            ``freezetune.frozen_dropout``). None: the policy an earlier call gave, else ``"keep"``. An ``unfreeze``
+            keeps the policy; the stages it opens draw again.
 
     Raises:
         SpecError: an unknown stage name, a glob that matches nothing, an int beyond the stage count, an unknown
@@ -138,14 +138,14 @@ def warn_negative_unfreeze(spec: Spec) -> None:
                       f"last {-n}, unfreeze their names or use freeze_to(model, {n})", stacklevel=3)  # fmt: skip
 
 
-def freeze_to(model: nn.Module, n: int, *, bn: str = BN_DEFAULT, dropout: str = DROPOUT_DEFAULT) -> None:
+def freeze_to(model: nn.Module, n: int, *, bn: str = BN_DEFAULT, dropout: str | None = None) -> None:
     """Freeze ``stages[:n]`` and make ``stages[n:]`` trainable (``n`` may be negative, as in slicing).
 
     Args:
         model: as in ``freeze``.
         n: the stages to freeze, from the input: ``-2`` trains the last two (the head and the stage before it).
         bn: the BatchNorm policy of the frozen part, as in ``freeze``.
-        dropout: the dropout policy of the frozen stages, as in ``freeze``.
+        dropout: the dropout policy of the frozen stages, as in ``freeze`` (None: the one given before, else keep).
 
     Raises:
         SpecError: ``n`` is not an int, or beyond the model's stage count (which the message names).

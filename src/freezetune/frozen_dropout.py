@@ -13,9 +13,10 @@ with drop path 0.2, 64 px, 3 epochs, 3 seeds): off scored the same on Fashion-MN
 of frozen layers teach them nothing, but on a small set they shake the features the trainable part reads, a useful
 noise. Off is a speed lever where the frozen part is a large share of the model's compute.
 
-The layers of the stages that train draw as built either way (a head's dropout regularises the head). A dropout a
-layer's forward calls as a function (Hugging Face attention dropout) follows that layer's mode, which this leaves as
-``model.train()`` sets it.
+The layers of the stages that train draw as built either way (a head's dropout regularises the head). The frozen
+layer a held dropout sits in is held too: an attention layer hands its dropout's rate to a fused kernel (timm's, Hugging
+Face's SDPA attention) by its own mode. A dropout the model's own forward calls as a function (timm's head dropout)
+draws as built.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from typing import Tuple  # noqa: UP035 - TorchScript reads the hook's annotatio
 import torch
 from torch import nn
 
+from freezetune.bn_policy import policy_of
 from freezetune.errors import SpecError
 from freezetune.options import DROPOUT_DEFAULT, DROPOUT_POLICIES, check_choice
 from freezetune.stages import Stage
@@ -59,28 +61,71 @@ def is_stochastic(m: nn.Module) -> bool:
     return draws(m) and not held(m)
 
 
-def check_dropout_policy(policy: str) -> None:
-    """Raise ``SpecError`` naming the policies unless ``policy`` is one of them."""
-    check_choice("dropout policy", policy, DROPOUT_POLICIES, SpecError)
+def check_dropout_policy(policy: str | None) -> None:
+    """Raise ``SpecError`` naming the policies unless ``policy`` is one of them (or None: the model's own)."""
+    if policy is not None:
+        check_choice("dropout policy", policy, DROPOUT_POLICIES, SpecError)
 
 
 def apply_dropout_policy(model: nn.Module, st: list[Stage], policy: str | None = None) -> None:
-    """Hold the random layers of the stages ``st`` of ``model`` before the first that trains as at inference
-    (``policy`` ``"off"``), release the others; ``policy`` None: the one the model was last given (``freeze``'s),
+    """Hold the random layers of ``model`` before its first stage that trains (of ``st``: ``prefix_random_layers``)
+    as at inference (``policy`` ``"off"``), with the frozen layer each sits in (an attention layer passes its dropout's
+    rate to a fused kernel by its own mode); release the others. ``policy`` None: the one the model was last given,
     else the default. ``freeze`` and ``unfreeze`` call it, so an unfreeze releases the stages it opens."""
     if policy is not None:
         setattr(model, _POLICY_ATTR, policy)
-    policy = getattr(model, _POLICY_ATTR, DROPOUT_DEFAULT)
-    first = next((i for i, s in enumerate(st) if s.num_trainable), len(st))
-    frozen = {id(m) for s in st[:first] for name in s.modules for m in model.get_submodule(name).modules()}
+    hold = {}
+    if getattr(model, _POLICY_ATTR, DROPOUT_DEFAULT) == "off":
+        for name, layer in prefix_random_layers(model, st):
+            hold[id(layer)] = layer
+            parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
+            if parent is not model and not any(p.requires_grad for p in parent.parameters()):
+                hold[id(parent)] = parent
     for module in model.modules():
-        if not random_kind(module):
-            continue
-        if policy == "off" and id(module) in frozen:
+        if id(module) in hold:
             _hold(module)
         elif held(module):
             _release(module)
-            module.train(model.training)
+            module.training = model.training
+
+
+def prefix_random_layers(model: nn.Module, st: list[Stage]) -> list[tuple[str, nn.Module]]:
+    """The random layers (``random_kind``, whatever their rate) before the first stage of ``st`` that trains: those of
+    the stages before it, and those of no stage registered among them (a ViT's dropout after its patch embedding);
+    one of no stage after the last of them feeds what trains, and draws (a dropout before the head: the feature cache
+    cuts before it all the same). The BatchNorm parameters a frozen stage's policy trains (``bn="affine"``) do not
+    make it a stage that trains.
+
+    >>> m = nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.2), nn.Linear(2, 2), nn.Dropout(0.2), nn.Linear(2, 2))
+    >>> from freezetune.freeze import freeze_to
+    >>> from freezetune.stages import stages
+    >>> freeze_to(m, 2); [name for name, _ in prefix_random_layers(m, stages(m))]
+    ['1']
+    """
+    first = _first_training(model, st)
+    if first == 0:
+        return []
+    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    staged = {n for s in st for top in s.modules for n, _ in model.get_submodule(top).named_modules(prefix=top)}
+    frozen = {n for s in st[:first] for top in s.modules for n, _ in model.get_submodule(top).named_modules(prefix=top)}
+    tops = [order[top] for s in st[:first] for top in s.modules]
+    return [(name, m) for name, m in model.named_modules() if random_kind(m)
+            and (name in frozen or (name not in staged and min(tops) < order[name] < max(tops)))]  # fmt: skip
+
+
+def _first_training(model: nn.Module, st: list[Stage]) -> int:
+    """The index in ``st`` of the first stage with a trainable parameter other than a frozen BatchNorm's."""
+    released = {id(p) for m in model.modules() if policy_of(m) is not None for p in m.parameters(recurse=False)}
+    return next((i for i, s in enumerate(st) if any(p.requires_grad and id(p) not in released for p in s.params)),
+                len(st))  # fmt: skip
+
+
+def apply_holds(model: nn.Module) -> None:
+    """Put the held layers in eval now, as their hooks do at their next forward: ``torch.fx`` traces a layer's
+    ``forward`` without its hooks, and a held attention layer's mode decides its fused kernel's dropout."""
+    for module in model.modules():
+        if held(module):
+            module.training = False
 
 
 def held_layers(model: nn.Module) -> list[str]:
@@ -105,6 +150,9 @@ def dropout_note(model: nn.Module) -> str | None:
     """
     layers = [m for m in model.modules() if draws(m) and held(m)]
     if not layers:
+        if getattr(model, _POLICY_ATTR, DROPOUT_DEFAULT) == "off" and any(draws(m) for m in model.modules()):
+            return ("note: --frozen-dropout off changes nothing: no layer that draws lies before the first stage that "
+                    "trains (bitfit and an opened '*.bias' train every stage)")  # fmt: skip
         return None
     kinds = sorted({_KIND_WORDS.get(type(m).__name__, "dropout") for m in layers})
     what = f"{len(layers)} {' and '.join(kinds)} layer{'s' if len(layers) > 1 else ''}"
@@ -118,10 +166,11 @@ def held(module: nn.Module) -> bool:
 
 def _keep_inference(module: nn.Module, args: Tuple[torch.Tensor]) -> None:  # noqa: UP006 - typing.Tuple: TorchScript's
     # model.train() flips every submodule back to training mode: a frozen stage's dropout is put back into eval right
-    # before each forward (a scripted model is scripted for inference, in eval mode: eval() does not compile)
+    # before each forward, itself alone (the layer a dropout sits in holds BatchNorm layers whose policy decides their
+    # own mode); a scripted model is scripted for inference, in eval mode
     if not torch.jit.is_scripting():
         if module.training:
-            module.eval()
+            module.training = False
 
 
 def _is_hold_hook(hook: object) -> bool:
@@ -132,7 +181,7 @@ def _is_hold_hook(hook: object) -> bool:
 def _hold(module: nn.Module) -> None:
     if not held(module):
         module.register_forward_pre_hook(_keep_inference)
-    module.eval()
+    module.training = False
 
 
 def _release(module: nn.Module) -> None:

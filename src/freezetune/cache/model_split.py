@@ -20,7 +20,7 @@ from torch import fx, nn
 from freezetune.bn_policy import STAT_NORMS, keeps_stats, policy_of
 from freezetune.depthwise import FastDepthwiseConv2d
 from freezetune.errors import SpecError, choices
-from freezetune.frozen_dropout import is_stochastic, random_kind
+from freezetune.frozen_dropout import apply_holds, is_stochastic, prefix_random_layers, random_kind
 from freezetune.options import BN_EVAL_POLICIES
 from freezetune.stages import Stage, stages
 
@@ -105,8 +105,9 @@ def split_model(model: nn.Module, at: str | None = None) -> tuple[Split | None, 
 def _why_earlier(model: nn.Module, st: list[Stage], boundary: str, first: int) -> str:
     """Why a cut lies before stage ``first``, at ``boundary``'s input: a random layer of the frozen stages between, or
     more than one tensor crossing into ``first`` (HRNet's branches: it was blamed on random numbers it has none of)."""
-    between = st[[s.name for s in st].index(boundary) : first]
-    if any(is_stochastic(m) for s in between for name in s.modules for m in model.get_submodule(name).modules()):
+    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    start = min(order[top] for top in st[[s.name for s in st].index(boundary)].modules)
+    if any(is_stochastic(m) and order[name] >= start for name, m in prefix_random_layers(model, st)):
         return ("frozen layers between them draw random numbers in training (dropout, drop path, stochastic depth: "
                 "--frozen-dropout off runs them as at inference, and caches them) and run every step")  # fmt: skip
     return (f"more than one tensor (or a random op) crosses into {st[first].name}, so the frozen layers from "
@@ -205,6 +206,7 @@ class _Untraceable(Exception):
 def _trace(model: nn.Module, training: bool) -> fx.Graph:
     was = model.training
     model.train(training)
+    apply_holds(model)  # a held layer's mode, as its hook sets it when run: fx traces forward() without hooks
     try:
         return _Tracer().trace(model, concrete_args=_defaults(model))
     except Exception as exc:  # any tracing failure: the model is just not fx-traceable
@@ -229,10 +231,12 @@ def _fx_split(model: nn.Module, st: list[Stage], first: int, stage_params: set[s
     """The split at the latest cut before stage ``first`` (of stages ``st``) that the train and eval graphs agree on;
     its ``boundary`` is the stage the first module after the cut belongs to (an earlier one than ``first`` when a
     random op comes before)."""
+    traced = {training: _trace(model, training) for training in (True, False)}
+    # the earlier limit of the two: a random op whose rate its layer passes by its mode is random in one graph alone
+    limit = min(_limit(model, graph, stage_params) for graph in traced.values())
     graphs = {}
-    for training in (True, False):
-        graph = _trace(model, training)
-        cut = _find_cut(model, graph, stage_params)
+    for training, graph in traced.items():
+        cut = _find_cut(graph, limit)
         if cut is None:
             return None
         graphs[training] = (graph, *cut)
@@ -257,12 +261,16 @@ def _stage_after(nodes: list[fx.Node], st: list[Stage]) -> str | None:
     return None
 
 
-def _find_cut(model: nn.Module, graph: fx.Graph, stage_params: set[str] | None = None) -> tuple[int, fx.Node] | None:
-    """The latest node index before any trainable or random op (or any op of the stage whose parameters are
-    ``stage_params``) at which exactly one value crosses over."""
+def _limit(model: nn.Module, graph: fx.Graph, stage_params: set[str] | None = None) -> int:
+    """The index of the first trainable or random op (or op of the stage whose parameters are ``stage_params``)."""
     nodes = list(graph.nodes)
-    limit = next((i for i, n in enumerate(nodes) if _uses_trainable(model, n) or _random_call(model, n)
-                  or (stage_params and _uses_params(model, n, stage_params))), len(nodes) - 1)  # fmt: skip
+    return next((i for i, n in enumerate(nodes) if _uses_trainable(model, n) or _random_call(model, n)
+                 or (stage_params and _uses_params(model, n, stage_params))), len(nodes) - 1)  # fmt: skip
+
+
+def _find_cut(graph: fx.Graph, limit: int) -> tuple[int, fx.Node] | None:
+    """The latest node index at or before ``limit`` at which exactly one value crosses over."""
+    nodes = list(graph.nodes)
     for cut in range(limit, 1, -1):
         before = set(nodes[:cut])
         crossing = {a for n in nodes[cut:] for a in n.all_input_nodes if a in before and a.op != "get_attr"}
@@ -296,6 +304,9 @@ def _random_call(model: nn.Module, node: fx.Node) -> bool:
     if node.op != "call_function":
         return False
     name = getattr(node.target, "__name__", str(node.target))
+    if name == "scaled_dot_product_attention":  # attention dropout: a rate its layer passed by its mode (timm, SDPA)
+        rate = node.kwargs.get("dropout_p", node.args[4] if len(node.args) > 4 else 0.0)
+        return not isinstance(rate, (int, float)) or rate > 0
     if not any(kind in name for kind in _RANDOM_FUNCTIONS):
         return False
     # its training flag: by name, else a True among its arguments (dropout's third, stochastic_depth's fourth)

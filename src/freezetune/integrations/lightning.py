@@ -29,7 +29,7 @@ from freezetune.bn_policy import check_bn_policy, keeps_stats
 from freezetune.config import TrainConfig
 from freezetune.errors import ConfigError, MissingExtra, choices
 from freezetune.freeze import Spec, count_parameters, freeze
-from freezetune.frozen_dropout import check_dropout_policy
+from freezetune.frozen_dropout import check_dropout_policy, held
 from freezetune.optim import nominal_lr
 from freezetune.options import BN_DEFAULT, DROPOUT_DEFAULT, FREEZE_DEFAULT
 from freezetune.param_groups import check_weight_decay, checked_lrs
@@ -246,16 +246,16 @@ class FreezetuneFinetuning(Callback):
         """How many BatchNorm layers are in eval mode, by the frozen policy; Lightning's start-of-fit warning about
         them ("found N module(s) in eval mode ... if this is intentional, you can ignore this warning") is silenced
         for that exact count, until training starts (``_unquiet``): the filter is process-wide, and a later fit of the
-        user's own in the same notebook must still hear it. A module left in eval mode that is not a BatchNorm layer
-        changes the count, and the warning shows."""
+        user's own in the same notebook must still hear it. The frozen stages' dropout layers ``dropout="off"`` holds
+        count as those layers do; any other module left in eval mode changes the count, and the warning shows."""
         in_eval = [m for m in pl_module.modules() if not m.training]
-        if not in_eval or not all(keeps_stats(m) for m in in_eval):
+        if not in_eval or not all(keeps_stats(m) or held(m) for m in in_eval):  # (held: dropout="off"'s layers)
             return 0
         self._unquiet()
         message = re.escape(f"Found {len(in_eval)} module(s) in eval mode at the start")
         warnings.filterwarnings("ignore", message=message)
         self._quiet = warnings.filters[0]  # filterwarnings puts it first
-        return len(in_eval)
+        return sum(keeps_stats(m) for m in in_eval)
 
     def _unquiet(self) -> None:
         # an "ignore" entry leaves nothing in the modules' warning registries: taking it out of the list is enough
