@@ -48,7 +48,8 @@ FIELD_HELP = {
     "label_column": f"a text model: the CSV column of the labels (default: the one named {' or '.join(LABEL_COLUMNS)})",
     # data
     "data": "image folder (DIR/train/<class>/*), CSV path,label, or IDX directory (MNIST/Fashion-MNIST); for a text "
-    "model (hf:), a text,label CSV (or .tsv); a .tsv of path<TAB>label lists images too",
+    'model (hf:), a text,label CSV (or .tsv, or a .jsonl of {"text": ..., "label": ...} objects); a .tsv of '
+    "path<TAB>label lists images too",
     "val_data": "the validation split, in a form --data takes (default: DATA's val/ folder, else images held out "
     "of the training data: see --val-split)",
     "val_split": "the share of each training class held out for validation, of the whole class (with --per-class: "

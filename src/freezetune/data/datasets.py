@@ -21,7 +21,14 @@ from freezetune.data.layout import TEST_DIRS, TRAIN_DIRS, VAL_DIRS, first_dir, l
 from freezetune.data.overlap import check_overlap, warn_copies
 from freezetune.data.scan import check_images, check_splits
 from freezetune.data.text import noun, read_text_csv
-from freezetune.data.text_table import TABLE_SUFFIXES, Columns, csv_header, other_separator, text_csv_header
+from freezetune.data.text_table import (
+    TABLE_SUFFIXES,
+    Columns,
+    csv_header,
+    other_separator,
+    table_kind,
+    text_csv_header,
+)
 from freezetune.data.transforms import eval_transform, train_transform
 from freezetune.data.validation import resolve_validation
 from freezetune.errors import ConfigError, DataError, choices, setting
@@ -38,7 +45,8 @@ log = logging.getLogger(__name__)
 
 _EXPECTED = (
     "an IDX directory (train-images-idx3-ubyte[.gz], ...), an image folder (DIR/<class>/*) or a CSV or TSV file "
-    "('path,label' rows; a text model's: 'text,label', or a folder of train.csv, val.csv, test.csv)"
+    "('path,label' rows; a text model's: 'text,label', a JSON Lines file of such objects (.jsonl), or a folder of "
+    "train.csv, val.csv, test.csv)"
 )
 
 
@@ -119,7 +127,10 @@ def _check_shape(data: str, hint: str = "") -> None:
     train IDX pair lacks the other (it was read as an image folder without class folders)."""
     path = Path(data)
     if path.is_file() and path.suffix.lower() not in TABLE_SUFFIXES:
-        raise DataError(f"data file '{data}' is not a CSV or TSV; expected {_EXPECTED}{hint}")
+        lines = (
+            " (one JSON object a line is read from a .jsonl file: rename it)" if path.suffix.lower() == ".json" else ""
+        )
+        raise DataError(f"data file '{data}' is not a CSV or TSV{lines}; expected {_EXPECTED}{hint}")
     if problem := idx_pair_problem(path):
         raise DataError(f"'{data}' {problem}")
 
@@ -141,11 +152,15 @@ def _check_kind(data: str, preprocess: Preprocess, what: str = "data", *, flags:
         found = (
             f" (its header: {', '.join(map(repr, header))}: {_header_fix(header, flags, columns)})" if header else ""
         )
+        lines = (
+            "; one JSON object a line is read from a .jsonl file: rename it" if path.suffix.lower() == ".json" else ""
+        )
         raise DataError(f"{what} '{data}' is not a text CSV{found}; the model is a text model (tokenizer "
-                        f"'{preprocess.tokenizer}') and reads a CSV whose header names a text column "
-                        f"({columns.named('text')}) and a label column ({columns.named('label')})")  # fmt: skip
-    raise DataError(f"{what} '{data}' is a text CSV (its header names a text column); the model is an image model "
-                    "and reads images (an image folder, an IDX directory or a 'path,label' CSV); text models are "
+                        f"'{preprocess.tokenizer}') and reads a CSV (or a .jsonl of objects) whose header names a "
+                        f"text column ({columns.named('text')}) and a label column ({columns.named('label')})"
+                        f"{lines}")  # fmt: skip
+    raise DataError(f"{what} '{data}' is a text {table_kind(path)} (it names a text column); the model is an image "
+                    "model and reads images (an image folder, an IDX directory or a 'path,label' CSV); text models are "
                     "hf:DIR_OR_ID sequence classifiers")  # fmt: skip
 
 

@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 
 from freezetune.data.folder import IMAGE_EXTENSIONS, FileImageDataset
+from freezetune.data.json_lines import JSON_LINES
 from freezetune.data.labels import nfc, sorted_labels, warn_similar_labels
 from freezetune.data.text_table import other_separator
 from freezetune.data.utf8 import not_utf8
@@ -35,6 +36,10 @@ def read_csv(path: str | Path, classes: list[str] | None = None, *, missing_ok: 
     ['cat', 'dog']
     """
     path = Path(path)
+    if path.suffix.lower() == JSON_LINES:  # read as a CSV, its objects were rows of one cell: a row error, far off
+        raise DataError(f"'{path}' is a JSON Lines file, which a text model reads (objects naming a text and a "
+                        "label); an image model reads a 'path,label' CSV or TSV, an image folder or an IDX "
+                        "directory")  # fmt: skip
     rows = [(p, nfc(label)) for p, label in _read_csv_rows(path)]  # as class folders' names are (scan_folder)
     if classes is None:
         classes = sorted_labels({label for _, label in rows})

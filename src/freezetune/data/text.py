@@ -19,7 +19,15 @@ from torch.utils.data import Dataset
 from freezetune.config import TrainConfig
 from freezetune.data.folder import expand_paths
 from freezetune.data.labels import nfc, sorted_labels, warn_similar_labels
-from freezetune.data.text_table import TABLE_SUFFIXES, Columns, blank, check_rows, column_index, read_rows
+from freezetune.data.text_table import (
+    TABLE_SUFFIXES,
+    Columns,
+    blank,
+    check_rows,
+    column_index,
+    read_rows,
+    table_kind,
+)
 from freezetune.data.utf8 import where_not_utf8
 from freezetune.errors import ConfigError, DataError, MissingExtra, choices
 from freezetune.hf_bundle import TOKENIZER_FILES
@@ -68,7 +76,8 @@ def read_text_csv(path: str | Path, classes: list[str] | None = None, columns: C
     header, rows, lines = read_rows(path)
     cols = {role: column_index(path, header, role, columns) for role in ("text", "label")}
     if not rows:
-        raise DataError(f"CSV '{path}' has no rows under its header; expected a text and its label on each row")
+        raise DataError(f"{table_kind(path)} '{path}' has no rows under its header; expected a text and its label on "
+                        "each row")  # fmt: skip
     check_rows(path, rows, lines, cols, len(header))
     # in NFC, as an image CSV's: "très bien" typed on macOS (decomposed) and on Linux (composed) is one class
     labels = [nfc(r[cols["label"]].strip()) for r in rows]
@@ -79,7 +88,8 @@ def read_text_csv(path: str | Path, classes: list[str] | None = None, columns: C
     unknown = sorted(set(labels) - set(index))
     if unknown:
         raise DataError(
-            f"CSV '{path}' has label(s) {choices(unknown)} that are not training classes: {choices(classes)}"
+            f"{table_kind(path)} '{path}' has label(s) {choices(unknown)} that are not training classes: "
+            f"{choices(classes)}"
         )
     return TextDataset([r[cols["text"]] for r in rows], torch.tensor([index[label] for label in labels]), classes)
 

@@ -1,6 +1,7 @@
-"""A text table (a ``.csv`` or ``.tsv`` whose header names its columns) read row by row: which columns are the
-text and the label (``Columns``), the rows and the line each starts on, and the first row that is not a text and its
-label, named by its line. ``data.text`` builds datasets and the texts to predict on from these rows.
+"""A text table (a ``.csv`` or ``.tsv`` whose header names its columns, or a ``.jsonl`` whose objects' keys do:
+``data.json_lines``) read row by row: which columns are the text and the label (``Columns``), the rows and the line
+each starts on, and the first row that is not a text and its label, named by its line. ``data.text`` builds datasets
+and the texts to predict on from these rows.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
+from freezetune.data import json_lines
 from freezetune.data.utf8 import not_utf8
 from freezetune.errors import DataError, choices
 from freezetune.options import LABEL_COLUMNS, TEXT_COLUMNS
@@ -19,7 +21,7 @@ from freezetune.run_log import warn_once
 
 log = logging.getLogger(__name__)
 
-TABLE_SUFFIXES = (".csv", ".tsv")  # a text table's header names its columns
+TABLE_SUFFIXES = (".csv", ".tsv", json_lines.JSON_LINES)  # a text table's header (a .jsonl's keys) names its columns
 
 
 @dataclass(frozen=True)
@@ -112,6 +114,8 @@ def csv_header(path: Path) -> list[str] | None:
     one "not in UTF-8") or cannot be read as one."""
     if not (path.is_file() and path.suffix.lower() in TABLE_SUFFIXES):
         return None
+    if path.suffix.lower() == json_lines.JSON_LINES:
+        return json_lines.header(path)
     try:
         with path.open(newline="", encoding="utf-8-sig") as f:
             return next(_reader(f, path), [])
@@ -127,8 +131,11 @@ def read_rows(path: Path) -> tuple[list[str], list[list[str]], list[int]]:
 
     A double quote left open ran every row up to the next quote into one text, in silence (5 texts trained of 12).
     A ``.tsv`` where that happens is read again without quoting, as GLUE's files are written (pandas quotes its
-    own); a CSV's is named in a warning: a quoted text may hold line breaks and commas.
+    own); a CSV's is named in a warning: a quoted text may hold line breaks and commas. A ``.jsonl``: its keys and
+    objects (``json_lines.read``).
     """
+    if path.suffix.lower() == json_lines.JSON_LINES:
+        return json_lines.read(path)
     rows, lines, run_on = _parsed(path, csv.QUOTE_MINIMAL)
     if run_on and delimiter(path) == "\t":
         rows, lines, _ = _parsed(path, csv.QUOTE_NONE)
@@ -176,9 +183,18 @@ def column_index(path: Path, header: list[str], role: str, columns: Columns) -> 
     hits = [i for i, c in enumerate(header) if c in names]
     if len(hits) != 1:  # none of the usual names: say how to name the column
         other = f" (or name yours: --{role}-column NAME)" if not hits and len(names) > 1 else ""
-        raise DataError(f"CSV '{path}' needs exactly one {role} column named {columns.named(role)}{other}; "
-                        f"its header is {header}")  # fmt: skip
+        raise DataError(f"{table_kind(path)} '{path}' needs exactly one {role} column named {columns.named(role)}"
+                        f"{other}; its {_header_word(path)} {header}")  # fmt: skip
     return hits[0]
+
+
+def table_kind(path: Path) -> str:
+    """What a text table is called in a message: "CSV" (a ``.tsv`` too), or "JSON Lines file"."""
+    return "JSON Lines file" if path.suffix.lower() == json_lines.JSON_LINES else "CSV"
+
+
+def _header_word(path: Path) -> str:
+    return "objects' keys are" if path.suffix.lower() == json_lines.JSON_LINES else "header is"
 
 
 def blank(text: str) -> bool:
@@ -198,7 +214,7 @@ def check_rows(path: Path, rows: list[list[str]], lines: list[int], cols: dict[s
     problems = ((n, p) for n, r in zip(lines, rows, strict=True) if (p := _row_problem(r, cols, width, empty_ok)))
     problem = next(problems, None)
     if problem is not None:
-        raise DataError(f"CSV '{path}' line {problem[0]} {problem[1]}")
+        raise DataError(f"{table_kind(path)} '{path}' line {problem[0]} {problem[1]}")
 
 
 def _row_problem(row: list[str], cols: dict[str, int], width: int, empty_ok: bool) -> str | None:

@@ -1,0 +1,101 @@
+"""A JSON Lines file (``.jsonl``: one JSON object a line, as Hugging Face ``datasets``' ``to_json`` and pandas'
+``to_json(orient="records", lines=True)`` write them) read as a text table: the objects' keys are its header, each
+object a row, so a text dataset reads it as it reads a CSV (``data.text_table.read_rows``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from freezetune.data.utf8 import not_utf8
+from freezetune.errors import DataError
+
+JSON_LINES = ".jsonl"
+_EXAMPLE = '{"text": "a joy to watch", "label": "pos"}'
+
+
+def header(path: Path) -> list[str] | None:
+    """The keys of the first object of ``path``; None when it cannot be read.
+
+    Raises:
+        DataError: it is not UTF-8, or its first line is not one JSON object (named: a .jsonl is one by its name).
+
+    >>> import tempfile; p = Path(tempfile.mkdtemp()) / "t.jsonl"; _ = p.write_text('{"text": "hi", "label": 1}\\n')
+    >>> header(p)
+    ['text', 'label']
+    """
+    try:
+        with path.open(encoding="utf-8-sig") as f:
+            first = next(((n, line) for n, line in enumerate(f, 1) if line.strip()), None)
+    except UnicodeDecodeError:
+        raise DataError(not_utf8(path, "JSON Lines file")) from None
+    except OSError:
+        return None
+    return list(_object(path, *first)) if first else None
+
+
+def read(path: Path) -> tuple[list[str], list[list[str]], list[int]]:
+    """``path``'s keys (stripped, lower case, in the order they first appear), its rows (each object's values under
+    them: a number or ``true`` as written, a missing key or ``null`` empty), and the line each row is on; blank lines
+    are skipped.
+
+    Raises:
+        DataError: the file cannot be read, is not UTF-8, holds no object, or a line that is not one JSON object
+            (named by its line).
+
+    >>> import tempfile; p = Path(tempfile.mkdtemp()) / "t.jsonl"
+    >>> _ = p.write_text('{"Text": "fine", "label": 1}\\n\\n{"label": 0, "text": "bad", "id": 7}\\n')
+    >>> read(p)
+    (['text', 'label', 'id'], [['fine', '1', ''], ['bad', '0', '7']], [1, 3])
+    """
+    objects, lines = [], []
+    try:
+        with path.open(encoding="utf-8-sig") as f:
+            for number, line in enumerate(f, 1):
+                if line.strip():
+                    objects.append(_object(path, number, line))
+                    lines.append(number)
+    except UnicodeDecodeError:
+        raise DataError(not_utf8(path, "JSON Lines file")) from None
+    except OSError as e:
+        raise DataError(f"cannot read JSON Lines file '{path}' ({e})") from e
+    if not objects:
+        raise DataError(f"JSON Lines file '{path}' is empty; expected one JSON object a line, e.g. {_EXAMPLE}")
+    keys = list(dict.fromkeys(k.strip().lower() for obj in objects for k in obj))
+    rows = [[""] * len(keys) for _ in objects]
+    at = {k: i for i, k in enumerate(keys)}
+    for row, obj in zip(rows, objects, strict=True):
+        for k, value in obj.items():
+            row[at[k.strip().lower()]] = _cell(value)
+    return keys, rows, lines
+
+
+def _object(path: Path, number: int, line: str) -> dict:
+    try:
+        obj = json.loads(line)
+    except ValueError as e:
+        problem = f"is not JSON ({e})"
+        if number == 1 and line.strip().startswith("["):  # one JSON array over the whole file (json.dump's)
+            problem = "opens one JSON array over the file: write one object a line (jq -c '.[]' in.json > out.jsonl)"
+        raise DataError(f"JSON Lines file '{path}' line {number} {problem}; expected one object a line, e.g. "
+                        f"{_EXAMPLE}") from None  # fmt: skip
+    if not isinstance(obj, dict):
+        raise DataError(f"JSON Lines file '{path}' line {number} is {_KINDS.get(type(obj), 'a number')}, not an "
+                        f"object; expected one object a line, e.g. {_EXAMPLE}")  # fmt: skip
+    return obj
+
+
+_KINDS = {list: "an array", str: "a string", bool: "true or false", type(None): "null"}
+
+
+def _cell(value: object) -> str:
+    """A value as a CSV cell would hold it: a string as it is, ``null`` empty, anything else as JSON writes it (``1``,
+    ``true``, ``[1, 2]``).
+
+    >>> [_cell(v) for v in ("a", None, 3, 1.5, True, ["x"])]
+    ['a', '', '3', '1.5', 'true', '["x"]']
+    """
+    if isinstance(value, str):
+        return value
+    return "" if value is None else json.dumps(value, ensure_ascii=False)
