@@ -68,8 +68,10 @@ def test_predict_reads_a_jsonls_texts_with_their_lines(tmp_path):
         ('{"text": "a", "label": "x"}\n[1, 2]\n', "line 2 is an array, not an object"),
         ('{"text": "a", "label": "x"}\n{"text": "b",\n', "line 2 is not JSON"),
         ('[\n{"text": "a", "label": "x"}\n]\n', r"line 1 opens one JSON array over the file: write one object a line"),
+        ('[{"text": "a", "label": "x"}]\n', r"line 1 is one JSON array: write one object a line"),
+        ('{"Text": "A", "text": "a", "label": "x"}\n', r"line 1 has keys \['Text', 'text'\], which name one column"),
     ],
-    ids=["array", "broken", "json-array-file"],
+    ids=["array", "broken", "json-array-file", "json-array-line", "keys-twins"],
 )
 def test_a_line_that_is_not_one_object_is_named(tmp_path, content, message):
     path = tmp_path / "t.jsonl"
@@ -96,3 +98,16 @@ def test_a_jsonl_is_refused_by_an_image_model_and_a_json_file_is_told_its_name(t
     named.write_text(texts.read_text())
     with pytest.raises(DataError, match=r"one JSON object a line is read from a .jsonl file: rename it"):
         build_datasets(str(named), preprocess=TEXT_MODEL)
+
+
+def test_the_header_is_every_objects_keys_not_the_first_ones(tmp_path):
+    # a first object of other keys ({"id": 0}) made the file "not a text CSV (its header: 'id')": its row is named
+    records = [{"id": 0}, *({"text": t, "label": t[0]} for t in ("ab", "ac", "bd", "be"))]
+    with pytest.raises(DataError, match=r"t.jsonl' line 1 has an empty text: give it a text or remove the row"):
+        build_datasets(str(_jsonl(tmp_path / "t.jsonl", records)), preprocess=TEXT_MODEL)
+
+
+def test_predict_refuses_a_json_files_objects_as_texts(tmp_path):
+    named = _jsonl(tmp_path / "q.json", [{"text": "a joy to watch"}])  # each object was scored as one text
+    with pytest.raises(DataError, match=r"q.json': texts as JSON objects, one a line, are read from a .jsonl file"):
+        numbered_texts(named)

@@ -314,3 +314,54 @@ def test_attention_dropout_a_fused_kernel_draws_moves_the_cut_before_it():
     torch.testing.assert_close(split.prefix(x), split.prefix(x), rtol=0, atol=0)
     ft.freeze_to(model, -2, dropout="off")  # held with their attention layers: cached up to blocks.2
     assert split_model(model)[0].boundary == "blocks.2"
+
+
+class _ModeBranch(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.linear(x)
+        if self.training:  # a frozen layer that branches on its mode: more nodes in the train graph
+            x = x * 1.0
+        return x
+
+
+class _BranchNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c, self.fc = _ModeBranch(), nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.c(self.b(self.a(x))))
+
+
+def test_train_and_eval_graphs_of_other_shapes_are_not_cut_at_one_index():
+    # cut at the same index of both graphs, the eval suffix skipped a frozen layer: suffix_eval(prefix(x)) != model(x)
+    model = _BranchNet()
+    assert [s.name for s in ft.stages(model)] == ["a", "b", "c", "fc"]
+    ft.freeze_to(model, -2)  # c and fc train
+    split, why = split_model(model)
+    if split is not None:
+        x = torch.randn(4, 8)
+        model.eval()
+        with torch.no_grad():
+            torch.testing.assert_close(split.suffix_eval(split.prefix(x)), model(x))
+
+
+def test_dropout_inside_torchs_own_attention_layers_moves_the_cut():
+    # nn.TransformerEncoderLayer is a leaf of the trace; its dropouts and its MultiheadAttention's float dropout were
+    # not seen, and its features were cached with one random mask an image
+    torch.manual_seed(0)
+    layer = lambda: nn.TransformerEncoderLayer(8, 2, 16, dropout=0.3, batch_first=True)  # noqa: E731
+    model = nn.Sequential(nn.Linear(8, 8), layer(), layer(), nn.Flatten(), nn.Linear(32, 3))
+    ft.freeze_to(model, -1)
+    split, why = split_model(model)
+    x = torch.randn(2, 4, 8)
+    model.train()
+    assert split is None or torch.equal(split.prefix(x), split.prefix(x)), why
+    ft.freeze_to(model, -1, dropout="off")
+    split, why = split_model(model)
+    assert why == "cached at the input of 4 (fx)", why
+    torch.testing.assert_close(split.prefix(x), split.prefix(x), rtol=0, atol=0)

@@ -32,8 +32,9 @@ from freezetune.options import DROPOUT_DEFAULT, DROPOUT_POLICIES, check_choice
 from freezetune.stages import Stage
 
 # What draws random numbers in training, by its class's name: torch's dropout, timm's DropPath and DropBlock,
-# torchvision's StochasticDepth (EfficientNet, ConvNeXt, Swin), Hugging Face's <Model>DropPath
-RANDOM_KINDS = ("Dropout", "DropPath", "DropBlock", "StochasticDepth")
+# torchvision's StochasticDepth (EfficientNet, ConvNeXt, Swin), Hugging Face's <Model>DropPath, torch's
+# MultiheadAttention (its attention dropout, a float: torchvision's ViT)
+RANDOM_KINDS = ("Dropout", "DropPath", "DropBlock", "StochasticDepth", "MultiheadAttention")
 _KIND_WORDS = {"StochasticDepth": "stochastic depth", "DropPath": "drop path", "DropBlock": "drop block"}
 _POLICY_ATTR = "_freezetune_dropout"  # on the model: the policy the last freeze gave, which unfreeze keeps
 
@@ -47,7 +48,7 @@ def draws(m: nn.Module) -> bool:
     """Whether ``m`` is a random kind at a probability above 0 (one that names none counts as random)."""
     if not random_kind(m):
         return False
-    rates = [getattr(m, a) for a in ("p", "drop_prob") if isinstance(getattr(m, a, None), (int, float))]
+    rates = [getattr(m, a) for a in ("p", "drop_prob", "dropout") if isinstance(getattr(m, a, None), (int, float))]
     return bool(rates[0]) if rates else True
 
 
@@ -90,27 +91,21 @@ def apply_dropout_policy(model: nn.Module, st: list[Stage], policy: str | None =
 
 
 def prefix_random_layers(model: nn.Module, st: list[Stage]) -> list[tuple[str, nn.Module]]:
-    """The random layers (``random_kind``, whatever their rate) before the first stage of ``st`` that trains: those of
-    the stages before it, and those of no stage registered among them (a ViT's dropout after its patch embedding);
-    one of no stage after the last of them feeds what trains, and draws (a dropout before the head: the feature cache
-    cuts before it all the same). The BatchNorm parameters a frozen stage's policy trains (``bn="affine"``) do not
-    make it a stage that trains.
+    """The random layers (``random_kind``, whatever their rate) of the stages of ``st`` before the first that trains.
+    The BatchNorm parameters a frozen stage's policy trains (``bn="affine"``) do not make it a stage that trains. One of
+    no stage (a ViT's dropout after its patch embedding) is left as built: where it runs, before a frozen stage or
+    after the last one, is not told by where it is registered (pytorch/examples' MNIST net registers both its
+    dropouts before its linear layers).
 
-    >>> m = nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.2), nn.Linear(2, 2), nn.Dropout(0.2), nn.Linear(2, 2))
+    >>> m = nn.Sequential(nn.Linear(2, 2), nn.Sequential(nn.Dropout(0.2), nn.Linear(2, 2)), nn.Linear(2, 2))
     >>> from freezetune.freeze import freeze_to
     >>> from freezetune.stages import stages
     >>> freeze_to(m, 2); [name for name, _ in prefix_random_layers(m, stages(m))]
-    ['1']
+    ['1.0']
     """
     first = _first_training(model, st)
-    if first == 0:
-        return []
-    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
-    staged = {n for s in st for top in s.modules for n, _ in model.get_submodule(top).named_modules(prefix=top)}
-    frozen = {n for s in st[:first] for top in s.modules for n, _ in model.get_submodule(top).named_modules(prefix=top)}
-    tops = [order[top] for s in st[:first] for top in s.modules]
-    return [(name, m) for name, m in model.named_modules() if random_kind(m)
-            and (name in frozen or (name not in staged and min(tops) < order[name] < max(tops)))]  # fmt: skip
+    return [(name, m) for s in st[:first] for top in s.modules
+            for name, m in model.get_submodule(top).named_modules(prefix=top) if random_kind(m)]  # fmt: skip
 
 
 def _first_training(model: nn.Module, st: list[Stage]) -> int:

@@ -20,7 +20,7 @@ from torch import fx, nn
 from freezetune.bn_policy import STAT_NORMS, keeps_stats, policy_of
 from freezetune.depthwise import FastDepthwiseConv2d
 from freezetune.errors import SpecError, choices
-from freezetune.frozen_dropout import apply_holds, is_stochastic, prefix_random_layers, random_kind
+from freezetune.frozen_dropout import apply_holds, is_stochastic, random_kind
 from freezetune.options import BN_EVAL_POLICIES
 from freezetune.stages import Stage, stages
 
@@ -105,9 +105,10 @@ def split_model(model: nn.Module, at: str | None = None) -> tuple[Split | None, 
 def _why_earlier(model: nn.Module, st: list[Stage], boundary: str, first: int) -> str:
     """Why a cut lies before stage ``first``, at ``boundary``'s input: a random layer of the frozen stages between, or
     more than one tensor crossing into ``first`` (HRNet's branches: it was blamed on random numbers it has none of)."""
-    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
-    start = min(order[top] for top in st[[s.name for s in st].index(boundary)].modules)
-    if any(is_stochastic(m) and order[name] >= start for name, m in prefix_random_layers(model, st)):
+    between = st[[s.name for s in st].index(boundary) : first]
+    staged = {id(m) for s in st for top in s.modules for m in model.get_submodule(top).modules()}
+    inside = [m for s in between for top in s.modules for m in model.get_submodule(top).modules()]
+    if any(is_stochastic(m) for m in inside) or any(is_stochastic(m) and id(m) not in staged for m in model.modules()):
         return ("frozen layers between them draw random numbers in training (dropout, drop path, stochastic depth: "
                 "--frozen-dropout off runs them as at inference, and caches them) and run every step")  # fmt: skip
     return (f"more than one tensor (or a random op) crosses into {st[first].name}, so the frozen layers from "
@@ -241,13 +242,19 @@ def _fx_split(model: nn.Module, st: list[Stage], first: int, stage_params: set[s
             return None
         graphs[training] = (graph, *cut)
     g_train, idx_train, live_train = graphs[True]
-    if idx_train != graphs[False][1]:
+    if idx_train != graphs[False][1] or _shape(g_train, idx_train) != _shape(graphs[False][0], idx_train):
         return None  # train and eval graphs disagree before the boundary: not a deterministic prefix
     prefix = fx.GraphModule(model, _prefix_graph(g_train, idx_train, live_train))
     suffix_train = fx.GraphModule(model, _suffix_graph(g_train, idx_train, live_train))
     suffix_eval = fx.GraphModule(model, _suffix_graph(*graphs[False]))
     boundary = _stage_after(list(g_train.nodes)[idx_train:], st) or st[first].name
     return Split(prefix, suffix_train, suffix_eval, boundary, "fx")
+
+
+def _shape(graph: fx.Graph, cut: int) -> list[tuple[str, object]]:
+    """What the first ``cut`` nodes of ``graph`` do: a frozen layer's branch on its mode (``if self.training:``) made
+    the train graph's cut fall at another node than the eval graph's at the same index."""
+    return [(n.op, n.target) for n in list(graph.nodes)[:cut]]
 
 
 def _stage_after(nodes: list[fx.Node], st: list[Stage]) -> str | None:
@@ -299,8 +306,8 @@ def _uses_trainable(model: nn.Module, node: fx.Node) -> bool:
 
 def _random_call(model: nn.Module, node: fx.Node) -> bool:
     """Dropout-like ops must run in the suffix: a cached prefix would freeze one random mask forever."""
-    if node.op == "call_module":
-        return is_stochastic(model.get_submodule(node.target))
+    if node.op == "call_module":  # a leaf: torch's TransformerEncoderLayer holds its dropouts and attention's
+        return any(is_stochastic(m) for m in model.get_submodule(node.target).modules())
     if node.op != "call_function":
         return False
     name = getattr(node.target, "__name__", str(node.target))

@@ -16,23 +16,21 @@ _EXAMPLE = '{"text": "a joy to watch", "label": "pos"}'
 
 
 def header(path: Path) -> list[str] | None:
-    """The keys of the first object of ``path``; None when it cannot be read.
+    """The keys of the objects of ``path`` (as ``read`` gives them); None when it is no file.
 
     Raises:
-        DataError: it is not UTF-8, or its first line is not one JSON object (named: a .jsonl is one by its name).
+        DataError: as ``read`` (a .jsonl is one by its name: its problems are named, not read as "not a table").
 
     >>> import tempfile; p = Path(tempfile.mkdtemp()) / "t.jsonl"; _ = p.write_text('{"text": "hi", "label": 1}\\n')
     >>> header(p)
     ['text', 'label']
     """
     try:
-        with path.open(encoding="utf-8-sig") as f:
-            first = next(((n, line) for n, line in enumerate(f, 1) if line.strip()), None)
-    except UnicodeDecodeError:
-        raise DataError(not_utf8(path, "JSON Lines file")) from None
-    except OSError:
-        return None
-    return list(_object(path, *first)) if first else None
+        return read(path)[0]  # every object's keys: a first object of other keys ({"id": 0}) is no header
+    except DataError:
+        if not path.is_file():
+            return None
+        raise
 
 
 def read(path: Path) -> tuple[list[str], list[list[str]], list[int]]:
@@ -62,6 +60,12 @@ def read(path: Path) -> tuple[list[str], list[list[str]], list[int]]:
         raise DataError(f"cannot read JSON Lines file '{path}' ({e})") from e
     if not objects:
         raise DataError(f"JSON Lines file '{path}' is empty; expected one JSON object a line, e.g. {_EXAMPLE}")
+    for number, obj in zip(lines, objects, strict=True):
+        names = [k.strip().lower() for k in obj]
+        if len(set(names)) < len(names):  # {"Text": "A", "text": "a"}: one column, one of them lost in silence
+            twins = sorted(k for k in obj if names.count(k.strip().lower()) > 1)
+            raise DataError(f"JSON Lines file '{path}' line {number} has keys {twins}, which name one column "
+                            "(keys are read case-insensitively, as a CSV header): keep one")  # fmt: skip
     keys = list(dict.fromkeys(k.strip().lower() for obj in objects for k in obj))
     rows = [[""] * len(keys) for _ in objects]
     at = {k: i for i, k in enumerate(keys)}
@@ -80,6 +84,9 @@ def _object(path: Path, number: int, line: str) -> dict:
             problem = "opens one JSON array over the file: write one object a line (jq -c '.[]' in.json > out.jsonl)"
         raise DataError(f"JSON Lines file '{path}' line {number} {problem}; expected one object a line, e.g. "
                         f"{_EXAMPLE}") from None  # fmt: skip
+    if isinstance(obj, list) and number == 1:  # a JSON array of objects on one line (json.dumps's)
+        raise DataError(f"JSON Lines file '{path}' line 1 is one JSON array: write one object a line (jq -c '.[]' "
+                        f"in.json > out.jsonl); expected one object a line, e.g. {_EXAMPLE}")  # fmt: skip
     if not isinstance(obj, dict):
         raise DataError(f"JSON Lines file '{path}' line {number} is {_KINDS.get(type(obj), 'a number')}, not an "
                         f"object; expected one object a line, e.g. {_EXAMPLE}")  # fmt: skip

@@ -115,6 +115,10 @@ def numbered_texts(path: str | Path, columns: Columns = Columns()) -> list[tuple
     """``read_texts``'s texts with the line of the file each starts on (1 is the first line; a CSV's header is its
     line 1): what ``predict`` reports, so that each prediction points at its text whatever lines were skipped."""
     path = Path(path)
+    if path.suffix.lower() == ".json":  # Hugging Face datasets' to_json("x.json") writes JSON Lines: each object
+        # was scored as one text, its braces and keys too
+        raise DataError(f"'{path}': texts as JSON objects, one a line, are read from a .jsonl file: rename it (a "
+                        "text model reads one text a line from other files)")  # fmt: skip
     if path.suffix.lower() in TABLE_SUFFIXES:
         header, rows, lines = read_rows(path)
         cols = {"text": column_index(path, header, "text", columns)}
