@@ -11,6 +11,7 @@ import os
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
@@ -204,6 +205,18 @@ def prepare_data(path: Path, *, dataset: str, per_class: int, seed: int, res: in
     write_idx_dir(Path(data["val_dir"]), split["val"], split["val"], split["classes"])
     torch.save(data, path)
     return data
+
+
+def work_and_data(args: argparse.Namespace, prefix: str) -> tuple[bool, Path, dict]:
+    """A parent's set-up: its work dir (``args.work_dir``, else a new temp dir, set on ``args``), whether it made it
+    (and so may remove it), and the shared data prepared once there (``args.dataset``, ``per_class``, ``res``, the
+    full test set): ``(own_dir, data_file, data)``."""
+    own_dir = args.work_dir is None
+    args.work_dir = args.work_dir or tempfile.mkdtemp(prefix=prefix)
+    Path(args.work_dir).mkdir(parents=True, exist_ok=True)
+    data_file = Path(args.work_dir) / "data.pt"
+    data = prepare_data(data_file, dataset=args.dataset, per_class=args.per_class, seed=0, res=args.res, test_n=None)
+    return own_dir, data_file, data
 
 
 def _chw(images: torch.Tensor) -> torch.Tensor:

@@ -18,7 +18,6 @@ import argparse
 import json
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -31,10 +30,10 @@ from _common import (
     emit,
     load_data,
     pick_device,
-    prepare_data,
     run_worker,
     table,
     test_accuracy,
+    work_and_data,
 )
 
 
@@ -96,11 +95,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.worker:
         return worker(args)
-    own_dir = args.work_dir is None
-    args.work_dir = args.work_dir or tempfile.mkdtemp(prefix="ft-budget-")
-    Path(args.work_dir).mkdir(parents=True, exist_ok=True)
-    data_file = Path(args.work_dir) / "data.pt"
-    data = prepare_data(data_file, dataset=args.dataset, per_class=args.per_class, seed=0, res=args.res, test_n=None)
+    own_dir, data_file, data = work_and_data(args, "ft-budget-")
     print(f"data: {dataset_title(args.dataset)}, {len(data['y_train'])} training images at {args.res} px, "
           f"{len(data['y_test'])} test images; {args.model} on {args.device}, "
           f"{torch.get_num_threads()} threads", flush=True)  # fmt: skip

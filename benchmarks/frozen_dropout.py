@@ -21,7 +21,6 @@ import json
 import shutil
 import statistics
 import sys
-import tempfile
 from pathlib import Path
 
 from _common import (
@@ -31,10 +30,10 @@ from _common import (
     emit,
     load_data,
     pick_device,
-    prepare_data,
     run_worker,
     table,
     test_accuracy,
+    work_and_data,
 )
 
 POLICIES = ("off", "keep")
@@ -101,11 +100,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.worker:
         return worker(args)
-    own_dir = args.work_dir is None
-    args.work_dir = args.work_dir or tempfile.mkdtemp(prefix="ft-dropout-")
-    Path(args.work_dir).mkdir(parents=True, exist_ok=True)
-    data_file = Path(args.work_dir) / "data.pt"
-    data = prepare_data(data_file, dataset=args.dataset, per_class=args.per_class, seed=0, res=args.res, test_n=None)
+    own_dir, data_file, data = work_and_data(args, "ft-dropout-")
     print(f"data: {dataset_title(args.dataset)}, {len(data['y_train'])} training images at {args.res} px, "
           f"{len(data['y_test'])} test images; {MODEL} with drop path {args.drop_path} on {args.device}, "
           f"{args.epochs} epochs", flush=True)  # fmt: skip
