@@ -142,3 +142,14 @@ def test_an_attention_layer_holding_its_dropouts_rate_for_a_fused_kernel_is_held
     assert held_layers(vit) == ["blocks.0.attn.attn_drop", "blocks.1.attn.attn_drop"]
     x = torch.randn(2, 3, 32, 32)
     assert not _draws(vit.blocks[:2], vit.patch_embed(x)) and _draws(vit.blocks[2], vit.patch_embed(x))
+
+
+def test_torchs_attention_is_held_under_off_and_named_as_attention():
+    # torch's MultiheadAttention applies its own dropout (a float, torchvision's ViT's attention_dropout) by its mode
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.TransformerEncoderLayer(8, 2, 16, dropout=0.3, batch_first=True),
+                          nn.Flatten(), nn.Linear(32, 3))  # fmt: skip
+    ft.freeze_to(model, -1, dropout="off")
+    assert "1.self_attn" in held_layers(model)
+    assert dropout_note(model).startswith("frozen stages: 4 attention and dropout layers run as at inference")
+    assert not _draws(model[:2], torch.randn(2, 4, 8))

@@ -111,3 +111,11 @@ def test_predict_refuses_a_json_files_objects_as_texts(tmp_path):
     named = _jsonl(tmp_path / "q.json", [{"text": "a joy to watch"}])  # each object was scored as one text
     with pytest.raises(DataError, match=r"q.json': texts as JSON objects, one a line, are read from a .jsonl file"):
         numbered_texts(named)
+
+
+def test_a_folder_with_two_training_files_names_them(tmp_path):
+    # train.csv beside train.jsonl: the CSV was read, in silence
+    _jsonl(tmp_path / "train.jsonl", [{"text": "a", "label": "x"}, {"text": "b", "label": "y"}])
+    (tmp_path / "train.csv").write_text("text,label\na,x\nb,y\n")
+    with pytest.raises(DataError, match=r"holds 2 train files \(train.csv, train.jsonl\): keep one"):
+        build_datasets(str(tmp_path), preprocess=TEXT_MODEL)

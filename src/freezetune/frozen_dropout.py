@@ -35,7 +35,8 @@ from freezetune.stages import Stage
 # torchvision's StochasticDepth (EfficientNet, ConvNeXt, Swin), Hugging Face's <Model>DropPath, torch's
 # MultiheadAttention (its attention dropout, a float: torchvision's ViT)
 RANDOM_KINDS = ("Dropout", "DropPath", "DropBlock", "StochasticDepth", "MultiheadAttention")
-_KIND_WORDS = {"StochasticDepth": "stochastic depth", "DropPath": "drop path", "DropBlock": "drop block"}
+_KIND_WORDS = {"StochasticDepth": "stochastic depth", "DropPath": "drop path", "DropBlock": "drop block",
+               "MultiheadAttention": "attention"}  # fmt: skip
 _POLICY_ATTR = "_freezetune_dropout"  # on the model: the policy the last freeze gave, which unfreeze keeps
 
 

@@ -40,8 +40,8 @@ def predict_files(
     on_record: Callable[[dict], None] | None = None,
 ) -> list[dict]:
     """The ``topk`` most likely classes of each image under ``paths`` (files, or folders searched recursively); for
-    a text model, of each text in ``paths``: a CSV's text column, or a text file's lines (one text a line; folders
-    give their ``.txt`` and ``.csv`` files), read by ``data.text.numbered_texts``.
+    a text model, of each text in ``paths``: a CSV's (a ``.jsonl``'s) text column, or a text file's lines (one text a
+    line; folders give their ``.txt``, ``.csv``, ``.tsv`` and ``.jsonl`` files), read by ``data.text.numbered_texts``.
 
     Args:
         model: a ``LoadedModel`` or a checkpoint (path or record), loaded on ``device``.

@@ -3,7 +3,7 @@
 ``<class>/*`` folders; or a flat ``DIR/<class>/*`` layout. A split folder of images without class folders (Kaggle's
 unlabelled ``test/``) is refused with the way out, and one the run does not score is not read; a folder of images
 beside the split folders (a class folder one level too high) is named in a warning. A text dataset's
-splits are files by the same names: ``DIR/train.csv``, ``DIR/val.csv``, ``DIR/test.csv`` (or ``.tsv``).
+splits are files by the same names: ``DIR/train.csv``, ``DIR/val.csv``, ``DIR/test.csv`` (or ``.tsv``, ``.jsonl``).
 """
 
 from __future__ import annotations
@@ -205,7 +205,10 @@ def _labelled(split: Path, way_out: str) -> None:
 
 def split_files(path: Path) -> dict[str, Path] | None:
     """A text dataset's split files in the folder ``path`` (``train.csv``, and ``val.csv`` and ``test.csv`` when
-    there; any name of ``TRAIN_DIRS`` etc., ``.csv`` or ``.tsv``), or None without a training file.
+    there; any name of ``TRAIN_DIRS`` etc., ``.csv``, ``.tsv`` or ``.jsonl``), or None without a training file.
+
+    Raises:
+        DataError: two files of one split (``train.csv`` and ``train.jsonl``): the one read was chosen in silence.
 
     >>> split_files(Path("/nonexistent")) is None
     True
@@ -215,7 +218,10 @@ def split_files(path: Path) -> dict[str, Path] | None:
     files = {f.name.lower(): f for f in path.iterdir() if f.is_file() and f.suffix.lower() in TABLE_SUFFIXES}
     found = {}
     for split, names in (("train", TRAIN_DIRS), ("val", VAL_DIRS), ("test", TEST_DIRS)):
-        match = next((files[n + ext] for n in names for ext in TABLE_SUFFIXES if n + ext in files), None)
-        if match is not None:
-            found[split] = match
+        matches = [files[n + ext] for n in names for ext in TABLE_SUFFIXES if n + ext in files]
+        if len(matches) > 1:
+            raise DataError(f"'{path}' holds {len(matches)} {split} files ({', '.join(f.name for f in matches)}): "
+                            "keep one")  # fmt: skip
+        if matches:
+            found[split] = matches[0]
     return found if "train" in found else None
