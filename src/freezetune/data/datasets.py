@@ -12,6 +12,7 @@ from pathlib import Path
 
 from torch.utils.data import Dataset
 
+from freezetune.data import json_lines
 from freezetune.data.coverage import check_every_class_trains
 from freezetune.data.folder import FileImageDataset, is_skipped_folder, scan_folder
 from freezetune.data.idx import idx_files, idx_pair_problem, is_idx_dir, load_idx, name_labels_as
@@ -127,9 +128,7 @@ def _check_shape(data: str, hint: str = "") -> None:
     train IDX pair lacks the other (it was read as an image folder without class folders)."""
     path = Path(data)
     if path.is_file() and path.suffix.lower() not in TABLE_SUFFIXES:
-        lines = (
-            " (one JSON object a line is read from a .jsonl file: rename it)" if path.suffix.lower() == ".json" else ""
-        )
+        lines = f" ({json_lines.RENAME})" if json_lines.misnamed(path) else ""
         raise DataError(f"data file '{data}' is not a CSV or TSV{lines}; expected {_EXPECTED}{hint}")
     if problem := idx_pair_problem(path):
         raise DataError(f"'{data}' {problem}")
@@ -152,9 +151,7 @@ def _check_kind(data: str, preprocess: Preprocess, what: str = "data", *, flags:
         found = (
             f" (its header: {', '.join(map(repr, header))}: {_header_fix(header, flags, columns)})" if header else ""
         )
-        lines = (
-            "; one JSON object a line is read from a .jsonl file: rename it" if path.suffix.lower() == ".json" else ""
-        )
+        lines = f"; {json_lines.RENAME}" if json_lines.misnamed(path) else ""
         raise DataError(f"{what} '{data}' is not a text CSV{found}; the model is a text model (tokenizer "
                         f"'{preprocess.tokenizer}') and reads a CSV (or a .jsonl of objects) whose header names a "
                         f"text column ({columns.named('text')}) and a label column ({columns.named('label')})"

@@ -12,6 +12,15 @@ from freezetune.data.utf8 import not_utf8
 from freezetune.errors import DataError
 
 JSON_LINES = ".jsonl"
+RENAME = "one JSON object a line is read from a .jsonl file: rename it"
+
+
+def misnamed(path: Path) -> bool:
+    """Whether ``path`` is a ``.json`` file, which Hugging Face ``datasets``' ``to_json("x.json")`` writes as JSON
+    Lines: it is read by the name ``.jsonl`` alone (``RENAME`` says so)."""
+    return path.suffix.lower() == ".json"
+
+
 _EXAMPLE = '{"text": "a joy to watch", "label": "pos"}'
 
 

@@ -17,6 +17,7 @@ import torch
 from torch.utils.data import Dataset
 
 from freezetune.config import TrainConfig
+from freezetune.data import json_lines
 from freezetune.data.folder import expand_paths
 from freezetune.data.labels import nfc, sorted_labels, warn_similar_labels
 from freezetune.data.text_table import (
@@ -115,8 +116,7 @@ def numbered_texts(path: str | Path, columns: Columns = Columns()) -> list[tuple
     """``read_texts``'s texts with the line of the file each starts on (1 is the first line; a CSV's header is its
     line 1): what ``predict`` reports, so that each prediction points at its text whatever lines were skipped."""
     path = Path(path)
-    if path.suffix.lower() == ".json":  # Hugging Face datasets' to_json("x.json") writes JSON Lines: each object
-        # was scored as one text, its braces and keys too
+    if json_lines.misnamed(path):  # each object was scored as one text, its braces and keys too
         raise DataError(f"'{path}': texts as JSON objects, one a line, are read from a .jsonl file: rename it (a "
                         "text model reads one text a line from other files)")  # fmt: skip
     if path.suffix.lower() in TABLE_SUFFIXES:
