@@ -983,7 +983,7 @@ def test_eval_data_given_as_an_image_file_points_to_predict(tmp_path):
 
     make_folder(tmp_path, 1)
     with pytest.raises(
-        DataError, match="is not a CSV or TSV; .*to classify files without labels, use freezetune predict"
+        DataError, match="is not a CSV, TSV or JSON Lines file; .*to classify files without labels, use freezetune predict"
     ):
         build_eval_dataset(str(tmp_path / "red" / "0.png"), preprocess=PRE, classes=sorted(COLOURS))
 

@@ -119,3 +119,17 @@ def test_a_folder_with_two_training_files_names_them(tmp_path):
     (tmp_path / "train.csv").write_text("text,label\na,x\nb,y\n")
     with pytest.raises(DataError, match=r"holds 2 train files \(train.csv, train.jsonl\): keep one"):
         build_datasets(str(tmp_path), preprocess=TEXT_MODEL)
+
+
+def test_a_jsonl_without_a_text_key_and_one_not_in_utf8_are_named_as_json_lines(tmp_path):
+    # both were named as a CSV: "is not a text CSV", and a spreadsheet's "CSV UTF-8" export as the way out
+    path = _jsonl(tmp_path / "t.jsonl", [{"blurb": "a", "label": "x"}, {"blurb": "b", "label": "y"}])
+    with pytest.raises(DataError, match=r"t.jsonl' is not a text JSON Lines file \(its header: 'blurb', 'label'"):
+        build_datasets(str(path), preprocess=TEXT_MODEL)
+    path.write_bytes('{"text": "café", "label": "x"}\n'.encode("cp1252"))
+    with pytest.raises(DataError, match=r"byte 0xe9 on line 1 is not UTF-8 text .*; save it as UTF-8, or convert") as e:
+        build_datasets(str(path), preprocess=TEXT_MODEL)
+    assert "spreadsheet" not in str(e.value)
+    (tmp_path / "t.csv").write_bytes("text,label\ncafé,x\n".encode("cp1252"))  # a CSV's comes from a spreadsheet
+    with pytest.raises(DataError, match=r"save it as UTF-8 \(a spreadsheet's \"CSV UTF-8\"\)"):
+        build_datasets(str(tmp_path / "t.csv"), preprocess=TEXT_MODEL)

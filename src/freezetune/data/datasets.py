@@ -129,7 +129,7 @@ def _check_shape(data: str, hint: str = "") -> None:
     path = Path(data)
     if path.is_file() and path.suffix.lower() not in TABLE_SUFFIXES:
         lines = f" ({json_lines.RENAME})" if json_lines.misnamed(path) else ""
-        raise DataError(f"data file '{data}' is not a CSV or TSV{lines}; expected {_EXPECTED}{hint}")
+        raise DataError(f"data file '{data}' is not a CSV, TSV or JSON Lines file{lines}; expected {_EXPECTED}{hint}")
     if problem := idx_pair_problem(path):
         raise DataError(f"'{data}' {problem}")
 
@@ -152,7 +152,7 @@ def _check_kind(data: str, preprocess: Preprocess, what: str = "data", *, flags:
             f" (its header: {', '.join(map(repr, header))}: {_header_fix(header, flags, columns)})" if header else ""
         )
         lines = f"; {json_lines.RENAME}" if json_lines.misnamed(path) else ""
-        raise DataError(f"{what} '{data}' is not a text CSV{found}; the model is a text model (tokenizer "
+        raise DataError(f"{what} '{data}' is not a text {table_kind(table)}{found}; the model is a text model (tokenizer "
                         f"'{preprocess.tokenizer}') and reads a CSV (or a .jsonl of objects) whose header names a "
                         f"text column ({columns.named('text')}) and a label column ({columns.named('label')})"
                         f"{lines}")  # fmt: skip

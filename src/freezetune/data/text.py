@@ -131,10 +131,10 @@ def numbered_texts(path: str | Path, columns: Columns = Columns()) -> list[tuple
             content = path.read_text(encoding="utf-8-sig").split("\n")
         except UnicodeDecodeError:  # an image given to a text model, or a text in another encoding
             raise DataError(f"cannot read '{path}' as text: {where_not_utf8(path)}; a text model reads UTF-8 texts, "
-                            "one a line, or a CSV with a text column") from None  # fmt: skip
+                            "one a line, or a CSV or .jsonl with a text column") from None  # fmt: skip
         except OSError as e:
-            raise DataError(f"cannot read '{path}' ({e}); a text model reads texts, one a line, or a CSV with a "
-                            "text column") from e  # fmt: skip
+            raise DataError(f"cannot read '{path}' ({e}); a text model reads texts, one a line, or a CSV or "
+                            ".jsonl with a text column") from e  # fmt: skip
         texts = [(i, line) for i, line in enumerate(content, 1) if not blank(line)]
     if not texts:
         raise DataError(f"'{path}' holds no text")

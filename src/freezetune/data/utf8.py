@@ -18,8 +18,9 @@ def not_utf8(path: str | Path, what: str = "file") -> str:
     """
     data = Path(path).read_bytes()  # once, for the reason and the conversion's source encoding
     source = "utf-16" if _utf16(data) else "cp1252"
-    return (f"{what} '{path}': {_where(data)}; save it as UTF-8 (a spreadsheet's \"CSV UTF-8\"), or convert it, e.g. "
-            f"iconv -f {source} -t utf-8")  # fmt: skip
+    # a spreadsheet's export is where a CSV's other encoding comes from; a .jsonl's comes from a script
+    sheet = ' (a spreadsheet\'s "CSV UTF-8")' if Path(path).suffix.lower() in (".csv", ".tsv") else ""
+    return f"{what} '{path}': {_where(data)}; save it as UTF-8{sheet}, or convert it, e.g. iconv -f {source} -t utf-8"
 
 
 def _utf16(data: bytes) -> bool:
