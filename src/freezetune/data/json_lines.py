@@ -5,6 +5,8 @@ object a row, so a text dataset reads it as it reads a CSV (``data.text_table.re
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 from pathlib import Path
 
@@ -45,7 +47,7 @@ def header(path: Path) -> list[str] | None:
 def read(path: Path) -> tuple[list[str], list[list[str]], list[int]]:
     """``path``'s keys (stripped, lower case, in the order they first appear), its rows (each object's values under
     them: a number or ``true`` as written, a missing key or ``null`` empty), and the line each row is on; blank lines
-    are skipped.
+    are skipped. The lists are shared with later calls on the unchanged file: read them, do not change them.
 
     Raises:
         DataError: the file cannot be read, is not UTF-8, holds no object, or a line that is not one JSON object
@@ -56,32 +58,61 @@ def read(path: Path) -> tuple[list[str], list[list[str]], list[int]]:
     >>> read(p)
     (['text', 'label', 'id'], [['fine', '1', ''], ['bad', '0', '7']], [1, 3])
     """
-    objects, lines = [], []
     try:
-        with path.open(encoding="utf-8-sig") as f:
-            for number, line in enumerate(f, 1):
-                if line.strip():
-                    objects.append(_object(path, number, line))
-                    lines.append(number)
-    except UnicodeDecodeError:
-        raise DataError(not_utf8(path, "JSON Lines file")) from None
+        data = path.read_bytes()
     except OSError as e:
         raise DataError(f"cannot read JSON Lines file '{path}' ({e})") from e
+    # a dataset's load asks for its header twice (its kind, its columns) before its rows: each was a parse of the
+    # whole file (a header is every object's keys), 3 in all. The last file parsed is kept, by its bytes' digest (a
+    # file rewritten within a clock tick keeps its mtime): hashing takes a small share of a parse
+    key = (str(path.resolve()), hashlib.blake2b(data, digest_size=16).digest())
+    if _last[0] != key:
+        _last[:] = [key, _parse(path, data)]
+    return _last[1]
+
+
+_last: list = [None, None]  # the last file ``read`` parsed: its path and digest, and what it holds
+
+
+def _parse(path: Path, data: bytes) -> tuple[list[str], list[list[str]], list[int]]:
+    """``read`` of a file, from its bytes ``data``."""
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise DataError(not_utf8(path, "JSON Lines file")) from None
+    objects, lines = [], []
+    for number, line in enumerate(io.StringIO(text, newline=None), 1):  # lines as a file opened as text gives them
+        if line.strip():
+            objects.append(_object(path, number, line))
+            lines.append(number)
     if not objects:
         raise DataError(f"JSON Lines file '{path}' is empty; expected one JSON object a line, e.g. {_EXAMPLE}")
+    columns: dict[str, int] = {}
+    at: dict[tuple, list[int]] = {}  # each object's keys in order, as column indices (most objects share one order)
     for number, obj in zip(lines, objects, strict=True):
-        names = [k.strip().lower() for k in obj]
-        if len(set(names)) < len(names):  # {"Text": "A", "text": "a"}: one column, one of them lost in silence
-            twins = sorted(k for k in obj if names.count(k.strip().lower()) > 1)
-            raise DataError(f"JSON Lines file '{path}' line {number} has keys {twins}, which name one column "
-                            "(keys are read case-insensitively, as a CSV header): keep one")  # fmt: skip
-    keys = list(dict.fromkeys(k.strip().lower() for obj in objects for k in obj))
-    rows = [[""] * len(keys) for _ in objects]
-    at = {k: i for i, k in enumerate(keys)}
-    for row, obj in zip(rows, objects, strict=True):
-        for k, value in obj.items():
-            row[at[k.strip().lower()]] = _cell(value)
-    return keys, rows, lines
+        if (order := tuple(obj)) not in at:
+            at[order] = _columns(path, number, obj, columns)
+    rows = []
+    for obj in objects:
+        row = [""] * len(columns)
+        for i, value in zip(at[tuple(obj)], obj.values(), strict=True):
+            row[i] = _cell(value)
+        rows.append(row)
+    return list(columns), rows, lines
+
+
+def _columns(path: Path, number: int, obj: dict, columns: dict[str, int]) -> list[int]:
+    """The column of each of ``obj``'s keys (on line ``number``), added to ``columns`` as they first appear.
+
+    Raises:
+        DataError: two keys that differ only in case or spaces.
+    """
+    names = [k.strip().lower() for k in obj]
+    if len(set(names)) < len(names):  # {"Text": "A", "text": "a"}: one column, one of them lost in silence
+        twins = sorted(k for k in obj if names.count(k.strip().lower()) > 1)
+        raise DataError(f"JSON Lines file '{path}' line {number} has keys {twins}, which name one column "
+                        "(keys are read case-insensitively, as a CSV header): keep one")  # fmt: skip
+    return [columns.setdefault(name, len(columns)) for name in names]
 
 
 def _object(path: Path, number: int, line: str) -> dict:
@@ -114,4 +145,6 @@ def _cell(value: object) -> str:
     """
     if isinstance(value, str):
         return value
+    if type(value) is int:  # the common label: str() is JSON's text of an int, and faster than dumping it
+        return str(value)
     return "" if value is None else json.dumps(value, ensure_ascii=False)
