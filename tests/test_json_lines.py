@@ -133,3 +133,11 @@ def test_a_jsonl_without_a_text_key_and_one_not_in_utf8_are_named_as_json_lines(
     (tmp_path / "t.csv").write_bytes("text,label\ncafé,x\n".encode("cp1252"))  # a CSV's comes from a spreadsheet
     with pytest.raises(DataError, match=r"save it as UTF-8 \(a spreadsheet's \"CSV UTF-8\"\)"):
         build_datasets(str(tmp_path / "t.csv"), preprocess=TEXT_MODEL)
+
+
+def test_a_file_rewritten_at_once_with_as_many_bytes_is_read_anew(tmp_path):
+    # the last file parsed is kept for a load's later reads: a rewrite within the clock's tick keeps mtime and size
+    path = _jsonl(tmp_path / "t.jsonl", [{"text": "ab", "label": "x"}])
+    assert read(path)[1] == [["ab", "x"]]
+    _jsonl(path, [{"text": "cd", "label": "y"}])
+    assert read(path)[1] == [["cd", "y"]]
