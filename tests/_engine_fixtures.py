@@ -5,8 +5,10 @@ Not a conftest: test modules import what they need, so the core-API fixtures in 
 
 from __future__ import annotations
 
+import gzip
 import io
 import os
+import struct
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,6 +26,23 @@ CLASSES = {"blue": ((40, 60, 220), 0), "green": ((40, 200, 60), 1), "red": ((220
 # A 100k-parameter timm model with BatchNorm, random init, 32 px: a CLI run takes about a second on a CPU.
 TINY = ["--model", "timm:test_efficientnet", "--weights", "none", "--img-size", "32", "--device", "cpu",
         "--workers", "0", "--no-progress", "--batch-size", "8", "--cache", "off"]  # fmt: skip
+
+
+def write_idx(path: Path, array: np.ndarray, gz: bool) -> None:
+    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    data = header + array.astype(np.uint8).tobytes()
+    path.write_bytes(gzip.compress(data) if gz else data)
+
+
+def make_idx_dir(root: Path, n_train: int = 60, n_test: int = 20, gz: bool = True) -> Path:
+    """Tiny MNIST-style dir; every image is filled with its own index so overlaps between splits are detectable."""
+    root.mkdir(parents=True)
+    ext = ".gz" if gz else ""
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        images = np.stack([np.full((8, 8), i % 256) for i in range(n)]) if n else np.zeros((0, 8, 8))
+        write_idx(root / f"{prefix}-images-idx3-ubyte{ext}", images, gz)
+        write_idx(root / f"{prefix}-labels-idx1-ubyte{ext}", np.arange(n) % 10, gz)
+    return root
 
 
 def make_image_folder(root: Path, *, train: int = 12, val: int = 4, test: int = 4, size: int = 40) -> Path:

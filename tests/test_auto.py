@@ -611,6 +611,22 @@ def test_a_budget_says_what_it_affords_at_that_pace_and_the_trials_record_what_t
     auto.run(recipe_cfg(data, tmp_path / "r", epochs=1, cache="auto"), echo=lambda _: None)
     (trial,) = json.loads((tmp_path / "r" / "recipe.json").read_text())["trials"][:1]
     assert trial["loop_s"] > trial["epoch_s"] * auto.TRIAL_FRACTION and trial["val_s"] > 0 and trial["epoch_images"]
+    # the pace of an evaluation of the whole model: a cached trial's validation ran the suffix on stored features, and
+    # the store's build (image loading and the frozen prefix) is added to it
+    assert trial["eval_item_s"] > trial["val_s"] / trial["n_val"]
+
+
+def test_a_budget_keeps_time_for_the_final_test_at_the_measured_pace_of_an_evaluation():
+    # the final test ran after the time the budget planned for, and ended the call past it
+    trial = {"epoch_s": 2.0, "epoch_images": 100.0, "loop_s": 4.0, "val_s": 2.5, "n_val": 50, "eval_item_s": 0.002}
+    test_s = auto_plan.test_seconds([None, trial], 2_000)
+    assert test_s == pytest.approx(4.0) and auto_plan.test_seconds([trial], None) == 0.0
+    lines = []
+    assert auto_plan.run_epochs(
+        TrainConfig(budget="20s", refit=False), [trial], trial, 4.0, False, lines.append, test_s=test_s
+    ) == (2, None)  # 12 s left, not 16 s: 2 epochs of 5 s, not 3
+    assert lines[0].startswith("auto: the 20s budget leaves 12s after the trials, and about 4.0s kept for the final "
+                               "test: 2 epoch(s) of about 5.0s")  # fmt: skip
 
 
 @pytest.mark.parametrize("probed", [False, True])
@@ -738,7 +754,7 @@ def test_a_budget_that_plans_fewer_epochs_than_the_warm_up_scales_it_and_says_wh
                       "--warmup-epochs", "2")  # fmt: skip
     code, out, err = run_cli(capsys, *argv)
     assert code == 0, err
-    said = r"budget, and the run's set-up takes about [\d.]+s: the run trains one epoch \(not the 4 of epochs\) of \d+ of the \d+ images, over it"
+    said = r"budget, and the run's set-up takes about [\d.]+s and the final test about [\d.]+s: the run trains one epoch \(not the 4 of epochs\) of \d+ of the \d+ images, over it"
     assert re.search(said, out), out
     assert "auto: --warmup-epochs 2 is as long as the 1 epoch(s) the budget plans: the run warms up for 0.5, the " \
            "share of the run it was of --epochs 4" in out, out  # fmt: skip

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import gzip
 import logging
 import os
 import shutil
-import struct
 import warnings
 from pathlib import Path
 
@@ -15,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from _engine_fixtures import fashion_mnist_dir
+from _engine_fixtures import fashion_mnist_dir, make_idx_dir, write_idx
 from freezetune.data import (
     build_datasets,
     build_eval_dataset,
@@ -37,23 +35,6 @@ from freezetune.preprocess import Preprocess
 FASHION_DIR = fashion_mnist_dir()
 PRE = Preprocess(input_size=16, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
 COLOURS = {"blue": (0, 0, 255), "green": (0, 255, 0), "red": (255, 0, 0)}
-
-
-def write_idx(path: Path, array: np.ndarray, gz: bool) -> None:
-    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
-    data = header + array.astype(np.uint8).tobytes()
-    path.write_bytes(gzip.compress(data) if gz else data)
-
-
-def make_idx_dir(root: Path, n_train: int = 60, n_test: int = 20, gz: bool = True) -> Path:
-    """Tiny MNIST-style dir; every image is filled with its own index so overlaps between splits are detectable."""
-    root.mkdir(parents=True)
-    ext = ".gz" if gz else ""
-    for prefix, n in (("train", n_train), ("t10k", n_test)):
-        images = np.stack([np.full((8, 8), i % 256) for i in range(n)]) if n else np.zeros((0, 8, 8))
-        write_idx(root / f"{prefix}-images-idx3-ubyte{ext}", images, gz)
-        write_idx(root / f"{prefix}-labels-idx1-ubyte{ext}", np.arange(n) % 10, gz)
-    return root
 
 
 def make_folder(root: Path, per_class: int, fmt: str = "png") -> Path:
@@ -983,7 +964,8 @@ def test_eval_data_given_as_an_image_file_points_to_predict(tmp_path):
 
     make_folder(tmp_path, 1)
     with pytest.raises(
-        DataError, match="is not a CSV, TSV or JSON Lines file; .*to classify files without labels, use freezetune predict"
+        DataError,
+        match="is not a CSV, TSV or JSON Lines file; .*to classify files without labels, use freezetune predict",
     ):
         build_eval_dataset(str(tmp_path / "red" / "0.png"), preprocess=PRE, classes=sorted(COLOURS))
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from _engine_fixtures import make_image_folder, recipe_cfg, run_cli, train_argv
+from _engine_fixtures import CLASSES, make_idx_dir, make_image_folder, recipe_cfg, run_cli, train_argv
 from freezetune import checkpoint, recipes
 from freezetune.config import TrainConfig
 from freezetune.config_check import validate
@@ -306,6 +306,17 @@ def test_checking_the_test_split_builds_no_model_for_an_image_folder_beside_a_tr
     (tmp_path / "kaggle" / "train.csv").write_text("id,label\n1,red\n")
     monkeypatch.setattr(recipes, "structure", lambda *a: pytest.fail("the model was built"))
     recipes.check_test_data(TrainConfig(data=str(tmp_path / "kaggle"), model="timm:test_efficientnet"))
+
+
+def test_checking_the_test_split_counts_its_images_or_texts(tmp_path):
+    # what a --budget leaves time to score at the end
+    from freezetune import recipes
+
+    make_image_folder(tmp_path / "images", train=3, val=0, test=2)
+    assert recipes.check_test_data(TrainConfig(data=str(tmp_path / "images"))) == 2 * len(CLASSES)
+    make_image_folder(tmp_path / "no-test", train=3, val=0, test=0)
+    assert recipes.check_test_data(TrainConfig(data=str(tmp_path / "no-test"))) is None
+    assert recipes.check_test_data(TrainConfig(data=str(make_idx_dir(tmp_path / "idx", n_test=20)))) == 20
 
 
 @pytest.mark.parametrize("recipe", ["lp-ft", "gradual"])

@@ -118,10 +118,11 @@ def run(cfg: TrainConfig, *, echo: Callable[[str], None] = print, train: Callabl
     runtime.shared_run_dir(str(out), cfg.model, info, resume=cfg.resume, echo=echo)
     run_log.log_to(out)  # the trials' lines and the choice, in the run's train.log
     start = time.perf_counter()
+    test_items = None
     if cfg.final_test:  # the trials do not read the test split: its problems would stop the run only after them
         from freezetune.recipes import check_test_data
 
-        check_test_data(cfg)
+        test_items = check_test_data(cfg)  # (a budget leaves time for scoring them)
     ks, cut, text = candidates(cfg)
     base, boost = shared_config(cfg, out, cut), TEXT_LR_BOOST if text else LR_BOOST
 
@@ -149,8 +150,9 @@ def run(cfg: TrainConfig, *, echo: Callable[[str], None] = print, train: Callabl
     refit = run_refits(cfg, trials[0], echo)
     # the epochs planned before a probe (a budget's: rank 0's clock decides for every rank, theirs differ)
     longest, setup_s = _as_asked(cfg, pilot, trials, refit), pilot["setup_s"] if pilot else 0.0
+    test_s = auto_plan.test_seconds([pilot, *trials], test_items)  # the final test's: the budget leaves time for it
     planned, _ = run_epochs(cfg, trials, choice, budget.spent(), refit, lambda line: None, setup_s=setup_s,
-                            longest=longest)  # fmt: skip
+                            longest=longest, test_s=test_s)  # fmt: skip
     probe = None
     if few_shot(trials[0], text, planned, echo):  # too few steps to fit a random head at the boosted LR: probe it
         probe_base = dataclasses.replace(base, warmup_epochs=run_warmup(cfg, planned, lambda line: None))
@@ -158,7 +160,7 @@ def run(cfg: TrainConfig, *, echo: Callable[[str], None] = print, train: Callabl
         probe = _probe(probe_base, planned, refit, out, alone, echo, steps=trials[0]["steps"])
     spent = budget.spent()
     epochs, images = run_epochs(cfg, trials, choice, spent, refit, echo, probed=probe is not None, setup_s=setup_s,
-                                longest=longest, piloted=pilot is not None)  # fmt: skip
+                                longest=longest, piloted=pilot is not None, test_s=test_s)  # fmt: skip
     base = base if images is None else dataclasses.replace(base, epoch_images=images)  # the time left affords them
     warmup = run_warmup(cfg, epochs, echo)
     # from the trial's fitted weights: a smaller step (see the docstring); from a probe's head, the LR as asked

@@ -90,7 +90,8 @@ def pace(result, seconds: float, measured: dict) -> dict:
             "wall_s": seconds,
             "call_s": max(seconds - cache_s - train_s, 0.0),
             "setup_s": max(seconds - cache_s - result.seconds.get("epochs", 0.0), 0.0),
-            "train_items": result.train_items, "data_kind": result.data_kind, "seconds": measured}  # fmt: skip
+            "train_items": result.train_items, "data_kind": result.data_kind, "seconds": measured,
+            "eval_item_s": result.eval_item_s}  # fmt: skip
 
 
 def plan_epoch(cfg: TrainConfig, pilot: dict, budget: TrialBudget, echo: Callable[[str], None], *,

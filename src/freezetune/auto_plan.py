@@ -69,14 +69,15 @@ def run_refits(cfg: TrainConfig, first: dict, echo: Callable[[str], None]) -> bo
 
 def run_epochs(cfg: TrainConfig, trials: list[dict], choice: dict, spent: float, refit: bool,
                echo: Callable[[str], None], *, probed: bool = False, setup_s: float = 0.0,
-               longest: int | None = None, piloted: bool = False) -> tuple[int, int | None]:  # fmt: skip
+               longest: int | None = None, piloted: bool = False, test_s: float = 0.0) -> tuple[int, int | None]:  # fmt: skip
     """The final run's epochs: what the budget affords after ``spent`` seconds of trials (and a probe: ``probed``)
     and the run's own ``setup_s`` (a pilot measured it), at most ``epochs`` where the config sets it, else
     ``MAX_BUDGET_EPOCHS``, said; and where less than one epoch is left, the images its
     one epoch draws (as ``epoch_images``; None: the epochs as the trials' run would have them). ``longest``: where a
     pilot shortened the epochs, the images of one as asked: a run with time for less than two of the short ones
     trains one as long as the time left affords, up to that (the pilot's first steps are its slowest). ``piloted``:
-    a budget's pilot ran before the trials (its seconds are among ``spent``)."""
+    a budget's pilot ran before the trials (its seconds are among ``spent``). ``test_s``: the final test's seconds
+    (``test_seconds``), left for it."""
     done = [*(["the pilot"] if piloted else []), "the trials", *(["the probe"] if probed else [])]
     measured = done[0] if len(done) == 1 else f"{', '.join(done[:-1])} and {done[-1]}"
     budget = parse_duration(cfg.budget)
@@ -84,15 +85,19 @@ def run_epochs(cfg: TrainConfig, trials: list[dict], choice: dict, spent: float,
         return cfg.epochs, None
     _, replaced = _at_most(cfg, 1)  # what a run of one epoch says of --epochs
     train_s, other_s = epoch_pace(choice, refit, trials[0]["n_val"])
-    left, epoch_s = budget - spent - setup_s, train_s + other_s
+    left, epoch_s = budget - spent - setup_s - test_s, train_s + other_s
     after = f"{measured} and the run's set-up (about {seconds_text(setup_s)})" if setup_s else measured
+    if test_s:  # the final test ran after the time the budget planned for, and ended the call past it
+        after = f"{after}, and about {seconds_text(test_s)} kept for the final test"
     pace = f"about {epoch_s:.1f}s ({train_s:.1f}s training, {other_s:.1f}s validation and checkpoints)"
     if left < epoch_s * (2 if longest else 1):  # one epoch, of what the time left affords
         images, whole, over_s = _one_epoch(choice, refit, trials[0]["n_val"], left, (train_s, other_s), longest)
         kind = choice.get("data_kind", "images")
         drawn = f" of {images:,} of the {max(whole, longest or 0):,} {kind}" if images != whole else ""
         if left <= 0:  # the run then trains one epoch, as short as a trial's: say why, not only how many
-            setup = f", and the run's set-up takes about {seconds_text(setup_s)}" if setup_s else ""
+            ahead = [f"the run's set-up takes about {seconds_text(setup_s)}"] if setup_s else []
+            ahead += [f"the final test {'' if setup_s else 'takes '}about {seconds_text(test_s)}"] if test_s else []
+            setup = f", and {' and '.join(ahead)}" if ahead else ""
             echo(f"auto: {measured} took {seconds_text(spent)} of the {cfg.budget} budget{setup}: the run trains one "
                  f"epoch{replaced}{drawn}, over it")  # fmt: skip
         else:  # (over it by a few percent: the pace's noise, not said)
@@ -107,6 +112,18 @@ def run_epochs(cfg: TrainConfig, trials: list[dict], choice: dict, spent: float,
     echo(f"auto: the {cfg.budget} budget leaves {seconds_text(left)} after {after}: {epochs} epoch(s){said} "
          f"of {pace}{slower}")  # fmt: skip
     return epochs, None
+
+
+def test_seconds(measured: list[dict | None], test_items: int | None) -> float:
+    """About how long the run's final test of ``test_items`` images (or texts) takes (0.0 without a test split): at
+    the first of the ``measured`` pilot's and trials' paces of an evaluation of the whole model (its validation, with
+    the pace of a store's build where it read one); 0.0 where none was measured.
+
+    >>> test_seconds([None, {"eval_item_s": None}, {"eval_item_s": 0.002}], 10_000)
+    20.0
+    """
+    paces = [m["eval_item_s"] for m in measured if m is not None and m.get("eval_item_s") is not None]
+    return test_items * paces[0] if test_items and paces else 0.0
 
 
 def _at_most(cfg: TrainConfig, affords: int) -> tuple[int, str]:

@@ -98,7 +98,7 @@ def trial_row(base: TrainConfig, k: int, trial_cfg: TrainConfig, result: RunResu
             "val_s": result.seconds.get("val", 0.0), "fixed_epoch": base.epoch_images is not None,
             "trainable_params": row.get("trainable_params"), "n_val": _val_size(result),
             "data_kind": result.data_kind, "refit_fits": result.refit_fits, "no_refit": result.no_refit,
-            "steps": result.steps_per_epoch}  # fmt: skip
+            "steps": result.steps_per_epoch, "eval_item_s": result.eval_item_s}  # fmt: skip
 
 
 def trial_config(base: TrainConfig, k: int, boost: float, out: Path) -> TrainConfig:

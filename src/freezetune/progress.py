@@ -132,6 +132,7 @@ class RunResult:
     monitor: str = DEFAULT_MONITOR  # what best_metric is
     steps_per_epoch: int = 0  # optimizer steps an epoch (a trial's one epoch: how much it trained)
     train_items: int = 0  # images (or texts) in its training set, a held-out validation split not among them
+    eval_item_s: float | None = None  # seconds an item of an evaluation of the whole model took (``FeaturePath``)
 
     @property
     def refit_fits(self) -> bool:

@@ -190,9 +190,10 @@ def structure(model_name: str, img_size: int | None) -> tuple[tuple[str, ...], b
     return tuple(s.name for s in stages(model)), pre is None
 
 
-def check_test_data(cfg: TrainConfig) -> None:
+def check_test_data(cfg: TrainConfig) -> int | None:
     """Check the test split ``cfg``'s run scores at its end (a test folder's images, a text model's ``test.csv``)
-    before phases or trials that do not read it: its problems would stop the run only after them."""
+    before phases or trials that do not read it: its problems would stop the run only after them. Returns how many
+    images (or texts) it holds, None without one."""
     from freezetune.data.layout import check_test_split, split_files
     from freezetune.data.text_table import Columns, text_csv_header
 
@@ -201,8 +202,8 @@ def check_test_data(cfg: TrainConfig) -> None:
     columns = Columns.given(cfg.text_column, cfg.label_column)
     splits = split_files(Path(cfg.data))
     text = splits is not None and text_csv_header(splits["train"], columns) is not None
-    check_test_split(cfg.data, skip_bad=cfg.skip_bad,
-                     text=columns if text and structure(cfg.model, cfg.img_size)[1] else None)  # fmt: skip
+    text_model = text and structure(cfg.model, cfg.img_size)[1]
+    return check_test_split(cfg.data, skip_bad=cfg.skip_bad, text=columns if text_model else None)
 
 
 def run(cfg: TrainConfig, *, echo: Callable[[str], None] = print, train: Callable | None = None):

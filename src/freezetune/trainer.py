@@ -147,7 +147,7 @@ class Trainer(RunSetup):
         return RunResult(self.run_dir, p.best_epoch, p.best_metric, test, list(self.metrics.rows), seconds,
                          data_kind=noun(self.data.train), no_refit=self.data.no_refit,
                          monitor=self.cfg.monitor, steps_per_epoch=self.steps_per_epoch,
-                         train_items=len(self.data.train))  # fmt: skip
+                         train_items=len(self.data.train), eval_item_s=self.features.eval_item_s)  # fmt: skip
 
     def _model_record(self) -> dict:
         """What a checkpoint holds to rebuild the model: weights, resolved config, classes, preprocessing."""

@@ -105,6 +105,10 @@ class FeaturePath:
         self._val_images = None
         self.train_module: nn.Module = model
         self.build_seconds = 0.0  # all cache builds so far
+        self._encoded = (0.0, 0)  # the seconds and images of this process's store builds: the prefix's pace
+        self._val_pace: tuple[float, bool] | None = (
+            None  # the last validation's seconds an item, and if it read a store
+        )
         self._told_unaugmented = False
         self._told_streamed = self._told_unpinned = False
 
@@ -168,6 +172,26 @@ class FeaturePath:
         """
         if self.data.val is None:
             return None
+        start = time.perf_counter()
+        metrics = self._evaluate_val(precision, num_classes=num_classes, bar=bar)
+        self._val_pace = ((time.perf_counter() - start) / len(self.data.val), self.val_store is not None)
+        return metrics
+
+    @property
+    def eval_item_s(self) -> float | None:
+        """Seconds an image (or text) of an evaluation of the whole model took, as measured in this run (a budget
+        leaves time for the final test by it): the last validation's, plus the pace of this process's store builds
+        (image loading and the frozen prefix) where it read a store's features; None where unmeasured (no validation
+        yet, or a store read from a cache dir, not built)."""
+        if self._val_pace is None:
+            return None
+        item_s, stored = self._val_pace
+        if not stored:
+            return item_s
+        seconds, items = self._encoded
+        return item_s + seconds / items if items else None
+
+    def _evaluate_val(self, precision: Precision, *, num_classes: int, bar: str | None) -> dict:
         dist = self.loaders.dist
         if self.val_store is not None:
             size = 2 * self.loaders.batch_size
@@ -361,11 +385,13 @@ class FeaturePath:
         self.echo(f"feature cache: building the {which} store: {len(dataset)} {which} {noun(dataset)}"
                   f"{f' x {views} views' if views > 1 else ''} through the frozen layers before {split.boundary}, "
                   "once")  # fmt: skip
+        start = time.perf_counter()
         with _said_stopped_while_building():
             store, info = build_store(split, len(dataset), loaders.views(dataset, train=augment), self.precision,
                                       views=views, spill_dir=spill, seed=loaders.seed,
                                       channels_last=self.channels_last, place=place, dist=dist,
                                       bar=f"feature cache ({which})" if self.progress else None)  # fmt: skip
+        self._encoded = (self._encoded[0] + time.perf_counter() - start, self._encoded[1] + len(dataset) * views)
         if key is not None:
             disk.save(self.cache_dir, key, store.features, store.targets)
         return store, info

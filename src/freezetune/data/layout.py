@@ -22,7 +22,7 @@ from freezetune.data.folder import (
     is_skipped_folder,
     scan_folder,
 )
-from freezetune.data.idx import is_idx_dir
+from freezetune.data.idx import idx_files, is_idx_dir, read_idx
 from freezetune.data.scan import check_splits, unreadable
 from freezetune.data.text import TextDataset, read_text_csv
 from freezetune.data.text_table import TABLE_SUFFIXES, Columns, text_csv_header
@@ -168,29 +168,38 @@ def read_test_file(path: Path, classes: list[str], columns: Columns) -> TextData
     return read_text_csv(path, classes, columns)
 
 
-def check_test_split(data: str, *, skip_bad: bool = False, text: Columns | None = None) -> None:
+def check_test_split(data: str, *, skip_bad: bool = False, text: Columns | None = None) -> int | None:
     """Check the test folder a run will score at its end, before a recipe's trials or first phase, which do not read
     it: an unlabelled ``test/``, one with a class the training folder lacks, or an unreadable test image stopped the
     run only after them. Its classes and files are listed and each image's header read (the run's data build reads
     them again from the scan's record of sound files); with ``skip_bad`` that build leaves unreadable ones out.
     ``text``: the columns of a text model's split files (the caller found them); its ``test.csv`` is read against
-    ``train.csv``'s labels."""
+    ``train.csv``'s labels.
+
+    Returns:
+        How many images (or texts) the test split holds (a budget leaves time for their scoring), None without one.
+    """
     path = Path(data)
     if text is not None:
         splits = split_files(path) or {}
         if "test" in splits:
-            read_test_file(splits["test"], read_text_csv(splits["train"], columns=text).classes, text)
-        return
-    if not path.is_dir() or is_idx_dir(path):
-        return
+            return len(read_test_file(splits["test"], read_text_csv(splits["train"], columns=text).classes, text))
+        return None
+    if not path.is_dir():
+        return None
+    if is_idx_dir(path):
+        files = idx_files(path, "test")
+        return None if files is None else len(read_idx(files[1]))  # its labels: 10 000 bytes for Fashion-MNIST's
     train_dir, test_dir = first_dir(path, TRAIN_DIRS), first_dir(path, TEST_DIRS)
-    if train_dir is not None and test_dir is not None:
-        test = _test_folder(test_dir, folder_classes(train_dir))
-        if not skip_bad and unreadable([p for p, _ in test.samples]):  # named with the other folders', if any (the
-            # validation folder's were named only by the run's next attempt)
-            val_dir = first_dir(path, VAL_DIRS)
-            val = [(scan_folder(val_dir), "validation")] if val_dir is not None else []
-            check_splits([(scan_folder(train_dir), "training"), *val, (test, "test")], skip_bad=False)
+    if train_dir is None or test_dir is None:
+        return None
+    test = _test_folder(test_dir, folder_classes(train_dir))
+    if not skip_bad and unreadable([p for p, _ in test.samples]):  # named with the other folders', if any (the
+        # validation folder's were named only by the run's next attempt)
+        val_dir = first_dir(path, VAL_DIRS)
+        val = [(scan_folder(val_dir), "validation")] if val_dir is not None else []
+        check_splits([(scan_folder(train_dir), "training"), *val, (test, "test")], skip_bad=False)
+    return len(test)
 
 
 def _labelled(split: Path, way_out: str) -> None:
