@@ -14,7 +14,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from _lightning_fixtures import FAST, LitTiny, loaders
-from conftest import clone_params
+from conftest import TinyCNN, clone_params
 from freezetune.errors import ConfigError, FreezetuneError
 from freezetune.integrations.lightning import FreezetuneFinetuning
 
@@ -220,6 +220,48 @@ def test_the_head_lr_under_onecycle_is_its_peak_not_its_start():
     opt = torch.optim.AdamW(ft.param_groups(model, 1e-2))
     torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[g["lr"] for g in opt.param_groups], total_steps=10)
     assert FreezetuneFinetuning("backbone", "epoch:1", stage_lrs={"block3": 1e-3})._head_lr(model, opt) == 1e-2
+
+
+def test_with_stage_lrs_naming_the_head_the_rules_lr_is_read_from_another_stages_group_not_the_heads():
+    # the head's group held stage_lrs' 1e-1, taken as the rule's lr: block3 unfroze at 1e-2, not 1e-3, in silence
+    import freezetune as ft
+    from conftest import TinyCNN
+
+    rule = dict(stage_lrs={"head": 1e-1}, decay=10)
+    model = TinyCNN()
+    ft.freeze(model, "block3")  # block2 and head train
+    opt = torch.optim.AdamW(ft.param_groups(model, 1e-2, **rule))
+    assert FreezetuneFinetuning("block3", "epoch:1", **rule)._head_lr(model, opt) == pytest.approx(1e-2)
+    ft.freeze(model, "backbone")  # the head alone: no group shows the rule's lr
+    opt = torch.optim.AdamW(ft.param_groups(model, 1e-2, **rule))
+    with pytest.raises(ConfigError, match=r"needs lr= here: stage_lrs sets the head's LR \(head=0.1\)"):
+        FreezetuneFinetuning("backbone", "epoch:1", **rule)._head_lr(model, opt)
+    every = {"stem": 1e-5, "block1": 1e-4, "block2": 1e-3, "block3": 1e-2, "head": 1e-1}  # no stage reads the rule's lr
+    assert FreezetuneFinetuning("backbone", "epoch:1", stage_lrs=every)._head_lr(model, opt) == 1e-1
+
+
+class LitBuiltLate(LitTiny):
+    """The network built in ``configure_model``, Lightning's hook for it, which runs after the callbacks' setup."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.model = None
+
+    def configure_model(self) -> None:
+        if self.model is None:
+            torch.manual_seed(0)
+            self.model = TinyCNN(num_classes=3)
+
+
+def test_a_network_built_in_configure_model_is_frozen_at_fit_start():
+    # the callback froze in its setup, before the module built the network: "no submodule 'model'; pass module= one
+    # of  or None"
+    lit, probe = LitBuiltLate(), Probe()
+    callback = FreezetuneFinetuning("backbone", "epoch:1")
+    L.Trainer(max_epochs=2, enable_checkpointing=False, callbacks=[callback, probe], **FAST).fit(lit, *loaders())
+    assert probe.seen["epoch0"]["trainable"] == ["head"] and probe.seen["epoch1"]["trainable"] == ["block3", "head"]
+    with pytest.raises(ConfigError, match=r"no submodule 'model'; pass module= None \(it has no submodule\)"):
+        callback._network(L.LightningModule())  # never built: said without an empty list of choices
 
 
 def test_the_callback_takes_stage_lrs_as_param_groups_does_and_refuses_bad_lrs_when_built():

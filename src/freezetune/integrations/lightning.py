@@ -32,7 +32,7 @@ from freezetune.freeze import Spec, count_parameters, freeze
 from freezetune.frozen_dropout import check_dropout_policy, held
 from freezetune.optim import nominal_lr
 from freezetune.options import BN_DEFAULT, DROPOUT_DEFAULT, FREEZE_DEFAULT
-from freezetune.param_groups import check_weight_decay, checked_lrs
+from freezetune.param_groups import NO_DECAY, check_weight_decay, checked_lrs, resolve_stage_lrs
 from freezetune.stages import stages
 from freezetune.unfreeze_schedule import parse_schedule
 from freezetune.unfreezing import Unfreezer
@@ -110,6 +110,7 @@ class FreezetuneFinetuning(Callback):
 
     def _reset(self) -> None:
         self.unfreezer = None
+        self._built_late = False  # the network did not exist at setup: built by the module's setup()/configure_model()
         self._pending: dict | None = None  # Unfreezer state from a checkpoint, applied once the optimizer exists
         self._stepped = -1  # the last epoch whose end the schedule has seen
         self._metric: tuple[int, float] | None = None  # (epoch, value) of the last monitored value
@@ -123,8 +124,12 @@ class FreezetuneFinetuning(Callback):
         if stage != "fit":
             return
         self._reset()
-        # Before the strategy wraps the model: DDP then registers exactly the parameters that train from the start.
-        freeze(self._network(pl_module), self.freeze_spec, bn=self.bn, dropout=self.dropout)
+        # Lightning calls the module's setup() and configure_model() after this: a network built there does not exist
+        # yet, and is frozen at fit start (on one device; under DDP that is after the wrap: refused there)
+        self._built_late = not self._exists(pl_module)
+        if not self._built_late:
+            # Before the strategy wraps the model: DDP then registers exactly the parameters that train from the start.
+            freeze(self._network(pl_module), self.freeze_spec, bn=self.bn, dropout=self.dropout)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if self._stage not in (None, "fit"):
@@ -142,6 +147,13 @@ class FreezetuneFinetuning(Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         net = self._network(pl_module)
         _check_strategy(trainer)
+        if self._built_late and trainer.world_size > 1:
+            # frozen after DDP registered every parameter, the frozen ones' gradients never came, and backward hung
+            raise ConfigError(
+                f"FreezetuneFinetuning freezes before DDP wraps the model, in its setup hook, and "
+                f"{self._what()} did not exist then (Lightning builds it in setup()/configure_model() after the "
+                "callbacks' setup): under DDP, build it in the LightningModule's __init__"
+            )
         # Again after strategy.setup: sync_batchnorm=True swaps the BatchNorm modules, dropping their frozen policy.
         freeze(net, self.freeze_spec, bn=self.bn, dropout=self.dropout)
         # DDP has just wrapped the model: what trains now is exactly what its reducer all-reduces; gradients of
@@ -236,11 +248,20 @@ class FreezetuneFinetuning(Callback):
         net = getattr(pl_module, self.module, None)
         if not isinstance(net, nn.Module):
             children = [name for name, _ in pl_module.named_children()]
-            raise ConfigError(
-                f"the LightningModule has no submodule {self.module!r}; pass module= one of {choices(children)} "
-                "or None (the whole LightningModule)"
-            )
+            listed = f"one of {choices(children)} or None" if children else "None (it has no submodule)"
+            raise ConfigError(f"the LightningModule has no submodule {self.module!r}; pass module= {listed} (the "
+                              "whole LightningModule)")  # fmt: skip
         return net
+
+    def _exists(self, pl_module: pl.LightningModule) -> bool:
+        """Whether the network is there to freeze: ``module`` is a module (a typo is named at fit start), or, with
+        ``module=None``, the LightningModule has parameters."""
+        if self.module is None:
+            return any(True for _ in pl_module.parameters())
+        return isinstance(getattr(pl_module, self.module, None), nn.Module)
+
+    def _what(self) -> str:
+        return "the LightningModule's network" if self.module is None else f"its submodule {self.module!r}"
 
     def _expect_frozen_norms_in_eval(self, pl_module: pl.LightningModule) -> int:
         """How many BatchNorm layers are in eval mode, by the frozen policy; Lightning's start-of-fit warning about
@@ -269,11 +290,29 @@ class FreezetuneFinetuning(Callback):
             self._metric = (trainer.current_epoch, float(value))
 
     def _head_lr(self, net: nn.Module, optimizer: torch.optim.Optimizer) -> float:
+        """The rule's ``lr``: as given, else read from the optimizer's group of the head (else group 0); where
+        ``stage_lrs`` sets the head's own, from a group of a stage the rule gives ``lr / decay**depth`` (the head's
+        group held the stage_lrs value, and every stage unfrozen later trained at ``decay`` times its LR)."""
         if self.lr is not None:
             return float(self.lr)
-        head = stages(net)[-1].name
-        group = next((g for g in optimizer.param_groups if g.get("name") == head), optimizer.param_groups[0])
-        return nominal_lr(group)  # a scheduler may already have moved "lr"; OneCycleLR's initial_lr is not its LR
+        names = [s.name for s in stages(net)]
+        explicit, head = resolve_stage_lrs(self.stage_lrs, names), names[-1]
+        named = {g.get("name"): g for g in optimizer.param_groups}
+        if head not in explicit:
+            # a scheduler may already have moved "lr"; OneCycleLR's initial_lr is not its LR
+            return nominal_lr(named.get(head, optimizer.param_groups[0]))
+        ruled = [n for n in names if n not in explicit]
+        if not ruled:  # every stage has its own LR: the rule's lr gives none
+            return float(explicit[head])
+        for depth, name in enumerate(reversed(names)):
+            group = named.get(name) or named.get(f"{name}{NO_DECAY}")
+            if name in ruled and group is not None:
+                return nominal_lr(group) * (self.decay or 1.0) ** depth
+        raise ConfigError(
+            f"FreezetuneFinetuning needs lr= here: stage_lrs sets the head's LR ({head}={explicit[head]:g}) and no "
+            f"optimizer group of another stage shows the rule's lr, which {choices(ruled)} would unfreeze at; pass "
+            "the lr given to ft.param_groups"
+        )
 
 
 def _validated(trainer: pl.Trainer, epoch: int) -> bool:
