@@ -268,3 +268,39 @@ def test_param_groups_without_an_lr_is_a_spec_error_and_a_numpy_decay_is_a_numbe
     assert lrs == pytest.approx({name: lr for name, lr in ((g["name"], g["lr"]) for g in
                                  ft.param_groups(model, 1e-3, decay=2.0))})  # fmt: skip
     assert lrs["head"] == pytest.approx(1e-3) and lrs["block3"] == pytest.approx(5e-4)  # the decay applied
+
+
+def test_a_numpy_or_tensor_learning_rate_is_a_number_as_torchs_optimizers_take_it():
+    # np.float32(1e-3) was refused: "learning rates must be finite numbers >= 0, got lr=np.float32(0.001)"
+    import numpy as np
+
+    model = TinyCNN()
+    for lr in (np.float32(1e-3), torch.tensor(1e-3)):
+        lrs = {g["name"]: g["lr"] for g in ft.param_groups(model, lr, stage_lrs={"block3": np.float64(5e-4)})}
+        assert lrs["head"] == pytest.approx(1e-3) and lrs["block3"] == pytest.approx(5e-4)
+    with pytest.raises(ft.FreezetuneError, match="got lr=np.float32"):
+        ft.param_groups(model, np.float32(-1e-3))
+
+
+def test_a_norm_layers_parameters_of_any_shape_and_a_nested_backbones_declared_names_go_to_the_twin():
+    # LayerNorm([C, H, W]) holds C x H x W weights and biases: decayed as weights; a timm backbone inside the user's
+    # own model declared its exempt parameters (no_weight_decay()) to nobody: only the top-level model was asked
+    class Scaled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = nn.Linear(4, 4)
+            self.table = nn.Parameter(torch.zeros(3, 4))
+
+        def forward(self, x):
+            return self.proj(x) + self.table.sum()
+
+        def no_weight_decay(self):
+            return {"table"}
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.LayerNorm([4, 6, 6]), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten(), Scaled(), nn.Linear(4, 3))  # fmt: skip
+    groups = ft.param_groups(model, 1e-3, weight_decay=0.05)
+    skip = {id(p) for g in groups if g["weight_decay"] == 0.0 for p in g["params"]}
+    decayed = {id(p) for g in groups if g["weight_decay"] == 0.05 for p in g["params"]}
+    assert {id(model[1].weight), id(model[1].bias), id(model[4].table)} <= skip
+    assert {id(model[0].weight), id(model[4].proj.weight), id(model[5].weight)} <= decayed

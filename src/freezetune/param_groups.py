@@ -10,8 +10,10 @@ from __future__ import annotations
 import fnmatch
 import math
 import numbers
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 
+import numpy as np
+import torch
 from torch import nn
 
 from freezetune.errors import SpecError, choices
@@ -133,8 +135,16 @@ def param_groups(
 
 
 def _finite_non_negative(value: object) -> bool:
-    """A number (not a bool) in [0, inf): what a learning rate and a weight decay must be (NaN is not)."""
-    return not isinstance(value, bool) and isinstance(value, (int, float)) and 0 <= value < math.inf
+    """A real number (not a bool; numpy's too, and a one-element tensor, as torch's optimizers take) in [0, inf):
+    what a learning rate and a weight decay must be (NaN is not).
+
+    >>> import numpy as np, torch
+    >>> [_finite_non_negative(v) for v in (1e-3, np.float32(1e-3), torch.tensor(1e-3), True, -1.0, float("nan"))]
+    [True, True, True, False, False, False]
+    """
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.dtype.is_complex:
+        value = value.item()
+    return not isinstance(value, (bool, np.bool_)) and isinstance(value, numbers.Real) and bool(0 <= value < math.inf)
 
 
 def checked_lrs(lr: float | None, stage_lrs: Mapping[str, float] | str | None, decay: float | None, *,
@@ -244,23 +254,36 @@ def stage_lr_text(param_groups: list[dict], names: list[str]) -> str:
 # Parameters exempt from weight decay by convention, by their own name, where a model declares none: torchvision's ViT
 # class_token and pos_embedding, Swin's relative_position_bias_table, Hugging Face ViT's cls_token and
 # position_embeddings (timm's models list theirs in no_weight_decay()). Not 1-D, they decayed toward zero as weights.
+# torchvision ConvNeXt's layer_scale is (C, 1, 1) where timm's and the paper's gamma is 1-D, and exempt.
 NO_DECAY_PARAMETERS = ("cls_token", "class_token", "dist_token", "mask_token", "pos_embed", "pos_embedding",
-                       "position_embeddings", "absolute_pos_embed", "relative_position_bias_table")  # fmt: skip
+                       "position_embeddings", "absolute_pos_embed", "relative_position_bias_table", "bias",
+                       "layer_scale")  # fmt: skip
+
+# normalization layers: their scale and shift are exempt whatever their shape (LayerNorm([C, H, W]) holds C x H x W)
+_NORMS = tuple(getattr(nn, n) for n in ("LayerNorm", "GroupNorm", "RMSNorm", "LocalResponseNorm") if hasattr(nn, n))
+_NORMS += (nn.modules.batchnorm._NormBase,)  # BatchNorm*d, SyncBatchNorm, InstanceNorm*d
 
 
 def no_decay_names(model: nn.Module) -> set[str]:
-    """Parameter names exempt from weight decay besides the 1-D ones: those the model declares (timm's
-    ``no_weight_decay()``), expanded, and tokens and position embeddings by name (``NO_DECAY_PARAMETERS``).
+    """Parameter names exempt from weight decay besides the 1-D ones: those the model or a library model inside it
+    declares (timm's ``no_weight_decay()``), expanded; a normalization layer's; and biases, tokens and position
+    embeddings by name (``NO_DECAY_PARAMETERS``).
 
     >>> import torchvision
-    >>> sorted(no_decay_names(torchvision.models.VisionTransformer(32, 16, 1, 2, 8, 16)))
+    >>> vit = torchvision.models.VisionTransformer(32, 16, 1, 2, 8, 16)  # (its 1-D parameters are exempt anyway)
+    >>> sorted(n for n, p in vit.named_parameters() if p.ndim > 1 and n in no_decay_names(vit))
     ['class_token', 'encoder.pos_embedding']
     """
-    declared = getattr(model, "no_weight_decay", None)
-    names: Iterable[str] = declared() if callable(declared) else ()
+    declared: set[str] = set()  # parameter names, or names of modules all of whose parameters are exempt
+    for prefix, module in model.named_modules():  # a timm backbone in the user's own model declares its own
+        names = module.no_weight_decay() if callable(getattr(module, "no_weight_decay", None)) else ()
+        if isinstance(module, _NORMS):
+            names = [*names, *(n for n, _ in module.named_parameters(recurse=False))]
+        declared.update(f"{prefix}.{n}" if prefix else n for n in names)
     out = set()
     for name, _ in model.named_parameters():
-        if any(name == d or name.startswith(d + ".") for d in names) or name.rpartition(".")[2] in NO_DECAY_PARAMETERS:
+        parts = name.split(".")
+        if parts[-1] in NO_DECAY_PARAMETERS or any(".".join(parts[:k]) in declared for k in range(1, len(parts) + 1)):
             out.add(name)
     return out
 
