@@ -159,6 +159,23 @@ def save(cache_dir: Path, key: str, features: torch.Tensor, targets: torch.Tenso
         return None
 
 
+def lookup(cache_dir: Path, split: Split, dataset: Dataset, parts: list[Dataset] | None, how: dict, views: int, *,
+           again: str) -> tuple[str | None, tuple[torch.Tensor, torch.Tensor] | None]:  # fmt: skip
+    """``dataset``'s store key under ``how`` (``store_key``'s inputs), and its stored features and targets where
+    ``cache_dir`` holds them and they ``fits`` it (else None): stored whole, or as the stores of its ``parts`` (a
+    joined dataset's, one after the other: the auto recipe's refit reads the trials' training and validation stores
+    this way). ``again``: what the run does where they do not fit."""
+    key = store_key(split, dataset, **how)
+    found = load(cache_dir, key) if key is not None else None
+    if found is None and parts:
+        each = [load(cache_dir, k) if (k := store_key(split, part, **how)) is not None else None for part in parts]
+        if all(f is not None for f in each):
+            found = torch.cat([f[0] for f in each], dim=1), torch.cat([f[1] for f in each])
+    if found is not None and not fits(found, dataset, views, cache_dir, again=again):
+        found = None
+    return key, found
+
+
 def fits(found: tuple[torch.Tensor, torch.Tensor], dataset, views: int, cache_dir: Path, *,
          again: str = "built again") -> bool:  # fmt: skip
     """Whether stored features are of ``dataset``: a view per ``views``, a row per item, its targets in its order.

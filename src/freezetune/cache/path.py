@@ -364,12 +364,8 @@ class FeaturePath:
                        device_pipeline=should_use_device_loader(dataset, loaders.device, loaders.decode),
                        dtype=str(self.precision.amp_dtype), channels_last=self.channels_last,
                        draw=loaders.view_draw(dataset) if augment else None)  # fmt: skip
-            key = disk.store_key(split, dataset, **how)
-            found = disk.load(self.cache_dir, key) if key is not None else None
-            found = found or (self._load_parts(split, parts, how) if parts else None)
-            again = "built again" if build else "not used"
-            if found is not None and not disk.fits(found, dataset, views, self.cache_dir, again=again):
-                found = None
+            key, found = disk.lookup(self.cache_dir, split, dataset, parts, how, views,
+                                     again="built again" if build else "not used")  # fmt: skip
             if found is not None:
                 hows.append(f"read from {self.cache_dir}")
                 return placed_store(*found, self.precision, seed=loaders.seed, spill_dir=spill, place=place)
@@ -395,15 +391,6 @@ class FeaturePath:
         if key is not None:
             disk.save(self.cache_dir, key, store.features, store.targets)
         return store, info
-
-    def _load_parts(self, split: Split, parts, how: dict) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The stores of each part of a joined dataset, one after the other (the auto recipe's refit reads the
-        trials' training and validation stores this way), or None if one is not stored."""
-        keys = [disk.store_key(split, part, **how) for part in parts]
-        found = [disk.load(self.cache_dir, key) if key is not None else None for key in keys]
-        if any(f is None for f in found):
-            return None
-        return torch.cat([f[0] for f in found], dim=1), torch.cat([f[1] for f in found])
 
 
 @contextlib.contextmanager
