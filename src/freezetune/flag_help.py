@@ -70,7 +70,7 @@ FIELD_HELP = {
     "globs, comma-separated",
     "recipe": "a named procedure: " + " | ".join(RECIPES) + " (last-K: the last K stages train); default: what "
     "--freeze says",
-    "budget": "wall-clock budget for the auto recipe's trials and epochs (the epochs it affords, at most --epochs "
+    "budget": "wall-clock budget for the auto recipe's trials, epochs and final test (the epochs it affords, at most --epochs "
     f"where given other than the default, else {MAX_BUDGET_EPOCHS}; the other candidates' trials only if it leaves time for them; shorter epochs where a "
     "pilot's pace says a trial and one epoch would not fit), e.g. 90s, 5m, 1h (default: none)",
     "bn": "BatchNorm in frozen parts: frozen (eval statistics), affine (affine trains, statistics update), train "
