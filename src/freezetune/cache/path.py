@@ -106,9 +106,8 @@ class FeaturePath:
         self.train_module: nn.Module = model
         self.build_seconds = 0.0  # all cache builds so far
         self._encoded = (0.0, 0)  # the seconds and images of this process's store builds: the prefix's pace
-        self._val_pace: tuple[float, bool] | None = (
-            None  # the last validation's seconds an item, and if it read a store
-        )
+        # the last validation's seconds an item, and whether it read a store's features
+        self._val_pace: tuple[float, bool] | None = None
         self._told_unaugmented = False
         self._told_streamed = self._told_unpinned = False
 
