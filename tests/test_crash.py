@@ -432,11 +432,31 @@ def test_a_users_own_classes_json_does_not_make_their_files_a_stopped_runs(tmp_p
 
 
 @pytest.mark.parametrize("resume", [False, True])
+def test_a_users_list_of_class_names_does_not_make_their_files_a_stopped_runs(tmp_path, resume):
+    # a classes.json of class names, as many projects keep, made the folder a stopped run's: "starting it afresh
+    # (cleared cache, events...)" deleted the user's cache/ tree and TensorBoard files
+    run = tmp_path / "project"
+    (run / "cache" / "emb").mkdir(parents=True)
+    (run / "classes.json").write_text('["cat", "dog"]')
+    (run / "cache" / "emb" / "vectors.npy").write_text("x")
+    (run / "events.out.tfevents.1700000000.host.1.0").write_text("x")
+    before = snapshot(run)
+    with pytest.raises(ConfigError, match=r"which no run wrote there \(its classes.json has no .freezetune-run"):
+        runtime.prepare_run_dir(str(run), "m", resume=resume)
+    assert snapshot(run) == before
+    # a run of an earlier freezetune, which wrote no mark: its class names and its config.yaml say it was one
+    (run / "config.yaml").write_text("model: m\nepochs: 1\n")
+    runtime.prepare_run_dir(str(run), "m", resume=resume, echo=lambda *_: None)
+    assert sorted(p.name for p in run.iterdir()) == ["classes.json", "config.yaml"]
+
+
+@pytest.mark.parametrize("resume", [False, True])
 def test_a_users_model_beside_a_list_of_its_class_names_is_not_a_stopped_runs(tmp_path, resume):
     # a list of class names in classes.json, a best.pt and a metrics.csv of one row: taken for a run stopped after its
     # first epoch, "starting it afresh (cleared best.pt, metrics.csv)" deleted the user's model
     run = tmp_path / "mine"
     run.mkdir()
+    (run / runtime.RUN_MARK).write_text("")  # even in a run's dir: a model it did not write is kept
     (run / "classes.json").write_text('["cat", "dog"]')
     (run / "best.pt").write_text("USERMODEL")
     (run / "metrics.csv").write_text("epoch,val_acc\n1,0.9\n")
@@ -453,7 +473,7 @@ def test_a_users_model_beside_a_list_of_its_class_names_is_not_a_stopped_runs(tm
     # what a run of those classes stopped after its first epoch leaves: cleared, the run starts afresh
     torch.save({**record, "classes": ["cat", "dog"]}, run / "best.pt")
     runtime.prepare_run_dir(str(run), "m", resume=resume, echo=lambda *_: None)
-    assert sorted(p.name for p in run.iterdir()) == ["classes.json"]
+    assert sorted(p.name for p in run.iterdir()) == [runtime.RUN_MARK, "classes.json"]
 
 
 def test_a_stopped_auto_runs_trial_marks_its_dir_as_a_runs(tmp_path):
@@ -461,7 +481,7 @@ def test_a_stopped_auto_runs_trial_marks_its_dir_as_a_runs(tmp_path):
     # stopped in its trials left there is cleared by the next start, as before
     run = tmp_path / "run"
     (run / "auto-trials" / "last-3").mkdir(parents=True)
-    (run / "auto-trials" / "last-3" / "classes.json").write_text('["a", "b"]')
+    (run / "auto-trials" / "last-3" / runtime.RUN_MARK).write_text("")  # a run's first file
     lines = []
     runtime.prepare_run_dir(str(run), "m", resume=False, echo=lines.append)
     assert not (run / "auto-trials").exists() and "cleared auto-trials" in lines[0]

@@ -135,7 +135,8 @@ def test_rank_0_alone_checks_and_clears_the_run_dir_and_every_rank_takes_its_ans
 
     stopped, users = tmp_path / "stopped", tmp_path / "users"
     stopped.mkdir(), users.mkdir()
-    (stopped / "classes.json").write_text('["a", "b"]')  # a run's folder
+    (stopped / ".freezetune-run").write_text("")  # a run's folder
+    (stopped / "classes.json").write_text('["a", "b"]')
     (stopped / "metrics.csv").write_text("epoch,epochs,train_loss,train_acc\n")  # stopped before its first epoch ended
     (users / "config.yaml").write_text("mine: 1\n")  # no run wrote it: refused
     for out in (stopped, users):

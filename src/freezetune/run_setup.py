@@ -238,7 +238,8 @@ class RunSetup:
         refused resume leaves the run's files as they were."""
         run_log.log_to(self.run_dir)
         run_log.opened(self.run_dir)
-        if self.dist.is_main:  # classes.json before anything else: it marks the dir as a run's (prepare_run_dir)
+        if self.dist.is_main:  # the mark before anything else: it marks the dir as a run's (prepare_run_dir)
+            atomic_write_text(self.run_dir / runtime.RUN_MARK, "a freezetune run's directory\n")
             atomic_write_text(self.run_dir / runtime.CLASSES_FILE, json.dumps(self.classes, indent=1))
         self.metrics = reporting.MetricsLogger(self.run_dir, tensorboard=self.cfg.tensorboard) if self.dist.is_main \
             else reporting.NullMetricsLogger()  # fmt: skip

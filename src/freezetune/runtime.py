@@ -31,6 +31,10 @@ TENSORBOARD_EVENTS = "events.out.tfevents.*"
 RECIPE_FILE, TRIALS_DIR = "recipe.json", "auto-trials"
 # Signs that a run was started here (a recipe's files included): ``--resume`` of such a dir restarts it.
 CONFIG_FILE, CLASSES_FILE = "config.yaml", "classes.json"  # the run's resolved config and class names
+# The first file a run writes in its dir, before classes.json: what marks the dir as a run's, where a stop left no
+# config.yaml yet (that is written once the cache is built). A classes.json of class names alone is a file many
+# projects keep: taken for a stopped run's, the user's cache/, TensorBoard files and auto-trials/ were cleared.
+RUN_MARK = ".freezetune-run"
 RUN_TRACES = (*STARTED_FILES, CONFIG_FILE, CLASSES_FILE, RECIPE_FILE, TRIALS_DIR)
 # the settings every recipe of a sweep ran with (its --resume must keep them), the first file it writes in its --out
 SWEEP_SETTINGS = "sweep_config.yaml"
@@ -196,12 +200,14 @@ def _check_run_dir(run_dir: Path, *, resume: bool, recipe_run: bool = False) -> 
         raise ConfigError(f"--out {str(run_dir)!r} holds a {CONFIG_FILE} that no run wrote (no run was started "
                           f"there), and a run writes its resolved config as {CONFIG_FILE} in its dir: keep your "
                           f"config outside the run dir, or choose another {setting('out')}")  # fmt: skip
-    # a run writes classes.json before anything else in its dir (a recipe, its recipe.json or auto-trials/): files of
+    # a run writes its RUN_MARK before anything else in its dir (a recipe, its recipe.json or auto-trials/): files of
     # a run's names without them (a cache/ folder, a metrics.csv, TensorBoard events) are the user's, never cleared
     foreign = [f for f in traces if f != CONFIG_FILE] + [p.name for p in sorted(run_dir.glob(TENSORBOARD_EVENTS))]
     if foreign and not _started_by_a_run(run_dir):
-        mine = _classes_of_a_run(run_dir / CLASSES_FILE) is False  # the user's own, not taken for a run's
-        why = f"its {CLASSES_FILE} is not a run's, a JSON list of class names" if mine else f"no {CLASSES_FILE}"
+        listed = _classes_of_a_run(run_dir / CLASSES_FILE)  # the user's own, not taken for a run's
+        why = (f"no {CLASSES_FILE}" if listed is None else f"its {CLASSES_FILE} is not a run's, a JSON list of class "
+               "names" if not listed else f"its {CLASSES_FILE} has no {RUN_MARK} nor a run's {CONFIG_FILE} beside "
+               "it")  # fmt: skip
         raise ConfigError(f"--out {str(run_dir)!r} holds {', '.join(foreign)}, which no run wrote there ({why}), "
                           f"and a run writes files of those names: choose another {setting('out')}, or move them "
                           "out of it")  # fmt: skip
@@ -218,24 +224,32 @@ def _check_run_dir(run_dir: Path, *, resume: bool, recipe_run: bool = False) -> 
 
 
 def _started_by_a_run(run_dir: Path) -> bool:
-    """Whether a run was started in ``run_dir``: it holds the first file a run writes, as a run writes it (a
-    ``classes.json`` listing class names; a recipe's ``recipe.json``, or a trial of the auto recipe's). The name
-    alone is not enough: a user's own ``classes.json`` (a dict of index to name, say) made a run clear their
-    ``cache/``, ``metrics.csv`` and TensorBoard files as a stopped run's.
+    """Whether a run was started in ``run_dir``: it holds what a run writes first (``RUN_MARK``; a run of an earlier
+    freezetune, which wrote none, its ``classes.json`` of class names with its ``config.yaml``; a recipe's
+    ``recipe.json``), or a trial of the auto recipe's does. A file's name alone is not enough: a user's own
+    ``classes.json``, a list of class names as a run's, made a run clear their ``cache/``, ``metrics.csv`` and
+    TensorBoard files as a stopped run's.
 
     >>> import tempfile
-    >>> d = Path(tempfile.mkdtemp()); _ = (d / "classes.json").write_text('{"0": "cat"}')
+    >>> d = Path(tempfile.mkdtemp()); _ = (d / "classes.json").write_text('["cat", "dog"]')
     >>> _started_by_a_run(d)
     False
-    >>> _ = (d / "classes.json").write_text('["cat", "dog"]'); _started_by_a_run(d)
+    >>> _ = (d / RUN_MARK).write_text(""); _started_by_a_run(d)
     True
     """
-    if _classes_of_a_run(run_dir / CLASSES_FILE):
+    if _run_files_in(run_dir):
         return True
     recipe = read_json(run_dir / RECIPE_FILE)
     if isinstance(recipe, dict) and ("recipe" in recipe or "choice" in recipe):  # a named recipe's, the auto one's
         return True
-    return any(_classes_of_a_run(trial / CLASSES_FILE) for trial in (run_dir / TRIALS_DIR).glob("*"))
+    return any(_run_files_in(trial) for trial in (run_dir / TRIALS_DIR).glob("*"))
+
+
+def _run_files_in(folder: Path) -> bool:
+    """Whether ``folder`` holds a run's mark, or (a run of an earlier freezetune) its class names and config."""
+    if (folder / RUN_MARK).is_file():
+        return True
+    return bool(_classes_of_a_run(folder / CLASSES_FILE)) and _config_of_a_run(folder / CONFIG_FILE)
 
 
 def stopped_phase(run_dir: Path) -> tuple[str, Path] | None:
