@@ -329,6 +329,12 @@ def test_a_named_recipe_refused_at_its_first_phases_set_up_leaves_no_run_dir(dat
     mine.mkdir()
     code, out, err = run_cli(capsys, *train_argv(data, mine, "--recipe", recipe, "--decode", "gpu", "--device", "auto"))
     assert code == 2 and mine.is_dir() and not list(mine.iterdir()), err
+    # the user's shell writing the command's output to train.log there (> mine/train.log): it was deleted, the error
+    # with it
+    (mine / "train.log").write_text("my own log\n")
+    code, out, err = run_cli(capsys, *train_argv(data, mine, "--recipe", recipe, "--decode", "gpu", "--device", "auto"))
+    assert code == 2 and sorted(p.name for p in mine.iterdir()) == ["train.log"], err
+    assert (mine / "train.log").read_text() == "my own log\n"
 
 
 def test_a_named_recipe_stopped_by_an_error_after_its_first_phase_keeps_its_request_to_resume(data, tmp_path,

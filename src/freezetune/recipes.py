@@ -238,9 +238,11 @@ def run(cfg: TrainConfig, *, echo: Callable[[str], None] = print, train: Callabl
         run_lock.claim(cfg.out)
     existed = Path(cfg.out).exists()
     _refuse_another_recipes_run(cfg, recipe)
+    before: set[str] = set()  # what the run dir held before the request: the user's (a shell's redirect to train.log)
     if not cfg.resume:  # refuse a run dir in use before any phase writes below it (rank 0 alone clears)
         _refuse_a_started_phase(cfg, recipe)
         shared_run_dir(cfg.out, cfg.model, info, resume=False, echo=echo)
+        before = {p.name for p in Path(cfg.out).iterdir()} if Path(cfg.out).is_dir() else set()
         if info.is_main:  # what was asked, which a --resume with the same command continues (asked_config)
             _keep_request(Path(cfg.out), recipe, cfg)
     log_to(cfg.out)  # the phases' lines in the recipe's train.log too (each phase's dir keeps its own)
@@ -250,7 +252,7 @@ def run(cfg: TrainConfig, *, echo: Callable[[str], None] = print, train: Callabl
         return _run_phases(cfg, recipe, train, echo)
     except FreezetuneError:
         if info.is_main and not cfg.resume:
-            _drop_request(Path(cfg.out), existed)
+            _drop_request(Path(cfg.out), existed, before)
         raise
 
 
@@ -342,18 +344,20 @@ def _run_phases(cfg: TrainConfig, recipe: str, train: Callable, echo: Callable[[
     return dataclasses.replace(result, seconds=dict(spent))
 
 
-def _drop_request(out: Path, existed: bool) -> None:
+def _drop_request(out: Path, existed: bool, before: set[str]) -> None:
     """A user error before any phase was set up (a run makes its dir only then) leaves no run dir behind: only the
-    request is there, with nothing to resume. Once a phase has files, the request stays for ``--resume``."""
+    request is there, with nothing to resume. Once a phase has files, the request stays for ``--resume``. What the
+    dir held ``before`` the request stays: a ``train.log`` the user's shell was writing the command's output to was
+    deleted, and the error with it."""
     from freezetune.run_log import LOG_FILE
     from freezetune.runtime import RECIPE_FILE
 
-    left = {p.name for p in out.iterdir()}
-    if RECIPE_FILE not in left or not left <= {RECIPE_FILE, LOG_FILE}:
+    made = {p.name for p in out.iterdir()} - before
+    if RECIPE_FILE not in made or not made <= {RECIPE_FILE, LOG_FILE}:
         return
-    for name in left:
+    for name in made:
         (out / name).unlink()
-    if not existed:
+    if not existed and not any(out.iterdir()):
         out.rmdir()
 
 
