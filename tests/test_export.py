@@ -19,7 +19,7 @@ from freezetune import checkpoint
 from freezetune import export as export_module
 from freezetune.cli import main as cli_main
 from freezetune.errors import CheckpointError, ConfigError
-from freezetune.export import export_checkpoint
+from freezetune.export import export_checkpoint, weights_digest
 from freezetune.models import create_model
 from freezetune.preprocess import Preprocess
 
@@ -334,3 +334,46 @@ def test_a_hugging_face_image_model_whose_folder_is_gone_rebuilds_with_its_image
     assert "image processor" not in caplog.text
     export_checkpoint(checkpoint.save(record, tmp_path / "best.pt"), tmp_path / "m.safetensors")
     assert transformers.AutoImageProcessor.from_pretrained(tmp_path / "m.hf").size == {"height": 32, "width": 32}
+
+
+def test_an_export_stopped_between_its_two_files_is_no_export_of_its_sidecars_and_leaves_no_temp_file(best_pt,
+                                                                                                     tmp_path):  # fmt: skip
+    # killed after m.safetensors took another checkpoint's weights, before m.json took its description: each later
+    # export was refused as "m.json describes another checkpoint, exported beside it as m.safetensors", and the
+    # killed writer's hidden copy of the weights stayed
+    record = checkpoint.load(best_pt)
+    record["state_dict"] = {k: v + 1 if v.is_floating_point() else v for k, v in record["state_dict"].items()}
+    other = checkpoint.save(record, tmp_path / "other.pt")
+    export_checkpoint(best_pt, tmp_path / "m.safetensors")
+    export_checkpoint(other, tmp_path / "o.safetensors")
+    (tmp_path / "o.safetensors").replace(tmp_path / "m.safetensors")  # the weights renamed, the sidecar not yet
+    stale = tmp_path / ".m.safetensors.999999999.0123abcd.tmp"  # a dead writer's
+    stale.write_bytes(b"half")
+    target, sidecar = export_checkpoint(other, tmp_path / "m.pt2", force=True)
+    meta = json.loads(sidecar.read_text())
+    assert meta["weights_sha256"] == weights_digest(load_file(tmp_path / "m.safetensors")) and not stale.exists()
+
+
+def test_the_sidecar_is_written_before_the_weights_take_their_name_and_takes_its_own_right_after(best_pt, tmp_path,
+                                                                                                    monkeypatch):  # fmt: skip
+    # the sidecar was written once the weights had their name: a stop in between described them as the checkpoint
+    # exported there before
+    from freezetune import _io
+
+    renamed, replace = [], _io._replace
+
+    def spy(tmp, path):
+        written = [t for t in path.parent.glob(".m.json.*.tmp") if t.stat().st_size]
+        renamed.append((path.name, len(written)))
+        replace(tmp, path)
+
+    monkeypatch.setattr(_io, "_replace", spy)
+    export_checkpoint(best_pt, tmp_path / "m.safetensors")
+    assert renamed == [("m.safetensors", 1), ("m.json", 1)]
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    monkeypatch.setattr(
+        export_module, "_save_safetensors", lambda record, to: (_ for _ in ()).throw(OSError(28, "full"))
+    )
+    with pytest.raises(OSError):
+        export_checkpoint(best_pt, tmp_path / "m.safetensors", force=True)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # a failed write: the pair as it was

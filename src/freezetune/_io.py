@@ -9,12 +9,13 @@ its temporary files are removed by ``remove_stale_temps`` when the run directory
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import re
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -105,8 +106,31 @@ def remove_stale_temps(directory: str | Path, *, min_age_s: float = 0.0) -> list
     >>> [p.name for p in remove_stale_temps(d)]
     ['.last.pt.999999999.0123abcd.tmp']
     """
+    return _remove_dead(sorted(Path(directory).rglob(".*.tmp")), min_age_s)
+
+
+def remove_stale_temps_of(paths: Iterable[str | Path]) -> list[Path]:
+    """``remove_stale_temps`` of the files ``paths`` alone, beside each (an export's target folder is the user's: its
+    other files, and the folders below it, are not looked at): a killed export left a hidden copy of its weights
+    (45 MB for a ResNet-18) that no later export removed.
+
+    >>> import tempfile
+    >>> d = Path(tempfile.mkdtemp()); _ = (d / ".m.onnx.999999999.0123abcd.tmp").write_text("half")
+    >>> _ = (d / ".m.onnx.bak.999999999.0123abcd.tmp").write_text("another file's")
+    >>> [p.name for p in remove_stale_temps_of([d / "m.onnx"])]
+    ['.m.onnx.999999999.0123abcd.tmp']
+    """
+    found = []
+    for path in map(Path, paths):
+        own = re.compile(rf"^\.{re.escape(path.name)}\.\d+\.[0-9a-f]{{8}}\.tmp$")
+        found += [t for t in sorted(path.parent.glob(f".{glob.escape(path.name)}.*.tmp")) if own.match(t.name)]
+    return _remove_dead(found, 0.0)
+
+
+def _remove_dead(paths: list[Path], min_age_s: float) -> list[Path]:
+    """Delete those of ``paths`` named as ``atomic_output`` names its files whose writer no longer runs."""
     removed, now = [], time.time()
-    for path in sorted(Path(directory).rglob(".*.tmp")):
+    for path in paths:
         match = _TEMP_NAME.match(path.name)
         if not (match and path.is_file()) or (min_age_s > 0 and _age(path, now) < min_age_s):
             continue

@@ -22,7 +22,7 @@ from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
 from freezetune import checkpoint, hf_bundle
-from freezetune._io import atomic_output, atomic_write_text
+from freezetune._io import atomic_output, remove_stale_temps_of
 from freezetune.errors import CheckpointError, MissingExtra
 from freezetune.evaluate import logits_of
 from freezetune.preprocess import Preprocess
@@ -75,16 +75,20 @@ def export_checkpoint(ckpt_path: str | Path, to: str | Path, *, force: bool = Fa
         if text:  # the tokenizer travels in that folder: the training machine's path is no use where the export goes
             meta["preprocess"]["tokenizer"] = folder.name
     meta = _sidecar(sidecar, meta, force, to)
-    to.parent.mkdir(parents=True, exist_ok=True)
-    if to.suffix == ".safetensors":
-        _save_safetensors(record, to)
-    else:
-        _save_graph(record, to)  # first: a model that does not trace leaves nothing behind
-    if files:
-        hf_bundle.write(files, folder)
+    # what an export of this name (any format) killed mid-write left beside it: nothing removed it
+    remove_stale_temps_of([sidecar, *(to.with_suffix(f) for f in FORMATS)])
     if to.suffix == ".onnx":
         meta["onnx"] = {"input": ONNX_INPUT, "output": ONNX_OUTPUT}
-    atomic_write_text(sidecar, json.dumps(meta, indent=1))
+    # the sidecar is written first and takes its name right after the weights take theirs: written after them, a stop
+    # between left one checkpoint's weights described as another's (a model that does not trace leaves nothing)
+    with atomic_output(sidecar) as described:
+        described.write_text(json.dumps(meta, indent=1))
+        if to.suffix == ".safetensors":
+            _save_safetensors(record, to)
+        else:
+            _save_graph(record, to)
+        if files:
+            hf_bundle.write(files, folder)
     return to, sidecar
 
 
@@ -184,11 +188,27 @@ def _sidecar(path: Path, meta: dict, force: bool, target: Path) -> dict:
         raise CheckpointError(f"{path} already exists and does not describe this checkpoint; pass --force to "
                               "overwrite")  # fmt: skip
     others = [str(p) for p in (path.with_suffix(f) for f in FORMATS) if p != target and p.exists()]
+    others = [p for p in others if _described(Path(p), old)]  # (an export stopped between its two files: not)
     if others:  # its preprocessing and classes would then be this checkpoint's: a silent lie to those files' users
         raise CheckpointError(f"{path} describes another checkpoint, exported beside it as {', '.join(others)}; "
                               "--force would give those this checkpoint's description: remove them too, or export "
                               "under another name")  # fmt: skip
     return meta
+
+
+def _described(export: Path, sidecar: object) -> bool:
+    """Whether ``sidecar`` (a sidecar's content) may describe the weights of ``export``: an export's ``.safetensors``
+    is checked against its weights' digest (an export stopped after its weights took their name, before its sidecar
+    did, left one checkpoint's weights beside another's description); a graph format is taken at its word."""
+    digest = sidecar.get(WEIGHTS_DIGEST) if isinstance(sidecar, dict) else None
+    if export.suffix != ".safetensors" or not digest:
+        return True
+    from safetensors.torch import load_file
+
+    try:
+        return weights_digest(load_file(export)) == digest
+    except Exception:  # noqa: BLE001 - not a safetensors file: no weights of anything it describes
+        return False
 
 
 def _save_safetensors(record: dict, to: Path) -> None:
