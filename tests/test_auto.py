@@ -583,7 +583,7 @@ def test_a_budget_says_what_it_affords_at_that_pace_and_the_trials_record_what_t
     assert auto_plan.run_epochs(TrainConfig(budget="1h", refit=False), [trial], trial, 4.0, False, lines.append) == (
         auto_plan.MAX_BUDGET_EPOCHS, None)  # fmt: skip
     assert lines[0].startswith(f"auto: the 1h budget leaves 3596s after the trials: {auto_plan.MAX_BUDGET_EPOCHS} "
-                               "epoch(s) (at most 30 without --epochs; the budget affords 683) of about 5.0s ")  # fmt: skip
+                               "epoch(s) (at most 30 where --epochs is 10, its default; the budget affords 683) of about 5.0s ")  # fmt: skip
     lines.clear()  # less than an epoch left: one epoch of what the rest affords, no fewer images than a trial drew
     assert auto_plan.run_epochs(TrainConfig(budget="7s", refit=False), [trial], trial, 4.0, False, lines.append) == (
         1, 50)  # fmt: skip
@@ -619,8 +619,8 @@ def test_a_budget_says_what_it_affords_at_that_pace_and_the_trials_record_what_t
 def test_a_budget_keeps_time_for_the_final_test_at_the_measured_pace_of_an_evaluation():
     # the final test ran after the time the budget planned for, and ended the call past it
     trial = {"epoch_s": 2.0, "epoch_images": 100.0, "loop_s": 4.0, "val_s": 2.5, "n_val": 50, "eval_item_s": 0.002}
-    test_s = auto_plan.test_seconds([None, trial], 2_000)
-    assert test_s == pytest.approx(4.0) and auto_plan.test_seconds([trial], None) == 0.0
+    test_s = auto_plan.final_test_seconds([None, trial], 2_000)
+    assert test_s == pytest.approx(4.0) and auto_plan.final_test_seconds([trial], None) == 0.0
     lines = []
     assert auto_plan.run_epochs(
         TrainConfig(budget="20s", refit=False), [trial], trial, 4.0, False, lines.append, test_s=test_s

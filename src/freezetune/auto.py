@@ -150,7 +150,8 @@ def run(cfg: TrainConfig, *, echo: Callable[[str], None] = print, train: Callabl
     refit = run_refits(cfg, trials[0], echo)
     # the epochs planned before a probe (a budget's: rank 0's clock decides for every rank, theirs differ)
     longest, setup_s = _as_asked(cfg, pilot, trials, refit), pilot["setup_s"] if pilot else 0.0
-    test_s = auto_plan.test_seconds([pilot, *trials], test_items)  # the final test's: the budget leaves time for it
+    # the final test's seconds: the budget leaves time for it
+    test_s = auto_plan.final_test_seconds([pilot, *trials], test_items)
     planned, _ = run_epochs(cfg, trials, choice, budget.spent(), refit, lambda line: None, setup_s=setup_s,
                             longest=longest, test_s=test_s)  # fmt: skip
     probe = None

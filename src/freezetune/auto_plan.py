@@ -77,7 +77,7 @@ def run_epochs(cfg: TrainConfig, trials: list[dict], choice: dict, spent: float,
     pilot shortened the epochs, the images of one as asked: a run with time for less than two of the short ones
     trains one as long as the time left affords, up to that (the pilot's first steps are its slowest). ``piloted``:
     a budget's pilot ran before the trials (its seconds are among ``spent``). ``test_s``: the final test's seconds
-    (``test_seconds``), left for it."""
+    (``final_test_seconds``), left for it."""
     done = [*(["the pilot"] if piloted else []), "the trials", *(["the probe"] if probed else [])]
     measured = done[0] if len(done) == 1 else f"{', '.join(done[:-1])} and {done[-1]}"
     budget = parse_duration(cfg.budget)
@@ -114,12 +114,12 @@ def run_epochs(cfg: TrainConfig, trials: list[dict], choice: dict, spent: float,
     return epochs, None
 
 
-def test_seconds(measured: list[dict | None], test_items: int | None) -> float:
+def final_test_seconds(measured: list[dict | None], test_items: int | None) -> float:
     """About how long the run's final test of ``test_items`` images (or texts) takes (0.0 without a test split): at
     the first of the ``measured`` pilot's and trials' paces of an evaluation of the whole model (its validation, with
     the pace of a store's build where it read one); 0.0 where none was measured.
 
-    >>> test_seconds([None, {"eval_item_s": None}, {"eval_item_s": 0.002}], 10_000)
+    >>> final_test_seconds([None, {"eval_item_s": None}, {"eval_item_s": 0.002}], 10_000)
     20.0
     """
     paces = [m["eval_item_s"] for m in measured if m is not None and m.get("eval_item_s") is not None]
@@ -132,7 +132,7 @@ def _at_most(cfg: TrainConfig, affords: int) -> tuple[int, str]:
     the budget's line says of them.
 
     >>> _at_most(TrainConfig(), 4000), _at_most(TrainConfig(epochs=50), 4000)
-    ((30, ' (at most 30 without --epochs; the budget affords 4,000)'), (50, ' (--epochs 50; the budget affords 4,000)'))
+    ((30, ' (at most 30 where --epochs is 10, its default; the budget affords 4,000)'), (50, ' (--epochs 50; the budget affords 4,000)'))
     >>> _at_most(TrainConfig(epochs=50), 12), _at_most(TrainConfig(), 12)
     ((12, ' (not the 50 of epochs)'), (12, ''))
     """
@@ -144,7 +144,8 @@ def _at_most(cfg: TrainConfig, affords: int) -> tuple[int, str]:
         return most, ""
     if given:
         return most, f" (--epochs {most}; the budget affords {affords:,})"
-    return most, f" (at most {most} without --epochs; the budget affords {affords:,})"
+    # (an --epochs 10 given reads as the default: said so, not "without --epochs", which the user had given)
+    return most, f" (at most {most} where --epochs is {cfg.epochs}, its default; the budget affords {affords:,})"
 
 
 def _one_epoch(choice: dict, refit: bool, n_val: int, left: float, pace: tuple[float, float],
