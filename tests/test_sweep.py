@@ -292,6 +292,14 @@ def test_a_sweep_into_its_data_or_onto_a_file_is_refused_before_it_writes_anythi
     (tmp_path / "afile.txt").write_text("mine")  # said as train says it, not as the OS's "File exists"
     code, out, err = run_cli(capsys, "sweep", *train_argv(images, tmp_path / "afile.txt")[1:], "--recipes", "full")
     assert code == 2 and "is a file, not a directory" in err and (tmp_path / "afile.txt").read_text() == "mine", err
+    # a file of a recipe's name in --out: refused once linear-probe had trained, and the sweep left unfinished
+    (tmp_path / "su").mkdir()
+    (tmp_path / "su" / "full").write_text("mine")
+    code, out, err = run_cli(
+        capsys, "sweep", *train_argv(images, tmp_path / "su")[1:], "--recipes", "linear-probe,full"
+    )
+    assert code == 2 and "cannot hold the folder of recipe(s) full (" in err and len(err.strip().splitlines()) == 1
+    assert sorted(p.name for p in (tmp_path / "su").iterdir()) == ["full"], err
 
 
 def test_sweep_refuses_an_option_one_of_its_recipes_sets_itself(data, tmp_path, capsys):

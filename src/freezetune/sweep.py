@@ -36,7 +36,7 @@ from freezetune.options import (
 )
 from freezetune.run_log import SWEEP_LOG, log, log_to, opened
 from freezetune.runtime import SWEEP_SETTINGS as SETTINGS_FILE
-from freezetune.runtime import check_folders
+from freezetune.runtime import check_folders, folder_problem
 
 ROW_FILE = "sweep_row.json"  # a finished recipe's row, in its run directory
 # what a sweep's runs name when data without validation images is refused at set-up (``trainer.train``)
@@ -73,6 +73,11 @@ def sweep(cfg: TrainConfig, recipes: str | list[str] | tuple[str, ...] = SWEEP_D
     # an --out that is a file, or inside the data (each recipe's run refused it, after sweep.log and the settings were
     # written there: the next run read the sweep's folder as a class): refused before anything is written
     check_folders(str(out), cfg.cache_dir, (cfg.data, cfg.val_data))
+    # each recipe's folder too: a file of a recipe's name there (out/full) was refused once the recipes before had run
+    taken = [f"{name} ({problem})" for name, run in runs.items() if (problem := folder_problem(run.out))]
+    if taken:
+        raise ConfigError(f"--out {str(out)!r} cannot hold the folder of recipe(s) {', '.join(taken)}: move it, or "
+                          "choose another --out")  # fmt: skip
 
     with run_lock.scope():  # two sweeps into one dir both "won", with different winners: the second is refused
         info = init_from_env(cfg.device)  # under torchrun rank 0 says, writes and scores for all (as train does)
