@@ -433,7 +433,8 @@ def test_a_budget_that_leaves_no_time_for_the_other_trials_keeps_the_defaults_un
     assert [t["trained_stages"] for t in decision["trials"]] == [3] and decision["choice"]["trained_stages"] == 3
     assert re.fullmatch(r"the default \(last 3 stages\): the 0\.01s budget leaves 0\.0s after its trial, less than "
                         r"the other 2 trial\(s\) \(about [\d.]+s each\) and one epoch of the run \(about [\d.]+s\) "
-                        r"take, so only its trial ran", why := decision["choice"]["why"]), why  # fmt: skip
+                        r"and its final test \(about [\d.]+s\) take, so only its trial ran",
+                        why := decision["choice"]["why"]), why  # fmt: skip
     assert lines[0].endswith("if the split holds 3 or more and the 0.01s budget leaves time for them"), lines[0]
     # ...where the budget leaves time for them (the first trial's loop again for each, and one epoch), they run
     first = decision["trials"][0]
@@ -461,7 +462,8 @@ def test_a_budget_too_small_for_a_trial_and_an_epoch_of_the_set_shortens_every_e
     assert "auto: the 0.01s budget: a pilot of the default (last 3 stages), 8 steps, measures the pace first" in lines
     said = next(line for line in lines if re.match(r"auto: the 0\.01s budget: a pilot of \d+ steps? trained", line))
     assert re.search(r"trained \d+ images/s \([\d.]+s in all\); a trial on 50% of an epoch of 39 images and one "
-                     r"epoch of the run take about [\d.]+s, more than what the budget has left \(nothing\): the run's "
+                     r"epoch of the run take about [\d.]+s, more than what the budget has left \(nothing\) \(about "
+                     r"[\d.]+s more kept for the final test\): the run's "
                      r"epochs draw 16 of the 39 images \(as --epoch-images 16 would; each trial 8\), past the budget: "
                      r"fewer would leave a trial under 1 step$", said), said  # fmt: skip
     assert lines.index(said) < next(i for i, line in enumerate(lines) if line.startswith("auto: last 3 stage(s)"))

@@ -131,7 +131,7 @@ def run(cfg: TrainConfig, *, echo: Callable[[str], None] = print, train: Callabl
             shutil.rmtree(trial_cfg.out, ignore_errors=True)
         return broadcast(train(trial_cfg, **kwargs), info)  # (rank 1 scored "n/a", skipped trials, and the ranks hung)
 
-    budget = auto_budget.TrialBudget(parse_duration(cfg.budget), cfg.budget, start, info)
+    budget = auto_budget.TrialBudget(parse_duration(cfg.budget), cfg.budget, start, info, test_items=test_items)
     said = run_log.introduced(echo, _intro(ks, cut, text, cfg.budget))
     pilot = first = None
     if budget.seconds is not None:  # how long a trial and an epoch take, measured: a large set's overran the budget
@@ -220,6 +220,7 @@ def _pilot(base: TrainConfig, k: int, boost: float, out: Path, train: Callable, 
                                               again="the pilot and the trials again")  # fmt: skip
     pilot = auto_budget.pace(result, budget.spent() - before, seconds)
     budget.call_s = pilot["call_s"]  # each later trial's set-up, where the budget weighs the other trials
+    budget.test_s = auto_plan.final_test_seconds([pilot], budget.test_items)  # kept for the run's final test
     images = auto_budget.plan_epoch(base, pilot, budget, echo, min_trial_steps=auto_trials.MIN_TRIAL_STEPS)
     pilot["planned"] = images
     first = None

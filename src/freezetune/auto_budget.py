@@ -40,6 +40,8 @@ class TrialBudget:
     start: float
     info: object = None
     call_s: float = 0.0  # what a call of train spends besides its training: its set-up, validation, checkpoints
+    test_items: int | None = None  # the test split's images (or texts) the run scores at its end
+    test_s: float = 0.0  # the run's final test, at a pilot's pace: kept out of what the trials and epochs may spend
 
     @property
     def world(self) -> int:
@@ -62,11 +64,12 @@ class TrialBudget:
             return None
         spent, trial_s = self.spent(), first["seconds"]["epochs"] + self.call_s
         epoch_s = sum(epoch_pace(first, refit=False, n_val=first["n_val"]))
-        if spent + others * trial_s + epoch_s <= self.seconds:
+        if spent + others * trial_s + epoch_s + self.test_s <= self.seconds:
             return None
+        test = f" and its final test (about {seconds_text(self.test_s)})" if self.test_s else ""
         return (f"the {self.said} budget leaves {seconds_text(max(self.seconds - spent, 0.0))} after its "
                 f"trial, less than the other {others} trial(s) (about {seconds_text(trial_s)} each) and one "
-                f"epoch of the run (about {seconds_text(epoch_s)}) take")  # fmt: skip
+                f"epoch of the run (about {seconds_text(epoch_s)}){test} take")  # fmt: skip
 
 
 def pilot_config(trial: TrainConfig, world: int = 1) -> TrainConfig:
@@ -99,7 +102,7 @@ def plan_epoch(cfg: TrainConfig, pilot: dict, budget: TrialBudget, echo: Callabl
     """The images each of the trials' and the run's epochs draws (as ``epoch_images``) so that the default trial and
     one epoch of the run fit in what is left of the ``budget`` at the ``pilot``'s pace; None where ``cfg``'s epochs
     fit (or no fewer images would: a trial of fewer than ``min_trial_steps`` steps tells nothing). Said."""
-    kind, steps, left = pilot["data_kind"], pilot["steps"], budget.seconds - budget.spent()
+    kind, steps, left = pilot["data_kind"], pilot["steps"], budget.seconds - budget.spent() - budget.test_s
     epoch = epoch_items(cfg, pilot["train_items"])
     # a trial on TRIAL_FRACTION of an epoch and one epoch of the run, each a call of train besides its training
     need = 2 * pilot["call_s"] + (1 + TRIAL_FRACTION) * epoch * pilot["image_s"]
@@ -107,6 +110,7 @@ def plan_epoch(cfg: TrainConfig, pilot: dict, budget: TrialBudget, echo: Callabl
             f"{kind}/s ({seconds_text(pilot['wall_s'])} in all); a trial on {TRIAL_FRACTION:.0%} of an epoch of "
             f"{epoch:,} {kind} and one epoch of the run take about {seconds_text(need)}")  # fmt: skip
     has = f"the {seconds_text(left)} left" if left > 0 else "what the budget has left (nothing)"
+    has += f" (about {seconds_text(budget.test_s)} more kept for the final test)" if budget.test_s else ""
     if need <= left:
         echo(f"{said}, within {has}")
         return None
