@@ -286,3 +286,19 @@ def test_the_callback_gives_the_frozen_stages_dropout_its_policy():
     assert held_layers(lit.model) == []  # drawn, as built: ft.freeze's default
     with pytest.raises(FreezetuneError, match="unknown dropout policy 'bogus'"):
         FreezetuneFinetuning(dropout="bogus")
+
+
+def test_under_ddp_a_network_built_after_the_callbacks_setup_is_refused_by_name():
+    # frozen after DDP registered every parameter, the frozen ones' gradients would never come
+    from types import SimpleNamespace
+
+    from torch import nn
+
+    callback = FreezetuneFinetuning("backbone", "epoch:1")
+    lit = LitBuiltLate()
+    callback.setup(SimpleNamespace(), lit, "fit")  # the network does not exist yet: not frozen, noted
+    lit.configure_model()
+    wrapped = nn.parallel.DistributedDataParallel.__new__(nn.parallel.DistributedDataParallel)  # (no process group)
+    trainer = SimpleNamespace(world_size=2, strategy=SimpleNamespace(model=wrapped))
+    with pytest.raises(ConfigError, match=r"its submodule 'model' did not exist then .* under DDP, build it in"):
+        callback.on_fit_start(trainer, lit)
