@@ -618,6 +618,15 @@ def test_a_budget_says_what_it_affords_at_that_pace_and_the_trials_record_what_t
     assert trial["eval_item_s"] > trial["val_s"] / trial["n_val"]
 
 
+def test_a_budget_keeps_time_for_the_final_test_where_its_stores_were_read_from_a_cache_dir(data, tmp_path):
+    # the stores read back, their build unseen, no pace of an evaluation was measured: no time was kept, in silence
+    for run in ("first", "second"):
+        lines = []
+        auto.run(recipe_cfg(data, tmp_path / run, budget="30s", epochs=1, cache="auto", cache_dir=str(tmp_path / "f")),
+                 echo=lines.append)  # fmt: skip
+        assert any("kept for the final test" in line for line in lines), (run, lines)
+
+
 def test_a_budget_keeps_time_for_the_final_test_at_the_measured_pace_of_an_evaluation():
     # the final test ran after the time the budget planned for, and ended the call past it
     trial = {"epoch_s": 2.0, "epoch_images": 100.0, "loop_s": 4.0, "val_s": 2.5, "n_val": 50, "eval_item_s": 0.002}

@@ -441,9 +441,20 @@ def test_a_users_list_of_class_names_does_not_make_their_files_a_stopped_runs(tm
     (run / "cache" / "emb" / "vectors.npy").write_text("x")
     (run / "events.out.tfevents.1700000000.host.1.0").write_text("x")
     before = snapshot(run)
-    with pytest.raises(ConfigError, match=r"which no run wrote there \(its classes.json has no .freezetune-run"):
+    with pytest.raises(
+        ConfigError,
+        match=r"which no run wrote there \(no .freezetune-run, nor a run's config.yaml "
+        r"beside its classes.json: a run of an earlier freezetune stopped",
+    ):
         runtime.prepare_run_dir(str(run), "m", resume=resume)
     assert snapshot(run) == before
+    (run / "classes.json").rename(tmp_path / "kept.json")  # an earlier freezetune's auto trial's: said the same way
+    (run / "auto-trials" / "last-3").mkdir(parents=True)
+    (tmp_path / "kept.json").rename(run / "auto-trials" / "last-3" / "classes.json")
+    with pytest.raises(ConfigError, match=r"which no run wrote there \(no .freezetune-run, nor a run's config.yaml"):
+        runtime.prepare_run_dir(str(run), "m", resume=resume)
+    shutil.rmtree(run / "auto-trials")
+    (run / "classes.json").write_text('["cat", "dog"]')
     # a run of an earlier freezetune, which wrote no mark: its class names and its config.yaml say it was one
     (run / "config.yaml").write_text("model: m\nepochs: 1\n")
     runtime.prepare_run_dir(str(run), "m", resume=resume, echo=lambda *_: None)
@@ -474,6 +485,14 @@ def test_a_users_model_beside_a_list_of_its_class_names_is_not_a_stopped_runs(tm
     torch.save({**record, "classes": ["cat", "dog"]}, run / "best.pt")
     runtime.prepare_run_dir(str(run), "m", resume=resume, echo=lambda *_: None)
     assert sorted(p.name for p in run.iterdir()) == [runtime.RUN_MARK, "classes.json"]
+
+
+def test_a_run_stopped_right_after_its_mark_resumes_as_a_fresh_start(tmp_path):
+    # the mark is its first file: a stop before classes.json left only it, and --resume said "holds no run"
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / runtime.RUN_MARK).write_text("")
+    assert runtime.prepare_run_dir(str(run), "m", resume=True, echo=lambda *_: None) == run
 
 
 def test_a_stopped_auto_runs_trial_marks_its_dir_as_a_runs(tmp_path):

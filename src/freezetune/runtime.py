@@ -205,9 +205,12 @@ def _check_run_dir(run_dir: Path, *, resume: bool, recipe_run: bool = False) -> 
     foreign = [f for f in traces if f != CONFIG_FILE] + [p.name for p in sorted(run_dir.glob(TENSORBOARD_EVENTS))]
     if foreign and not _started_by_a_run(run_dir):
         listed = _classes_of_a_run(run_dir / CLASSES_FILE)  # the user's own, not taken for a run's
-        why = (f"no {CLASSES_FILE}" if listed is None else f"its {CLASSES_FILE} is not a run's, a JSON list of class "
-               "names" if not listed else f"its {CLASSES_FILE} has no {RUN_MARK} nor a run's {CONFIG_FILE} beside "
-               "it")  # fmt: skip
+        trial = any(_classes_of_a_run(t / CLASSES_FILE) for t in (run_dir / TRIALS_DIR).glob("*"))
+        why = (f"its {CLASSES_FILE} is not a run's, a JSON list of class names" if listed is False else
+               f"no {CLASSES_FILE}" if not (listed or trial) else
+               f"no {RUN_MARK}, nor a run's {CONFIG_FILE} beside its {CLASSES_FILE}: a run of an earlier freezetune "
+               f"stopped before its {CONFIG_FILE} is not told from your own files; delete the folder if it is "
+               "one")  # fmt: skip
         raise ConfigError(f"--out {str(run_dir)!r} holds {', '.join(foreign)}, which no run wrote there ({why}), "
                           f"and a run writes files of those names: choose another {setting('out')}, or move them "
                           "out of it")  # fmt: skip
@@ -216,7 +219,7 @@ def _check_run_dir(run_dir: Path, *, resume: bool, recipe_run: bool = False) -> 
                           f"wrote, and a run writes files of those names (a restart clears them): choose another "
                           f"{setting('out')}, or move them out of it")  # fmt: skip
     # a run stopped during its set-up leaves its dir empty; a dir that does not exist is more likely a typo
-    started = traces or (run_dir.is_dir() and not any(run_dir.iterdir()))
+    started = traces or (run_dir / RUN_MARK).is_file() or (run_dir.is_dir() and not any(run_dir.iterdir()))
     if resume and not started:
         what = "does not exist" if not run_dir.exists() else f"holds no run (no {checkpoint.LAST})"
         raise CheckpointError(f"cannot resume: {str(run_dir)!r} {what}; {RESUME_NEEDS}")

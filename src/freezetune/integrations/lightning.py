@@ -147,8 +147,9 @@ class FreezetuneFinetuning(Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         net = self._network(pl_module)
         _check_strategy(trainer)
-        if self._built_late and trainer.world_size > 1:
-            # frozen after DDP registered every parameter, the frozen ones' gradients never came, and backward hung
+        if self._built_late and isinstance(trainer.strategy.model, nn.parallel.DistributedDataParallel):
+            # frozen after DDP registered every parameter (on one device too: strategy="ddp" wraps it), the frozen
+            # ones' gradients never came: DDP's "parameters that were not used in producing the loss"
             raise ConfigError(
                 f"FreezetuneFinetuning freezes before DDP wraps the model, in its setup hook, and "
                 f"{self._what()} did not exist then (Lightning builds it in setup()/configure_model() after the "
