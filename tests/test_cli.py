@@ -1452,9 +1452,12 @@ def test_eval_writes_its_metrics_for_batch_jobs_and_a_plot_per_dataset(run, data
     metrics = json.loads((tmp_path / "m.json").read_text())
     assert f"top-1 {100 * metrics['acc']:5.1f}%" in out and metrics["n"] > 0
     assert list(run_dir.glob(f"eval_{Path(data).name}-*_confusion.png"))  # not one eval_confusion.png for all data
+    stale = tmp_path / ".cm.jpg.999999999.0123abcd.tmp"  # an eval killed while it wrote the plot left it, and it stayed
+    stale.write_bytes(b"half")
     code, _, err = run_cli(capsys, "eval", "--checkpoint", run_dir / "best.pt", "--data", data, "--plot",
                            tmp_path / "cm.jpg")  # fmt: skip
     assert code == 0 and (tmp_path / "cm.jpg").read_bytes()[:2] == b"\xff\xd8", err  # JPEG data, not PNG
+    assert not stale.exists()
     code, out, err = run_cli(capsys, "eval", "--checkpoint", run_dir / "best.pt", "--data", data, "--plot",
                              tmp_path / "cm.gif")  # fmt: skip
     assert code == 2 and ".gif is none of them" in err and not out, err  # refused before the evaluation

@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from freezetune import checkpoint as ckpt
-from freezetune._io import atomic_write_text
+from freezetune._io import atomic_write_text, remove_stale_temps_of
 from freezetune.config import TrainConfig
 from freezetune.data.loaders import Loaders, close_loader
 from freezetune.errors import ConfigError, DataError, setting
@@ -321,6 +321,8 @@ def write_evaluation(
     from freezetune.metrics import format_report, plot_confusion  # matplotlib: only when a report is made
 
     check_outputs(plot, metrics)
+    # what a write of these files killed mid-way left beside them (an eval's target folder is the user's: only theirs)
+    remove_stale_temps_of(p for p in (plot, metrics) if p is not None)
     if metrics is not None:  # first: the numbers asked for by name do not wait on a plot that may fail
         atomic_write_text(metrics, json.dumps(result, indent=1))
     if plot is not None:
