@@ -119,7 +119,7 @@ def measurement(cfg: TrainConfig, train: Callable, echo: Callable[[str], None], 
     try:
         result = train(cfg, echo=run_log.indented(echo), resumable=False, brief=brief)
     except RunInterrupted as exc:
-        from freezetune.cache.path import BUILDING
+        from freezetune.cache.store import BUILDING
 
         building = f", {BUILDING}" if exc.where.startswith(BUILDING) else ""  # (its cache bar all that was seen)
         raise RunInterrupted.by(exc.signum, f"during {during}{building}; the same command, with or without --resume, "

@@ -12,7 +12,6 @@ module (DDP fixes its parameter set when it wraps, so the wrap follows every cha
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import logging
@@ -32,6 +31,7 @@ from freezetune.cache.store import (
     build_store,
     placed_store,
     prefix_features,
+    said_stopped_while_building,
 )
 from freezetune.data.datasets import DataBundle
 from freezetune.data.gpu import should_use_device_loader
@@ -40,14 +40,12 @@ from freezetune.data.text import noun
 from freezetune.data.transforms import eval_transform
 from freezetune.distributed import batch_block
 from freezetune.evaluate import evaluate
-from freezetune.interrupt import OUTSIDE_A_STEP, RunInterrupted
 from freezetune.precision import Precision
 from freezetune.stages import stages
 
 log = logging.getLogger(__name__)
 
 SLOW_BUILD_S = 60.0  # a cache build this long is worth keeping: the note suggests --cache-dir
-BUILDING = "while building the feature cache"  # where a stop in a build stopped
 
 
 class FeaturePath:
@@ -381,7 +379,7 @@ class FeaturePath:
                   f"{f' x {views} views' if views > 1 else ''} through the frozen layers before {split.boundary}, "
                   "once")  # fmt: skip
         start = time.perf_counter()
-        with _said_stopped_while_building():
+        with said_stopped_while_building():
             store, info = build_store(split, len(dataset), loaders.views(dataset, train=augment), self.precision,
                                       views=views, spill_dir=spill, seed=loaders.seed,
                                       channels_last=self.channels_last, place=place, dist=dist,
@@ -390,20 +388,6 @@ class FeaturePath:
         if key is not None:
             disk.save(self.cache_dir, key, store.features, store.targets)
         return store, info
-
-
-@contextlib.contextmanager
-def _said_stopped_while_building():
-    """A stop during a cache build says so (the run said "outside a training step", an auto run "during the trial of
-    the last 3 stages" while its cache bar was all the user had seen), and that the part built is not kept."""
-    try:
-        yield
-    except RunInterrupted as exc:
-        # a stop at once outside the loop's steps alone: a second signal's, or torchrun's, says what last.pt holds
-        where, _, advice = OUTSIDE_A_STEP.partition("; ")
-        if exc.where != where:
-            raise
-        raise RunInterrupted.by(exc.signum, f"{BUILDING} (the part built is not kept); {advice}") from None
 
 
 def _trains_before(model, stage: str) -> bool:

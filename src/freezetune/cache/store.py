@@ -31,7 +31,7 @@ from freezetune.data.loaders import EpochOrder, check_batch_size
 from freezetune.distributed import DistInfo, shard_rows, sum_across_ranks
 from freezetune.errors import ConfigError, DataError, choices
 from freezetune.hardware import available_ram
-from freezetune.interrupt import pause_point
+from freezetune.interrupt import OUTSIDE_A_STEP, RunInterrupted, pause_point
 from freezetune.module_tree import unwrap
 from freezetune.options import CACHE_MODES
 from freezetune.precision import Precision
@@ -380,3 +380,20 @@ def idle_views_note(aug: str, views: int, cache: str) -> str | None:
         return None
     return (f"note: --cache-views {views} has no effect with --aug none: every view of an unaugmented image is the "
             "same, one is cached")  # fmt: skip
+
+
+BUILDING = "while building the feature cache"  # where a stop in a build stopped
+
+
+@contextlib.contextmanager
+def said_stopped_while_building():
+    """A stop during a cache build says so (the run said "outside a training step", an auto run "during the trial of
+    the last 3 stages" while its cache bar was all the user had seen), and that the part built is not kept."""
+    try:
+        yield
+    except RunInterrupted as exc:
+        # a stop at once outside the loop's steps alone: a second signal's, or torchrun's, says what last.pt holds
+        where, _, advice = OUTSIDE_A_STEP.partition("; ")
+        if exc.where != where:
+            raise
+        raise RunInterrupted.by(exc.signum, f"{BUILDING} (the part built is not kept); {advice}") from None
