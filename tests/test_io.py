@@ -5,6 +5,7 @@ from __future__ import annotations
 import pickle
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -102,3 +103,18 @@ def test_a_file_another_process_holds_open_on_windows_is_replaced_once_it_lets_g
             atomic_write_text(target, "new")
         assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["best.pt"]  # no temp left
         assert len(tries) == (len(_io._REPLACE_RETRY_S) + 1 if platform == "win32" else 1)
+
+
+def test_a_stale_temp_that_cannot_be_removed_is_left_not_a_reason_to_stop_the_writer(tmp_path, monkeypatch):
+    # another user's dead writer's file in a shared folder: eval --plot there failed with PermissionError, and its
+    # --metrics, asked for by name, were not written
+    from freezetune._io import remove_stale_temps_of
+
+    stale = tmp_path / ".cm.png.999999999.0123abcd.tmp"
+    stale.write_bytes(b"half")
+
+    def refused(self, missing_ok=False):
+        raise PermissionError(1, "Operation not permitted", str(self))
+
+    monkeypatch.setattr(Path, "unlink", refused)
+    assert remove_stale_temps_of([tmp_path / "cm.png"]) == [] and stale.exists()

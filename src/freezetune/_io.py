@@ -135,7 +135,10 @@ def _remove_dead(paths: list[Path], min_age_s: float) -> list[Path]:
         if not (match and path.is_file()) or (min_age_s > 0 and _age(path, now) < min_age_s):
             continue
         if not _running(int(match.group(1))):
-            path.unlink(missing_ok=True)
+            try:  # another user's, in a shared folder, or a read-only one: left, not a reason to stop the writer
+                path.unlink(missing_ok=True)
+            except OSError:
+                continue
             removed.append(path)
     return removed
 

@@ -152,6 +152,10 @@ def run(cfg: TrainConfig, *, echo: Callable[[str], None] = print, train: Callabl
     longest, setup_s = _as_asked(cfg, pilot, trials, refit), pilot["setup_s"] if pilot else 0.0
     # the final test's seconds: the budget leaves time for it
     test_s = auto_plan.final_test_seconds([pilot, *trials], test_items)
+    if budget.seconds is not None and test_items and not test_s:
+        echo(f"auto: the {cfg.budget} budget keeps no time for the final test of {test_items:,} "
+             f"{trials[0]['data_kind']}: no evaluation of the whole model was timed (no validation split, or its "
+             "stores were read from the cache dir, not built)")  # fmt: skip
     planned, _ = run_epochs(cfg, trials, choice, budget.spent(), refit, lambda line: None, setup_s=setup_s,
                             longest=longest, test_s=test_s)  # fmt: skip
     probe = None

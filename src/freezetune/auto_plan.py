@@ -117,17 +117,14 @@ def run_epochs(cfg: TrainConfig, trials: list[dict], choice: dict, spent: float,
 def final_test_seconds(measured: list[dict | None], test_items: int | None) -> float:
     """About how long the run's final test of ``test_items`` images (or texts) takes (0.0 without a test split): at
     the first of the ``measured`` pilot's and trials' paces of an evaluation of the whole model (its validation, with
-    the pace of a store's build where it read one); where none was measured (no validation split; the store read
-    from a cache dir, its build unseen), at the pace the pilot trained, the frozen prefix computed per batch (a
-    training step costs more than an evaluation: on the safe side); 0.0 without either.
+    the pace of a store's build where it read one); 0.0 where none was measured (no validation split; the stores
+    read from a cache dir, their build unseen: a pilot's training pace on them leaves out the images' loading and
+    the frozen layers, and kept a third too little).
 
     >>> final_test_seconds([None, {"eval_item_s": None}, {"eval_item_s": 0.002}], 10_000)
     20.0
-    >>> final_test_seconds([{"eval_item_s": None, "image_s": 0.003}, {"eval_item_s": None}], 1_000)
-    3.0
     """
     paces = [m["eval_item_s"] for m in measured if m is not None and m.get("eval_item_s") is not None]
-    paces += [m["image_s"] for m in measured if m is not None and m.get("image_s")]  # a pilot's
     return test_items * paces[0] if test_items and paces else 0.0
 
 
