@@ -260,7 +260,10 @@ def test_a_network_built_in_configure_model_is_frozen_at_fit_start():
     callback = FreezetuneFinetuning("backbone", "epoch:1")
     L.Trainer(max_epochs=2, enable_checkpointing=False, callbacks=[callback, probe], **FAST).fit(lit, *loaders())
     assert probe.seen["epoch0"]["trainable"] == ["head"] and probe.seen["epoch1"]["trainable"] == ["block3", "head"]
-    with pytest.raises(ConfigError, match=r"no submodule 'model'; pass module= None \(it has no submodule\)"):
+    with pytest.raises(
+        ConfigError,
+        match=r"no submodule 'model'; pass module= None \(the whole LightningModule: it has no submodule\)$",
+    ):
         callback._network(L.LightningModule())  # never built: said without an empty list of choices
 
 

@@ -249,9 +249,9 @@ class FreezetuneFinetuning(Callback):
         net = getattr(pl_module, self.module, None)
         if not isinstance(net, nn.Module):
             children = [name for name, _ in pl_module.named_children()]
-            listed = f"one of {choices(children)} or None" if children else "None (it has no submodule)"
-            raise ConfigError(f"the LightningModule has no submodule {self.module!r}; pass module= {listed} (the "
-                              "whole LightningModule)")  # fmt: skip
+            listed = f"one of {choices(children)} or None (the whole LightningModule)" if children else \
+                "None (the whole LightningModule: it has no submodule)"  # fmt: skip
+            raise ConfigError(f"the LightningModule has no submodule {self.module!r}; pass module= {listed}")
         return net
 
     def _exists(self, pl_module: pl.LightningModule) -> bool:
