@@ -25,7 +25,7 @@ import torch
 from freezetune.interrupt import pause_point
 
 # ``.NAME.PID.RANDOM.tmp``: the writer's pid tells a leftover of a dead process from a file being written now.
-_TEMP_NAME = re.compile(r"^\..+\.(\d+)\.[0-9a-f]{8}\.tmp$")
+_TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.[0-9a-f]{8}\.tmp$")
 
 
 @contextmanager
@@ -122,8 +122,8 @@ def remove_stale_temps_of(paths: Iterable[str | Path]) -> list[Path]:
     """
     found = []
     for path in map(Path, paths):
-        own = re.compile(rf"^\.{re.escape(path.name)}\.\d+\.[0-9a-f]{{8}}\.tmp$")
-        found += [t for t in sorted(path.parent.glob(f".{glob.escape(path.name)}.*.tmp")) if own.match(t.name)]
+        temps = sorted(path.parent.glob(f".{glob.escape(path.name)}.*.tmp"))  # .m.onnx.bak's too: named apart below
+        found += [t for t in temps if (m := _TEMP_NAME.match(t.name)) and m["name"] == path.name]
     return _remove_dead(found, 0.0)
 
 
@@ -134,7 +134,7 @@ def _remove_dead(paths: list[Path], min_age_s: float) -> list[Path]:
         match = _TEMP_NAME.match(path.name)
         if not (match and path.is_file()) or (min_age_s > 0 and _age(path, now) < min_age_s):
             continue
-        if not _running(int(match.group(1))):
+        if not _running(int(match["pid"])):
             try:  # another user's, in a shared folder, or a read-only one: left, not a reason to stop the writer
                 path.unlink(missing_ok=True)
             except OSError:
