@@ -32,7 +32,7 @@ from freezetune.freeze import Spec, count_parameters, freeze
 from freezetune.frozen_dropout import check_dropout_policy, held
 from freezetune.optim import nominal_lr
 from freezetune.options import BN_DEFAULT, DROPOUT_DEFAULT, FREEZE_DEFAULT
-from freezetune.param_groups import NO_DECAY, check_weight_decay, checked_lrs, resolve_stage_lrs
+from freezetune.param_groups import check_weight_decay, checked_lrs, group_stage, resolve_stage_lrs
 from freezetune.stages import stages
 from freezetune.unfreeze_schedule import parse_schedule
 from freezetune.unfreezing import Unfreezer
@@ -298,7 +298,9 @@ class FreezetuneFinetuning(Callback):
             return float(self.lr)
         names = [s.name for s in stages(net)]
         explicit, head = resolve_stage_lrs(self.stage_lrs, names), names[-1]
-        named = {g.get("name"): g for g in optimizer.param_groups}
+        named: dict[str, dict] = {}
+        for group in optimizer.param_groups:  # each stage's first group (param_groups: before its /no_decay twin)
+            named.setdefault(group_stage(group), group)
         if head not in explicit:
             # a scheduler may already have moved "lr"; OneCycleLR's initial_lr is not its LR
             return nominal_lr(named.get(head, optimizer.param_groups[0]))
@@ -306,9 +308,8 @@ class FreezetuneFinetuning(Callback):
         if not ruled:  # every stage has its own LR: the rule's lr gives none
             return float(explicit[head])
         for depth, name in enumerate(reversed(names)):
-            group = named.get(name) or named.get(f"{name}{NO_DECAY}")
-            if name in ruled and group is not None:
-                return nominal_lr(group) * (self.decay or 1.0) ** depth
+            if name in ruled and name in named:
+                return nominal_lr(named[name]) * (self.decay or 1.0) ** depth
         raise ConfigError(
             f"FreezetuneFinetuning needs lr= here: stage_lrs sets the head's LR ({head}={explicit[head]:g}) and no "
             f"optimizer group of another stage shows the rule's lr, which {choices(ruled)} would unfreeze at; pass "
