@@ -30,8 +30,9 @@ in ``auto_trials.py``; the plan of the run, steps 4 and 5, in ``auto_plan.py``; 
    points below it, though its half-epoch trials often scored highest: a short trial favours what learns fastest.
 4. The run: the chosen candidate trains for ``epochs`` epochs (with ``budget``: as many as the time left affords at
    its measured pace, less the final test's at the trials' pace of an evaluation, at least one, at most ``epochs``
-   where the config sets it, else ``MAX_BUDGET_EPOCHS``), reading the shared cache. It starts from its trial's weights, head included (as
-   LP-FT starts the fine-tune from a fitted head, Kumar et al. 2022): the trial's half epoch is not thrown away. From
+   where the config sets it, else ``MAX_BUDGET_EPOCHS``), reading the shared cache. It starts from its trial's
+   weights, head included (as LP-FT starts the fine-tune from a fitted head, Kumar et al. 2022): the trial's half
+   epoch is not thrown away. From
    there it takes smaller steps, at ``RUN_LR_FACTOR`` times its trial's learning rate: +0.36, +0.32 and +0.55 points
    on Fashion-MNIST, digits and photo patches over the trial's own (3 seeds each, 100 images a class). When
    the validation set was held out automatically and nothing in the run needs it (no early stopping or plateau
