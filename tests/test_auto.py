@@ -585,7 +585,11 @@ def test_a_budget_says_what_it_affords_at_that_pace_and_the_trials_record_what_t
     assert auto_plan.run_epochs(TrainConfig(budget="1h", refit=False), [trial], trial, 4.0, False, lines.append) == (
         auto_plan.MAX_BUDGET_EPOCHS, None)  # fmt: skip
     assert lines[0].startswith(f"auto: the 1h budget leaves 3596s after the trials: {auto_plan.MAX_BUDGET_EPOCHS} "
-                               "epoch(s) (at most 30 where --epochs is 10, its default; the budget affords 683) of about 5.0s ")  # fmt: skip
+                               "epoch(s) (at most 30 without --epochs; the budget affords 683) of about 5.0s ")  # fmt: skip
+    lines.clear()  # an --epochs 10 given, the default's number, is a limit too (it read as not given, planned 30)
+    assert auto_plan.run_epochs(TrainConfig(budget="1h", refit=False, epochs=10), [trial], trial, 4.0, False,
+                                lines.append) == (10, None)  # fmt: skip
+    assert "10 epoch(s) (--epochs 10; the budget affords 683)" in lines[0], lines
     lines.clear()  # less than an epoch left: one epoch of what the rest affords, no fewer images than a trial drew
     assert auto_plan.run_epochs(TrainConfig(budget="7s", refit=False), [trial], trial, 4.0, False, lines.append) == (
         1, 50)  # fmt: skip

@@ -1079,3 +1079,14 @@ def test_what_a_run_built_is_freed_when_train_returns_not_when_the_collector_nex
         assert models and [ref() for ref in models] == [None] * len(models)
     finally:
         gc.enable()
+
+
+def test_a_run_without_epochs_trains_ten_and_under_a_budget_epochs_given_as_ten_stay_a_limit(tmp_path, monkeypatch):
+    # --epochs 10 typed beside --budget read as the default, and the budget planned up to 30 epochs past it
+    seen = []
+    monkeypatch.setattr(trainer.recipes, "run", lambda cfg, **kw: seen.append(cfg.epochs))
+    (tmp_path / "imgs").mkdir()
+    for given in ({}, {"budget": "5m"}, {"budget": "5m", "epochs": 10}):
+        trainer.train(load_config(overrides={"data": str(tmp_path / "imgs"), "out": str(tmp_path / "run"), **given}))
+    assert seen == [10, None, 10]  # None: the budget's auto recipe plans them (auto_plan.run_epochs), up to 30
+    assert "epochs: null" in load_config(overrides={"data": "x"}).dump()  # a printed config leaves them to the run

@@ -89,7 +89,7 @@ from freezetune.auto_rule import (
     candidates,
     default_stages,
 )
-from freezetune.config import TrainConfig
+from freezetune.config import TrainConfig, epochs_of
 from freezetune.options import METRIC_NAMES, compared_by, parse_duration
 from freezetune.runtime import RECIPE_FILE, TRIALS_DIR
 
@@ -140,7 +140,7 @@ def run(cfg: TrainConfig, *, echo: Callable[[str], None] = print, train: Callabl
     # the trials' hold-out, lent: the final run trains on it; their cache, read by the run (and the other trials):
     # its epochs count when a trial decides whether a training store pays
     if pilot is None:
-        later = cfg.epochs / TRIAL_FRACTION + len(ks) - 1
+        later = epochs_of(cfg) / TRIAL_FRACTION + len(ks) - 1
     elif pilot["planned"]:  # the pilot shortened the epochs for the default's trial and about one of the run's (the
         later = 1 / TRIAL_FRACTION  # other trials run only if the time left still allows)
     else:  # a budget's are planned after the trials

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from freezetune.auto_rule import TRIAL_FRACTION
-from freezetune.config import TrainConfig
+from freezetune.config import TrainConfig, epochs_of
 from freezetune.config_check import needs_validation
 from freezetune.errors import setting
 from freezetune.options import parse_duration
@@ -82,7 +82,7 @@ def run_epochs(cfg: TrainConfig, trials: list[dict], choice: dict, spent: float,
     measured = done[0] if len(done) == 1 else f"{', '.join(done[:-1])} and {done[-1]}"
     budget = parse_duration(cfg.budget)
     if budget is None:
-        return cfg.epochs, None
+        return epochs_of(cfg), None
     _, replaced = _at_most(cfg, 1)  # what a run of one epoch says of --epochs
     train_s, other_s = epoch_pace(choice, refit, trials[0]["n_val"])
     left, epoch_s = budget - spent - setup_s - test_s, train_s + other_s
@@ -133,12 +133,12 @@ def _at_most(cfg: TrainConfig, affords: int) -> tuple[int, str]:
     (a budget and --epochs are both limits: whichever ends the run first), else than ``MAX_BUDGET_EPOCHS``; and what
     the budget's line says of them.
 
-    >>> _at_most(TrainConfig(), 4000), _at_most(TrainConfig(epochs=50), 4000)
-    ((30, ' (at most 30 where --epochs is 10, its default; the budget affords 4,000)'), (50, ' (--epochs 50; the budget affords 4,000)'))
+    >>> _at_most(TrainConfig(), 4000), _at_most(TrainConfig(epochs=10), 4000)
+    ((30, ' (at most 30 without --epochs; the budget affords 4,000)'), (10, ' (--epochs 10; the budget affords 4,000)'))
     >>> _at_most(TrainConfig(epochs=50), 12), _at_most(TrainConfig(), 12)
     ((12, ' (not the 50 of epochs)'), (12, ''))
     """
-    given = cfg.epochs != TrainConfig.epochs
+    given = cfg.epochs is not None
     most = cfg.epochs if given else MAX_BUDGET_EPOCHS
     if affords < most:
         return affords, f" (not the {cfg.epochs} of epochs)" if given else ""
@@ -146,8 +146,7 @@ def _at_most(cfg: TrainConfig, affords: int) -> tuple[int, str]:
         return most, ""
     if given:
         return most, f" (--epochs {most}; the budget affords {affords:,})"
-    # (an --epochs 10 given reads as the default: said so, not "without --epochs", which the user had given)
-    return most, f" (at most {most} where --epochs is {cfg.epochs}, its default; the budget affords {affords:,})"
+    return most, f" (at most {most} without --epochs; the budget affords {affords:,})"
 
 
 def _one_epoch(choice: dict, refit: bool, n_val: int, left: float, pace: tuple[float, float],
@@ -186,10 +185,12 @@ def run_warmup(cfg: TrainConfig, epochs: int, echo: Callable[[str], None]) -> fl
     checked against --epochs): then the share of the run that was asked of ``--epochs``, said."""
     if cfg.warmup_epochs < epochs or not cfg.warmup_epochs:
         return cfg.warmup_epochs
-    share = cfg.warmup_epochs / cfg.epochs if cfg.warmup_epochs < cfg.epochs else 0.5
+    asked = epochs_of(cfg)
+    share = cfg.warmup_epochs / asked if cfg.warmup_epochs < asked else 0.5
     warmup = round(epochs * share, 3)
     echo(f"auto: --warmup-epochs {cfg.warmup_epochs:g} is as long as the {epochs} epoch(s) the budget plans: the run "
-         f"warms up for {warmup:g}, the share of the run it was of --epochs {cfg.epochs}")  # fmt: skip
+         f"warms up for {warmup:g}, the share of the run it was of "
+         f"{f'--epochs {asked}' if cfg.epochs is not None else f'the default {asked} epochs'}")  # fmt: skip
     return warmup
 
 

@@ -65,6 +65,10 @@ FIELD_CHOICES = {
     "decode": DECODE_MODES,
 }
 
+# a run's epochs where the config sets none (``epochs_of``); under a budget the auto recipe plans them instead, up to
+# --epochs where it is set (auto_plan.run_epochs): unset, not 10, so that an --epochs 10 typed is a limit too
+DEFAULT_EPOCHS = 10
+
 # What a --resume may change: where and how fast the run computes, what it shows and saves, not what it trains.
 # Every other setting must be the run's own (checkpoint.restore refuses the rest; epochs only stretch without an LR
 # schedule).
@@ -132,7 +136,7 @@ class TrainConfig:
     frozen_dropout: str = DROPOUT_DEFAULT  # dropout and drop path in the stages before the first that trains
     unfreeze: str | dict[int, str] | None = None
     # optimisation
-    epochs: int = 10
+    epochs: int | None = None  # None: DEFAULT_EPOCHS; under a budget, as many as it affords (auto_plan.run_epochs)
     epoch_fraction: float = 1.0  # each epoch trains on this random share of the training set (a new draw each epoch)
     epoch_images: int | None = None  # ... and on at most this many of its images or texts (a large set's epochs)
     optimizer: str = "adamw"
@@ -221,6 +225,15 @@ def absolute_paths(values: dict[str, Any]) -> dict[str, Any]:
     if isinstance(model, str) and model.startswith(HF_PREFIX) and os.path.exists(model.removeprefix(HF_PREFIX)):
         out["model"] = HF_PREFIX + os.path.abspath(model.removeprefix(HF_PREFIX))
     return out
+
+
+def epochs_of(cfg: TrainConfig) -> int:
+    """The epochs a run of ``cfg`` trains, unless a budget plans them: its ``epochs``, else ``DEFAULT_EPOCHS``.
+
+    >>> epochs_of(TrainConfig()), epochs_of(TrainConfig(epochs=3))
+    (10, 3)
+    """
+    return DEFAULT_EPOCHS if cfg.epochs is None else cfg.epochs
 
 
 def field_names() -> list[str]:

@@ -8,7 +8,7 @@ import math
 from collections.abc import Collection
 from typing import Any
 
-from freezetune.config import FIELD_CHOICES, INVALID, TrainConfig
+from freezetune.config import FIELD_CHOICES, INVALID, TrainConfig, epochs_of
 from freezetune.config_values import (
     PATH_SETTINGS,
     allows_none,
@@ -49,7 +49,7 @@ def validate(cfg: TrainConfig, *, need_data: bool = True, typed: Collection[str]
         raise ConfigError(INVALID + "; ".join(mistyped))
     problems = [choice_problem(name, getattr(cfg, name), allowed) for name, allowed in FIELD_CHOICES.items()]
     problems += _empty_path_problems(cfg)
-    problems += [positive_int_problem(name, getattr(cfg, name)) for name in ("epochs", "cache_views", "max_length")]
+    problems += [positive_int_problem(name, getattr(cfg, name)) for name in ("cache_views", "max_length")]
     if cfg.cache == "off" and isinstance(cfg.cache_views, int) and cfg.cache_views > 1:  # it would do nothing
         problems.append(f"cache_views {cfg.cache_views} sets how many augmented views the feature cache stores; with "
                         "cache off every epoch augments afresh: drop one of them")  # fmt: skip
@@ -60,7 +60,7 @@ def validate(cfg: TrainConfig, *, need_data: bool = True, typed: Collection[str]
     problems.append(non_negative_int_problem("skip_nonfinite", cfg.skip_nonfinite))
     if cfg.workers is not None:
         problems.append(non_negative_int_problem("workers", cfg.workers))
-    optional = ("img_size", "per_class", "early_stop", "save_every_steps", "epoch_images")
+    optional = ("epochs", "img_size", "per_class", "early_stop", "save_every_steps", "epoch_images")
     problems += [positive_int_problem(name, getattr(cfg, name)) for name in optional if getattr(cfg, name) is not None]
     if cfg.val_split is not None:
         problems.append(fraction_problem("val_split", cfg.val_split))
@@ -142,7 +142,7 @@ def _range_problems(cfg: TrainConfig) -> list[str]:
         # below a valid epochs only: epochs 0 is said once, not again as a warm-up it leaves no room for
         (
             "warmup_epochs",
-            0 <= cfg.warmup_epochs and (cfg.warmup_epochs < cfg.epochs or cfg.epochs < 1),
+            0 <= cfg.warmup_epochs and (cfg.warmup_epochs < epochs_of(cfg) or epochs_of(cfg) < 1),
             "in [0, epochs)",
         ),
         ("weight_decay", 0 <= cfg.weight_decay < math.inf, ">= 0 and finite"),

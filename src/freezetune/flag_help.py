@@ -7,6 +7,7 @@ is shown. A field with fixed choices has them appended by the CLI (``config.FIEL
 from __future__ import annotations
 
 from freezetune.auto_plan import MAX_BUDGET_EPOCHS
+from freezetune.config import DEFAULT_EPOCHS
 from freezetune.options import (
     AUGMENTATIONS,
     AUTO_VAL_FRACTION,
@@ -71,7 +72,7 @@ FIELD_HELP = {
     "recipe": "a named procedure: " + " | ".join(RECIPES) + " (last-K: the last K stages train); default: what "
     "--freeze says",
     "budget": "wall-clock budget for the auto recipe's trials, epochs and final test (the epochs it affords, at most --epochs "
-    f"where given other than the default, else {MAX_BUDGET_EPOCHS}; the other candidates' trials only if it leaves time for them; shorter epochs where a "
+    f"where given, else {MAX_BUDGET_EPOCHS}; the other candidates' trials only if it leaves time for them; shorter epochs where a "
     "pilot's pace says a trial and one epoch would not fit), e.g. 90s, 5m, 1h (default: none)",
     "bn": "BatchNorm in frozen parts: frozen (eval statistics), affine (affine trains, statistics update), train "
     "(statistics update), affine-only (affine trains, eval statistics)",
@@ -85,7 +86,8 @@ FIELD_HELP = {
     "unfreeze": f"{' | '.join(UNFREEZE_FORMS)} (a plateau without mode follows --monitor; min_delta is in its units: "
     "val_acc and val_f1 are fractions, 0.005 = half a point); default: what starts frozen stays frozen",
     # optimisation
-    "epochs": "passes over the training set (or over --epoch-images of it)",
+    "epochs": f"passes over the training set (or over --epoch-images of it); default: {DEFAULT_EPOCHS}, under --budget "
+    f"as many as it affords, at most {MAX_BUDGET_EPOCHS}",
     "epoch_fraction": "each epoch trains on this random share of the training set (a new draw each epoch)",
     "epoch_images": "each epoch trains on at most this many random training images or texts (a large set's epochs "
     "made shorter; the LR schedule and --epochs count these epochs; beside --epoch-fraction, the fewer)",

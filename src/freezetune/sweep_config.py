@@ -11,7 +11,7 @@ from pathlib import Path
 import yaml
 
 from freezetune._io import atomic_write_text
-from freezetune.config import INVALID, TrainConfig
+from freezetune.config import INVALID, TrainConfig, epochs_of
 from freezetune.config_check import validate
 from freezetune.config_file import load_config, read_yaml
 from freezetune.errors import ConfigError, choices, setting
@@ -253,7 +253,8 @@ def winner_config(cfg: TrainConfig, winner: dict) -> dict:
     from freezetune.runtime import CONFIG_FILE
 
     values = {**cfg.recorded(), "recipe": winner["recipe"], "freeze": "auto", "out": None, "resume": False,
-              "final_test": True, "budget": None, "refit": False, **own_batchnorm(winner["recipe"])}  # fmt: skip
+              "final_test": True, "budget": None, "refit": False, "epochs": epochs_of(cfg),
+              **own_batchnorm(winner["recipe"])}  # fmt: skip
     saved = Path(winner["run_dir"]) / CONFIG_FILE
     if cfg.batch_size == BATCH_AUTO and saved.is_file():
         values["batch_size"] = load_config(saved).batch_size

@@ -8,6 +8,7 @@ restores, ``checkpoint``'s.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import gc
 import json
@@ -19,7 +20,7 @@ from itertools import islice
 import torch
 
 from freezetune import bn_refresh, checkpoint, epoch_log, hardware, recipes, reporting, rng, run_lock, run_log, runtime
-from freezetune.config import TrainConfig
+from freezetune.config import TrainConfig, epochs_of
 from freezetune.config_check import validate
 from freezetune.data import noun
 from freezetune.distributed import (
@@ -70,6 +71,8 @@ def train(cfg: TrainConfig, *, echo: Callable[[str], None] = print, resumable: b
     # SIGTERM/SIGINT end the run with RunInterrupted at once, except in the training loop (Trainer.fit), which saves
     # its place first; the handlers found are put back after the run
     validate(cfg)  # before a recipe plans anything: every problem of the config, with the choices
+    if cfg.epochs is None and cfg.budget is None:  # a budget's auto recipe plans them (auto_plan.run_epochs)
+        cfg = dataclasses.replace(cfg, epochs=epochs_of(cfg))
     runtime.check_resume_target(cfg.out, cfg.resume)  # a recipe would otherwise look in a new timestamped dir
     runtime.check_folders(cfg.out, cfg.cache_dir, (cfg.data, cfg.val_data))
     # under torchrun the outermost call leaves the process group, once: a recipe's runs (the auto recipe's trials and
