@@ -312,6 +312,23 @@ def test_stage_lrs_parsing_rejects_bad_entries():
     assert parse_stage_lrs({"a": "1e-3"}) == {"a": 1e-3}
     with pytest.raises(ConfigError, match="layer4='fast'"):
         parse_stage_lrs("layer4=fast")
+    with pytest.raises(ConfigError, match="layer4=True"):  # YAML's true was an LR of 1.0
+        parse_stage_lrs({"layer4": True})
+
+
+def test_yaml_words_off_and_yes_stay_words_and_numbers_read_as_written(tmp_path):
+    # PyYAML's YAML 1.1 read "amp: off" as False, refused as "amp expects str, got False"; 010 as 8; 1:30 as 90
+    (tmp_path / "c.yaml").write_text("data: d\namp: off\ncache: off\nfrozen_dropout: off\nseed: 010\n"
+                                     "channels_last: yes\nprogress: no\nlr: 1e-3\n")  # fmt: skip
+    cfg = load_config(tmp_path / "c.yaml")
+    assert (cfg.amp, cfg.cache, cfg.frozen_dropout, cfg.seed) == ("off", "off", "off", 10)
+    assert (cfg.channels_last, cfg.progress, cfg.lr) == (True, False, 1e-3)
+    assert load_config(overrides=dict([parse_override("amp=off"), ("data", "d")])).amp == "off"
+    with pytest.raises(ConfigError, match=re.escape("budget '1:30' is not a duration")):
+        load_config(overrides=dict([parse_override("budget=1:30"), ("data", "d")]))
+    # a boolean is no freeze spec: false froze as stage index 0, at the run's start, with no forms listed
+    with pytest.raises(ConfigError, match="freeze False is not a freeze spec: .* 'backbone'"):
+        load_config(overrides=dict([parse_override("freeze=false"), ("data", "d")]))
 
 
 def test_override_without_equals_sign_lists_the_keys():

@@ -39,6 +39,8 @@ def parse_stage_lrs(text: str | dict | None) -> dict[str, float]:
         if name in out:  # "layer4=1e-4,layer4=1e-2": the last one won in silence
             raise ConfigError(f"stage_lrs names {name!r} twice; give each stage one LR")
         try:
+            if isinstance(value, bool):  # YAML's true: an LR of 1.0 taken in silence
+                raise TypeError
             out[name] = float(value)
         except (TypeError, ValueError):
             raise ConfigError(f"stage_lrs entry {name}={value!r} is not STAGE=LR (e.g. 'layer4=1e-4')") from None
@@ -159,6 +161,12 @@ def parse_freeze_spec(spec: str | int | list | tuple) -> str | int | list:
     items = list(spec) if isinstance(spec, (list, tuple)) else [spec]
     tokens: list[str | int] = []
     for item in items:
+        if isinstance(item, bool):  # an int to Python: YAML's false froze stage 0 and the rest on either side of it
+            from freezetune.options import FREEZE_KEYWORDS
+
+            raise ConfigError(f"freeze {spec!r} is not a freeze spec: give a stage count (-3: all but the last 3 "
+                              f"stages and the head), stage names or globs, or one of: "
+                              f"{', '.join(map(repr, ('auto', *FREEZE_KEYWORDS)))}")  # fmt: skip
         if isinstance(item, int):
             tokens.append(item)
             continue
@@ -184,7 +192,15 @@ def _parse_batch_size(value: Any) -> int | str | None:
 
 class UniqueKeys(yaml.SafeLoader):
     """YAML's safe loader, refusing a key given twice in one mapping: the last one won, silently (``epochs: 1`` then,
-    further down, ``epochs: 2`` trained 2; ``--unfreeze "{1: layer4, 1: layer3}"`` opened layer3 alone)."""
+    further down, ``epochs: 2`` trained 2; ``--unfreeze "{1: layer4, 1: layer3}"`` opened layer3 alone).
+
+    Plain values are read as YAML 1.2 reads them, not PyYAML's 1.1: only true and false are booleans (``amp: off``,
+    ``cache: off``, ``frozen_dropout: off`` had been read as False and refused as "expects str"), ``seed: 010`` is
+    10 (not octal 8), ``budget: 1:30`` is the text it looks like (not sexagesimal 90) and ``lr: 1e-3`` a number.
+
+    >>> yaml.load("[off, yes, true, 010, 1:30, 1e-3, 0x10, .inf]", Loader=UniqueKeys)  # noqa: S506
+    ['off', 'yes', True, 10, '1:30', 0.001, 16, inf]
+    """
 
     def construct_mapping(self, node, deep=False):
         seen: dict[Any, int] = {}
@@ -202,6 +218,31 @@ class UniqueKeys(yaml.SafeLoader):
                                                         f"and {line}): keep one", where)  # fmt: skip
             seen[key] = line
         return super().construct_mapping(node, deep=deep)
+
+
+def _yaml12_int(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> int:
+    text = loader.construct_scalar(node)
+    sign, digits = (-1, text[1:]) if text[0] == "-" else (1, text.lstrip("+"))
+    base = {"0o": 8, "0x": 16}.get(digits[:2].lower(), 10)
+    return sign * int(digits[2:] if base != 10 else digits, base)
+
+
+_YAML12_TYPES = {  # YAML 1.2's core schema: its regular expressions, and the characters a value of each starts with
+    "tag:yaml.org,2002:bool": (r"^(?:true|True|TRUE|false|False|FALSE)$", "tTfF"),
+    "tag:yaml.org,2002:int": (r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$", "-+0123456789"),
+    "tag:yaml.org,2002:float": (
+        r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$",
+        "-+.0123456789",
+    ),
+}
+# PyYAML's resolvers, less its YAML 1.1 booleans and numbers (a class's resolvers are shared lists: built anew here)
+UniqueKeys.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag not in _YAML12_TYPES]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+for _tag, (_pattern, _first) in _YAML12_TYPES.items():
+    UniqueKeys.add_implicit_resolver(_tag, re.compile(_pattern), list(_first))
+UniqueKeys.add_constructor("tag:yaml.org,2002:int", _yaml12_int)
 
 
 def _parse_unfreeze(value: Any) -> str | dict | None:
