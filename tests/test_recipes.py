@@ -358,6 +358,32 @@ def test_a_named_recipe_stopped_by_an_error_after_its_first_phase_keeps_its_requ
     assert (tmp_path / "run" / RECIPE_FILE).is_file()  # phase 1's work is there: --resume continues from it
 
 
+def test_a_named_recipe_resumed_between_its_phases_refuses_a_changed_setting(data, tmp_path, capsys, monkeypatch):
+    # an lp-ft stopped before its fine-tune's first epoch ended resumed with --lr 0.01: the finished probe was kept,
+    # the fine-tune trained at the new LR, and the run's own --resume was refused from then on
+    from _engine_fixtures import snapshot
+    from freezetune import trainer
+
+    argv = train_argv(data, tmp_path / "run", "--epochs", "2", "--recipe", "lp-ft")
+    real = trainer.Trainer._run_epoch
+
+    def stop(self, epoch, unfrozen):  # Ctrl-C as the fine-tune's first epoch starts (the probe has finished)
+        if epoch == 0 and self.run_dir.name == "run":
+            raise KeyboardInterrupt
+        return real(self, epoch, unfrozen)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(trainer.Trainer, "_run_epoch", stop)
+        assert run_cli(capsys, *argv)[0] == 130
+    assert (tmp_path / "run" / "probe" / "best.pt").is_file() and not (tmp_path / "run" / "last.pt").exists()
+    before = snapshot(tmp_path / "run")
+    code, out, err = run_cli(capsys, *argv, "--resume", "--lr", "0.01")
+    assert code == 2 and "-> 0.01" in err and "continues as it was asked" in err, err
+    assert "already done" not in out and snapshot(tmp_path / "run") == before
+    code, out, err = run_cli(capsys, *argv, "--resume", "--no-progress")  # a setting a resume may change
+    assert code == 0 and checkpoint.load(tmp_path / "run" / "last.pt")["epoch"] == 2, err
+
+
 def test_a_named_recipe_stopped_in_its_first_phase_refuses_a_fresh_command_and_still_resumes(data, tmp_path, capsys,
                                                                                             monkeypatch):  # fmt: skip
     # the command again without --resume (and another --lr) rewrote recipe.json and was refused only by the probe;

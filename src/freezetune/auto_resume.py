@@ -13,7 +13,7 @@ from pathlib import Path
 from freezetune import checkpoint, run_log
 from freezetune._io import atomic_write_text
 from freezetune.auto_plan import at_lr, measured_trials, shared_config
-from freezetune.config import DATA_PATHS, RESUME_MAY_CHANGE, RESUME_MAY_CHANGE_UNSCHEDULED, TrainConfig
+from freezetune.config import RESUME_MAY_CHANGE_UNSCHEDULED, TrainConfig, changed_on_resume
 from freezetune.errors import ConfigError, setting
 from freezetune.runtime import RECIPE_FILE
 
@@ -32,14 +32,13 @@ def resumed(cfg: TrainConfig, out: Path, echo: Callable[[str], None], *,
     # compared as recipe.json holds them: JSON made tuples lists and a plan's epoch keys strings
     asked, now = decision.get("asked") or {}, json.loads(json.dumps(cfg.recorded()))
     # moved data is checked by the final run's last.pt, as any run's is; before it has one, the paths stay the asked
-    moved = DATA_PATHS if (out / checkpoint.LAST).is_file() else ()
+    moved = (out / checkpoint.LAST).is_file()
     # without an LR schedule a run trains on for more epochs, as a plain run's resume may (checkpoint.check_settings)
     longer = RESUME_MAY_CHANGE_UNSCHEDULED if asked.get("scheduler") == now.get("scheduler") == "none" else ()
-    changed = [k for k in asked if k not in (*RESUME_MAY_CHANGE, *moved, *longer) and asked[k] != now.get(k)]
+    changed = changed_on_resume(asked, now, moved=moved)
     if changed:  # the final run's settings derive from the request: an --lr changed now would not show in them
-        diff = ", ".join(f"{k} {asked[k]!r} -> {now.get(k)!r}" for k in changed)
-        raise ConfigError(f"cannot resume {out} with {diff}: an auto run continues as it was asked; resume with the "
-                          f"run's values, or start a new run with another {setting('out')}")  # fmt: skip
+        raise ConfigError(f"cannot resume {out} with {', '.join(changed)}: an auto run continues as it was asked; "
+                          f"resume with the run's values, or start a new run with another {setting('out')}")  # fmt: skip
     init = choice.get("init", cfg.init)
     if init and init != cfg.init and not (out / checkpoint.LAST).is_file() and not Path(init).is_file():
         # the run had saved nothing yet, and the trial (or probe) weights it starts from are gone

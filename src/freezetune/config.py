@@ -236,6 +236,20 @@ def epochs_of(cfg: TrainConfig) -> int:
     return DEFAULT_EPOCHS if cfg.epochs is None else cfg.epochs
 
 
+def changed_on_resume(asked: dict[str, Any], now: dict[str, Any], *, moved: bool) -> list[str]:
+    """What a resume of a recipe's run changes of the request it recorded (``recipe.json``'s ``asked``), each as
+    ``"key old -> new"``: every setting but ``RESUME_MAY_CHANGE``, the data's paths where ``moved`` (a checkpoint
+    checks that the files are the same), and epochs and warm-up without an LR schedule. ``now``: JSON's reading of
+    ``recorded()`` values, as the request is held (tuples as lists, a plan's epoch keys as strings).
+
+    >>> changed_on_resume({"lr": 0.001, "device": "cpu"}, {"lr": 0.01, "device": "cuda"}, moved=False)
+    ['lr 0.001 -> 0.01']
+    """
+    unscheduled = asked.get("scheduler") == now.get("scheduler") == "none"
+    keep = (*RESUME_MAY_CHANGE, *(DATA_PATHS if moved else ()), *(RESUME_MAY_CHANGE_UNSCHEDULED if unscheduled else ()))
+    return [f"{k} {asked[k]!r} -> {now.get(k)!r}" for k in asked if k not in keep and asked[k] != now.get(k)]
+
+
 def field_names() -> list[str]:
     return [f.name for f in fields(TrainConfig)]
 

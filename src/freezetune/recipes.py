@@ -238,6 +238,8 @@ def run(cfg: TrainConfig, *, echo: Callable[[str], None] = print, train: Callabl
         run_lock.claim(cfg.out)
     existed = Path(cfg.out).exists()
     _refuse_another_recipes_run(cfg, recipe)
+    if cfg.resume:
+        _refuse_a_changed_request(cfg, recipe)
     before: set[str] = set()  # what the run dir held before the request: the user's (a shell's redirect to train.log)
     if not cfg.resume:  # refuse a run dir in use before any phase writes below it (rank 0 alone clears)
         _refuse_a_started_phase(cfg, recipe)
@@ -300,6 +302,27 @@ def _refuse_another_recipes_run(cfg: TrainConfig, recipe: str) -> None:
         raise ConfigError(f"cannot resume {cfg.out!r} with recipe {recipe!r}: it holds a run of recipe {stopped[0]}, "
                           f"stopped in an earlier phase ({stopped[1]}); resume it with its own command "
                           f"({setting('recipe', stopped[0])} {setting('resume', True)}), or choose another "
+                          f"{setting('out')}")  # fmt: skip
+
+
+def _refuse_a_changed_request(cfg: TrainConfig, recipe: str) -> None:
+    """A resume that changes what the recipe was asked (its ``recipe.json``) is refused, as a phase's ``last.pt``
+    refuses one: a phase not started yet trained the new settings after the finished ones had trained the old (an
+    lp-ft resumed between its phases with another --lr fine-tuned at it, and its next plain resume was refused)."""
+    from freezetune import checkpoint
+    from freezetune.config import changed_on_resume
+    from freezetune.errors import setting
+    from freezetune.runtime import RECIPE_FILE, read_json
+
+    record = read_json(Path(cfg.out) / RECIPE_FILE)
+    asked = record.get("asked") if isinstance(record, dict) else None
+    if not isinstance(asked, dict):  # an older freezetune's record: each phase's last.pt checks its own
+        return
+    moved = any((Path(p.cfg.out) / checkpoint.LAST).is_file() for p in phases(cfg, recipe))  # it checks the data
+    changed = changed_on_resume(asked, json.loads(json.dumps(cfg.recorded())), moved=moved)
+    if changed:
+        raise ConfigError(f"cannot resume {cfg.out} with {', '.join(changed)}: a run of recipe {recipe} continues as "
+                          f"it was asked; resume with the run's values, or start a new run with another "
                           f"{setting('out')}")  # fmt: skip
 
 
