@@ -512,3 +512,16 @@ def test_a_run_given_other_than_a_train_config_names_what_it_takes(given):
     with pytest.raises(ConfigError, match=rf"^a run takes a freezetune.TrainConfig, not {type(given).__name__}: "
                        r"TrainConfig\(\*\*settings\), or freezetune.config_file.load_config\(PATH\)"):  # fmt: skip
         ft.train(given)
+
+
+def test_a_device_weights_or_model_name_of_no_form_is_reported_with_the_configs_other_problems():
+    # each was found only once the data was read or the model built, after the other problems had been fixed
+    with pytest.raises(ConfigError) as info:
+        load_config(overrides={"data": "x", "device": "tpu", "weights": "imagnet", "model": "resnet50", "lr": -1})
+    message = str(info.value)
+    for needle in ("unsupported device 'tpu'; devices are: 'auto', 'cpu', 'cuda', 'cuda:N', 'mps'",
+                   "unknown weights 'imagnet'; use one of: 'imagenet'", "did you mean 'timm:resnet50'",
+                   "lr must be > 0"):  # fmt: skip
+        assert needle in message, message
+    # whether CUDA is there is the run's machine's to say: a config for a GPU machine prints on a CPU one
+    assert load_config(overrides={"data": "x", "device": "cuda:1", "weights": "my.safetensors"}).device == "cuda:1"

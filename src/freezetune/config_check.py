@@ -20,16 +20,19 @@ from freezetune.errors import ConfigError
 from freezetune.options import (
     DECAY_MEANS,
     FREEZE_KEYWORDS,
+    MODEL_SOURCES,
     MONITOR_MODES,
     batch_size_problem,
     choice_problem,
     column_name_problem,
+    device_problem,
     fraction_problem,
     non_negative_int_problem,
     parse_duration,
     positive_int_problem,
     recipe_problem,
     validation_source_problem,
+    weights_problem,
 )
 
 
@@ -57,6 +60,7 @@ def validate(cfg: TrainConfig, *, need_data: bool = True, typed: Collection[str]
         problems.append(f"cache_at {cfg.cache_at!r} sets where the feature cache cuts the model; with cache off "
                         "nothing is cached: drop one of them")  # fmt: skip
     problems.append(batch_size_problem(cfg.batch_size))
+    problems += [device_problem(cfg.device), weights_problem(cfg.weights), _model_problem(cfg.model)]
     problems.append(non_negative_int_problem("skip_nonfinite", cfg.skip_nonfinite))
     if cfg.workers is not None:
         problems.append(non_negative_int_problem("workers", cfg.workers))
@@ -84,6 +88,17 @@ def validate(cfg: TrainConfig, *, need_data: bool = True, typed: Collection[str]
     problems = [p for p in problems if p]
     if problems:
         raise ConfigError(INVALID + "; ".join(problems))
+
+
+def _model_problem(name: str) -> str | None:
+    """A model name without a library's prefix, found before the data is read (it was found once the model was
+    built, after the problems reported with it had been fixed)."""
+    prefix, sep, arch = name.partition(":")
+    if sep and prefix in MODEL_SOURCES and arch.strip():
+        return None
+    from freezetune.models import model_problem  # (torch: only for a name to refuse, with the prefix it may lack)
+
+    return model_problem(name)
 
 
 def _empty_path_problems(cfg: TrainConfig) -> list[str]:

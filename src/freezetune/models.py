@@ -24,7 +24,7 @@ from torch import nn
 from freezetune.download import HF_HOST, download_guard, first_line, require_network
 from freezetune.errors import ConfigError, WeightsError, choices, setting
 from freezetune.models_hf import hf_model
-from freezetune.options import MODEL_SOURCES, PRETRAINED_WEIGHTS, RANDOM_WEIGHTS
+from freezetune.options import MODEL_SOURCES, PRETRAINED_WEIGHTS, RANDOM_WEIGHTS, weights_problem
 from freezetune.preprocess import Preprocess
 from freezetune.run_log import warn_once
 from freezetune.weights import load_weights, packaged_weights, weights_only_loads
@@ -32,7 +32,6 @@ from freezetune.weights import load_weights, packaged_weights, weights_only_load
 log = logging.getLogger(__name__)
 SMALL_INPUT = 32  # px: an image model's last stage downsamples by 32 (ResNet, EfficientNet, ConvNeXt; a ViT's patches)
 
-WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
 
 # "packaged": pretrained weights come from a local file we load ourselves, so build without downloading.
 Source = Literal["random", "pretrained", "packaged", "shape"]  # shape: the pretrained architecture, weights unread
@@ -142,17 +141,25 @@ def _split_name(name: str) -> tuple[str, str]:
 
 
 def _weights_mode(weights: str | os.PathLike | None) -> Literal["random", "pretrained", "path"]:
-    if weights is None:
+    problem = weights_problem(weights)
+    if problem:
+        raise ConfigError(problem)
+    if weights is None or os.fspath(weights).lower() in RANDOM_WEIGHTS:
         return "random"
-    text = os.fspath(weights)
-    if text.lower() in RANDOM_WEIGHTS:
-        return "random"
-    if text.lower() in PRETRAINED_WEIGHTS:
-        return "pretrained"
-    if Path(text).suffix.lower() in WEIGHT_SUFFIXES or os.sep in text or Path(text).exists():
-        return "path"
-    valid = choices([*PRETRAINED_WEIGHTS, *RANDOM_WEIGHTS])
-    raise ConfigError(f"unknown weights {text!r}; use one of: {valid}, or a path ending in {'/'.join(WEIGHT_SUFFIXES)}")
+    return "pretrained" if os.fspath(weights).lower() in PRETRAINED_WEIGHTS else "path"
+
+
+def model_problem(name: object) -> str | None:
+    """Problem of a model ``name`` without a library's prefix, with the prefix it may have meant.
+
+    >>> model_problem("timm:resnet50"), model_problem("resnet50")
+    (None, "unknown model 'resnet50': the name must start with one of the prefixes 'timm:', 'torchvision:', 'hf:'; did you mean 'timm:resnet50' or 'torchvision:resnet50'?")
+    """
+    try:
+        _split_name(str(name))
+    except ConfigError as exc:
+        return str(exc)
+    return None
 
 
 def _resize(pre: Preprocess | None, img_size: int | None, name: str) -> Preprocess | None:

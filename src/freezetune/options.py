@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import difflib
 import math
+import os
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -109,6 +111,7 @@ HF_PREFIX = "hf:"  # a Hugging Face model: hf:ID or hf:FOLDER
 RANDOM_WEIGHTS = ("none", "random")
 TOPK = 5  # the classes `predict` lists per image or text unless asked (--topk)
 PRETRAINED_WEIGHTS = ("imagenet", "default")
+WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")  # a --weights that names a file
 # the header names a text CSV's text and label columns are found by (``--text-column``/``--label-column`` name others)
 TEXT_COLUMNS = ("text", "sentence", "review", "document", "content")
 LABEL_COLUMNS = ("label", "class", "target", "category", "y")
@@ -332,3 +335,32 @@ def check_choice(name: str, value: object, allowed: Iterable[object], error: typ
     freezetune.errors.ConfigError: unknown decode 'tpu'; choose one of: 'auto', 'gpu', 'cpu'
     """
     check(choice_problem(name, value, allowed), error)
+
+
+def device_problem(device: object) -> str | None:
+    """Problem of a ``device`` that is none of ``DEVICES`` (whether the device is there is known only where the run
+    runs: ``precision.resolve_device``).
+
+    >>> device_problem("cuda:1"), device_problem("tpu")
+    (None, "unsupported device 'tpu'; devices are: 'auto', 'cpu', 'cuda', 'cuda:N', 'mps'")
+    """
+    if isinstance(device, str) and re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", device.strip()):
+        return None
+    return f"unsupported device {device!r}; devices are: {choices(DEVICES)}"
+
+
+def weights_problem(weights: object) -> str | None:
+    """Problem of a ``weights`` that is neither a keyword nor a file's path (one there, or one that looks like one).
+
+    >>> weights_problem("imagenet"), weights_problem("imagnet")  # doctest: +ELLIPSIS
+    (None, "unknown weights 'imagnet'; use one of: 'imagenet', 'default', 'none', 'random', or a path ending in ...")
+    """
+    if weights is None:
+        return None
+    text = os.fspath(weights)
+    if text.lower() in (*PRETRAINED_WEIGHTS, *RANDOM_WEIGHTS) or os.sep in text or os.path.exists(text):
+        return None
+    if os.path.splitext(text)[1].lower() in WEIGHT_SUFFIXES:
+        return None
+    valid = choices([*PRETRAINED_WEIGHTS, *RANDOM_WEIGHTS])
+    return f"unknown weights {text!r}; use one of: {valid}, or a path ending in {'/'.join(WEIGHT_SUFFIXES)}"
