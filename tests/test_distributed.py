@@ -364,3 +364,14 @@ def test_the_images_an_epoch_visits_are_counted_as_the_ranks_share_them():
                           dist=DistInfo(0, world))  # fmt: skip
         per_rank = len(loaders.order(60, train=True))
         assert loaders.epoch_items(60) == per_rank * world
+
+
+@pytest.mark.multiprocess
+def test_a_model_with_auxiliary_classifiers_trains_under_torchrun(tmp_path):
+    # GoogLeNet's aux1/aux2 run in training and no loss reads them: DDP ended the second step waiting for their
+    # gradients ("Expected to have finished reduction in the prior iteration")
+    data = make_image_folder(tmp_path / "data", size=64)
+    out = tmp_path / "run"
+    proc = torchrun(tmp_path / "dump", "--data", data, "--out", out, "--epochs", "1", "--freeze", "none", "--cache",
+                    "off", "--model", "torchvision:googlenet", "--img-size", "64")  # fmt: skip
+    assert "test accuracy" in proc.stdout and (out / "best.pt").is_file(), proc.stdout[-2000:]

@@ -83,7 +83,13 @@ def wrap(model: nn.Module, info: DistInfo, device: torch.device) -> nn.Module:
     if not info.enabled or not any(p.requires_grad for p in model.parameters()):
         return model
     ids = [device.index] if device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    from freezetune.heads import aux_modules
+    from freezetune.module_tree import unwrap
+
+    # GoogLeNet's and Inception's auxiliary classifiers run in training, but no loss reads them: DDP waited for their
+    # gradients and ended the second step in "Expected to have finished reduction in the prior iteration"
+    unused = bool(aux_modules(unwrap(model)))
+    return nn.parallel.DistributedDataParallel(model, device_ids=ids, find_unused_parameters=unused)
 
 
 def all_reduce_sum(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
