@@ -375,3 +375,19 @@ def test_a_model_with_auxiliary_classifiers_trains_under_torchrun(tmp_path):
     proc = torchrun(tmp_path / "dump", "--data", data, "--out", out, "--epochs", "1", "--freeze", "none", "--cache",
                     "off", "--model", "torchvision:googlenet", "--img-size", "64")  # fmt: skip
     assert "test accuracy" in proc.stdout and (out / "best.pt").is_file(), proc.stdout[-2000:]
+
+
+@pytest.mark.multiprocess
+def test_a_feature_cache_over_fewer_images_than_processes_is_built(tmp_path):
+    # one validation image, two ranks: "cannot build a feature cache over 1 image(s) with 2 processes: use fewer",
+    # where --cache off trained (a rank of no rows now takes the store's shape from the other)
+    import shutil
+
+    data = make_image_folder(tmp_path / "data", val=1)
+    for extra in sorted((data / "val").iterdir())[1:]:
+        shutil.rmtree(extra)
+    out = tmp_path / "run"
+    torchrun(tmp_path / "dump", "--data", data, "--out", out, "--epochs", "1", "--freeze", "backbone")
+    (row,) = read_metrics(out / "metrics.csv")
+    single = evaluate_checkpoint(out / "last.pt", str(data / "val"), batch_size=8, device="cpu")
+    assert single["n"] == 1 and row["val_acc"] == single["acc"], (row, single)

@@ -28,7 +28,7 @@ from torch.utils.data import Dataset
 from freezetune.cache.disk import ensure_space
 from freezetune.cache.model_split import Split
 from freezetune.data.loaders import EpochOrder, check_batch_size
-from freezetune.distributed import DistInfo, shard_rows, sum_across_ranks
+from freezetune.distributed import DistInfo, all_gather, shard_rows, sum_across_ranks
 from freezetune.errors import ConfigError, DataError, choices
 from freezetune.hardware import available_ram
 from freezetune.interrupt import OUTSIDE_A_STEP, RunInterrupted, pause_point
@@ -163,8 +163,6 @@ def build_store(
     rows = shard_rows(n, dist)
     if n == 0:
         raise DataError("cannot build a feature cache over an empty dataset")
-    if len(rows) == 0:
-        raise DataError(f"cannot build a feature cache over {n} image(s) with {dist.world} processes: use fewer")
     storage: torch.Tensor | None = None
     info: CacheInfo | None = None
     targets = torch.zeros(n, dtype=torch.long)
@@ -186,6 +184,10 @@ def build_store(
                 pause_point("cache")
     finally:  # a stop or an error too: the bar's line is cleared for the message that follows
         meter.close()
+    if dist.enabled and n < dist.world:  # a rank of no rows (3 validation images, 4 GPUs) takes the store's shape
+        shapes = [s for s in all_gather(None if storage is None else (storage.shape, storage.dtype), dist) if s]
+        if storage is None:  # ... from one that computed features, and adds zeros to the sum below
+            storage, info = _allocate(tuple(shapes[0][0]), shapes[0][1], precision, spill_dir, place, zeroed=True)
     if storage is None or info is None:
         raise DataError("cannot build a feature cache over an empty dataset")
     # every rank filled only its own rows of zeroed tensors: summing over ranks gives each the whole cache
