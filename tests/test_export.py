@@ -287,6 +287,23 @@ def test_a_hugging_face_pt2_gives_logits_without_transformers_and_shares_the_fol
     assert (tmp_path / "f.hf").read_text() == "mine"
 
 
+def test_a_forced_export_replaces_its_model_folder_whole_and_no_folder_of_the_users(hf_best_pt, tmp_path):
+    # --force wrote the bundle's files into the earlier export's folder: a sentence-transformers export's
+    # modules.json stayed, and the model built from the folder pooled another way than the checkpoint's
+    export_checkpoint(hf_best_pt, tmp_path / "m.safetensors")
+    bundle = sorted(p.name for p in (tmp_path / "m.hf").iterdir())
+    (tmp_path / "m.hf" / "modules.json").write_text("[]")  # an earlier export's file this bundle does not hold
+    export_checkpoint(hf_best_pt, tmp_path / "m.safetensors", force=True)
+    assert sorted(p.name for p in (tmp_path / "m.hf").iterdir()) == bundle
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.hf", "m.json", "m.safetensors"]  # no leftover
+    # a folder no export of that name wrote (no sidecar names it): the user's model, say; not even --force
+    (tmp_path / "u.hf").mkdir()
+    (tmp_path / "u.hf" / "modules.json").write_text("mine")
+    with pytest.raises(CheckpointError, match="u.hf holds files no export of u wrote"):
+        export_checkpoint(hf_best_pt, tmp_path / "u.safetensors", force=True)
+    assert (tmp_path / "u.hf" / "modules.json").read_text() == "mine" and not (tmp_path / "u.safetensors").exists()
+
+
 def test_a_model_that_does_not_trace_is_one_line_and_leaves_nothing(hf_best_pt, tmp_path, capsys, monkeypatch):
     # what torch.onnx raised for a Hugging Face Swin: 130 lines of traceback, exit code 1, and m.hf left behind
     def fails(*args, **kwargs):

@@ -69,8 +69,13 @@ def export_checkpoint(ckpt_path: str | Path, to: str | Path, *, force: bool = Fa
         if folder.exists() and not folder.is_dir():  # not even --force replaces a file with a folder
             raise CheckpointError(f"{folder} is a file, where this model's config and tokenizer files go (a folder "
                                   f"{folder.name}/ beside the weights): move it, or export under another name")  # fmt: skip
-        if folder.exists() and not force and not hf_bundle.holds(folder, files):  # not another format's export
-            raise CheckpointError(f"{folder} already exists and holds other files; pass --force to overwrite")
+        if folder.exists() and not hf_bundle.holds(folder, files):  # not another format's export
+            if not force:
+                raise CheckpointError(f"{folder} already exists and holds other files; pass --force to overwrite")
+            if not _bundle_of_an_export(sidecar, folder):  # --force replaces the whole folder: only an export's
+                raise CheckpointError(f"{folder} holds files no export of {to.stem} wrote (its sidecar {sidecar.name} "
+                                      "names no such folder): not even --force replaces them; move it, or export "
+                                      "under another name")  # fmt: skip
         meta["hf_files"] = folder.name  # beside the sidecar: AutoConfig / AutoTokenizer.from_pretrained(it)
         if text:  # the tokenizer travels in that folder: the training machine's path is no use where the export goes
             meta["preprocess"]["tokenizer"] = folder.name
@@ -88,8 +93,17 @@ def export_checkpoint(ckpt_path: str | Path, to: str | Path, *, force: bool = Fa
         else:
             _save_graph(record, to)
         if files:
-            hf_bundle.write(files, folder)
+            hf_bundle.write_anew(files, folder)
     return to, sidecar
+
+
+def _bundle_of_an_export(sidecar: Path, folder: Path) -> bool:
+    """Whether ``folder`` is the one an earlier export's ``sidecar`` names as its model's files (not a folder of the
+    user's that happens to bear the name: a model of their own, ``m.hf`` beside ``m.safetensors``)."""
+    try:
+        return json.loads(sidecar.read_text()).get("hf_files") == folder.name
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        return False
 
 
 def _text_model(record: dict) -> bool:

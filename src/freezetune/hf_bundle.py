@@ -67,6 +67,23 @@ def write(files: dict[str, str], folder: Path, *, keep: bool = False) -> None:
                 tmp.write_bytes(base64.b64decode(data))
 
 
+def write_anew(files: dict[str, str], folder: Path) -> None:
+    """``files`` as the whole of ``folder``: written into a new folder beside it, which then takes its name (written
+    into it, an earlier export's files that these do not include stayed: its sentence pooling's ``modules.json``
+    rebuilt a model of another pooling from an export of a model without one). A stop leaves the old folder or the
+    new, and a hidden leftover the next export of that name removes."""
+    import shutil
+
+    for leftover in folder.parent.glob(f".{folder.name}.*.tmp"):  # an earlier export's, stopped mid-swap
+        shutil.rmtree(leftover, ignore_errors=True)
+    new, old = (folder.with_name(f".{folder.name}.{os.getpid()}.{kind}.tmp") for kind in ("new", "old"))
+    write(files, new)
+    if folder.exists():
+        folder.rename(old)
+    new.rename(folder)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def with_classes(files: dict[str, str], classes: list[str], *, text: bool = False) -> dict[str, str]:
     """``files`` with their ``config.json`` giving the run's classes (``id2label``, ``label2id``, ``num_labels``):
     the folder's config still had the pretrained model's labels, which a model built from it would not load the
