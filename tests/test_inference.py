@@ -111,3 +111,17 @@ def test_write_evaluation_writes_the_plot_and_json_it_is_given(best_pt, data, tm
     assert json.loads((tmp_path / "m.json").read_text()) == json.loads(json.dumps(result))
     write_evaluation(result, result["classes"])  # nothing asked, nothing written
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.png", "m.json"]
+
+
+def test_a_checkpoint_is_loaded_for_inference_in_fp32_on_any_device(best_pt, monkeypatch):
+    # the docstring said fp32 (AMP off); resolve_precision's "auto" made eval and predict bf16 on a CUDA card, where
+    # exports' fp32 graphs and the numbers on another card differed in the last digits
+    from freezetune import inference
+
+    asked = []
+    real = inference.resolve_precision
+    monkeypatch.setattr(
+        inference, "resolve_precision", lambda device, amp="auto": asked.append(amp) or real(device, amp)
+    )
+    loaded = inference.load_model(best_pt, device="cpu")
+    assert asked == ["off"] and loaded.precision.amp_dtype is None

@@ -124,7 +124,8 @@ def _eval_parser(sub, commands: dict) -> None:
                         "run's")  # fmt: skip
     p.add_argument("--batch-size", type=int, default=None,
                    help="default: the run's; predictions do not depend on it, the loss's float rounding may, so at "
-                        "the run's, eval of best.pt matches its test_metrics.json to the last digit")  # fmt: skip
+                        "the run's, eval of best.pt matches its test_metrics.json to the last digit (eval runs in "
+                        "fp32: a run under --amp scored its test in bf16 or fp16)")  # fmt: skip
     p.add_argument("--device", default=_DEFAULTS.device, help=FIELD_HELP["device"])
     p.add_argument("--plot", default=None,
                    help="confusion-matrix image, .png/.pdf/.svg/.jpg (default: next to the checkpoint, "

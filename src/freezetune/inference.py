@@ -50,9 +50,10 @@ class LoadedModel:
 def load_model(checkpoint: str | Path | dict, device: str = "auto") -> LoadedModel:
     """Rebuild the model of a checkpoint (a path or a record from ``checkpoint.load``) on ``device``.
 
-    Inference runs in fp32 (AMP off), as the CLI always has: the numbers do not depend on the card. The memory
-    format is the run's (``hardware.use_channels_last``), so ``eval`` of ``best.pt`` on the CPU reproduces the run's
-    ``test_metrics.json`` to the last digit.
+    Inference runs in fp32 (AMP off, whatever the run trained with): the numbers do not depend on the card's bf16
+    or fp16, and match an export's graph. The memory format is the run's (``hardware.use_channels_last``), so
+    ``eval`` of ``best.pt`` on the machine that trained it reproduces the run's ``test_metrics.json`` to the last
+    digit where the run scored in fp32 (no ``--amp``: the CPU's default; CUDA's is bf16, whose last digits differ).
 
     >>> loaded = load_model("runs/r50/best.pt", device="cpu")  # doctest: +SKIP
     >>> loaded.classes[:2]  # doctest: +SKIP
@@ -60,7 +61,7 @@ def load_model(checkpoint: str | Path | dict, device: str = "auto") -> LoadedMod
     """
     record = checkpoint if isinstance(checkpoint, dict) else ckpt.load(checkpoint)
     model, pre = ckpt.build_model(record)
-    precision = resolve_precision(resolve_device(device))
+    precision = resolve_precision(resolve_device(device), "off")  # ("auto" was bf16 on CUDA)
     channels_last = use_channels_last(record.get("config", {}).get("channels_last"), model)
     model.to(precision.device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
     return LoadedModel(model.eval(), list(record["classes"]), pre, precision, channels_last)
@@ -232,7 +233,7 @@ def evaluate_checkpoint(
 
     ``batch_size`` (default: the run's, ``run_batch_size``) changes no prediction, but the loss's float rounding may
     differ with it (and with the CPU threads): at the run's, ``eval`` of ``best.pt`` on the machine that trained it
-    reproduces the run's ``test_metrics.json`` to the last digit. ``progress``: a progress bar over the batches.
+    reproduces the run's ``test_metrics.json`` to the last digit, where the run scored in fp32 (``load_model``). ``progress``: a progress bar over the batches.
     ``skip_bad``: a path's unreadable image files are left out (``data.build_eval_dataset``), as a run's
     ``--skip-bad`` left them out of its test split, rather than refused.
 
