@@ -439,6 +439,36 @@ def test_a_text_checkpoint_predicts_where_the_model_folder_it_was_trained_from_i
     assert elsewhere == here and load_model(moved, "cpu").preprocess.tokenizer.startswith(str(tmp_path / "cache"))
 
 
+def test_a_text_checkpoint_tokenizes_as_its_run_did_where_the_model_folder_changed_since(text_run, tmp_path,
+                                                                                           monkeypatch, caplog):  # fmt: skip
+    # eval and predict read the tokenizer from the model folder as it was now: one made case-sensitive since the run
+    # tokenized "A JOY TO WATCH" otherwise, and a prediction flipped, without a word
+    import shutil
+
+    from freezetune.inference import load_model
+
+    best, _ = text_run
+    folder = tmp_path / "minilm"
+    shutil.copytree(MINILM, folder, ignore=shutil.ignore_patterns("*.safetensors"))
+    record = checkpoint.load(best)
+    here = {**record, "model": f"hf:{folder}", "preprocess": {**record["preprocess"], "tokenizer": str(folder)}}
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    texts = [GOOD[0].upper(), BAD[1].upper()]
+    before = predict_texts(load_model(here, "cpu"), texts)
+    assert load_model(here, "cpu").preprocess.tokenizer == str(folder)  # unchanged: the folder itself
+    for name, key in (("tokenizer.json", "normalizer"), ("tokenizer_config.json", None)):
+        spec = json.loads((folder / name).read_text())
+        if key:
+            spec[key]["lowercase"] = False
+        else:
+            spec["do_lower_case"] = False
+        (folder / name).write_text(json.dumps(spec))
+    with caplog.at_level("WARNING", logger="freezetune"):
+        loaded = load_model(here, "cpu")
+    assert loaded.preprocess.tokenizer.startswith(str(tmp_path / "cache")) and predict_texts(loaded, texts) == before
+    assert "tokenizer.json, tokenizer_config.json changed since the run" in caplog.text
+
+
 def test_a_tab_separated_text_table_reads_as_a_text_csv(tmp_path):
     # GLUE's train.tsv ("sentence<TAB>label") was refused as "not a text CSV"
     (tmp_path / "train.tsv").write_text("sentence\tlabel\na fine, warm film\t1\na dull one\t0\n")

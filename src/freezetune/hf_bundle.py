@@ -11,12 +11,15 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import logging
 import os
 from pathlib import Path
 
 from freezetune._io import atomic_output
 from freezetune.options import HF_PREFIX
 from freezetune.text_pooling import declaration_files
+
+log = logging.getLogger(__name__)
 
 # A saved Hugging Face tokenizer has at least one of these (fast, WordPiece, BPE, SentencePiece vocabularies; those of
 # tokenizers without a tokenizer.json too: DeBERTa-v3's spm.model, whose checkpoint and export held no vocabulary, so a
@@ -47,15 +50,31 @@ def bundle(model: str) -> dict[str, str] | None:
 
 
 def rebuilt_folder(model: str, files: dict[str, str] | None) -> str | None:
-    """The folder to build ``model`` from when its own is gone: the bundled ``files`` written under the user's cache
-    (once; a folder per content). None when the model's folder is there, or nothing was bundled."""
-    if not files or not model.startswith(HF_PREFIX) or Path(model.removeprefix(HF_PREFIX)).is_dir():
+    """The folder to build ``model`` from when its own is gone, or holds other versions of the bundled ``files``
+    than the run read (a tokenizer edited since: eval and predict tokenized otherwise than the run, in silence):
+    those ``files`` written under the user's cache (once; a folder per content). None when the model's folder holds
+    them as they were, or nothing was bundled."""
+    if not files or not model.startswith(HF_PREFIX):
         return None
+    own = Path(model.removeprefix(HF_PREFIX))
+    if own.is_dir():
+        changed = [n for n, data in files.items() if not _holds_file(own / n, data)]
+        if not changed:
+            return None
+        log.warning("%s: %s changed since the run; the model is built from the files its checkpoint carries",
+                    own, ", ".join(changed))  # fmt: skip
     digest = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[:16]
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     folder = cache / "freezetune" / "hf-bundles" / digest
     write(files, folder, keep=True)
     return str(folder)
+
+
+def _holds_file(path: Path, data: str) -> bool:
+    try:
+        return path.read_bytes() == base64.b64decode(data)
+    except OSError:  # gone, or a folder
+        return False
 
 
 def write(files: dict[str, str], folder: Path, *, keep: bool = False) -> None:
