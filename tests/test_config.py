@@ -525,3 +525,16 @@ def test_a_device_weights_or_model_name_of_no_form_is_reported_with_the_configs_
         assert needle in message, message
     # whether CUDA is there is the run's machine's to say: a config for a GPU machine prints on a CPU one
     assert load_config(overrides={"data": "x", "device": "cuda:1", "weights": "my.safetensors"}).device == "cuda:1"
+
+
+def test_a_printed_config_starts_a_run_afresh_and_a_sweep_refuses_a_freeze_before_printing(capsys, tmp_path):
+    # --print-config of a resume printed resume: true, and the file given to a run for another --out tried to resume
+    # that one; a sweep printed a --freeze it then refused at its start
+    assert yaml.safe_load(TrainConfig(data="d", resume=True).dump())["resume"] is False
+    code, out, err = run_cli(capsys, "sweep", "--data", "x", "--freeze", "backbone", "--print-config")
+    assert code == 2 and out == "" and "a sweep runs each of --recipes with its own freeze" in err, err
+    # a config that is no regular file (/dev/null, a shell's <(...)): read, not "does not exist"
+    code, out, err = run_cli(capsys, "train", "--config", "/dev/null", "--data", "imgs", "--print-config")
+    assert code == 0 and "data: " in out, err
+    code, _, err = run_cli(capsys, "train", "--config", str(tmp_path / "none.yaml"), "--print-config")
+    assert code == 2 and "does not exist" in err

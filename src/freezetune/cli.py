@@ -190,6 +190,7 @@ def _cmd_sweep(args) -> int:
         problems.append(str(exc))
     try:
         cfg = _train_config(args, run=False)
+        sweep_config.refuse_own_freeze(cfg)
     except ConfigError as exc:
         problems.append(str(exc))
     if problems:

@@ -203,8 +203,9 @@ class TrainConfig:
     def dump(self) -> str:
         """The config as YAML, as ``--print-config`` shows it: its paths absolute, as a run records them, so that the
         file works as ``--config`` from any directory (a relative ``data`` was read against the directory of the run
-        that used the file)."""
-        return yaml.safe_dump(self.recorded(), sort_keys=False)
+        that used the file); ``resume`` false, as ``save`` writes it: the file is a run's settings, and a run given it
+        for another ``--out`` tried to resume that one."""
+        return yaml.safe_dump({**self.recorded(), "resume": False}, sort_keys=False)
 
 
 def absolute_paths(values: dict[str, Any]) -> dict[str, Any]:

@@ -189,7 +189,7 @@ def read_yaml(path: Path) -> dict[str, Any]:
     if path.is_dir():
         raise ConfigError(f"config file {str(path)!r} is a folder: give a YAML file (a run's config.yaml, a sweep's "
                           "winner.yaml)")  # fmt: skip
-    if not path.is_file():
+    if not path.exists():  # (not is_file: --config <(...) and /dev/null are no regular files, and are read)
         raise ConfigError(f"config file {str(path)!r} does not exist")
     try:
         # (Windows: UTF-8, not the locale's code page)

@@ -173,12 +173,18 @@ def recipe_names(recipes: str | list[str] | tuple[str, ...]) -> list[str]:
     return names
 
 
-def run_configs(cfg: TrainConfig, names: list[str], out: Path) -> dict[str, TrainConfig]:
-    """Each recipe's config, all validated before the first one trains (an option a recipe sets itself, say)."""
+def refuse_own_freeze(cfg: TrainConfig) -> None:
+    """A sweep's settings with a recipe or a freeze spec of their own are refused (``--print-config`` too: it
+    printed them as a sweep's, which the sweep then refused)."""
     given = [f"{k} {v!r}" for k, v in (("recipe", cfg.recipe), ("freeze", cfg.freeze)) if v not in (None, "auto")]
     if given:  # only what the user gave is named (a winner.yaml holds a recipe; --freeze a spec)
         raise ConfigError(f"a sweep runs each of --recipes with its own freeze; drop {' and '.join(given)} "
                           "(recipe=null freeze=auto)")  # fmt: skip
+
+
+def run_configs(cfg: TrainConfig, names: list[str], out: Path) -> dict[str, TrainConfig]:
+    """Each recipe's config, all validated before the first one trains (an option a recipe sets itself, say)."""
+    refuse_own_freeze(cfg)
     features = cfg.cache_dir or os.path.abspath(out / "features")  # each recipe's config.yaml names it
     # every recipe is judged on the validation split: the auto recipe keeps it through its final run (no refit)
     from freezetune import recipes
