@@ -77,6 +77,16 @@ def test_unknown_spec_lists_stage_names(resnet18, spec):
     assert all(p.requires_grad for p in resnet18.parameters()), "a failed freeze must not half-apply"
 
 
+def test_a_short_name_is_hinted_at_its_full_name_only_where_that_module_has_parameters(resnet18):
+    # a MiniLM's --freeze pooler was told "did you mean 'bert.pooler'?" (a parameterless TokenPooler), which was
+    # then refused as matching no stage in turn
+    with pytest.raises(ft.FreezetuneError, match=r"did you mean 'layer1\.0\.conv1'\?"):
+        ft.freeze(resnet18, "0.conv1")
+    with pytest.raises(ft.FreezetuneError) as info:
+        ft.freeze(resnet18, "relu")  # layer1.0.relu is there, with nothing to freeze
+    assert "matches no stage" in str(info.value) and "did you mean" not in str(info.value)
+
+
 def test_unknown_spec_in_unfreeze_and_bad_types(resnet18):
     with pytest.raises(ft.FreezetuneError, match="layer9"):
         ft.unfreeze(resnet18, "layer9")

@@ -276,7 +276,9 @@ def _resolve_name(model: nn.Module, st: list[Stage], spec: str) -> dict[int, nn.
 def _full_name_hint(model: nn.Module, spec: str) -> str:
     """A glob that matches once the module names above it are put in front: a stage is named short ('h.0', a
     GPT-2's block), a module glob matches the full name ('transformer.h.*.attn')."""
-    names = [n for n, _ in model.named_modules() if n]
+    # modules with parameters only: a sentence model's pooler is a parameterless TokenPooler, and "did you mean
+    # 'bert.pooler'?" named a module that was refused in turn as matching no stage
+    names = [n for n, m in model.named_modules() if n and any(True for _ in m.parameters())]
     for prefix in dict.fromkeys(n.rpartition(".")[0] for n in names if "." in n):
         full = f"{prefix}.{spec}"
         if any(fnmatch.fnmatchcase(n, full) for n in names):
