@@ -642,6 +642,29 @@ def test_eval_transform_shape_dtype_and_normalisation():
     assert torch.allclose(gray, torch.full_like(gray, (102 / 255 - 0.5) / 0.25), atol=1e-4)
 
 
+@pytest.mark.parametrize("mode", ["I;16", "I", "F"])
+def test_a_16_bit_or_float_pil_image_is_transformed_as_predict_reads_its_file(tmp_path, mode):
+    # a user's Image.open(...) of a 16-bit PNG went through the resize as uint16 and a bright edge's bicubic overshoot
+    # wrapped around to black; predict's load_image scales to 8 bits first, and eval_transform promises its input
+    halves = np.full((64, 64), 1000, np.uint16)
+    halves[:, 32:] = 65000
+    image = {
+        "I;16": lambda: Image.fromarray(halves),
+        "I": lambda: Image.fromarray(halves).convert("I"),
+        "F": lambda: Image.fromarray(halves.astype(np.float32) / 100, mode="F"),
+    }[mode]()  # F: beyond [0, 1]
+    path = tmp_path / ("img.png" if mode == "I;16" else "img.tif")
+    image.save(path)
+    pre = Preprocess(input_size=24, interpolation="bicubic", crop_pct=1.0)
+    for transform in (eval_transform(pre), train_transform(pre, "light")):
+        with Image.open(path) as opened:
+            assert opened.mode == mode
+            torch.manual_seed(0)
+            mine = transform(opened)
+        torch.manual_seed(0)
+        assert torch.equal(mine, transform(load_image(path, pre.alpha, pre.decode_side)))
+
+
 @pytest.mark.parametrize("aug", ["none", "light", "standard"])
 def test_train_presets_output(aug):
     torch.manual_seed(0)

@@ -17,12 +17,13 @@ from __future__ import annotations
 import torch
 from PIL import Image
 
+from freezetune.data.bit_depth import eight_bit
 from freezetune.errors import ConfigError, choices
 from freezetune.options import ALPHA_DEFAULT, ALPHA_MODES
 
 _ALPHA_PIL_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
-# PIL modes the transforms take as they are: RGB, grey, and those of more than 8 bits (which load_image scales)
-_AS_IT_IS = ("RGB", "L", "I", "I;16", "I;16B", "I;16L", "I;16N", "F")
+# PIL modes the transforms take as they are (a wider one is first made 8-bit grey: bit_depth.eight_bit)
+_AS_IT_IS = ("RGB", "L")
 
 
 def has_alpha(img: Image.Image) -> bool:
@@ -91,15 +92,17 @@ def _check(alpha: str) -> str:
 
 
 class FlattenAlpha:
-    """The transforms' first step, for a user's own image: a PIL image other than RGB or grey (RGBA, LA, PA,
-    premultiplied RGBa/La, palette, CMYK ...) made RGB by ``flatten``, as ``load_image`` makes a file's; a tensor
-    ``[..., 2 or 4, H, W]`` by ``flatten_tensor``. Anything else passes unchanged."""
+    """The transforms' first step, for a user's own image: a PIL image of 16 or 32 bits made 8-bit grey by
+    ``eight_bit``, one other than RGB or grey (RGBA, LA, PA, premultiplied RGBa/La, palette, CMYK ...) made RGB by
+    ``flatten``, as ``load_image`` makes a file's; a tensor ``[..., 2 or 4, H, W]`` by ``flatten_tensor``. Anything
+    else passes unchanged."""
 
     def __init__(self, alpha: str = ALPHA_DEFAULT) -> None:
         self.alpha = _check(alpha)
 
     def __call__(self, x: Image.Image | torch.Tensor) -> Image.Image | torch.Tensor:
         if isinstance(x, Image.Image):
+            x = eight_bit(x)
             return x if x.mode in _AS_IT_IS else flatten(x, self.alpha)
         if not isinstance(x, torch.Tensor) or x.dim() < 3 or x.shape[-3] not in (2, 4):
             return x

@@ -16,6 +16,7 @@ from PIL import Image, ImageOps, features
 from torch.utils.data import Dataset
 
 from freezetune.data.alpha import flatten
+from freezetune.data.bit_depth import eight_bit
 from freezetune.data.labels import folder_name, nfc, warn_similar_labels
 from freezetune.data.large import too_large
 from freezetune.errors import DataError, choices
@@ -83,7 +84,7 @@ def load_image(path: str | Path, alpha: str = ALPHA_DEFAULT, min_side: int | Non
         with Image.open(path) as img:
             if min_side and img.format in JPEG_FORMATS:
                 img.draft(None, (min_side, min_side))  # the largest reduction that keeps both sides >= min_side
-            return flatten(_eight_bit(ImageOps.exif_transpose(img)), alpha)  # upright: data/orientation.py
+            return flatten(eight_bit(ImageOps.exif_transpose(img)), alpha)  # upright: data/orientation.py
     except MemoryError:
         raise
     except Image.DecompressionBombError as e:
@@ -95,23 +96,6 @@ def load_image(path: str | Path, alpha: str = ALPHA_DEFAULT, min_side: int | Non
         if os.path.islink(path) and not os.path.exists(path):  # "No such file or directory" of a file listed
             why = f"a link to '{os.readlink(path)}', which does not exist"
         raise DataError(f"cannot read image '{path}': {why}{heif_hint([path])}") from e
-
-
-def _eight_bit(img: Image.Image) -> Image.Image:
-    """A one-channel 16-bit, 32-bit integer or float image as 8-bit grey, scaled rather than clipped.
-
-    PIL's RGB conversion clips their values at 255: a 16-bit PNG (microscopy, medical, satellite) turns almost all
-    white, a float TIFF in [0, 1] almost all black. Integers are read as 16-bit (0..65535 -> 0..255); floats in
-    [0, 1] are scaled by 255, other floats clipped to 0..255. Every other mode is returned as it is.
-    """
-    if img.mode.startswith("I"):  # I;16, I;16B, I;16L, I
-        values = np.asarray(img).astype(np.int64)
-        return Image.fromarray((np.clip(values, 0, 65535) // 257).astype(np.uint8), "L")
-    if img.mode == "F":
-        values = np.nan_to_num(np.asarray(img, dtype=np.float32))
-        scale = 255.0 if values.size and values.min() >= 0 and values.max() <= 1 else 1.0
-        return Image.fromarray(np.clip(np.round(values * scale), 0, 255).astype(np.uint8), "L")
-    return img
 
 
 def has_image_suffix(p: Path) -> bool:

@@ -34,9 +34,9 @@ def interpolation_mode(name: str) -> InterpolationMode:
 
 
 def _to_uint8_rgb(pre: Preprocess) -> list[v2.Transform]:
-    # A user's own RGBA, grey+alpha or palette image (given to the transform, not read by load_image) is made RGB as
-    # the file readers make it; ToImage wraps tensors and converts PIL; RGB expands 1-channel input so 3-channel
-    # mean/std apply.
+    # A user's own 16-bit, float, RGBA, grey+alpha or palette image (given to the transform, not read by load_image)
+    # is made 8-bit RGB as the file readers make it (a 16-bit one kept wide wrapped its resize's overshoot to black);
+    # ToImage wraps tensors and converts PIL; RGB expands 1-channel input so 3-channel mean/std apply.
     return [FlattenAlpha(pre.alpha), v2.ToImage(), v2.RGB()]
 
 
