@@ -99,8 +99,18 @@ def test_evaluate_model_names_labels_the_model_cannot_score():
 
     ds = InMemoryImageDataset(torch.zeros(2, 2, 2, dtype=torch.uint8), torch.tensor([0, 5]), [str(i) for i in range(6)])
     ds.transform = lambda img: img.float().flatten()
-    with pytest.raises(DataError, match="labels run from 0 to 5, and num_classes is 3: labels are 0 to 2"):
+    with pytest.raises(DataError, match="label 5 is outside num_classes=3: labels are 0 to 2"):
         evaluate_model(torch.nn.Linear(4, 3), ds, num_classes=3)
+
+
+@pytest.mark.parametrize("bad", [4, -1])
+def test_evaluate_model_names_a_label_it_cannot_score_in_a_dataset_without_targets(bad):
+    # a TensorDataset (no ``targets`` to check up front) with a label 4 for a 3-class model was torch's raw
+    # "IndexError: Target 4 is out of bounds" from inside the loss; the user's mistake is named as the README promises
+    labels = torch.tensor([0, 1, 2, 0, 1, bad])  # in the second batch of 4
+    data = torch.utils.data.TensorDataset(torch.randn(6, 4), labels)
+    with pytest.raises(DataError, match=rf"label {bad} is outside num_classes=3: labels are 0 to 2"):
+        evaluate_model(torch.nn.Linear(4, 3), data, num_classes=3, batch_size=4, workers=0)
 
 
 def test_write_evaluation_writes_the_plot_and_json_it_is_given(best_pt, data, tmp_path):

@@ -114,7 +114,7 @@ def test_loss_is_none_without_losses_and_reset_clears():
 
 def test_bad_inputs_raise_clear_errors():
     meter = ClassificationMeter(3)
-    with pytest.raises(DataError, match="target label 3 .*0..2"):
+    with pytest.raises(DataError, match="label 3 is outside num_classes=3: labels are 0 to 2"):
         meter.update(torch.zeros(2, 3), torch.tensor([0, 3]))
     with pytest.raises(DataError, match="4 classes"):
         meter.update(torch.zeros(2, 4), torch.tensor([0, 1]))

@@ -10,7 +10,7 @@ from torch import nn
 from freezetune.bn_fold import foldable, folded
 from freezetune.distributed import DistInfo, all_gather
 from freezetune.epoch_log import progress_bar
-from freezetune.metrics import ClassificationMeter
+from freezetune.metrics import ClassificationMeter, check_labels
 from freezetune.precision import Precision
 
 
@@ -57,6 +57,7 @@ def evaluate(
                          unit="batch")  # fmt: skip
     try:
         for inputs, targets in batches:
+            check_labels(targets, num_classes)  # before the loss, which raises torch's IndexError (a GPU: an assert)
             inputs = to_device(inputs, precision.device, channels_last)
             targets = targets.to(precision.device, non_blocking=True)
             with precision.autocast():

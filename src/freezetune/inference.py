@@ -23,10 +23,11 @@ from freezetune import checkpoint as ckpt
 from freezetune._io import atomic_write_text, remove_stale_temps_of
 from freezetune.config import TrainConfig
 from freezetune.data.loaders import Loaders, close_loader
-from freezetune.errors import ConfigError, DataError, setting
+from freezetune.errors import ConfigError, setting
 from freezetune.evaluate import evaluate
 from freezetune.hardware import use_channels_last
 from freezetune.memory import out_of_memory_hint
+from freezetune.metrics import check_labels
 from freezetune.options import check, column_name_problem, positive_int_problem
 from freezetune.precision import Precision, resolve_device, resolve_precision
 from freezetune.preprocess import Preprocess
@@ -161,15 +162,11 @@ def _evaluation_output(path: Path, metrics: bool) -> bool:
 
 
 def _check_labels(dataset: Dataset, num_classes: int) -> None:
-    """A dataset whose labels (``targets``, where it has them) a ``num_classes`` model cannot score: torch's
-    IndexError from deep in the loss, otherwise."""
+    """A dataset whose labels (``targets``, where it has them) a ``num_classes`` model cannot score, named before a
+    batch is scored (``evaluate`` checks each batch of any other dataset as it scores it)."""
     targets = getattr(dataset, "targets", None)
-    if not isinstance(targets, torch.Tensor) or not len(targets):
-        return
-    low, high = int(targets.min()), int(targets.max())
-    if low < 0 or high >= num_classes:
-        raise DataError(f"the dataset's labels run from {low} to {high}, and num_classes is {num_classes}: labels are "
-                        f"0 to {num_classes - 1}")  # fmt: skip
+    if isinstance(targets, torch.Tensor):
+        check_labels(targets, num_classes)
 
 
 def evaluate_model(

@@ -22,6 +22,24 @@ log = logging.getLogger(__name__)
 _MAX_TOPK = 5
 
 
+def check_labels(targets: torch.Tensor, num_classes: int) -> None:
+    """Refuse class labels outside ``[0, num_classes)``, naming the lowest or highest: a user's dataset with one was
+    torch's "IndexError: Target 4 is out of bounds" from inside the loss (a device-side assert on a GPU). One min/max
+    pass, cheap enough for every batch scored.
+
+    >>> check_labels(torch.tensor([0, 2, 1]), 3)
+    >>> check_labels(torch.tensor([0, 4]), 3)
+    Traceback (most recent call last):
+    freezetune.errors.DataError: label 4 is outside num_classes=3: labels are 0 to 2
+    """
+    if not targets.numel():
+        return
+    low, high = (int(v) for v in torch.aminmax(targets))
+    if low < 0 or high >= num_classes:
+        bad = low if low < 0 else high
+        raise DataError(f"label {bad} is outside num_classes={num_classes}: labels are 0 to {num_classes - 1}")
+
+
 class ClassificationMeter:
     """Accumulate classification metrics over batches; works in any training loop.
 
@@ -87,11 +105,7 @@ class ClassificationMeter:
         if logits.shape[1] != self.num_classes:
             raise DataError(f"logits have {logits.shape[1]} classes, the meter was built for {self.num_classes}: the "
                             "model's head and the data disagree on the number of classes")  # fmt: skip
-        if targets.numel() and (targets.min() < 0 or targets.max() >= self.num_classes):
-            bad = targets[(targets < 0) | (targets >= self.num_classes)][0].item()
-            raise DataError(
-                f"target label {bad} is outside the {self.num_classes} classes (valid: 0..{self.num_classes - 1})"
-            )
+        check_labels(targets, self.num_classes)
 
     def _add_loss(self, loss: float | torch.Tensor, batch_size: int) -> None:
         if isinstance(loss, torch.Tensor):
