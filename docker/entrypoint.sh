@@ -20,12 +20,25 @@ case "${1:-}" in
       shift
     fi
     port="${JUPYTER_PORT:-8888}"
-    defaults=()
-    case " $* " in *" --port"* | *" --ServerApp.port"*) ;; *) defaults+=("--port=${port}") ;; esac
-    case " $* " in *" --ip"* | *" --ServerApp.ip"*) ;; *) defaults+=("--ip=0.0.0.0") ;; esac
-    for arg in "$@"; do  # the port the URL below names
-      case "$arg" in --port=* | --ServerApp.port=*) port="${arg#*=}" ;; esac
+    own_port="" own_ip="" previous=""
+    # the user's --port/--ip (`--port=N` or `--port N`, as JupyterLab takes both) replace the defaults; the URL below
+    # names the port JupyterLab will listen on (it named 8888 for `--port 9999`)
+    for arg in "$@"; do
+      case "$previous" in --port | --ServerApp.port) port="$arg" ;; esac
+      case "$arg" in
+        --port=* | --ServerApp.port=*) own_port=1 port="${arg#*=}" ;;
+        --port | --ServerApp.port) own_port=1 ;;
+        --ip | --ip=* | --ServerApp.ip | --ServerApp.ip=*) own_ip=1 ;;
+      esac
+      previous="$arg"
     done
+    defaults=()
+    if [ -z "$own_port" ]; then
+      defaults+=("--port=${port}")
+    fi
+    if [ -z "$own_ip" ]; then
+      defaults+=("--ip=0.0.0.0")
+    fi
     if [ -z "${JUPYTER_TOKEN:-}" ]; then
       JUPYTER_TOKEN="$(od -An -N24 -tx1 /dev/urandom | tr -d ' \n')"
       echo "JupyterLab token (set JUPYTER_TOKEN to choose your own): ${JUPYTER_TOKEN}"

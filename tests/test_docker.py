@@ -153,6 +153,23 @@ def test_jupyter_takes_the_users_port_and_ip_and_jupyter_lab_as_well(stand_ins):
     assert args.count("--ip") == 1 and "--ip=127.0.0.1" in args and "--port=8000" in args
 
 
+@pytest.mark.parametrize("given", [["--port", "9999"], ["--ServerApp.port", "9999"], ["--ServerApp.port=9999"]])
+def test_the_printed_jupyter_url_names_the_users_port_in_either_form(stand_ins, given):
+    # `jupyter --port 9999` printed http://127.0.0.1:8888/... while JupyterLab started on 9999
+    out = _run_entrypoint(stand_ins, "jupyter", *given, env={"JUPYTER_TOKEN": ""})
+    assert "open http://127.0.0.1:9999/lab?token=" in out
+    args = out.split("jupyter: ")[1]
+    assert args.count("port") == 1 and " ".join(given) in args  # the user's, as given, and no default beside it
+
+
+def test_a_jupyter_option_named_like_port_keeps_the_default_port(stand_ins):
+    # --ServerApp.port_retries=0 read as the user's own port: the default --port=$JUPYTER_PORT was left out
+    out = _run_entrypoint(
+        stand_ins, "jupyter", "--ServerApp.port_retries=0", env={"JUPYTER_TOKEN": "", "JUPYTER_PORT": "8000"}
+    )
+    assert "open http://127.0.0.1:8000/lab?token=" in out and "--port=8000" in out.split("jupyter: ")[1]
+
+
 def test_a_user_the_image_does_not_know_gets_a_writable_home(stand_ins):
     # docker run --user "$(id -u):$(id -g)" sets HOME=/; JupyterLab stopped at start: Permission denied: '/.local'
     user, scratch = [], stand_ins.parent
