@@ -83,6 +83,21 @@ def test_a_dash_reads_image_paths_from_standard_input(best_pt, data, monkeypatch
         predict_files(best_pt, ["-"], topk=1, device="cpu")
 
 
+def test_standard_input_not_in_utf8_is_named_by_its_byte_and_line_as_a_file_is(best_pt, data, monkeypatch, capsys):
+    # `printf 'caf\xe9' | freezetune predict ... -` ended in a UnicodeDecodeError traceback and exit 1
+    import io
+
+    from _engine_fixtures import run_cli
+
+    files = sorted(str(p) for p in (data / "test" / "red").glob("*.png"))
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(("\ufeff" + "\n".join(files)).encode()), "utf-8"))
+    assert [r["path"] for r in predict_files(best_pt, ["-"], topk=1, device="cpu")] == files  # its bytes, as UTF-8
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(files[0].encode() + b"\ncaf\xe9.png\n"), "utf-8"))
+    code, _, err = run_cli(capsys, "predict", "--checkpoint", best_pt, "-", "--device", "cpu")
+    assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert "standard input: byte 0xe9 on line 2 is not UTF-8 text" in err
+
+
 def test_predict_files_user_errors(best_pt, data):
     with pytest.raises(ConfigError, match="topk must be >= 1, got 0"):
         predict_files(best_pt, [data], topk=0, device="cpu")

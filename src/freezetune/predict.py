@@ -20,6 +20,7 @@ import torch
 from freezetune.bn_fold import foldable, folded
 from freezetune.data.text import refuse_other_settings
 from freezetune.data.text_table import Columns, blank
+from freezetune.data.utf8 import decoded
 from freezetune.errors import ConfigError, DataError
 from freezetune.evaluate import predict_probs
 from freezetune.inference import BATCH_SIZE, LoadedModel, count_cut, load_model, text_tokenizer, warn_cut
@@ -90,8 +91,14 @@ STDIN = "-"  # a path that reads standard input: image paths, one a line; a text
 
 
 def _stdin_lines() -> list[tuple[int, str]]:
-    """Standard input's non-blank lines, numbered from 1 (a pipe: ``ls *.jpg | freezetune predict ... -``)."""
-    return [(i, line.removesuffix("\r")) for i, line in enumerate(sys.stdin.read().split("\n"), 1) if not blank(line)]
+    """Standard input's non-blank lines, numbered from 1 (a pipe: ``ls *.jpg | freezetune predict ... -``).
+
+    Raises:
+        DataError: its bytes are not UTF-8, named as a file's are (read as text, a Latin-1 byte ended in a traceback).
+    """
+    raw = getattr(sys.stdin, "buffer", None)  # a notebook's or a test's stdin holds text already
+    text = sys.stdin.read() if raw is None else decoded(raw.read(), "standard input")
+    return [(i, line.removesuffix("\r")) for i, line in enumerate(text.split("\n"), 1) if not blank(line)]
 
 
 def _around_stdin(paths: list[str]) -> tuple[list[str], list[str]] | None:

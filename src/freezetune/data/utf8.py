@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from freezetune.errors import DataError
+
 
 def not_utf8(path: str | Path, what: str = "file") -> str:
     """The one-line reason ``path`` cannot be read as UTF-8 text, with the way out.
@@ -21,6 +23,24 @@ def not_utf8(path: str | Path, what: str = "file") -> str:
     # a spreadsheet's export is where a CSV's other encoding comes from; a .jsonl's comes from a script
     sheet = ' (a spreadsheet\'s "CSV UTF-8")' if Path(path).suffix.lower() in (".csv", ".tsv") else ""
     return f"{what} '{path}': {_where(data)}; save it as UTF-8{sheet}, or convert it, e.g. iconv -f {source} -t utf-8"
+
+
+def decoded(data: bytes, what: str) -> str:
+    """``data`` as UTF-8 text (a byte-order mark dropped), as a file of those bytes is read; ``what`` names where they
+    came from in the error.
+
+    Raises:
+        DataError: ``data`` is not UTF-8, named with the byte and line where it stops being so.
+
+    >>> decoded(b"caf\\xe9\\n", "standard input")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    freezetune.errors.DataError: standard input: byte 0xe9 on line 1 is not UTF-8 text (invalid ...); send UTF-8 ...
+    """
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        source = "utf-16" if _utf16(data) else "cp1252"
+        raise DataError(f"{what}: {_where(data)}; send UTF-8 text, or convert it: iconv -f {source} -t utf-8") from None
 
 
 def _utf16(data: bytes) -> bool:
