@@ -56,6 +56,20 @@ def test_keys_are_read_by_name_whatever_their_case_and_order_and_a_missing_one_i
         read_text_csv(path)
 
 
+def test_a_list_or_object_as_a_label_or_text_is_refused_by_its_line_and_key(tmp_path):
+    # datasets' to_json writes multi-label data as {"label": [0, 1]}: each distinct list trained as a class "[0, 1]"
+    records = [{"text": "fine", "label": [0]}, {"text": "bad", "label": [0, 1]}, {"text": "ok", "label": 1}]
+    path = _jsonl(tmp_path / "t.jsonl", [{"text": "a", "label": 1, "ids": [101, 102]}, *records])
+    with pytest.raises(DataError, match=r"'.*t.jsonl' line 2 has a list under its label key 'label' \(\[0\]\): a label "
+                       r"must be a string, a number or a boolean \(multi-label data is not supported\)$"):  # fmt: skip
+        read_text_csv(path)
+    _jsonl(path, [{"text": "a", "label": 1}, {"text": {"en": "b"}, "label": 0}])
+    with pytest.raises(DataError, match=r"line 2 has an object under its text key 'text' \(\{\"en\": \"b\"\}\)"):
+        numbered_texts(path)
+    _jsonl(path, [{"text": "a", "label": 1, "ids": [101, 102]}, {"text": "b", "label": 0, "meta": {"a": 1}}])
+    assert read_text_csv(path).texts == ["a", "b"]  # other keys may hold them
+
+
 def test_predict_reads_a_jsonls_texts_with_their_lines(tmp_path):
     path = _jsonl(tmp_path / "q.jsonl", [{"text": "a wonderful film"}, {"text": "so dull"}], blank_after=1)
     assert numbered_texts(path) == [(1, "a wonderful film"), (3, "so dull")]

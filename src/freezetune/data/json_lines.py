@@ -138,7 +138,7 @@ _KINDS = {list: "an array", str: "a string", bool: "true or false", type(None): 
 
 def _cell(value: object) -> str:
     """A value as a CSV cell would hold it: a string as it is, ``null`` empty, anything else as JSON writes it (``1``,
-    ``true``, ``[1, 2]``).
+    ``true``, ``[1, 2]``); an array or an object is a ``Nested`` cell.
 
     >>> [_cell(v) for v in ("a", None, 3, 1.5, True, ["x"])]
     ['a', '', '3', '1.5', 'true', '["x"]']
@@ -147,4 +147,28 @@ def _cell(value: object) -> str:
         return value
     if type(value) is int:  # the common label: str() is JSON's text of an int, and faster than dumping it
         return str(value)
+    if isinstance(value, (list, dict)):
+        return Nested(json.dumps(value, ensure_ascii=False))
     return "" if value is None else json.dumps(value, ensure_ascii=False)
+
+
+class Nested(str):
+    """A cell that was a JSON array or object, as JSON writes it. Other keys may hold them (a dataset's token ids),
+    but a text or a label of one is refused (``nested_problem``): a multi-label ``[0, 1]`` trained as a class "[0, 1]"
+    of its own, in silence."""
+
+    __slots__ = ()
+
+
+def nested_problem(cell: str, key: str, role: str) -> str | None:
+    """What is wrong with ``cell`` under ``key`` as a row's ``role`` ("text" or "label"): None unless it is ``Nested``.
+
+    >>> nested_problem(_cell([0, 1]), "labels", "label").split(":")[0]
+    "has a list under its label key 'labels' ([0, 1])"
+    """
+    if not isinstance(cell, Nested):
+        return None
+    kind = "a list" if cell.startswith("[") else "an object"
+    shown = cell if len(cell) <= 40 else cell[:39] + "…"
+    must = "a string, a number or a boolean (multi-label data is not supported)" if role == "label" else "one string"
+    return f"has {kind} under its {role} key '{key}' ({shown}): a {role} must be {must}"

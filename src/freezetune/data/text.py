@@ -79,7 +79,7 @@ def read_text_csv(path: str | Path, classes: list[str] | None = None, columns: C
     if not rows:
         raise DataError(f"{table_kind(path)} '{path}' has no rows under its header; expected a text and its label on "
                         "each row")  # fmt: skip
-    check_rows(path, rows, lines, cols, len(header))
+    check_rows(path, rows, lines, cols, header)
     # in NFC, as an image CSV's: "très bien" typed on macOS (decomposed) and on Linux (composed) is one class
     labels = [nfc(r[cols["label"]].strip()) for r in rows]
     if classes is None:
@@ -122,7 +122,7 @@ def numbered_texts(path: str | Path, columns: Columns = Columns()) -> list[tuple
     if path.suffix.lower() in TABLE_SUFFIXES:
         header, rows, lines = read_rows(path)
         cols = {"text": column_index(path, header, "text", columns)}
-        check_rows(path, rows, lines, cols, len(header), empty_ok=True)
+        check_rows(path, rows, lines, cols, header, empty_ok=True)
         texts = [(line, r[cols["text"]]) for line, r in zip(lines, rows, strict=True)]
     else:
         try:

@@ -207,21 +207,24 @@ def blank(text: str) -> bool:
     return all(c.isspace() or unicodedata.category(c) == "Cf" for c in text)
 
 
-def check_rows(path: Path, rows: list[list[str]], lines: list[int], cols: dict[str, int], width: int, *,
+def check_rows(path: Path, rows: list[list[str]], lines: list[int], cols: dict[str, int], header: list[str], *,
                 empty_ok: bool = False) -> None:  # fmt: skip
-    """Refuse the first row that is not a text and its label under a header of ``width`` columns, named by its line
-    in the file (``empty_ok``: an empty text is one, to predict on: refusing it lost every other row's prediction)."""
-    problems = ((n, p) for n, r in zip(lines, rows, strict=True) if (p := _row_problem(r, cols, width, empty_ok)))
+    """Refuse the first row that is not a text and its label under ``header``, named by its line in the file
+    (``empty_ok``: an empty text is one, to predict on: refusing it lost every other row's prediction)."""
+    problems = ((n, p) for n, r in zip(lines, rows, strict=True) if (p := _row_problem(r, cols, header, empty_ok)))
     problem = next(problems, None)
     if problem is not None:
         raise DataError(f"{table_kind(path)} '{path}' line {problem[0]} {problem[1]}")
 
 
-def _row_problem(row: list[str], cols: dict[str, int], width: int, empty_ok: bool) -> str | None:
+def _row_problem(row: list[str], cols: dict[str, int], header: list[str], empty_ok: bool) -> str | None:
     """What is wrong with one data row, in words, or None."""
     for role, i in cols.items():
         if len(row) <= i:
             return f"has {len(row)} column(s); its {role} is column {i + 1}"
+        if problem := json_lines.nested_problem(row[i], header[i], role):
+            return problem
+    width = len(header)
     if len(row) > width:  # "boring, long and dull,neg" read as the text "boring" of a class "long and dull"
         return (
             f"has {len(row)} columns, the header {width}: a text with a comma (a tab in a .tsv) must be in double quotes "
