@@ -760,6 +760,20 @@ def test_a_text_of_invisible_characters_alone_is_an_empty_text(tmp_path):
     assert [line for line, _ in numbered] == [1, 3]  # a blank line, as predict reads it
 
 
+def test_a_text_the_tokenizer_reads_as_nothing_is_an_empty_text(tmp_path):
+    # U+FFFD (a byte a decoder could not read), control characters and accents on no letter: MiniLM's tokenizer keeps
+    # none of them, and such rows trained as [CLS] [SEP] alone, in silence, where a blank row was refused
+    nothing = ["\ufffd\ufffd", "\x07\x1b\x00", "\u0301\u0308", "\ufffd \u200b\u0301\x7f"]
+    tokenizer = TokenizeBatch(str(MINILM), 16).tokenizer
+    assert [len(ids) for ids in tokenizer(nothing)["input_ids"]] == [2] * len(nothing)  # [CLS] [SEP]
+    for text in nothing:
+        (tmp_path / "t.csv").write_text(f"text,label\na fine film,pos\n{text},neg\n", encoding="utf-8")
+        with pytest.raises(DataError, match=r"line 3 has an empty text \('.*': only invisible, control or repl"):
+            read_text_csv(tmp_path / "t.csv")
+    (tmp_path / "t.txt").write_text("caf\ufffd\ne\u0301\n\ufffd\ufffd\n\x07\nbad\n", encoding="utf-8")
+    assert [line for line, _ in numbered_texts(tmp_path / "t.txt")] == [1, 2, 5]  # texts with a letter are read
+
+
 def test_the_longest_max_length_advised_for_mpnet_counts_its_own_padding_index(tmp_path):
     # MPNet numbers positions from its padding index, 1 whatever the config says: a config with pad_token_id 0 and 130
     # positions was advised --max-length up to 129, which stopped the run with an IndexError

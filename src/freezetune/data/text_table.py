@@ -197,14 +197,23 @@ def _header_word(path: Path) -> str:
     return "objects' keys are" if path.suffix.lower() == json_lines.JSON_LINES else "header is"
 
 
-def blank(text: str) -> bool:
-    """Whether ``text`` holds nothing a tokenizer reads: whitespace and invisible format characters alone (a
-    zero-width space, U+200B, which ``str.strip`` keeps and BERT's tokenizer drops, trained as an empty text, unsaid).
+# what a text can hold and still say nothing: spaces, control and format characters (U+200B), accents on no letter,
+# and U+FFFD, where a decoder met a byte it could not read. BERT's tokenizer drops them all (it strips accents when it
+# lowercases): such a text was [CLS] [SEP] alone, trained on in silence
+_NOTHING = frozenset({"Zs", "Zl", "Zp", "Cc", "Cf", "Mn"})
+_REPLACEMENT = "\ufffd"
 
-    >>> blank(" \\u200b\\ufeff "), blank("a\\u200b")
-    (True, False)
+
+def blank(text: str) -> bool:
+    """Whether ``text`` holds nothing a tokenizer reads: whitespace, control and invisible format characters (a
+    zero-width space, U+200B, which ``str.strip`` keeps), combining accents on no letter and U+FFFD replacement
+    characters alone. Judged by the characters, not by a tokenizer (texts are read before one is loaded): a byte-level
+    BPE (GPT-2) makes tokens of such bytes, which say nothing either.
+
+    >>> blank(" \\u200b\\ufeff "), blank("\\ufffd\\x07\\u0301"), blank("a\\u200b"), blank("e\\u0301")
+    (True, True, False, False)
     """
-    return all(c.isspace() or unicodedata.category(c) == "Cf" for c in text)
+    return all(c.isspace() or c == _REPLACEMENT or unicodedata.category(c) in _NOTHING for c in text)
 
 
 def check_rows(path: Path, rows: list[list[str]], lines: list[int], cols: dict[str, int], header: list[str], *,
@@ -230,6 +239,7 @@ def _row_problem(row: list[str], cols: dict[str, int], header: list[str], empty_
             f"has {len(row)} columns, the header {width}: a text with a comma (a tab in a .tsv) must be in double quotes "
             '("boring, long and dull",neg)'
         )
-    if blank(row[cols["text"]]) and not empty_ok:  # it trains the model on nothing but its special tokens
-        return "has an empty text: give it a text or remove the row"
+    if blank(text := row[cols["text"]]) and not empty_ok:  # it trains the model on nothing but its special tokens
+        held = f" ({text!r:.30}: only invisible, control or replacement characters, lone accents)" * bool(text.strip())
+        return f"has an empty text{held}: give it a text or remove the row"
     return None if "label" not in cols or row[cols["label"]].strip() else "has no label: give it one or remove the row"
