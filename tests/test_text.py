@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 from pathlib import Path
@@ -478,17 +479,30 @@ def test_a_tab_separated_text_table_reads_as_a_text_csv(tmp_path):
     assert read_texts(tmp_path / "train.tsv") == ["a fine, warm film", "a dull one"]
 
 
-def test_a_tsv_whose_open_quote_runs_rows_together_is_read_without_quoting(tmp_path, caplog):
+def test_a_tsv_whose_open_quote_runs_rows_together_is_read_without_quoting(tmp_path):
     # GLUE's files are unquoted: a text opening with a double quote ran on, rows and all, to the next quote, and the
     # run trained 5 texts of 12 without a word. A quoted .tsv (pandas writes one) still reads as quoted.
     rows = ['"great acting\tpos', "a joy\tpos", 'she said "awful" plot\tneg', "a waste\tneg"]
     (tmp_path / "glue.tsv").write_text("sentence\tlabel\n" + "\n".join(rows) + "\n")
-    with caplog.at_level("WARNING", logger="freezetune"):
-        ds = read_text_csv(tmp_path / "glue.tsv")
+    ds = read_text_csv(tmp_path / "glue.tsv")
     assert ds.texts == ['"great acting', "a joy", 'she said "awful" plot', "a waste"]
-    assert ds.targets.tolist() == [1, 1, 0, 0] and "ran over the rows below it (lines 2-4): read without" in caplog.text
+    assert ds.targets.tolist() == [1, 1, 0, 0]
     (tmp_path / "pandas.tsv").write_text('text\tlabel\n"a tab\there, ""quoted"""\tpos\nplain\tneg\n')
     assert read_text_csv(tmp_path / "pandas.tsv").texts == ['a tab\there, "quoted"', "plain"]
+
+
+def test_a_tsv_text_in_quotes_keeps_them_and_a_quoted_tsv_reads_as_its_writer_meant(tmp_path):
+    # '"the film" is great<TAB>1' read as 'the film is great': its quotes taken for quoting, though GLUE's are text
+    glue = ['"the film" is great\t1', '"a joy"\t1', "dull\t0"]
+    (tmp_path / "glue.tsv").write_text("sentence\tlabel\n" + "\n".join(glue) + "\n")
+    assert read_texts(tmp_path / "glue.tsv") == ['"the film" is great', '"a joy"', "dull"]
+    # pandas' to_csv(sep="\t") is the csv module's writer: it quotes a text with a tab, a quote or a line break
+    for text in ["a\ttab", 'she said "hi"', "two\nlines"]:
+        with (tmp_path / "pandas.tsv").open("w", newline="") as f:
+            csv.writer(f, delimiter="\t", lineterminator="\n").writerows([["text", "label"], [text, 1], ["plain", 0]])
+        assert read_texts(tmp_path / "pandas.tsv") == [text, "plain"], (tmp_path / "pandas.tsv").read_text()
+    (tmp_path / "r.tsv").write_text('"text"\t"label"\n"a joy"\t"pos"\n"dull"\t"neg"\n')  # R's write.table
+    assert read_text_csv(tmp_path / "r.tsv").texts == ["a joy", "dull"]
 
 
 def test_a_csv_whose_quote_runs_rows_together_is_named_with_its_lines(tmp_path, caplog):

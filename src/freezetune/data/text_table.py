@@ -93,11 +93,11 @@ def delimiter(path: Path) -> str:
     return "\t" if path.suffix.lower() == ".tsv" else ","
 
 
-def _reader(f, path: Path, quoting: int = csv.QUOTE_MINIMAL):
+def _reader(f, path: Path, quoting: int = csv.QUOTE_MINIMAL, strict: bool = False):
     """A csv reader of the table ``path``. A text may be as long as a file holds: a document of over 128 KiB made
     the whole file unreadable (the csv module's default field limit; a text is cut at --max-length)."""
     csv.field_size_limit(_FIELD_LIMIT)
-    return csv.reader(f, delimiter=delimiter(path), quoting=quoting)
+    return csv.reader(f, delimiter=delimiter(path), quoting=quoting, strict=strict)
 
 
 _FIELD_LIMIT = 2**31 - 1  # the largest the csv module takes everywhere (a C long, 32 bits on Windows)
@@ -127,37 +127,68 @@ def csv_header(path: Path) -> list[str] | None:
 
 def read_rows(path: Path) -> tuple[list[str], list[list[str]], list[int]]:
     """The header of a CSV (stripped, lower case), its rows, and the line of the file each row starts on (a quoted
-    text may span lines); blank lines are skipped.
+    text may span lines); blank lines are skipped. A ``.tsv`` is read as written (``_tsv_parsed``); a ``.jsonl``: its
+    keys and objects (``json_lines.read``).
 
-    A double quote left open ran every row up to the next quote into one text, in silence (5 texts trained of 12).
-    A ``.tsv`` where that happens is read again without quoting, as GLUE's files are written (pandas quotes its
-    own); a CSV's is named in a warning: a quoted text may hold line breaks and commas. A ``.jsonl``: its keys and
-    objects (``json_lines.read``).
+    A double quote left open ran every row up to the next quote into one text, in silence (5 texts trained of 12): a
+    CSV's is named in a warning (a quoted text may hold line breaks and commas).
     """
     if path.suffix.lower() == json_lines.JSON_LINES:
         return json_lines.read(path)
-    rows, lines, run_on = _parsed(path, csv.QUOTE_MINIMAL)
-    if run_on and delimiter(path) == "\t":
-        rows, lines, _ = _parsed(path, csv.QUOTE_NONE)
-        warn_once(log, "'%s': a double quote opened a text that ran over the rows below it (lines %d-%d): read "
-                  "without quoting, as GLUE's .tsv files are written", path, *run_on[0])  # fmt: skip
-    elif run_on:
-        shown = ", ".join(f"lines {a}-{b}" for a, b in run_on[:3])
-        warn_once(log, "CSV '%s': %d quoted cell(s) span several lines with a comma on a later one, e.g. %s: a double "
-                  "quote left open (\"a stray quote,pos) makes one text of every row up to the next quote; close it, "
-                  "or quote the whole text (\"she said \"\"hi\"\"\",pos)", path, len(run_on), shown)  # fmt: skip
+    if delimiter(path) == "\t":
+        rows, lines, _ = _tsv_parsed(path)
+    else:
+        rows, lines, run_on = _parsed(path, csv.QUOTE_MINIMAL)
+        if run_on:
+            shown = ", ".join(f"lines {a}-{b}" for a, b in run_on[:3])
+            warn_once(log, "CSV '%s': %d quoted cell(s) span several lines with a comma on a later one, e.g. %s: a "
+                      "double quote left open (\"a stray quote,pos) makes one text of every row up to the next quote; "
+                      "close it, or quote the whole text (\"she said \"\"hi\"\"\",pos)", path, len(run_on),
+                      shown)  # fmt: skip
     if not rows:
         raise DataError(f"CSV '{path}' is empty; expected a header naming a text and a label column")
     return [c.strip().lower() for c in rows[0]], rows[1:], lines[1:]
 
 
-def _parsed(path: Path, quoting: int) -> tuple[list[list[str]], list[int], list[tuple[int, int]]]:
+def _tsv_parsed(path: Path) -> tuple[list[list[str]], list[int], list[tuple[int, int]]]:
+    """``_parsed`` of a ``.tsv``: as written, a double quote a character of its text (GLUE's files are unquoted: a
+    text opening with a quote, '"the film" is great', lost its quotes, or ran on over the rows below it); quoted only
+    where its quotes are well formed and do work no unquoted cell can (``_quoting_used``: pandas' ``to_csv``)."""
+    plain = _parsed(path, csv.QUOTE_NONE)
+    if not any('"' in cell for row in plain[0] for cell in row):
+        return plain
+    try:
+        quoted = _parsed(path, csv.QUOTE_MINIMAL, strict=True)
+    except csv.Error:  # a quote within a cell ('"the film" is great'), or one never closed: the quotes are text
+        return plain
+    return quoted if not quoted[2] and _quoting_used(quoted[0], plain[0]) else plain
+
+
+def _quoting_used(quoted: list[list[str]], plain: list[list[str]]) -> bool:
+    """Whether a table read ``quoted`` and without quoting (``plain``) is a quoted one: its header's names are quoted
+    (R's ``write.table``, ``quoting=csv.QUOTE_ALL``), or a quoted cell holds a tab, a line break or a doubled quote,
+    which only quoting writes (pandas quotes those alone). '"a joy"<TAB>pos' alone is a text in quotes."""
+    if all(len(c) > 1 and c[0] == c[-1] == '"' for c in plain[0]):
+        return True
+    if len(quoted) != len(plain):  # a quoted line break: several lines one row
+        return True
+    for q_row, p_row in zip(quoted, plain, strict=True):
+        if len(q_row) != len(p_row) or any(q != p and '"' in q for q, p in zip(q_row, p_row, strict=True)):
+            return True  # a quoted tab split the row unquoted; a quote a quoted cell holds was written doubled
+    return False
+
+
+def _parsed(path: Path, quoting: int, strict: bool = False) -> tuple[list[list[str]], list[int], list[tuple[int, int]]]:
     """The non-blank rows of ``path``, the line each starts on, and the (first, last) lines of those whose cells ran
-    over rows (``_rows_in_a_cell``)."""
+    over rows (``_rows_in_a_cell``).
+
+    Raises:
+        csv.Error: ``strict`` and a quote that does not open or close a cell.
+    """
     rows, lines, run_on = [], [], []
     try:
         with path.open(newline="", encoding="utf-8-sig") as f:
-            reader = _reader(f, path, quoting)
+            reader = _reader(f, path, quoting, strict)
             start = 1
             for r in reader:
                 if r and any(cell.strip() for cell in r):
@@ -168,7 +199,11 @@ def _parsed(path: Path, quoting: int) -> tuple[list[list[str]], list[int], list[
                 start = reader.line_num + 1
     except UnicodeDecodeError:
         raise DataError(not_utf8(path, "CSV")) from None
-    except (OSError, csv.Error) as e:
+    except csv.Error as e:
+        if strict:
+            raise
+        raise DataError(f"cannot read CSV '{path}': {e}") from e
+    except OSError as e:
         raise DataError(f"cannot read CSV '{path}': {e}") from e
     return rows, lines, run_on
 
