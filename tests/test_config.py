@@ -538,3 +538,11 @@ def test_a_printed_config_starts_a_run_afresh_and_a_sweep_refuses_a_freeze_befor
     assert code == 0 and "data: " in out, err
     code, _, err = run_cli(capsys, "train", "--config", str(tmp_path / "none.yaml"), "--print-config")
     assert code == 2 and "does not exist" in err
+
+
+def test_a_saved_config_reads_back_its_strings_that_look_like_numbers(tmp_path):
+    # PyYAML wrote text_column: 1e3 unquoted (a string to YAML 1.1), which the config's YAML 1.2 reading took as 1000.0
+    TrainConfig(data="d", text_column="1e3", label_column="0o10", freeze=-2, cache_at="010").save(tmp_path / "c.yaml")
+    cfg = load_config(tmp_path / "c.yaml")
+    assert (cfg.text_column, cfg.label_column, cfg.cache_at) == ("1e3", "0o10", "010")
+    assert yaml.safe_load((tmp_path / "c.yaml").read_text())["text_column"] == "1e3"  # and to YAML 1.1 readers

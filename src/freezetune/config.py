@@ -13,12 +13,11 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from freezetune.config_values import (  # noqa: F401 - re-exported: the config's public names
     PATH_FIELDS,
     allows_none,
     coerce,
+    dump_yaml,
     field_types,
     parse_freeze_spec,
     parse_stage_lrs,
@@ -198,14 +197,14 @@ class TrainConfig:
         from freezetune._io import atomic_write_text
 
         values = {**self.recorded(), **changes, "resume": False}
-        atomic_write_text(path, yaml.safe_dump(values, sort_keys=False))
+        atomic_write_text(path, dump_yaml(values))
 
     def dump(self) -> str:
         """The config as YAML, as ``--print-config`` shows it: its paths absolute, as a run records them, so that the
         file works as ``--config`` from any directory (a relative ``data`` was read against the directory of the run
         that used the file); ``resume`` false, as ``save`` writes it: the file is a run's settings, and a run given it
         for another ``--out`` tried to resume that one."""
-        return yaml.safe_dump({**self.recorded(), "resume": False}, sort_keys=False)
+        return dump_yaml({**self.recorded(), "resume": False})
 
 
 def absolute_paths(values: dict[str, Any]) -> dict[str, Any]:

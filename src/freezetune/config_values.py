@@ -245,6 +245,24 @@ for _tag, (_pattern, _first) in _YAML12_TYPES.items():
 UniqueKeys.add_constructor("tag:yaml.org,2002:int", _yaml12_int)
 
 
+class _Quoting(yaml.SafeDumper):
+    """YAML's safe dumper, quoting a string that YAML 1.1 or 1.2 would read as another type: PyYAML's quoted by 1.1
+    alone, and ``text_column: 1e3`` read back (``UniqueKeys``, 1.2) as 1000.0."""
+
+
+for _tag, (_pattern, _first) in _YAML12_TYPES.items():
+    _Quoting.add_implicit_resolver(_tag, re.compile(_pattern), list(_first))
+
+
+def dump_yaml(values: dict[str, Any]) -> str:
+    """``values`` as YAML, in their order, read back the same by ``UniqueKeys`` and by PyYAML's ``safe_load``.
+
+    >>> dump_yaml({"text_column": "1e3", "amp": "off", "lr": 0.001})
+    "text_column: '1e3'\\namp: 'off'\\nlr: 0.001\\n"
+    """
+    return yaml.dump(values, Dumper=_Quoting, sort_keys=False)
+
+
 def _parse_unfreeze(value: Any) -> str | dict | None:
     # the --unfreeze flag's "{1: blocks.6}" is the mapping YAML and key=value read: read it the same way
     if isinstance(value, str) and value.strip().startswith("{"):

@@ -14,6 +14,7 @@ from freezetune._io import atomic_write_text
 from freezetune.config import INVALID, TrainConfig, epochs_of
 from freezetune.config_check import validate
 from freezetune.config_file import load_config, read_yaml
+from freezetune.config_values import dump_yaml
 from freezetune.errors import ConfigError, choices, setting
 from freezetune.options import (
     BATCH_AUTO,
@@ -64,7 +65,7 @@ def printed(cfg: TrainConfig, names: list[str]) -> str:
     >>> printed(TrainConfig(data="images"), ["full", "auto"]).splitlines()[-1]
     'recipes: full,auto'
     """
-    return swept(cfg).dump() + yaml.safe_dump({SWEEP_RECIPES_KEY: ",".join(names)})
+    return swept(cfg).dump() + dump_yaml({SWEEP_RECIPES_KEY: ",".join(names)})
 
 
 def refuse_overridden(given: dict) -> None:
@@ -153,7 +154,7 @@ def keep_settings(out: Path, cfg: TrainConfig, recipes: list[str], *, write: boo
         # what a resume may change (a new --budget, --device...) is recorded: the next resume goes on with it (a
         # budget given now was used, and the file still said the old one)
     if write:
-        atomic_write_text(saved, yaml.safe_dump(now, sort_keys=False))
+        atomic_write_text(saved, dump_yaml(now))
 
 
 def recipe_names(recipes: str | list[str] | tuple[str, ...]) -> list[str]:

@@ -9,9 +9,8 @@ import io
 import math
 from pathlib import Path
 
-import yaml
-
 from freezetune._io import atomic_output, atomic_write_text
+from freezetune.config_values import dump_yaml
 from freezetune.epoch_log import human
 from freezetune.options import DEFAULT_MONITOR
 
@@ -68,7 +67,7 @@ def write(out: Path, rows: list[dict], not_run: list[dict], winner: str, metric:
     writer.writerows(rows + not_run)
     atomic_write_text(out / "sweep.csv", text.getvalue())
     _plot(rows, winner, out / "sweep.png", metric)
-    atomic_write_text(out / "winner.yaml", yaml.safe_dump(winner_config, sort_keys=False))
+    atomic_write_text(out / "winner.yaml", dump_yaml(winner_config))
 
 
 def _plot(rows: list[dict], winner: str, path: Path, metric: str) -> None:
