@@ -38,6 +38,14 @@ def test_a_sweeps_bn_applies_to_its_recipes_but_linear_probe_which_trains_the_he
                                                             "auto": "affine-only"}  # fmt: skip
 
 
+def test_a_sweeps_recipes_train_the_epochs_a_plain_run_does_even_under_its_budget(tmp_path):
+    # unset (a budget plans an auto run's alone), they reached recipes.run as None: a resume of a sweep stopped after
+    # lp-ft's probe compared the probe's epochs with None (TypeError), and the recipe's own --resume was refused
+    runs = sweep_config.run_configs(TrainConfig(data="d", budget="5m"), ["lp-ft", "auto"], tmp_path)
+    assert {run.epochs for run in runs.values()} == {10} and {run.budget for run in runs.values()} == {None}
+    assert sweep_config.run_configs(TrainConfig(data="d", epochs=3), ["full"], tmp_path)["full"].epochs == 3
+
+
 def test_a_sweeps_winner_yaml_of_a_recipe_that_sets_its_own_batchnorm_is_one_train_accepts(tmp_path):
     # sweep --bn train: linear-probe and lp-ft ran with their own BatchNorm, and winner.yaml gave them bn train, which
     # `train --config winner.yaml` refused ("recipe 'lp-ft' sets bn itself")

@@ -190,8 +190,10 @@ def run_configs(cfg: TrainConfig, names: list[str], out: Path) -> dict[str, Trai
     # every recipe is judged on the validation split: the auto recipe keeps it through its final run (no refit)
     from freezetune import recipes
 
+    # the epochs a plain run trains (a sweep's budget is its own, no recipe's): they were left unset, and a resume of
+    # a recipe's phases compared its epochs with None
     runs = {name: dataclasses.replace(swept(cfg), recipe=name, out=str(out / name), cache_dir=features, budget=None,
-                                      **own_batchnorm(name))
+                                      epochs=epochs_of(cfg), **own_batchnorm(name))
             for name in names}  # fmt: skip
     problems = []
     for run_cfg in runs.values():
