@@ -525,6 +525,7 @@ def test_a_device_weights_or_model_name_of_no_form_is_reported_with_the_configs_
         assert needle in message, message
     # whether CUDA is there is the run's machine's to say: a config for a GPU machine prints on a CPU one
     assert load_config(overrides={"data": "x", "device": "cuda:1", "weights": "my.safetensors"}).device == "cuda:1"
+    assert load_config(overrides={"data": "x", "device": "cpu:0"}).device == "cpu:0"  # as torch names it
 
 
 def test_a_printed_config_starts_a_run_afresh_and_a_sweep_refuses_a_freeze_before_printing(capsys, tmp_path):

@@ -457,6 +457,13 @@ def test_a_text_checkpoint_tokenizes_as_its_run_did_where_the_model_folder_chang
     texts = [GOOD[0].upper(), BAD[1].upper()]
     before = predict_texts(load_model(here, "cpu"), texts)
     assert load_model(here, "cpu").preprocess.tokenizer == str(folder)  # unchanged: the folder itself
+    # the pooling's declaration as the checkpoint pooled (text_pooling.bundled_as), not as the folder declares: no
+    # change of the folder's
+    import base64
+
+    pooled = {**here, "hf_files": {**here["hf_files"], "modules.json": base64.b64encode(b"[]").decode()}}
+    with caplog.at_level("WARNING", logger="freezetune"):
+        assert load_model(pooled, "cpu").preprocess.tokenizer == str(folder) and "changed since" not in caplog.text
     for name, key in (("tokenizer.json", "normalizer"), ("tokenizer_config.json", None)):
         spec = json.loads((folder / name).read_text())
         if key:

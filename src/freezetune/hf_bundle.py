@@ -58,7 +58,8 @@ def rebuilt_folder(model: str, files: dict[str, str] | None) -> str | None:
         return None
     own = Path(model.removeprefix(HF_PREFIX))
     if own.is_dir():
-        changed = [n for n, data in files.items() if not _holds_file(own / n, data)]
+        # (the pooling's declaration files are as the checkpoint pooled, not as the folder declares: text_pooling)
+        changed = [n for n, data in files.items() if n in BUNDLED_FILES and not _holds_file(own / n, data)]
         if not changed:
             return None
         log.warning("%s: %s changed since the run; the model is built from the files its checkpoint carries",
@@ -89,8 +90,8 @@ def write(files: dict[str, str], folder: Path, *, keep: bool = False) -> None:
 def write_anew(files: dict[str, str], folder: Path) -> None:
     """``files`` as the whole of ``folder``: written into a new folder beside it, which then takes its name (written
     into it, an earlier export's files that these do not include stayed: its sentence pooling's ``modules.json``
-    rebuilt a model of another pooling from an export of a model without one). A stop leaves the old folder or the
-    new, and a hidden leftover the next export of that name removes."""
+    rebuilt a model of another pooling from an export of a model without one). A stop leaves hidden leftovers, which
+    the next export of that name removes; one between the two renames leaves no folder of that name."""
     import shutil
 
     for leftover in folder.parent.glob(f".{folder.name}.*.tmp"):  # an earlier export's, stopped mid-swap

@@ -341,10 +341,10 @@ def device_problem(device: object) -> str | None:
     """Problem of a ``device`` that is none of ``DEVICES`` (whether the device is there is known only where the run
     runs: ``precision.resolve_device``).
 
-    >>> device_problem("cuda:1"), device_problem("tpu")
-    (None, "unsupported device 'tpu'; devices are: 'auto', 'cpu', 'cuda', 'cuda:N', 'mps'")
+    >>> device_problem("cuda:1"), device_problem("cpu:0"), device_problem("tpu")
+    (None, None, "unsupported device 'tpu'; devices are: 'auto', 'cpu', 'cuda', 'cuda:N', 'mps'")
     """
-    if isinstance(device, str) and re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", device.strip()):
+    if isinstance(device, str) and re.fullmatch(r"auto|cpu(:0)?|cuda(:\d+)?|mps(:0)?", device):  # (as torch names them)
         return None
     return f"unsupported device {device!r}; devices are: {choices(DEVICES)}"
 

@@ -318,7 +318,9 @@ def _refuse_a_changed_request(cfg: TrainConfig, recipe: str) -> None:
     asked = record.get("asked") if isinstance(record, dict) else None
     if not isinstance(asked, dict):  # an older freezetune's record: each phase's last.pt checks its own
         return
-    moved = any((Path(p.cfg.out) / checkpoint.LAST).is_file() for p in phases(cfg, recipe))  # it checks the data
+    # a phase's last.pt checks moved data against its digest when that phase resumes (a finished one, not resumed,
+    # does not; nor does one not yet started)
+    moved = any((Path(p.cfg.out) / checkpoint.LAST).is_file() for p in phases(cfg, recipe))
     changed = changed_on_resume(asked, json.loads(json.dumps(cfg.recorded())), moved=moved)
     if changed:
         raise ConfigError(f"cannot resume {cfg.out} with {', '.join(changed)}: a run of recipe {recipe} continues as "
