@@ -424,6 +424,21 @@ def test_validation_texts_that_are_training_texts_are_named_in_a_warning(tmp_pat
     assert f"1 of 2 validation texts are training texts too (first: {GOOD[0]!r})" in caplog.text
 
 
+def test_texts_the_model_reads_as_one_input_are_copies_across_splits_and_of_one_side_of_a_hold_out(tmp_path, caplog):
+    # compared with spaces stripped alone: an uncased model's "A  WONDERFUL, DELIGHTFUL FILM" in the test split was no
+    # copy of the training text, and its score went unremarked (100 %); a hold-out could put them on both sides
+    from freezetune.data.validation import same_items
+
+    train = _csv(tmp_path / "train.csv")
+    shouted = GOOD[0].upper().replace(" ", "  ")
+    (tmp_path / "val.csv").write_text(f'text,label\n"{shouted}",pos\nan unseen text,neg\n')
+    data = build_datasets(str(train), val_data=str(tmp_path / "val.csv"), preprocess=Preprocess(tokenizer=str(MINILM)))
+    assert f"1 of 2 validation texts are training texts too (first: {shouted!r})" in caplog.text
+    keys = same_items(TextDataset([GOOD[0], shouted, "a  joy"], torch.tensor([1, 1, 0]), ["neg", "pos"],
+                                  data.train.same_as))  # fmt: skip
+    assert keys[0] == keys[1] != keys[2]
+
+
 def test_a_text_checkpoint_predicts_where_the_model_folder_it_was_trained_from_is_gone(text_run, tmp_path,
                                                                                         monkeypatch):  # fmt: skip
     # best.pt named hf:/path/to/model for its architecture and tokenizer: moved to another machine, it could not be

@@ -21,7 +21,8 @@ from freezetune.data.labels import nfc
 from freezetune.data.layout import TEST_DIRS, TRAIN_DIRS, VAL_DIRS, first_dir, load_folder, read_test_file, split_files
 from freezetune.data.overlap import check_overlap, warn_copies
 from freezetune.data.scan import check_images, check_splits
-from freezetune.data.text import noun, read_text_csv
+from freezetune.data.text import TextDataset, noun, read_text_csv
+from freezetune.data.text_key import TextKey
 from freezetune.data.text_table import (
     TABLE_SUFFIXES,
     Columns,
@@ -298,6 +299,10 @@ def build_datasets(
         kind = "file" if source == "text" else "folder"
         raise ConfigError(f"'{data}' has a validation {kind} of its own, which is its validation set: give "
                           f"{setting('val_split', val_split)} only for data without one, not both")  # fmt: skip
+    if preprocess.tokenizer:  # copies are what the model reads as one input (an uncased one's "A JOY" is "a joy")
+        for ds in (train, val, test):
+            if isinstance(ds, TextDataset):
+                ds.same_as = TextKey(preprocess.tokenizer)
     train, val, test, skipped = _scan(train, val, test, skip_bad)
     check_every_class_trains(data, train, skipped)
     train, val, val_source, no_refit = resolve_validation(

@@ -147,13 +147,14 @@ def warn_copies(train, held: dict[str, object]) -> None:
 
 
 def _warn_text_copies(train: TextDataset, held: dict[str, object]) -> None:
-    """Warn when texts of the ``held`` splits are training texts too (after stripping spaces): their score, as an
-    image copy's, overstates accuracy on new texts."""
-    seen = {t.strip() for t in train.texts}
+    """Warn when texts of the ``held`` splits are training texts too, as the model reads them (``TextKey``: an uncased
+    model's "A JOY" is "a joy"): their score, as an image copy's, overstates accuracy on new texts."""
+    key = train.same_as
+    seen = {key(t) for t in train.texts}
     for what, ds in held.items():
         if not isinstance(ds, TextDataset):
             continue
-        found = [t for t in ds.texts if t.strip() in seen]
+        found = [t for t in ds.texts if key(t) in seen]
         if found:
             warn_once(log, "%d of %d %s texts are training texts too (first: %r); their %s score overstates accuracy "
                       "on new texts: remove them from one of the splits", len(found), len(ds), what, found[0][:60],

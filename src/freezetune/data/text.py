@@ -20,6 +20,7 @@ from freezetune.config import TrainConfig
 from freezetune.data import json_lines
 from freezetune.data.folder import expand_paths
 from freezetune.data.labels import nfc, sorted_labels, warn_similar_labels
+from freezetune.data.text_key import TextKey
 from freezetune.data.text_table import (
     TABLE_SUFFIXES,
     Columns,
@@ -42,9 +43,13 @@ class TextDataset(Dataset):
     ('good', 1)
     """
 
-    def __init__(self, texts: list[str], targets: torch.Tensor, classes: list[str]) -> None:
+    def __init__(self, texts: list[str], targets: torch.Tensor, classes: list[str],
+                 same_as: TextKey | None = None) -> None:  # fmt: skip
         self.texts, self.targets, self.classes = list(texts), torch.as_tensor(targets, dtype=torch.long), classes
         self.transform = None  # texts are tokenized per batch (``TokenizeBatch``), not per item
+        # one key per input the model reads (copies: ``data.overlap``, ``same_items``); spaces stripped until the
+        # data is known to be a model's (``build_datasets``)
+        self.same_as = same_as or TextKey(None)
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -55,11 +60,12 @@ class TextDataset(Dataset):
     def select(self, indices, transform=None) -> TextDataset:
         """A new dataset with the samples at ``indices`` (``transform`` is ignored: text has none)."""
         idx = [int(i) for i in indices]
-        return TextDataset([self.texts[i] for i in idx], self.targets[idx], self.classes)
+        return TextDataset([self.texts[i] for i in idx], self.targets[idx], self.classes, self.same_as)
 
     def joined(self, other: TextDataset) -> TextDataset:
         """This dataset's texts, then ``other``'s."""
-        return TextDataset(self.texts + other.texts, torch.cat([self.targets, other.targets]), self.classes)
+        return TextDataset(self.texts + other.texts, torch.cat([self.targets, other.targets]), self.classes,
+                           self.same_as)  # fmt: skip
 
 
 def read_text_csv(path: str | Path, classes: list[str] | None = None, columns: Columns = Columns()) -> TextDataset:

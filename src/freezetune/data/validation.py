@@ -29,11 +29,11 @@ def hold_out(train: Dataset, fraction: float, seed: int, max_per_class: int | No
 
 
 def same_items(train: Dataset) -> list | None:
-    """A key per training sample that one file listed twice, byte-identical copies of a file, or one text (spaces
-    stripped) share, so the hold-out keeps them on one side: a copy held out is scored on an image the model trained
-    on. None for data without files or texts (an IDX set's arrays)."""
+    """A key per training sample that one file listed twice, byte-identical copies of a file, or one text (as the
+    model reads it: ``TextKey``) share, so the hold-out keeps them on one side: a copy held out is scored on an image
+    the model trained on. None for data without files or texts (an IDX set's arrays)."""
     if isinstance(train, TextDataset):
-        return [t.strip() for t in train.texts]
+        return [train.same_as(t) for t in train.texts]
     if not isinstance(train, FileImageDataset):
         return None
     paths = [os.path.normpath(p) for p, _ in train.samples]  # no syscall: a link is found by its bytes, below
