@@ -665,6 +665,20 @@ def test_a_16_bit_or_float_pil_image_is_transformed_as_predict_reads_its_file(tm
         assert torch.equal(mine, transform(load_image(path, pre.alpha, pre.decode_side)))
 
 
+def test_a_photo_the_user_opens_is_transformed_upright_as_predict_reads_its_file(tmp_path):
+    # eval_transform of Image.open(a phone photo) ignored its EXIF orientation: sideways, where predict turned it
+    stripes = np.zeros((32, 48, 3), np.uint8)
+    stripes[:, :16] = 255
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored a quarter turn off
+    Image.fromarray(stripes).save(tmp_path / "phone.jpg", exif=exif, quality=95)
+    pre = Preprocess(input_size=24, crop_pct=1.0)
+    with Image.open(tmp_path / "phone.jpg") as opened:
+        mine = eval_transform(pre)(opened)
+    assert torch.equal(mine, eval_transform(pre)(load_image(tmp_path / "phone.jpg", pre.alpha, pre.decode_side)))
+    assert not torch.equal(mine, eval_transform(pre)(Image.fromarray(stripes)))  # turned, not as stored
+
+
 @pytest.mark.parametrize("aug", ["none", "light", "standard"])
 def test_train_presets_output(aug):
     torch.manual_seed(0)

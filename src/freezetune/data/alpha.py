@@ -15,12 +15,13 @@ user's own RGBA tensor or PIL image) round the same formula and agree bit for bi
 from __future__ import annotations
 
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from freezetune.data.bit_depth import eight_bit
 from freezetune.errors import ConfigError, choices
 from freezetune.options import ALPHA_DEFAULT, ALPHA_MODES
 
+_ORIENTATION = 0x0112  # the EXIF tag of how to turn a photo upright (data/orientation.py)
 _ALPHA_PIL_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 # PIL modes the transforms take as they are (a wider one is first made 8-bit grey: bit_depth.eight_bit)
 _AS_IT_IS = ("RGB", "L")
@@ -92,7 +93,8 @@ def _check(alpha: str) -> str:
 
 
 class FlattenAlpha:
-    """The transforms' first step, for a user's own image: a PIL image of 16 or 32 bits made 8-bit grey by
+    """The transforms' first step, for a user's own image: a PIL image turned upright by its EXIF orientation, one
+    of 16 or 32 bits made 8-bit grey by
     ``eight_bit``, one other than RGB or grey (RGBA, LA, PA, premultiplied RGBa/La, palette, CMYK ...) made RGB by
     ``flatten``, as ``load_image`` makes a file's; a tensor ``[..., 2 or 4, H, W]`` by ``flatten_tensor``. Anything
     else passes unchanged."""
@@ -102,6 +104,8 @@ class FlattenAlpha:
 
     def __call__(self, x: Image.Image | torch.Tensor) -> Image.Image | torch.Tensor:
         if isinstance(x, Image.Image):
+            if x.getexif().get(_ORIENTATION, 1) != 1:  # a phone's photo the user opened: upright, as a file is read
+                x = ImageOps.exif_transpose(x)
             x = eight_bit(x)
             return x if x.mode in _AS_IT_IS else flatten(x, self.alpha)
         if not isinstance(x, torch.Tensor) or x.dim() < 3 or x.shape[-3] not in (2, 4):
