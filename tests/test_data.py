@@ -529,6 +529,23 @@ def test_per_class_warns_about_short_classes(tmp_path, caplog):
     assert len(b.train) == 25 and "5 of 10 classes have fewer" in caplog.text
 
 
+def test_idx_validation_data_is_labelled_by_class_name_not_position(tmp_path):
+    # a folder's classes are alphabetical, an IDX's labels positions named by classes.txt: they were taken by position,
+    # and a run validated Fashion-MNIST's "Ankle boot" (label 9) as the folder's class 9, "Trouser", without a word
+    for name in ("c0", "c1", "c2"):
+        (tmp_path / "train" / name).mkdir(parents=True)
+        for i in range(2):
+            Image.fromarray(np.full((8, 8), 40 * i, np.uint8)).save(tmp_path / "train" / name / f"{i}.png")
+    val = make_idx_dir(tmp_path / "val", n_train=0, n_test=9)
+    (val / "classes.txt").write_text("\n".join(f"c{9 - i}" for i in range(10)) + "\n")  # label 9 is c0, 8 c1...
+    write_idx(val / "t10k-labels-idx1-ubyte.gz", np.array([9, 8, 7] * 3), True)
+    data = build_datasets(str(tmp_path / "train"), val_data=str(val), preprocess=PRE, final_test=False)
+    assert data.val.targets.tolist() == [0, 1, 2] * 3 and data.val.classes == ["c0", "c1", "c2"]
+    write_idx(val / "t10k-labels-idx1-ubyte.gz", np.array([9, 8, 6] * 3), True)  # c3: no training class
+    with pytest.raises(DataError, match="label\\(s\\) named 'c3', which the training data does not know"):
+        build_datasets(str(tmp_path / "train"), val_data=str(val), preprocess=PRE, final_test=False)
+
+
 def test_stratified_split_edge_cases():
     train, val = stratified_split(torch.tensor([0, 1, 1, 2, 2, 2, 2]), fraction=0.5, seed=0)
     assert sorted(train.tolist() + val.tolist()) == list(range(7))

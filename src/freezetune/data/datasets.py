@@ -181,13 +181,10 @@ def _load_val(val_data: str, classes: list[str], preprocess: Preprocess, *, skip
         if _text_csv(path, preprocess):
             return read_text_csv(path, classes, Columns.of(preprocess))
         return read_csv(path, classes, missing_ok=skip_bad)
-    if is_idx_dir(path):
+    if is_idx_dir(path):  # its labels are positions: matched to the training classes by name, as eval's are (they
+        # were taken by position: a folder's alphabetical "Ankle boot" was validated as the IDX's label 0, "T-shirt")
         val = load_idx(path, "test" if idx_files(path, "test") else "train")
-        if len(val.targets) and int(val.targets.max()) >= len(classes):
-            raise DataError(
-                f"val data '{val_data}' has labels up to {int(val.targets.max())}; train has {len(classes)}"
-            )
-        val.classes = list(classes)
+        name_labels_as(val, classes, path, known_by="the training data")
         return val
     _not_a_root(path, classes)
     return scan_folder(path, classes)

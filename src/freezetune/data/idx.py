@@ -241,7 +241,8 @@ def load_idx(root: str | Path, split: str = "train", transform: Callable | None 
     return dataset
 
 
-def name_labels_as(ds: InMemoryImageDataset, classes: list[str], root: str | Path) -> None:
+def name_labels_as(ds: InMemoryImageDataset, classes: list[str], root: str | Path,
+                   known_by: str = "the checkpoint") -> None:  # fmt: skip
     """Give the labels of ``ds`` (an IDX split of ``root``) the model's class indices, matched by name as a folder's
     are: IDX labels are positions, named by ``classes.txt`` (else ``idx_class_names``'s defaults), and a model trained
     on a folder lists its classes alphabetically (a slash written ``_``: ``labels.folder_name``), a model trained on
@@ -262,8 +263,8 @@ def name_labels_as(ds: InMemoryImageDataset, classes: list[str], root: str | Pat
     if unknown:
         named = Path(root) / CLASS_NAMES_FILE
         by = f"named by {named}" if named.is_file() else f"without {named}, named {choices(ds.classes[:3])}..."
-        raise DataError(f"'{root}' has label(s) named {choices(unknown)}, which the checkpoint does not know (IDX labels "
-                        f"are positions, {by}); its classes are {choices(classes)}: write the checkpoint's name of "
+        raise DataError(f"'{root}' has label(s) named {choices(unknown)}, which {known_by} does not know (IDX labels "
+                        f"are positions, {by}); its classes are {choices(classes)}: write {known_by}'s name of "
                         f"each label 0, 1, 2... into {named}, one a line, in label order")  # fmt: skip
     ds.targets = torch.tensor([index.get(nfc(folder_name(c)), -1) for c in ds.classes])[ds.targets]
     ds.classes = list(classes)
