@@ -1529,3 +1529,23 @@ def test_options_that_change_nothing_beside_others_are_noted(data, tmp_path, cap
     assert code == 0, err
     assert "note: --warmup-epochs 1 has no effect with --scheduler none (a constant LR)" in out, out
     assert "note: --cache-views 2 has no effect with --aug none" in out, out
+
+
+def test_an_image_that_fails_to_decode_mid_epoch_ends_the_run_in_one_line(tmp_path):
+    # with loader workers, the failed run's frames held the workers to the exit: multiprocessing killed them first,
+    # and torch's SIGCHLD handler printed "Exception ignored in atexit callback" and a traceback after the one line
+    data = make_image_folder(tmp_path / "data", train=6, val=2, test=2)
+    noise = (np.random.default_rng(0).random((64, 64, 3)) * 255).astype(np.uint8)
+    Image.fromarray(noise).save(data / "train" / "green" / "rot.jpg", quality=90)
+    broken = bytearray((data / "train" / "green" / "rot.jpg").read_bytes())
+    for i in range(len(broken) // 2, len(broken) - 10, 7):  # its header reads (the pre-scan passes it), its data not
+        broken[i] = 0xFF if broken[i] != 0xFF else 0x00
+    (data / "train" / "green" / "rot.jpg").write_bytes(bytes(broken))
+    argv = [sys.executable, "-m", "freezetune", "train", "--data", str(data), "--model", "timm:test_efficientnet",
+            "--weights", "none", "--img-size", "32", "--epochs", "1", "--batch-size", "4", "--no-progress",
+            "--workers", "2", "--cache", "off", "--recipe", "full", "--out"]  # fmt: skip
+    for run in ("a", "b"):  # the teardown's race lost about 2 runs in 3
+        done = subprocess.run([*argv, str(tmp_path / run)], capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+        assert done.returncode == 2 and "cannot read image" in done.stderr, done.stderr
+        assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr, done.stderr

@@ -12,6 +12,7 @@ import gc
 import io
 import logging
 import shlex
+import signal
 import sys
 import warnings
 
@@ -124,6 +125,11 @@ def run() -> None:
         # between the last line and the prompt, for objects that die with the process anyway. Not in ``main``: a
         # notebook may call it and go on.
         gc.freeze()
+    # A failed run's frames may still hold a loader's workers (a cycle through its error): the exit's multiprocessing
+    # handler kills them, and torch's SIGCHLD handler, still installed, printed a traceback after the one line (an
+    # image that failed to decode mid-epoch). Nothing loads data from here on; stopping them gracefully took 10 s.
+    if hasattr(signal, "SIGCHLD"):
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     if cli_exit.under_torchrun():  # a torchrun rank: no interpreter teardown (cli_exit's why)
         cli_exit.end_torchrun_process(code)
     sys.exit(code)
