@@ -640,3 +640,29 @@ def test_an_export_stopped_by_a_signal_says_so_and_leaves_no_temporary_file(data
     assert stopped.returncode == 128 + sig, stopped.stderr
     assert stopped.stderr == f"freezetune: stopped by {name} before export finished (no file is left half-written)\n"
     assert not list((tmp_path / "out").iterdir())  # nor the file, nor its temporary one
+
+
+@pytest.mark.parametrize("recipe", [None, "auto"])
+def test_a_stopped_run_the_command_gave_no_out_names_its_run_dir_to_resume(data, tmp_path, capsys, monkeypatch, recipe):
+    # "continue with --resume" (or, stopped in a trial, "the same command, with or without --resume"): without --out
+    # the resume was refused ("no run dir given"), and nothing had named which of runs/ the run was
+    from _engine_fixtures import TINY
+    from freezetune import trainer
+
+    monkeypatch.chdir(tmp_path)
+    real = trainer.Trainer._run_epoch
+
+    def stop(self, epoch, unfrozen):  # Ctrl-C as the second epoch starts (the auto recipe: in its first trial)
+        if epoch == 1 or recipe == "auto":
+            signal.raise_signal(signal.SIGINT)
+        return real(self, epoch, unfrozen)
+
+    monkeypatch.setattr(trainer.Trainer, "_run_epoch", stop)
+    argv = ["train", "--data", str(data), *TINY, "--epochs", "2", *(["--freeze", "backbone"] if recipe is None else [])]
+    code, _, err = run_cli(capsys, *argv)
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert code == 130 and f"(the run dir: give --out {run_dir})" in err, err
+    monkeypatch.undo()
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run_cli(capsys, *argv, "--out", str(run_dir), "--resume")
+    assert code == 0 and "test accuracy" in out, err

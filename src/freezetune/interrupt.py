@@ -74,6 +74,15 @@ class RunInterrupted(KeyboardInterrupt):
     def exit_code(self) -> int:
         return 128 + int(self.signum)
 
+    def naming(self, run_dir: str | Path) -> RunInterrupted:
+        """The same stop of a run whose dir the command did not name (no ``--out``): its advice ("continue with
+        --resume") needs it, and nothing had said which of runs/ it was.
+
+        >>> str(RunInterrupted.by(signal.SIGINT, "after epoch 2; continue with --resume").naming("runs/r-1"))
+        'stopped by SIGINT after epoch 2; continue with --resume (the run dir: give --out runs/r-1)'
+        """
+        return RunInterrupted(self.signum, f"{self} (the run dir: give --out {run_dir})", self.where)
+
 
 class StopRequest:
     """Where a run's SIGTERM and SIGINT go while ``listening``: recorded (``defer``) or raised at once.

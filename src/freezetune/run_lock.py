@@ -96,12 +96,13 @@ def _refuse_in_a_starting_worker() -> None:
 
 
 @contextmanager
-def scope() -> Iterator[None]:
-    """Release the claims made inside at its end (a nested scope's own claims at the nested scope's end)."""
+def scope() -> Iterator[list[Path]]:
+    """Release the claims made inside at its end (a nested scope's own claims at the nested scope's end); yields
+    them, in the order made (a run's own dir first)."""
     claims: list[Path] = []
     token = _scope.set(claims)
     try:
-        yield
+        yield claims
     finally:
         _scope.reset(token)
         for run_dir in reversed(claims):

@@ -34,7 +34,7 @@ from freezetune.distributed import (
 from freezetune.errors import TrainingError
 from freezetune.freeze import count_parameters
 from freezetune.inference import evaluate_best, write_evaluation
-from freezetune.interrupt import AT_ONCE_UNDER_DDP, OUTSIDE_A_STEP, StopRequest, pause_point
+from freezetune.interrupt import AT_ONCE_UNDER_DDP, OUTSIDE_A_STEP, RunInterrupted, StopRequest, pause_point
 from freezetune.memory import out_of_memory_hint
 from freezetune.progress import RunResult, other_monitor
 from freezetune.run_setup import RunSetup
@@ -81,7 +81,7 @@ def train(cfg: TrainConfig, *, echo: Callable[[str], None] = print, resumable: b
     # the log (train.log) around the rest: it records the line of whatever error or stop ends the run
     # run_lock.scope: the run dirs this run claimed (its own, a recipe's, its trials') are released at its end
     with run_log.log(echo) as echo, out_of_memory_hint(cfg.batch_size), StopRequest().listening(defer=False), \
-            run_lock.scope():  # fmt: skip
+            run_lock.scope() as claimed:  # fmt: skip
         try:
             if cfg.resume and not recipe_run:  # a recipe's own run resumes through the recipe
                 recipes.refuse_a_plain_resume_of_a_recipe(cfg)
@@ -91,6 +91,10 @@ def train(cfg: TrainConfig, *, echo: Callable[[str], None] = print, resumable: b
             return Trainer(cfg, echo=echo, resumable=resumable, brief=brief, recipe_run=recipe_run,
                            validation_needed_by=validation_needed_by, refit_follows=refit_follows,
                            later_epochs=later_epochs).fit()  # fmt: skip
+        except RunInterrupted as exc:  # a run dir of runs/ the command did not name: "--resume" alone found no run
+            if cfg.out is None and claimed:
+                raise exc.naming(claimed[0]) from None
+            raise
         finally:
             if owner:
                 leave_group()
