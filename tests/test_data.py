@@ -1398,3 +1398,13 @@ def test_eval_of_a_folder_of_split_folders_without_train_reads_its_test_or_val_f
     make_folder(tmp_path / "t" / "test", 1)  # a model with a class named "test" reads it as that class
     ds = build_eval_dataset(str(tmp_path / "t"), preprocess=PRE, classes=["blue", "test"])
     assert ds.source == f"every image under {tmp_path / 't'}"
+
+
+def test_a_share_of_an_epoch_draws_two_images_where_one_would_be_a_batch_of_one():
+    # the auto recipe's half-epoch trial of a set of 2 training images drew 1: a batch of one, which BatchNorm cannot
+    # train ("give more --epoch-images", a flag the user never gave)
+    from freezetune.data.loaders import EpochOrder
+
+    assert [len(EpochOrder(n, shuffle=True, batch_size=32, fraction=0.5)) for n in (2, 3, 4, 10)] == [2, 2, 2, 5]
+    assert len(EpochOrder(2, shuffle=True, fraction=0.5)) == 1  # no batch size given: no batch to keep from one
+    assert len(EpochOrder(1, shuffle=True, batch_size=32, fraction=0.5)) == 1  # all there is

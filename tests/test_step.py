@@ -80,3 +80,12 @@ def test_grad_clip_bounds_the_update():
         _step(m, lr=1.0, grad_clip=clip)(m, *_batch(), _meter())
         m.change = (m.weight.detach() - before).norm().item()
     assert clipped.change <= 0.01 + 1e-6 < model.change
+
+
+def test_a_batch_of_one_names_the_flag_to_change_only_where_it_was_given():
+    from freezetune.step import one_value_batch
+
+    exc = ValueError("Expected more than 1 value per channel when training")
+    assert "give --batch-size 2 or more" in str(one_value_batch(exc, 1, 1))
+    assert "give more --epoch-images" in str(one_value_batch(exc, 1, 32, epoch_images=3))
+    assert "give more training images" in str(one_value_batch(exc, 1, 32))  # --epoch-images was never given

@@ -130,14 +130,16 @@ class Step:
             self.state.scheduler.step()
 
 
-def one_value_batch(exc: ValueError, n: int, batch_size: int) -> TrainingError:
+def one_value_batch(exc: ValueError, n: int, batch_size: int, epoch_images: int | None = None) -> TrainingError:
     """A training batch too small for a BatchNorm layer that trains (torch's "Expected more than 1 value per channel
     when training": one image, and a layer that sees one value a channel), as the one line of what to change: a
-    larger ``batch_size`` only where it is the cause (with 32, ``--epoch-images 2`` on 2 ranks gave each one image)."""
-    fix = (
-        "give --batch-size 2 or more"
-        if batch_size < 2
-        else "give more --epoch-images (under torchrun each rank takes its share of them)"
-    )
+    larger ``batch_size`` only where it is the cause (with 32, ``--epoch-images 2`` on 2 ranks gave each one image);
+    more ``--epoch-images`` only where they were given."""
+    if batch_size < 2:
+        fix = "give --batch-size 2 or more"
+    elif epoch_images is not None:
+        fix = "give more --epoch-images (under torchrun each rank takes its share of them)"
+    else:
+        fix = "give more training images (under torchrun each rank takes its share of them)"
     return TrainingError(f"a training batch of {n} image(s) cannot train the model's BatchNorm layers (torch: "
                          f"{first_line(exc)}); {fix}, or hold the statistics: --bn-stats frozen")  # fmt: skip

@@ -310,7 +310,7 @@ class Trainer(RunSetup):
             except ValueError as exc:
                 if "more than 1 value per channel" not in str(exc):
                     raise
-                raise one_value_batch(exc, len(targets), self.cfg.batch_size) from None
+                raise one_value_batch(exc, len(targets), self.cfg.batch_size, self.cfg.epoch_images) from None
             if not stepped and meter.skipped > self.cfg.skip_nonfinite:
                 raise self._diverged(epoch, meter.step - 1, skipped=meter.skipped - 1)
             self._after_step(epoch, meter)

@@ -105,7 +105,9 @@ class EpochOrder(Sampler[int]):
 
     def __len__(self) -> int:
         n = -(-self.n // self.dist.world) if self.shuffle and self.dist.enabled else self.n
-        n = max(1, round(n * self.fraction)) if self.shuffle and self.fraction < 1 else n
+        if self.shuffle and self.fraction < 1:  # a share of one item is a batch of one, which cannot train BatchNorm:
+            # two where there are (the auto recipe's half-epoch trial of a set of 2 training images, or 3)
+            n = max(min(n, 2 if self.batch_size else 1), round(n * self.fraction))
         return n - 1 if self.batch_size and n > 1 and n % self.batch_size == 1 else n
 
     def indices(self) -> torch.Tensor:
