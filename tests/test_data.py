@@ -1408,3 +1408,23 @@ def test_a_share_of_an_epoch_draws_two_images_where_one_would_be_a_batch_of_one(
     assert [len(EpochOrder(n, shuffle=True, batch_size=32, fraction=0.5)) for n in (2, 3, 4, 10)] == [2, 2, 2, 5]
     assert len(EpochOrder(2, shuffle=True, fraction=0.5)) == 1  # no batch size given: no batch to keep from one
     assert len(EpochOrder(1, shuffle=True, batch_size=32, fraction=0.5)) == 1  # all there is
+
+
+def test_idx_labels_past_the_training_classes_or_below_zero_are_refused_before_training(tmp_path):
+    # a t10k label of 11 beside training labels 0-9 stopped the run after it trained ("label 11 is outside
+    # num_classes"); a negative one ended in torch's bincount traceback
+    import gzip
+    import struct
+
+    from freezetune.data.layout import check_test_split
+
+    root = make_idx_dir(tmp_path / "mnist", n_train=20, n_test=12)
+    write_idx(root / "t10k-labels-idx1-ubyte.gz", np.arange(12), True)
+    for check in (lambda: check_test_split(str(root)), lambda: build_datasets(str(root), preprocess=PRE)):
+        with pytest.raises(DataError, match=r"t10k-labels-idx1-ubyte.gz' has labels up to 11, and the training split "
+                                            r"has 10 classes \(0 to 9\)"):  # fmt: skip
+            check()
+    signed = struct.pack(">BBBB", 0, 0, 0x09, 1) + struct.pack(">I", 20) + np.array([-1] + [0] * 19, np.int8).tobytes()
+    (root / "train-labels-idx1-ubyte.gz").write_bytes(gzip.compress(signed))
+    with pytest.raises(DataError, match="train-labels-idx1-ubyte.gz' holds the label -1: labels are class indices"):
+        build_datasets(str(root), preprocess=PRE, final_test=False)

@@ -15,7 +15,7 @@ from torch.utils.data import Dataset
 from freezetune.data import json_lines
 from freezetune.data.coverage import check_every_class_trains
 from freezetune.data.folder import FileImageDataset, is_skipped_folder, scan_folder
-from freezetune.data.idx import idx_files, idx_pair_problem, is_idx_dir, load_idx, name_labels_as
+from freezetune.data.idx import check_test_labels, idx_files, idx_pair_problem, is_idx_dir, load_idx, name_labels_as
 from freezetune.data.image_csv import IMAGE_COLUMNS, read_csv
 from freezetune.data.labels import nfc
 from freezetune.data.layout import TEST_DIRS, TRAIN_DIRS, VAL_DIRS, first_dir, load_folder, read_test_file, split_files
@@ -114,13 +114,11 @@ def _load_source(data: str, preprocess: Preprocess, *, read_test: bool = True, r
         return "text", train, val, test, "test" in splits
     if is_idx_dir(path):
         has_test = bool(idx_files(path, "test"))
-        return (
-            "idx",
-            load_idx(path, "train"),
-            None,
-            load_idx(path, "test") if has_test and read_test else None,
-            has_test,
-        )
+        train = load_idx(path, "train")
+        test = load_idx(path, "test") if has_test and read_test else None
+        if test is not None and len(test.targets):
+            check_test_labels(int(test.targets.max()), len(train.classes), idx_files(path, "test")[1])
+        return "idx", train, None, test, has_test
     return ("folder", *load_folder(path, read_val=read_val, read_test=read_test))
 
 

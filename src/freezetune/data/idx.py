@@ -222,7 +222,7 @@ def load_idx(root: str | Path, split: str = "train", transform: Callable | None 
         raise DataError(
             f"no {split} IDX files in '{root}'; expected {prefix}-images-idx3-ubyte[.gz] and {prefix}-labels-idx1-ubyte[.gz]"
         )
-    images, labels = read_idx(files[0]), read_idx(files[1])
+    images, labels = read_idx(files[0]), labels_of(files[1])
     if images.dtype != np.uint8 or images.ndim not in (3, 4) or labels.ndim != 1 or len(images) != len(labels):
         raise DataError(
             f"IDX files in '{root}' do not match: images {images.dtype} {images.shape}, labels {labels.shape}; "
@@ -239,6 +239,31 @@ def load_idx(root: str | Path, split: str = "train", transform: Callable | None 
     dataset = InMemoryImageDataset(images_t, targets, classes, transform)
     dataset.source_files = (os.path.realpath(files[0]),)  # which file it is: one split read twice is refused
     return dataset
+
+
+def labels_of(path: str | Path) -> np.ndarray:
+    """The labels of an IDX labels file: whole numbers from 0 (a negative one ended in torch's bincount traceback, a
+    fraction was cut to an integer in silence).
+
+    Raises:
+        DataError: a label that is no class index, named with the file.
+    """
+    labels = read_idx(path)
+    if labels.dtype.kind == "f" and len(labels) and not np.all(np.mod(labels, 1) == 0):
+        raise DataError(f"IDX labels file '{path}' holds a label that is not a whole number "
+                        f"({labels[np.mod(labels, 1) != 0][0].item()!r}): labels are class indices 0, 1, 2...")  # fmt: skip
+    if len(labels) and labels.min() < 0:
+        raise DataError(f"IDX labels file '{path}' holds the label {labels.min().item()!r}: labels are class indices 0, 1, "
+                        "2...")  # fmt: skip
+    return labels
+
+
+def check_test_labels(highest: int, classes: int, test_labels: str | Path) -> None:
+    """Refuse a test split whose ``highest`` label (of its ``test_labels`` file) is past the training split's
+    ``classes``: the run scored it only after it had trained, ending in "label 11 is outside num_classes"."""
+    if highest >= classes:
+        raise DataError(f"IDX labels file '{test_labels}' has labels up to {highest}, and the training split has "
+                        f"{classes} classes (0 to {classes - 1}): the test split is scored by them")  # fmt: skip
 
 
 def name_labels_as(ds: InMemoryImageDataset, classes: list[str], root: str | Path,

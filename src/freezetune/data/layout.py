@@ -22,7 +22,7 @@ from freezetune.data.folder import (
     is_skipped_folder,
     scan_folder,
 )
-from freezetune.data.idx import idx_files, is_idx_dir, read_idx
+from freezetune.data.idx import check_test_labels, idx_class_names, idx_files, is_idx_dir, labels_of
 from freezetune.data.scan import check_splits, unreadable
 from freezetune.data.text import TextDataset, read_text_csv
 from freezetune.data.text_table import TABLE_SUFFIXES, Columns, text_csv_header
@@ -168,6 +168,20 @@ def read_test_file(path: Path, classes: list[str], columns: Columns) -> TextData
     return read_text_csv(path, classes, columns)
 
 
+def _idx_test_count(path: Path) -> int | None:
+    """The labels of an IDX directory's test split (10 000 bytes for Fashion-MNIST's), checked against the training
+    split's classes: a label past them stopped the run only after it trained, as "label 11 is outside num_classes"."""
+    test, train = idx_files(path, "test"), idx_files(path, "train")
+    if test is None:
+        return None
+    labels = labels_of(test[1])
+    if train is not None and len(labels):
+        trained = labels_of(train[1])
+        classes = max(len(idx_class_names(path)), int(trained.max()) + 1 if len(trained) else 0)
+        check_test_labels(int(labels.max()), classes, test[1])
+    return len(labels)
+
+
 def check_test_split(data: str, *, skip_bad: bool = False, text: Columns | None = None) -> int | None:
     """Check the test folder a run will score at its end, before a recipe's trials or first phase, which do not read
     it: an unlabelled ``test/``, one with a class the training folder lacks, or an unreadable test image stopped the
@@ -188,8 +202,7 @@ def check_test_split(data: str, *, skip_bad: bool = False, text: Columns | None 
     if not path.is_dir():
         return None
     if is_idx_dir(path):
-        files = idx_files(path, "test")
-        return None if files is None else len(read_idx(files[1]))  # its labels: 10 000 bytes for Fashion-MNIST's
+        return _idx_test_count(path)
     train_dir, test_dir = first_dir(path, TRAIN_DIRS), first_dir(path, TEST_DIRS)
     if train_dir is None or test_dir is None:
         return None
