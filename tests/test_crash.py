@@ -666,3 +666,19 @@ def test_a_stopped_run_the_command_gave_no_out_names_its_run_dir_to_resume(data,
     monkeypatch.chdir(tmp_path)
     code, out, err = run_cli(capsys, *argv, "--out", str(run_dir), "--resume")
     assert code == 0 and "test accuracy" in out, err
+
+
+def test_a_stop_while_the_cache_is_rebuilt_after_an_unfreeze_ends_the_run_at_once(data, tmp_path, capsys):
+    # the rebuild ran to its end (minutes on a large set, past a cluster's grace period), then a step trained only
+    # to be saved mid-epoch
+    out = tmp_path / "run"
+    argv = _argv(data, out, "auto", "--unfreeze", "epoch:1")
+    stopped = _stopped_run(argv, "rebuild", signal.SIGTERM, tmp_path)
+    assert stopped.returncode == 143 and stopped.stderr == (
+        "freezetune: stopped by SIGTERM while the feature cache was rebuilt after epoch 1 (saved in last.pt); "
+        "continue with --resume\n"
+    ), stopped.stderr
+    last = checkpoint.load(out / "last.pt")
+    assert last["epoch"] == 1 and not last["progress"]["step"]  # the finished epoch, no step of the next
+    code, _, err = run_cli(capsys, *argv, "--resume")
+    assert code == 0 and checkpoint.load(out / "last.pt")["epoch"] == 3, err

@@ -132,6 +132,18 @@ class StopRequest:
             for s, handler in previous.items():
                 signal.signal(s, handler if handler is not None else signal.SIG_DFL)
 
+    @contextmanager
+    def at_once_in(self, where: str) -> Iterator[None]:
+        """In this block a stop ends the run at once, saying ``where`` (what is saved, how to go on), as outside the
+        training loop: a feature cache's rebuild after an unfreeze, inside the loop, ran to its end first (minutes on
+        a large set, past a cluster's grace period) and then trained a step only to save it."""
+        kept = self.defer, self.at_once
+        self.defer, self.at_once = False, where
+        try:
+            yield
+        finally:
+            self.defer, self.at_once = kept
+
     def _handle(self, signum: int, frame) -> None:
         if self.defer and self.signum in (None, PIPE_CLOSED):  # a closed pipe is no first signal of the user's
             self.signum = signum  # acted on at the next step boundary

@@ -206,13 +206,19 @@ class Trainer(RunSetup):
             self._save_and_say(row, improved)
             if unfrozen:
                 self._say_unfrozen(epoch, unfrozen)
+            saved = "saved in last.pt" if self.resumable else "not saved: this run is not resumed"
             if self.stop.requested:  # the signal came during validation or the save (a resume builds the cache)
                 self.checkpoints.wait()
-                saved = "saved in last.pt" if self.resumable else "not saved: this run is not resumed"
                 raise self.stop.interrupted(f"after epoch {epoch + 1} ({saved})")
-            if unfrozen:
-                # the frozen prefix got shorter: rebuild at the new boundary, or read images
-                self.features.build(epochs_left=epochs_on_cut(unfreezer, epoch + 1, cfg.epochs))
+            if unfrozen:  # the frozen prefix got shorter: rebuild at the new boundary, or read images
+                try:  # (a resume builds it again)
+                    with self.stop.at_once_in(f"while the feature cache was rebuilt after epoch {epoch + 1} ({saved}); "
+                                              "continue with --resume"):  # fmt: skip
+                        pause_point("rebuild")
+                        self.features.build(epochs_left=epochs_on_cut(unfreezer, epoch + 1, cfg.epochs))
+                except RunInterrupted:
+                    self.checkpoints.wait()  # the epoch's last.pt, still being written
+                    raise
             if cfg.early_stop and self.progress.bad_epochs >= cfg.early_stop and not last:
                 self.echo(f"early stop: {cfg.monitor} did not improve for {cfg.early_stop} "
                           f"epoch{'s' if cfg.early_stop != 1 else ''}")  # fmt: skip
