@@ -638,6 +638,10 @@ def test_a_schedule_that_opens_nothing_the_run_trains_is_noted():
     for epoch in range(4):
         resumed.step(epoch)
     assert not resumed.frozen_stages() and idle_schedule_note(resumed, 6) is None
+    # --early-stop 2 beside a plateau's patience of 3: the run stopped early, no stage ever opened, without a word
+    _, _, _, plateau = frozen_setup("plateau:patience=3")
+    assert "--early-stop 2 ends the run after 2" in idle_schedule_note(plateau, 12, early_stop=2)
+    assert idle_schedule_note(plateau, 12, early_stop=3) is None  # at 3 the plateau opens first, and the count restarts
 
 
 def test_a_plateau_min_delta_read_as_points_is_noted_for_either_fraction_but_not_for_a_loss():

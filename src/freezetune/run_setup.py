@@ -392,7 +392,8 @@ class RunSetup:
                                 noun(self.data.train))]  # fmt: skip
         if not self.brief:  # the later trials of the auto recipe: their first said these
             schedule = self.state.unfreezer.schedule if self.state.unfreezer is not None else None  # parsed once
-            idle = idle_schedule_note(self.state.unfreezer, self.cfg.epochs)  # a schedule that opens nothing here
+            # a schedule that opens nothing here
+            idle = idle_schedule_note(self.state.unfreezer, self.cfg.epochs, self.cfg.early_stop)
             notes += [truncation_note(self.data.train, self.preprocess), text_pooling.note(self.model),
                       idle_stage_lrs(self.model, self.cfg.stage_lrs, unfreezes=schedule is not None and idle is None,
                                      decay=self.cfg.decay),

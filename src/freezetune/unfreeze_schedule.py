@@ -113,9 +113,10 @@ def plateau_units_note(schedule: Schedule | None, monitor: str) -> str | None:
             f"of {what} (half a point is 0.005), so nearly every epoch counts as a stall")  # fmt: skip
 
 
-def idle_schedule_note(unfreezer: Unfreezer | None, epochs: int) -> str | None:
-    """A note when an unfreeze schedule cannot open anything the run trains: nothing is frozen, or every epoch it
-    opens at is the run's last or later (``--epochs 3 --unfreeze epoch:5`` trained 3 frozen epochs without a word).
+def idle_schedule_note(unfreezer: Unfreezer | None, epochs: int, early_stop: int | None = None) -> str | None:
+    """A note when an unfreeze schedule cannot open anything the run trains: nothing is frozen, every epoch it
+    opens at is the run's last or later (``--epochs 3 --unfreeze epoch:5`` trained 3 frozen epochs without a word), or
+    a plateau's patience outlasts ``early_stop``'s (which ended the run first, no stage opened, without a word).
 
     >>> import torch, torchvision, freezetune as ft
     >>> m = torchvision.models.resnet18(); ft.freeze(m, "backbone")
@@ -129,7 +130,12 @@ def idle_schedule_note(unfreezer: Unfreezer | None, epochs: int) -> str | None:
     told = {"epoch": f"'epoch:{schedule.every}'", "plan": "plan", "plateau": "plateau"}[schedule.kind]
     if not unfreezer.frozen_stages():
         return f"note: unfreeze {told} has nothing to open: every stage trains already"
-    if schedule.kind == "plateau":  # when it opens depends on the metric
+    if schedule.kind == "plateau":  # when it opens depends on the metric; not after the run has stopped early
+        if early_stop is not None and early_stop < schedule.patience:
+            return (f"note: unfreeze plateau opens a stage after {schedule.patience} epochs without improvement, and "
+                    f"--early-stop {early_stop} ends the run after {early_stop}: it stops before any stage opens, but "
+                    f"where gains under the plateau's min_delta keep it going; give --early-stop {schedule.patience} "
+                    "or more")  # fmt: skip
         return None
     first = _next_opening(schedule, 0)  # (a plan's 0: at the start)
     if first is None or first < epochs:
