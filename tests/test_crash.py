@@ -682,3 +682,29 @@ def test_a_stop_while_the_cache_is_rebuilt_after_an_unfreeze_ends_the_run_at_onc
     assert last["epoch"] == 1 and not last["progress"]["step"]  # the finished epoch, no step of the next
     code, _, err = run_cli(capsys, *argv, "--resume")
     assert code == 0 and checkpoint.load(out / "last.pt")["epoch"] == 3, err
+
+
+def test_a_stopped_resume_leaves_its_report_and_test_files_true_to_what_it_saved(data, tmp_path, capsys, monkeypatch):
+    # a resume that moved best.pt and was then stopped kept the earlier best.pt's test_metrics.json and confusion.png,
+    # and a report.png of the epochs before it: both were put right only at a run's end
+    import json
+
+    from freezetune import runtime, trainer
+
+    out = tmp_path / "run"
+    argv = ["train", "--data", str(data), "--out", str(out), *TINY, "--freeze", "-3", "--scheduler", "none"]
+    assert run_cli(capsys, *argv, "--epochs", "1")[0] == 0
+    scored = json.loads((out / runtime.TEST_METRICS).read_text())
+    (out / runtime.TEST_METRICS).write_text(json.dumps({**scored, "epoch": 7}))  # another best.pt's score
+    real = trainer.Trainer._run_epoch
+
+    def stop(self, epoch, unfrozen):  # SIGTERM in the resume's second epoch
+        if epoch == 2:
+            signal.raise_signal(signal.SIGTERM)
+        return real(self, epoch, unfrozen)
+
+    monkeypatch.setattr(trainer.Trainer, "_run_epoch", stop)
+    code, stdout, err = run_cli(capsys, *argv, "--epochs", "4", "--resume")
+    assert code == 143 and "removed test_metrics.json, confusion.png: they scored an earlier best.pt" in stdout, err
+    assert not (out / runtime.TEST_METRICS).exists() and not (out / runtime.CONFUSION_PNG).exists()
+    assert (out / "report.png").stat().st_mtime_ns >= (out / "metrics.csv").stat().st_mtime_ns  # redrawn

@@ -127,8 +127,10 @@ class Trainer(RunSetup):
             with self.stop.listening(defer=not self.dist.enabled, at_once=at_once):
                 self._epochs()
             self.checkpoints.wait()  # best.pt is scored next
-        except BaseException:
+        except BaseException as exc:
             self._close(failing=True)
+            if isinstance(exc, RunInterrupted) and self.dist.is_main and self.resumable:
+                self._records_after_stop()
             raise
         self._close(failing=False)
         self.seconds["epochs"] = time.perf_counter() - start
@@ -166,6 +168,18 @@ class Trainer(RunSetup):
         if running and self.fit_start is not None:
             now["epochs"] = time.perf_counter() - self.fit_start
         return {k: self.spent_before.get(k, 0.0) + now.get(k, 0.0) for k in {*now, *self.spent_before}}
+
+    def _records_after_stop(self) -> None:
+        """A stopped run's report and test files, true to what it saved: the curves through its last epoch, and no
+        test score of a ``best.pt`` a resume has since replaced (both waited for the run's end, which a stopped resume
+        never reached)."""
+        csv_path, png = self.run_dir / reporting.METRICS_CSV, self.run_dir / reporting.REPORT_PNG
+        try:  # (the stop's line is the run's end: what fails here is not raised over it)
+            if csv_path.is_file() and (not png.is_file() or png.stat().st_mtime_ns < csv_path.stat().st_mtime_ns):
+                reporting.plot_report(csv_path, png, monitor=self.cfg.monitor, best_epoch=self.progress.best_epoch)
+            self._drop_stale_test(why="not scored yet: the run stopped before its test")
+        except Exception as exc:  # noqa: BLE001 - a plot or a file the stop leaves as it was
+            self.echo(f"note: after the stop, the report and test files were left as they were ({exc})")
 
     def _close(self, *, failing: bool) -> None:
         """After the epochs, Ctrl-C and errors too: the saves already made land, TensorBoard is flushed, the loaders'
@@ -377,7 +391,7 @@ class Trainer(RunSetup):
 
     # --- unfreezing and the final test ----------------------------------------------------------------------
 
-    def _drop_stale_test(self) -> None:
+    def _drop_stale_test(self, why: str = "not scored: --no-final-test or no test split") -> None:
         """The test files of an earlier attempt that scored another ``best.pt`` than this run's (a resume moved it)."""
         try:  # the epoch it scored; a file written before they named it is left as it is
             if json.loads((self.run_dir / runtime.TEST_METRICS).read_text()).get("epoch", self.progress.best_epoch) \
@@ -390,7 +404,7 @@ class Trainer(RunSetup):
             (self.run_dir / name).unlink()
         if stale:
             self.echo(f"removed {', '.join(stale)}: they scored an earlier best.pt (this run's is epoch "
-                      f"{self.progress.best_epoch}, not scored: --no-final-test or no test split)")  # fmt: skip
+                      f"{self.progress.best_epoch}, {why})")  # fmt: skip
 
     def _final_test(self) -> dict | None:
         """``best.pt`` on the test split, once, at the end: the one number no decision of the run has seen. Not
