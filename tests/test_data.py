@@ -789,12 +789,15 @@ def test_standard_augmentation_runs_with_every_interpolation(interpolation):
 # ---- data that must fail loudly, before training ---------------------------------------------------------------
 
 
-def test_csv_columns_are_found_by_header_name(tmp_path):
+def test_csv_columns_are_found_by_header_name(tmp_path, caplog):
     make_folder(tmp_path / "img", 2)
     rows = [f"img/{c}/{i}.png,{'train' if i else 'val'},{c}" for c in COLOURS for i in range(2)]
     (tmp_path / "a.csv").write_text("path,split,label\n" + "\n".join(rows) + "\n")
-    b = build_datasets(str(tmp_path / "a.csv"), val_split=0.5, preprocess=PRE)
+    with caplog.at_level(logging.WARNING, logger="freezetune"):
+        b = build_datasets(str(tmp_path / "a.csv"), val_split=0.5, preprocess=PRE)
     assert b.classes == sorted(COLOURS)  # the label column, not the split column next to the path
+    # ... which is not read: its val (or test) rows trained in silence (a Kaggle CSV's split column)
+    assert "has a 'split' column, which freezetune does not read: every row trains" in caplog.text
     (tmp_path / "b.csv").write_text("label,file,class\n" + "\n".join(f"{c},img/{c}/0.png,{c}" for c in COLOURS))
     with pytest.raises(DataError, match="more than one label column"):
         build_datasets(str(tmp_path / "b.csv"), preprocess=PRE)

@@ -5,6 +5,7 @@ as folder names are (``folder.py``). A ``.tsv`` file's columns are separated by 
 from __future__ import annotations
 
 import csv
+import logging
 import os
 from pathlib import Path
 
@@ -15,6 +16,9 @@ from freezetune.data.text_table import other_separator
 from freezetune.data.utf8 import not_utf8
 from freezetune.errors import DataError, choices
 from freezetune.options import LABEL_COLUMNS
+from freezetune.run_log import warn_once
+
+log = logging.getLogger(__name__)
 
 IMAGE_COLUMNS = {"path", "file", "filename", "filepath", "image", "image_path", "img"}  # an image CSV's header
 _CSV_LABEL_NAMES = set(LABEL_COLUMNS)  # the label column names a text CSV takes
@@ -105,6 +109,18 @@ def _csv_columns(path: Path, header: list[str] | None, rows: list[list[str]]) ->
     return found["image"], found["label"]
 
 
+# a column that assigns rows to splits (Kaggle's "split", fastai's "is_valid"): not read, so its test rows trained
+SPLIT_COLUMNS = ("split", "set", "subset", "fold", "partition", "is_valid", "is_test")
+
+
+def _warn_split_column(path: Path, header: list[str] | None) -> None:
+    named = [c.strip() for c in header or () if c.strip().lower() in SPLIT_COLUMNS]
+    if named:
+        warn_once(log, "CSV '%s' has a '%s' column, which freezetune does not read: every row trains, its test and "
+                  "validation rows too; give those rows in CSVs of their own (--val-data val.csv; freezetune eval "
+                  "--data test.csv scores a test CSV)", path, named[0])  # fmt: skip
+
+
 def _read_csv_rows(path: Path) -> list[tuple[str, str]]:
     try:
         with path.open(newline="", encoding="utf-8-sig") as f:
@@ -127,6 +143,7 @@ def _read_csv_rows(path: Path) -> list[tuple[str, str]]:
     if not rows:
         raise DataError(f"CSV '{path}' has no rows; expected lines of 'path,label'")
     image, label = _csv_columns(path, header, rows)
+    _warn_split_column(path, header)
     need = max(image, label) + 1
     bad = next(((n, r) for n, r in numbered if len(r) < need or not r[image].strip() or not r[label].strip()), None)
     if bad is not None:
