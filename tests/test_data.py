@@ -1406,11 +1406,12 @@ def test_eval_of_a_folder_of_split_folders_without_train_reads_its_test_or_val_f
 def test_a_share_of_an_epoch_draws_two_images_where_one_would_be_a_batch_of_one():
     # the auto recipe's half-epoch trial of a set of 2 training images drew 1: a batch of one, which BatchNorm cannot
     # train ("give more --epoch-images", a flag the user never gave)
-    from freezetune.data.loaders import EpochOrder
+    from freezetune.data.loaders import EpochOrder, epoch_share
 
-    assert [len(EpochOrder(n, shuffle=True, batch_size=32, fraction=0.5)) for n in (2, 3, 4, 10)] == [2, 2, 2, 5]
-    assert len(EpochOrder(2, shuffle=True, fraction=0.5)) == 1  # no batch size given: no batch to keep from one
-    assert len(EpochOrder(1, shuffle=True, batch_size=32, fraction=0.5)) == 1  # all there is
+    drawn = [len(EpochOrder(n, shuffle=True, batch_size=32, fraction=epoch_share(n, 0.5, None))) for n in (2, 3, 10)]
+    assert drawn == [2, 2, 5]
+    assert epoch_share(1, 0.5, None) == 1.0  # all there is: one
+    assert epoch_share(10, 1.0, 1) == 0.1  # --epoch-images 1 is the user's to ask
 
 
 def test_idx_labels_past_the_training_classes_or_below_zero_are_refused_before_training(tmp_path):

@@ -105,9 +105,7 @@ class EpochOrder(Sampler[int]):
 
     def __len__(self) -> int:
         n = -(-self.n // self.dist.world) if self.shuffle and self.dist.enabled else self.n
-        if self.shuffle and self.fraction < 1:  # a share of one item is a batch of one, which cannot train BatchNorm:
-            # two where there are (the auto recipe's half-epoch trial of a set of 2 training images, or 3)
-            n = max(min(n, 2 if self.batch_size else 1), round(n * self.fraction))
+        n = max(1, round(n * self.fraction)) if self.shuffle and self.fraction < 1 else n
         return n - 1 if self.batch_size and n > 1 and n % self.batch_size == 1 else n
 
     def indices(self) -> torch.Tensor:
@@ -204,12 +202,16 @@ def epoch_share(n: int, fraction: float, images: int | None) -> float:
     """The share of a training set of ``n`` items an epoch visits: ``fraction`` of it (``epoch_fraction``), at most
     ``images`` items (``epoch_images``; None: no limit).
 
-    >>> epoch_share(1000, 0.5, 100), epoch_share(50, 0.5, 100)
-    (0.1, 0.5)
+    A share of one item is a batch of one, which BatchNorm cannot train: a ``fraction`` draws two where the set has
+    them (the auto recipe's half-epoch trial of 2 training images drew 1, and ended in "give more --epoch-images", a
+    flag never given); ``images`` below two is the user's to ask.
+
+    >>> epoch_share(1000, 0.5, 100), epoch_share(50, 0.5, 100), epoch_share(2, 0.5, None), epoch_share(4, 0.5, 1)
+    (0.1, 0.5, 1.0, 0.25)
     """
-    if images is None or n <= images:
-        return fraction
-    return min(fraction, images / n)
+    share = fraction if images is None or n <= images else min(fraction, images / n)
+    floor = min(2, n, 2 if images is None else images)
+    return max(share, floor / n) if n and share < 1 else share
 
 
 @dataclass(frozen=True)
