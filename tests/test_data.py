@@ -798,6 +798,12 @@ def test_csv_columns_are_found_by_header_name(tmp_path, caplog):
     assert b.classes == sorted(COLOURS)  # the label column, not the split column next to the path
     # ... which is not read: its val (or test) rows trained in silence (a Kaggle CSV's split column)
     assert "has a 'split' column, which freezetune does not read: every row trains" in caplog.text
+    from freezetune.data.image_csv import read_csv
+
+    caplog.clear()  # a validation or evaluation CSV's split column trains nothing: not warned of
+    with caplog.at_level(logging.WARNING, logger="freezetune"):
+        read_csv(tmp_path / "a.csv", sorted(COLOURS))
+    assert "split" not in caplog.text
     (tmp_path / "b.csv").write_text("label,file,class\n" + "\n".join(f"{c},img/{c}/0.png,{c}" for c in COLOURS))
     with pytest.raises(DataError, match="more than one label column"):
         build_datasets(str(tmp_path / "b.csv"), preprocess=PRE)

@@ -439,6 +439,33 @@ def test_texts_the_model_reads_as_one_input_are_copies_across_splits_and_of_one_
     assert keys[0] == keys[1] != keys[2]
 
 
+def test_a_text_key_strips_spaces_a_byte_level_tokenizer_reads_and_reads_a_hub_id_offline_from_the_cache(
+    tmp_path, monkeypatch
+):
+    # GPT-2-style tokenizers mark a leading space ("Ġa"): " a joy " was no copy of "a joy"; a hub id offline waited
+    # 46 s on retries
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from freezetune import download
+    from freezetune.data.text_key import TextKey
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    transformers.PreTrainedTokenizerFast(tokenizer_object=bpe).save_pretrained(tmp_path / "bpe")
+    key = TextKey(str(tmp_path / "bpe"))
+    assert key(" a joy ") == key("a joy") != key("a  joy")  # (inner spaces are its input)
+    asked = []
+
+    def offline(name, **kwargs):
+        asked.append(kwargs.get("local_files_only"))
+        raise OSError("not in the cache")
+
+    monkeypatch.setattr(download, "hub_offline", lambda: True)
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", offline)
+    assert TextKey("someone/not-cached-test-model")(" a joy ") == "a joy" and asked == [True]
+
+
 def test_a_text_checkpoint_predicts_where_the_model_folder_it_was_trained_from_is_gone(text_run, tmp_path,
                                                                                         monkeypatch):  # fmt: skip
     # best.pt named hf:/path/to/model for its architecture and tokenizer: moved to another machine, it could not be

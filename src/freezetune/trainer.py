@@ -226,8 +226,9 @@ class Trainer(RunSetup):
                 raise self.stop.interrupted(f"after epoch {epoch + 1} ({saved})")
             if unfrozen:  # the frozen prefix got shorter: rebuild at the new boundary, or read images
                 try:  # (a resume builds it again)
-                    with self.stop.at_once_in(f"while the feature cache was rebuilt after epoch {epoch + 1} ({saved}); "
-                                              "continue with --resume"):  # fmt: skip
+                    go_on = "; continue with --resume" if self.resumable else ""  # (a trial's: its recipe says)
+                    with self.stop.at_once_in(f"while the feature cache was rebuilt after epoch {epoch + 1} "
+                                              f"({saved}){go_on}"):  # fmt: skip
                         pause_point("rebuild")
                         self.features.build(epochs_left=epochs_on_cut(unfreezer, epoch + 1, cfg.epochs))
                 except RunInterrupted:

@@ -44,7 +44,8 @@ def read_csv(path: str | Path, classes: list[str] | None = None, *, missing_ok: 
         raise DataError(f"'{path}' is a JSON Lines file, which a text model reads (objects naming a text and a "
                         "label); an image model reads a 'path,label' CSV or TSV, an image folder or an IDX "
                         "directory")  # fmt: skip
-    rows = [(p, nfc(label)) for p, label in _read_csv_rows(path)]  # as class folders' names are (scan_folder)
+    # as class folders' names are (scan_folder); a split column is the training CSV's to warn of (it trains every row)
+    rows = [(p, nfc(label)) for p, label in _read_csv_rows(path, training=classes is None)]
     if classes is None:
         classes = sorted_labels({label for _, label in rows})
         warn_similar_labels(path, classes)
@@ -121,7 +122,7 @@ def _warn_split_column(path: Path, header: list[str] | None) -> None:
                   "--data test.csv scores a test CSV)", path, named[0])  # fmt: skip
 
 
-def _read_csv_rows(path: Path) -> list[tuple[str, str]]:
+def _read_csv_rows(path: Path, *, training: bool = False) -> list[tuple[str, str]]:
     try:
         with path.open(newline="", encoding="utf-8-sig") as f:
             reader = csv.reader(f, delimiter="\t" if path.suffix.lower() == ".tsv" else ",")  # a list as a text table
@@ -143,7 +144,8 @@ def _read_csv_rows(path: Path) -> list[tuple[str, str]]:
     if not rows:
         raise DataError(f"CSV '{path}' has no rows; expected lines of 'path,label'")
     image, label = _csv_columns(path, header, rows)
-    _warn_split_column(path, header)
+    if training:
+        _warn_split_column(path, header)
     need = max(image, label) + 1
     bad = next(((n, r) for n, r in numbered if len(r) < need or not r[image].strip() or not r[label].strip()), None)
     if bad is not None:

@@ -29,6 +29,7 @@ class TextKey:
         if steps is None:
             return text.strip()
         normalizer, pre_tokenizer = steps
+        text = text.strip()  # a byte-level tokenizer's "Ġ" made " a joy " no copy of "a joy", as the CSV's spaces are
         text = normalizer.normalize_str(text) if normalizer is not None else text
         words = pre_tokenizer.pre_tokenize_str(text) if pre_tokenizer is not None else [(text.strip(), None)]
         return "\0".join(word for word, _ in words)
@@ -39,10 +40,14 @@ def _steps(tokenizer: str) -> tuple | None:
     """A fast tokenizer's normalizer and pre-tokenizer (each None where it has none), loaded once per name; None for
     a tokenizer without them (a slow one) or one that does not load here (its error is the run's, said where the
     batches are tokenized)."""
+    from freezetune import download
+
+    # a hub id offline from the local cache only, as the model is built (models_hf): 46 s of retries otherwise
+    local = Path(tokenizer).is_dir() or download.hub_offline() or not download.can_reach(download.HF_HOST)
     try:
         from transformers import AutoTokenizer
 
-        loaded = AutoTokenizer.from_pretrained(tokenizer, local_files_only=Path(tokenizer).is_dir())
+        loaded = AutoTokenizer.from_pretrained(tokenizer, local_files_only=local)
     except (ImportError, OSError, ValueError):  # reported where the batches are tokenized (TokenizeBatch)
         return None
     backend = getattr(loaded, "backend_tokenizer", None)
