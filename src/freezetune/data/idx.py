@@ -228,17 +228,28 @@ def load_idx(root: str | Path, split: str = "train", transform: Callable | None 
             f"IDX files in '{root}' do not match: images {images.dtype} {images.shape}, labels {labels.shape}; "
             "expected uint8 images [N,H,W] and N labels"
         )
+    classes = split_classes(root, labels)
+    # np.frombuffer arrays are read-only; copy once so torch owns writable memory.
+    images_t, targets = torch.from_numpy(images.copy()), torch.from_numpy(labels.astype(np.int64))
+    dataset = InMemoryImageDataset(images_t, targets, classes, transform)
+    dataset.source_files = (os.path.realpath(files[0]),)  # which file it is: one split read twice is refused
+    return dataset
+
+
+def split_classes(root: str | Path, labels: np.ndarray) -> list[str]:
+    """The class names of a split of ``root`` whose labels are ``labels``: ``idx_class_names``', or, past them and
+    without ``classes.txt``, the labels' numbers.
+
+    Raises:
+        DataError: ``classes.txt`` names fewer classes than the labels need.
+    """
     classes = idx_class_names(root)
     if len(labels) and int(labels.max()) >= len(classes):
         if (Path(root) / CLASS_NAMES_FILE).is_file():
             raise DataError(f"'{root}' has labels up to {int(labels.max())} but {CLASS_NAMES_FILE} names "
                             f"{len(classes)} classes; give one name a line for every label")  # fmt: skip
         classes = [str(c) for c in range(int(labels.max()) + 1)]
-    # np.frombuffer arrays are read-only; copy once so torch owns writable memory.
-    images_t, targets = torch.from_numpy(images.copy()), torch.from_numpy(labels.astype(np.int64))
-    dataset = InMemoryImageDataset(images_t, targets, classes, transform)
-    dataset.source_files = (os.path.realpath(files[0]),)  # which file it is: one split read twice is refused
-    return dataset
+    return classes
 
 
 def labels_of(path: str | Path) -> np.ndarray:

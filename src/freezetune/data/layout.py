@@ -22,7 +22,7 @@ from freezetune.data.folder import (
     is_skipped_folder,
     scan_folder,
 )
-from freezetune.data.idx import check_test_labels, idx_class_names, idx_files, is_idx_dir, labels_of
+from freezetune.data.idx import check_test_labels, idx_files, is_idx_dir, labels_of, split_classes
 from freezetune.data.scan import check_splits, unreadable
 from freezetune.data.text import TextDataset, read_text_csv
 from freezetune.data.text_table import TABLE_SUFFIXES, Columns, text_csv_header
@@ -175,10 +175,8 @@ def _idx_test_count(path: Path) -> int | None:
     if test is None:
         return None
     labels = labels_of(test[1])
-    if train is not None and len(labels):
-        trained = labels_of(train[1])
-        classes = max(len(idx_class_names(path)), int(trained.max()) + 1 if len(trained) else 0)
-        check_test_labels(int(labels.max()), classes, test[1])
+    if train is not None and len(labels):  # the training split's classes, as load_idx names them
+        check_test_labels(int(labels.max()), len(split_classes(path, labels_of(train[1]))), test[1])
     return len(labels)
 
 
