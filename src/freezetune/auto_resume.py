@@ -13,7 +13,7 @@ from pathlib import Path
 from freezetune import checkpoint, run_log
 from freezetune._io import atomic_write_text
 from freezetune.auto_plan import at_lr, measured_trials, shared_config
-from freezetune.config import RESUME_MAY_CHANGE_UNSCHEDULED, TrainConfig, changed_on_resume
+from freezetune.config import TrainConfig, changed_on_resume, stretchable
 from freezetune.errors import ConfigError, setting
 from freezetune.runtime import RECIPE_FILE
 
@@ -34,7 +34,7 @@ def resumed(cfg: TrainConfig, out: Path, echo: Callable[[str], None], *,
     # moved data is checked by the final run's last.pt, as any run's is; before it has one, the paths stay the asked
     moved = (out / checkpoint.LAST).is_file()
     # without an LR schedule a run trains on for more epochs, as a plain run's resume may (checkpoint.check_settings)
-    longer = RESUME_MAY_CHANGE_UNSCHEDULED if asked.get("scheduler") == now.get("scheduler") == "none" else ()
+    longer = stretchable(asked, now)
     changed = changed_on_resume(asked, now, moved=moved)
     if changed:  # the final run's settings derive from the request: an --lr changed now would not show in them
         raise ConfigError(f"cannot resume {out} with {', '.join(changed)}: an auto run continues as it was asked; "

@@ -245,9 +245,18 @@ def changed_on_resume(asked: dict[str, Any], now: dict[str, Any], *, moved: bool
     >>> changed_on_resume({"lr": 0.001, "device": "cpu"}, {"lr": 0.01, "device": "cuda"}, moved=False)
     ['lr 0.001 -> 0.01']
     """
-    unscheduled = asked.get("scheduler") == now.get("scheduler") == "none"
-    keep = (*RESUME_MAY_CHANGE, *(DATA_PATHS if moved else ()), *(RESUME_MAY_CHANGE_UNSCHEDULED if unscheduled else ()))
+    keep = (*RESUME_MAY_CHANGE, *(DATA_PATHS if moved else ()), *stretchable(asked, now))
     return [f"{k} {asked[k]!r} -> {now.get(k)!r}" for k in asked if k not in keep and asked[k] != now.get(k)]
+
+
+def stretchable(asked: dict[str, Any], now: dict[str, Any]) -> tuple[str, ...]:
+    """The settings a resume may change besides ``RESUME_MAY_CHANGE`` where a run of the ``asked`` settings goes on
+    with ``now``'s: epochs and warm-up, without an LR schedule (scheduler none, then and now) to stretch.
+
+    >>> stretchable({"scheduler": "none"}, {"scheduler": "none"}), stretchable({"scheduler": "cosine"}, {})
+    (('epochs', 'warmup_epochs'), ())
+    """
+    return RESUME_MAY_CHANGE_UNSCHEDULED if asked.get("scheduler") == now.get("scheduler") == "none" else ()
 
 
 def field_names() -> list[str]:
