@@ -173,4 +173,4 @@ def _task_class(model_type: str | None, text: bool) -> str | None:
 def holds(folder: Path, files: dict[str, str]) -> bool:
     """Whether ``folder`` holds exactly ``files`` (another export of the same checkpoint wrote it)."""
     names = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()} if folder.is_dir() else None
-    return names == set(files) and all((folder / n).read_bytes() == base64.b64decode(d) for n, d in files.items())
+    return names == set(files) and all(_holds_file(folder / n, d) for n, d in files.items())

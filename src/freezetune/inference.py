@@ -230,7 +230,8 @@ def evaluate_checkpoint(
 
     ``batch_size`` (default: the run's, ``run_batch_size``) changes no prediction, but the loss's float rounding may
     differ with it (and with the CPU threads): at the run's, ``eval`` of ``best.pt`` on the machine that trained it
-    reproduces the run's ``test_metrics.json`` to the last digit, where the run scored in fp32 (``load_model``). ``progress``: a progress bar over the batches.
+    reproduces the run's ``test_metrics.json`` to the last digit, where the run scored in fp32 (``load_model``).
+    ``progress``: a progress bar over the batches.
     ``skip_bad``: a path's unreadable image files are left out (``data.build_eval_dataset``), as a run's
     ``--skip-bad`` left them out of its test split, rather than refused.
 
