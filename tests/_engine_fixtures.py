@@ -9,7 +9,7 @@ import gzip
 import io
 import os
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -143,3 +143,20 @@ def recipe_cfg(data: Path, out: Path, **kw) -> TrainConfig:
     base = dict(model="timm:test_efficientnet", weights="none", img_size=32, device="cpu", workers=0, progress=False,
                 batch_size=8, epochs=2, tensorboard=False, data=str(data), out=str(out))  # fmt: skip
     return TrainConfig(**{**base, **kw})
+
+
+def stopping_at(when: Callable, stop: Callable[[], None] | None = None) -> Callable:
+    """A ``Trainer._run_epoch`` that stops the run as an epoch starts where ``when(trainer, epoch)`` holds: by
+    ``stop`` (a signal: ``lambda: signal.raise_signal(signal.SIGTERM)``), else a KeyboardInterrupt raised there."""
+    from freezetune import trainer
+
+    real = trainer.Trainer._run_epoch
+
+    def run_epoch(self, epoch, unfrozen):
+        if when(self, epoch):
+            if stop is None:
+                raise KeyboardInterrupt
+            stop()
+        return real(self, epoch, unfrozen)
+
+    return run_epoch

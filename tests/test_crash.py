@@ -28,7 +28,7 @@ from typing import NamedTuple
 import pytest
 import torch
 
-from _engine_fixtures import make_image_folder, run_cli, snapshot
+from _engine_fixtures import make_image_folder, run_cli, snapshot, stopping_at
 from freezetune import auto_plan, checkpoint, runtime
 from freezetune.cli import main
 from freezetune.errors import CheckpointError, ConfigError
@@ -650,13 +650,8 @@ def test_a_stopped_run_the_command_gave_no_out_names_its_run_dir_to_resume(data,
     from freezetune import trainer
 
     monkeypatch.chdir(tmp_path)
-    real = trainer.Trainer._run_epoch
-
-    def stop(self, epoch, unfrozen):  # Ctrl-C as the second epoch starts (the auto recipe: in its first trial)
-        if epoch == 1 or recipe == "auto":
-            signal.raise_signal(signal.SIGINT)
-        return real(self, epoch, unfrozen)
-
+    # Ctrl-C as the second epoch starts (the auto recipe: in its first trial)
+    stop = stopping_at(lambda run, epoch: epoch == 1 or recipe == "auto", lambda: signal.raise_signal(signal.SIGINT))
     monkeypatch.setattr(trainer.Trainer, "_run_epoch", stop)
     argv = ["train", "--data", str(data), *TINY, "--epochs", "2", *(["--freeze", "backbone"] if recipe is None else [])]
     code, _, err = run_cli(capsys, *argv)
@@ -696,13 +691,8 @@ def test_a_stopped_resume_leaves_its_report_and_test_files_true_to_what_it_saved
     assert run_cli(capsys, *argv, "--epochs", "1")[0] == 0
     scored = json.loads((out / runtime.TEST_METRICS).read_text())
     (out / runtime.TEST_METRICS).write_text(json.dumps({**scored, "epoch": 7}))  # another best.pt's score
-    real = trainer.Trainer._run_epoch
-
-    def stop(self, epoch, unfrozen):  # SIGTERM in the resume's second epoch
-        if epoch == 2:
-            signal.raise_signal(signal.SIGTERM)
-        return real(self, epoch, unfrozen)
-
+    # SIGTERM in the resume's second epoch
+    stop = stopping_at(lambda run, epoch: epoch == 2, lambda: signal.raise_signal(signal.SIGTERM))
     monkeypatch.setattr(trainer.Trainer, "_run_epoch", stop)
     code, stdout, err = run_cli(capsys, *argv, "--epochs", "4", "--resume")
     assert code == 143 and "removed test_metrics.json, confusion.png: they scored an earlier best.pt" in stdout, err

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from _engine_fixtures import CLASSES, make_idx_dir, make_image_folder, recipe_cfg, run_cli, train_argv
+from _engine_fixtures import CLASSES, make_idx_dir, make_image_folder, recipe_cfg, run_cli, stopping_at, train_argv
 from freezetune import checkpoint, recipes
 from freezetune.config import TrainConfig
 from freezetune.config_check import validate
@@ -270,13 +270,8 @@ def test_a_named_recipe_stopped_in_any_phase_resumes_with_its_own_command_and_re
     from freezetune import trainer
 
     argv = train_argv(data, tmp_path / "run", "--epochs", "2", "--recipe", recipe)
-    real = trainer.Trainer._run_epoch
-
-    def stop(self, epoch, unfrozen):  # Ctrl-C as the second epoch of the phase starts
-        if epoch == 1 and (stop_in is None or self.run_dir.name == stop_in):
-            raise KeyboardInterrupt
-        return real(self, epoch, unfrozen)
-
+    # Ctrl-C as the second epoch of the phase starts
+    stop = stopping_at(lambda run, epoch: epoch == 1 and (stop_in is None or run.run_dir.name == stop_in))
     with monkeypatch.context() as patch:
         patch.setattr(trainer.Trainer, "_run_epoch", stop)
         code, _, err = run_cli(capsys, *argv)
@@ -365,13 +360,8 @@ def test_a_named_recipe_resumed_between_its_phases_refuses_a_changed_setting(dat
     from freezetune import trainer
 
     argv = train_argv(data, tmp_path / "run", "--epochs", "2", "--recipe", "lp-ft")
-    real = trainer.Trainer._run_epoch
-
-    def stop(self, epoch, unfrozen):  # Ctrl-C as the fine-tune's first epoch starts (the probe has finished)
-        if epoch == 0 and self.run_dir.name == "run":
-            raise KeyboardInterrupt
-        return real(self, epoch, unfrozen)
-
+    # Ctrl-C as the fine-tune's first epoch starts (the probe has finished)
+    stop = stopping_at(lambda run, epoch: epoch == 0 and run.run_dir.name == "run")
     with monkeypatch.context() as patch:
         patch.setattr(trainer.Trainer, "_run_epoch", stop)
         assert run_cli(capsys, *argv)[0] == 130
@@ -392,13 +382,7 @@ def test_a_named_recipe_stopped_in_its_first_phase_refuses_a_fresh_command_and_s
     from freezetune import trainer
 
     argv = train_argv(data, tmp_path / "run", "--epochs", "2", "--recipe", "lp-ft")
-    real = trainer.Trainer._run_epoch
-
-    def stop(self, epoch, unfrozen):  # Ctrl-C as the probe's second epoch starts
-        if epoch == 1 and self.run_dir.name == "probe":
-            raise KeyboardInterrupt
-        return real(self, epoch, unfrozen)
-
+    stop = stopping_at(lambda run, epoch: epoch == 1 and run.run_dir.name == "probe")  # as the probe's 2nd epoch starts
     with monkeypatch.context() as patch:
         patch.setattr(trainer.Trainer, "_run_epoch", stop)
         assert run_cli(capsys, *argv)[0] == 130
@@ -412,14 +396,8 @@ def test_a_named_recipe_stopped_in_its_first_phase_refuses_a_fresh_command_and_s
     assert code == 2 and "already holds a run (" in err and "probe phase" not in err, err
     # stopped as the fine-tune's first epoch ran, its probe finished: it said "stopped in its probe phase"
     again = train_argv(data, tmp_path / "again", "--epochs", "2", "--recipe", "lp-ft")
-
-    def stop_tune(self, epoch, unfrozen):
-        if self.run_dir.name == "again":
-            raise KeyboardInterrupt
-        return real(self, epoch, unfrozen)
-
     with monkeypatch.context() as patch:
-        patch.setattr(trainer.Trainer, "_run_epoch", stop_tune)
+        patch.setattr(trainer.Trainer, "_run_epoch", stopping_at(lambda run, epoch: run.run_dir.name == "again"))
         assert run_cli(capsys, *again)[0] == 130
     code, out, err = run_cli(capsys, *again)
     assert code == 2 and "stopped in its fine-tune phase, before that finished an epoch (its probe phase finished: " \
