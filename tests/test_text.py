@@ -977,6 +977,42 @@ def _same_top(a: list[dict], b: list[dict]) -> bool:
 
 
 @pytest.mark.slow
+def test_a_text_run_resumes_from_the_files_its_last_pt_carries_where_its_model_folder_is_gone_or_changed(
+    tmp_path, capsys, monkeypatch, caplog
+):
+    # a preempted run resumed on a node without the model folder failed as "cannot load 'hf:...'"; one resumed after
+    # an edit of the folder's tokenizer trained on from the new one and recorded its files, in silence
+    import shutil
+
+    from freezetune.inference import load_model
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    folder, out = tmp_path / "minilm", tmp_path / "run"
+    shutil.copytree(MINILM, folder)
+    code, _, err = run_cli(capsys, "train", "--model", f"hf:{folder}", "--weights", "default", "--data",
+                           _csv(tmp_path / "t.csv", n=1), "--epochs", "1", "--scheduler", "none", "--freeze", "-3",
+                           "--device", "cpu", "--no-progress", "--no-tensorboard", "--out", out)  # fmt: skip
+    assert code == 0, err
+    files = checkpoint.load(out / "last.pt")["hf_files"]
+    folder.rename(tmp_path / "elsewhere")
+    code, stdout, err = run_cli(capsys, "train", "--out", out, "--resume", "--epochs", "2")
+    assert code == 0, err
+    assert f"model folder {folder} is not here: the model is built from the files last.pt carries" in stdout
+    record = checkpoint.load(out / "last.pt")
+    assert record["epoch"] == 2 and record["model"] == f"hf:{folder}" and record["hf_files"] == files
+    (tmp_path / "elsewhere").rename(folder)
+    # its tokenizer is the model folder's again, not where the resume wrote the bundled files
+    assert load_model(out / "last.pt", "cpu").preprocess.tokenizer == str(folder)
+    spec = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**spec, "do_lower_case": False}))
+    with caplog.at_level("WARNING", logger="freezetune"):
+        code, _, err = run_cli(capsys, "train", "--out", out, "--resume", "--epochs", "3")
+    assert code == 0, err
+    assert "tokenizer_config.json changed since the run" in caplog.text
+    assert checkpoint.load(out / "last.pt")["hf_files"] == files
+
+
+@pytest.mark.slow
 def test_a_text_run_of_an_earlier_version_with_an_image_setting_resumes(tmp_path, capsys):
     # its --cache-views 2 was accepted and ignored then; now refused for a text model, the resume had no way out
     import yaml

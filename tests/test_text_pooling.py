@@ -247,7 +247,7 @@ def test_a_text_run_says_how_it_pools_and_its_export_says_it_too(tmp_path, capsy
     record["state_dict"].update({f"bert.{k}": pretrained[k] for k in ("pooler.dense.weight", "pooler.dense.bias")})
     del record["text_pooling"]
     checkpoint.save(record, out / "old.pt")
-    _, pooled = checkpoint.check_settings(out / "old.pt", record["config"])
+    pooled = checkpoint.check_settings(out / "old.pt", record["config"]).text_pooling
     model, _ = create_model(f"hf:{MINILM}", "default", load=False)
     from freezetune.heads import replace_head
 

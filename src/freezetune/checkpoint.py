@@ -11,7 +11,7 @@ import logging
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -23,7 +23,7 @@ from freezetune.errors import CheckpointError, ConfigError, choices, setting
 from freezetune.hf_bundle import rebuilt_folder
 from freezetune.interrupt import pause_point
 from freezetune.module_tree import unwrap
-from freezetune.options import BATCH_AUTO
+from freezetune.options import BATCH_AUTO, HF_PREFIX
 from freezetune.preprocess import Preprocess
 from freezetune.rng import rng_state, set_rng_state
 from freezetune.weights import load_failure
@@ -92,11 +92,11 @@ def build_model(record: dict[str, Any]) -> tuple[nn.Module, Preprocess]:
     from freezetune.heads import replace_head
     from freezetune.models import create_model
 
-    name, pre = record["model"], Preprocess.from_dict(record["preprocess"])
-    folder = rebuilt_folder(name, record.get("hf_files"))
-    if folder is not None:  # the hf:DIR it was trained from is not on this machine: its bundled files are
-        name = f"hf:{folder}"
-        pre = dataclasses.replace(pre, tokenizer=folder if pre.tokenizer else None)
+    name, pre = _model_of(record), Preprocess.from_dict(record["preprocess"])
+    if record.get("hf_files"):  # an hf:DIR's: its own folder, or its bundled files where that is gone or changed
+        name = f"{HF_PREFIX}{rebuilt_folder(name, record['hf_files']) or name.removeprefix(HF_PREFIX)}"
+        # (its tokenizer is the folder's: a run resumed from the bundled files recorded where they were written)
+        pre = dataclasses.replace(pre, tokenizer=name.removeprefix(HF_PREFIX) if pre.tokenizer else None)
     # the architecture its weights were trained from (torchvision's GoogLeNet has no aux heads when pretrained)
     model, _ = create_model(name, (record.get("config") or {}).get("weights"), load=False)
     replace_head(model, len(record["classes"]))
@@ -334,16 +334,23 @@ def restore(path: str | Path, state: TrainingState, progress, *, config: dict[st
     progress.load_state_dict({**record["progress"], "monitor": progress.monitor})
 
 
-def check_settings(path: str | Path, config: dict[str, Any]) -> tuple[Preprocess, str | None]:
+class Resumed(NamedTuple):
+    """What a resume keeps of how its ``last.pt`` trained, beside the weights: the preprocessing (how its images were
+    read), the text pooling (None: its task class's own) and an ``hf:DIR`` model's bundled files (``hf_bundle``)."""
+
+    preprocess: Preprocess
+    text_pooling: str | None
+    hf_files: dict[str, str] | None
+
+
+def check_settings(path: str | Path, config: dict[str, Any]) -> Resumed:
     """Refuse, as ``restore`` would, a resume whose settings are not those of its ``last.pt``: checked before the
-    model and data are read (``restore`` checks again, with the classes and the schedule's length they give).
-    Returns the preprocessing ``last.pt`` trained with (how its images were read) and its text pooling (None: its
-    task class's own)."""
+    model and data are read (``restore`` checks again, with the classes and the schedule's length they give)."""
     if config.get("batch_size") == BATCH_AUTO:  # a number once measured, after the data is read
         config = {k: v for k, v in config.items() if k != "batch_size"}
     record = load(path, mmap=True)  # the weights are not read: only the config is needed
     _check_resumable(Path(path), record, {**config, "classes": record.get("classes")})
-    return Preprocess.from_dict(record["preprocess"]), record.get("text_pooling")
+    return Resumed(Preprocess.from_dict(record["preprocess"]), record.get("text_pooling"), record.get("hf_files"))
 
 
 def _check_data(path: Path, saved: dict[str, Any] | None, now: dict[str, Any] | None) -> None:

@@ -52,7 +52,7 @@ from freezetune.loss import imbalance_note, training_loss
 from freezetune.memory import auto_batch_size
 from freezetune.models import create_model
 from freezetune.optim import build_optimizer, build_scheduler, idle_warmup_note, momentum_note, warmup_steps
-from freezetune.options import BATCH_AUTO, MONITOR_MODES, RANDOM_WEIGHTS
+from freezetune.options import BATCH_AUTO, HF_PREFIX, MONITOR_MODES, RANDOM_WEIGHTS
 from freezetune.param_groups import idle_stage_lrs
 from freezetune.precision import resolve_device, resolve_precision
 from freezetune.progress import Progress
@@ -136,9 +136,10 @@ class RunSetup:
         """Set-up step 2, the model: pretrained weights (not on a resume) and what its inputs need (image
         preprocessing, or a text model's tokenizer and CSV columns)."""
         cfg = self.cfg
+        built = self._resumed_folder() or cfg.model
         # a resume restores every weight from last.pt: the pretrained ones are not read again (an offline node, a
         # cleaned hub cache, a weights file moved since stopped the resume of a preempted run)
-        self.model, self.preprocess = create_model(cfg.model, cfg.weights, img_size=cfg.img_size,
+        self.model, self.preprocess = create_model(built, cfg.weights, img_size=cfg.img_size,
                                                    load=not self.resuming)  # fmt: skip
         check_cut(self.model, cfg.cache_at)  # a stage name needs the model: checked before any data is read
         # the settings only the other kind of model reads are refused; not on a resume, which takes the run's own (a
@@ -149,14 +150,25 @@ class RunSetup:
         refuse_other_settings(cfg.model, {} if self.resuming else given, text_model=text)
         check_decode(cfg.decode, cfg.device, self.device)  # after: a text model's --decode is refused as such
         self.preprocess = self.preprocess or text_preprocess(  # a text model: its tokenizer and CSV columns
-            cfg.model, cfg.max_length, text_column=cfg.text_column, label_column=cfg.label_column
+            built, cfg.max_length, text_column=cfg.text_column, label_column=cfg.label_column
         )
         if self.resumed is not None:  # a run resumed by a later freezetune reads its images as it began reading them
-            self.preprocess = dataclasses.replace(self.preprocess, alpha=self.resumed.alpha)
+            self.preprocess = dataclasses.replace(self.preprocess, alpha=self.resumed.preprocess.alpha)
             # and pools its texts as it began (its model folder may declare otherwise now, or a freezetune before
             # sentence pooling trained it through its task class's pooler)
-            text_pooling.match_record(self.model, {"text_pooling": self.resumed_pooling, "model": cfg.model})
-        self.hf_files = hf_bundle.bundle(cfg.model)  # an hf:DIR's config and tokenizer, carried by every checkpoint
+            text_pooling.match_record(self.model, {"text_pooling": self.resumed.text_pooling, "model": cfg.model})
+        # an hf:DIR's config and tokenizer, carried by every checkpoint (a resumed run's: those it began with)
+        self.hf_files = (self.resumed and self.resumed.hf_files) or hf_bundle.bundle(cfg.model)
+
+    def _resumed_folder(self) -> str | None:
+        """The ``hf:DIR`` a resumed run's model and tokenizer are built from when its own folder is gone or holds other
+        files now: those its ``last.pt`` carries (``hf_bundle.rebuilt_folder``). A resume on another machine failed
+        as "cannot load"; one after a tokenizer's edit tokenized the rest of the run otherwise, in silence."""
+        if self.resumed is None or not (folder := hf_bundle.rebuilt_folder(self.cfg.model, self.resumed.hf_files)):
+            return None
+        if not os.path.isdir(own := self.cfg.model.removeprefix(HF_PREFIX)):
+            self.echo(f"model folder {own} is not here: the model is built from the files {checkpoint.LAST} carries")
+        return f"{HF_PREFIX}{folder}"
 
     def _data(self) -> None:
         """Set-up step 2, the data: the training, validation and test sets, read for the model."""
@@ -263,8 +275,8 @@ class RunSetup:
         self.resuming = cfg.resume and (self.run_dir / checkpoint.LAST).is_file()
         # a refusal must not wait for the model and the data (a large folder's scan)
         # (and what last.pt trained with: how its images were read, how its texts were pooled)
-        self.resumed, self.resumed_pooling = checkpoint.check_settings(self.run_dir / checkpoint.LAST, cfg.recorded()) \
-            if self.resuming else (None, None)  # fmt: skip
+        self.resumed = checkpoint.check_settings(self.run_dir / checkpoint.LAST, cfg.recorded()) \
+            if self.resuming else None  # fmt: skip
         for key in DATA_PATHS if self.resuming else ():  # the run's own paths: its data moved since?
             if (path := getattr(cfg, key)) is not None and not os.path.exists(path):
                 raise ConfigError(f"{key} '{path}' does not exist: give {setting(key, 'PATH', placeholder=True)} "
