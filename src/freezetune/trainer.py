@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import gc
-import json
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -23,20 +22,14 @@ from freezetune import bn_refresh, checkpoint, epoch_log, hardware, recipes, rep
 from freezetune.config import TrainConfig, epochs_of
 from freezetune.config_check import validate
 from freezetune.data import noun
-from freezetune.distributed import (
-    all_reduce_sum,
-    barrier,
-    broadcast,
-    broadcast_tensors,
-    in_group,
-    leave_group,
-)
+from freezetune.distributed import all_reduce_sum, barrier, broadcast, broadcast_tensors, in_group, leave_group
 from freezetune.errors import TrainingError
 from freezetune.freeze import count_parameters
 from freezetune.inference import evaluate_best, write_evaluation
 from freezetune.interrupt import AT_ONCE_UNDER_DDP, OUTSIDE_A_STEP, RunInterrupted, StopRequest, pause_point
 from freezetune.memory import out_of_memory_hint
 from freezetune.progress import RunResult, other_monitor
+from freezetune.run_records import after_stop, drop_stale_test
 from freezetune.run_setup import RunSetup
 from freezetune.step import one_value_batch
 from freezetune.unfreeze_schedule import epochs_on_cut
@@ -130,7 +123,7 @@ class Trainer(RunSetup):
         except BaseException as exc:
             self._close(failing=True)
             if isinstance(exc, RunInterrupted) and self.dist.is_main and self.resumable:
-                self._records_after_stop()
+                after_stop(self.run_dir, monitor=self.cfg.monitor, best_epoch=self.progress.best_epoch, echo=self.echo)
             raise
         self._close(failing=False)
         self.seconds["epochs"] = time.perf_counter() - start
@@ -168,18 +161,6 @@ class Trainer(RunSetup):
         if running and self.fit_start is not None:
             now["epochs"] = time.perf_counter() - self.fit_start
         return {k: self.spent_before.get(k, 0.0) + now.get(k, 0.0) for k in {*now, *self.spent_before}}
-
-    def _records_after_stop(self) -> None:
-        """A stopped run's report and test files, true to what it saved: the curves through its last epoch, and no
-        test score of a ``best.pt`` a resume has since replaced (both waited for the run's end, which a stopped resume
-        never reached)."""
-        csv_path, png = self.run_dir / reporting.METRICS_CSV, self.run_dir / reporting.REPORT_PNG
-        try:  # (the stop's line is the run's end: what fails here is not raised over it)
-            if csv_path.is_file() and (not png.is_file() or png.stat().st_mtime_ns < csv_path.stat().st_mtime_ns):
-                reporting.plot_report(csv_path, png, monitor=self.cfg.monitor, best_epoch=self.progress.best_epoch)
-            self._drop_stale_test(why="not scored yet: the run stopped before its test")
-        except Exception as exc:  # noqa: BLE001 - a plot or a file the stop leaves as it was
-            self.echo(f"note: after the stop, the report and test files were left as they were ({exc})")
 
     def _close(self, *, failing: bool) -> None:
         """After the epochs, Ctrl-C and errors too: the saves already made land, TensorBoard is flushed, the loaders'
@@ -392,27 +373,12 @@ class Trainer(RunSetup):
 
     # --- unfreezing and the final test ----------------------------------------------------------------------
 
-    def _drop_stale_test(self, why: str = "not scored: --no-final-test or no test split") -> None:
-        """The test files of an earlier attempt that scored another ``best.pt`` than this run's (a resume moved it)."""
-        try:  # the epoch it scored; a file written before they named it is left as it is
-            if json.loads((self.run_dir / runtime.TEST_METRICS).read_text()).get("epoch", self.progress.best_epoch) \
-                    == self.progress.best_epoch:  # fmt: skip
-                return
-        except (OSError, ValueError, AttributeError):  # none, or not ours to judge
-            return
-        stale = [name for name in (runtime.TEST_METRICS, runtime.CONFUSION_PNG) if (self.run_dir / name).exists()]
-        for name in stale:
-            (self.run_dir / name).unlink()
-        if stale:
-            self.echo(f"removed {', '.join(stale)}: they scored an earlier best.pt (this run's is epoch "
-                      f"{self.progress.best_epoch}, {why})")  # fmt: skip
-
     def _final_test(self) -> dict | None:
         """``best.pt`` on the test split, once, at the end: the one number no decision of the run has seen. Not
         scored (``--no-final-test``, no test split), an earlier attempt's scores of another ``best.pt`` go."""
         if not self.cfg.final_test or self.data.test is None:
             if self.dist.is_main:
-                self._drop_stale_test()
+                drop_stale_test(self.run_dir, self.progress.best_epoch, self.echo)
             return None
         result = evaluate_best(self.model, self.run_dir / checkpoint.BEST, self.data.test,
                                num_classes=len(self.classes), precision=self.precision,
