@@ -390,8 +390,12 @@ def run_worker(argv: list[str], log: Path) -> dict:
         proc = subprocess.run([sys.executable, *argv], stdout=subprocess.PIPE, stderr=err, text=True)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT_TAG)]
     if proc.returncode != 0 or not lines:
-        tail = log.read_text().strip().splitlines()[-1:]
-        return {"error": f"exit {proc.returncode}: {' | '.join(tail) or 'no output'} (log: {log})"}
+        tail = log.read_text().strip().splitlines()
+        # the log stays where the worker wrote it, which a lent GPU machine does not send back: its end is printed
+        # here, into the step's output, with the table's one line (the last line of the log) after it
+        print(f"--- {log.name} (exit {proc.returncode}), its last {min(len(tail), 40)} lines:", *tail[-40:], "---",
+              sep="\n", flush=True)  # fmt: skip
+        return {"error": f"exit {proc.returncode}: {' | '.join(tail[-1:]) or 'no output'}"}
     return json.loads(lines[-1][len(RESULT_TAG) :])
 
 

@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     sized(args)
     device = pick_device(args.device)
-    results = each_model(args, lambda name: measure(name, args, device))
+    results = each_model(args, lambda name: measure(name, args, device), report)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU, peaks of live tensors"
     amp = "bf16 autocast" if device.type == "cuda" else "fp32"
     print(f"\nmemory on {device} ({where}): {args.res} px, batch {args.batch_size}, {amp}, peak MiB")

@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import tempfile
 import time
+import traceback
 
 import timm
 import torch
@@ -286,14 +288,22 @@ def sized(args: argparse.Namespace) -> bool:
     return cuda
 
 
-def each_model(args: argparse.Namespace, measure) -> dict[str, dict]:
-    """``measure(name)`` for each of ``--models``, in order, saying how long each took."""
+def each_model(args: argparse.Namespace, measure, report) -> dict[str, dict]:
+    """``measure(name)`` for each of ``--models``, in order, saying how long each took and printing its rows
+    (``report`` of it alone) at once: a step cut by its time limit keeps the models it measured. A model that fails
+    is said with its traceback and left out; the others still run."""
     torch.manual_seed(0)
     results = {}
     for name in [m.strip() for m in args.models.split(",") if m.strip()]:
         start = time.perf_counter()
-        results[name] = measure(name)
+        try:
+            results[name] = measure(name)
+        except Exception:  # noqa: BLE001 - any failure of one model, said in full; the others are measured
+            traceback.print_exc(file=sys.stdout)
+            print(f"  {name}: FAILED after {time.perf_counter() - start:.0f}s (above)", flush=True)
+            continue
         print(f"  {name}: measured in {time.perf_counter() - start:.0f}s", flush=True)
+        print(report({name: results[name]}), flush=True)
     return results
 
 
@@ -314,7 +324,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     device = pick_device(args.device)
     results = each_model(args, lambda name: {"speeds": speeds(name, args, device),
-                                             "cache": cached_run(name, args, device)})  # fmt: skip
+                                             "cache": cached_run(name, args, device)},
+                         lambda one: report(one, device))  # fmt: skip
     print(f"\nthroughput on {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}, "
           f"{torch.get_num_threads()} threads): {args.res} px, batch {args.batch_size}, "
           f"cached run over {args.n_images} images x {EPOCHS} epochs")  # fmt: skip
