@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 from torch.optim.lr_scheduler import CosineAnnealingLR, LambdaLR, OneCycleLR
+from torch.optim.swa_utils import SWALR
 
 import freezetune as ft
 from conftest import TinyCNN, make_batch
@@ -291,7 +292,12 @@ def warmup_cosine(opt):
     return build_scheduler(opt, "cosine", epochs=TOTAL + 4, steps_per_epoch=1, warmup_epochs=4)
 
 
-@pytest.mark.parametrize("make_scheduler", [cosine, one_cycle, lambda_lr, warmup_cosine])
+def swa(opt):
+    """SWALR anneals each group to its own ``swa_lr``: a stage opened later anneals to its rule's share of the head's."""
+    return SWALR(opt, swa_lr=[g["lr"] * 0.5 for g in opt.param_groups], anneal_epochs=TOTAL - 2)
+
+
+@pytest.mark.parametrize("make_scheduler", [cosine, one_cycle, lambda_lr, warmup_cosine, swa])
 def test_scheduler_drives_new_groups_like_groups_present_from_the_start(make_scheduler):
     """A stage unfrozen mid-run follows the schedule phase: its LR equals that of a run where it always had a group."""
     model, opt, sched, unfreezer = frozen_setup("epoch:3", weight_decay=0.01, make_scheduler=make_scheduler)
@@ -308,6 +314,7 @@ def test_scheduler_drives_new_groups_like_groups_present_from_the_start(make_sch
         for g in opt.param_groups:
             assert g["lr"] == pytest.approx(ref[g["name"]]["lr"], rel=1e-9), (step, g["name"])
             assert g["betas"] == pytest.approx(ref[g["name"]]["betas"]), "OneCycleLR momentum must follow too"
+            assert g.get("swa_lr", 0) == pytest.approx(ref[g["name"]].get("swa_lr", 0), rel=1e-9), (step, g["name"])
         if new:
             ratio = opt.param_groups[-1]["lr"] / opt.param_groups[0]["lr"]
             assert ratio == pytest.approx(unfreezer.rule(new[0]) / unfreezer.rule("head"))

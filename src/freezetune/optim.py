@@ -10,7 +10,9 @@ from freezetune.config import TrainConfig
 from freezetune.options import OPTIMIZERS, check_choice
 from freezetune.param_groups import param_groups
 
-_LR_KEYS = ("lr", "initial_lr", "max_lr", "min_lr")  # keys LR schedulers keep per group, all scaled alike
+# keys LR schedulers keep per group, all scaled alike (swa_lr: SWALR's target, which every stage opened later annealed
+# to at the head's value)
+_LR_KEYS = ("lr", "initial_lr", "max_lr", "min_lr", "swa_lr")
 # Per-group lists LR schedulers keep outside the optimizer (zipped strictly with the groups): LR values are scaled
 # to the new stage, everything else (floors, lambdas, momenta) is copied from the reference group.
 _SCALED_LISTS = ("base_lrs", "max_lrs", "base_values")  # base_values: timm's schedulers
