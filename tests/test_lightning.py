@@ -12,7 +12,9 @@ import lightning.pytorch as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from torch.optim.lr_scheduler import LambdaLR
 
+import freezetune as ft
 from _lightning_fixtures import FAST, LitTiny, loaders
 from conftest import TinyCNN, clone_params
 from freezetune.errors import ConfigError, FreezetuneError
@@ -91,6 +93,31 @@ def test_a_stage_another_optimizer_holds_is_opened_but_not_added_to_the_first():
     first, second = ({id(p) for g in opt.param_groups for p in g["params"]} for opt in trainer.optimizers)
     assert not first & second
     assert all(p.requires_grad and id(p) in second for p in lit.model.block3.parameters())
+
+
+class LitTwoSchedulers(LitTwoOptimizers):
+    """The head's optimizer first, its LambdaLR listed second: the first scheduler Lightning holds is the body's."""
+
+    def configure_optimizers(self):
+        head = torch.optim.AdamW(ft.param_groups(self.model, 1e-2, weight_decay=0))
+        body = torch.optim.SGD(self.model.stem.parameters(), lr=1e-2)
+        return [head, body], [LambdaLR(body, lambda epoch: 1.0), LambdaLR(head, lambda epoch: 0.5**epoch)]
+
+    def on_train_epoch_end(self) -> None:
+        for scheduler in self.lr_schedulers():  # manual optimization: the module steps them
+            scheduler.step()
+
+
+def test_a_stage_added_to_the_first_optimizer_follows_that_optimizers_scheduler_not_the_first_listed():
+    # the first listed was extended: the body's LambdaLR grew a lambda for a group it lacks, the head's none for
+    # block3, and the next scheduler step failed in zip()
+    lit = LitTwoSchedulers()
+    trainer = L.Trainer(max_epochs=3, enable_checkpointing=False, callbacks=[FreezetuneFinetuning("backbone", "epoch:1",
+                        stage_lrs={"block3": 1e-3})], **FAST)  # fmt: skip
+    trainer.fit(lit, *loaders())
+    lrs = {g["name"]: g["lr"] for g in trainer.optimizers[0].param_groups}
+    assert lrs["head"] == pytest.approx(1e-2 * 0.5**3) and lrs["block3"] == pytest.approx(1e-3 * 0.5**3)
+    assert [g["lr"] for g in trainer.optimizers[1].param_groups] == [1e-2]
 
 
 def test_frozen_batchnorm_in_eval_mode_does_not_raise_lightnings_warning_but_another_module_does():

@@ -522,6 +522,12 @@ def test_stages_already_in_an_optimizer_at_another_lr_than_the_unfreezers_are_re
         ({"mode": "Max"}, r"unknown mode 'Max'; modes are: 'max', 'min'"),  # was taken for "min"
         ({"schedule": {-1: "block3"}}, r"epochs from 0; got key\(s\) '-1'"),  # never fired
         ({"optimizer": "params"}, r"takes the optimizer .* got str"),  # was AttributeError on param_groups
+        # both were taken, and the stages opened later kept their first LR while the scheduler moved the others'
+        ({"scheduler": object()}, r"scheduler= is the LR scheduler of the optimizer .* got object$"),
+        (
+            {"scheduler": LambdaLR(torch.optim.SGD([nn.Parameter(torch.zeros(1))]), lambda step: 1.0)},
+            r"scheduler= drives another optimizer than the one given",
+        ),  # fmt: skip
     ],
 )
 def test_unfreezer_arguments_that_cannot_work_are_refused(kwargs, match):

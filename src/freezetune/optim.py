@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from freezetune.config import TrainConfig
+from freezetune.errors import ConfigError
 from freezetune.options import OPTIMIZERS, check_choice
 from freezetune.param_groups import param_groups
 
@@ -156,6 +157,25 @@ def add_group_like(optimizer: torch.optim.Optimizer, scheduler: object | None, g
     optimizer.add_param_group(group)
     if scheduler is not None:
         _extend_scheduler(scheduler, len(optimizer.param_groups) - 1, ref_index, ratio, group["lr"])
+
+
+def check_scheduler(scheduler: object, optimizer: torch.optim.Optimizer) -> None:
+    """Refuse a ``scheduler`` that cannot drive the groups ``add_group_like`` adds to ``optimizer``: an object that is
+    no LR scheduler, or one of another optimizer (its lists were left as they were, or grown for the wrong groups,
+    and the stages opened later kept their first LR, unsaid).
+
+    >>> check_scheduler(object(), torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1))
+    Traceback (most recent call last):
+    freezetune.errors.ConfigError: scheduler= is the LR scheduler of the optimizer (a torch.optim.lr_scheduler or timm \
+scheduler built over it), got object
+    """
+    owner = getattr(scheduler, "optimizer", None)
+    if not isinstance(owner, torch.optim.Optimizer):
+        raise ConfigError(f"scheduler= is the LR scheduler of the optimizer (a torch.optim.lr_scheduler or timm "
+                          f"scheduler built over it), got {type(scheduler).__name__}")  # fmt: skip
+    if owner is not optimizer:
+        raise ConfigError(f"scheduler= drives another optimizer than the one given: the groups added to this one would "
+                          f"not follow it; pass the {type(scheduler).__name__} built over this optimizer")  # fmt: skip
 
 
 def _extend_scheduler(scheduler: object, n_before: int, ref_index: int, ratio: float, lr: float) -> None:

@@ -29,7 +29,7 @@ from freezetune.freeze import (
     warn_negative_unfreeze,
 )
 from freezetune.module_tree import unwrap, wrapping
-from freezetune.optim import add_group_like, nominal_lr
+from freezetune.optim import add_group_like, check_scheduler, nominal_lr
 from freezetune.param_groups import (
     LRRule,
     check_weight_decay,
@@ -83,6 +83,8 @@ class Unfreezer:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise SpecError(f"Unfreezer takes the optimizer (a torch.optim.Optimizer) it adds groups to, got "
                             f"{type(optimizer).__name__}")  # fmt: skip
+        if scheduler is not None:  # one it cannot extend left the stages opened later at their first LR, unsaid
+            check_scheduler(scheduler, optimizer)
         if mode not in MODES:  # any other spelling ("Max") was taken for "min": a rising accuracy a stall
             raise SpecError(f"unknown mode {mode!r}; modes are: {choices(MODES)}")
         # DDP all-reduces the gradients of the parameters that trained when it wrapped the model, and no others

@@ -53,10 +53,10 @@ class FreezetuneFinetuning(Callback):
     ``configure_optimizers`` builds the optimizer over the parameters that train at the start, ideally with
     ``ft.param_groups(self.model, lr, stage_lrs=..., decay=...)`` (one named group per stage); the callback adds a group
     for each stage it unfreezes, with the LR the same rule gives (``stage_lrs[name]``, else ``lr / decay**depth``),
-    and extends the first LR scheduler to drive it. With several optimizers it adds the groups to the first; a stage
-    another one holds trains there (a warning says so), never in both. Lightning's warning "Found N module(s) in eval
-    mode at the start of training" names the frozen BatchNorm layers, which stay in eval mode on purpose
-    (``bn="frozen"`` or ``"affine-only"``).
+    and extends the LR scheduler of that optimizer to drive it. With several optimizers it adds the groups to the
+    first (driven by its own scheduler, wherever it is listed); a stage another one holds trains there (a warning says
+    so), never in both. Lightning's warning "Found N module(s) in eval mode at the start of training" names the frozen
+    BatchNorm layers, which stay in eval mode on purpose (``bn="frozen"`` or ``"affine-only"``).
 
     Args:
         freeze: What is frozen before training: ``"backbone"``, ``"all"``, an int, a stage name, a glob or a list.
@@ -161,7 +161,6 @@ class FreezetuneFinetuning(Callback):
         # anything unfrozen from here on are all-reduced by on_after_backward.
         self._reduced_by_ddp = {id(p) for p in pl_module.parameters() if p.requires_grad}
         optimizer = _first_optimizer(trainer)
-        configs = trainer.lr_scheduler_configs
         self.unfreezer = Unfreezer(
             net,
             optimizer,
@@ -171,7 +170,7 @@ class FreezetuneFinetuning(Callback):
             decay=self.decay,
             bn=self.bn,
             weight_decay=self.weight_decay,
-            scheduler=configs[0].scheduler if configs else None,
+            scheduler=_scheduler_of(trainer, optimizer),
             mode="min" if "loss" in self.monitor.lower() else "max",  # a schedule's own mode= wins
             held_elsewhere=[p for other in trainer.optimizers[1:] for g in other.param_groups for p in g["params"]],
         )
@@ -335,6 +334,12 @@ def _first_optimizer(trainer: pl.Trainer) -> torch.optim.Optimizer:
     if not trainer.optimizers:
         raise ConfigError("FreezetuneFinetuning needs an optimizer: configure_optimizers returned none")
     return trainer.optimizers[0]
+
+
+def _scheduler_of(trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> object | None:
+    # with several optimizers the first scheduler may drive another one: extended, it grew lists for groups it never had
+    configs = trainer.lr_scheduler_configs
+    return next((c.scheduler for c in configs if getattr(c.scheduler, "optimizer", None) is optimizer), None)
 
 
 def _all_reduce_grads(params: list[nn.Parameter]) -> None:
