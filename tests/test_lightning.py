@@ -207,6 +207,24 @@ def test_a_plateau_counts_only_the_epochs_lightning_validated():
     assert callback.unfreezer.events == [(3, ["block3"])]  # validated after epochs 1, 3 and 5; the first sets best
 
 
+class LitTrainMetric(LitTiny):
+    """Logs ``train_loss`` per epoch, falling every epoch (1, 1/2, 1/3...): a plateau on it never stalls."""
+
+    def training_step(self, batch, batch_idx):
+        self.log("train_loss", 1.0 / (1 + self.current_epoch), on_step=False, on_epoch=True)
+        return super().training_step(batch, batch_idx)
+
+
+def test_a_plateau_on_a_training_metric_judges_each_epochs_own_value_with_a_validation_loop_too():
+    # at validation end callback_metrics still held the previous epoch's train_loss: epoch 1 was judged by epoch 0's
+    # value (no improvement) and block3 opened after it
+    callback = FreezetuneFinetuning("backbone", "plateau:patience=1", monitor="train_loss")
+    trainer = L.Trainer(max_epochs=3, enable_checkpointing=False, callbacks=[callback], **FAST)
+    trainer.fit(LitTrainMetric(), *loaders())
+    assert callback.unfreezer.events == []
+    assert callback.unfreezer.best == pytest.approx(1 / 2)  # epoch 1's (epoch 2's end is never stepped)
+
+
 def test_an_unknown_module_attribute_lists_the_children():
     callback = FreezetuneFinetuning(module="backbone")
     trainer = L.Trainer(max_epochs=1, enable_checkpointing=False, callbacks=[callback], **FAST)

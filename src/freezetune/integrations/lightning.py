@@ -115,6 +115,7 @@ class FreezetuneFinetuning(Callback):
         self._stepped = -1  # the last epoch whose end the schedule has seen
         self._metric: tuple[int, float] | None = None  # (epoch, value) of the last monitored value
         self._from_validation = False  # the monitor is a validation metric: only a validation loop gives a new value
+        self._before_validation: object = None  # the monitor's callback_metrics entry as the validation loop started
         self._reduced_by_ddp: set[int] = set()
 
     # --- hooks, in the order Lightning calls them ------------------------------------------------------------
@@ -192,9 +193,15 @@ class FreezetuneFinetuning(Callback):
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._unquiet()  # a fit that stopped before training started (an error, Ctrl-C): teardown is not called then
 
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # A training metric stays in callback_metrics through validation, the previous epoch's value until this epoch
+        # ends: the monitor is a validation metric only where the validation loop put a new entry there.
+        self._before_validation = trainer.callback_metrics.get(self.monitor)
+
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Recorded here, before ModelCheckpoint (Lightning runs checkpoint callbacks last) saves our state with it.
-        if not trainer.sanity_checking and self.monitor in trainer.callback_metrics:
+        value = trainer.callback_metrics.get(self.monitor)
+        if not trainer.sanity_checking and value is not None and value is not self._before_validation:
             self._from_validation = True
             self._record_metric(trainer)
 
