@@ -225,6 +225,15 @@ def test_a_plateau_on_a_training_metric_judges_each_epochs_own_value_with_a_vali
     assert callback.unfreezer.best == pytest.approx(1 / 2)  # epoch 1's (epoch 2's end is never stepped)
 
 
+def test_a_plateau_counts_only_the_epochs_a_validation_by_steps_ended_in():
+    # check_val_every_n_epoch=None was read as a validation after every epoch: "not logged in epoch 0"
+    callback = FreezetuneFinetuning("backbone", "plateau:patience=1")
+    trainer = L.Trainer(max_epochs=4, check_val_every_n_epoch=None, val_check_interval=6, enable_checkpointing=False,
+                        callbacks=[callback], **FAST)  # fmt: skip
+    trainer.fit(LitTiny(rank_metric=True), *loaders())  # 4 batches an epoch: validated at steps 6 and 12, every stall
+    assert callback.unfreezer.events == [(2, ["block3"])]  # in epochs 1 and 2; epoch 1's value sets best
+
+
 def test_an_unknown_module_attribute_lists_the_children():
     callback = FreezetuneFinetuning(module="backbone")
     trainer = L.Trainer(max_epochs=1, enable_checkpointing=False, callbacks=[callback], **FAST)

@@ -116,6 +116,7 @@ class FreezetuneFinetuning(Callback):
         self._metric: tuple[int, float] | None = None  # (epoch, value) of the last monitored value
         self._from_validation = False  # the monitor is a validation metric: only a validation loop gives a new value
         self._before_validation: object = None  # the monitor's callback_metrics entry as the validation loop started
+        self._validated = -1  # the last epoch a validation loop ended in
         self._reduced_by_ddp: set[int] = set()
 
     # --- hooks, in the order Lightning calls them ------------------------------------------------------------
@@ -140,6 +141,7 @@ class FreezetuneFinetuning(Callback):
         self._stepped = int(state_dict["stepped_epoch"])
         self._metric = tuple(state_dict["metric"]) if state_dict["metric"] is not None else None
         self._from_validation = bool(state_dict.get("from_validation", False))
+        self._validated = int(state_dict.get("validated_epoch", -1))
         if self.unfreezer is None:
             self._pending = state_dict["unfreezer"]  # the usual order: the optimizer does not exist yet
         else:
@@ -200,8 +202,11 @@ class FreezetuneFinetuning(Callback):
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Recorded here, before ModelCheckpoint (Lightning runs checkpoint callbacks last) saves our state with it.
+        if trainer.sanity_checking:
+            return
+        self._validated = trainer.current_epoch
         value = trainer.callback_metrics.get(self.monitor)
-        if not trainer.sanity_checking and value is not None and value is not self._before_validation:
+        if value is not None and value is not self._before_validation:
             self._from_validation = True
             self._record_metric(trainer)
 
@@ -220,7 +225,7 @@ class FreezetuneFinetuning(Callback):
         # Every rank must open the same stages (a rank that unfreezes alone would all-reduce gradients no other
         # rank sends), so all follow rank 0's metric, whatever each logged without sync_dist.
         metric = trainer.strategy.broadcast(self._metric[1] if self._metric and self._metric[0] == epoch - 1 else None)
-        if metric is None and self.schedule.kind == "plateau" and not _validated(trainer, epoch - 1):
+        if metric is None and self.schedule.kind == "plateau" and not self._validated_after(trainer, epoch - 1):
             self._stepped = epoch - 1  # no validation after that epoch: nothing to judge a plateau by
             return
         if metric is None and self.schedule.kind == "plateau":
@@ -244,7 +249,7 @@ class FreezetuneFinetuning(Callback):
     def state_dict(self) -> dict[str, Any]:
         unfreezer = self.unfreezer.state_dict() if self.unfreezer is not None else self._pending
         return {"unfreezer": unfreezer, "stepped_epoch": self._stepped, "metric": self._metric,
-                "from_validation": self._from_validation}  # fmt: skip
+                "from_validation": self._from_validation, "validated_epoch": self._validated}  # fmt: skip
 
     # --- helpers ---------------------------------------------------------------------------------------------
 
@@ -296,6 +301,12 @@ class FreezetuneFinetuning(Callback):
         if value is not None:
             self._metric = (trainer.current_epoch, float(value))
 
+    def _validated_after(self, trainer: pl.Trainer, epoch: int) -> bool:
+        """Whether Lightning ran the validation loop after ``epoch``: every ``check_val_every_n_epoch``-th epoch; with
+        None it validates every ``val_check_interval`` steps, across epochs, so only the epochs one ended in."""
+        every = trainer.check_val_every_n_epoch
+        return self._validated == epoch if every is None else (epoch + 1) % every == 0
+
     def _head_lr(self, net: nn.Module, optimizer: torch.optim.Optimizer) -> float:
         """The rule's ``lr``: as given, else read from the optimizer's group of the head (else group 0); where
         ``stage_lrs`` sets the head's own, from a group of a stage the rule gives ``lr / decay**depth`` (the head's
@@ -321,12 +332,6 @@ class FreezetuneFinetuning(Callback):
             f"optimizer group of another stage shows the rule's lr, which {choices(ruled)} would unfreeze at; pass "
             "the lr given to ft.param_groups"
         )
-
-
-def _validated(trainer: pl.Trainer, epoch: int) -> bool:
-    """Whether Lightning ran the validation loop after ``epoch`` (every ``check_val_every_n_epoch``-th epoch)."""
-    every = trainer.check_val_every_n_epoch
-    return not every or (epoch + 1) % every == 0
 
 
 def _check_strategy(trainer: pl.Trainer) -> None:
