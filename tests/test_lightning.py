@@ -177,6 +177,27 @@ def test_resume_after_an_unfreeze_keeps_the_stage_and_its_optimizer_state(tmp_pa
     assert [g["name"] for g in trainer.optimizers[0].param_groups] == ["head", "block3", "block2"]
 
 
+@pytest.mark.parametrize("schedule", ["epoch:1", "plateau:patience=1"])
+def test_a_resume_from_a_checkpoint_saved_on_an_epochs_last_batch_takes_that_epochs_step(tmp_path, schedule):
+    # Lightning resumes it into the next epoch without on_train_epoch_start: the step for the epoch the checkpoint
+    # was saved in was never taken (block2 did not open after epoch 1, and the schedule ran an epoch late)
+    def fit(epochs: int, **kw) -> FreezetuneFinetuning:
+        callback = FreezetuneFinetuning("backbone", schedule)
+        saver = [ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=4, save_last=True)] if epochs == 2 else []
+        L.Trainer(max_epochs=epochs, callbacks=[callback, *saver], enable_checkpointing=bool(saver),
+                  **FAST).fit(LitTiny(rank_metric=True), *loaders(), **kw)  # fmt: skip
+        return callback
+
+    whole = fit(4).unfreezer.events
+    fit(2)  # 4 batches an epoch: the last checkpoint is epoch 1's last batch, before its validation
+    resumed = fit(4, ckpt_path=tmp_path / "last.ckpt").unfreezer
+    if schedule == "epoch:1":
+        assert resumed.events == whole == [(0, ["block3"]), (1, ["block2"]), (2, ["block1"])]
+    else:  # a constant val_acc: a stall from epoch 1 on; Lightning skips epoch 1's validation on this resume, so
+        # its stall is not counted (no error for its missing value), and the next one opens block3
+        assert whole == [(1, ["block3"]), (2, ["block2"])] and resumed.events == [(2, ["block3"])]
+
+
 def test_validating_a_checkpoint_saved_before_an_unfreeze_after_the_fit_loads_it(tmp_path):
     # Lightning restores callback state for validate/test/predict too: the fit's unfreezer (block3 and block2 open)
     # refused the epoch-0 checkpoint's state (no stage open) and ckpt_path="best" failed after most fits

@@ -71,7 +71,9 @@ class FreezetuneFinetuning(Callback):
         weight_decay: Weight decay of the groups added later; None: that of the optimizer's decaying groups (biases
             and norms get a ``/no_decay`` twin with 0 unless it is 0).
         monitor: The logged metric a plateau schedule watches (rank 0's value decides for every rank); a name with
-            "loss" in it improves as it falls, any other as it rises, unless the schedule says ``mode=``.
+            "loss" in it improves as it falls, any other as it rises, unless the schedule says ``mode=``. An epoch
+            whose value no validation gave (``check_val_every_n_epoch``, validation by steps), or that a resume
+            started after (a checkpoint saved before its value was logged) counts neither as a stall nor a gain.
         module: The LightningModule attribute holding the network; None for the LightningModule itself.
 
     >>> import lightning.pytorch as L  # doctest: +SKIP
@@ -117,6 +119,7 @@ class FreezetuneFinetuning(Callback):
         self._from_validation = False  # the monitor is a validation metric: only a validation loop gives a new value
         self._before_validation: object = None  # the monitor's callback_metrics entry as the validation loop started
         self._validated = -1  # the last epoch a validation loop ended in
+        self._ended = -1  # the last epoch whose on_train_epoch_end ran: every metric of it had been logged by then
         self._reduced_by_ddp: set[int] = set()
 
     # --- hooks, in the order Lightning calls them ------------------------------------------------------------
@@ -142,6 +145,7 @@ class FreezetuneFinetuning(Callback):
         self._metric = tuple(state_dict["metric"]) if state_dict["metric"] is not None else None
         self._from_validation = bool(state_dict.get("from_validation", False))
         self._validated = int(state_dict.get("validated_epoch", -1))
+        self._ended = int(state_dict.get("ended_epoch", self._stepped + 1))  # (earlier states: seen, as was assumed)
         if self.unfreezer is None:
             self._pending = state_dict["unfreezer"]  # the usual order: the optimizer does not exist yet
         else:
@@ -213,29 +217,46 @@ class FreezetuneFinetuning(Callback):
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # runs without a validation loop too: a training metric can be monitored. A validation metric is not: in an
         # epoch without validation (check_val_every_n_epoch) its value is the last validation's, no new evidence
+        self._ended = trainer.current_epoch
         if not self._from_validation:
             self._record_metric(trainer)
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # The schedule sees the end of epoch e at the start of e + 1, so a checkpoint written anywhere in between
         # (validation end, train epoch end) resumes into the same step instead of skipping it.
-        epoch = trainer.current_epoch
-        if self.unfreezer is None or self._stepped >= epoch - 1:
-            return
+        self._catch_up(trainer)
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        # A resume from a checkpoint saved on an epoch's last batch goes on into the next epoch without calling
+        # on_train_epoch_start (Lightning restarts it "mid-epoch"): that epoch's step is taken before its first batch.
+        self._catch_up(trainer)
+
+    def _catch_up(self, trainer: pl.Trainer) -> None:
+        """Step the schedule through the end of every epoch before this one it has not stepped: the last one, and on
+        such a resume, or a second ``fit``, each one before it too."""
+        if self.unfreezer is not None:
+            for epoch in range(self._stepped + 1, trainer.current_epoch):
+                self._step(trainer, epoch)
+
+    def _step(self, trainer: pl.Trainer, epoch: int) -> None:
         # Every rank must open the same stages (a rank that unfreezes alone would all-reduce gradients no other
         # rank sends), so all follow rank 0's metric, whatever each logged without sync_dist.
-        metric = trainer.strategy.broadcast(self._metric[1] if self._metric and self._metric[0] == epoch - 1 else None)
-        if metric is None and self.schedule.kind == "plateau" and not self._validated_after(trainer, epoch - 1):
-            self._stepped = epoch - 1  # no validation after that epoch: nothing to judge a plateau by
-            return
+        metric = trainer.strategy.broadcast(self._metric[1] if self._metric and self._metric[0] == epoch else None)
         if metric is None and self.schedule.kind == "plateau":
-            logged = choices(sorted(trainer.callback_metrics)) or "none"
-            raise ConfigError(f"FreezetuneFinetuning monitors {self.monitor!r}, not logged in epoch {epoch - 1}; "
-                              f"logged metrics: {logged}")  # fmt: skip
-        opened = self.unfreezer.step(epoch - 1, metric)
-        self._stepped = epoch - 1
+            if self._ended >= epoch and self._validated_after(trainer, epoch):
+                logged = choices(sorted(trainer.callback_metrics)) or "none"
+                raise ConfigError(f"FreezetuneFinetuning monitors {self.monitor!r}, not logged in epoch {epoch}; "
+                                  f"logged metrics: {logged}")  # fmt: skip
+            # no validation after that epoch, or a resume from before its end (its value was never recorded):
+            # nothing to judge a plateau by
+            self._stepped = epoch
+            return
+        opened = self.unfreezer.step(epoch, metric)
+        self._stepped = epoch
         if opened:
-            rank_zero_info(f"freezetune: unfroze {', '.join(opened)} after epoch {epoch - 1}")
+            rank_zero_info(f"freezetune: unfroze {', '.join(opened)} after epoch {epoch}")
 
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Here rather than in on_before_optimizer_step: that one runs after AMP's unscale_, whose inf/NaN check would
@@ -249,7 +270,8 @@ class FreezetuneFinetuning(Callback):
     def state_dict(self) -> dict[str, Any]:
         unfreezer = self.unfreezer.state_dict() if self.unfreezer is not None else self._pending
         return {"unfreezer": unfreezer, "stepped_epoch": self._stepped, "metric": self._metric,
-                "from_validation": self._from_validation, "validated_epoch": self._validated}  # fmt: skip
+                "from_validation": self._from_validation, "validated_epoch": self._validated,
+                "ended_epoch": self._ended}  # fmt: skip
 
     # --- helpers ---------------------------------------------------------------------------------------------
 
