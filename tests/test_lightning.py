@@ -198,6 +198,22 @@ def test_a_resume_from_a_checkpoint_saved_on_an_epochs_last_batch_takes_that_epo
         assert whole == [(1, ["block3"]), (2, ["block2"])] and resumed.events == [(2, ["block3"])]
 
 
+def test_a_second_fit_on_the_same_trainer_goes_on_with_the_schedule():
+    # the second fit froze the network again and started the schedule over at Lightning's epoch 3: the stage the
+    # first had opened was closed, the plateau's count and values lost, and nothing opened again
+    lit = LitTiny(rank_metric=True)  # a constant val_acc: a stall every epoch from epoch 1 on
+    callback = FreezetuneFinetuning("backbone", "plateau:patience=1", stage_lrs={"block3": 1e-3})
+    trainer = L.Trainer(max_epochs=3, enable_checkpointing=False, callbacks=[callback], **FAST)
+    trainer.fit(lit, *loaders())
+    trainer.fit_loop.max_epochs = 5
+    trainer.fit(lit, *loaders())
+    assert callback.unfreezer.events == [(1, ["block3"]), (2, ["block2"]), (3, ["block1"])]  # as one fit of 5
+    groups = {g["name"]: g["lr"] for g in trainer.optimizers[0].param_groups}  # the second fit's optimizer
+    assert groups == {"head": 1e-2, "block3": 1e-3, "block2": 1e-2, "block1": 1e-2}  # stage_lrs, else lr
+    L.Trainer(max_epochs=1, enable_checkpointing=False, callbacks=[callback], **FAST).fit(lit, *loaders())
+    assert callback.unfreezer.unfrozen == []  # a new Trainer is a new run: from epoch 0, frozen as at the start
+
+
 def test_validating_a_checkpoint_saved_before_an_unfreeze_after_the_fit_loads_it(tmp_path):
     # Lightning restores callback state for validate/test/predict too: the fit's unfreezer (block3 and block2 open)
     # refused the epoch-0 checkpoint's state (no stage open) and ckpt_path="best" failed after most fits

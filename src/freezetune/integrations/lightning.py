@@ -56,7 +56,8 @@ class FreezetuneFinetuning(Callback):
     and extends the LR scheduler of that optimizer to drive it. With several optimizers it adds the groups to the
     first (driven by its own scheduler, wherever it is listed); a stage another one holds trains there (a warning says
     so), never in both. Lightning's warning "Found N module(s) in eval mode at the start of training" names the frozen
-    BatchNorm layers, which stay in eval mode on purpose (``bn="frozen"`` or ``"affine-only"``).
+    BatchNorm layers, which stay in eval mode on purpose (``bn="frozen"`` or ``"affine-only"``). A second ``fit`` on
+    the same Trainer (``max_epochs`` raised) goes on with the schedule, as a resume does; a new Trainer starts over.
 
     Args:
         freeze: What is frozen before training: ``"backbone"``, ``"all"``, an int, a stage name, a glob or a list.
@@ -128,7 +129,13 @@ class FreezetuneFinetuning(Callback):
         self._stage = stage
         if stage != "fit":
             return
+        # A second fit of this network on the same Trainer (max_epochs raised) goes on from Lightning's epoch: so does
+        # the schedule. configure_optimizers builds a new optimizer over what trains at the start, so, as on a resume,
+        # the network is frozen again and the stages opened so far get their groups back at fit start.
+        carried = self.state_dict() if self._continues(trainer, pl_module) else None
         self._reset()
+        if carried is not None:
+            self.load_state_dict(carried)
         # Lightning calls the module's setup() and configure_model() after this: a network built there does not exist
         # yet, and is frozen at fit start (on one device; under DDP that is after the wrap: refused there)
         self._built_late = not self._exists(pl_module)
@@ -293,6 +300,11 @@ class FreezetuneFinetuning(Callback):
         if self.module is None:
             return any(True for _ in pl_module.parameters())
         return isinstance(getattr(pl_module, self.module, None), nn.Module)
+
+    def _continues(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
+        """Whether this fit goes on from one this callback ran: same network, and the Trainer past epoch 0."""
+        net = self._network(pl_module) if self._exists(pl_module) else None
+        return self.unfreezer is not None and self.unfreezer.model is net and trainer.current_epoch > 0
 
     def _what(self) -> str:
         return "the LightningModule's network" if self.module is None else f"its submodule {self.module!r}"
