@@ -98,6 +98,27 @@ def all_reduce_sum(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return value
 
 
+def average_grads(params: list[nn.Parameter]) -> None:
+    """Average ``params``' gradients over the default process group's ranks, in one collective, as DDP does for the
+    parameters it wrapped (every rank passes the same list; a missing gradient counts as zeros). Outside a process
+    group, nothing.
+
+    >>> p = nn.Parameter(torch.ones(2)); p.grad = torch.full((2,), 3.0); average_grads([p]); p.grad.tolist()
+    [3.0, 3.0]
+    """
+    if not params or not dist.is_available() or not dist.is_initialized():
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch._utils._flatten_dense_tensors(grads)
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    for p, averaged in zip(params, torch._utils._unflatten_dense_tensors(flat, grads), strict=True):
+        if p.grad is None:
+            p.grad = averaged
+        else:
+            p.grad.copy_(averaged)
+
+
 def broadcast(value: object, info: DistInfo) -> object:
     """Rank 0's value on every rank (the monitored metric, the stop decision)."""
     if not info.enabled:

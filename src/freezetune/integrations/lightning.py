@@ -22,11 +22,11 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from freezetune.bn_policy import check_bn_policy, keeps_stats
 from freezetune.config import TrainConfig
+from freezetune.distributed import average_grads
 from freezetune.errors import ConfigError, MissingExtra, choices
 from freezetune.freeze import Spec, count_parameters, freeze
 from freezetune.frozen_dropout import check_dropout_policy, held
@@ -266,13 +266,15 @@ class FreezetuneFinetuning(Callback):
             rank_zero_info(f"freezetune: unfroze {', '.join(opened)} after epoch {epoch}")
 
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # Here rather than in on_before_optimizer_step: that one runs after AMP's unscale_, whose inf/NaN check would
-        # then see each rank's own gradients and could skip the step on one rank only. With gradient accumulation
-        # this averages every micro-batch; the average is linear, so the accumulated sum is still the average.
+        # The gradients DDP skips, those of the stages unfrozen after it wrapped the model, averaged here in one
+        # collective. Not by a new DDP wrapper (freezetune's trainer wraps again): Lightning owns it, and swapping it
+        # mid-fit goes through private API. Not by registering every parameter with DDP: frozen ones would need
+        # find_unused_parameters=True and all-reduce zeros for the whole backbone every step. Here rather than in
+        # on_before_optimizer_step: that one runs after AMP's unscale_, whose inf/NaN check would then see each rank's
+        # own gradients and could skip the step on one rank only. With gradient accumulation this averages every
+        # micro-batch; the average is linear, so the accumulated sum is still the average.
         if trainer.world_size > 1:
-            _all_reduce_grads(
-                [p for p in pl_module.parameters() if p.requires_grad and id(p) not in self._reduced_by_ddp]
-            )
+            average_grads([p for p in pl_module.parameters() if p.requires_grad and id(p) not in self._reduced_by_ddp])
 
     def state_dict(self) -> dict[str, Any]:
         unfreezer = self.unfreezer.state_dict() if self.unfreezer is not None else self._pending
@@ -386,28 +388,3 @@ def _scheduler_of(trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> obje
     # with several optimizers the first scheduler may drive another one: extended, it grew lists for groups it never had
     configs = trainer.lr_scheduler_configs
     return next((c.scheduler for c in configs if getattr(c.scheduler, "optimizer", None) is optimizer), None)
-
-
-def _all_reduce_grads(params: list[nn.Parameter]) -> None:
-    """Average ``params``' gradients over the ranks, in one collective, as DDP does for the parameters it wrapped.
-
-    Why not re-wrap the model in a new DDP after an unfreeze (freezetune's own trainer does): Lightning owns the
-    wrapper (``strategy.model``, its forward redirection, hooks and comm state), and swapping it mid-fit goes through
-    private API. Why not register every parameter with DDP from the start: frozen parameters would then need
-    ``requires_grad`` during the wrap and ``find_unused_parameters=True`` afterwards, all-reducing zeros for the whole
-    frozen backbone every step. An explicit all-reduce of only the late-unfrozen parameters after each backward
-    (before AMP unscaling, clipping and the optimizer step) costs one collective of exactly the gradients DDP
-    skips. Every rank holds the same list (same schedule, rank 0's metric), so the collectives match; a missing
-    gradient counts as zeros.
-    """
-    if not params or not dist.is_available() or not dist.is_initialized():
-        return
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch._utils._flatten_dense_tensors(grads)
-    dist.all_reduce(flat)
-    flat /= dist.get_world_size()
-    for p, averaged in zip(params, torch._utils._unflatten_dense_tensors(flat, grads), strict=True):
-        if p.grad is None:
-            p.grad = averaged
-        else:
-            p.grad.copy_(averaged)
