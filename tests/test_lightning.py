@@ -271,6 +271,18 @@ def test_a_plateau_counts_only_the_epochs_a_validation_by_steps_ended_in():
     assert callback.unfreezer.events == [(2, ["block3"])]  # in epochs 1 and 2; epoch 1's value sets best
 
 
+def test_a_monitor_is_a_metric_name_and_none_is_refused_for_a_plateau_alone():
+    # None failed at fit start in an AttributeError, whatever the schedule; a plateau needs a name, checked when built
+    for monitor in (None, "", 3):
+        with pytest.raises(ConfigError, match=rf"monitor= names the logged metric .*; got {monitor!r}$"):
+            FreezetuneFinetuning("backbone", "plateau:patience=1", monitor=monitor)
+    with pytest.raises(ConfigError, match="got 3$"):
+        FreezetuneFinetuning("backbone", "epoch:1", monitor=3)
+    callback = FreezetuneFinetuning("backbone", "epoch:1", monitor=None)
+    L.Trainer(max_epochs=2, enable_checkpointing=False, callbacks=[callback], **FAST).fit(LitTiny(), *loaders())
+    assert callback.unfreezer.events == [(0, ["block3"])]
+
+
 def test_an_unknown_module_attribute_lists_the_children():
     callback = FreezetuneFinetuning(module="backbone")
     trainer = L.Trainer(max_epochs=1, enable_checkpointing=False, callbacks=[callback], **FAST)

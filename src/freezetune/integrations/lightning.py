@@ -71,10 +71,11 @@ class FreezetuneFinetuning(Callback):
         decay: LR divisor per stage of depth, as in ``ft.param_groups``.
         weight_decay: Weight decay of the groups added later; None: that of the optimizer's decaying groups (biases
             and norms get a ``/no_decay`` twin with 0 unless it is 0).
-        monitor: The logged metric a plateau schedule watches (rank 0's value decides for every rank); a name with
-            "loss" in it improves as it falls, any other as it rises, unless the schedule says ``mode=``. An epoch
-            whose value no validation gave (``check_val_every_n_epoch``, validation by steps), or that a resume
-            started after (a checkpoint saved before its value was logged) counts neither as a stall nor a gain.
+        monitor: The logged metric a plateau schedule watches (rank 0's value decides for every rank; None for
+            another schedule); a name with "loss" in it improves as it falls, any other as it rises, unless the
+            schedule says ``mode=``. An epoch whose value no validation gave (``check_val_every_n_epoch``,
+            validation by steps), or that a resume started after (a checkpoint saved before its value was logged)
+            counts neither as a stall nor a gain.
         module: The LightningModule attribute holding the network; None for the LightningModule itself.
 
     >>> import lightning.pytorch as L  # doctest: +SKIP
@@ -93,13 +94,17 @@ class FreezetuneFinetuning(Callback):
         stage_lrs: Mapping[str, float] | str | None = None,
         decay: float | None = None,
         weight_decay: float | None = None,
-        monitor: str = TrainConfig.monitor,
+        monitor: str | None = TrainConfig.monitor,
         module: str | None = "model",
     ) -> None:
         check_bn_policy(bn)
         check_dropout_policy(dropout)
         check_weight_decay(weight_decay)
         self.freeze_spec, self.schedule = freeze, parse_schedule(unfreeze if unfreeze is not None else {})
+        if not (isinstance(monitor, str) and monitor) and (monitor is not None or self.schedule.kind == "plateau"):
+            # said now: None failed at fit start whatever the schedule, another type at a plateau's first judgment
+            raise ConfigError(f"monitor= names the logged metric a plateau schedule watches, as given to self.log "
+                              f"('val_acc', 'val_loss'...; None without a plateau); got {monitor!r}")  # fmt: skip
         self.bn, self.lr, self.stage_lrs, self.decay = bn, lr, checked_lrs(lr, stage_lrs, decay, lr_given=False), decay
         self.weight_decay, self.monitor, self.module, self.dropout = weight_decay, monitor, module, dropout
         self.unfreezer: Unfreezer | None = None
@@ -185,7 +190,7 @@ class FreezetuneFinetuning(Callback):
             bn=self.bn,
             weight_decay=self.weight_decay,
             scheduler=_scheduler_of(trainer, optimizer),
-            mode="min" if "loss" in self.monitor.lower() else "max",  # a schedule's own mode= wins
+            mode="min" if "loss" in (self.monitor or "").lower() else "max",  # a schedule's own mode= wins
             held_elsewhere=[p for other in trainer.optimizers[1:] for g in other.param_groups for p in g["params"]],
         )
         if self._pending is not None:
