@@ -214,6 +214,40 @@ def test_a_second_fit_on_the_same_trainer_goes_on_with_the_schedule():
     assert callback.unfreezer.unfrozen == []  # a new Trainer is a new run: from epoch 0, frozen as at the start
 
 
+def test_a_second_fit_of_another_network_on_a_trainer_starts_its_schedule_at_that_epoch():
+    # the schedule caught up on epochs 0-2, another network's, before the new one trained: three stages opened at once
+    trainer = L.Trainer(max_epochs=3, enable_checkpointing=False, callbacks=[FreezetuneFinetuning("backbone")], **FAST)
+    trainer.fit(LitTiny(), *loaders())
+    callback = FreezetuneFinetuning("backbone", "epoch:1")
+    trainer.callbacks = [callback]
+    trainer.fit_loop.max_epochs = 5
+    trainer.fit(LitTiny(), *loaders())
+    assert callback.unfreezer.events == [(3, ["block3"])]  # after its first epoch, as a fit of its own
+
+
+@pytest.mark.parametrize("monitor", ["val_acc", "train_loss"])
+def test_a_checkpoint_of_the_callbacks_earlier_state_resumes(tmp_path, monitor):
+    # a state saved before the epoch records: its last-batch checkpoint (saved before the epoch's validation) was
+    # taken for one whose epoch had ended, and a training metric's from_validation (the earlier code set it whenever a
+    # validation loop ran) was trusted: both resumes failed in "not logged"
+    lit = LitTiny(rank_metric=True) if monitor == "val_acc" else LitTrainMetric()
+    callback = FreezetuneFinetuning("backbone", "plateau:patience=1", monitor=monitor)
+    saver = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=4, save_last=True)
+    L.Trainer(max_epochs=2, callbacks=[callback, saver], **FAST).fit(lit, *loaders())
+    ckpt = torch.load(tmp_path / "last.ckpt", weights_only=False)
+    (key,) = [k for k in ckpt["callbacks"] if "FreezetuneFinetuning" in k]
+    state = ckpt["callbacks"][key]
+    ckpt["callbacks"][key] = {k: v for k, v in state.items() if k not in ("validated_epoch", "ended_epoch")}
+    ckpt["callbacks"][key]["from_validation"] = True  # as the earlier code left it beside a validation loop
+    torch.save(ckpt, tmp_path / "earlier.ckpt")
+    resumed = FreezetuneFinetuning("backbone", "plateau:patience=1", monitor=monitor)
+    L.Trainer(max_epochs=4, callbacks=[resumed], enable_checkpointing=False, **FAST).fit(
+        LitTiny(rank_metric=True) if monitor == "val_acc" else LitTrainMetric(), *loaders(),
+        ckpt_path=tmp_path / "earlier.ckpt")  # fmt: skip
+    # val_acc: a stall from epoch 1 on, epoch 1's not counted (as a resume of this version's state); train_loss falls
+    assert resumed.unfreezer.events == ([(2, ["block3"])] if monitor == "val_acc" else [])
+
+
 def test_validating_a_checkpoint_saved_before_an_unfreeze_after_the_fit_loads_it(tmp_path):
     # Lightning restores callback state for validate/test/predict too: the fit's unfreezer (block3 and block2 open)
     # refused the epoch-0 checkpoint's state (no stage open) and ckpt_path="best" failed after most fits

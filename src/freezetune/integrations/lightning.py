@@ -141,6 +141,8 @@ class FreezetuneFinetuning(Callback):
         self._reset()
         if carried is not None:
             self.load_state_dict(carried)
+        elif trainer.current_epoch > 0:  # another network fitted on from a Trainer's later epoch: its schedule starts
+            self._stepped = self._ended = trainer.current_epoch - 1  # there (the epochs before were not its own)
         # Lightning calls the module's setup() and configure_model() after this: a network built there does not exist
         # yet, and is frozen at fit start (on one device; under DDP that is after the wrap: refused there)
         self._built_late = not self._exists(pl_module)
@@ -155,9 +157,12 @@ class FreezetuneFinetuning(Callback):
             return
         self._stepped = int(state_dict["stepped_epoch"])
         self._metric = tuple(state_dict["metric"]) if state_dict["metric"] is not None else None
-        self._from_validation = bool(state_dict.get("from_validation", False))
+        earlier = "ended_epoch" not in state_dict  # a state saved by a freezetune before the epoch records below
+        # (its from_validation was set for a training metric too whenever a validation loop ran, and it kept no
+        # record of the epoch it was saved in: that epoch counts as not seen to end, as a last-batch save is)
+        self._from_validation = bool(state_dict.get("from_validation", False)) and not earlier
         self._validated = int(state_dict.get("validated_epoch", -1))
-        self._ended = int(state_dict.get("ended_epoch", self._stepped + 1))  # (earlier states: seen, as was assumed)
+        self._ended = int(state_dict.get("ended_epoch", self._stepped))
         if self.unfreezer is None:
             self._pending = state_dict["unfreezer"]  # the usual order: the optimizer does not exist yet
         else:
