@@ -141,6 +141,8 @@ def main(argv: list[str] | None = None) -> None:
     amp = "bf16 autocast" if device.type == "cuda" else "fp32"
     print(f"\nmemory on {device} ({where}): {args.res} px, batch {args.batch_size}, {amp}, peak MiB")
     print(report(results))
+    if not results:  # every model failed (above): a failed step, for gpu.sh's summary
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":

@@ -330,6 +330,8 @@ def main(argv: list[str] | None = None) -> None:
           f"{torch.get_num_threads()} threads): {args.res} px, batch {args.batch_size}, "
           f"cached run over {args.n_images} images x {EPOCHS} epochs")  # fmt: skip
     print(report(results, device))
+    if not results:  # every model failed (above): a failed step, for gpu.sh's summary
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":

@@ -80,6 +80,7 @@ COMMANDS = {"ft-default": {}, "ft-auto-noaug": {"aug": "none"}, "ft-lp-ft": {"re
 RULE_VARIANTS = {"ft-default-last5": {"DEFAULT_TRAINED_STAGES": 5, "MAX_TRAINED_STAGES": 5}}
 FREEZETUNE = [*RECIPES, *COMMANDS]
 PEERS = {"seed": None, "lightning": "lightning", "fastai": "fastai", "full": None, "full-nchw": None}  # -> package
+IMPORTS = {"fastai": ["fastai.learner", "fastai.data.core", "fastai.optimizer", "fastai.losses", "fastai.callback.all"]}
 CONTENDERS = [*PEERS, *FREEZETUNE]
 DEFAULT_CONTENDERS = [n for n in CONTENDERS if not n.endswith("-nchw") and n not in RULE_VARIANTS]  # by --only
 GAIN_TARGET, TIME_TARGET = 2.0, 0.5  # ft-default: points above the best peer, time over the full fine-tune's
@@ -220,8 +221,10 @@ def run_fastai(data: dict, args, device: torch.device) -> tuple[nn.Module, dict]
     ``fine_tune(n)`` trains 1 frozen + n unfrozen epochs; it is called with ``epochs - 1`` so every contender
     makes the same number of passes over the data. As every peer, it reads its batches from the tensors placed on the
     device once, and steps with the fused optimizer freezetune uses: torch's fused AdamW with fastai's Adam's
-    hyper-parameters (betas 0.9/0.99, eps 1e-5, decoupled weight decay 0.01; its own Adam is a loop over parameters);
-    on a GPU in bf16 and channels_last (``to_bf16``, ``to_channelslast``).
+    hyper-parameters (betas 0.9/0.99, eps 1e-5, decoupled weight decay 0.01; its own Adam is a loop over parameters),
+    except that the decay reaches norms and biases too (fastai's ``wd_bn_bias=False`` is a flag its own optimizer
+    reads, torch's does not; a group of their own would take another learning rate from ``fine_tune``'s slice); on a
+    GPU in bf16 and channels_last (``to_bf16``, ``to_channelslast``).
     """
     from fastai.callback import channelslast, fp16, progress, schedule  # noqa: F401  (to_bf16, no_bar, fine_tune...)
     from fastai.data.core import DataLoaders
@@ -303,8 +306,8 @@ def worker(args) -> None:
     # repeats and seeds never share a run dir
     args.work_dir = tempfile.mkdtemp(prefix=f"{args.worker}-s{args.seed}-", dir=args.work_dir)
     package = PEERS.get(args.worker)
-    if package:
-        importlib.import_module(package)  # the framework's import is not training memory
+    for module in [package, *IMPORTS.get(package, ())] if package else ():  # a framework's import is neither
+        importlib.import_module(module)  # training time nor training memory (fastai's package imports nothing)
     if args.threads:
         torch.set_num_threads(args.threads)
     memory = PeakMemory(device)
