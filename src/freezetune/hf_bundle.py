@@ -67,7 +67,14 @@ def rebuilt_folder(model: str, files: dict[str, str] | None) -> str | None:
     digest = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[:16]
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     folder = cache / "freezetune" / "hf-bundles" / digest
-    write(files, folder, keep=True)
+    try:
+        write(files, folder, keep=True)
+    except OSError as exc:  # a read-only home (a container, a cluster node): the files go to the temp dir instead
+        import tempfile
+
+        log.info("cannot write %s (%s): the bundled files go to the temp dir", folder, exc.strerror or exc)
+        folder = Path(tempfile.gettempdir()) / f"freezetune-hf-bundles-{os.getuid()}" / digest
+        write(files, folder, keep=True)
     return str(folder)
 
 
