@@ -1013,6 +1013,28 @@ def test_a_text_run_resumes_from_the_files_its_last_pt_carries_where_its_model_f
 
 
 @pytest.mark.slow
+def test_a_run_from_an_init_checkpoint_builds_from_its_bundled_files_where_the_model_folder_is_gone(
+    tmp_path, capsys, monkeypatch
+):
+    # a recipe resumed on another machine starts its next phase from the previous phase's best.pt: "cannot load"
+    import shutil
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    folder, data = tmp_path / "minilm", _csv(tmp_path / "t.csv", n=1)
+    shutil.copytree(MINILM, folder)
+    common = ["--model", f"hf:{folder}", "--data", data, "--epochs", "1", "--freeze", "-3", "--device", "cpu",
+              "--no-progress", "--no-tensorboard"]  # fmt: skip
+    code, _, err = run_cli(capsys, "train", *common, "--weights", "default", "--out", tmp_path / "first")
+    assert code == 0, err
+    folder.rename(tmp_path / "elsewhere")
+    init = tmp_path / "first" / "best.pt"
+    code, stdout, err = run_cli(capsys, "train", *common, "--init", init, "--out", tmp_path / "next")
+    assert code == 0, err
+    assert f"model folder {folder} is not here: the model is built from the files {init} carries" in stdout
+    assert checkpoint.load(tmp_path / "next" / "best.pt")["hf_files"] == checkpoint.load(init)["hf_files"]
+
+
+@pytest.mark.slow
 def test_a_text_run_of_an_earlier_version_with_an_image_setting_resumes(tmp_path, capsys):
     # its --cache-views 2 was accepted and ignored then; now refused for a text model, the resume had no way out
     import yaml

@@ -136,11 +136,12 @@ class RunSetup:
         """Set-up step 2, the model: pretrained weights (not on a resume) and what its inputs need (image
         preprocessing, or a text model's tokenizer and CSV columns)."""
         cfg = self.cfg
-        built = self._resumed_folder() or cfg.model
+        self.hf_files, bundled = self._bundled_files()
+        built = self._bundled_folder(bundled) or cfg.model
         # a resume restores every weight from last.pt: the pretrained ones are not read again (an offline node, a
         # cleaned hub cache, a weights file moved since stopped the resume of a preempted run)
         self.model, self.preprocess = create_model(built, cfg.weights, img_size=cfg.img_size,
-                                                   load=not self.resuming)  # fmt: skip
+                                                   load=not (self.resuming or bundled == "init"))  # fmt: skip
         check_cut(self.model, cfg.cache_at)  # a stage name needs the model: checked before any data is read
         # the settings only the other kind of model reads are refused; not on a resume, which takes the run's own (a
         # text run of an earlier freezetune recorded the --cache-views it ignored) and refuses a change to them
@@ -157,17 +158,29 @@ class RunSetup:
             # and pools its texts as it began (its model folder may declare otherwise now, or a freezetune before
             # sentence pooling trained it through its task class's pooler)
             text_pooling.match_record(self.model, {"text_pooling": self.resumed.text_pooling, "model": cfg.model})
-        # an hf:DIR's config and tokenizer, carried by every checkpoint (a resumed run's: those it began with)
-        self.hf_files = (self.resumed and self.resumed.hf_files) or hf_bundle.bundle(cfg.model)
 
-    def _resumed_folder(self) -> str | None:
-        """The ``hf:DIR`` a resumed run's model and tokenizer are built from when its own folder is gone or holds other
-        files now: those its ``last.pt`` carries (``hf_bundle.rebuilt_folder``). A resume on another machine failed
-        as "cannot load"; one after a tokenizer's edit tokenized the rest of the run otherwise, in silence."""
-        if self.resumed is None or not (folder := hf_bundle.rebuilt_folder(self.cfg.model, self.resumed.hf_files)):
+    def _bundled_files(self) -> tuple[dict[str, str] | None, str | None]:
+        """An ``hf:DIR``'s config and tokenizer files, which every checkpoint carries, and where they come from: a
+        resumed run's ``last.pt`` ("last": those it began with); an ``--init`` checkpoint's where the folder is gone
+        ("init": a recipe's phase resumed on another machine starts from its previous phase's ``best.pt``); else the
+        folder (None)."""
+        cfg, own = self.cfg, self.cfg.model.removeprefix(HF_PREFIX)
+        if self.resumed is not None and self.resumed.hf_files:
+            return self.resumed.hf_files, "last"
+        if cfg.init and not self.resuming and cfg.model.startswith(HF_PREFIX) and not os.path.isdir(own):
+            if files := checkpoint.load(cfg.init, mmap=True).get("hf_files"):
+                return files, "init"
+        return hf_bundle.bundle(cfg.model), None
+
+    def _bundled_folder(self, source: str | None) -> str | None:
+        """The ``hf:DIR`` the model and its tokenizer are built from when its own folder is gone, or (a resume) holds
+        other files now: the bundled files (``hf_bundle.rebuilt_folder``). A resume on another machine failed as
+        "cannot load"; one after a tokenizer's edit tokenized the rest of the run otherwise, in silence."""
+        if source is None or not (folder := hf_bundle.rebuilt_folder(self.cfg.model, self.hf_files)):
             return None
         if not os.path.isdir(own := self.cfg.model.removeprefix(HF_PREFIX)):
-            self.echo(f"model folder {own} is not here: the model is built from the files {checkpoint.LAST} carries")
+            carrier = checkpoint.LAST if source == "last" else self.cfg.init
+            self.echo(f"model folder {own} is not here: the model is built from the files {carrier} carries")
         return f"{HF_PREFIX}{folder}"
 
     def _data(self) -> None:
