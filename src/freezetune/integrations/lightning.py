@@ -141,8 +141,8 @@ class FreezetuneFinetuning(Callback):
         self._reset()
         if carried is not None:
             self.load_state_dict(carried)
-        elif trainer.current_epoch > 0:  # another network fitted on from a Trainer's later epoch: its schedule starts
-            self._stepped = self._ended = trainer.current_epoch - 1  # there (the epochs before were not its own)
+        elif (epoch := getattr(trainer, "current_epoch", 0)) > 0:  # another network fitted on from a Trainer's
+            self._stepped = self._ended = epoch - 1  # later epoch: its schedule starts there (not its epochs before)
         # Lightning calls the module's setup() and configure_model() after this: a network built there does not exist
         # yet, and is frozen at fit start (on one device; under DDP that is after the wrap: refused there)
         self._built_late = not self._exists(pl_module)
