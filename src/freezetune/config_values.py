@@ -240,8 +240,6 @@ UniqueKeys.yaml_implicit_resolvers = {
     first: [(tag, rx) for tag, rx in resolvers if tag not in _YAML12_TYPES]
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
 }
-for _tag, (_pattern, _first) in _YAML12_TYPES.items():
-    UniqueKeys.add_implicit_resolver(_tag, re.compile(_pattern), list(_first))
 UniqueKeys.add_constructor("tag:yaml.org,2002:int", _yaml12_int)
 
 
@@ -250,8 +248,9 @@ class _Quoting(yaml.SafeDumper):
     alone, and ``text_column: 1e3`` read back (``UniqueKeys``, 1.2) as 1000.0."""
 
 
-for _tag, (_pattern, _first) in _YAML12_TYPES.items():
-    _Quoting.add_implicit_resolver(_tag, re.compile(_pattern), list(_first))
+for _tag, (_pattern, _first) in _YAML12_TYPES.items():  # what the loader reads as a type, the dumper quotes
+    for _resolving in (UniqueKeys, _Quoting):
+        _resolving.add_implicit_resolver(_tag, re.compile(_pattern), list(_first))
 
 
 def dump_yaml(values: dict[str, Any]) -> str:
