@@ -20,13 +20,13 @@ from freezetune.errors import ConfigError
 from freezetune.options import (
     DECAY_MEANS,
     FREEZE_KEYWORDS,
-    MODEL_SOURCES,
     MONITOR_MODES,
     batch_size_problem,
     choice_problem,
     column_name_problem,
     device_problem,
     fraction_problem,
+    model_source,
     non_negative_int_problem,
     parse_duration,
     positive_int_problem,
@@ -93,8 +93,7 @@ def validate(cfg: TrainConfig, *, need_data: bool = True, typed: Collection[str]
 def _model_problem(name: str) -> str | None:
     """A model name without a library's prefix, found before the data is read (it was found once the model was
     built, after the problems reported with it had been fixed)."""
-    prefix, sep, arch = name.partition(":")
-    if sep and prefix in MODEL_SOURCES and arch.strip():
+    if model_source(name) is not None:
         return None
     from freezetune.models import model_problem  # (torch: only for a name to refuse, with the prefix it may lack)
 

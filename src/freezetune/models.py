@@ -24,7 +24,7 @@ from torch import nn
 from freezetune.download import HF_HOST, download_guard, first_line, require_network
 from freezetune.errors import ConfigError, WeightsError, choices, setting
 from freezetune.models_hf import hf_model
-from freezetune.options import MODEL_SOURCES, PRETRAINED_WEIGHTS, RANDOM_WEIGHTS, weights_problem
+from freezetune.options import MODEL_SOURCES, PRETRAINED_WEIGHTS, RANDOM_WEIGHTS, model_source, weights_problem
 from freezetune.preprocess import Preprocess
 from freezetune.run_log import warn_once
 from freezetune.weights import load_weights, packaged_weights, weights_only_loads
@@ -125,11 +125,10 @@ def _check_input_size(model: nn.Module, name: str, size: int, default: int | Non
 
 
 def _split_name(name: str) -> tuple[str, str]:
-    prefix, sep, arch = str(name).partition(":")
-    if sep and prefix in MODEL_SOURCES and arch:
-        return prefix, arch
+    if (split := model_source(name)) is not None:
+        return split
     hint = ""
-    if not sep:
+    if ":" not in str(name):
         known = [
             f"{p}:{name}"
             for p, names in (("timm", _timm_names), ("torchvision", _torchvision_names))

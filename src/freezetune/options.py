@@ -364,3 +364,14 @@ def weights_problem(weights: object) -> str | None:
         return None
     valid = choices([*PRETRAINED_WEIGHTS, *RANDOM_WEIGHTS])
     return f"unknown weights {text!r}; use one of: {valid}, or a path ending in {'/'.join(WEIGHT_SUFFIXES)}"
+
+
+def model_source(name: object) -> tuple[str, str] | None:
+    """``(library, architecture)`` of a model named with one of ``MODEL_SOURCES``' prefixes; None without one (read
+    without torch: the config's check of a name, before any model is built).
+
+    >>> model_source("timm:resnet50"), model_source("resnet50"), model_source("keras:x")
+    (('timm', 'resnet50'), None, None)
+    """
+    prefix, sep, arch = str(name).partition(":")
+    return (prefix, arch) if sep and prefix in MODEL_SOURCES and arch else None
