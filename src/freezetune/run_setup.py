@@ -8,18 +8,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import os
 
 import torch
 from torch import nn
 
-from freezetune import checkpoint, hardware, hf_bundle, reporting, rng, run_log, runtime, text_pooling
+from freezetune import checkpoint, hardware, hf_bundle, reporting, rng, run_log, run_notes, runtime, text_pooling
 from freezetune._io import atomic_write_text
-from freezetune.bn_policy import hold_bn_statistics, idle_bn_policy
+from freezetune.bn_policy import hold_bn_statistics
 from freezetune.cache import FeaturePath
 from freezetune.cache.model_split import check_cut, check_cut_at_start
-from freezetune.cache.store import idle_views_note
 from freezetune.config import DATA_PATHS, TrainConfig, parse_freeze_spec
 from freezetune.config_check import validate, validation_users
 from freezetune.config_file import follow_moved_data
@@ -32,7 +30,6 @@ from freezetune.data.text import (
     noun,
     refuse_other_settings,
     text_preprocess,
-    truncation_note,
 )
 from freezetune.data.upscale import upscale_note
 from freezetune.depthwise import use_fast_depthwise
@@ -43,46 +40,23 @@ from freezetune.distributed import (
     main_echo,
     wrap,
 )
-from freezetune.errors import ConfigError, DataError, choices, setting
+from freezetune.errors import ConfigError, DataError, setting
 from freezetune.freeze import count_parameters, freeze, summary
-from freezetune.frozen_dropout import dropout_note
 from freezetune.heads import replace_head
 from freezetune.interrupt import StopRequest
 from freezetune.loss import imbalance_note, training_loss
 from freezetune.memory import auto_batch_size
 from freezetune.models import create_model
-from freezetune.optim import build_optimizer, build_scheduler, idle_warmup_note, momentum_note, warmup_steps
+from freezetune.optim import build_optimizer, build_scheduler, warmup_steps
 from freezetune.options import BATCH_AUTO, HF_PREFIX, MONITOR_MODES, RANDOM_WEIGHTS
-from freezetune.param_groups import idle_stage_lrs
 from freezetune.precision import resolve_device, resolve_precision
 from freezetune.progress import Progress
 from freezetune.stages import stages
 from freezetune.step import Step
-from freezetune.unfreeze_schedule import epochs_on_cut, idle_schedule_note, plateau_units_note
+from freezetune.unfreeze_schedule import epochs_on_cut
 from freezetune.unfreezing import Unfreezer
 
 SKIPPED = "skipped.txt"  # the image files --skip-bad left out, one path a line
-log = logging.getLogger(__name__)
-
-
-def _say_random_frozen(model: nn.Module) -> None:
-    """Frozen layers of a model built without pretrained weights keep their random start: said once a run, where a
-    linear probe of random features trained in silence (val_loss 356, freeze by the auto recipe's default)."""
-    frozen = [s.name for s in stages(model) if any(not p.requires_grad for p in s.params)]
-    if frozen:
-        run_log.warn_once(log, "--weights none: the frozen stage(s) %s keep their random initial weights (nothing "
-                          "pretrained to keep); --recipe full trains every layer",
-                          choices(frozen, limit=4))  # fmt: skip
-
-
-def _say_head_frozen(model: nn.Module) -> None:
-    """The new head frozen (``--freeze classifier``, a glob that caught it): the layers that train learn against a
-    random classifier that never moves; said once, where the run's table alone showed it (``classifier ... 0``)."""
-    head = stages(model)[-1]
-    if head.params and not any(p.requires_grad for p in head.params):
-        run_log.warn_once(log, "the new head (%s) is frozen: it keeps its random initial weights, and the layers that "
-                          "train learn to fit a classifier that never moves; freeze less of it (--freeze backbone "
-                          "trains the head alone)", head.name)  # fmt: skip
 
 
 class RunSetup:
@@ -219,7 +193,7 @@ class RunSetup:
         if cfg.bn_stats == "frozen":  # (the layers an unfreeze releases later are held too)
             hold_bn_statistics(self.model)
         if str(cfg.weights).lower() in RANDOM_WEIGHTS and not cfg.init and not self.resuming:
-            _say_random_frozen(self.model)
+            run_notes.say_random_frozen(self.model)
         if not any(p.requires_grad for p in self.model.parameters()):  # the API's "unfreeze a stage first" misled
             # (a plan's epoch-0 stages open when the optimizer exists, after this; "epoch:"/"plateau:" after an epoch)
             later = " in the first epoch (an unfreeze schedule opens stages only after one)" if isinstance(
@@ -227,7 +201,7 @@ class RunSetup:
             raise ConfigError(f"freeze {cfg.freeze!r} leaves no parameter to train{later}; freeze less: 'backbone' "
                               "trains the head")  # fmt: skip
         if not cfg.init and not self.resuming:
-            _say_head_frozen(self.model)
+            run_notes.say_head_frozen(self.model)
         self.channels_last = hardware.use_channels_last(cfg.channels_last, self.model)
         self.model.to(self.device, memory_format=torch.channels_last if self.channels_last else torch.preserve_format)
         if self.device.type == "cpu" and not cfg.compile:  # the native weight gradient of a depthwise layer is slow
@@ -329,21 +303,8 @@ class RunSetup:
         checkpoint.restore(self.run_dir / checkpoint.LAST, self.state, self.progress, config=self.cfg.recorded(),
                            classes=self.classes, steps_per_epoch=self.steps_per_epoch,
                            data=self.data_print)  # fmt: skip
-        p = self.progress
-        # where the stop line left it ("stopped ... at step 3/5 of epoch 2"): "after epoch 0 and step 7/7 of epoch 1"
-        # named an epoch never trained and left the user to guess the last step's validation had not run
-        where = f"after epoch {p.epoch}"
-        if p.step:
-            where = f"at step {p.step}/{self.steps_per_epoch} of epoch {p.epoch + 1}"
-            where += "; the epoch's validation runs next" if p.step >= self.steps_per_epoch else ""
-        done = ""
-        if self.trained_out():  # a finished run: say so, not leave it to guess
-            done = ": the run had finished (early stop)" if p.epoch < self.cfg.epochs else \
-                f": all {self.cfg.epochs} epochs were trained"  # fmt: skip
-        unscored = "report; the test split is not scored, as --no-final-test asks"
-        end = "report, test split" if self.cfg.final_test else unscored
-        then = f"; nothing trains, only the run's end ({end}) runs again" if done else ""
-        self.echo(f"resumed {self.run_dir} {where}{done}{then}")
+        self.echo(run_notes.resumed_line(self.run_dir, self.cfg, self.progress, self.steps_per_epoch,
+                                         trained_out=self.trained_out()))  # fmt: skip
 
     @property
     def draws_bars(self) -> bool:
@@ -416,33 +377,12 @@ class RunSetup:
         notes = [imbalance_note(self.cfg.class_weights, self.data.train.targets, len(self.classes),
                                 noun(self.data.train))]  # fmt: skip
         if not self.brief:  # the later trials of the auto recipe: their first said these
-            schedule = self.state.unfreezer.schedule if self.state.unfreezer is not None else None  # parsed once
-            # a schedule that opens nothing here
-            idle = idle_schedule_note(self.state.unfreezer, self.cfg.epochs, self.cfg.early_stop)
-            notes += [truncation_note(self.data.train, self.preprocess), text_pooling.note(self.model),
-                      idle_stage_lrs(self.model, self.cfg.stage_lrs, unfreezes=schedule is not None and idle is None,
-                                     decay=self.cfg.decay),
-                      idle_bn_policy(self.model, self.cfg.bn), dropout_note(self.model),
-                      plateau_units_note(schedule, self.cfg.monitor), idle,
-                      momentum_note(self.cfg.optimizer, self.cfg.momentum, TrainConfig.momentum),
-                      idle_warmup_note(self.cfg.scheduler, self.cfg.warmup_epochs),
-                      idle_views_note(self.cfg.aug, self.cfg.cache_views, self.cfg.cache),
-                      self.precision.cpu_note()]  # fmt: skip
-        for note in filter(None, [*notes, self._warmup_note()]):
+            notes += run_notes.idle_setting_notes(self.cfg, self.model, self.data.train, self.preprocess,
+                                                  self.state.unfreezer) + [self.precision.cpu_note()]  # fmt: skip
+        notes.append(run_notes.warmup_note(self.cfg, self.state.unfreezer, warmup_steps=self.warmup_steps,
+                                           steps_per_epoch=self.steps_per_epoch))  # fmt: skip
+        for note in filter(None, notes):
             self.echo(note)
         if self.data.skipped:
             self.echo(f"skipped {len(self.data.skipped)} unreadable image file(s) (--skip-bad): listed in "
                       f"{self.run_dir / SKIPPED}")  # fmt: skip
-
-    def _warmup_note(self) -> str | None:
-        """When the patience of early stopping or a plateau unfreeze starts counting, if the LR warm-up delays it."""
-        first = self.warmup_steps // max(self.steps_per_epoch, 1) + 1  # the first epoch that ends past the peak
-        unfreezer = self.state.unfreezer
-        plateau = unfreezer is not None and unfreezer.schedule.kind == "plateau"
-        waits = [what for what, on in (("early stopping", bool(self.cfg.early_stop)), ("plateau unfreezing", plateau))
-                 if on]  # fmt: skip
-        if first <= 1 or not waits:
-            return None
-        count = "counts" if len(waits) == 1 else "count"
-        return (f"note: {' and '.join(waits)} {count} epochs without improvement from epoch {first} on: the "
-                f"{self.cfg.scheduler} schedule raises the LR until then")  # fmt: skip
