@@ -225,7 +225,7 @@ def run(cfg: TrainConfig, *, echo: Callable[[str], None] = print, train: Callabl
         return auto.run(dataclasses.replace(cfg, recipe=None, freeze="auto"), echo=echo, train=train)
     if recipe_family(recipe) == LAST_K:
         check_last_k(cfg, recipe)
-    from freezetune import run_lock
+    from freezetune import recipe_request, run_lock
     from freezetune.distributed import broadcast, init_from_env, main_echo
     from freezetune.run_log import log_to
     from freezetune.runtime import new_run_dir, shared_run_dir
@@ -236,17 +236,17 @@ def run(cfg: TrainConfig, *, echo: Callable[[str], None] = print, train: Callabl
         cfg = dataclasses.replace(cfg, out=str(broadcast(new_run_dir(cfg.model, claim=info.is_main), info)))
     if info.is_main:  # a process running in it refuses this one before anything below it changes, resume or not
         run_lock.claim(cfg.out)
-    existed = Path(cfg.out).exists()
-    _refuse_another_recipes_run(cfg, recipe)
+    existed, steps = Path(cfg.out).exists(), phases(cfg, recipe)
+    recipe_request.refuse_another_recipes_run(cfg, recipe)
     if cfg.resume:
-        _refuse_a_changed_request(cfg, recipe)
+        recipe_request.refuse_a_changed_request(cfg, recipe, steps)
     before: set[str] = set()  # what the run dir held before the request: the user's (a shell's redirect to train.log)
     if not cfg.resume:  # refuse a run dir in use before any phase writes below it (rank 0 alone clears)
-        _refuse_a_started_phase(cfg, recipe)
+        recipe_request.refuse_a_started_phase(cfg, recipe, steps)
         shared_run_dir(cfg.out, cfg.model, info, resume=False, echo=echo)
         before = {p.name for p in Path(cfg.out).iterdir()} if Path(cfg.out).is_dir() else set()
         if info.is_main:  # what was asked, which a --resume with the same command continues (asked_config)
-            _keep_request(Path(cfg.out), recipe, cfg)
+            recipe_request.keep_request(Path(cfg.out), recipe, cfg, steps)
     log_to(cfg.out)  # the phases' lines in the recipe's train.log too (each phase's dir keeps its own)
     try:
         if cfg.final_test:  # the phases before the last do not read the test split: its problems would wait for them
@@ -254,101 +254,8 @@ def run(cfg: TrainConfig, *, echo: Callable[[str], None] = print, train: Callabl
         return _run_phases(cfg, recipe, train, echo)
     except FreezetuneError:
         if info.is_main and not cfg.resume:
-            _drop_request(Path(cfg.out), existed, before)
+            recipe_request.drop_request(Path(cfg.out), existed, before)
         raise
-
-
-def refuse_a_plain_resume_of_a_recipe(cfg: TrainConfig) -> None:
-    """A resume with a freeze spec or another recipe of a run a recipe made (its ``recipe.json``) is refused naming
-    the recipe: it listed the final run's own settings (init, refit, the chosen lr, cache_at) as the changes instead.
-    The final run's own freeze (a Python caller resuming with the run's ``config.yaml``) resumes as before."""
-    from freezetune.errors import setting
-    from freezetune.runtime import RECIPE_FILE, read_json
-
-    saved = Path(cfg.out) / RECIPE_FILE if cfg.out else None
-    record = read_json(saved) if saved is not None else None
-    if not isinstance(record, dict):
-        return
-    recipe, wanted = "auto" if "choice" in record else record.get("recipe"), recipe_of(cfg)
-    if not recipe or wanted == recipe or (wanted is None and _final_freeze(Path(cfg.out)) == cfg.freeze):
-        return  # its own recipe, or the final run's own config (its config.yaml)
-    # another recipe listed the final run's settings as changes ("init '.../auto-trials/last-3/best.pt' -> None")
-    given = f"freeze {cfg.freeze!r}" if wanted is None else f"recipe {wanted!r}"
-    asked = setting("freeze", "auto") if recipe == "auto" else setting("recipe", recipe)
-    raise ConfigError(f"cannot resume {cfg.out} with {given}: it holds a run of recipe {recipe!r} ({saved}); give "
-                      f"its own command with --resume, {asked}, or start a new run with another "
-                      f"{setting('out')}")  # fmt: skip
-
-
-def _final_freeze(out: Path) -> object:
-    from freezetune.config_values import coerce
-    from freezetune.runtime import CONFIG_FILE
-
-    try:
-        return coerce("freeze", (yaml.safe_load((out / CONFIG_FILE).read_text()) or {}).get("freeze"))
-    except (OSError, yaml.YAMLError, FreezetuneError):
-        return None
-
-
-def _refuse_another_recipes_run(cfg: TrainConfig, recipe: str) -> None:
-    """A run of another named recipe, stopped in an earlier phase, is refused before anything changes: ``--recipe
-    full --resume`` in an lp-ft stopped in its probe trained a fresh full run there, after which the lp-ft's own
-    ``--resume`` was refused (without ``--resume`` the run dir's own check refuses it: ``runtime.stopped_phase``)."""
-    from freezetune.errors import setting
-    from freezetune.runtime import stopped_phase
-
-    stopped = stopped_phase(Path(cfg.out))
-    if cfg.resume and stopped is not None and stopped[0] != recipe:
-        raise ConfigError(f"cannot resume {cfg.out!r} with recipe {recipe!r}: it holds a run of recipe {stopped[0]}, "
-                          f"stopped in an earlier phase ({stopped[1]}); resume it with its own command "
-                          f"({setting('recipe', stopped[0])} {setting('resume', True)}), or choose another "
-                          f"{setting('out')}")  # fmt: skip
-
-
-def _refuse_a_changed_request(cfg: TrainConfig, recipe: str) -> None:
-    """A resume that changes what the recipe was asked (its ``recipe.json``) is refused, as a phase's ``last.pt``
-    refuses one: a phase not started yet trained the new settings after the finished ones had trained the old (an
-    lp-ft resumed between its phases with another --lr fine-tuned at it, and its next plain resume was refused)."""
-    from freezetune import checkpoint
-    from freezetune.config import changed_on_resume
-    from freezetune.errors import setting
-    from freezetune.runtime import RECIPE_FILE, read_json
-
-    record = read_json(Path(cfg.out) / RECIPE_FILE)
-    asked = record.get("asked") if isinstance(record, dict) else None
-    if not isinstance(asked, dict):  # an older freezetune's record: each phase's last.pt checks its own
-        return
-    # a phase's last.pt checks moved data against its digest when that phase resumes (a finished one, not resumed,
-    # does not; nor does one not yet started)
-    moved = any((Path(p.cfg.out) / checkpoint.LAST).is_file() for p in phases(cfg, recipe))
-    changed = changed_on_resume(asked, json.loads(json.dumps(cfg.recorded())), moved=moved)
-    if changed:
-        raise ConfigError(f"cannot resume {cfg.out} with {', '.join(changed)}: a run of recipe {recipe} continues as "
-                          f"it was asked; resume with the run's values, or start a new run with another "
-                          f"{setting('out')}")  # fmt: skip
-
-
-def _refuse_a_started_phase(cfg: TrainConfig, recipe: str) -> None:
-    """A run of the recipe stopped in an earlier phase (its ``last.pt`` below the run dir) is refused without
-    ``resume``, before anything changes: the run dir itself holds no ``last.pt`` yet, so it was taken for a run to
-    start afresh, its ``recipe.json`` rewritten with this command's request, and the phase then refused; the
-    run's own ``--resume`` was then refused for settings it never changed."""
-    from freezetune import checkpoint
-    from freezetune.errors import setting
-
-    if (Path(cfg.out) / checkpoint.LAST).is_file():  # in its last phase or finished: the run dir's own refusal says so
-        return
-    from freezetune.reporting import REPORT_PNG
-
-    steps = phases(cfg, recipe)
-    for i in reversed(range(len(steps) - 1)):  # the latest phase that started
-        phase, last = steps[i], Path(steps[i].cfg.out) / checkpoint.LAST
-        if last.is_file():  # a phase that finished has plotted its report: the next one stopped in its first epoch
-            where = f"in its {phase.name} phase ({last})" if not (last.parent / REPORT_PNG).is_file() else (
-                f"in its {steps[i + 1].name} phase, before that finished an epoch (its {phase.name} phase finished: "
-                f"{last})")  # fmt: skip
-            raise ConfigError(f"run dir {cfg.out!r} already holds a run of recipe {recipe}, stopped {where}; pass "
-                              f"{setting('resume', True)} to continue it or choose another {setting('out')}")  # fmt: skip
 
 
 def _run_phases(cfg: TrainConfig, recipe: str, train: Callable, echo: Callable[[str], None]):
@@ -367,32 +274,6 @@ def _run_phases(cfg: TrainConfig, recipe: str, train: Callable, echo: Callable[[
     # every phase is part of the recipe's cost: the sweep listed lp-ft at its fine-tune's seconds, without the probe
     # (its cache build included) that trained first
     return dataclasses.replace(result, seconds=dict(spent))
-
-
-def _drop_request(out: Path, existed: bool, before: set[str]) -> None:
-    """A user error before any phase was set up (a run makes its dir only then) leaves no run dir behind: only the
-    request is there, with nothing to resume. Once a phase has files, the request stays for ``--resume``. What the
-    dir held ``before`` the request stays: a ``train.log`` the user's shell was writing the command's output to was
-    deleted, and the error with it."""
-    from freezetune.run_log import LOG_FILE
-    from freezetune.runtime import RECIPE_FILE
-
-    made = {p.name for p in out.iterdir()} - before
-    if RECIPE_FILE not in made or not made <= {RECIPE_FILE, LOG_FILE}:
-        return
-    for name in made:
-        (out / name).unlink()
-    if not existed and not any(out.iterdir()):
-        out.rmdir()
-
-
-def _keep_request(out: Path, recipe: str, cfg: TrainConfig) -> None:
-    from freezetune._io import atomic_write_text
-    from freezetune.runtime import RECIPE_FILE
-
-    out.mkdir(parents=True, exist_ok=True)
-    record = {"recipe": recipe, "phases": [p.name for p in phases(cfg, recipe)], "asked": cfg.recorded()}
-    atomic_write_text(out / RECIPE_FILE, json.dumps(record, indent=1))
 
 
 def asked_config(run_dir: str | Path) -> dict | None:

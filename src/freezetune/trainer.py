@@ -29,6 +29,7 @@ from freezetune.inference import evaluate_best, write_evaluation
 from freezetune.interrupt import AT_ONCE_UNDER_DDP, OUTSIDE_A_STEP, RunInterrupted, StopRequest, pause_point
 from freezetune.memory import out_of_memory_hint
 from freezetune.progress import RunResult, other_monitor
+from freezetune.recipe_request import refuse_a_plain_resume_of_a_recipe
 from freezetune.run_records import after_stop, drop_stale_test
 from freezetune.run_setup import RunSetup
 from freezetune.step import one_value_batch
@@ -77,7 +78,7 @@ def train(cfg: TrainConfig, *, echo: Callable[[str], None] = print, resumable: b
             run_lock.scope() as claimed:  # fmt: skip
         try:
             if cfg.resume and not recipe_run:  # a recipe's own run resumes through the recipe
-                recipes.refuse_a_plain_resume_of_a_recipe(cfg)
+                refuse_a_plain_resume_of_a_recipe(cfg)
             if recipes.recipe_of(cfg) is not None:  # each run of the recipe needs what this one does
                 each = functools.partial(train, validation_needed_by=validation_needed_by)
                 return recipes.run(cfg, echo=echo, train=each)
