@@ -14,7 +14,17 @@ from pathlib import Path
 import pytest
 
 from _engine_fixtures import make_image_folder, recipe_cfg, run_cli, train_argv
-from freezetune import auto, auto_budget, auto_plan, auto_resume, auto_rule, auto_trials, checkpoint, recipes
+from freezetune import (
+    auto,
+    auto_budget,
+    auto_plan,
+    auto_resume,
+    auto_rule,
+    auto_trials,
+    checkpoint,
+    checkpoint_writer,
+    recipes,
+)
 from freezetune.config import TrainConfig
 from freezetune.config_file import load_config
 from freezetune.errors import ConfigError, FreezetuneError
@@ -167,14 +177,14 @@ def test_auto_measures_on_the_validation_split_and_keeps_its_evidence(data, tmp_
     monkeypatch.setattr(auto_trials, "MIN_TRIAL_STEPS", 1)  # (of a step or two each)
     monkeypatch.setattr(auto_plan, "PROBE_BELOW_STEPS", 1)  # the run starts from its trial (probed: tested below)
     saved_last = []
-    real_submit = checkpoint.Writer.submit
+    real_submit = checkpoint_writer.Writer.submit
 
     def submit(writer, *, best, last):  # every save of every trial and of the final run
         if last is not None:
             saved_last.append(writer.run_dir / checkpoint.LAST)
         real_submit(writer, best=best, last=last)
 
-    monkeypatch.setattr(checkpoint.Writer, "submit", submit)
+    monkeypatch.setattr(checkpoint_writer.Writer, "submit", submit)
     lines = []
     result = trainer.train(recipe_cfg(data, tmp_path / "auto", cache="auto", refit=refit), echo=lines.append)
     # a trial is never resumed: it writes no last.pt (the largest file, with the optimizer's state); the run does

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import freezetune as ft
-from freezetune import checkpoint
+from freezetune import checkpoint, checkpoint_writer
 from freezetune.errors import CheckpointError, ConfigError
 from freezetune.models import create_model
 from freezetune.preprocess import Preprocess
@@ -150,7 +150,7 @@ def test_the_writer_saves_a_snapshot_the_training_cannot_change(tmp_path, monkey
     gated = _GatedSave(checkpoint.save)
     monkeypatch.setattr(checkpoint, "save", gated)
     weights, moment = torch.zeros(3), torch.zeros(3)
-    writer = checkpoint.Writer(tmp_path)
+    writer = checkpoint_writer.Writer(tmp_path)
     writer.submit(best={"epoch": 1, "state_dict": {"w": weights}},
                   last={"epoch": 1, "state_dict": {"w": weights}, "optimizer": {"state": {0: [moment]}}})  # fmt: skip
     assert gated.started.wait(10)
@@ -166,7 +166,7 @@ def test_the_writer_saves_a_snapshot_the_training_cannot_change(tmp_path, monkey
 def test_a_save_that_waits_is_replaced_by_the_next_but_keeps_its_best(tmp_path, monkeypatch):
     gated = _GatedSave(checkpoint.save)
     monkeypatch.setattr(checkpoint, "save", gated)
-    writer = checkpoint.Writer(tmp_path)
+    writer = checkpoint_writer.Writer(tmp_path)
     for epoch, improved in ((1, True), (2, True), (3, False), (4, False)):
         writer.submit(best={"epoch": epoch} if improved else None, last={"epoch": epoch})
         assert gated.started.wait(10)  # epoch 1's best.pt is being written; the others wait their turn
@@ -184,7 +184,7 @@ def test_a_failed_write_is_raised_by_the_next_save_and_by_wait(tmp_path, monkeyp
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
     monkeypatch.setattr(checkpoint, "save", full_disk)
-    writer = checkpoint.Writer(tmp_path)
+    writer = checkpoint_writer.Writer(tmp_path)
     writer.submit(best=None, last={"epoch": 1})
     with pytest.raises(OSError, match="No space"):
         writer.wait()
@@ -231,7 +231,7 @@ def test_a_resume_on_other_classes_of_the_same_count_names_them():
 
 
 def test_a_writer_without_background_writes_at_submit_in_this_thread(tmp_path):
-    writer = checkpoint.Writer(tmp_path, background=False)
+    writer = checkpoint_writer.Writer(tmp_path, background=False)
     weights = torch.zeros(2)
     writer.submit(best=None, last={"epoch": 1, "state_dict": {"w": weights}})
     assert torch.load(tmp_path / checkpoint.LAST)["epoch"] == 1  # on disk before submit returned, no wait

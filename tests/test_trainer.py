@@ -718,8 +718,8 @@ def test_checkpoints_written_in_the_background_are_those_written_in_turn(data, t
     argv = ("--epochs", "3", "--freeze", "-3", "--save-every-steps", "2")
     code, _, err = run_cli(capsys, *train_argv(data, tmp_path / "in-turn", *argv))
     assert code == 0, err
-    real = checkpoint.Writer
-    monkeypatch.setattr(checkpoint, "Writer", lambda run_dir, background: real(run_dir, background=True))
+    real = run_setup.Writer
+    monkeypatch.setattr(run_setup, "Writer", lambda run_dir, background: real(run_dir, background=True))
     code, _, err = run_cli(capsys, *train_argv(data, tmp_path / "background", *argv))
     assert code == 0, err
     for name in ("best.pt", "last.pt"):

@@ -18,6 +18,7 @@ from freezetune._io import atomic_write_text
 from freezetune.bn_policy import hold_bn_statistics
 from freezetune.cache import FeaturePath
 from freezetune.cache.model_split import check_cut, check_cut_at_start
+from freezetune.checkpoint_writer import Writer
 from freezetune.config import DATA_PATHS, TrainConfig, parse_freeze_spec
 from freezetune.config_check import validate, validation_users
 from freezetune.config_file import follow_moved_data
@@ -271,7 +272,7 @@ class RunSetup:
                                   "files)")  # fmt: skip
         # best.pt and last.pt, written beside the training on an accelerator; on the CPU the writes would take the
         # training's cores (measured: no faster), so they are written in turn
-        self.checkpoints = checkpoint.Writer(self.run_dir, background=self.device.type != "cpu")
+        self.checkpoints = Writer(self.run_dir, background=self.device.type != "cpu")
         rng.seed_everything(cfg.seed)
 
     def _batch_size(self) -> int:
