@@ -319,7 +319,7 @@ def test_a_model_that_does_not_trace_is_one_line_and_leaves_nothing(hf_best_pt, 
 
 def test_a_hugging_face_graph_is_exported_in_eval_mode_without_the_exporters_warning(hf_best_pt, tmp_path):
     # the wrapper giving an ImageClassifierOutput's logits was made after model.eval(): it, and the graph's root,
-    # were in training mode ("Exporting a model while it is in training mode"), though the README says eval-mode
+    # were in training mode ("Exporting a model while it is in training mode"), though docs/export.md says eval-mode
     import warnings
 
     with warnings.catch_warnings(record=True) as caught:

@@ -106,7 +106,7 @@ def test_evaluate_model_names_labels_the_model_cannot_score():
 @pytest.mark.parametrize("bad", [4, -1])
 def test_evaluate_model_names_a_label_it_cannot_score_in_a_dataset_without_targets(bad):
     # a TensorDataset (no ``targets`` to check up front) with a label 4 for a 3-class model was torch's raw
-    # "IndexError: Target 4 is out of bounds" from inside the loss; the user's mistake is named as the README promises
+    # "IndexError: Target 4 is out of bounds" from inside the loss; the mistake is named as docs/python-api.md says
     labels = torch.tensor([0, 1, 2, 0, 1, bad])  # in the second batch of 4
     data = torch.utils.data.TensorDataset(torch.randn(6, 4), labels)
     with pytest.raises(DataError, match=rf"label {bad} is outside num_classes=3: labels are 0 to 2"):

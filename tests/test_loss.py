@@ -67,7 +67,7 @@ def test_an_unknown_class_weights_value_lists_the_choices(tmp_path, capsys):
 def test_class_weights_take_a_list_of_labels_and_refuse_labels_past_the_classes():
     from freezetune.errors import DataError
 
-    # an ImageFolder's targets are a list: the README passes train_set.targets
+    # an ImageFolder's targets are a list: docs/python-api.md passes train_set.targets
     assert (
         balanced_class_weights([0, 0, 0, 1], 2).tolist()
         == balanced_class_weights(torch.tensor([0, 0, 0, 1]), 2).tolist()

@@ -47,7 +47,7 @@ def test_a_missing_extra_is_an_import_error_naming_the_extra_as_well_as_a_freeze
 
 
 def test_a_plain_import_reaches_the_submodules_as_the_readme_writes_them():
-    # the README's export recipe, freezetune.data.load_image(...) after `import freezetune`: AttributeError
+    # docs/export.md's recipe, freezetune.data.load_image(...) after `import freezetune`: AttributeError
     import subprocess
     import sys
 

@@ -51,7 +51,7 @@ def __getattr__(name: str):
         globals()[name] = value  # the next use is a plain attribute
         return value
     if not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
-        # a submodule, as the README writes it after a plain ``import freezetune``: freezetune.data.load_image(...)
+        # a submodule, as docs/export.md writes it after a plain ``import freezetune``: freezetune.data.load_image(...)
         return importlib.import_module(f"{__name__}.{name}")
     raise AttributeError(f"module 'freezetune' has no attribute {name!r}")
 
