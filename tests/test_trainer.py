@@ -1090,3 +1090,26 @@ def test_a_run_without_epochs_trains_ten_and_under_a_budget_epochs_given_as_ten_
         trainer.train(load_config(overrides={"data": str(tmp_path / "imgs"), "out": str(tmp_path / "run"), **given}))
     assert seen == [10, None, 10]  # None: the budget's auto recipe plans them (auto_plan.run_epochs), up to 30
     assert "epochs: null" in load_config(overrides={"data": "x"}).dump()  # a printed config leaves them to the run
+
+
+def test_a_run_from_an_init_checkpoint_reads_no_pretrained_weights(data, tmp_path, capsys, monkeypatch):
+    # every weight comes from the --init checkpoint (loaded strictly): the auto recipe's run, which starts from its
+    # trial's best.pt, read the pretrained weights a second time; a weights file moved since stopped the run
+    code, _, err = run_cli(capsys, *train_argv(data, tmp_path / "first", "--epochs", "1", "--freeze", "-3"))
+    assert code == 0, err
+    weights = tmp_path / "weights.pth"
+    torch.save(ft.create_model("timm:test_efficientnet", "none")[0].state_dict(), weights)
+    import freezetune.models as models
+
+    read, real = [], models.load_weights
+    monkeypatch.setattr(models, "load_weights", lambda *a, **k: read.append(a[1]) or real(*a, **k))
+    init = tmp_path / "first" / "best.pt"
+    argv = ("--epochs", "1", "--freeze", "-3", "--weights", weights)
+    code, _, err = run_cli(capsys, *train_argv(data, tmp_path / "second", *argv, "--init", init))
+    assert code == 0, err
+    assert read == []
+    weights.unlink()  # the file moved: the run starts from the checkpoint all the same
+    code, _, err = run_cli(capsys, *train_argv(data, tmp_path / "third", *argv, "--init", init))
+    assert code == 0, err
+    code, _, err = run_cli(capsys, *train_argv(data, tmp_path / "fourth", *argv))  # without --init it is read
+    assert code == 2 and "weights file not found" in err and len(read) == 1

@@ -113,10 +113,11 @@ class RunSetup:
         cfg = self.cfg
         self.hf_files, bundled = self._bundled_files()
         built = self._bundled_folder(bundled) or cfg.model
-        # a resume restores every weight from last.pt: the pretrained ones are not read again (an offline node, a
-        # cleaned hub cache, a weights file moved since stopped the resume of a preempted run)
+        # a resume restores every weight from last.pt, an --init from its checkpoint (strictly: every key, the head's
+        # too): the pretrained ones are not read (an offline node, a cleaned hub cache, a weights file moved since
+        # stopped the resume of a preempted run; the auto recipe's run, from its trial's best.pt, read them twice)
         self.model, self.preprocess = create_model(built, cfg.weights, img_size=cfg.img_size,
-                                                   load=not (self.resuming or bundled == "init"))  # fmt: skip
+                                                   load=not (self.resuming or cfg.init))  # fmt: skip
         check_cut(self.model, cfg.cache_at)  # a stage name needs the model: checked before any data is read
         # the settings only the other kind of model reads are refused; not on a resume, which takes the run's own (a
         # text run of an earlier freezetune recorded the --cache-views it ignored) and refuses a change to them
