@@ -591,6 +591,9 @@ def test_a_budget_says_what_it_affords_at_that_pace_and_the_trials_record_what_t
                                 lines.append) == (2, None)  # fmt: skip
     assert lines[0].startswith("auto: the 20s budget leaves 16s after the trials: 2 epoch(s) (--epochs 2; the budget "
                                "affords 3) of about 5.0s ")  # fmt: skip
+    lines.clear()  # a plain number is seconds, said with its unit ("the 20 budget" said none)
+    assert auto_plan.run_epochs(TrainConfig(budget="20", refit=False), [trial], trial, 4.0, False, lines.append) == (
+        3, None) and lines[0].startswith("auto: the 20s budget leaves 16s after the trials: 3 epoch(s)")  # fmt: skip
     lines.clear()  # without --epochs, a budget plans no more than MAX_BUDGET_EPOCHS: a small set trained thousands
     assert auto_plan.run_epochs(TrainConfig(budget="1h", refit=False), [trial], trial, 4.0, False, lines.append) == (
         auto_plan.MAX_BUDGET_EPOCHS, None)  # fmt: skip

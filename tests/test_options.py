@@ -144,7 +144,25 @@ def test_a_budget_that_is_no_positive_finite_duration_is_refused(bad):
     # nan and inf passed, and crashed (math.floor) after every trial of the auto recipe
     from freezetune.options import parse_duration
 
-    with pytest.raises(ConfigError, match=f"budget must be a positive, finite duration, got '{bad}'"):
+    with pytest.raises(ConfigError, match=f"budget must be a positive, finite duration such as 90s, 5m, 1.5h or "
+                                          f"1h30m \\(a plain number is seconds\\), got '{bad}'"):  # fmt: skip
+        parse_duration(bad)
+
+
+@pytest.mark.parametrize(("text", "seconds"), [("90", 90), ("90s", 90), ("5m", 300), ("1.5h", 5400), ("1h30m", 5400),
+                                               ("1h 30m 10s", 5410), ("2m30s", 150), (" 5 M ", 300)])  # fmt: skip
+def test_a_budget_reads_a_duration_of_hours_minutes_and_seconds(text, seconds):
+    # "1h30m" was refused: a budget of an hour and a half had to be typed as 5400 or 1.5h
+    from freezetune.options import parse_duration
+
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("bad", ["1:30", "5min", "1m1h", "1h1h", "1h30", "m", "30s5"])
+def test_a_budget_that_is_no_duration_names_the_forms(bad):
+    from freezetune.options import parse_duration
+
+    with pytest.raises(ConfigError, match=f"budget '{bad}' is not a duration such as 90s, 5m, 1.5h or 1h30m"):
         parse_duration(bad)
 
 

@@ -90,7 +90,7 @@ from freezetune.auto_rule import (
     default_stages,
 )
 from freezetune.config import TrainConfig, epochs_of
-from freezetune.options import METRIC_NAMES, compared_by, parse_duration
+from freezetune.options import METRIC_NAMES, budget_text, compared_by, parse_duration
 from freezetune.runtime import RECIPE_FILE, TRIALS_DIR
 
 RUN_LR_FACTOR = 0.5  # the run trains at its trial's learning rate times this
@@ -132,8 +132,10 @@ def run(cfg: TrainConfig, *, echo: Callable[[str], None] = print, train: Callabl
             shutil.rmtree(trial_cfg.out, ignore_errors=True)
         return broadcast(train(trial_cfg, **kwargs), info)  # (rank 1 scored "n/a", skipped trials, and the ranks hung)
 
-    budget = auto_budget.TrialBudget(parse_duration(cfg.budget), cfg.budget, start, info, test_items=test_items)
-    said = run_log.introduced(echo, _intro(ks, cut, text, cfg.budget))
+    budget = auto_budget.TrialBudget(
+        parse_duration(cfg.budget), budget_text(cfg.budget) if cfg.budget else None, start, info, test_items=test_items
+    )
+    said = run_log.introduced(echo, _intro(ks, cut, text, cfg.budget and budget_text(cfg.budget)))
     pilot = first = None
     if budget.seconds is not None:  # how long a trial and an epoch take, measured: a large set's overran the budget
         pilot, base, first = _pilot(base, default_stages(ks), boost, out, shared, said, budget)
@@ -154,7 +156,7 @@ def run(cfg: TrainConfig, *, echo: Callable[[str], None] = print, train: Callabl
     # the final test's seconds: the budget leaves time for it
     test_s = auto_plan.final_test_seconds([pilot, *trials], test_items)
     if budget.seconds is not None and test_items and not test_s:
-        echo(f"auto: the {cfg.budget} budget keeps no time for the final test of {test_items:,} "
+        echo(f"auto: the {budget.said} budget keeps no time for the final test of {test_items:,} "
              f"{trials[0]['data_kind']}: no evaluation of the whole model was timed (no validation split, or its "
              "stores were read from the cache dir, not built)")  # fmt: skip
     planned, _ = run_epochs(cfg, trials, choice, budget.spent(), refit, lambda line: None, setup_s=setup_s,

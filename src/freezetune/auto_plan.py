@@ -14,7 +14,7 @@ from freezetune.auto_rule import TRIAL_FRACTION
 from freezetune.config import TrainConfig, epochs_of
 from freezetune.config_check import needs_validation
 from freezetune.errors import setting
-from freezetune.options import parse_duration
+from freezetune.options import budget_text, parse_duration
 
 # A default trial shorter than this starts the run from a probed head instead (auto.py's docstring, step 5).
 # Fashion-MNIST, 3 seeds: 2-step trials (10 images a class, 10 epochs) gained 8.3 points at 224 px and 3.3 at 64 px,
@@ -98,18 +98,18 @@ def run_epochs(cfg: TrainConfig, trials: list[dict], choice: dict, spent: float,
             ahead = [f"the run's set-up takes about {seconds_text(setup_s)}"] if setup_s else []
             ahead += [f"the final test {'' if setup_s else 'takes '}about {seconds_text(test_s)}"] if test_s else []
             setup = f", and {' and '.join(ahead)}" if ahead else ""
-            echo(f"auto: {measured} took {seconds_text(spent)} of the {cfg.budget} budget{setup}: the run trains one "
+            echo(f"auto: {measured} took {seconds_text(spent)} of the {budget_text(cfg.budget)} budget{setup}: the run trains one "
                  f"epoch{replaced}{drawn}, over it")  # fmt: skip
         else:  # (over it by a few percent: the pace's noise, not said)
             over = f", about {seconds_text(over_s)} over it" if over_s > 0.05 * left else ""
-            echo(f"auto: the {cfg.budget} budget leaves {seconds_text(left)} after {after}: 1 epoch{replaced}{drawn}"
+            echo(f"auto: the {budget_text(cfg.budget)} budget leaves {seconds_text(left)} after {after}: 1 epoch{replaced}{drawn}"
                  f"{over}; at the trial's pace an epoch of {whole:,} takes {pace}")  # fmt: skip
         return 1, images if images != whole else None
     epochs, said = _at_most(cfg, max(1, math.floor(left * PACE_MARGIN / max(epoch_s, 1e-6))))
     # the pace is the chosen trial's: the stages an --unfreeze opens later train too, and their epochs take longer
     slower = (f"; the epochs after --unfreeze {cfg.unfreeze} opens more stages train slower than that, and may end the "
               "run past the budget") if cfg.unfreeze else ""  # fmt: skip
-    echo(f"auto: the {cfg.budget} budget leaves {seconds_text(left)} after {after}: {epochs} epoch(s){said} "
+    echo(f"auto: the {budget_text(cfg.budget)} budget leaves {seconds_text(left)} after {after}: {epochs} epoch(s){said} "
          f"of {pace}{slower}")  # fmt: skip
     return epochs, None
 

@@ -73,7 +73,7 @@ FIELD_HELP = {
     "--freeze says",
     "budget": "wall-clock budget for the auto recipe's trials, epochs and final test (the epochs it affords, at most --epochs "
     f"where given, else {MAX_BUDGET_EPOCHS}; the other candidates' trials only if it leaves time for them; shorter epochs where a "
-    "pilot's pace says a trial and one epoch would not fit), e.g. 90s, 5m, 1h (default: none)",
+    "pilot's pace says a trial and one epoch would not fit), e.g. 90s, 5m, 1h30m (a plain number is seconds; default: none)",
     "bn": "BatchNorm in frozen parts: frozen (eval statistics), affine (affine trains, statistics update), train "
     "(statistics update), affine-only (affine trains, eval statistics)",
     "bn_stats": "BatchNorm statistics in the parts that train: update (from each batch, PyTorch's training mode), "

@@ -298,24 +298,47 @@ def last_k(name: str) -> int:
     return LAST_K_DEFAULT if name == LAST_K else int(name.removeprefix(_LAST))
 
 
-def parse_duration(text: str | int | float | None) -> float | None:
-    """Seconds in a budget such as ``"90s"``, ``"5m"``, ``"1.5h"`` or a plain number of seconds.
+_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*(h|m|s)")
+_DURATION_FORMS = "such as 90s, 5m, 1.5h or 1h30m (a plain number is seconds)"
 
-    >>> parse_duration("5m"), parse_duration("90"), parse_duration(None)
-    (300.0, 90.0, None)
+
+def parse_duration(text: str | int | float | None) -> float | None:
+    """Seconds in a budget such as ``"90s"``, ``"5m"``, ``"1.5h"``, ``"1h30m"`` or a plain number of seconds.
+
+    >>> parse_duration("5m"), parse_duration("90"), parse_duration("1h 30m"), parse_duration(None)
+    (300.0, 90.0, 5400.0, None)
     """
     if text is None:
         return None
     raw = str(text).strip().lower()
-    scale = {"s": 1, "m": 60, "h": 3600}.get(raw[-1:], None)
-    number = raw[:-1] if scale else raw
     try:
-        seconds = float(number) * (scale or 1)
+        seconds = float(raw)  # a plain number of seconds ("nan" and "inf" too: refused below)
     except ValueError:
-        raise ConfigError(f"budget {text!r} is not a duration such as '90s', '5m' or '1h'") from None
+        unsigned = raw.removeprefix("-")  # "-5m" is a duration, refused below as not a positive one
+        parts = _DURATION_PART.findall(unsigned)
+        # each of h, m, s once, in that order, and nothing else ("1:30" was YAML's 90, "5min" a typo of 5m)
+        units = [unit for _, unit in parts]
+        if not parts or _DURATION_PART.sub("", unsigned).strip() or units != sorted(set(units), key="hms".index):
+            raise ConfigError(f"budget {text!r} is not a duration {_DURATION_FORMS}") from None
+        seconds = sum(float(n) * {"h": 3600, "m": 60, "s": 1}[unit] for n, unit in parts)
+        seconds = -seconds if raw.startswith("-") else seconds
     if not math.isfinite(seconds) or seconds <= 0:  # nan and inf passed, and crashed after every trial
-        raise ConfigError(f"budget must be a positive, finite duration, got {text!r}")
+        raise ConfigError(f"budget must be a positive, finite duration {_DURATION_FORMS}, got {text!r}")
     return seconds
+
+
+def budget_text(text: str | int | float) -> str:
+    """A budget as the log names it: as given, a plain number with its unit ("the 5 budget" said nothing of one).
+
+    >>> budget_text("5m"), budget_text(90), budget_text("1.5")
+    ('5m', '90s', '1.5s')
+    """
+    raw = str(text).strip()
+    try:
+        float(raw)
+    except ValueError:
+        return raw
+    return f"{raw}s"
 
 
 def check(problem: str | None, error: type[Exception] = ConfigError) -> None:
