@@ -158,7 +158,8 @@ def run(cfg: TrainConfig, *, echo: Callable[[str], None] = print, train: Callabl
     if budget.seconds is not None and test_items and not test_s:
         echo(f"auto: the {budget.said} budget keeps no time for the final test of {test_items:,} "
              f"{trials[0]['data_kind']}: no evaluation of the whole model was timed (no validation split, or its "
-             "stores were read from the cache dir, not built)")  # fmt: skip
+             "stores were read from disk, an earlier attempt's or a cache dir's, not built, with no pace of their "
+             "build recorded)")  # fmt: skip
     planned, _ = run_epochs(cfg, trials, choice, budget.spent(), refit, lambda line: None, setup_s=setup_s,
                             longest=longest, test_s=test_s)  # fmt: skip
     probe = None

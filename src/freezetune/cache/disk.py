@@ -103,8 +103,9 @@ def store_key(split: Split, dataset: Dataset, **inputs: object) -> str | None:
     return hashlib.sha1(described.encode()).hexdigest()[:24]
 
 
-def load(cache_dir: Path, key: str) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Stored ``(features, targets)`` under ``key``, memory-mapped, or None."""
+def load(cache_dir: Path, key: str, *, with_pace: bool = False) -> tuple | None:
+    """Stored ``(features, targets)`` under ``key``, memory-mapped, or None; ``with_pace``: and the seconds an item
+    of its build took (through the frozen layers, its loading included), None where the store did not record it."""
     path = Path(cache_dir) / f"{key}.pt"
     if not path.is_file():
         return None
@@ -115,15 +116,19 @@ def load(cache_dir: Path, key: str) -> tuple[torch.Tensor, torch.Tensor] | None:
         if damaged is not None:
             raise ValueError(f"{damaged} fails its CRC check")
         record = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        return record["features"], record["targets"]
+        found = record["features"], record["targets"]
+        return (*found, record.get("item_s")) if with_pace else found
     except Exception as exc:  # a damaged file is a miss, never an error: it is rebuilt and rewritten
         why = f"{type(exc).__name__}: {exc}" if isinstance(exc, ValueError) else type(exc).__name__
         log.warning("ignoring unreadable feature cache %s (%s)", path, why)
         return None
 
 
-def save(cache_dir: Path, key: str, features: torch.Tensor, targets: torch.Tensor) -> Path | None:
-    """Store ``(features, targets)`` under ``key`` (written atomically); None when the disk lacks the room.
+def save(cache_dir: Path, key: str, features: torch.Tensor, targets: torch.Tensor, *,
+         item_s: float | None = None) -> Path | None:  # fmt: skip
+    """Store ``(features, targets)`` under ``key`` (written atomically), with ``item_s``, the seconds an item of the
+    build took: a run that reads the store knows what an evaluation of its images costs without building it (a budget
+    keeps time for the final test by it); None when the disk lacks the room.
 
     The run does not need the stored copy (it trains from the store it holds), so a full cache disk costs a warning,
     not the features just computed.
@@ -150,7 +155,7 @@ def save(cache_dir: Path, key: str, features: torch.Tensor, targets: torch.Tenso
                         "RAM, over half the %d MiB free", features.device.type, features.nbytes >> 20,
                         ram >> 20)  # fmt: skip
             return None
-    record = {"features": features.detach().cpu().contiguous(), "targets": targets.cpu()}
+    record = {"features": features.detach().cpu().contiguous(), "targets": targets.cpu(), "item_s": item_s}
     try:
         return atomic_save(record, Path(cache_dir) / f"{key}.pt")
     except OSError as exc:  # the room checked above taken meanwhile, a file-size limit: the run goes on without it
@@ -160,18 +165,23 @@ def save(cache_dir: Path, key: str, features: torch.Tensor, targets: torch.Tenso
 
 
 def lookup(cache_dir: Path, split: Split, dataset: Dataset, parts: list[Dataset] | None, how: dict, views: int, *,
-           again: str) -> tuple[str | None, tuple[torch.Tensor, torch.Tensor] | None]:  # fmt: skip
-    """``dataset``'s store key under ``how`` (``store_key``'s inputs), and its stored features and targets where
+           again: str) -> tuple[str | None, tuple | None]:  # fmt: skip
+    """``dataset``'s store key under ``how`` (``store_key``'s inputs), and its stored features, targets and build
+    pace (``load``'s ``with_pace``) where
     ``cache_dir`` holds them and they ``fits`` it (else None): stored whole, or as the stores of its ``parts`` (a
     joined dataset's, one after the other: the auto recipe's refit reads the trials' training and validation stores
     this way). ``again``: what the run does where they do not fit."""
     key = store_key(split, dataset, **how)
-    found = load(cache_dir, key) if key is not None else None
+    found = load(cache_dir, key, with_pace=True) if key is not None else None
     if found is None and parts:
-        each = [load(cache_dir, k) if (k := store_key(split, part, **how)) is not None else None for part in parts]
+        each = [load(cache_dir, k, with_pace=True) if (k := store_key(split, part, **how)) is not None else None
+                for part in parts]  # fmt: skip
         if all(f is not None for f in each):
-            found = torch.cat([f[0] for f in each], dim=1), torch.cat([f[1] for f in each])
-    if found is not None and not fits(found, dataset, views, cache_dir, again=again):
+            paces = [f[2] for f in each]  # the joined store's: its parts' builds, item for item
+            pace = None if None in paces else sum(p * len(f[1]) for p, f in zip(paces, each, strict=True)) / max(
+                sum(len(f[1]) for f in each), 1)  # fmt: skip
+            found = torch.cat([f[0] for f in each], dim=1), torch.cat([f[1] for f in each]), pace
+    if found is not None and not fits(found[:2], dataset, views, cache_dir, again=again):
         found = None
     return key, found
 

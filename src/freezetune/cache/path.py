@@ -177,9 +177,9 @@ class FeaturePath:
     @property
     def eval_item_s(self) -> float | None:
         """Seconds an image (or text) of an evaluation of the whole model took, as measured in this run (a budget
-        leaves time for the final test by it): the last validation's, plus the pace of this process's store builds
-        (image loading and the frozen prefix) where it read a store's features; None where unmeasured (no validation
-        yet, or a store read from a cache dir, not built)."""
+        leaves time for the final test by it): the last validation's, plus the pace of the store builds (image loading
+        and the frozen prefix: this process's, or those a store read from disk recorded) where it read a store's
+        features; None where unmeasured (no validation yet, or a store read from disk that recorded no pace)."""
         if self._val_pace is None:
             return None
         item_s, stored = self._val_pace
@@ -365,7 +365,11 @@ class FeaturePath:
                                      again="built again" if build else "not used")  # fmt: skip
             if found is not None:
                 hows.append(f"read from {self.cache_dir}")
-                return placed_store(*found, self.precision, seed=loaders.seed, spill_dir=spill, place=place)
+                features, targets, item_s = found
+                if item_s is not None:  # what its build took: an evaluation of these images costs that again
+                    items = len(dataset) * views
+                    self._encoded = (self._encoded[0] + item_s * items, self._encoded[1] + items)
+                return placed_store(features, targets, self.precision, seed=loaders.seed, spill_dir=spill, place=place)
         if not build:
             return None, None
         # under DDP the ranks build their blocks together: a cache dir (given, or the auto recipe's features/) is not
@@ -384,9 +388,10 @@ class FeaturePath:
                                       views=views, spill_dir=spill, seed=loaders.seed,
                                       channels_last=self.channels_last, place=place, dist=dist,
                                       bar=f"feature cache ({which})" if self.progress else None)  # fmt: skip
-        self._encoded = (self._encoded[0] + time.perf_counter() - start, self._encoded[1] + len(dataset) * views)
+        seconds, items = time.perf_counter() - start, len(dataset) * views
+        self._encoded = (self._encoded[0] + seconds, self._encoded[1] + items)
         if key is not None:
-            disk.save(self.cache_dir, key, store.features, store.targets)
+            disk.save(self.cache_dir, key, store.features, store.targets, item_s=seconds / max(items, 1))
         return store, info
 
 
