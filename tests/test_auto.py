@@ -654,6 +654,10 @@ def test_a_budget_keeps_time_for_the_final_test_where_its_stores_were_read_from_
         read = any("read from" in line for line in lines)
         assert (kept, any(said in line for line in lines), read) == (
             (True, False, run != "first") if run != "older" else (False, True, True)), (run, lines)  # fmt: skip
+        # recipe.json keeps what the budget spent before the run, kept for the test, and its plan's lines
+        budget = json.loads((tmp_path / run / "recipe.json").read_text())["budget"]
+        assert (budget["test_s"] > 0) == kept and budget["spent_s"] > 0 and budget["plan"]
+        assert [line for line in lines if line in budget["plan"]] == budget["plan"]
 
 
 def test_a_budget_keeps_time_for_the_final_test_at_the_measured_pace_of_an_evaluation():

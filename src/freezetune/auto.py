@@ -154,12 +154,13 @@ def run(cfg: TrainConfig, *, echo: Callable[[str], None] = print, train: Callabl
     # the epochs planned before a probe (a budget's: rank 0's clock decides for every rank, theirs differ)
     longest, setup_s = _as_asked(cfg, pilot, trials, refit), pilot["setup_s"] if pilot else 0.0
     # the final test's seconds: the budget leaves time for it
-    test_s = auto_plan.final_test_seconds([pilot, *trials], test_items)
+    test_s, plan = auto_plan.final_test_seconds([pilot, *trials], test_items), []  # plan: the budget's lines
     if budget.seconds is not None and test_items and not test_s:
-        echo(f"auto: the {budget.said} budget keeps no time for the final test of {test_items:,} "
-             f"{trials[0]['data_kind']}: no evaluation of the whole model was timed (no validation split, or its "
-             "stores were read from disk, an earlier attempt's or a cache dir's, not built, with no pace of their "
-             "build recorded)")  # fmt: skip
+        plan.append(f"auto: the {budget.said} budget keeps no time for the final test of {test_items:,} "
+                    f"{trials[0]['data_kind']}: no evaluation of the whole model was timed (no validation split, or "
+                    "its stores were read from disk, an earlier attempt's or a cache dir's, not built, with no pace "
+                    "of their build recorded)")  # fmt: skip
+        echo(plan[-1])
     planned, _ = run_epochs(cfg, trials, choice, budget.spent(), refit, lambda line: None, setup_s=setup_s,
                             longest=longest, test_s=test_s)  # fmt: skip
     probe = None
@@ -167,9 +168,10 @@ def run(cfg: TrainConfig, *, echo: Callable[[str], None] = print, train: Callabl
         probe_base = dataclasses.replace(base, warmup_epochs=run_warmup(cfg, planned, lambda line: None))
         alone = functools.partial(shared, later_epochs=0.0)  # no later run reads a probe's store (cut at the head)
         probe = _probe(probe_base, planned, refit, out, alone, echo, steps=trials[0]["steps"])
-    spent = budget.spent()
-    epochs, images = run_epochs(cfg, trials, choice, spent, refit, echo, probed=probe is not None, setup_s=setup_s,
-                                longest=longest, piloted=pilot is not None, test_s=test_s)  # fmt: skip
+    spent = budget.spent()  # the budget's plan is said and kept in recipe.json
+    epochs, images = run_epochs(cfg, trials, choice, spent, refit, lambda line: plan.append(line) or echo(line),
+                                probed=probe is not None, setup_s=setup_s, longest=longest, piloted=pilot is not None,
+                                test_s=test_s)  # fmt: skip
     base = base if images is None else dataclasses.replace(base, epoch_images=images)  # the time left affords them
     warmup = run_warmup(cfg, epochs, echo)
     # from the trial's fitted weights: a smaller step (see the docstring); from a probe's head, the LR as asked
@@ -190,6 +192,8 @@ def run(cfg: TrainConfig, *, echo: Callable[[str], None] = print, train: Callabl
                 "default_trained_stages": DEFAULT_TRAINED_STAGES, "trial_fraction": TRIAL_FRACTION,
                 "compared_by": compared_by(cfg.monitor),
                 "budget_s": parse_duration(cfg.budget),
+                # what the budget had spent before the run, the seconds it kept for the final test, and its plan
+                "budget": {"spent_s": spent, "setup_s": setup_s, "test_s": test_s, "plan": plan} if cfg.budget else None,
                 "pilot": pilot,
                 "choice": {**choice, "epochs": epochs, "refit": refit, "why": why, "init": init, "run_lr": run_lr,
                            "bn_stats": bn_stats, "warmup_epochs": warmup,
