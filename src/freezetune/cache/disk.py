@@ -180,26 +180,41 @@ def lookup(cache_dir: Path, split: Split, dataset: Dataset, parts: list[Dataset]
             paces = [f[2] for f in each]  # the joined store's: its parts' builds, item for item
             pace = None if None in paces else sum(p * len(f[1]) for p, f in zip(paces, each, strict=True)) / max(
                 sum(len(f[1]) for f in each), 1)  # fmt: skip
-            found = torch.cat([f[0] for f in each], dim=1), torch.cat([f[1] for f in each]), pace
+            # the parts as they are, one after the other: ``placed_store`` copies each into the run's store (a
+            # torch.cat first held the whole store twice in RAM, and sized the store's place with half the room)
+            found = [f[0] for f in each], torch.cat([f[1] for f in each]), pace
     if found is not None and not fits(found[:2], dataset, views, cache_dir, again=again):
         found = None
     return key, found
 
 
-def fits(found: tuple[torch.Tensor, torch.Tensor], dataset, views: int, cache_dir: Path, *,
-         again: str = "built again") -> bool:  # fmt: skip
+def fits(found: tuple, dataset, views: int, cache_dir: Path, *, again: str = "built again") -> bool:
     """Whether stored features are of ``dataset``: a view per ``views``, a row per item, its targets in its order.
     A file renamed or copied by hand under another store's key read 500 rows for 300 images, and its run ended in the
     LR scheduler's traceback; one of the right size would have trained on another dataset's features. ``again``:
     what the run does instead, as the warning says it."""
     features, targets = found
-    sized = features.shape[:2] == (views, len(dataset))
+    shape = stored_shape(features)
+    sized = shape[:2] == (views, len(dataset))
     if sized and torch.equal(targets.long(), dataset.targets.long()):
         return True
     log.warning("ignoring a stored feature cache in %s: it holds %d view(s) of %d rows, this data %d of %d items%s (a "
-                "file renamed or copied there by hand?); it is %s", cache_dir, features.shape[0], features.shape[1],
+                "file renamed or copied there by hand?); it is %s", cache_dir, shape[0], shape[1],
                 views, len(dataset), ", with other labels" if sized else "", again)  # fmt: skip
     return False
+
+
+def stored_shape(features: torch.Tensor | list[torch.Tensor]) -> tuple[int, ...]:
+    """The shape of stored features: a tensor's, or that of the parts ``lookup`` joins (one after the other along
+    the items, dim 1).
+
+    >>> stored_shape([torch.zeros(2, 3, 4), torch.zeros(2, 5, 4)])
+    (2, 8, 4)
+    """
+    if isinstance(features, torch.Tensor):
+        return tuple(features.shape)
+    first = tuple(features[0].shape)
+    return (first[0], sum(f.shape[1] for f in features), *first[2:])
 
 
 def remove_empty_dirs(root: Path) -> None:

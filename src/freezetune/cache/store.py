@@ -332,11 +332,17 @@ def store_loader(store: FeatureStore, *, batch_size: int, train: bool, seed: int
     return StoreLoader(store, batch_size, order, pin)
 
 
-def placed_store(features: torch.Tensor, targets: torch.Tensor, precision: Precision, *, seed: int,
-                 spill_dir: str | Path, place: str = "auto") -> tuple[FeatureStore, CacheInfo]:  # fmt: skip
-    """A ``FeatureStore`` of features computed earlier (e.g. read from disk), placed as ``build_store`` places them."""
-    storage, info = _allocate(tuple(features.shape), features.dtype, precision, spill_dir, place)
-    storage.copy_(features)
+def placed_store(features: torch.Tensor | list[torch.Tensor], targets: torch.Tensor, precision: Precision, *,
+                 seed: int, spill_dir: str | Path, place: str = "auto") -> tuple[FeatureStore, CacheInfo]:  # fmt: skip
+    """A ``FeatureStore`` of features computed earlier (e.g. read from disk), placed as ``build_store`` places them;
+    ``features`` may be parts to join along the items (dim 1), each copied into its place."""
+    parts = [features] if isinstance(features, torch.Tensor) else features
+    shape = (parts[0].shape[0], sum(p.shape[1] for p in parts), *parts[0].shape[2:])
+    storage, info = _allocate(tuple(shape), parts[0].dtype, precision, spill_dir, place)
+    start = 0
+    for part in parts:
+        storage[:, start : start + part.shape[1]].copy_(part)
+        start += part.shape[1]
     return FeatureStore(storage, targets.clone(), seed), info
 
 
