@@ -805,3 +805,16 @@ def test_a_budget_that_plans_fewer_epochs_than_the_warm_up_scales_it_and_says_wh
     run = tmp_path / "run"
     assert json.loads((run / "recipe.json").read_text())["choice"]["warmup_epochs"] == 0.5
     assert len(read_metrics(run / "metrics.csv")) == 1
+
+
+def test_a_large_feature_cache_kept_in_the_run_dir_is_named_at_the_end(data, tmp_path, monkeypatch):
+    # a run dir of 100 000 images at 224 px kept 12 GiB of features, unsaid; a --cache-dir the user chose is not named
+    monkeypatch.setattr(auto, "KEPT_CACHE_SAID_MIB", 0)
+    for run, cache_dir in (("own", None), ("given", str(tmp_path / "shared"))):
+        lines = []
+        auto.run(recipe_cfg(data, tmp_path / run, epochs=1, cache="auto", cache_dir=cache_dir), echo=lines.append)
+        said = [line for line in lines if line.startswith("note: the feature cache (")]
+        features = tmp_path / run / "features"
+        assert said == ([f"note: the feature cache (0 MiB) stays in {features} for a --resume, and for later runs "
+                         f"given --cache-dir {features}; delete it to reclaim the space"] if cache_dir is None else []
+                        ), lines  # fmt: skip
