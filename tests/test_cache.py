@@ -808,3 +808,31 @@ def test_stored_parts_are_joined_into_one_store_without_a_whole_copy_between(tmp
     store, _ = placed_store(features, targets, resolve_precision(torch.device("cpu"), "off"), seed=0,
                             spill_dir=tmp_path / "spill")  # fmt: skip
     assert torch.equal(store.features, cat(parts, dim=1)) and torch.equal(store.targets, targets)
+
+
+def test_a_training_store_no_ram_nor_disk_holds_streams_its_batches_under_cache_auto(image_folder, tmp_path,
+                                                                                      monkeypatch):  # fmt: skip
+    # the run stopped at its start ("not enough disk space ... or pass --cache off") where --cache auto streams what
+    # the store would have held; --cache memory, asked for, still refuses
+    import freezetune.cache.store as store_module
+    from freezetune.errors import ResourceError
+
+    real = store_module._allocate
+
+    def no_room(shape, *args, **kwargs):  # the training store (30 images) alone: the validation's (12) fits
+        if shape[1] == 30:
+            raise ResourceError("not enough disk space for the feature cache: it needs 9 MiB, 1 MiB free; train into "
+                                "an --out on a disk with room, or pass --cache off")  # fmt: skip
+        return real(shape, *args, **kwargs)
+
+    monkeypatch.setattr(store_module, "_allocate", no_room)
+    lines = []
+    run = Trainer(_config(image_folder, tmp_path, "auto", epochs=2), echo=lines.append)
+    assert run.features.train_store is None and run.features.streamed and run.features.val_store is not None
+    (said,) = [line for line in lines if line.startswith("feature cache: no training store")]
+    assert said.startswith("feature cache: no training store: not enough disk space for the feature cache: it needs 9 "
+                           "MiB, 1 MiB free; each batch runs the frozen layers before classifier forward only "
+                           "instead; validation 0 MiB on cpu, built"), said  # fmt: skip
+    assert len(run.fit().history) == 2
+    with pytest.raises(ResourceError, match="or pass --cache off"):
+        Trainer(_config(image_folder, tmp_path, "memory", epochs=2, cache="memory"), echo=lambda *_: None)

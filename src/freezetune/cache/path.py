@@ -39,6 +39,7 @@ from freezetune.data.loaders import EpochOrder, Loaders, close_loader
 from freezetune.data.text import noun
 from freezetune.data.transforms import eval_transform
 from freezetune.distributed import batch_block
+from freezetune.errors import ResourceError
 from freezetune.evaluate import evaluate
 from freezetune.precision import Precision
 from freezetune.stages import stages
@@ -276,9 +277,15 @@ class FeaturePath:
         # views (seeded: a resume, whose epochs left are fewer, must see the same ones)
         streams = self.cache == "auto" and self.stream and split.how != "head-hook" and not augment
         draws = self._draws(epochs_left) if streams else None
-        build = draws is None or draws > len(self.data.train)
-        self.train_store, info = self._store(split, self.data.train, views=views, augment=augment, hows=hows,
-                                             build=build)  # fmt: skip
+        build, no_room = draws is None or draws > len(self.data.train), None
+        try:
+            self.train_store, info = self._store(split, self.data.train, views=views, augment=augment, hows=hows,
+                                                 build=build)  # fmt: skip
+        except ResourceError as exc:  # neither RAM nor disk holds it: under --cache auto the batches stream instead
+            if not (streams and build):
+                raise
+            self.train_store, info, no_room = None, None, str(exc).split("; ")[0]
+            hows.clear()
         val = ""
         if self.data.val is not None:
             self.val_store, val_info = self._store(split, self.data.val, views=1, augment=False, train=False,
@@ -287,6 +294,10 @@ class FeaturePath:
         self.split = split
         seconds = time.perf_counter() - start
         self.build_seconds += seconds
+        if no_room is not None:
+            self.echo(f"feature cache: no training store: {no_room}; each batch runs the frozen layers before "
+                      f"{split.boundary} forward only instead{f'; {val}, {hows[0]}' if val else ''}")  # fmt: skip
+            return True
         if info is None:
             self._say_streamed(split, draws, epochs_left, val, hows, seconds)
             return True
