@@ -1438,3 +1438,21 @@ def test_idx_labels_past_the_training_classes_or_below_zero_are_refused_before_t
     (root / "train-labels-idx1-ubyte.gz").write_bytes(gzip.compress(signed))
     with pytest.raises(DataError, match="train-labels-idx1-ubyte.gz' holds the label -1: labels are class indices"):
         build_datasets(str(root), preprocess=PRE, final_test=False)
+
+
+def test_a_long_check_of_image_files_is_said_before_it_starts_once_a_process(tmp_path, monkeypatch):
+    # 60 000 files took 17 s to check, and the run printed nothing from its start; the auto recipe's later trials,
+    # which find the files checked already, say nothing
+    from freezetune.data import scan
+
+    monkeypatch.setattr(scan, "SCAN_SAID", 4)
+    ds = scan_folder(make_folder(tmp_path / "f", 2))
+    lines = []
+    scan.check_splits([(ds, "training"), (None, "test")], skip_bad=False, say=lines.append)
+    assert lines == [f"data: checking {len(ds)} training image files before training (each one's headers read: a "
+                     "broken file is named now, not mid-training)"]  # fmt: skip
+    scan.check_splits([(ds, "training")], skip_bad=False, say=lines.append)
+    assert len(lines) == 1
+    small = scan_folder(make_folder(tmp_path / "g", 1))  # fewer than SCAN_SAID: a moment, not said
+    scan.check_splits([(small, "training")], skip_bad=False, say=lines.append)
+    assert len(lines) == 1

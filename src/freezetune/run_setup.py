@@ -165,7 +165,7 @@ class RunSetup:
         self.data = build_datasets(cfg.data, val_data=cfg.val_data, val_split=cfg.val_split, per_class=cfg.per_class,
                                    seed=cfg.seed, preprocess=self.preprocess, aug=cfg.aug,
                                    skip_bad=cfg.skip_bad, refit=bool(cfg.refit), refit_follows=self.refit_follows,
-                                   final_test=cfg.final_test)  # fmt: skip
+                                   final_test=cfg.final_test, say=self.echo)  # fmt: skip
         self.classes = self.data.classes
         own, outer = validation_users(cfg), self.validation_needed_by
         if self.data.val is None and (users := [*own, *outer]):  # a plateau failed after epoch 1; --early-stop was

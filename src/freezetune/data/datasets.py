@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -202,9 +203,11 @@ def _not_a_root(path: Path, classes: list[str]) -> None:
                     f"folders: {way}")  # fmt: skip
 
 
-def _scan(train: Dataset, val: Dataset | None, test: Dataset | None, skip_bad: bool) -> tuple[Dataset, ...]:
+def _scan(train: Dataset, val: Dataset | None, test: Dataset | None, skip_bad: bool,
+          say: Callable[[str], None] | None = None) -> tuple[Dataset, ...]:  # fmt: skip
     """Every split's image files checked before any is split or trained on: (train, val, test, skipped paths)."""
-    checked, skipped = check_splits([(train, "training"), (val, "validation"), (test, "test")], skip_bad=skip_bad)
+    checked, skipped = check_splits([(train, "training"), (val, "validation"), (test, "test")], skip_bad=skip_bad,
+                                    say=say)  # fmt: skip
     check_overlap(checked[0], {"validation": checked[1], "test": checked[2]})
     warn_copies(checked[0], {"validation": checked[1], "test": checked[2]})
     return (*checked, skipped)
@@ -234,6 +237,7 @@ def build_datasets(
     refit: bool = False,
     refit_follows: bool = False,
     final_test: bool = True,
+    say: Callable[[str], None] | None = None,
 ) -> DataBundle:
     """Build train/val/test datasets from one data path, with train augmentation and eval transforms.
 
@@ -269,6 +273,7 @@ def build_datasets(
         skip_bad: leave out image files whose header cannot be read (listed in ``DataBundle.skipped``) instead of
             refusing the data.
         final_test: whether the run scores the test split at the end (what ``val_source`` says of it).
+        say: told of a long check of image files before it starts (``scan.unreadable``), where there is one.
 
     Raises:
         DataError: a path is missing or holds no usable data, an image file is unreadable (without ``skip_bad``), or
@@ -298,7 +303,7 @@ def build_datasets(
         for ds in (train, val, test):
             if isinstance(ds, TextDataset):
                 ds.same_as = TextKey(preprocess.tokenizer)
-    train, val, test, skipped = _scan(train, val, test, skip_bad)
+    train, val, test, skipped = _scan(train, val, test, skip_bad, say)
     check_every_class_trains(data, train, skipped)
     train, val, val_source, no_refit = resolve_validation(
         train,
