@@ -319,3 +319,16 @@ def test_an_image_size_too_large_for_memory_is_said_as_such_not_blamed_on_the_mo
 
     with pytest.raises(ConfigError, match=r"^one 1000 px image does not fit in memory in m: give a smaller --img-size"):
         _check_input_size(Hungry(), "m", 1000, 224)  # (the stub fails: a real 100000 px input is 120 GB)
+
+
+def test_a_torchvision_vit_built_without_its_weights_has_the_input_size_they_give_it():
+    # ViT-H/14's SWAG weights are 518 px, which torchvision's builder reads from them: built without (a resume, an
+    # --init, eval), its position table held 257 rows against best.pt's 1 370, and every load failed
+    from freezetune.models import _torchvision_model
+
+    with torch.device("meta"):  # 632 M parameters: shapes only
+        for source in ("shape", "random"):
+            model, pre = _torchvision_model("torchvision:vit_h_14", "vit_h_14", source)
+            assert (model.image_size, model.encoder.pos_embedding.shape[1], pre.input_size) == (518, 1370, 518)
+        model, pre = _torchvision_model("torchvision:vit_b_16", "vit_b_16", "shape")
+        assert (model.image_size, model.encoder.pos_embedding.shape[1], pre.input_size) == (224, 197, 224)

@@ -196,9 +196,9 @@ def _torchvision_model(name: str, arch: str, source: Source) -> tuple[nn.Module,
     # 299 px, and 224 px is too small for its auxiliary classifier
     pre = _torchvision_preprocess(default)
     if source == "random":  # their builders' present initialisation, asked for: else each run printed a FutureWarning
-        return tvm.get_model(arch, weights=None, **_RANDOM_ARCH.get(arch, {})), pre
+        return tvm.get_model(arch, weights=None, **_RANDOM_ARCH.get(arch, {}), **_input_arch(arch, default)), pre
     if source in ("packaged", "shape"):  # the pretrained architecture: GoogLeNet's pretrained one has no aux heads
-        return tvm.get_model(arch, weights=None, **_PRETRAINED_ARCH.get(arch, {})), pre
+        return tvm.get_model(arch, weights=None, **_PRETRAINED_ARCH.get(arch, {}), **_input_arch(arch, default)), pre
     url = urlparse(default.url)
     cached = Path(torch.hub.get_dir(), "checkpoints", Path(url.path).name)
     if not cached.is_file():
@@ -214,6 +214,15 @@ _PRETRAINED_ARCH = {
     "googlenet": {"transform_input": True, "aux_logits": False, "init_weights": False},
     "inception_v3": {"transform_input": True, "init_weights": False},
 }
+
+
+def _input_arch(arch: str, weights: object) -> dict:
+    """The input size a torchvision ViT's builder takes from its weights (``min_size``: ViT-H/14's SWAG weights are
+    518 px) and would not know without them: built so (a resume, an ``--init``, ``eval``) its position table held
+    257 rows where ``last.pt``'s holds 1 370, and every load failed; at random, 224 px beside a 518 px input."""
+    size = weights.meta.get("min_size")
+    return {"image_size": size[0]} if arch.startswith("vit_") and size and size[0] != 224 else {}
+
 
 # torchvision warns (FutureWarning) that the default initialisation of these two will change, unless it is named
 _RANDOM_ARCH = {"googlenet": {"init_weights": True}, "inception_v3": {"init_weights": True}}
