@@ -150,7 +150,8 @@ def test_a_budget_that_is_no_positive_finite_duration_is_refused(bad):
 
 
 @pytest.mark.parametrize(("text", "seconds"), [("90", 90), ("90s", 90), ("5m", 300), ("1.5h", 5400), ("1h30m", 5400),
-                                               ("1h 30m 10s", 5410), ("2m30s", 150), (" 5 M ", 300)])  # fmt: skip
+                                               ("1h 30m 10s", 5410), ("2m30s", 150), (" 5 M ", 300), ("+5m", 300),
+                                               ("1e3s", 1000), ("1_000s", 1000)])  # fmt: skip
 def test_a_budget_reads_a_duration_of_hours_minutes_and_seconds(text, seconds):
     # "1h30m" was refused: a budget of an hour and a half had to be typed as 5400 or 1.5h
     from freezetune.options import parse_duration

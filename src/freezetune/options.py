@@ -6,6 +6,7 @@ Torch-free on purpose: ``config`` and the CLI's argument parser import it withou
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import math
 import os
@@ -314,17 +315,27 @@ def parse_duration(text: str | int | float | None) -> float | None:
     try:
         seconds = float(raw)  # a plain number of seconds ("nan" and "inf" too: refused below)
     except ValueError:
-        unsigned = raw.removeprefix("-")  # "-5m" is a duration, refused below as not a positive one
-        parts = _DURATION_PART.findall(unsigned)
-        # each of h, m, s once, in that order, and nothing else ("1:30" was YAML's 90, "5min" a typo of 5m)
-        units = [unit for _, unit in parts]
-        if not parts or _DURATION_PART.sub("", unsigned).strip() or units != sorted(set(units), key="hms".index):
-            raise ConfigError(f"budget {text!r} is not a duration {_DURATION_FORMS}") from None
-        seconds = sum(float(n) * {"h": 3600, "m": 60, "s": 1}[unit] for n, unit in parts)
-        seconds = -seconds if raw.startswith("-") else seconds
+        seconds = _seconds_of(raw, text)
     if not math.isfinite(seconds) or seconds <= 0:  # nan and inf passed, and crashed after every trial
         raise ConfigError(f"budget must be a positive, finite duration {_DURATION_FORMS}, got {text!r}")
     return seconds
+
+
+def _seconds_of(raw: str, text: object) -> float:
+    """The seconds of a duration with units: one number and its unit as ``float`` reads it ("+5m", "1e3s", "1_000s"),
+    else each of h, m and s at most once, in that order ("1h30m", "1h 30m 10s")."""
+    scale = {"h": 3600, "m": 60, "s": 1}
+    with contextlib.suppress(ValueError):
+        if raw[-1:] in scale:
+            return float(raw[:-1]) * scale[raw[-1]]
+    unsigned = raw.removeprefix("-")  # "-1h30m" is a duration, refused by the caller as not a positive one
+    parts = _DURATION_PART.findall(unsigned)
+    # nothing else between them ("1:30" was YAML's 90, "5min" a typo of 5m)
+    units = [unit for _, unit in parts]
+    if not parts or _DURATION_PART.sub("", unsigned).strip() or units != sorted(set(units), key="hms".index):
+        raise ConfigError(f"budget {text!r} is not a duration {_DURATION_FORMS}") from None
+    seconds = sum(float(n) * scale[unit] for n, unit in parts)
+    return -seconds if raw.startswith("-") else seconds
 
 
 def budget_text(text: str | int | float) -> str:
