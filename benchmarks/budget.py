@@ -44,7 +44,8 @@ def worker(args) -> None:
     data = load_data(args.data_file)
     budget = None if args.worker == "none" else args.worker
     cfg = TrainConfig(model=args.model, weights=args.weights, img_size=args.res, data=data["data_dir"],
-                      per_class=args.per_class, epochs=args.epochs, budget=budget, device=args.device,
+                      per_class=args.per_class, epochs=args.epochs if budget is None else None, budget=budget,
+                      device=args.device,
                       out=str(Path(args.work_dir) / f"run-{args.worker}"), tensorboard=False, progress=False)  # fmt: skip
     start = time.perf_counter()
     result = train(cfg, echo=lambda line: print(line, file=sys.stderr))
@@ -74,7 +75,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     p.add_argument("--res", type=int, default=64)
     p.add_argument("--per-class", type=int, default=1000)
-    p.add_argument("--epochs", type=int, default=3, help="the epochs of the run without a budget")
+    p.add_argument(
+        "--epochs",
+        type=int,
+        default=3,
+        help="the epochs of the run without a budget (a budgeted run is "
+        "the default command with --budget alone: at most 30 epochs)",
+    )
     p.add_argument("--budgets", default="30s,1m,2m", help="comma-separated --budget values, each one run")
     p.add_argument("--no-baseline", action="store_true", help="leave out the run without a budget")
     p.add_argument("--dataset", default="fashion", type=check_dataset, help="as transfer.py's --dataset")
