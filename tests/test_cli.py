@@ -1163,7 +1163,8 @@ def test_an_image_that_fails_in_a_loader_worker_is_one_line_too(tmp_path, capsys
     data = make_image_folder(tmp_path / "img", train=4, val=2, test=0)
     bad = data / "train" / "red" / "red_1.png"
     bad.write_bytes(bad.read_bytes()[:60])
-    monkeypatch.setattr(scan, "unreadable", lambda paths, decode=False, **_: [])  # as if the file broke after the pre-scan
+    # as if the file broke after the pre-scan
+    monkeypatch.setattr(scan, "unreadable", lambda paths, decode=False, **_: [])
     code, out, err = run_cli(capsys, *train_argv(data, tmp_path / "run", "--epochs", "1", "--workers", "2"))
     _assert_user_error(code, out, err, f"cannot read image '{bad}'")
     assert "worker process" not in err
