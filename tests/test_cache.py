@@ -836,3 +836,17 @@ def test_a_training_store_no_ram_nor_disk_holds_streams_its_batches_under_cache_
     assert len(run.fit().history) == 2
     with pytest.raises(ResourceError, match="or pass --cache off"):
         Trainer(_config(image_folder, tmp_path, "memory", epochs=2, cache="memory"), echo=lambda *_: None)
+
+
+def test_a_store_is_built_at_the_training_batch_on_a_cpu_and_twice_it_on_an_accelerator(image_folder):
+    # twice the training batch left a CPU's caches: EfficientNet-Lite0's frozen layers took 2.2x the time an image
+    # (64 px, batch 64 against 32), and the store's build twice what streaming them per batch took
+    from freezetune.data.datasets import build_datasets
+    from freezetune.models import create_model
+
+    _, pre = create_model("timm:test_efficientnet", "none", img_size=32)
+    data = build_datasets(str(image_folder), preprocess=pre)
+    cpu = Loaders(batch_size=4, device=torch.device("cpu"), seed=0, preprocess=pre, aug="none", workers=0)
+    assert cpu.inference_batch == 4 and [len(y) for _, y in cpu.views(data.train, train=False)(0)][:2] == [4, 4]
+    assert dataclasses.replace(cpu, device=torch.device("cuda")).inference_batch == 8
+    assert cpu.view_draw(data.train)["batch_size"] == 4  # an augmented view's key names the batch it is drawn at

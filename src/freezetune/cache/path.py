@@ -192,7 +192,7 @@ class FeaturePath:
     def _evaluate_val(self, precision: Precision, *, num_classes: int, bar: str | None) -> dict:
         dist = self.loaders.dist
         if self.val_store is not None:
-            size = 2 * self.loaders.batch_size
+            size = self.loaders.inference_batch
             rows = batch_block(len(self.val_store), size, dist)
             batches = StoreLoader(self.val_store, size, EpochOrder(len(rows), shuffle=False), self._pin,
                                   first_row=rows.start)  # fmt: skip
