@@ -132,10 +132,9 @@ def run(cfg: TrainConfig, *, echo: Callable[[str], None] = print, train: Callabl
             shutil.rmtree(trial_cfg.out, ignore_errors=True)
         return broadcast(train(trial_cfg, **kwargs), info)  # (rank 1 scored "n/a", skipped trials, and the ranks hung)
 
-    budget = auto_budget.TrialBudget(
-        parse_duration(cfg.budget), budget_text(cfg.budget) if cfg.budget else None, start, info, test_items=test_items
-    )
-    said = run_log.introduced(echo, _intro(ks, cut, text, cfg.budget and budget_text(cfg.budget)))
+    budget = auto_budget.TrialBudget(parse_duration(cfg.budget), budget_text(cfg.budget), start, info,
+                                     test_items=test_items)  # fmt: skip
+    said = run_log.introduced(echo, _intro(ks, cut, text, budget.said))
     pilot = first = None
     if budget.seconds is not None:  # how long a trial and an epoch take, measured: a large set's overran the budget
         pilot, base, first = _pilot(base, default_stages(ks), boost, out, shared, said, budget)

@@ -80,7 +80,7 @@ def run_epochs(cfg: TrainConfig, trials: list[dict], choice: dict, spent: float,
     (``final_test_seconds``), left for it."""
     done = [*(["the pilot"] if piloted else []), "the trials", *(["the probe"] if probed else [])]
     measured = done[0] if len(done) == 1 else f"{', '.join(done[:-1])} and {done[-1]}"
-    budget = parse_duration(cfg.budget)
+    budget, named = parse_duration(cfg.budget), budget_text(cfg.budget)
     if budget is None:
         return epochs_of(cfg), None
     _, replaced = _at_most(cfg, 1)  # what a run of one epoch says of --epochs
@@ -98,18 +98,18 @@ def run_epochs(cfg: TrainConfig, trials: list[dict], choice: dict, spent: float,
             ahead = [f"the run's set-up takes about {seconds_text(setup_s)}"] if setup_s else []
             ahead += [f"the final test {'' if setup_s else 'takes '}about {seconds_text(test_s)}"] if test_s else []
             setup = f", and {' and '.join(ahead)}" if ahead else ""
-            echo(f"auto: {measured} took {seconds_text(spent)} of the {budget_text(cfg.budget)} budget{setup}: the "
+            echo(f"auto: {measured} took {seconds_text(spent)} of the {named} budget{setup}: the "
                  f"run trains one epoch{replaced}{drawn}, over it")  # fmt: skip
         else:  # (over it by a few percent: the pace's noise, not said)
             over = f", about {seconds_text(over_s)} over it" if over_s > 0.05 * left else ""
-            echo(f"auto: the {budget_text(cfg.budget)} budget leaves {seconds_text(left)} after {after}: 1 "
+            echo(f"auto: the {named} budget leaves {seconds_text(left)} after {after}: 1 "
                  f"epoch{replaced}{drawn}{over}; at the trial's pace an epoch of {whole:,} takes {pace}")  # fmt: skip
         return 1, images if images != whole else None
     epochs, said = _at_most(cfg, max(1, math.floor(left * PACE_MARGIN / max(epoch_s, 1e-6))))
     # the pace is the chosen trial's: the stages an --unfreeze opens later train too, and their epochs take longer
     slower = (f"; the epochs after --unfreeze {cfg.unfreeze} opens more stages train slower than that, and may end the "
               "run past the budget") if cfg.unfreeze else ""  # fmt: skip
-    echo(f"auto: the {budget_text(cfg.budget)} budget leaves {seconds_text(left)} after {after}: {epochs} epoch(s){said} "
+    echo(f"auto: the {named} budget leaves {seconds_text(left)} after {after}: {epochs} epoch(s){said} "
          f"of {pace}{slower}")  # fmt: skip
     return epochs, None
 

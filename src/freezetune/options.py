@@ -338,12 +338,15 @@ def _seconds_of(raw: str, text: object) -> float:
     return -seconds if raw.startswith("-") else seconds
 
 
-def budget_text(text: str | int | float) -> str:
-    """A budget as the log names it: as given, a plain number with its unit ("the 5 budget" said nothing of one).
+def budget_text(text: str | int | float | None) -> str | None:
+    """A budget as the log names it: as given, a plain number with its unit ("the 5 budget" said nothing of one);
+    None for none.
 
-    >>> budget_text("5m"), budget_text(90), budget_text("1.5")
-    ('5m', '90s', '1.5s')
+    >>> budget_text("5m"), budget_text(90), budget_text("1.5"), budget_text(None)
+    ('5m', '90s', '1.5s', None)
     """
+    if text is None:
+        return None
     raw = str(text).strip()
     try:
         float(raw)

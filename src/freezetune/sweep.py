@@ -122,7 +122,7 @@ def _sweep(cfg: TrainConfig, runs: dict[str, TrainConfig], out: Path, echo: Call
         opened(out)  # its settings checked and kept: the dir is this sweep's
         for note in sweep_config.idle_batchnorm_notes(cfg, list(runs)):
             echo(note)
-        rows, skipped = _run_all(runs, parse_duration(cfg.budget), cfg.budget and budget_text(cfg.budget), echo, info)
+        rows, skipped = _run_all(runs, parse_duration(cfg.budget), budget_text(cfg.budget), echo, info)
         metric = compared_by(cfg.monitor)  # macro-F1 under --monitor val_f1, else accuracy
         winner = pick_winner(rows, metric)
         not_run = [{"recipe": name, "detail": f"skipped: budget {budget_text(cfg.budget)} spent"} for name in skipped]
