@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from freezetune.cache.disk import ensure_space
+from freezetune.cache.disk import ensure_space, stored_shape
 from freezetune.cache.model_split import Split
 from freezetune.data.loaders import EpochOrder, check_batch_size
 from freezetune.distributed import DistInfo, all_gather, shard_rows, sum_across_ranks
@@ -337,8 +337,7 @@ def placed_store(features: torch.Tensor | list[torch.Tensor], targets: torch.Ten
     """A ``FeatureStore`` of features computed earlier (e.g. read from disk), placed as ``build_store`` places them;
     ``features`` may be parts to join along the items (dim 1), each copied into its place."""
     parts = [features] if isinstance(features, torch.Tensor) else features
-    shape = (parts[0].shape[0], sum(p.shape[1] for p in parts), *parts[0].shape[2:])
-    storage, info = _allocate(tuple(shape), parts[0].dtype, precision, spill_dir, place)
+    storage, info = _allocate(stored_shape(features), parts[0].dtype, precision, spill_dir, place)
     start = 0
     for part in parts:
         storage[:, start : start + part.shape[1]].copy_(part)
