@@ -102,7 +102,7 @@ class PeakMemory:
         return _proc_status_mib("VmHWM") if self.reset else _maxrss_mib()
 
     def _keep_across_resets(self) -> None:
-        from freezetune import hardware
+        from freezetune.device import hardware
 
         reset = hardware.reset_peak_memory
 
@@ -129,7 +129,7 @@ def _proc_status_mib(key: str) -> float:
 
 def preprocess_for(res: int):
     """The model's own preprocessing (mean/std, interpolation, crop) at ``res`` pixels."""
-    from freezetune.models import create_model
+    from freezetune.model.create import create_model
 
     _, pre = create_model(MODEL, "imagenet", img_size=res)
     return pre

@@ -1,4 +1,5 @@
-"""BatchNorm folding benchmark (CPU): a model's evaluation forward as trained against its ``freezetune.bn_fold`` copy.
+"""BatchNorm folding benchmark (CPU): a model's evaluation forward as trained against its ``freezetune.device.bn_fold``
+copy.
 
 freezetune evaluates on a CPU (the final test, each epoch's validation, ``freezetune eval``) through a copy of the
 model whose BatchNorm layers are folded into the convolutions before them. Both contenders run the same batches in
@@ -18,7 +19,7 @@ import time
 import torch
 
 from _common import table
-from freezetune.bn_fold import foldable_pairs, folded
+from freezetune.device.bn_fold import foldable_pairs, folded
 
 
 def images_per_second(model: torch.nn.Module, batches: list[torch.Tensor]) -> float:

@@ -36,10 +36,10 @@ from _common import (
 
 
 def worker(args) -> None:
-    from freezetune.auto import RECIPE_FILE
-    from freezetune.config import TrainConfig
-    from freezetune.options import parse_duration
-    from freezetune.trainer import train
+    from freezetune.auto.recipe import RECIPE_FILE
+    from freezetune.config.options import parse_duration
+    from freezetune.config.train_config import TrainConfig
+    from freezetune.training.trainer import train
 
     data = load_data(args.data_file)
     budget = None if args.worker == "none" else args.worker

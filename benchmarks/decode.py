@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader
 from _common import table
 from freezetune.data.folder import scan_folder
 from freezetune.data.transforms import eval_transform
-from freezetune.preprocess import Preprocess
+from freezetune.model.preprocess import Preprocess
 
 SOURCES = ("astronaut", "chelsea", "coffee", "rocket")  # RGB photos shipped with scikit-image
 SIZE = (4032, 3024)  # a 12-megapixel phone photo, landscape
@@ -78,7 +78,7 @@ def levels(a: torch.Tensor, b: torch.Tensor, pre: Preprocess) -> torch.Tensor:
 
 def model_agreement(full: torch.Tensor, reduced: torch.Tensor) -> str:
     """How the packaged ImageNet EfficientNet-Lite0's predictions move between the two inputs (a 1000-class head)."""
-    from freezetune.models import create_model
+    from freezetune.model.create import create_model
 
     try:
         model, _ = create_model("timm:tf_efficientnet_lite0", "imagenet")

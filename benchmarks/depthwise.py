@@ -1,9 +1,9 @@
-"""Depthwise-convolution benchmark (CPU): PyTorch's native backward against ``freezetune.depthwise``'s.
+"""Depthwise-convolution benchmark (CPU): PyTorch's native backward against ``freezetune.device.depthwise``'s.
 
 Three levels, each timed native then fast in the same process: every stride-1 depthwise layer shape of
 EfficientNet-Lite0 at 64 px (forward + backward, weight and input gradients); one training step of the last 3 stages
 and the head from cached features (what the auto recipe's final run repeats); one step of the whole network (what a
-full fine-tune repeats). ``freezetune.trainer`` switches the layers on the CPU.
+full fine-tune repeats). ``freezetune.training.trainer`` switches the layers on the CPU.
 
     python benchmarks/depthwise.py                 # 1 thread
     python benchmarks/depthwise.py --threads 2
@@ -24,9 +24,9 @@ import torch
 from torch import nn
 
 from _common import MODEL, table
-from freezetune import depthwise
-from freezetune.depthwise import use_fast_depthwise
-from freezetune.models import create_model
+from freezetune.device import depthwise
+from freezetune.device.depthwise import use_fast_depthwise
+from freezetune.model.create import create_model
 
 
 def ms_per_call(fn, repeats: int) -> float:

@@ -26,7 +26,7 @@ from _common import table
 from freezetune.data.folder import scan_folder
 from freezetune.data.idx import load_idx
 from freezetune.data.transforms import eval_transform
-from freezetune.preprocess import Preprocess
+from freezetune.model.preprocess import Preprocess
 
 FASHION = "/usr/share/datasets/fashion-mnist"
 

@@ -42,10 +42,10 @@ POLICIES = ("off", "keep")
 def worker(args) -> None:
     import timm
 
-    from freezetune import checkpoint
-    from freezetune.auto import RECIPE_FILE
-    from freezetune.config import TrainConfig
-    from freezetune.trainer import train
+    from freezetune.auto.recipe import RECIPE_FILE
+    from freezetune.config.train_config import TrainConfig
+    from freezetune.run import checkpoint
+    from freezetune.training.trainer import train
 
     made = timm.create_model
 

@@ -2,7 +2,7 @@
 
 Fashion-MNIST's first five classes get ``--major`` training images each, the other five ``--minor`` (drawn with seed
 0); the test set is the whole balanced test split, so its accuracy weighs every class alike, as a user who cares
-about the small classes does. Each seed trains both ways (``freezetune.trainer.train``: the auto recipe, 64 px,
+about the small classes does. Each seed trains both ways (``freezetune.training.trainer.train``: the auto recipe, 64 px,
 3 epochs); the table gives test accuracy and macro-F1 (``test_metrics.json``), mean over seeds with the range.
 
     python benchmarks/imbalance.py                          # 200 vs 20 a class, seeds 0,1,2; a few minutes on 2 cores
@@ -20,9 +20,9 @@ from pathlib import Path
 import torch
 
 from _common import FASHION, MODEL, table, write_idx_dir
-from freezetune.config import TrainConfig
+from freezetune.config.train_config import TrainConfig
 from freezetune.data.idx import FASHION_CLASSES, load_idx
-from freezetune.trainer import train
+from freezetune.training.trainer import train
 
 
 def imbalanced_dir(root: Path, major: int, minor: int) -> Path:

@@ -7,12 +7,13 @@ Per model (random weights, a random batch already on the device; bf16 autocast o
 - *frozen*: ``freezetune.freeze(model, "backbone")`` (BatchNorm frozen), one training step (forward, loss, backward,
   fused AdamW) after a first one, so the optimizer state exists as in every step after the first;
 - *full*: the same step with everything trainable;
-- *estimate*: ``freezetune.memory.estimate_memory`` on a CPU copy of the model, as ``freezetune inspect`` runs it.
+- *estimate*: ``freezetune.device.memory.estimate_memory`` on a CPU copy of the model, as ``freezetune inspect`` runs
+it.
 
 Each peak counts everything the call holds: weights, the batch, optimizer state and the step's own tensors. On CUDA
 it is ``torch.cuda.max_memory_allocated`` over the call; on a CPU, which keeps no such count, it is
-``freezetune.memory.measured_peak`` (live tensors, the tool the estimate measures with): there the run only checks
-the estimate's scaling from batches of 2 and 4, while on CUDA it checks the estimate against the allocator.
+``freezetune.device.memory.measured_peak`` (live tensors, the tool the estimate measures with): there the run only
+checks the estimate's scaling from batches of 2 and 4, while on CUDA it checks the estimate against the allocator.
 
     python benchmarks/memory.py                                   # CPU: 64 px, batch 32
     python benchmarks/memory.py --device cuda                     # GPU: 224 px, batch 128
@@ -29,7 +30,7 @@ from torch import nn
 
 from _common import autocast, pick_device, sync, table
 from freezetune import freeze, unfreeze
-from freezetune.memory import estimate_memory, measured_peak
+from freezetune.device.memory import estimate_memory, measured_peak
 from throughput import NUM_CLASSES, each_model, make_model, model_parser, sized, train_step
 
 MIB = 2**20

@@ -1,7 +1,7 @@
 """Optimizer benchmark: the AdamW update alone, per-tensor loop vs ``foreach`` vs ``fused``, over the parameters
 each auto-recipe candidate trains (the last 1, 2 or 3 stages and the head of EfficientNet-Lite0) and the whole
 network. The update runs once per training step whatever the batch, so on a cached 64 px CPU step it is a large
-share of the step; ``freezetune.optim.build_optimizer`` picks ``fused`` on CPU and CUDA from this table.
+share of the step; ``freezetune.training.optim.build_optimizer`` picks ``fused`` on CPU and CUDA from this table.
 
     python benchmarks/optimizer.py                 # CPU, 1 thread
     python benchmarks/optimizer.py --device cuda
@@ -15,8 +15,8 @@ import time
 import torch
 
 from _common import MODEL, pick_device, sync, table
-from freezetune.models import create_model
-from freezetune.stages import stages
+from freezetune.model.create import create_model
+from freezetune.model.stages import stages
 
 VARIANTS = {"loop": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}
 

@@ -1,11 +1,13 @@
 """Start-up and exit benchmark (CPU): what a ``freezetune`` command costs around its work.
 
-- *exit*: a process that has loaded what a ``train`` command loads (torch, torchvision, timm, ``freezetune.trainer``)
-  ends, with and without ``gc.freeze()`` first (what the console entry point ``freezetune.cli.run`` does): the
+- *exit*: a process that has loaded what a ``train`` command loads (torch, torchvision, timm,
+``freezetune.training.trainer``)
+  ends, with and without ``gc.freeze()`` first (what the console entry point ``freezetune.cli.main.run`` does): the
   interpreter's exit-time collections walk every object those libraries made. Measured from the process's last line
   to its end.
 - *--version*: ``python -m freezetune --version``, start to end.
-- *imports*: whether ``freezetune.cli`` (every command's parser) and ``freezetune.inference`` (predict, eval) load
+- *imports*: whether ``freezetune.cli.main`` (every command's parser) and ``freezetune.inference.evaluation`` (predict,
+eval) load
   matplotlib, which only the plots need.
 
 Each measurement runs ``--repeat`` times in turns; the fastest counts.
@@ -24,7 +26,7 @@ from _common import table
 
 EXIT_PROBE = """
 import gc, sys, time
-import torch, torchvision, timm, freezetune.trainer
+import torch, torchvision, timm, freezetune.training.trainer
 if sys.argv[1] == "frozen":
     gc.freeze()
 print(repr(time.time()), flush=True)
@@ -63,7 +65,7 @@ def main(argv: list[str] | None = None) -> None:
     print(table([[name, f"{min(t):.2f}"] for name, t in times.items()], ["measurement", "s"]))
     plain, frozen = min(times["exit, plain"]), min(times["exit, gc.freeze() first"])
     print(f"exit: gc.freeze() first saves {plain - frozen:.2f} s ({plain / frozen:.1f}x faster)")
-    for module in ("freezetune.cli", "freezetune.inference"):
+    for module in ("freezetune.cli.main", "freezetune.inference.evaluation"):
         print(f"import {module} loads matplotlib: {loads_matplotlib(module)}")
 
 

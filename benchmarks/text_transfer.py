@@ -21,8 +21,8 @@ Contenders, each trained ``--epochs`` epochs at batch 32 and scored on the same 
   ``--plain-lrs``. The best of them is the peer: tuned on the test set, an upper bound for what a user gets.
 
 freezetune's contenders classify from the model's own sentence pooling (the mean of its tokens, as its
-``modules.json`` declares: ``freezetune/text_pooling.py``); the plain fine-tune from BERT's pooler on [CLS], which is
-what ``AutoModelForSequenceClassification`` builds from the folder.
+``modules.json`` declares: ``freezetune/model/text_pooling.py``); the plain fine-tune from BERT's pooler on [CLS], which
+is what ``AutoModelForSequenceClassification`` builds from the folder.
 
 Training seconds count what a user waits for, alike for every contender: the whole call, from building the model
 (its pretrained weights read) to its trained weights. For freezetune that is ``train()`` without its final test (its
@@ -173,9 +173,9 @@ def read(path: Path) -> tuple[list[str], list[str]]:
 def run_freezetune(data: Path, out: Path, seed: int, args, overrides: dict) -> tuple[float, float, float]:
     """freezetune's command, timed whole without its final test; then its ``best.pt`` scored on the test texts.
     Returns the test accuracy, the whole call's seconds and freezetune's own figure of its training loop."""
-    from freezetune.config import TrainConfig
-    from freezetune.inference import evaluate_checkpoint
-    from freezetune.trainer import train
+    from freezetune.config.train_config import TrainConfig
+    from freezetune.inference.evaluation import evaluate_checkpoint
+    from freezetune.training.trainer import train
 
     cfg = TrainConfig(model=f"hf:{minilm()}", weights="default", data=str(data), epochs=args.epochs, batch_size=32,
                       seed=seed, lr=args.lr, out=str(out), progress=False, tensorboard=False, device="cpu",
@@ -252,7 +252,7 @@ def main() -> None:
     import transformers.models.bert.tokenization_bert  # noqa: F401
     from transformers import AutoModelForSequenceClassification  # noqa: F401
 
-    import freezetune.trainer  # noqa: F401
+    import freezetune.training.trainer  # noqa: F401
 
     seeds = [int(s) for s in args.seeds.split(",")]
     only = args.only.split(",")

@@ -34,10 +34,10 @@ from freezetune import freeze
 from freezetune.cache import build_store, store_loader
 from freezetune.cache.model_split import split_model
 from freezetune.cache.store import prefix_features
-from freezetune.checkpoint import TrainingState
-from freezetune.epoch_log import TrainProgress
-from freezetune.precision import resolve_precision
-from freezetune.step import Step
+from freezetune.device.precision import resolve_precision
+from freezetune.run.checkpoint import TrainingState
+from freezetune.training.epoch_log import TrainProgress
+from freezetune.training.step import Step
 
 DEFAULT_MODELS = "tf_efficientnet_lite0,resnet50,vit_base_patch16_224"  # timm's ViT-B/16
 NUM_CLASSES = 10

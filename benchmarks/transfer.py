@@ -52,10 +52,12 @@ from _common import (
     test_accuracy,
     timed,
 )
-from freezetune import auto, auto_rule, checkpoint
-from freezetune.config import TrainConfig
-from freezetune.models import create_model
-from freezetune.trainer import Trainer, train
+from freezetune.auto import recipe as auto
+from freezetune.auto import rule as auto_rule
+from freezetune.config.train_config import TrainConfig
+from freezetune.model.create import create_model
+from freezetune.run import checkpoint
+from freezetune.training.trainer import Trainer, train
 
 # Freezetune recipes: TrainConfig overrides on top of the library defaults (AdamW 1e-3, one-cycle, weight decay
 # 0.05, label smoothing 0.1, BatchNorm of frozen stages frozen, feature cache auto). ``aug none`` for every
@@ -67,11 +69,12 @@ RECIPES = {
     "ft-progressive": {"freeze": "backbone", "unfreeze": "epoch:1"},
     "ft-full": {"freeze": "none"},
 }
-# The default command (``freezetune train --data DIR``) through ``freezetune.trainer.train``: freeze auto, validation
-# held out of the training data, the default augmentation; ``ft-auto-noaug`` shows what that augmentation does.
-# ``ft-lp-ft``: the named recipe a user picks, as a command (its probe, then a fine-tune holding BatchNorm statistics).
-# ``ft-default-nchw`` and the peer ``full-nchw``: the same runs with NCHW inputs and weights on a GPU, where cuDNN then
-# leaves bf16 depthwise convolutions to PyTorch's own kernels (``coldstart.py`` measures what that saves at start-up).
+# The default command (``freezetune train --data DIR``) through ``freezetune.training.trainer.train``: freeze auto,
+# validation held out of the training data, the default augmentation; ``ft-auto-noaug`` shows what that augmentation
+# does. ``ft-lp-ft``: the named recipe a user picks, as a command (its probe, then a fine-tune holding BatchNorm
+# statistics). ``ft-default-nchw`` and the peer ``full-nchw``: the same runs with NCHW inputs and weights on a GPU,
+# where cuDNN then leaves bf16 depthwise convolutions to PyTorch's own kernels (``coldstart.py`` measures what that
+# saves at start-up).
 COMMANDS = {"ft-default": {}, "ft-auto-noaug": {"aug": "none"}, "ft-lp-ft": {"recipe": "lp-ft"},
             "ft-default-nchw": {"channels_last": False}, "ft-default-last5": {}}  # fmt: skip
 # A question, not a product setting: the default command with the auto recipe's default candidate at the last 5

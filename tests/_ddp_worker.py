@@ -20,9 +20,10 @@ from pathlib import Path
 def main(dump: Path, argv: list[str]) -> int:
     import torch
 
-    from freezetune import runtime, trainer
     from freezetune.cache import path as feature_path
-    from freezetune.cli import main as cli_main
+    from freezetune.cli.main import main as cli_main
+    from freezetune.run import directory as runtime
+    from freezetune.training import trainer
 
     torch.set_num_threads(1)
     record: dict = {"val_scored": []}

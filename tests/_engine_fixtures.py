@@ -17,8 +17,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from freezetune.cli import main
-from freezetune.config import TrainConfig
+from freezetune.cli.main import main
+from freezetune.config.train_config import TrainConfig
 
 # Colour and stripe direction per class: easy enough that two epochs of a tiny random-init model learn something.
 CLASSES = {"blue": ((40, 60, 220), 0), "green": ((40, 200, 60), 1), "red": ((220, 40, 40), 2)}
@@ -124,9 +124,9 @@ def confident_checkpoint(folder: Path) -> Path:
     """``folder/best.pt`` of an untrained 3-class tiny model whose BatchNorm statistics moved: its predictions differ
     between images, confidently (no near-ties for batching to flip)."""
     import freezetune as ft
-    from freezetune import checkpoint
-    from freezetune.models import create_model
-    from freezetune.preprocess import Preprocess
+    from freezetune.model.create import create_model
+    from freezetune.model.preprocess import Preprocess
+    from freezetune.run import checkpoint
 
     torch.manual_seed(0)
     model, _ = create_model("timm:test_efficientnet", "none")
@@ -148,7 +148,7 @@ def recipe_cfg(data: Path, out: Path, **kw) -> TrainConfig:
 def stopping_at(when: Callable, stop: Callable[[], None] | None = None) -> Callable:
     """A ``Trainer._run_epoch`` that stops the run as an epoch starts where ``when(trainer, epoch)`` holds: by
     ``stop`` (a signal: ``lambda: signal.raise_signal(signal.SIGTERM)``), else a KeyboardInterrupt raised there."""
-    from freezetune import trainer
+    from freezetune.training import trainer
 
     real = trainer.Trainer._run_epoch
 

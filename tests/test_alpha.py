@@ -12,8 +12,7 @@ from PIL import Image
 from torchvision.io import read_file
 
 import freezetune as ft
-from freezetune import checkpoint
-from freezetune.config import TrainConfig
+from freezetune.config.train_config import TrainConfig
 from freezetune.data import (
     FileImageDataset,
     build_datasets,
@@ -25,10 +24,11 @@ from freezetune.data import (
 from freezetune.data.alpha import flatten, flatten_tensor
 from freezetune.data.gpu import DeviceJpegLoader, _decode_cpu
 from freezetune.errors import ConfigError
-from freezetune.models import create_model
-from freezetune.predict import predict_files
-from freezetune.preprocess import Preprocess
-from freezetune.trainer import Trainer, train
+from freezetune.inference.predict import predict_files
+from freezetune.model.create import create_model
+from freezetune.model.preprocess import Preprocess
+from freezetune.run import checkpoint
+from freezetune.training.trainer import Trainer, train
 
 PRE = Preprocess(input_size=16)
 

@@ -1,5 +1,5 @@
-"""The auto recipe end to end on a tiny model (``auto.py``, ``auto_rule.py``): its candidates, trials and choice on the
-validation split, the probe of a few-shot run, refit, ``--budget``, and resuming it."""
+"""The auto recipe end to end on a tiny model (``auto/recipe.py``, ``auto/rule.py``): its candidates, trials and choice
+on the validation split, the probe of a few-shot run, refit, ``--budget``, and resuming it."""
 
 from __future__ import annotations
 
@@ -15,21 +15,18 @@ import pytest
 import torch
 
 from _engine_fixtures import make_image_folder, recipe_cfg, run_cli, train_argv
-from freezetune import (
-    auto,
-    auto_budget,
-    auto_plan,
-    auto_resume,
-    auto_rule,
-    auto_trials,
-    checkpoint,
-    checkpoint_writer,
-    recipes,
-)
-from freezetune.config import TrainConfig
-from freezetune.config_file import load_config
+from freezetune.auto import budget as auto_budget
+from freezetune.auto import plan as auto_plan
+from freezetune.auto import recipe as auto
+from freezetune.auto import resume as auto_resume
+from freezetune.auto import rule as auto_rule
+from freezetune.auto import trials as auto_trials
+from freezetune.config.file import load_config
+from freezetune.config.train_config import TrainConfig
 from freezetune.errors import ConfigError, FreezetuneError
-from freezetune.reporting import read_metrics
+from freezetune.recipes import named as recipes
+from freezetune.run import checkpoint, checkpoint_writer
+from freezetune.run.reporting import read_metrics
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +124,7 @@ def test_a_text_model_a_trial_long_enough_or_a_run_too_short_is_not_probed():
 
 def test_an_auto_run_resumed_counts_its_trials_seconds_as_an_uninterrupted_one_does(data, tmp_path, monkeypatch):
     # a sweep resumed inside its auto recipe listed it at the final run's seconds: the trials' time went uncounted
-    from freezetune.progress import RunResult
+    from freezetune.training.progress import RunResult
 
     monkeypatch.setattr(auto_plan, "PROBE_BELOW_STEPS", 10)  # the trials take 3 steps: a probe too
     monkeypatch.setattr(auto_plan, "PROBE_MIN_RUN_STEPS", 0)  # however short the run
@@ -162,8 +159,8 @@ def test_an_auto_run_whose_start_weights_are_gone_before_its_first_save_says_to_
 
 @pytest.mark.parametrize("refit", [None, False])
 def test_auto_measures_on_the_validation_split_and_keeps_its_evidence(data, tmp_path, monkeypatch, refit):
-    from freezetune import trainer
     from freezetune.cache import path as feature_path
+    from freezetune.training import trainer
 
     evaluated = []
     real = feature_path.evaluate
@@ -251,7 +248,7 @@ def test_auto_candidates_on_models_with_few_stages_train_at_least_one(monkeypatc
     # a model of one stage and a head gave k = 0 and a ZeroDivisionError in the candidate's LR
     from torch import nn
 
-    from freezetune import models
+    from freezetune.model import create as models
 
     layers = [m for _ in range(body) for m in (nn.Linear(4, 4), nn.ReLU())] + [nn.Linear(4, 2)]
     monkeypatch.setattr(models, "create_model", lambda *a, **k: (nn.Sequential(*layers), None))
@@ -324,7 +321,7 @@ def test_the_default_run_works_under_python_OO_which_strips_docstrings(data, tmp
 def test_a_models_stages_are_built_once_for_all_the_last_k_checks_and_the_auto_plan(monkeypatch):
     # a sweep checks each last-k before anything trains and recipes.run checks again, and the auto recipe plans its
     # candidates from the same stages: one model build for all
-    from freezetune import models
+    from freezetune.model import create as models
 
     built, real = [], models.create_model
     monkeypatch.setattr(models, "create_model", lambda *a, **k: built.append(a[0]) or real(*a, **k))
@@ -341,7 +338,7 @@ def test_a_models_stages_are_built_once_for_all_the_last_k_checks_and_the_auto_p
 def test_an_auto_runs_config_names_its_start_and_cache_absolutely_and_a_resume_needs_neither(data, tmp_path,
                                                                                               monkeypatch):  # fmt: skip
     # config.yaml said init: r1/auto-trials/last-3/best.pt: a --resume or train --config from elsewhere failed
-    from freezetune import trainer
+    from freezetune.training import trainer
 
     monkeypatch.chdir(tmp_path)
     trainer.train(recipe_cfg(data, "r1", cache="auto", epochs=2), echo=lambda line: None)
@@ -357,7 +354,7 @@ def test_an_auto_runs_config_names_its_start_and_cache_absolutely_and_a_resume_n
 def test_an_auto_run_records_the_refit_it_did_not_the_one_it_asked(data, tmp_path):
     # with per_class, held-out images from outside the few-shot budget stay validation: recipe.json and config.yaml
     # said refit: true all the same
-    from freezetune import trainer
+    from freezetune.training import trainer
 
     lines = []
     result = trainer.train(recipe_cfg(data, tmp_path / "auto", cache="auto", per_class=2, epochs=1), echo=lines.append)
@@ -375,7 +372,7 @@ def test_trials_note_what_their_hold_out_lends_the_refit_not_warn_of_short_class
     # back; the trials warned that every class trained short (the run, which trains on all 14, did not)
     import logging
 
-    from freezetune import trainer
+    from freezetune.training import trainer
 
     with caplog.at_level(logging.INFO, logger="freezetune"):
         trainer.train(recipe_cfg(data, tmp_path / "auto", cache="auto", per_class=14, epochs=1), echo=lambda _: None)
@@ -387,7 +384,7 @@ def test_trials_note_what_their_hold_out_lends_the_refit_not_warn_of_short_class
 
 def test_an_auto_run_with_a_validation_folder_says_why_it_does_not_refit(tmp_path):
     # with a val/ folder and --per-class it blamed per_class: the images were never held out of the training data
-    from freezetune import trainer
+    from freezetune.training import trainer
 
     data = make_image_folder(tmp_path / "images", train=14, val=4, test=4)
     lines = []
@@ -421,7 +418,7 @@ def test_an_auto_run_whose_trials_spent_its_budget_says_so_and_trains_one_epoch(
 
 def test_a_trials_progress_bars_name_the_trial(data, tmp_path, monkeypatch):
     # in a log file (tmux, nohup) a trial's bar read "epoch 1/1", as the run's own: the two told apart by timestamps
-    from freezetune import epoch_log
+    from freezetune.training import epoch_log
 
     labels, real = [], epoch_log.TrainProgress
 
@@ -551,7 +548,7 @@ def test_a_budgets_pilot_plans_the_epochs_a_trial_and_one_run_epoch_fit_in(budge
 
 def test_under_torchrun_a_budgets_pilot_and_trials_count_a_step_as_a_batch_on_every_rank():
     # a pilot of 4 steps on 2 ranks, and trials of 5 steps where the plan promised 10: the batch is each rank's
-    from freezetune.distributed import DistInfo
+    from freezetune.device.distributed import DistInfo
 
     trial = TrainConfig(batch_size=16)
     assert auto_budget.pilot_config(trial, 2).epoch_images == 2 * auto_budget.pilot_config(
@@ -697,7 +694,7 @@ def test_the_auto_recipe_scales_explicit_stage_lrs_with_the_head_keeping_the_use
 
 def test_an_auto_run_with_an_unfreeze_plan_resumes_its_request_read_back_from_json(data, tmp_path):
     # recipe.json keeps the request as JSON: a plan's epoch keys came back as strings and the resume was refused
-    from freezetune import trainer
+    from freezetune.training import trainer
 
     cfg = recipe_cfg(data, tmp_path / "run", epochs=2, unfreeze={1: "blocks.1"})
     trainer.train(cfg, echo=lambda line: None)
@@ -818,3 +815,26 @@ def test_a_large_feature_cache_kept_in_the_run_dir_is_named_at_the_end(data, tmp
         assert said == ([f"note: the feature cache (0 MiB) stays in {features} for a --resume, and for later runs "
                          f"given --cache-dir {features}; delete it to reclaim the space"] if cache_dir is None else []
                         ), lines  # fmt: skip
+
+
+def test_a_stop_in_a_trial_before_the_run_dir_is_made_does_not_offer_resume(tmp_path):
+    # "the same command, with or without --resume, starts them again": with --resume it was refused, "does not exist"
+    import signal
+
+    from freezetune.run.interrupt import RunInterrupted
+
+    def stopped(cfg, **kwargs):
+        raise RunInterrupted.by(signal.SIGTERM, "outside a training step")
+
+    cfg = TrainConfig(data=str(tmp_path / "d"), out=str(auto_trials.trial_dir(tmp_path / "run", 3)))
+    lines = []
+    for made in (False, True):
+        if made:
+            (tmp_path / "run").mkdir()
+        with pytest.raises(RunInterrupted) as caught:
+            auto_trials.measurement(cfg, stopped, print, brief=True, during="the trial", again="them again")
+        lines.append(str(caught.value))
+    assert lines == ["stopped by SIGTERM during the trial; the same command (without --resume: the run dir was not "
+                     "made yet) starts them again",
+                     "stopped by SIGTERM during the trial; the same command, with or without --resume, starts them "
+                     "again"]  # fmt: skip

@@ -75,7 +75,7 @@ def test_every_transfer_peer_has_its_run_and_the_layout_variants_wait_for_only(m
     assert {"full-nchw", "ft-default-nchw"} <= set(transfer.CONTENDERS)
     assert not {"full-nchw", "ft-default-nchw"} & set(transfer.DEFAULT_CONTENDERS)
     # a rule variant is a question asked by --only, and names constants the auto recipe reads
-    from freezetune import auto_rule
+    from freezetune.auto import rule as auto_rule
 
     assert "ft-default-last5" in transfer.CONTENDERS and "ft-default-last5" not in transfer.DEFAULT_CONTENDERS
     assert all(hasattr(auto_rule, key) for v in transfer.RULE_VARIANTS.values() for key in v)

@@ -1,5 +1,5 @@
-"""BatchNorm folded into convolutions for evaluation (``freezetune.bn_fold``): the same logits, only safe pairs folded,
-the trained model untouched, and the evaluation loop on a CPU running the folded copy."""
+"""BatchNorm folded into convolutions for evaluation (``freezetune.device.bn_fold``): the same logits, only safe pairs
+folded, the trained model untouched, and the evaluation loop on a CPU running the folded copy."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ import torch
 from torch import nn
 
 from conftest import TinyCNN, clone_params
-from freezetune import evaluate as evaluate_module
-from freezetune.bn_fold import foldable, foldable_pairs, folded
-from freezetune.evaluate import evaluate
-from freezetune.precision import resolve_precision
+from freezetune.device.bn_fold import foldable, foldable_pairs, folded
+from freezetune.device.precision import resolve_precision
+from freezetune.training import evaluate as evaluate_module
+from freezetune.training.evaluate import evaluate
 
 
 def _trained_stats(model: nn.Module) -> nn.Module:

@@ -9,9 +9,9 @@ from torch import nn
 
 import freezetune as ft
 from _engine_fixtures import make_image_folder, run_cli, train_argv
-from freezetune import bn_refresh
 from freezetune.data.folder import load_image
 from freezetune.data.transforms import eval_transform
+from freezetune.freezing import bn_refresh
 
 
 def _norms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
@@ -68,7 +68,7 @@ def test_a_run_long_enough_to_forget_its_start_makes_no_extra_pass(tmp_path, cap
 def test_the_auto_recipes_trials_make_no_pass_and_its_run_does(tmp_path, capsys, passes, monkeypatch, probed):
     # the trials' scores compare candidates by a rule measured on them without it; the run is what is kept. A run
     # from a probed head holds its statistics: nothing to recompute (nor in the probe, every norm frozen)
-    from freezetune import auto_plan
+    from freezetune.auto import plan as auto_plan
 
     monkeypatch.setattr(auto_plan, "PROBE_BELOW_STEPS", 10 if probed else 1)  # (a trial of a few steps)
     monkeypatch.setattr(auto_plan, "PROBE_MIN_RUN_STEPS", 0)  # however short the run
@@ -96,7 +96,7 @@ def test_held_statistics_are_not_reset_before_a_forward_puts_their_layers_back_i
     # model.train() sets a held layer's .training; only its next Python forward undoes it. After a CUDA graph's
     # replay (no hooks run), or a resume with no step left in its epoch, the pass took such layers for training ones:
     # reset to 0 and 1, never updated (the forward puts them back in eval first)
-    from freezetune.bn_policy import hold_bn_statistics, holds_stats
+    from freezetune.freezing.bn_policy import hold_bn_statistics, holds_stats
 
     model = tiny_cnn
     for bn in _norms(model):

@@ -17,10 +17,10 @@ from conftest import Terminal
 from freezetune.cache import FeatureStore, build_store, store_loader
 from freezetune.cache.model_split import split_model
 from freezetune.cache.path import FeaturePath
-from freezetune.config import TrainConfig
+from freezetune.config.train_config import TrainConfig
 from freezetune.data import Loaders, build_loader
-from freezetune.precision import resolve_precision
-from freezetune.trainer import Trainer
+from freezetune.device.precision import resolve_precision
+from freezetune.training.trainer import Trainer
 
 
 @pytest.fixture(scope="module")
@@ -170,7 +170,7 @@ def test_a_rank_clears_its_own_spill_folders_only(image_folder, tmp_path, monkey
     # under torchrun each rank cleared the whole cache/ after its build: the other rank's folder, empty for a moment,
     # vanished as it was about to write its store ("No such file or directory"), in 3 of 5 runs with an unfreeze
     from freezetune.cache.path import FeaturePath
-    from freezetune.distributed import DistInfo
+    from freezetune.device.distributed import DistInfo
 
     trainer = Trainer(_config(image_folder, tmp_path, "d", cache="disk", epochs=1), echo=lambda *_: None)
     features = trainer.features
@@ -516,7 +516,7 @@ def test_a_folders_fingerprint_is_the_same_however_its_path_is_spelled(image_fol
     # on resume and stored it in the cache dir a second time
     from freezetune.data import build_datasets
     from freezetune.data.fingerprint import cache_fingerprint
-    from freezetune.preprocess import Preprocess
+    from freezetune.model.preprocess import Preprocess
 
     absolute = build_datasets(str(image_folder), preprocess=Preprocess(input_size=32)).train
     monkeypatch.chdir(image_folder.parent)
@@ -670,8 +670,8 @@ def test_a_store_held_on_the_device_is_not_pinned_whoever_builds_its_loader():
 
 def test_a_store_on_the_device_too_large_for_the_ram_keeps_no_copy_and_says_so(tmp_path, monkeypatch, caplog):
     # its copy to the cache dir went through host RAM whole (.cpu()): a GPU store may be half an H200's 139 GiB
-    from freezetune import hardware
     from freezetune.cache import disk
+    from freezetune.device import hardware
 
     monkeypatch.setattr(hardware, "available_ram", lambda: 1 << 20)
     features = torch.empty(1, 1024, 512, device="meta")  # a device's store of 2 MiB, never copied
@@ -842,7 +842,7 @@ def test_a_store_is_built_at_the_training_batch_on_a_cpu_and_twice_it_on_an_acce
     # twice the training batch left a CPU's caches: EfficientNet-Lite0's frozen layers took 2.2x the time an image
     # (64 px, batch 64 against 32), and the store's build twice what streaming them per batch took
     from freezetune.data.datasets import build_datasets
-    from freezetune.models import create_model
+    from freezetune.model.create import create_model
 
     _, pre = create_model("timm:test_efficientnet", "none", img_size=32)
     data = build_datasets(str(image_folder), preprocess=pre)

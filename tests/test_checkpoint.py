@@ -11,10 +11,10 @@ import torch
 from torch import nn
 
 import freezetune as ft
-from freezetune import checkpoint, checkpoint_writer
 from freezetune.errors import CheckpointError, ConfigError
-from freezetune.models import create_model
-from freezetune.preprocess import Preprocess
+from freezetune.model.create import create_model
+from freezetune.model.preprocess import Preprocess
+from freezetune.run import checkpoint, checkpoint_writer
 
 CLASSES = ["cat", "dog", "emu"]
 
@@ -53,11 +53,11 @@ def test_saved_checkpoint_rebuilds_the_same_model(trained, tmp_path):
 def test_weights_saved_mid_epoch_are_named_so_when_rebuilt(trained, tmp_path, caplog):
     # predict, eval and export took a mid-epoch last.pt (--save-every-steps, a stop signal) without a word
     record = {**_record(trained), "epoch": 1, "steps_per_epoch": 40, "progress": {"epoch": 1, "step": 12}}
-    with caplog.at_level("WARNING", logger="freezetune.checkpoint"):
+    with caplog.at_level("WARNING", logger="freezetune.run.checkpoint"):
         checkpoint.build_model(checkpoint.load(checkpoint.save(record, tmp_path / "last.pt")))
     assert "saved mid-epoch, 12 of 40 steps into epoch 2: its weights are part of the way" in caplog.text
     caplog.clear()
-    with caplog.at_level("WARNING", logger="freezetune.checkpoint"):  # at an epoch's end: nothing to say
+    with caplog.at_level("WARNING", logger="freezetune.run.checkpoint"):  # at an epoch's end: nothing to say
         checkpoint.build_model({**record, "progress": {"epoch": 2, "step": 0}})
         checkpoint.build_model(_record(trained))
     assert caplog.text == ""
@@ -249,7 +249,7 @@ def test_a_resume_on_another_number_of_processes_says_what_steps_per_epoch_is(tm
 
 def test_a_data_digest_not_had_on_either_side_is_not_compared():
     # a file unreadable for a moment gives no digest: "other files or contents" refused a resume of the same data
-    from freezetune.checkpoint import _check_data
+    from freezetune.run.checkpoint import _check_data
 
     saved = {"training": {"n": 3, "digest": "abc", "noun": "images"}}
     _check_data(Path("last.pt"), saved, {"training": {"n": 3, "digest": None, "noun": "images"}})
@@ -259,7 +259,7 @@ def test_a_data_digest_not_had_on_either_side_is_not_compared():
 
 def test_a_validation_split_there_then_and_not_now_is_named_by_its_count():
     # it read "no validation split then, no one now" (and "a ... then, a one now" the other way round)
-    from freezetune.checkpoint import _check_data
+    from freezetune.run.checkpoint import _check_data
 
     train = {"n": 3, "digest": "abc", "noun": "images"}
     with pytest.raises(CheckpointError, match=r"\(2 -> 0 validation images\)"):
@@ -270,9 +270,9 @@ def test_a_validation_split_there_then_and_not_now_is_named_by_its_count():
 
 def test_a_refused_resume_names_files_rewritten_or_of_another_class_and_a_listless_record_names_none(tmp_path):
     # "other files or contents" left the user to find which of thousands of files had changed
-    from freezetune.checkpoint import _check_data
     from freezetune.data import FileImageDataset
     from freezetune.data.fingerprint import data_record
+    from freezetune.run.checkpoint import _check_data
 
     for name in ("a1.png", "a2.png", "b1.png"):
         (tmp_path / name).write_bytes(b"12345")

@@ -26,10 +26,11 @@ from safetensors.torch import load_file
 import freezetune as ft
 from _engine_fixtures import CLASSES, make_image_folder, run_cli, snapshot, train_argv
 from conftest import Terminal
-from freezetune import __version__, checkpoint
-from freezetune.cli import main
-from freezetune.inference import default_plot
-from freezetune.reporting import plot_report, read_metrics, unfreeze_events
+from freezetune import __version__
+from freezetune.cli.main import main
+from freezetune.inference.evaluation import default_plot
+from freezetune.run import checkpoint
+from freezetune.run.reporting import plot_report, read_metrics, unfreeze_events
 
 RUN_FILES = ("config.yaml", "metrics.csv", "report.png", "classes.json", "best.pt", "last.pt", "confusion.png",
              "test_metrics.json")  # fmt: skip
@@ -176,7 +177,7 @@ def _red_pixels(png) -> int:
 
 
 def test_config_yaml_of_the_run_resolves_to_the_same_config(run, data, capsys):
-    from freezetune.config_file import load_config
+    from freezetune.config.file import load_config
 
     saved = load_config(run[0] / "config.yaml")
     argv = train_argv(data, run[0], "--epochs", "2", "--freeze", "backbone", "--unfreeze", "epoch:1", "--print-config")
@@ -195,7 +196,7 @@ def test_eval_beside_a_checkpoint_in_a_read_only_folder_prints_its_scores_and_wa
     # were thrown away and the error named a hidden temporary file
     import errno
 
-    from freezetune import metrics
+    from freezetune.training import metrics
 
     def read_only(result, classes, path):
         raise OSError(errno.EROFS, "Read-only file system", str(path))
@@ -256,7 +257,7 @@ def test_predict_json_gives_topk_classes_with_probabilities(run, data, capsys):
 
 
 def test_predict_json_cut_short_leaves_the_printed_records_one_valid_json_list(run, data, capsys, monkeypatch):
-    from freezetune import predict
+    from freezetune.inference import predict
 
     real = predict.predict_files
 
@@ -366,7 +367,7 @@ def test_a_run_whose_output_and_error_pipe_closes_stops_as_the_shell_expects(dat
 def test_a_run_whose_output_pipe_closes_in_its_training_loop_saves_the_epoch_and_resumes(data, tmp_path):
     # `train ... | tee log`, tee gone with the SSH session during epoch 2: the epoch's line raised BrokenPipeError
     # before its save (metrics.csv had 2 rows, last.pt epoch 1), and a resume trained epoch 2 again
-    from freezetune.interrupt import PAUSE_ENV, PAUSE_MARKER_ENV
+    from freezetune.run.interrupt import PAUSE_ENV, PAUSE_MARKER_ENV
 
     out, marker, err = tmp_path / "run", tmp_path / "paused", tmp_path / "stderr"
     run = train_argv(data, out, "--epochs", "3", "--epoch-images", "16", "--freeze", "-3")
@@ -645,7 +646,7 @@ def test_a_command_of_one_process_under_torchrun_is_refused(run, data, tmp_path,
 
 def test_rank_0_says_in_one_line_that_another_rank_of_the_job_ended(data, tmp_path, capsys, monkeypatch):
     # SIGTERM to rank 1 alone: rank 0 printed gloo's "Connection closed by peer" traceback, and no line said why
-    from freezetune import trainer
+    from freezetune.training import trainer
 
     def peer_ended(cfg, **kwargs):
         raise RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:561] Connection closed by peer [::1]:1234")
@@ -659,7 +660,7 @@ def test_rank_0_says_in_one_line_that_another_rank_of_the_job_ended(data, tmp_pa
                                          ":561] Connection closed by peer [::1]:1234)"), err  # fmt: skip
     from torch.distributed import DistBackendError
 
-    from freezetune.run_log import ending_line
+    from freezetune.run.log import ending_line
 
     assert ending_line(RuntimeError("Connection closed by peer [::1]:1")).startswith("freezetune: stopped: another")
     # rank 0's own NCCL error (out of memory inside NCCL) is no peer's: its traceback is the only place it is said
@@ -825,8 +826,8 @@ def test_a_cache_dir_or_out_that_cannot_be_a_folder_is_refused_before_anything_i
     # --cache-dir naming a file failed with FileExistsError from pathlib, after the feature cache was built
     import dataclasses
 
-    from freezetune import runtime
     from freezetune.errors import ConfigError
+    from freezetune.run import directory as runtime
 
     (tmp_path / "afile").write_text("mine")
     built = []
@@ -945,10 +946,10 @@ def test_the_command_exits_without_the_interpreters_exit_time_walk_of_every_obje
     import tomllib
 
     scripts = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]["scripts"]
-    assert scripts["freezetune"] == "freezetune.cli:run"
+    assert scripts["freezetune"] == "freezetune.cli.main:run"
     probe = ("import atexit, gc, sys; sys.argv = ['freezetune', '--version']; "
              "atexit.register(lambda: print('frozen', gc.get_freeze_count() > 0)); "
-             "from freezetune.cli import run; run()")  # fmt: skip
+             "from freezetune.cli.main import run; run()")  # fmt: skip
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.split("\n")[-2:] == ["frozen True", ""], done.stdout + done.stderr
 
@@ -956,15 +957,15 @@ def test_the_command_exits_without_the_interpreters_exit_time_walk_of_every_obje
 def test_the_command_line_starts_without_the_data_pipeline_or_the_plots():
     # --help's text imported data.datasets for two numbers, and with it torchvision: a second more on every command;
     # the sweep's defaults imported the sweep, and with it matplotlib: two more seconds on --help and --version
-    probe = "import sys, freezetune.cli; print('torchvision' in sys.modules, 'matplotlib' in sys.modules)"
+    probe = "import sys, freezetune.cli.main; print('torchvision' in sys.modules, 'matplotlib' in sys.modules)"
     loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert loaded.returncode == 0 and loaded.stdout.strip() == "False False", loaded.stderr
 
 
 def test_the_command_line_starts_without_torch_and_help_never_loads_it():
     # the package imported torch for its public names: 1.5 s before --help or --version printed anything
-    probe = ("import sys; sys.argv = ['freezetune', '--help']\nimport freezetune, freezetune.cli\n"
-             "print('torch' in sys.modules)\ntry:\n    freezetune.cli.run()\n"
+    probe = ("import sys; sys.argv = ['freezetune', '--help']\nimport freezetune, freezetune.cli.main\n"
+             "print('torch' in sys.modules)\ntry:\n    freezetune.cli.main.run()\n"
              "except SystemExit as e:\n    print(e.code, 'torch' in sys.modules)")  # fmt: skip
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     out = done.stdout
@@ -977,7 +978,7 @@ def test_ctrl_c_while_torch_loads_is_one_line_not_a_traceback(tmp_path):
     probe = ("import sys\nclass CtrlC:\n    def find_spec(self, name, path=None, target=None):\n"
              "        if name == 'torch':\n            raise KeyboardInterrupt\n"
              "sys.meta_path.insert(0, CtrlC())\nsys.argv = ['freezetune', *sys.argv[1:]]\n"
-             "from freezetune.cli import run\nrun()")  # fmt: skip
+             "from freezetune.cli.main import run\nrun()")  # fmt: skip
     argv = ["train", "--data", str(tmp_path / "none"), "--out", str(tmp_path / "run")]
     done = subprocess.run([sys.executable, "-c", probe, *argv], capture_output=True, text=True, timeout=120)
     assert done.returncode == 130, done.stdout + done.stderr
@@ -988,7 +989,7 @@ def test_ctrl_c_while_torch_loads_is_one_line_not_a_traceback(tmp_path):
 def test_the_packages_functions_keep_their_names_beside_submodules_of_the_same_name():
     # freeze, param_groups and stages are functions of the package and modules in it: once the trainer (or any
     # code) imported the module, the package's lazy attribute would have become the module, not the function
-    probe = ("import freezetune as ft, freezetune.trainer, freezetune.param_groups\n"
+    probe = ("import freezetune as ft, freezetune.training.trainer, freezetune.training.param_groups\n"
              "print(all(callable(f) for f in (ft.freeze, ft.param_groups, ft.stages, ft.replace_head)))\n"
              "print(sorted({'freeze', 'train', 'TrainConfig'} - set(dir(ft))))")  # fmt: skip
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
@@ -998,7 +999,7 @@ def test_the_packages_functions_keep_their_names_beside_submodules_of_the_same_n
 def test_commands_that_draw_nothing_do_not_import_matplotlib():
     # predict, export and inspect imported it (half a second) through the metrics and the report's modules. One
     # process imports them in turn (a process each took 4 s of torch imports): the first that loads it is named.
-    modules = ["inference", "predict", "export", "describe", "trainer"]
+    modules = ["inference.evaluation", "inference.predict", "inference.export", "model.describe", "training.trainer"]
     probe = ("import importlib, sys\nfor m in sys.argv[1:]:\n    importlib.import_module('freezetune.' + m)\n"
              "    print(m, 'matplotlib' in sys.modules)")  # fmt: skip
     loaded = subprocess.run([sys.executable, "-c", probe, *modules], capture_output=True, text=True, timeout=120)
@@ -1105,9 +1106,9 @@ def test_print_config_says_what_a_recipe_sets_and_reads_back_as_a_config(capsys,
 
 
 def test_command_defaults_come_from_the_config_dataclass():
-    from freezetune.cli import _parser
-    from freezetune.config import TrainConfig
-    from freezetune.options import FREEZE_DEFAULT
+    from freezetune.cli.main import _parser
+    from freezetune.config.options import FREEZE_DEFAULT
+    from freezetune.config.train_config import TrainConfig
 
     parser, defaults = _parser(), TrainConfig()
     evaluate = parser.parse_args(["eval", "--checkpoint", "c.pt", "--data", "d"])
@@ -1118,8 +1119,8 @@ def test_command_defaults_come_from_the_config_dataclass():
 
 
 def test_train_help_explains_every_flag_under_its_section():
-    from freezetune.cli import _parser
-    from freezetune.config import field_names
+    from freezetune.cli.main import _parser
+    from freezetune.config.train_config import field_names
 
     train = _parser()._subparsers._group_actions[0].choices["train"]
     sections = {group.title: [a.dest for a in group._group_actions] for group in train._action_groups}
@@ -1211,7 +1212,7 @@ def test_device_out_of_memory_names_the_batch_size_to_try_and_keeps_the_run(tmp_
                                                                            memory):  # fmt: skip
     # the machine's RAM running out (CPU training, the cache build at the training batch size) was a traceback
     from freezetune.cache import store
-    from freezetune.step import Step
+    from freezetune.training.step import Step
 
     data = make_image_folder(tmp_path / "img", train=4, val=2, test=0)
     argv = train_argv(data, tmp_path / "run", "--freeze", "backbone", "--cache", "memory", "--scheduler", "none")
@@ -1235,7 +1236,8 @@ def test_device_out_of_memory_names_the_batch_size_to_try_and_keeps_the_run(tmp_
 
 @pytest.mark.parametrize("command", ["eval", "predict"])
 def test_eval_and_predict_out_of_memory_name_the_batch_size_to_try(data, run, capsys, monkeypatch, command):
-    from freezetune import inference, predict
+    from freezetune.inference import evaluation as inference
+    from freezetune.inference import predict
 
     def out_of_memory(*_args, **_kwargs):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB")
@@ -1268,7 +1270,8 @@ def test_what_fails_after_a_stop_signal_is_reported_as_the_stop_once(capsys, mon
     # under torchrun the same SIGTERM kills the loader workers, whose death the DataLoader reports over the stop
     import signal
 
-    from freezetune import cli, interrupt
+    from freezetune.cli import main as cli
+    from freezetune.run import interrupt
 
     def killed_workers(args):
         interrupt._raised = interrupt.RunInterrupted.by(signal.SIGTERM, "under torchrun, at once")
@@ -1431,7 +1434,8 @@ def test_eval_draws_a_plot_per_dataset_even_for_two_of_one_name(run, data, capsy
 
 @pytest.mark.parametrize("command", ["eval", "predict"])
 def test_ctrl_c_outside_training_says_no_word_of_last_pt(run, data, capsys, monkeypatch, command):
-    from freezetune import inference, predict
+    from freezetune.inference import evaluation as inference
+    from freezetune.inference import predict
 
     def interrupted(*_args, **_kwargs):
         raise KeyboardInterrupt
@@ -1470,7 +1474,7 @@ def test_a_run_whose_output_goes_to_a_file_writes_each_line_as_it_comes(tmp_path
     import os
     import time
 
-    from freezetune.interrupt import PAUSE_ENV, PAUSE_MARKER_ENV
+    from freezetune.run.interrupt import PAUSE_ENV, PAUSE_MARKER_ENV
 
     data, marker, log = make_image_folder(tmp_path / "data"), tmp_path / "paused", tmp_path / "log"
     env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}

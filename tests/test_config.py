@@ -10,8 +10,10 @@ import pytest
 import yaml
 
 from _engine_fixtures import run_cli
-from freezetune.cli import main
-from freezetune.config import (
+from freezetune.cli.main import main
+from freezetune.config.check import validate
+from freezetune.config.file import load_config, parse_override
+from freezetune.config.train_config import (
     TrainConfig,
     coerce,
     field_names,
@@ -19,8 +21,6 @@ from freezetune.config import (
     parse_stage_lrs,
     scalar_type,
 )
-from freezetune.config_check import validate
-from freezetune.config_file import load_config, parse_override
 from freezetune.errors import ConfigError
 
 
@@ -241,7 +241,7 @@ def test_values_that_would_train_wrong_are_refused(kw, needle):
 def test_momentum_given_to_an_optimizer_without_it_is_noted_and_still_resumes():
     # --momentum 0.5 with the default adamw was ignored without a word; refused, an earlier run holding it in its
     # config.yaml could never resume
-    from freezetune.optim import momentum_note
+    from freezetune.training.optim import momentum_note
 
     assert "momentum 0.5 is SGD's (optimizer sgd); with optimizer 'adamw' it has no effect" in momentum_note(
         "adamw", 0.5, TrainConfig.momentum
@@ -314,6 +314,9 @@ def test_stage_lrs_parsing_rejects_bad_entries():
         parse_stage_lrs("layer4=fast")
     with pytest.raises(ConfigError, match="layer4=True"):  # YAML's true was an LR of 1.0
         parse_stage_lrs({"layer4": True})
+    # another separator: the entry was shown as "blocks.6:1e-4=''"
+    with pytest.raises(ConfigError, match=r"^stage_lrs entry 'blocks.6:1e-4' has no '=': give STAGE=LR"):
+        parse_stage_lrs("layer4=1e-3, blocks.6:1e-4")
 
 
 def test_yaml_words_off_and_yes_stay_words_and_numbers_read_as_written(tmp_path):
@@ -426,7 +429,7 @@ def test_a_python_caller_gets_every_mistyped_field_named_and_paths_as_paths(tmp_
 
 
 def test_train_reports_a_mistyped_recipe_with_the_choices():
-    from freezetune.trainer import train
+    from freezetune.training.trainer import train
 
     with pytest.raises(ConfigError, match=r"unknown recipe 'lastk' \(did you mean 'last-k'\?\); choose one of: 'auto', "
                                           r"'linear-probe', 'last-k'"):  # fmt: skip
@@ -510,7 +513,7 @@ def test_a_run_given_other_than_a_train_config_names_what_it_takes(given):
     from freezetune.errors import ConfigError
 
     with pytest.raises(ConfigError, match=rf"^a run takes a freezetune.TrainConfig, not {type(given).__name__}: "
-                       r"TrainConfig\(\*\*settings\), or freezetune.config_file.load_config\(PATH\)"):  # fmt: skip
+                       r"TrainConfig\(\*\*settings\), or freezetune.config.file.load_config\(PATH\)"):  # fmt: skip
         ft.train(given)
 
 

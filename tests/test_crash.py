@@ -3,8 +3,8 @@ dir that ``--resume`` continues, or a plain re-run restarts, to the same metrics
 recipe (trials, then the final run) too.
 
 The moments are hit exactly, not by sleeps: ``FREEZETUNE_TEST_PAUSE_AT`` holds the process at a named point
-(``freezetune.interrupt.pause_point``) until the test has signalled it. The process is a fork of this one running the
-CLI's ``main``: a process of its own, signalled for real, with its own loader workers, without paying a fresh
+(``freezetune.run.interrupt.pause_point``) until the test has signalled it. The process is a fork of this one running
+the CLI's ``main``: a process of its own, signalled for real, with its own loader workers, without paying a fresh
 interpreter's import of torch for every moment. CPU, fixed seed, the default loader workers (two processes for image
 files).
 """
@@ -29,10 +29,12 @@ import pytest
 import torch
 
 from _engine_fixtures import make_image_folder, run_cli, snapshot, stopping_at
-from freezetune import auto_plan, checkpoint, runtime
-from freezetune.cli import main
+from freezetune.auto import plan as auto_plan
+from freezetune.cli.main import main
 from freezetune.errors import CheckpointError, ConfigError
-from freezetune.interrupt import PAUSE_ENV, PAUSE_MARKER_ENV, StopRequest
+from freezetune.run import checkpoint
+from freezetune.run import directory as runtime
+from freezetune.run.interrupt import PAUSE_ENV, PAUSE_MARKER_ENV, StopRequest
 
 pytestmark = pytest.mark.usefixtures("single_thread_module")
 
@@ -341,6 +343,20 @@ def test_an_auto_run_stopped_while_its_first_trial_builds_the_cache_says_so(data
     assert said[1].startswith("  feature cache: building the training store: "), said
 
 
+def test_a_train_command_stopped_before_its_run_starts_says_so_in_one_line(data, tmp_path):
+    # a SIGTERM while the command still imported torch and read its config ended it with 143 and nothing said
+    stopped = _stopped_run(_argv(data, tmp_path / "run", "off"), "start", signal.SIGTERM, tmp_path)
+    assert stopped.returncode == 143
+    assert stopped.stderr == ("freezetune: stopped by SIGTERM before the run started (nothing new saved); the same "
+                              "command runs it again\n")  # fmt: skip
+    assert not (tmp_path / "run").exists()
+    swept = _stopped_run(["sweep", "--data", str(data), "--out", str(tmp_path / "sweep"), "--recipes", "linear-probe",
+                          *TINY], "start", signal.SIGTERM, tmp_path)  # fmt: skip
+    assert swept.returncode == 143
+    assert swept.stderr.startswith("freezetune: stopped by SIGTERM outside its recipes' runs; --resume continues the "
+                                   "sweep"), swept.stderr  # fmt: skip
+
+
 def test_an_auto_run_killed_in_its_final_run_resumes_with_the_saved_decision(
     data, uninterrupted_auto, tmp_path, capsys
 ):
@@ -542,7 +558,7 @@ def test_a_run_dir_whose_last_pt_was_deleted_is_refused_not_restarted_over(tmp_p
 
 def test_a_run_logs_its_second_epoch_only_once_its_first_last_pt_is_on_disk(data, tmp_path, capsys, monkeypatch):
     # the rule above restarts a dir without last.pt holding one row: a slow disk must not let a second row in first
-    from freezetune import reporting
+    from freezetune.run import reporting
 
     save, log_epoch, seen = checkpoint.save, reporting.MetricsLogger.log_epoch, []
 
@@ -602,7 +618,7 @@ def test_a_second_ctrl_c_in_the_training_loop_stops_at_once_and_says_so():
 
 def test_a_signal_after_a_closed_output_pipe_is_still_acted_on_at_the_steps_end():
     # it counted as "a second time" and stopped at once, before the run saved its place
-    from freezetune.interrupt import PIPE_CLOSED, output_closed
+    from freezetune.run.interrupt import PIPE_CLOSED, output_closed
 
     stop = StopRequest()
     assert not output_closed()  # nobody listening: the write's error stands
@@ -647,7 +663,7 @@ def test_a_stopped_run_the_command_gave_no_out_names_its_run_dir_to_resume(data,
     # "continue with --resume" (or, stopped in a trial, "the same command, with or without --resume"): without --out
     # the resume was refused ("no run dir given"), and nothing had named which of runs/ the run was
     from _engine_fixtures import TINY
-    from freezetune import trainer
+    from freezetune.training import trainer
 
     monkeypatch.chdir(tmp_path)
     # Ctrl-C as the second epoch starts (the auto recipe: in its first trial)
@@ -684,7 +700,8 @@ def test_a_stopped_resume_leaves_its_report_and_test_files_true_to_what_it_saved
     # and a report.png of the epochs before it: both were put right only at a run's end
     import json
 
-    from freezetune import runtime, trainer
+    from freezetune.run import directory as runtime
+    from freezetune.training import trainer
 
     out = tmp_path / "run"
     argv = ["train", "--data", str(data), "--out", str(out), *TINY, "--freeze", "-3", "--scheduler", "none"]

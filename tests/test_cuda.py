@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from _engine_fixtures import make_image_folder
-from freezetune import checkpoint
 from freezetune.cache.path import FeaturePath
-from freezetune.config import TrainConfig
+from freezetune.config.train_config import TrainConfig
 from freezetune.data.gpu import DeviceJpegLoader
-from freezetune.trainer import Trainer
+from freezetune.run import checkpoint
+from freezetune.training.trainer import Trainer
 
 pytestmark = [
     pytest.mark.gpu,
@@ -127,7 +127,7 @@ def test_fp16_cached_steps_run_eagerly(data, tmp_path):
 
 
 def test_inspect_batch_size_auto_measures_on_the_device():
-    from freezetune.describe import describe_model
+    from freezetune.model.describe import describe_model
 
     text = describe_model("timm:test_efficientnet", img_size=32, batch_size="auto")
     assert "--batch-size auto -> 1024: the largest power of two whose forward and backward fit on cuda" in text

@@ -30,7 +30,7 @@ from freezetune.data.sampling import per_class_indices, stratified_split
 from freezetune.data.text import TextDataset
 from freezetune.data.validation import hold_out
 from freezetune.errors import ConfigError, DataError
-from freezetune.preprocess import Preprocess
+from freezetune.model.preprocess import Preprocess
 
 FASHION_DIR = fashion_mnist_dir()
 PRE = Preprocess(input_size=16, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
@@ -558,7 +558,7 @@ def test_stratified_split_edge_cases():
 def test_the_automatic_hold_out_takes_its_share_of_each_class_up_to_its_cap():
     # 10 % of a class, at most AUTO_VAL_MAX_PER_CLASS: Fashion-MNIST's 6 000 a class held out 50, not 600, and a
     # small class gives one
-    from freezetune.options import AUTO_VAL_FRACTION, AUTO_VAL_MAX_PER_CLASS
+    from freezetune.config.options import AUTO_VAL_FRACTION, AUTO_VAL_MAX_PER_CLASS
 
     targets = torch.tensor([0] * 2000 + [1] * 200 + [2] * 5)
     _, val = stratified_split(targets, AUTO_VAL_FRACTION, seed=0, max_per_class=AUTO_VAL_MAX_PER_CLASS)

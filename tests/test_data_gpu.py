@@ -25,9 +25,9 @@ from freezetune.data.gpu import (
     should_use_device_loader,
 )
 from freezetune.data.loaders import EpochOrder, Loaders
-from freezetune.distributed import DistInfo
+from freezetune.device.distributed import DistInfo
 from freezetune.errors import ConfigError, DataError
-from freezetune.preprocess import Preprocess
+from freezetune.model.preprocess import Preprocess
 
 PRE = Preprocess(input_size=32)
 

@@ -10,7 +10,7 @@ from PIL import Image
 
 from freezetune.data import build_datasets
 from freezetune.errors import DataError
-from freezetune.preprocess import Preprocess
+from freezetune.model.preprocess import Preprocess
 
 PRE = Preprocess(input_size=16)
 

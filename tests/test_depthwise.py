@@ -5,8 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-from freezetune import depthwise
-from freezetune.depthwise import FastDepthwiseConv2d, use_fast_depthwise
+from freezetune.device import depthwise
+from freezetune.device.depthwise import FastDepthwiseConv2d, use_fast_depthwise
 
 
 def _grads(conv: nn.Conv2d, x: torch.Tensor, grad: torch.Tensor):
@@ -108,9 +108,9 @@ def test_a_whole_efficientnet_step_matches_the_native_gradients():
 
 def test_a_cpu_run_trains_with_the_fast_layers_and_saves_plain_weights(tmp_path):
     from _engine_fixtures import make_image_folder
-    from freezetune import checkpoint
-    from freezetune.config import TrainConfig
-    from freezetune.trainer import Trainer
+    from freezetune.config.train_config import TrainConfig
+    from freezetune.run import checkpoint
+    from freezetune.training.trainer import Trainer
 
     data = make_image_folder(tmp_path / "images", train=4, val=2, test=0)
     cfg = TrainConfig(model="timm:test_efficientnet", weights="none", img_size=32, device="cpu", workers=0,

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from freezetune.describe import describe_model
+from freezetune.model.describe import describe_model
 
 
 def _table(text: str) -> dict[str, list[str]]:
@@ -47,7 +47,7 @@ def test_describe_model_batch_size_auto_estimates_at_the_size_train_would_pick(m
         seen.update(input_size=input_size, cap=kw["cap"], trainable=any(p.requires_grad for p in model.parameters()))
         return 256, "the largest power of two whose forward and backward fit"
 
-    monkeypatch.setattr("freezetune.memory.auto_batch_size", measured)
+    monkeypatch.setattr("freezetune.device.memory.auto_batch_size", measured)
     text = describe_model("timm:test_efficientnet", img_size=32, batch_size="auto", freeze="-2")
     assert "--batch-size auto -> 256: the largest power of two" in text and "estimate at batch 256," in text
     assert seen == {"input_size": 32, "cap": 1024, "trainable": True}  # measured on the frozen model, as train does

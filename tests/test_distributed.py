@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from _engine_fixtures import make_image_folder
-from freezetune import checkpoint
-from freezetune.distributed import DistInfo, init_from_env, wrap
-from freezetune.inference import evaluate_checkpoint
-from freezetune.reporting import read_metrics, unfreeze_events
+from freezetune.device.distributed import DistInfo, init_from_env, wrap
+from freezetune.inference.evaluation import evaluate_checkpoint
+from freezetune.run import checkpoint
+from freezetune.run.reporting import read_metrics, unfreeze_events
 
 
 def test_single_process_is_not_distributed(monkeypatch):
@@ -85,7 +85,7 @@ def test_a_torchrun_rank_ends_after_its_atexit_functions_without_the_interpreter
     script.write_text(
         textwrap.dedent("""
         import atexit, os
-        from freezetune import cli
+        from freezetune.cli import main as cli
 
         leave = os._exit
         os._exit = lambda code: (os.write(1, b" left at once"), leave(code))  # skips the interpreter's teardown
@@ -111,7 +111,7 @@ def test_dist_info_properties():
 def _run_dir_rank(rank: int, port: int, out: str, answers: str) -> None:
     import torch.distributed as dist
 
-    from freezetune import runtime
+    from freezetune.run import directory as runtime
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)

@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 from conftest import Terminal
-from freezetune.epoch_log import progress_bar
+from freezetune.training.epoch_log import progress_bar
 
 
 class _NotebookStream(io.StringIO):
@@ -55,7 +55,7 @@ def test_a_notebook_without_ipywidgets_gets_a_text_bar_without_tqdms_warning():
         "sys.modules['ipykernel.zmqshell'] = types.ModuleType('ipykernel.zmqshell')\n"
         "ipython = types.ModuleType('IPython'); ipython.get_ipython = lambda: object(); sys.modules['IPython'] = ipython\n"
         "sys.modules['ipywidgets'] = None\n"
-        "from freezetune.epoch_log import progress_bar\n"
+        "from freezetune.training.epoch_log import progress_bar\n"
         "bar = progress_bar(3, 'x', enabled=True)\n"
         "print(type(bar).__module__)\n"
     )
@@ -68,7 +68,7 @@ def test_a_notebooks_stream_behind_the_runs_pipe_guard_still_gets_the_live_bar(m
     # cli.main in a notebook: the guard hid the ipykernel stream, and the bar waited a minute, then a line a minute
     import os
 
-    from freezetune import cli_exit
+    from freezetune.cli import exit as cli_exit
 
     class OutStream(io.StringIO):  # as ipykernel's: a stream class of its own, over a pipe
         pass

@@ -12,11 +12,11 @@ import torch
 from torch import nn
 
 from freezetune.data import InMemoryImageDataset, Loaders
-from freezetune.distributed import DistInfo
-from freezetune.evaluate import evaluate, logits_of, predict_probs, to_device
-from freezetune.inference import evaluate_model
-from freezetune.precision import resolve_precision
-from freezetune.preprocess import Preprocess
+from freezetune.device.distributed import DistInfo
+from freezetune.device.precision import resolve_precision
+from freezetune.inference.evaluation import evaluate_model
+from freezetune.model.preprocess import Preprocess
+from freezetune.training.evaluate import evaluate, logits_of, predict_probs, to_device
 
 CPU = resolve_precision(torch.device("cpu"), "off")
 
@@ -80,7 +80,7 @@ def test_to_device_channels_last_only_for_images():
 
 def _ranks_in_threads(world: int, run):
     """Run ``run(rank)`` for every rank at once, threads standing in for processes and ``all_gather`` for gloo's."""
-    from freezetune import evaluate as evaluate_module
+    from freezetune.training import evaluate as evaluate_module
 
     slots, results, meet = [None] * world, [None] * world, threading.Barrier(world, timeout=30)
 

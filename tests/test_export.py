@@ -15,13 +15,13 @@ from safetensors.torch import load_file
 from torch import nn
 
 import freezetune as ft
-from freezetune import checkpoint
-from freezetune import export as export_module
-from freezetune.cli import main as cli_main
+from freezetune.cli.main import main as cli_main
 from freezetune.errors import CheckpointError, ConfigError
-from freezetune.export import export_checkpoint, weights_digest
-from freezetune.models import create_model
-from freezetune.preprocess import Preprocess
+from freezetune.inference import export as export_module
+from freezetune.inference.export import export_checkpoint, weights_digest
+from freezetune.model.create import create_model
+from freezetune.model.preprocess import Preprocess
+from freezetune.run import checkpoint
 
 pytestmark = pytest.mark.usefixtures("single_thread_module")
 
@@ -230,7 +230,7 @@ def hf_best_pt(tmp_path_factory):
     """A checkpoint of a tiny ViT from a local folder (its config says 2 labels) fine-tuned for 3 classes."""
     import transformers
 
-    from freezetune import hf_bundle
+    from freezetune.model import hf_bundle
 
     root = tmp_path_factory.mktemp("hf")
     config = transformers.ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37,
@@ -335,7 +335,7 @@ def test_a_hugging_face_image_model_whose_folder_is_gone_rebuilds_with_its_image
 
     import transformers
 
-    from freezetune import hf_bundle
+    from freezetune.model import hf_bundle
 
     config = transformers.ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37,
                                     image_size=32, patch_size=8)  # fmt: skip

@@ -174,7 +174,7 @@ def test_a_phones_jpeg_that_pillow_opens_as_mpo_decodes_reduced_and_is_scanned_a
 def test_datasets_read_a_photo_reduced_by_the_models_decode_side_and_it_barely_moves_the_input(tmp_path):
     from freezetune.data import build_datasets, build_eval_dataset
     from freezetune.data.transforms import eval_transform
-    from freezetune.preprocess import Preprocess
+    from freezetune.model.preprocess import Preprocess
 
     for split in ("train", "test"):
         for name in ("a", "b"):

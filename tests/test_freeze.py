@@ -11,7 +11,7 @@ from torch import nn
 
 import freezetune as ft
 from conftest import TinyCNN, bn_layers, clone_params, make_batch
-from freezetune.bn_policy import policies
+from freezetune.freezing.bn_policy import policies
 
 RESNET = ["stem", "layer1", "layer2", "layer3", "layer4", "fc"]
 
@@ -97,8 +97,8 @@ def test_unknown_spec_in_unfreeze_and_bad_types(resnet18):
 
 
 def test_public_unfreeze_is_the_function():
-    # the Unfreezer's module (freezetune.unfreezing) must not shadow the public ``ft.unfreeze`` function.
-    from freezetune.freeze import unfreeze
+    # the Unfreezer's module (freezetune.freezing.unfreezing) must not shadow the public ``ft.unfreeze`` function.
+    from freezetune.freezing.freeze import unfreeze
 
     assert ft.unfreeze is unfreeze
 
@@ -457,7 +457,7 @@ def test_a_bn_policy_no_batchnorm_layer_is_frozen_for_is_said_to_change_nothing(
     # --recipe bitfit --bn affine-only was taken, config.yaml said bn: affine-only, and every statistic moved
     import torchvision
 
-    from freezetune.bn_policy import idle_bn_policy
+    from freezetune.freezing.bn_policy import idle_bn_policy
 
     for spec, noted in (("none", True), ("bitfit", True), ("backbone", False)):
         model = torchvision.models.resnet18()
@@ -520,7 +520,7 @@ def test_unfreeze_finds_the_eval_hooks_of_a_freeze_made_before_the_module_was_re
 
     import torchvision
 
-    policy_module = importlib.import_module("freezetune.bn_policy")
+    policy_module = importlib.import_module("freezetune.freezing.bn_policy")
     model = torchvision.models.resnet18(num_classes=3)
     ft.freeze(model, "backbone")
 
@@ -534,21 +534,23 @@ def test_unfreeze_finds_the_eval_hooks_of_a_freeze_made_before_the_module_was_re
     assert not bn._forward_pre_hooks and model.train() and bn.training
 
 
-def test_a_model_pickled_whole_by_an_earlier_freezetune_loads_and_unfreezes(monkeypatch):
-    # its frozen BatchNorm layers' hook is pickled by name: freezetune.freeze._keep_eval, before the BatchNorm policy
-    # had a module of its own (bn_policy); without the name there, torch.load(model) failed
+@pytest.mark.parametrize("old_module", ["freezetune.freeze", "freezetune.bn_policy"])
+def test_a_model_pickled_whole_by_an_earlier_freezetune_loads_and_unfreezes(monkeypatch, old_module):
+    # its frozen BatchNorm layers' hook is pickled by name: freezetune.freeze._keep_eval before the BatchNorm policy
+    # had a module of its own, freezetune.bn_policy._keep_eval before the subpackages; without the name there,
+    # torch.load(model) failed
     import pickle
 
     import torchvision
 
-    from freezetune import bn_policy
+    from freezetune.freezing import bn_policy
 
     model = torchvision.models.resnet18(num_classes=3)
     ft.freeze(model, "backbone")
-    monkeypatch.setattr(bn_policy._keep_eval, "__module__", "freezetune.freeze")  # how the earlier one named it
+    monkeypatch.setattr(bn_policy._keep_eval, "__module__", old_module)  # how the earlier one named it
     data = pickle.dumps(model)
     monkeypatch.undo()
-    assert b"freezetune.freeze" in data
+    assert old_module.encode() in data
     loaded = pickle.loads(data)
     ft.unfreeze(loaded, "layer1")
     bn = loaded.layer1[0].bn1

@@ -1,4 +1,4 @@
-"""Dropout in the frozen stages (``freezetune/frozen_dropout.py``): drawn as built by default, or as at inference."""
+"""Dropout in the frozen stages (``freezetune/freezing/dropout.py``): drawn as built by default, or as at inference."""
 
 import copy
 
@@ -11,7 +11,7 @@ from torch import nn
 import freezetune as ft
 from freezetune.cache.model_split import split_model
 from freezetune.errors import SpecError
-from freezetune.frozen_dropout import dropout_note, held_layers
+from freezetune.freezing.dropout import dropout_note, held_layers
 
 
 class _Block(nn.Module):

@@ -1,6 +1,6 @@
-"""The CUDA-graph training step (``freezetune.graph_step``) on a CPU. CUDA's part (side stream, capture, replay) is
-tested in ``tests/test_cuda.py``; here a stand-in for it (``EagerReplay``: a replay runs the captured step's Python
-again, into the graph's outputs) runs everything else: the warm-up undone, the keys that recapture, the learning
+"""The CUDA-graph training step (``freezetune.training.graph_step``) on a CPU. CUDA's part (side stream, capture,
+replay) is tested in ``tests/test_cuda.py``; here a stand-in for it (``EagerReplay``: a replay runs the captured step's
+Python again, into the graph's outputs) runs everything else: the warm-up undone, the keys that recapture, the learning
 rates refilled, the epoch's last batch eager; and when a run's steps may be captured at all."""
 
 from __future__ import annotations
@@ -14,13 +14,13 @@ import torch
 from torch import nn
 
 from _engine_fixtures import make_image_folder
-from freezetune import graph_step, step
 from freezetune.cache.path import FeaturePath
-from freezetune.config import TrainConfig
-from freezetune.graph_step import CudaCapture, StepGraphs, graph_unsupported, restore, snapshot
-from freezetune.precision import resolve_precision
-from freezetune.step import Step
-from freezetune.trainer import Trainer
+from freezetune.config.train_config import TrainConfig
+from freezetune.device.precision import resolve_precision
+from freezetune.training import graph_step, step
+from freezetune.training.graph_step import CudaCapture, StepGraphs, graph_unsupported, restore, snapshot
+from freezetune.training.step import Step
+from freezetune.training.trainer import Trainer
 
 
 def _head(seed: int = 0) -> tuple[nn.Module, torch.optim.Optimizer]:
@@ -89,8 +89,8 @@ def test_steps_that_need_the_host_are_not_captured():
 
 
 def test_a_cpu_run_trains_eagerly():
-    from freezetune.checkpoint import TrainingState
-    from freezetune.epoch_log import TrainProgress
+    from freezetune.run.checkpoint import TrainingState
+    from freezetune.training.epoch_log import TrainProgress
 
     module, optimizer = _head()
     precision = resolve_precision(torch.device("cpu"), "off")

@@ -1,5 +1,5 @@
-"""The run's use of its device (``hardware.py``) where it meets the platform: peak-memory readings where Windows and
-macOS lack or report otherwise, channels_last, compilation, the RAM a container's limit leaves; and every command
+"""The run's use of its device (``device/hardware.py``) where it meets the platform: peak-memory readings where Windows
+and macOS lack or report otherwise, channels_last, compilation, the RAM a container's limit leaves; and every command
 importing without POSIX's resource."""
 
 from __future__ import annotations
@@ -11,14 +11,14 @@ import types
 import pytest
 import torch
 
-from freezetune import hardware
+from freezetune.device import hardware
 
 
 def test_every_command_imports_without_the_posix_resource_module():
     # Windows has no `resource`: imported at the top of the module of memory readings, it stopped train, eval,
     # predict, sweep and ft.train
     code = ("import sys; sys.modules['resource'] = None\n"
-            "import freezetune.cli, freezetune.trainer, freezetune.recipes, freezetune.sweep, freezetune.inference\n"
+            "import freezetune.cli.main, freezetune.training.trainer, freezetune.recipes.named, freezetune.recipes.sweep, freezetune.inference.evaluation\n"
             "print('imported')")  # fmt: skip
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and "imported" in proc.stdout, proc.stderr[-2000:]
@@ -50,7 +50,7 @@ def test_channels_last_asked_of_a_model_without_convolutions_is_said_to_have_no_
 
     from torch import nn
 
-    from freezetune.hardware import use_channels_last
+    from freezetune.device.hardware import use_channels_last
 
     mlp, cnn = nn.Sequential(nn.Linear(4, 2)), nn.Sequential(nn.Conv2d(3, 4, 3))
     with caplog.at_level(logging.WARNING, logger="freezetune"):
@@ -65,7 +65,7 @@ def test_compiling_drops_torchs_no_cuda_runtime_line_and_nothing_else(caplog):
     # CUDA_HOME='/usr/local'" among the run's lines
     import logging
 
-    from freezetune.hardware import recompile
+    from freezetune.device.hardware import recompile
 
     recompile(torch.nn.Linear(2, 2), backend="eager")
     logger = logging.getLogger("torch.utils.cpp_extension")

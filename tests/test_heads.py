@@ -1,4 +1,4 @@
-"""The classifier head (``freezetune.heads``): what is new after ``replace_head`` is the head stage, and nothing
+"""The classifier head (``freezetune.model.heads``): what is new after ``replace_head`` is the head stage, and nothing
 pretrained is; every output of the classes is replaced."""
 
 from __future__ import annotations
@@ -118,7 +118,7 @@ def test_an_input_too_small_for_an_aux_classifier_is_refused_at_set_up():
     # Inception v3 passed the eval-mode size check at 160 px and died in a traceback at the first training step, in
     # the aux classifier that only training runs; and its random-init default was 224 px, already too small for it
     from freezetune.errors import ConfigError
-    from freezetune.models import create_model
+    from freezetune.model.create import create_model
 
     with pytest.raises(ConfigError, match="inception_v3 does not take 160 px images .* give --img-size 299"):
         create_model("torchvision:inception_v3", "none", img_size=160)

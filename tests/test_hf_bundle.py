@@ -6,7 +6,7 @@ import base64
 import os
 from pathlib import Path
 
-from freezetune.hf_bundle import rebuilt_folder
+from freezetune.model.hf_bundle import rebuilt_folder
 
 
 def test_a_home_without_a_writable_cache_rebuilds_the_bundle_in_the_temp_dir(tmp_path, monkeypatch):

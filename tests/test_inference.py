@@ -9,17 +9,17 @@ import pytest
 import torch
 
 from _engine_fixtures import CLASSES, confident_checkpoint, make_image_folder
-from freezetune import checkpoint
 from freezetune.errors import DataError
-from freezetune.inference import (
+from freezetune.inference.evaluation import (
     evaluate_checkpoint,
     evaluate_model,
     load_model,
     write_evaluation,
 )
-from freezetune.metrics import format_report
-from freezetune.predict import predict_files
-from freezetune.preprocess import Preprocess
+from freezetune.inference.predict import predict_files
+from freezetune.model.preprocess import Preprocess
+from freezetune.run import checkpoint
+from freezetune.training.metrics import format_report
 
 pytestmark = pytest.mark.usefixtures("single_thread_module")
 
@@ -56,7 +56,7 @@ def test_evaluate_checkpoint_takes_a_record_and_a_dataset(best_pt, data):
 def test_evaluate_checkpoint_scores_at_the_runs_batch_size_unless_given_one(best_pt, data, monkeypatch):
     # the loss's float rounding depends on the batch size on some CPUs (an Intel Xeon's oneDNN convolutions): at the
     # dataclass default, eval of best.pt missed the run's test_metrics.json in the 8th digit
-    from freezetune import inference
+    from freezetune.inference import evaluation as inference
 
     sizes = []
     real = inference.Loaders
@@ -126,7 +126,7 @@ def test_write_evaluation_writes_the_plot_and_json_it_is_given(best_pt, data, tm
 def test_a_checkpoint_is_loaded_for_inference_in_fp32_on_any_device(best_pt, monkeypatch):
     # the docstring said fp32 (AMP off); resolve_precision's "auto" made eval and predict bf16 on a CUDA card, where
     # exports' fp32 graphs and the numbers on another card differed in the last digits
-    from freezetune import inference
+    from freezetune.inference import evaluation as inference
 
     asked = []
     real = inference.resolve_precision

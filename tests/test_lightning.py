@@ -416,7 +416,7 @@ def test_the_callback_takes_stage_lrs_as_param_groups_does_and_refuses_bad_lrs_w
 def test_the_callback_gives_the_frozen_stages_dropout_its_policy():
     from torch import nn
 
-    from freezetune.frozen_dropout import held_layers
+    from freezetune.freezing.dropout import held_layers
 
     lit = nn.Module()  # the callback reads the network from the module's .model
     lit.model = nn.Sequential(nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.5)), nn.Linear(4, 2))

@@ -9,9 +9,9 @@ import torch
 import yaml
 from torch.nn import functional as F
 
-import freezetune.run_setup as run_setup
+import freezetune.run.setup as run_setup
 from _engine_fixtures import make_image_folder, run_cli, train_argv
-from freezetune.loss import balanced_class_weights, imbalance_note, training_loss
+from freezetune.training.loss import balanced_class_weights, imbalance_note, training_loss
 
 
 def test_balanced_weights_make_every_class_weigh_the_same_and_average_one():

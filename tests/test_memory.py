@@ -9,8 +9,8 @@ from torch import nn
 from torch.nn import functional as F
 
 import freezetune as ft
-from freezetune.memory import estimate_memory, format_memory, measured_peak
-from freezetune.models import create_model
+from freezetune.device.memory import estimate_memory, format_memory, measured_peak
+from freezetune.model.create import create_model
 
 pytestmark = pytest.mark.usefixtures("single_thread_module")
 
@@ -141,7 +141,7 @@ _DOUBLING = [2, 4, 8, 16, 32, 64, 128, 256]
 def test_batch_size_search_keeps_the_largest_power_of_two_that_fits(limit, cap, want, tried):
     from contextlib import nullcontext
 
-    from freezetune.memory import _fits, find_batch_size
+    from freezetune.device.memory import _fits, find_batch_size
 
     model = _SmallDevice(limit).train()
     running = model.body[1].running_mean.clone()
@@ -156,7 +156,7 @@ def test_a_cuda_librarys_refusal_of_a_batch_too_large_ends_the_search_and_anothe
     # on a large card the doubling reaches batches cuDNN or cuBLAS refuse before memory runs out: they ended the run
     from contextlib import nullcontext
 
-    from freezetune.memory import _fits, find_batch_size
+    from freezetune.device.memory import _fits, find_batch_size
 
     refused = RuntimeError("cuDNN error: CUDNN_STATUS_NOT_SUPPORTED. This error may appear if you passed in a "
                            "non-contiguous input.")  # fmt: skip
@@ -169,7 +169,7 @@ def test_a_cuda_librarys_refusal_of_a_batch_too_large_ends_the_search_and_anothe
 
 
 def test_batch_size_auto_off_cuda_keeps_the_default_and_says_so():
-    from freezetune.memory import auto_batch_size
+    from freezetune.device.memory import auto_batch_size
 
     size, why = auto_batch_size(_SmallDevice(1), 8, device=torch.device("cpu"), cap=1000, default=32)
     assert size == 32 and "default 32" in why and "no CUDA device" in why
@@ -219,8 +219,8 @@ def test_a_text_model_is_estimated_on_batches_of_token_ids():
     (64, False, "the machine ran out of memory (RAM) at batch size 64; try --batch-size 32;"),  # eval, predict
 ])  # fmt: skip
 def test_the_machines_ram_running_out_names_what_to_try_once_and_only_the_flags_the_command_has(batch, training, said):
+    from freezetune.device.memory import out_of_memory_hint
     from freezetune.errors import ResourceError
-    from freezetune.memory import out_of_memory_hint
 
     with pytest.raises(ResourceError) as info, out_of_memory_hint(batch, training=training):
         raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory: you tried "

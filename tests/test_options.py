@@ -6,12 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from freezetune import options
-from freezetune.config import FIELD_CHOICES, TrainConfig
-from freezetune.config_check import validate
+from freezetune.config import options
+from freezetune.config.check import validate
+from freezetune.config.options import AugPreset
+from freezetune.config.train_config import FIELD_CHOICES, TrainConfig
 from freezetune.errors import ConfigError, FreezetuneError, choices
-from freezetune.options import AugPreset
-from freezetune.preprocess import Preprocess
+from freezetune.model.preprocess import Preprocess
 
 
 def _message(call) -> str:
@@ -27,8 +27,8 @@ def _owner_calls():
     from freezetune.data import InMemoryImageDataset, train_transform
     from freezetune.data.augment import BatchAugment
     from freezetune.data.gpu import should_use_device_loader
-    from freezetune.freeze import freeze
-    from freezetune.precision import resolve_precision
+    from freezetune.device.precision import resolve_precision
+    from freezetune.freezing.freeze import freeze
 
     ds = InMemoryImageDataset(torch.zeros(1, 4, 4, dtype=torch.uint8), torch.zeros(1), ["a"])
     return {
@@ -116,7 +116,7 @@ def test_data_checks_and_config_checks_say_the_same():
 def test_memory_estimate_covers_every_optimizer_choice():
     from torch import nn
 
-    from freezetune.memory import estimate_memory
+    from freezetune.device.memory import estimate_memory
 
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 6 * 6, 2))
     state = {opt: estimate_memory(model, 8, 2, optimizer=opt)["full"]["optimizer"] for opt in options.OPTIMIZERS}
@@ -127,8 +127,8 @@ def test_library_defaults_are_the_config_defaults():
     import inspect
 
     from freezetune.data import train_transform
-    from freezetune.freeze import freeze, freeze_to, unfreeze
-    from freezetune.unfreezing import Unfreezer
+    from freezetune.freezing.freeze import freeze, freeze_to, unfreeze
+    from freezetune.freezing.unfreezing import Unfreezer
 
     defaults = TrainConfig()
     for fn in (freeze, freeze_to):
@@ -142,7 +142,7 @@ def test_library_defaults_are_the_config_defaults():
 @pytest.mark.parametrize("bad", ["nan", "inf", "1e400", "0", "-5m"])
 def test_a_budget_that_is_no_positive_finite_duration_is_refused(bad):
     # nan and inf passed, and crashed (math.floor) after every trial of the auto recipe
-    from freezetune.options import parse_duration
+    from freezetune.config.options import parse_duration
 
     with pytest.raises(ConfigError, match=f"budget must be a positive, finite duration such as 90s, 5m, 1.5h or "
                                           f"1h30m \\(a plain number is seconds\\), got '{bad}'"):  # fmt: skip
@@ -154,14 +154,14 @@ def test_a_budget_that_is_no_positive_finite_duration_is_refused(bad):
                                                ("1e3s", 1000), ("1_000s", 1000)])  # fmt: skip
 def test_a_budget_reads_a_duration_of_hours_minutes_and_seconds(text, seconds):
     # "1h30m" was refused: a budget of an hour and a half had to be typed as 5400 or 1.5h
-    from freezetune.options import parse_duration
+    from freezetune.config.options import parse_duration
 
     assert parse_duration(text) == seconds
 
 
 @pytest.mark.parametrize("bad", ["1:30", "5min", "1m1h", "1h1h", "1h30", "m", "30s5"])
 def test_a_budget_that_is_no_duration_names_the_forms(bad):
-    from freezetune.options import parse_duration
+    from freezetune.config.options import parse_duration
 
     with pytest.raises(ConfigError, match=f"budget '{bad}' is not a duration such as 90s, 5m, 1.5h or 1h30m"):
         parse_duration(bad)

@@ -57,6 +57,25 @@ def test_a_plain_import_reaches_the_submodules_as_the_readme_writes_them():
     assert out.stdout == "load_image freeze\nmodule 'freezetune' has no attribute 'nosuch'\n", out.stderr
 
 
+def test_the_flat_layouts_module_paths_still_import_the_same_modules_with_a_warning():
+    # before the subpackages (model/, freezing/, training/, ...): a model saved whole names them, and so may a
+    # user's code; each old path is the module now at its new one, and the package's functions stay functions
+    import subprocess
+    import sys
+
+    check = ("import warnings\nwarnings.simplefilter('always')\nimport freezetune as ft\n"
+             "from freezetune.stages import stages\nimport freezetune.depthwise, freezetune.run_setup, freezetune.freeze\n"
+             "from freezetune.device.depthwise import FastDepthwiseConv2d\n"
+             "print(stages is ft.stages, freezetune.depthwise.FastDepthwiseConv2d is FastDepthwiseConv2d,\n"
+             "      freezetune.run_setup.__spec__.name, callable(ft.freeze))\n")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True)
+    assert out.stdout == "True True freezetune.run.setup True\n", out.stderr
+    for old, new in [("stages", "model.stages"), ("depthwise", "device.depthwise"), ("run_setup", "run.setup")]:
+        assert f"DeprecationWarning: freezetune.{old} is now freezetune.{new}" in out.stderr
+    missing = subprocess.run([sys.executable, "-c", "import freezetune.nosuch"], capture_output=True, text=True)
+    assert "No module named 'freezetune.nosuch'" in missing.stderr
+
+
 def test_the_package_names_each_public_name_alike_for_users_editors_and_star_imports():
     # freezetune/__init__ lists its public names three times: the lazy map (what ``ft.NAME`` imports), the
     # TYPE_CHECKING imports (what an editor resolves), and __all__ (what static tools and ``import *`` read)

@@ -10,8 +10,8 @@ import pytest
 
 from _engine_fixtures import CLASSES, confident_checkpoint, cut_exif_jpeg, make_image_folder
 from freezetune.errors import ConfigError, DataError
-from freezetune.inference import load_model
-from freezetune.predict import format_predictions, predict_files
+from freezetune.inference.evaluation import load_model
+from freezetune.inference.predict import format_predictions, predict_files
 
 pytestmark = pytest.mark.usefixtures("single_thread_module")
 
@@ -55,7 +55,7 @@ def test_predict_reads_a_photo_as_evaluation_does_its_jpeg_reduced_by_the_models
     from PIL import Image
 
     from freezetune.data import build_eval_dataset
-    from freezetune.evaluate import predict_probs
+    from freezetune.training.evaluate import predict_probs
 
     photo = tmp_path / "photos" / "red" / "big.jpg"
     photo.parent.mkdir(parents=True)
@@ -152,7 +152,7 @@ def test_format_predictions_one_line_per_image():
 
 def test_each_record_is_handed_on_as_soon_as_its_batch_is_scored(best_pt, data, monkeypatch, tmp_path):
     # 10 000 images printed nothing until the last was scored (and `| head` waited for all of them)
-    from freezetune import predict
+    from freezetune.inference import predict
 
     files = sorted(str(p) for p in (data / "test").rglob("*.png"))
     scored, seen = [], []
@@ -167,7 +167,7 @@ def test_each_record_is_handed_on_as_soon_as_its_batch_is_scored(best_pt, data, 
 
 
 def test_printed_records_as_one_json_list_as_json_lines_and_as_lines(best_pt, data, capsys, tmp_path):
-    from freezetune.predict import PredictionPrinter
+    from freezetune.inference.predict import PredictionPrinter
 
     files = sorted(str(p) for p in (data / "test" / "red").glob("*.png"))[:2]
     (tmp_path / "bad.png").write_bytes(b"not a png")
@@ -191,8 +191,8 @@ def test_printed_records_as_one_json_list_as_json_lines_and_as_lines(best_pt, da
 
 
 def test_many_images_on_a_cpu_are_predicted_by_a_folded_copy_as_by_the_model(best_pt, data, monkeypatch):
-    from freezetune import predict as predict_module
-    from freezetune.bn_fold import folded
+    from freezetune.device.bn_fold import folded
+    from freezetune.inference import predict as predict_module
 
     files = sorted(str(p) for p in (data / "test").rglob("*.png"))
     loaded = load_model(best_pt, device="cpu")

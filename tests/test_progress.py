@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from freezetune.errors import ConfigError
-from freezetune.progress import Progress
+from freezetune.training.progress import Progress
 
 
 @pytest.mark.parametrize(("monitor", "metrics", "best"), [

@@ -1,5 +1,5 @@
-"""Named recipes end to end on a tiny model (``recipes.py``): what each freezes and trains, the options a recipe sets
-itself, their phases, and stopping and resuming them (the auto recipe: test_auto.py; sweeps: test_sweep.py)."""
+"""Named recipes end to end on a tiny model (``recipes/named.py``): what each freezes and trains, the options a recipe
+sets itself, their phases, and stopping and resuming them (the auto recipe: test_auto.py; sweeps: test_sweep.py)."""
 
 from __future__ import annotations
 
@@ -12,15 +12,16 @@ import pytest
 import torch
 
 from _engine_fixtures import CLASSES, make_idx_dir, make_image_folder, recipe_cfg, run_cli, stopping_at, train_argv
-from freezetune import checkpoint, recipes
-from freezetune.config import TrainConfig
-from freezetune.config_check import validate
-from freezetune.config_file import load_config
+from freezetune.config.check import validate
+from freezetune.config.file import load_config
+from freezetune.config.train_config import TrainConfig
 from freezetune.errors import ConfigError
-from freezetune.freeze import freeze
-from freezetune.models import create_model
-from freezetune.recipes import phases, recipe_of
-from freezetune.stages import replace_head
+from freezetune.freezing.freeze import freeze
+from freezetune.model.create import create_model
+from freezetune.model.stages import replace_head
+from freezetune.recipes import named as recipes
+from freezetune.recipes.named import phases, recipe_of
+from freezetune.run import checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -189,7 +190,7 @@ def test_lp_ft_fine_tunes_every_layer_from_the_probed_head(data, tmp_path, capsy
 
 def test_a_recipes_training_seconds_count_every_phase(data, tmp_path):
     # the sweep listed lp-ft at its fine-tune's seconds: the probe (its cache build too) trained first, uncounted
-    from freezetune.progress import RunResult
+    from freezetune.training.progress import RunResult
 
     def timed(cfg, echo, recipe_run=False):
         Path(cfg.out).mkdir(parents=True, exist_ok=True)
@@ -209,7 +210,7 @@ def test_a_recipes_training_seconds_count_every_phase(data, tmp_path):
 
 def test_a_two_phase_recipe_without_out_keeps_its_phases_in_one_run_dir(data, tmp_path, monkeypatch):
     # without --out, lp-ft's probe and fine-tune made two unrelated runs/ dirs and no log held the phase lines
-    from freezetune.trainer import train
+    from freezetune.training.trainer import train
 
     monkeypatch.chdir(tmp_path)
     result = train(dataclasses.replace(recipe_cfg(data, None, recipe="lp-ft", epochs=1), out=None), echo=lambda _: None)
@@ -267,7 +268,7 @@ def test_a_named_recipe_stopped_in_any_phase_resumes_with_its_own_command_and_re
                                                                                       monkeypatch, recipe, stop_in):  # fmt: skip
     # "stopped ... continue with --resume": the same command with --resume was refused (recipe gradual sets freeze
     # itself, laid over its phase's config.yaml); an lp-ft stopped in its probe could not be resumed at all
-    from freezetune import trainer
+    from freezetune.training import trainer
 
     argv = train_argv(data, tmp_path / "run", "--epochs", "2", "--recipe", recipe)
     # Ctrl-C as the second epoch of the phase starts
@@ -286,7 +287,7 @@ def test_a_recipe_record_of_another_freezetune_falls_back_to_the_runs_config(tmp
     # a key this freezetune no longer knows raised from TrainConfig (now a ConfigError): the fallback missed it
     import json
 
-    from freezetune.recipes import asked_config
+    from freezetune.recipes.named import asked_config
 
     (tmp_path / "recipe.json").write_text(json.dumps({"recipe": "lp-ft", "asked": {"data": "d", "old_key": 1}}))
     (tmp_path / "config.yaml").write_text("freeze: none\n")
@@ -295,7 +296,7 @@ def test_a_recipe_record_of_another_freezetune_falls_back_to_the_runs_config(tmp
 
 def test_checking_the_test_split_builds_no_model_for_an_image_folder_beside_a_train_csv(tmp_path, monkeypatch):
     # Kaggle's train/, test/ and train.csv (of image ids): the model was built only to learn it is not a text model
-    from freezetune import recipes
+    from freezetune.recipes import named as recipes
 
     make_image_folder(tmp_path / "kaggle")
     (tmp_path / "kaggle" / "train.csv").write_text("id,label\n1,red\n")
@@ -305,7 +306,7 @@ def test_checking_the_test_split_builds_no_model_for_an_image_folder_beside_a_tr
 
 def test_checking_the_test_split_counts_its_images_or_texts(tmp_path):
     # what a --budget leaves time to score at the end
-    from freezetune import recipes
+    from freezetune.recipes import named as recipes
 
     make_image_folder(tmp_path / "images", train=3, val=0, test=2)
     assert recipes.check_test_data(TrainConfig(data=str(tmp_path / "images"))) == 2 * len(CLASSES)
@@ -334,9 +335,10 @@ def test_a_named_recipe_refused_at_its_first_phases_set_up_leaves_no_run_dir(dat
 
 def test_a_named_recipe_stopped_by_an_error_after_its_first_phase_keeps_its_request_to_resume(data, tmp_path,
                                                                                              monkeypatch):  # fmt: skip
-    from freezetune import recipes, trainer
     from freezetune.errors import DataError
-    from freezetune.runtime import RECIPE_FILE
+    from freezetune.recipes import named as recipes
+    from freezetune.run.directory import RECIPE_FILE
+    from freezetune.training import trainer
 
     calls = []
 
@@ -357,7 +359,7 @@ def test_a_named_recipe_resumed_between_its_phases_refuses_a_changed_setting(dat
     # an lp-ft stopped before its fine-tune's first epoch ended resumed with --lr 0.01: the finished probe was kept,
     # the fine-tune trained at the new LR, and the run's own --resume was refused from then on
     from _engine_fixtures import snapshot
-    from freezetune import trainer
+    from freezetune.training import trainer
 
     argv = train_argv(data, tmp_path / "run", "--epochs", "2", "--recipe", "lp-ft")
     # Ctrl-C as the fine-tune's first epoch starts (the probe has finished)
@@ -379,7 +381,7 @@ def test_a_named_recipe_stopped_in_its_first_phase_refuses_a_fresh_command_and_s
     # the command again without --resume (and another --lr) rewrote recipe.json and was refused only by the probe;
     # the run's own --resume was then refused for "lr 0.01 -> 0.1", a change the user never made
     from _engine_fixtures import snapshot
-    from freezetune import trainer
+    from freezetune.training import trainer
 
     argv = train_argv(data, tmp_path / "run", "--epochs", "2", "--recipe", "lp-ft")
     stop = stopping_at(lambda run, epoch: epoch == 1 and run.run_dir.name == "probe")  # as the probe's 2nd epoch starts

@@ -7,10 +7,10 @@ import csv
 import pytest
 import torch
 
-from freezetune import epoch_log
 from freezetune._io import atomic_write_text
-from freezetune.epoch_log import format_epoch_line
-from freezetune.reporting import MetricsLogger, plot_report, read_metrics, unfreeze_events
+from freezetune.run.reporting import MetricsLogger, plot_report, read_metrics, unfreeze_events
+from freezetune.training import epoch_log
+from freezetune.training.epoch_log import format_epoch_line
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -157,7 +157,7 @@ def test_format_epoch_line():
 
 def test_gpu_readings_reach_the_row_the_log_line_and_the_csv(tmp_path):
     # on CUDA, TrainProgress adds GpuMonitor's averages to the train stats: they become columns and log text
-    from freezetune.epoch_log import epoch_row
+    from freezetune.training.epoch_log import epoch_row
 
     train = {"train_loss": 1.0, "train_acc": 0.5, "samples": 8, "gpu_util_pct": 87.0, "gpu_mem_mb": 2048.0}
     row = epoch_row(0, 2, train, None, seconds=1.0, optimizer=None, params=(1, 2), peak_mb=0.0, unfrozen=["layer4"])
@@ -212,7 +212,7 @@ def test_an_epochs_meter_takes_more_batches_than_announced():
 
 
 def test_the_report_draws_one_lr_line_a_stage_and_whole_epochs(tmp_path):
-    from freezetune import reporting
+    from freezetune.run import reporting
 
     log = reporting.MetricsLogger(tmp_path, tensorboard=False)
     for e in (1, 2, 3):
@@ -227,7 +227,7 @@ def test_the_best_epoch_is_named_in_the_accuracy_legend_not_over_the_curves():
     # its label sat 14 points under the ring, across the val_acc line on its way down
     from matplotlib.figure import Figure
 
-    from freezetune import reporting
+    from freezetune.run import reporting
 
     rows = [{"epoch": e, "train_acc": t, "val_acc": v} for e, t, v in [(1, 0.5, 0.6), (2, 0.8, 0.78), (3, 0.85, 0.77)]]
     ax = Figure().subplots()
@@ -243,7 +243,7 @@ def test_the_best_epoch_is_named_in_the_accuracy_legend_not_over_the_curves():
 
 def test_the_loss_panel_says_which_loss_each_curve_is():
     # train_loss (label-smoothed, class-weighted) above val_loss (plain cross-entropy) read as underfitting, unlabelled
-    from freezetune import reporting
+    from freezetune.run import reporting
 
     rows = [{"epoch": e, "train_loss": 0.4, "val_loss": 0.2, "train_acc": 1.0, "val_acc": 0.95} for e in (1, 2)]
     legend = [t.get_text() for t in reporting.report_figure(rows, "r").axes[0].get_legend().get_texts()]
@@ -254,7 +254,7 @@ def test_under_monitor_val_loss_the_ring_marks_best_pts_epoch_on_the_loss_panel(
     # the ring followed the highest accuracy whatever --monitor said: epoch 1 here, where best.pt held epoch 3
     from matplotlib.figure import Figure
 
-    from freezetune import reporting
+    from freezetune.run import reporting
 
     rows = [{"epoch": e, "val_loss": loss, "val_acc": acc} for e, loss, acc in [(1, 0.9, 0.6), (2, 0.5, 0.5),
                                                                                 (3, 0.4, 0.55)]]  # fmt: skip
@@ -267,7 +267,7 @@ def test_under_monitor_val_loss_the_ring_marks_best_pts_epoch_on_the_loss_panel(
 
 
 def test_under_monitor_val_f1_the_accuracy_panel_draws_macro_f1_and_rings_best_pts_epoch_on_it():
-    from freezetune import reporting
+    from freezetune.run import reporting
 
     rows = [{"epoch": e, "train_loss": 1.0, "val_loss": 0.5, "train_acc": 0.7, "val_acc": acc, "val_f1": f1}
             for e, acc, f1 in [(1, 0.90, 0.40), (2, 0.88, 0.62), (3, 0.91, 0.55)]]  # fmt: skip
@@ -281,7 +281,7 @@ def test_under_monitor_val_f1_the_accuracy_panel_draws_macro_f1_and_rings_best_p
 def test_without_best_pts_epoch_the_ring_breaks_a_tie_as_best_pt_does():
     # a tie on the monitored metric goes to the epoch with the better other one (Progress.update); the ring sat on
     # the first epoch of the tie
-    from freezetune import reporting
+    from freezetune.run import reporting
 
     rows = [{"epoch": e, "val_f1": f1, "val_loss": loss, "val_acc": 0.5}
             for e, f1, loss in [(1, 0.4, 0.9), (2, 0.6, 0.7), (3, 0.6, 0.5), (4, 0.6, 0.6)]]  # fmt: skip

@@ -1,4 +1,4 @@
-"""Seeds and the random generators' state a checkpoint carries (``rng.py``)."""
+"""Seeds and the random generators' state a checkpoint carries (``training/rng.py``)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import random
 import numpy as np
 import torch
 
-from freezetune import checkpoint, rng
+from freezetune.run import checkpoint
+from freezetune.training import rng
 
 
 def test_rng_state_round_trips_through_a_weights_only_checkpoint(tmp_path):

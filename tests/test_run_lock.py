@@ -11,10 +11,11 @@ from pathlib import Path
 import pytest
 
 from _engine_fixtures import make_image_folder, run_cli, snapshot, train_argv
-from freezetune import run_lock, runtime
-from freezetune.run_lock import RunDirInUse
+from freezetune.run import directory as runtime
+from freezetune.run import lock as run_lock
+from freezetune.run.lock import RunDirInUse
 
-HOLDER = "import sys, time; from freezetune import run_lock; run_lock.claim(sys.argv[1]); print('held', flush=True); " \
+HOLDER = "import sys, time; from freezetune.run import lock as run_lock; run_lock.claim(sys.argv[1]); print('held', flush=True); " \
          "time.sleep(120)"  # fmt: skip
 
 
@@ -54,7 +55,7 @@ def test_claims_are_reentrant_in_a_process_and_released_by_the_scope_that_made_t
 
 
 def _refused_elsewhere(run_dir: Path) -> bool:
-    code = "import sys; from freezetune import run_lock\ntry:\n run_lock.claim(sys.argv[1])\nexcept run_lock." \
+    code = "import sys; from freezetune.run import lock as run_lock\ntry:\n run_lock.claim(sys.argv[1])\nexcept run_lock." \
            "RunDirInUse:\n sys.exit(3)"  # fmt: skip
     return subprocess.run([sys.executable, "-c", code, str(run_dir)]).returncode == 3
 
@@ -90,8 +91,8 @@ def test_runs_without_out_started_in_one_second_get_a_directory_each(tmp_path, m
 
 
 def test_a_second_sweep_into_a_directory_in_use_is_refused_before_any_recipe(tmp_path):
-    from freezetune.config import TrainConfig
-    from freezetune.sweep import sweep
+    from freezetune.config.train_config import TrainConfig
+    from freezetune.recipes.sweep import sweep
 
     (tmp_path / "no-data-needed").mkdir()  # not read: the sweep only checks that it exists
     cfg = TrainConfig(data=str(tmp_path / "no-data-needed"), model="timm:test_efficientnet", weights="none",
@@ -125,7 +126,7 @@ def test_a_run_started_by_a_worker_importing_an_unguarded_script_is_refused_with
     import multiprocessing
 
     import freezetune as ft
-    from freezetune.config import TrainConfig
+    from freezetune.config.train_config import TrainConfig
 
     monkeypatch.setattr(multiprocessing.current_process(), "_inheriting", True, raising=False)  # (as spawn sets it)
     monkeypatch.setattr(sys, "argv", [str(tmp_path / "finetune.py")])
@@ -142,7 +143,7 @@ def test_an_unguarded_script_run_with_spawned_workers_says_what_to_do(tmp_path):
         "import multiprocessing\n"
         "multiprocessing.set_start_method('spawn', force=True)  # as on macOS\n"
         "import freezetune as ft\n"
-        "from freezetune.config import TrainConfig\n"
+        "from freezetune.config.train_config import TrainConfig\n"
         f"ft.train(TrainConfig(model='timm:test_efficientnet', weights='none', data={str(data)!r}, img_size=16, "
         f"epochs=1, freeze='-2', workers=2, cache='off', device='cpu', out={str(tmp_path / 'run')!r}, "
         "tensorboard=False, progress=False, final_test=False))\n"

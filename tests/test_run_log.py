@@ -8,8 +8,9 @@ import re
 import pytest
 
 from _engine_fixtures import make_image_folder, run_cli, train_argv
-from freezetune import run_log, step
-from freezetune.run_log import LOG_FILE, log, log_to, opened
+from freezetune.run import log as run_log
+from freezetune.run.log import LOG_FILE, log, log_to, opened
+from freezetune.training import step
 
 pytestmark = pytest.mark.usefixtures("single_thread_module")
 STAMP = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d  ")
@@ -107,7 +108,7 @@ def test_an_error_leaving_nested_levels_is_logged_once_per_file_and_a_stop_worde
     import signal
 
     from freezetune.errors import DataError
-    from freezetune.interrupt import RunInterrupted
+    from freezetune.run.interrupt import RunInterrupted
 
     (tmp_path / "run" / "trial").mkdir(parents=True)
     with pytest.raises(DataError):
@@ -139,7 +140,7 @@ def test_a_stop_leaving_a_level_that_shares_its_outer_levels_file_is_logged_unde
     # the stop line, as if a second command had written there
     import signal
 
-    from freezetune.interrupt import RunInterrupted
+    from freezetune.run.interrupt import RunInterrupted
 
     (tmp_path / "run").mkdir()
     with pytest.raises(RunInterrupted):
@@ -160,7 +161,7 @@ def test_a_stop_leaving_a_level_that_shares_its_outer_levels_file_is_logged_unde
 def test_a_bug_is_logged_with_its_traceback_and_a_stop_as_the_line_it_prints(tmp_path):
     import signal
 
-    from freezetune.interrupt import RunInterrupted
+    from freezetune.run.interrupt import RunInterrupted
 
     (tmp_path / "a").mkdir()
     with pytest.raises(ZeroDivisionError), log(lambda line: None, tmp_path / "a"):
@@ -179,8 +180,8 @@ def test_a_user_error_is_logged_as_itself_after_an_earlier_stop_in_the_process(t
     # a notebook: a run stopped by Ctrl-C, then another failed on its data; the log said it had been stopped
     import signal
 
-    from freezetune import interrupt
     from freezetune.errors import DataError
+    from freezetune.run import interrupt
 
     monkeypatch.setattr(interrupt, "raised_stop", lambda: interrupt.RunInterrupted(signal.SIGINT, "stopped by SIGINT"))
     (tmp_path / "a").mkdir()
@@ -194,7 +195,7 @@ def test_a_warning_is_said_once_but_kept_in_each_nested_runs_log_and_from_other_
     # a sweep: its second recipe's train.log lacked the data warnings its first had said
     import threading
 
-    from freezetune.run_log import warn_once
+    from freezetune.run.log import warn_once
 
     logger = logging.getLogger("freezetune.test")
     (tmp_path / "s" / "r1").mkdir(parents=True)
@@ -218,7 +219,7 @@ def test_a_warning_is_said_once_but_kept_in_each_nested_runs_log_and_from_other_
 def test_a_warning_reaches_stderr_from_the_python_api_once_where_no_logging_is_set_up(tmp_path, monkeypatch, capsys):
     # a notebook calling ft.train: the handler that keeps warnings in train.log turned off logging's last resort, and
     # the data's warnings (test images that are copies of training images) showed nowhere but in the file
-    from freezetune.run_log import warn_once
+    from freezetune.run.log import warn_once
 
     monkeypatch.setattr(logging.getLogger(), "handlers", [])  # no logging.basicConfig (pytest's capture removed)
     logger = logging.getLogger("freezetune.test")
@@ -237,7 +238,7 @@ def test_a_stop_raised_in_an_earlier_run_of_the_process_does_not_word_a_later_ru
     # a notebook: Ctrl-C stopped one ft.train; the next failed on a bug, and its train.log said "stopped by SIGINT"
     import signal
 
-    from freezetune import interrupt
+    from freezetune.run import interrupt
 
     monkeypatch.setattr(interrupt, "_raised", interrupt.RunInterrupted.by(signal.SIGINT, "outside a training step"))
     (tmp_path / "a").mkdir()

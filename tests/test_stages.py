@@ -576,7 +576,7 @@ def test_a_norm_after_a_layer_of_an_hf_task_head_trains_with_it():
 )  # fmt: skip
 def test_a_pretrained_hf_layer_the_logits_do_not_read_is_no_stage_of_its_own(build, unused, monkeypatch):
     # it was the last stage before the head: freeze_to(-2) trained it (no gradient ever reached it) and no block
-    from freezetune import stages_hf
+    from freezetune.model import stages_hf
 
     monkeypatch.setattr(stages_hf, "_UNUSED", {})  # measured afresh, not remembered from another test's model
     model = build()
@@ -596,7 +596,7 @@ def test_a_pretrained_hf_layer_the_logits_do_not_read_is_no_stage_of_its_own(bui
 
 
 def test_a_pretrained_hf_pooler_the_classifier_reads_stays_a_stage(monkeypatch):
-    from freezetune import stages_hf
+    from freezetune.model import stages_hf
 
     monkeypatch.setattr(stages_hf, "_UNUSED", {})
     with torch.no_grad():

@@ -1,4 +1,4 @@
-"""One training step (``freezetune.step.Step``): what it trains, what it skips, which LR it reports."""
+"""One training step (``freezetune.training.step.Step``): what it trains, what it skips, which LR it reports."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ import pytest
 import torch
 from torch import nn
 
-from freezetune.checkpoint import TrainingState
-from freezetune.epoch_log import TrainProgress
-from freezetune.precision import resolve_precision
-from freezetune.step import Step
+from freezetune.device.precision import resolve_precision
+from freezetune.run.checkpoint import TrainingState
+from freezetune.training.epoch_log import TrainProgress
+from freezetune.training.step import Step
 
 CPU = torch.device("cpu")
 
@@ -83,7 +83,7 @@ def test_grad_clip_bounds_the_update():
 
 
 def test_a_batch_of_one_names_the_flag_to_change_only_where_it_was_given():
-    from freezetune.step import one_value_batch
+    from freezetune.training.step import one_value_batch
 
     exc = ValueError("Expected more than 1 value per channel when training")
     assert "give --batch-size 2 or more" in str(one_value_batch(exc, 1, 1))

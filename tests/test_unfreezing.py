@@ -13,7 +13,7 @@ from torch.optim.swa_utils import SWALR
 
 import freezetune as ft
 from conftest import TinyCNN, make_batch
-from freezetune.optim import build_scheduler
+from freezetune.training.optim import build_scheduler
 
 LR = 0.1
 
@@ -444,8 +444,8 @@ def test_a_plateau_without_a_mode_follows_the_unfreezers_mode():
 
 
 def test_a_plateau_mode_against_the_monitor_is_refused():
-    from freezetune.config import TrainConfig
-    from freezetune.config_check import validate
+    from freezetune.config.check import validate
+    from freezetune.config.train_config import TrainConfig
 
     with pytest.raises(ft.FreezetuneError, match=r"has mode=max, but val_loss improves as it goes down"):
         validate(TrainConfig(data="d", monitor="val_loss", unfreeze="plateau:patience=2,mode=max", freeze=-2))
@@ -635,7 +635,7 @@ def test_a_nan_metric_is_never_the_plateaus_best():
 
 def test_a_schedule_that_opens_nothing_the_run_trains_is_noted():
     # --epochs 3 --unfreeze epoch:5, or a plan past the last epoch, or nothing frozen: the run trained without a word
-    from freezetune.unfreeze_schedule import idle_schedule_note
+    from freezetune.freezing.schedule import idle_schedule_note
 
     for schedule, epochs, said in [("epoch:5", 3, "opens nothing the 3-epoch run trains"), ("epoch:2", 3, None),
                                    ({4: "block3", 2: "block2"}, 2, "first opening comes after epoch 2"),
@@ -658,7 +658,7 @@ def test_a_schedule_that_opens_nothing_the_run_trains_is_noted():
 
 
 def test_a_plateau_min_delta_read_as_points_is_noted_for_either_fraction_but_not_for_a_loss():
-    from freezetune.unfreeze_schedule import parse_schedule, plateau_units_note
+    from freezetune.freezing.schedule import parse_schedule, plateau_units_note
 
     schedule = parse_schedule("plateau:patience=1,min_delta=0.5")
     assert "is in val_f1 units, a fraction: 0.5 is 50 points of macro-F1" in plateau_units_note(schedule, "val_f1")
@@ -679,7 +679,7 @@ def test_a_plateau_min_delta_read_as_points_is_noted_for_either_fraction_but_not
 def test_a_schedule_of_the_right_form_with_a_bad_value_names_the_value(schedule, why):
     # each got the forms alone, which its form already matched: the user could not tell what was wrong
     from freezetune.errors import SpecError
-    from freezetune.unfreeze_schedule import parse_schedule
+    from freezetune.freezing.schedule import parse_schedule
 
     with pytest.raises(SpecError, match=f"^bad unfreeze schedule '{schedule}': {why}; the forms are: 'epoch:N'"):
         parse_schedule(schedule)

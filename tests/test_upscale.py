@@ -10,7 +10,7 @@ from _engine_fixtures import make_image_folder, recipe_cfg
 from freezetune.data.folder import scan_folder
 from freezetune.data.idx import InMemoryImageDataset
 from freezetune.data.upscale import typical_side, upscale_note
-from freezetune.trainer import Trainer
+from freezetune.training.trainer import Trainer
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 

@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from freezetune.errors import WeightsError
-from freezetune.weights import load_weights, packaged_weights, read_state_dict
+from freezetune.model.weights import load_weights, packaged_weights, read_state_dict
 
 
 class TinyNet(nn.Module):
@@ -219,7 +219,7 @@ class _Payload:
 def test_a_code_running_pickle_in_the_hub_cache_is_refused_not_run(tmp_path, monkeypatch):
     import torchvision
 
-    from freezetune.models import create_model
+    from freezetune.model.create import create_model
 
     hub = tmp_path / "hub"
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(hub))  # torchvision's builders ask torch.hub for the dir

@@ -12,33 +12,35 @@ import sys
 import types
 from typing import TYPE_CHECKING
 
+from freezetune import _renamed
+
 __version__ = "0.1.0"
 
 # Every name is imported when first used, not with the package: ``import freezetune`` (and so the ``freezetune``
-# command, whose entry point imports ``freezetune.cli``) does not wait for torch, and a Ctrl-C during torch's import
-# reaches the command's own handling instead of a traceback.
+# command, whose entry point imports ``freezetune.cli.main``) does not wait for torch, and a Ctrl-C during torch's
+# import reaches the command's own handling instead of a traceback.
 _LAZY = {
-    "hold_bn_statistics": "freezetune.bn_policy",
+    "hold_bn_statistics": "freezetune.freezing.bn_policy",
     "FreezetuneError": "freezetune.errors",
-    **dict.fromkeys(("count_parameters", "freeze", "freeze_to", "summary", "unfreeze"), "freezetune.freeze"),
-    **dict.fromkeys(("head_name", "replace_head"), "freezetune.heads"),
-    "balanced_class_weights": "freezetune.loss",
-    "param_groups": "freezetune.param_groups",
-    **dict.fromkeys(("Stage", "stages"), "freezetune.stages"),
-    "Unfreezer": "freezetune.unfreezing",
+    **dict.fromkeys(("count_parameters", "freeze", "freeze_to", "summary", "unfreeze"), "freezetune.freezing.freeze"),
+    **dict.fromkeys(("head_name", "replace_head"), "freezetune.model.heads"),
+    "balanced_class_weights": "freezetune.training.loss",
+    "param_groups": "freezetune.training.param_groups",
+    **dict.fromkeys(("Stage", "stages"), "freezetune.model.stages"),
+    "Unfreezer": "freezetune.freezing.unfreezing",
     "cache_features": "freezetune.cache",
     "store_loader": "freezetune.cache",
-    "TrainConfig": "freezetune.config",
-    "create_model": "freezetune.models",
+    "TrainConfig": "freezetune.config.train_config",
+    "create_model": "freezetune.model.create",
     "eval_transform": "freezetune.data.transforms",
-    "RunResult": "freezetune.progress",
-    "use_fast_depthwise": "freezetune.depthwise",
-    "train": "freezetune.trainer",
+    "RunResult": "freezetune.training.progress",
+    "use_fast_depthwise": "freezetune.device.depthwise",
+    "train": "freezetune.training.trainer",
     **dict.fromkeys(
         ("evaluate_checkpoint", "evaluate_model", "load_model", "write_evaluation"),
-        "freezetune.inference",
+        "freezetune.inference.evaluation",
     ),
-    **dict.fromkeys(("predict_files", "predict_texts"), "freezetune.predict"),
+    **dict.fromkeys(("predict_files", "predict_texts"), "freezetune.inference.predict"),
 }
 
 
@@ -57,17 +59,18 @@ def __getattr__(name: str):
 
 
 class _Package(types.ModuleType):
-    """The package keeps its function where a submodule has the same name (``freeze``, ``param_groups``, ``stages``):
-    importing ``freezetune.freeze`` sets the package's attribute to the module, which would shadow the lazy function
-    (``ft.freeze(model, ...)``: 'module' object is not callable) once any code had imported the submodule."""
+    """The package keeps its function where an old module path has the same name (``freeze``, ``param_groups``,
+    ``stages``: ``_renamed.py``): importing ``freezetune.freeze`` sets the package's attribute to the module, which
+    would shadow the lazy function (``ft.freeze(model, ...)``: 'module' object is not callable)."""
 
     def __setattr__(self, name: str, value) -> None:
         if name in _LAZY and isinstance(value, types.ModuleType):
-            return  # the submodule stays reachable as sys.modules["freezetune.freeze"] and by ``from ... import``
+            return  # the module stays reachable as sys.modules["freezetune.freeze"] and by ``from ... import``
         super().__setattr__(name, value)
 
 
 sys.modules[__name__].__class__ = _Package
+_renamed.install()  # the flat layout's module paths: models saved whole by an earlier freezetune name them
 
 
 def __dir__() -> list[str]:  # a notebook's tab completion lists the lazy names too
@@ -75,23 +78,23 @@ def __dir__() -> list[str]:  # a notebook's tab completion lists the lazy names 
 
 
 if TYPE_CHECKING:  # what type checkers and editors resolve the lazy names to
-    from freezetune.bn_policy import hold_bn_statistics
     from freezetune.cache import cache_features, store_loader
-    from freezetune.config import TrainConfig
+    from freezetune.config.train_config import TrainConfig
     from freezetune.data.transforms import eval_transform
-    from freezetune.depthwise import use_fast_depthwise
+    from freezetune.device.depthwise import use_fast_depthwise
     from freezetune.errors import FreezetuneError
-    from freezetune.freeze import count_parameters, freeze, freeze_to, summary, unfreeze
-    from freezetune.heads import head_name, replace_head
-    from freezetune.inference import evaluate_checkpoint, evaluate_model, load_model, write_evaluation
-    from freezetune.loss import balanced_class_weights
-    from freezetune.models import create_model
-    from freezetune.param_groups import param_groups
-    from freezetune.predict import predict_files, predict_texts
-    from freezetune.progress import RunResult
-    from freezetune.stages import Stage, stages
-    from freezetune.trainer import train
-    from freezetune.unfreezing import Unfreezer
+    from freezetune.freezing.bn_policy import hold_bn_statistics
+    from freezetune.freezing.freeze import count_parameters, freeze, freeze_to, summary, unfreeze
+    from freezetune.freezing.unfreezing import Unfreezer
+    from freezetune.inference.evaluation import evaluate_checkpoint, evaluate_model, load_model, write_evaluation
+    from freezetune.inference.predict import predict_files, predict_texts
+    from freezetune.model.create import create_model
+    from freezetune.model.heads import head_name, replace_head
+    from freezetune.model.stages import Stage, stages
+    from freezetune.training.loss import balanced_class_weights
+    from freezetune.training.param_groups import param_groups
+    from freezetune.training.progress import RunResult
+    from freezetune.training.trainer import train
 
 
 __all__ = [

@@ -1,3 +1,3 @@
-from freezetune.cli import run
+from freezetune.cli.main import run
 
 run()

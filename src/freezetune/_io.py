@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from freezetune.interrupt import pause_point
+from freezetune.run.interrupt import pause_point
 
 # ``.NAME.PID.RANDOM.tmp``: the writer's pid tells a leftover of a dead process from a file being written now.
 _TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.[0-9a-f]{8}\.tmp$")

@@ -26,8 +26,8 @@ from freezetune._io import atomic_save, remove_stale_temps
 from freezetune.cache.model_split import Split
 from freezetune.data.fingerprint import cache_fingerprint
 from freezetune.errors import ResourceError
-from freezetune.run_log import warn_once
-from freezetune.runtime import read_only_folder
+from freezetune.run.directory import read_only_folder
+from freezetune.run.log import warn_once
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +147,7 @@ def save(cache_dir: Path, key: str, features: torch.Tensor, targets: torch.Tenso
         log.warning("feature cache not kept for later runs: it %s (choose another --cache-dir)", problem)
         return None
     if features.device.type != "cpu":  # a store held on the device is written through a whole copy in host RAM
-        from freezetune.hardware import available_ram
+        from freezetune.device.hardware import available_ram
 
         ram = available_ram()
         if features.nbytes > ram // 2:

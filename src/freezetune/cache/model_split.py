@@ -17,12 +17,12 @@ from dataclasses import dataclass
 import torch
 from torch import fx, nn
 
-from freezetune.bn_policy import STAT_NORMS, keeps_stats, policy_of
-from freezetune.depthwise import FastDepthwiseConv2d
+from freezetune.config.options import BN_EVAL_POLICIES
+from freezetune.device.depthwise import FastDepthwiseConv2d
 from freezetune.errors import SpecError, choices
-from freezetune.frozen_dropout import apply_holds, is_stochastic, random_kind
-from freezetune.options import BN_EVAL_POLICIES
-from freezetune.stages import Stage, stages
+from freezetune.freezing.bn_policy import STAT_NORMS, keeps_stats, policy_of
+from freezetune.freezing.dropout import apply_holds, is_stochastic, random_kind
+from freezetune.model.stages import Stage, stages
 
 log = logging.getLogger(__name__)
 

@@ -38,11 +38,11 @@ from freezetune.data.gpu import should_use_device_loader
 from freezetune.data.loaders import EpochOrder, Loaders, close_loader
 from freezetune.data.text import noun
 from freezetune.data.transforms import eval_transform
-from freezetune.distributed import batch_block
+from freezetune.device.distributed import batch_block
+from freezetune.device.precision import Precision
 from freezetune.errors import ResourceError
-from freezetune.evaluate import evaluate
-from freezetune.precision import Precision
-from freezetune.stages import stages
+from freezetune.model.stages import stages
+from freezetune.training.evaluate import evaluate
 
 log = logging.getLogger(__name__)
 

@@ -27,14 +27,14 @@ from torch.utils.data import Dataset
 
 from freezetune.cache.disk import ensure_space, stored_shape
 from freezetune.cache.model_split import Split
+from freezetune.config.options import CACHE_MODES
 from freezetune.data.loaders import EpochOrder, check_batch_size
-from freezetune.distributed import DistInfo, all_gather, shard_rows, sum_across_ranks
+from freezetune.device.distributed import DistInfo, all_gather, shard_rows, sum_across_ranks
+from freezetune.device.hardware import available_ram
+from freezetune.device.precision import Precision
 from freezetune.errors import ConfigError, DataError, choices
-from freezetune.hardware import available_ram
-from freezetune.interrupt import OUTSIDE_A_STEP, RunInterrupted, pause_point
-from freezetune.module_tree import unwrap
-from freezetune.options import CACHE_MODES
-from freezetune.precision import Precision
+from freezetune.model.tree import unwrap
+from freezetune.run.interrupt import OUTSIDE_A_STEP, RunInterrupted, pause_point
 
 PLACES = tuple(m for m in CACHE_MODES if m != "off")  # where cache_features may put its store
 log = logging.getLogger(__name__)
@@ -157,7 +157,9 @@ def build_store(
         dist: under DDP each rank computes its block of rows and the ranks exchange them.
         bar: a progress bar's title, None for none (a large folder's cache took minutes without a word).
     """
-    from freezetune.epoch_log import progress_bar  # (it reads reporting, which imports matplotlib: not at import)
+    from freezetune.training.epoch_log import (
+        progress_bar,  # (it reads reporting, which imports matplotlib: not at import)
+    )
 
     dist = dist or DistInfo()
     rows = shard_rows(n, dist)
@@ -232,8 +234,8 @@ def cache_features(
     """
     from freezetune.cache.model_split import split_model
     from freezetune.data.loaders import Loaders
-    from freezetune.precision import resolve_precision
-    from freezetune.preprocess import Preprocess
+    from freezetune.device.precision import resolve_precision
+    from freezetune.model.preprocess import Preprocess
 
     if place not in PLACES:  # any other word ("ram") was taken for "auto"
         raise ConfigError(f"unknown place {place!r}; places are: {choices(PLACES)}")
@@ -286,7 +288,7 @@ def _check_pairs(dataset: Dataset) -> None:
 
 def prefix_features(split: Split, inputs, precision: Precision, channels_last: bool) -> torch.Tensor:
     """The frozen prefix's output for a batch: forward only (inference mode), under the run's autocast."""
-    from freezetune.evaluate import to_device
+    from freezetune.training.evaluate import to_device
 
     with torch.inference_mode(), precision.autocast():
         return split.prefix(to_device(inputs, precision.device, channels_last))
@@ -298,7 +300,7 @@ def _check_head_hook(split: Split, inputs, feats: torch.Tensor, precision: Preci
     otherwise train the cached head on another function than the model's, in silence."""
     if split.how != "head-hook":
         return
-    from freezetune.evaluate import logits_of, to_device
+    from freezetune.training.evaluate import logits_of, to_device
 
     model = split.prefix.model
     was_training = model.training

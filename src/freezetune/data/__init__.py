@@ -2,6 +2,7 @@
 transforms (CPU, per sample) and device pipelines (``gpu.py``, ``augment.py``: batched on the training device).
 """
 
+from freezetune.config.options import AUG_PRESETS
 from freezetune.data.datasets import DataBundle, build_datasets, build_eval_dataset
 from freezetune.data.folder import FileImageDataset, list_images, load_image
 from freezetune.data.idx import InMemoryImageDataset
@@ -9,7 +10,6 @@ from freezetune.data.loaders import Loaders, build_loader, default_workers
 from freezetune.data.text import noun
 from freezetune.data.transforms import eval_transform, train_transform
 from freezetune.data.workers import usable_cpus
-from freezetune.options import AUG_PRESETS
 
 __all__ = [
     "AUG_PRESETS",

@@ -17,9 +17,9 @@ from __future__ import annotations
 import torch
 from PIL import Image, ImageOps
 
+from freezetune.config.options import ALPHA_DEFAULT, ALPHA_MODES
 from freezetune.data.bit_depth import eight_bit
 from freezetune.errors import ConfigError, choices
-from freezetune.options import ALPHA_DEFAULT, ALPHA_MODES
 
 _ORIENTATION = 0x0112  # the EXIF tag of how to turn a photo upright (data/orientation.py)
 _ALPHA_PIL_MODES = ("RGBA", "LA", "PA", "RGBa", "La")

@@ -1,8 +1,8 @@
 """Batched augmentation on the training device: per-sample random crops, flips, colour and erasing for whole batches.
 
 The device loaders (``freezetune.data.gpu``) hand whole uint8 batches to ``BatchAugment``, which reads the same preset
-parameters (``freezetune.options.AUGMENTATIONS``) as the CPU pipeline of ``freezetune.data.transforms`` and applies
-them with a few tensor ops per batch instead of a Python call per image.
+parameters (``freezetune.config.options.AUGMENTATIONS``) as the CPU pipeline of ``freezetune.data.transforms`` and
+applies them with a few tensor ops per batch instead of a Python call per image.
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ import math
 import torch
 import torch.nn.functional as F
 
+from freezetune.config.options import aug_preset, check, crop_pct_problem
 from freezetune.data.transforms import interpolation_mode
-from freezetune.options import aug_preset, check, crop_pct_problem
-from freezetune.preprocess import Preprocess
+from freezetune.model.preprocess import Preprocess
 
 _TRIES = 10  # box draws per sample before falling back, as torchvision does
 _GRAY = (0.2989, 0.587, 0.114)

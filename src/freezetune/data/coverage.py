@@ -13,7 +13,7 @@ from torch.utils.data import Dataset
 from freezetune.data.idx import CLASS_NAMES_FILE, is_idx_dir
 from freezetune.data.text import noun
 from freezetune.errors import DataError, choices
-from freezetune.run_log import warn_once
+from freezetune.run.log import warn_once
 
 log = logging.getLogger(__name__)
 

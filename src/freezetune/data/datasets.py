@@ -13,6 +13,12 @@ from pathlib import Path
 
 from torch.utils.data import Dataset
 
+from freezetune.config.options import (
+    AUG_DEFAULT,
+    fraction_problem,
+    positive_int_problem,
+    validation_source_problem,
+)
 from freezetune.data import json_lines
 from freezetune.data.coverage import check_every_class_trains
 from freezetune.data.folder import FileImageDataset, is_skipped_folder, scan_folder
@@ -35,14 +41,8 @@ from freezetune.data.text_table import (
 from freezetune.data.transforms import eval_transform, train_transform
 from freezetune.data.validation import resolve_validation
 from freezetune.errors import ConfigError, DataError, choices, setting
-from freezetune.options import (
-    AUG_DEFAULT,
-    fraction_problem,
-    positive_int_problem,
-    validation_source_problem,
-)
-from freezetune.preprocess import Preprocess
-from freezetune.progress import NOT_HELD_OUT
+from freezetune.model.preprocess import Preprocess
+from freezetune.training.progress import NOT_HELD_OUT
 
 log = logging.getLogger(__name__)
 

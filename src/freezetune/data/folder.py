@@ -15,13 +15,13 @@ import torch
 from PIL import Image, ImageOps, features
 from torch.utils.data import Dataset
 
+from freezetune.config.options import ALPHA_DEFAULT
 from freezetune.data.alpha import flatten
 from freezetune.data.bit_depth import eight_bit
 from freezetune.data.labels import folder_name, nfc, warn_similar_labels
 from freezetune.data.large import too_large
 from freezetune.errors import DataError, choices
-from freezetune.options import ALPHA_DEFAULT
-from freezetune.run_log import RUN_LOGS, warn_once
+from freezetune.run.log import RUN_LOGS, warn_once
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +112,7 @@ def _files_under(folder: Path) -> list[Path]:
 
 def _walk(folder: Path, skip_runs: bool = False) -> Iterator[Path]:
     """``_files_under``'s files in walk order, as found (a caller that needs only the first stops there).
-    ``skip_runs``: leave out the folders of freezetune's runs and sweeps (``run_log.RUN_LOGS``) and all below them."""
+    ``skip_runs``: leave out the folders of freezetune's runs and sweeps (``run.log.RUN_LOGS``) and all below them."""
     seen = set()
     for top, dirs, files in os.walk(folder, followlinks=True):
         real = os.path.realpath(top)

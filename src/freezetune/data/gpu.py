@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg, read_file
 
+from freezetune.config.options import ALPHA_DEFAULT, AUG_DEFAULT, DECODE_MODES
 from freezetune.data.augment import BatchAugment, resize
 from freezetune.data.folder import FileImageDataset, load_image
 from freezetune.data.idx import InMemoryImageDataset
@@ -33,8 +34,7 @@ from freezetune.data.loaders import EpochOrder, check_batch_size, epoch_seed
 from freezetune.data.orientation import exif_orientation, upright
 from freezetune.data.workers import usable_cpus
 from freezetune.errors import ConfigError, DataError, choices
-from freezetune.options import ALPHA_DEFAULT, AUG_DEFAULT, DECODE_MODES
-from freezetune.preprocess import Preprocess
+from freezetune.model.preprocess import Preprocess
 
 log = logging.getLogger(__name__)
 

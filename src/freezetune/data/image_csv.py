@@ -9,14 +9,14 @@ import logging
 import os
 from pathlib import Path
 
+from freezetune.config.options import LABEL_COLUMNS
 from freezetune.data.folder import IMAGE_EXTENSIONS, FileImageDataset
 from freezetune.data.json_lines import JSON_LINES
 from freezetune.data.labels import nfc, sorted_labels, warn_similar_labels
 from freezetune.data.text_table import other_separator
 from freezetune.data.utf8 import not_utf8
 from freezetune.errors import DataError, choices
-from freezetune.options import LABEL_COLUMNS
-from freezetune.run_log import warn_once
+from freezetune.run.log import warn_once
 
 log = logging.getLogger(__name__)
 

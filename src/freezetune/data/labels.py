@@ -7,7 +7,7 @@ import logging
 import unicodedata
 from pathlib import Path
 
-from freezetune.run_log import warn_once
+from freezetune.run.log import warn_once
 
 log = logging.getLogger(__name__)
 

@@ -27,7 +27,7 @@ from freezetune.data.scan import check_splits, unreadable
 from freezetune.data.text import TextDataset, read_text_csv
 from freezetune.data.text_table import TABLE_SUFFIXES, Columns, text_csv_header
 from freezetune.errors import DataError, choices
-from freezetune.run_log import warn_once
+from freezetune.run.log import warn_once
 
 log = logging.getLogger(__name__)
 

@@ -21,12 +21,12 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import Dataset, Sampler, Subset
 
+from freezetune.config.options import AUG_DEFAULT, check, non_negative_int_problem, positive_int_problem
 from freezetune.data.idx import InMemoryImageDataset
 from freezetune.data.text import TextDataset, TokenizeBatch
 from freezetune.data.workers import dataloader, usable_cpus
-from freezetune.distributed import DistInfo, batch_block, shard_rows
-from freezetune.options import AUG_DEFAULT, check, non_negative_int_problem, positive_int_problem
-from freezetune.preprocess import Preprocess
+from freezetune.device.distributed import DistInfo, batch_block, shard_rows
+from freezetune.model.preprocess import Preprocess
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from freezetune.data.folder import FileImageDataset
 from freezetune.data.scan import file_stamp
 from freezetune.data.text import TextDataset
 from freezetune.errors import DataError, choices
-from freezetune.run_log import warn_once
+from freezetune.run.log import warn_once
 
 log = logging.getLogger(__name__)
 _DIGESTS: dict[tuple, bytes] = {}  # the digests this process took, by file_stamp

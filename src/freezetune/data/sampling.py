@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from freezetune.options import check, fraction_problem, positive_int_problem
+from freezetune.config.options import check, fraction_problem, positive_int_problem
 
 
 def _indices_by_class(targets: torch.Tensor) -> dict[int, torch.Tensor]:

@@ -27,11 +27,11 @@ from typing import NamedTuple
 
 from PIL import Image
 
+from freezetune.config.options import PIL_WARNINGS
 from freezetune.data.folder import JPEG_FORMATS, FileImageDataset, heif_hint
 from freezetune.data.large import megapixels, too_large
 from freezetune.errors import DataError
-from freezetune.options import PIL_WARNINGS
-from freezetune.run_log import warn_once
+from freezetune.run.log import warn_once
 
 log = logging.getLogger(__name__)
 

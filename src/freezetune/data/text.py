@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from freezetune.config import TrainConfig
+from freezetune.config.train_config import TrainConfig
 from freezetune.data import json_lines
 from freezetune.data.folder import expand_paths
 from freezetune.data.labels import nfc, sorted_labels, warn_similar_labels
@@ -32,8 +32,8 @@ from freezetune.data.text_table import (
 )
 from freezetune.data.utf8 import where_not_utf8
 from freezetune.errors import ConfigError, DataError, MissingExtra, choices
-from freezetune.hf_bundle import TOKENIZER_FILES
-from freezetune.preprocess import Preprocess
+from freezetune.model.hf_bundle import TOKENIZER_FILES
+from freezetune.model.preprocess import Preprocess
 
 
 class TextDataset(Dataset):

@@ -40,7 +40,7 @@ def _steps(tokenizer: str) -> tuple | None:
     """A fast tokenizer's normalizer and pre-tokenizer (each None where it has none), loaded once per name; None for
     a tokenizer without them (a slow one) or one that does not load here (its error is the run's, said where the
     batches are tokenized)."""
-    from freezetune import download
+    from freezetune.model import download
 
     # a hub id offline from the local cache only, as the model is built (models_hf): 46 s of retries otherwise
     local = Path(tokenizer).is_dir() or download.hub_offline() or not download.can_reach(download.HF_HOST)

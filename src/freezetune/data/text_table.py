@@ -12,12 +12,12 @@ import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
+from freezetune.config.options import LABEL_COLUMNS, TEXT_COLUMNS
 from freezetune.data import json_lines
 from freezetune.data.utf8 import not_utf8
 from freezetune.errors import DataError, choices
-from freezetune.options import LABEL_COLUMNS, TEXT_COLUMNS
-from freezetune.preprocess import Preprocess
-from freezetune.run_log import warn_once
+from freezetune.model.preprocess import Preprocess
+from freezetune.run.log import warn_once
 
 log = logging.getLogger(__name__)
 

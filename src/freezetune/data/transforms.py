@@ -10,10 +10,10 @@ from __future__ import annotations
 import torch
 from torchvision.transforms import InterpolationMode, v2
 
+from freezetune.config.options import AUG_DEFAULT, aug_preset, check, crop_pct_problem
 from freezetune.data.alpha import FlattenAlpha
 from freezetune.errors import ConfigError, choices
-from freezetune.options import AUG_DEFAULT, aug_preset, check, crop_pct_problem
-from freezetune.preprocess import Preprocess
+from freezetune.model.preprocess import Preprocess
 
 _INTERPOLATIONS = {
     "nearest": InterpolationMode.NEAREST,
@@ -75,7 +75,7 @@ class EvalCompose(v2.Compose):
 
 
 def train_transform(pre: Preprocess, aug: str = AUG_DEFAULT) -> v2.Compose:
-    """Training pipeline for one of the augmentation presets (``freezetune.options.AUGMENTATIONS``).
+    """Training pipeline for one of the augmentation presets (``freezetune.config.options.AUGMENTATIONS``).
 
     Presets:
         ``none``: same geometry as eval (resize + center-crop), no randomness.

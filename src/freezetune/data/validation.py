@@ -11,14 +11,14 @@ import os
 import torch
 from torch.utils.data import Dataset
 
+from freezetune.config.options import AUTO_VAL_FRACTION, AUTO_VAL_MAX_PER_CLASS
 from freezetune.data.folder import FileImageDataset
 from freezetune.data.overlap import copies
 from freezetune.data.sampling import per_class_indices, stratified_split
 from freezetune.data.text import TextDataset, noun
 from freezetune.errors import choices
-from freezetune.options import AUTO_VAL_FRACTION, AUTO_VAL_MAX_PER_CLASS
-from freezetune.progress import NOT_HELD_OUT
-from freezetune.run_log import warn_once
+from freezetune.run.log import warn_once
+from freezetune.training.progress import NOT_HELD_OUT
 
 log = logging.getLogger(__name__)
 

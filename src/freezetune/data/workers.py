@@ -19,8 +19,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from freezetune.data.scan import quiet_pil_warnings
-from freezetune.interrupt import pause_point
-from freezetune.run_log import warn_once
+from freezetune.run.interrupt import pause_point
+from freezetune.run.log import warn_once
 
 log = logging.getLogger(__name__)
 

@@ -24,18 +24,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from freezetune.bn_policy import check_bn_policy, keeps_stats
-from freezetune.config import TrainConfig
-from freezetune.distributed import average_grads
+from freezetune.config.options import BN_DEFAULT, DROPOUT_DEFAULT, FREEZE_DEFAULT
+from freezetune.config.train_config import TrainConfig
+from freezetune.device.distributed import average_grads
 from freezetune.errors import ConfigError, MissingExtra, choices
-from freezetune.freeze import Spec, count_parameters, freeze
-from freezetune.frozen_dropout import check_dropout_policy, held
-from freezetune.optim import nominal_lr
-from freezetune.options import BN_DEFAULT, DROPOUT_DEFAULT, FREEZE_DEFAULT
-from freezetune.param_groups import check_weight_decay, checked_lrs, group_stage, resolve_stage_lrs
-from freezetune.stages import stages
-from freezetune.unfreeze_schedule import parse_schedule
-from freezetune.unfreezing import Unfreezer
+from freezetune.freezing.bn_policy import check_bn_policy, keeps_stats
+from freezetune.freezing.dropout import check_dropout_policy, held
+from freezetune.freezing.freeze import Spec, count_parameters, freeze
+from freezetune.freezing.schedule import parse_schedule
+from freezetune.freezing.unfreezing import Unfreezer
+from freezetune.model.stages import stages
+from freezetune.training.optim import nominal_lr
+from freezetune.training.param_groups import check_weight_decay, checked_lrs, group_stage, resolve_stage_lrs
 
 try:
     import lightning.pytorch as pl

@@ -1,0 +1,1 @@
+"""The auto recipe (``freeze: auto``, the default): what to freeze decided by measurement on the user's data."""

@@ -1,0 +1,74 @@
+"""An auto run resumed: the decision its ``recipe.json`` kept is trained, untried (a stop in its final run resumes that
+run). The request is checked against the one the decision was made for: a setting changed now would not show in the
+settings the decision derived from it. Without an LR schedule more epochs may be asked, as a plain run's resume may.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+from freezetune._io import atomic_write_text
+from freezetune.auto.plan import at_lr, measured_trials, shared_config
+from freezetune.config.train_config import TrainConfig, changed_on_resume, stretchable
+from freezetune.errors import ConfigError, setting
+from freezetune.run import checkpoint
+from freezetune.run import log as run_log
+from freezetune.run.directory import RECIPE_FILE
+
+
+def resumed(cfg: TrainConfig, out: Path, echo: Callable[[str], None], *,
+             write: bool = True) -> tuple[TrainConfig, list[dict]]:  # fmt: skip
+    """The final run's config from the decision ``recipe.json`` kept (a resume trains what was chosen, untried), and
+    the trials it records."""
+    decision = json.loads((out / RECIPE_FILE).read_text())
+    if "choice" not in decision:  # a named recipe's request (recipes.asked_config)
+        raise ConfigError(f"cannot resume {out} with freeze auto: it holds a run of recipe "
+                          f"{decision.get('recipe')!r}; resume it with its own command")  # fmt: skip
+    run_log.log_to(out)  # (written once the final run's resume is accepted)
+    choice = decision["choice"]
+    run_lr = choice.get("run_lr", choice["lr"])
+    # compared as recipe.json holds them: JSON made tuples lists and a plan's epoch keys strings
+    asked, now = decision.get("asked") or {}, json.loads(json.dumps(cfg.recorded()))
+    # moved data is checked by the final run's last.pt, as any run's is; before it has one, the paths stay the asked
+    moved = (out / checkpoint.LAST).is_file()
+    # without an LR schedule a run trains on for more epochs, as a plain run's resume may (checkpoint.check_settings)
+    longer = stretchable(asked, now)
+    changed = changed_on_resume(asked, now, moved=moved)
+    if changed:  # the final run's settings derive from the request: an --lr changed now would not show in them
+        raise ConfigError(f"cannot resume {out} with {', '.join(changed)}: an auto run continues as it was asked; "
+                          f"resume with the run's values, or start a new run with another {setting('out')}")  # fmt: skip
+    init = choice.get("init", cfg.init)
+    if init and init != cfg.init and not (out / checkpoint.LAST).is_file() and not Path(init).is_file():
+        # the run had saved nothing yet, and the trial (or probe) weights it starts from are gone
+        raise ConfigError(f"cannot resume {out}: the weights its run starts from, {init}, are gone and the run saved "
+                          "no last.pt yet; run the command without --resume to redo the trials")  # fmt: skip
+    echo(f"auto: resuming with the earlier decision: freeze {choice['freeze']!r}, lr {run_lr:.1e}")
+    choice = _longer(decision, now, longer, out, echo, write=write)
+    run_cfg = dataclasses.replace(at_lr(shared_config(cfg, out, decision["cut"]), run_lr), freeze=choice["freeze"],
+                                  epochs=choice["epochs"], refit=choice.get("refit", False),
+                                  init=init, bn_stats=choice.get("bn_stats", cfg.bn_stats),
+                                  warmup_epochs=choice.get("warmup_epochs", cfg.warmup_epochs),
+                                  epoch_images=choice.get("epoch_images", cfg.epoch_images),
+                                  resume=True)  # fmt: skip
+    return run_cfg, measured_trials(decision.get("trials", []), decision.get("probe"), decision.get("pilot"))
+
+
+def _longer(decision: dict, now: dict, longer: tuple[str, ...], out: Path, echo: Callable[[str], None], *,
+            write: bool) -> dict:  # fmt: skip
+    """The choice a resume trains: the decision's, with the epochs (and warm-up) asked now where the run has no LR
+    schedule (``longer``) and they changed, said and recorded in ``recipe.json`` (``write``: rank 0): the next plain
+    ``--resume`` reads the request there, and its old epochs were refused below the epochs trained."""
+    asked, choice = decision.get("asked") or {}, decision["choice"]
+    new = {k: now[k] for k in longer if k in now and asked.get(k) != now[k]}
+    if not new:
+        return choice
+    if "epochs" in new:  # the epochs the trials' decision (or a budget) planned, replaced
+        echo(f"auto: the run trains {new['epochs']} epoch(s), as --epochs asks now (it planned {choice['epochs']})")
+    choice = {**choice, **new}
+    if write:
+        atomic_write_text(out / RECIPE_FILE, json.dumps({**decision, "asked": {**asked, **new}, "choice": choice},
+                                                        indent=1))  # fmt: skip
+    return choice

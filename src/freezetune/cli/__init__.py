@@ -1,0 +1,1 @@
+"""The ``freezetune`` command line: parse -> config -> library call. No logic lives only here."""

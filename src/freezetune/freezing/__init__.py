@@ -1,0 +1,1 @@
+"""What trains: freezing by spec, BatchNorm and dropout in the frozen parts, progressive unfreezing."""

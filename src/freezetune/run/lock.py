@@ -1,0 +1,176 @@
+"""One run directory, one process: a second freezetune process that would write into a run directory in use is
+refused.
+
+Two runs started on one ``--out`` (two tmux panes, a shell loop's ``&``, a ``--resume`` typed twice) both passed the
+run-dir checks, wrote each other's ``metrics.csv`` rows and checkpoints, and both exited 0: one scored the other's
+``best.pt`` under its own name. A run stopped before its first epoch looks like one still in its first epoch, so no
+check of the files can tell them apart; a lock held by the live process can.
+
+The lock is an ``flock`` on a file named after the directory's absolute path in a per-user folder under the temp dir,
+not in the run directory itself: a refused command leaves the user's folder as it was, and a run not yet set up
+creates nothing (the run dir is made once the model and data are ready). The kernel drops an ``flock`` when its
+process dies, even by SIGKILL: no stale lock is left to clear. It guards the processes that share a temp dir (one
+machine's, the usual case); a batch job with a ``TMPDIR`` of its own, or another machine on a network folder, is not
+seen. Only a private folder of the user's is used (another user's could hold links to this user's files); without
+one, or without ``fcntl`` (Windows), nothing is locked.
+
+Claims are re-entrant within the process (the auto recipe claims its directory, then its final run claims it again)
+and are released when the ``scope`` they were made in ends: the outermost ``train`` or ``sweep`` call.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import errno
+import hashlib
+import logging
+import multiprocessing
+import os
+import stat
+import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from pathlib import Path
+
+from freezetune.errors import ConfigError, setting
+from freezetune.run.log import warn_once
+
+log = logging.getLogger(__name__)
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock
+    fcntl = None
+
+_held: dict[Path, tuple[int, Path]] = {}  # directory -> its lock file's descriptor and path, held by this process
+_scope: ContextVar[list[Path] | None] = ContextVar("freezetune_run_lock_scope", default=None)
+
+
+class RunDirInUse(ConfigError):
+    """Another process is running in the run directory."""
+
+
+def claim(run_dir: str | Path) -> None:
+    """Hold ``run_dir`` for this process until the enclosing ``scope`` ends (the process's end without one).
+
+    Raises:
+        RunDirInUse: another process holds it (its pid named).
+
+    >>> import tempfile
+    >>> with scope():
+    ...     claim(tempfile.mkdtemp())
+    """
+    _refuse_in_a_starting_worker()
+    if fcntl is None:
+        return
+    run_dir = Path(run_dir).resolve()  # one directory, whichever path (a link, a relative one) names it
+    if run_dir in _held:  # claimed by this process already: its outermost claim releases it
+        return
+    try:
+        _held[run_dir] = _lock(run_dir)
+    except OSError as exc:  # no private lock folder to be had: the run goes on unguarded, said once
+        warn_once(log, "run dirs are not locked against a second process: %s (%s)", exc.strerror or exc, exc.filename)
+        return
+    claims = _scope.get()
+    if claims is not None:
+        claims.append(run_dir)
+
+
+def _refuse_in_a_starting_worker() -> None:
+    """Refuse a run started by a worker process (a data loader's) as it imports the user's script.
+
+    A spawned process (macOS's and Windows' start method) starts by running the script that started the run, as
+    ``__mp_main__``: a script that calls ``train`` outside ``if __name__ == "__main__":`` then starts the run again
+    in each loader worker. Each was refused as "in use by another freezetune process" (the user's own, by pid), or,
+    without ``out``, left a new run directory of its own, and Python's hint came after three runs' output. The flag
+    is the one multiprocessing itself checks before a process starts another (``_check_not_importing_main``).
+    """
+    if getattr(multiprocessing.current_process(), "_inheriting", False):
+        script = sys.argv[0] if sys.argv and sys.argv[0] else "your script"  # (the parent's argv, handed over)
+        raise ConfigError(f"a freezetune run was started in a worker process while it imported {script}: on macOS "
+                          "and Windows each loader worker starts by importing the script, so the code that trains "
+                          "must sit under `if __name__ == \"__main__\":`")  # fmt: skip
+
+
+@contextmanager
+def scope() -> Iterator[list[Path]]:
+    """Release the claims made inside at its end (a nested scope's own claims at the nested scope's end); yields
+    them, in the order made (a run's own dir first)."""
+    claims: list[Path] = []
+    token = _scope.set(claims)
+    try:
+        yield claims
+    finally:
+        _scope.reset(token)
+        for run_dir in reversed(claims):
+            _release(run_dir)
+
+
+def _lock_file(run_dir: Path) -> Path:
+    folder = Path(tempfile.gettempdir()) / f"freezetune-locks-{os.getuid()}"
+    folder.mkdir(mode=0o700, exist_ok=True)
+    # a folder another user made first (the temp dir is shared) could hold links to this user's files, which the
+    # pid would be written into: only a private folder of this user's is used
+    st = os.lstat(folder)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
+        raise OSError(errno.EPERM, "the lock folder is not a private folder of this user's", str(folder))
+    return folder / f"{hashlib.sha256(str(run_dir).encode()).hexdigest()[:24]}.lock"
+
+
+def _lock(run_dir: Path) -> tuple[int, Path]:
+    """An open descriptor holding ``run_dir``'s lock, and its file. The file is unlinked on release; a descriptor
+    locked on a file just unlinked (a release raced the open) is retried on the file now there."""
+    path = _lock_file(run_dir)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise RunDirInUse(f"'{run_dir}' is in use by another freezetune process (pid {holder}): wait for it to "
+                              f"end, or give another {setting('out')}") from None  # fmt: skip
+        try:
+            same = os.path.samestat(os.fstat(fd), os.stat(path))
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, str(os.getpid()).encode(), 0)
+    return fd, path
+
+
+def _forget_in_child() -> None:
+    """A forked child (a DataLoader worker) closes its copies: a lock lasts while any copy is open, and a run killed
+    by SIGKILL kept its directory locked for the seconds its workers took to notice (the same command, re-run at
+    once, was refused). Closing a copy leaves the parent's lock in place."""
+    for fd, _ in _held.values():
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _held.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_in_child)
+
+
+@atexit.register
+def _release_all() -> None:  # the claims made outside a scope (a Trainer built directly): their files go too
+    for run_dir in list(_held):
+        _release(run_dir)
+
+
+def _release(run_dir: Path) -> None:
+    fd, path = _held.pop(run_dir, (None, None))
+    if fd is None:
+        return
+    try:
+        os.unlink(path)  # while still locked: a process that opened this file retries on the one now there
+    except FileNotFoundError:
+        pass
+    os.close(fd)
