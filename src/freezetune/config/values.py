@@ -32,7 +32,11 @@ def parse_stage_lrs(text: str | dict | None) -> dict[str, float]:
     if isinstance(text, dict):
         items = list(text.items())
     else:
-        items = [part.partition("=")[::2] for part in _OUTSIDE_BRACKETS.split(str(text)) if part.strip()]
+        parts = [part.strip() for part in _OUTSIDE_BRACKETS.split(str(text)) if part.strip()]
+        for part in parts:
+            if "=" not in part:
+                raise ConfigError(f"stage_lrs entry {part!r} has no '=': give STAGE=LR (e.g. 'layer4=1e-4')")
+        items = [part.partition("=")[::2] for part in parts]
     out = {}
     for name, value in items:
         name = str(name).strip()
