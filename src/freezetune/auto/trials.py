@@ -123,8 +123,15 @@ def measurement(cfg: TrainConfig, train: Callable, echo: Callable[[str], None], 
         from freezetune.cache.store import BUILDING
 
         building = f", {BUILDING}" if exc.where.startswith(BUILDING) else ""  # (its cache bar all that was seen)
-        raise RunInterrupted.by(exc.signum, f"during {during}{building}; the same command, with or without --resume, "
-                                f"starts {again}") from None  # fmt: skip
+        # a measurement's dir is RUN/auto-trials/NAME; before the run dir is made, --resume is refused ("does not
+        # exist"), and the line said it would start the trials again
+        made = Path(cfg.out).parent.parent.exists()
+        command = (
+            "the same command, with or without --resume,"
+            if made
+            else "the same command (without --resume: the run dir was not made yet)"
+        )
+        raise RunInterrupted.by(exc.signum, f"during {during}{building}; {command} starts {again}") from None
     return result, {key: result.seconds.get(key, 0.0) for key in ("cache", "epochs")}
 
 

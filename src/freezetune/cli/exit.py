@@ -24,13 +24,22 @@ SAVED = {
 }
 
 
+# A train or sweep command stopped outside its runs' own handling (importing torch, reading the config, between a
+# sweep's runs): the default SIGTERM ended it with 143 and nothing said.
+OUTSIDE_A_RUN = {
+    "train": "before the run started (nothing new saved); the same command runs it again",
+    "sweep": "outside its recipes' runs; --resume continues the sweep (the same command starts one that recorded "
+    "nothing yet)",
+}
+
+
 def stops(command: str):
     """SIGTERM, SIGINT (and SIGHUP, as a run takes it) end ``eval``, ``predict``, ``export`` and ``inspect`` with one
     line and 128 + the signal, through the writers' cleanup: killed by the default SIGTERM, an export left its hidden
-    temporary file and said nothing. A run (train, sweep) handles its own, to save its place first."""
-    if command in ("train", "sweep"):
-        return contextlib.nullcontext()
-    return StopRequest().listening(defer=False, at_once=f"before {command} finished (no file is left half-written)")
+    temporary file and said nothing. A run handles its own, to save its place first; outside it, a ``train`` or
+    ``sweep`` command says where it stopped (``OUTSIDE_A_RUN``)."""
+    where = OUTSIDE_A_RUN.get(command, f"before {command} finished (no file is left half-written)")
+    return StopRequest().listening(defer=False, at_once=where)
 
 
 class _PipeGuard:

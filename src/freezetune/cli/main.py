@@ -24,7 +24,7 @@ from freezetune.config.options import PIL_WARNINGS
 from freezetune.config.train_config import TrainConfig, field_names
 from freezetune.errors import ConfigError, FreezetuneError
 from freezetune.run import log as run_log
-from freezetune.run.interrupt import RunInterrupted, forget_stop, raised_stop
+from freezetune.run.interrupt import RunInterrupted, forget_stop, pause_point, raised_stop
 
 
 def _line_buffered(stream) -> None:
@@ -162,6 +162,7 @@ def _given(args) -> dict:
 
 
 def _cmd_train(args) -> int:
+    pause_point("start")  # (tests: a stop before the run handles its own)
     from freezetune.training.trainer import train
 
     cfg = _train_config(args)
@@ -182,6 +183,7 @@ def _print_config(text: str) -> int:
 
 
 def _cmd_sweep(args) -> int:
+    pause_point("start")  # (tests: a stop outside the sweep's runs)
     from freezetune.recipes import sweep_config
     from freezetune.recipes.sweep import sweep
 
