@@ -207,6 +207,20 @@ def test_plan_naming_a_trainable_stage_reports_nothing():
     assert group_names(opt) == ["head", "block3"]
 
 
+def test_a_plan_step_that_opens_nothing_new_reports_no_stage():
+    # "*.bias" over BatchNorm biases that train already (affine-only), in a ResNet whose convolutions have none: the
+    # step said it opened stem, layer1, ..., layer4, and they were listed as unfrozen, with nothing changed
+    import torchvision
+
+    model = torchvision.models.resnet18(num_classes=5)
+    ft.freeze(model, "backbone", bn="affine-only")
+    trainable = ft.count_parameters(model)[0]
+    optimizer = torch.optim.AdamW(ft.param_groups(model, 1e-3))
+    unfreezer = ft.Unfreezer(model, optimizer, {1: "*.bias", 2: "layer4"}, lr=1e-3)
+    assert unfreezer.step(0, 0.1) == [] and unfreezer.unfrozen == [] and ft.count_parameters(model)[0] == trainable
+    assert unfreezer.step(1, 0.1) == ["layer4"] and unfreezer.unfrozen == ["layer4"]
+
+
 def test_plan_is_validated_up_front():
     with pytest.raises(ft.FreezetuneError, match="'block9'") as info:
         frozen_setup({0: "block3", 40: "block9"})

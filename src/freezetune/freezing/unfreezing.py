@@ -291,9 +291,12 @@ class Unfreezer:
         trained = {id(p) for p in self.model.parameters() if p.requires_grad}
         unfreeze(self.model, names if spec is None else spec, bn=self.bn)
         by_name = {s.name: s for s in stages(self.model)}
+        # opened: what now trains that did not. A spec may name only what trains already ("*.bias" over BatchNorm
+        # biases under affine-only, in a ResNet whose convolutions have none): those stages were reported as opened
+        names = [n for n in names if any(p.requires_grad and id(p) not in trained for p in by_name[n].params)]
         seen = {id(p) for g in self.optimizer.param_groups for p in g["params"]} | self.held_elsewhere
         self._warn_if_grouped_already(names, by_name)
-        if self.under_ddp:
+        if self.under_ddp and names:
             warnings.warn(f"unfroze {choices(names)} under DistributedDataParallel: DDP averages the gradients of "
                           "the parameters trainable when it wrapped the model only; wrap the model again (as "
                           "freezetune's trainer and Lightning callback do) or the ranks drift apart", stacklevel=3)  # fmt: skip
