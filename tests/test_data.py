@@ -916,6 +916,11 @@ def test_skip_bad_leaves_out_a_jpeg_whose_compressed_data_is_corrupt(tmp_path):
                 break
     else:
         pytest.skip("no byte flips made a JPEG whose header scan passes and whose decode fails")
+    # without --skip-bad the run stops where it reads the file, mid-epoch: its line names the way out
+    plain = build_datasets(str(tmp_path), val_split=0.3, preprocess=PRE)
+    split = next(ds for ds in (plain.train, plain.val) if str(rotten) in [path for path, _ in ds.samples])
+    with pytest.raises(DataError, match=r"broken data stream.*fix or remove the file, or pass --skip-bad"):
+        split[[path for path, _ in split.samples].index(str(rotten))]
     b = build_datasets(str(tmp_path), val_split=0.3, preprocess=PRE, skip_bad=True)
     assert b.skipped == [str(rotten)]
     for path, _ in [*b.train.samples, *b.val.samples]:

@@ -219,8 +219,15 @@ class FileImageDataset(Dataset):
 
     def __getitem__(self, i: int):
         path, label = self.samples[i]
-        img = load_image(path, self.alpha, self.min_side)
+        img = self._load(path)
         return (self.transform(img) if self.transform else img), label
+
+    def _load(self, path: str) -> Image.Image:
+        try:
+            return load_image(path, self.alpha, self.min_side)
+        except DataError as exc:  # a JPEG whose compressed data is corrupt passes the pre-scan's header check
+            raise DataError(f"{exc} (the check before training reads headers only: fix or remove the file, or pass "
+                            "--skip-bad, whose check decodes every image and leaves such files out)") from exc  # fmt: skip
 
     def __getitems__(self, indices: list[int]) -> list[tuple]:
         # a DataLoader's batch: a transform that allows it (the eval pipeline's) runs once on each group of small
@@ -233,7 +240,7 @@ class FileImageDataset(Dataset):
         out: list[tuple] = [()] * len(indices)
         small: dict[tuple[int, ...], list[tuple[int, np.ndarray]]] = {}
         for k, i in enumerate(indices):
-            image, label = load_image(self.samples[i][0], self.alpha, self.min_side), self.samples[i][1]
+            image, label = self._load(self.samples[i][0]), self.samples[i][1]
             if image.width * image.height > _GROUPED_PIXELS:
                 out[k] = (self.transform(image), label)
             else:
