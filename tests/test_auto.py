@@ -310,7 +310,7 @@ def test_an_auto_run_whose_epochs_draw_fewer_images_than_the_set_builds_no_train
 
 
 def test_the_default_run_works_under_python_OO_which_strips_docstrings(data, tmp_path):
-    # recipe.json's procedure is the auto module's docstring: under -OO the run crashed after its trials (None.split)
+    # recipe.json's procedure is auto/recipe.py's docstring: under -OO the run crashed after its trials (None.split)
     argv = train_argv(data, tmp_path / "run", "--epochs", "1")
     done = subprocess.run([sys.executable, "-OO", "-m", "freezetune", *map(str, argv)], capture_output=True, text=True,
                           timeout=300)  # fmt: skip

@@ -51,7 +51,7 @@ TRIAL_STEPS, PROBE_STEPS = 2, 10
 
 @pytest.fixture(scope="module", autouse=True)
 def _probed_however_short():
-    """The auto runs here train 8 steps, under the 30 a probed start needs (``auto_plan.PROBE_MIN_RUN_STEPS``): these
+    """The auto runs here train 8 steps, under the 30 a probed start needs (``auto.plan.PROBE_MIN_RUN_STEPS``): these
     tests stop and resume the probed path all the same (the forked children inherit the setting)."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(auto_plan, "PROBE_MIN_RUN_STEPS", 0)

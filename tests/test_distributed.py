@@ -292,7 +292,7 @@ def test_ranks_share_early_stop_plateau_unfreeze_clipping_and_the_default_run_di
 def test_the_auto_recipe_under_torchrun_takes_rank_0s_trials_and_decision(tmp_path):
     # rank 1 logged no metrics rows: its trial scored "n/a" on "0 validation images", it skipped the other trials
     # rank 0 ran, and the ranks hung in collectives that never met. 402 validation images, and trials of 12 steps a
-    # rank (auto_trials.MIN_TRIAL_STEPS): every candidate's trial
+    # rank (auto.trials.MIN_TRIAL_STEPS): every candidate's trial
     data = make_image_folder(tmp_path / "data", train=30, val=134, test=2, size=32)
     out, dump = tmp_path / "run", tmp_path / "dump"
     proc = torchrun(dump, "--data", data, "--out", out, "--epochs", "1", "--batch-size", "2")

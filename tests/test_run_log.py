@@ -119,7 +119,7 @@ def test_an_error_leaving_nested_levels_is_logged_once_per_file_and_a_stop_worde
     line = "freezetune: error: cannot read image 'a.png': truncated"
     assert _said(tmp_path / "run" / LOG_FILE)[1:] == [line]
     assert _said(tmp_path / "run" / "trial" / LOG_FILE)[1:] == [line]
-    # a trial's stop, said again as the recipe's (auto_trials.trial): the recipe's log has its own line, not the
+    # a trial's stop, said again as the recipe's (auto.trials.trial): the recipe's log has its own line, not the
     # trial's
     (tmp_path / "b" / "trial").mkdir(parents=True)
     with pytest.raises(RunInterrupted):

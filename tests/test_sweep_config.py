@@ -39,8 +39,8 @@ def test_a_sweeps_bn_applies_to_its_recipes_but_linear_probe_which_trains_the_he
 
 
 def test_a_sweeps_recipes_train_the_epochs_a_plain_run_does_even_under_its_budget(tmp_path):
-    # unset (a budget plans an auto run's alone), they reached recipes.run as None: a resume of a sweep stopped after
-    # lp-ft's probe compared the probe's epochs with None (TypeError), and the recipe's own --resume was refused
+    # unset (a budget plans an auto run's alone), they reached recipes.named.run as None: a resume of a sweep stopped
+    # after lp-ft's probe compared the probe's epochs with None (TypeError), and the recipe's own --resume was refused
     runs = sweep_config.run_configs(TrainConfig(data="d", budget="5m"), ["lp-ft", "auto"], tmp_path)
     assert {run.epochs for run in runs.values()} == {10} and {run.budget for run in runs.values()} == {None}
     assert sweep_config.run_configs(TrainConfig(data="d", epochs=3), ["full"], tmp_path)["full"].epochs == 3

@@ -236,7 +236,7 @@ def test_a_text_run_says_how_it_pools_and_its_export_says_it_too(tmp_path, capsy
     files = hf_bundle.with_classes(checkpoint.load(out / "best.pt")["hf_files"], ["neg", "pos"], text=True)
     assert hf_bundle.holds(tmp_path / "m.hf", files)
     # a last.pt of a freezetune before sentence pooling (trained through the pooler, no text_pooling recorded)
-    # resumes with that pooler (run_setup matches the model to what check_settings reads): it was refused, and a
+    # resumes with that pooler (run.setup matches the model to what check_settings reads): it was refused, and a
     # run stopped by that version had no way to finish
     from safetensors.torch import load_file
 

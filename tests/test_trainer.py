@@ -1092,7 +1092,7 @@ def test_a_run_without_epochs_trains_ten_and_under_a_budget_epochs_given_as_ten_
     (tmp_path / "imgs").mkdir()
     for given in ({}, {"budget": "5m"}, {"budget": "5m", "epochs": 10}):
         trainer.train(load_config(overrides={"data": str(tmp_path / "imgs"), "out": str(tmp_path / "run"), **given}))
-    assert seen == [10, None, 10]  # None: the budget's auto recipe plans them (auto_plan.run_epochs), up to 30
+    assert seen == [10, None, 10]  # None: the budget's auto recipe plans them (auto.plan.run_epochs), up to 30
     assert "epochs: null" in load_config(overrides={"data": "x"}).dump()  # a printed config leaves them to the run
 
 

@@ -237,7 +237,7 @@ def _intro(ks: list[int], cut: str, text: bool, budget: str | None = None) -> st
 
 def _pilot(base: TrainConfig, k: int, boost: float, out: Path, train: Callable, echo: Callable[[str], None],
            budget: auto_budget.TrialBudget) -> tuple[dict, TrainConfig, dict | None]:  # fmt: skip
-    """A budget's pilot (``auto_budget``): the default candidate's trial cut to a few steps, streamed, its pace
+    """A budget's pilot (``auto.budget``): the default candidate's trial cut to a few steps, streamed, its pace
     recorded; returns it, ``base`` with the epoch length that pace affords (as asked where it all fits), and the
     default's trial where the pilot was it (a trial no longer than the pilot's steps)."""
     trial_cfg = auto_trials.trial_config(base, k, boost, out)
@@ -272,8 +272,8 @@ def _as_asked(cfg: TrainConfig, pilot: dict | None, trials: list[dict], refit: b
 
 def _probe(base: TrainConfig, epochs: int, refit: bool, out: Path, train: Callable, echo: Callable[[str], None], *,
            steps: int) -> dict:  # fmt: skip
-    """Fit the head alone on the frozen network's features (``recipes.probe_lrs``: 10x the head's LR), for the run's
-    ``epochs`` over the run's training data (``refit``); its weights start the run."""
+    """Fit the head alone on the frozen network's features (``recipes.named.probe_lrs``: 10x the head's LR), for the
+    run's ``epochs`` over the run's training data (``refit``); its weights start the run."""
     from freezetune.recipes.named import probe_lrs
 
     probe_cfg = dataclasses.replace(
@@ -319,7 +319,7 @@ def _procedure() -> str:
     """The procedure as this module's docstring tells it, for ``recipe.json``; ``python -OO`` strips docstrings
     (the run then crashed after its trials, on None.split)."""
     if not __doc__:
-        return "see the docstring of freezetune.auto (python -OO removed it from this process)"
+        return "see the docstring of freezetune.auto.recipe (python -OO removed it from this process)"
     return __doc__.split("\n\n", 2)[2].strip()
 
 

@@ -24,7 +24,7 @@ def resumed(cfg: TrainConfig, out: Path, echo: Callable[[str], None], *,
     """The final run's config from the decision ``recipe.json`` kept (a resume trains what was chosen, untried), and
     the trials it records."""
     decision = json.loads((out / RECIPE_FILE).read_text())
-    if "choice" not in decision:  # a named recipe's request (recipes.asked_config)
+    if "choice" not in decision:  # a named recipe's request (recipes.named.asked_config)
         raise ConfigError(f"cannot resume {out} with freeze auto: it holds a run of recipe "
                           f"{decision.get('recipe')!r}; resume it with its own command")  # fmt: skip
     run_log.log_to(out)  # (written once the final run's resume is accepted)

@@ -171,7 +171,7 @@ def _trainable_first_stage(model: nn.Module, first: Stage) -> str:
     return f"the first stage ({first.name}) is trainable: there is no frozen prefix to cache"
 
 
-# What draws random numbers in training, by its function's name (the layers: frozen_dropout.RANDOM_KINDS; a
+# What draws random numbers in training, by its function's name (the layers: freezing.dropout.RANDOM_KINDS; a
 # StochasticDepth traced through had its training flag baked into the prefix, and cached features held one random
 # depth an image)
 _RANDOM_FUNCTIONS = ("dropout", "drop_path", "drop_block", "stochastic_depth")

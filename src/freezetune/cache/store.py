@@ -385,7 +385,7 @@ def idle_views_note(aug: str, views: int, cache: str) -> str | None:
     >>> print(idle_views_note("none", 2, "auto"))
     note: --cache-views 2 has no effect with --aug none: every view of an unaugmented image is the same, one is cached
     """
-    if aug != "none" or views <= 1 or cache == "off":  # under cache off it is refused (config_check)
+    if aug != "none" or views <= 1 or cache == "off":  # under cache off it is refused (config.check)
         return None
     return (f"note: --cache-views {views} has no effect with --aug none: every view of an unaugmented image is the "
             "same, one is cached")  # fmt: skip

@@ -192,7 +192,7 @@ def under_torchrun() -> bool:
 
 def end_torchrun_process(code: int) -> None:
     """End a torchrun rank's process with ``code`` now that its command has returned: flush the output, run the
-    ``atexit`` functions (run_lock's, logging's), then leave without the interpreter's teardown.
+    ``atexit`` functions (run.lock's, logging's), then leave without the interpreter's teardown.
 
     That teardown (freeing what torch, Gloo and DDP left behind, after the process group was destroyed) aborted a
     rank that had finished its run: "terminate called without an active exception", SIGABRT with no Python frame,

@@ -1,7 +1,7 @@
 """What ``freezetune train --help`` says of each ``TrainConfig`` field, and the sections it lists them under.
 
 A field left at ``None`` by default means "decided for you": its help says what is decided, and no ``[default: None]``
-is shown. A field with fixed choices has them appended by the CLI (``config.FIELD_CHOICES``).
+is shown. A field with fixed choices has them appended by the CLI (``config.train_config.FIELD_CHOICES``).
 """
 
 from __future__ import annotations

@@ -131,7 +131,7 @@ def run() -> None:
     # image that failed to decode mid-epoch). Nothing loads data from here on; stopping them gracefully took 10 s.
     if hasattr(signal, "SIGCHLD"):
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-    if cli_exit.under_torchrun():  # a torchrun rank: no interpreter teardown (cli_exit's why)
+    if cli_exit.under_torchrun():  # a torchrun rank: no interpreter teardown (cli.exit's why)
         cli_exit.end_torchrun_process(code)
     sys.exit(code)
 
@@ -146,7 +146,7 @@ def _train_config(args, *, run: bool = True) -> TrainConfig:
     overrides = _given(args)
     base = args.config
     out = overrides.get("out")
-    # Resuming: the run's own config (config_file.resume_config), with the flags given now on top. Without --out there
+    # Resuming: the run's own config (config.file.resume_config), with the flags given now on top. Without --out there
     # is no run to read (a config.yaml in the current directory is not one).
     if base is None and overrides.get("resume") and run:  # a sweep's dir holds runs, not one
         base = resume_config(out, data_given=bool(overrides.get("data")))

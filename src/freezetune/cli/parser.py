@@ -1,6 +1,6 @@
 """The ``freezetune`` command line's words: each command's flags, their help (from ``flag_help``, with the choices
 and the default of each ``TrainConfig`` field) and the sections ``train --help`` lists them under. What a command
-does with them is ``cli``'s."""
+does with them is ``cli.main``'s."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ _DEFAULTS = TrainConfig()
 
 
 def build_parser(commands: dict[str, Callable[[argparse.Namespace], int | None]]) -> argparse.ArgumentParser:
-    """The ``freezetune`` parser, each command's flags and help; ``commands`` runs each (``cli``'s)."""
+    """The ``freezetune`` parser, each command's flags and help; ``commands`` runs each (``cli.main``'s)."""
     parser = Parser(prog="freezetune", description="Fine-tune pretrained models by freezing.")
     parser.add_argument("--version", action="version", version=f"freezetune {__version__}")
     sub = parser.add_subparsers(dest="command")

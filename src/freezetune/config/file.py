@@ -24,14 +24,14 @@ def load_config(path: str | Path | dict[str, Any] | None = None, overrides: dict
 
     An override of None unsets the field (``grad_clip=null`` clears the file's grad_clip): a caller leaves out the
     keys it was not given. An override is a choice the user made, even at its default value: a recipe that sets it
-    itself is refused beside it (``recipes.conflict_problems``). ``need_data=False`` accepts a config without
+    itself is refused beside it (``recipes.named.conflict_problems``). ``need_data=False`` accepts a config without
     ``data`` (a template, as ``--print-config`` writes one).
 
     >>> load_config(overrides={"data": "images/", "epochs": 3}).epochs
     3
     """
     values: dict[str, Any] = {}
-    typed = set(overrides or ())  # given now, unlike a file's keys (recipes.conflict_problems)
+    typed = set(overrides or ())  # given now, unlike a file's keys (recipes.named.conflict_problems)
     if path is not None:
         values.update(path if isinstance(path, dict) else _as_its_run_is_now(read_yaml(Path(path)), Path(path)))
     values.update(overrides or {})
@@ -67,7 +67,7 @@ def _as_its_run_is_now(values: dict[str, Any], path: Path) -> dict[str, Any]:
     - Written by an earlier freezetune, whose auto recipe recorded its cut beside cache off: no setting there, and now
       refused as doing nothing (its resume and ``--config`` of it stopped).
     """
-    from freezetune.run.directory import CLASSES_FILE  # (runtime reads configs too)
+    from freezetune.run.directory import CLASSES_FILE  # (run.directory reads configs too)
 
     if not (path.parent / CLASSES_FILE).is_file():
         return values

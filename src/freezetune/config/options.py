@@ -1,7 +1,7 @@
 """Every choice list and value check of freezetune, defined once: the config, the CLI and the modules that act on a
 choice all import them from here, so an error message always lists the choices the code accepts.
 
-Torch-free on purpose: ``config`` and the CLI's argument parser import it without loading torch.
+Torch-free on purpose: ``config.train_config`` and the CLI's argument parser import it without loading torch.
 """
 
 from __future__ import annotations

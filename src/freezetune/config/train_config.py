@@ -1,6 +1,6 @@
 """Run configuration: the one place defaults live (``TrainConfig``), the choices of each field, and what a resume may
-change. Its checks (every problem in one message, before a run starts): ``config_check``; reading one from YAML,
-``key=value`` overrides and CLI flags: ``config_file``.
+change. Its checks (every problem in one message, before a run starts): ``config.check``; reading one from YAML,
+``key=value`` overrides and CLI flags: ``config.file``.
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ FIELD_CHOICES = {
 }
 
 # a run's epochs where the config sets none (``epochs_of``); under a budget the auto recipe plans them instead, up to
-# --epochs where it is set (auto_plan.run_epochs): unset, not 10, so that an --epochs 10 typed is a limit too
+# --epochs where it is set (auto.plan.run_epochs): unset, not 10, so that an --epochs 10 typed is a limit too
 DEFAULT_EPOCHS = 10
 
 # What a --resume may change: where and how fast the run computes, what it shows and saves, not what it trains.
@@ -135,7 +135,7 @@ class TrainConfig:
     frozen_dropout: str = DROPOUT_DEFAULT  # dropout and drop path in the stages before the first that trains
     unfreeze: str | dict[int, str] | None = None
     # optimisation
-    epochs: int | None = None  # None: DEFAULT_EPOCHS; under a budget, as many as it affords (auto_plan.run_epochs)
+    epochs: int | None = None  # None: DEFAULT_EPOCHS; under a budget, as many as it affords (auto.plan.run_epochs)
     epoch_fraction: float = 1.0  # each epoch trains on this random share of the training set (a new draw each epoch)
     epoch_images: int | None = None  # ... and on at most this many of its images or texts (a large set's epochs)
     optimizer: str = "adamw"

@@ -176,7 +176,7 @@ class TokenizeBatch:
         local = Path(tokenizer).is_dir()
         self.tokenizer = AutoTokenizer.from_pretrained(tokenizer, local_files_only=local)
         # a decoder's (GPT-2, Llama) has no padding token: it pads with its end of sequence, as its model is told
-        # (models_hf._set_pad_token)
+        # (model.hf._set_pad_token)
         if self.tokenizer.pad_token is None:
             if self.tokenizer.eos_token is None:
                 raise ConfigError(f"the tokenizer of {tokenizer!r} has no padding token and no end-of-sequence token to "
@@ -272,7 +272,7 @@ def long_texts(texts: list[str], tokenize: TokenizeBatch, chunk: int = 1000) -> 
 
 
 # The TrainConfig fields only one kind of model reads, and what each does: given to the other kind, ignored, the user
-# would believe them applied (img_size, read as the model is built, is refused there: models.create_model)
+# would believe them applied (img_size, read as the model is built, is refused there: model.create.create_model)
 TEXT_SETTINGS = {"max_length": "sets the tokens a text keeps", "text_column": "names a text CSV's column",
                  "label_column": "names a text CSV's column"}  # fmt: skip
 IMAGE_SETTINGS = {"aug": "augments images", "cache_views": "sets the augmented image views the feature cache stores",

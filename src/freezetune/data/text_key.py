@@ -42,7 +42,7 @@ def _steps(tokenizer: str) -> tuple | None:
     batches are tokenized)."""
     from freezetune.model import download
 
-    # a hub id offline from the local cache only, as the model is built (models_hf): 46 s of retries otherwise
+    # a hub id offline from the local cache only, as the model is built (model.hf): 46 s of retries otherwise
     local = Path(tokenizer).is_dir() or download.hub_offline() or not download.can_reach(download.HF_HOST)
     try:
         from transformers import AutoTokenizer

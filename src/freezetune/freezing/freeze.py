@@ -291,7 +291,7 @@ def _bitfit_frozen(model: nn.Module, st: list[Stage]) -> dict[int, nn.Parameter]
 
     The norms' parameters keep training, so their BatchNorm layers are not frozen either (as with ``bn="affine"``).
     """
-    # a norm by its class name, as everywhere (module_tree.is_norm): RMSNorm and Hugging Face's *RMSNorm were
+    # a norm by its class name, as everywhere (model.tree.is_norm): RMSNorm and Hugging Face's *RMSNorm were
     # frozen as weights, and a Llama classifier, which has no biases, trained its head alone
     keep = {id(p) for m in model.modules() if is_norm(m) for p in m.parameters(recurse=False)}
     keep |= {id(p) for name, p in model.named_parameters() if name.endswith("bias")}

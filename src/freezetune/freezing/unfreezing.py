@@ -2,7 +2,7 @@
 
 The ``Unfreezer`` opens stages (or, by a plan, what a spec names) and gives what now trains its optimizer groups by
 the ``param_groups`` LR rule, keeping a given LR scheduler driving them; the schedule's forms are parsed in
-``unfreeze_schedule``. ``step(epoch, metric)`` is called once at the end of each epoch (0-based); what it unfreezes
+``freezing.schedule``. ``step(epoch, metric)`` is called once at the end of each epoch (0-based); what it unfreezes
 trains from the next epoch. A second call for an epoch already stepped (a notebook cell run again) changes nothing,
 with a warning.
 """

@@ -1,8 +1,8 @@
 """Predicting with a trained model: the most likely classes of image files, of a text model's files (CSV rows, text
 lines) or of texts given as strings, and the lines ``freezetune predict`` prints for them.
 
-A checkpoint (path or record) or a ``LoadedModel`` (``inference.load_model``) is accepted, so a notebook loads a
-model once and predicts many times.
+A checkpoint (path or record) or a ``LoadedModel`` (``inference.evaluation.load_model``) is accepted, so a notebook
+loads a model once and predicts many times.
 """
 
 from __future__ import annotations

@@ -130,7 +130,7 @@ def with_classes(files: dict[str, str], classes: list[str], *, text: bool = Fals
     config.update(id2label={str(i): c for i, c in enumerate(classes)}, label2id={c: i for i, c in enumerate(classes)},
                   num_labels=len(classes), problem_type="single_label_classification")  # fmt: skip
     if config.get("pad_token_id", 0) is None and isinstance(config.get("eos_token_id"), int):  # as it trained
-        config["pad_token_id"] = config["eos_token_id"]  # (models_hf._set_pad_token): batches of texts pad with it
+        config["pad_token_id"] = config["eos_token_id"]  # (model.hf._set_pad_token): batches of texts pad with it
     if (task := _task_class(config.get("model_type"), text)) is not None:
         config["architectures"] = [task]
     written = json.dumps(config, indent=2, sort_keys=True) + "\n"

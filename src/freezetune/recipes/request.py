@@ -1,7 +1,7 @@
 """What a named recipe's run was asked (its ``recipe.json``) and the resumes and restarts that would break it: a
 resume with another recipe or freeze, or with settings changed since the request, and a fresh start over a run
-stopped in an earlier phase, each refused before anything in the run dir changes. ``recipes.run`` keeps the request
-and checks it; ``trainer.train`` refuses a plain run's resume of a recipe's run.
+stopped in an earlier phase, each refused before anything in the run dir changes. ``recipes.named.run`` keeps the
+request and checks it; ``trainer.train`` refuses a plain run's resume of a recipe's run.
 """
 
 from __future__ import annotations
@@ -119,7 +119,7 @@ def drop_request(out: Path, existed: bool, before: set[str]) -> None:
 
 def keep_request(out: Path, recipe: str, cfg: TrainConfig, steps: list[Phase]) -> None:
     """What was asked (``recipe.json``: the recipe, its phases, the config), which a ``--resume`` with the same
-    command continues (``recipes.asked_config``)."""
+    command continues (``recipes.named.asked_config``)."""
 
     out.mkdir(parents=True, exist_ok=True)
     record = {"recipe": recipe, "phases": [p.name for p in steps], "asked": cfg.recorded()}

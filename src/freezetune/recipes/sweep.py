@@ -276,7 +276,7 @@ def _chosen(run_dir: Path) -> str:
         parts, start = Path(choice.get("init") or "").parts, ""
         if TRIALS_DIR in parts:
             start = ", from the probed head" if PROBE_DIR in parts else ", from its trial's weights"
-        lr = choice.get("run_lr", choice["lr"])  # an older recipe.json has no run_lr (auto_resume)
+        lr = choice.get("run_lr", choice["lr"])  # an older recipe.json has no run_lr (auto.resume)
         return f"chose last-{choice['trained_stages']} at lr {lr:.1e}{start}"
     except (OSError, ValueError, KeyError, TypeError):  # a named recipe: no choice recorded
         return ""

@@ -211,9 +211,9 @@ def restore(path: str | Path, state: TrainingState, progress, *, config: dict[st
     """Continue a run from its ``last.pt``: load into ``state`` (set up as at the start of that run) and ``progress``.
 
     ``config``, ``classes``, ``steps_per_epoch`` and ``data`` (``data.fingerprint.data_record``) are this run's: its
-    data, model, classes, LR schedule and every setting but those of ``config.RESUME_MAY_CHANGE`` must be those of
-    ``last.pt``; a mismatch is refused with the reason (the data's change, the changed settings, old -> new), before
-    anything is loaded.
+    data, model, classes, LR schedule and every setting but those of ``config.train_config.RESUME_MAY_CHANGE`` must be
+    those of ``last.pt``; a mismatch is refused with the reason (the data's change, the changed settings, old -> new),
+    before anything is loaded.
     """
     record = load(path)
     _check_data(Path(path), record.get("data"), data)
@@ -294,7 +294,7 @@ def _check_resumable(path: Path, record: dict, expect: dict[str, Any]) -> None:
             said = f"{len(ran)} classes; this config is {expect['model']} on {len(now)}"
         raise CheckpointError(f"{path} is a run of {record.get('model')} on {said}: resume with the run's own config "
                               "and data")  # fmt: skip
-    # a run of an earlier version recorded its paths as given: read from here, as this run's are (config.recorded)
+    # a run of an earlier version recorded its paths as given: read from here, as this run's are (TrainConfig.recorded)
     old = absolute_paths(dict(_EARLIER, **(record.get("config") or {}), steps_per_epoch=record.get("steps_per_epoch")))
     schedule = ("epochs", "scheduler", "warmup_epochs", "steps_per_epoch")
     stretched = [f"{k} {old[k]!r} -> {expect[k]!r}" for k in schedule

@@ -66,7 +66,7 @@ def prepare_run_dir(out: str | None, model: str, *, resume: bool, clean: bool = 
 
     check_resume_target(out, resume)
     run_dir = Path(out) if out else new_run_dir(model, claim=clean)
-    if clean:  # a second process on this dir is refused before it checks or clears anything (run_lock)
+    if clean:  # a second process on this dir is refused before it checks or clears anything (run.lock)
         run_lock.claim(run_dir)
     traces = _check_run_dir(run_dir, resume=resume, recipe_run=recipe_run)
     finished = (run_dir / checkpoint.LAST).is_file()

@@ -33,7 +33,7 @@ def progress_bar(total: int, desc: str, *, enabled: bool, unit: str = "it"):
         from tqdm.auto import tqdm
 
     # a notebook without ipywidgets gets tqdm's text bar on its stderr, which it redraws in place as a terminal does
-    in_notebook = type(getattr(sys.stderr, "wrapped", sys.stderr)).__module__.startswith("ipykernel")  # (cli_exit)
+    in_notebook = type(getattr(sys.stderr, "wrapped", sys.stderr)).__module__.startswith("ipykernel")  # (cli.exit)
     live = tqdm.__module__.startswith("tqdm.notebook") or in_notebook or sys.stderr.isatty()
     interval = 0.1 if live else 60.0
     # a file's bar waits a minute to appear: drawn at once, every epoch shorter than that left a line of 0%; tqdm's

@@ -72,7 +72,7 @@ def train(cfg: TrainConfig, *, echo: Callable[[str], None] = print, resumable: b
     # SIGTERM/SIGINT end the run with RunInterrupted at once, except in the training loop (Trainer.fit), which saves
     # its place first; the handlers found are put back after the run
     validate(cfg)  # before a recipe plans anything: every problem of the config, with the choices
-    if cfg.epochs is None and cfg.budget is None:  # a budget's auto recipe plans them (auto_plan.run_epochs)
+    if cfg.epochs is None and cfg.budget is None:  # a budget's auto recipe plans them (auto.plan.run_epochs)
         cfg = dataclasses.replace(cfg, epochs=epochs_of(cfg))
     runtime.check_resume_target(cfg.out, cfg.resume)  # a recipe would otherwise look in a new timestamped dir
     runtime.check_folders(cfg.out, cfg.cache_dir, (cfg.data, cfg.val_data))
@@ -80,7 +80,7 @@ def train(cfg: TrainConfig, *, echo: Callable[[str], None] = print, resumable: b
     # run) share it; left and joined again between them, the ranks' third join never met
     owner = not in_group()
     # the log (train.log) around the rest: it records the line of whatever error or stop ends the run
-    # run_lock.scope: the run dirs this run claimed (its own, a recipe's, its trials') are released at its end
+    # run.lock.scope: the run dirs this run claimed (its own, a recipe's, its trials') are released at its end
     with run_log.log(echo) as echo, out_of_memory_hint(cfg.batch_size), StopRequest().listening(defer=False), \
             run_lock.scope() as claimed:  # fmt: skip
         try:
@@ -264,9 +264,9 @@ class Trainer(RunSetup):
                                   peak_mb=hardware.peak_memory_mb(self.device), lrs=self.step.lrs)  # fmt: skip
         if self.resumable and epoch > 0 and not (self.run_dir / checkpoint.LAST).exists():
             # a dir without last.pt but with two rows holds finished work and is never restarted over
-            # (runtime.finished_work): the second row waits for the first last.pt, once a run
+            # (run.directory.finished_work): the second row waits for the first last.pt, once a run
             self.checkpoints.wait()
-        self.metrics.log_epoch(row)  # before best.pt: a best.pt without a row is another run's (runtime)
+        self.metrics.log_epoch(row)  # before best.pt: a best.pt without a row is another run's (run.directory)
         return row
 
     def _bar(self, label: str) -> str | None:
