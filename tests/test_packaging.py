@@ -76,6 +76,26 @@ def test_the_flat_layouts_module_paths_still_import_the_same_modules_with_a_warn
     assert "No module named 'freezetune.nosuch'" in missing.stderr
 
 
+def test_the_flat_layouts_import_forms_and_names_still_work_with_a_warning_at_the_users_line():
+    # `from freezetune import run_setup` warned inside importlib (hidden); `from freezetune.config import TrainConfig`
+    # and an earlier install's console script (`from freezetune.cli import run`) failed: those modules are packages now
+    import subprocess
+    import sys
+
+    check = ("import warnings\nwarnings.simplefilter('default')\n"
+             "from freezetune import run_setup\nfrom freezetune.config import TrainConfig, check\n"
+             "from freezetune.cli import run\nfrom freezetune.config.train_config import TrainConfig as New\n"
+             "print(run_setup.__name__, TrainConfig is New, check.__name__, run.__module__)\n"
+             "from freezetune.config import nosuch\n")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True)
+    assert out.stdout == "freezetune.run.setup True freezetune.config.check freezetune.cli.main\n", out.stderr
+    assert "<string>:3: DeprecationWarning: freezetune.run_setup is now freezetune.run.setup" in out.stderr
+    assert ("<string>:4: DeprecationWarning: freezetune.config.TrainConfig is now "
+            "freezetune.config.train_config.TrainConfig") in out.stderr  # fmt: skip
+    assert "freezetune.config.check is now" not in out.stderr  # a submodule of the package is no old name
+    assert "ImportError: cannot import name 'nosuch' from 'freezetune.config'" in out.stderr
+
+
 def test_the_package_names_each_public_name_alike_for_users_editors_and_star_imports():
     # freezetune/__init__ lists its public names three times: the lazy map (what ``ft.NAME`` imports), the
     # TYPE_CHECKING imports (what an editor resolves), and __all__ (what static tools and ``import *`` read)

@@ -52,6 +52,8 @@ def __getattr__(name: str):
         value = getattr(importlib.import_module(_LAZY[name]), name)
         globals()[name] = value  # the next use is a plain attribute
         return value
+    if name in _renamed.MOVED:  # ``from freezetune import run_setup``, as the flat layout had it
+        return _renamed.moved_module(name)
     if not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
         # a submodule, as docs/export.md writes it after a plain ``import freezetune``: freezetune.data.load_image(...)
         return importlib.import_module(f"{__name__}.{name}")

@@ -5,7 +5,8 @@ frozen BatchNorm in eval mode (``freezetune.bn_policy._keep_eval``, earlier ``fr
 fast depthwise convolution (``freezetune.depthwise.FastDepthwiseConv2d``), a sentence-transformers pooling
 (``freezetune.text_pooling``). Without these paths such a file no longer loads; code that imported a module by its old
 path keeps working too, with a ``DeprecationWarning`` that names the new one. Five old modules share their name
-with a subpackage now (``auto``, ``recipes``, ``config``, ``cli``, ``inference``): that path imports the subpackage.
+with a subpackage now (``auto``, ``recipes``, ``config``, ``cli``, ``inference``): that path imports the subpackage,
+which hands on the names the old module held (``from freezetune.config import TrainConfig``; ``forwarded``).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import importlib
 import importlib.abc
 import importlib.util
 import sys
+import types
 import warnings
 
 # old module -> its path under freezetune now (docs/layout.md lists what each one owns)
@@ -41,6 +43,30 @@ MOVED = {
     "flag_help": "cli.flag_help",
     **{m: f"inference.{m}" for m in ("predict", "export")},
 }
+
+
+# the old module of a subpackage's name -> where its names are now
+SAME_NAMED = {"auto": "auto.recipe", "recipes": "recipes.named", "config": "config.train_config", "cli": "cli.main",
+              "inference": "inference.evaluation"}  # fmt: skip
+
+
+def moved_module(old: str) -> types.ModuleType:
+    """``from freezetune import run_setup``, the flat layout's form: the module now at its new path, with the
+    warning at the importing line (through ``freezetune.__getattr__``)."""
+    new = f"freezetune.{MOVED[old]}"
+    warnings.warn(f"freezetune.{old} is now {new}", DeprecationWarning, stacklevel=3)
+    return importlib.import_module(new)
+
+
+def forwarded(package: str, name: str):
+    """A name the old module of a subpackage's name held (``freezetune.config.TrainConfig``), from its new module;
+    anything else, a submodule not imported yet included, is left to the import system (AttributeError)."""
+    module = importlib.import_module(f"freezetune.{SAME_NAMED[package.rpartition('.')[2]]}")
+    value = getattr(module, name, None) if not name.startswith("__") else None
+    if value is None or isinstance(value, types.ModuleType):
+        raise AttributeError(f"module {package!r} has no attribute {name!r}")
+    warnings.warn(f"{package}.{name} is now {module.__name__}.{name}", DeprecationWarning, stacklevel=3)
+    return value
 
 
 class _OldPaths(importlib.abc.MetaPathFinder, importlib.abc.Loader):
