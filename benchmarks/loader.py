@@ -5,7 +5,7 @@ scikit-image's sample photos, ~500x375 px, quality 90, a quarter of them portrai
 model's preprocessing (``Preprocess(input_size=res)``):
 
 - *cpu*: ``build_datasets`` (PIL decode + torchvision v2 train transform) in persistent ``CpuLoader`` workers, each
-  batch moved with ``freezetune.training.evaluate.to_device`` (non_blocking, channels_last on CUDA) as the trainer does;
+  batch moved with ``freezetune.training.eval_loop.to_device`` (non_blocking, channels_last on CUDA) as the trainer does;
 - *gpu*: ``freezetune.data.gpu.DeviceJpegLoader`` on the same dataset (reader threads, one nvJPEG decode per batch,
   augmentation on the device), through the same ``to_device``.
 
@@ -33,7 +33,7 @@ from freezetune.data import build_datasets, usable_cpus
 from freezetune.data.gpu import DeviceJpegLoader
 from freezetune.data.loaders import CpuLoader, EpochOrder
 from freezetune.model.preprocess import Preprocess
-from freezetune.training.evaluate import to_device
+from freezetune.training.eval_loop import to_device
 
 CLASSES = 10
 SIZE = (500, 375)  # width x height of a typical ImageNet / Pascal photo

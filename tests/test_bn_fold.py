@@ -10,8 +10,8 @@ from torch import nn
 from conftest import TinyCNN, clone_params
 from freezetune.device.bn_fold import foldable, foldable_pairs, folded
 from freezetune.device.precision import resolve_precision
-from freezetune.training import evaluate as evaluate_module
-from freezetune.training.evaluate import evaluate
+from freezetune.training import eval_loop as evaluate_module
+from freezetune.training.eval_loop import evaluate
 
 
 def _trained_stats(model: nn.Module) -> nn.Module:

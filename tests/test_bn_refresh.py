@@ -11,7 +11,7 @@ import freezetune as ft
 from _engine_fixtures import make_image_folder, run_cli, train_argv
 from freezetune.data.folder import load_image
 from freezetune.data.transforms import eval_transform
-from freezetune.freezing import bn_refresh
+from freezetune.training import bn_refresh
 
 
 def _norms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:

@@ -16,7 +16,7 @@ from freezetune.device.distributed import DistInfo
 from freezetune.device.precision import resolve_precision
 from freezetune.inference.evaluation import evaluate_model
 from freezetune.model.preprocess import Preprocess
-from freezetune.training.evaluate import evaluate, logits_of, predict_probs, to_device
+from freezetune.training.eval_loop import evaluate, logits_of, predict_probs, to_device
 
 CPU = resolve_precision(torch.device("cpu"), "off")
 
@@ -80,7 +80,7 @@ def test_to_device_channels_last_only_for_images():
 
 def _ranks_in_threads(world: int, run):
     """Run ``run(rank)`` for every rank at once, threads standing in for processes and ``all_gather`` for gloo's."""
-    from freezetune.training import evaluate as evaluate_module
+    from freezetune.training import eval_loop as evaluate_module
 
     slots, results, meet = [None] * world, [None] * world, threading.Barrier(world, timeout=30)
 

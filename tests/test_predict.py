@@ -55,7 +55,7 @@ def test_predict_reads_a_photo_as_evaluation_does_its_jpeg_reduced_by_the_models
     from PIL import Image
 
     from freezetune.data import build_eval_dataset
-    from freezetune.training.evaluate import predict_probs
+    from freezetune.training.eval_loop import predict_probs
 
     photo = tmp_path / "photos" / "red" / "big.jpg"
     photo.parent.mkdir(parents=True)

@@ -22,10 +22,9 @@ from freezetune.config.train_config import TrainConfig
 from freezetune.device import hardware
 from freezetune.device.precision import resolve_device, resolve_precision
 from freezetune.errors import ConfigError
-from freezetune.freezing import bn_refresh
 from freezetune.run import checkpoint
 from freezetune.run import setup as run_setup
-from freezetune.training import step, trainer
+from freezetune.training import bn_refresh, step, trainer
 from freezetune.training.optim import build_optimizer, build_scheduler
 
 FASHION = fashion_mnist_dir()

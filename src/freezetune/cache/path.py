@@ -42,7 +42,7 @@ from freezetune.device.distributed import batch_block
 from freezetune.device.precision import Precision
 from freezetune.errors import ResourceError
 from freezetune.model.stages import stages
-from freezetune.training.evaluate import evaluate
+from freezetune.training.eval_loop import evaluate
 
 log = logging.getLogger(__name__)
 

@@ -288,7 +288,7 @@ def _check_pairs(dataset: Dataset) -> None:
 
 def prefix_features(split: Split, inputs, precision: Precision, channels_last: bool) -> torch.Tensor:
     """The frozen prefix's output for a batch: forward only (inference mode), under the run's autocast."""
-    from freezetune.training.evaluate import to_device
+    from freezetune.training.eval_loop import to_device
 
     with torch.inference_mode(), precision.autocast():
         return split.prefix(to_device(inputs, precision.device, channels_last))
@@ -300,7 +300,7 @@ def _check_head_hook(split: Split, inputs, feats: torch.Tensor, precision: Preci
     otherwise train the cached head on another function than the model's, in silence."""
     if split.how != "head-hook":
         return
-    from freezetune.training.evaluate import logits_of, to_device
+    from freezetune.training.eval_loop import logits_of, to_device
 
     model = split.prefix.model
     was_training = model.training

@@ -23,7 +23,7 @@ from torch.utils._pytree import tree_leaves
 from freezetune.config.options import BATCH_AUTO
 from freezetune.config.train_config import TrainConfig
 from freezetune.errors import ResourceError
-from freezetune.training.evaluate import logits_of, run_model
+from freezetune.training.eval_loop import logits_of, run_model
 
 _OPT_STATE = {"adamw": 2, "adam": 2, "sgd": 1}  # fp32 tensors of state per trainable parameter
 _PROBE_BATCHES = (2, 4)  # two sizes give each moment of the step its per-image slope

@@ -29,7 +29,7 @@ from freezetune.device.precision import Precision, resolve_device, resolve_preci
 from freezetune.errors import ConfigError, setting
 from freezetune.model.preprocess import Preprocess
 from freezetune.run import checkpoint as ckpt
-from freezetune.training.evaluate import evaluate
+from freezetune.training.eval_loop import evaluate
 from freezetune.training.metrics import check_labels
 
 log = logging.getLogger(__name__)

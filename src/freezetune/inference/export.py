@@ -26,7 +26,7 @@ from freezetune.errors import CheckpointError, MissingExtra
 from freezetune.model import hf_bundle
 from freezetune.model.preprocess import Preprocess
 from freezetune.run import checkpoint
-from freezetune.training.evaluate import logits_of
+from freezetune.training.eval_loop import logits_of
 
 FORMATS = (".safetensors", ".onnx", ".pt2")
 ONNX_INPUT, ONNX_OUTPUT = "input", "logits"

@@ -24,7 +24,7 @@ from freezetune.data.utf8 import decoded
 from freezetune.device.bn_fold import foldable, folded
 from freezetune.errors import ConfigError, DataError
 from freezetune.inference.evaluation import BATCH_SIZE, LoadedModel, count_cut, load_model, text_tokenizer, warn_cut
-from freezetune.training.evaluate import predict_probs
+from freezetune.training.eval_loop import predict_probs
 
 log = logging.getLogger(__name__)
 

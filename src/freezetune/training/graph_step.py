@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from freezetune.run.log import warn_once
-from freezetune.training.evaluate import logits_of
+from freezetune.training.eval_loop import logits_of
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from freezetune.errors import TrainingError
 from freezetune.model.download import first_line
 from freezetune.run.checkpoint import TrainingState
 from freezetune.training.epoch_log import TrainProgress
-from freezetune.training.evaluate import logits_of, run_model, to_device
+from freezetune.training.eval_loop import logits_of, run_model, to_device
 from freezetune.training.graph_step import StepGraphs, graph_unsupported
 
 log = logging.getLogger(__name__)

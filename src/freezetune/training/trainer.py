@@ -25,7 +25,6 @@ from freezetune.device import hardware
 from freezetune.device.distributed import all_reduce_sum, barrier, broadcast, broadcast_tensors, in_group, leave_group
 from freezetune.device.memory import out_of_memory_hint
 from freezetune.errors import TrainingError
-from freezetune.freezing import bn_refresh
 from freezetune.freezing.freeze import count_parameters
 from freezetune.freezing.schedule import epochs_on_cut
 from freezetune.inference.evaluation import evaluate_best, write_evaluation
@@ -38,7 +37,7 @@ from freezetune.run import log as run_log
 from freezetune.run.interrupt import AT_ONCE_UNDER_DDP, OUTSIDE_A_STEP, RunInterrupted, StopRequest, pause_point
 from freezetune.run.records import after_stop, drop_stale_test
 from freezetune.run.setup import RunSetup
-from freezetune.training import epoch_log, rng
+from freezetune.training import bn_refresh, epoch_log, rng
 from freezetune.training.progress import RunResult, other_monitor
 from freezetune.training.step import one_value_batch
 
