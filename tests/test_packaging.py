@@ -96,6 +96,25 @@ def test_the_flat_layouts_import_forms_and_names_still_work_with_a_warning_at_th
     assert "ImportError: cannot import name 'nosuch' from 'freezetune.config'" in out.stderr
 
 
+def test_no_module_of_freezetune_imports_a_flat_layout_path():
+    # the old paths are kept for users' code and models saved whole; freezetune's own imports name the new ones (an
+    # old one would warn users of freezetune's code, not theirs)
+    import subprocess
+    import sys
+
+    check = ("import importlib, pkgutil, warnings\nimport freezetune\n"
+             "with warnings.catch_warnings(record=True) as seen:\n    warnings.simplefilter('always')\n"
+             "    for found in pkgutil.walk_packages(freezetune.__path__, 'freezetune.'):\n"
+             "        if found.name == 'freezetune.__main__':  # the command itself\n            continue\n"
+             "        try:\n            importlib.import_module(found.name)\n"
+             "        except ImportError:  # an optional dependency (lightning, onnx) not installed\n"
+             "            pass\n"
+             "print(len(sys.modules), [str(w.message) for w in seen if ' is now freezetune.' in str(w.message)])\n")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", "import sys\n" + check], capture_output=True, text=True)
+    imported, old = out.stdout.split(" ", 1)
+    assert old == "[]\n" and int(imported) > 100, out.stdout + out.stderr
+
+
 def test_the_package_names_each_public_name_alike_for_users_editors_and_star_imports():
     # freezetune/__init__ lists its public names three times: the lazy map (what ``ft.NAME`` imports), the
     # TYPE_CHECKING imports (what an editor resolves), and __all__ (what static tools and ``import *`` read)
