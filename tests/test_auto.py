@@ -576,9 +576,19 @@ def test_a_budget_says_what_it_affords_at_that_pace_and_the_trials_record_what_t
     epochs = auto_plan.run_epochs(TrainConfig(budget="20s", refit=False), [trial], trial, 4.0, False, lines.append)
     assert epochs == (3, None) and lines == ["auto: the 20s budget leaves 16s after the trials: 3 epoch(s) of about 5.0s (2.0s "
                                      "training, 3.0s validation and checkpoints)"]  # fmt: skip
-    # a run's pace moves by 10 % from call to call: the epochs are planned for PACE_MARGIN of the time left
-    assert auto_plan.run_epochs(TrainConfig(budget="19s", refit=False), [trial], trial, 4.0, False, lambda line: None
-                                ) == (2, None)  # fmt: skip
+    # a run's pace moves by 10 % from call to call: the epochs are planned for PACE_MARGIN of the time left; where
+    # whole epochs leave part of it unused (2 of 5 s in 14.25 s), one more, each shorter (3 of 87 images: 14.2 s)
+    lines.clear()
+    assert auto_plan.run_epochs(TrainConfig(budget="19s", refit=False), [trial], trial, 4.0, False, lines.append
+                                ) == (3, 87)  # fmt: skip
+    assert lines == ["auto: the 19s budget leaves 15s after the trials: 3 epochs of 87 of the 100 images; at the "
+                     "trial's pace an epoch of 100 takes about 5.0s (2.0s training, 3.0s validation and checkpoints)"]  # fmt: skip
+    # ... not where that one more would be less than half an epoch (15.5 s: 2 epochs, or 3 of 32 images), nor past
+    # the --epochs asked
+    assert auto_plan.run_epochs(TrainConfig(budget="15.5s", refit=False), [trial], trial, 4.0, False,
+                                lambda line: None) == (2, None)  # fmt: skip
+    assert auto_plan.run_epochs(TrainConfig(budget="19s", refit=False, epochs=2), [trial], trial, 4.0, False,
+                                lambda line: None) == (2, None)  # fmt: skip
     lines.clear()  # an --epochs the budget cannot fit is said to be replaced (it was dropped in silence)
     assert auto_plan.run_epochs(TrainConfig(budget="20s", refit=False, epochs=5), [trial], trial, 4.0, False,
                                 lines.append, probed=True) == (3, None)  # fmt: skip

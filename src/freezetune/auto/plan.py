@@ -109,9 +109,37 @@ def run_epochs(cfg: TrainConfig, trials: list[dict], choice: dict, spent: float,
     # the pace is the chosen trial's: the stages an --unfreeze opens later train too, and their epochs take longer
     slower = (f"; the epochs after --unfreeze {cfg.unfreeze} opens more stages train slower than that, and may end the "
               "run past the budget") if cfg.unfreeze else ""  # fmt: skip
+    images, whole = _one_more(cfg, choice, refit, trials[0]["n_val"], left, (train_s, other_s), epochs)
+    if images is not None:
+        kind = choice.get("data_kind", "images")
+        echo(f"auto: the {named} budget leaves {seconds_text(left)} after {after}: {epochs + 1} epochs of {images:,} "
+             f"of the {whole:,} {kind}; at the trial's pace an epoch of {whole:,} takes {pace}")  # fmt: skip
+        return epochs + 1, images
     echo(f"auto: the {named} budget leaves {seconds_text(left)} after {after}: {epochs} epoch(s){said} "
          f"of {pace}{slower}")  # fmt: skip
     return epochs, None
+
+
+def _one_more(cfg: TrainConfig, choice: dict, refit: bool, n_val: int, left: float, pace: tuple[float, float],
+              epochs: int) -> tuple[int | None, int]:  # fmt: skip
+    """Where ``epochs`` whole epochs leave part of the budget unused (up to an epoch's time: whole epochs ended runs
+    at 0.76-0.88 of their budget), one epoch more, each of the images that then fit in ``PACE_MARGIN`` of the time
+    ``left``: (those images, the images of a whole epoch), or (None, whole epoch) where they would be fewer than half
+    an epoch's (the trial's share: the extra validation pass would cost more than it adds), or where the epochs are
+    the most asked (``--epochs``, ``MAX_BUDGET_EPOCHS``), fixed (``--epoch-images``), or followed by an ``--unfreeze``.
+
+    >>> _one_more(TrainConfig(), {"epoch_images": 100.0}, False, 10, left=15.0, pace=(2.0, 3.0), epochs=2)
+    (87, 100)
+    >>> _one_more(TrainConfig(), {"epoch_images": 100.0}, False, 10, left=16.0, pace=(2.0, 3.0), epochs=3)
+    (None, 100)
+    """
+    train_s, other_s = pace
+    whole = round(choice["epoch_images"] + (n_val if refit and not choice.get("fixed_epoch") else 0))
+    most = cfg.epochs if cfg.epochs is not None else MAX_BUDGET_EPOCHS
+    if epochs >= most or choice.get("fixed_epoch") or cfg.unfreeze:
+        return None, whole
+    images = math.floor(whole * max(left * PACE_MARGIN / (epochs + 1) - other_s, 0.0) / max(train_s, 1e-6))
+    return (images, whole) if whole * TRIAL_FRACTION <= images < whole else (None, whole)
 
 
 def final_test_seconds(measured: list[dict | None], test_items: int | None) -> float:
