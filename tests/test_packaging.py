@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 from packaging.requirements import Requirement
@@ -13,6 +15,11 @@ except ModuleNotFoundError:  # Python 3.10: pytest itself depends on tomli, the 
     import tomli as tomllib
 
 PROJECT = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]
+
+
+def _python(code: str) -> subprocess.CompletedProcess:
+    """``code`` run by a fresh interpreter (what a first import does, and warns, is the test's subject)."""
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
 
 
 def test_torch_and_torchvision_have_a_floor_and_no_upper_bound():
@@ -32,62 +39,50 @@ def test_all_extra_holds_every_optional_extra():
 
 def test_a_missing_extra_is_an_import_error_naming_the_extra_as_well_as_a_freezetune_error():
     # `try: from freezetune.integrations.lightning import ... / except ImportError:` crashed on a ConfigError
-    import subprocess
-    import sys
-
     hide = "import sys; sys.modules.update(dict.fromkeys(['lightning', 'lightning.pytorch'], None))\n"
     check = hide + (
         "from freezetune.errors import FreezetuneError\n"
         "try:\n    import freezetune.integrations.lightning\n"
         "except ImportError as exc:\n    print(isinstance(exc, FreezetuneError), exc)\n"
     )
-    out = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True)
+    out = _python(check)
     assert out.stdout == "True freezetune.integrations.lightning needs lightning: pip install 'freezetune[lightning]'\n", \
         out.stderr  # fmt: skip
 
 
 def test_a_plain_import_reaches_the_submodules_as_the_readme_writes_them():
     # docs/export.md's recipe, freezetune.data.load_image(...) after `import freezetune`: AttributeError
-    import subprocess
-    import sys
-
     check = ("import freezetune\nprint(freezetune.data.load_image.__name__, freezetune.freeze.__name__)\n"
              "try:\n    freezetune.nosuch\nexcept AttributeError as exc:\n    print(exc)\n")  # fmt: skip
-    out = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True)
+    out = _python(check)
     assert out.stdout == "load_image freeze\nmodule 'freezetune' has no attribute 'nosuch'\n", out.stderr
 
 
 def test_the_flat_layouts_module_paths_still_import_the_same_modules_with_a_warning():
     # before the subpackages (model/, freezing/, training/, ...): a model saved whole names them, and so may a
     # user's code; each old path is the module now at its new one, and the package's functions stay functions
-    import subprocess
-    import sys
-
     check = ("import warnings\nwarnings.simplefilter('always')\nimport freezetune as ft\n"
              "from freezetune.stages import stages\nimport freezetune.depthwise, freezetune.run_setup, freezetune.freeze\n"
              "from freezetune.device.depthwise import FastDepthwiseConv2d\n"
              "print(stages is ft.stages, freezetune.depthwise.FastDepthwiseConv2d is FastDepthwiseConv2d,\n"
              "      freezetune.run_setup.__spec__.name, callable(ft.freeze))\n")  # fmt: skip
-    out = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True)
+    out = _python(check)
     assert out.stdout == "True True freezetune.run.setup True\n", out.stderr
     for old, new in [("stages", "model.stages"), ("depthwise", "device.depthwise"), ("run_setup", "run.setup")]:
         assert f"DeprecationWarning: freezetune.{old} is now freezetune.{new}" in out.stderr
-    missing = subprocess.run([sys.executable, "-c", "import freezetune.nosuch"], capture_output=True, text=True)
+    missing = _python("import freezetune.nosuch")
     assert "No module named 'freezetune.nosuch'" in missing.stderr
 
 
 def test_the_flat_layouts_import_forms_and_names_still_work_with_a_warning_at_the_users_line():
     # `from freezetune import run_setup` warned inside importlib (hidden); `from freezetune.config import TrainConfig`
     # and an earlier install's console script (`from freezetune.cli import run`) failed: those modules are packages now
-    import subprocess
-    import sys
-
     check = ("import warnings\nwarnings.simplefilter('default')\n"
              "from freezetune import run_setup\nfrom freezetune.config import TrainConfig, check\n"
              "from freezetune.cli import run\nfrom freezetune.config.train_config import TrainConfig as New\n"
              "print(run_setup.__name__, TrainConfig is New, check.__name__, run.__module__)\n"
              "from freezetune.config import nosuch\n")  # fmt: skip
-    out = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True)
+    out = _python(check)
     assert out.stdout == "freezetune.run.setup True freezetune.config.check freezetune.cli.main\n", out.stderr
     assert "<string>:3: DeprecationWarning: freezetune.run_setup is now freezetune.run.setup" in out.stderr
     assert ("<string>:4: DeprecationWarning: freezetune.config.TrainConfig is now "
@@ -99,9 +94,6 @@ def test_the_flat_layouts_import_forms_and_names_still_work_with_a_warning_at_th
 def test_no_module_of_freezetune_imports_a_flat_layout_path():
     # the old paths are kept for users' code and models saved whole; freezetune's own imports name the new ones (an
     # old one would warn users of freezetune's code, not theirs)
-    import subprocess
-    import sys
-
     check = ("import importlib, pkgutil, warnings\nimport freezetune\n"
              "with warnings.catch_warnings(record=True) as seen:\n    warnings.simplefilter('always')\n"
              "    for found in pkgutil.walk_packages(freezetune.__path__, 'freezetune.'):\n"
@@ -110,7 +102,7 @@ def test_no_module_of_freezetune_imports_a_flat_layout_path():
              "        except ImportError:  # an optional dependency (lightning, onnx) not installed\n"
              "            pass\n"
              "print(len(sys.modules), [str(w.message) for w in seen if ' is now freezetune.' in str(w.message)])\n")  # fmt: skip
-    out = subprocess.run([sys.executable, "-c", "import sys\n" + check], capture_output=True, text=True)
+    out = _python("import sys\n" + check)
     imported, old = out.stdout.split(" ", 1)
     assert old == "[]\n" and int(imported) > 100, out.stdout + out.stderr
 
