@@ -134,9 +134,8 @@ def _one_more(cfg: TrainConfig, choice: dict, refit: bool, n_val: int, left: flo
     (None, 100)
     """
     train_s, other_s = pace
-    whole = round(choice["epoch_images"] + (n_val if refit and not choice.get("fixed_epoch") else 0))
-    most = cfg.epochs if cfg.epochs is not None else MAX_BUDGET_EPOCHS
-    if epochs >= most or choice.get("fixed_epoch") or cfg.unfreeze:
+    whole = _whole_epoch(choice, refit, n_val)
+    if epochs >= _most_epochs(cfg) or choice.get("fixed_epoch") or cfg.unfreeze:
         return None, whole
     images = math.floor(whole * max(left * PACE_MARGIN / (epochs + 1) - other_s, 0.0) / max(train_s, 1e-6))
     return (images, whole) if whole * TRIAL_FRACTION <= images < whole else (None, whole)
@@ -168,8 +167,7 @@ def _at_most(cfg: TrainConfig, affords: int) -> tuple[int, str]:
     >>> _at_most(TrainConfig(epochs=50), 12), _at_most(TrainConfig(), 12)
     ((12, ' (not the 50 of epochs)'), (12, ''))
     """
-    given = cfg.epochs is not None
-    most = cfg.epochs if given else MAX_BUDGET_EPOCHS
+    given, most = cfg.epochs is not None, _most_epochs(cfg)
     if affords < most:
         return affords, f" (not the {cfg.epochs} of epochs)" if given else ""
     if affords == most:
@@ -177,6 +175,17 @@ def _at_most(cfg: TrainConfig, affords: int) -> tuple[int, str]:
     if given:
         return most, f" (--epochs {most}; the budget affords {affords:,})"
     return most, f" (at most {most} without --epochs; the budget affords {affords:,})"
+
+
+def _most_epochs(cfg: TrainConfig) -> int:
+    """The most epochs a budget plans: ``epochs`` where the config sets it, else ``MAX_BUDGET_EPOCHS``."""
+    return cfg.epochs if cfg.epochs is not None else MAX_BUDGET_EPOCHS
+
+
+def _whole_epoch(choice: dict, refit: bool, n_val: int) -> int:
+    """The images of one of the run's epochs at the trial's length: under refit, the held-out ones too (not where
+    ``--epoch-images`` fixes the length)."""
+    return round(choice["epoch_images"] + (n_val if refit and not choice.get("fixed_epoch") else 0))
 
 
 def _one_epoch(choice: dict, refit: bool, n_val: int, left: float, pace: tuple[float, float],
@@ -193,7 +202,7 @@ def _one_epoch(choice: dict, refit: bool, n_val: int, left: float, pace: tuple[f
     (236, 100, 0.0)
     """
     train_s, other_s = pace
-    whole = round(choice["epoch_images"] + (n_val if refit and not choice.get("fixed_epoch") else 0))
+    whole = _whole_epoch(choice, refit, n_val)
     fewest = math.ceil(choice["epoch_images"] * TRIAL_FRACTION)
     affords = math.floor(whole * max(left * PACE_MARGIN - other_s, 0.0) / max(train_s, 1e-6))
     images = min(max(whole, longest or 0), max(fewest, affords))
