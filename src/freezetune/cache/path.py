@@ -355,6 +355,10 @@ class FeaturePath:
         dist = self.loaders.dist
         return self.spill_dir / f"rank{dist.rank}" if dist.enabled else self.spill_dir
 
+    def _count_encoding(self, seconds: float, items: int) -> None:
+        """A store's build (this process's, or one a store read from disk recorded) joins the prefix's pace."""
+        self._encoded = (self._encoded[0] + seconds, self._encoded[1] + items)
+
     def _store(self, split: Split, dataset, *, views: int, augment: bool, hows: list[str], train: bool = True,
                build: bool = True) -> tuple[FeatureStore | None, CacheInfo | None]:  # fmt: skip
         """The store of ``dataset``'s prefix features, read from ``cache_dir`` or built (unless not ``build``: then
@@ -378,8 +382,7 @@ class FeaturePath:
                 hows.append(f"read from {self.cache_dir}")
                 features, targets, item_s = found
                 if item_s is not None:  # what its build took: an evaluation of these images costs that again
-                    items = len(dataset) * views
-                    self._encoded = (self._encoded[0] + item_s * items, self._encoded[1] + items)
+                    self._count_encoding(item_s * len(dataset) * views, len(dataset) * views)
                 return placed_store(features, targets, self.precision, seed=loaders.seed, spill_dir=spill, place=place)
         if not build:
             return None, None
@@ -400,7 +403,7 @@ class FeaturePath:
                                       channels_last=self.channels_last, place=place, dist=dist,
                                       bar=f"feature cache ({which})" if self.progress else None)  # fmt: skip
         seconds, items = time.perf_counter() - start, len(dataset) * views
-        self._encoded = (self._encoded[0] + seconds, self._encoded[1] + items)
+        self._count_encoding(seconds, items)
         if key is not None:
             disk.save(self.cache_dir, key, store.features, store.targets, item_s=seconds / max(items, 1))
         return store, info
