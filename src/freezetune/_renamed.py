@@ -51,11 +51,12 @@ SAME_NAMED = {"auto": "auto.recipe", "recipes": "recipes.named", "config": "conf
               "inference": "inference.evaluation"}  # fmt: skip
 
 
-def moved_module(old: str) -> types.ModuleType:
-    """``from freezetune import run_setup``, the flat layout's form: the module now at its new path, with the
-    warning at the importing line (through ``freezetune.__getattr__``)."""
+def moved_module(old: str, *, stacklevel: int = 3) -> types.ModuleType:
+    """The module now at the new path of ``old``, with the warning that names it at the importing line: ``from
+    freezetune import run_setup``, the flat layout's form (through ``freezetune.__getattr__``), or
+    ``import freezetune.run_setup`` (through ``_OldPaths``)."""
     new = f"freezetune.{MOVED[old]}"
-    warnings.warn(f"freezetune.{old} is now {new}", DeprecationWarning, stacklevel=3)
+    warnings.warn(f"freezetune.{old} is now {new}", DeprecationWarning, stacklevel=stacklevel)
     return importlib.import_module(new)
 
 
@@ -81,9 +82,7 @@ class _OldPaths(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         return importlib.util.spec_from_loader(fullname, self)
 
     def create_module(self, spec):
-        new = f"freezetune.{MOVED[spec.name.partition('.')[2]]}"
-        warnings.warn(f"{spec.name} is now {new}", DeprecationWarning, stacklevel=2)
-        module = importlib.import_module(new)
+        module = moved_module(spec.name.partition(".")[2], stacklevel=3)
         spec.loader_state = module.__spec__  # the import machinery sets the old path's spec on it: put back its own
         return module
 
