@@ -22,12 +22,8 @@ DECAY_MEANS = "each stage's lr is the next one's / decay (ULMFiT's 2.6); timm's 
 OPTIMIZERS = ("adamw", "adam", "sgd")
 SCHEDULERS = ("onecycle", "cosine", "none")
 AMP_MODES = ("auto", "bf16", "fp16", "off")
-BN_POLICIES = (
-    "frozen",
-    "affine",
-    "train",
-    "affine-only",
-)  # BatchNorm in frozen parts; see ``freezetune.freezing.freeze``
+# BatchNorm in frozen parts; see ``freezetune.freezing.freeze``
+BN_POLICIES = ("frozen", "affine", "train", "affine-only")
 BN_EVAL_POLICIES = ("frozen", "affine-only")  # ... whose statistics never move: the layer runs in eval
 BN_AFFINE_POLICIES = ("affine", "affine-only")  # ... whose weight and bias train
 BN_DEFAULT = "frozen"  # the one policy under which a frozen prefix is deterministic (and can be cached)
