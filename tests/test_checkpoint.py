@@ -69,6 +69,20 @@ def test_compiled_and_wrapped_models_save_plain_keys(trained):
     assert keys == set(trained.state_dict()) and not any(k.startswith("_orig_mod") for k in keys)
 
 
+def test_a_googlenet_an_earlier_freezetune_trained_with_its_aux_classifiers_rebuilds_without_them():
+    # its weights hold aux1/aux2 (never trained): the model now built without them loads the rest, the same output
+    import torchvision
+
+    earlier = ft.replace_head(torchvision.models.googlenet(weights=None, aux_logits=True, init_weights=True), 3)
+    config = {"model": "torchvision:googlenet", "weights": "none"}
+    record = checkpoint.model_record(earlier, config, CLASSES, Preprocess(input_size=64))
+    assert any(k.startswith("aux1.") for k in record["state_dict"])
+    rebuilt, _ = checkpoint.build_model(record)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt.eval()(x), earlier.eval()(x))
+
+
 def test_checkpoint_of_another_architecture_does_not_load(trained):
     record = _record(trained)
     record["state_dict"] = {"weight": torch.zeros(3, 4)}

@@ -114,14 +114,23 @@ def test_a_stage_after_a_models_blocks_is_named_for_what_it_holds():
     assert not any(p.requires_grad for n, p in model.named_parameters() if ".encoder." in n)
 
 
-def test_an_input_too_small_for_an_aux_classifier_is_refused_at_set_up():
+def test_an_input_too_small_for_an_aux_classifier_is_refused_at_set_up(monkeypatch):
     # Inception v3 passed the eval-mode size check at 160 px and died in a traceback at the first training step, in
-    # the aux classifier that only training runs; and its random-init default was 224 px, already too small for it
+    # the aux classifier that only training runs; and its random-init default was 224 px, already too small for it.
+    # (create_model leaves torchvision's aux classifiers out now: the check still guards a model that keeps one)
     from freezetune.errors import ConfigError
+    from freezetune.model import create
+
+    monkeypatch.setattr(create, "drop_aux_classifiers", lambda model: [])
+    with pytest.raises(ConfigError, match="inception_v3 does not take 160 px images .* give --img-size 299"):
+        create.create_model("torchvision:inception_v3", "none", img_size=160)
+
+
+def test_inception_v3_without_its_aux_classifier_trains_at_a_size_only_that_classifier_refused():
     from freezetune.model.create import create_model
 
-    with pytest.raises(ConfigError, match="inception_v3 does not take 160 px images .* give --img-size 299"):
-        create_model("torchvision:inception_v3", "none", img_size=160)
+    model, pre = create_model("torchvision:inception_v3", "none", img_size=160)
+    assert pre.input_size == 160 and model.train()(torch.randn(2, 3, 160, 160)).shape == (2, 1000)
 
 
 @pytest.mark.parametrize(

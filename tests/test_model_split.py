@@ -261,6 +261,19 @@ def test_a_cut_moved_by_a_random_op_names_the_stage_it_is_at():
     assert split.prefix(torch.randn(2, 8)).shape == (2, 8)
 
 
+@pytest.mark.parametrize(("arch", "first"), [("googlenet", "inception5a"), ("inception_v3", "Mixed_7b")])
+def test_a_model_built_with_aux_classifiers_is_cached_up_to_its_first_trainable_stage(arch, first):
+    # the aux classifiers counted as trainable: the cut fell before the first (after inception4a, Mixed_6e) and the
+    # log named a stage after it, while the frozen blocks between ran each step
+    from freezetune.model.create import create_model
+
+    model, _ = create_model(f"torchvision:{arch}", "none", load=False)
+    ft.replace_head(model, 3)
+    ft.freeze_to(model, -3)
+    split, why = split_model(model)
+    assert split.boundary == first and why == f"cached at the input of {first} (fx)", why
+
+
 def test_a_cut_moved_by_two_tensors_crossing_is_not_blamed_on_random_numbers():
     # HRNet's branches enter its stage2 side by side: the log said its frozen layers "draw random numbers in
     # training", which nothing in it does

@@ -11,10 +11,12 @@ import pytest
 import torch
 from torch import nn
 
+import freezetune as ft
 import freezetune.model.hf as models_hf
 from freezetune.errors import ConfigError, WeightsError
 from freezetune.model import download
 from freezetune.model.create import create_model
+from freezetune.model.heads import drop_aux_classifiers
 from freezetune.model.preprocess import IMAGENET_MEAN, Preprocess
 
 
@@ -285,7 +287,31 @@ def test_a_torchvision_model_with_random_weights_builds_without_torchvisions_fut
         warnings.simplefilter("always")
         model, _ = create_model(f"torchvision:{arch}", "none")
     assert not [w for w in caught if issubclass(w.category, FutureWarning)], [str(w.message) for w in caught]
-    assert model.aux_logits  # the architecture torchvision builds without weights, aux heads included
+
+
+@pytest.mark.parametrize(("arch", "aux"), [("googlenet", ["aux1", "aux2"]), ("inception_v3", ["AuxLogits"])])
+@pytest.mark.parametrize("weights", ["none", "imagenet"])
+def test_a_torchvision_model_is_built_without_the_aux_classifiers_no_loss_trains(arch, aux, weights):
+    # they ran in training beside the output, which alone the loss reads: counted as trainable, never changed (a
+    # GoogLeNet with --freeze -3: 6.7M "trainable", 4.3M of them aux), and the feature cache cut before the first
+    model, _ = create_model(f"torchvision:{arch}", weights, load=False)
+    assert not model.aux_logits and all(getattr(model, name) is None for name in aux)
+    ft.replace_head(model, 3)
+    ft.freeze(model, "backbone")
+    assert {n.rsplit(".", 1)[0] for n, p in model.named_parameters() if p.requires_grad} == {"fc"}
+    out = model.train()(torch.randn(2, 3, 299, 299) if arch == "inception_v3" else torch.randn(2, 3, 64, 64))
+    assert isinstance(out, torch.Tensor) and out.shape == (2, 3)
+
+
+@pytest.mark.parametrize("with_aux", [True, False], ids=["a-file-with-aux-classifiers", "one-without"])
+def test_a_googlenet_weights_file_loads_with_or_without_its_aux_classifiers(tmp_path, with_aux):
+    import torchvision
+
+    source = torchvision.models.googlenet(weights=None, aux_logits=with_aux, init_weights=True)
+    torch.save(source.state_dict(), tmp_path / "g.pth")
+    model, _ = create_model("torchvision:googlenet", tmp_path / "g.pth")
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(value, source.state_dict()[name], rtol=0, atol=0, msg=name)
 
 
 @pytest.mark.parametrize("arch", ["googlenet", "inception_v3"])
@@ -302,6 +328,7 @@ def test_a_torchvision_model_built_without_its_pretrained_weights_has_their_arch
     full = torchvision.models.get_model(arch, weights=None, aux_logits=True, init_weights=False).state_dict()
     monkeypatch.setattr(WeightsEnum, "get_state_dict", lambda self, *a, **k: full)
     pretrained = torchvision.models.get_model(arch, weights="DEFAULT")
+    drop_aux_classifiers(pretrained)  # (as a pretrained one is built: Inception v3's builder keeps its own)
     assert pretrained.transform_input and shaped.transform_input
     assert sorted(pretrained.state_dict()) == sorted(shaped.state_dict())
 

@@ -86,8 +86,9 @@ def wrap(model: nn.Module, info: DistInfo, device: torch.device) -> nn.Module:
     from freezetune.model.heads import aux_modules
     from freezetune.model.tree import unwrap
 
-    # GoogLeNet's and Inception's auxiliary classifiers run in training, but no loss reads them: DDP waited for their
-    # gradients and ended the second step in "Expected to have finished reduction in the prior iteration"
+    # auxiliary classifiers (a GoogLeNet built with them: create_model leaves them out) run in training, but no loss
+    # reads them: DDP waited for their gradients and ended the second step in "Expected to have finished reduction in
+    # the prior iteration"
     unused = bool(aux_modules(unwrap(model)))
     return nn.parallel.DistributedDataParallel(model, device_ids=ids, find_unused_parameters=unused)
 

@@ -24,6 +24,7 @@ from torch import nn
 from freezetune.config.options import MODEL_SOURCES, PRETRAINED_WEIGHTS, RANDOM_WEIGHTS, model_source, weights_problem
 from freezetune.errors import ConfigError, WeightsError, choices, setting
 from freezetune.model.download import HF_HOST, download_guard, first_line, require_network
+from freezetune.model.heads import drop_aux_classifiers
 from freezetune.model.hf import hf_model
 from freezetune.model.preprocess import Preprocess
 from freezetune.model.weights import load_weights, packaged_weights, weights_only_loads
@@ -71,6 +72,9 @@ def create_model(
     packaged = packaged_weights(name) if mode == "pretrained" else None
     source: Source = "packaged" if packaged else mode if mode in ("pretrained", "shape") else "random"
     model, pre = _BUILDERS[library](name, arch, source)
+    if dropped := drop_aux_classifiers(model):  # before a weights file loads: one with them or without fits
+        log.info("%s: its auxiliary classifier(s) %s left out: training reads the model's output alone", name,
+                 ", ".join(dropped))  # fmt: skip
     default_size = pre.input_size if pre is not None else None
     if packaged is not None:
         report = load_weights(model, packaged)

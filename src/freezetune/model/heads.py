@@ -10,6 +10,7 @@ head: ``stages`` gives them a stage of their own.
 from __future__ import annotations
 
 import numbers
+from collections.abc import Iterable
 
 from torch import nn
 
@@ -128,6 +129,35 @@ def aux_modules(model: nn.Module) -> list[str]:
     """Top-level auxiliary classifiers (``aux1``, ``AuxLogits``): side branches that only an auxiliary loss trains,
     so no stage of their own (their classifiers are head, see ``sibling_heads``)."""
     return [n for n, m in model.named_children() if _in_aux(n) and has_params(m)]
+
+
+def drop_aux_classifiers(model: nn.Module) -> list[str]:
+    """Remove GoogLeNet's and Inception v3's auxiliary classifiers (``aux1``/``aux2``, ``AuxLogits``), as
+    torchvision's builder removes them from a pretrained GoogLeNet (``aux_logits=False``) and timm builds its Inception v3: they
+    run in training only, beside the model's output, and freezetune's training reads that output alone. Kept, they
+    were counted as trainable, cost a forward pass a step and never changed; and the feature cache stopped short of
+    them. Returns the names removed ([] for a model without them: VOLO's ``aux_head`` feeds its output, and stays).
+
+    >>> import torchvision
+    >>> model = torchvision.models.googlenet(weights=None, aux_logits=True, init_weights=False)
+    >>> drop_aux_classifiers(model), model.aux1, model.aux_logits
+    (['aux1', 'aux2'], None, False)
+    """
+    if getattr(model, "aux_logits", None) is not True:
+        return []
+    names = aux_modules(model)
+    model.aux_logits = False
+    for name in names:
+        setattr(model, name, None)  # (their forward skips a None branch)
+    return names
+
+
+def dropped_aux_keys(model: nn.Module, state_dict: Iterable[str]) -> set[str]:
+    """The keys of ``state_dict`` under an auxiliary classifier ``drop_aux_classifiers`` removed from ``model``: a
+    weights file, or a checkpoint an earlier freezetune trained with them, holds them, and nothing reads them here."""
+    return {
+        k for k in state_dict if _in_aux(k) and hasattr(model, top := k.split(".")[0]) and getattr(model, top) is None
+    }
 
 
 def head_container(model: nn.Module, head: str) -> str:

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from freezetune.errors import WeightsError, setting
+from freezetune.model.heads import dropped_aux_keys
 from freezetune.model.text_pooling import replaced_keys
 
 log = logging.getLogger(__name__)
@@ -302,6 +303,8 @@ def load_weights(model: nn.Module, path: str | Path, *, strict: bool = True) -> 
         # through the pooler the model's sentence pooling replaced: nothing reads those weights here
         source = {k: v for k, v in source.items() if k not in unread}
         log.info("%s: %d tensor(s) of the pooler the model's sentence pooling replaced are not used", path, len(unread))
+    if aux := dropped_aux_keys(model, source):  # GoogLeNet's and Inception's, which a run leaves out
+        source = {k: v for k, v in source.items() if k not in aux}
     pairs, by_order = _fitting_pairs(target, source)
     if pairs is None:
         raise _misfit_error(path, target, source)

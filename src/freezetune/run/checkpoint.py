@@ -92,7 +92,7 @@ def build_model(record: dict[str, Any]) -> tuple[nn.Module, Preprocess]:
     """Rebuild the architecture named in a checkpoint, with its head, and load its weights; a note says when they
     are a mid-epoch ``last.pt``'s (``--save-every-steps`` or a stop signal), part of the way through an epoch."""
     from freezetune.model.create import create_model
-    from freezetune.model.heads import replace_head
+    from freezetune.model.heads import dropped_aux_keys, replace_head
 
     name, pre = _model_of(record), Preprocess.from_dict(record["preprocess"])
     if record.get("hf_files"):  # an hf:DIR's: its own folder, or its bundled files where that is gone or changed
@@ -103,8 +103,11 @@ def build_model(record: dict[str, Any]) -> tuple[nn.Module, Preprocess]:
     model, _ = create_model(name, (record.get("config") or {}).get("weights"), load=False)
     replace_head(model, len(record["classes"]))
     text_pooling.match_record(model, record)  # pooled as it trained, whatever the model folder declares now
+    # (a GoogLeNet or Inception v3 an earlier freezetune trained kept its aux classifiers, untrained, in its weights)
+    aux = dropped_aux_keys(model, record["state_dict"])
+    state = {k: v for k, v in record["state_dict"].items() if k not in aux}
     try:
-        missing, unexpected = model.load_state_dict(record["state_dict"], strict=False)
+        missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as exc:  # shapes: a classes list another length than the head (eval's traceback)
         shapes = [line.strip() for line in str(exc).splitlines() if "size mismatch" in line][:2]
         raise CheckpointError(f"checkpoint weights do not fit {record['model']} with its {len(record['classes'])} "
