@@ -949,6 +949,30 @@ def test_a_decoder_without_a_padding_token_pads_with_its_end_of_sequence_and_exp
     assert len({len(ids) for ids in rebuilt(["a", "b c d"], padding=True)["input_ids"]}) == 1  # it refused to pad
 
 
+def test_a_decoder_whose_config_names_a_padding_token_its_tokenizer_lacks_reads_each_text_to_its_last_token(tmp_path):
+    # the config said pad_token_id 1, the tokenizer (no padding token) padded with its end-of-sequence token: the
+    # model found no token 1 and read each shorter text of a batch at a padding position
+    from transformers import AutoTokenizer, GPT2Config, GPT2ForSequenceClassification
+
+    from freezetune.model.create import create_model
+
+    tokenizer = AutoTokenizer.from_pretrained(MINILM)
+    tokenizer.eos_token, tokenizer.pad_token = "[SEP]", None
+    folder = tmp_path / "gpt2"
+    tokenizer.save_pretrained(folder)
+    config = GPT2Config(vocab_size=len(tokenizer), n_embd=16, n_layer=2, n_head=2, n_positions=64, num_labels=3,
+                        pad_token_id=1, eos_token_id=tokenizer.sep_token_id)  # fmt: skip
+    torch.manual_seed(0)
+    GPT2ForSequenceClassification(config).save_pretrained(folder)
+    model, _ = create_model(f"hf:{folder}", "default")
+    batch = TokenizeBatch(str(folder), 32)
+    assert model.config.pad_token_id == batch.tokenizer.pad_token_id == tokenizer.sep_token_id
+    with torch.no_grad():
+        alone = model.eval()(**batch.tokenize(["good fun"])).logits[0]
+        beside = model(**batch.tokenize(["good fun", "an awful film whose plot was nice"])).logits[0]
+    torch.testing.assert_close(beside, alone)
+
+
 def test_an_exported_tokenizer_without_a_padding_token_is_told_its_end_of_sequence_one_its_class_default_kept(tmp_path):
     # the hub's GPT-2 names no special token in its files (its class gives <|endoftext|>, and no padding token): its
     # export still refused to pad; RoBERTa's class pads with <pad>, which a rule on the files' keys overrode

@@ -53,15 +53,24 @@ def hf_model(name: str, arch: str, source: Source) -> tuple[nn.Module, Preproces
 def _set_pad_token(config, transformers, arch: str, cache_only: bool) -> None:
     """A decoder (GPT-2, Llama) usually ships without a padding token: a classifier then refused every batch of more
     than one text (a traceback). It pads with its tokenizer's padding token, else its end-of-sequence token, as its
-    tokenizer does here (``data.text.TokenizeBatch``), so each text is read to its own last token."""
-    if not hasattr(config, "pad_token_id") or config.pad_token_id is not None:
+    tokenizer does here (``data.text.TokenizeBatch``), so each text is read to its own last token. A config that
+    names a padding token its tokenizer lacks is told the one the tokenizer pads with: the model looked for its own
+    id, found none, and read each shorter text of a batch at a padding position (its scores changed with the batch).
+    """
+    if not hasattr(config, "pad_token_id"):
         return
-    pad = None
+    pad, padless = None, False
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(arch, local_files_only=cache_only or Path(arch).is_dir())
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        padless = tokenizer.pad_token_id is None
+        pad = tokenizer.eos_token_id if padless else tokenizer.pad_token_id
     except (OSError, ValueError):  # no tokenizer files here: the config's own end-of-sequence token
         pass
+    if config.pad_token_id is not None and not (padless and isinstance(pad, int) and pad != config.pad_token_id):
+        return
+    if config.pad_token_id is not None:
+        log.info("%s: its config's pad_token_id %d is no token its tokenizer pads with: told %d, the end-of-sequence "
+                 "token the batches are padded with", arch, config.pad_token_id, pad)  # fmt: skip
     eos = getattr(config, "eos_token_id", None)
     pad = pad if pad is not None else (eos[0] if isinstance(eos, (list, tuple)) and eos else eos)
     if isinstance(pad, int):
