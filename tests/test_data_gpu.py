@@ -78,6 +78,8 @@ def test_in_memory_batches_have_model_input_shape(shape, train, aug):
         ((6, 300, 200, 3), Preprocess(input_size=64, crop_pct=0.9), 0.02),  # antialiased downsample, portrait
         ((6, 37, 53, 3), Preprocess(input_size=96, interpolation="bicubic"), 0.05),
         ((6, 64, 64, 1), Preprocess(input_size=48, interpolation="nearest"), 1e-5),
+        # a model that reads BGR (MobileViT), unnormalised: the channels reversed on both paths
+        ((6, 40, 40, 3), Preprocess(input_size=32, mean=(0, 0, 0), std=(1, 1, 1), channel_order="BGR"), 0.005),
     ],
 )
 def test_eval_geometry_matches_cpu_eval_transform(shape, pre, tol):

@@ -278,6 +278,36 @@ def test_hf_image_processor_settings_translate_to_preprocess(settings, expected)
     assert (pre.input_size, pre.crop_pct, pre.interpolation) == expected
 
 
+VIT_32 = {"size": {"height": 32, "width": 32}}
+
+
+@pytest.mark.parametrize(
+    ("processor", "settings"),
+    [
+        # MobileViT's processor rescales to [0, 1], does not normalise and reverses the channels to BGR: its file
+        # names none of it (its class's defaults), and freezetune normalised RGB by ImageNet's mean and std
+        ("MobileViTImageProcessor", {"size": {"shortest_edge": 40}, "crop_size": {"height": 32, "width": 32}}),
+        ("ViTImageProcessor", {**VIT_32, "do_normalize": False}),  # was normalised all the same
+        ("ViTImageProcessor", {**VIT_32, "do_rescale": False}),  # 0..255, then normalised
+        ("ViTImageProcessor", {**VIT_32, "rescale_factor": 1 / 127.5, "image_mean": [1] * 3, "image_std": [1] * 3}),
+        ("ConvNextImageProcessor", {"size": {"shortest_edge": 32}, "crop_pct": 0.875}),
+        ("BitImageProcessor", {"size": {"shortest_edge": 40}, "crop_size": {"height": 32, "width": 32}}),
+    ],
+)
+def test_a_hugging_face_image_model_reads_its_images_as_its_processor_makes_them(tmp_path, processor, settings):
+    import numpy as np
+    import transformers
+    from PIL import Image
+
+    made = getattr(transformers, processor)(**settings)
+    made.save_pretrained(tmp_path)
+    pre = models_hf._hf_preprocess(str(tmp_path), cache_only=True)
+    image = Image.fromarray((np.random.default_rng(0).random((40, 40, 3)) * 255).astype("uint8"))  # square: ViT's
+    ours = ft.eval_transform(pre)(image)  # resize to 32 x 32 and a short side's to 32 agree
+    theirs = made(image, return_tensors="pt")["pixel_values"][0]
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-4 * max(1.0, float(theirs.abs().max())))
+
+
 @pytest.mark.parametrize("arch", ["googlenet", "inception_v3"])
 def test_a_torchvision_model_with_random_weights_builds_without_torchvisions_future_warning(arch):
     # `--weights none` printed torchvision's FutureWarning about its default initialisation (a line of noise a run)

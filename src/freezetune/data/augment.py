@@ -89,6 +89,7 @@ class BatchAugment:
         self._scale = 1.0 / (255.0 * std)  # x / 255 then (x - mean) / std, folded into one multiply-add
         self._shift = torch.tensor(pre.mean, device=self.device).view(1, 3, 1, 1) / std
         self._noise_gen = torch.Generator(device=self.device)
+        self.bgr = pre.channel_order == "BGR"
 
     def __call__(self, images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         """Augment a batch of same-sized images ``[B, C, H, W]`` (uint8, C = 1 or 3) into float32 ``[B, 3, S, S]``."""
@@ -157,6 +158,8 @@ class BatchAugment:
         if self.preset.color:
             x = self._jitter(x, gen)
         x = x.expand(-1, 3, -1, -1) * self._scale - self._shift  # out of place: also materialises the expand
+        if self.bgr:
+            x = x.flip(1)
         if self.preset.erase_p:
             x = self._erase(x, gen)
         return x

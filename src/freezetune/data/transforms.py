@@ -41,7 +41,15 @@ def _to_uint8_rgb(pre: Preprocess) -> list[v2.Transform]:
 
 
 def _to_normalized_float(pre: Preprocess) -> list[v2.Transform]:
-    return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean=list(pre.mean), std=list(pre.std))]
+    normalized = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean=list(pre.mean), std=list(pre.std))]
+    return [*normalized, ReverseChannels()] if pre.channel_order == "BGR" else normalized
+
+
+class ReverseChannels(v2.Transform):
+    """RGB to BGR, for a model that reads its channels so (MobileViT, ``Preprocess.channel_order``)."""
+
+    def transform(self, inpt: torch.Tensor, params: dict) -> torch.Tensor:
+        return inpt.flip(-3)
 
 
 def _eval_geometry(pre: Preprocess) -> list[v2.Transform]:

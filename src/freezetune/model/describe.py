@@ -88,7 +88,8 @@ def _input_and_memory(name: str, model, pre, batch_size: int, dtype) -> list[str
     if pre is not None:
         mean, std = tuple(round(m, 3) for m in pre.mean), tuple(round(s, 3) for s in pre.std)
         estimate = estimate_memory(model, pre.input_size, batch_size, amp_dtype=dtype)
-        return [f"input: {pre.input_size}px mean {mean} std {std}", format_memory(estimate, batch_size, dtype)]
+        order = ", channels reversed to BGR" if pre.channel_order == "BGR" else ""
+        return [f"input: {pre.input_size}px mean {mean} std {std}{order}", format_memory(estimate, batch_size, dtype)]
     tokens = text_preprocess(name).max_length  # a Hugging Face text model: its tokenizer, as a run builds it
     estimate = estimate_memory(model, None, batch_size, amp_dtype=dtype, tokens=tokens)
     pooled = pooling_of(model)  # a sentence-transformers model's own, in place of the pooler

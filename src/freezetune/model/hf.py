@@ -129,19 +129,39 @@ def _hf_preprocess(arch: str, cache_only: bool, image_size: object = None) -> Pr
         size = image_size if isinstance(image_size, int) and image_size > 0 else Preprocess().input_size
         warn_once(log, "%s has no image processor config; using ImageNet preprocessing defaults at %d px", arch, size)
         return Preprocess(input_size=size)
-    return _preprocess_from_hf(settings)
+    return _preprocess_from_hf(_processor_settings(arch, cache_only, settings))
+
+
+_PROCESSOR_KEYS = ("size", "crop_size", "do_center_crop", "crop_pct", "resample", "do_rescale", "rescale_factor",
+                   "do_normalize", "image_mean", "image_std", "do_flip_channel_order")  # fmt: skip
+
+
+def _processor_settings(arch: str, cache_only: bool, saved: dict) -> dict:
+    """What the model's image processor does, its class's defaults included: a config file names only what differs
+    from them (MobileViT's names no normalisation, and it has none; it reverses the channels), and the defaults were
+    read as ImageNet's. The file alone where the processor cannot be built (its class missing from this
+    transformers), where a file without ``do_normalize`` normalises by the mean it names."""
+    import transformers
+
+    try:
+        with quiet_hf_loading():
+            processor = transformers.AutoImageProcessor.from_pretrained(arch, local_files_only=cache_only)
+        return {key: getattr(processor, key, None) for key in _PROCESSOR_KEYS}
+    except Exception:  # noqa: BLE001 (any class's own failure to build: its file still says most of it)
+        return {**saved, "do_normalize": saved.get("do_normalize", True)}
 
 
 def _hf_side(value: object, default: int | None) -> int | None:
     if isinstance(value, int):
         return value
-    if isinstance(value, dict):
+    if hasattr(value, "get"):  # a dict, or a built processor's SizeDict
         return value.get("shortest_edge") or value.get("height") or default
     return default
 
 
 def _preprocess_from_hf(settings: dict) -> Preprocess:
-    """Translate an image-processor config (``size``, ``crop_size``, ``crop_pct``, ``resample``) into ``Preprocess``."""
+    """Translate an image processor's settings (``size``, ``crop_size``, ``crop_pct``, ``resample``, rescaling,
+    normalisation, channel order) into ``Preprocess``."""
     size = _hf_side(settings.get("size"), 224)
     crop = _hf_side(settings.get("crop_size"), None) if settings.get("do_center_crop") else None
     if settings.get("crop_pct"):  # ConvNeXt style: resize to size / crop_pct, crop size
@@ -152,12 +172,20 @@ def _preprocess_from_hf(settings: dict) -> Preprocess:
         # ViT style resizes straight to size x size; short-side resize + full crop is the closest Preprocess rule.
         input_size, crop_pct = size, 1.0
     default = Preprocess()
+    # a pixel x in [0, 1] reaches the model as (x * scale - mean) / std: the same as (x - mean / scale) / (std / scale)
+    scale = 255.0 * (float(settings.get("rescale_factor") or 1 / 255) if settings.get("do_rescale", True) else 1.0)
+    if settings.get("do_normalize", True):
+        mean = [float(m) / scale for m in settings.get("image_mean") or default.mean]
+        std = [float(s) / scale for s in settings.get("image_std") or default.std]
+    else:
+        mean, std = [0.0] * 3, [1.0 / scale] * 3
     return Preprocess(
         input_size=int(input_size),
-        mean=tuple(float(m) for m in settings.get("image_mean") or default.mean),
-        std=tuple(float(s) for s in settings.get("image_std") or default.std),
+        mean=tuple(mean),
+        std=tuple(std),
         interpolation=_HF_PIL_RESAMPLE.get(settings.get("resample"), "bilinear"),
         crop_pct=crop_pct,
+        channel_order="BGR" if settings.get("do_flip_channel_order") else "RGB",
     )
 
 

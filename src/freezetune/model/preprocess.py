@@ -29,6 +29,7 @@ class Preprocess:
     text_column: str | None = None  # text models: the CSV column of the texts (None: data.text.TEXT_COLUMNS)
     label_column: str | None = None  # text models: the CSV column of the labels (None: data.text.LABEL_COLUMNS)
     alpha: str = ALPHA_DEFAULT  # images: transparent pixels composited onto white, or kept as stored (data/alpha.py)
+    channel_order: str = "RGB"  # images: "BGR" reverses the channels after normalising (MobileViT's processor does)
 
     @property
     def is_text(self) -> bool:
@@ -73,4 +74,5 @@ class Preprocess:
             text_column=d.get("text_column"),
             label_column=d.get("label_column"),
             alpha=str(d.get("alpha", ALPHA_BEFORE)),  # saved before the rule: read as it was trained
+            channel_order=str(d.get("channel_order", "RGB")),
         )
