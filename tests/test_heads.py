@@ -83,6 +83,19 @@ def test_a_hugging_face_distilled_model_gets_both_heads_replaced():
     assert len(ft.param_groups(model, 1e-3, stage_lrs={"cls_classifier": 1e-4})) >= 1
 
 
+@pytest.mark.parametrize("problem", ["multi_label_classification", "regression"])
+def test_a_hugging_face_head_replaced_takes_class_ids_as_its_labels(problem):
+    # a checkpoint's multi-label (or regression) problem_type stayed: the new head's loss, given class ids, was BCE
+    # ("Target size ... must be the same as input size") or MSE
+    import transformers as tr
+
+    config = tr.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                           intermediate_size=32, num_labels=6, problem_type=problem)  # fmt: skip
+    model = ft.replace_head(tr.BertForSequenceClassification(config), 3)
+    out = model(input_ids=torch.tensor([[1, 2, 3], [4, 5, 6]]), labels=torch.tensor([0, 2]))
+    torch.testing.assert_close(out.loss, torch.nn.functional.cross_entropy(out.logits, torch.tensor([0, 2])))
+
+
 def test_squeezenets_convolution_classifier_is_its_head():
     model = torchvision.models.squeezenet1_1()
     assert ft.head_name(model) == "classifier.1"

@@ -90,6 +90,9 @@ def replace_head(model: nn.Module, num_classes: int) -> nn.Module:
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "num_labels"):
         config.num_labels = num_classes  # keep HF config in sync so save/load round-trips
+        # a new head, with no task of its own: HF's loss goes by the labels it is given (class ids: cross-entropy),
+        # where a checkpoint's multi-label or regression problem_type had class ids fail in its BCE or MSE
+        config.problem_type = None
     for attr in ("num_classes", "num_labels"):  # HF forward() reads self.num_labels to shape its loss
         if isinstance(getattr(model, attr, None), int):
             setattr(model, attr, num_classes)
