@@ -55,7 +55,7 @@ steps=" ${STEPS:-tests coldstart throughput memory loader transfer} "
 wanted() { [[ "$steps" == *" $1 "* ]]; }
 
 step env 30 "$py" -c 'import sys, torch, torchvision, timm; print("python", sys.version.split()[0], "torch", torch.__version__, "torchvision", torchvision.__version__, "timm", timm.__version__, "|", torch.cuda.get_device_name(0), "|", torch.get_num_threads(), "threads")'
-wanted tests && step tests 90 "$py" -m pytest -q -p no:cacheprovider -m gpu tests/test_cuda.py tests/test_data_gpu.py
+wanted tests && step tests 90 "$py" -m pytest -q -p no:cacheprovider -m gpu tests/device/test_cuda.py tests/data/test_gpu.py
 wanted coldstart && step coldstart 100 "$py" benchmarks/coldstart.py --device cuda
 wanted throughput && step throughput 100 "$py" benchmarks/throughput.py --device cuda
 wanted memory && step memory 45 "$py" benchmarks/memory.py --device cuda

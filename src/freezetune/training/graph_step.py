@@ -55,7 +55,7 @@ def graph_unsupported(optimizer: torch.optim.Optimizer, device: torch.device, *,
 class CudaCapture:
     """The CUDA side of one capture: the warm-up's side stream, the RNG state around it, the capture and the replay.
     Kept apart so the rest of a graphed step (what is keyed, undone, refilled and counted) runs the same code under a
-    stand-in on a CPU (``tests/test_graph_step.py``)."""
+    stand-in on a CPU (``tests/training/test_graph_step.py``)."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device

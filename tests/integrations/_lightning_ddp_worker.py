@@ -1,4 +1,4 @@
-"""Two-rank DDP fit on CPU (gloo) for tests/test_lightning.py: ``python tests/_lightning_ddp_worker.py OUT_DIR``.
+"""Two-rank DDP fit on CPU (gloo) for tests/test_lightning.py: ``python tests/integrations/_lightning_ddp_worker.py OUT_DIR``.
 
 Lightning's ``strategy="ddp"`` re-runs this script for rank 1. Each rank writes ``OUT_DIR/rank<R>.pt`` with its final
 weights, the weights it started with, the stages it unfroze and its optimizer groups.

@@ -327,7 +327,11 @@ def test_an_unknown_module_attribute_lists_the_children():
 @pytest.mark.multiprocess
 def test_ddp_ranks_unfreeze_together_and_stay_identical(tmp_path):
     # rank 0 logs a plateau, rank 1 an improving metric: only rank 0's decision, broadcast, unfreezes both
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(TESTS.parent / "src"), str(TESTS)])}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([str(TESTS.parents[1] / "src"), str(TESTS), str(TESTS.parent)]),
+    }
     proc = subprocess.run(
         [sys.executable, str(TESTS / "_lightning_ddp_worker.py"), str(tmp_path)],
         env=env,

@@ -1,5 +1,5 @@
 """The CUDA-graph training step (``freezetune.training.graph_step``) on a CPU. CUDA's part (side stream, capture,
-replay) is tested in ``tests/test_cuda.py``; here a stand-in for it (``EagerReplay``: a replay runs the captured step's
+replay) is tested in ``tests/device/test_cuda.py``; here a stand-in for it (``EagerReplay``: a replay runs the captured step's
 Python again, into the graph's outputs) runs everything else: the warm-up undone, the keys that recapture, the learning
 rates refilled, the epoch's last batch eager; and when a run's steps may be captured at all."""
 

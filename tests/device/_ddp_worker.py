@@ -1,4 +1,4 @@
-"""One rank of a torchrun job for tests/test_distributed.py: ``_ddp_worker.py DUMP_DIR -- TRAIN_ARGS``.
+"""One rank of a torchrun job for tests/device/test_distributed.py: ``_ddp_worker.py DUMP_DIR -- TRAIN_ARGS``.
 
 Runs ``freezetune train TRAIN_ARGS`` through the CLI, as a user's job would, then writes ``DUMP_DIR/rank<R>.pt``:
 the weights and buffers the rank started training from and ended its last epoch with (before the final test loads

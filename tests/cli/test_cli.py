@@ -945,7 +945,7 @@ def test_the_command_exits_without_the_interpreters_exit_time_walk_of_every_obje
     # a second between a command's last line and the prompt went to collections of objects that die with the process
     import tomllib
 
-    scripts = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]["scripts"]
+    scripts = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())["project"]["scripts"]
     assert scripts["freezetune"] == "freezetune.cli.main:run"
     probe = ("import atexit, gc, sys; sys.argv = ['freezetune', '--version']; "
              "atexit.register(lambda: print('frozen', gc.get_freeze_count() > 0)); "

@@ -68,7 +68,7 @@ def test_full_finetune_with_fp16_grad_scaler_and_unfreeze(data, tmp_path):
 
 
 def test_cached_matches_uncached_in_fp32_on_the_gpu(data, tmp_path):
-    # the same check as tests/test_cache.py, through the CUDA device loader and the GPU-resident store
+    # the same check as tests/cache/test_cache.py, through the CUDA device loader and the GPU-resident store
     kw = dict(amp="off", aug="none", freeze="backbone", channels_last=False)
     cached = Trainer(_config(data, tmp_path, "c", cache="memory", **kw), echo=lambda *_: None)
     plain = Trainer(_config(data, tmp_path, "p", cache="off", **kw), echo=lambda *_: None)
