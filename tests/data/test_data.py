@@ -645,6 +645,19 @@ def test_the_held_out_validation_never_splits_one_image_or_text_between_train_an
     assert len(val) and not {t.strip() for t in val.texts} & {t.strip() for t in train.texts}
 
 
+def test_files_copied_over_others_between_two_builds_in_one_process_are_held_out_together(tmp_path):
+    # a notebook: the first build found no copies and kept that answer for the same file names, so the second held out
+    # one of six byte-identical files and trained on the other five
+    make_folder(tmp_path / "imgs", 10)
+    build_datasets(str(tmp_path / "imgs"), val_split=0.3, preprocess=PRE)
+    for i in range(1, 6):
+        shutil.copyfile(tmp_path / "imgs" / "red" / "0.png", tmp_path / "imgs" / "red" / f"{i}.png")
+    b = build_datasets(str(tmp_path / "imgs"), val_split=0.3, preprocess=PRE)
+    copies = {str(tmp_path / "imgs" / "red" / f"{i}.png") for i in range(6)}
+    held = {os.path.normpath(p) for p, _ in b.val.samples} & copies
+    assert held in (set(), copies), sorted(held)
+
+
 # ---- transforms ---------------------------------------------------------------------------------------------------
 
 

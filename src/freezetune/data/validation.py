@@ -15,6 +15,7 @@ from freezetune.config.options import AUTO_VAL_FRACTION, AUTO_VAL_MAX_PER_CLASS
 from freezetune.data.folder import FileImageDataset
 from freezetune.data.overlap import copies
 from freezetune.data.sampling import per_class_indices, stratified_split
+from freezetune.data.scan import file_stamp
 from freezetune.data.text import TextDataset, noun
 from freezetune.errors import choices
 from freezetune.run.log import warn_once
@@ -38,9 +39,11 @@ def same_items(train: Dataset) -> list | None:
         return None
     paths = [os.path.normpath(p) for p, _ in train.samples]  # no syscall: a link is found by its bytes, below
     unique = list(dict.fromkeys(paths))
-    # a stat a file (the digests are the pre-scan's): once for a list of files, which the auto recipe builds again for
-    # each trial and its run (the whole set, then its --per-class draw); held by a digest of the names, not the names
-    key = hashlib.blake2b("\0".join(unique).encode("utf-8", "surrogateescape"), digest_size=16).digest()
+    # once for a list of files, which the auto recipe builds again for each trial and its run (the whole set, then its
+    # --per-class draw); held by a digest of the names and each file's stamp, not the names alone: in a notebook,
+    # files copied over others between two runs kept the first run's answer, and a copy was held out alone
+    stamps = "\0".join(f"{p}\1{file_stamp(p)}" for p in unique)
+    key = hashlib.blake2b(stamps.encode("utf-8", "surrogateescape"), digest_size=16).digest()
     if key not in _ORIGINALS:
         while len(_ORIGINALS) >= 4:
             _ORIGINALS.pop(next(iter(_ORIGINALS)))
