@@ -414,3 +414,20 @@ def test_a_user_error_in_a_recipes_set_up_is_the_one_line_printed(data, tmp_path
     assert "phase 1/1" not in stdout and not out.exists()
     code, stdout, err = run_cli(capsys, *train_argv(data, out, "--recipe", "last-2", "--epochs", "1"))
     assert code == 0 and stdout.startswith("recipe last-2: phase 1/1 (last-2): freeze -3\n"), err
+
+
+def test_a_local_hugging_face_model_saved_over_is_planned_from_its_new_stages(tmp_path, request):
+    # a notebook: the folder saved again with four layers where it held one, and the auto recipe planned from the
+    # first model's stages (its candidates, its cut), held by the model's name
+    from transformers import BertForSequenceClassification
+
+    from conftest import tiny_bert_config
+
+    request.addfinalizer(recipes.structure.cache_clear)
+    folder = tmp_path / "bert"
+    for layers in (1, 4):
+        config = tiny_bert_config()
+        config.num_hidden_layers = layers
+        BertForSequenceClassification(config).save_pretrained(folder)
+        names, text = recipes.structure(f"hf:{folder}", None)
+        assert text and sum(name.startswith("encoder.layer.") for name in names) == layers, names

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import yaml
 
-from freezetune.config.options import LAST_K, RECIPE_HELP, last_k, recipe_family, recipe_problem
+from freezetune.config.options import HF_PREFIX, LAST_K, RECIPE_HELP, last_k, recipe_family, recipe_problem
 from freezetune.config.train_config import TrainConfig
 from freezetune.errors import ConfigError, FreezetuneError, choices
 
@@ -178,16 +178,36 @@ def check_last_k(cfg: TrainConfig, recipe: str) -> None:
                           f"head are {choices(body)}; choose last-1 to last-{len(body)}")  # fmt: skip
 
 
-@functools.lru_cache(maxsize=8)
 def structure(model_name: str, img_size: int | None) -> tuple[tuple[str, ...], bool]:
     """The stage names of ``model_name`` (the head's last) and whether it is a text model (no image preprocessing).
     Built once a process (random init: the structure only): a sweep checks each ``last-k`` before anything trains,
-    ``run`` checks again for its direct callers, and the auto recipe plans its candidates from it."""
+    ``run`` checks again for its direct callers, and the auto recipe plans its candidates from it. An ``hf:DIR``
+    model is built again when its ``config.json`` changed: in a notebook, a folder saved over with a deeper model was
+    planned from the first one's stages."""
+    return _structure(model_name, img_size, _config_stamp(model_name))
+
+
+@functools.lru_cache(maxsize=8)
+def _structure(model_name: str, img_size: int | None, _stamp: object) -> tuple[tuple[str, ...], bool]:
     from freezetune.model.create import create_model
     from freezetune.model.stages import stages
 
     model, pre = create_model(model_name, "none", img_size=img_size)
     return tuple(s.name for s in stages(model)), pre is None
+
+
+structure.cache_clear = _structure.cache_clear  # (tests: a model faked under a name already built)
+
+
+def _config_stamp(model_name: str) -> tuple[int, int, int] | None:
+    """What tells a local Hugging Face model's ``config.json`` from another saved over it (None: not a folder's)."""
+    if not model_name.startswith(HF_PREFIX):
+        return None
+    try:
+        st = os.stat(Path(model_name.removeprefix(HF_PREFIX)) / "config.json")
+    except OSError:  # a hub id (its cache is the hub's), or no such folder
+        return None
+    return st.st_size, st.st_ino, st.st_mtime_ns
 
 
 def check_test_data(cfg: TrainConfig) -> int | None:
