@@ -100,6 +100,19 @@ def test_the_final_test_scores_best_pt_not_the_weights_the_last_epoch_left(tmp_p
     assert written["loss"] == best["loss"] != last["loss"]
 
 
+@pytest.mark.parametrize("mode", ["set_grad_enabled(False)", "inference_mode()"])
+def test_a_run_trains_whatever_grad_mode_its_caller_left(data, tmp_path, mode):
+    # a notebook cell before it turned gradients off: every run failed at its first backward ("element 0 of tensors
+    # does not require grad"); the caller's mode is back once the run returns
+    cfg = TrainConfig(data=str(data), out=str(tmp_path / "run"), model="timm:test_efficientnet", weights="none",
+                      img_size=32, device="cpu", workers=0, progress=False, epochs=1, freeze="-2",
+                      tensorboard=False, final_test=False)  # fmt: skip
+    with torch.set_grad_enabled(False) if mode.startswith("set") else torch.inference_mode():
+        result = ft.train(cfg, echo=lambda line: None)
+        assert not torch.is_grad_enabled()
+    assert len(result.history) == 1 and (tmp_path / "run" / "best.pt").is_file()
+
+
 def test_a_stop_asked_for_during_an_epoch_that_opens_a_stage_does_not_build_the_cache_first(data, tmp_path,
                                                                                           monkeypatch):  # fmt: skip
     # the feature cache was rebuilt at the new cut over the whole training set, then the run stopped (its resume

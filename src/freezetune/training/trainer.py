@@ -42,6 +42,10 @@ from freezetune.training.progress import RunResult, other_monitor
 from freezetune.training.step import one_value_batch
 
 
+# gradients on, whatever the caller's mode: a notebook cell's torch.set_grad_enabled(False) or inference_mode left
+# every run failing at its first backward ("element 0 of tensors does not require grad"); restored on return
+@torch.inference_mode(False)
+@torch.enable_grad()
 def train(cfg: TrainConfig, *, echo: Callable[[str], None] = print, resumable: bool = True, brief: bool = False,
           recipe_run: bool = False, validation_needed_by: tuple[str, ...] = (), refit_follows: bool = False,
           later_epochs: float | None = None) -> RunResult:  # fmt: skip
