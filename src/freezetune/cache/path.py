@@ -290,20 +290,24 @@ class FeaturePath:
         if self.data.val is not None:
             self.val_store, val_info = self._store(split, self.data.val, views=1, augment=False, train=False,
                                                    hows=hows)  # fmt: skip
-            val = f"validation {val_info.bytes / 2**20:,.0f} MiB on {val_info.place}"
+            val = f"{val_info.bytes / 2**20:,.0f} MiB on {val_info.place}"
         self.split = split
         seconds = time.perf_counter() - start
         self.build_seconds += seconds
-        if no_room is not None:
-            self.echo(f"feature cache: no training store: {no_room}; each batch runs the frozen layers before "
-                      f"{split.boundary} forward only instead{f'; {val}, {hows[0]}' if val else ''}")  # fmt: skip
-            return True
-        if info is None:
-            self._say_streamed(split, draws, epochs_left, val, hows, seconds)
+        if no_room is not None or info is None:
+            if no_room is not None:
+                self.echo(f"feature cache: no training store: {no_room}; each batch runs the frozen layers before "
+                          f"{split.boundary} forward only instead")  # fmt: skip
+            else:
+                self._say_streamed(split, draws, epochs_left)
+            if val:  # a line of its own: beside the reason, the line ran to 330 characters
+                self.echo(f"feature cache: validation store {val}, {hows[0]} in {seconds:.1f}s")
             return True
         # each store by what happened to it: "read from DIR" when one of two was read said the other was too
         how = hows[0] if len(set(hows)) == 1 else f"training store {hows[0]}, validation store {hows[1]}"
-        self.echo(f"feature cache: {why}; {info.describe()}{f'; {val}' if val else ''}; {how} in {seconds:.1f}s")
+        self.echo(
+            f"feature cache: {why}; {info.describe()}{f'; validation {val}' if val else ''}; {how} in {seconds:.1f}s"
+        )
         if not augment and self.loaders.aug != "none" and not self._told_unaugmented:
             self._told_unaugmented = True  # once a run: each rebuild at an unfreeze said it again
             self.echo(
@@ -334,15 +338,13 @@ class FeaturePath:
         """Whether the stores built are kept for later runs (in ``cache_dir``; under torchrun none is)."""
         return self.cache_dir is not None and not self.loaders.dist.enabled
 
-    def _say_streamed(self, split: Split, draws: int, epochs_left: int, val: str, hows: list[str],
-                      seconds: float) -> None:  # fmt: skip
+    def _say_streamed(self, split: Split, draws: int, epochs_left: int) -> None:
         things = noun(self.data.train)
         later = " (and the run that reads this one's cache)" if self._kept and self.later_epochs else ""
-        built = f"; the {val}, {hows[0]} in {seconds:.1f}s" if val else ""
         self.echo(f"feature cache: no training store: the {epochs_left} epoch(s) left{later} draw {draws} training "
-                  f"{things}, no more than the {len(self.data.train)} a store would hold; each batch runs the frozen "
-                  f"layers before {split.boundary} forward only on the plain {things} a store holds, and the rest "
-                  f"trains on their output (--cache memory builds the store all the same){built}")  # fmt: skip
+                  f"{things}, no more than the {len(self.data.train)} a store would hold (--cache memory builds it all "
+                  f"the same); each batch runs the frozen layers before {split.boundary} forward only, on the plain "
+                  f"{things}, and the rest trains on their output")  # fmt: skip
 
     def remove_empty_spill(self) -> None:
         """Remove the run's ``cache/`` folder when nothing is left in it: under torchrun each rank removes only its
