@@ -169,6 +169,18 @@ def test_bitfit_trains_rms_norms_as_norms():
     assert trainable == ["0.1.weight", "0.2.bias", "0.3.weight", "1.weight", "1.bias"]
 
 
+def test_a_linear_probe_names_the_lower_stage_lrs_and_decay_it_does_not_use(data, tmp_path, capsys):
+    # the recipe's run drops them (its head trains alone at 10x), and said nothing: a plain run with the head alone
+    # names them "not used"
+    code, out, err = run_cli(capsys, *train_argv(data, tmp_path / "run", "--recipe", "linear-probe", "--epochs", "1",
+                                                 "--decay", "3", "--stage-lrs", "blocks.*=1e-5,classifier=1e-3"))  # fmt: skip
+    assert code == 0, err
+    assert ("note: recipe linear-probe trains the head alone, the stages below it frozen: stage_lrs for 'blocks.0', "
+            "'blocks.1', 'blocks.2', 'blocks.3', 'blocks.4' and decay 3.0 are not used\n") in out  # fmt: skip
+    cfg = TrainConfig(data="d", model="timm:test_efficientnet", img_size=32, stage_lrs={"classifier": 1e-3})
+    assert recipes._unused_by_the_probe(cfg) is None  # the head's LR it uses (at 10x)
+
+
 def test_lp_ft_fine_tunes_every_layer_from_the_probed_head(data, tmp_path, capsys):
     code, out, err = run_cli(capsys, *train_argv(data, tmp_path / "run", "--recipe", "lp-ft"))
     assert code == 0, err

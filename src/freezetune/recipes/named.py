@@ -92,6 +92,20 @@ def probe_lrs(cfg: TrainConfig) -> dict:
     return {"lr": _head_lr(cfg) * PROBE_LR_FACTOR, "stage_lrs": {}, "decay": None}
 
 
+def _unused_by_the_probe(cfg: TrainConfig) -> str | None:
+    """The note a linear probe owes the LR settings it drops (``probe_lrs``): a plain run with the head alone training
+    names them as not used, and the recipe's run, given them no more, said nothing."""
+    from freezetune.training.param_groups import resolve_stage_lrs
+
+    names = structure(cfg.model, cfg.img_size)[0]
+    lower = [n for n in resolve_stage_lrs(cfg.stage_lrs, list(names)) if n != names[-1]] if cfg.stage_lrs else []
+    unused = [*([f"stage_lrs for {choices(lower)}"] if lower else []), *([f"decay {cfg.decay}"] if cfg.decay else [])]
+    if not unused:
+        return None
+    return (f"note: recipe linear-probe trains the head alone, the stages below it frozen: {' and '.join(unused)} "
+            f"{'is' if len(unused) == 1 else 'are'} not used")  # fmt: skip
+
+
 def _head_lr(cfg: TrainConfig) -> float:
     """The head's LR in a run of ``cfg``: ``--lr``, unless ``--stage-lrs`` names the head (or a glob matches it)."""
     if not cfg.stage_lrs:
@@ -284,6 +298,8 @@ def _run_phases(cfg: TrainConfig, recipe: str, train: Callable, echo: Callable[[
     from freezetune.run.log import introduced
 
     result, steps, spent = None, phases(cfg, recipe), Counter()
+    if recipe == "linear-probe" and (note := _unused_by_the_probe(cfg)):
+        echo(note)
     for i, phase in enumerate(steps):
         phase_cfg = phase.cfg
         if result is not None:  # start from the previous phase's best weights, head included (as shared_config)
