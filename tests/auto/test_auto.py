@@ -467,7 +467,9 @@ def test_a_budget_too_small_for_a_trial_and_an_epoch_of_the_set_shortens_every_e
     decision = json.loads((tmp_path / "r" / "recipe.json").read_text())
     pilot, choice = decision["pilot"], decision["choice"]
     assert pilot["planned"] == 16 and pilot["steps"] > 0 and pilot["image_s"] > 0 and pilot["setup_s"] > 0
-    assert "auto: the 0.01s budget: a pilot of the default (last 3 stages), 8 steps, measures the pace first" in lines
+    assert "auto: the 0.01s budget: a pilot of the default (last 3 stages), up to 8 steps, measures the pace first" in (
+        lines
+    )
     said = next(line for line in lines if re.match(r"auto: the 0\.01s budget: a pilot of \d+ steps? trained", line))
     assert re.search(r"trained \d+ images/s \([\d.]+s in all\); a trial on 50% of an epoch of 39 images and one "
                      r"epoch of the run take about [\d.]+s, more than what the budget has left \(nothing\) \(about "

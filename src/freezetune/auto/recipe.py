@@ -242,8 +242,9 @@ def _pilot(base: TrainConfig, k: int, boost: float, out: Path, train: Callable, 
     default's trial where the pilot was it (a trial no longer than the pilot's steps)."""
     trial_cfg = auto_trials.trial_config(base, k, boost, out)
     pilot_cfg = auto_budget.pilot_config(trial_cfg, budget.world)  # in the trial's dir: it may be the trial
-    echo(f"auto: the {budget.said} budget: a pilot of the default (last {k} stages), {auto_budget.PILOT_STEPS} "
-         "steps, measures the pace first")  # fmt: skip
+    # "up to": the trial's part of a small set's epoch is fewer steps (it said 8, and the next line "a pilot of 3")
+    echo(f"auto: the {budget.said} budget: a pilot of the default (last {k} stages), up to "
+         f"{auto_budget.PILOT_STEPS} steps, measures the pace first")  # fmt: skip
     before = budget.spent()
     # no later reader: a store pays only where the pilot's own draws exceed the set (tiny data, then read again)
     result, seconds = auto_trials.measurement(pilot_cfg, functools.partial(train, later_epochs=0.0), echo,
