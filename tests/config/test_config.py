@@ -225,7 +225,10 @@ def test_validation_reports_every_problem_at_once():
         ({"lr": float("inf")}, "lr must be > 0 and finite, got inf"),
         ({"weight_decay": float("inf")}, "weight_decay must be >= 0 and finite, got inf"),
         ({"decay": 0.0}, "decay must be >= 1 and finite"),
-        ({"decay": 0.75}, "decay must be >= 1 and finite, got 0.75: each stage's lr is the next one's / decay"),
+        (
+            {"decay": 0.75},
+            "decay must be >= 1 and finite, got 0.75: a stage at depth i below the head trains at lr / decay**i",
+        ),
         ({"stage_lrs": {"layer4": -1e-4}}, "stage_lrs must be numbers >= 0 and finite, got layer4=-0.0001"),
         ({"freeze": []}, "freeze is empty; give auto (the default), backbone, all, none, bitfit, a number of stages"),
     ],

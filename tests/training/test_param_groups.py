@@ -215,7 +215,7 @@ def test_a_decay_that_is_not_a_number_of_at_least_one_is_refused(decay):
     # layer_decay 0.75 given as decay gave the stem 42x the head's LR
     refused = (
         f"decay must be >= 1 and finite, got {re.escape(repr(decay))}: "
-        r"each stage's lr is the next one's / decay .* decay 1/x"
+        r"a stage at depth i below the head trains at lr / decay\*\*i, unless stage_lrs names it .* decay 1/x"
     )
     with pytest.raises(ft.FreezetuneError, match=refused):
         ft.param_groups(TinyCNN(), 1e-3, decay=decay)

@@ -17,7 +17,10 @@ from dataclasses import dataclass
 from freezetune.errors import ConfigError, choices
 
 # what ``decay`` means, said where a decay below 1 (the stem then trains fastest) is refused
-DECAY_MEANS = "each stage's lr is the next one's / decay (ULMFiT's 2.6); timm's layer_decay x is decay 1/x"
+DECAY_MEANS = (
+    "a stage at depth i below the head trains at lr / decay**i, unless stage_lrs names it (ULMFiT's 2.6); "
+    "timm's layer_decay x is decay 1/x"
+)
 
 OPTIMIZERS = ("adamw", "adam", "sgd")
 SCHEDULERS = ("onecycle", "cosine", "none")
