@@ -274,6 +274,19 @@ def test_a_model_built_with_aux_classifiers_is_cached_up_to_its_first_trainable_
     assert split.boundary == first and why == f"cached at the input of {first} (fx)", why
 
 
+def test_a_cut_moved_by_aux_classifiers_that_train_names_them_and_where_the_main_path_is_cut():
+    # a GoogLeNet built by hand with them: the cut fell at aux1's input, and the log said "cached at the input of
+    # inception5b" (the stage aux1 belongs to) "...: frozen layers between them draw random numbers"
+    model = torchvision.models.googlenet(weights=None, aux_logits=True, init_weights=False)
+    ft.replace_head(model, 3)
+    ft.freeze_to(model, -3)
+    split, why = split_model(model)
+    assert split.boundary == "inception4b", why
+    assert why == ("cached at the input of inception4b (fx), not of inception5a: the auxiliary classifier(s) 'aux1', "
+                   "'aux2' train and branch off before it (create_model builds the model without them), so the frozen "
+                   "layers from inception4b on run every step")  # fmt: skip
+
+
 def test_a_cut_moved_by_two_tensors_crossing_is_not_blamed_on_random_numbers():
     # HRNet's branches enter its stage2 side by side: the log said its frozen layers "draw random numbers in
     # training", which nothing in it does

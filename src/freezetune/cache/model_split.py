@@ -22,7 +22,9 @@ from freezetune.device.depthwise import FastDepthwiseConv2d
 from freezetune.errors import SpecError, choices
 from freezetune.freezing.bn_policy import STAT_NORMS, keeps_stats, policy_of
 from freezetune.freezing.dropout import apply_holds, is_stochastic, random_kind
+from freezetune.model.heads import aux_modules
 from freezetune.model.stages import Stage, stages
+from freezetune.model.tree import under
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +108,9 @@ def _why_earlier(model: nn.Module, st: list[Stage], boundary: str, first: int) -
     """Why a cut lies before stage ``first``, at ``boundary``'s input: a random layer of the frozen stages between, or
     more than one tensor crossing into ``first`` (HRNet's branches: it was blamed on random numbers it has none of)."""
     between = st[[s.name for s in st].index(boundary) : first]
+    if aux := [n for n in aux_modules(model) if any(p.requires_grad for p in model.get_submodule(n).parameters())]:
+        return (f"the auxiliary classifier(s) {choices(aux)} train and branch off before it (create_model builds "
+                f"the model without them), so the frozen layers from {boundary} on run every step")  # fmt: skip
     staged = {id(m) for s in st for top in s.modules for m in model.get_submodule(top).modules()}
     inside = [m for s in between for top in s.modules for m in model.get_submodule(top).modules()]
     if any(is_stochastic(m) for m in inside) or any(is_stochastic(m) and id(m) not in staged for m in model.modules()):
@@ -247,7 +252,7 @@ def _fx_split(model: nn.Module, st: list[Stage], first: int, stage_params: set[s
     prefix = fx.GraphModule(model, _prefix_graph(g_train, idx_train, live_train))
     suffix_train = fx.GraphModule(model, _suffix_graph(g_train, idx_train, live_train))
     suffix_eval = fx.GraphModule(model, _suffix_graph(*graphs[False]))
-    boundary = _stage_after(list(g_train.nodes)[idx_train:], st) or st[first].name
+    boundary = _stage_after(list(g_train.nodes)[idx_train:], st, aux_modules(model)) or st[first].name
     return Split(prefix, suffix_train, suffix_eval, boundary, "fx")
 
 
@@ -257,10 +262,11 @@ def _shape(graph: fx.Graph, cut: int) -> list[tuple[str, object]]:
     return [(n.op, n.target) for n in list(graph.nodes)[:cut]]
 
 
-def _stage_after(nodes: list[fx.Node], st: list[Stage]) -> str | None:
-    """The stage of the first module or parameter ``nodes`` use."""
+def _stage_after(nodes: list[fx.Node], st: list[Stage], aux: list[str]) -> str | None:
+    """The stage of the first module or parameter ``nodes`` use, but for an auxiliary classifier's (``aux``: a side
+    branch in the last stage, which the main path reaches only after the stages between)."""
     for node in nodes:
-        if node.op not in ("call_module", "get_attr"):
+        if node.op not in ("call_module", "get_attr") or any(under(node.target, a) for a in aux):
             continue
         for stage in st:
             if any(node.target == m or node.target.startswith(f"{m}.") for m in (*stage.modules, *stage.param_names)):
