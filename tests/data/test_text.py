@@ -466,6 +466,23 @@ def test_a_text_key_strips_spaces_a_byte_level_tokenizer_reads_and_reads_a_hub_i
     assert TextKey("someone/not-cached-test-model")(" a joy ") == "a joy" and asked == [True]
 
 
+def test_a_text_key_reads_a_tokenizer_saved_over_another_in_its_folder(tmp_path):
+    # a notebook: the folder's uncased tokenizer saved over with a cased one kept the first one's lower-casing (loaded
+    # once a process, by the folder's name), so a cased copy of a training text was a copy, or the reverse
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from freezetune.data.text_key import TextKey
+
+    for lowercase in (True, False):
+        made = Tokenizer(models.WordLevel({"[UNK]": 0}, unk_token="[UNK]"))
+        made.normalizer = normalizers.Lowercase() if lowercase else normalizers.NFC()
+        made.pre_tokenizer = pre_tokenizers.Whitespace()
+        PreTrainedTokenizerFast(tokenizer_object=made).save_pretrained(tmp_path / "tok")
+        key = TextKey(str(tmp_path / "tok"))
+        assert (key("A Joy") == key("a joy")) == lowercase
+
+
 def test_a_text_checkpoint_predicts_where_the_model_folder_it_was_trained_from_is_gone(text_run, tmp_path,
                                                                                         monkeypatch):  # fmt: skip
     # best.pt named hf:/path/to/model for its architecture and tokenizer: moved to another machine, it could not be

@@ -23,9 +23,10 @@ class TextKey:
 
     def __init__(self, tokenizer: str | None) -> None:
         self.tokenizer = tokenizer
+        self._stamp = _files_stamp(tokenizer) if tokenizer else None  # a folder's tokenizer saved over: loaded again
 
     def __call__(self, text: str) -> str:
-        steps = _steps(self.tokenizer) if self.tokenizer else None
+        steps = _steps(self.tokenizer, self._stamp) if self.tokenizer else None
         if steps is None:
             return text.strip()
         normalizer, pre_tokenizer = steps
@@ -35,8 +36,20 @@ class TextKey:
         return "\0".join(word for word, _ in words)
 
 
+def _files_stamp(tokenizer: str) -> tuple | None:
+    """What tells a local tokenizer's files from others saved over them (None: a hub id's, or none there)."""
+    try:
+        files = sorted(p for p in Path(tokenizer).iterdir() if p.name.startswith(_TOKENIZER_FILES))
+        return tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files)
+    except OSError:
+        return None
+
+
+_TOKENIZER_FILES = ("tokenizer", "vocab", "merges", "special_tokens", "spiece", "sentencepiece", "spm")
+
+
 @functools.lru_cache(maxsize=4)
-def _steps(tokenizer: str) -> tuple | None:
+def _steps(tokenizer: str, _stamp: tuple | None = None) -> tuple | None:
     """A fast tokenizer's normalizer and pre-tokenizer (each None where it has none), loaded once per name; None for
     a tokenizer without them (a slow one) or one that does not load here (its error is the run's, said where the
     batches are tokenized)."""
