@@ -83,6 +83,29 @@ def test_a_googlenet_an_earlier_freezetune_trained_with_its_aux_classifiers_rebu
         torch.testing.assert_close(rebuilt.eval()(x), earlier.eval()(x))
 
 
+def test_a_googlenet_run_an_earlier_freezetune_began_with_its_aux_classifiers_resumes_with_them(tmp_path, capsys,
+                                                                                                  monkeypatch):  # fmt: skip
+    # its last.pt holds the aux weights and its optimizer their state: the resume, built without them, was refused
+    # ("the optimizer state ... does not fit this config's trainable parameters (changed --freeze ...?)")
+    from _engine_fixtures import make_image_folder, run_cli, stopping_at
+    from freezetune.model import create
+    from freezetune.training import trainer
+
+    data = make_image_folder(tmp_path / "data", train=4, val=2, test=0, size=64)
+    argv = ["train", "--data", str(data), "--out", str(tmp_path / "run"), "--model", "torchvision:googlenet",
+            "--weights", "none", "--img-size", "64", "--device", "cpu", "--workers", "0", "--freeze", "-3",
+            "--cache", "off", "--no-progress", "--no-tensorboard", "--epochs", "2"]  # fmt: skip
+    with monkeypatch.context() as earlier:  # the earlier freezetune (the model kept them), stopped after epoch 1
+        earlier.setattr(create, "drop_aux_classifiers", lambda model: [])
+        earlier.setattr(trainer.Trainer, "_run_epoch", stopping_at(lambda t, epoch: epoch == 1))
+        code, _, err = run_cli(capsys, *argv)
+    assert code == 130, err
+    assert any(k.startswith("aux1.") for k in checkpoint.load(tmp_path / "run" / "last.pt")["state_dict"])
+    code, out, err = run_cli(capsys, *argv, "--resume")
+    assert code == 0 and "resumed" in out, err
+    assert checkpoint.load(tmp_path / "run" / "last.pt")["epoch"] == 2
+
+
 def test_checkpoint_of_another_architecture_does_not_load(trained):
     record = _record(trained)
     record["state_dict"] = {"weight": torch.zeros(3, 4)}

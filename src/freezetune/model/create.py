@@ -40,8 +40,9 @@ Builder = Callable[[str, str, Source], tuple[nn.Module, Preprocess | None]]
 
 
 def create_model(
-    name: str, weights: str | os.PathLike | None = "imagenet", *, img_size: int | None = None, load: bool = True
-) -> tuple[nn.Module, Preprocess | None]:
+    name: str, weights: str | os.PathLike | None = "imagenet", *, img_size: int | None = None, load: bool = True,
+    keep_aux: bool = False,
+) -> tuple[nn.Module, Preprocess | None]:  # fmt: skip
     """Build ``name`` with the requested weights and return it with its input preprocessing.
 
     Args:
@@ -53,6 +54,8 @@ def create_model(
         img_size: overrides the preprocessing input size (crop_pct is kept).
         load: False builds the architecture ``weights`` make without reading them (a resume, a checkpoint: their
             own weights replace them): offline, or with the weights file gone, it still builds.
+        keep_aux: keep torchvision GoogLeNet's and Inception v3's auxiliary classifiers, which are otherwise left
+            out (``heads.drop_aux_classifiers``): the resume of a run an earlier freezetune began with them.
 
     Returns:
         ``(model, preprocess)``; the model keeps its original classifier. ``preprocess`` is None for text models.
@@ -72,7 +75,9 @@ def create_model(
     packaged = packaged_weights(name) if mode == "pretrained" else None
     source: Source = "packaged" if packaged else mode if mode in ("pretrained", "shape") else "random"
     model, pre = _BUILDERS[library](name, arch, source)
-    if dropped := drop_aux_classifiers(model):  # before a weights file loads: one with them or without fits
+    if not keep_aux and (
+        dropped := drop_aux_classifiers(model)
+    ):  # before a weights file loads: one with them or without fits
         log.info("%s: its auxiliary classifier(s) %s left out: training reads the model's output alone", name,
                  ", ".join(dropped))  # fmt: skip
     default_size = pre.input_size if pre is not None else None

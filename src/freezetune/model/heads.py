@@ -163,6 +163,12 @@ def dropped_aux_keys(model: nn.Module, state_dict: Iterable[str]) -> set[str]:
     }
 
 
+def holds_aux(state_dict: Iterable[str]) -> bool:
+    """Whether a state dict holds the weights of auxiliary classifiers (a GoogLeNet an earlier freezetune trained
+    with them: its run resumes with them, ``create_model(keep_aux=True)``)."""
+    return any(_in_aux(k) for k in state_dict)
+
+
 def head_container(model: nn.Module, head: str) -> str:
     """The module that holds the classifier (``classifier`` around ``classifier.6``, timm's ``head`` around
     ``head.fc``); for a Hugging Face task model, the top-level child the classifier is."""

@@ -21,6 +21,7 @@ from freezetune.config.options import BATCH_AUTO, HF_PREFIX
 from freezetune.config.train_config import DATA_PATHS, RESUME_MAY_CHANGE, RESUME_MAY_CHANGE_UNSCHEDULED, absolute_paths
 from freezetune.errors import CheckpointError, ConfigError, choices, setting
 from freezetune.model import text_pooling
+from freezetune.model.heads import holds_aux
 from freezetune.model.hf_bundle import rebuilt_folder
 from freezetune.model.preprocess import Preprocess
 from freezetune.model.tree import unwrap
@@ -246,6 +247,7 @@ class Resumed(NamedTuple):
     preprocess: Preprocess
     text_pooling: str | None
     hf_files: dict[str, str] | None
+    aux: bool = False  # its model has auxiliary classifiers (GoogLeNet's, begun by a freezetune that kept them)
 
 
 def check_settings(path: str | Path, config: dict[str, Any]) -> Resumed:
@@ -255,7 +257,8 @@ def check_settings(path: str | Path, config: dict[str, Any]) -> Resumed:
         config = {k: v for k, v in config.items() if k != "batch_size"}
     record = load(path, mmap=True)  # the weights are not read: only the config is needed
     _check_resumable(Path(path), record, {**config, "classes": record.get("classes")})
-    return Resumed(Preprocess.from_dict(record["preprocess"]), record.get("text_pooling"), record.get("hf_files"))
+    return Resumed(Preprocess.from_dict(record["preprocess"]), record.get("text_pooling"), record.get("hf_files"),
+                   holds_aux(record["state_dict"]))  # fmt: skip
 
 
 def _check_data(path: Path, saved: dict[str, Any] | None, now: dict[str, Any] | None) -> None:

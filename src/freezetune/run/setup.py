@@ -122,8 +122,10 @@ class RunSetup:
         # a resume restores every weight from last.pt, an --init from its checkpoint (strictly: every key, the head's
         # too): the pretrained ones are not read (an offline node, a cleaned hub cache, a weights file moved since
         # stopped the resume of a preempted run; the auto recipe's run, from its trial's best.pt, read them twice)
+        # (a GoogLeNet run begun with its aux classifiers, its optimizer's state too, resumes with them)
         self.model, self.preprocess = create_model(built, cfg.weights, img_size=cfg.img_size,
-                                                   load=not (self.resuming or cfg.init))  # fmt: skip
+                                                   load=not (self.resuming or cfg.init),
+                                                   keep_aux=self.resumed is not None and self.resumed.aux)  # fmt: skip
         check_cut(self.model, cfg.cache_at)  # a stage name needs the model: checked before any data is read
         # the settings only the other kind of model reads are refused; not on a resume, which takes the run's own (a
         # text run of an earlier freezetune recorded the --cache-views it ignored) and refuses a change to them
