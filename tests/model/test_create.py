@@ -292,6 +292,20 @@ VIT_32 = {"size": {"height": 32, "width": 32}}
         ("ViTImageProcessor", {**VIT_32, "rescale_factor": 1 / 127.5, "image_mean": [1] * 3, "image_std": [1] * 3}),
         ("ConvNextImageProcessor", {"size": {"shortest_edge": 32}, "crop_pct": 0.875}),
         ("BitImageProcessor", {"size": {"shortest_edge": 40}, "crop_size": {"height": 32, "width": 32}}),
+        ("ConvNextImageProcessor", {"size": {"shortest_edge": 384}}),  # from 384 px warped, not cropped at crop_pct
+        # LeViT resizes to 256/224 of its size before its crop (it cropped nothing)
+        ("LevitImageProcessor", {"size": {"shortest_edge": 28}, "crop_size": {"height": 28, "width": 28}}),
+        # EfficientNet's include_top divides by the std twice, its rescale_offset rescales to [-1, 1]
+        ("EfficientNetImageProcessor", {"size": {"height": 32, "width": 32}}),
+        (
+            "EfficientNetImageProcessor",
+            {
+                "size": {"height": 32, "width": 32},
+                "rescale_offset": True,
+                "rescale_factor": 1 / 127.5,
+                "include_top": False,
+            },
+        ),  # fmt: skip
     ],
 )
 def test_a_hugging_face_image_model_reads_its_images_as_its_processor_makes_them(tmp_path, processor, settings):

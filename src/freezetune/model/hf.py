@@ -133,7 +133,8 @@ def _hf_preprocess(arch: str, cache_only: bool, image_size: object = None) -> Pr
 
 
 _PROCESSOR_KEYS = ("size", "crop_size", "do_center_crop", "crop_pct", "resample", "do_rescale", "rescale_factor",
-                   "do_normalize", "image_mean", "image_std", "do_flip_channel_order")  # fmt: skip
+                   "rescale_offset", "do_normalize", "image_mean", "image_std", "include_top",
+                   "do_flip_channel_order")  # fmt: skip
 
 
 def _processor_settings(arch: str, cache_only: bool, saved: dict) -> dict:
@@ -146,9 +147,10 @@ def _processor_settings(arch: str, cache_only: bool, saved: dict) -> dict:
     try:
         with quiet_hf_loading():
             processor = transformers.AutoImageProcessor.from_pretrained(arch, local_files_only=cache_only)
-        return {key: getattr(processor, key, None) for key in _PROCESSOR_KEYS}
+        return {**{key: getattr(processor, key, None) for key in _PROCESSOR_KEYS}, "kind": type(processor).__name__}
     except Exception:  # noqa: BLE001 (any class's own failure to build: its file still says most of it)
-        return {**saved, "do_normalize": saved.get("do_normalize", True)}
+        kind = saved.get("image_processor_type") or saved.get("feature_extractor_type") or ""
+        return {**saved, "do_normalize": saved.get("do_normalize", True), "kind": kind}
 
 
 def _hf_side(value: object, default: int | None) -> int | None:
@@ -164,21 +166,29 @@ def _preprocess_from_hf(settings: dict) -> Preprocess:
     normalisation, channel order) into ``Preprocess``."""
     size = _hf_side(settings.get("size"), 224)
     crop = _hf_side(settings.get("crop_size"), None) if settings.get("do_center_crop") else None
-    if settings.get("crop_pct"):  # ConvNeXt style: resize to size / crop_pct, crop size
+    kind = str(settings.get("kind") or "")
+    if kind.startswith("Levit"):  # LeViT resizes the short side to 256/224 of its size, then crops crop_size
+        size = int(size * 256 / 224)
+    if settings.get("crop_pct") and kind.startswith("ConvNext") and size >= 384:  # warped to a square, no crop
+        input_size, crop_pct = size, 1.0
+    elif settings.get("crop_pct"):  # ConvNeXt style: resize to size / crop_pct, crop size
         input_size, crop_pct = size, float(settings["crop_pct"])
-    elif crop:
-        input_size, crop_pct = crop, crop / size
+    elif crop:  # (a crop past the resize, MobileViT's class default, pads: the nearest here crops nothing)
+        input_size, crop_pct = crop, min(crop / size, 1.0)
     else:
         # ViT style resizes straight to size x size; short-side resize + full crop is the closest Preprocess rule.
         input_size, crop_pct = size, 1.0
     default = Preprocess()
-    # a pixel x in [0, 1] reaches the model as (x * scale - mean) / std: the same as (x - mean / scale) / (std / scale)
-    scale = 255.0 * (float(settings.get("rescale_factor") or 1 / 255) if settings.get("do_rescale", True) else 1.0)
-    if settings.get("do_normalize", True):
-        mean = [float(m) / scale for m in settings.get("image_mean") or default.mean]
-        std = [float(s) / scale for s in settings.get("image_std") or default.std]
-    else:
-        mean, std = [0.0] * 3, [1.0 / scale] * 3
+    # a pixel x in [0, 1] reaches the model as (x * scale - offset - mean) / std, the same as
+    # (x - (mean + offset) / scale) / (std / scale); EfficientNet's offset rescales to [-1, 1], and its include_top
+    # divides by the std once more
+    rescale = settings.get("do_rescale", True)
+    scale = 255.0 * (float(settings.get("rescale_factor") or 1 / 255) if rescale else 1.0)
+    offset = 1.0 if rescale and settings.get("rescale_offset") else 0.0
+    means, stds = settings.get("image_mean") or default.mean, settings.get("image_std") or default.std
+    normalize = settings.get("do_normalize", True)
+    mean = [(offset + (float(m) if normalize else 0.0)) / scale for m in means]
+    std = [(float(s) if normalize else 1.0) * (float(s) if settings.get("include_top") else 1.0) / scale for s in stds]
     return Preprocess(
         input_size=int(input_size),
         mean=tuple(mean),
