@@ -11,6 +11,8 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
+from freezetune.data.scan import file_stamp
+
 
 class TextKey:
     """``key(text)``: one string per input the tokenizer named ``tokenizer`` makes of a text (its normalizer's text,
@@ -39,10 +41,10 @@ class TextKey:
 def _files_stamp(tokenizer: str) -> tuple | None:
     """What tells a local tokenizer's files from others saved over them (None: a hub id's, or none there)."""
     try:
-        files = sorted(p for p in Path(tokenizer).iterdir() if p.name.startswith(_TOKENIZER_FILES))
-        return tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files)
+        files = sorted(str(p) for p in Path(tokenizer).iterdir() if p.name.startswith(_TOKENIZER_FILES))
     except OSError:
         return None
+    return tuple(file_stamp(path) for path in files)
 
 
 _TOKENIZER_FILES = ("tokenizer", "vocab", "merges", "special_tokens", "spiece", "sentencepiece", "spm")

@@ -198,7 +198,10 @@ def structure(model_name: str, img_size: int | None) -> tuple[tuple[str, ...], b
     ``run`` checks again for its direct callers, and the auto recipe plans its candidates from it. An ``hf:DIR``
     model is built again when its ``config.json`` changed: in a notebook, a folder saved over with a deeper model was
     planned from the first one's stages."""
-    return _structure(model_name, img_size, _config_stamp(model_name))
+    from freezetune.data.scan import file_stamp  # (what tells a file from one saved over it)
+
+    folder = model_name.removeprefix(HF_PREFIX) if model_name.startswith(HF_PREFIX) else None
+    return _structure(model_name, img_size, file_stamp(os.path.join(folder, "config.json")) if folder else None)
 
 
 @functools.lru_cache(maxsize=8)
@@ -211,17 +214,6 @@ def _structure(model_name: str, img_size: int | None, _stamp: object) -> tuple[t
 
 
 structure.cache_clear = _structure.cache_clear  # (tests: a model faked under a name already built)
-
-
-def _config_stamp(model_name: str) -> tuple[int, int, int] | None:
-    """What tells a local Hugging Face model's ``config.json`` from another saved over it (None: not a folder's)."""
-    if not model_name.startswith(HF_PREFIX):
-        return None
-    try:
-        st = os.stat(Path(model_name.removeprefix(HF_PREFIX)) / "config.json")
-    except OSError:  # a hub id (its cache is the hub's), or no such folder
-        return None
-    return st.st_size, st.st_ino, st.st_mtime_ns
 
 
 def check_test_data(cfg: TrainConfig) -> int | None:
