@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import warnings
 
 import numpy as np
 import pytest
@@ -100,6 +101,53 @@ def test_a_cpu_run_trains_eagerly():
     meter = TrainProgress(1, "epoch", enabled=False, device=torch.device("cpu"))
     assert step(module, torch.randn(8, 6), torch.zeros(8, dtype=torch.long), meter, cached=True)
     assert meter.step == 1
+
+
+class _CudaStandIns:
+    """torch.cuda's calls a capture makes, stood in for on a machine without CUDA: each records what it was asked."""
+
+    def __init__(self, monkeypatch, says: str | None = None) -> None:
+        self.calls: list[tuple] = []
+        calls = self.calls
+
+        class Stream:
+            def __init__(self, device=None) -> None:
+                self.device = device
+                calls.append(("stream made on", device))
+
+        @contextlib.contextmanager
+        def device(d):
+            calls.append(("device", d))
+            yield
+
+        @contextlib.contextmanager
+        def graph(cuda_graph, pool=None, stream=None, capture_error_mode="global"):
+            calls.append(("capture on a stream of", getattr(stream, "device", "the default capture stream")))
+            yield
+            if says:  # what torch's capture_end warns, and only warns, of a capture that recorded no kernel
+                warnings.warn(says, UserWarning, stacklevel=1)
+
+        for name, value in {"CUDAGraph": object, "Stream": Stream, "device": device, "graph": graph}.items():
+            monkeypatch.setattr(torch.cuda, name, value)
+
+
+def test_a_step_is_captured_on_a_stream_of_its_own_device(monkeypatch):
+    # torch.cuda.graph's default capture stream is made on the device current at its first use (cuda:0): a step on
+    # cuda:1 launched its kernels on cuda:1's stream, outside the capture; the graph was empty and each replay a no-op
+    cuda = _CudaStandIns(monkeypatch)
+    assert CudaCapture(torch.device("cuda:1")).capture(lambda: ("outputs",)) == ("outputs",)
+    assert cuda.calls == [("stream made on", torch.device("cuda:1")), ("device", torch.device("cuda:1")),
+                          ("capture on a stream of", torch.device("cuda:1"))]  # fmt: skip
+
+
+def test_an_empty_capture_fails_so_the_step_runs_eagerly(monkeypatch):
+    _CudaStandIns(monkeypatch, says="The CUDA Graph is empty. This usually means that the graph was attempted to be "
+                                    "captured on wrong device or stream. (Triggered internally at graph.cpp:1)")  # fmt: skip
+    with pytest.raises(RuntimeError, match=r"^the captured graph is empty \(The CUDA Graph is empty\."):
+        CudaCapture(torch.device("cuda")).capture(lambda: ())
+    _CudaStandIns(monkeypatch, says="some other warning of the capture")  # said on, as it was
+    with pytest.warns(UserWarning, match="some other warning"):
+        CudaCapture(torch.device("cuda")).capture(lambda: ())
 
 
 def test_only_full_batches_are_replayed():

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import warnings
 from collections.abc import Callable, Iterator
 
 import torch
@@ -81,10 +82,21 @@ class CudaCapture:
     def capture(self, body: Callable[[], tuple]) -> tuple:
         """Record ``body``'s kernels (nothing runs); its outputs are the graph's, overwritten by each replay."""
         self.graph = torch.cuda.CUDAGraph()
-        # thread-local: a thread of the run's own (the GPU monitor, a loader's readers pinning memory) may call CUDA
-        # meanwhile without spoiling the capture, which only this thread's calls could
-        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
-            return body()
+        # a capture stream of the batch's device: torch.cuda.graph's own is made once, on the device current then
+        # (cuda:0), and a step on cuda:1 launched its kernels on that device's stream, outside the capture: the graph
+        # was empty, its replays trained nothing, and torch only warned. thread-local: a thread of the run's own (the
+        # GPU monitor, a loader's readers pinning memory) may call CUDA meanwhile without spoiling the capture
+        stream = torch.cuda.Stream(self.device)
+        with warnings.catch_warnings(record=True) as said:
+            warnings.simplefilter("always")
+            with torch.cuda.device(self.device), torch.cuda.graph(self.graph, stream=stream,
+                                                                  capture_error_mode="thread_local"):  # fmt: skip
+                outputs = body()
+        for w in said:
+            if "graph is empty" in str(w.message).lower():  # the step captured nothing: it runs eagerly instead
+                raise RuntimeError(f"the captured graph is empty ({str(w.message).strip().splitlines()[0]})")
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        return outputs
 
     def replay(self) -> None:
         self.graph.replay()
