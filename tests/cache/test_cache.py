@@ -436,6 +436,29 @@ def test_a_cuda_runs_cache_goes_where_its_place_says(tmp_path, monkeypatch, plac
     assert info.place == where and [p for p in asked if p != "cpu"] == ([] if place == "disk" else [where])
 
 
+def test_a_cuda_store_counts_the_memory_torch_holds_unused_as_free(tmp_path, monkeypatch):
+    # a store dropped (an unfreeze's rebuild, the auto recipe's trials, a notebook's last run) leaves its blocks
+    # reserved by torch's allocator, which the driver's free figure counts as taken: the next store, which fitted in
+    # them, went to pinned RAM
+    from types import SimpleNamespace
+
+    from freezetune.cache import store
+
+    real_empty, asked = torch.empty, []
+
+    def empty(*args, device=None, pin_memory=False, **kw):  # no CUDA here: record where the store was asked for
+        asked.append("gpu" if device is not None else "pinned" if pin_memory else "cpu")
+        return real_empty(*args, **kw)
+
+    monkeypatch.setattr(torch, "empty", empty)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (1 << 20, 80 << 30))  # 1 MiB free
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 3 << 30)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 1 << 30)  # 2 GiB held, unused
+    cuda = SimpleNamespace(device=torch.device("cuda"))
+    _, info = store._allocate((1, 1024, 1024), torch.float32, cuda, tmp_path / "spill", "auto")  # 4 MiB
+    assert info.place == "gpu" and asked[-1] == "gpu"
+
+
 def test_cache_features_refuses_an_unknown_place():
     # "ram" was taken for "auto"
     import torchvision

@@ -107,3 +107,10 @@ def test_a_cpu_epoch_leaves_the_processs_peak_memory_reading_whole():
     before = hardware.peak_memory_mb(torch.device("cpu"))
     hardware.reset_peak_memory(torch.device("cpu"))
     assert hardware.peak_memory_mb(torch.device("cpu")) == before
+
+
+def test_a_devices_available_memory_is_the_drivers_free_and_what_torch_holds_unused(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (5 << 20, 80 << 30))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 7 << 20)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 4 << 20)
+    assert hardware.available_device_memory(torch.device("cuda")) == 8 << 20

@@ -30,7 +30,7 @@ from freezetune.cache.model_split import Split
 from freezetune.config.options import CACHE_MODES
 from freezetune.data.loaders import EpochOrder, check_batch_size
 from freezetune.device.distributed import DistInfo, all_gather, shard_rows, sum_across_ranks
-from freezetune.device.hardware import available_ram
+from freezetune.device.hardware import available_device_memory, available_ram
 from freezetune.device.precision import Precision
 from freezetune.errors import ConfigError, DataError, choices
 from freezetune.model.tree import unwrap
@@ -352,7 +352,7 @@ def _allocate(shape: tuple[int, ...], dtype: torch.dtype, precision: Precision, 
     nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
     new = torch.zeros if zeroed else torch.empty
     if precision.device.type == "cuda" and place == "auto":  # "memory" is RAM: the GPU's stays for the batches
-        free = torch.cuda.mem_get_info(precision.device)[0] // 2
+        free = available_device_memory(precision.device) // 2
         if nbytes <= free:
             return new(shape, dtype=dtype, device=precision.device), CacheInfo("gpu", nbytes, free, *_vs(shape))
     ram = available_ram() // 2

@@ -33,6 +33,7 @@ from freezetune.data.idx import InMemoryImageDataset
 from freezetune.data.loaders import EpochOrder, check_batch_size, epoch_seed
 from freezetune.data.orientation import exif_orientation, upright
 from freezetune.data.workers import usable_cpus
+from freezetune.device.hardware import available_device_memory
 from freezetune.errors import ConfigError, DataError, choices
 from freezetune.model.preprocess import Preprocess
 
@@ -368,8 +369,7 @@ def build_device_loader(dataset, *, batch_size: int, train: bool, device: torch.
     if isinstance(dataset, FileImageDataset):
         return DeviceJpegLoader(dataset, **kwargs)
     if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        if dataset.images.nbytes > free // 4:
+        if dataset.images.nbytes > available_device_memory(device) // 4:
             log.info("in-memory images (%.1f GiB) too large for the device; using the CPU loader",
                      dataset.images.nbytes / 2**30)  # fmt: skip
             return None

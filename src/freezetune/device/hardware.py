@@ -1,6 +1,6 @@
 """The run's use of its device beyond precision (``device/precision.py``): compilation, the convolutions' memory layout
-(channels_last), peak-memory readings, and the RAM this process may still take (``available_ram``: where a feature
-cache may go, a container's limit counted)."""
+(channels_last), peak-memory readings, and the memory a run may still take: the RAM (``available_ram``: where a feature
+cache may go, a container's limit counted) and a CUDA device's (``available_device_memory``)."""
 
 from __future__ import annotations
 
@@ -83,6 +83,13 @@ def available_ram() -> int:
     """The RAM this process may still take: the machine's, and within a container's memory limit what it leaves."""
     ram, room = _machine_ram(), cgroup_room()
     return ram if room is None else min(ram, room)
+
+
+def available_device_memory(device: torch.device) -> int:
+    """Bytes a CUDA device can still give new tensors: the driver's free memory and what PyTorch's allocator holds
+    unused (blocks freed by an earlier store, graph or run stay reserved, and the driver counts them as taken)."""
+    free, _ = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
 
 
 def _machine_ram() -> int:
