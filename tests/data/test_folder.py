@@ -265,6 +265,20 @@ def test_integer_labels_that_tie_as_numbers_sort_the_same_in_every_process():
     assert sorted_labels(["1", "01", "10", "2"]) == sorted_labels(["01", "1", "2", "10"]) == ["01", "1", "2", "10"]
 
 
+def test_labels_that_look_like_numbers_and_are_not_sort_as_text():
+    # "①" passed str.isdigit and failed int() (a traceback); pandas' "nan" made the numeric sort's order follow the
+    # set's (NaN compares false with all): another process, other class indices, and a refused resume
+    from itertools import permutations
+
+    from freezetune.data.labels import sorted_labels
+
+    assert sorted_labels(["②", "①", "³"]) == ["³", "①", "②"]  # as text: no int() traceback
+    assert {tuple(sorted_labels(list(p))) for p in permutations(["1.0", "nan", "0.0", "2.0"])} == {
+        ("0.0", "1.0", "2.0", "nan")
+    }
+    assert sorted_labels(["٣", "١٠", "٢"]) == ["٢", "٣", "١٠"]  # Arabic-Indic digits are decimal: int() reads them
+
+
 def test_a_class_whose_name_holds_a_slash_is_read_from_its_folder_spelling(tmp_path):
     # a Fashion-MNIST checkpoint ("T-shirt/top") and an image folder: no folder can be named so, and the refusal
     # said to rename the folder to the training class

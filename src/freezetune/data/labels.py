@@ -4,6 +4,7 @@ CSV's labels in the order users expect, and labels that differ only in case, spa
 from __future__ import annotations
 
 import logging
+import math
 import unicodedata
 from pathlib import Path
 
@@ -34,8 +35,11 @@ def sorted_labels(labels: set[str]) -> list[str]:
     (['1', '2', '10'], ['2.0', '10.0'], ['cat', 'dog'])
     >>> sorted_labels({"1", "01", "2"})
     ['01', '1', '2']
+    >>> sorted_labels({"②", "①"}), sorted_labels({"1.0", "nan", "0.0"})  # digits int() does not read; not a number
+    (['①', '②'], ['0.0', '1.0', 'nan'])
     """
-    if all(label.lstrip("-").isdigit() for label in labels):  # "01" beside "1": by text, not by the set's hash order
+    # isdecimal, not isdigit: "①" and "²" are digits that int() refuses
+    if all(label.lstrip("-").isdecimal() for label in labels):  # "01" beside "1": by text, not by the set's hash order
         return sorted(labels, key=lambda label: (int(label), label))
     if all(_number(label) is not None for label in labels):  # a pandas export writes class 2 as "2.0"
         return sorted(labels, key=lambda label: (_number(label), label))
@@ -43,10 +47,13 @@ def sorted_labels(labels: set[str]) -> list[str]:
 
 
 def _number(label: str) -> float | None:
+    """The label as a finite number, else None: a pandas export's missing label "nan" is no number to sort by (NaN
+    compares false with all, and the classes took the set's order, which changes from one process to the next)."""
     try:
-        return float(label)
+        value = float(label)
     except ValueError:
         return None
+    return value if math.isfinite(value) else None
 
 
 def warn_similar_labels(source: str | Path, classes: list[str]) -> None:
