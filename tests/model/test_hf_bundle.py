@@ -6,6 +6,8 @@ import base64
 import os
 from pathlib import Path
 
+import pytest
+
 from freezetune.model.hf_bundle import rebuilt_folder
 
 
@@ -23,3 +25,34 @@ def test_a_home_without_a_writable_cache_rebuilds_the_bundle_in_the_temp_dir(tmp
     assert folder.startswith(str(tmp_path / "tmp" / f"freezetune-hf-bundles-{os.getuid()}"))
     assert (Path(folder) / "config.json").read_bytes() == b'{"model_type": "bert"}'
     assert rebuilt_folder(f"hf:{tmp_path / 'gone'}", files) == folder  # once: the same folder, by its content
+
+
+def test_a_checkpoint_carrying_files_outside_its_model_folder_writes_nothing(tmp_path, capsys, monkeypatch):
+    # the bundled files are written back by their names: a crafted best.pt's "../x" or "/home/me/.bashrc" was written
+    # by predict and eval, and export overwrote it (a .pth file in site-packages then ran at the next python start)
+    import torch
+
+    from _engine_fixtures import confident_checkpoint, run_cli
+    from freezetune.errors import CheckpointError
+    from freezetune.model import hf_bundle
+    from freezetune.run import checkpoint
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    victim = tmp_path / "victim.txt"
+    victim.write_text("the user's")
+    record = torch.load(confident_checkpoint(tmp_path / "run"), weights_only=True)
+    evil = base64.b64encode(b"overwritten").decode()
+    record["hf_files"] = {"config.json": base64.b64encode(b"{}").decode(), "../../../victim.txt": evil,
+                          str(tmp_path / "absolute.pth"): evil}  # fmt: skip
+    torch.save(record, tmp_path / "crafted.pt")
+    for argv in (["export", "--checkpoint", tmp_path / "crafted.pt", "--to", tmp_path / "m.safetensors"],
+                 ["predict", "--checkpoint", tmp_path / "crafted.pt", tmp_path]):  # fmt: skip
+        code, out, err = run_cli(capsys, *argv)
+        assert code == 2 and err.count("\n") == 1 and "Traceback" not in err
+        assert "carries file(s) '../../../victim.txt', " in err and "refused" in err
+    assert victim.read_text() == "the user's" and not (tmp_path / "absolute.pth").exists()
+    assert not (tmp_path / "m.safetensors").exists()
+    with pytest.raises(CheckpointError, match=r"carries file\(s\) '\.\./\.\./\.\./victim\.txt'"):
+        hf_bundle.write(record["hf_files"], tmp_path / "folder")  # a record made in memory: refused where written
+    assert not (tmp_path / "folder").exists() and victim.read_text() == "the user's"
+    assert checkpoint.load(tmp_path / "run" / "best.pt")  # an honest one loads

@@ -17,7 +17,8 @@ from pathlib import Path
 
 from freezetune._io import atomic_output
 from freezetune.config.options import HF_PREFIX
-from freezetune.model.text_pooling import declaration_files
+from freezetune.errors import CheckpointError, choices
+from freezetune.model.text_pooling import MODULES_FILE, declaration_files, inside_folder
 
 log = logging.getLogger(__name__)
 
@@ -85,9 +86,33 @@ def _holds_file(path: Path, data: str) -> bool:
         return False
 
 
+def foreign_names(files: object) -> list[str]:
+    """The names among a checkpoint's bundled ``files`` that no bundle holds: the files ``bundle`` takes, a pooling's
+    ``modules.json`` and its module's ``config.json`` in a folder inside the model's. Written back by their names, a
+    crafted checkpoint's ``/home/me/.bashrc`` or ``../../x`` replaced a file anywhere the user could write.
+
+    >>> foreign_names({"config.json": "", "1_Pooling/config.json": "", "../../.bashrc": "", "/etc/x": ""})
+    ['../../.bashrc', '/etc/x']
+    """
+    if not isinstance(files, dict):
+        return [repr(files)]
+    return [str(name) for name in files if not _bundled_name(name)]
+
+
+def _bundled_name(name: object) -> bool:
+    if name in BUNDLED_FILES or name == MODULES_FILE:
+        return True
+    folder, _, base = name.rpartition("/") if isinstance(name, str) else ("", "", "")
+    return base == "config.json" and inside_folder(folder)
+
+
 def write(files: dict[str, str], folder: Path, *, keep: bool = False) -> None:
     """The bundled ``files`` as files in ``folder``, each written whole (``atomic_output``: another process may read
-    it); ``keep``: a file already there is left as it is (a folder named by its content)."""
+    it); ``keep``: a file already there is left as it is (a folder named by its content). Names no bundle holds
+    (``foreign_names``) are refused before anything is written."""
+    if foreign := foreign_names(files):
+        raise CheckpointError(f"the checkpoint carries file(s) {choices(foreign, 5)} besides its model's config and "
+                              "tokenizer files: refused (not a checkpoint freezetune wrote)")  # fmt: skip
     for name, data in files.items():
         if not (keep and (folder / name).is_file()):
             with atomic_output(folder / name) as tmp:

@@ -125,11 +125,11 @@ def _pooling_paths(modules: object) -> list[str]:
     """The folders of the Pooling modules a ``modules.json`` (parsed) lists, those inside the model's folder."""
     if not isinstance(modules, list):
         return []
-    return [m["path"] for m in modules if isinstance(m, dict) and _inside(m.get("path"))
+    return [m["path"] for m in modules if isinstance(m, dict) and inside_folder(m.get("path"))
             and str(m.get("type", "")).rsplit(".", 1)[-1] == POOLING_TYPE]  # fmt: skip
 
 
-def _inside(path: object) -> bool:
+def inside_folder(path: object) -> bool:
     """Whether a module's ``path`` in modules.json names a folder inside the model's (not the folder itself, not
     ``/etc`` or ``../x``: a checkpoint carries the file and writes it back under its folder)."""
     if not isinstance(path, str) or not path:
