@@ -13,6 +13,7 @@ from torch import nn
 
 import freezetune as ft
 import freezetune.model.hf as models_hf
+from conftest import tiny_bert_config
 from freezetune.errors import ConfigError, WeightsError
 from freezetune.model import download
 from freezetune.model.create import create_model
@@ -403,3 +404,29 @@ def test_a_torchvision_vit_built_without_its_weights_has_the_input_size_they_giv
             assert (model.image_size, model.encoder.pos_embedding.shape[1], pre.input_size) == (518, 1370, 518)
         model, pre = _torchvision_model("torchvision:vit_b_16", "vit_b_16", "shape")
         assert (model.image_size, model.encoder.pos_embedding.shape[1], pre.input_size) == (224, 197, 224)
+
+
+def test_a_model_folder_with_code_of_its_own_is_refused_and_its_code_never_runs(tmp_path, monkeypatch):
+    # transformers asked "Do you wish to run the custom code? [y/N]" of a folder whose config maps its classes to its
+    # own .py files: a "y" (or a key pressed) ran them. freezetune builds the classes transformers ships, or none
+    import json
+
+    folder = tmp_path / "custom"
+    folder.mkdir()
+    marker = tmp_path / "ran"
+    code = f"open({str(marker)!r}, 'w').close()\nfrom transformers import BertConfig\nclass EvilConfig(BertConfig):\n    model_type = 'evil'\n"
+    (folder / "configuration_evil.py").write_text(code)
+    (folder / "config.json").write_text(json.dumps({"model_type": "evil", "auto_map": {
+        "AutoConfig": "configuration_evil.EvilConfig",
+        "AutoModelForSequenceClassification": "configuration_evil.EvilConfig"}}))  # fmt: skip
+    monkeypatch.setattr("builtins.input", lambda *a: "y")  # the user answering transformers' question
+    with pytest.raises(
+        ConfigError,
+        match=r"^cannot load 'hf:.*custom': its config.json maps .* own \(auto_map\), which freezetune does not run",
+    ):
+        create_model(f"hf:{folder}", "none")
+    assert not marker.exists()
+    (folder / "config.json").write_text(json.dumps({**tiny_bert_config().to_dict(), "auto_map": {
+        "AutoConfig": "configuration_evil.EvilConfig"}}))  # fmt: skip
+    assert create_model(f"hf:{folder}", "none")[0].__class__.__name__ == "BertForSequenceClassification"
+    assert not marker.exists()  # a model type transformers has: built from its own class, the folder's code unread

@@ -174,7 +174,7 @@ class TokenizeBatch:
         except ImportError as e:
             raise MissingExtra("text models need the transformers package: pip install 'freezetune[hf]'") from e
         local = Path(tokenizer).is_dir()
-        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer, local_files_only=local)
+        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer, local_files_only=local, trust_remote_code=False)
         # a decoder's (GPT-2, Llama) has no padding token: it pads with its end of sequence, as its model is told
         # (model.hf._set_pad_token)
         if self.tokenizer.pad_token is None:
@@ -338,7 +338,7 @@ def _max_positions(arch: str) -> int | None:
     try:
         from transformers import AutoConfig
 
-        config = AutoConfig.from_pretrained(arch, local_files_only=Path(arch).is_dir())
+        config = AutoConfig.from_pretrained(arch, local_files_only=Path(arch).is_dir(), trust_remote_code=False)
     except (ImportError, OSError, ValueError):
         return None  # create_model names what is wrong with the model
     positions = getattr(config, "max_position_embeddings", None)

@@ -62,7 +62,7 @@ def _steps(tokenizer: str, _stamp: tuple | None = None) -> tuple | None:
     try:
         from transformers import AutoTokenizer
 
-        loaded = AutoTokenizer.from_pretrained(tokenizer, local_files_only=local)
+        loaded = AutoTokenizer.from_pretrained(tokenizer, local_files_only=local, trust_remote_code=False)
     except (ImportError, OSError, ValueError):  # reported where the batches are tokenized (TokenizeBatch)
         return None
     backend = getattr(loaded, "backend_tokenizer", None)

@@ -42,7 +42,11 @@ def hf_model(name: str, arch: str, source: Source) -> tuple[nn.Module, Preproces
     cache_only = not Path(arch).is_dir() and (download.hub_offline() or not download.can_reach(HF_HOST))
     config = _hf_config(transformers, name, arch, cache_only)
     auto, is_image = _hf_auto_class(transformers, config, arch)
-    model = _hf_pretrained(auto, name, arch, cache_only) if source == "pretrained" else auto.from_config(config)
+    model = (
+        _hf_pretrained(auto, name, arch, cache_only)
+        if source == "pretrained"
+        else auto.from_config(config, trust_remote_code=False)
+    )
     if not is_image:
         _set_pad_token(model.config, transformers, arch, cache_only)
         if mode := text_pooling.declared(arch, cache_only=cache_only):  # a sentence-transformers model's own pooling
@@ -61,7 +65,9 @@ def _set_pad_token(config, transformers, arch: str, cache_only: bool) -> None:
         return
     pad, padless = None, False
     try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(arch, local_files_only=cache_only or Path(arch).is_dir())
+        tokenizer = transformers.AutoTokenizer.from_pretrained(
+            arch, local_files_only=cache_only or Path(arch).is_dir(), trust_remote_code=False
+        )
         padless = tokenizer.pad_token_id is None
         pad = tokenizer.eos_token_id if padless else tokenizer.pad_token_id
     except (OSError, ValueError):  # no tokenizer files here: the config's own end-of-sequence token
@@ -81,13 +87,15 @@ def _hf_pretrained(auto, name: str, arch: str, cache_only: bool) -> nn.Module:
     if Path(arch).is_dir():
         try:
             with weights_only_loads(name, arch), quiet_hf_loading():
-                model, info = auto.from_pretrained(arch, output_loading_info=True)
+                model, info = auto.from_pretrained(arch, output_loading_info=True, trust_remote_code=False)
         except OSError as e:
             raise WeightsError(f"cannot load weights from {arch!r}: {first_line(e)}") from e
     else:
         with download_guard(name, "not in the local Hugging Face cache" if cache_only else ""), \
                 weights_only_loads(name, arch), quiet_hf_loading():  # fmt: skip
-            model, info = auto.from_pretrained(arch, local_files_only=cache_only, output_loading_info=True)
+            model, info = auto.from_pretrained(
+                arch, local_files_only=cache_only, output_loading_info=True, trust_remote_code=False
+            )
     problem = hf_loading_problem(info, stages(model)[-1].modules)
     if problem:
         warn_once(log, "%s: %s", name, problem)
@@ -96,8 +104,12 @@ def _hf_pretrained(auto, name: str, arch: str, cache_only: bool) -> nn.Module:
 
 def _hf_config(transformers, name: str, arch: str, cache_only: bool):
     try:
-        return transformers.AutoConfig.from_pretrained(arch, local_files_only=cache_only)
+        return transformers.AutoConfig.from_pretrained(arch, local_files_only=cache_only, trust_remote_code=False)
     except (OSError, ValueError) as e:
+        if "custom code" in str(e):  # asked of the user once, a "y" ran the folder's (or the hub repo's) .py files
+            raise ConfigError(f"cannot load {name!r}: its config.json maps its classes to Python files of its own "
+                              "(auto_map), which freezetune does not run; load it with transformers "
+                              "(trust_remote_code=True) and freeze it with freezetune's Python API") from e  # fmt: skip
         where = "not a local directory and not in the Hugging Face cache (offline?)" if cache_only else first_line(e)
         raise ConfigError(
             f"cannot load {name!r}: {where}; give a model directory or a hub id like 'google/vit-base-patch16-224'"
@@ -146,7 +158,9 @@ def _processor_settings(arch: str, cache_only: bool, saved: dict) -> dict:
 
     try:
         with quiet_hf_loading():
-            processor = transformers.AutoImageProcessor.from_pretrained(arch, local_files_only=cache_only)
+            processor = transformers.AutoImageProcessor.from_pretrained(
+                arch, local_files_only=cache_only, trust_remote_code=False
+            )
         return {**{key: getattr(processor, key, None) for key in _PROCESSOR_KEYS}, "kind": type(processor).__name__}
     except Exception:  # noqa: BLE001 (any class's own failure to build: its file still says most of it)
         kind = saved.get("image_processor_type") or saved.get("feature_extractor_type") or ""

@@ -175,7 +175,7 @@ def with_pad_token(files: dict[str, str]) -> dict[str, str]:
 
         with tempfile.TemporaryDirectory() as tmp:
             write(files, Path(tmp))
-            tokenizer = AutoTokenizer.from_pretrained(tmp, local_files_only=True)
+            tokenizer = AutoTokenizer.from_pretrained(tmp, local_files_only=True, trust_remote_code=False)
     except (ImportError, OSError, ValueError):  # no tokenizer to load from them: nothing to tell it
         return files
     if tokenizer.pad_token is not None or tokenizer.eos_token is None:
