@@ -13,7 +13,7 @@ from torch import nn
 
 import freezetune as ft
 import freezetune.model.hf as models_hf
-from conftest import tiny_bert_config
+from conftest import tiny_bert, tiny_bert_config
 from freezetune.errors import ConfigError, WeightsError
 from freezetune.model import download
 from freezetune.model.create import create_model
@@ -430,3 +430,24 @@ def test_a_model_folder_with_code_of_its_own_is_refused_and_its_code_never_runs(
         "AutoConfig": "configuration_evil.EvilConfig"}}))  # fmt: skip
     assert create_model(f"hf:{folder}", "none")[0].__class__.__name__ == "BertForSequenceClassification"
     assert not marker.exists()  # a model type transformers has: built from its own class, the folder's code unread
+
+
+@pytest.mark.parametrize("weights", ["lfs-pointer", "truncated-safetensors", "truncated-bin"])
+def test_a_model_folders_weights_file_that_is_no_whole_one_is_said_in_one_line(tmp_path, weights):
+    # a clone without git-lfs leaves a pointer text where model.safetensors was; a copy cut short leaves part of it:
+    # each ended in safetensors' or torch's traceback
+    folder = tmp_path / "model"
+    model = tiny_bert()
+    model.save_pretrained(folder)
+    file = folder / "model.safetensors"
+    if weights == "truncated-bin":  # (transformers 5 writes safetensors alone: an older one's .bin)
+        file.unlink()
+        file = folder / "pytorch_model.bin"
+        torch.save(model.state_dict(), file)
+    whole = file.read_bytes()
+    file.write_bytes(b"version https://git-lfs.github.com/spec/v1\noid sha256:0\nsize 1\n" if weights == "lfs-pointer"
+                     else whole[: len(whole) // 2])  # fmt: skip
+    with pytest.raises(WeightsError, match=r"^cannot load weights from '.*model': ") as said:
+        create_model(f"hf:{folder}", "default")
+    if weights != "truncated-bin":  # (torch's reader says its OSError: one line already)
+        assert "; a weights file there is truncated or not one (a Git LFS pointer?" in str(said.value)

@@ -83,6 +83,16 @@ def _set_pad_token(config, transformers, arch: str, cache_only: bool) -> None:
         config.pad_token_id = pad
 
 
+def _unreadable(exc: BaseException) -> bool:
+    """Whether loading failed on a weights file that is no whole one: safetensors' header errors, torch.load's of a
+    truncated .bin (its zip reader's RuntimeError, EOFError)."""
+    from safetensors import SafetensorError
+
+    return isinstance(exc, (SafetensorError, EOFError)) or (
+        isinstance(exc, RuntimeError) and "PytorchStreamReader" in str(exc)
+    )
+
+
 def _hf_pretrained(auto, name: str, arch: str, cache_only: bool) -> nn.Module:
     if Path(arch).is_dir():
         try:
@@ -90,12 +100,23 @@ def _hf_pretrained(auto, name: str, arch: str, cache_only: bool) -> nn.Module:
                 model, info = auto.from_pretrained(arch, output_loading_info=True, trust_remote_code=False)
         except OSError as e:
             raise WeightsError(f"cannot load weights from {arch!r}: {first_line(e)}") from e
+        except Exception as e:  # a traceback: a truncated file, or the Git LFS pointer a clone without git-lfs leaves
+            if not _unreadable(e):
+                raise
+            raise WeightsError(f"cannot load weights from {arch!r}: {first_line(e)}; a weights file there is "
+                               "truncated or not one (a Git LFS pointer? run `git lfs pull` in it)") from e  # fmt: skip
     else:
-        with download_guard(name, "not in the local Hugging Face cache" if cache_only else ""), \
-                weights_only_loads(name, arch), quiet_hf_loading():  # fmt: skip
-            model, info = auto.from_pretrained(
-                arch, local_files_only=cache_only, output_loading_info=True, trust_remote_code=False
-            )
+        try:
+            with download_guard(name, "not in the local Hugging Face cache" if cache_only else ""), \
+                    weights_only_loads(name, arch), quiet_hf_loading():  # fmt: skip
+                model, info = auto.from_pretrained(
+                    arch, local_files_only=cache_only, output_loading_info=True, trust_remote_code=False
+                )
+        except Exception as e:  # a download cut short in the hub's cache
+            if not _unreadable(e):
+                raise
+            raise WeightsError(f"cannot load weights of {arch!r} from the Hugging Face cache: {first_line(e)}; "
+                               "delete the model's folder there to download it again") from e  # fmt: skip
     problem = hf_loading_problem(info, stages(model)[-1].modules)
     if problem:
         warn_once(log, "%s: %s", name, problem)
