@@ -106,6 +106,28 @@ def test_a_googlenet_run_an_earlier_freezetune_began_with_its_aux_classifiers_re
     assert checkpoint.load(tmp_path / "run" / "last.pt")["epoch"] == 2
 
 
+def test_a_resume_of_a_best_pt_copied_over_last_pt_is_refused_before_anything_is_loaded(tmp_path, capsys):
+    # restore loaded the weights, then stopped at KeyError: 'optimizer' (a traceback)
+    import shutil
+
+    from _engine_fixtures import make_image_folder, run_cli
+
+    data = make_image_folder(tmp_path / "data", train=2, val=1, test=0)
+    argv = ["train", "--data", str(data), "--out", str(tmp_path / "run"), "--model", "timm:test_efficientnet",
+            "--weights", "none", "--img-size", "32", "--device", "cpu", "--workers", "0", "--freeze", "-2",
+            "--no-progress", "--no-tensorboard", "--epochs", "1"]  # fmt: skip
+    assert run_cli(capsys, *argv)[0] == 0
+    shutil.copy(tmp_path / "run" / "best.pt", tmp_path / "run" / "last.pt")
+    before = (tmp_path / "run" / "last.pt").read_bytes()
+    code, _, err = run_cli(capsys, *argv, "--resume")
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err
+    assert (
+        "last.pt: it holds a model's weights without the run's optimizer/scaler/progress/rng state (a best.pt " in err
+    )
+    assert f"--init {tmp_path / 'run' / 'last.pt'}" in err
+    assert (tmp_path / "run" / "last.pt").read_bytes() == before
+
+
 def test_checkpoint_of_another_architecture_does_not_load(trained):
     record = _record(trained)
     record["state_dict"] = {"weight": torch.zeros(3, 4)}

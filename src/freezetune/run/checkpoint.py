@@ -295,7 +295,13 @@ def _few(names: list[str], shown: int = 6) -> str:
     return listed + (f" and {len(names) - shown} more" if len(names) > shown else "")
 
 
+_RESUMES = ("optimizer", "scaler", "progress", "rng")  # what last.pt holds beside best.pt's weights, and a resume reads
+
+
 def _check_resumable(path: Path, record: dict, expect: dict[str, Any]) -> None:
+    if lacking := [key for key in _RESUMES if key not in record]:  # a KeyError once the weights were loaded
+        raise CheckpointError(f"cannot resume {path}: it holds a model's weights without the run's {'/'.join(lacking)} "
+                              f"state (a best.pt copied over it?); start a new run from it: {setting('init', str(path))}")  # fmt: skip
     if _model_of(record) != expect["model"] or record.get("classes") != expect["classes"]:
         ran, now = record.get("classes") or [], expect["classes"]
         if len(ran) == len(now) and _model_of(record) == expect["model"]:  # the same count: the names differ
