@@ -102,6 +102,23 @@ def test_container_is_unwrapped(tmp_path, wrap):
     _assert_same(dst, src.state_dict())
 
 
+def test_a_timm_train_py_checkpoint_loads_and_another_trainers_object_is_named(tmp_path):
+    # timm's train.py saves its argparse.Namespace of arguments beside the weights (model_best.pth.tar): refused, as
+    # "a whole model saved with torch.save(model)?"
+    import argparse
+    import datetime
+
+    src, path = _trained(), tmp_path / "model_best.pth.tar"
+    torch.save({"epoch": 9, "arch": "tinynet", "state_dict": src.state_dict(), "optimizer": {},
+                "args": argparse.Namespace(lr=0.1, model="tinynet"), "metric": 71.5}, path)  # fmt: skip
+    dst = TinyNet()
+    load_weights(dst, path)
+    _assert_same(dst, src.state_dict())
+    torch.save({"state_dict": src.state_dict(), "saved": datetime.date(2026, 1, 1)}, path)
+    with pytest.raises(WeightsError, match=r"\(UnpicklingError: it holds a datetime\.date\)$"):
+        load_weights(dst, path)
+
+
 def test_shape_mismatch_lists_mismatches_and_leaves_model_unchanged(tmp_path):
     path = tmp_path / "wide.pth"
     torch.save(_trained(width=8).state_dict(), path)

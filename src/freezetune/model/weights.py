@@ -8,9 +8,11 @@ files shipped as pip packages, so ``--weights imagenet`` works offline for those
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import pickle
+import re
 import zipfile
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -113,8 +115,10 @@ def _read(path: Path) -> object:
 
             obj = load_file(str(path), device="cpu")
         else:
-            # weights_only: a weights file must not be able to run code when it is opened.
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            # weights_only: a weights file must not be able to run code when it is opened. timm's train.py keeps its
+            # arguments beside the weights (model_best.pth.tar): an argparse.Namespace is plain data, safe to rebuild
+            with torch.serialization.safe_globals([argparse.Namespace]):
+                obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch/safetensors raise many types for corrupt or pickled-object files
         if path.suffix.lower() == ".safetensors":
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -136,13 +140,20 @@ def load_failure(path: Path, exc: Exception) -> str:
         with zipfile.ZipFile(path) as archive:  # every PyTorch zip file holds its pickle as <name>/data.pkl
             if not any(n.endswith("data.pkl") for n in archive.namelist()):
                 return "a zip archive, not a PyTorch checkpoint or weights file"
-        return f"a PyTorch file {objects} ({type(exc).__name__})"
+        return f"a PyTorch file {objects} ({_unsupported(exc)})"
     if head == b"PK\x03\x04":  # how every PyTorch zip file begins; its index is at the end
         return "cut short or corrupt: it begins as a PyTorch checkpoint but its end is missing (a copy or download " \
                "that did not finish?)"  # fmt: skip
     if head[:2] == b"\x80\x02":  # a pickle, as PyTorch's files before 1.6 were (and as torch.save writes a model)
-        return f"a PyTorch file of the format before 1.6 {objects}, or not a PyTorch file ({type(exc).__name__})"
+        return f"a PyTorch file of the format before 1.6 {objects}, or not a PyTorch file ({_unsupported(exc)})"
     return f"not a PyTorch checkpoint file ({type(exc).__name__})"
+
+
+def _unsupported(exc: Exception) -> str:
+    """The error's type, and the object the file holds that torch would not rebuild, where its message names one
+    ("Unsupported global: GLOBAL argparse.Namespace"): the file's maker is told by it (a trainer's config class)."""
+    found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+    return f"{type(exc).__name__}: it holds a {found.group(1)}" if found else type(exc).__name__
 
 
 def _unwrap(obj: object, path: Path) -> StateDict:
