@@ -119,6 +119,24 @@ def test_a_timm_train_py_checkpoint_loads_and_another_trainers_object_is_named(t
         load_weights(dst, path)
 
 
+@pytest.mark.parametrize("suffix", [".ckpt", ".safetensors"])
+def test_a_model_saved_under_a_prefix_beside_other_tensors_loads_by_name(tmp_path, suffix, caplog):
+    # a Lightning module's "model." (its loss's class weights beside it) was paired by position and refused for the
+    # tensor more; a safetensors file's keys come back sorted, and a "backbone." prefix lined them up wrongly
+    src, path = _trained(), tmp_path / f"lightning{suffix}"
+    tensors = {**{f"model.{k}": v for k, v in src.state_dict().items()}, "criterion.weight": torch.ones(3)}
+    if suffix == ".safetensors":
+        save_file(tensors, path)
+    else:
+        torch.save({"epoch": 3, "state_dict": tensors}, path)
+    dst = TinyNet()
+    with caplog.at_level("INFO", logger="freezetune"):
+        report = load_weights(dst, path)
+    _assert_same(dst, src.state_dict())
+    assert "by order" not in report.message
+    assert "read under 'model.'; 1 other tensor(s) of the file are not used: criterion.weight" in caplog.text
+
+
 def test_shape_mismatch_lists_mismatches_and_leaves_model_unchanged(tmp_path):
     path = tmp_path / "wide.pth"
     torch.save(_trained(width=8).state_dict(), path)

@@ -264,6 +264,27 @@ def _fitting_pairs(target: StateDict, source: StateDict) -> tuple[dict[str, str]
     return _pair_by_order(target, source), True
 
 
+def _under_a_prefix(target: StateDict, source: StateDict, head: set[str], path: Path) -> StateDict:
+    """The file's tensors under the prefix that names the model in it, where every tensor of the model (its head
+    aside) is there under one: a Lightning module's ``model.`` or ``backbone.``, beside tensors of its own (a loss's
+    class weights). Paired by position they were refused (a tensor more), or in a safetensors file, whose keys come
+    back sorted, lined up wrongly."""
+    if _pair_by_name(target, source) is not None:
+        return source
+    needed = [k for k in _tensor_keys(target) if k not in head] or _tensor_keys(target)
+    first = needed[0]
+    for key in source:
+        prefix = key[: -len(first)]
+        if not key.endswith(f".{first}") or not all(prefix + k in source for k in needed):
+            continue
+        inside = {k[len(prefix) :]: v for k, v in source.items() if k.startswith(prefix)}
+        if others := [k for k in source if not k.startswith(prefix)]:
+            log.info("%s: the model's tensors are read under %r; %d other tensor(s) of the file are not used: %s",
+                     path, prefix, len(others), ", ".join(others[:3]) + (", ..." if len(others) > 3 else ""))  # fmt: skip
+        return inside
+    return source
+
+
 def _as_task_model(model: nn.Module, source: StateDict, target: StateDict) -> StateDict:
     """A Hugging Face base model's weights (a sentence-transformers folder's ``model.safetensors``, a ``BertModel``
     file) named as its task model holds them: ``encoder.layer.0...`` is ``bert.encoder.layer.0...`` there (matched by
@@ -303,7 +324,7 @@ def load_weights(model: nn.Module, path: str | Path, *, strict: bool = True) -> 
 
     >>> import tempfile
     >>> p = Path(tempfile.mkdtemp()) / "w.pth"
-    >>> torch.save({"other.weight": torch.ones(2, 3), "other.bias": torch.ones(2)}, p)
+    >>> torch.save({"dense.w": torch.ones(2, 3), "dense.b": torch.ones(2)}, p)
     >>> load_weights(nn.Linear(3, 2), p).message.startswith("mapped 2 tensors by order")
     True
     """
@@ -316,6 +337,7 @@ def load_weights(model: nn.Module, path: str | Path, *, strict: bool = True) -> 
         log.info("%s: %d tensor(s) of the pooler the model's sentence pooling replaced are not used", path, len(unread))
     if aux := dropped_aux_keys(model, source):  # GoogLeNet's and Inception's, which a run leaves out
         source = {k: v for k, v in source.items() if k not in aux}
+    source = _under_a_prefix(target, source, _head_keys(model), path)
     pairs, by_order = _fitting_pairs(target, source)
     if pairs is None:
         raise _misfit_error(path, target, source)
