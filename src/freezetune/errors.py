@@ -59,6 +59,21 @@ def choices(values: Iterable[object], limit: int = 40) -> str:
     return ", ".join(items)
 
 
+def shown(value: object) -> str:
+    """A value as a message quotes it, cut short: a YAML file's aliases nest a list of ten ten times in 600 bytes,
+    whose repr took 14 s and a 52 MB line.
+
+    >>> shown([[1, 2, 3, 4, 5, 6, 7]] * 2), len(shown("x" * 200))
+    ('[[1, 2, 3, 4, 5, 6, ...], [1, 2, 3, 4, 5, 6, ...]]', 80)
+    """
+    import reprlib
+
+    short = reprlib.Repr()
+    short.maxlevel, short.maxstring, short.maxother = 3, 80, 80
+    short.maxlist = short.maxtuple = short.maxdict = short.maxset = 6
+    return short.repr(value)
+
+
 def setting(name: str, value: object = None, *, placeholder: bool = False) -> str:
     """A setting as both of its users write it, the command's flag and ``TrainConfig``'s field, for the messages a
     notebook sees as often as a shell does (a run dir in use, a device not there): "pass --resume" alone told a

@@ -553,3 +553,15 @@ def test_a_saved_config_reads_back_its_strings_that_look_like_numbers(tmp_path):
     cfg = load_config(tmp_path / "c.yaml")
     assert (cfg.text_column, cfg.label_column, cfg.cache_at) == ("1e3", "0o10", "010")
     assert yaml.safe_load((tmp_path / "c.yaml").read_text())["text_column"] == "1e3"  # and to YAML 1.1 readers
+
+
+def test_a_yaml_value_of_nested_aliases_is_quoted_short_and_refused_at_once(tmp_path):
+    # 600 bytes of aliases, ten to a level, make 10**7 strings: the type error's repr of them took 14 s and printed a
+    # line of 52 MB
+    levels = ["a: &l0 [x, x, x, x, x, x, x, x, x, x]"]
+    levels += [f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 10)}]" for i in range(1, 7)]
+    (tmp_path / "bomb.yaml").write_text("\n".join(["nested:", *(f"  {line}" for line in levels), "lr: *l6", ""]))
+    with pytest.raises(ConfigError) as said:
+        load_config(tmp_path / "bomb.yaml", {"data": "x"})
+    assert len(str(said.value)) < 5000  # (it lists the valid keys beside "nested")
+    assert "lr expects float, got [[[[...], [...], [...], [...], [...], [...], ...], [[...], " in str(said.value)

@@ -33,7 +33,7 @@ from freezetune.config.values import (
     scalar_type,
     type_name,
 )
-from freezetune.errors import ConfigError
+from freezetune.errors import ConfigError, shown
 
 
 def validate(cfg: TrainConfig, *, need_data: bool = True, typed: Collection[str] = ()) -> None:
@@ -135,7 +135,7 @@ def _type_problems(cfg: TrainConfig) -> list[str]:
                             f"{type(value).__name__}; a Dataset of your own trains in your own loop with the "
                             "Python API (freeze, param_groups, Unfreezer)")  # fmt: skip
         else:
-            problems.append(f"{name} expects {type_name(hint)}, got {value!r} ({type(value).__name__})")
+            problems.append(f"{name} expects {type_name(hint)}, got {shown(value)} ({type(value).__name__})")
     return problems
 
 

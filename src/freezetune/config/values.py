@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from freezetune.errors import ConfigError
+from freezetune.errors import ConfigError, shown
 
 _OUTSIDE_BRACKETS = re.compile(r",(?![^\[]*\])")  # a comma not inside a glob's [...]: "layer[1,2]*" is one name
 
@@ -111,6 +111,8 @@ def coerce(name: str, value: Any) -> Any:
     kind = scalar_type(name)
     if kind is None or isinstance(value, bool):
         return value
+    if not isinstance(value, (str, int, float)):  # a YAML list or mapping: str() of an alias-nested one ran for long
+        raise ConfigError(f"{name} expects {type_name(field_types()[name])}, got {shown(value)}")
     word = str(value).strip().lower()
     try:
         if kind is bool and word in BOOL_WORDS:
@@ -119,7 +121,7 @@ def coerce(name: str, value: Any) -> Any:
             raise ValueError  # compile=maybe ran as False, epochs=2.5 as 2
         return kind(value)
     except (TypeError, ValueError, OverflowError):
-        raise ConfigError(f"{name} expects {type_name(field_types()[name])}, got {value!r}") from None
+        raise ConfigError(f"{name} expects {type_name(field_types()[name])}, got {shown(value)}") from None
 
 
 BOOL_WORDS = {**dict.fromkeys(("1", "true", "yes", "on"), True), **dict.fromkeys(("0", "false", "no", "off"), False)}
