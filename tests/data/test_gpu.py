@@ -344,6 +344,20 @@ def test_large_shrink_is_close_to_a_direct_antialiased_resize():
     assert got.shape == want.shape and (got - want).abs().max() < 1.0  # grey levels of 255
 
 
+def test_an_axis_shrunk_far_more_than_the_other_is_block_averaged_on_its_own(monkeypatch):
+    # a panorama squashed onto the training canvas: 6000 px to 64 (94x) beside 600 to 64; the blocks were sized by the
+    # smaller shrink (none), and CUDA's antialias kernel holds its whole window (94 x 2 taps) in shared memory
+    pooled = []
+    real = torch.nn.functional.avg_pool2d
+    monkeypatch.setattr(augment.F, "avg_pool2d", lambda x, k: pooled.append(k) or real(x, k))
+    img = smooth_images(1, 6000, 600).permute(0, 3, 1, 2).float()
+    got = augment.resize(img, (64, 64), "bicubic")
+    want = torch.nn.functional.interpolate(img, size=(64, 64), mode="bicubic", align_corners=False, antialias=True)
+    assert pooled == [(11, 1)] and (got - want).abs().max() < 1.0
+    augment.resize(img[..., :1200, :900], (40, 30), "bicubic")  # both axes alike: one block size, as before
+    assert pooled[1:] == [(3, 3)]
+
+
 def test_a_16_bit_png_decodes_as_on_the_cpu_path(tmp_path):
     # torchvision decodes a 16-bit PNG to uint16; the device loader must hand on the same 8-bit pixels as load_image
     from torchvision.io import read_file

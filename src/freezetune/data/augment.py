@@ -30,9 +30,12 @@ def resize(x: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor:
         return F.interpolate(x, size=size, mode="nearest")
     # CUDA's antialiased kernels hold a whole filter window in shared memory and fail beyond ~40x shrinking
     # (a 6000 px photo at --img-size 64): average whole blocks first, which is what the antialias filter does anyway
-    k = int(min(x.shape[-2] / size[0], x.shape[-1] / size[1]) // 8)
-    if k >= 2:
-        x = F.avg_pool2d(x, k)
+    rh, rw = x.shape[-2] / size[0], x.shape[-1] / size[1]
+    k = max(int(min(rh, rw) // 8), 1)
+    # an axis shrunk far more than the other (a panorama squashed onto the training canvas) is averaged on its own
+    kh, kw = (int(r // 8) if r / k > 32 else k for r in (rh, rw))
+    if max(kh, kw) >= 2:
+        x = F.avg_pool2d(x, (kh, kw))
     return F.interpolate(x, size=size, mode=mode, align_corners=False, antialias=True)
 
 
