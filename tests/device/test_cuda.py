@@ -67,20 +67,25 @@ def test_full_finetune_with_fp16_grad_scaler_and_unfreeze(data, tmp_path):
     assert any(n.startswith("classifier") for n in moved) and any(n.startswith("blocks") for n in moved)
 
 
-def test_cached_matches_uncached_in_fp32_on_the_gpu(data, tmp_path):
-    # the same check as tests/cache/test_cache.py, through the CUDA device loader and the GPU-resident store
+@pytest.mark.parametrize(("cache", "place"), [("auto", "gpu"), ("memory", "pinned")])
+def test_cached_matches_uncached_in_fp32_on_the_gpu(data, tmp_path, cache, place):
+    # the same check as tests/cache/test_cache.py, through the CUDA device loader, with the store on the GPU (auto)
+    # and in pinned RAM (memory)
     kw = dict(amp="off", aug="none", freeze="backbone", channels_last=False)
-    cached = Trainer(_config(data, tmp_path, "c", cache="memory", **kw), echo=lambda *_: None)
+    said: list[str] = []
+    cached = Trainer(_config(data, tmp_path, "c", cache=cache, **kw), echo=said.append)
     plain = Trainer(_config(data, tmp_path, "p", cache="off", **kw), echo=lambda *_: None)
     got = [(r["train_loss"], r["val_loss"]) for r in cached.fit().history]
+    assert any(line.startswith("feature cache: ") and f" MiB on {place} (budget" in line for line in said), said
     want = [(r["train_loss"], r["val_loss"]) for r in plain.fit().history]
     np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-4)  # cuDNN picks kernels per shape: not bit-equal
 
 
-def test_cached_steps_replayed_from_a_cuda_graph_train_as_eager_steps(data, tmp_path):
+@pytest.mark.parametrize("cache", ["auto", "memory"])  # the store on the GPU, and in pinned RAM
+def test_cached_steps_replayed_from_a_cuda_graph_train_as_eager_steps(data, tmp_path, cache):
     # fp32 and no augmentation: the graph's replays must give the eager steps' losses; 36 training images in batches
     # of 8 are 4 replays an epoch and an eager last batch of 4
-    kw = dict(amp="off", aug="none", freeze="backbone", cache="memory", channels_last=False)
+    kw = dict(amp="off", aug="none", freeze="backbone", cache=cache, channels_last=False)
     said: list[str] = []
     graphed = Trainer(_config(data, tmp_path, "g", **kw), echo=said.append)
     eager = Trainer(_config(data, tmp_path, "e", cuda_graph=False, **kw), echo=lambda *_: None)
