@@ -1404,6 +1404,27 @@ def test_a_spawned_loader_worker_drops_pils_raw_decompression_bomb_warning(tmp_p
     assert "DecompressionBomb" not in proc.stderr, proc.stderr
 
 
+def test_a_spawned_worker_leaving_as_its_last_batch_is_sent_exits_cleanly():
+    # a worker stopped mid-batch (a Ctrl-C as spawned workers start) puts the batch and exits at once; its queue's
+    # feeder thread, copying the batch into shared memory without the GIL, was ended by the interpreter's
+    # finalization inside torch's C++ frame: "terminate called without an active exception", the worker aborted
+    import subprocess
+    import sys
+
+    script = (
+        "import os, sys, time, torch\n"
+        "from freezetune.data.workers import _seed_worker\n"
+        "_seed_worker(0, main=os.getpid())\n"
+        "queue = torch.multiprocessing.get_context('spawn').Queue()\n"
+        "queue.put(torch.ones(16 * 2**20))  # 64 MB in plain memory: the feeder copies it into shared memory\n"
+        "queue.cancel_join_thread(); queue.close()  # as torch's worker loop leaves\n"
+        "time.sleep(0.005)  # the feeder starts the copy\n"
+        "sys.exit(0)  # as multiprocessing.spawn ends a spawned worker: the interpreter is finalized\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "terminate called" not in proc.stderr, proc.stderr
+
+
 def test_eval_of_a_folder_of_split_folders_without_train_reads_its_test_or_val_folder(tmp_path, caplog):
     # d/test/ alone was read as a class named "test": "rename them to a training class, or move them out of it"
     from freezetune.data import build_eval_dataset

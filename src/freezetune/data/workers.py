@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import atexit
 import functools
 import logging
 import multiprocessing
@@ -41,7 +42,24 @@ def _seed_worker(worker_id: int, *, main: int) -> None:
     random.seed(seed)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to act on (_WorkersIgnoreCtrlC)
     _signals_from_outside(main)
+    atexit.register(_batches_sent_before_exit)
     quiet_pil_warnings()
+
+
+FEEDER_GRACE_S = 1.0  # a batch is sent in milliseconds; longer, the main process has stopped reading the pipe
+
+
+def _batches_sent_before_exit() -> None:
+    """In a worker that ends by finalizing its interpreter (a spawned one: ``multiprocessing.spawn`` ends in
+    ``sys.exit``; a forked one ends in ``os._exit``, without this), let its result queue's feeder thread send the
+    last batch first. A worker stopped mid-batch (a Ctrl-C as spawned workers start) puts it and exits at once (torch
+    does not wait for the feeder: ``cancel_join_thread``); the feeder, copying a tensor into shared memory, has let go
+    of the GIL, and a thread taking it back once finalization has begun is ended by ``pthread_exit``, unwound through
+    torch's C++ frame: the worker aborted with "terminate called without an active exception" on the run's stderr
+    (pytorch#38228). ``atexit`` hooks run before finalization begins."""
+    for thread in threading.enumerate():
+        if thread.name == "QueueFeederThread" and thread is not threading.current_thread():
+            thread.join(FEEDER_GRACE_S)  # the queue is closed: its feeder ends once what it holds is written
 
 
 def _signals_from_outside(main: int) -> None:
