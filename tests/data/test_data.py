@@ -555,6 +555,21 @@ def test_stratified_split_edge_cases():
             stratified_split(torch.tensor([0, 1]), fraction=bad)
 
 
+def test_a_key_under_two_classes_stays_in_training_whole_and_other_keys_split_as_before():
+    # one text labelled "pos" and "neg" was grouped per class: its "pos" copy trained, its "neg" copy validated
+    targets = torch.tensor([0] * 6 + [1] * 6)
+    groups = [f"a{i}" for i in range(6)] + [f"a{i}" for i in range(3)] + [f"b{i}" for i in range(3)]
+    for seed in range(10):
+        train, val = stratified_split(targets, fraction=0.5, seed=seed, groups=groups)
+        held = {groups[i] for i in val.tolist()}
+        assert held and not held & {"a0", "a1", "a2"}
+        assert not held & {groups[i] for i in train.tolist()}
+    plain = [f"k{i}" for i in range(12)]  # no key under two classes: the same draws as without keys
+    assert [t.tolist() for t in stratified_split(targets, 0.5, seed=3, groups=plain)] == [
+        t.tolist() for t in stratified_split(targets, 0.5, seed=3)
+    ]
+
+
 def test_the_automatic_hold_out_takes_its_share_of_each_class_up_to_its_cap():
     # 10 % of a class, at most AUTO_VAL_MAX_PER_CLASS: Fashion-MNIST's 6 000 a class held out 50, not 600, and a
     # small class gives one

@@ -439,6 +439,18 @@ def test_texts_the_model_reads_as_one_input_are_copies_across_splits_and_of_one_
     assert keys[0] == keys[1] != keys[2]
 
 
+def test_one_text_under_two_labels_is_named_and_kept_out_of_the_automatic_hold_out(tmp_path, caplog):
+    # grouped per class, "shared 4" trained as "pos" and was validated as "neg", in silence
+    rows = [f"{t},{y}" for i in range(10) for t, y in ((f"good {i}", "pos"), (f"bad {i}", "neg"))]
+    rows += [f"shared {i},{y}" for y in ("pos", "neg") for i in range(6)]
+    (tmp_path / "conflict.csv").write_text("text,label\n" + "\n".join(rows) + "\n")
+    for seed in range(3):
+        data = build_datasets(str(tmp_path / "conflict.csv"), seed=seed, preprocess=Preprocess(tokenizer=str(MINILM)))
+        assert len(data.val) and not set(data.train.texts) & set(data.val.texts)
+    said = "12 training texts are read as one input under different labels (first: 'shared 0' (pos) = 'shared 0' (neg))"
+    assert said + ": the same input is taught as two classes" in caplog.text
+
+
 def test_a_text_key_strips_spaces_a_byte_level_tokenizer_reads_and_reads_a_hub_id_offline_from_the_cache(
     tmp_path, monkeypatch
 ):

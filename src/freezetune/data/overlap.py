@@ -1,7 +1,7 @@
 """The same image or text in two splits, or twice in one: a file listed in training and validation or test data (or
-in training under two labels) is refused (``check_overlap``); byte-identical copies under other names, and texts
-repeated across splits, are warned of (``warn_copies``). A score on a copy of a training item measures memory, not
-what the model does on new data.
+in training under two labels) is refused (``check_overlap``); byte-identical copies under other names, texts
+repeated across splits, and one text under two labels are warned of (``warn_copies``). A score on a copy of a
+training item measures memory, not what the model does on new data.
 
 Copies are found by size first and hashed only where sizes meet; a process remembers each digest it took by the
 file's ``scan.file_stamp``, as the scan remembers sound files: the auto recipe reads its data once a trial and once
@@ -150,7 +150,9 @@ def _warn_text_copies(train: TextDataset, held: dict[str, object]) -> None:
     """Warn when texts of the ``held`` splits are training texts too, as the model reads them (``TextKey``: an uncased
     model's "A JOY" is "a joy"): their score, as an image copy's, overstates accuracy on new texts."""
     key = train.same_as
-    seen = {key(t) for t in train.texts}
+    keys = [key(t) for t in train.texts]
+    _warn_text_conflicts(train, keys)
+    seen = set(keys)
     for what, ds in held.items():
         if not isinstance(ds, TextDataset):
             continue
@@ -159,3 +161,21 @@ def _warn_text_copies(train: TextDataset, held: dict[str, object]) -> None:
             warn_once(log, "%d of %d %s texts are training texts too (first: %r); their %s score overstates accuracy "
                       "on new texts: remove them from one of the splits", len(found), len(ds), what, found[0][:60],
                       what)  # fmt: skip
+
+
+def _warn_text_conflicts(train: TextDataset, keys: list) -> None:
+    """Warn when training texts the model reads as one input (``TextKey``) have different labels: the same input is
+    taught as two classes, as an image copied into another class's folder is (a hold-out keeps them in training)."""
+    first: dict[object, int] = {}
+    for i, k in enumerate(keys):
+        first.setdefault(k, i)
+    labels = train.targets.tolist()
+    clash = [i for i, k in enumerate(keys) if labels[i] != labels[first[k]]]
+    if not clash:
+        return
+    spanning = {keys[i] for i in clash}
+    a, b = first[keys[clash[0]]], clash[0]
+    warn_once(log, "%d training texts are read as one input under different labels (first: %r (%s) = %r (%s)): the "
+              "same input is taught as two classes, and a hold-out keeps them in training; give each text one label",
+              sum(k in spanning for k in keys), train.texts[a][:60], train.classes[labels[a]], train.texts[b][:60],
+              train.classes[labels[b]])  # fmt: skip

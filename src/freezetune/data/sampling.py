@@ -66,7 +66,9 @@ def stratified_split(targets: torch.Tensor, fraction: float, seed: int = 0, max_
         seed: the same seed and targets always give the same split.
         max_per_class: at most this many of a class go to val.
         groups: a key per sample; samples of one key (one file listed twice, byte-identical copies, one text) go to
-            the same side, and the shares above count keys. Without it every sample is its own key (the same draws).
+            the same side, and the shares above count keys; a key under two or more classes stays in train (held
+            out, its copy in train would score the model on an input it trained on). Without it every sample is its
+            own key (the same draws).
 
     Returns:
         ``(train_indices, val_indices)``, each in ascending order.
@@ -80,10 +82,24 @@ def stratified_split(targets: torch.Tensor, fraction: float, seed: int = 0, max_
     check(fraction_problem("val_split", fraction))
     gen = torch.Generator().manual_seed(seed)
     train, val = [], []
+    spanning = _spanning_keys(targets, groups)
     for idx in _indices_by_class(targets).values():
         units = _units(idx[torch.randperm(len(idx), generator=gen)].tolist(), groups)
         n = len(units)
-        n_val = min(max(round(fraction * n), 1), n - 1, max_per_class or n)
-        val.extend(i for unit in units[:n_val] for i in unit)
-        train.extend(i for unit in units[n_val:] for i in unit)
+        # drawn in the same order as without such keys, so data without them splits as it always did
+        free = [unit for unit in units if groups is None or groups[unit[0]] not in spanning]
+        n_val = min(max(round(fraction * n), 1), n - 1, max_per_class or n, len(free))
+        held = {unit[0] for unit in free[:n_val]}
+        val.extend(i for unit in units if unit[0] in held for i in unit)
+        train.extend(i for unit in units if unit[0] not in held for i in unit)
     return torch.tensor(sorted(train), dtype=torch.long), torch.tensor(sorted(val), dtype=torch.long)
+
+
+def _spanning_keys(targets: torch.Tensor, groups: list | None) -> set:
+    """The keys of ``groups`` whose samples have two or more classes (one text labelled both "pos" and "neg")."""
+    if groups is None:
+        return set()
+    classes: dict[object, set[int]] = {}
+    for key, y in zip(groups, targets.tolist(), strict=True):
+        classes.setdefault(key, set()).add(y)
+    return {key for key, ys in classes.items() if len(ys) > 1}
