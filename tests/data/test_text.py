@@ -599,6 +599,21 @@ def test_a_csv_whose_quote_runs_rows_together_is_named_with_its_lines(tmp_path, 
     assert "span several lines" not in caplog.text
 
 
+def test_quoted_texts_of_several_paragraphs_with_commas_are_read_without_a_stray_quote_warning(tmp_path, caplog):
+    # a correct CSV of reviews in paragraphs was told its quotes were left open: any comma on a later line was a row
+    reviews = '"Great movie.\nThe cast, the music, all superb.",pos\n"Awful.\nBoring, long, dull.",neg\nfine,pos\n'
+    (tmp_path / "ok.csv").write_text(f"text,label\n{reviews}bad,neg\n")
+    with caplog.at_level("WARNING", logger="freezetune"):
+        texts = read_text_csv(tmp_path / "ok.csv").texts
+    assert texts[:2] == ["Great movie.\nThe cast, the music, all superb.", "Awful.\nBoring, long, dull."]
+    assert "span several lines" not in caplog.text
+    # a later line that is a whole row, its label one of the file's, is what a stray quote makes
+    (tmp_path / "open.csv").write_text(f'text,label\n"oops,neg\na joy,pos\nsad "end",neg\n{reviews}')
+    with caplog.at_level("WARNING", logger="freezetune"):
+        read_text_csv(tmp_path / "open.csv")
+    assert "1 quoted cell(s) span several lines with a comma on a later one, e.g. lines 2-4" in caplog.text
+
+
 def test_a_text_longer_than_the_csv_modules_field_limit_is_read(tmp_path):
     # a 150 kB document made the whole file unreadable: "field larger than field limit (131072)"
     (tmp_path / "long.csv").write_text(f'text,label\n"{"word " * 30000}",pos\nshort,neg\n')

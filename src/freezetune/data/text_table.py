@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import logging
 import unicodedata
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -125,20 +126,20 @@ def csv_header(path: Path) -> list[str] | None:
         return None
 
 
-def read_rows(path: Path) -> tuple[list[str], list[list[str]], list[int]]:
+def read_rows(path: Path, columns: Columns = Columns()) -> tuple[list[str], list[list[str]], list[int]]:
     """The header of a CSV (stripped, lower case), its rows, and the line of the file each row starts on (a quoted
     text may span lines); blank lines are skipped. A ``.tsv`` is read as written (``_tsv_parsed``); a ``.jsonl``: its
     keys and objects (``json_lines.read``).
 
     A double quote left open ran every row up to the next quote into one text, in silence (5 texts trained of 12): a
-    CSV's is named in a warning (a quoted text may hold line breaks and commas).
+    CSV's is named in a warning (a quoted text may hold line breaks and commas; ``columns`` finds its label column).
     """
     if path.suffix.lower() == json_lines.JSON_LINES:
         return json_lines.read(path)
     if delimiter(path) == "\t":
-        rows, lines, _ = _tsv_parsed(path)
+        rows, lines, _ = _tsv_parsed(path, columns)
     else:
-        rows, lines, run_on = _parsed(path, csv.QUOTE_MINIMAL)
+        rows, lines, run_on = _parsed(path, csv.QUOTE_MINIMAL, columns)
         if run_on:
             shown = ", ".join(f"lines {a}-{b}" for a, b in run_on[:3])
             warn_once(log, "CSV '%s': %d quoted cell(s) span several lines with a comma on a later one, e.g. %s: a "
@@ -150,15 +151,15 @@ def read_rows(path: Path) -> tuple[list[str], list[list[str]], list[int]]:
     return [c.strip().lower() for c in rows[0]], rows[1:], lines[1:]
 
 
-def _tsv_parsed(path: Path) -> tuple[list[list[str]], list[int], list[tuple[int, int]]]:
+def _tsv_parsed(path: Path, columns: Columns) -> tuple[list[list[str]], list[int], list[tuple[int, int]]]:
     """``_parsed`` of a ``.tsv``: as written, a double quote a character of its text (GLUE's files are unquoted: a
     text opening with a quote, '"the film" is great', lost its quotes, or ran on over the rows below it); quoted only
     where its quotes are well formed and do work no unquoted cell can (``_quoting_used``: pandas' ``to_csv``)."""
-    plain = _parsed(path, csv.QUOTE_NONE)
+    plain = _parsed(path, csv.QUOTE_NONE, columns)
     if not any('"' in cell for row in plain[0] for cell in row):
         return plain
     try:
-        quoted = _parsed(path, csv.QUOTE_MINIMAL, strict=True)
+        quoted = _parsed(path, csv.QUOTE_MINIMAL, columns, strict=True)
     except csv.Error:  # a quote within a cell ('"the film" is great'), or one never closed: the quotes are text
         return plain
     return quoted if not quoted[2] and _quoting_used(quoted[0], plain[0]) else plain
@@ -178,14 +179,15 @@ def _quoting_used(quoted: list[list[str]], plain: list[list[str]]) -> bool:
     return False
 
 
-def _parsed(path: Path, quoting: int, strict: bool = False) -> tuple[list[list[str]], list[int], list[tuple[int, int]]]:
+def _parsed(path: Path, quoting: int, columns: Columns,
+            strict: bool = False) -> tuple[list[list[str]], list[int], list[tuple[int, int]]]:  # fmt: skip
     """The non-blank rows of ``path``, the line each starts on, and the (first, last) lines of those whose cells ran
-    over rows (``_rows_in_a_cell``).
+    over rows (``_run_on``).
 
     Raises:
         csv.Error: ``strict`` and a quote that does not open or close a cell.
     """
-    rows, lines, run_on = [], [], []
+    rows, lines, spans = [], [], []
     try:
         with path.open(newline="", encoding="utf-8-sig") as f:
             reader = _reader(f, path, quoting, strict)
@@ -194,8 +196,8 @@ def _parsed(path: Path, quoting: int, strict: bool = False) -> tuple[list[list[s
                 if r and any(cell.strip() for cell in r):
                     rows.append(r)
                     lines.append(start)
-                    if reader.line_num > start and _rows_in_a_cell(r, delimiter(path)):
-                        run_on.append((start, reader.line_num))
+                    if reader.line_num > start:
+                        spans.append((len(rows) - 1, start, reader.line_num))
                 start = reader.line_num + 1
     except UnicodeDecodeError:
         raise DataError(not_utf8(path, "CSV")) from None
@@ -205,12 +207,33 @@ def _parsed(path: Path, quoting: int, strict: bool = False) -> tuple[list[list[s
         raise DataError(f"cannot read CSV '{path}': {e}") from e
     except OSError as e:
         raise DataError(f"cannot read CSV '{path}': {e}") from e
-    return rows, lines, run_on
+    return rows, lines, _run_on(rows, spans, delimiter(path), columns)
 
 
-def _rows_in_a_cell(row: list[str], sep: str) -> bool:
-    """Whether a cell of ``row`` holds the ``sep`` on a line after its first: rows a stray quote ran together."""
-    return any(sep in later for cell in row for later in cell.split("\n")[1:])
+def _run_on(rows: list[list[str]], spans: list[tuple[int, int, int]], sep: str,
+            columns: Columns) -> list[tuple[int, int]]:  # fmt: skip
+    """The (first, last) lines of the rows of ``spans`` (row index, first line, last line) that a stray quote ran
+    together: a later line of one of their cells reads as a whole row of the file, as many cells as the header and its
+    label one the file gives elsewhere. A text of several paragraphs, commas and all, has no such line (every such
+    text was named as a stray quote); nor has a table without one label column, whose rows nothing tells apart."""
+    header = [c.strip().lower() for c in rows[0]] if rows else []
+    label = [i for i, c in enumerate(header) if c in columns.label]
+    if not spans or len(label) != 1:
+        return []
+    # each line of a spanning row's cells read as a row, flagged when it is a later line of its cell; a cell's first
+    # line counts among the file's rows too: a stray quote's own row ("oops,pos) gives the label its run-on rows have
+    read = {k: [(j > 0, cells) for cell in rows[k] for j, line in enumerate(cell.split("\n"))
+                if len(cells := _cells(line, sep)) == len(header)]
+            for k, _, _ in spans}  # fmt: skip
+    i = label[0]
+    seen = Counter(r[i].strip() for r in [*rows[1:], *(c for lines in read.values() for _, c in lines)] if len(r) > i)
+    return [(first, last) for k, first, last in spans
+            if any(later and c[i].strip() and seen[c[i].strip()] > 1 for later, c in read[k])]  # fmt: skip
+
+
+def _cells(line: str, sep: str) -> list[str]:
+    """One line of a cell split as a row of its file."""
+    return next(csv.reader([line], delimiter=sep), [])
 
 
 def column_index(path: Path, header: list[str], role: str, columns: Columns) -> int:
