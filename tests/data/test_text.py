@@ -124,6 +124,25 @@ def test_a_text_model_refuses_image_data_and_an_image_model_text_data(tmp_path):
         build_datasets(str(tmp_path / "semicolons.csv"), preprocess=text_model)
 
 
+def test_a_csv_without_a_header_row_is_told_to_add_one_not_to_name_its_columns_after_its_first_row(tmp_path):
+    # told "name its columns with --text-column and --label-column" after 'a joy to watch', 'pos': following that
+    # read its first row as a header and dropped it in silence
+    (tmp_path / "nohead.csv").write_text("a joy to watch,pos\na dull mess,neg\nlovely film,pos\n")
+    said = r"it seems to have no header row \('pos' is in its column in a later row too\): add a first line naming "
+    with pytest.raises(DataError, match=said + r"its columns, e.g. 'text,label'\); the model is a text model") as e:
+        build_datasets(str(tmp_path / "nohead.csv"), preprocess=Preprocess(tokenizer=str(MINILM)))
+    assert "--text-column" not in str(e.value)
+    with pytest.raises(DataError, match=r"its header is \['a joy to watch', 'pos'\]: " + said):  # predict's reader
+        read_texts(tmp_path / "nohead.csv")
+    (tmp_path / "first.tsv").write_text("pos\ta joy\nneg\ta dull mess\npos\tlovely\n")
+    with pytest.raises(DataError, match=r"e.g. 'label<TAB>text'"):
+        read_text_csv(tmp_path / "first.tsv")
+    (tmp_path / "texts.csv").write_text("a joy to watch\na dull mess\n")  # one column: a header or a text
+    said = r"header is \['a joy to watch'\]: if that is a text, the file has no header row; add a first line 'text', "
+    with pytest.raises(DataError, match=said + r"or give a .txt file, one text a line$"):
+        read_texts(tmp_path / "texts.csv")
+
+
 def test_a_csv_not_in_utf8_is_named_as_such_with_the_byte_and_line_where_it_stops(tmp_path):
     # a bad byte in the first 8 KB was "not a text CSV" (the header was right); a later one gave the position within
     # a decoded chunk, no line

@@ -34,6 +34,7 @@ from freezetune.data.text_table import (
     TABLE_SUFFIXES,
     Columns,
     csv_header,
+    first_row_is_data,
     other_separator,
     table_kind,
     text_csv_header,
@@ -148,9 +149,8 @@ def _check_kind(data: str, preprocess: Preprocess, what: str = "data", *, flags:
         columns = Columns.of(preprocess)
         table = (split_files(path) or {}).get("train", path)  # a folder of split files: its training file's header
         header = csv_header(table)
-        found = (
-            f" (its header: {', '.join(map(repr, header))}: {_header_fix(header, flags, columns)})" if header else ""
-        )
+        fix = _header_fix(table, header, flags, columns) if header else ""
+        found = f" (its header: {', '.join(map(repr, header))}: {fix})" if header else ""
         lines = f"; {json_lines.RENAME}" if json_lines.misnamed(path) else ""
         raise DataError(f"{what} '{data}' is not a text {table_kind(table)}{found}; the model is a text model (tokenizer "
                         f"'{preprocess.tokenizer}') and reads a CSV (or a .jsonl of objects) whose header names a "
@@ -161,10 +161,12 @@ def _check_kind(data: str, preprocess: Preprocess, what: str = "data", *, flags:
                     "hf:DIR_OR_ID sequence classifiers")  # fmt: skip
 
 
-def _header_fix(header: list[str], flags: bool, columns: Columns) -> str:
+def _header_fix(table: Path, header: list[str], flags: bool, columns: Columns) -> str:
     """What to do about a header that names no text column: the advice must be one the user can follow."""
     if separator := other_separator(header):  # its columns read as one
         return f"its columns are separated by {separator[0]}: {separator[1]}"
+    if fix := first_row_is_data(table):  # columns named after a row of data: that row was read as a header, and lost
+        return fix
     if flags and len(columns.text) == 1:  # named already: "name its columns with --text-column" told them nothing
         return f"it has no column '{columns.text[0]}', which --text-column names"
     if flags:

@@ -81,7 +81,7 @@ def read_text_csv(path: str | Path, classes: list[str] | None = None, columns: C
     """
     path = Path(path)
     header, rows, lines = read_rows(path, columns)
-    cols = {role: column_index(path, header, role, columns) for role in ("text", "label")}
+    cols = {role: column_index(path, header, role, columns, rows) for role in ("text", "label")}
     if not rows:
         raise DataError(f"{table_kind(path)} '{path}' has no rows under its header; expected a text and its label on "
                         "each row")  # fmt: skip
@@ -127,7 +127,7 @@ def numbered_texts(path: str | Path, columns: Columns = Columns()) -> list[tuple
                         "text model reads one text a line from other files)")  # fmt: skip
     if path.suffix.lower() in TABLE_SUFFIXES:
         header, rows, lines = read_rows(path, columns)
-        cols = {"text": column_index(path, header, "text", columns)}
+        cols = {"text": column_index(path, header, "text", columns, rows)}
         check_rows(path, rows, lines, cols, header, empty_ok=True)
         texts = [(line, r[cols["text"]]) for line, r in zip(lines, rows, strict=True)]
     else:

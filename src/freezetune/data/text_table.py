@@ -236,14 +236,59 @@ def _cells(line: str, sep: str) -> list[str]:
     return next(csv.reader([line], delimiter=sep), [])
 
 
-def column_index(path: Path, header: list[str], role: str, columns: Columns) -> int:
+def column_index(path: Path, header: list[str], role: str, columns: Columns, rows: list[list[str]] = ()) -> int:
+    """The index of the ``role`` column in ``header``; ``rows``, the rows under it, tell a first row of data."""
     names = columns.names(role)
     hits = [i for i, c in enumerate(header) if c in names]
     if len(hits) != 1:  # none of the usual names: say how to name the column
+        if not hits and (fix := no_header(path, header, rows)):  # naming its columns dropped its first row
+            raise DataError(f"{table_kind(path)} '{path}' needs a {role} column named {columns.named(role)}; its "
+                            f"{_header_word(path)} {header}: {fix}")  # fmt: skip
         other = f" (or name yours: --{role}-column NAME)" if not hits and len(names) > 1 else ""
         raise DataError(f"{table_kind(path)} '{path}' needs exactly one {role} column named {columns.named(role)}"
-                        f"{other}; its {_header_word(path)} {header}")  # fmt: skip
+                        f"{other}; its {_header_word(path)} {header}{_one_text(path, header, hits)}")  # fmt: skip
     return hits[0]
+
+
+def no_header(path: Path, header: list[str], rows: list[list[str]]) -> str | None:
+    """How to fix a table whose first row (``header``) is data, not column names: a cell of it is a value its
+    column holds in a later row too (a headerless ``text,label`` file's 'pos'); None when it reads as names. Told
+    to name its columns after that row, the user had it read as a header, and it was dropped in silence."""
+    if path.suffix.lower() == json_lines.JSON_LINES:
+        return None
+    repeated = [j for j, cell in enumerate(header) if cell.strip() and any(
+        len(r) > j and r[j].strip().lower() == cell.strip().lower() for r in rows)]  # fmt: skip
+    if not repeated:
+        return None
+    # a label repeats where a text rarely does: the column of fewest values is the label column
+    j = min(repeated, key=lambda k: len({r[k].strip() for r in rows if len(r) > k}))
+    sep = "<TAB>" if delimiter(path) == "\t" else ","
+    names = ("text", "label")[:: 1 if j else -1] if len(header) == 2 else ("text",) if len(header) == 1 else ()
+    example = f", e.g. '{sep.join(names)}'" if names else " (its text and label columns)"
+    return (f"it seems to have no header row ({header[j]!r} is in its column in a later row too): add a first line "
+            f"naming its columns{example}")  # fmt: skip
+
+
+def _one_text(path: Path, header: list[str], hits: list[int]) -> str:
+    """For a table of one column that names no text column: that its first line may be a text (texts one a line,
+    saved as .csv), and the ways to read it as one."""
+    if hits or len(header) != 1 or path.suffix.lower() == json_lines.JSON_LINES:
+        return ""
+    return (
+        ": if that is a text, the file has no header row; add a first line 'text', or give a .txt file, one text a line"
+    )
+
+
+def first_row_is_data(path: Path) -> str | None:
+    """``no_header``'s advice for the table file ``path``, read whole; None for a file it cannot read as a table."""
+    if path.suffix.lower() == json_lines.JSON_LINES:
+        return None
+    try:
+        tsv = delimiter(path) == "\t"
+        rows = (_tsv_parsed(path, Columns()) if tsv else _parsed(path, csv.QUOTE_MINIMAL, Columns()))[0]
+    except DataError:
+        return None
+    return no_header(path, rows[0], rows[1:]) if rows else None
 
 
 def table_kind(path: Path) -> str:
