@@ -602,6 +602,18 @@ def test_a_tsv_text_in_quotes_keeps_them_and_a_quoted_tsv_reads_as_its_writer_me
     assert read_text_csv(tmp_path / "r.tsv").texts == ["a joy", "dull"]
 
 
+def test_rs_row_names_are_named_with_the_way_to_write_the_file_without_them(tmp_path):
+    # R's write.table writes a row number before each row and none in its header: told to quote texts with commas
+    (tmp_path / "r.tsv").write_text('"text"\t"label"\n"1"\t"a joy"\t"pos"\n"2"\t"dull"\t"neg"\n"3"\t"fun"\t"pos"\n')
+    said = r"every row has one cell more than the header, first a row number \('1', '2', '3'\): R's row names, "
+    for read in (read_text_csv, read_texts):
+        with pytest.raises(DataError, match=said + r".* write.table\(\.\.\., row.names = FALSE\)$"):
+            read(tmp_path / "r.tsv")
+    (tmp_path / "commas.csv").write_text("text,label\n1984, a classic,pos\nfine,neg\n")  # one row: a comma
+    with pytest.raises(DataError, match=r"line 2 has 3 columns, the header 2: a text with a comma"):
+        read_text_csv(tmp_path / "commas.csv")
+
+
 def test_a_csv_whose_quote_runs_rows_together_is_named_with_its_lines(tmp_path, caplog):
     # "oops,pos and six rows later a closing quote: 6 texts read of 12, trained and scored without a word
     lines = ['"oops unclosed quote,pos', "a joy,pos", "lovely,pos", 'she said "hi" ok,neg', "dull,neg", "bad,neg"]

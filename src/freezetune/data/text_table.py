@@ -323,10 +323,35 @@ def check_rows(path: Path, rows: list[list[str]], lines: list[int], cols: dict[s
                 empty_ok: bool = False) -> None:  # fmt: skip
     """Refuse the first row that is not a text and its label under ``header``, named by its line in the file
     (``empty_ok``: an empty text is one, to predict on: refusing it lost every other row's prediction)."""
+    if names := _row_names(path, rows, header):  # every row "a text with a comma": advice that cannot help
+        shown = ", ".join(map(repr, names[:3])) + ", ..." * (len(names) > 3)
+        raise DataError(f"{table_kind(path)} '{path}': every row has one cell more than the header, first a row "
+                        f"number ({shown}): R's row names, which write.table writes unless told not to; write the file "
+                        "with write.table(..., row.names = FALSE)")  # fmt: skip
     problems = ((n, p) for n, r in zip(lines, rows, strict=True) if (p := _row_problem(r, cols, header, empty_ok)))
     problem = next(problems, None)
     if problem is not None:
         raise DataError(f"{table_kind(path)} '{path}' line {problem[0]} {problem[1]}")
+
+
+def _row_names(path: Path, rows: list[list[str]], header: list[str]) -> list[str]:
+    """The first cells of ``rows`` when they are R's row names: a header in quotes, as ``write.table`` writes it
+    (without a name for the row names: an id column's numbers before texts with commas are no row names), every row
+    one cell wider than it, those cells distinct whole numbers; else []."""
+    firsts = [r[0].strip() for r in rows if len(r) == len(header) + 1]
+    if not rows or len(firsts) < len(rows) or not all(f.isascii() and f.isdigit() for f in firsts):
+        return []
+    return firsts if len(set(firsts)) == len(firsts) and _header_quoted(path) else []
+
+
+def _header_quoted(path: Path) -> bool:
+    """Whether the first line of the table ``path`` quotes each of its names (R's ``write.table``)."""
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as f:
+            line = next((line for line in f if line.strip()), "").rstrip("\r\n")
+    except (OSError, UnicodeDecodeError):
+        return False
+    return all(len(c) > 1 and c[0] == c[-1] == '"' for c in line.split(delimiter(path)))
 
 
 def _row_problem(row: list[str], cols: dict[str, int], header: list[str], empty_ok: bool) -> str | None:
