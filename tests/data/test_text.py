@@ -48,6 +48,22 @@ def test_text_csv_reads_columns_by_name(tmp_path):
     assert read_text_csv(tmp_path / "ids.csv").classes == ["1", "2", "10"]  # class ids in number order, as images'
 
 
+def test_two_text_or_label_columns_are_told_the_flag_that_picks_one(tmp_path):
+    # "needs exactly one text column named one of ...; its header is [...]" said no way out
+    (tmp_path / "two.csv").write_text("text,label,sentence\na,pos,b\nc,neg,d\n")
+    said = r"its header is \['text', 'label', 'sentence'\]: pick one: --text-column text \(or sentence\)$"
+    for read in (read_text_csv, read_texts):  # train's and predict's reader
+        with pytest.raises(DataError, match=said):
+            read(tmp_path / "two.csv")
+    assert read_text_csv(tmp_path / "two.csv", columns=Columns.given("sentence", None)).texts == ["b", "d"]
+    (tmp_path / "labels.csv").write_text("text,label,class\na,pos,b\n")
+    with pytest.raises(DataError, match=r"'class'\]: pick one: --label-column label \(or class\)$"):
+        read_text_csv(tmp_path / "labels.csv")
+    (tmp_path / "twice.csv").write_text("text,label,text\na,pos,b\n")  # one name twice: no flag picks either
+    with pytest.raises(DataError, match=r"'text'\]: it names 'text' 2 times; rename all but one$"):
+        read_texts(tmp_path / "twice.csv")
+
+
 def test_a_text_csvs_labels_are_one_class_however_their_accents_are_encoded(tmp_path):
     # "très bien" composed (Linux) and decomposed (macOS) were two classes that look alike, and a validation file in
     # the other form was refused: "has label(s) 'très bien' that are not training classes: 'mauvais', 'très bien'"

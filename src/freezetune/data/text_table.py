@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import shlex
 import unicodedata
 from collections import Counter
 from dataclasses import dataclass
@@ -246,8 +247,20 @@ def column_index(path: Path, header: list[str], role: str, columns: Columns, row
                             f"{_header_word(path)} {header}: {fix}")  # fmt: skip
         other = f" (or name yours: --{role}-column NAME)" if not hits and len(names) > 1 else ""
         raise DataError(f"{table_kind(path)} '{path}' needs exactly one {role} column named {columns.named(role)}"
-                        f"{other}; its {_header_word(path)} {header}{_one_text(path, header, hits)}")  # fmt: skip
+                        f"{other}; its {_header_word(path)} {header}{_one_text(path, header, hits)}"
+                        f"{_pick_one(header, hits, role)}")  # fmt: skip
     return hits[0]
+
+
+def _pick_one(header: list[str], hits: list[int], role: str) -> str:
+    """The way out of two ``role`` columns (``text`` and ``sentence``): the flag that picks one, or, for one name
+    given twice, renaming one."""
+    found = list(dict.fromkeys(header[i] for i in hits))
+    if len(hits) < 2:
+        return ""
+    if len(found) < 2:
+        return f": it names '{found[0]}' {len(hits)} times; rename all but one"
+    return f": pick one: --{role}-column {shlex.quote(found[0])} (or {', '.join(shlex.quote(f) for f in found[1:])})"
 
 
 def no_header(path: Path, header: list[str], rows: list[list[str]]) -> str | None:
