@@ -81,6 +81,20 @@ def test_a_run_into_a_directory_in_use_is_refused_in_one_line_and_changes_nothin
     assert snapshot(out) == before
 
 
+def test_a_refused_resume_of_an_auto_run_asking_more_epochs_leaves_its_decision_as_it_was(data, tmp_path, capsys):
+    # the resume rewrote recipe.json ("trains 3 epochs, as --epochs asks now") before it was refused: a later plain
+    # --resume of the finished run then trained on to the refused command's epochs
+    out = tmp_path / "run"
+    flat = ("--scheduler", "none")  # (a run of a constant LR may be resumed for more epochs)
+    code, _, err = run_cli(capsys, *train_argv(data, out, "--epochs", "1", *flat))  # the default recipe: auto
+    assert code == 0 and (out / "recipe.json").is_file(), err
+    before = snapshot(out)
+    with held_elsewhere(out) as holder:
+        code, _, err = run_cli(capsys, *train_argv(data, out, "--epochs", "3", *flat, "--resume"))
+    assert code == 2 and f"is in use by another freezetune process (pid {holder.pid})" in err
+    assert snapshot(out) == before
+
+
 def test_runs_without_out_started_in_one_second_get_a_directory_each(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(runtime, "default_run_dir", lambda model: Path("runs") / "m-20261202-101010")

@@ -114,6 +114,10 @@ def run(cfg: TrainConfig, *, echo: Callable[[str], None] = print, train: Callabl
     echo = main_echo(echo, info)
     # rank 0's clock names it
     out = broadcast(Path(cfg.out) if cfg.out else runtime.new_run_dir(cfg.model, claim=info.is_main), info)
+    if info.is_main:  # a process running in it refuses this one before the resume below rewrites its recipe.json
+        from freezetune.run import lock as run_lock
+
+        run_lock.claim(out)
     saved = out / RECIPE_FILE
     if cfg.resume and saved.is_file():  # the decision was made before the interruption: keep it
         # the trials' seconds count after a resume too (a sweep's row)
