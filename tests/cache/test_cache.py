@@ -719,6 +719,29 @@ def test_augmented_views_built_with_other_loader_workers_or_batches_are_not_read
     assert "training store built, validation store read" in cache_line("d", workers=1)
 
 
+def test_another_seed_reads_the_stores_it_cannot_change_and_builds_the_augmented_views_anew(image_folder, tmp_path):
+    # the seed draws augmented views alone: an evaluation store (validation, and training with one unaugmented view)
+    # was built and kept again for each seed of a sweep
+    from freezetune.model.create import create_model
+
+    weights = tmp_path / "w.pt"  # (random weights would be drawn by the seed: another prefix)
+    torch.save(create_model("timm:test_efficientnet", "none")[0].state_dict(), weights)
+
+    def cache_line(name: str, **kw) -> str:
+        lines = []
+        cfg = _config(image_folder, tmp_path, name, cache_dir=str(tmp_path / "fc"), weights=str(weights), **kw)
+        Trainer(cfg, echo=lines.append)
+        return _cache_lines(lines)[0]
+
+    assert "; built in" in cache_line("a", seed=0)
+    again = cache_line("b", seed=1)
+    assert "; read from" in again and "built" not in again
+    views = dict(aug="light", cache_views=2)
+    assert "training store built, validation store read" in cache_line("c", seed=0, **views)
+    assert "training store built, validation store read" in cache_line("d", seed=1, **views)
+    assert "built" not in cache_line("e", seed=1, **views)  # the seed's own views, read
+
+
 def test_a_prefix_with_the_same_weights_that_computes_otherwise_is_another_store():
     # timm's efficientnet_b0 and tf_efficientnet_b0 hold the same weights (random init, one seed); the tf one pads
     # "same" and its BatchNorm eps is 1e-3: they shared one key, and the second read the first's features

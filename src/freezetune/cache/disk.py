@@ -32,9 +32,9 @@ from freezetune.run.log import warn_once
 log = logging.getLogger(__name__)
 
 STALE_TEMP_S = 3600  # a temporary store file untouched this long, of a process not running here, is an orphan
-VERSION = 5  # bump when the stored layout or what a key covers changes (2: photos turned upright by their EXIF tag;
+VERSION = 6  # bump when the stored layout or what a key covers changes (2: photos turned upright by their EXIF tag;
 # 3: a file's change time and inode; 4: a large JPEG decoded at a reduced scale, Preprocess.decode_side; 5: the
-# prefix's computation, augmented views' batches and workers)
+# prefix's computation, augmented views' batches and workers; 6: the seed for augmented views alone)
 _MARGIN = 64 << 20  # left free for the file system and the run's own small files
 
 

@@ -374,7 +374,9 @@ class FeaturePath:
         key = None
         if self.cache_dir is not None and not dist.enabled:  # DDP ranks build their blocks together: never reused
             how = dict(preprocess=loaders.preprocess.to_dict(), views=views, aug=loaders.aug if augment else "eval",
-                       seed=loaders.seed, device=loaders.device.type,
+                       # the seed draws augmented views; an evaluation view is the same whatever it is (a sweep
+                       # over seeds built every validation store again)
+                       seed=loaders.seed if augment else None, device=loaders.device.type,
                        device_pipeline=should_use_device_loader(dataset, loaders.device, loaders.decode),
                        dtype=str(self.precision.amp_dtype), channels_last=self.channels_last,
                        draw=loaders.view_draw(dataset) if augment else None)  # fmt: skip
