@@ -134,7 +134,7 @@ def _remove_dead(paths: list[Path], min_age_s: float) -> list[Path]:
         match = _TEMP_NAME.match(path.name)
         if not (match and path.is_file()) or (min_age_s > 0 and _age(path, now) < min_age_s):
             continue
-        if not _running(int(match["pid"])):
+        if not process_running(int(match["pid"])):
             try:  # another user's, in a shared folder, or a read-only one: left, not a reason to stop the writer
                 path.unlink(missing_ok=True)
             except OSError:
@@ -150,7 +150,8 @@ def _age(path: Path, now: float) -> float:
         return 0.0
 
 
-def _running(pid: int) -> bool:
+def process_running(pid: int) -> bool:
+    """Whether process ``pid`` runs here (True off POSIX, where it cannot be probed safely, and for this process)."""
     if os.name != "posix" or pid == os.getpid():
         return True  # Windows' os.kill(pid, 0) would terminate the process, not probe it
     try:

@@ -56,3 +56,26 @@ def test_a_checkpoint_carrying_files_outside_its_model_folder_writes_nothing(tmp
         hf_bundle.write(record["hf_files"], tmp_path / "folder")  # a record made in memory: refused where written
     assert not (tmp_path / "folder").exists() and victim.read_text() == "the user's"
     assert checkpoint.load(tmp_path / "run" / "best.pt")  # an honest one loads
+
+
+def test_a_bundle_folder_written_anew_removes_a_dead_exports_leftovers_and_not_a_live_ones(tmp_path):
+    # an export to the same target running beside this one had its half-written folder removed as "an earlier
+    # export's leftover", and failed on "No such file or directory (ex/.m.hf.23018.new.tmp/config.json)"
+    import subprocess
+    import sys
+
+    from freezetune.model.hf_bundle import write_anew
+
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+        for pid in (live.pid, int(dead.stdout)):
+            (tmp_path / f".m.hf.{pid}.new.tmp").mkdir()
+        (tmp_path / ".m.hf.mine.tmp").mkdir()  # named otherwise: not an export's
+        write_anew({"config.json": base64.b64encode(b"{}").decode()}, tmp_path / "m.hf")
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+            ["m.hf", f".m.hf.{live.pid}.new.tmp", ".m.hf.mine.tmp"]
+        )
+    finally:
+        live.kill()
+        live.wait()

@@ -9,13 +9,15 @@ into a folder named by their content under the user's cache, whenever the named 
 from __future__ import annotations
 
 import base64
+import glob
 import hashlib
 import json
 import logging
 import os
+import re
 from pathlib import Path
 
-from freezetune._io import atomic_output
+from freezetune._io import atomic_output, process_running
 from freezetune.config.options import HF_PREFIX
 from freezetune.errors import CheckpointError, choices
 from freezetune.model.text_pooling import MODULES_FILE, declaration_files, inside_folder
@@ -126,8 +128,10 @@ def write_anew(files: dict[str, str], folder: Path) -> None:
     the next export of that name removes; one between the two renames leaves no folder of that name."""
     import shutil
 
-    for leftover in folder.parent.glob(f".{folder.name}.*.tmp"):  # an earlier export's, stopped mid-swap
-        shutil.rmtree(leftover, ignore_errors=True)
+    for leftover in folder.parent.glob(f".{glob.escape(folder.name)}.*.tmp"):  # an earlier export's, stopped mid-swap
+        found = re.fullmatch(rf"\.{re.escape(folder.name)}\.(\d+)\.(new|old)\.tmp", leftover.name)
+        if found and not process_running(int(found[1])):  # a live export's (one to the same target) is its own
+            shutil.rmtree(leftover, ignore_errors=True)
     new, old = (folder.with_name(f".{folder.name}.{os.getpid()}.{kind}.tmp") for kind in ("new", "old"))
     write(files, new)
     if folder.exists():
