@@ -79,3 +79,23 @@ def test_a_bundle_folder_written_anew_removes_a_dead_exports_leftovers_and_not_a
     finally:
         live.kill()
         live.wait()
+
+
+def test_a_bundle_in_the_temp_dir_keeps_no_file_another_user_placed_there(tmp_path, monkeypatch):
+    # the temp dir's folder is every user's to make: a config.json planted under the checkpoint's digest built another
+    # model (relu for gelu) for predict, in silence
+    import tempfile
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "file" / "cache"))
+    (tmp_path / "file").write_text("")  # no cache folder can be made under a file: the temp dir is used
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    files = {"config.json": base64.b64encode(b'{"hidden_act": "gelu"}').decode()}
+    folder = Path(rebuilt_folder(f"hf:{tmp_path / 'gone'}", files))
+    (folder / "config.json").write_text('{"hidden_act": "relu"}')  # planted
+    assert Path(rebuilt_folder(f"hf:{tmp_path / 'gone'}", files)) == folder
+    assert (folder / "config.json").read_text() == '{"hidden_act": "gelu"}'
+    os.chmod(folder.parent, 0o777)  # a folder others may write in: not used
+    elsewhere = Path(rebuilt_folder(f"hf:{tmp_path / 'gone'}", files))
+    assert elsewhere.parent != folder.parent and (elsewhere.parent.stat().st_mode & 0o777) == 0o700
+    assert (elsewhere / "config.json").read_text() == '{"hidden_act": "gelu"}'

@@ -76,9 +76,26 @@ def rebuilt_folder(model: str, files: dict[str, str] | None) -> str | None:
         import tempfile
 
         log.info("cannot write %s (%s): the bundled files go to the temp dir", folder, exc.strerror or exc)
-        folder = Path(tempfile.gettempdir()) / f"freezetune-hf-bundles-{os.getuid()}" / digest
+        folder = _private_temp_folder(Path(tempfile.gettempdir()) / f"freezetune-hf-bundles-{os.getuid()}") / digest
         write(files, folder, keep=True)
     return str(folder)
+
+
+def _private_temp_folder(folder: Path) -> Path:
+    """``folder`` in the temp dir, which every user may write in, where it is this user's alone (made so); else a new
+    private one: another user's folder of that name could have its files changed between their check and their read.
+    """
+    import stat
+    import tempfile
+
+    try:
+        folder.mkdir(mode=0o700, exist_ok=True)
+        st = folder.lstat()
+        if stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid() and not st.st_mode & 0o022:
+            return folder
+    except OSError:
+        pass
+    return Path(tempfile.mkdtemp(prefix=f"{folder.name}-"))
 
 
 def _holds_file(path: Path, data: str) -> bool:
@@ -110,13 +127,14 @@ def _bundled_name(name: object) -> bool:
 
 def write(files: dict[str, str], folder: Path, *, keep: bool = False) -> None:
     """The bundled ``files`` as files in ``folder``, each written whole (``atomic_output``: another process may read
-    it); ``keep``: a file already there is left as it is (a folder named by its content). Names no bundle holds
-    (``foreign_names``) are refused before anything is written."""
+    it); ``keep``: a file already there that holds its bundled bytes is left as it is (a folder named by content).
+    Names no bundle holds (``foreign_names``) are refused before anything is written."""
     if foreign := foreign_names(files):
         raise CheckpointError(f"the checkpoint carries file(s) {choices(foreign, 5)} besides its model's config and "
                               "tokenizer files: refused (not a checkpoint freezetune wrote)")  # fmt: skip
     for name, data in files.items():
-        if not (keep and (folder / name).is_file()):
+        # kept only as bundled: a file another user placed in the shared temp dir's folder changed the model built
+        if not (keep and _holds_file(folder / name, data)):
             with atomic_output(folder / name) as tmp:
                 tmp.write_bytes(base64.b64decode(data))
 
