@@ -1173,10 +1173,10 @@ def test_a_split_folder_that_is_a_broken_link_is_refused_and_two_spellings_of_on
 @pytest.mark.parametrize("fmt", ["pgm", "ppm", "tga"])
 def test_a_folder_of_netpbm_or_tga_images_is_read(tmp_path, fmt):
     # the AT&T faces (.pgm): "no class folders with images", though predict read such a file
-    for name in COLOURS:
+    for c, name in enumerate(COLOURS):
         (tmp_path / name).mkdir()
-        for i in range(3):
-            Image.new("L" if fmt == "pgm" else "RGB", (20, 24), 40 * i).save(tmp_path / name / f"{i}.{fmt}")
+        for i in range(3):  # (no image a copy of another class's: those stay in training)
+            Image.new("L" if fmt == "pgm" else "RGB", (20, 24), 40 * i + 7 * c).save(tmp_path / name / f"{i}.{fmt}")
     data = build_datasets(str(tmp_path), preprocess=PRE)
     assert data.classes == sorted(COLOURS) and len(data.train) + len(data.val) == 9
     assert data.train[0][0].shape == (3, 16, 16)  # decoded, as RGB

@@ -226,6 +226,7 @@ def restore(path: str | Path, state: TrainingState, progress, *, config: dict[st
     record = load(path)
     _check_data(Path(path), record.get("data"), data)
     _check_resumable(Path(path), record, {**config, "classes": classes, "steps_per_epoch": steps_per_epoch})
+    _check_resume_state(Path(path), record)
     state.model.load_state_dict(record["state_dict"])
     if state.unfreezer is not None and record.get("unfreezer"):
         state.unfreezer.load_state_dict(record["unfreezer"])  # before the optimizer: re-creates its groups
@@ -261,6 +262,7 @@ def check_settings(path: str | Path, config: dict[str, Any]) -> Resumed:
         config = {k: v for k, v in config.items() if k != "batch_size"}
     record = load(path, mmap=True)  # the weights are not read: only the config is needed
     _check_resumable(Path(path), record, {**config, "classes": record.get("classes")})
+    _check_resume_state(Path(path), record)
     return Resumed(Preprocess.from_dict(record["preprocess"]), record.get("text_pooling"), record.get("hf_files"),
                    holds_aux(record["state_dict"]))  # fmt: skip
 
@@ -298,10 +300,16 @@ def _few(names: list[str], shown: int = 6) -> str:
 _RESUMES = ("optimizer", "scaler", "progress", "rng")  # what last.pt holds beside best.pt's weights, and a resume reads
 
 
+def _check_resume_state(path: Path, record: dict) -> None:
+    """Refuse a ``last.pt`` that holds no run's state to go on from (a ``best.pt`` copied over it): restore stopped at
+    a KeyError once the weights were loaded."""
+    if lacking := [key for key in _RESUMES if key not in record]:
+        raise CheckpointError(f"cannot resume {path}: it holds a model's weights without the run's {'/'.join(lacking)}"
+                              f" state (a best.pt copied over it?); start a new run from it: "
+                              f"{setting('init', str(path))}")  # fmt: skip
+
+
 def _check_resumable(path: Path, record: dict, expect: dict[str, Any]) -> None:
-    if lacking := [key for key in _RESUMES if key not in record]:  # a KeyError once the weights were loaded
-        raise CheckpointError(f"cannot resume {path}: it holds a model's weights without the run's {'/'.join(lacking)} "
-                              f"state (a best.pt copied over it?); start a new run from it: {setting('init', str(path))}")  # fmt: skip
     if _model_of(record) != expect["model"] or record.get("classes") != expect["classes"]:
         ran, now = record.get("classes") or [], expect["classes"]
         if len(ran) == len(now) and _model_of(record) == expect["model"]:  # the same count: the names differ
