@@ -661,6 +661,19 @@ def test_quoted_texts_of_several_paragraphs_with_commas_are_read_without_a_stray
     assert "1 quoted cell(s) span several lines with a comma on a later one, e.g. lines 2-4" in caplog.text
 
 
+def test_a_table_without_a_label_column_is_still_told_of_a_stray_quote_and_a_tsv_keeps_its_quotes(tmp_path, caplog):
+    # nothing tells a row from a paragraph there: a GLUE test.tsv's quote became three rows read as one text, and a
+    # predict CSV's stray quote was read as one text, unwarned
+    (tmp_path / "test.tsv").write_text('index\tsentence\n0\t"a film that starts\n1\tright in the middle\n'
+                                       '2\tand ends here"\n3\tlast one\n')  # fmt: skip
+    assert [t for _, t in numbered_texts(tmp_path / "test.tsv")] == [
+        '"a film that starts', "right in the middle", 'and ends here"', "last one"]  # fmt: skip
+    (tmp_path / "open.csv").write_text('text\n"oops, a stray quote\nsecond text, with a comma\nthird\n')
+    with caplog.at_level("WARNING", logger="freezetune"):
+        numbered_texts(tmp_path / "open.csv")
+    assert "1 quoted cell(s) span several lines with a comma on a later one, e.g. lines 2-4" in caplog.text
+
+
 def test_a_text_longer_than_the_csv_modules_field_limit_is_read(tmp_path):
     # a 150 kB document made the whole file unreadable: "field larger than field limit (131072)"
     (tmp_path / "long.csv").write_text(f'text,label\n"{"word " * 30000}",pos\nshort,neg\n')

@@ -216,11 +216,15 @@ def _run_on(rows: list[list[str]], spans: list[tuple[int, int, int]], sep: str,
     """The (first, last) lines of the rows of ``spans`` (row index, first line, last line) that a stray quote ran
     together: a later line of one of their cells reads as a whole row of the file, as many cells as the header and its
     label one the file gives elsewhere. A text of several paragraphs, commas and all, has no such line (every such
-    text was named as a stray quote); nor has a table without one label column, whose rows nothing tells apart."""
+    text was named as a stray quote). In a table without one label column, whose rows nothing tells apart, a later
+    line holding the separator is taken for a row."""
     header = [c.strip().lower() for c in rows[0]] if rows else []
     label = [i for i, c in enumerate(header) if c in columns.label]
-    if not spans or len(label) != 1:
+    if not spans:
         return []
+    if len(label) != 1:  # no label tells a row from a paragraph: a later line holding the separator is suspect
+        return [(first, last) for k, first, last in spans
+                if any(sep in later for cell in rows[k] for later in cell.split("\n")[1:])]  # fmt: skip
     # each line of a spanning row's cells read as a row, flagged when it is a later line of its cell; a cell's first
     # line counts among the file's rows too: a stray quote's own row ("oops,pos) gives the label its run-on rows have
     read = {k: [(j > 0, cells) for cell in rows[k] for j, line in enumerate(cell.split("\n"))
