@@ -565,3 +565,14 @@ def test_a_yaml_value_of_nested_aliases_is_quoted_short_and_refused_at_once(tmp_
         load_config(tmp_path / "bomb.yaml", {"data": "x"})
     assert len(str(said.value)) < 5000  # (it lists the valid keys beside "nested")
     assert "lr expects float, got [[[[...], [...], [...], [...], [...], [...], ...], [[...], " in str(said.value)
+
+
+def test_scalar_values_yaml_or_python_gives_are_read_as_before():
+    # the check that refused a YAML list at once refused a date (out=2024-06-01), a Path and a numpy int too
+    import datetime
+    from pathlib import Path
+
+    import numpy as np
+
+    cfg = load_config(overrides={"data": Path("images"), "out": datetime.date(2024, 6, 1), "epochs": np.int64(3)})
+    assert (cfg.out, cfg.epochs, cfg.data) == ("2024-06-01", 3, "images")

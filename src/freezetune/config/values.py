@@ -111,7 +111,7 @@ def coerce(name: str, value: Any) -> Any:
     kind = scalar_type(name)
     if kind is None or isinstance(value, bool):
         return value
-    if not isinstance(value, (str, int, float)):  # a YAML list or mapping: str() of an alias-nested one ran for long
+    if isinstance(value, (list, tuple, dict, set)):  # str() of one a YAML file nested by aliases ran for long
         raise ConfigError(f"{name} expects {type_name(field_types()[name])}, got {shown(value)}")
     word = str(value).strip().lower()
     try:
