@@ -137,6 +137,24 @@ def test_a_model_saved_under_a_prefix_beside_other_tensors_loads_by_name(tmp_pat
     assert "read under 'model.'; 1 other tensor(s) of the file are not used: criterion.weight" in caplog.text
 
 
+def test_a_file_holding_the_model_twice_loads_the_one_that_fits_and_refuses_to_guess_between_two(tmp_path):
+    # the first prefix in the file's order was taken: a teacher of another width before its student was refused,
+    # and of two models that both fit, one was loaded in silence
+    student, teacher, other = _trained(0), _trained(1, width=8), _trained(2)
+    path = tmp_path / "distilled.pt"
+    torch.save({**{f"teacher.{k}": v for k, v in teacher.state_dict().items()},
+                **{f"student.{k}": v for k, v in student.state_dict().items()}}, path)  # fmt: skip
+    dst = TinyNet()
+    load_weights(dst, path)
+    _assert_same(dst, student.state_dict())
+    torch.save({**student.state_dict(), **{f"ema.{k}": v for k, v in other.state_dict().items()}}, path)
+    with pytest.raises(WeightsError, match=r"hold the model 2 times, with other values: under the top level, 'ema\.'"):
+        load_weights(dst, path)
+    torch.save({**student.state_dict(), **{f"ema.{k}": v for k, v in student.state_dict().items()}}, path)
+    load_weights(dst := TinyNet(), path)  # twice the same: either
+    _assert_same(dst, student.state_dict())
+
+
 def test_shape_mismatch_lists_mismatches_and_leaves_model_unchanged(tmp_path):
     path = tmp_path / "wide.pth"
     torch.save(_trained(width=8).state_dict(), path)

@@ -266,23 +266,31 @@ def _fitting_pairs(target: StateDict, source: StateDict) -> tuple[dict[str, str]
 
 def _under_a_prefix(target: StateDict, source: StateDict, head: set[str], path: Path) -> StateDict:
     """The file's tensors under the prefix that names the model in it, where every tensor of the model (its head
-    aside) is there under one: a Lightning module's ``model.`` or ``backbone.``, beside tensors of its own (a loss's
-    class weights). Paired by position they were refused (a tensor more), or in a safetensors file, whose keys come
-    back sorted, lined up wrongly."""
+    aside) is there under one, in its shape: a Lightning module's ``model.`` or ``backbone.``, beside tensors of its
+    own (a loss's class weights). Paired by position they were refused (a tensor more), or in a safetensors file,
+    whose keys come back sorted, lined up wrongly. A file holding the model twice, differently (a teacher and a
+    student, a model and its EMA), is refused: which one to load is the user's to say."""
     if _pair_by_name(target, source) is not None:
         return source
     needed = [k for k in _tensor_keys(target) if k not in head] or _tensor_keys(target)
-    first = needed[0]
-    for key in source:
-        prefix = key[: -len(first)]
-        if not key.endswith(f".{first}") or not all(prefix + k in source for k in needed):
-            continue
+    prefixes = dict.fromkeys(key[: -len(needed[0])] for key in source if key.endswith(needed[0]))
+    fits = [p for p in prefixes if (p == "" or p.endswith("."))
+            and all(p + k in source and source[p + k].shape == target[k].shape for k in needed)]  # fmt: skip
+    if not fits:
+        return source
+    if any(not torch.equal(source[p + k], source[fits[0] + k]) for p in fits[1:] for k in needed):
+        named = ", ".join(repr(p) if p else "the top level" for p in fits)
+        raise WeightsError(f"weights {str(path)!r} hold the model {len(fits)} times, with other values: under "
+                           f"{named}; save the one to load by itself (its state_dict)")  # fmt: skip
+    prefix = fits[0]
+    if prefix:
         inside = {k[len(prefix) :]: v for k, v in source.items() if k.startswith(prefix)}
-        if others := [k for k in source if not k.startswith(prefix)]:
-            log.info("%s: the model's tensors are read under %r; %d other tensor(s) of the file are not used: %s",
-                     path, prefix, len(others), ", ".join(others[:3]) + (", ..." if len(others) > 3 else ""))  # fmt: skip
-        return inside
-    return source
+    else:  # the model at the top level, beside a copy of it under a prefix (its EMA, of the same values)
+        inside = {k: v for k, v in source.items() if k in target}
+    if others := [k for k in source if not (k.startswith(prefix) and k[len(prefix) :] in inside)]:
+        log.warning("%s: the model's tensors are read under %r; %d other tensor(s) of the file are not used: %s",
+                    path, prefix, len(others), ", ".join(others[:3]) + (", ..." if len(others) > 3 else ""))  # fmt: skip
+    return inside
 
 
 def _as_task_model(model: nn.Module, source: StateDict, target: StateDict) -> StateDict:
