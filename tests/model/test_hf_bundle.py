@@ -69,13 +69,15 @@ def test_a_bundle_folder_written_anew_removes_a_dead_exports_leftovers_and_not_a
     live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-        for pid in (live.pid, int(dead.stdout)):
+        for pid in (live.pid, int(dead.stdout), os.getpid()):  # (this process's: an earlier call's, stopped)
             (tmp_path / f".m.hf.{pid}.new.tmp").mkdir()
+        (tmp_path / f".m.hf.{os.getpid()}.new.tmp" / "modules.json").write_text("[]")  # not in the new bundle
         (tmp_path / ".m.hf.mine.tmp").mkdir()  # named otherwise: not an export's
         write_anew({"config.json": base64.b64encode(b"{}").decode()}, tmp_path / "m.hf")
         assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
             ["m.hf", f".m.hf.{live.pid}.new.tmp", ".m.hf.mine.tmp"]
         )
+        assert [p.name for p in (tmp_path / "m.hf").iterdir()] == ["config.json"]
     finally:
         live.kill()
         live.wait()

@@ -148,7 +148,9 @@ def write_anew(files: dict[str, str], folder: Path) -> None:
 
     for leftover in folder.parent.glob(f".{glob.escape(folder.name)}.*.tmp"):  # an earlier export's, stopped mid-swap
         found = re.fullmatch(rf"\.{re.escape(folder.name)}\.(\d+)\.(new|old)\.tmp", leftover.name)
-        if found and not process_running(int(found[1])):  # a live export's (one to the same target) is its own
+        # a live export's (one to the same target) is its own; this process's is an earlier call's, stopped (a
+        # notebook's cell, a container's pid 1 run again)
+        if found and (int(found[1]) == os.getpid() or not process_running(int(found[1]))):
             shutil.rmtree(leftover, ignore_errors=True)
     new, old = (folder.with_name(f".{folder.name}.{os.getpid()}.{kind}.tmp") for kind in ("new", "old"))
     write(files, new)
