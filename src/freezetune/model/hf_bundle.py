@@ -20,7 +20,7 @@ from pathlib import Path
 from freezetune._io import atomic_output, process_running
 from freezetune.config.options import HF_PREFIX
 from freezetune.errors import CheckpointError, choices
-from freezetune.model.text_pooling import MODULES_FILE, declaration_files, inside_folder
+from freezetune.model.text_pooling import declaration_files, inside_folder
 
 log = logging.getLogger(__name__)
 
@@ -106,12 +106,12 @@ def _holds_file(path: Path, data: str) -> bool:
 
 
 def foreign_names(files: object) -> list[str]:
-    """The names among a checkpoint's bundled ``files`` that no bundle holds: the files ``bundle`` takes, a pooling's
-    ``modules.json`` and its module's ``config.json`` in a folder inside the model's. Written back by their names, a
+    """The names among a checkpoint's bundled ``files`` that name no file of the model's folder: a bundle holds files
+    of the folder itself and a pooling module's ``config.json`` in a folder inside it. Written back by their names, a
     crafted checkpoint's ``/home/me/.bashrc`` or ``../../x`` replaced a file anywhere the user could write.
 
-    >>> foreign_names({"config.json": "", "1_Pooling/config.json": "", "../../.bashrc": "", "/etc/x": ""})
-    ['../../.bashrc', '/etc/x']
+    >>> foreign_names({"config.json": "", "dict.txt": "", "1_Pooling/config.json": "", "../../.bashrc": "", "/x": ""})
+    ['../../.bashrc', '/x']
     """
     if not isinstance(files, dict):
         return [repr(files)]
@@ -119,9 +119,13 @@ def foreign_names(files: object) -> list[str]:
 
 
 def _bundled_name(name: object) -> bool:
-    if name in BUNDLED_FILES or name == MODULES_FILE:
+    # a file's name in the model folder (an earlier freezetune bundled LUKE's entity_vocab.json, fairseq's dict.txt),
+    # or a pooling module's config in a folder inside it
+    if not isinstance(name, str) or name in ("", ".", ".."):
+        return False
+    if "/" not in name and "\\" not in name:
         return True
-    folder, _, base = name.rpartition("/") if isinstance(name, str) else ("", "", "")
+    folder, _, base = name.rpartition("/")
     return base == "config.json" and inside_folder(folder)
 
 
