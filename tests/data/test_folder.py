@@ -277,6 +277,7 @@ def test_labels_that_look_like_numbers_and_are_not_sort_as_text():
         ("0.0", "1.0", "2.0", "nan")
     }
     assert sorted_labels(["٣", "١٠", "٢"]) == ["٢", "٣", "١٠"]  # Arabic-Indic digits are decimal: int() reads them
+    assert sorted_labels(["10", "inf", "9"]) == ["9", "10", "inf"] and sorted_labels(["10", "nan", "2"])[0] == "2"
 
 
 def test_a_class_whose_name_holds_a_slash_is_read_from_its_folder_spelling(tmp_path):

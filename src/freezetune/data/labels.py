@@ -35,25 +35,29 @@ def sorted_labels(labels: set[str]) -> list[str]:
     (['1', '2', '10'], ['2.0', '10.0'], ['cat', 'dog'])
     >>> sorted_labels({"1", "01", "2"})
     ['01', '1', '2']
-    >>> sorted_labels({"②", "①"}), sorted_labels({"1.0", "nan", "0.0"})  # digits int() does not read; not a number
-    (['①', '②'], ['0.0', '1.0', 'nan'])
+    >>> sorted_labels({"②", "①"}), sorted_labels({"10", "nan", "9"})  # digits int() does not read; not a number last
+    (['①', '②'], ['9', '10', 'nan'])
     """
     # isdecimal, not isdigit: "①" and "²" are digits that int() refuses
     if all(label.lstrip("-").isdecimal() for label in labels):  # "01" beside "1": by text, not by the set's hash order
         return sorted(labels, key=lambda label: (int(label), label))
     if all(_number(label) is not None for label in labels):  # a pandas export writes class 2 as "2.0"
-        return sorted(labels, key=lambda label: (_number(label), label))
+        return sorted(labels, key=_numeric_order)
     return sorted(labels)
 
 
+def _numeric_order(label: str) -> tuple[bool, float, str]:
+    # NaN (a pandas export's missing label, "nan") compares false with every number: sorted by it, the classes took
+    # the set's order, which changes from one process to the next. It goes last.
+    value = _number(label)
+    return (math.isnan(value), 0.0 if math.isnan(value) else value, label)
+
+
 def _number(label: str) -> float | None:
-    """The label as a finite number, else None: a pandas export's missing label "nan" is no number to sort by (NaN
-    compares false with all, and the classes took the set's order, which changes from one process to the next)."""
     try:
-        value = float(label)
+        return float(label)
     except ValueError:
         return None
-    return value if math.isfinite(value) else None
 
 
 def warn_similar_labels(source: str | Path, classes: list[str]) -> None:
