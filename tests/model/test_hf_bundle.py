@@ -97,7 +97,12 @@ def test_a_bundle_in_the_temp_dir_keeps_no_file_another_user_placed_there(tmp_pa
     (folder / "config.json").write_text('{"hidden_act": "relu"}')  # planted
     assert Path(rebuilt_folder(f"hf:{tmp_path / 'gone'}", files)) == folder
     assert (folder / "config.json").read_text() == '{"hidden_act": "gelu"}'
-    os.chmod(folder.parent, 0o777)  # a folder others may write in: not used
-    elsewhere = Path(rebuilt_folder(f"hf:{tmp_path / 'gone'}", files))
+    os.chmod(folder.parent, 0o777)  # this user's, others may write in it: made private again
+    assert Path(rebuilt_folder(f"hf:{tmp_path / 'gone'}", files)) == folder
+    assert (folder.parent.stat().st_mode & 0o777) == 0o700
+    if os.getuid() != 0:
+        pytest.skip("a folder of another user's: only root can make one")
+    os.chown(folder.parent, 65534, 65534)
+    elsewhere = Path(rebuilt_folder(f"hf:{tmp_path / 'gone'}", files))  # another user's: not used
     assert elsewhere.parent != folder.parent and (elsewhere.parent.stat().st_mode & 0o777) == 0o700
     assert (elsewhere / "config.json").read_text() == '{"hidden_act": "gelu"}'

@@ -91,7 +91,9 @@ def _private_temp_folder(folder: Path) -> Path:
     try:
         folder.mkdir(mode=0o700, exist_ok=True)
         st = folder.lstat()
-        if stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid() and not st.st_mode & 0o022:
+        if stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid():
+            if st.st_mode & 0o077:  # this user's, made under a looser umask: its own again
+                folder.chmod(0o700)
             return folder
     except OSError:
         pass
