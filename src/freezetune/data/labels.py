@@ -35,7 +35,7 @@ def sorted_labels(labels: set[str]) -> list[str]:
     (['1', '2', '10'], ['2.0', '10.0'], ['cat', 'dog'])
     >>> sorted_labels({"1", "01", "2"})
     ['01', '1', '2']
-    >>> sorted_labels({"②", "①"}), sorted_labels({"10", "nan", "9"})  # digits int() does not read; not a number last
+    >>> sorted_labels({"②", "①"}), sorted_labels({"10", "nan", "9"})  # digits int() refuses; NaN last
     (['①', '②'], ['9', '10', 'nan'])
     """
     # isdecimal, not isdigit: "①" and "²" are digits that int() refuses

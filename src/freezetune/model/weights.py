@@ -288,8 +288,9 @@ def _under_a_prefix(target: StateDict, source: StateDict, head: set[str], path: 
     else:  # the model at the top level, beside a copy of it under a prefix (its EMA, of the same values)
         inside = {k: v for k, v in source.items() if k in target}
     if others := [k for k in source if not (k.startswith(prefix) and k[len(prefix) :] in inside)]:
+        shown = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
         log.warning("%s: the model's tensors are read under %r; %d other tensor(s) of the file are not used: %s",
-                    path, prefix, len(others), ", ".join(others[:3]) + (", ..." if len(others) > 3 else ""))  # fmt: skip
+                    path, prefix, len(others), shown)  # fmt: skip
     return inside
 
 
