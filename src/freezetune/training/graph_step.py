@@ -61,6 +61,7 @@ class CudaCapture:
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.graph: torch.cuda.CUDAGraph | None = None
+        self.stream: torch.cuda.Stream | None = None
 
     @contextlib.contextmanager
     def side_stream(self) -> Iterator[None]:
@@ -86,10 +87,10 @@ class CudaCapture:
         # (cuda:0), and a step on cuda:1 launched its kernels on that device's stream, outside the capture: the graph
         # was empty, its replays trained nothing, and torch only warned. thread-local: a thread of the run's own (the
         # GPU monitor, a loader's readers pinning memory) may call CUDA meanwhile without spoiling the capture
-        stream = torch.cuda.Stream(self.device)
+        self.stream = torch.cuda.Stream(self.device)  # kept with the graph whose memory pool it captured into
         with warnings.catch_warnings(record=True) as said:
             warnings.simplefilter("always")
-            with torch.cuda.device(self.device), torch.cuda.graph(self.graph, stream=stream,
+            with torch.cuda.device(self.device), torch.cuda.graph(self.graph, stream=self.stream,
                                                                   capture_error_mode="thread_local"):  # fmt: skip
                 outputs = body()
         for w in said:
