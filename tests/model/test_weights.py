@@ -285,3 +285,21 @@ def test_a_code_running_pickle_in_the_hub_cache_is_refused_not_run(tmp_path, mon
         create_model("torchvision:resnet18", "imagenet")
     assert not (tmp_path / "marker").exists()
     assert "TORCH_FORCE_WEIGHTS_ONLY_LOAD" not in os.environ  # the switch is off again
+
+
+def test_a_transformers_file_of_a_model_whose_modules_it_renamed_loads_by_their_new_names(tmp_path):
+    # transformers 5 saves a ViT's older key names (vit.encoder.layer.0.attention.attention.query) and renames them as
+    # it reads its folder; the file given as --weights was paired by position and refused ("34 of another shape")
+    import transformers
+
+    config = transformers.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                                    image_size=32, patch_size=8, num_labels=3)  # fmt: skip
+    torch.manual_seed(0)
+    transformers.ViTForImageClassification(config).save_pretrained(tmp_path / "vit")
+    want = transformers.ViTForImageClassification.from_pretrained(tmp_path / "vit").state_dict()
+    torch.manual_seed(1)
+    model = transformers.ViTForImageClassification(config)
+    report = load_weights(model, tmp_path / "vit" / "model.safetensors")
+    assert "by order" not in report.message
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, want[key]), key

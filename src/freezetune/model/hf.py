@@ -275,3 +275,22 @@ def hf_loading_problem(info: Mapping, head: Iterable[str]) -> str | None:
              for keys, what in ((outside, "not in the checkpoint start random"), (mismatched, "of another shape"))
              if keys]  # fmt: skip
     return "; ".join(parts) or None
+
+
+def renamed_as_loaded(model: nn.Module, source: Mapping[str, object]) -> dict[str, object] | None:
+    """A Hugging Face model's weights named as transformers names them when it loads them: transformers 5 saves the
+    older key names (a ViT's ``vit.encoder.layer.0.attention.attention.query``) of modules it has renamed
+    (``vit.layers.0.attention.q_proj``), and renames them as it reads a folder. None for another model, a
+    transformers without such renames, or weights no rename changes; a rename that also converts tensors (fusing
+    two into one) is not made here."""
+    if not isinstance(getattr(getattr(model, "config", None), "model_type", None), str):
+        return None
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming, rename_source_key
+
+        renamings = [t for t in get_model_conversion_mapping(model) if isinstance(t, WeightRenaming)]
+        renamed = {rename_source_key(key, renamings, [])[0]: value for key, value in source.items()}
+    except (ImportError, AttributeError, TypeError, ValueError, KeyError):  # another transformers' internals
+        return None
+    return renamed if renamed.keys() != source.keys() and len(renamed) == len(source) else None

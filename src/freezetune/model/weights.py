@@ -346,6 +346,11 @@ def load_weights(model: nn.Module, path: str | Path, *, strict: bool = True) -> 
         log.info("%s: %d tensor(s) of the pooler the model's sentence pooling replaced are not used", path, len(unread))
     if aux := dropped_aux_keys(model, source):  # GoogLeNet's and Inception's, which a run leaves out
         source = {k: v for k, v in source.items() if k not in aux}
+    if _pair_by_name(target, source) is None:  # a transformers 5 file of a model whose modules it has renamed
+        from freezetune.model.hf import renamed_as_loaded
+
+        renamed = renamed_as_loaded(model, source)
+        source = renamed if renamed is not None and _pair_by_name(target, renamed) is not None else source
     source = _under_a_prefix(target, source, _head_keys(model), path)
     pairs, by_order = _fitting_pairs(target, source)
     if pairs is None:
