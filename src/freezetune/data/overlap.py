@@ -16,6 +16,7 @@ import os
 from pathlib import Path
 
 from freezetune.data.folder import FileImageDataset
+from freezetune.data.sampling import spanning_keys
 from freezetune.data.scan import file_stamp
 from freezetune.data.text import TextDataset
 from freezetune.errors import DataError, choices
@@ -166,15 +167,15 @@ def _warn_text_copies(train: TextDataset, held: dict[str, object]) -> None:
 def _warn_text_conflicts(train: TextDataset, keys: list) -> None:
     """Warn when training texts the model reads as one input (``TextKey``) have different labels: the same input is
     taught as two classes, as an image copied into another class's folder is (a hold-out keeps them in training)."""
+    spanning = spanning_keys(train.targets, keys)
+    if not spanning:
+        return
     first: dict[object, int] = {}
     for i, k in enumerate(keys):
         first.setdefault(k, i)
     labels = train.targets.tolist()
-    clash = [i for i, k in enumerate(keys) if labels[i] != labels[first[k]]]
-    if not clash:
-        return
-    spanning = {keys[i] for i in clash}
-    a, b = first[keys[clash[0]]], clash[0]
+    b = next(i for i, k in enumerate(keys) if labels[i] != labels[first[k]])
+    a = first[keys[b]]
     warn_once(log, "%d training texts are read as one input under different labels (first: %r (%s) = %r (%s)): the "
               "same input is taught as two classes, and a hold-out keeps them in training; give each text one label",
               sum(k in spanning for k in keys), train.texts[a][:60], train.classes[labels[a]], train.texts[b][:60],

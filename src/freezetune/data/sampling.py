@@ -82,7 +82,7 @@ def stratified_split(targets: torch.Tensor, fraction: float, seed: int = 0, max_
     check(fraction_problem("val_split", fraction))
     gen = torch.Generator().manual_seed(seed)
     train, val = [], []
-    spanning = _spanning_keys(targets, groups)
+    spanning = spanning_keys(targets, groups)
     for idx in _indices_by_class(targets).values():
         units = _units(idx[torch.randperm(len(idx), generator=gen)].tolist(), groups)
         n = len(units)
@@ -95,7 +95,7 @@ def stratified_split(targets: torch.Tensor, fraction: float, seed: int = 0, max_
     return torch.tensor(sorted(train), dtype=torch.long), torch.tensor(sorted(val), dtype=torch.long)
 
 
-def _spanning_keys(targets: torch.Tensor, groups: list | None) -> set:
+def spanning_keys(targets: torch.Tensor, groups: list | None) -> set:
     """The keys of ``groups`` whose samples have two or more classes (one text labelled both "pos" and "neg")."""
     if groups is None:
         return set()
