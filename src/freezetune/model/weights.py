@@ -264,14 +264,26 @@ def _fitting_pairs(target: StateDict, source: StateDict) -> tuple[dict[str, str]
     return _pair_by_order(target, source), True
 
 
+def _named_as_the_model(model: nn.Module, target: StateDict, source: StateDict, path: Path) -> StateDict:
+    """The file's tensors under the model's names where they are under others: as transformers renames them on load
+    (``hf.renamed_as_loaded``: a transformers 5 file of a model whose modules it has renamed), or under a prefix
+    (``_under_a_prefix``); else as the file names them."""
+    if _pair_by_name(target, source) is not None:
+        return source
+    from freezetune.model.hf import renamed_as_loaded
+
+    renamed = renamed_as_loaded(model, source)
+    if renamed is not None and _pair_by_name(target, renamed) is not None:
+        return renamed
+    return _under_a_prefix(target, source, _head_keys(model), path)
+
+
 def _under_a_prefix(target: StateDict, source: StateDict, head: set[str], path: Path) -> StateDict:
     """The file's tensors under the prefix that names the model in it, where every tensor of the model (its head
     aside) is there under one, in its shape: a Lightning module's ``model.`` or ``backbone.``, beside tensors of its
     own (a loss's class weights). Paired by position they were refused (a tensor more), or in a safetensors file,
     whose keys come back sorted, lined up wrongly. A file holding the model twice, differently (a teacher and a
     student, a model and its EMA), is refused: which one to load is the user's to say."""
-    if _pair_by_name(target, source) is not None:
-        return source
     needed = [k for k in _tensor_keys(target) if k not in head] or _tensor_keys(target)
     prefixes = dict.fromkeys(key[: -len(needed[0])] for key in source if key.endswith(needed[0]))
     fits = [p for p in prefixes if (p == "" or p.endswith("."))
@@ -346,12 +358,7 @@ def load_weights(model: nn.Module, path: str | Path, *, strict: bool = True) -> 
         log.info("%s: %d tensor(s) of the pooler the model's sentence pooling replaced are not used", path, len(unread))
     if aux := dropped_aux_keys(model, source):  # GoogLeNet's and Inception's, which a run leaves out
         source = {k: v for k, v in source.items() if k not in aux}
-    if _pair_by_name(target, source) is None:  # a transformers 5 file of a model whose modules it has renamed
-        from freezetune.model.hf import renamed_as_loaded
-
-        renamed = renamed_as_loaded(model, source)
-        source = renamed if renamed is not None and _pair_by_name(target, renamed) is not None else source
-    source = _under_a_prefix(target, source, _head_keys(model), path)
+    source = _named_as_the_model(model, target, source, path)
     pairs, by_order = _fitting_pairs(target, source)
     if pairs is None:
         raise _misfit_error(path, target, source)
