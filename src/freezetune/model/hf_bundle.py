@@ -120,6 +120,14 @@ def foreign_names(files: object) -> list[str]:
     return [str(name) for name in files if not _bundled_name(name)]
 
 
+def refuse_foreign_names(files: object, checkpoint: str) -> None:
+    """Refuse the bundled ``files`` of ``checkpoint`` (how a message names it) where ``foreign_names`` finds any."""
+    if foreign := foreign_names(files):
+        raise CheckpointError(f"{checkpoint} carries file(s) {choices(foreign, 5)} besides its model's config and "
+                              "tokenizer files, which freezetune writes back by name: refused (not a checkpoint "
+                              "freezetune wrote)")  # fmt: skip
+
+
 def _bundled_name(name: object) -> bool:
     # a file's name in the model folder (an earlier freezetune bundled LUKE's entity_vocab.json, fairseq's dict.txt),
     # or a pooling module's config in a folder inside it
@@ -135,9 +143,7 @@ def write(files: dict[str, str], folder: Path, *, keep: bool = False) -> None:
     """The bundled ``files`` as files in ``folder``, each written whole (``atomic_output``: another process may read
     it); ``keep``: a file already there that holds its bundled bytes is left as it is (a folder named by content).
     Names no bundle holds (``foreign_names``) are refused before anything is written."""
-    if foreign := foreign_names(files):
-        raise CheckpointError(f"the checkpoint carries file(s) {choices(foreign, 5)} besides its model's config and "
-                              "tokenizer files: refused (not a checkpoint freezetune wrote)")  # fmt: skip
+    refuse_foreign_names(files, "the checkpoint")
     for name, data in files.items():
         # kept only as bundled: a file another user placed in the shared temp dir's folder changed the model built
         if not (keep and _holds_file(folder / name, data)):

@@ -22,7 +22,7 @@ from freezetune.config.train_config import DATA_PATHS, RESUME_MAY_CHANGE, RESUME
 from freezetune.errors import CheckpointError, ConfigError, choices, setting
 from freezetune.model import text_pooling
 from freezetune.model.heads import holds_aux
-from freezetune.model.hf_bundle import foreign_names, rebuilt_folder
+from freezetune.model.hf_bundle import rebuilt_folder, refuse_foreign_names
 from freezetune.model.preprocess import Preprocess
 from freezetune.model.tree import unwrap
 from freezetune.model.weights import load_failure
@@ -79,10 +79,8 @@ def load(path: str | Path, *, mmap: bool = False) -> dict[str, Any]:
         raise CheckpointError(f"cannot read checkpoint {str(path)!r}: {load_failure(path, exc)}") from None
     if not isinstance(record, dict) or "state_dict" not in record or "classes" not in record:
         raise CheckpointError(f"{str(path)!r} is not a freezetune checkpoint (no state_dict/classes)")
-    if record.get("hf_files") and (foreign := foreign_names(record["hf_files"])):
-        raise CheckpointError(f"{str(path)!r} carries file(s) {choices(foreign, 5)} besides its model's config and "
-                              "tokenizer files, which freezetune writes back by name: refused (not a checkpoint "
-                              "freezetune wrote)")  # fmt: skip
+    if record.get("hf_files"):
+        refuse_foreign_names(record["hf_files"], repr(str(path)))
     lacking = [key for key in _REBUILDS if key not in record]  # eval, predict and export stopped at a KeyError
     if lacking:
         raise CheckpointError(f"{str(path)!r} is a freezetune checkpoint without its {'/'.join(lacking)}: it cannot "
