@@ -12,7 +12,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from freezetune.errors import WeightsError
-from freezetune.model.weights import load_weights, packaged_weights, read_state_dict
+from freezetune.model.weights import load_weights, packaged_weights
+from freezetune.model.weights_file import read_state_dict
 
 
 class TinyNet(nn.Module):

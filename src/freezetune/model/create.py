@@ -27,7 +27,8 @@ from freezetune.model.download import HF_HOST, download_guard, first_line, requi
 from freezetune.model.heads import drop_aux_classifiers
 from freezetune.model.hf import hf_model
 from freezetune.model.preprocess import Preprocess
-from freezetune.model.weights import load_weights, packaged_weights, weights_only_loads
+from freezetune.model.weights import load_weights, packaged_weights
+from freezetune.model.weights_file import weights_only_loads
 from freezetune.run.log import warn_once
 
 log = logging.getLogger(__name__)

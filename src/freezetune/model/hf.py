@@ -18,7 +18,7 @@ from freezetune.model import download, text_pooling
 from freezetune.model.download import HF_HOST, download_guard, first_line
 from freezetune.model.preprocess import Preprocess
 from freezetune.model.stages import stages
-from freezetune.model.weights import weights_only_loads
+from freezetune.model.weights_file import weights_only_loads
 from freezetune.run.log import warn_once
 
 if TYPE_CHECKING:

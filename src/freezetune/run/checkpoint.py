@@ -25,7 +25,7 @@ from freezetune.model.heads import holds_aux
 from freezetune.model.hf_bundle import rebuilt_folder, refuse_foreign_names
 from freezetune.model.preprocess import Preprocess
 from freezetune.model.tree import unwrap
-from freezetune.model.weights import load_failure
+from freezetune.model.weights_file import load_failure
 from freezetune.training.rng import rng_state, set_rng_state
 
 if TYPE_CHECKING:
