@@ -4,6 +4,7 @@ what is said about it."""
 from __future__ import annotations
 
 import logging
+import os
 import re
 import unicodedata
 from pathlib import Path
@@ -13,8 +14,9 @@ import pytest
 import torch
 from PIL import Image
 
-from freezetune.data.folder import folder_classes, load_image, scan_folder
+from freezetune.data.folder import folder_classes, list_images, load_image, scan_folder
 from freezetune.data.image_csv import read_csv
+from freezetune.data.text import list_text_files
 from freezetune.errors import DataError
 
 
@@ -294,3 +296,25 @@ def test_a_class_whose_name_holds_a_slash_is_read_from_its_folder_spelling(tmp_p
     _images(tmp_path / "other" / "Shirt")
     with pytest.raises(DataError, match=r"'Shirt'.*not training classes.*'T-shirt/top' is the folder 'T-shirt_top'"):
         scan_folder(tmp_path / "other", classes=classes)
+
+
+def test_a_folder_that_cannot_be_listed_is_refused_not_left_out_with_its_images(tmp_path, monkeypatch):
+    # a folder chmod 000 (or on a share gone stale) was skipped by the walk: eval scored a test set without its images
+    # and train learnt a class from fewer, both saying nothing (root reads any folder: the refusal is simulated)
+    for split in ("train", "test"):
+        for c in ("red", "green"):
+            _images(tmp_path / split / c)
+            _images(tmp_path / split / c / "more")
+    real = os.scandir
+
+    def scandir(path="."):
+        if Path(path).name == "more" and Path(path).parent.name == "green":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path)
+
+    (tmp_path / "test" / "green" / "more" / "texts.csv").write_text("text,label\nhi,green\n")
+    monkeypatch.setattr(os, "scandir", scandir)
+    test = [str(tmp_path / "test")]
+    for listing in (lambda: scan_folder(tmp_path / "train"), lambda: list_images(test), lambda: list_text_files(test)):
+        with pytest.raises(DataError, match=r"cannot list folder '.*green/more': Permission denied; its images would"):
+            listing()

@@ -103,7 +103,7 @@ def has_image_suffix(p: Path) -> bool:
     return p.suffix.lower() in IMAGE_EXTENSIONS
 
 
-def _files_under(folder: Path) -> list[Path]:
+def files_under(folder: Path) -> list[Path]:
     """Every file below ``folder`` that is not hidden, sorted (images and the files beside them). A hidden folder
     (``.thumbnails/``) and Synology's ``@eaDir`` hold previews of the images, not more of them. Symlinked folders are
     followed (once each); a broken symlink is kept, so the image check names it rather than it vanishing."""
@@ -111,10 +111,10 @@ def _files_under(folder: Path) -> list[Path]:
 
 
 def _walk(folder: Path, skip_runs: bool = False) -> Iterator[Path]:
-    """``_files_under``'s files in walk order, as found (a caller that needs only the first stops there).
+    """``files_under``'s files in walk order, as found (a caller that needs only the first stops there).
     ``skip_runs``: leave out the folders of freezetune's runs and sweeps (``run.log.RUN_LOGS``) and all below them."""
     seen = set()
-    for top, dirs, files in os.walk(folder, followlinks=True):
+    for top, dirs, files in os.walk(folder, followlinks=True, onerror=_unlisted):
         real = os.path.realpath(top)
         if real in seen or (skip_runs and not set(RUN_LOGS).isdisjoint(files)):  # a link back up the tree; a run
             dirs[:] = []
@@ -122,6 +122,13 @@ def _walk(folder: Path, skip_runs: bool = False) -> Iterator[Path]:
         seen.add(real)
         dirs[:] = [d for d in dirs if not is_hidden(d)]
         yield from (Path(top) / f for f in files if not is_hidden(f))
+
+
+def _unlisted(exc: OSError) -> None:
+    """``os.walk``'s ``onerror``: a folder that cannot be listed is refused. The walk would skip it, and its images with
+    it: a test set scored without them, a class trained on fewer, said nowhere."""
+    raise DataError(f"cannot list folder '{exc.filename}': {exc.strerror or type(exc).__name__}; its images would be "
+                    "left out: fix its permissions (chmod -R u+rX), or move it out of the data") from exc  # fmt: skip
 
 
 def is_hidden(name: str) -> bool:
@@ -144,7 +151,7 @@ def count_images(folder: Path) -> int:
 
 def _images_under(folder: Path) -> list[Path]:
     """The image files below ``folder``; the others are named in a warning, as a training folder's are."""
-    files = _files_under(folder)
+    files = files_under(folder)
     _warn_left_out(folder, [p for p in files if not has_image_suffix(p)])
     return [p for p in files if has_image_suffix(p)]
 
@@ -345,7 +352,7 @@ def scan_folder(root: str | Path, classes: list[str] | None = None) -> FileImage
                         f"{', '.join(spelt[:3])})")  # fmt: skip
     samples, left_out = [], []
     for c in own:
-        files = _files_under(Path(root) / c)
+        files = files_under(Path(root) / c)
         samples += [(str(p), index[nfc(c)]) for p in files if has_image_suffix(p)]
         left_out += [p for p in files if not has_image_suffix(p)]
     _warn_loose(Path(root))

@@ -18,7 +18,7 @@ from torch.utils.data import Dataset
 
 from freezetune.config.train_config import TrainConfig
 from freezetune.data import json_lines
-from freezetune.data.folder import expand_paths
+from freezetune.data.folder import expand_paths, files_under
 from freezetune.data.labels import nfc, sorted_labels, warn_similar_labels
 from freezetune.data.text_key import TextKey
 from freezetune.data.text_table import (
@@ -158,7 +158,7 @@ def list_text_files(paths: list[str]) -> list[str]:
     """
 
     def under(folder: Path) -> list[Path]:
-        return sorted(f for f in folder.rglob("*") if f.is_file() and f.suffix.lower() in TEXT_FILE_SUFFIXES)
+        return [f for f in files_under(folder) if f.suffix.lower() in TEXT_FILE_SUFFIXES]  # a folder unlisted: refused
 
     # a text typed where a file goes (predict ... "a chess game") is a file that does not exist: say how texts go
     hint = " (texts themselves go on standard input, one a line: echo 'TEXT' | freezetune predict ... -)"
