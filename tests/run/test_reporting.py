@@ -289,3 +289,24 @@ def test_without_best_pts_epoch_the_ring_breaks_a_tie_as_best_pt_does():
         fig = reporting.report_figure(rows, "r", monitor=monitor)
         ax = fig.axes[0 if monitor == "val_loss" else 1]
         assert ax.get_legend().get_texts()[-1].get_text().endswith(f"(epoch {epoch})"), monitor
+
+
+def test_a_failed_tensorboard_write_is_said_in_one_line_and_the_run_goes_on(tmp_path, monkeypatch, caplog, capfd):
+    # the events file filled a quota first: its writer thread printed a traceback and the next add_scalar raised, which
+    # ended the run before the epoch's checkpoint; metrics.csv holds the same numbers
+    from tensorboard.summary.writer import record_writer
+
+    def write(self, data):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(record_writer.RecordWriter, "write", write)
+    log = MetricsLogger(tmp_path)
+    with caplog.at_level("WARNING", logger="freezetune"):
+        for epoch in (1, 2, 3):
+            log.log_epoch(_row(epoch))
+        log.close()
+    assert [r["epoch"] for r in read_metrics(tmp_path / "metrics.csv")] == [1, 2, 3]
+    said = [r.getMessage() for r in caplog.records if "TensorBoard" in r.getMessage()]
+    assert said == ["TensorBoard events are no longer written ([Errno 28] No space left on device); metrics.csv holds "
+                    "every epoch, and the run goes on"]  # fmt: skip
+    assert "Traceback" not in capfd.readouterr().err

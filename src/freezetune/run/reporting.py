@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import csv
 import io
+import logging
 import math
 import numbers
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,8 @@ import torch
 from freezetune._io import atomic_output, atomic_write_text
 from freezetune.config.options import DEFAULT_MONITOR, FRACTIONS, METRIC_NAMES
 from freezetune.errors import DataError
+
+log = logging.getLogger(__name__)
 
 METRICS_CSV, REPORT_PNG = "metrics.csv", "report.png"  # a run's epoch rows and their plot
 
@@ -99,8 +103,11 @@ class MetricsLogger:
     def close(self) -> None:
         """Flush and close the TensorBoard writer (the CSV is always up to date). Safe to call twice."""
         if self._writer is not None:
-            self._writer.close()
-            self._writer = None
+            writer, self._writer = self._writer, None
+            try:
+                writer.close()
+            except OSError as exc:  # its last events could not be written: the run's own files are what counts
+                self._stop_tensorboard(exc)
 
     def __enter__(self) -> MetricsLogger:
         return self
@@ -119,16 +126,50 @@ class MetricsLogger:
     def _log_scalars(self, row: dict[str, Any]) -> None:
         if not self._tensorboard:
             return
+        try:
+            self._write_scalars(row)
+        except OSError as exc:  # a full disk, a quota, a share gone: the events file is a second copy of metrics.csv
+            self._stop_tensorboard(exc)
+
+    def _write_scalars(self, row: dict[str, Any]) -> None:
         if self._writer is None:
             from torch.utils.tensorboard import SummaryWriter  # slow import: only when TensorBoard is wanted
 
+            _quiet_event_writer_threads()
             # purge_step hides events a crashed run wrote past the checkpoint, so resumed curves don't zig-zag.
             self._writer = SummaryWriter(log_dir=str(self.run_dir), purge_step=self._purge_step)
         step = int(row["epoch"])
         for key, value in row.items():
             if key not in ("epoch", "epochs") and isinstance(value, numbers.Real) and not isinstance(value, bool):
                 self._writer.add_scalar(key, value, global_step=step)
-        self._writer.flush()
+        self._writer.flush()  # raises what the writer's thread met
+
+    def _stop_tensorboard(self, exc: OSError) -> None:
+        """The run goes on without TensorBoard: a failed events write ended it before its epoch's checkpoint."""
+        self._tensorboard = False
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            try:
+                writer.close()
+            except OSError:
+                pass  # the same failure again
+        log.warning("TensorBoard events are no longer written (%s); metrics.csv holds every epoch, and the run goes "
+                    "on", exc)  # fmt: skip
+
+
+def _quiet_event_writer_threads() -> None:
+    """TensorBoard writes its events in a thread, which prints its error's traceback as it ends. The error comes back
+    in the writer's next call, where ``MetricsLogger`` says it in one line: the thread's own printing is left out."""
+    previous = threading.excepthook
+    if getattr(previous, "_freezetune_quiet", False):
+        return
+
+    def hook(args: threading.ExceptHookArgs) -> None:
+        if type(args.thread).__name__ != "_AsyncWriterThread" or not isinstance(args.exc_value, OSError):
+            previous(args)
+
+    hook._freezetune_quiet = True  # type: ignore[attr-defined]
+    threading.excepthook = hook
 
 
 class NullMetricsLogger:
