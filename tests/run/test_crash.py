@@ -630,19 +630,50 @@ def test_a_signal_after_a_closed_output_pipe_is_still_acted_on_at_the_steps_end(
     assert str(stop.interrupted("at step 2/5 of epoch 1 (saved in last.pt)")).startswith("stopped by SIGTERM at step")
 
 
-def test_a_hangup_is_left_to_nohup_and_to_a_terminal():
-    # under nohup (SIGHUP ignored) the run is meant to outlive the session; with output to a terminal, the closed
-    # terminal fails every write: SIGHUP stops a run only when its output goes to files and nothing ignores it
+def test_a_hangup_is_left_to_nohup():
+    # under nohup (SIGHUP ignored) the run is meant to outlive the session
     before = signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
         with StopRequest().listening(defer=True):
             assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
         signal.signal(signal.SIGHUP, signal.SIG_DFL)
-        with StopRequest().listening(defer=True):  # pytest captures the output: no terminal
+        with StopRequest().listening(defer=True):
             assert signal.getsignal(signal.SIGHUP) is not signal.SIG_DFL
         assert signal.getsignal(signal.SIGHUP) is signal.SIG_DFL
     finally:
         signal.signal(signal.SIGHUP, before)
+
+
+_HANGUP_IN_A_TERMINAL = """
+import os, signal, sys, time
+from freezetune.run.interrupt import StopRequest
+stop = StopRequest()
+with stop.listening(defer=True):
+    os.kill(os.getpid(), signal.SIGHUP)
+    time.sleep(0.05)
+    print("step after the hangup")  # into the closed terminal, it failed (EIO)
+with open(sys.argv[1], "w") as f:
+    f.write(f"{stop.name} {os.readlink('/proc/self/fd/1')} {os.readlink('/proc/self/fd/2')}")
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="reads where the output goes in /proc")
+def test_a_hangup_of_a_run_printing_to_its_terminal_is_a_stop_with_the_output_put_aside(tmp_path):
+    # a closed SSH session or terminal window (a killed tmux pane) under a run printing to it: SIGHUP's default killed
+    # it mid-epoch, nothing saved and no line in train.log. It is now recorded as a stop, and the output that went to
+    # the terminal goes to /dev/null, where writing it cannot fail the save
+    import pty
+
+    main_fd, terminal = pty.openpty()
+    said = tmp_path / "said"
+    try:
+        done = subprocess.run([sys.executable, "-c", _HANGUP_IN_A_TERMINAL, str(said)], stdout=terminal,
+                              stderr=terminal, stdin=subprocess.DEVNULL, timeout=120)  # fmt: skip
+    finally:
+        os.close(terminal)
+        os.close(main_fd)
+    assert done.returncode == 0
+    assert said.read_text() == "SIGHUP /dev/null /dev/null"
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])

@@ -21,9 +21,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 STOP_SIGNALS = {signal.SIGTERM: "SIGTERM", signal.SIGINT: "SIGINT"}
-# A closed SSH session hangs up a run started in it (`freezetune train > log 2>&1 &`, no nohup, no tmux): stopped as by
-# SIGTERM, its place saved, when the output goes to files; to the closed terminal, every write would fail, and under
-# nohup (SIGHUP ignored) the run is meant to go on.
+# A closed SSH session or terminal window hangs up a run started in it (no nohup, no tmux; a tmux pane killed): stopped
+# as by SIGTERM, its place saved. Output to the gone terminal would fail every write: it goes to /dev/null from then on,
+# and train.log keeps the stop line. Under nohup (SIGHUP ignored) the run is meant to go on.
 HANGUP = getattr(signal, "SIGHUP", None)
 if HANGUP is not None:
     STOP_SIGNALS[HANGUP] = "SIGHUP"
@@ -145,6 +145,8 @@ class StopRequest:
             self.defer, self.at_once = kept
 
     def _handle(self, signum: int, frame) -> None:
+        if signum == HANGUP:
+            _leave_the_terminal()
         if self.defer and self.signum in (None, PIPE_CLOSED):  # a closed pipe is no first signal of the user's
             self.signum = signum  # acted on at the next step boundary
             return
@@ -177,10 +179,26 @@ def output_closed() -> bool:
 
 
 def _hangup_stops() -> bool:
-    """Whether a SIGHUP stops the run here (``HANGUP``): not ignored (nohup), and no output to a terminal."""
-    if signal.getsignal(HANGUP) is signal.SIG_IGN:
-        return False
-    return not any(stream is not None and stream.isatty() for stream in (sys.stdout, sys.stderr))
+    """Whether a SIGHUP stops the run here (``HANGUP``): unless it is ignored (nohup)."""
+    return signal.getsignal(HANGUP) is not signal.SIG_IGN
+
+
+def _leave_the_terminal() -> None:
+    """Point standard output and error at /dev/null where they went to a terminal, which a hangup has closed: a write
+    there fails (EIO) and would end the run before it saved its place. Before, a run printing to its terminal was left
+    to SIGHUP's default, killed mid-epoch with nothing saved and no line in train.log."""
+    for fd in {_fd(s) for s in (sys.__stdout__, sys.__stderr__)} - {None}:
+        if os.isatty(fd):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, fd)
+            os.close(devnull)
+
+
+def _fd(stream) -> int | None:
+    try:
+        return stream.fileno()
+    except (AttributeError, OSError, ValueError):  # none, or no descriptor (a notebook's)
+        return None
 
 
 _raised: RunInterrupted | None = None  # the stop a handler raised in this process, if any
