@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import signal
 import warnings
 from pathlib import Path
 
@@ -761,9 +762,56 @@ def test_image_files_on_the_cpu_get_a_worker_only_where_it_has_a_cpu_of_its_own(
     from freezetune.data import loaders
 
     monkeypatch.setattr(loaders, "usable_cpus", lambda: cpus)
+    monkeypatch.setattr(loaders, "shared_memory_short", lambda: None)  # the host's /dev/shm is not this test's
     files = scan_folder(make_folder(tmp_path / "imgs", 1))
     assert loaders.default_workers(files, cuda=False) == workers
     assert loaders.default_workers(files, cuda=True) == min(4, cpus)  # the GPU computes while the worker decodes
+
+
+def test_a_containers_small_shared_memory_gets_no_default_workers_and_says_so(tmp_path, monkeypatch, caplog):
+    # Docker's and Kubernetes' 64 MB /dev/shm: the default two workers failed at the first batches of 224 px images,
+    # a 60-line traceback, and eval had no flag to turn them off
+    from freezetune.data import loaders, workers
+
+    monkeypatch.setattr(loaders, "usable_cpus", lambda: 8)
+    real = shutil.disk_usage
+    monkeypatch.setattr(
+        workers.shutil, "disk_usage", lambda p: real(p)._replace(free=64 << 20) if p == "/dev/shm" else real(p)
+    )
+    files = scan_folder(make_folder(tmp_path / "imgs", 1))
+    with caplog.at_level(logging.WARNING, logger="freezetune"):
+        assert loaders.default_workers(files, cuda=False) == 0 and loaders.default_workers(files, cuda=True) == 0
+    said = [r.getMessage() for r in caplog.records if "/dev/shm has 64 MiB free" in r.getMessage()]
+    assert said and "--shm-size 2g" in said[0] and "--workers N" in said[0]  # (once a run: warn_once)
+    assert build_loader(files, batch_size=2, train=False, workers=2).loader.num_workers == 2  # asked for: as asked
+
+
+class _DiesInAWorker(torch.utils.data.Dataset):
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, i):
+        if i == 5:  # as the kernel's out-of-memory killer ends a worker
+            os.kill(os.getpid(), signal.SIGKILL)
+        return torch.zeros(2), 0
+
+
+@pytest.mark.multiprocess
+def test_a_loader_worker_killed_mid_run_is_one_line_naming_the_likely_cause(monkeypatch):
+    # the OOM killer ending a worker gave a 95-line traceback ("DataLoader worker (pid(s) N) exited unexpectedly"),
+    # or, the batch in transit, "Connection reset by peer; files written before are intact" as if the disk had failed
+    from freezetune.data.workers import dataloader
+    from freezetune.device.memory import out_of_memory_hint
+    from freezetune.errors import ResourceError
+
+    batches = iter(dataloader(_DiesInAWorker(), range(8), batch_size=2, workers=1, pin=False, persistent=False))
+    try:
+        with pytest.raises(ResourceError, match=r"^a data loader worker (\(pid \d+\) )?(was killed|exited|was gone).*; "
+                           r"try --workers 0 or a smaller --batch-size; files written before are intact$"):  # fmt: skip
+            with out_of_memory_hint(2, training=False):
+                list(batches)
+    finally:  # torch's SIGCHLD handler, kept while the iterator lives, raised again at the next child's exit
+        batches._shutdown_workers()
 
 
 def test_more_workers_than_usable_cpus_is_said_once_in_freezetunes_words(monkeypatch, caplog):

@@ -61,7 +61,7 @@ FIELD_HELP = {
     "aug": "training augmentation: " + ", ".join(_preset(name, a) for name, a in AUGMENTATIONS.items()),
     "batch_size": "images or texts a step, or auto (the largest that fits the CUDA device)",
     "workers": "data loader processes (default: a few on CUDA, and on the CPU for image files; none on the CPU for "
-    "data held in memory and for texts)",
+    "data held in memory and for texts, and none where /dev/shm has under 256 MiB free, as a container's 64 MB)",
     "skip_bad": "train without the image files that cannot be read (listed in skipped.txt), rather than stop and name "
     "them; the pre-scan then decodes every image (slower), so corrupt compressed data is found too",
     "refit": "the automatically held-out validation images train too (best.pt = last epoch); default: the auto "

@@ -216,7 +216,7 @@ def _cmd_eval(args) -> int:
 
     plot = eval_outputs(args.checkpoint, args.data, plot=args.plot, metrics=args.metrics, force=args.force)
     result = evaluate_checkpoint(args.checkpoint, args.data, batch_size=args.batch_size, device=args.device,
-                                 progress=True, skip_bad=args.skip_bad, text_column=args.text_column,
+                                 workers=args.workers, progress=True, skip_bad=args.skip_bad, text_column=args.text_column,
                                  label_column=args.label_column)  # fmt: skip
     print(f"scored {result['n']} of {result['data']}")
     print(format_report(result, result["classes"]))  # first: a folder the files cannot go to must not cost the scores

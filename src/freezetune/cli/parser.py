@@ -127,6 +127,7 @@ def _eval_parser(sub, commands: dict) -> None:
                         "the run's, eval of best.pt matches its test_metrics.json to the last digit (eval runs in "
                         "fp32: a run under --amp scored its test in bf16 or fp16)")  # fmt: skip
     p.add_argument("--device", default=_DEFAULTS.device, help=FIELD_HELP["device"])
+    p.add_argument("--workers", type=int, default=None, help=FIELD_HELP["workers"])
     p.add_argument("--plot", default=None,
                    help="confusion-matrix image, .png/.pdf/.svg/.jpg (default: next to the checkpoint, "
                         "eval_<data>-<digest of its path>_confusion.png; of another checkpoint than best.pt, "

@@ -24,7 +24,7 @@ from torch.utils.data import Dataset, Sampler, Subset
 from freezetune.config.options import AUG_DEFAULT, check, non_negative_int_problem, positive_int_problem
 from freezetune.data.idx import InMemoryImageDataset
 from freezetune.data.text import TextDataset, TokenizeBatch
-from freezetune.data.workers import dataloader, usable_cpus
+from freezetune.data.workers import dataloader, note_no_workers, shared_memory_short, usable_cpus
 from freezetune.device.distributed import DistInfo, batch_block, shard_rows
 from freezetune.model.preprocess import Preprocess
 
@@ -51,14 +51,15 @@ def view_seed(seed: int, view: int) -> int:
 
 def default_workers(dataset: Dataset, cuda: bool) -> int:
     """Loader processes when the user sets none: ``min(4, cpus)`` for a CUDA run; on the CPU, 0 for in-memory
-    datasets and ``min(2, cpus)`` for image files, none on a single CPU.
+    datasets and ``min(2, cpus)`` for image files, none on a single CPU; none where ``/dev/shm`` is short of the room
+    workers pass their batches through (``data.workers.shared_memory_short``).
 
     >>> default_workers(InMemoryImageDataset(torch.zeros(1, 2, 2, dtype=torch.uint8), torch.zeros(1), ["a"]), False)
     0
     """
     cpus = usable_cpus()
     if cuda:
-        return min(4, cpus)
+        return _with_shared_memory(min(4, cpus))
     # On CPU, in-memory uint8 samples are cheap to transform and worker start-up plus IPC costs more than it saves;
     # decoding files (JPEG/PNG) is the slow part and does gain from a couple of processes.
     # Tokenizers (Rust, threaded) must not be forked into workers; tokenizing a batch in-process is cheap anyway.
@@ -66,7 +67,16 @@ def default_workers(dataset: Dataset, cuda: bool) -> int:
     # test of 10 000 PNGs took 26 s with one and 21 s without (taskset -c 1, 2026-12-02).
     if isinstance(dataset, (InMemoryImageDataset, TextDataset)) or cpus < 2:
         return 0
-    return min(2, cpus)
+    return _with_shared_memory(min(2, cpus))
+
+
+def _with_shared_memory(workers: int) -> int:
+    """``workers``, or none where ``/dev/shm`` lacks the room to pass their batches (a container's 64 MB)."""
+    free = shared_memory_short()
+    if free is None:
+        return workers
+    note_no_workers(free)
+    return 0
 
 
 def check_batch_size(batch_size: object) -> int:

@@ -1,6 +1,7 @@
 """The worker processes of a CPU ``DataLoader``: how many CPUs they may use, their seeds, the signals they act on
-(a Ctrl-C and a group SIGTERM are the main process's to act on, after it saved its step), and the package's one
-``DataLoader`` constructor, which starts them so."""
+(a Ctrl-C and a group SIGTERM are the main process's to act on, after it saved its step), the shared memory they pass
+batches through, what their death means in one line (``worker_failure``), and the package's one ``DataLoader``
+constructor, which starts them so."""
 
 from __future__ import annotations
 
@@ -11,8 +12,11 @@ import multiprocessing
 import multiprocessing.resource_tracker
 import os
 import random
+import re
+import shutil
 import signal
 import threading
+import traceback
 from collections.abc import Callable, Iterable
 
 import numpy as np
@@ -33,6 +37,65 @@ def usable_cpus() -> int:
     True
     """
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+SHARED_MEMORY = "/dev/shm"
+# Workers hand their batches over through /dev/shm: a few batches each in flight, 20 MB a batch of 32 images of 224 px.
+# A container's default (Docker's, Kubernetes') is 64 MB: the default workers failed there at the first batches.
+SHARED_MEMORY_NEEDED = 256 << 20
+
+
+def shared_memory_short() -> int | None:
+    """The free bytes of ``/dev/shm`` where they are too few for loader workers (``SHARED_MEMORY_NEEDED``); None where
+    there is room, or no such folder (macOS, Windows: torch shares memory otherwise)."""
+    try:
+        free = shutil.disk_usage(SHARED_MEMORY).free
+    except OSError:
+        return None
+    return free if free < SHARED_MEMORY_NEEDED else None
+
+
+def note_no_workers(free: int) -> None:
+    """Say once that the default loader reads in the main process, for want of shared memory."""
+    warn_once(log, "%s has %d MiB free (a container's default?): loader workers pass their batches through it, so the "
+              "data is read in the main process; give the container more (docker run --shm-size 2g) for workers, or "
+              "set --workers N", SHARED_MEMORY, free >> 20)  # fmt: skip
+
+
+def worker_failure(exc: BaseException) -> str | None:
+    """A loader worker's failure in words, with what to do, or None when ``exc`` is none. Torch reports a worker out of
+    shared memory, or killed (the kernel's out-of-memory killer), as a 60-line traceback, or as "Connection reset by
+    peer" when the batch was in transit.
+
+    >>> print(worker_failure(RuntimeError("DataLoader worker (pid 123) is killed by signal: Killed. ")))
+    a data loader worker (pid 123) was killed (SIGKILL: the machine's out-of-memory killer?); try --workers 0 or a smaller --batch-size
+    >>> worker_failure(RuntimeError("bug")) is None
+    True
+    """
+    text = str(exc)
+    if "unable to allocate shared memory" in text or "insufficient shared memory" in text or "Bus error" in text:
+        free = shared_memory_short()
+        room = f" ({SHARED_MEMORY}: {free >> 20} MiB free)" if free is not None else ""
+        return (f"data loader workers ran out of shared memory{room}; try --workers 0, or give the container more "
+                "(docker run --shm-size 2g)")  # fmt: skip
+    found = re.search(
+        r"DataLoader worker \(pids?\(?s?\)? ([\d, ]+)\) (?:is killed by signal: (\w+)|exited unexpectedly)", text
+    )
+    if found is not None:
+        who, signame = f"a data loader worker (pid {found.group(1).strip()})", found.group(2)
+        how = "was killed (SIGKILL: the machine's out-of-memory killer?)" if signame == "Killed" else \
+            f"was killed by signal {signame}" if signame else "exited unexpectedly (killed? out of memory?)"  # fmt: skip
+    elif isinstance(exc, (ConnectionResetError, EOFError)) and _in_the_loader(exc):
+        who, how = "a data loader worker", "was gone mid-batch (killed? out of memory?)"
+    else:
+        return None
+    return f"{who} {how}; try --workers 0 or a smaller --batch-size"
+
+
+def _in_the_loader(exc: BaseException) -> bool:
+    """Whether ``exc`` was raised in a DataLoader's reading of its workers' batches."""
+    return any("torch/utils/data/" in f.filename or "multiprocessing/" in f.filename
+               for f in traceback.extract_tb(exc.__traceback__))  # fmt: skip
 
 
 def _seed_worker(worker_id: int, *, main: int) -> None:

@@ -341,7 +341,10 @@ def out_of_memory_hint(batch_size: int | str, *, training: bool = True) -> Itera
     """
     try:
         yield
-    except (RuntimeError, MemoryError) as e:  # torch.cuda.OutOfMemoryError is a RuntimeError
+    except (RuntimeError, MemoryError, OSError) as e:  # torch.cuda.OutOfMemoryError is a RuntimeError
+        _raise_worker_failure(e)
+        if isinstance(e, OSError):
+            raise
         ram = ran_out_of_ram(e)
         if not (ram or isinstance(e, torch.cuda.OutOfMemoryError)):
             raise
@@ -356,3 +359,14 @@ def out_of_memory_hint(batch_size: int | str, *, training: bool = True) -> Itera
             ("the device ran out of memory", " (or --amp bf16)" if training else "")  # fmt: skip
         raise ResourceError(f"{what} at batch size {batch_size}; {fix}{extra}; files written before are "
                             "intact") from e  # fmt: skip
+
+
+def _raise_worker_failure(exc: BaseException) -> None:
+    """A loader worker that ran out of shared memory or was killed is the run's size too (``data.workers``), unless a
+    stop signal killed it (the stop is what the command reports)."""
+    from freezetune.data.workers import worker_failure
+    from freezetune.run.interrupt import raised_stop
+
+    said = worker_failure(exc)
+    if said is not None and raised_stop() is None:
+        raise ResourceError(f"{said}; files written before are intact") from exc

@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from freezetune._io import atomic_write_text, remove_stale_temps_of
-from freezetune.config.options import check, column_name_problem, positive_int_problem
+from freezetune.config.options import check, column_name_problem, non_negative_int_problem, positive_int_problem
 from freezetune.config.train_config import TrainConfig
 from freezetune.data.loaders import Loaders, close_loader
 from freezetune.device.hardware import use_channels_last
@@ -219,6 +219,7 @@ def evaluate_checkpoint(
     *,
     batch_size: int | None = None,
     device: str = "auto",
+    workers: int | None = None,
     progress: bool = False,
     skip_bad: bool = False,
     text_column: str | None = None,
@@ -231,7 +232,7 @@ def evaluate_checkpoint(
     ``batch_size`` (default: the run's, ``run_batch_size``) changes no prediction, but the loss's float rounding may
     differ with it (and with the CPU threads): at the run's, ``eval`` of ``best.pt`` on the machine that trained it
     reproduces the run's ``test_metrics.json`` to the last digit, where the run scored in fp32 (``load_model``).
-    ``progress``: a progress bar over the batches.
+    ``workers``: loader processes (default: ``data.default_workers``). ``progress``: a progress bar over the batches.
     ``skip_bad``: a path's unreadable image files are left out (``data.build_eval_dataset``), as a run's
     ``--skip-bad`` left them out of its test split, rather than refused.
 
@@ -244,6 +245,8 @@ def evaluate_checkpoint(
     """
     if batch_size is not None:
         check(positive_int_problem("batch_size", batch_size))  # before the checkpoint and the data are read
+    if workers is not None:
+        check(non_negative_int_problem("workers", workers))
     columns = {k: v for k, v in (("text_column", text_column), ("label_column", label_column)) if v is not None}
     for name, value in columns.items():
         check(column_name_problem(name, value))
@@ -263,7 +266,8 @@ def evaluate_checkpoint(
     if loaded.preprocess.is_text:
         tokenizer = text_tokenizer(loaded)
         warn_cut(count_cut([dataset[i][0] for i in range(len(dataset))], tokenizer), tokenizer.max_length)
-    loaders = Loaders(batch_size=batch_size, device=loaded.precision.device, seed=0, preprocess=loaded.preprocess)
+    loaders = Loaders(batch_size=batch_size, device=loaded.precision.device, seed=0, preprocess=loaded.preprocess,
+                      workers=workers)  # fmt: skip
     with out_of_memory_hint(batch_size, training=False):
         result = evaluate_model(loaded.model, dataset, num_classes=len(loaded.classes), precision=loaded.precision,
                                 loaders=loaders, channels_last=loaded.channels_last,
