@@ -1,7 +1,8 @@
 """Frozen-prefix feature cache: run the frozen, deterministic part of a model once per input and train the rest.
 
 ``model_split.py`` cuts a model into the frozen prefix and the trainable rest (``torch.fx``); ``store.py`` builds and
-batches the stored features (``cache_features`` and ``store_loader`` for your own loop); ``path.py`` is the trainer's
+batches the stored features (``cache_features`` and ``store_loader`` for your own loop), which ``placement.py`` puts
+on the device, in RAM or in a mapped file; ``path.py`` is the trainer's
 ``FeaturePath``, which decides per trainable set whether a step reads images or features.
 """
 

@@ -18,19 +18,19 @@ import os
 import tempfile
 import uuid
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from freezetune.cache.disk import ensure_space, stored_shape
+from freezetune.cache.disk import stored_shape
 from freezetune.cache.model_split import Split
+from freezetune.cache.placement import CacheInfo
+from freezetune.cache.placement import allocate as _allocate
 from freezetune.config.options import CACHE_MODES
 from freezetune.data.loaders import EpochOrder, check_batch_size
 from freezetune.device.distributed import DistInfo, all_gather, shard_rows, sum_across_ranks
-from freezetune.device.hardware import available_device_memory, available_ram
 from freezetune.device.precision import Precision
 from freezetune.errors import ConfigError, DataError, choices
 from freezetune.model.tree import unwrap
@@ -38,22 +38,6 @@ from freezetune.run.interrupt import OUTSIDE_A_STEP, RunInterrupted, pause_point
 
 PLACES = tuple(m for m in CACHE_MODES if m != "off")  # where cache_features may put its store
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class CacheInfo:
-    """Where and how big a built cache is (printed at build time)."""
-
-    place: str  # "gpu" | "pinned" | "cpu" | "disk"
-    bytes: int
-    budget: int
-    views: int
-    shape: tuple[int, ...]
-
-    def describe(self) -> str:
-        mib = 2**20
-        return (f"{self.views} view(s) x {tuple(self.shape)} features, {self.bytes / mib:,.0f} MiB on {self.place} "
-                f"(budget {self.budget / mib:,.0f} MiB)")  # fmt: skip
 
 
 class FeatureStore(Dataset):
@@ -259,20 +243,6 @@ def cache_features(
     return split, store
 
 
-def _unlink_mapped(path: Path) -> None:
-    """Remove the file a store has just mapped, and its folder if that is then empty: on POSIX the mapping stays
-    valid and the disk space returns when the store is freed, so nothing is left behind, after the process, a stop
-    during the build or a crash (a notebook that caches many times filled the temp dir; a run left gigabytes in its
-    run dir that no resume reads). Where a mapped file cannot be removed (Windows) it stays."""
-    try:
-        path.unlink()
-    except OSError:
-        log.info("feature cache file left in %s (it is mapped)", path)
-        return
-    with contextlib.suppress(OSError):  # not empty, or removed by another rank's store: either is fine
-        path.parent.rmdir()
-
-
 def _check_pairs(dataset: Dataset) -> None:
     """The dataset must yield ``(input, target)`` pairs, as torchvision's do; a dict (a Hugging Face dataset's rows)
     would be unpacked into its keys and fail deep in the loader."""
@@ -345,37 +315,6 @@ def placed_store(features: torch.Tensor | list[torch.Tensor], targets: torch.Ten
         storage[:, start : start + part.shape[1]].copy_(part)
         start += part.shape[1]
     return FeatureStore(storage, targets.clone(), seed), info
-
-
-def _allocate(shape: tuple[int, ...], dtype: torch.dtype, precision: Precision, spill_dir: str | Path, place: str,
-              zeroed: bool = False):  # fmt: skip
-    nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
-    new = torch.zeros if zeroed else torch.empty
-    if precision.device.type == "cuda" and place == "auto":  # "memory" is RAM: the GPU's stays for the batches
-        free = available_device_memory(precision.device) // 2
-        if nbytes <= free:
-            return new(shape, dtype=dtype, device=precision.device), CacheInfo("gpu", nbytes, free, *_vs(shape))
-    ram = available_ram() // 2
-    if place == "memory" and nbytes > ram:
-        log.warning(
-            "feature cache needs %d MiB, over the RAM budget of %d MiB: spilling to disk", nbytes >> 20, ram >> 20
-        )
-    if nbytes <= ram and place != "disk":
-        pinned = precision.device.type == "cuda"
-        t = new(shape, dtype=dtype, pin_memory=pinned)
-        return t, CacheInfo("pinned" if pinned else "cpu", nbytes, ram, *_vs(shape))
-    path = Path(spill_dir) / "feature_cache.bin"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.unlink(missing_ok=True)  # a rebuilt cache has another shape; an old mapping stays valid until dropped
-    ensure_space(path.parent, nbytes, "train into an --out on a disk with room, or pass --cache off")
-    # a new file reads as zeros, which is what ``zeroed`` asks for
-    t = torch.from_file(str(path), shared=True, size=torch.Size(shape).numel(), dtype=dtype).view(shape)
-    _unlink_mapped(path)
-    return t, CacheInfo("disk", nbytes, ram, *_vs(shape))
-
-
-def _vs(shape: tuple[int, ...]) -> tuple[int, tuple[int, ...]]:
-    return shape[0], tuple(shape[2:])
 
 
 def idle_views_note(aug: str, views: int, cache: str) -> str | None:
