@@ -4,7 +4,10 @@ the available RAM, else a file mapped from the spill folder and removed from it 
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
+import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,6 +16,7 @@ import torch
 from freezetune.cache.disk import ensure_space
 from freezetune.device.hardware import available_device_memory, available_ram
 from freezetune.device.precision import Precision
+from freezetune.errors import ResourceError
 
 log = logging.getLogger(__name__)
 
@@ -51,14 +55,67 @@ def allocate(shape: tuple[int, ...], dtype: torch.dtype, precision: Precision, s
         pinned = precision.device.type == "cuda"
         t = new(shape, dtype=dtype, pin_memory=pinned)
         return t, CacheInfo("pinned" if pinned else "cpu", nbytes, ram, *_vs(shape))
-    path = Path(spill_dir) / "feature_cache.bin"
-    path.parent.mkdir(parents=True, exist_ok=True)
+    return _map_file(shape, dtype, nbytes, Path(spill_dir)), CacheInfo("disk", nbytes, ram, *_vs(shape))
+
+
+def _map_file(shape: tuple[int, ...], dtype: torch.dtype, nbytes: int, folder: Path) -> torch.Tensor:
+    """A store of ``shape`` in a file of ``folder`` with its blocks reserved (zeros), mapped, then unlinked.
+
+    Raises:
+        ResourceError: the disk (or a file-size limit) has no room for it.
+    """
+    path = folder / "feature_cache.bin"
+    folder.mkdir(parents=True, exist_ok=True)
     path.unlink(missing_ok=True)  # a rebuilt cache has another shape; an old mapping stays valid until dropped
-    ensure_space(path.parent, nbytes, "train into an --out on a disk with room, or pass --cache off")
-    # a new file reads as zeros, which is what ``zeroed`` asks for
-    t = torch.from_file(str(path), shared=True, size=torch.Size(shape).numel(), dtype=dtype).view(shape)
+    ensure_space(folder, nbytes, _DISK_HINT)
+    try:
+        _reserve(path, nbytes)
+        # a new file reads as zeros, reserved blocks too: what ``zeroed`` asks for
+        t = torch.from_file(str(path), shared=True, size=torch.Size(shape).numel(), dtype=dtype).view(shape)
+    except (OSError, RuntimeError) as exc:
+        path.unlink(missing_ok=True)  # blocks reserved before the disk filled go back
+        with contextlib.suppress(OSError):
+            folder.rmdir()
+        code = _errno_of(exc)
+        if code not in _NO_ROOM:
+            raise
+        raise ResourceError(f"no room for the feature cache's file ({nbytes / 2**20:,.1f} MiB) in '{folder}': "
+                            f"{os.strerror(code)}; {_DISK_HINT}") from exc  # fmt: skip
     _unlink_mapped(path)
-    return t, CacheInfo("disk", nbytes, ram, *_vs(shape))
+    return t
+
+
+_DISK_HINT = "train into an --out on a disk with room, or pass --cache off"
+_NO_ROOM = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # a full disk, a full quota, a file-size limit (ulimit -f)
+
+
+def _reserve(path: Path, nbytes: int) -> None:
+    """Create ``path`` with ``nbytes`` of blocks allocated. A mapped file is otherwise sparse: its pages take blocks
+    as the store is written, and a disk another job filled meanwhile killed the run with SIGBUS, without a word (a
+    file-size limit: torch's traceback). Reserved, either is an ``OSError`` here, before anything is written.
+    Where the file system cannot reserve (``EOPNOTSUPP``), the file stays sparse, its room checked beforehand."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        if nbytes > 0 and hasattr(os, "posix_fallocate"):  # not on macOS or Windows
+            try:
+                os.posix_fallocate(fd, 0, nbytes)
+            except OSError as exc:
+                if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                    raise
+    finally:
+        os.close(fd)
+
+
+def _errno_of(exc: BaseException) -> int | None:
+    """The error number of an ``OSError``, or of torch's ``RuntimeError`` for a file it could not size or map.
+
+    >>> _errno_of(RuntimeError("unable to resize file <a.bin> to the right size: File too large (27)"))
+    27
+    """
+    if isinstance(exc, OSError):
+        return exc.errno
+    found = re.search(r": [^:]+ \((\d+)\)$", str(exc))
+    return int(found[1]) if found else None
 
 
 def _vs(shape: tuple[int, ...]) -> tuple[int, tuple[int, ...]]:
