@@ -8,6 +8,7 @@ import errno
 import logging
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import torch
 
 from freezetune.cache.disk import ensure_space
 from freezetune.device.hardware import available_device_memory, available_ram
+from freezetune.device.memory import ran_out_of_ram
 from freezetune.device.precision import Precision
 from freezetune.errors import ResourceError
 
@@ -44,8 +46,10 @@ def allocate(shape: tuple[int, ...], dtype: torch.dtype, precision: Precision, s
     new = torch.zeros if zeroed else torch.empty
     if precision.device.type == "cuda" and place == "auto":  # "memory" is RAM: the GPU's stays for the batches
         free = available_device_memory(precision.device) // 2
-        if nbytes <= free:
-            return new(shape, dtype=dtype, device=precision.device), CacheInfo("gpu", nbytes, free, *_vs(shape))
+        gpu = _if_it_fits(lambda: new(shape, dtype=dtype, device=precision.device), nbytes, "the GPU", place) \
+            if nbytes <= free else None  # fmt: skip
+        if gpu is not None:
+            return gpu, CacheInfo("gpu", nbytes, free, *_vs(shape))
     ram = available_ram() // 2
     if place == "memory" and nbytes > ram:
         log.warning(
@@ -53,9 +57,28 @@ def allocate(shape: tuple[int, ...], dtype: torch.dtype, precision: Precision, s
         )
     if nbytes <= ram and place != "disk":
         pinned = precision.device.type == "cuda"
-        t = new(shape, dtype=dtype, pin_memory=pinned)
-        return t, CacheInfo("pinned" if pinned else "cpu", nbytes, ram, *_vs(shape))
+        t = _if_it_fits(lambda: new(shape, dtype=dtype, pin_memory=pinned), nbytes, "RAM", place)
+        if t is not None:
+            return t, CacheInfo("pinned" if pinned else "cpu", nbytes, ram, *_vs(shape))
     return _map_file(shape, dtype, nbytes, Path(spill_dir)), CacheInfo("disk", nbytes, ram, *_vs(shape))
+
+
+def _if_it_fits(make: Callable[[], torch.Tensor], nbytes: int, where: str, place: str) -> torch.Tensor | None:
+    """``make()``, or None where the memory runs out though the budget had room (a limit on the process's memory,
+    ulimit -v; another process took it): the store goes to the next place, as a store over the budget does. It
+    ended the run in the out-of-memory line of a training step ("try --batch-size 16"), which the store's size does
+    not depend on."""
+    try:
+        return make()
+    except (RuntimeError, MemoryError) as exc:  # torch.cuda.OutOfMemoryError is a RuntimeError
+        if not (isinstance(exc, torch.cuda.OutOfMemoryError) or ran_out_of_ram(exc) or "out of memory" in str(exc)):
+            raise
+    # asked for by --cache memory, a spill is a warning (as over the budget); under auto, the next place is the plan
+    (log.warning if place == "memory" else log.info)(
+        "feature cache needs %d MiB, which %s could not allocate: %s", nbytes >> 20, where,
+        "trying RAM" if where == "the GPU" else "spilling to disk",
+    )  # fmt: skip
+    return None
 
 
 def _map_file(shape: tuple[int, ...], dtype: torch.dtype, nbytes: int, folder: Path) -> torch.Tensor:
@@ -77,6 +100,10 @@ def _map_file(shape: tuple[int, ...], dtype: torch.dtype, nbytes: int, folder: P
         with contextlib.suppress(OSError):
             folder.rmdir()
         code = _errno_of(exc)
+        if code == errno.ENOMEM:  # a limit on the process's memory (ulimit -v) counts a mapping too
+            raise ResourceError(f"the feature cache ({nbytes / 2**20:,.1f} MiB) does not fit in this process's "
+                                f"memory, not even mapped from a file in '{folder}': {os.strerror(code)}; pass "
+                                "--cache off") from exc  # fmt: skip
         if code not in _NO_ROOM:
             raise
         raise ResourceError(f"no room for the feature cache's file ({nbytes / 2**20:,.1f} MiB) in '{folder}': "
