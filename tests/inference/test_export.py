@@ -394,3 +394,42 @@ def test_the_sidecar_is_written_before_the_weights_take_their_name_and_takes_its
     with pytest.raises(OSError):
         export_checkpoint(best_pt, tmp_path / "m.safetensors", force=True)
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # a failed write: the pair as it was
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="a file-size limit (RLIMIT_FSIZE) is POSIX's")
+def test_a_pt2_export_the_disk_has_no_room_for_is_one_line_naming_the_file_and_leaves_nothing(best_pt, tmp_path):
+    # a file-size limit (as a full disk): torch's zip writer raised ("unexpected pos"), then aborted the process from
+    # its destructor (exit 134, "terminate called after throwing an instance of 'c10::Error'"); a subprocess, to live
+    import resource
+
+    def limited() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64 << 10, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+
+    target = tmp_path / "m.pt2"
+    done = subprocess.run([sys.executable, "-m", "freezetune", "export", "--checkpoint", str(best_pt), "--to",
+                           str(target)], preexec_fn=limited, capture_output=True, text=True)  # fmt: skip
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr == f"freezetune: error: File too large ({target}); files written before are intact\n"
+    assert list(tmp_path.iterdir()) == []  # neither the sidecar nor a temporary file
+
+
+@pytest.mark.parametrize("wrapped", [False, True])
+def test_an_onnx_export_the_disk_has_no_room_for_is_the_disks_error_not_the_models(best_pt, tmp_path, monkeypatch,
+                                                                                   capsys, wrapped):  # fmt: skip
+    # "timm:test_efficientnet does not export to .onnx: OSError: [Errno 28] No space left on device; export it to
+    # .safetensors or .pt2" sent the user to another format; the exporter may wrap the write's error in its own
+    def full(model, example, batch, tmp):
+        tmp.write_bytes(b"half a graph")
+        try:
+            raise OSError(28, "No space left on device")
+        except OSError as exc:
+            if wrapped:
+                raise RuntimeError("Failed to save the ONNX model") from exc
+            raise
+
+    monkeypatch.setattr(export_module, "_save_onnx", full)
+    target = tmp_path / "out" / "m.onnx"
+    code = cli_main(["export", "--checkpoint", str(best_pt), "--to", str(target)])
+    assert code == 2 and capsys.readouterr().err == (f"freezetune: error: No space left on device ({target}); files "
+                                                     "written before are intact\n")  # fmt: skip
+    assert list((tmp_path / "out").iterdir()) == []  # neither the sidecar nor half a graph

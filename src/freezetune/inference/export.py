@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import io
 import json
 import re
 from pathlib import Path
@@ -262,6 +263,7 @@ def _save_graph(record: dict, to: Path) -> None:
 
     Raises:
         CheckpointError: the model does not trace to that format (the exporter's own error, in one line).
+        OSError: the file could not be written (a full disk), naming ``to``; nothing is left there.
     """
     model, pre = checkpoint.build_model(record)
     model.eval()
@@ -276,12 +278,38 @@ def _save_graph(record: dict, to: Path) -> None:
         try:
             if to.suffix == ".onnx":
                 _save_onnx(model, example, batch, tmp)
-            else:  # a file object: given the temporary file's name, torch warns that it does not end in .pt2
-                with open(tmp, "wb") as f:
-                    torch.export.save(torch.export.export(model, example, dynamic_shapes=batch), f)
+            else:
+                program = _pt2_bytes(torch.export.export(model, example, dynamic_shapes=batch))
         except Exception as exc:  # the exporters raise many kinds (torch, onnx, sympy): each is this model's limit
+            failed = _os_error_in(exc)
+            if failed is not None and failed.errno is not None:  # ... but a full disk's: said of the file, as any
+                # write's (atomic_output names the target); it read "does not export to .onnx: OSError: [Errno 28]"
+                raise OSError(failed.errno, failed.strerror, failed.filename) from exc
             raise CheckpointError(f"{record['model']} does not export to {to.suffix}: {type(exc).__name__}: "
                                   f"{_first_line(exc)}; export it to {others}") from exc  # fmt: skip
+        if to.suffix == ".pt2":
+            tmp.write_bytes(program)  # a full disk is a plain OSError here
+
+
+def _pt2_bytes(program: torch.export.ExportedProgram) -> bytes:
+    """A ``torch.export`` program's ``.pt2`` archive, in memory. Written straight to the file, a full disk made
+    torch's zip writer raise its own error ("unexpected pos"), then abort the process from its destructor (exit 134,
+    "terminate called after throwing an instance of 'c10::Error'"); a file object, not the temporary file's name,
+    also spares torch's warning that the name does not end in .pt2."""
+    buffer = io.BytesIO()
+    torch.export.save(program, buffer)
+    return buffer.getvalue()
+
+
+def _os_error_in(exc: BaseException) -> OSError | None:
+    """The ``OSError`` ``exc`` is, or that caused it (an exporter wraps a failed write in its own error)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, OSError):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")  # the ONNX exporter colours its text, in a file or not
