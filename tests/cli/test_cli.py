@@ -299,6 +299,19 @@ def test_predict_into_a_pipe_its_reader_closed_stops_quietly_as_the_shell_expect
     assert proc.returncode == 141 and err == "", err
 
 
+def test_eval_into_a_pipe_its_reader_closed_still_writes_its_metrics_file(run, data, tmp_path):
+    # `eval ... --metrics m.json | head -1`: the report's print met the closed pipe first and the command ended, exit
+    # 141, without the file the batch job reads (and its confusion plot)
+    metrics, plot = tmp_path / "m.json", tmp_path / "c.png"
+    argv = [sys.executable, "-m", "freezetune", "eval", "--checkpoint", str(run[0] / "best.pt"), "--data", str(data),
+            "--metrics", str(metrics), "--plot", str(plot), "--device", "cpu"]  # fmt: skip
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()  # the reader is gone before the first line
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 141 and err == "", err
+    assert json.loads(metrics.read_text())["n"] and plot.stat().st_size
+
+
 def test_the_command_line_does_not_print_pils_raw_decompression_bomb_warning(run, tmp_path):
     # "PIL/Image.py:3593: DecompressionBombWarning: Image size (90250000 pixels) exceeds limit of 89478485 pixels,
     # could be decompression bomb DOS attack." and its source line, from each loader worker

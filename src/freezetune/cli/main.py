@@ -218,8 +218,14 @@ def _cmd_eval(args) -> int:
     result = evaluate_checkpoint(args.checkpoint, args.data, batch_size=args.batch_size, device=args.device,
                                  workers=args.workers, progress=True, skip_bad=args.skip_bad, text_column=args.text_column,
                                  label_column=args.label_column)  # fmt: skip
-    print(f"scored {result['n']} of {result['data']}")
-    print(format_report(result, result["classes"]))  # first: a folder the files cannot go to must not cost the scores
+    try:  # first: a folder the files cannot go to must not cost the scores
+        print(f"scored {result['n']} of {result['data']}")
+        print(format_report(result, result["classes"]))
+    except BrokenPipeError:  # `eval ... --metrics m.json | head -1`: the files are what the batch job reads
+        if not cli_exit.reader_gone(sys.stdout):
+            raise
+        write_evaluation(result, result["classes"], plot=plot, metrics=args.metrics)
+        return cli_exit.pipe_closed(None)
     try:
         write_evaluation(result, result["classes"], plot=plot, metrics=args.metrics)
     except OSError as exc:
