@@ -84,6 +84,19 @@ def test_resume_repairs_a_line_cut_by_a_crash(tmp_path):
     assert rows[2]["train_loss"] == 1 / 3
 
 
+def test_a_resumed_run_appends_its_rows_to_the_same_file_a_tail_follows(tmp_path):
+    # each resume rewrote metrics.csv through a new file: `tail -f runs/r1/metrics.csv` in a tmux pane went on
+    # watching the old one, and showed no epoch after it
+    log = MetricsLogger(tmp_path, tensorboard=False)
+    log.log_epoch(_row(1))
+    watched = (tmp_path / "metrics.csv").stat().st_ino
+    resumed = MetricsLogger(tmp_path, tensorboard=False)
+    resumed.log_epoch(_row(2))
+    resumed.log_epoch(_row(3))
+    assert (tmp_path / "metrics.csv").stat().st_ino == watched
+    assert [r["epoch"] for r in read_metrics(tmp_path / "metrics.csv")] == [1, 2, 3]
+
+
 def test_log_epoch_requires_epoch(tmp_path):
     with pytest.raises(ValueError, match="no 'epoch' key"):
         MetricsLogger(tmp_path, tensorboard=False).log_epoch({"train_loss": 1.0})

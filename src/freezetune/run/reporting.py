@@ -61,8 +61,9 @@ class MetricsLogger:
         self._tensorboard = tensorboard
         self._writer = None
         self._purge_step: int | None = None
-        # The first write rewrites the file from memory: it repairs a line cut short by a crash before appending.
-        self._rewrite_next = True
+        # A line cut short by a crash is repaired by rewriting the file from memory before appending. Otherwise the
+        # file is appended to in place: a rewrite is a new file, which a `tail -f` watching it no longer follows.
+        self._rewrite_next = self.path.exists() and not _ends_a_line(self.path)
 
     def log_epoch(self, row: dict[str, Any]) -> None:
         """Record one epoch: append to ``metrics.csv`` (rewriting it if ``row`` brings new columns) and TensorBoard.
@@ -226,6 +227,15 @@ def _epoch_of(row: dict[str, Any]) -> float:
         return float(row["epoch"])
     except (KeyError, TypeError, ValueError):
         return -math.inf  # a malformed row is never "after" anything; keep it rather than lose data
+
+
+def _ends_a_line(path: Path) -> bool:
+    with open(path, "rb") as f:
+        f.seek(0, io.SEEK_END)
+        if not f.tell():
+            return True
+        f.seek(-1, io.SEEK_END)
+        return f.read(1) == b"\n"
 
 
 def _read_csv(path: Path) -> tuple[list[str], list[dict[str, Any]]]:
