@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import pickle
 import subprocess
 import sys
@@ -10,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from freezetune._io import atomic_save, atomic_write_text
+from freezetune._io import atomic_output, atomic_save, atomic_write_text, remove_stale_temps_of
 
 
 def test_atomic_save_keeps_old_file_when_save_fails(tmp_path):
@@ -118,3 +119,16 @@ def test_a_stale_temp_that_cannot_be_removed_is_left_not_a_reason_to_stop_the_wr
 
     monkeypatch.setattr(Path, "unlink", refused)
     assert remove_stale_temps_of([tmp_path / "cm.png"]) == [] and stale.exists()
+
+
+def test_a_target_named_near_the_file_systems_limit_is_written_and_its_leftover_found(tmp_path):
+    # the hidden temporary name adds ".PID.RANDOM.tmp": an export to a 244-character name (legal) failed in
+    # "File name too long", naming a file the user had not named
+    target = tmp_path / ("m" * 240 + ".onnx")
+    atomic_write_text(target, "model")
+    assert target.read_text() == "model" and os.listdir(tmp_path) == [target.name]
+    with atomic_output(target) as tmp:
+        leftover = tmp.with_name(tmp.name.replace(f".{os.getpid()}.", ".9999999."))  # a pid past any pid_max
+        tmp.rename(leftover)  # as a writer killed mid-write leaves it
+        tmp.write_text("again")
+    assert remove_stale_temps_of([target]) == [leftover]

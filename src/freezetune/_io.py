@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import hashlib
 import os
 import re
 import sys
@@ -51,7 +52,7 @@ def atomic_output(path: str | Path) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     # A name of our own (not mkstemp) so the file is created with the normal umask-derived mode: mkstemp's 0600
     # would make checkpoints unreadable to the rest of a team after the rename.
-    tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+    tmp = path.parent / f".{_temp_stem(path.name)}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
     try:
         with open(tmp, "xb"):
             pass
@@ -71,6 +72,26 @@ def atomic_output(path: str | Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+
+
+_NAME_MAX = 255  # bytes of a file name on Linux's, macOS's and Windows' file systems
+_TEMP_EXTRA = len(f".{2**22}.01234567.tmp") + 1  # what a temporary name adds, the dot before it too
+
+
+def _temp_stem(name: str) -> str:
+    """``name`` as its temporary file's name holds it: cut, with a digest of the whole, where the temporary name would
+    pass the file system's limit (an export named 240 characters failed in "File name too long", naming a file the
+    user had not named).
+
+    >>> _temp_stem("best.pt"), len(_temp_stem("m" * 250).encode())
+    ('best.pt', 233)
+    """
+    room = _NAME_MAX - _TEMP_EXTRA
+    if len(name.encode()) <= room:
+        return name
+    digest = hashlib.sha1(name.encode()).hexdigest()[:8]
+    cut = name.encode()[: room - len(digest) - 1].decode(errors="ignore")
+    return f"{cut}~{digest}"
 
 
 # Windows refuses to replace a file another process has open (a user's eval reading best.pt, TensorBoard, a virus
@@ -122,8 +143,9 @@ def remove_stale_temps_of(paths: Iterable[str | Path]) -> list[Path]:
     """
     found = []
     for path in map(Path, paths):
-        temps = sorted(path.parent.glob(f".{glob.escape(path.name)}.*.tmp"))  # .m.onnx.bak's too: named apart below
-        found += [t for t in temps if (m := _TEMP_NAME.match(t.name)) and m["name"] == path.name]
+        stem = _temp_stem(path.name)
+        temps = sorted(path.parent.glob(f".{glob.escape(stem)}.*.tmp"))  # .m.onnx.bak's too: named apart below
+        found += [t for t in temps if (m := _TEMP_NAME.match(t.name)) and m["name"] == stem]
     return _remove_dead(found, 0.0)
 
 
