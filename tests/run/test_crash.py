@@ -746,3 +746,17 @@ def test_a_stopped_resume_leaves_its_report_and_test_files_true_to_what_it_saved
     assert code == 143 and "removed test_metrics.json, confusion.png: they scored an earlier best.pt" in stdout, err
     assert not (out / runtime.TEST_METRICS).exists() and not (out / runtime.CONFUSION_PNG).exists()
     assert (out / "report.png").stat().st_mtime_ns >= (out / "metrics.csv").stat().st_mtime_ns  # redrawn
+
+
+def test_a_second_sigterm_in_the_training_loop_lets_the_save_go_on():
+    # a scheduler's wrapper sending SIGTERM twice 50 ms apart (to the job, to its step) stopped the run "a second
+    # time, at once, before the run saved its place": SIGKILL is the deadline, a second Ctrl-C the user's own
+    stop = StopRequest()
+    with stop.listening(defer=True):
+        for sig in (signal.SIGTERM, signal.SIGTERM, signal.SIGHUP):
+            os.kill(os.getpid(), sig)
+            time.sleep(0.05)
+        assert stop.name == "SIGTERM"  # recorded, for the step's end
+        with pytest.raises(KeyboardInterrupt, match="^stopped by SIGINT a second time, at once"):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)

@@ -42,7 +42,7 @@ AT_ONCE_UNDER_DDP = ("under torchrun, at once (last.pt, where there is one, hold
                      "continues the run, the same command restarts one that has none")  # fmt: skip
 OUTSIDE_A_STEP = ("outside a training step (nothing new saved); --resume continues a run that finished an epoch, "
                   "the same command restarts one that did not")  # fmt: skip
-# A second signal while the first waits for the step to end (or for its save): the user does not want to wait.
+# A second Ctrl-C while the first signal waits for the step to end (or for its save): the user does not want to wait.
 SECOND_SIGNAL = ("a second time, at once, before the run saved its place (last.pt holds what it held before: the last "
                  "epoch finished or saved); --resume continues from there, the same command restarts a run that had "
                  "none")  # fmt: skip
@@ -150,6 +150,8 @@ class StopRequest:
         if self.defer and self.signum in (None, PIPE_CLOSED):  # a closed pipe is no first signal of the user's
             self.signum = signum  # acted on at the next step boundary
             return
+        if self.defer and signum != signal.SIGINT:  # a scheduler's SIGTERM sent twice (to the job, to its step), a
+            return  # hangup after it: the save goes on (SIGKILL is the deadline); a second Ctrl-C is the user's
         # not in the training loop, or a second signal: a user pressing Ctrl-C twice does not want to wait (and was
         # told "outside a training step (nothing new saved)" in the middle of an epoch)
         second = self.defer and self.signum is not None
