@@ -120,6 +120,24 @@ def test_a_stage_added_to_the_first_optimizer_follows_that_optimizers_scheduler_
     assert [g["lr"] for g in trainer.optimizers[1].param_groups] == [1e-2]
 
 
+class LitTimmOptimizer(LitTiny):
+    """``configure_optimizers`` by timm's ``create_optimizer_v2``: its no-decay group (biases, norms), unnamed, first."""
+
+    def configure_optimizers(self):
+        from timm.optim import create_optimizer_v2
+
+        return create_optimizer_v2(self.model, "adamw", lr=self.lr, weight_decay=0.05)
+
+
+def test_a_stage_opened_under_timms_optimizer_takes_its_weight_decay_not_its_no_decay_groups():
+    # the callback's weight_decay None took the first group's: timm's no-decay one, and block3 trained without decay
+    trainer = L.Trainer(max_epochs=2, enable_checkpointing=False, callbacks=[FreezetuneFinetuning("backbone", "epoch:1")],
+                        **FAST)  # fmt: skip
+    trainer.fit(LitTimmOptimizer(), *loaders())
+    decays = {g.get("name"): g["weight_decay"] for g in trainer.optimizers[0].param_groups}
+    assert decays["block3"] == 0.05 and decays["block3/no_decay"] == 0.0
+
+
 def test_frozen_batchnorm_in_eval_mode_does_not_raise_lightnings_warning_but_another_module_does():
     # Lightning warns at fit start about every module in eval mode ("if this is intentional, you can ignore this
     # warning"): the frozen BatchNorm layers are, by design; a module the user left in eval mode is not

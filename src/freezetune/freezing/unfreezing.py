@@ -29,14 +29,19 @@ from freezetune.freezing.freeze import (
     warn_negative_unfreeze,
 )
 from freezetune.freezing.schedule import MODES, Schedule, parse_schedule
+from freezetune.freezing.unfreezer_optimizer import (
+    check_rule,
+    decay_in_use,
+    reference,
+    warn_held,
+)
 from freezetune.model.stages import Stage, stages
 from freezetune.model.tree import unwrap, wrapping
-from freezetune.training.optim import add_group_like, check_scheduler, nominal_lr
+from freezetune.training.optim import add_group_like, check_scheduler
 from freezetune.training.param_groups import (
     LRRule,
     check_weight_decay,
     group_stage,
-    is_no_decay,
     no_decay_names,
     stage_groups,
     stage_lr_text,
@@ -47,13 +52,13 @@ class Unfreezer:
     """Unfreeze stages on a schedule, adding their parameters to ``optimizer`` with the ``param_groups`` LR rule.
 
     A given ``scheduler`` keeps driving the new groups: their LR keys and the scheduler's per-group lists are
-    extended from a reference group, scaled by the ratio of the two stages' rule LRs. ``weight_decay`` None (the
-    default) gives the new groups the decay of the optimizer's decaying groups (biases and norms get a ``/no_decay``
-    twin with 0 when it is not 0); ``bn`` None keeps the BatchNorm policy each frozen layer has, a policy gives it
-    to every layer still frozen at the first unfreeze (the optimizer holds what trains until then; a policy that
-    differs from the frozen layers' is warned of here; what it releases, ``"affine"``'s scale and shift, gets a group
-    at its stage's LR). ``held_elsewhere``: parameters another optimizer steps (a second one of the same model); they
-    are opened but never added to ``optimizer``, which would update them twice a step.
+    extended from a reference group, scaled by the ratio of the two stages' rule LRs. ``weight_decay`` None (the default) gives the new groups the decay of the optimizer's groups of weights (biases
+    and norms get a ``/no_decay`` twin with 0 when it is not 0); ``bn`` None keeps the BatchNorm policy each frozen
+    layer has, a policy gives it to every layer still frozen at the first unfreeze (the optimizer holds what trains
+    until then; a policy that differs from the frozen layers' is warned of here; what it releases, ``"affine"``'s
+    scale and shift, gets a group at its stage's LR). ``held_elsewhere``: parameters another optimizer steps (a
+    second one of the same model); they are opened but never added to ``optimizer``, which would update them twice a
+    step.
 
     >>> import torch, torchvision, freezetune as ft
     >>> m = torchvision.models.resnet18(); ft.freeze(m, "backbone")
@@ -100,17 +105,13 @@ class Unfreezer:
                           f"{bn!r}: it applies to the layers still frozen from the first unfreeze on; give freeze() "
                           "the same bn to have it from the start", stacklevel=2)  # fmt: skip
         check_weight_decay(weight_decay)
-        self.weight_decay = _decay_in_use(optimizer) if weight_decay is None else weight_decay
-        self._check_rule(bool(stage_lrs))
+        self.weight_decay = decay_in_use(optimizer) if weight_decay is None else weight_decay
+        check_rule(optimizer, self.rule, bool(stage_lrs))
         # said now, while the optimizer can still be built otherwise, not epochs later as each stage opens (the
         # stages are traced for it only when the optimizer holds a frozen parameter)
         held_frozen = any(not p.requires_grad for g in optimizer.param_groups for p in g["params"])
         frozen = {s.name: s for s in self.frozen_stages()} if held_frozen else {}
-        self._told_held = set(self._held_by_the_optimizer(list(frozen), frozen))
-        if self._told_held:
-            warnings.warn(f"frozen stage(s) {choices(sorted(self._told_held))} are in the optimizer already (built over "
-                          f"model.parameters()?): opened, they will train at their group's LR, not {self._rule_says()}; "
-                          "build it over ft.param_groups(model, ...)", stacklevel=2)  # fmt: skip
+        self._told_held = warn_held(optimizer, self.rule, frozen, list(frozen), opened=False, stacklevel=3)
         if scheduler is None and any("initial_lr" in g for g in optimizer.param_groups):
             warnings.warn("the optimizer has an LR scheduler (its groups hold initial_lr), not given to the "
                           "Unfreezer: pass scheduler= so the groups it adds follow it (some schedulers fail at "
@@ -227,36 +228,6 @@ class Unfreezer:
 
     # --- internals ------------------------------------------------------------------------------------------
 
-    def _check_rule(self, absolute: bool) -> None:
-        """Warn when the optimizer's stage groups do not follow this Unfreezer's LR rule: the LRs of the stages it
-        unfreezes are scaled from a present group by the rule, so a rule other than the optimizer's gives them LRs
-        that neither set of settings says. With ``absolute`` LRs (``stage_lrs``), one group must have its own."""
-        lrs = {}  # stage -> its group's LR before any scheduler moved it
-        for group in self.optimizer.param_groups:
-            stage = group_stage(group)
-            if stage in self.rule.depth:
-                lrs.setdefault(stage, nominal_lr(group))
-        if len(lrs) == 1 and absolute:  # the head alone trains: its LR is the one the others are scaled from
-            ((stage, lr),) = lrs.items()
-            if self.rule(stage) > 0 and abs(lr - self.rule(stage)) > 1e-6 * self.rule(stage):
-                warnings.warn(f"the optimizer's {stage} group has lr {lr:g}, this Unfreezer's rule {self.rule(stage):g}:"
-                              f" the stages it unfreezes get the rule's LRs scaled by {lr / self.rule(stage):g}, not "
-                              "the stage_lrs given; give it the lr given to param_groups", stacklevel=3)  # fmt: skip
-            return
-        # the reference: the head, else the shallowest stage the rule gives an LR > 0 (a stage at 0 scales nothing)
-        scalable = [s for s in sorted(lrs, key=self.rule.depth.__getitem__) if self.rule(s) > 0]
-        if len(lrs) < 2 or not scalable:
-            return
-        ref, ref_lr = scalable[0], lrs[scalable[0]]
-        for stage, lr in ((s, lr) for s, lr in lrs.items() if s != ref):
-            expected = ref_lr * self.rule(stage) / self.rule(ref)
-            if abs(lr - expected) > 1e-6 * max(abs(expected), 1e-12):
-                warnings.warn(f"the optimizer's LRs do not follow this Unfreezer's rule: {stage} has {lr:g} where the "
-                              f"rule, scaled to {ref}'s {ref_lr:g}, gives {expected:g}; the stages it unfreezes get "
-                              "LRs by the rule: give it the lr, stage_lrs and decay given to param_groups",
-                              stacklevel=3)  # fmt: skip
-                return
-
     def _next_frozen(self) -> list[str]:
         frozen = self.frozen_stages()
         return [frozen[-1].name] if frozen else []
@@ -327,29 +298,8 @@ class Unfreezer:
         if elsewhere:
             warnings.warn(f"stage(s) {choices(elsewhere)} are in another optimizer: they train there, at its LR (this "
                           "Unfreezer adds groups to its own optimizer only)", stacklevel=4)  # fmt: skip
-        held = [n for n in self._held_by_the_optimizer(names, by_name) if n not in self._told_held]
-        if held:
-            warnings.warn(f"stage(s) {choices(held)} were in the optimizer already (built over model.parameters()?): "
-                          f"they train at their group's LR, not {self._rule_says()}; build it over "
-                          "ft.param_groups(model, ...)", stacklevel=4)  # fmt: skip
-
-    def _held_by_the_optimizer(self, names: list[str], by_name: dict[str, Stage]) -> list[str]:
-        """Those of the stages ``names`` that the optimizer holds in a group not theirs at another LR than this
-        Unfreezer would give them (any, under ``stage_lrs`` or ``decay``; a group at 1e-2 and ``lr=1e-3`` here)."""
-        group_of = {id(p): g for g in self.optimizer.param_groups for p in g["params"]}
-
-        def elsewhere(name: str, group: dict | None) -> bool:
-            if group is None or group_stage(group) == name:
-                return False
-            if self.rule.stage_lrs or self.rule.decay:
-                return True
-            ref_index, ratio = self._reference({"name": name})
-            return not math.isclose(nominal_lr(group), nominal_lr(self.optimizer.param_groups[ref_index]) * ratio)
-
-        return [n for n in names if any(elsewhere(n, group_of.get(id(p))) for p in by_name[n].params)]
-
-    def _rule_says(self) -> str:
-        return "by stage_lrs/decay" if self.rule.stage_lrs or self.rule.decay else f"at lr {self.rule.lr:g}"
+        untold = [n for n in names if n not in self._told_held]
+        self._told_held |= warn_held(self.optimizer, self.rule, by_name, untold, opened=True, stacklevel=5)
 
     def _add_group(self, group: dict) -> None:
         existing = next((g for g in self.optimizer.param_groups if g.get("name") == group["name"]), None)
@@ -358,22 +308,9 @@ class Unfreezer:
             existing["params"].extend(group["params"])
             self.added_groups.append(f"+{group['name']}")
             return
-        ref_index, ratio = self._reference(group)
+        ref_index, ratio = reference(self.optimizer, self.rule, group_stage(group))
         add_group_like(self.optimizer, self.scheduler, group, ref_index, ratio)
         self.added_groups.append(group["name"])
-
-    def _reference(self, group: dict) -> tuple[int, float]:
-        """A group to copy scheduler state from, and the LR ratio of the new group's stage to it."""
-        target = self.rule(group_stage(group))
-        for i, g in enumerate(self.optimizer.param_groups):
-            stage = group_stage(g)
-            if stage in self.rule.depth and self.rule(stage) > 0:  # a stage at LR 0 (stage_lrs) scales nothing
-                return i, target / self.rule(stage)
-        first = nominal_lr(self.optimizer.param_groups[0])
-        if first > 0 or target == 0:
-            return 0, target / first if first > 0 else 0.0
-        raise SpecError(f"cannot give the unfrozen {group_stage(group)} its lr {target:g}: every group the optimizer "
-                        "trains has lr 0, so none gives a schedule to scale; give one a learning rate > 0")  # fmt: skip
 
 
 def _ints_as_names(model: nn.Module, spec: Spec) -> list:
@@ -388,11 +325,3 @@ def _ints_as_names(model: nn.Module, spec: Spec) -> list:
     for item in spec_items(spec):
         named += [s.name for s in resolve_stages(model, item)] if is_count(item) else [item]
     return named
-
-
-def _decay_in_use(optimizer: torch.optim.Optimizer) -> float:
-    """The weight decay of ``optimizer``'s decaying groups (not the ``/no_decay`` twins), else its default."""
-    for group in optimizer.param_groups:
-        if not is_no_decay(group):
-            return float(group.get("weight_decay", 0.0))
-    return float(optimizer.defaults.get("weight_decay", 0.0))
