@@ -1,6 +1,6 @@
 """The optimizer as the ``Unfreezer`` reads it: the group a stage it opens is scaled from, the weight decay it gives
-it, and what it warns of in the optimizer it was given (LRs off its rule, frozen stages another group holds
-already)."""
+it, and what it warns of in the optimizer and scheduler it was given (LRs off its rule, frozen stages another group
+holds already, an LR scheduler it was not given)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ from freezetune.model.stages import Stage
 from freezetune.training.optim import nominal_lr
 from freezetune.training.param_groups import LRRule, group_stage, is_no_decay
 
+# what torch's and timm's LR schedulers leave in each group they were built over (timm's: initial_lr, as torch's)
+_SCHEDULER_TRACES = ("initial_lr", "swa_lr")
 _HOW_TO_BUILD = "build it over ft.param_groups(model, ...)"
 
 
@@ -107,3 +109,22 @@ def _off_rule(optimizer: torch.optim.Optimizer, rule: LRRule, name: str, group: 
 
 def _rule_says(rule: LRRule) -> str:
     return "by stage_lrs/decay" if rule.stage_lrs or rule.decay else f"at lr {rule.lr:g}"
+
+
+def warn_scheduler_left_out(optimizer: torch.optim.Optimizer, opened: list[str] | None) -> bool:
+    """Warn when ``optimizer``'s groups show an LR scheduler the Unfreezer was not given: the groups it adds are not
+    in the scheduler's per-group lists (LambdaLR, CyclicLR and others fail at their next step; timm's leave them at
+    their first LR). ``opened``: the stages opening now; None: said as the Unfreezer is made. Returns whether it
+    warned."""
+    if not any(key in g for g in optimizer.param_groups for key in _SCHEDULER_TRACES):
+        return False
+    later = "or, for one built after the Unfreezer, set unfreezer.scheduler = sched"
+    if opened is None:
+        warnings.warn("the optimizer has an LR scheduler (its groups hold initial_lr), not given to the Unfreezer: "
+                      "pass scheduler= so the groups it adds follow it (some schedulers fail at their next step on a "
+                      f"group they do not know), {later}", stacklevel=3)  # fmt: skip
+    else:
+        warnings.warn(f"unfroze {choices(opened)}: the optimizer has an LR scheduler (its groups hold initial_lr) this "
+                      "Unfreezer was not given, so their groups do not follow it (some schedulers fail at their next "
+                      f"step on them); pass scheduler= {later}", stacklevel=4)  # fmt: skip
+    return True

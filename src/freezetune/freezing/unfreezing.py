@@ -34,10 +34,11 @@ from freezetune.freezing.unfreezer_optimizer import (
     decay_in_use,
     reference,
     warn_held,
+    warn_scheduler_left_out,
 )
 from freezetune.model.stages import Stage, stages
 from freezetune.model.tree import unwrap, wrapping
-from freezetune.training.optim import add_group_like, check_scheduler
+from freezetune.training.optim import add_group_like, check_scheduler, unwrap_optimizer
 from freezetune.training.param_groups import (
     LRRule,
     check_weight_decay,
@@ -52,7 +53,10 @@ class Unfreezer:
     """Unfreeze stages on a schedule, adding their parameters to ``optimizer`` with the ``param_groups`` LR rule.
 
     A given ``scheduler`` keeps driving the new groups: their LR keys and the scheduler's per-group lists are
-    extended from a reference group, scaled by the ratio of the two stages' rule LRs. ``weight_decay`` None (the default) gives the new groups the decay of the optimizer's groups of weights (biases
+    extended from a reference group, scaled by the ratio of the two stages' rule LRs; one built after the Unfreezer is
+    given by ``unfreezer.scheduler = sched`` (checked as ``scheduler=`` is). The optimizer and scheduler may be
+    wrapped as Accelerate's ``prepare`` and Lightning wrap them: the groups go to the torch optimizer inside.
+    ``weight_decay`` None (the default) gives the new groups the decay of the optimizer's groups of weights (biases
     and norms get a ``/no_decay`` twin with 0 when it is not 0); ``bn`` None keeps the BatchNorm policy each frozen
     layer has, a policy gives it to every layer still frozen at the first unfreeze (the optimizer holds what trains
     until then; a policy that differs from the frozen layers' is warned of here; what it releases, ``"affine"``'s
@@ -85,16 +89,18 @@ class Unfreezer:
     ) -> None:
         if bn is not None:
             check_bn_policy(bn)
+        # groups added to a wrapper's own lists (Accelerate's, Lightning's) would never be stepped
+        optimizer = unwrap_optimizer(optimizer)
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise SpecError(f"Unfreezer takes the optimizer (a torch.optim.Optimizer) it adds groups to, got "
                             f"{type(optimizer).__name__}")  # fmt: skip
-        if scheduler is not None:  # one it cannot extend left the stages opened later at their first LR, unsaid
-            check_scheduler(scheduler, optimizer)
         if mode not in MODES:  # any other spelling ("Max") was taken for "min": a rising accuracy a stall
             raise SpecError(f"unknown mode {mode!r}; modes are: {choices(MODES)}")
         # DDP all-reduces the gradients of the parameters that trained when it wrapped the model, and no others
         self.under_ddp = any(isinstance(m, nn.parallel.DistributedDataParallel) for m in wrapping(model))
-        self.model, self.optimizer, self.scheduler = unwrap(model), optimizer, scheduler
+        self.model, self.optimizer = unwrap(model), optimizer
+        self.scheduler = scheduler  # the setter checks it can drive the groups added (and undoes a wrapper)
+        self._told_scheduler = False  # the warning that a stage opened under a scheduler not given, said once
         self.schedule = parse_schedule(schedule)
         self.mode = self.schedule.mode or mode  # a plateau on a loss waits for it to stop falling
         self.rule = LRRule([s.name for s in stages(model)], lr, stage_lrs=stage_lrs, decay=decay)
@@ -112,10 +118,8 @@ class Unfreezer:
         held_frozen = any(not p.requires_grad for g in optimizer.param_groups for p in g["params"])
         frozen = {s.name: s for s in self.frozen_stages()} if held_frozen else {}
         self._told_held = warn_held(optimizer, self.rule, frozen, list(frozen), opened=False, stacklevel=3)
-        if scheduler is None and any("initial_lr" in g for g in optimizer.param_groups):
-            warnings.warn("the optimizer has an LR scheduler (its groups hold initial_lr), not given to the "
-                          "Unfreezer: pass scheduler= so the groups it adds follow it (some schedulers fail at "
-                          "their next step on a group they do not know)", stacklevel=2)  # fmt: skip
+        if scheduler is None:
+            warn_scheduler_left_out(optimizer, None)
         # another optimizer's parameters (a second one of Lightning's configure_optimizers): it steps them; added to
         # this one too, they were updated twice a step
         self.held_elsewhere = {id(p) for p in held_elsewhere}
@@ -132,6 +136,26 @@ class Unfreezer:
         self._plan = {epoch: _ints_as_names(self.model, spec) for epoch, spec in self.schedule.plan.items()}
         if 0 in self._plan:
             self._unfreeze_spec(self._plan[0])
+
+    @property
+    def scheduler(self) -> object | None:
+        """The LR scheduler that drives the groups this Unfreezer adds (under a wrapper, the one inside). Set it to
+        one built after the Unfreezer, before the next stage opens; it is checked as ``scheduler=`` is.
+
+        >>> import torch, torchvision, freezetune as ft
+        >>> m = torchvision.models.resnet18(); ft.freeze(m, "backbone")
+        >>> opt = torch.optim.SGD(ft.param_groups(m, 0.1), lr=0.1)
+        >>> u = ft.Unfreezer(m, opt, "epoch:1", lr=0.1)
+        >>> u.scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.9**step)
+        >>> u.step(0), len(u.scheduler.lr_lambdas) == len(opt.param_groups)
+        (['layer4'], True)
+        """
+        return self._scheduler
+
+    @scheduler.setter
+    def scheduler(self, scheduler: object | None) -> None:
+        # one it cannot extend left the stages opened later at their first LR, unsaid
+        self._scheduler = None if scheduler is None else check_scheduler(scheduler, self.optimizer)
 
     def step(self, epoch: int, metric: float | None = None, *, warming_up: bool = False) -> list[str]:
         """Advance the schedule at the end of ``epoch`` (0-based); returns the stages unfrozen by this call.
@@ -271,6 +295,8 @@ class Unfreezer:
             warnings.warn(f"unfroze {choices(names)} under DistributedDataParallel: DDP averages the gradients of "
                           "the parameters trainable when it wrapped the model only; wrap the model again (as "
                           "freezetune's trainer and Lightning callback do) or the ranks drift apart", stacklevel=3)  # fmt: skip
+        if names and self.scheduler is None and not self._told_scheduler:
+            self._told_scheduler = warn_scheduler_left_out(self.optimizer, names)
         no_decay = no_decay_names(self.model)
         for name in names:
             for group in stage_groups(by_name[name], self.rule(name), self.weight_decay, no_decay, seen):

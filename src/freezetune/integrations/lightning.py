@@ -34,7 +34,7 @@ from freezetune.freezing.freeze import Spec, count_parameters, freeze
 from freezetune.freezing.schedule import parse_schedule
 from freezetune.freezing.unfreezing import Unfreezer
 from freezetune.model.stages import stages
-from freezetune.training.optim import nominal_lr
+from freezetune.training.optim import nominal_lr, scheduler_optimizer, unwrap_optimizer
 from freezetune.training.param_groups import check_weight_decay, checked_lrs, group_stage, resolve_stage_lrs
 
 try:
@@ -397,4 +397,4 @@ def _first_optimizer(trainer: pl.Trainer) -> torch.optim.Optimizer:
 def _scheduler_of(trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> object | None:
     # with several optimizers the first scheduler may drive another one: extended, it grew lists for groups it never had
     configs = trainer.lr_scheduler_configs
-    return next((c.scheduler for c in configs if getattr(c.scheduler, "optimizer", None) is optimizer), None)
+    return next((c.scheduler for c in configs if scheduler_optimizer(c.scheduler) is unwrap_optimizer(optimizer)), None)

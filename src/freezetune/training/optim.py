@@ -159,23 +159,67 @@ def add_group_like(optimizer: torch.optim.Optimizer, scheduler: object | None, g
         _extend_scheduler(scheduler, len(optimizer.param_groups) - 1, ref_index, ratio, group["lr"])
 
 
-def check_scheduler(scheduler: object, optimizer: torch.optim.Optimizer) -> None:
-    """Refuse a ``scheduler`` that cannot drive the groups ``add_group_like`` adds to ``optimizer``: an object that is
-    no LR scheduler, or one of another optimizer (its lists were left as they were, or grown for the wrong groups,
-    and the stages opened later kept their first LR, unsaid).
+def unwrap_optimizer(optimizer: object) -> object:
+    """The torch optimizer under a wrapper that holds it as ``.optimizer`` (Accelerate's ``AcceleratedOptimizer``,
+    Lightning's ``LightningOptimizer``): groups added to the wrapper's own lists would never be stepped.
+
+    >>> opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)
+    >>> class Wrapped: optimizer = opt
+    >>> unwrap_optimizer(Wrapped()) is opt
+    True
+    """
+    for _ in range(8):  # a wrapper of a wrapper; a bound, against an object that holds itself
+        inner = getattr(optimizer, "optimizer", None)
+        if not isinstance(inner, torch.optim.Optimizer) or inner is optimizer:
+            break
+        optimizer = inner
+    return optimizer
+
+
+def unwrap_scheduler(scheduler: object) -> object:
+    """The LR scheduler under a wrapper that holds it as ``.scheduler`` and is built over no optimizer itself
+    (Accelerate's ``AcceleratedScheduler``, Lightning's ``LRSchedulerConfig``): its per-group lists are the ones to
+    extend."""
+    for _ in range(8):
+        inner = getattr(scheduler, "scheduler", None)
+        if hasattr(scheduler, "optimizer") or inner is None or inner is scheduler:
+            break
+        scheduler = inner
+    return scheduler
+
+
+def scheduler_optimizer(scheduler: object) -> object:
+    """The torch optimizer an LR scheduler drives, wrappers of either undone (None for an object that is none)."""
+    return unwrap_optimizer(getattr(unwrap_scheduler(scheduler), "optimizer", None))
+
+
+def check_scheduler(scheduler: object, optimizer: torch.optim.Optimizer) -> object:
+    """The LR scheduler that drives ``optimizer`` (wrappers undone), or a refusal of one that cannot drive the groups
+    ``add_group_like`` adds: an object that is no LR scheduler, one of another optimizer, or one built before groups
+    were added (its lists were left as they were, or grown for the wrong groups, and the stages opened later kept
+    their first LR, unsaid).
 
     >>> check_scheduler(object(), torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1))
     Traceback (most recent call last):
     freezetune.errors.ConfigError: scheduler= is the LR scheduler of the optimizer (a torch.optim.lr_scheduler or timm \
 scheduler built over it), got object
     """
-    owner = getattr(scheduler, "optimizer", None)
+    inner, owner = unwrap_scheduler(scheduler), scheduler_optimizer(scheduler)
     if not isinstance(owner, torch.optim.Optimizer):
         raise ConfigError(f"scheduler= is the LR scheduler of the optimizer (a torch.optim.lr_scheduler or timm "
                           f"scheduler built over it), got {type(scheduler).__name__}")  # fmt: skip
-    if owner is not optimizer:
+    if owner is not unwrap_optimizer(optimizer):
         raise ConfigError(f"scheduler= drives another optimizer than the one given: the groups added to this one would "
                           f"not follow it; pass the {type(scheduler).__name__} built over this optimizer")  # fmt: skip
+    n_groups = len(owner.param_groups)
+    for sched in [inner, *getattr(inner, "_schedulers", [])]:
+        for attr in _SCALED_LISTS + _COPIED_LISTS:
+            values = getattr(sched, attr, None)
+            if isinstance(values, list) and len(values) != n_groups:
+                raise ConfigError(f"scheduler= keeps {len(values)} per-group {attr} and the optimizer has {n_groups} "
+                                  f"groups: it was built before groups were added (stages opened since?); build it "
+                                  "over the optimizer as it is now")  # fmt: skip
+    return inner
 
 
 def _extend_scheduler(scheduler: object, n_before: int, ref_index: int, ratio: float, lr: float) -> None:
