@@ -152,3 +152,33 @@ def test_a_scheduler_set_on_the_unfreezer_after_it_is_built_drives_the_new_group
     with pytest.raises(ft.FreezetuneError, match=r"keeps 1 per-group base_lrs and the optimizer has 2 groups: it was "
                                                  r"built before groups were added"):  # fmt: skip
         unfreezer.scheduler = stale
+
+
+def test_an_optimizer_over_all_parameters_that_decays_the_biases_and_norms_of_frozen_stages_is_reported_once():
+    # AdamW(model.parameters(), weight_decay=0.05) at the Unfreezer's own LR: opened, each stage's biases and norms
+    # decayed at 0.05, where ft.param_groups exempts them, in silence (only an LR that differed was said)
+    torch.manual_seed(0)
+    model = TinyCNN()
+    ft.freeze(model, "backbone")
+    opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.05)
+    with pytest.warns(UserWarning) as said:
+        unfreezer = ft.Unfreezer(model, opt, "epoch:1", lr=LR)
+    assert len(said) == 1, [str(w.message) for w in said]
+    assert str(said[0].message) == (
+        "frozen stage(s) 'block1', 'block2', 'block3', 'stem' are in the optimizer already (built over "
+        "model.parameters()?): opened, their 8 bias and norm tensor(s) will decay at its weight_decay 0.05, where "
+        "ft.param_groups gives them 0; build it over ft.param_groups(model, ...) or over the parameters that train "
+        "(filter(lambda p: p.requires_grad, model.parameters()))"
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once, as it was made
+        assert unfreezer.step(0) == ["block3"]
+    # over the parameters that train, the stages it opens get param_groups' exemptions, and nothing is said
+    torch.manual_seed(0)
+    model = TinyCNN()
+    ft.freeze(model, "backbone")
+    opt = torch.optim.AdamW(filter(lambda p: p.requires_grad, model.parameters()), lr=LR, weight_decay=0.05)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert ft.Unfreezer(model, opt, "epoch:1", lr=LR).step(0) == ["block3"]
+    assert {g.get("name"): g["weight_decay"] for g in opt.param_groups}["block3/no_decay"] == 0.0

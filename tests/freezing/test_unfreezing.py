@@ -525,9 +525,9 @@ def test_stages_already_in_an_optimizer_at_another_lr_than_the_unfreezers_are_re
                                          r"group's LR, not at lr 0.001"):  # fmt: skip
         unfreezer = ft.Unfreezer(model, opt, "epoch:1", lr=1e-3)
     assert unfreezer.step(0) == ["block3"] and opt.param_groups[0]["lr"] == 1e-2
-    with warnings.catch_warnings():  # the same LR: nothing differs, nothing said
+    with warnings.catch_warnings():  # the same LR, no decay: nothing differs, nothing said
         warnings.simplefilter("error")
-        ft.Unfreezer(model, torch.optim.AdamW(model.parameters(), lr=1e-3), "epoch:1", lr=1e-3)
+        ft.Unfreezer(model, torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0), "epoch:1", lr=1e-3)
 
 
 @pytest.mark.parametrize(

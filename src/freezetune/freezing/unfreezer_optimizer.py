@@ -16,7 +16,8 @@ from freezetune.training.param_groups import LRRule, group_stage, is_no_decay
 
 # what torch's and timm's LR schedulers leave in each group they were built over (timm's: initial_lr, as torch's)
 _SCHEDULER_TRACES = ("initial_lr", "swa_lr")
-_HOW_TO_BUILD = "build it over ft.param_groups(model, ...)"
+_HOW_TO_BUILD = ("build it over ft.param_groups(model, ...) or over the parameters that train "
+                 "(filter(lambda p: p.requires_grad, model.parameters()))")  # fmt: skip
 
 
 def decay_in_use(optimizer: torch.optim.Optimizer) -> float:
@@ -79,21 +80,35 @@ def check_rule(optimizer: torch.optim.Optimizer, rule: LRRule, absolute: bool) -
             return
 
 
-def warn_held(optimizer: torch.optim.Optimizer, rule: LRRule, by_name: dict[str, Stage], names: list[str], *,
-              opened: bool, stacklevel: int) -> set[str]:  # fmt: skip
+def warn_held(optimizer: torch.optim.Optimizer, rule: LRRule, by_name: dict[str, Stage], names: list[str],
+              no_decay: set[str], *, opened: bool, stacklevel: int) -> set[str]:  # fmt: skip
     """One warning for the stages ``names`` that an optimizer built over ``model.parameters()`` holds already: they
-    train at their group's LR, not the rule's (any other LR). ``opened``: they open now, else they will. Returns the
-    stages named."""
+    train at their group's LR, not the rule's (any other LR), and their biases and norms at its weight decay, which
+    ``param_groups`` exempts them from. ``opened``: they open now, else they will. Returns the stages named."""
     group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
     off_rule = [n for n in names if any(_off_rule(optimizer, rule, n, group_of.get(id(p))) for p in by_name[n].params)]
-    said = set(off_rule)
+    decaying = {n: found for n in names if (found := _exempt_but_decaying(by_name[n], group_of, no_decay))}
+    said = set(off_rule) | set(decaying)
     if not said:
         return said
-    what = [f"they {'' if opened else 'will '}train at their group's LR, not {_rule_says(rule)}"]
+    what = [f"they {'' if opened else 'will '}train at their group's LR, not {_rule_says(rule)}"] if off_rule else []
+    if decaying:
+        decays = "/".join(
+            f"{d:g}" for d in sorted({group_of[id(p)]["weight_decay"] for ps in decaying.values() for p in ps})
+        )
+        what.append(f"their {sum(map(len, decaying.values()))} bias and norm tensor(s) {'' if opened else 'will '}"
+                    f"decay at its weight_decay {decays}, where ft.param_groups gives them 0")  # fmt: skip
     stages = f"stage(s) {choices(sorted(said))} were" if opened else f"frozen stage(s) {choices(sorted(said))} are"
     warnings.warn(f"{stages} in the optimizer already (built over model.parameters()?): {'' if opened else 'opened, '}"
                   f"{'; '.join(what)}; {_HOW_TO_BUILD}", stacklevel=stacklevel)  # fmt: skip
     return said
+
+
+def _exempt_but_decaying(stage: Stage, group_of: dict[int, dict], no_decay: set[str]) -> list[torch.Tensor]:
+    """``stage``'s parameters that ``param_groups`` exempts from weight decay (1-D: biases, norms; or named by
+    ``no_decay``) and that sit in a group with a weight decay."""
+    return [p for name, p in zip(stage.param_names, stage.params, strict=True)
+            if (p.ndim <= 1 or name in no_decay) and group_of.get(id(p), {}).get("weight_decay", 0) > 0]  # fmt: skip
 
 
 def _off_rule(optimizer: torch.optim.Optimizer, rule: LRRule, name: str, group: dict | None) -> bool:

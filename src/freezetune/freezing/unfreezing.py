@@ -117,7 +117,8 @@ class Unfreezer:
         # stages are traced for it only when the optimizer holds a frozen parameter)
         held_frozen = any(not p.requires_grad for g in optimizer.param_groups for p in g["params"])
         frozen = {s.name: s for s in self.frozen_stages()} if held_frozen else {}
-        self._told_held = warn_held(optimizer, self.rule, frozen, list(frozen), opened=False, stacklevel=3)
+        no_decay = no_decay_names(self.model) if frozen else set()
+        self._told_held = warn_held(optimizer, self.rule, frozen, list(frozen), no_decay, opened=False, stacklevel=3)
         if scheduler is None:
             warn_scheduler_left_out(optimizer, None)
         # another optimizer's parameters (a second one of Lightning's configure_optimizers): it steps them; added to
@@ -290,14 +291,14 @@ class Unfreezer:
         # biases under affine-only, in a ResNet whose convolutions have none): those stages were reported as opened
         names = [n for n in names if any(p.requires_grad and id(p) not in trained for p in by_name[n].params)]
         seen = {id(p) for g in self.optimizer.param_groups for p in g["params"]} | self.held_elsewhere
-        self._warn_if_grouped_already(names, by_name)
+        no_decay = no_decay_names(self.model)
+        self._warn_if_grouped_already(names, by_name, no_decay)
         if self.under_ddp and names:
             warnings.warn(f"unfroze {choices(names)} under DistributedDataParallel: DDP averages the gradients of "
                           "the parameters trainable when it wrapped the model only; wrap the model again (as "
                           "freezetune's trainer and Lightning callback do) or the ranks drift apart", stacklevel=3)  # fmt: skip
         if names and self.scheduler is None and not self._told_scheduler:
             self._told_scheduler = warn_scheduler_left_out(self.optimizer, names)
-        no_decay = no_decay_names(self.model)
         for name in names:
             for group in stage_groups(by_name[name], self.rule(name), self.weight_decay, no_decay, seen):
                 self._add_group(group)
@@ -316,16 +317,16 @@ class Unfreezer:
                 for group in stage_groups(stage, self.rule(name), self.weight_decay, no_decay, skip):
                     self._add_group(group)
 
-    def _warn_if_grouped_already(self, names: list[str], by_name: dict[str, Stage]) -> None:
+    def _warn_if_grouped_already(self, names: list[str], by_name: dict[str, Stage], no_decay: set[str]) -> None:
         """An optimizer built over ``model.parameters()`` holds the frozen stages too: opened, they train at their
-        group's LR, whatever ``stage_lrs`` or ``decay`` say. (Under ``bn="affine"`` a stage's norms are in its own
-        group already, which is right.)"""
+        group's LR and decay, whatever ``stage_lrs``, ``decay`` or ``param_groups``' exemptions say. (Under
+        ``bn="affine"`` a stage's norms are in its own group already, which is right.)"""
         elsewhere = [n for n in names if any(id(p) in self.held_elsewhere for p in by_name[n].params)]
         if elsewhere:
             warnings.warn(f"stage(s) {choices(elsewhere)} are in another optimizer: they train there, at its LR (this "
                           "Unfreezer adds groups to its own optimizer only)", stacklevel=4)  # fmt: skip
         untold = [n for n in names if n not in self._told_held]
-        self._told_held |= warn_held(self.optimizer, self.rule, by_name, untold, opened=True, stacklevel=5)
+        self._told_held |= warn_held(self.optimizer, self.rule, by_name, untold, no_decay, opened=True, stacklevel=5)
 
     def _add_group(self, group: dict) -> None:
         existing = next((g for g in self.optimizer.param_groups if g.get("name") == group["name"]), None)
