@@ -85,3 +85,37 @@ def test_a_notebooks_stream_behind_the_runs_pipe_guard_still_gets_the_live_bar(m
     finally:
         sys.stdout, sys.stderr = found
         os.close(read), os.close(write)
+
+
+def test_a_terminal_without_a_size_gets_the_files_lines_not_a_hidden_bar(monkeypatch):
+    # ssh -tt from a script, docker run -t from a non-terminal: a pseudo-terminal of 0 rows and 0 columns, where tqdm
+    # hides a bar at or below the screen's height (0); the run showed no progress at all
+    import fcntl
+    import os
+    import pty
+    import select
+    import struct
+    import termios
+
+    leader, follower = pty.openpty()
+    said = {}
+    try:
+        for rows, cols in ((0, 0), (0, 80), (24, 0), (24, 80)):
+            fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+            stream = os.fdopen(os.dup(follower), "w")
+            monkeypatch.setattr(sys, "stderr", stream)
+            bar = progress_bar(3, "epoch 1", enabled=True)
+            bar.update(1)
+            bar.refresh()  # what the once-a-minute redraw does
+            bar.close()
+            stream.close()
+            out = b""
+            while select.select([leader], [], [], 0.2)[0]:
+                out += os.read(leader, 65536)
+            said[rows, cols] = (bar.mininterval, out.decode())
+    finally:
+        os.close(leader), os.close(follower)
+    assert {size: interval for size, (interval, _) in said.items()} == {
+        (0, 0): 60.0, (0, 80): 60.0, (24, 0): 60.0, (24, 80): 0.1}  # fmt: skip
+    assert said[0, 0][1].startswith("epoch 1:") and "1/3" in said[0, 0][1]  # a line, not a bar tqdm hid
+    assert said[0, 0][1].endswith("\r\n") and "\r" not in said[0, 0][1][:-2]  # the terminal's newline, no redraws

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import numbers
+import os
 import sys
 import time
 import warnings
@@ -34,13 +35,31 @@ def progress_bar(total: int, desc: str, *, enabled: bool, unit: str = "it"):
 
     # a notebook without ipywidgets gets tqdm's text bar on its stderr, which it redraws in place as a terminal does
     in_notebook = type(getattr(sys.stderr, "wrapped", sys.stderr)).__module__.startswith("ipykernel")  # (cli.exit)
-    live = tqdm.__module__.startswith("tqdm.notebook") or in_notebook or sys.stderr.isatty()
+    live = tqdm.__module__.startswith("tqdm.notebook") or in_notebook or _sized_terminal(sys.stderr)
     interval = 0.1 if live else 60.0
     # a file's bar waits a minute to appear: drawn at once, every epoch shorter than that left a line of 0%; tqdm's
-    # monitor thread redraws a bar silent for maxinterval (10 s by default): a file got two lines a minute
-    return tqdm(total=total, desc=desc, leave=False, disable=not enabled, dynamic_ncols=True, unit=unit,
+    # monitor thread redraws a bar silent for maxinterval (10 s by default): a file got two lines a minute. Its lines
+    # take no size from the terminal: one of 0 rows gave the bar -1 rows, and tqdm hid it
+    return tqdm(total=total, desc=desc, leave=False, disable=not enabled, dynamic_ncols=live, unit=unit,
                 mininterval=interval, maxinterval=max(interval, 10.0), delay=0 if live else interval,
                 file=None if live else _Lines(sys.stderr))  # fmt: skip
+
+
+def _sized_terminal(stream) -> bool:
+    """Whether ``stream`` is a terminal with a size: a pseudo-terminal that reports 0 rows or columns (``ssh -tt``
+    from a script, ``docker run -t`` from a non-terminal, ``script``, ``unbuffer``) is one, yet tqdm hides a bar at or
+    below the screen's height, and such a run showed no progress at all; it gets the file's lines."""
+    if not stream.isatty():
+        return False
+    try:
+        fd = stream.fileno()
+    except (AttributeError, OSError, ValueError):  # a stream that says it is a terminal and has no descriptor: trusted
+        return True
+    try:
+        size = os.get_terminal_size(fd)
+    except (OSError, ValueError):
+        return False
+    return size.lines > 0 and size.columns > 0
 
 
 class _Lines:
