@@ -150,6 +150,22 @@ def test_format_predictions_one_line_per_image():
     assert format_predictions(records) == "a.png  red 75.0%  blue 25.0%\nb.png  blue 100.0%"
 
 
+def test_a_path_or_class_with_control_characters_is_one_line_of_escapes_and_json_keeps_the_names(capsys):
+    # folders named '\x1b[31mRED\x1b[0m' and 'line1\nline2': the text line recoloured the terminal and broke in two
+    from freezetune.inference.predict import PredictionPrinter
+
+    red, two = "\x1b[31mRED\x1b[0m", "line1\nline2"
+    record = {"path": f"d2/test/{red}/red_0.png", "top": [{"class": red, "prob": 0.824}, {"class": two, "prob": 0.118}]}
+    assert format_predictions([record]) == ("d2/test/\\x1b[31mRED\\x1b[0m/red_0.png  \\x1b[31mRED\\x1b[0m 82.4%  "
+                                            "line1\\nline2 11.8%")  # fmt: skip
+    for how in ("json", "jsonl"):  # the real names, as before
+        say = PredictionPrinter(how)
+        say(record)
+        say.end()
+        out = capsys.readouterr().out
+        assert json.loads(out) == ([record] if how == "json" else record)
+
+
 def test_each_record_is_handed_on_as_soon_as_its_batch_is_scored(best_pt, data, monkeypatch, tmp_path):
     # 10 000 images printed nothing until the last was scored (and `| head` waited for all of them)
     from freezetune.inference import predict

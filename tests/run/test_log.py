@@ -329,3 +329,15 @@ def test_a_line_naming_a_file_whose_name_is_not_utf8_is_logged_with_its_escape(t
         opened(tmp_path)
         say("skipping 1 unreadable image file, first: cat/b\udce9d.png")
     assert _said(tmp_path / LOG_FILE)[1:] == ["skipping 1 unreadable image file, first: cat/b\\udce9d.png"]
+
+
+def test_a_warning_naming_a_file_shows_its_control_characters_as_escapes_once(tmp_path, caplog):
+    # a folder named with a newline or an ANSI escape broke the warning's line and recoloured the terminal
+    logger = logging.getLogger("freezetune.data.doc")
+    with caplog.at_level(logging.WARNING, logger="freezetune"), log(lambda _: None, tmp_path):
+        opened(tmp_path)
+        for _ in range(2):  # said once a run, as any warning
+            run_log.warn_once(logger, "'%s': %d file(s) left out", "red\n\x1b[2Jx.png", 1)
+    line = "'red\\n\\x1b[2Jx.png': 1 file(s) left out"
+    assert [r.getMessage() for r in caplog.records] == [line]  # what stderr's handler prints
+    assert _said(tmp_path / LOG_FILE)[1:] == [f"WARNING freezetune.data.doc: {line}"]

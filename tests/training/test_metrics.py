@@ -147,6 +147,45 @@ def test_format_report_truncates_many_classes():
     assert classes[worst] in text
 
 
+def _columns(line: str) -> int:
+    """The columns a terminal gives ``line``: two a wide East Asian character, none a combining mark."""
+    import unicodedata
+
+    return sum(0 if unicodedata.combining(ch) else 1 + (unicodedata.east_asian_width(ch) in "WF") for ch in line)
+
+
+def test_class_names_with_control_characters_print_as_escapes_in_rows_that_line_up():
+    # folder names may hold an ANSI escape, a newline, a bidi override: printed raw they recoloured the terminal and
+    # broke the table's rows; a wide East Asian name or a combining accent pushed its row's columns out of line
+    classes = ["\x1b[31mRED\x1b[0m", "line1\nline2", "\u202eevil", "猫", "cafe\u0301"]
+    meter = ClassificationMeter(5)
+    meter.update(torch.eye(5) * 5, torch.arange(5))
+    lines = format_report(meter.compute(), classes).splitlines()
+    assert not any(ch in "\n".join(lines) for ch in "\x1b\u202e") and len(lines) == 2 + 5 + 2 + 5
+    rows, matrix = lines[2:7], lines[9:]
+    assert [row.split()[0] for row in rows] == [
+        "\\x1b[31mRED\\x1b[0m",
+        "line1\\nline2",
+        "\\u202eevil",
+        "猫",
+        "cafe\u0301",
+    ]
+    assert len({_columns(row) for row in rows}) == 1 and len({_columns(row) for row in matrix}) == 1  # as displayed
+    assert matrix[3].startswith("  3 猫 ") and matrix[3].endswith(" 0 0 0 1 0")
+
+
+def test_class_names_an_ascii_terminal_cannot_print_are_measured_as_it_prints_them(monkeypatch):
+    # PYTHONIOENCODING=ascii: Python writes 'café' as 'caf\xe9', four columns wider than the report measured it
+    import io
+    import sys
+
+    monkeypatch.setattr(sys, "stdout", io.TextIOWrapper(io.BytesIO(), encoding="ascii", errors="backslashreplace"))
+    meter = ClassificationMeter(2)
+    meter.update(torch.eye(2) * 5, torch.arange(2))
+    rows = format_report(meter.compute(), ["café", "dog"]).splitlines()[2:4]
+    assert rows == ["  caf\\xe9  100.0%  (n=1)", "  dog      100.0%  (n=1)"]
+
+
 def test_format_report_rejects_wrong_class_count():
     result = _accumulate(_random_batches(3, [5]), 3)
     with pytest.raises(DataError, match="2 class names .* 3 classes"):

@@ -24,6 +24,7 @@ from freezetune.config.options import PIL_WARNINGS
 from freezetune.config.train_config import TrainConfig, field_names
 from freezetune.errors import ConfigError, FreezetuneError
 from freezetune.run import log as run_log
+from freezetune.run.display import PrintableArgs, printable
 from freezetune.run.interrupt import RunInterrupted, forget_stop, pause_point, raised_stop
 
 
@@ -32,6 +33,14 @@ def _line_buffered(stream) -> None:
     a run's log stayed empty until the process ended (``tail -f`` showed nothing; a killed run lost its last lines)."""
     if not stream.isatty() and hasattr(stream, "reconfigure"):
         stream.reconfigure(line_buffering=True)
+
+
+def _names_printable(handlers: list[logging.Handler]) -> None:
+    """A logged line's names (a file's path, a class's) with their control characters shown as escapes: a folder
+    named with an ANSI escape recoloured the terminal, one with a newline broke the warning's line."""
+    for handler in handlers:
+        if not any(isinstance(f, PrintableArgs) for f in handler.filters):
+            handler.addFilter(PrintableArgs())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     run_log.command = shlex.join(["freezetune", *argv])  # train.log's header
     level = logging.INFO if getattr(args, "verbose", False) else logging.WARNING
     logging.basicConfig(level=level if first else logging.ERROR, format=run_log.WARNING_FORMAT)
+    _names_printable(logging.getLogger().handlers)
     for message in PIL_WARNINGS:  # PIL's, raw: see data.scan.quiet_pil_warnings (not imported here: PIL is slow)
         warnings.filterwarnings("ignore", message=message)
     forget_stop()  # a stop belongs to the command it stopped
@@ -216,10 +226,10 @@ def _cmd_eval(args) -> int:
 
     plot = eval_outputs(args.checkpoint, args.data, plot=args.plot, metrics=args.metrics, force=args.force)
     result = evaluate_checkpoint(args.checkpoint, args.data, batch_size=args.batch_size, device=args.device,
-                                 workers=args.workers, progress=True, skip_bad=args.skip_bad, text_column=args.text_column,
-                                 label_column=args.label_column)  # fmt: skip
+                                 workers=args.workers, progress=True, skip_bad=args.skip_bad,
+                                 text_column=args.text_column, label_column=args.label_column)  # fmt: skip
     try:  # first: a folder the files cannot go to must not cost the scores
-        print(f"scored {result['n']} of {result['data']}")
+        print(f"scored {result['n']} of {printable(result['data'])}")
         print(format_report(result, result["classes"]))
     except BrokenPipeError:  # `eval ... --metrics m.json | head -1`: the files are what the batch job reads
         if not cli_exit.reader_gone(sys.stdout):

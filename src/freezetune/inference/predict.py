@@ -24,6 +24,7 @@ from freezetune.data.utf8 import decoded
 from freezetune.device.bn_fold import foldable, folded
 from freezetune.errors import ConfigError, DataError
 from freezetune.inference.evaluation import BATCH_SIZE, LoadedModel, count_cut, load_model, text_tokenizer, warn_cut
+from freezetune.run.display import printable
 from freezetune.training.eval_loop import predict_probs
 
 log = logging.getLogger(__name__)
@@ -282,7 +283,9 @@ def _ranked(probs: torch.Tensor, classes: list[str], topk: int) -> list[list[dic
 
 def format_predictions(records: list[dict]) -> str:
     """One line per image: its path, then each class with its probability in percent; per text: its file and row
-    (when it came from a file), the classes, then the text (its first 60 characters).
+    (when it came from a file), the classes, then the text (its first 60 characters). A control character in a path or
+    a class name (an ANSI escape, a newline in a folder's name) is shown as its escape (``run.display.printable``):
+    raw, it recoloured the terminal and split an image's line in two. ``--json`` keeps the real names.
 
     >>> print(format_predictions([{"path": "a.jpg", "top": [{"class": "cat", "prob": 0.9}, {"class": "dog", "prob": 0.1}]}]))
     a.jpg  cat 90.0%  dog 10.0%
@@ -293,10 +296,10 @@ def format_predictions(records: list[dict]) -> str:
 
 
 def _prediction_line(record: dict) -> str:
-    classes = "  ".join(f"{p['class']} {100 * p['prob']:.1f}%" for p in record["top"])
+    classes = "  ".join(f"{printable(p['class'])} {100 * p['prob']:.1f}%" for p in record["top"])
     if "text" not in record:
-        return f"{record['path']}  {classes}"
-    where = f"{record['path']}:{record['row']}  " if "path" in record else ""
+        return f"{printable(record['path'])}  {classes}"
+    where = f"{printable(record['path'])}:{record['row']}  " if "path" in record else ""
     text = record["text"] if len(record["text"]) <= 60 else record["text"][:59] + "…"
     return f"{where}{classes}  {text!r}"
 
@@ -311,7 +314,7 @@ class PredictionPrinter:
 
     def __call__(self, record: dict) -> None:
         if "error" in record:
-            print(f"freezetune: error: {record['error']}", file=sys.stderr)
+            print(f"freezetune: error: {printable(record['error'])}", file=sys.stderr)
         if self.how == "json":
             item = "\n".join(" " + line for line in json.dumps(record, indent=1).splitlines())
             print(("[\n" if not self.count else ",\n") + item, end="", flush=True)

@@ -30,6 +30,7 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from pathlib import Path
 
+from freezetune.run.display import PrintableArgs, printable_args
 from freezetune.run.interrupt import forget_stop
 
 LOG_FILE = "train.log"  # a run's
@@ -41,16 +42,6 @@ command: str | None = None  # the command line that started this process, when t
 # how a character that cannot be written is shown, in the log, on a terminal and in a plot: as its escape. Linux hands
 # a file name that is not UTF-8 (an old Latin-1 zip's "d\xf6g/") to Python as a lone surrogate, '\udcf6'
 ESCAPE = "backslashreplace"
-
-
-def escaped(text: str) -> str:
-    """``text`` with each character UTF-8 cannot encode (a lone surrogate: a byte of a file or class name that is not
-    UTF-8) written as its escape, as ``train.log`` and the terminal show it; every other character is kept.
-
-    >>> print(escaped("d\\udcf6g"), escaped("café"))
-    d\\udcf6g café
-    """
-    return text.encode("utf-8", ESCAPE).decode("utf-8")
 
 
 class _Level:
@@ -170,7 +161,7 @@ def warn_once(logger: logging.Logger, msg: str, *args: object) -> None:
     >>> warn_once(logging.getLogger("freezetune.doc"), "%d file(s) left out", 3)  # outside a run: always said
     """
     levels = _levels.get()
-    line = _warning_line(logging.WARNING, logger.name, msg % args if args else msg)
+    line = _warning_line(logging.WARNING, logger.name, msg % printable_args(args) if args else msg)  # as logged
     if levels and line in levels[0].warned:
         _record(line, warning=True)
         return
@@ -185,6 +176,7 @@ class _WarningsToLog(logging.Handler):
     def __init__(self, levels: tuple[_Level, ...]) -> None:
         super().__init__(logging.NOTSET)  # the loggers' levels decide, as they decide what stderr shows
         self.levels = levels
+        self.addFilter(PrintableArgs())  # first of the handlers: stderr's shows the names as the log does
 
     def emit(self, record: logging.LogRecord) -> None:
         try:

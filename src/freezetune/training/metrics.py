@@ -15,7 +15,7 @@ import torch
 
 from freezetune._io import atomic_output
 from freezetune.errors import ConfigError, DataError
-from freezetune.run.log import escaped
+from freezetune.run.display import output_encoding, padded, printable, width
 
 log = logging.getLogger(__name__)
 
@@ -189,14 +189,16 @@ def _pct(x: float | None) -> str:
     return "  n/a" if x is None else f"{100 * x:5.1f}%"
 
 
-def _shown(result: dict, classes: list[str]) -> list[str]:
-    """The class names as the report and the plot show them, one for each class of ``result``: a name that is not
-    UTF-8 (a class folder's, on Linux) as its escape, as the terminal and ``train.log`` show it; matplotlib raised on
-    it, and the escape's width keeps the report's columns."""
+def _shown(result: dict, classes: list[str], encoding: str | None = None) -> list[str]:
+    """The class names as the report and the plot show them, one for each class of ``result``: a control character
+    (an ANSI escape, a newline in a folder's name) and a name's byte that is not UTF-8 (a class folder's, on Linux) as
+    its escape (``run.display.printable``); raw, an escape recoloured the terminal and a newline broke the table's rows,
+    and matplotlib raised on a lone surrogate. ``encoding``: the stream's, whose escapes (``caf\\xe9`` in ASCII) the
+    report's columns are measured on."""
     c = len(result["confusion"])
     if len(classes) != c:
         raise DataError(f"got {len(classes)} class names for a result with {c} classes")
-    return [escaped(name) for name in classes]
+    return [printable(name, encoding) for name in classes]
 
 
 def format_report(result: dict, classes: list[str], max_classes: int = 20) -> str:
@@ -208,8 +210,9 @@ def format_report(result: dict, classes: list[str], max_classes: int = 20) -> st
 
     Args:
         result: Output of ``ClassificationMeter.compute()``.
-        classes: Class names, index-aligned with the confusion matrix; one that is not UTF-8 (a Linux folder name)
-            is shown as its escape (``run.log.escaped``).
+        classes: Class names, index-aligned with the confusion matrix; a control character in one (an ANSI escape, a
+            newline), a byte that is not UTF-8 (a Linux folder name) and a character standard output cannot encode
+            are shown as their escapes (``run.display.printable``).
         max_classes: Largest class count shown in full.
 
     Returns:
@@ -220,7 +223,7 @@ def format_report(result: dict, classes: list[str], max_classes: int = 20) -> st
     >>> print(format_report(m.compute(), ["cat", "dog"]).splitlines()[0])
     n 2  loss n/a  top-1  50.0%  top-2 100.0%  macro-F1 0.3333
     """
-    classes = _shown(result, classes)
+    classes = _shown(result, classes, output_encoding())
     c = len(classes)
     loss = "n/a" if result["loss"] is None else f"{result['loss']:.4f}"
     lines = [
@@ -241,21 +244,21 @@ def _per_class_lines(result: dict, classes: list[str], max_classes: int) -> list
         order.sort(key=lambda i: (result["per_class_acc"][i] is None, result["per_class_acc"][i] or 0.0))
         order = order[:max_classes]
         header = f"per-class accuracy (worst {max_classes} of {len(classes)}):"
-    width = max(len(classes[i]) for i in order)
+    columns = max(width(classes[i]) for i in order)  # a wide East Asian character takes two
     lines = [header]
-    lines += [f"  {classes[i]:<{width}}  {_pct(result['per_class_acc'][i])}  (n={support[i]})" for i in order]
+    lines += [f"  {padded(classes[i], columns)}  {_pct(result['per_class_acc'][i])}  (n={support[i]})" for i in order]
     return lines
 
 
 def _confusion_lines(confusion: list[list[int]], classes: list[str]) -> list[str]:
     # Columns carry indices, not names: names would make the matrix too wide to read; rows give index and name.
     labels = [f"{i} {name}" for i, name in enumerate(classes)]
-    lw = max(len(s) for s in labels)
+    lw = max(width(s) for s in labels)
     cw = max(len(str(v)) for row in confusion for v in row + [len(classes) - 1])
     lines = ["confusion matrix (rows = true, columns = predicted):"]
     lines.append("  " + " " * lw + "".join(f" {j:>{cw}}" for j in range(len(classes))))
     lines += [
-        "  " + f"{label:<{lw}}" + "".join(f" {v:>{cw}}" for v in row)
+        "  " + padded(label, lw) + "".join(f" {v:>{cw}}" for v in row)
         for label, row in zip(labels, confusion, strict=True)
     ]
     return lines
@@ -277,8 +280,8 @@ def plot_confusion(result: dict, classes: list[str], path: str | Path) -> Path:
 
     Args:
         result: Output of ``ClassificationMeter.compute()``.
-        classes: Class names, index-aligned with the confusion matrix; one that is not UTF-8 (a Linux folder name)
-            is shown as its escape (``run.log.escaped``).
+        classes: Class names, index-aligned with the confusion matrix; a control character in one and a byte that is
+            not UTF-8 (a Linux folder name) are shown as their escapes (``run.display.printable``).
         path: Destination PNG; written atomically.
 
     Returns:
