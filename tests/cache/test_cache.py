@@ -139,6 +139,9 @@ def test_the_unaugmented_cache_is_said_once_a_run_not_at_each_rebuild(image_fold
     # built, then rebuilt at each of two unfreezes
     assert len(_cache_lines(lines)) == 3
     assert sum("cached without augmentation" in line for line in lines) == 1, lines
+    # a build's line before it, the training store's: each unfreeze said three feature cache lines
+    assert [line.split(":")[1] for line in lines if line.startswith("feature cache: building")] == [
+        " building the training store"] * 3, lines  # fmt: skip
 
 
 def test_cache_turns_off_when_boundary_is_no_longer_cacheable(image_folder, tmp_path):

@@ -42,6 +42,7 @@ from freezetune.device.distributed import batch_block
 from freezetune.device.precision import Precision
 from freezetune.errors import ResourceError
 from freezetune.model.stages import stages
+from freezetune.run.log import first_time
 from freezetune.training.eval_loop import evaluate
 
 log = logging.getLogger(__name__)
@@ -303,22 +304,29 @@ class FeaturePath:
             if val:  # a line of its own: beside the reason, the line ran to 330 characters
                 self.echo(f"feature cache: validation store {val}, {hows[0]} in {seconds:.1f}s")
             return True
-        # each store by what happened to it: "read from DIR" when one of two was read said the other was too
-        how = hows[0] if len(set(hows)) == 1 else f"training store {hows[0]}, validation store {hows[1]}"
-        self.echo(
-            f"feature cache: {why}; {info.describe()}{f'; validation {val}' if val else ''}; {how} in {seconds:.1f}s"
-        )
-        if not augment and self.loaders.aug != "none" and not self._told_unaugmented:
-            self._told_unaugmented = True  # once a run: each rebuild at an unfreeze said it again
-            self.echo(
-                f"note: training images are cached without augmentation (aug {self.loaders.aug!r} needs "
-                "--cache-views 2 or more: one fixed random view per image trains worse than the plain image)"
-            )
+        self._say_cached(why, info, val, hows, seconds)
+        note = (f"note: training images are cached without augmentation (aug {self.loaders.aug!r} needs "
+                "--cache-views 2 or more: one fixed random view per image trains worse than the plain image)")  # fmt: skip
+        # once a run: each rebuild at an unfreeze said it again, and each of the auto recipe's trials and its final run
+        if not augment and self.loaders.aug != "none" and not self._told_unaugmented and first_time(note):
+            self._told_unaugmented = True
+            self.echo(note)
         # a resume, or the next run, would build it again (under DDP the ranks build their blocks together: no reuse)
         if self.cache_dir is None and not self.loaders.dist.enabled and seconds >= SLOW_BUILD_S:
             self.echo(f"note: the cache took {seconds:.0f}s to build; --cache-dir DIR keeps it for a resume or a later "
                       "run on the same data (the auto recipe keeps its own in the run dir's features/)")  # fmt: skip
         return False
+
+    def _say_cached(self, why: str, info: CacheInfo, val: str, hows: list[str], seconds: float) -> None:
+        """Say what the stores hold, once a run: the auto recipe's trials and its final run read the same stores
+        from its features/, and the same line came four times; the same cut again is said with -v."""
+        # each store by what happened to it: "read from DIR" when one of two was read said the other was too
+        how = hows[0] if len(set(hows)) == 1 else f"training store {hows[0]}, validation store {hows[1]}"
+        line = f"feature cache: {why}; {info.describe()}{f'; validation {val}' if val else ''}; {how} in {seconds:.1f}s"
+        if first_time(f"feature cache: {why}; {info.views} {tuple(info.shape)} on {info.place}; {val}"):
+            self.echo(line)
+        else:
+            log.info(line)
 
     def _read_plain(self, plain: bool) -> None:
         """Whether the image loader reads the plain images (streaming a store's); a change rebuilds it."""
@@ -393,13 +401,19 @@ class FeaturePath:
         # under DDP the ranks build their blocks together: a cache dir (given, or the auto recipe's features/) is not
         # read nor written, said where the log says how the store came to be (config.yaml still records it)
         unkept = f" (not read from nor kept in {self.cache_dir}: under torchrun each run builds its own)"
-        hows.append("built" + (unkept if self.cache_dir is not None and dist.enabled else ""))
         which = "training" if train else "validation"
         # said before, not only after: at 224 px on a CPU a build of a few thousand images takes minutes, and a log
-        # file (where the bar is drawn once a minute) held nothing, an auto run's plan not even, until it ended
-        self.echo(f"feature cache: building the {which} store: {len(dataset)} {which} {noun(dataset)}"
-                  f"{f' x {views} views' if views > 1 else ''} through the frozen layers before {split.boundary}, "
-                  "once")  # fmt: skip
+        # file (where the bar is drawn once a minute) held nothing, an auto run's plan not even, until it ended. The
+        # validation store's build, just after the training store's that was said, is said with -v: an unfreeze
+        # rebuilding both printed three lines
+        building = (f"feature cache: building the {which} store: {len(dataset)} {which} {noun(dataset)}"
+                    f"{f' x {views} views' if views > 1 else ''} through the frozen layers before {split.boundary}, "
+                    "once")  # fmt: skip
+        if train or not hows or not hows[0].startswith("built"):
+            self.echo(building)
+        else:
+            log.info(building)
+        hows.append("built" + (unkept if self.cache_dir is not None and dist.enabled else ""))
         start = time.perf_counter()
         with said_stopped_while_building():
             store, info = build_store(split, len(dataset), loaders.views(dataset, train=augment), self.precision,
