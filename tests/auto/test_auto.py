@@ -306,9 +306,9 @@ def test_an_auto_run_whose_epochs_draw_fewer_images_than_the_set_builds_no_train
         return [line.strip() for line in lines if "feature cache: no training store" in line]
 
     trial, run = streamed(2)  # the trial: (1 + 2 / 50 %) x 5 draws, the other trials' 2 x 5; the run: 2 x 10
-    assert trial.startswith("feature cache: no training store: the 1 epoch(s) left (and the run that reads this one's "
-                            "cache) draw 35 training images, no more than the 39 a store would hold")  # fmt: skip
-    assert run.startswith("feature cache: no training store: the 2 epoch(s) left draw 20 training images")
+    assert trial.split("\n")[1].strip().startswith("the 1 epoch(s) left (and the run that reads this one's cache) "
+                                                    "draw 35 training images, no more than the 39 a store would hold")  # fmt: skip
+    assert run.split("\n")[1].strip().startswith("the 2 epoch(s) left draw 20 training images")
     assert streamed(4) == []  # the trial's 5 + the run's 40: built by the trial, read by the run
 
 
@@ -780,7 +780,8 @@ def test_an_auto_run_that_unfreezes_below_its_cut_caches_at_the_new_boundary(dat
     assert code == 0, err
     assert "feature cache off" not in out
     after = out.split("unfroze blocks.0")[1]
-    assert "no training store: the 1 epoch(s) left draw" in after and "frozen layers before blocks.0" in after, out
+    assert "no training store: each batch runs the frozen layers before blocks.0" in after, out
+    assert "\n  the 1 epoch(s) left draw" in after, out  # the why, on an indented line of its own
 
 
 def test_the_choice_among_trials_that_beat_the_default_prefers_the_cheaper_on_a_tie_and_floors_the_noise():

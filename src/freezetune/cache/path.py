@@ -349,10 +349,11 @@ class FeaturePath:
     def _say_streamed(self, split: Split, draws: int, epochs_left: int) -> None:
         things = noun(self.data.train)
         later = " (and the run that reads this one's cache)" if self._kept and self.later_epochs else ""
-        self.echo(f"feature cache: no training store: the {epochs_left} epoch(s) left{later} draw {draws} training "
-                  f"{things}, no more than the {len(self.data.train)} a store would hold (--cache memory builds it all "
-                  f"the same); each batch runs the frozen layers before {split.boundary} forward only, on the plain "
-                  f"{things}, and the rest trains on their output")  # fmt: skip
+        # the why on a line of its own, indented: in one, 280 characters wrapped to four lines of a terminal pane
+        self.echo(f"feature cache: no training store: each batch runs the frozen layers before {split.boundary} "
+                  f"forward only, on the plain {things}, and the rest trains on their output\n"
+                  f"  the {epochs_left} epoch(s) left{later} draw {draws} training {things}, no more than the "
+                  f"{len(self.data.train)} a store would hold (--cache memory builds it all the same)")  # fmt: skip
 
     def remove_empty_spill(self) -> None:
         """Remove the run's ``cache/`` folder when nothing is left in it: under torchrun each rank removes only its
