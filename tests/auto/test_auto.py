@@ -219,7 +219,7 @@ def test_auto_measures_on_the_validation_split_and_keeps_its_evidence(data, tmp_
     else:
         assert evaluated == [3] * 5 and any("39 train images" in line for line in lines)
     # and how long it will train, at its trial's pace
-    chose = r"^auto: chose to train the last .* for 2 epoch\(s\) \(about \d+s\): "
+    chose = r"^auto: chose to train the last .* for 2 epoch\(s\) \(about \d+s\):\n  "  # the why on its own line
     assert any(re.search(chose, line) for line in lines), lines
     # how much each trial trained is said beside its score and in the reason for the choice (a trial of one step
     # favours the highest learning rate): 20 of the 39 images in batches of 8

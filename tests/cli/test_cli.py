@@ -336,9 +336,9 @@ def test_the_command_line_names_a_photo_with_corrupt_exif_once_in_place_of_pils_
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout.startswith(str(photo)), proc.stderr
     assert "Corrupt EXIF" not in proc.stderr and "TiffImagePlugin" not in proc.stderr, proc.stderr
-    (line,) = proc.stderr.splitlines()
+    line, example = proc.stderr.splitlines()  # the file on a line of its own
     assert line.startswith("WARNING freezetune.data.scan: 1 image file(s) have corrupt EXIF data"), line
-    assert f"'{photo}' (read as stored: no orientation before the cut turns it)" in line
+    assert example == f"  '{photo}' (read as stored: no orientation before the cut turns it)"
 
 
 def test_predict_prints_a_name_the_terminal_cannot_encode_as_its_escape(run, data, tmp_path):

@@ -193,9 +193,10 @@ def run(cfg: TrainConfig, *, echo: Callable[[str], None] = print, train: Callabl
     later = ", longer once --unfreeze opens more stages" if cfg.unfreeze else ""
     pace = "" if cfg.budget else f" (about {auto_plan.duration_text(run_s)}{later})"
     drawn = f" of {base.epoch_images:,} {trials[0]['data_kind']}" if base.epoch_images != cfg.epoch_images else ""
+    # the why on a line of its own: in one, 300 characters wrapped to four lines of a terminal pane
     echo(f"auto: chose to train the last {choice['trained_stages']} stage(s) + head (freeze {choice['freeze']}, lr "
-         f"{run_lr:.1e}{held}){' from the probed head' if probe else ''} for {epochs} epoch(s){drawn}{pace}: "
-         f"{why}")  # fmt: skip
+         f"{run_lr:.1e}{held}){' from the probed head' if probe else ''} for {epochs} epoch(s){drawn}{pace}:\n"
+         f"  {why}")  # fmt: skip
     init = _start_from(out, trials, choice, cfg.init, delete=info.is_main, probe=probe)
     decision = {"procedure": _procedure(), "asked": cfg.recorded(), "cut": cut, "trials": trials, "probe": probe,
                 "default_trained_stages": DEFAULT_TRAINED_STAGES, "trial_fraction": TRIAL_FRACTION,
@@ -234,7 +235,7 @@ def _say_kept_cache(folder: Path, echo: Callable[[str], None]) -> None:
 def _intro(ks: list[int], cut: str, text: bool, budget: str | None = None) -> str:
     return (f"auto: choosing how many of the last stages to train ({', '.join(map(str, ks))}) from a trial each on "
             f"{TRIAL_FRACTION:.0%} of an epoch's training {'texts' if text else 'images'}, scored on the validation "
-            f"split (what comes before {cut} is frozen in all of them{'' if text else _CACHED}); the default's "
+            f"split\n  what comes before {cut} is frozen in all of them{'' if text else _CACHED}; the default's "
             f"trial first, the others' if the split holds {auto_trials.MIN_VAL_TO_COMPARE} or more"
             f"{f' and the {budget} budget leaves time for them' if budget else ''}")  # fmt: skip
 

@@ -128,13 +128,13 @@ def warn_copies(train, held: dict[str, object]) -> None:
     conflicts = [(p, o) for p, o in found if label[p] != label[o]]  # the same picture taught as two classes
     if conflicts:
         path, original = conflicts[0]
-        warn_once(log, "%d training image file(s) are byte-identical copies of training files of another class "
-                  "(first: '%s' (%s) = '%s' (%s)): the same image is taught as two classes; remove it from the wrong "
-                  "one", len(conflicts), path, label[path], original, label[original])  # fmt: skip
+        warn_once(log, "%d training image file(s) are byte-identical copies of training files of another class: the "
+                  "same image is taught as two classes; remove it from the wrong one\n  first: '%s' (%s) = '%s' (%s)",
+                  len(conflicts), path, label[path], original, label[original])  # fmt: skip
     found = [pair for pair in found if pair not in conflicts]
     if found:
-        warn_once(log, "%d training image file(s) are byte-identical copies of other training files (first: '%s' = "
-                  "'%s'); each weighs as one more image (a validation split held out of them keeps copies together)",
+        warn_once(log, "%d training image file(s) are byte-identical copies of other training files; each weighs as "
+                  "one more image (a validation split held out of them keeps copies together)\n  first: '%s' = '%s'",
                   len(found), *found[0])  # fmt: skip
     for what, ds in held.items():
         if not isinstance(ds, FileImageDataset):
@@ -142,9 +142,9 @@ def warn_copies(train, held: dict[str, object]) -> None:
         found = copies([path for path, _ in ds.samples], train_paths)
         if found:
             path, original = found[0]
-            warn_once(log, "%d of %d %s image file(s) are byte-identical copies of training files (first: '%s' = "
-                      "'%s'); their %s score overstates accuracy on new images: remove them from one of the splits",
-                      len(found), len(ds), what, path, original, what)  # fmt: skip
+            warn_once(log, "%d of %d %s image file(s) are byte-identical copies of training files: their %s score "
+                      "overstates accuracy on new images; remove them from one of the splits\n  first: '%s' = '%s'",
+                      len(found), len(ds), what, what, path, original)  # fmt: skip
 
 
 def _warn_text_copies(train: TextDataset, held: dict[str, object]) -> None:
