@@ -340,7 +340,8 @@ def test_an_auto_run_stopped_while_its_first_trial_builds_the_cache_says_so(data
                               "--resume, starts them again\n")  # fmt: skip
     said = stopped.stdout.splitlines()
     assert said[0].startswith("auto: choosing how many of the last stages to train"), said
-    assert said[1].startswith("  feature cache: building the training store: "), said
+    assert said[1].startswith("  what comes before blocks.1 is frozen in all of them"), said  # the intro's 2nd line
+    assert said[2].startswith("  feature cache: building the training store: "), said
 
 
 def test_a_train_command_stopped_before_its_run_starts_says_so_in_one_line(data, tmp_path):
