@@ -19,22 +19,17 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
 from torch import nn
 
-from freezetune.cache import disk
+from freezetune.cache import disk, store_source
 from freezetune.cache.model_split import Split, split_model
 from freezetune.cache.store import (
     CacheInfo,
     FeatureStore,
     StoreLoader,
-    build_store,
-    placed_store,
     prefix_features,
-    said_stopped_while_building,
 )
 from freezetune.data.datasets import DataBundle
-from freezetune.data.gpu import should_use_device_loader
 from freezetune.data.loaders import EpochOrder, Loaders, close_loader
 from freezetune.data.text import noun
 from freezetune.data.transforms import eval_transform
@@ -136,7 +131,7 @@ class FeaturePath:
             self._read_plain(self._build_cache(epochs_left))
             # a disk store's file is unlinked once mapped; its folders stayed. This rank's alone: under torchrun the
             # other's, empty for a moment, vanished as it was about to write there ("No such file or directory")
-            disk.remove_empty_dirs(self._own_spill())
+            disk.remove_empty_dirs(self.own_spill())
         else:
             self._read_plain(False)
             self._stream()
@@ -361,71 +356,20 @@ class FeaturePath:
         first rank removes the shared one once every rank has finished (it stayed, empty, in the run dir)."""
         disk.remove_empty_dirs(self.spill_dir)
 
-    def _own_spill(self) -> Path:
+    def own_spill(self) -> Path:
         """Where this process spills its disk stores: the run's ``cache/``, under torchrun a folder a rank."""
         dist = self.loaders.dist
         return self.spill_dir / f"rank{dist.rank}" if dist.enabled else self.spill_dir
 
-    def _count_encoding(self, seconds: float, items: int) -> None:
+    def count_encoding(self, seconds: float, items: int) -> None:
         """A store's build (this process's, or one a store read from disk recorded) joins the prefix's pace."""
         self._encoded = (self._encoded[0] + seconds, self._encoded[1] + items)
 
     def _store(self, split: Split, dataset, *, views: int, augment: bool, hows: list[str], train: bool = True,
                build: bool = True) -> tuple[FeatureStore | None, CacheInfo | None]:  # fmt: skip
-        """The store of ``dataset``'s prefix features, read from ``cache_dir`` or built (unless not ``build``: then
-        ``(None, None)``); ``hows`` gets which."""
-        dist, loaders = self.loaders.dist, self.loaders
-        spill = self._own_spill() / ("train" if train else "val")
-        parts = getattr(dataset, "parts", None) if not augment else None  # a join of datasets cached one by one
-        if train and not augment:  # the training images as evaluation sees them
-            dataset = dataset.select(torch.arange(len(dataset)), eval_transform(loaders.preprocess))
-        place = "auto" if self.cache == "auto" else self.cache
-        key = None
-        if self.cache_dir is not None and not dist.enabled:  # DDP ranks build their blocks together: never reused
-            how = dict(preprocess=loaders.preprocess.to_dict(), views=views, aug=loaders.aug if augment else "eval",
-                       # the seed draws augmented views; an evaluation view is the same whatever it is (a sweep
-                       # over seeds built every validation store again)
-                       seed=loaders.seed if augment else None, device=loaders.device.type,
-                       device_pipeline=should_use_device_loader(dataset, loaders.device, loaders.decode),
-                       dtype=str(self.precision.amp_dtype), channels_last=self.channels_last,
-                       draw=loaders.view_draw(dataset) if augment else None)  # fmt: skip
-            key, found = disk.lookup(self.cache_dir, split, dataset, parts, how, views,
-                                     again="built again" if build else "not used")  # fmt: skip
-            if found is not None:
-                hows.append(f"read from {self.cache_dir}")
-                features, targets, item_s = found
-                if item_s is not None:  # what its build took: an evaluation of these images costs that again
-                    self._count_encoding(item_s * len(dataset) * views, len(dataset) * views)
-                return placed_store(features, targets, self.precision, seed=loaders.seed, spill_dir=spill, place=place)
-        if not build:
-            return None, None
-        # under DDP the ranks build their blocks together: a cache dir (given, or the auto recipe's features/) is not
-        # read nor written, said where the log says how the store came to be (config.yaml still records it)
-        unkept = f" (not read from nor kept in {self.cache_dir}: under torchrun each run builds its own)"
-        which = "training" if train else "validation"
-        # said before, not only after: at 224 px on a CPU a build of a few thousand images takes minutes, and a log
-        # file (where the bar is drawn once a minute) held nothing, an auto run's plan not even, until it ended. The
-        # validation store's build, just after the training store's that was said, is said with -v: an unfreeze
-        # rebuilding both printed three lines
-        building = (f"feature cache: building the {which} store: {len(dataset)} {which} {noun(dataset)}"
-                    f"{f' x {views} views' if views > 1 else ''} through the frozen layers before {split.boundary}, "
-                    "once")  # fmt: skip
-        if train or not hows or not hows[0].startswith("built"):
-            self.echo(building)
-        else:
-            log.info(building)
-        hows.append("built" + (unkept if self.cache_dir is not None and dist.enabled else ""))
-        start = time.perf_counter()
-        with said_stopped_while_building():
-            store, info = build_store(split, len(dataset), loaders.views(dataset, train=augment), self.precision,
-                                      views=views, spill_dir=spill, seed=loaders.seed,
-                                      channels_last=self.channels_last, place=place, dist=dist,
-                                      bar=f"feature cache ({which})" if self.progress else None)  # fmt: skip
-        seconds, items = time.perf_counter() - start, len(dataset) * views
-        self._count_encoding(seconds, items)
-        if key is not None:
-            disk.save(self.cache_dir, key, store.features, store.targets, item_s=seconds / max(items, 1))
-        return store, info
+        """The store of ``dataset``'s prefix features (``store_source.obtain``); ``hows`` gets how it came."""
+        return store_source.obtain(self, split, dataset, views=views, augment=augment, hows=hows, train=train,
+                                   build=build)  # fmt: skip
 
 
 def _trains_before(model, stage: str) -> bool:
