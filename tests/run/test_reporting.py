@@ -156,7 +156,7 @@ def test_format_epoch_line():
         "unfrozen": "layer4",
     }
     assert format_epoch_line(row) == (
-        "epoch 3/10  train_loss 0.512 acc 81.2%  val_loss 0.430 acc 85.0%  lr 1.0e-03  trainable 1.2M/4.7M"
+        "epoch  3/10  train_loss 0.512 acc 81.2%  val_loss 0.430 acc 85.0%  lr 1.0e-03  trainable 1.2M/4.7M"
         "  12.3s 812 img/s  unfrozen: layer4"
     )
     # under --monitor val_f1 the metric that picks best.pt is on the line (it sat unseen while accuracy stalled)
@@ -323,3 +323,12 @@ def test_a_failed_tensorboard_write_is_said_in_one_line_and_the_run_goes_on(tmp_
     assert said == ["TensorBoard events are no longer written ([Errno 28] No space left on device); metrics.csv holds "
                     "every epoch, and the run goes on"]  # fmt: skip
     assert "Traceback" not in capfd.readouterr().err
+
+
+def test_the_epoch_lines_of_a_long_run_keep_their_columns():
+    # epoch 9/30 then 10/30, acc 9.0% then 88.0%: each line shifted, and 50 of them did not read as columns
+    lines = [format_epoch_line({**_row(epoch), "epochs": 30, "train_acc": acc, "val_acc": acc})
+             for epoch, acc in ((9, 0.09), (10, 0.885))]  # fmt: skip
+    assert lines[0].startswith("epoch  9/30") and lines[1].startswith("epoch 10/30")
+    for column in ("train_loss", "val_loss", "lr"):
+        assert lines[0].index(column) == lines[1].index(column), lines

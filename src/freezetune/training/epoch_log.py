@@ -257,9 +257,11 @@ def format_epoch_line(row: dict[str, Any], items: str = "images", monitor: str =
     >>> format_epoch_line({"epoch": 3, "epochs": 10, "train_loss": 0.512, "train_acc": 0.812, "val_loss": 0.43,
     ...     "val_acc": 0.85, "lr": 1e-3, "trainable_params": 1.2e6, "total_params": 4.7e6, "epoch_time_s": 12.3,
     ...     "img_per_s": 812, "unfrozen": "layer4"})
-    'epoch 3/10  train_loss 0.512 acc 81.2%  val_loss 0.430 acc 85.0%  lr 1.0e-03  trainable 1.2M/4.7M  12.3s 812 img/s  unfrozen: layer4'
+    'epoch  3/10  train_loss 0.512 acc 81.2%  val_loss 0.430 acc 85.0%  lr 1.0e-03  trainable 1.2M/4.7M  12.3s 812 img/s  unfrozen: layer4'
     """
-    parts = [f"epoch {row['epoch']}" + (f"/{row['epochs']}" if row.get("epochs") is not None else "")]
+    # widths that hold over a run (epoch 9/30 then 10/30, acc 9.0% then 88.0%): 50 lines read as columns
+    total = row.get("epochs")
+    parts = [f"epoch {row['epoch']:>{len(str(total))}}/{total}" if total is not None else f"epoch {row['epoch']}"]
     val = _split_text(row, "val")
     if monitor == "val_f1" and row.get("val_f1") is not None:
         val += f" f1 {100 * row['val_f1']:.1f}%"
@@ -287,4 +289,4 @@ def _split_text(row: dict[str, Any], split: str) -> str:
     loss, acc = row.get(f"{split}_loss"), row.get(f"{split}_acc")
     if loss is None:
         return "" if acc is None else f"{split}_acc {100 * acc:.1f}%"
-    return f"{split}_loss {loss:.3f}" + ("" if acc is None else f" acc {100 * acc:.1f}%")
+    return f"{split}_loss {loss:.3f}" + ("" if acc is None else f" acc {100 * acc:4.1f}%")
