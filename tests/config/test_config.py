@@ -576,3 +576,29 @@ def test_scalar_values_yaml_or_python_gives_are_read_as_before():
 
     cfg = load_config(overrides={"data": Path("images"), "out": datetime.date(2024, 6, 1), "epochs": np.int64(3)})
     assert (cfg.out, cfg.epochs, cfg.data) == ("2024-06-01", 3, "images")
+
+
+def _earlier_lp_ft_file(**changes) -> dict:
+    """An lp-ft's config as a freezetune before 2026-12-05 wrote it (``--print-config``, winner.yaml, recipe.json's
+    request): every key of its day (none of frozen_dropout, added later), bn_stats at its default of then, update."""
+    values = {**TrainConfig(data="/data", recipe="lp-ft").recorded(), "bn_stats": "update", **changes}
+    values.pop("frozen_dropout")
+    return values
+
+
+def test_an_earlier_freezetunes_lp_ft_file_is_read_with_bn_stats_at_its_default(tmp_path, capsys):
+    # its bn_stats "update" was the default then, which lp-ft replaced: "recipe 'lp-ft' sets bn_stats itself: give
+    # the recipe or bn_stats 'update', not both" refused the winner.yaml and --print-config output it wrote
+    winner = tmp_path / "winner.yaml"
+    winner.write_text(yaml.safe_dump(_earlier_lp_ft_file()))
+    assert load_config(winner).bn_stats == load_config(_earlier_lp_ft_file()).bn_stats == "auto"
+    assert _print_config(capsys, "--config", str(winner))["bn_stats"] == "auto"
+    # asked for: typed, in a file this freezetune wrote (every key), or in one a user wrote (none of the recipe's)
+    with pytest.raises(ConfigError, match="recipe 'lp-ft' sets bn_stats itself"):
+        load_config(winner, {"bn_stats": "update"})
+    for hand in ({**_earlier_lp_ft_file(), "frozen_dropout": "keep"}, {"data": "d", "recipe": "lp-ft",
+                                                                      "bn_stats": "update"}):  # fmt: skip
+        with pytest.raises(ConfigError, match="recipe 'lp-ft' sets bn_stats itself"):
+            load_config(hand)
+    with pytest.raises(ConfigError, match="recipe 'lp-ft' sets bn itself"):  # another value than then's default
+        load_config(_earlier_lp_ft_file(bn="train"))

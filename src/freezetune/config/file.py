@@ -34,6 +34,7 @@ def load_config(path: str | Path | dict[str, Any] | None = None, overrides: dict
     typed = set(overrides or ())  # given now, unlike a file's keys (recipes.named.conflict_problems)
     if path is not None:
         values.update(path if isinstance(path, dict) else _as_its_run_is_now(read_yaml(Path(path)), Path(path)))
+        values = _earlier_defaults_unset(values, {**values, **(overrides or {})}.get("recipe"))
     values.update(overrides or {})
     # every problem in one message: a value of the wrong type, then one out of range, then an unknown key (reported
     # one kind at a time, the user fixed one and met the next)
@@ -86,6 +87,28 @@ def _as_its_run_is_now(values: dict[str, Any], path: Path) -> dict[str, Any]:
         if sep and (path.parent / inner).exists():  # else named as it was, in the error that follows
             values[key] = str(path.parent / inner)
     return values
+
+
+def _earlier_defaults_unset(values: dict[str, Any], recipe: object) -> dict[str, Any]:
+    """A file or request an earlier freezetune wrote, as this one reads it: an option its ``recipe`` sets itself, at
+    that earlier version's default (``options.EARLIER_DEFAULTS``), was no choice of the user's, and is read as not
+    given (this version's default). An lp-ft's ``--resume``, a sweep's and ``--config winner.yaml`` of a run begun
+    before bn_stats' default became "auto" were refused as giving bn_stats "update" beside the recipe.
+
+    Such a file holds every key of its version, the recipe's own included (freeze: auto, unfreeze: null), and lacks
+    one this version writes; a file a user writes names none of the recipe's, and this version's ``--print-config``
+    writes every key: a "update" there is the user's, refused as before (``recipes.named.conflict_problems``).
+    """
+    from freezetune.config.options import EARLIER_DEFAULTS, recipe_problem
+    from freezetune.recipes.named import sets  # (recipes read the config)
+
+    if not isinstance(recipe, str) or recipe_problem(recipe) or set(field_names()) <= set(values):
+        return values
+    own = sets(recipe)
+    if not set(own) <= set(values):
+        return values
+    unset = {k: getattr(TrainConfig(), k) for k, old in EARLIER_DEFAULTS.items() if k in own and values[k] == old}
+    return {**values, **unset}
 
 
 def run_config(out: str | Path | None) -> Path | dict[str, Any] | None:

@@ -40,6 +40,10 @@ DROPOUT_DEFAULT = "keep"
 # updated; an asked "update" is thus told from the default, and kept
 BN_STATS = ("auto", "update", "frozen")
 BN_STATS_DEFAULT = "auto"
+# the defaults of an earlier freezetune that the files it wrote hold (--print-config, winner.yaml, a recipe's
+# request write every key): bn_stats was "update" before 2026-12-05 (dc79e19), and such a file's lp-ft was refused
+# for a value no user had chosen (``config.file._earlier_defaults_unset``)
+EARLIER_DEFAULTS = {"bn_stats": "update"}
 # transparent pixels of an image (``Preprocess.alpha``, ``data/alpha.py``): composited onto white, or the colour stored
 # under them kept (PIL's RGB conversion; what a checkpoint saved before the rule was trained on)
 ALPHA_MODES = ("white", "drop")

@@ -15,7 +15,7 @@ from freezetune._io import atomic_write_text
 from freezetune.config.train_config import TrainConfig, changed_on_resume
 from freezetune.config.values import coerce
 from freezetune.errors import ConfigError, FreezetuneError, setting
-from freezetune.recipes.named import Phase, recipe_of
+from freezetune.recipes.named import Phase, recipe_of, sets
 from freezetune.run import checkpoint
 from freezetune.run.directory import CONFIG_FILE, RECIPE_FILE, read_json, stopped_phase
 from freezetune.run.log import LOG_FILE
@@ -76,6 +76,10 @@ def refuse_a_changed_request(cfg: TrainConfig, recipe: str, steps: list[Phase]) 
     # a phase's last.pt checks moved data against its digest when that phase resumes (a finished one, not resumed,
     # does not; nor does one not yet started)
     moved = any((Path(p.cfg.out) / checkpoint.LAST).is_file() for p in steps)
+    # the options the recipe sets itself train alike whatever the request holds (a value given for one is refused:
+    # conflict_problems); an earlier freezetune's default there (bn_stats "update") refused its run's every resume
+    own = sets(recipe)
+    asked = {k: v for k, v in asked.items() if k not in own}
     changed = changed_on_resume(asked, json.loads(json.dumps(cfg.recorded())), moved=moved)
     if changed:
         raise ConfigError(f"cannot resume {cfg.out} with {', '.join(changed)}: a run of recipe {recipe} continues as "
