@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from torch import nn
 
 import freezetune as ft
@@ -412,3 +413,63 @@ def test_a_run_of_an_earlier_freezetune_resumes_with_the_frozen_dropout_it_had_a
     checkpoint._check_resumable(Path("r/last.pt"), record, {**expect, "frozen_dropout": "keep"})
     with pytest.raises(ConfigError, match=r"frozen_dropout 'keep' -> 'off'"):
         checkpoint._check_resumable(Path("r/last.pt"), record, {**expect, "frozen_dropout": "off"})
+
+
+# the config an early freezetune recorded (d_res's, 2026-11-28): its keys, freeze as typed
+_EARLY_KEYS = ("model weights img_size data val_data val_split per_class aug batch_size workers freeze bn unfreeze epochs "
+               "optimizer lr stage_lrs decay weight_decay momentum scheduler warmup_epochs label_smoothing grad_clip amp "
+               "channels_last compile cache cache_views decode device seed out resume early_stop monitor tensorboard "
+               "progress").split()  # fmt: skip
+
+
+def _as_an_early_freezetune_saved(run: Path) -> None:
+    """Rewrite a run stopped after an epoch as a freezetune before 2026-11-30 (e14081e) saved it: ``last.pt`` with the
+    best epoch apart (``best``), no ``progress`` nor data record, and ``freeze`` recorded as typed, a string, there
+    and in ``config.yaml``."""
+    record = torch.load(run / "last.pt", weights_only=False)
+    progress = record.pop("progress")
+    record.pop("data")
+    record["best"] = {"epoch": progress["best_epoch"], "metric": progress["best_metric"],
+                      "bad_epochs": progress["bad_epochs"]}  # fmt: skip
+    record["config"] = {k: record["config"][k] for k in _EARLY_KEYS} | {"freeze": str(record["config"]["freeze"])}
+    torch.save(record, run / "last.pt")
+    (run / "config.yaml").write_text(yaml.safe_dump(record["config"], sort_keys=False))
+
+
+def test_a_run_an_early_freezetune_stopped_resumes(tmp_path, capsys, monkeypatch):
+    # its last.pt, with no progress, was refused as "a best.pt copied over it?", and its freeze '-2' as changed to -2
+    from _engine_fixtures import make_image_folder, run_cli, stopping_at
+    from freezetune.training import trainer
+
+    data = make_image_folder(tmp_path / "data", train=4, val=2, test=0)
+    argv = ["train", "--data", str(data), "--out", str(tmp_path / "run"), "--model", "timm:test_efficientnet",
+            "--weights", "none", "--img-size", "32", "--device", "cpu", "--workers", "0", "--freeze", "-2",
+            "--no-progress", "--no-tensorboard", "--epochs", "2"]  # fmt: skip
+    with monkeypatch.context() as patch:
+        patch.setattr(trainer.Trainer, "_run_epoch", stopping_at(lambda t, epoch: epoch == 1))
+        assert run_cli(capsys, *argv)[0] == 130
+    _as_an_early_freezetune_saved(tmp_path / "run")
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["freeze"] == "-2"
+    code, out, err = run_cli(capsys, "train", "--out", tmp_path / "run", "--resume")  # its config.yaml's settings
+    assert code == 0 and "resumed" in out and "epoch 2/2" in out, err
+    resumed = checkpoint.load(tmp_path / "run" / "last.pt")
+    assert resumed["epoch"] == 2 and resumed["progress"]["epoch"] == 2
+
+
+def test_an_early_freezetunes_last_pt_without_a_state_a_resume_needs_says_so():
+    # not "a best.pt copied over it?": the user's own last.pt, which the run's weights still start a new run from
+    record = {"freezetune_version": "0.1.0", "epoch": 3, "steps_per_epoch": 5, "optimizer": {}, "scaler": {},
+              "best": {"epoch": 2, "metric": 0.5, "bad_epochs": 1}}  # fmt: skip
+    with pytest.raises(CheckpointError, match=r"a last.pt of an earlier freezetune \(0.1.0\) without the run's rng"):
+        checkpoint._check_resume_state(Path("r/last.pt"), record)
+    checkpoint._check_resume_state(Path("r/last.pt"), {**record, "rng": {}})
+    assert checkpoint._progress_of(record) == {"epoch": 3, "best_epoch": 2, "best_metric": 0.5, "bad_epochs": 1}
+
+
+def test_an_early_freezetunes_settings_are_compared_as_this_one_reads_them():
+    config = {"model": "timm:test_efficientnet", "scheduler": "onecycle", "epochs": 3, "freeze": "-2"}
+    record = {"model": config["model"], "classes": ["a", "b"], "config": config, "steps_per_epoch": 5}
+    expect = {**config, "classes": ["a", "b"], "steps_per_epoch": 5, "freeze": -2}
+    checkpoint._check_resumable(Path("r/last.pt"), record, expect)
+    with pytest.raises(ConfigError, match=r"freeze -2 -> -3"):
+        checkpoint._check_resumable(Path("r/last.pt"), record, {**expect, "freeze": -3})

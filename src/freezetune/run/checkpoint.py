@@ -19,7 +19,8 @@ from freezetune import __version__
 from freezetune._io import atomic_save
 from freezetune.config.options import BATCH_AUTO, HF_PREFIX
 from freezetune.config.train_config import DATA_PATHS, RESUME_MAY_CHANGE, RESUME_MAY_CHANGE_UNSCHEDULED, absolute_paths
-from freezetune.errors import CheckpointError, ConfigError, choices, setting
+from freezetune.config.values import coerce
+from freezetune.errors import CheckpointError, ConfigError, FreezetuneError, choices, setting
 from freezetune.model import text_pooling
 from freezetune.model.heads import holds_aux
 from freezetune.model.hf_bundle import rebuilt_folder, refuse_foreign_names
@@ -240,7 +241,7 @@ def restore(path: str | Path, state: TrainingState, progress, *, config: dict[st
     if record["scaler"] or not state.scaler.is_enabled():  # a CPU fp16 run saved a disabled scaler's {} before
         state.scaler.load_state_dict(record["scaler"])  # it scaled: the scaler then starts at its initial scale
     set_rng_state(record["rng"])
-    progress.load_state_dict({**record["progress"], "monitor": progress.monitor})
+    progress.load_state_dict({**_progress_of(record), "monitor": progress.monitor})
 
 
 class Resumed(NamedTuple):
@@ -298,13 +299,46 @@ def _few(names: list[str], shown: int = 6) -> str:
 _RESUMES = ("optimizer", "scaler", "progress", "rng")  # what last.pt holds beside best.pt's weights, and a resume reads
 
 
+def _progress_of(record: dict) -> dict[str, Any] | None:
+    """The ``Progress`` state ``record`` (a ``last.pt``) holds, None without one. A freezetune before 2026-11-30
+    (e14081e) kept the best epoch apart (``best``: epoch, metric, bad_epochs) and saved at epochs' ends only: no
+    step into an unfinished one, and no seconds of earlier processes or tie-breaking metric that it did not count."""
+    if "progress" in record:
+        return record["progress"]
+    best = record.get("best")
+    if not isinstance(best, dict) or not {"epoch", "metric", "bad_epochs"} <= set(best) or "epoch" not in record:
+        return None
+    return {"epoch": int(record["epoch"]), "best_epoch": int(best["epoch"]), "best_metric": best["metric"],
+            "bad_epochs": int(best["bad_epochs"])}  # fmt: skip
+
+
 def _check_resume_state(path: Path, record: dict) -> None:
-    """Refuse a ``last.pt`` that holds no run's state to go on from (a ``best.pt`` copied over it): restore stopped at
-    a KeyError once the weights were loaded."""
-    if lacking := [key for key in _RESUMES if key not in record]:
-        raise CheckpointError(f"cannot resume {path}: it holds a model's weights without the run's {'/'.join(lacking)}"
-                              f" state (a best.pt copied over it?); start a new run from it: "
-                              f"{setting('init', str(path))}")  # fmt: skip
+    """Refuse a ``last.pt`` that holds no run's state to go on from (a ``best.pt`` copied over it, or one of an earlier
+    freezetune that kept less): restore stopped at a KeyError once the weights were loaded."""
+    lacking = [key for key in _RESUMES if key not in record and not (key == "progress" and _progress_of(record))]
+    if not lacking:
+        return
+    if any(key in record for key in (*_RESUMES, "steps_per_epoch", "best")):  # a last.pt, of another shape
+        raise CheckpointError(f"cannot resume {path}: a last.pt of an earlier freezetune "
+                              f"({record.get('freezetune_version', 'version unknown')}) without the run's "
+                              f"{'/'.join(lacking)} state, which this one needs to go on; start a new run from its "
+                              f"weights: {setting('init', str(path))}")  # fmt: skip
+    raise CheckpointError(f"cannot resume {path}: it holds a model's weights without the run's {'/'.join(lacking)}"
+                          f" state (a best.pt copied over it?); start a new run from it: "
+                          f"{setting('init', str(path))}")  # fmt: skip
+
+
+def _as_read_now(config: dict[str, Any]) -> dict[str, Any]:
+    """The settings a ``last.pt`` recorded as this freezetune reads a config (``config.values.coerce``), to compare
+    with a resume's: an early one recorded freeze as typed ('-2'), which a config now holds parsed (-2), and its own
+    settings were refused as changed ("freeze '-2' -> -2"). A value no longer read is compared as recorded."""
+    read = {}
+    for key, value in config.items():
+        try:
+            read[key] = coerce(key, value)
+        except (FreezetuneError, TypeError, ValueError):
+            read[key] = value
+    return read
 
 
 def _check_resumable(path: Path, record: dict, expect: dict[str, Any]) -> None:
@@ -317,7 +351,8 @@ def _check_resumable(path: Path, record: dict, expect: dict[str, Any]) -> None:
         raise CheckpointError(f"{path} is a run of {record.get('model')} on {said}: resume with the run's own config "
                               "and data")  # fmt: skip
     # a run of an earlier version recorded its paths as given: read from here, as this run's are (TrainConfig.recorded)
-    old = absolute_paths(dict(_EARLIER, **(record.get("config") or {}), steps_per_epoch=record.get("steps_per_epoch")))
+    old = absolute_paths(dict(_EARLIER, **_as_read_now(record.get("config") or {}),
+                              steps_per_epoch=record.get("steps_per_epoch")))  # fmt: skip
     schedule = ("epochs", "scheduler", "warmup_epochs", "steps_per_epoch")
     stretched = [f"{k} {old[k]!r} -> {expect[k]!r}" for k in schedule
                  if old.get(k) is not None and k in expect and old[k] != expect[k]]  # fmt: skip
