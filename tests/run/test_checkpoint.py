@@ -473,3 +473,14 @@ def test_an_early_freezetunes_settings_are_compared_as_this_one_reads_them():
     checkpoint._check_resumable(Path("r/last.pt"), record, expect)
     with pytest.raises(ConfigError, match=r"freeze -2 -> -3"):
         checkpoint._check_resumable(Path("r/last.pt"), record, {**expect, "freeze": -3})
+
+
+def test_bn_stats_update_and_auto_are_one_setting_in_a_run():
+    # lp-ft's probe, stopped under an earlier freezetune (bn_stats "update", its default), was refused "bn_stats
+    # 'update' -> 'auto'": a run's auto updates them too
+    config = {"model": "timm:test_efficientnet", "scheduler": "onecycle", "epochs": 3, "bn_stats": "update"}
+    record = {"model": config["model"], "classes": ["a", "b"], "config": config, "steps_per_epoch": 5}
+    expect = {**config, "classes": ["a", "b"], "steps_per_epoch": 5}
+    checkpoint._check_resumable(Path("r/last.pt"), record, {**expect, "bn_stats": "auto"})
+    with pytest.raises(ConfigError, match=r"bn_stats 'update' -> 'frozen'"):
+        checkpoint._check_resumable(Path("r/last.pt"), record, {**expect, "bn_stats": "frozen"})

@@ -328,6 +328,13 @@ def _check_resume_state(path: Path, record: dict) -> None:
                           f"{setting('init', str(path))}")  # fmt: skip
 
 
+def _alike(key: str, old: dict[str, Any], new: dict[str, Any]) -> bool:
+    """Whether two values of ``key`` train alike in one run: bn_stats "auto" is "update" there (the recipes that hold
+    the statistics resolve it first: ``auto.plan.run_bn_stats``, lp-ft's fine-tune), and a run an earlier freezetune
+    began recorded "update", its default then (lp-ft's probe, stopped, was refused "bn_stats 'update' -> 'auto'")."""
+    return key == "bn_stats" and {old[key], new[key]} == {"update", "auto"}
+
+
 def _as_read_now(config: dict[str, Any]) -> dict[str, Any]:
     """The settings a ``last.pt`` recorded as this freezetune reads a config (``config.values.coerce``), to compare
     with a resume's: an early one recorded freeze as typed ('-2'), which a config now holds parsed (-2), and its own
@@ -365,7 +372,7 @@ def _check_resumable(path: Path, record: dict, expect: dict[str, Any]) -> None:
     # beside cache off a cut is no setting (the auto recipe of an earlier freezetune recorded one there, this one none)
     uncut = ("cache_at",) if old.get("cache") == "off" else ()
     fixed = [k for k in old if k not in (*RESUME_MAY_CHANGE, *schedule, *moved, *uncut, "model") and k in expect]
-    changed = [f"{k} {old[k]!r} -> {expect[k]!r}" for k in fixed if old[k] != expect[k]]
+    changed = [f"{k} {old[k]!r} -> {expect[k]!r}" for k in fixed if old[k] != expect[k] and not _alike(k, old, expect)]
     done = int(record.get("epoch") or 0)
     if not stretched and isinstance(expect.get("epochs"), int) and expect["epochs"] < done:  # config.yaml said 2
         raise ConfigError(f"cannot resume {path} with epochs {expect['epochs']}: it has trained {done} epochs; give "
