@@ -304,7 +304,7 @@ def test_eval_into_a_pipe_its_reader_closed_still_writes_its_metrics_file(run, d
     # 141, without the file the batch job reads (and its confusion plot)
     metrics, plot = tmp_path / "m.json", tmp_path / "c.png"
     argv = [sys.executable, "-m", "freezetune", "eval", "--checkpoint", str(run[0] / "best.pt"), "--data", str(data),
-            "--metrics", str(metrics), "--plot", str(plot), "--device", "cpu"]  # fmt: skip
+            "--metrics", str(metrics), "--plot", str(plot), "--device", "cpu", "--workers", "0"]  # fmt: skip
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     proc.stdout.close()  # the reader is gone before the first line
     _, err = proc.communicate(timeout=120)

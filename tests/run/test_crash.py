@@ -650,8 +650,9 @@ import os, signal, sys, time
 from freezetune.run.interrupt import StopRequest
 stop = StopRequest()
 with stop.listening(defer=True):
-    os.kill(os.getpid(), signal.SIGHUP)
-    time.sleep(0.05)
+    print("listening", flush=True)
+    while stop.signum is None:  # until the terminal is closed: the kernel sends SIGHUP
+        time.sleep(0.01)
     print("step after the hangup")  # into the closed terminal, it failed (EIO)
 with open(sys.argv[1], "w") as f:
     f.write(f"{stop.name} {os.readlink('/proc/self/fd/1')} {os.readlink('/proc/self/fd/2')}")
@@ -662,18 +663,22 @@ with open(sys.argv[1], "w") as f:
 def test_a_hangup_of_a_run_printing_to_its_terminal_is_a_stop_with_the_output_put_aside(tmp_path):
     # a closed SSH session or terminal window (a killed tmux pane) under a run printing to it: SIGHUP's default killed
     # it mid-epoch, nothing saved and no line in train.log. It is now recorded as a stop, and the output that went to
-    # the terminal goes to /dev/null, where writing it cannot fail the save
+    # the terminal goes to /dev/null, where writing it cannot fail the save. The terminal is really closed: once cut
+    # off, it no longer says it is one (isatty)
     import pty
 
-    main_fd, terminal = pty.openpty()
     said = tmp_path / "said"
+    pid, main_fd = pty.fork()
+    if pid == 0:  # the child: a session whose controlling terminal is the pty
+        os.execv(sys.executable, [sys.executable, "-c", _HANGUP_IN_A_TERMINAL, str(said)])
     try:
-        done = subprocess.run([sys.executable, "-c", _HANGUP_IN_A_TERMINAL, str(said)], stdout=terminal,
-                              stderr=terminal, stdin=subprocess.DEVNULL, timeout=120)  # fmt: skip
+        seen = b""
+        while b"listening" not in seen:
+            seen += os.read(main_fd, 1024)
     finally:
-        os.close(terminal)
-        os.close(main_fd)
-    assert done.returncode == 0
+        os.close(main_fd)  # the terminal's other end goes: the kernel hangs up the child's session
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
     assert said.read_text() == "SIGHUP /dev/null /dev/null"
 
 
@@ -749,9 +754,12 @@ def test_a_stopped_resume_leaves_its_report_and_test_files_true_to_what_it_saved
     assert (out / "report.png").stat().st_mtime_ns >= (out / "metrics.csv").stat().st_mtime_ns  # redrawn
 
 
-def test_a_second_sigterm_in_the_training_loop_lets_the_save_go_on():
+def test_a_second_sigterm_in_the_training_loop_lets_the_save_go_on(monkeypatch):
     # a scheduler's wrapper sending SIGTERM twice 50 ms apart (to the job, to its step) stopped the run "a second
     # time, at once, before the run saved its place": SIGKILL is the deadline, a second Ctrl-C the user's own
+    from freezetune.run import interrupt
+
+    monkeypatch.setattr(interrupt, "_leave_the_terminal", lambda fds: None)  # pytest -s: its terminal stays its own
     stop = StopRequest()
     with stop.listening(defer=True):
         for sig in (signal.SIGTERM, signal.SIGTERM, signal.SIGHUP):

@@ -99,6 +99,7 @@ class StopRequest:
         self.signum: int | None = None
         self.defer = False
         self.at_once = OUTSIDE_A_STEP  # what a signal acted on at once says: where the run stood, what is saved
+        self.terminal_fds: set[int] = set()  # standard output and error where they go to a terminal (listening)
 
     @property
     def requested(self) -> bool:
@@ -123,6 +124,8 @@ class StopRequest:
             yield self
             return
         self.defer, self.at_once = defer, at_once
+        # which of the output streams are a terminal, known now: once a hangup has cut it off, isatty says no
+        self.terminal_fds = _terminal_fds()
         previous = {s: signal.signal(s, self._handle) for s in STOP_SIGNALS if s != HANGUP or _hangup_stops()}
         _listening.append(self)
         try:
@@ -146,7 +149,7 @@ class StopRequest:
 
     def _handle(self, signum: int, frame) -> None:
         if signum == HANGUP:
-            _leave_the_terminal()
+            _leave_the_terminal(self.terminal_fds)
         if self.defer and self.signum in (None, PIPE_CLOSED):  # a closed pipe is no first signal of the user's
             self.signum = signum  # acted on at the next step boundary
             return
@@ -185,15 +188,20 @@ def _hangup_stops() -> bool:
     return signal.getsignal(HANGUP) is not signal.SIG_IGN
 
 
-def _leave_the_terminal() -> None:
-    """Point standard output and error at /dev/null where they went to a terminal, which a hangup has closed: a write
-    there fails (EIO) and would end the run before it saved its place. Before, a run printing to its terminal was left
-    to SIGHUP's default, killed mid-epoch with nothing saved and no line in train.log."""
-    for fd in {_fd(s) for s in (sys.__stdout__, sys.__stderr__)} - {None}:
-        if os.isatty(fd):
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, fd)
-            os.close(devnull)
+def _terminal_fds() -> set[int]:
+    """The descriptors of standard output and error that are a terminal."""
+    return {fd for fd in {_fd(s) for s in (sys.__stdout__, sys.__stderr__)} - {None} if os.isatty(fd)}
+
+
+def _leave_the_terminal(fds: set[int]) -> None:
+    """Point the descriptors ``fds`` (standard output and error where they went to a terminal) at /dev/null: a hangup
+    has closed the terminal, and a write there fails (EIO) and would end the run before it saved its place, or its stop
+    line with exit code 1. Before, a run printing to its terminal was left to SIGHUP's default, killed mid-epoch with
+    nothing saved and no line in train.log."""
+    for fd in fds:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, fd)
+        os.close(devnull)
 
 
 def _fd(stream) -> int | None:
