@@ -318,3 +318,21 @@ def test_a_folder_that_cannot_be_listed_is_refused_not_left_out_with_its_images(
     for listing in (lambda: scan_folder(tmp_path / "train"), lambda: list_images(test), lambda: list_text_files(test)):
         with pytest.raises(DataError, match=r"cannot list folder '.*green/more': Permission denied; its images would"):
             listing()
+
+
+def test_a_folder_beside_the_splits_that_cannot_be_listed_is_no_reason_to_refuse_the_data(tmp_path, monkeypatch):
+    # a data disk mounted at its root: its root-only lost+found beside train/ is only counted for a warning; refusing
+    # it stopped a run that trained before
+    from freezetune.data.folder import count_images
+
+    _images(tmp_path / "train" / "red")
+    (tmp_path / "lost+found").mkdir()
+    real = os.scandir
+
+    def scandir(path="."):
+        if Path(path).name == "lost+found":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    assert count_images(tmp_path / "lost+found") == 0 and count_images(tmp_path / "train") == 2

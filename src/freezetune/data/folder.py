@@ -110,13 +110,16 @@ def files_under(folder: Path) -> list[Path]:
     return sorted(_walk(folder))
 
 
-def _walk(folder: Path, skip_runs: bool = False) -> Iterator[Path]:
+def _walk(folder: Path, counting: bool = False) -> Iterator[Path]:
     """``files_under``'s files in walk order, as found (a caller that needs only the first stops there).
-    ``skip_runs``: leave out the folders of freezetune's runs and sweeps (``run.log.RUN_LOGS``) and all below them."""
+    ``counting``: files counted for a warning, not read: leave out the folders of freezetune's runs and sweeps
+    (``run.log.RUN_LOGS``) and all below them, and those that cannot be listed."""
     seen = set()
-    for top, dirs, files in os.walk(folder, followlinks=True, onerror=_unlisted):
+    # a folder of the data that cannot be listed is refused; one a run only counts for a warning (a disk's root-only
+    # lost+found beside train/) is not
+    for top, dirs, files in os.walk(folder, followlinks=True, onerror=None if counting else _unlisted):
         real = os.path.realpath(top)
-        if real in seen or (skip_runs and not set(RUN_LOGS).isdisjoint(files)):  # a link back up the tree; a run
+        if real in seen or (counting and not set(RUN_LOGS).isdisjoint(files)):  # a link back up the tree; a run
             dirs[:] = []
             continue
         seen.add(real)
@@ -126,7 +129,10 @@ def _walk(folder: Path, skip_runs: bool = False) -> Iterator[Path]:
 
 def _unlisted(exc: OSError) -> None:
     """``os.walk``'s ``onerror``: a folder that cannot be listed is refused. The walk would skip it, and its images with
-    it: a test set scored without them, a class trained on fewer, said nowhere."""
+    it: a test set scored without them, a class trained on fewer, said nowhere. One gone since it was listed (a
+    temporary folder) held nothing to read."""
+    if isinstance(exc, FileNotFoundError):
+        return
     raise DataError(f"cannot list folder '{exc.filename}': {exc.strerror or type(exc).__name__}; its images would be "
                     "left out: fix its permissions (chmod -R u+rX), or move it out of the data") from exc  # fmt: skip
 
@@ -146,7 +152,7 @@ def is_skipped_folder(name: str) -> bool:
 def count_images(folder: Path) -> int:
     """How many image files lie below ``folder``, those of a run's or a sweep's directory (its ``report.png``) not
     counted: ``runs/`` beside ``train/`` holds no data."""
-    return sum(map(has_image_suffix, _walk(folder, skip_runs=True)))
+    return sum(map(has_image_suffix, _walk(folder, counting=True)))
 
 
 def _images_under(folder: Path) -> list[Path]:
