@@ -198,7 +198,8 @@ def run(cfg: TrainConfig, *, echo: Callable[[str], None] = print, train: Callabl
          f"{run_lr:.1e}{held}){' from the probed head' if probe else ''} for {epochs} epoch(s){drawn}{pace}:\n"
          f"  {why}")  # fmt: skip
     init = _start_from(out, trials, choice, cfg.init, delete=info.is_main, probe=probe)
-    decision = {"procedure": _procedure(), "asked": cfg.recorded(), "cut": cut, "trials": trials, "probe": probe,
+    decision = {"format": auto_resume.DECISION_FORMAT, "procedure": _procedure(), "asked": cfg.recorded(), "cut": cut,
+                "trials": trials, "probe": probe,
                 "default_trained_stages": DEFAULT_TRAINED_STAGES, "trial_fraction": TRIAL_FRACTION,
                 "compared_by": compared_by(cfg.monitor),
                 "budget_s": parse_duration(cfg.budget),

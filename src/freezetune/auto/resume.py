@@ -11,12 +11,16 @@ from collections.abc import Callable
 from pathlib import Path
 
 from freezetune._io import atomic_write_text
-from freezetune.auto.plan import at_lr, measured_trials, shared_config
+from freezetune.auto.plan import at_lr, measured_trials, run_bn_stats, shared_config
 from freezetune.config.train_config import TrainConfig, changed_on_resume, stretchable
 from freezetune.errors import ConfigError, setting
 from freezetune.run import checkpoint
 from freezetune.run import log as run_log
 from freezetune.run.directory import RECIPE_FILE
+
+# recipe.json's layout, its "format": 2 since its choice's epoch_images is the run's setting (a budget's pilot may
+# shorten the epochs, 2026-12-05); it had been the chosen trial's measured images an epoch (1)
+DECISION_FORMAT = 2
 
 
 def resumed(cfg: TrainConfig, out: Path, echo: Callable[[str], None], *,
@@ -48,12 +52,35 @@ def resumed(cfg: TrainConfig, out: Path, echo: Callable[[str], None], *,
     echo(f"auto: resuming with the earlier decision: freeze {choice['freeze']!r}, lr {run_lr:.1e}")
     choice = _longer(decision, now, longer, out, echo, write=write)
     run_cfg = dataclasses.replace(at_lr(shared_config(cfg, out, decision["cut"]), run_lr), freeze=choice["freeze"],
-                                  epochs=choice["epochs"], refit=choice.get("refit", False),
-                                  init=init, bn_stats=choice.get("bn_stats", cfg.bn_stats),
-                                  warmup_epochs=choice.get("warmup_epochs", cfg.warmup_epochs),
-                                  epoch_images=choice.get("epoch_images", cfg.epoch_images),
-                                  resume=True)  # fmt: skip
+                                  epochs=choice["epochs"], init=init, resume=True,
+                                  **_as_decided(decision, choice, cfg))  # fmt: skip
     return run_cfg, measured_trials(decision.get("trials", []), decision.get("probe"), decision.get("pilot"))
+
+
+def decision_format(decision: dict) -> int:
+    """The layout of a ``recipe.json`` decision (``DECISION_FORMAT``): its ``format``, else 2 where it has a
+    ``pilot`` (written since the same change), else 1.
+
+    >>> decision_format({"choice": {}}), decision_format({"pilot": None, "choice": {}}), decision_format({"format": 2})
+    (1, 2, 2)
+    """
+    return decision.get("format", 2 if "pilot" in decision else 1)
+
+
+def _as_decided(decision: dict, choice: dict, cfg: TrainConfig) -> dict:
+    """The final run's settings the decision fixed; each one an earlier freezetune did not record, as its run trained
+    with it: no refit (recorded since 2026-11-30), BatchNorm statistics and warm-up as asked (since 2026-12-05, with
+    the probe and a budget's plan), every epoch as long as asked (since format 2)."""
+    # before format 2 the choice's epoch_images was its trial's measured images an epoch (a float, taken from the
+    # trial's row): read as the run's, it was refused as no int, and one that happened to be whole shortened every epoch
+    epoch_images = choice.get("epoch_images", cfg.epoch_images) if decision_format(decision) >= 2 else cfg.epoch_images
+    # a decision without bn_stats made no probe (both came in together): the run's statistics were the ones asked
+    return {
+        "refit": choice.get("refit", False),
+        "bn_stats": choice.get("bn_stats", run_bn_stats(cfg.bn_stats, False)),
+        "warmup_epochs": choice.get("warmup_epochs", cfg.warmup_epochs),
+        "epoch_images": epoch_images,
+    }
 
 
 def _longer(decision: dict, now: dict, longer: tuple[str, ...], out: Path, echo: Callable[[str], None], *,
