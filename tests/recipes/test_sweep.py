@@ -646,3 +646,37 @@ def test_without_validation_images_a_sweep_is_refused_and_the_auto_recipe_says_w
     code, out, err = run_cli(capsys, *train_argv(data, tmp_path / "run", "--epochs", "1"))
     assert code == 0, err
     assert "there are no validation images to compare on" in out and "stay validation" not in out
+
+
+def _as_3f213e7_wrote(settings: Path) -> None:
+    """Rewrite a sweep's ``sweep_config.yaml`` as freezetune 3f213e7 (2026-12-03) wrote it: without the settings a
+    resume may change, nor the budget, nor the settings added since (``frozen_dropout``, ``cuda_graph``)."""
+    from freezetune.config.train_config import RESUME_MAY_CHANGE
+
+    left_out = (*RESUME_MAY_CHANGE, "budget", "frozen_dropout", "cuda_graph")
+    values = {k: v for k, v in yaml.safe_load(settings.read_text()).items() if k not in left_out}
+    settings.write_text(yaml.safe_dump(values, sort_keys=False))
+
+
+def test_a_refused_sweep_resume_leaves_the_sweep_as_it_was_and_an_earlier_freezetunes_settings_are_not_rewritten(
+    data, tmp_path, capsys, monkeypatch
+):
+    # a resume refused by its recipe rewrote sweep_config.yaml first, with every setting this freezetune knows: the
+    # freezetune that started the sweep then refused it ("holds a sweep_config.yaml no sweep wrote there")
+    from _engine_fixtures import snapshot, stopping_at
+    from freezetune.training import trainer
+
+    out = tmp_path / "sweep"
+    argv = [*train_argv(data, out, "--epochs", "2")[1:], "--recipes", "last-2"]
+    with monkeypatch.context() as patch:  # Ctrl-C as the recipe's second epoch starts
+        patch.setattr(trainer.Trainer, "_run_epoch", stopping_at(lambda run, epoch: epoch == 1))
+        assert run_cli(capsys, "sweep", *argv)[0] == 130
+    _as_3f213e7_wrote(out / "sweep_config.yaml")
+    before, old = snapshot(out), (out / "sweep_config.yaml").read_bytes()
+    flags = ("--device", "cpu", "--workers", "0", "--no-progress")  # (settings the earlier file does not hold)
+    code, _, err = run_cli(capsys, "sweep", "--out", out, "--resume", *flags, "--frozen-dropout", "off")
+    assert code == 2 and "frozen_dropout 'keep' -> 'off'" in err and snapshot(out) == before, err
+    # a resume that changes nothing the file holds leaves it as it was, keys and all
+    code, said, err = run_cli(capsys, "sweep", "--out", out, "--resume", *flags, "--budget", "1h")
+    assert code == 0 and "winner: last-2" in said, err
+    assert (out / "sweep_config.yaml").read_bytes() == old

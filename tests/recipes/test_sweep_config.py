@@ -54,3 +54,19 @@ def test_a_sweeps_winner_yaml_of_a_recipe_that_sets_its_own_batchnorm_is_one_tra
         values = sweep_config.winner_config(asked, {"recipe": recipe, "run_dir": str(tmp_path)})
         assert load_config(values).recipe == recipe  # as --config winner.yaml reads it: no conflict
     assert sweep_config.winner_config(asked, {"recipe": "full", "run_dir": str(tmp_path)})["bn"] == "train"
+
+
+def test_a_resume_records_what_it_changed_of_the_settings_the_file_holds_and_no_setting_it_lacks(tmp_path):
+    # an earlier freezetune's file (without cuda_graph, frozen_dropout, device...) was rewritten with every setting
+    # this one knows, and that freezetune then refused it as a file "no sweep wrote there"
+    import dataclasses
+
+    out, cfg = tmp_path / "s", TrainConfig(data=str(tmp_path), budget="1h")
+    out.mkdir()
+    old = {k: v for k, v in sweep_config.kept_settings(out, cfg, ["full"]).items()
+           if k not in ("cuda_graph", "frozen_dropout", "device", "workers")}  # fmt: skip
+    sweep_config.record_settings(out, old)
+    resumed = dataclasses.replace(cfg, resume=True, device="cpu", workers=0)
+    assert sweep_config.kept_settings(out, resumed, ["full"]) is None  # nothing to record
+    again = sweep_config.kept_settings(out, dataclasses.replace(resumed, budget="2h"), ["full"])
+    assert again == {**old, "budget": "2h"} and list(again) == list(old)

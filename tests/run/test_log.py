@@ -9,7 +9,7 @@ import pytest
 
 from _engine_fixtures import make_image_folder, run_cli, train_argv
 from freezetune.run import log as run_log
-from freezetune.run.log import LOG_FILE, log, log_to, opened
+from freezetune.run.log import LOG_FILE, log, log_to, opened, when_opened
 from freezetune.training import step
 
 pytestmark = pytest.mark.usefixtures("single_thread_module")
@@ -102,6 +102,21 @@ def test_levels_sharing_a_directory_log_each_line_once_and_lines_wait_for_the_ru
                        "trial", "inner, before its directory is known", "inner", "after"]  # fmt: skip
     assert _said(tmp_path / "run" / LOG_FILE)[1:] == printed
     assert _said(tmp_path / "run" / "trial" / LOG_FILE)[1:] == ["trial"]
+
+
+def test_a_write_into_a_levels_directory_waits_as_its_lines_do_for_a_run_below_to_open_it(tmp_path):
+    # a sweep's resume records the settings it changed once a recipe's run has accepted it, not before
+    written = []
+    (tmp_path / "sweep").mkdir()
+    with log(lambda line: None, tmp_path / "sweep"):
+        when_opened(tmp_path / "sweep", lambda: written.append("settings"))
+        assert written == []  # a recipe refusing its resume would stop here: nothing written
+        opened(tmp_path / "sweep" / "recipe")
+        assert written == ["settings"]
+        when_opened(tmp_path / "sweep", lambda: written.append("again"))  # opened already: at once
+        assert written == ["settings", "again"]
+    when_opened(tmp_path / "elsewhere", lambda: written.append("no level"))  # no level has it: at once
+    assert written[-1] == "no level"
 
 
 def test_an_error_leaving_nested_levels_is_logged_once_per_file_and_a_stop_worded_anew_in_its_own(tmp_path):

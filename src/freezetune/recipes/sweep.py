@@ -38,7 +38,7 @@ from freezetune.recipes import sweep_config, sweep_report
 from freezetune.run import lock as run_lock
 from freezetune.run.directory import SWEEP_SETTINGS as SETTINGS_FILE
 from freezetune.run.directory import check_folders, folder_problem
-from freezetune.run.log import SWEEP_LOG, log, log_to, opened
+from freezetune.run.log import SWEEP_LOG, log, log_to, opened, when_opened
 
 ROW_FILE = "sweep_row.json"  # a finished recipe's row, in its run directory
 # what a sweep's runs name when data without validation images is refused at set-up (``trainer.train``)
@@ -118,15 +118,21 @@ def _check_out(out: Path, *, resume: bool) -> None:
 def _sweep(cfg: TrainConfig, runs: dict[str, TrainConfig], out: Path, echo: Callable[[str], None],
            info: DistInfo) -> SweepResult:  # fmt: skip
     with log(echo, name=SWEEP_LOG) as echo:  # every recipe's lines, and the table, in the sweep's own log
-        sweep_config.keep_settings(out, cfg, list(runs), write=info.is_main)
+        settings = sweep_config.kept_settings(out, cfg, list(runs))
         log_to(out)
-        opened(out)  # its settings checked and kept: the dir is this sweep's
+        if settings is not None and info.is_main:
+            when_opened(out, functools.partial(sweep_config.record_settings, out, settings))
+        # a resume's settings and lines wait for a recipe's run to accept it (its own resume checks passed): a refused
+        # one rewrote an earlier freezetune's settings, which then refused them as no sweep's
+        if not cfg.resume:
+            opened(out)  # its settings checked and kept: the dir is this sweep's
         for note in sweep_config.idle_batchnorm_notes(cfg, list(runs)):
             echo(note)
         rows, skipped = _run_all(runs, parse_duration(cfg.budget), budget_text(cfg.budget), echo, info)
         metric = compared_by(cfg.monitor)  # macro-F1 under --monitor val_f1, else accuracy
         winner = pick_winner(rows, metric)
         not_run = [{"recipe": name, "detail": f"skipped: budget {budget_text(cfg.budget)} spent"} for name in skipped]
+        opened(out)  # (a resume whose recipes had all finished, their rows read back: the sweep writes its table now)
         if info.is_main:
             sweep_report.write(out, rows, not_run, winner["recipe"], metric, sweep_config.winner_config(cfg, winner))
         echo(sweep_report.format_table(rows + not_run, winner["recipe"]))

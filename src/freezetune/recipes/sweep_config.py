@@ -126,11 +126,12 @@ def is_sweep_settings(path: Path) -> bool:
     return isinstance(settings, dict) and set(settings) <= {*field_names(), SWEEP_RECIPES_KEY}
 
 
-def keep_settings(out: Path, cfg: TrainConfig, recipes: list[str], *, write: bool = True) -> None:
-    """Record the sweep's settings and ``recipes`` in ``out``, or on ``--resume`` check them against those recorded:
-    rows trained with other settings would be compared, ``winner.yaml`` would name settings its winner never ran
-    with, and another recipe list rewrote ``sweep.csv`` without the rows of recipes it dropped. A folder holding a
-    training run is refused (the sweep's files would land beside its checkpoints)."""
+def kept_settings(out: Path, cfg: TrainConfig, recipes: list[str]) -> dict | None:
+    """The sweep's settings and ``recipes`` to record in ``out`` (``record_settings``), or on ``--resume`` check them
+    against those recorded: rows trained with other settings would be compared, ``winner.yaml`` would name settings
+    its winner never ran with, and another recipe list rewrote ``sweep.csv`` without the rows of recipes it dropped.
+    A resume records only what it may change and changed, in the file's own keys; None where it changes nothing. A
+    folder holding a training run is refused (the sweep's files would land beside its checkpoints)."""
     from freezetune.config.train_config import RESUME_MAY_CHANGE
     from freezetune.run.directory import CLASSES_FILE
 
@@ -138,23 +139,28 @@ def keep_settings(out: Path, cfg: TrainConfig, recipes: list[str], *, write: boo
         raise ConfigError(f"{str(out)!r} holds a training run ({CLASSES_FILE}); a sweep writes a run per recipe below "
                           "its --out: choose another")  # fmt: skip
     # every setting is kept, for a resume without flags to read back (resume_settings); those a resume may change
-    # (the device, the loader's workers, the budget...) are not compared
-    now = {k: v for k, v in cfg.recorded().items() if k not in ("out", "resume")} | {SWEEP_RECIPES_KEY: recipes}
+    # (the device, the loader's workers, the budget...) are not compared. As the file reads them back (tuples lists)
+    now = yaml.safe_load(dump_yaml({k: v for k, v in cfg.recorded().items() if k not in ("out", "resume")}))
+    now[SWEEP_RECIPES_KEY] = recipes
     saved = out / SETTINGS_FILE
-    if cfg.resume and saved.is_file():
-        before = yaml.safe_load(saved.read_text()) or {}
-        changed = [f"{k} {before[k]!r} -> {v!r}" for k, v in now.items()
-                   if k not in (*RESUME_MAY_CHANGE, "budget") and k in before and before[k] != v]  # fmt: skip
-        if changed:
-            raise ConfigError(f"cannot resume the sweep in {str(out)!r} with {', '.join(changed)}: its recipes ran "
-                              "with the sweep's own settings; resume with them, or sweep into another "
-                              "--out")  # fmt: skip
-        if now == before:
-            return
-        # what a resume may change (a new --budget, --device...) is recorded: the next resume goes on with it (a
-        # budget given now was used, and the file still said the old one)
-    if write:
-        atomic_write_text(saved, dump_yaml(now))
+    if not (cfg.resume and saved.is_file()):
+        return now
+    before = yaml.safe_load(saved.read_text()) or {}
+    changed = [f"{k} {before[k]!r} -> {v!r}" for k, v in now.items()
+               if k not in (*RESUME_MAY_CHANGE, "budget") and k in before and before[k] != v]  # fmt: skip
+    if changed:
+        raise ConfigError(f"cannot resume the sweep in {str(out)!r} with {', '.join(changed)}: its recipes ran with "
+                          "the sweep's own settings; resume with them, or sweep into another --out")  # fmt: skip
+    # what a resume may change (a new --budget, --device...) is recorded: the next resume goes on with it (a budget
+    # given now was used, and the file still said the old one). No key the file lacks: an earlier freezetune's, given
+    # settings it does not know, refused it as a file "no sweep wrote"
+    kept = {k: now.get(k, v) for k, v in before.items()}
+    return None if kept == before else kept
+
+
+def record_settings(out: Path, settings: dict) -> None:
+    """Write the sweep's ``settings`` (``kept_settings``) to its ``sweep_config.yaml``."""
+    atomic_write_text(out / SETTINGS_FILE, dump_yaml(settings))
 
 
 def recipe_names(recipes: str | list[str] | tuple[str, ...]) -> list[str]:

@@ -53,6 +53,7 @@ class _Level:
         self.path: Path | None = None
         self.confirmed = False
         self.pending: list[str] = []
+        self.writes: list[Callable[[], None]] = []  # the directory's other files that wait too (``when_opened``)
         self.opened = False  # the header written, in this process
         self.warned: set[str] = set()  # the warnings this level's log holds (once each)
         self.started = time.time()  # the header's stamp: it is written with the first lines, which waited for it
@@ -220,14 +221,32 @@ def log_to(run_dir: str | Path) -> None:
 
 def opened(run_dir: str | Path) -> None:
     """A run made ``run_dir`` its own (it passed the run-dir checks and the resume's, and writes its files now):
-    the logs there and in the directories around it (an auto recipe's, a sweep's) are written from now on. Before,
-    a refused command left a run's ``train.log`` untouched."""
+    the logs there and in the directories around it (an auto recipe's, a sweep's) are written from now on, and the
+    files that waited for it (``when_opened``). Before, a refused command left a run's ``train.log`` untouched."""
     run_dir = Path(run_dir).resolve()
     with _lock:
-        for level in _levels.get():
-            if level.path is not None and run_dir.is_relative_to(level.path.parent):
-                level.confirmed = True
-                level.flush()
+        levels = [lv for lv in _levels.get() if lv.path is not None and run_dir.is_relative_to(lv.path.parent)]
+        writes = [write for level in levels for write in level.writes]
+        for level in levels:
+            level.confirmed, level.writes = True, []
+    for write in writes:  # outside the lock: a write's logged warning takes it
+        write()
+    with _lock:
+        for level in levels:
+            level.flush()
+
+
+def when_opened(run_dir: str | Path, write: Callable[[], None]) -> None:
+    """Call ``write`` (it writes a file of ``run_dir``'s own: a sweep's settings) once a run has made ``run_dir`` its
+    own (``opened``), as the lines of its log wait: a refused resume leaves the file as it was. At once where that
+    happened already, or where no level of the log has ``run_dir`` (``log_to``)."""
+    run_dir = Path(run_dir).resolve()
+    with _lock:
+        level = next((lv for lv in _levels.get() if lv.path is not None and lv.path.parent == run_dir), None)
+        if level is not None and not level.confirmed:
+            level.writes.append(write)
+            return
+    write()
 
 
 def _teller(echo: Callable[[str], None]) -> Callable[[str], None]:
