@@ -47,6 +47,19 @@ def test_a_spill_file_the_disk_has_no_room_for_is_one_line_and_leaves_nothing(tm
     assert not (tmp_path / "spill").exists()
 
 
+def test_a_stop_while_the_spill_file_is_reserved_leaves_no_file(tmp_path, monkeypatch):
+    # SIGTERM raises at once during a cache build: reserving tens of GB takes a while, and the whole file stayed
+    from freezetune.run.interrupt import RunInterrupted
+
+    def stopped(fd, offset, length):
+        raise RunInterrupted(15, "stopped by SIGTERM while the feature cache was built")
+
+    monkeypatch.setattr(os, "posix_fallocate", stopped, raising=False)
+    with pytest.raises(RunInterrupted):
+        placement.allocate(SHAPE, torch.float32, CPU, tmp_path / "spill", "disk")
+    assert not (tmp_path / "spill" / "feature_cache.bin").exists()
+
+
 def test_a_file_system_that_cannot_reserve_blocks_still_maps_the_store(tmp_path, monkeypatch):
     def unsupported(fd, offset, length):
         raise OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP))

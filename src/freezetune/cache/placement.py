@@ -108,6 +108,9 @@ def _map_file(shape: tuple[int, ...], dtype: torch.dtype, nbytes: int, folder: P
             raise
         raise ResourceError(f"no room for the feature cache's file ({nbytes / 2**20:,.1f} MiB) in '{folder}': "
                             f"{os.strerror(code)}; {_DISK_HINT}") from exc  # fmt: skip
+    except BaseException:  # a stop (SIGTERM, Ctrl-C) while the blocks were reserved left the whole file behind
+        path.unlink(missing_ok=True)
+        raise
     _unlink_mapped(path)
     return t
 
