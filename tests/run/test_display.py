@@ -27,3 +27,11 @@ def test_a_logged_lines_names_are_escaped_and_its_other_arguments_kept():
     record = logging.LogRecord("freezetune.data", logging.WARNING, "", 0, "'%s':\n  %d left out", ("a\nb", 2), None)
     PrintableArgs().filter(record)
     assert record.getMessage() == "'a\\nb':\n  2 left out"  # the line's own continuation stays
+
+
+def test_a_name_the_line_shows_by_repr_is_escaped_once():
+    # data/overlap's "(first: %r)" of a text holding a newline showed 'great film.\\nloved it': escaped twice
+    record = logging.LogRecord("freezetune.data", logging.WARNING, "", 0, "first: %r, %s; %d%%",
+                               ("great film.\nloved it", "a\nb", 3), None)  # fmt: skip
+    PrintableArgs().filter(record)
+    assert record.getMessage() == "first: 'great film.\\nloved it', a\\nb; 3%"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 import unicodedata
 
@@ -70,17 +71,32 @@ class PrintableArgs(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         if isinstance(record.args, tuple) and record.name.startswith("freezetune"):
-            record.args = printable_args(record.args)
+            record.args = printable_args(record.args, _conversions(record.msg))
         return True
 
 
-def printable_args(args: tuple) -> tuple:
-    """``args`` with each text or path among them ``printable``; numbers and other values are kept.
+# a %-format's conversions: an argument shown by %r is escaped by repr already (escaped again, "\\n" showed)
+_CONVERSION = re.compile(r"%(?:\([^)]*\))?[#0 +-]*(?:\*|\d+)?(?:\.(?:\*|\d+))?[hlL]?([a-zA-Z%])")
 
-    >>> printable_args(("a\\nb", 3))
-    ('a\\\\nb', 3)
+
+def _conversions(msg: object) -> str | None:
+    """The conversion letters of ``msg``'s arguments, in order (``"sdr"``); None where they cannot be paired with
+    them (a ``*`` width takes an argument of its own)."""
+    if not isinstance(msg, str) or "*" in msg:
+        return None
+    return "".join(c for c in _CONVERSION.findall(msg) if c != "%")
+
+
+def printable_args(args: tuple, conversions: str | None = None) -> tuple:
+    """``args`` with each text or path among them ``printable``; numbers and other values are kept, and those the
+    format shows by ``repr`` (``conversions``: the format's letters, ``"sr"``), which escapes them itself.
+
+    >>> printable_args(("a\\nb", 3)), printable_args(("a\\nb", "c\\nd"), "sr")
+    (('a\\\\nb', 3), ('a\\\\nb', 'c\\nd'))
     """
-    return tuple(_printable_arg(a) for a in args)
+    if conversions is None or len(conversions) != len(args):
+        conversions = "s" * len(args)
+    return tuple(a if c in "ra" else _printable_arg(a) for a, c in zip(args, conversions, strict=True))
 
 
 def _printable_arg(arg: object) -> object:
