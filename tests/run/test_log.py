@@ -356,3 +356,17 @@ def test_a_warning_naming_a_file_shows_its_control_characters_as_escapes_once(tm
     line = "'red\\n\\x1b[2Jx.png': 1 file(s) left out"
     assert [r.getMessage() for r in caplog.records] == [line]  # what stderr's handler prints
     assert _said(tmp_path / LOG_FILE)[1:] == [f"WARNING freezetune.data.doc: {line}"]
+
+
+def test_a_note_said_once_a_run_is_said_again_in_a_sweeps_next_recipe_where_asked():
+    # the feature cache's line, "once a run", was said once a sweep: lp-ft's train.log lacked the cache its probe
+    # trained on, which linear-probe's had said
+    from freezetune.run.log import SWEEP_LOG, first_time, log
+
+    said = []
+    with log(said.append, name=SWEEP_LOG):
+        for _recipe in ("linear-probe", "lp-ft"):
+            with log(said.append), log(said.append):  # the recipe's run, and a trial in it
+                said.append((first_time("cache", each_recipe=True), first_time("cache", each_recipe=True)))
+                said.append(first_time("data note"))
+    assert [s for s in said if not isinstance(s, str)] == [(True, False), True, (True, False), False]

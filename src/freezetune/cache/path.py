@@ -303,7 +303,8 @@ class FeaturePath:
         note = (f"note: training images are cached without augmentation (aug {self.loaders.aug!r} needs "
                 "--cache-views 2 or more: one fixed random view per image trains worse than the plain image)")  # fmt: skip
         # once a run: each rebuild at an unfreeze said it again, and each of the auto recipe's trials and its final run
-        if not augment and self.loaders.aug != "none" and not self._told_unaugmented and first_time(note):
+        if not augment and self.loaders.aug != "none" and not self._told_unaugmented and \
+                first_time(note, each_recipe=True):  # fmt: skip
             self._told_unaugmented = True
             self.echo(note)
         # a resume, or the next run, would build it again (under DDP the ranks build their blocks together: no reuse)
@@ -318,7 +319,9 @@ class FeaturePath:
         # each store by what happened to it: "read from DIR" when one of two was read said the other was too
         how = hows[0] if len(set(hows)) == 1 else f"training store {hows[0]}, validation store {hows[1]}"
         line = f"feature cache: {why}; {info.describe()}{f'; validation {val}' if val else ''}; {how} in {seconds:.1f}s"
-        if first_time(f"feature cache: {why}; {info.views} {tuple(info.shape)} on {info.place}; {val}"):
+        if first_time(
+            f"feature cache: {why}; {info.views} {tuple(info.shape)} on {info.place}; {val}", each_recipe=True
+        ):
             self.echo(line)
         else:
             log.info(line)

@@ -138,9 +138,10 @@ def indented(echo: Callable[[str], None]) -> Callable[[str], None]:
     return lambda line: echo("  " + line.replace("\n", "\n  "))
 
 
-def first_time(note: str) -> bool:
+def first_time(note: str, *, each_recipe: bool = False) -> bool:
     """Whether ``note`` is new to this run (then marked said): the auto recipe's trials and final run, and a sweep's
-    recipes, each set up again, and a note about the data came from each. Outside a run: always new.
+    recipes, each set up again, and a note about the data came from each. ``each_recipe``: new to each of a sweep's
+    recipes (what a recipe's run does, its ``train.log`` holds: the cache it trained on). Outside a run: always new.
 
     >>> first_time("note: a doc's note")
     True
@@ -148,9 +149,11 @@ def first_time(note: str) -> bool:
     levels = _levels.get()
     if not levels:
         return True
+    runs = [level for level in levels if level.name == LOG_FILE] if each_recipe else []
+    owner = runs[0] if runs else levels[0]
     with _lock:
-        new = note not in levels[0].warned
-        levels[0].warned.add(note)
+        new = note not in owner.warned
+        owner.warned.add(note)
     return new
 
 
