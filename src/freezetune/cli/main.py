@@ -221,7 +221,7 @@ def _cmd_sweep(args) -> int:
 
 
 def _cmd_eval(args) -> int:
-    from freezetune.inference.evaluation import eval_outputs, evaluate_checkpoint, write_evaluation
+    from freezetune.inference.evaluation import eval_outputs, evaluate_checkpoint
     from freezetune.training.metrics import format_report
 
     plot = eval_outputs(args.checkpoint, args.data, plot=args.plot, metrics=args.metrics, force=args.force)
@@ -234,8 +234,18 @@ def _cmd_eval(args) -> int:
     except BrokenPipeError:  # `eval ... --metrics m.json | head -1`: the files are what the batch job reads
         if not cli_exit.reader_gone(sys.stdout):
             raise
-        write_evaluation(result, result["classes"], plot=plot, metrics=args.metrics)
+        _write_evaluation(args, result, plot)
         return cli_exit.pipe_closed(None)
+    if _write_evaluation(args, result, plot):
+        print(f"confusion matrix -> {plot}" + (f", metrics -> {args.metrics}" if args.metrics else ""))
+    return 0
+
+
+def _write_evaluation(args, result: dict, plot) -> bool:
+    """Write eval's files; whether the plot was drawn. A default plot beside a checkpoint in a folder the user cannot
+    write is a warning: the scores are out (on a closed pipe too: ``eval ... | head -1``)."""
+    from freezetune.inference.evaluation import write_evaluation
+
     try:
         write_evaluation(result, result["classes"], plot=plot, metrics=args.metrics)
     except OSError as exc:
@@ -243,9 +253,8 @@ def _cmd_eval(args) -> int:
             raise
         print(f"freezetune: warning: the confusion matrix was not drawn: {exc.strerror or exc} ({exc.filename}); "
               "--plot PATH puts it elsewhere", file=sys.stderr)  # fmt: skip
-        return 0
-    print(f"confusion matrix -> {plot}" + (f", metrics -> {args.metrics}" if args.metrics else ""))
-    return 0
+        return False
+    return True
 
 
 def _cmd_predict(args) -> int:

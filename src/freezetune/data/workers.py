@@ -93,9 +93,9 @@ def worker_failure(exc: BaseException) -> str | None:
 
 
 def _in_the_loader(exc: BaseException) -> bool:
-    """Whether ``exc`` was raised in a DataLoader's reading of its workers' batches."""
-    return any("torch/utils/data/" in f.filename or "multiprocessing/" in f.filename
-               for f in traceback.extract_tb(exc.__traceback__))  # fmt: skip
+    """Whether ``exc`` was raised receiving a batch from a worker process (multiprocessing's pipes): a dataset of the
+    user's own, read in the main process (``--workers 0``), may raise a ConnectionResetError of its own."""
+    return any("multiprocessing/" in f.filename for f in traceback.extract_tb(exc.__traceback__))
 
 
 def _seed_worker(worker_id: int, *, main: int) -> None:

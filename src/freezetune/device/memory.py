@@ -341,9 +341,9 @@ def out_of_memory_hint(batch_size: int | str, *, training: bool = True) -> Itera
     """
     try:
         yield
-    except (RuntimeError, MemoryError, OSError) as e:  # torch.cuda.OutOfMemoryError is a RuntimeError
-        _raise_worker_failure(e)
-        if isinstance(e, OSError):
+    except (RuntimeError, MemoryError, OSError, EOFError) as e:  # torch.cuda.OutOfMemoryError is a RuntimeError
+        _raise_worker_failure(e)  # (OSError, EOFError: a worker gone with the batch it was sending)
+        if not isinstance(e, (RuntimeError, MemoryError)):
             raise
         ram = ran_out_of_ram(e)
         if not (ram or isinstance(e, torch.cuda.OutOfMemoryError)):
