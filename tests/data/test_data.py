@@ -800,7 +800,7 @@ class _DiesInAWorker(torch.utils.data.Dataset):
 def test_a_loader_worker_killed_mid_run_is_one_line_naming_the_likely_cause(monkeypatch):
     # the OOM killer ending a worker gave a 95-line traceback ("DataLoader worker (pid(s) N) exited unexpectedly"),
     # or, the batch in transit, "Connection reset by peer; files written before are intact" as if the disk had failed
-    from freezetune.data.workers import dataloader
+    from freezetune.data.workers import dataloader, shut_down
     from freezetune.device.memory import out_of_memory_hint
     from freezetune.errors import ResourceError
 
@@ -810,8 +810,8 @@ def test_a_loader_worker_killed_mid_run_is_one_line_naming_the_likely_cause(monk
                            r"try --workers 0 or a smaller --batch-size; files written before are intact$"):  # fmt: skip
             with out_of_memory_hint(2, training=False):
                 list(batches)
-    finally:  # torch's SIGCHLD handler, kept while the iterator lives, raised again at the next child's exit
-        batches._shutdown_workers()
+    finally:  # torch's SIGCHLD handler, armed while the workers are joined, raised again at a child's exit
+        shut_down(batches)
 
 
 def test_more_workers_than_usable_cpus_is_said_once_in_freezetunes_words(monkeypatch, caplog):

@@ -24,7 +24,7 @@ from torch.utils.data import Dataset, Sampler, Subset
 from freezetune.config.options import AUG_DEFAULT, check, non_negative_int_problem, positive_int_problem
 from freezetune.data.idx import InMemoryImageDataset
 from freezetune.data.text import TextDataset, TokenizeBatch
-from freezetune.data.workers import dataloader, note_no_workers, shared_memory_short, usable_cpus
+from freezetune.data.workers import dataloader, note_no_workers, shared_memory_short, shut_down, usable_cpus
 from freezetune.device.distributed import DistInfo, batch_block, shard_rows
 from freezetune.model.preprocess import Preprocess
 
@@ -169,7 +169,7 @@ class CpuLoader:
         """
         iterator, self.loader._iterator = self.loader._iterator, None
         if iterator is not None and hasattr(iterator, "_shutdown_workers"):
-            iterator._shutdown_workers()
+            shut_down(iterator)
 
 
 def close_loader(batches: Iterable) -> None:

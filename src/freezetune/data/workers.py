@@ -6,6 +6,7 @@ constructor, which starts them so."""
 from __future__ import annotations
 
 import atexit
+import contextlib
 import functools
 import logging
 import multiprocessing
@@ -90,6 +91,19 @@ def worker_failure(exc: BaseException) -> str | None:
     else:
         return None
     return f"{who} {how}; try --workers 0 or a smaller --batch-size"
+
+
+def shut_down(iterator) -> None:
+    """Stop a DataLoader iterator's workers. Torch's SIGCHLD handler stays armed for them while it joins them: with one
+    dead already (killed, out of memory), a child's exit during the join raised "DataLoader worker (pid N) is killed"
+    again, over the one-line error being reported. Disarmed first (torch's own shutdown would, once they are joined)."""
+    if getattr(iterator, "_worker_pids_set", False):
+        from torch.utils.data._utils import signal_handling
+
+        with contextlib.suppress(AttributeError, ValueError):  # a torch without these: its own shutdown does it
+            signal_handling._remove_worker_pids(id(iterator))
+            iterator._worker_pids_set = False
+    iterator._shutdown_workers()
 
 
 def _in_the_loader(exc: BaseException) -> bool:
