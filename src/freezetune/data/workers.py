@@ -97,13 +97,29 @@ def shut_down(iterator) -> None:
     """Stop a DataLoader iterator's workers. Torch's SIGCHLD handler stays armed for them while it joins them: with one
     dead already (killed, out of memory), a child's exit during the join raised "DataLoader worker (pid N) is killed"
     again, over the one-line error being reported. Disarmed first (torch's own shutdown would, once they are joined)."""
+    _disarm(iterator)
+    iterator._shutdown_workers()
+
+
+def disarm_the_loader_of(exc: BaseException) -> None:
+    """Disarm torch's SIGCHLD handler for the loader ``exc`` was raised in (a worker's death): the signal of that death,
+    still pending as "Connection reset by peer" is reported, raised "DataLoader worker is killed" over it."""
+    tb = exc.__traceback__
+    while tb is not None:
+        iterator = tb.tb_frame.f_locals.get("self")
+        if getattr(iterator, "_worker_pids_set", False):
+            _disarm(iterator)
+            return
+        tb = tb.tb_next
+
+
+def _disarm(iterator) -> None:
     if getattr(iterator, "_worker_pids_set", False):
         from torch.utils.data._utils import signal_handling
 
         with contextlib.suppress(AttributeError, ValueError):  # a torch without these: its own shutdown does it
             signal_handling._remove_worker_pids(id(iterator))
             iterator._worker_pids_set = False
-    iterator._shutdown_workers()
 
 
 def _in_the_loader(exc: BaseException) -> bool:
