@@ -13,7 +13,7 @@ import stat
 import sys
 import time
 
-from freezetune.run.interrupt import PIPE_CLOSED, RunInterrupted, StopRequest, output_closed
+from freezetune.run.interrupt import PIPE_CLOSED, RunInterrupted, StopRequest, output_closed, to_devnull
 from freezetune.run.log import first_process
 
 # what a command that stops before its end has kept (Ctrl-C, its output pipe closed)
@@ -120,9 +120,7 @@ def pipe_closed(saved: str | None) -> int:
 
 
 def _to_devnull(stream) -> None:
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, stream.fileno())
-    os.close(devnull)
+    to_devnull(stream.fileno())
 
 
 def stopped(stop: RunInterrupted) -> int:

@@ -199,9 +199,14 @@ def _leave_the_terminal(fds: set[int]) -> None:
     line with exit code 1. Before, a run printing to its terminal was left to SIGHUP's default, killed mid-epoch with
     nothing saved and no line in train.log."""
     for fd in fds:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, fd)
-        os.close(devnull)
+        to_devnull(fd)
+
+
+def to_devnull(fd: int) -> None:
+    """Point the descriptor ``fd`` at /dev/null: its terminal or pipe is gone, and a write there would fail."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, fd)
+    os.close(devnull)
 
 
 def _fd(stream) -> int | None:
