@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import json
 import multiprocessing
+import multiprocessing.resource_tracker
 import os
 import re
 import shutil
@@ -103,43 +104,69 @@ def _stopped_run(argv: list[str], pause_at: str, sig: int, tmp_path: Path, *, gr
     spawned, as on macOS and Windows (a fresh interpreter each), not forked."""
     marker, logs = tmp_path / "paused", (tmp_path / "stdout", tmp_path / "stderr")
     sys.stdout.flush(), sys.stderr.flush()
-    pid = os.fork()
-    if pid == 0:  # the child: never returns into pytest
-        if group:
-            os.setpgid(0, 0)
-        if spawn:
-            multiprocessing.set_start_method("spawn", force=True)
-        _child(argv, pause_at, marker, logs)
+    # a forked process of multiprocessing's own, not a bare os.fork: as it ends it runs what a real interpreter's exit
+    # runs for multiprocessing (its exit finalizers: the named semaphores a spawning process made, tqdm's lock among
+    # them, are unlinked). After a bare os._exit the resource tracker warned of them as leaked, into the run's stderr,
+    # whenever it wrote before the test read the file: a warning the real command never prints. The tracker a child
+    # started writes as it ends, once the child's loader workers are gone too: its end is waited for before the read.
+    tracker = tmp_path / "tracker"
+    start_method = "spawn" if spawn else multiprocessing.get_start_method()
+    child = multiprocessing.get_context("fork").Process(target=_child, args=(argv, pause_at, marker, logs, group,
+                                                                            start_method))  # fmt: skip
+    child.start()
     deadline = time.monotonic() + 120
-    while not marker.exists() and os.waitpid(pid, os.WNOHANG) == (0, 0) and time.monotonic() < deadline:
+    while not marker.exists() and child.is_alive() and time.monotonic() < deadline:
         time.sleep(0.02)
     if not marker.exists():  # ended (or hung) before the moment
-        os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
+        child.kill()
+        child.join()
         pytest.fail(f"never reached {pause_at}: {logs[0].read_text()}{logs[1].read_text()}")
-    (os.killpg if group else os.kill)(pid, sig)
+    (os.killpg if group else os.kill)(child.pid, sig)
     if sig != signal.SIGKILL:
         time.sleep(0.3)  # the handler records the signal; then the run may leave the pause and act on it
         marker.unlink()
     # output goes to files, not pipes: a killed run's loader workers would hold a pipe open until they notice
-    _, status = os.waitpid(pid, 0)
+    child.join()
     marker.unlink(missing_ok=True)
-    return Stopped(os.waitstatus_to_exitcode(status), logs[0].read_text(), logs[1].read_text())
+    if tracker.exists():
+        _wait_for_end(int(tracker.read_text()))
+    return Stopped(child.exitcode, logs[0].read_text(), logs[1].read_text())
 
 
-def _child(argv: list[str], pause_at: str, marker: Path, logs: tuple[Path, Path]) -> None:
-    code = 1
+def _child(argv: list[str], pause_at: str, marker: Path, logs: tuple[Path, Path], group: bool,
+           start_method: str) -> None:  # fmt: skip
+    """The stopped run's process: its output to the log files, then the CLI's ``main``; its code is the exit code."""
+    if group:
+        os.setpgid(0, 0)
+    multiprocessing.set_start_method(start_method, force=True)  # (the fork context above set "fork")
+    tracker_before = multiprocessing.resource_tracker._resource_tracker._pid  # (this one's, or one it inherited)
+    os.environ.update({PAUSE_ENV: pause_at, PAUSE_MARKER_ENV: str(marker)})
+    for fd, path in zip((1, 2), logs, strict=True):
+        os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
+    sys.stdout, sys.stderr = open(1, "w", closefd=False), open(2, "w", closefd=False)  # noqa: SIM115
     try:
-        os.environ.update({PAUSE_ENV: pause_at, PAUSE_MARKER_ENV: str(marker)})
-        for fd, path in zip((1, 2), logs, strict=True):
-            os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
-        sys.stdout, sys.stderr = open(1, "w", closefd=False), open(2, "w", closefd=False)  # noqa: SIM115
         code = main(argv)
     except BaseException:
         traceback.print_exc()
-    finally:
-        sys.stdout.flush(), sys.stderr.flush()
-        os._exit(code)
+        code = 1
+    sys.stdout.flush(), sys.stderr.flush()
+    if (started := multiprocessing.resource_tracker._resource_tracker._pid) not in (None, tracker_before):
+        (marker.parent / "tracker").write_text(str(started))
+    sys.exit(code)
+
+
+def _wait_for_end(pid: int, timeout: float = 20.0) -> None:
+    """Until the process ``pid``, not a child of this one, has ended (gone, or a zombie no one has reaped yet)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+        except (FileNotFoundError, ProcessLookupError, IndexError):
+            return
+        if state in ("Z", "X"):
+            return
+        time.sleep(0.02)
+    pytest.fail(f"multiprocessing's resource tracker (pid {pid}) still runs {timeout:.0f} s after the run ended")
 
 
 def _rows(run_dir: Path) -> list[dict[str, str]]:
