@@ -211,23 +211,24 @@ def test_a_resume_from_a_checkpoint_saved_on_an_epochs_last_batch_takes_that_epo
     resumed = fit(4, ckpt_path=tmp_path / "last.ckpt").unfreezer
     if schedule == "epoch:1":
         assert resumed.events == whole == [(0, ["block3"]), (1, ["block2"]), (2, ["block1"])]
-    else:  # a constant val_acc: a stall from epoch 1 on; Lightning skips epoch 1's validation on this resume, so
-        # its stall is not counted (no error for its missing value), and the next one opens block3
-        assert whole == [(1, ["block3"]), (2, ["block2"])] and resumed.events == [(2, ["block3"])]
+    else:  # a constant val_acc: a stall from epoch 1 on (an opened stage's first epoch sets its own best); Lightning
+        # skips epoch 1's validation on this resume, so its stall is not counted (no error for its missing value), and
+        # the next one opens block3
+        assert whole == [(1, ["block3"])] and resumed.events == [(2, ["block3"])]  # (the last epoch is not stepped)
 
 
 def test_a_second_fit_on_the_same_trainer_goes_on_with_the_schedule():
     # the second fit froze the network again and started the schedule over at Lightning's epoch 3: the stage the
     # first had opened was closed, the plateau's count and values lost, and nothing opened again
-    lit = LitTiny(rank_metric=True)  # a constant val_acc: a stall every epoch from epoch 1 on
+    lit = LitTiny(rank_metric=True)  # a constant val_acc: a stall from epoch 1 on, and each opened stage's second epoch
     callback = FreezetuneFinetuning("backbone", "plateau:patience=1", stage_lrs={"block3": 1e-3})
     trainer = L.Trainer(max_epochs=3, enable_checkpointing=False, callbacks=[callback], **FAST)
     trainer.fit(lit, *loaders())
     trainer.fit_loop.max_epochs = 5
     trainer.fit(lit, *loaders())
-    assert callback.unfreezer.events == [(1, ["block3"]), (2, ["block2"]), (3, ["block1"])]  # as one fit of 5
+    assert callback.unfreezer.events == [(1, ["block3"]), (3, ["block2"])]  # as one fit of 5
     groups = {g["name"]: g["lr"] for g in trainer.optimizers[0].param_groups}  # the second fit's optimizer
-    assert groups == {"head": 1e-2, "block3": 1e-3, "block2": 1e-2, "block1": 1e-2}  # stage_lrs, else lr
+    assert groups == {"head": 1e-2, "block3": 1e-3, "block2": 1e-2}  # stage_lrs, else lr
     L.Trainer(max_epochs=1, enable_checkpointing=False, callbacks=[callback], **FAST).fit(lit, *loaders())
     assert callback.unfreezer.unfrozen == []  # a new Trainer is a new run: from epoch 0, frozen as at the start
 

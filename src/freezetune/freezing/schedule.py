@@ -3,7 +3,8 @@
 - ``"epoch:N"``: every N epochs unfreeze the next frozen stage counted from the head (ULMFiT's gradual unfreezing).
 - ``"plateau:patience=P,min_delta=D,mode=max"``: unfreeze the next stage when the metric given to ``step`` has not
   improved by more than D for P consecutive calls; without ``mode``, the ``Unfreezer``'s (a run's follows its
-  ``monitor``: ``val_loss`` improves as it falls).
+  ``monitor``: ``val_loss`` improves as it falls). Once a stage opens, the count starts again from the epochs after
+  it, against their own best.
 - ``{epoch: spec}``: an explicit plan; what ``spec`` (any freeze spec) names trains from that (0-based) epoch on,
   exactly what ``unfreeze(model, spec)`` opens: a glob of part of a stage (``"*.bias"``, ``"layer4.1*"``) opens that
   part, not the stages it touches.

@@ -177,6 +177,9 @@ class Unfreezer:
             done = self._unfreeze(self._next_frozen())
         elif self.schedule.kind == "plateau" and self._stalled(metric, warming_up):
             done = self._unfreeze(self._next_frozen())
+            if done:  # the stage opened is judged by its own epochs: one that dips first (it often does) never beat the
+                # best from before it opened within a patience of 1, and the next stage opened each epoch after it
+                self.best = None
         elif self.schedule.kind == "plan" and (epoch + 1) in self._plan:
             done = self._unfreeze_spec(self._plan[epoch + 1])
         if done:
