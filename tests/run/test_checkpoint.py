@@ -51,6 +51,15 @@ def test_saved_checkpoint_rebuilds_the_same_model(trained, tmp_path):
         assert torch.equal(rebuilt.eval()(x), trained(x))
 
 
+def test_a_checkpoint_records_the_versions_that_trained_it(trained, tmp_path):
+    from importlib import metadata
+
+    checkpoint.save(_record(trained), tmp_path / "m.pt")
+    versions = checkpoint.load(tmp_path / "m.pt")["versions"]
+    assert versions["freezetune"] == ft.__version__ and versions["torch"] == metadata.version("torch")
+    assert {"python", "torchvision", "timm", "numpy"} <= set(versions)
+
+
 def test_weights_saved_mid_epoch_are_named_so_when_rebuilt(trained, tmp_path, caplog):
     # predict, eval and export took a mid-epoch last.pt (--save-every-steps, a stop signal) without a word
     record = {**_record(trained), "epoch": 1, "steps_per_epoch": 40, "progress": {"epoch": 1, "step": 12}}

@@ -41,6 +41,8 @@ def test_a_runs_log_holds_every_line_it_printed_once_under_a_header_naming_the_c
     assert code == 0, err
     said = _said(tmp_path / "run" / LOG_FILE)
     assert said[0].startswith("freezetune ") and said[0].endswith(f"freezetune {' '.join(argv)}")
+    # what produced the numbers: Python's and the libraries' versions (a later torch or timm may train differently)
+    assert re.match(r"freezetune \S+ \(python [\d.]+, torch \S+, torchvision \S+, timm \S+.*\), pid", said[0])
     assert _printed(said[1:]) == out.splitlines()
     assert any(line.startswith("auto: chose") for line in said) and said[-1].startswith("test accuracy")
     trial = _said(tmp_path / "run" / "auto-trials" / "last-3" / LOG_FILE)  # a trial's dir keeps its own lines

@@ -27,6 +27,7 @@ from freezetune.model.hf_bundle import rebuilt_folder, refuse_foreign_names
 from freezetune.model.preprocess import Preprocess
 from freezetune.model.tree import unwrap
 from freezetune.model.weights_file import load_failure
+from freezetune.run.versions import versions
 from freezetune.training.rng import rng_state, set_rng_state
 
 if TYPE_CHECKING:
@@ -47,6 +48,7 @@ def model_record(model: nn.Module, cfg_dict: dict, classes: list[str], preproces
     model from a local folder, that folder's config and tokenizer files (``hf_bundle.bundle``)."""
     record = {
         "freezetune_version": __version__,
+        "versions": versions(),  # (Python's and the libraries' too: what trained it)
         "model": cfg_dict["model"],
         "classes": list(classes),
         "preprocess": preprocess.to_dict(),

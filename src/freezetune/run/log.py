@@ -348,9 +348,10 @@ def _output_closed() -> bool:
 
 def _header() -> str:
     from freezetune import __version__
+    from freezetune.run.versions import versions_line
 
     how = command or f"{Path(sys.argv[0]).name or 'python'} (Python API)"
-    return f"freezetune {__version__}, pid {os.getpid()}: {how}"
+    return f"freezetune {__version__} ({versions_line()}), pid {os.getpid()}: {how}"
 
 
 def _stamped(line: str, when: float | None = None) -> str:
