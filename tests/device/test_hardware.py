@@ -114,3 +114,58 @@ def test_a_devices_available_memory_is_the_drivers_free_and_what_torch_holds_unu
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 7 << 20)
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 4 << 20)
     assert hardware.available_device_memory(torch.device("cuda")) == 8 << 20
+
+
+_VM_STAT = """Mach Virtual Memory Statistics: (page size of 16384 bytes)
+Pages free:                               10000.
+Pages active:                            500000.
+Pages inactive:                           30000.
+Pages speculative:                         2000.
+"""
+
+
+def _without_proc(monkeypatch):
+    def no_proc(path, *args, **kwargs):
+        raise FileNotFoundError(path)
+
+    monkeypatch.setattr(hardware, "open", no_proc, raising=False)  # the module's open: /proc/meminfo is Linux's
+
+
+def test_the_ram_left_on_windows_is_read_from_the_windows_api_without_os_sysconf(monkeypatch):
+    # every feature cache's placement raised AttributeError there: os.sysconf is POSIX's
+    import ctypes
+
+    def global_memory_status(ref):
+        ref._obj.ullAvailPhys = 7 << 30
+        return 1
+
+    _without_proc(monkeypatch)
+    monkeypatch.delattr(hardware.os, "sysconf")
+    monkeypatch.setattr(sys, "platform", "win32")
+    kernel32 = types.SimpleNamespace(GlobalMemoryStatusEx=global_memory_status)
+    monkeypatch.setattr(ctypes, "windll", types.SimpleNamespace(kernel32=kernel32), raising=False)
+    monkeypatch.setattr(hardware, "cgroup_room", lambda: None)  # no container's limit: the machine's figure
+    assert hardware.available_ram() == 7 << 30
+    monkeypatch.delattr(ctypes, "windll")  # the API unreadable: the fixed guess, not a crash
+    assert hardware._machine_ram() == 4 << 30
+
+
+def test_the_ram_left_on_macos_is_its_free_and_inactive_pages(monkeypatch):
+    # macOS has no SC_AVPHYS_PAGES: every Mac planned its feature cache for a fixed 4 GiB
+    def sysconf(name):
+        if name == "SC_AVPHYS_PAGES":
+            raise ValueError("unrecognized configuration name")
+        return 16384
+
+    _without_proc(monkeypatch)
+    monkeypatch.setattr(hardware.os, "sysconf", sysconf)
+    monkeypatch.setattr(sys, "platform", "darwin")
+    done = subprocess.CompletedProcess(["vm_stat"], 0, stdout=_VM_STAT)
+    monkeypatch.setattr(subprocess, "run", lambda *args, **kwargs: done)
+    assert hardware._machine_ram() == (10000 + 30000) * 16384
+
+    def missing(*args, **kwargs):
+        raise FileNotFoundError("vm_stat")
+
+    monkeypatch.setattr(subprocess, "run", missing)
+    assert hardware._machine_ram() == 4 << 30
