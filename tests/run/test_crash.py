@@ -35,7 +35,15 @@ from freezetune.cli.main import main
 from freezetune.errors import CheckpointError, ConfigError
 from freezetune.run import checkpoint
 from freezetune.run import directory as runtime
-from freezetune.run.interrupt import PAUSE_ENV, PAUSE_MARKER_ENV, StopRequest
+from freezetune.run.interrupt import (
+    PAUSE_ENV,
+    PAUSE_MARKER_ENV,
+    WORKERS_KILLED,
+    RunInterrupted,
+    StopRequest,
+    forget_stop,
+    raised_stop,
+)
 
 pytestmark = pytest.mark.usefixtures("single_thread_module")
 
@@ -642,6 +650,47 @@ def test_a_second_ctrl_c_in_the_training_loop_stops_at_once_and_says_so():
         time.sleep(1)
     assert str(info.value).startswith("stopped by SIGINT a second time, at once, before the run saved its place")
     assert "outside a training step" not in str(info.value) and info.value.exit_code == 130
+
+
+def test_a_loader_workers_death_after_a_recorded_stop_is_reported_as_the_stop():
+    # where Ctrl-C cannot be blocked as workers are spawned (Windows), it killed them before the step it was recorded
+    # for ended: the run said "a data loader worker exited unexpectedly ... try --workers 0", exit 2
+    stop, died = StopRequest(), RuntimeError("DataLoader worker (pid(s) 4242) exited unexpectedly")
+    try:
+        with pytest.raises(RunInterrupted) as info, stop.listening(defer=True):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+            raise died
+        assert str(info.value) == f"stopped by SIGINT {WORKERS_KILLED}" and info.value.exit_code == 130
+        assert raised_stop() is info.value  # a later error of the dead workers is the stop's too
+        forget_stop()
+        with pytest.raises(RuntimeError, match="exited unexpectedly"), StopRequest().listening(defer=True):
+            raise died  # no stop recorded: the worker's own death
+        with pytest.raises(ValueError, match="bug"), StopRequest().listening(defer=True):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+            raise ValueError("bug")  # not a worker's death: not the stop's
+    finally:
+        forget_stop()
+
+
+def test_a_ctrl_c_that_kills_spawned_workers_as_they_start_is_the_runs_stop_without_signal_masks(data, tmp_path,
+                                                                                                monkeypatch, capsys):  # fmt: skip
+    # Windows: no pthread_sigmask to block it while the workers are spawned, so a console's Ctrl-C killed them, and
+    # the run ended on "a data loader worker exited unexpectedly ... try --workers 0", exit 2
+    multiprocessing.resource_tracker.ensure_running()  # (Windows has none; started without the mask, it needs one)
+    monkeypatch.delattr(signal, "pthread_sigmask")
+    out, workers = tmp_path / "run", ("--workers", "2")
+    stopped = _stopped_run(_argv(data, out, "off", *workers), "workers#1", signal.SIGINT, tmp_path, group=True,
+                           spawn=True)  # fmt: skip
+    assert stopped.returncode == 130, stopped.stderr
+    # freezetune's one line, among the workers' own KeyboardInterrupt, printed as they died
+    said = [line for line in stopped.stderr.splitlines() if line.startswith("freezetune")]
+    assert said == [f"freezetune: stopped by SIGINT {WORKERS_KILLED}"], stopped.stderr
+    assert not (out / "last.pt").exists()  # no step was trained: the same command restarts the run
+    monkeypatch.undo()  # (this process's forked workers read the mask)
+    code, _, err = run_cli(capsys, *_argv(data, out, "off", *workers))
+    assert code == 0, err
 
 
 def test_a_signal_after_a_closed_output_pipe_is_still_acted_on_at_the_steps_end():

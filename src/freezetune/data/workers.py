@@ -93,6 +93,21 @@ def worker_failure(exc: BaseException) -> str | None:
     return f"{who} {how}; try --workers 0 or a smaller --batch-size"
 
 
+def worker_death(exc: BaseException) -> str | None:
+    """``worker_failure(exc)``, with the loader it was raised in disarmed when it is one (``disarm_the_loader_of``).
+    Torch's SIGCHLD handler, run meanwhile, may raise the same worker's death again: that error is read instead."""
+    try:
+        said = worker_failure(exc)
+        if said is not None:
+            disarm_the_loader_of(exc)
+    except RuntimeError as again:
+        said = worker_failure(again)
+        if said is None:
+            raise
+        disarm_the_loader_of(exc)
+    return said
+
+
 def shut_down(iterator) -> None:
     """Stop a DataLoader iterator's workers. Torch's SIGCHLD handler stays armed for them while it joins them: with one
     dead already (killed, out of memory), a child's exit during the join raised "DataLoader worker (pid N) is killed"
@@ -204,16 +219,19 @@ class _WorkersIgnoreCtrlC(DataLoader):
                       self.num_workers, cpus)  # fmt: skip
 
     def __iter__(self):
-        if self.num_workers == 0 or not hasattr(signal, "pthread_sigmask"):  # (Windows: _seed_worker's ignore alone)
+        if self.num_workers == 0:
             return super().__iter__()
-        if (self.multiprocessing_context or multiprocessing.get_context()).get_start_method() != "fork":
-            # the first spawned process starts multiprocessing's resource tracker, which unblocks SIGINT after it
-            multiprocessing.resource_tracker.ensure_running()
-        held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-        try:
-            batches = super().__iter__()  # starts the workers (a persistent loader's once)
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, held)
+        if not hasattr(signal, "pthread_sigmask"):  # Windows: _seed_worker's ignore alone; a Ctrl-C before it kills
+            batches = super().__iter__()  # them, and the run reports its stop (interrupt.WORKERS_KILLED)
+        else:
+            if (self.multiprocessing_context or multiprocessing.get_context()).get_start_method() != "fork":
+                # the first spawned process starts multiprocessing's resource tracker, which unblocks SIGINT after it
+                multiprocessing.resource_tracker.ensure_running()
+            held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+            try:
+                batches = super().__iter__()  # starts the workers (a persistent loader's once)
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, held)
         pause_point("workers")  # (tests: a Ctrl-C while the workers start up)
         return batches
 

@@ -364,17 +364,9 @@ def out_of_memory_hint(batch_size: int | str, *, training: bool = True) -> Itera
 def _raise_worker_failure(exc: BaseException) -> None:
     """A loader worker that ran out of shared memory or was killed is the run's size too (``data.workers``), unless a
     stop signal killed it (the stop is what the command reports)."""
-    from freezetune.data.workers import disarm_the_loader_of, worker_failure
+    from freezetune.data.workers import worker_death
     from freezetune.run.interrupt import raised_stop
 
-    try:
-        said = worker_failure(exc)
-        if said is not None:
-            disarm_the_loader_of(exc)
-    except RuntimeError as again:  # torch's SIGCHLD handler, run meanwhile: the same worker's death, said again
-        said = worker_failure(again)
-        if said is None:
-            raise
-        disarm_the_loader_of(exc)
+    said = worker_death(exc)
     if said is not None and raised_stop() is None:
         raise ResourceError(f"{said}; files written before are intact") from exc

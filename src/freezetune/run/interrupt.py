@@ -47,6 +47,12 @@ SECOND_SIGNAL = ("a second time, at once, before the run saved its place (last.p
                  "epoch finished or saved); --resume continues from there, the same command restarts a run that had "
                  "none")  # fmt: skip
 
+# A stop recorded for the step's end whose signal also killed the loader's workers, their death ending the step first:
+# a console's Ctrl-C on Windows reaches workers as they start, where nothing can block it (``data.workers``)
+WORKERS_KILLED = ("before the run saved its place: it also ended the data loader's workers (last.pt holds what it held "
+                  "before: the last epoch finished or saved); --resume continues from there, the same command "
+                  "restarts a run that had none")  # fmt: skip
+
 
 class RunInterrupted(KeyboardInterrupt):
     """A run stopped by SIGTERM or SIGINT. A ``KeyboardInterrupt``, so code that catches ``Exception`` (a sweep, a
@@ -130,6 +136,11 @@ class StopRequest:
         _listening.append(self)
         try:
             yield self
+        except Exception as exc:
+            stop = self._killed_workers(exc)
+            if stop is None:
+                raise
+            raise stop from exc
         finally:
             _listening.remove(self)
             for s, handler in previous.items():
@@ -146,6 +157,20 @@ class StopRequest:
             yield
         finally:
             self.defer, self.at_once = kept
+
+    def _killed_workers(self, exc: Exception) -> RunInterrupted | None:
+        """The recorded stop, where ``exc`` ending the block is a loader worker's death: the signal killed the worker
+        before the step it was recorded for ended, and the stop is what the command reports (not "a data loader worker
+        exited unexpectedly; try --workers 0", exit 2)."""
+        if not self.defer or self.signum not in STOP_SIGNALS:  # (a closed output pipe kills no worker)
+            return None
+        from freezetune.data.workers import worker_death  # (that module imports this one)
+
+        if worker_death(exc) is None:
+            return None
+        global _raised  # a later error of the dead workers (their loader's shutdown) is this stop's too
+        _raised = RunInterrupted.by(self.signum, WORKERS_KILLED)
+        return _raised
 
     def _handle(self, signum: int, frame) -> None:
         if signum == HANGUP:
