@@ -443,3 +443,23 @@ def test_a_local_hugging_face_model_saved_over_is_planned_from_its_new_stages(tm
         BertForSequenceClassification(config).save_pretrained(folder)
         names, text = recipes.structure(f"hf:{folder}", None)
         assert text and sum(name.startswith("encoder.layer.") for name in names) == layers, names
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").is_file(), reason="the process's mappings are read from Linux's /proc")
+def test_a_phase_resumed_trains_with_its_last_pt_no_longer_mapped(tmp_path):
+    # the record read to see whether the phase was done kept last.pt mapped while the phase trained on: Windows
+    # refuses to replace a mapped file, and the phase's first save of last.pt failed (PermissionError)
+    phase = tmp_path / "probe"
+    phase.mkdir()
+    record = {"state_dict": {"w": torch.zeros(256, 256)}, "classes": CLASSES, "model": {}, "preprocess": {},
+              "epoch": 1, "progress": {"spent": {"epochs": 2.0}}}  # fmt: skip
+    torch.save(record, phase / "last.pt")
+    mapped = []
+
+    def train(cfg, **kwargs):
+        mapped.extend(line for line in Path("/proc/self/maps").read_text().splitlines() if "last.pt" in line)
+        return cfg
+
+    cfg = TrainConfig(data="d", out=str(phase), epochs=3, resume=True)
+    assert recipes._run_phase(cfg, train, lambda _: None, last=False).resume  # not done: it trains on
+    assert mapped == []

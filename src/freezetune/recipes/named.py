@@ -335,12 +335,21 @@ def _run_phase(cfg: TrainConfig, train: Callable, echo: Callable[[str], None], *
 
     out = Path(cfg.out) if cfg.out else None
     done = out is not None and (out / checkpoint.LAST).is_file() and not last
-    record = checkpoint.load(out / checkpoint.LAST, mmap=True) if done else {}
-    if done and int(record.get("epoch", 0)) >= cfg.epochs:
+    epoch, spent = _saved_progress(out / checkpoint.LAST) if done else (0, {})
+    if done and epoch >= cfg.epochs:
         echo(f"  already done: {out}")
         # its seconds, as it saved them: a resumed lp-ft's cost counted its fine-tune alone
-        spent = dict((record.get("progress") or {}).get("spent") or {})
         return RunResult(out, int(checkpoint.load(out / checkpoint.BEST).get("epoch", 0)), None, seconds=spent)
     resume = cfg.resume and out is not None and (out / checkpoint.LAST).is_file()
     # the last phase runs in the recipe's dir: it keeps the recipe.json beside it (any other run clears one)
     return train(dataclasses.replace(cfg, resume=resume), echo=echo, recipe_run=last)
+
+
+def _saved_progress(path: Path) -> tuple[int, dict[str, float]]:
+    """The epoch and the seconds a phase's ``last.pt`` saved. Read here, the record goes with this frame: its tensors
+    map the file, and a mapped file cannot be replaced on Windows, where the phase's resume saving ``last.pt`` over
+    it failed (PermissionError)."""
+    from freezetune.run import checkpoint
+
+    record = checkpoint.load(path, mmap=True)
+    return int(record.get("epoch", 0)), dict((record.get("progress") or {}).get("spent") or {})
