@@ -226,3 +226,17 @@ def test_the_machines_ram_running_out_names_what_to_try_once_and_only_the_flags_
         raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory: you tried "
                            "to allocate 3623878656 bytes")  # fmt: skip
     assert str(info.value) == f"{said} files written before are intact"
+
+
+def test_an_apple_gpus_memory_running_out_names_the_batch_size_to_try_as_cudas_does():
+    # MPS's is a plain RuntimeError, not torch.cuda.OutOfMemoryError: a Mac's run ended on a traceback
+    from freezetune.device.memory import out_of_memory_hint
+    from freezetune.errors import ResourceError
+
+    with pytest.raises(ResourceError) as info, out_of_memory_hint(64):
+        raise RuntimeError("MPS backend out of memory (MPS allocated: 17.13 GB, other allocations: 1.02 GB, max "
+                           "allowed: 18.13 GB). Tried to allocate 256.00 MB on private pool. Use "
+                           "PYTORCH_MPS_HIGH_WATERMARK_RATIO=0.0 to disable upper limit for memory allocations (may "
+                           "cause system failure).")  # fmt: skip
+    assert str(info.value) == ("the device (mps) ran out of memory at batch size 64; try --batch-size 32 (or --amp "
+                               "bf16); files written before are intact")  # fmt: skip

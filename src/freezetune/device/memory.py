@@ -326,11 +326,15 @@ def ran_out_of_ram(exc: BaseException) -> bool:
     return isinstance(exc, MemoryError) or (isinstance(exc, RuntimeError) and any(w in str(exc) for w in said))
 
 
+# an Apple GPU's memory running out: a plain RuntimeError, torch has no OutOfMemoryError of MPS's
+_MPS_OUT_OF_MEMORY = "MPS backend out of memory"
+
+
 @contextlib.contextmanager
 def out_of_memory_hint(batch_size: int | str, *, training: bool = True) -> Iterator[None]:
-    """Memory running out, the device's or the machine's RAM (``ran_out_of_ram``), is the run's size, not a bug: one
-    line naming the batch size to try instead (for ``train``, ``eval`` and ``predict``; ``training`` adds the hints
-    only ``train`` has a flag for: ``--amp``, ``--img-size``).
+    """Memory running out, the device's (CUDA's, an Apple GPU's) or the machine's RAM (``ran_out_of_ram``), is the
+    run's size, not a bug: one line naming the batch size to try instead (for ``train``, ``eval`` and ``predict``;
+    ``training`` adds the hints only ``train`` has a flag for: ``--amp``, ``--img-size``).
 
     Checkpoints are written whole or not at all, so a run dir keeps the last finished epoch (``--resume``).
 
@@ -345,8 +349,8 @@ def out_of_memory_hint(batch_size: int | str, *, training: bool = True) -> Itera
         _raise_worker_failure(e)  # (OSError, EOFError: a worker gone with the batch it was sending)
         if not isinstance(e, (RuntimeError, MemoryError)):
             raise
-        ram = ran_out_of_ram(e)
-        if not (ram or isinstance(e, torch.cuda.OutOfMemoryError)):
+        ram, mps = ran_out_of_ram(e), _MPS_OUT_OF_MEMORY in str(e)
+        if not (ram or mps or isinstance(e, torch.cuda.OutOfMemoryError)):
             raise
         if batch_size == BATCH_AUTO:  # what auto measured did not leave room for the rest of the run
             fix = "try a fixed --batch-size below the one auto printed"
@@ -355,8 +359,9 @@ def out_of_memory_hint(batch_size: int | str, *, training: bool = True) -> Itera
         # the CPU's: a traceback through the cache build ended "DefaultCPUAllocator: can't allocate memory"
         # train's own flags (eval and predict have neither); at batch size 1 the fix names --img-size already
         smaller = " or a smaller --img-size" if training and "--img-size" not in fix else ""
+        device = "the device (mps)" if mps else "the device"
         what, extra = ("the machine ran out of memory (RAM)", smaller) if ram else \
-            ("the device ran out of memory", " (or --amp bf16)" if training else "")  # fmt: skip
+            (f"{device} ran out of memory", " (or --amp bf16)" if training else "")  # fmt: skip
         raise ResourceError(f"{what} at batch size {batch_size}; {fix}{extra}; files written before are "
                             "intact") from e  # fmt: skip
 
