@@ -6,11 +6,15 @@ import contextlib
 from dataclasses import dataclass
 
 import torch
+from torch.torch_version import TorchVersion
 
 from freezetune.config.options import AMP_MODES, DEVICES, check_choice
 from freezetune.errors import ConfigError, choices, setting
 
 _AMP_NAMES = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+# torch's GradScaler unscales an Apple GPU's gradients from 2.8 (its MPS kernel, pytorch#150255); before, its step
+# failed there (no float64 on MPS, then no kernel), and an fp16 run on MPS trains unscaled as it did
+_MPS_SCALES = TorchVersion(torch.__version__) >= (2, 8)
 
 
 @dataclass(frozen=True)
@@ -22,8 +26,10 @@ class Precision:
 
     @property
     def needs_scaler(self) -> bool:
-        # fp16 gradients underflow without loss scaling (on a CPU too); bf16 has fp32's exponent range and needs none
-        return self.amp_dtype is torch.float16 and self.device.type in ("cuda", "cpu")
+        # fp16 gradients underflow without loss scaling (on a CPU and an Apple GPU too); bf16 has fp32's exponent range
+        # and needs none
+        scaled = ("cuda", "cpu", "mps") if _MPS_SCALES else ("cuda", "cpu")
+        return self.amp_dtype is torch.float16 and self.device.type in scaled
 
     def autocast(self, *, cache: bool = True) -> contextlib.AbstractContextManager:
         """Autocast to the run's AMP dtype (a no-op without AMP); ``cache=False`` recasts the weights at each use,
