@@ -106,3 +106,20 @@ def test_a_bundle_in_the_temp_dir_keeps_no_file_another_user_placed_there(tmp_pa
     elsewhere = Path(rebuilt_folder(f"hf:{tmp_path / 'gone'}", files))  # another user's: not used
     assert elsewhere.parent != folder.parent and (elsewhere.parent.stat().st_mode & 0o777) == 0o700
     assert (elsewhere / "config.json").read_text() == '{"hidden_act": "gelu"}'
+
+
+@pytest.mark.parametrize("name", ["D:evil.pth", "D:", "D:1_Pooling/config.json", "1_Pooling/C:/config.json",
+                                  "C:\\Users\\me\\evil.pth", "\\\\host\\share\\config.json", "/x/config.json",
+                                  "//host/share/config.json", "1_Pooling/../../config.json"])  # fmt: skip
+def test_a_bundled_name_that_leaves_the_model_folder_on_windows_is_refused(name, monkeypatch):
+    # D:x is the current folder of drive D there, and /x is no absolute path (the current drive's root): joined to
+    # the model folder, a crafted checkpoint's names were written outside it
+    from pathlib import PureWindowsPath
+
+    from freezetune.model import text_pooling
+    from freezetune.model.hf_bundle import foreign_names
+
+    honest = {"config.json": "", "1_Pooling/config.json": ""}
+    for flavour in (text_pooling.Path, PureWindowsPath):  # this system's paths, and Windows' (a path read as there)
+        monkeypatch.setattr(text_pooling, "Path", flavour)
+        assert foreign_names({name: "", **honest}) == [name]

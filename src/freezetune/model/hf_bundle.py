@@ -133,8 +133,8 @@ def _bundled_name(name: object) -> bool:
     # or a pooling module's config in a folder inside it
     if not isinstance(name, str) or name in ("", ".", ".."):
         return False
-    if "/" not in name and "\\" not in name:
-        return True
+    if "/" not in name:  # (not Windows' D:x, which is the current folder of drive D, nor its C:\x)
+        return inside_folder(name)
     folder, _, base = name.rpartition("/")
     return base == "config.json" and inside_folder(folder)
 

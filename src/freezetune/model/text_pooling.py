@@ -24,7 +24,7 @@ import base64
 import json
 import logging
 from collections.abc import Mapping
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import torch
 from torch import nn
@@ -131,11 +131,17 @@ def _pooling_paths(modules: object) -> list[str]:
 
 def inside_folder(path: object) -> bool:
     """Whether a module's ``path`` in modules.json names a folder inside the model's (not the folder itself, not
-    ``/etc`` or ``../x``: a checkpoint carries the file and writes it back under its folder)."""
-    if not isinstance(path, str) or not path:
+    ``/etc`` or ``../x``: a checkpoint carries the file and writes it back under its folder), read as a path on any
+    system: on Windows ``/x`` is no absolute path (its drive is the current one's) and ``D:x`` is the current folder
+    of drive D, both outside the model's.
+
+    >>> [inside_folder(p) for p in ("1_Pooling", "/etc", "../x", "D:x", "//host/share")]
+    [True, False, False, False, False]
+    """
+    if not isinstance(path, str) or not path or ":" in path or "\\" in path:  # a drive, or Windows' separator
         return False
-    parts = Path(path).parts
-    return not Path(path).is_absolute() and ".." not in parts and "\\" not in path
+    posix, windows = PurePosixPath(path), PureWindowsPath(path)
+    return not (posix.anchor or windows.anchor) and ".." not in (*posix.parts, *windows.parts)
 
 
 def install(model: nn.Module, mode: str, name: str) -> bool:
