@@ -391,3 +391,20 @@ def test_a_feature_cache_over_fewer_images_than_processes_is_built(tmp_path):
     (row,) = read_metrics(out / "metrics.csv")
     single = evaluate_checkpoint(out / "last.pt", str(data / "val"), batch_size=8, device="cpu")
     assert single["n"] == 1 and row["val_acc"] == single["acc"], (row, single)
+
+
+@pytest.mark.parametrize("nccl", [True, False])
+def test_a_cuda_run_under_torchrun_joins_with_gloo_where_torch_has_no_nccl(monkeypatch, nccl):
+    # Windows' torch has no NCCL: every CUDA run under torchrun there failed to start
+    from freezetune.device import distributed
+
+    joined = []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(distributed.dist, "is_nccl_available", lambda: nccl)
+    monkeypatch.setattr(distributed.dist, "init_process_group", lambda backend, **kwargs: joined.append(backend))
+    assert init_from_env("auto").world == 2
+    assert joined == ["nccl" if nccl else "gloo"]

@@ -36,7 +36,7 @@ class DistInfo:
 
 
 def init_from_env(device_spec: str = "auto") -> DistInfo:
-    """Join the process group torchrun describes in the environment (NCCL on CUDA, else Gloo).
+    """Join the process group torchrun describes in the environment (NCCL on CUDA where torch has it, else Gloo).
 
     >>> init_from_env().enabled  # not under torchrun
     False
@@ -49,7 +49,9 @@ def init_from_env(device_spec: str = "auto") -> DistInfo:
     if use_cuda:
         torch.cuda.set_device(info.local_rank)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo")
+        # Windows' torch has no NCCL (init_process_group raised "Distributed package doesn't have NCCL built in");
+        # Gloo reduces CUDA tensors too, slower
+        dist.init_process_group("nccl" if use_cuda and dist.is_nccl_available() else "gloo")
     return info
 
 
