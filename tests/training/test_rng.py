@@ -29,3 +29,17 @@ def test_a_resume_that_sees_fewer_gpus_than_the_run_saved_restores_theirs(monkey
     monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: restored.append((state, device)))
     rng.set_rng_state(state)
     assert restored == [("state of cuda:0", 0)]
+
+
+def test_an_apple_gpus_generator_is_saved_and_restored_and_a_state_without_it_still_loads(tmp_path, monkeypatch):
+    # a run resumed on mps drew other dropout masks there than the uninterrupted run: its generator was not saved
+    restored = []
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    monkeypatch.setattr(torch.mps, "get_rng_state", lambda: torch.tensor([7, 8], dtype=torch.uint8))
+    monkeypatch.setattr(torch.mps, "set_rng_state", restored.append)
+    checkpoint.save({"rng": rng.rng_state()}, tmp_path / "rng.pt")
+    saved = torch.load(tmp_path / "rng.pt", weights_only=True)["rng"]
+    rng.set_rng_state(saved)
+    assert len(restored) == 1 and restored[0].tolist() == [7, 8]
+    rng.set_rng_state({key: value for key, value in saved.items() if key != "mps"})  # an earlier freezetune's
+    assert len(restored) == 1
