@@ -123,3 +123,20 @@ def test_a_bundled_name_that_leaves_the_model_folder_on_windows_is_refused(name,
     for flavour in (text_pooling.Path, PureWindowsPath):  # this system's paths, and Windows' (a path read as there)
         monkeypatch.setattr(text_pooling, "Path", flavour)
         assert foreign_names({name: "", **honest}) == [name]
+
+
+def test_a_bundle_goes_to_the_temp_dir_where_the_system_has_no_user_ids(tmp_path, monkeypatch):
+    # Windows has no os.getuid: a checkpoint whose model folder was gone stopped eval there with AttributeError
+    import getpass
+    import tempfile
+
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "file" / "cache"))  # under a file: the temp dir is used
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.delattr(os, "getuid")
+    monkeypatch.setattr(getpass, "getuser", lambda: "me")
+    files = {"config.json": base64.b64encode(b'{"model_type": "bert"}').decode()}
+    folder = rebuilt_folder(f"hf:{tmp_path / 'gone'}", files)
+    assert Path(folder).parent == tmp_path / "tmp" / "freezetune-hf-bundles-me"
+    assert rebuilt_folder(f"hf:{tmp_path / 'gone'}", files) == folder  # its own folder: used again

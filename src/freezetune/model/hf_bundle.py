@@ -76,7 +76,7 @@ def rebuilt_folder(model: str, files: dict[str, str] | None) -> str | None:
         import tempfile
 
         log.info("cannot write %s (%s): the bundled files go to the temp dir", folder, exc.strerror or exc)
-        folder = _private_temp_folder(Path(tempfile.gettempdir()) / f"freezetune-hf-bundles-{os.getuid()}") / digest
+        folder = _private_temp_folder(Path(tempfile.gettempdir()) / f"freezetune-hf-bundles-{_user()}") / digest
         write(files, folder, keep=True)
     return str(folder)
 
@@ -91,13 +91,26 @@ def _private_temp_folder(folder: Path) -> Path:
     try:
         folder.mkdir(mode=0o700, exist_ok=True)
         st = folder.lstat()
-        if stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid():
+        # Windows has no uids (every file's st_uid is 0), and its temp dir is the user's own
+        if stat.S_ISDIR(st.st_mode) and (not hasattr(os, "getuid") or st.st_uid == os.getuid()):
             if st.st_mode & 0o077:  # this user's, made under a looser umask: its own again
                 folder.chmod(0o700)
             return folder
     except OSError:
         pass
     return Path(tempfile.mkdtemp(prefix=f"{folder.name}-"))
+
+
+def _user() -> str:
+    """This user, as a folder of the temp dir names it: the uid, or where there is none (Windows) the login name."""
+    if hasattr(os, "getuid"):
+        return str(os.getuid())
+    import getpass
+
+    try:
+        return getpass.getuser()
+    except (ImportError, KeyError, OSError):  # no name in the environment or the password database
+        return "user"
 
 
 def _holds_file(path: Path, data: str) -> bool:
