@@ -54,6 +54,34 @@ def test_claims_are_reentrant_in_a_process_and_released_by_the_scope_that_made_t
     assert not _refused_elsewhere(tmp_path / "run")
 
 
+def test_two_spellings_of_one_directory_are_one_lock(tmp_path):
+    # on macOS's file systems (case-insensitive by default) --out runs/A and --out runs/a are one folder: two locks, and
+    # two runs wrote into it. A folder here that finds an entry under its name in the other case (a hard link under the
+    # swapped name, as such a file system answers) stands for one
+    folds, keeps = tmp_path / "folds", tmp_path / "keeps"
+    for folder in (folds, keeps):
+        folder.mkdir()
+        (folder / "Probe").write_text("")
+    (folds / "pROBE").hardlink_to(folds / "Probe")
+    (tmp_path / "link").symlink_to(folds)
+    with held_elsewhere(folds / "Run"):  # not made yet: named the same once it is
+        assert _refused_elsewhere(folds / "run") and _refused_elsewhere(tmp_path / "link" / "RUN")
+    with held_elsewhere(keeps / "Run"):  # a folder that tells them apart: two directories
+        assert not _refused_elsewhere(keeps / "run") and _refused_elsewhere(keeps / "Run")
+
+
+def test_a_run_dirs_lock_is_named_the_same_before_and_after_its_folders_are_made(tmp_path, monkeypatch):
+    # a run claims its dir before it makes it: a second run, started once it was made, must find the same lock
+    from freezetune.run import lock
+
+    folds = tmp_path / "folds"
+    folds.mkdir()
+    monkeypatch.setattr(lock, "_folds_case", lambda folder: folder.is_relative_to(folds) or None)
+    before = lock._identity(folds / "Run" / "Sub")
+    (folds / "Run" / "Sub").mkdir(parents=True)
+    assert lock._identity(folds / "run" / "SUB") == before == str(folds / "run" / "sub")
+
+
 def _refused_elsewhere(run_dir: Path) -> bool:
     code = "import sys; from freezetune.run import lock as run_lock\ntry:\n run_lock.claim(sys.argv[1])\nexcept run_lock." \
            "RunDirInUse:\n sys.exit(3)"  # fmt: skip

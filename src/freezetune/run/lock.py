@@ -6,8 +6,9 @@ run-dir checks, wrote each other's ``metrics.csv`` rows and checkpoints, and bot
 ``best.pt`` under its own name. A run stopped before its first epoch looks like one still in its first epoch, so no
 check of the files can tell them apart; a lock held by the live process can.
 
-The lock is an ``flock`` on a file named after the directory's absolute path in a per-user folder under the temp dir,
-not in the run directory itself: a refused command leaves the user's folder as it was, and a run not yet set up
+The lock is an ``flock`` on a file named after the directory's absolute path (``_identity``: its names casefolded in a
+folder that finds names whatever their case, as macOS's do) in a per-user folder under the temp dir, not in the run
+directory itself: a refused command leaves the user's folder as it was, and a run not yet set up
 creates nothing (the run dir is made once the model and data are ready). The kernel drops an ``flock`` when its
 process dies, even by SIGKILL: no stale lock is left to clear. It guards the processes that share a temp dir (one
 machine's, the usual case); a batch job with a ``TMPDIR`` of its own, or another machine on a network folder, is not
@@ -24,6 +25,7 @@ import atexit
 import contextlib
 import errno
 import hashlib
+import itertools
 import logging
 import multiprocessing
 import os
@@ -45,8 +47,9 @@ try:
 except ImportError:  # Windows: no flock
     fcntl = None
 
-_held: dict[Path, tuple[int, Path]] = {}  # directory -> its lock file's descriptor and path, held by this process
-_scope: ContextVar[list[Path] | None] = ContextVar("freezetune_run_lock_scope", default=None)
+_held: dict[str, tuple[int, Path]] = {}  # directory (_identity) -> its lock file's descriptor and path, held here
+# a scope's claims: the directories (for people) and their identities (for release)
+_scope: ContextVar[tuple[list[Path], list[str]] | None] = ContextVar("freezetune_run_lock_scope", default=None)
 
 
 class RunDirInUse(ConfigError):
@@ -67,16 +70,56 @@ def claim(run_dir: str | Path) -> None:
     if fcntl is None:
         return
     run_dir = Path(run_dir).resolve()  # one directory, whichever path (a link, a relative one) names it
-    if run_dir in _held:  # claimed by this process already: its outermost claim releases it
+    key = _identity(run_dir)
+    if key in _held:  # claimed by this process already: its outermost claim releases it
         return
     try:
-        _held[run_dir] = _lock(run_dir)
+        _held[key] = _lock(run_dir, key)
     except OSError as exc:  # no private lock folder to be had: the run goes on unguarded, said once
         warn_once(log, "run dirs are not locked against a second process: %s (%s)", exc.strerror or exc, exc.filename)
         return
     claims = _scope.get()
     if claims is not None:
-        claims.append(run_dir)
+        claims[0].append(run_dir)
+        claims[1].append(key)
+
+
+def _identity(run_dir: Path) -> str:
+    """``run_dir`` (resolved) as its lock names it: each name casefolded where the folder holding it finds names
+    whatever their case (macOS's file systems by default), so that ``--out runs/A`` and ``--out runs/a``, one folder
+    there, are one lock (they were two, and two runs wrote into it). A folder not made yet, or with no name to try,
+    is taken to be as the one holding it: the name is the same before and after the run makes its folders."""
+    names, folds, folder = [], False, Path(run_dir.anchor)
+    for name in run_dir.parts[1:]:
+        found = _folds_case(folder) if folder.is_dir() else None
+        folds = folds if found is None else found
+        names.append(name.casefold() if folds else name)
+        folder = folder / name
+    return str(Path(run_dir.anchor, *names))
+
+
+def _folds_case(folder: Path) -> bool | None:
+    """Whether ``folder`` finds its entries whatever the case of their names: one of them is the same file under its
+    name in the other case. None where it has no entry to try (or cannot be listed)."""
+    try:
+        with os.scandir(folder) as entries:  # (the first few: a folder of many files is not read through)
+            probe = next((folder / e.name for e in itertools.islice(entries, 64) if _swappable(e.name)), None)
+    except OSError:
+        return None
+    try:
+        found = os.lstat(probe) if probe is not None else None
+    except OSError:  # gone since it was listed
+        found = None
+    if found is None:
+        return None
+    try:
+        return os.path.samestat(found, os.lstat(probe.with_name(probe.name.swapcase())))
+    except OSError:  # not found in the other case: a folder that tells names apart by case
+        return False
+
+
+def _swappable(name: str) -> bool:
+    return name.isascii() and name.swapcase() != name
 
 
 def _refuse_in_a_starting_worker() -> None:
@@ -99,17 +142,17 @@ def _refuse_in_a_starting_worker() -> None:
 def scope() -> Iterator[list[Path]]:
     """Release the claims made inside at its end (a nested scope's own claims at the nested scope's end); yields
     them, in the order made (a run's own dir first)."""
-    claims: list[Path] = []
+    claims: tuple[list[Path], list[str]] = ([], [])
     token = _scope.set(claims)
     try:
-        yield claims
+        yield claims[0]
     finally:
         _scope.reset(token)
-        for run_dir in reversed(claims):
-            _release(run_dir)
+        for key in reversed(claims[1]):
+            _release(key)
 
 
-def _lock_file(run_dir: Path) -> Path:
+def _lock_file(key: str) -> Path:
     folder = Path(tempfile.gettempdir()) / f"freezetune-locks-{os.getuid()}"
     folder.mkdir(mode=0o700, exist_ok=True)
     # a folder another user made first (the temp dir is shared) could hold links to this user's files, which the
@@ -117,13 +160,14 @@ def _lock_file(run_dir: Path) -> Path:
     st = os.lstat(folder)
     if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
         raise OSError(errno.EPERM, "the lock folder is not a private folder of this user's", str(folder))
-    return folder / f"{hashlib.sha256(str(run_dir).encode()).hexdigest()[:24]}.lock"
+    return folder / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.lock"
 
 
-def _lock(run_dir: Path) -> tuple[int, Path]:
-    """An open descriptor holding ``run_dir``'s lock, and its file. The file is unlinked on release; a descriptor
-    locked on a file just unlinked (a release raced the open) is retried on the file now there."""
-    path = _lock_file(run_dir)
+def _lock(run_dir: Path, key: str) -> tuple[int, Path]:
+    """An open descriptor holding ``run_dir``'s lock (named by ``key``, its ``_identity``), and its file. The file is
+    unlinked on release; a descriptor locked on a file just unlinked (a release raced the open) is retried on the file
+    now there."""
+    path = _lock_file(key)
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o600)
         try:
@@ -161,12 +205,12 @@ if hasattr(os, "register_at_fork"):
 
 @atexit.register
 def _release_all() -> None:  # the claims made outside a scope (a Trainer built directly): their files go too
-    for run_dir in list(_held):
-        _release(run_dir)
+    for key in list(_held):
+        _release(key)
 
 
-def _release(run_dir: Path) -> None:
-    fd, path = _held.pop(run_dir, (None, None))
+def _release(key: str) -> None:
+    fd, path = _held.pop(key, (None, None))
     if fd is None:
         return
     try:
