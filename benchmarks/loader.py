@@ -101,11 +101,9 @@ def make_loaders(root: Path, args, device: torch.device) -> dict:
     pre = Preprocess(input_size=args.res)
     # refit: the automatic validation hold-out trains too, so every image of the folder passes (and counts)
     dataset = build_datasets(str(root), preprocess=pre, aug=AUG, refit=True).train  # with the CPU train transform
-    # build_loader's training loader, but with persistent workers: the trainer starts fresh ones each epoch (for
-    # reproducible augmentation on resume), and their start-up must not count against the CPU baseline
-    order = EpochOrder(len(dataset), shuffle=True, seed=0, batch_size=args.batch_size)
-    cpu = CpuLoader(dataset, order, batch_size=args.batch_size, workers=args.workers, pin=device.type == "cuda",
-                    persistent=True)  # fmt: skip
+    # the trainer's training loader: each image's augmentation seeded by the epoch and the image, workers started once
+    order = EpochOrder(len(dataset), shuffle=True, seed=0, batch_size=args.batch_size, keyed=True)
+    cpu = CpuLoader(dataset, order, batch_size=args.batch_size, workers=args.workers, pin=device.type == "cuda")
     cpu.set_epoch(0)
     gpu = DeviceJpegLoader(dataset, batch_size=args.batch_size, train=True, device=device, preprocess=pre, aug=AUG,
                            threads=args.threads)  # fmt: skip

@@ -101,6 +101,35 @@ def test_a_few_shot_auto_run_keeps_batchnorm_statistics_updating_when_the_user_a
     assert not any("trainable, eval stats" in line for line in lines)  # no stage's statistics held
 
 
+@pytest.mark.multiprocess
+def test_an_auto_runs_loader_workers_serve_all_of_a_runs_epochs_and_end_with_its_trial(data, tmp_path, monkeypatch):
+    # the training loader started fresh workers each epoch (under spawn, macOS's and Windows', seconds each); kept
+    # between epochs now, a trial's must still stop as it ends, or the probe and the run would start beside them
+    import multiprocessing
+
+    from freezetune.training.trainer import Trainer
+
+    monkeypatch.setattr(auto_plan, "PROBE_BELOW_STEPS", 10)  # the trials take 3 steps: the probe trains 2 epochs
+    monkeypatch.setattr(auto_plan, "PROBE_MIN_RUN_STEPS", 0)
+    alive: dict[str, list[tuple[int, set[int]]]] = {}  # each run's steps: (epoch, the loader workers alive)
+    after_step = Trainer._after_step
+
+    def count(self, epoch, meter):
+        alive.setdefault(self.run_dir.name, []).append((epoch, {p.pid for p in multiprocessing.active_children()}))
+        after_step(self, epoch, meter)
+
+    monkeypatch.setattr(Trainer, "_after_step", count)
+    auto.run(recipe_cfg(data, tmp_path / "run", workers=2, cache="off", aug="light"), echo=lambda *_: None)
+    assert list(alive) == ["last-3", "probe", "run"] and not multiprocessing.active_children()
+    earlier: set[int] = set()
+    for steps in alive.values():
+        first = steps[0][1]
+        assert len(first) == 2 and not first & earlier  # its training loader's two, none of an earlier run's
+        assert all(first <= pids for _, pids in steps)  # the same two at every step of every epoch
+        earlier |= set.union(*(pids for _, pids in steps))
+    assert {epoch for epoch, _ in alive["probe"]} == {epoch for epoch, _ in alive["run"]} == {0, 1}
+
+
 def test_a_few_shot_auto_run_too_short_to_move_from_a_probed_head_starts_from_its_trial(data, tmp_path, monkeypatch):
     monkeypatch.setattr(auto_plan, "PROBE_BELOW_STEPS", 10)  # the trials take 3 steps: 2 epochs of 6, 12 steps
     lines = []

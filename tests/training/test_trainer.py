@@ -151,7 +151,7 @@ RESUMABLE = ("--epochs", "3", "--freeze", "backbone", "--unfreeze", "epoch:1", "
         ("--scheduler", "onecycle"),
         ("--scheduler", "cosine", "--warmup-epochs", "1"),
         ("--scheduler", "onecycle", "--cache", "auto"),  # frozen-prefix features cached, rebuilt after each unfreeze
-        # loader processes (the default for image files on a CPU) augmenting: fresh workers each epoch, seeded by it
+        # loader processes (the default for image files on a CPU) augmenting: kept across epochs, each image seeded
         ("--scheduler", "onecycle", "--workers", "2", "--aug", "standard"),
     ],
 )

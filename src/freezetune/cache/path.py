@@ -135,6 +135,7 @@ class FeaturePath:
         else:
             self._read_plain(False)
             self._stream()
+        self._close_idle_loaders()
         self.train_module = self.prepare(self.split.suffix_train if self.split is not None else self.model)
 
     def step_inputs(self, inputs):
@@ -212,11 +213,21 @@ class FeaturePath:
         plain.transform = eval_transform(self.loaders.preprocess)
         return dataclasses.replace(self.loaders, aug="none").train(plain)
 
+    def _close_idle_loaders(self) -> None:
+        """Stop the workers of an image loader a store now serves in its place (a rebuild after an unfreeze): they
+        would wait, idle, for the rest of the run (the loaders keep their workers between epochs)."""
+        if self.train_store is not None:
+            close_loader(self._images)
+            self._images = None
+        if self.val_store is not None:
+            close_loader(self._val_images)
+            self._val_images = None
+
     def close(self) -> None:
-        """After the epochs: stop the image loaders' worker processes (the validation loader keeps its own between
-        epochs) and drop the stores, freed now (the run object sits in reference cycles torch.fx's tracer left around
-        the model: a collector's full pass, perhaps runs later, would free what it holds; an auto recipe's trials'
-        stores were all held through its run)."""
+        """After the epochs: stop the image loaders' worker processes (each keeps its own between epochs) and drop the
+        stores, freed now (the run object sits in reference cycles torch.fx's tracer left around the model: a
+        collector's full pass, perhaps runs later, would free what it holds; an auto recipe's trials' stores were all
+        held through its run)."""
         for batches in (self._images, self._val_images):
             close_loader(batches)
         self._images = self._val_images = None

@@ -120,7 +120,7 @@ FIELD_HELP = {
     "device": " | ".join(DEVICES),
     # run
     "seed": "random seed: the validation hold-out, the few-shot draw, the head's init, shuffling, augmentation (each "
-    "loader worker draws its own: the same seed and --workers repeat a run exactly, other --workers augment otherwise)",
+    "image's own, whatever --workers: the same seed repeats a run on the same machine)",
     "out": "run directory (default runs/MODEL-TIMESTAMP)",
     "resume": "continue the run in --out from its last.pt, with its own settings",
     "early_stop": "stop after PATIENCE epochs without improvement of --monitor (counted once the LR warm-up ends, "

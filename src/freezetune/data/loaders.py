@@ -7,8 +7,9 @@ seed and epoch the CPU loader, the device loaders and the feature cache visit th
 by construction.
 
 Seeds, all derived from the run's ``seed``:
-- ``epoch_seed(seed, epoch)``: the epoch's order (the same on every DDP rank, which then takes its shard);
-- ``epoch_seed(seed, epoch, rank)``: the epoch's augmentation, dropout and loader-worker seeds (ranks differ);
+- ``epoch_seed(seed, epoch)``: the epoch's order (the same on every DDP rank, which then takes its shard), and through
+  it each sample's augmentation on the CPU (``data/seeded.py``: a seed a sample, whichever process reads it);
+- ``epoch_seed(seed, epoch, rank)``: the epoch's dropout and the device loaders' augmentation (ranks differ);
 - ``view_seed(seed, v)``: the augmentation of the feature cache's view ``v``.
 """
 
@@ -23,6 +24,7 @@ from torch.utils.data import Dataset, Sampler, Subset
 
 from freezetune.config.options import AUG_DEFAULT, check, non_negative_int_problem, positive_int_problem
 from freezetune.data.idx import InMemoryImageDataset
+from freezetune.data.seeded import SeededSamples
 from freezetune.data.text import TextDataset, TokenizeBatch
 from freezetune.data.workers import dataloader, note_no_workers, shared_memory_short, shut_down, usable_cpus
 from freezetune.device.distributed import DistInfo, batch_block, shard_rows
@@ -91,22 +93,27 @@ class EpochOrder(Sampler[int]):
     repetition to a multiple of the world size, every ``world``-th item from ``rank``. ``set_epoch`` picks the epoch;
     without it each pass continues the random stream (a new order per pass, reproducible from ``seed``).
 
-    Each epoch's generator first makes the draw a ``DataLoader`` makes for its workers' base seed, then shuffles: the
-    order is the same whichever loader kind iterates it.
+    Each pass's generator first draws the pass's seed (once the draw a ``DataLoader`` made for its workers' base seed),
+    then shuffles: the order is the same whichever loader kind iterates it. ``keyed``: the order yields
+    ``(pass_seed, index)`` keys, from which ``SeededSamples`` seeds each sample's augmentation (the same on every DDP
+    rank: a sample's index is its own there too).
 
     >>> o = EpochOrder(5, shuffle=True, seed=0); o.set_epoch(1); sorted(o) == [0, 1, 2, 3, 4]
     True
+    >>> o.keyed = True; o.set_epoch(1); keys = list(o); o.set_epoch(1); list(o) == keys, len({s for s, _ in keys})
+    (True, 1)
     """
 
     def __init__(self, n: int, *, shuffle: bool, seed: int = 0, dist: DistInfo | None = None,
-                 batch_size: int | None = None, fraction: float = 1.0) -> None:  # fmt: skip
-        self.n, self.shuffle, self.seed, self.dist = n, shuffle, seed, dist or DistInfo()
+                 batch_size: int | None = None, fraction: float = 1.0, keyed: bool = False) -> None:  # fmt: skip
+        self.n, self.shuffle, self.seed, self.dist, self.keyed = n, shuffle, seed, dist or DistInfo(), keyed
         self.fraction = fraction  # a shuffled epoch visits only this share of the items (--epoch-fraction/-images)
         # A training batch of one image cannot train BatchNorm ("expected more than 1 value per channel"): with
         # ``batch_size`` given, an epoch whose last batch would hold one image leaves that image out (a different
         # one each epoch, the same on every loader kind and rank).
         self.batch_size = batch_size
         self.generator = torch.Generator()
+        self.pass_seed = 0  # the last pass's (``indices``)
         self.set_epoch(0)
 
     def set_epoch(self, epoch: int) -> None:
@@ -119,10 +126,11 @@ class EpochOrder(Sampler[int]):
         return n - 1 if self.batch_size and n > 1 and n % self.batch_size == 1 else n
 
     def indices(self) -> torch.Tensor:
-        """This pass's order as a tensor (advances the random stream like one iteration)."""
+        """This pass's order as a tensor (advances the random stream like one iteration, and draws ``pass_seed``: a
+        pass without ``set_epoch`` before it augments anew)."""
+        self.pass_seed = int(torch.empty((), dtype=torch.int64).random_(generator=self.generator))
         if not self.shuffle:
             return torch.arange(self.n)[: len(self)]
-        torch.empty((), dtype=torch.int64).random_(generator=self.generator)  # the DataLoader's worker-seed draw
         order = torch.randperm(self.n, generator=self.generator)
         if self.dist.enabled:
             share = -(-self.n // self.dist.world)
@@ -130,28 +138,32 @@ class EpochOrder(Sampler[int]):
             order = padded[self.dist.rank :: self.dist.world]
         return order[: len(self)]
 
-    def __iter__(self) -> Iterator[int]:
-        return iter(self.indices().tolist())
+    def __iter__(self) -> Iterator[int] | Iterator[tuple[int, int]]:
+        order = self.indices().tolist()
+        return ((self.pass_seed, i) for i in order) if self.keyed else iter(order)
 
 
 class CpuLoader:
-    """A ``DataLoader`` (per-sample transforms, worker processes) driven by an ``EpochOrder``.
+    """A ``DataLoader`` (per-sample transforms, worker processes) driven by an ``EpochOrder`` (``set_epoch`` picks the
+    epoch).
 
-    ``set_epoch`` picks the epoch's order and reseeds the loader's generator, from which the ``DataLoader`` draws its
-    workers' seeds: a rank's augmentation then depends on (seed, epoch, rank) alone. That needs fresh workers each
-    epoch: persistent workers keep the random state they reached, so a resumed run would augment differently. Only
-    loaders without randomness (evaluation) keep theirs (``persistent``).
+    An order that yields keys (``keyed``) reads ``SeededSamples``: each sample's augmentation is drawn from its own
+    seed in whichever process reads it, so what a pass draws depends on neither the workers nor the batch, and the
+    workers start once, on the first pass, and serve every later one (``persistent``: a spawned worker, macOS's and
+    Windows', imports torch afresh, seconds each). ``seed`` seeds what the workers draw outside a sample's read.
     """
 
-    def __init__(self, dataset: Dataset, order: EpochOrder, *, batch_size: int, workers: int, pin: bool, rank: int = 0,
-                 persistent: bool = False, collate: Callable | None = None):  # fmt: skip
-        self.order, self.rank = order, rank
+    def __init__(self, dataset: Dataset, order: EpochOrder, *, batch_size: int, workers: int, pin: bool,
+                 seed: int = 0, persistent: bool = True, collate: Callable | None = None):  # fmt: skip
+        self.order = order
+        if order.keyed:
+            dataset = SeededSamples(dataset)
         self.loader = dataloader(dataset, order, batch_size=batch_size, workers=workers, pin=pin,
-                                  persistent=persistent, collate=collate)  # fmt: skip
+                                  generator=torch.Generator().manual_seed(seed), persistent=persistent,
+                                  collate=collate)  # fmt: skip
 
     def set_epoch(self, epoch: int) -> None:
         self.order.set_epoch(epoch)
-        self.loader.generator.manual_seed(epoch_seed(self.order.seed, epoch, self.rank))
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -160,7 +172,7 @@ class CpuLoader:
         return iter(self.loader)
 
     def close(self) -> None:
-        """Stop the worker processes now; a later pass starts new ones.
+        """Stop the worker processes now; a later pass starts new ones (drawing what they would have drawn).
 
         A persistent ``DataLoader`` keeps its iterator, and with it its workers, until the loader itself is freed: a
         reference cycle or a kept traceback puts that off until the garbage collector runs, which then waits 5 s on
@@ -180,10 +192,12 @@ def close_loader(batches: Iterable) -> None:
 
 def build_loader(dataset: Dataset, *, batch_size: int, train: bool, workers: int | None = None, device: str = "cpu",
                  seed: int = 0) -> CpuLoader:  # fmt: skip
-    """A reproducible CPU loader for your own loop: shuffled for training (``set_epoch`` to pick an epoch's order),
-    in order for evaluation. Same seed, same batches.
-
-    With ``workers=0`` augmentation draws from the global torch RNG, so seed it with ``torch.manual_seed`` as well.
+    """A reproducible CPU loader for your own loop: shuffled for training (``set_epoch`` to pick an epoch), in order
+    for evaluation. Same seed, same batches, whatever ``workers``: for training, each sample's transform draws from a
+    seed of its own (the seed, the epoch, the sample: ``data/seeded.py``), torch's, numpy's and ``random``'s global
+    generators seeded for it; read in this process (``workers=0``), their states are put back after each batch, so
+    your loop's own draws stay as they were. A pass without ``set_epoch`` before it draws a new order and new
+    augmentations. Workers start on the first pass and stay for the next ones: ``close()`` stops them.
 
     Args:
         dataset: any map-style dataset.
@@ -191,7 +205,7 @@ def build_loader(dataset: Dataset, *, batch_size: int, train: bool, workers: int
         train: shuffle if True.
         workers: loader processes; default ``default_workers``.
         device: the training device; "cuda..." turns on pinned memory.
-        seed: seeds shuffling and worker RNGs.
+        seed: seeds shuffling and augmentation.
 
     >>> ds = InMemoryImageDataset(torch.zeros(10, 4, 4, dtype=torch.uint8), torch.arange(10), [str(i) for i in range(10)])
     >>> [len(y) for _, y in build_loader(ds, batch_size=4, train=True)]
@@ -202,8 +216,8 @@ def build_loader(dataset: Dataset, *, batch_size: int, train: bool, workers: int
         check(non_negative_int_problem("workers", workers))
     cuda = str(device).startswith("cuda")
     workers = default_workers(dataset, cuda) if workers is None else workers
-    order = EpochOrder(len(dataset), shuffle=train, seed=seed, batch_size=batch_size if train else None)
-    loader = CpuLoader(dataset, order, batch_size=batch_size, workers=workers, pin=cuda)
+    order = EpochOrder(len(dataset), shuffle=train, seed=seed, batch_size=batch_size if train else None, keyed=train)
+    loader = CpuLoader(dataset, order, batch_size=batch_size, workers=workers, pin=cuda, seed=seed)
     loader.set_epoch(0)
     return loader
 
@@ -252,12 +266,12 @@ class Loaders:
     epoch_fraction: float = 1.0
     epoch_images: int | None = None
 
-    def order(self, n: int, *, train: bool) -> EpochOrder:
+    def order(self, n: int, *, train: bool, keyed: bool = False) -> EpochOrder:
         """The epoch order every training loader of this run uses (this rank's shard under DDP; never a last
-        training batch of one image)."""
+        training batch of one image); ``keyed``: yielding the keys that seed each sample's augmentation."""
         return EpochOrder(n, shuffle=train, seed=self.seed, dist=self.dist if train else None,
                           batch_size=self.batch_size if train else None,
-                          fraction=self.fraction(n) if train else 1.0)  # fmt: skip
+                          fraction=self.fraction(n) if train else 1.0, keyed=keyed)  # fmt: skip
 
     def fraction(self, n: int) -> float:
         """The share of a training set of ``n`` items a training epoch visits.
@@ -280,8 +294,10 @@ class Loaders:
         return len(EpochOrder(n, shuffle=True, fraction=self.fraction(n), dist=self.dist)) * self.dist.world
 
     def train(self, dataset: Dataset):
-        """Shuffled, augmented batches of this rank's shard of each epoch; call ``set_epoch`` before each epoch."""
-        return self._loader(dataset, self.order(len(dataset), train=True), train=True, batch_size=self.batch_size)
+        """Shuffled, augmented batches of this rank's shard of each epoch; call ``set_epoch`` before each epoch. On the
+        CPU each image's augmentation is seeded by the epoch and the image (``SeededSamples``)."""
+        order = self.order(len(dataset), train=True, keyed=self.aug != "none" and not self.preprocess.is_text)
+        return self._loader(dataset, order, train=True, batch_size=self.batch_size)
 
     def eval(self, dataset: Dataset, *, shard: bool = False):
         """All of ``dataset`` in order, with the eval transform; ``shard``: only this rank's block of whole batches
@@ -334,8 +350,8 @@ class Loaders:
         return {"batch_size": self.inference_batch, "workers": self.workers_for(dataset)}
 
     def workers_for(self, dataset: Dataset) -> int:
-        """The loader processes ``dataset`` is read with on the CPU: ``--workers``, else ``default_workers``. Each
-        draws its own augmentations: the run's log says how many."""
+        """The loader processes ``dataset`` is read with on the CPU: ``--workers``, else ``default_workers``. The
+        run's log says how many (they change its speed, not what it draws)."""
         return self.workers if self.workers is not None else default_workers(dataset, self.device.type == "cuda")
 
     def _loader(self, dataset: Dataset, order: EpochOrder, *, train: bool, batch_size: int, rows: range | None = None):
@@ -347,7 +363,7 @@ class Loaders:
         collate = TokenizeBatch(pre.tokenizer, pre.max_length) if pre.is_text else None
         part = dataset if rows is None else Subset(dataset, rows)
         return CpuLoader(part, order, batch_size=batch_size, workers=self.workers_for(dataset),
-                         pin=self.device.type == "cuda", rank=self.dist.rank, persistent=not train,
+                         pin=self.device.type == "cuda", seed=epoch_seed(self.seed, 0, self.dist.rank),
                          collate=collate)  # fmt: skip
 
     def _device_loader(self, dataset: Dataset, *, train: bool, batch_size: int, **where):

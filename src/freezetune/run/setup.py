@@ -374,7 +374,7 @@ class RunSetup:
         how = [self.precision.describe()] + ["channels_last"] * self.channels_last + ["compiled"] * self.cfg.compile
         if self.step.graphs is not None and self.features.cached:  # streamed: the prefix computed batch by batch
             how.append(f"{'streamed' if self.features.streamed else 'cached'} steps replayed as a CUDA graph")
-        if workers := self.loaders.workers_for(self.data.train):  # their count changes the augmentations drawn
+        if workers := self.loaders.workers_for(self.data.train):  # (speed alone: any count draws the same)
             how.append(f"{workers} loader worker{'s' if workers > 1 else ''}")
         head = (
             f"{self.cfg.model} on {', '.join(how)}: {n} train {noun(self.data.train)}{per_epoch}, "

@@ -1,5 +1,5 @@
 """Random number generators: a run's seeds, and the state a checkpoint carries so a resumed run draws what the
-uninterrupted one would have drawn (augmentation, dropout, shuffles in this process)."""
+uninterrupted one would have drawn (dropout, and whatever else this process draws)."""
 
 from __future__ import annotations
 
@@ -19,9 +19,9 @@ def seed_everything(seed: int) -> None:
 
 
 def seed_epoch(seed: int, epoch: int, rank: int = 0) -> None:
-    # Each epoch's augmentation (in-process CPU transforms) and dropout depend only on (seed, epoch, DDP rank): a
-    # resumed run repeats them exactly. The rank term keeps ranks from drawing the same crops and masks for their
-    # different images. The loaders seed their own order and workers (``Loaders``, ``set_epoch``).
+    # Each epoch's dropout (what the training process itself draws) depends only on (seed, epoch, DDP rank): a resumed
+    # run repeats it exactly. The rank term keeps ranks from drawing the same masks for their different images. The
+    # loaders seed their own order and each image's augmentation (``Loaders``, ``set_epoch``, ``data/seeded.py``).
     torch.manual_seed(epoch_seed(seed, epoch, rank))
 
 
