@@ -19,6 +19,7 @@ from freezetune.cache.model_split import split_model
 from freezetune.cache.path import FeaturePath
 from freezetune.config.train_config import TrainConfig
 from freezetune.data import Loaders, build_loader
+from freezetune.data.loaders import close_loader
 from freezetune.device.precision import resolve_precision
 from freezetune.training.trainer import Trainer
 
@@ -709,9 +710,11 @@ def test_a_store_on_the_device_too_large_for_the_ram_keeps_no_copy_and_says_so(t
     assert "over half the 1 MiB" in caplog.text and not list((tmp_path / "c").iterdir())
 
 
-def test_augmented_views_built_with_other_loader_workers_or_batches_are_not_read_again(image_folder, tmp_path):
-    # the views' crops depend on the batches and on the CPU workers each seeded apart: a run with other settings read
-    # views it would not have drawn, and scored otherwise than the same command on a fresh cache
+def test_augmented_views_are_read_again_whatever_the_cpu_workers_and_built_again_for_other_device_batches(
+    image_folder, tmp_path
+):
+    # the device pipeline draws a batch's crops at once: a run with other batches read views it would not have drawn.
+    # On the CPU each image's crops are its own, whatever the workers and the batch (they were keyed by both)
     def cache_line(name: str, **kw) -> str:
         lines = []
         cfg = _config(image_folder, tmp_path, name, cache_dir=str(tmp_path / "fc"), aug="light", cache_views=2, **kw)
@@ -719,10 +722,33 @@ def test_augmented_views_built_with_other_loader_workers_or_batches_are_not_read
         return _cache_lines(lines)[0]
 
     assert "; built in" in cache_line("a")
-    again = cache_line("b")  # the same settings: both stores read
-    assert "; read from" in again and "; built in" not in again and "store built" not in again
-    assert "training store built, validation store read" in cache_line("c", batch_size=4)
-    assert "training store built, validation store read" in cache_line("d", workers=1)
+    for name, kw in [("b", {}), ("c", dict(batch_size=4)), ("d", dict(workers=1))]:
+        again = cache_line(name, **kw)  # both stores read
+        assert "; read from" in again and "built" not in again, name
+    device = cache_line("e", decode="gpu")  # (its images are other inputs: both built)
+    assert "; built in" in device and "read" not in device
+    assert "training store built, validation store read" in cache_line("f", decode="gpu", batch_size=4)
+
+
+def test_an_augmented_cache_view_holds_the_same_features_whatever_the_loader_workers_and_batch(image_folder, tmp_path):
+    # each worker drew from a seed of its own: the cache's crops, and the run trained on them, changed with --workers
+    trainer = Trainer(_config(image_folder, tmp_path, "s", cache="off", epochs=1, aug="light"), echo=lambda *_: None)
+    split, _ = split_model(trainer.model)
+    train, precision = trainer.data.train, resolve_precision(torch.device("cpu"), "off")
+
+    def features(workers: int, batch: int) -> torch.Tensor:
+        loaders = Loaders(batch_size=batch, device=torch.device("cpu"), seed=0, preprocess=trainer.preprocess,
+                          aug="light", decode="cpu", workers=workers)  # fmt: skip
+        views = loaders.views(train, train=True)
+        try:
+            return build_store(split, len(train), views, precision, views=2, spill_dir=tmp_path / "spill")[0].features
+        finally:
+            close_loader(views)
+
+    in_process = features(0, 2)
+    assert torch.equal(features(2, 2), in_process) and not torch.equal(in_process[0], in_process[1])
+    # the same crops at another batch (the frozen layers' sums, batched otherwise, may differ in the last digits)
+    torch.testing.assert_close(features(1, 4), in_process, rtol=1e-4, atol=1e-5)
 
 
 def test_another_seed_reads_the_stores_it_cannot_change_and_builds_the_augmented_views_anew(image_folder, tmp_path):
@@ -902,4 +928,7 @@ def test_a_store_is_built_at_the_training_batch_on_a_cpu_and_twice_it_on_an_acce
     cpu = Loaders(batch_size=4, device=torch.device("cpu"), seed=0, preprocess=pre, aug="none", workers=0)
     assert cpu.inference_batch == 4 and [len(y) for _, y in cpu.views(data.train, train=False)(0)][:2] == [4, 4]
     assert dataclasses.replace(cpu, device=torch.device("cuda")).inference_batch == 8
-    assert cpu.view_draw(data.train)["batch_size"] == 4  # an augmented view's key names the batch it is drawn at
+    # an augmented view's key names the batch the device pipeline draws it in; on the CPU each image draws its own
+    assert cpu.view_draw(data.train) == {} and dataclasses.replace(cpu, decode="gpu").view_draw(data.train) == {
+        "batch_size": 4
+    }

@@ -4,8 +4,9 @@ A stored store is found again by a key over everything its features depend on: t
 buffers (not the model's name: a prefix fine-tuned in an earlier phase computes other features) and its computation
 (its traced code and layers: timm's efficientnet_b0 and tf_efficientnet_b0 hold the same weights), the cut, the
 images and labels (``data.fingerprint.cache_fingerprint``), how images become inputs (the model's preprocessing, the
-augmentation preset, the decode path), the number of views, the seed, the dtype and, for augmented views, the
-batches and loader workers their random draws depend on. Anything that changes one of these misses the cache; a file
+augmentation preset, the decode path), the number of views, the seed, the dtype and, for augmented views the
+device pipeline draws, the batches it draws them in (on the CPU each image's draws are its own: the loader workers and
+the batch change nothing). Anything that changes one of these misses the cache; a file
 damaged on disk, cut short or not, is a miss too. Nothing stale is ever read.
 """
 
@@ -32,9 +33,10 @@ from freezetune.run.log import warn_once
 log = logging.getLogger(__name__)
 
 STALE_TEMP_S = 3600  # a temporary store file untouched this long, of a process not running here, is an orphan
-VERSION = 6  # bump when the stored layout or what a key covers changes (2: photos turned upright by their EXIF tag;
+VERSION = 7  # bump when the stored layout or what a key covers changes (2: photos turned upright by their EXIF tag;
 # 3: a file's change time and inode; 4: a large JPEG decoded at a reduced scale, Preprocess.decode_side; 5: the
-# prefix's computation, augmented views' batches and workers; 6: the seed for augmented views alone)
+# prefix's computation, augmented views' batches and workers; 6: the seed for augmented views alone; 7: augmented views
+# on the CPU seeded an image at a time, keyed without the workers and the batch)
 _MARGIN = 64 << 20  # left free for the file system and the run's own small files
 
 

@@ -217,7 +217,7 @@ def cache_features(
     torch.Size([4, 3])
     """
     from freezetune.cache.model_split import split_model
-    from freezetune.data.loaders import Loaders
+    from freezetune.data.loaders import Loaders, close_loader
     from freezetune.device.precision import resolve_precision
     from freezetune.model.preprocess import Preprocess
 
@@ -233,11 +233,15 @@ def cache_features(
     loaders = Loaders(batch_size=batch_size, device=device, seed=seed, preprocess=Preprocess(), decode="cpu")
     if spill_dir is None:  # a name, not a dir: only a store that spills to disk creates it
         spill_dir = Path(tempfile.gettempdir()) / f"freezetune-cache-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    # the views' transforms draw from the global RNG, seeded per view: the caller's own RNG state is put back after
-    with torch.random.fork_rng(devices=[]):
-        store, info = build_store(split, len(dataset), loaders.views(dataset, train=True),
-                                  resolve_precision(device, amp), views=views, seed=seed, spill_dir=spill_dir,
-                                  place=place)  # fmt: skip
+    # each image's transform draws from the global generators seeded for it (``SeededSamples``); the caller's torch
+    # state is put back after the build, whatever else draws from it (the prefix's dropout, if it runs as built)
+    batches = loaders.views(dataset, train=True)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            store, info = build_store(split, len(dataset), batches, resolve_precision(device, amp), views=views,
+                                      seed=seed, spill_dir=spill_dir, place=place)  # fmt: skip
+    finally:  # its workers served every view
+        close_loader(batches)
     log.info("feature cache: %s", info.describe())
     split.refuse_stale_training()  # a stage opened later in the user's loop would not train on these features
     return split, store

@@ -14,6 +14,7 @@ from freezetune.cache import disk
 from freezetune.cache.model_split import Split
 from freezetune.cache.store import CacheInfo, FeatureStore, build_store, placed_store, said_stopped_while_building
 from freezetune.data.gpu import should_use_device_loader
+from freezetune.data.loaders import close_loader
 from freezetune.data.text import noun
 from freezetune.data.transforms import eval_transform
 
@@ -69,11 +70,14 @@ def obtain(path: FeaturePath, split: Split, dataset, *, views: int, augment: boo
         log.info(building)
     hows.append("built" + (unkept if path.cache_dir is not None and dist.enabled else ""))
     start = time.perf_counter()
-    with said_stopped_while_building():
-        store, info = build_store(split, len(dataset), loaders.views(dataset, train=augment), path.precision,
-                                  views=views, spill_dir=spill, seed=loaders.seed,
-                                  channels_last=path.channels_last, place=place, dist=dist,
-                                  bar=f"feature cache ({which})" if path.progress else None)  # fmt: skip
+    batches = loaders.views(dataset, train=augment)
+    try:
+        with said_stopped_while_building():
+            store, info = build_store(split, len(dataset), batches, path.precision, views=views, spill_dir=spill,
+                                      seed=loaders.seed, channels_last=path.channels_last, place=place, dist=dist,
+                                      bar=f"feature cache ({which})" if path.progress else None)  # fmt: skip
+    finally:  # its workers served every view; none reads after the build
+        close_loader(batches)
     seconds, items = time.perf_counter() - start, len(dataset) * views
     path.count_encoding(seconds, items)
     if key is not None:

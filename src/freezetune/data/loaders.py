@@ -24,7 +24,7 @@ from torch.utils.data import Dataset, Sampler, Subset
 
 from freezetune.config.options import AUG_DEFAULT, check, non_negative_int_problem, positive_int_problem
 from freezetune.data.idx import InMemoryImageDataset
-from freezetune.data.seeded import SeededSamples
+from freezetune.data.seeded import SampleKeys, SeededSamples
 from freezetune.data.text import TextDataset, TokenizeBatch
 from freezetune.data.workers import dataloader, note_no_workers, shared_memory_short, shut_down, usable_cpus
 from freezetune.device.distributed import DistInfo, batch_block, shard_rows
@@ -145,7 +145,7 @@ class EpochOrder(Sampler[int]):
 
 class CpuLoader:
     """A ``DataLoader`` (per-sample transforms, worker processes) driven by an ``EpochOrder`` (``set_epoch`` picks the
-    epoch).
+    epoch), or by the ``SampleKeys`` of a feature cache's view.
 
     An order that yields keys (``keyed``) reads ``SeededSamples``: each sample's augmentation is drawn from its own
     seed in whichever process reads it, so what a pass draws depends on neither the workers nor the batch, and the
@@ -153,7 +153,7 @@ class CpuLoader:
     Windows', imports torch afresh, seconds each). ``seed`` seeds what the workers draw outside a sample's read.
     """
 
-    def __init__(self, dataset: Dataset, order: EpochOrder, *, batch_size: int, workers: int, pin: bool,
+    def __init__(self, dataset: Dataset, order: EpochOrder | SampleKeys, *, batch_size: int, workers: int, pin: bool,
                  seed: int = 0, persistent: bool = True, collate: Callable | None = None):  # fmt: skip
         self.order = order
         if order.keyed:
@@ -184,9 +184,25 @@ class CpuLoader:
             shut_down(iterator)
 
 
-def close_loader(batches: Iterable) -> None:
-    """Stop the worker processes of a loader from ``Loaders`` (a device loader or a cached store has none)."""
-    if isinstance(batches, CpuLoader):
+class CpuViews:
+    """``view -> batches`` of a feature-cache build on the CPU: one loader for every view (its workers start once),
+    each view's images seeded by ``view_seed`` and their rows (``SampleKeys``); ``close`` stops its workers."""
+
+    def __init__(self, loader: CpuLoader, seed: int) -> None:
+        self.loader, self.seed = loader, seed
+
+    def __call__(self, view: int) -> CpuLoader:
+        self.loader.order.pass_seed = view_seed(self.seed, view)
+        return self.loader
+
+    def close(self) -> None:
+        self.loader.close()
+
+
+def close_loader(batches: Iterable | Callable) -> None:
+    """Stop the worker processes of a loader from ``Loaders``, or of a cache build's views (a device loader or a cached
+    store has none)."""
+    if isinstance(batches, (CpuLoader, CpuViews)):
         batches.close()
 
 
@@ -320,7 +336,7 @@ class Loaders:
 
     def views(self, dataset: Dataset, *, train: bool) -> Callable[[int], Iterable]:
         """For the feature-cache build: ``view -> batches`` of this rank's block of rows (``shard_rows``) in dataset
-        order, augmented (``train``) reproducibly per view."""
+        order, augmented (``train``) reproducibly per view. ``close_loader`` stops its workers after the build."""
         rows = shard_rows(len(dataset), self.dist)
         in_order = EpochOrder(len(rows), shuffle=False)
         device = self._device_loader(dataset, rows=rows, order=in_order, train=train, batch_size=self.inference_batch)
@@ -331,23 +347,21 @@ class Loaders:
                 return device
 
             return device_view
-        subset = Subset(dataset, rows)
-        # not persistent: fresh workers per view, each seeded off its view's global seed
-        loader = dataloader(subset, range(len(rows)), batch_size=self.inference_batch, workers=self.workers_for(dataset),
-                             pin=self.device.type == "cuda", generator=torch.default_generator,
-                             persistent=False)  # fmt: skip
-
-        def cpu_view(v: int):
-            # CPU transforms draw from the global RNG (in-process) or from workers seeded off it: seed it per view
-            torch.manual_seed(view_seed(self.seed, v))
-            return loader
-
-        return cpu_view
+        # each image of a view seeded by the view and the image's row: the same crops whatever the workers, the
+        # batch or the ranks; the workers start once for all the views
+        loader = CpuLoader(dataset, SampleKeys(rows, keyed=train), batch_size=self.inference_batch,
+                           workers=self.workers_for(dataset), pin=self.device.type == "cuda",
+                           seed=self.seed)  # fmt: skip
+        return CpuViews(loader, self.seed)
 
     def view_draw(self, dataset: Dataset) -> dict[str, int]:
-        """What an augmented view's random draws depend on besides its seed: its batches and, on the CPU, its loader
-        workers, each seeded apart. A view built under other settings holds other crops: the feature cache keys it."""
-        return {"batch_size": self.inference_batch, "workers": self.workers_for(dataset)}
+        """What an augmented view's random draws depend on besides its seed: on the device, its batches (drawn a batch
+        at once). A view built under other settings holds other crops: the feature cache keys it. On the CPU each
+        image's draws are its own (``SeededSamples``): the workers and the batch change nothing."""
+        from freezetune.data.gpu import should_use_device_loader
+
+        on_device = should_use_device_loader(dataset, self.device, self.decode)
+        return {"batch_size": self.inference_batch} if on_device else {}
 
     def workers_for(self, dataset: Dataset) -> int:
         """The loader processes ``dataset`` is read with on the CPU: ``--workers``, else ``default_workers``. The

@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import contextlib
 import random
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, get_worker_info
+from torch.utils.data import Dataset, Sampler, get_worker_info
 
 _MASK = (1 << 64) - 1
 
@@ -47,6 +47,24 @@ def seed_globals(seed: int) -> None:
     torch.default_generator.manual_seed(seed)
     random.seed(seed)
     np.random.seed(seed >> 32)  # (numpy takes 32 bits)
+
+
+class SampleKeys(Sampler):
+    """``rows`` in order, as the keys ``(pass_seed, row)`` of one pass (``keyed``; else the rows alone): a feature
+    cache's view, whose ``pass_seed`` is set before each pass.
+
+    >>> keys = SampleKeys(range(2, 4)); keys.pass_seed = 9; list(keys), list(SampleKeys(range(2), keyed=False))
+    ([(9, 2), (9, 3)], [0, 1])
+    """
+
+    def __init__(self, rows: Sequence[int], *, keyed: bool = True) -> None:
+        self.rows, self.keyed, self.pass_seed = rows, keyed, 0
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __iter__(self) -> Iterator[int] | Iterator[tuple[int, int]]:
+        return ((self.pass_seed, r) for r in self.rows) if self.keyed else iter(self.rows)
 
 
 class SeededSamples(Dataset):
