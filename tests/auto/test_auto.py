@@ -113,14 +113,18 @@ def test_an_auto_runs_loader_workers_serve_all_of_a_runs_epochs_and_end_with_its
     monkeypatch.setattr(auto_plan, "PROBE_MIN_RUN_STEPS", 0)
     alive: dict[str, list[tuple[int, set[int]]]] = {}  # each run's steps: (epoch, the loader workers alive)
     after_step = Trainer._after_step
+    before = {p.pid for p in multiprocessing.active_children()}  # (an earlier test's, in this process)
+
+    def children() -> set[int]:
+        return {p.pid for p in multiprocessing.active_children()} - before
 
     def count(self, epoch, meter):
-        alive.setdefault(self.run_dir.name, []).append((epoch, {p.pid for p in multiprocessing.active_children()}))
+        alive.setdefault(self.run_dir.name, []).append((epoch, children()))
         after_step(self, epoch, meter)
 
     monkeypatch.setattr(Trainer, "_after_step", count)
     auto.run(recipe_cfg(data, tmp_path / "run", workers=2, cache="off", aug="light"), echo=lambda *_: None)
-    assert list(alive) == ["last-3", "probe", "run"] and not multiprocessing.active_children()
+    assert list(alive) == ["last-3", "probe", "run"] and not children()
     earlier: set[int] = set()
     for steps in alive.values():
         first = steps[0][1]
