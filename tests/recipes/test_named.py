@@ -47,6 +47,9 @@ def test_each_named_recipe_says_what_it_freezes():
     probe, tune = phases(cfg, "lp-ft")
     assert (probe.cfg.freeze, tune.cfg.freeze) == ("backbone", "none") and probe.cfg.out == "runs/x/probe"
     assert tune.cfg.bn_stats == "frozen" and single["full"].bn_stats == "auto"  # a plain run: updated
+    # gradual opens a stage an epoch under a head fitted on frozen statistics: held, unless asked otherwise
+    assert single["gradual"].bn_stats == "frozen" and single["plateau"].bn_stats == "auto"
+    assert phases(dataclasses.replace(cfg, bn_stats="update"), "gradual")[0].cfg.bn_stats == "update"
     assert probe.cfg.lr > tune.cfg.lr and not probe.cfg.final_test
 
 
@@ -343,6 +346,27 @@ def test_a_named_recipe_refused_at_its_first_phases_set_up_leaves_no_run_dir(dat
     code, out, err = run_cli(capsys, *train_argv(data, mine, "--recipe", recipe, "--decode", "gpu", "--device", "auto"))
     assert code == 2 and sorted(p.name for p in mine.iterdir()) == ["train.log"], err
     assert (mine / "train.log").read_text() == "my own log\n"
+
+
+def test_a_gradual_run_an_earlier_freezetune_began_resumes_with_its_statistics_updated(data, tmp_path, capsys,
+                                                                                     monkeypatch):  # fmt: skip
+    # gradual holds the BatchNorm statistics under bn_stats auto since 2026-12-07; a run begun before recorded "auto",
+    # which then updated them: refused as "bn_stats 'auto' -> 'frozen'", it goes on as it began
+    from freezetune.training import trainer
+
+    argv = train_argv(data, tmp_path / "run", "--epochs", "2", "--recipe", "gradual")
+    with monkeypatch.context() as patch:
+        patch.setattr(trainer.Trainer, "_run_epoch", stopping_at(lambda run, epoch: epoch == 1))
+        code, _, err = run_cli(capsys, *argv)
+    assert code == 130, err
+    last = tmp_path / "run" / "last.pt"
+    record = checkpoint.load(last)
+    assert record["config"]["bn_stats"] == "frozen"
+    record["config"]["bn_stats"] = "auto"  # as the earlier freezetune recorded it
+    checkpoint.save(record, last)
+    code, out, err = run_cli(capsys, *argv, "--resume")
+    assert code == 0 and "resumed" in out, err
+    assert checkpoint.load(last)["config"]["bn_stats"] == "auto"
 
 
 def test_a_named_recipe_stopped_by_an_error_after_its_first_phase_keeps_its_request_to_resume(data, tmp_path,

@@ -78,7 +78,8 @@ FIELD_HELP = {
     "(statistics update), affine-only (affine trains, eval statistics)",
     "bn_stats": "BatchNorm statistics in the parts that train: update (from each batch, PyTorch's training mode), "
     "frozen (held, as in the frozen parts; their scale and shift still train: small batches, a head fitted on frozen "
-    "features) or auto (held in lp-ft's fine-tune and in the auto recipe's run from a probed head, else update)",
+    "features) or auto (held in lp-ft's fine-tune, in gradual and in the auto recipe's run from a probed head, else "
+    "update)",
     "frozen_dropout": "dropout, drop path and stochastic depth in the frozen stages before the first that trains: "
     "keep (drawn in training, as the model was built) or off (run as at inference, so the feature cache holds every "
     "frozen stage: faster where they are many, e.g. torchvision's EfficientNet or ConvNeXt; on a small set their "
