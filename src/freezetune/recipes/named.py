@@ -17,9 +17,11 @@ from collections import Counter
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import yaml
 
+from freezetune.auto.plan import run_bn_stats
 from freezetune.config.options import HF_PREFIX, LAST_K, RECIPE_HELP, last_k, recipe_family, recipe_problem
 from freezetune.config.train_config import TrainConfig
 from freezetune.errors import ConfigError, FreezetuneError, choices
@@ -38,7 +40,6 @@ _SINGLE = {  # recipe -> the settings of its one phase
 # held; 100 a class, 6 epochs 83.29 / 82.54 % updated, 85.35 / 84.63 % held. Not plateau: it opens stages late, if at
 # all, and held did no better there (73.25 / 73.72 % against 74.47 / 73.98 % at 20 a class; equal at 100)
 HOLDS_STATS = ("gradual",)
-HELD = "frozen"
 # the fields each recipe sets itself besides its freeze (``_SINGLE``'s, ``phases``', ``auto.plan.shared_config``): a
 # value the user gives for one of them would be replaced silently
 _SETS = {**{name: tuple(settings) for name, settings in _SINGLE.items()}, LAST_K: ("freeze", "unfreeze"),
@@ -77,7 +78,8 @@ def phases(cfg: TrainConfig, recipe: str) -> list[Phase]:
     if recipe == "linear-probe":  # the step of lp-ft's probe and of the auto recipe's head (it trained 10x slower)
         return [Phase(recipe, dataclasses.replace(base, **_SINGLE[recipe], **probe_lrs(cfg)))]
     if recipe in _SINGLE:
-        held = {"bn_stats": HELD} if recipe in HOLDS_STATS and base.bn_stats == "auto" else {}
+        # (the auto recipe's rule for a run from a head fitted on frozen features: "auto" held, a value given kept)
+        held = {"bn_stats": run_bn_stats(base.bn_stats, True)} if recipe in HOLDS_STATS else {}
         return [Phase(recipe, dataclasses.replace(base, **_SINGLE[recipe], **held))]
     if recipe_family(recipe) == LAST_K:
         return [Phase(recipe, dataclasses.replace(base, freeze=-(last_k(recipe) + 1), unfreeze=None))]
@@ -345,32 +347,34 @@ def _run_phase(cfg: TrainConfig, train: Callable, echo: Callable[[str], None], *
     from freezetune.training.progress import RunResult
 
     out = Path(cfg.out) if cfg.out else None
-    done = out is not None and (out / checkpoint.LAST).is_file() and not last
-    epoch, spent = _saved_progress(out / checkpoint.LAST) if done else (0, {})
-    if done and epoch >= cfg.epochs:
+    saved_last = out is not None and (out / checkpoint.LAST).is_file()
+    done, resume = saved_last and not last, cfg.resume and saved_last
+    saved = _saved(out / checkpoint.LAST) if done or (resume and resolved_auto) else None
+    if done and saved.epoch >= cfg.epochs:
         echo(f"  already done: {out}")
         # its seconds, as it saved them: a resumed lp-ft's cost counted its fine-tune alone
-        return RunResult(out, int(checkpoint.load(out / checkpoint.BEST).get("epoch", 0)), None, seconds=spent)
-    resume = cfg.resume and out is not None and (out / checkpoint.LAST).is_file()
-    if resume and resolved_auto and _saved_bn_stats(out / checkpoint.LAST) == "auto":
+        return RunResult(out, int(checkpoint.load(out / checkpoint.BEST).get("epoch", 0)), None, seconds=saved.spent)
+    if resume and resolved_auto and saved.bn_stats == "auto":
         # a gradual run begun before 2026-12-07 recorded "auto", when it updated the statistics: it goes on as it began
         cfg = dataclasses.replace(cfg, bn_stats="auto")
     # the last phase runs in the recipe's dir: it keeps the recipe.json beside it (any other run clears one)
     return train(dataclasses.replace(cfg, resume=resume), echo=echo, recipe_run=last)
 
 
-def _saved_bn_stats(path: Path) -> object:
-    """The bn_stats a phase's ``last.pt`` recorded (its record dropped here, as in ``_saved_progress``)."""
-    from freezetune.run import checkpoint
+class _Saved(NamedTuple):
+    """What ``_run_phase`` reads of a phase's ``last.pt``."""
 
-    return (checkpoint.load(path, mmap=True).get("config") or {}).get("bn_stats")
+    epoch: int
+    spent: dict[str, float]  # its seconds, by what they were spent on
+    bn_stats: object  # the setting it recorded
 
 
-def _saved_progress(path: Path) -> tuple[int, dict[str, float]]:
-    """The epoch and the seconds a phase's ``last.pt`` saved. Read here, the record goes with this frame: its tensors
-    map the file, and a mapped file cannot be replaced on Windows, where the phase's resume saving ``last.pt`` over
-    it failed (PermissionError)."""
+def _saved(path: Path) -> _Saved:
+    """The epoch, the seconds and the bn_stats a phase's ``last.pt`` saved. Read here, the record goes with this frame:
+    its tensors map the file, and a mapped file cannot be replaced on Windows, where the phase's resume saving
+    ``last.pt`` over it failed (PermissionError)."""
     from freezetune.run import checkpoint
 
     record = checkpoint.load(path, mmap=True)
-    return int(record.get("epoch", 0)), dict((record.get("progress") or {}).get("spent") or {})
+    return _Saved(int(record.get("epoch", 0)), dict((record.get("progress") or {}).get("spent") or {}),
+                  (record.get("config") or {}).get("bn_stats"))  # fmt: skip

@@ -332,7 +332,7 @@ def _check_resume_state(path: Path, record: dict) -> None:
 
 def _alike(key: str, old: dict[str, Any], new: dict[str, Any]) -> bool:
     """Whether two values of ``key`` train alike in one run: bn_stats "auto" is "update" there (the recipes that hold
-    the statistics resolve it first: ``auto.plan.run_bn_stats``, lp-ft's fine-tune), and a run an earlier freezetune
+    the statistics resolve it first: ``auto.plan.run_bn_stats``, lp-ft's fine-tune, gradual), and a run an earlier freezetune
     began recorded "update", its default then (lp-ft's probe, stopped, was refused "bn_stats 'update' -> 'auto'")."""
     return key == "bn_stats" and {old[key], new[key]} == {"update", "auto"}
 
