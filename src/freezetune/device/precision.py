@@ -58,6 +58,11 @@ class Precision:
         return f"{self.device} {_AMP_NAMES[self.amp_dtype]}"
 
 
+def mps_available() -> bool:
+    """Whether an Apple GPU (MPS) is here (a torch built without MPS has no ``torch.backends.mps``)."""
+    return getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+
+
 def resolve_device(spec: str = "auto") -> torch.device:
     """``auto`` picks CUDA, then MPS, then CPU; an explicit device that is not there is a user error.
 
@@ -67,7 +72,7 @@ def resolve_device(spec: str = "auto") -> torch.device:
     if spec == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        if mps_available():
             return torch.device("mps")
         return torch.device("cpu")
     try:

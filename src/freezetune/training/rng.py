@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from freezetune.data.loaders import epoch_seed
+from freezetune.device.precision import mps_available
 
 
 def seed_everything(seed: int) -> None:
@@ -33,7 +34,7 @@ def rng_state() -> dict[str, Any]:
     }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
-    if _mps_available():  # an Apple GPU's own generator: its dropout masks, drawn there
+    if mps_available():  # an Apple GPU's own generator: its dropout masks, drawn there
         state["mps"] = torch.mps.get_rng_state()
     return state
 
@@ -47,12 +48,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
         # restores theirs, where set_rng_state_all raised IndexError; a device it did not see keeps its own
         for i, device_state in enumerate(state["cuda"][: torch.cuda.device_count()]):
             torch.cuda.set_rng_state(device_state, i)
-    if "mps" in state and _mps_available():  # (a last.pt from before it was saved has none: MPS draws anew)
+    if "mps" in state and mps_available():  # (a last.pt from before it was saved has none: MPS draws anew)
         torch.mps.set_rng_state(state["mps"])
-
-
-def _mps_available() -> bool:
-    return getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
 
 
 def _numpy_state_to_plain(state: tuple) -> list:
