@@ -127,11 +127,11 @@ def _proc_status_mib(key: str) -> float:
 # --- data -----------------------------------------------------------------------------------------------------
 
 
-def preprocess_for(res: int):
+def preprocess_for(res: int, model: str = MODEL):
     """The model's own preprocessing (mean/std, interpolation, crop) at ``res`` pixels."""
     from freezetune.model.create import create_model
 
-    _, pre = create_model(MODEL, "imagenet", img_size=res)
+    _, pre = create_model(model, "imagenet", img_size=res)
     return pre
 
 
@@ -168,7 +168,7 @@ PATCH_TRAIN, PATCH_TEST = 1050, 200  # per class; changing either changes every 
 
 
 def prepare_data(path: Path, *, dataset: str, per_class: int, seed: int, res: int, test_n: int | None,
-                 val_n: int = 50) -> dict:  # fmt: skip
+                 val_n: int = 50, model: str = MODEL) -> dict:  # fmt: skip
     """Build the shared data once and save it: every contender then reads the same tensors.
 
     The train subset is freezetune's own ``per_class`` draw (``per_class_indices``, as ``build_datasets(per_class=k,
@@ -182,7 +182,7 @@ def prepare_data(path: Path, *, dataset: str, per_class: int, seed: int, res: in
     from freezetune.data import eval_transform
 
     split = _split(dataset, per_class, seed, val_n, test_n, res)
-    pre = preprocess_for(res)
+    pre = preprocess_for(res, model)  # its mean, std and resize: the images every contender gets
     transform = eval_transform(pre)
     x_test = split["test"][0]
     x_test = torch.cat([_as_uint8(transform(_chw(x_test[i : i + 1000])), pre) for i in range(0, len(x_test), 1000)])

