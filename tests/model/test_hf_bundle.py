@@ -125,6 +125,17 @@ def test_a_bundled_name_that_leaves_the_model_folder_on_windows_is_refused(name,
         assert foreign_names({name: "", **honest}) == [name]
 
 
+@pytest.mark.parametrize("name", ["NUL", "con.json", "Aux.txt", "COM1", "lpt9.json", "COM\u00b9", "CONOUT$",
+                                  "nul /config.json", "PRN/config.json"])  # fmt: skip
+def test_a_bundled_name_that_is_a_windows_device_is_refused(name):
+    # in every folder of Windows, NUL or con.json is a device whatever the extension: written back, a checkpoint's
+    # file went to the console, a printer port or nowhere
+    from freezetune.model.hf_bundle import foreign_names
+
+    honest = {"config.json": "", "1_Pooling/config.json": "", "console.json": "", "nullable.txt": "", "COM10": ""}
+    assert foreign_names({name: "", **honest}) == [name]
+
+
 def test_a_bundle_goes_to_the_temp_dir_where_the_system_has_no_user_ids(tmp_path, monkeypatch):
     # Windows has no os.getuid: a checkpoint whose model folder was gone stopped eval there with AttributeError
     import getpass

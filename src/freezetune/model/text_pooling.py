@@ -129,19 +129,26 @@ def _pooling_paths(modules: object) -> list[str]:
             and str(m.get("type", "")).rsplit(".", 1)[-1] == POOLING_TYPE]  # fmt: skip
 
 
+# Names Windows gives its devices in every folder, whatever the extension ("NUL.json" is NUL): written to, they are
+# the console, a printer port or nowhere, not a file of the model's folder.
+WINDOWS_DEVICES = frozenset({"CON", "PRN", "AUX", "NUL", "CONIN$", "CONOUT$",
+                             *(f"{port}{i}" for port in ("COM", "LPT") for i in "123456789\u00b9\u00b2\u00b3")})  # fmt: skip
+
+
 def inside_folder(path: object) -> bool:
     """Whether a module's ``path`` in modules.json names a folder inside the model's (not the folder itself, not
     ``/etc`` or ``../x``: a checkpoint carries the file and writes it back under its folder), read as a path on any
-    system: on Windows ``/x`` is no absolute path (its drive is the current one's) and ``D:x`` is the current folder
-    of drive D, both outside the model's.
+    system: on Windows ``/x`` is no absolute path (its drive is the current one's), ``D:x`` is the current folder
+    of drive D, both outside the model's, and ``NUL`` or ``con.json`` is a device in every folder.
 
-    >>> [inside_folder(p) for p in ("1_Pooling", "/etc", "../x", "D:x", "//host/share")]
-    [True, False, False, False, False]
+    >>> [inside_folder(p) for p in ("1_Pooling", "/etc", "../x", "D:x", "//host/share", "NUL", "x/con.json")]
+    [True, False, False, False, False, False, False]
     """
     if not isinstance(path, str) or not path or ":" in path or "\\" in path:  # a drive, or Windows' separator
         return False
     posix, windows = PurePosixPath(path), PureWindowsPath(path)
-    return not (posix.anchor or windows.anchor) and ".." not in (*posix.parts, *windows.parts)
+    devices = any(part.split(".")[0].rstrip(" ").upper() in WINDOWS_DEVICES for part in windows.parts)
+    return not (posix.anchor or windows.anchor or devices) and ".." not in (*posix.parts, *windows.parts)
 
 
 def install(model: nn.Module, mode: str, name: str) -> bool:
