@@ -7,6 +7,7 @@ import math
 
 from freezetune.config.options import DEFAULT_MONITOR
 from freezetune.config.train_config import TrainConfig
+from freezetune.training.progress import difference_noise
 
 # a trial epoch trains on this share of the training set. Shorter trials cost less and choose worse: with candidates
 # 1-3 and default 2, on Fashion-MNIST (100/class, 64 px, 3 epochs, 3 seeds, refit) 0.35 chose the last 2 stages twice
@@ -88,16 +89,3 @@ def choose(trials: list[dict], n_val: int, metric: str = DEFAULT_MONITOR) -> dic
     noise = difference_noise(p, n_val)
     better = [t for t in scored if t[metric] > p + noise]
     return max(better, key=lambda t: (t[metric], -t["trained_stages"])) if better else default
-
-
-def difference_noise(p: float, n_val: int, *, floored: bool = True) -> float:
-    """One standard error of the difference of two accuracies near ``p`` on ``n_val`` images (``floored``: a split
-    all right or all wrong is not noiseless; on 5 images or fewer the floor exceeds the error near 75 %).
-
-    >>> round(difference_noise(0.75, 100), 3), round(difference_noise(0.75, 400), 3)
-    (0.061, 0.031)
-    >>> round(difference_noise(0.75, 2, floored=False), 3)
-    0.433
-    """
-    n = max(n_val, 1)
-    return math.sqrt(2 * (max(p * (1 - p), 1 / n) if floored else p * (1 - p)) / n)

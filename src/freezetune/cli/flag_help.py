@@ -129,7 +129,8 @@ FIELD_HELP = {
     "PATIENCE epochs after the last stage opens at the earliest; default: off)",
     "save_every_steps": "also save last.pt every N training steps (resumable mid-epoch; one process: refused under "
     "torchrun; default: at each epoch's end)",
-    "monitor": "what picks best.pt (a tie: val_loss, or val_acc for val_loss) and drives --early-stop and a plateau "
+    "monitor": "what picks best.pt (a tie, or an accuracy within the validation split's noise of the highest: the "
+    "lower val_loss; val_acc for val_loss) and drives --early-stop and a plateau "
     "unfreeze; val_f1 (macro-F1: each class counts alike, for imbalanced classes) also compares the auto recipe's "
     "trials",
     "tensorboard": "write TensorBoard event files in the run directory",

@@ -239,7 +239,8 @@ class RunSetup:
         self.step = Step(self.state, self.loss_fn, self.precision, channels_last=self.channels_last,
                          grad_clip=cfg.grad_clip, skip_nonfinite=cfg.skip_nonfinite, dist=self.dist,
                          graph_batch=cfg.batch_size if cfg.cuda_graph and not cfg.compile else None)  # fmt: skip
-        self.progress = Progress(cfg.monitor)
+        # best.pt holds an epoch as good as the best on the validation split, by its size (Progress.update)
+        self.progress = Progress(cfg.monitor, n_val=len(self.data.val) if self.data.val is not None else None)
 
     def _run_files(self) -> None:
         """The run's first files (rank 0's): classes.json, then the metrics log (a resume's cut back to its last.pt).

@@ -14,6 +14,8 @@ from typing import Any
 
 from freezetune.config.options import DEFAULT_MONITOR, MONITOR_MODES, MONITORS, TIE_BREAKS, check_choice
 
+NOISY = ("val_acc", "val_f1")  # monitors held to the validation split's noise (macro-F1: a rule of thumb)
+
 
 @dataclass
 class Progress:
@@ -28,6 +30,9 @@ class Progress:
     best_epoch: int = 0  # 1-based; 0 before the first epoch
     best_metric: float | None = None
     best_other: float | None = None  # the best epoch's other metric (val_loss for val_acc): it breaks a tie
+    # the validation split's size: an accuracy (or macro-F1) within its noise of the highest so far ties it
+    n_val: int | None = None
+    top_metric: float | None = None  # the best metric any epoch reached (best.pt's may be one tied with it)
     bad_epochs: int = 0  # epochs since the best one
     # A last.pt saved mid-epoch: the steps of epoch ``epoch`` (0-based) already trained, and what continuing it
     # exactly needs (the epoch's running train totals, the RNG state after that step). 0 and None at epoch ends.
@@ -47,28 +52,48 @@ class Progress:
         Without a metric (no validation data) the latest epoch is the best we know. A non-finite metric never
         becomes the best. A tie goes to the better ``other`` metric (``val_loss`` when ``val_acc`` is monitored, and
         the reverse): on a small validation set accuracies tie often, and the first epoch to reach a score kept
-        ``best.pt`` over later ones as accurate and surer (a test accuracy 2 to 9 points lower). Such an epoch is the
-        best, not an improvement: early stopping's patience counts it, as a stalled metric whose loss creeps down.
-        ``spent``: the run's seconds so far (kept as given when None).
+        ``best.pt`` over later ones as accurate and surer (a test accuracy 2 to 9 points lower). With ``n_val``, an
+        accuracy or macro-F1 within the split's noise of the highest so far (one standard error of the difference of
+        two accuracies on ``n_val`` images, ``difference_noise``) ties it as well: 168 images cannot tell 60.1 % from
+        56.0 %, and best.pt kept a first epoch, still at a high learning rate, 7.5 points below its last on the test
+        split. Such an epoch is the best, not an improvement: early stopping's patience counts it, as a stalled
+        metric whose loss creeps down. ``spent``: the run's seconds so far (kept as given when None).
 
         >>> p = Progress("val_acc"); p.update(0, 1.0, 0.15), p.update(1, 1.0, 0.07), p.update(2, 1.0, 0.09)
         (True, True, False)
         >>> p.best_epoch, p.bad_epochs
         (2, 2)
+        >>> p = Progress("val_acc", n_val=168)
+        >>> p.update(0, 0.601, 1.365), p.update(1, 0.565, 1.402), p.update(2, 0.56, 1.363)
+        (True, False, True)
+        >>> p.best_epoch, p.best_metric, p.top_metric, p.bad_epochs
+        (3, 0.56, 0.601, 2)
         """
         self.epoch, self.step, self.partial = epoch + 1, 0, None
         self.spent = self.spent if spent is None else dict(spent)
         if metric is None:
             self.best_epoch, self.bad_epochs = epoch + 1, 0
             return True
-        improved = _beats(metric, self.best_metric, self.monitor)  # (never a non-finite one; anything beats none)
+        top = self.top_metric if self.top_metric is not None else self.best_metric  # (an older last.pt: its best)
+        improved = _beats(metric, top, self.monitor)  # (never a non-finite one; anything beats none)
         # (a last.pt of an older freezetune has no best_other: its ties keep the best it had)
-        tie_won = (not improved and metric == self.best_metric and self.best_other is not None
+        tied = metric == self.best_metric or self._within_noise(metric, top)
+        tie_won = (not improved and tied and self.best_other is not None
                    and _beats(other, self.best_other, other_monitor(self.monitor)))  # fmt: skip
         self.bad_epochs = 0 if improved else self.bad_epochs + 1
+        if improved:
+            self.top_metric = metric
         if improved or tie_won:
             self.best_metric, self.best_other, self.best_epoch = metric, other, epoch + 1
         return improved or tie_won
+
+    def _within_noise(self, metric: float | None, top: float | None) -> bool:
+        """Whether an accuracy (or macro-F1) ``metric`` is as good as ``top`` on a split of ``n_val`` images."""
+        if self.monitor not in NOISY or not self.n_val or metric is None or top is None:
+            return False
+        if not (math.isfinite(metric) and math.isfinite(top)):
+            return False
+        return top - metric <= difference_noise(top, self.n_val)
 
     def at_step(self, step: int, partial: dict[str, Any], *, spent: dict[str, float] | None = None) -> None:
         """Record that ``step`` steps of the unfinished epoch have trained (a mid-epoch ``last.pt`` follows), and the
@@ -95,6 +120,19 @@ def other_monitor(monitor: str) -> str:
     ('val_loss', 'val_loss', 'val_acc')
     """
     return TIE_BREAKS[monitor]
+
+
+def difference_noise(p: float, n_val: int, *, floored: bool = True) -> float:
+    """One standard error of the difference of two accuracies near ``p`` on ``n_val`` images (``floored``: a split
+    all right or all wrong is not noiseless; on 5 images or fewer the floor exceeds the error near 75 %).
+
+    >>> round(difference_noise(0.75, 100), 3), round(difference_noise(0.75, 400), 3)
+    (0.061, 0.031)
+    >>> round(difference_noise(0.75, 2, floored=False), 3)
+    0.433
+    """
+    n = max(n_val, 1)
+    return math.sqrt(2 * (max(p * (1 - p), 1 / n) if floored else p * (1 - p)) / n)
 
 
 def _beats(value: float | None, best: float | None, monitor: str) -> bool:
