@@ -87,6 +87,25 @@ class Progress:
             self.best_metric, self.best_other, self.best_epoch = metric, other, epoch + 1
         return improved or tie_won
 
+    def noise_tie(self, items: str = "images") -> str | None:
+        """What the log says when the best epoch is one that ties the highest within the split's noise (not an
+        improvement, not an exact tie): best.pt moved to a lower score, and why. None otherwise.
+
+        >>> p = Progress("val_acc", n_val=168)
+        >>> p.update(0, 0.601, 1.365), p.noise_tie(), p.update(1, 0.56, 1.363)
+        (True, None, True)
+        >>> print(p.noise_tie())
+        best.pt: epoch 2, val_acc 56.0 % within the noise of 168 validation images of the highest, 60.1 % (one \
+standard error of a difference: 5.3 points), at a lower val_loss
+        """
+        top, best = self.top_metric, self.best_metric
+        if top is None or best is None or best == top or not self._within_noise(best, top):
+            return None
+        noise = 100 * difference_noise(top, self.n_val or 1)
+        return (f"best.pt: epoch {self.best_epoch}, {self.monitor} {100 * best:.1f} % within the noise of {self.n_val} "
+                f"validation {items} of the highest, {100 * top:.1f} % (one standard error of a difference: "
+                f"{noise:.1f} points), at a lower {other_monitor(self.monitor)}")  # fmt: skip
+
     def _within_noise(self, metric: float | None, top: float | None) -> bool:
         """Whether an accuracy (or macro-F1) ``metric`` is as good as ``top`` on a split of ``n_val`` images."""
         if self.monitor not in NOISY or not self.n_val or metric is None or top is None:

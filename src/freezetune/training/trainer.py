@@ -210,6 +210,8 @@ class Trainer(RunSetup):
             if warming or unfrozen:  # after the update: new stages get the full patience (they got one epoch less)
                 self.progress.reset_patience()
             self._save_and_say(row, improved)
+            if improved and (tie := self.progress.noise_tie(noun(self.data.train))):  # best.pt moved to a lower score
+                self.echo(tie)
             if unfrozen:
                 self._say_unfrozen(epoch, unfrozen)
             saved = "saved in last.pt" if self.resumable else "not saved: this run is not resumed"
