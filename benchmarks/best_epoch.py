@@ -21,6 +21,7 @@ Only data with a test split of its own: ``fashion`` (its IDX directory) or a fol
 from __future__ import annotations
 
 import argparse
+import shutil
 import statistics
 import sys
 import tempfile
@@ -108,6 +109,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = [[rule, f"{100 * statistics.mean(v):.2f}", f"{100 * min(v):.2f}-{100 * max(v):.2f}",
              f"{100 * (statistics.mean(v) - statistics.mean(picked['highest'])):+.2f}"] for rule, v in picked.items()]  # fmt: skip
     print(table(rows, ["rule", "test acc % (mean)", "min-max", "vs highest"]))
+    shutil.rmtree(work, ignore_errors=True)  # its runs' folders (each epoch's checkpoints): kept only when it failed
 
 
 if __name__ == "__main__":
