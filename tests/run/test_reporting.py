@@ -332,3 +332,50 @@ def test_the_epoch_lines_of_a_long_run_keep_their_columns():
     assert lines[0].startswith("epoch  9/30") and lines[1].startswith("epoch 10/30")
     for column in ("train_loss", "val_loss", "lr"):
         assert lines[0].index(column) == lines[1].index(column), lines
+
+
+@pytest.mark.parametrize("monitor", ["val_acc", "val_f1"])
+@pytest.mark.parametrize("validated", [True, False])
+def test_every_label_and_legend_of_the_report_lies_inside_its_figure(monitor, validated):
+    # the margins are fixed (the constrained layout drew the figure once more to measure it): the two-line LR label,
+    # "1e-08" ticks, the two-line title of a run without validation, an unfreeze's label must still fit on the page
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from freezetune.run import reporting
+
+    rows = []
+    for e in range(1, 13):
+        row = {"epoch": e, "train_loss": 12.5 / e, "train_acc": 0.5 + 0.04 * e, "lr/blocks.4": 3e-3 * 0.5**e,
+               "lr/classifier": 1e-2 * 0.1**e, "unfrozen": "blocks.3;blocks.2" if e == 5 else ""}  # fmt: skip
+        if validated:
+            row.update(val_loss=1.2 / e, val_acc=0.45 + 0.04 * e, val_f1=0.4 + 0.04 * e)
+        rows.append(row)
+    fig = reporting.report_figure(rows, "run-2026-12-07_09-30-00", monitor=monitor)
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()  # as savefig draws it
+    renderer = canvas.get_renderer()
+    page = fig.bbox
+    # each panel with what it draws around it: ticks, axis labels, legend, the unfreeze's label; and the title
+    boxes = [ax.get_tightbbox(renderer) for ax in fig.axes] + [fig._suptitle.get_window_extent(renderer)]
+    for box in boxes:
+        assert page.x0 - 1 <= box.x0 and box.x1 <= page.x1 + 1 and page.y0 - 1 <= box.y0 and box.y1 <= page.y1 + 1, (
+            box, page)  # fmt: skip
+    assert boxes[-1].y0 >= max(box.y1 for box in boxes[:-1]) - 1  # the title above the panels, not across the first
+    assert "learning rate" in fig.axes[-1].get_ylabel()
+    panels = sorted((ax.get_window_extent(renderer) for ax in fig.axes), key=lambda b: -b.y0)
+    assert all(upper.y0 > lower.y1 for upper, lower in zip(panels, panels[1:], strict=False))  # none overlaps
+    ylabels = [ax.yaxis.label.get_window_extent(renderer).x1 for ax in fig.axes]
+    assert max(ylabels) - min(ylabels) < 2  # aligned, whatever the width of each panel's ticks
+
+
+def test_the_learning_rate_axis_is_labelled_in_plain_text():
+    # matplotlib's default log labels are mathtext ($10^{-3}$), whose parser took a third of a second to build
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from freezetune.run import reporting
+
+    rows = [{"epoch": e, "train_loss": 1.0 / e, "train_acc": 0.5, "lr": 1e-2 * 0.1**e} for e in range(1, 6)]
+    fig = reporting.report_figure(rows, "r")
+    FigureCanvasAgg(fig).draw()
+    labels = [t.get_text() for t in fig.axes[-1].get_yticklabels() if t.get_text()]
+    assert labels and not any("$" in label for label in labels), labels

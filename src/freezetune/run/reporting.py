@@ -319,8 +319,10 @@ def report_figure(
 
     panels = _panels(rows, monitor)
     heights = [3, 3, 2][: len(panels)]
-    fig = Figure(figsize=(8, sum(heights) + 0.8), dpi=110, layout="constrained")
+    no_val = rows and not any(isinstance(r.get("val_acc"), numbers.Real) for r in rows)
+    fig = Figure(figsize=(_WIDTH, sum(heights) + 0.8), dpi=110)
     axes = fig.subplots(len(panels), 1, sharex=True, gridspec_kw={"height_ratios": heights})
+    _fixed_margins(fig, title_lines=2 if no_val else 1)
     for ax, (title, cols, scale, log) in zip(axes, panels, strict=True):
         _plot_panel(ax, rows, title, cols, scale, log)
     _mark_unfreezes(axes, unfreeze_events(rows))
@@ -331,9 +333,22 @@ def report_figure(
     axes[-1].set_xlabel("epoch")
     if not rows:
         axes[0].text(0.5, 0.5, "no epochs logged yet", ha="center", va="center", transform=axes[0].transAxes)
-    no_val = rows and not any(isinstance(r.get("val_acc"), numbers.Real) for r in rows)
+    fig.align_ylabels(axes)
     fig.suptitle(f"{name}: training report" + ("\n(no validation split: best.pt is the last epoch)" if no_val else ""))
     return fig
+
+
+_WIDTH = 8.0  # inches
+# Margins in inches: the two-line labels and "1e-08" ticks on the left, the epoch label below, the title above. Fixed,
+# not matplotlib's constrained layout, which measured every label by drawing the figure once more: 0.48 s of the 0.62 s
+# a report took on 2 CPU cores, a tenth of the default command's whole run on a few hundred images.
+_LEFT, _RIGHT, _BOTTOM, _TITLE_LINE, _GAP = 1.0, 0.15, 0.5, 0.25, 0.1
+
+
+def _fixed_margins(fig: Any, *, title_lines: int) -> None:
+    width, height = fig.get_size_inches()
+    fig.subplots_adjust(left=_LEFT / width, right=1 - _RIGHT / width, bottom=_BOTTOM / height,
+                        top=1 - (0.15 + _TITLE_LINE * title_lines) / height, hspace=_GAP / (height / 3))  # fmt: skip
 
 
 def _panels(rows: list[dict[str, Any]], monitor: str) -> list[tuple[str, list[str], float, bool]]:
@@ -380,9 +395,19 @@ def _plot_panel(ax: Any, rows: list[dict[str, Any]], title: str, cols: list[str]
     if plotted:
         if log:
             ax.set_yscale("log")
+            _plain_log_labels(ax)
         ax.legend(fontsize=8, loc="best")
     else:
         ax.text(0.5, 0.5, f"no {' / '.join(cols)} logged", ha="center", va="center", transform=ax.transAxes, alpha=0.6)
+
+
+def _plain_log_labels(ax: Any) -> None:
+    """Label a log axis in plain text ("0.001", "3e-05"): matplotlib's default writes 10 to a power in mathtext,
+    whose parser takes a third of a second to build, as long as the rest of the figure."""
+    from matplotlib.ticker import LogFormatter
+
+    ax.yaxis.set_major_formatter(LogFormatter())
+    ax.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False))
 
 
 def _mark_best(ax: Any, rows: list[dict[str, Any]], monitor: str = DEFAULT_MONITOR, epoch: int | None = None) -> None:
