@@ -34,6 +34,7 @@ from freezetune.run import checkpoint, reporting
 from freezetune.run import directory as runtime
 from freezetune.run import lock as run_lock
 from freezetune.run import log as run_log
+from freezetune.run.collector import older_objects_frozen
 from freezetune.run.interrupt import AT_ONCE_UNDER_DDP, OUTSIDE_A_STEP, RunInterrupted, StopRequest, pause_point
 from freezetune.run.records import after_stop, drop_stale_test
 from freezetune.run.setup import RunSetup
@@ -83,9 +84,10 @@ def train(cfg: TrainConfig, *, echo: Callable[[str], None] = print, resumable: b
     # run) share it; left and joined again between them, the ranks' third join never met
     owner = not in_group()
     # the log (train.log) around the rest: it records the line of whatever error or stop ends the run
-    # run.lock.scope: the run dirs this run claimed (its own, a recipe's, its trials') are released at its end
+    # run.lock.scope: the run dirs this run claimed (its own, a recipe's, its trials') are released at its end;
+    # the collector's full passes skip what the imports made (run.collector)
     with run_log.log(echo) as echo, out_of_memory_hint(cfg.batch_size), StopRequest().listening(defer=False), \
-            run_lock.scope() as claimed:  # fmt: skip
+            run_lock.scope() as claimed, older_objects_frozen(collect_first=torch.cuda.is_initialized()):  # fmt: skip
         try:
             if cfg.resume and not recipe_run:  # a recipe's own run resumes through the recipe
                 refuse_a_plain_resume_of_a_recipe(cfg)
