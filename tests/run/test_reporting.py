@@ -368,14 +368,23 @@ def test_every_label_and_legend_of_the_report_lies_inside_its_figure(monitor, va
     assert max(ylabels) - min(ylabels) < 2  # aligned, whatever the width of each panel's ticks
 
 
-def test_the_learning_rate_axis_is_labelled_in_plain_text():
-    # matplotlib's default log labels are mathtext ($10^{-3}$), whose parser took a third of a second to build
+@pytest.mark.parametrize("lrs", [[1e-2 * 0.1**e for e in range(1, 6)], [1e-3 * (1 + 0.2 * e) for e in range(1, 6)]],
+                         ids=["decades", "narrow"])  # fmt: skip
+def test_the_learning_rate_axis_is_labelled_in_plain_text_that_tells_its_ticks_apart(lrs):
+    # matplotlib's default log labels are mathtext ($10^{-3}$), whose parser took 0.1 s of the draw to build; the plain
+    # LogFormatter said "1e-03" for 0.0012, 0.0014 and 0.0016 alike
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     from freezetune.run import reporting
 
-    rows = [{"epoch": e, "train_loss": 1.0 / e, "train_acc": 0.5, "lr": 1e-2 * 0.1**e} for e in range(1, 6)]
+    rows = [{"epoch": e, "train_loss": 1.0 / e, "train_acc": 0.5, "lr": lr} for e, lr in enumerate(lrs, 1)]
     fig = reporting.report_figure(rows, "r")
     FigureCanvasAgg(fig).draw()
-    labels = [t.get_text() for t in fig.axes[-1].get_yticklabels() if t.get_text()]
-    assert labels and not any("$" in label for label in labels), labels
+    ax = fig.axes[-1]
+    low, high = ax.get_ylim()
+    ticks = [t for t in [*ax.get_yticklabels(), *ax.get_yticklabels(minor=True)] if t.get_text()]
+    shown = {t.get_position()[1]: t.get_text() for t in ticks if low <= t.get_position()[1] <= high}
+    assert len(shown) >= 2, shown
+    assert len(set(shown.values())) == len(shown), shown  # no two ticks said alike
+    for value, text in shown.items():
+        assert float(text.replace("\u2212", "-")) == pytest.approx(value, rel=0.05), (value, text)  # no "$"

@@ -340,8 +340,9 @@ def report_figure(
 
 _WIDTH = 8.0  # inches
 # Margins in inches: the two-line labels and "1e-08" ticks on the left, the epoch label below, the title above. Fixed,
-# not matplotlib's constrained layout, which measured every label by drawing the figure once more: 0.48 s of the 0.62 s
-# a report took on 2 CPU cores, a tenth of the default command's whole run on a few hundred images.
+# not matplotlib's constrained layout, which measures every label by drawing the figure once more: a process's first
+# report took 0.48 s with it, 0.14 s without (2 CPU cores; benchmarks/run_overhead.py), where the default command's
+# whole run on a few hundred images takes 4.5 s.
 _LEFT, _RIGHT, _BOTTOM, _TITLE_LINE, _GAP = 1.0, 0.15, 0.5, 0.25, 0.1
 
 
@@ -402,12 +403,18 @@ def _plot_panel(ax: Any, rows: list[dict[str, Any]], title: str, cols: list[str]
 
 
 def _plain_log_labels(ax: Any) -> None:
-    """Label a log axis in plain text ("0.001", "3e-05"): matplotlib's default writes 10 to a power in mathtext,
-    whose parser takes a third of a second to build, as long as the rest of the figure."""
+    """Label a log axis in plain text, two significant digits ("0.001", "0.0033", "1e-08"): matplotlib's default
+    writes 10 to a power in mathtext, whose parser, built at its first use, took 0.1 s of a report's draw. Which
+    ticks get a label stays matplotlib's choice (``LogFormatter``: decades, and the ticks between them over a narrow
+    range, where its own text, "1e-03" for 0.0012, said one digit)."""
     from matplotlib.ticker import LogFormatter
 
-    ax.yaxis.set_major_formatter(LogFormatter())
-    ax.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False))
+    class PlainLog(LogFormatter):
+        def __call__(self, x, pos=None):
+            return self.fix_minus(f"{x:.2g}") if super().__call__(x, pos) else ""  # (a typographic minus)
+
+    ax.yaxis.set_major_formatter(PlainLog())
+    ax.yaxis.set_minor_formatter(PlainLog(labelOnlyBase=False))
 
 
 def _mark_best(ax: Any, rows: list[dict[str, Any]], monitor: str = DEFAULT_MONITOR, epoch: int | None = None) -> None:
