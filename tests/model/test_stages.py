@@ -652,3 +652,31 @@ def test_stages_of_a_model_with_lazy_layers_name_them(use):
     model = nn.Sequential(nn.LazyLinear(8), nn.ReLU(), nn.Linear(8, 2))  # torch's own ValueError came from numel()
     with pytest.raises(SpecError, match=r"lazy layers have no size yet \('0.weight', '0.bias'\)"):
         use(model)
+
+
+def test_stages_are_worked_out_once_per_structure_and_again_when_it_changes(monkeypatch):
+    # a run's set-up asks for a model's stages 9 times; each answer must still follow a new head or a swapped layer
+    from freezetune.model import stages as stages_module
+
+    worked = []
+    real = stages_module._worked_out
+    monkeypatch.setattr(stages_module, "_worked_out", lambda model: worked.append(1) or real(model))
+    model = torchvision.models.resnet18()
+    first = ft.stages(model)
+    assert [s.name for s in ft.stages(model)] == RESNET and len(worked) == 1
+    first.pop()  # a caller's own list
+    assert [s.name for s in ft.stages(model)] == RESNET
+    ft.replace_head(model, 4)  # new parameters: the head stage holds them
+    (head,) = [s for s in ft.stages(model) if s.name == "fc"]
+    assert head.params == tuple(model.fc.parameters()) and len(worked) == 2
+    model.layer4 = nn.Identity()  # a stage gone
+    assert [s.name for s in ft.stages(model)] == ["stem", "layer1", "layer2", "layer3", "fc"] and len(worked) == 3
+    other = torchvision.models.resnet18()  # another model of the same structure: its own parameters
+    assert ft.stages(other)[-1].params == tuple(other.fc.parameters()) and len(worked) == 4
+
+
+def test_a_models_stages_reflect_what_trains_now_not_when_they_were_first_asked_for():
+    model = torchvision.models.resnet18()
+    assert ft.stages(model)[-1].num_trainable == 512 * 1000 + 1000
+    ft.freeze(model, "fc")
+    assert ft.stages(model)[-1].num_trainable == 0
