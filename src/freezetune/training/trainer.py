@@ -109,11 +109,9 @@ def train(cfg: TrainConfig, *, echo: Callable[[str], None] = print, resumable: b
 
 def _free_device_memory() -> None:
     """A run's model and optimizer state sit in reference cycles (torch.fx's tracer leaves some around the model):
-    freed when the collector next runs a full pass, which may be many runs later. On a GPU that memory stayed held:
-    the auto recipe's trials' through its run, a notebook's earlier runs' through its next. A full pass walks every
-    object the imports made (0.3 s after a run on a CPU, where the feature stores, the large part, are dropped at the
-    run's end: ``FeaturePath.close``), so it is made where device memory is at stake. (After a failure the traceback
-    keeps the run's frames, and so the run, alive.)"""
+    freed when the collector next runs a full pass. The outermost run's are freed as it returns
+    (``run.collector.older_objects_frozen``); on a GPU each run's are, so that the auto recipe's trials do not hold
+    device memory through its run. (After a failure the traceback keeps the run's frames, and so the run, alive.)"""
     if torch.cuda.is_initialized():
         gc.collect()
 
