@@ -1117,9 +1117,10 @@ def test_what_a_run_built_is_freed_when_train_returns_not_when_the_collector_nex
     gc.disable()  # the collector runs when it likes: it must not be what frees them here
     try:
         ft.train(dataclasses.replace(cfg, out=str(tmp_path / "cpu")), echo=lambda line: None)
-        # a CPU's: the stores, the large part, at once (a full pass costs 0.3 s after a run: only where a device's
-        # memory is at stake)
+        # a CPU's too: the stores at once, the models by the pass over what the run made (run.collector), which a full
+        # pass (0.3 s after a run) had left to the collector's next
         assert stores and [ref() for ref in stores] == [None] * len(stores)
+        assert models and [ref() for ref in models] == [None] * len(models)
         models.clear()
         monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)  # a process that has used its GPU
         ft.train(dataclasses.replace(cfg, out=str(tmp_path / "gpu")), echo=lambda line: None)
