@@ -685,6 +685,30 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_good_checkpoints(data, tm
     assert not (tmp_path / "first" / "best.pt").exists() and not (tmp_path / "first" / "last.pt").exists()
 
 
+def test_without_validation_the_statistics_are_recomputed_once_after_the_last_epoch(tmp_path, monkeypatch):
+    # the default command's refit run: nothing read an epoch's recomputed statistics but its checkpoints, which the
+    # next epoch's replaced (two passes of the three on 40 images a class were for nothing)
+    data = make_image_folder(tmp_path / "images", train=12, val=0, test=0)  # 36 images, batch 8: 5-step epochs
+    passes, refresh = [], bn_refresh.refresh
+
+    def counted(norms, batches, forward):
+        passes.append(len(norms))
+        return refresh(norms, batches, forward)
+
+    monkeypatch.setattr(bn_refresh, "refresh", counted)
+    cfg = TrainConfig(data=str(data), out=str(tmp_path / "run"), model="timm:test_efficientnet", weights="none",
+                      img_size=32, device="cpu", workers=0, progress=False, batch_size=8, epochs=3, freeze="-3",
+                      refit=True, tensorboard=False)  # fmt: skip
+    ft.train(cfg, echo=lambda line: None)
+    assert len(passes) == 1 and passes[0] > 0  # once, after epoch 3 (each epoch left them stale)
+    best = checkpoint.load(tmp_path / "run" / "best.pt")
+    assert best["epoch"] == 3
+    passes.clear()  # with validation, each stale epoch is recomputed before it is scored
+    ft.train(dataclasses.replace(cfg, out=str(tmp_path / "validated"), refit=False, val_split=0.25),
+             echo=lambda line: None)  # fmt: skip
+    assert len(passes) == 3
+
+
 def test_weights_that_validate_to_a_non_finite_loss_stop_the_run_before_they_can_become_best(data, tmp_path, capsys,
                                                                                             monkeypatch):  # fmt: skip
     # the training loss stays finite, but the last step of epoch 2 leaves an infinite weight (an LR of 1e12 does): the

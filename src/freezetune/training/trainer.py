@@ -302,18 +302,27 @@ class Trainer(RunSetup):
         """BatchNorm statistics of the layers that train recomputed when too few steps have passed for their running
         average to forget where it started (``bn_refresh``), before validation scores them and last.pt keeps them.
         Not in the auto recipe's trials (not resumable): their scores only compare candidates, by a rule measured on
-        them as they were, and the pass cost 7 % of the main job's time for the same choice."""
+        them as they were, and the pass cost 7 % of the main job's time for the same choice.
+
+        Without validation (the default command's refit) nothing reads an epoch's statistics but its checkpoints,
+        which the next epoch's replace: the pass is made once, after the last epoch, where the run's first epoch left
+        them stale (on 40 images a class the first two epochs were: two passes, 4 % of the run, for checkpoints
+        overwritten). A run stopped before its last epoch keeps running statistics."""
         if not self.resumable:
             return
         unfreezes = self.state.unfreezer.events if self.state.unfreezer is not None else []
+        steps = bn_refresh.steps_on(epoch, self.steps_per_epoch, unfreezes)
+        if self.data.val is None:
+            if epoch + 1 < self.cfg.epochs:
+                return
+            steps = min(steps, self.steps_per_epoch)  # stale after the first epoch since the trainable part changed
 
         def batches():  # each through the frozen prefix alone (streamed), then joined: a prefix at four batches' size
             # could need four times a step's memory
             return ((self.features.step_inputs(x), y) for x, y in self.features.train_batches(epoch))
 
-        bn_refresh.refresh_if_stale(self.features.train_module, bn_refresh.steps_on(epoch, self.steps_per_epoch,
-                                    unfreezes), batches, self.step.forward, lambda t: all_reduce_sum(t, self.dist),
-                                    self.dist.world)  # fmt: skip
+        bn_refresh.refresh_if_stale(self.features.train_module, steps, batches, self.step.forward,
+                                    lambda t: all_reduce_sum(t, self.dist), self.dist.world)  # fmt: skip
 
     def _steps(self, epoch: int, batches, meter: epoch_log.TrainProgress) -> None:
         """The training steps of ``epoch`` (those a mid-epoch ``last.pt`` left, on resume), each saved after when
