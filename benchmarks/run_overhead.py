@@ -35,7 +35,8 @@ from freezetune.run import reporting
 rows = [{"epoch": e, "train_loss": 2.0 / e, "val_loss": 1.8 / e, "train_acc": 0.5 + 0.03 * e,
          "val_acc": 0.45 + 0.03 * e, "lr/blocks.4": 3e-3 * 0.6 ** e, "lr/classifier": 3e-3 * 0.6 ** e}
         for e in range(1, 13)]
-out = Path(tempfile.mkdtemp()) / "report.png"
+folder = tempfile.TemporaryDirectory()  # removed as the probe ends
+out = Path(folder.name) / "report.png"
 from freezetune.run.collector import older_objects_frozen
 with older_objects_frozen():  # as in a run: the layout is all that differs
     start = time.perf_counter()
