@@ -12,9 +12,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from freezetune.config.options import DEFAULT_MONITOR, MONITOR_MODES, MONITORS, TIE_BREAKS, check_choice
-
-NOISY = ("val_acc", "val_f1")  # monitors held to the validation split's noise (macro-F1: a rule of thumb)
+from freezetune.config.options import DEFAULT_MONITOR, FRACTIONS, MONITOR_MODES, MONITORS, TIE_BREAKS, check_choice
 
 
 @dataclass
@@ -108,7 +106,8 @@ standard error of a difference: 5.3 points), at a lower val_loss
 
     def _within_noise(self, metric: float | None, top: float | None) -> bool:
         """Whether an accuracy (or macro-F1) ``metric`` is as good as ``top`` on a split of ``n_val`` images."""
-        if self.monitor not in NOISY or not self.n_val or metric is None or top is None:
+        # accuracy and macro-F1, the fractions (macro-F1 held to an accuracy's noise: a rule of thumb)
+        if self.monitor not in FRACTIONS or not self.n_val or metric is None or top is None:
             return False
         if not (math.isfinite(metric) and math.isfinite(top)):
             return False
