@@ -24,7 +24,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import freezetune as ft
-from _engine_fixtures import CLASSES, make_image_folder, run_cli, snapshot, train_argv
+from _engine_fixtures import CLASSES, make_idx_dir, make_image_folder, run_cli, snapshot, train_argv
 from conftest import Terminal
 from freezetune import __version__
 from freezetune.cli.main import main
@@ -1186,8 +1186,6 @@ def test_an_image_that_fails_in_a_loader_worker_is_one_line_too(tmp_path, capsys
 
 @pytest.mark.parametrize("fmt", ["folder", "csv", "idx"])
 def test_eval_refuses_data_whose_class_names_differ_from_the_checkpoint(run, capsys, tmp_path, fmt):
-    from test_data import make_idx_dir
-
     other = make_image_folder(tmp_path / "img", train=0, val=0, test=1)
     (other / "test" / "red").rename(other / "test" / "purple")
     data = {"folder": other / "test", "csv": tmp_path / "a.csv", "idx": tmp_path / "mnist"}[fmt]

@@ -174,6 +174,16 @@ def test_class_names_with_control_characters_print_as_escapes_in_rows_that_line_
     assert matrix[3].startswith("  3 猫 ") and matrix[3].endswith(" 0 0 0 1 0")
 
 
+def test_the_matrix_rows_names_start_in_one_column_from_the_tenth_class_on():
+    # "  9 tools" above "  10 transportation": the names started one column apart
+    classes = [f"c{i}" for i in range(11)]
+    meter = ClassificationMeter(11)
+    meter.update(torch.eye(11) * 5, torch.arange(11))
+    matrix = format_report(meter.compute(), classes).splitlines()[-11:]
+    assert matrix[0].startswith("   0 c0 ") and matrix[10].startswith("  10 c10 ")
+    assert len({row.index("c") for row in matrix}) == 1 and len({len(row) for row in matrix}) == 1
+
+
 def test_class_names_an_ascii_terminal_cannot_print_are_measured_as_it_prints_them(monkeypatch):
     # PYTHONIOENCODING=ascii: Python writes 'café' as 'caf\xe9', four columns wider than the report measured it
     import io

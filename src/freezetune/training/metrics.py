@@ -251,8 +251,10 @@ def _per_class_lines(result: dict, classes: list[str], max_classes: int) -> list
 
 
 def _confusion_lines(confusion: list[list[int]], classes: list[str]) -> list[str]:
-    # Columns carry indices, not names: names would make the matrix too wide to read; rows give index and name.
-    labels = [f"{i} {name}" for i, name in enumerate(classes)]
+    # Columns carry indices, not names: names would make the matrix too wide to read; rows give index and name, the
+    # index right-aligned so that the names start in one column from the tenth class on
+    iw = len(str(len(classes) - 1))
+    labels = [f"{i:>{iw}} {name}" for i, name in enumerate(classes)]
     lw = max(width(s) for s in labels)
     cw = max(len(str(v)) for row in confusion for v in row + [len(classes) - 1])
     lines = ["confusion matrix (rows = true, columns = predicted):"]
