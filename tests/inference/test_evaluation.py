@@ -113,6 +113,18 @@ def test_evaluate_model_names_a_label_it_cannot_score_in_a_dataset_without_targe
         evaluate_model(torch.nn.Linear(4, 3), data, num_classes=3, batch_size=4, workers=0)
 
 
+@pytest.mark.parametrize("empty", ["dataset", "list"])
+def test_evaluate_model_names_data_with_no_samples(empty):
+    # a notebook's empty dataset was the metrics' "ClassificationMeter.compute() called before any update()"
+    data = (
+        torch.utils.data.TensorDataset(torch.randn(0, 4), torch.zeros(0, dtype=torch.long))
+        if empty == "dataset"
+        else []
+    )
+    with pytest.raises(DataError, match="the data to evaluate has no samples"):
+        evaluate_model(torch.nn.Linear(4, 3), data, num_classes=3, workers=0)
+
+
 def test_write_evaluation_writes_the_plot_and_json_it_is_given(best_pt, data, tmp_path):
     result = evaluate_checkpoint(best_pt, data, device="cpu")
     text = write_evaluation(result, result["classes"], plot=tmp_path / "c.png", metrics=tmp_path / "m.json")

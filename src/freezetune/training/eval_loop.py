@@ -10,6 +10,7 @@ from torch import nn
 from freezetune.device.bn_fold import foldable, folded
 from freezetune.device.distributed import DistInfo, all_gather
 from freezetune.device.precision import Precision
+from freezetune.errors import DataError
 from freezetune.training.epoch_log import progress_bar
 from freezetune.training.metrics import ClassificationMeter, check_labels
 
@@ -72,6 +73,8 @@ def evaluate(
         for part in all_gather(meter, dist):
             merged.merge(part)
         meter = merged
+    if meter.n == 0:  # the meter's own error names no data: a notebook's empty dataset (or loader) is the user's
+        raise DataError("the data to evaluate has no samples: nothing was scored")
     return meter.compute()
 
 

@@ -69,6 +69,11 @@ class ClassificationMeter:
         self._loss_n = 0
 
     @property
+    def n(self) -> int:
+        """The samples seen since the last ``reset``."""
+        return self._n
+
+    @property
     def topk(self) -> int:
         """The k of the top-k accuracy: min(5, C)."""
         return min(_MAX_TOPK, self.num_classes or _MAX_TOPK)
