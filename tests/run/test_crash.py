@@ -452,6 +452,18 @@ def test_files_of_a_runs_names_that_no_run_wrote_are_refused_and_kept(tmp_path, 
     assert snapshot(run) == before
 
 
+@pytest.mark.parametrize("name", ["skipped.txt", "train.log"])
+def test_a_users_own_file_a_run_writes_into_is_refused_and_kept(tmp_path, name):
+    # --skip-bad replaced a user's skipped.txt in --out with its list, and a run appended its log to a user's train.log
+    run = tmp_path / "project"
+    run.mkdir()
+    (run / name).write_text("MY NOTES\n")
+    before = snapshot(run)
+    with pytest.raises(ConfigError, match=rf"holds {name}, which no run wrote there \(no classes.json\)"):
+        runtime.prepare_run_dir(str(run), "m", resume=False)
+    assert snapshot(run) == before
+
+
 @pytest.mark.parametrize("resume", [False, True])
 def test_a_users_own_classes_json_does_not_make_their_files_a_stopped_runs(tmp_path, resume):
     # a project folder with its own classes.json (index -> name) and an auto-trials/ of notes was taken for a stopped

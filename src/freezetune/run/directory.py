@@ -17,6 +17,7 @@ from freezetune.device.distributed import DistInfo, broadcast
 from freezetune.errors import CheckpointError, ConfigError, FreezetuneError, setting
 from freezetune.run import checkpoint
 from freezetune.run import lock as run_lock
+from freezetune.run.log import LOG_FILE
 from freezetune.run.reporting import METRICS_CSV, REPORT_PNG
 from freezetune.run.traces import not_a_runs
 
@@ -28,6 +29,9 @@ STARTED_FILES = (checkpoint.BEST, METRICS_CSV, REPORT_PNG, CONFUSION_PNG, TEST_M
 # What a run writes once its epochs are done: a run stopped before its first last.pt has none of them.
 END_FILES = (REPORT_PNG, CONFUSION_PNG, TEST_METRICS)
 TENSORBOARD_EVENTS = "events.out.tfevents.*"
+SKIPPED = "skipped.txt"  # the image files --skip-bad left out, one path a line
+# files a run writes into (replaces, or appends to) and no sign of a run's: where no run was started, they are the user's
+NAMED_LIKE_A_RUNS = (LOG_FILE, SKIPPED)
 # a recipe's request (and the auto recipe's decision), which its --resume continues; the auto recipe's trials' runs
 RECIPE_FILE, TRIALS_DIR = "recipe.json", "auto-trials"
 # Signs that a run was started here (a recipe's files included): ``--resume`` of such a dir restarts it.
@@ -204,6 +208,7 @@ def _check_run_dir(run_dir: Path, *, resume: bool, recipe_run: bool = False) -> 
     # a run writes its RUN_MARK before anything else in its dir (a recipe, its recipe.json or auto-trials/): files of
     # a run's names without them (a cache/ folder, a metrics.csv, TensorBoard events) are the user's, never cleared
     foreign = [f for f in traces if f != CONFIG_FILE] + [p.name for p in sorted(run_dir.glob(TENSORBOARD_EVENTS))]
+    foreign += [f for f in NAMED_LIKE_A_RUNS if (run_dir / f).exists()]
     if foreign and not _started_by_a_run(run_dir):
         listed = _classes_of_a_run(run_dir / CLASSES_FILE)  # the user's own, not taken for a run's
         trial = any(_classes_of_a_run(t / CLASSES_FILE) for t in (run_dir / TRIALS_DIR).glob("*"))

@@ -63,8 +63,6 @@ from freezetune.training.optim import build_optimizer, build_scheduler, warmup_s
 from freezetune.training.progress import Progress
 from freezetune.training.step import Step
 
-SKIPPED = "skipped.txt"  # the image files --skip-bad left out, one path a line
-
 
 class RunSetup:
     """A training run set up from a validated config, ready to train. The set-up order is the run's contract:
@@ -111,7 +109,7 @@ class RunSetup:
             if self.resuming:  # its data at another path now, which the recipe's request must name too
                 follow_moved_data(self.run_dir, self.cfg.recorded())
             if self.data.skipped:  # what --skip-bad left out stays on record with the run
-                atomic_write_text(self.run_dir / SKIPPED, "\n".join(self.data.skipped) + "\n")
+                atomic_write_text(self.run_dir / runtime.SKIPPED, "\n".join(self.data.skipped) + "\n")
 
     def _model(self) -> None:
         """Set-up step 2, the model: pretrained weights (not on a resume) and what its inputs need (image
@@ -396,4 +394,4 @@ class RunSetup:
             self.echo(note)
         if self.data.skipped:
             self.echo(f"skipped {len(self.data.skipped)} unreadable image file(s) (--skip-bad): listed in "
-                      f"{self.run_dir / SKIPPED}")  # fmt: skip
+                      f"{self.run_dir / runtime.SKIPPED}")  # fmt: skip
