@@ -78,6 +78,7 @@ def test_every_transfer_peer_has_its_run_and_the_layout_variants_wait_for_only(m
     from freezetune.auto import rule as auto_rule
 
     assert "ft-default-last5" in transfer.CONTENDERS and "ft-default-last5" not in transfer.DEFAULT_CONTENDERS
+    assert "ft-default-noavg" in transfer.CONTENDERS and "ft-default-noavg" not in transfer.DEFAULT_CONTENDERS
     assert all(hasattr(auto_rule, key) for v in transfer.RULE_VARIANTS.values() for key in v)
 
 

@@ -14,7 +14,7 @@ from freezetune.run.reporting import read_metrics
 _OLD_KEYS = ("procedure", "asked", "cut", "trials", "default_trained_stages", "trial_fraction", "compared_by",
              "budget_s", "choice")  # fmt: skip
 _OLD_CHOICE_KEYS = ("epochs", "refit", "why", "init", "run_lr")
-_OLD_ASKED_LACKS = ("frozen_dropout", "cuda_graph")  # settings added since
+_OLD_ASKED_LACKS = ("frozen_dropout", "cuda_graph", "average_weights")  # settings added since
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +41,7 @@ def test_an_auto_run_an_earlier_freezetune_decided_resumes_and_trains_its_epochs
     from freezetune.training import trainer
 
     out = tmp_path / "run"
-    argv = train_argv(data, out, "--epochs", "2")
+    argv = train_argv(data, out, "--epochs", "2", "--average-weights", "0")  # its run averaged no weights
     with monkeypatch.context() as patch:  # Ctrl-C as the final run's second epoch starts
         patch.setattr(trainer.Trainer, "_run_epoch", stopping_at(lambda run, epoch: epoch == 1 and run.run_dir == out))
         code, _, err = run_cli(capsys, *argv)

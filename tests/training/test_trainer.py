@@ -183,6 +183,8 @@ RESUMABLE = ("--epochs", "3", "--freeze", "backbone", "--unfreeze", "epoch:1", "
         ("--scheduler", "onecycle", "--cache", "auto"),  # frozen-prefix features cached, rebuilt after each unfreeze
         # loader processes (the default for image files on a CPU) augmenting: kept across epochs, each image seeded
         ("--scheduler", "onecycle", "--workers", "2", "--aug", "standard"),
+        # the weights' moving average goes on from last.pt's, not from the resumed weights
+        ("--scheduler", "onecycle", "--average-weights", "1"),
     ],
 )
 def test_resume_after_interrupt_matches_an_uninterrupted_run(data, tmp_path, capsys, monkeypatch, schedule):

@@ -307,8 +307,10 @@ def shared_config(cfg: TrainConfig, out: Path, cut: str) -> TrainConfig:
     # of it may run from another directory
     # without the cache there is no cut to make (a cut beside cache off is refused as doing nothing)
     cut = None if cfg.cache == "off" else cut
+    # the trials and the probe average no weights: what they are scored on, or hand the run, is where they ended
     return dataclasses.replace(cfg, recipe=None, freeze="auto", budget=None, out=str(out), cache_at=cut,
-                               cache_dir=cfg.cache_dir or os.path.abspath(out / "features"))  # fmt: skip
+                               cache_dir=cfg.cache_dir or os.path.abspath(out / "features"),
+                               average_weights=0.0)  # fmt: skip
 
 
 def at_lr(cfg: TrainConfig, lr: float) -> TrainConfig:

@@ -40,6 +40,10 @@ in ``auto/trials.py``; the plan of the run, steps 4 and 5, in ``auto/plan.py``; 
    and 10 % more data is worth more than a score nobody acts on. With ``per_class`` they join only if no class then
    exceeds it (held out of a larger pool, they are not the user's few-shot data). ``--val-split``, ``--val-data`` or
    ``--no-refit`` keep a validation set. The trials' metrics stay in ``auto-trials/``, and the chosen one's weights.
+   Its weights end as their moving average over the last ``RUN_AVERAGE`` (half) of its steps (``average_weights``,
+   ``training/averaging.py``), their BatchNorm statistics recomputed for them: +1.05, +0.31 and +0.45 points on
+   Fashion-MNIST, digits and photo patches (3 seeds, 100 images a class, 64 px, 3 epochs; every seed as high or
+   higher), for about 0.3-0.9 s of a 9 s run (the step's average, the statistics' pass).
 5. Few images (an image model whose default trial took fewer than ``PROBE_BELOW_STEPS`` steps): a head that starts
    random, trained at the boosted LR for a few steps, pulls the stages it trains away from their pretrained features
    before it has settled. So the head is fitted first, alone on the frozen network's features (a linear probe:
@@ -99,6 +103,7 @@ from freezetune.run import log as run_log
 from freezetune.run.directory import RECIPE_FILE, TRIALS_DIR
 
 RUN_LR_FACTOR = 0.5  # the run trains at its trial's learning rate times this
+RUN_AVERAGE = 0.5  # the run's weights end as their average over this last share of its steps (unless average_weights)
 _CACHED = ", its features cached once where the data allows"  # not a text model's: texts are not cached
 PROBE_DIR = "probe"  # the probe's run, beside the trials' in auto-trials/
 
@@ -186,7 +191,9 @@ def run(cfg: TrainConfig, *, echo: Callable[[str], None] = print, train: Callabl
     # from the trial's fitted weights: a smaller step (see the docstring); from a probe's head, the LR as asked
     run_lr = cfg.lr if probe else choice["lr"] * RUN_LR_FACTOR
     bn_stats = run_bn_stats(cfg.bn_stats, probe is not None)
-    held = ", BatchNorm statistics held" if probe and bn_stats == HELD_STATS else ""
+    average = RUN_AVERAGE if cfg.average_weights is None else cfg.average_weights
+    held = f", weights averaged over the last {average:.0%} of its steps" if average else ""
+    held += ", BatchNorm statistics held" if probe and bn_stats == HELD_STATS else ""
     # how long the run will take, at its trial's pace (a budget's line said it): the default command on a few
     # thousand 224 px images on a CPU trains for hours, and nothing said so
     run_s = epochs * sum(auto_plan.epoch_pace(choice, refit, trials[0]["n_val"]))
@@ -207,13 +214,14 @@ def run(cfg: TrainConfig, *, echo: Callable[[str], None] = print, train: Callabl
                 "budget": {"spent_s": spent, "setup_s": setup_s, "test_s": test_s, "plan": plan} if cfg.budget else None,
                 "pilot": pilot,
                 "choice": {**choice, "epochs": epochs, "refit": refit, "why": why, "init": init, "run_lr": run_lr,
-                           "bn_stats": bn_stats, "warmup_epochs": warmup,
+                           "bn_stats": bn_stats, "warmup_epochs": warmup, "average_weights": average,
                            "epoch_images": base.epoch_images}}  # fmt: skip
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(saved, json.dumps(decision, indent=1))
     final = dataclasses.replace(at_lr(base, run_lr), freeze=choice["freeze"], epochs=epochs, refit=refit, init=init,
-                                bn_stats=bn_stats, warmup_epochs=warmup, resume=False)  # fmt: skip
+                                bn_stats=bn_stats, warmup_epochs=warmup, resume=False,
+                                average_weights=average)  # fmt: skip
     # the last reader of the trials' cache: nothing reads its stores after it
     result = train(final, echo=echo, recipe_run=True, later_epochs=0.0)
     if info.is_main and cfg.cache_dir is None:

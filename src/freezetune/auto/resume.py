@@ -70,7 +70,8 @@ def decision_format(decision: dict) -> int:
 def _as_decided(decision: dict, choice: dict, cfg: TrainConfig) -> dict:
     """The final run's settings the decision fixed; each one an earlier freezetune did not record, as its run trained
     with it: no refit (recorded since 2026-11-30), BatchNorm statistics and warm-up as asked (since 2026-12-05, with
-    the probe and a budget's plan), every epoch as long as asked (since format 2)."""
+    the probe and a budget's plan), every epoch as long as asked (since format 2), no weight averaging (since
+    2026-12-07)."""
     # before format 2 the choice's epoch_images was its trial's measured images an epoch (a float, taken from the
     # trial's row): read as the run's, it was refused as no int, and one that happened to be whole shortened every epoch
     epoch_images = choice.get("epoch_images", cfg.epoch_images) if decision_format(decision) >= 2 else cfg.epoch_images
@@ -80,6 +81,7 @@ def _as_decided(decision: dict, choice: dict, cfg: TrainConfig) -> dict:
         "bn_stats": choice.get("bn_stats", run_bn_stats(cfg.bn_stats, False)),
         "warmup_epochs": choice.get("warmup_epochs", cfg.warmup_epochs),
         "epoch_images": epoch_images,
+        "average_weights": choice.get("average_weights", 0.0),
     }
 
 

@@ -162,6 +162,11 @@ def _range_problems(cfg: TrainConfig) -> list[str]:
         ("weight_decay", 0 <= cfg.weight_decay < math.inf, ">= 0 and finite"),
         ("momentum", 0 <= cfg.momentum < 1, "in [0, 1)"),
         ("grad_clip", cfg.grad_clip is None or cfg.grad_clip >= 0, ">= 0 (0 or unset: no clipping)"),
+        (
+            "average_weights",
+            cfg.average_weights is None or 0 <= cfg.average_weights <= 1,
+            "in [0, 1] (the share of the run's steps averaged; 0: no averaging)",
+        ),
     ]
     problems = [f"{name} must be {what}, got {getattr(cfg, name)}" for name, ok, what in ranges if not ok]
     # refused here, with the rest, not by the param groups once the model is built and the data scanned

@@ -147,6 +147,9 @@ class TrainConfig:
     scheduler: str = "onecycle"
     warmup_epochs: float = 0.0
     label_smoothing: float = 0.1
+    # average the trainable weights over this last share of the run's steps (an exponential moving average), and make
+    # the average the model after the last epoch (training/averaging.py). None: the auto recipe's run 0.5, else none
+    average_weights: float | None = None
     class_weights: str = "none"  # "balanced": the training loss weighs each class by the inverse of its frequency
     grad_clip: float | None = None
     skip_nonfinite: int = 0  # batches per epoch whose non-finite loss is skipped (no step) before the run stops

@@ -179,6 +179,7 @@ class TrainingState:
     scheduler: Any | None  # a torch LR scheduler
     scaler: torch.amp.GradScaler
     unfreezer: Any | None  # freezetune.freezing.unfreezing.Unfreezer
+    average: Any | None = None  # freezetune.training.averaging.WeightAverage (``average_weights``)
 
 
 def best_record(record: dict[str, Any], progress, row: dict) -> dict[str, Any]:
@@ -200,6 +201,7 @@ def last_record(record: dict[str, Any], state: TrainingState, progress, steps_pe
         "scheduler": state.scheduler.state_dict() if state.scheduler is not None else None,
         "scaler": state.scaler.state_dict(),
         "unfreezer": state.unfreezer.state_dict() if state.unfreezer is not None else None,
+        "average": state.average.state_dict() if state.average is not None else None,
         "progress": progress.state_dict(),
         "rng": rng_state(),
     }
@@ -242,6 +244,8 @@ def restore(path: str | Path, state: TrainingState, progress, *, config: dict[st
         state.scheduler.load_state_dict(record["scheduler"])
     if record["scaler"] or not state.scaler.is_enabled():  # a CPU fp16 run saved a disabled scaler's {} before
         state.scaler.load_state_dict(record["scaler"])  # it scaled: the scaler then starts at its initial scale
+    if state.average is not None and record.get("average"):  # (a last.pt from before averaging: it starts again)
+        state.average.load_state_dict(record["average"])
     set_rng_state(record["rng"])
     progress.load_state_dict({**_progress_of(record), "monitor": progress.monitor})
 

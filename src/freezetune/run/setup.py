@@ -306,7 +306,12 @@ class RunSetup:
             unfreezer = Unfreezer(self.model, optimizer, cfg.unfreeze, lr=cfg.lr, stage_lrs=cfg.stage_lrs,
                                   decay=cfg.decay, bn=cfg.bn, weight_decay=cfg.weight_decay, scheduler=scheduler,
                                   mode=MONITOR_MODES[cfg.monitor])  # fmt: skip
-        return optimizer, scheduler, self.precision.scaler(), unfreezer
+        average = None
+        if cfg.average_weights:  # (the auto recipe's run sets it; a resume's last.pt then brings its average back)
+            from freezetune.training.averaging import WeightAverage, decay_of
+
+            average = WeightAverage(self.model, decay_of(cfg.average_weights, cfg.epochs * self.steps_per_epoch))
+        return optimizer, scheduler, self.precision.scaler(), unfreezer, average
 
     def _resume(self) -> None:
         checkpoint.restore(self.run_dir / checkpoint.LAST, self.state, self.progress, config=self.cfg.recorded(),

@@ -292,13 +292,16 @@ class Trainer(RunSetup):
             raise
         stats = meter.close(lambda totals: all_reduce_sum(totals, self.dist))
         if stats["first_bad_step"] < 0:  # a diverged epoch's weights are never kept: a pass over its data for nothing
-            self._refresh_bn(epoch)
+            averaged = self.state.average is not None and epoch + 1 == self.cfg.epochs
+            if averaged:  # the run's weights from now on: validated, kept by last.pt (a resume finds it trained out)
+                self.state.average.apply()
+            self._refresh_bn(epoch, averaged=averaged)
         # DDP hands rank 0's buffers to every rank before each forward, so after the last step each rank holds the
         # BatchNorm statistics of its own last batch: take rank 0's, which last.pt records and validation uses
         broadcast_tensors(self.model.buffers(), self.dist)
         return {**stats, "skipped_batches": meter.skipped} if self.cfg.skip_nonfinite else stats
 
-    def _refresh_bn(self, epoch: int) -> None:
+    def _refresh_bn(self, epoch: int, *, averaged: bool = False) -> None:
         """BatchNorm statistics of the layers that train recomputed when too few steps have passed for their running
         average to forget where it started (``bn_refresh``), before validation scores them and last.pt keeps them.
         Not in the auto recipe's trials (not resumable): their scores only compare candidates, by a rule measured on
@@ -307,12 +310,13 @@ class Trainer(RunSetup):
         Without validation (the default command's refit) nothing reads an epoch's statistics but its checkpoints,
         which the next epoch's replace: the pass is made once, after the last epoch, where the run's first epoch left
         them stale (on 40 images a class the first two epochs were: two passes, 4 % of the run, for checkpoints
-        overwritten). A run stopped before its last epoch keeps running statistics."""
-        if not self.resumable:
+        overwritten). A run stopped before its last epoch keeps running statistics. ``averaged``: the weights were
+        just made their average (``average_weights``), which no step's statistics belong to: always recomputed."""
+        if not self.resumable and not averaged:
             return
         unfreezes = self.state.unfreezer.events if self.state.unfreezer is not None else []
-        steps = bn_refresh.steps_on(epoch, self.steps_per_epoch, unfreezes)
-        if self.data.val is None:
+        steps = 0 if averaged else bn_refresh.steps_on(epoch, self.steps_per_epoch, unfreezes)
+        if self.data.val is None and not averaged:
             if epoch + 1 < self.cfg.epochs:
                 return
             steps = min(steps, self.steps_per_epoch)  # stale after the first epoch since the trainable part changed
@@ -337,6 +341,8 @@ class Trainer(RunSetup):
                 raise one_value_batch(exc, len(targets), self.cfg.batch_size, self.cfg.epoch_images) from None
             if not stepped and meter.skipped > self.cfg.skip_nonfinite:
                 raise self._diverged(epoch, meter.step - 1, skipped=meter.skipped - 1)
+            if stepped and self.state.average is not None:
+                self.state.average.update()
             self._after_step(epoch, meter)
 
     def _diverged(self, epoch: int, step: int, skipped: int = 0) -> TrainingError:
