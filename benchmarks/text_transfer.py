@@ -62,7 +62,8 @@ APT_LISTS = Path("/var/lib/apt/lists")
 DEBIAN_SECTIONS = ("games", "graphics", "sound", "science", "net", "admin")
 # freezetune's contenders: TrainConfig overrides of the default command. ``ft-default-off`` (by --only): the frozen
 # layers' dropout run as at inference (--frozen-dropout off)
-FREEZETUNE = {"ft-default": {}, "ft-full": {"recipe": "full"}, "ft-default-off": {"frozen_dropout": "off"}}
+FREEZETUNE = {"ft-default": {}, "ft-full": {"recipe": "full"}, "ft-default-off": {"frozen_dropout": "off"},
+              "ft-default-noavg": {"average_weights": 0.0}}  # fmt: skip
 CONTENDERS = (*FREEZETUNE, "plain")
 DEFAULT_CONTENDERS = ("ft-default", "ft-full", "plain")
 

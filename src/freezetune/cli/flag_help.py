@@ -103,7 +103,7 @@ FIELD_HELP = {
     "warmup_epochs": "epochs the LR rises for (cosine: a linear ramp; onecycle: 0 keeps one-cycle's own rise)",
     "label_smoothing": "cross-entropy label smoothing (0: none)",
     "average_weights": "average the trainable weights over this last share of the run's steps; the average is the "
-    "model after the last epoch (0: none; unset: 0.5 in the auto recipe's run, else none)",
+    "model after the last epoch (0: none; unset: 0.5 in the auto recipe's run of an image model, else none)",
     "class_weights": "imbalanced classes: balanced weighs the training loss by 1 / class frequency",
     "grad_clip": "clip the gradients' total norm to this (default: no clipping)",
     "skip_nonfinite": "batches an epoch whose loss is not finite pass without a step before the run stops (0: the "

@@ -148,7 +148,8 @@ class TrainConfig:
     warmup_epochs: float = 0.0
     label_smoothing: float = 0.1
     # average the trainable weights over this last share of the run's steps (an exponential moving average), and make
-    # the average the model after the last epoch (training/averaging.py). None: the auto recipe's run 0.5, else none
+    # the average the model after the last epoch (training/averaging.py). None: 0.5 in the auto recipe's run of an
+    # image model, else none
     average_weights: float | None = None
     class_weights: str = "none"  # "balanced": the training loss weighs each class by the inverse of its frequency
     grad_clip: float | None = None
