@@ -1,6 +1,6 @@
-"""Weight averaging (``TrainConfig.average_weights``): an exponential moving average of the weights that train, kept beside them
-step by step, which becomes the model's weights after the run's last epoch (Polyak averaging, as timm's model EMA
-keeps one; here of the trainable parameters alone: the frozen ones do not move).
+"""Weight averaging (``TrainConfig.average_weights``): an exponential moving average of the weights that train, kept
+beside them step by step, which becomes the model's weights after the run's last epoch (Polyak averaging, as timm's
+model EMA keeps one; here of the trainable parameters alone: the frozen ones do not move).
 
 The BatchNorm statistics of the averaged weights are not any step's: the run recomputes them on its training data
 after the swap (``Trainer._refresh_bn``), before validation scores the averaged model and ``last.pt`` keeps it.
