@@ -195,8 +195,8 @@ def run(cfg: TrainConfig, *, echo: Callable[[str], None] = print, train: Callabl
     run_lr = cfg.lr if probe else choice["lr"] * RUN_LR_FACTOR
     bn_stats = run_bn_stats(cfg.bn_stats, probe is not None)
     average = (0.0 if text else RUN_AVERAGE) if cfg.average_weights is None else cfg.average_weights
-    held = f", weights averaged over the last {average:.0%} of its steps" if average else ""
-    held += ", BatchNorm statistics held" if probe and bn_stats == HELD_STATS else ""
+    how = f", weights averaged over the last {average:.0%} of its steps" if average else ""
+    how += ", BatchNorm statistics held" if probe and bn_stats == HELD_STATS else ""
     # how long the run will take, at its trial's pace (a budget's line said it): the default command on a few
     # thousand 224 px images on a CPU trains for hours, and nothing said so
     run_s = epochs * sum(auto_plan.epoch_pace(choice, refit, trials[0]["n_val"]))
@@ -205,7 +205,7 @@ def run(cfg: TrainConfig, *, echo: Callable[[str], None] = print, train: Callabl
     drawn = f" of {base.epoch_images:,} {trials[0]['data_kind']}" if base.epoch_images != cfg.epoch_images else ""
     # the why on a line of its own: in one, 300 characters wrapped to four lines of a terminal pane
     echo(f"auto: chose to train the last {choice['trained_stages']} stage(s) + head (freeze {choice['freeze']}, lr "
-         f"{run_lr:.1e}{held}){' from the probed head' if probe else ''} for {epochs} epoch(s){drawn}{pace}:\n"
+         f"{run_lr:.1e}{how}){' from the probed head' if probe else ''} for {epochs} epoch(s){drawn}{pace}:\n"
          f"  {why}")  # fmt: skip
     init = _start_from(out, trials, choice, cfg.init, delete=info.is_main, probe=probe)
     decision = {"format": auto_resume.DECISION_FORMAT, "procedure": _procedure(), "asked": cfg.recorded(), "cut": cut,

@@ -37,40 +37,37 @@ class WeightAverage:
     """
 
     def __init__(self, model: nn.Module, decay: float) -> None:
-        self.model, self.decay = model, decay
+        self.decay = decay
+        self.params = dict(model.named_parameters())  # the same tensors all run long: an unfreeze flips requires_grad
         self.averages: dict[str, torch.Tensor] = {}
         self._join()
 
     def _join(self) -> list[str]:
         """Start the average of each parameter that trains and has none (at its weights of now); the names of those
         that train, in the model's order."""
-        names = []
-        for name, p in self.model.named_parameters():
-            if p.requires_grad:
-                names.append(name)
-                if name not in self.averages:
-                    self.averages[name] = p.detach().clone()
+        names = [name for name, p in self.params.items() if p.requires_grad]
+        for name in names:
+            if name not in self.averages:
+                self.averages[name] = self.params[name].detach().clone()
         return names
 
     @torch.no_grad()
     def update(self) -> None:
         """After an optimizer step: move the average towards the weights it left."""
         names = self._join()
-        params = dict(self.model.named_parameters())
-        torch._foreach_lerp_([self.averages[n] for n in names], [params[n].detach() for n in names], 1 - self.decay)
+        torch._foreach_lerp_([self.averages[n] for n in names], [self.params[n] for n in names], 1 - self.decay)
 
     @torch.no_grad()
     def apply(self) -> None:
         """Make the averages the model's weights."""
-        params = dict(self.model.named_parameters())
         for name, average in self.averages.items():
-            params[name].copy_(average)
+            self.params[name].copy_(average)
 
     def state_dict(self) -> dict:
         return {"decay": self.decay, "averages": dict(self.averages)}
 
     def load_state_dict(self, state: dict) -> None:
         """Continue the average ``state_dict`` saved (a resume's ``last.pt``)."""
-        params = dict(self.model.named_parameters())
         self.decay = state["decay"]
-        self.averages = {n: t.to(params[n].device, params[n].dtype).clone() for n, t in state["averages"].items()}
+        self.averages = {n: t.to(self.params[n].device, self.params[n].dtype).clone()
+                         for n, t in state["averages"].items()}  # fmt: skip
