@@ -49,6 +49,22 @@ def test_a_frozen_network_holds_its_forward_feature_maps_at_the_peak():
     assert frozen["grads"] * 2**20 == 27 * 4  # the head's weight and bias
 
 
+def test_a_weight_average_is_one_more_copy_of_what_trains_in_the_frozen_row_alone():
+    # the auto recipe's run of an image model keeps a moving average of its trainable weights beside AdamW's state
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                        nn.Linear(8, 3))  # fmt: skip
+    for p in net[0].parameters():
+        p.requires_grad_(False)
+    plain, averaged = estimate_memory(net, 16, 4), estimate_memory(net, 16, 4, averaged=True)
+    head = 27 * 4 / 2**20  # the head's weight and bias, fp32
+    assert averaged["frozen"]["optimizer"] == pytest.approx(plain["frozen"]["optimizer"] + head)
+    assert averaged["frozen"]["total"] == pytest.approx(plain["frozen"]["total"] + head, abs=1e-9)
+    assert averaged["full"] == pytest.approx(plain["full"])  # a plain full fine-tune keeps no average
+    assert "weight average" in format_memory(averaged, 4, averaged=True)
+    assert "weight average" not in format_memory(plain, 4)
+
+
 def test_the_estimate_scales_each_moment_of_the_step_to_the_batch(model):
     # what a step at batch 24 holds at its peak, measured at 24, equals the estimate made from batches of 2 and 4
     ft.unfreeze(model, "all")

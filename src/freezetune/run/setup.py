@@ -288,7 +288,8 @@ class RunSetup:
             return self.cfg.batch_size
         image = self.preprocess.input_size if self.preprocess.tokenizer is None else None
         size, why = auto_batch_size(self.model, image, device=self.device, cap=len(self.data.train),
-                                    default=TrainConfig.batch_size, autocast=self.precision.autocast)  # fmt: skip
+                                    default=TrainConfig.batch_size, autocast=self.precision.autocast,
+                                    averaged=bool(self.cfg.average_weights))  # fmt: skip
         size, why = broadcast((size, why), self.dist)  # rank 0 measured; every rank must step alike
         self.echo(f"--batch-size auto -> {size}: {why}")
         return size
