@@ -300,7 +300,8 @@ def _fits(model: nn.Module, input_size: int, batch: int, device: torch.device, a
 
 def _step_at(model: nn.Module, input_size: int, batch: int, device: torch.device, autocast: Callable,
              trainable: list[nn.Parameter], copies: int = 2) -> None:  # fmt: skip
-    reserve = torch.empty(copies * sum(p.numel() * p.element_size() for p in trainable), dtype=torch.uint8, device=device)
+    nbytes = copies * sum(p.numel() * p.element_size() for p in trainable)
+    reserve = torch.empty(nbytes, dtype=torch.uint8, device=device)
     x = torch.randn(batch, 3, input_size, input_size, device=device)
     with autocast():
         out = logits_of(model.eval()(x))

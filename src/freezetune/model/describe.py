@@ -93,8 +93,8 @@ def _input_and_memory(name: str, model, pre, batch_size: int, dtype, averaged: b
         mean, std = tuple(round(m, 3) for m in pre.mean), tuple(round(s, 3) for s in pre.std)
         estimate = estimate_memory(model, pre.input_size, batch_size, amp_dtype=dtype, averaged=averaged)
         order = ", channels reversed to BGR" if pre.channel_order == "BGR" else ""
-        return [f"input: {pre.input_size}px mean {mean} std {std}{order}",
-                format_memory(estimate, batch_size, dtype, averaged=averaged)]
+        memory = format_memory(estimate, batch_size, dtype, averaged=averaged)
+        return [f"input: {pre.input_size}px mean {mean} std {std}{order}", memory]
     tokens = text_preprocess(name).max_length  # a Hugging Face text model: its tokenizer, as a run builds it
     estimate = estimate_memory(model, None, batch_size, amp_dtype=dtype, tokens=tokens)
     pooled = pooling_of(model)  # a sentence-transformers model's own, in place of the pooler
