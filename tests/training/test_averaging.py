@@ -44,11 +44,11 @@ def test_the_average_moves_towards_each_steps_weights_and_a_later_parameter_join
         model[0].weight.fill_(1.75)
         model[1].weight.fill_(14.0)
     average.update()  # 1.75 -> 1.75, 10 -> 11
-    restored = WeightAverage(model, decay=0.0)
+    restored = WeightAverage(model, decay=0.5)  # a resume's: the decay of the run as configured now
     restored.load_state_dict(average.state_dict())
     restored.apply()
     assert (model[0].weight.item(), model[1].weight.item()) == (1.75, 11.0)
-    assert restored.decay == 0.75
+    assert restored.decay == 0.5  # (a resume that added epochs averages over the last share of them all)
 
 
 @pytest.mark.parametrize("share", [-0.1, 1.5])

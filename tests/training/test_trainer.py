@@ -284,6 +284,20 @@ def test_train_returns_the_run_result(finished_run):
     assert ft.load_model(result.best_checkpoint, device="cpu").classes == ["blue", "green", "red"]
 
 
+def test_a_resume_with_more_epochs_averages_over_the_last_share_of_them_all(data, tmp_path, capsys):
+    # it went on with the decay of the run's first length: over 4 epochs, an average of the last quarter, not half
+    common = ("--freeze", "backbone", "--scheduler", "none", "--average-weights", "0.5", "--no-tensorboard",
+              "--no-final-test")  # fmt: skip
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    assert run_cli(capsys, *train_argv(data, whole, "--epochs", "4", *common))[0] == 0
+    assert run_cli(capsys, *train_argv(data, split, "--epochs", "2", *common))[0] == 0
+    short = checkpoint.load(split / "last.pt")["average"]["decay"]
+    code, _, err = run_cli(capsys, "train", "--out", split, "--resume", "--epochs", "4")
+    assert code == 0, err
+    decay = checkpoint.load(split / "last.pt")["average"]["decay"]
+    assert decay == checkpoint.load(whole / "last.pt")["average"]["decay"] > short
+
+
 @pytest.mark.parametrize(
     ("flags", "needles"),
     [

@@ -67,7 +67,8 @@ class WeightAverage:
         return {"decay": self.decay, "averages": dict(self.averages)}
 
     def load_state_dict(self, state: dict) -> None:
-        """Continue the average ``state_dict`` saved (a resume's ``last.pt``)."""
-        self.decay = state["decay"]
+        """Continue the averages ``state_dict`` saved (a resume's ``last.pt``). The decay stays this one's, of the run
+        as it is configured now: a resume that adds epochs (``--scheduler none``) averages over the last share of
+        them all, not of the epochs the run first had."""
         self.averages = {n: t.to(self.params[n].device, self.params[n].dtype).clone()
                          for n, t in state["averages"].items()}  # fmt: skip
