@@ -1428,6 +1428,21 @@ def test_eval_refuses_one_file_for_both_its_metrics_and_its_plot(run, data, caps
     assert not (tmp_path / "out.png").exists()
 
 
+def test_eval_refuses_to_write_its_files_into_the_image_folder_it_reads_classes_from(run, data, capsys, tmp_path):
+    # the plot drawn into test/<class>/ was scored as a test image of that class by the next eval
+    copy = shutil.copytree(data, tmp_path / "data")
+    cls = next(d for d in sorted((copy / "test").iterdir()) if d.is_dir())
+    before = snapshot(copy)
+    for flag, path in (("--plot", cls / "cm.png"), ("--metrics", copy / "test" / "m.json")):
+        code, out, err = run_cli(capsys, "eval", "--checkpoint", run[0] / "best.pt", "--data", copy, flag, path)
+        _assert_user_error(code, out, err, f"{flag} ", "lies inside the data folder", f"give {flag} outside it")
+    shutil.copy(run[0] / "best.pt", cls / "best.pt")  # the default plot goes beside the checkpoint
+    code, out, err = run_cli(capsys, "eval", "--checkpoint", cls / "best.pt", "--data", copy)
+    _assert_user_error(code, out, err, "the confusion plot's default place", "give --plot outside it")
+    (cls / "best.pt").unlink()
+    assert snapshot(copy) == before
+
+
 def test_eval_draws_a_plot_per_dataset_even_for_two_of_one_name(run, data, capsys, tmp_path):
     # named after the data's last component alone, a second folder's test set replaced the first one's plot
     import shutil

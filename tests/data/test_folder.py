@@ -36,6 +36,36 @@ def test_a_broken_symlink_where_a_class_folder_would_be_is_named_not_dropped(tmp
         folder_classes(tmp_path)
 
 
+def test_a_link_back_up_the_tree_inside_a_class_is_not_followed_and_is_named(tmp_path, caplog):
+    # test/fox/up -> .. read test/cat's and test/dog's images again as fox: 30 test images of 18, scored 60 %
+    root = tmp_path / "test"
+    for name in ("cat", "dog", "fox"):
+        _images(root / name)
+    (root / "fox" / "up").symlink_to("..")
+    with caplog.at_level(logging.WARNING):
+        ds = scan_folder(root)
+    assert sorted(ds.classes[y] for _, y in ds.samples) == ["cat", "cat", "dog", "dog", "fox", "fox"]
+    assert any("fox/up' leads to" in r.getMessage() and "a folder above it" in r.getMessage() for r in caplog.records)
+
+
+def test_freezetunes_run_folders_in_an_image_folder_are_no_classes_nor_images_of_one(tmp_path, caplog):
+    # an old run copied into a flat layout trained as a class 'runs' (its report.png and confusion.png its images)
+    for name in ("cat", "dog"):
+        _images(tmp_path / name)
+    for run in (tmp_path / "runs" / "old", tmp_path / "old2", tmp_path / "cat" / "sweep"):
+        _images(run)  # a run's report.png, confusion.png
+    (tmp_path / "runs" / "old" / ".freezetune-run").write_text("")
+    (tmp_path / "old2" / ".freezetune-run").write_text("")
+    (tmp_path / "cat" / "sweep" / "sweep_config.yaml").write_text("")
+    (tmp_path / "dog" / "train.log").write_text("a user's own log beside images: no run")
+    with caplog.at_level(logging.WARNING):
+        ds = scan_folder(tmp_path)
+    assert ds.classes == ["cat", "dog"] and len(ds.samples) == 4
+    said = [r.getMessage() for r in caplog.records]
+    assert any("'old2', 'runs' in" in m and "not read as classes" in m for m in said), said
+    assert any("cat/sweep' is a freezetune run's or sweep's folder" in m for m in said), said
+
+
 def test_class_folders_named_alike_in_two_unicode_forms_are_refused_and_alike_in_case_warned_of(tmp_path, caplog):
     # "café" composed (Linux) and decomposed (macOS): classes are matched in NFC, so one of them got every image and
     # the other none, a phantom class predicted by an untrained output

@@ -21,7 +21,7 @@ from freezetune.data.bit_depth import eight_bit
 from freezetune.data.labels import folder_name, nfc, warn_similar_labels
 from freezetune.data.large import too_large
 from freezetune.errors import DataError, choices
-from freezetune.run.log import RUN_LOGS, warn_once
+from freezetune.run.log import RUN_FOLDER_MARKS, RUN_LOGS, warn_once
 
 log = logging.getLogger(__name__)
 
@@ -106,25 +106,48 @@ def has_image_suffix(p: Path) -> bool:
 def files_under(folder: Path) -> list[Path]:
     """Every file below ``folder`` that is not hidden, sorted (images and the files beside them). A hidden folder
     (``.thumbnails/``) and Synology's ``@eaDir`` hold previews of the images, not more of them. Symlinked folders are
-    followed (once each); a broken symlink is kept, so the image check names it rather than it vanishing."""
+    followed (once each), but not one that leads back up the tree (to ``folder`` or above it: its other folders'
+    images would join this one's, under its label), nor into a freezetune run's or sweep's folder below (its
+    ``report.png`` is no image of the data); each is named in a warning. A broken symlink is kept, so the image check
+    names it rather than it vanishing."""
     return sorted(_walk(folder))
 
 
-def _walk(folder: Path, counting: bool = False) -> Iterator[Path]:
+def _walk(folder: Path, counting: bool = False, runs: list[str] | None = None) -> Iterator[Path]:
     """``files_under``'s files in walk order, as found (a caller that needs only the first stops there).
     ``counting``: files counted for a warning, not read: leave out the folders of freezetune's runs and sweeps
-    (``run.log.RUN_LOGS``) and all below them, and those that cannot be listed."""
+    (``run.log.RUN_LOGS``) and all below them, and those that cannot be listed. ``runs``: where the run folders left
+    out are listed, for the caller to name (else a warning names each)."""
     seen = set()
+    above = os.path.realpath(folder) + os.sep  # a folder it is inside, followed from a link below, brings its parents'
     # a folder of the data that cannot be listed is refused; one a run only counts for a warning (a disk's root-only
     # lost+found beside train/) is not
     for top, dirs, files in os.walk(folder, followlinks=True, onerror=None if counting else _unlisted):
         real = os.path.realpath(top)
-        if real in seen or (counting and not set(RUN_LOGS).isdisjoint(files)):  # a link back up the tree; a run
+        if real in seen or (counting and not set(RUN_LOGS).isdisjoint(files)):  # a link back to itself; a run
             dirs[:] = []
+            continue
+        below = top != str(folder)
+        if below and above.startswith(real + os.sep):  # a link up the tree, to a folder that holds this one
+            dirs[:] = []
+            warn_once(log, "'%s' leads to '%s', a folder above it: not followed (its other folders' files would be "
+                      "read as this folder's)", top, real)  # fmt: skip
+            continue
+        if below and not counting and not set(RUN_FOLDER_MARKS).isdisjoint(files):  # freezetune's own output
+            dirs[:] = []
+            if runs is not None:  # (the caller names them)
+                runs.append(top)
+            else:
+                warn_once(log, "'%s' is a freezetune run's or sweep's folder: its files are not data, left out", top)
             continue
         seen.add(real)
         dirs[:] = [d for d in dirs if not is_hidden(d)]
         yield from (Path(top) / f for f in files if not is_hidden(f))
+
+
+def is_run_folder(folder: Path) -> bool:
+    """Whether ``folder`` is a freezetune run's or sweep's (it holds ``run.log.RUN_FOLDER_MARKS``)."""
+    return any((folder / mark).is_file() for mark in RUN_FOLDER_MARKS)
 
 
 def _unlisted(exc: OSError) -> None:
@@ -301,7 +324,18 @@ def folder_classes(root: str | Path, known: Iterable[str] = ()) -> list[str]:
                         f"'{os.readlink(root / broken[0])}'): whatever class they lead to would be left out; mount or "
                         "fix the link(s), or remove them")  # fmt: skip
     subdirs = sorted(d for d in entries if d.is_dir())
-    classes = [d.name for d in subdirs if any(has_image_suffix(p) for p in _walk(d))]  # stops at a class's first image
+    runs: list[str] = []  # a folder without an image is walked through, its runs listed
+
+    def a_class(d: Path) -> bool:  # stops at the class's first image
+        return not is_run_folder(d) and any(has_image_suffix(p) for p in _walk(d, runs=runs))
+
+    classes = [d.name for d in subdirs if a_class(d)]
+    # a run's folder (an old run copied in, runs/ of a flat layout) is no class: its report.png trained as one
+    ours = [d.name for d in subdirs if d.name not in classes and (is_run_folder(d) or any(
+        Path(r).is_relative_to(d) for r in runs))]  # fmt: skip
+    if ours:
+        warn_once(log, "%s in '%s': freezetune's run or sweep folder(s), not data: not read as classes", choices(ours),
+                  root)  # fmt: skip
     _same_names(root, classes)
     if not classes:
         raise DataError(
@@ -309,7 +343,7 @@ def folder_classes(root: str | Path, known: Iterable[str] = ()) -> list[str]:
             f"{', '.join(IMAGE_EXTENSIONS)})"
         )
     known = {nfc(c) for c in known}
-    empty = [d.name for d in subdirs if d.name not in classes and nfc(d.name) not in known]
+    empty = [d.name for d in subdirs if d.name not in (*classes, *ours) and nfc(d.name) not in known]
     if empty:  # training on N-1 classes in silence would be wrong: say which folders, and how to proceed
         raise DataError(f"class folder(s) {choices(empty)} in '{root}' hold no images "
                         f"({', '.join(IMAGE_EXTENSIONS)}); add images or remove the folder(s)")  # fmt: skip

@@ -116,6 +116,7 @@ def eval_outputs(checkpoint: str | Path, data: str | Path, *, plot: str | Path |
     drawn = Path(plot) if plot else default_plot(checkpoint, data)
     plot_format(drawn)
     check_outputs(drawn, metrics)
+    _outside_the_data(data, drawn, plot, metrics)
     for flag, path in (("--metrics", metrics), ("--plot", plot)):  # so does a folder given as the file
         problem = path and (
             file_problem(path) or kept_output(path, checkpoint, force=force, metrics=flag == "--metrics")
@@ -123,6 +124,21 @@ def eval_outputs(checkpoint: str | Path, data: str | Path, *, plot: str | Path |
         if problem:
             raise ConfigError(f"{flag} {str(path)!r}: {problem}")
     return drawn
+
+
+def _outside_the_data(data: str | Path, drawn: Path, plot: str | Path | None, metrics: str | Path | None) -> None:
+    """Refuse a plot or metrics file inside an image folder of ``data`` read for classes: the next evaluation scored
+    the plot as a test image of the class folder it was drawn in."""
+    from freezetune.data.layout import class_roots
+
+    roots = [r.resolve() for r in class_roots(str(data))]
+    plot_is = f"--plot {str(plot)!r}" if plot else f"the confusion plot's default place {str(drawn)!r} (beside the " \
+        "checkpoint)"  # fmt: skip
+    for flag, path, what in (("--plot", drawn, plot_is), ("--metrics", metrics, f"--metrics {str(metrics)!r}")):
+        inside = next((r for r in roots if Path(path).resolve().is_relative_to(r)), None) if path else None
+        if inside is not None:
+            raise ConfigError(f"{what} lies inside the data folder '{inside}', whose folders are read as classes: "
+                              f"the next evaluation or run would read it as data; give {flag} outside it")  # fmt: skip
 
 
 def kept_output(path: str | Path, checkpoint: str | Path, *, force: bool, metrics: bool) -> str | None:

@@ -17,7 +17,7 @@ from freezetune.device.distributed import DistInfo, broadcast
 from freezetune.errors import CheckpointError, ConfigError, FreezetuneError, setting
 from freezetune.run import checkpoint
 from freezetune.run import lock as run_lock
-from freezetune.run.log import LOG_FILE
+from freezetune.run.log import LOG_FILE, RUN_MARK, SWEEP_SETTINGS
 from freezetune.run.reporting import METRICS_CSV, REPORT_PNG
 from freezetune.run.traces import not_a_runs
 
@@ -36,13 +36,11 @@ NAMED_LIKE_A_RUNS = (LOG_FILE, SKIPPED)
 RECIPE_FILE, TRIALS_DIR = "recipe.json", "auto-trials"
 # Signs that a run was started here (a recipe's files included): ``--resume`` of such a dir restarts it.
 CONFIG_FILE, CLASSES_FILE = "config.yaml", "classes.json"  # the run's resolved config and class names
-# The first file a run writes in its dir, before classes.json: what marks the dir as a run's, where a stop left no
-# config.yaml yet (that is written once the cache is built). A classes.json of class names alone is a file many
-# projects keep: taken for a stopped run's, the user's cache/, TensorBoard files and auto-trials/ were cleared.
-RUN_MARK = ".freezetune-run"
+# RUN_MARK (run.log) is the first file a run writes in its dir, before classes.json: what marks the dir as a run's,
+# where a stop left no config.yaml yet (that is written once the cache is built). A classes.json of class names alone
+# is a file many projects keep: taken for a stopped run's, the user's cache/, TensorBoard files and auto-trials/ were
+# cleared.
 RUN_TRACES = (*STARTED_FILES, CONFIG_FILE, CLASSES_FILE, RECIPE_FILE, TRIALS_DIR)
-# the settings every recipe of a sweep ran with (its --resume must keep them), the first file it writes in its --out
-SWEEP_SETTINGS = "sweep_config.yaml"
 RUNS_DIR = "runs"  # where a run goes without --out, in the current folder
 RESUME_NEEDS = f"{setting('resume', True)} needs the run dir of an existing run, given with {setting('out')}"
 

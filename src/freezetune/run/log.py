@@ -37,6 +37,12 @@ LOG_FILE = "train.log"  # a run's
 SWEEP_LOG = "sweep.log"  # the sweep's lines (its recipes' too), time-stamped; each recipe keeps its train.log
 # a folder holding one is a run's or a sweep's: its plots (report.png) are no images of the data it sits in
 RUN_LOGS = (LOG_FILE, SWEEP_LOG)
+# The first file a run writes in its dir (run.directory names its use), and the first a sweep writes in its --out:
+# a folder holding one is freezetune's for certain, and none of its files is data (an image folder read for classes
+# leaves it out; a user's own train.log alone, which RUN_LOGS would take for a run's, does not)
+RUN_MARK = ".freezetune-run"
+SWEEP_SETTINGS = "sweep_config.yaml"  # the settings every recipe of a sweep ran with (its --resume must keep them)
+RUN_FOLDER_MARKS = (RUN_MARK, SWEEP_SETTINGS)
 WARNING_FORMAT = "%(levelname)s %(name)s: %(message)s"  # a logged warning, on stderr and in the log
 command: str | None = None  # the command line that started this process, when the CLI did (the log's header names it)
 # how a character that cannot be written is shown, in the log, on a terminal and in a plot: as its escape. Linux hands
