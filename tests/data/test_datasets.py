@@ -157,3 +157,26 @@ def test_a_foreign_class_says_the_way_out_and_val_data_at_a_datasets_root_names_
     no_val = _layout(tmp_path / "no-val", splits=("train", "test"))  # never its test split: it must not pick a model
     with pytest.raises(DataError, match=r"\(train/, test/\), not class folders: give a folder of class folders$"):
         build_datasets(str(root), val_data=str(no_val), preprocess=PRE, final_test=False)
+
+
+def test_a_folder_of_image_csvs_one_a_split_names_the_csvs_to_give(tmp_path):
+    # train.csv, val.csv, test.csv beside imgs/ (Kaggle's layout) trained 'imgs' as the only class, said as "a
+    # classifier needs at least two", and eval called 'imgs' a class the model lacks: the CSVs were never named
+    from freezetune.data.datasets import build_eval_dataset
+
+    (tmp_path / "imgs").mkdir()
+    rows = ["path,label"]
+    for i, (name, colour) in enumerate((("cat", "red"), ("dog", "blue")) * 2):
+        Image.new("RGB", (8, 8), colour).save(tmp_path / "imgs" / f"{i}.png")
+        rows.append(f"imgs/{i}.png,{name}")
+    for split in ("train", "val", "test"):
+        (tmp_path / f"{split}.csv").write_text("\n".join(rows) + "\n")
+    with pytest.raises(
+        DataError,
+        match=r"split files .*no train/ folder: an image model reads one 'path,label' "
+        r"CSV a --data.*give --data \S+train\.csv --val-data \S+val\.csv .*eval --data \S+test\.csv",
+    ):
+        build_datasets(str(tmp_path), preprocess=PRE)
+    with pytest.raises(DataError, match=r"give --data \S+test\.csv$"):
+        build_eval_dataset(str(tmp_path), preprocess=PRE, classes=["cat", "dog"])
+    assert len(build_datasets(str(tmp_path / "train.csv"), preprocess=PRE, final_test=False).train) == 4

@@ -114,6 +114,8 @@ def _load_source(data: str, preprocess: Preprocess, *, read_test: bool = True, r
         val = read_text_csv(splits["val"], train.classes, columns) if "val" in splits and read_val else None
         test = read_test_file(splits["test"], train.classes, columns) if "test" in splits and read_test else None
         return "text", train, val, test, "test" in splits
+    if splits is not None and first_dir(path, TRAIN_DIRS) is None:  # read as class folders: 'imgs' the one class
+        _image_split_files(path, splits, evaluating=False)
     if is_idx_dir(path):
         has_test = bool(idx_files(path, "test"))
         train = load_idx(path, "train")
@@ -122,6 +124,20 @@ def _load_source(data: str, preprocess: Preprocess, *, read_test: bool = True, r
             check_test_labels(int(test.targets.max()), len(train.classes), idx_files(path, "test")[1])
         return "idx", train, None, test, has_test
     return ("folder", *load_folder(path, read_val=read_val, read_test=read_test))
+
+
+def _image_split_files(path: Path, splits: dict[str, Path], *, evaluating: bool) -> None:
+    """Refuse a folder of image CSVs, one a split (``train.csv``, ``val.csv``, ``test.csv`` beside the images' folder,
+    as Kaggle lays them out), without a ``train/`` folder: it was read as class folders, and the images' folder as
+    the only class. An image model reads one CSV a ``--data``: which to give is said."""
+    if evaluating:
+        way = f"--data {splits.get('test') or splits.get('val') or splits['train']}"
+    else:
+        val = f" --val-data {splits['val']}" if "val" in splits else ""
+        test = f" (and to score its test split: freezetune eval --data {splits['test']})" if "test" in splits else ""
+        way = f"--data {splits['train']}{val}{test}"
+    raise DataError(f"'{path}' holds the split files {', '.join(f.name for f in splits.values())} and no train/ "
+                    f"folder: an image model reads one 'path,label' CSV a --data, not a folder of them; give {way}")  # fmt: skip
 
 
 def _check_shape(data: str, hint: str = "") -> None:
@@ -383,6 +399,8 @@ def build_eval_dataset(data: str, *, preprocess: Preprocess, classes: list[str],
             raise DataError(f"'{data}' has train/ but no test/ or val/ folder to evaluate on")
         ds, source = scan_folder(split, classes), f"the {split.name}/ folder of {path}"
     elif path.is_dir():
+        if (splits := split_files(path)) is not None:
+            _image_split_files(path, splits, evaluating=True)
         ds, source = scan_folder(path, classes), f"every image under {path}"
     else:
         ds, source = read_csv(path, classes, missing_ok=skip_bad), f"every row of {path}"
