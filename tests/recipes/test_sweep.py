@@ -169,6 +169,7 @@ def test_a_sweep_resumes_from_its_out_alone_with_its_own_settings_and_recipes(da
     assert (
         code == 2 and f"cannot resume: '{tmp_path / 'typo'}' does not exist" in err and not (tmp_path / "typo").exists()
     )
+    assert err.strip().endswith("or start it without --resume (resume=False)"), err  # it said resume=True
     # a budget given with a resume is the one it runs with: recorded for the next (the file kept saying 1h)
     code, _, err = run_cli(capsys, "sweep", "--out", out, "--resume", "--budget", "2h")
     assert code == 0, err

@@ -70,3 +70,13 @@ def test_a_resume_records_what_it_changed_of_the_settings_the_file_holds_and_no_
     assert sweep_config.kept_settings(out, resumed, ["full"]) is None  # nothing to record
     again = sweep_config.kept_settings(out, dataclasses.replace(resumed, budget="2h"), ["full"])
     assert again == {**old, "budget": "2h"} and list(again) == list(old)
+
+
+def test_sweep_print_config_refuses_an_option_a_recipe_sets_itself_as_the_sweep_does(capsys, tmp_path):
+    # it wrote a config with the conflict (exit 0), which `sweep --config` then refused
+    from _engine_fixtures import run_cli
+
+    code, out, err = run_cli(capsys, "sweep", "--recipes", "gradual", "--unfreeze", "epoch:2", "--print-config")
+    assert code == 2 and not out and "recipe 'gradual' sets unfreeze itself" in err, err
+    code, out, err = run_cli(capsys, "sweep", "--recipes", "gradual,last-2", "--budget", "5m", "--print-config")
+    assert code == 0 and "recipes: gradual,last-2" in out and "budget: 5m" in out, err  # a sweep's budget is its own

@@ -214,7 +214,15 @@ def _cmd_sweep(args) -> int:
         problems.append(str(exc))
     if problems:
         raise ConfigError("; ".join(problems))
-    if args.print_config:
+    if args.print_config:  # an option a recipe sets itself, refused before it is written, as the sweep refuses it
+        import dataclasses
+
+        from freezetune.recipes.named import conflict_problems
+
+        mixed = [p for name in names for p in conflict_problems(dataclasses.replace(cfg, recipe=name, budget=None),
+                                                                typed=given)]  # fmt: skip
+        if mixed:
+            raise ConfigError("invalid config: " + "; ".join(dict.fromkeys(mixed)))
         return _print_config(sweep_config.printed(cfg, names))
     sweep(cfg, recipes)
     return 0

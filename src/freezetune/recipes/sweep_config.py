@@ -99,7 +99,7 @@ def resume_settings(given: dict) -> Path | None:
         return saved
     if not saved.parent.exists():  # a typo in --out started a new sweep there, as a train --resume does not
         raise ConfigError(f"cannot resume: {str(saved.parent)!r} does not exist; give the sweep's {setting('out')}, "
-                          f"or start it without {setting('resume', True)}")  # fmt: skip
+                          "or start it without --resume (resume=False)")  # fmt: skip
     if "data" not in given:
         raise ConfigError(f"cannot resume: {str(saved.parent)!r} holds no sweep ({SETTINGS_FILE}); give the sweep's "
                           f"{setting('out')} or its whole command")  # fmt: skip
