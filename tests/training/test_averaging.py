@@ -82,7 +82,11 @@ def test_a_runs_weights_end_as_the_average_of_its_steps_with_statistics_recomput
     cfg = TrainConfig(data=str(data), out=str(tmp_path / "run"), model="timm:test_efficientnet", weights="none",
                       img_size=32, device="cpu", workers=0, progress=False, batch_size=8, epochs=2, freeze=-3,
                       average_weights=0.5, tensorboard=False, final_test=False)  # fmt: skip
-    result = ft.train(cfg, echo=lambda line: None)
+    said = []
+    result = ft.train(cfg, echo=said.append)
+    # said where a user reads the run (a named recipe's said nothing, its last epoch lower for no reason shown)
+    total = 2 * result.steps_per_epoch
+    assert f"note: the weights end as their average over the last 50% of the run's {total} steps" in "\n".join(said)
 
     ((expected, decay),) = starts
     assert len(steps) == 2 * result.steps_per_epoch and decay == pytest.approx(decay_of(0.5, len(steps)))

@@ -82,6 +82,17 @@ def warmup_note(cfg: TrainConfig, unfreezer: Unfreezer | None, *, warmup_steps: 
             f"{cfg.scheduler} schedule raises the LR until then")  # fmt: skip
 
 
+def averaging_note(cfg: TrainConfig, steps_per_epoch: int) -> str | None:
+    """What ``average_weights`` does to the run's end, where it is on: the last epoch's row, ``last.pt`` (and
+    ``best.pt`` where that epoch is best) hold the average, not the last step's weights; a named recipe's run said
+    nothing, and its last epoch scored lower than the one before with no line to say why."""
+    if not cfg.average_weights:
+        return None
+    return (f"note: the weights end as their average over the last {cfg.average_weights:.0%} of the run's "
+            f"{cfg.epochs * steps_per_epoch} steps (--average-weights), BatchNorm statistics recomputed for it: the "
+            f"last epoch's validation and last.pt are the average's")  # fmt: skip
+
+
 def resumed_line(run_dir: Path, cfg: TrainConfig, progress, steps_per_epoch: int, *, trained_out: bool) -> str:
     """The line a resume opens with: where the stopped run is taken up, and whether anything is left to train."""
     p = progress

@@ -396,6 +396,7 @@ class RunSetup:
                                                   self.state.unfreezer) + [self.precision.cpu_note()]  # fmt: skip
         notes.append(run_notes.warmup_note(self.cfg, self.state.unfreezer, warmup_steps=self.warmup_steps,
                                            steps_per_epoch=self.steps_per_epoch))  # fmt: skip
+        notes.append(run_notes.averaging_note(self.cfg, self.steps_per_epoch))
         for note in filter(None, notes):
             self.echo(note)
         if self.data.skipped:
