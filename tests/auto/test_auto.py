@@ -887,3 +887,17 @@ def test_a_stop_in_a_trial_before_the_run_dir_is_made_does_not_offer_resume(tmp_
                      "made yet) starts them again",
                      "stopped by SIGTERM during the trial; the same command, with or without --resume, starts them "
                      "again"]  # fmt: skip
+
+
+def test_a_trials_row_counts_the_images_of_a_run_epoch_rather_than_its_pace_times_its_seconds(tmp_path):
+    # 68 of 135 images trained in the trial: its pace times its seconds, doubled, put a run's epoch at 136 (and a
+    # budget's line at "146 of the 151 images" where refit made 150)
+    from freezetune.training.progress import RunResult
+
+    base = TrainConfig(data="d")
+    trial_cfg = auto_trials.trial_config(base, 3, auto_rule.LR_BOOST, tmp_path)
+    history = [{"epoch": 1, "epoch_time_s": 2.0, "img_per_s": 34.0, "val_acc": 0.5, "val_n": 15}]
+    result = RunResult(tmp_path, 1, 0.5, history=history, train_items=135, steps_per_epoch=5)
+    row = auto_trials.trial_row(base, 3, trial_cfg, result, {"epochs": 2.5}, lambda line: None)
+    assert row["epoch_images"] == 135 and row["epoch_s"] == pytest.approx(2.0 * 135 / 68)
+    assert auto_plan._whole_epoch(row, True, 15) == 150  # a refit run's epoch: every image once

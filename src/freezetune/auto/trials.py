@@ -88,14 +88,17 @@ def trial_row(base: TrainConfig, k: int, trial_cfg: TrainConfig, result: RunResu
     """Candidate ``k``'s trial, said and recorded: its score, its pace, what it trained."""
     row = result.history[-1] if result.history else {}
     trained_s = row.get("epoch_time_s", 0.0)
+    # the images of one of the run's epochs, counted (not the trial's pace times its seconds, doubled: 151 of 150),
+    # and a whole epoch's training at the trial's pace of its own images
+    epoch = auto_budget.epoch_items(base, result.train_items)
+    epoch_s = trained_s * epoch / max(auto_budget.epoch_items(trial_cfg, result.train_items), 1)
     metric = compared_by(base.monitor)
     echo(f"auto: last {k} stage(s) + head at lr {trial_cfg.lr:.1e}: {METRIC_NAMES[metric]} "
          f"{pct(result.best_val(metric))} after {steps_text(result.steps_per_epoch)} "
          f"({sum(seconds.values()):.1f}s)")  # fmt: skip
     return {"trained_stages": k, "freeze": -(k + 1), "lr": trial_cfg.lr, "val_acc": result.best_val_acc,
             "val_f1": result.best_val("val_f1"),
-            "seconds": seconds, "epoch_s": trained_s / TRIAL_FRACTION,  # a whole epoch's training, estimated
-            "epoch_images": row.get("img_per_s", 0.0) * trained_s / TRIAL_FRACTION, "loop_s": seconds["epochs"],
+            "seconds": seconds, "epoch_s": epoch_s, "epoch_images": float(epoch), "loop_s": seconds["epochs"],
             "val_s": result.seconds.get("val", 0.0), "fixed_epoch": base.epoch_images is not None,
             "trainable_params": row.get("trainable_params"), "n_val": _val_size(result),
             "data_kind": result.data_kind, "refit_fits": result.refit_fits, "no_refit": result.no_refit,
