@@ -1065,6 +1065,10 @@ def test_key_value_overrides_may_follow_flags_and_a_stray_argument_is_one_line_n
          "--no-progress alone, or the override progress=false"),
         (["--final-test", "epochs"], "--final-test is a switch and takes no value ('epochs' follows it): give "
          "--final-test or --no-final-test alone"),
+        # "expected one argument" alone: argparse took the value for an option, and the budget's check never saw it
+        (["--budget", "-1m"], "argument --budget: expected one argument ('-1m' was read as an option: give "
+         "--budget=-1m)"),
+        (["--out", "--epochs", "2"], "argument --out: expected one argument"),  # a missing value: no such advice
     ],
 )  # fmt: skip
 def test_a_flags_mistake_is_one_line_that_says_what_is_wrong(capsys, argv, line):

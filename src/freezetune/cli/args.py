@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import argparse
+import re
+import sys
 
 from freezetune.config.train_config import field_names
 from freezetune.config.values import BOOL_WORDS
@@ -62,5 +64,17 @@ class Parser(argparse.ArgumentParser):
     """argparse's own usage errors (``--epochs 2.5``, a stray argument) in one line, as freezetune's others: the
     usage block it printed first (some 30 lines for ``train``) buried the line that says what is wrong."""
 
+    def parse_known_args(self, args=None, namespace=None):
+        self._argv = list(sys.argv[1:] if args is None else args)  # (error() names a value read as an option)
+        return super().parse_known_args(args, namespace)
+
     def error(self, message: str):
+        # "--budget -1m": argparse reads a value that starts with '-' (and is no plain number) as an option, and said
+        # "expected one argument" where the value's own check has a clear line to give (not after a flag whose value
+        # is missing: "--out --epochs 2")
+        flag = re.fullmatch(r"argument (--[\w-]+)(?:/[\w-]+)*: expected one argument", message)
+        argv = getattr(self, "_argv", [])
+        if flag and flag.group(1) in argv and (i := argv.index(flag.group(1)) + 1) < len(argv) \
+                and argv[i][:1] == "-" and argv[i][1:2] not in ("-", "h", ""):  # fmt: skip
+            message += f" ({argv[i]!r} was read as an option: give {flag.group(1)}={argv[i]})"
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
