@@ -59,10 +59,13 @@ def test_sweep_compares_recipes_reuses_features_and_its_winner_reproduces(data, 
     winner = yaml.safe_load((tmp_path / "sweep" / "winner.yaml").read_text())
     best = max(rows, key=lambda r: (r["val_acc"], -r["train_s"]))
     assert winner["recipe"] == best["recipe"] and winner["final_test"]
+    # ...reading the features the recipes shared (cache_dir null: the winner's run computed them all again)
+    assert Path(winner["cache_dir"]) == features.resolve()
     code, _, err = run_cli(capsys, "train", "--config", tmp_path / "sweep" / "winner.yaml", "--out", tmp_path / "w")
     assert code == 0, err
     again = max(r["val_acc"] for r in read_metrics(tmp_path / "w" / "metrics.csv"))
     assert again == pytest.approx(best["val_acc"], abs=1e-9)
+    assert len(prefix_calls) == first  # (full caches nothing; the others' prefixes were read back)
 
 
 def test_an_auto_winner_reproduces_its_validation_score_and_keeps_the_measured_batch_size(data, tmp_path, capsys):

@@ -262,8 +262,9 @@ def winner_config(cfg: TrainConfig, winner: dict) -> dict:
     """The config that trains the winner again: its recipe on the sweep's settings, a fresh run with a test score.
 
     It is the run the sweep measured: the validation images stay held out (``refit: false``; set it true to train on
-    them as well, and lose the validation score), and ``batch_size: auto`` becomes the number the winner trained with,
-    which another device or a fuller one would measure differently.
+    them as well, and lose the validation score), ``batch_size: auto`` becomes the number the winner trained with,
+    which another device or a fuller one would measure differently, and ``cache_dir`` the features the recipes
+    shared (without ``--cache-dir``, the sweep's ``features/``), which the run reads back.
     """
     from freezetune.run.directory import CONFIG_FILE
 
@@ -271,6 +272,10 @@ def winner_config(cfg: TrainConfig, winner: dict) -> dict:
               "final_test": True, "budget": None, "refit": False, "epochs": epochs_of(cfg),
               **own_batchnorm(winner["recipe"])}  # fmt: skip
     saved = Path(winner["run_dir"]) / CONFIG_FILE
-    if cfg.batch_size == BATCH_AUTO and saved.is_file():
-        values["batch_size"] = load_config(saved).batch_size
+    if saved.is_file():
+        ran = load_config(saved)
+        # the features the recipes shared (the sweep's features/ without --cache-dir): the run reads them back
+        values["cache_dir"] = ran.cache_dir
+        if cfg.batch_size == BATCH_AUTO:
+            values["batch_size"] = ran.batch_size
     return values
