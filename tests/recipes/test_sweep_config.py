@@ -80,3 +80,20 @@ def test_sweep_print_config_refuses_an_option_a_recipe_sets_itself_as_the_sweep_
     assert code == 2 and not out and "recipe 'gradual' sets unfreeze itself" in err, err
     code, out, err = run_cli(capsys, "sweep", "--recipes", "gradual,last-2", "--budget", "5m", "--print-config")
     assert code == 0 and "recipes: gradual,last-2" in out and "budget: 5m" in out, err  # a sweep's budget is its own
+
+
+def test_a_moved_sweeps_winner_reads_its_features_where_the_sweep_lies_now(tmp_path):
+    # winner.yaml names the sweep's features/ by its absolute path: a sweep moved (or copied to another machine)
+    # made its winner's run try the old folder, refused where its parents are not the user's
+    from freezetune.run.log import SWEEP_SETTINGS
+
+    old, new = tmp_path / "old" / "sweep", tmp_path / "new" / "sweep"
+    (new / "features").mkdir(parents=True)
+    (new / SWEEP_SETTINGS).write_text("recipes: auto\n")
+    winner = new / "winner.yaml"
+    winner.write_text(f"data: d\nrecipe: auto\ncache_dir: {old / 'features'}\n")
+    assert load_config(str(winner)).cache_dir == str(new / "features")
+    (new / "features").rmdir()  # gone with the old folder: the run computes its features again
+    assert load_config(str(winner)).cache_dir is None
+    winner.write_text(f"data: d\nrecipe: auto\ncache_dir: {tmp_path / 'team' / 'features'}\n")  # the user's own
+    assert load_config(str(winner)).cache_dir == str(tmp_path / "team" / "features")

@@ -33,7 +33,7 @@ def load_config(path: str | Path | dict[str, Any] | None = None, overrides: dict
     values: dict[str, Any] = {}
     typed = set(overrides or ())  # given now, unlike a file's keys (recipes.named.conflict_problems)
     if path is not None:
-        values.update(path if isinstance(path, dict) else _as_its_run_is_now(read_yaml(Path(path)), Path(path)))
+        values.update(path if isinstance(path, dict) else _as_it_is_now(read_yaml(Path(path)), Path(path)))
         values = _earlier_defaults_unset(values, {**values, **(overrides or {})}.get("recipe"))
     values.update(overrides or {})
     # every problem in one message: a value of the wrong type, then one out of range, then an unknown key (reported
@@ -55,6 +55,27 @@ def load_config(path: str | Path | dict[str, Any] | None = None, overrides: dict
         raise ConfigError(INVALID + "; ".join(problems + ([unknown] if unknown else [])))
     validate(cfg, need_data=need_data, typed=typed)
     return cfg
+
+
+def _as_it_is_now(values: dict[str, Any], path: Path) -> dict[str, Any]:
+    """A run's ``config.yaml`` or a sweep's ``winner.yaml`` as this freezetune reads it where it lies now."""
+    return _as_its_sweep_is_now(_as_its_run_is_now(values, path), path)
+
+
+def _as_its_sweep_is_now(values: dict[str, Any], path: Path) -> dict[str, Any]:
+    """A sweep's ``winner.yaml`` (``sweep_config.yaml`` beside it) where the sweep lies now: its ``cache_dir``, the
+    features its recipes shared, recorded absolute, is read under this folder once the sweep was moved (the winner's
+    run tried to make the old folder's ``features/``, refused where that path's parents are not this user's); gone
+    with the old folder, the run computes its features again, as a run without ``cache_dir`` does."""
+    from freezetune.run.log import SWEEP_SETTINGS  # (run reads configs too)
+
+    value = values.get("cache_dir")
+    if not (path.parent / SWEEP_SETTINGS).is_file() or not isinstance(value, str) or os.path.exists(value):
+        return values
+    if Path(value).parent.name != path.parent.name:  # a --cache-dir of the user's, not gone with the sweep: as given
+        return values
+    here = path.parent / Path(value).name
+    return {**values, "cache_dir": str(here) if here.is_dir() else None}
 
 
 def _as_its_run_is_now(values: dict[str, Any], path: Path) -> dict[str, Any]:
