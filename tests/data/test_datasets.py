@@ -180,3 +180,14 @@ def test_a_folder_of_image_csvs_one_a_split_names_the_csvs_to_give(tmp_path):
     with pytest.raises(DataError, match=r"give --data \S+test\.csv$"):
         build_eval_dataset(str(tmp_path), preprocess=PRE, classes=["cat", "dog"])
     assert len(build_datasets(str(tmp_path / "train.csv"), preprocess=PRE, final_test=False).train) == 4
+
+
+def test_data_that_is_neither_a_file_nor_a_folder_is_named_as_such(tmp_path):
+    # /dev/null, /dev/stdin or a FIFO as --data: "Not a directory (/dev/null); files written before are intact"
+    import os
+
+    fifo = tmp_path / "rows.csv"
+    os.mkfifo(fifo)
+    for given in ("/dev/null", str(fifo)):
+        with pytest.raises(DataError, match=rf"data path '{given}' is neither a file nor a folder .*save it to a file"):
+            build_datasets(given, preprocess=PRE)

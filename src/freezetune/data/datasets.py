@@ -92,6 +92,9 @@ def check_paths_exist(data: str | None, val_data: str | None = None) -> None:
     for what, given in (("data", data), ("val data", val_data)):
         if given is not None and not Path(given).exists():
             raise DataError(f"{what} path '{given}' does not exist; expected {_EXPECTED}")
+        if given is not None and not Path(given).is_file() and not Path(given).is_dir():  # "Not a directory (...)"
+            raise DataError(f"{what} path '{given}' is neither a file nor a folder (a device, or a pipe such as "
+                            "/dev/stdin): data is read more than once; save it to a file and give that")  # fmt: skip
 
 
 def _load_source(data: str, preprocess: Preprocess, *, read_test: bool = True, read_val: bool = True,
