@@ -103,6 +103,9 @@ def test_a_csvs_missing_files_are_refused_with_the_way_out_or_left_to_skip_bad(t
     with pytest.raises(DataError, match="1 missing image file.*--skip-bad"):
         read_csv(csv)
     assert len(read_csv(csv, missing_ok=True)) == 3  # the pre-scan then leaves the missing one out, named
+    csv.write_text("path,label\nimg/0.png,a\nimg/1.png,b\nimg,b\n")  # a row naming a folder: "missing" it was not
+    with pytest.raises(DataError, match=r"lists 1 folder\(s\) where an image file belongs, first: '\S+img'"):
+        read_csv(csv)
 
 
 def test_a_bad_csv_row_is_named_by_its_line_in_the_file(tmp_path):

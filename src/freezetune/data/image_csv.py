@@ -61,6 +61,11 @@ def read_csv(path: str | Path, classes: list[str] | None = None, *, missing_ok: 
     if missing and not missing_ok:
         slashes = "; its paths are written with backslashes (Windows'): write them with /" if "\\" in missing[0][1] \
             and os.sep == "/" else ""  # fmt: skip
+        folders = [f for f, _ in missing if os.path.isdir(f)]  # "missing" named a folder that is there
+        if folders:
+            raise DataError(f"CSV '{path}' lists {len(folders)} folder(s) where an image file belongs, first: "
+                            f"'{folders[0]}': a row names one image; to read a folder of class folders give it as "
+                            "--data")  # fmt: skip
         raise DataError(f"CSV '{path}' lists {len(missing)} missing image file(s), first: '{missing[0][0]}' (relative "
                         f"paths are read from the CSV's folder, {str(path.parent)!r}){slashes}; --skip-bad leaves them "
                         "out")  # fmt: skip
