@@ -116,7 +116,7 @@ def eval_outputs(checkpoint: str | Path, data: str | Path, *, plot: str | Path |
     drawn = Path(plot) if plot else default_plot(checkpoint, data)
     plot_format(drawn)
     check_outputs(drawn, metrics)
-    _outside_the_data(data, drawn, plot, metrics)
+    _outside_the_data(data, drawn, plot, metrics, checkpoint)
     for flag, path in (("--metrics", metrics), ("--plot", plot)):  # so does a folder given as the file
         problem = path and (
             file_problem(path) or kept_output(path, checkpoint, force=force, metrics=flag == "--metrics")
@@ -126,11 +126,18 @@ def eval_outputs(checkpoint: str | Path, data: str | Path, *, plot: str | Path |
     return drawn
 
 
-def _outside_the_data(data: str | Path, drawn: Path, plot: str | Path | None, metrics: str | Path | None) -> None:
+def _outside_the_data(data: str | Path, drawn: Path | None, plot: str | Path | None, metrics: str | Path | None,
+                      checkpoint: str | Path) -> None:  # fmt: skip
     """Refuse a plot or metrics file inside an image folder of ``data`` read for classes: the next evaluation scored
-    the plot as a test image of the class folder it was drawn in."""
+    the plot as a test image of the class folder it was drawn in. The default plot's place (beside the checkpoint)
+    only where the checkpoint is one (a zip, as ``torch.save`` writes): an image of the data given as the checkpoint
+    is told it is no checkpoint."""
+    import zipfile
+
     from freezetune.data.layout import class_roots
 
+    if plot is None and not (Path(checkpoint).is_file() and zipfile.is_zipfile(checkpoint)):
+        drawn = None
     roots = [r.resolve() for r in class_roots(str(data))]
     plot_is = f"--plot {str(plot)!r}" if plot else f"the confusion plot's default place {str(drawn)!r} (beside the " \
         "checkpoint)"  # fmt: skip
