@@ -80,6 +80,11 @@ def test_sweep_print_config_refuses_an_option_a_recipe_sets_itself_as_the_sweep_
     assert code == 2 and not out and "recipe 'gradual' sets unfreeze itself" in err, err
     code, out, err = run_cli(capsys, "sweep", "--recipes", "gradual,last-2", "--budget", "5m", "--print-config")
     assert code == 0 and "recipes: gradual,last-2" in out and "budget: 5m" in out, err  # a sweep's budget is its own
+    # a sweep's --bn, which linear-probe leaves (it trains the head alone), is no conflict: as the sweep takes it
+    code, out, err = run_cli(
+        capsys, "sweep", "--recipes", "linear-probe,last-2", "--bn", "affine-only", "--print-config"
+    )
+    assert code == 0 and "bn: affine-only" in out, err
 
 
 def test_a_moved_sweeps_winner_reads_its_features_where_the_sweep_lies_now(tmp_path):

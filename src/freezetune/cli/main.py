@@ -214,15 +214,12 @@ def _cmd_sweep(args) -> int:
         problems.append(str(exc))
     if problems:
         raise ConfigError("; ".join(problems))
-    if args.print_config:  # an option a recipe sets itself, refused before it is written, as the sweep refuses it
-        import dataclasses
+    if args.print_config:  # what the sweep refuses of its recipes' configs (an option a recipe sets itself), first
+        from pathlib import Path
 
-        from freezetune.recipes.named import conflict_problems
+        from freezetune.recipes.sweep import SWEEP_DEFAULT_OUT
 
-        mixed = [p for name in names for p in conflict_problems(dataclasses.replace(cfg, recipe=name, budget=None),
-                                                                typed=given)]  # fmt: skip
-        if mixed:
-            raise ConfigError("invalid config: " + "; ".join(dict.fromkeys(mixed)))
+        sweep_config.run_configs(cfg, names, Path(cfg.out or SWEEP_DEFAULT_OUT), need_data=False)
         return _print_config(sweep_config.printed(cfg, names))
     sweep(cfg, recipes)
     return 0

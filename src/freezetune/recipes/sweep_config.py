@@ -189,8 +189,9 @@ def refuse_own_freeze(cfg: TrainConfig) -> None:
                           "(recipe=null freeze=auto)")  # fmt: skip
 
 
-def run_configs(cfg: TrainConfig, names: list[str], out: Path) -> dict[str, TrainConfig]:
-    """Each recipe's config, all validated before the first one trains (an option a recipe sets itself, say)."""
+def run_configs(cfg: TrainConfig, names: list[str], out: Path, *, need_data: bool = True) -> dict[str, TrainConfig]:
+    """Each recipe's config, all validated before the first one trains (an option a recipe sets itself, say);
+    ``need_data``: as ``validate`` takes it (``sweep --print-config`` writes a template a run completes)."""
     refuse_own_freeze(cfg)
     features = cfg.cache_dir or os.path.abspath(out / "features")  # each recipe's config.yaml names it
     # every recipe is judged on the validation split: the auto recipe keeps it through its final run (no refit)
@@ -204,7 +205,7 @@ def run_configs(cfg: TrainConfig, names: list[str], out: Path) -> dict[str, Trai
     problems = []
     for run_cfg in runs.values():
         try:
-            validate(run_cfg)
+            validate(run_cfg, need_data=need_data)
         except ConfigError as exc:
             problems.append(str(exc).removeprefix(INVALID))
     if problems:
