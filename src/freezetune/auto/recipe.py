@@ -111,6 +111,16 @@ _CACHED = ", its features cached once where the data allows"  # not a text model
 PROBE_DIR = "probe"  # the probe's run, beside the trials' in auto-trials/
 
 
+def run_average(asked: float | None, text: bool) -> float:
+    """The share of its steps over which the auto recipe's run averages its weights: ``asked`` (``average_weights``)
+    where given, else ``RUN_AVERAGE`` for an image model and none for a Hugging Face text model (``text``).
+
+    >>> run_average(None, False), run_average(None, True), run_average(0.25, True)
+    (0.5, 0.0, 0.25)
+    """
+    return (0.0 if text else RUN_AVERAGE) if asked is None else asked
+
+
 def run(cfg: TrainConfig, *, echo: Callable[[str], None] = print, train: Callable | None = None):
     """Measure, choose, train (see the module docstring); returns the run's ``RunResult`` (in ``cfg.out``)."""
     from freezetune.device.distributed import broadcast, init_from_env, main_echo
@@ -194,7 +204,7 @@ def run(cfg: TrainConfig, *, echo: Callable[[str], None] = print, train: Callabl
     # from the trial's fitted weights: a smaller step (see the docstring); from a probe's head, the LR as asked
     run_lr = cfg.lr if probe else choice["lr"] * RUN_LR_FACTOR
     bn_stats = run_bn_stats(cfg.bn_stats, probe is not None)
-    average = (0.0 if text else RUN_AVERAGE) if cfg.average_weights is None else cfg.average_weights
+    average = run_average(cfg.average_weights, text)
     how = f", weights averaged over the last {average:.0%} of its steps" if average else ""
     how += ", BatchNorm statistics held" if probe and bn_stats == HELD_STATS else ""
     # how long the run will take, at its trial's pace (a budget's line said it): the default command on a few

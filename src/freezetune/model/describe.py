@@ -49,13 +49,13 @@ def describe_model(
         replace_head(model, num_classes)
     shown, averaged = freeze, False
     if freeze == "auto":  # measured when a run starts: what its default candidate trains
-        from freezetune.auto.recipe import RUN_AVERAGE
+        from freezetune.auto.recipe import run_average
         from freezetune.auto.rule import default_freeze
 
         freeze, ks = default_freeze(name, img_size)
         shown = (f"auto (measured when train runs; its default candidate, the last {-freeze - 1} stages: {freeze}; "
                  f"the trials may choose the last {', '.join(map(str, ks))})")  # fmt: skip
-        averaged = pre is not None and RUN_AVERAGE > 0  # its run of an image model averages its weights
+        averaged = run_average(None, text=pre is None) > 0  # its run averages its weights (an image model's)
     freeze_model(model, parse_freeze_spec(freeze), bn=bn)
     lines = [f"{name}  head: {head_name(model)}  freeze: {shown}  bn: {bn}", summary(model)]
     if batch_size == BATCH_AUTO:
