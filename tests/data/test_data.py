@@ -1255,6 +1255,32 @@ def test_a_csv_listing_an_image_under_two_labels_is_refused_and_twice_under_one_
     assert f"2 training image file(s) are listed more than once (first: '{first}'" in caplog.text, caplog.text
 
 
+def test_a_folder_link_into_a_sibling_class_of_the_test_split_is_refused_by_a_run_and_by_eval(tmp_path):
+    # test/blue/reds -> ../red: each red test image scored once as red and once as blue, the blue score always wrong
+    root = _tiny_split_folder(tmp_path / "d")
+    classes = sorted(p.name for p in (root / "train").iterdir())
+    one, other = classes[:2]
+    (root / "test" / one / "more").symlink_to(root / "test" / other, target_is_directory=True)
+    refused = rf"3 (test|evaluation) image file\(s\) are listed with two or more labels \(first: '.*' as '{one}', "
+    refused += rf"'{other}'\): each is scored once as each, all but one score wrong; give each image one label"
+    with pytest.raises(DataError, match=refused.replace("(test|evaluation)", "test")):
+        build_datasets(str(root), preprocess=PRE)
+    with pytest.raises(DataError, match=refused.replace("(test|evaluation)", "evaluation")):
+        build_eval_dataset(str(root), preprocess=PRE, classes=classes)
+
+
+def test_an_image_linked_twice_under_its_own_class_in_the_test_split_is_named(tmp_path, caplog):
+    root = _tiny_split_folder(tmp_path / "d")
+    classes = sorted(p.name for p in (root / "train").iterdir())
+    first = sorted((root / "test" / classes[0]).iterdir())[0]
+    (root / "test" / classes[0] / "again.png").symlink_to(first)
+    with caplog.at_level(logging.WARNING, logger="freezetune"):
+        ds = build_eval_dataset(str(root), preprocess=PRE, classes=classes)
+    assert len(ds) == 3 * len(classes) + 1
+    assert "1 evaluation image file(s) are listed more than once" in caplog.text, caplog.text
+    assert "each listing is scored once more" in caplog.text
+
+
 def test_skip_bad_that_empties_a_class_is_refused(tmp_path):
     root = _tiny_split_folder(tmp_path / "d")
     for f in (root / "train" / "blue").iterdir():

@@ -26,7 +26,7 @@ from freezetune.data.idx import check_test_labels, idx_files, idx_pair_problem, 
 from freezetune.data.image_csv import IMAGE_COLUMNS, read_csv
 from freezetune.data.labels import nfc
 from freezetune.data.layout import TEST_DIRS, TRAIN_DIRS, VAL_DIRS, first_dir, load_folder, read_test_file, split_files
-from freezetune.data.overlap import check_overlap, warn_copies
+from freezetune.data.overlap import check_listed_once, check_overlap, warn_copies
 from freezetune.data.scan import check_images, check_splits
 from freezetune.data.text import TextDataset, noun, read_text_csv
 from freezetune.data.text_key import TextKey
@@ -408,6 +408,7 @@ def build_eval_dataset(data: str, *, preprocess: Preprocess, classes: list[str],
     else:
         ds, source = read_csv(path, classes, missing_ok=skip_bad), f"every row of {path}"
     ds, skipped = check_images(ds, "evaluation", skip_bad=skip_bad, hint="fix or remove them, or give --skip-bad")
+    check_listed_once(ds, "evaluation")
     _prepare(ds, eval_transform(preprocess), preprocess)
     ds.source = source + (f" ({len(skipped)} unreadable image file(s) left out: --skip-bad)" if skipped else "")
     return ds

@@ -78,25 +78,14 @@ def _hash(path: str) -> bytes:
 
 def check_overlap(train, held: dict[str, object]) -> None:
     """Refuse the same file in two splits (validation or test data that is the training folder, a CSV listing a
-    training image) or in the training set under two labels: a score on a training image measures memory, and a test
-    image in the validation split would decide the run. Files are compared by their real path (symlinks
+    training image) or in one split under two labels (``check_listed_once``): a score on a training image measures
+    memory, and a test image in the validation split would decide the run. Files are compared by their real path (symlinks
     resolved); byte-identical copies under other names are ``warn_copies``' business."""
     real = {what: [(os.path.realpath(p), y) for p, y in ds.samples] for what, ds in (("training", train), *held.items())
             if isinstance(ds, FileImageDataset)}  # fmt: skip
-    labels: dict[str, set[int]] = {}
-    twice: list[str] = []
-    for (listed, _), (path, y) in zip(getattr(train, "samples", ()), real.get("training", ()), strict=False):
-        if path in labels:
-            twice.append(listed)
-        labels.setdefault(path, set()).add(int(y))
-    clash = [(p, ys) for p, ys in labels.items() if len(ys) > 1]
-    if clash:
-        path, ys = clash[0]
-        raise DataError(f"{len(clash)} training image file(s) are listed with two or more labels (first: '{path}' as "
-                        f"{choices(train.classes[y] for y in sorted(ys))}); give each image one label")  # fmt: skip
-    if twice:  # named: a symlink to another image of its class, a CSV's repeated row
-        warn_once(log, "%d training image file(s) are listed more than once (first: '%s', a file listed before, "
-                  "symlinks resolved): each listing weighs as one more image", len(twice), twice[0])  # fmt: skip
+    for what, ds in (("training", train), *held.items()):
+        if what in real:
+            _check_listed_once(ds, real[what], what)
     sources = {what: set(getattr(ds, "source_files", ())) for what, ds in (("training", train), *held.items())}
     for what, other in (("validation", "training"), ("test", "training"), ("test", "validation")):
         if shared_file := sources.get(what, set()) & sources.get(other, set()):  # an IDX split read as two
@@ -111,6 +100,34 @@ def check_overlap(train, held: dict[str, object]) -> None:
             raise DataError(f"{len(shared)} of {len(real[what])} {what} image file(s) are also {other} files (first: "
                             f"'{shared[0]}'): a {what} score on them is no measure of new images; give {what} data "
                             f"apart from the {other} data")  # fmt: skip
+
+
+def check_listed_once(ds, what: str) -> None:
+    """Refuse an image file of ``ds`` (the ``what`` split: "training", "test", ...) listed under two or more labels,
+    and warn of one listed twice under one (symlinks resolved): a training image taught as two classes; a test image
+    scored once as each class, one score always wrong (a folder link from one class into a sibling class). Evaluation
+    checks its one split here; a run checks its splits in ``check_overlap``."""
+    if isinstance(ds, FileImageDataset):
+        _check_listed_once(ds, [(os.path.realpath(p), y) for p, y in ds.samples], what)
+
+
+def _check_listed_once(ds: FileImageDataset, real: list[tuple[str, int]], what: str) -> None:
+    labels: dict[str, set[int]] = {}
+    twice: list[str] = []
+    for (listed, _), (path, y) in zip(ds.samples, real, strict=True):
+        if path in labels:
+            twice.append(listed)
+        labels.setdefault(path, set()).add(int(y))
+    clash = [(p, ys) for p, ys in labels.items() if len(ys) > 1]
+    if clash:
+        path, ys = clash[0]
+        why = "" if what == "training" else ": each is scored once as each, all but one score wrong"
+        raise DataError(f"{len(clash)} {what} image file(s) are listed with two or more labels (first: '{path}' as "
+                        f"{choices(ds.classes[y] for y in sorted(ys))}){why}; give each image one label")  # fmt: skip
+    if twice:  # named: a symlink to another image of its class, a CSV's repeated row
+        weighs = "weighs as one more image" if what == "training" else "is scored once more"
+        warn_once(log, "%d %s image file(s) are listed more than once (first: '%s', a file listed before, symlinks "
+                  "resolved): each listing %s", len(twice), what, twice[0], weighs)  # fmt: skip
 
 
 def warn_copies(train, held: dict[str, object]) -> None:
