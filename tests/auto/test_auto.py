@@ -900,4 +900,6 @@ def test_a_trials_row_counts_the_images_of_a_run_epoch_rather_than_its_pace_time
     result = RunResult(tmp_path, 1, 0.5, history=history, train_items=135, steps_per_epoch=5)
     row = auto_trials.trial_row(base, 3, trial_cfg, result, {"epochs": 2.5}, lambda line: None)
     assert row["epoch_images"] == 135 and row["epoch_s"] == pytest.approx(2.0 * 135 / 68)
+    # the rest of the trial's loop is its loop less the 2 s it trained (not less half of 135 images' pace: 1.985 s)
+    assert auto_plan.epoch_pace({**row, "val_s": 0.0}, refit=False, n_val=15)[1] == pytest.approx(0.5)
     assert auto_plan._whole_epoch(row, True, 15) == 150  # a refit run's epoch: every image once

@@ -239,7 +239,8 @@ def epoch_pace(choice: dict, refit: bool, n_val: int) -> tuple[float, float]:
     a 45 s budget's 30 epochs at 63 s, each epoch's validation of many images uncounted."""
     grows = refit and choice["epoch_images"] and not choice.get("fixed_epoch")  # --epoch-images fixes its length
     train_s = choice["epoch_s"] * (1 + n_val / choice["epoch_images"] if grows else 1)
-    other_s = choice["loop_s"] - choice["epoch_s"] * TRIAL_FRACTION  # the trial's loop less its training
+    # the trial's loop less its training (a recipe.json before "trained_s": its share of a run epoch's, about)
+    other_s = choice["loop_s"] - choice.get("trained_s", choice["epoch_s"] * TRIAL_FRACTION)
     if refit:  # no validation in the run: the checkpoints alone
         other_s -= choice["val_s"]
     return train_s, max(other_s, 0.0)

@@ -98,7 +98,8 @@ def trial_row(base: TrainConfig, k: int, trial_cfg: TrainConfig, result: RunResu
          f"({sum(seconds.values()):.1f}s)")  # fmt: skip
     return {"trained_stages": k, "freeze": -(k + 1), "lr": trial_cfg.lr, "val_acc": result.best_val_acc,
             "val_f1": result.best_val("val_f1"),
-            "seconds": seconds, "epoch_s": epoch_s, "epoch_images": float(epoch), "loop_s": seconds["epochs"],
+            "seconds": seconds, "epoch_s": epoch_s, "epoch_images": float(epoch), "trained_s": trained_s,
+            "loop_s": seconds["epochs"],
             "val_s": result.seconds.get("val", 0.0), "fixed_epoch": base.epoch_images is not None,
             "trainable_params": row.get("trainable_params"), "n_val": _val_size(result),
             "data_kind": result.data_kind, "refit_fits": result.refit_fits, "no_refit": result.no_refit,
