@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -1112,6 +1113,25 @@ def test_the_config_of_a_moved_auto_run_reproduces_it_from_its_new_place(tmp_pat
 
     first, again = (read_metrics(tmp_path / d / "metrics.csv") for d in ("moved", "again"))
     assert [r["train_loss"] for r in again] == [r["train_loss"] for r in first] and first[0]["train_loss"] is not None
+
+
+def test_a_runs_config_resumes_the_folder_it_lies_in_not_the_out_it_recorded(tmp_path, capsys, monkeypatch):
+    # a copy's config.yaml --resume resumed the run it was copied from ("resumed rc1 ... -> rc1"), its out as recorded
+    data = make_image_folder(tmp_path / "data")
+    monkeypatch.chdir(tmp_path)  # --out as typed, relative
+    code, _, err = run_cli(capsys, *train_argv(data, "r1", "--epochs", "1", "--scheduler", "none"))
+    assert code == 0, err
+    shutil.copytree(tmp_path / "r1", tmp_path / "copy")
+    code, _, err = run_cli(capsys, "train", "--config", "copy/config.yaml", "--resume", "--epochs", "2")
+    assert code == 0, err
+    from freezetune.run.reporting import read_metrics
+
+    assert len(read_metrics(tmp_path / "copy" / "metrics.csv")) == 2
+    assert len(read_metrics(tmp_path / "r1" / "metrics.csv")) == 1  # the original, untouched
+    monkeypatch.chdir(tmp_path / "data")  # from another directory: "'r1' does not exist"
+    code, _, err = run_cli(capsys, "train", "--config", tmp_path / "r1" / "config.yaml", "--resume", "--epochs", "2")
+    assert code == 0, err
+    assert len(read_metrics(tmp_path / "r1" / "metrics.csv")) == 2
 
 
 def test_an_auto_run_of_an_earlier_version_that_cut_beside_cache_off_resumes_and_reproduces(tmp_path, capsys):

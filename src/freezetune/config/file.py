@@ -86,6 +86,9 @@ def _as_its_run_is_now(values: dict[str, Any], path: Path) -> dict[str, Any]:
       ``features/``), recorded absolute under the folder it had, are read under this one (``out`` is recorded as
       given, absolute or relative: the old folder's path ends with it). ``train --config`` of a moved auto run
       stopped at "checkpoint ... does not exist".
+    - Its ``out`` is the folder it lies in: ``train --config COPY/config.yaml --resume`` of a copied run resumed the
+      run it was copied from (its ``out`` as recorded), and one read from another working directory named a folder
+      relative to the one the run was started in. ``--out`` given beside it still wins.
     - Written by an earlier freezetune, whose auto recipe recorded its cut beside cache off: no setting there, and now
       refused as doing nothing (its resume and ``--config`` of it stopped).
     """
@@ -107,6 +110,8 @@ def _as_its_run_is_now(values: dict[str, Any], path: Path) -> dict[str, Any]:
         _, sep, inner = os.path.normpath(value).partition(os.sep + tail + os.sep)  # the old folder, then the rest
         if sep and (path.parent / inner).exists():  # else named as it was, in the error that follows
             values[key] = str(path.parent / inner)
+    if os.path.realpath(out) != os.path.realpath(path.parent):  # moved, copied, or read from another directory
+        values["out"] = str(path.parent)
     return values
 
 
