@@ -1143,6 +1143,26 @@ def test_a_text_run_resumes_from_the_files_its_last_pt_carries_where_its_model_f
 
 
 @pytest.mark.slow
+def test_a_text_run_resumed_on_other_texts_or_labels_of_the_same_count_is_refused(tmp_path, capsys):
+    # only the count was checked: every label swapped, the resume trained on (its accuracy 0 %), exit 0
+    data, out = _csv(tmp_path / "t.csv", n=1), tmp_path / "run"
+    code, _, err = run_cli(capsys, "train", "--model", f"hf:{MINILM}", "--weights", "default", "--data", data,
+                           "--epochs", "1", "--scheduler", "none", "--freeze", "-3", "--device", "cpu", "--no-progress",
+                           "--no-tensorboard", "--no-final-test", "--out", out)  # fmt: skip
+    assert code == 0, err
+    before = (out / "last.pt").read_bytes()
+    text = data.read_text()
+    data.write_text(text.replace(",pos\n", ",TMP\n").replace(",neg\n", ",pos\n").replace(",TMP\n", ",neg\n"))
+    code, _, err = run_cli(capsys, "train", "--out", out, "--resume", "--epochs", "2")
+    assert code == 2 and "the data changed since it was saved (training texts: " in err, err
+    assert "as before, other texts or labels)" in err and len(err.strip().splitlines()) == 1
+    assert (out / "last.pt").read_bytes() == before
+    data.write_text(text)  # the texts it trained on: resumed
+    code, _, err = run_cli(capsys, "train", "--out", out, "--resume", "--epochs", "2")
+    assert code == 0, err
+
+
+@pytest.mark.slow
 def test_a_run_from_an_init_checkpoint_builds_from_its_bundled_files_where_the_model_folder_is_gone(
     tmp_path, capsys, monkeypatch
 ):

@@ -7,7 +7,8 @@
   below the folder they share) and their sizes, so the data copied to a node's local disk for each job of a
   preempted run (new times and inodes) is still the same data.
 
-Images held in memory (IDX files) are digested by their bytes for both; a text dataset has no digest (None).
+Images held in memory (IDX files) are digested by their bytes for both; a text dataset's resume digest is its texts
+and labels (it has no cache fingerprint: None).
 A ``last.pt`` also keeps its image files' list (``data_record``), so a refused resume names the files that changed
 (``files_changed``).
 """
@@ -55,6 +56,15 @@ def resume_digest(dataset: Dataset, sized: list[tuple[str, int]] | None = None) 
     >>> resume_digest(ds) == cache_fingerprint(ds)
     True
     """
+
+    from freezetune.data.text import TextDataset
+
+    if isinstance(dataset, TextDataset):  # (a text CSV changed in place, its row count kept, resumed in silence)
+        h = hashlib.sha1()
+        for text in dataset.texts:
+            h.update(text.encode("utf-8", "surrogatepass") + b"\0")
+        h.update(dataset.targets.numpy().tobytes())
+        return h.hexdigest()
 
     def keys(paths: list[str]):
         entries = sized if sized is not None else _sized(paths)

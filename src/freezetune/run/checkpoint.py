@@ -285,7 +285,8 @@ def _check_data(path: Path, saved: dict[str, Any] | None, now: dict[str, Any] | 
         if old["n"] != new["n"]:
             changed.append(f"{old['n']} -> {new['n']} {split} {noun}")
         elif None not in (old["digest"], new["digest"]) and old["digest"] != new["digest"]:  # None: not had
-            changed.append(f"{split} {noun}: {new['n']} as before, other files or contents")
+            other = "other texts or labels" if noun == "texts" else "other files or contents"
+            changed.append(f"{split} {noun}: {new['n']} as before, {other}")
     if changed:
         from freezetune.data.fingerprint import files_changed
 
