@@ -1240,6 +1240,21 @@ def test_the_same_files_in_two_splits_are_refused(tmp_path):
         build_datasets(str(root), preprocess=PRE)
 
 
+def test_val_data_beside_a_val_folder_names_the_folder_it_leaves_out(tmp_path, caplog):
+    # its val/ images were neither trained nor validated on, said nowhere
+    root, other = _tiny_split_folder(tmp_path / "d"), _tiny_split_folder(tmp_path / "o")
+    with caplog.at_level(logging.WARNING, logger="freezetune"):
+        build_datasets(str(root), val_data=str(other / "val"), preprocess=PRE)
+    assert (
+        f"'{root}' has a validation folder of its own, 'val': --val-data '{other / 'val'}' validates instead, and "
+        "what 'val' holds is neither trained nor validated on" in caplog.text
+    ), caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="freezetune"):
+        build_datasets(str(root), val_data=str(root / "val"), preprocess=PRE)
+    assert "of its own" not in caplog.text
+
+
 def test_a_csv_listing_an_image_under_two_labels_is_refused_and_twice_under_one_is_named(tmp_path, caplog):
     root = _tiny_split_folder(tmp_path / "d")
     rows = [f"{p},{p.parent.name}" for p in sorted((root / "train").rglob("*.png"))]

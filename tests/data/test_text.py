@@ -185,6 +185,31 @@ def test_val_split_beside_a_val_csv_is_refused_speaking_of_its_validation_file(t
         build_datasets(str(tmp_path), val_split=0.2, preprocess=Preprocess(tokenizer=str(MINILM)))
 
 
+def test_val_data_beside_a_val_csv_names_the_file_it_leaves_out_and_the_test_file_as_validation_is_refused(
+    tmp_path, caplog
+):
+    # its val.csv was neither trained nor validated on, said nowhere; test.csv given as --val-data picked the model
+    # on the test texts, with no word either
+    text = Preprocess(tokenizer=str(MINILM))
+    (tmp_path / "d").mkdir()
+    _csv(tmp_path / "d" / "train.csv"), _csv(tmp_path / "d" / "val.csv", n=1), _csv(tmp_path / "d" / "test.csv", n=1)
+    _csv(tmp_path / "mine.csv", n=1)
+    with caplog.at_level(logging.WARNING, logger="freezetune"):
+        build_datasets(str(tmp_path / "d"), val_data=str(tmp_path / "mine.csv"), preprocess=text)
+    assert (
+        f"'{tmp_path / 'd'}' has a validation file of its own, 'val.csv': --val-data '{tmp_path / 'mine.csv'}' "
+        "validates instead, and what 'val.csv' holds is neither trained nor validated on" in caplog.text
+    ), caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="freezetune"):  # its own val.csv, named: nothing left out
+        build_datasets(str(tmp_path / "d"), val_data=str(tmp_path / "d" / "val.csv"), preprocess=text)
+    assert "of its own" not in caplog.text
+    with pytest.raises(DataError, match=r"the test texts are the validation texts \(both read from '.*test.csv'\)"):
+        build_datasets(str(tmp_path / "d"), val_data=str(tmp_path / "d" / "test.csv"), preprocess=text)
+    with pytest.raises(DataError, match=r"the validation texts are the training texts"):
+        build_datasets(str(tmp_path / "mine.csv"), val_data=str(tmp_path / "mine.csv"), preprocess=text)
+
+
 def test_train_refuses_a_text_csv_for_an_image_model_in_one_line(tmp_path, capsys):
     code, stdout, err = run_cli(capsys, *train_argv(_csv(tmp_path / "t.csv", n=1), tmp_path / "run"))
     assert code == 2 and err.startswith("freezetune: error:") and "is a text CSV" in err and "Traceback" not in err

@@ -25,7 +25,16 @@ from freezetune.data.folder import FileImageDataset, is_skipped_folder, scan_fol
 from freezetune.data.idx import check_test_labels, idx_files, idx_pair_problem, is_idx_dir, load_idx, name_labels_as
 from freezetune.data.image_csv import IMAGE_COLUMNS, read_csv
 from freezetune.data.labels import nfc
-from freezetune.data.layout import TEST_DIRS, TRAIN_DIRS, VAL_DIRS, first_dir, load_folder, read_test_file, split_files
+from freezetune.data.layout import (
+    TEST_DIRS,
+    TRAIN_DIRS,
+    VAL_DIRS,
+    first_dir,
+    load_folder,
+    read_test_file,
+    split_files,
+    warn_own_validation_unused,
+)
 from freezetune.data.overlap import check_listed_once, check_overlap, warn_copies
 from freezetune.data.scan import check_images, check_splits
 from freezetune.data.text import TextDataset, noun, read_text_csv
@@ -316,6 +325,7 @@ def build_datasets(
                                                       read_val=val_data is None, skip_bad=skip_bad)  # fmt: skip
     if val_data is not None:
         val = _load_val(val_data, train.classes, preprocess, skip_bad=skip_bad)
+        warn_own_validation_unused(data, val_data)
     elif val is not None and val_split is not None:  # ignored with a warning, the run validated on what was not asked
         kind = "file" if source == "text" else "folder"
         raise ConfigError(f"'{data}' has a validation {kind} of its own, which is its validation set: give "

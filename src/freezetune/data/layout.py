@@ -37,6 +37,23 @@ VAL_DIRS = ("val", "valid", "validation", "dev")
 TEST_DIRS = ("test", "testing")
 
 
+def warn_own_validation_unused(data: str, val_data: str) -> None:
+    """Name the validation split of ``data``'s own layout (a text folder's ``val.csv``, an image folder's ``val/``
+    beside ``train/``) that ``val_data``, another, replaces: its items are then neither trained nor validated on,
+    which nothing said (the log named ``val_data`` alone)."""
+    path = Path(data)
+    if not path.is_dir():
+        return
+    splits = split_files(path)
+    own = (
+        splits.get("val") if splits is not None else first_dir(path, VAL_DIRS) if first_dir(path, TRAIN_DIRS) else None
+    )
+    if own is not None and os.path.realpath(own) != os.path.realpath(val_data):
+        warn_once(log, "'%s' has a validation %s of its own, '%s': --val-data '%s' validates instead, and what '%s' "
+                  "holds is neither trained nor validated on", data, "file" if own.is_file() else "folder", own.name,
+                  val_data, own.name)  # fmt: skip
+
+
 def load_folder(path: Path, *, read_val: bool = True,
                 read_test: bool = True) -> tuple[Dataset, Dataset | None, Dataset | None, bool]:  # fmt: skip
     """The splits of the image folder ``path`` without transforms: (train, the layout's val or None, test or None,

@@ -18,7 +18,7 @@ from pathlib import Path
 from freezetune.data.folder import FileImageDataset
 from freezetune.data.sampling import spanning_keys
 from freezetune.data.scan import file_stamp
-from freezetune.data.text import TextDataset
+from freezetune.data.text import TextDataset, noun
 from freezetune.errors import DataError, choices
 from freezetune.run.log import warn_once
 
@@ -87,10 +87,11 @@ def check_overlap(train, held: dict[str, object]) -> None:
         if what in real:
             _check_listed_once(ds, real[what], what)
     sources = {what: set(getattr(ds, "source_files", ())) for what, ds in (("training", train), *held.items())}
+    items = noun(train)
     for what, other in (("validation", "training"), ("test", "training"), ("test", "validation")):
-        if shared_file := sources.get(what, set()) & sources.get(other, set()):  # an IDX split read as two
-            raise DataError(f"the {what} images are the {other} images (both read from '{min(shared_file)}'): a "
-                            f"{what} score on them is no measure of new images; give {what} data apart from the "
+        if shared_file := sources.get(what, set()) & sources.get(other, set()):  # a split's file read as two
+            raise DataError(f"the {what} {items} are the {other} {items} (both read from '{min(shared_file)}'): a "
+                            f"{what} score on them is no measure of new {items}; give {what} data apart from the "
                             f"{other} data")  # fmt: skip
         if what not in real or other not in real:
             continue

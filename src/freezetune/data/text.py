@@ -98,7 +98,9 @@ def read_text_csv(path: str | Path, classes: list[str] | None = None, columns: C
             f"{table_kind(path)} '{path}' has label(s) {choices(unknown)} that are not training classes: "
             f"{choices(classes)}"
         )
-    return TextDataset([r[cols["text"]] for r in rows], torch.tensor([index[label] for label in labels]), classes)
+    ds = TextDataset([r[cols["text"]] for r in rows], torch.tensor([index[label] for label in labels]), classes)
+    ds.source_files = (os.path.realpath(path),)  # which file it is: one file given as two splits is refused
+    return ds
 
 
 TEXT_FILE_SUFFIXES = (".txt", *TABLE_SUFFIXES)  # what ``list_text_files`` picks from a folder
