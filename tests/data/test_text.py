@@ -1210,6 +1210,32 @@ def test_a_run_from_an_init_checkpoint_builds_from_its_bundled_files_where_the_m
 
 
 @pytest.mark.slow
+def test_a_recipe_resumed_or_begun_from_an_init_where_the_model_folder_is_gone_builds_from_the_bundled_files(
+    tmp_path, capsys, monkeypatch
+):
+    # the recipes' checks built the model from the folder: "cannot load 'hf:...': not a local directory" for a
+    # last-2 run's resume and for the auto recipe's run from an --init, where a plain run built from the files
+    import shutil
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    folder, data = tmp_path / "minilm", _csv(tmp_path / "t.csv", n=1)
+    shutil.copytree(MINILM, folder)
+    common = ["--model", f"hf:{folder}", "--data", data, "--epochs", "1", "--device", "cpu", "--no-progress",
+              "--no-tensorboard", "--no-final-test"]  # fmt: skip
+    code, _, err = run_cli(capsys, "train", *common, "--weights", "default", "--recipe", "last-2", "--scheduler",
+                           "none", "--out", tmp_path / "last2")  # fmt: skip
+    assert code == 0, err
+    folder.rename(tmp_path / "elsewhere")
+    code, _, err = run_cli(capsys, "train", "--out", tmp_path / "last2", "--resume", "--epochs", "2")
+    assert code == 0, err
+    assert checkpoint.load(tmp_path / "last2" / "last.pt")["epoch"] == 2
+    init = tmp_path / "last2" / "best.pt"
+    code, _, err = run_cli(capsys, "train", *common, "--init", init, "--out", tmp_path / "auto")  # the auto recipe
+    assert code == 0, err
+    assert json.loads((tmp_path / "auto" / "recipe.json").read_text())["choice"]["trained_stages"] >= 1
+
+
+@pytest.mark.slow
 def test_a_text_run_of_an_earlier_version_with_an_image_setting_resumes(tmp_path, capsys):
     # its --cache-views 2 was accepted and ignored then; now refused for a text model, the resume had no way out
     import yaml

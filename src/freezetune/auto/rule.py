@@ -39,9 +39,9 @@ def candidate_lr(lr: float, k: int, boost: float = LR_BOOST) -> float:
 def candidates(cfg: TrainConfig) -> tuple[list[int], str, bool]:
     """How many last stages each candidate trains, the stage the shared cache cuts before, and whether the model is a
     text model (no image preprocessing)."""
-    from freezetune.recipes.named import structure
+    from freezetune.recipes.named import structure_of
 
-    names, text = structure(cfg.model, cfg.img_size)  # the head is last
+    names, text = structure_of(cfg)  # the head is last
     # at least one stage stays frozen (the cache's point), except in a model of one stage and a head, whose only
     # candidate trains it (k = 0, the head alone, would be a linear probe, and has no LR rule)
     deepest = max(1, min(MAX_TRAINED_STAGES, len(names) - 2))

@@ -107,7 +107,7 @@ def _unused_by_the_probe(cfg: TrainConfig) -> str | None:
     names them as not used, and the recipe's run, given them no more, said nothing."""
     from freezetune.training.param_groups import resolve_stage_lrs
 
-    names = structure(cfg.model, cfg.img_size)[0]
+    names = structure_of(cfg)[0]
     lower = [n for n in resolve_stage_lrs(cfg.stage_lrs, list(names)) if n != names[-1]] if cfg.stage_lrs else []
     unused = [*([f"stage_lrs for {choices(lower)}"] if lower else []), *([f"decay {cfg.decay}"] if cfg.decay else [])]
     if not unused:
@@ -122,7 +122,7 @@ def _head_lr(cfg: TrainConfig) -> float:
         return cfg.lr
     from freezetune.training.param_groups import resolve_stage_lrs
 
-    names = structure(cfg.model, cfg.img_size)[0]
+    names = structure_of(cfg)[0]
     return resolve_stage_lrs(cfg.stage_lrs, list(names)).get(names[-1], cfg.lr)
 
 
@@ -196,10 +196,43 @@ def sets(recipe: str) -> tuple[str, ...]:
 
 def check_last_k(cfg: TrainConfig, recipe: str) -> None:
     """A ``last-k`` whose k the model's stages cannot give is the user's number, not a freeze spec's stage count."""
-    body = structure(cfg.model, cfg.img_size)[0][:-1]
+    body = structure_of(cfg)[0][:-1]
     if not 1 <= last_k(recipe) <= len(body):
         raise ConfigError(f"recipe {recipe!r}: k is out of range for {cfg.model}, whose {len(body)} stages before the "
                           f"head are {choices(body)}; choose last-1 to last-{len(body)}")  # fmt: skip
+
+
+def structure_of(cfg: TrainConfig) -> tuple[tuple[str, ...], bool]:
+    """``structure`` of ``cfg``'s model; an ``hf:DIR`` whose folder is gone is built from the files a checkpoint of
+    the run carries (``carried_hf_files``), as the run's set-up builds it: the resume of a recipe, or a run from an
+    ``--init`` of another machine, stopped at "cannot load 'hf:DIR'" before the run could."""
+    from freezetune.model import hf_bundle
+
+    model = cfg.model
+    if model.startswith(HF_PREFIX) and not os.path.isdir(model.removeprefix(HF_PREFIX)):
+        if folder := hf_bundle.rebuilt_folder(model, carried_hf_files(cfg)):
+            model = f"{HF_PREFIX}{folder}"
+    return structure(model, cfg.img_size)
+
+
+def carried_hf_files(cfg: TrainConfig) -> dict[str, str] | None:
+    """The ``hf:DIR`` files that ``cfg``'s ``--init`` checkpoint carries, else (a resume) the first checkpoint of its
+    run directory or of a phase or trial below it that carries them."""
+    from freezetune.run import checkpoint
+
+    found = [Path(cfg.init)] if cfg.init else []
+    if cfg.resume and cfg.out:
+        out = Path(cfg.out)
+        found += [out / checkpoint.LAST, out / checkpoint.BEST, *sorted(out.glob(f"*/{checkpoint.LAST}")),
+                  *sorted(out.glob(f"*/*/{checkpoint.BEST}"))]  # fmt: skip
+    for path in found:
+        try:
+            files = checkpoint.load(path, mmap=True).get("hf_files") if path.is_file() else None
+        except FreezetuneError:  # not a checkpoint: the run's own checks name it
+            files = None
+        if files:
+            return files
+    return None
 
 
 def structure(model_name: str, img_size: int | None) -> tuple[tuple[str, ...], bool]:
@@ -238,7 +271,7 @@ def check_test_data(cfg: TrainConfig) -> int | None:
     columns = Columns.given(cfg.text_column, cfg.label_column)
     splits = split_files(Path(cfg.data))
     text = splits is not None and text_csv_header(splits["train"], columns) is not None
-    text_model = text and structure(cfg.model, cfg.img_size)[1]
+    text_model = text and structure_of(cfg)[1]
     return check_test_split(cfg.data, skip_bad=cfg.skip_bad, text=columns if text_model else None)
 
 
