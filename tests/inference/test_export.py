@@ -299,8 +299,9 @@ def test_a_forced_export_replaces_its_model_folder_whole_and_no_folder_of_the_us
     # a folder no export of that name wrote (no sidecar names it): the user's model, say; not even --force
     (tmp_path / "u.hf").mkdir()
     (tmp_path / "u.hf" / "modules.json").write_text("mine")
-    with pytest.raises(CheckpointError, match="u.hf holds files no export of u wrote"):
-        export_checkpoint(hf_best_pt, tmp_path / "u.safetensors", force=True)
+    for force in (False, True):  # without --force, no "pass --force to overwrite": it would refuse that too
+        with pytest.raises(CheckpointError, match="u.hf holds files no export of u wrote .* not even --force"):
+            export_checkpoint(hf_best_pt, tmp_path / "u.safetensors", force=force)
     assert (tmp_path / "u.hf" / "modules.json").read_text() == "mine" and not (tmp_path / "u.safetensors").exists()
 
 

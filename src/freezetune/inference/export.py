@@ -72,9 +72,10 @@ def export_checkpoint(ckpt_path: str | Path, to: str | Path, *, force: bool = Fa
             raise CheckpointError(f"{folder} is a file, where this model's config and tokenizer files go (a folder "
                                   f"{folder.name}/ beside the weights): move it, or export under another name")  # fmt: skip
         if folder.exists() and not hf_bundle.holds(folder, files):  # not another format's export
-            if not force:
+            ours = _bundle_of_an_export(sidecar, folder)  # --force replaces the whole folder: only an export's
+            if not force and ours:
                 raise CheckpointError(f"{folder} already exists and holds other files; pass --force to overwrite")
-            if not _bundle_of_an_export(sidecar, folder):  # --force replaces the whole folder: only an export's
+            if not ours:  # (--force was advised for a folder it then would not replace)
                 raise CheckpointError(f"{folder} holds files no export of {to.stem} wrote (its sidecar {sidecar.name} "
                                       "names no such folder): not even --force replaces them; move it, or export "
                                       "under another name")  # fmt: skip
