@@ -210,6 +210,20 @@ def test_val_data_beside_a_val_csv_names_the_file_it_leaves_out_and_the_test_fil
         build_datasets(str(tmp_path / "mine.csv"), val_data=str(tmp_path / "mine.csv"), preprocess=text)
 
 
+def test_a_folder_of_split_files_without_a_training_file_says_so_and_a_train_json_is_told_its_name(tmp_path):
+    # both were "data 'f1' is not a text CSV; ... reads a CSV", nothing said of the file missing or misnamed
+    text = Preprocess(tokenizer=str(MINILM))
+    (tmp_path / "f1").mkdir(), (tmp_path / "jd").mkdir()
+    _csv(tmp_path / "f1" / "val.csv", n=1), _csv(tmp_path / "f1" / "test.csv", n=1)
+    with pytest.raises(DataError, match=r"it holds test.csv, val.csv but no training file: a folder of split files "
+                       r"needs a train.csv \(or .tsv, .jsonl\) beside them$"):  # fmt: skip
+        build_datasets(str(tmp_path / "f1"), preprocess=text)
+    (tmp_path / "jd" / "train.json").write_text('{"text": "fine", "label": "pos"}\n{"text": "bad", "label": "neg"}\n')
+    with pytest.raises(DataError, match=r"its train.json: one JSON object a line is read from a .jsonl file: rename "
+                       "it train.jsonl$"):  # fmt: skip
+        build_datasets(str(tmp_path / "jd"), preprocess=text)
+
+
 def test_train_refuses_a_text_csv_for_an_image_model_in_one_line(tmp_path, capsys):
     code, stdout, err = run_cli(capsys, *train_argv(_csv(tmp_path / "t.csv", n=1), tmp_path / "run"))
     assert code == 2 and err.startswith("freezetune: error:") and "is a text CSV" in err and "Traceback" not in err

@@ -179,7 +179,7 @@ def _check_kind(data: str, preprocess: Preprocess, what: str = "data", *, flags:
         header = csv_header(table)
         fix = _header_fix(table, header, flags, columns) if header else ""
         found = f" (its header: {', '.join(map(repr, header))}: {fix})" if header else ""
-        lines = f"; {json_lines.RENAME}" if json_lines.misnamed(path) else ""
+        lines = f"; {json_lines.RENAME}" if json_lines.misnamed(path) else _no_train_file(path)
         raise DataError(f"{what} '{data}' is not a text {table_kind(table)}{found}; the model is a text model (tokenizer "
                         f"'{preprocess.tokenizer}') and reads a CSV (or a .jsonl of objects) whose header names a "
                         f"text column ({columns.named('text')}) and a label column ({columns.named('label')})"
@@ -187,6 +187,23 @@ def _check_kind(data: str, preprocess: Preprocess, what: str = "data", *, flags:
     raise DataError(f"{what} '{data}' is a text {table_kind(path)} (it names a text column); the model is an image "
                     "model and reads images (an image folder, an IDX directory or a 'path,label' CSV); text models are "
                     "hf:DIR_OR_ID sequence classifiers")  # fmt: skip
+
+
+def _no_train_file(path: Path) -> str:
+    """What a folder of split files lacks, for a text model: its training file (``val.csv`` and ``test.csv`` alone), or
+    that file's name (``train.json``, as Hugging Face datasets' ``to_json`` names it)."""
+    if not path.is_dir():
+        return ""
+    names = sorted(f.name for f in path.iterdir() if f.is_file())
+    stems = {Path(n).stem.lower(): n for n in names}
+    train = next((stems[t] for t in TRAIN_DIRS if t in stems), None)
+    if train is not None and json_lines.misnamed(Path(train)):
+        return f"; its {train}: {json_lines.RENAME} {Path(train).stem}.jsonl"
+    tables = [n for n in names if Path(n).suffix.lower() in TABLE_SUFFIXES]
+    if train is None and tables:
+        return (f"; it holds {', '.join(tables)} but no training file: a folder of split files needs a train.csv (or "
+                ".tsv, .jsonl) beside them")  # fmt: skip
+    return ""
 
 
 def _header_fix(table: Path, header: list[str], flags: bool, columns: Columns) -> str:
