@@ -275,7 +275,7 @@ def test_a_hugging_face_pt2_gives_logits_without_transformers_and_shares_the_fol
     torch.testing.assert_close(out, _checkpoint_logits(hf_best_pt, x).logits, rtol=1e-5, atol=1e-6)
     (tmp_path / "o.hf").mkdir()
     (tmp_path / "o.hf" / "config.json").write_text("{}")  # the user's, not this checkpoint's
-    with pytest.raises(CheckpointError, match="o.hf already exists and holds other files"):
+    with pytest.raises(CheckpointError, match="o.hf holds files no export of o wrote .* not even --force replaces"):
         export_checkpoint(hf_best_pt, tmp_path / "o.pt2")
     assert not (tmp_path / "o.pt2").exists() and (tmp_path / "o.hf" / "config.json").read_text() == "{}"
     # a file where the folder goes: --force wrote the weights, then failed on the folder ("File exists"), and left
@@ -293,6 +293,8 @@ def test_a_forced_export_replaces_its_model_folder_whole_and_no_folder_of_the_us
     export_checkpoint(hf_best_pt, tmp_path / "m.safetensors")
     bundle = sorted(p.name for p in (tmp_path / "m.hf").iterdir())
     (tmp_path / "m.hf" / "modules.json").write_text("[]")  # an earlier export's file this bundle does not hold
+    with pytest.raises(CheckpointError, match="already exists.*; pass --force to overwrite"):  # an export's: --force
+        export_checkpoint(hf_best_pt, tmp_path / "m.safetensors")
     export_checkpoint(hf_best_pt, tmp_path / "m.safetensors", force=True)
     assert sorted(p.name for p in (tmp_path / "m.hf").iterdir()) == bundle
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.hf", "m.json", "m.safetensors"]  # no leftover

@@ -23,7 +23,8 @@ from freezetune.data import json_lines
 from freezetune.data.coverage import check_every_class_trains
 from freezetune.data.folder import FileImageDataset, is_skipped_folder, scan_folder
 from freezetune.data.idx import check_test_labels, idx_files, idx_pair_problem, is_idx_dir, load_idx, name_labels_as
-from freezetune.data.image_csv import IMAGE_COLUMNS, read_csv
+from freezetune.data.image_csv import read_csv
+from freezetune.data.kind import check_kind, is_text_table
 from freezetune.data.labels import nfc
 from freezetune.data.layout import (
     TEST_DIRS,
@@ -42,11 +43,6 @@ from freezetune.data.text_key import TextKey
 from freezetune.data.text_table import (
     TABLE_SUFFIXES,
     Columns,
-    csv_header,
-    first_row_is_data,
-    other_separator,
-    table_kind,
-    text_csv_header,
 )
 from freezetune.data.transforms import eval_transform, train_transform
 from freezetune.data.validation import resolve_validation
@@ -82,19 +78,6 @@ class DataBundle:
         return not self.no_refit
 
 
-def _text_csv(path: Path, preprocess: Preprocess) -> bool:
-    """Whether CSV ``path`` is a text dataset: its header names a text column (by the names ``Columns.of``
-    ``preprocess`` gives), and no image column too (a caption beside each image path), in which case the model
-    decides."""
-    splits = split_files(path)
-    if splits is not None:  # a folder of train.csv, val.csv, test.csv: a text dataset if its training file is
-        return _text_csv(splits["train"], preprocess)
-    header = text_csv_header(path, Columns.of(preprocess))
-    if header is None:
-        return False
-    return preprocess.is_text if IMAGE_COLUMNS & {c.strip().lower() for c in header} else True
-
-
 def check_paths_exist(data: str | None, val_data: str | None = None) -> None:
     """Refuse a data (or validation data) path that does not exist, in one line (a sweep's before its folder is made;
     a run's and an evaluation's before anything is read)."""
@@ -117,11 +100,11 @@ def _load_source(data: str, preprocess: Preprocess, *, read_test: bool = True, r
     check_paths_exist(data)
     _check_shape(data)
     if path.is_file():
-        if _text_csv(path, preprocess):
+        if is_text_table(path, preprocess):
             return "text", read_text_csv(path, columns=columns), None, None, False
         return "csv", read_csv(path, missing_ok=skip_bad), None, None, False
     splits = split_files(path)
-    if splits is not None and _text_csv(splits["train"], preprocess):  # train.csv, and val.csv and test.csv
+    if splits is not None and is_text_table(splits["train"], preprocess):  # train.csv, and val.csv and test.csv
         train = read_text_csv(splits["train"], columns=columns)
         val = read_text_csv(splits["val"], train.classes, columns) if "val" in splits and read_val else None
         test = read_test_file(splits["test"], train.classes, columns) if "test" in splits and read_test else None
@@ -163,68 +146,12 @@ def _check_shape(data: str, hint: str = "") -> None:
         raise DataError(f"'{data}' {problem}")
 
 
-def _check_kind(data: str, preprocess: Preprocess, what: str = "data", *, flags: bool = True) -> None:
-    """A text model reads a text CSV and an image model anything else: a mismatch is named before data is read
-    (it would otherwise end in the tokenizer or the image pipeline, far from its cause). ``flags``: the command
-    names columns with ``--text-column``/``--label-column`` for this run (train; eval's flags name others than the
-    columns the model trained on, its default)."""
-    path = Path(data)
-    if not path.exists():
-        return  # the reader says so, with what it expects
-    if _text_csv(path, preprocess) == preprocess.is_text:
-        return
-    if preprocess.is_text:
-        columns = Columns.of(preprocess)
-        table = (split_files(path) or {}).get("train", path)  # a folder of split files: its training file's header
-        header = csv_header(table)
-        fix = _header_fix(table, header, flags, columns) if header else ""
-        found = f" (its header: {', '.join(map(repr, header))}: {fix})" if header else ""
-        lines = f"; {json_lines.RENAME}" if json_lines.misnamed(path) else _no_train_file(path)
-        raise DataError(f"{what} '{data}' is not a text {table_kind(table)}{found}; the model is a text model (tokenizer "
-                        f"'{preprocess.tokenizer}') and reads a CSV (or a .jsonl of objects) whose header names a "
-                        f"text column ({columns.named('text')}) and a label column ({columns.named('label')})"
-                        f"{lines}")  # fmt: skip
-    raise DataError(f"{what} '{data}' is a text {table_kind(path)} (it names a text column); the model is an image "
-                    "model and reads images (an image folder, an IDX directory or a 'path,label' CSV); text models are "
-                    "hf:DIR_OR_ID sequence classifiers")  # fmt: skip
-
-
-def _no_train_file(path: Path) -> str:
-    """What a folder of split files lacks, for a text model: its training file (``val.csv`` and ``test.csv`` alone), or
-    that file's name (``train.json``, as Hugging Face datasets' ``to_json`` names it)."""
-    if not path.is_dir():
-        return ""
-    names = sorted(f.name for f in path.iterdir() if f.is_file())
-    stems = {Path(n).stem.lower(): n for n in names}
-    train = next((stems[t] for t in TRAIN_DIRS if t in stems), None)
-    if train is not None and json_lines.misnamed(Path(train)):
-        return f"; its {train}: {json_lines.RENAME} {Path(train).stem}.jsonl"
-    tables = [n for n in names if Path(n).suffix.lower() in TABLE_SUFFIXES]
-    if train is None and tables:
-        return (f"; it holds {', '.join(tables)} but no training file: a folder of split files needs a train.csv (or "
-                ".tsv, .jsonl) beside them")  # fmt: skip
-    return ""
-
-
-def _header_fix(table: Path, header: list[str], flags: bool, columns: Columns) -> str:
-    """What to do about a header that names no text column: the advice must be one the user can follow."""
-    if separator := other_separator(header):  # its columns read as one
-        return f"its columns are separated by {separator[0]}: {separator[1]}"
-    if fix := first_row_is_data(table):  # columns named after a row of data: that row was read as a header, and lost
-        return fix
-    if flags and len(columns.text) == 1:  # named already: "name its columns with --text-column" told them nothing
-        return f"it has no column '{columns.text[0]}', which --text-column names"
-    if flags:
-        return "name its columns with --text-column and --label-column"
-    return "name its columns with --text-column and --label-column, or rename them to those the model trained on"
-
-
 def _load_val(val_data: str, classes: list[str], preprocess: Preprocess, *, skip_bad: bool = False) -> Dataset:
     """Read explicit validation data (CSV, class folder or IDX directory's test split) against the train classes."""
     path = Path(val_data)
     check_paths_exist(None, val_data)
     if path.is_file():
-        if _text_csv(path, preprocess):
+        if is_text_table(path, preprocess):
             return read_text_csv(path, classes, Columns.of(preprocess))
         return read_csv(path, classes, missing_ok=skip_bad)
     if is_idx_dir(path):  # its labels are positions: matched to the training classes by name, as eval's are (they
@@ -334,9 +261,9 @@ def build_datasets(
     """
     # Check every option before reading data: loading a large IDX set only to fail on a typo wastes the user's time.
     _check_options(val_data, val_split, per_class)
-    _check_kind(data, preprocess)
+    check_kind(data, preprocess)
     if val_data is not None:
-        _check_kind(val_data, preprocess, "val data")
+        check_kind(val_data, preprocess, "val data")
     train_tf, eval_tf = train_transform(preprocess, aug), eval_transform(preprocess)
     source, train, val, test, has_test = _load_source(data, preprocess, read_test=final_test,
                                                       read_val=val_data is None, skip_bad=skip_bad)  # fmt: skip
@@ -408,7 +335,7 @@ def build_eval_dataset(data: str, *, preprocess: Preprocess, classes: list[str],
     path = Path(data)
     check_paths_exist(data)
     _check_shape(data, "; to classify files without labels, use freezetune predict")
-    _check_kind(data, preprocess, flags=False)
+    check_kind(data, preprocess, flags=False)
     if preprocess.is_text:  # a text CSV: its texts are tokenized per batch, they take no transform
         splits = split_files(path) or {}
         split = splits.get("test") or splits.get("val")
