@@ -224,6 +224,25 @@ def test_a_folder_of_split_files_without_a_training_file_says_so_and_a_train_jso
         build_datasets(str(tmp_path / "jd"), preprocess=text)
 
 
+def test_a_label_column_that_is_the_texts_column_is_named_and_swapped_columns_are_warned_of(tmp_path, caplog):
+    # --label-column text was told "name its columns with --text-column and --label-column", which it had; the two
+    # swapped trained 12 classes of one text each, said by nothing but a copy warning
+    data = _csv(tmp_path / "t.csv", n=1)
+    with pytest.raises(DataError, match=r"--label-column 'text' names the column its texts would be read from, which "
+                       "leaves none for them: name the labels' column with --label-column"):  # fmt: skip
+        build_datasets(str(data), preprocess=Preprocess(tokenizer=str(MINILM), label_column="text"))
+    with caplog.at_level(logging.WARNING, logger="freezetune"):
+        read_text_csv(data, columns=Columns.given("label", "text"))
+    assert (
+        "CSV 't.csv': each of its 12 rows has a label of its own (12 classes of one text): is its label column "
+        "'text' the texts' column?" in caplog.text.replace(str(tmp_path) + "/", "")
+    ), caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="freezetune"):
+        read_text_csv(data)
+    assert "a label of its own" not in caplog.text
+
+
 def test_train_refuses_a_text_csv_for_an_image_model_in_one_line(tmp_path, capsys):
     code, stdout, err = run_cli(capsys, *train_argv(_csv(tmp_path / "t.csv", n=1), tmp_path / "run"))
     assert code == 2 and err.startswith("freezetune: error:") and "is a text CSV" in err and "Traceback" not in err

@@ -11,6 +11,7 @@ from freezetune.data.image_csv import IMAGE_COLUMNS
 from freezetune.data.layout import TRAIN_DIRS, split_files
 from freezetune.data.text_table import (
     TABLE_SUFFIXES,
+    TEXT_COLUMNS,
     Columns,
     csv_header,
     first_row_is_data,
@@ -86,6 +87,11 @@ def _header_fix(table: Path, header: list[str], flags: bool, columns: Columns) -
         return fix
     if flags and len(columns.text) == 1:  # named already: "name its columns with --text-column" told them nothing
         return f"it has no column '{columns.text[0]}', which --text-column names"
+    named = {c.strip().lower() for c in header}
+    if flags and len(columns.label) == 1 and columns.label[0] in named and columns.label[0] in TEXT_COLUMNS:
+        # --label-column text: its texts' column taken for the labels, none left for the texts ("name its columns")
+        return (f"--label-column '{columns.label[0]}' names the column its texts would be read from, which leaves "
+                "none for them: name the labels' column with --label-column, or the texts' with --text-column")  # fmt: skip
     if flags:
         return "name its columns with --text-column and --label-column"
     return "name its columns with --text-column and --label-column, or rename them to those the model trained on"

@@ -10,6 +10,7 @@ of short texts stays short) and truncated at ``Preprocess.max_length``.
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -34,6 +35,9 @@ from freezetune.data.utf8 import where_not_utf8
 from freezetune.errors import ConfigError, DataError, MissingExtra, choices
 from freezetune.model.hf_bundle import TOKENIZER_FILES
 from freezetune.model.preprocess import Preprocess
+from freezetune.run.log import warn_once
+
+log = logging.getLogger(__name__)
 
 
 class TextDataset(Dataset):
@@ -68,6 +72,9 @@ class TextDataset(Dataset):
                            self.same_as)  # fmt: skip
 
 
+_ALL_DISTINCT_FROM = 10  # rows from which a label of each row's own is named (a handful may be a test's)
+
+
 def read_text_csv(path: str | Path, classes: list[str] | None = None, columns: Columns = Columns()) -> TextDataset:
     """Read a CSV with a header naming one text column and one label column (any order, other columns ignored), by
     the names ``columns`` gives.
@@ -91,6 +98,10 @@ def read_text_csv(path: str | Path, classes: list[str] | None = None, columns: C
     if classes is None:
         classes = sorted_labels(set(labels))
         warn_similar_labels(path, classes)
+        if len(labels) >= _ALL_DISTINCT_FROM and len(classes) == len(labels):  # the columns swapped, say
+            warn_once(log, "%s '%s': each of its %d rows has a label of its own (%d classes of one text): is its "
+                      "label column '%s' the texts' column? Name the columns with --text-column and --label-column",
+                      table_kind(path), path, len(labels), len(classes), header[cols["label"]])  # fmt: skip
     index = {nfc(c): i for i, c in enumerate(classes)}  # a run's classes from before labels were normalised, too
     unknown = sorted(set(labels) - set(index))
     if unknown:
