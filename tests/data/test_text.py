@@ -700,6 +700,15 @@ def test_a_csv_whose_quote_runs_rows_together_is_named_with_its_lines(tmp_path, 
         "quoted cell(s) span several lines with a comma on a later one, e.g. lines 2-5: a double quote" in caplog.text
     )
     caplog.clear()
+    # a run-on that leaves its row without a label: one line, the refusal naming its cause (it was a warning, then it)
+    (tmp_path / "cut.csv").write_text('text,label\ngood one,pos\nbad one,neg\n"a stray quote,pos\nfine,neg\nok,pos\n')
+    with caplog.at_level("WARNING", logger="freezetune"), pytest.raises(DataError) as refused:
+        read_text_csv(tmp_path / "cut.csv")
+    assert str(refused.value).endswith("line 4 has 1 column(s); its label is column 2; 1 quoted cell(s) span several "
+                                       "lines with a comma on a later one, e.g. lines 4-6: a double quote left open "
+                                       '("a stray quote,pos) makes one text of every row up to the next quote; close '
+                                       'it, or quote the whole text ("she said ""hi""",pos)')  # fmt: skip
+    assert "span several lines" not in caplog.text
     (tmp_path / "ok.csv").write_text('text,label\n"a review\nin two lines",pos\nfine,neg\n')  # a quoted line break
     with caplog.at_level("WARNING", logger="freezetune"):
         assert read_text_csv(tmp_path / "ok.csv").texts == ["a review\nin two lines", "fine"]

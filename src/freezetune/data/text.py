@@ -87,12 +87,12 @@ def read_text_csv(path: str | Path, classes: list[str] | None = None, columns: C
     ['neg', 'pos']
     """
     path = Path(path)
-    header, rows, lines = read_rows(path, columns)
+    header, rows, lines, run_on = read_rows(path, columns)
     cols = {role: column_index(path, header, role, columns, rows) for role in ("text", "label")}
     if not rows:
         raise DataError(f"{table_kind(path)} '{path}' has no rows under its header; expected a text and its label on "
                         "each row")  # fmt: skip
-    check_rows(path, rows, lines, cols, header)
+    check_rows(path, rows, lines, cols, header, run_on=run_on)
     # in NFC, as an image CSV's: "très bien" typed on macOS (decomposed) and on Linux (composed) is one class
     labels = [nfc(r[cols["label"]].strip()) for r in rows]
     if classes is None:
@@ -139,9 +139,9 @@ def numbered_texts(path: str | Path, columns: Columns = Columns()) -> list[tuple
         raise DataError(f"'{path}': texts as JSON objects, one a line, are read from a .jsonl file: rename it (a "
                         "text model reads one text a line from other files)")  # fmt: skip
     if path.suffix.lower() in TABLE_SUFFIXES:
-        header, rows, lines = read_rows(path, columns)
+        header, rows, lines, run_on = read_rows(path, columns)
         cols = {"text": column_index(path, header, "text", columns, rows)}
-        check_rows(path, rows, lines, cols, header, empty_ok=True)
+        check_rows(path, rows, lines, cols, header, run_on=run_on, empty_ok=True)
         texts = [(line, r[cols["text"]]) for line, r in zip(lines, rows, strict=True)]
     else:
         try:

@@ -127,29 +127,33 @@ def csv_header(path: Path) -> list[str] | None:
         return None
 
 
-def read_rows(path: Path, columns: Columns = Columns()) -> tuple[list[str], list[list[str]], list[int]]:
-    """The header of a CSV (stripped, lower case), its rows, and the line of the file each row starts on (a quoted
-    text may span lines); blank lines are skipped. A ``.tsv`` is read as written (``_tsv_parsed``); a ``.jsonl``: its
-    keys and objects (``json_lines.read``).
+def read_rows(path: Path,
+              columns: Columns = Columns()) -> tuple[list[str], list[list[str]], list[int], list[tuple[int, int]]]:  # fmt: skip
+    """The header of a CSV (stripped, lower case), its rows, the line of the file each row starts on (a quoted text
+    may span lines), and the (first, last) lines of the rows a quote ran on over (``_run_on``); blank lines are
+    skipped. A ``.tsv`` is read as written (``_tsv_parsed``); a ``.jsonl``: its keys and objects
+    (``json_lines.read``).
 
-    A double quote left open ran every row up to the next quote into one text, in silence (5 texts trained of 12): a
-    CSV's is named in a warning (a quoted text may hold line breaks and commas; ``columns`` finds its label column).
+    A double quote left open ran every row up to the next quote into one text, in silence (5 texts trained of 12):
+    ``check_rows`` names a CSV's (a quoted text may hold line breaks and commas; ``columns`` finds its label column).
     """
     if path.suffix.lower() == json_lines.JSON_LINES:
-        return json_lines.read(path)
+        return (*json_lines.read(path), [])
     if delimiter(path) == "\t":
         rows, lines, _ = _tsv_parsed(path, columns)
+        run_on = []
     else:
         rows, lines, run_on = _parsed(path, csv.QUOTE_MINIMAL, columns)
-        if run_on:
-            shown = ", ".join(f"lines {a}-{b}" for a, b in run_on[:3])
-            warn_once(log, "CSV '%s': %d quoted cell(s) span several lines with a comma on a later one, e.g. %s: a "
-                      "double quote left open (\"a stray quote,pos) makes one text of every row up to the next quote; "
-                      "close it, or quote the whole text (\"she said \"\"hi\"\"\",pos)", path, len(run_on),
-                      shown)  # fmt: skip
     if not rows:
         raise DataError(f"CSV '{path}' is empty; expected a header naming a text and a label column")
-    return [c.strip().lower() for c in rows[0]], rows[1:], lines[1:]
+    return [c.strip().lower() for c in rows[0]], rows[1:], lines[1:], run_on
+
+
+def _run_on_said(path: Path, run_on: list[tuple[int, int]]) -> str:
+    shown = ", ".join(f"lines {a}-{b}" for a, b in run_on[:3])
+    return (f"{len(run_on)} quoted cell(s) span several lines with a comma on a later one, e.g. {shown}: a double "
+            'quote left open ("a stray quote,pos) makes one text of every row up to the next quote; close it, or '
+            'quote the whole text ("she said ""hi""",pos)')  # fmt: skip
 
 
 def _tsv_parsed(path: Path, columns: Columns) -> tuple[list[list[str]], list[int], list[tuple[int, int]]]:
@@ -337,9 +341,11 @@ def blank(text: str) -> bool:
 
 
 def check_rows(path: Path, rows: list[list[str]], lines: list[int], cols: dict[str, int], header: list[str], *,
-                empty_ok: bool = False) -> None:  # fmt: skip
+               run_on: list[tuple[int, int]] = (), empty_ok: bool = False) -> None:  # fmt: skip
     """Refuse the first row that is not a text and its label under ``header``, named by its line in the file
-    (``empty_ok``: an empty text is one, to predict on: refusing it lost every other row's prediction)."""
+    (``empty_ok``: an empty text is one, to predict on: refusing it lost every other row's prediction). The rows a
+    quote ran on over (``read_rows``' ``run_on``) are named in the refusal of one of them, else in a warning: the
+    warning, then the refusal, were two lines for one mistake."""
     if names := _row_names(path, rows, header):  # every row "a text with a comma": advice that cannot help
         shown = ", ".join(map(repr, names[:3])) + ", ..." * (len(names) > 3)
         raise DataError(f"{table_kind(path)} '{path}': every row has one cell more than the header, first a row "
@@ -347,8 +353,11 @@ def check_rows(path: Path, rows: list[list[str]], lines: list[int], cols: dict[s
                         "with write.table(..., row.names = FALSE)")  # fmt: skip
     problems = ((n, p) for n, r in zip(lines, rows, strict=True) if (p := _row_problem(r, cols, header, empty_ok)))
     problem = next(problems, None)
-    if problem is not None:
-        raise DataError(f"{table_kind(path)} '{path}' line {problem[0]} {problem[1]}")
+    if problem is not None:  # a quote's run-on said in the same line, where it made this row
+        cause = next((f"; {_run_on_said(path, run_on)}" for a, b in run_on if a <= problem[0] <= b), "")
+        raise DataError(f"{table_kind(path)} '{path}' line {problem[0]} {problem[1]}{cause}")
+    if run_on:
+        warn_once(log, "CSV '%s': %s", path, _run_on_said(path, run_on))
 
 
 def _row_names(path: Path, rows: list[list[str]], header: list[str]) -> list[str]:
