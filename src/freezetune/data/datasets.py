@@ -342,7 +342,7 @@ def build_eval_dataset(data: str, *, preprocess: Preprocess, classes: list[str],
         if path.is_dir() and split is None:
             raise DataError(f"'{data}' has {splits['train'].name} but no test or val file to evaluate on")
         ds = read_text_csv(split or path, classes, Columns.of(preprocess))
-        ds.source = f"every row of {split or path}"
+        ds.source = f"the {split.name} file of {path}" if split is not None else f"every row of {path}"
         return ds
     if path.is_dir() and is_idx_dir(path):
         split = "test" if idx_files(path, "test") else "train"
