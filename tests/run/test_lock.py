@@ -20,9 +20,9 @@ HOLDER = "import sys, time; from freezetune.run import lock as run_lock; run_loc
 
 
 @contextlib.contextmanager
-def held_elsewhere(run_dir: Path):
+def held_elsewhere(run_dir: Path, env: dict | None = None):
     """Another process holding ``run_dir`` (as a run training there does) until the block ends; its pid."""
-    proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(run_dir)], stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(run_dir)], stdout=subprocess.PIPE, text=True, env=env)
     try:
         assert proc.stdout.readline().strip() == "held"
         yield proc
@@ -41,6 +41,19 @@ def test_a_directory_another_process_holds_is_refused_until_that_process_dies(tm
         holder.wait()
         with run_lock.scope():
             run_lock.claim(tmp_path / "run")
+
+
+def test_a_process_with_a_temp_dir_of_its_own_holds_the_same_lock(tmp_path, monkeypatch):
+    # two batch jobs, each given a TMPDIR of its own by the scheduler, both ran into one --out: each locked in its own
+    import os
+    import tempfile
+
+    (tmp_path / "job1").mkdir(), (tmp_path / "job2").mkdir()
+    with held_elsewhere(tmp_path / "run", env={**os.environ, "TMPDIR": str(tmp_path / "job1")}) as holder:
+        monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "job2"))
+        with pytest.raises(RunDirInUse, match=rf"in use by another freezetune process \(pid {holder.pid}\)"):
+            run_lock.claim(tmp_path / "run")
+    assert list((tmp_path / "job1").iterdir()) == list((tmp_path / "job2").iterdir()) == []
 
 
 def test_claims_are_reentrant_in_a_process_and_released_by_the_scope_that_made_them(tmp_path):
@@ -148,9 +161,8 @@ def test_a_lock_folder_others_can_write_is_not_used_and_the_run_goes_on_unguarde
     # the temp dir is shared: a folder another user made first could hold links to this user's files, which the
     # pid would then be written into
     import os
-    import tempfile
 
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setattr(run_lock, "LOCK_ROOT", str(tmp_path))
     folder = tmp_path / f"freezetune-locks-{os.getuid()}"
     folder.mkdir()
     folder.chmod(0o777)

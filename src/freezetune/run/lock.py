@@ -7,12 +7,13 @@ run-dir checks, wrote each other's ``metrics.csv`` rows and checkpoints, and bot
 check of the files can tell them apart; a lock held by the live process can.
 
 The lock is an ``flock`` on a file named after the directory's absolute path (``_identity``: its names casefolded in a
-folder that finds names whatever their case, as macOS's do) in a per-user folder under the temp dir, not in the run
-directory itself: a refused command leaves the user's folder as it was, and a run not yet set up
-creates nothing (the run dir is made once the model and data are ready). The kernel drops an ``flock`` when its
-process dies, even by SIGKILL: no stale lock is left to clear. It guards the processes that share a temp dir (one
-machine's, the usual case); a batch job with a ``TMPDIR`` of its own, or another machine on a network folder, is not
-seen. Only a private folder of the user's is used (another user's could hold links to this user's files); without
+folder that finds names whatever their case, as macOS's do) in a per-user folder under ``/tmp`` (``LOCK_ROOT``,
+whatever ``TMPDIR`` says; the temp dir where there is no ``/tmp`` to write in), not in the run directory itself: a
+refused command leaves the user's folder as it was, and a run not yet set up creates nothing (the run dir is made once
+the model and data are ready). The kernel drops an ``flock`` when its process dies, even by SIGKILL: no stale lock is
+left to clear. It guards the processes of one machine, batch jobs with a ``TMPDIR`` of their own included; a job
+given a ``/tmp`` of its own (a container, a scheduler's private ``/tmp``), or another machine on a network folder, is
+not seen. Only a private folder of the user's is used (another user's could hold links to this user's files); without
 one, or without ``fcntl`` (Windows), nothing is locked.
 
 Claims are re-entrant within the process (the auto recipe claims its directory, then its final run claims it again)
@@ -152,8 +153,19 @@ def scope() -> Iterator[list[Path]]:
             _release(key)
 
 
+# the machine's temp dir, whatever TMPDIR says: a batch job's TMPDIR of its own (a scheduler's per-job folder) hid
+# one job's lock from the other's, and two jobs wrote one --out
+LOCK_ROOT = "/tmp"
+
+
+def _lock_root() -> str:
+    """Where the lock folder is made: ``LOCK_ROOT`` where it is a folder this process may write in, else the temp
+    dir."""
+    return LOCK_ROOT if os.path.isdir(LOCK_ROOT) and os.access(LOCK_ROOT, os.W_OK | os.X_OK) else tempfile.gettempdir()
+
+
 def _lock_file(key: str) -> Path:
-    folder = Path(tempfile.gettempdir()) / f"freezetune-locks-{os.getuid()}"
+    folder = Path(_lock_root()) / f"freezetune-locks-{os.getuid()}"
     folder.mkdir(mode=0o700, exist_ok=True)
     # a folder another user made first (the temp dir is shared) could hold links to this user's files, which the
     # pid would be written into: only a private folder of this user's is used
