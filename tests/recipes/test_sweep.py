@@ -306,6 +306,12 @@ def test_a_sweep_into_its_data_or_onto_a_file_is_refused_before_it_writes_anythi
     )
     assert code == 2 and "cannot hold the folder of recipe(s) full (" in err and len(err.strip().splitlines()) == 1
     assert sorted(p.name for p in (tmp_path / "su").iterdir()) == ["full"], err
+    # a file where the recipes' shared features go: refused after sweep.log and sweep_config.yaml were written
+    (tmp_path / "sf").mkdir()
+    (tmp_path / "sf" / "features").write_text("mine")
+    code, out, err = run_cli(capsys, "sweep", *train_argv(images, tmp_path / "sf")[1:], "--recipes", "linear-probe")
+    assert code == 2 and "cannot hold the features the recipes share, " in err and "give --cache-dir" in err, err
+    assert sorted(p.name for p in (tmp_path / "sf").iterdir()) == ["features"] and len(err.strip().splitlines()) == 1
 
 
 def test_sweep_refuses_an_option_one_of_its_recipes_sets_itself(data, tmp_path, capsys):

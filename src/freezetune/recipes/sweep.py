@@ -80,6 +80,10 @@ def sweep(cfg: TrainConfig, recipes: str | list[str] | tuple[str, ...] = SWEEP_D
     if taken:
         raise ConfigError(f"--out {str(out)!r} cannot hold the folder of recipe(s) {', '.join(taken)}: move it, or "
                           "choose another --out")  # fmt: skip
+    features = next(iter(runs.values())).cache_dir  # (the sweep's features/ without --cache-dir)
+    if cfg.cache_dir is None and (problem := folder_problem(features)):  # refused after sweep.log was written
+        raise ConfigError(f"--out {str(out)!r} cannot hold the features the recipes share, '{features}' "
+                          f"({problem}): move it, or give --cache-dir")  # fmt: skip
 
     with run_lock.scope():  # two sweeps into one dir both "won", with different winners: the second is refused
         info = init_from_env(cfg.device)  # under torchrun rank 0 says, writes and scores for all (as train does)
@@ -206,7 +210,8 @@ def _run_recipe(name: str, cfg: TrainConfig, echo: Callable[[str], None], info: 
 
     saved = Path(cfg.out) / ROW_FILE
     if cfg.resume and saved.is_file():
-        echo(f"sweep: recipe {name} finished before the interruption: its row from {saved}")
+        # (finished before a stop, or before a budget left the others out: no interruption to speak of)
+        echo(f"sweep: recipe {name} finished in an earlier call of this sweep: its row from {saved}")
         return _read_back(saved), True
     echo(f"sweep: recipe {name}")
     if cfg.resume and not Path(cfg.out).exists():  # the sweep stopped before this recipe began: it starts afresh
