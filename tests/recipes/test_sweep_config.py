@@ -98,6 +98,10 @@ def test_a_moved_sweeps_winner_reads_its_features_where_the_sweep_lies_now(tmp_p
     winner = new / "winner.yaml"
     winner.write_text(f"data: d\nrecipe: auto\ncache_dir: {old / 'features'}\n")
     assert load_config(str(winner)).cache_dir == str(new / "features")
+    renamed = tmp_path / "new" / "sweep-renamed"  # renamed: the old folder was made again, empty, and read
+    new.rename(renamed)
+    assert load_config(str(renamed / "winner.yaml")).cache_dir == str(renamed / "features")
+    renamed.rename(new)
     (new / "features").rmdir()  # gone with the old folder: the run computes its features again
     assert load_config(str(winner)).cache_dir is None
     winner.write_text(f"data: d\nrecipe: auto\ncache_dir: {tmp_path / 'team' / 'features'}\n")  # the user's own

@@ -67,15 +67,17 @@ def _as_its_sweep_is_now(values: dict[str, Any], path: Path) -> dict[str, Any]:
     features its recipes shared, recorded absolute, is read under this folder once the sweep was moved (the winner's
     run tried to make the old folder's ``features/``, refused where that path's parents are not this user's); gone
     with the old folder, the run computes its features again, as a run without ``cache_dir`` does."""
-    from freezetune.run.log import SWEEP_SETTINGS  # (run reads configs too)
+    from freezetune.run.log import SWEEP_FEATURES, SWEEP_SETTINGS  # (run reads configs too)
 
     value = values.get("cache_dir")
     if not (path.parent / SWEEP_SETTINGS).is_file() or not isinstance(value, str) or os.path.exists(value):
         return values
+    here = path.parent / Path(value).name
+    if Path(value).name == SWEEP_FEATURES and here.is_dir():  # moved, or renamed (its old name made again, empty)
+        return {**values, "cache_dir": str(here)}
     if Path(value).parent.name != path.parent.name:  # a --cache-dir of the user's, not gone with the sweep: as given
         return values
-    here = path.parent / Path(value).name
-    return {**values, "cache_dir": str(here) if here.is_dir() else None}
+    return {**values, "cache_dir": None}
 
 
 def _as_its_run_is_now(values: dict[str, Any], path: Path) -> dict[str, Any]:

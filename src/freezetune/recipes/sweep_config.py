@@ -30,6 +30,7 @@ from freezetune.config.train_config import INVALID, TrainConfig, epochs_of
 from freezetune.config.values import dump_yaml
 from freezetune.errors import ConfigError, choices, setting
 from freezetune.run.directory import SWEEP_SETTINGS as SETTINGS_FILE
+from freezetune.run.log import SWEEP_FEATURES
 
 _DEFAULTS = TrainConfig()
 
@@ -193,7 +194,7 @@ def run_configs(cfg: TrainConfig, names: list[str], out: Path, *, need_data: boo
     """Each recipe's config, all validated before the first one trains (an option a recipe sets itself, say);
     ``need_data``: as ``validate`` takes it (``sweep --print-config`` writes a template a run completes)."""
     refuse_own_freeze(cfg)
-    features = cfg.cache_dir or os.path.abspath(out / "features")  # each recipe's config.yaml names it
+    features = cfg.cache_dir or os.path.abspath(out / SWEEP_FEATURES)  # each recipe's config.yaml names it
     # every recipe is judged on the validation split: the auto recipe keeps it through its final run (no refit)
     from freezetune.recipes import named as recipes
 

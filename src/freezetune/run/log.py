@@ -42,6 +42,7 @@ RUN_LOGS = (LOG_FILE, SWEEP_LOG)
 # leaves it out; a user's own train.log alone, which RUN_LOGS would take for a run's, does not)
 RUN_MARK = ".freezetune-run"
 SWEEP_SETTINGS = "sweep_config.yaml"  # the settings every recipe of a sweep ran with (its --resume must keep them)
+SWEEP_FEATURES = "features"  # the features a sweep's recipes share, in its folder (without --cache-dir)
 RUN_FOLDER_MARKS = (RUN_MARK, SWEEP_SETTINGS)
 WARNING_FORMAT = "%(levelname)s %(name)s: %(message)s"  # a logged warning, on stderr and in the log
 command: str | None = None  # the command line that started this process, when the CLI did (the log's header names it)
