@@ -136,7 +136,8 @@ def test_a_resumed_sweep_keeps_the_measured_seconds_of_the_recipes_finished_befo
     assert [r["train_s"] for r in resumed.rows] == [measured["linear-probe"], measured["last-2"]]
 
 
-def test_a_sweep_resumes_from_its_out_alone_with_its_own_settings_and_recipes(data, tmp_path, capsys, monkeypatch):
+def test_a_sweep_resumes_from_its_out_alone_with_its_own_settings_and_recipes(data, tmp_path, capsys, monkeypatch,
+                                                                              caplog):  # fmt: skip
     # "sweep --out S --resume" said "data is required": unlike train's, a sweep's resume needed its whole command
     real, stopped = recipes.run, []
 
@@ -178,6 +179,19 @@ def test_a_sweep_resumes_from_its_out_alone_with_its_own_settings_and_recipes(da
     assert code == 0, err
     settings = yaml.safe_load((out / "sweep_config.yaml").read_text())
     assert settings["budget"] == "2h" and settings["label_smoothing"] == 0.2
+    # a winner.yaml the user edited (refit: true, as the docs suggest) was written over by the next resume, unsaid
+    written = (out / "winner.yaml").read_text()
+    (out / "winner.yaml").write_text(written.replace("refit: false", "refit: true"))
+    with caplog.at_level("WARNING", logger="freezetune"):
+        code, said, err = run_cli(capsys, "sweep", "--out", out, "--resume", "--budget", "2h")
+    assert code == 0 and (out / "winner.yaml").read_text() == written, err
+    assert "refit: true" in (out / "winner.earlier-1.yaml").read_text()
+    assert (
+        "winner.yaml differed from the winner's config this sweep writes (edited, or an earlier winner's): kept "
+        "as winner.earlier-1.yaml" in caplog.text
+    ), caplog.text
+    code, _, err = run_cli(capsys, "sweep", "--out", out, "--resume", "--budget", "2h")  # the same: nothing kept
+    assert code == 0 and not (out / "winner.earlier-2.yaml").exists(), err
 
 
 def test_a_sweep_refuses_cache_at_in_one_line_and_a_stop_before_it_recorded_anything_promises_no_resume(

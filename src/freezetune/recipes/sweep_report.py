@@ -7,13 +7,20 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
+import logging
 import math
+import os
 from pathlib import Path
 
 from freezetune._io import atomic_output, atomic_write_text
 from freezetune.config.options import DEFAULT_MONITOR
 from freezetune.config.values import dump_yaml
+from freezetune.run.log import warn_once
 from freezetune.training.epoch_log import human
+
+log = logging.getLogger(__name__)
+WINNER_FILE = "winner.yaml"  # the config that trains the sweep's winner again
 
 # detail: what the auto recipe chose (its row and last-k's can train the same stages, at other LRs and starts), or why
 # a recipe did not run (the budget was spent)
@@ -68,7 +75,24 @@ def write(out: Path, rows: list[dict], not_run: list[dict], winner: str, metric:
     writer.writerows(rows + not_run)
     atomic_write_text(out / "sweep.csv", text.getvalue())
     _plot(rows, winner, out / "sweep.png", metric)
-    atomic_write_text(out / "winner.yaml", dump_yaml(winner_config))
+    _keep_earlier_winner(out / WINNER_FILE, text := dump_yaml(winner_config))
+    atomic_write_text(out / WINNER_FILE, text)
+
+
+def _keep_earlier_winner(path: Path, text: str) -> None:
+    """Keep a ``winner.yaml`` that differs from the one a resumed sweep writes now, beside it, said in a warning: one
+    the user edited (its ``refit: true``, as auto-recipe.md suggests) was replaced in silence. (It may also be an
+    earlier winner, the resume having run recipes a budget left out.)"""
+    try:
+        earlier = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        earlier = None if not path.exists() else ""
+    if earlier is None or earlier == text:
+        return
+    kept = next(p for i in itertools.count(1) if not (p := path.with_name(f"winner.earlier-{i}.yaml")).exists())
+    os.replace(path, kept)
+    warn_once(log, "%s differed from the winner's config this sweep writes (edited, or an earlier winner's): kept as "
+              "%s", path, kept.name)  # fmt: skip
 
 
 def _plot(rows: list[dict], winner: str, path: Path, metric: str) -> None:
