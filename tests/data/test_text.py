@@ -1229,16 +1229,23 @@ def test_a_text_run_resumed_on_other_texts_or_labels_of_the_same_count_is_refuse
     assert code == 0, err
 
 
-@pytest.mark.slow
-def test_a_run_from_an_init_checkpoint_builds_from_its_bundled_files_where_the_model_folder_is_gone(
-    tmp_path, capsys, monkeypatch
-):
-    # a recipe resumed on another machine starts its next phase from the previous phase's best.pt: "cannot load"
+def _model_folder_of_ones_own(tmp_path: Path, monkeypatch) -> tuple[Path, Path]:
+    """A copy of MiniLM's folder to move away, a small text CSV, and a cache of the test's own for the files a
+    checkpoint carries."""
     import shutil
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     folder, data = tmp_path / "minilm", _csv(tmp_path / "t.csv", n=1)
     shutil.copytree(MINILM, folder)
+    return folder, data
+
+
+@pytest.mark.slow
+def test_a_run_from_an_init_checkpoint_builds_from_its_bundled_files_where_the_model_folder_is_gone(
+    tmp_path, capsys, monkeypatch
+):
+    # a recipe resumed on another machine starts its next phase from the previous phase's best.pt: "cannot load"
+    folder, data = _model_folder_of_ones_own(tmp_path, monkeypatch)
     common = ["--model", f"hf:{folder}", "--data", data, "--epochs", "1", "--freeze", "-3", "--device", "cpu",
               "--no-progress", "--no-tensorboard"]  # fmt: skip
     code, _, err = run_cli(capsys, "train", *common, "--weights", "default", "--out", tmp_path / "first")
@@ -1257,11 +1264,7 @@ def test_a_recipe_resumed_or_begun_from_an_init_where_the_model_folder_is_gone_b
 ):
     # the recipes' checks built the model from the folder: "cannot load 'hf:...': not a local directory" for a
     # last-2 run's resume and for the auto recipe's run from an --init, where a plain run built from the files
-    import shutil
-
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    folder, data = tmp_path / "minilm", _csv(tmp_path / "t.csv", n=1)
-    shutil.copytree(MINILM, folder)
+    folder, data = _model_folder_of_ones_own(tmp_path, monkeypatch)
     common = ["--model", f"hf:{folder}", "--data", data, "--epochs", "1", "--device", "cpu", "--no-progress",
               "--no-tensorboard", "--no-final-test"]  # fmt: skip
     code, _, err = run_cli(capsys, "train", *common, "--weights", "default", "--recipe", "last-2", "--scheduler",
