@@ -45,9 +45,10 @@ def warn_own_validation_unused(data: str, val_data: str) -> None:
     if not path.is_dir():
         return
     splits = split_files(path)
-    own = (
-        splits.get("val") if splits is not None else first_dir(path, VAL_DIRS) if first_dir(path, TRAIN_DIRS) else None
-    )
+    if splits is not None:  # a text folder's split files
+        own = splits.get("val")
+    else:  # an image folder's val/ beside its train/ (a flat layout has none)
+        own = first_dir(path, VAL_DIRS) if first_dir(path, TRAIN_DIRS) is not None else None
     if own is not None and os.path.realpath(own) != os.path.realpath(val_data):
         warn_once(log, "'%s' has a validation %s of its own, '%s': --val-data '%s' validates instead, and what '%s' "
                   "holds is neither trained nor validated on", data, "file" if own.is_file() else "folder", own.name,

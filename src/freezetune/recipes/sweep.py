@@ -38,7 +38,7 @@ from freezetune.recipes import sweep_config, sweep_report
 from freezetune.run import lock as run_lock
 from freezetune.run.directory import SWEEP_SETTINGS as SETTINGS_FILE
 from freezetune.run.directory import check_folders, folder_problem
-from freezetune.run.log import SWEEP_LOG, log, log_to, opened, when_opened
+from freezetune.run.log import SWEEP_FEATURES, SWEEP_LOG, log, log_to, opened, when_opened
 
 ROW_FILE = "sweep_row.json"  # a finished recipe's row, in its run directory
 # what a sweep's runs name when data without validation images is refused at set-up (``trainer.train``)
@@ -80,7 +80,7 @@ def sweep(cfg: TrainConfig, recipes: str | list[str] | tuple[str, ...] = SWEEP_D
     if taken:
         raise ConfigError(f"--out {str(out)!r} cannot hold the folder of recipe(s) {', '.join(taken)}: move it, or "
                           "choose another --out")  # fmt: skip
-    features = next(iter(runs.values())).cache_dir  # (the sweep's features/ without --cache-dir)
+    features = out / SWEEP_FEATURES  # where the recipes share their features without --cache-dir (run_configs)
     if cfg.cache_dir is None and (problem := folder_problem(features)):  # refused after sweep.log was written
         raise ConfigError(f"--out {str(out)!r} cannot hold the features the recipes share, '{features}' "
                           f"({problem}): move it, or give --cache-dir")  # fmt: skip
@@ -103,7 +103,7 @@ def _check_out(out: Path, *, resume: bool) -> None:
 
     # a sweep records its settings before it writes any of these
     if not sweep_config.is_sweep_settings(out / SETTINGS_FILE):
-        foreign = [name for name in ("sweep.csv", "winner.yaml", SETTINGS_FILE, "sweep.png", SWEEP_LOG)
+        foreign = [name for name in ("sweep.csv", sweep_report.WINNER_FILE, SETTINGS_FILE, "sweep.png", SWEEP_LOG)
                    if (out / name).exists()]  # fmt: skip
         if foreign:  # a user's files of these names were replaced in silence (with --resume, as "already holds a
             # sweep (sweep.csv)" advised, the sweep started afresh over them)

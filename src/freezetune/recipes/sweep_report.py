@@ -83,12 +83,13 @@ def _keep_earlier_winner(path: Path, text: str) -> None:
     """Keep a ``winner.yaml`` that differs from the one a resumed sweep writes now, beside it, said in a warning: one
     the user edited (its ``refit: true``, as auto-recipe.md suggests) was replaced in silence. (It may also be an
     earlier winner, the resume having run recipes a budget left out.)"""
-    try:
-        earlier = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError):
-        earlier = None if not path.exists() else ""
-    if earlier is None or earlier == text:
+    if not path.exists():
         return
+    try:
+        if path.read_text(encoding="utf-8") == text:
+            return
+    except (OSError, UnicodeDecodeError):  # not this sweep's text either: kept as well
+        pass
     kept = next(p for i in itertools.count(1) if not (p := path.with_name(f"winner.earlier-{i}.yaml")).exists())
     os.replace(path, kept)
     warn_once(log, "%s differed from the winner's config this sweep writes (edited, or an earlier winner's): kept as "
