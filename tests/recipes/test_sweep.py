@@ -292,6 +292,19 @@ def test_sweep_refuses_a_repeated_or_empty_recipe_list_before_training(data, tmp
     assert not (tmp_path / "sweep").exists()
 
 
+def test_a_sweeps_recipes_given_as_key_value_are_its_recipes_and_refused_beside_recipes(data, tmp_path, capsys):
+    # recipes=... was refused as an unknown key, "did you mean 'recipe'", which a sweep refuses too
+    code, out, err = run_cli(capsys, "sweep", *train_argv(data, tmp_path / "sweep")[1:], "recipes=[full, last-2]",
+                             "--print-config")  # fmt: skip
+    assert code == 0 and yaml.safe_load(out)["recipes"] == "full,last-2", err
+    code, out, err = run_cli(capsys, "sweep", *train_argv(data, tmp_path / "sweep")[1:], "recipes=full",
+                             "--recipes", "linear-probe")  # fmt: skip
+    assert code == 2 and "the recipes are given twice (--recipes linear-probe, recipes=full)" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "sweep").exists()
+    code, out, err = run_cli(capsys, "sweep", *train_argv(data, tmp_path / "sweep")[1:], "recipes=")
+    assert code == 2 and "no recipe to sweep" in err and not (tmp_path / "sweep").exists()
+
+
 @pytest.mark.parametrize("flag", ["--data", "--val-data"])
 def test_a_sweep_on_data_that_does_not_exist_is_one_line_and_leaves_no_folder(data, tmp_path, capsys, flag):
     # it said "sweep: recipe linear-probe" and the recipe's phase before the error, and left sweep.log and its config

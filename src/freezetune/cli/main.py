@@ -197,6 +197,7 @@ def _cmd_sweep(args) -> int:
     from freezetune.recipes import sweep_config
     from freezetune.recipes.sweep import sweep
 
+    args.overrides, args.recipes = sweep_config.recipes_override(args.overrides, args.recipes)
     given = _given(args)
     sweep_config.refuse_overridden(given)
     # sweep --out S --resume without --config: its own settings and recipes, the flags given now on top

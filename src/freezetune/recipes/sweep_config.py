@@ -50,6 +50,30 @@ def request(config: str | Path | None, recipes: str | None) -> tuple[dict | None
     return values, in_file if in_file is not None else ",".join(SWEEP_DEFAULT_RECIPES)
 
 
+def recipes_override(overrides: list[str], recipes: str | None) -> tuple[list[str], str | list | None]:
+    """A ``recipes=...`` among a sweep's ``key=value`` overrides taken for ``--recipes`` (its config file's key is
+    ``recipes`` too; it was refused as an unknown config key, "did you mean 'recipe'", which a sweep refuses), and
+    the other overrides. Given beside ``--recipes``, refused: one of them would be dropped in silence.
+
+    >>> recipes_override(["epochs=2", "recipes=full,auto"], None)
+    (['epochs=2'], 'full,auto')
+    """
+    from freezetune.config.file import parse_override
+
+    ours = [item for item in overrides if parse_override(item)[0] == SWEEP_RECIPES_KEY]
+    if not ours:
+        return overrides, recipes
+    if recipes is not None or len(ours) > 1:
+        given = ([f"--recipes {recipes}"] if recipes is not None else []) + ours
+        raise ConfigError(f"the recipes are given twice ({', '.join(given)}); keep one")
+    value = parse_override(ours[0])[1]
+    if isinstance(value, list):  # recipes=[full, auto], as the config file may hold them
+        value = [str(v) for v in value]
+    elif value is not None:
+        value = str(value)
+    return [item for item in overrides if item not in ours], "" if value is None else value
+
+
 def swept(cfg: TrainConfig) -> TrainConfig:
     """``cfg`` with what a sweep sets for every recipe (``SWEEP_SETS``): what ``sweep --print-config`` shows.
 
