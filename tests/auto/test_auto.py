@@ -450,6 +450,10 @@ def test_an_auto_run_whose_trials_spent_its_budget_says_so_and_trains_one_epoch(
     assert any(line.startswith(f"auto: {measured} took") and "of the 0.01s budget, and the run's set-up takes about "
                in line and ": the run trains one epoch" in line for line in lines), lines  # fmt: skip
     assert json.loads((tmp_path / "r" / "recipe.json").read_text())["choice"]["epochs"] == 1
+    # the run ended 7x past its budget and its last line was the test's accuracy, as a run within it
+    assert re.fullmatch(r"auto: the 0\.01s budget: the trials, the run and its final test took [\d.]+s, [\d.]+s past "
+                        r"it \(its plan is in recipe\.json.*\); a loaded machine, or epochs slower than their trial's, "
+                        r"end a run late", lines[-1]), lines[-1]  # fmt: skip
 
 
 def test_a_trials_progress_bars_name_the_trial(data, tmp_path, monkeypatch):
@@ -555,6 +559,7 @@ def test_a_small_set_under_a_large_budget_trains_the_epochs_asked_not_all_the_bu
     assert decision["choice"]["epochs"] == 3 and len(result.history) == 3, lines
     assert any(re.search(r"budget leaves \d+s after the pilot and the trials.*: 3 epoch\(s\) \(--epochs 3; the "
                          r"budget affords [\d,]+\) of about", line) for line in lines), lines  # fmt: skip
+    assert re.fullmatch(r"auto: the 5m budget: the trials, the run and its final test took [\d.]+s", lines[-1])
 
 
 @pytest.mark.parametrize(

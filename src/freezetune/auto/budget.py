@@ -27,6 +27,7 @@ from freezetune.data.loaders import epoch_share
 
 PILOT_STEPS = 8  # the pilot's optimizer steps: the first ones are the slowest, so its pace errs on the long side
 PILOT_BATCH = 32  # the batch a pilot plans its images for where the batch size is "auto" (measured in the run)
+OVER_SAID = 0.1  # a run past its budget by more than this share says so at its end: the pace moves by 10 % or so
 
 
 @dataclasses.dataclass
@@ -53,6 +54,20 @@ class TrialBudget:
 
         seconds = time.perf_counter() - self.start
         return seconds if self.info is None else broadcast(seconds, self.info)
+
+    def took(self) -> str | None:
+        """The line that ends a budgeted run: what the trials, the run and its final test took against the budget,
+        and by how much they overran it where they did (a budget is "about", but a run past it by a third said nothing
+        at its end, and the test had taken three times the seconds kept for it). None without a budget."""
+        if self.seconds is None:
+            return None
+        spent = self.spent()
+        line = f"auto: the {self.said} budget: the trials, the run and its final test took {seconds_text(spent)}"
+        if spent <= self.seconds * (1 + OVER_SAID):
+            return line
+        test = f", {seconds_text(self.test_s)} of it kept for the final test" if self.test_s else ""
+        return (f"{line}, {seconds_text(spent - self.seconds)} past it (its plan is in recipe.json{test}); a "
+                "loaded machine, or epochs slower than their trial's, end a run late")  # fmt: skip
 
     def too_short_for(self, first: dict, others: int) -> str | None:
         """Why the budget leaves no time for the ``others`` trials after ``first`` and one epoch of the run: a 2m

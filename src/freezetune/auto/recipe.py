@@ -237,6 +237,8 @@ def run(cfg: TrainConfig, *, echo: Callable[[str], None] = print, train: Callabl
                                 average_weights=average)  # fmt: skip
     # the last reader of the trials' cache: nothing reads its stores after it
     result = train(final, echo=echo, recipe_run=True, later_epochs=0.0)
+    if budget.seconds is not None:
+        echo(budget.took())
     if info.is_main and cfg.cache_dir is None:
         _say_kept_cache(out / "features", echo)
     return _with_trial_seconds(result, measured_trials(trials, probe, pilot))
