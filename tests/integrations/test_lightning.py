@@ -195,6 +195,26 @@ def test_resume_after_an_unfreeze_keeps_the_stage_and_its_optimizer_state(tmp_pa
     assert [g["name"] for g in trainer.optimizers[0].param_groups] == ["head", "block3", "block2"]
 
 
+@pytest.mark.parametrize("spec", [1, "block*"])
+def test_a_resume_with_another_freeze_spec_is_refused_naming_the_one_the_checkpoint_was_saved_with(tmp_path, spec):
+    # Lightning dropped the callback's state (its key names the spec) and torch refused the optimizer's groups
+    saver = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    L.Trainer(max_epochs=2, callbacks=[FreezetuneFinetuning("backbone", "epoch:1"), saver], **FAST).fit(
+        LitTiny(), *loaders()
+    )
+    trainer = L.Trainer(max_epochs=3, enable_checkpointing=False, callbacks=[FreezetuneFinetuning(spec, "epoch:1")],
+                        **FAST)  # fmt: skip
+    with pytest.raises(ConfigError) as err:
+        trainer.fit(LitTiny(), *loaders(), ckpt_path=tmp_path / "last.ckpt")
+    assert str(err.value).startswith("the checkpoint was saved by FreezetuneFinetuning with freeze='backbone', "
+                                     f"module='model', and this one has freeze={spec!r}, module='model': ")  # fmt: skip
+    # the same spec resumes (validate with another spec too: the weights are all it needs)
+    L.Trainer(max_epochs=3, enable_checkpointing=False, callbacks=[FreezetuneFinetuning("backbone", "epoch:1")],
+              **FAST).fit(LitTiny(), *loaders(), ckpt_path=tmp_path / "last.ckpt")  # fmt: skip
+    L.Trainer(callbacks=[FreezetuneFinetuning(spec)], enable_checkpointing=False, default_root_dir=tmp_path,
+              **FAST).validate(LitTiny(), loaders()[1], ckpt_path=tmp_path / "last.ckpt", verbose=False)  # fmt: skip
+
+
 @pytest.mark.parametrize("schedule", ["epoch:1", "plateau:patience=1"])
 def test_a_resume_from_a_checkpoint_saved_on_an_epochs_last_batch_takes_that_epochs_step(tmp_path, schedule):
     # Lightning resumes it into the next epoch without on_train_epoch_start: the step for the epoch the checkpoint

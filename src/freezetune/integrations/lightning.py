@@ -150,6 +150,20 @@ class FreezetuneFinetuning(Callback):
             # Before the strategy wraps the model: DDP then registers exactly the parameters that train from the start.
             freeze(self._network(pl_module), self.freeze_spec, bn=self.bn, dropout=self.dropout)
 
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        """A fit's ``ckpt_path`` saved by this callback with another freeze spec (or ``module``) is refused, naming
+        it: Lightning matches a callback's state by its ``state_key``, dropped it with a warning about callbacks in
+        general, and torch then refused the optimizer's groups ("loaded state dict contains a parameter group that
+        doesn't match the size of optimizer's group")."""
+        saved = [key for key in checkpoint.get("callbacks", {}) if key.startswith(type(self).__name__)]
+        if self._stage != "fit" or not saved or self.state_key in saved:
+            return
+        made = "; ".join(_key_settings(key) for key in saved)
+        raise ConfigError(f"the checkpoint was saved by {type(self).__name__} with {made}, and this one has "
+                          f"{_key_settings(self.state_key)}: its optimizer holds the groups of what that freeze "
+                          "trained and opened; resume with the same freeze and module (or start a new fit without "
+                          "ckpt_path)")  # fmt: skip
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if self._stage not in (None, "fit"):
             # test/validate/predict with ckpt_path restore callbacks too: the weights are all they need, and the
@@ -398,3 +412,19 @@ def _scheduler_of(trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> obje
     # with several optimizers the first scheduler may drive another one: extended, it grew lists for groups it never had
     configs = trainer.lr_scheduler_configs
     return next((c.scheduler for c in configs if scheduler_optimizer(c.scheduler) is unwrap_optimizer(optimizer)), None)
+
+
+def _key_settings(key: str) -> str:
+    """The freeze spec and module a callback ``state_key`` names, as a user writes them: ``freeze='backbone',
+    module='model'`` (the key itself where it does not read so).
+
+    >>> _key_settings("FreezetuneFinetuning{'freeze': \"'backbone'\", 'module': 'model'}")
+    "freeze='backbone', module='model'"
+    """
+    import ast
+
+    try:
+        settings = ast.literal_eval(key[key.index("{") :])
+        return f"freeze={settings['freeze']}, module={settings['module']!r}"
+    except (ValueError, SyntaxError, KeyError, TypeError):
+        return key
