@@ -4,6 +4,7 @@ test_predict.py)."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -51,6 +52,27 @@ def test_evaluate_checkpoint_takes_a_record_and_a_dataset(best_pt, data):
     by_record = evaluate_checkpoint(record, dataset, batch_size=1, device="cpu")
     assert by_record["confusion"] == by_path["confusion"]
     assert by_record["loss"] == pytest.approx(by_path["loss"], rel=1e-5)
+
+
+def test_a_dataset_of_pil_images_is_scored_through_the_checkpoints_transform_and_named_to_evaluate_model(
+    best_pt, data, tmp_path
+):
+    # torchvision's ImageFolder without a transform: a TypeError from a loader worker's collate, in both
+    from torchvision.datasets import ImageFolder
+
+    folder = ImageFolder(str(data / "test"))
+    assert folder.classes == sorted(CLASSES)
+    by_path = evaluate_checkpoint(best_pt, data, device="cpu")
+    assert evaluate_checkpoint(best_pt, folder, device="cpu", workers=0)["confusion"] == by_path["confusion"]
+    loaded = load_model(best_pt, "cpu")
+    with pytest.raises(DataError, match=r"^the dataset yields PIL images \(ImageFolder without a transform to tensors"
+                                        r"\): give it transform=ft.eval_transform\(pre\)"):  # fmt: skip
+        evaluate_model(loaded.model, folder, num_classes=len(CLASSES))
+    # a folder without one class: its labels index its own classes, scored against the checkpoint's of that index
+    shutil.copytree(data / "test", tmp_path / "test")
+    shutil.rmtree(tmp_path / "test" / sorted(CLASSES)[0])
+    with pytest.raises(DataError, match=r"^the dataset's classes .* are not the checkpoint's .*, in that order: "):
+        evaluate_checkpoint(best_pt, ImageFolder(str(tmp_path / "test")), device="cpu")
 
 
 def test_evaluate_checkpoint_scores_at_the_runs_batch_size_unless_given_one(best_pt, data, monkeypatch):

@@ -108,6 +108,8 @@ def test_predict_files_user_errors(best_pt, data):
     # an empty path (an unset shell variable) scored every image below the current folder
     with pytest.raises(ConfigError, match="empty path '' among the paths to predict"):
         predict_files(best_pt, [data / "test" / "red", ""], device="cpu")
+    with pytest.raises(ConfigError, match="^no paths to predict: give image files or folders"):  # "no images in ;"
+        predict_files(best_pt, [], device="cpu")
 
 
 def test_a_recursive_glob_predicts_each_image_once_and_skips_other_files(best_pt, data, tmp_path):

@@ -23,10 +23,11 @@ from freezetune._io import atomic_write_text, remove_stale_temps_of
 from freezetune.config.options import check, column_name_problem, non_negative_int_problem, positive_int_problem
 from freezetune.config.train_config import TrainConfig
 from freezetune.data.loaders import Loaders, close_loader
+from freezetune.data.transforms import eval_transform
 from freezetune.device.hardware import use_channels_last
 from freezetune.device.memory import out_of_memory_hint
 from freezetune.device.precision import Precision, resolve_device, resolve_precision
-from freezetune.errors import ConfigError, setting
+from freezetune.errors import ConfigError, DataError, choices, setting
 from freezetune.model.preprocess import Preprocess
 from freezetune.run import checkpoint as ckpt
 from freezetune.training.eval_loop import evaluate
@@ -223,6 +224,11 @@ def evaluate_model(
     5
     """
     _check_labels(dataset, num_classes)
+    if loaders is None and _yields_images(dataset):  # a notebook's dataset (a run's and a checkpoint's are tensors)
+        raise DataError(f"the dataset yields PIL images ({type(dataset).__name__} without a transform to tensors): "
+                        "give it transform=ft.eval_transform(pre), pre the model's preprocessing (create_model's, or "
+                        "load_model's .preprocess), or score a checkpoint with ft.evaluate_checkpoint, which applies "
+                        "its own")  # fmt: skip
     if precision is None:  # a notebook's call: the model's device, its automatic precision
         precision = resolve_precision(next(model.parameters()).device)
     if loaders is None:
@@ -277,7 +283,11 @@ def evaluate_checkpoint(
     batch_size = batch_size or run_batch_size(record)
     loaded = load_model(record, device)
     if isinstance(data, Dataset):
-        dataset = data
+        # torchvision's ImageFolder without a transform yields PIL images: seen through the checkpoint's own eval
+        # transform, as a path's images are (a worker's collate raised a TypeError on them)
+        text = loaded.preprocess.is_text
+        _check_classes(data, loaded.classes)
+        dataset = Transformed(data, eval_transform(loaded.preprocess)) if not text and _yields_images(data) else data
     else:
         from freezetune.data import build_eval_dataset
         from freezetune.data.text import refuse_other_settings
@@ -296,6 +306,47 @@ def evaluate_checkpoint(
                                 loaders=loaders, channels_last=loaded.channels_last,
                                 bar="scoring" if progress else None)  # fmt: skip
     return {**result, "classes": loaded.classes, "data": getattr(dataset, "source", None)}
+
+
+def _check_classes(dataset: Dataset, classes: list[str]) -> None:
+    """A dataset that names its classes (``classes``, as torchvision's ``ImageFolder``) in another order or set than
+    the checkpoint's is refused: its labels are indices into its own list, and were scored against the checkpoint's
+    classes of those indices (a test folder without one class shifted every label after it)."""
+    own = getattr(dataset, "classes", None)
+    if not isinstance(own, (list, tuple)) or not all(isinstance(c, str) for c in own) or list(own) == list(classes):
+        return
+    raise DataError(f"the dataset's classes {choices(own)} are not the checkpoint's {choices(classes)}, in that order: "
+                    "its labels index its own list; give it the checkpoint's classes (for a folder, score the path: "
+                    "evaluate_checkpoint(checkpoint, 'DIR') maps its class folders by name)")  # fmt: skip
+
+
+def _yields_images(dataset: Dataset) -> bool:
+    """Whether ``dataset``'s first sample is a PIL image (or an ``(image, label)`` pair of one)."""
+    from PIL import Image
+
+    try:
+        if len(dataset) == 0:  # (refused as empty where it is scored)
+            return False
+    except TypeError:  # no length: an iterable dataset, read as it is
+        return False
+    sample = dataset[0]
+    return isinstance(sample[0] if isinstance(sample, (tuple, list)) else sample, Image.Image)
+
+
+class Transformed(Dataset):
+    """``dataset``'s samples with ``transform`` applied to each one's first element (its image); its ``targets``
+    kept where it has them."""
+
+    def __init__(self, dataset: Dataset, transform) -> None:
+        self.dataset, self.transform = dataset, transform
+        self.targets = getattr(dataset, "targets", None)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        image, *rest = self.dataset[index]
+        return (self.transform(image), *rest)
 
 
 def run_batch_size(record: dict) -> int:

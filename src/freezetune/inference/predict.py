@@ -72,6 +72,8 @@ def predict_files(
         paths = [paths]
     check(column_name_problem("text_column", text_column))
     paths = [str(p) for p in paths]
+    if not paths:  # it said "no images found in ;" (the folder of no name)
+        raise ConfigError("no paths to predict: give image files or folders (a text model's: text files or folders)")
     if empty := [p for p in paths if not p.strip()]:  # "$IMG" unset: the current folder was scored, all of it
         raise ConfigError(f"empty path {empty[0]!r} among the paths to predict (an unset shell variable?): give files "
                           "or folders")  # fmt: skip
