@@ -520,6 +520,16 @@ def test_a_run_given_other_than_a_train_config_names_what_it_takes(given):
         ft.train(given)
 
 
+def test_a_run_given_its_settings_as_keywords_names_the_config_they_belong_in():
+    # ft.train(data="DIR") was a TypeError, "unexpected keyword argument 'data'"
+    import freezetune as ft
+    from freezetune.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^train\(\) takes a freezetune.TrainConfig, not settings \(data='imgs', "
+                       r"epochs=2\): train\(TrainConfig\(data='imgs', epochs=2\)\)$"):  # fmt: skip
+        ft.train(data="imgs", epochs=2)
+
+
 def test_a_device_weights_or_model_name_of_no_form_is_reported_with_the_configs_other_problems():
     # each was found only once the data was read or the model built, after the other problems had been fixed
     with pytest.raises(ConfigError) as info:

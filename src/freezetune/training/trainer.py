@@ -24,7 +24,7 @@ from freezetune.data import noun
 from freezetune.device import hardware
 from freezetune.device.distributed import all_reduce_sum, barrier, broadcast, broadcast_tensors, in_group, leave_group
 from freezetune.device.memory import out_of_memory_hint
-from freezetune.errors import TrainingError
+from freezetune.errors import ConfigError, TrainingError
 from freezetune.freezing.freeze import count_parameters
 from freezetune.freezing.schedule import epochs_on_cut
 from freezetune.inference.evaluation import evaluate_best, write_evaluation
@@ -35,7 +35,7 @@ from freezetune.run import directory as runtime
 from freezetune.run import lock as run_lock
 from freezetune.run import log as run_log
 from freezetune.run.collector import older_objects_frozen
-from freezetune.run.interrupt import AT_ONCE_UNDER_DDP, OUTSIDE_A_STEP, RunInterrupted, StopRequest, pause_point
+from freezetune.run.interrupt import AT_ONCE_UNDER_DDP, OUTSIDE_A_STEP, RESUME, RunInterrupted, StopRequest, pause_point
 from freezetune.run.records import after_stop, drop_stale_test
 from freezetune.run.setup import RunSetup
 from freezetune.training import bn_refresh, epoch_log, rng
@@ -47,9 +47,9 @@ from freezetune.training.step import one_value_batch
 # every run failing at its first backward ("element 0 of tensors does not require grad"); restored on return
 @torch.inference_mode(False)
 @torch.enable_grad()
-def train(cfg: TrainConfig, *, echo: Callable[[str], None] = print, resumable: bool = True, brief: bool = False,
-          recipe_run: bool = False, validation_needed_by: tuple[str, ...] = (), refit_follows: bool = False,
-          later_epochs: float | None = None) -> RunResult:  # fmt: skip
+def train(cfg: TrainConfig | None = None, *, echo: Callable[[str], None] = print, resumable: bool = True,
+          brief: bool = False, recipe_run: bool = False, validation_needed_by: tuple[str, ...] = (),
+          refit_follows: bool = False, later_epochs: float | None = None, **settings: object) -> RunResult:  # fmt: skip
     """Run a whole fine-tuning job as configured; ``echo`` receives the human-readable log lines.
 
     A recipe (``recipe``, or ``freeze: auto``, the default) runs through ``freezetune.recipes.named``.
@@ -75,6 +75,10 @@ def train(cfg: TrainConfig, *, echo: Callable[[str], None] = print, resumable: b
     """
     # SIGTERM/SIGINT end the run with RunInterrupted at once, except in the training loop (Trainer.fit), which saves
     # its place first; the handlers found are put back after the run
+    if settings:  # ft.train(data="DIR") was a TypeError of an unexpected keyword, where a dict got the way to do it
+        given = ", ".join(f"{k}={v!r}" for k, v in settings.items())
+        raise ConfigError(f"train() takes a freezetune.TrainConfig, not settings ({given}): "
+                          f"train(TrainConfig({given}))")  # fmt: skip
     validate(cfg)  # before a recipe plans anything: every problem of the config, with the choices
     if cfg.epochs is None and cfg.budget is None:  # a budget's auto recipe plans them (auto.plan.run_epochs)
         cfg = dataclasses.replace(cfg, epochs=epochs_of(cfg))
@@ -220,7 +224,7 @@ class Trainer(RunSetup):
                 raise self.stop.interrupted(f"after epoch {epoch + 1} ({saved})")
             if unfrozen:  # the frozen prefix got shorter: rebuild at the new boundary, or read images
                 try:  # (a resume builds it again)
-                    go_on = "; continue with --resume" if self.resumable else ""  # (a trial's: its recipe says)
+                    go_on = f"; continue with {RESUME}" if self.resumable else ""  # (a trial's: its recipe says)
                     with self.stop.at_once_in(f"while the feature cache was rebuilt after epoch {epoch + 1} "
                                               f"({saved}){go_on}"):  # fmt: skip
                         pause_point("rebuild")
