@@ -395,7 +395,7 @@ def test_a_run_whose_output_pipe_closes_in_its_training_loop_saves_the_epoch_and
         proc.stdout.close()  # the reader is gone while epoch 2 trains
         marker.unlink()
         proc.wait(timeout=240)
-    line = "freezetune: stopped by a closed output pipe after epoch 2 (saved in last.pt); continue with --resume"
+    line = "freezetune: stopped by a closed output pipe after epoch 2 (saved in last.pt); continue with --resume (resume=True)"
     assert proc.returncode == 141 and err.read_text().splitlines()[-1] == line, err.read_text()[-2000:]
     assert (out / "train.log").read_text().splitlines()[-1].endswith(line)
     assert len(read_metrics(out / "metrics.csv")) == 2

@@ -248,7 +248,7 @@ STOPS = [
         "step#4",
         "off",
         4,
-        "SIGTERM at step 4/5 of epoch 1 (saved in last.pt); continue with --resume",
+        "SIGTERM at step 4/5 of epoch 1 (saved in last.pt); continue with --resume (resume=True)",
         id="sigterm-mid-epoch",
     ),  # fmt: skip
     pytest.param(
@@ -256,7 +256,7 @@ STOPS = [
         "step#5",
         "off",
         5,
-        "SIGTERM at step 5/5 of epoch 1 (saved in last.pt); continue with --resume",
+        "SIGTERM at step 5/5 of epoch 1 (saved in last.pt); continue with --resume (resume=True)",
         id="sigterm-after-the-epochs-last-step",  # the resumed epoch trains no step, yet logs the LRs its steps used
     ),  # fmt: skip
     pytest.param(
@@ -272,7 +272,7 @@ STOPS = [
         "step#4",
         "off",
         4,
-        "SIGTERM at step 4/5 of epoch 1 (saved in last.pt); continue with --resume",
+        "SIGTERM at step 4/5 of epoch 1 (saved in last.pt); continue with --resume (resume=True)",
         id="sigterm-to-the-process-group-mid-epoch",  # the loader workers got it too, died, and the run crashed
     ),  # fmt: skip
     pytest.param(
@@ -280,7 +280,7 @@ STOPS = [
         "step#4",
         "off",
         4,
-        "SIGHUP at step 4/5 of epoch 1 (saved in last.pt); continue with --resume",
+        "SIGHUP at step 4/5 of epoch 1 (saved in last.pt); continue with --resume (resume=True)",
         id="sighup-to-the-process-group-mid-epoch",  # an SSH session closed: the run died, its epoch's steps lost
     ),  # fmt: skip
     pytest.param(
@@ -288,7 +288,7 @@ STOPS = [
         "step#7",
         "auto",
         2,
-        "SIGINT at step 2/5 of epoch 2 (saved in last.pt); continue with --resume",
+        "SIGINT at step 2/5 of epoch 2 (saved in last.pt); continue with --resume (resume=True)",
         id="sigint-mid-epoch-cached",
     ),  # fmt: skip
     pytest.param(
@@ -296,7 +296,7 @@ STOPS = [
         "workers#1",
         "off",
         1,
-        "SIGINT at step 1/5 of epoch 1 (saved in last.pt); continue with --resume",
+        "SIGINT at step 1/5 of epoch 1 (saved in last.pt); continue with --resume (resume=True)",
         # a terminal's Ctrl-C on macOS or Windows, whose loader workers are spawned, as they start (once a run): they
         # died of KeyboardInterrupt and the run crashed on "DataLoader worker exited unexpectedly", its step not saved
         id="sigint-to-the-process-group-as-spawned-workers-start",
@@ -781,7 +781,7 @@ def test_an_export_stopped_by_a_signal_says_so_and_leaves_no_temporary_file(data
 
 @pytest.mark.parametrize("recipe", [None, "auto"])
 def test_a_stopped_run_the_command_gave_no_out_names_its_run_dir_to_resume(data, tmp_path, capsys, monkeypatch, recipe):
-    # "continue with --resume" (or, stopped in a trial, "the same command, with or without --resume"): without --out
+    # "continue with --resume (resume=True)" (or, stopped in a trial, "the same command, with or without --resume"): without --out
     # the resume was refused ("no run dir given"), and nothing had named which of runs/ the run was
     from _engine_fixtures import TINY
     from freezetune.training import trainer
@@ -793,7 +793,7 @@ def test_a_stopped_run_the_command_gave_no_out_names_its_run_dir_to_resume(data,
     argv = ["train", "--data", str(data), *TINY, "--epochs", "2", *(["--freeze", "backbone"] if recipe is None else [])]
     code, _, err = run_cli(capsys, *argv)
     (run_dir,) = (tmp_path / "runs").iterdir()
-    assert code == 130 and f"(the run dir: give --out {run_dir})" in err, err
+    assert code == 130 and f"(the run dir: give --out {run_dir} (out='{run_dir}'))" in err, err
     monkeypatch.undo()
     monkeypatch.chdir(tmp_path)
     code, out, err = run_cli(capsys, *argv, "--out", str(run_dir), "--resume")
@@ -808,7 +808,7 @@ def test_a_stop_while_the_cache_is_rebuilt_after_an_unfreeze_ends_the_run_at_onc
     stopped = _stopped_run(argv, "rebuild", signal.SIGTERM, tmp_path)
     assert stopped.returncode == 143 and stopped.stderr == (
         "freezetune: stopped by SIGTERM while the feature cache was rebuilt after epoch 1 (saved in last.pt); "
-        "continue with --resume\n"
+        "continue with --resume (resume=True)\n"
     ), stopped.stderr
     last = checkpoint.load(out / "last.pt")
     assert last["epoch"] == 1 and not last["progress"]["step"]  # the finished epoch, no step of the next

@@ -20,6 +20,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from freezetune.errors import setting
+
 STOP_SIGNALS = {signal.SIGTERM: "SIGTERM", signal.SIGINT: "SIGINT"}
 # A closed SSH session or terminal window hangs up a run started in it (no nohup, no tmux; a tmux pane killed): stopped
 # as by SIGTERM, its place saved. Output to the gone terminal would fail every write: it goes to /dev/null from then on,
@@ -85,9 +87,12 @@ class RunInterrupted(KeyboardInterrupt):
         --resume") needs it, and nothing had said which of runs/ it was.
 
         >>> str(RunInterrupted.by(signal.SIGINT, "after epoch 2; continue with --resume").naming("runs/r-1"))
-        'stopped by SIGINT after epoch 2; continue with --resume (the run dir: give --out runs/r-1)'
+        "stopped by SIGINT after epoch 2; continue with --resume (the run dir: give --out runs/r-1 (out='runs/r-1'))"
         """
-        return RunInterrupted(self.signum, f"{self} (the run dir: give --out {run_dir})", self.where)
+        return RunInterrupted(self.signum, f"{self} (the run dir: give {setting('out', str(run_dir))})", self.where)
+
+
+RESUME = setting("resume", True)  # how a stopped run goes on, in a shell and in a notebook
 
 
 class StopRequest:
@@ -117,7 +122,7 @@ class StopRequest:
 
     def interrupted(self, where: str) -> RunInterrupted:
         """The exception that ends the run after the recorded signal; ``where``: where, and what ``last.pt`` holds."""
-        return RunInterrupted.by(self.signum, f"{where}; continue with --resume")
+        return RunInterrupted.by(self.signum, f"{where}; continue with {RESUME}")
 
     @contextmanager
     def listening(self, *, defer: bool, at_once: str = OUTSIDE_A_STEP) -> Iterator[StopRequest]:
