@@ -218,10 +218,16 @@ class FreezetuneFinetuning(Callback):
             self.unfreezer.load_state_dict(self._pending)
             self._pending = None
         trainable, total = count_parameters(net)
-        kept = self._expect_frozen_norms_in_eval(pl_module)
+        kept, others = self._expect_frozen_norms_in_eval(pl_module)
         rank_zero_info(
             f"freezetune: {trainable:,} of {total:,} parameters train; unfrozen {self.unfreezer.unfrozen}"
             + (f"; {kept} frozen BatchNorm layer(s) keep their statistics (eval mode)" if kept else "")
+            + (
+                f"; Lightning's count of modules in eval mode holds them and {len(others)} not of freezetune's doing: "
+                f"{_listed(others)}"
+                if kept and others
+                else ""
+            )  # fmt: skip
         )
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -335,20 +341,24 @@ class FreezetuneFinetuning(Callback):
     def _what(self) -> str:
         return "the LightningModule's network" if self.module is None else f"its submodule {self.module!r}"
 
-    def _expect_frozen_norms_in_eval(self, pl_module: pl.LightningModule) -> int:
+    def _expect_frozen_norms_in_eval(self, pl_module: pl.LightningModule) -> tuple[int, list[str]]:
         """How many BatchNorm layers are in eval mode, by the frozen policy; Lightning's start-of-fit warning about
         them ("found N module(s) in eval mode ... if this is intentional, you can ignore this warning") is silenced
         for that exact count, until training starts (``_unquiet``): the filter is process-wide, and a later fit of the
         user's own in the same notebook must still hear it. The frozen stages' dropout layers ``dropout="off"`` holds
-        count as those layers do; any other module left in eval mode changes the count, and the warning shows."""
-        in_eval = [m for m in pl_module.modules() if not m.training]
-        if not in_eval or not all(keeps_stats(m) or held(m) for m in in_eval):  # (held: dropout="off"'s layers)
-            return 0
+        count as those layers do; any other module left in eval mode changes the count, and the warning shows: the
+        names of those others (the count, and the user's line, said nothing of which they were) are returned too."""
+        in_eval = [(name, m) for name, m in pl_module.named_modules() if not m.training]
+        kept = sum(keeps_stats(m) for _, m in in_eval)
+        others = [f"{name or '(the module itself)'} ({type(m).__name__})" for name, m in in_eval
+                  if not (keeps_stats(m) or held(m))]  # (held: dropout="off"'s layers)  # fmt: skip
+        if not in_eval or others:
+            return kept, others
         self._unquiet()
         message = re.escape(f"Found {len(in_eval)} module(s) in eval mode at the start")
         warnings.filterwarnings("ignore", message=message)
         self._quiet = warnings.filters[0]  # filterwarnings puts it first
-        return sum(keeps_stats(m) for m in in_eval)
+        return kept, []
 
     def _unquiet(self) -> None:
         # an "ignore" entry leaves nothing in the modules' warning registries: taking it out of the list is enough
@@ -428,3 +438,12 @@ def _key_settings(key: str) -> str:
         return f"freeze={settings['freeze']}, module={settings['module']!r}"
     except (ValueError, SyntaxError, KeyError, TypeError):
         return key
+
+
+def _listed(names: list[str], limit: int = 5) -> str:
+    """The first ``limit`` of ``names``, and how many more.
+
+    >>> _listed(["a", "b"]), _listed(list("abcdefg"), limit=2)
+    ('a, b', 'a, b and 5 more')
+    """
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
