@@ -287,7 +287,7 @@ def evaluate_checkpoint(
         # transform, as a path's images are (a worker's collate raised a TypeError on them)
         text = loaded.preprocess.is_text
         _check_classes(data, loaded.classes)
-        dataset = Transformed(data, eval_transform(loaded.preprocess)) if not text and _yields_images(data) else data
+        dataset = _Transformed(data, eval_transform(loaded.preprocess)) if not text and _yields_images(data) else data
     else:
         from freezetune.data import build_eval_dataset
         from freezetune.data.text import refuse_other_settings
@@ -333,7 +333,7 @@ def _yields_images(dataset: Dataset) -> bool:
     return isinstance(sample[0] if isinstance(sample, (tuple, list)) else sample, Image.Image)
 
 
-class Transformed(Dataset):
+class _Transformed(Dataset):
     """``dataset``'s samples with ``transform`` applied to each one's first element (its image); its ``targets``
     kept where it has them."""
 
