@@ -316,6 +316,19 @@ def test_a_resume_on_another_number_of_processes_says_what_steps_per_epoch_is(tm
         checkpoint._check_resumable(tmp_path / "last.pt", record, expect)
 
 
+def test_a_mid_epoch_checkpoint_resumes_on_another_number_of_processes_only_from_an_epochs_end(tmp_path):
+    # under scheduler none a 1-process stop at step 35 of 45 resumed on 2 processes "at step 35/23" and skipped the
+    # epoch's last batches
+    config = {"model": "timm:test_efficientnet", "scheduler": "none", "epochs": 3}
+    expect = {**config, "classes": ["a", "b"], "steps_per_epoch": 23}
+    record = {"model": config["model"], "classes": ["a", "b"], "config": config, "steps_per_epoch": 45, "epoch": 0,
+              "progress": {"epoch": 0, "step": 35}}  # fmt: skip
+    with pytest.raises(ConfigError, match=r"on 23 batches an epoch: it was saved mid-epoch, 35 of the 45 batches"):
+        checkpoint._check_resumable(tmp_path / "last.pt", record, expect)
+    checkpoint._check_resumable(tmp_path / "last.pt", {**record, "progress": {"epoch": 1, "step": 0}}, expect)
+    checkpoint._check_resumable(tmp_path / "last.pt", record, {**expect, "steps_per_epoch": 45})
+
+
 def test_a_data_digest_not_had_on_either_side_is_not_compared():
     # a file unreadable for a moment gives no digest: "other files or contents" refused a resume of the same data
     from freezetune.run.checkpoint import _check_data

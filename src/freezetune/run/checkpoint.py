@@ -141,6 +141,20 @@ def mid_epoch_note(record: dict[str, Any]) -> str | None:
             f"(the run's {BEST} holds its best finished epoch)")  # fmt: skip
 
 
+def _check_mid_epoch_steps(path: Path, record: dict, then: int | None, now: int | None) -> None:
+    """A checkpoint saved part of the way through an epoch resumes only on batches of the epoch it was saved in:
+    under ``scheduler none`` a resume may change the number of torchrun processes, but its step counts that
+    epoch's batches on each process of the run that saved it (a 1-process stop at step 35 of 45, resumed on 2,
+    said "step 35/23" and left the epoch's last 80 images untrained)."""
+    step = (record.get("progress") or {}).get("step")
+    if not step or then is None or now is None or then == now:
+        return
+    raise ConfigError(f"cannot resume {path} on {now} batches an epoch: it was saved mid-epoch, {step} of the {then} "
+                      "batches an epoch had on each process of its run, and its place in the epoch is counted in "
+                      "those; resume on as many torchrun processes (and the same data and --batch-size) as the run "
+                      "had, or from a checkpoint saved at an epoch's end")  # fmt: skip
+
+
 def _model_of(record: dict) -> str | None:
     """The checkpoint's model name, an ``hf:DIR`` absolute (a run of an earlier version recorded it as given)."""
     return absolute_paths({"model": record.get("model")})["model"]
@@ -373,6 +387,7 @@ def _check_resumable(path: Path, record: dict, expect: dict[str, Any]) -> None:
     # A per-step LR schedule cannot be stretched mid-run (OneCycleLR raises once past its total_steps).
     if expect["scheduler"] == "none" and old.get("scheduler") == "none":
         stretched = []
+        _check_mid_epoch_steps(path, record, old.get("steps_per_epoch"), expect.get("steps_per_epoch"))
     # Any other change would train on with settings config.yaml then claims for the whole run (and another optimizer
     # fails at its first step on this one's state: KeyError 'momentum').
     moved = DATA_PATHS if record.get("data") else ()  # a last.pt of an older freezetune has no digest to check
