@@ -657,6 +657,29 @@ def test_a_command_of_one_process_under_torchrun_is_refused(run, data, tmp_path,
     assert snapshot(tmp_path) == before
 
 
+def test_a_sigterm_under_torchrun_says_it_may_be_torchruns_own_after_another_process_ended(
+    data, tmp_path, capsys, monkeypatch
+):
+    # rank 1 killed alone: torchrun sent SIGTERM to rank 0, which said "stopped by SIGTERM" of a signal nobody sent
+    import signal
+
+    from freezetune.run.interrupt import RunInterrupted
+    from freezetune.training import trainer
+
+    def stopped(cfg, **kwargs):
+        raise RunInterrupted.by(signal.SIGTERM, "under torchrun, at once; --resume continues the run")
+
+    monkeypatch.setattr(trainer, "train", stopped)
+    code, out, err = run_cli(capsys, *train_argv(data, tmp_path / "run"))
+    assert code == 143 and err.strip().endswith("--resume continues the run"), err  # one process: a signal sent
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    code, out, err = run_cli(capsys, *train_argv(data, tmp_path / "run"))
+    assert code == 143 and err.strip().endswith(
+        "--resume continues the run (under torchrun: sent to the job, or by "
+        "torchrun to every process once another one of them ended)"
+    ), err
+
+
 def test_rank_0_says_in_one_line_that_another_rank_of_the_job_ended(data, tmp_path, capsys, monkeypatch):
     # SIGTERM to rank 1 alone: rank 0 printed gloo's "Connection closed by peer" traceback, and no line said why
     from freezetune.training import trainer

@@ -132,7 +132,11 @@ def stopped(stop: RunInterrupted) -> int:
             if reader_gone(stream):
                 _to_devnull(stream)
     if first_process():
-        print(f"freezetune: {stop}", file=sys.stderr)
+        # torchrun ends every process of the job with SIGTERM once one of them ends (a signal to it alone, killed
+        # for memory, an error of its own): rank 0 then said "stopped by SIGTERM" of a signal nobody had sent
+        sent = (" (under torchrun: sent to the job, or by torchrun to every process once another one of them ended)"
+                if stop.signum == signal.SIGTERM and under_torchrun() else "")  # fmt: skip
+        print(f"freezetune: {stop}{sent}", file=sys.stderr)
     return stop.exit_code
 
 
