@@ -507,6 +507,14 @@ def test_16_bit_and_float_images_are_scaled_to_8_bits_not_clipped(tmp_path):
     wide = (ramp * 1000 - 100).astype(np.float32)  # a float image not in [0, 1]: its values, clipped to 0..255
     Image.fromarray(wide, mode="F").save(tmp_path / "wide.tif")
     assert np.abs(np.asarray(load_image(tmp_path / "wide.tif"))[..., 0] - np.clip(wide, 0, 255)).max() <= 1
+    # a 32-bit integer TIFF (PIL's mode I) of 8-bit values loaded all black (read as 16-bit), one of values past 16
+    # bits all white (clipped)
+    ramp8 = np.linspace(0, 255, 32 * 32).reshape(32, 32).astype(np.int32)
+    Image.fromarray(ramp8, mode="I").save(tmp_path / "ramp8.tif")
+    assert Image.open(tmp_path / "ramp8.tif").mode == "I"
+    assert np.abs(np.asarray(load_image(tmp_path / "ramp8.tif"))[..., 0] - ramp8).max() <= 1
+    Image.fromarray(ramp8 * 4096, mode="I").save(tmp_path / "ramp32.tif")
+    assert np.abs(np.asarray(load_image(tmp_path / "ramp32.tif"))[..., 0] - ramp8).max() <= 1
 
 
 # ---- sampling -----------------------------------------------------------------------------------------------------
