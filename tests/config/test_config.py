@@ -541,6 +541,8 @@ def test_a_device_weights_or_model_name_of_no_form_is_reported_with_the_configs_
         assert needle in message, message
     # whether CUDA is there is the run's machine's to say: a config for a GPU machine prints on a CPU one
     assert load_config(overrides={"data": "x", "device": "cuda:1", "weights": "my.safetensors"}).device == "cuda:1"
+    # a Lightning .ckpt not there yet is a file's path, found missing where it is read (it was "unknown weights")
+    assert load_config(overrides={"data": "x", "weights": "lit.ckpt"}).weights == "lit.ckpt"
     assert load_config(overrides={"data": "x", "device": "cpu:0"}).device == "cpu:0"  # as torch names it
 
 

@@ -120,7 +120,7 @@ HF_PREFIX = "hf:"  # a Hugging Face model: hf:ID or hf:FOLDER
 RANDOM_WEIGHTS = ("none", "random")
 TOPK = 5  # the classes `predict` lists per image or text unless asked (--topk)
 PRETRAINED_WEIGHTS = ("imagenet", "default")
-WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")  # a --weights that names a file
+WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors")  # a --weights that names a file
 # the header names a text CSV's text and label columns are found by (``--text-column``/``--label-column`` name others)
 TEXT_COLUMNS = ("text", "sentence", "review", "document", "content")
 LABEL_COLUMNS = ("label", "class", "target", "category", "y")
