@@ -97,7 +97,8 @@ def class_roots(data: str | None) -> list[Path]:
 
 def first_dir(root: Path, names: tuple[str, ...]) -> Path | None:
     """The first of ``names`` that ``root`` has as a folder, in any case (``Train/`` is ``train/``); the others
-    found (``val/`` beside ``valid/``) are named in a warning: their images are not read."""
+    found (``val/`` beside ``valid/``) are named in a warning: their images are not read. One name in two cases
+    (``Train/`` beside ``train/``) is refused: neither is the other's preferred spelling."""
     entries = sorted(root.iterdir())
     broken = [d for d in entries if d.name.lower() in names and d.is_symlink() and not d.exists()]
     if broken:  # an unmounted share: its split was left out in silence (eval scored val/ as the test split)
@@ -105,6 +106,11 @@ def first_dir(root: Path, names: tuple[str, ...]) -> Path | None:
                         "mount it, or remove the link to run without that split")  # fmt: skip
     # every folder of these names, in any case: train/ beside Train/ kept one of the two, in silence
     present = [d for n in names for d in entries if d.name.lower() == n and d.is_dir()]
+    spelled = [d for d in present if d.name.lower() == present[0].name.lower()] if present else []
+    if len(spelled) > 1:  # Train/ beside train/: the first in sort order was read (a 1-image Train/ over train/), and
+        # the run failed on a follow-on error ("class folder(s) ... are not training classes") that never named it
+        raise DataError(f"'{root}' has {' and '.join(f'{d.name}/' for d in spelled)}: one split under two spellings; "
+                        f"keep one (move the images of the other into it)")  # fmt: skip
     if len(present) > 1:
         warn_once(log, "'%s' has %s: %s/ is read, %s not", root, " and ".join(f"{d.name}/" for d in present),
                   present[0].name, ", ".join(f"{d.name}/" for d in present[1:]))  # fmt: skip
