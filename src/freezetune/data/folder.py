@@ -262,8 +262,9 @@ class FileImageDataset(Dataset):
         try:
             return load_image(path, self.alpha, self.min_side)
         except DataError as exc:  # a JPEG whose compressed data is corrupt passes the pre-scan's header check
-            raise DataError(f"{exc} (the check before training reads headers only: fix or remove the file, or pass "
-                            "--skip-bad, whose check decodes every image and leaves such files out)") from exc  # fmt: skip
+            raise DataError(f"{exc} (the check before the images are read reads headers only: fix or remove the "
+                            "file, or pass --skip-bad, whose check decodes every image and leaves such files out)"
+                            ) from exc  # fmt: skip
 
     def __getitems__(self, indices: list[int]) -> list[tuple]:
         # a DataLoader's batch: a transform that allows it (the eval pipeline's) runs once on each group of small
