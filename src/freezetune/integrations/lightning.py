@@ -428,7 +428,7 @@ def _key_settings(key: str) -> str:
     """The freeze spec and module a callback ``state_key`` names, as a user writes them: ``freeze='backbone',
     module='model'`` (the key itself where it does not read so).
 
-    >>> _key_settings("FreezetuneFinetuning{'freeze': \"'backbone'\", 'module': 'model'}")
+    >>> _key_settings("FreezetuneFinetuning" + repr({"freeze": repr("backbone"), "module": "model"}))
     "freeze='backbone', module='model'"
     """
     import ast
