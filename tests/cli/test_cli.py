@@ -1131,6 +1131,19 @@ def test_an_empty_path_in_a_config_file_is_refused(capsys, tmp_path):
     assert "cache_dir is an empty path" in err and err.count("\n") == 1
 
 
+@pytest.mark.parametrize("command", ["train", "sweep"])
+def test_a_second_config_file_is_refused_not_read_in_place_of_the_first(capsys, tmp_path, command):
+    # the second file alone was read: the first's model, epochs and recipe back at their defaults, unsaid
+    (tmp_path / "base.yaml").write_text("epochs: 2\nimg_size: 32\n")
+    (tmp_path / "over.yaml").write_text("lr: 0.005\n")
+    with pytest.raises(SystemExit) as exit_:
+        main([command, "--config", str(tmp_path / "base.yaml"), "--config", str(tmp_path / "over.yaml"),
+              "--print-config"])  # fmt: skip
+    out, err = capsys.readouterr()
+    assert exit_.value.code == 2 and not out and err.count("\n") == 1, err
+    assert f"--config is given twice ({tmp_path / 'base.yaml'}, {tmp_path / 'over.yaml'}): one file is read" in err
+
+
 def test_print_config_says_what_a_recipe_sets_and_reads_back_as_a_config(capsys, tmp_path):
     code, out, err = run_cli(capsys, "train", "--recipe", "lp-ft", "--lr", "0.002", "--print-config")
     assert code == 0, err

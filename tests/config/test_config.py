@@ -337,6 +337,14 @@ def test_yaml_words_off_and_yes_stay_words_and_numbers_read_as_written(tmp_path)
         load_config(overrides=dict([parse_override("freeze=false"), ("data", "d")]))
 
 
+def test_an_override_without_a_value_is_refused_not_read_as_the_default():
+    # epochs=$EPOCHS out=$OUT with both unset: 10 epochs into runs/ of the current folder, without a word
+    with pytest.raises(ConfigError, match=r"^override 'epochs=' has no value \(an unset shell variable\?\): give "
+                                          r"epochs=VALUE \(epochs=null for the setting's default\)$"):  # fmt: skip
+        parse_override("epochs=")
+    assert parse_override("epochs=null") == ("epochs", None)
+
+
 def test_override_without_equals_sign_lists_the_keys():
     with pytest.raises(ConfigError, match="not key=value; keys are: 'model'"):
         parse_override("lr")

@@ -301,7 +301,7 @@ def test_a_sweeps_recipes_given_as_key_value_are_its_recipes_and_refused_beside_
                              "--recipes", "linear-probe")  # fmt: skip
     assert code == 2 and "the recipes are given twice (--recipes linear-probe, recipes=full)" in err
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "sweep").exists()
-    code, out, err = run_cli(capsys, "sweep", *train_argv(data, tmp_path / "sweep")[1:], "recipes=")
+    code, out, err = run_cli(capsys, "sweep", *train_argv(data, tmp_path / "sweep")[1:], "recipes=null")
     assert code == 2 and "no recipe to sweep" in err and not (tmp_path / "sweep").exists()
 
 

@@ -60,6 +60,18 @@ def path(value: str) -> str:
     return value
 
 
+class Once(argparse.Action):
+    """A flag that reads a file and may be given once: ``--config base.yaml --config over.yaml`` trained with the second
+    alone, the first's keys back at their defaults (another model, 10 epochs) without a word."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        earlier = getattr(namespace, self.dest, None)
+        if earlier is not None:
+            parser.error(f"{option_string} is given twice ({earlier}, {values}): one file is read; put the keys of "
+                         "both in one file, or give the second's as key=value overrides")  # fmt: skip
+        setattr(namespace, self.dest, values)
+
+
 class Parser(argparse.ArgumentParser):
     """argparse's own usage errors (``--epochs 2.5``, a stray argument) in one line, as freezetune's others: the
     usage block it printed first (some 30 lines for ``train``) buried the line that says what is wrong."""

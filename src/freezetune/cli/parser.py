@@ -8,7 +8,7 @@ import argparse
 from collections.abc import Callable
 
 from freezetune import __version__
-from freezetune.cli.args import Parser, path
+from freezetune.cli.args import Once, Parser, path
 from freezetune.cli.flag_help import FIELD_HELP, SECTIONS
 from freezetune.config.options import (
     AMP_MODES,
@@ -79,7 +79,7 @@ _SWEEP_HELP = {
 def _config_flags(p: argparse.ArgumentParser, overrides: dict[str, str] | None = None) -> None:
     """Every ``TrainConfig`` field as a flag, a ``--config`` file and ``key=value`` overrides (train and sweep, whose
     help differs where ``overrides`` says)."""
-    p.add_argument("--config", type=path, help="YAML file with the same keys as the flags")
+    p.add_argument("--config", type=path, action=Once, help="YAML file with the same keys as the flags")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.add_argument("-v", "--verbose", action="store_true", help="also log library details (INFO level)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. lr=3e-4")

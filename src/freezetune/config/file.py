@@ -222,8 +222,11 @@ def parse_override(item: str) -> tuple[str, Any]:
     if not sep:
         raise ConfigError(f"override {item!r} is not key=value; keys are: {choices(field_names())}")
     key = key.strip().replace("-", "_")
+    if not raw.strip():  # epochs=$EPOCHS, out=$OUT unset: the default epochs, into runs/ of the current folder, unsaid
+        raise ConfigError(f"override {item!r} has no value (an unset shell variable?): give {key}=VALUE ({key}=null "
+                          "for the setting's default)")  # fmt: skip
     try:
-        value = yaml.load(raw, Loader=UniqueKeys) if raw.strip() else None  # noqa: S506 - a SafeLoader
+        value = yaml.load(raw, Loader=UniqueKeys)  # noqa: S506 - a SafeLoader
     except yaml.YAMLError as exc:
         why = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise ConfigError(f"override {item!r}: its value is not valid YAML ({why}); give a number, a word, a [list] "
