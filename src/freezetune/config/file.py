@@ -156,7 +156,19 @@ def run_config(out: str | Path | None) -> Path | dict[str, Any] | None:
     # recipe_run: a recipe stopped in an earlier phase is read back here, to be resumed by its request
     run_dir = prepare_run_dir(None if out is None else str(out), "", resume=True, clean=False, recipe_run=True)
     saved = run_dir / CONFIG_FILE
-    return asked_config(run_dir) or (saved if saved.is_file() else None)
+    return asked_config(run_dir) or (saved if saved.is_file() else _last_config(run_dir))
+
+
+def _last_config(run_dir: Path) -> dict[str, Any] | None:
+    """The config ``last.pt`` recorded, where the run's ``config.yaml`` is gone (deleted, not copied with the run):
+    the resume was refused as holding "no settings of a run", and the command without ``--resume`` then as holding
+    a run, each pointing at the other. None without a ``last.pt``, or one that recorded none."""
+    from freezetune.run.checkpoint import LAST, load
+
+    if not (run_dir / LAST).is_file():
+        return None
+    config = load(run_dir / LAST, mmap=True).get("config")
+    return {**config, "resume": False} if isinstance(config, dict) else None
 
 
 def resume_config(out: str | Path | None, *, data_given: bool = False) -> Path | dict[str, Any] | None:
