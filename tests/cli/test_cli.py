@@ -826,7 +826,9 @@ def test_resume_without_a_run_dir_says_resume_needs_one(tmp_path, capsys, monkey
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs" / "empty").iterdir())
 
 
-def test_a_run_whose_config_yaml_is_gone_resumes_from_its_out_with_the_config_last_pt_recorded(data, tmp_path, capsys):
+def test_a_run_whose_config_yaml_is_gone_resumes_with_last_pts_config_and_a_lost_metrics_csv_is_said(
+    data, tmp_path, capsys
+):
     # refused as holding "no settings of a run" (run it again without --resume), which was refused as holding a run
     out = tmp_path / "run"
     code, _, err = run_cli(capsys, *train_argv(data, out, "--freeze", "-2", "--scheduler", "none", "--epochs", "1"))
@@ -836,6 +838,11 @@ def test_a_run_whose_config_yaml_is_gone_resumes_from_its_out_with_the_config_la
     assert code == 0, err
     assert [row["epoch"] for row in read_metrics(out / "metrics.csv")] == [1, 2]
     assert yaml.safe_load((out / "config.yaml").read_text())["freeze"] == -2  # the run's own, written again
+    # metrics.csv deleted: a new one of the later epochs alone, and report.png drawn from it, without a word
+    (out / "metrics.csv").unlink()
+    code, stdout, err = run_cli(capsys, "train", "--out", out, "--resume", "--epochs", "3")
+    assert code == 0 and "note: metrics.csv lacks the row(s) of epoch(s) 1-2 (deleted since they were logged)" in stdout
+    assert [row["epoch"] for row in read_metrics(out / "metrics.csv")] == [3]
 
 
 def test_a_run_given_relative_paths_resumes_from_another_directory(data, tmp_path, capsys, monkeypatch):
