@@ -222,6 +222,23 @@ def _parse_cell(s: str) -> Any:
     return s
 
 
+def missing_epochs(rows: list[dict[str, Any]], done: int) -> str:
+    """The epochs 1..``done`` that ``rows`` (``metrics.csv``'s) hold no row of, said compactly ("" for none): a
+    resume's note where the file lost rows since they were logged.
+
+    >>> missing_epochs([{"epoch": 2}], 4), missing_epochs([], 2), missing_epochs([{"epoch": "1"}], 1)
+    ('1, 3-4', '1-2', '')
+    """
+    have = {_epoch_of(r) for r in rows}
+    spans: list[list[int]] = []
+    for e in (e for e in range(1, done + 1) if e not in have):
+        if spans and spans[-1][1] == e - 1:
+            spans[-1][1] = e
+        else:
+            spans.append([e, e])
+    return ", ".join(f"{a}" if a == b else f"{a}-{b}" for a, b in spans)
+
+
 def _epoch_of(row: dict[str, Any]) -> float:
     try:
         return float(row["epoch"])

@@ -253,7 +253,7 @@ class RunSetup:
             else reporting.NullMetricsLogger()  # fmt: skip
         if self.resuming:  # the rows logged after its last.pt go
             self.metrics.truncate(self.progress.epoch)
-            if self.dist.is_main and (lost := _epochs_missing(self.metrics.rows, self.progress.epoch)):
+            if self.dist.is_main and (lost := reporting.missing_epochs(self.metrics.rows, self.progress.epoch)):
                 # metrics.csv deleted (or rows cut by hand) since: a new file of the later epochs alone, unsaid
                 self.echo(f"note: {reporting.METRICS_CSV} lacks the row(s) of epoch(s) {lost} (deleted since they were "
                           f"logged): it and {reporting.REPORT_PNG} hold the epochs from the resume on, and those it "
@@ -407,20 +407,3 @@ class RunSetup:
         if self.data.skipped:
             self.echo(f"skipped {len(self.data.skipped)} unreadable image file(s) (--skip-bad): listed in "
                       f"{self.run_dir / runtime.SKIPPED}")  # fmt: skip
-
-
-def _epochs_missing(rows: list[dict], done: int) -> str:
-    """The epochs 1..``done`` that ``rows`` (``metrics.csv``'s) hold no row of, said compactly ("" for none).
-
-    >>> _epochs_missing([{"epoch": 2}], 4), _epochs_missing([], 2), _epochs_missing([{"epoch": 1}], 1)
-    ('1, 3-4', '1-2', '')
-    """
-    have = {int(r["epoch"]) for r in rows if str(r.get("epoch", "")).strip().isdigit()}
-    missing = [e for e in range(1, done + 1) if e not in have]
-    spans: list[list[int]] = []
-    for e in missing:
-        if spans and spans[-1][1] == e - 1:
-            spans[-1][1] = e
-        else:
-            spans.append([e, e])
-    return ", ".join(f"{a}" if a == b else f"{a}-{b}" for a, b in spans)
