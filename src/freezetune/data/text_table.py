@@ -149,7 +149,7 @@ def read_rows(path: Path,
     return [c.strip().lower() for c in rows[0]], rows[1:], lines[1:], run_on
 
 
-def _run_on_said(path: Path, run_on: list[tuple[int, int]]) -> str:
+def _run_on_said(run_on: list[tuple[int, int]]) -> str:
     shown = ", ".join(f"lines {a}-{b}" for a, b in run_on[:3])
     return (f"{len(run_on)} quoted cell(s) span several lines with a comma on a later one, e.g. {shown}: a double "
             'quote left open ("a stray quote,pos) makes one text of every row up to the next quote; close it, or '
@@ -354,10 +354,10 @@ def check_rows(path: Path, rows: list[list[str]], lines: list[int], cols: dict[s
     problems = ((n, p) for n, r in zip(lines, rows, strict=True) if (p := _row_problem(r, cols, header, empty_ok)))
     problem = next(problems, None)
     if problem is not None:  # a quote's run-on said in the same line, where it made this row
-        cause = next((f"; {_run_on_said(path, run_on)}" for a, b in run_on if a <= problem[0] <= b), "")
+        cause = next((f"; {_run_on_said(run_on)}" for a, b in run_on if a <= problem[0] <= b), "")
         raise DataError(f"{table_kind(path)} '{path}' line {problem[0]} {problem[1]}{cause}")
     if run_on:
-        warn_once(log, "CSV '%s': %s", path, _run_on_said(path, run_on))
+        warn_once(log, "CSV '%s': %s", path, _run_on_said(run_on))
 
 
 def _row_names(path: Path, rows: list[list[str]], header: list[str]) -> list[str]:
