@@ -157,6 +157,14 @@ def test_write_evaluation_writes_the_plot_and_json_it_is_given(best_pt, data, tm
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.png", "m.json"]
 
 
+def test_write_evaluation_refuses_other_class_names_before_it_writes_a_file(best_pt, data, tmp_path):
+    # the metrics file was written, then the class names refused: a refused call left a file behind
+    result = evaluate_checkpoint(best_pt, data, device="cpu")
+    with pytest.raises(DataError, match=f"got 2 class names for a result with {len(CLASSES)} classes"):
+        write_evaluation(result, ["a", "b"], plot=tmp_path / "c.png", metrics=tmp_path / "m.json")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_checkpoint_is_loaded_for_inference_in_fp32_on_any_device(best_pt, monkeypatch):
     # the docstring said fp32 (AMP off); resolve_precision's "auto" made eval and predict bf16 on a CUDA card, where
     # exports' fp32 graphs and the numbers on another card differed in the last digits

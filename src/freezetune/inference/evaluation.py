@@ -395,8 +395,9 @@ def write_evaluation(
     >>> write_evaluation(meter.compute(), ["cat", "dog"]).splitlines()[0].split()[:2]
     ['n', '2']
     """
-    from freezetune.training.metrics import format_report, plot_confusion  # matplotlib: only when a report is made
+    from freezetune.training.metrics import check_class_names, format_report, plot_confusion  # matplotlib: only here
 
+    check_class_names(result, classes)  # before any file is written: a refused call leaves none behind
     check_outputs(plot, metrics)
     # what a write of these files killed mid-way left beside them (an eval's target folder is the user's: only theirs)
     remove_stale_temps_of(p for p in (plot, metrics) if p is not None)

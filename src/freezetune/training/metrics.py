@@ -200,10 +200,15 @@ def _shown(result: dict, classes: list[str], encoding: str | None = None) -> lis
     its escape (``run.display.printable``); raw, an escape recoloured the terminal and a newline broke the table's rows,
     and matplotlib raised on a lone surrogate. ``encoding``: the stream's, whose escapes (``caf\\xe9`` in ASCII) the
     report's columns are measured on."""
+    check_class_names(result, classes)
+    return [printable(name, encoding) for name in classes]
+
+
+def check_class_names(result: dict, classes: list[str]) -> None:
+    """Refuse class names that are not one for each class of ``result`` (its confusion matrix's rows)."""
     c = len(result["confusion"])
     if len(classes) != c:
         raise DataError(f"got {len(classes)} class names for a result with {c} classes")
-    return [printable(name, encoding) for name in classes]
 
 
 def format_report(result: dict, classes: list[str], max_classes: int = 20) -> str:
