@@ -276,6 +276,8 @@ def recipe_problem(name: str | None) -> str | None:
     (True, True, True)
     >>> recipe_problem("LAST-2")  # doctest: +ELLIPSIS
     "unknown recipe 'LAST-2' (did you mean 'last-2'?); choose one of: 'auto', ..."
+    >>> recipe_problem("last2")  # doctest: +ELLIPSIS
+    "unknown recipe 'last2' (did you mean 'last-2'?); choose one of: 'auto', ..."
     """
     if name is None or name in RECIPES:
         return None
@@ -286,6 +288,8 @@ def recipe_problem(name: str | None) -> str | None:
         return f"recipe {name!r}: last-K trains the last K stages, K a whole number >= 1 (last-1, last-2, ...)"
     if isinstance(name, str) and name != name.lower() and recipe_problem(name.lower()) is None:  # LAST-2, Full
         return f"unknown recipe {name!r} (did you mean {name.lower()!r}?); choose one of: {choices(RECIPES)}"
+    if isinstance(name, str) and (k := re.fullmatch(r"last[\s_]*(\d+)", name.strip().lower())) and int(k[1]) >= 1:
+        return f"unknown recipe {name!r} (did you mean 'last-{int(k[1])}'?); choose one of: {choices(RECIPES)}"
     return choice_problem("recipe", name, RECIPES)
 
 
