@@ -55,3 +55,17 @@ def test_an_lp_ft_an_earlier_freezetune_stopped_in_its_fine_tune_resumes_with_it
     code, out, err = run_cli(capsys, *argv, "--resume")
     assert code == 0 and "test accuracy" in out, err
     assert checkpoint.load(tmp_path / "run" / "last.pt")["epoch"] == 2
+
+
+def test_a_named_recipes_run_resumed_for_more_epochs_resumes_again_with_a_plain_resume(data, tmp_path, capsys):
+    # the request kept the epochs first asked: the next --resume, without --epochs, asked 1 where 2 had trained and
+    # was refused ("cannot resume ... with epochs 1: it has trained 2 epochs"), naming a value never given
+    run = tmp_path / "run"
+    argv = train_argv(data, run, "--recipe", "last-2", "--scheduler", "none", "--epochs", "1")
+    assert run_cli(capsys, *argv)[0] == 0
+    code, _, err = run_cli(capsys, "train", "--out", run, "--resume", "--epochs", "2")
+    assert code == 0, err
+    assert json.loads((run / RECIPE_FILE).read_text())["asked"]["epochs"] == 2
+    code, out, err = run_cli(capsys, "train", "--out", run, "--resume")
+    assert code == 0 and "test accuracy" in out, err
+    assert checkpoint.load(run / "last.pt")["epoch"] == 2

@@ -310,6 +310,8 @@ def run(cfg: TrainConfig, *, echo: Callable[[str], None] = print, train: Callabl
     recipe_request.refuse_another_recipes_run(cfg, recipe)
     if cfg.resume:
         recipe_request.refuse_a_changed_request(cfg, recipe, steps)
+        if info.is_main:
+            recipe_request.record_longer_request(cfg)
     before: set[str] = set()  # what the run dir held before the request: the user's (a shell's redirect to train.log)
     if not cfg.resume:  # refuse a run dir in use before any phase writes below it (rank 0 alone clears)
         recipe_request.refuse_a_started_phase(cfg, recipe, steps)

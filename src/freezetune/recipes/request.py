@@ -12,7 +12,7 @@ from pathlib import Path
 import yaml
 
 from freezetune._io import atomic_write_text
-from freezetune.config.train_config import TrainConfig, changed_on_resume
+from freezetune.config.train_config import TrainConfig, changed_on_resume, stretchable
 from freezetune.config.values import coerce
 from freezetune.errors import ConfigError, FreezetuneError, setting
 from freezetune.recipes.named import Phase, recipe_of, sets
@@ -85,6 +85,22 @@ def refuse_a_changed_request(cfg: TrainConfig, recipe: str, steps: list[Phase]) 
         raise ConfigError(f"cannot resume {cfg.out} with {', '.join(changed)}: a run of recipe {recipe} continues as "
                           f"it was asked; resume with the run's values, or start a new run with another "
                           f"{setting('out')}")  # fmt: skip
+
+
+def record_longer_request(cfg: TrainConfig) -> None:
+    """A resume that trains more epochs (or another warm-up) of a run without an LR schedule, which
+    ``refuse_a_changed_request`` lets through, records them in the request: the next plain ``--resume`` reads its
+    settings there (``asked_config``), and the epochs first asked were refused below the epochs since trained."""
+
+    saved = Path(cfg.out) / RECIPE_FILE
+    record = read_json(saved)
+    asked = record.get("asked") if isinstance(record, dict) else None
+    if not isinstance(asked, dict):
+        return
+    now = json.loads(json.dumps(cfg.recorded()))
+    longer = {k: now[k] for k in stretchable(asked, now) if k in asked and k in now and asked[k] != now[k]}
+    if longer:
+        atomic_write_text(saved, json.dumps({**record, "asked": {**asked, **longer}}, indent=1))
 
 
 def refuse_a_started_phase(cfg: TrainConfig, recipe: str, steps: list[Phase]) -> None:
