@@ -191,3 +191,27 @@ def test_data_that_is_neither_a_file_nor_a_folder_is_named_as_such(tmp_path):
     for given in ("/dev/null", str(fifo)):
         with pytest.raises(DataError, match=rf"data path '{given}' is neither a file nor a folder .*save it to a file"):
             build_datasets(given, preprocess=PRE)
+
+
+def test_validation_data_that_is_the_test_split_is_refused_before_anything_is_built(tmp_path, capsys):
+    # the auto recipe made its choice on the test images before their files were refused; with --no-final-test, or
+    # in a sweep (which scores no test split), they picked best.pt and the winner without a word
+    from _engine_fixtures import TINY, make_idx_dir, make_image_folder, run_cli
+
+    root = make_image_folder(tmp_path / "images", train=4, val=1, test=2)
+    runs = tmp_path / "runs"
+    for argv in (
+        ["train", "--data", root, "--val-data", root / "test", "--out", runs / "auto", *TINY],
+        ["train", "--data", root, "--val-data", f"{root}/test/", "--recipe", "linear-probe", "--no-final-test",
+         "--out", runs / "probe", *TINY],
+        ["sweep", "--data", root, "--val-data", root / "test", "--recipes", "linear-probe", "--out", runs / "s", *TINY],
+    ):  # fmt: skip
+        code, _, err = run_cli(capsys, *argv)
+        assert code == 2 and "is the test split of" in err and "Traceback" not in err, err
+    assert not runs.exists()  # nothing was built or written
+    idx = make_idx_dir(tmp_path / "idx")  # an IDX directory given as validation data reads its t10k files
+    code, _, err = run_cli(capsys, "train", "--data", idx, "--val-data", idx, "--out", runs / "idx", *TINY)
+    assert code == 2 and "reads the test split (t10k files) of" in err, err
+    assert not runs.exists()
+    assert run_cli(capsys, "train", "--data", root, "--val-data", root / "val", "--out", runs / "ok", "--epochs", "1",
+                   *TINY)[0] == 0  # fmt: skip

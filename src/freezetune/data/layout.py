@@ -26,7 +26,7 @@ from freezetune.data.idx import check_test_labels, idx_files, is_idx_dir, labels
 from freezetune.data.scan import check_splits, unreadable
 from freezetune.data.text import TextDataset, read_text_csv
 from freezetune.data.text_table import TABLE_SUFFIXES, Columns, text_csv_header
-from freezetune.errors import DataError, choices
+from freezetune.errors import DataError, choices, setting
 from freezetune.run.log import warn_once
 
 log = logging.getLogger(__name__)
@@ -53,6 +53,31 @@ def warn_own_validation_unused(data: str, val_data: str) -> None:
         warn_once(log, "'%s' has a validation %s of its own, '%s': --val-data '%s' validates instead, and what '%s' "
                   "holds is neither trained nor validated on", data, "file" if own.is_file() else "folder", own.name,
                   val_data, own.name)  # fmt: skip
+
+
+def check_val_apart_from_test(data: str | None, val_data: str | None) -> None:
+    """Refuse ``val_data`` that is ``data``'s test split (its ``test/`` folder, ``test.csv``, or the IDX directory
+    itself, whose validation read takes its ``t10k`` files), before anything is built: it would pick the model, and
+    the test split must not. Its files were refused only once the run's data was read, after the auto recipe had made
+    its choice on them, and never with ``--no-final-test`` or in a sweep, which score no test split."""
+    if not data or not val_data:
+        return
+    path, val = Path(data), Path(val_data)
+    if not (path.is_dir() and val.exists()):  # the paths' own checks name a missing one
+        return
+    if is_idx_dir(path) and idx_files(path, "test") is not None:
+        test = path
+    elif (splits := split_files(path)) is not None and "test" in splits:
+        test = splits["test"]
+    else:
+        test = first_dir(path, TEST_DIRS)
+    if test is None or os.path.realpath(test) != os.path.realpath(val):
+        return
+    what = "reads the test split (t10k files) of" if test == path else "is the test split of"
+    raise DataError(f"{setting('val_data', val_data)} {what} '{data}': validation picks the model (best.pt, the auto "
+                    "recipe's choice, a sweep's winner), and the test split only scores it at the end; give validation "
+                    "data apart from the test data, or leave val_data out (10 % of each training class is then held "
+                    "out)")  # fmt: skip
 
 
 def load_folder(path: Path, *, read_val: bool = True,

@@ -70,11 +70,13 @@ def sweep(cfg: TrainConfig, recipes: str | list[str] | tuple[str, ...] = SWEEP_D
     out = Path(out or cfg.out or SWEEP_DEFAULT_OUT)
     runs = sweep_config.run_configs(cfg, sweep_config.recipe_names(recipes), out)
     from freezetune.data.datasets import check_paths_exist  # (torch: not at import, as _check_out's)
+    from freezetune.data.layout import check_val_apart_from_test
 
     check_paths_exist(cfg.data, cfg.val_data)  # a typo: one line, not a recipe's start and a sweep folder left
     # an --out that is a file, or inside the data (each recipe's run refused it, after sweep.log and the settings were
     # written there: the next run read the sweep's folder as a class): refused before anything is written
     check_folders(str(out), cfg.cache_dir, (cfg.data, cfg.val_data))
+    check_val_apart_from_test(cfg.data, cfg.val_data)  # it would pick the winner
     # each recipe's folder too: a file of a recipe's name there (out/full) was refused once the recipes before had run
     taken = [f"{name} ({problem})" for name, run in runs.items() if (problem := folder_problem(run.out))]
     if taken:

@@ -21,6 +21,7 @@ import torch
 from freezetune.config.check import validate
 from freezetune.config.train_config import TrainConfig, epochs_of
 from freezetune.data import noun
+from freezetune.data.layout import check_val_apart_from_test
 from freezetune.device import hardware
 from freezetune.device.distributed import all_reduce_sum, barrier, broadcast, broadcast_tensors, in_group, leave_group
 from freezetune.device.memory import out_of_memory_hint
@@ -84,6 +85,7 @@ def train(cfg: TrainConfig | None = None, *, echo: Callable[[str], None] = print
         cfg = dataclasses.replace(cfg, epochs=epochs_of(cfg))
     runtime.check_resume_target(cfg.out, cfg.resume)  # a recipe would otherwise look in a new timestamped dir
     runtime.check_folders(cfg.out, cfg.cache_dir, (cfg.data, cfg.val_data))
+    check_val_apart_from_test(cfg.data, cfg.val_data)
     # under torchrun the outermost call leaves the process group, once: a recipe's runs (the auto recipe's trials and
     # run) share it; left and joined again between them, the ranks' third join never met
     owner = not in_group()
