@@ -536,6 +536,22 @@ def test_a_budget_too_small_for_a_trial_and_an_epoch_of_the_set_shortens_every_e
     assert resumed.epoch_images == 8 and measured[-1] == pilot
 
 
+def test_a_resumed_budgeted_run_ends_saying_it_trained_the_budgets_plan_and_what_this_call_took(data, tmp_path):
+    # the resume trained the plan of the call before and ended without a word of its budget: whether the run kept to
+    # it could not be told
+    from freezetune.training import trainer
+
+    cfg = recipe_cfg(data, tmp_path / "r", budget="2s", epochs=1)
+    trainer.train(cfg, echo=lambda line: None)
+    lines = []
+    trainer.train(dataclasses.replace(cfg, resume=True), echo=lines.append)
+    assert re.fullmatch(
+        r"auto: resumed on the 2s budget's plan \(1 epoch\(s\), in recipe.json\): this call took "
+        r"[\d.]+s; the budget counted the call that planned it, not its resumes",
+        lines[-1],
+    ), lines
+
+
 def test_a_budgets_pilot_that_drew_the_default_trials_whole_epoch_is_that_trial_not_a_repeat_of_it(data, tmp_path):
     # on a small set the pilot drew the trial's images with its seed and LR, and the trial then did it all again
     lines = []

@@ -85,6 +85,17 @@ class TrialBudget:
                 f"epoch of the run (about {seconds_text(epoch_s)}){test} take")  # fmt: skip
 
 
+def resumed_took(said: str, epochs: int, seconds: float) -> str:
+    """The line that ends a resumed budgeted run: the budget's clock ran in the call that planned it, so this call
+    says what it took on its own and that the plan it trained is that call's (a resume said nothing of its budget).
+
+    >>> print(resumed_took("30s", 4, 12.5)[:87])
+    auto: resumed on the 30s budget's plan (4 epoch(s), in recipe.json): this call took 12s
+    """
+    return (f"auto: resumed on the {said} budget's plan ({epochs} epoch(s), in recipe.json): this call took "
+            f"{seconds_text(seconds)}; the budget counted the call that planned it, not its resumes")  # fmt: skip
+
+
 def pilot_config(trial: TrainConfig, world: int = 1) -> TrainConfig:
     """The pilot: the default candidate's ``trial`` cut to ``PILOT_STEPS`` steps (of a batch on each of ``world``
     ranks), in the trial's dir (where it drew the trial's whole epoch, it is the trial)."""

@@ -139,8 +139,12 @@ def run(cfg: TrainConfig, *, echo: Callable[[str], None] = print, train: Callabl
     saved = out / RECIPE_FILE
     if cfg.resume and saved.is_file():  # the decision was made before the interruption: keep it
         # the trials' seconds count after a resume too (a sweep's row)
+        began = time.perf_counter()
         resumed, trials = auto_resume.resumed(cfg, out, echo, write=info.is_main)
-        return _with_trial_seconds(train(resumed, echo=echo, recipe_run=True, later_epochs=0.0), trials)
+        result = train(resumed, echo=echo, recipe_run=True, later_epochs=0.0)
+        if cfg.budget is not None:  # the run ended in silence on its budget, which its first call's clock had counted
+            echo(auto_budget.resumed_took(budget_text(cfg.budget), resumed.epochs, time.perf_counter() - began))
+        return _with_trial_seconds(result, trials)
     _check_plan(cfg)
     # a run dir in use is refused (or, resuming, one no run was started in) before any trial writes below it; the
     # trials and decision of an attempt stopped before its run finished an epoch are redone
