@@ -603,7 +603,8 @@ def test_a_resume_that_moves_best_pt_without_scoring_it_removes_the_earlier_test
     assert not (tmp_path / "run" / "test_metrics.json").exists() and not (tmp_path / "run" / "confusion.png").exists()
     # moved by an earlier attempt (stopped before its final test): judged by the epoch the file names
     code, out, err = run_cli(capsys, *argv, "--epochs", "2", "--resume")  # its config keeps --no-final-test's false
-    assert code == 0 and "(report; the test split is not scored, as --no-final-test asks) runs again" in out, err
+    assert code == 0 and ("(report; the test split is not scored: final_test is off (--no-final-test, or a sweep's "
+                          "run)) runs again") in out, err  # fmt: skip
     code, _, err = run_cli(capsys, *argv, "--epochs", "2", "--resume", "--final-test")  # the finished run's test
     assert code == 0 and json.loads((tmp_path / "run" / "test_metrics.json").read_text())["epoch"] == 2, err
     code, out, err = run_cli(capsys, *argv, "--epochs", "2", "--resume", "--no-final-test")

@@ -106,7 +106,9 @@ def resumed_line(run_dir: Path, cfg: TrainConfig, progress, steps_per_epoch: int
     if trained_out:  # a finished run: say so, not leave it to guess
         done = ": the run had finished (early stop)" if p.epoch < cfg.epochs else \
             f": all {cfg.epochs} epochs were trained"  # fmt: skip
-    unscored = "report; the test split is not scored, as --no-final-test asks"
+    # (said of a sweep's recipes too, which the sweep runs without a test: "as --no-final-test asks" named a flag
+    # nobody gave)
+    unscored = "report; the test split is not scored: final_test is off (--no-final-test, or a sweep's run)"
     end = "report, test split" if cfg.final_test else unscored
     then = f"; nothing trains, only the run's end ({end}) runs again" if done else ""
     return f"resumed {run_dir} {where}{done}{then}"
