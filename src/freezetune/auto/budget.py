@@ -55,11 +55,10 @@ class TrialBudget:
         seconds = time.perf_counter() - self.start
         return seconds if self.info is None else broadcast(seconds, self.info)
 
-    def took(self) -> str:
+    def took(self, spent: float) -> str:
         """The line that ends a budgeted run (``seconds`` set): what the trials, the run and its final test took
-        against the budget, and by how much they overran it where they did (a budget is "about", but a run past it by
-        a third said nothing at its end, and the test had taken three times the seconds kept for it)."""
-        spent = self.spent()
+        (``spent``) against the budget, and by how much they overran it where they did (a budget is "about", but a run
+        past it by a third said nothing at its end, and the test had taken three times the seconds kept for it)."""
         line = f"auto: the {self.said} budget: the trials, the run and its final test took {seconds_text(spent)}"
         if spent <= self.seconds * (1 + OVER_SAID):
             return line

@@ -242,7 +242,11 @@ def run(cfg: TrainConfig, *, echo: Callable[[str], None] = print, train: Callabl
     # the last reader of the trials' cache: nothing reads its stores after it
     result = train(final, echo=echo, recipe_run=True, later_epochs=0.0)
     if budget.seconds is not None:
-        echo(budget.took())
+        spent = budget.spent()
+        echo(budget.took(spent))
+        if info.is_main:  # beside its plan: what it came to (the log's line alone said so)
+            decision["budget"]["took_s"] = round(spent, 1)
+            atomic_write_text(saved, json.dumps(decision, indent=1))
     if info.is_main and cfg.cache_dir is None:
         _say_kept_cache(out / "features", echo)
     return _with_trial_seconds(result, measured_trials(trials, probe, pilot))
