@@ -201,12 +201,13 @@ def _sidecar(path: Path, meta: dict, force: bool, target: Path) -> dict:
                 if k not in (WEIGHTS_DIGEST, MID_EPOCH) or (isinstance(old, dict) and k in old)}  # fmt: skip
     if isinstance(old, dict) and all(old.get(k) == v for k, v in compared.items()):
         return {**old, **meta}
-    if not force:
-        raise CheckpointError(f"{path} already exists and does not describe this checkpoint; pass --force to "
-                              "overwrite")  # fmt: skip
     others = [str(p) for p in (path.with_suffix(f) for f in FORMATS) if p != target and p.exists()]
     others = [p for p in others if _described(Path(p), old)]  # (an export stopped between its two files: not)
+    if not force and not others:
+        raise CheckpointError(f"{path} already exists and does not describe this checkpoint; pass --force to "
+                              "overwrite")  # fmt: skip
     if others:  # its preprocessing and classes would then be this checkpoint's: a silent lie to those files' users
+        # (said at once: "pass --force" led only to this refusal)
         raise CheckpointError(f"{path} describes another checkpoint, exported beside it as {', '.join(others)}; "
                               "--force would give those this checkpoint's description: remove them too, or export "
                               "under another name")  # fmt: skip
