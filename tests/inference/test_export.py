@@ -437,3 +437,25 @@ def test_an_onnx_export_the_disk_has_no_room_for_is_the_disks_error_not_the_mode
     assert code == 2 and capsys.readouterr().err == (f"freezetune: error: No space left on device ({target}); files "
                                                      "written before are intact\n")  # fmt: skip
     assert list((tmp_path / "out").iterdir()) == []  # neither the sidecar nor half a graph
+
+
+def test_a_folder_as_target_or_one_the_user_cannot_write_in_is_said_in_one_line(best_pt, tmp_path, monkeypatch):
+    # a folder named m.onnx: "already exists; pass --force", then with --force the OS's "Is a directory"; a folder
+    # the user may not write in: "Operation not permitted (m.json); files written before are intact", naming the
+    # sidecar, not the export asked for
+    import errno
+
+    (tmp_path / "d.onnx").mkdir()
+    for force in (False, True):
+        with pytest.raises(CheckpointError, match=r"d.onnx is a folder: give the file to write \(a name ending in "
+                                                  r"\.onnx\); not even --force replaces a folder"):  # fmt: skip
+            export_checkpoint(best_pt, tmp_path / "d.onnx", force=force)
+
+    def refused(path):
+        raise PermissionError(errno.EPERM, "Operation not permitted", str(path))
+
+    monkeypatch.setattr(export_module, "atomic_output", refused)
+    with pytest.raises(CheckpointError, match=r"cannot write m.safetensors in '.*ro': operation not permitted; nothing "
+                                              r"was exported: give a folder you can write in"):  # fmt: skip
+        export_checkpoint(best_pt, tmp_path / "ro" / "m.safetensors")
+    assert not list((tmp_path / "ro").glob("m.*"))

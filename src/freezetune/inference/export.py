@@ -11,6 +11,7 @@ Formats, chosen by the target's suffix:
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import importlib.util
 import io
@@ -57,7 +58,7 @@ def export_checkpoint(ckpt_path: str | Path, to: str | Path, *, force: bool = Fa
     if to.suffix != ".safetensors" and text:
         # the graph is traced on an image batch: a text model's raised deep inside transformers
         raise CheckpointError(f"{ckpt_path} is a text model ({record['model']}): it exports to .safetensors (its "
-                              f"weights; the tokenizer is {record['preprocess']['tokenizer']!r}), not to "
+                              f"weights, with its config and tokenizer in {to.stem}.hf/ beside them), not to "
                               f"{to.suffix}")  # fmt: skip
     if to.suffix == ".safetensors" and not record["model"].startswith("hf:"):  # the sidecar names the model: the
         # weights must fit it (the graph formats build it anyway; a Hugging Face model may need its hub files, which
@@ -89,14 +90,20 @@ def export_checkpoint(ckpt_path: str | Path, to: str | Path, *, force: bool = Fa
         meta["onnx"] = {"input": ONNX_INPUT, "output": ONNX_OUTPUT}
     # the sidecar is written first and takes its name right after the weights take theirs: written after them, a stop
     # between left one checkpoint's weights described as another's (a model that does not trace leaves nothing)
-    with atomic_output(sidecar) as described:
-        described.write_text(json.dumps(meta, indent=1))
-        if to.suffix == ".safetensors":
-            _save_safetensors(record, to)
-        else:
-            _save_graph(record, to)
-        if files:
-            hf_bundle.write_anew(files, folder)
+    try:
+        with atomic_output(sidecar) as described:
+            described.write_text(json.dumps(meta, indent=1))
+            if to.suffix == ".safetensors":
+                _save_safetensors(record, to)
+            else:
+                _save_graph(record, to)
+            if files:
+                hf_bundle.write_anew(files, folder)
+    except OSError as exc:  # a folder the user may not write in: the OS's words named the sidecar, not the export
+        if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise
+        raise CheckpointError(f"cannot write {to.name} in '{to.parent}': {exc.strerror.lower()}; nothing was "
+                              "exported: give a folder you can write in") from None  # fmt: skip
     return to, sidecar
 
 
@@ -126,6 +133,9 @@ def _check_target(to: Path, force: bool, ckpt_path: str | Path) -> None:
         formats = ".safetensors (a text model exports its weights)" if text else \
             f"{', '.join(FORMATS[:-1])} or {FORMATS[-1]}"  # fmt: skip
         raise CheckpointError(f"export target {str(to)!r} must end in {formats}")
+    if to.is_dir():  # "already exists; pass --force", then with --force an "Is a directory" of the OS
+        raise CheckpointError(f"{to} is a folder: give the file to write (a name ending in {to.suffix}); not even "
+                              "--force replaces a folder")  # fmt: skip
     if to.exists() and not force:
         raise CheckpointError(f"{to} already exists; pass --force to overwrite")
     if to.suffix == ".onnx":
