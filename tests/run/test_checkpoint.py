@@ -168,10 +168,18 @@ def test_a_checkpoint_without_its_preprocess_or_with_classes_unlike_its_head_is_
         ("plain tensor", "not a freezetune checkpoint"),
         ("dict without classes", "not a freezetune checkpoint"),
         ("directory", "is a directory"),
+        # a state dict and an export's files were "no state_dict/classes" and "not a PyTorch checkpoint file"
+        ("state dict", r"holds weights alone \(a state_dict\), not a freezetune checkpoint.*give a run's best.pt"),
+        ("onnx", r"is an ONNX export, not a checkpoint: give a run's best.pt or last.pt"),
+        ("safetensors", r"is a safetensors weights file, not a checkpoint"),
     ],
 )
 def test_unreadable_checkpoints_say_why_in_one_line(tmp_path, kind, message):
-    path = tmp_path / "x.pt"
+    path = tmp_path / ("x." + kind if kind in ("onnx", "safetensors") else "x.pt")
+    if kind in ("onnx", "safetensors"):
+        path.write_bytes(b"an export's bytes")
+    if kind == "state dict":
+        torch.save(nn.Linear(2, 2).state_dict(), path)
     if kind == "text":
         path.write_text("hello\n")
     elif kind == "pickled module":

@@ -67,6 +67,11 @@ def save(record: dict[str, Any], path: str | Path) -> Path:
     return atomic_save(record, path)
 
 
+# an export's files, which eval, predict and export were given as checkpoints
+_EXPORTS = {".onnx": "an ONNX export", ".pt2": "a torch.export program", ".safetensors": "a safetensors weights file"}
+_GIVE_A_RUNS = "give a run's best.pt or last.pt"
+
+
 def load(path: str | Path, *, mmap: bool = False) -> dict[str, Any]:
     """Load a freezetune checkpoint (tensors and plain data only: ``weights_only=True``); ``mmap``: its tensors are
     mapped from the file, not read, until used."""
@@ -76,10 +81,17 @@ def load(path: str | Path, *, mmap: bool = False) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint {str(path)!r} is a directory, not a checkpoint file{hint}")
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
+    if path.suffix.lower() in _EXPORTS:  # read as a pickle, it was "not a PyTorch checkpoint file (UnpicklingError)"
+        raise CheckpointError(f"{str(path)!r} is {_EXPORTS[path.suffix.lower()]}, not a checkpoint: {_GIVE_A_RUNS}")
     try:
         record = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as exc:  # a corrupt or foreign file: say which, not a pickle traceback
         raise CheckpointError(f"cannot read checkpoint {str(path)!r}: {load_failure(path, exc)}") from None
+    if isinstance(record, dict) and record and all(isinstance(v, torch.Tensor) for v in record.values()):
+        # torch.save(model.state_dict()): "no state_dict/classes" of a file that is one
+        raise CheckpointError(f"{str(path)!r} holds weights alone (a state_dict), not a freezetune checkpoint, which "
+                              f"names the model, its classes and preprocessing: {_GIVE_A_RUNS}; a run starts from "
+                              "weights alone with --weights FILE")  # fmt: skip
     if not isinstance(record, dict) or "state_dict" not in record or "classes" not in record:
         raise CheckpointError(f"{str(path)!r} is not a freezetune checkpoint (no state_dict/classes)")
     if record.get("hf_files"):
