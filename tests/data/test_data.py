@@ -1139,6 +1139,11 @@ def test_eval_refuses_class_names_the_checkpoint_does_not_have_in_every_format(t
                                         r"'Trouser', 'Pullover'...\); its classes are '0', '1'.*write the checkpoint's "
                                         r"name of each label 0, 1, 2... into .*classes.txt"):  # fmt: skip
         build_eval_dataset(str(idx), preprocess=PRE, classes=[str(d) for d in range(10)])
+    # more labels than the checkpoint has classes: no classes.txt would help (it was advised all the same)
+    with pytest.raises(DataError, match=r"has 10 labels, 'T-shirt/top', .* among them, and the checkpoint knows 3 "
+                                        r"classes \('blue', 'green', 'red'\): no naming of the labels maps one onto "
+                                        r"the other; give data of the checkpoint's classes"):  # fmt: skip
+        build_eval_dataset(str(idx), preprocess=PRE, classes=ckpt_classes)
     names = [f"c{d}" for d in range(10)]
     with pytest.raises(DataError, match="its classes are 'c0'"):  # same count, other names
         build_eval_dataset(str(idx), preprocess=PRE, classes=names)

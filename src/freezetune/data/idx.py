@@ -296,6 +296,11 @@ def name_labels_as(ds: InMemoryImageDataset, classes: list[str], root: str | Pat
         return
     index = {nfc(folder_name(c)): i for i, c in enumerate(classes)}  # 'T-shirt/top' of a folder is 'T-shirt_top'
     unknown = [ds.classes[t] for t in torch.unique(ds.targets).tolist() if nfc(folder_name(ds.classes[t])) not in index]
+    present = len(torch.unique(ds.targets))
+    if unknown and present > len(classes):  # no classes.txt names more labels than there are classes
+        raise DataError(f"'{root}' has {present} labels, {choices(unknown)} among them, and {known_by} knows "
+                        f"{len(classes)} classes ({choices(classes)}): no naming of the labels maps one onto the "
+                        f"other; give data of {known_by}'s classes")  # fmt: skip
     if unknown:
         named = Path(root) / CLASS_NAMES_FILE
         by = f"named by {named}" if named.is_file() else f"without {named}, named {choices(ds.classes[:3])}..."
