@@ -762,7 +762,7 @@ def test_a_run_without_a_test_split_ends_on_a_line_naming_its_result_and_early_s
     assert "early stop" not in out  # it ran every epoch: nothing was stopped
     assert (
         out.rstrip().splitlines()[-1]
-        == f"best.pt: epoch 1, val_acc {float(_rows(tmp_path / 'run')[0]['val_acc']):.4f} (no test split to score) -> {tmp_path / 'run'}"
+        == f"best.pt: epoch 1, val_acc {100 * float(_rows(tmp_path / 'run')[0]['val_acc']):.1f} % (no test split to score) -> {tmp_path / 'run'}"
     )
     assert "test split is only scored" not in out
 

@@ -19,6 +19,7 @@ from itertools import islice
 import torch
 
 from freezetune.config.check import validate
+from freezetune.config.options import FRACTIONS
 from freezetune.config.train_config import TrainConfig, epochs_of
 from freezetune.data import noun
 from freezetune.data.layout import check_val_apart_from_test
@@ -160,7 +161,9 @@ class Trainer(RunSetup):
             self.echo(f"best.pt is missing from {self.run_dir} (deleted since epoch {p.best_epoch} saved it): it is "
                       f"not scored on the test split{kept}")  # fmt: skip
         elif test is None and (self.cfg.final_test or self.resumable):
-            metric = f", {self.cfg.monitor} {p.best_metric:.4f}" if p.best_metric is not None else ""
+            metric = "" if p.best_metric is None else f", {self.cfg.monitor} {p.best_metric:.4f}"
+            if p.best_metric is not None and self.cfg.monitor in FRACTIONS:  # as the other end lines: "75.0 %"
+                metric = f", {self.cfg.monitor} {100 * p.best_metric:.1f} %"
             why = "no test split to score" if self.cfg.final_test else "the test split is not scored in this run"
             self.echo(f"best.pt: epoch {p.best_epoch}{metric} ({why}) -> {self.run_dir}")
         return RunResult(self.run_dir, p.best_epoch, p.best_metric, test, list(self.metrics.rows), seconds,
