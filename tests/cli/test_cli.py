@@ -125,6 +125,11 @@ def test_eval_of_best_pt_reproduces_the_runs_test_metrics_to_the_last_digit(run,
     assert (
         written.pop("checkpoint") == "best.pt" and written.pop("epoch") == checkpoint.load(run_dir / "best.pt")["epoch"]
     )
+    # eval names the checkpoint it was given, and the epoch that saved it, as the run's file does
+    assert (
+        again.pop("checkpoint") == str(run_dir / "best.pt")
+        and again.pop("epoch") == checkpoint.load(run_dir / "best.pt")["epoch"]
+    )
     assert again == written
 
 

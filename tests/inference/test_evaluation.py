@@ -37,6 +37,8 @@ def best_pt(tmp_path_factory):
 
 def test_evaluate_checkpoint_scores_the_test_split_as_predict_files_ranks_it(best_pt, data):
     result = evaluate_checkpoint(best_pt, data, batch_size=5, device="cpu")
+    # which weights it scored, as a run's test_metrics.json says (eval's --metrics file said neither)
+    assert result["checkpoint"] == str(best_pt)
     assert result["classes"] == sorted(CLASSES) and result["n"] == 4 * len(CLASSES)  # data/test, not data/train
     records = predict_files(best_pt, [data / "test"], topk=1, device="cpu")
     hits = [r["top"][0]["class"] == r["path"].split("/")[-2] for r in records]
@@ -100,7 +102,7 @@ def test_evaluate_model_is_the_in_memory_half(best_pt, data):
     dataset = build_eval_dataset(str(data), preprocess=loaded.preprocess, classes=loaded.classes)
     result = evaluate_model(loaded.model, dataset, num_classes=3, precision=loaded.precision, batch_size=7)
     expected = evaluate_checkpoint(best_pt, data, device="cpu")
-    assert set(result) == set(expected) - {"classes", "data"}
+    assert set(result) == set(expected) - {"classes", "data", "checkpoint", "epoch"}
     assert result["confusion"] == expected["confusion"] and result["n"] == expected["n"]
     assert result["loss"] == pytest.approx(expected["loss"], rel=1e-5)
 
@@ -155,6 +157,18 @@ def test_write_evaluation_writes_the_plot_and_json_it_is_given(best_pt, data, tm
     assert json.loads((tmp_path / "m.json").read_text()) == json.loads(json.dumps(result))
     write_evaluation(result, result["classes"])  # nothing asked, nothing written
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.png", "m.json"]
+
+
+def test_an_evaluation_names_the_epoch_that_saved_its_checkpoint(best_pt, data, tmp_path):
+    record = {**checkpoint.load(best_pt), "epoch": 3}
+    saved = checkpoint.save(record, tmp_path / "best.pt")
+    result = evaluate_checkpoint(saved, data, device="cpu")
+    assert result["epoch"] == 3 and result["checkpoint"] == str(saved)
+    write_evaluation(result, result["classes"], metrics=tmp_path / "m.json")
+    assert {k: json.loads((tmp_path / "m.json").read_text())[k] for k in ("checkpoint", "epoch")} == {
+        "checkpoint": str(saved),
+        "epoch": 3,
+    }
 
 
 def test_write_evaluation_refuses_other_class_names_before_it_writes_a_file(best_pt, data, tmp_path):

@@ -305,7 +305,9 @@ def evaluate_checkpoint(
         result = evaluate_model(loaded.model, dataset, num_classes=len(loaded.classes), precision=loaded.precision,
                                 loaders=loaders, channels_last=loaded.channels_last,
                                 bar="scoring" if progress else None)  # fmt: skip
-    return {**result, "classes": loaded.classes, "data": getattr(dataset, "source", None)}
+    # which weights were scored, as a run's test_metrics.json says (an eval's --metrics file did not)
+    scored = {"checkpoint": None if isinstance(checkpoint, dict) else str(checkpoint), "epoch": record.get("epoch")}
+    return {**result, "classes": loaded.classes, "data": getattr(dataset, "source", None), **scored}
 
 
 def _check_classes(dataset: Dataset, classes: list[str]) -> None:
