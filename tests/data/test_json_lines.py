@@ -60,8 +60,10 @@ def test_a_list_or_object_as_a_label_or_text_is_refused_by_its_line_and_key(tmp_
     # datasets' to_json writes multi-label data as {"label": [0, 1]}: each distinct list trained as a class "[0, 1]"
     records = [{"text": "fine", "label": [0]}, {"text": "bad", "label": [0, 1]}, {"text": "ok", "label": 1}]
     path = _jsonl(tmp_path / "t.jsonl", [{"text": "a", "label": 1, "ids": [101, 102]}, *records])
+    # every bad line named, not the first alone (each was found after the one before was mended)
     with pytest.raises(DataError, match=r"'.*t.jsonl' line 2 has a list under its label key 'label' \(\[0\]\): a label "
-                       r"must be a string, a number or a boolean \(multi-label data is not supported\)$"):  # fmt: skip
+                       r"must be a string, a number or a boolean \(multi-label data is not supported\) \(also line 3: "
+                       r"has a list under its label key 'label' \(\[0, 1\]\)\)$"):  # fmt: skip
         read_text_csv(path)
     _jsonl(path, [{"text": "a", "label": 1}, {"text": {"en": "b"}, "label": 0}])
     with pytest.raises(DataError, match=r"line 2 has an object under its text key 'text' \(\{\"en\": \"b\"\}\)"):

@@ -83,6 +83,12 @@ def test_a_text_csvs_labels_are_one_class_however_their_accents_are_encoded(tmp_
         ('text,label\n"",pos\ngood,pos\n', r"line 2 has an empty text: give it a text or remove the row$"),
         ("text,label\ngood,pos\n   ,neg\n", r"line 3 has an empty text"),
         ("text,label\ngood,\n", r"line 2 has no label: give it one or remove the row$"),
+        # every bad row named, each was found only once the one before was mended
+        (
+            'text,label\n"",pos\ngood,pos\n"   ",neg\n\u200b,pos\nbad,\n',
+            r"line 2 has an empty text: give it a text or remove the row \(also line 4: has an empty text; line 5: has "
+            r"an empty text \('\\u200b'.*\); line 6: has no label\)$",
+        ),
         # read as the text "boring" of a class "long and dull", in silence
         (
             "text,label\ngood,pos\nboring, long and dull,neg\n",

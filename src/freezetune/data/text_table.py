@@ -351,13 +351,49 @@ def check_rows(path: Path, rows: list[list[str]], lines: list[int], cols: dict[s
         raise DataError(f"{table_kind(path)} '{path}': every row has one cell more than the header, first a row "
                         f"number ({shown}): R's row names, which write.table writes unless told not to; write the file "
                         "with write.table(..., row.names = FALSE)")  # fmt: skip
-    problems = ((n, p) for n, r in zip(lines, rows, strict=True) if (p := _row_problem(r, cols, header, empty_ok)))
-    problem = next(problems, None)
-    if problem is not None:  # a quote's run-on said in the same line, where it made this row
-        cause = next((f"; {_run_on_said(run_on)}" for a, b in run_on if a <= problem[0] <= b), "")
-        raise DataError(f"{table_kind(path)} '{path}' line {problem[0]} {problem[1]}{cause}")
+    problems = [(n, p) for n, r in zip(lines, rows, strict=True) if (p := _row_problem(r, cols, header, empty_ok))]
+    if problems:  # a quote's run-on said in the same line, where it made this row
+        (first, problem), rest = problems[0], problems[1:]
+        cause = next((f"; {_run_on_said(run_on)}" for a, b in run_on if a <= first <= b), "")
+        raise DataError(f"{table_kind(path)} '{path}' line {first} {problem}{_also(problem, rest)}{cause}")
     if run_on:
         warn_once(log, "CSV '%s': %s", path, _run_on_said(run_on))
+
+
+_ROWS_NAMED = 10  # the other bad rows a refusal names, at most
+
+
+def _also(problem: str, rest: list[tuple[int, str]]) -> str:
+    """The other bad rows, after the first's ``problem``: each was found only once the one before was mended, a run
+    at a time.
+
+    >>> _also("has an empty text: give it one", [(3, "has an empty text: give it one"), (7, "has no label: ...")])
+    ' (also line 3: has an empty text; line 7: has no label)'
+    >>> _also("has no label: give it one", [(n, "has no label: give it one") for n in range(2, 14)])
+    ' (so do lines 2, 3, 4, 5, 6, 7, 8, 9, 10, 11 and 2 more)'
+    """
+    if not rest:
+        return ""
+    more = f" and {len(rest) - _ROWS_NAMED} more" if len(rest) > _ROWS_NAMED else ""
+    rest = rest[:_ROWS_NAMED]
+    if all(p == problem for _, p in rest):
+        return f" (so do line{'s' * (len(rest) > 1)} {', '.join(str(n) for n, _ in rest)}{more})"
+    each = [f"line {n}: {_what(p)}" for n, p in rest]
+    return f" (also {'; '.join(each)}{more})"
+
+
+def _what(problem: str) -> str:
+    """A row's ``problem`` without the way out, which follows its first ': ' outside brackets.
+
+    >>> _what("has an empty text ('x': only invisible characters): give it a text"), _what("has 2 column(s)")
+    ("has an empty text ('x': only invisible characters)", 'has 2 column(s)')
+    """
+    depth = 0
+    for i, c in enumerate(problem):
+        depth += (c in "([") - (c in ")]")
+        if depth == 0 and problem.startswith(": ", i):
+            return problem[:i]
+    return problem
 
 
 def _row_names(path: Path, rows: list[list[str]], header: list[str]) -> list[str]:
