@@ -163,6 +163,12 @@ def test_a_csv_without_a_header_row_is_told_to_add_one_not_to_name_its_columns_a
     said = r"header is \['a joy to watch'\]: if that is a text, the file has no header row; add a first line 'text', "
     with pytest.raises(DataError, match=said + r"or give a .txt file, one text a line$"):
         read_texts(tmp_path / "texts.csv")
+    # a header that names its text column: told to add the line 'text' it had
+    (tmp_path / "unlabelled.csv").write_text("text\na joy to watch\na dull mess\n")
+    with pytest.raises(DataError, match=r"its header is \['text'\]: it holds texts without labels: add a label column "
+                                        r"\('text,label' rows\); to classify texts without labels, use freezetune "
+                                        r"predict$"):  # fmt: skip
+        read_text_csv(tmp_path / "unlabelled.csv")
 
 
 def test_a_csv_not_in_utf8_is_named_as_such_with_the_byte_and_line_where_it_stops(tmp_path):

@@ -255,7 +255,7 @@ def column_index(path: Path, header: list[str], role: str, columns: Columns, row
                             f"{_header_word(path)} {header}: {fix}")  # fmt: skip
         other = f" (or name yours: --{role}-column NAME)" if not hits and len(names) > 1 else ""
         raise DataError(f"{table_kind(path)} '{path}' needs exactly one {role} column named {columns.named(role)}"
-                        f"{other}; its {_header_word(path)} {header}{_one_text(path, header, hits)}"
+                        f"{other}; its {_header_word(path)} {header}{_one_text(path, header, hits, columns)}"
                         f"{_pick_one(header, hits, role)}")  # fmt: skip
     return hits[0]
 
@@ -290,11 +290,17 @@ def no_header(path: Path, header: list[str], rows: list[list[str]]) -> str | Non
             f"naming its columns{example}")  # fmt: skip
 
 
-def _one_text(path: Path, header: list[str], hits: list[int]) -> str:
+def _one_text(path: Path, header: list[str], hits: list[int], columns: Columns) -> str:
     """For a table of one column that names no text column: that its first line may be a text (texts one a line,
-    saved as .csv), and the ways to read it as one."""
+    saved as .csv), and the ways to read it as one. A header that names its text column ('text') is one: it lacks
+    its label column, and the hint to add a first line 'text' it already had made no sense."""
     if hits or len(header) != 1 or path.suffix.lower() == json_lines.JSON_LINES:
         return ""
+    if header[0] in columns.names("text"):
+        return (
+            ": it holds texts without labels: add a label column ('text,label' rows); to classify texts without "
+            "labels, use freezetune predict"
+        )
     return (
         ": if that is a text, the file has no header row; add a first line 'text', or give a .txt file, one text a line"
     )
