@@ -137,6 +137,9 @@ def test_a_text_model_refuses_image_data_and_an_image_model_text_data(tmp_path):
     with pytest.raises(DataError, match=r"'section': name its columns with --text-column and --label-column, or rename "
                                         r"them to those the model trained on\)"):  # fmt: skip
         build_eval_dataset(str(other), preprocess=text_model, classes=["a", "b"])
+    # eval's --text-column named already: told to name its columns with the flag given
+    with pytest.raises(DataError, match=r"'section': it has no column 'nope', which --text-column names\)"):
+        build_eval_dataset(str(other), preprocess=named, classes=["a", "b"], text_column_given=True)
     (tmp_path / "tabs.csv").write_text("text\tlabel\na text\ta\n")
     with pytest.raises(DataError, match=r"'text\\tlabel': its columns are separated by tabs: name the file .tsv\)"):
         build_datasets(str(tmp_path / "tabs.csv"), preprocess=text_model)

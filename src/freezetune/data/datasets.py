@@ -312,14 +312,16 @@ def build_datasets(
                       val_source=val_source, skipped=skipped, no_refit=no_refit)  # fmt: skip
 
 
-def build_eval_dataset(data: str, *, preprocess: Preprocess, classes: list[str], skip_bad: bool = False) -> Dataset:
+def build_eval_dataset(data: str, *, preprocess: Preprocess, classes: list[str], skip_bad: bool = False,
+                       text_column_given: bool = False) -> Dataset:  # fmt: skip
     """The evaluation set of ``data`` for a trained model: an IDX test split, a ``test/`` (else ``val/``) folder,
     or the whole folder/CSV; for a text model (``preprocess.tokenizer`` set) a ``text,label`` CSV. Labels are checked
     against the model's ``classes``.
 
     The dataset's ``source`` attribute says, in words, which split or files it holds (``eval`` prints it), and how
     many unreadable image files ``skip_bad`` left out (as a run's ``--skip-bad`` did: its test score is then
-    reproduced); without it they are refused.
+    reproduced); without it they are refused. ``text_column_given``: the text column is the one the command names
+    (``--text-column``), not the checkpoint's: a header without it is told so.
 
     Folder and CSV labels are class names, matched by name: data may hold fewer classes than the model, never one
     it does not know. IDX labels are positions, named by the directory's ``classes.txt`` (else the Fashion-MNIST or
@@ -335,7 +337,7 @@ def build_eval_dataset(data: str, *, preprocess: Preprocess, classes: list[str],
     path = Path(data)
     check_paths_exist(data)
     _check_shape(data, "; to classify files without labels, use freezetune predict")
-    check_kind(data, preprocess, flags=False)
+    check_kind(data, preprocess, flags=text_column_given)
     if preprocess.is_text:  # a text CSV: its texts are tokenized per batch, they take no transform
         splits = split_files(path) or {}
         split = splits.get("test") or splits.get("val")

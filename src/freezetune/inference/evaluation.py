@@ -295,7 +295,8 @@ def evaluate_checkpoint(
         if not loaded.preprocess.is_text:  # an image model's data has no columns
             refuse_other_settings("this checkpoint's model", columns, text_model=False)
         dataset = build_eval_dataset(str(data), preprocess=replace(loaded.preprocess, **columns),
-                                     classes=loaded.classes, skip_bad=skip_bad)  # fmt: skip
+                                     classes=loaded.classes, skip_bad=skip_bad,
+                                     text_column_given="text_column" in columns)  # fmt: skip
     if loaded.preprocess.is_text:
         tokenizer = text_tokenizer(loaded)
         warn_cut(count_cut([dataset[i][0] for i in range(len(dataset))], tokenizer), tokenizer.max_length)
