@@ -502,12 +502,14 @@ def test_a_budget_too_small_for_a_trial_and_an_epoch_of_the_set_shortens_every_e
     # 10 000 Fashion-MNIST images under --budget 1m took 131 s: the first trial drew half the set and the run one
     # epoch of it, whatever the budget; 60 000 would have taken several times the budget
     monkeypatch.setattr(auto_trials, "MIN_TRIAL_STEPS", 1)  # a trial of one 8-image step: 16 images an epoch
+    # a pilot shorter than the default's trial (20 images, 3 steps), as on a large set: one that drew it whole is it
+    monkeypatch.setattr(auto_budget, "PILOT_STEPS", 2)
     lines = []
     result = auto.run(recipe_cfg(data, tmp_path / "r", budget="0.01s", epochs=2), echo=lines.append)
     decision = json.loads((tmp_path / "r" / "recipe.json").read_text())
     pilot, choice = decision["pilot"], decision["choice"]
     assert pilot["planned"] == 16 and pilot["steps"] > 0 and pilot["image_s"] > 0 and pilot["setup_s"] > 0
-    assert "auto: the 0.01s budget: a pilot of the default (last 3 stages), up to 8 steps, measures the pace first" in (
+    assert "auto: the 0.01s budget: a pilot of the default (last 3 stages), up to 2 steps, measures the pace first" in (
         lines
     )
     said = next(line for line in lines if re.match(r"auto: the 0\.01s budget: a pilot of \d+ steps? trained", line))
@@ -534,6 +536,28 @@ def test_a_budget_too_small_for_a_trial_and_an_epoch_of_the_set_shortens_every_e
     resumed, measured = auto_resume.resumed(recipe_cfg(data, tmp_path / "r", budget="0.01s", epochs=2, resume=True),
                                             tmp_path / "r", lambda line: None, write=False)  # fmt: skip
     assert resumed.epoch_images == 8 and measured[-1] == pilot
+
+
+def test_a_pilot_that_drew_the_default_trials_whole_epoch_says_it_is_that_trial_and_plans_no_shorter_epochs(
+    data, tmp_path, monkeypatch
+):
+    # on a small set the pilot's 8 steps drew the trial's whole epoch, then the line planned "a trial on 50% of an
+    # epoch and one epoch of the run" as if the trial were still to come, and shortened the epochs: the trial ran
+    # again, on fewer images
+    monkeypatch.setattr(auto_trials, "MIN_TRIAL_STEPS", 1)
+    lines = []
+    auto.run(recipe_cfg(data, tmp_path / "r", budget="0.01s", epochs=2), echo=lines.append)
+    pilot = json.loads((tmp_path / "r" / "recipe.json").read_text())["pilot"]
+    assert pilot["is_trial"] and pilot["planned"] is None
+    assert any(
+        re.fullmatch(
+            r"auto: the 0\.01s budget: a pilot of \d+ steps? trained \d+ images/s \([\d.]+s in all\) "
+            r"on the default trial's \d+ images: it is that trial",
+            line,
+        )
+        for line in lines
+    ), lines
+    assert not any("a trial on 50% of an epoch" in line for line in lines), lines
 
 
 def test_a_resumed_budgeted_run_ends_saying_it_trained_the_budgets_plan_and_what_this_call_took(data, tmp_path):

@@ -120,6 +120,19 @@ def pace(result, seconds: float, measured: dict) -> dict:
             "eval_item_s": result.eval_item_s}  # fmt: skip
 
 
+def pilot_was_trial(pilot: dict, budget: TrialBudget) -> str:
+    """The line of a pilot that drew the default trial's whole epoch (a small set): it is that trial, and nothing
+    is planned before the run's epochs.
+
+    >>> b = TrialBudget(30.0, "30s", 0.0)
+    >>> pilot_was_trial({"steps": 3, "image_s": 0.005, "wall_s": 0.8, "data_kind": "images", "images": 96}, b)
+    "auto: the 30s budget: a pilot of 3 steps trained 200 images/s (0.8s in all) on the default trial's 96 images: it is that trial"
+    """
+    return (f"auto: the {budget.said} budget: a pilot of {steps_text(pilot['steps'])} trained "
+            f"{1 / pilot['image_s']:.0f} {pilot['data_kind']}/s ({seconds_text(pilot['wall_s'])} in all) on the default "
+            f"trial's {pilot['images']:,} {pilot['data_kind']}: it is that trial")  # fmt: skip
+
+
 def plan_epoch(cfg: TrainConfig, pilot: dict, budget: TrialBudget, echo: Callable[[str], None], *,
                min_trial_steps: int) -> int | None:  # fmt: skip
     """The images each of the trials' and the run's epochs draws (as ``epoch_images``) so that the default trial and

@@ -290,10 +290,17 @@ def _pilot(base: TrainConfig, k: int, boost: float, out: Path, train: Callable, 
     pilot = auto_budget.pace(result, budget.spent() - before, seconds)
     budget.call_s = pilot["call_s"]  # each later trial's set-up, where the budget weighs the other trials
     budget.test_s = auto_plan.final_test_seconds([pilot], budget.test_items)  # kept for the run's final test
-    images = auto_budget.plan_epoch(base, pilot, budget, echo, min_trial_steps=auto_trials.MIN_TRIAL_STEPS)
+    # a pilot that drew the trial's whole epoch is that trial: the plan of a trial and a run epoch ahead of it read as
+    # if the trial were still to run (the run's own plan follows the trials)
+    was_trial = pilot["images"] >= auto_budget.epoch_items(trial_cfg, result.train_items)
+    if was_trial:
+        echo(auto_budget.pilot_was_trial(pilot, budget))
+        images = None
+    else:
+        images = auto_budget.plan_epoch(base, pilot, budget, echo, min_trial_steps=auto_trials.MIN_TRIAL_STEPS)
     pilot["planned"] = images
     first = None
-    if images is None and pilot["images"] >= auto_budget.epoch_items(trial_cfg, result.train_items):
+    if was_trial:
         # it drew the trial's whole epoch, as the trial would (the same images, seed and LR): it is the default's
         # trial (a small set's pilot repeated it, and the budget paid twice); else the trial starts its dir afresh
         first = auto_trials.trial_row(base, k, trial_cfg, result, seconds, echo)
