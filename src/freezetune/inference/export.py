@@ -102,8 +102,9 @@ def export_checkpoint(ckpt_path: str | Path, to: str | Path, *, force: bool = Fa
     except OSError as exc:  # a folder the user may not write in: the OS's words named the sidecar, not the export
         if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
             raise
-        raise CheckpointError(f"cannot write {to.name} in '{to.parent}': {exc.strerror.lower()}; nothing was "
-                              "exported: give a folder you can write in") from None  # fmt: skip
+        where = Path(exc.filename).name if exc.filename else to.name
+        raise CheckpointError(f"cannot write {to.name} in '{to.parent}': {(exc.strerror or str(exc)).lower()} "
+                              f"({where}); give a folder you can write in") from None  # fmt: skip
     return to, sidecar
 
 
