@@ -225,7 +225,9 @@ def test_the_final_test_is_sharded_and_equals_one_process_exactly(ddp_run):
     # every count exact; the loss to float32 rounding: on some CPUs (AMD EPYC, oneDNN) a batch's logits differ in their
     # last bits with the batch's shape, and one image missing or counted twice would move it by a twelfth
     assert written.pop("loss") == pytest.approx(single.pop("loss"), rel=1e-6)
-    assert written.pop("checkpoint") == "best.pt" and written.pop("epoch") >= 1  # what the run scored
+    epoch = written.pop("epoch")
+    assert written.pop("checkpoint") == "best.pt" and epoch >= 1  # what the run scored
+    assert single.pop("checkpoint") == str(out / "best.pt") and single.pop("epoch") == epoch  # what eval scored
     assert written == single and written["n"] == 12
 
 
