@@ -677,8 +677,9 @@ def test_without_validation_images_a_sweep_is_refused_and_the_auto_recipe_says_w
     # refused at set-up, before its first recipe trained: the fix it gives runs in the same folder (the first recipe
     # trained, then the sweep stopped, and refused the fix as a sweep that did not finish)
     assert not list((tmp_path / "sweep").rglob("last.pt"))
+    val = make_image_folder(tmp_path / "other", train=2, val=0, test=0) / "train"  # (its test split is refused)
     code, out, err = run_cli(capsys, "sweep", *train_argv(data, tmp_path / "sweep", "--epochs", "1")[1:],
-                             "--recipes", "linear-probe,last-2", "--val-data", data / "test")  # fmt: skip
+                             "--recipes", "linear-probe,last-2", "--val-data", val)  # fmt: skip
     assert code == 0 and "winner: " in out, err
     code, out, err = run_cli(capsys, *train_argv(data, tmp_path / "run", "--epochs", "1"))
     assert code == 0, err
