@@ -161,9 +161,10 @@ class Trainer(RunSetup):
             self.echo(f"best.pt is missing from {self.run_dir} (deleted since epoch {p.best_epoch} saved it): it is "
                       f"not scored on the test split{kept}")  # fmt: skip
         elif test is None and (self.cfg.final_test or self.resumable):
-            metric = "" if p.best_metric is None else f", {self.cfg.monitor} {p.best_metric:.4f}"
-            if p.best_metric is not None and self.cfg.monitor in FRACTIONS:  # as the other end lines: "75.0 %"
-                metric = f", {self.cfg.monitor} {100 * p.best_metric:.1f} %"
+            metric = ""
+            if p.best_metric is not None:  # an accuracy as the other end lines give it: "75.0 %"
+                value = f"{100 * p.best_metric:.1f} %" if self.cfg.monitor in FRACTIONS else f"{p.best_metric:.4f}"
+                metric = f", {self.cfg.monitor} {value}"
             why = "no test split to score" if self.cfg.final_test else "the test split is not scored in this run"
             self.echo(f"best.pt: epoch {p.best_epoch}{metric} ({why}) -> {self.run_dir}")
         return RunResult(self.run_dir, p.best_epoch, p.best_metric, test, list(self.metrics.rows), seconds,
