@@ -209,6 +209,14 @@ def test_validation_data_that_is_the_test_split_is_refused_before_anything_is_bu
         code, _, err = run_cli(capsys, *argv)
         assert code == 2 and "is the test split of" in err and "Traceback" not in err, err
     assert not runs.exists()  # nothing was built or written
+    # a text model's split files beside the folders (train.csv, test.csv): test/ is still the image model's test
+    for split in ("train", "test"):
+        (root / f"{split}.csv").write_text("text,label\na,red\n")
+    code, _, err = run_cli(capsys, "train", "--data", root, "--val-data", root / "test", "--out", runs / "csv", *TINY)
+    assert code == 2 and "is the test split of" in err, err
+    for split in ("train", "test"):
+        (root / f"{split}.csv").unlink()
+    assert not runs.exists()
     idx = make_idx_dir(tmp_path / "idx")  # an IDX directory given as validation data reads its t10k files
     code, _, err = run_cli(capsys, "train", "--data", idx, "--val-data", idx, "--out", runs / "idx", *TINY)
     assert code == 2 and "reads the test split (t10k files) of" in err, err

@@ -65,13 +65,11 @@ def check_val_apart_from_test(data: str | None, val_data: str | None) -> None:
     path, val = Path(data), Path(val_data)
     if not (path.is_dir() and val.exists()):  # the paths' own checks name a missing one
         return
-    if is_idx_dir(path) and idx_files(path, "test") is not None:
-        test = path
-    elif (splits := split_files(path)) is not None and "test" in splits:
-        test = splits["test"]
-    else:
-        test = first_dir(path, TEST_DIRS)
-    if test is None or os.path.realpath(test) != os.path.realpath(val):
+    # every place a test split can be: an image model reads test/ where a text model reads test.csv beside it
+    tests = [path if is_idx_dir(path) and idx_files(path, "test") is not None else None,
+             (split_files(path) or {}).get("test"), first_dir(path, TEST_DIRS)]  # fmt: skip
+    test = next((t for t in tests if t is not None and os.path.realpath(t) == os.path.realpath(val)), None)
+    if test is None:
         return
     what = "reads the test split (t10k files) of" if test == path else "is the test split of"
     raise DataError(f"{setting('val_data', val_data)} {what} '{data}': validation picks the model (best.pt, the auto "
